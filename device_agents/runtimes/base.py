@@ -1,0 +1,38 @@
+"""The runtime plugin interface."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+
+class RuntimeUnavailable(RuntimeError):
+    """The runtime (or delegate) cannot be used here; the message says what to install or change."""
+
+
+class Runtime:
+    """A way to run ``.tflite`` models. Subclasses set ``key``, ``package`` and implement the hooks."""
+
+    key: ClassVar[str]
+    package: ClassVar[str]  # what `pip install` needs for this runtime
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        """Return None when usable here, else a one-line reason naming what to install."""
+        raise NotImplementedError
+
+    def version(self) -> str:
+        """Return the runtime library's version string."""
+        raise NotImplementedError
+
+    def interpreter(self, model: Path | bytes, *, threads: int = 1, delegate: str = "xnnpack") -> Any:
+        """Return an allocated interpreter for ``model`` (a path or the flatbuffer bytes).
+
+        ``delegate`` is ``xnnpack`` (the default CPU path), ``none`` (reference kernels, no delegate),
+        ``edgetpu`` or ``gpu``.
+
+        Raises:
+            RuntimeUnavailable: the delegate's library cannot be loaded here.
+            ValueError: the model is not a valid flatbuffer or cannot be prepared.
+        """
+        raise NotImplementedError

@@ -1,0 +1,212 @@
+"""The `edgekit` command line. Every command has ``--json`` (machine-readable result on stdout).
+
+Errors from the toolkit (:class:`~edge_kit.errors.EdgeKitError`) become one line on stderr and the
+error's exit code; a traceback means a bug.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich import box
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from edge_kit.errors import EdgeKitError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="edge-kit: compile one model into per-device variants and keep a fleet on the best one.")
+profiles_app = typer.Typer(no_args_is_help=True, help="List, show and check device profiles.")
+app.add_typer(profiles_app, name="profiles")
+
+out = Console()
+err = Console(stderr=True)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+
+
+def _emit_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _kb(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1024:,.1f}"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%".replace(".0%", "%")
+
+
+def _accel_cell(a: Any) -> str:
+    cells = []
+    for name, check in sorted((a.accelerators or {}).items()):
+        if name == "edgetpu_compiler":
+            ops = check.get("ops", [])
+            cells.append(f"tpu* {sum(o['count'] for o in ops if o['mapped'])}/{sum(o['count'] for o in ops)}")
+            continue
+        text = f"{'tpu' if name == 'edgetpu' else name} {check['ops_mapped']}/{check['ops_total']}"
+        first = check.get("first_fallback")
+        if first:
+            text += f" (CPU from {first['op']})"
+        cells.append(text)
+    return " ".join(cells) or "-"
+
+
+def _compile_report(manifest: Any) -> tuple[Table, list[str]]:
+    """Return the variant table and the notes printed under it."""
+    fp32 = manifest.artifact("fp32")
+    base_gzip = fp32.gzip_bytes if fp32 and fp32.gzip_bytes else None
+    base_macs = fp32.macs if fp32 and fp32.macs else None
+    t = Table(title=f"{manifest.model['name']}: one row per distinct variant", title_justify="left",
+              box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in ("variant", "KiB", "gzip×", "sparse", "MACs×", "top-1", "agree", "accelerator ops"):
+        t.add_column(col, justify="left" if col in ("variant", "accelerator ops") else "right",
+                    no_wrap=col != "accelerator ops")
+    notes: list[str] = []
+    for a in manifest.artifacts:
+        if a.status != "built":
+            notes.append(f"{a.id} {a.status}: {a.reason}")
+            color = "red" if a.status == "failed" else "yellow"
+            t.add_row(a.id, *[""] * 6, f"[{color}]{a.status}, see [{len(notes)}][/]")
+            continue
+        acc = a.accuracy.value if a.accuracy and a.accuracy.measured else None
+        fid = a.fidelity if a.fidelity and a.fidelity.measured else None
+        for check in (a.accelerators or {}).values():
+            if check.get("first_fallback"):
+                ff = check["first_fallback"]
+                notes.append(f"{a.id}: Edge TPU falls back to the CPU at op #{ff['index']} {ff['op']}: {ff['reason']}")
+        t.add_row(
+            a.id, _kb(a.bytes),
+            f"{a.gzip_bytes / base_gzip:.2f}" if base_gzip and a.gzip_bytes else "-",
+            _pct(a.sparsity),
+            f"{a.macs / base_macs:.2f}" if base_macs and a.macs is not None else "-",
+            _pct(acc), _pct(fid.top1_agreement if fid else None), _accel_cell(a),
+        )
+    for name, p in manifest.profiles.items():
+        notes.append(f"profile {name} ({p['accelerator']}): {', '.join(p['variants'])}")
+    notes.append("× = ratio to fp32; sizes, sparsity and MACs counted from each file; top-1 (on --eval) and agreement with fp32 "
+                 f"measured on this host with LiteRT {manifest.versions.get('ai_edge_litert')}; accel ops = ops "
+                 "the profile's accelerator takes by its documented rules (tpu* = edgetpu_compiler's own count)")
+    return t, notes
+
+
+@app.command("compile")
+def compile_cmd(
+    model: Annotated[Path, typer.Argument(help="Keras .keras/.h5 file, SavedModel folder, or .tflite file.")],
+    profile: Annotated[list[str], typer.Option("--profile", "-p", help="Bundled profile name or profile YAML path; repeat for several.")],
+    calib: Annotated[Optional[Path], typer.Option(help=".npz with x: representative inputs for int8 calibration.")] = None,
+    eval: Annotated[Optional[Path], typer.Option("--eval", help=".npz with x and integer labels y: host accuracy.")] = None,
+    train: Annotated[Optional[Path], typer.Option(help=".npz with x and y: fine-tune after pruning.")] = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="Artifacts go to OUT/<model name>/.")] = Path("artifacts"),
+    epochs: Annotated[int, typer.Option(min=0, help="Fine-tuning epochs after pruning (with --train).")] = 3,
+    as_json: JsonOpt = False,
+) -> None:
+    """Build every variant the profiles ask for (each once), measure it, and write manifest.json."""
+    from edge_kit.compiler.pipeline import CompileRequest, compile_model, plan_steps
+    from edge_kit.profiles import load_profile
+
+    profiles = [load_profile(p) for p in profile]
+    req = CompileRequest(model=model, profiles=profiles, out=out_dir, calib=calib, eval=eval, train=train,
+                         epochs=epochs)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=err, transient=True, disable=as_json) as bar:
+        task = bar.add_task("compiling", total=plan_steps(req))
+        manifest = compile_model(req, progress=lambda msg: bar.update(task, advance=1, description=msg))
+    target = out_dir / manifest.model["name"]
+    if as_json:
+        sys.stdout.write(manifest.to_json())
+    else:
+        table, notes = _compile_report(manifest)
+        out.print(table)
+        for i, note in enumerate(notes, 1):
+            out.print(f"[{i}] {note}" if i <= sum(a.status != "built" for a in manifest.artifacts) else f"    {note}",
+                      highlight=False)
+        out.print(f"wrote {target}/manifest.json")
+    failed = [a.id for a in manifest.artifacts if a.status == "failed"]
+    if failed:
+        err.print(f"edgekit: error: {len(failed)} variant(s) failed: {', '.join(failed)} (reasons in the table and manifest)")
+        raise typer.Exit(3)
+
+
+@app.command("example")
+def example_cmd(
+    name: Annotated[str, typer.Argument(help="digits (trained CNN, real accuracy) or mobilenet (random weights, size/speed only).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for the model and .npz files.")] = Path("examples"),
+    as_json: JsonOpt = False,
+) -> None:
+    """Write a bundled example model and its data files (no download needed)."""
+    from edge_kit.examples import make_example
+
+    with err.status(f"building example '{name}'"):
+        files = make_example(name, out_dir)
+    if as_json:
+        _emit_json(files.record())
+        return
+    for key, value in files.record().items():
+        out.print(f"{key:>20}: {value}")
+
+
+@profiles_app.command("list")
+def profiles_list(as_json: JsonOpt = False) -> None:
+    """List the bundled device profiles."""
+    from edge_kit.profiles import bundled_profiles, load_profile
+
+    profiles = [load_profile(n) for n in bundled_profiles()]
+    if as_json:
+        _emit_json([p.model_dump() for p in profiles])
+        return
+    t = Table("name", "accelerator", "delegate", "variants", "description")
+    for p in profiles:
+        t.add_row(p.name, p.hardware.accelerator, p.runtime.delegate, ", ".join(p.variants), p.description)
+    out.print(t)
+
+
+@profiles_app.command("show")
+def profiles_show(name: str, as_json: JsonOpt = False) -> None:
+    """Show one profile (bundled name or YAML path)."""
+    from edge_kit.profiles import load_profile
+
+    p = load_profile(name)
+    if as_json:
+        _emit_json(p.model_dump())
+    else:
+        out.print_json(data=p.model_dump())
+
+
+@profiles_app.command("check")
+def profiles_check(files: Annotated[list[Path], typer.Argument(help="Profile YAML files.")], as_json: JsonOpt = False) -> None:
+    """Validate profile files; exits non-zero at the first invalid one."""
+    from edge_kit.profiles import load_profile
+
+    names = [load_profile(f).name for f in files]
+    if as_json:
+        _emit_json({"valid": [str(f) for f in files], "names": names})
+    else:
+        out.print(f"{len(files)} profile(s) valid: {', '.join(names)}")
+
+
+def _warning_line(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+    sys.stderr.write(f"edgekit: warning: {message}\n")
+
+
+def main() -> None:
+    """Console-script entry point: run the app, map toolkit errors to one line and an exit code."""
+    warnings.showwarning = _warning_line
+    try:
+        app()
+    except EdgeKitError as exc:
+        sys.stderr.write(f"edgekit: error: {exc}\n")
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        err.print("edgekit: interrupted; nothing was half-written")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

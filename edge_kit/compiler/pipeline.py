@@ -1,0 +1,299 @@
+"""`edgekit compile`: plan the variants every profile asks for, build each once, measure, record.
+
+Flow: check every input (model, data, output folder) before converting anything; plan each distinct
+variant once (plus fp32, the fidelity reference); build into a hidden staging folder; analyse and
+evaluate every artifact with the LiteRT interpreter; write the manifest; then swap the staging
+folder in for ``<out>/<model>`` so readers see the old complete folder or the new one, never a mix.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import edge_kit
+from edge_kit.compiler import accelerators as acc
+from edge_kit.compiler.analysis import analyse
+from edge_kit.compiler.convert import converter_version, quantize_tflite, to_tflite
+from edge_kit.compiler.data import Dataset, load_dataset
+from edge_kit.compiler.sources import Source, keras_graph, load_source, source_graph
+from edge_kit.errors import CompileError, InputError
+from edge_kit.fsutil import atomic_write_bytes, atomic_write_text, sha256_bytes
+from edge_kit.manifest import Accuracy, Artifact, Fidelity, Manifest
+from edge_kit.profiles import Profile
+from edge_kit.variants import VariantSpec, build_order
+
+PRECISION_TO_VARIANT = {"float32": "fp32", "float16": "fp16", "dynamic-int8": "dynamic-int8", "int8": "int8"}
+Progress = Callable[[str], None]
+
+
+@dataclass
+class CompileRequest:
+    model: Path
+    profiles: list[Profile]
+    out: Path
+    calib: Path | None = None
+    eval: Path | None = None
+    train: Path | None = None
+    epochs: int = 3  # fine-tuning epochs after pruning, when --train is given
+    threads: int = 1  # interpreter threads for host evaluation
+
+
+@dataclass
+class _Plan:
+    spec: VariantSpec
+    profiles: list[str]
+    refusal: str | None = None
+    data: bytes | None = None
+    artifact: Artifact | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def plan_steps(req: CompileRequest) -> int:
+    """Return how many progress steps :func:`compile_model` reports (for a progress bar's total)."""
+    ids = {v for p in req.profiles for v in p.variants} | {"fp32"}
+    return 2 * len(build_order(sorted(ids))) + 2
+
+
+def _versions(compiler: str | None) -> dict[str, str | None]:
+    def version(pkg: str) -> str | None:
+        try:
+            return importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    return {
+        "edge_kit": edge_kit.__version__,
+        "tensorflow": converter_version(),
+        "ai_edge_litert": version("ai-edge-litert"),
+        "ai_edge_quantizer": version("ai-edge-quantizer"),
+        "edgetpu_compiler": acc.compiler_version(compiler) if compiler else None,
+    }
+
+
+def _check_out_dir(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".edgekit-write-test-"):
+            pass
+    except OSError as exc:
+        raise InputError(f"{out}: output folder is not writable ({exc.strerror or exc}); choose another with --out") from None
+
+
+def _refusal(spec: VariantSpec, source: Source, calib: Dataset | None, compiler: str | None) -> str | None:
+    """Return why ``spec`` cannot be built from this source and data, or None."""
+    if source.kind == "tflite":
+        own = PRECISION_TO_VARIANT[source.tflite_precision or "float32"]
+        if spec.id == own or (spec.id == "edgetpu" and own == "int8"):
+            pass
+        elif spec.id == "dynamic-int8" and own == "fp32":
+            pass
+        elif spec.needs_graph or own != "fp32":
+            return (f"cannot be made from a {source.tflite_precision} .tflite file: "
+                    "needs the Keras model or SavedModel it was converted from")
+    elif spec.pruning and source.kind != "keras":
+        return "pruning needs a Keras model (.keras or .h5); a SavedModel has no editable layers"
+    if spec.needs_calibration and calib is None and not (source.kind == "tflite"):
+        return "full-integer int8 needs calibration data: pass --calib FILE.npz (a few hundred inputs)"
+    if spec.id == "edgetpu" and compiler is None:
+        return ("edgetpu_compiler not found on PATH (it runs on x86-64 Linux; install Coral's "
+                "edgetpu-compiler package, see firmware_notes/coral.md); the int8 variant is the input it needs")
+    return None
+
+
+def _build(plan: _Plan, source: Source, req: CompileRequest, calib: Dataset | None,
+           train: Dataset | None, built: dict[str, _Plan], compiler: str | None) -> tuple[bytes, str]:
+    """Return (flatbuffer, how it was made) for one planned variant. Raises CompileError."""
+    spec = plan.spec
+    calib_x = calib.x if calib is not None else None
+    if spec.id == "edgetpu":
+        base = built.get("int8")
+        if base is None or base.data is None:
+            raise CompileError("edgetpu: the int8 variant it is compiled from was not built")
+        try:
+            data, mapping = acc.run_compiler(base.data, compiler or acc.COMPILER)
+        except RuntimeError as exc:
+            raise CompileError(f"edgetpu: {exc}") from None
+        plan.extra["compiler_mapping"] = mapping
+        return data, "edgetpu_compiler from int8"
+    if source.kind == "tflite":
+        if PRECISION_TO_VARIANT[source.tflite_precision or "float32"] == spec.id:
+            return source.tflite or b"", "source .tflite as is"
+        return quantize_tflite(source.tflite or b"", spec.precision, variant=spec.id), "ai-edge-quantizer dynamic_wi8_afp32"
+    if spec.pruning:
+        from edge_kit.compiler import pruning
+
+        train_xy = (train.x, train.y) if train is not None else None
+        prune = pruning.magnitude_prune if spec.pruning == "magnitude" else pruning.channel_prune
+        model = prune(source.keras_model, spec.sparsity, train_xy, epochs=req.epochs)
+        if train is not None:
+            plan.extra["fine_tuned"] = {"epochs": req.epochs, "samples": len(train), "data_sha256": train.sha256}
+        graph = keras_graph(model, source.input_shape)
+        how = f"{spec.pruning} pruning{' + fine-tuning' if train is not None else ' (no fine-tuning: no --train)'}, TFLite converter"
+        return to_tflite(graph, "int8", calib_x, variant=spec.id), how
+    return to_tflite(source_graph(source), spec.precision, calib_x, variant=spec.id), "TFLite converter"
+
+
+def _evaluate(plan: _Plan, runner_outputs: Callable[[bytes, np.ndarray], np.ndarray],
+              evalset: Dataset | None, fid_inputs: Dataset | None, reference: np.ndarray | None,
+              method: str) -> tuple[Accuracy, Fidelity]:
+    """Return accuracy on the eval set and fidelity against the fp32 outputs for one built artifact."""
+    if plan.spec.id == "edgetpu":
+        why = "an Edge TPU model runs only with the Edge TPU; measured on the device by the agent"
+        return Accuracy(measured=False, method=why), Fidelity(measured=False, method=why)
+    assert plan.data is not None
+    accuracy = Accuracy(measured=False, method="not measured: no --eval data")
+    fidelity = Fidelity(measured=False, method="not measured: no --eval or --calib inputs")
+    outputs = None
+    if fid_inputs is not None:
+        outputs = runner_outputs(plan.data, fid_inputs.x)
+    if evalset is not None and evalset.y is not None and outputs is not None:
+        from device_agents.inference import top1_accuracy
+
+        accuracy = Accuracy(measured=True, metric="top1", value=top1_accuracy(outputs, evalset.y),
+                            samples=len(evalset), method=f"{method} on {evalset.path.name}")
+    if outputs is not None and reference is not None:
+        from device_agents.inference import fidelity as fid
+
+        fidelity = Fidelity(measured=True, samples=len(fid_inputs), inputs=fid_inputs.path.name,
+                            method=f"{method}, against the fp32 variant's outputs", **fid(outputs, reference))
+    elif outputs is not None:
+        fidelity = Fidelity(measured=False, method="not measured: no fp32 reference could be built")
+    return accuracy, fidelity
+
+
+def compile_model(req: CompileRequest, progress: Progress | None = None) -> Manifest:
+    """Build, measure and record every variant the profiles in ``req`` ask for.
+
+    Returns:
+        The manifest, already written to ``<out>/<model>/manifest.json``. Variants that cannot be
+        built are recorded with ``status`` ``not-built`` (and why) or ``failed`` (and the error).
+
+    Raises:
+        InputError: the model, a data file or the output folder is unusable (nothing is written).
+        CompileError: writing the result failed (the previous result, if any, is left intact).
+    """
+    step = progress or (lambda _msg: None)
+    from device_agents.inference import ModelRunner
+    from device_agents.runtimes import get_runtime
+
+    out = Path(req.out)
+    step("checking inputs")
+    source = load_source(req.model)
+    calib = load_dataset(req.calib, "calib", source.input_shape, labels=False) if req.calib else None
+    evalset = load_dataset(req.eval, "eval", source.input_shape, labels=True) if req.eval else None
+    train = load_dataset(req.train, "train", source.input_shape, labels=True) if req.train else None
+    _check_out_dir(out)
+    compiler = acc.find_compiler()
+
+    wanted: dict[str, list[str]] = {}
+    for profile in req.profiles:
+        for vid in profile.variants:
+            wanted.setdefault(vid, []).append(profile.name)
+    plans = {s.id: _Plan(s, wanted.get(s.id, [])) for s in build_order([*wanted, "fp32"])}
+    for plan in plans.values():
+        plan.refusal = _refusal(plan.spec, source, calib, compiler)
+    accelerators_of = {v: {p.hardware.accelerator for p in req.profiles if v in p.variants} - {"none"} for v in plans}
+
+    runtime = get_runtime("litert")
+    method = f"measured on host with LiteRT {runtime.version()} interpreter (XNNPACK, {req.threads} thread(s))"
+
+    def outputs_of(data: bytes, xs: np.ndarray) -> np.ndarray:
+        return ModelRunner(runtime.interpreter(data, threads=req.threads)).predict(xs)
+
+    built: dict[str, _Plan] = {}
+    for plan in plans.values():
+        step(f"building {plan.spec.id}")
+        if plan.refusal:
+            continue
+        started = time.perf_counter()
+        try:
+            plan.data, how = _build(plan, source, req, calib, train, built, compiler)
+        except CompileError as exc:
+            plan.refusal = str(exc)
+            plan.extra["failed"] = True
+            continue
+        plan.extra["how"] = how
+        plan.extra["seconds"] = time.perf_counter() - started
+        built[plan.spec.id] = plan
+
+    fid_inputs = evalset or calib
+    reference = None
+    if "fp32" in built and fid_inputs is not None:
+        reference = outputs_of(built["fp32"].data or b"", fid_inputs.x)
+
+    for plan in plans.values():
+        step(f"measuring {plan.spec.id}")
+        spec = plan.spec
+        common = dict(id=spec.id, profiles=plan.profiles, summary=spec.summary, precision=spec.precision,
+                      pruning=spec.pruning, sparsity_requested=spec.sparsity)
+        if plan.data is None:
+            status = "failed" if plan.extra.get("failed") else "not-built"
+            plan.artifact = Artifact(status=status, reason=plan.refusal, **common)
+            continue
+        stats = analyse(plan.data)
+        support = acc.accelerator_support(stats, accelerators_of[spec.id])
+        if "compiler_mapping" in plan.extra:
+            support["edgetpu_compiler"] = plan.extra["compiler_mapping"]
+        accuracy, fidelity = _evaluate(plan, outputs_of, evalset, fid_inputs, reference, method)
+        plan.artifact = Artifact(
+            status="built", file=f"{spec.id}.tflite", derived_from=plan.extra["how"],
+            sha256=sha256_bytes(plan.data), bytes=stats.bytes, gzip_bytes=stats.gzip_bytes,
+            sparsity=round(stats.sparsity, 6), macs=stats.macs, macs_nonzero=stats.macs_nonzero,
+            weights=stats.weights, op_histogram=stats.op_histogram, input=stats.input, output=stats.output,
+            accelerators=support, accuracy=accuracy, fidelity=fidelity, fine_tuned=plan.extra.get("fine_tuned"),
+            build_seconds=round(plan.extra["seconds"], 3), **{**common, "precision": stats.precision},
+        )
+
+    manifest = Manifest(
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        model=source.record(),
+        calibration=calib.record() if calib else None,
+        eval={**evalset.record(), "metric": "top1"} if evalset else None,
+        train=train.record() if train else None,
+        versions=_versions(compiler),
+        profiles={p.name: {"description": p.description, "accelerator": p.hardware.accelerator,
+                           "variants": list(p.variants)} for p in req.profiles},
+        artifacts=[p.artifact for p in plans.values() if p.artifact is not None],
+    )
+    step("writing artifacts")
+    _publish(out / source.name, plans, manifest)
+    return manifest
+
+
+def _publish(target: Path, plans: dict[str, _Plan], manifest: Manifest) -> None:
+    """Write artifacts and manifest into a staging folder, then swap it in for ``target``."""
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.staging-"))
+    try:
+        for plan in plans.values():
+            if plan.data is not None:
+                atomic_write_bytes(staging / f"{plan.spec.id}.tflite", plan.data)
+        atomic_write_text(staging / "manifest.json", manifest.to_json())
+        old = None
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{os.getpid()}"
+            os.replace(target, old)
+        try:
+            os.replace(staging, target)
+        except OSError:
+            if old is not None:
+                os.replace(old, target)  # put the previous complete result back
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise CompileError(f"{target}: could not write the result ({exc.strerror or exc}); nothing was changed") from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

@@ -1,0 +1,137 @@
+"""Load YAML config files into pydantic models with errors that point at file, line and key.
+
+Every config model in edge-kit derives from :class:`StrictModel` (unknown keys are errors) and is
+loaded through :func:`load_yaml_model`, so a typo anywhere reads the same way::
+
+    profiles/rpi4.yaml:9: constraints.max_latncy_p90_ms: unknown key; did you mean 'max_latency_p90_ms'?
+"""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from edge_kit.errors import ConfigError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class StrictModel(BaseModel):
+    """Base for config models: unknown keys are refused, values are not coerced across types."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def closest(word: str, choices: typing.Iterable[str]) -> str | None:
+    """Return the choice most like ``word`` (difflib ratio >= 0.6), or None."""
+    found = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
+    return found[0] if found else None
+
+
+def _line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> tuple[int, bool]:
+    """Return (1-based line, exact) of the YAML node at ``loc``; the deepest existing parent if absent."""
+    line = node.start_mark.line + 1 if node is not None else 1
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = next((v for k, v in node.value if k.value == str(part)), None)
+            key = next((k for k, v in node.value if k.value == str(part)), None)
+            if match is None:
+                return line, False
+            line, node = key.start_mark.line + 1, match
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            return line, False
+    return line, True
+
+
+def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Return the field names of the nested model reached by ``loc`` (empty if not a model)."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return []
+        field = current.model_fields.get(str(part))
+        if field is None:
+            return []
+        current = field.annotation
+        # unwrap Optional[X], list[X], dict[str, X]
+        while typing.get_origin(current) is not None:
+            args = [a for a in typing.get_args(current) if a is not type(None)]
+            current = args[-1] if args else None
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return [f.alias or n for n, f in current.model_fields.items()]
+    return []
+
+
+def _describe(err: dict[str, Any], model: type[BaseModel]) -> str:
+    """Return the human part of one pydantic error, with a suggestion where one helps."""
+    loc = err["loc"]
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        valid = _fields_at(model, loc[:-1])
+        hint = closest(str(loc[-1]), valid)
+        tail = f"did you mean '{hint}'?" if hint else f"valid keys: {', '.join(valid)}"
+        return f"unknown key; {tail}"
+    if kind == "missing":
+        return "required key is missing"
+    return err["msg"].removeprefix("Value error, ")
+
+
+def format_loc(loc: tuple[Any, ...]) -> str:
+    """Return a dotted key path such as ``constraints.max_power_w`` or ``variants[2]``."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "<top level>"
+
+
+def load_yaml_model(path: Path, model: type[M], *, defaults: dict[str, Any] | None = None) -> M:
+    """Parse a YAML file and validate it as ``model``.
+
+    ``defaults`` fills top-level keys the file leaves out (for example ``name`` from the file name).
+
+    Returns:
+        The validated model instance.
+
+    Raises:
+        ConfigError: the file is missing or unreadable, is not YAML, is not a mapping, or fails
+            validation. The message names the file, the line and the key, and the closest valid
+            key for a misspelling. Only the first problem is reported, so fixes are one at a time.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read ({exc})") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}{where}: not valid YAML: {problem}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}:1: expected a mapping of keys to values, got {type(data).__name__}")
+    if defaults:
+        data = {**defaults, **data}
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        # A misspelled required key shows up as both "unknown" and "missing"; the typo explains both.
+        errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
+        err = errors[0]
+        line, _ = _line_of(node, err["loc"])
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise ConfigError(f"{path}:{line}: {format_loc(err['loc'])}: {_describe(err, model)}{more}") from None

@@ -1,0 +1,44 @@
+"""The one exception tree of edge-kit.
+
+Every error a user can cause is an :class:`EdgeKitError` subclass whose ``str()`` is a single line
+that names the file, field or device at fault and what to do. The CLI turns these into that line
+on stderr and the class's ``exit_code``; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class EdgeKitError(Exception):
+    """Base class. ``exit_code`` is what the CLI exits with."""
+
+    exit_code = 1
+
+
+class ConfigError(EdgeKitError):
+    """A profile, fleet or agent config file is missing, malformed or has invalid content."""
+
+    exit_code = 2
+
+
+class InputError(EdgeKitError):
+    """A model or data file given on the command line is missing, corrupt or does not fit."""
+
+    exit_code = 2
+
+
+class CompileError(EdgeKitError):
+    """A conversion, pruning or packaging step failed."""
+
+    exit_code = 3
+
+
+class DeployError(EdgeKitError):
+    """Pushing or activating an artifact on a device failed."""
+
+    exit_code = 4
+
+
+class AgentError(EdgeKitError):
+    """The on-device agent could not do what was asked."""
+
+    exit_code = 5

@@ -1,0 +1,150 @@
+"""Example models that need no download, for trying the toolkit, its tests and `edgekit demo`.
+
+- ``digits``: a small CNN trained on scikit-learn's bundled 8x8 handwritten digits (1,797 images),
+  with calibration, training and evaluation ``.npz`` files. Real accuracy, seconds to train.
+- ``mobilenet``: a MobileNet-v1-style network (depthwise-separable blocks) with random weights and
+  random calibration inputs. For size and speed only: its accuracy means nothing, so no eval set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_kit.compiler.tf_quiet import captured_output, tensorflow
+from edge_kit.errors import InputError
+from edge_kit.fsutil import atomic_write_bytes
+
+EXAMPLES = ("digits", "mobilenet")
+
+
+@dataclass
+class ExampleFiles:
+    model: Path
+    calib: Path
+    eval: Path | None
+    train: Path | None
+    facts: dict[str, Any]
+
+    def record(self) -> dict[str, Any]:
+        return {"model": str(self.model), "calib": str(self.calib),
+                "eval": str(self.eval) if self.eval else None,
+                "train": str(self.train) if self.train else None, **self.facts}
+
+
+def _save_npz(path: Path, **arrays: np.ndarray) -> None:
+    import io
+
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _save_model(model: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.stem}.part{path.suffix}")
+    with captured_output():
+        model.save(tmp)
+    tmp.replace(path)
+
+
+def digits(out: Path, *, epochs: int = 30, seed: int = 0) -> ExampleFiles:
+    """Train the digits CNN and write ``digits.keras`` and ``digits-{calib,train,eval}.npz`` to ``out``.
+
+    The split is fixed by ``seed``: 80 % train (its first 300 samples double as calibration),
+    20 % eval. Returns the paths and the Keras-measured eval accuracy of the float model.
+    """
+    tensorflow()
+    import keras
+    from sklearn.datasets import load_digits
+
+    keras.utils.set_random_seed(seed)
+    data = load_digits()
+    x = (data.images / 16.0).astype(np.float32)[..., None]
+    y = data.target.astype(np.int64)
+    order = np.random.default_rng(seed).permutation(len(x))
+    x, y = x[order], y[order]
+    split = int(0.8 * len(x))
+    xtr, ytr, xev, yev = x[:split], y[:split], x[split:], y[split:]
+
+    model = keras.Sequential([
+        keras.Input((8, 8, 1)),
+        keras.layers.Conv2D(32, 3, padding="same", activation="relu"),
+        keras.layers.Conv2D(64, 3, padding="same", activation="relu"),
+        keras.layers.MaxPooling2D(2),
+        keras.layers.Conv2D(64, 3, padding="same", activation="relu"),
+        keras.layers.Flatten(),
+        keras.layers.Dense(128, activation="relu"),
+        keras.layers.Dense(10),
+    ], name="digits_cnn")
+    model.compile(optimizer=keras.optimizers.Adam(1e-3),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    model.fit(xtr, ytr, epochs=epochs, batch_size=32, verbose=0)
+    _, acc = model.evaluate(xev, yev, verbose=0)
+
+    out.mkdir(parents=True, exist_ok=True)
+    files = ExampleFiles(out / "digits.keras", out / "digits-calib.npz", out / "digits-eval.npz",
+                         out / "digits-train.npz",
+                         {"example": "digits", "keras_eval_accuracy": round(float(acc), 4),
+                          "train_samples": len(xtr), "eval_samples": len(xev)})
+    _save_npz(files.train, x=xtr, y=ytr)
+    _save_npz(files.eval, x=xev, y=yev)
+    _save_npz(files.calib, x=xtr[:300])
+    _save_model(model, files.model)
+    return files
+
+
+def mobilenet_model(size: int = 96, alpha: float = 0.5, classes: int = 10, seed: int = 0) -> Any:
+    """Return a MobileNet-v1-style Keras model (conv + 13 depthwise-separable blocks) with random weights."""
+    tensorflow()
+    import keras
+    from keras import layers
+
+    keras.utils.set_random_seed(seed)
+
+    def block(x: Any, filters: int, stride: int) -> Any:
+        x = layers.DepthwiseConv2D(3, strides=stride, padding="same", use_bias=False)(x)
+        x = layers.BatchNormalization()(x)
+        x = layers.ReLU(6.0)(x)
+        x = layers.Conv2D(int(filters * alpha), 1, use_bias=False)(x)
+        x = layers.BatchNormalization()(x)
+        return layers.ReLU(6.0)(x)
+
+    inp = keras.Input((size, size, 3))
+    x = layers.Conv2D(int(32 * alpha), 3, strides=2, padding="same", use_bias=False)(inp)
+    x = layers.BatchNormalization()(x)
+    x = layers.ReLU(6.0)(x)
+    for filters, stride in [(64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2), *[(512, 1)] * 5,
+                            (1024, 2), (1024, 1)]:
+        x = block(x, filters, stride)
+    x = layers.GlobalAveragePooling2D()(x)
+    out = layers.Dense(classes)(x)
+    return keras.Model(inp, out, name=f"mobilenet_a{int(alpha * 100)}_{size}")
+
+
+def mobilenet(out: Path, *, size: int = 96, alpha: float = 0.5, seed: int = 0) -> ExampleFiles:
+    """Write ``mobilenet.keras`` (random weights) and ``mobilenet-calib.npz`` (uniform random inputs)."""
+    model = mobilenet_model(size, alpha, seed=seed)
+    out.mkdir(parents=True, exist_ok=True)
+    files = ExampleFiles(out / "mobilenet.keras", out / "mobilenet-calib.npz", None, None,
+                         {"example": "mobilenet", "size": size, "alpha": alpha, "params": int(model.count_params()),
+                          "weights": "random (size and speed only; accuracy is meaningless)"})
+    rng = np.random.default_rng(seed)
+    _save_npz(files.calib, x=rng.uniform(0, 1, (100, size, size, 3)).astype(np.float32))
+    _save_model(model, files.model)
+    return files
+
+
+def make_example(name: str, out: Path, **kwargs: Any) -> ExampleFiles:
+    """Build the named example into ``out``.
+
+    Raises:
+        InputError: unknown example name.
+    """
+    if name == "digits":
+        return digits(Path(out), **kwargs)
+    if name == "mobilenet":
+        return mobilenet(Path(out), **kwargs)
+    raise InputError(f"unknown example '{name}' (choose from: {', '.join(EXAMPLES)})")

@@ -1,0 +1,116 @@
+"""The artifact manifest: what was built for which profile, and every figure measured about it.
+
+``artifacts/<model>/manifest.json`` is written last and atomically by the compiler, so a folder with
+a manifest is complete. Each figure says how it was obtained in a ``method`` field: counted from the
+file, measured with the LiteRT interpreter on the host, or reported by ``edgetpu_compiler``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from edge_kit.errors import InputError
+
+SCHEMA = "edgekit.manifest/1"
+Status = Literal["built", "not-built", "failed"]
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Accuracy(_Record):
+    measured: bool
+    metric: str | None = None  # "top1": share of samples whose argmax equals the label
+    value: float | None = None
+    samples: int | None = None
+    method: str  # how it was measured, or why it was not
+
+
+class Fidelity(_Record):
+    measured: bool
+    top1_agreement: float | None = None
+    max_abs_error: float | None = None
+    mean_abs_error: float | None = None
+    samples: int | None = None
+    inputs: str | None = None  # which data file fed both models
+    method: str
+
+
+class Artifact(_Record):
+    id: str
+    status: Status
+    reason: str | None = None  # why not built / failed
+    profiles: list[str]
+    summary: str
+    precision: str
+    pruning: str | None = None
+    sparsity_requested: float = 0.0
+    file: str | None = None
+    derived_from: str | None = None  # how it was made: converter, quantizer, compiler, "source as is"
+    sha256: str | None = None
+    bytes: int | None = None
+    gzip_bytes: int | None = None
+    sparsity: float | None = None  # measured share of zero weights in MAC ops
+    macs: int | None = None
+    macs_nonzero: int | None = None
+    weights: int | None = None
+    op_histogram: dict[str, int] | None = None
+    input: dict[str, Any] | None = None
+    output: dict[str, Any] | None = None
+    accelerators: dict[str, Any] | None = None
+    accuracy: Accuracy | None = None
+    fidelity: Fidelity | None = None
+    fine_tuned: dict[str, Any] | None = None
+    build_seconds: float | None = None  # wall clock on the host (time.perf_counter)
+
+
+class Manifest(_Record):
+    schema_: str = SCHEMA
+    created: str
+    model: dict[str, Any]
+    calibration: dict[str, Any] | None = None
+    eval: dict[str, Any] | None = None
+    train: dict[str, Any] | None = None
+    versions: dict[str, str | None]
+    profiles: dict[str, dict[str, Any]]
+    artifacts: list[Artifact]
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    def artifact(self, variant_id: str) -> Artifact | None:
+        """Return the artifact with this variant id, or None."""
+        return next((a for a in self.artifacts if a.id == variant_id), None)
+
+    def to_json(self) -> str:
+        """Return the manifest as indented JSON (``schema`` spelled without the trailing underscore)."""
+        data = self.model_dump(mode="json", by_alias=True)
+        data = {"schema": data.pop("schema_"), **data}
+        return json.dumps(data, indent=2) + "\n"
+
+
+def read_manifest(folder: Path) -> Manifest:
+    """Read ``<folder>/manifest.json``.
+
+    Raises:
+        InputError: no manifest (the folder is not a finished compile) or it does not validate.
+    """
+    path = Path(folder) / "manifest.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{path}: no manifest; run `edgekit compile` into {folder} first") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: unreadable manifest ({exc})") from None
+    if data.get("schema") != SCHEMA:
+        raise InputError(f"{path}: schema is {data.get('schema')!r}, expected {SCHEMA!r}")
+    data["schema_"] = data.pop("schema")
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise InputError(f"{path}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None

@@ -1,0 +1,133 @@
+"""Device profiles: what a device is, how models run on it, which variants to build, its service level.
+
+Profiles are YAML files (``profiles/<name>.yaml`` in the source tree, shipped inside the wheel as
+``edge_kit/_profiles``). ``load_profile`` accepts a bundled name or a path to a file of your own.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from edge_kit.config import StrictModel, closest, load_yaml_model
+from edge_kit.errors import ConfigError
+from edge_kit.variants import parse_variant
+
+# Keys of the power-sensor plugins of the device agent, in the order a profile may list them.
+POWER_SENSORS = ("pi5-pmic", "ina3221", "ina219", "rapl", "hwmon")
+Accelerator = Literal["none", "edgetpu", "gpu"]
+
+
+class Hardware(StrictModel):
+    arch: Literal["aarch64", "armv7l", "x86_64"]
+    cpu: str
+    cores: int = Field(gt=0)
+    ram_mb: int = Field(gt=0)
+    accelerator: Accelerator = "none"
+
+
+class Runtime(StrictModel):
+    engine: Literal["litert", "tflite-runtime"] = "litert"
+    delegate: Literal["xnnpack", "edgetpu", "gpu", "none"] = "xnnpack"
+    threads: int = Field(default=1, ge=1, le=64)
+
+
+class Constraints(StrictModel):
+    """Service level. Every bound is optional; an absent bound does not constrain."""
+
+    max_latency_p90_ms: float | None = Field(default=None, gt=0)
+    max_power_w: float | None = Field(default=None, gt=0)
+    min_accuracy_ratio: float | None = Field(default=None, gt=0, le=1)
+    max_model_mb: float | None = Field(default=None, gt=0)
+
+
+class Power(StrictModel):
+    """Power sensing. ``idle_w``/``busy_w`` feed only estimates, which are always marked ``estimated``."""
+
+    sensors: list[str] = Field(default_factory=list)
+    idle_w: float = Field(gt=0)
+    busy_w: float = Field(gt=0)
+
+    @field_validator("sensors")
+    @classmethod
+    def _known_sensors(cls, sensors: list[str]) -> list[str]:
+        for s in sensors:
+            if s not in POWER_SENSORS:
+                hint = closest(s, POWER_SENSORS)
+                raise ValueError(
+                    f"unknown power sensor '{s}'" + (f"; did you mean '{hint}'?" if hint else "")
+                    + f" (valid: {', '.join(POWER_SENSORS)})"
+                )
+        return sensors
+
+    @model_validator(mode="after")
+    def _busy_above_idle(self) -> Power:
+        if self.busy_w < self.idle_w:
+            raise ValueError(f"busy_w ({self.busy_w}) must be at least idle_w ({self.idle_w})")
+        return self
+
+
+class Profile(StrictModel):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
+    description: str
+    hardware: Hardware
+    runtime: Runtime
+    variants: list[str] = Field(min_length=1)
+    constraints: Constraints = Constraints()
+    power: Power
+
+    @field_validator("variants")
+    @classmethod
+    def _known_variants(cls, variants: list[str]) -> list[str]:
+        for v in variants:
+            parse_variant(v)
+        if len(set(variants)) != len(variants):
+            raise ValueError(f"variants listed twice: {sorted({v for v in variants if variants.count(v) > 1})}")
+        return variants
+
+    @model_validator(mode="after")
+    def _accelerator_matches(self) -> Profile:
+        acc = self.hardware.accelerator
+        if "edgetpu" in self.variants and acc != "edgetpu":
+            raise ValueError("variant 'edgetpu' needs hardware.accelerator: edgetpu")
+        if self.runtime.delegate in ("edgetpu", "gpu") and self.runtime.delegate != acc:
+            raise ValueError(f"runtime.delegate {self.runtime.delegate} needs hardware.accelerator: {self.runtime.delegate}")
+        return self
+
+
+def profiles_dir() -> Path:
+    """Return the folder of bundled profiles (inside the wheel, or the source tree's ``profiles/``)."""
+    here = Path(__file__).resolve().parent
+    packaged = here / "_profiles"
+    return packaged if packaged.is_dir() else here.parent / "profiles"
+
+
+def bundled_profiles() -> list[str]:
+    """Return the names of the bundled profiles, sorted."""
+    return sorted(p.stem for p in profiles_dir().glob("*.yaml"))
+
+
+def load_profile(name_or_path: str | Path) -> Profile:
+    """Load a bundled profile by name, or a profile YAML file by path.
+
+    Returns:
+        The validated profile. A file's ``name`` defaults to its stem.
+
+    Raises:
+        ConfigError: no such profile (with the closest bundled name), or the file is invalid.
+    """
+    text = str(name_or_path)
+    path = Path(text)
+    if not (text.endswith((".yaml", ".yml")) or path.exists()):
+        path = profiles_dir() / f"{text}.yaml"
+        if not path.exists():
+            names = bundled_profiles()
+            hint = closest(text, names)
+            raise ConfigError(
+                f"unknown profile '{text}'" + (f"; did you mean '{hint}'?" if hint else "")
+                + f" (bundled: {', '.join(names)}; or give a path to a .yaml file)"
+            )
+    profile = load_yaml_model(path, Profile, defaults={"name": path.stem})
+    return profile

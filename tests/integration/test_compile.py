@@ -1,0 +1,202 @@
+"""`edgekit compile` end to end: real TensorFlow conversion, real LiteRT interpreter, real files."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_kit.compiler.pipeline import CompileRequest, compile_model
+from edge_kit.fsutil import sha256_file
+from edge_kit.manifest import read_manifest
+from edge_kit.profiles import load_profile
+
+pytestmark = pytest.mark.integration
+
+THREE = ["rpi4", "coral-usb", "jetson-orin-nano"]
+
+
+@pytest.fixture(scope="module")
+def compiled(digits_files, tmp_path_factory):
+    """The digits model compiled for three profiles that share variants (no edgetpu_compiler on PATH)."""
+    out = tmp_path_factory.mktemp("artifacts")
+    manifest = compile_model(CompileRequest(
+        digits_files.model, [load_profile(n) for n in THREE], out,
+        calib=digits_files.calib, eval=digits_files.eval, train=digits_files.train, epochs=2))
+    return out / "digits", manifest
+
+
+def test_each_distinct_variant_is_built_once_and_listed_for_every_profile_using_it(compiled):
+    folder, manifest = compiled
+    ids = [a.id for a in manifest.artifacts]
+    assert len(ids) == len(set(ids))
+    assert set(ids) == {"fp32", "fp16", "dynamic-int8", "int8", "int8-pruned-50", "int8-pruned-ch50", "edgetpu"}
+    assert manifest.artifact("int8").profiles == THREE
+    assert manifest.artifact("int8-pruned-ch50").profiles == THREE
+    assert manifest.artifact("fp16").profiles == ["rpi4", "jetson-orin-nano"]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        ["manifest.json", *(f"{a.id}.tflite" for a in manifest.artifacts if a.status == "built")])
+
+
+def test_manifest_records_hashes_sizes_and_versions(compiled, digits_files):
+    folder, manifest = compiled
+    on_disk = read_manifest(folder)
+    assert on_disk == manifest
+    assert manifest.model["sha256"] == sha256_file(digits_files.model)
+    assert manifest.calibration["sha256"] == sha256_file(digits_files.calib)
+    assert manifest.eval["metric"] == "top1" and manifest.train["samples"] > 1000
+    assert manifest.versions["tensorflow"] and manifest.versions["ai_edge_litert"] and manifest.versions["edge_kit"]
+    for a in manifest.artifacts:
+        if a.status != "built":
+            continue
+        data = (folder / a.file).read_bytes()
+        assert a.sha256 == sha256_file(folder / a.file) and a.bytes == len(data)
+        assert 0 < a.gzip_bytes < a.bytes
+        assert a.macs > 0 and a.op_histogram["CONV_2D"] == 3
+        assert a.accuracy.measured and a.accuracy.samples == 360 and "LiteRT" in a.accuracy.method
+        assert a.fidelity.measured and a.fidelity.inputs == "digits-eval.npz"
+
+
+def test_precisions_are_read_from_the_files(compiled):
+    _, manifest = compiled
+    precision = {a.id: a.precision for a in manifest.artifacts if a.status == "built"}
+    assert precision["fp32"] == "float32" and precision["fp16"] == "float16"
+    assert precision["dynamic-int8"] == "dynamic-int8" and precision["int8"] == "int8"
+    int8 = manifest.artifact("int8")
+    assert int8.input["dtype"] == "int8" and int8.output["dtype"] == "int8" and int8.input["scale"] > 0
+
+
+def test_int8_keeps_accuracy_and_shrinks_the_file(compiled):
+    _, manifest = compiled
+    fp32, int8 = manifest.artifact("fp32"), manifest.artifact("int8")
+    assert fp32.fidelity.top1_agreement == 1.0 and fp32.fidelity.max_abs_error == 0.0
+    assert int8.accuracy.value >= fp32.accuracy.value - 0.01
+    assert int8.bytes <= 0.30 * fp32.bytes
+
+
+def test_magnitude_pruning_zeroes_weights_and_shrinks_the_download(compiled):
+    _, manifest = compiled
+    fp32, pruned, int8 = (manifest.artifact(v) for v in ("fp32", "int8-pruned-50", "int8"))
+    assert 0.49 <= pruned.sparsity <= 0.51
+    assert pruned.macs == int8.macs and pruned.macs_nonzero < 0.55 * int8.macs
+    assert pruned.gzip_bytes <= 0.20 * fp32.gzip_bytes
+    assert pruned.fine_tuned["epochs"] == 2
+
+
+def test_channel_pruning_cuts_macs_and_bytes(compiled):
+    _, manifest = compiled
+    int8, ch = manifest.artifact("int8"), manifest.artifact("int8-pruned-ch50")
+    assert ch.macs <= 0.55 * int8.macs and ch.bytes < 0.6 * int8.bytes
+    assert ch.accuracy.value > 0.9  # fine-tuned on --train
+
+
+def test_edgetpu_without_compiler_is_not_built_and_says_why(compiled):
+    _, manifest = compiled
+    etpu = manifest.artifact("edgetpu")
+    assert etpu.status == "not-built" and etpu.sha256 is None and etpu.file is None
+    assert "edgetpu_compiler not found on PATH" in etpu.reason
+    tpu = manifest.artifact("int8").accelerators["edgetpu"]
+    assert tpu["method"] == "rule-check" and tpu["first_fallback"] is None and tpu["ops_mapped"] == tpu["ops_total"]
+    assert "edgetpu" not in manifest.artifact("fp16").accelerators  # fp16 is not built for a Coral profile
+    assert manifest.artifact("fp16").accelerators["gpu"]["ops_mapped"] > 0
+
+
+def test_compile_json_and_table(digits_files, tmp_path, run_cli):
+    code, out, err = run_cli("compile", digits_files.model, "-p", "coral-usb", "--calib", digits_files.calib,
+                             "--out", tmp_path, "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["schema"] == "edgekit.manifest/1"
+    assert {a["id"]: a["status"] for a in data["artifacts"]} == {
+        "fp32": "built", "int8": "built", "int8-pruned-ch50": "built", "edgetpu": "not-built"}
+    assert data["artifacts"][0]["accuracy"]["method"] == "not measured: no --eval data"
+    code, out, _ = run_cli("compile", digits_files.model, "-p", "coral-usb", "--calib", digits_files.calib,
+                           "--out", tmp_path)
+    assert code == 0 and "int8-pruned-ch50" in out and "edgetpu_compiler not found" in out
+
+
+def test_missing_calibration_leaves_int8_variants_not_built(digits_files, tmp_path):
+    m = compile_model(CompileRequest(digits_files.model, [load_profile("rpi5")], tmp_path))
+    assert m.artifact("fp32").status == "built" and m.artifact("dynamic-int8").status == "built"
+    assert m.artifact("int8").status == "not-built" and "--calib" in m.artifact("int8").reason
+    assert m.artifact("fp16").fidelity.measured is False
+
+
+def test_a_tflite_input_is_packaged_as_is_and_only_quantized_where_possible(compiled, tmp_path):
+    folder, manifest = compiled
+    src = tmp_path / "digits.tflite"
+    src.write_bytes((folder / "fp32.tflite").read_bytes())
+    m = compile_model(CompileRequest(src, [load_profile("rpi4")], tmp_path / "out", calib=None))
+    status = {a.id: (a.status, a.derived_from) for a in m.artifacts}
+    assert status["fp32"] == ("built", "source .tflite as is")
+    assert m.artifact("fp32").sha256 == manifest.artifact("fp32").sha256
+    assert status["dynamic-int8"] == ("built", "ai-edge-quantizer dynamic_wi8_afp32")
+    assert m.artifact("dynamic-int8").precision == "dynamic-int8"
+    for vid in ("fp16", "int8", "int8-pruned-50", "int8-pruned-ch50"):
+        assert status[vid][0] == "not-built"
+        assert "needs the Keras model or SavedModel" in m.artifact(vid).reason
+
+
+def test_an_int8_tflite_input_can_go_to_the_edgetpu_but_not_back_to_float(compiled, tmp_path):
+    folder, _ = compiled
+    src = tmp_path / "q.tflite"
+    src.write_bytes((folder / "int8.tflite").read_bytes())
+    m = compile_model(CompileRequest(src, [load_profile("coral-devboard")], tmp_path / "out"))
+    assert m.artifact("int8").status == "built" and m.artifact("int8").derived_from == "source .tflite as is"
+    assert "edgetpu_compiler not found" in m.artifact("edgetpu").reason
+    assert "cannot be made from a int8 .tflite" in m.artifact("fp32").reason
+
+
+def test_savedmodel_and_h5_inputs(digits_files, tmp_path):
+    import keras
+
+    model = keras.models.load_model(digits_files.model, compile=False)
+    model.export(str(tmp_path / "sm"), verbose=False)
+    model.save(tmp_path / "d.h5")
+    profile = tmp_path / "p.yaml"
+    profile.write_text("description: t\nhardware: {arch: x86_64, cpu: x, cores: 1, ram_mb: 1}\nruntime: {}\n"
+                       "variants: [fp32, int8, int8-pruned-50]\npower: {idle_w: 1, busy_w: 2}\n")
+    for src in (tmp_path / "sm", tmp_path / "d.h5"):
+        m = compile_model(CompileRequest(src, [load_profile(profile)], tmp_path / "out",
+                                         calib=digits_files.calib, eval=digits_files.eval))
+        assert m.artifact("int8").status == "built" and m.artifact("int8").accuracy.value > 0.9
+        if src.name == "sm":
+            assert m.model["format"] == "savedmodel"
+            assert "pruning needs a Keras model" in m.artifact("int8-pruned-50").reason
+        else:
+            assert m.artifact("int8-pruned-50").status == "built"
+
+
+def test_structured_pruning_on_a_mobilenet_style_model_and_refusal_of_branches():
+    import keras
+
+    from edge_kit.compiler.pruning import channel_prune
+    from edge_kit.errors import CompileError
+    from edge_kit.examples import mobilenet_model
+
+    model = mobilenet_model(size=32, alpha=0.25)
+    pruned = channel_prune(model, 0.5)
+    x = np.random.default_rng(0).uniform(size=(2, 32, 32, 3)).astype(np.float32)
+    assert pruned(x).shape == (2, 10)
+    assert pruned.count_params() < 0.4 * model.count_params()
+
+    inp = keras.Input((8, 8, 4))
+    y = keras.layers.Conv2D(4, 3, padding="same")(inp)
+    y = keras.layers.Add()([inp, y])
+    out = keras.layers.Dense(2)(keras.layers.Flatten()(y))
+    with pytest.raises(CompileError, match="joins branches"):
+        channel_prune(keras.Model(inp, out), 0.5)
+
+
+def test_channel_pruning_keeps_the_function_of_surviving_channels():
+    """Pruning 0 % must give the same outputs: the slicing of every layer type is consistent."""
+    from edge_kit.compiler.pruning import channel_prune
+    from edge_kit.examples import mobilenet_model
+
+    model = mobilenet_model(size=32, alpha=0.25)
+    same = channel_prune(model, 0.0)
+    x = np.random.default_rng(1).uniform(size=(2, 32, 32, 3)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(same(x)), np.asarray(model(x)), rtol=1e-4, atol=1e-4)

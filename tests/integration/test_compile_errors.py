@@ -1,0 +1,97 @@
+"""Bad input to `edgekit compile`: one line, non-zero exit, nothing half-written."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def one_line_error(code, err, expected_code=2):
+    assert code == expected_code
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("edgekit: error:"), err
+    return lines[0]
+
+
+def test_missing_model(tmp_path, run_cli):
+    code, _, err = run_cli("compile", tmp_path / "nope.keras", "-p", "rpi4", "--out", tmp_path / "o")
+    assert "nope.keras: model not found" in one_line_error(code, err)
+    assert not (tmp_path / "o").exists()
+
+
+def test_corrupt_model(tmp_path, run_cli):
+    bad = tmp_path / "bad.keras"
+    bad.write_bytes(b"this is not a zip")
+    code, _, err = run_cli("compile", bad, "-p", "rpi4", "--out", tmp_path / "o")
+    assert "bad.keras: not a loadable Keras model" in one_line_error(code, err)
+    bad = tmp_path / "bad.tflite"
+    bad.write_bytes(b"\0" * 64)
+    code, _, err = run_cli("compile", bad, "-p", "rpi4", "--out", tmp_path / "o")
+    assert "bad.tflite: not a loadable .tflite model" in one_line_error(code, err)
+
+
+def test_calibration_shape_mismatch(digits_files, tmp_path, run_cli):
+    calib = tmp_path / "c.npz"
+    np.savez(calib, x=np.zeros((200, 28, 28, 1), np.float32))
+    code, _, err = run_cli("compile", digits_files.model, "-p", "rpi4", "--calib", calib, "--out", tmp_path / "o")
+    assert "(28, 28, 1) but the model takes (8, 8, 1)" in one_line_error(code, err)
+    assert not (tmp_path / "o").exists()
+
+
+def test_too_few_and_few_calibration_samples(digits_files, tmp_path, run_cli):
+    calib = tmp_path / "c.npz"
+    np.savez(calib, x=np.zeros((5, 8, 8, 1), np.float32))
+    code, _, err = run_cli("compile", digits_files.model, "-p", "coral-devboard", "--calib", calib, "--out", tmp_path / "o")
+    assert "only 5 calibration samples; need at least 10" in one_line_error(code, err)
+    np.savez(calib, x=np.random.default_rng(0).uniform(size=(40, 8, 8, 1)).astype(np.float32))
+    code, _, err = run_cli("compile", digits_files.model, "-p", "coral-devboard", "--calib", calib, "--out", tmp_path / "o")
+    assert code == 0 and "edgekit: warning:" in err and "only 40 calibration samples" in err
+
+
+def test_unwritable_output_folder(digits_files, tmp_path, run_cli):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, _, err = run_cli("compile", digits_files.model, "-p", "rpi4", "--out", blocker / "sub")
+    assert "output folder is not writable" in one_line_error(code, err)
+
+
+def test_unknown_profile(digits_files, tmp_path, run_cli):
+    code, _, err = run_cli("compile", digits_files.model, "-p", "rpi44", "--out", tmp_path)
+    assert "unknown profile 'rpi44'; did you mean 'rpi4'" in one_line_error(code, err)
+
+
+def test_a_failed_write_keeps_the_previous_result_and_leaves_no_staging(digits_files, tmp_path, monkeypatch):
+    from edge_kit.compiler import pipeline
+    from edge_kit.errors import CompileError
+    from edge_kit.profiles import load_profile
+
+    req = pipeline.CompileRequest(digits_files.model, [load_profile("coral-devboard")], tmp_path,
+                                  calib=digits_files.calib)
+    first = pipeline.compile_model(req)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "digits").iterdir()}
+
+    def disk_full(path, text):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pipeline, "atomic_write_text", disk_full)
+    with pytest.raises(CompileError, match=r"No space left on device\); nothing was changed"):
+        pipeline.compile_model(req)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "digits").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["digits"]
+    assert first.artifact("int8").status == "built"
+
+
+def test_an_interrupted_compile_writes_nothing(digits_files, tmp_path, monkeypatch):
+    from edge_kit.compiler import pipeline
+    from edge_kit.profiles import load_profile
+
+    def interrupted(*_a, **_k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "analyse", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.compile_model(pipeline.CompileRequest(digits_files.model, [load_profile("coral-devboard")],
+                                                       tmp_path, calib=digits_files.calib))
+    assert list(tmp_path.iterdir()) == []

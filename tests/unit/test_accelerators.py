@@ -1,0 +1,113 @@
+"""Edge TPU / GPU rule checks on hand-built op tables, and the edgetpu_compiler runner.
+
+edgetpu_compiler cannot be installed here (Coral's apt repository is not reachable), so its runner is
+exercised with a stand-in script that writes a model and prints the compiler's log format.
+"""
+
+import os
+import stat
+
+import pytest
+
+from edge_kit.compiler.accelerators import (
+    edgetpu_rule_check, gpu_rule_check, parse_compiler_log, run_compiler,
+)
+from edge_kit.compiler.analysis import ModelStats, OpInfo, TensorInfo
+
+
+def tensor(i, shape, dtype="int8", constant=False, sig=None):
+    return TensorInfo(i, f"t{i}", tuple(shape), tuple(sig or shape), dtype, dtype == "int8", constant)
+
+
+def stats(ops, tensors):
+    return ModelStats(bytes=0, gzip_bytes=0, precision="int8", ops=ops, tensors={t.index: t for t in tensors},
+                      op_histogram={}, macs=0, macs_nonzero=0, weights=0, weights_nonzero=0)
+
+
+def test_all_supported_ops_map():
+    s = stats([OpInfo(0, "CONV_2D", [0, 1], [2]), OpInfo(1, "FULLY_CONNECTED", [2, 3], [4])],
+              [tensor(0, [1, 8, 8, 1]), tensor(1, [16, 3, 3, 1], constant=True), tensor(2, [1, 8, 8, 16]),
+               tensor(3, [10, 1024], constant=True), tensor(4, [1, 10])])
+    r = edgetpu_rule_check(s)
+    assert (r["ops_mapped"], r["first_fallback"]) == (2, None)
+
+
+def test_first_unsupported_op_sends_everything_after_it_to_cpu():
+    s = stats([OpInfo(0, "CONV_2D", [0, 1], [2]), OpInfo(1, "SIN", [2], [3]), OpInfo(2, "CONV_2D", [3, 1], [4])],
+              [tensor(0, [1, 8, 8, 1]), tensor(1, [1, 3, 3, 1], constant=True), tensor(2, [1, 8, 8, 1]),
+               tensor(3, [1, 8, 8, 1]), tensor(4, [1, 8, 8, 1])])
+    r = edgetpu_rule_check(s)
+    assert r["ops_mapped"] == 1
+    assert r["first_fallback"] == {"index": 1, "op": "SIN", "reason": "SIN is not an Edge TPU op"}
+    assert r["fallback_ops"] == {"SIN": 1, "CONV_2D": 1}
+
+
+def test_more_than_three_dimensions_larger_than_one():
+    s = stats([OpInfo(0, "ADD", [0, 0], [1])], [tensor(0, [2, 4, 4, 3]), tensor(1, [2, 4, 4, 3])])
+    assert "more than 3 dimensions larger than 1" in edgetpu_rule_check(s)["first_fallback"]["reason"]
+
+
+def test_float_and_dynamic_tensors_do_not_map():
+    s = stats([OpInfo(0, "ADD", [0, 0], [1])], [tensor(0, [1, 4], "float32"), tensor(1, [1, 4], "float32")])
+    assert "not 8-bit quantized" in edgetpu_rule_check(s)["first_fallback"]["reason"]
+    s = stats([OpInfo(0, "ADD", [0, 0], [1])], [tensor(0, [1, 4], sig=[-1, 4]), tensor(1, [1, 4])])
+    assert "dynamic shape" in edgetpu_rule_check(s)["first_fallback"]["reason"]
+
+
+def test_gpu_check_lists_unsupported_ops_only():
+    s = stats([OpInfo(0, "CONV_2D", [0], [1]), OpInfo(1, "CUMSUM", [1], [2])],
+              [tensor(0, [1, 4], "float32"), tensor(1, [1, 4], "float32"), tensor(2, [1, 4], "float32")])
+    r = gpu_rule_check(s)
+    assert r["ops_mapped"] == 1 and r["unsupported_ops"] == {"CUMSUM": 1}
+
+
+LOG = """\
+Edge TPU Compiler version 16.0.384591198
+Model compiled successfully in 12 ms.
+
+Input model: model.tflite
+Output model: model_edgetpu.tflite
+On-chip memory used for caching model parameters: 200.00KiB
+Number of Edge TPU subgraphs: 1
+Total number of operations: 4
+Operation log: model_edgetpu.log
+
+Operator                       Count      Status
+
+CONV_2D                        2          Mapped to Edge TPU
+FULLY_CONNECTED                1          Mapped to Edge TPU
+QUANTIZE                       1          Operation is otherwise supported, but not mapped due to some unspecified limitation
+"""
+
+
+def test_compiler_log_parsing():
+    rows = parse_compiler_log(LOG)
+    assert [(r["op"], r["count"], r["mapped"]) for r in rows] == [
+        ("CONV_2D", 2, True), ("FULLY_CONNECTED", 1, True), ("QUANTIZE", 1, False)]
+
+
+def fake_compiler(tmp_path, body):
+    path = tmp_path / "edgetpu_compiler"
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return str(path)
+
+
+def test_runner_returns_the_compiled_model_and_mapping(tmp_path):
+    (tmp_path / "log").write_text(LOG)
+    script = fake_compiler(tmp_path, f"""
+if [ "$1" = "--version" ]; then echo "Edge TPU Compiler version 16.0"; exit 0; fi
+out="$3"; src="$4"
+cat "$src" > "$out/model_edgetpu.tflite"; printf 'TPU' >> "$out/model_edgetpu.tflite"
+cat {tmp_path / 'log'}
+""")
+    data, mapping = run_compiler(b"MODEL", script)
+    assert data == b"MODELTPU"
+    assert mapping["method"] == "edgetpu_compiler" and mapping["version"] == "Edge TPU Compiler version 16.0"
+    assert sum(r["count"] for r in mapping["ops"] if r["mapped"]) == 3
+
+
+def test_runner_reports_the_compilers_last_line_on_failure(tmp_path):
+    script = fake_compiler(tmp_path, "echo 'ERROR: Attempting to use a delegate that only supports static-sized tensors' >&2; exit 1\n")
+    with pytest.raises(RuntimeError, match="exit 1.*static-sized tensors"):
+        run_compiler(b"MODEL", script)

@@ -1,0 +1,115 @@
+from pathlib import Path
+
+import pytest
+
+from edge_kit.errors import ConfigError
+from edge_kit.profiles import POWER_SENSORS, bundled_profiles, load_profile
+
+GOOD = """\
+name: mine
+description: test board
+hardware: {arch: aarch64, cpu: a53, cores: 4, ram_mb: 1024}
+runtime:
+  engine: litert
+  delegate: xnnpack
+  threads: 2
+variants: [fp32, int8]
+constraints: {max_latency_p90_ms: 30}
+power: {sensors: [hwmon], idle_w: 1.0, busy_w: 3.0}
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "mine.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_every_bundled_profile_is_valid_and_named_after_its_file():
+    names = bundled_profiles()
+    assert {"rpi4", "rpi5", "jetson-orin-nano", "coral-usb", "coral-devboard", "host-x86-64"} <= set(names)
+    for name in names:
+        profile = load_profile(name)
+        assert profile.name == name
+        assert set(profile.power.sensors) <= set(POWER_SENSORS)
+
+
+def test_coral_profiles_build_the_edgetpu_variant_and_target_the_tpu():
+    for name in ("coral-usb", "coral-devboard"):
+        p = load_profile(name)
+        assert "edgetpu" in p.variants and p.hardware.accelerator == "edgetpu"
+
+
+def test_a_valid_file_loads_with_defaults(tmp_path):
+    p = load_profile(write(tmp_path, GOOD))
+    assert p.runtime.threads == 2 and p.constraints.max_power_w is None and p.hardware.accelerator == "none"
+
+
+def test_misspelled_key_names_file_line_key_and_closest_valid_name(tmp_path):
+    path = write(tmp_path, GOOD.replace("  delegate: xnnpack", "  delegat: xnnpack"))
+    with pytest.raises(ConfigError) as exc:
+        load_profile(path)
+    assert str(exc.value) == f"{path}:6: runtime.delegat: unknown key; did you mean 'delegate'?"
+
+
+def test_misspelled_top_level_key(tmp_path):
+    path = write(tmp_path, GOOD.replace("constraints:", "constraint:"))
+    with pytest.raises(ConfigError, match=r"mine.yaml:9: constraint: unknown key; did you mean 'constraints'\?"):
+        load_profile(path)
+
+
+def test_unknown_variant_suggests_the_closest(tmp_path):
+    path = write(tmp_path, GOOD.replace("[fp32, int8]", "[fp32, int-8]"))
+    with pytest.raises(ConfigError, match=r"mine.yaml:8: variants: unknown variant 'int-8'; did you mean 'int8'\?"):
+        load_profile(path)
+
+
+def test_missing_field_is_named_with_its_line(tmp_path):
+    path = write(tmp_path, GOOD.replace("description: test board\n", ""))
+    with pytest.raises(ConfigError, match=r"mine.yaml:\d+: description: required key is missing"):
+        load_profile(path)
+
+
+def test_wrong_type_and_range(tmp_path):
+    path = write(tmp_path, GOOD.replace("threads: 2", "threads: 0"))
+    with pytest.raises(ConfigError, match=r"mine.yaml:7: runtime.threads: .*greater than or equal to 1"):
+        load_profile(path)
+
+
+def test_edgetpu_variant_needs_an_edgetpu(tmp_path):
+    path = write(tmp_path, GOOD.replace("[fp32, int8]", "[int8, edgetpu]"))
+    with pytest.raises(ConfigError, match="edgetpu.*needs hardware.accelerator: edgetpu"):
+        load_profile(path)
+
+
+def test_unknown_power_sensor(tmp_path):
+    path = write(tmp_path, GOOD.replace("[hwmon]", "[ina291]"))
+    with pytest.raises(ConfigError, match="did you mean 'ina219'"):
+        load_profile(path)
+
+
+def test_yaml_syntax_error_has_a_line(tmp_path):
+    path = write(tmp_path, GOOD.replace("variants: [fp32, int8]", "variants: [fp32, int8"))
+    with pytest.raises(ConfigError, match=r"mine.yaml:\d+: not valid YAML"):
+        load_profile(path)
+
+
+def test_unknown_bundled_name_suggests_one():
+    with pytest.raises(ConfigError, match="unknown profile 'rpi-4'; did you mean 'rpi4'"):
+        load_profile("rpi-4")
+
+
+def test_profiles_check_command_fails_on_a_bad_file(tmp_path, run_cli):
+    path = write(tmp_path, GOOD.replace("cores: 4", "core: 4"))
+    code, out, err = run_cli("profiles", "check", path)
+    assert code == 2
+    assert err.strip().startswith("edgekit: error:") and "hardware.core: unknown key; did you mean 'cores'" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_profiles_list_json(run_cli):
+    import json
+
+    code, out, _ = run_cli("profiles", "list", "--json")
+    assert code == 0
+    assert {p["name"] for p in json.loads(out)} >= {"rpi4", "coral-usb"}
