@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import importlib.metadata
 from pathlib import Path
@@ -51,6 +52,7 @@ class LiteRT(Runtime):
         elif delegate in DELEGATE_LIBRARIES:
             lib = DELEGATE_LIBRARIES[delegate]
             try:
+                ctypes.CDLL(lib)  # probe first: a failed load_delegate leaves a half-built object behind
                 kwargs["experimental_delegates"] = [mod.load_delegate(lib)]
             except (ValueError, OSError) as exc:
                 raise RuntimeUnavailable(

@@ -1,0 +1,119 @@
+"""One benchmark run of a ``.tflite`` model: latency distribution, start-up cost, memory, accuracy.
+
+Method (in the spirit of MLPerf SingleStream, one query at a time, p90 the headline figure):
+``warmup`` untimed runs, then timed runs until both ``min_runs`` and ``min_seconds`` are reached
+(``max_runs`` caps it). Each run is one ``invoke()`` timed with ``time.perf_counter_ns``; input
+tensors are prepared before timing. MLPerf itself asks for 1,024 queries and minutes of run time;
+that is too slow for a tuning loop on a fleet, so the defaults are smaller and configurable.
+
+Inputs are the eval set's samples when one is given (cycled), else uniform random data over the
+input's range; the record says which.
+"""
+
+from __future__ import annotations
+
+import platform
+import resource
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from device_agents import conditions
+from device_agents.inference import ModelRunner, fidelity, top1_accuracy
+from device_agents.runtimes import get_runtime
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    warmup: int = 10
+    min_runs: int = 200
+    min_seconds: float = 10.0
+    max_runs: int = 100_000
+    threads: int = 1
+    delegate: str = "xnnpack"
+    runtime: str | None = None  # None: the first installed of litert, tflite-runtime
+
+
+def _percentiles(ns: np.ndarray) -> dict[str, float]:
+    ms = ns / 1e6
+    return {
+        "p50": float(np.percentile(ms, 50)), "p90": float(np.percentile(ms, 90)),
+        "p99": float(np.percentile(ms, 99)), "mean": float(ms.mean()), "std": float(ms.std()),
+        "min": float(ms.min()), "max": float(ms.max()),
+    }
+
+
+def _inputs(runner: ModelRunner, eval_x: np.ndarray | None, seed: int = 0) -> tuple[list[np.ndarray], str]:
+    if eval_x is not None and len(eval_x):
+        return [runner.quantize_input(x) for x in eval_x[:256]], "eval set"
+    dtype = runner.input["dtype"]
+    rng = np.random.default_rng(seed)
+    shape = runner.input_shape
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        return [rng.integers(info.min, info.max, size=shape, endpoint=True).astype(dtype) for _ in range(16)], "random"
+    return [rng.uniform(0, 1, size=shape).astype(dtype) for _ in range(16)], "random"
+
+
+def run_bench(model: Path, settings: BenchSettings = BenchSettings(), *, eval_x: np.ndarray | None = None,
+              eval_y: np.ndarray | None = None, reference: np.ndarray | None = None) -> dict[str, Any]:
+    """Benchmark ``model`` and return the measurement part of an ``edgekit.bench/1`` record.
+
+    ``reference`` holds the fp32 model's outputs on ``eval_x`` (for fidelity).
+
+    Raises:
+        RuntimeUnavailable: the runtime or delegate is not installed here.
+        ValueError: the model cannot be loaded.
+    """
+    runtime = get_runtime(settings.runtime)
+    before = conditions.snapshot()
+    t0 = time.perf_counter_ns()
+    interp = runtime.interpreter(Path(model), threads=settings.threads, delegate=settings.delegate)
+    init_ms = (time.perf_counter_ns() - t0) / 1e6
+    runner = ModelRunner(interp)
+    inputs, input_source = _inputs(runner, eval_x)
+
+    t0 = time.perf_counter_ns()
+    runner.invoke_raw(inputs[0])
+    first_ms = (time.perf_counter_ns() - t0) / 1e6
+    for i in range(settings.warmup):
+        runner.invoke_raw(inputs[i % len(inputs)])
+
+    times: list[int] = []
+    started = time.perf_counter()
+    n = len(inputs)
+    while len(times) < settings.max_runs and (
+            len(times) < settings.min_runs or time.perf_counter() - started < settings.min_seconds):
+        x = inputs[len(times) % n]
+        t = time.perf_counter_ns()
+        runner.invoke_raw(x)
+        times.append(time.perf_counter_ns() - t)
+    duration = time.perf_counter() - started
+    after = conditions.snapshot()
+
+    record: dict[str, Any] = {
+        "runtime": runtime.key, "runtime_version": runtime.version(), "delegate": settings.delegate,
+        "threads": settings.threads, "machine": platform.machine(),
+        "warmup_runs": settings.warmup, "runs": len(times), "duration_s": round(duration, 3),
+        "latency_ms": _percentiles(np.asarray(times, dtype=np.float64)),
+        "latency_method": "time.perf_counter_ns around interpreter.invoke()",
+        "init_ms": round(init_ms, 3), "first_inference_ms": round(first_ms, 3),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "inputs": input_source,
+        "conditions": {"start": before, "end": after},
+        "accuracy": None, "fidelity": None,
+        # Power sensor plugins come with the agent service (issue #3); until then no figure is given.
+        "power": {"measured": False, "method": "not measured: no power sensor is read by the one-shot bench yet"},
+    }
+    if eval_x is not None and eval_y is not None:
+        outputs = runner.predict(eval_x)
+        record["accuracy"] = {"metric": "top1", "value": top1_accuracy(outputs, eval_y), "samples": len(eval_x)}
+        if reference is not None:
+            record["fidelity"] = {**fidelity(outputs, reference), "samples": len(eval_x)}
+    return record
+
+
+__all__ = ["BenchSettings", "asdict", "run_bench"]
