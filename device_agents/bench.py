@@ -15,7 +15,7 @@ from __future__ import annotations
 import platform
 import resource
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -115,5 +115,3 @@ def run_bench(model: Path, settings: BenchSettings = BenchSettings(), *, eval_x:
             record["fidelity"] = {**fidelity(outputs, reference), "samples": len(eval_x)}
     return record
 
-
-__all__ = ["BenchSettings", "asdict", "run_bench"]

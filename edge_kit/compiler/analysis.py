@@ -132,13 +132,10 @@ def analyse(data: bytes) -> ModelStats:
             positions = int(np.prod(tensors[op.inputs[2]].shape[:-1]))
         else:
             positions = int(np.prod(out_shape[:-1]))
-        if op.name == "DEPTHWISE_CONV_2D":
-            # weights [1, kh, kw, Cout]; each output channel uses kh*kw weights
-            macs += positions * int(np.prod(wshape))
-            macs_nonzero += positions * nnz
-        else:
-            macs += positions * int(np.prod(wshape))
-            macs_nonzero += positions * nnz
+        # Every weight is used once per output position: conv [Cout,kh,kw,Cin] and depthwise
+        # [1,kh,kw,Cout] per pixel, fully-connected [units,in] per row.
+        macs += positions * int(np.prod(wshape))
+        macs_nonzero += positions * nnz
         weights += int(w.size)
         weights_nonzero += nnz
 

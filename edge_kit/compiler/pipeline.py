@@ -99,7 +99,7 @@ def _refusal(spec: VariantSpec, source: Source, calib: Dataset | None, compiler:
         elif spec.id == "dynamic-int8" and own == "fp32":
             pass
         elif spec.needs_graph or own != "fp32":
-            return (f"cannot be made from a {source.tflite_precision} .tflite file: "
+            return (f"cannot be made from this {source.tflite_precision} .tflite file: "
                     "needs the Keras model or SavedModel it was converted from")
     elif spec.pruning and source.kind != "keras":
         return "pruning needs a Keras model (.keras or .h5); a SavedModel has no editable layers"

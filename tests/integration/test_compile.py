@@ -147,7 +147,7 @@ def test_an_int8_tflite_input_can_go_to_the_edgetpu_but_not_back_to_float(compil
     m = compile_model(CompileRequest(src, [load_profile("coral-devboard")], tmp_path / "out"))
     assert m.artifact("int8").status == "built" and m.artifact("int8").derived_from == "source .tflite as is"
     assert "edgetpu_compiler not found" in m.artifact("edgetpu").reason
-    assert "cannot be made from a int8 .tflite" in m.artifact("fp32").reason
+    assert "cannot be made from this int8 .tflite" in m.artifact("fp32").reason
 
 
 def test_savedmodel_and_h5_inputs(digits_files, tmp_path):
