@@ -12,28 +12,13 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from device_agents.bench import BenchSettings, run_bench
+from device_agents.datafile import DataFileError
 from device_agents.runtimes import RUNTIMES, RuntimeUnavailable
 
 
 class UsageError(Exception):
     """Bad input from the command line; printed as one line."""
-
-
-def _load_eval(path: Path | None) -> tuple[np.ndarray | None, np.ndarray | None]:
-    if path is None:
-        return None, None
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            x = npz["x"].astype(np.float32)
-            y = npz["y"].reshape(-1) if "y" in npz.files else None
-    except FileNotFoundError:
-        raise UsageError(f"{path}: --eval file not found") from None
-    except (OSError, ValueError, KeyError) as exc:
-        raise UsageError(f"{path}: --eval must be an .npz with x (and y labels): {exc}") from None
-    return x, y
 
 
 def _print_table(model: Path, r: dict) -> None:
@@ -45,7 +30,7 @@ def _print_table(model: Path, r: dict) -> None:
         ("latency p50 / p90 / p99", f"{lat['p50']:.3f} / {lat['p90']:.3f} / {lat['p99']:.3f} ms"),
         ("latency mean ± std", f"{lat['mean']:.3f} ± {lat['std']:.3f} ms (min {lat['min']:.3f}, max {lat['max']:.3f})"),
         ("init / first inference", f"{r['init_ms']:.1f} / {r['first_inference_ms']:.2f} ms"),
-        ("peak RSS", f"{r['peak_rss_mb']} MB"),
+        ("peak RSS", f"{r['peak_rss_mb']} MB (whole process, getrusage)"),
     ]
     if r["accuracy"]:
         rows.append(("top-1 accuracy", f"{100 * r['accuracy']['value']:.2f} % on {r['accuracy']['samples']} samples"))
@@ -70,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("bench", help="benchmark a .tflite model once and print the result")
     b.add_argument("model", type=Path)
-    b.add_argument("--eval", type=Path, help=".npz with x (and y): real inputs and accuracy")
+    b.add_argument("--eval", type=Path, help=".npz with x (real inputs) and optionally y (labels: top-1 accuracy)")
     b.add_argument("--threads", type=int, default=1)
     b.add_argument("--delegate", default="xnnpack", help="xnnpack (default), none, edgetpu, gpu")
     b.add_argument("--runtime", choices=sorted(RUNTIMES), help="default: first installed")
@@ -84,14 +69,15 @@ def main(argv: list[str] | None = None) -> None:
             raise UsageError(f"{args.model}: model not found")
         if args.threads < 1 or args.min_runs < 1 or args.warmup < 0 or args.min_seconds < 0:
             raise UsageError("--threads and --min-runs must be at least 1; --warmup and --min-seconds not negative")
-        x, y = _load_eval(args.eval)
         settings = BenchSettings(warmup=args.warmup, min_runs=args.min_runs, min_seconds=args.min_seconds,
                                  threads=args.threads, delegate=args.delegate, runtime=args.runtime)
         try:
-            record = run_bench(args.model, settings, eval_x=x, eval_y=y)
+            record = run_bench(args.model, settings, eval_file=args.eval)
+        except DataFileError:
+            raise
         except ValueError as exc:
             raise UsageError(f"{args.model}: cannot load or run the model ({str(exc).splitlines()[0]})") from None
-    except (UsageError, RuntimeUnavailable) as exc:
+    except (UsageError, RuntimeUnavailable, DataFileError) as exc:
         sys.stderr.write(f"edgekit-agent: error: {exc}\n")
         sys.exit(2)
     if args.json:

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from device_agents import conditions
+from device_agents.datafile import read_npz
 from device_agents.inference import ModelRunner, fidelity, top1_accuracy
 from device_agents.runtimes import get_runtime
 
@@ -58,15 +59,18 @@ def _inputs(runner: ModelRunner, eval_x: np.ndarray | None, seed: int = 0) -> tu
     return [rng.uniform(0, 1, size=shape).astype(dtype) for _ in range(16)], "random"
 
 
-def run_bench(model: Path, settings: BenchSettings = BenchSettings(), *, eval_x: np.ndarray | None = None,
-              eval_y: np.ndarray | None = None, reference: np.ndarray | None = None) -> dict[str, Any]:
+def run_bench(model: Path, settings: BenchSettings = BenchSettings(), *, eval_file: Path | None = None,
+              reference: np.ndarray | None = None) -> dict[str, Any]:
     """Benchmark ``model`` and return the measurement part of an ``edgekit.bench/1`` record.
 
-    ``reference`` holds the fp32 model's outputs on ``eval_x`` (for fidelity).
+    ``eval_file`` is an ``.npz`` (see :mod:`device_agents.datafile`), checked against the model's
+    input shape before anything is timed; with labels ``y`` it also gives top-1 accuracy.
+    ``reference`` holds the fp32 model's outputs on its ``x`` (for fidelity).
 
     Raises:
         RuntimeUnavailable: the runtime or delegate is not installed here.
-        ValueError: the model cannot be loaded.
+        DataFileError: ``eval_file`` is missing, unreadable or does not fit the model.
+        ValueError: the model cannot be loaded or run.
     """
     runtime = get_runtime(settings.runtime)
     before = conditions.snapshot()
@@ -74,6 +78,9 @@ def run_bench(model: Path, settings: BenchSettings = BenchSettings(), *, eval_x:
     interp = runtime.interpreter(Path(model), threads=settings.threads, delegate=settings.delegate)
     init_ms = (time.perf_counter_ns() - t0) / 1e6
     runner = ModelRunner(interp)
+    eval_x = eval_y = None
+    if eval_file is not None:
+        eval_x, eval_y = read_npz(eval_file, "--eval", runner.input_shape[1:], labels="optional")
     inputs, input_source = _inputs(runner, eval_x)
 
     t0 = time.perf_counter_ns()
@@ -102,15 +109,17 @@ def run_bench(model: Path, settings: BenchSettings = BenchSettings(), *, eval_x:
         "latency_method": "time.perf_counter_ns around interpreter.invoke()",
         "init_ms": round(init_ms, 3), "first_inference_ms": round(first_ms, 3),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_method": "getrusage(RUSAGE_SELF).ru_maxrss: the whole agent process",
         "inputs": input_source,
         "conditions": {"start": before, "end": after},
         "accuracy": None, "fidelity": None,
         # Power sensor plugins come with the agent service (issue #3); until then no figure is given.
         "power": {"measured": False, "method": "not measured: no power sensor is read by the one-shot bench yet"},
     }
-    if eval_x is not None and eval_y is not None:
+    if eval_x is not None:
         outputs = runner.predict(eval_x)
-        record["accuracy"] = {"metric": "top1", "value": top1_accuracy(outputs, eval_y), "samples": len(eval_x)}
+        if eval_y is not None:
+            record["accuracy"] = {"metric": "top1", "value": top1_accuracy(outputs, eval_y), "samples": len(eval_x)}
         if reference is not None:
             record["fidelity"] = {**fidelity(outputs, reference), "samples": len(eval_x)}
     return record

@@ -11,7 +11,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-SYS = Path(os.environ.get("EDGEKIT_SYSFS_ROOT", "/sys"))
+SYS = Path("/sys")  # tests pass a fake tree as sys_root
 
 
 def _read(path: Path) -> str | None:

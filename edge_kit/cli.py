@@ -43,7 +43,8 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%".replace(".0%", "%")
 
 
-def _accel_cell(a: Any) -> str:
+def _accel_cell(a: Any, footnote: Any) -> str:
+    """Return the accelerator-ops cell; a CPU fallback's reason goes to a footnote."""
     cells = []
     for name, check in sorted((a.accelerators or {}).items()):
         if name == "edgetpu_compiler":
@@ -53,13 +54,15 @@ def _accel_cell(a: Any) -> str:
         text = f"{'tpu' if name == 'edgetpu' else name} {check['ops_mapped']}/{check['ops_total']}"
         first = check.get("first_fallback")
         if first:
-            text += f" (CPU from {first['op']})"
+            label = footnote(f"{a.id}: the Edge TPU hands over to the CPU at op #{first['index']} "
+                             f"{first['op']}: {first['reason']}")
+            text += f" (CPU from {first['op']}, see {label})"
         cells.append(text)
     return " ".join(cells) or "-"
 
 
 def _compile_report(manifest: Any) -> tuple[Table, list[str]]:
-    """Return the variant table and the notes printed under it."""
+    """Return the variant table and the lines printed under it (numbered footnotes first)."""
     fp32 = manifest.artifact("fp32")
     base_gzip = fp32.gzip_bytes if fp32 and fp32.gzip_bytes else None
     base_macs = fp32.macs if fp32 and fp32.macs else None
@@ -68,32 +71,32 @@ def _compile_report(manifest: Any) -> tuple[Table, list[str]]:
     for col in ("variant", "KiB", "gzip×", "sparse", "MACs×", "top-1", "agree", "accelerator ops"):
         t.add_column(col, justify="left" if col in ("variant", "accelerator ops") else "right",
                     no_wrap=col != "accelerator ops")
-    notes: list[str] = []
+    footnotes: list[str] = []
+
+    def footnote(text: str) -> str:
+        footnotes.append(f"[{len(footnotes) + 1}] {text}")
+        return f"[{len(footnotes)}]"
+
     for a in manifest.artifacts:
         if a.status != "built":
-            notes.append(f"{a.id} {a.status}: {a.reason}")
+            label = footnote(f"{a.id} {a.status}: {a.reason}")
             color = "red" if a.status == "failed" else "yellow"
-            t.add_row(a.id, *[""] * 6, f"[{color}]{a.status}, see [{len(notes)}][/]")
+            t.add_row(a.id, *[""] * 6, f"[{color}]{a.status}, see {label}[/]")
             continue
         acc = a.accuracy.value if a.accuracy and a.accuracy.measured else None
         fid = a.fidelity if a.fidelity and a.fidelity.measured else None
-        for check in (a.accelerators or {}).values():
-            if check.get("first_fallback"):
-                ff = check["first_fallback"]
-                notes.append(f"{a.id}: Edge TPU falls back to the CPU at op #{ff['index']} {ff['op']}: {ff['reason']}")
         t.add_row(
             a.id, _kb(a.bytes),
             f"{a.gzip_bytes / base_gzip:.2f}" if base_gzip and a.gzip_bytes else "-",
             _pct(a.sparsity),
             f"{a.macs / base_macs:.2f}" if base_macs and a.macs is not None else "-",
-            _pct(acc), _pct(fid.top1_agreement if fid else None), _accel_cell(a),
+            _pct(acc), _pct(fid.top1_agreement if fid else None), _accel_cell(a, footnote),
         )
-    for name, p in manifest.profiles.items():
-        notes.append(f"profile {name} ({p['accelerator']}): {', '.join(p['variants'])}")
-    notes.append("× = ratio to fp32; sizes, sparsity and MACs counted from each file; top-1 (on --eval) and agreement with fp32 "
+    notes = [f"    profile {name} ({p['accelerator']}): {', '.join(p['variants'])}" for name, p in manifest.profiles.items()]
+    notes.append("    × = ratio to fp32; sizes, sparsity and MACs counted from each file; top-1 (on --eval) and agreement with fp32 "
                  f"measured on this host with LiteRT {manifest.versions.get('ai_edge_litert')}; accel ops = ops "
                  "the profile's accelerator takes by its documented rules (tpu* = edgetpu_compiler's own count)")
-    return t, notes
+    return t, footnotes + notes
 
 
 @app.command("compile")
@@ -124,13 +127,13 @@ def compile_cmd(
     else:
         table, notes = _compile_report(manifest)
         out.print(table)
-        for i, note in enumerate(notes, 1):
-            out.print(f"[{i}] {note}" if i <= sum(a.status != "built" for a in manifest.artifacts) else f"    {note}",
-                      highlight=False)
+        for line in notes:
+            out.print(line, highlight=False)
         out.print(f"wrote {target}/manifest.json")
     failed = [a.id for a in manifest.artifacts if a.status == "failed"]
     if failed:
-        err.print(f"edgekit: error: {len(failed)} variant(s) failed: {', '.join(failed)} (reasons in the table and manifest)")
+        sys.stderr.write(f"edgekit: error: {len(failed)} variant(s) failed: {', '.join(failed)} "
+                         "(reasons in the table and the manifest; the built ones were written)\n")
         raise typer.Exit(3)
 
 

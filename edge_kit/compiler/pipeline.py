@@ -8,6 +8,7 @@ folder in for ``<out>/<model>`` so readers see the old complete folder or the ne
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import os
 import shutil
@@ -26,7 +27,7 @@ from edge_kit.compiler import accelerators as acc
 from edge_kit.compiler.analysis import analyse
 from edge_kit.compiler.convert import converter_version, quantize_tflite, to_tflite
 from edge_kit.compiler.data import Dataset, load_dataset
-from edge_kit.compiler.sources import Source, keras_graph, load_source, source_graph
+from edge_kit.compiler.sources import Graph, Source, keras_graph, load_source, source_graph
 from edge_kit.errors import CompileError, InputError
 from edge_kit.fsutil import atomic_write_bytes, atomic_write_text, sha256_bytes
 from edge_kit.manifest import Accuracy, Artifact, Fidelity, Manifest
@@ -59,10 +60,18 @@ class _Plan:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def _wanted(profiles: list[Profile]) -> dict[str, list[str]]:
+    """Return {variant id: names of the profiles asking for it}, fp32 (the reference) always included."""
+    wanted: dict[str, list[str]] = {"fp32": []}
+    for profile in profiles:
+        for vid in profile.variants:
+            wanted.setdefault(vid, []).append(profile.name)
+    return wanted
+
+
 def plan_steps(req: CompileRequest) -> int:
     """Return how many progress steps :func:`compile_model` reports (for a progress bar's total)."""
-    ids = {v for p in req.profiles for v in p.variants} | {"fp32"}
-    return 2 * len(build_order(sorted(ids))) + 2
+    return 2 * len(build_order(list(_wanted(req.profiles)))) + 2
 
 
 def _versions(compiler: str | None) -> dict[str, str | None]:
@@ -94,16 +103,14 @@ def _refusal(spec: VariantSpec, source: Source, calib: Dataset | None, compiler:
     """Return why ``spec`` cannot be built from this source and data, or None."""
     if source.kind == "tflite":
         own = PRECISION_TO_VARIANT[source.tflite_precision or "float32"]
-        if spec.id == own or (spec.id == "edgetpu" and own == "int8"):
-            pass
-        elif spec.id == "dynamic-int8" and own == "fp32":
-            pass
-        elif spec.needs_graph or own != "fp32":
+        # possible from a flatbuffer: itself as is, edgetpu from int8, dynamic-int8 from fp32
+        possible = {own} | ({"edgetpu"} if own == "int8" else set()) | ({"dynamic-int8"} if own == "fp32" else set())
+        if spec.id not in possible:
             return (f"cannot be made from this {source.tflite_precision} .tflite file: "
                     "needs the Keras model or SavedModel it was converted from")
     elif spec.pruning and source.kind != "keras":
         return "pruning needs a Keras model (.keras or .h5); a SavedModel has no editable layers"
-    if spec.needs_calibration and calib is None and not (source.kind == "tflite"):
+    if spec.needs_calibration and calib is None and source.kind != "tflite":
         return "full-integer int8 needs calibration data: pass --calib FILE.npz (a few hundred inputs)"
     if spec.id == "edgetpu" and compiler is None:
         return ("edgetpu_compiler not found on PATH (it runs on x86-64 Linux; install Coral's "
@@ -111,7 +118,7 @@ def _refusal(spec: VariantSpec, source: Source, calib: Dataset | None, compiler:
     return None
 
 
-def _build(plan: _Plan, source: Source, req: CompileRequest, calib: Dataset | None,
+def _build(plan: _Plan, source: Source, graph: Callable[[], Graph], req: CompileRequest, calib: Dataset | None,
            train: Dataset | None, built: dict[str, _Plan], compiler: str | None) -> tuple[bytes, str]:
     """Return (flatbuffer, how it was made) for one planned variant. Raises CompileError."""
     spec = plan.spec
@@ -141,22 +148,20 @@ def _build(plan: _Plan, source: Source, req: CompileRequest, calib: Dataset | No
         graph = keras_graph(model, source.input_shape)
         how = f"{spec.pruning} pruning{' + fine-tuning' if train is not None else ' (no fine-tuning: no --train)'}, TFLite converter"
         return to_tflite(graph, "int8", calib_x, variant=spec.id), how
-    return to_tflite(source_graph(source), spec.precision, calib_x, variant=spec.id), "TFLite converter"
+    return to_tflite(graph(), spec.precision, calib_x, variant=spec.id), "TFLite converter"
 
 
-def _evaluate(plan: _Plan, runner_outputs: Callable[[bytes, np.ndarray], np.ndarray],
-              evalset: Dataset | None, fid_inputs: Dataset | None, reference: np.ndarray | None,
-              method: str) -> tuple[Accuracy, Fidelity]:
-    """Return accuracy on the eval set and fidelity against the fp32 outputs for one built artifact."""
+def _evaluate(plan: _Plan, outputs: np.ndarray | None, evalset: Dataset | None, fid_inputs: Dataset | None,
+              reference: np.ndarray | None, method: str) -> tuple[Accuracy, Fidelity]:
+    """Return accuracy on the eval set and fidelity against the fp32 outputs for one built artifact.
+
+    ``outputs`` are the artifact's outputs on ``fid_inputs`` (None when it was not run).
+    """
     if plan.spec.id == "edgetpu":
         why = "an Edge TPU model runs only with the Edge TPU; measured on the device by the agent"
         return Accuracy(measured=False, method=why), Fidelity(measured=False, method=why)
-    assert plan.data is not None
     accuracy = Accuracy(measured=False, method="not measured: no --eval data")
     fidelity = Fidelity(measured=False, method="not measured: no --eval or --calib inputs")
-    outputs = None
-    if fid_inputs is not None:
-        outputs = runner_outputs(plan.data, fid_inputs.x)
     if evalset is not None and evalset.y is not None and outputs is not None:
         from device_agents.inference import top1_accuracy
 
@@ -196,11 +201,8 @@ def compile_model(req: CompileRequest, progress: Progress | None = None) -> Mani
     _check_out_dir(out)
     compiler = acc.find_compiler()
 
-    wanted: dict[str, list[str]] = {}
-    for profile in req.profiles:
-        for vid in profile.variants:
-            wanted.setdefault(vid, []).append(profile.name)
-    plans = {s.id: _Plan(s, wanted.get(s.id, [])) for s in build_order([*wanted, "fp32"])}
+    wanted = _wanted(req.profiles)
+    plans = {s.id: _Plan(s, wanted.get(s.id, [])) for s in build_order(list(wanted))}
     for plan in plans.values():
         plan.refusal = _refusal(plan.spec, source, calib, compiler)
     accelerators_of = {v: {p.hardware.accelerator for p in req.profiles if v in p.variants} - {"none"} for v in plans}
@@ -211,6 +213,7 @@ def compile_model(req: CompileRequest, progress: Progress | None = None) -> Mani
     def outputs_of(data: bytes, xs: np.ndarray) -> np.ndarray:
         return ModelRunner(runtime.interpreter(data, threads=req.threads)).predict(xs)
 
+    graph = functools.cache(lambda: source_graph(source))  # traced once, shared by every precision
     built: dict[str, _Plan] = {}
     for plan in plans.values():
         step(f"building {plan.spec.id}")
@@ -218,7 +221,7 @@ def compile_model(req: CompileRequest, progress: Progress | None = None) -> Mani
             continue
         started = time.perf_counter()
         try:
-            plan.data, how = _build(plan, source, req, calib, train, built, compiler)
+            plan.data, how = _build(plan, source, graph, req, calib, train, built, compiler)
         except CompileError as exc:
             plan.refusal = str(exc)
             plan.extra["failed"] = True
@@ -228,9 +231,12 @@ def compile_model(req: CompileRequest, progress: Progress | None = None) -> Mani
         built[plan.spec.id] = plan
 
     fid_inputs = evalset or calib
-    reference = None
-    if "fp32" in built and fid_inputs is not None:
-        reference = outputs_of(built["fp32"].data or b"", fid_inputs.x)
+    outputs: dict[str, np.ndarray] = {}
+    if fid_inputs is not None:
+        for vid, plan in built.items():
+            if vid != "edgetpu":  # needs the TPU itself
+                outputs[vid] = outputs_of(plan.data or b"", fid_inputs.x)
+    reference = outputs.get("fp32")
 
     for plan in plans.values():
         step(f"measuring {plan.spec.id}")
@@ -245,7 +251,7 @@ def compile_model(req: CompileRequest, progress: Progress | None = None) -> Mani
         support = acc.accelerator_support(stats, accelerators_of[spec.id])
         if "compiler_mapping" in plan.extra:
             support["edgetpu_compiler"] = plan.extra["compiler_mapping"]
-        accuracy, fidelity = _evaluate(plan, outputs_of, evalset, fid_inputs, reference, method)
+        accuracy, fidelity = _evaluate(plan, outputs.get(spec.id), evalset, fid_inputs, reference, method)
         plan.artifact = Artifact(
             status="built", file=f"{spec.id}.tflite", derived_from=plan.extra["how"],
             sha256=sha256_bytes(plan.data), bytes=stats.bytes, gzip_bytes=stats.gzip_bytes,

@@ -26,9 +26,7 @@ def artifacts(digits_files, tmp_path_factory):
 
 
 def test_bench_record_has_the_latency_distribution_and_accuracy(artifacts, digits_files):
-    with np.load(digits_files.eval) as npz:
-        x, y = npz["x"], npz["y"]
-    r = run_bench(artifacts / "int8.tflite", FAST, eval_x=x, eval_y=y)
+    r = run_bench(artifacts / "int8.tflite", FAST, eval_file=digits_files.eval)
     lat = r["latency_ms"]
     assert r["runs"] >= 50 and r["inputs"] == "eval set"
     assert 0 < lat["min"] <= lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
@@ -43,17 +41,25 @@ def test_bench_runs_at_least_min_seconds(artifacts):
     assert r["duration_s"] >= 0.3 and r["inputs"] == "random"
 
 
-def test_bench_fidelity_against_reference(artifacts, digits_files):
+def test_bench_fidelity_against_reference(artifacts, digits_files, tmp_path):
     with np.load(digits_files.eval) as npz:
         x, y = npz["x"][:50], npz["y"][:50]
-    ref = run_bench(artifacts / "fp32.tflite", FAST, eval_x=x, eval_y=y)
+    np.savez(tmp_path / "e50.npz", x=x, y=y)
+    ref = run_bench(artifacts / "fp32.tflite", FAST, eval_file=tmp_path / "e50.npz")
     from device_agents.inference import ModelRunner
     from device_agents.runtimes import get_runtime
 
     reference = ModelRunner(get_runtime().interpreter(artifacts / "fp32.tflite")).predict(x)
-    r = run_bench(artifacts / "int8.tflite", FAST, eval_x=x, eval_y=y, reference=reference)
+    r = run_bench(artifacts / "int8.tflite", FAST, eval_file=tmp_path / "e50.npz", reference=reference)
     assert r["fidelity"]["samples"] == 50 and r["fidelity"]["top1_agreement"] > 0.9
     assert ref["fidelity"] is None
+
+
+def test_an_eval_file_without_labels_gives_real_inputs_but_no_accuracy(artifacts, digits_files, tmp_path):
+    with np.load(digits_files.eval) as npz:
+        np.savez(tmp_path / "x_only.npz", x=npz["x"])
+    r = run_bench(artifacts / "int8.tflite", FAST, eval_file=tmp_path / "x_only.npz")
+    assert r["inputs"] == "eval set" and r["accuracy"] is None
 
 
 def agent(*args):
@@ -71,6 +77,12 @@ def test_cli_json_and_errors(artifacts, tmp_path):
     bad.write_bytes(b"not a flatbuffer")
     p = agent("bench", bad)
     assert p.returncode == 2 and "cannot load or run the model" in p.stderr
+    wrong = tmp_path / "wrong.npz"
+    np.savez(wrong, x=np.zeros((5, 28, 28, 1), np.float32))
+    p = agent("bench", artifacts / "int8.tflite", "--eval", wrong)
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines()[-1] == (f"edgekit-agent: error: {wrong}: --eval samples have shape "
+                                                 "(28, 28, 1) but the model takes (8, 8, 1) (first axis of x is the sample axis)")
     p = agent("bench", artifacts / "int8.tflite", "--delegate", "edgetpu")
     assert p.returncode == 2 and "libedgetpu.so.1" in p.stderr and "Traceback" not in p.stderr
 
