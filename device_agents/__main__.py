@@ -1,8 +1,16 @@
-"""`edgekit-agent`: the on-device command. Needs only numpy and a LiteRT interpreter.
+"""`edgekit-agent`: the on-device command. Needs only numpy, PyYAML, paho-mqtt and a LiteRT interpreter.
 
     edgekit-agent bench model.tflite [--eval eval.npz] [--threads N] [--delegate edgetpu] [--json]
+    edgekit-agent run --config agent.yaml           # the service: MQTT, commands, telemetry
+    edgekit-agent install model.tflite --variant ID --model NAME [--sha256 S] [--eval eval.npz] [--root R]
+    edgekit-agent activate (--sha256 S | --variant ID) [--root R]
+    edgekit-agent rollback [--root R]
+    edgekit-agent state [--root R]
+    edgekit-agent unit --config agent.yaml [--user U]   # a systemd unit for the service
 
-Errors print one line (``edgekit-agent: error: ...``) and exit 2.
+``install``, ``activate``, ``rollback`` and ``state`` work on the model store (see
+:mod:`device_agents.store`) and print JSON; the deploy tool runs them over SSH. Errors print one
+line (``edgekit-agent: error: ...``) and exit 2.
 """
 
 from __future__ import annotations
@@ -14,7 +22,9 @@ from pathlib import Path
 
 from device_agents.bench import BenchSettings, run_bench
 from device_agents.datafile import DataFileError
+from device_agents.power import power_meter
 from device_agents.runtimes import RUNTIMES, RuntimeUnavailable
+from device_agents.store import ModelStore, StoreError, default_root
 
 
 class UsageError(Exception):
@@ -34,7 +44,10 @@ def _print_table(model: Path, r: dict) -> None:
     ]
     if r["accuracy"]:
         rows.append(("top-1 accuracy", f"{100 * r['accuracy']['value']:.2f} % on {r['accuracy']['samples']} samples"))
-    rows.append(("power", r["power"]["method"]))
+    power = r["power"]
+    if power.get("avg_w") is not None:
+        rows.append(("power", f"{power['avg_w']:.3f} W, {power['energy_per_inference_mj']:.3f} mJ per inference"))
+    rows.append(("power source", power["method"]))
     start, end = r["conditions"]["start"], r["conditions"]["end"]
 
     def na(v: object, unit: str = "") -> str:
@@ -62,8 +75,89 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--warmup", type=int, default=BenchSettings.warmup)
     b.add_argument("--min-runs", type=int, default=BenchSettings.min_runs)
     b.add_argument("--min-seconds", type=float, default=BenchSettings.min_seconds)
+    b.add_argument("--idle-w", type=float, help="device idle watts, for an estimate when no power sensor answers")
+    b.add_argument("--busy-w", type=float, help="device busy watts (all cores), for the estimate")
     b.add_argument("--json", action="store_true", help="print the record as JSON")
+    r = sub.add_parser("run", help="run the agent service (MQTT) until SIGTERM")
+    r.add_argument("--config", type=Path, required=True, help="agent.yaml")
+    r.add_argument("--log-file", type=Path)
+    root_help = f"device root (default {default_root()})"
+    i = sub.add_parser("install", help="copy a model into the store (checked by sha256)")
+    i.add_argument("model", type=Path)
+    i.add_argument("--variant", required=True)
+    i.add_argument("--model-name", required=True, help="the source model's name, as in the manifest")
+    i.add_argument("--sha256", help="expected sha256 (from the manifest); refuse the file if it differs")
+    i.add_argument("--eval", type=Path, help="eval.npz shipped with the artifacts")
+    i.add_argument("--move", action="store_true", help="delete the source file once installed (uploads)")
+    a = sub.add_parser("activate", help="make an installed model current, after a smoke inference in a child")
+    a.add_argument("--sha256")
+    a.add_argument("--variant")
+    a.add_argument("--runtime", choices=sorted(RUNTIMES))
+    a.add_argument("--delegate", default="xnnpack")
+    u = sub.add_parser("unit", help="print a systemd unit that runs this agent as a service")
+    u.add_argument("--config", type=Path, required=True)
+    u.add_argument("--user", help="run as this user (default: root)")
+    sub.add_parser("rollback", help="swap current and previous")
+    sub.add_parser("state", help="print what is installed, current and previous")
+    for p in (i, a, *[sub.choices[n] for n in ("rollback", "state")]):
+        p.add_argument("--root", type=Path, default=None, help=root_help)
     args = parser.parse_args(argv)
+    if args.command == "run":
+        _run(args)
+    elif args.command == "unit":
+        from device_agents.unit import render_unit
+
+        print(render_unit(args.config, user=args.user), end="")
+    elif args.command == "bench":
+        _bench(args)
+    else:
+        _store_command(args)
+
+
+def _fail(message: str) -> None:
+    sys.stderr.write(f"edgekit-agent: error: {message}\n")
+    sys.exit(2)
+
+
+def _run(args: argparse.Namespace) -> None:
+    from device_agents.config import AgentConfigError, load_agent_config
+
+    try:
+        cfg = load_agent_config(args.config)
+        cfg.password()
+        from device_agents.service import run_agent
+    except AgentConfigError as exc:
+        _fail(str(exc))
+    except ImportError as exc:
+        _fail(f"the service needs paho-mqtt ({exc}); install it with: pip install 'edge-kit[agent]'")
+    run_agent(cfg, args.log_file)
+
+
+def _store_command(args: argparse.Namespace) -> None:
+    store = ModelStore(args.root or default_root())
+    try:
+        if args.command == "install":
+            done = store.install(args.model, variant=args.variant, model=args.model_name,
+                                 expect_sha256=args.sha256, eval_file=args.eval)
+            if args.move:
+                args.model.unlink(missing_ok=True)
+            out = {"sha256": done.sha256, "variant": done.variant, "model": done.model, "fresh": done.fresh}
+        elif args.command == "activate":
+            if not (args.sha256 or args.variant):
+                raise StoreError("activate: give --sha256 or --variant")
+            sha = store.resolve(sha256=args.sha256, variant=args.variant)
+            out = store.activate(sha, runtime=args.runtime, delegate=args.delegate)
+        elif args.command == "rollback":
+            out = store.rollback()
+        else:
+            out = {"root": str(store.root), "current": store.describe(store.current()),
+                   "previous": store.describe(store.previous()), "installed": store.installed()}
+    except StoreError as exc:
+        _fail(str(exc))
+    print(json.dumps(out, indent=2, default=str))
+
+
+def _bench(args: argparse.Namespace) -> None:
     try:
         if not args.model.is_file():
             raise UsageError(f"{args.model}: model not found")
@@ -72,7 +166,8 @@ def main(argv: list[str] | None = None) -> None:
         settings = BenchSettings(warmup=args.warmup, min_runs=args.min_runs, min_seconds=args.min_seconds,
                                  threads=args.threads, delegate=args.delegate, runtime=args.runtime)
         try:
-            record = run_bench(args.model, settings, eval_file=args.eval)
+            record = run_bench(args.model, settings, eval_file=args.eval,
+                               power=power_meter(idle_w=args.idle_w, busy_w=args.busy_w))
         except DataFileError:
             raise
         except ValueError as exc:

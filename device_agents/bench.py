@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 
 from device_agents import conditions
-from device_agents.datafile import read_npz
+from device_agents.datafile import read_npz, read_reference
 from device_agents.inference import ModelRunner, fidelity, top1_accuracy
+from device_agents.power import not_measured
 from device_agents.runtimes import get_runtime
 
 
@@ -60,12 +61,15 @@ def _inputs(runner: ModelRunner, eval_x: np.ndarray | None, seed: int = 0) -> tu
 
 
 def run_bench(model: Path, settings: BenchSettings = BenchSettings(), *, eval_file: Path | None = None,
-              reference: np.ndarray | None = None) -> dict[str, Any]:
+              reference: np.ndarray | None = None, power: Any = None) -> dict[str, Any]:
     """Benchmark ``model`` and return the measurement part of an ``edgekit.bench/1`` record.
 
     ``eval_file`` is an ``.npz`` (see :mod:`device_agents.datafile`), checked against the model's
     input shape before anything is timed; with labels ``y`` it also gives top-1 accuracy.
-    ``reference`` holds the fp32 model's outputs on its ``x`` (for fidelity).
+    ``reference`` holds the fp32 model's outputs on its ``x`` (for fidelity); when None and the
+    eval file carries an array ``reference``, that is used. ``power`` is a meter from
+    :func:`device_agents.power.power_meter` (started and stopped around the timed runs); None
+    records power as not measured.
 
     Raises:
         RuntimeUnavailable: the runtime or delegate is not installed here.
@@ -81,6 +85,8 @@ def run_bench(model: Path, settings: BenchSettings = BenchSettings(), *, eval_fi
     eval_x = eval_y = None
     if eval_file is not None:
         eval_x, eval_y = read_npz(eval_file, "--eval", runner.input_shape[1:], labels="optional")
+        if reference is None:
+            reference = read_reference(eval_file, len(eval_x))
     inputs, input_source = _inputs(runner, eval_x)
 
     t0 = time.perf_counter_ns()
@@ -90,6 +96,8 @@ def run_bench(model: Path, settings: BenchSettings = BenchSettings(), *, eval_fi
         runner.invoke_raw(inputs[i % len(inputs)])
 
     times: list[int] = []
+    if power is not None:
+        power.start()
     started = time.perf_counter()
     n = len(inputs)
     while len(times) < settings.max_runs and (
@@ -99,6 +107,7 @@ def run_bench(model: Path, settings: BenchSettings = BenchSettings(), *, eval_fi
         runner.invoke_raw(x)
         times.append(time.perf_counter_ns() - t)
     duration = time.perf_counter() - started
+    power_record = power.stop(len(times)) if power is not None else not_measured()
     after = conditions.snapshot()
 
     record: dict[str, Any] = {
@@ -113,8 +122,7 @@ def run_bench(model: Path, settings: BenchSettings = BenchSettings(), *, eval_fi
         "inputs": input_source,
         "conditions": {"start": before, "end": after},
         "accuracy": None, "fidelity": None,
-        # Power sensor plugins come with the agent service (issue #3); until then no figure is given.
-        "power": {"measured": False, "method": "not measured: no power sensor is read by the one-shot bench yet"},
+        "power": power_record,
     }
     if eval_x is not None:
         outputs = runner.predict(eval_x)

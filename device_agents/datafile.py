@@ -58,3 +58,21 @@ def read_npz(path: Path, option: str, input_shape: tuple[int, ...], *,
     if len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
         raise DataFileError(f"{path}: {option} y must hold one integer label per sample ({len(x)}), got {y.dtype} x {len(y)}")
     return x.astype(np.float32), y
+
+
+def read_reference(path: Path, samples: int) -> np.ndarray | None:
+    """Return the fp32 model's outputs stored as ``reference`` next to ``x``, or None.
+
+    The compiler ships ``eval.npz`` with the artifacts holding ``x``, ``y`` and ``reference`` (the
+    fp32 variant's outputs on ``x``), so a device can report fidelity without the fp32 model.
+
+    Raises:
+        DataFileError: ``reference`` is there but has not one row per sample.
+    """
+    with np.load(path, allow_pickle=False) as npz:
+        if "reference" not in npz.files:
+            return None
+        ref = npz["reference"]
+    if len(ref) != samples:
+        raise DataFileError(f"{path}: reference has {len(ref)} rows for {samples} samples of x")
+    return ref.astype(np.float32)

@@ -11,12 +11,13 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from device_agents.power.sensors import SENSORS
 from edge_kit.config import StrictModel, closest, load_yaml_model
 from edge_kit.errors import ConfigError
 from edge_kit.variants import parse_variant
 
-# Keys of the power-sensor plugins of the device agent, in the order a profile may list them.
-POWER_SENSORS = ("pi5-pmic", "ina3221", "ina219", "rapl", "hwmon")
+# Keys of the device agent's power-sensor plugins (the agent's registry is the one source).
+POWER_SENSORS = tuple(SENSORS)
 Accelerator = Literal["none", "edgetpu", "gpu"]
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ["COLUMNS"] = "200"  # rich tables printed by the CLI stay on one line per row
 
 
 @pytest.fixture
@@ -38,3 +39,15 @@ def digits_files(tmp_path_factory):
     from edge_kit.examples import digits
 
     return digits(tmp_path_factory.mktemp("digits"), epochs=10)
+
+
+@pytest.fixture(scope="session")
+def digits_artifacts(digits_files, tmp_path_factory):
+    """fp32, dynamic-int8 and int8 builds of the digits model, with the shipped eval.npz."""
+    from edge_kit.compiler.pipeline import CompileRequest, compile_model
+    from edge_kit.profiles import load_profile
+
+    profile = load_profile("rpi4").model_copy(update={"variants": ["fp32", "dynamic-int8", "int8"]})
+    out = tmp_path_factory.mktemp("artifacts")
+    compile_model(CompileRequest(digits_files.model, [profile], out, calib=digits_files.calib, eval=digits_files.eval))
+    return out / "digits"

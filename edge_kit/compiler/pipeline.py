@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import io
 import os
 import shutil
 import tempfile
@@ -36,6 +37,7 @@ from edge_kit.variants import VariantSpec, build_order
 
 PRECISION_TO_VARIANT = {"float32": "fp32", "float16": "fp16", "dynamic-int8": "dynamic-int8", "int8": "int8"}
 Progress = Callable[[str], None]
+EVAL_FILE = "eval.npz"  # shipped next to the artifacts: x, y and the fp32 outputs, for on-device accuracy
 
 
 @dataclass
@@ -265,7 +267,8 @@ def compile_model(req: CompileRequest, progress: Progress | None = None) -> Mani
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         model=source.record(),
         calibration=calib.record() if calib else None,
-        eval={**evalset.record(), "metric": "top1"} if evalset else None,
+        eval={**evalset.record(), "metric": "top1", "file": EVAL_FILE,
+              "reference": "fp32" if reference is not None else None} if evalset else None,
         train=train.record() if train else None,
         versions=_versions(compiler),
         profiles={p.name: {"description": p.description, "accelerator": p.hardware.accelerator,
@@ -273,17 +276,30 @@ def compile_model(req: CompileRequest, progress: Progress | None = None) -> Mani
         artifacts=[p.artifact for p in plans.values() if p.artifact is not None],
     )
     step("writing artifacts")
-    _publish(out / source.name, plans, manifest)
+    extra = {EVAL_FILE: _eval_bundle(evalset, reference)} if evalset else {}
+    _publish(out / source.name, plans, manifest, extra)
     return manifest
 
 
-def _publish(target: Path, plans: dict[str, _Plan], manifest: Manifest) -> None:
-    """Write artifacts and manifest into a staging folder, then swap it in for ``target``."""
+def _eval_bundle(evalset: Dataset, reference: np.ndarray | None) -> bytes:
+    """Return the ``.npz`` shipped to devices: ``x``, ``y`` and the fp32 outputs as ``reference``."""
+    buf = io.BytesIO()
+    arrays = {"x": evalset.x, "y": evalset.y}
+    if reference is not None:
+        arrays["reference"] = reference
+    np.savez_compressed(buf, **arrays)
+    return buf.getvalue()
+
+
+def _publish(target: Path, plans: dict[str, _Plan], manifest: Manifest, extra: dict[str, bytes]) -> None:
+    """Write artifacts, ``extra`` files and the manifest into a staging folder, then swap it in for ``target``."""
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.staging-"))
     try:
         for plan in plans.values():
             if plan.data is not None:
                 atomic_write_bytes(staging / f"{plan.spec.id}.tflite", plan.data)
+        for name, data in extra.items():
+            atomic_write_bytes(staging / name, data)
         atomic_write_text(staging / "manifest.json", manifest.to_json())
         old = None
         if target.exists():

@@ -38,7 +38,25 @@ def test_each_distinct_variant_is_built_once_and_listed_for_every_profile_using_
     assert manifest.artifact("int8-pruned-ch50").profiles == THREE
     assert manifest.artifact("fp16").profiles == ["rpi4", "jetson-orin-nano"]
     assert sorted(p.name for p in folder.iterdir()) == sorted(
-        ["manifest.json", *(f"{a.id}.tflite" for a in manifest.artifacts if a.status == "built")])
+        ["manifest.json", "eval.npz", *(f"{a.id}.tflite" for a in manifest.artifacts if a.status == "built")])
+
+
+def test_the_eval_set_ships_with_the_fp32_reference_outputs(compiled, digits_files):
+    folder, manifest = compiled
+    assert manifest.eval["file"] == "eval.npz" and manifest.eval["reference"] == "fp32"
+    with np.load(folder / "eval.npz") as shipped, np.load(digits_files.eval) as source:
+        assert np.array_equal(shipped["x"], source["x"].astype(np.float32)) and np.array_equal(shipped["y"], source["y"])
+        reference = shipped["reference"]
+    from device_agents.inference import ModelRunner
+    from device_agents.runtimes import get_runtime
+
+    fp32 = ModelRunner(get_runtime("litert").interpreter(folder / "fp32.tflite")).predict(source_x(digits_files))
+    assert reference.shape == (360, 10) and np.allclose(reference, fp32, atol=1e-6)
+
+
+def source_x(files):
+    with np.load(files.eval) as npz:
+        return npz["x"].astype(np.float32)
 
 
 def test_manifest_records_hashes_sizes_and_versions(compiled, digits_files):

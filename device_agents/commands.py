@@ -1,0 +1,80 @@
+"""Commands the agent accepts on ``.../cmd``, checked before anything runs.
+
+========  =====================================================================================
+bench     ``{variant | sha256, min_runs, min_seconds, warmup, threads}``: benchmark an installed
+          model (default: the current one); the record goes to ``bench``, the ack names it.
+activate  ``{variant | sha256}``: safe activation (sha256 check, smoke inference in a child).
+rollback  ``{}``: swap ``current`` and ``previous``.
+state     ``{}``: what is installed, current, previous, the spool and the power sensor.
+========  =====================================================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from edge_kit.schema import COMMANDS, MessageError, decode
+
+_INT = (int,)
+_NUM = (int, float)
+# argument -> (types, minimum, maximum); strings have no bounds
+_ARGS: dict[str, dict[str, tuple[tuple[type, ...], float | None, float | None]]] = {
+    "bench": {"variant": ((str,), None, None), "sha256": ((str,), None, None),
+              "min_runs": (_INT, 1, 1_000_000), "min_seconds": (_NUM, 0, 600),
+              "warmup": (_INT, 0, 10_000), "threads": (_INT, 1, 64)},
+    "activate": {"variant": ((str,), None, None), "sha256": ((str,), None, None)},
+    "rollback": {},
+    "state": {},
+}
+
+
+class CommandError(ValueError):
+    """A command that cannot be run; ``cmd_id`` and ``name`` are set when they could be read."""
+
+    def __init__(self, message: str, cmd_id: str | None = None, name: str | None = None):
+        super().__init__(message)
+        self.cmd_id = cmd_id
+        self.name = name
+
+
+@dataclass(frozen=True)
+class Command:
+    msg_id: str
+    name: str
+    args: dict[str, Any]
+
+
+def parse_command(payload: bytes, fleet: str, device: str) -> Command:
+    """Return the command in ``payload`` when it is well formed and meant for this device.
+
+    Raises:
+        CommandError: malformed or oversized payload, another device or fleet, unknown command,
+            unknown argument, an argument of the wrong type or out of range.
+    """
+    try:
+        msg = decode(payload, "cmd")
+    except MessageError as exc:
+        raise CommandError(f"malformed command: {exc}") from None
+    cmd_id = msg["msg_id"]
+    name = msg.get("command")
+    if msg["device"] != device or msg["fleet"] != fleet:
+        raise CommandError(f"command for {msg['fleet']}/{msg['device']} reached {fleet}/{device}; not run", cmd_id)
+    if not isinstance(name, str) or name not in COMMANDS:
+        raise CommandError(f"unknown command {str(name)[:40]!r} (known: {', '.join(COMMANDS)})", cmd_id)
+    args = msg.get("args", {})
+    if not isinstance(args, dict):
+        raise CommandError(f"{name}: args must be an object, got {type(args).__name__}", cmd_id, name)
+    spec = _ARGS[name]
+    for key, value in args.items():
+        if key not in spec:
+            raise CommandError(f"{name}: unknown argument {str(key)[:40]!r} (known: {', '.join(spec) or 'none'})", cmd_id, name)
+        types, low, high = spec[key]
+        if not isinstance(value, types) or isinstance(value, bool):
+            raise CommandError(f"{name}: argument '{key}' must be {'/'.join(t.__name__ for t in types)}, "
+                               f"got {type(value).__name__}", cmd_id, name)
+        if low is not None and not (low <= value <= high):
+            raise CommandError(f"{name}: argument '{key}' must be between {low} and {high}, got {value}", cmd_id, name)
+    if name == "activate" and not (args.get("variant") or args.get("sha256")):
+        raise CommandError("activate: give 'variant' or 'sha256'", cmd_id, name)
+    return Command(cmd_id, name, args)

@@ -1,0 +1,123 @@
+"""MQTT plumbing shared by the agent and the host: client set-up and the spooled publisher.
+
+``make_client`` builds a paho-mqtt v2 client from a :class:`BrokerConfig` (TLS, username and
+password, keepalive, back-off between reconnects). :class:`SpooledPublisher` moves spool rows to
+the broker at QoS 1 and deletes each one only when its PUBACK arrives.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from device_agents.config import BrokerConfig
+from device_agents.spool import Spool
+
+log = logging.getLogger("edgekit.agent.mqtt")
+
+
+def make_client(broker: BrokerConfig, client_id: str, *, password: str | None = None, v5: bool = False,
+                clean: bool = True) -> mqtt.Client:
+    """Return a configured, not yet connected paho client.
+
+    ``v5`` selects MQTT 5 (needed for shared subscriptions); ``clean`` False keeps the session
+    (subscriptions and queued QoS 1 messages) on the broker across disconnects.
+    """
+    if v5:
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    else:
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311,
+                             clean_session=clean)
+    if broker.username:
+        client.username_pw_set(broker.username, password)
+    if broker.tls is not None:
+        client.tls_set(ca_certs=str(broker.tls.ca) if broker.tls.ca else None,
+                       certfile=str(broker.tls.cert) if broker.tls.cert else None,
+                       keyfile=str(broker.tls.key) if broker.tls.key else None,
+                       cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+    client.reconnect_delay_set(min_delay=0.1, max_delay=max(0.1, broker.reconnect_max_s))
+    client.max_inflight_messages_set(200)
+    client.max_queued_messages_set(0)
+    return client
+
+
+class SpooledPublisher:
+    """Hands spooled rows to paho while connected; deletes each row on its PUBACK.
+
+    Every row is handed to paho once per process: paho keeps unacknowledged QoS 1 messages and
+    re-sends them after a reconnect, and rows written while disconnected are handed over at the
+    next connect. After an agent restart every row still in the spool is sent again, so a record
+    may arrive twice but never zero times; receivers drop duplicates by ``msg_id``.
+    """
+
+    def __init__(self, client: mqtt.Client, spool: Spool, batch: int = 500):
+        self.client = client
+        self.spool = spool
+        self.batch = batch
+        self.connected = threading.Event()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._rows: dict[int, int | None] = {}  # mid -> spool row (None: not spooled)
+        self._early: set[int] = set()  # PUBACKs that arrived before publish() returned
+        self._handed_upto = 0
+        self._thread = threading.Thread(target=self._run, daemon=True, name="spool-publisher")
+
+    def start(self) -> None:
+        """Start the background thread."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the thread (unsent rows stay in the spool)."""
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=5)
+
+    def wake(self) -> None:
+        """Tell the thread that new rows are waiting."""
+        self._wake.set()
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False, row: int | None = None) -> None:
+        """Publish at QoS 1, remembering which spool row (if any) the PUBACK releases."""
+        info = self.client.publish(topic, payload, qos=1, retain=retain)
+        with self._lock:
+            if info.mid in self._early:
+                self._early.discard(info.mid)
+                release = True
+            else:
+                self._rows[info.mid] = row
+                release = False
+        if release and row is not None:
+            self.spool.done(row)
+
+    def on_publish(self, _client: Any, _userdata: Any, mid: int, _rc: Any = None, _props: Any = None) -> None:
+        """paho callback: the broker acknowledged ``mid``."""
+        with self._lock:
+            if mid not in self._rows:
+                self._early.add(mid)
+                return
+            row = self._rows.pop(mid)
+        if row is not None:
+            self.spool.done(row)
+
+    def backlog(self) -> int:
+        """Return how many publishes wait for their PUBACK."""
+        with self._lock:
+            return len(self._rows)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(0.5)
+            self._wake.clear()
+            while self.connected.is_set() and not self._stop.is_set():
+                rows = self.spool.pending(self.batch, after=self._handed_upto)
+                if not rows:
+                    break
+                for row_id, topic, payload in rows:
+                    self.publish(topic, payload, row=row_id)
+                    self._handed_upto = row_id

@@ -1,0 +1,132 @@
+"""Power during a benchmark: a real sensor when one answers, else a labelled estimate.
+
+:func:`power_meter` tries the configured sensor keys in order (see :data:`SENSORS`); the first that
+answers is used. Without one, and with the profile's idle and busy watts, the meter estimates
+``idle_w + (busy_w - idle_w) x CPU use`` from the agent's own CPU time, and says so.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from device_agents.power.sensors import SENSORS, PowerSensor, SensorEnv
+
+DEFAULT_ORDER = ("ina3221", "pi5-pmic", "ina219", "rapl", "hwmon")
+
+
+def find_sensor(keys: tuple[str, ...] | list[str] = DEFAULT_ORDER, env: SensorEnv = SensorEnv()) -> PowerSensor | None:
+    """Return the first sensor among ``keys`` that answers here, or None.
+
+    Raises:
+        ValueError: a key is not a known sensor.
+    """
+    for key in keys:
+        if key not in SENSORS:
+            raise ValueError(f"unknown power sensor {key!r} (known: {', '.join(SENSORS)})")
+        sensor = SENSORS[key].probe(env)
+        if sensor is not None:
+            return sensor
+    return None
+
+
+class SensorMeter:
+    """Measures a sensor over a stretch of runs: sampled every ``interval_s``, or by energy counter."""
+
+    def __init__(self, sensor: PowerSensor, interval_s: float = 0.05):
+        self.sensor = sensor
+        self.interval_s = interval_s
+        self._samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._start_j = 0.0
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self._samples.append(self.sensor.read())
+            except OSError:
+                pass
+
+    def start(self) -> None:
+        """Begin measuring (call right before the timed runs)."""
+        self._samples, self._started = [], time.perf_counter()
+        if self.sensor.kind == "energy":
+            self._start_j = self.sensor.read()
+        else:
+            self._samples.append(self.sensor.read())
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._sample, daemon=True, name="power-sampler")
+            self._thread.start()
+
+    def stop(self, runs: int) -> dict[str, Any]:
+        """End measuring; return the ``power`` part of a bench record for ``runs`` inferences."""
+        seconds = time.perf_counter() - self._started
+        if self.sensor.kind == "energy":
+            joules = self.sensor.read() - self._start_j
+            avg_w, samples = joules / seconds if seconds > 0 else 0.0, 2
+            how = "energy counter read before and after the timed runs"
+        else:
+            self._stop.set()
+            if self._thread:
+                self._thread.join()
+            avg_w, samples = sum(self._samples) / len(self._samples), len(self._samples)
+            how = f"mean of {samples} samples every {self.interval_s * 1000:.0f} ms during the timed runs"
+        return {"measured": True, "estimated": False, "sensor": self.sensor.key, "method": f"{self.sensor.description}; {how}",
+                "avg_w": round(avg_w, 4), "energy_per_inference_mj": round(avg_w * seconds / max(runs, 1) * 1000, 4),
+                "samples": samples, "seconds": round(seconds, 3)}
+
+
+@dataclass
+class EstimateMeter:
+    """Estimates watts from the profile's idle/busy figures and the agent process's CPU use."""
+
+    idle_w: float
+    busy_w: float
+    cores: int
+    profile: str = "?"
+
+    def start(self) -> None:
+        """Begin measuring (call right before the timed runs)."""
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+
+    def stop(self, runs: int) -> dict[str, Any]:
+        """End measuring; return the ``power`` part of a bench record, marked estimated."""
+        seconds = time.perf_counter() - self._wall
+        use = min(1.0, max(0.0, (time.process_time() - self._cpu) / (seconds * self.cores))) if seconds > 0 else 0.0
+        watts = self.idle_w + (self.busy_w - self.idle_w) * use
+        model = (f"idle_w + (busy_w - idle_w) x CPU use, profile {self.profile}: idle {self.idle_w} W, "
+                 f"busy {self.busy_w} W, CPU use {use:.3f} (process CPU time / wall time / {self.cores} cores)")
+        return {"measured": False, "estimated": True, "sensor": None, "method": f"estimated: {model}",
+                "avg_w": round(watts, 4), "energy_per_inference_mj": round(watts * seconds / max(runs, 1) * 1000, 4),
+                "cpu_use": round(use, 4), "seconds": round(seconds, 3)}
+
+
+def power_meter(keys: tuple[str, ...] | list[str] = DEFAULT_ORDER, env: SensorEnv = SensorEnv(), *,
+                idle_w: float | None = None, busy_w: float | None = None, cores: int | None = None,
+                profile: str = "?") -> SensorMeter | EstimateMeter | None:
+    """Return a meter for the first sensor that answers, else an estimator, else None.
+
+    Raises:
+        ValueError: an unknown sensor key.
+    """
+    sensor = find_sensor(keys, env)
+    if sensor is not None:
+        return SensorMeter(sensor)
+    if idle_w is not None and busy_w is not None:
+        return EstimateMeter(idle_w, busy_w, cores or os.cpu_count() or 1, profile)
+    return None
+
+
+def not_measured(keys: tuple[str, ...] | list[str] = DEFAULT_ORDER) -> dict[str, Any]:
+    """Return the ``power`` part of a bench record when there is neither a sensor nor an estimate."""
+    return {"measured": False, "estimated": False, "sensor": None,
+            "method": f"not measured: no power sensor answered (tried {', '.join(keys) or 'none'}) "
+                      "and no idle_w/busy_w to estimate from"}
+
+
+__all__ = ["DEFAULT_ORDER", "SENSORS", "EstimateMeter", "PowerSensor", "SensorEnv", "SensorMeter",
+           "find_sensor", "not_measured", "power_meter"]

@@ -1,0 +1,249 @@
+"""`edgekit-agent run`: the long-running service on each device.
+
+Threads: paho's network loop (receives commands, checks them, acks bad ones at once), the spooled
+publisher (moves records to the broker), and the main thread, which runs accepted commands one at
+a time (benchmarks must not overlap) and sends telemetry every ``telemetry_interval_s``.
+
+Everything the agent says is spooled first (see :mod:`device_agents.spool`) except its retained
+``status``, which is re-sent on every connect and replaced by the broker with the last will
+(``state: offline``) if the agent disappears.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import device_agents
+from device_agents import conditions
+from device_agents.bench import run_bench
+from device_agents.commands import Command, CommandError, parse_command
+from device_agents.config import AgentConfig
+from device_agents.datafile import DataFileError
+from device_agents.mqtt import SpooledPublisher, make_client
+from device_agents.power import SensorEnv, SensorMeter, not_measured, power_meter
+from device_agents.runtimes import RUNTIMES, RuntimeUnavailable
+from device_agents.spool import Spool
+from device_agents.store import ModelStore, StoreError, default_root
+from edge_kit import schema
+
+log = logging.getLogger("edgekit.agent")
+
+
+class Agent:
+    """One device's agent. ``run()`` blocks until ``stop()`` (or SIGTERM/SIGINT)."""
+
+    def __init__(self, cfg: AgentConfig):
+        self.cfg = cfg
+        self.store = ModelStore(cfg.root or default_root())
+        self.store.ensure()
+        self.spool = Spool(self.store.root / "spool.db", cfg.spool_max_records)
+        # A persistent session: commands sent while the agent reconnects wait for it on the broker.
+        self.client = make_client(cfg.broker, f"edgekit-agent-{cfg.fleet}-{cfg.device}", password=cfg.password(),
+                                  clean=False)
+        self.publisher = SpooledPublisher(self.client, self.spool)
+        self.commands: queue.Queue[Command] = queue.Queue(maxsize=cfg.max_queued_commands)
+        self._seen: deque[str] = deque(maxlen=1000)  # command ids already taken (QoS 1 may redeliver)
+        self._stop = threading.Event()
+        self._status_seq = 0
+        self.started = time.time()
+        p = cfg.power
+        self._meter_args = dict(keys=p.sensors, env=SensorEnv(p.sys_root, p.vcgencmd), idle_w=p.idle_w,
+                                busy_w=p.busy_w, cores=p.cores, profile=cfg.profile or "?")
+        probe = power_meter(**self._meter_args)
+        self.power_source = (probe.sensor.description if isinstance(probe, SensorMeter)
+                             else "estimated from profile idle/busy watts and CPU use" if probe else "none")
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+        self.client.on_publish = self.publisher.on_publish
+        self.client.will_set(self._topic("status"), schema.encode(self._status("offline")), qos=1, retain=True)
+
+    # --- messages -----------------------------------------------------------------------------
+
+    def _topic(self, kind: str) -> str:
+        return schema.topic(self.cfg.fleet, self.cfg.device, kind)
+
+    def _model_ref(self, sha: str | None) -> dict[str, Any] | None:
+        meta = self.store.describe(sha)
+        return None if meta is None else {k: meta.get(k) for k in ("sha256", "variant", "model")}
+
+    def _status(self, state: str) -> dict[str, Any]:
+        self._status_seq += 1
+        runtimes = {k: (cls.unavailable_reason() or "available") for k, cls in RUNTIMES.items()}
+        return schema.envelope("status", self.cfg.fleet, self.cfg.device, self._status_seq, {
+            "state": state, "agent_version": device_agents.__version__, "profile": self.cfg.profile,
+            "current": self._model_ref(self.store.current()), "runtimes": runtimes,
+            "power_source": self.power_source, "simulated": self.cfg.simulated, "pid": os.getpid(),
+            "started": self.started})
+
+    def emit(self, kind: str, body: dict[str, Any]) -> dict[str, Any] | None:
+        """Spool one message of ``kind`` and wake the publisher.
+
+        Returns:
+            The message, or None when it was telemetry dropped because the spool is full.
+        """
+        built: dict[str, Any] = {}
+
+        def build(seq: int) -> bytes:
+            built.update(schema.envelope(kind, self.cfg.fleet, self.cfg.device, seq, body))
+            return schema.encode(built)
+
+        row, _ = self.spool.add(kind, self._topic(kind), build)
+        self.publisher.wake()
+        return built if row is not None else None
+
+    def ack(self, cmd_id: str | None, name: str | None, ok: bool, *, error: str | None = None,
+            result: dict[str, Any] | None = None) -> None:
+        """Answer a command on ``cmd/ack``."""
+        self.emit("cmd/ack", {"cmd_id": cmd_id, "command": name, "ok": ok, "error": error, "result": result or {}})
+
+    # --- paho callbacks (network thread) -------------------------------------------------------
+
+    def _on_connect(self, client: Any, _u: Any, _flags: Any, reason: Any, _props: Any) -> None:
+        if reason.is_failure:
+            log.error("broker %s:%s refused the connection: %s", self.cfg.broker.host, self.cfg.broker.port, reason)
+            return
+        client.subscribe(self._topic("cmd"), qos=1)
+        self.publisher.publish(self._topic("status"), schema.encode(self._status("online")), retain=True)
+        self.publisher.connected.set()
+        self.publisher.wake()
+        log.info("connected to %s:%s", self.cfg.broker.host, self.cfg.broker.port)
+
+    def _on_disconnect(self, _c: Any, _u: Any, _flags: Any, reason: Any, _props: Any) -> None:
+        self.publisher.connected.clear()
+        if not self._stop.is_set():
+            log.warning("disconnected from the broker (%s); records stay in the spool", reason)
+
+    def _on_message(self, _c: Any, _u: Any, message: Any) -> None:
+        try:
+            cmd = parse_command(message.payload, self.cfg.fleet, self.cfg.device)
+        except CommandError as exc:
+            self.ack(exc.cmd_id, exc.name, False, error=str(exc))
+            return
+        if cmd.msg_id in self._seen:
+            return  # a QoS 1 redelivery of a command already taken
+        self._seen.append(cmd.msg_id)
+        try:
+            self.commands.put_nowait(cmd)
+        except queue.Full:
+            self.ack(cmd.msg_id, cmd.name, False, error=f"busy: {self.commands.qsize()} commands queued; retry later")
+
+    # --- commands (main thread) ----------------------------------------------------------------
+
+    def handle(self, cmd: Command) -> None:
+        """Run one accepted command and ack it; a failure is an error ack, never a crash."""
+        try:
+            result = getattr(self, f"_cmd_{cmd.name}")(cmd)
+        except (StoreError, DataFileError, RuntimeUnavailable) as exc:
+            self.ack(cmd.msg_id, cmd.name, False, error=str(exc))
+        except (ValueError, RuntimeError, OSError) as exc:
+            log.exception("command %s failed", cmd.name)
+            self.ack(cmd.msg_id, cmd.name, False, error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        else:
+            self.ack(cmd.msg_id, cmd.name, True, result=result)
+
+    def _cmd_bench(self, cmd: Command) -> dict[str, Any]:
+        a = cmd.args
+        sha = self.store.resolve(sha256=a.get("sha256"), variant=a.get("variant"))
+        path = self.store.verify(sha)
+        overrides = {k: a[k] for k in ("warmup", "min_runs", "min_seconds", "threads") if k in a}
+        settings = dataclasses.replace(self.cfg.bench, **overrides)
+        meter = power_meter(**self._meter_args)
+        measured = run_bench(path, settings, eval_file=self.store.eval_path(sha), power=meter)
+        if meter is None:
+            measured["power"] = not_measured(self.cfg.power.sensors)
+        meta = self.store.describe(sha) or {}
+        record = self.emit("bench", {
+            "variant": meta.get("variant"), "sha256": sha, "model": meta.get("model"), "profile": self.cfg.profile,
+            "cmd_id": cmd.msg_id, "simulated": self.cfg.simulated, **measured})
+        assert record is not None  # bench records are never dropped
+        lat = measured["latency_ms"]
+        return {"bench_msg_id": record["msg_id"], "variant": meta.get("variant"), "sha256": sha,
+                "latency_p90_ms": lat["p90"], "runs": measured["runs"]}
+
+    def _cmd_activate(self, cmd: Command) -> dict[str, Any]:
+        sha = self.store.resolve(sha256=cmd.args.get("sha256"), variant=cmd.args.get("variant"))
+        result = self.store.activate(sha, runtime=self.cfg.bench.runtime, delegate=self.cfg.bench.delegate)
+        self._publish_status()
+        return {**result, "model": self._model_ref(sha)}
+
+    def _cmd_rollback(self, _cmd: Command) -> dict[str, Any]:
+        result = self.store.rollback()
+        self._publish_status()
+        return result
+
+    def _cmd_state(self, _cmd: Command) -> dict[str, Any]:
+        return {"current": self._model_ref(self.store.current()), "previous": self._model_ref(self.store.previous()),
+                "installed": self.store.installed(), "spool": self.spool.stats(), "power_source": self.power_source,
+                "queued_commands": self.commands.qsize()}
+
+    def _publish_status(self) -> None:
+        if self.publisher.connected.is_set():
+            self.publisher.publish(self._topic("status"), schema.encode(self._status("online")), retain=True)
+
+    def telemetry(self) -> None:
+        """Spool one telemetry message (droppable when the spool is full)."""
+        self.emit("telemetry", {"conditions": conditions.snapshot(), "spool": self.spool.stats(),
+                                "current": self._model_ref(self.store.current()), "simulated": self.cfg.simulated,
+                                "uptime_s": round(time.time() - self.started, 1)})
+
+    # --- life cycle ----------------------------------------------------------------------------
+
+    def stop(self, *_: Any) -> None:
+        """Ask ``run()`` to return (safe from a signal handler)."""
+        self._stop.set()
+
+    def run(self) -> None:
+        """Connect, serve commands and send telemetry until stopped; then say offline and disconnect."""
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self.stop)
+            signal.signal(signal.SIGINT, self.stop)
+        b = self.cfg.broker
+        self.publisher.start()
+        self.client.connect_async(b.host, b.port, keepalive=b.keepalive)
+        self.client.loop_start()
+        next_telemetry = time.monotonic() + self.cfg.telemetry_interval_s
+        try:
+            while not self._stop.is_set():
+                try:
+                    cmd = self.commands.get(timeout=min(0.2, max(0.0, next_telemetry - time.monotonic())))
+                except queue.Empty:
+                    cmd = None
+                if cmd is not None:
+                    self.handle(cmd)
+                if time.monotonic() >= next_telemetry:
+                    self.telemetry()
+                    next_telemetry = time.monotonic() + self.cfg.telemetry_interval_s
+        finally:
+            self._shutdown()
+
+    def _shutdown(self, drain_s: float = 2.0) -> None:
+        deadline = time.monotonic() + drain_s
+        while self.publisher.connected.is_set() and self.spool.stats()["pending"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if self.publisher.connected.is_set():
+            info = self.client.publish(self._topic("status"), schema.encode(self._status("offline")), qos=1, retain=True)
+            try:
+                info.wait_for_publish(timeout=1.0)
+            except RuntimeError:
+                pass
+        self.publisher.stop()
+        self.client.disconnect()
+        self.client.loop_stop()
+        self.spool.close()
+
+
+def run_agent(cfg: AgentConfig, log_file: Path | None = None) -> None:
+    """Run the agent in this process until SIGTERM/SIGINT."""
+    logging.basicConfig(level=logging.INFO, filename=log_file,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    Agent(cfg).run()

@@ -1,0 +1,109 @@
+"""The on-disk outbox: every record is written here before it is published, and removed on PUBACK.
+
+SQLite (standard library) in WAL mode: one row per message, plus the per-kind ``seq`` counters,
+so a record and its sequence number are committed together and survive an agent restart.
+Benchmark records are committed with ``synchronous=FULL`` (fsync, survive power loss);
+telemetry with ``NORMAL`` (survives a crash of the agent, may lose the last rows on power loss),
+which is what keeps the spool fast enough for a chatty telemetry interval.
+
+The spool is bounded by ``max_records``. When it is full the oldest telemetry row is dropped to
+make room; benchmark records are never dropped (the bound may be exceeded for them). Every drop
+is counted, persisted, and reported in telemetry and the ``state`` command.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+DROPPABLE = "telemetry"
+
+
+class Spool:
+    """A bounded, persistent FIFO of ``(kind, topic, payload)`` rows. Thread-safe."""
+
+    def __init__(self, path: Path, max_records: int = 10_000):
+        if max_records < 1:
+            raise ValueError("spool max_records must be at least 1")
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.max_records = max_records
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+                         "kind TEXT NOT NULL, topic TEXT NOT NULL, payload BLOB NOT NULL)")
+        self._db.execute("CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)")
+        self._count = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+        self._sync = ""
+
+    def _counter(self, name: str) -> int:
+        row = self._db.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
+        return row[0] if row else 0
+
+    def _bump(self, name: str, by: int = 1) -> int:
+        value = self._counter(name) + by
+        self._db.execute("INSERT OR REPLACE INTO counters (name, value) VALUES (?, ?)", (name, value))
+        return value
+
+    def add(self, kind: str, topic: str, build: Callable[[int], bytes]) -> tuple[int | None, bytes | None]:
+        """Number, build and store one message in a single transaction.
+
+        ``build(seq)`` returns the payload for the next sequence number of ``kind``.
+
+        Returns:
+            ``(row id, payload)``; ``(None, None)`` when the spool is full of undroppable rows and
+            this telemetry row was dropped instead (counted).
+        """
+        sync = "NORMAL" if kind == DROPPABLE else "FULL"
+        with self._lock:
+            if sync != self._sync:
+                self._db.execute(f"PRAGMA synchronous={sync}")
+                self._sync = sync
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                if self._count >= self.max_records:
+                    oldest = self._db.execute("SELECT id FROM outbox WHERE kind = ? ORDER BY id LIMIT 1",
+                                              (DROPPABLE,)).fetchone()
+                    if oldest is not None:
+                        self._db.execute("DELETE FROM outbox WHERE id = ?", oldest)
+                        self._count -= 1
+                        self._bump("dropped." + DROPPABLE)
+                    elif kind == DROPPABLE:
+                        self._bump("dropped." + DROPPABLE)
+                        self._db.execute("COMMIT")
+                        return None, None
+                payload = build(self._bump("seq." + kind))
+                row = self._db.execute("INSERT INTO outbox (kind, topic, payload) VALUES (?, ?, ?)",
+                                       (kind, topic, payload)).lastrowid
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._count += 1
+            return row, payload
+
+    def done(self, row_id: int) -> None:
+        """Forget a row once the broker has acknowledged it (idempotent)."""
+        with self._lock:
+            if self._db.execute("DELETE FROM outbox WHERE id = ?", (row_id,)).rowcount:
+                self._count -= 1
+
+    def pending(self, limit: int = 1000, after: int = 0) -> list[tuple[int, str, bytes]]:
+        """Return up to ``limit`` unacknowledged rows with id above ``after``, oldest first."""
+        with self._lock:
+            return self._db.execute("SELECT id, topic, payload FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
+                                    (after, limit)).fetchall()
+
+    def stats(self) -> dict[str, int]:
+        """Return ``pending`` (rows waiting), ``dropped_telemetry`` (ever dropped) and ``max_records``."""
+        with self._lock:
+            return {"pending": self._count, "dropped_telemetry": self._counter("dropped." + DROPPABLE),
+                    "max_records": self.max_records}
+
+    def close(self) -> None:
+        """Close the database (rows stay on disk for the next start)."""
+        with self._lock:
+            self._db.close()

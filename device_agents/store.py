@@ -1,0 +1,293 @@
+"""The model store on a device: installed models, the ``current`` one and the ``previous`` one.
+
+Layout under ``<root>`` (``/opt/edgekit`` as root, else ``~/.edgekit``)::
+
+    models/<sha256>/model.tflite     the artifact, named by its own sha256
+    models/<sha256>/meta.json        variant id, model name, sha256, bytes, when installed
+    models/<sha256>/eval.npz         optional: x, y and the fp32 reference outputs for accuracy/fidelity
+    current  -> models/<sha256>      switched with an atomic rename of a fresh symlink
+    previous -> models/<sha256>      the one before, for rollback
+    incoming/                        uploads in flight (``*.part``)
+
+A model directory appears by renaming a complete staging directory, so a reader never sees a half
+written model. A model becomes ``current`` only after its sha256 is checked again and a child
+process has loaded it and run one inference: a model that crashes the interpreter takes down the
+child, not the agent, and the running model keeps serving.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+SMOKE_TIMEOUT_S = 120.0
+
+
+class StoreError(RuntimeError):
+    """An install, activation or rollback was refused; the text is the reason, in one line."""
+
+
+def default_root() -> Path:
+    """Return ``/opt/edgekit`` when running as root, else ``~/.edgekit``."""
+    return Path("/opt/edgekit") if os.geteuid() == 0 else Path.home() / ".edgekit"
+
+
+def sha256_of(path: Path) -> str:
+    """Return the hex sha256 of a file's content."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _is_sha(value: str) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+@dataclass(frozen=True)
+class Installed:
+    """One model in the store; ``fresh`` is False when it was already there."""
+
+    sha256: str
+    variant: str
+    model: str
+    path: Path
+    fresh: bool = True
+
+
+class ModelStore:
+    """The on-device model folder. Every method is safe to call from a separate process too."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root).expanduser()
+        self.models = self.root / "models"
+        self.incoming = self.root / "incoming"
+
+    def ensure(self) -> None:
+        """Create the folders (no-op when they exist)."""
+        self.models.mkdir(parents=True, exist_ok=True)
+        self.incoming.mkdir(parents=True, exist_ok=True)
+
+    # --- installing ---------------------------------------------------------------------------
+
+    def install(self, src: Path, *, variant: str, model: str, expect_sha256: str | None = None,
+                eval_file: Path | None = None) -> Installed:
+        """Copy ``src`` into ``models/<sha256>/`` with its metadata (and eval set), atomically.
+
+        Returns:
+            The installed model; ``fresh`` is False when the same sha256 was already installed.
+
+        Raises:
+            StoreError: ``src`` is missing, its sha256 differs from ``expect_sha256``, or the copy
+                failed (disk full, permissions); nothing is left behind in ``models/``.
+        """
+        self.ensure()
+        src = Path(src)
+        if not src.is_file():
+            raise StoreError(f"{src}: no such model file")
+        digest = sha256_of(src)
+        if expect_sha256 and digest != expect_sha256:
+            raise StoreError(f"{src}: sha256 is {digest[:12]}..., expected {expect_sha256[:12]}... (corrupt or truncated upload)")
+        target = self.models / digest
+        if (target / "model.tflite").is_file() and self._meta(digest) is not None:
+            meta = self._meta(digest) or {}
+            return Installed(digest, meta.get("variant", variant), meta.get("model", model), target, fresh=False)
+        staging = self.models / f".{digest}.staging-{os.getpid()}"
+        try:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir()
+            shutil.copyfile(src, staging / "model.tflite")
+            if eval_file is not None:
+                shutil.copyfile(eval_file, staging / "eval.npz")
+            meta = {"sha256": digest, "variant": variant, "model": model, "bytes": src.stat().st_size,
+                    "installed": time.time(), "eval": "eval.npz" if eval_file is not None else None}
+            (staging / "meta.json").write_text(json.dumps(meta, indent=2))
+            for f in staging.iterdir():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            if target.exists():  # a half-installed leftover without metadata
+                shutil.rmtree(target)
+            os.rename(staging, target)
+        except OSError as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise StoreError(f"cannot install {src.name} into {self.models}: {exc.strerror or exc}") from None
+        return Installed(digest, variant, model, target)
+
+    def remove(self, sha256: str) -> None:
+        """Delete an installed model that is neither current nor previous.
+
+        Raises:
+            StoreError: it is current or previous.
+        """
+        if sha256 in (self.current(), self.previous()):
+            raise StoreError(f"model {sha256[:12]} is in use (current or previous); activate another first")
+        shutil.rmtree(self.models / sha256, ignore_errors=True)
+
+    # --- reading ------------------------------------------------------------------------------
+
+    def _meta(self, sha256: str) -> dict | None:
+        try:
+            meta = json.loads((self.models / sha256 / "meta.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return meta if isinstance(meta, dict) else None
+
+    def _link(self, name: str) -> str | None:
+        try:
+            target = os.readlink(self.root / name)
+        except OSError:
+            return None
+        sha = Path(target).name
+        return sha if _is_sha(sha) else None
+
+    def current(self) -> str | None:
+        """Return the sha256 of the current model, or None."""
+        return self._link("current")
+
+    def previous(self) -> str | None:
+        """Return the sha256 of the previous model, or None."""
+        return self._link("previous")
+
+    def describe(self, sha256: str | None) -> dict | None:
+        """Return a model's metadata (``sha256``, ``variant``, ``model``, ``bytes``...), or None."""
+        return None if sha256 is None else self._meta(sha256)
+
+    def installed(self) -> list[dict]:
+        """Return the metadata of every installed model, oldest first."""
+        metas = [m for d in self.models.glob("*") if _is_sha(d.name) and (m := self._meta(d.name))]
+        return sorted(metas, key=lambda m: m.get("installed", 0))
+
+    def model_path(self, sha256: str) -> Path:
+        """Return the path of an installed model's ``.tflite`` file."""
+        return self.models / sha256 / "model.tflite"
+
+    def eval_path(self, sha256: str) -> Path | None:
+        """Return the model's shipped eval set, or None."""
+        path = self.models / sha256 / "eval.npz"
+        return path if path.is_file() else None
+
+    def resolve(self, *, sha256: str | None = None, variant: str | None = None) -> str:
+        """Return the sha256 of the installed model meant by ``sha256`` or ``variant`` (else current).
+
+        A variant id picks the most recently installed model of that variant, preferring the
+        current model's name when several models are installed.
+
+        Raises:
+            StoreError: nothing installed matches, or nothing is current when neither is given.
+        """
+        if sha256:
+            if not _is_sha(sha256) or self._meta(sha256) is None:
+                raise StoreError(f"model {str(sha256)[:16]} is not installed on this device")
+            return sha256
+        if variant:
+            current = self.describe(self.current()) or {}
+            hits = [m for m in self.installed() if m.get("variant") == variant]
+            same = [m for m in hits if m.get("model") == current.get("model")]
+            if not (same or hits):
+                have = sorted({str(m.get("variant")) for m in self.installed()})
+                raise StoreError(f"variant {variant!r} is not installed on this device (installed: {', '.join(have) or 'none'})")
+            return (same or hits)[-1]["sha256"]
+        cur = self.current()
+        if cur is None:
+            raise StoreError("no model is active on this device; install and activate one first")
+        return cur
+
+    def verify(self, sha256: str) -> Path:
+        """Return the model path after checking the file's sha256 against its name and metadata.
+
+        Raises:
+            StoreError: the file is missing or its content does not match.
+        """
+        path = self.model_path(sha256)
+        meta = self._meta(sha256)
+        if meta is None or not path.is_file():
+            raise StoreError(f"model {sha256[:12]} is not installed (no model.tflite or meta.json)")
+        actual = sha256_of(path)
+        if actual != sha256 or meta.get("sha256") != sha256:
+            raise StoreError(f"model {sha256[:12]}: file sha256 is {actual[:12]}..., manifest says {sha256[:12]}... "
+                             "(corrupt or truncated); reinstall it")
+        return path
+
+    # --- switching ----------------------------------------------------------------------------
+
+    def smoke_test(self, path: Path, *, runtime: str | None = None, delegate: str = "xnnpack",
+                   timeout: float = SMOKE_TIMEOUT_S) -> dict:
+        """Load ``path`` and run one inference in a child process.
+
+        Returns:
+            What the child reported (input and output shapes, milliseconds).
+
+        Raises:
+            StoreError: the child failed, crashed or timed out; the text says which and why.
+        """
+        argv = [sys.executable, "-m", "device_agents.smoke", str(path), "--delegate", delegate]
+        if runtime:
+            argv += ["--runtime", runtime]
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+        except subprocess.TimeoutExpired:
+            raise StoreError(f"{path.parent.name[:12]}: smoke inference did not finish within {timeout:.0f} s") from None
+        if proc.returncode != 0:
+            lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith("INFO:")]
+            why = lines[-1] if lines else f"the child process exited with code {proc.returncode}"
+            if proc.returncode < 0:
+                why = f"the interpreter crashed (signal {-proc.returncode})"
+            raise StoreError(f"model {path.parent.name[:12]} failed its smoke inference: {why}")
+        try:
+            return json.loads(proc.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            return {}
+
+    def _point(self, name: str, sha256: str | None) -> None:
+        link = self.root / name
+        if sha256 is None:
+            link.unlink(missing_ok=True)
+            return
+        tmp = self.root / f".{name}.{os.getpid()}.tmp"
+        tmp.unlink(missing_ok=True)
+        os.symlink(f"models/{sha256}", tmp)
+        os.replace(tmp, link)  # rename(2) over the old link: readers see the old or the new one
+
+    def activate(self, sha256: str, *, runtime: str | None = None, delegate: str = "xnnpack") -> dict:
+        """Make an installed model current after checking it; the old current becomes previous.
+
+        Returns:
+            ``{"current": sha, "previous": sha|None, "changed": bool, "smoke": {...}}``.
+
+        Raises:
+            StoreError: not installed, sha256 mismatch, or the smoke inference failed (nothing changed).
+        """
+        path = self.verify(sha256)
+        old = self.current()
+        if old == sha256:
+            return {"current": sha256, "previous": self.previous(), "changed": False, "smoke": None}
+        smoke = self.smoke_test(path, runtime=runtime, delegate=delegate)
+        if old is not None:
+            self._point("previous", old)
+        self._point("current", sha256)
+        return {"current": sha256, "previous": old, "changed": True, "smoke": smoke}
+
+    def rollback(self) -> dict:
+        """Swap ``current`` and ``previous``.
+
+        Returns:
+            ``{"current": sha, "previous": sha|None}`` after the swap.
+
+        Raises:
+            StoreError: there is no previous model, or it no longer verifies.
+        """
+        prev, cur = self.previous(), self.current()
+        if prev is None:
+            raise StoreError("no previous model to roll back to")
+        self.verify(prev)
+        self._point("current", prev)
+        self._point("previous", cur)
+        return {"current": prev, "previous": cur}

@@ -1,0 +1,130 @@
+"""Send commands to agents over MQTT and wait for their acks and records.
+
+Used by ``edgekit bench --device``, deploy (activate, rollback) and tune. One client per call
+site, subscribed to the fleet's ``cmd/ack`` and ``bench`` topics before anything is sent, so an
+answer cannot slip past.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from typing import Any
+
+from device_agents.config import BrokerConfig, TlsConfig
+from device_agents.mqtt import make_client
+from edge_kit import schema
+from edge_kit.errors import AgentError
+from edge_kit.fleet.inventory import Broker
+
+CONNECT_TIMEOUT_S = 10.0
+
+
+def broker_config(broker: Broker) -> BrokerConfig:
+    """Return the agent-side broker settings for an inventory ``broker`` entry."""
+    tls = broker.tls
+    return BrokerConfig(host=broker.host, port=broker.port, username=broker.username,
+                        password_file=broker.password_file.expanduser() if broker.password_file else None,
+                        tls=TlsConfig(tls.ca, tls.cert, tls.key) if tls else None)
+
+
+class FleetClient:
+    """A host-side MQTT session with one fleet. Use as a context manager.
+
+    Raises (on enter):
+        AgentError: the broker cannot be reached or refuses the connection.
+    """
+
+    def __init__(self, broker: Broker, fleet: str, password: str | None = None):
+        self.broker = broker
+        self.fleet = fleet
+        self.client = make_client(broker_config(broker), f"edgekit-host-{uuid.uuid4().hex[:8]}", password=password)
+        self._cond = threading.Condition()
+        self.acks: dict[str, dict[str, Any]] = {}
+        self.records: dict[str, dict[str, Any]] = {}
+        self._connected = threading.Event()
+        self._refused: str | None = None
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+
+    def _on_connect(self, client: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        if reason.is_failure:
+            self._refused = str(reason)
+            self._connected.set()
+            return
+        client.subscribe([(schema.subscription(self.fleet, "cmd/ack"), 1), (schema.subscription(self.fleet, "bench"), 1)])
+        client.on_subscribe = lambda *_: self._connected.set()
+
+    def _on_message(self, _c: Any, _u: Any, message: Any) -> None:
+        try:
+            _, _, kind = schema.parse_topic(message.topic)
+            msg = schema.decode(message.payload, kind)
+        except schema.MessageError:
+            return
+        with self._cond:
+            if kind == "cmd/ack" and isinstance(msg.get("cmd_id"), str):
+                self.acks[msg["cmd_id"]] = msg
+            elif kind == "bench":
+                self.records[msg["msg_id"]] = msg
+            self._cond.notify_all()
+
+    def __enter__(self) -> FleetClient:
+        b = self.broker
+        try:
+            self.client.connect(b.host, b.port, keepalive=30)
+        except OSError as exc:
+            raise AgentError(f"cannot reach the MQTT broker at {b.host}:{b.port} ({exc.strerror or exc}); "
+                             "check broker.host/port in the fleet file and that the broker runs") from None
+        self.client.loop_start()
+        if not self._connected.wait(CONNECT_TIMEOUT_S) or self._refused:
+            self.close()
+            raise AgentError(f"the MQTT broker at {b.host}:{b.port} did not accept the connection "
+                             f"({self._refused or 'timeout'}); check broker credentials in the fleet file")
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Disconnect."""
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def send(self, device: str, name: str, args: dict[str, Any] | None = None) -> str:
+        """Publish a command to ``device``; return its id (what the ack's ``cmd_id`` will be)."""
+        msg = schema.command(self.fleet, device, name, args)
+        self.client.publish(schema.topic(self.fleet, device, "cmd"), schema.encode(msg), qos=1)
+        return msg["msg_id"]
+
+    def wait_ack(self, cmd_id: str, timeout: float) -> dict[str, Any] | None:
+        """Return the ack of ``cmd_id``, or None when none came within ``timeout`` seconds."""
+        with self._cond:
+            self._cond.wait_for(lambda: cmd_id in self.acks, timeout)
+            return self.acks.get(cmd_id)
+
+    def wait_record(self, msg_id: str, timeout: float) -> dict[str, Any] | None:
+        """Return the bench record ``msg_id``, or None when it did not come within ``timeout`` seconds."""
+        with self._cond:
+            self._cond.wait_for(lambda: msg_id in self.records, timeout)
+            return self.records.get(msg_id)
+
+    def request(self, device: str, name: str, args: dict[str, Any] | None = None, timeout: float = 60.0) -> dict[str, Any]:
+        """Send a command and return its successful ack (for ``bench``, with the record as ``record``).
+
+        Raises:
+            AgentError: no ack within ``timeout`` (the device is named), or the agent refused it.
+        """
+        deadline = time.monotonic() + timeout
+        ack = self.wait_ack(self.send(device, name, args), timeout)
+        if ack is None:
+            raise AgentError(f"{device}: no answer to '{name}' within {timeout:.0f} s; is its agent running "
+                             f"and connected to {self.broker.host}:{self.broker.port}?")
+        if not ack["ok"]:
+            raise AgentError(f"{device}: {name} refused: {ack['error']}")
+        if name == "bench":
+            record = self.wait_record(ack["result"]["bench_msg_id"], max(1.0, deadline - time.monotonic()))
+            if record is None:
+                raise AgentError(f"{device}: the bench record announced in the ack did not arrive within {timeout:.0f} s")
+            ack = {**ack, "record": record}
+        return ack

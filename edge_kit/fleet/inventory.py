@@ -1,0 +1,157 @@
+"""``fleet.yaml``: the devices of one fleet, how to reach them over SSH, and the fleet's broker.
+
+Example::
+
+    fleet: factory-a
+    broker: {host: mqtt.local, port: 8883, username: ops, password_file: ~/.config/edgekit/mqtt.pass,
+             tls: {ca: ~/.config/edgekit/ca.pem}}
+    defaults: {user: edgekit, key: ~/.ssh/edgekit_ed25519, profile: rpi4}
+    devices:
+      - {name: pi-01, host: 10.0.0.21, tags: [pi, line-1]}
+      - {name: coral-01, host: 10.0.0.31, profile: coral-usb, tags: [coral]}
+
+Passwords are never written in the file: SSH uses keys, MQTT a ``password_file``. ``defaults``
+fills any device key a device leaves out. Each device may carry ``constraints`` overriding its
+profile's, and ``agent_broker`` (username and password file the agent on that device uses).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator, model_validator
+
+from edge_kit.config import StrictModel, closest, load_yaml_model
+from edge_kit.errors import ConfigError
+from edge_kit.profiles import Constraints
+
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+class Tls(StrictModel):
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+
+
+class Broker(StrictModel):
+    host: str = "127.0.0.1"
+    port: int = Field(default=1883, gt=0, lt=65536)
+    username: str | None = None
+    password_file: Path | None = None
+    tls: Tls | None = None
+
+    def password(self, where: str) -> str | None:
+        """Return the password from ``password_file``, or None.
+
+        Raises:
+            ConfigError: the file cannot be read (``where`` names the config it came from).
+        """
+        if self.password_file is None:
+            return None
+        try:
+            return self.password_file.expanduser().read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"{where}: broker.password_file {self.password_file}: {exc.strerror}") from None
+
+
+class DeviceDefaults(StrictModel):
+    port: int = Field(default=22, gt=0, lt=65536)
+    user: str | None = None
+    key: Path | None = None
+    profile: str | None = None
+    root: str = "~/.edgekit"
+
+
+class Device(StrictModel):
+    name: str = Field(pattern=_NAME)
+    host: str
+    port: int = Field(default=22, gt=0, lt=65536)
+    user: str
+    key: Path | None = None  # None: the SSH agent / default keys
+    profile: str
+    tags: list[str] = Field(default_factory=list)
+    root: str = "~/.edgekit"
+    constraints: Constraints | None = None
+    agent_broker: Broker | None = None  # what the agent on this device connects with; default: the fleet's
+
+    def matches(self, selector: str) -> bool:
+        """Return True when ``selector`` (a name, ``tag:<tag>``, or ``all``) selects this device."""
+        if selector == "all":
+            return True
+        if selector.startswith("tag:"):
+            return selector[4:] in self.tags
+        return selector == self.name
+
+
+class Fleet(StrictModel):
+    fleet: str = Field(pattern=_NAME)
+    broker: Broker = Broker()
+    defaults: DeviceDefaults = DeviceDefaults()
+    devices: list[Device] = Field(min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_defaults(cls, data: object) -> object:
+        if isinstance(data, dict) and isinstance(data.get("devices"), list):
+            defaults = {k: v for k, v in (data.get("defaults") or {}).items() if v is not None}
+            data = {**data, "devices": [{**defaults, **d} if isinstance(d, dict) else d for d in data["devices"]]}
+        return data
+
+    @field_validator("devices")
+    @classmethod
+    def _unique_names(cls, devices: list[Device]) -> list[Device]:
+        names = [d.name for d in devices]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"device names must be unique; listed twice: {', '.join(twice)}")
+        return devices
+
+    def select(self, selectors: list[str] | None) -> list[Device]:
+        """Return the devices any selector picks (all devices when ``selectors`` is empty).
+
+        Raises:
+            ConfigError: a selector picks nothing (names the selector and the known names/tags).
+        """
+        if not selectors:
+            return list(self.devices)
+        picked: dict[str, Device] = {}
+        for sel in selectors:
+            hits = [d for d in self.devices if d.matches(sel)]
+            if not hits:
+                tags = sorted({t for d in self.devices for t in d.tags})
+                raise ConfigError(f"--devices {sel}: matches no device of fleet {self.fleet} "
+                                  f"(devices: {', '.join(d.name for d in self.devices)}; tags: {', '.join(tags) or 'none'})")
+            picked.update({d.name: d for d in hits})
+        return [d for d in self.devices if d.name in picked]
+
+    def device(self, name: str) -> Device:
+        """Return the device called ``name``.
+
+        Raises:
+            ConfigError: no such device (with the known names).
+        """
+        for dev in self.devices:
+            if dev.name == name:
+                return dev
+        names = [d.name for d in self.devices]
+        hint = closest(name, names)
+        raise ConfigError(f"device {name!r} is not in fleet {self.fleet}"
+                          + (f"; did you mean '{hint}'?" if hint else f" (devices: {', '.join(names)})"))
+
+
+def load_fleet(path: Path) -> Fleet:
+    """Read and check ``fleet.yaml``; device profiles are checked to exist.
+
+    Raises:
+        ConfigError: unreadable, unknown key, missing field, or an unknown profile (with file and line).
+    """
+    from edge_kit.profiles import load_profile
+
+    fleet = load_yaml_model(path, Fleet)
+    for dev in fleet.devices:
+        try:
+            load_profile(dev.profile)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: device {dev.name}: {exc}") from None
+    return fleet

@@ -1,0 +1,133 @@
+"""MQTT topics and message envelopes, shared by the host and the on-device agent.
+
+Standard library only: the agent imports this module on devices that have nothing but numpy,
+paho-mqtt and a LiteRT interpreter.
+
+Topics are ``edgekit/v1/<fleet>/<device>/<kind>`` with ``kind`` one of :data:`KINDS`. Every payload
+is a JSON object with the envelope fields ``schema``, ``device``, ``fleet``, ``seq``, ``ts`` and
+``msg_id``. ``seq`` counts per device and per kind, persisted across restarts, so a gap in the
+bench sequence means a lost record; ``msg_id`` is unique per message and is what receivers
+deduplicate on (QoS 1 delivers at least once).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from typing import Any
+
+ROOT = "edgekit/v1"
+KINDS = ("status", "bench", "telemetry", "cmd", "cmd/ack")
+SCHEMAS = {
+    "status": "edgekit.status/1",
+    "bench": "edgekit.bench/1",
+    "telemetry": "edgekit.telemetry/1",
+    "cmd": "edgekit.cmd/1",
+    "cmd/ack": "edgekit.ack/1",
+}
+COMMANDS = ("bench", "activate", "rollback", "state")
+MAX_PAYLOAD = 64 * 1024  # bytes; larger commands are refused unread
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_ENVELOPE_TYPES: dict[str, type | tuple[type, ...]] = {
+    "schema": str, "device": str, "fleet": str, "seq": int, "ts": (int, float), "msg_id": str,
+}
+
+
+class MessageError(ValueError):
+    """A payload that is not a valid edge-kit message; the text says which field is wrong."""
+
+
+def check_name(value: str, what: str) -> str:
+    """Return ``value`` when it can be a fleet or device name in a topic.
+
+    Raises:
+        ValueError: empty, too long, or holds characters other than letters, digits, ``_ . -``
+            (MQTT wildcards and ``/`` would break topic routing).
+    """
+    if not isinstance(value, str) or not _NAME.match(value):
+        raise ValueError(f"{what} {value!r} must be 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit")
+    return value
+
+
+def topic(fleet: str, device: str, kind: str) -> str:
+    """Return the topic of ``kind`` for one device."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown topic kind {kind!r} (known: {', '.join(KINDS)})")
+    return f"{ROOT}/{fleet}/{device}/{kind}"
+
+
+def subscription(fleet: str, kind: str, device: str = "+", share: str | None = None) -> str:
+    """Return a subscription filter for ``kind`` of one device or (``+``) all devices of a fleet.
+
+    ``share`` names an MQTT 5 shared-subscription group (``$share/<group>/...``): the broker then
+    hands each message to one member of the group.
+    """
+    filt = topic(fleet, device, kind) if device != "+" else f"{ROOT}/{fleet}/+/{kind}"
+    return f"$share/{share}/{filt}" if share else filt
+
+
+def parse_topic(name: str) -> tuple[str, str, str]:
+    """Return ``(fleet, device, kind)`` of an edge-kit topic.
+
+    Raises:
+        MessageError: the topic is not ``edgekit/v1/<fleet>/<device>/<kind>``.
+    """
+    prefix = ROOT + "/"
+    if not name.startswith(prefix):
+        raise MessageError(f"topic {name!r} is not under {ROOT}/")
+    parts = name[len(prefix):].split("/", 2)
+    if len(parts) != 3 or parts[2] not in KINDS:
+        raise MessageError(f"topic {name!r} is not {ROOT}/<fleet>/<device>/<kind>")
+    return parts[0], parts[1], parts[2]
+
+
+def new_msg_id() -> str:
+    """Return a fresh message id (random UUID, hex)."""
+    return uuid.uuid4().hex
+
+
+def envelope(kind: str, fleet: str, device: str, seq: int, body: dict[str, Any]) -> dict[str, Any]:
+    """Return the message of ``kind``: the envelope fields followed by ``body``."""
+    return {"schema": SCHEMAS[kind], "device": device, "fleet": fleet, "seq": seq,
+            "ts": round(time.time(), 6), "msg_id": new_msg_id(), **body}
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    """Return the compact UTF-8 JSON form of a message."""
+    return json.dumps(message, separators=(",", ":"), allow_nan=False).encode()
+
+
+def decode(payload: bytes, kind: str | None = None) -> dict[str, Any]:
+    """Parse and check a payload's envelope (and, with ``kind``, that its schema fits the topic).
+
+    Returns:
+        The message as a dict.
+
+    Raises:
+        MessageError: oversized, not UTF-8 JSON, not an object, a missing or mistyped envelope
+            field, or a schema that does not match ``kind``.
+    """
+    if len(payload) > MAX_PAYLOAD:
+        raise MessageError(f"payload of {len(payload)} bytes is over the {MAX_PAYLOAD}-byte limit")
+    try:
+        message = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise MessageError(f"payload is not UTF-8 JSON ({type(exc).__name__})") from None
+    if not isinstance(message, dict):
+        raise MessageError(f"payload is a JSON {type(message).__name__}, expected an object")
+    for field, types in _ENVELOPE_TYPES.items():
+        value = message.get(field)
+        if value is None:
+            raise MessageError(f"field '{field}' is missing")
+        if not isinstance(value, types) or isinstance(value, bool):
+            raise MessageError(f"field '{field}' has type {type(value).__name__}")
+    if kind is not None and message["schema"] != SCHEMAS[kind]:
+        raise MessageError(f"schema {message['schema']!r} does not belong on '{kind}' (expected {SCHEMAS[kind]!r})")
+    return message
+
+
+def command(fleet: str, device: str, name: str, args: dict[str, Any] | None = None, seq: int = 0) -> dict[str, Any]:
+    """Return a command message for one device (see :data:`COMMANDS`)."""
+    return envelope("cmd", fleet, device, seq, {"command": name, "args": args or {}})

@@ -1,0 +1,1 @@
+"""Local services for the simulated fleet, the demo and the tests: a broker, SSH endpoints, agents."""

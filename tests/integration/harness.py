@@ -1,0 +1,184 @@
+"""Helpers for integration tests: a plain MQTT monitor, agent subprocesses, waiting."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+import yaml
+from paho.mqtt.enums import CallbackAPIVersion
+
+from device_agents.store import ModelStore
+from edge_kit import schema
+from edge_kit.sim.broker import MosquittoBroker
+
+FLEET = "testfleet"
+
+
+class Monitor:
+    """A plain paho subscriber with a persistent session: every message of the fleet, deduplicated."""
+
+    def __init__(self, host: str, port: int, fleet: str = FLEET, **auth: Any):
+        self.fleet = fleet
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"monitor-{uuid.uuid4().hex[:6]}",
+                                  clean_session=False)
+        if auth:
+            self.client.username_pw_set(auth["username"], auth["password"])
+        self.client.reconnect_delay_set(0.1, 0.5)
+        self.cond = threading.Condition()
+        self.messages: dict[str, list[dict]] = {k: [] for k in schema.KINDS}
+        self.received = 0  # including duplicates
+        self.invalid = 0
+        self.seen: set[str] = set()
+        self.subscribed = threading.Event()
+        self.client.on_connect = lambda c, *_: c.subscribe(f"{schema.ROOT}/{fleet}/#", qos=1)
+        self.client.on_subscribe = lambda *_: self.subscribed.set()
+        self.client.on_message = self._on_message
+        self.client.connect(host, port)
+        self.client.loop_start()
+        assert self.subscribed.wait(10), "monitor could not subscribe"
+
+    def _on_message(self, _c, _u, message) -> None:
+        _, _, kind = schema.parse_topic(message.topic)
+        try:
+            msg = schema.decode(message.payload, kind)
+        except schema.MessageError:
+            self.invalid += 1  # e.g. the fuzzer's commands
+            return
+        with self.cond:
+            self.received += 1
+            if msg["msg_id"] not in self.seen or kind == "status":
+                self.seen.add(msg["msg_id"])
+                self.messages[kind].append(msg)
+            self.cond.notify_all()
+
+    def wait_for(self, predicate, timeout: float = 60.0) -> bool:
+        with self.cond:
+            return self.cond.wait_for(lambda: predicate(self.messages), timeout)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+class AgentProcess:
+    """One device: a model store with the digits variants installed, and `edgekit-agent run`."""
+
+    def __init__(self, tmp: Path, name: str, mqtt_broker: MosquittoBroker, artifacts: Path, **config: Any):
+        self.name = name
+        self.root = tmp / name
+        self.store = ModelStore(self.root)
+        self.sha: dict[str, str] = {}
+        manifest = json.loads((artifacts / "manifest.json").read_text())
+        for art in manifest["artifacts"]:
+            if art["status"] == "built":
+                done = self.store.install(artifacts / art["file"], variant=art["id"], model="digits",
+                                          expect_sha256=art["sha256"], eval_file=artifacts / "eval.npz")
+                self.sha[art["id"]] = done.sha256
+        self.store.activate(self.sha["int8"])
+        cfg = {"device": name, "fleet": FLEET, "root": str(self.root), "profile": "rpi4",
+               "broker": {"host": mqtt_broker.host, "port": mqtt_broker.port, "reconnect_max_s": 0.5},
+               "telemetry_interval_s": 3600, "bench": {"warmup": 2, "min_runs": 30, "min_seconds": 0.0},
+               "power": {"sensors": ["rapl", "hwmon"], "idle_w": 2.7, "busy_w": 6.4}, "simulated": True}
+        for key, value in config.items():
+            cfg[key] = {**cfg[key], **value} if isinstance(value, dict) and isinstance(cfg.get(key), dict) else value
+        self.config = self.root / "agent.yaml"
+        self.config.write_text(yaml.safe_dump(cfg))
+        self.log = self.root / "agent.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> AgentProcess:
+        self.proc = subprocess.Popen([sys.executable, "-m", "device_agents", "run", "--config", str(self.config),
+                                      "--log-file", str(self.log)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        return self
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        code = self.proc.returncode
+        self.proc.stderr.close()
+        self.proc = None
+        return code
+
+
+def online(name: str):
+    """Predicate: the latest status of ``name`` says online."""
+    def check(messages: dict[str, list[dict]]) -> bool:
+        states = [m for m in messages["status"] if m["device"] == name]
+        return bool(states) and states[-1]["state"] == "online"
+    return check
+
+
+
+def wait_until(predicate, timeout: float = 30.0, step: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return False
+
+
+def spool_count(root: Path, kind: str) -> int:
+    """Rows of ``kind`` waiting in an agent's spool (read-only, concurrent with the agent)."""
+    import sqlite3
+
+    db = sqlite3.connect(f"file:{root / 'spool.db'}?mode=ro", uri=True, timeout=5)
+    try:
+        return db.execute("SELECT COUNT(*) FROM outbox WHERE kind = ?", (kind,)).fetchone()[0]
+    finally:
+        db.close()
+
+
+def make_tls(folder: Path):
+    """A throw-away CA and a server certificate for 127.0.0.1 (PEM files), as a BrokerTls."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    from edge_kit.sim.broker import BrokerTls
+    import ipaddress
+
+    folder.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def cert(subject: str, key, issuer_name, issuer_key, ca: bool):
+        b = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+             .issuer_name(issuer_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if not ca:
+            b = b.add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        return b.sign(issuer_key, hashes.SHA256())
+
+    ca_key, srv_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "edge-kit test CA")])
+    ca_cert = cert("edge-kit test CA", ca_key, ca_name, ca_key, True)
+    srv_cert = cert("127.0.0.1", srv_key, ca_name, ca_key, False)
+    pem = serialization.Encoding.PEM
+    (folder / "ca.pem").write_bytes(ca_cert.public_bytes(pem))
+    (folder / "server.pem").write_bytes(srv_cert.public_bytes(pem))
+    (folder / "server.key").write_bytes(srv_key.private_bytes(pem, serialization.PrivateFormat.TraditionalOpenSSL,
+                                                               serialization.NoEncryption()))
+    return BrokerTls(folder / "ca.pem", folder / "server.pem", folder / "server.key")

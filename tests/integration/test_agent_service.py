@@ -1,0 +1,229 @@
+"""`edgekit-agent run` against a real Mosquitto: commands, acks, records, outages, bad input."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+import uuid
+
+import paho.mqtt.client as mqtt
+import pytest
+from harness import FLEET, AgentProcess, make_tls, online, spool_count, wait_until
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edge_kit import schema
+from edge_kit.errors import AgentError
+from edge_kit.fleet.commands import FleetClient
+from edge_kit.fleet.inventory import Broker
+from edge_kit.sim.broker import MosquittoBroker
+
+pytestmark = pytest.mark.integration
+
+
+def client_for(broker, **kw) -> FleetClient:
+    return FleetClient(Broker(host=broker.host, port=broker.port, **kw), FLEET)
+
+
+def test_bench_round_trip_host_to_agent_and_back(agents, mosquitto, monitor):
+    agent = agents("dev1")
+    assert monitor.wait_for(online("dev1"), 30), agent.log.read_text() if agent.log.exists() else "no log"
+    birth = [m for m in monitor.messages["status"] if m["device"] == "dev1"][-1]
+    assert birth["current"]["variant"] == "int8" and birth["simulated"] is True
+    with client_for(mosquitto) as client:
+        ack = client.request("dev1", "bench", {"variant": "dynamic-int8", "min_runs": 20}, timeout=60)
+    rec = ack["record"]
+    assert rec["schema"] == "edgekit.bench/1" and rec["device"] == "dev1" and rec["fleet"] == FLEET
+    assert rec["variant"] == "dynamic-int8" and rec["sha256"] == agent.sha["dynamic-int8"]
+    assert rec["cmd_id"] == ack["cmd_id"] and rec["runs"] >= 20 and rec["simulated"] is True
+    assert rec["accuracy"]["samples"] == 360 and rec["accuracy"]["value"] > 0.85
+    assert rec["fidelity"]["top1_agreement"] > 0.9
+    assert rec["power"]["estimated"] or rec["power"]["measured"]
+    assert rec["power"]["method"].startswith(("estimated:", "rapl", "hwmon"))
+    assert ack["result"]["latency_p90_ms"] == rec["latency_ms"]["p90"]
+
+
+def test_unknown_variant_is_an_error_ack_naming_what_is_installed(agents, mosquitto, monitor):
+    agents("dev1")
+    assert monitor.wait_for(online("dev1"), 30)
+    with client_for(mosquitto) as client, pytest.raises(AgentError, match="variant 'fp16' is not installed.*int8"):
+        client.request("dev1", "bench", {"variant": "fp16"}, timeout=30)
+
+
+def test_records_survive_a_broker_outage_and_an_agent_restart_exactly_once(agents, mosquitto, monitor):
+    agent = agents("dev1")
+    assert monitor.wait_for(online("dev1"), 30)
+    with client_for(mosquitto) as client:
+        sent = [client.send("dev1", "bench", {"min_runs": 10, "min_seconds": 1.0}) for _ in range(3)]
+        time.sleep(0.3)  # the agent has the commands; their benchmarks take a second each
+    mosquitto.stop()
+    assert wait_until(lambda: spool_count(agent.root, "bench") == 3, 30), "benchmarks did not complete offline"
+    assert agent.stop() == 0  # graceful stop with records still spooled
+    agent.start()  # restarts offline: replays the spool once the broker is back
+    time.sleep(1.0)
+    mosquitto.start()
+    assert monitor.wait_for(lambda m: len([r for r in m["bench"] if r["device"] == "dev1"]) >= 3, 60)
+    time.sleep(0.5)  # room for any duplicate to arrive
+    records = [r for r in monitor.messages["bench"] if r["device"] == "dev1"]
+    assert sorted(r["cmd_id"] for r in records) == sorted(sent)  # each exactly once after dedup by msg_id
+    assert [r["seq"] for r in sorted(records, key=lambda r: r["seq"])] == [1, 2, 3]  # no gap
+    assert monitor.wait_for(lambda m: {a["cmd_id"] for a in m["cmd/ack"]} >= set(sent), 30)
+    assert wait_until(lambda: spool_count(agent.root, "bench") == 0, 10)  # released on PUBACK
+
+
+def test_a_corrupt_or_broken_model_is_refused_and_the_old_one_keeps_serving(agents, mosquitto, monitor, tmp_path):
+    agent = agents("dev1")
+    store = agent.store
+    # a truncated copy under the sha256 of the real file: the sha check catches it
+    good = agent.sha["fp32"]
+    truncated = store.models / ("f" * 64)
+    truncated.mkdir()
+    (truncated / "model.tflite").write_bytes(store.model_path(good).read_bytes()[:1000])
+    (truncated / "meta.json").write_text(json.dumps({"sha256": "f" * 64, "variant": "fp32", "model": "digits"}))
+    # a file that hashes right but is not a model: the smoke inference in the child catches it
+    junk = tmp_path / "junk.tflite"
+    junk.write_bytes(b"TFL3" + bytes(5000))
+    broken = store.install(junk, variant="broken", model="digits").sha256
+    assert monitor.wait_for(online("dev1"), 30)
+    with client_for(mosquitto) as client:
+        with pytest.raises(AgentError, match="corrupt or truncated"):
+            client.request("dev1", "activate", {"sha256": "f" * 64}, timeout=30)
+        with pytest.raises(AgentError, match="smoke inference"):
+            client.request("dev1", "activate", {"variant": "broken"}, timeout=60)
+        assert store.current() == agent.sha["int8"] and store.previous() is None
+        rec = client.request("dev1", "bench", {}, timeout=60)["record"]
+        assert rec["variant"] == "int8" and rec["sha256"] == agent.sha["int8"]
+        done = client.request("dev1", "activate", {"variant": "fp32"}, timeout=60)["result"]
+        assert done["changed"] and store.current() == good and store.previous() == agent.sha["int8"]
+        client.request("dev1", "rollback", timeout=30)
+        assert store.current() == agent.sha["int8"]
+        state = client.request("dev1", "state", timeout=30)["result"]
+    assert state["current"]["variant"] == "int8" and state["previous"]["variant"] == "fp32"
+    assert {m["sha256"] for m in state["installed"]} >= {broken, *agent.sha.values()}
+    assert monitor.wait_for(lambda m: m["status"][-1]["current"]["variant"] == "int8", 10)
+
+
+def _fuzz_payloads(n: int, rng: random.Random) -> list[bytes]:
+    def envelope(**over):
+        msg = {"schema": "edgekit.cmd/1", "device": "dev1", "fleet": FLEET, "seq": 1, "ts": 1.0,
+               "msg_id": uuid.uuid4().hex, "command": "state", "args": {}}
+        msg.update(over)
+        return msg
+
+    junk_values = [None, True, -1, 2 ** 70, 1e308, "x" * 300, [], {}, [1, {"a": None}], "\u0000\ud7ff"]
+    makers = [
+        lambda: rng.randbytes(rng.randint(0, 200)),
+        lambda: json.dumps(rng.choice(junk_values)).encode(),
+        lambda: b"{" * rng.randint(1, 5000),
+        lambda: json.dumps(envelope(device="other")).encode(),
+        lambda: json.dumps(envelope(fleet="elsewhere")).encode(),
+        lambda: json.dumps(envelope(command=rng.choice(["reboot", "", "BENCH", None, 7]))).encode(),
+        lambda: json.dumps(envelope(command="bench", args={"min_runs": rng.choice(junk_values)})).encode(),
+        lambda: json.dumps(envelope(command="bench", args={rng.choice(["threads", "warmup"]): 0.5})).encode(),
+        lambda: json.dumps(envelope(command="bench", args={"variant": "nope", "oops": 1})).encode(),
+        lambda: json.dumps(envelope(command="activate", args=rng.choice([{}, {"sha256": 5}, [], "x"]))).encode(),
+        lambda: json.dumps(envelope(command="activate", args={"sha256": "0" * 64})).encode(),
+        lambda: json.dumps(envelope(**{rng.choice(["seq", "ts", "msg_id", "schema", "device"]): rng.choice(junk_values)})).encode(),
+        lambda: json.dumps({k: v for k, v in envelope().items() if k != rng.choice(["seq", "ts", "msg_id"])}).encode(),
+        lambda: json.dumps(envelope(schema="edgekit.bench/1")).encode(),
+        lambda: json.dumps(envelope(command="rollback")).encode(),
+        lambda: json.dumps(envelope()).encode(),
+        lambda: b'{"pad": "' + b"a" * 70_000 + b'"}',
+        lambda: json.dumps(envelope()).encode()[: rng.randint(1, 60)],
+    ]
+    return [rng.choice(makers)() for _ in range(n)]
+
+
+def test_fuzzed_commands_are_each_answered_and_the_agent_stays_up(agents, mosquitto, monitor):
+    agent = agents("dev1")
+    assert monitor.wait_for(online("dev1"), 30)
+    payloads = _fuzz_payloads(1000, random.Random(20261128))
+    sender = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="fuzzer")
+    sender.connect(mosquitto.host, mosquitto.port)
+    sender.loop_start()
+    for p in payloads:
+        sender.publish(schema.topic(FLEET, "dev1", "cmd"), p, qos=1).wait_for_publish(5)
+    sender.disconnect()
+    sender.loop_stop()
+    assert monitor.wait_for(lambda m: len(m["cmd/ack"]) >= 1000, 90), f"only {len(monitor.messages['cmd/ack'])} acks"
+    acks = monitor.messages["cmd/ack"]
+    assert len(acks) == 1000 and agent.alive()
+    errors = [a for a in acks if not a["ok"]]
+    assert all(a["error"] for a in errors) and any("another" in a["error"] or "reached" in a["error"] for a in errors)
+    assert any("over the 65536-byte limit" in a["error"] for a in errors)
+    with client_for(mosquitto) as client:  # still answers real work
+        assert client.request("dev1", "bench", {"min_runs": 5}, timeout=60)["record"]["runs"] >= 5
+
+
+def test_username_password_acl_and_tls_from_config(tmp_path, digits_artifacts):
+    tls = make_tls(tmp_path / "tls")
+    acl = f"user dev1\ntopic readwrite edgekit/v1/{FLEET}/dev1/#\nuser ops\ntopic readwrite edgekit/v1/{FLEET}/#\n"
+    broker = MosquittoBroker(tmp_path / "broker", users={"dev1": "s3cret-dev", "ops": "s3cret-ops"}, acl=acl, tls=tls).start()
+    try:
+        (tmp_path / "dev.pass").write_text("s3cret-dev\n")
+        (tmp_path / "ops.pass").write_text("s3cret-ops\n")
+        agent = AgentProcess(tmp_path, "dev1", broker, digits_artifacts,
+                             broker={"username": "dev1", "password_file": str(tmp_path / "dev.pass"),
+                                     "tls": {"ca": str(tls.ca)}}).start()
+        watcher = mqtt.Client(CallbackAPIVersion.VERSION2)
+        watcher.username_pw_set("ops", "s3cret-ops")
+        watcher.tls_set(ca_certs=str(tls.ca))
+        births = []
+        watcher.on_message = lambda _c, _u, m: births.append(json.loads(m.payload))
+        watcher.connect(broker.host, broker.port)
+        watcher.subscribe(schema.topic(FLEET, "dev1", "status"), qos=1)
+        watcher.loop_start()
+        try:
+            assert wait_until(lambda: births and births[-1]["state"] == "online", 30), agent.log.read_text()
+            ops = Broker(host=broker.host, port=broker.port, username="ops", password_file=tmp_path / "ops.pass",
+                         tls={"ca": tls.ca})
+            with FleetClient(ops, FLEET, "s3cret-ops") as client:
+                rec = client.request("dev1", "bench", {"min_runs": 5}, timeout=60)["record"]
+            assert rec["device"] == "dev1"
+            wrong = Broker(host=broker.host, port=broker.port, username="ops", tls={"ca": tls.ca})
+            with pytest.raises(AgentError, match="did not accept the connection"):
+                with FleetClient(wrong, FLEET, "wrong"):
+                    pass
+            plain = Broker(host=broker.host, port=broker.port, username="ops")  # TLS port, no TLS
+            with pytest.raises(AgentError, match="did not accept|cannot reach"):
+                with FleetClient(plain, FLEET, "s3cret-ops"):
+                    pass
+        finally:
+            watcher.loop_stop()
+            agent.stop()
+    finally:
+        broker.stop()
+
+
+def test_edgekit_bench_cli_prints_the_record_and_names_a_silent_device(agents, mosquitto, monitor, run_cli, tmp_path):
+    agents("dev1", telemetry_interval_s=0.5)
+    assert monitor.wait_for(online("dev1"), 30)
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text(f"fleet: {FLEET}\nbroker: {{host: 127.0.0.1, port: {mosquitto.port}}}\n"
+                     "defaults: {user: edgekit, profile: rpi4}\n"
+                     "devices:\n  - {name: dev1, host: 127.0.0.1}\n  - {name: dev2, host: 127.0.0.1}\n")
+    code, out, err = run_cli("bench", "--fleet", fleet, "--device", "dev1", "--variant", "fp32", "--min-runs", "10", "--json")
+    assert code == 0, err
+    rec = json.loads(out)
+    assert rec["variant"] == "fp32" and rec["runs"] >= 10 and rec["device"] == "dev1"
+    code, out, err = run_cli("bench", "--fleet", fleet, "--device", "dev1", "--min-runs", "10")
+    assert code == 0 and "latency p50/p90/p99" in out and "simulated" in out and "estimated" in out, out
+    code, out, err = run_cli("bench", "--fleet", fleet, "--device", "dev2", "--timeout", "2")
+    assert code == 5 and err.strip() == (f"edgekit: error: dev2: no answer to 'bench' within 2 s; is its agent running "
+                                         f"and connected to 127.0.0.1:{mosquitto.port}?")
+    # telemetry flows on its own, numbered, with the spool's state
+    assert monitor.wait_for(lambda m: len(m["telemetry"]) >= 2, 10)
+    tel = monitor.messages["telemetry"]
+    assert [t["seq"] for t in tel[:2]] == [1, 2] and tel[0]["spool"]["dropped_telemetry"] == 0
+    assert tel[0]["current"]["variant"] == "int8" and "load_1m" in tel[0]["conditions"]
+
+
+def test_a_stopped_agent_leaves_an_offline_status_and_a_killed_one_its_last_will(agents, mosquitto, monitor):
+    agent = agents("dev1", broker={"keepalive": 1})
+    assert monitor.wait_for(online("dev1"), 30)
+    agent.stop()
+    assert monitor.wait_for(lambda m: m["status"][-1]["state"] == "offline", 10)
+    agent.start()
+    assert monitor.wait_for(online("dev1"), 30)
+    agent.proc.kill()  # no goodbye: the broker publishes the will after the keepalive lapses
+    assert monitor.wait_for(lambda m: m["status"][-1]["state"] == "offline", 15)

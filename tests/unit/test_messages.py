@@ -1,0 +1,71 @@
+"""Topics, envelopes and command checking shared by host and agent."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from device_agents.commands import CommandError, parse_command
+from edge_kit import schema
+
+
+def cmd_bytes(**over) -> bytes:
+    msg = schema.command("f1", "d1", "bench", {"variant": "int8"})
+    msg.update(over)
+    return json.dumps(msg).encode()
+
+
+def test_topics_are_built_and_parsed_in_one_place():
+    t = schema.topic("f1", "d1", "cmd/ack")
+    assert t == "edgekit/v1/f1/d1/cmd/ack" and schema.parse_topic(t) == ("f1", "d1", "cmd/ack")
+    assert schema.subscription("f1", "bench") == "edgekit/v1/f1/+/bench"
+    assert schema.subscription("f1", "bench", share="mon") == "$share/mon/edgekit/v1/f1/+/bench"
+    with pytest.raises(schema.MessageError):
+        schema.parse_topic("edgekit/v1/f1/d1/nope")
+    with pytest.raises(ValueError, match="must be 1-64 letters"):
+        schema.check_name("a/b", "device")
+
+
+def test_envelope_round_trip_and_unique_ids():
+    a = schema.envelope("bench", "f1", "d1", 7, {"variant": "int8"})
+    b = schema.envelope("bench", "f1", "d1", 8, {})
+    assert a["msg_id"] != b["msg_id"] and a["schema"] == "edgekit.bench/1" and a["seq"] == 7
+    assert schema.decode(schema.encode(a), "bench") == a
+    with pytest.raises(schema.MessageError, match="does not belong on 'status'"):
+        schema.decode(schema.encode(a), "status")
+
+
+@pytest.mark.parametrize("payload, message", [
+    (b"\xff\xfe", "not UTF-8 JSON"),
+    (b"[1, 2]", "JSON list, expected an object"),
+    (b"{" * 100_000, "over the 65536-byte limit"),
+    (b"[" * 10_000 + b"]" * 10_000, "not UTF-8 JSON"),
+    (json.dumps({"schema": "edgekit.cmd/1"}).encode(), "field 'device' is missing"),
+    (cmd_bytes(seq="1"), "field 'seq' has type str"),
+    (cmd_bytes(seq=True), "field 'seq' has type bool"),
+])
+def test_malformed_payloads_are_refused_with_the_reason(payload, message):
+    with pytest.raises(CommandError, match=message):
+        parse_command(payload, "f1", "d1")
+
+
+@pytest.mark.parametrize("over, message", [
+    ({"device": "d2"}, "for f1/d2 reached f1/d1"),
+    ({"command": "reboot"}, "unknown command 'reboot'"),
+    ({"args": []}, "args must be an object"),
+    ({"args": {"variant": 3}}, "'variant' must be str"),
+    ({"args": {"min_runs": 0}}, "between 1 and 1000000"),
+    ({"args": {"min_runs": 2.5}}, "'min_runs' must be int"),
+    ({"args": {"bogus": 1}}, "unknown argument 'bogus'"),
+    ({"command": "activate", "args": {}}, "give 'variant' or 'sha256'"),
+])
+def test_commands_are_checked_before_they_run(over, message):
+    with pytest.raises(CommandError, match=message) as info:
+        parse_command(cmd_bytes(**over), "f1", "d1")
+    assert info.value.cmd_id  # the error ack can name the command
+
+
+def test_a_good_command_parses():
+    cmd = parse_command(cmd_bytes(args={"variant": "int8", "min_seconds": 0.5}), "f1", "d1")
+    assert cmd.name == "bench" and cmd.args == {"variant": "int8", "min_seconds": 0.5}

@@ -1,0 +1,124 @@
+"""Power sensor plugins read from fake sysfs trees and a fake vcgencmd."""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+
+import pytest
+
+from device_agents.power import EstimateMeter, SensorEnv, SensorMeter, find_sensor, power_meter
+from device_agents.power.sensors import Ina3221, Pi5Pmic, Rapl
+
+PMIC_OUTPUT = """\
+   3V7_WL_SW_A current(0)=0.00000000A
+   3V3_SYS_A current(1)=0.06051600A
+   VDD_CORE_A current(7)=1.20000000A
+   3V7_WL_SW_V volt(8)=3.69840000V
+   3V3_SYS_V volt(9)=3.31120000V
+   VDD_CORE_V volt(15)=0.80000000V
+   EXT5V_V volt(24)=5.13000000V
+"""
+
+
+def write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def jetson_tree(root, with_label=True):
+    hw = root / "sys/bus/i2c/drivers/ina3221/1-0040/hwmon/hwmon3"
+    for n, (label, mv, ma) in enumerate([("VDD_IN", 5000, 1200), ("VDD_CPU_GPU_CV", 5000, 400)], start=1):
+        if with_label:
+            write(hw / f"in{n}_label", label + "\n")
+        write(hw / f"in{n}_input", f"{mv}\n")
+        write(hw / f"curr{n}_input", f"{ma}\n")
+    return hw
+
+
+def test_ina3221_prefers_the_module_input_rail(tmp_path):
+    jetson_tree(tmp_path)
+    sensor = find_sensor(["ina3221"], SensorEnv(tmp_path))
+    assert isinstance(sensor, Ina3221) and "VDD_IN" in sensor.description
+    assert sensor.read() == pytest.approx(6.0)  # 5 V x 1.2 A
+
+
+def test_ina3221_without_labels_sums_the_channels(tmp_path):
+    jetson_tree(tmp_path, with_label=False)
+    assert find_sensor(["ina3221"], SensorEnv(tmp_path)).read() == pytest.approx(8.0)
+
+
+def test_pi5_pmic_sums_rails_with_both_current_and_voltage(tmp_path):
+    watts = Pi5Pmic.parse(PMIC_OUTPUT)
+    assert watts == pytest.approx(0.060516 * 3.3112 + 1.2 * 0.8)
+    fake = tmp_path / "vcgencmd"
+    fake.write_text(f"#!/bin/sh\n[ \"$1\" = pmic_read_adc ] || exit 1\ncat <<'OUT'\n{PMIC_OUTPUT}OUT\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    sensor = find_sensor(["pi5-pmic"], SensorEnv(tmp_path, str(fake)))
+    assert sensor is not None and sensor.read() == pytest.approx(watts)
+
+
+def test_pi5_pmic_is_skipped_when_vcgencmd_is_missing_or_says_nothing(tmp_path):
+    assert find_sensor(["pi5-pmic"], SensorEnv(tmp_path, str(tmp_path / "absent"))) is None
+    fake = tmp_path / "vcgencmd"
+    fake.write_text("#!/bin/sh\necho 'error=1 error_msg=\"Command not registered\"'\n")
+    fake.chmod(0o755)
+    assert find_sensor(["pi5-pmic"], SensorEnv(tmp_path, str(fake))) is None
+
+
+def test_ina219_is_found_by_hwmon_name_and_reads_microwatts(tmp_path):
+    write(tmp_path / "sys/class/hwmon/hwmon0/name", "cpu_thermal\n")
+    write(tmp_path / "sys/class/hwmon/hwmon1/name", "ina219\n")
+    write(tmp_path / "sys/class/hwmon/hwmon1/power1_input", "2450000\n")
+    sensor = find_sensor(["ina219"], SensorEnv(tmp_path))
+    assert sensor.key == "ina219" and sensor.read() == pytest.approx(2.45)
+
+
+def test_rapl_turns_the_energy_counter_into_joules_across_a_wrap(tmp_path):
+    zone = tmp_path / "sys/class/powercap/intel-rapl:0"
+    write(zone / "energy_uj", "999000000\n")
+    write(zone / "max_energy_range_uj", "1000000000\n")
+    write(tmp_path / "sys/class/powercap/intel-rapl:0:0/energy_uj", "5\n")  # a sub-zone: not summed
+    sensor = find_sensor(["rapl"], SensorEnv(tmp_path))
+    assert isinstance(sensor, Rapl) and sensor.kind == "energy"
+    assert sensor.read() == 0.0
+    write(zone / "energy_uj", "2000000\n")  # wrapped: 1 J to the top, then 2 J
+    assert sensor.read() == pytest.approx(3.0)
+
+
+def test_first_sensor_that_answers_wins_in_the_configured_order(tmp_path):
+    jetson_tree(tmp_path)
+    write(tmp_path / "sys/class/hwmon/hwmon1/name", "ina219\n")
+    write(tmp_path / "sys/class/hwmon/hwmon1/power1_input", "1000000\n")
+    assert find_sensor(["ina219", "ina3221"], SensorEnv(tmp_path)).key == "ina219"
+    assert find_sensor(["rapl", "ina3221"], SensorEnv(tmp_path)).key == "ina3221"
+    with pytest.raises(ValueError, match="unknown power sensor 'ina3220'"):
+        find_sensor(["ina3220"], SensorEnv(tmp_path))
+
+
+def test_sampled_meter_averages_and_gives_energy_per_inference(tmp_path):
+    write(tmp_path / "sys/class/hwmon/hwmon0/power1_input", "4000000\n")
+    meter = power_meter(["hwmon"], SensorEnv(tmp_path))
+    assert isinstance(meter, SensorMeter)
+    meter.interval_s = 0.01
+    meter.start()
+    time.sleep(0.1)
+    rec = meter.stop(runs=10)
+    assert rec["measured"] and not rec["estimated"] and rec["sensor"] == "hwmon"
+    assert rec["avg_w"] == pytest.approx(4.0) and rec["samples"] >= 3
+    assert rec["energy_per_inference_mj"] == pytest.approx(4.0 * rec["seconds"] / 10 * 1000, rel=0.05)
+
+
+def test_without_a_sensor_the_estimate_is_labelled_with_its_model(tmp_path):
+    meter = power_meter(["hwmon", "rapl"], SensorEnv(tmp_path), idle_w=2.0, busy_w=6.0, cores=1, profile="rpi4")
+    assert isinstance(meter, EstimateMeter)
+    meter.start()
+    end = time.process_time() + 0.1
+    while time.process_time() < end:  # keep one core busy
+        pass
+    rec = meter.stop(runs=100)
+    assert rec["estimated"] and not rec["measured"] and rec["sensor"] is None
+    assert rec["method"].startswith("estimated: idle_w + (busy_w - idle_w) x CPU use, profile rpi4")
+    assert 2.0 < rec["avg_w"] <= 6.0 and rec["cpu_use"] > 0.5
+    assert power_meter(["hwmon"], SensorEnv(tmp_path)) is None  # no sensor, no figures: nothing to estimate from

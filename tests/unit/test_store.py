@@ -1,0 +1,81 @@
+"""The device model store: checked installs, atomic switches, refusals that change nothing."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pytest
+
+from device_agents.store import ModelStore, StoreError
+
+
+@pytest.fixture
+def store(tmp_path):
+    return ModelStore(tmp_path / "root")
+
+
+def model_file(tmp_path, content: bytes, name="m.tflite"):
+    path = tmp_path / name
+    path.write_bytes(content)
+    return path, hashlib.sha256(content).hexdigest()
+
+
+def test_install_names_the_folder_by_sha256_and_is_idempotent(store, tmp_path):
+    path, sha = model_file(tmp_path, b"model-a")
+    first = store.install(path, variant="int8", model="m", expect_sha256=sha)
+    assert first.fresh and first.sha256 == sha and store.model_path(sha).read_bytes() == b"model-a"
+    again = store.install(path, variant="int8", model="m")
+    assert not again.fresh
+    assert [m["variant"] for m in store.installed()] == ["int8"]
+    assert not [p for p in store.models.iterdir() if p.name.startswith(".")]  # no staging left over
+
+
+def test_install_refuses_a_file_that_does_not_match_its_manifest(store, tmp_path):
+    path, _ = model_file(tmp_path, b"truncated")
+    with pytest.raises(StoreError, match="corrupt or truncated upload"):
+        store.install(path, variant="int8", model="m", expect_sha256="0" * 64)
+    assert store.installed() == []
+
+
+def test_verify_catches_a_model_changed_after_install(store, tmp_path):
+    path, sha = model_file(tmp_path, b"model-a")
+    store.install(path, variant="int8", model="m")
+    store.model_path(sha).write_bytes(b"model-b")
+    with pytest.raises(StoreError, match="corrupt or truncated"):
+        store.verify(sha)
+
+
+def test_a_model_failing_its_smoke_inference_never_becomes_current(store, tmp_path):
+    path, sha = model_file(tmp_path, b"not a flatbuffer at all")
+    store.install(path, variant="junk", model="m")
+    with pytest.raises(StoreError, match="failed its smoke inference"):
+        store.activate(sha)
+    assert store.current() is None and not (store.root / "current").exists()
+
+
+def test_rollback_needs_a_previous_model_and_resolve_names_what_is_there(store, tmp_path):
+    with pytest.raises(StoreError, match="no previous model"):
+        store.rollback()
+    with pytest.raises(StoreError, match="no model is active"):
+        store.resolve()
+    path, sha = model_file(tmp_path, b"model-a")
+    store.install(path, variant="int8", model="m")
+    with pytest.raises(StoreError, match=r"variant 'fp16' is not installed on this device \(installed: int8\)"):
+        store.resolve(variant="fp16")
+    assert store.resolve(variant="int8") == sha
+
+
+def test_switching_links_is_atomic_and_keeps_previous(store, tmp_path):
+    a_path, a = model_file(tmp_path, b"a", "a.tflite")
+    b_path, b = model_file(tmp_path, b"b", "b.tflite")
+    store.install(a_path, variant="fp32", model="m")
+    store.install(b_path, variant="int8", model="m")
+    store._point("current", a)
+    store._point("previous", None)
+    store._point("previous", a)
+    store._point("current", b)
+    assert os.readlink(store.root / "current") == f"models/{b}"
+    assert store.rollback() == {"current": a, "previous": b}
+    with pytest.raises(StoreError, match="in use"):
+        store.remove(a)
