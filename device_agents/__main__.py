@@ -7,6 +7,7 @@
     edgekit-agent rollback [--root R]
     edgekit-agent state [--root R]
     edgekit-agent unit --config agent.yaml [--user U]   # a systemd unit for the service
+    edgekit-agent supervise --config agent.yaml --pidfile P   # the service where there is no systemd
 
 ``install``, ``activate``, ``rollback`` and ``state`` work on the model store (see
 :mod:`device_agents.store`) and print JSON; the deploy tool runs them over SSH. Errors print one
@@ -40,7 +41,7 @@ def _print_table(model: Path, r: dict) -> None:
         ("latency p50 / p90 / p99", f"{lat['p50']:.3f} / {lat['p90']:.3f} / {lat['p99']:.3f} ms"),
         ("latency mean ± std", f"{lat['mean']:.3f} ± {lat['std']:.3f} ms (min {lat['min']:.3f}, max {lat['max']:.3f})"),
         ("init / first inference", f"{r['init_ms']:.1f} / {r['first_inference_ms']:.2f} ms"),
-        ("peak RSS", f"{r['peak_rss_mb']} MB (whole process, getrusage)"),
+        ("peak RSS", f"{r['peak_rss_mb']} MB ({r['peak_rss_method']})"),
     ]
     if r["accuracy"]:
         rows.append(("top-1 accuracy", f"{100 * r['accuracy']['value']:.2f} % on {r['accuracy']['samples']} samples"))
@@ -94,6 +95,10 @@ def main(argv: list[str] | None = None) -> None:
     a.add_argument("--variant")
     a.add_argument("--runtime", choices=sorted(RUNTIMES))
     a.add_argument("--delegate", default="xnnpack")
+    sv = sub.add_parser("supervise", help="keep the service running where there is no systemd")
+    sv.add_argument("--config", type=Path, required=True)
+    sv.add_argument("--pidfile", type=Path, required=True)
+    sv.add_argument("--log-file", type=Path)
     u = sub.add_parser("unit", help="print a systemd unit that runs this agent as a service")
     u.add_argument("--config", type=Path, required=True)
     u.add_argument("--user", help="run as this user (default: root)")
@@ -104,6 +109,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.command == "run":
         _run(args)
+    elif args.command == "supervise":
+        from device_agents.supervise import supervise
+
+        sys.exit(supervise(args.config, args.pidfile, args.log_file))
     elif args.command == "unit":
         from device_agents.unit import render_unit
 

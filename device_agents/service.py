@@ -54,6 +54,7 @@ class Agent:
         self._seen: deque[str] = deque(maxlen=1000)  # command ids already taken (QoS 1 may redeliver)
         self._stop = threading.Event()
         self._status_seq = 0
+        self._announced: str | None = None  # the current model as the last status said
         self.started = time.time()
         p = cfg.power
         self._meter_args = dict(keys=p.sensors, env=SensorEnv(p.sys_root, p.vcgencmd), idle_w=p.idle_w,
@@ -78,6 +79,7 @@ class Agent:
 
     def _status(self, state: str) -> dict[str, Any]:
         self._status_seq += 1
+        self._announced = self.store.current()
         runtimes = {k: (cls.unavailable_reason() or "available") for k, cls in RUNTIMES.items()}
         return schema.envelope("status", self.cfg.fleet, self.cfg.device, self._status_seq, {
             "state": state, "agent_version": device_agents.__version__, "profile": self.cfg.profile,
@@ -150,6 +152,8 @@ class Agent:
             self.ack(cmd.msg_id, cmd.name, False, error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
         else:
             self.ack(cmd.msg_id, cmd.name, True, result=result)
+        if self.store.current() != self._announced:  # switched by the command, or over SSH meanwhile
+            self._publish_status()
 
     def _cmd_bench(self, cmd: Command) -> dict[str, Any]:
         a = cmd.args
@@ -163,7 +167,8 @@ class Agent:
             measured["power"] = not_measured(self.cfg.power.sensors)
         meta = self.store.describe(sha) or {}
         record = self.emit("bench", {
-            "variant": meta.get("variant"), "sha256": sha, "model": meta.get("model"), "profile": self.cfg.profile,
+            "variant": meta.get("variant"), "sha256": sha, "model": meta.get("model"), "model_bytes": meta.get("bytes"),
+            "profile": self.cfg.profile,
             "cmd_id": cmd.msg_id, "simulated": self.cfg.simulated, **measured})
         assert record is not None  # bench records are never dropped
         lat = measured["latency_ms"]
@@ -173,13 +178,10 @@ class Agent:
     def _cmd_activate(self, cmd: Command) -> dict[str, Any]:
         sha = self.store.resolve(sha256=cmd.args.get("sha256"), variant=cmd.args.get("variant"))
         result = self.store.activate(sha, runtime=self.cfg.bench.runtime, delegate=self.cfg.bench.delegate)
-        self._publish_status()
         return {**result, "model": self._model_ref(sha)}
 
     def _cmd_rollback(self, _cmd: Command) -> dict[str, Any]:
-        result = self.store.rollback()
-        self._publish_status()
-        return result
+        return self.store.rollback()
 
     def _cmd_state(self, _cmd: Command) -> dict[str, Any]:
         return {"current": self._model_ref(self.store.current()), "previous": self._model_ref(self.store.previous()),

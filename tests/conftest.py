@@ -51,3 +51,17 @@ def digits_artifacts(digits_files, tmp_path_factory):
     out = tmp_path_factory.mktemp("artifacts")
     compile_model(CompileRequest(digits_files.model, [profile], out, calib=digits_files.calib, eval=digits_files.eval))
     return out / "digits"
+
+
+@pytest.fixture(scope="session")
+def digits_artifacts_v2(tmp_path_factory):
+    """A second, differently trained digits model: new sha256s to deploy over the first."""
+    from edge_kit.compiler.pipeline import CompileRequest, compile_model
+    from edge_kit.examples import digits
+    from edge_kit.profiles import load_profile
+
+    files = digits(tmp_path_factory.mktemp("digits-v2"), epochs=2, seed=1)
+    profile = load_profile("rpi4").model_copy(update={"variants": ["fp32", "dynamic-int8", "int8"]})
+    out = tmp_path_factory.mktemp("artifacts-v2")
+    compile_model(CompileRequest(files.model, [profile], out, calib=files.calib, eval=files.eval))
+    return out / "digits"

@@ -43,6 +43,7 @@ class FleetClient:
         self._cond = threading.Condition()
         self.acks: dict[str, dict[str, Any]] = {}
         self.records: dict[str, dict[str, Any]] = {}
+        self.status: dict[str, list[tuple[float, dict[str, Any]]]] = {}  # device -> (received, message)
         self._connected = threading.Event()
         self._refused: str | None = None
         self.client.on_connect = self._on_connect
@@ -53,7 +54,7 @@ class FleetClient:
             self._refused = str(reason)
             self._connected.set()
             return
-        client.subscribe([(schema.subscription(self.fleet, "cmd/ack"), 1), (schema.subscription(self.fleet, "bench"), 1)])
+        client.subscribe([(schema.subscription(self.fleet, kind), 1) for kind in ("cmd/ack", "bench", "status")])
         client.on_subscribe = lambda *_: self._connected.set()
 
     def _on_message(self, _c: Any, _u: Any, message: Any) -> None:
@@ -67,6 +68,8 @@ class FleetClient:
                 self.acks[msg["cmd_id"]] = msg
             elif kind == "bench":
                 self.records[msg["msg_id"]] = msg
+            elif kind == "status":
+                self.status.setdefault(msg["device"], []).append((time.time(), msg))
             self._cond.notify_all()
 
     def __enter__(self) -> FleetClient:
@@ -108,6 +111,20 @@ class FleetClient:
         with self._cond:
             self._cond.wait_for(lambda: msg_id in self.records, timeout)
             return self.records.get(msg_id)
+
+    def statuses(self) -> list[dict[str, Any]]:
+        """Return every status message received so far, oldest first."""
+        with self._cond:
+            return [m for msgs in self.status.values() for _, m in msgs]
+
+    def wait_online(self, device: str, since: float, timeout: float) -> dict[str, Any] | None:
+        """Return the first ``online`` status of ``device`` received after ``since`` (host clock), or None."""
+        def fresh() -> dict[str, Any] | None:
+            return next((m for t, m in self.status.get(device, []) if t >= since and m.get("state") == "online"), None)
+
+        with self._cond:
+            self._cond.wait_for(lambda: fresh() is not None, timeout)
+            return fresh()
 
     def request(self, device: str, name: str, args: dict[str, Any] | None = None, timeout: float = 60.0) -> dict[str, Any]:
         """Send a command and return its successful ack (for ``bench``, with the record as ``record``).

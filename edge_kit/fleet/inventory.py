@@ -10,7 +10,8 @@ Example::
       - {name: pi-01, host: 10.0.0.21, tags: [pi, line-1]}
       - {name: coral-01, host: 10.0.0.31, profile: coral-usb, tags: [coral]}
 
-Passwords are never written in the file: SSH uses keys, MQTT a ``password_file``. ``defaults``
+SSH host keys are checked against ``known_hosts`` (default ``~/.ssh/known_hosts``). Passwords
+are never written in the file: SSH uses keys, MQTT a ``password_file``. ``defaults``
 fills any device key a device leaves out. Each device may carry ``constraints`` overriding its
 profile's, and ``agent_broker`` (username and password file the agent on that device uses).
 """
@@ -61,6 +62,8 @@ class DeviceDefaults(StrictModel):
     key: Path | None = None
     profile: str | None = None
     root: str = "~/.edgekit"
+    python: str = "python3"
+    simulated: bool = False
 
 
 class Device(StrictModel):
@@ -72,6 +75,8 @@ class Device(StrictModel):
     profile: str
     tags: list[str] = Field(default_factory=list)
     root: str = "~/.edgekit"
+    python: str = "python3"  # the interpreter on the device that has numpy, paho-mqtt, PyYAML and LiteRT
+    simulated: bool = False  # a virtual device of `edgekit sim`: its agent marks every record
     constraints: Constraints | None = None
     agent_broker: Broker | None = None  # what the agent on this device connects with; default: the fleet's
 
@@ -87,6 +92,7 @@ class Device(StrictModel):
 class Fleet(StrictModel):
     fleet: str = Field(pattern=_NAME)
     broker: Broker = Broker()
+    known_hosts: Path = Path("~/.ssh/known_hosts")  # SSH host keys the deploy checks against
     defaults: DeviceDefaults = DeviceDefaults()
     devices: list[Device] = Field(min_length=1)
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge_kit.errors import EdgeKitError
+from edge_kit.sim.process import stop_process
 
 START_TIMEOUT_S = 10.0
 
@@ -106,7 +107,8 @@ class MosquittoBroker:
             EdgeKitError: it exited or did not listen within the timeout (the log's last line says why).
         """
         conf = self._config()
-        self.proc = subprocess.Popen([self.exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        with open(self.workdir / "mosquitto.out", "ab") as out:
+            self.proc = subprocess.Popen([self.exe, "-c", str(conf)], stdout=out, stderr=out, start_new_session=True)
         if not wait_port(self.host, self.port, START_TIMEOUT_S):
             self.stop()
             tail = self.log.read_text().strip().splitlines()[-1:] if self.log.exists() else []
@@ -115,15 +117,7 @@ class MosquittoBroker:
 
     def stop(self) -> None:
         """Stop the broker (SIGTERM, so it writes its persistence file); no-op when stopped."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc is not None and self.proc.stderr:
-            self.proc.stderr.close()
+        stop_process(self.proc)
         self.proc = None
 
     def restart(self) -> None:

@@ -37,3 +37,20 @@ def monitor(mosquitto):
     mon = Monitor(mosquitto.host, mosquitto.port)
     yield mon
     mon.close()
+
+
+@pytest.fixture
+def sim(tmp_path):
+    """Factory: a simulated fleet of rpi4 devices (real sshd, broker and agents); torn down after."""
+    from edge_kit.sim.fleet import SimFleet
+
+    fleets: list[SimFleet] = []
+
+    def up(count: int, profiles: tuple[str, ...] = ("rpi4",)):
+        fleet_dir = SimFleet(tmp_path / f"sim{len(fleets)}")
+        fleets.append(fleet_dir)
+        return fleet_dir, fleet_dir.up(count, list(profiles))
+
+    yield up
+    for f in fleets:
+        f.down()

@@ -19,6 +19,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from device_agents.store import ModelStore
 from edge_kit import schema
 from edge_kit.sim.broker import MosquittoBroker
+from edge_kit.sim.process import stop_process
 
 FLEET = "testfleet"
 
@@ -106,13 +107,7 @@ class AgentProcess:
     def stop(self) -> int | None:
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, timeout=15)
         code = self.proc.returncode
         self.proc.stderr.close()
         self.proc = None
@@ -182,3 +177,57 @@ def make_tls(folder: Path):
     (folder / "server.key").write_bytes(srv_key.private_bytes(pem, serialization.PrivateFormat.TraditionalOpenSSL,
                                                                serialization.NoEncryption()))
     return BrokerTls(folder / "ca.pem", folder / "server.pem", folder / "server.key")
+
+
+class CuttingProxy:
+    """A loopback TCP proxy that can cut a connection after ``cut_after`` bytes from the client."""
+
+    def __init__(self, target_port: int, cut_after: int | None = None):
+        import socket
+
+        self.target_port = target_port
+        self.cut_after = cut_after
+        self.cuts = 0
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self._stop = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+
+        while not self._stop.is_set():
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            budget = [self.cut_after]
+
+            def pump(src, dst, count: bool) -> None:
+                try:
+                    while True:
+                        data = src.recv(65536)
+                        if not data:
+                            break
+                        if count and budget[0] is not None:
+                            budget[0] -= len(data)
+                            if budget[0] < 0:
+                                self.cuts += 1
+                                break
+                        dst.sendall(data)
+                except OSError:
+                    pass
+                for s in (src, dst):
+                    try:
+                        s.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+                    s.close()
+
+            threading.Thread(target=pump, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=pump, args=(upstream, client, False), daemon=True).start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self.server.close()

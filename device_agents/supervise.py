@@ -1,0 +1,57 @@
+"""A plain supervisor for devices without systemd: keeps ``edgekit-agent run`` alive.
+
+``python -m device_agents supervise --config agent.yaml --pidfile agent.pid [--log-file agent.log]``
+restarts the agent when it exits unexpectedly (back-off 1 s doubling to 30 s, reset after a minute
+of uptime) and stops it with SIGTERM, so it can say offline and keep its spool, when the
+supervisor itself gets SIGTERM.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def supervise(config: Path, pidfile: Path, log_file: Path | None = None) -> int:
+    """Run the agent until SIGTERM/SIGINT; return the exit code for the supervisor process."""
+    stopping = False
+    child: subprocess.Popen | None = None
+
+    def stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+        if child is not None and child.poll() is None:
+            child.terminate()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    tmp = pidfile.with_suffix(".tmp")
+    tmp.write_text(f"{os.getpid()}\n")
+    os.replace(tmp, pidfile)
+    argv = [sys.executable, "-m", "device_agents", "run", "--config", str(config)]
+    if log_file:
+        argv += ["--log-file", str(log_file)]
+    delay = 1.0
+    try:
+        while not stopping:
+            started = time.monotonic()
+            child = subprocess.Popen(argv)
+            code = child.wait()
+            if stopping:
+                break
+            if code == 2:  # a config error: restarting cannot help
+                return 2
+            delay = 1.0 if time.monotonic() - started > 60 else min(delay * 2, 30.0)
+            deadline = time.monotonic() + delay
+            while not stopping and time.monotonic() < deadline:
+                time.sleep(0.1)
+    finally:
+        if child is not None and child.poll() is None:
+            child.terminate()
+            child.wait(timeout=30)
+        pidfile.unlink(missing_ok=True)
+    return 0

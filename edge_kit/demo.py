@@ -1,0 +1,90 @@
+"""`edgekit demo`: the whole loop on a simulated fleet, with nothing configured.
+
+Builds the digits example (a small CNN trained on scikit-learn's bundled digits), compiles it for
+three profiles, starts a broker (Mosquitto, or the embedded one) and a simulated fleet (sshd and
+the real agent per device), then runs `edgekit tune` on it: deploy, measure every variant on every
+device, select under each profile's constraints, activate, verify. Everything lives in one folder
+that is removed afterwards unless asked to keep it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edge_kit.compiler.pipeline import CompileRequest, compile_model
+from edge_kit.examples import digits
+from edge_kit.profiles import load_profile
+from edge_kit.selection.tune import TuneOptions, TuneReport, tune
+from edge_kit.sim.fleet import SimFleet
+from edge_kit.telemetry.store import Store
+
+STEPS = ("building the example model", "compiling", "starting the simulated fleet", "tuning", "cleaning up")
+DEMO_BENCH = {"min_runs": 100, "min_seconds": 0.5}
+
+
+@dataclass
+class DemoResult:
+    workdir: Path
+    kept: bool
+    report: TuneReport
+    rows: list[dict[str, Any]]  # one per device: what it runs now and what that measured
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"workdir": str(self.workdir), "kept": self.kept, "devices": self.rows, "tune": self.report.as_dict()}
+
+
+def run_demo(devices: int = 3, profiles: tuple[str, ...] = ("rpi4", "rpi5", "coral-usb"), workdir: Path | None = None,
+             keep: bool = False, embedded_broker: bool | None = None,
+             progress: Callable[[str], None] | None = None) -> DemoResult:
+    """Run the loop once; return each device's final variant with its measurement.
+
+    Raises:
+        EdgeKitError: a step failed (everything started is stopped; the folder is kept to inspect).
+    """
+    step = progress or (lambda _m: None)
+    for p in profiles:
+        load_profile(p)
+    own = workdir is None
+    folder = Path(tempfile.mkdtemp(prefix="edgekit-demo-")) if own else Path(workdir)
+    folder.mkdir(parents=True, exist_ok=True)
+    sim = SimFleet(folder / "sim")
+    ok = False
+    try:
+        step(STEPS[0])
+        files = digits(folder / "example", epochs=15)
+        step(STEPS[1])
+        compile_model(CompileRequest(files.model, [load_profile(p) for p in profiles], folder / "artifacts",
+                                     calib=files.calib, eval=files.eval, train=files.train, epochs=2))
+        artifacts = folder / "artifacts" / "digits"
+        step(STEPS[2])
+        fleet = sim.up(devices, list(profiles), embedded_broker=embedded_broker)
+        step(STEPS[3])
+        store = Store(folder / "history.db")
+        report = tune(fleet, fleet.devices, TuneOptions(artifacts, bench=dict(DEMO_BENCH), timeout=180), store,
+                      progress=lambda m: step(f"{STEPS[3]}: {m}"))
+        latest = store.latest_bench()
+        rows = []
+        for dev in fleet.devices:
+            d = report.final.get(dev.name)
+            rec = latest.get((dev.name, d.chosen_sha256)) if d and d.chosen_sha256 else None
+            rows.append({"device": dev.name, "profile": dev.profile, "variant": d.chosen if d else None,
+                         "feasible": d.feasible if d else None, "violates": d.violates if d else [],
+                         "reason": d.reason if d else "no decision (see the tune report)",
+                         "p90_ms": rec["latency_ms"]["p90"] if rec else None,
+                         "accuracy": (rec.get("accuracy") or {}).get("value") if rec else None,
+                         "energy_mj": rec["power"].get("energy_per_inference_mj") if rec else None,
+                         "power_method": rec["power"]["method"] if rec else None,
+                         "simulated": rec.get("simulated") if rec else None})
+        store.close()
+        ok = True
+        return DemoResult(folder, keep or not own, report, rows)
+    finally:
+        step(STEPS[4])
+        sim.down()
+        if own and ok and not keep:
+            shutil.rmtree(folder, ignore_errors=True)

@@ -1,0 +1,227 @@
+"""Put the agent itself on a device: its code, its config, and a service that keeps it running.
+
+The code goes as one tarball of ``device_agents`` plus ``edge_kit/schema.py`` (all the agent
+imports from the host package), built reproducibly so its sha256 says whether a device is current.
+It is unpacked into ``<root>/agent`` by a stdlib-only script (the device may not have the agent
+yet) and swapped in with a rename. The device's Python must already have numpy, PyYAML, paho-mqtt
+and a LiteRT interpreter: nothing installs itself; a missing module is reported with the command
+that installs it.
+
+The service is a systemd unit where systemd runs and the deploy user is root, else the agent's
+own supervisor (``device_agents supervise``) started detached with a pid file.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import io
+import tarfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+import device_agents
+import edge_kit
+from device_agents.unit import render_unit
+from edge_kit.errors import DeployError
+from edge_kit.fleet.inventory import Broker, Device, Fleet
+from edge_kit.fleet.ssh import DeviceShell
+from edge_kit.profiles import load_profile
+
+STOP_TIMEOUT_S = 30.0
+
+_INSTALL_BUNDLE = r"""
+import hashlib, os, shutil, sys, tarfile
+archive, sha, root = sys.argv[1], sys.argv[2], os.path.expanduser(sys.argv[3])
+with open(archive, "rb") as f:
+    if hashlib.sha256(f.read()).hexdigest() != sha:
+        sys.exit("agent bundle: sha256 mismatch (corrupt or truncated upload); deploy again")
+new = os.path.join(root, "agent.new-%d" % os.getpid())
+shutil.rmtree(new, ignore_errors=True)
+with tarfile.open(archive) as t:
+    try:
+        t.extractall(new, filter="data")
+    except TypeError:  # Python without extraction filters; the archive is our own
+        t.extractall(new)
+with open(os.path.join(new, "BUNDLE"), "w") as f:
+    f.write(sha + "\n")
+live, old = os.path.join(root, "agent"), os.path.join(root, "agent.old-%d" % os.getpid())
+if os.path.exists(live):
+    os.rename(live, old)
+os.rename(new, live)
+shutil.rmtree(old, ignore_errors=True)
+os.remove(archive)
+"""
+
+_CHECK_DEPENDENCIES = r"""
+import importlib.util, sys
+missing = [m for m in ("numpy", "yaml", "paho.mqtt") if importlib.util.find_spec(m.split(".")[0]) is None]
+if importlib.util.find_spec("ai_edge_litert") is None and importlib.util.find_spec("tflite_runtime") is None:
+    missing.append("ai_edge_litert or tflite_runtime")
+if missing:
+    sys.exit("the device's Python (%s) lacks %s; install: %s -m pip install numpy pyyaml paho-mqtt ai-edge-litert"
+             % (sys.executable, ", ".join(missing), sys.executable))
+"""
+
+
+@functools.cache
+def agent_bundle() -> tuple[bytes, str]:
+    """Return the agent tarball and its sha256 (same bytes for the same code)."""
+    files = sorted(p for p in Path(device_agents.__file__).parent.rglob("*.py"))
+    pkg_root = Path(device_agents.__file__).parent.parent
+    host_root = Path(edge_kit.__file__).parent
+    members = [(p, str(p.relative_to(pkg_root))) for p in files]
+    members += [(host_root / "__init__.py", "edge_kit/__init__.py"), (host_root / "schema.py", "edge_kit/schema.py")]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for path, name in members:
+            data = path.read_bytes()
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            tar.addfile(info, io.BytesIO(data))
+    data = gzip.compress(buf.getvalue(), mtime=0)
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def agent_config(fleet: Fleet, dev: Device) -> tuple[str, bytes | None]:
+    """Return the device's ``agent.yaml`` text and the broker password to ship beside it (or None)."""
+    profile = load_profile(dev.profile)
+    broker: Broker = dev.agent_broker or fleet.broker
+    root = dev.root.rstrip("/")  # as written in the fleet file; the agent expands ~
+    password = broker.password(f"fleet file, device {dev.name}")
+    delegate = profile.runtime.delegate
+    if dev.simulated and delegate in ("edgetpu", "gpu"):
+        delegate = "xnnpack"  # a virtual device has no accelerator; its records say delegate xnnpack, simulated
+    cfg = {
+        "device": dev.name, "fleet": fleet.fleet, "profile": profile.name, "root": root,
+        "broker": {"host": broker.host, "port": broker.port},
+        "bench": {"threads": profile.runtime.threads, "delegate": delegate,
+                  "runtime": "litert" if profile.runtime.engine == "litert" else "tflite-runtime"},
+        "power": {"sensors": list(profile.power.sensors), "idle_w": profile.power.idle_w,
+                  "busy_w": profile.power.busy_w, "cores": profile.hardware.cores},
+        "simulated": dev.simulated,
+    }
+    if broker.username:
+        cfg["broker"]["username"] = broker.username
+    if password is not None:
+        cfg["broker"]["password_file"] = f"{root}/mqtt.pass"
+    if broker.tls is not None:
+        cfg["broker"]["tls"] = {k: str(v) for k, v in broker.tls.model_dump().items() if v is not None}
+    header = f"# written by edgekit deploy for {dev.name}; edits are replaced on the next deploy\n"
+    return header + yaml.safe_dump(cfg, sort_keys=False), (password.encode() + b"\n") if password is not None else None
+
+
+@dataclass
+class AgentState:
+    """What ensuring the agent did on one device."""
+
+    changed: list[str]
+    restarted_at: float | None  # host clock, when the service was (re)started
+
+
+def ensure_agent(shell: DeviceShell, fleet: Fleet, restart: bool = False) -> AgentState:
+    """Make the device run the current agent code with its current config.
+
+    Returns:
+        What changed and, when the service was (re)started, when.
+
+    Raises:
+        DeployError: the device's Python lacks a dependency (with the pip command), an upload or a
+            remote step failed.
+    """
+    dev = shell.dev
+    root = shell.root
+    changed: list[str] = []
+    shell.run([dev.python, "-c", _CHECK_DEPENDENCIES])
+    data, sha = agent_bundle()
+    remote_sha = (shell.read(f"{root}/agent/BUNDLE") or b"").decode().strip()
+    if remote_sha != sha:
+        part = shell.put(data, f"{root}/incoming/agent-{sha[:12]}.tar.gz", rename=False)
+        shell.run([dev.python, "-c", _INSTALL_BUNDLE, part, sha, root])
+        changed.append(f"agent {edge_kit.__version__} ({sha[:12]})")
+    text, password = agent_config(fleet, dev)
+    if password is not None and shell.read(f"{root}/mqtt.pass") != password:
+        shell.put(password, f"{root}/mqtt.pass", mode=0o600)
+        changed.append("broker password")
+    if shell.read(f"{root}/agent.yaml") != text.encode():
+        shell.put(text.encode(), f"{root}/agent.yaml", mode=0o600)
+        changed.append("agent.yaml")
+    systemd = dev.user == "root" and _has_systemd(shell)
+    running = _is_running(shell, root, systemd)
+    if running and not changed and not restart:
+        return AgentState(changed, None)
+    started = time.time()
+    if systemd:
+        _systemd_start(shell, root)
+    else:
+        if running:
+            _stop_supervisor(shell, root)
+        shell.run([dev.python, "-m", "device_agents", "supervise", "--config", f"{root}/agent.yaml",
+                   "--pidfile", f"{root}/agent.pid", "--log-file", f"{root}/agent.log"],
+                  env={"PYTHONPATH": f"{root}/agent"}, background=True)
+    changed.append("service restarted" if running else "service started")
+    return AgentState(changed, started)
+
+
+def stop_agent(shell: DeviceShell) -> None:
+    """Stop the agent service on the device (no-op when it is not running)."""
+    root = shell.root
+    if shell.dev.user == "root" and _has_systemd(shell):
+        shell.run(["systemctl", "stop", "edgekit-agent"])
+    elif _is_running(shell, root, False):
+        _stop_supervisor(shell, root)
+
+
+def _has_systemd(shell: DeviceShell) -> bool:
+    try:
+        shell.run(["test", "-d", "/run/systemd/system"])
+    except DeployError:
+        return False
+    return True
+
+
+def _pid(shell: DeviceShell, root: str) -> str | None:
+    raw = (shell.read(f"{root}/agent.pid") or b"").decode().strip()
+    return raw if raw.isdigit() else None
+
+
+def _is_running(shell: DeviceShell, root: str, systemd: bool) -> bool:
+    try:
+        if systemd:
+            shell.run(["systemctl", "is-active", "--quiet", "edgekit-agent"])
+        else:
+            pid = _pid(shell, root)
+            if pid is None:
+                return False
+            shell.run(["kill", "-0", pid])
+    except DeployError:
+        return False
+    return True
+
+
+def _stop_supervisor(shell: DeviceShell, root: str) -> None:
+    pid = _pid(shell, root)
+    if pid is None:
+        return
+    script = (f"kill -TERM {pid} 2>/dev/null; for i in $(seq {int(STOP_TIMEOUT_S * 10)}); do "
+              f"kill -0 {pid} 2>/dev/null || exit 0; sleep 0.1; done; exit 1")
+    try:
+        shell.run(["sh", "-c", script], timeout=STOP_TIMEOUT_S + 5)
+    except DeployError:
+        raise DeployError(f"{shell.dev.name}: the agent (pid {pid}) did not stop within {STOP_TIMEOUT_S:.0f} s") from None
+
+
+def _systemd_start(shell: DeviceShell, root: str) -> None:
+    dev = shell.dev
+    unit = render_unit(Path(root) / "agent.yaml", python=dev.python).replace(
+        "Environment=PYTHONUNBUFFERED=1", f"Environment=PYTHONUNBUFFERED=1 PYTHONPATH={root}/agent")
+    shell.put(unit.encode(), "/etc/systemd/system/edgekit-agent.service")
+    for argv in (["systemctl", "daemon-reload"], ["systemctl", "enable", "edgekit-agent"],
+                 ["systemctl", "restart", "edgekit-agent"]):
+        shell.run(argv)
+
+

@@ -1,0 +1,280 @@
+"""`edgekit deploy`: push the agent and a compiled model's variants to devices, activate, check health.
+
+Per device, over one SSH connection (Fabric) with its host key verified:
+
+1. make sure the agent code, its config and its service are current (:mod:`edge_kit.fleet.agent_install`);
+2. upload every variant the device's profile asks for that it does not hold yet, with the eval set,
+   each as ``*.part``; the agent's ``install`` checks the sha256 against the manifest and renames it
+   into ``models/<sha256>/``;
+3. activate the target variant through the agent's safe path (child-process smoke inference, atomic
+   symlink switch; ``previous`` kept);
+4. when anything changed, wait for the agent's health over MQTT: an ``online`` status after a restart
+   and a fresh benchmark of the current model. A device that does not answer in time is rolled back
+   to ``previous`` and reported failed.
+
+Devices run in parallel (``parallel`` at a time); one device's failure never stops the others.
+With ``canary``, that share of the devices goes first and the rest only follows when at most
+``max_failed`` of them failed health or broke their constraints; otherwise the canaries are rolled
+back and the rest is left alone.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from edge_kit.errors import DeployError, EdgeKitError
+from edge_kit.fleet.agent_install import ensure_agent
+from edge_kit.fleet.commands import FleetClient
+from edge_kit.fleet.inventory import Device, Fleet
+from edge_kit.fleet.ssh import DeviceShell
+from edge_kit.manifest import Artifact, Manifest, read_manifest
+from edge_kit.profiles import load_profile
+from edge_kit.selection.constraints import Measured, describe, effective_constraints, violations
+
+Status = Literal["succeeded", "skipped", "failed"]
+HEALTH_BENCH = {"min_runs": 20, "min_seconds": 0.0, "warmup": 2}
+
+
+@dataclass
+class DeviceResult:
+    """The outcome on one device; ``reason`` says why it failed or was skipped."""
+
+    device: str
+    status: Status
+    reason: str | None = None
+    actions: list[str] = field(default_factory=list)
+    variant: str | None = None  # active after the deploy
+    sha256: str | None = None
+    seconds: float = 0.0
+    health: dict[str, Any] | None = None  # the health benchmark's record
+
+    @property
+    def ok(self) -> bool:
+        return self.status != "failed"
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return the result as plain data (for ``--json``)."""
+        return asdict(self)
+
+
+@dataclass
+class GroupResult:
+    """Per-device results of one deploy, in fleet order (as Fabric's GroupResult)."""
+
+    results: list[DeviceResult]
+    stopped: str | None = None  # why a canary rollout stopped
+
+    @property
+    def succeeded(self) -> list[DeviceResult]:
+        return [r for r in self.results if r.status == "succeeded"]
+
+    @property
+    def skipped(self) -> list[DeviceResult]:
+        return [r for r in self.results if r.status == "skipped"]
+
+    @property
+    def failed(self) -> list[DeviceResult]:
+        return [r for r in self.results if r.status == "failed"]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"stopped": self.stopped, "devices": [r.as_dict() for r in self.results],
+                "counts": {s: len([r for r in self.results if r.status == s]) for s in ("succeeded", "skipped", "failed")}}
+
+
+@dataclass
+class DeployOptions:
+    artifacts: Path
+    variant: str | None = None  # None: keep the current variant if it is one of these artifacts, else the profile's first
+    variants: dict[str, str] = field(default_factory=dict)  # per-device choice (tune), over `variant`
+    parallel: int = 8
+    canary: float | None = None  # share of devices (0-1] to deploy to first
+    max_failed: float = 0.0  # share of canaries allowed to fail before the rollout stops
+    trust_new_hosts: bool = False
+    health_timeout: float = 120.0
+    health: bool = True
+    health_bench: dict[str, Any] = field(default_factory=lambda: dict(HEALTH_BENCH))
+
+
+def candidates_for(manifest: Manifest, dev: Device) -> list[Artifact]:
+    """Return the built artifacts meant for the device's profile, in the profile's order.
+
+    Raises:
+        DeployError: the artifacts were not compiled for that profile, or none of its variants was built.
+    """
+    profile = load_profile(dev.profile)
+    if dev.profile not in manifest.profiles:
+        raise DeployError(f"{dev.name}: the artifacts were not compiled for profile {dev.profile} "
+                          f"(compiled for: {', '.join(manifest.profiles)}); recompile with -p {dev.profile}")
+    built = {a.id: a for a in manifest.artifacts if a.status == "built" and dev.profile in a.profiles}
+    wanted = [built[v] for v in profile.variants if v in built]
+    if not wanted:
+        raise DeployError(f"{dev.name}: no variant for profile {dev.profile} was built; see the manifest")
+    return wanted
+
+
+class _Deployer:
+    def __init__(self, fleet: Fleet, opts: DeployOptions, client: FleetClient | None,
+                 progress: Callable[[str, str], None] | None):
+        self.fleet = fleet
+        self.opts = opts
+        self.manifest = read_manifest(opts.artifacts)
+        self.client = client
+        self.progress = progress or (lambda _d, _m: None)
+
+    def one(self, dev: Device) -> DeviceResult:
+        started = time.perf_counter()
+        result = DeviceResult(dev.name, "skipped")
+        try:
+            self._deploy(dev, result)
+        except EdgeKitError as exc:
+            result.status, result.reason = "failed", str(exc)
+        except Exception as exc:  # noqa: BLE001 - one device's surprise must not stop the others
+            result.status, result.reason = "failed", f"{dev.name}: unexpected {type(exc).__name__}: {exc}"
+        result.seconds = round(time.perf_counter() - started, 3)
+        self.progress(dev.name, result.status)
+        return result
+
+    def _deploy(self, dev: Device, result: DeviceResult) -> None:
+        wanted = candidates_for(self.manifest, dev)
+        by_id = {a.id: a for a in wanted}
+        variant = self.opts.variants.get(dev.name, self.opts.variant)
+        if variant and variant not in by_id:
+            raise DeployError(f"{dev.name}: variant {variant} was not built for profile {dev.profile} "
+                              f"(built: {', '.join(by_id)})")
+        with DeviceShell(dev, self.fleet.known_hosts, self.opts.trust_new_hosts) as shell:
+            self.progress(dev.name, "agent")
+            agent = ensure_agent(shell, self.fleet)
+            result.actions += agent.changed
+            state = shell.agent("state")
+            have = {m["sha256"] for m in state["installed"]}
+            need = sum(a.bytes or 0 for a in wanted if a.sha256 not in have) * 2  # the upload and its installed copy
+            if need > shell.free_bytes:
+                raise DeployError(f"{dev.name}: not enough space under {shell.root}: the new variants need "
+                                  f"{need / 1e6:.1f} MB, {shell.free_bytes / 1e6:.1f} MB free")
+            eval_file = self.opts.artifacts / "eval.npz"
+            eval_remote = None
+            for art in wanted:
+                if art.sha256 in have:
+                    continue
+                self.progress(dev.name, f"upload {art.id}")
+                part = shell.put(self.opts.artifacts / art.file, f"{shell.root}/incoming/{art.sha256}.tflite", rename=False)
+                if eval_remote is None and eval_file.is_file():
+                    eval_remote = shell.put(eval_file, f"{shell.root}/incoming/eval.npz")
+                args = ["install", part, "--variant", art.id, "--model-name", self.manifest.model["name"],
+                        "--sha256", art.sha256, "--move"]
+                shell.agent(*args, *(["--eval", eval_remote] if eval_remote else []))
+                result.actions.append(f"uploaded {art.id} ({art.bytes / 1e6:.1f} MB)")
+            current = (state.get("current") or {}).get("sha256")
+            target = next((a for a in wanted if a.id == variant), None) or next(
+                (a for a in wanted if a.sha256 == current), wanted[0])
+            activated = False
+            if current != target.sha256:
+                self.progress(dev.name, f"activate {target.id}")
+                shell.agent("activate", "--sha256", target.sha256)
+                activated = True
+                result.actions.append(f"activated {target.id}")
+            result.variant, result.sha256 = target.id, target.sha256
+            if not result.actions:
+                result.reason = "already current: same agent, same artifacts, same active variant"
+                return
+            result.status = "succeeded"
+            if self.opts.health and self.client is not None:
+                self.progress(dev.name, "health")
+                try:
+                    result.health = self._health(dev, agent.restarted_at, target.sha256)
+                except DeployError as exc:
+                    if activated:
+                        shell.agent("rollback")
+                        result.actions.append("rolled back")
+                        raise DeployError(f"{exc}; rolled back to the previous model") from None
+                    raise
+
+    def _health(self, dev: Device, restarted_at: float | None, sha: str) -> dict[str, Any]:
+        assert self.client is not None
+        deadline = time.monotonic() + self.opts.health_timeout
+        if restarted_at is not None and self.client.wait_online(dev.name, restarted_at, self.opts.health_timeout) is None:
+            raise DeployError(f"{dev.name}: the agent did not come online within {self.opts.health_timeout:.0f} s")
+        try:
+            record = self.client.request(dev.name, "bench", self.opts.health_bench,
+                                         timeout=max(1.0, deadline - time.monotonic()))["record"]
+        except EdgeKitError as exc:
+            raise DeployError(f"health check failed: {exc}") from None
+        if record["sha256"] != sha:
+            raise DeployError(f"{dev.name}: health check ran {record['sha256'][:12]}, not the activated {sha[:12]}")
+        return record
+
+    def breaks_constraints(self, dev: Device, result: DeviceResult) -> str | None:
+        """Return which constraints the health benchmark broke, or None."""
+        if result.health is None:
+            return None
+        profile = load_profile(dev.profile)
+        c = effective_constraints(profile.constraints, dev.constraints)
+        art = self.manifest.artifact(result.variant or "")
+        fp32 = self.manifest.artifact("fp32")
+        broken = violations(c, Measured.from_record(result.health, art.bytes if art and art.bytes else 0),
+                            fp32.accuracy.value if fp32 and fp32.accuracy else None)
+        return ", ".join(describe(k, c) for k in broken) or None
+
+
+def deploy(fleet: Fleet, devices: list[Device], opts: DeployOptions,
+           progress: Callable[[str, str], None] | None = None) -> GroupResult:
+    """Deploy to ``devices``; return one result per device (never raises for a single device).
+
+    Raises:
+        InputError: the artifact folder has no (valid) manifest.
+        AgentError: health checks are on and the fleet's broker cannot be reached.
+    """
+    client = FleetClient(fleet.broker, fleet.fleet, fleet.broker.password("fleet file")) if opts.health else None
+    if client is not None:
+        client.__enter__()
+    try:
+        deployer = _Deployer(fleet, opts, client, progress)
+        order = {d.name: i for i, d in enumerate(devices)}
+
+        def run(batch: list[Device]) -> list[DeviceResult]:
+            with ThreadPoolExecutor(max_workers=max(1, min(opts.parallel, len(batch)))) as pool:
+                return list(pool.map(deployer.one, batch))
+
+        if not opts.canary:
+            return GroupResult(run(devices))
+        n = max(1, math.ceil(len(devices) * opts.canary))
+        canaries, rest = devices[:n], devices[n:]
+        first = run(canaries)
+        for r in first:
+            broken = deployer.breaks_constraints(next(d for d in canaries if d.name == r.device), r) if r.ok else None
+            if broken:
+                r.status, r.reason = "failed", f"{r.device}: canary breaks its constraints ({broken})"
+        bad = [r for r in first if r.status == "failed"]
+        if len(bad) / len(first) > opts.max_failed:
+            why = (f"{len(bad)} of {len(first)} canaries failed (more than {opts.max_failed:.0%}); "
+                   "the canaries were rolled back and the other devices left as they were")
+            switched = {r.device for r in first if any(a.startswith("activated") for a in r.actions)
+                        and "rolled back" not in r.actions}
+            _roll_back(fleet, [d for d in canaries if d.name in switched], opts, first)
+            skipped = [DeviceResult(d.name, "skipped", reason="rollout stopped after the canaries") for d in rest]
+            return GroupResult(sorted(first + skipped, key=lambda r: order[r.device]), stopped=why)
+        return GroupResult(sorted(first + run(rest), key=lambda r: order[r.device]))
+    finally:
+        if client is not None:
+            client.close()
+
+
+def _roll_back(fleet: Fleet, devices: list[Device], opts: DeployOptions, results: list[DeviceResult]) -> None:
+    """Put canaries that were switched back on their previous model (best effort, noted per device)."""
+    by_name = {r.device: r for r in results}
+    for dev in devices:
+        r = by_name[dev.name]
+        try:
+            with DeviceShell(dev, fleet.known_hosts, opts.trust_new_hosts) as shell:
+                shell.agent("rollback")
+            r.actions.append("rolled back")
+            if r.status == "succeeded":
+                r.status, r.reason = "failed", "rolled back: the canary rollout stopped"
+        except EdgeKitError as exc:
+            r.reason = f"{r.reason or ''}; rollback failed: {exc}".lstrip("; ")

@@ -1,0 +1,202 @@
+"""SSH to one device with Fabric: verified host keys, remote agent commands, checked uploads.
+
+Fabric's ``Connection`` accepts unknown host keys by default; here the client loads only the fleet's
+``known_hosts`` and refuses a key it does not hold, unless ``trust_new`` is set, in which case the
+key is recorded there (trust on first use, as ``ssh -o StrictHostKeyChecking=accept-new``). A key
+that differs from the recorded one is always refused.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import threading
+from pathlib import Path
+from typing import Any
+
+import paramiko
+from fabric import Connection
+from invoke.exceptions import CommandTimedOut
+
+from edge_kit.errors import DeployError
+from edge_kit.fleet.inventory import Device
+
+CONNECT_TIMEOUT_S = 10
+COMMAND_TIMEOUT_S = 300
+_known_hosts_lock = threading.Lock()
+
+
+_ROOT_AND_FREE = """
+import os, shutil, sys
+root = os.path.expanduser(sys.argv[1])
+probe = root
+while not os.path.exists(probe):
+    probe = os.path.dirname(probe)
+print(root, shutil.disk_usage(probe).free)
+"""
+
+
+class HostKeyError(DeployError):
+    """The device's SSH host key is unknown or has changed."""
+
+
+class _RecordNewKey(paramiko.MissingHostKeyPolicy):
+    """Accept a host key seen for the first time and append it to ``known_hosts``."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
+        with _known_hosts_lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
+        client.get_host_keys().add(hostname, key.get_name(), key)
+
+
+class DeviceShell:
+    """An open SSH connection to one device. Use as a context manager.
+
+    Raises (on enter):
+        HostKeyError: the host key is not in known_hosts (and ``trust_new`` is off) or has changed.
+        DeployError: unreachable host, refused key, timeout.
+    """
+
+    def __init__(self, dev: Device, known_hosts: Path, trust_new: bool = False):
+        self.dev = dev
+        self.known_hosts = Path(known_hosts).expanduser()
+        self.trust_new = trust_new
+        kwargs: dict[str, Any] = {"allow_agent": dev.key is None, "look_for_keys": dev.key is None,
+                                  "banner_timeout": CONNECT_TIMEOUT_S, "auth_timeout": CONNECT_TIMEOUT_S}
+        if dev.key is not None:
+            kwargs["key_filename"] = str(dev.key.expanduser())
+        self.conn = Connection(dev.host, user=dev.user, port=dev.port, connect_timeout=CONNECT_TIMEOUT_S,
+                               connect_kwargs=kwargs)
+        client = paramiko.SSHClient()
+        with _known_hosts_lock:
+            if self.known_hosts.exists():
+                client.load_host_keys(str(self.known_hosts))
+        client.set_missing_host_key_policy(_RecordNewKey(self.known_hosts) if trust_new else paramiko.RejectPolicy())
+        self.conn.client = client
+
+    def __enter__(self) -> DeviceShell:
+        where = f"{self.dev.name} ({self.dev.user}@{self.dev.host}:{self.dev.port})"
+        try:
+            self.conn.open()
+        except paramiko.BadHostKeyException:
+            raise HostKeyError(f"{where}: host key differs from the one in {self.known_hosts}; refusing "
+                               f"(if the device was reinstalled: ssh-keygen -f {self.known_hosts} -R '[{self.dev.host}]:{self.dev.port}')") from None
+        except paramiko.SSHException as exc:
+            if "not found in known_hosts" in str(exc):
+                raise HostKeyError(f"{where}: host key is not in {self.known_hosts}; check it and add it "
+                                   "(ssh-keyscan), or rerun with --trust-new-hosts to record it") from None
+            raise DeployError(f"{where}: SSH failed: {exc}") from None
+        except OSError as exc:
+            raise DeployError(f"{where}: unreachable ({exc.strerror or exc})") from None
+        # one absolute root for SFTP and commands alike (the fleet file may say ~/.edgekit), and its free space
+        root, free = self.run([self.dev.python, "-c", _ROOT_AND_FREE, self.dev.root]).split()
+        self.root, self.free_bytes = root.rstrip("/"), int(free)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.conn.close()
+
+    def run(self, argv: list[str], *, env: dict[str, str] | None = None, timeout: float = COMMAND_TIMEOUT_S,
+            background: bool = False) -> str:
+        """Run an argv list on the device (quoted for its shell) and return stdout.
+
+        ``background`` detaches it (``setsid nohup ... &``) and returns at once.
+
+        Raises:
+            DeployError: non-zero exit (with the last line of stderr), a timeout or a lost connection.
+        """
+        if env:
+            argv = ["env", *(f"{k}={v}" for k, v in env.items()), *argv]
+        command = shlex.join(argv)
+        if background:
+            command = f"setsid nohup {command} >/dev/null 2>&1 < /dev/null &"
+        try:
+            result = self.conn.run(command, hide=True, warn=True, timeout=timeout, in_stream=False)
+        except CommandTimedOut:
+            raise DeployError(f"{self.dev.name}: `{argv[-1] if argv else ''}` took longer than {timeout:.0f} s") from None
+        except (OSError, paramiko.SSHException, EOFError) as exc:
+            raise DeployError(f"{self.dev.name}: SSH connection lost ({exc})") from None
+        if result.exited != 0:
+            lines = [ln for ln in result.stderr.splitlines() if ln.strip() and not ln.startswith("INFO:")]
+            raise DeployError(f"{self.dev.name}: {lines[-1] if lines else f'exit code {result.exited}'}")
+        return result.stdout
+
+    def agent(self, *args: str, timeout: float = COMMAND_TIMEOUT_S) -> dict[str, Any]:
+        """Run ``python -m device_agents ARGS --root ROOT`` from the deployed agent; return its JSON.
+
+        Raises:
+            DeployError: the agent command failed (its one-line error is the reason).
+        """
+        root = self.root
+        out = self.run([self.dev.python, "-m", "device_agents", *args, "--root", root],
+                       env={"PYTHONPATH": f"{root}/agent"}, timeout=timeout)
+        try:
+            return json.loads(out)
+        except ValueError:
+            raise DeployError(f"{self.dev.name}: unexpected output from the agent: {out.strip()[:200]}") from None
+
+    def put(self, local: Path | bytes, remote: str, mode: int = 0o644, *, rename: bool = True) -> str:
+        """Upload a file (or bytes) to ``remote``, creating its folder; lands as ``.part`` then renamed.
+
+        ``rename`` False leaves it as ``.part`` (for a step that checks it and moves it itself).
+
+        Returns:
+            Where the file is on the device.
+
+        Raises:
+            DeployError: the transfer failed (disk full, connection lost); the ``.part`` is removed
+                where the connection still allows.
+        """
+        import io
+
+        target = remote
+        part = target + ".part"
+        try:
+            sftp = self.conn.sftp()
+            self._makedirs(sftp, target.rsplit("/", 1)[0] if "/" in target else ".")
+            if isinstance(local, bytes):
+                sftp.putfo(io.BytesIO(local), part)
+            else:
+                sftp.put(str(local), part)
+            sftp.chmod(part, mode)
+            if rename:
+                sftp.posix_rename(part, target)
+        except (OSError, paramiko.SSHException, EOFError) as exc:
+            sizes = re.search(r"size mismatch.*?(\d+) != (\d+)", str(exc))
+            if sizes:  # paramiko's check after the transfer: the server kept fewer bytes than were sent
+                exc = OSError(f"the device stored only {sizes[1]} of {sizes[2]} bytes; is its disk full?")
+            elif str(exc) == "Failure":  # SFTP v3 reports a failed write (ENOSPC among others) only as this
+                exc = OSError("the device could not write the file (SFTP 'Failure'); is its disk full?")
+            try:
+                self.conn.sftp().remove(part)
+            except (OSError, paramiko.SSHException, EOFError):
+                pass
+            raise DeployError(f"{self.dev.name}: upload of {Path(remote).name} failed ({exc or type(exc).__name__})") from None
+        return target if rename else part
+
+    def read(self, remote: str) -> bytes | None:
+        """Return a remote file's content, or None when it does not exist."""
+        try:
+            with self.conn.sftp().open(remote, "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+        except (OSError, paramiko.SSHException, EOFError) as exc:
+            raise DeployError(f"{self.dev.name}: cannot read {remote} ({exc})") from None
+
+    @staticmethod
+    def _makedirs(sftp: paramiko.SFTPClient, folder: str) -> None:
+        parts = [p for p in folder.split("/") if p]
+        path = "/" if folder.startswith("/") else ""
+        for part in parts:
+            path = f"{path}{part}" if path in ("", "/") else f"{path}/{part}"
+            try:
+                sftp.stat(path)
+            except FileNotFoundError:
+                sftp.mkdir(path)

@@ -1,0 +1,70 @@
+"""A device's service level, and how a measurement breaks it.
+
+The profile's ``constraints`` apply unless the fleet file overrides them per device. Each bound is
+optional. ``min_accuracy_ratio`` compares on-device top-1 accuracy with the fp32 variant's accuracy
+on the same shipped eval set (measured on the device when it has been, else the manifest's host
+figure).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from edge_kit.profiles import Constraints
+
+
+def effective_constraints(profile_constraints: Constraints, override: Constraints | None) -> Constraints:
+    """Return the profile's constraints with every bound the override sets replaced."""
+    if override is None:
+        return profile_constraints
+    return profile_constraints.model_copy(update=override.model_dump(exclude_unset=True))
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What selection needs of one variant on one device."""
+
+    variant: str
+    p90_ms: float
+    avg_w: float | None
+    energy_mj: float | None
+    power_source: str  # sensor name, "estimated" or "not measured"
+    accuracy: float | None
+    model_mb: float
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any], model_bytes: int) -> Measured:
+        """Return the selection view of an ``edgekit.bench/1`` record."""
+        power = record.get("power") or {}
+        acc = record.get("accuracy") or {}
+        source = power.get("sensor") or ("estimated" if power.get("estimated") else "not measured")
+        return cls(variant=record["variant"], p90_ms=record["latency_ms"]["p90"], avg_w=power.get("avg_w"),
+                   energy_mj=power.get("energy_per_inference_mj"), power_source=source, accuracy=acc.get("value"),
+                   model_mb=model_bytes / 1e6)
+
+
+def violations(c: Constraints, m: Measured, fp32_accuracy: float | None) -> dict[str, float]:
+    """Return how far ``m`` breaks each bound it breaks, as a share of the bound (0.1 = 10 % over).
+
+    An accuracy bound is not judged without both accuracies; a power bound not without a figure.
+    """
+    out: dict[str, float] = {}
+    if c.max_latency_p90_ms is not None and m.p90_ms > c.max_latency_p90_ms:
+        out["max_latency_p90_ms"] = m.p90_ms / c.max_latency_p90_ms - 1
+    if c.max_power_w is not None and m.avg_w is not None and m.avg_w > c.max_power_w:
+        out["max_power_w"] = m.avg_w / c.max_power_w - 1
+    if c.max_model_mb is not None and m.model_mb > c.max_model_mb:
+        out["max_model_mb"] = m.model_mb / c.max_model_mb - 1
+    if c.min_accuracy_ratio is not None and m.accuracy is not None and fp32_accuracy:
+        ratio = m.accuracy / fp32_accuracy
+        if ratio < c.min_accuracy_ratio:
+            out["min_accuracy_ratio"] = 1 - ratio / c.min_accuracy_ratio
+    return out
+
+
+def describe(name: str, c: Constraints) -> str:
+    """Return the bound of constraint ``name`` in words, e.g. ``p90 <= 50 ms``."""
+    return {"max_latency_p90_ms": f"p90 <= {c.max_latency_p90_ms} ms", "max_power_w": f"power <= {c.max_power_w} W",
+            "max_model_mb": f"model <= {c.max_model_mb} MB",
+            "min_accuracy_ratio": f"accuracy >= {c.min_accuracy_ratio} x fp32"}[name]

@@ -1,0 +1,174 @@
+"""`edgekit sim`: a fleet of virtual devices on this machine.
+
+``up`` starts an MQTT broker (Mosquitto, or the embedded one when Mosquitto is missing), one sshd
+per device on a loopback port with its own host key and root folder, writes ``fleet.yaml`` and
+``known_hosts`` for them, and starts the real agent on each through the same SSH path a deploy
+uses. The agents run the real LiteRT interpreter on this machine's CPU: every record is a real
+measurement of this machine, marked ``simulated: true``; nothing slows them down to imitate the
+profile's hardware. ``down`` stops everything ``up`` started, found through ``sim.json``.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from edge_kit.errors import EdgeKitError
+from edge_kit.fleet.agent_install import ensure_agent
+from edge_kit.fleet.commands import FleetClient
+from edge_kit.fleet.inventory import Fleet, load_fleet
+from edge_kit.fleet.ssh import DeviceShell
+from edge_kit.profiles import load_profile
+from edge_kit.sim.broker import MosquittoBroker, find_mosquitto, free_port, wait_port
+from edge_kit.sim.process import terminate_pid
+from edge_kit.sim.ssh import SshEndpoint, known_hosts_line, write_keypair
+
+STATE = "sim.json"
+FLEET_NAME = "sim"
+ONLINE_TIMEOUT_S = 60.0
+
+
+def device_names(count: int, profiles: list[str]) -> list[tuple[str, str]]:
+    """Return ``(name, profile)`` for ``count`` devices, cycling through ``profiles``."""
+    seen: dict[str, int] = {}
+    out = []
+    for i in range(count):
+        profile = profiles[i % len(profiles)]
+        seen[profile] = seen.get(profile, 0) + 1
+        out.append((f"{profile}-{seen[profile]}", profile))
+    return out
+
+
+class SimFleet:
+    """The virtual fleet living in ``workdir`` (its ``fleet.yaml`` is what the other commands take)."""
+
+    def __init__(self, workdir: Path):
+        self.workdir = Path(workdir).resolve()
+        self.state_file = self.workdir / STATE
+        self.fleet_file = self.workdir / "fleet.yaml"
+
+    def state(self) -> dict[str, Any] | None:
+        """Return what ``up`` recorded, or None when nothing is up here."""
+        try:
+            return json.loads(self.state_file.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def up(self, count: int, profiles: list[str], *, embedded_broker: bool | None = None,
+           progress: Callable[[str], None] | None = None) -> Fleet:
+        """Start the broker, ``count`` devices and their agents; return the fleet.
+
+        Raises:
+            ConfigError: an unknown profile.
+            EdgeKitError: already up here, or a service did not start (nothing is left running).
+        """
+        step = progress or (lambda _m: None)
+        if count < 1:
+            raise EdgeKitError("--devices must be at least 1")
+        for p in profiles:
+            load_profile(p)
+        if self.state() is not None:
+            raise EdgeKitError(f"a simulated fleet is already up in {self.workdir}; run `edgekit sim down --dir {self.workdir}` first")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        state: dict[str, Any] = {"broker": None, "devices": [], "fleet_file": str(self.fleet_file)}
+        try:
+            step("starting the MQTT broker")
+            state["broker"] = self._start_broker(embedded_broker)
+            self._save(state)
+            key = self.workdir / "id_ed25519"
+            public = write_keypair(key, "edge-kit-sim")
+            known = []
+            devices = []
+            for name, profile in device_names(count, profiles):
+                step(f"starting sshd for {name}")
+                folder = self.workdir / "devices" / name
+                ssh = SshEndpoint(folder / "ssh", public).start()
+                state["devices"].append({"name": name, "profile": profile, "sshd_pid": ssh.proc.pid, "port": ssh.port,
+                                         "root": str(folder / "root")})
+                self._save(state)
+                known.append(known_hosts_line(ssh.host, ssh.port, ssh.host_public))
+                devices.append({"name": name, "host": ssh.host, "port": ssh.port, "profile": profile,
+                                "root": str(folder / "root"), "tags": [profile, "sim"]})
+            (self.workdir / "known_hosts").write_text("\n".join(known) + "\n")
+            self.fleet_file.write_text(yaml.safe_dump({
+                "fleet": FLEET_NAME,
+                "broker": {"host": "127.0.0.1", "port": state["broker"]["port"]},
+                "known_hosts": str(self.workdir / "known_hosts"),
+                "defaults": {"user": getpass.getuser(), "key": str(key), "python": sys.executable, "simulated": True},
+                "devices": devices,
+            }, sort_keys=False))
+            fleet = load_fleet(self.fleet_file)
+            step("starting the agents")
+            self.start_agents(fleet)
+            return fleet
+        except BaseException:
+            self.down()
+            raise
+
+    def start_agents(self, fleet: Fleet) -> None:
+        """Deploy and start the agent on every device over SSH; wait until each is online.
+
+        Raises:
+            EdgeKitError: an agent could not be started or did not come online (names the device).
+        """
+        with FleetClient(fleet.broker, fleet.fleet) as client:
+            def one(dev: Any) -> None:
+                with DeviceShell(dev, fleet.known_hosts) as shell:
+                    started = ensure_agent(shell, fleet).restarted_at
+                if started is not None and client.wait_online(dev.name, started, ONLINE_TIMEOUT_S) is None:
+                    raise EdgeKitError(f"{dev.name}: the agent did not come online within {ONLINE_TIMEOUT_S:.0f} s; "
+                                       f"see {dev.root}/agent.log")
+
+            with ThreadPoolExecutor(max_workers=8) as pool:
+                for fut in [pool.submit(one, d) for d in fleet.devices]:
+                    fut.result()
+
+    def _start_broker(self, embedded: bool | None) -> dict[str, Any]:
+        if embedded is None:
+            embedded = find_mosquitto() is None
+        if not embedded:
+            broker = MosquittoBroker(self.workdir / "broker").start()
+            return {"kind": "mosquitto", "port": broker.port, "pid": broker.proc.pid}
+        port = free_port()
+        with open(self.workdir / "embedded-broker.log", "ab") as log:
+            proc = subprocess.Popen([sys.executable, "-W", "ignore", "-m", "edge_kit.sim.embedded_broker", "--port", str(port)],
+                                    stdout=log, stderr=log, start_new_session=True)
+        if not wait_port("127.0.0.1", port, 20):
+            terminate_pid(proc.pid)
+            raise EdgeKitError(f"the embedded MQTT broker did not start; see {self.workdir / 'embedded-broker.log'}")
+        return {"kind": "embedded (amqtt)", "port": port, "pid": proc.pid}
+
+    def _save(self, state: dict[str, Any]) -> None:
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=2))
+        os.replace(tmp, self.state_file)
+
+    def down(self) -> list[str]:
+        """Stop the agents, the sshds and the broker this fleet started; return what was stopped."""
+        state = self.state()
+        if state is None:
+            return []
+        stopped = []
+        for dev in state["devices"]:
+            pidfile = Path(dev["root"]) / "agent.pid"
+            if pidfile.exists():
+                raw = pidfile.read_text().strip()
+                terminate_pid(int(raw) if raw.isdigit() else None)
+                stopped.append(f"agent {dev['name']}")
+        for dev in state["devices"]:
+            terminate_pid(dev["sshd_pid"])
+            stopped.append(f"sshd {dev['name']}")
+        if state.get("broker"):
+            terminate_pid(state["broker"]["pid"])
+            stopped.append(f"broker ({state['broker']['kind']})")
+        self.state_file.unlink(missing_ok=True)
+        return stopped

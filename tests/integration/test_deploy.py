@@ -1,0 +1,149 @@
+"""`edgekit deploy` over real sshd to a simulated fleet with real agents and a real Mosquitto."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+from harness import CuttingProxy
+
+from device_agents.store import ModelStore
+from edge_kit.fleet.deploy import DeployOptions, deploy
+from edge_kit.fleet.inventory import load_fleet
+from edge_kit.sim.ssh import known_hosts_line, write_keypair
+
+pytestmark = pytest.mark.integration
+
+
+def current(dev) -> str | None:
+    return ModelStore(Path(dev.root)).current()
+
+
+def manifest_sha(artifacts: Path, variant: str) -> str:
+    data = json.loads((artifacts / "manifest.json").read_text())
+    return next(a["sha256"] for a in data["artifacts"] if a["id"] == variant)
+
+
+def test_deploy_to_four_devices_in_parallel_then_redeploy_skips_them_all(sim, digits_artifacts, run_cli):
+    simfleet, fleet = sim(4)
+    code, out, err = run_cli("deploy", "--fleet", simfleet.fleet_file, "--artifacts", digits_artifacts,
+                             "--variant", "int8", "--parallel", "4", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["counts"] == {"succeeded": 4, "skipped": 0, "failed": 0}
+    int8 = manifest_sha(digits_artifacts, "int8")
+    for dev, r in zip(fleet.devices, result["devices"]):
+        assert r["device"] == dev.name and r["variant"] == "int8" and current(dev) == int8
+        assert "uploaded fp32 (0.8 MB)" in r["actions"] and "activated int8" in r["actions"]
+        assert r["health"]["sha256"] == int8 and r["health"]["simulated"] is True and r["health"]["device"] == dev.name
+        assert {m["variant"] for m in ModelStore(Path(dev.root)).installed()} == {"fp32", "dynamic-int8", "int8"}
+    code, out, err = run_cli("deploy", "--fleet", simfleet.fleet_file, "--artifacts", digits_artifacts, "--json")
+    again = json.loads(out)
+    assert code == 0 and again["counts"] == {"succeeded": 0, "skipped": 4, "failed": 0}
+    assert all(r["reason"].startswith("already current") for r in again["devices"])
+    code, out, err = run_cli("deploy", "--fleet", simfleet.fleet_file, "--artifacts", digits_artifacts)
+    assert code == 0 and out.count("skipped") == 4
+
+
+def test_a_connection_cut_mid_upload_leaves_that_device_on_its_previous_model(sim, digits_artifacts,
+                                                                              digits_artifacts_v2, tmp_path):
+    simfleet, fleet = sim(3)
+    first = deploy(fleet, fleet.devices, DeployOptions(digits_artifacts, variant="int8"))
+    assert len(first.succeeded) == 3
+    victim = fleet.devices[1]
+    proxy = CuttingProxy(victim.port, cut_after=300_000)  # past the handshake, inside the first upload
+    data = yaml.safe_load(simfleet.fleet_file.read_text())
+    data["devices"][1]["port"] = proxy.port
+    host_key = (simfleet.workdir / "devices" / victim.name / "ssh" / "ssh_host_ed25519_key.pub").read_text()
+    with open(fleet.known_hosts, "a") as f:
+        f.write(known_hosts_line("127.0.0.1", proxy.port, host_key) + "\n")
+    cut_file = tmp_path / "fleet-cut.yaml"
+    cut_file.write_text(yaml.safe_dump(data))
+    cut_fleet = load_fleet(cut_file)
+    try:
+        group = deploy(cut_fleet, cut_fleet.devices, DeployOptions(digits_artifacts_v2, variant="int8"))
+        assert [r.status for r in group.results] == ["succeeded", "failed", "succeeded"]
+        assert proxy.cuts == 1 and victim.name in group.failed[0].reason
+        assert "upload" in group.failed[0].reason or "connection" in group.failed[0].reason
+        assert current(victim) == manifest_sha(digits_artifacts, "int8")  # still the previous model
+        assert ModelStore(Path(victim.root)).verify(current(victim))
+        new = manifest_sha(digits_artifacts_v2, "int8")
+        assert [current(d) for d in fleet.devices] == [new, manifest_sha(digits_artifacts, "int8"), new]
+        proxy.cut_after = None  # the link is back: a retry completes
+        retry = deploy(cut_fleet, cut_fleet.devices, DeployOptions(digits_artifacts_v2, variant="int8"))
+        assert [r.status for r in retry.results] == ["skipped", "succeeded", "skipped"]
+        assert current(victim) == new
+    finally:
+        proxy.close()
+
+
+def test_host_keys_unknown_refused_trusted_on_request_and_a_changed_key_always_refused(sim, digits_artifacts, tmp_path, run_cli):
+    simfleet, fleet = sim(1)
+    data = yaml.safe_load(simfleet.fleet_file.read_text())
+    known = tmp_path / "known_hosts"
+    data["known_hosts"] = str(known)
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text(yaml.safe_dump(data))
+    code, out, err = run_cli("deploy", "--fleet", fleet_file, "--artifacts", digits_artifacts, "--json")
+    reason = json.loads(out)["devices"][0]["reason"]
+    assert code == 4 and "host key is not in" in reason and "--trust-new-hosts" in reason
+    assert current(fleet.devices[0]) is None
+    code, out, err = run_cli("deploy", "--fleet", fleet_file, "--artifacts", digits_artifacts, "--trust-new-hosts", "--json")
+    assert code == 0, out
+    dev = fleet.devices[0]
+    assert known.read_text().startswith(f"[127.0.0.1]:{dev.port} ssh-ed25519 ")
+    other = write_keypair(tmp_path / "impostor")  # the device "changed" its key
+    known.write_text(known_hosts_line("127.0.0.1", dev.port, other) + "\n")
+    code, out, err = run_cli("deploy", "--fleet", fleet_file, "--artifacts", digits_artifacts, "--trust-new-hosts", "--json")
+    assert code == 4 and "host key differs" in json.loads(out)["devices"][0]["reason"]
+
+
+def test_bad_inputs_are_per_device_errors_and_devices_keep_their_model(sim, digits_artifacts, digits_artifacts_v2,
+                                                                      tmp_path, run_cli):
+    simfleet, fleet = sim(3)
+    assert len(deploy(fleet, fleet.devices, DeployOptions(digits_artifacts, variant="int8")).succeeded) == 3
+    old = manifest_sha(digits_artifacts, "int8")
+    data = yaml.safe_load(simfleet.fleet_file.read_text())
+    data["devices"][0]["port"] = 1  # nothing listens there
+    write_keypair(tmp_path / "wrong_key")
+    data["devices"][1]["key"] = str(tmp_path / "wrong_key")
+    full = fleet.devices[2]  # its disk is "full": the upload's target is /dev/full
+    sha = manifest_sha(digits_artifacts_v2, "fp32")
+    os.symlink("/dev/full", Path(full.root) / "incoming" / f"{sha}.tflite.part")
+    bad = tmp_path / "fleet.yaml"
+    bad.write_text(yaml.safe_dump(data))
+    code, out, err = run_cli("deploy", "--fleet", bad, "--artifacts", digits_artifacts_v2, "--json")
+    reasons = [r["reason"] for r in json.loads(out)["devices"]]
+    assert code == 4 and [r["status"] for r in json.loads(out)["devices"]] == ["failed"] * 3
+    assert "unreachable" in reasons[0] and "Authentication failed" in reasons[1] and "upload of" in reasons[2]
+    assert "is its disk full?" in reasons[2]
+    assert [current(d) for d in fleet.devices] == [old] * 3
+    code, out, err = run_cli("deploy", "--fleet", simfleet.fleet_file, "--artifacts", tmp_path)
+    assert code == 2 and err.strip() == f"edgekit: error: {tmp_path}/manifest.json: no manifest; run `edgekit compile` into {tmp_path} first"
+
+
+def test_a_canary_breaking_its_constraints_stops_the_rollout_and_is_rolled_back(sim, digits_artifacts,
+                                                                              digits_artifacts_v2, tmp_path, run_cli):
+    simfleet, fleet = sim(4)
+    assert len(deploy(fleet, fleet.devices, DeployOptions(digits_artifacts, variant="int8")).succeeded) == 4
+    old, new = manifest_sha(digits_artifacts, "int8"), manifest_sha(digits_artifacts_v2, "int8")
+    data = yaml.safe_load(simfleet.fleet_file.read_text())
+    data["devices"][0]["constraints"] = {"max_latency_p90_ms": 0.0001}  # no variant can meet this
+    tight = tmp_path / "fleet.yaml"
+    tight.write_text(yaml.safe_dump(data))
+    code, out, err = run_cli("deploy", "--fleet", tight, "--artifacts", digits_artifacts_v2, "--variant", "int8",
+                             "--canary", "50%", "--json")
+    result = json.loads(out)
+    assert code == 4 and "1 of 2 canaries failed" in result["stopped"]
+    statuses = [(r["status"], r["reason"]) for r in result["devices"]]
+    assert statuses[0][0] == "failed" and "canary breaks its constraints (p90 <= 0.0001 ms)" in statuses[0][1]
+    assert statuses[1] == ("failed", "rolled back: the canary rollout stopped")
+    assert statuses[2:] == [("skipped", "rollout stopped after the canaries")] * 2
+    assert [current(d) for d in fleet.devices] == [old] * 4  # canaries back on the previous model, the rest untouched
+    code, out, err = run_cli("deploy", "--fleet", simfleet.fleet_file, "--artifacts", digits_artifacts_v2,
+                             "--variant", "int8", "--canary", "25%", "--json")
+    assert code == 0 and json.loads(out)["counts"]["succeeded"] == 4
+    assert [current(d) for d in fleet.devices] == [new] * 4
