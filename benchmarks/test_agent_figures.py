@@ -43,15 +43,16 @@ def test_agent_measurement_adds_almost_nothing(tmp_path, figure, benchmark):
     profile = Profile.model_validate({**load_profile("rpi4").model_dump(), "variants": ["int8"]})
     compile_model(CompileRequest(files.model, [profile], tmp_path / "art", calib=files.calib))
     model = tmp_path / "art" / "mobilenet" / "int8.tflite"
-    settings = BenchSettings(warmup=10, min_runs=1000, min_seconds=0)
+    settings = BenchSettings(warmup=10, min_runs=300, min_seconds=0)
     bare, agent = [], []
-    for _ in range(3):  # interleaved, so clock and thermal drift hit both alike
-        bare.append(_bare_p50_ms(model, 1000))
+    for _ in range(9):  # short interleaved pairs: this shared machine's speed drifts by 15 % between seconds
+        bare.append(_bare_p50_ms(model, 300))
         agent.append(run_bench(model, settings)["latency_ms"]["p50"])
+    ratio = float(np.median(np.array(agent) / np.array(bare)))
     b, a = float(np.median(bare)), float(np.median(agent))
     benchmark.pedantic(run_bench, args=(model, BenchSettings(warmup=0, min_runs=100, min_seconds=0)), rounds=1, iterations=1)
-    figure("agent p50 / bare invoke() loop p50 (mobilenet-96 int8)", f"{a / b:.3f}", "0.97-1.03",
-           f"host, LiteRT 1 thread, median of 3 x 1,000 runs: {a * 1000:.0f} us vs {b * 1000:.0f} us")
+    figure("agent p50 / bare invoke() loop p50 (mobilenet-96 int8)", f"{ratio:.3f}", "0.97-1.03",
+           f"host, LiteRT 1 thread, median ratio of 9 interleaved pairs of 300 runs: {a * 1000:.0f} us vs {b * 1000:.0f} us")
     assert a > 0 and b > 0
 
 

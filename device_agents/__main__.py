@@ -21,10 +21,8 @@ import json
 import sys
 from pathlib import Path
 
-from device_agents.bench import BenchSettings, run_bench
-from device_agents.datafile import DataFileError
-from device_agents.power import power_meter
 from device_agents.runtimes import RUNTIMES, RuntimeUnavailable
+from device_agents.settings import BenchSettings
 from device_agents.store import ModelStore, StoreError, default_root
 
 
@@ -90,6 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     i.add_argument("--sha256", help="expected sha256 (from the manifest); refuse the file if it differs")
     i.add_argument("--eval", type=Path, help="eval.npz shipped with the artifacts")
     i.add_argument("--move", action="store_true", help="delete the source file once installed (uploads)")
+    i.add_argument("--activate", action="store_true", help="then activate it (safe path: smoke inference in a child)")
     a = sub.add_parser("activate", help="make an installed model current, after a smoke inference in a child")
     a.add_argument("--sha256")
     a.add_argument("--variant")
@@ -151,6 +150,8 @@ def _store_command(args: argparse.Namespace) -> None:
             if args.move:
                 args.model.unlink(missing_ok=True)
             out = {"sha256": done.sha256, "variant": done.variant, "model": done.model, "fresh": done.fresh}
+            if args.activate:
+                out["activation"] = store.activate(done.sha256)
         elif args.command == "activate":
             if not (args.sha256 or args.variant):
                 raise StoreError("activate: give --sha256 or --variant")
@@ -167,6 +168,10 @@ def _store_command(args: argparse.Namespace) -> None:
 
 
 def _bench(args: argparse.Namespace) -> None:
+    from device_agents.bench import run_bench
+    from device_agents.datafile import DataFileError
+    from device_agents.power import power_meter
+
     try:
         if not args.model.is_file():
             raise UsageError(f"{args.model}: model not found")

@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from device_agents.bench import BenchSettings
+from device_agents.settings import BenchSettings
 from device_agents.power import DEFAULT_ORDER, SENSORS
 from edge_kit.schema import check_name
 

@@ -31,6 +31,7 @@ from device_agents.datafile import DataFileError
 from device_agents.mqtt import SpooledPublisher, make_client
 from device_agents.power import SensorEnv, SensorMeter, not_measured, power_meter
 from device_agents.runtimes import RUNTIMES, RuntimeUnavailable
+from device_agents.smoke import SmokePool
 from device_agents.spool import Spool
 from device_agents.store import ModelStore, StoreError, default_root
 from edge_kit import schema
@@ -50,6 +51,7 @@ class Agent:
         self.client = make_client(cfg.broker, f"edgekit-agent-{cfg.fleet}-{cfg.device}", password=cfg.password(),
                                   clean=False)
         self.publisher = SpooledPublisher(self.client, self.spool)
+        self.smoke = SmokePool()
         self.commands: queue.Queue[Command] = queue.Queue(maxsize=cfg.max_queued_commands)
         self._seen: deque[str] = deque(maxlen=1000)  # command ids already taken (QoS 1 may redeliver)
         self._stop = threading.Event()
@@ -177,7 +179,8 @@ class Agent:
 
     def _cmd_activate(self, cmd: Command) -> dict[str, Any]:
         sha = self.store.resolve(sha256=cmd.args.get("sha256"), variant=cmd.args.get("variant"))
-        result = self.store.activate(sha, runtime=self.cfg.bench.runtime, delegate=self.cfg.bench.delegate)
+        result = self.store.activate(sha, runtime=self.cfg.bench.runtime, delegate=self.cfg.bench.delegate,
+                                     smoke=self.smoke)
         return {**result, "model": self._model_ref(sha)}
 
     def _cmd_rollback(self, _cmd: Command) -> dict[str, Any]:
@@ -210,6 +213,7 @@ class Agent:
             signal.signal(signal.SIGTERM, self.stop)
             signal.signal(signal.SIGINT, self.stop)
         b = self.cfg.broker
+        threading.Thread(target=self.smoke.warm, daemon=True, name="smoke-warm").start()
         self.publisher.start()
         self.client.connect_async(b.host, b.port, keepalive=b.keepalive)
         self.client.loop_start()

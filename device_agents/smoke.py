@@ -1,19 +1,116 @@
-"""Child-process check of a model before it becomes current: load it, run one inference.
+"""The check a model passes before it becomes current: load it, run one inference, in another process.
 
-``python -m device_agents.smoke model.tflite [--delegate D] [--runtime R]`` prints one JSON line
-and exits 0, or prints the reason on stderr and exits 1. A model that crashes the interpreter
-kills only this process.
+Two ways to get that other process, same check:
+
+* ``python -m device_agents.smoke model.tflite [--delegate D] [--runtime R]`` (used by the
+  ``edgekit-agent activate`` command line): prints one JSON line and exits 0, or prints the reason
+  on stderr and exits 1.
+* :class:`SmokePool` (used by the running agent): children forked from a ``forkserver`` that has
+  numpy and the interpreter already imported, so a check costs a model load, not a Python start.
+
+Either way a model that crashes the interpreter kills only the child.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+from device_agents.runtimes import RUNTIMES, RuntimeUnavailable, get_runtime
+
+
+class SmokeFailed(RuntimeError):
+    """The model failed its smoke inference; the text says how."""
+
+
+def smoke(model: Path, runtime: str | None = None, delegate: str = "xnnpack") -> dict[str, Any]:
+    """Load ``model`` and run one inference on zeros.
+
+    Returns:
+        Input and output shapes and the milliseconds it took.
+
+    Raises:
+        SmokeFailed: it did not load, did not run, or gave NaN/infinite float outputs.
+    """
+    from device_agents.inference import ModelRunner
+
+    try:
+        t0 = time.perf_counter()
+        runner = ModelRunner(get_runtime(runtime).interpreter(Path(model), delegate=delegate))
+        runner.invoke_raw(np.zeros(runner.input_shape, dtype=runner.input["dtype"]))
+        out = runner.interpreter.get_tensor(runner.output["index"])
+    except (ValueError, RuntimeError, RuntimeUnavailable, OSError) as exc:
+        raise SmokeFailed((str(exc).strip().splitlines() or [type(exc).__name__])[0]) from None
+    if np.issubdtype(out.dtype, np.floating) and not np.all(np.isfinite(out)):
+        raise SmokeFailed("the output holds NaN or infinity")
+    return {"input_shape": list(runner.input_shape), "output_shape": list(out.shape),
+            "ms": round((time.perf_counter() - t0) * 1000, 3)}
+
+
+def _child(model: str, runtime: str | None, delegate: str, conn: Any) -> None:
+    try:
+        conn.send(("ok", smoke(Path(model), runtime, delegate)))
+    except SmokeFailed as exc:
+        conn.send(("failed", str(exc)))
+    conn.close()
+
+
+def _preload() -> None:
+    """Import the installed interpreter module in the forkserver, so children start warm."""
+    for cls in RUNTIMES.values():
+        if cls.unavailable_reason() is None:
+            break
+
+
+class SmokePool:
+    """Runs :func:`smoke` in children of a forkserver that has the interpreter imported."""
+
+    def __init__(self) -> None:
+        self.ctx = multiprocessing.get_context("forkserver")
+        self.ctx.set_forkserver_preload(["device_agents.smoke"])
+
+    def warm(self) -> None:
+        """Start the forkserver now (it imports numpy and the interpreter once), not at the first activation."""
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
+
+    def __call__(self, model: Path, *, runtime: str | None = None, delegate: str = "xnnpack",
+                 timeout: float = 120.0) -> dict[str, Any]:
+        """Return what :func:`smoke` returned in the child.
+
+        Raises:
+            SmokeFailed: the model failed, the child crashed (signal named) or timed out.
+        """
+        receive, send = self.ctx.Pipe(duplex=False)
+        child = self.ctx.Process(target=_child, args=(str(model), runtime, delegate, send), daemon=True)
+        child.start()
+        send.close()
+        try:
+            if not receive.poll(timeout):
+                child.kill()
+                raise SmokeFailed(f"the smoke inference did not finish within {timeout:.0f} s")
+            try:
+                status, value = receive.recv()
+            except EOFError:
+                child.join(5)
+                raise SmokeFailed(f"the interpreter crashed (exit {child.exitcode})") from None
+        finally:
+            receive.close()
+            child.join(5)
+        if status != "ok":
+            raise SmokeFailed(value)
+        return value
+
+
+_preload()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -22,21 +119,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--delegate", default="xnnpack")
     parser.add_argument("--runtime")
     args = parser.parse_args(argv)
-    from device_agents.inference import ModelRunner
-    from device_agents.runtimes import RuntimeUnavailable, get_runtime
-
     try:
-        t0 = time.perf_counter()
-        runner = ModelRunner(get_runtime(args.runtime).interpreter(args.model, delegate=args.delegate))
-        runner.invoke_raw(np.zeros(runner.input_shape, dtype=runner.input["dtype"]))
-        out = runner.interpreter.get_tensor(runner.output["index"])
-        if np.issubdtype(out.dtype, np.floating) and not np.all(np.isfinite(out)):
-            raise ValueError("the output holds NaN or infinity")
-    except (ValueError, RuntimeError, RuntimeUnavailable, OSError) as exc:
-        sys.stderr.write(f"{(str(exc).strip().splitlines() or [type(exc).__name__])[0]}\n")
+        print(json.dumps(smoke(args.model, args.runtime, args.delegate)))
+    except SmokeFailed as exc:
+        sys.stderr.write(f"{exc}\n")
         sys.exit(1)
-    print(json.dumps({"input_shape": list(runner.input_shape), "output_shape": list(out.shape),
-                      "ms": round((time.perf_counter() - t0) * 1000, 3)}))
 
 
 if __name__ == "__main__":

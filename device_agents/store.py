@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -256,8 +257,12 @@ class ModelStore:
         os.symlink(f"models/{sha256}", tmp)
         os.replace(tmp, link)  # rename(2) over the old link: readers see the old or the new one
 
-    def activate(self, sha256: str, *, runtime: str | None = None, delegate: str = "xnnpack") -> dict:
+    def activate(self, sha256: str, *, runtime: str | None = None, delegate: str = "xnnpack",
+                 smoke: Callable[..., dict] | None = None) -> dict:
         """Make an installed model current after checking it; the old current becomes previous.
+
+        ``smoke`` runs the check in another process (default: :meth:`smoke_test`, a fresh Python;
+        the agent passes its warm :class:`~device_agents.smoke.SmokePool`).
 
         Returns:
             ``{"current": sha, "previous": sha|None, "changed": bool, "smoke": {...}}``.
@@ -269,11 +274,14 @@ class ModelStore:
         old = self.current()
         if old == sha256:
             return {"current": sha256, "previous": self.previous(), "changed": False, "smoke": None}
-        smoke = self.smoke_test(path, runtime=runtime, delegate=delegate)
+        try:
+            checked = (smoke or self.smoke_test)(path, runtime=runtime, delegate=delegate)
+        except RuntimeError as exc:  # SmokeFailed from the pool
+            raise StoreError(f"model {sha256[:12]} failed its smoke inference: {exc}") from None
         if old is not None:
             self._point("previous", old)
         self._point("current", sha256)
-        return {"current": sha256, "previous": old, "changed": True, "smoke": smoke}
+        return {"current": sha256, "previous": old, "changed": True, "smoke": checked}
 
     def rollback(self) -> dict:
         """Swap ``current`` and ``previous``.

@@ -358,3 +358,115 @@ def demo_cmd(
     out.print(f"tune: {len(result.report.rounds)} round(s), switched {', '.join(switched) or 'nothing'}")
     if result.kept:
         out.print(f"files kept in {result.workdir}")
+
+
+def _fleet_table(store: Any, fleet: Any) -> Table:
+    """Per device: state, current variant, latest benchmark of it, last message."""
+    import time as _time
+
+    status, tele, bench = store.latest_status(), store.latest_telemetry(), store.latest_bench()
+    t = Table("device", "profile", "state", "current", "p90 ms", "W (source)", "last heard", box=box.SIMPLE_HEAD, pad_edge=False)
+    for dev in fleet.devices:
+        st = status.get(dev.name) or {}
+        cur = st.get("current") or {}
+        rec = bench.get((dev.name, cur.get("sha256"))) if cur else None
+        heard = max([m["ts"] for m in (st, tele.get(dev.name) or {}) if m] or [0])
+        power = (rec or {}).get("power") or {}
+        watts = "-" if power.get("avg_w") is None else f"{power['avg_w']:.2f} ({power.get('sensor') or 'estimated'})"
+        t.add_row(dev.name, dev.profile, st.get("state", "never seen"), cur.get("variant") or "-",
+                  _num(rec["latency_ms"]["p90"]) if rec else "-", watts,
+                  f"{_time.time() - heard:.0f} s ago" if heard else "-")
+    return t
+
+
+@app.command("monitor")
+def monitor_cmd(
+    fleet_file: FleetOpt,
+    store: StoreOpt = None,
+    metrics_port: Annotated[Optional[int], typer.Option(help="Serve Prometheus metrics on this port.")] = None,
+    metrics_addr: Annotated[str, typer.Option(help="Address for the metrics endpoint.")] = "127.0.0.1",
+    share: Annotated[Optional[str], typer.Option(help="Join this MQTT 5 shared-subscription group (several workers).")] = None,
+    silence_s: Annotated[float, typer.Option(min=1, help="Alert when a device is silent this long.")] = 180.0,
+    duration: Annotated[Optional[float], typer.Option(min=0, help="Stop after this many seconds (default: until Ctrl-C).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Store every message of the fleet (checked, deduplicated) and show a live table; optional /metrics."""
+    import time as _time
+
+    from rich.live import Live
+
+    from edge_kit.fleet.inventory import load_fleet
+    from edge_kit.telemetry.metrics import FleetMetrics
+    from edge_kit.telemetry.monitor import Monitor
+    from edge_kit.telemetry.store import Store
+
+    fleet = load_fleet(fleet_file)
+    db = Store(_store_path(fleet_file, store))
+    metrics = FleetMetrics()
+    mon = Monitor(fleet, db, share=share, silence_s=silence_s, on_message=metrics.observe)
+    metrics.watch(mon)
+    server = metrics.serve(metrics_port, metrics_addr) if metrics_port else None
+    mon.start()
+    end = _time.monotonic() + duration if duration is not None else None
+    shown = 0
+    try:
+        with Live(_fleet_table(db, fleet), console=out, refresh_per_second=1, transient=False) if not as_json else nullcontext() as live:
+            while end is None or _time.monotonic() < end:
+                _time.sleep(0.5)
+                if live is not None:
+                    live.update(_fleet_table(db, fleet))
+                    for alert in mon.alerts[shown:]:
+                        live.console.print(f"[red]alert[/] {escape(alert.text)}")
+                    shown = len(mon.alerts)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        mon.stop()
+        if server is not None:
+            server.shutdown()
+    if as_json:
+        s = mon.stats
+        _emit_json({"received": s.received, "stored": s.stored, "duplicates": s.duplicates, "invalid": s.invalid,
+                    "gaps": s.gaps, "alerts": [vars(a) for a in mon.alerts], "store": str(db.path)})
+
+
+fleet_app = typer.Typer(no_args_is_help=True, help="What the history store knows about the fleet.")
+app.add_typer(fleet_app, name="fleet")
+
+
+@fleet_app.command("status")
+def fleet_status_cmd(fleet_file: FleetOpt, store: StoreOpt = None, as_json: JsonOpt = False) -> None:
+    """Per device: last status, current variant and its latest benchmark, from the history store."""
+    from edge_kit.fleet.inventory import load_fleet
+    from edge_kit.telemetry.store import Store
+
+    fleet = load_fleet(fleet_file)
+    db = Store(_store_path(fleet_file, store))
+    if as_json:
+        _emit_json({"status": db.latest_status(), "telemetry": db.latest_telemetry(),
+                    "bench": {f"{d}/{s}": r for (d, s), r in db.latest_bench().items()}})
+        return
+    out.print(_fleet_table(db, fleet))
+
+
+@app.command("report")
+def report_cmd(
+    out_file: Annotated[Path, typer.Option("--out", help="The HTML file to write.")] = Path("report.html"),
+    fleet_file: Annotated[Optional[Path], typer.Option("--fleet", "-f", help="fleet.yaml (its history store is used).")] = None,
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write one self-contained HTML report: per profile, latency vs accuracy and energy; the fleet table."""
+    from edge_kit.errors import InputError
+    from edge_kit.telemetry.report import build_report
+    from edge_kit.telemetry.store import Store
+
+    path = store or (_store_path(fleet_file, None) if fleet_file else Path("edgekit-history.db"))
+    if not path.is_file():
+        raise InputError(f"{path}: no history store; run `edgekit monitor` or `edgekit tune` first, or pass --store")
+    info = build_report(Store(path), out_file)
+    if as_json:
+        _emit_json(info)
+    else:
+        out.print(f"wrote {out_file}: {info['plots']} plots for {', '.join(info['profiles']) or 'no profile'}, "
+                  f"{info['devices']} devices")

@@ -128,6 +128,37 @@ def decode(payload: bytes, kind: str | None = None) -> dict[str, Any]:
     return message
 
 
+# Body fields each kind must carry (beyond the envelope), with their JSON types.
+_BODY: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "status": {"state": str},
+    "bench": {"variant": str, "sha256": str, "latency_ms": dict, "runs": int, "power": dict, "simulated": bool},
+    "telemetry": {"conditions": dict, "spool": dict},
+    "cmd": {"command": str},
+    "cmd/ack": {"ok": bool},
+}
+_LATENCY = ("p50", "p90", "p99", "mean", "std", "min", "max")
+
+
+def check_body(kind: str, message: dict[str, Any]) -> dict[str, Any]:
+    """Return ``message`` when its body has the fields ``kind`` requires, with the right types.
+
+    Raises:
+        MessageError: a field is missing or mistyped (named), or a latency figure is not a number.
+    """
+    for name, types in _BODY[kind].items():
+        value = message.get(name)
+        if not isinstance(value, types) or (isinstance(value, bool) and types is int):
+            raise MessageError(f"{kind}: field '{name}' is {'missing' if value is None else type(value).__name__}")
+    if kind == "status" and message["state"] not in ("online", "offline"):
+        raise MessageError(f"status: state {message['state']!r} is neither online nor offline")
+    if kind == "bench":
+        for q in _LATENCY:
+            v = message["latency_ms"].get(q)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
+                raise MessageError(f"bench: latency_ms.{q} is not a non-negative number")
+    return message
+
+
 def command(fleet: str, device: str, name: str, args: dict[str, Any] | None = None, seq: int = 0) -> dict[str, Any]:
     """Return a command message for one device (see :data:`COMMANDS`)."""
     return envelope("cmd", fleet, device, seq, {"command": name, "args": args or {}})

@@ -57,17 +57,6 @@ shutil.rmtree(old, ignore_errors=True)
 os.remove(archive)
 """
 
-_CHECK_DEPENDENCIES = r"""
-import importlib.util, sys
-missing = [m for m in ("numpy", "yaml", "paho.mqtt") if importlib.util.find_spec(m.split(".")[0]) is None]
-if importlib.util.find_spec("ai_edge_litert") is None and importlib.util.find_spec("tflite_runtime") is None:
-    missing.append("ai_edge_litert or tflite_runtime")
-if missing:
-    sys.exit("the device's Python (%s) lacks %s; install: %s -m pip install numpy pyyaml paho-mqtt ai-edge-litert"
-             % (sys.executable, ", ".join(missing), sys.executable))
-"""
-
-
 @functools.cache
 def agent_bundle() -> tuple[bytes, str]:
     """Return the agent tarball and its sha256 (same bytes for the same code)."""
@@ -133,25 +122,27 @@ def ensure_agent(shell: DeviceShell, fleet: Fleet, restart: bool = False) -> Age
         DeployError: the device's Python lacks a dependency (with the pip command), an upload or a
             remote step failed.
     """
-    dev = shell.dev
+    dev, info = shell.dev, shell.info
     root = shell.root
     changed: list[str] = []
-    shell.run([dev.python, "-c", _CHECK_DEPENDENCIES])
     data, sha = agent_bundle()
-    remote_sha = (shell.read(f"{root}/agent/BUNDLE") or b"").decode().strip()
-    if remote_sha != sha:
+    if info["bundle"] != sha:
+        facts = shell.python_facts
+        if facts["missing"]:
+            raise DeployError(f"{dev.name}: the device's Python ({facts['python']}) lacks {', '.join(facts['missing'])}; "
+                              f"install: {facts['python']} -m pip install numpy pyyaml paho-mqtt ai-edge-litert")
         part = shell.put(data, f"{root}/incoming/agent-{sha[:12]}.tar.gz", rename=False)
         shell.run([dev.python, "-c", _INSTALL_BUNDLE, part, sha, root])
         changed.append(f"agent {edge_kit.__version__} ({sha[:12]})")
     text, password = agent_config(fleet, dev)
-    if password is not None and shell.read(f"{root}/mqtt.pass") != password:
+    if password is not None and info["password_sha256"] != hashlib.sha256(password).hexdigest():
         shell.put(password, f"{root}/mqtt.pass", mode=0o600)
         changed.append("broker password")
-    if shell.read(f"{root}/agent.yaml") != text.encode():
+    if info["config_sha256"] != hashlib.sha256(text.encode()).hexdigest():
         shell.put(text.encode(), f"{root}/agent.yaml", mode=0o600)
         changed.append("agent.yaml")
-    systemd = dev.user == "root" and _has_systemd(shell)
-    running = _is_running(shell, root, systemd)
+    systemd = dev.user == "root" and info["systemd"]
+    running = _is_running(shell, systemd)
     if running and not changed and not restart:
         return AgentState(changed, None)
     started = time.time()
@@ -159,7 +150,7 @@ def ensure_agent(shell: DeviceShell, fleet: Fleet, restart: bool = False) -> Age
         _systemd_start(shell, root)
     else:
         if running:
-            _stop_supervisor(shell, root)
+            _stop_supervisor(shell, info["agent_pid"])
         shell.run([dev.python, "-m", "device_agents", "supervise", "--config", f"{root}/agent.yaml",
                    "--pidfile", f"{root}/agent.pid", "--log-file", f"{root}/agent.log"],
                   env={"PYTHONPATH": f"{root}/agent"}, background=True)
@@ -167,46 +158,17 @@ def ensure_agent(shell: DeviceShell, fleet: Fleet, restart: bool = False) -> Age
     return AgentState(changed, started)
 
 
-def stop_agent(shell: DeviceShell) -> None:
-    """Stop the agent service on the device (no-op when it is not running)."""
-    root = shell.root
-    if shell.dev.user == "root" and _has_systemd(shell):
-        shell.run(["systemctl", "stop", "edgekit-agent"])
-    elif _is_running(shell, root, False):
-        _stop_supervisor(shell, root)
-
-
-def _has_systemd(shell: DeviceShell) -> bool:
+def _is_running(shell: DeviceShell, systemd: bool) -> bool:
+    if not systemd:
+        return shell.info["agent_pid"] is not None
     try:
-        shell.run(["test", "-d", "/run/systemd/system"])
+        shell.run(["systemctl", "is-active", "--quiet", "edgekit-agent"])
     except DeployError:
         return False
     return True
 
 
-def _pid(shell: DeviceShell, root: str) -> str | None:
-    raw = (shell.read(f"{root}/agent.pid") or b"").decode().strip()
-    return raw if raw.isdigit() else None
-
-
-def _is_running(shell: DeviceShell, root: str, systemd: bool) -> bool:
-    try:
-        if systemd:
-            shell.run(["systemctl", "is-active", "--quiet", "edgekit-agent"])
-        else:
-            pid = _pid(shell, root)
-            if pid is None:
-                return False
-            shell.run(["kill", "-0", pid])
-    except DeployError:
-        return False
-    return True
-
-
-def _stop_supervisor(shell: DeviceShell, root: str) -> None:
-    pid = _pid(shell, root)
-    if pid is None:
-        return
+def _stop_supervisor(shell: DeviceShell, pid: int) -> None:
     script = (f"kill -TERM {pid} 2>/dev/null; for i in $(seq {int(STOP_TIMEOUT_S * 10)}); do "
               f"kill -0 {pid} 2>/dev/null || exit 0; sleep 0.1; done; exit 1")
     try:

@@ -6,11 +6,13 @@ Per device, over one SSH connection (Fabric) with its host key verified:
 2. upload every variant the device's profile asks for that it does not hold yet, with the eval set,
    each as ``*.part``; the agent's ``install`` checks the sha256 against the manifest and renames it
    into ``models/<sha256>/``;
-3. activate the target variant through the agent's safe path (child-process smoke inference, atomic
-   symlink switch; ``previous`` kept);
-4. when anything changed, wait for the agent's health over MQTT: an ``online`` status after a restart
-   and a fresh benchmark of the current model. A device that does not answer in time is rolled back
-   to ``previous`` and reported failed.
+3. activate the target variant by asking the running agent over MQTT: it checks the sha256, runs a
+   smoke inference in a child process, switches ``current`` atomically (``previous`` kept) and
+   acks; that ack is the health report (after a restart, the agent's ``online`` status comes first).
+   A refusal leaves the device as it was; no ack in time means it is rolled back to ``previous``
+   if it had switched, and reported failed. Without a broker, activation runs over SSH;
+4. with ``health_bench`` (canaries, tune), a fresh benchmark of the activated model too; failing
+   that also rolls the device back.
 
 Devices run in parallel (``parallel`` at a time); one device's failure never stops the others.
 With ``canary``, that share of the devices goes first and the rest only follows when at most
@@ -24,11 +26,11 @@ import math
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from edge_kit.errors import DeployError, EdgeKitError
+from edge_kit.errors import AgentError, DeployError, EdgeKitError
 from edge_kit.fleet.agent_install import ensure_agent
 from edge_kit.fleet.commands import FleetClient
 from edge_kit.fleet.inventory import Device, Fleet
@@ -38,7 +40,7 @@ from edge_kit.profiles import load_profile
 from edge_kit.selection.constraints import Measured, describe, effective_constraints, violations
 
 Status = Literal["succeeded", "skipped", "failed"]
-HEALTH_BENCH = {"min_runs": 20, "min_seconds": 0.0, "warmup": 2}
+CANARY_BENCH = {"min_runs": 50, "min_seconds": 0.0, "warmup": 5}  # enough to judge it against its constraints
 
 
 @dataclass
@@ -52,7 +54,8 @@ class DeviceResult:
     variant: str | None = None  # active after the deploy
     sha256: str | None = None
     seconds: float = 0.0
-    health: dict[str, Any] | None = None  # the health benchmark's record
+    activation: dict[str, Any] | None = None  # the agent's ack of the activation (smoke result included)
+    health: dict[str, Any] | None = None  # the benchmark record after activation (canaries, tune)
 
     @property
     def ok(self) -> bool:
@@ -97,8 +100,8 @@ class DeployOptions:
     max_failed: float = 0.0  # share of canaries allowed to fail before the rollout stops
     trust_new_hosts: bool = False
     health_timeout: float = 120.0
-    health: bool = True
-    health_bench: dict[str, Any] = field(default_factory=lambda: dict(HEALTH_BENCH))
+    health: bool = True  # activate through the agent over MQTT and take its ack as the health report
+    health_bench: dict[str, Any] | None = None  # also benchmark the activated model (canaries, tune)
 
 
 def candidates_for(manifest: Manifest, dev: Device) -> list[Artifact]:
@@ -151,12 +154,15 @@ class _Deployer:
             self.progress(dev.name, "agent")
             agent = ensure_agent(shell, self.fleet)
             result.actions += agent.changed
-            state = shell.agent("state")
-            have = {m["sha256"] for m in state["installed"]}
+            have = {m["sha256"] for m in shell.info["installed"]}
             need = sum(a.bytes or 0 for a in wanted if a.sha256 not in have) * 2  # the upload and its installed copy
-            if need > shell.free_bytes:
+            free = shell.python_facts["free"] if need else 0
+            if need > free:
                 raise DeployError(f"{dev.name}: not enough space under {shell.root}: the new variants need "
-                                  f"{need / 1e6:.1f} MB, {shell.free_bytes / 1e6:.1f} MB free")
+                                  f"{need / 1e6:.1f} MB, {free / 1e6:.1f} MB free")
+            current = shell.info["current"]
+            target = next((a for a in wanted if a.id == variant), None) or next(
+                (a for a in wanted if a.sha256 == current), wanted[0])
             eval_file = self.opts.artifacts / "eval.npz"
             eval_remote = None
             for art in wanted:
@@ -170,39 +176,69 @@ class _Deployer:
                         "--sha256", art.sha256, "--move"]
                 shell.agent(*args, *(["--eval", eval_remote] if eval_remote else []))
                 result.actions.append(f"uploaded {art.id} ({art.bytes / 1e6:.1f} MB)")
-            current = (state.get("current") or {}).get("sha256")
-            target = next((a for a in wanted if a.id == variant), None) or next(
-                (a for a in wanted if a.sha256 == current), wanted[0])
-            activated = False
+            result.variant, result.sha256 = target.id, target.sha256
             if current != target.sha256:
                 self.progress(dev.name, f"activate {target.id}")
-                shell.agent("activate", "--sha256", target.sha256)
-                activated = True
+                result.activation = self._activate(shell, target, agent.restarted_at)
                 result.actions.append(f"activated {target.id}")
-            result.variant, result.sha256 = target.id, target.sha256
+            elif agent.restarted_at is not None and self.client is not None:
+                self._wait_online(dev, agent.restarted_at)
             if not result.actions:
                 result.reason = "already current: same agent, same artifacts, same active variant"
                 return
             result.status = "succeeded"
-            if self.opts.health and self.client is not None:
-                self.progress(dev.name, "health")
+            if self.opts.health_bench and self.client is not None:
+                self.progress(dev.name, "benchmark")
                 try:
-                    result.health = self._health(dev, agent.restarted_at, target.sha256)
+                    result.health = self._bench(dev, target.sha256)
                 except DeployError as exc:
-                    if activated:
+                    if current != target.sha256:
                         shell.agent("rollback")
                         result.actions.append("rolled back")
                         raise DeployError(f"{exc}; rolled back to the previous model") from None
                     raise
 
-    def _health(self, dev: Device, restarted_at: float | None, sha: str) -> dict[str, Any]:
+    def _wait_online(self, dev: Device, since: float) -> None:
         assert self.client is not None
-        deadline = time.monotonic() + self.opts.health_timeout
-        if restarted_at is not None and self.client.wait_online(dev.name, restarted_at, self.opts.health_timeout) is None:
+        if self.client.wait_online(dev.name, since, self.opts.health_timeout) is None:
             raise DeployError(f"{dev.name}: the agent did not come online within {self.opts.health_timeout:.0f} s")
+
+    def _activate(self, shell: DeviceShell, target: Artifact, restarted_at: float | None) -> dict[str, Any]:
+        """Activate through the running agent and take its ack as the health report; over SSH without a broker.
+
+        Returns:
+            What the agent reported: current, previous, and the smoke inference's result.
+
+        Raises:
+            DeployError: refused (reason given; nothing changed), or no healthy ack in time (rolled back).
+        """
+        dev = shell.dev
+        if self.client is None:
+            return shell.agent("activate", "--sha256", target.sha256)
+        if restarted_at is not None:
+            self._wait_online(dev, restarted_at)
+        try:
+            return self.client.request(dev.name, "activate", {"sha256": target.sha256},
+                                       timeout=self.opts.health_timeout)["result"]
+        except AgentError as exc:
+            if "refused" in str(exc):
+                raise DeployError(str(exc)) from None
+            probe = shell.agent("state")  # no ack: did it switch anyway?
+            if (probe.get("current") or {}).get("sha256") == target.sha256:
+                shell.agent("rollback")
+                raise DeployError(f"{exc}; it had switched, so it was rolled back to the previous model") from None
+            raise DeployError(f"{exc}; it still runs its previous model") from None
+
+    def _bench(self, dev: Device, sha: str) -> dict[str, Any]:
+        """Return a fresh benchmark record of the now current model.
+
+        Raises:
+            DeployError: no record in time, or the agent benchmarked another model.
+        """
+        assert self.client is not None
         try:
             record = self.client.request(dev.name, "bench", self.opts.health_bench,
-                                         timeout=max(1.0, deadline - time.monotonic()))["record"]
+                                         timeout=self.opts.health_timeout)["record"]
         except EdgeKitError as exc:
             raise DeployError(f"health check failed: {exc}") from None
         if record["sha256"] != sha:
@@ -245,7 +281,9 @@ def deploy(fleet: Fleet, devices: list[Device], opts: DeployOptions,
             return GroupResult(run(devices))
         n = max(1, math.ceil(len(devices) * opts.canary))
         canaries, rest = devices[:n], devices[n:]
-        first = run(canaries)
+        judge = _Deployer(fleet, replace(opts, health_bench=dict(CANARY_BENCH)), client, progress)
+        with ThreadPoolExecutor(max_workers=max(1, min(opts.parallel, len(canaries)))) as pool:
+            first = list(pool.map(judge.one, canaries))
         for r in first:
             broken = deployer.breaks_constraints(next(d for d in canaries if d.name == r.device), r) if r.ok else None
             if broken:

@@ -8,6 +8,7 @@ that differs from the recorded one is always refused.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import shlex
@@ -27,13 +28,17 @@ COMMAND_TIMEOUT_S = 300
 _known_hosts_lock = threading.Lock()
 
 
-_ROOT_AND_FREE = """
-import os, shutil, sys
-root = os.path.expanduser(sys.argv[1])
-probe = root
+# What only the device's Python can say: free space under the root, and which of the agent's
+# dependencies it lacks. Standard library only (the agent may not be there yet).
+_PYTHON_FACTS = r"""
+import importlib.util, json, os, shutil, sys
+probe = sys.argv[1]
 while not os.path.exists(probe):
     probe = os.path.dirname(probe)
-print(root, shutil.disk_usage(probe).free)
+missing = [m for m in ("numpy", "yaml", "paho") if importlib.util.find_spec(m) is None]
+if not any(importlib.util.find_spec(m) for m in ("ai_edge_litert", "tflite_runtime")):
+    missing.append("ai_edge_litert or tflite_runtime")
+print(json.dumps({"free": shutil.disk_usage(probe).free, "python": sys.executable, "missing": missing}))
 """
 
 
@@ -94,10 +99,66 @@ class DeviceShell:
             raise DeployError(f"{where}: SSH failed: {exc}") from None
         except OSError as exc:
             raise DeployError(f"{where}: unreachable ({exc.strerror or exc})") from None
-        # one absolute root for SFTP and commands alike (the fleet file may say ~/.edgekit), and its free space
-        root, free = self.run([self.dev.python, "-c", _ROOT_AND_FREE, self.dev.root]).split()
-        self.root, self.free_bytes = root.rstrip("/"), int(free)
+        self.info = self._probe()
+        self.root = self.info["root"]
         return self
+
+    def _probe(self) -> dict[str, Any]:
+        """Return what of the agent and its models is on the device, read over SFTP alone.
+
+        No command runs, so a device with nothing to change costs one SSH handshake: the absolute
+        root, the agent bundle's sha256, hashes of its config and password file, whether its
+        supervisor's pid is alive, whether systemd runs, the installed models and the current one
+        (the layout of :mod:`device_agents.store`).
+
+        Raises:
+            DeployError: the SFTP session failed.
+        """
+        import hashlib
+
+        try:
+            sftp = self.conn.sftp()
+            home = sftp.normalize(".")
+        except (OSError, paramiko.SSHException, EOFError) as exc:
+            raise DeployError(f"{self.dev.name}: SFTP failed ({exc})") from None
+        root = (home + self.dev.root[1:] if self.dev.root.startswith("~") else self.dev.root).rstrip("/")
+
+        def exists(path: str) -> bool:
+            try:
+                sftp.stat(path)
+            except FileNotFoundError:
+                return False
+            except PermissionError:
+                return True
+            return True
+
+        def digest(name: str) -> str | None:
+            data = self.read(f"{root}/{name}")
+            return None if data is None else hashlib.sha256(data).hexdigest()
+
+        pid = (self.read(f"{root}/agent.pid") or b"").decode().strip()
+        installed = []
+        try:
+            names = sftp.listdir(f"{root}/models")
+        except FileNotFoundError:
+            names = []
+        for name in sorted(names):
+            meta = self.read(f"{root}/models/{name}/meta.json") if len(name) == 64 else None
+            if meta:
+                installed.append(json.loads(meta))
+        try:
+            current: str | None = Path(sftp.readlink(f"{root}/current") or "").name or None
+        except (FileNotFoundError, OSError):
+            current = None
+        return {"root": root, "bundle": (self.read(f"{root}/agent/BUNDLE") or b"").decode().strip(),
+                "config_sha256": digest("agent.yaml"), "password_sha256": digest("mqtt.pass"),
+                "agent_pid": int(pid) if pid.isdigit() and exists(f"/proc/{pid}") else None,
+                "systemd": exists("/run/systemd/system"), "installed": installed, "current": current}
+
+    @functools.cached_property
+    def python_facts(self) -> dict[str, Any]:
+        """Return free bytes under the root, the device Python's path and the agent dependencies it lacks."""
+        return json.loads(self.run([self.dev.python, "-c", _PYTHON_FACTS, self.root]))
 
     def __exit__(self, *_: object) -> None:
         self.conn.close()

@@ -65,6 +65,6 @@ def violations(c: Constraints, m: Measured, fp32_accuracy: float | None) -> dict
 
 def describe(name: str, c: Constraints) -> str:
     """Return the bound of constraint ``name`` in words, e.g. ``p90 <= 50 ms``."""
-    return {"max_latency_p90_ms": f"p90 <= {c.max_latency_p90_ms} ms", "max_power_w": f"power <= {c.max_power_w} W",
-            "max_model_mb": f"model <= {c.max_model_mb} MB",
-            "min_accuracy_ratio": f"accuracy >= {c.min_accuracy_ratio} x fp32"}[name]
+    bound = getattr(c, name)
+    return {"max_latency_p90_ms": f"p90 <= {bound:g} ms", "max_power_w": f"power <= {bound:g} W",
+            "max_model_mb": f"model <= {bound:g} MB", "min_accuracy_ratio": f"accuracy >= {bound:g} x fp32"}[name]

@@ -11,7 +11,8 @@ Per device, among the variants built for its profile:
 4. No flapping: a device stays on its current variant while that is feasible and the best beats
    it by less than the margin (accuracy counts at any difference; it is measured on the same set).
 5. When nothing is feasible, the device is flagged infeasible and given the least-violating
-   variant (smallest sum of relative violations), with what it violates.
+   variant (smallest sum of relative violations), with what it violates; it stays on its current
+   variant while that violates within the margin of the least.
 
 Returns a :class:`Decision` with the table behind it, for ``--explain`` and for the record.
 """
@@ -112,9 +113,12 @@ def choose(device: str, candidates: list[Candidate], constraints: Constraints, *
                             chosen.sha256 != current_sha, reason)
     else:
         chosen = min(candidates, key=lambda c: rows[c.variant]["_score"])
+        why = f"infeasible: no variant meets every constraint; {chosen.variant} violates least"
+        if current is not None and rows[current.variant]["_score"] <= rows[chosen.variant]["_score"] * (1 + margin):
+            chosen, why = current, (f"infeasible: no variant meets every constraint; stays on {current.variant}, "
+                                    f"within the {margin:.0%} margin of the least violating")
         decision = Decision(device, chosen.variant, chosen.sha256, base.current, False, chosen.sha256 != current_sha,
-                            f"infeasible: no variant meets every constraint; {chosen.variant} violates least",
-                            violates=rows[chosen.variant]["violates"])
+                            why, violates=rows[chosen.variant]["violates"])
     for r in table:
         r["chosen"] = r["variant"] == decision.chosen
     decision.table = _public(table)

@@ -49,14 +49,17 @@ class Store:
         with self._lock:
             self._db.close()
 
-    def add_many(self, messages: list[tuple[str, dict[str, Any]]]) -> int:
-        """Store ``(kind, message)`` pairs in one transaction; return how many were new (not duplicates)."""
+    def add_many(self, messages: list[tuple[str, dict[str, Any]]], raw: list[bytes] | None = None) -> int:
+        """Store ``(kind, message)`` pairs in one transaction; return how many were new (not duplicates).
+
+        ``raw`` may give each message's JSON as received, stored as is (saves encoding it again).
+        """
         new = 0
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                for kind, m in messages:
-                    new += self._insert(kind, m)
+                for i, (kind, m) in enumerate(messages):
+                    new += self._insert(kind, m, raw[i].decode() if raw is not None else None)
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -67,8 +70,8 @@ class Store:
         """Store one message; return False when its ``msg_id`` was already there."""
         return self.add_many([(kind, message)]) == 1
 
-    def _insert(self, kind: str, m: dict[str, Any]) -> int:
-        body = json.dumps(m, separators=(",", ":"))
+    def _insert(self, kind: str, m: dict[str, Any], body: str | None = None) -> int:
+        body = body or json.dumps(m, separators=(",", ":"))
         head = (m["msg_id"], m["device"], m["ts"], m["seq"])
         if kind == "bench":
             sql = "INSERT OR IGNORE INTO bench VALUES (?, ?, ?, ?, ?, ?, ?, ?)"

@@ -1,0 +1,69 @@
+"""Prometheus metrics for the fleet, from what the monitor stores (prometheus-client).
+
+Per device and variant: latency quantiles, power, energy per inference and accuracy of the latest
+benchmark; per device: online state and when it was last heard. Every power series carries a
+``source`` label (the sensor's key, ``estimated`` or ``not_measured``), so a dashboard can tell a
+measured watt from an estimated one. Plus the monitor's own counters.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Gauge, start_http_server
+from prometheus_client.core import CounterMetricFamily
+
+
+class FleetMetrics:
+    """Gauges updated from stored messages; pass :meth:`observe` as the monitor's ``on_message``."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.latency = Gauge("edgekit_latency_ms", "Latest benchmark latency percentile (ms, perf_counter_ns around invoke)",
+                             ["device", "variant", "quantile"], registry=r)
+        self.power = Gauge("edgekit_power_watts", "Average power during the latest benchmark (W)",
+                           ["device", "variant", "source"], registry=r)
+        self.energy = Gauge("edgekit_energy_per_inference_mj", "Energy per inference in the latest benchmark (mJ)",
+                            ["device", "variant", "source"], registry=r)
+        self.accuracy = Gauge("edgekit_accuracy_top1", "Top-1 accuracy on the shipped eval set (0-1)",
+                              ["device", "variant"], registry=r)
+        self.online = Gauge("edgekit_device_online", "1 when the device's last status says online", ["device"], registry=r)
+        self.last_seen = Gauge("edgekit_device_last_seen_seconds", "Unix time of the device's last message",
+                               ["device"], registry=r)
+
+    def observe(self, kind: str, msg: dict[str, Any]) -> None:
+        """Update the gauges from one stored message."""
+        device = msg["device"]
+        self.last_seen.labels(device).set(msg["ts"])
+        if kind == "status":
+            self.online.labels(device).set(1 if msg["state"] == "online" else 0)
+        elif kind == "bench":
+            variant = msg["variant"]
+            for q in ("p50", "p90", "p99"):
+                self.latency.labels(device, variant, q).set(msg["latency_ms"][q])
+            power = msg["power"]
+            source = power.get("sensor") or ("estimated" if power.get("estimated") else "not_measured")
+            if power.get("avg_w") is not None:
+                self.power.labels(device, variant, source).set(power["avg_w"])
+                self.energy.labels(device, variant, source).set(power["energy_per_inference_mj"])
+            if msg.get("accuracy"):
+                self.accuracy.labels(device, variant).set(msg["accuracy"]["value"])
+
+    def watch(self, monitor: Any) -> None:
+        """Also export the monitor's counters (received, stored, duplicates, invalid, gaps)."""
+        stats = monitor.stats
+
+        class _Counters:
+            def collect(self) -> Any:
+                fam = CounterMetricFamily("edgekit_monitor_messages", "Messages seen by this monitor worker", labels=["outcome"])
+                for outcome in ("received", "stored", "duplicates", "invalid", "gaps"):
+                    fam.add_metric([outcome], getattr(stats, outcome))
+                yield fam
+
+        self.registry.register(_Counters())
+
+    def serve(self, port: int, addr: str = "127.0.0.1") -> Any:
+        """Serve ``/metrics`` on ``addr:port``; return the server (``shutdown()`` stops it)."""
+        server, _thread = start_http_server(port, addr=addr, registry=self.registry)
+        return server

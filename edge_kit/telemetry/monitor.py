@@ -1,0 +1,217 @@
+"""`edgekit monitor`: subscribe to the fleet, check every message, store it once, raise alerts.
+
+Messages arrive on paho's network thread and are queued; a writer thread checks them against
+their schema (:func:`edge_kit.schema.decode` and :func:`~edge_kit.schema.check_body`), drops
+duplicates by ``msg_id`` and stores them in batches (one SQLite transaction per batch). Invalid
+payloads are counted and kept in the ``invalid`` table; nothing a device sends can stop the monitor.
+
+Several workers can share the load: with ``share="group"`` each worker subscribes to
+``$share/group/edgekit/v1/<fleet>/+/<kind>`` (MQTT 5 shared subscription) and the broker hands
+each message to one member of the group; all of them write the same store. Sequence gaps are then
+judged from the store rather than per worker.
+
+Alerts: a device whose status says offline, a benchmark that breaks the device's constraints, and a
+device silent for longer than ``silence_s``.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from device_agents.mqtt import make_client
+from edge_kit import schema
+from edge_kit.errors import AgentError
+from edge_kit.fleet.commands import broker_config
+from edge_kit.fleet.inventory import Fleet
+from edge_kit.profiles import load_profile
+from edge_kit.selection.constraints import Measured, describe, effective_constraints, violations
+from edge_kit.telemetry.store import Store
+
+STORED_KINDS = ("status", "bench", "telemetry")
+BATCH = 500
+
+
+@dataclass
+class Alert:
+    device: str
+    kind: str  # "offline", "constraints", "silent"
+    text: str
+    ts: float = field(default_factory=time.time)
+
+
+@dataclass
+class MonitorStats:
+    received: int = 0
+    stored: int = 0
+    duplicates: int = 0
+    invalid: int = 0
+    gaps: int = 0
+
+
+class Monitor:
+    """One monitor worker. ``start()``, then ``stop()``; ``stats`` and ``alerts`` are live."""
+
+    def __init__(self, fleet: Fleet, store: Store, *, share: str | None = None, silence_s: float = 180.0,
+                 on_message: Callable[[str, dict[str, Any]], None] | None = None, client_id: str | None = None,
+                 persistent: bool = False):
+        self.fleet = fleet
+        self.store = store
+        self.share = share
+        self.silence_s = silence_s
+        self.on_message = on_message
+        self.persistent = persistent  # keep the broker session (and its queued messages) across disconnects
+        self.stats = MonitorStats()
+        self.alerts: list[Alert] = []
+        self.last_seen: dict[str, float] = {}
+        self.constraints = {d.name: effective_constraints(load_profile(d.profile).constraints, d.constraints)
+                            for d in fleet.devices}
+        self._queue: queue.Queue = queue.Queue()
+        self._recent: OrderedDict[str, None] = OrderedDict()  # msg ids lately stored (cheap dedup before SQL)
+        self._seq: dict[tuple[str, str], int] = {}
+        self._stop = threading.Event()
+        self._connected = threading.Event()
+        self._refused: str | None = None
+        self._silent_alerted: set[str] = set()
+        cid = client_id or f"edgekit-monitor-{uuid.uuid4().hex[:8]}"
+        self.client = make_client(broker_config(fleet.broker), cid, password=fleet.broker.password("fleet file"),
+                                  v5=share is not None, clean=not persistent)
+        self.client.on_connect = self._on_connect
+        self.client.on_message = lambda _c, _u, m: self._queue.put((m.topic, m.payload))
+        self._writer = threading.Thread(target=self._write_loop, daemon=True, name="monitor-writer")
+
+    def _on_connect(self, client: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        if reason.is_failure:
+            self._refused = str(reason)
+        else:
+            client.subscribe([(schema.subscription(self.fleet.fleet, k, share=self.share), 1) for k in STORED_KINDS])
+        self._connected.set()
+
+    def start(self, timeout: float = 10.0) -> Monitor:
+        """Connect and start storing.
+
+        Raises:
+            AgentError: the broker cannot be reached or refuses the connection.
+        """
+        b = self.fleet.broker
+        self._writer.start()
+        try:
+            if self.share is not None:  # MQTT 5: a persistent session is a session expiry interval
+                props = Properties(PacketTypes.CONNECT)
+                props.SessionExpiryInterval = 3600 if self.persistent else 0
+                self.client.connect(b.host, b.port, keepalive=30, clean_start=not self.persistent, properties=props)
+            else:
+                self.client.connect(b.host, b.port, keepalive=30)
+        except OSError as exc:
+            raise AgentError(f"cannot reach the MQTT broker at {b.host}:{b.port} ({exc.strerror or exc})") from None
+        self.client.loop_start()
+        if not self._connected.wait(timeout) or self._refused:
+            self.stop()
+            raise AgentError(f"the MQTT broker at {b.host}:{b.port} refused the monitor ({self._refused or 'timeout'})")
+        return self
+
+    def stop(self, drain_s: float = 2.0) -> None:
+        """Disconnect, store what is queued (up to ``drain_s``), stop the writer."""
+        self.client.disconnect()
+        self.client.loop_stop()
+        deadline = time.monotonic() + drain_s
+        while not self._queue.empty() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self._stop.set()
+        if self._writer.is_alive():
+            self._writer.join(timeout=5)
+
+    def backlog(self) -> int:
+        """Return how many received messages wait to be stored."""
+        return self._queue.qsize()
+
+    # --- the writer thread ------------------------------------------------------------------------
+
+    def _write_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                first = self._queue.get(timeout=0.2)
+            except queue.Empty:
+                self._check_silence()
+                continue
+            batch = [first]
+            while len(batch) < BATCH:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            self._store(batch)
+
+    def _store(self, batch: list[tuple[str, bytes]]) -> None:
+        good: list[tuple[str, dict[str, Any]]] = []
+        raw: list[bytes] = []
+        for topic, payload in batch:
+            self.stats.received += 1
+            try:
+                fleet, device, kind = schema.parse_topic(topic)
+                msg = schema.check_body(kind, schema.decode(payload, kind))
+                if msg["device"] != device or msg["fleet"] != fleet:
+                    raise schema.MessageError(f"message names {msg['fleet']}/{msg['device']} but came on {topic}")
+            except schema.MessageError as exc:
+                self.stats.invalid += 1
+                self.store.add_invalid(topic, str(exc), payload)
+                continue
+            if msg["msg_id"] in self._recent:
+                self.stats.duplicates += 1
+                continue
+            good.append((kind, msg))
+            raw.append(payload)
+        if not good:
+            return
+        new = self.store.add_many(good, raw)
+        self.stats.duplicates += len(good) - new
+        self.stats.stored += new
+        for kind, msg in good:
+            self._recent[msg["msg_id"]] = None
+            self.last_seen[msg["device"]] = time.time()
+            self._silent_alerted.discard(msg["device"])
+            if self.share is None:
+                self._check_seq(kind, msg)
+            self._check_alerts(kind, msg)
+            if self.on_message:
+                self.on_message(kind, msg)
+        while len(self._recent) > 100_000:
+            self._recent.popitem(last=False)
+
+    def _check_seq(self, kind: str, msg: dict[str, Any]) -> None:
+        if kind == "status":
+            return  # retained and replaced, not a stream
+        key = (msg["device"], kind)
+        last = self._seq.get(key)
+        if last is not None and msg["seq"] > last + 1:
+            self.stats.gaps += 1
+            self.store.add_gap(msg["device"], kind, last + 1, msg["seq"] - 1)
+        if last is None or msg["seq"] > last:
+            self._seq[key] = msg["seq"]
+
+    def _check_alerts(self, kind: str, msg: dict[str, Any]) -> None:
+        device = msg["device"]
+        if kind == "status" and msg["state"] == "offline":
+            self.alerts.append(Alert(device, "offline", f"{device} went offline"))
+        elif kind == "bench" and device in self.constraints:
+            c = self.constraints[device]
+            broken = violations(c, Measured.from_record(msg, msg.get("model_bytes") or 0), None)
+            if broken:
+                self.alerts.append(Alert(device, "constraints", f"{device} {msg['variant']}: breaks "
+                                                                f"{', '.join(describe(k, c) for k in broken)}"))
+
+    def _check_silence(self) -> None:
+        now = time.time()
+        for device, seen in list(self.last_seen.items()):
+            if now - seen > self.silence_s and device not in self._silent_alerted:
+                self._silent_alerted.add(device)
+                self.alerts.append(Alert(device, "silent", f"{device} silent for {now - seen:.0f} s"))

@@ -1,0 +1,153 @@
+"""`edgekit report`: one self-contained HTML file a person reads (plotly.js inlined, no network).
+
+Per device profile: latency p90 against top-1 accuracy for every variant measured on every device
+of that profile, with the profile's constraint lines (max p90; min accuracy as a share of the fp32
+variant's) and each device's chosen variant marked; energy per inference per variant, each bar
+saying whether its figure was measured (sensor name) or estimated. Then the fleet table. Every
+figure is the latest benchmark record in the history store; simulated devices are labelled.
+"""
+
+from __future__ import annotations
+
+import html
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from edge_kit.fsutil import atomic_write_text
+from edge_kit.profiles import Profile, load_profile
+from edge_kit.telemetry.store import Store
+
+_CSS = """
+body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
+h1{font-size:1.6em}h2{margin-top:2em;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;width:100%;font-size:13px}th,td{padding:4px 8px;border-bottom:1px solid #eee;text-align:left}
+td.num{text-align:right;font-variant-numeric:tabular-nums}.bad{color:#b00}.note{color:#666;font-size:12px}
+"""
+
+
+def _power_source(rec: dict[str, Any]) -> str:
+    p = rec.get("power") or {}
+    return p.get("sensor") or ("estimated" if p.get("estimated") else "not measured")
+
+
+def _profile_figures(profile: Profile, records: list[dict[str, Any]], chosen: dict[str, str | None]) -> list[Any]:
+    import plotly.graph_objects as go
+
+    by_variant: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        by_variant[r["variant"]].append(r)
+    fp32 = [r["accuracy"]["value"] for r in by_variant.get("fp32", []) if r.get("accuracy")]
+    scatter = go.Figure()
+    for variant, recs in sorted(by_variant.items()):
+        pts = [r for r in recs if r.get("accuracy")]
+        if not pts:
+            continue
+        scatter.add_trace(go.Scatter(
+            x=[r["latency_ms"]["p90"] for r in pts], y=[100 * r["accuracy"]["value"] for r in pts], mode="markers",
+            name=variant, marker={"size": 10},
+            text=[f"{r['device']}{' (simulated)' if r.get('simulated') else ''}" for r in pts],
+            hovertemplate="%{text}<br>p90 %{x:.4g} ms<br>top-1 %{y:.2f} %<extra>" + variant + "</extra>"))
+    picks = [r for r in records if chosen.get(r["device"]) == r["sha256"] and r.get("accuracy")]
+    if picks:
+        scatter.add_trace(go.Scatter(
+            x=[r["latency_ms"]["p90"] for r in picks], y=[100 * r["accuracy"]["value"] for r in picks], mode="markers",
+            name="chosen", marker={"symbol": "star", "size": 20, "color": "rgba(0,0,0,0)", "line": {"width": 2, "color": "#111"}},
+            text=[f"{r['device']}: {r['variant']}" for r in picks], hovertemplate="%{text}<extra>chosen</extra>"))
+    c = profile.constraints
+    if c.max_latency_p90_ms is not None:
+        scatter.add_vline(x=c.max_latency_p90_ms, line_dash="dash", line_color="#b00",
+                          annotation_text=f"max p90 {c.max_latency_p90_ms:g} ms")
+    if c.min_accuracy_ratio is not None and fp32:
+        floor = 100 * c.min_accuracy_ratio * sum(fp32) / len(fp32)
+        scatter.add_hline(y=floor, line_dash="dash", line_color="#b00",
+                          annotation_text=f"min accuracy {c.min_accuracy_ratio:g} x fp32 = {floor:.2f} %")
+    scatter.update_layout(title=f"{profile.name}: latency vs accuracy (latest benchmark per device and variant)",
+                          xaxis_title="p90 latency (ms), perf_counter_ns around invoke()", yaxis_title="top-1 accuracy (%)",
+                          height=460, margin={"t": 60})
+    bars = go.Figure()
+    variants = sorted(v for v, recs in by_variant.items() if any((r.get("power") or {}).get("energy_per_inference_mj") is not None for r in recs))
+    for source in sorted({_power_source(r) for r in records}):
+        ys, texts = [], []
+        for v in variants:
+            vals = [r["power"]["energy_per_inference_mj"] for r in by_variant[v]
+                    if _power_source(r) == source and r["power"].get("energy_per_inference_mj") is not None]
+            ys.append(sum(vals) / len(vals) if vals else None)
+            texts.append(f"{len(vals)} device(s)")
+        bars.add_trace(go.Bar(x=variants, y=ys, name=f"{source}", text=texts,
+                              hovertemplate="%{x}: %{y:.4g} mJ<br>%{text}<extra>" + source + "</extra>"))
+    bars.update_layout(title=f"{profile.name}: energy per inference (mean over devices; legend: how it was obtained)",
+                       yaxis_title="mJ per inference", barmode="group", height=380, margin={"t": 60})
+    return [scatter, bars]
+
+
+def _fleet_rows(store: Store) -> tuple[list[str], list[list[str]]]:
+    status, latest = store.latest_status(), store.latest_bench()
+    decisions: dict[str, dict[str, Any]] = {}
+    for d in store.decisions(limit=100_000):
+        decisions.setdefault(d["device"], d)  # newest first
+    head = ["device", "profile", "state", "running", "decision", "p90 ms", "top-1", "mJ/inference", "power source", "simulated"]
+    rows = []
+    for device in sorted(set(status) | {d for d, _ in latest} | set(decisions)):
+        st = status.get(device, {})
+        cur = (st.get("current") or {})
+        rec = latest.get((device, cur.get("sha256"))) if cur else None
+        dec = decisions.get(device)
+        verdict = "-" if not dec else (f"{dec['chosen']} (feasible)" if dec["feasible"] else
+                                       f"<span class=bad>{html.escape(str(dec['chosen']))} infeasible: "
+                                       f"{html.escape(', '.join(dec.get('violates') or []))}</span>")
+        rows.append([html.escape(device), html.escape(str((rec or {}).get("profile") or st.get("profile") or "-")),
+                     html.escape(st.get("state", "never seen")), html.escape(cur.get("variant") or "-"),
+                     verdict if dec and not dec["feasible"] else html.escape(verdict),
+                     f"{rec['latency_ms']['p90']:.4g}" if rec else "-",
+                     f"{100 * rec['accuracy']['value']:.2f} %" if rec and rec.get("accuracy") else "-",
+                     f"{rec['power']['energy_per_inference_mj']:.4g}" if rec and rec["power"].get("energy_per_inference_mj") is not None else "-",
+                     html.escape(_power_source(rec)) if rec else "-", "yes" if rec and rec.get("simulated") else "no"])
+    return head, rows
+
+
+def build_report(store: Store, out: Path, title: str = "edge-kit fleet report") -> dict[str, Any]:
+    """Write the report to ``out`` (atomically); return what it holds (profiles, devices, plots).
+
+    Raises:
+        OSError: ``out`` cannot be written.
+    """
+    import plotly.offline
+
+    latest = list(store.latest_bench().values())
+    decisions: dict[str, str | None] = {}
+    for d in store.decisions(limit=100_000):
+        decisions.setdefault(d["device"], d.get("chosen_sha256"))
+    status = store.latest_status()
+    running = {dev: ((m.get("current") or {}).get("sha256")) for dev, m in status.items()}
+    chosen = {dev: decisions.get(dev) or running.get(dev) for dev in {r["device"] for r in latest}}
+    by_profile: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in latest:
+        by_profile[r.get("profile") or "unknown"].append(r)
+    sections, plots = [], 0
+    for name in sorted(by_profile):
+        try:
+            profile = load_profile(name)
+        except Exception:  # noqa: BLE001 - a record from a profile this host does not know
+            continue
+        figs = _profile_figures(profile, by_profile[name], chosen)
+        plots += len(figs)
+        devices = sorted({r["device"] for r in by_profile[name]})
+        sections.append(f"<h2>{html.escape(name)}</h2><p class=note>{html.escape(profile.description)}; devices: "
+                        f"{html.escape(', '.join(devices))}</p>"
+                        + "".join(f.to_html(full_html=False, include_plotlyjs=False, config={"displaylogo": False}) for f in figs))
+    head, rows = _fleet_rows(store)
+    table = ("<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"
+             + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows) + "</table>")
+    simulated = any(r.get("simulated") for r in latest)
+    page = (f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title)}</title><style>{_CSS}</style>"
+            f"<script>{plotly.offline.get_plotlyjs()}</script></head><body><h1>{html.escape(title)}</h1>"
+            f"<p class=note>Generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')} from {html.escape(str(store.path))}: "
+            f"{len(latest)} latest benchmark records. Latency is measured on each device with perf_counter_ns around "
+            "interpreter.invoke(); accuracy on the eval set shipped with the artifacts; energy per inference comes from "
+            "the power sensor named in the legend, or is an estimate from the profile's idle/busy watts and CPU use."
+            + (" Some devices are simulated: their figures are measurements of the simulating machine." if simulated else "")
+            + "</p>" + "".join(sections) + f"<h2>Fleet</h2>{table}</body></html>")
+    atomic_write_text(Path(out), page)
+    return {"out": str(out), "profiles": sorted(by_profile), "devices": len(rows), "plots": plots, "records": len(latest)}

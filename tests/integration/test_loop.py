@@ -1,0 +1,89 @@
+"""The closed loop on a simulated fleet of mixed profiles: tune, select --explain, report, demo."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+import yaml
+
+from edge_kit.telemetry.store import Store
+
+pytestmark = pytest.mark.integration
+PROFILES = ("rpi4", "rpi5", "coral-usb")
+
+
+@pytest.fixture(scope="module")
+def mixed_artifacts(digits_files, tmp_path_factory):
+    from edge_kit.compiler.pipeline import CompileRequest, compile_model
+    from edge_kit.profiles import load_profile
+
+    profiles = []
+    for name in PROFILES:
+        p = load_profile(name)
+        profiles.append(p.model_copy(update={"variants": [v for v in p.variants if v in ("fp32", "dynamic-int8", "int8")]}))
+    out = tmp_path_factory.mktemp("mixed")
+    compile_model(CompileRequest(digits_files.model, profiles, out, calib=digits_files.calib, eval=digits_files.eval))
+    return out / "digits"
+
+
+def test_tune_leaves_every_device_feasible_or_flagged_and_a_second_run_changes_nothing(sim, mixed_artifacts, run_cli,
+                                                                                      tmp_path):
+    simfleet, fleet = sim(3, PROFILES)
+    data = yaml.safe_load(simfleet.fleet_file.read_text())
+    data["devices"][0]["constraints"] = {"max_model_mb": 0.5}  # rpi4-1: fp32 (0.76 MB) does not fit
+    data["devices"][1]["constraints"] = {"max_latency_p90_ms": 0.000001}  # rpi5-1: nothing is that fast
+    simfleet.fleet_file.write_text(yaml.safe_dump(data))
+    args = ["tune", "--fleet", simfleet.fleet_file, "--artifacts", mixed_artifacts, "--min-runs", "50",
+            "--min-seconds", "0.2", "--json"]
+    code, out, err = run_cli(*args)
+    assert code == 0, err
+    report = json.loads(out)
+    assert len(report["rounds"]) <= 2 and report["silent"] == {}
+    final = report["final"]
+    assert final["rpi4-1"]["feasible"] and final["rpi4-1"]["chosen"] in ("dynamic-int8", "int8")
+    fp32_row = next(r for r in final["rpi4-1"]["table"] if r["variant"] == "fp32")
+    assert fp32_row["violates"] == ["model <= 0.5 MB"]
+    assert not final["rpi5-1"]["feasible"] and final["rpi5-1"]["violates"] == ["p90 <= 1e-06 ms"]
+    assert final["coral-usb-1"]["feasible"] and final["coral-usb-1"]["chosen"] == "int8"
+    store = Store(simfleet.workdir / "edgekit-history.db")
+    status = store.latest_status()
+    for name, d in final.items():  # every device runs what was chosen
+        assert status[name]["current"]["variant"] == d["chosen"], name
+    measured = store.count("bench")
+    code, out, err = run_cli(*args)
+    again = json.loads(out)
+    assert code == 0 and again["deploy"]["counts"]["skipped"] == 3
+    assert [r["switched"] for r in again["rounds"]] == [[]] and again["rounds"][0]["measured"] == 0
+    assert store.count("bench") == measured
+    code, out, err = run_cli("select", "--fleet", simfleet.fleet_file, "--artifacts", mixed_artifacts, "--explain")
+    assert code == 0 and "model <= 0.5 MB" in out and "NO" in out and "stays on" in out
+
+    html = tmp_path / "report.html"
+    code, out, err = run_cli("report", "--fleet", simfleet.fleet_file, "--out", html, "--json")
+    info = json.loads(out)
+    assert code == 0 and info["profiles"] == sorted(PROFILES) and info["plots"] == 6 and info["devices"] == 3
+    assert "https://" not in html.read_text().split("<body>")[1][:2000]  # no network needed for the page itself
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "chromium is missing: run `bash .ci/setup` (it installs the Debian package)"
+    dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=15000",
+                          "--dump-dom", html.as_uri()], capture_output=True, text=True, timeout=120, check=True).stdout
+    assert dom.count('class="main-svg"') >= 12  # every plot was drawn (plotly draws 2+ svg layers per plot)
+    assert dom.count('class="point"') >= 7  # one marker per device and variant, plus the chosen stars
+    (tmp_path / "dom.html").write_text(dom)
+    assert 'data-unformatted="chosen"' in dom and "max p90 50 ms" in dom, tmp_path / "dom.html"
+
+
+def test_demo_runs_the_whole_loop_and_cleans_up(run_cli):
+    code, out, err = run_cli("demo", "--devices", "2", "--profiles", "rpi4,coral-usb", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert [r["device"] for r in result["devices"]] == ["rpi4-1", "coral-usb-1"]
+    for row in result["devices"]:
+        assert row["variant"] and row["feasible"] and row["simulated"] is True and row["p90_ms"] > 0
+        assert row["accuracy"] > 0.9 and row["power_method"].startswith("estimated:")
+    assert result["kept"] is False and not __import__("pathlib").Path(result["workdir"]).exists()
+    leftovers = subprocess.run(["pgrep", "-f", result["workdir"]], capture_output=True, text=True).stdout.split()
+    assert leftovers == []  # no sshd, broker or agent left behind

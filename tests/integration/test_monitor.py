@@ -1,0 +1,150 @@
+"""The fleet monitor against a real Mosquitto: validation, dedup, gaps, alerts, metrics, shared subscriptions."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+
+import paho.mqtt.client as mqtt
+import pytest
+from harness import wait_until
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edge_kit import schema
+from edge_kit.fleet.inventory import load_fleet
+from edge_kit.sim.broker import free_port
+from edge_kit.telemetry.metrics import FleetMetrics
+from edge_kit.telemetry.monitor import Monitor
+from edge_kit.telemetry.store import Store
+
+pytestmark = pytest.mark.integration
+FLEET = "mon"
+
+
+@pytest.fixture
+def fleet(mosquitto, tmp_path):
+    path = tmp_path / "fleet.yaml"
+    path.write_text(f"fleet: {FLEET}\nbroker: {{host: 127.0.0.1, port: {mosquitto.port}}}\n"
+                    "defaults: {user: edgekit, profile: rpi4}\n"
+                    "devices:\n  - {name: d1, host: 127.0.0.1}\n  - {name: d2, host: 127.0.0.1}\n")
+    return load_fleet(path)
+
+
+@pytest.fixture
+def publisher(mosquitto):
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="test-publisher")
+    client.connect(mosquitto.host, mosquitto.port)
+    client.loop_start()
+    yield client
+    client.disconnect()
+    client.loop_stop()
+
+
+def bench(device: str, seq: int, p90: float = 5.0, variant: str = "int8") -> dict:
+    return schema.envelope("bench", FLEET, device, seq, {
+        "variant": variant, "sha256": "a" * 64, "model_bytes": 200_000, "profile": "rpi4", "runs": 100,
+        "latency_ms": {"p50": p90 / 2, "p90": p90, "p99": p90 * 1.2, "mean": p90 / 2, "std": 0.1, "min": 0.1, "max": p90 * 2},
+        "power": {"measured": True, "estimated": False, "sensor": "ina219", "avg_w": 4.2, "energy_per_inference_mj": 0.5,
+                  "method": "ina219"}, "accuracy": {"metric": "top1", "value": 0.99, "samples": 360}, "simulated": False})
+
+
+def send(client, kind: str, payload: bytes | dict, device: str = "d1") -> None:
+    data = schema.encode(payload) if isinstance(payload, dict) else payload
+    client.publish(schema.topic(FLEET, device, kind), data, qos=1).wait_for_publish(5)
+
+
+def test_malformed_and_duplicate_messages_leave_each_valid_record_once(fleet, publisher, tmp_path):
+    store = Store(tmp_path / "h.db")
+    mon = Monitor(fleet, store).start()
+    try:
+        records = [bench("d1", i) for i in range(1, 6)]
+        for rec in records:
+            send(publisher, "bench", rec)
+            send(publisher, "bench", rec)  # a QoS 1 redelivery or a spool replay
+        send(publisher, "bench", records[0])
+        bad = [b"not json", b"[]", schema.encode({**bench("d1", 9), "latency_ms": {"p90": "fast"}}),
+               schema.encode({k: v for k, v in bench("d1", 9).items() if k != "msg_id"}),
+               schema.encode({**bench("d1", 9), "device": "d2"}),  # names d2, came on d1's topic
+               schema.encode(schema.envelope("status", FLEET, "d1", 1, {"state": "sleeping"})), b"\xff" * 10]
+        for payload in bad:
+            send(publisher, "bench" if b"sleeping" not in payload else "status", payload)
+        send(publisher, "bench", bench("d1", 8))  # 6 and 7 never come: a gap
+        assert wait_until(lambda: mon.stats.received == 5 * 2 + 1 + len(bad) + 1, 20), mon.stats
+    finally:
+        mon.stop()
+    assert store.count("bench") == 6 and mon.stats.stored == 6
+    assert mon.stats.duplicates == 6 and mon.stats.invalid == len(bad) == store.count("invalid")
+    assert mon.stats.gaps == 1
+    assert sorted(r["seq"] for r in store.bench_records("d1")) == [1, 2, 3, 4, 5, 8]
+
+
+def test_alerts_for_offline_broken_constraints_and_silence(fleet, publisher, tmp_path):
+    mon = Monitor(fleet, Store(tmp_path / "h.db"), silence_s=1.0).start()
+    try:
+        send(publisher, "status", schema.envelope("status", FLEET, "d2", 1, {"state": "offline"}), device="d2")
+        send(publisher, "bench", bench("d1", 1, p90=80.0))  # rpi4 allows p90 <= 50 ms
+        assert wait_until(lambda: {a.kind for a in mon.alerts} >= {"offline", "constraints", "silent"}, 10), mon.alerts
+    finally:
+        mon.stop()
+    texts = [a.text for a in mon.alerts]
+    assert "d2 went offline" in texts and "d1 int8: breaks p90 <= 50 ms" in texts
+
+
+def test_prometheus_endpoint_exports_per_device_and_variant_series(fleet, publisher, tmp_path):
+    metrics = FleetMetrics()
+    mon = Monitor(fleet, Store(tmp_path / "h.db"), on_message=metrics.observe)
+    metrics.watch(mon)
+    port = free_port()
+    server = metrics.serve(port)
+    mon.start()
+    try:
+        send(publisher, "bench", bench("d1", 1, p90=7.5))
+        send(publisher, "status", schema.envelope("status", FLEET, "d1", 1, {"state": "online"}))
+        assert wait_until(lambda: mon.stats.stored == 2, 10)
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    finally:
+        mon.stop()
+        server.shutdown()
+    assert 'edgekit_latency_ms{device="d1",quantile="p90",variant="int8"} 7.5' in text
+    assert 'edgekit_power_watts{device="d1",source="ina219",variant="int8"} 4.2' in text
+    assert 'edgekit_accuracy_top1{device="d1",variant="int8"} 0.99' in text
+    assert 'edgekit_device_online{device="d1"} 1.0' in text
+    assert 'edgekit_monitor_messages_total{outcome="stored"} 2.0' in text
+
+
+def test_two_workers_on_a_shared_subscription_split_the_stream_with_nothing_lost_or_doubled(fleet, publisher, tmp_path):
+    store_path = tmp_path / "h.db"
+    workers = [Monitor(fleet, Store(store_path), share="edgekit").start() for _ in range(2)]
+    try:
+        n = 400
+        for i in range(1, n + 1):
+            publisher.publish(schema.topic(FLEET, f"d{1 + i % 2}", "bench"), schema.encode(bench(f"d{1 + i % 2}", i)), qos=1)
+        assert wait_until(lambda: sum(w.stats.stored for w in workers) >= n, 30)
+        time.sleep(0.3)
+    finally:
+        for w in workers:
+            w.stop()
+    counts = [w.stats.stored for w in workers]
+    assert sum(counts) == n and min(counts) > n // 4  # both took a share
+    assert Store(store_path).count("bench") == n
+
+
+def test_monitor_cli_json_summary_and_fleet_status(fleet, publisher, tmp_path, run_cli, mosquitto):
+    fleet_file = tmp_path / "fleet.yaml"
+    import threading
+
+    def feed():
+        time.sleep(1.0)
+        send(publisher, "status", schema.envelope("status", FLEET, "d1", 1, {"state": "online",
+                                                                           "current": {"variant": "int8", "sha256": "a" * 64}}))
+        send(publisher, "bench", bench("d1", 1, p90=3.25))
+        send(publisher, "bench", b"garbage")
+
+    threading.Thread(target=feed, daemon=True).start()
+    code, out, err = run_cli("monitor", "--fleet", fleet_file, "--duration", "3", "--json")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["stored"] == 2 and summary["invalid"] == 1
+    code, out, err = run_cli("fleet", "status", "--fleet", fleet_file)
+    assert code == 0 and "d1" in out and "int8" in out and "3.25" in out and "never seen" in out

@@ -1,0 +1,26 @@
+"""The host history store: one row per message id, latest views."""
+
+from __future__ import annotations
+
+from edge_kit import schema
+from edge_kit.telemetry.store import Store
+
+
+def bench(device, sha, p90, seq):
+    return schema.envelope("bench", "f", device, seq, {"variant": "int8", "sha256": sha, "latency_ms": {"p90": p90},
+                                                       "runs": 10, "power": {}, "simulated": False})
+
+
+def test_duplicates_are_stored_once_and_latest_views_pick_the_newest(tmp_path):
+    store = Store(tmp_path / "h.db")
+    a, b = bench("d1", "s1", 1.0, 1), bench("d1", "s1", 2.0, 2)
+    b["ts"] = a["ts"] + 1
+    assert store.add_many([("bench", a), ("bench", a), ("bench", b)]) == 2
+    assert not store.add("bench", a)
+    assert store.count("bench") == 2
+    assert store.latest_bench()[("d1", "s1")]["latency_ms"]["p90"] == 2.0
+    off = schema.envelope("status", "f", "d1", 1, {"state": "offline"})
+    store.add("status", off)
+    assert store.latest_status()["d1"]["state"] == "offline"
+    store.add_decision({"device": "d1", "chosen": "int8", "current": None, "feasible": True, "switch": True})
+    assert store.decisions("d1")[0]["chosen"] == "int8"
