@@ -102,7 +102,7 @@ def _ingest_rate(tmp_path, broker, n: int, workers: int, tag: str) -> tuple[floa
                           "defaults: {user: x, profile: rpi4}\ndevices:\n" + "".join(
                               f"  - {{name: d{i}, host: 127.0.0.1}}\n" for i in range(50)))
     store = tmp_path / f"{tag}.db"
-    share = "ingest" if workers > 1 else ""
+    share = f"ingest-{tag}" if workers > 1 else ""  # a fresh group: earlier runs' sessions are still members
     procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(fleet_file), str(store), share, f"{tag}-{w}"],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for w in range(workers)]
     for p in procs:
@@ -129,14 +129,21 @@ def _ingest_rate(tmp_path, broker, n: int, workers: int, tag: str) -> tuple[floa
 
 def test_monitor_ingest_one_and_two_workers(tmp_path, figure, benchmark):
     n = 20_000
+    ones, twos = [], []
     with MosquittoBroker(tmp_path / "broker") as broker:
-        one, stored1, rows1 = _ingest_rate(tmp_path, broker, n, 1, "one")
-        two, stored2, rows2 = benchmark.pedantic(_ingest_rate, args=(tmp_path, broker, n, 2, "two"), rounds=1, iterations=1)
-    assert stored1 == rows1 == n and stored2 == rows2 == n  # none lost, none doubled
+        for r in range(2):  # interleaved: this shared machine's speed drifts between runs
+            rate, stored, rows = _ingest_rate(tmp_path, broker, n, 1, f"one{r}")
+            assert stored == rows == n  # none lost, none doubled
+            ones.append(rate)
+            rate, stored, rows = benchmark.pedantic(_ingest_rate, args=(tmp_path, broker, n, 2, f"two{r}"),
+                                                    rounds=1, iterations=1) if r == 0 else _ingest_rate(tmp_path, broker, n, 2, f"two{r}")
+            assert stored == rows == n
+            twos.append(rate)
+    one, two = sum(ones) / 2, sum(twos) / 2
     figure("monitor: bench records/s stored by one worker", f"{one:,.0f}", ">= 5,000",
-           f"{n:,} records queued on loopback Mosquitto, drained into SQLite (WAL), none lost")
+           f"mean of 2 runs, {n:,} records queued on loopback Mosquitto, drained into SQLite (WAL), none lost")
     figure("monitor: two workers on a shared subscription / one worker", f"{two / one:.2f}", ">= 1.7",
-           f"{two:,.0f}/s vs {one:,.0f}/s, one store file, {n:,} records each run, none lost or doubled")
+           f"{two:,.0f}/s vs {one:,.0f}/s (means of 2 interleaved runs), one store file, none lost or doubled")
 
 
 def test_select_for_ten_thousand_devices(figure, benchmark):

@@ -88,7 +88,6 @@ def main(argv: list[str] | None = None) -> None:
     i.add_argument("--sha256", help="expected sha256 (from the manifest); refuse the file if it differs")
     i.add_argument("--eval", type=Path, help="eval.npz shipped with the artifacts")
     i.add_argument("--move", action="store_true", help="delete the source file once installed (uploads)")
-    i.add_argument("--activate", action="store_true", help="then activate it (safe path: smoke inference in a child)")
     a = sub.add_parser("activate", help="make an installed model current, after a smoke inference in a child")
     a.add_argument("--sha256")
     a.add_argument("--variant")
@@ -150,8 +149,6 @@ def _store_command(args: argparse.Namespace) -> None:
             if args.move:
                 args.model.unlink(missing_ok=True)
             out = {"sha256": done.sha256, "variant": done.variant, "model": done.model, "fresh": done.fresh}
-            if args.activate:
-                out["activation"] = store.activate(done.sha256)
         elif args.command == "activate":
             if not (args.sha256 or args.variant):
                 raise StoreError("activate: give --sha256 or --variant")

@@ -159,24 +159,28 @@ def sim_up(
     profiles: Annotated[str, typer.Option(help="Comma-separated profiles, cycled over the devices.")] = "rpi4,rpi5,coral-usb",
     workdir: SimDirOpt = Path(".edgekit-sim"),
     embedded_broker: Annotated[bool, typer.Option("--embedded-broker", help="Use the embedded broker even when Mosquitto is installed.")] = False,
+    embedded_ssh: Annotated[bool, typer.Option("--embedded-ssh", help="Use the embedded SSH server even when sshd is installed.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Start a broker and N virtual devices (sshd + the real agent each); writes DIR/fleet.yaml."""
+    """Start a broker and N virtual devices (an SSH server + the real agent each); writes DIR/fleet.yaml."""
     from edge_kit.cli import err
     from edge_kit.sim.fleet import SimFleet
 
     sim = SimFleet(workdir)
     with err.status("starting the simulated fleet") as status:
         fleet = sim.up(devices, [p.strip() for p in profiles.split(",") if p.strip()], embedded_broker=embedded_broker or None,
-                       progress=lambda msg: status.update(msg))
-    info = {"fleet_file": str(sim.fleet_file), "broker": sim.state()["broker"],
-            "devices": [{"name": d.name, "profile": d.profile, "ssh": f"{d.host}:{d.port}", "root": d.root} for d in fleet.devices]}
+                       embedded_ssh=embedded_ssh or None, progress=lambda msg: status.update(msg))
+    state = sim.state()
+    kinds = {d["name"]: d["ssh"] for d in state["devices"]}
+    info = {"fleet_file": str(sim.fleet_file), "broker": state["broker"],
+            "devices": [{"name": d.name, "profile": d.profile, "ssh": f"{d.host}:{d.port}", "ssh_server": kinds[d.name],
+                         "root": d.root} for d in fleet.devices]}
     if as_json:
         _emit_json(info)
         return
-    t = Table("device", "profile", "ssh", "root", box=box.SIMPLE_HEAD, pad_edge=False)
+    t = Table("device", "profile", "ssh", "server", "root", box=box.SIMPLE_HEAD, pad_edge=False)
     for d in info["devices"]:
-        t.add_row(d["name"], d["profile"], d["ssh"], d["root"])
+        t.add_row(d["name"], d["profile"], d["ssh"], d["ssh_server"], d["root"])
     out.print(t)
     out.print(f"broker: {info['broker']['kind']} on 127.0.0.1:{info['broker']['port']}; fleet file: {sim.fleet_file}")
     out.print(f"measurements are this machine's, marked simulated; stop with: edgekit sim down --dir {workdir}")

@@ -112,7 +112,7 @@ class AgentState:
     restarted_at: float | None  # host clock, when the service was (re)started
 
 
-def ensure_agent(shell: DeviceShell, fleet: Fleet, restart: bool = False) -> AgentState:
+def ensure_agent(shell: DeviceShell, fleet: Fleet) -> AgentState:
     """Make the device run the current agent code with its current config.
 
     Returns:
@@ -143,7 +143,7 @@ def ensure_agent(shell: DeviceShell, fleet: Fleet, restart: bool = False) -> Age
         changed.append("agent.yaml")
     systemd = dev.user == "root" and info["systemd"]
     running = _is_running(shell, systemd)
-    if running and not changed and not restart:
+    if running and not changed:
         return AgentState(changed, None)
     started = time.time()
     if systemd:

@@ -64,7 +64,7 @@ class SimFleet:
             return None
 
     def up(self, count: int, profiles: list[str], *, embedded_broker: bool | None = None,
-           progress: Callable[[str], None] | None = None) -> Fleet:
+           embedded_ssh: bool | None = None, progress: Callable[[str], None] | None = None) -> Fleet:
         """Start the broker, ``count`` devices and their agents; return the fleet.
 
         Raises:
@@ -89,11 +89,11 @@ class SimFleet:
             known = []
             devices = []
             for name, profile in device_names(count, profiles):
-                step(f"starting sshd for {name}")
+                step(f"starting the SSH server for {name}")
                 folder = self.workdir / "devices" / name
-                ssh = SshEndpoint(folder / "ssh", public).start()
+                ssh = SshEndpoint(folder / "ssh", public, embedded=embedded_ssh).start()
                 state["devices"].append({"name": name, "profile": profile, "sshd_pid": ssh.proc.pid, "port": ssh.port,
-                                         "root": str(folder / "root")})
+                                         "ssh": ssh.kind, "root": str(folder / "root")})
                 self._save(state)
                 known.append(known_hosts_line(ssh.host, ssh.port, ssh.host_public))
                 devices.append({"name": name, "host": ssh.host, "port": ssh.port, "profile": profile,

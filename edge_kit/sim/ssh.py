@@ -1,7 +1,8 @@
 """SSH endpoints for virtual devices: OpenSSH's sshd on a loopback port, with its own host key.
 
 Each virtual device gets one ``sshd -D`` with a fresh ed25519 host key, public-key login only
-(the simulated fleet's own key pair), and ``internal-sftp``. The host keys are known in advance, so
+(the simulated fleet's own key pair), and ``internal-sftp``; where sshd is not installed, the
+embedded server of :mod:`edge_kit.sim.embedded_ssh` with the same keys. The host keys are known in advance, so
 ``sim up`` writes a ``known_hosts`` that the deploy tool checks like any other.
 """
 
@@ -11,6 +12,7 @@ import getpass
 import os
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,16 +62,21 @@ class SshEndpoint:
     host: str = "127.0.0.1"
     proc: subprocess.Popen | None = None
     host_public: str = ""
+    embedded: bool | None = None  # None: OpenSSH's sshd when installed, else the embedded server
+
+    @property
+    def kind(self) -> str:
+        return "embedded (paramiko)" if self.embedded else "OpenSSH sshd"
 
     def start(self) -> SshEndpoint:
-        """Start sshd and wait until it listens.
+        """Start the SSH server and wait until it listens.
 
         Raises:
-            EdgeKitError: sshd is not installed, or it did not start (its last error line is given).
+            EdgeKitError: it did not start (its last error line is given).
         """
         sshd = find_sshd()
-        if sshd is None:
-            raise EdgeKitError("OpenSSH's sshd is not installed (apt install openssh-server)")
+        if self.embedded is None:
+            self.embedded = sshd is None
         self.workdir.mkdir(parents=True, exist_ok=True)
         host_key = self.workdir / "ssh_host_ed25519_key"
         if not host_key.exists():
@@ -88,14 +95,17 @@ class SshEndpoint:
         ]) + "\n")
         if os.geteuid() == 0:
             Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation directory
-        log = open(self.workdir / "sshd.log", "ab")
-        self.proc = subprocess.Popen([sshd, "-D", "-e", "-f", str(config)], stdout=log, stderr=log,
-                                     start_new_session=True)
-        log.close()
+        if self.embedded:
+            argv = [sys.executable, "-m", "edge_kit.sim.embedded_ssh", "--port", str(self.port), "--host-key",
+                    str(host_key), "--authorized", str(self.workdir / "authorized_keys")]
+        else:
+            argv = [str(sshd), "-D", "-e", "-f", str(config)]
+        with open(self.workdir / "sshd.log", "ab") as log:
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=log, start_new_session=True)
         if not wait_port(self.host, self.port, START_TIMEOUT_S):
             self.stop()
             tail = (self.workdir / "sshd.log").read_text().strip().splitlines()[-1:]
-            raise EdgeKitError(f"sshd did not start on {self.host}:{self.port}: {' '.join(tail) or 'no output'}")
+            raise EdgeKitError(f"{self.kind} did not start on {self.host}:{self.port}: {' '.join(tail) or 'no output'}")
         return self
 
     def stop(self) -> None:

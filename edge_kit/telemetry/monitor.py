@@ -92,9 +92,10 @@ class Monitor:
     def _on_connect(self, client: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         if reason.is_failure:
             self._refused = str(reason)
-        else:
-            client.subscribe([(schema.subscription(self.fleet.fleet, k, share=self.share), 1) for k in STORED_KINDS])
-        self._connected.set()
+            self._connected.set()
+            return
+        client.on_subscribe = lambda *_: self._connected.set()  # ready once the broker confirms the subscriptions
+        client.subscribe([(schema.subscription(self.fleet.fleet, k, share=self.share), 1) for k in STORED_KINDS])
 
     def start(self, timeout: float = 10.0) -> Monitor:
         """Connect and start storing.

@@ -46,10 +46,10 @@ def sim(tmp_path):
 
     fleets: list[SimFleet] = []
 
-    def up(count: int, profiles: tuple[str, ...] = ("rpi4",)):
+    def up(count: int, profiles: tuple[str, ...] = ("rpi4",), **options):
         fleet_dir = SimFleet(tmp_path / f"sim{len(fleets)}")
         fleets.append(fleet_dir)
-        return fleet_dir, fleet_dir.up(count, list(profiles))
+        return fleet_dir, fleet_dir.up(count, list(profiles), **options)
 
     yield up
     for f in fleets:

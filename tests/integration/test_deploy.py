@@ -147,3 +147,18 @@ def test_a_canary_breaking_its_constraints_stops_the_rollout_and_is_rolled_back(
                              "--variant", "int8", "--canary", "25%", "--json")
     assert code == 0 and json.loads(out)["counts"]["succeeded"] == 4
     assert [current(d) for d in fleet.devices] == [new] * 4
+
+
+def test_without_sshd_the_embedded_ssh_server_and_broker_carry_the_same_deploy(sim, digits_artifacts, run_cli):
+    simfleet, fleet = sim(2, embedded_ssh=True, embedded_broker=True)
+    assert {d["ssh"] for d in simfleet.state()["devices"]} == {"embedded (paramiko)"}
+    assert simfleet.state()["broker"]["kind"] == "embedded (amqtt)"
+    code, out, err = run_cli("deploy", "--fleet", simfleet.fleet_file, "--artifacts", digits_artifacts,
+                             "--variant", "int8", "--json")
+    assert code == 0, out + err
+    assert [current(d) for d in fleet.devices] == [manifest_sha(digits_artifacts, "int8")] * 2
+    code, out, err = run_cli("deploy", "--fleet", simfleet.fleet_file, "--artifacts", digits_artifacts, "--json")
+    assert code == 0 and json.loads(out)["counts"]["skipped"] == 2
+    code, out, err = run_cli("bench", "--fleet", simfleet.fleet_file, "--device", fleet.devices[0].name,
+                             "--min-runs", "10", "--json")
+    assert code == 0 and json.loads(out)["variant"] == "int8"
