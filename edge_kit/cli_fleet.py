@@ -233,7 +233,8 @@ def _num(x: float | None) -> str:
 @app.command("select")
 def select_cmd(
     fleet_file: FleetOpt,
-    artifacts: CandidatesOpt,
+    artifacts: Annotated[Optional[Path], typer.Option(help="The compiled model's folder: its variants are the "
+                                                           "candidates (default: the one the last tune used).")] = None,
     devices: DevicesOpt = None,
     store: StoreOpt = None,
     margin: MarginOpt = 0.1,
@@ -246,9 +247,16 @@ def select_cmd(
     from edge_kit.selection.tune import decide
     from edge_kit.telemetry.store import Store
 
+    from edge_kit.errors import InputError
+
     fleet = load_fleet(fleet_file)
-    manifest = read_manifest(artifacts)
     db = Store(_store_path(fleet_file, store))
+    if artifacts is None:
+        last = next((d.get("artifacts") for d in db.decisions(limit=1)), None)
+        if not last:
+            raise InputError(f"{db.path}: no tune has run against this history; pass --artifacts FOLDER")
+        artifacts = Path(last)
+    manifest = read_manifest(artifacts)
     status = db.latest_status()
     decisions = {}
     for dev in fleet.select(devices):

@@ -135,7 +135,7 @@ def tune(fleet: Fleet, devices: list[Device], opts: TuneOptions, store: Store,
                     continue
                 d = decide(manifest, dev, store, current.get(dev.name), opts.margin)
                 decisions[dev.name] = d
-                store.add_decision({**d.as_dict(), "round": number})
+                store.add_decision({**d.as_dict(), "round": number, "artifacts": str(opts.artifacts.resolve())})
             switch = {name: d.chosen for name, d in decisions.items() if d.switch and d.chosen}
             report.final.update(decisions)
             entry = {"round": number, "measured": stored, "silent": silent, "switched": sorted(switch),
