@@ -194,7 +194,7 @@ def profiles_check(files: Annotated[list[Path], typer.Argument(help="Profile YAM
         out.print(f"{len(files)} profile(s) valid: {', '.join(names)}")
 
 
-from edge_kit import cli_fleet  # noqa: E402,F401  (registers the fleet commands on `app`)
+from edge_kit import cli_fleet, cli_loop  # noqa: E402,F401  (register their commands on `app`)
 
 
 def _warning_line(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:

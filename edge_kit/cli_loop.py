@@ -1,0 +1,303 @@
+"""Loop commands of the `edgekit` CLI: select, tune, demo, monitor, fleet status, report."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich import box
+from rich.markup import escape
+from rich.table import Column, Table
+
+from edge_kit.cli import JsonOpt, _emit_json, app, out
+from edge_kit.cli_fleet import DevicesOpt, FleetOpt, _results_table
+
+CandidatesOpt = Annotated[Path, typer.Option("--artifacts", help="The compiled model's folder: its variants are the candidates.")]
+MarginOpt = Annotated[float, typer.Option(min=0, max=1, help="Relative gain needed to switch (no flapping).")]
+
+StoreOpt = Annotated[Optional[Path], typer.Option("--store", help="History database (default: edgekit-history.db next to the fleet file).")]
+
+
+def _store_path(fleet_file: Path, store: Path | None) -> Path:
+    return store or fleet_file.resolve().parent / "edgekit-history.db"
+
+
+def decision_table(decisions: dict[str, Any], explain: bool) -> list[Any]:
+    """Return rich renderables: one summary table, and with ``explain`` the table behind each choice."""
+    out_items: list[Any] = []
+    t = Table("device", "chosen", "feasible", "switch", "why", box=box.SIMPLE_HEAD, pad_edge=False)
+    for name, d in decisions.items():
+        feasible = "-" if d.chosen is None else ("yes" if d.feasible else "[red]NO[/]: " + escape(", ".join(d.violates)))
+        t.add_row(name, d.chosen or "-", feasible, "yes" if d.switch else "no", escape(d.reason))
+    out_items.append(t)
+    if explain:
+        for name, d in decisions.items():
+            e = Table(Column("variant", min_width=16, no_wrap=True), "p90 ms", "top-1", "energy mJ/inf", "power source", "MB", "violates", "",
+                      title=f"{name}", title_justify="left", box=box.SIMPLE, pad_edge=False)
+            for r in d.table:
+                mark = "chosen" if r.get("chosen") else ("current" if r["current"] else "")
+                e.add_row(r["variant"], _num(r["p90_ms"]), "-" if r["accuracy"] is None else f"{100 * r['accuracy']:.2f}%",
+                          _num(r["energy_mj"]), r["power_source"] or "-", f"{r['model_mb']:.2f}",
+                          escape(", ".join(r["violates"])) or ("-" if r["measured"] else "not measured"), mark)
+            out_items.append(e)
+    return out_items
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4g}"
+
+
+@app.command("select")
+def select_cmd(
+    fleet_file: FleetOpt,
+    artifacts: Annotated[Optional[Path], typer.Option(help="The compiled model's folder: its variants are the "
+                                                           "candidates (default: the one the last tune used).")] = None,
+    devices: DevicesOpt = None,
+    store: StoreOpt = None,
+    margin: MarginOpt = 0.1,
+    explain: Annotated[bool, typer.Option("--explain", help="Print the table behind each choice.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Say which variant each device should run, and why, from the measurements in the history store."""
+    from edge_kit.fleet.inventory import load_fleet
+    from edge_kit.manifest import read_manifest
+    from edge_kit.selection.tune import decide
+    from edge_kit.telemetry.store import Store
+
+    from edge_kit.errors import InputError
+
+    fleet = load_fleet(fleet_file)
+    db = Store(_store_path(fleet_file, store))
+    if artifacts is None:
+        last = next((d.get("artifacts") for d in db.decisions(limit=1)), None)
+        if not last:
+            raise InputError(f"{db.path}: no tune has run against this history; pass --artifacts FOLDER")
+        artifacts = Path(last)
+    manifest = read_manifest(artifacts)
+    status = db.latest_status()
+    decisions = {}
+    for dev in fleet.select(devices):
+        current = ((status.get(dev.name) or {}).get("current") or {}).get("sha256")
+        decisions[dev.name] = decide(manifest, dev, db, current, margin)
+    if as_json:
+        _emit_json({k: v.as_dict() for k, v in decisions.items()})
+        return
+    for item in decision_table(decisions, explain):
+        out.print(item)
+
+
+def tune_options(artifacts: Path, rounds: int, margin: float, min_runs: int, min_seconds: float, timeout: float,
+                 parallel: int, trust_new_hosts: bool) -> Any:
+    from edge_kit.selection.tune import TuneOptions
+
+    return TuneOptions(artifacts, rounds=rounds, margin=margin, bench={"min_runs": min_runs, "min_seconds": min_seconds},
+                       timeout=timeout, parallel=parallel, trust_new_hosts=trust_new_hosts)
+
+
+def print_tune(report: Any) -> None:
+    for item in decision_table(report.final, explain=False):
+        out.print(item)
+    if report.deploy.failed:
+        out.print(_results_table(report.deploy))
+    for device, what in report.silent.items():
+        out.print(f"[red]{device} did not answer:[/] {escape(', '.join(what))}")
+    switched = report.switched
+    out.print(f"{len(report.rounds)} round(s); switched: {', '.join(switched) or 'nothing'}")
+
+
+@app.command("tune")
+def tune_cmd(
+    fleet_file: FleetOpt,
+    artifacts: CandidatesOpt,
+    devices: DevicesOpt = None,
+    store: StoreOpt = None,
+    rounds: Annotated[int, typer.Option(min=1, max=10)] = 2,
+    margin: MarginOpt = 0.1,
+    min_runs: Annotated[int, typer.Option(min=1, help="Timed runs per measurement at least.")] = 200,
+    min_seconds: Annotated[float, typer.Option(min=0, help="Timed seconds per measurement at least.")] = 2.0,
+    timeout: Annotated[float, typer.Option(min=1, help="Seconds per round for all measurements to arrive.")] = 300.0,
+    parallel: Annotated[int, typer.Option(min=1, max=256)] = 8,
+    trust_new_hosts: Annotated[bool, typer.Option("--trust-new-hosts")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Measure every candidate on every device, select, activate, verify; repeat until nothing changes."""
+    from edge_kit.cli import err
+    from edge_kit.fleet.inventory import load_fleet
+    from edge_kit.selection.tune import tune
+    from edge_kit.telemetry.store import Store
+
+    fleet = load_fleet(fleet_file)
+    targets = fleet.select(devices)
+    opts = tune_options(artifacts, rounds, margin, min_runs, min_seconds, timeout, parallel, trust_new_hosts)
+    db = Store(_store_path(fleet_file, store))
+    with err.status("tuning", spinner="dots") if not as_json else nullcontext() as status:
+        report = tune(fleet, targets, opts, db, progress=(lambda m: status.update(m)) if status else None)
+    if as_json:
+        _emit_json(report.as_dict())
+    else:
+        print_tune(report)
+    if report.deploy.failed or report.silent:
+        raise typer.Exit(4)
+
+
+@app.command("demo")
+def demo_cmd(
+    devices: Annotated[int, typer.Option("--devices", min=1, max=32, help="How many virtual devices.")] = 3,
+    profiles: Annotated[str, typer.Option(help="Comma-separated profiles, cycled over the devices.")] = "rpi4,rpi5,coral-usb",
+    workdir: Annotated[Optional[Path], typer.Option("--dir", help="Work folder (kept); default: a temporary one, removed.")] = None,
+    keep: Annotated[bool, typer.Option("--keep", help="Keep the temporary folder (artifacts, history, logs).")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """The whole loop on a simulated fleet: example model, compile, broker, devices, deploy, measure, select."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from edge_kit.cli import err
+    from edge_kit.demo import STEPS, run_demo
+
+    names = [p.strip() for p in profiles.split(",") if p.strip()]
+    with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=err,
+                  transient=True, disable=as_json) as bar:
+        task = bar.add_task(STEPS[0], total=len(STEPS))
+        seen: list[str] = []
+
+        def progress(msg: str) -> None:
+            top = msg.split(":")[0]
+            if top in STEPS and top not in seen:
+                seen.append(top)
+                bar.update(task, completed=len(seen) - 1)
+            bar.update(task, description=msg)
+
+        result = run_demo(devices, tuple(names), workdir, keep, progress=progress)
+    if as_json:
+        _emit_json(result.as_dict())
+        return
+    t = Table("device", "profile", Column("variant", no_wrap=True), "p90 ms", "top-1", "mJ/inference", "feasible", box=box.SIMPLE_HEAD,
+              pad_edge=False, title="each device on its best variant (measured by the real agent on this machine, "
+                                    "simulated devices)", title_justify="left")
+    for r in result.rows:
+        t.add_row(r["device"], r["profile"], r["variant"] or "-", _num(r["p90_ms"]),
+                  "-" if r["accuracy"] is None else f"{100 * r['accuracy']:.2f}%", _num(r["energy_mj"]),
+                  "yes" if r["feasible"] else ("[red]no[/]: " + escape(", ".join(r["violates"])) if r["feasible"] is False else "-"))
+    out.print(t)
+    methods = sorted({r["power_method"].split(",")[0] for r in result.rows if r["power_method"]})
+    out.print(f"latency: perf_counter_ns around invoke(), LiteRT on this machine; energy: {escape('; '.join(methods))}")
+    if result.report.deploy.failed:
+        out.print(_results_table(result.report.deploy))
+    switched = result.report.switched
+    out.print(f"tune: {len(result.report.rounds)} round(s), switched {', '.join(switched) or 'nothing'}")
+    if result.kept:
+        out.print(f"files kept in {result.workdir}")
+
+
+def _fleet_table(store: Any, fleet: Any) -> Table:
+    """Per device: state, current variant, latest benchmark of it, last message."""
+    import time as _time
+
+    status, tele, bench = store.latest_status(), store.latest_telemetry(), store.latest_bench()
+    t = Table("device", "profile", "state", "current", "p90 ms", "W (source)", "last heard", box=box.SIMPLE_HEAD, pad_edge=False)
+    for dev in fleet.devices:
+        st = status.get(dev.name) or {}
+        cur = st.get("current") or {}
+        rec = bench.get((dev.name, cur.get("sha256"))) if cur else None
+        heard = max([m["ts"] for m in (st, tele.get(dev.name) or {}) if m] or [0])
+        power = (rec or {}).get("power") or {}
+        watts = "-" if power.get("avg_w") is None else f"{power['avg_w']:.2f} ({power.get('sensor') or 'estimated'})"
+        t.add_row(dev.name, dev.profile, st.get("state", "never seen"), cur.get("variant") or "-",
+                  _num(rec["latency_ms"]["p90"]) if rec else "-", watts,
+                  f"{_time.time() - heard:.0f} s ago" if heard else "-")
+    return t
+
+
+@app.command("monitor")
+def monitor_cmd(
+    fleet_file: FleetOpt,
+    store: StoreOpt = None,
+    metrics_port: Annotated[Optional[int], typer.Option(help="Serve Prometheus metrics on this port.")] = None,
+    metrics_addr: Annotated[str, typer.Option(help="Address for the metrics endpoint.")] = "127.0.0.1",
+    share: Annotated[Optional[str], typer.Option(help="Join this MQTT 5 shared-subscription group (several workers).")] = None,
+    silence_s: Annotated[float, typer.Option(min=1, help="Alert when a device is silent this long.")] = 180.0,
+    duration: Annotated[Optional[float], typer.Option(min=0, help="Stop after this many seconds (default: until Ctrl-C).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Store every message of the fleet (checked, deduplicated) and show a live table; optional /metrics."""
+    import time as _time
+
+    from rich.live import Live
+
+    from edge_kit.fleet.inventory import load_fleet
+    from edge_kit.telemetry.metrics import FleetMetrics
+    from edge_kit.telemetry.monitor import Monitor
+    from edge_kit.telemetry.store import Store
+
+    fleet = load_fleet(fleet_file)
+    db = Store(_store_path(fleet_file, store))
+    metrics = FleetMetrics()
+    mon = Monitor(fleet, db, share=share, silence_s=silence_s, on_message=metrics.observe)
+    metrics.watch(mon)
+    server = metrics.serve(metrics_port, metrics_addr) if metrics_port else None
+    mon.start()
+    end = _time.monotonic() + duration if duration is not None else None
+    shown = 0
+    try:
+        with Live(_fleet_table(db, fleet), console=out, refresh_per_second=1, transient=False) if not as_json else nullcontext() as live:
+            while end is None or _time.monotonic() < end:
+                _time.sleep(0.5)
+                if live is not None:
+                    live.update(_fleet_table(db, fleet))
+                    for alert in mon.alerts[shown:]:
+                        live.console.print(f"[red]alert[/] {escape(alert.text)}")
+                    shown = len(mon.alerts)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        mon.stop()
+        if server is not None:
+            server.shutdown()
+    if as_json:
+        s = mon.stats
+        _emit_json({"received": s.received, "stored": s.stored, "duplicates": s.duplicates, "invalid": s.invalid,
+                    "gaps": s.gaps, "alerts": [vars(a) for a in mon.alerts], "store": str(db.path)})
+
+
+fleet_app = typer.Typer(no_args_is_help=True, help="What the history store knows about the fleet.")
+app.add_typer(fleet_app, name="fleet")
+
+
+@fleet_app.command("status")
+def fleet_status_cmd(fleet_file: FleetOpt, store: StoreOpt = None, as_json: JsonOpt = False) -> None:
+    """Per device: last status, current variant and its latest benchmark, from the history store."""
+    from edge_kit.fleet.inventory import load_fleet
+    from edge_kit.telemetry.store import Store
+
+    fleet = load_fleet(fleet_file)
+    db = Store(_store_path(fleet_file, store))
+    if as_json:
+        _emit_json({"status": db.latest_status(), "telemetry": db.latest_telemetry(),
+                    "bench": {f"{d}/{s}": r for (d, s), r in db.latest_bench().items()}})
+        return
+    out.print(_fleet_table(db, fleet))
+
+
+@app.command("report")
+def report_cmd(
+    out_file: Annotated[Path, typer.Option("--out", help="The HTML file to write.")] = Path("report.html"),
+    fleet_file: Annotated[Optional[Path], typer.Option("--fleet", "-f", help="fleet.yaml (its history store is used).")] = None,
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write one self-contained HTML report: per profile, latency vs accuracy and energy; the fleet table."""
+    from edge_kit.errors import InputError
+    from edge_kit.telemetry.report import build_report
+    from edge_kit.telemetry.store import Store
+
+    path = store or (_store_path(fleet_file, None) if fleet_file else Path("edgekit-history.db"))
+    if not path.is_file():
+        raise InputError(f"{path}: no history store; run `edgekit monitor` or `edgekit tune` first, or pass --store")
+    info = build_report(Store(path), out_file)
+    if as_json:
+        _emit_json(info)
+    else:
+        out.print(f"wrote {out_file}: {info['plots']} plots for {', '.join(info['profiles']) or 'no profile'}, "
+                  f"{info['devices']} devices")
