@@ -7,6 +7,9 @@ activate  ``{variant | sha256}``: safe activation (sha256 check, smoke inference
 rollback  ``{}``: swap ``current`` and ``previous``.
 state     ``{}``: what is installed, current, previous, the spool and the power sensor.
 ========  =====================================================================================
+
+A command may carry ``expires`` (unix time): one still queued after that is answered with an
+error instead of run, so a switch the sender gave up waiting for never happens behind its back.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ class Command:
     msg_id: str
     name: str
     args: dict[str, Any]
+    expires: float | None = None  # unix time after which the sender no longer waits: run it no more
 
 
 def parse_command(payload: bytes, fleet: str, device: str) -> Command:
@@ -77,4 +81,7 @@ def parse_command(payload: bytes, fleet: str, device: str) -> Command:
             raise CommandError(f"{name}: argument '{key}' must be between {low} and {high}, got {value}", cmd_id, name)
     if name == "activate" and not (args.get("variant") or args.get("sha256")):
         raise CommandError("activate: give 'variant' or 'sha256'", cmd_id, name)
-    return Command(cmd_id, name, args)
+    expires = msg.get("expires")
+    if expires is not None and (not isinstance(expires, (int, float)) or isinstance(expires, bool)):
+        raise CommandError(f"{name}: expires must be a unix time, got {type(expires).__name__}", cmd_id, name)
+    return Command(cmd_id, name, args, expires)

@@ -145,6 +145,10 @@ class Agent:
 
     def handle(self, cmd: Command) -> None:
         """Run one accepted command and ack it; a failure is an error ack, never a crash."""
+        if cmd.expires is not None and time.time() > cmd.expires:
+            self.ack(cmd.msg_id, cmd.name, False, error=f"expired {time.time() - cmd.expires:.1f} s before it could "
+                                                        "run (the sender stopped waiting); not run")
+            return
         try:
             result = getattr(self, f"_cmd_{cmd.name}")(cmd)
         except (StoreError, DataFileError, RuntimeUnavailable) as exc:

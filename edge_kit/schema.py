@@ -159,6 +159,10 @@ def check_body(kind: str, message: dict[str, Any]) -> dict[str, Any]:
     return message
 
 
-def command(fleet: str, device: str, name: str, args: dict[str, Any] | None = None, seq: int = 0) -> dict[str, Any]:
-    """Return a command message for one device (see :data:`COMMANDS`)."""
-    return envelope("cmd", fleet, device, seq, {"command": name, "args": args or {}})
+def command(fleet: str, device: str, name: str, args: dict[str, Any] | None = None, seq: int = 0,
+            expires: float | None = None) -> dict[str, Any]:
+    """Return a command message for one device (see :data:`COMMANDS`); ``expires``: unix time to give up at."""
+    body: dict[str, Any] = {"command": name, "args": args or {}}
+    if expires is not None:
+        body["expires"] = round(expires, 3)
+    return envelope("cmd", fleet, device, seq, body)

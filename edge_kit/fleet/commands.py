@@ -94,9 +94,12 @@ class FleetClient:
         self.client.disconnect()
         self.client.loop_stop()
 
-    def send(self, device: str, name: str, args: dict[str, Any] | None = None) -> str:
-        """Publish a command to ``device``; return its id (what the ack's ``cmd_id`` will be)."""
-        msg = schema.command(self.fleet, device, name, args)
+    def send(self, device: str, name: str, args: dict[str, Any] | None = None, expires: float | None = None) -> str:
+        """Publish a command to ``device``; return its id (what the ack's ``cmd_id`` will be).
+
+        ``expires`` (unix time): the agent refuses the command when it would run later than that.
+        """
+        msg = schema.command(self.fleet, device, name, args, expires=expires)
         self.client.publish(schema.topic(self.fleet, device, "cmd"), schema.encode(msg), qos=1)
         return msg["msg_id"]
 
@@ -126,14 +129,18 @@ class FleetClient:
             self._cond.wait_for(lambda: fresh() is not None, timeout)
             return fresh()
 
-    def request(self, device: str, name: str, args: dict[str, Any] | None = None, timeout: float = 60.0) -> dict[str, Any]:
+    def request(self, device: str, name: str, args: dict[str, Any] | None = None, timeout: float = 60.0,
+                expire: bool = False) -> dict[str, Any]:
         """Send a command and return its successful ack (for ``bench``, with the record as ``record``).
+
+        ``expire`` makes the command void once ``timeout`` has passed, so it never runs after the
+        caller has given up (for switches such as ``activate``).
 
         Raises:
             AgentError: no ack within ``timeout`` (the device is named), or the agent refused it.
         """
         deadline = time.monotonic() + timeout
-        ack = self.wait_ack(self.send(device, name, args), timeout)
+        ack = self.wait_ack(self.send(device, name, args, time.time() + timeout if expire else None), timeout)
         if ack is None:
             raise AgentError(f"{device}: no answer to '{name}' within {timeout:.0f} s; is its agent running "
                              f"and connected to {self.broker.host}:{self.broker.port}?")

@@ -219,7 +219,7 @@ class _Deployer:
             self._wait_online(dev, restarted_at)
         try:
             return self.client.request(dev.name, "activate", {"sha256": target.sha256},
-                                       timeout=self.opts.health_timeout)["result"]
+                                       timeout=self.opts.health_timeout, expire=True)["result"]
         except AgentError as exc:
             if "refused" in str(exc):
                 raise DeployError(str(exc)) from None

@@ -162,3 +162,27 @@ def test_without_sshd_the_embedded_ssh_server_and_broker_carry_the_same_deploy(s
     code, out, err = run_cli("bench", "--fleet", simfleet.fleet_file, "--device", fleet.devices[0].name,
                              "--min-runs", "10", "--json")
     assert code == 0 and json.loads(out)["variant"] == "int8"
+
+
+def test_a_device_that_does_not_ack_its_activation_is_failed_and_never_switches_later(sim, digits_artifacts,
+                                                                                     digits_artifacts_v2):
+    import signal
+    import subprocess
+    import time
+
+    simfleet, fleet = sim(2)
+    assert len(deploy(fleet, fleet.devices, DeployOptions(digits_artifacts, variant="int8")).succeeded) == 2
+    old, new = manifest_sha(digits_artifacts, "int8"), manifest_sha(digits_artifacts_v2, "int8")
+    frozen = fleet.devices[0]
+    supervisor = (Path(frozen.root) / "agent.pid").read_text().strip()
+    agent_pid = int(subprocess.run(["pgrep", "-P", supervisor], capture_output=True, text=True).stdout.split()[0])
+    os.kill(agent_pid, signal.SIGSTOP)  # alive, connected, but not answering
+    try:
+        group = deploy(fleet, fleet.devices, DeployOptions(digits_artifacts_v2, variant="int8", health_timeout=3))
+        assert [r.status for r in group.results] == ["failed", "succeeded"]
+        assert "no answer to 'activate' within 3 s" in group.results[0].reason
+        assert "still runs its previous model" in group.results[0].reason
+    finally:
+        os.kill(agent_pid, signal.SIGCONT)
+    time.sleep(3)  # the agent now reads the queued activate: expired, so it is refused, not run
+    assert current(frozen) == old and current(fleet.devices[1]) == new
