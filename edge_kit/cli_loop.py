@@ -173,7 +173,7 @@ def demo_cmd(
     if as_json:
         _emit_json(result.as_dict())
         return
-    t = Table("device", "profile", Column("variant", no_wrap=True), "p90 ms", "top-1", "mJ/inference", "feasible", box=box.SIMPLE_HEAD,
+    t = Table(Column("device", no_wrap=True), Column("profile", no_wrap=True), Column("variant", no_wrap=True), "p90 ms", "top-1", "mJ/inference", "feasible", box=box.SIMPLE_HEAD,
               pad_edge=False, title="each device on its best variant (measured by the real agent on this machine, "
                                     "simulated devices)", title_justify="left")
     for r in result.rows:
