@@ -30,35 +30,13 @@ class UsageError(Exception):
     """Bad input from the command line; printed as one line."""
 
 
-def _print_table(model: Path, r: dict) -> None:
-    lat = r["latency_ms"]
-    rows = [
-        ("model", str(model)),
-        ("runtime", f"{r['runtime']} {r['runtime_version']}, delegate {r['delegate']}, {r['threads']} thread(s)"),
-        ("runs", f"{r['runs']} timed after {r['warmup_runs']} warm-up, {r['duration_s']} s, inputs: {r['inputs']}"),
-        ("latency p50 / p90 / p99", f"{lat['p50']:.3f} / {lat['p90']:.3f} / {lat['p99']:.3f} ms"),
-        ("latency mean ± std", f"{lat['mean']:.3f} ± {lat['std']:.3f} ms (min {lat['min']:.3f}, max {lat['max']:.3f})"),
-        ("init / first inference", f"{r['init_ms']:.1f} / {r['first_inference_ms']:.2f} ms"),
-        ("peak RSS", f"{r['peak_rss_mb']} MB ({r['peak_rss_method']})"),
-    ]
-    if r["accuracy"]:
-        rows.append(("top-1 accuracy", f"{100 * r['accuracy']['value']:.2f} % on {r['accuracy']['samples']} samples"))
-    power = r["power"]
-    if power.get("avg_w") is not None:
-        rows.append(("power", f"{power['avg_w']:.3f} W, {power['energy_per_inference_mj']:.3f} mJ per inference"))
-    rows.append(("power source", power["method"]))
-    start, end = r["conditions"]["start"], r["conditions"]["end"]
+def _print_table(model: Path, record: dict) -> None:
+    from device_agents.bench import summary_rows
 
-    def na(v: object, unit: str = "") -> str:
-        return "n/a" if v is None else f"{v}{unit}"
-
-    rows.append(("conditions", f"governor {na(start['cpu_governor'])}, clock {na(start['cpu_freq_mhz'], ' MHz')}, "
-                               f"temperature {na(start['temperature_c'], ' C')} -> {na(end['temperature_c'], ' C')}, "
-                               f"load {start['load_1m']}"))
+    rows = [("model", str(model)), *summary_rows(record)]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:>{width}}  {value}")
-    print("(latency: time.perf_counter_ns around interpreter.invoke(); p90 is the headline figure)")
 
 
 def main(argv: list[str] | None = None) -> None:

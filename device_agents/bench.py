@@ -144,3 +144,37 @@ def run_bench(model: Path, settings: BenchSettings = BenchSettings(), *, eval_fi
             record["fidelity"] = {**fidelity(outputs, reference), "samples": len(eval_x)}
     return record
 
+
+
+def summary_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
+    """Return ``(label, text)`` rows describing a bench record, each figure with how it was obtained.
+
+    Shared by ``edgekit-agent bench`` and the host's ``edgekit bench --device``.
+    """
+    lat, power = r["latency_ms"], r["power"]
+    rows = [
+        ("runtime", f"{r['runtime']} {r['runtime_version']}, delegate {r['delegate']}, {r['threads']} thread(s)"),
+        ("runs", f"{r['runs']} timed after {r['warmup_runs']} warm-up in {r['duration_s']} s; inputs: {r['inputs']}"),
+        ("latency p50/p90/p99", f"{lat['p50']:.3f} / {lat['p90']:.3f} / {lat['p99']:.3f} ms ({r['latency_method']}; "
+                                "p90 is the headline figure)"),
+        ("latency mean ± std", f"{lat['mean']:.3f} ± {lat['std']:.3f} ms (min {lat['min']:.3f}, max {lat['max']:.3f})"),
+        ("init / first inference", f"{r['init_ms']:.1f} / {r['first_inference_ms']:.2f} ms"),
+        ("peak RSS", f"{r['peak_rss_mb']} MB ({r['peak_rss_method']})"),
+        ("power", (f"{power['avg_w']:.3f} W, {power['energy_per_inference_mj']:.3f} mJ per inference; "
+                   if power.get("avg_w") is not None else "") + power["method"]),
+    ]
+    if r.get("accuracy"):
+        rows.append(("top-1 accuracy", f"{100 * r['accuracy']['value']:.2f} % on {r['accuracy']['samples']} eval samples"))
+    if r.get("fidelity"):
+        fid = r["fidelity"]
+        rows.append(("fidelity vs fp32", f"top-1 agreement {100 * fid['top1_agreement']:.2f} %, "
+                                         f"max |err| {fid['max_abs_error']:.4g}"))
+    start, end = r["conditions"]["start"], r["conditions"]["end"]
+
+    def na(v: object, unit: str = "") -> str:
+        return "n/a" if v is None else f"{v}{unit}"
+
+    rows.append(("conditions", f"governor {na(start['cpu_governor'])}, clock {na(start['cpu_freq_mhz'], ' MHz')}, "
+                               f"temperature {na(start['temperature_c'], ' C')} -> {na(end['temperature_c'], ' C')}, "
+                               f"load {start['load_1m']}"))
+    return rows

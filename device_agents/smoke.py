@@ -1,22 +1,13 @@
 """The check a model passes before it becomes current: load it, run one inference, in another process.
 
-Two ways to get that other process, same check:
-
-* ``python -m device_agents.smoke model.tflite [--delegate D] [--runtime R]`` (used by the
-  ``edgekit-agent activate`` command line): prints one JSON line and exits 0, or prints the reason
-  on stderr and exits 1.
-* :class:`SmokePool` (used by the running agent): children forked from a ``forkserver`` that has
-  numpy and the interpreter already imported, so a check costs a model load, not a Python start.
-
-Either way a model that crashes the interpreter kills only the child.
+:class:`SmokePool` runs it in children forked from a ``forkserver`` that has numpy and the
+interpreter already imported: the running agent keeps one, so a check costs a model load, not a
+Python start. A model that crashes the interpreter kills only the child.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import multiprocessing
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -111,20 +102,3 @@ class SmokePool:
 
 
 _preload()
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m device_agents.smoke")
-    parser.add_argument("model", type=Path)
-    parser.add_argument("--delegate", default="xnnpack")
-    parser.add_argument("--runtime")
-    args = parser.parse_args(argv)
-    try:
-        print(json.dumps(smoke(args.model, args.runtime, args.delegate)))
-    except SmokeFailed as exc:
-        sys.stderr.write(f"{exc}\n")
-        sys.exit(1)
-
-
-if __name__ == "__main__":
-    main()

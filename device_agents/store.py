@@ -21,8 +21,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -219,34 +217,6 @@ class ModelStore:
 
     # --- switching ----------------------------------------------------------------------------
 
-    def smoke_test(self, path: Path, *, runtime: str | None = None, delegate: str = "xnnpack",
-                   timeout: float = SMOKE_TIMEOUT_S) -> dict:
-        """Load ``path`` and run one inference in a child process.
-
-        Returns:
-            What the child reported (input and output shapes, milliseconds).
-
-        Raises:
-            StoreError: the child failed, crashed or timed out; the text says which and why.
-        """
-        argv = [sys.executable, "-m", "device_agents.smoke", str(path), "--delegate", delegate]
-        if runtime:
-            argv += ["--runtime", runtime]
-        try:
-            proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
-        except subprocess.TimeoutExpired:
-            raise StoreError(f"{path.parent.name[:12]}: smoke inference did not finish within {timeout:.0f} s") from None
-        if proc.returncode != 0:
-            lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith("INFO:")]
-            why = lines[-1] if lines else f"the child process exited with code {proc.returncode}"
-            if proc.returncode < 0:
-                why = f"the interpreter crashed (signal {-proc.returncode})"
-            raise StoreError(f"model {path.parent.name[:12]} failed its smoke inference: {why}")
-        try:
-            return json.loads(proc.stdout.strip().splitlines()[-1])
-        except (ValueError, IndexError):
-            return {}
-
     def _point(self, name: str, sha256: str | None) -> None:
         link = self.root / name
         if sha256 is None:
@@ -258,11 +228,11 @@ class ModelStore:
         os.replace(tmp, link)  # rename(2) over the old link: readers see the old or the new one
 
     def activate(self, sha256: str, *, runtime: str | None = None, delegate: str = "xnnpack",
-                 smoke: Callable[..., dict] | None = None) -> dict:
+                 smoke: Callable[..., dict] | None = None, timeout: float = SMOKE_TIMEOUT_S) -> dict:
         """Make an installed model current after checking it; the old current becomes previous.
 
-        ``smoke`` runs the check in another process (default: :meth:`smoke_test`, a fresh Python;
-        the agent passes its warm :class:`~device_agents.smoke.SmokePool`).
+        ``smoke`` is the :class:`~device_agents.smoke.SmokePool` that runs the check in a child
+        process (the agent passes its long-lived, warm one; by default a new one is made).
 
         Returns:
             ``{"current": sha, "previous": sha|None, "changed": bool, "smoke": {...}}``.
@@ -274,9 +244,13 @@ class ModelStore:
         old = self.current()
         if old == sha256:
             return {"current": sha256, "previous": self.previous(), "changed": False, "smoke": None}
+        if smoke is None:
+            from device_agents.smoke import SmokePool  # imports numpy and the interpreter: only when needed
+
+            smoke = SmokePool()
         try:
-            checked = (smoke or self.smoke_test)(path, runtime=runtime, delegate=delegate)
-        except RuntimeError as exc:  # SmokeFailed from the pool
+            checked = smoke(path, runtime=runtime, delegate=delegate, timeout=timeout)
+        except RuntimeError as exc:  # SmokeFailed
             raise StoreError(f"model {sha256[:12]} failed its smoke inference: {exc}") from None
         if old is not None:
             self._point("previous", old)

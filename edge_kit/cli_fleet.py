@@ -18,28 +18,13 @@ DevicesOpt = Annotated[Optional[list[str]], typer.Option("--devices", help="Devi
 
 
 def bench_rows(record: dict[str, Any]) -> list[tuple[str, str]]:
-    """Return (label, text) rows describing one bench record, each figure with where it came from."""
-    lat = record["latency_ms"]
-    power = record["power"]
-    rows = [
-        ("device", f"{record['device']} ({record.get('profile') or 'no profile'})"
-                   + ("  (simulated device: measured on this machine)" if record.get("simulated") else "")),
-        ("variant", f"{record.get('variant')}  sha256 {str(record.get('sha256'))[:12]}"),
-        ("runtime", f"{record['runtime']} {record['runtime_version']}, {record['delegate']}, {record['threads']} thread(s)"),
-        ("runs", f"{record['runs']} timed after {record['warmup_runs']} warm-up in {record['duration_s']} s; inputs: {record['inputs']}"),
-        ("latency p50/p90/p99", f"{lat['p50']:.3f} / {lat['p90']:.3f} / {lat['p99']:.3f} ms ({record['latency_method']})"),
-        ("init / first", f"{record['init_ms']:.1f} / {record['first_inference_ms']:.2f} ms"),
-        ("peak RSS", f"{record['peak_rss_mb']} MB ({record['peak_rss_method']})"),
-        ("power", (f"{power['avg_w']:.3f} W, {power['energy_per_inference_mj']:.3f} mJ/inference; " if power.get("avg_w") is not None else "")
-                  + power["method"]),
-    ]
-    if record.get("accuracy"):
-        acc = record["accuracy"]
-        rows.append(("top-1 accuracy", f"{100 * acc['value']:.2f} % on {acc['samples']} shipped eval samples"))
-    if record.get("fidelity"):
-        fid = record["fidelity"]
-        rows.append(("fidelity vs fp32", f"top-1 agreement {100 * fid['top1_agreement']:.2f} %, max |err| {fid['max_abs_error']:.4g}"))
-    return rows
+    """Return (label, text) rows for a bench record from a device: who measured it, then the figures."""
+    from device_agents.bench import summary_rows
+
+    return [("device", f"{record['device']} ({record.get('profile') or 'no profile'})"
+                       + ("  (simulated device: measured on this machine)" if record.get("simulated") else "")),
+            ("variant", f"{record.get('variant')}  sha256 {str(record.get('sha256'))[:12]}"),
+            *summary_rows(record)]
 
 
 @app.command("bench")

@@ -243,7 +243,7 @@ def monitor_cmd(
     try:
         with Live(_fleet_table(db, fleet), console=out, refresh_per_second=1, transient=False) if not as_json else nullcontext() as live:
             while end is None or _time.monotonic() < end:
-                _time.sleep(0.5)
+                _time.sleep(1.0)  # the table queries the whole history: once a second is plenty
                 if live is not None:
                     live.update(_fleet_table(db, fleet))
                     for alert in mon.alerts[shown:]:

@@ -42,3 +42,7 @@ class AgentError(EdgeKitError):
     """The on-device agent could not do what was asked."""
 
     exit_code = 5
+
+
+class AgentTimeout(AgentError):
+    """An agent did not answer in time (it may still act on the request later, unless it expired)."""

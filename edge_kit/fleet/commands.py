@@ -15,7 +15,7 @@ from typing import Any
 from device_agents.config import BrokerConfig, TlsConfig
 from device_agents.mqtt import make_client
 from edge_kit import schema
-from edge_kit.errors import AgentError
+from edge_kit.errors import AgentError, AgentTimeout
 from edge_kit.fleet.inventory import Broker
 
 CONNECT_TIMEOUT_S = 10.0
@@ -137,18 +137,19 @@ class FleetClient:
         caller has given up (for switches such as ``activate``).
 
         Raises:
-            AgentError: no ack within ``timeout`` (the device is named), or the agent refused it.
+            AgentTimeout: no ack (or record) within ``timeout``; the device is named.
+            AgentError: the agent refused it (its reason is given).
         """
         deadline = time.monotonic() + timeout
         ack = self.wait_ack(self.send(device, name, args, time.time() + timeout if expire else None), timeout)
         if ack is None:
-            raise AgentError(f"{device}: no answer to '{name}' within {timeout:.0f} s; is its agent running "
+            raise AgentTimeout(f"{device}: no answer to '{name}' within {timeout:.0f} s; is its agent running "
                              f"and connected to {self.broker.host}:{self.broker.port}?")
         if not ack["ok"]:
             raise AgentError(f"{device}: {name} refused: {ack['error']}")
         if name == "bench":
             record = self.wait_record(ack["result"]["bench_msg_id"], max(1.0, deadline - time.monotonic()))
             if record is None:
-                raise AgentError(f"{device}: the bench record announced in the ack did not arrive within {timeout:.0f} s")
+                raise AgentTimeout(f"{device}: the bench record announced in the ack did not arrive within {timeout:.0f} s")
             ack = {**ack, "record": record}
         return ack

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from edge_kit.errors import AgentError, DeployError, EdgeKitError
+from edge_kit.errors import AgentError, AgentTimeout, DeployError, EdgeKitError
 from edge_kit.fleet.agent_install import ensure_agent
 from edge_kit.fleet.commands import FleetClient
 from edge_kit.fleet.inventory import Device, Fleet
@@ -220,14 +220,14 @@ class _Deployer:
         try:
             return self.client.request(dev.name, "activate", {"sha256": target.sha256},
                                        timeout=self.opts.health_timeout, expire=True)["result"]
-        except AgentError as exc:
-            if "refused" in str(exc):
-                raise DeployError(str(exc)) from None
+        except AgentTimeout as exc:
             probe = shell.agent("state")  # no ack: did it switch anyway?
             if (probe.get("current") or {}).get("sha256") == target.sha256:
                 shell.agent("rollback")
                 raise DeployError(f"{exc}; it had switched, so it was rolled back to the previous model") from None
             raise DeployError(f"{exc}; it still runs its previous model") from None
+        except AgentError as exc:  # refused: nothing changed
+            raise DeployError(str(exc)) from None
 
     def _bench(self, dev: Device, sha: str) -> dict[str, Any]:
         """Return a fresh benchmark record of the now current model.

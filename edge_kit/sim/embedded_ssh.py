@@ -30,6 +30,15 @@ def _errno(exc: OSError) -> int:
     return SFTPServer.convert_errno(exc.errno)
 
 
+def _status(call: Any, *args: Any) -> int:
+    """Run a filesystem call; return SFTP_OK, or the SFTP code of the OSError it raised."""
+    try:
+        call(*args)
+    except OSError as exc:
+        return _errno(exc)
+    return SFTP_OK
+
+
 class _Handle(SFTPHandle):
     def stat(self) -> Any:
         try:
@@ -89,11 +98,7 @@ class LocalSFTP(SFTPServerInterface):
         return handle
 
     def remove(self, path: str) -> int:
-        try:
-            os.remove(self._path(path))
-        except OSError as exc:
-            return _errno(exc)
-        return SFTP_OK
+        return _status(os.remove, self._path(path))
 
     def rename(self, oldpath: str, newpath: str) -> int:
         if os.path.exists(self._path(newpath)):
@@ -101,32 +106,16 @@ class LocalSFTP(SFTPServerInterface):
         return self.posix_rename(oldpath, newpath)
 
     def posix_rename(self, oldpath: str, newpath: str) -> int:
-        try:
-            os.replace(self._path(oldpath), self._path(newpath))
-        except OSError as exc:
-            return _errno(exc)
-        return SFTP_OK
+        return _status(os.replace, self._path(oldpath), self._path(newpath))
 
     def mkdir(self, path: str, attr: Any) -> int:
-        try:
-            os.mkdir(self._path(path), getattr(attr, "st_mode", None) or 0o755)
-        except OSError as exc:
-            return _errno(exc)
-        return SFTP_OK
+        return _status(os.mkdir, self._path(path), getattr(attr, "st_mode", None) or 0o755)
 
     def rmdir(self, path: str) -> int:
-        try:
-            os.rmdir(self._path(path))
-        except OSError as exc:
-            return _errno(exc)
-        return SFTP_OK
+        return _status(os.rmdir, self._path(path))
 
     def chattr(self, path: str, attr: Any) -> int:
-        try:
-            SFTPServer.set_file_attr(self._path(path), attr)
-        except OSError as exc:
-            return _errno(exc)
-        return SFTP_OK
+        return _status(SFTPServer.set_file_attr, self._path(path), attr)
 
     def readlink(self, path: str) -> Any:
         try:
@@ -135,11 +124,7 @@ class LocalSFTP(SFTPServerInterface):
             return _errno(exc)
 
     def symlink(self, target_path: str, path: str) -> int:
-        try:
-            os.symlink(target_path, self._path(path))
-        except OSError as exc:
-            return _errno(exc)
-        return SFTP_OK
+        return _status(os.symlink, target_path, self._path(path))
 
 
 class _Server(paramiko.ServerInterface):
