@@ -13,6 +13,7 @@ from rich.table import Column, Table
 
 from edge_kit.cli import JsonOpt, _emit_json, app, out
 from edge_kit.cli_fleet import DevicesOpt, FleetOpt, _results_table
+from edge_kit.selection.policy import DEFAULT_MARGIN
 
 CandidatesOpt = Annotated[Path, typer.Option("--artifacts", help="The compiled model's folder: its variants are the candidates.")]
 MarginOpt = Annotated[float, typer.Option(min=0, max=1, help="Relative gain needed to switch (no flapping).")]
@@ -34,12 +35,12 @@ def decision_table(decisions: dict[str, Any], explain: bool) -> list[Any]:
     out_items.append(t)
     if explain:
         for name, d in decisions.items():
-            e = Table(Column("variant", min_width=16, no_wrap=True), "p90 ms", "top-1", "energy mJ/inf", "power source", "MB", "violates", "",
+            e = Table(Column("variant", min_width=16, no_wrap=True), "p90 ms", "top-1", "energy mJ/inf", "power source", "runs", "MB", "violates", "",
                       title=f"{name}", title_justify="left", box=box.SIMPLE, pad_edge=False)
             for r in d.table:
                 mark = "chosen" if r.get("chosen") else ("current" if r["current"] else "")
                 e.add_row(r["variant"], _num(r["p90_ms"]), "-" if r["accuracy"] is None else f"{100 * r['accuracy']:.2f}%",
-                          _num(r["energy_mj"]), r["power_source"] or "-", f"{r['model_mb']:.2f}",
+                          _num(r["energy_mj"]), r["power_source"] or "-", str(r["runs"]), f"{r['model_mb']:.2f}",
                           escape(", ".join(r["violates"])) or ("-" if r["measured"] else "not measured"), mark)
             out_items.append(e)
     return out_items
@@ -56,7 +57,7 @@ def select_cmd(
                                                            "candidates (default: the one the last tune used).")] = None,
     devices: DevicesOpt = None,
     store: StoreOpt = None,
-    margin: MarginOpt = 0.1,
+    margin: MarginOpt = DEFAULT_MARGIN,
     explain: Annotated[bool, typer.Option("--explain", help="Print the table behind each choice.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -114,7 +115,7 @@ def tune_cmd(
     devices: DevicesOpt = None,
     store: StoreOpt = None,
     rounds: Annotated[int, typer.Option(min=1, max=10)] = 2,
-    margin: MarginOpt = 0.1,
+    margin: MarginOpt = DEFAULT_MARGIN,
     min_runs: Annotated[int, typer.Option(min=1, help="Timed runs per measurement at least.")] = 200,
     min_seconds: Annotated[float, typer.Option(min=0, help="Timed seconds per measurement at least.")] = 2.0,
     timeout: Annotated[float, typer.Option(min=1, help="Seconds per round for all measurements to arrive.")] = 300.0,

@@ -4,29 +4,35 @@ Per device, among the variants built for its profile:
 
 1. A variant without a measurement from this device is *unmeasured*; no choice is made until every
    candidate is measured (``tune`` measures them first).
-2. *Feasible* variants meet every constraint (:mod:`edge_kit.selection.constraints`).
-3. Among feasible ones: highest top-1 accuracy, then lowest energy per inference, then lowest p90.
-   Energy and latency count as different only when they differ by more than ``margin`` (default
-   5 %), so measurement noise does not reorder near-equal variants.
-4. No flapping: a device stays on its current variant while that is feasible and the best beats
-   it by less than the margin (accuracy counts at any difference; it is measured on the same set).
+2. *Feasible* variants meet every constraint (:mod:`edge_kit.selection.constraints`), judged on
+   their newest measurement.
+3. Among feasible ones: highest top-1 accuracy; among those, the variants whose energy per inference
+   is within ``margin`` (default 10 %) of the least; among those, the lowest p90. The result does not
+   depend on the order of the candidates.
+4. No flapping: a variant *beats* another only when it is better beyond the margin in every recent
+   measurement of the two (its worst against the other's best: accuracy, then energy, then p90).
+   A device stays on its current variant while that is feasible and nothing beats it; otherwise it
+   goes to the best variant that nothing beats. A fresh measurement of the variant a device runs
+   can only make it harder to beat, so a choice made on one set of measurements is kept when the
+   chosen variant is measured again, however noisy the clock.
 5. When nothing is feasible, the device is flagged infeasible and given the least-violating
-   variant (smallest sum of relative violations), with what it violates; it stays on its current
-   variant while that violates within the margin of the least.
+   variant (smallest sum of relative violations, each variant judged on its worst recent
+   measurement), with what it violates; it stays on its current variant while that, judged on its
+   best recent measurement, violates within the margin of the least.
 
 Returns a :class:`Decision` with the table behind it, for ``--explain`` and for the record.
 """
 
 from __future__ import annotations
 
-import functools
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from edge_kit.profiles import Constraints
 from edge_kit.selection.constraints import Measured, describe, violations
 
-DEFAULT_MARGIN = 0.05
+DEFAULT_MARGIN = 0.1
 
 
 @dataclass(frozen=True)
@@ -34,7 +40,21 @@ class Candidate:
     variant: str
     sha256: str
     bytes: int
-    measured: Measured | None = None
+    measured: Measured | None = None  # the newest measurement on this device
+    history: tuple[Measured, ...] = ()  # recent measurements including the newest; empty means (measured,)
+
+    def envelope(self, best: bool) -> Measured:
+        """Return the most (``best``) or least favourable figures across the recent measurements."""
+        ms = self.history or (self.measured,)
+        if len(ms) == 1:
+            return ms[0]
+
+        def pick(name: str, lower_is_better: bool = True) -> float | None:
+            values = [v for v in (getattr(m, name) for m in ms) if v is not None]
+            return None if not values else (min if best == lower_is_better else max)(values)
+
+        return replace(ms[0], p90_ms=pick("p90_ms"), avg_w=pick("avg_w"), energy_mj=pick("energy_mj"),
+                       accuracy=pick("accuracy", lower_is_better=False))
 
 
 @dataclass
@@ -63,12 +83,39 @@ def _differs(a: float | None, b: float | None, margin: float) -> int:
     return -1 if a < b else 1
 
 
+def _accuracy(m: Measured) -> float:
+    return round(m.accuracy, 9) if m.accuracy is not None else -1.0
+
+
 def compare(a: Measured, b: Measured, margin: float) -> int:
     """Return <0 when ``a`` is preferred to ``b``, >0 when ``b`` is, 0 when they are equal within the margin."""
-    acc_a, acc_b = a.accuracy if a.accuracy is not None else -1.0, b.accuracy if b.accuracy is not None else -1.0
-    if round(acc_a, 9) != round(acc_b, 9):
-        return -1 if acc_a > acc_b else 1
+    if _accuracy(a) != _accuracy(b):
+        return -1 if _accuracy(a) > _accuracy(b) else 1
     return _differs(a.energy_mj, b.energy_mj, margin) or _differs(a.p90_ms, b.p90_ms, margin)
+
+
+def _preference(candidates: list[Candidate], margin: float) -> list[Candidate]:
+    """Return ``candidates`` best first: accuracy, then energy within the margin of the least, then p90.
+
+    A total order on the newest measurements (ties broken by variant id), so the result does not
+    depend on the order the candidates came in.
+    """
+    top = max(_accuracy(c.measured) for c in candidates)
+    energies = [c.measured.energy_mj for c in candidates if _accuracy(c.measured) == top and c.measured.energy_mj is not None]
+    least = min(energies, default=None)
+
+    def key(c: Candidate) -> tuple:
+        m = c.measured
+        near = least is None or (m.energy_mj is not None and _differs(m.energy_mj, least, margin) == 0)
+        energy = m.energy_mj if m.energy_mj is not None else math.inf
+        return -_accuracy(m), not near, m.p90_ms if near else energy, m.p90_ms, c.variant
+
+    return sorted(candidates, key=key)
+
+
+def _beats(a: Candidate, b: Candidate, margin: float) -> bool:
+    """Return whether ``a`` is better than ``b`` beyond the margin in every recent measurement of both."""
+    return compare(a.envelope(best=False), b.envelope(best=True), margin) < 0
 
 
 def choose(device: str, candidates: list[Candidate], constraints: Constraints, *, fp32_accuracy: float | None,
@@ -80,49 +127,62 @@ def choose(device: str, candidates: list[Candidate], constraints: Constraints, *
         m = c.measured
         broken = violations(constraints, m, fp32_accuracy) if m else {}
         table.append({"variant": c.variant, "sha256": c.sha256, "measured": m is not None,
+                      "runs": len(c.history or ((m,) if m else ())),
                       "p90_ms": m.p90_ms if m else None, "accuracy": m.accuracy if m else None,
                       "energy_mj": m.energy_mj if m else None, "avg_w": m.avg_w if m else None,
                       "power_source": m.power_source if m else None, "model_mb": round(c.bytes / 1e6, 3),
-                      "violates": [describe(k, constraints) for k in broken], "_score": sum(broken.values()),
-                      "current": c.sha256 == current_sha})
+                      "violates": [describe(k, constraints) for k in broken], "current": c.sha256 == current_sha})
     base = Decision(device, None, None, current.variant if current else None, False, False, "")
     unmeasured = [c.variant for c in candidates if c.measured is None]
     if not candidates:
         base.reason = "no candidate variant is installed for this device's profile"
         return base
     if unmeasured:
-        base.unmeasured, base.table = unmeasured, _public(table)
+        base.unmeasured, base.table = unmeasured, table
         base.reason = f"not measured yet on this device: {', '.join(unmeasured)}"
         return base
     rows = {r["variant"]: r for r in table}
     feasible = [c for c in candidates if not rows[c.variant]["violates"]]
-    key = functools.cmp_to_key(lambda x, y: compare(x.measured, y.measured, margin))
     if feasible:
-        ranked = sorted(feasible, key=key)
-        best = ranked[0]
-        if current is not None and current in feasible and compare(best.measured, current.measured, margin) >= 0:
-            chosen, reason = current, (f"stays on {current.variant}: feasible, and no feasible variant beats it "
-                                       f"by more than the {margin:.0%} margin")
-        else:
-            chosen = best
-            why = _why(best, ranked[1] if len(ranked) > 1 else None, margin)
-            reason = f"{best.variant}: {why}" + (f" (current {current.variant} " + (
-                "breaks its constraints)" if current not in feasible else "is beaten beyond the margin)")
-                if current and current is not best else "")
-        decision = Decision(device, chosen.variant, chosen.sha256, base.current, True,
-                            chosen.sha256 != current_sha, reason)
+        chosen, reason = _choose_feasible(feasible, current, margin)
+        decision = Decision(device, chosen.variant, chosen.sha256, base.current, True, chosen is not current, reason)
     else:
-        chosen = min(candidates, key=lambda c: rows[c.variant]["_score"])
-        why = f"infeasible: no variant meets every constraint; {chosen.variant} violates least"
-        if current is not None and rows[current.variant]["_score"] <= rows[chosen.variant]["_score"] * (1 + margin):
-            chosen, why = current, (f"infeasible: no variant meets every constraint; stays on {current.variant}, "
-                                    f"within the {margin:.0%} margin of the least violating")
-        decision = Decision(device, chosen.variant, chosen.sha256, base.current, False, chosen.sha256 != current_sha,
-                            why, violates=rows[chosen.variant]["violates"])
+        chosen, reason = _least_violating(candidates, current, constraints, fp32_accuracy, margin)
+        decision = Decision(device, chosen.variant, chosen.sha256, base.current, False, chosen is not current,
+                            reason, violates=rows[chosen.variant]["violates"])
     for r in table:
         r["chosen"] = r["variant"] == decision.chosen
-    decision.table = _public(table)
+    decision.table = table
     return decision
+
+
+def _choose_feasible(feasible: list[Candidate], current: Candidate | None, margin: float) -> tuple[Candidate, str]:
+    """Return the feasible variant to run, and why."""
+    if current in feasible and not any(_beats(c, current, margin) for c in feasible if c is not current):
+        return current, (f"stays on {current.variant}: feasible, and no feasible variant beats it by more than "
+                         f"the {margin:.0%} margin in every recent measurement")
+    ranked = _preference(feasible, margin)
+    best = next((c for c in ranked if not any(_beats(o, c, margin) for o in feasible if o is not c)), ranked[0])
+    runner_up = next((c for c in ranked if c is not best), None)
+    reason = f"{best.variant}: {_why(best, runner_up, margin)}"
+    if current is not None and current is not best:
+        reason += f" (current {current.variant} " + ("is beaten beyond the margin)" if current in feasible
+                                                      else "breaks its constraints)")
+    return best, reason
+
+
+def _least_violating(candidates: list[Candidate], current: Candidate | None, constraints: Constraints,
+                     fp32_accuracy: float | None, margin: float) -> tuple[Candidate, str]:
+    """Return the variant that violates the constraints least, and why (the device is infeasible)."""
+    def score(c: Candidate, best: bool) -> float:
+        return sum(violations(constraints, c.envelope(best), fp32_accuracy).values())
+
+    worst = {c.variant: score(c, best=False) for c in candidates}
+    least = min(candidates, key=lambda c: (worst[c.variant], c.variant))
+    if current is not None and score(current, best=True) <= worst[least.variant] * (1 + margin):
+        return current, (f"infeasible: no variant meets every constraint; stays on {current.variant}, "
+                         f"within the {margin:.0%} margin of the least violating")
+    return least, f"infeasible: no variant meets every constraint; {least.variant} violates least"
 
 
 def _why(best: Candidate, runner_up: Candidate | None, margin: float) -> str:
@@ -130,12 +190,8 @@ def _why(best: Candidate, runner_up: Candidate | None, margin: float) -> str:
     if runner_up is None:
         return "the only feasible variant"
     r = runner_up.measured
-    if round(m.accuracy or -1, 9) != round(r.accuracy or -1, 9):
+    if _accuracy(m) != _accuracy(r):
         return f"highest accuracy among feasible variants ({100 * (m.accuracy or 0):.2f} % vs {100 * (r.accuracy or 0):.2f} % for {runner_up.variant})"
     if _differs(m.energy_mj, r.energy_mj, margin):
         return f"same accuracy, least energy per inference ({m.energy_mj:.4g} vs {r.energy_mj:.4g} mJ for {runner_up.variant})"
     return f"same accuracy and energy within {margin:.0%}, lowest p90 ({m.p90_ms:.4g} vs {r.p90_ms:.4g} ms for {runner_up.variant})"
-
-
-def _public(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{k: v for k, v in r.items() if not k.startswith("_")} for r in table]

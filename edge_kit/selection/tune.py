@@ -59,12 +59,13 @@ class TuneReport:
 
 
 def decide(manifest: Manifest, dev: Device, store: Store, current_sha: str | None, margin: float) -> Decision:
-    """Return the decision for one device from the stored measurements of its candidate variants."""
+    """Return the decision for one device from its recent stored measurements of its candidate variants."""
     arts = candidates_for(manifest, dev)
-    records = store.latest_bench(dev.name)
-    cands = [Candidate(a.id, a.sha256, a.bytes or 0,
-                       Measured.from_record(records[(dev.name, a.sha256)], a.bytes or 0)
-                       if (dev.name, a.sha256) in records else None) for a in arts]
+    recent = store.recent_bench(dev.name)
+    cands = []
+    for a in arts:
+        history = tuple(Measured.from_record(r, a.bytes or 0) for r in recent.get((dev.name, a.sha256), ()))
+        cands.append(Candidate(a.id, a.sha256, a.bytes or 0, history[0] if history else None, history))
     fp32 = next((c for c in cands if c.variant == "fp32" and c.measured and c.measured.accuracy is not None), None)
     host_fp32 = manifest.artifact("fp32")
     fp32_acc = fp32.measured.accuracy if fp32 else (host_fp32.accuracy.value if host_fp32 and host_fp32.accuracy else None)

@@ -125,6 +125,16 @@ class Store:
             out[(m["device"], m["sha256"])] = m
         return out
 
+    def recent_bench(self, device: str, keep: int = 5) -> dict[tuple[str, str], list[dict[str, Any]]]:
+        """Return up to ``keep`` bench records per ``(device, sha256)`` of one device, newest first."""
+        sql = ("SELECT body FROM (SELECT body, ts, ROW_NUMBER() OVER (PARTITION BY sha256 ORDER BY ts DESC) AS n "
+               "FROM bench WHERE device = ?) WHERE n <= ? ORDER BY ts DESC")
+        out: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for (body,) in self._rows(sql, (device, keep)):
+            m = json.loads(body)
+            out.setdefault((m["device"], m["sha256"]), []).append(m)
+        return out
+
     def latest_status(self) -> dict[str, dict[str, Any]]:
         """Return the newest status message per device."""
         rows = self._rows("SELECT s.body FROM status s JOIN (SELECT device, MAX(ts) AS ts FROM status GROUP BY device) l "

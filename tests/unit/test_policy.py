@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+import random
+
 import pytest
 
 from edge_kit.profiles import Constraints
@@ -79,3 +82,38 @@ def test_an_infeasible_device_does_not_flap_between_near_equal_violators():
     cands = [cand("fp32", 20.0, 0.99, 2.0), cand("int8", 19.5, 0.99, 1.0)]
     d = choose("d", cands, C, fp32_accuracy=0.99, current_sha="fp32" * 4, margin=0.1)
     assert d.chosen == "fp32" and not d.switch and not d.feasible and "stays on fp32" in d.reason
+
+
+def test_the_choice_does_not_depend_on_the_order_of_the_candidates():
+    # energies 1.00 / 1.04 / 1.08 mJ: neighbours tie within 5 %, the ends do not; p90 favours the worst energy
+    cands = [cand("a", 6.0, 0.99, 1.00), cand("b", 5.0, 0.99, 1.04), cand("c", 4.0, 0.99, 1.08)]
+    chosen = {choose("d", list(order), C, fp32_accuracy=0.99, current_sha=None, margin=0.05).chosen
+              for order in itertools.permutations(cands)}
+    assert chosen == {"b"}  # within 5 % of the least energy (a, b), the lower p90
+
+
+def noisy(rng, variant, p90, acc, watts=3.0):
+    p = p90 * rng.uniform(0.7, 1.3)  # a clock as noisy as a busy 2-core host: +-30 %
+    return Measured(variant, p, watts, watts * p, "estimated", acc, 1.0)
+
+
+def with_history(c, *ms):
+    return Candidate(c.variant, c.sha256, c.bytes, ms[0], ms)
+
+
+@pytest.mark.parametrize("bound", [10.0, 0.5])  # every p90 (0.7-3.9 ms) within the bound, and none
+def test_a_fresh_measurement_of_the_chosen_variant_never_makes_the_device_switch(bound):
+    rng = random.Random(7)
+    limits = Constraints(max_latency_p90_ms=bound)
+    reordered = 0
+    for _ in range(2000):
+        true = {"fp16": rng.uniform(1, 3), "int8": rng.uniform(1, 3), "dyn": rng.uniform(1, 3)}
+        cands = [with_history(cand(v, 0, 0.99, 0), noisy(rng, v, t, 0.99)) for v, t in true.items()]
+        first = choose("d", cands, limits, fp32_accuracy=0.99, current_sha=None, margin=0.05)
+        again = [with_history(c, noisy(rng, c.variant, true[c.variant], 0.99), *c.history)
+                 if c.variant == first.chosen else c for c in cands]
+        newest_only = [Candidate(c.variant, c.sha256, c.bytes, c.measured) for c in again]
+        reordered += choose("d", newest_only, limits, fp32_accuracy=0.99, current_sha=None, margin=0.05).chosen != first.chosen
+        second = choose("d", again, limits, fp32_accuracy=0.99, current_sha=first.chosen_sha256, margin=0.05)
+        assert second.chosen == first.chosen and not second.switch, (first.table, second.table)
+    assert reordered > 200  # the noise does reorder the newest figures; the policy keeps the device put
