@@ -123,9 +123,7 @@ def _store_command(args: argparse.Namespace) -> None:
     try:
         if args.command == "install":
             done = store.install(args.model, variant=args.variant, model=args.model_name,
-                                 expect_sha256=args.sha256, eval_file=args.eval)
-            if args.move:
-                args.model.unlink(missing_ok=True)
+                                 expect_sha256=args.sha256, eval_file=args.eval, move=args.move)
             out = {"sha256": done.sha256, "variant": done.variant, "model": done.model, "fresh": done.fresh}
         elif args.command == "activate":
             if not (args.sha256 or args.variant):

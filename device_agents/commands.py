@@ -3,9 +3,11 @@
 ========  =====================================================================================
 bench     ``{variant | sha256, min_runs, min_seconds, warmup, threads}``: benchmark an installed
           model (default: the current one); the record goes to ``bench``, the ack names it.
+install   ``{path, sha256, variant, model, eval}``: move an upload from ``<root>/incoming/`` into the
+          store, checked against ``sha256`` (``eval``: an eval set there, copied alongside).
 activate  ``{variant | sha256}``: safe activation (sha256 check, smoke inference in a child).
 rollback  ``{}``: swap ``current`` and ``previous``.
-state     ``{}``: what is installed, current, previous, the spool and the power sensor.
+state     ``{}``: what is installed, current, previous, the spool, the power sensor, free bytes.
 ========  =====================================================================================
 
 A command may carry ``expires`` (unix time): one still queued after that is answered with an
@@ -26,6 +28,8 @@ _ARGS: dict[str, dict[str, tuple[tuple[type, ...], float | None, float | None]]]
     "bench": {"variant": ((str,), None, None), "sha256": ((str,), None, None),
               "min_runs": (_INT, 1, 1_000_000), "min_seconds": (_NUM, 0, 600),
               "warmup": (_INT, 0, 10_000), "threads": (_INT, 1, 64)},
+    "install": {"path": ((str,), None, None), "sha256": ((str,), None, None), "variant": ((str,), None, None),
+                "model": ((str,), None, None), "eval": ((str,), None, None)},
     "activate": {"variant": ((str,), None, None), "sha256": ((str,), None, None)},
     "rollback": {},
     "state": {},

@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import os
 import queue
+import shutil
 import signal
 import threading
 import time
@@ -181,6 +182,24 @@ class Agent:
         return {"bench_msg_id": record["msg_id"], "variant": meta.get("variant"), "sha256": sha,
                 "latency_p90_ms": lat["p90"], "runs": measured["runs"]}
 
+    def _incoming(self, path: str) -> Path:
+        """Return ``path`` when it names a file under ``<root>/incoming/`` (uploads land there, nowhere else)."""
+        incoming = (self.store.root / "incoming").resolve()
+        resolved = Path(path).resolve()
+        if not resolved.is_relative_to(incoming) or not resolved.is_file():
+            raise StoreError(f"install: {path} is not an upload under {incoming}")
+        return resolved
+
+    def _cmd_install(self, cmd: Command) -> dict[str, Any]:
+        a = cmd.args
+        missing = [k for k in ("path", "sha256", "variant", "model") if k not in a]
+        if missing:
+            raise StoreError(f"install: missing argument(s) {', '.join(missing)}")
+        done = self.store.install(self._incoming(a["path"]), variant=a["variant"], model=a["model"],
+                                  expect_sha256=a["sha256"], eval_file=self._incoming(a["eval"]) if "eval" in a else None,
+                                  move=True)
+        return {"sha256": done.sha256, "variant": done.variant, "model": done.model, "fresh": done.fresh}
+
     def _cmd_activate(self, cmd: Command) -> dict[str, Any]:
         sha = self.store.resolve(sha256=cmd.args.get("sha256"), variant=cmd.args.get("variant"))
         result = self.store.activate(sha, runtime=self.cfg.bench.runtime, delegate=self.cfg.bench.delegate,
@@ -193,7 +212,7 @@ class Agent:
     def _cmd_state(self, _cmd: Command) -> dict[str, Any]:
         return {"current": self._model_ref(self.store.current()), "previous": self._model_ref(self.store.previous()),
                 "installed": self.store.installed(), "spool": self.spool.stats(), "power_source": self.power_source,
-                "queued_commands": self.commands.qsize()}
+                "queued_commands": self.commands.qsize(), "free_bytes": shutil.disk_usage(self.store.root).free}
 
     def _publish_status(self) -> None:
         if self.publisher.connected.is_set():

@@ -78,8 +78,8 @@ class ModelStore:
     # --- installing ---------------------------------------------------------------------------
 
     def install(self, src: Path, *, variant: str, model: str, expect_sha256: str | None = None,
-                eval_file: Path | None = None) -> Installed:
-        """Copy ``src`` into ``models/<sha256>/`` with its metadata (and eval set), atomically.
+                eval_file: Path | None = None, move: bool = False) -> Installed:
+        """Copy (``move``: move) ``src`` into ``models/<sha256>/`` with its metadata (and eval set), atomically.
 
         Returns:
             The installed model; ``fresh`` is False when the same sha256 was already installed.
@@ -98,15 +98,21 @@ class ModelStore:
         target = self.models / digest
         if (target / "model.tflite").is_file() and self._meta(digest) is not None:
             meta = self._meta(digest) or {}
+            if move:
+                src.unlink()
             return Installed(digest, meta.get("variant", variant), meta.get("model", model), target, fresh=False)
+        size = src.stat().st_size
         staging = self.models / f".{digest}.staging-{os.getpid()}"
         try:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir()
-            shutil.copyfile(src, staging / "model.tflite")
+            if move:
+                shutil.move(src, staging / "model.tflite")  # a rename on one filesystem: no second copy on the card
+            else:
+                shutil.copyfile(src, staging / "model.tflite")
             if eval_file is not None:
                 shutil.copyfile(eval_file, staging / "eval.npz")
-            meta = {"sha256": digest, "variant": variant, "model": model, "bytes": src.stat().st_size,
+            meta = {"sha256": digest, "variant": variant, "model": model, "bytes": size,
                     "installed": time.time(), "eval": "eval.npz" if eval_file is not None else None}
             (staging / "meta.json").write_text(json.dumps(meta, indent=2))
             for f in staging.iterdir():
@@ -116,6 +122,8 @@ class ModelStore:
                 shutil.rmtree(target)
             os.rename(staging, target)
         except OSError as exc:
+            if move and not src.exists() and (staging / "model.tflite").is_file():
+                shutil.move(staging / "model.tflite", src)  # the caller's file is not lost with the staging folder
             shutil.rmtree(staging, ignore_errors=True)
             raise StoreError(f"cannot install {src.name} into {self.models}: {exc.strerror or exc}") from None
         return Installed(digest, variant, model, target)

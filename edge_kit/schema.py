@@ -27,7 +27,7 @@ SCHEMAS = {
     "cmd": "edgekit.cmd/1",
     "cmd/ack": "edgekit.ack/1",
 }
-COMMANDS = ("bench", "activate", "rollback", "state")
+COMMANDS = ("bench", "install", "activate", "rollback", "state")
 MAX_PAYLOAD = 64 * 1024  # bytes; larger commands are refused unread
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _ENVELOPE_TYPES: dict[str, type | tuple[type, ...]] = {

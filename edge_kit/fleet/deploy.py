@@ -4,8 +4,9 @@ Per device, over one SSH connection (Fabric) with its host key verified:
 
 1. make sure the agent code, its config and its service are current (:mod:`edge_kit.fleet.agent_install`);
 2. upload every variant the device's profile asks for that it does not hold yet, with the eval set,
-   each as ``*.part``; the agent's ``install`` checks the sha256 against the manifest and renames it
-   into ``models/<sha256>/``;
+   each as ``*.part`` (SFTP); the running agent's ``install`` command checks the sha256 against the
+   manifest and moves it into ``models/<sha256>/``, so a deploy starts no process on the device
+   (without a broker, ``edgekit-agent install`` over SSH does the same);
 3. activate the target variant by asking the running agent over MQTT: it checks the sha256, runs a
    smoke inference in a child process, switches ``current`` atomically (``previous`` kept) and
    acks; that ack is the health report (after a restart, the agent's ``online`` status comes first).
@@ -154,9 +155,11 @@ class _Deployer:
             self.progress(dev.name, "agent")
             agent = ensure_agent(shell, self.fleet)
             result.actions += agent.changed
+            if agent.restarted_at is not None and self.client is not None:
+                self._wait_online(dev, agent.restarted_at)
             have = {m["sha256"] for m in shell.info["installed"]}
-            need = sum(a.bytes or 0 for a in wanted if a.sha256 not in have) * 2  # the upload and its installed copy
-            free = shell.python_facts["free"] if need else 0
+            need = sum(a.bytes or 0 for a in wanted if a.sha256 not in have)
+            free = self._free_bytes(shell) if need else 0
             if need > free:
                 raise DeployError(f"{dev.name}: not enough space under {shell.root}: the new variants need "
                                   f"{need / 1e6:.1f} MB, {free / 1e6:.1f} MB free")
@@ -172,17 +175,13 @@ class _Deployer:
                 part = shell.put(self.opts.artifacts / art.file, f"{shell.root}/incoming/{art.sha256}.tflite", rename=False)
                 if eval_remote is None and eval_file.is_file():
                     eval_remote = shell.put(eval_file, f"{shell.root}/incoming/eval.npz")
-                args = ["install", part, "--variant", art.id, "--model-name", self.manifest.model["name"],
-                        "--sha256", art.sha256, "--move"]
-                shell.agent(*args, *(["--eval", eval_remote] if eval_remote else []))
+                self._install(shell, art, part, eval_remote)
                 result.actions.append(f"uploaded {art.id} ({art.bytes / 1e6:.1f} MB)")
             result.variant, result.sha256 = target.id, target.sha256
             if current != target.sha256:
                 self.progress(dev.name, f"activate {target.id}")
-                result.activation = self._activate(shell, target, agent.restarted_at)
+                result.activation = self._activate(shell, target)
                 result.actions.append(f"activated {target.id}")
-            elif agent.restarted_at is not None and self.client is not None:
-                self._wait_online(dev, agent.restarted_at)
             if not result.actions:
                 result.reason = "already current: same agent, same artifacts, same active variant"
                 return
@@ -203,7 +202,37 @@ class _Deployer:
         if self.client.wait_online(dev.name, since, self.opts.health_timeout) is None:
             raise DeployError(f"{dev.name}: the agent did not come online within {self.opts.health_timeout:.0f} s")
 
-    def _activate(self, shell: DeviceShell, target: Artifact, restarted_at: float | None) -> dict[str, Any]:
+    def _free_bytes(self, shell: DeviceShell) -> int:
+        """Return the free bytes under the device's root: from the running agent, else the device's Python."""
+        if self.client is None:
+            return shell.python_facts["free"]
+        return self._request(shell.dev, "state", {})["free_bytes"]
+
+    def _install(self, shell: DeviceShell, art: Artifact, part: str, eval_remote: str | None) -> None:
+        """Move an upload into the device's model store, checked against the manifest's sha256.
+
+        The running agent does it (no process started on the device); over SSH without a broker.
+
+        Raises:
+            DeployError: the sha256 differs (corrupt upload) or the store refused it.
+        """
+        args = {"path": part, "sha256": art.sha256, "variant": art.id, "model": self.manifest.model["name"],
+                **({"eval": eval_remote} if eval_remote else {})}
+        if self.client is not None:
+            self._request(shell.dev, "install", args)
+            return
+        shell.agent("install", part, "--variant", art.id, "--model-name", args["model"], "--sha256", art.sha256,
+                    "--move", *(["--eval", eval_remote] if eval_remote else []))
+
+    def _request(self, dev: Device, name: str, args: dict[str, Any]) -> dict[str, Any]:
+        """Return the result of a command the device's agent ran; DeployError when refused or unanswered."""
+        assert self.client is not None
+        try:
+            return self.client.request(dev.name, name, args, timeout=self.opts.health_timeout, expire=True)["result"]
+        except AgentError as exc:
+            raise DeployError(str(exc)) from None
+
+    def _activate(self, shell: DeviceShell, target: Artifact) -> dict[str, Any]:
         """Activate through the running agent and take its ack as the health report; over SSH without a broker.
 
         Returns:
@@ -215,8 +244,6 @@ class _Deployer:
         dev = shell.dev
         if self.client is None:
             return shell.agent("activate", "--sha256", target.sha256)
-        if restarted_at is not None:
-            self._wait_online(dev, restarted_at)
         try:
             return self.client.request(dev.name, "activate", {"sha256": target.sha256},
                                        timeout=self.opts.health_timeout, expire=True)["result"]

@@ -103,6 +103,39 @@ def test_a_corrupt_or_broken_model_is_refused_and_the_old_one_keeps_serving(agen
     assert monitor.wait_for(lambda m: m["status"][-1]["current"]["variant"] == "int8", 10)
 
 
+def test_an_upload_is_installed_by_the_running_agent_from_incoming_only_and_only_when_its_sha256_matches(
+        agents, mosquitto, monitor, digits_artifacts):
+    agent = agents("dev1")
+    store, sha = agent.store, agent.sha["dynamic-int8"]
+    model_bytes = store.model_path(sha).read_bytes()
+    store.remove(sha)  # as if it had never been deployed here
+    incoming = agent.root / "incoming"
+    incoming.mkdir(exist_ok=True)
+    upload, eval_upload = incoming / f"{sha}.tflite.part", incoming / "eval.npz"
+    upload.write_bytes(model_bytes)
+    eval_upload.write_bytes((digits_artifacts / "eval.npz").read_bytes())
+    args = {"path": str(upload), "sha256": sha, "variant": "dynamic-int8", "model": "digits", "eval": str(eval_upload)}
+    assert monitor.wait_for(online("dev1"), 30)
+    with client_for(mosquitto) as client:
+        with pytest.raises(AgentError, match="corrupt or truncated"):
+            client.request("dev1", "install", {**args, "sha256": "0" * 64}, timeout=30)
+        with pytest.raises(AgentError, match="not an upload under"):
+            client.request("dev1", "install", {**args, "path": str(agent.config)}, timeout=30)
+        with pytest.raises(AgentError, match="not an upload under"):
+            client.request("dev1", "install", {**args, "path": str(incoming / ".." / "agent.yaml")}, timeout=30)
+        with pytest.raises(AgentError, match="missing argument"):
+            client.request("dev1", "install", {"path": str(upload)}, timeout=30)
+        assert agent.config.is_file() and store.describe(sha) is None  # nothing moved, nothing installed
+        done = client.request("dev1", "install", args, timeout=30)["result"]
+        assert done == {"sha256": sha, "variant": "dynamic-int8", "model": "digits", "fresh": True}
+        assert not upload.exists() and eval_upload.exists()  # the model was moved, the shared eval set copied
+        assert store.model_path(sha).read_bytes() == model_bytes and store.eval_path(sha) is not None
+        rec = client.request("dev1", "bench", {"variant": "dynamic-int8", "min_runs": 5}, timeout=60)["record"]
+        state = client.request("dev1", "state", timeout=30)["result"]
+    assert rec["sha256"] == sha and rec["accuracy"]["value"] is not None
+    assert 0 < state["free_bytes"] and store.current() == agent.sha["int8"]  # installing never activates
+
+
 def _fuzz_payloads(n: int, rng: random.Random) -> list[bytes]:
     def envelope(**over):
         msg = {"schema": "edgekit.cmd/1", "device": "dev1", "fleet": FLEET, "seq": 1, "ts": 1.0,

@@ -38,6 +38,18 @@ def test_install_refuses_a_file_that_does_not_match_its_manifest(store, tmp_path
     assert store.installed() == []
 
 
+def test_a_moved_install_takes_the_file_and_a_failed_one_gives_it_back(store, tmp_path):
+    path, sha = model_file(tmp_path, b"model-b")
+    missing_eval = tmp_path / "no-such-eval.npz"
+    with pytest.raises(StoreError, match="cannot install"):  # fails after the model was moved into staging
+        store.install(path, variant="int8", model="m", expect_sha256=sha, eval_file=missing_eval, move=True)
+    assert path.read_bytes() == b"model-b" and store.installed() == []
+    done = store.install(path, variant="int8", model="m", expect_sha256=sha, move=True)
+    assert done.fresh and not path.exists() and store.model_path(sha).read_bytes() == b"model-b"
+    path.write_bytes(b"model-b")  # the same upload again: nothing to install, the upload is cleared
+    assert not store.install(path, variant="int8", model="m", move=True).fresh and not path.exists()
+
+
 def test_verify_catches_a_model_changed_after_install(store, tmp_path):
     path, sha = model_file(tmp_path, b"model-a")
     store.install(path, variant="int8", model="m")
