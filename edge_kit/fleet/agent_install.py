@@ -7,8 +7,9 @@ yet) and swapped in with a rename. The device's Python must already have numpy, 
 and a LiteRT interpreter: nothing installs itself; a missing module is reported with the command
 that installs it.
 
-The service is a systemd unit where systemd runs and the deploy user is root, else the agent's
-own supervisor (``device_agents supervise``) started detached with a pid file.
+The service is a systemd unit where systemd runs and the deploy user is root, else (and always on
+a simulated device) the agent's own supervisor (``device_agents supervise``) started detached with
+a pid file.
 """
 
 from __future__ import annotations
@@ -141,7 +142,9 @@ def ensure_agent(shell: DeviceShell, fleet: Fleet) -> AgentState:
     if info["config_sha256"] != hashlib.sha256(text.encode()).hexdigest():
         shell.put(text.encode(), f"{root}/agent.yaml", mode=0o600)
         changed.append("agent.yaml")
-    systemd = dev.user == "root" and info["systemd"]
+    # A simulated device shares the host's systemd with its siblings: it always gets the supervisor,
+    # which `edgekit sim down` stops, and never touches the host's units.
+    systemd = dev.user == "root" and info["systemd"] and not dev.simulated
     running = _is_running(shell, systemd)
     if running and not changed:
         return AgentState(changed, None)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import time
+import traceback
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
@@ -139,7 +140,9 @@ class _Deployer:
         except EdgeKitError as exc:
             result.status, result.reason = "failed", str(exc)
         except Exception as exc:  # noqa: BLE001 - one device's surprise must not stop the others
-            result.status, result.reason = "failed", f"{dev.name}: unexpected {type(exc).__name__}: {exc}"
+            where = traceback.extract_tb(exc.__traceback__)[-1]
+            result.status, result.reason = "failed", (f"{dev.name}: unexpected {type(exc).__name__}: {exc} "
+                                                      f"(at {Path(where.filename).name}:{where.lineno}; please report it)")
         result.seconds = round(time.perf_counter() - started, 3)
         self.progress(dev.name, result.status)
         return result

@@ -42,6 +42,15 @@ print(json.dumps({"free": shutil.disk_usage(probe).free, "python": sys.executabl
 """
 
 
+# What a dropped or refused connection raises, from the socket, paramiko's transport or its SFTP reader.
+_LINK_ERRORS = (OSError, paramiko.SSHException, EOFError)
+
+
+def _why(exc: BaseException) -> str:
+    """Return an exception's text, or what it means when it has none (paramiko's bare EOFError)."""
+    return str(exc).strip() or f"connection closed ({type(exc).__name__})"
+
+
 class HostKeyError(DeployError):
     """The device's SSH host key is unknown or has changed."""
 
@@ -96,10 +105,19 @@ class DeviceShell:
             if "not found in known_hosts" in str(exc):
                 raise HostKeyError(f"{where}: host key is not in {self.known_hosts}; check it and add it "
                                    "(ssh-keyscan), or rerun with --trust-new-hosts to record it") from None
-            raise DeployError(f"{where}: SSH failed: {exc}") from None
+            raise DeployError(f"{where}: SSH failed: {_why(exc)}") from None
         except OSError as exc:
-            raise DeployError(f"{where}: unreachable ({exc.strerror or exc})") from None
-        self.info = self._probe()
+            raise DeployError(f"{where}: unreachable ({exc.strerror or _why(exc)})") from None
+        except EOFError as exc:
+            raise DeployError(f"{where}: the connection closed during the SSH handshake ({_why(exc)})") from None
+        try:
+            self.info = self._probe()
+        except DeployError:
+            self.__exit__()
+            raise
+        except _LINK_ERRORS as exc:
+            self.__exit__()
+            raise DeployError(f"{self.dev.name}: SSH connection lost while reading the device's state ({_why(exc)})") from None
         self.root = self.info["root"]
         return self
 
@@ -112,15 +130,12 @@ class DeviceShell:
         (the layout of :mod:`device_agents.store`).
 
         Raises:
-            DeployError: the SFTP session failed.
+            OSError, paramiko.SSHException, EOFError: the connection failed (the caller words it).
         """
         import hashlib
 
-        try:
-            sftp = self.conn.sftp()
-            home = sftp.normalize(".")
-        except (OSError, paramiko.SSHException, EOFError) as exc:
-            raise DeployError(f"{self.dev.name}: SFTP failed ({exc})") from None
+        sftp = self.conn.sftp()
+        home = sftp.normalize(".")
         root = (home + self.dev.root[1:] if self.dev.root.startswith("~") else self.dev.root).rstrip("/")
 
         def exists(path: str) -> bool:
@@ -161,7 +176,10 @@ class DeviceShell:
         return json.loads(self.run([self.dev.python, "-c", _PYTHON_FACTS, self.root]))
 
     def __exit__(self, *_: object) -> None:
-        self.conn.close()
+        try:
+            self.conn.close()
+        except _LINK_ERRORS:  # the link is gone: raising would hide why
+            self.conn.client.close()
 
     def run(self, argv: list[str], *, env: dict[str, str] | None = None, timeout: float = COMMAND_TIMEOUT_S,
             background: bool = False) -> str:
@@ -181,8 +199,8 @@ class DeviceShell:
             result = self.conn.run(command, hide=True, warn=True, timeout=timeout, in_stream=False)
         except CommandTimedOut:
             raise DeployError(f"{self.dev.name}: `{argv[-1] if argv else ''}` took longer than {timeout:.0f} s") from None
-        except (OSError, paramiko.SSHException, EOFError) as exc:
-            raise DeployError(f"{self.dev.name}: SSH connection lost ({exc})") from None
+        except _LINK_ERRORS as exc:
+            raise DeployError(f"{self.dev.name}: SSH connection lost ({_why(exc)})") from None
         if result.exited != 0:
             lines = [ln for ln in result.stderr.splitlines() if ln.strip() and not ln.startswith("INFO:")]
             raise DeployError(f"{self.dev.name}: {lines[-1] if lines else f'exit code {result.exited}'}")
@@ -228,7 +246,7 @@ class DeviceShell:
             sftp.chmod(part, mode)
             if rename:
                 sftp.posix_rename(part, target)
-        except (OSError, paramiko.SSHException, EOFError) as exc:
+        except _LINK_ERRORS as exc:
             sizes = re.search(r"size mismatch.*?(\d+) != (\d+)", str(exc))
             if sizes:  # paramiko's check after the transfer: the server kept fewer bytes than were sent
                 exc = OSError(f"the device stored only {sizes[1]} of {sizes[2]} bytes; is its disk full?")
@@ -236,9 +254,9 @@ class DeviceShell:
                 exc = OSError("the device could not write the file (SFTP 'Failure'); is its disk full?")
             try:
                 self.conn.sftp().remove(part)
-            except (OSError, paramiko.SSHException, EOFError):
+            except _LINK_ERRORS:
                 pass
-            raise DeployError(f"{self.dev.name}: upload of {Path(remote).name} failed ({exc or type(exc).__name__})") from None
+            raise DeployError(f"{self.dev.name}: upload of {Path(remote).name} failed ({_why(exc)})") from None
         return target if rename else part
 
     def read(self, remote: str) -> bytes | None:
@@ -248,8 +266,8 @@ class DeviceShell:
                 return f.read()
         except FileNotFoundError:
             return None
-        except (OSError, paramiko.SSHException, EOFError) as exc:
-            raise DeployError(f"{self.dev.name}: cannot read {remote} ({exc})") from None
+        except _LINK_ERRORS as exc:
+            raise DeployError(f"{self.dev.name}: cannot read {remote} ({_why(exc)})") from None
 
     @staticmethod
     def _makedirs(sftp: paramiko.SFTPClient, folder: str) -> None:

@@ -63,6 +63,7 @@ class SshEndpoint:
     proc: subprocess.Popen | None = None
     host_public: str = ""
     embedded: bool | None = None  # None: OpenSSH's sshd when installed, else the embedded server
+    wrap: tuple[str, ...] = ()  # runs the server, e.g. ``nsenter ...`` to put it in another namespace
 
     @property
     def kind(self) -> str:
@@ -101,7 +102,7 @@ class SshEndpoint:
         else:
             argv = [str(sshd), "-D", "-e", "-f", str(config)]
         with open(self.workdir / "sshd.log", "ab") as log:
-            self.proc = subprocess.Popen(argv, stdout=log, stderr=log, start_new_session=True)
+            self.proc = subprocess.Popen([*self.wrap, *argv], stdout=log, stderr=log, start_new_session=True)
         if not wait_port(self.host, self.port, START_TIMEOUT_S):
             self.stop()
             tail = (self.workdir / "sshd.log").read_text().strip().splitlines()[-1:]

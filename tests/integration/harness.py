@@ -231,3 +231,70 @@ class CuttingProxy:
     def close(self) -> None:
         self._stop.set()
         self.server.close()
+
+
+class SystemdNamespace:
+    """A real systemd, PID 1 of PID, mount, UTS and IPC namespaces of its own (needs root).
+
+    Inside, ``/run`` is a fresh tmpfs and ``/etc/systemd/system`` a temporary folder, and that folder
+    is systemd's only unit path (``SYSTEMD_UNIT_PATH``): it holds empty stand-ins for the targets a
+    service depends on by default, so starting a unit never pulls in the machine's own boot units
+    (``sysinit.target`` would run ``systemd-tmpfiles --remove``, which empties the shared ``/tmp``).
+    The network namespace is the host's (loopback). ``stop()`` kills PID 1, and with it everything
+    in the namespace.
+    """
+
+    STAND_INS = ("edgekit-test", "sysinit", "basic", "multi-user", "network-online", "time-sync", "shutdown")
+
+    def __init__(self, tmp: Path):
+        self.units = tmp / "systemd-units"
+        self.log = tmp / "systemd.log"
+        self.proc: subprocess.Popen | None = None
+        self.pid = 0  # systemd's pid, as the host sees it
+
+    def start(self) -> SystemdNamespace:
+        self.units.mkdir(parents=True, exist_ok=True)
+        for target in self.STAND_INS:
+            (self.units / f"{target}.target").write_text(f"[Unit]\nDescription={target} (edge-kit test stand-in)\n")
+        script = (f"mount -t tmpfs tmpfs /run && mount --bind {self.units} /etc/systemd/system && mkdir -p /run/sshd && "
+                  "exec env container=other SYSTEMD_UNIT_PATH=/etc/systemd/system "
+                  "/lib/systemd/systemd --system --unit=edgekit-test.target")
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(["unshare", "--pid", "--fork", "--mount", "--uts", "--ipc", "--mount-proc",
+                                          "--propagation", "private", "sh", "-c", script],
+                                         stdout=log, stderr=log, start_new_session=True)
+        state = ""
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and state not in ("running", "degraded"):
+            time.sleep(0.2)
+            if self.proc.poll() is not None:
+                break
+            children = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout.split()
+            if children:
+                self.pid = int(children[0])
+                state = self.run("systemctl", "is-system-running").stdout.strip()
+        if state not in ("running", "degraded"):
+            self.stop()
+            raise AssertionError(f"systemd did not come up in a new PID and mount namespace (state {state!r}); this "
+                                 f"test needs root and the systemd and util-linux packages: {self.log.read_text()[-500:]}")
+        paths = self.run("systemctl", "show", "-p", "UnitPath", "--value").stdout.split()
+        if paths != ["/etc/systemd/system"]:  # never let it see the machine's units
+            self.stop()
+            raise AssertionError(f"the namespaced systemd loads units from {paths}, not only the test's folder")
+        return self
+
+    @property
+    def enter(self) -> tuple[str, ...]:
+        """The command prefix that runs a program inside the namespace."""
+        return ("nsenter", "-t", str(self.pid), "-m", "-p", "--")
+
+    def run(self, *argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*self.enter, *argv], capture_output=True, text=True, timeout=30)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.pid:
+            subprocess.run(["kill", "-KILL", str(self.pid)], capture_output=True)
+        stop_process(self.proc, timeout=10)
+        self.proc = None

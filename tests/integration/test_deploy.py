@@ -48,6 +48,19 @@ def test_deploy_to_four_devices_in_parallel_then_redeploy_skips_them_all(sim, di
     assert code == 0 and out.count("skipped") == 4
 
 
+def through_proxy(simfleet, fleet, index: int, proxy: CuttingProxy, tmp_path: Path):
+    """Return the fleet with device ``index`` reached through ``proxy`` (its host key known there too)."""
+    dev = fleet.devices[index]
+    data = yaml.safe_load(simfleet.fleet_file.read_text())
+    data["devices"][index]["port"] = proxy.port
+    host_key = (simfleet.workdir / "devices" / dev.name / "ssh" / "ssh_host_ed25519_key.pub").read_text()
+    with open(fleet.known_hosts, "a") as f:
+        f.write(known_hosts_line("127.0.0.1", proxy.port, host_key) + "\n")
+    cut_file = tmp_path / f"fleet-cut-{proxy.port}.yaml"
+    cut_file.write_text(yaml.safe_dump(data))
+    return load_fleet(cut_file)
+
+
 def test_a_connection_cut_mid_upload_leaves_that_device_on_its_previous_model(sim, digits_artifacts,
                                                                               digits_artifacts_v2, tmp_path):
     simfleet, fleet = sim(3)
@@ -55,14 +68,7 @@ def test_a_connection_cut_mid_upload_leaves_that_device_on_its_previous_model(si
     assert len(first.succeeded) == 3
     victim = fleet.devices[1]
     proxy = CuttingProxy(victim.port, cut_after=300_000)  # past the handshake, inside the first upload
-    data = yaml.safe_load(simfleet.fleet_file.read_text())
-    data["devices"][1]["port"] = proxy.port
-    host_key = (simfleet.workdir / "devices" / victim.name / "ssh" / "ssh_host_ed25519_key.pub").read_text()
-    with open(fleet.known_hosts, "a") as f:
-        f.write(known_hosts_line("127.0.0.1", proxy.port, host_key) + "\n")
-    cut_file = tmp_path / "fleet-cut.yaml"
-    cut_file.write_text(yaml.safe_dump(data))
-    cut_fleet = load_fleet(cut_file)
+    cut_fleet = through_proxy(simfleet, fleet, 1, proxy, tmp_path)
     try:
         group = deploy(cut_fleet, cut_fleet.devices, DeployOptions(digits_artifacts_v2, variant="int8"))
         assert [r.status for r in group.results] == ["succeeded", "failed", "succeeded"]
@@ -78,6 +84,22 @@ def test_a_connection_cut_mid_upload_leaves_that_device_on_its_previous_model(si
         assert current(victim) == new
     finally:
         proxy.close()
+
+
+@pytest.mark.parametrize("cut_after", [500, 2_500, 6_000])  # client bytes: SSH handshake, state read, upload
+def test_a_connection_cut_anywhere_is_a_clean_error_for_that_device(sim, digits_artifacts, digits_artifacts_v2,
+                                                                    tmp_path, cut_after):
+    simfleet, fleet = sim(1)
+    assert deploy(fleet, fleet.devices, DeployOptions(digits_artifacts, variant="int8")).succeeded
+    proxy = CuttingProxy(fleet.devices[0].port, cut_after=cut_after)
+    try:
+        cut_fleet = through_proxy(simfleet, fleet, 0, proxy, tmp_path)
+        r = deploy(cut_fleet, cut_fleet.devices, DeployOptions(digits_artifacts_v2, variant="int8")).results[0]
+    finally:
+        proxy.close()
+    assert r.status == "failed" and proxy.cuts == 1
+    assert r.reason.startswith("rpi4-1") and "unexpected" not in r.reason and "()" not in r.reason, r.reason
+    assert current(fleet.devices[0]) == manifest_sha(digits_artifacts, "int8")
 
 
 def test_host_keys_unknown_refused_trusted_on_request_and_a_changed_key_always_refused(sim, digits_artifacts, tmp_path, run_cli):
