@@ -112,7 +112,7 @@ def tune(fleet: Fleet, devices: list[Device], opts: TuneOptions, store: Store,
     step = progress or (lambda _m: None)
     manifest = read_manifest(opts.artifacts)
     step("deploying candidate variants")
-    deployed = deploy(fleet, devices, DeployOptions(opts.artifacts, parallel=opts.parallel, health=False,
+    deployed = deploy(fleet, devices, DeployOptions(opts.artifacts, parallel=opts.parallel, health_timeout=opts.timeout,
                                                     trust_new_hosts=opts.trust_new_hosts))
     report = TuneReport(deployed)
     current = {r.device: r.sha256 for r in deployed.results if r.ok}
