@@ -303,17 +303,15 @@ def deploy(fleet: Fleet, devices: list[Device], opts: DeployOptions,
         deployer = _Deployer(fleet, opts, client, progress)
         order = {d.name: i for i, d in enumerate(devices)}
 
-        def run(batch: list[Device]) -> list[DeviceResult]:
+        def run(batch: list[Device], by: _Deployer = deployer) -> list[DeviceResult]:
             with ThreadPoolExecutor(max_workers=max(1, min(opts.parallel, len(batch)))) as pool:
-                return list(pool.map(deployer.one, batch))
+                return list(pool.map(by.one, batch))
 
         if not opts.canary:
             return GroupResult(run(devices))
         n = max(1, math.ceil(len(devices) * opts.canary))
         canaries, rest = devices[:n], devices[n:]
-        judge = _Deployer(fleet, replace(opts, health_bench=dict(CANARY_BENCH)), client, progress)
-        with ThreadPoolExecutor(max_workers=max(1, min(opts.parallel, len(canaries)))) as pool:
-            first = list(pool.map(judge.one, canaries))
+        first = run(canaries, _Deployer(fleet, replace(opts, health_bench=dict(CANARY_BENCH)), client, progress))
         for r in first:
             broken = deployer.breaks_constraints(next(d for d in canaries if d.name == r.device), r) if r.ok else None
             if broken:

@@ -40,12 +40,16 @@ class Candidate:
     variant: str
     sha256: str
     bytes: int
-    measured: Measured | None = None  # the newest measurement on this device
-    history: tuple[Measured, ...] = ()  # recent measurements including the newest; empty means (measured,)
+    history: tuple[Measured, ...] = ()  # recent measurements on this device, newest first; () unmeasured
+
+    @property
+    def measured(self) -> Measured | None:
+        """The newest measurement, or None."""
+        return self.history[0] if self.history else None
 
     def envelope(self, best: bool) -> Measured:
         """Return the most (``best``) or least favourable figures across the recent measurements."""
-        ms = self.history or (self.measured,)
+        ms = self.history
         if len(ms) == 1:
             return ms[0]
 
@@ -127,7 +131,7 @@ def choose(device: str, candidates: list[Candidate], constraints: Constraints, *
         m = c.measured
         broken = violations(constraints, m, fp32_accuracy) if m else {}
         table.append({"variant": c.variant, "sha256": c.sha256, "measured": m is not None,
-                      "runs": len(c.history or ((m,) if m else ())),
+                      "runs": len(c.history),
                       "p90_ms": m.p90_ms if m else None, "accuracy": m.accuracy if m else None,
                       "energy_mj": m.energy_mj if m else None, "avg_w": m.avg_w if m else None,
                       "power_source": m.power_source if m else None, "model_mb": round(c.bytes / 1e6, 3),
@@ -158,15 +162,19 @@ def choose(device: str, candidates: list[Candidate], constraints: Constraints, *
 
 def _choose_feasible(feasible: list[Candidate], current: Candidate | None, margin: float) -> tuple[Candidate, str]:
     """Return the feasible variant to run, and why."""
-    if current in feasible and not any(_beats(c, current, margin) for c in feasible if c is not current):
+    def unbeaten(c: Candidate) -> bool:
+        return not any(_beats(o, c, margin) for o in feasible if o is not c)
+
+    current_feasible = any(c is current for c in feasible)
+    if current_feasible and unbeaten(current):
         return current, (f"stays on {current.variant}: feasible, and no feasible variant beats it by more than "
                          f"the {margin:.0%} margin in every recent measurement")
     ranked = _preference(feasible, margin)
-    best = next((c for c in ranked if not any(_beats(o, c, margin) for o in feasible if o is not c)), ranked[0])
+    best = next((c for c in ranked if unbeaten(c)), ranked[0])
     runner_up = next((c for c in ranked if c is not best), None)
     reason = f"{best.variant}: {_why(best, runner_up, margin)}"
     if current is not None and current is not best:
-        reason += f" (current {current.variant} " + ("is beaten beyond the margin)" if current in feasible
+        reason += f" (current {current.variant} " + ("is beaten beyond the margin)" if current_feasible
                                                       else "breaks its constraints)")
     return best, reason
 

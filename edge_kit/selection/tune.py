@@ -62,10 +62,9 @@ def decide(manifest: Manifest, dev: Device, store: Store, current_sha: str | Non
     """Return the decision for one device from its recent stored measurements of its candidate variants."""
     arts = candidates_for(manifest, dev)
     recent = store.recent_bench(dev.name)
-    cands = []
-    for a in arts:
-        history = tuple(Measured.from_record(r, a.bytes or 0) for r in recent.get((dev.name, a.sha256), ()))
-        cands.append(Candidate(a.id, a.sha256, a.bytes or 0, history[0] if history else None, history))
+    cands = [Candidate(a.id, a.sha256, a.bytes or 0,
+                       tuple(Measured.from_record(r, a.bytes or 0) for r in recent.get((dev.name, a.sha256), ())))
+             for a in arts]
     fp32 = next((c for c in cands if c.variant == "fp32" and c.measured and c.measured.accuracy is not None), None)
     host_fp32 = manifest.artifact("fp32")
     fp32_acc = fp32.measured.accuracy if fp32 else (host_fp32.accuracy.value if host_fp32 and host_fp32.accuracy else None)

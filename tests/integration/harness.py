@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -295,6 +298,7 @@ class SystemdNamespace:
         if self.proc is None:
             return
         if self.pid:
-            subprocess.run(["kill", "-KILL", str(self.pid)], capture_output=True)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)  # PID 1 of the namespace: the kernel ends everything in it
         stop_process(self.proc, timeout=10)
         self.proc = None

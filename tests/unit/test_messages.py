@@ -69,3 +69,11 @@ def test_commands_are_checked_before_they_run(over, message):
 def test_a_good_command_parses():
     cmd = parse_command(cmd_bytes(args={"variant": "int8", "min_seconds": 0.5}), "f1", "d1")
     assert cmd.name == "bench" and cmd.args == {"variant": "int8", "min_seconds": 0.5}
+
+
+def test_every_command_in_the_schema_has_an_argument_spec_and_a_handler_in_the_agent():
+    from device_agents.commands import _ARGS
+    from device_agents.service import Agent
+
+    assert set(_ARGS) == set(schema.COMMANDS)
+    assert all(callable(getattr(Agent, f"_cmd_{name}", None)) for name in schema.COMMANDS)

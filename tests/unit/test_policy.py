@@ -16,7 +16,7 @@ C = Constraints(max_latency_p90_ms=10, max_power_w=5, min_accuracy_ratio=0.98, m
 
 def cand(variant, p90, acc, energy, mb=1.0, watts=3.0, measured=True):
     m = Measured(variant, p90, watts, energy, "ina219", acc, mb) if measured else None
-    return Candidate(variant, variant * 4, int(mb * 1e6), m)
+    return Candidate(variant, variant * 4, int(mb * 1e6), (m,) if m else ())
 
 
 def test_highest_accuracy_then_least_energy_then_lowest_p90():
@@ -98,7 +98,7 @@ def noisy(rng, variant, p90, acc, watts=3.0):
 
 
 def with_history(c, *ms):
-    return Candidate(c.variant, c.sha256, c.bytes, ms[0], ms)
+    return Candidate(c.variant, c.sha256, c.bytes, ms)
 
 
 @pytest.mark.parametrize("bound", [10.0, 0.5])  # every p90 (0.7-3.9 ms) within the bound, and none
@@ -112,7 +112,7 @@ def test_a_fresh_measurement_of_the_chosen_variant_never_makes_the_device_switch
         first = choose("d", cands, limits, fp32_accuracy=0.99, current_sha=None, margin=0.05)
         again = [with_history(c, noisy(rng, c.variant, true[c.variant], 0.99), *c.history)
                  if c.variant == first.chosen else c for c in cands]
-        newest_only = [Candidate(c.variant, c.sha256, c.bytes, c.measured) for c in again]
+        newest_only = [Candidate(c.variant, c.sha256, c.bytes, c.history[:1]) for c in again]
         reordered += choose("d", newest_only, limits, fp32_accuracy=0.99, current_sha=None, margin=0.05).chosen != first.chosen
         second = choose("d", again, limits, fp32_accuracy=0.99, current_sha=first.chosen_sha256, margin=0.05)
         assert second.chosen == first.chosen and not second.switch, (first.table, second.table)
