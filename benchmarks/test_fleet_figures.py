@@ -45,10 +45,13 @@ def _wait_idle(busy_cores: float = 0.1, timeout: float = 60.0) -> None:
 def test_parallel_deploy_and_redeploy(tmp_path, figure, benchmark):
     from edge_kit.examples import mobilenet
 
-    files = mobilenet(tmp_path / "ex", alpha=1.05)
     profile = Profile.model_validate({**load_profile("rpi4").model_dump(), "variants": ["fp32"]})
-    manifest = compile_model(CompileRequest(files.model, [profile], tmp_path / "art"))
-    artifacts = tmp_path / "art" / "mobilenet"
+    builds = []
+    for seed in (0, 1):  # the same network with other weights: a second artifact of the same size
+        files = mobilenet(tmp_path / f"ex{seed}", alpha=1.05, seed=seed)
+        manifest = compile_model(CompileRequest(files.model, [profile], tmp_path / f"art{seed}"))
+        builds.append(tmp_path / f"art{seed}" / "mobilenet")
+    artifacts, other = builds
     mb = manifest.artifact("fp32").bytes / 1e6
     sim = SimFleet(tmp_path / "sim")
     fleet = sim.up(17, ["rpi4"])
@@ -57,7 +60,7 @@ def test_parallel_deploy_and_redeploy(tmp_path, figure, benchmark):
 
         cpu: dict[int, tuple[float, float]] = {}  # devices -> (machine CPU-s, this process's CPU-s)
 
-        def timed(devices):
+        def timed(devices, opts=opts):
             _wait_idle()
             started, machine, own = time.perf_counter(), _machine_cpu_s(), time.process_time()
             group = deploy(fleet, devices, opts)
@@ -71,17 +74,62 @@ def test_parallel_deploy_and_redeploy(tmp_path, figure, benchmark):
         sixteen_cpu = cpu[16]
         again, second = benchmark.pedantic(timed, args=(fleet.devices[:16],), rounds=1, iterations=1)
         assert len(first.succeeded) == 16 and len(second.skipped) == 16
+        serial, third = timed(fleet.devices[:16], DeployOptions(other, parallel=1))
+        assert len(third.succeeded) == 16
     finally:
         sim.down()
     cores = os.cpu_count() or 1
     figure(f"deploy {mb:.1f} MB to 16 devices / to 1 device", f"{sixteen / one:.2f}", "<= 3.0",
            f"sshd per device on loopback, {cores} cores, --parallel 16: {sixteen:.1f} s vs {one:.1f} s, incl. health check")
+    figure("16-device deploy one device after another (--parallel 1) / --parallel 16", f"{serial / sixteen:.2f}", "info",
+           f"{serial:.1f} s vs {sixteen:.1f} s; the same 16 devices, another artifact of {mb:.1f} MB")
     figure("one device's deploy: CPU-s of the whole machine / of the deploy tool", f"{one_cpu[0]:.2f} / {one_cpu[1]:.2f}",
            "info", "/proc/stat and process_time around the deploy; the rest is the simulated device's sshd and agent")
     figure("16-device deploy time / the machine's CPU floor for it", f"{sixteen / (sixteen_cpu[0] / cores):.2f}", "info",
            f"floor = {sixteen_cpu[0]:.1f} CPU-s used by all processes / {cores} cores; near 1: every core busy throughout")
     figure("redeploy unchanged to 16 devices / first deploy to 16", f"{again / sixteen:.2f}", "<= 0.2",
            f"{again:.2f} s vs {sixteen:.1f} s; every device skipped")
+
+
+def test_connection_and_command_latency(tmp_path, figure, benchmark, monkeypatch):
+    import socket as socket_module
+    import statistics
+
+    from edge_kit.fleet import ssh
+    from edge_kit.fleet.commands import FleetClient
+
+    tuned_socket = ssh.open_socket
+    sim = SimFleet(tmp_path / "sim")
+    fleet = sim.up(1, ["rpi4"])
+    dev = fleet.devices[0]
+    try:
+        def connect(opener) -> float:
+            monkeypatch.setattr(ssh, "open_socket", opener)
+            started = time.perf_counter()
+            with ssh.DeviceShell(dev, fleet.known_hosts):
+                pass
+            return time.perf_counter() - started
+
+        tuned, plain = [], []
+        for _ in range(15):  # interleaved: this shared machine's speed drifts
+            tuned.append(connect(tuned_socket))
+            plain.append(connect(lambda host, port: socket_module.create_connection((host, port), ssh.CONNECT_TIMEOUT_S)))
+        monkeypatch.undo()
+        with FleetClient(fleet.broker, fleet.fleet, fleet.broker.password("fleet file")) as client:
+            assert client.wait_online(dev.name, 0, 30) is not None
+            rtt = []
+            for _ in range(30):
+                started = time.perf_counter()
+                client.request(dev.name, "state", {}, timeout=10)
+                rtt.append(time.perf_counter() - started)
+            benchmark.pedantic(client.request, args=(dev.name, "state", {}), kwargs={"timeout": 10}, rounds=5, iterations=1)
+    finally:
+        sim.down()
+    t, p = statistics.median(tuned), statistics.median(plain)
+    figure("SSH connect + state read: edge-kit's socket / paramiko's own", f"{t / p:.2f}", "info",
+           f"median of 15 interleaved pairs, loopback sshd: {t * 1000:.0f} ms vs {p * 1000:.0f} ms (perf_counter)")
+    figure("command round trip host -> agent -> host (state), ms", f"{statistics.median(rtt) * 1000:.1f}", "info",
+           "median of 30, loopback Mosquitto, QoS 1 both ways, ack spooled by the agent first (perf_counter)")
 
 
 def _bench_message(i: int) -> bytes:

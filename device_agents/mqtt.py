@@ -8,6 +8,7 @@ the broker at QoS 1 and deletes each one only when its PUBACK arrives.
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 import threading
 from typing import Any
@@ -40,10 +41,20 @@ def make_client(broker: BrokerConfig, client_id: str, *, password: str | None = 
                        certfile=str(broker.tls.cert) if broker.tls.cert else None,
                        keyfile=str(broker.tls.key) if broker.tls.key else None,
                        cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+    client.on_socket_open = _send_at_once
     client.reconnect_delay_set(min_delay=0.1, max_delay=max(0.1, broker.reconnect_max_s))
     client.max_inflight_messages_set(200)
     client.max_queued_messages_set(0)
     return client
+
+
+def _send_at_once(_client: mqtt.Client, _userdata: Any, sock: Any) -> None:
+    """Switch Nagle off on the broker connection (paho leaves it on).
+
+    With it on, a small packet such as a command or its ack could wait 40 ms for the broker's
+    delayed acknowledgement of the previous one (README: the broker needs ``set_tcp_nodelay`` too).
+    """
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 class SpooledPublisher:

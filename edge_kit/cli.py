@@ -7,6 +7,7 @@ error's exit code; a traceback means a bug.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -25,7 +26,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 profiles_app = typer.Typer(no_args_is_help=True, help="List, show and check device profiles.")
 app.add_typer(profiles_app, name="profiles")
 
-out = Console()
+# Piped output (CI logs, `| tee`) gets rich's 80 columns, which cut the figures in wide tables.
+out = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 120)
 err = Console(stderr=True)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]

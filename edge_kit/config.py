@@ -19,6 +19,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from edge_kit.errors import ConfigError
 
 M = TypeVar("M", bound=BaseModel)
+# libyaml's loader when PyYAML was built with it: ~20x faster than the pure-Python one (a deploy
+# reads each device's profile); same nodes, same line marks.
+_SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 class StrictModel(BaseModel):
@@ -114,14 +117,17 @@ def load_yaml_model(path: Path, model: type[M], *, defaults: dict[str, Any] | No
         raise ConfigError(f"{path}: file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read ({exc})") from None
+    loader = _SafeLoader(text)
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        node = loader.get_single_node()  # kept for the line numbers of validation errors
+        data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{path}{where}: not valid YAML: {problem}") from None
+    finally:
+        loader.dispose()
     if not isinstance(data, dict):
         raise ConfigError(f"{path}:1: expected a mapping of keys to values, got {type(data).__name__}")
     if defaults:

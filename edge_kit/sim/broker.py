@@ -77,7 +77,7 @@ class MosquittoBroker:
         # As root, mosquitto switches to the `mosquitto` user unless told otherwise, and could then not
         # write its log and persistence file in our private folder.
         lines = [f"user {getpass.getuser()}", f"listener {self.port} {self.host}", f"log_dest file {self.log}", "log_type error",
-                 "log_type warning", "max_queued_messages 0", "max_inflight_messages 0",
+                 "log_type warning", "max_queued_messages 0", "max_inflight_messages 0", "set_tcp_nodelay true",
                  f"persistence {'true' if self.persistence else 'false'}", f"persistence_location {self.workdir}/"]
         if self.users:
             pw = self.workdir / "passwd"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import socket
 import time
 import uuid
 
@@ -32,6 +33,7 @@ def test_bench_round_trip_host_to_agent_and_back(agents, mosquitto, monitor):
     assert birth["current"]["variant"] == "int8" and birth["simulated"] is True
     with client_for(mosquitto) as client:
         ack = client.request("dev1", "bench", {"variant": "dynamic-int8", "min_runs": 20}, timeout=60)
+        assert client.client.socket().getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)  # no 40 ms Nagle waits
     rec = ack["record"]
     assert rec["schema"] == "edgekit.bench/1" and rec["device"] == "dev1" and rec["fleet"] == FLEET
     assert rec["variant"] == "dynamic-int8" and rec["sha256"] == agent.sha["dynamic-int8"]
@@ -212,6 +214,7 @@ def test_username_password_acl_and_tls_from_config(tmp_path, digits_artifacts):
                          tls={"ca": tls.ca})
             with FleetClient(ops, FLEET, "s3cret-ops") as client:
                 rec = client.request("dev1", "bench", {"min_runs": 5}, timeout=60)["record"]
+                assert client.client.socket().getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)  # TLS too
             assert rec["device"] == "dev1"
             wrong = Broker(host=broker.host, port=broker.port, username="ops", tls={"ca": tls.ca})
             with pytest.raises(AgentError, match="did not accept the connection"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from harness import CuttingProxy
 from device_agents.store import ModelStore
 from edge_kit.fleet.deploy import DeployOptions, deploy
 from edge_kit.fleet.inventory import load_fleet
+from edge_kit.fleet.ssh import DeviceShell
 from edge_kit.sim.ssh import known_hosts_line, write_keypair
 
 pytestmark = pytest.mark.integration
@@ -46,6 +48,10 @@ def test_deploy_to_four_devices_in_parallel_then_redeploy_skips_them_all(sim, di
     assert all(r["reason"].startswith("already current") for r in again["devices"])
     code, out, err = run_cli("deploy", "--fleet", simfleet.fleet_file, "--artifacts", digits_artifacts)
     assert code == 0 and out.count("skipped") == 4
+    with DeviceShell(fleet.devices[0], fleet.known_hosts) as shell:  # the link's latency and CPU settings hold
+        link = shell.conn.client.get_transport()
+        assert link.remote_cipher == "aes128-gcm@openssh.com"
+        assert link.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
 
 
 def through_proxy(simfleet, fleet, index: int, proxy: CuttingProxy, tmp_path: Path):

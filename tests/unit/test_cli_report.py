@@ -1,6 +1,9 @@
-"""The compile table's footnotes: every [n] in a row points at the note that explains it."""
+"""How the CLI prints: every [n] in a compile table row points at its note; piped tables are not cut."""
 
+import os
 import re
+import subprocess
+import sys
 
 from rich.console import Console
 
@@ -28,3 +31,13 @@ def test_footnote_numbers_match_their_rows_when_a_fallback_comes_first():
     footnotes = {int(n): text for n, text in (re.match(r"\[(\d+)\] (.*)", ln).groups() for ln in lines if ln.startswith("["))}
     assert footnotes[1].startswith("fp32: the Edge TPU hands over to the CPU at op #1 SIN")
     assert footnotes[2] == "edgetpu not-built: no compiler"
+
+
+def test_piped_output_is_wide_enough_for_the_tables_unless_columns_says_otherwise():
+    probe = "from edge_kit.cli import out; print(out.width)"
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    piped = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60, check=True)
+    assert piped.stdout.strip() == "120"
+    narrow = subprocess.run([sys.executable, "-c", probe], env={**env, "COLUMNS": "60"}, capture_output=True, text=True,
+                            timeout=60, check=True)
+    assert narrow.stdout.strip() == "60"
