@@ -82,7 +82,7 @@ def test_parallel_deploy_and_redeploy(tmp_path, figure, benchmark):
     figure(f"deploy {mb:.1f} MB to 16 devices / to 1 device", f"{sixteen / one:.2f}", "<= 3.0",
            f"sshd per device on loopback, {cores} cores, --parallel 16: {sixteen:.1f} s vs {one:.1f} s, incl. health check")
     figure("16-device deploy one device after another (--parallel 1) / --parallel 16", f"{serial / sixteen:.2f}", "info",
-           f"{serial:.1f} s vs {sixteen:.1f} s; the same 16 devices, another artifact of {mb:.1f} MB")
+           f"perf_counter: {serial:.1f} s vs {sixteen:.1f} s; the same 16 devices, another artifact of {mb:.1f} MB")
     figure("one device's deploy: CPU-s of the whole machine / of the deploy tool", f"{one_cpu[0]:.2f} / {one_cpu[1]:.2f}",
            "info", "/proc/stat and process_time around the deploy; the rest is the simulated device's sshd and agent")
     figure("16-device deploy time / the machine's CPU floor for it", f"{sixteen / (sixteen_cpu[0] / cores):.2f}", "info",

@@ -217,7 +217,8 @@ class _Deployer:
         The running agent does it (no process started on the device); over SSH without a broker.
 
         Raises:
-            DeployError: the sha256 differs (corrupt upload) or the store refused it.
+            AgentError: the sha256 differs (corrupt upload) or the store refused it; AgentTimeout: no answer.
+            DeployError: the same, over SSH.
         """
         args = {"path": part, "sha256": art.sha256, "variant": art.id, "model": self.manifest.model["name"],
                 **({"eval": eval_remote} if eval_remote else {})}
@@ -228,12 +229,14 @@ class _Deployer:
                     "--move", *(["--eval", eval_remote] if eval_remote else []))
 
     def _request(self, dev: Device, name: str, args: dict[str, Any]) -> dict[str, Any]:
-        """Return the result of a command the device's agent ran; DeployError when refused or unanswered."""
+        """Return the result of a command the device's agent ran; void if it could run only after the timeout.
+
+        Raises:
+            AgentTimeout: no answer within the health timeout.
+            AgentError: the agent refused it (its reason is given).
+        """
         assert self.client is not None
-        try:
-            return self.client.request(dev.name, name, args, timeout=self.opts.health_timeout, expire=True)["result"]
-        except AgentError as exc:
-            raise DeployError(str(exc)) from None
+        return self.client.request(dev.name, name, args, timeout=self.opts.health_timeout, expire=True)["result"]
 
     def _activate(self, shell: DeviceShell, target: Artifact) -> dict[str, Any]:
         """Activate through the running agent and take its ack as the health report; over SSH without a broker.
@@ -244,12 +247,10 @@ class _Deployer:
         Raises:
             DeployError: refused (reason given; nothing changed), or no healthy ack in time (rolled back).
         """
-        dev = shell.dev
         if self.client is None:
             return shell.agent("activate", "--sha256", target.sha256)
         try:
-            return self.client.request(dev.name, "activate", {"sha256": target.sha256},
-                                       timeout=self.opts.health_timeout, expire=True)["result"]
+            return self._request(shell.dev, "activate", {"sha256": target.sha256})
         except AgentTimeout as exc:
             probe = shell.agent("state")  # no ack: did it switch anyway?
             if (probe.get("current") or {}).get("sha256") == target.sha256:

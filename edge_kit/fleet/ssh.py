@@ -9,6 +9,7 @@ that differs from the recorded one is always refused.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import re
 import shlex
@@ -188,8 +189,6 @@ class DeviceShell:
         Raises:
             OSError, paramiko.SSHException, EOFError: the connection failed (the caller words it).
         """
-        import hashlib
-
         sftp = self.conn.sftp()
         home = sftp.normalize(".")
         root = (home + self.dev.root[1:] if self.dev.root.startswith("~") else self.dev.root).rstrip("/")

@@ -110,7 +110,7 @@ class SshEndpoint:
             argv = [str(sshd), "-D", "-e", "-f", str(config)]
         with open(self.workdir / "sshd.log", "ab") as log:
             self.proc = subprocess.Popen([*self.wrap, *argv], stdout=log, stderr=log, start_new_session=True,
-                                         env={**os.environ, "GLIBC_TUNABLES": SSHD_MALLOC_TUNABLES})
+                                         env=None if self.embedded else {**os.environ, "GLIBC_TUNABLES": SSHD_MALLOC_TUNABLES})
         if not wait_port(self.host, self.port, START_TIMEOUT_S):
             self.stop()
             tail = (self.workdir / "sshd.log").read_text().strip().splitlines()[-1:]
