@@ -143,19 +143,25 @@ def sim_up(
     workdir: SimDirOpt = Path(".edgekit-sim"),
     embedded_broker: Annotated[bool, typer.Option("--embedded-broker", help="Use the embedded broker even when Mosquitto is installed.")] = False,
     embedded_ssh: Annotated[bool, typer.Option("--embedded-ssh", help="Use the embedded SSH server even when sshd is installed.")] = False,
+    link_rate: Annotated[str | None, typer.Option(
+        "--link-rate", help="Put each device in its own network namespace behind an emulated link of this rate "
+                            "(e.g. 50mbit; tc tbf both ways). Needs root and iproute2. Default: loopback.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Start a broker and N virtual devices (an SSH server + the real agent each); writes DIR/fleet.yaml."""
     from edge_kit.cli import err
     from edge_kit.sim.fleet import SimFleet
+    from edge_kit.sim.links import Links, parse_rate
 
+    rate = parse_rate(link_rate) if link_rate is not None else None
     sim = SimFleet(workdir)
     with err.status("starting the simulated fleet") as status:
         fleet = sim.up(devices, [p.strip() for p in profiles.split(",") if p.strip()], embedded_broker=embedded_broker or None,
-                       embedded_ssh=embedded_ssh or None, progress=lambda msg: status.update(msg))
+                       embedded_ssh=embedded_ssh or None, link_rate=rate, progress=lambda msg: status.update(msg))
     state = sim.state()
     kinds = {d["name"]: d["ssh"] for d in state["devices"]}
-    info = {"fleet_file": str(sim.fleet_file), "broker": state["broker"],
+    links = Links(**state["links"]).describe() if state["links"] else "loopback"
+    info = {"fleet_file": str(sim.fleet_file), "broker": state["broker"], "links": links,
             "devices": [{"name": d.name, "profile": d.profile, "ssh": f"{d.host}:{d.port}", "ssh_server": kinds[d.name],
                          "root": d.root} for d in fleet.devices]}
     if as_json:
@@ -165,7 +171,8 @@ def sim_up(
     for d in info["devices"]:
         t.add_row(d["name"], d["profile"], d["ssh"], d["ssh_server"], d["root"])
     out.print(t)
-    out.print(f"broker: {info['broker']['kind']} on 127.0.0.1:{info['broker']['port']}; fleet file: {sim.fleet_file}")
+    out.print(f"broker: {info['broker']['kind']} on {info['broker']['host']}:{info['broker']['port']}; links: {links}; "
+              f"fleet file: {sim.fleet_file}")
     out.print(f"measurements are this machine's, marked simulated; stop with: edgekit sim down --dir {workdir}")
 
 
@@ -178,4 +185,4 @@ def sim_down(workdir: SimDirOpt = Path(".edgekit-sim"), as_json: JsonOpt = False
     if as_json:
         _emit_json({"stopped": stopped})
     else:
-        out.print(f"stopped {len(stopped)} process(es)" if stopped else f"nothing is up in {workdir}")
+        out.print(f"stopped: {', '.join(stopped)}" if stopped else f"nothing is up in {workdir}")

@@ -1,4 +1,4 @@
-"""Start an Eclipse Mosquitto broker on a loopback port with its own config.
+"""Start an Eclipse Mosquitto broker on a free port (loopback unless told) with its own config.
 
 Used by ``edgekit sim`` / ``edgekit demo`` and by the test fixtures. Options cover what a real
 deployment sets: username/password (``password_file`` made with ``mosquitto_passwd``), an ACL,
@@ -60,15 +60,15 @@ class MosquittoBroker:
     """One mosquitto process. ``start()``/``stop()``/``restart()`` keep the same port and state folder."""
 
     def __init__(self, workdir: Path, port: int | None = None, *, users: dict[str, str] | None = None,
-                 acl: str | None = None, tls: BrokerTls | None = None, persistence: bool = True):
+                 acl: str | None = None, tls: BrokerTls | None = None, persistence: bool = True, host: str = "127.0.0.1"):
         self.exe = find_mosquitto()
         if self.exe is None:
             raise EdgeKitError("mosquitto is not installed (apt install mosquitto); "
                                "`edgekit demo` falls back to an embedded broker")
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.host = "127.0.0.1"
-        self.port = port or free_port()
+        self.host = host
+        self.port = port or free_port(host)
         self.users, self.acl, self.tls, self.persistence = users, acl, tls, persistence
         self.proc: subprocess.Popen | None = None
         self.log = self.workdir / "mosquitto.log"

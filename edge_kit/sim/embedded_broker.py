@@ -1,6 +1,6 @@
 """An embedded MQTT broker (amqtt) for machines without Mosquitto; used by `edgekit demo` only.
 
-``python -m edge_kit.sim.embedded_broker --port N`` serves anonymous MQTT 3.1.1 on 127.0.0.1:N
+``python -m edge_kit.sim.embedded_broker --port N [--host A]`` serves anonymous MQTT 3.1.1 on A:N (127.0.0.1)
 until SIGTERM. It has no persistence, auth or TLS: a convenience for the demo, not for a fleet.
 """
 
@@ -11,10 +11,10 @@ import asyncio
 import signal
 
 
-async def _serve(port: int) -> None:
+async def _serve(host: str, port: int) -> None:
     from amqtt.broker import Broker
 
-    broker = Broker({"listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
+    broker = Broker({"listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}},
                      "sys_interval": 0, "auth": {"allow-anonymous": True, "plugins": ["auth_anonymous"]},
                      "topic-check": {"enabled": False}})
     await broker.start()
@@ -29,7 +29,9 @@ async def _serve(port: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m edge_kit.sim.embedded_broker")
     parser.add_argument("--port", type=int, required=True)
-    asyncio.run(_serve(parser.parse_args().port))
+    parser.add_argument("--host", default="127.0.0.1")
+    args = parser.parse_args()
+    asyncio.run(_serve(args.host, args.port))
 
 
 if __name__ == "__main__":

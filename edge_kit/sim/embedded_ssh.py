@@ -1,7 +1,7 @@
 """An embedded SSH server for virtual devices on machines without OpenSSH's sshd (paramiko).
 
-``python -m edge_kit.sim.embedded_ssh --port N --host-key KEY --authorized KEY.pub`` serves one
-virtual device on 127.0.0.1:N until SIGTERM: public-key login for the one authorized key,
+``python -m edge_kit.sim.embedded_ssh --port N --host-key KEY --authorized KEY.pub [--host A]``
+serves one virtual device on A:N (127.0.0.1) until SIGTERM: public-key login for the one authorized key,
 ``exec`` requests run with ``/bin/sh -c`` as the current user, and an SFTP subsystem over the local
 filesystem. It is what ``edgekit sim`` falls back to; deploys cannot tell it from sshd.
 """
@@ -222,8 +222,9 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--host-key", type=Path, required=True)
     parser.add_argument("--authorized", type=Path, required=True, help="the one public key allowed to log in")
+    parser.add_argument("--host", default="127.0.0.1")
     args = parser.parse_args()
-    serve(args.port, args.host_key, args.authorized)
+    serve(args.port, args.host_key, args.authorized, args.host)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ per device on a loopback port with its own host key and root folder, writes ``fl
 ``known_hosts`` for them, and starts the real agent on each through the same SSH path a deploy
 uses. The agents run the real LiteRT interpreter on this machine's CPU: every record is a real
 measurement of this machine, marked ``simulated: true``; nothing slows them down to imitate the
-profile's hardware. ``down`` stops everything ``up`` started, found through ``sim.json``.
+profile's hardware. With ``link_rate`` each device sits in its own network namespace behind an
+emulated link of that rate (:mod:`edge_kit.sim.links`) instead of on loopback. ``down`` stops
+everything ``up`` started, found through ``sim.json``.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from edge_kit.fleet.inventory import Fleet, load_fleet
 from edge_kit.fleet.ssh import DeviceShell
 from edge_kit.profiles import load_profile
 from edge_kit.sim.broker import MosquittoBroker, find_mosquitto, free_port, wait_port
+from edge_kit.sim.links import Links, create_links, remove_links
 from edge_kit.sim.process import terminate_pid
 from edge_kit.sim.ssh import SshEndpoint, known_hosts_line, write_keypair
 
@@ -64,12 +67,16 @@ class SimFleet:
             return None
 
     def up(self, count: int, profiles: list[str], *, embedded_broker: bool | None = None,
-           embedded_ssh: bool | None = None, progress: Callable[[str], None] | None = None) -> Fleet:
+           embedded_ssh: bool | None = None, link_rate: int | None = None,
+           progress: Callable[[str], None] | None = None) -> Fleet:
         """Start the broker, ``count`` devices and their agents; return the fleet.
+
+        ``link_rate`` (bit/s) puts each device behind an emulated link of that rate; None: loopback.
 
         Raises:
             ConfigError: an unknown profile.
-            EdgeKitError: already up here, or a service did not start (nothing is left running).
+            EdgeKitError: already up here, the links could not be made, or a service did not start
+                (nothing is left running).
         """
         step = progress or (lambda _m: None)
         if count < 1:
@@ -79,19 +86,27 @@ class SimFleet:
         if self.state() is not None:
             raise EdgeKitError(f"a simulated fleet is already up in {self.workdir}; run `edgekit sim down --dir {self.workdir}` first")
         self.workdir.mkdir(parents=True, exist_ok=True)
-        state: dict[str, Any] = {"broker": None, "devices": [], "fleet_file": str(self.fleet_file)}
+        state: dict[str, Any] = {"broker": None, "devices": [], "links": None, "fleet_file": str(self.fleet_file)}
         try:
+            links = None
+            if link_rate is not None:
+                step("creating the emulated links")
+                links = create_links(count, link_rate)
+                state["links"] = links.to_state()
+                self._save(state)
+            broker_host = links.host_address if links else "127.0.0.1"
             step("starting the MQTT broker")
-            state["broker"] = self._start_broker(embedded_broker)
+            state["broker"] = self._start_broker(embedded_broker, broker_host)
             self._save(state)
             key = self.workdir / "id_ed25519"
             public = write_keypair(key, "edge-kit-sim")
             known = []
             devices = []
-            for name, profile in device_names(count, profiles):
+            for i, (name, profile) in enumerate(device_names(count, profiles)):
                 step(f"starting the SSH server for {name}")
                 folder = self.workdir / "devices" / name
-                ssh = SshEndpoint(folder / "ssh", public, embedded=embedded_ssh).start()
+                where = {"host": links.address(i), "port": 22, "wrap": links.wrap(i)} if links else {}
+                ssh = SshEndpoint(folder / "ssh", public, embedded=embedded_ssh, **where).start()
                 state["devices"].append({"name": name, "profile": profile, "sshd_pid": ssh.proc.pid, "port": ssh.port,
                                          "ssh": ssh.kind, "root": str(folder / "root")})
                 self._save(state)
@@ -101,7 +116,7 @@ class SimFleet:
             (self.workdir / "known_hosts").write_text("\n".join(known) + "\n")
             self.fleet_file.write_text(yaml.safe_dump({
                 "fleet": FLEET_NAME,
-                "broker": {"host": "127.0.0.1", "port": state["broker"]["port"]},
+                "broker": {"host": broker_host, "port": state["broker"]["port"]},
                 "known_hosts": str(self.workdir / "known_hosts"),
                 "defaults": {"user": getpass.getuser(), "key": str(key), "python": sys.executable, "simulated": True},
                 "devices": devices,
@@ -132,20 +147,20 @@ class SimFleet:
                 for fut in [pool.submit(one, d) for d in fleet.devices]:
                     fut.result()
 
-    def _start_broker(self, embedded: bool | None) -> dict[str, Any]:
+    def _start_broker(self, embedded: bool | None, host: str) -> dict[str, Any]:
         if embedded is None:
             embedded = find_mosquitto() is None
         if not embedded:
-            broker = MosquittoBroker(self.workdir / "broker").start()
-            return {"kind": "mosquitto", "port": broker.port, "pid": broker.proc.pid}
-        port = free_port()
+            broker = MosquittoBroker(self.workdir / "broker", host=host).start()
+            return {"kind": "mosquitto", "host": host, "port": broker.port, "pid": broker.proc.pid}
+        port = free_port(host)
         with open(self.workdir / "embedded-broker.log", "ab") as log:
-            proc = subprocess.Popen([sys.executable, "-W", "ignore", "-m", "edge_kit.sim.embedded_broker", "--port", str(port)],
-                                    stdout=log, stderr=log, start_new_session=True)
-        if not wait_port("127.0.0.1", port, 20):
+            proc = subprocess.Popen([sys.executable, "-W", "ignore", "-m", "edge_kit.sim.embedded_broker", "--host", host,
+                                     "--port", str(port)], stdout=log, stderr=log, start_new_session=True)
+        if not wait_port(host, port, 20):
             terminate_pid(proc.pid)
             raise EdgeKitError(f"the embedded MQTT broker did not start; see {self.workdir / 'embedded-broker.log'}")
-        return {"kind": "embedded (amqtt)", "port": port, "pid": proc.pid}
+        return {"kind": "embedded (amqtt)", "host": host, "port": port, "pid": proc.pid}
 
     def _save(self, state: dict[str, Any]) -> None:
         tmp = self.state_file.with_suffix(".tmp")
@@ -170,5 +185,8 @@ class SimFleet:
         if state.get("broker"):
             terminate_pid(state["broker"]["pid"])
             stopped.append(f"broker ({state['broker']['kind']})")
+        if state.get("links"):
+            remove_links(Links(**state["links"]))
+            stopped.append("emulated links")
         self.state_file.unlink(missing_ok=True)
         return stopped

@@ -1,4 +1,4 @@
-"""SSH endpoints for virtual devices: OpenSSH's sshd on a loopback port, with its own host key.
+"""SSH endpoints for virtual devices: OpenSSH's sshd on its own port and address, with its own host key.
 
 Each virtual device gets one ``sshd -D`` with a fresh ed25519 host key, public-key login only
 (the simulated fleet's own key pair), and ``internal-sftp``; where sshd is not installed, the
@@ -104,8 +104,8 @@ class SshEndpoint:
         if os.geteuid() == 0:
             Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation directory
         if self.embedded:
-            argv = [sys.executable, "-m", "edge_kit.sim.embedded_ssh", "--port", str(self.port), "--host-key",
-                    str(host_key), "--authorized", str(self.workdir / "authorized_keys")]
+            argv = [sys.executable, "-m", "edge_kit.sim.embedded_ssh", "--host", self.host, "--port", str(self.port),
+                    "--host-key", str(host_key), "--authorized", str(self.workdir / "authorized_keys")]
         else:
             argv = [str(sshd), "-D", "-e", "-f", str(config)]
         with open(self.workdir / "sshd.log", "ab") as log:
