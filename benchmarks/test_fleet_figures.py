@@ -30,8 +30,15 @@ from edge_kit.sim.links import parse_rate
 def _machine_cpu_s() -> float:
     """Return the CPU-seconds every process on this machine has used so far (``/proc/stat``, all cores)."""
     with open("/proc/stat") as f:
-        fields = [int(v) for v in f.readline().split()[1:]]
-    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
+        user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in f.readline().split()[1:8])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")  # not steal: other VMs' time
+
+
+def _process_cpu_s(pid: int) -> float:
+    """Return the CPU-seconds process ``pid`` has used so far (utime + stime from ``/proc/<pid>/stat``)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _wait_idle(busy_cores: float = 0.1, timeout: float = 60.0) -> None:
@@ -170,8 +177,9 @@ def test_connection_and_command_latency(tmp_path, figure, benchmark, monkeypatch
 
 
 def _bench_message(i: int) -> bytes:
+    """Record ``i`` of a stream round-robin over 50 devices, each with contiguous sequence numbers."""
     device = f"d{i % 50}"
-    return schema.encode(schema.envelope("bench", "scale", device, i, {
+    return schema.encode(schema.envelope("bench", "scale", device, i // 50, {
         "variant": "int8", "sha256": "a" * 64, "profile": "rpi4", "runs": 200, "model_bytes": 200_000,
         "latency_ms": {"p50": 1.0, "p90": 1.2, "p99": 1.5, "mean": 1.0, "std": 0.1, "min": 0.9, "max": 2.0},
         "power": {"measured": False, "estimated": True, "sensor": None, "avg_w": 4.0, "energy_per_inference_mj": 0.4,
@@ -207,9 +215,10 @@ mon.stop()
 """
 
 
-def _ingest_rate(tmp_path, broker, n: int, workers: int, tag: str) -> tuple[float, int, int]:
+def _ingest_rate(tmp_path, broker, n: int, workers: int, tag: str) -> tuple[float, int, int, tuple[float, float]]:
     """Queue ``n`` records on the broker for offline persistent monitor sessions, then time the
-    workers draining them into one store. Returns (records/s, stored in all, stored in the file)."""
+    workers draining them into one store. Returns (records/s, stored in all, stored in the file,
+    (CPU-s all processes used while they drained, of which Mosquitto's))."""
     from edge_kit.telemetry.store import Store
 
     fleet_file = tmp_path / f"fleet-{tag}.yaml"
@@ -231,34 +240,50 @@ def _ingest_rate(tmp_path, broker, n: int, workers: int, tag: str) -> tuple[floa
         info.wait_for_publish(60)
     pub.disconnect()
     pub.loop_stop()
+    _wait_idle()
+    machine, mosquitto = _machine_cpu_s(), _process_cpu_s(broker.proc.pid)
     for p in procs:
         p.stdin.write(f"{n}\n")
         p.stdin.flush()
     results = [p.stdout.readline().split() for p in procs]
+    cpu = _machine_cpu_s() - machine, _process_cpu_s(broker.proc.pid) - mosquitto
     for p in procs:
         p.wait(timeout=30)
     stored = sum(int(r[0]) for r in results)
     started, finished = min(float(r[1]) for r in results), max(float(r[2]) for r in results)
-    return stored / (finished - started), stored, Store(store).count("bench")
+    return stored / (finished - started), stored, Store(store).count("bench"), cpu
 
 
 def test_monitor_ingest_one_and_two_workers(tmp_path, figure, benchmark):
     n = 20_000
     ones, twos = [], []
+    cpu: dict[int, list[tuple[float, float]]] = {1: [], 2: []}  # workers -> (machine, Mosquitto) CPU-s of each drain
     with MosquittoBroker(tmp_path / "broker") as broker:
         for r in range(3):  # interleaved pairs: this shared machine's speed drifts between runs
             for workers, rates in ((1, ones), (2, twos)):
                 run = (lambda *a: benchmark.pedantic(_ingest_rate, args=a, rounds=1, iterations=1)) \
                     if (r, workers) == (0, 2) else _ingest_rate
-                rate, stored, rows = run(tmp_path, broker, n, workers, f"w{workers}r{r}")
+                rate, stored, rows, used = run(tmp_path, broker, n, workers, f"w{workers}r{r}")
                 assert stored == rows == n  # none lost, none doubled
                 rates.append(rate)
+                cpu[workers].append(used)
     one, ratio = float(np.median(ones)), float(np.median(np.array(twos) / np.array(ones)))
+    cores = os.cpu_count() or 1
+    per_k = {w: 1000 * np.median(np.array(c), axis=0) / n for w, c in cpu.items()}  # (machine, Mosquitto)
+    floor = float(np.median([(n / rate) / (used / cores) for rate, (used, _) in zip(twos, cpu[2])]))
+    busy_one = per_k[1][0] / 1000 * one  # cores one worker's drain keeps busy (worker, Mosquitto, kernel)
     figure("monitor: bench records/s stored by one worker", f"{one:,.0f}", ">= 5,000",
            f"median of 3 runs, {n:,} records queued on loopback Mosquitto, drained into SQLite (WAL), none lost")
     figure("monitor: two workers on a shared subscription / one worker", f"{ratio:.2f}", ">= 1.7",
            f"median of 3 interleaved pairs ({', '.join(f'{t / o:.2f}' for o, t in zip(ones, twos))}), "
            "one store file, none lost or doubled")
+    figure("monitor: CPU-s per 1,000 records, one worker / two workers", f"{per_k[1][0]:.3f} / {per_k[2][0]:.3f}", "info",
+           f"/proc/stat, all processes while the backlog drains, median of 3; of which Mosquitto "
+           f"{per_k[1][1]:.3f} / {per_k[2][1]:.3f} (/proc/<pid>/stat)")
+    figure("monitor: cores one worker's drain keeps busy; the most two could gain here", f"{busy_one:.2f}; {cores / busy_one:.2f}x",
+           "info", f"CPU-s per record x records/s of one worker; {cores} cores / that, if two workers cost no more per record")
+    figure("monitor: two-worker drain time / the machine's CPU floor for it", f"{floor:.2f}", "info",
+           f"floor = CPU-s all processes used / {cores} cores; near 1: every core busy throughout; median of 3")
 
 
 def test_select_for_ten_thousand_devices(figure, benchmark):
