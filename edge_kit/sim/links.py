@@ -80,7 +80,8 @@ class Links:
 def _run(*argv: str) -> None:
     done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
     if done.returncode != 0:
-        raise EdgeKitError(f"emulated links: `{' '.join(argv)}` failed: {done.stderr.strip() or done.returncode}")
+        raise EdgeKitError(f"emulated links: `{' '.join(argv)}` failed: {done.stderr.strip() or done.returncode}; "
+                           "run without --link-rate")
 
 
 def _subnets_in_use() -> str:
