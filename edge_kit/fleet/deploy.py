@@ -229,7 +229,7 @@ class _Deployer:
                     "--move", *(["--eval", eval_remote] if eval_remote else []))
 
     def _request(self, dev: Device, name: str, args: dict[str, Any]) -> dict[str, Any]:
-        """Return the result of a command the device's agent ran; void if it could run only after the timeout.
+        """Return the result of a command the device's agent ran (it drops one that reaches it after the timeout).
 
         Raises:
             AgentTimeout: no answer within the health timeout.

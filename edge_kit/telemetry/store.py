@@ -116,21 +116,15 @@ class Store:
 
     def latest_bench(self, device: str | None = None) -> dict[tuple[str, str], dict[str, Any]]:
         """Return the newest bench record per ``(device, sha256)`` (of one device, or all)."""
-        sql = ("SELECT b.body FROM bench b JOIN (SELECT device, sha256, MAX(ts) AS ts FROM bench GROUP BY device, sha256) l "
-               "ON b.device = l.device AND b.sha256 = l.sha256 AND b.ts = l.ts")
-        rows = self._rows(sql + (" WHERE b.device = ?" if device else ""), (device,) if device else ())
-        out = {}
-        for (body,) in rows:
-            m = json.loads(body)
-            out[(m["device"], m["sha256"])] = m
-        return out
+        return {key: records[0] for key, records in self.recent_bench(device, keep=1).items()}
 
-    def recent_bench(self, device: str, keep: int = 5) -> dict[tuple[str, str], list[dict[str, Any]]]:
-        """Return up to ``keep`` bench records per ``(device, sha256)`` of one device, newest first."""
-        sql = ("SELECT body FROM (SELECT body, ts, ROW_NUMBER() OVER (PARTITION BY sha256 ORDER BY ts DESC) AS n "
-               "FROM bench WHERE device = ?) WHERE n <= ? ORDER BY ts DESC")
+    def recent_bench(self, device: str | None = None, keep: int = 5) -> dict[tuple[str, str], list[dict[str, Any]]]:
+        """Return up to ``keep`` bench records per ``(device, sha256)`` (of one device, or all), newest first."""
+        where, args = ("WHERE device = ?", (device, keep)) if device else ("", (keep,))
+        sql = ("SELECT body FROM (SELECT body, ts, ROW_NUMBER() OVER (PARTITION BY device, sha256 ORDER BY ts DESC) AS n "
+               f"FROM bench {where}) WHERE n <= ? ORDER BY ts DESC")
         out: dict[tuple[str, str], list[dict[str, Any]]] = {}
-        for (body,) in self._rows(sql, (device, keep)):
+        for (body,) in self._rows(sql, args):
             m = json.loads(body)
             out.setdefault((m["device"], m["sha256"]), []).append(m)
         return out

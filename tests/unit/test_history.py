@@ -19,6 +19,11 @@ def test_duplicates_are_stored_once_and_latest_views_pick_the_newest(tmp_path):
     assert not store.add("bench", a)
     assert store.count("bench") == 2
     assert store.latest_bench()[("d1", "s1")]["latency_ms"]["p90"] == 2.0
+    c = bench("d2", "s1", 3.0, 1)
+    store.add("bench", c)
+    assert {k: v["latency_ms"]["p90"] for k, v in store.latest_bench().items()} == {("d1", "s1"): 2.0, ("d2", "s1"): 3.0}
+    assert [r["latency_ms"]["p90"] for r in store.recent_bench("d1")[("d1", "s1")]] == [2.0, 1.0]  # newest first
+    assert list(store.recent_bench("d2")) == [("d2", "s1")] and store.recent_bench("d1", keep=1)[("d1", "s1")] == [b]
     off = schema.envelope("status", "f", "d1", 1, {"state": "offline"})
     store.add("status", off)
     assert store.latest_status()["d1"]["state"] == "offline"
