@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from device_agents.bench import BenchSettings, run_bench
-from device_agents.config import BrokerConfig
+from edgekit_protocol.config import BrokerConfig
 from device_agents.mqtt import SpooledPublisher, make_client
 from device_agents.spool import Spool
-from edge_kit import schema
+from edgekit_protocol import messages
 from edge_kit.compiler.pipeline import CompileRequest, compile_model
 from edge_kit.profiles import Profile, load_profile
 from edge_kit.sim.broker import MosquittoBroker
@@ -70,10 +70,10 @@ def _spooled_rate(spool: Spool, broker: MosquittoBroker, kind: str, n: int) -> f
     client.loop_start()
     assert pub.connected.wait(10)
     pub.start()
-    topic = schema.topic("bench", "dev", kind)
+    topic = messages.topic("bench", "dev", kind)
     started = time.perf_counter()
     for i in range(n):
-        spool.add(kind, topic, lambda seq: schema.encode(schema.envelope(kind, "bench", "dev", seq, _payload(i))))
+        spool.add(kind, topic, lambda seq: messages.encode(messages.envelope(kind, "bench", "dev", seq, _payload(i))))
         pub.wake()
     while spool.stats()["pending"]:
         time.sleep(0.001)
@@ -97,10 +97,10 @@ def _plain_rate(broker: MosquittoBroker, n: int) -> float:
     client.on_publish = on_publish
     client.connect(broker.host, broker.port)
     client.loop_start()
-    topic = schema.topic("bench", "dev", "telemetry")
+    topic = messages.topic("bench", "dev", "telemetry")
     started = time.perf_counter()
     for i in range(n):
-        client.publish(topic, schema.encode(schema.envelope("telemetry", "bench", "dev", i, _payload(i))), qos=1)
+        client.publish(topic, messages.encode(messages.envelope("telemetry", "bench", "dev", i, _payload(i))), qos=1)
     assert done.wait(60)
     elapsed = time.perf_counter() - started
     client.disconnect()

@@ -15,7 +15,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge_kit import schema
+from edgekit_protocol import messages
 from edge_kit.compiler.pipeline import CompileRequest, compile_model
 from edge_kit.fleet.deploy import DeployOptions, deploy
 from edge_kit.fleet.inventory import load_fleet
@@ -179,7 +179,7 @@ def test_connection_and_command_latency(tmp_path, figure, benchmark, monkeypatch
 def _bench_message(i: int) -> bytes:
     """Record ``i`` of a stream round-robin over 50 devices, each with contiguous sequence numbers."""
     device = f"d{i % 50}"
-    return schema.encode(schema.envelope("bench", "scale", device, i // 50, {
+    return messages.encode(messages.envelope("bench", "scale", device, i // 50, {
         "variant": "int8", "sha256": "a" * 64, "profile": "rpi4", "runs": 200, "model_bytes": 200_000,
         "latency_ms": {"p50": 1.0, "p90": 1.2, "p99": 1.5, "mean": 1.0, "std": 0.1, "min": 0.9, "max": 2.0},
         "power": {"measured": False, "estimated": True, "sensor": None, "avg_w": 4.0, "energy_per_inference_mj": 0.4,
@@ -235,7 +235,7 @@ def _ingest_rate(tmp_path, broker, n: int, workers: int, tag: str) -> tuple[floa
     pub.max_inflight_messages_set(1000)
     pub.connect(broker.host, broker.port)
     pub.loop_start()
-    infos = [pub.publish(schema.topic("scale", f"d{i % 50}", "bench"), _bench_message(i), qos=1) for i in range(n)]
+    infos = [pub.publish(messages.topic("scale", f"d{i % 50}", "bench"), _bench_message(i), qos=1) for i in range(n)]
     for info in infos:
         info.wait_for_publish(60)
     pub.disconnect()

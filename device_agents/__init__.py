@@ -1,6 +1,4 @@
 """The on-device side of edge-kit. Needs only numpy, a LiteRT interpreter and (for the service) paho-mqtt.
 
-Nothing in this package imports TensorFlow or the host package's heavy modules.
+Imports nothing of edge-kit but the protocol package (:mod:`edgekit_protocol`), and never TensorFlow.
 """
-
-__version__ = "0.1.0"

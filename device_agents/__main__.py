@@ -10,8 +10,8 @@
     edgekit-agent supervise --config agent.yaml --pidfile P   # the service where there is no systemd
 
 ``install``, ``activate``, ``rollback`` and ``state`` work on the model store (see
-:mod:`device_agents.store`) and print JSON; the deploy tool runs them over SSH. Errors print one
-line (``edgekit-agent: error: ...``) and exit 2.
+:mod:`device_agents.store`) and print JSON. Every error edge-kit raises on purpose is mapped here,
+once: one line (``edgekit-agent: error: ...``) and its ``exit_code`` (2).
 """
 
 from __future__ import annotations
@@ -21,13 +21,11 @@ import json
 import sys
 from pathlib import Path
 
-from device_agents.runtimes import RUNTIMES, RuntimeUnavailable
-from device_agents.settings import BenchSettings
-from device_agents.store import ModelStore, StoreError, default_root
-
-
-class UsageError(Exception):
-    """Bad input from the command line; printed as one line."""
+from device_agents.errors import StoreError, UsageError
+from device_agents.runtimes import RUNTIMES
+from device_agents.store import ModelStore, default_root
+from edgekit_protocol.config import BenchSettings
+from edgekit_protocol.errors import EdgeKitError
 
 
 def _print_table(model: Path, record: dict) -> None:
@@ -83,6 +81,14 @@ def main(argv: list[str] | None = None) -> None:
     for p in (i, a, *[sub.choices[n] for n in ("rollback", "state")]):
         p.add_argument("--root", type=Path, default=None, help=root_help)
     args = parser.parse_args(argv)
+    try:
+        _dispatch(args)
+    except EdgeKitError as exc:
+        sys.stderr.write(f"edgekit-agent: error: {exc}\n")
+        sys.exit(exc.exit_code)
+
+
+def _dispatch(args: argparse.Namespace) -> None:
     if args.command == "run":
         _run(args)
     elif args.command == "supervise":
@@ -99,69 +105,52 @@ def main(argv: list[str] | None = None) -> None:
         _store_command(args)
 
 
-def _fail(message: str) -> None:
-    sys.stderr.write(f"edgekit-agent: error: {message}\n")
-    sys.exit(2)
-
-
 def _run(args: argparse.Namespace) -> None:
-    from device_agents.config import AgentConfigError, load_agent_config
+    from device_agents.config import load_agent_config
 
+    cfg = load_agent_config(args.config)
+    cfg.password()
     try:
-        cfg = load_agent_config(args.config)
-        cfg.password()
         from device_agents.service import run_agent
-    except AgentConfigError as exc:
-        _fail(str(exc))
     except ImportError as exc:
-        _fail(f"the service needs paho-mqtt ({exc}); install it with: pip install 'edge-kit[agent]'")
+        raise UsageError(f"the service needs paho-mqtt ({exc}); install it with: pip install 'edge-kit[agent]'") from None
     run_agent(cfg, args.log_file)
 
 
 def _store_command(args: argparse.Namespace) -> None:
     store = ModelStore(args.root or default_root())
-    try:
-        if args.command == "install":
-            done = store.install(args.model, variant=args.variant, model=args.model_name,
-                                 expect_sha256=args.sha256, eval_file=args.eval, move=args.move)
-            out = {"sha256": done.sha256, "variant": done.variant, "model": done.model, "fresh": done.fresh}
-        elif args.command == "activate":
-            if not (args.sha256 or args.variant):
-                raise StoreError("activate: give --sha256 or --variant")
-            sha = store.resolve(sha256=args.sha256, variant=args.variant)
-            out = store.activate(sha, runtime=args.runtime, delegate=args.delegate)
-        elif args.command == "rollback":
-            out = store.rollback()
-        else:
-            out = {"root": str(store.root), "current": store.describe(store.current()),
-                   "previous": store.describe(store.previous()), "installed": store.installed()}
-    except StoreError as exc:
-        _fail(str(exc))
+    if args.command == "install":
+        done = store.install(args.model, variant=args.variant, model=args.model_name,
+                             expect_sha256=args.sha256, eval_file=args.eval, move=args.move)
+        out = {"sha256": done.sha256, "variant": done.variant, "model": done.model, "fresh": done.fresh}
+    elif args.command == "activate":
+        if not (args.sha256 or args.variant):
+            raise StoreError("activate: give --sha256 or --variant")
+        sha = store.resolve(sha256=args.sha256, variant=args.variant)
+        out = store.activate(sha, runtime=args.runtime, delegate=args.delegate)
+    elif args.command == "rollback":
+        out = store.rollback()
+    else:
+        out = {"root": str(store.root), "current": store.describe(store.current()),
+               "previous": store.describe(store.previous()), "installed": store.installed()}
     print(json.dumps(out, indent=2, default=str))
 
 
 def _bench(args: argparse.Namespace) -> None:
     from device_agents.bench import run_bench
-    from device_agents.datafile import DataFileError
     from device_agents.power import power_meter
 
+    if not args.model.is_file():
+        raise UsageError(f"{args.model}: model not found")
+    if args.threads < 1 or args.min_runs < 1 or args.warmup < 0 or args.min_seconds < 0:
+        raise UsageError("--threads and --min-runs must be at least 1; --warmup and --min-seconds not negative")
+    settings = BenchSettings(warmup=args.warmup, min_runs=args.min_runs, min_seconds=args.min_seconds,
+                             threads=args.threads, delegate=args.delegate, runtime=args.runtime)
     try:
-        if not args.model.is_file():
-            raise UsageError(f"{args.model}: model not found")
-        if args.threads < 1 or args.min_runs < 1 or args.warmup < 0 or args.min_seconds < 0:
-            raise UsageError("--threads and --min-runs must be at least 1; --warmup and --min-seconds not negative")
-        settings = BenchSettings(warmup=args.warmup, min_runs=args.min_runs, min_seconds=args.min_seconds,
-                                 threads=args.threads, delegate=args.delegate, runtime=args.runtime)
-        try:
-            record = run_bench(args.model, settings, eval_file=args.eval,
-                               power=power_meter(idle_w=args.idle_w, busy_w=args.busy_w))
-        except DataFileError:
-            raise
-        except ValueError as exc:
-            raise UsageError(f"{args.model}: cannot load or run the model ({str(exc).splitlines()[0]})") from None
-    except (UsageError, RuntimeUnavailable, DataFileError) as exc:
-        sys.stderr.write(f"edgekit-agent: error: {exc}\n")
-        sys.exit(2)
+        record = run_bench(args.model, settings, eval_file=args.eval,
+                           power=power_meter(idle_w=args.idle_w, busy_w=args.busy_w))
+    except ValueError as exc:
+        raise UsageError(f"{args.model}: cannot load or run the model ({str(exc).splitlines()[0]})") from None
     if args.json:
         print(json.dumps({"model": str(args.model), **record}, indent=2))
     else:

@@ -22,11 +22,11 @@ from typing import Any
 import numpy as np
 
 from device_agents import conditions
-from device_agents.datafile import read_npz, read_reference
+from edgekit_protocol.datafile import read_npz, read_reference
 from device_agents.inference import ModelRunner, fidelity, top1_accuracy
 from device_agents.power import not_measured
 from device_agents.runtimes import get_runtime
-from device_agents.settings import BenchSettings
+from edgekit_protocol.config import BenchSettings
 
 
 def _percentiles(ns: np.ndarray) -> dict[str, float]:
@@ -71,7 +71,7 @@ def run_bench(model: Path, settings: BenchSettings = BenchSettings(), *, eval_fi
               reference: np.ndarray | None = None, power: Any = None) -> dict[str, Any]:
     """Benchmark ``model`` and return the measurement part of an ``edgekit.bench/1`` record.
 
-    ``eval_file`` is an ``.npz`` (see :mod:`device_agents.datafile`), checked against the model's
+    ``eval_file`` is an ``.npz`` (see :mod:`edgekit_protocol.datafile`), checked against the model's
     input shape before anything is timed; with labels ``y`` it also gives top-1 accuracy.
     ``reference`` holds the fp32 model's outputs on its ``x`` (for fidelity); when None and the
     eval file carries an array ``reference``, that is used. ``power`` is a meter from
@@ -91,9 +91,11 @@ def run_bench(model: Path, settings: BenchSettings = BenchSettings(), *, eval_fi
     runner = ModelRunner(interp)
     eval_x = eval_y = None
     if eval_file is not None:
-        eval_x, eval_y = read_npz(eval_file, "--eval", runner.input_shape[1:], labels="optional")
+        x, y = read_npz(eval_file, "--eval", runner.input_shape[1:], labels="optional")
+        eval_x, eval_y = np.asarray(x, dtype=np.float32), None if y is None else np.asarray(y)
         if reference is None:
-            reference = read_reference(eval_file, len(eval_x))
+            ref = read_reference(eval_file, len(eval_x))
+            reference = None if ref is None else np.asarray(ref, dtype=np.float32)
     inputs, input_source = _inputs(runner, eval_x)
 
     t0 = time.perf_counter_ns()

@@ -16,7 +16,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from device_agents.config import BrokerConfig
+from edgekit_protocol.config import BrokerConfig
 from device_agents.spool import Spool
 
 log = logging.getLogger("edgekit.agent.mqtt")

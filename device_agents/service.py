@@ -23,19 +23,19 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-import device_agents
+import edgekit_protocol
 from device_agents import conditions
 from device_agents.bench import run_bench
-from device_agents.commands import Command, CommandError, parse_command
-from device_agents.config import AgentConfig
-from device_agents.datafile import DataFileError
+from edgekit_protocol.commands import Command, CommandError, parse_command
+from edgekit_protocol.config import AgentConfig
 from device_agents.mqtt import SpooledPublisher, make_client
 from device_agents.power import SensorEnv, SensorMeter, not_measured, power_meter
 from device_agents.runtimes import RUNTIMES, RuntimeUnavailable
 from device_agents.smoke import SmokePool
 from device_agents.spool import Spool
 from device_agents.store import ModelStore, StoreError, default_root
-from edge_kit import schema
+from edgekit_protocol import messages
+from edgekit_protocol.errors import EdgeKitError
 
 log = logging.getLogger("edgekit.agent")
 
@@ -69,12 +69,12 @@ class Agent:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
         self.client.on_publish = self.publisher.on_publish
-        self.client.will_set(self._topic("status"), schema.encode(self._status("offline")), qos=1, retain=True)
+        self.client.will_set(self._topic("status"), messages.encode(self._status("offline")), qos=1, retain=True)
 
     # --- messages -----------------------------------------------------------------------------
 
     def _topic(self, kind: str) -> str:
-        return schema.topic(self.cfg.fleet, self.cfg.device, kind)
+        return messages.topic(self.cfg.fleet, self.cfg.device, kind)
 
     def _model_ref(self, sha: str | None) -> dict[str, Any] | None:
         meta = self.store.describe(sha)
@@ -84,8 +84,8 @@ class Agent:
         self._status_seq += 1
         self._announced = self.store.current()
         runtimes = {k: (cls.unavailable_reason() or "available") for k, cls in RUNTIMES.items()}
-        return schema.envelope("status", self.cfg.fleet, self.cfg.device, self._status_seq, {
-            "state": state, "agent_version": device_agents.__version__, "profile": self.cfg.profile,
+        return messages.envelope("status", self.cfg.fleet, self.cfg.device, self._status_seq, {
+            "state": state, "agent_version": edgekit_protocol.__version__, "profile": self.cfg.profile,
             "current": self._model_ref(self.store.current()), "runtimes": runtimes,
             "power_source": self.power_source, "simulated": self.cfg.simulated, "pid": os.getpid(),
             "started": self.started})
@@ -99,8 +99,8 @@ class Agent:
         built: dict[str, Any] = {}
 
         def build(seq: int) -> bytes:
-            built.update(schema.envelope(kind, self.cfg.fleet, self.cfg.device, seq, body))
-            return schema.encode(built)
+            built.update(messages.envelope(kind, self.cfg.fleet, self.cfg.device, seq, body))
+            return messages.encode(built)
 
         row, _ = self.spool.add(kind, self._topic(kind), build)
         self.publisher.wake()
@@ -118,7 +118,7 @@ class Agent:
             log.error("broker %s:%s refused the connection: %s", self.cfg.broker.host, self.cfg.broker.port, reason)
             return
         client.subscribe(self._topic("cmd"), qos=1)
-        self.publisher.publish(self._topic("status"), schema.encode(self._status("online")), retain=True)
+        self.publisher.publish(self._topic("status"), messages.encode(self._status("online")), retain=True)
         self.publisher.connected.set()
         self.publisher.wake()
         log.info("connected to %s:%s", self.cfg.broker.host, self.cfg.broker.port)
@@ -152,7 +152,7 @@ class Agent:
             return
         try:
             result = getattr(self, f"_cmd_{cmd.name}")(cmd)
-        except (StoreError, DataFileError, RuntimeUnavailable) as exc:
+        except EdgeKitError as exc:  # the one mapping on this boundary: an error ack
             self.ack(cmd.msg_id, cmd.name, False, error=str(exc))
         except (ValueError, RuntimeError, OSError) as exc:
             log.exception("command %s failed", cmd.name)
@@ -216,7 +216,7 @@ class Agent:
 
     def _publish_status(self) -> None:
         if self.publisher.connected.is_set():
-            self.publisher.publish(self._topic("status"), schema.encode(self._status("online")), retain=True)
+            self.publisher.publish(self._topic("status"), messages.encode(self._status("online")), retain=True)
 
     def telemetry(self) -> None:
         """Spool one telemetry message (droppable when the spool is full)."""
@@ -260,7 +260,7 @@ class Agent:
         while self.publisher.connected.is_set() and self.spool.stats()["pending"] and time.monotonic() < deadline:
             time.sleep(0.02)
         if self.publisher.connected.is_set():
-            info = self.client.publish(self._topic("status"), schema.encode(self._status("offline")), qos=1, retain=True)
+            info = self.client.publish(self._topic("status"), messages.encode(self._status("offline")), qos=1, retain=True)
             try:
                 info.wait_for_publish(timeout=1.0)
             except RuntimeError:

@@ -14,11 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from device_agents.errors import SmokeFailed
 from device_agents.runtimes import RUNTIMES, RuntimeUnavailable, get_runtime
-
-
-class SmokeFailed(RuntimeError):
-    """The model failed its smoke inference; the text says how."""
 
 
 def smoke(model: Path, runtime: str | None = None, delegate: str = "xnnpack") -> dict[str, Any]:

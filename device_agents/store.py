@@ -26,11 +26,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from device_agents.errors import SmokeFailed, StoreError
+
 SMOKE_TIMEOUT_S = 120.0
-
-
-class StoreError(RuntimeError):
-    """An install, activation or rollback was refused; the text is the reason, in one line."""
 
 
 def default_root() -> Path:
@@ -258,7 +256,7 @@ class ModelStore:
             smoke = SmokePool()
         try:
             checked = smoke(path, runtime=runtime, delegate=delegate, timeout=timeout)
-        except RuntimeError as exc:  # SmokeFailed
+        except SmokeFailed as exc:
             raise StoreError(f"model {sha256[:12]} failed its smoke inference: {exc}") from None
         if old is not None:
             self._point("previous", old)

@@ -1,3 +1,9 @@
-"""edge-kit: one trained model to a mixed fleet of edge devices, each on its best variant."""
+"""edge-kit: one trained model to a mixed fleet of edge devices, each on its best variant.
 
-__version__ = "0.1.0"
+The host side: compiler, target plugins' compile steps, fleet, history, selection, orchestration
+and the ``edgekit`` CLI. See the docs' architecture page for the layers.
+"""
+
+from edgekit_protocol import __version__
+
+__all__ = ["__version__"]

@@ -8,6 +8,7 @@ loaded through :func:`load_yaml_model`, so a typo anywhere reads the same way::
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import typing
 from pathlib import Path
@@ -54,32 +55,34 @@ def _line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> tuple[int, bool]:
     return line, True
 
 
+def _field_types(model: Any) -> dict[str, Any]:
+    """Return ``{key: annotation}`` of a pydantic model or a stdlib dataclass (the protocol's), else {}."""
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return {f.alias or n: f.annotation for n, f in model.model_fields.items()}
+    if isinstance(model, type) and dataclasses.is_dataclass(model):
+        return typing.get_type_hints(model)
+    return {}
+
+
 def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     """Return the field names of the nested model reached by ``loc`` (empty if not a model)."""
     current: Any = model
     for part in loc:
         if isinstance(part, int):
             continue
-        if not (isinstance(current, type) and issubclass(current, BaseModel)):
-            return []
-        field = current.model_fields.get(str(part))
-        if field is None:
-            return []
-        current = field.annotation
+        current = _field_types(current).get(str(part))
         # unwrap Optional[X], list[X], dict[str, X]
         while typing.get_origin(current) is not None:
             args = [a for a in typing.get_args(current) if a is not type(None)]
             current = args[-1] if args else None
-    if isinstance(current, type) and issubclass(current, BaseModel):
-        return [f.alias or n for n, f in current.model_fields.items()]
-    return []
+    return list(_field_types(current))
 
 
 def _describe(err: dict[str, Any], model: type[BaseModel]) -> str:
     """Return the human part of one pydantic error, with a suggestion where one helps."""
     loc = err["loc"]
     kind = err["type"]
-    if kind == "extra_forbidden":
+    if kind in ("extra_forbidden", "unexpected_keyword_argument"):  # the latter: protocol dataclasses
         valid = _fields_at(model, loc[:-1])
         hint = closest(str(loc[-1]), valid)
         tail = f"did you mean '{hint}'?" if hint else f"valid keys: {', '.join(valid)}"

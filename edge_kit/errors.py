@@ -1,4 +1,4 @@
-"""The one exception tree of edge-kit.
+"""The host's branches of edge-kit's one exception tree (rooted in :mod:`edgekit_protocol.errors`).
 
 Every error a user can cause is an :class:`EdgeKitError` subclass whose ``str()`` is a single line
 that names the file, field or device at fault and what to do. The CLI turns these into that line
@@ -7,23 +7,14 @@ on stderr and the class's ``exit_code``; anything else is a bug and keeps its tr
 
 from __future__ import annotations
 
-
-class EdgeKitError(Exception):
-    """Base class. ``exit_code`` is what the CLI exits with."""
-
-    exit_code = 1
-
-
-class ConfigError(EdgeKitError):
-    """A profile, fleet or agent config file is missing, malformed or has invalid content."""
-
-    exit_code = 2
-
-
-class InputError(EdgeKitError):
-    """A model or data file given on the command line is missing, corrupt or does not fit."""
-
-    exit_code = 2
+from edgekit_protocol.errors import (
+    CommandError,
+    ConfigError,
+    DataFileError,
+    EdgeKitError,
+    InputError,
+    MessageError,
+)
 
 
 class CompileError(EdgeKitError):
@@ -46,3 +37,7 @@ class AgentError(EdgeKitError):
 
 class AgentTimeout(AgentError):
     """An agent did not answer in time (it may still act on the request later, unless it expired)."""
+
+
+__all__ = ["AgentError", "AgentTimeout", "CommandError", "CompileError", "ConfigError", "DataFileError",
+           "DeployError", "EdgeKitError", "InputError", "MessageError"]

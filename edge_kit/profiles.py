@@ -44,6 +44,13 @@ class Constraints(StrictModel):
     max_model_mb: float | None = Field(default=None, gt=0)
 
 
+class Storage(StrictModel):
+    """The device's model store budget: after an activation the agent removes the oldest models
+    beyond it (never ``current``, ``previous`` or a candidate of the last tune). None: no budget."""
+
+    max_store_mb: float | None = Field(default=None, gt=0)
+
+
 class Power(StrictModel):
     """Power sensing. ``idle_w``/``busy_w`` feed only estimates, which are always marked ``estimated``."""
 
@@ -77,6 +84,7 @@ class Profile(StrictModel):
     runtime: Runtime
     variants: list[str] = Field(min_length=1)
     constraints: Constraints = Constraints()
+    storage: Storage = Storage()
     power: Power
 
     @field_validator("variants")

@@ -14,11 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from device_agents.power.sensors import SENSORS, PowerSensor, SensorEnv
+from edgekit_protocol.config import DEFAULT_SENSORS
 
-DEFAULT_ORDER = ("ina3221", "pi5-pmic", "ina219", "rapl", "hwmon")
 
-
-def find_sensor(keys: tuple[str, ...] | list[str] = DEFAULT_ORDER, env: SensorEnv = SensorEnv()) -> PowerSensor | None:
+def find_sensor(keys: tuple[str, ...] | list[str] = DEFAULT_SENSORS, env: SensorEnv = SensorEnv()) -> PowerSensor | None:
     """Return the first sensor among ``keys`` that answers here, or None.
 
     Raises:
@@ -105,7 +104,7 @@ class EstimateMeter:
                 "cpu_use": round(use, 4), "seconds": round(seconds, 3)}
 
 
-def power_meter(keys: tuple[str, ...] | list[str] = DEFAULT_ORDER, env: SensorEnv = SensorEnv(), *,
+def power_meter(keys: tuple[str, ...] | list[str] = DEFAULT_SENSORS, env: SensorEnv = SensorEnv(), *,
                 idle_w: float | None = None, busy_w: float | None = None, cores: int | None = None,
                 profile: str = "?") -> SensorMeter | EstimateMeter | None:
     """Return a meter for the first sensor that answers, else an estimator, else None.
@@ -121,12 +120,12 @@ def power_meter(keys: tuple[str, ...] | list[str] = DEFAULT_ORDER, env: SensorEn
     return None
 
 
-def not_measured(keys: tuple[str, ...] | list[str] = DEFAULT_ORDER) -> dict[str, Any]:
+def not_measured(keys: tuple[str, ...] | list[str] = DEFAULT_SENSORS) -> dict[str, Any]:
     """Return the ``power`` part of a bench record when there is neither a sensor nor an estimate."""
     return {"measured": False, "estimated": False, "sensor": None,
             "method": f"not measured: no power sensor answered (tried {', '.join(keys) or 'none'}) "
                       "and no idle_w/busy_w to estimate from"}
 
 
-__all__ = ["DEFAULT_ORDER", "SENSORS", "EstimateMeter", "PowerSensor", "SensorEnv", "SensorMeter",
+__all__ = ["DEFAULT_SENSORS", "SENSORS", "EstimateMeter", "PowerSensor", "SensorEnv", "SensorMeter",
            "find_sensor", "not_measured", "power_meter"]

@@ -5,9 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar
 
-
-class RuntimeUnavailable(RuntimeError):
-    """The runtime (or delegate) cannot be used here; the message says what to install or change."""
+from device_agents.errors import RuntimeUnavailable
 
 
 class Runtime:

@@ -1,6 +1,6 @@
 """Calibration, training and evaluation data on the host.
 
-The file format is checked by :func:`device_agents.datafile.read_npz` (shared with the agent); this
+The file format is checked by :func:`edgekit_protocol.datafile.read_npz` (shared with the agent); this
 module adds the compiler's rules (calibration sample counts) and the hash the manifest records.
 Everything is checked before any conversion starts, so a mismatch costs seconds, not minutes.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from device_agents.datafile import DataFileError, read_npz
+from edgekit_protocol.datafile import read_npz
 from edge_kit.errors import InputError
 from edge_kit.fsutil import sha256_file
 
@@ -47,13 +47,12 @@ def load_dataset(path: Path, role: str, input_shape: tuple[int, ...], *, labels:
 
     Raises:
         InputError: the file is missing or not an ``.npz``, lacks ``x`` (or ``y``), has samples
-            of the wrong shape, or (calibration) fewer than ten samples.
+            of the wrong shape, holds NaN or infinity (a ``DataFileError``), or (calibration)
+            fewer than ten samples.
     """
     path = Path(path)
-    try:
-        x, y = read_npz(path, f"--{role}", input_shape, labels="required" if labels else "ignored")
-    except DataFileError as exc:
-        raise InputError(str(exc)) from None
+    xa, ya = read_npz(path, f"--{role}", input_shape, labels="required" if labels else "ignored")
+    x, y = np.asarray(xa, dtype=np.float32), None if ya is None else np.asarray(ya)
     if role == "calib":
         if len(x) < MIN_CALIBRATION:
             raise InputError(f"{path}: only {len(x)} calibration samples; need at least {MIN_CALIBRATION} (a few hundred is best)")

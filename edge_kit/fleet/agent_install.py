@@ -1,7 +1,8 @@
 """Put the agent itself on a device: its code, its config, and a service that keeps it running.
 
-The code goes as one tarball of ``device_agents`` plus ``edge_kit/schema.py`` (all the agent
-imports from the host package), built reproducibly so its sha256 says whether a device is current.
+The code goes as one tarball of ``device_agents`` and ``edgekit_protocol`` (the agent imports
+nothing else of edge-kit; nothing of the host ships), built reproducibly so its sha256 says whether
+a device is current.
 It is unpacked into ``<root>/agent`` by a stdlib-only script (the device may not have the agent
 yet) and swapped in with a rename. The device's Python must already have numpy, PyYAML, paho-mqtt
 and a LiteRT interpreter: nothing installs itself; a missing module is reported with the command
@@ -27,9 +28,11 @@ import yaml
 
 import device_agents
 import edge_kit
+import edgekit_protocol
 from device_agents.unit import render_unit
 from edge_kit.errors import DeployError
-from edge_kit.fleet.inventory import Broker, Device, Fleet
+from edge_kit.fleet.inventory import Device, Fleet
+from edgekit_protocol.config import AgentConfig, BenchSettings, BrokerConfig, Node, PowerConfig, StoreConfig, build, to_plain
 from edge_kit.fleet.ssh import DeviceShell
 from edge_kit.profiles import load_profile
 
@@ -61,11 +64,10 @@ os.remove(archive)
 @functools.cache
 def agent_bundle() -> tuple[bytes, str]:
     """Return the agent tarball and its sha256 (same bytes for the same code)."""
-    files = sorted(p for p in Path(device_agents.__file__).parent.rglob("*.py"))
-    pkg_root = Path(device_agents.__file__).parent.parent
-    host_root = Path(edge_kit.__file__).parent
-    members = [(p, str(p.relative_to(pkg_root))) for p in files]
-    members += [(host_root / "__init__.py", "edge_kit/__init__.py"), (host_root / "schema.py", "edge_kit/schema.py")]
+    members = []
+    for package in (device_agents, edgekit_protocol):
+        folder = Path(package.__file__).parent
+        members += [(p, str(p.relative_to(folder.parent))) for p in sorted(folder.rglob("*.py"))]
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         for path, name in members:
@@ -78,31 +80,37 @@ def agent_bundle() -> tuple[bytes, str]:
 
 
 def agent_config(fleet: Fleet, dev: Device) -> tuple[str, bytes | None]:
-    """Return the device's ``agent.yaml`` text and the broker password to ship beside it (or None)."""
+    """Return the device's ``agent.yaml`` text and the broker password to ship beside it (or None).
+
+    The text is written from the protocol's one config model and read back through the agent's own
+    check, so a deploy never ships a config the agent would refuse.
+
+    Raises:
+        ConfigError: the broker's password file cannot be read, or the config fails the agent's check.
+    """
     profile = load_profile(dev.profile)
-    broker: Broker = dev.agent_broker or fleet.broker
+    broker: BrokerConfig = dev.agent_broker or fleet.broker
     root = dev.root.rstrip("/")  # as written in the fleet file; the agent expands ~
     password = broker.password(f"fleet file, device {dev.name}")
     delegate = profile.runtime.delegate
     if dev.simulated and delegate in ("edgetpu", "gpu"):
         delegate = "xnnpack"  # a virtual device has no accelerator; its records say delegate xnnpack, simulated
-    cfg = {
-        "device": dev.name, "fleet": fleet.fleet, "profile": profile.name, "root": root,
-        "broker": {"host": broker.host, "port": broker.port},
-        "bench": {"threads": profile.runtime.threads, "delegate": delegate,
-                  "runtime": "litert" if profile.runtime.engine == "litert" else "tflite-runtime"},
-        "power": {"sensors": list(profile.power.sensors), "idle_w": profile.power.idle_w,
-                  "busy_w": profile.power.busy_w, "cores": profile.hardware.cores},
-        "simulated": dev.simulated,
-    }
-    if broker.username:
-        cfg["broker"]["username"] = broker.username
-    if password is not None:
-        cfg["broker"]["password_file"] = f"{root}/mqtt.pass"
-    if broker.tls is not None:
-        cfg["broker"]["tls"] = {k: str(v) for k, v in broker.tls.model_dump().items() if v is not None}
+    storage = dev.storage or profile.storage
+    cfg = AgentConfig(
+        device=dev.name, fleet=fleet.fleet, profile=profile.name, root=Path(root),
+        broker=BrokerConfig(host=broker.host, port=broker.port, username=broker.username,
+                            password_file=Path(root, "mqtt.pass") if password is not None else None,
+                            tls=broker.tls),
+        bench=BenchSettings(threads=profile.runtime.threads, delegate=delegate, runtime=profile.runtime.engine),
+        power=PowerConfig(sensors=tuple(profile.power.sensors), idle_w=profile.power.idle_w,
+                          busy_w=profile.power.busy_w, cores=profile.hardware.cores),
+        store=StoreConfig(max_store_mb=storage.max_store_mb),
+        simulated=dev.simulated,
+    )
+    plain = to_plain(cfg)
+    build(Node.plain(plain), f"agent.yaml for {dev.name}")
     header = f"# written by edgekit deploy for {dev.name}; edits are replaced on the next deploy\n"
-    return header + yaml.safe_dump(cfg, sort_keys=False), (password.encode() + b"\n") if password is not None else None
+    return header + yaml.safe_dump(plain, sort_keys=False), (password.encode() + b"\n") if password is not None else None
 
 
 @dataclass

@@ -12,21 +12,12 @@ import time
 import uuid
 from typing import Any
 
-from device_agents.config import BrokerConfig, TlsConfig
 from device_agents.mqtt import make_client
-from edge_kit import schema
+from edgekit_protocol import commands, messages
 from edge_kit.errors import AgentError, AgentTimeout
-from edge_kit.fleet.inventory import Broker
+from edgekit_protocol.config import BrokerConfig
 
 CONNECT_TIMEOUT_S = 10.0
-
-
-def broker_config(broker: Broker) -> BrokerConfig:
-    """Return the agent-side broker settings for an inventory ``broker`` entry."""
-    tls = broker.tls
-    return BrokerConfig(host=broker.host, port=broker.port, username=broker.username,
-                        password_file=broker.password_file.expanduser() if broker.password_file else None,
-                        tls=TlsConfig(tls.ca, tls.cert, tls.key) if tls else None)
 
 
 class FleetClient:
@@ -36,10 +27,10 @@ class FleetClient:
         AgentError: the broker cannot be reached or refuses the connection.
     """
 
-    def __init__(self, broker: Broker, fleet: str, password: str | None = None):
+    def __init__(self, broker: BrokerConfig, fleet: str, password: str | None = None):
         self.broker = broker
         self.fleet = fleet
-        self.client = make_client(broker_config(broker), f"edgekit-host-{uuid.uuid4().hex[:8]}", password=password)
+        self.client = make_client(broker, f"edgekit-host-{uuid.uuid4().hex[:8]}", password=password)
         self._cond = threading.Condition()
         self.acks: dict[str, dict[str, Any]] = {}
         self.records: dict[str, dict[str, Any]] = {}
@@ -54,14 +45,14 @@ class FleetClient:
             self._refused = str(reason)
             self._connected.set()
             return
-        client.subscribe([(schema.subscription(self.fleet, kind), 1) for kind in ("cmd/ack", "bench", "status")])
+        client.subscribe([(messages.subscription(self.fleet, kind), 1) for kind in ("cmd/ack", "bench", "status")])
         client.on_subscribe = lambda *_: self._connected.set()
 
     def _on_message(self, _c: Any, _u: Any, message: Any) -> None:
         try:
-            _, _, kind = schema.parse_topic(message.topic)
-            msg = schema.decode(message.payload, kind)
-        except schema.MessageError:
+            _, _, kind = messages.parse_topic(message.topic)
+            msg = messages.decode(message.payload, kind)
+        except messages.MessageError:
             return
         with self._cond:
             if kind == "cmd/ack" and isinstance(msg.get("cmd_id"), str):
@@ -99,8 +90,8 @@ class FleetClient:
 
         ``expires`` (unix time): the agent refuses the command when it would run later than that.
         """
-        msg = schema.command(self.fleet, device, name, args, expires=expires)
-        self.client.publish(schema.topic(self.fleet, device, "cmd"), schema.encode(msg), qos=1)
+        msg = commands.command(self.fleet, device, name, args, expires=expires)
+        self.client.publish(messages.topic(self.fleet, device, "cmd"), messages.encode(msg), qos=1)
         return msg["msg_id"]
 
     def wait_ack(self, cmd_id: str, timeout: float) -> dict[str, Any] | None:

@@ -24,36 +24,10 @@ from pydantic import Field, field_validator, model_validator
 
 from edge_kit.config import StrictModel, closest, load_yaml_model
 from edge_kit.errors import ConfigError
-from edge_kit.profiles import Constraints
+from edge_kit.profiles import Constraints, Storage
+from edgekit_protocol.config import BrokerConfig
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
-
-
-class Tls(StrictModel):
-    ca: Path | None = None
-    cert: Path | None = None
-    key: Path | None = None
-
-
-class Broker(StrictModel):
-    host: str = "127.0.0.1"
-    port: int = Field(default=1883, gt=0, lt=65536)
-    username: str | None = None
-    password_file: Path | None = None
-    tls: Tls | None = None
-
-    def password(self, where: str) -> str | None:
-        """Return the password from ``password_file``, or None.
-
-        Raises:
-            ConfigError: the file cannot be read (``where`` names the config it came from).
-        """
-        if self.password_file is None:
-            return None
-        try:
-            return self.password_file.expanduser().read_text().strip()
-        except OSError as exc:
-            raise ConfigError(f"{where}: broker.password_file {self.password_file}: {exc.strerror}") from None
 
 
 class DeviceDefaults(StrictModel):
@@ -64,6 +38,7 @@ class DeviceDefaults(StrictModel):
     root: str = "~/.edgekit"
     python: str = "python3"
     simulated: bool = False
+    storage: Storage | None = None
 
 
 class Device(StrictModel):
@@ -78,7 +53,8 @@ class Device(StrictModel):
     python: str = "python3"  # the interpreter on the device that has numpy, paho-mqtt, PyYAML and LiteRT
     simulated: bool = False  # a virtual device of `edgekit sim`: its agent marks every record
     constraints: Constraints | None = None
-    agent_broker: Broker | None = None  # what the agent on this device connects with; default: the fleet's
+    storage: Storage | None = None  # overrides the profile's store budget
+    agent_broker: BrokerConfig | None = None  # what the agent on this device connects with; default: the fleet's
 
     def matches(self, selector: str) -> bool:
         """Return True when ``selector`` (a name, ``tag:<tag>``, or ``all``) selects this device."""
@@ -91,7 +67,7 @@ class Device(StrictModel):
 
 class Fleet(StrictModel):
     fleet: str = Field(pattern=_NAME)
-    broker: Broker = Broker()
+    broker: BrokerConfig = BrokerConfig()
     known_hosts: Path = Path("~/.ssh/known_hosts")  # SSH host keys the deploy checks against
     defaults: DeviceDefaults = DeviceDefaults()
     devices: list[Device] = Field(min_length=1)

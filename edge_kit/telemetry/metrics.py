@@ -2,7 +2,7 @@
 
 Per device and variant: latency quantiles, power, energy per inference and accuracy of the latest
 benchmark; per device: online state and when it was last heard. Every power series carries a
-``source`` label (the sensor's key, ``estimated`` or ``not_measured``), so a dashboard can tell a
+``source`` label (the sensor's key, ``estimated`` or ``not measured``: :func:`~edgekit_protocol.labels.power_source`), so a dashboard can tell a
 measured watt from an estimated one. Plus the monitor's own counters.
 """
 
@@ -12,6 +12,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 from prometheus_client.core import CounterMetricFamily
+
+from edgekit_protocol.labels import power_source
 
 
 class FleetMetrics:
@@ -43,7 +45,7 @@ class FleetMetrics:
             for q in ("p50", "p90", "p99"):
                 self.latency.labels(device, variant, q).set(msg["latency_ms"][q])
             power = msg["power"]
-            source = power.get("sensor") or ("estimated" if power.get("estimated") else "not_measured")
+            source = power_source(power)
             if power.get("avg_w") is not None:
                 self.power.labels(device, variant, source).set(power["avg_w"])
                 self.energy.labels(device, variant, source).set(power["energy_per_inference_mj"])

@@ -1,7 +1,7 @@
 """`edgekit monitor`: subscribe to the fleet, check every message, store it once, raise alerts.
 
 Messages arrive on paho's network thread and are queued; a writer thread checks them against
-their schema (:func:`edge_kit.schema.decode` and :func:`~edge_kit.schema.check_body`), drops
+their schema (:func:`edge_kit.messages.decode` and :func:`~edge_kit.messages.check_body`), drops
 duplicates by ``msg_id`` and stores them in batches (one SQLite transaction per batch). Invalid
 payloads are counted and kept in the ``invalid`` table; nothing a device sends can stop the monitor.
 
@@ -29,9 +29,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from device_agents.mqtt import make_client
-from edge_kit import schema
+from edgekit_protocol import messages
 from edge_kit.errors import AgentError
-from edge_kit.fleet.commands import broker_config
 from edge_kit.fleet.inventory import Fleet
 from edge_kit.profiles import load_profile
 from edge_kit.selection.constraints import Measured, describe, effective_constraints, violations
@@ -83,7 +82,7 @@ class Monitor:
         self._refused: str | None = None
         self._silent_alerted: set[str] = set()
         cid = client_id or f"edgekit-monitor-{uuid.uuid4().hex[:8]}"
-        self.client = make_client(broker_config(fleet.broker), cid, password=fleet.broker.password("fleet file"),
+        self.client = make_client(fleet.broker, cid, password=fleet.broker.password("fleet file"),
                                   v5=share is not None, clean=not persistent)
         self.client.on_connect = self._on_connect
         self.client.on_message = lambda _c, _u, m: self._queue.put((m.topic, m.payload))
@@ -95,7 +94,7 @@ class Monitor:
             self._connected.set()
             return
         client.on_subscribe = lambda *_: self._connected.set()  # ready once the broker confirms the subscriptions
-        client.subscribe([(schema.subscription(self.fleet.fleet, k, share=self.share), 1) for k in STORED_KINDS])
+        client.subscribe([(messages.subscription(self.fleet.fleet, k, share=self.share), 1) for k in STORED_KINDS])
 
     def start(self, timeout: float = 10.0) -> Monitor:
         """Connect and start storing.
@@ -158,11 +157,11 @@ class Monitor:
         for topic, payload in batch:
             self.stats.received += 1
             try:
-                fleet, device, kind = schema.parse_topic(topic)
-                msg = schema.check_body(kind, schema.decode(payload, kind))
+                fleet, device, kind = messages.parse_topic(topic)
+                msg = messages.check_body(kind, messages.decode(payload, kind))
                 if msg["device"] != device or msg["fleet"] != fleet:
-                    raise schema.MessageError(f"message names {msg['fleet']}/{msg['device']} but came on {topic}")
-            except schema.MessageError as exc:
+                    raise messages.MessageError(f"message names {msg['fleet']}/{msg['device']} but came on {topic}")
+            except messages.MessageError as exc:
                 self.stats.invalid += 1
                 self.store.add_invalid(topic, str(exc), payload)
                 continue

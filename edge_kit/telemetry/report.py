@@ -18,6 +18,7 @@ from typing import Any
 from edge_kit.fsutil import atomic_write_text
 from edge_kit.profiles import Profile, load_profile
 from edge_kit.telemetry.store import Store
+from edgekit_protocol.labels import power_source
 
 _CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
@@ -28,8 +29,7 @@ td.num{text-align:right;font-variant-numeric:tabular-nums}.bad{color:#b00}.note{
 
 
 def _power_source(rec: dict[str, Any]) -> str:
-    p = rec.get("power") or {}
-    return p.get("sensor") or ("estimated" if p.get("estimated") else "not measured")
+    return power_source(rec.get("power") or {})
 
 
 def _profile_figures(profile: Profile, records: list[dict[str, Any]], chosen: dict[str, str | None]) -> list[Any]:

@@ -20,7 +20,7 @@ import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
 from device_agents.store import ModelStore
-from edge_kit import schema
+from edgekit_protocol import messages
 from edge_kit.sim.broker import MosquittoBroker
 from edge_kit.sim.process import stop_process
 
@@ -38,12 +38,12 @@ class Monitor:
             self.client.username_pw_set(auth["username"], auth["password"])
         self.client.reconnect_delay_set(0.1, 0.5)
         self.cond = threading.Condition()
-        self.messages: dict[str, list[dict]] = {k: [] for k in schema.KINDS}
+        self.messages: dict[str, list[dict]] = {k: [] for k in messages.KINDS}
         self.received = 0  # including duplicates
         self.invalid = 0
         self.seen: set[str] = set()
         self.subscribed = threading.Event()
-        self.client.on_connect = lambda c, *_: c.subscribe(f"{schema.ROOT}/{fleet}/#", qos=1)
+        self.client.on_connect = lambda c, *_: c.subscribe(f"{messages.ROOT}/{fleet}/#", qos=1)
         self.client.on_subscribe = lambda *_: self.subscribed.set()
         self.client.on_message = self._on_message
         self.client.connect(host, port)
@@ -51,10 +51,10 @@ class Monitor:
         assert self.subscribed.wait(10), "monitor could not subscribe"
 
     def _on_message(self, _c, _u, message) -> None:
-        _, _, kind = schema.parse_topic(message.topic)
+        _, _, kind = messages.parse_topic(message.topic)
         try:
-            msg = schema.decode(message.payload, kind)
-        except schema.MessageError:
+            msg = messages.decode(message.payload, kind)
+        except messages.MessageError:
             self.invalid += 1  # e.g. the fuzzer's commands
             return
         with self.cond:

@@ -13,10 +13,10 @@ import pytest
 from harness import FLEET, AgentProcess, make_tls, online, spool_count, wait_until
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge_kit import schema
+from edgekit_protocol import messages
 from edge_kit.errors import AgentError
 from edge_kit.fleet.commands import FleetClient
-from edge_kit.fleet.inventory import Broker
+from edgekit_protocol.config import BrokerConfig as Broker, TlsConfig
 from edge_kit.sim.broker import MosquittoBroker
 
 pytestmark = pytest.mark.integration
@@ -177,7 +177,7 @@ def test_fuzzed_commands_are_each_answered_and_the_agent_stays_up(agents, mosqui
     sender.connect(mosquitto.host, mosquitto.port)
     sender.loop_start()
     for p in payloads:
-        sender.publish(schema.topic(FLEET, "dev1", "cmd"), p, qos=1).wait_for_publish(5)
+        sender.publish(messages.topic(FLEET, "dev1", "cmd"), p, qos=1).wait_for_publish(5)
     sender.disconnect()
     sender.loop_stop()
     assert monitor.wait_for(lambda m: len(m["cmd/ack"]) >= 1000, 90), f"only {len(monitor.messages['cmd/ack'])} acks"
@@ -206,17 +206,17 @@ def test_username_password_acl_and_tls_from_config(tmp_path, digits_artifacts):
         births = []
         watcher.on_message = lambda _c, _u, m: births.append(json.loads(m.payload))
         watcher.connect(broker.host, broker.port)
-        watcher.subscribe(schema.topic(FLEET, "dev1", "status"), qos=1)
+        watcher.subscribe(messages.topic(FLEET, "dev1", "status"), qos=1)
         watcher.loop_start()
         try:
             assert wait_until(lambda: births and births[-1]["state"] == "online", 30), agent.log.read_text()
             ops = Broker(host=broker.host, port=broker.port, username="ops", password_file=tmp_path / "ops.pass",
-                         tls={"ca": tls.ca})
+                         tls=TlsConfig(ca=tls.ca))
             with FleetClient(ops, FLEET, "s3cret-ops") as client:
                 rec = client.request("dev1", "bench", {"min_runs": 5}, timeout=60)["record"]
                 assert client.client.socket().getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)  # TLS too
             assert rec["device"] == "dev1"
-            wrong = Broker(host=broker.host, port=broker.port, username="ops", tls={"ca": tls.ca})
+            wrong = Broker(host=broker.host, port=broker.port, username="ops", tls=TlsConfig(ca=tls.ca))
             with pytest.raises(AgentError, match="did not accept the connection"):
                 with FleetClient(wrong, FLEET, "wrong"):
                     pass

@@ -11,7 +11,7 @@ import pytest
 from harness import wait_until
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge_kit import schema
+from edgekit_protocol import messages
 from edge_kit.fleet.inventory import load_fleet
 from edge_kit.sim.broker import free_port
 from edge_kit.telemetry.metrics import FleetMetrics
@@ -42,7 +42,7 @@ def publisher(mosquitto):
 
 
 def bench(device: str, seq: int, p90: float = 5.0, variant: str = "int8") -> dict:
-    return schema.envelope("bench", FLEET, device, seq, {
+    return messages.envelope("bench", FLEET, device, seq, {
         "variant": variant, "sha256": "a" * 64, "model_bytes": 200_000, "profile": "rpi4", "runs": 100,
         "latency_ms": {"p50": p90 / 2, "p90": p90, "p99": p90 * 1.2, "mean": p90 / 2, "std": 0.1, "min": 0.1, "max": p90 * 2},
         "power": {"measured": True, "estimated": False, "sensor": "ina219", "avg_w": 4.2, "energy_per_inference_mj": 0.5,
@@ -50,8 +50,8 @@ def bench(device: str, seq: int, p90: float = 5.0, variant: str = "int8") -> dic
 
 
 def send(client, kind: str, payload: bytes | dict, device: str = "d1") -> None:
-    data = schema.encode(payload) if isinstance(payload, dict) else payload
-    client.publish(schema.topic(FLEET, device, kind), data, qos=1).wait_for_publish(5)
+    data = messages.encode(payload) if isinstance(payload, dict) else payload
+    client.publish(messages.topic(FLEET, device, kind), data, qos=1).wait_for_publish(5)
 
 
 def test_malformed_and_duplicate_messages_leave_each_valid_record_once(fleet, publisher, tmp_path):
@@ -63,10 +63,10 @@ def test_malformed_and_duplicate_messages_leave_each_valid_record_once(fleet, pu
             send(publisher, "bench", rec)
             send(publisher, "bench", rec)  # a QoS 1 redelivery or a spool replay
         send(publisher, "bench", records[0])
-        bad = [b"not json", b"[]", schema.encode({**bench("d1", 9), "latency_ms": {"p90": "fast"}}),
-               schema.encode({k: v for k, v in bench("d1", 9).items() if k != "msg_id"}),
-               schema.encode({**bench("d1", 9), "device": "d2"}),  # names d2, came on d1's topic
-               schema.encode(schema.envelope("status", FLEET, "d1", 1, {"state": "sleeping"})), b"\xff" * 10]
+        bad = [b"not json", b"[]", messages.encode({**bench("d1", 9), "latency_ms": {"p90": "fast"}}),
+               messages.encode({k: v for k, v in bench("d1", 9).items() if k != "msg_id"}),
+               messages.encode({**bench("d1", 9), "device": "d2"}),  # names d2, came on d1's topic
+               messages.encode(messages.envelope("status", FLEET, "d1", 1, {"state": "sleeping"})), b"\xff" * 10]
         for payload in bad:
             send(publisher, "bench" if b"sleeping" not in payload else "status", payload)
         send(publisher, "bench", bench("d1", 8))  # 6 and 7 never come: a gap
@@ -82,7 +82,7 @@ def test_malformed_and_duplicate_messages_leave_each_valid_record_once(fleet, pu
 def test_alerts_for_offline_broken_constraints_and_silence(fleet, publisher, tmp_path):
     mon = Monitor(fleet, Store(tmp_path / "h.db"), silence_s=1.0).start()
     try:
-        send(publisher, "status", schema.envelope("status", FLEET, "d2", 1, {"state": "offline"}), device="d2")
+        send(publisher, "status", messages.envelope("status", FLEET, "d2", 1, {"state": "offline"}), device="d2")
         send(publisher, "bench", bench("d1", 1, p90=80.0))  # rpi4 allows p90 <= 50 ms
         assert wait_until(lambda: {a.kind for a in mon.alerts} >= {"offline", "constraints", "silent"}, 10), mon.alerts
     finally:
@@ -100,7 +100,7 @@ def test_prometheus_endpoint_exports_per_device_and_variant_series(fleet, publis
     mon.start()
     try:
         send(publisher, "bench", bench("d1", 1, p90=7.5))
-        send(publisher, "status", schema.envelope("status", FLEET, "d1", 1, {"state": "online"}))
+        send(publisher, "status", messages.envelope("status", FLEET, "d1", 1, {"state": "online"}))
         assert wait_until(lambda: mon.stats.stored == 2, 10)
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     finally:
@@ -119,7 +119,7 @@ def test_two_workers_on_a_shared_subscription_split_the_stream_with_nothing_lost
     try:
         n = 400
         for i in range(1, n + 1):
-            publisher.publish(schema.topic(FLEET, f"d{1 + i % 2}", "bench"), schema.encode(bench(f"d{1 + i % 2}", i)), qos=1)
+            publisher.publish(messages.topic(FLEET, f"d{1 + i % 2}", "bench"), messages.encode(bench(f"d{1 + i % 2}", i)), qos=1)
         assert wait_until(lambda: sum(w.stats.stored for w in workers) >= n, 30)
         time.sleep(0.3)
     finally:
@@ -136,7 +136,7 @@ def test_monitor_cli_json_summary_and_fleet_status(fleet, publisher, tmp_path, r
 
     def feed():
         time.sleep(1.0)
-        send(publisher, "status", schema.envelope("status", FLEET, "d1", 1, {"state": "online",
+        send(publisher, "status", messages.envelope("status", FLEET, "d1", 1, {"state": "online",
                                                                            "current": {"variant": "int8", "sha256": "a" * 64}}))
         send(publisher, "bench", bench("d1", 1, p90=3.25))
         send(publisher, "bench", b"garbage")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from device_agents.config import AgentConfigError, load_agent_config
+from device_agents.config import ConfigError, load_agent_config
 from edge_kit.errors import ConfigError
 from edge_kit.fleet.inventory import load_fleet
 
@@ -33,10 +33,10 @@ def test_agent_config_defaults_and_nested_values(tmp_path):
 def test_agent_config_errors_name_file_line_and_key(tmp_path, text, message):
     path = write(tmp_path, "a.yaml", text)
     if message is None:
-        with pytest.raises(AgentConfigError, match="broker.password_file /nonexistent/pw"):
+        with pytest.raises(ConfigError, match="broker.password_file /nonexistent/pw"):
             load_agent_config(path).password()
         return
-    with pytest.raises(AgentConfigError, match=message.replace("(", r"\(").replace("?", r"\?")):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("?", r"\?")):
         load_agent_config(path)
 
 

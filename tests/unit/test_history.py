@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from edge_kit import schema
+from edgekit_protocol import messages
 from edge_kit.telemetry.store import Store
 
 
 def bench(device, sha, p90, seq):
-    return schema.envelope("bench", "f", device, seq, {"variant": "int8", "sha256": sha, "latency_ms": {"p90": p90},
+    return messages.envelope("bench", "f", device, seq, {"variant": "int8", "sha256": sha, "latency_ms": {"p90": p90},
                                                        "runs": 10, "power": {}, "simulated": False})
 
 
@@ -24,7 +24,7 @@ def test_duplicates_are_stored_once_and_latest_views_pick_the_newest(tmp_path):
     assert {k: v["latency_ms"]["p90"] for k, v in store.latest_bench().items()} == {("d1", "s1"): 2.0, ("d2", "s1"): 3.0}
     assert [r["latency_ms"]["p90"] for r in store.recent_bench("d1")[("d1", "s1")]] == [2.0, 1.0]  # newest first
     assert list(store.recent_bench("d2")) == [("d2", "s1")] and store.recent_bench("d1", keep=1)[("d1", "s1")] == [b]
-    off = schema.envelope("status", "f", "d1", 1, {"state": "offline"})
+    off = messages.envelope("status", "f", "d1", 1, {"state": "offline"})
     store.add("status", off)
     assert store.latest_status()["d1"]["state"] == "offline"
     store.add_decision({"device": "d1", "chosen": "int8", "current": None, "feasible": True, "switch": True})

@@ -6,34 +6,34 @@ import json
 
 import pytest
 
-from device_agents.commands import CommandError, parse_command
-from edge_kit import schema
+from edgekit_protocol.commands import CommandError, parse_command
+from edgekit_protocol import commands, messages
 
 
 def cmd_bytes(**over) -> bytes:
-    msg = schema.command("f1", "d1", "bench", {"variant": "int8"})
+    msg = commands.command("f1", "d1", "bench", {"variant": "int8"})
     msg.update(over)
     return json.dumps(msg).encode()
 
 
 def test_topics_are_built_and_parsed_in_one_place():
-    t = schema.topic("f1", "d1", "cmd/ack")
-    assert t == "edgekit/v1/f1/d1/cmd/ack" and schema.parse_topic(t) == ("f1", "d1", "cmd/ack")
-    assert schema.subscription("f1", "bench") == "edgekit/v1/f1/+/bench"
-    assert schema.subscription("f1", "bench", share="mon") == "$share/mon/edgekit/v1/f1/+/bench"
-    with pytest.raises(schema.MessageError):
-        schema.parse_topic("edgekit/v1/f1/d1/nope")
+    t = messages.topic("f1", "d1", "cmd/ack")
+    assert t == "edgekit/v1/f1/d1/cmd/ack" and messages.parse_topic(t) == ("f1", "d1", "cmd/ack")
+    assert messages.subscription("f1", "bench") == "edgekit/v1/f1/+/bench"
+    assert messages.subscription("f1", "bench", share="mon") == "$share/mon/edgekit/v1/f1/+/bench"
+    with pytest.raises(messages.MessageError):
+        messages.parse_topic("edgekit/v1/f1/d1/nope")
     with pytest.raises(ValueError, match="must be 1-64 letters"):
-        schema.check_name("a/b", "device")
+        messages.check_name("a/b", "device")
 
 
 def test_envelope_round_trip_and_unique_ids():
-    a = schema.envelope("bench", "f1", "d1", 7, {"variant": "int8"})
-    b = schema.envelope("bench", "f1", "d1", 8, {})
+    a = messages.envelope("bench", "f1", "d1", 7, {"variant": "int8"})
+    b = messages.envelope("bench", "f1", "d1", 8, {})
     assert a["msg_id"] != b["msg_id"] and a["schema"] == "edgekit.bench/1" and a["seq"] == 7
-    assert schema.decode(schema.encode(a), "bench") == a
-    with pytest.raises(schema.MessageError, match="does not belong on 'status'"):
-        schema.decode(schema.encode(a), "status")
+    assert messages.decode(messages.encode(a), "bench") == a
+    with pytest.raises(messages.MessageError, match="does not belong on 'status'"):
+        messages.decode(messages.encode(a), "status")
 
 
 @pytest.mark.parametrize("payload, message", [
@@ -72,8 +72,8 @@ def test_a_good_command_parses():
 
 
 def test_every_command_in_the_schema_has_an_argument_spec_and_a_handler_in_the_agent():
-    from device_agents.commands import _ARGS
+    from edgekit_protocol.commands import _ARGS
     from device_agents.service import Agent
 
-    assert set(_ARGS) == set(schema.COMMANDS)
-    assert all(callable(getattr(Agent, f"_cmd_{name}", None)) for name in schema.COMMANDS)
+    assert set(_ARGS) == set(commands.COMMANDS)
+    assert all(callable(getattr(Agent, f"_cmd_{name}", None)) for name in commands.COMMANDS)

@@ -19,7 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from edge_kit.schema import COMMANDS, MessageError, decode
+from edgekit_protocol.errors import CommandError, MessageError
+from edgekit_protocol.messages import decode, envelope
 
 _INT = (int,)
 _NUM = (int, float)
@@ -34,15 +35,7 @@ _ARGS: dict[str, dict[str, tuple[tuple[type, ...], float | None, float | None]]]
     "rollback": {},
     "state": {},
 }
-
-
-class CommandError(ValueError):
-    """A command that cannot be run; ``cmd_id`` and ``name`` are set when they could be read."""
-
-    def __init__(self, message: str, cmd_id: str | None = None, name: str | None = None):
-        super().__init__(message)
-        self.cmd_id = cmd_id
-        self.name = name
+COMMANDS = tuple(_ARGS)
 
 
 @dataclass(frozen=True)
@@ -71,21 +64,51 @@ def parse_command(payload: bytes, fleet: str, device: str) -> Command:
     if not isinstance(name, str) or name not in COMMANDS:
         raise CommandError(f"unknown command {str(name)[:40]!r} (known: {', '.join(COMMANDS)})", cmd_id)
     args = msg.get("args", {})
-    if not isinstance(args, dict):
-        raise CommandError(f"{name}: args must be an object, got {type(args).__name__}", cmd_id, name)
-    spec = _ARGS[name]
-    for key, value in args.items():
-        if key not in spec:
-            raise CommandError(f"{name}: unknown argument {str(key)[:40]!r} (known: {', '.join(spec) or 'none'})", cmd_id, name)
-        types, low, high = spec[key]
-        if not isinstance(value, types) or isinstance(value, bool):
-            raise CommandError(f"{name}: argument '{key}' must be {'/'.join(t.__name__ for t in types)}, "
-                               f"got {type(value).__name__}", cmd_id, name)
-        if low is not None and not (low <= value <= high):
-            raise CommandError(f"{name}: argument '{key}' must be between {low} and {high}, got {value}", cmd_id, name)
-    if name == "activate" and not (args.get("variant") or args.get("sha256")):
-        raise CommandError("activate: give 'variant' or 'sha256'", cmd_id, name)
+    try:
+        check_args(name, args)
+    except CommandError as exc:
+        raise CommandError(str(exc), cmd_id, name) from None
     expires = msg.get("expires")
     if expires is not None and (not isinstance(expires, (int, float)) or isinstance(expires, bool)):
         raise CommandError(f"{name}: expires must be a unix time, got {type(expires).__name__}", cmd_id, name)
     return Command(cmd_id, name, args, expires)
+
+
+def check_args(name: str, args: Any) -> dict[str, Any]:
+    """Return ``args`` when they fit command ``name``'s spec: the one check host and agent both make.
+
+    Raises:
+        CommandError: unknown command, args not an object, an unknown argument, one of the wrong
+            type or out of range, or an ``activate`` that names nothing to activate.
+    """
+    if name not in _ARGS:
+        raise CommandError(f"unknown command {str(name)[:40]!r} (known: {', '.join(COMMANDS)})", name=None)
+    if not isinstance(args, dict):
+        raise CommandError(f"{name}: args must be an object, got {type(args).__name__}", name=name)
+    spec = _ARGS[name]
+    for key, value in args.items():
+        if key not in spec:
+            raise CommandError(f"{name}: unknown argument {str(key)[:40]!r} (known: {', '.join(spec) or 'none'})", name=name)
+        types, low, high = spec[key]
+        if not isinstance(value, types) or isinstance(value, bool):
+            raise CommandError(f"{name}: argument '{key}' must be {'/'.join(t.__name__ for t in types)}, "
+                               f"got {type(value).__name__}", name=name)
+        if low is not None and not (low <= value <= high):
+            raise CommandError(f"{name}: argument '{key}' must be between {low} and {high}, got {value}", name=name)
+    if name == "activate" and not (args.get("variant") or args.get("sha256")):
+        raise CommandError("activate: give 'variant' or 'sha256'", name=name)
+    return args
+
+
+def command(fleet: str, device: str, name: str, args: dict[str, Any] | None = None, seq: int = 0,
+            expires: float | None = None) -> dict[str, Any]:
+    """Return the message of command ``name`` for one device; ``expires``: unix time to give up at.
+
+    Raises:
+        CommandError: the command or its arguments break the spec the agent enforces (checked
+            here so the host never sends what the agent would refuse).
+    """
+    body: dict[str, Any] = {"command": name, "args": check_args(name, args or {})}
+    if expires is not None:
+        body["expires"] = round(expires, 3)
+    return envelope("cmd", fleet, device, seq, body)

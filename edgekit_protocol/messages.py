@@ -1,7 +1,6 @@
 """MQTT topics and message envelopes, shared by the host and the on-device agent.
 
-Standard library only: the agent imports this module on devices that have nothing but numpy,
-paho-mqtt and a LiteRT interpreter.
+Part of the protocol package: standard library only.
 
 Topics are ``edgekit/v1/<fleet>/<device>/<kind>`` with ``kind`` one of :data:`KINDS`. Every payload
 is a JSON object with the envelope fields ``schema``, ``device``, ``fleet``, ``seq``, ``ts`` and
@@ -18,6 +17,8 @@ import time
 import uuid
 from typing import Any
 
+from edgekit_protocol.errors import MessageError
+
 ROOT = "edgekit/v1"
 KINDS = ("status", "bench", "telemetry", "cmd", "cmd/ack")
 SCHEMAS = {
@@ -27,16 +28,11 @@ SCHEMAS = {
     "cmd": "edgekit.cmd/1",
     "cmd/ack": "edgekit.ack/1",
 }
-COMMANDS = ("bench", "install", "activate", "rollback", "state")
 MAX_PAYLOAD = 64 * 1024  # bytes; larger commands are refused unread
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _ENVELOPE_TYPES: dict[str, type | tuple[type, ...]] = {
     "schema": str, "device": str, "fleet": str, "seq": int, "ts": (int, float), "msg_id": str,
 }
-
-
-class MessageError(ValueError):
-    """A payload that is not a valid edge-kit message; the text says which field is wrong."""
 
 
 def check_name(value: str, what: str) -> str:
@@ -157,12 +153,3 @@ def check_body(kind: str, message: dict[str, Any]) -> dict[str, Any]:
             if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
                 raise MessageError(f"bench: latency_ms.{q} is not a non-negative number")
     return message
-
-
-def command(fleet: str, device: str, name: str, args: dict[str, Any] | None = None, seq: int = 0,
-            expires: float | None = None) -> dict[str, Any]:
-    """Return a command message for one device (see :data:`COMMANDS`); ``expires``: unix time to give up at."""
-    body: dict[str, Any] = {"command": name, "args": args or {}}
-    if expires is not None:
-        body["expires"] = round(expires, 3)
-    return envelope("cmd", fleet, device, seq, body)

@@ -1,0 +1,31 @@
+"""The agent's branches of edge-kit's one exception tree (rooted in :mod:`edgekit_protocol.errors`).
+
+Mapped once at each boundary: ``edgekit-agent`` prints the one line and exits with ``exit_code``;
+the command handler (:meth:`device_agents.service.Agent.handle`) answers with an error ack.
+"""
+
+from __future__ import annotations
+
+from edgekit_protocol.errors import EdgeKitError
+
+
+class DeviceError(EdgeKitError):
+    """Something the agent was asked could not be done on this device; the text says why."""
+
+    exit_code = 2
+
+
+class RuntimeUnavailable(DeviceError):
+    """The runtime (or delegate) cannot be used here; the message says what to install or change."""
+
+
+class StoreError(DeviceError):
+    """An install, activation or rollback was refused; the text is the reason, in one line."""
+
+
+class SmokeFailed(StoreError):
+    """The model failed its smoke inference; the text says how."""
+
+
+class UsageError(DeviceError):
+    """``edgekit-agent`` was given options that cannot work together."""

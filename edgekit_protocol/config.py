@@ -1,0 +1,246 @@
+"""``agent.yaml``: what one agent is called, where its broker is, how it measures.
+
+Example (every key but ``device`` and ``fleet`` has a default)::
+
+    device: pi-kitchen-01
+    fleet: factory-a
+    profile: rpi5
+    root: /opt/edgekit
+    broker: {host: mqtt.local, port: 8883, username: pi-kitchen-01, password_file: /etc/edgekit/mqtt.pass,
+             tls: {ca: /etc/edgekit/ca.pem}}
+    telemetry_interval_s: 30
+    bench: {min_runs: 200, min_seconds: 10, threads: 4}
+    power: {sensors: [pi5-pmic, ina219, rapl, hwmon], idle_w: 2.7, busy_w: 6.4}
+
+This module is the one model of that file, for both sides: the agent reads it (its YAML loader
+turns the document into a :class:`Node` tree and calls :func:`build`), and the host writes it
+from the same dataclasses (:func:`to_plain`) and checks what it wrote with the same rules. The
+broker settings (:class:`BrokerConfig`) are also the host's, in the fleet file: one model, one
+``password_file`` rule. Unknown keys and wrong types are errors naming the file, line and key, with
+the closest valid name. A password is never written in a config file; ``password_file`` points at
+a file readable by its user only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgekit_protocol.errors import ConfigError
+from edgekit_protocol.messages import check_name
+
+# Pydantic (on the host) honours this on stdlib dataclasses used as fields: unknown keys are errors.
+_FORBID = {"extra": "forbid"}
+
+DEFAULT_SENSORS = ("ina3221", "pi5-pmic", "ina219", "rapl", "hwmon")  # tried in this order
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    __pydantic_config__ = _FORBID
+
+    ca: Path | None = None  # CA bundle to verify the broker; None: the system's
+    cert: Path | None = None  # client certificate (mutual TLS)
+    key: Path | None = None
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    """Where an MQTT client (agent, monitor, deploy) connects, and as whom."""
+
+    __pydantic_config__ = _FORBID
+
+    host: str = "127.0.0.1"
+    port: int = 1883
+    username: str | None = None
+    password_file: Path | None = None
+    tls: TlsConfig | None = None
+    keepalive: int = 30
+    reconnect_max_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port {self.port} is not between 1 and 65535")
+
+    def password(self, where: str = "") -> str | None:
+        """Return the password read from ``password_file`` (stripped), or None when none is set.
+
+        ``where`` names the config the settings came from, for the message.
+
+        Raises:
+            ConfigError: the file cannot be read.
+        """
+        if self.password_file is None:
+            return None
+        try:
+            return Path(self.password_file).expanduser().read_text().strip()
+        except OSError as exc:
+            prefix = f"{where}: " if where else ""
+            raise ConfigError(f"{prefix}broker.password_file {self.password_file}: {exc.strerror}") from None
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """How the agent benchmarks a model (the ``bench`` block, and ``edgekit-agent bench``'s options)."""
+
+    warmup: int = 10
+    min_runs: int = 200
+    min_seconds: float = 10.0
+    max_runs: int = 100_000
+    threads: int = 1
+    delegate: str = "xnnpack"  # a target plugin's key (device_agents.targets)
+    runtime: str | None = None  # None: the first installed of litert, tflite-runtime
+
+
+@dataclass(frozen=True)
+class PowerConfig:
+    sensors: tuple[str, ...] = DEFAULT_SENSORS
+    idle_w: float | None = None  # from the device profile, for the estimate when no sensor answers
+    busy_w: float | None = None
+    cores: int | None = None
+    sys_root: Path = Path("/")
+    vcgencmd: str = "vcgencmd"
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """The device's model store: its budget (from the profile's ``storage``, or the fleet file)."""
+
+    max_store_mb: float | None = None  # None: no budget; old models are kept until removed by hand
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    device: str
+    fleet: str
+    root: Path | None = None  # None: /opt/edgekit as root, else ~/.edgekit
+    profile: str | None = None
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    telemetry_interval_s: float = 30.0
+    spool_max_records: int = 10_000
+    max_queued_commands: int = 32
+    bench: BenchSettings = field(default_factory=BenchSettings)
+    power: PowerConfig = field(default_factory=PowerConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    simulated: bool = False  # a virtual device of `edgekit sim`: every record says so
+
+    def password(self) -> str | None:
+        """Return the broker password (see :meth:`BrokerConfig.password`).
+
+        Raises:
+            ConfigError: the password file cannot be read.
+        """
+        return self.broker.password()
+
+
+@dataclass(frozen=True)
+class Node:
+    """One value of a parsed config document, with the line it stands on (1-based; 0: unknown).
+
+    ``value`` is a ``dict[str, Node]`` (``key_lines`` gives each key's line), a ``list[Node]``
+    or a scalar (``str``, ``int``, ``float``, ``bool`` or ``None``).
+    """
+
+    value: Any
+    line: int = 0
+    key_lines: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def plain(cls, value: Any) -> Node:
+        """Return the tree of a plain value (dicts, lists, scalars) with no line numbers."""
+        if isinstance(value, dict):
+            return cls({str(k): cls.plain(v) for k, v in value.items()})
+        if isinstance(value, (list, tuple)):
+            return cls([cls.plain(v) for v in value])
+        return cls(value)
+
+
+def _where(file: Path | str, line: int, key: str) -> str:
+    at = f"{file}:{line}" if line else str(file)
+    return f"{at}: {key}" if key else at
+
+
+def _convert(tp: Any, node: Node, file: Path | str, key: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if node.value is None and type(None) in args:
+            return None
+        return _convert(next(a for a in args if a is not type(None)), node, file, key)
+    if dataclasses.is_dataclass(tp):
+        return _dataclass(tp, node, file, key)
+    if origin is tuple:
+        if not isinstance(node.value, list):
+            raise ConfigError(f"{_where(file, node.line, key)}: expected a list")
+        return tuple(_convert(args[0], item, file, key) for item in node.value)
+    value = node.value
+    ok = {bool: isinstance(value, bool),
+          int: isinstance(value, int) and not isinstance(value, bool),
+          float: isinstance(value, (int, float)) and not isinstance(value, bool),
+          str: isinstance(value, (str, int, float)) and not isinstance(value, bool),
+          Path: isinstance(value, str)}.get(tp, False)
+    if not ok:
+        shown = f"a {'mapping' if isinstance(value, dict) else 'sequence'}" if isinstance(value, (dict, list)) else value
+        raise ConfigError(f"{_where(file, node.line, key)}: expected {tp.__name__}, got {shown!r}")
+    if tp is float and not math.isfinite(value):
+        raise ConfigError(f"{_where(file, node.line, key)}: expected a finite number, got {value!r}")
+    return Path(value).expanduser() if tp is Path else tp(value)
+
+
+def _dataclass(cls: type, node: Node, file: Path | str, key: str) -> Any:
+    if not isinstance(node.value, dict):
+        raise ConfigError(f"{_where(file, node.line, key)}: expected a mapping of keys")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    values: dict[str, Any] = {}
+    for name, value_node in node.value.items():
+        dotted = f"{key}.{name}" if key else name
+        if name not in names:
+            near = difflib.get_close_matches(name, names, n=1)
+            hint = f"; did you mean '{near[0]}'?" if near else f" (valid: {', '.join(names)})"
+            raise ConfigError(f"{_where(file, node.key_lines.get(name, node.line), dotted)}: unknown key{hint}")
+        values[name] = _convert(hints[name], value_node, file, dotted)
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in values
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{_where(file, node.line, key)}: missing required key '{missing[0]}'")
+    try:
+        return cls(**values)
+    except ValueError as exc:
+        raise ConfigError(f"{_where(file, node.line, key)}: {exc}") from None
+
+
+def build(node: Node, file: Path | str) -> AgentConfig:
+    """Return the agent config a document tree describes, defaults filled in.
+
+    Raises:
+        ConfigError: an unknown key (with the closest valid one), a wrong type, a missing
+            ``device`` or ``fleet``, a name that cannot stand in a topic, or a value out of range;
+            the message names ``file``, the line and the key.
+    """
+    cfg = _dataclass(AgentConfig, node, file, "")
+    try:
+        check_name(cfg.device, "device")
+        check_name(cfg.fleet, "fleet")
+    except ValueError as exc:
+        raise ConfigError(f"{file}: {exc}") from None
+    if cfg.telemetry_interval_s <= 0 or cfg.spool_max_records < 1 or cfg.bench.min_runs < 1 or cfg.bench.threads < 1:
+        raise ConfigError(f"{file}: telemetry_interval_s, spool_max_records, bench.min_runs and bench.threads must be positive")
+    if cfg.store.max_store_mb is not None and cfg.store.max_store_mb <= 0:
+        raise ConfigError(f"{file}: store.max_store_mb must be positive (or left out for no budget)")
+    return cfg
+
+
+def to_plain(cfg: Any) -> Any:
+    """Return a config dataclass as plain dicts, lists and strings (for YAML or JSON), Nones left out."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
+                if getattr(cfg, f.name) is not None}
+    if isinstance(cfg, tuple):
+        return [to_plain(v) for v in cfg]
+    return str(cfg) if isinstance(cfg, Path) else cfg

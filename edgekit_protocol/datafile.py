@@ -1,0 +1,200 @@
+"""The data-file format shared by host and device, read with the standard library alone.
+
+A data file is an ``.npz`` (``numpy.savez``) with ``x`` (inputs, first axis = samples) and, where
+labels are needed, ``y`` (one integer per sample). The compiler ships ``eval.npz`` with the
+artifacts holding ``x``, ``y`` and ``reference`` (the fp32 variant's outputs on ``x``), so a device
+can report fidelity without the fp32 model.
+
+Arrays come back as :class:`Array`: the raw little-endian bytes with their numpy type string and
+shape, exposing ``__array_interface__``, so ``numpy.asarray(a)`` on either side turns one into an
+ndarray without a copy. Reading checks everything a native library would otherwise trip over:
+the zip and ``.npy`` headers, truncation, pickled or big-endian or Fortran-ordered arrays, and any
+NaN or infinity (refused with the key and the first bad index).
+
+Raises :class:`~edgekit_protocol.errors.DataFileError` (exit code 2) with one line naming the
+file, option and key, and what to do.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import struct
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from edgekit_protocol.errors import DataFileError
+
+# numpy type strings this format accepts: little-endian (or byte-sized) numbers and bools.
+_KINDS = {"b1": "bool", "i1": "int", "u1": "int", "i2": "int", "u2": "int", "i4": "int", "u4": "int",
+          "i8": "int", "u8": "int", "f2": "float", "f4": "float", "f8": "float"}
+# For each float width: (byte offset, mask) pairs that hold its exponent bits (little-endian). A
+# value is NaN or infinite exactly when every exponent bit is set.
+_EXPONENT = {"f2": ((1, 0x7C),), "f4": ((3, 0x7F), (2, 0x80)), "f8": ((7, 0x7F), (6, 0xF0))}
+_MAGIC = b"\x93NUMPY"
+_SAVE_HINT = "save it with numpy.savez(path, x=..., y=...)"
+
+
+@dataclass(frozen=True)
+class Array:
+    """One array of a data file: C-ordered little-endian bytes, numpy type string, shape."""
+
+    key: str
+    dtype: str  # numpy's type string, e.g. '<f4', '|u1'
+    shape: tuple[int, ...]
+    data: bytes
+
+    @property
+    def kind(self) -> str:
+        """Return ``float``, ``int`` or ``bool``."""
+        return _KINDS[self.dtype[1:]]
+
+    def __len__(self) -> int:
+        return self.shape[0] if self.shape else 0
+
+    @property
+    def __array_interface__(self) -> dict[str, Any]:
+        return {"shape": self.shape, "typestr": self.dtype, "data": self.data, "version": 3}
+
+
+def _npy(raw: bytes, where: str) -> tuple[str, tuple[int, ...], bytes]:
+    """Return (type string, shape, data bytes) of one ``.npy`` member.
+
+    Raises:
+        DataFileError: not an ``.npy``, a header it cannot read, an unsupported type, or a
+            length that does not match the header (truncated).
+    """
+    if raw[:6] != _MAGIC or len(raw) < 10:
+        raise DataFileError(f"{where} is not a numpy array; {_SAVE_HINT}")
+    major = raw[6]
+    head_len, start = (struct.unpack("<H", raw[8:10])[0], 10) if major == 1 else (struct.unpack("<I", raw[8:12])[0], 12)
+    try:
+        header = ast.literal_eval(raw[start:start + head_len].decode("latin-1"))
+        descr, fortran, shape = header["descr"], header["fortran_order"], tuple(header["shape"])
+    except (ValueError, SyntaxError, KeyError, TypeError, MemoryError, RecursionError):
+        raise DataFileError(f"{where} has an unreadable array header; {_SAVE_HINT}") from None
+    if not isinstance(descr, str) or descr[:1] not in "<|" or descr[1:] not in _KINDS:
+        raise DataFileError(f"{where} holds {descr!r} values; give little-endian numbers (e.g. float32, uint8, int64)")
+    if fortran:
+        raise DataFileError(f"{where} is stored in Fortran order; save numpy.ascontiguousarray(...) instead")
+    if not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise DataFileError(f"{where} has an invalid shape {shape}")
+    data = raw[start + head_len:]
+    expected = math.prod(shape) * int(descr[2:])
+    if len(data) != expected:
+        raise DataFileError(f"{where} is truncated or padded: {len(data)} bytes of data for shape {shape} "
+                            f"({expected} expected); write the file again")
+    return descr, shape, data
+
+
+def first_nonfinite(array: Array) -> tuple[int, ...] | None:
+    """Return the index of the first NaN or infinity in ``array`` (C order), or None when all are finite.
+
+    Works on the bytes at C speed: a float is non-finite exactly when all its exponent bits are set,
+    so the exponent bytes of every element are masked (``bytes.translate``), combined as integers,
+    and the first element with every bit set is found with ``bytes.find``.
+    """
+    if array.kind != "float" or not array.data:
+        return None
+    size = int(array.dtype[2:])
+    hit: int | None = None
+    for offset, mask in _EXPONENT[array.dtype[1:]]:
+        table = bytes(1 if b & mask == mask else 0 for b in range(256))
+        lane = int.from_bytes(array.data[offset::size].translate(table), "big")
+        hit = lane if hit is None else hit & lane
+        if not hit:
+            return None
+    n = len(array.data) // size
+    flat = hit.to_bytes(n, "big").find(1)
+    index = []
+    for dim in reversed(array.shape):
+        flat, i = divmod(flat, dim) if dim else (flat, 0)
+        index.append(i)
+    return tuple(reversed(index))
+
+
+def read_arrays(path: Path, option: str) -> dict[str, Array]:
+    """Read every array of an ``.npz`` data file, checked.
+
+    ``option`` names where the file came from (``--calib``), for messages.
+
+    Returns:
+        ``{key: Array}`` in the file's order.
+
+    Raises:
+        DataFileError: missing or unreadable file, a member that is not a plain numeric array
+            (pickled objects, big-endian, Fortran order), a truncated member, or a NaN or
+            infinity anywhere (with the key and first bad index).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataFileError(f"{path}: {option} file not found")
+    arrays: dict[str, Array] = {}
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                key = info.filename.removesuffix(".npy")
+                where = f"{path}: {option} key '{key}'"
+                descr, shape, data = _npy(zf.read(info), where)
+                arrays[key] = Array(key, descr, shape, data)
+    except (OSError, zipfile.BadZipFile, EOFError, zipfile.LargeZipFile, NotImplementedError) as exc:
+        raise DataFileError(f"{path}: {option} is not a readable .npz file ({exc}); {_SAVE_HINT}") from None
+    for array in arrays.values():
+        bad = first_nonfinite(array)
+        if bad is not None:
+            raise DataFileError(f"{path}: {option} key '{array.key}' holds NaN or infinity at index {list(bad)} "
+                                "(first one); clean or drop that sample")
+    return arrays
+
+
+def read_npz(path: Path, option: str, input_shape: tuple[int, ...], *,
+             labels: Literal["required", "optional", "ignored"]) -> tuple[Array, Array | None]:
+    """Read and check a data file for a model taking ``input_shape`` (without the batch axis).
+
+    ``labels``: ``required`` (``y`` must be there), ``optional`` (checked and returned if there),
+    ``ignored`` (never returned: calibration data).
+
+    Returns:
+        (``x``, ``y`` or None); ``numpy.asarray`` turns either into an ndarray.
+
+    Raises:
+        DataFileError: everything :func:`read_arrays` refuses, no ``x``, samples of the wrong
+            shape or type, a required ``y`` missing, or a ``y`` that is not one integer label
+            per sample.
+    """
+    arrays = read_arrays(path, option)
+    if "x" not in arrays:
+        raise DataFileError(f"{path}: {option} has no array 'x' (found: {', '.join(arrays) or 'none'}); save inputs as x=")
+    x = arrays["x"]
+    if not x.shape or x.shape[1:] != tuple(input_shape):
+        raise DataFileError(f"{path}: {option} samples have shape {x.shape[1:]} but the model takes "
+                            f"{tuple(input_shape)} (first axis of x is the sample axis)")
+    if x.kind == "bool":
+        raise DataFileError(f"{path}: {option} x has dtype bool; expected numbers")
+    if labels == "ignored" or (labels == "optional" and "y" not in arrays):
+        return x, None
+    if "y" not in arrays:
+        raise DataFileError(f"{path}: {option} has no array 'y' of integer labels")
+    y = arrays["y"]
+    count = math.prod(y.shape)
+    if count != len(x) or y.kind != "int":
+        raise DataFileError(f"{path}: {option} y must hold one integer label per sample ({len(x)}), "
+                            f"got {y.dtype} x {count}")
+    return x, Array(y.key, y.dtype, (count,), y.data)
+
+
+def read_reference(path: Path, samples: int) -> Array | None:
+    """Return the fp32 model's outputs stored as ``reference`` next to ``x``, or None.
+
+    Raises:
+        DataFileError: the file cannot be read (see :func:`read_arrays`), or ``reference`` is
+            there but has not one row per sample.
+    """
+    ref = read_arrays(path, "eval set").get("reference")
+    if ref is None:
+        return None
+    if len(ref) != samples:
+        raise DataFileError(f"{path}: reference has {len(ref)} rows for {samples} samples of x")
+    return ref
