@@ -12,13 +12,23 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from device_agents.power.sensors import SENSORS
+from device_agents.targets import TARGETS
 from edge_kit.config import StrictModel, closest, load_yaml_model
 from edge_kit.errors import ConfigError
 from edge_kit.variants import parse_variant
 
 # Keys of the device agent's power-sensor plugins (the agent's registry is the one source).
 POWER_SENSORS = tuple(SENSORS)
-Accelerator = Literal["none", "edgetpu", "gpu"]
+# Accelerators and delegates come from the target plugins (device_agents.targets): one place.
+ACCELERATORS = tuple(dict.fromkeys(["none", *(t.accelerator for t in TARGETS.values())]))
+
+
+def _one_of(value: str, valid: tuple[str, ...], what: str) -> str:
+    if value not in valid:
+        hint = closest(value, valid)
+        raise ValueError(f"unknown {what} '{value}'" + (f"; did you mean '{hint}'?" if hint else "")
+                         + f" (valid: {', '.join(valid)})")
+    return value
 
 
 class Hardware(StrictModel):
@@ -26,12 +36,22 @@ class Hardware(StrictModel):
     cpu: str
     cores: int = Field(gt=0)
     ram_mb: int = Field(gt=0)
-    accelerator: Accelerator = "none"
+    accelerator: str = "none"  # one of ACCELERATORS
+
+    @field_validator("accelerator")
+    @classmethod
+    def _known_accelerator(cls, value: str) -> str:
+        return _one_of(value, ACCELERATORS, "accelerator")
 
 
 class Runtime(StrictModel):
     engine: Literal["litert", "tflite-runtime"] = "litert"
-    delegate: Literal["xnnpack", "edgetpu", "gpu", "none"] = "xnnpack"
+    delegate: str = "xnnpack"  # a target plugin's key
+
+    @field_validator("delegate")
+    @classmethod
+    def _known_target(cls, value: str) -> str:
+        return _one_of(value, tuple(TARGETS), "delegate")
     threads: int = Field(default=1, ge=1, le=64)
 
 
@@ -99,10 +119,13 @@ class Profile(StrictModel):
     @model_validator(mode="after")
     def _accelerator_matches(self) -> Profile:
         acc = self.hardware.accelerator
-        if "edgetpu" in self.variants and acc != "edgetpu":
-            raise ValueError("variant 'edgetpu' needs hardware.accelerator: edgetpu")
-        if self.runtime.delegate in ("edgetpu", "gpu") and self.runtime.delegate != acc:
-            raise ValueError(f"runtime.delegate {self.runtime.delegate} needs hardware.accelerator: {self.runtime.delegate}")
+        for variant in self.variants:
+            needs = parse_variant(variant).accelerator
+            if needs and needs != acc:
+                raise ValueError(f"variant '{variant}' needs hardware.accelerator: {needs}")
+        needs = TARGETS[self.runtime.delegate].accelerator
+        if needs != "none" and needs != acc:
+            raise ValueError(f"runtime.delegate {self.runtime.delegate} needs hardware.accelerator: {needs}")
         return self
 
 

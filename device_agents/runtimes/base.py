@@ -26,11 +26,11 @@ class Runtime:
     def interpreter(self, model: Path | bytes, *, threads: int = 1, delegate: str = "xnnpack") -> Any:
         """Return an allocated interpreter for ``model`` (a path or the flatbuffer bytes).
 
-        ``delegate`` is ``xnnpack`` (the default CPU path), ``none`` (reference kernels, no delegate),
-        ``edgetpu`` or ``gpu``.
+        ``delegate`` is a target plugin's key (:data:`device_agents.targets.TARGETS`): ``xnnpack``
+        (the default CPU path), ``none`` (reference kernels), ``edgetpu``, ``gpu``.
 
         Raises:
-            RuntimeUnavailable: the delegate's library cannot be loaded here.
+            RuntimeUnavailable: an unknown target, or its library cannot be loaded here.
             ValueError: the model is not a valid flatbuffer or cannot be prepared.
         """
         raise NotImplementedError

@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import ctypes
 import importlib
 import importlib.metadata
 from pathlib import Path
 from typing import Any, ClassVar
 
-from device_agents.runtimes.base import Runtime, RuntimeUnavailable
-
-# Shared library names of the external delegates, as the vendors' packages install them.
-DELEGATE_LIBRARIES = {
-    "edgetpu": "libedgetpu.so.1",  # Debian package libedgetpu1-std (or -max) from Coral
-    "gpu": "libtensorflowlite_gpu_delegate.so",  # built from LiteRT sources; needs OpenCL or OpenGL ES
-}
+from device_agents.runtimes.base import Runtime
+from device_agents.targets import get_target
 
 
 class LiteRT(Runtime):
@@ -47,20 +41,7 @@ class LiteRT(Runtime):
             kwargs["model_content"] = bytes(model)
         else:
             kwargs["model_path"] = str(model)
-        if delegate == "none":
-            kwargs["experimental_op_resolver_type"] = mod.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
-        elif delegate in DELEGATE_LIBRARIES:
-            lib = DELEGATE_LIBRARIES[delegate]
-            try:
-                ctypes.CDLL(lib)  # probe first: a failed load_delegate leaves a half-built object behind
-                kwargs["experimental_delegates"] = [mod.load_delegate(lib)]
-            except (ValueError, OSError) as exc:
-                raise RuntimeUnavailable(
-                    f"delegate '{delegate}' needs {lib}, which could not be loaded ({exc}); "
-                    "see firmware_notes/ for how to install it"
-                ) from None
-        elif delegate != "xnnpack":
-            raise RuntimeUnavailable(f"unknown delegate '{delegate}' (known: xnnpack, none, {', '.join(DELEGATE_LIBRARIES)})")
+        kwargs.update(get_target(delegate).interpreter_options(mod))
         interp = mod.Interpreter(**kwargs)
         interp.allocate_tensors()
         return interp

@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 
 import edge_kit
-from edge_kit.compiler import accelerators as acc
 from edge_kit.compiler.analysis import analyse
 from edge_kit.compiler.convert import converter_version, quantize_tflite, to_tflite
 from edge_kit.compiler.data import Dataset, load_dataset
@@ -33,7 +32,8 @@ from edge_kit.errors import CompileError, InputError
 from edge_kit.fsutil import atomic_write_bytes, atomic_write_text, sha256_bytes
 from edge_kit.manifest import Accuracy, Artifact, Fidelity, Manifest
 from edge_kit.profiles import Profile
-from edge_kit.variants import VariantSpec, build_order
+from edge_kit.variants import VariantSpec, build_order, parse_variant
+from device_agents.targets import TARGETS, compiler_of
 
 PRECISION_TO_VARIANT = {"float32": "fp32", "float16": "fp16", "dynamic-int8": "dynamic-int8", "int8": "int8"}
 Progress = Callable[[str], None]
@@ -76,7 +76,7 @@ def plan_steps(req: CompileRequest) -> int:
     return 2 * len(build_order(list(_wanted(req.profiles)))) + 2
 
 
-def _versions(compiler: str | None) -> dict[str, str | None]:
+def _versions() -> dict[str, str | None]:
     def version(pkg: str) -> str | None:
         try:
             return importlib.metadata.version(pkg)
@@ -88,7 +88,7 @@ def _versions(compiler: str | None) -> dict[str, str | None]:
         "tensorflow": converter_version(),
         "ai_edge_litert": version("ai-edge-litert"),
         "ai_edge_quantizer": version("ai-edge-quantizer"),
-        "edgetpu_compiler": acc.compiler_version(compiler) if compiler else None,
+        **{k: v for t in TARGETS.values() for k, v in t.tool_versions().items()},
     }
 
 
@@ -101,12 +101,14 @@ def _check_out_dir(out: Path) -> None:
         raise InputError(f"{out}: output folder is not writable ({exc.strerror or exc}); choose another with --out") from None
 
 
-def _refusal(spec: VariantSpec, source: Source, calib: Dataset | None, compiler: str | None) -> str | None:
+def _refusal(spec: VariantSpec, source: Source, calib: Dataset | None) -> str | None:
     """Return why ``spec`` cannot be built from this source and data, or None."""
     if source.kind == "tflite":
         own = PRECISION_TO_VARIANT[source.tflite_precision or "float32"]
-        # possible from a flatbuffer: itself as is, edgetpu from int8, dynamic-int8 from fp32
-        possible = {own} | ({"edgetpu"} if own == "int8" else set()) | ({"dynamic-int8"} if own == "fp32" else set())
+        # possible from a flatbuffer: itself as is, what a target compiles from it (edgetpu from
+        # int8), dynamic-int8 from fp32
+        compiled = {t.compiled_variant for t in TARGETS.values() if t.compiled_variant and parse_variant(t.compiled_variant).base == own}
+        possible = {own} | compiled | ({"dynamic-int8"} if own == "fp32" else set())
         if spec.id not in possible:
             return (f"cannot be made from this {source.tflite_precision} .tflite file: "
                     "needs the Keras model or SavedModel it was converted from")
@@ -114,27 +116,26 @@ def _refusal(spec: VariantSpec, source: Source, calib: Dataset | None, compiler:
         return "pruning needs a Keras model (.keras or .h5); a SavedModel has no editable layers"
     if spec.needs_calibration and calib is None and source.kind != "tflite":
         return "full-integer int8 needs calibration data: pass --calib FILE.npz (a few hundred inputs)"
-    if spec.id == "edgetpu" and compiler is None:
-        return ("edgetpu_compiler not found on PATH (it runs on x86-64 Linux; install Coral's "
-                "edgetpu-compiler package, see firmware_notes/coral.md); the int8 variant is the input it needs")
-    return None
+    target = compiler_of(spec.id)
+    return target.compiler_unavailable() if target else None
 
 
 def _build(plan: _Plan, source: Source, graph: Callable[[], Graph], req: CompileRequest, calib: Dataset | None,
-           train: Dataset | None, built: dict[str, _Plan], compiler: str | None) -> tuple[bytes, str]:
+           train: Dataset | None, built: dict[str, _Plan]) -> tuple[bytes, str]:
     """Return (flatbuffer, how it was made) for one planned variant. Raises CompileError."""
     spec = plan.spec
     calib_x = calib.x if calib is not None else None
-    if spec.id == "edgetpu":
-        base = built.get("int8")
+    target = compiler_of(spec.id)
+    if target is not None:
+        base = built.get(spec.base or "")
         if base is None or base.data is None:
-            raise CompileError("edgetpu: the int8 variant it is compiled from was not built")
+            raise CompileError(f"{spec.id}: the {spec.base} variant it is compiled from was not built")
         try:
-            data, mapping = acc.run_compiler(base.data, compiler or acc.COMPILER)
+            data, mapping = target.compile(base.data)
         except RuntimeError as exc:
-            raise CompileError(f"edgetpu: {exc}") from None
+            raise CompileError(f"{spec.id}: {exc}") from None
         plan.extra["compiler_mapping"] = mapping
-        return data, "edgetpu_compiler from int8"
+        return data, f"{mapping['method']} from {spec.base}"
     if source.kind == "tflite":
         if PRECISION_TO_VARIANT[source.tflite_precision or "float32"] == spec.id:
             return source.tflite or b"", "source .tflite as is"
@@ -159,8 +160,9 @@ def _evaluate(plan: _Plan, outputs: np.ndarray | None, evalset: Dataset | None, 
 
     ``outputs`` are the artifact's outputs on ``fid_inputs`` (None when it was not run).
     """
-    if plan.spec.id == "edgetpu":
-        why = "an Edge TPU model runs only with the Edge TPU; measured on the device by the agent"
+    target = compiler_of(plan.spec.id)
+    if target is not None:
+        why = f"a model compiled for {target.summary} runs only there; measured on the device by the agent"
         return Accuracy(measured=False, method=why), Fidelity(measured=False, method=why)
     accuracy = Accuracy(measured=False, method="not measured: no --eval data")
     fidelity = Fidelity(measured=False, method="not measured: no --eval or --calib inputs")
@@ -201,13 +203,14 @@ def compile_model(req: CompileRequest, progress: Progress | None = None) -> Mani
     evalset = load_dataset(req.eval, "eval", source.input_shape, labels=True) if req.eval else None
     train = load_dataset(req.train, "train", source.input_shape, labels=True) if req.train else None
     _check_out_dir(out)
-    compiler = acc.find_compiler()
 
     wanted = _wanted(req.profiles)
     plans = {s.id: _Plan(s, wanted.get(s.id, [])) for s in build_order(list(wanted))}
     for plan in plans.values():
-        plan.refusal = _refusal(plan.spec, source, calib, compiler)
-    accelerators_of = {v: {p.hardware.accelerator for p in req.profiles if v in p.variants} - {"none"} for v in plans}
+        plan.refusal = _refusal(plan.spec, source, calib)
+    # the targets whose op support each variant is checked against: those of the profiles that want it
+    targets_of = {v: sorted({t.key for p in req.profiles if v in p.variants for t in TARGETS.values()
+                             if t.accelerator == p.hardware.accelerator != "none"}) for v in plans}
 
     runtime = get_runtime("litert")
     method = f"measured on host with LiteRT {runtime.version()} interpreter (XNNPACK, {req.threads} thread(s))"
@@ -223,7 +226,7 @@ def compile_model(req: CompileRequest, progress: Progress | None = None) -> Mani
             continue
         started = time.perf_counter()
         try:
-            plan.data, how = _build(plan, source, graph, req, calib, train, built, compiler)
+            plan.data, how = _build(plan, source, graph, req, calib, train, built)
         except CompileError as exc:
             plan.refusal = str(exc)
             plan.extra["failed"] = True
@@ -236,7 +239,7 @@ def compile_model(req: CompileRequest, progress: Progress | None = None) -> Mani
     outputs: dict[str, np.ndarray] = {}
     if fid_inputs is not None:
         for vid, plan in built.items():
-            if vid != "edgetpu":  # needs the TPU itself
+            if compiler_of(vid) is None:  # a target-compiled model needs its hardware
                 outputs[vid] = outputs_of(plan.data or b"", fid_inputs.x)
     reference = outputs.get("fp32")
 
@@ -250,9 +253,9 @@ def compile_model(req: CompileRequest, progress: Progress | None = None) -> Mani
             plan.artifact = Artifact(status=status, reason=plan.refusal, **common)
             continue
         stats = analyse(plan.data)
-        support = acc.accelerator_support(stats, accelerators_of[spec.id])
+        support = {key: check for key in targets_of[spec.id] if (check := TARGETS[key].rule_check(stats))}
         if "compiler_mapping" in plan.extra:
-            support["edgetpu_compiler"] = plan.extra["compiler_mapping"]
+            support[plan.extra["compiler_mapping"]["method"]] = plan.extra["compiler_mapping"]
         accuracy, fidelity = _evaluate(plan, outputs.get(spec.id), evalset, fid_inputs, reference, method)
         plan.artifact = Artifact(
             status="built", file=f"{spec.id}.tflite", derived_from=plan.extra["how"],
@@ -270,7 +273,7 @@ def compile_model(req: CompileRequest, progress: Progress | None = None) -> Mani
         eval={**evalset.record(), "metric": "top1", "file": EVAL_FILE,
               "reference": "fp32" if reference is not None else None} if evalset else None,
         train=train.record() if train else None,
-        versions=_versions(compiler),
+        versions=_versions(),
         profiles={p.name: {"description": p.description, "accelerator": p.hardware.accelerator,
                            "variants": list(p.variants)} for p in req.profiles},
         artifacts=[p.artifact for p in plans.values() if p.artifact is not None],

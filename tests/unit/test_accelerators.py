@@ -1,4 +1,5 @@
-"""Edge TPU / GPU rule checks on hand-built op tables, and the edgetpu_compiler runner.
+"""Target plugins: the registry, Edge TPU / GPU rule checks on hand-built op tables, the
+edgetpu_compiler runner, and device-side loading.
 
 edgetpu_compiler cannot be installed here (Coral's apt repository is not reachable), so its runner is
 exercised with a stand-in script that writes a model and prints the compiler's log format.
@@ -9,10 +10,14 @@ import stat
 
 import pytest
 
-from edge_kit.compiler.accelerators import (
-    edgetpu_rule_check, gpu_rule_check, parse_compiler_log, run_compiler,
-)
+from device_agents.errors import RuntimeUnavailable
+from device_agents.targets import TARGETS, compiler_of, get_target
+from device_agents.targets.edgetpu import EdgeTpu, parse_compiler_log, run_compiler
+from device_agents.targets.gpu import LiteRtGpu
 from edge_kit.compiler.analysis import ModelStats, OpInfo, TensorInfo
+
+edgetpu_rule_check = EdgeTpu.rule_check
+gpu_rule_check = LiteRtGpu.rule_check
 
 
 def tensor(i, shape, dtype="int8", constant=False, sig=None):
@@ -111,3 +116,35 @@ def test_runner_reports_the_compilers_last_line_on_failure(tmp_path):
     script = fake_compiler(tmp_path, "echo 'ERROR: Attempting to use a delegate that only supports static-sized tensors' >&2; exit 1\n")
     with pytest.raises(RuntimeError, match="exit 1.*static-sized tensors"):
         run_compiler(b"MODEL", script)
+
+
+def test_the_registry_finds_each_target_by_its_key_and_names_the_closest_when_unknown():
+    assert set(TARGETS) == {"xnnpack", "none", "edgetpu", "gpu"}
+    assert all(get_target(key).key == key for key in TARGETS)
+    assert compiler_of("edgetpu") is EdgeTpu and compiler_of("int8") is None
+    with pytest.raises(RuntimeUnavailable, match="unknown target 'edgtpu'; did you mean 'edgetpu'"):
+        get_target("edgtpu")
+
+
+def test_the_edgetpu_plugin_compiles_with_the_compiler_on_path_and_says_what_to_install_without(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert "edgetpu_compiler not found on PATH" in EdgeTpu.compiler_unavailable()
+    assert EdgeTpu.tool_versions() == {"edgetpu_compiler": None}
+    fake_compiler(tmp_path, """
+if [ "$1" = "--version" ]; then echo "Edge TPU Compiler version 16.0"; exit 0; fi
+cp "$4" "$3/model_edgetpu.tflite"
+""")
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    assert EdgeTpu.compiler_unavailable() is None
+    assert EdgeTpu.compile(b"MODEL")[0] == b"MODEL"
+    assert EdgeTpu.tool_versions() == {"edgetpu_compiler": "Edge TPU Compiler version 16.0"}
+
+
+def test_a_target_whose_library_is_missing_is_refused_with_what_to_install():
+    class Module:  # the interpreter module is never reached: the library probe fails first
+        def load_delegate(self, lib):
+            raise AssertionError("load_delegate must not be called when the library cannot load")
+
+    with pytest.raises(RuntimeUnavailable, match="libedgetpu.so.1, which could not be loaded.*libedgetpu1-std"):
+        EdgeTpu.interpreter_options(Module())
+    assert get_target("xnnpack").interpreter_options(Module()) == {}

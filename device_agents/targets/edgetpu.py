@@ -1,13 +1,13 @@
-"""Which ops of a ``.tflite`` an accelerator would take, and why the first one it would not.
+"""The Coral Edge TPU: the ``edgetpu`` variant, compiled from ``int8`` by ``edgetpu_compiler``.
 
-These are predictions from the vendors' documented rules, labelled as such in the manifest
-(``method: rule-check``); when ``edgetpu_compiler`` runs, its own per-op mapping is recorded beside
-them (``method: edgetpu_compiler``) and is the one to trust.
+Rule check: predictions from Coral's documented rules ("TensorFlow models on the Edge TPU"),
+labelled ``method: rule-check``; when ``edgetpu_compiler`` runs, its own per-op mapping is recorded
+beside them (``method: edgetpu_compiler``) and is the one to trust. Tensors are 8-bit quantized,
+shapes are static, a tensor has at most 3 dimensions larger than 1 (the innermost ones), and only
+the listed ops map. The compiler cuts the graph once: the first op that cannot map and every op
+after it run on the CPU, even ones that could map.
 
-Edge TPU rules (Coral, "TensorFlow models on the Edge TPU"): tensors are 8-bit quantized, shapes are
-static, a tensor has at most 3 dimensions larger than 1 (the innermost ones), and only the listed
-ops map. The compiler cuts the graph once: the first op that cannot map and every op after it run
-on the CPU, even ones that could map.
+On the device the target loads ``libedgetpu.so.1`` (Coral's ``libedgetpu1-std`` or ``-max``).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from edge_kit.compiler.analysis import ModelStats, OpInfo
+from device_agents.targets.base import ModelFacts, OpLike, Target
 
 EDGETPU_OPS = frozenset({
     "ADD", "AVERAGE_POOL_2D", "CONCATENATION", "CONV_2D", "DEPTHWISE_CONV_2D", "EXPAND_DIMS",
@@ -30,18 +30,8 @@ EDGETPU_OPS = frozenset({
     "SUB", "SUM", "TANH", "TRANSPOSE", "TRANSPOSE_CONV",
 })
 
-# Ops the LiteRT GPU delegate (OpenCL / OpenGL ES backends) documents as supported.
-GPU_OPS = frozenset({
-    "ABS", "ADD", "AVERAGE_POOL_2D", "CONCATENATION", "CONV_2D", "COS", "DEPTHWISE_CONV_2D",
-    "DEPTH_TO_SPACE", "DEQUANTIZE", "DIV", "ELU", "EXP", "FULLY_CONNECTED", "HARD_SWISH", "LEAKY_RELU",
-    "LOG", "LOGISTIC", "MAXIMUM", "MAX_POOL_2D", "MEAN", "MINIMUM", "MIRROR_PAD", "MUL", "NEG", "PAD",
-    "POW", "PRELU", "QUANTIZE", "RELU", "RELU6", "RELU_N1_TO_1", "RESHAPE", "RESIZE_BILINEAR",
-    "RESIZE_NEAREST_NEIGHBOR", "RSQRT", "SIN", "SLICE", "SOFTMAX", "SPACE_TO_DEPTH", "SPLIT", "SQRT",
-    "SQUARE", "SQUARED_DIFFERENCE", "STRIDED_SLICE", "SUB", "TANH", "TRANSPOSE", "TRANSPOSE_CONV",
-})
 
-
-def _edgetpu_reason(op: OpInfo, stats: ModelStats) -> str | None:
+def _edgetpu_reason(op: OpLike, stats: ModelFacts) -> str | None:
     """Return why ``op`` cannot map to the Edge TPU, or None if the documented rules allow it."""
     if op.name not in EDGETPU_OPS:
         return f"{op.name} is not an Edge TPU op"
@@ -60,7 +50,7 @@ def _edgetpu_reason(op: OpInfo, stats: ModelStats) -> str | None:
     return None
 
 
-def edgetpu_rule_check(stats: ModelStats) -> dict[str, Any]:
+def _rule_check(stats: ModelFacts) -> dict[str, Any]:
     """Return the predicted Edge TPU mapping of a model.
 
     Returns:
@@ -82,36 +72,9 @@ def edgetpu_rule_check(stats: ModelStats) -> dict[str, Any]:
             "first_fallback": first, "fallback_ops": fallback}
 
 
-def gpu_rule_check(stats: ModelStats) -> dict[str, Any]:
-    """Return which ops the LiteRT GPU delegate documents as supported.
-
-    Returns:
-        ``{"method": "rule-check", "ops_total", "ops_mapped", "unsupported_ops": {op: count}}``.
-        The GPU delegate splits the graph as often as needed, so unsupported ops only fall back locally.
-    """
-    unsupported: dict[str, int] = {}
-    for op in stats.ops:
-        if op.name not in GPU_OPS:
-            unsupported[op.name] = unsupported.get(op.name, 0) + 1
-    return {"method": "rule-check", "ops_total": len(stats.ops),
-            "ops_mapped": len(stats.ops) - sum(unsupported.values()), "unsupported_ops": unsupported}
-
-
-def accelerator_support(stats: ModelStats, accelerators: set[str]) -> dict[str, Any]:
-    """Return the rule checks for each accelerator in ``accelerators`` (``edgetpu``, ``gpu``)."""
-    checks = {"edgetpu": edgetpu_rule_check, "gpu": gpu_rule_check}
-    return {acc: checks[acc](stats) for acc in sorted(accelerators) if acc in checks}
-
-
-# ---- edgetpu_compiler -------------------------------------------------------------------------
-
 COMPILER = "edgetpu_compiler"
 COMPILER_TIMEOUT_S = 600
 _OP_ROW = re.compile(r"^(?P<op>[A-Z][A-Z0-9_]+)\s+(?P<count>\d+)\s+(?P<status>\S.*?)\s*$")
-
-
-class EdgeTpuCompilerMissing(RuntimeError):
-    """edgetpu_compiler is not on PATH."""
 
 
 def find_compiler() -> str | None:
@@ -168,3 +131,33 @@ def run_compiler(int8_model: bytes, compiler: str) -> tuple[bytes, dict[str, Any
             raise RuntimeError(f"{COMPILER} failed (exit {proc.returncode}): {last}")
         return out.read_bytes(), {"method": COMPILER, "version": compiler_version(compiler),
                                   "ops": parse_compiler_log(log), "log": log[-4000:]}
+
+
+class EdgeTpu(Target):
+    key: ClassVar[str] = "edgetpu"
+    accelerator: ClassVar[str] = "edgetpu"
+    summary: ClassVar[str] = "Coral Edge TPU (USB, M.2, Dev Board)"
+    library: ClassVar[str | None] = "libedgetpu.so.1"
+    install_hint: ClassVar[str] = "install Coral's libedgetpu1-std package (docs/firmware/coral.md)"
+    compiled_variant: ClassVar[str | None] = "edgetpu"
+
+    @classmethod
+    def rule_check(cls, stats: ModelFacts) -> dict[str, Any]:
+        """Return the predicted Edge TPU mapping (see the module docstring)."""
+        return _rule_check(stats)
+
+    @classmethod
+    def compiler_unavailable(cls) -> str | None:
+        if find_compiler() is None:
+            return (f"{COMPILER} not found on PATH (it runs on x86-64 Linux; install Coral's edgetpu-compiler "
+                    "package, see docs/firmware/coral.md); the int8 variant is the input it needs")
+        return None
+
+    @classmethod
+    def compile(cls, model: bytes) -> tuple[bytes, dict[str, Any]]:
+        return run_compiler(model, find_compiler() or COMPILER)
+
+    @classmethod
+    def tool_versions(cls) -> dict[str, str | None]:
+        path = find_compiler()
+        return {COMPILER: compiler_version(path) if path else None}
