@@ -16,19 +16,17 @@ Per device, over one SSH connection (Fabric) with its host key verified:
    that also rolls the device back.
 
 Devices run in parallel (``parallel`` at a time); one device's failure never stops the others.
-With ``canary``, that share of the devices goes first and the rest only follows when at most
-``max_failed`` of them failed health or broke their constraints; otherwise the canaries are rolled
-back and the rest is left alone.
+Canary rollouts, which judge the health benchmarks against each device's constraints, are
+orchestration and live in :mod:`edge_kit.loop.rollout`.
 """
 
 from __future__ import annotations
 
-import math
 import time
 import traceback
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,16 +36,17 @@ from edge_kit.fleet.commands import FleetClient
 from edge_kit.fleet.inventory import Device, Fleet
 from edge_kit.fleet.ssh import DeviceShell
 from edge_kit.manifest import Artifact, Manifest, read_manifest
-from edge_kit.profiles import load_profile
-from edge_kit.selection.constraints import Measured, describe, effective_constraints, violations
 
 Status = Literal["succeeded", "skipped", "failed"]
-CANARY_BENCH = {"min_runs": 50, "min_seconds": 0.0, "warmup": 5}  # enough to judge it against its constraints
 
 
 @dataclass
 class DeviceResult:
-    """The outcome on one device; ``reason`` says why it failed or was skipped."""
+    """The outcome on one device: typed fields to decide on, ``actions`` and ``reason`` to read.
+
+    ``error`` keeps the exception that failed the device (``reason`` is its text); decisions use
+    ``status``, ``activated`` and ``rolled_back``, never the text.
+    """
 
     device: str
     status: Status
@@ -56,16 +55,35 @@ class DeviceResult:
     variant: str | None = None  # active after the deploy
     sha256: str | None = None
     seconds: float = 0.0
+    activated: bool = False  # this deploy switched the device's current model
+    rolled_back: bool = False  # and it was switched back to its previous model since
     activation: dict[str, Any] | None = None  # the agent's ack of the activation (smoke result included)
     health: dict[str, Any] | None = None  # the benchmark record after activation (canaries, tune)
+    error: BaseException | None = None
 
     @property
     def ok(self) -> bool:
         return self.status != "failed"
 
+    @property
+    def switched(self) -> bool:
+        """Return True when the device runs a model this deploy activated (and did not roll back)."""
+        return self.activated and not self.rolled_back
+
+    def fail(self, error: BaseException, reason: str | None = None) -> None:
+        """Mark the device failed by ``error`` (its text is the reason unless ``reason`` is given)."""
+        self.status, self.error, self.reason = "failed", error, reason or str(error)
+
+    def roll_back_noted(self) -> None:
+        """Record that the device was switched back to its previous model."""
+        self.rolled_back = True
+        self.actions.append("rolled back")
+
     def as_dict(self) -> dict[str, Any]:
-        """Return the result as plain data (for ``--json``)."""
-        return asdict(self)
+        """Return the result as plain data (for ``--json``); the exception as its type and text."""
+        data = {k: v for k, v in vars(self).items() if k != "error"}
+        data["error"] = None if self.error is None else {"type": type(self.error).__name__, "message": str(self.error)}
+        return {**data, "actions": list(self.actions)}
 
 
 @dataclass
@@ -73,7 +91,7 @@ class GroupResult:
     """Per-device results of one deploy, in fleet order (as Fabric's GroupResult)."""
 
     results: list[DeviceResult]
-    stopped: str | None = None  # why a canary rollout stopped
+    stopped: str | None = None  # why a rollout stopped before every device
 
     @property
     def succeeded(self) -> list[DeviceResult]:
@@ -98,8 +116,6 @@ class DeployOptions:
     variant: str | None = None  # None: keep the current variant if it is one of these artifacts, else the profile's first
     variants: dict[str, str] = field(default_factory=dict)  # per-device choice (tune), over `variant`
     parallel: int = 8
-    canary: float | None = None  # share of devices (0-1] to deploy to first
-    max_failed: float = 0.0  # share of canaries allowed to fail before the rollout stops
     trust_new_hosts: bool = False
     health_timeout: float = 120.0
     health: bool = True  # activate through the agent over MQTT and take its ack as the health report
@@ -138,11 +154,11 @@ class _Deployer:
         try:
             self._deploy(dev, result)
         except EdgeKitError as exc:
-            result.status, result.reason = "failed", str(exc)
+            result.fail(exc)
         except Exception as exc:  # noqa: BLE001 - one device's surprise must not stop the others
             where = traceback.extract_tb(exc.__traceback__)[-1]
-            result.status, result.reason = "failed", (f"{dev.name}: unexpected {type(exc).__name__}: {exc} "
-                                                      f"(at {Path(where.filename).name}:{where.lineno}; please report it)")
+            result.fail(exc, f"{dev.name}: unexpected {type(exc).__name__}: {exc} "
+                             f"(at {Path(where.filename).name}:{where.lineno}; please report it)")
         result.seconds = round(time.perf_counter() - started, 3)
         self.progress(dev.name, result.status)
         return result
@@ -184,6 +200,7 @@ class _Deployer:
             if current != target.sha256:
                 self.progress(dev.name, f"activate {target.id}")
                 result.activation = self._activate(shell, target)
+                result.activated = True
                 result.actions.append(f"activated {target.id}")
             if not result.actions:
                 result.reason = "already current: same agent, same artifacts, same active variant"
@@ -194,9 +211,9 @@ class _Deployer:
                 try:
                     result.health = self._bench(dev, target.sha256)
                 except DeployError as exc:
-                    if current != target.sha256:
+                    if result.activated:
                         shell.agent("rollback")
-                        result.actions.append("rolled back")
+                        result.roll_back_noted()
                         raise DeployError(f"{exc}; rolled back to the previous model") from None
                     raise
 
@@ -276,22 +293,13 @@ class _Deployer:
             raise DeployError(f"{dev.name}: health check ran {record['sha256'][:12]}, not the activated {sha[:12]}")
         return record
 
-    def breaks_constraints(self, dev: Device, result: DeviceResult) -> str | None:
-        """Return which constraints the health benchmark broke, or None."""
-        if result.health is None:
-            return None
-        profile = load_profile(dev.profile)
-        c = effective_constraints(profile.constraints, dev.constraints)
-        art = self.manifest.artifact(result.variant or "")
-        fp32 = self.manifest.artifact("fp32")
-        broken = violations(c, Measured.from_record(result.health, art.bytes if art and art.bytes else 0),
-                            fp32.accuracy.value if fp32 and fp32.accuracy else None)
-        return ", ".join(describe(k, c) for k in broken) or None
-
 
 def deploy(fleet: Fleet, devices: list[Device], opts: DeployOptions,
            progress: Callable[[str, str], None] | None = None) -> GroupResult:
-    """Deploy to ``devices``; return one result per device (never raises for a single device).
+    """Deploy to ``devices``, ``opts.parallel`` at a time.
+
+    Returns:
+        One result per device, in the order given (never raises for a single device).
 
     Raises:
         InputError: the artifact folder has no (valid) manifest.
@@ -302,46 +310,24 @@ def deploy(fleet: Fleet, devices: list[Device], opts: DeployOptions,
         client.__enter__()
     try:
         deployer = _Deployer(fleet, opts, client, progress)
-        order = {d.name: i for i, d in enumerate(devices)}
-
-        def run(batch: list[Device], by: _Deployer = deployer) -> list[DeviceResult]:
-            with ThreadPoolExecutor(max_workers=max(1, min(opts.parallel, len(batch)))) as pool:
-                return list(pool.map(by.one, batch))
-
-        if not opts.canary:
-            return GroupResult(run(devices))
-        n = max(1, math.ceil(len(devices) * opts.canary))
-        canaries, rest = devices[:n], devices[n:]
-        first = run(canaries, _Deployer(fleet, replace(opts, health_bench=dict(CANARY_BENCH)), client, progress))
-        for r in first:
-            broken = deployer.breaks_constraints(next(d for d in canaries if d.name == r.device), r) if r.ok else None
-            if broken:
-                r.status, r.reason = "failed", f"{r.device}: canary breaks its constraints ({broken})"
-        bad = [r for r in first if r.status == "failed"]
-        if len(bad) / len(first) > opts.max_failed:
-            why = (f"{len(bad)} of {len(first)} canaries failed (more than {opts.max_failed:.0%}); "
-                   "the canaries were rolled back and the other devices left as they were")
-            switched = {r.device for r in first if any(a.startswith("activated") for a in r.actions)
-                        and "rolled back" not in r.actions}
-            _roll_back(fleet, [d for d in canaries if d.name in switched], opts, first)
-            skipped = [DeviceResult(d.name, "skipped", reason="rollout stopped after the canaries") for d in rest]
-            return GroupResult(sorted(first + skipped, key=lambda r: order[r.device]), stopped=why)
-        return GroupResult(sorted(first + run(rest), key=lambda r: order[r.device]))
+        with ThreadPoolExecutor(max_workers=max(1, min(opts.parallel, len(devices)))) as pool:
+            return GroupResult(list(pool.map(deployer.one, devices)))
     finally:
         if client is not None:
             client.close()
 
 
-def _roll_back(fleet: Fleet, devices: list[Device], opts: DeployOptions, results: list[DeviceResult]) -> None:
-    """Put canaries that were switched back on their previous model (best effort, noted per device)."""
+def roll_back(fleet: Fleet, devices: list[Device], opts: DeployOptions, results: list[DeviceResult], why: str) -> None:
+    """Put devices back on their previous model (best effort, noted per device): each succeeded one
+    becomes failed with ``why``; a rollback that fails is added to the device's reason."""
     by_name = {r.device: r for r in results}
     for dev in devices:
         r = by_name[dev.name]
         try:
             with DeviceShell(dev, fleet.known_hosts, opts.trust_new_hosts) as shell:
                 shell.agent("rollback")
-            r.actions.append("rolled back")
+            r.roll_back_noted()
             if r.status == "succeeded":
-                r.status, r.reason = "failed", "rolled back: the canary rollout stopped"
+                r.status, r.reason = "failed", why
         except EdgeKitError as exc:
             r.reason = f"{r.reason or ''}; rollback failed: {exc}".lstrip("; ")

@@ -117,6 +117,17 @@ class _RecordNewKey(paramiko.MissingHostKeyPolicy):
         client.get_host_keys().add(hostname, key.get_name(), key)
 
 
+class _RefuseNewKey(paramiko.MissingHostKeyPolicy):
+    """Refuse a host key that is not in ``known_hosts`` with our own error (not paramiko's text)."""
+
+    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
+        raise _UnknownHostKey(hostname)
+
+
+class _UnknownHostKey(Exception):
+    """Raised inside paramiko's connect by :class:`_RefuseNewKey`; mapped to HostKeyError with the device."""
+
+
 class DeviceShell:
     """An open SSH connection to one device. Use as a context manager.
 
@@ -140,7 +151,7 @@ class DeviceShell:
         with _known_hosts_lock:
             if self.known_hosts.exists():
                 client.load_host_keys(str(self.known_hosts))
-        client.set_missing_host_key_policy(_RecordNewKey(self.known_hosts) if trust_new else paramiko.RejectPolicy())
+        client.set_missing_host_key_policy(_RecordNewKey(self.known_hosts) if trust_new else _RefuseNewKey())
         self.conn.client = client
 
     def __enter__(self) -> DeviceShell:
@@ -168,10 +179,10 @@ class DeviceShell:
         except paramiko.BadHostKeyException:
             raise HostKeyError(f"{where}: host key differs from the one in {self.known_hosts}; refusing "
                                f"(if the device was reinstalled: ssh-keygen -f {self.known_hosts} -R '[{self.dev.host}]:{self.dev.port}')") from None
+        except _UnknownHostKey:
+            raise HostKeyError(f"{where}: host key is not in {self.known_hosts}; check it and add it "
+                               "(ssh-keyscan), or rerun with --trust-new-hosts to record it") from None
         except paramiko.SSHException as exc:
-            if "not found in known_hosts" in str(exc):
-                raise HostKeyError(f"{where}: host key is not in {self.known_hosts}; check it and add it "
-                                   "(ssh-keyscan), or rerun with --trust-new-hosts to record it") from None
             raise DeployError(f"{where}: SSH failed: {_why(exc)}") from None
         except OSError as exc:
             raise DeployError(f"{where}: unreachable ({exc.strerror or _why(exc)})") from None

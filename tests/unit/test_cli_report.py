@@ -7,7 +7,7 @@ import sys
 
 from rich.console import Console
 
-from edge_kit.cli import _compile_report
+from edge_kit.cli.compile import _compile_report
 from edge_kit.manifest import Artifact, Manifest
 
 
@@ -34,7 +34,7 @@ def test_footnote_numbers_match_their_rows_when_a_fallback_comes_first():
 
 
 def test_piped_output_is_wide_enough_for_the_tables_unless_columns_says_otherwise():
-    probe = "from edge_kit.cli import out; print(out.width)"
+    probe = "from edge_kit.cli.app import out; print(out.width)"
     env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
     piped = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60, check=True)
     assert piped.stdout.strip() == "120"

@@ -11,8 +11,7 @@ from rich import box
 from rich.markup import escape
 from rich.table import Column, Table
 
-from edge_kit.cli import JsonOpt, _emit_json, app, out
-from edge_kit.cli_fleet import DevicesOpt, FleetOpt, _results_table
+from edge_kit.cli.app import DevicesOpt, FleetOpt, JsonOpt, app, emit_json, out, results_table
 from edge_kit.selection.policy import DEFAULT_MARGIN
 
 CandidatesOpt = Annotated[Path, typer.Option("--artifacts", help="The compiled model's folder: its variants are the candidates.")]
@@ -64,7 +63,7 @@ def select_cmd(
     """Say which variant each device should run, and why, from the measurements in the history store."""
     from edge_kit.fleet.inventory import load_fleet
     from edge_kit.manifest import read_manifest
-    from edge_kit.selection.tune import decide
+    from edge_kit.loop.tune import decide
     from edge_kit.telemetry.store import Store
 
     from edge_kit.errors import InputError
@@ -83,7 +82,7 @@ def select_cmd(
         current = ((status.get(dev.name) or {}).get("current") or {}).get("sha256")
         decisions[dev.name] = decide(manifest, dev, db, current, margin)
     if as_json:
-        _emit_json({k: v.as_dict() for k, v in decisions.items()})
+        emit_json({k: v.as_dict() for k, v in decisions.items()})
         return
     for item in decision_table(decisions, explain):
         out.print(item)
@@ -91,7 +90,7 @@ def select_cmd(
 
 def tune_options(artifacts: Path, rounds: int, margin: float, min_runs: int, min_seconds: float, timeout: float,
                  parallel: int, trust_new_hosts: bool) -> Any:
-    from edge_kit.selection.tune import TuneOptions
+    from edge_kit.loop.tune import TuneOptions
 
     return TuneOptions(artifacts, rounds=rounds, margin=margin, bench={"min_runs": min_runs, "min_seconds": min_seconds},
                        timeout=timeout, parallel=parallel, trust_new_hosts=trust_new_hosts)
@@ -101,7 +100,7 @@ def print_tune(report: Any) -> None:
     for item in decision_table(report.final, explain=False):
         out.print(item)
     if report.deploy.failed:
-        out.print(_results_table(report.deploy))
+        out.print(results_table(report.deploy))
     for device, what in report.silent.items():
         out.print(f"[red]{device} did not answer:[/] {escape(', '.join(what))}")
     switched = report.switched
@@ -124,9 +123,9 @@ def tune_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Measure every candidate on every device, select, activate, verify; repeat until nothing changes."""
-    from edge_kit.cli import err
+    from edge_kit.cli.app import err
     from edge_kit.fleet.inventory import load_fleet
-    from edge_kit.selection.tune import tune
+    from edge_kit.loop.tune import tune
     from edge_kit.telemetry.store import Store
 
     fleet = load_fleet(fleet_file)
@@ -136,7 +135,7 @@ def tune_cmd(
     with err.status("tuning", spinner="dots") if not as_json else nullcontext() as status:
         report = tune(fleet, targets, opts, db, progress=(lambda m: status.update(m)) if status else None)
     if as_json:
-        _emit_json(report.as_dict())
+        emit_json(report.as_dict())
     else:
         print_tune(report)
     if report.deploy.failed or report.silent:
@@ -154,8 +153,8 @@ def demo_cmd(
     """The whole loop on a simulated fleet: example model, compile, broker, devices, deploy, measure, select."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from edge_kit.cli import err
-    from edge_kit.demo import STEPS, run_demo
+    from edge_kit.cli.app import err
+    from edge_kit.loop.demo import STEPS, run_demo
 
     names = [p.strip() for p in profiles.split(",") if p.strip()]
     with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=err,
@@ -172,7 +171,7 @@ def demo_cmd(
 
         result = run_demo(devices, tuple(names), workdir, keep, progress=progress)
     if as_json:
-        _emit_json(result.as_dict())
+        emit_json(result.as_dict())
         return
     t = Table(Column("device", no_wrap=True), Column("profile", no_wrap=True), Column("variant", no_wrap=True), "p90 ms", "top-1", "mJ/inference", "feasible", box=box.SIMPLE_HEAD,
               pad_edge=False, title="each device on its best variant (measured by the real agent on this machine, "
@@ -185,7 +184,7 @@ def demo_cmd(
     methods = sorted({r["power_method"].split(",")[0] for r in result.rows if r["power_method"]})
     out.print(f"latency: perf_counter_ns around invoke(), LiteRT on this machine; energy: {escape('; '.join(methods))}")
     if result.report.deploy.failed:
-        out.print(_results_table(result.report.deploy))
+        out.print(results_table(result.report.deploy))
     switched = result.report.switched
     out.print(f"tune: {len(result.report.rounds)} round(s), switched {', '.join(switched) or 'nothing'}")
     if result.kept:
@@ -258,7 +257,7 @@ def monitor_cmd(
             server.shutdown()
     if as_json:
         s = mon.stats
-        _emit_json({"received": s.received, "stored": s.stored, "duplicates": s.duplicates, "invalid": s.invalid,
+        emit_json({"received": s.received, "stored": s.stored, "duplicates": s.duplicates, "invalid": s.invalid,
                     "gaps": s.gaps, "alerts": [vars(a) for a in mon.alerts], "store": str(db.path)})
 
 
@@ -275,7 +274,7 @@ def fleet_status_cmd(fleet_file: FleetOpt, store: StoreOpt = None, as_json: Json
     fleet = load_fleet(fleet_file)
     db = Store(_store_path(fleet_file, store))
     if as_json:
-        _emit_json({"status": db.latest_status(), "telemetry": db.latest_telemetry(),
+        emit_json({"status": db.latest_status(), "telemetry": db.latest_telemetry(),
                     "bench": {f"{d}/{s}": r for (d, s), r in db.latest_bench().items()}})
         return
     out.print(_fleet_table(db, fleet))
@@ -298,7 +297,7 @@ def report_cmd(
         raise InputError(f"{path}: no history store; run `edgekit monitor` or `edgekit tune` first, or pass --store")
     info = build_report(Store(path), out_file)
     if as_json:
-        _emit_json(info)
+        emit_json(info)
     else:
         out.print(f"wrote {out_file}: {info['plots']} plots for {', '.join(info['profiles']) or 'no profile'}, "
                   f"{info['devices']} devices")

@@ -19,7 +19,7 @@ from typing import Any
 from edge_kit.compiler.pipeline import CompileRequest, compile_model
 from edge_kit.examples import digits
 from edge_kit.profiles import load_profile
-from edge_kit.selection.tune import TuneOptions, TuneReport, tune
+from edge_kit.loop.tune import TuneOptions, TuneReport, tune
 from edge_kit.sim.fleet import SimFleet
 from edge_kit.telemetry.store import Store
 

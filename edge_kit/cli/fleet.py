@@ -1,4 +1,4 @@
-"""Fleet commands of the `edgekit` CLI: bench, deploy, sim (registered on :data:`edge_kit.cli.app`)."""
+"""Fleet commands of the `edgekit` CLI: bench, deploy, sim."""
 
 from __future__ import annotations
 
@@ -11,10 +11,7 @@ from rich import box
 from rich.markup import escape
 from rich.table import Table
 
-from edge_kit.cli import JsonOpt, _emit_json, app, out
-
-FleetOpt = Annotated[Path, typer.Option("--fleet", "-f", help="fleet.yaml: devices, SSH and broker.")]
-DevicesOpt = Annotated[Optional[list[str]], typer.Option("--devices", help="Device name, tag:<tag> or all; repeat.")]
+from edge_kit.cli.app import DevicesOpt, FleetOpt, JsonOpt, app, emit_json, out, results_table
 
 
 def bench_rows(record: dict[str, Any]) -> list[tuple[str, str]]:
@@ -48,7 +45,7 @@ def bench_cmd(
         with out.status(f"benchmarking {variant or 'the current model'} on {dev.name}", spinner="dots") if not as_json else nullcontext():
             record = client.request(dev.name, "bench", args, timeout=timeout)["record"]
     if as_json:
-        _emit_json(record)
+        emit_json(record)
         return
     t = Table(show_header=False, box=box.SIMPLE, pad_edge=False)
     for label, text in bench_rows(record):
@@ -60,17 +57,6 @@ def bench_cmd(
 sim_app = typer.Typer(no_args_is_help=True, help="A simulated fleet on this machine: broker, sshd and agent per device.")
 app.add_typer(sim_app, name="sim")
 SimDirOpt = Annotated[Path, typer.Option("--dir", help="Where the simulated fleet lives (its fleet.yaml is here).")]
-
-
-def _results_table(group: Any) -> Table:
-    t = Table("device", "result", "variant", "what happened", "seconds", box=box.SIMPLE_HEAD, pad_edge=False)
-    style = {"succeeded": "green", "skipped": "dim", "failed": "red"}
-    for r in group.results:
-        text = "; ".join(r.actions) if r.status != "failed" else (r.reason or "")
-        if r.status == "skipped" and r.reason:
-            text = r.reason
-        t.add_row(r.device, f"[{style[r.status]}]{r.status}[/]", r.variant or "-", escape(text), f"{r.seconds:.1f}")
-    return t
 
 
 @app.command("deploy")
@@ -91,17 +77,18 @@ def deploy_cmd(
     """Push the agent and the artifacts to devices over SSH, activate safely, check health, roll back failures."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from edge_kit.cli import err
+    from edge_kit.cli.app import err
     from edge_kit.fleet.deploy import DeployOptions, deploy
     from edge_kit.fleet.inventory import load_fleet
+    from edge_kit.loop.rollout import rollout
     from edge_kit.manifest import read_manifest
 
     fleet = load_fleet(fleet_file)
     targets = fleet.select(devices)
     read_manifest(artifacts)  # a missing or broken manifest stops here, before any device is touched
-    opts = DeployOptions(artifacts=artifacts, variant=variant, parallel=parallel, canary=_share(canary, "--canary"),
-                         max_failed=_share(max_failed, "--max-failed") or 0.0, trust_new_hosts=trust_new_hosts,
+    opts = DeployOptions(artifacts=artifacts, variant=variant, parallel=parallel, trust_new_hosts=trust_new_hosts,
                          health_timeout=health_timeout)
+    canary_share, failed_share = _share(canary, "--canary"), _share(max_failed, "--max-failed") or 0.0
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} devices"),
                   TimeElapsedColumn(), console=err, transient=True, disable=as_json) as bar:
         task = bar.add_task("deploying", total=len(targets))
@@ -110,11 +97,12 @@ def deploy_cmd(
             done = what in ("succeeded", "skipped", "failed")
             bar.update(task, advance=1 if done else 0, description=f"{device}: {what}")
 
-        group = deploy(fleet, targets, opts, progress)
+        group = (rollout(fleet, targets, opts, canary_share, failed_share, progress) if canary_share
+                 else deploy(fleet, targets, opts, progress))
     if as_json:
-        _emit_json(group.as_dict())
+        emit_json(group.as_dict())
     else:
-        out.print(_results_table(group))
+        out.print(results_table(group))
         if group.stopped:
             out.print(f"[red]rollout stopped:[/] {escape(group.stopped)}")
     if group.failed or group.stopped:
@@ -149,7 +137,7 @@ def sim_up(
     as_json: JsonOpt = False,
 ) -> None:
     """Start a broker and N virtual devices (an SSH server + the real agent each); writes DIR/fleet.yaml."""
-    from edge_kit.cli import err
+    from edge_kit.cli.app import err
     from edge_kit.sim.fleet import SimFleet
     from edge_kit.sim.links import Links, parse_rate
 
@@ -165,7 +153,7 @@ def sim_up(
             "devices": [{"name": d.name, "profile": d.profile, "ssh": f"{d.host}:{d.port}", "ssh_server": kinds[d.name],
                          "root": d.root} for d in fleet.devices]}
     if as_json:
-        _emit_json(info)
+        emit_json(info)
         return
     t = Table("device", "profile", "ssh", "server", "root", box=box.SIMPLE_HEAD, pad_edge=False)
     for d in info["devices"]:
@@ -183,6 +171,6 @@ def sim_down(workdir: SimDirOpt = Path(".edgekit-sim"), as_json: JsonOpt = False
 
     stopped = SimFleet(workdir).down()
     if as_json:
-        _emit_json({"stopped": stopped})
+        emit_json({"stopped": stopped})
     else:
         out.print(f"stopped: {', '.join(stopped)}" if stopped else f"nothing is up in {workdir}")

@@ -1,40 +1,19 @@
-"""The `edgekit` command line. Every command has ``--json`` (machine-readable result on stdout).
-
-Errors from the toolkit (:class:`~edge_kit.errors.EdgeKitError`) become one line on stderr and the
-error's exit code; a traceback means a bug.
-"""
+"""Model commands of the `edgekit` CLI: compile, example, profiles."""
 
 from __future__ import annotations
 
-import json
-import os
-import sys
-import warnings
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 from rich import box
-from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from edge_kit.errors import EdgeKitError
+from edge_kit.cli.app import JsonOpt, app, emit_json, err, out
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="edge-kit: compile one model into per-device variants and keep a fleet on the best one.")
 profiles_app = typer.Typer(no_args_is_help=True, help="List, show and check device profiles.")
 app.add_typer(profiles_app, name="profiles")
-
-# Piped output (CI logs, `| tee`) gets rich's 80 columns, which cut the figures in wide tables.
-out = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 120)
-err = Console(stderr=True)
-
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
-
-
-def _emit_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
 def _kb(n: int | None) -> str:
@@ -151,7 +130,7 @@ def example_cmd(
     with err.status(f"building example '{name}'"):
         files = make_example(name, out_dir)
     if as_json:
-        _emit_json(files.record())
+        emit_json(files.record())
         return
     for key, value in files.record().items():
         out.print(f"{key:>20}: {value}")
@@ -164,7 +143,7 @@ def profiles_list(as_json: JsonOpt = False) -> None:
 
     profiles = [load_profile(n) for n in bundled_profiles()]
     if as_json:
-        _emit_json([p.model_dump() for p in profiles])
+        emit_json([p.model_dump() for p in profiles])
         return
     t = Table("name", "accelerator", "delegate", "variants", "description")
     for p in profiles:
@@ -179,7 +158,7 @@ def profiles_show(name: str, as_json: JsonOpt = False) -> None:
 
     p = load_profile(name)
     if as_json:
-        _emit_json(p.model_dump())
+        emit_json(p.model_dump())
     else:
         out.print_json(data=p.model_dump())
 
@@ -191,30 +170,6 @@ def profiles_check(files: Annotated[list[Path], typer.Argument(help="Profile YAM
 
     names = [load_profile(f).name for f in files]
     if as_json:
-        _emit_json({"valid": [str(f) for f in files], "names": names})
+        emit_json({"valid": [str(f) for f in files], "names": names})
     else:
         out.print(f"{len(files)} profile(s) valid: {', '.join(names)}")
-
-
-from edge_kit import cli_fleet, cli_loop  # noqa: E402,F401  (register their commands on `app`)
-
-
-def _warning_line(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
-    sys.stderr.write(f"edgekit: warning: {message}\n")
-
-
-def main() -> None:
-    """Console-script entry point: run the app, map toolkit errors to one line and an exit code."""
-    warnings.showwarning = _warning_line
-    try:
-        app()
-    except EdgeKitError as exc:
-        sys.stderr.write(f"edgekit: error: {exc}\n")
-        sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        err.print("edgekit: interrupted; nothing was half-written")
-        sys.exit(130)
-
-
-if __name__ == "__main__":
-    main()

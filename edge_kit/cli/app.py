@@ -1,0 +1,48 @@
+"""What every `edgekit` command module shares: the typer app, the consoles, common options, tables.
+
+Command modules (:mod:`~edge_kit.cli.compile`, :mod:`~edge_kit.cli.fleet`, :mod:`~edge_kit.cli.loop`)
+register their commands on :data:`app`; they import this module and library code, never each
+other (an import-linter contract checks it). Errors map to one line in :func:`edge_kit.cli.main`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich import box
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="edge-kit: compile one model into per-device variants and keep a fleet on the best one.")
+
+# Piped output (CI logs, `| tee`) gets rich's 80 columns, which cut the figures in wide tables.
+out = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 120)
+err = Console(stderr=True)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+FleetOpt = Annotated[Path, typer.Option("--fleet", "-f", help="fleet.yaml: devices, SSH and broker.")]
+DevicesOpt = Annotated[Optional[list[str]], typer.Option("--devices", help="Device name, tag:<tag> or all; repeat.")]
+
+
+def emit_json(data: Any) -> None:
+    """Write ``data`` as indented JSON on stdout (``--json``)."""
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def results_table(group: Any) -> Table:
+    """Return the per-device results table of a deploy, tune or rollout (a ``GroupResult``)."""
+    t = Table("device", "result", "variant", "what happened", "seconds", box=box.SIMPLE_HEAD, pad_edge=False)
+    style = {"succeeded": "green", "skipped": "dim", "failed": "red"}
+    for r in group.results:
+        text = "; ".join(r.actions) if r.status != "failed" else (r.reason or "")
+        if r.status == "skipped" and r.reason:
+            text = r.reason
+        t.add_row(r.device, f"[{style[r.status]}]{r.status}[/]", r.variant or "-", escape(text), f"{r.seconds:.1f}")
+    return t

@@ -1,0 +1,1 @@
+"""Orchestration: the only layer that combines fleet, history and selection (tune, rollouts, demo)."""
