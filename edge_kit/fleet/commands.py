@@ -23,14 +23,17 @@ CONNECT_TIMEOUT_S = 10.0
 class FleetClient:
     """A host-side MQTT session with one fleet. Use as a context manager.
 
+    ``transport`` replaces the paho client (unit tests pass an in-memory fake with paho's
+    ``connect/loop_start/subscribe/publish/disconnect/loop_stop`` and callback attributes).
+
     Raises (on enter):
         AgentError: the broker cannot be reached or refuses the connection.
     """
 
-    def __init__(self, broker: BrokerConfig, fleet: str, password: str | None = None):
+    def __init__(self, broker: BrokerConfig, fleet: str, password: str | None = None, *, transport: Any = None):
         self.broker = broker
         self.fleet = fleet
-        self.client = make_client(broker, f"edgekit-host-{uuid.uuid4().hex[:8]}", password=password)
+        self.client = transport or make_client(broker, f"edgekit-host-{uuid.uuid4().hex[:8]}", password=password)
         self._cond = threading.Condition()
         self.acks: dict[str, dict[str, Any]] = {}
         self.records: dict[str, dict[str, Any]] = {}
@@ -89,6 +92,9 @@ class FleetClient:
         """Publish a command to ``device``; return its id (what the ack's ``cmd_id`` will be).
 
         ``expires`` (unix time): the agent refuses the command when it would run later than that.
+
+        Raises:
+            CommandError: the command or its arguments break the spec the agent enforces; nothing is sent.
         """
         msg = commands.command(self.fleet, device, name, args, expires=expires)
         self.client.publish(messages.topic(self.fleet, device, "cmd"), messages.encode(msg), qos=1)
