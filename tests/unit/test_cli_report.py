@@ -1,12 +1,14 @@
 """How the CLI prints: every [n] in a compile table row points at its note; piped tables are not cut;
-the report is found where the history lives."""
+the report is found where the history lives and its latency axis spreads the variants."""
 
 import json
+import math
 import os
 import re
 import subprocess
 import sys
 
+import pytest
 from rich.console import Console
 
 from edge_kit.cli import _compile_report
@@ -74,3 +76,23 @@ def test_one_history_rule_and_the_report_renders_from_the_history_alone(tmp_path
     assert code == 0, err
     assert json.loads(out)["profiles"] == ["rpi4"] and json.loads(out)["devices"] == 1 and html.is_file()
 
+
+def test_latency_axis_is_logarithmic_and_holds_the_points_and_the_limit():
+    from edge_kit.profiles import load_profile
+    from edge_kit.telemetry.report import _profile_figures
+
+    profile = load_profile("rpi4")
+    limit = profile.constraints.max_latency_p90_ms
+    records = [_bench("rpi4-1", v, p90, acc, i) for i, (v, p90, acc) in enumerate(DEMO_LIKE)]
+    scatter, _bars = _profile_figures(profile, records, {"rpi4-1": "int8" * 4})
+    axis = scatter.layout.xaxis
+    assert axis.type == "log"
+    lo, hi = axis.range  # decades
+    p90s = [p90 for _, p90, _ in DEMO_LIKE]
+    assert lo < math.log10(min(p90s)) and math.log10(max(p90s)) < math.log10(limit) < hi
+    # the points are spread, not stacked on one line: on a linear axis reaching 50 ms they took 0.24 % of it
+    assert (math.log10(max(p90s)) - math.log10(min(p90s))) / (hi - lo) > 0.05
+    label = next(a for a in scatter.layout.annotations if a.text == f"max p90 {limit:g} ms")
+    assert label.x == pytest.approx(math.log10(limit))  # annotations on a log axis are placed by decade
+    line = next(s for s in scatter.layout.shapes if s.x0 == s.x1)
+    assert line.x0 == limit  # shapes by value
