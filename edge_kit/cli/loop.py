@@ -21,7 +21,9 @@ StoreOpt = Annotated[Optional[Path], typer.Option("--store", help="History datab
 
 
 def _store_path(fleet_file: Path, store: Path | None) -> Path:
-    return store or fleet_file.resolve().parent / "edgekit-history.db"
+    from edge_kit.telemetry.store import history_path
+
+    return store or history_path(fleet_file)
 
 
 def decision_table(decisions: dict[str, Any], explain: bool) -> list[Any]:
@@ -188,7 +190,8 @@ def demo_cmd(
     switched = result.report.switched
     out.print(f"tune: {len(result.report.rounds)} round(s), switched {', '.join(switched) or 'nothing'}")
     if result.kept:
-        out.print(f"files kept in {result.workdir}")
+        out.print(f"files kept in {result.workdir}; the devices are stopped, their history stays beside the fleet file:")
+        out.print(f"  edgekit report --fleet {result.fleet_file} --out report.html", highlight=False)
 
 
 def _fleet_table(store: Any, fleet: Any) -> Table:
@@ -290,9 +293,9 @@ def report_cmd(
     """Write one self-contained HTML report: per profile, latency vs accuracy and energy; the fleet table."""
     from edge_kit.errors import InputError
     from edge_kit.telemetry.report import build_report
-    from edge_kit.telemetry.store import Store
+    from edge_kit.telemetry.store import HISTORY_NAME, Store
 
-    path = store or (_store_path(fleet_file, None) if fleet_file else Path("edgekit-history.db"))
+    path = store or (_store_path(fleet_file, None) if fleet_file else Path(HISTORY_NAME))
     if not path.is_file():
         raise InputError(f"{path}: no history store; run `edgekit monitor` or `edgekit tune` first, or pass --store")
     info = build_report(Store(path), out_file)

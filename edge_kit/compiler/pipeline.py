@@ -195,6 +195,7 @@ def compile_model(req: CompileRequest, progress: Progress | None = None) -> Mani
     step = progress or (lambda _msg: None)
     from device_agents.inference import ModelRunner
     from device_agents.runtimes import get_runtime
+    from edge_kit.compiler.tf_quiet import runtime_banner_dropped
 
     out = Path(req.out)
     step("checking inputs")
@@ -216,7 +217,9 @@ def compile_model(req: CompileRequest, progress: Progress | None = None) -> Mani
     method = f"measured on host with LiteRT {runtime.version()} interpreter (XNNPACK, {req.threads} thread(s))"
 
     def outputs_of(data: bytes, xs: np.ndarray) -> np.ndarray:
-        return ModelRunner(runtime.interpreter(data, threads=req.threads)).predict(xs)
+        with runtime_banner_dropped():  # LiteRT's "INFO: Created ... XNNPACK delegate" line, nothing else
+            interp = runtime.interpreter(data, threads=req.threads)
+        return ModelRunner(interp).predict(xs)
 
     graph = functools.cache(lambda: source_graph(source))  # traced once, shared by every precision
     built: dict[str, _Plan] = {}

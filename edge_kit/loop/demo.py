@@ -4,7 +4,9 @@ Builds the digits example (a small CNN trained on scikit-learn's bundled digits)
 three profiles, starts a broker (Mosquitto, or the embedded one) and a simulated fleet (sshd and
 the real agent per device), then runs `edgekit tune` on it: deploy, measure every variant on every
 device, select under each profile's constraints, activate, verify. Everything lives in one folder
-that is removed afterwards unless asked to keep it.
+that is removed afterwards unless asked to keep it; a kept folder holds the fleet file
+(``sim/fleet.yaml``) and its history beside it, where ``edgekit report``, ``select`` and
+``fleet status`` look for it (the devices are stopped: those read the history, not the devices).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from edge_kit.examples import digits
 from edge_kit.profiles import load_profile
 from edge_kit.loop.tune import TuneOptions, TuneReport, tune
 from edge_kit.sim.fleet import SimFleet
-from edge_kit.telemetry.store import Store
+from edge_kit.telemetry.store import Store, history_path
 
 STEPS = ("building the example model", "compiling", "starting the simulated fleet", "tuning", "cleaning up")
 DEMO_BENCH = {"min_runs": 100, "min_seconds": 0.5}
@@ -33,9 +35,12 @@ class DemoResult:
     kept: bool
     report: TuneReport
     rows: list[dict[str, Any]]  # one per device: what it runs now and what that measured
+    fleet_file: Path | None = None  # the simulated fleet's fleet.yaml (its devices are stopped)
+    history: Path | None = None  # the history store the tune wrote, beside fleet_file
 
     def as_dict(self) -> dict[str, Any]:
-        return {"workdir": str(self.workdir), "kept": self.kept, "devices": self.rows, "tune": self.report.as_dict()}
+        return {"workdir": str(self.workdir), "kept": self.kept, "fleet_file": str(self.fleet_file),
+                "history": str(self.history), "devices": self.rows, "tune": self.report.as_dict()}
 
 
 def run_demo(devices: int = 3, profiles: tuple[str, ...] = ("rpi4", "rpi5", "coral-usb"), workdir: Path | None = None,
@@ -64,7 +69,7 @@ def run_demo(devices: int = 3, profiles: tuple[str, ...] = ("rpi4", "rpi5", "cor
         step(STEPS[2])
         fleet = sim.up(devices, list(profiles), embedded_broker=embedded_broker)
         step(STEPS[3])
-        store = Store(folder / "history.db")
+        store = Store(history_path(sim.fleet_file))
         report = tune(fleet, fleet.devices, TuneOptions(artifacts, bench=dict(DEMO_BENCH), timeout=180), store,
                       progress=lambda m: step(f"{STEPS[3]}: {m}"))
         latest = store.latest_bench()
@@ -82,7 +87,7 @@ def run_demo(devices: int = 3, profiles: tuple[str, ...] = ("rpi4", "rpi5", "cor
                          "simulated": rec.get("simulated") if rec else None})
         store.close()
         ok = True
-        return DemoResult(folder, keep or not own, report, rows)
+        return DemoResult(folder, keep or not own, report, rows, sim.fleet_file, store.path)
     finally:
         step(STEPS[4])
         sim.down()

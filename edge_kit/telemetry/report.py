@@ -10,6 +10,7 @@ figure is the latest benchmark record in the history store; simulated devices ar
 from __future__ import annotations
 
 import html
+import math
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -56,15 +57,28 @@ def _profile_figures(profile: Profile, records: list[dict[str, Any]], chosen: di
             name="chosen", marker={"symbol": "star", "size": 20, "color": "rgba(0,0,0,0)", "line": {"width": 2, "color": "#111"}},
             text=[f"{r['device']}: {r['variant']}" for r in picks], hovertemplate="%{text}<extra>chosen</extra>"))
     c = profile.constraints
+    # A log x axis: the variants of a small model sit at tenths of a millisecond while the profile's
+    # limit may be 50 ms; on a linear axis reaching the limit they would all fall on one vertical line.
+    # The range is set explicitly (plotly wants it in decades) to hold every point and the limit.
+    xs = [r["latency_ms"]["p90"] for r in records if r.get("accuracy") and r["latency_ms"]["p90"] > 0]
+    if c.max_latency_p90_ms is not None and c.max_latency_p90_ms > 0:
+        xs.append(c.max_latency_p90_ms)
+    xaxis: dict[str, Any] = {"type": "log"}
+    if xs:
+        pad = max(0.1, 0.05 * (math.log10(max(xs)) - math.log10(min(xs))))
+        xaxis["range"] = [math.log10(min(xs)) - pad, math.log10(max(xs)) + pad]
     if c.max_latency_p90_ms is not None:
-        scatter.add_vline(x=c.max_latency_p90_ms, line_dash="dash", line_color="#b00",
-                          annotation_text=f"max p90 {c.max_latency_p90_ms:g} ms")
+        scatter.add_vline(x=c.max_latency_p90_ms, line_dash="dash", line_color="#b00")
+        if c.max_latency_p90_ms > 0:  # annotations on a log axis take the decade, not the value
+            scatter.add_annotation(x=math.log10(c.max_latency_p90_ms), xref="x", y=1, yref="y domain", yanchor="bottom",
+                                   xanchor="right", showarrow=False, text=f"max p90 {c.max_latency_p90_ms:g} ms")
     if c.min_accuracy_ratio is not None and fp32:
         floor = 100 * c.min_accuracy_ratio * sum(fp32) / len(fp32)
         scatter.add_hline(y=floor, line_dash="dash", line_color="#b00",
                           annotation_text=f"min accuracy {c.min_accuracy_ratio:g} x fp32 = {floor:.2f} %")
     scatter.update_layout(title=f"{profile.name}: latency vs accuracy (latest benchmark per device and variant)",
-                          xaxis_title="p90 latency (ms), perf_counter_ns around invoke()", yaxis_title="top-1 accuracy (%)",
+                          xaxis_title="p90 latency (ms, log scale), perf_counter_ns around invoke()",
+                          yaxis_title="top-1 accuracy (%)", xaxis=xaxis,
                           height=460, margin={"t": 60})
     bars = go.Figure()
     variants = sorted(v for v, recs in by_variant.items() if any((r.get("power") or {}).get("energy_per_inference_mj") is not None for r in recs))

@@ -17,6 +17,16 @@ from pathlib import Path
 from typing import Any
 
 KINDS = ("status", "bench", "telemetry")
+HISTORY_NAME = "edgekit-history.db"
+
+
+def history_path(fleet_file: Path) -> Path:
+    """Return where the history of the fleet described by ``fleet_file`` lives: ``edgekit-history.db`` beside it.
+
+    The one rule for every command that defaults its ``--store`` and for ``edgekit demo``, so the
+    history a command (or the demo) wrote is the one the next command reads.
+    """
+    return Path(fleet_file).resolve().parent / HISTORY_NAME
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS status (msg_id TEXT PRIMARY KEY, device TEXT, ts REAL, seq INTEGER, state TEXT, body TEXT);

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import yaml
 
-from edge_kit.telemetry.store import Store
+from edge_kit.telemetry.store import Store, history_path
 
 pytestmark = pytest.mark.integration
 PROFILES = ("rpi4", "rpi5", "coral-usb")
@@ -85,5 +86,7 @@ def test_demo_runs_the_whole_loop_and_cleans_up(run_cli):
         assert row["variant"] and row["feasible"] and row["simulated"] is True and row["p90_ms"] > 0
         assert row["accuracy"] > 0.9 and row["power_method"].startswith("estimated:")
     assert result["kept"] is False and not __import__("pathlib").Path(result["workdir"]).exists()
+    # the history was written where report/select/fleet status look for it: beside the fleet file
+    assert result["history"] == str(history_path(Path(result["fleet_file"])))
     leftovers = subprocess.run(["pgrep", "-f", result["workdir"]], capture_output=True, text=True).stdout.split()
     assert leftovers == []  # no sshd, broker or agent left behind
