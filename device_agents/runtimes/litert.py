@@ -57,7 +57,7 @@ class LiteRT(Runtime):
             except (ValueError, OSError) as exc:
                 raise RuntimeUnavailable(
                     f"delegate '{delegate}' needs {lib}, which could not be loaded ({exc}); "
-                    "see firmware_notes/ for how to install it"
+                    "see docs/firmware/ for how to install it"
                 ) from None
         elif delegate != "xnnpack":
             raise RuntimeUnavailable(f"unknown delegate '{delegate}' (known: xnnpack, none, {', '.join(DELEGATE_LIBRARIES)})")

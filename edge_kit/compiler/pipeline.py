@@ -116,7 +116,7 @@ def _refusal(spec: VariantSpec, source: Source, calib: Dataset | None, compiler:
         return "full-integer int8 needs calibration data: pass --calib FILE.npz (a few hundred inputs)"
     if spec.id == "edgetpu" and compiler is None:
         return ("edgetpu_compiler not found on PATH (it runs on x86-64 Linux; install Coral's "
-                "edgetpu-compiler package, see firmware_notes/coral.md); the int8 variant is the input it needs")
+                "edgetpu-compiler package, see docs/firmware/coral.md); the int8 variant is the input it needs")
     return None
 
 
