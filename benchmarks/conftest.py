@@ -35,7 +35,8 @@ REPRODUCE = ".venv/bin/python -m pytest benchmarks -q"
 PACKAGES = ("numpy", "ai-edge-litert", "tensorflow", "tensorflow-cpu", "paho-mqtt", "paramiko", "pytest-benchmark")
 
 FIGURES: list[dict[str, str]] = []
-_RUN: dict[str, object] = {"started": None, "t0": 0.0, "deselected": 0, "outcomes": {}, "skips": {}, "wrote": None}
+_RUN: dict[str, object] = {"started": None, "t0": 0.0, "git": None, "deselected": 0, "outcomes": {}, "skips": {},
+                           "wrote": None}
 
 
 def pytest_addoption(parser):
@@ -64,6 +65,7 @@ def figure(request):
 def pytest_sessionstart(session):
     _RUN["started"] = datetime.now(timezone.utc)
     _RUN["t0"] = time.perf_counter()
+    _RUN["git"] = _git_state(Path(session.config.rootpath))  # the code that runs: read before any test does
 
 
 def pytest_deselected(items):
@@ -98,6 +100,12 @@ def _git(root: Path, *args: str) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return done.stdout.strip()
+
+
+def _git_state(root: Path) -> dict[str, object]:
+    """The commit checked out, and whether tracked files differ from it (docs/figures.json aside)."""
+    dirty = _git(root, "status", "--porcelain", "--untracked-files=no", "--", ".", f":!{DEFAULT_OUT.as_posix()}")
+    return {"commit": _git(root, "rev-parse", "HEAD"), "dirty": bool(dirty) if dirty is not None else None}
 
 
 def _cpu_model() -> str:
@@ -152,7 +160,6 @@ def pytest_sessionfinish(session, exitstatus):
         return
     out = Path(given) if given is not None else root / DEFAULT_OUT
     outcomes: dict[str, str] = _RUN["outcomes"]  # type: ignore[assignment]
-    dirty = _git(root, "status", "--porcelain", "--untracked-files=no", "--", ".", f":!{DEFAULT_OUT.as_posix()}")
     data = {
         "schema": "edgekit.figures/1",
         "date": _RUN["started"].isoformat(timespec="seconds") if _RUN["started"] else None,  # type: ignore[union-attr]
@@ -161,7 +168,7 @@ def pytest_sessionfinish(session, exitstatus):
         "command": shlex.join(["python", "-m", "pytest", *config.invocation_params.args]),
         "pytest_args": list(config.invocation_params.args),
         "reproduce": REPRODUCE,
-        "git": {"commit": _git(root, "rev-parse", "HEAD"), "dirty": bool(dirty) if dirty is not None else None},
+        "git": _RUN["git"] or _git_state(root),
         "machine": _machine(),
         "packages": _packages(),
         "tests": {state: sorted(n for n, s in outcomes.items() if s == state) for state in ("passed", "failed", "skipped")},
