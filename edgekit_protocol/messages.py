@@ -95,6 +95,10 @@ def encode(message: dict[str, Any]) -> bytes:
     return json.dumps(message, separators=(",", ":"), allow_nan=False).encode()
 
 
+def _refuse_constant(name: str) -> float:
+    raise MessageError(f"payload holds the non-finite number {name}; numbers must be finite")
+
+
 def decode(payload: bytes, kind: str | None = None) -> dict[str, Any]:
     """Parse and check a payload's envelope (and, with ``kind``, that its schema fits the topic).
 
@@ -102,13 +106,13 @@ def decode(payload: bytes, kind: str | None = None) -> dict[str, Any]:
         The message as a dict.
 
     Raises:
-        MessageError: oversized, not UTF-8 JSON, not an object, a missing or mistyped envelope
+        MessageError: oversized, not UTF-8 JSON, a NaN or infinity anywhere, not an object, a missing or mistyped envelope
             field, or a schema that does not match ``kind``.
     """
     if len(payload) > MAX_PAYLOAD:
         raise MessageError(f"payload of {len(payload)} bytes is over the {MAX_PAYLOAD}-byte limit")
     try:
-        message = json.loads(payload.decode("utf-8"))
+        message = json.loads(payload.decode("utf-8"), parse_constant=_refuse_constant)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise MessageError(f"payload is not UTF-8 JSON ({type(exc).__name__})") from None
     if not isinstance(message, dict):

@@ -48,9 +48,9 @@ def test_piped_output_is_wide_enough_for_the_tables_unless_columns_says_otherwis
 
 
 def _bench(device, variant, p90, accuracy, seq, profile="rpi4"):
-    from edge_kit import schema
+    from edgekit_protocol import messages
 
-    return schema.envelope("bench", "sim", device, seq, {
+    return messages.envelope("bench", "sim", device, seq, {
         "profile": profile, "variant": variant, "sha256": variant * 4, "latency_ms": {"p90": p90}, "runs": 100,
         "accuracy": {"value": accuracy}, "simulated": True,
         "power": {"method": "estimated: idle_w + (busy_w - idle_w) x CPU use", "estimated": True,

@@ -71,9 +71,15 @@ def test_a_good_command_parses():
     assert cmd.name == "bench" and cmd.args == {"variant": "int8", "min_seconds": 0.5}
 
 
-def test_every_command_in_the_schema_has_an_argument_spec_and_a_handler_in_the_agent():
-    from edgekit_protocol.commands import _ARGS
-    from device_agents.service import Agent
+def test_the_host_cannot_send_what_the_agent_would_refuse():
+    """The one spec: ``command()`` (what the host sends) checks the arguments ``parse_command`` enforces."""
+    with pytest.raises(CommandError, match="bench: argument 'threads' must be between 1 and 64, got 0"):
+        commands.command("f1", "d1", "bench", {"threads": 0})
+    with pytest.raises(CommandError, match="unknown command 'reboot'"):
+        commands.command("f1", "d1", "reboot")
 
-    assert set(_ARGS) == set(commands.COMMANDS)
-    assert all(callable(getattr(Agent, f"_cmd_{name}", None)) for name in commands.COMMANDS)
+
+@pytest.mark.parametrize("text", ['{"a": NaN}', '{"a": Infinity}', '{"a": -Infinity}'])
+def test_non_finite_numbers_are_refused_at_parse_time(text):
+    with pytest.raises(messages.MessageError, match="non-finite number"):
+        messages.decode(text.encode())

@@ -1,0 +1,31 @@
+"""The agent bundle a deploy ships: the agent and the protocol package, nothing of the host."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import tarfile
+
+from edge_kit.fleet.agent_install import agent_bundle
+
+
+def test_the_bundle_holds_the_agent_and_the_protocol_package_only_and_runs_without_the_host(tmp_path):
+    data, sha = agent_bundle()
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        names = tar.getnames()
+        tar.extractall(tmp_path, filter="data")
+    assert {n.split("/")[0] for n in names} == {"device_agents", "edgekit_protocol"}
+    assert "device_agents/service.py" in names and "edgekit_protocol/messages.py" in names
+    assert agent_bundle() == (data, sha)  # reproducible: the same code gives the same sha256
+
+    # Import every module of the unpacked bundle with the host package made unimportable.
+    modules = sorted(n[:-3].replace("/", ".").removesuffix(".__init__") for n in names if n.endswith(".py")
+                     and not n.endswith("__main__.py"))
+    code = ("import sys; sys.modules['edge_kit'] = None; sys.modules['tensorflow'] = None; "
+            f"sys.path.insert(0, {str(tmp_path)!r}); import importlib; "
+            f"[importlib.import_module(m) for m in {modules!r}]; "
+            "import device_agents; print(device_agents.__file__)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().startswith(str(tmp_path))

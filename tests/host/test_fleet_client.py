@@ -1,0 +1,114 @@
+"""The host's fleet client and tune's measuring round against an in-memory transport (no broker).
+
+The fake stands where paho's client stands; a scripted "agent" answers each published command
+with what a real agent sends (an ack, and for ``bench`` a record), or stays silent.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any, Callable
+
+import pytest
+
+from edge_kit.errors import AgentError, AgentTimeout, CommandError
+from edge_kit.fleet.commands import FleetClient
+from edge_kit.loop.tune import _measure
+from edge_kit.telemetry.store import Store
+from edgekit_protocol import messages
+from edgekit_protocol.config import BrokerConfig
+
+FLEET = "f1"
+LATENCY = {q: 1.0 for q in ("p50", "p90", "p99", "mean", "std", "min", "max")}
+
+
+class FakeTransport:
+    """paho's client surface, in memory; ``answer(device, command) -> [(kind, body)]`` plays the agents."""
+
+    def __init__(self, answer: Callable[[str, dict[str, Any]], list[tuple[str, dict[str, Any]]]]):
+        self.answer = answer
+        self.published: list[dict[str, Any]] = []
+        self.on_connect = self.on_message = self.on_subscribe = None
+        self.seq = 0
+
+    def connect(self, host: str, port: int, keepalive: int = 30) -> None:
+        pass
+
+    def loop_start(self) -> None:  # the network loop: connect, then the SUBACK of what on_connect subscribed
+        self.on_connect(self, None, None, SimpleNamespace(is_failure=False), None)
+        self.on_subscribe(self, None, None, None, None)
+
+    def subscribe(self, topics: list[tuple[str, int]]) -> None:
+        self.topics = topics
+
+    def publish(self, topic: str, payload: bytes, qos: int = 0) -> None:
+        msg = messages.decode(payload, "cmd")
+        self.published.append(msg)
+        for kind, body in self.answer(msg["device"], msg):
+            self.seq += 1
+            reply = messages.envelope(kind, FLEET, msg["device"], self.seq, body)
+            self.on_message(self, None, SimpleNamespace(topic=messages.topic(FLEET, msg["device"], kind),
+                                                        payload=messages.encode(reply)))
+
+    def disconnect(self) -> None:
+        pass
+
+    def loop_stop(self) -> None:
+        pass
+
+
+def agent(silent: tuple[str, ...] = (), refuse: tuple[str, ...] = ()):
+    """Return an ``answer`` function: a healthy agent per device, except the silent and refusing ones."""
+
+    def answer(device: str, cmd: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+        if device in silent:
+            return []
+        if device in refuse:
+            return [("cmd/ack", {"cmd_id": cmd["msg_id"], "command": cmd["command"], "ok": False, "error": "disk full"})]
+        if cmd["command"] != "bench":
+            return [("cmd/ack", {"cmd_id": cmd["msg_id"], "command": cmd["command"], "ok": True, "result": {"x": 1}})]
+        record = messages.envelope("bench", FLEET, device, 1, {
+            "variant": "int8", "sha256": cmd["args"]["sha256"], "latency_ms": LATENCY, "runs": 10,
+            "power": {"measured": False}, "simulated": True})
+        return [("cmd/ack", {"cmd_id": cmd["msg_id"], "command": "bench", "ok": True,
+                             "result": {"bench_msg_id": record["msg_id"]}}), ("bench", {k: v for k, v in record.items()
+                                                                                       if k not in ("schema", "device", "fleet", "seq", "ts")})]
+
+    return answer
+
+
+def client(answer) -> FleetClient:
+    return FleetClient(BrokerConfig(), FLEET, transport=FakeTransport(answer))
+
+
+def test_a_request_returns_the_ack_or_raises_what_the_agent_said():
+    with client(agent(refuse=("d2",), silent=("d3",))) as c:
+        assert c.request("d1", "state")["result"] == {"x": 1}
+        with pytest.raises(AgentError, match="d2: state refused: disk full"):
+            c.request("d2", "state")
+        with pytest.raises(AgentTimeout, match="d3: no answer to 'state' within 0 s"):
+            c.request("d3", "state", timeout=0.05)
+
+
+def test_a_bench_request_waits_for_the_record_the_ack_announces():
+    with client(agent()) as c:
+        ack = c.request("d1", "bench", {"sha256": "ab" * 32})
+        assert ack["record"]["sha256"] == "ab" * 32 and ack["record"]["device"] == "d1"
+
+
+def test_a_command_the_agent_would_refuse_is_never_sent():
+    transport = FakeTransport(agent())
+    with FleetClient(BrokerConfig(), FLEET, transport=transport) as c:
+        with pytest.raises(CommandError, match="min_runs' must be between 1 and 1000000, got 0"):
+            c.send("d1", "bench", {"min_runs": 0})
+    assert transport.published == []
+
+
+def test_a_measuring_round_stores_what_came_back_and_names_who_did_not_answer(tmp_path):
+    store = Store(tmp_path / "history.db")
+    wanted = {"d1": [("int8", "a" * 64), ("fp32", "b" * 64)], "d2": [("int8", "c" * 64)], "d3": [("int8", "d" * 64)]}
+    with client(agent(silent=("d2",), refuse=("d3",))) as c:
+        stored, silent = _measure(c, store, wanted, {"min_runs": 10}, timeout=0.2)
+    assert stored == 2
+    assert silent == {"d2": ["int8 (no answer)"], "d3": ["int8 (disk full)"]}
+    assert sorted(sha for _, sha in store.latest_bench("d1")) == ["a" * 64, "b" * 64]

@@ -1,0 +1,47 @@
+"""fleet.yaml: strict keys, file:line errors, defaults, selectors."""
+
+from __future__ import annotations
+
+import pytest
+
+from edge_kit.errors import ConfigError
+from edge_kit.fleet.inventory import load_fleet
+
+
+def write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+FLEET = """\
+fleet: plant-a
+broker: {host: 127.0.0.1, port: 1883}
+defaults: {user: edgekit, profile: rpi4}
+devices:
+  - {name: pi-1, host: 10.0.0.1, tags: [pi]}
+  - {name: pi-2, host: 10.0.0.2, tags: [pi, canary]}
+  - {name: coral-1, host: 10.0.0.3, profile: coral-usb, user: mendel}
+"""
+
+
+def test_fleet_defaults_fill_devices_and_selectors_pick_them(tmp_path):
+    fleet = load_fleet(write(tmp_path, "fleet.yaml", FLEET))
+    assert [d.user for d in fleet.devices] == ["edgekit", "edgekit", "mendel"]
+    assert [d.name for d in fleet.select(["tag:pi"])] == ["pi-1", "pi-2"]
+    assert [d.name for d in fleet.select(["coral-1", "tag:canary"])] == ["pi-2", "coral-1"]
+    with pytest.raises(ConfigError, match="--devices tag:jetson: matches no device"):
+        fleet.select(["tag:jetson"])
+    with pytest.raises(ConfigError, match="did you mean 'coral-1'"):
+        fleet.device("coral-l")
+
+
+@pytest.mark.parametrize("change, message", [
+    (("tags: [pi]}", "tagz: [pi]}"), "fleet.yaml:5: devices[0].tagz: unknown key; did you mean 'tags'?"),
+    (("profile: coral-usb", "profile: coral-usbb"), "device coral-1: unknown profile 'coral-usbb'"),
+    (("name: pi-2", "name: pi-1"), "listed twice: pi-1"),
+    (("broker: {host: 127.0.0.1, port: 1883}", "broker: {host: 127.0.0.1, password: x}"), "broker.password: unknown key"),
+])
+def test_fleet_errors_name_the_line_and_the_key(tmp_path, change, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("?", r"\?")):
+        load_fleet(write(tmp_path, "fleet.yaml", FLEET.replace(*change)))

@@ -1,0 +1,37 @@
+"""The canary decision, on results alone (no devices)."""
+
+from __future__ import annotations
+
+from edge_kit.fleet.deploy import DeviceResult
+from edge_kit.loop.rollout import judge_canaries
+
+
+def result(name: str, status: str = "succeeded", activated: bool = True, rolled_back: bool = False) -> DeviceResult:
+    return DeviceResult(name, status, activated=activated, rolled_back=rolled_back)  # type: ignore[arg-type]
+
+
+def test_healthy_canaries_let_the_rollout_proceed():
+    verdict = judge_canaries([result("a"), result("b")], {}, max_failed=0.0)
+    assert verdict.proceed and verdict.failed == () and verdict.roll_back == ()
+
+
+def test_a_canary_breaking_its_constraints_stops_it_and_only_switched_canaries_are_rolled_back():
+    results = [result("a"), result("b", activated=False), result("c", status="failed", activated=True, rolled_back=True)]
+    verdict = judge_canaries(results, {"a": "p90 <= 1 ms"}, max_failed=0.0)
+    assert not verdict.proceed
+    assert verdict.failed == ("a", "c")
+    assert verdict.roll_back == ("a",)  # b never switched; c was already rolled back
+    assert "2 of 3 canaries failed (more than 0%)" in verdict.reason
+
+
+def test_the_failure_share_is_a_bound_not_a_trigger():
+    results = [result(n) for n in "abcde"]
+    assert judge_canaries(results, {"a": "x"}, max_failed=0.2).proceed  # 1 of 5 = 20 % is allowed
+    assert not judge_canaries(results, {"a": "x", "b": "y"}, max_failed=0.2).proceed
+
+
+def test_the_result_keeps_the_exception_and_says_so_in_json():
+    r = result("a")
+    r.fail(ValueError("boom"))
+    assert r.status == "failed" and r.reason == "boom" and isinstance(r.error, ValueError)
+    assert r.as_dict()["error"] == {"type": "ValueError", "message": "boom"}

@@ -1,0 +1,36 @@
+"""The agent's config model: one model for both sides, checked the same way wherever it comes from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from edgekit_protocol.config import AgentConfig, BrokerConfig, Node, StoreConfig, build, to_plain
+from edgekit_protocol.errors import ConfigError
+
+
+def test_what_the_host_writes_the_agent_reads_back_unchanged():
+    cfg = AgentConfig(device="pi-1", fleet="f", root=Path("/opt/edgekit"),
+                      broker=BrokerConfig(host="mqtt.local", port=8883, password_file=Path("/etc/edgekit/mqtt.pass")),
+                      store=StoreConfig(max_store_mb=64))
+    assert build(Node.plain(to_plain(cfg)), "agent.yaml") == cfg
+
+
+@pytest.mark.parametrize("plain, message", [
+    ({"device": "d", "fleet": "f", "broker": {"port": 70000}}, "agent.yaml: broker: port 70000 is not between 1 and 65535"),
+    ({"device": "d", "fleet": "f", "telemetry_interval_s": float("nan")}, "telemetry_interval_s: expected a finite number"),
+    ({"device": "d", "fleet": "f", "store": {"max_store_mb": -1}}, "store.max_store_mb must be positive"),
+    ({"device": "d", "fleet": "f", "stor": {}}, "stor: unknown key; did you mean 'store'?"),
+])
+def test_bad_values_name_the_key(plain, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("?", r"\?")):
+        build(Node.plain(plain), "agent.yaml")
+
+
+def test_one_password_file_rule(tmp_path):
+    (tmp_path / "pw").write_text("s3cret\n")
+    assert BrokerConfig(password_file=tmp_path / "pw").password() == "s3cret"
+    assert BrokerConfig().password() is None
+    with pytest.raises(ConfigError, match="fleet.yaml: broker.password_file .*/missing: No such file"):
+        BrokerConfig(password_file=tmp_path / "missing").password("fleet.yaml")

@@ -1,0 +1,108 @@
+"""The stdlib .npz reader: what numpy writes reads back exactly; what would crash native code is refused."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edgekit_protocol.datafile import first_nonfinite, read_arrays, read_npz, read_reference
+from edgekit_protocol.errors import DataFileError, InputError
+
+
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed])
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64", "uint8", "int8", "int32", "int64", "bool"])
+def test_arrays_numpy_writes_read_back_exactly(tmp_path, save, dtype):
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(5, 3, 2)) * 50).astype(dtype)
+    path = tmp_path / "d.npz"
+    save(path, x=x, y=np.arange(5))
+    arrays = read_arrays(path, "--calib")
+    assert list(arrays) == ["x", "y"]
+    back = np.asarray(arrays["x"])
+    assert back.dtype == x.dtype and back.shape == x.shape and np.array_equal(back, x)
+
+
+def test_read_npz_checks_shapes_and_labels(tmp_path):
+    path = tmp_path / "eval.npz"
+    np.savez(path, x=np.zeros((4, 8, 8, 1), np.float32), y=np.arange(4).reshape(4, 1), reference=np.ones((4, 10)))
+    x, y = read_npz(path, "--eval", (8, 8, 1), labels="required")
+    assert np.asarray(x).shape == (4, 8, 8, 1) and np.asarray(y).tolist() == [0, 1, 2, 3]
+    assert np.asarray(read_reference(path, 4)).shape == (4, 10)
+    with pytest.raises(DataFileError, match=r"eval.npz: --eval samples have shape \(8, 8, 1\) but the model takes \(28, 28, 1\)"):
+        read_npz(path, "--eval", (28, 28, 1), labels="required")
+    with pytest.raises(DataFileError, match="reference has 4 rows for 5 samples"):
+        read_reference(path, 5)
+    np.savez(path, x=np.zeros((4, 2), np.float32), y=np.zeros(4, np.float32))
+    with pytest.raises(DataFileError, match="y must hold one integer label per sample"):
+        read_npz(path, "--eval", (2,), labels="required")
+    assert issubclass(DataFileError, InputError) and DataFileError.exit_code == 2
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nan_and_infinity_are_refused_with_the_key_and_first_bad_index(tmp_path, dtype, bad):
+    x = np.ones((6, 4, 3), dtype)
+    x[2, 1, 0] = bad
+    x[5, 3, 2] = bad
+    path = tmp_path / "calib.npz"
+    np.savez(path, x=x)
+    with pytest.raises(DataFileError, match=r"calib.npz: --calib key 'x' holds NaN or infinity at index \[2, 1, 0\]"):
+        read_arrays(path, "--calib")
+
+
+def test_the_largest_finite_values_are_not_mistaken_for_infinity():
+    from edgekit_protocol.datafile import Array
+
+    for dtype in ("float16", "float32", "float64"):
+        info = np.finfo(dtype)
+        a = np.array([info.max, -info.max, info.tiny, 0.0, -0.0], dtype)
+        assert first_nonfinite(Array("x", a.dtype.str, a.shape, a.tobytes())) is None
+
+
+def _zip(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=True)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("data, message", [
+    (lambda: _zip({"x.npy": _npy(np.array([{"a": 1}], dtype=object))}), "holds '\\|O' values"),
+    (lambda: _zip({"x.npy": _npy(np.ones(3, ">f4"))}), "holds '>f4' values"),
+    (lambda: _zip({"x.npy": _npy(np.asfortranarray(np.ones((3, 2), "f4")))}), "Fortran order"),
+    (lambda: _zip({"x.npy": _npy(np.ones(8, "f4"))[:-5]}), "truncated or padded"),
+    (lambda: _zip({"x.npy": b"not an array"}), "is not a numpy array"),
+    (lambda: b"PK\x03\x04 cut short", "is not a readable .npz file"),
+])
+def test_what_native_code_would_trip_over_is_refused_in_one_line(tmp_path, data, message):
+    path = tmp_path / "bad.npz"
+    path.write_bytes(data())
+    with pytest.raises(DataFileError, match=message) as info:
+        read_arrays(path, "--calib")
+    assert "\n" not in str(info.value) and str(path) in str(info.value)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=400), st.integers(min_value=0, max_value=300))
+def test_any_bytes_are_read_or_refused_never_crash(tmp_path_factory, noise, cut):
+    """Fuzz: random and truncated files give arrays or a DataFileError, nothing else."""
+    good = _zip({"x.npy": _npy(np.arange(12, dtype="f4").reshape(3, 4))})
+    for data in (noise, good[:cut] + noise, _zip({"x.npy": _npy(np.ones(2, "f4"))[:cut] + noise})):
+        path = tmp_path_factory.mktemp("fuzz") / "f.npz"
+        path.write_bytes(data)
+        try:
+            read_arrays(path, "--calib")
+        except DataFileError:
+            pass
