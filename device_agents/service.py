@@ -12,6 +12,7 @@ Everything the agent says is spooled first (see :mod:`device_agents.spool`) exce
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import queue
@@ -204,7 +205,30 @@ class Agent:
         sha = self.store.resolve(sha256=cmd.args.get("sha256"), variant=cmd.args.get("variant"))
         result = self.store.activate(sha, runtime=self.cfg.bench.runtime, delegate=self.cfg.bench.delegate,
                                      smoke=self.smoke)
-        return {**result, "model": self._model_ref(sha)}
+        return {**result, "model": self._model_ref(sha), "removed": self._apply_budget(cmd.args.get("keep"))}
+
+    def _apply_budget(self, keep: list[str] | None) -> list[dict[str, Any]]:
+        """After an activation: remove the oldest models beyond ``store.max_store_mb``; return what went.
+
+        ``keep`` (the candidates the host just deployed) is remembered in ``<root>/candidates.json``
+        so a later activation without it still spares them.
+        """
+        remembered = self.store.root / "candidates.json"
+        if keep is not None:
+            tmp = remembered.with_suffix(".tmp")
+            tmp.write_text(json.dumps(sorted(keep)))
+            os.replace(tmp, remembered)
+        if self.cfg.store.max_store_mb is None:
+            return []
+        try:
+            spared = set(json.loads(remembered.read_text())) if keep is None else set(keep)
+        except (OSError, ValueError, TypeError):
+            spared = set()
+        removed = self.store.prune(int(self.cfg.store.max_store_mb * 1e6), spared)
+        if removed:
+            log.info("store budget %.0f MB: removed %s", self.cfg.store.max_store_mb,
+                     ", ".join(f"{m['variant']} {m['sha256'][:12]}" for m in removed))
+        return removed
 
     def _cmd_rollback(self, _cmd: Command) -> dict[str, Any]:
         return self.store.rollback()

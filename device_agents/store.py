@@ -136,6 +136,34 @@ class ModelStore:
             raise StoreError(f"model {sha256[:12]} is in use (current or previous); activate another first")
         shutil.rmtree(self.models / sha256, ignore_errors=True)
 
+    def prune(self, budget_bytes: int, keep: set[str]) -> list[dict]:
+        """Remove the oldest models until the store holds at most ``budget_bytes``.
+
+        Never removes ``current``, ``previous`` or a model in ``keep`` (the candidates of the last
+        tune or deploy); when those alone are over the budget, it stops there.
+
+        Returns:
+            The metadata of each removed model (sha256, variant, model, bytes), oldest first.
+        """
+        protected = keep | {self.current(), self.previous()}
+        models = self.installed()
+        total = sum(self._bytes(m["sha256"]) for m in models)
+        removed = []
+        for meta in models:  # oldest first
+            if total <= budget_bytes:
+                break
+            if meta["sha256"] in protected:
+                continue
+            size = self._bytes(meta["sha256"])
+            shutil.rmtree(self.models / meta["sha256"], ignore_errors=True)
+            total -= size
+            removed.append({k: meta.get(k) for k in ("sha256", "variant", "model")} | {"bytes": size})
+        return removed
+
+    def _bytes(self, sha256: str) -> int:
+        """Return the bytes a model's folder holds (artifact, metadata, eval set)."""
+        return sum(f.stat().st_size for f in (self.models / sha256).glob("*") if f.is_file())
+
     # --- reading ------------------------------------------------------------------------------
 
     def _meta(self, sha256: str) -> dict | None:

@@ -5,7 +5,9 @@ bench     ``{variant | sha256, min_runs, min_seconds, warmup, threads}``: benchm
           model (default: the current one); the record goes to ``bench``, the ack names it.
 install   ``{path, sha256, variant, model, eval}``: move an upload from ``<root>/incoming/`` into the
           store, checked against ``sha256`` (``eval``: an eval set there, copied alongside).
-activate  ``{variant | sha256}``: safe activation (sha256 check, smoke inference in a child).
+activate  ``{variant | sha256, keep}``: safe activation (sha256 check, smoke inference in a child), then
+          the store budget: the oldest models beyond ``store.max_store_mb`` are removed, never
+          ``current``, ``previous`` or one in ``keep`` (the host's candidates); the ack lists them.
 rollback  ``{}``: swap ``current`` and ``previous``.
 state     ``{}``: what is installed, current, previous, the spool, the power sensor, free bytes.
 ========  =====================================================================================
@@ -31,7 +33,8 @@ _ARGS: dict[str, dict[str, tuple[tuple[type, ...], float | None, float | None]]]
               "warmup": (_INT, 0, 10_000), "threads": (_INT, 1, 64)},
     "install": {"path": ((str,), None, None), "sha256": ((str,), None, None), "variant": ((str,), None, None),
                 "model": ((str,), None, None), "eval": ((str,), None, None)},
-    "activate": {"variant": ((str,), None, None), "sha256": ((str,), None, None)},
+    "activate": {"variant": ((str,), None, None), "sha256": ((str,), None, None),
+                 "keep": ((list,), 0, 256)},  # sha256s the store budget must spare (a list's bounds: its length)
     "rollback": {},
     "state": {},
 }
@@ -93,7 +96,10 @@ def check_args(name: str, args: Any) -> dict[str, Any]:
         if not isinstance(value, types) or isinstance(value, bool):
             raise CommandError(f"{name}: argument '{key}' must be {'/'.join(t.__name__ for t in types)}, "
                                f"got {type(value).__name__}", name=name)
-        if low is not None and not (low <= value <= high):
+        if isinstance(value, list):
+            if not (low <= len(value) <= high) or not all(isinstance(v, str) and len(v) <= 128 for v in value):
+                raise CommandError(f"{name}: argument '{key}' must be a list of at most {high} strings", name=name)
+        elif low is not None and not (low <= value <= high):
             raise CommandError(f"{name}: argument '{key}' must be between {low} and {high}, got {value}", name=name)
     if name == "activate" and not (args.get("variant") or args.get("sha256")):
         raise CommandError("activate: give 'variant' or 'sha256'", name=name)

@@ -199,9 +199,13 @@ class _Deployer:
             result.variant, result.sha256 = target.id, target.sha256
             if current != target.sha256:
                 self.progress(dev.name, f"activate {target.id}")
-                result.activation = self._activate(shell, target)
+                result.activation = self._activate(shell, target, keep=[a.sha256 for a in wanted])
                 result.activated = True
                 result.actions.append(f"activated {target.id}")
+                removed = result.activation.get("removed") or []
+                if removed:
+                    result.actions.append(f"removed {len(removed)} old model(s), "
+                                          f"{sum(m['bytes'] for m in removed) / 1e6:.1f} MB, for the store budget")
             if not result.actions:
                 result.reason = "already current: same agent, same artifacts, same active variant"
                 return
@@ -255,8 +259,10 @@ class _Deployer:
         assert self.client is not None
         return self.client.request(dev.name, name, args, timeout=self.opts.health_timeout, expire=True)["result"]
 
-    def _activate(self, shell: DeviceShell, target: Artifact) -> dict[str, Any]:
+    def _activate(self, shell: DeviceShell, target: Artifact, keep: list[str]) -> dict[str, Any]:
         """Activate through the running agent and take its ack as the health report; over SSH without a broker.
+
+        ``keep``: this deploy's candidates, which the device's store budget must not remove.
 
         Returns:
             What the agent reported: current, previous, and the smoke inference's result.
@@ -267,7 +273,7 @@ class _Deployer:
         if self.client is None:
             return shell.agent("activate", "--sha256", target.sha256)
         try:
-            return self._request(shell.dev, "activate", {"sha256": target.sha256})
+            return self._request(shell.dev, "activate", {"sha256": target.sha256, "keep": keep})
         except AgentTimeout as exc:
             probe = shell.agent("state")  # no ack: did it switch anyway?
             if (probe.get("current") or {}).get("sha256") == target.sha256:

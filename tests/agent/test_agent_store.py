@@ -91,3 +91,21 @@ def test_switching_links_is_atomic_and_keeps_previous(store, tmp_path):
     assert store.rollback() == {"current": a, "previous": b}
     with pytest.raises(StoreError, match="in use"):
         store.remove(a)
+
+
+def test_the_budget_removes_the_oldest_models_but_never_current_previous_or_a_kept_candidate(store, tmp_path):
+    shas = []
+    for i in range(5):
+        path, sha = model_file(tmp_path, bytes([i]) * 1000, f"m{i}.tflite")
+        store.install(path, variant=f"v{i}", model="m")
+        os.utime(store.models / sha)  # install order is what 'installed' records; keep it strictly increasing
+        shas.append(sha)
+    store._point("previous", shas[0])
+    store._point("current", shas[3])
+    per_model = store._bytes(shas[1])
+    # five models, a budget of three: v0 (previous), v3 (current) and v1 (kept) stay, so v2 and v4 go
+    removed = store.prune(budget_bytes=3 * per_model + 10, keep={shas[1]})
+    assert [m["variant"] for m in removed] == ["v2", "v4"] and all(m["bytes"] > 1000 for m in removed)
+    assert sorted(m["variant"] for m in store.installed()) == ["v0", "v1", "v3"]
+    assert store.prune(budget_bytes=0, keep={shas[1]}) == []  # what is left is all protected: it stops there
+    assert store.prune(budget_bytes=10 * per_model, keep=set()) == []  # under budget: nothing to do

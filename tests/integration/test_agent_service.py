@@ -263,3 +263,19 @@ def test_a_stopped_agent_leaves_an_offline_status_and_a_killed_one_its_last_will
     assert monitor.wait_for(online("dev1"), 30)
     agent.proc.kill()  # no goodbye: the broker publishes the will after the keepalive lapses
     assert monitor.wait_for(lambda m: m["status"][-1]["state"] == "offline", 15)
+
+
+def test_after_an_activation_the_store_budget_removes_old_models_and_the_ack_lists_them(agents, mosquitto, monitor, tmp_path):
+    agent = agents("dev1", store={"max_store_mb": 0.001})  # far below what the digits variants take
+    junk = tmp_path / "old.tflite"
+    junk.write_bytes(b"TFL3" + bytes(3000))
+    old = agent.store.install(junk, variant="old", model="digits").sha256
+    assert monitor.wait_for(online("dev1"), 30)
+    with client_for(mosquitto) as client:
+        done = client.request("dev1", "activate", {"variant": "fp32", "keep": [agent.sha["dynamic-int8"]]},
+                              timeout=60)["result"]
+        assert [m["sha256"] for m in done["removed"]] == [old]  # int8 is previous, fp32 current, dynamic-int8 kept
+        assert agent.store.describe(old) is None and agent.store.describe(agent.sha["dynamic-int8"]) is not None
+        # the kept candidates are remembered: a later activation without 'keep' still spares them
+        again = client.request("dev1", "activate", {"variant": "int8"}, timeout=60)["result"]
+        assert again["removed"] == [] and agent.store.describe(agent.sha["dynamic-int8"]) is not None
