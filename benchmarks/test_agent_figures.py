@@ -7,7 +7,6 @@ import threading
 import time
 
 import numpy as np
-import pytest
 
 from device_agents.bench import BenchSettings, run_bench
 from edgekit_protocol.config import BrokerConfig

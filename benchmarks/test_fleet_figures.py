@@ -12,13 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import paho.mqtt.client as mqtt
-import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edgekit_protocol import messages
 from edge_kit.compiler.pipeline import CompileRequest, compile_model
 from edge_kit.fleet.deploy import DeployOptions, deploy
-from edge_kit.fleet.inventory import load_fleet
 from edge_kit.profiles import Constraints, Profile, load_profile
 from edge_kit.selection.constraints import Measured
 from edge_kit.selection.policy import Candidate, choose

@@ -22,11 +22,11 @@ from typing import Any
 import numpy as np
 
 from device_agents import conditions
-from edgekit_protocol.datafile import read_npz, read_reference
 from device_agents.inference import ModelRunner, fidelity, top1_accuracy
 from device_agents.power import not_measured
 from device_agents.runtimes import get_runtime
 from edgekit_protocol.config import BenchSettings
+from edgekit_protocol.datafile import read_npz, read_reference
 
 
 def _percentiles(ns: np.ndarray) -> dict[str, float]:

@@ -16,8 +16,8 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edgekit_protocol.config import BrokerConfig
 from device_agents.spool import Spool
+from edgekit_protocol.config import BrokerConfig
 
 log = logging.getLogger("edgekit.agent.mqtt")
 

@@ -27,15 +27,15 @@ from typing import Any
 import edgekit_protocol
 from device_agents import conditions
 from device_agents.bench import run_bench
-from edgekit_protocol.commands import Command, CommandError, parse_command
-from edgekit_protocol.config import AgentConfig
 from device_agents.mqtt import SpooledPublisher, make_client
 from device_agents.power import SensorEnv, SensorMeter, not_measured, power_meter
-from device_agents.runtimes import RUNTIMES, RuntimeUnavailable
+from device_agents.runtimes import RUNTIMES
 from device_agents.smoke import SmokePool
 from device_agents.spool import Spool
 from device_agents.store import ModelStore, StoreError, default_root
 from edgekit_protocol import messages
+from edgekit_protocol.commands import Command, CommandError, parse_command
+from edgekit_protocol.config import AgentConfig
 from edgekit_protocol.errors import EdgeKitError
 
 log = logging.getLogger("edgekit.agent")

@@ -279,7 +279,9 @@ class ModelStore:
         if old == sha256:
             return {"current": sha256, "previous": self.previous(), "changed": False, "smoke": None}
         if smoke is None:
-            from device_agents.smoke import SmokePool  # imports numpy and the interpreter: only when needed
+            from device_agents.smoke import (
+                SmokePool,  # imports numpy and the interpreter: only when needed
+            )
 
             smoke = SmokePool()
         try:

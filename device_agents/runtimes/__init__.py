@@ -6,7 +6,8 @@ to install; nothing installs itself at run time.
 
 from __future__ import annotations
 
-from device_agents.runtimes.base import Runtime, RuntimeUnavailable
+from device_agents.errors import RuntimeUnavailable
+from device_agents.runtimes.base import Runtime
 from device_agents.runtimes.litert import LiteRT, TfliteRuntime
 
 RUNTIMES: dict[str, type[Runtime]] = {cls.key: cls for cls in (LiteRT, TfliteRuntime)}

@@ -5,8 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar
 
-from device_agents.errors import RuntimeUnavailable
-
 
 class Runtime:
     """A way to run ``.tflite`` models. Subclasses set ``key``, ``package`` and implement the hooks."""

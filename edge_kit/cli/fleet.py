@@ -11,7 +11,15 @@ from rich import box
 from rich.markup import escape
 from rich.table import Table
 
-from edge_kit.cli.app import DevicesOpt, FleetOpt, JsonOpt, app, emit_json, out, results_table
+from edge_kit.cli.app import (
+    DevicesOpt,
+    FleetOpt,
+    JsonOpt,
+    app,
+    emit_json,
+    out,
+    results_table,
+)
 
 
 def bench_rows(record: dict[str, Any]) -> list[tuple[str, str]]:

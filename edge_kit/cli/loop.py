@@ -11,7 +11,15 @@ from rich import box
 from rich.markup import escape
 from rich.table import Column, Table
 
-from edge_kit.cli.app import DevicesOpt, FleetOpt, JsonOpt, app, emit_json, out, results_table
+from edge_kit.cli.app import (
+    DevicesOpt,
+    FleetOpt,
+    JsonOpt,
+    app,
+    emit_json,
+    out,
+    results_table,
+)
 from edge_kit.selection.policy import DEFAULT_MARGIN
 
 CandidatesOpt = Annotated[Path, typer.Option("--artifacts", help="The compiled model's folder: its variants are the candidates.")]
@@ -63,12 +71,11 @@ def select_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Say which variant each device should run, and why, from the measurements in the history store."""
-    from edge_kit.fleet.inventory import load_fleet
-    from edge_kit.manifest import read_manifest
-    from edge_kit.loop.tune import decide
-    from edge_kit.telemetry.store import Store
-
     from edge_kit.errors import InputError
+    from edge_kit.fleet.inventory import load_fleet
+    from edge_kit.loop.tune import decide
+    from edge_kit.manifest import read_manifest
+    from edge_kit.telemetry.store import Store
 
     fleet = load_fleet(fleet_file)
     db = Store(_store_path(fleet_file, store))

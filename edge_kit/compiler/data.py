@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edgekit_protocol.datafile import read_npz
 from edge_kit.errors import InputError
 from edge_kit.fsutil import sha256_file
+from edgekit_protocol.datafile import read_npz
 
 MIN_CALIBRATION = 10  # fewer cannot give usable activation ranges
 WARN_CALIBRATION = 100  # TensorFlow's guidance is a few hundred representative samples

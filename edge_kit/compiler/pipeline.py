@@ -24,16 +24,22 @@ from typing import Any
 import numpy as np
 
 import edge_kit
+from device_agents.targets import TARGETS, compiler_of
 from edge_kit.compiler.analysis import analyse
 from edge_kit.compiler.convert import converter_version, quantize_tflite, to_tflite
 from edge_kit.compiler.data import Dataset, load_dataset
-from edge_kit.compiler.sources import Graph, Source, keras_graph, load_source, source_graph
+from edge_kit.compiler.sources import (
+    Graph,
+    Source,
+    keras_graph,
+    load_source,
+    source_graph,
+)
 from edge_kit.errors import CompileError, InputError
 from edge_kit.fsutil import atomic_write_bytes, atomic_write_text, sha256_bytes
 from edge_kit.manifest import Accuracy, Artifact, Fidelity, Manifest
 from edge_kit.profiles import Profile
 from edge_kit.variants import VariantSpec, build_order, parse_variant
-from device_agents.targets import TARGETS, compiler_of
 
 PRECISION_TO_VARIANT = {"float32": "fp32", "float16": "fp16", "dynamic-int8": "dynamic-int8", "int8": "int8"}
 Progress = Callable[[str], None]

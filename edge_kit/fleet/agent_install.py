@@ -32,9 +32,18 @@ import edgekit_protocol
 from device_agents.unit import render_unit
 from edge_kit.errors import DeployError
 from edge_kit.fleet.inventory import Device, Fleet
-from edgekit_protocol.config import AgentConfig, BenchSettings, BrokerConfig, Node, PowerConfig, StoreConfig, build, to_plain
 from edge_kit.fleet.ssh import DeviceShell
 from edge_kit.profiles import load_profile
+from edgekit_protocol.config import (
+    AgentConfig,
+    BenchSettings,
+    BrokerConfig,
+    Node,
+    PowerConfig,
+    StoreConfig,
+    build,
+    to_plain,
+)
 
 STOP_TIMEOUT_S = 30.0
 

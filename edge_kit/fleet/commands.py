@@ -13,8 +13,8 @@ import uuid
 from typing import Any
 
 from device_agents.mqtt import make_client
-from edgekit_protocol import commands, messages
 from edge_kit.errors import AgentError, AgentTimeout
+from edgekit_protocol import commands, messages
 from edgekit_protocol.config import BrokerConfig
 
 CONNECT_TIMEOUT_S = 10.0

@@ -36,6 +36,7 @@ from edge_kit.fleet.commands import FleetClient
 from edge_kit.fleet.inventory import Device, Fleet
 from edge_kit.fleet.ssh import DeviceShell
 from edge_kit.manifest import Artifact, Manifest, read_manifest
+from edge_kit.profiles import load_profile
 
 Status = Literal["succeeded", "skipped", "failed"]
 

@@ -20,8 +20,8 @@ from typing import Any
 
 from edge_kit.compiler.pipeline import CompileRequest, compile_model
 from edge_kit.examples import digits
-from edge_kit.profiles import load_profile
 from edge_kit.loop.tune import TuneOptions, TuneReport, tune
+from edge_kit.profiles import load_profile
 from edge_kit.sim.fleet import SimFleet
 from edge_kit.telemetry.store import Store, history_path
 

@@ -14,11 +14,22 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from edge_kit.fleet.deploy import DeployOptions, DeviceResult, GroupResult, deploy, roll_back
+from edge_kit.fleet.deploy import (
+    DeployOptions,
+    DeviceResult,
+    GroupResult,
+    deploy,
+    roll_back,
+)
 from edge_kit.fleet.inventory import Device, Fleet
 from edge_kit.manifest import Manifest, read_manifest
 from edge_kit.profiles import load_profile
-from edge_kit.selection.constraints import Measured, describe, effective_constraints, violations
+from edge_kit.selection.constraints import (
+    Measured,
+    describe,
+    effective_constraints,
+    violations,
+)
 
 CANARY_BENCH = {"min_runs": 50, "min_seconds": 0.0, "warmup": 5}  # enough to judge it against its constraints
 

@@ -23,7 +23,6 @@ from edge_kit.errors import EdgeKitError
 from edge_kit.sim.broker import START_TIMEOUT_S, free_port, wait_port
 from edge_kit.sim.process import stop_process
 
-
 # sshd's packet buffers grow past glibc's mmap threshold and are unmapped again, so every 14 MB
 # upload faulted in ~57,000 fresh pages (perf stat: 0.19 CPU-s, mostly kernel). Keeping them on the
 # heap cuts that to ~4,000 and the sshd's CPU per upload by half; a simulated device shares the

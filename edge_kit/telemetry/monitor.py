@@ -29,12 +29,17 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from device_agents.mqtt import make_client
-from edgekit_protocol import messages
 from edge_kit.errors import AgentError
 from edge_kit.fleet.inventory import Fleet
 from edge_kit.profiles import load_profile
-from edge_kit.selection.constraints import Measured, describe, effective_constraints, violations
+from edge_kit.selection.constraints import (
+    Measured,
+    describe,
+    effective_constraints,
+    violations,
+)
 from edge_kit.telemetry.store import Store
+from edgekit_protocol import messages
 
 STORED_KINDS = ("status", "bench", "telemetry")
 BATCH = 500

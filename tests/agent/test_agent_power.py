@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-import os
 import stat
 import time
 
 import pytest
 
-from device_agents.power import EstimateMeter, SensorEnv, SensorMeter, find_sensor, power_meter
+from device_agents.power import (
+    EstimateMeter,
+    SensorEnv,
+    SensorMeter,
+    find_sensor,
+    power_meter,
+)
 from device_agents.power.sensors import Ina3221, Pi5Pmic, Rapl
 
 PMIC_OUTPUT = """\

@@ -5,7 +5,6 @@ edgetpu_compiler cannot be installed here (Coral's apt repository is not reachab
 exercised with a stand-in script that writes a model and prints the compiler's log format.
 """
 
-import os
 import stat
 
 import pytest

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from edgekit_protocol import messages
 from edge_kit.telemetry.store import Store
+from edgekit_protocol import messages
 
 
 def bench(device, sha, p90, seq):

@@ -9,15 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 BANNER = "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def tiny_add_model() -> bytes:
     """A float32 ADD of two [1, 4] tensors, built with LiteRT's own schema (no TensorFlow needed)."""
-    import flatbuffers
     import ai_edge_litert.schema_py_generated as s
+    import flatbuffers
     code = s.OperatorCodeT()
     code.builtinCode = code.deprecatedBuiltinCode = s.BuiltinOperator.ADD
     code.version = 1

@@ -15,14 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
-import pytest
 import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
 from device_agents.store import ModelStore
-from edgekit_protocol import messages
 from edge_kit.sim.broker import MosquittoBroker
 from edge_kit.sim.process import stop_process
+from edgekit_protocol import messages
 
 FLEET = "testfleet"
 
@@ -149,6 +148,7 @@ def spool_count(root: Path, kind: str) -> int:
 def make_tls(folder: Path):
     """A throw-away CA and a server certificate for 127.0.0.1 (PEM files), as a BrokerTls."""
     import datetime
+    import ipaddress
 
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
@@ -156,7 +156,6 @@ def make_tls(folder: Path):
     from cryptography.x509.oid import NameOID
 
     from edge_kit.sim.broker import BrokerTls
-    import ipaddress
 
     folder.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.timezone.utc)

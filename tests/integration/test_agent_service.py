@@ -13,11 +13,12 @@ import pytest
 from harness import FLEET, AgentProcess, make_tls, online, spool_count, wait_until
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edgekit_protocol import messages
 from edge_kit.errors import AgentError
 from edge_kit.fleet.commands import FleetClient
-from edgekit_protocol.config import BrokerConfig as Broker, TlsConfig
 from edge_kit.sim.broker import MosquittoBroker
+from edgekit_protocol import messages
+from edgekit_protocol.config import BrokerConfig as Broker
+from edgekit_protocol.config import TlsConfig
 
 pytestmark = pytest.mark.integration
 

@@ -11,12 +11,12 @@ import pytest
 from harness import wait_until
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edgekit_protocol import messages
 from edge_kit.fleet.inventory import load_fleet
 from edge_kit.sim.broker import free_port
 from edge_kit.telemetry.metrics import FleetMetrics
 from edge_kit.telemetry.monitor import Monitor
 from edge_kit.telemetry.store import Store
+from edgekit_protocol import messages
 
 pytestmark = pytest.mark.integration
 FLEET = "mon"

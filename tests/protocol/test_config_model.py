@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from edgekit_protocol.config import AgentConfig, BrokerConfig, Node, StoreConfig, build, to_plain
+from edgekit_protocol.config import (
+    AgentConfig,
+    BrokerConfig,
+    Node,
+    StoreConfig,
+    build,
+    to_plain,
+)
 from edgekit_protocol.errors import ConfigError
 
 

@@ -10,7 +10,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edgekit_protocol.datafile import first_nonfinite, read_arrays, read_npz, read_reference
+from edgekit_protocol.datafile import (
+    first_nonfinite,
+    read_arrays,
+    read_npz,
+    read_reference,
+)
 from edgekit_protocol.errors import DataFileError, InputError
 
 

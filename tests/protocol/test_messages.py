@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from edgekit_protocol.commands import CommandError, parse_command
 from edgekit_protocol import commands, messages
+from edgekit_protocol.commands import CommandError, parse_command
 
 
 def cmd_bytes(**over) -> bytes:
