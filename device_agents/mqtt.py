@@ -116,11 +116,6 @@ class SpooledPublisher:
         if row is not None:
             self.spool.done(row)
 
-    def backlog(self) -> int:
-        """Return how many publishes wait for their PUBACK."""
-        with self._lock:
-            return len(self._rows)
-
     def _run(self) -> None:
         while not self._stop.is_set():
             self._wake.wait(0.5)

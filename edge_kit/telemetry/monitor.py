@@ -135,10 +135,6 @@ class Monitor:
         if self._writer.is_alive():
             self._writer.join(timeout=5)
 
-    def backlog(self) -> int:
-        """Return how many received messages wait to be stored."""
-        return self._queue.qsize()
-
     # --- the writer thread ------------------------------------------------------------------------
 
     def _write_loop(self) -> None:
