@@ -8,6 +8,7 @@ figure).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,23 +45,41 @@ class Measured:
                    model_mb=model_bytes / 1e6)
 
 
+def overshoot(c: Constraints, p90_ms: Any, avg_w: Any, model_mb: Any, accuracy: Any,
+              fp32_accuracy: Any) -> dict[str, tuple[Any, Any]]:
+    """Return, for each bound ``c`` sets: (whether it is broken, by how much as a share of the bound).
+
+    The figures are floats or numpy arrays that broadcast together, NaN where a figure is missing
+    (a power, accuracy or fp32 accuracy of NaN leaves its bound unjudged), and so are the results;
+    a share means something only where its bound is broken. Bounds come in the order
+    :func:`describe` knows them: p90, power, model size, accuracy.
+    """
+    out: dict[str, tuple[Any, Any]] = {}
+    if c.max_latency_p90_ms is not None:
+        out["max_latency_p90_ms"] = p90_ms > c.max_latency_p90_ms, p90_ms / c.max_latency_p90_ms - 1
+    if c.max_power_w is not None:
+        out["max_power_w"] = avg_w > c.max_power_w, avg_w / c.max_power_w - 1
+    if c.max_model_mb is not None:
+        out["max_model_mb"] = model_mb > c.max_model_mb, model_mb / c.max_model_mb - 1
+    if c.min_accuracy_ratio is not None:
+        ratio = accuracy / fp32_accuracy
+        out["min_accuracy_ratio"] = ratio < c.min_accuracy_ratio, 1 - ratio / c.min_accuracy_ratio
+    return out
+
+
 def violations(c: Constraints, m: Measured, fp32_accuracy: float | None) -> dict[str, float]:
     """Return how far ``m`` breaks each bound it breaks, as a share of the bound (0.1 = 10 % over).
 
-    An accuracy bound is not judged without both accuracies; a power bound not without a figure.
+    An accuracy bound is not judged without both accuracies (an fp32 accuracy of 0 counts as none);
+    a power bound not without a figure.
     """
-    out: dict[str, float] = {}
-    if c.max_latency_p90_ms is not None and m.p90_ms > c.max_latency_p90_ms:
-        out["max_latency_p90_ms"] = m.p90_ms / c.max_latency_p90_ms - 1
-    if c.max_power_w is not None and m.avg_w is not None and m.avg_w > c.max_power_w:
-        out["max_power_w"] = m.avg_w / c.max_power_w - 1
-    if c.max_model_mb is not None and m.model_mb > c.max_model_mb:
-        out["max_model_mb"] = m.model_mb / c.max_model_mb - 1
-    if c.min_accuracy_ratio is not None and m.accuracy is not None and fp32_accuracy:
-        ratio = m.accuracy / fp32_accuracy
-        if ratio < c.min_accuracy_ratio:
-            out["min_accuracy_ratio"] = 1 - ratio / c.min_accuracy_ratio
-    return out
+    shares = overshoot(c, m.p90_ms, _nan(m.avg_w), m.model_mb, _nan(m.accuracy), fp32_accuracy or math.nan)
+    return {name: share for name, (broken, share) in shares.items() if broken}
+
+
+def _nan(x: float | None) -> float:
+    """Return ``x``, or NaN for None (a missing figure)."""
+    return math.nan if x is None else x
 
 
 def describe(name: str, c: Constraints) -> str:

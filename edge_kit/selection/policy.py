@@ -20,17 +20,21 @@ Per device, among the variants built for its profile:
    measurement), with what it violates; it stays on its current variant while that, judged on its
    best recent measurement, violates within the margin of the least.
 
-Returns a :class:`Decision` with the table behind it, for ``--explain`` and for the record.
+One implementation, on arrays: :func:`choose_group` decides for many devices at once that share
+their candidate variants and constraints (devices x variants x recent measurements, NaN where a
+figure is missing). :func:`choose` decides for one device through it, and returns a
+:class:`Decision` with the table behind it and the reason, for ``--explain`` and for the record.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
+
 from edge_kit.profiles import Constraints
-from edge_kit.selection.constraints import Measured, describe, violations
+from edge_kit.selection.constraints import Measured, describe, overshoot, violations
 
 DEFAULT_MARGIN = 0.1
 
@@ -46,19 +50,6 @@ class Candidate:
     def measured(self) -> Measured | None:
         """The newest measurement, or None."""
         return self.history[0] if self.history else None
-
-    def envelope(self, best: bool) -> Measured:
-        """Return the most (``best``) or least favourable figures across the recent measurements."""
-        ms = self.history
-        if len(ms) == 1:
-            return ms[0]
-
-        def pick(name: str, lower_is_better: bool = True) -> float | None:
-            values = [v for v in (getattr(m, name) for m in ms) if v is not None]
-            return None if not values else (min if best == lower_is_better else max)(values)
-
-        return replace(ms[0], p90_ms=pick("p90_ms"), avg_w=pick("avg_w"), energy_mj=pick("energy_mj"),
-                       accuracy=pick("accuracy", lower_is_better=False))
 
 
 @dataclass
@@ -78,54 +69,193 @@ class Decision:
         return asdict(self)
 
 
-def _differs(a: float | None, b: float | None, margin: float) -> int:
-    """Return -1 when ``a`` is lower by more than ``margin`` (relative), 1 when higher, 0 otherwise."""
-    if a is None or b is None:
-        return 0 if a is None and b is None else (1 if a is None else -1)  # a known figure beats an unknown one
-    if abs(a - b) <= margin * max(abs(a), abs(b)):
-        return 0
-    return -1 if a < b else 1
+@dataclass(frozen=True)
+class Group:
+    """Devices that choose among the same variants under the same constraints, and what they measured.
 
-
-def _accuracy(m: Measured) -> float:
-    return round(m.accuracy, 9) if m.accuracy is not None else -1.0
-
-
-def compare(a: Measured, b: Measured, margin: float) -> int:
-    """Return <0 when ``a`` is preferred to ``b``, >0 when ``b`` is, 0 when they are equal within the margin."""
-    if _accuracy(a) != _accuracy(b):
-        return -1 if _accuracy(a) > _accuracy(b) else 1
-    return _differs(a.energy_mj, b.energy_mj, margin) or _differs(a.p90_ms, b.p90_ms, margin)
-
-
-def _preference(candidates: list[Candidate], margin: float) -> list[Candidate]:
-    """Return ``candidates`` best first: accuracy, then energy within the margin of the least, then p90.
-
-    A total order on the newest measurements (ties broken by variant id), so the result does not
-    depend on the order the candidates came in.
+    Each figure is an array of shape (devices, variants, recent measurements >= 1), newest first,
+    NaN where there is no such measurement or it has no such figure (power, energy, accuracy); a
+    variant whose newest p90 is NaN is unmeasured on that device. ``model_mb`` is the model size of
+    the newest measurement, (devices, variants) or anything that broadcasts to it.
     """
-    top = max(_accuracy(c.measured) for c in candidates)
-    energies = [c.measured.energy_mj for c in candidates if _accuracy(c.measured) == top and c.measured.energy_mj is not None]
-    least = min(energies, default=None)
 
-    def key(c: Candidate) -> tuple:
-        m = c.measured
-        near = least is None or (m.energy_mj is not None and _differs(m.energy_mj, least, margin) == 0)
-        energy = m.energy_mj if m.energy_mj is not None else math.inf
-        return -_accuracy(m), not near, m.p90_ms if near else energy, m.p90_ms, c.variant
+    variants: tuple[str, ...]
+    p90_ms: np.ndarray
+    energy_mj: np.ndarray
+    avg_w: np.ndarray
+    accuracy: np.ndarray
+    model_mb: np.ndarray
 
-    return sorted(candidates, key=key)
+    @classmethod
+    def of(cls, devices: list[list[Candidate]]) -> Group:
+        """Return the group of ``devices``, each given as its candidates.
+
+        Raises:
+            ValueError: a device lists other variants, or in another order, than the first.
+        """
+        variants = tuple(c.variant for c in devices[0]) if devices else ()
+        if any(tuple(c.variant for c in cands) != variants for cands in devices):
+            raise ValueError("every device of a group lists the same variants in the same order")
+        depth = max([1] + [len(c.history) for cands in devices for c in cands])
+
+        def figures(name: str) -> np.ndarray:
+            rows = [[[getattr(m, name) for m in c.history] + [None] * (depth - len(c.history)) for c in cands]
+                    for cands in devices]
+            return np.array(rows, dtype=float).reshape(len(devices), len(variants), depth)
+
+        model_mb = [[c.measured.model_mb if c.measured else None for c in cands] for cands in devices]
+        return cls(variants, figures("p90_ms"), figures("energy_mj"), figures("avg_w"), figures("accuracy"),
+                   np.array(model_mb, dtype=float).reshape(len(devices), len(variants)))
 
 
-def _beats(a: Candidate, b: Candidate, margin: float) -> bool:
-    """Return whether ``a`` is better than ``b`` beyond the margin in every recent measurement of both."""
-    return compare(a.envelope(best=False), b.envelope(best=True), margin) < 0
+@dataclass(frozen=True)
+class Choices:
+    """What :func:`choose_group` decided: one entry per device of the group in each array."""
+
+    chosen: np.ndarray  # index of the variant to run; -1 while one of the device's variants is unmeasured
+    feasible: np.ndarray  # the chosen variant meets every constraint
+    switch: np.ndarray  # the chosen variant is not the one the device runs
+    stays: np.ndarray  # kept on the variant it runs by the no-flapping rule (feasible or not)
+    runner_up: np.ndarray  # the feasible variant preferred next after the chosen one; -1 when none
+
+
+def choose_group(group: Group, constraints: Constraints, *, fp32_accuracy: np.ndarray | float | None,
+                 current: np.ndarray, margin: float = DEFAULT_MARGIN) -> Choices:
+    """Return the decisions for every device of ``group`` (see the module docstring for the rules).
+
+    ``fp32_accuracy`` is one per device or one for all, NaN, 0 or None where unknown; ``current`` the
+    index of the variant each device runs, -1 when it runs none of them.
+
+    Raises:
+        ValueError: the group has no variants to choose from.
+    """
+    if not group.variants:
+        raise ValueError("a group needs at least one variant to choose from")
+    fp32 = np.asarray(np.nan if fp32_accuracy is None else fp32_accuracy, dtype=float).reshape(-1, 1)
+    fp32 = np.where(fp32 == 0, np.nan, fp32)  # like None: the accuracy bound is not judged
+    current = np.asarray(current, dtype=np.intp)
+    shape = group.p90_ms.shape[:2]
+    model_mb = np.broadcast_to(group.model_mb, shape)
+    measured = ~np.isnan(group.p90_ms[:, :, 0])
+    ready = measured.all(axis=1)
+    p90_lo, p90_hi = _spread(group.p90_ms)
+    energy_lo, energy_hi = _spread(group.energy_mj)
+    watts_lo, watts_hi = _spread(group.avg_w)
+    acc_lo, acc_hi = _spread(group.accuracy)
+
+    # rules 1 and 2: measured, and feasible on the newest measurement
+    newest = overshoot(constraints, group.p90_ms[:, :, 0], group.avg_w[:, :, 0], model_mb, group.accuracy[:, :, 0],
+                       fp32)
+    ok = measured & ~_broken(newest, shape)
+    feasible = ok.any(axis=1)
+
+    # rule 4: a beats b (axes 1 and 2) when a's worst figures are better than b's best beyond the margin
+    worst_acc, best_acc = _ranked_accuracy(acc_lo)[:, :, None], _ranked_accuracy(acc_hi)[:, None, :]
+    energy = _differs(energy_hi[:, :, None], energy_lo[:, None, :], margin)
+    p90 = _differs(p90_hi[:, :, None], p90_lo[:, None, :], margin)
+    beats = np.where(worst_acc != best_acc, worst_acc > best_acc, np.where(energy != 0, energy < 0, p90 < 0))
+    beats &= ok[:, :, None] & ~np.eye(shape[1], dtype=bool)  # by another feasible variant
+    unbeaten = ok & ~beats.any(axis=1)
+
+    # rule 3 among the unbeaten: the preferred feasible variant that nothing beats
+    names = np.broadcast_to(np.unique(np.array(group.variants), return_inverse=True)[1], shape)  # rank of each id
+    order = _preference(ok, group.p90_ms[:, :, 0], group.energy_mj[:, :, 0], _ranked_accuracy(group.accuracy[:, :, 0]),
+                        names, margin)
+    best = _first(unbeaten, order)
+    best = np.where(best >= 0, best, order[:, 0])  # every feasible variant beaten: the preferred one
+    runner_up = _first(ok & (np.arange(shape[1]) != best[:, None]), order)
+
+    # rule 5: the least violating, judged on the worst figures (the current one on its best)
+    worst = _total(overshoot(constraints, p90_hi, watts_hi, model_mb, acc_lo, fp32), shape)
+    best_case = _total(overshoot(constraints, p90_lo, watts_lo, model_mb, acc_hi, fp32), shape)
+    least = np.lexsort((names, worst), axis=1)[:, 0]
+
+    # a device stays on its current variant where rule 4 or 5 says so
+    runs = current >= 0
+    at = np.where(runs, current, 0)[:, None]
+    stays_feasible = np.take_along_axis(unbeaten, at, axis=1)[:, 0]
+    stays_infeasible = (np.take_along_axis(best_case, at, axis=1)[:, 0]
+                        <= np.take_along_axis(worst, least[:, None], axis=1)[:, 0] * (1 + margin))
+    stays = ready & runs & np.where(feasible, stays_feasible, stays_infeasible)
+    chosen = np.where(ready, np.where(stays, current, np.where(feasible, best, least)), -1)
+    return Choices(chosen, ready & feasible, ready & (chosen != current), stays,
+                   np.where(ready & feasible, runner_up, -1))
+
+
+def _spread(figures: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Return the least and the most of each variant's recent figures, NaN where it has none."""
+    return np.fmin.reduce(figures, axis=2), np.fmax.reduce(figures, axis=2)
+
+
+def _broken(shares: dict[str, tuple[np.ndarray, np.ndarray]], shape: tuple[int, ...]) -> np.ndarray:
+    """Return where any bound is broken, from :func:`~edge_kit.selection.constraints.overshoot`."""
+    out = np.zeros(shape, dtype=bool)
+    for broken, _share in shares.values():
+        out |= broken
+    return out
+
+
+def _total(shares: dict[str, tuple[np.ndarray, np.ndarray]], shape: tuple[int, ...]) -> np.ndarray:
+    """Return the sum of the shares of the broken bounds, bound by bound (0 where none is broken)."""
+    total = np.zeros(shape)
+    for broken, share in shares.values():
+        total = total + np.where(broken, share, 0.0)
+    return total
+
+
+def _ranked_accuracy(accuracy: np.ndarray) -> np.ndarray:
+    """Return the accuracies as selection compares them: rounded to 9 decimals exactly as Python's
+    ``round`` does (float noise does not separate equal accuracies), -1 where there is none (NaN)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        scaled = accuracy * 1e9
+        whole = np.rint(scaled)
+        # the product is already rounded once: unless it is clearly away from a tie, np.rint may round
+        # it the other way from the exact decimal, so Python rounds those (rare) values itself
+        unsure = ~(np.abs(np.abs(scaled - whole) - 0.5) > 2 * np.spacing(scaled)) & ~np.isnan(accuracy)
+    out = whole / 1e9
+    out[unsure] = [round(float(x), 9) for x in accuracy[unsure]]
+    return np.where(np.isnan(accuracy), -1.0, out)
+
+
+def _differs(a: np.ndarray, b: np.ndarray, margin: float) -> np.ndarray:
+    """Return -1 where ``a`` is lower than ``b`` by more than ``margin`` (relative), 1 where higher, 0
+    otherwise; a figure is lower than a missing one (NaN), and two missing ones are equal."""
+    with np.errstate(invalid="ignore"):
+        beyond = ~(np.abs(a - b) <= margin * np.maximum(np.abs(a), np.abs(b)))
+        known = np.where(beyond, np.where(a < b, np.int8(-1), np.int8(1)), np.int8(0))
+    has_a, has_b = ~np.isnan(a), ~np.isnan(b)
+    return np.where(has_a == has_b, np.where(has_a, known, np.int8(0)), np.where(has_a, np.int8(-1), np.int8(1)))
+
+
+def _preference(ok: np.ndarray, p90: np.ndarray, energy: np.ndarray, accuracy: np.ndarray, names: np.ndarray,
+                margin: float) -> np.ndarray:
+    """Return the order of each device's variants, best first, feasible (``ok``) ones before the rest.
+
+    On the newest figures (``accuracy`` as :func:`_ranked_accuracy` gives it, ``names`` the rank of
+    each variant id): highest accuracy first; among equals, those whose energy is within the margin
+    of the least energy of the most accurate feasible ones, by p90, then the others by energy; ties
+    by p90, then variant id. A total order, so the result does not depend on the order the variants
+    came in.
+    """
+    top = np.where(ok, accuracy, -np.inf).max(axis=1, keepdims=True)
+    least = np.fmin.reduce(np.where(ok & (accuracy == top), energy, np.nan), axis=1, keepdims=True)  # NaN: none
+    near = np.isnan(least) | (~np.isnan(energy) & (_differs(energy, least, margin) == 0))
+    energy = np.where(np.isnan(energy), np.inf, energy)
+    return np.lexsort((names, p90, np.where(near, p90, energy), ~near, -accuracy, ~ok), axis=1)
+
+
+def _first(wanted: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Return, per device, the first variant in ``order`` that is ``wanted``; -1 where none is."""
+    in_order = np.take_along_axis(wanted, order, axis=1)
+    first = np.take_along_axis(order, in_order.argmax(axis=1)[:, None], axis=1)[:, 0]
+    return np.where(in_order.any(axis=1), first, -1)
 
 
 def choose(device: str, candidates: list[Candidate], constraints: Constraints, *, fp32_accuracy: float | None,
            current_sha: str | None, margin: float = DEFAULT_MARGIN) -> Decision:
-    """Return the decision for one device (see the module docstring for the rules)."""
-    current = next((c for c in candidates if c.sha256 == current_sha), None)
+    """Return the decision for one device, with its table and reason (see the module docstring for the rules)."""
+    at = next((i for i, c in enumerate(candidates) if c.sha256 == current_sha), -1)
+    current = candidates[at] if at >= 0 else None
     table = []
     for c in candidates:
         m = c.measured
@@ -145,61 +275,44 @@ def choose(device: str, candidates: list[Candidate], constraints: Constraints, *
         base.unmeasured, base.table = unmeasured, table
         base.reason = f"not measured yet on this device: {', '.join(unmeasured)}"
         return base
-    rows = {r["variant"]: r for r in table}
-    feasible = [c for c in candidates if not rows[c.variant]["violates"]]
-    if feasible:
-        chosen, reason = _choose_feasible(feasible, current, margin)
-        decision = Decision(device, chosen.variant, chosen.sha256, base.current, True, chosen is not current, reason)
+    got = choose_group(Group.of([candidates]), constraints, fp32_accuracy=fp32_accuracy, current=np.array([at]),
+                       margin=margin)
+    index, feasible, runner_up = int(got.chosen[0]), bool(got.feasible[0]), int(got.runner_up[0])
+    chosen = candidates[index]
+    if not feasible:
+        reason = "infeasible: no variant meets every constraint; " + (
+            f"stays on {chosen.variant}, within the {margin:.0%} margin of the least violating" if got.stays[0]
+            else f"{chosen.variant} violates least")
+    elif got.stays[0]:
+        reason = (f"stays on {chosen.variant}: feasible, and no feasible variant beats it by more than "
+                  f"the {margin:.0%} margin in every recent measurement")
     else:
-        chosen, reason = _least_violating(candidates, current, constraints, fp32_accuracy, margin)
-        decision = Decision(device, chosen.variant, chosen.sha256, base.current, False, chosen is not current,
-                            reason, violates=rows[chosen.variant]["violates"])
-    for r in table:
-        r["chosen"] = r["variant"] == decision.chosen
+        reason = f"{chosen.variant}: {_why(chosen, candidates[runner_up] if runner_up >= 0 else None, margin)}"
+        if current is not None and current is not chosen:
+            reason += f" (current {current.variant} " + ("breaks its constraints)" if table[at]["violates"]
+                                                          else "is beaten beyond the margin)")
+    decision = Decision(device, chosen.variant, chosen.sha256, base.current, feasible, bool(got.switch[0]), reason,
+                        violates=[] if feasible else table[index]["violates"])
+    for i, r in enumerate(table):
+        r["chosen"] = i == index
     decision.table = table
     return decision
 
 
-def _choose_feasible(feasible: list[Candidate], current: Candidate | None, margin: float) -> tuple[Candidate, str]:
-    """Return the feasible variant to run, and why."""
-    def unbeaten(c: Candidate) -> bool:
-        return not any(_beats(o, c, margin) for o in feasible if o is not c)
-
-    current_feasible = any(c is current for c in feasible)
-    if current_feasible and unbeaten(current):
-        return current, (f"stays on {current.variant}: feasible, and no feasible variant beats it by more than "
-                         f"the {margin:.0%} margin in every recent measurement")
-    ranked = _preference(feasible, margin)
-    best = next((c for c in ranked if unbeaten(c)), ranked[0])
-    runner_up = next((c for c in ranked if c is not best), None)
-    reason = f"{best.variant}: {_why(best, runner_up, margin)}"
-    if current is not None and current is not best:
-        reason += f" (current {current.variant} " + ("is beaten beyond the margin)" if current_feasible
-                                                      else "breaks its constraints)")
-    return best, reason
-
-
-def _least_violating(candidates: list[Candidate], current: Candidate | None, constraints: Constraints,
-                     fp32_accuracy: float | None, margin: float) -> tuple[Candidate, str]:
-    """Return the variant that violates the constraints least, and why (the device is infeasible)."""
-    def score(c: Candidate, best: bool) -> float:
-        return sum(violations(constraints, c.envelope(best), fp32_accuracy).values())
-
-    worst = {c.variant: score(c, best=False) for c in candidates}
-    least = min(candidates, key=lambda c: (worst[c.variant], c.variant))
-    if current is not None and score(current, best=True) <= worst[least.variant] * (1 + margin):
-        return current, (f"infeasible: no variant meets every constraint; stays on {current.variant}, "
-                         f"within the {margin:.0%} margin of the least violating")
-    return least, f"infeasible: no variant meets every constraint; {least.variant} violates least"
-
-
 def _why(best: Candidate, runner_up: Candidate | None, margin: float) -> str:
+    """Return why ``best`` is preferred to ``runner_up`` on their newest measurements, in words."""
     m = best.measured
     if runner_up is None:
         return "the only feasible variant"
     r = runner_up.measured
-    if _accuracy(m) != _accuracy(r):
+    accuracy = _ranked_accuracy(np.array([m.accuracy, r.accuracy], dtype=float))
+    if accuracy[0] != accuracy[1]:
         return f"highest accuracy among feasible variants ({100 * (m.accuracy or 0):.2f} % vs {100 * (r.accuracy or 0):.2f} % for {runner_up.variant})"
-    if _differs(m.energy_mj, r.energy_mj, margin):
-        return f"same accuracy, least energy per inference ({m.energy_mj:.4g} vs {r.energy_mj:.4g} mJ for {runner_up.variant})"
+    if _differs(*np.array([m.energy_mj, r.energy_mj], dtype=float), margin):
+        return f"same accuracy, least energy per inference ({_mj(m.energy_mj)} vs {_mj(r.energy_mj)} mJ for {runner_up.variant})"
     return f"same accuracy and energy within {margin:.0%}, lowest p90 ({m.p90_ms:.4g} vs {r.p90_ms:.4g} ms for {runner_up.variant})"
+
+
+def _mj(energy: float | None) -> str:
+    """Return an energy per inference for a reason, in mJ without the unit; "none" when there is none."""
+    return "none" if energy is None else f"{energy:.4g}"

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import itertools
+import math
 import random
+from dataclasses import replace
 
+import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edge_kit.profiles import Constraints
-from edge_kit.selection.constraints import Measured, effective_constraints
-from edge_kit.selection.policy import Candidate, choose
+from edge_kit.selection.constraints import Measured, effective_constraints, violations
+from edge_kit.selection.policy import Candidate, Group, choose, choose_group
 
 C = Constraints(max_latency_p90_ms=10, max_power_w=5, min_accuracy_ratio=0.98, max_model_mb=2)
 
@@ -117,3 +122,120 @@ def test_a_fresh_measurement_of_the_chosen_variant_never_makes_the_device_switch
         second = choose("d", again, limits, fp32_accuracy=0.99, current_sha=first.chosen_sha256, margin=0.05)
         assert second.chosen == first.chosen and not second.switch, (first.table, second.table)
     assert reordered > 200  # the noise does reorder the newest figures; the policy keeps the device put
+
+
+def test_when_every_feasible_variant_is_beaten_the_preferred_one_is_chosen():
+    # energies tie with their neighbours within 5 % but not end to end:
+    # a beats b and b beats c on p90, c beats a on energy
+    cands = [cand("a", 1.0, 0.99, 1.08), cand("b", 2.0, 0.99, 1.04), cand("c", 3.0, 0.99, 1.00)]
+    d = choose("d", cands, C, fp32_accuracy=0.99, current_sha=None, margin=0.05)
+    # of those within 5 % of the least energy (b, c), the lower p90
+    assert d.chosen == "b" and reference(cands, C, 0.99, None, 0.05) == (1, True, True)
+
+
+def test_accuracies_are_compared_rounded_to_9_decimals_as_python_rounds_them():
+    # 5067 of 5120 right is 0.9896484375, a tie at the 10th decimal: Python rounds the float down to
+    # 0.989648437; rounding the float times 1e9 (np.round) goes up and would rank it above b
+    cands = [cand("a", 5.0, 5067 / 5120, 2.0), cand("b", 5.0, 0.989648437, 1.0)]
+    d = choose("d", cands, C, fp32_accuracy=0.99, current_sha=None)
+    assert d.chosen == "b" and "least energy" in d.reason
+
+
+def reference(cands, c, fp32_accuracy, current, margin):
+    """The rule device by device in plain Python, as written before it was vectorised (module docstring
+    of edge_kit.selection.policy). Returns (index of the chosen variant or None, feasible, switch)."""
+    if not cands or any(not x.history for x in cands):
+        return None, False, False
+
+    def envelope(x, best):  # the most (best) or least favourable figures over the recent measurements
+        def pick(name, lower_is_better=True):
+            values = [getattr(m, name) for m in x.history if getattr(m, name) is not None]
+            return (min if best == lower_is_better else max)(values) if values else None
+        return replace(x.history[0], p90_ms=pick("p90_ms"), avg_w=pick("avg_w"), energy_mj=pick("energy_mj"),
+                       accuracy=pick("accuracy", lower_is_better=False))
+
+    def acc(m):
+        return round(m.accuracy, 9) if m.accuracy is not None else -1.0
+
+    def differs(a, b):
+        if a is None or b is None:
+            return 0 if a is None and b is None else (1 if a is None else -1)
+        return 0 if abs(a - b) <= margin * max(abs(a), abs(b)) else (-1 if a < b else 1)
+
+    def beats(i, j):
+        a, b = envelope(cands[i], best=False), envelope(cands[j], best=True)
+        if acc(a) != acc(b):
+            return acc(a) > acc(b)
+        return (differs(a.energy_mj, b.energy_mj) or differs(a.p90_ms, b.p90_ms)) < 0
+
+    ok = [i for i, x in enumerate(cands) if not violations(c, x.history[0], fp32_accuracy)]
+    if ok:
+        unbeaten = [i for i in ok if not any(beats(o, i) for o in ok if o != i)]
+        if current in unbeaten:
+            return current, True, False
+        newest = {i: cands[i].history[0] for i in ok}
+        top = max(acc(m) for m in newest.values())
+        least = min((m.energy_mj for m in newest.values() if acc(m) == top and m.energy_mj is not None), default=None)
+
+        def key(i):
+            m = newest[i]
+            near = least is None or (m.energy_mj is not None and differs(m.energy_mj, least) == 0)
+            energy = m.energy_mj if m.energy_mj is not None else math.inf
+            return -acc(m), not near, m.p90_ms if near else energy, m.p90_ms, cands[i].variant
+
+        ranked = sorted(ok, key=key)
+        best = next((i for i in ranked if i in unbeaten), ranked[0])
+        return best, True, best != current
+
+    def score(i, best):
+        return sum(violations(c, envelope(cands[i], best), fp32_accuracy).values())
+
+    least = min(range(len(cands)), key=lambda i: (score(i, False), cands[i].variant))
+    if current is not None and score(current, True) <= score(least, False) * (1 + margin):
+        return current, False, False
+    return least, False, least != current
+
+
+# few distinct values, so that ties, margins and bounds are hit often; missing figures are None
+P90 = st.one_of(st.sampled_from([1.0, 1.04, 1.1, 2.0, 3.0, 9.9, 10.0, 10.95, 11.0, 12.0]), st.floats(0.5, 15.0))
+ENERGY = st.one_of(st.none(), st.sampled_from([1.0, 1.04, 1.08, 2.0]), st.floats(0.5, 3.0))
+ACCURACY = st.one_of(st.none(), st.sampled_from([0.95, 0.97, 0.98, 0.99, 0.99 + 1e-12, 0.992]))
+BOUNDS = st.fixed_dictionaries({}, optional={"max_latency_p90_ms": st.sampled_from([2.0, 10.0]),
+                                             "max_power_w": st.sampled_from([3.5, 5.0]),
+                                             "min_accuracy_ratio": st.sampled_from([0.98, 0.99, 1.0]),
+                                             "max_model_mb": st.sampled_from([1.0, 2.0])})
+
+
+@st.composite
+def fleets(draw):
+    """A group of devices over the same variants, each with up to 5 recent measurements per variant (at
+    times none: unmeasured), and the index of the variant each runs (None for none)."""
+    variants = draw(st.lists(st.sampled_from(["fp32", "fp16", "dynamic-int8", "int8", "int8-pruned-50"]),
+                             min_size=1, max_size=4, unique=True))
+    devices, current = [], []
+    for d in range(draw(st.integers(1, 5))):
+        cands = []
+        for v in variants:
+            mb, watts = draw(st.sampled_from([0.5, 1.0, 3.0])), draw(st.sampled_from([None, 3.0, 4.0, 6.0]))
+            history = tuple(Measured(v, draw(P90), watts, draw(ENERGY), "ina219", draw(ACCURACY), mb)
+                            for _ in range(draw(st.integers(0, 5) if draw(st.booleans()) else st.integers(1, 5))))
+            cands.append(Candidate(v, f"{d}-{v}", int(mb * 1e6), history))
+        devices.append(cands)
+        current.append(draw(st.none() | st.integers(0, len(variants) - 1)))
+    return devices, current
+
+
+@settings(max_examples=300, deadline=None)
+@given(fleets(), BOUNDS, st.sampled_from([None, 0.0, 0.99]), st.sampled_from([0.0, 0.05, 0.1, 0.3]))
+def test_the_vectorised_policy_decides_as_the_rule_does_device_by_device(fleet, bounds, fp32, margin):
+    devices, current = fleet
+    c = Constraints(**bounds)
+    expected = [reference(cands, c, fp32, cur, margin) for cands, cur in zip(devices, current)]
+    got = choose_group(Group.of(devices), c, fp32_accuracy=fp32, margin=margin,
+                       current=np.array([-1 if cur is None else cur for cur in current]))
+    assert [(None if i < 0 else int(i), bool(f), bool(s)) for i, f, s in zip(got.chosen, got.feasible, got.switch)] \
+        == expected
+    for cands, cur, (index, feasible, switch) in zip(devices, current, expected):
+        d = choose("d", cands, c, fp32_accuracy=fp32, current_sha=None if cur is None else cands[cur].sha256,
+                   margin=margin)
+        assert (d.chosen, d.feasible, d.switch) == (None if index is None else cands[index].variant, feasible, switch)
