@@ -9,13 +9,13 @@ import time
 import numpy as np
 
 from device_agents.bench import BenchSettings, run_bench
-from edgekit_protocol.config import BrokerConfig
 from device_agents.mqtt import SpooledPublisher, make_client
 from device_agents.spool import Spool
-from edgekit_protocol import messages
 from edge_kit.compiler.pipeline import CompileRequest, compile_model
 from edge_kit.profiles import Profile, load_profile
 from edge_kit.sim.broker import MosquittoBroker
+from edgekit_protocol import messages
+from edgekit_protocol.config import BrokerConfig
 
 
 def _bare_p50_ms(path, runs: int) -> float:

@@ -86,10 +86,9 @@ def select_cmd(
         artifacts = Path(last)
     manifest = read_manifest(artifacts)
     status = db.latest_status()
-    decisions = {}
-    for dev in fleet.select(devices):
-        current = ((status.get(dev.name) or {}).get("current") or {}).get("sha256")
-        decisions[dev.name] = decide(manifest, dev, db, current, margin)
+    chosen = fleet.select(devices)
+    current = {d.name: ((status.get(d.name) or {}).get("current") or {}).get("sha256") for d in chosen}
+    decisions = decide(manifest, chosen, db, current, margin)
     if as_json:
         emit_json({k: v.as_dict() for k, v in decisions.items()})
         return

@@ -27,7 +27,13 @@ from edge_kit.fleet.inventory import Device, Fleet
 from edge_kit.manifest import Manifest, read_manifest
 from edge_kit.profiles import load_profile
 from edge_kit.selection.constraints import Measured, effective_constraints
-from edge_kit.selection.policy import DEFAULT_MARGIN, Candidate, Decision, choose
+from edge_kit.selection.policy import (
+    DEFAULT_MARGIN,
+    Candidate,
+    Decision,
+    Request,
+    choose_all,
+)
 from edge_kit.telemetry.store import Store
 
 
@@ -58,19 +64,27 @@ class TuneReport:
                 "final": {k: v.as_dict() for k, v in self.final.items()}}
 
 
-def decide(manifest: Manifest, dev: Device, store: Store, current_sha: str | None, margin: float) -> Decision:
-    """Return the decision for one device from its recent stored measurements of its candidate variants."""
-    arts = candidates_for(manifest, dev)
-    recent = store.recent_bench(dev.name)
-    cands = [Candidate(a.id, a.sha256, a.bytes or 0,
-                       tuple(Measured.from_record(r, a.bytes or 0) for r in recent.get((dev.name, a.sha256), ())))
-             for a in arts]
-    fp32 = next((c for c in cands if c.variant == "fp32" and c.measured and c.measured.accuracy is not None), None)
+def decide(manifest: Manifest, devices: list[Device], store: Store, current: dict[str, str | None],
+           margin: float) -> dict[str, Decision]:
+    """Return the decision for each device from its recent stored measurements of its candidate variants.
+
+    ``current`` maps a device to the sha256 it runs. One history query and one policy call per
+    group of devices that share variants and constraints, however many devices there are.
+    """
+    recent = store.recent_bench(devices[0].name if len(devices) == 1 else None)
     host_fp32 = manifest.artifact("fp32")
-    fp32_acc = fp32.measured.accuracy if fp32 else (host_fp32.accuracy.value if host_fp32 and host_fp32.accuracy else None)
-    profile = load_profile(dev.profile)
-    return choose(dev.name, cands, effective_constraints(profile.constraints, dev.constraints),
-                  fp32_accuracy=fp32_acc, current_sha=current_sha, margin=margin)
+    profiles: dict[str, Any] = {}
+    requests = []
+    for dev in devices:
+        cands = [Candidate(a.id, a.sha256, a.bytes or 0,
+                           tuple(Measured.from_record(r, a.bytes or 0) for r in recent.get((dev.name, a.sha256), ())))
+                 for a in candidates_for(manifest, dev)]
+        fp32 = next((c for c in cands if c.variant == "fp32" and c.measured and c.measured.accuracy is not None), None)
+        fp32_acc = fp32.measured.accuracy if fp32 else (host_fp32.accuracy.value if host_fp32 and host_fp32.accuracy else None)
+        profile = profiles.get(dev.profile) or profiles.setdefault(dev.profile, load_profile(dev.profile))
+        requests.append(Request(dev.name, cands, effective_constraints(profile.constraints, dev.constraints),
+                                fp32_acc, current.get(dev.name)))
+    return {r.device: d for r, d in zip(requests, choose_all(requests, margin))}
 
 
 def _measure(client: FleetClient, store: Store, wanted: dict[str, list[tuple[str, str]]], bench: dict[str, Any],
@@ -129,12 +143,8 @@ def tune(fleet: Fleet, devices: list[Device], opts: TuneOptions, store: Store,
             for device, what in silent.items():
                 report.silent.setdefault(device, []).extend(what)
             step(f"round {number}: selecting")
-            decisions = {}
-            for dev in live:
-                if dev.name in silent:
-                    continue
-                d = decide(manifest, dev, store, current.get(dev.name), opts.margin)
-                decisions[dev.name] = d
+            decisions = decide(manifest, [d for d in live if d.name not in silent], store, current, opts.margin)
+            for d in decisions.values():
                 store.add_decision({**d.as_dict(), "round": number, "artifacts": str(opts.artifacts.resolve())})
             switch = {name: d.chosen for name, d in decisions.items() if d.switch and d.chosen}
             report.final.update(decisions)

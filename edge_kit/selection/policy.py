@@ -22,8 +22,9 @@ Per device, among the variants built for its profile:
 
 One implementation, on arrays: :func:`choose_group` decides for many devices at once that share
 their candidate variants and constraints (devices x variants x recent measurements, NaN where a
-figure is missing). :func:`choose` decides for one device through it, and returns a
-:class:`Decision` with the table behind it and the reason, for ``--explain`` and for the record.
+figure is missing). :func:`choose_all` decides for a fleet through it, one call per group of
+devices that share variants and constraints, and returns a :class:`Decision` per device with the
+table behind it and the reason, for ``--explain`` and for the record; :func:`choose` is one device.
 """
 
 from __future__ import annotations
@@ -251,39 +252,80 @@ def _first(wanted: np.ndarray, order: np.ndarray) -> np.ndarray:
     return np.where(in_order.any(axis=1), first, -1)
 
 
+@dataclass(frozen=True)
+class Request:
+    """One device to decide for: its candidates, its constraints, its fp32 accuracy, what it runs."""
+
+    device: str
+    candidates: list[Candidate]
+    constraints: Constraints
+    fp32_accuracy: float | None
+    current_sha: str | None
+
+
 def choose(device: str, candidates: list[Candidate], constraints: Constraints, *, fp32_accuracy: float | None,
            current_sha: str | None, margin: float = DEFAULT_MARGIN) -> Decision:
     """Return the decision for one device, with its table and reason (see the module docstring for the rules)."""
+    return choose_all([Request(device, candidates, constraints, fp32_accuracy, current_sha)], margin)[0]
+
+
+def choose_all(requests: list[Request], margin: float = DEFAULT_MARGIN) -> list[Decision]:
+    """Return one decision per request, in order, each with its table and reason.
+
+    Devices that share their variants and constraints are decided together by one
+    :func:`choose_group` call; only the table and the reason are built per device.
+    """
+    decisions: list[Decision | None] = [None] * len(requests)
+    groups: dict[tuple[tuple[str, ...], Constraints], list[int]] = {}
+    for i, r in enumerate(requests):
+        if r.candidates and all(c.measured for c in r.candidates):
+            groups.setdefault((tuple(c.variant for c in r.candidates), r.constraints), []).append(i)
+        else:
+            decisions[i] = _decision(r, None, 0, margin)
+    for (_, constraints), members in groups.items():
+        batch = [requests[i] for i in members]
+        fp32 = np.array([np.nan if r.fp32_accuracy is None else r.fp32_accuracy for r in batch], dtype=float)
+        current = np.array([next((k for k, c in enumerate(r.candidates) if c.sha256 == r.current_sha), -1)
+                            for r in batch])
+        got = choose_group(Group.of([r.candidates for r in batch]), constraints, fp32_accuracy=fp32,
+                           current=current, margin=margin)
+        for row, i in enumerate(members):
+            decisions[i] = _decision(requests[i], got, row, margin)
+    return decisions  # type: ignore[return-value]
+
+
+def _decision(r: Request, got: Choices | None, row: int, margin: float) -> Decision:
+    """Return the decision of one device: row ``row`` of ``got``, or (None) why nothing can be chosen yet."""
+    candidates, constraints, current_sha = r.candidates, r.constraints, r.current_sha
     at = next((i for i, c in enumerate(candidates) if c.sha256 == current_sha), -1)
     current = candidates[at] if at >= 0 else None
     table = []
     for c in candidates:
         m = c.measured
-        broken = violations(constraints, m, fp32_accuracy) if m else {}
+        broken = violations(constraints, m, r.fp32_accuracy) if m else {}
         table.append({"variant": c.variant, "sha256": c.sha256, "measured": m is not None,
                       "runs": len(c.history),
                       "p90_ms": m.p90_ms if m else None, "accuracy": m.accuracy if m else None,
                       "energy_mj": m.energy_mj if m else None, "avg_w": m.avg_w if m else None,
                       "power_source": m.power_source if m else None, "model_mb": round(c.bytes / 1e6, 3),
                       "violates": [describe(k, constraints) for k in broken], "current": c.sha256 == current_sha})
-    base = Decision(device, None, None, current.variant if current else None, False, False, "")
-    unmeasured = [c.variant for c in candidates if c.measured is None]
-    if not candidates:
-        base.reason = "no candidate variant is installed for this device's profile"
+    base = Decision(r.device, None, None, current.variant if current else None, False, False, "")
+    if got is None:
+        if not candidates:
+            base.reason = "no candidate variant is installed for this device's profile"
+            return base
+        base.unmeasured = [c.variant for c in candidates if c.measured is None]
+        base.table = table
+        base.reason = f"not measured yet on this device: {', '.join(base.unmeasured)}"
         return base
-    if unmeasured:
-        base.unmeasured, base.table = unmeasured, table
-        base.reason = f"not measured yet on this device: {', '.join(unmeasured)}"
-        return base
-    got = choose_group(Group.of([candidates]), constraints, fp32_accuracy=fp32_accuracy, current=np.array([at]),
-                       margin=margin)
-    index, feasible, runner_up = int(got.chosen[0]), bool(got.feasible[0]), int(got.runner_up[0])
+    index, feasible, runner_up = int(got.chosen[row]), bool(got.feasible[row]), int(got.runner_up[row])
+    stays = bool(got.stays[row])
     chosen = candidates[index]
     if not feasible:
         reason = "infeasible: no variant meets every constraint; " + (
-            f"stays on {chosen.variant}, within the {margin:.0%} margin of the least violating" if got.stays[0]
+            f"stays on {chosen.variant}, within the {margin:.0%} margin of the least violating" if stays
             else f"{chosen.variant} violates least")
-    elif got.stays[0]:
+    elif stays:
         reason = (f"stays on {chosen.variant}: feasible, and no feasible variant beats it by more than "
                   f"the {margin:.0%} margin in every recent measurement")
     else:
@@ -291,10 +333,10 @@ def choose(device: str, candidates: list[Candidate], constraints: Constraints, *
         if current is not None and current is not chosen:
             reason += f" (current {current.variant} " + ("breaks its constraints)" if table[at]["violates"]
                                                           else "is beaten beyond the margin)")
-    decision = Decision(device, chosen.variant, chosen.sha256, base.current, feasible, bool(got.switch[0]), reason,
+    decision = Decision(r.device, chosen.variant, chosen.sha256, base.current, feasible, bool(got.switch[row]), reason,
                         violates=[] if feasible else table[index]["violates"])
-    for i, r in enumerate(table):
-        r["chosen"] = i == index
+    for i, t in enumerate(table):
+        t["chosen"] = i == index
     decision.table = table
     return decision
 
