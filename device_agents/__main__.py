@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--eval", type=Path, help=".npz with x (real inputs) and optionally y (labels: top-1 accuracy)")
     b.add_argument("--threads", type=int, default=1)
     b.add_argument("--delegate", default="xnnpack", help="xnnpack (default), none, edgetpu, gpu")
+    b.add_argument("--delegate-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of the delegate's target, e.g. device=usb:0 for edgetpu; repeat")
     b.add_argument("--runtime", choices=sorted(RUNTIMES), help="default: first installed")
     b.add_argument("--warmup", type=int, default=BenchSettings.warmup)
     b.add_argument("--min-runs", type=int, default=BenchSettings.min_runs)
@@ -69,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     a.add_argument("--variant")
     a.add_argument("--runtime", choices=sorted(RUNTIMES))
     a.add_argument("--delegate", default="xnnpack")
+    a.add_argument("--delegate-option", action="append", default=[], metavar="KEY=VALUE")
     sv = sub.add_parser("supervise", help="keep the service running where there is no systemd")
     sv.add_argument("--config", type=Path, required=True)
     sv.add_argument("--pidfile", type=Path, required=True)
@@ -127,13 +130,25 @@ def _store_command(args: argparse.Namespace) -> None:
         if not (args.sha256 or args.variant):
             raise StoreError("activate: give --sha256 or --variant")
         sha = store.resolve(sha256=args.sha256, variant=args.variant)
-        out = store.activate(sha, runtime=args.runtime, delegate=args.delegate)
+        out = store.activate(sha, runtime=args.runtime, delegate=args.delegate, options=_options(args))
     elif args.command == "rollback":
         out = store.rollback()
     else:
         out = {"root": str(store.root), "current": store.describe(store.current()),
                "previous": store.describe(store.previous()), "installed": store.installed()}
     print(json.dumps(out, indent=2, default=str))
+
+
+def _options(args: argparse.Namespace) -> dict[str, str]:
+    """Return ``--delegate-option KEY=VALUE`` options as a dict (the target's model checks them).
+
+    Raises:
+        UsageError: an option without ``=``.
+    """
+    bad = [o for o in args.delegate_option if "=" not in o]
+    if bad:
+        raise UsageError(f"--delegate-option {bad[0]}: give KEY=VALUE, e.g. device=usb:0")
+    return dict(o.split("=", 1) for o in args.delegate_option)
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -145,7 +160,8 @@ def _bench(args: argparse.Namespace) -> None:
     if args.threads < 1 or args.min_runs < 1 or args.warmup < 0 or args.min_seconds < 0:
         raise UsageError("--threads and --min-runs must be at least 1; --warmup and --min-seconds not negative")
     settings = BenchSettings(warmup=args.warmup, min_runs=args.min_runs, min_seconds=args.min_seconds,
-                             threads=args.threads, delegate=args.delegate, runtime=args.runtime)
+                             threads=args.threads, delegate=args.delegate, runtime=args.runtime,
+                             delegate_options=_options(args))
     try:
         record = run_bench(args.model, settings, eval_file=args.eval,
                            power=power_meter(idle_w=args.idle_w, busy_w=args.busy_w))

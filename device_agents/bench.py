@@ -86,7 +86,8 @@ def run_bench(model: Path, settings: BenchSettings = BenchSettings(), *, eval_fi
     runtime = get_runtime(settings.runtime)
     before = conditions.snapshot()
     t0 = time.perf_counter_ns()
-    interp = runtime.interpreter(Path(model), threads=settings.threads, delegate=settings.delegate)
+    interp = runtime.interpreter(Path(model), threads=settings.threads, delegate=settings.delegate,
+                                 options=settings.delegate_options)
     init_ms = (time.perf_counter_ns() - t0) / 1e6
     runner = ModelRunner(interp)
     eval_x = eval_y = None
@@ -127,6 +128,7 @@ def run_bench(model: Path, settings: BenchSettings = BenchSettings(), *, eval_fi
 
     record: dict[str, Any] = {
         "runtime": runtime.key, "runtime_version": runtime.version(), "delegate": settings.delegate,
+        "delegate_options": dict(settings.delegate_options),
         "threads": settings.threads, "machine": platform.machine(),
         "warmup_runs": settings.warmup, "runs": len(times), "duration_s": round(duration, 3),
         "latency_ms": _percentiles(np.asarray(times, dtype=np.float64)),

@@ -204,6 +204,7 @@ class Agent:
     def _cmd_activate(self, cmd: Command) -> dict[str, Any]:
         sha = self.store.resolve(sha256=cmd.args.get("sha256"), variant=cmd.args.get("variant"))
         result = self.store.activate(sha, runtime=self.cfg.bench.runtime, delegate=self.cfg.bench.delegate,
+                                     options=self.cfg.bench.delegate_options,
                                      smoke=self.smoke)
         return {**result, "model": self._model_ref(sha), "removed": self._apply_budget(cmd.args.get("keep"))}
 

@@ -18,7 +18,8 @@ from device_agents.errors import SmokeFailed
 from device_agents.runtimes import RUNTIMES, RuntimeUnavailable, get_runtime
 
 
-def smoke(model: Path, runtime: str | None = None, delegate: str = "xnnpack") -> dict[str, Any]:
+def smoke(model: Path, runtime: str | None = None, delegate: str = "xnnpack",
+          options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Load ``model`` and run one inference on zeros.
 
     Returns:
@@ -31,7 +32,7 @@ def smoke(model: Path, runtime: str | None = None, delegate: str = "xnnpack") ->
 
     try:
         t0 = time.perf_counter()
-        runner = ModelRunner(get_runtime(runtime).interpreter(Path(model), delegate=delegate))
+        runner = ModelRunner(get_runtime(runtime).interpreter(Path(model), delegate=delegate, options=options))
         runner.invoke_raw(np.zeros(runner.input_shape, dtype=runner.input["dtype"]))
         out = runner.interpreter.get_tensor(runner.output["index"])
     except (ValueError, RuntimeError, RuntimeUnavailable, OSError) as exc:
@@ -42,9 +43,9 @@ def smoke(model: Path, runtime: str | None = None, delegate: str = "xnnpack") ->
             "ms": round((time.perf_counter() - t0) * 1000, 3)}
 
 
-def _child(model: str, runtime: str | None, delegate: str, conn: Any) -> None:
+def _child(model: str, runtime: str | None, delegate: str, options: dict[str, Any] | None, conn: Any) -> None:
     try:
-        conn.send(("ok", smoke(Path(model), runtime, delegate)))
+        conn.send(("ok", smoke(Path(model), runtime, delegate, options)))
     except SmokeFailed as exc:
         conn.send(("failed", str(exc)))
     conn.close()
@@ -71,6 +72,7 @@ class SmokePool:
         forkserver.ensure_running()
 
     def __call__(self, model: Path, *, runtime: str | None = None, delegate: str = "xnnpack",
+                 options: dict[str, Any] | None = None,
                  timeout: float = 120.0) -> dict[str, Any]:
         """Return what :func:`smoke` returned in the child.
 
@@ -78,7 +80,7 @@ class SmokePool:
             SmokeFailed: the model failed, the child crashed (signal named) or timed out.
         """
         receive, send = self.ctx.Pipe(duplex=False)
-        child = self.ctx.Process(target=_child, args=(str(model), runtime, delegate, send), daemon=True)
+        child = self.ctx.Process(target=_child, args=(str(model), runtime, delegate, options, send), daemon=True)
         child.start()
         send.close()
         try:

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from device_agents.errors import SmokeFailed, StoreError
 
@@ -262,6 +263,7 @@ class ModelStore:
         os.replace(tmp, link)  # rename(2) over the old link: readers see the old or the new one
 
     def activate(self, sha256: str, *, runtime: str | None = None, delegate: str = "xnnpack",
+                 options: dict[str, Any] | None = None,
                  smoke: Callable[..., dict] | None = None, timeout: float = SMOKE_TIMEOUT_S) -> dict:
         """Make an installed model current after checking it; the old current becomes previous.
 
@@ -285,7 +287,7 @@ class ModelStore:
 
             smoke = SmokePool()
         try:
-            checked = smoke(path, runtime=runtime, delegate=delegate, timeout=timeout)
+            checked = smoke(path, runtime=runtime, delegate=delegate, options=options, timeout=timeout)
         except SmokeFailed as exc:
             raise StoreError(f"model {sha256[:12]} failed its smoke inference: {exc}") from None
         if old is not None:

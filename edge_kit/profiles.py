@@ -7,14 +7,14 @@ Profiles are YAML files (``profiles/<name>.yaml`` in the source tree, shipped in
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from device_agents.power.sensors import SENSORS
 from device_agents.targets import TARGETS
 from edge_kit.config import StrictModel, closest, load_yaml_model
-from edge_kit.errors import ConfigError
+from edge_kit.errors import ConfigError, EdgeKitError
 from edge_kit.variants import parse_variant
 
 # Keys of the device agent's power-sensor plugins (the agent's registry is the one source).
@@ -47,12 +47,21 @@ class Hardware(StrictModel):
 class Runtime(StrictModel):
     engine: Literal["litert", "tflite-runtime"] = "litert"
     delegate: str = "xnnpack"  # a target plugin's key
+    options: dict[str, Any] = Field(default_factory=dict)  # checked by the target's own config model
+    threads: int = Field(default=1, ge=1, le=64)
 
     @field_validator("delegate")
     @classmethod
     def _known_target(cls, value: str) -> str:
         return _one_of(value, tuple(TARGETS), "delegate")
-    threads: int = Field(default=1, ge=1, le=64)
+
+    @model_validator(mode="after")
+    def _target_options(self) -> Runtime:
+        try:
+            TARGETS[self.delegate].options(self.options, "runtime")
+        except EdgeKitError as exc:  # "runtime: options.x: ..." -> pydantic adds file, line and "runtime"
+            raise ValueError(f"delegate {self.delegate}: {str(exc).split(': ', 1)[-1]}") from None
+        return self
 
 
 class Constraints(StrictModel):

@@ -95,6 +95,7 @@ class BenchSettings:
     max_runs: int = 100_000
     threads: int = 1
     delegate: str = "xnnpack"  # a target plugin's key (device_agents.targets)
+    delegate_options: dict = field(default_factory=dict)  # checked by the target's own Options model
     runtime: str | None = None  # None: the first installed of litert, tflite-runtime
 
 
@@ -174,6 +175,10 @@ def _convert(tp: Any, node: Node, file: Path | str, key: str) -> Any:
         return _convert(next(a for a in args if a is not type(None)), node, file, key)
     if dataclasses.is_dataclass(tp):
         return _dataclass(tp, node, file, key)
+    if tp is dict or origin is dict:
+        if not isinstance(node.value, dict):
+            raise ConfigError(f"{_where(file, node.line, key)}: expected a mapping of keys")
+        return {k: _plain(v) for k, v in node.value.items()}
     if origin is tuple:
         if not isinstance(node.value, list):
             raise ConfigError(f"{_where(file, node.line, key)}: expected a list")
@@ -190,6 +195,24 @@ def _convert(tp: Any, node: Node, file: Path | str, key: str) -> Any:
     if tp is float and not math.isfinite(value):
         raise ConfigError(f"{_where(file, node.line, key)}: expected a finite number, got {value!r}")
     return Path(value).expanduser() if tp is Path else tp(value)
+
+
+def _plain(node: Node) -> Any:
+    if isinstance(node.value, dict):
+        return {k: _plain(v) for k, v in node.value.items()}
+    if isinstance(node.value, list):
+        return [_plain(v) for v in node.value]
+    return node.value
+
+
+def parse(cls: type, value: Any, where: Path | str, key: str = "") -> Any:
+    """Return the dataclass ``cls`` built from a plain value (dicts, lists, scalars), checked strictly.
+
+    Raises:
+        ConfigError: unknown key (with the closest valid one), wrong type or missing key; the
+            message names ``where`` and the dotted key.
+    """
+    return _dataclass(cls, value if isinstance(value, Node) else Node.plain(value), where, key)
 
 
 def _dataclass(cls: type, node: Node, file: Path | str, key: str) -> Any:

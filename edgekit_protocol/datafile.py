@@ -66,10 +66,13 @@ def _npy(raw: bytes, where: str) -> tuple[str, tuple[int, ...], bytes]:
         DataFileError: not an ``.npy``, a header it cannot read, an unsupported type, or a
             length that does not match the header (truncated).
     """
-    if raw[:6] != _MAGIC or len(raw) < 10:
-        raise DataFileError(f"{where} is not a numpy array; {_SAVE_HINT}")
-    major = raw[6]
-    head_len, start = (struct.unpack("<H", raw[8:10])[0], 10) if major == 1 else (struct.unpack("<I", raw[8:12])[0], 12)
+    major = raw[6] if len(raw) > 6 else 0
+    start = 10 if major == 1 else 12
+    if raw[:6] != _MAGIC or major not in (1, 2, 3) or len(raw) < start:
+        raise DataFileError(f"{where} is not a numpy array (format 1-3); {_SAVE_HINT}")
+    head_len = struct.unpack("<H" if major == 1 else "<I", raw[8:start])[0]
+    if start + head_len > len(raw):
+        raise DataFileError(f"{where} is truncated inside its array header; write the file again")
     try:
         header = ast.literal_eval(raw[start:start + head_len].decode("latin-1"))
         descr, fortran, shape = header["descr"], header["fortran_order"], tuple(header["shape"])

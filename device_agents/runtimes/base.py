@@ -21,14 +21,17 @@ class Runtime:
         """Return the runtime library's version string."""
         raise NotImplementedError
 
-    def interpreter(self, model: Path | bytes, *, threads: int = 1, delegate: str = "xnnpack") -> Any:
+    def interpreter(self, model: Path | bytes, *, threads: int = 1, delegate: str = "xnnpack",
+                    options: dict[str, Any] | None = None) -> Any:
         """Return an allocated interpreter for ``model`` (a path or the flatbuffer bytes).
 
         ``delegate`` is a target plugin's key (:data:`device_agents.targets.TARGETS`): ``xnnpack``
-        (the default CPU path), ``none`` (reference kernels), ``edgetpu``, ``gpu``.
+        (the default CPU path), ``none`` (reference kernels), ``edgetpu``, ``gpu``; ``options`` its
+        ``runtime.options``, checked by the target's config model.
 
         Raises:
             RuntimeUnavailable: an unknown target, or its library cannot be loaded here.
+            ConfigError: an option the target does not take.
             ValueError: the model is not a valid flatbuffer or cannot be prepared.
         """
         raise NotImplementedError

@@ -34,14 +34,15 @@ class LiteRT(Runtime):
         except importlib.metadata.PackageNotFoundError:
             return "unknown"
 
-    def interpreter(self, model: Path | bytes, *, threads: int = 1, delegate: str = "xnnpack") -> Any:
+    def interpreter(self, model: Path | bytes, *, threads: int = 1, delegate: str = "xnnpack",
+                    options: dict[str, Any] | None = None) -> Any:
         mod = self._module()
         kwargs: dict[str, Any] = {"num_threads": threads}
         if isinstance(model, bytes | bytearray):
             kwargs["model_content"] = bytes(model)
         else:
             kwargs["model_path"] = str(model)
-        kwargs.update(get_target(delegate).interpreter_options(mod))
+        kwargs.update(get_target(delegate).interpreter_options(mod, options))
         interp = mod.Interpreter(**kwargs)
         interp.allocate_tensors()
         return interp

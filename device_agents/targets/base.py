@@ -4,6 +4,8 @@ A target is what a profile names as ``runtime.delegate`` and what a bench record
 ``delegate``. Its module holds everything that target means, on both sides:
 
 - its ``key``, the ``accelerator`` a profile's hardware must have for it, and its summary;
+- its config model, :attr:`Target.Options`: a frozen dataclass of what a profile may set under
+  ``runtime.options`` (checked strictly, on the host when the profile loads and on the device);
 - compile side (run by the host's compiler, never needing TensorFlow): :meth:`Target.rule_check`,
   the op support predicted from the vendor's documented rules, and, for targets with a compiler of
   their own, the variant it makes (:attr:`Target.compiled_variant`), :meth:`Target.compile` and
@@ -17,9 +19,12 @@ here and one test; the docs' "Adding a target" page walks through one.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
+from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 from device_agents.errors import RuntimeUnavailable
+from edgekit_protocol.config import parse
 
 
 class OpLike(Protocol):
@@ -36,8 +41,15 @@ class ModelFacts(Protocol):
     tensors: dict[int, Any]
 
 
+@dataclass(frozen=True)
+class NoOptions:
+    """The config model of a target that takes no options."""
+
+
 class Target:
     """Base class; subclasses set the class attributes and override the hooks they need."""
+
+    Options: ClassVar[type] = NoOptions  # the target's config model (profile runtime.options)
 
     key: ClassVar[str]
     accelerator: ClassVar[str] = "none"  # the profile's hardware.accelerator this target needs
@@ -45,6 +57,20 @@ class Target:
     library: ClassVar[str | None] = None  # the delegate's shared library on the device, if any
     install_hint: ClassVar[str] = ""  # where the library comes from
     compiled_variant: ClassVar[str | None] = None  # the variant this target's own compiler makes
+
+    @classmethod
+    def options(cls, raw: dict[str, Any] | None, where: str = "runtime.options") -> Any:
+        """Return ``raw`` as the target's :attr:`Options`.
+
+        Raises:
+            ConfigError: a key the target does not take (with the closest one), or a wrong type.
+        """
+        return parse(cls.Options, raw or {}, where, "options")
+
+    @classmethod
+    def delegate_options(cls, options: Any) -> dict[str, str]:
+        """Return the options as the ``load_delegate`` options dictionary (set fields only, as strings)."""
+        return {f.name: str(v) for f in dataclasses.fields(options) if (v := getattr(options, f.name)) is not None}
 
     @classmethod
     def rule_check(cls, stats: ModelFacts) -> dict[str, Any] | None:
@@ -71,17 +97,22 @@ class Target:
         return {}
 
     @classmethod
-    def interpreter_options(cls, interpreter_module: Any) -> dict[str, Any]:
+    def interpreter_options(cls, interpreter_module: Any, options: dict[str, Any] | None = None) -> dict[str, Any]:
         """Return the keyword arguments that make a LiteRT ``Interpreter`` run on this target.
 
+        ``options``: the target's ``runtime.options`` (see :attr:`Options`).
+
         Raises:
+            ConfigError: an option the target does not take.
             RuntimeUnavailable: the target's library cannot be loaded here.
         """
+        checked = cls.options(options)
         if cls.library is None:
             return {}
         try:
             ctypes.CDLL(cls.library)  # probe first: a failed load_delegate leaves a half-built object behind
-            return {"experimental_delegates": [interpreter_module.load_delegate(cls.library)]}
+            return {"experimental_delegates": [interpreter_module.load_delegate(cls.library,
+                                                                                cls.delegate_options(checked))]}
         except (ValueError, OSError) as exc:
             raise RuntimeUnavailable(f"delegate '{cls.key}' needs {cls.library}, which could not be loaded "
                                      f"({exc}); {cls.install_hint}") from None

@@ -21,5 +21,6 @@ class Reference(Target):
     summary: ClassVar[str] = "CPU with LiteRT's reference kernels, no delegate"
 
     @classmethod
-    def interpreter_options(cls, interpreter_module: Any) -> dict[str, Any]:
+    def interpreter_options(cls, interpreter_module: Any, options: dict[str, Any] | None = None) -> dict[str, Any]:
+        cls.options(options)
         return {"experimental_op_resolver_type": interpreter_module.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES}

@@ -16,6 +16,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -133,8 +134,16 @@ def run_compiler(int8_model: bytes, compiler: str) -> tuple[bytes, dict[str, Any
                                   "ops": parse_compiler_log(log), "log": log[-4000:]}
 
 
+@dataclass(frozen=True)
+class EdgeTpuOptions:
+    """``runtime.options`` of the Edge TPU: which one, when a device has several."""
+
+    device: str | None = None  # "usb", "usb:0", "pci", "pci:0" (Coral's load_delegate option); None: the first
+
+
 class EdgeTpu(Target):
     key: ClassVar[str] = "edgetpu"
+    Options: ClassVar[type] = EdgeTpuOptions
     accelerator: ClassVar[str] = "edgetpu"
     summary: ClassVar[str] = "Coral Edge TPU (USB, M.2, Dev Board)"
     library: ClassVar[str | None] = "libedgetpu.so.1"

@@ -147,3 +147,26 @@ def test_a_target_whose_library_is_missing_is_refused_with_what_to_install():
     with pytest.raises(RuntimeUnavailable, match="libedgetpu.so.1, which could not be loaded.*libedgetpu1-std"):
         EdgeTpu.interpreter_options(Module())
     assert get_target("xnnpack").interpreter_options(Module()) == {}
+
+
+def test_a_targets_options_are_checked_by_its_own_model_and_reach_load_delegate(tmp_path, monkeypatch):
+    from edgekit_protocol.errors import ConfigError
+
+    assert EdgeTpu.options({"device": "usb:0"}).device == "usb:0"
+    with pytest.raises(ConfigError, match="options.devic: unknown key; did you mean 'device'"):
+        EdgeTpu.options({"devic": "usb"})
+    with pytest.raises(ConfigError, match="options.precision: unknown key"):
+        get_target("xnnpack").interpreter_options(object(), {"precision": "fp16"})
+
+    seen = {}
+
+    class Module:
+        def load_delegate(self, lib, options):
+            seen[lib] = options
+            return "delegate"
+
+    monkeypatch.setattr("ctypes.CDLL", lambda lib: None)  # the library "loads": what reaches load_delegate?
+    assert EdgeTpu.interpreter_options(Module(), {"device": "pci:0"}) == {"experimental_delegates": ["delegate"]}
+    assert seen == {"libedgetpu.so.1": {"device": "pci:0"}}
+    EdgeTpu.interpreter_options(Module(), None)
+    assert seen["libedgetpu.so.1"] == {}  # unset options are not passed

@@ -89,6 +89,8 @@ def _npy(array: np.ndarray) -> bytes:
     (lambda: _zip({"x.npy": _npy(np.asfortranarray(np.ones((3, 2), "f4")))}), "Fortran order"),
     (lambda: _zip({"x.npy": _npy(np.ones(8, "f4"))[:-5]}), "truncated or padded"),
     (lambda: _zip({"x.npy": b"not an array"}), "is not a numpy array"),
+    (lambda: _zip({"x.npy": b"\x93NUMPY\x02\x00\x10\x00"}), "is not a numpy array"),  # v2 header cut short
+    (lambda: _zip({"x.npy": b"\x93NUMPY\x01\x00\xff\x00{'descr'"}), "truncated inside its array header"),
     (lambda: b"PK\x03\x04 cut short", "is not a readable .npz file"),
 ])
 def test_what_native_code_would_trip_over_is_refused_in_one_line(tmp_path, data, message):
