@@ -163,7 +163,7 @@ def test_connection_and_command_latency(tmp_path, figure, benchmark, monkeypatch
             tuned.append(connect(tuned_socket))
             plain.append(connect(lambda host, port: socket_module.create_connection((host, port), ssh.CONNECT_TIMEOUT_S)))
         monkeypatch.undo()
-        with FleetClient(fleet.broker, fleet.fleet, fleet.broker.password("fleet file")) as client:
+        with FleetClient.of(fleet) as client:
             assert client.wait_online(dev.name, 0, 30) is not None
             rtt = []
             for _ in range(30):

@@ -20,13 +20,13 @@ import shutil
 import signal
 import threading
 import time
-from collections import deque
 from pathlib import Path
 from typing import Any
 
 import edgekit_protocol
 from device_agents import conditions
 from device_agents.bench import run_bench
+from device_agents.identity import OPERATOR, Keyring, Signer, read_operators
 from device_agents.mqtt import SpooledPublisher, make_client
 from device_agents.power import SensorEnv, SensorMeter, not_measured, power_meter
 from device_agents.runtimes import RUNTIMES
@@ -48,6 +48,11 @@ class Agent:
         self.cfg = cfg
         self.store = ModelStore(cfg.root or default_root())
         self.store.ensure()
+        self.identity = self.store.root / "identity"
+        self.signer, created = Signer.load_or_create(self.identity / "device.key")
+        if created:  # an agent started by hand: the operator registers this key (`edgekit keys add`)
+            log.warning("created device key %s in %s; register its public key with the operator", self.signer.key_id,
+                        self.identity)
         self.spool = Spool(self.store.root / "spool.db", cfg.spool_max_records)
         # A persistent session: commands sent while the agent reconnects wait for it on the broker.
         self.client = make_client(cfg.broker, f"edgekit-agent-{cfg.fleet}-{cfg.device}", password=cfg.password(),
@@ -55,7 +60,6 @@ class Agent:
         self.publisher = SpooledPublisher(self.client, self.spool)
         self.smoke = SmokePool()
         self.commands: queue.Queue[Command] = queue.Queue(maxsize=cfg.max_queued_commands)
-        self._seen: deque[str] = deque(maxlen=1000)  # command ids already taken (QoS 1 may redeliver)
         self._stop = threading.Event()
         self._status_seq = 0
         self._announced: str | None = None  # the current model as the last status said
@@ -85,11 +89,11 @@ class Agent:
         self._status_seq += 1
         self._announced = self.store.current()
         runtimes = {k: (cls.unavailable_reason() or "available") for k, cls in RUNTIMES.items()}
-        return messages.envelope("status", self.cfg.fleet, self.cfg.device, self._status_seq, {
+        return self.signer.sign(messages.envelope("status", self.cfg.fleet, self.cfg.device, self._status_seq, {
             "state": state, "agent_version": edgekit_protocol.__version__, "profile": self.cfg.profile,
             "current": self._model_ref(self.store.current()), "runtimes": runtimes,
             "power_source": self.power_source, "simulated": self.cfg.simulated, "pid": os.getpid(),
-            "started": self.started})
+            "started": self.started}))
 
     def emit(self, kind: str, body: dict[str, Any]) -> dict[str, Any] | None:
         """Spool one message of ``kind`` and wake the publisher.
@@ -100,12 +104,26 @@ class Agent:
         built: dict[str, Any] = {}
 
         def build(seq: int) -> bytes:
-            built.update(messages.envelope(kind, self.cfg.fleet, self.cfg.device, seq, body))
+            built.update(self.signer.sign(messages.envelope(kind, self.cfg.fleet, self.cfg.device, seq, body)))
             return messages.encode(built)
 
         row, _ = self.spool.add(kind, self._topic(kind), build)
         self.publisher.wake()
         return built if row is not None else None
+
+    def operators(self) -> Keyring:
+        """Return the operator keys pinned on this device (re-read, so a deploy's update applies at once).
+
+        Raises:
+            ConfigError: none pinned (the device was never deployed to): every command is refused.
+        """
+        return Keyring(operators=read_operators(self.identity / "operators.json"))
+
+    def refuse(self, cmd_id: str | None, name: str | None, why: str) -> None:
+        """Count a refused command and answer it with an error ack (signed, so the host can trust it)."""
+        self.spool.count("refused")
+        log.warning("refused a command: %s", why)
+        self.ack(cmd_id, name, False, error=why)
 
     def ack(self, cmd_id: str | None, name: str | None, ok: bool, *, error: str | None = None,
             result: dict[str, Any] | None = None) -> None:
@@ -133,11 +151,16 @@ class Agent:
         try:
             cmd = parse_command(message.payload, self.cfg.fleet, self.cfg.device)
         except CommandError as exc:
-            self.ack(exc.cmd_id, exc.name, False, error=str(exc))
+            self.refuse(exc.cmd_id, exc.name, str(exc))
             return
-        if cmd.msg_id in self._seen:
-            return  # a QoS 1 redelivery of a command already taken
-        self._seen.append(cmd.msg_id)
+        try:
+            self.operators().verify(cmd.message, OPERATOR)
+            messages.check_time(cmd.message, time.time())
+        except EdgeKitError as exc:  # forged, altered, from an unknown key, or from the future
+            self.refuse(cmd.msg_id, cmd.name, f"not run: {exc}")
+            return
+        if not self.spool.first_sight(cmd.msg_id):
+            return  # a redelivery or a replay of a command already taken (the ids persist across restarts)
         try:
             self.commands.put_nowait(cmd)
         except queue.Full:

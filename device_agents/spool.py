@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 DROPPABLE = "telemetry"
+SEEN_KEPT = 10_000  # command ids remembered (a replay of an older one has long expired)
 
 
 class Spool:
@@ -36,6 +37,7 @@ class Spool:
         self._db.execute("CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, "
                          "kind TEXT NOT NULL, topic TEXT NOT NULL, payload BLOB NOT NULL)")
         self._db.execute("CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)")
+        self._db.execute("CREATE TABLE IF NOT EXISTS seen (id TEXT PRIMARY KEY, n INTEGER NOT NULL)")
         self._count = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
         self._sync = ""
 
@@ -98,10 +100,31 @@ class Spool:
                                     (after, limit)).fetchall()
 
     def stats(self) -> dict[str, int]:
-        """Return ``pending`` (rows waiting), ``dropped_telemetry`` (ever dropped) and ``max_records``."""
+        """Return ``pending`` (rows waiting), ``dropped_telemetry`` (ever dropped), ``refused_commands``
+        (forged, replayed-from-the-future or malformed commands refused, ever) and ``max_records``."""
         with self._lock:
             return {"pending": self._count, "dropped_telemetry": self._counter("dropped." + DROPPABLE),
-                    "max_records": self.max_records}
+                    "refused_commands": self._counter("refused"), "max_records": self.max_records}
+
+    def count(self, name: str) -> None:
+        """Add one to the persistent counter ``name``."""
+        with self._lock:
+            self._bump(name)
+
+    def first_sight(self, msg_id: str, keep: int = SEEN_KEPT) -> bool:
+        """Record a command id; return False when it was recorded before (a redelivery or a replay).
+
+        The ids persist with the spool, so a command is never run twice, across restarts too; the
+        newest ``keep`` are kept (older commands have expired long before).
+        """
+        with self._lock:
+            n = self._bump("seen")
+            try:
+                self._db.execute("INSERT INTO seen (id, n) VALUES (?, ?)", (msg_id, n))
+            except sqlite3.IntegrityError:
+                return False
+            self._db.execute("DELETE FROM seen WHERE n <= ?", (n - keep,))
+            return True
 
     def close(self) -> None:
         """Close the database (rows stay on disk for the next start)."""

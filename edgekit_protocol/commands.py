@@ -12,13 +12,16 @@ rollback  ``{}``: swap ``current`` and ``previous``.
 state     ``{}``: what is installed, current, previous, the spool, the power sensor, free bytes.
 ========  =====================================================================================
 
-A command may carry ``expires`` (unix time): one still queued after that is answered with an
-error instead of run, so a switch the sender gave up waiting for never happens behind its back.
+Every command carries ``expires`` (unix time, at most :data:`MAX_TTL_S` after its ``ts``): one
+still queued after that is answered with an error instead of run, so a switch the sender gave up
+waiting for never happens behind its back, and a captured command cannot be replayed later. The
+agent also remembers the ids of the commands it took (across restarts) and runs none twice.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Any
 
 from edgekit_protocol.errors import CommandError, MessageError
@@ -39,6 +42,7 @@ _ARGS: dict[str, dict[str, tuple[tuple[type, ...], float | None, float | None]]]
     "state": {},
 }
 COMMANDS = tuple(_ARGS)
+MAX_TTL_S = 86_400.0  # a command may stay valid for a day at most (the agent remembers ids far longer)
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,7 @@ class Command:
     name: str
     args: dict[str, Any]
     expires: float | None = None  # unix time after which the sender no longer waits: run it no more
+    message: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)  # as received, for its signature
 
 
 def parse_command(payload: bytes, fleet: str, device: str) -> Command:
@@ -72,9 +77,13 @@ def parse_command(payload: bytes, fleet: str, device: str) -> Command:
     except CommandError as exc:
         raise CommandError(str(exc), cmd_id, name) from None
     expires = msg.get("expires")
-    if expires is not None and (not isinstance(expires, (int, float)) or isinstance(expires, bool)):
-        raise CommandError(f"{name}: expires must be a unix time, got {type(expires).__name__}", cmd_id, name)
-    return Command(cmd_id, name, args, expires)
+    if not isinstance(expires, (int, float)) or isinstance(expires, bool) or not math.isfinite(expires):
+        raise CommandError(f"{name}: expires must be a unix time (every command expires, so none can be "
+                           f"replayed later), got {type(expires).__name__}", cmd_id, name)
+    if expires - msg["ts"] > MAX_TTL_S:
+        raise CommandError(f"{name}: expires {expires - msg['ts']:.0f} s after it was sent; at most {MAX_TTL_S:.0f}",
+                           cmd_id, name)
+    return Command(cmd_id, name, args, expires, msg)
 
 
 def check_args(name: str, args: Any) -> dict[str, Any]:
@@ -108,7 +117,8 @@ def check_args(name: str, args: Any) -> dict[str, Any]:
 
 def command(fleet: str, device: str, name: str, args: dict[str, Any] | None = None, seq: int = 0,
             expires: float | None = None) -> dict[str, Any]:
-    """Return the message of command ``name`` for one device; ``expires``: unix time to give up at.
+    """Return the (unsigned) message of command ``name`` for one device; ``expires``: unix time to give up at
+    (the agent refuses a command without one).
 
     Raises:
         CommandError: the command or its arguments break the spec the agent enforces (checked

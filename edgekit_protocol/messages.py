@@ -3,15 +3,22 @@
 Part of the protocol package: standard library only.
 
 Topics are ``edgekit/v1/<fleet>/<device>/<kind>`` with ``kind`` one of :data:`KINDS`. Every payload
-is a JSON object with the envelope fields ``schema``, ``device``, ``fleet``, ``seq``, ``ts`` and
-``msg_id``. ``seq`` counts per device and per kind, persisted across restarts, so a gap in the
-bench sequence means a lost record; ``msg_id`` is unique per message and is what receivers
-deduplicate on (QoS 1 delivers at least once).
+is a JSON object with the envelope fields ``schema``, ``device``, ``fleet``, ``seq``, ``ts``,
+``msg_id``, ``key_id`` and ``sig``. ``seq`` counts per device and per kind, persisted across
+restarts, so a gap in the bench sequence means a lost record; ``msg_id`` is unique per message and
+is what receivers deduplicate on (QoS 1 delivers at least once).
+
+``sig`` is an Ed25519 signature (base64) over :func:`canonical`, by the key ``key_id`` names: the
+device's for what a device publishes, the operator's for commands. Receivers verify it against the
+key registered for the device the topic names (or the operator's), refuse NaN and infinities at
+parse time, stamp their own receive time and refuse a ``ts`` further ahead of it than their allowed
+clock skew (:func:`check_time`): a sender's clock never orders anything on its own.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 import uuid
@@ -32,7 +39,9 @@ MAX_PAYLOAD = 64 * 1024  # bytes; larger commands are refused unread
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _ENVELOPE_TYPES: dict[str, type | tuple[type, ...]] = {
     "schema": str, "device": str, "fleet": str, "seq": int, "ts": (int, float), "msg_id": str,
+    "key_id": str, "sig": str,
 }
+MAX_SKEW_S = 300.0  # how far ahead of the receiver's clock a sender's ts may be
 
 
 def check_name(value: str, what: str) -> str:
@@ -95,8 +104,37 @@ def encode(message: dict[str, Any]) -> bytes:
     return json.dumps(message, separators=(",", ":"), allow_nan=False).encode()
 
 
+def canonical(message: dict[str, Any]) -> bytes:
+    """Return the bytes a signature covers: every field but ``sig``, keys sorted, compact UTF-8 JSON.
+
+    Raises:
+        ValueError: the message holds NaN or an infinity (they have no JSON form).
+    """
+    return json.dumps({k: v for k, v in message.items() if k != "sig"}, sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=False, allow_nan=False).encode()
+
+
+def check_time(message: dict[str, Any], received: float, max_skew_s: float = MAX_SKEW_S) -> dict[str, Any]:
+    """Return ``message`` when its ``ts`` is not more than ``max_skew_s`` ahead of ``received``.
+
+    Raises:
+        MessageError: a timestamp from the future (a wrong clock, or a forgery meant to outrank
+            every real measurement).
+    """
+    ahead = message["ts"] - received
+    if ahead > max_skew_s:
+        raise MessageError(f"ts is {ahead:.0f} s ahead of the receiver's clock (at most {max_skew_s:.0f} s); refused")
+    return message
+
 def _refuse_constant(name: str) -> float:
     raise MessageError(f"payload holds the non-finite number {name}; numbers must be finite")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (math.inf, -math.inf):
+        raise MessageError(f"payload holds {text[:30]}, which overflows to infinity; numbers must be finite")
+    return value
 
 
 def decode(payload: bytes, kind: str | None = None) -> dict[str, Any]:
@@ -112,7 +150,7 @@ def decode(payload: bytes, kind: str | None = None) -> dict[str, Any]:
     if len(payload) > MAX_PAYLOAD:
         raise MessageError(f"payload of {len(payload)} bytes is over the {MAX_PAYLOAD}-byte limit")
     try:
-        message = json.loads(payload.decode("utf-8"), parse_constant=_refuse_constant)
+        message = json.loads(payload.decode("utf-8"), parse_constant=_refuse_constant, parse_float=_finite_float)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise MessageError(f"payload is not UTF-8 JSON ({type(exc).__name__})") from None
     if not isinstance(message, dict):
@@ -134,7 +172,7 @@ _BODY: dict[str, dict[str, type | tuple[type, ...]]] = {
     "bench": {"variant": str, "sha256": str, "latency_ms": dict, "runs": int, "power": dict, "simulated": bool},
     "telemetry": {"conditions": dict, "spool": dict},
     "cmd": {"command": str},
-    "cmd/ack": {"ok": bool},
+    "cmd/ack": {"ok": bool, "cmd_id": str, "result": dict},
 }
 _LATENCY = ("p50", "p90", "p99", "mean", "std", "min", "max")
 

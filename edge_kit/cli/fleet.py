@@ -49,7 +49,7 @@ def bench_cmd(
     fleet = load_fleet(fleet_file)
     dev = fleet.device(device)
     args = {k: v for k, v in {"variant": variant, "min_runs": min_runs, "min_seconds": min_seconds}.items() if v is not None}
-    with FleetClient(fleet.broker, fleet.fleet, fleet.broker.password(str(fleet_file))) as client:
+    with FleetClient.of(fleet) as client:
         with out.status(f"benchmarking {variant or 'the current model'} on {dev.name}", spinner="dots") if not as_json else nullcontext():
             record = client.request(dev.name, "bench", args, timeout=timeout)["record"]
     if as_json:

@@ -29,8 +29,9 @@ import yaml
 import device_agents
 import edge_kit
 import edgekit_protocol
+from device_agents.identity import Signer, decode_key, encode_key, key_id
 from device_agents.unit import render_unit
-from edge_kit.errors import DeployError
+from edge_kit.errors import ConfigError, DeployError
 from edge_kit.fleet.inventory import Device, Fleet
 from edge_kit.fleet.ssh import DeviceShell
 from edge_kit.profiles import load_profile
@@ -149,10 +150,11 @@ def ensure_agent(shell: DeviceShell, fleet: Fleet) -> AgentState:
         facts = shell.python_facts
         if facts["missing"]:
             raise DeployError(f"{dev.name}: the device's Python ({facts['python']}) lacks {', '.join(facts['missing'])}; "
-                              f"install: {facts['python']} -m pip install numpy pyyaml paho-mqtt ai-edge-litert")
+                              f"install: {facts['python']} -m pip install numpy pyyaml paho-mqtt cryptography ai-edge-litert")
         part = shell.put(data, f"{root}/incoming/agent-{sha[:12]}.tar.gz", rename=False)
         shell.run([dev.python, "-c", _INSTALL_BUNDLE, part, sha, root])
         changed.append(f"agent {edge_kit.__version__} ({sha[:12]})")
+    changed += _ensure_identity(shell, fleet)
     text, password = agent_config(fleet, dev)
     if password is not None and info["password_sha256"] != hashlib.sha256(password).hexdigest():
         shell.put(password, f"{root}/mqtt.pass", mode=0o600)
@@ -177,6 +179,39 @@ def ensure_agent(shell: DeviceShell, fleet: Fleet) -> AgentState:
                   env={"PYTHONPATH": f"{root}/agent"}, background=True)
     changed.append("service restarted" if running else "service started")
     return AgentState(changed, started)
+
+
+def _ensure_identity(shell: DeviceShell, fleet: Fleet) -> list[str]:
+    """Give the device its signing key (once) and the operator keys it accepts commands from.
+
+    A device without a key gets a fresh one, generated here, written over SSH (mode 600) and
+    registered; this host keeps no copy. A device that has one is registered with the public key it
+    holds (read over SSH, whose host key the deploy verified). Returns what changed.
+
+    Raises:
+        DeployError: a write failed. ConfigError: the fleet's keys cannot be read.
+    """
+    keys, info, root = fleet.key_store(), shell.info, shell.root
+    changed = []
+    public = None
+    if info["device_pub"] and info["has_device_key"]:
+        try:
+            public = decode_key(info["device_pub"], f"{shell.dev.name}: identity/device.pub")
+        except ConfigError:
+            public = None  # unreadable: give it a new key below
+    if public is None:
+        signer = Signer.generate()
+        shell.put(signer.pem(), f"{root}/identity/device.key", mode=0o600)
+        shell.put((encode_key(signer.public) + "\n").encode(), f"{root}/identity/device.pub")
+        public = signer.public
+        changed.append(f"device key {key_id(public)} provisioned")
+    if keys.register(shell.dev.name, public) and not changed:
+        changed.append(f"device key {key_id(public)} registered")
+    pinned = keys.operators_json()
+    if info["operators_sha256"] != hashlib.sha256(pinned).hexdigest():
+        shell.put(pinned, f"{root}/identity/operators.json")
+        changed.append("operator key pinned")
+    return changed
 
 
 def _is_running(shell: DeviceShell, systemd: bool) -> bool:

@@ -3,6 +3,11 @@
 Used by ``edgekit bench --device``, deploy (activate, rollback) and tune. One client per call
 site, subscribed to the fleet's ``cmd/ack`` and ``bench`` topics before anything is sent, so an
 answer cannot slip past.
+
+Every command is signed with the operator key and carries an expiry. An answer counts only when it
+verifies as the addressed device's (the registered key of the device the topic names, which must
+also be the device the command went to), is well formed, and is not dated ahead of this host's
+clock; anything else is refused and counted in :attr:`FleetClient.rejected`, never taken.
 """
 
 from __future__ import annotations
@@ -12,12 +17,14 @@ import time
 import uuid
 from typing import Any
 
+from device_agents.identity import Keyring, Signer
 from device_agents.mqtt import make_client
-from edge_kit.errors import AgentError, AgentTimeout
+from edge_kit.errors import AgentError, AgentTimeout, EdgeKitError
 from edgekit_protocol import commands, messages
 from edgekit_protocol.config import BrokerConfig
 
 CONNECT_TIMEOUT_S = 10.0
+COMMAND_TTL_S = 3600.0  # a command nobody waits for expires after this, so it cannot be replayed later
 
 
 class FleetClient:
@@ -30,11 +37,16 @@ class FleetClient:
         AgentError: the broker cannot be reached or refuses the connection.
     """
 
-    def __init__(self, broker: BrokerConfig, fleet: str, password: str | None = None, *, transport: Any = None):
+    def __init__(self, broker: BrokerConfig, fleet: str, password: str | None = None, *, signer: Signer,
+                 keyring: Keyring, transport: Any = None):
         self.broker = broker
         self.fleet = fleet
+        self.signer = signer
+        self.keyring = keyring
         self.client = transport or make_client(broker, f"edgekit-host-{uuid.uuid4().hex[:8]}", password=password)
         self._cond = threading.Condition()
+        self.sent: dict[str, str] = {}  # command id -> the device it went to
+        self.rejected: list[str] = []  # why each refused message was refused (forged, misaddressed, ...)
         self.acks: dict[str, dict[str, Any]] = {}
         self.records: dict[str, dict[str, Any]] = {}
         self.status: dict[str, list[tuple[float, dict[str, Any]]]] = {}  # device -> (received, message)
@@ -51,14 +63,36 @@ class FleetClient:
         client.subscribe([(messages.subscription(self.fleet, kind), 1) for kind in ("cmd/ack", "bench", "status")])
         client.on_subscribe = lambda *_: self._connected.set()
 
+    @classmethod
+    def of(cls, fleet: Any, *, transport: Any = None) -> FleetClient:
+        """Return a client for a fleet read from its file: its broker, password and keys.
+
+        Raises:
+            ConfigError: the broker password file or the fleet's keys cannot be read.
+        """
+        keys = fleet.key_store()
+        return cls(fleet.broker, fleet.fleet, fleet.broker.password("fleet file"), signer=keys.operator,
+                   keyring=keys.keyring(), transport=transport)
+
     def _on_message(self, _c: Any, _u: Any, message: Any) -> None:
+        received = time.time()
         try:
-            _, _, kind = messages.parse_topic(message.topic)
-            msg = messages.decode(message.payload, kind)
-        except messages.MessageError:
+            _, device, kind = messages.parse_topic(message.topic)
+            msg = messages.check_body(kind, messages.decode(message.payload, kind)) if kind != "cmd" else None
+            if msg is None:
+                return  # commands (ours, echoed by the broker) are not answers
+            if msg["device"] != device or msg["fleet"] != self.fleet:
+                raise messages.MessageError(f"names {msg['fleet']}/{msg['device']} but came on {message.topic}")
+            self.keyring.verify(msg, device)
+            messages.check_time(msg, received)
+            if kind == "cmd/ack" and self.sent.get(msg.get("cmd_id")) != device:
+                raise messages.MessageError(f"an ack from {device} for a command not sent to it")
+        except EdgeKitError as exc:
+            with self._cond:
+                self.rejected.append(f"{message.topic}: {exc}"[:300])
             return
         with self._cond:
-            if kind == "cmd/ack" and isinstance(msg.get("cmd_id"), str):
+            if kind == "cmd/ack":
                 self.acks[msg["cmd_id"]] = msg
             elif kind == "bench":
                 self.records[msg["msg_id"]] = msg
@@ -91,12 +125,17 @@ class FleetClient:
     def send(self, device: str, name: str, args: dict[str, Any] | None = None, expires: float | None = None) -> str:
         """Publish a command to ``device``; return its id (what the ack's ``cmd_id`` will be).
 
-        ``expires`` (unix time): the agent refuses the command when it would run later than that.
+        ``expires`` (unix time): the agent refuses the command when it would run later than that
+        (default: in :data:`COMMAND_TTL_S`). The command is signed with the operator key.
 
         Raises:
             CommandError: the command or its arguments break the spec the agent enforces; nothing is sent.
         """
-        msg = commands.command(self.fleet, device, name, args, expires=expires)
+        msg = commands.command(self.fleet, device, name, args,
+                               expires=expires if expires is not None else time.time() + COMMAND_TTL_S)
+        self.signer.sign(msg)
+        with self._cond:
+            self.sent[msg["msg_id"]] = device
         self.client.publish(messages.topic(self.fleet, device, "cmd"), messages.encode(msg), qos=1)
         return msg["msg_id"]
 

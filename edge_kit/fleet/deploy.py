@@ -312,7 +312,7 @@ def deploy(fleet: Fleet, devices: list[Device], opts: DeployOptions,
         InputError: the artifact folder has no (valid) manifest.
         AgentError: health checks are on and the fleet's broker cannot be reached.
     """
-    client = FleetClient(fleet.broker, fleet.fleet, fleet.broker.password("fleet file")) if opts.health else None
+    client = FleetClient.of(fleet) if opts.health else None
     if client is not None:
         client.__enter__()
     try:

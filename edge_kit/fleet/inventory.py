@@ -20,10 +20,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from edge_kit.config import StrictModel, closest, load_yaml_model
 from edge_kit.errors import ConfigError
+from edge_kit.fleet.keys import FleetKeys
 from edge_kit.profiles import Constraints, Storage
 from edgekit_protocol.config import BrokerConfig
 
@@ -69,8 +70,10 @@ class Fleet(StrictModel):
     fleet: str = Field(pattern=_NAME)
     broker: BrokerConfig = BrokerConfig()
     known_hosts: Path = Path("~/.ssh/known_hosts")  # SSH host keys the deploy checks against
+    keys: Path = Path("keys")  # the operator key and the device key registry; relative: to this file's folder
     defaults: DeviceDefaults = DeviceDefaults()
     devices: list[Device] = Field(min_length=1)
+    _source: Path | None = PrivateAttr(default=None)  # the fleet file it was read from
 
     @model_validator(mode="before")
     @classmethod
@@ -107,6 +110,22 @@ class Fleet(StrictModel):
             picked.update({d.name: d for d in hits})
         return [d for d in self.devices if d.name in picked]
 
+    @property
+    def source(self) -> Path:
+        """Return the fleet file this fleet was read from.
+
+        Raises:
+            ConfigError: the fleet was not read from a file (it has no place for its keys and history).
+        """
+        if self._source is None:
+            raise ConfigError(f"fleet {self.fleet} was not read from a file; load it with load_fleet")
+        return self._source
+
+    def key_store(self) -> FleetKeys:
+        """Return the fleet's keys (see :mod:`edge_kit.fleet.keys`): the ``keys`` folder, by default
+        ``keys/`` next to the fleet file."""
+        return FleetKeys(self.source.resolve().parent / self.keys.expanduser())
+
     def device(self, name: str) -> Device:
         """Return the device called ``name``.
 
@@ -131,6 +150,7 @@ def load_fleet(path: Path) -> Fleet:
     from edge_kit.profiles import load_profile
 
     fleet = load_yaml_model(path, Fleet)
+    fleet._source = Path(path)
     for dev in fleet.devices:
         try:
             load_profile(dev.profile)

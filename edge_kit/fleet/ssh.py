@@ -37,7 +37,7 @@ import importlib.util, json, os, shutil, sys
 probe = sys.argv[1]
 while not os.path.exists(probe):
     probe = os.path.dirname(probe)
-missing = [m for m in ("numpy", "yaml", "paho") if importlib.util.find_spec(m) is None]
+missing = [m for m in ("numpy", "yaml", "paho", "cryptography") if importlib.util.find_spec(m) is None]
 if not any(importlib.util.find_spec(m) for m in ("ai_edge_litert", "tflite_runtime")):
     missing.append("ai_edge_litert or tflite_runtime")
 print(json.dumps({"free": shutil.disk_usage(probe).free, "python": sys.executable, "missing": missing}))
@@ -233,6 +233,9 @@ class DeviceShell:
             current = None
         return {"root": root, "bundle": (self.read(f"{root}/agent/BUNDLE") or b"").decode().strip(),
                 "config_sha256": digest("agent.yaml"), "password_sha256": digest("mqtt.pass"),
+                "device_pub": (self.read(f"{root}/identity/device.pub") or b"").decode().strip() or None,
+                "has_device_key": exists(f"{root}/identity/device.key"),
+                "operators_sha256": digest("identity/operators.json"),
                 "agent_pid": int(pid) if pid.isdigit() and exists(f"/proc/{pid}") else None,
                 "systemd": exists("/run/systemd/system"), "installed": installed, "current": current}
 
@@ -298,18 +301,19 @@ class DeviceShell:
             DeployError: the transfer failed (disk full, connection lost); the ``.part`` is removed
                 where the connection still allows.
         """
-        import io
-
         target = remote
         part = target + ".part"
         try:
             sftp = self.conn.sftp()
             self._makedirs(sftp, target.rsplit("/", 1)[0] if "/" in target else ".")
-            if isinstance(local, bytes):
-                sftp.putfo(io.BytesIO(local), part)
+            if isinstance(local, bytes):  # the mode is set before a byte is written (private keys)
+                with sftp.open(part, "wb") as f:
+                    f.chmod(mode)
+                    f.set_pipelined(True)
+                    f.write(local)
             else:
                 sftp.put(str(local), part)
-            sftp.chmod(part, mode)
+                sftp.chmod(part, mode)
             if rename:
                 sftp.posix_rename(part, target)
         except _LINK_ERRORS as exc:

@@ -130,7 +130,7 @@ def tune(fleet: Fleet, devices: list[Device], opts: TuneOptions, store: Store,
     report = TuneReport(deployed)
     current = {r.device: r.sha256 for r in deployed.results if r.ok}
     live = [d for d in devices if d.name in current]
-    with FleetClient(fleet.broker, fleet.fleet, fleet.broker.password("fleet file")) as client:
+    with FleetClient.of(fleet) as client:
         for number in range(1, opts.rounds + 1):
             wanted = {}
             for dev in live:

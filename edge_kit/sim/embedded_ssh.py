@@ -40,6 +40,9 @@ def _status(call: Any, *args: Any) -> int:
 
 
 class _Handle(SFTPHandle):
+    def chattr(self, attr: Any) -> int:  # fsetstat: a mode set on an open file (private keys)
+        return _status(SFTPServer.set_file_attr, self.filename, attr)
+
     def stat(self) -> Any:
         try:
             return SFTPAttributes.from_stat(os.fstat(self.readfile.fileno() if hasattr(self, "readfile")

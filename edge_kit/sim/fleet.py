@@ -117,7 +117,7 @@ class SimFleet:
             self.fleet_file.write_text(yaml.safe_dump({
                 "fleet": FLEET_NAME,
                 "broker": {"host": broker_host, "port": state["broker"]["port"]},
-                "known_hosts": str(self.workdir / "known_hosts"),
+                "known_hosts": str(self.workdir / "known_hosts"), "keys": str(self.workdir / "keys"),
                 "defaults": {"user": getpass.getuser(), "key": str(key), "python": sys.executable, "simulated": True},
                 "devices": devices,
             }, sort_keys=False))
@@ -135,7 +135,7 @@ class SimFleet:
         Raises:
             EdgeKitError: an agent could not be started or did not come online (names the device).
         """
-        with FleetClient(fleet.broker, fleet.fleet) as client:
+        with FleetClient.of(fleet) as client:
             def one(dev: Any) -> None:
                 with DeviceShell(dev, fleet.known_hosts) as shell:
                     started = ensure_agent(shell, fleet).restarted_at

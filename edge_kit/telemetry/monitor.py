@@ -29,7 +29,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from device_agents.mqtt import make_client
-from edge_kit.errors import AgentError
+from edge_kit.errors import AgentError, EdgeKitError
 from edge_kit.fleet.inventory import Fleet
 from edge_kit.profiles import load_profile
 from edge_kit.selection.constraints import (
@@ -48,7 +48,7 @@ BATCH = 500
 @dataclass
 class Alert:
     device: str
-    kind: str  # "offline", "constraints", "silent"
+    kind: str  # "offline", "constraints", "silent", "refused" (forged, unsigned, from the future)
     text: str
     ts: float = field(default_factory=time.time)
 
@@ -90,7 +90,8 @@ class Monitor:
         self.client = make_client(fleet.broker, cid, password=fleet.broker.password("fleet file"),
                                   v5=share is not None, clean=not persistent)
         self.client.on_connect = self._on_connect
-        self.client.on_message = lambda _c, _u, m: self._queue.put((m.topic, m.payload))
+        self.keyring = fleet.key_store().keyring()
+        self.client.on_message = lambda _c, _u, m: self._queue.put((m.topic, m.payload, time.time()))
         self._writer = threading.Thread(target=self._write_loop, daemon=True, name="monitor-writer")
 
     def _on_connect(self, client: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
@@ -152,28 +153,33 @@ class Monitor:
                     break
             self._store(batch)
 
-    def _store(self, batch: list[tuple[str, bytes]]) -> None:
+    def _store(self, batch: list[tuple[str, bytes, float]]) -> None:
         good: list[tuple[str, dict[str, Any]]] = []
         raw: list[bytes] = []
-        for topic, payload in batch:
+        received: list[float] = []
+        for topic, payload, at in batch:
             self.stats.received += 1
             try:
                 fleet, device, kind = messages.parse_topic(topic)
                 msg = messages.check_body(kind, messages.decode(payload, kind))
                 if msg["device"] != device or msg["fleet"] != fleet:
                     raise messages.MessageError(f"message names {msg['fleet']}/{msg['device']} but came on {topic}")
-            except messages.MessageError as exc:
+                self.keyring.verify(msg, device)
+                messages.check_time(msg, at)
+            except EdgeKitError as exc:
                 self.stats.invalid += 1
                 self.store.add_invalid(topic, str(exc), payload)
+                self.alerts.append(Alert(topic, "refused", f"refused a message on {topic}: {exc}"))
                 continue
             if msg["msg_id"] in self._recent:
                 self.stats.duplicates += 1
                 continue
             good.append((kind, msg))
             raw.append(payload)
+            received.append(at)
         if not good:
             return
-        new = self.store.add_many(good, raw)
+        new = self.store.add_many(good, raw, received)
         self.stats.duplicates += len(good) - new
         self.stats.stored += new
         for kind, msg in good:

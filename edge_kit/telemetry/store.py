@@ -28,6 +28,8 @@ def history_path(fleet_file: Path) -> Path:
     """
     return Path(fleet_file).resolve().parent / HISTORY_NAME
 
+
+# Every ts column is this host's clock when the row was received or written, never a sender's claim.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS status (msg_id TEXT PRIMARY KEY, device TEXT, ts REAL, seq INTEGER, state TEXT, body TEXT);
 CREATE TABLE IF NOT EXISTS bench (msg_id TEXT PRIMARY KEY, device TEXT, ts REAL, seq INTEGER, variant TEXT,
@@ -59,17 +61,22 @@ class Store:
         with self._lock:
             self._db.close()
 
-    def add_many(self, messages: list[tuple[str, dict[str, Any]]], raw: list[bytes] | None = None) -> int:
+    def add_many(self, messages: list[tuple[str, dict[str, Any]]], raw: list[bytes] | None = None,
+                 received: list[float] | None = None) -> int:
         """Store ``(kind, message)`` pairs in one transaction; return how many were new (not duplicates).
 
-        ``raw`` may give each message's JSON as received, stored as is (saves encoding it again).
+        ``raw`` may give each message's JSON as received, stored as is (saves encoding it again);
+        ``received`` each message's receive time on this host (default: now). The rows' ``ts`` is
+        that receive time, never the sender's own ``ts``: measurements are ordered by it and ``seq``.
         """
         new = 0
+        now = time.time()
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 for i, (kind, m) in enumerate(messages):
-                    new += self._insert(kind, m, raw[i].decode() if raw is not None else None)
+                    new += self._insert(kind, m, raw[i].decode() if raw is not None else None,
+                                        received[i] if received is not None else now)
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -80,9 +87,9 @@ class Store:
         """Store one message; return False when its ``msg_id`` was already there."""
         return self.add_many([(kind, message)]) == 1
 
-    def _insert(self, kind: str, m: dict[str, Any], body: str | None = None) -> int:
+    def _insert(self, kind: str, m: dict[str, Any], body: str | None, received: float) -> int:
         body = body or json.dumps(m, separators=(",", ":"))
-        head = (m["msg_id"], m["device"], m["ts"], m["seq"])
+        head = (m["msg_id"], m["device"], received, m["seq"])
         if kind == "bench":
             sql = "INSERT OR IGNORE INTO bench VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
             row = (*head, m.get("variant"), m.get("sha256"), (m.get("latency_ms") or {}).get("p90"), body)
@@ -131,8 +138,8 @@ class Store:
     def recent_bench(self, device: str | None = None, keep: int = 5) -> dict[tuple[str, str], list[dict[str, Any]]]:
         """Return up to ``keep`` bench records per ``(device, sha256)`` (of one device, or all), newest first."""
         where, args = ("WHERE device = ?", (device, keep)) if device else ("", (keep,))
-        sql = ("SELECT body FROM (SELECT body, ts, ROW_NUMBER() OVER (PARTITION BY device, sha256 ORDER BY ts DESC) AS n "
-               f"FROM bench {where}) WHERE n <= ? ORDER BY ts DESC")
+        sql = ("SELECT body FROM (SELECT body, ts, seq, ROW_NUMBER() OVER (PARTITION BY device, sha256 ORDER BY ts DESC, seq DESC) AS n "
+               f"FROM bench {where}) WHERE n <= ? ORDER BY ts DESC, seq DESC")
         out: dict[tuple[str, str], list[dict[str, Any]]] = {}
         for (body,) in self._rows(sql, args):
             m = json.loads(body)

@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import pytest
 
+from device_agents.identity import Keyring, Signer
 from edge_kit.errors import AgentError, AgentTimeout, CommandError
 from edge_kit.fleet.commands import FleetClient
 from edge_kit.loop.tune import _measure
@@ -19,6 +20,8 @@ from edgekit_protocol import messages
 from edgekit_protocol.config import BrokerConfig
 
 FLEET = "f1"
+OPERATOR = Signer.generate()
+DEVICES = {name: Signer.generate() for name in ("d1", "d2", "d3")}
 LATENCY = {q: 1.0 for q in ("p50", "p90", "p99", "mean", "std", "min", "max")}
 
 
@@ -43,12 +46,16 @@ class FakeTransport:
 
     def publish(self, topic: str, payload: bytes, qos: int = 0) -> None:
         msg = messages.decode(payload, "cmd")
+        Keyring(operators=[OPERATOR.public]).verify(msg, "operator")  # what the agent checks first
         self.published.append(msg)
         for kind, body in self.answer(msg["device"], msg):
             self.seq += 1
-            reply = messages.envelope(kind, FLEET, msg["device"], self.seq, body)
-            self.on_message(self, None, SimpleNamespace(topic=messages.topic(FLEET, msg["device"], kind),
-                                                        payload=messages.encode(reply)))
+            reply = DEVICES[msg["device"]].sign(messages.envelope(kind, FLEET, msg["device"], self.seq, body))
+            self.deliver(messages.topic(FLEET, msg["device"], kind), messages.encode(reply))
+
+    def deliver(self, topic: str, payload: bytes) -> None:
+        """Hand a message to the client as the broker would."""
+        self.on_message(self, None, SimpleNamespace(topic=topic, payload=payload))
 
     def disconnect(self) -> None:
         pass
@@ -64,7 +71,8 @@ def agent(silent: tuple[str, ...] = (), refuse: tuple[str, ...] = ()):
         if device in silent:
             return []
         if device in refuse:
-            return [("cmd/ack", {"cmd_id": cmd["msg_id"], "command": cmd["command"], "ok": False, "error": "disk full"})]
+            return [("cmd/ack", {"cmd_id": cmd["msg_id"], "command": cmd["command"], "ok": False, "error": "disk full",
+                                 "result": {}})]
         if cmd["command"] != "bench":
             return [("cmd/ack", {"cmd_id": cmd["msg_id"], "command": cmd["command"], "ok": True, "result": {"x": 1}})]
         record = messages.envelope("bench", FLEET, device, 1, {
@@ -78,7 +86,8 @@ def agent(silent: tuple[str, ...] = (), refuse: tuple[str, ...] = ()):
 
 
 def client(answer) -> FleetClient:
-    return FleetClient(BrokerConfig(), FLEET, transport=FakeTransport(answer))
+    return FleetClient(BrokerConfig(), FLEET, transport=FakeTransport(answer), signer=OPERATOR,
+                       keyring=Keyring({k: v.public for k, v in DEVICES.items()}, [OPERATOR.public]))
 
 
 def test_a_request_returns_the_ack_or_raises_what_the_agent_said():
@@ -98,7 +107,7 @@ def test_a_bench_request_waits_for_the_record_the_ack_announces():
 
 def test_a_command_the_agent_would_refuse_is_never_sent():
     transport = FakeTransport(agent())
-    with FleetClient(BrokerConfig(), FLEET, transport=transport) as c:
+    with FleetClient(BrokerConfig(), FLEET, transport=transport, signer=OPERATOR, keyring=Keyring()) as c:
         with pytest.raises(CommandError, match="min_runs' must be between 1 and 1000000, got 0"):
             c.send("d1", "bench", {"min_runs": 0})
     assert transport.published == []
@@ -112,3 +121,33 @@ def test_a_measuring_round_stores_what_came_back_and_names_who_did_not_answer(tm
     assert stored == 2
     assert silent == {"d2": ["int8 (no answer)"], "d3": ["int8 (disk full)"]}
     assert sorted(sha for _, sha in store.latest_bench("d1")) == ["a" * 64, "b" * 64]
+
+
+def test_only_the_addressed_devices_signed_well_formed_ack_counts():
+    """Forged, misaddressed and malformed acks are refused and counted; the real one is taken."""
+    held: list[dict[str, Any]] = []
+
+    def slow_agent(device: str, cmd: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+        held.append(cmd)  # answers come later, from the test
+        return []
+
+    with client(slow_agent) as c:
+        cmd_id = c.send("d1", "state")
+        transport = c.client
+
+        def ack(signer: Signer, device: str, **body: Any) -> bytes:
+            msg = messages.envelope("cmd/ack", FLEET, device, 1, {"cmd_id": cmd_id, "command": "state", "ok": True,
+                                                                   "error": None, "result": {"forged": False}, **body})
+            return messages.encode(signer.sign(msg))
+
+        topic = messages.topic(FLEET, "d1", "cmd/ack")
+        intruder = Signer.generate()
+        transport.deliver(topic, ack(intruder, "d1", result={"forged": True}))  # not d1's key
+        transport.deliver(messages.topic(FLEET, "d2", "cmd/ack"), ack(DEVICES["d2"], "d2"))  # d2 was not asked
+        transport.deliver(topic, ack(DEVICES["d1"], "d1", result={"forged": True}).replace(b'"ok":true', b'"ok":1'))
+        transport.deliver(topic, ack(DEVICES["d1"], "d1", ts=4_102_444_800.0))  # from the future
+        transport.deliver(topic, ack(DEVICES["d1"], "d1")[:-9])  # truncated
+        assert c.wait_ack(cmd_id, 0.05) is None and len(c.rejected) == 5
+        transport.deliver(topic, ack(DEVICES["d1"], "d1"))
+        assert c.wait_ack(cmd_id, 1)["result"] == {"forged": False}
+    assert held and held[0]["expires"] > held[0]["ts"]  # every command expires

@@ -18,12 +18,16 @@ import paho.mqtt.client as mqtt
 import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
+from device_agents.identity import Keyring, Signer, encode_key
 from device_agents.store import ModelStore
 from edge_kit.sim.broker import MosquittoBroker
 from edge_kit.sim.process import stop_process
 from edgekit_protocol import messages
 
 FLEET = "testfleet"
+# The tests' operator, and the keys every agent they start registers (the deploy's job in a real fleet).
+OPERATOR = Signer.generate()
+KEYRING = Keyring({}, [OPERATOR.public])
 
 
 class Monitor:
@@ -72,6 +76,17 @@ class Monitor:
         self.client.loop_stop()
 
 
+def share_keys(fleet_file: Path, *agents: AgentProcess) -> None:
+    """Give a fleet file's keys (``keys/`` beside it) the tests' operator key and register ``agents``,
+    as a deploy to them would have."""
+    from edge_kit.fleet.keys import FleetKeys
+
+    keys = FleetKeys(fleet_file.parent / "keys")
+    OPERATOR.save(keys.folder / "operator.key")
+    for agent in agents:
+        keys.register(agent.name, agent.signer.public)
+
+
 class AgentProcess:
     """One device: a model store with the digits variants installed, and `edgekit-agent run`."""
 
@@ -87,6 +102,10 @@ class AgentProcess:
                                           expect_sha256=art["sha256"], eval_file=artifacts / "eval.npz")
                 self.sha[art["id"]] = done.sha256
         self.store.activate(self.sha["int8"])
+        self.signer = Signer.generate()  # provisioned as a deploy does: device key, pinned operator key
+        self.signer.save(self.root / "identity" / "device.key")
+        (self.root / "identity" / "operators.json").write_text(json.dumps([encode_key(OPERATOR.public)]))
+        KEYRING.devices[name] = self.signer.public
         cfg = {"device": name, "fleet": FLEET, "root": str(self.root), "profile": "rpi4",
                "broker": {"host": mqtt_broker.host, "port": mqtt_broker.port, "reconnect_max_s": 0.5},
                "telemetry_interval_s": 3600, "bench": {"warmup": 2, "min_runs": 30, "min_seconds": 0.0},

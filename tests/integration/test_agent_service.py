@@ -10,7 +10,17 @@ import uuid
 
 import paho.mqtt.client as mqtt
 import pytest
-from harness import FLEET, AgentProcess, make_tls, online, spool_count, wait_until
+from harness import (
+    FLEET,
+    KEYRING,
+    OPERATOR,
+    AgentProcess,
+    make_tls,
+    online,
+    share_keys,
+    spool_count,
+    wait_until,
+)
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_kit.errors import AgentError
@@ -24,7 +34,7 @@ pytestmark = pytest.mark.integration
 
 
 def client_for(broker, **kw) -> FleetClient:
-    return FleetClient(Broker(host=broker.host, port=broker.port, **kw), FLEET)
+    return FleetClient(Broker(host=broker.host, port=broker.port, **kw), FLEET, signer=OPERATOR, keyring=KEYRING)
 
 
 def test_bench_round_trip_host_to_agent_and_back(agents, mosquitto, monitor):
@@ -141,8 +151,9 @@ def test_an_upload_is_installed_by_the_running_agent_from_incoming_only_and_only
 
 def _fuzz_payloads(n: int, rng: random.Random) -> list[bytes]:
     def envelope(**over):
-        msg = {"schema": "edgekit.cmd/1", "device": "dev1", "fleet": FLEET, "seq": 1, "ts": 1.0,
-               "msg_id": uuid.uuid4().hex, "command": "state", "args": {}}
+        msg = {"schema": "edgekit.cmd/1", "device": "dev1", "fleet": FLEET, "seq": 1, "ts": time.time(),
+               "msg_id": uuid.uuid4().hex, "key_id": OPERATOR.key_id, "sig": "AAAA", "expires": time.time() + 600,
+               "command": "state", "args": {}}
         msg.update(over)
         return msg
 
@@ -185,7 +196,9 @@ def test_fuzzed_commands_are_each_answered_and_the_agent_stays_up(agents, mosqui
     acks = monitor.messages["cmd/ack"]
     assert len(acks) == 1000 and agent.alive()
     errors = [a for a in acks if not a["ok"]]
+    assert len(errors) == 1000, "a command the operator did not sign was run"
     assert all(a["error"] for a in errors) and any("another" in a["error"] or "reached" in a["error"] for a in errors)
+    assert any("signature does not verify" in a["error"] for a in errors)
     assert any("over the 65536-byte limit" in a["error"] for a in errors)
     with client_for(mosquitto) as client:  # still answers real work
         assert client.request("dev1", "bench", {"min_runs": 5}, timeout=60)["record"]["runs"] >= 5
@@ -213,17 +226,17 @@ def test_username_password_acl_and_tls_from_config(tmp_path, digits_artifacts):
             assert wait_until(lambda: births and births[-1]["state"] == "online", 30), agent.log.read_text()
             ops = Broker(host=broker.host, port=broker.port, username="ops", password_file=tmp_path / "ops.pass",
                          tls=TlsConfig(ca=tls.ca))
-            with FleetClient(ops, FLEET, "s3cret-ops") as client:
+            with FleetClient(ops, FLEET, "s3cret-ops", signer=OPERATOR, keyring=KEYRING) as client:
                 rec = client.request("dev1", "bench", {"min_runs": 5}, timeout=60)["record"]
                 assert client.client.socket().getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)  # TLS too
             assert rec["device"] == "dev1"
             wrong = Broker(host=broker.host, port=broker.port, username="ops", tls=TlsConfig(ca=tls.ca))
             with pytest.raises(AgentError, match="did not accept the connection"):
-                with FleetClient(wrong, FLEET, "wrong"):
+                with FleetClient(wrong, FLEET, "wrong", signer=OPERATOR, keyring=KEYRING):
                     pass
             plain = Broker(host=broker.host, port=broker.port, username="ops")  # TLS port, no TLS
             with pytest.raises(AgentError, match="did not accept|cannot reach"):
-                with FleetClient(plain, FLEET, "s3cret-ops"):
+                with FleetClient(plain, FLEET, "s3cret-ops", signer=OPERATOR, keyring=KEYRING):
                     pass
         finally:
             watcher.loop_stop()
@@ -233,12 +246,13 @@ def test_username_password_acl_and_tls_from_config(tmp_path, digits_artifacts):
 
 
 def test_edgekit_bench_cli_prints_the_record_and_names_a_silent_device(agents, mosquitto, monitor, run_cli, tmp_path):
-    agents("dev1", telemetry_interval_s=0.5)
+    agent = agents("dev1", telemetry_interval_s=0.5)
     assert monitor.wait_for(online("dev1"), 30)
     fleet = tmp_path / "fleet.yaml"
     fleet.write_text(f"fleet: {FLEET}\nbroker: {{host: 127.0.0.1, port: {mosquitto.port}}}\n"
                      "defaults: {user: edgekit, profile: rpi4}\n"
                      "devices:\n  - {name: dev1, host: 127.0.0.1}\n  - {name: dev2, host: 127.0.0.1}\n")
+    share_keys(fleet, agent)
     code, out, err = run_cli("bench", "--fleet", fleet, "--device", "dev1", "--variant", "fp32", "--min-runs", "10", "--json")
     assert code == 0, err
     rec = json.loads(out)

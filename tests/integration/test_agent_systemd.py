@@ -63,7 +63,7 @@ def test_deploy_runs_the_agent_as_a_systemd_service_that_systemd_restarts(tmp_pa
     assert systemd.run("systemctl", "is-active", "edgekit-agent").stdout.strip() == "active"
     assert not (tmp_path / "device" / "agent.pid").exists()  # systemd supervises it, not our supervisor
 
-    with FleetClient(fleet.broker, fleet.fleet) as client:
+    with FleetClient.of(fleet) as client:
         crashed, since = main_pid(systemd), time.time()
         systemd.run("kill", "-KILL", str(crashed))  # the agent dies: systemd starts it again (RestartSec=5)
         assert client.wait_online("pi-1", since, 30) is not None, systemd.run("systemctl", "status", "edgekit-agent").stdout

@@ -11,6 +11,7 @@ import pytest
 from harness import wait_until
 from paho.mqtt.enums import CallbackAPIVersion
 
+from device_agents.identity import Signer
 from edge_kit.fleet.inventory import load_fleet
 from edge_kit.sim.broker import free_port
 from edge_kit.telemetry.metrics import FleetMetrics
@@ -20,6 +21,7 @@ from edgekit_protocol import messages
 
 pytestmark = pytest.mark.integration
 FLEET = "mon"
+DEVICE_KEYS = {"d1": Signer.generate(), "d2": Signer.generate()}  # what a deploy would have provisioned
 
 
 @pytest.fixture
@@ -28,7 +30,10 @@ def fleet(mosquitto, tmp_path):
     path.write_text(f"fleet: {FLEET}\nbroker: {{host: 127.0.0.1, port: {mosquitto.port}}}\n"
                     "defaults: {user: edgekit, profile: rpi4}\n"
                     "devices:\n  - {name: d1, host: 127.0.0.1}\n  - {name: d2, host: 127.0.0.1}\n")
-    return load_fleet(path)
+    fleet = load_fleet(path)
+    for name, signer in DEVICE_KEYS.items():
+        fleet.key_store().register(name, signer.public)
+    return fleet
 
 
 @pytest.fixture
@@ -49,8 +54,14 @@ def bench(device: str, seq: int, p90: float = 5.0, variant: str = "int8") -> dic
                   "method": "ina219"}, "accuracy": {"metric": "top1", "value": 0.99, "samples": 360}, "simulated": False})
 
 
+def signed(message: dict) -> dict:
+    """Return the message signed by the key registered for the device it names."""
+    return DEVICE_KEYS[message["device"]].sign(message)
+
+
 def send(client, kind: str, payload: bytes | dict, device: str = "d1") -> None:
-    data = messages.encode(payload) if isinstance(payload, dict) else payload
+    """Publish on ``device``'s topic: a dict signed by the device it names, bytes as they are."""
+    data = messages.encode(signed(payload)) if isinstance(payload, dict) else payload
     client.publish(messages.topic(FLEET, device, kind), data, qos=1).wait_for_publish(5)
 
 
@@ -119,7 +130,7 @@ def test_two_workers_on_a_shared_subscription_split_the_stream_with_nothing_lost
     try:
         n = 400
         for i in range(1, n + 1):
-            publisher.publish(messages.topic(FLEET, f"d{1 + i % 2}", "bench"), messages.encode(bench(f"d{1 + i % 2}", i)), qos=1)
+            publisher.publish(messages.topic(FLEET, f"d{1 + i % 2}", "bench"), messages.encode(signed(bench(f"d{1 + i % 2}", i))), qos=1)
         assert wait_until(lambda: sum(w.stats.stored for w in workers) >= n, 30)
         time.sleep(0.3)
     finally:
@@ -148,3 +159,34 @@ def test_monitor_cli_json_summary_and_fleet_status(fleet, publisher, tmp_path, r
     assert summary["stored"] == 2 and summary["invalid"] == 1
     code, out, err = run_cli("fleet", "status", "--fleet", fleet_file)
     assert code == 0 and "d1" in out and "int8" in out and "3.25" in out and "never seen" in out
+
+
+def test_forged_replayed_future_and_non_finite_messages_are_refused_counted_and_alerted(fleet, publisher, tmp_path, run_cli):
+    """What an attacker on the broker can send: none of it is stored, each is counted and alerted."""
+    store = Store(tmp_path / "h.db")
+    mon = Monitor(fleet, store).start()
+    intruder = Signer.generate()  # a key nobody registered
+    try:
+        send(publisher, "bench", bench("d1", 1, p90=20.0))  # the real measurement
+        forged = [
+            messages.encode(bench("d1", 2, p90=0.001)),  # unsigned
+            messages.encode(intruder.sign(bench("d1", 3, p90=0.001))),  # signed, but not by d1's key
+            messages.encode({**signed(bench("d1", 4, p90=20.0)), "latency_ms": {**bench("d1", 4)["latency_ms"], "p90": 0.001}}),
+            messages.encode(signed({**bench("d1", 5, p90=0.001), "ts": 4_102_444_800.0})),  # year 2100
+            messages.encode(DEVICE_KEYS["d2"].sign(bench("d2", 6, p90=0.001))).replace(b'"device":"d2"', b'"device":"d1"'),
+            messages.encode(signed(bench("d1", 7))).replace(b'"p90":5.0', b'"p90":NaN'),
+        ]
+        for payload in forged:
+            send(publisher, "bench", payload)
+        send(publisher, "status", messages.encode(intruder.sign(messages.envelope("status", FLEET, "d2", 1,
+                                                                                  {"state": "offline"}))), device="d2")
+        assert wait_until(lambda: mon.stats.received == 1 + len(forged) + 1, 20), mon.stats
+    finally:
+        mon.stop()
+    assert store.count("bench") == 1 and [r["latency_ms"]["p90"] for r in store.bench_records("d1")] == [20.0]
+    assert mon.stats.invalid == len(forged) + 1 == store.count("invalid") == len([a for a in mon.alerts if a.kind == "refused"])
+    reasons = " | ".join(a.text for a in mon.alerts)
+    for why in ("key_id", "not d1's registered key", "signature does not verify", "ahead of the receiver's clock",
+                "non-finite number NaN"):
+        assert why in reasons, why
+    assert store.latest_status() == {}  # the forged offline status of d2 was not kept

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
 from edgekit_protocol import commands, messages
 from edgekit_protocol.commands import CommandError, parse_command
 
+SIGNED = {"key_id": "0" * 16, "sig": "c2ln"}  # the protocol checks their form; identity.py checks them
+
 
 def cmd_bytes(**over) -> bytes:
-    msg = commands.command("f1", "d1", "bench", {"variant": "int8"})
+    msg = {**commands.command("f1", "d1", "bench", {"variant": "int8"}, expires=time.time() + 60), **SIGNED}
     msg.update(over)
     return json.dumps(msg).encode()
 
@@ -28,7 +31,7 @@ def test_topics_are_built_and_parsed_in_one_place():
 
 
 def test_envelope_round_trip_and_unique_ids():
-    a = messages.envelope("bench", "f1", "d1", 7, {"variant": "int8"})
+    a = {**messages.envelope("bench", "f1", "d1", 7, {"variant": "int8"}), **SIGNED}
     b = messages.envelope("bench", "f1", "d1", 8, {})
     assert a["msg_id"] != b["msg_id"] and a["schema"] == "edgekit.bench/1" and a["seq"] == 7
     assert messages.decode(messages.encode(a), "bench") == a
@@ -64,6 +67,34 @@ def test_commands_are_checked_before_they_run(over, message):
     with pytest.raises(CommandError, match=message) as info:
         parse_command(cmd_bytes(**over), "f1", "d1")
     assert info.value.cmd_id  # the error ack can name the command
+
+
+@pytest.mark.parametrize("over, message", [
+    ({"expires": None}, "expires must be a unix time"),
+    ({"expires": 1e400}, "overflows to infinity"),
+    ({"expires": time.time() + 2 * 86_400}, "at most 86400"),
+    ({"sig": None}, "field 'sig' is missing"),
+])
+def test_every_command_is_signed_in_form_and_expires_within_a_day(over, message):
+    payload = cmd_bytes(**over) if over.get("expires") != 1e400 else cmd_bytes().replace(b'"expires": ', b'"expires": 1e400, "x": ')
+    with pytest.raises(CommandError, match=message):
+        parse_command(payload, "f1", "d1")
+
+
+def test_the_canonical_form_covers_everything_but_the_signature_in_one_order():
+    a = {"b": 1, "a": {"y": 2, "x": [1.5, "é"]}, "sig": "whatever"}
+    assert messages.canonical(a) == '{"a":{"x":[1.5,"é"],"y":2},"b":1}'.encode()
+    assert messages.canonical(dict(reversed(list(a.items())))) == messages.canonical(a)
+    with pytest.raises(ValueError):
+        messages.canonical({"a": float("nan")})
+
+
+def test_a_timestamp_from_the_future_is_refused_but_clock_lag_is_not():
+    now = time.time()
+    assert messages.check_time({"ts": now - 3600}, now)  # a device whose clock lags, or a spool replay
+    assert messages.check_time({"ts": now + 60}, now)  # within the allowed skew
+    with pytest.raises(messages.MessageError, match="ahead of the receiver's clock"):
+        messages.check_time({"ts": 4_102_444_800.0}, now)
 
 
 def test_a_good_command_parses():

@@ -1,0 +1,178 @@
+"""Ed25519 identities: every message is signed by its sender and verified against a registered key.
+
+A device signs everything it publishes (status, bench, telemetry, acks) with its own key, kept at
+``<root>/identity/device.key`` (mode 600; the first deploy writes it and keeps no copy). The
+operator signs every command with the operator key; a device accepts commands only under the
+operator public keys pinned in ``<root>/identity/operators.json`` (written by the deploy over SSH,
+whose host key is verified). Receivers verify against the registered key of the device the topic
+names (or the operator's), never against a key the message itself offers.
+
+The signature covers the protocol's canonical form (:func:`edgekit_protocol.messages.canonical`):
+every field but ``sig``, so ``key_id``, ``seq``, ``ts`` and ``msg_id`` are signed too. The
+``cryptography`` package does the curve arithmetic (its Ed25519 is OpenSSL's).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+
+from edgekit_protocol.errors import ConfigError, MessageError
+from edgekit_protocol.messages import canonical
+
+OPERATOR = "operator"  # the signer name of commands and desired states
+
+
+def key_id(public: bytes) -> str:
+    """Return the short id of a raw 32-byte public key (16 hex digits of its sha256)."""
+    return hashlib.sha256(public).hexdigest()[:16]
+
+
+def encode_key(public: bytes) -> str:
+    """Return a raw public key as base64 text (how key files and registries hold it)."""
+    return base64.b64encode(public).decode()
+
+
+def decode_key(text: str, where: str) -> bytes:
+    """Return the raw public key in base64 ``text``.
+
+    Raises:
+        ConfigError: not base64 of 32 bytes (``where`` names the file or entry).
+    """
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (ValueError, TypeError):
+        raw = b""
+    if len(raw) != 32:
+        raise ConfigError(f"{where}: not an Ed25519 public key (base64 of 32 bytes)")
+    return raw
+
+
+class Signer:
+    """A private key that signs messages."""
+
+    def __init__(self, private: Ed25519PrivateKey):
+        self._private = private
+        self.public = private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        self.key_id = key_id(self.public)
+
+    @classmethod
+    def generate(cls) -> Signer:
+        """Return a fresh key."""
+        return cls(Ed25519PrivateKey.generate())
+
+    @classmethod
+    def from_pem(cls, data: bytes, where: str) -> Signer:
+        """Return the key in PEM ``data``.
+
+        Raises:
+            ConfigError: not an unencrypted Ed25519 private key in PEM.
+        """
+        try:
+            key = serialization.load_pem_private_key(data, password=None)
+        except (ValueError, TypeError):
+            key = None
+        if not isinstance(key, Ed25519PrivateKey):
+            raise ConfigError(f"{where}: not an unencrypted Ed25519 private key in PEM")
+        return cls(key)
+
+    @classmethod
+    def load_or_create(cls, path: Path) -> tuple[Signer, bool]:
+        """Return the key at ``path``, creating it (mode 600) when there is none; and whether it was created.
+
+        Raises:
+            ConfigError: the file is there but is not a key, or is readable by others than its owner.
+        """
+        path = Path(path)
+        if path.exists():
+            if path.stat().st_mode & 0o077:
+                raise ConfigError(f"{path}: a private key readable by others; chmod 600 it (or remove it for a new one)")
+            return cls.from_pem(path.read_bytes(), str(path)), False
+        signer = cls.generate()
+        signer.save(path)
+        return signer, True
+
+    def pem(self) -> bytes:
+        """Return the private key as unencrypted PKCS#8 PEM (to write once, mode 600)."""
+        return self._private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption())
+
+    def save(self, path: Path) -> None:
+        """Write the key to ``path``, mode 600 from the start, atomically."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(self.pem())
+        os.replace(tmp, path)
+
+    def sign(self, message: dict[str, Any]) -> dict[str, Any]:
+        """Return ``message`` with its ``key_id`` and ``sig`` set (the message is changed in place)."""
+        message["key_id"] = self.key_id
+        message.pop("sig", None)
+        message["sig"] = base64.b64encode(self._private.sign(canonical(message))).decode()
+        return message
+
+
+class Keyring:
+    """The public keys a receiver trusts: one per device name, and the operator's (one or more)."""
+
+    def __init__(self, devices: dict[str, bytes] | None = None, operators: list[bytes] | tuple[bytes, ...] = ()):
+        self.devices = dict(devices or {})
+        self.operators = tuple(operators)
+
+    def keys_of(self, signer: str) -> tuple[bytes, ...]:
+        """Return the keys that may sign as ``signer`` (a device name, or :data:`OPERATOR`)."""
+        if signer == OPERATOR:
+            return self.operators
+        key = self.devices.get(signer)
+        return (key,) if key else ()
+
+    def verify(self, message: dict[str, Any], signer: str) -> None:
+        """Check that ``message`` was signed by ``signer``'s registered key.
+
+        Raises:
+            MessageError: no key is registered for ``signer``, the message names another key, or
+                the signature does not verify (forged, altered or truncated).
+        """
+        keys = self.keys_of(signer)
+        if not keys:
+            raise MessageError(f"no key is registered for {signer}; refused (deploy to it, or `edgekit keys` it)")
+        kid = message.get("key_id")
+        key = next((k for k in keys if key_id(k) == kid), None)
+        if key is None:
+            raise MessageError(f"signed with key {str(kid)[:20]!r}, not {signer}'s registered key; refused")
+        try:
+            sig = base64.b64decode(str(message.get("sig", "")), validate=True)
+            Ed25519PublicKey.from_public_bytes(key).verify(sig, canonical(message))
+        except (InvalidSignature, ValueError):
+            raise MessageError(f"the signature does not verify as {signer}'s; refused") from None
+
+
+def read_operators(path: Path) -> tuple[bytes, ...]:
+    """Return the operator public keys pinned in ``operators.json`` (a JSON list of base64 keys).
+
+    Raises:
+        ConfigError: the file is missing, not a JSON list, or holds something that is not a key.
+    """
+    try:
+        keys = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: no operator key is pinned ({exc.strerror}); deploy to this device") from None
+    except ValueError:
+        raise ConfigError(f"{path}: not JSON; deploy to this device again") from None
+    if not isinstance(keys, list) or not keys:
+        raise ConfigError(f"{path}: expected a JSON list of operator public keys")
+    return tuple(decode_key(k, f"{path}[{i}]") if isinstance(k, str) else decode_key("", f"{path}[{i}]")
+                 for i, k in enumerate(keys))
