@@ -13,8 +13,10 @@ import numpy as np
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from device_agents.identity import Signer
 from edge_kit.compiler.pipeline import CompileRequest, compile_model
 from edge_kit.fleet.deploy import DeployOptions, deploy
+from edge_kit.fleet.keys import FleetKeys
 from edge_kit.profiles import Constraints, Profile, load_profile
 from edge_kit.selection.constraints import Measured
 from edge_kit.selection.policy import (
@@ -180,15 +182,18 @@ def test_connection_and_command_latency(tmp_path, figure, benchmark, monkeypatch
            "median of 30, loopback Mosquitto, QoS 1 both ways, ack spooled by the agent first (perf_counter)")
 
 
+SCALE_KEYS = {f"d{i}": Signer.generate() for i in range(50)}  # the stream's devices, registered with the fleet
+
+
 def _bench_message(i: int) -> bytes:
-    """Record ``i`` of a stream round-robin over 50 devices, each with contiguous sequence numbers."""
+    """Record ``i`` of a stream round-robin over 50 devices, each with contiguous sequence numbers, signed."""
     device = f"d{i % 50}"
-    return messages.encode(messages.envelope("bench", "scale", device, i // 50, {
+    return messages.encode(SCALE_KEYS[device].sign(messages.envelope("bench", "scale", device, i // 50, {
         "variant": "int8", "sha256": "a" * 64, "profile": "rpi4", "runs": 200, "model_bytes": 200_000,
         "latency_ms": {"p50": 1.0, "p90": 1.2, "p99": 1.5, "mean": 1.0, "std": 0.1, "min": 0.9, "max": 2.0},
         "power": {"measured": False, "estimated": True, "sensor": None, "avg_w": 4.0, "energy_per_inference_mj": 0.4,
                   "method": "estimated: ..."}, "accuracy": {"metric": "top1", "value": 0.99, "samples": 360},
-        "conditions": {"start": {"cpu_governor": "ondemand", "temperature_c": 48.0}}, "simulated": True}))
+        "conditions": {"start": {"cpu_governor": "ondemand", "temperature_c": 48.0}}, "simulated": True})))
 
 
 WORKER = r"""
@@ -229,6 +234,8 @@ def _ingest_rate(tmp_path, broker, n: int, workers: int, tag: str) -> tuple[floa
     fleet_file.write_text(f"fleet: scale\nbroker: {{host: 127.0.0.1, port: {broker.port}}}\n"
                           "defaults: {user: x, profile: rpi4}\ndevices:\n" + "".join(
                               f"  - {{name: d{i}, host: 127.0.0.1}}\n" for i in range(50)))
+    for name, signer in SCALE_KEYS.items():
+        FleetKeys(tmp_path / "keys").register(name, signer.public)
     store = tmp_path / f"{tag}.db"
     share = f"ingest-{tag}" if workers > 1 else ""  # a fresh group: earlier runs' sessions are still members
     procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(fleet_file), str(store), share, f"{tag}-{w}"],
@@ -239,7 +246,8 @@ def _ingest_rate(tmp_path, broker, n: int, workers: int, tag: str) -> tuple[floa
     pub.max_inflight_messages_set(1000)
     pub.connect(broker.host, broker.port)
     pub.loop_start()
-    infos = [pub.publish(messages.topic("scale", f"d{i % 50}", "bench"), _bench_message(i), qos=1) for i in range(n)]
+    stream = [_bench_message(i) for i in range(n)]  # signed before the clock starts
+    infos = [pub.publish(messages.topic("scale", f"d{i % 50}", "bench"), stream[i], qos=1) for i in range(n)]
     for info in infos:
         info.wait_for_publish(60)
     pub.disconnect()

@@ -160,7 +160,8 @@ class Agent:
             self.refuse(cmd.msg_id, cmd.name, f"not run: {exc}")
             return
         if not self.spool.first_sight(cmd.msg_id):
-            return  # a redelivery or a replay of a command already taken (the ids persist across restarts)
+            self.spool.count("replayed")  # a redelivery or a replay of a command already taken: never run twice
+            return
         try:
             self.commands.put_nowait(cmd)
         except queue.Full:

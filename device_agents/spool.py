@@ -101,10 +101,12 @@ class Spool:
 
     def stats(self) -> dict[str, int]:
         """Return ``pending`` (rows waiting), ``dropped_telemetry`` (ever dropped), ``refused_commands``
-        (forged, replayed-from-the-future or malformed commands refused, ever) and ``max_records``."""
+        (forged, future-dated or malformed commands refused, ever), ``replayed_commands`` (commands
+        whose id was taken before: redelivered or replayed, not run) and ``max_records``."""
         with self._lock:
             return {"pending": self._count, "dropped_telemetry": self._counter("dropped." + DROPPABLE),
-                    "refused_commands": self._counter("refused"), "max_records": self.max_records}
+                    "refused_commands": self._counter("refused"), "replayed_commands": self._counter("replayed"),
+                    "max_records": self.max_records}
 
     def count(self, name: str) -> None:
         """Add one to the persistent counter ``name``."""

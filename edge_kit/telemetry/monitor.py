@@ -92,6 +92,10 @@ class Monitor:
         self.client.on_connect = self._on_connect
         self.keyring = fleet.key_store().keyring()
         self.client.on_message = lambda _c, _u, m: self._queue.put((m.topic, m.payload, time.time()))
+        # Two stages: the checker decodes and verifies (Ed25519 verification releases the GIL, so it
+        # runs on another core while paho reads and the writer stores), the writer stores.
+        self._checked: queue.Queue = queue.Queue(maxsize=4)
+        self._checker = threading.Thread(target=self._check_loop, daemon=True, name="monitor-checker")
         self._writer = threading.Thread(target=self._write_loop, daemon=True, name="monitor-writer")
 
     def _on_connect(self, client: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
@@ -109,6 +113,7 @@ class Monitor:
             AgentError: the broker cannot be reached or refuses the connection.
         """
         b = self.fleet.broker
+        self._checker.start()
         self._writer.start()
         try:
             if self.share is not None:  # MQTT 5: a persistent session is a session expiry interval
@@ -130,20 +135,20 @@ class Monitor:
         self.client.disconnect()
         self.client.loop_stop()
         deadline = time.monotonic() + drain_s
-        while not self._queue.empty() and time.monotonic() < deadline:
+        while (self._queue.unfinished_tasks or self._checked.unfinished_tasks) and time.monotonic() < deadline:
             time.sleep(0.01)
         self._stop.set()
-        if self._writer.is_alive():
-            self._writer.join(timeout=5)
+        for thread in (self._checker, self._writer):
+            if thread.is_alive():
+                thread.join(timeout=5)
 
     # --- the writer thread ------------------------------------------------------------------------
 
-    def _write_loop(self) -> None:
+    def _check_loop(self) -> None:
         while not self._stop.is_set():
             try:
                 first = self._queue.get(timeout=0.2)
             except queue.Empty:
-                self._check_silence()
                 continue
             batch = [first]
             while len(batch) < BATCH:
@@ -151,9 +156,27 @@ class Monitor:
                     batch.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            self._store(batch)
+            self._checked.put(self._check(batch))  # waits while the writer is behind (bounded)
+            for _ in batch:
+                self._queue.task_done()
+
+    def _write_loop(self) -> None:
+        while not self._stop.is_set() or self._checked.unfinished_tasks:
+            try:
+                checked = self._checked.get(timeout=0.2)
+            except queue.Empty:
+                self._check_silence()
+                continue
+            self._keep(*checked)
+            self._checked.task_done()
 
     def _store(self, batch: list[tuple[str, bytes, float]]) -> None:
+        """Check and store one batch of ``(topic, payload, receive time)`` in this thread."""
+        self._keep(*self._check(batch))
+
+    def _check(self, batch: list[tuple[str, bytes, float]]) -> tuple[list[tuple[str, dict[str, Any]]], list[bytes], list[float]]:
+        """Return the messages of ``batch`` that decode, verify and are new enough to store (with their
+        payloads and receive times); every other one is counted, kept as invalid and alerted."""
         good: list[tuple[str, dict[str, Any]]] = []
         raw: list[bytes] = []
         received: list[float] = []
@@ -171,12 +194,17 @@ class Monitor:
                 self.store.add_invalid(topic, str(exc), payload)
                 self.alerts.append(Alert(topic, "refused", f"refused a message on {topic}: {exc}"))
                 continue
-            if msg["msg_id"] in self._recent:
-                self.stats.duplicates += 1
-                continue
             good.append((kind, msg))
             raw.append(payload)
             received.append(at)
+        return good, raw, received
+
+    def _keep(self, good: list[tuple[str, dict[str, Any]]], raw: list[bytes], received: list[float]) -> None:
+        """Store checked messages once each; then sequence gaps, alerts and the ``on_message`` hook."""
+        fresh = [i for i, (_, msg) in enumerate(good) if msg["msg_id"] not in self._recent]
+        self.stats.duplicates += len(good) - len(fresh)
+        if len(fresh) < len(good):
+            good, raw, received = [good[i] for i in fresh], [raw[i] for i in fresh], [received[i] for i in fresh]
         if not good:
             return
         new = self.store.add_many(good, raw, received)

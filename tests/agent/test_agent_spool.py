@@ -44,4 +44,5 @@ def test_when_full_the_oldest_telemetry_goes_first_and_bench_records_never(tmp_p
     assert kinds == [b"bench"] * 4
     row, payload = add(spool, "telemetry")  # full of bench records: this telemetry is dropped, and counted
     assert row is None and payload is None
-    assert spool.stats() == {"pending": 4, "dropped_telemetry": 3, "refused_commands": 0, "max_records": 3}
+    assert spool.stats() == {"pending": 4, "dropped_telemetry": 3, "refused_commands": 0, "replayed_commands": 0,
+                             "max_records": 3}

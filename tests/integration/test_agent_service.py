@@ -294,3 +294,31 @@ def test_after_an_activation_the_store_budget_removes_old_models_and_the_ack_lis
         # the kept candidates are remembered: a later activation without 'keep' still spares them
         again = client.request("dev1", "activate", {"variant": "int8"}, timeout=60)["result"]
         assert again["removed"] == [] and agent.store.describe(agent.sha["dynamic-int8"]) is not None
+
+
+def test_a_command_replayed_after_an_agent_restart_is_not_run_again(agents, mosquitto, monitor):
+    """The ids of commands taken persist with the spool: a captured, validly signed command replayed
+    after a restart (within its expiry) is counted, not run."""
+    from edgekit_protocol import commands
+
+    agent = agents("dev1")
+    assert monitor.wait_for(online("dev1"), 30)
+    msg = OPERATOR.sign(commands.command(FLEET, "dev1", "rollback", expires=time.time() + 600))
+    sender = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="replayer")
+    sender.connect(mosquitto.host, mosquitto.port)
+    sender.loop_start()
+    try:
+        sender.publish(messages.topic(FLEET, "dev1", "cmd"), messages.encode(msg), qos=1).wait_for_publish(5)
+        assert monitor.wait_for(lambda m: any(a["cmd_id"] == msg["msg_id"] for a in m["cmd/ack"]), 30)
+        assert agent.store.current() == agent.sha["int8"] and agent.store.previous() is None  # nothing to roll back to
+        agent.stop()
+        agent.start()
+        assert monitor.wait_for(lambda m: [s["state"] for s in m["status"]][-1:] == ["online"], 30)
+        sender.publish(messages.topic(FLEET, "dev1", "cmd"), messages.encode(msg), qos=1).wait_for_publish(5)
+        with client_for(mosquitto) as client:
+            state = client.request("dev1", "state", timeout=30)["result"]
+    finally:
+        sender.disconnect()
+        sender.loop_stop()
+    assert state["spool"]["replayed_commands"] == 1
+    assert [a["cmd_id"] for a in monitor.messages["cmd/ack"]].count(msg["msg_id"]) == 1
