@@ -228,9 +228,17 @@ def monitor_cmd(
     share: Annotated[Optional[str], typer.Option(help="Join this MQTT 5 shared-subscription group (several workers).")] = None,
     silence_s: Annotated[float, typer.Option(min=1, help="Alert when a device is silent this long.")] = 180.0,
     duration: Annotated[Optional[float], typer.Option(min=0, help="Stop after this many seconds (default: until Ctrl-C).")] = None,
+    client_id: Annotated[Optional[str], typer.Option(help="MQTT client id of this worker's persistent session (default: "
+                                                          "from the fleet, the store and, with --share, this host); "
+                                                          "give each worker on one host its own.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Store every message of the fleet (checked, deduplicated) and show a live table; optional /metrics."""
+    """Store every message of the fleet (checked, deduplicated) and show a live table; optional /metrics.
+
+    The session is persistent under a fixed client id: while the monitor is stopped the broker queues
+    what the devices publish (up to its own limits: max_queued_messages, max_queued_bytes), and the
+    next run stores it, so a restart loses nothing; what is still missing shows up as a sequence gap.
+    """
     import time as _time
 
     from rich.live import Live
@@ -243,7 +251,14 @@ def monitor_cmd(
     fleet = load_fleet(fleet_file)
     db = Store(_store_path(fleet_file, store))
     metrics = FleetMetrics()
-    mon = Monitor(fleet, db, share=share, silence_s=silence_s, on_message=metrics.observe)
+    if client_id is None:
+        import hashlib
+        import socket
+
+        where = f"{db.path.resolve()}|{share}|{socket.gethostname()}" if share else str(db.path.resolve())
+        client_id = f"edgekit-monitor-{fleet.fleet}-{hashlib.sha256(where.encode()).hexdigest()[:10]}"
+    mon = Monitor(fleet, db, share=share, silence_s=silence_s, on_message=metrics.observe, client_id=client_id,
+                  persistent=True)
     metrics.watch(mon)
     server = metrics.serve(metrics_port, metrics_addr) if metrics_port else None
     mon.start()

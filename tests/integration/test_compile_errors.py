@@ -40,6 +40,20 @@ def test_calibration_shape_mismatch(digits_files, tmp_path, run_cli):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("option", ["--calib", "--eval"])
+def test_nan_or_infinity_in_a_data_file_is_one_line_naming_file_key_and_index(digits_files, tmp_path, run_cli, bad, option):
+    """Once a segfault (Inf) and a 46-line traceback (NaN) in the converter: now refused before any conversion."""
+    data = tmp_path / "d.npz"
+    x = np.random.default_rng(0).uniform(size=(120, 8, 8, 1)).astype(np.float32)
+    x[17, 3, 4, 0] = bad
+    np.savez(data, x=x, y=np.zeros(120, np.int64))
+    code, _, err = run_cli("compile", digits_files.model, "-p", "rpi4", option, data, "--out", tmp_path / "o")
+    line = one_line_error(code, err)
+    assert f"d.npz: {option} key 'x' holds NaN or infinity at index [17, 3, 4, 0]" in line
+    assert not (tmp_path / "o").exists()
+
+
 def test_too_few_and_few_calibration_samples(digits_files, tmp_path, run_cli):
     calib = tmp_path / "c.npz"
     np.savez(calib, x=np.zeros((5, 8, 8, 1), np.float32))

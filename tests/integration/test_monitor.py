@@ -190,3 +190,18 @@ def test_forged_replayed_future_and_non_finite_messages_are_refused_counted_and_
                 "non-finite number NaN"):
         assert why in reasons, why
     assert store.latest_status() == {}  # the forged offline status of d2 was not kept
+
+
+def test_a_monitor_stopped_while_devices_publish_stores_everything_when_it_comes_back(fleet, publisher, tmp_path, run_cli):
+    """`edgekit monitor` keeps a persistent session under a fixed client id: the broker queues what is
+    published while it is down, and the next run stores all of it, once, with no gap."""
+    fleet_file = tmp_path / "fleet.yaml"
+    code, out, _ = run_cli("monitor", "--fleet", fleet_file, "--duration", "1", "--json")
+    assert code == 0 and json.loads(out)["stored"] == 0
+    for seq in range(1, 201):  # the monitor is down: 200 records from two devices
+        send(publisher, "bench", bench(f"d{1 + seq % 2}", seq // 2 + 1), device=f"d{1 + seq % 2}")
+    code, out, err = run_cli("monitor", "--fleet", fleet_file, "--duration", "3", "--json")
+    summary = json.loads(out)
+    assert code == 0 and summary["stored"] == 200 and summary["gaps"] == 0 and summary["invalid"] == 0, summary
+    store = Store(tmp_path / "edgekit-history.db")
+    assert store.count("bench") == 200 and store.count("gaps") == 0
