@@ -23,17 +23,19 @@ log = logging.getLogger("edgekit.agent.mqtt")
 
 
 def make_client(broker: BrokerConfig, client_id: str, *, password: str | None = None, v5: bool = False,
-                clean: bool = True) -> mqtt.Client:
+                clean: bool = True, manual_ack: bool = False) -> mqtt.Client:
     """Return a configured, not yet connected paho client.
 
     ``v5`` selects MQTT 5 (needed for shared subscriptions); ``clean`` False keeps the session
-    (subscriptions and queued QoS 1 messages) on the broker across disconnects.
+    (subscriptions and queued QoS 1 messages) on the broker across disconnects; ``manual_ack`` leaves
+    the PUBACK of each received QoS 1 message to ``client.ack`` (the agent persists a command first).
     """
     if v5:
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5,
+                             manual_ack=manual_ack)
     else:
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311,
-                             clean_session=clean)
+                             clean_session=clean, manual_ack=manual_ack)
     if broker.username:
         client.username_pw_set(broker.username, password)
     if broker.tls is not None:

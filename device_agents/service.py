@@ -55,8 +55,9 @@ class Agent:
                         self.identity)
         self.spool = Spool(self.store.root / "spool.db", cfg.spool_max_records)
         # A persistent session: commands sent while the agent reconnects wait for it on the broker.
+        # A persistent session, and the broker hears that a command arrived only once it is on disk.
         self.client = make_client(cfg.broker, f"edgekit-agent-{cfg.fleet}-{cfg.device}", password=cfg.password(),
-                                  clean=False)
+                                  clean=False, manual_ack=True)
         self.publisher = SpooledPublisher(self.client, self.spool)
         self.smoke = SmokePool()
         self.commands: queue.Queue[Command] = queue.Queue(maxsize=cfg.max_queued_commands)
@@ -147,9 +148,16 @@ class Agent:
         if not self._stop.is_set():
             log.warning("disconnected from the broker (%s); records stay in the spool", reason)
 
-    def _on_message(self, _c: Any, _u: Any, message: Any) -> None:
+    def _on_message(self, client: Any, _u: Any, message: Any) -> None:
         try:
-            cmd = parse_command(message.payload, self.cfg.fleet, self.cfg.device)
+            self._take(message.payload)
+        finally:  # the command is on disk (or answered): now the broker may forget it
+            client.ack(message.mid, message.qos)
+
+    def _take(self, payload: bytes, *, after_restart: bool = False) -> None:
+        """Check a command, persist it as taken and queue it; refuse (answered, counted) what does not check."""
+        try:
+            cmd = parse_command(payload, self.cfg.fleet, self.cfg.device)
         except CommandError as exc:
             self.refuse(exc.cmd_id, exc.name, str(exc))
             return
@@ -159,13 +167,14 @@ class Agent:
         except EdgeKitError as exc:  # forged, altered, from an unknown key, or from the future
             self.refuse(cmd.msg_id, cmd.name, f"not run: {exc}")
             return
-        if not self.spool.first_sight(cmd.msg_id):
+        if not after_restart and not self.spool.take(cmd.msg_id, payload):
             self.spool.count("replayed")  # a redelivery or a replay of a command already taken: never run twice
             return
         try:
             self.commands.put_nowait(cmd)
         except queue.Full:
             self.ack(cmd.msg_id, cmd.name, False, error=f"busy: {self.commands.qsize()} commands queued; retry later")
+            self.spool.answered(cmd.msg_id)
 
     # --- commands (main thread) ----------------------------------------------------------------
 
@@ -285,6 +294,8 @@ class Agent:
             signal.signal(signal.SIGTERM, self.stop)
             signal.signal(signal.SIGINT, self.stop)
         b = self.cfg.broker
+        for payload in self.spool.pending_commands():  # taken before a crash, never answered: run them now
+            self._take(payload, after_restart=True)
         threading.Thread(target=self.smoke.warm, daemon=True, name="smoke-warm").start()
         self.publisher.start()
         self.client.connect_async(b.host, b.port, keepalive=b.keepalive)
@@ -298,6 +309,7 @@ class Agent:
                     cmd = None
                 if cmd is not None:
                     self.handle(cmd)
+                    self.spool.answered(cmd.msg_id)
                 if time.monotonic() >= next_telemetry:
                     self.telemetry()
                     next_telemetry = time.monotonic() + self.cfg.telemetry_interval_s

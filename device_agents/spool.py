@@ -38,6 +38,7 @@ class Spool:
                          "kind TEXT NOT NULL, topic TEXT NOT NULL, payload BLOB NOT NULL)")
         self._db.execute("CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)")
         self._db.execute("CREATE TABLE IF NOT EXISTS seen (id TEXT PRIMARY KEY, n INTEGER NOT NULL)")
+        self._db.execute("CREATE TABLE IF NOT EXISTS inbox (id TEXT PRIMARY KEY, n INTEGER NOT NULL, payload BLOB NOT NULL)")
         self._count = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
         self._sync = ""
 
@@ -113,20 +114,39 @@ class Spool:
         with self._lock:
             self._bump(name)
 
-    def first_sight(self, msg_id: str, keep: int = SEEN_KEPT) -> bool:
-        """Record a command id; return False when it was recorded before (a redelivery or a replay).
+    def take(self, msg_id: str, payload: bytes, keep: int = SEEN_KEPT) -> bool:
+        """Record a command as taken and keep it until :meth:`answered`, in one transaction (fsync).
 
-        The ids persist with the spool, so a command is never run twice, across restarts too; the
-        newest ``keep`` are kept (older commands have expired long before).
+        Returns:
+            False when its id was taken before (a redelivery or a replay: not to be run again).
+            The ids persist with the spool, so a command is never run twice, across restarts too;
+            the newest ``keep`` are kept (older commands have expired long before).
         """
         with self._lock:
-            n = self._bump("seen")
+            if self._sync != "FULL":
+                self._db.execute("PRAGMA synchronous=FULL")
+                self._sync = "FULL"
+            self._db.execute("BEGIN IMMEDIATE")
             try:
+                n = self._bump("seen")
                 self._db.execute("INSERT INTO seen (id, n) VALUES (?, ?)", (msg_id, n))
             except sqlite3.IntegrityError:
+                self._db.execute("ROLLBACK")
                 return False
+            self._db.execute("INSERT INTO inbox (id, n, payload) VALUES (?, ?, ?)", (msg_id, n, payload))
             self._db.execute("DELETE FROM seen WHERE n <= ?", (n - keep,))
+            self._db.execute("COMMIT")
             return True
+
+    def answered(self, msg_id: str) -> None:
+        """Forget a taken command: it was run (or refused) and answered."""
+        with self._lock:
+            self._db.execute("DELETE FROM inbox WHERE id = ?", (msg_id,))
+
+    def pending_commands(self) -> list[bytes]:
+        """Return the payloads of commands taken but not yet answered (after a crash), oldest first."""
+        with self._lock:
+            return [row[0] for row in self._db.execute("SELECT payload FROM inbox ORDER BY n")]
 
     def close(self) -> None:
         """Close the database (rows stay on disk for the next start)."""

@@ -322,3 +322,45 @@ def test_a_command_replayed_after_an_agent_restart_is_not_run_again(agents, mosq
         sender.loop_stop()
     assert state["spool"]["replayed_commands"] == 1
     assert [a["cmd_id"] for a in monitor.messages["cmd/ack"]].count(msg["msg_id"]) == 1
+
+
+def test_commands_taken_before_a_crash_are_run_and_answered_after_the_restart(agents, mosquitto, monitor):
+    """The agent writes a command to disk before it tells the broker it has it: killed (SIGKILL) while
+    one command runs and another waits, it answers both after its restart, each once."""
+    from edgekit_protocol import commands
+
+    agent = agents("dev1")
+    assert monitor.wait_for(online("dev1"), 30)
+    slow = OPERATOR.sign(commands.command(FLEET, "dev1", "bench", {"min_runs": 5, "min_seconds": 6.0},
+                                          expires=time.time() + 600))
+    waiting = OPERATOR.sign(commands.command(FLEET, "dev1", "state", expires=time.time() + 600))
+    sender = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="crash-test")
+    sender.connect(mosquitto.host, mosquitto.port)
+    sender.loop_start()
+    try:
+        for msg in (slow, waiting):
+            sender.publish(messages.topic(FLEET, "dev1", "cmd"), messages.encode(msg), qos=1).wait_for_publish(5)
+        assert wait_until(lambda: spool_inbox(agent.root) == 2, 10)  # both on disk, neither answered
+        agent.proc.kill()
+        agent.proc.wait(10)
+        assert not any(a["cmd_id"] in (slow["msg_id"], waiting["msg_id"]) for a in monitor.messages["cmd/ack"])
+        agent.start()
+        answered = lambda m: {a["cmd_id"] for a in m["cmd/ack"]} >= {slow["msg_id"], waiting["msg_id"]}  # noqa: E731
+        assert monitor.wait_for(answered, 60), agent.log.read_text()[-2000:]
+    finally:
+        sender.disconnect()
+        sender.loop_stop()
+    acks = [a for a in monitor.messages["cmd/ack"] if a["cmd_id"] in (slow["msg_id"], waiting["msg_id"])]
+    assert len(acks) == 2 and all(a["ok"] for a in acks), acks
+    assert spool_inbox(agent.root) == 0
+
+
+def spool_inbox(root) -> int:
+    """Commands an agent has taken and not yet answered (read-only, beside the running agent)."""
+    import sqlite3
+
+    db = sqlite3.connect(f"file:{root / 'spool.db'}?mode=ro", uri=True, timeout=5)
+    try:
+        return db.execute("SELECT COUNT(*) FROM inbox").fetchone()[0]
+    finally:
+        db.close()
