@@ -139,6 +139,8 @@ def sim_up(
     workdir: SimDirOpt = Path(".edgekit-sim"),
     embedded_broker: Annotated[bool, typer.Option("--embedded-broker", help="Use the embedded broker even when Mosquitto is installed.")] = False,
     embedded_ssh: Annotated[bool, typer.Option("--embedded-ssh", help="Use the embedded SSH server even when sshd is installed.")] = False,
+    insecure: Annotated[bool, typer.Option("--insecure", help="Run the broker anonymous and plain (no passwords, ACL "
+                                                              "or TLS); needed for the embedded broker.")] = False,
     link_rate: Annotated[str | None, typer.Option(
         "--link-rate", help="Put each device in its own network namespace behind an emulated link of this rate "
                             "(e.g. 50mbit; tc tbf both ways). Needs root and iproute2. Default: loopback.")] = None,
@@ -153,7 +155,8 @@ def sim_up(
     sim = SimFleet(workdir)
     with err.status("starting the simulated fleet") as status:
         fleet = sim.up(devices, [p.strip() for p in profiles.split(",") if p.strip()], embedded_broker=embedded_broker or None,
-                       embedded_ssh=embedded_ssh or None, link_rate=rate, progress=lambda msg: status.update(msg))
+                       embedded_ssh=embedded_ssh or None, link_rate=rate, insecure=insecure,
+                       progress=lambda msg: status.update(msg))
     state = sim.state()
     kinds = {d["name"]: d["ssh"] for d in state["devices"]}
     links = Links(**state["links"]).describe() if state["links"] else "loopback"

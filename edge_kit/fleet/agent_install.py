@@ -42,11 +42,13 @@ from edgekit_protocol.config import (
     Node,
     PowerConfig,
     StoreConfig,
+    TlsConfig,
     build,
     to_plain,
 )
 
 STOP_TIMEOUT_S = 30.0
+BROKER_CA = "identity/broker-ca.pem"  # where the deploy puts the broker's CA on the device
 
 _INSTALL_BUNDLE = r"""
 import hashlib, os, shutil, sys, tarfile
@@ -110,7 +112,8 @@ def agent_config(fleet: Fleet, dev: Device) -> tuple[str, bytes | None]:
         device=dev.name, fleet=fleet.fleet, profile=profile.name, root=Path(root),
         broker=BrokerConfig(host=broker.host, port=broker.port, username=broker.username,
                             password_file=Path(root, "mqtt.pass") if password is not None else None,
-                            tls=broker.tls),
+                            tls=TlsConfig(ca=Path(root, BROKER_CA), cert=broker.tls.cert, key=broker.tls.key)
+                            if broker.tls and broker.tls.ca else broker.tls),
         bench=BenchSettings(threads=profile.runtime.threads, delegate=delegate, runtime=profile.runtime.engine,
                             delegate_options=dict(profile.runtime.options) if delegate == profile.runtime.delegate else {}),
         power=PowerConfig(sensors=tuple(profile.power.sensors), idle_w=profile.power.idle_w,
@@ -155,6 +158,15 @@ def ensure_agent(shell: DeviceShell, fleet: Fleet) -> AgentState:
         shell.run([dev.python, "-c", _INSTALL_BUNDLE, part, sha, root])
         changed.append(f"agent {edge_kit.__version__} ({sha[:12]})")
     changed += _ensure_identity(shell, fleet)
+    broker = dev.agent_broker or fleet.broker
+    if broker.tls and broker.tls.ca:  # the CA the agent checks the broker's certificate against
+        try:
+            ca = Path(broker.tls.ca).expanduser().read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"fleet file, device {dev.name}: broker.tls.ca {broker.tls.ca}: {exc.strerror}") from None
+        if info["broker_ca_sha256"] != hashlib.sha256(ca).hexdigest():
+            shell.put(ca, f"{root}/{BROKER_CA}")
+            changed.append("broker CA")
     text, password = agent_config(fleet, dev)
     if password is not None and info["password_sha256"] != hashlib.sha256(password).hexdigest():
         shell.put(password, f"{root}/mqtt.pass", mode=0o600)

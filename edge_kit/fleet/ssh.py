@@ -236,6 +236,7 @@ class DeviceShell:
                 "device_pub": (self.read(f"{root}/identity/device.pub") or b"").decode().strip() or None,
                 "has_device_key": exists(f"{root}/identity/device.key"),
                 "operators_sha256": digest("identity/operators.json"),
+                "broker_ca_sha256": digest("identity/broker-ca.pem"),
                 "agent_pid": int(pid) if pid.isdigit() and exists(f"/proc/{pid}") else None,
                 "systemd": exists("/run/systemd/system"), "installed": installed, "current": current}
 

@@ -22,6 +22,7 @@ from edge_kit.compiler.pipeline import CompileRequest, compile_model
 from edge_kit.examples import digits
 from edge_kit.loop.tune import TuneOptions, TuneReport, tune
 from edge_kit.profiles import load_profile
+from edge_kit.sim.broker import find_mosquitto
 from edge_kit.sim.fleet import SimFleet
 from edge_kit.telemetry.store import Store, history_path
 
@@ -67,7 +68,11 @@ def run_demo(devices: int = 3, profiles: tuple[str, ...] = ("rpi4", "rpi5", "cor
                                      calib=files.calib, eval=files.eval, train=files.train, epochs=2))
         artifacts = folder / "artifacts" / "digits"
         step(STEPS[2])
-        fleet = sim.up(devices, list(profiles), embedded_broker=embedded_broker)
+        if embedded_broker is None:
+            embedded_broker = find_mosquitto() is None
+        if embedded_broker:  # the embedded broker cannot enforce a wall: say so rather than pretend
+            step(f"{STEPS[2]}: Mosquitto not found, so an embedded broker, anonymous and plain (--insecure)")
+        fleet = sim.up(devices, list(profiles), embedded_broker=embedded_broker, insecure=embedded_broker)
         step(STEPS[3])
         store = Store(history_path(sim.fleet_file))
         report = tune(fleet, fleet.devices, TuneOptions(artifacts, bench=dict(DEMO_BENCH), timeout=180), store,

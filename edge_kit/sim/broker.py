@@ -13,10 +13,10 @@ import shutil
 import socket
 import subprocess
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from edge_kit.errors import EdgeKitError
+from edge_kit.fleet.broker_setup import BrokerTls
 from edge_kit.sim.process import stop_process
 
 START_TIMEOUT_S = 10.0
@@ -39,15 +39,6 @@ def wait_port(host: str, port: int, timeout: float) -> bool:
         except OSError:
             time.sleep(0.02)
     return False
-
-
-@dataclass(frozen=True)
-class BrokerTls:
-    """PEM files for a TLS listener: the CA that signed the server certificate, and the server's pair."""
-
-    ca: Path
-    cert: Path
-    key: Path
 
 
 def find_mosquitto() -> str | None:

@@ -26,6 +26,7 @@ import yaml
 
 from edge_kit.errors import EdgeKitError
 from edge_kit.fleet.agent_install import ensure_agent
+from edge_kit.fleet.broker_setup import OPERATOR_USER, BrokerWall, build_wall
 from edge_kit.fleet.commands import FleetClient
 from edge_kit.fleet.inventory import Fleet, load_fleet
 from edge_kit.fleet.ssh import DeviceShell
@@ -67,16 +68,19 @@ class SimFleet:
             return None
 
     def up(self, count: int, profiles: list[str], *, embedded_broker: bool | None = None,
-           embedded_ssh: bool | None = None, link_rate: int | None = None,
+           embedded_ssh: bool | None = None, link_rate: int | None = None, insecure: bool = False,
            progress: Callable[[str], None] | None = None) -> Fleet:
         """Start the broker, ``count`` devices and their agents; return the fleet.
 
         ``link_rate`` (bit/s) puts each device behind an emulated link of that rate; None: loopback.
+        The broker is Mosquitto with a password per device and for the operator, the fleet's ACL
+        and TLS (:mod:`edge_kit.fleet.broker_setup`); ``insecure`` runs it anonymous and plain
+        instead (the embedded broker, used where Mosquitto is missing, is always that).
 
         Raises:
             ConfigError: an unknown profile.
-            EdgeKitError: already up here, the links could not be made, or a service did not start
-                (nothing is left running).
+            EdgeKitError: already up here, the embedded broker asked for without ``insecure``, the
+                links could not be made, or a service did not start (nothing is left running).
         """
         step = progress or (lambda _m: None)
         if count < 1:
@@ -85,6 +89,12 @@ class SimFleet:
             load_profile(p)
         if self.state() is not None:
             raise EdgeKitError(f"a simulated fleet is already up in {self.workdir}; run `edgekit sim down --dir {self.workdir}` first")
+        if embedded_broker is None:
+            embedded_broker = find_mosquitto() is None
+        if embedded_broker and not insecure:
+            raise EdgeKitError("the embedded broker has no credentials, ACL or TLS: install Mosquitto "
+                               "(apt install mosquitto), or pass --insecure to run it anonymous and plain")
+        names = device_names(count, profiles)
         self.workdir.mkdir(parents=True, exist_ok=True)
         state: dict[str, Any] = {"broker": None, "devices": [], "links": None, "fleet_file": str(self.fleet_file)}
         try:
@@ -95,14 +105,16 @@ class SimFleet:
                 state["links"] = links.to_state()
                 self._save(state)
             broker_host = links.host_address if links else "127.0.0.1"
+            wall = None if insecure else build_wall(self.workdir / "broker-wall", FLEET_NAME, [n for n, _ in names],
+                                                      [broker_host])
             step("starting the MQTT broker")
-            state["broker"] = self._start_broker(embedded_broker, broker_host)
+            state["broker"] = self._start_broker(embedded_broker, broker_host, wall)
             self._save(state)
             key = self.workdir / "id_ed25519"
             public = write_keypair(key, "edge-kit-sim")
             known = []
             devices = []
-            for i, (name, profile) in enumerate(device_names(count, profiles)):
+            for i, (name, profile) in enumerate(names):
                 step(f"starting the SSH server for {name}")
                 folder = self.workdir / "devices" / name
                 where = {"host": links.address(i), "port": 22, "wrap": links.wrap(i)} if links else {}
@@ -112,11 +124,12 @@ class SimFleet:
                 self._save(state)
                 known.append(known_hosts_line(ssh.host, ssh.port, ssh.host_public))
                 devices.append({"name": name, "host": ssh.host, "port": ssh.port, "profile": profile,
-                                "root": str(folder / "root"), "tags": [profile, "sim"]})
+                                "root": str(folder / "root"), "tags": [profile, "sim"],
+                                **({"agent_broker": self._broker_entry(state, wall, name)} if wall else {})})
             (self.workdir / "known_hosts").write_text("\n".join(known) + "\n")
             self.fleet_file.write_text(yaml.safe_dump({
                 "fleet": FLEET_NAME,
-                "broker": {"host": broker_host, "port": state["broker"]["port"]},
+                "broker": self._broker_entry(state, wall, OPERATOR_USER),
                 "known_hosts": str(self.workdir / "known_hosts"), "keys": str(self.workdir / "keys"),
                 "defaults": {"user": getpass.getuser(), "key": str(key), "python": sys.executable, "simulated": True},
                 "devices": devices,
@@ -147,12 +160,20 @@ class SimFleet:
                 for fut in [pool.submit(one, d) for d in fleet.devices]:
                     fut.result()
 
-    def _start_broker(self, embedded: bool | None, host: str) -> dict[str, Any]:
-        if embedded is None:
-            embedded = find_mosquitto() is None
+    @staticmethod
+    def _broker_entry(state: dict[str, Any], wall: BrokerWall | None, user: str) -> dict[str, Any]:
+        """Return the fleet file's broker settings for ``user`` (the operator, or a device's agent)."""
+        entry: dict[str, Any] = {"host": state["broker"]["host"], "port": state["broker"]["port"]}
+        if wall is not None:
+            entry.update(username=user, password_file=str(wall.password_files[user]), tls={"ca": str(wall.tls.ca)})
+        return entry
+
+    def _start_broker(self, embedded: bool, host: str, wall: BrokerWall | None) -> dict[str, Any]:
         if not embedded:
-            broker = MosquittoBroker(self.workdir / "broker", host=host).start()
-            return {"kind": "mosquitto", "host": host, "port": broker.port, "pid": broker.proc.pid}
+            broker = MosquittoBroker(self.workdir / "broker", host=host, users=wall.users if wall else None,
+                                     acl=wall.acl if wall else None, tls=wall.tls if wall else None).start()
+            return {"kind": "mosquitto" + (" (credentials, ACL, TLS)" if wall else " (anonymous, --insecure)"),
+                    "host": host, "port": broker.port, "pid": broker.proc.pid}
         port = free_port(host)
         with open(self.workdir / "embedded-broker.log", "ab") as log:
             proc = subprocess.Popen([sys.executable, "-W", "ignore", "-m", "edge_kit.sim.embedded_broker", "--host", host,
@@ -160,7 +181,7 @@ class SimFleet:
         if not wait_port(host, port, 20):
             terminate_pid(proc.pid)
             raise EdgeKitError(f"the embedded MQTT broker did not start; see {self.workdir / 'embedded-broker.log'}")
-        return {"kind": "embedded (amqtt)", "host": host, "port": port, "pid": proc.pid}
+        return {"kind": "embedded (amqtt, anonymous)", "host": host, "port": port, "pid": proc.pid}
 
     def _save(self, state: dict[str, Any]) -> None:
         tmp = self.state_file.with_suffix(".tmp")

@@ -166,38 +166,9 @@ def spool_count(root: Path, kind: str) -> int:
 
 def make_tls(folder: Path):
     """A throw-away CA and a server certificate for 127.0.0.1 (PEM files), as a BrokerTls."""
-    import datetime
-    import ipaddress
+    from edge_kit.fleet.broker_setup import make_tls as generate
 
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    from edge_kit.sim.broker import BrokerTls
-
-    folder.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
-
-    def cert(subject: str, key, issuer_name, issuer_key, ca: bool):
-        b = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-             .issuer_name(issuer_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-        if not ca:
-            b = b.add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-        return b.sign(issuer_key, hashes.SHA256())
-
-    ca_key, srv_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "edge-kit test CA")])
-    ca_cert = cert("edge-kit test CA", ca_key, ca_name, ca_key, True)
-    srv_cert = cert("127.0.0.1", srv_key, ca_name, ca_key, False)
-    pem = serialization.Encoding.PEM
-    (folder / "ca.pem").write_bytes(ca_cert.public_bytes(pem))
-    (folder / "server.pem").write_bytes(srv_cert.public_bytes(pem))
-    (folder / "server.key").write_bytes(srv_key.private_bytes(pem, serialization.PrivateFormat.TraditionalOpenSSL,
-                                                               serialization.NoEncryption()))
-    return BrokerTls(folder / "ca.pem", folder / "server.pem", folder / "server.key")
+    return generate(folder, ["127.0.0.1"], days=1)
 
 
 class CuttingProxy:

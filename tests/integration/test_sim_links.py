@@ -22,7 +22,7 @@ def tx_bytes(interface: str) -> int:
     return int(Path(f"/sys/class/net/{interface}/statistics/tx_bytes").read_text())
 
 
-@pytest.mark.parametrize("servers", [(), ("--embedded-ssh", "--embedded-broker")], ids=["sshd+mosquitto", "embedded"])
+@pytest.mark.parametrize("servers", [(), ("--embedded-ssh", "--embedded-broker", "--insecure")], ids=["sshd+mosquitto", "embedded"])
 def test_devices_behind_emulated_links_take_deploys_through_them_and_down_removes_them(
         tmp_path, digits_artifacts, run_cli, servers):
     simdir = tmp_path / "sim"

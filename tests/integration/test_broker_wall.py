@@ -1,0 +1,81 @@
+"""The simulated fleet's broker as a second wall: passwords, the fleet's ACL, TLS (the default)."""
+
+from __future__ import annotations
+
+import ssl
+import threading
+import time
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edgekit_protocol import messages
+
+pytestmark = pytest.mark.integration
+
+
+def connect(broker, user: str | None, password: str | None, *, tls_ca=None) -> tuple[mqtt.Client, str]:
+    """Return a started client and how its connection went ("ok" or the broker's reason)."""
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"wall-{user}-{time.monotonic_ns()}")
+    if user:
+        client.username_pw_set(user, password)
+    if tls_ca:
+        client.tls_set(ca_certs=str(tls_ca), cert_reqs=ssl.CERT_REQUIRED)
+    result, done = ["no answer"], threading.Event()
+
+    def on_connect(_c, _u, _f, reason, _p):
+        result[0] = "ok" if not reason.is_failure else str(reason)
+        done.set()
+
+    client.on_connect = on_connect
+    try:
+        client.connect(broker.host, broker.port)
+    except (OSError, ssl.SSLError) as exc:
+        return client, f"{type(exc).__name__}"
+    client.loop_start()
+    done.wait(5)
+    return client, result[0]
+
+
+def test_strangers_are_kept_out_and_each_device_is_confined_to_its_own_topics(sim):
+    simfleet, fleet = sim(2)
+    wall = simfleet.workdir / "broker-wall"
+    password = {p.stem: p.read_text().strip() for p in (wall / "secrets").glob("*.pass")}
+    ca = wall / "tls" / "ca.pem"
+    broker = fleet.broker
+    d1, d2 = (d.name for d in fleet.devices)
+
+    anonymous, how = connect(broker, None, None, tls_ca=ca)
+    assert how != "ok"
+    wrong, how = connect(broker, d1, "guess", tls_ca=ca)
+    assert how != "ok"
+    plain, how = connect(broker, d1, password[d1])  # the TLS port, spoken to in plain text
+    assert how != "ok"
+
+    seen: list[str] = []
+    operator, how = connect(broker, "operator", password["operator"], tls_ca=ca)
+    assert how == "ok"
+    operator.on_message = lambda _c, _u, m: seen.append(m.topic)
+    operator.subscribe(f"{messages.ROOT}/{fleet.fleet}/#", qos=1)
+    device, how = connect(broker, d1, password[d1], tls_ca=ca)
+    assert how == "ok"
+    got_cmd: list[str] = []
+    device.on_message = lambda _c, _u, m: got_cmd.append(m.topic)
+    device.subscribe(messages.topic(fleet.fleet, d2, "cmd"), qos=1)  # another device's commands
+    time.sleep(0.5)
+    for topic in (messages.topic(fleet.fleet, d1, "bench"),  # its own: allowed
+                  messages.topic(fleet.fleet, d2, "bench"),  # in another's name: dropped
+                  messages.topic(fleet.fleet, d2, "cmd"),  # a command: only the operator may
+                  messages.topic(fleet.fleet, d1, "cmd")):  # not even to itself
+        device.publish(topic, b"{}", qos=1).wait_for_publish(5)
+    operator.publish(messages.topic(fleet.fleet, d2, "cmd"), b"{}", qos=1).wait_for_publish(5)
+    time.sleep(1.0)
+    for c in (anonymous, wrong, plain, operator, device):
+        c.disconnect()
+        c.loop_stop()
+    assert messages.topic(fleet.fleet, d1, "bench") in seen
+    assert messages.topic(fleet.fleet, d2, "bench") not in seen
+    assert seen.count(messages.topic(fleet.fleet, d2, "cmd")) == 1  # the operator's, not the device's
+    assert messages.topic(fleet.fleet, d1, "cmd") not in seen
+    assert got_cmd == []  # d1 never reads d2's commands
