@@ -26,7 +26,7 @@ from typing import Any
 import edgekit_protocol
 from device_agents import conditions
 from device_agents.bench import run_bench
-from device_agents.identity import OPERATOR, Keyring, Signer, read_operators
+from device_agents.identity import OPERATOR, Keyring, Signer, encode_key, read_operators
 from device_agents.mqtt import SpooledPublisher, make_client
 from device_agents.power import SensorEnv, SensorMeter, not_measured, power_meter
 from device_agents.runtimes import RUNTIMES
@@ -50,9 +50,11 @@ class Agent:
         self.store.ensure()
         self.identity = self.store.root / "identity"
         self.signer, created = Signer.load_or_create(self.identity / "device.key")
-        if created:  # an agent started by hand: the operator registers this key (`edgekit keys add`)
-            log.warning("created device key %s in %s; register its public key with the operator", self.signer.key_id,
-                        self.identity)
+        if created or not (self.identity / "device.pub").exists():  # what the operator registers
+            (self.identity / "device.pub").write_text(encode_key(self.signer.public) + "\n")
+        if created:  # an agent started by hand, not by a deploy: its key is not registered yet
+            log.warning("created device key %s; register %s with the operator", self.signer.key_id,
+                        self.identity / "device.pub")
         self.spool = Spool(self.store.root / "spool.db", cfg.spool_max_records)
         # A persistent session: commands sent while the agent reconnects wait for it on the broker.
         # A persistent session, and the broker hears that a command arrived only once it is on disk.
