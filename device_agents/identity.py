@@ -109,8 +109,8 @@ class Signer:
                                            serialization.NoEncryption())
 
     def save(self, path: Path) -> None:
-        """Write the key to ``path``, mode 600 from the start, atomically."""
-        path.parent.mkdir(parents=True, exist_ok=True)
+        """Write the key to ``path``, mode 600 from the start (its folder 700 when created), atomically."""
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as f:

@@ -98,8 +98,9 @@ class Agent:
             "power_source": self.power_source, "simulated": self.cfg.simulated, "pid": os.getpid(),
             "started": self.started}))
 
-    def emit(self, kind: str, body: dict[str, Any]) -> dict[str, Any] | None:
-        """Spool one message of ``kind`` and wake the publisher.
+    def emit(self, kind: str, body: dict[str, Any], answers: str | None = None) -> dict[str, Any] | None:
+        """Spool one message of ``kind`` (signed) and wake the publisher; ``answers``: the taken command
+        it answers, which leaves the inbox in the same transaction.
 
         Returns:
             The message, or None when it was telemetry dropped because the spool is full.
@@ -110,7 +111,7 @@ class Agent:
             built.update(self.signer.sign(messages.envelope(kind, self.cfg.fleet, self.cfg.device, seq, body)))
             return messages.encode(built)
 
-        row, _ = self.spool.add(kind, self._topic(kind), build)
+        row, _ = self.spool.add(kind, self._topic(kind), build, answers=answers)
         self.publisher.wake()
         return built if row is not None else None
 
@@ -122,16 +123,20 @@ class Agent:
         """
         return Keyring(operators=read_operators(self.identity / "operators.json"))
 
-    def refuse(self, cmd_id: str | None, name: str | None, why: str) -> None:
-        """Count a refused command and answer it with an error ack (signed, so the host can trust it)."""
+    def refuse(self, why: str) -> None:
+        """Count and log a command that is not the operator's (unsigned, forged, from the future, garbage).
+
+        It gets no answer: a signed ack to unauthenticated input would let anyone make this device
+        vouch for a ``cmd_id`` of their choosing.
+        """
         self.spool.count("refused")
         log.warning("refused a command: %s", why)
-        self.ack(cmd_id, name, False, error=why)
 
     def ack(self, cmd_id: str | None, name: str | None, ok: bool, *, error: str | None = None,
             result: dict[str, Any] | None = None) -> None:
         """Answer a command on ``cmd/ack``."""
-        self.emit("cmd/ack", {"cmd_id": cmd_id, "command": name, "ok": ok, "error": error, "result": result or {}})
+        self.emit("cmd/ack", {"cmd_id": cmd_id, "command": name, "ok": ok, "error": error, "result": result or {}},
+                  answers=cmd_id)
 
     # --- paho callbacks (network thread) -------------------------------------------------------
 
@@ -145,38 +150,47 @@ class Agent:
         self.publisher.wake()
         log.info("connected to %s:%s", self.cfg.broker.host, self.cfg.broker.port)
 
-    def _on_disconnect(self, _c: Any, _u: Any, _flags: Any, reason: Any, _props: Any) -> None:
+    def _on_disconnect(self, client: Any, _u: Any, _flags: Any, reason: Any, _props: Any) -> None:
         self.publisher.connected.clear()
+        # A fresh last will for the next connection: a will reused would be one msg_id, stored once.
+        client.will_set(self._topic("status"), messages.encode(self._status("offline")), qos=1, retain=True)
         if not self._stop.is_set():
             log.warning("disconnected from the broker (%s); records stay in the spool", reason)
 
     def _on_message(self, client: Any, _u: Any, message: Any) -> None:
         try:
             self._take(message.payload)
-        finally:  # the command is on disk (or answered): now the broker may forget it
+        except Exception:  # noqa: BLE001 - nothing a message holds may stop the network thread
+            log.exception("a command could not be taken; it was not run")
+            self.spool.count("refused")
+        else:  # taken (on disk) or refused: now the broker may forget it
             client.ack(message.mid, message.qos)
 
     def _take(self, payload: bytes, *, after_restart: bool = False) -> None:
-        """Check a command, persist it as taken and queue it; refuse (answered, counted) what does not check."""
+        """Verify a command is the operator's, persist it as taken, and queue it.
+
+        What is not the operator's is counted and left unanswered (:meth:`refuse`); an operator's
+        command that cannot run (another device, a bad argument, expired) gets an error ack.
+        """
         try:
-            cmd = parse_command(payload, self.cfg.fleet, self.cfg.device)
-        except CommandError as exc:
-            self.refuse(exc.cmd_id, exc.name, str(exc))
+            msg = messages.decode(payload, "cmd")
+            self.operators().verify(msg, OPERATOR)
+            messages.check_time(msg, time.time())
+        except EdgeKitError as exc:  # garbage, unsigned, forged, altered, or from the future
+            self.refuse(str(exc))
+            if after_restart:  # taken before, refused now (the operator key changed): never again
+                self.spool.forget(json.loads(payload).get("msg_id", ""))
             return
-        try:
-            self.operators().verify(cmd.message, OPERATOR)
-            messages.check_time(cmd.message, time.time())
-        except EdgeKitError as exc:  # forged, altered, from an unknown key, or from the future
-            self.refuse(cmd.msg_id, cmd.name, f"not run: {exc}")
-            return
-        if not after_restart and not self.spool.take(cmd.msg_id, payload):
+        if not after_restart and not self.spool.take(msg["msg_id"], payload):
             self.spool.count("replayed")  # a redelivery or a replay of a command already taken: never run twice
             return
         try:
+            cmd = parse_command(payload, self.cfg.fleet, self.cfg.device)
             self.commands.put_nowait(cmd)
+        except CommandError as exc:
+            self.ack(msg["msg_id"], exc.name, False, error=str(exc))
         except queue.Full:
             self.ack(cmd.msg_id, cmd.name, False, error=f"busy: {self.commands.qsize()} commands queued; retry later")
-            self.spool.answered(cmd.msg_id)
 
     # --- commands (main thread) ----------------------------------------------------------------
 
@@ -186,11 +200,12 @@ class Agent:
             self.ack(cmd.msg_id, cmd.name, False, error=f"expired {time.time() - cmd.expires:.1f} s before it could "
                                                         "run (the sender stopped waiting); not run")
             return
+        self.spool.start(cmd.msg_id)  # from here on, a crash answers it "interrupted" rather than running it again
         try:
             result = getattr(self, f"_cmd_{cmd.name}")(cmd)
         except EdgeKitError as exc:  # the one mapping on this boundary: an error ack
             self.ack(cmd.msg_id, cmd.name, False, error=str(exc))
-        except (ValueError, RuntimeError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - a command's surprise is its error ack, never the agent's end
             log.exception("command %s failed", cmd.name)
             self.ack(cmd.msg_id, cmd.name, False, error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
         else:
@@ -296,8 +311,13 @@ class Agent:
             signal.signal(signal.SIGTERM, self.stop)
             signal.signal(signal.SIGINT, self.stop)
         b = self.cfg.broker
-        for payload in self.spool.pending_commands():  # taken before a crash, never answered: run them now
-            self._take(payload, after_restart=True)
+        for payload, started in self.spool.pending_commands():  # taken before a crash, never answered
+            if started:  # it may have taken effect: say so, never run it twice
+                msg = json.loads(payload)
+                self.ack(msg["msg_id"], msg.get("command"), False, error="interrupted by an agent restart while "
+                         "it ran; not run again (it may have taken effect: ask for the state)")
+            else:
+                self._take(payload, after_restart=True)
         threading.Thread(target=self.smoke.warm, daemon=True, name="smoke-warm").start()
         self.publisher.start()
         self.client.connect_async(b.host, b.port, keepalive=b.keepalive)
@@ -311,7 +331,6 @@ class Agent:
                     cmd = None
                 if cmd is not None:
                     self.handle(cmd)
-                    self.spool.answered(cmd.msg_id)
                 if time.monotonic() >= next_telemetry:
                     self.telemetry()
                     next_telemetry = time.monotonic() + self.cfg.telemetry_interval_s

@@ -38,7 +38,8 @@ class Spool:
                          "kind TEXT NOT NULL, topic TEXT NOT NULL, payload BLOB NOT NULL)")
         self._db.execute("CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)")
         self._db.execute("CREATE TABLE IF NOT EXISTS seen (id TEXT PRIMARY KEY, n INTEGER NOT NULL)")
-        self._db.execute("CREATE TABLE IF NOT EXISTS inbox (id TEXT PRIMARY KEY, n INTEGER NOT NULL, payload BLOB NOT NULL)")
+        self._db.execute("CREATE TABLE IF NOT EXISTS inbox (id TEXT PRIMARY KEY, n INTEGER NOT NULL, payload BLOB NOT NULL, "
+                         "started INTEGER NOT NULL DEFAULT 0)")
         self._count = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
         self._sync = ""
 
@@ -51,10 +52,12 @@ class Spool:
         self._db.execute("INSERT OR REPLACE INTO counters (name, value) VALUES (?, ?)", (name, value))
         return value
 
-    def add(self, kind: str, topic: str, build: Callable[[int], bytes]) -> tuple[int | None, bytes | None]:
+    def add(self, kind: str, topic: str, build: Callable[[int], bytes],
+            answers: str | None = None) -> tuple[int | None, bytes | None]:
         """Number, build and store one message in a single transaction.
 
-        ``build(seq)`` returns the payload for the next sequence number of ``kind``.
+        ``build(seq)`` returns the payload for the next sequence number of ``kind``; ``answers`` names
+        the taken command this message answers, which leaves the inbox in the same transaction.
 
         Returns:
             ``(row id, payload)``; ``(None, None)`` when the spool is full of undroppable rows and
@@ -79,6 +82,8 @@ class Spool:
                         self._db.execute("COMMIT")
                         return None, None
                 payload = build(self._bump("seq." + kind))
+                if answers is not None:
+                    self._db.execute("DELETE FROM inbox WHERE id = ?", (answers,))
                 row = self._db.execute("INSERT INTO outbox (kind, topic, payload) VALUES (?, ?, ?)",
                                        (kind, topic, payload)).lastrowid
                 self._db.execute("COMMIT")
@@ -115,7 +120,8 @@ class Spool:
             self._bump(name)
 
     def take(self, msg_id: str, payload: bytes, keep: int = SEEN_KEPT) -> bool:
-        """Record a command as taken and keep it until :meth:`answered`, in one transaction (fsync).
+        """Record a command as taken and keep it until the message answering it is spooled
+        (``add(..., answers=msg_id)``) or :meth:`forget` drops it, in one transaction (fsync).
 
         Returns:
             False when its id was taken before (a redelivery or a replay: not to be run again).
@@ -130,23 +136,31 @@ class Spool:
             try:
                 n = self._bump("seen")
                 self._db.execute("INSERT INTO seen (id, n) VALUES (?, ?)", (msg_id, n))
+                self._db.execute("INSERT INTO inbox (id, n, payload) VALUES (?, ?, ?)", (msg_id, n, payload))
+                self._db.execute("DELETE FROM seen WHERE n <= ?", (n - keep,))
             except sqlite3.IntegrityError:
                 self._db.execute("ROLLBACK")
                 return False
-            self._db.execute("INSERT INTO inbox (id, n, payload) VALUES (?, ?, ?)", (msg_id, n, payload))
-            self._db.execute("DELETE FROM seen WHERE n <= ?", (n - keep,))
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
             self._db.execute("COMMIT")
             return True
 
-    def answered(self, msg_id: str) -> None:
-        """Forget a taken command: it was run (or refused) and answered."""
+    def forget(self, msg_id: str) -> None:
+        """Drop a taken command that will not be answered (refused after a restart)."""
         with self._lock:
             self._db.execute("DELETE FROM inbox WHERE id = ?", (msg_id,))
 
-    def pending_commands(self) -> list[bytes]:
-        """Return the payloads of commands taken but not yet answered (after a crash), oldest first."""
+    def start(self, msg_id: str) -> None:
+        """Mark a taken command as started (fsync): after a crash it is answered, not run again."""
         with self._lock:
-            return [row[0] for row in self._db.execute("SELECT payload FROM inbox ORDER BY n")]
+            self._db.execute("UPDATE inbox SET started = 1 WHERE id = ?", (msg_id,))
+
+    def pending_commands(self) -> list[tuple[bytes, bool]]:
+        """Return ``(payload, started)`` of the commands taken but not answered (after a crash), oldest first."""
+        with self._lock:
+            return [(row[0], bool(row[1])) for row in self._db.execute("SELECT payload, started FROM inbox ORDER BY n")]
 
     def close(self) -> None:
         """Close the database (rows stay on disk for the next start)."""

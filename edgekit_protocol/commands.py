@@ -20,12 +20,11 @@ agent also remembers the ids of the commands it took (across restarts) and runs 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from edgekit_protocol.errors import CommandError, MessageError
-from edgekit_protocol.messages import decode, envelope
+from edgekit_protocol.messages import decode, envelope, in_range
 
 _INT = (int,)
 _NUM = (int, float)
@@ -77,9 +76,9 @@ def parse_command(payload: bytes, fleet: str, device: str) -> Command:
     except CommandError as exc:
         raise CommandError(str(exc), cmd_id, name) from None
     expires = msg.get("expires")
-    if not isinstance(expires, (int, float)) or isinstance(expires, bool) or not math.isfinite(expires):
+    if not in_range(expires):
         raise CommandError(f"{name}: expires must be a unix time (every command expires, so none can be "
-                           f"replayed later), got {type(expires).__name__}", cmd_id, name)
+                           f"replayed later), got {str(expires)[:20]}", cmd_id, name)
     if expires - msg["ts"] > MAX_TTL_S:
         raise CommandError(f"{name}: expires {expires - msg['ts']:.0f} s after it was sent; at most {MAX_TTL_S:.0f}",
                            cmd_id, name)

@@ -126,6 +126,12 @@ def check_time(message: dict[str, Any], received: float, max_skew_s: float = MAX
         raise MessageError(f"ts is {ahead:.0f} s ahead of the receiver's clock (at most {max_skew_s:.0f} s); refused")
     return message
 
+def in_range(value: Any, limit: float = 1e12) -> bool:
+    """Return True for a real number (not a bool) within +-``limit``: finite, and small enough that
+    arithmetic on it cannot overflow (a 400-digit integer is valid JSON)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and -limit < value < limit
+
+
 def _refuse_constant(name: str) -> float:
     raise MessageError(f"payload holds the non-finite number {name}; numbers must be finite")
 
@@ -151,7 +157,9 @@ def decode(payload: bytes, kind: str | None = None) -> dict[str, Any]:
         raise MessageError(f"payload of {len(payload)} bytes is over the {MAX_PAYLOAD}-byte limit")
     try:
         message = json.loads(payload.decode("utf-8"), parse_constant=_refuse_constant, parse_float=_finite_float)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: also integers of 4,300+ digits
+        if isinstance(exc, MessageError):
+            raise
         raise MessageError(f"payload is not UTF-8 JSON ({type(exc).__name__})") from None
     if not isinstance(message, dict):
         raise MessageError(f"payload is a JSON {type(message).__name__}, expected an object")
@@ -161,6 +169,10 @@ def decode(payload: bytes, kind: str | None = None) -> dict[str, Any]:
             raise MessageError(f"field '{field}' is missing")
         if not isinstance(value, types) or isinstance(value, bool):
             raise MessageError(f"field '{field}' has type {type(value).__name__}")
+    if not 0 <= message["seq"] < 2 ** 63:
+        raise MessageError("field 'seq' is out of range (0 to 2**63 - 1)")
+    if not in_range(message["ts"]):
+        raise MessageError("field 'ts' is not a plausible unix time")
     if kind is not None and message["schema"] != SCHEMAS[kind]:
         raise MessageError(f"schema {message['schema']!r} does not belong on '{kind}' (expected {SCHEMAS[kind]!r})")
     return message
@@ -192,6 +204,18 @@ def check_body(kind: str, message: dict[str, Any]) -> dict[str, Any]:
     if kind == "bench":
         for q in _LATENCY:
             v = message["latency_ms"].get(q)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
+            if not in_range(v) or v < 0:
                 raise MessageError(f"bench: latency_ms.{q} is not a non-negative number")
+        for block, fields in (("power", ("avg_w", "energy_per_inference_mj")), ("accuracy", ("value",))):
+            part = message.get(block)
+            if part is not None and not isinstance(part, dict):
+                raise MessageError(f"bench: {block} is {type(part).__name__}, not an object")
+            for name in fields:
+                v = (part or {}).get(name)
+                if v is not None and not in_range(v):
+                    raise MessageError(f"bench: {block}.{name} is not a number")
+        if message.get("model_bytes") is not None and not (in_range(message["model_bytes"]) and message["model_bytes"] >= 0):
+            raise MessageError("bench: model_bytes is not a non-negative number")
+        if not 0 <= message["runs"] < 2 ** 63:
+            raise MessageError("bench: runs is out of range")
     return message

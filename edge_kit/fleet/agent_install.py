@@ -32,6 +32,7 @@ import edgekit_protocol
 from device_agents.identity import Signer, decode_key, encode_key, key_id
 from device_agents.unit import render_unit
 from edge_kit.errors import ConfigError, DeployError
+from edge_kit.fleet.broker_setup import OPERATOR_USER
 from edge_kit.fleet.inventory import Device, Fleet
 from edge_kit.fleet.ssh import DeviceShell
 from edge_kit.profiles import load_profile
@@ -102,6 +103,9 @@ def agent_config(fleet: Fleet, dev: Device) -> tuple[str, bytes | None]:
     """
     profile = load_profile(dev.profile)
     broker: BrokerConfig = dev.agent_broker or fleet.broker
+    if broker.username == OPERATOR_USER:
+        raise ConfigError(f"fleet file, device {dev.name}: the agent would connect as the operator "
+                          f"('{OPERATOR_USER}'); give the device agent_broker credentials of its own")
     root = dev.root.rstrip("/")  # as written in the fleet file; the agent expands ~
     password = broker.password(f"fleet file, device {dev.name}")
     delegate = profile.runtime.delegate

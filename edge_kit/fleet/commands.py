@@ -19,7 +19,7 @@ from typing import Any
 
 from device_agents.identity import Keyring, Signer
 from device_agents.mqtt import make_client
-from edge_kit.errors import AgentError, AgentTimeout, EdgeKitError
+from edge_kit.errors import AgentError, AgentTimeout
 from edgekit_protocol import commands, messages
 from edgekit_protocol.config import BrokerConfig
 
@@ -87,7 +87,7 @@ class FleetClient:
             messages.check_time(msg, received)
             if kind == "cmd/ack" and self.sent.get(msg.get("cmd_id")) != device:
                 raise messages.MessageError(f"an ack from {device} for a command not sent to it")
-        except EdgeKitError as exc:
+        except Exception as exc:  # noqa: BLE001 - EdgeKitError, or anything odd: refused, never the thread's end
             with self._cond:
                 self.rejected.append(f"{message.topic}: {exc}"[:300])
             return

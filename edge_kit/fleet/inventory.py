@@ -24,6 +24,7 @@ from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from edge_kit.config import StrictModel, closest, load_yaml_model
 from edge_kit.errors import ConfigError
+from edge_kit.fleet.broker_setup import OPERATOR_USER
 from edge_kit.fleet.keys import FleetKeys
 from edge_kit.profiles import Constraints, Storage
 from edgekit_protocol.config import BrokerConfig
@@ -44,6 +45,13 @@ class DeviceDefaults(StrictModel):
 
 class Device(StrictModel):
     name: str = Field(pattern=_NAME)
+
+    @field_validator("name")
+    @classmethod
+    def _not_reserved(cls, name: str) -> str:
+        if name == OPERATOR_USER:
+            raise ValueError(f"'{name}' is reserved for the operator (its broker user and key); rename the device")
+        return name
     host: str
     port: int = Field(default=22, gt=0, lt=65536)
     user: str

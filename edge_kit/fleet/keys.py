@@ -19,7 +19,14 @@ import threading
 import time
 from pathlib import Path
 
-from device_agents.identity import Keyring, Signer, decode_key, encode_key, key_id
+from device_agents.identity import (
+    OPERATOR,
+    Keyring,
+    Signer,
+    decode_key,
+    encode_key,
+    key_id,
+)
 from edge_kit.errors import ConfigError
 
 _lock = threading.Lock()  # deploys run per device in threads; registry updates are read-modify-write
@@ -36,7 +43,9 @@ class _RegistryKeyring(Keyring):
             stamp: int | None = self._keys.registry.stat().st_mtime_ns
         except FileNotFoundError:
             stamp = None
-        if stamp != self._stamp:
+        # Re-read when the file changed, or when the signer is unknown (two registrations within one
+        # tick of the file clock leave the same mtime).
+        if stamp != self._stamp or (signer != OPERATOR and signer not in self.devices):
             self.devices, self._stamp = self._keys.devices(), stamp
         return super().keys_of(signer)
 

@@ -349,4 +349,4 @@ class DeviceShell:
             try:
                 sftp.stat(path)
             except FileNotFoundError:
-                sftp.mkdir(path)
+                sftp.mkdir(path, 0o700 if part == "identity" else 0o777)  # keys: the owner's alone

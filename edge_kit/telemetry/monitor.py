@@ -16,6 +16,7 @@ device silent for longer than ``silence_s``.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -29,7 +30,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from device_agents.mqtt import make_client
-from edge_kit.errors import AgentError, EdgeKitError
+from edge_kit.errors import AgentError
 from edge_kit.fleet.inventory import Fleet
 from edge_kit.profiles import load_profile
 from edge_kit.selection.constraints import (
@@ -41,6 +42,7 @@ from edge_kit.selection.constraints import (
 from edge_kit.telemetry.store import Store
 from edgekit_protocol import messages
 
+log = logging.getLogger("edgekit.monitor")
 STORED_KINDS = ("status", "bench", "telemetry")
 BATCH = 500
 
@@ -48,7 +50,7 @@ BATCH = 500
 @dataclass
 class Alert:
     device: str
-    kind: str  # "offline", "constraints", "silent", "refused" (forged, unsigned, from the future)
+    kind: str  # "offline", "constraints", "silent", "refused" (forged, unsigned, from the future), "store"
     text: str
     ts: float = field(default_factory=time.time)
 
@@ -141,6 +143,15 @@ class Monitor:
         for thread in (self._checker, self._writer):
             if thread.is_alive():
                 thread.join(timeout=5)
+        # What was received (and acknowledged to the broker) but not stored yet is stored now, here:
+        # the broker will not send it again.
+        while not self._checked.empty():
+            self._keep(*self._checked.get_nowait())
+        rest = []
+        while not self._queue.empty():
+            rest.append(self._queue.get_nowait())
+        if rest:
+            self._store(rest)
 
     # --- the writer thread ------------------------------------------------------------------------
 
@@ -167,7 +178,11 @@ class Monitor:
             except queue.Empty:
                 self._check_silence()
                 continue
-            self._keep(*checked)
+            try:
+                self._keep(*checked)
+            except Exception as exc:  # noqa: BLE001 - the history failed (disk full?): say so, keep going
+                log.exception("storing a batch failed")
+                self.alerts.append(Alert("monitor", "store", f"storing {len(checked[0])} message(s) failed: {exc}"))
             self._checked.task_done()
 
     def _store(self, batch: list[tuple[str, bytes, float]]) -> None:
@@ -189,7 +204,7 @@ class Monitor:
                     raise messages.MessageError(f"message names {msg['fleet']}/{msg['device']} but came on {topic}")
                 self.keyring.verify(msg, device)
                 messages.check_time(msg, at)
-            except EdgeKitError as exc:
+            except Exception as exc:  # noqa: BLE001 - EdgeKitError, and whatever else a message holds: refused
                 self.stats.invalid += 1
                 self.store.add_invalid(topic, str(exc), payload)
                 self.alerts.append(Alert(topic, "refused", f"refused a message on {topic}: {exc}"))
@@ -211,16 +226,23 @@ class Monitor:
         self.stats.duplicates += len(good) - new
         self.stats.stored += new
         for kind, msg in good:
-            self._recent[msg["msg_id"]] = None
-            self.last_seen[msg["device"]] = time.time()
-            self._silent_alerted.discard(msg["device"])
-            if self.share is None:
-                self._check_seq(kind, msg)
-            self._check_alerts(kind, msg)
-            if self.on_message:
-                self.on_message(kind, msg)
+            try:
+                self._after_store(kind, msg)
+            except Exception:  # noqa: BLE001 - a hook or an odd figure must not stop the writer
+                log.exception("after storing %s %s", kind, msg.get("msg_id"))
         while len(self._recent) > 100_000:
             self._recent.popitem(last=False)
+
+    def _after_store(self, kind: str, msg: dict[str, Any]) -> None:
+        """Remember, check the sequence and the alerts of, and hand on one stored message."""
+        self._recent[msg["msg_id"]] = None
+        self.last_seen[msg["device"]] = time.time()
+        self._silent_alerted.discard(msg["device"])
+        if self.share is None:
+            self._check_seq(kind, msg)
+        self._check_alerts(kind, msg)
+        if self.on_message:
+            self.on_message(kind, msg)
 
     def _check_seq(self, kind: str, msg: dict[str, Any]) -> None:
         if kind == "status":

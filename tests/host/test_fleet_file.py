@@ -41,6 +41,7 @@ def test_fleet_defaults_fill_devices_and_selectors_pick_them(tmp_path):
     (("profile: coral-usb", "profile: coral-usbb"), "device coral-1: unknown profile 'coral-usbb'"),
     (("name: pi-2", "name: pi-1"), "listed twice: pi-1"),
     (("broker: {host: 127.0.0.1, port: 1883}", "broker: {host: 127.0.0.1, password: x}"), "broker.password: unknown key"),
+    (("name: pi-2", "name: operator"), "'operator' is reserved for the operator"),
 ])
 def test_fleet_errors_name_the_line_and_the_key(tmp_path, change, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("?", r"\?")):

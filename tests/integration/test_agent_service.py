@@ -176,12 +176,14 @@ def _fuzz_payloads(n: int, rng: random.Random) -> list[bytes]:
         lambda: json.dumps(envelope(command="rollback")).encode(),
         lambda: json.dumps(envelope()).encode(),
         lambda: b'{"pad": "' + b"a" * 70_000 + b'"}',
+        lambda: json.dumps(envelope()).encode().replace(b'"expires": ', b'"expires": 1' + b"0" * 400 + b', "x": '),
+        lambda: b'{"seq": 1' + b"0" * 5000 + b"}",
         lambda: json.dumps(envelope()).encode()[: rng.randint(1, 60)],
     ]
     return [rng.choice(makers)() for _ in range(n)]
 
 
-def test_fuzzed_commands_are_each_answered_and_the_agent_stays_up(agents, mosquitto, monitor):
+def test_fuzzed_commands_are_each_refused_unanswered_and_the_agent_stays_up(agents, mosquitto, monitor):
     agent = agents("dev1")
     assert monitor.wait_for(online("dev1"), 30)
     payloads = _fuzz_payloads(1000, random.Random(20261128))
@@ -192,16 +194,12 @@ def test_fuzzed_commands_are_each_answered_and_the_agent_stays_up(agents, mosqui
         sender.publish(messages.topic(FLEET, "dev1", "cmd"), p, qos=1).wait_for_publish(5)
     sender.disconnect()
     sender.loop_stop()
-    assert monitor.wait_for(lambda m: len(m["cmd/ack"]) >= 1000, 90), f"only {len(monitor.messages['cmd/ack'])} acks"
-    acks = monitor.messages["cmd/ack"]
-    assert len(acks) == 1000 and agent.alive()
-    errors = [a for a in acks if not a["ok"]]
-    assert len(errors) == 1000, "a command the operator did not sign was run"
-    assert all(a["error"] for a in errors) and any("another" in a["error"] or "reached" in a["error"] for a in errors)
-    assert any("signature does not verify" in a["error"] for a in errors)
-    assert any("over the 65536-byte limit" in a["error"] for a in errors)
-    with client_for(mosquitto) as client:  # still answers real work
-        assert client.request("dev1", "bench", {"min_runs": 5}, timeout=60)["record"]["runs"] >= 5
+    with client_for(mosquitto) as client:  # still answers real work, after every fuzzed payload
+        assert client.request("dev1", "bench", {"min_runs": 5}, timeout=90)["record"]["runs"] >= 5
+        state = client.request("dev1", "state", timeout=30)["result"]
+    assert agent.alive() and state["spool"]["refused_commands"] == 1000  # none was the operator's: all refused
+    fuzzed_acks = [a for a in monitor.messages["cmd/ack"] if a["command"] not in ("bench", "state") or not a["ok"]]
+    assert fuzzed_acks == []  # and none answered: no signed word on unauthenticated input
 
 
 def test_username_password_acl_and_tls_from_config(tmp_path, digits_artifacts):
@@ -324,9 +322,10 @@ def test_a_command_replayed_after_an_agent_restart_is_not_run_again(agents, mosq
     assert [a["cmd_id"] for a in monitor.messages["cmd/ack"]].count(msg["msg_id"]) == 1
 
 
-def test_commands_taken_before_a_crash_are_run_and_answered_after_the_restart(agents, mosquitto, monitor):
+def test_commands_taken_before_a_crash_are_answered_after_the_restart_and_never_run_twice(agents, mosquitto, monitor):
     """The agent writes a command to disk before it tells the broker it has it: killed (SIGKILL) while
-    one command runs and another waits, it answers both after its restart, each once."""
+    one command runs and another waits, after its restart it answers the one that ran "interrupted"
+    (it may have taken effect: never run twice) and runs the one that waited; each answered once."""
     from edgekit_protocol import commands
 
     agent = agents("dev1")
@@ -350,8 +349,10 @@ def test_commands_taken_before_a_crash_are_run_and_answered_after_the_restart(ag
     finally:
         sender.disconnect()
         sender.loop_stop()
-    acks = [a for a in monitor.messages["cmd/ack"] if a["cmd_id"] in (slow["msg_id"], waiting["msg_id"])]
-    assert len(acks) == 2 and all(a["ok"] for a in acks), acks
+    acks = {a["cmd_id"]: a for a in monitor.messages["cmd/ack"] if a["cmd_id"] in (slow["msg_id"], waiting["msg_id"])}
+    assert len([a for a in monitor.messages["cmd/ack"] if a["cmd_id"] in acks]) == 2, acks
+    assert not acks[slow["msg_id"]]["ok"] and "interrupted by an agent restart" in acks[slow["msg_id"]]["error"]
+    assert acks[waiting["msg_id"]]["ok"] and acks[waiting["msg_id"]]["result"]["current"]["variant"] == "int8"
     assert spool_inbox(agent.root) == 0
 
 

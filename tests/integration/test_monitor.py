@@ -175,6 +175,8 @@ def test_forged_replayed_future_and_non_finite_messages_are_refused_counted_and_
             messages.encode(signed({**bench("d1", 5, p90=0.001), "ts": 4_102_444_800.0})),  # year 2100
             messages.encode(DEVICE_KEYS["d2"].sign(bench("d2", 6, p90=0.001))).replace(b'"device":"d2"', b'"device":"d1"'),
             messages.encode(signed(bench("d1", 7))).replace(b'"p90":5.0', b'"p90":NaN'),
+            messages.encode(signed({**bench("d1", 8), "accuracy": [1]})),  # signed, but not the schema
+            b'{"seq":1' + b"0" * 5000 + b"}",  # an integer Python refuses to parse
         ]
         for payload in forged:
             send(publisher, "bench", payload)

@@ -81,6 +81,17 @@ def test_every_command_is_signed_in_form_and_expires_within_a_day(over, message)
         parse_command(payload, "f1", "d1")
 
 
+@pytest.mark.parametrize("payload, message", [
+    (b'{"a": 1' + b"0" * 5000 + b"}", "not UTF-8 JSON"),  # Python refuses integers of 4,300+ digits
+    (cmd_bytes().replace(b'"seq": 0', b'"seq": 9223372036854775808'), "'seq' is out of range"),
+    (cmd_bytes().replace(b'"ts": ', b'"ts": 1' + b"0" * 400 + b', "x": '), "not a plausible unix time"),
+    (cmd_bytes().replace(b'"expires": ', b'"expires": 1' + b"0" * 400 + b', "x": '), "expires must be a unix time"),
+])
+def test_numbers_too_large_for_arithmetic_are_refused_not_raised(payload, message):
+    with pytest.raises(CommandError, match=message):
+        parse_command(payload, "f1", "d1")
+
+
 def test_the_canonical_form_covers_everything_but_the_signature_in_one_order():
     a = {"b": 1, "a": {"y": 2, "x": [1.5, "é"]}, "sig": "whatever"}
     assert messages.canonical(a) == '{"a":{"x":[1.5,"é"],"y":2},"b":1}'.encode()
