@@ -29,3 +29,17 @@ def test_duplicates_are_stored_once_and_latest_views_pick_the_newest(tmp_path):
     assert store.latest_status()["d1"]["state"] == "offline"
     store.add_decision({"device": "d1", "chosen": "int8", "current": None, "feasible": True, "switch": True})
     assert store.decisions("d1")[0]["chosen"] == "int8"
+
+
+def test_several_workers_can_open_one_new_store_at_the_same_moment(tmp_path):
+    """Monitor workers start together on one history file; switching it to WAL must not fail one."""
+    import subprocess
+    import sys
+
+    code = "import sys; from edge_kit.telemetry.store import Store; Store(sys.argv[1]).add_gap('d', 'bench', 1, 1)"
+    for round_ in range(5):
+        path = tmp_path / f"h{round_}.db"
+        procs = [subprocess.Popen([sys.executable, "-c", code, str(path)], stderr=subprocess.PIPE) for _ in range(3)]
+        errors = [p.communicate(timeout=60)[1].decode() for p in procs]
+        assert [p.returncode for p in procs] == [0, 0, 0], errors
+        assert Store(path).count("gaps") == 3
