@@ -23,14 +23,6 @@ class PowerSource(StrEnum):
     NOT_MEASURED = "not measured"
 
 
-class Origin(StrEnum):
-    """How a figure came to be."""
-
-    MEASURED = "measured"
-    ESTIMATED = "estimated"
-    SIMULATED = "simulated"
-
-
 def power_source(power: dict) -> str:
     """Return the label of a bench record's ``power`` block: the sensor's key, or a :class:`PowerSource`."""
     if power.get("sensor"):

@@ -21,6 +21,7 @@ from edge_kit.cli.app import (
     results_table,
 )
 from edge_kit.selection.policy import DEFAULT_MARGIN
+from edgekit_protocol.labels import power_source
 
 CandidatesOpt = Annotated[Path, typer.Option("--artifacts", help="The compiled model's folder: its variants are the candidates.")]
 MarginOpt = Annotated[float, typer.Option(min=0, max=1, help="Relative gain needed to switch (no flapping).")]
@@ -212,7 +213,7 @@ def _fleet_table(store: Any, fleet: Any) -> Table:
         rec = bench.get((dev.name, cur.get("sha256"))) if cur else None
         heard = max([m["ts"] for m in (st, tele.get(dev.name) or {}) if m] or [0])
         power = (rec or {}).get("power") or {}
-        watts = "-" if power.get("avg_w") is None else f"{power['avg_w']:.2f} ({power.get('sensor') or 'estimated'})"
+        watts = "-" if power.get("avg_w") is None else f"{power['avg_w']:.2f} ({power_source(power)})"
         t.add_row(dev.name, dev.profile, st.get("state", "never seen"), cur.get("variant") or "-",
                   _num(rec["latency_ms"]["p90"]) if rec else "-", watts,
                   f"{_time.time() - heard:.0f} s ago" if heard else "-")

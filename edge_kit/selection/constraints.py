@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from edge_kit.profiles import Constraints
+from edgekit_protocol.labels import power_source
 
 
 def effective_constraints(profile_constraints: Constraints, override: Constraints | None) -> Constraints:
@@ -39,9 +40,9 @@ class Measured:
         """Return the selection view of an ``edgekit.bench/1`` record."""
         power = record.get("power") or {}
         acc = record.get("accuracy") or {}
-        source = power.get("sensor") or ("estimated" if power.get("estimated") else "not measured")
         return cls(variant=record["variant"], p90_ms=record["latency_ms"]["p90"], avg_w=power.get("avg_w"),
-                   energy_mj=power.get("energy_per_inference_mj"), power_source=source, accuracy=acc.get("value"),
+                   energy_mj=power.get("energy_per_inference_mj"), power_source=power_source(power),
+                   accuracy=acc.get("value"),
                    model_mb=model_bytes / 1e6)
 
 

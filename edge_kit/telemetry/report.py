@@ -30,6 +30,7 @@ td.num{text-align:right;font-variant-numeric:tabular-nums}.bad{color:#b00}.note{
 
 
 def _power_source(rec: dict[str, Any]) -> str:
+    """Return the power label of a bench record (see :func:`edgekit_protocol.labels.power_source`)."""
     return power_source(rec.get("power") or {})
 
 
