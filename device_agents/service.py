@@ -86,7 +86,9 @@ class Agent:
 
     def _model_ref(self, sha: str | None) -> dict[str, Any] | None:
         meta = self.store.describe(sha)
-        return None if meta is None else {k: meta.get(k) for k in ("sha256", "variant", "model")}
+        if meta is None:
+            return None
+        return {k: meta[k] for k in ("sha256", "variant", "model", "damaged") if k in meta}
 
     def _status(self, state: str) -> dict[str, Any]:
         self._status_seq += 1
@@ -284,10 +286,13 @@ class Agent:
     def _cmd_rollback(self, _cmd: Command) -> dict[str, Any]:
         return self.store.rollback()
 
-    def _cmd_state(self, _cmd: Command) -> dict[str, Any]:
-        return {"current": self._model_ref(self.store.current()), "previous": self._model_ref(self.store.previous()),
-                "installed": self.store.installed(), "spool": self.spool.stats(), "power_source": self.power_source,
-                "queued_commands": self.commands.qsize(), "free_bytes": shutil.disk_usage(self.store.root).free}
+    def _cmd_state(self, cmd: Command) -> dict[str, Any]:
+        state = {"current": self._model_ref(self.store.current()), "previous": self._model_ref(self.store.previous()),
+                 "installed": self.store.installed(), "spool": self.spool.stats(), "power_source": self.power_source,
+                 "queued_commands": self.commands.qsize(), "free_bytes": shutil.disk_usage(self.store.root).free}
+        if cmd.args.get("verify"):
+            state["damaged"] = self.store.damaged()
+        return state
 
     def _publish_status(self) -> None:
         if self.publisher.connected.is_set():

@@ -95,7 +95,7 @@ class ModelStore:
         if expect_sha256 and digest != expect_sha256:
             raise StoreError(f"{src}: sha256 is {digest[:12]}..., expected {expect_sha256[:12]}... (corrupt or truncated upload)")
         target = self.models / digest
-        if (target / "model.tflite").is_file() and self._meta(digest) is not None:
+        if self._intact(digest):
             meta = self._meta(digest) or {}
             if move:
                 src.unlink()
@@ -117,7 +117,7 @@ class ModelStore:
             for f in staging.iterdir():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
-            if target.exists():  # a half-installed leftover without metadata
+            if target.exists():  # a half-installed leftover, or a damaged copy: replaced whole
                 shutil.rmtree(target)
             os.rename(staging, target)
         except OSError as exc:
@@ -191,8 +191,33 @@ class ModelStore:
         return self._link("previous")
 
     def describe(self, sha256: str | None) -> dict | None:
-        """Return a model's metadata (``sha256``, ``variant``, ``model``, ``bytes``...), or None."""
-        return None if sha256 is None else self._meta(sha256)
+        """Return a model's metadata (``sha256``, ``variant``, ``model``, ``bytes``...); for a model
+        whose ``meta.json`` is unreadable, ``{"sha256", "damaged"}`` (a state to repair, not "no
+        model"); None when there is no such model."""
+        if sha256 is None:
+            return None
+        meta = self._meta(sha256)
+        if meta is None and (self.models / sha256).is_dir():
+            return {"sha256": sha256, "damaged": "meta.json is missing or unreadable"}
+        return meta
+
+    def _intact(self, sha256: str) -> bool:
+        """Return True when the model's metadata reads and its artifact still hashes to its name."""
+        path = self.models / sha256 / "model.tflite"
+        return path.is_file() and self._meta(sha256) is not None and sha256_of(path) == sha256
+
+    def damaged(self) -> list[dict]:
+        """Return ``{"sha256", "damaged"}`` for every stored model whose metadata or artifact fails its
+        check (hashing every artifact: what a deploy asks for before it decides what to upload)."""
+        out = []
+        for folder in sorted(self.models.glob("*")):
+            if not _is_sha(folder.name):
+                continue
+            if self._meta(folder.name) is None:
+                out.append({"sha256": folder.name, "damaged": "meta.json is missing or unreadable"})
+            elif not (folder / "model.tflite").is_file() or sha256_of(folder / "model.tflite") != folder.name:
+                out.append({"sha256": folder.name, "damaged": "the artifact no longer hashes to its sha256"})
+        return out
 
     def installed(self) -> list[dict]:
         """Return the metadata of every installed model, oldest first."""

@@ -9,7 +9,8 @@ activate  ``{variant | sha256, keep}``: safe activation (sha256 check, smoke inf
           the store budget: the oldest models beyond ``store.max_store_mb`` are removed, never
           ``current``, ``previous`` or one in ``keep`` (the host's candidates); the ack lists them.
 rollback  ``{}``: swap ``current`` and ``previous``.
-state     ``{}``: what is installed, current, previous, the spool, the power sensor, free bytes.
+state     ``{verify}``: what is installed, current, previous, the spool, the power sensor, free bytes;
+          with ``verify``, every stored model is hashed and the damaged ones listed.
 ========  =====================================================================================
 
 Every command carries ``expires`` (unix time, at most :data:`MAX_TTL_S` after its ``ts``): one
@@ -38,7 +39,7 @@ _ARGS: dict[str, dict[str, tuple[tuple[type, ...], float | None, float | None]]]
     "activate": {"variant": ((str,), None, None), "sha256": ((str,), None, None),
                  "keep": ((list,), 0, 256)},  # sha256s the store budget must spare (a list's bounds: its length)
     "rollback": {},
-    "state": {},
+    "state": {"verify": ((bool,), None, None)},  # verify: hash every stored model, report the damaged
 }
 COMMANDS = tuple(_ARGS)
 MAX_TTL_S = 86_400.0  # a command may stay valid for a day at most (the agent remembers ids far longer)
@@ -101,7 +102,7 @@ def check_args(name: str, args: Any) -> dict[str, Any]:
         if key not in spec:
             raise CommandError(f"{name}: unknown argument {str(key)[:40]!r} (known: {', '.join(spec) or 'none'})", name=name)
         types, low, high = spec[key]
-        if not isinstance(value, types) or isinstance(value, bool):
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
             raise CommandError(f"{name}: argument '{key}' must be {'/'.join(t.__name__ for t in types)}, "
                                f"got {type(value).__name__}", name=name)
         if isinstance(value, list):

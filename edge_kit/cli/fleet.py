@@ -80,6 +80,8 @@ def deploy_cmd(
     trust_new_hosts: Annotated[bool, typer.Option("--trust-new-hosts", help="Accept and record SSH host keys seen "
                                                   "for the first time (a changed key is always refused).")] = False,
     health_timeout: Annotated[float, typer.Option(min=1, help="Seconds to wait for each device's health check.")] = 120.0,
+    repair: Annotated[bool, typer.Option("--repair/--no-repair", help="Have each agent hash its stored models and "
+                                                                      "upload damaged ones again.")] = True,
     as_json: JsonOpt = False,
 ) -> None:
     """Push the agent and the artifacts to devices over SSH, activate safely, check health, roll back failures."""
@@ -95,7 +97,7 @@ def deploy_cmd(
     targets = fleet.select(devices)
     read_manifest(artifacts)  # a missing or broken manifest stops here, before any device is touched
     opts = DeployOptions(artifacts=artifacts, variant=variant, parallel=parallel, trust_new_hosts=trust_new_hosts,
-                         health_timeout=health_timeout)
+                         health_timeout=health_timeout, repair=repair)
     canary_share, failed_share = _share(canary, "--canary"), _share(max_failed, "--max-failed") or 0.0
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} devices"),
                   TimeElapsedColumn(), console=err, transient=True, disable=as_json) as bar:

@@ -15,6 +15,10 @@ Per device, over one SSH connection (Fabric) with its host key verified:
 4. with ``health_bench`` (canaries, tune), a fresh benchmark of the activated model too; failing
    that also rolls the device back.
 
+Before uploading, the running agent hashes every model it stores (``repair``, on by default): a
+model whose artifact no longer matches its sha256, or whose ``meta.json`` is unreadable, is uploaded
+again and replaces the damaged copy.
+
 Devices run in parallel (``parallel`` at a time); one device's failure never stops the others.
 Canary rollouts, which judge the health benchmarks against each device's constraints, are
 orchestration and live in :mod:`edge_kit.loop.rollout`.
@@ -121,6 +125,7 @@ class DeployOptions:
     health_timeout: float = 120.0
     health: bool = True  # activate through the agent over MQTT and take its ack as the health report
     health_bench: dict[str, Any] | None = None  # also benchmark the activated model (canaries, tune)
+    repair: bool = True  # the agent hashes its stored models; damaged ones are uploaded again
 
 
 def candidates_for(manifest: Manifest, dev: Device) -> list[Artifact]:
@@ -178,8 +183,19 @@ class _Deployer:
             if agent.restarted_at is not None and self.client is not None:
                 self._wait_online(dev, agent.restarted_at)
             have = {m["sha256"] for m in shell.info["installed"]}
+            state = None
+            if self.client is not None and self.opts.repair:  # the agent hashes every stored model
+                state = self._request(dev, "state", {"verify": True})
+                damaged = {d["sha256"]: d["damaged"] for d in state.get("damaged", [])}
+                for art in wanted:
+                    if art.sha256 in damaged:
+                        have.discard(art.sha256)
+                        result.actions.append(f"repair {art.id} ({damaged[art.sha256]})")
             need = sum(a.bytes or 0 for a in wanted if a.sha256 not in have)
-            free = self._free_bytes(shell) if need else 0
+            free = 0
+            if need:  # free space: from the running agent, else the device's Python
+                free = ((state or self._request(dev, "state", {}))["free_bytes"] if self.client is not None
+                        else shell.python_facts["free"])
             if need > free:
                 raise DeployError(f"{dev.name}: not enough space under {shell.root}: the new variants need "
                                   f"{need / 1e6:.1f} MB, {free / 1e6:.1f} MB free")
@@ -226,12 +242,6 @@ class _Deployer:
         assert self.client is not None
         if self.client.wait_online(dev.name, since, self.opts.health_timeout) is None:
             raise DeployError(f"{dev.name}: the agent did not come online within {self.opts.health_timeout:.0f} s")
-
-    def _free_bytes(self, shell: DeviceShell) -> int:
-        """Return the free bytes under the device's root: from the running agent, else the device's Python."""
-        if self.client is None:
-            return shell.python_facts["free"]
-        return self._request(shell.dev, "state", {})["free_bytes"]
 
     def _install(self, shell: DeviceShell, art: Artifact, part: str, eval_remote: str | None) -> None:
         """Move an upload into the device's model store, checked against the manifest's sha256.

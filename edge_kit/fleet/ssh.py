@@ -225,8 +225,12 @@ class DeviceShell:
             names = []
         for name in sorted(names):
             meta = self.read(f"{root}/models/{name}/meta.json") if len(name) == 64 else None
-            if meta:
-                installed.append(json.loads(meta))
+            try:
+                record = json.loads(meta) if meta else None
+            except ValueError:
+                record = None  # damaged: not counted as installed, so the deploy uploads it again
+            if isinstance(record, dict) and record.get("sha256") == name:
+                installed.append(record)
         try:
             current: str | None = Path(sftp.readlink(f"{root}/current") or "").name or None
         except (FileNotFoundError, OSError):

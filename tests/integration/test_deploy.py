@@ -209,7 +209,9 @@ def test_a_device_that_does_not_ack_its_activation_is_failed_and_never_switches_
     agent_pid = int(subprocess.run(["pgrep", "-P", supervisor], capture_output=True, text=True).stdout.split()[0])
     os.kill(agent_pid, signal.SIGSTOP)  # alive, connected, but not answering
     try:
-        group = deploy(fleet, fleet.devices, DeployOptions(digits_artifacts_v2, variant="int8", health_timeout=3))
+        # repair off: its state request would meet the frozen agent first; this is about the activation
+        group = deploy(fleet, fleet.devices, DeployOptions(digits_artifacts_v2, variant="int8", health_timeout=3,
+                                                           repair=False))
         assert [r.status for r in group.results] == ["failed", "succeeded"]
         assert "no answer to 'activate' within 3 s" in group.results[0].reason
         assert "still runs its previous model" in group.results[0].reason
@@ -217,3 +219,27 @@ def test_a_device_that_does_not_ack_its_activation_is_failed_and_never_switches_
         os.kill(agent_pid, signal.SIGCONT)
     time.sleep(3)  # the agent now reads the queued activate: expired, so it is refused, not run
     assert current(frozen) == old and current(fleet.devices[1]) == new
+
+
+def test_a_tampered_model_and_a_truncated_meta_json_are_reported_and_repaired_by_the_next_deploy(sim, digits_artifacts):
+    simfleet, fleet = sim(1)
+    dev = fleet.devices[0]
+    assert len(deploy(fleet, [dev], DeployOptions(digits_artifacts, variant="int8")).succeeded) == 1
+    store = ModelStore(Path(dev.root))
+    int8, fp32 = manifest_sha(digits_artifacts, "int8"), manifest_sha(digits_artifacts, "fp32")
+    with open(store.model_path(fp32), "r+b") as f:  # one byte changed in a stored model
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    meta = store.models / int8 / "meta.json"  # the current model's metadata cut short
+    meta.write_text(meta.read_text()[:20])
+    assert store.describe(int8) == {"sha256": int8, "damaged": "meta.json is missing or unreadable"}  # not "none"
+    group = deploy(fleet, [dev], DeployOptions(digits_artifacts, variant="int8"))
+    r = group.results[0]
+    assert r.status == "succeeded", r.reason
+    assert "repair fp32 (the artifact no longer hashes to its sha256)" in r.actions
+    assert "repair int8 (meta.json is missing or unreadable)" in r.actions
+    assert store.damaged() == [] and store.describe(int8)["variant"] == "int8" and current(dev) == int8
+    again = deploy(fleet, [dev], DeployOptions(digits_artifacts, variant="int8")).results[0]
+    assert again.status == "skipped" and not any(a.startswith("repair") for a in again.actions)
