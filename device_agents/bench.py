@@ -26,7 +26,7 @@ from device_agents.inference import ModelRunner, fidelity, top1_accuracy
 from device_agents.power import not_measured
 from device_agents.runtimes import get_runtime
 from edgekit_protocol.config import BenchSettings
-from edgekit_protocol.datafile import read_npz, read_reference
+from edgekit_protocol.datafile import read_arrays, read_npz, read_reference
 
 
 def _percentiles(ns: np.ndarray) -> dict[str, float]:
@@ -92,10 +92,11 @@ def run_bench(model: Path, settings: BenchSettings = BenchSettings(), *, eval_fi
     runner = ModelRunner(interp)
     eval_x = eval_y = None
     if eval_file is not None:
-        x, y = read_npz(eval_file, "--eval", runner.input_shape[1:], labels="optional")
+        arrays = read_arrays(eval_file, "--eval")  # read once: inputs, labels and the fp32 reference
+        x, y = read_npz(eval_file, "--eval", runner.input_shape[1:], labels="optional", arrays=arrays)
         eval_x, eval_y = np.asarray(x, dtype=np.float32), None if y is None else np.asarray(y)
         if reference is None:
-            ref = read_reference(eval_file, len(eval_x))
+            ref = read_reference(eval_file, len(eval_x), arrays)
             reference = None if ref is None else np.asarray(ref, dtype=np.float32)
     inputs, input_source = _inputs(runner, eval_x)
 

@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
+from edgekit_protocol import messages
 from edgekit_protocol.errors import ConfigError, MessageError
 from edgekit_protocol.messages import canonical
 
@@ -158,6 +159,27 @@ class Keyring:
             Ed25519PublicKey.from_public_bytes(key).verify(sig, canonical(message))
         except (InvalidSignature, ValueError):
             raise MessageError(f"the signature does not verify as {signer}'s; refused") from None
+
+
+def receive(keyring: Keyring, topic: str, payload: bytes, received: float) -> tuple[str, dict[str, Any]]:
+    """Check what a device published, as every receiver must: return ``(kind, message)``.
+
+    The message must decode (no NaN, no oversized number), carry the body its kind requires, name
+    the fleet and device of its topic, verify under that device's registered key and not be dated
+    ahead of ``received`` (this host's clock) beyond the allowed skew.
+
+    Raises:
+        MessageError: any of that fails (the text says which).
+    """
+    fleet, device, kind = messages.parse_topic(topic)
+    if kind == "cmd":
+        raise MessageError(f"{topic}: a command, not something a device publishes")
+    msg = messages.check_body(kind, messages.decode(payload, kind))
+    if msg["device"] != device or msg["fleet"] != fleet:
+        raise MessageError(f"message names {msg['fleet']}/{msg['device']} but came on {topic}")
+    keyring.verify(msg, device)
+    messages.check_time(msg, received)
+    return kind, msg
 
 
 def read_operators(path: Path) -> tuple[bytes, ...]:

@@ -153,11 +153,13 @@ def read_arrays(path: Path, option: str) -> dict[str, Array]:
 
 
 def read_npz(path: Path, option: str, input_shape: tuple[int, ...], *,
-             labels: Literal["required", "optional", "ignored"]) -> tuple[Array, Array | None]:
+             labels: Literal["required", "optional", "ignored"],
+             arrays: dict[str, Array] | None = None) -> tuple[Array, Array | None]:
     """Read and check a data file for a model taking ``input_shape`` (without the batch axis).
 
     ``labels``: ``required`` (``y`` must be there), ``optional`` (checked and returned if there),
-    ``ignored`` (never returned: calibration data).
+    ``ignored`` (never returned: calibration data). ``arrays``: the file's arrays when the caller
+    has read them already (:func:`read_arrays`), so the file is read once.
 
     Returns:
         (``x``, ``y`` or None); ``numpy.asarray`` turns either into an ndarray.
@@ -167,7 +169,7 @@ def read_npz(path: Path, option: str, input_shape: tuple[int, ...], *,
             shape or type, a required ``y`` missing, or a ``y`` that is not one integer label
             per sample.
     """
-    arrays = read_arrays(path, option)
+    arrays = read_arrays(path, option) if arrays is None else arrays
     if "x" not in arrays:
         raise DataFileError(f"{path}: {option} has no array 'x' (found: {', '.join(arrays) or 'none'}); save inputs as x=")
     x = arrays["x"]
@@ -188,14 +190,14 @@ def read_npz(path: Path, option: str, input_shape: tuple[int, ...], *,
     return x, Array(y.key, y.dtype, (count,), y.data)
 
 
-def read_reference(path: Path, samples: int) -> Array | None:
+def read_reference(path: Path, samples: int, arrays: dict[str, Array] | None = None) -> Array | None:
     """Return the fp32 model's outputs stored as ``reference`` next to ``x``, or None.
 
     Raises:
         DataFileError: the file cannot be read (see :func:`read_arrays`), or ``reference`` is
             there but has not one row per sample.
     """
-    ref = read_arrays(path, "eval set").get("reference")
+    ref = (read_arrays(path, "eval set") if arrays is None else arrays).get("reference")
     if ref is None:
         return None
     if len(ref) != samples:

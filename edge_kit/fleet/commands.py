@@ -17,7 +17,7 @@ import time
 import uuid
 from typing import Any
 
-from device_agents.identity import Keyring, Signer
+from device_agents.identity import Keyring, Signer, receive
 from device_agents.mqtt import make_client
 from edge_kit.errors import AgentError, AgentTimeout
 from edgekit_protocol import commands, messages
@@ -75,16 +75,11 @@ class FleetClient:
                    keyring=keys.keyring(), transport=transport)
 
     def _on_message(self, _c: Any, _u: Any, message: Any) -> None:
-        received = time.time()
         try:
-            _, device, kind = messages.parse_topic(message.topic)
-            msg = messages.check_body(kind, messages.decode(message.payload, kind)) if kind != "cmd" else None
-            if msg is None:
-                return  # commands (ours, echoed by the broker) are not answers
-            if msg["device"] != device or msg["fleet"] != self.fleet:
-                raise messages.MessageError(f"names {msg['fleet']}/{msg['device']} but came on {message.topic}")
-            self.keyring.verify(msg, device)
-            messages.check_time(msg, received)
+            kind, msg = receive(self.keyring, message.topic, message.payload, time.time())
+            device = msg["device"]
+            if msg["fleet"] != self.fleet:
+                raise messages.MessageError(f"{message.topic}: not fleet {self.fleet}")
             if kind == "cmd/ack" and self.sent.get(msg.get("cmd_id")) != device:
                 raise messages.MessageError(f"an ack from {device} for a command not sent to it")
         except Exception as exc:  # noqa: BLE001 - EdgeKitError, or anything odd: refused, never the thread's end

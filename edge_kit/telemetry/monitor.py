@@ -29,6 +29,7 @@ from typing import Any
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from device_agents.identity import receive
 from device_agents.mqtt import make_client
 from edge_kit.errors import AgentError
 from edge_kit.fleet.inventory import Fleet
@@ -198,12 +199,7 @@ class Monitor:
         for topic, payload, at in batch:
             self.stats.received += 1
             try:
-                fleet, device, kind = messages.parse_topic(topic)
-                msg = messages.check_body(kind, messages.decode(payload, kind))
-                if msg["device"] != device or msg["fleet"] != fleet:
-                    raise messages.MessageError(f"message names {msg['fleet']}/{msg['device']} but came on {topic}")
-                self.keyring.verify(msg, device)
-                messages.check_time(msg, at)
+                kind, msg = receive(self.keyring, topic, payload, at)
             except Exception as exc:  # noqa: BLE001 - EdgeKitError, and whatever else a message holds: refused
                 self.stats.invalid += 1
                 self.store.add_invalid(topic, str(exc), payload)
