@@ -35,7 +35,7 @@ def _median_latency_us(path: Path, runs: int = 3000) -> float:
     from device_agents.runtimes import get_runtime
 
     r = ModelRunner(get_runtime("litert").interpreter(path, threads=1))
-    x = r.quantize_input(np.zeros(r.input_shape[1:], np.float32))
+    x = r.tensors({p.name: np.zeros((1, *p.sample_shape), np.float32) for p in r.inputs}, 0)
     for _ in range(200):
         r.invoke_raw(x)
     times = []

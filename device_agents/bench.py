@@ -22,11 +22,12 @@ from typing import Any
 import numpy as np
 
 from device_agents import conditions
-from device_agents.inference import ModelRunner, fidelity, top1_accuracy
+from device_agents.errors import MetricError
+from device_agents.inference import Batch, ModelRunner, fidelity
 from device_agents.power import not_measured
 from device_agents.runtimes import get_runtime
 from edgekit_protocol.config import BenchSettings
-from edgekit_protocol.datafile import read_arrays, read_npz, read_reference
+from edgekit_protocol.datafile import Array, read_arrays, read_data, read_reference
 
 
 def _percentiles(ns: np.ndarray) -> dict[str, float]:
@@ -38,16 +39,56 @@ def _percentiles(ns: np.ndarray) -> dict[str, float]:
     }
 
 
-def _inputs(runner: ModelRunner, eval_x: np.ndarray | None, seed: int = 0) -> tuple[list[np.ndarray], str]:
-    if eval_x is not None and len(eval_x):
-        return [runner.quantize_input(x) for x in eval_x[:256]], "eval set"
-    dtype = runner.input["dtype"]
+def _inputs(runner: ModelRunner, eval_x: Batch | None, seed: int = 0) -> tuple[list[list[np.ndarray]], str]:
+    """Return the typed input tensors of each timed run, and where they came from."""
+    samples = len(next(iter(eval_x.values()))) if eval_x else 0
+    if samples:
+        return [runner.tensors(eval_x, i) for i in range(min(samples, 256))], "eval set"
     rng = np.random.default_rng(seed)
-    shape = runner.input_shape
-    if np.issubdtype(dtype, np.integer):
-        info = np.iinfo(dtype)
-        return [rng.integers(info.min, info.max, size=shape, endpoint=True).astype(dtype)], "random"
-    return [rng.uniform(0, 1, size=shape).astype(dtype)], "random"
+    tensors = []
+    for port in runner.inputs:
+        if np.issubdtype(port.dtype, np.integer):
+            info = np.iinfo(port.dtype)
+            tensors.append(rng.integers(info.min, info.max, size=port.shape, endpoint=True).astype(port.dtype))
+        else:
+            tensors.append(rng.uniform(0, 1, size=port.shape).astype(port.dtype))
+    return [tensors], "random"
+
+
+def _scored(runner: ModelRunner, eval_x: Batch, arrays: dict[str, Array], eval_file: Path,
+            reference: dict[str, np.ndarray] | None) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """Return the (accuracy, fidelity) blocks of a bench record for the eval set's inputs.
+
+    Accuracy is scored as the ``metric`` spec shipped in the eval set says (top-1 when there is
+    none); a metric that fails is an ``error`` in the accuracy block, never a failed benchmark.
+    """
+    from device_agents.metrics import MetricSpec, labels_of
+
+    outputs = runner.predict(eval_x)
+    samples = len(next(iter(outputs.values()))) if outputs else 0
+    accuracy = fid = None
+    labels = labels_of(arrays)
+    try:
+        spec = MetricSpec.from_bytes(bytes(np.asarray(arrays["metric"]).astype(np.uint8)), str(eval_file)) \
+            if "metric" in arrays else MetricSpec()
+    except MetricError as exc:
+        spec, accuracy = MetricSpec(), {"error": str(exc), "samples": samples}
+    if labels and accuracy is None:
+        try:
+            scorer = spec.scorer()
+            scorer.check(labels, samples, str(eval_file))
+            accuracy = {**scorer.score(outputs, labels), "samples": samples}
+        except MetricError as exc:
+            accuracy = {"error": str(exc), "samples": samples}
+    if reference is None:
+        ref = read_reference(eval_file, samples, list(outputs), arrays)
+        reference = None if ref is None else {k: np.asarray(v, dtype=np.float32) for k, v in ref.items()}
+    if reference is not None:
+        try:
+            fid = {**fidelity(outputs, reference, classes=spec.task == "classification"), "samples": samples}
+        except ValueError as exc:
+            fid = {"error": f"{eval_file}: {exc}", "samples": samples}
+    return accuracy, fid
 
 
 def _peak_rss() -> dict[str, Any]:
@@ -68,13 +109,13 @@ def _peak_rss() -> dict[str, Any]:
 
 
 def run_bench(model: Path, settings: BenchSettings = BenchSettings(), *, eval_file: Path | None = None,
-              reference: np.ndarray | None = None, power: Any = None) -> dict[str, Any]:
+              reference: dict[str, np.ndarray] | None = None, power: Any = None) -> dict[str, Any]:
     """Benchmark ``model`` and return the measurement part of an ``edgekit.bench/1`` record.
 
     ``eval_file`` is an ``.npz`` (see :mod:`edgekit_protocol.datafile`), checked against the model's
-    input shape before anything is timed; with labels ``y`` it also gives top-1 accuracy.
-    ``reference`` holds the fp32 model's outputs on its ``x`` (for fidelity); when None and the
-    eval file carries an array ``reference``, that is used. ``power`` is a meter from
+    inputs before anything is timed; with labels it also gives accuracy, scored by the task metric
+    the file names (top-1 when it names none). ``reference`` holds the fp32 model's outputs by
+    output name (for per-output fidelity); when None, the eval file's references are used. ``power`` is a meter from
     :func:`device_agents.power.power_meter` (started and stopped around the timed runs); None
     records power as not measured.
 
@@ -90,14 +131,11 @@ def run_bench(model: Path, settings: BenchSettings = BenchSettings(), *, eval_fi
                                  options=settings.delegate_options)
     init_ms = (time.perf_counter_ns() - t0) / 1e6
     runner = ModelRunner(interp)
-    eval_x = eval_y = None
+    eval_x = arrays = None
     if eval_file is not None:
-        arrays = read_arrays(eval_file, "--eval")  # read once: inputs, labels and the fp32 reference
-        x, y = read_npz(eval_file, "--eval", runner.input_shape[1:], labels="optional", arrays=arrays)
-        eval_x, eval_y = np.asarray(x, dtype=np.float32), None if y is None else np.asarray(y)
-        if reference is None:
-            ref = read_reference(eval_file, len(eval_x), arrays)
-            reference = None if ref is None else np.asarray(ref, dtype=np.float32)
+        arrays = read_arrays(eval_file, "--eval")  # read once: inputs, labels, metric and fp32 reference
+        data = read_data(eval_file, "--eval", runner.input_shapes, labels="optional", arrays=arrays)
+        eval_x = {name: np.asarray(a, dtype=np.float32) for name, a in data.x.items()}
     inputs, input_source = _inputs(runner, eval_x)
 
     t0 = time.perf_counter_ns()
@@ -107,7 +145,8 @@ def run_bench(model: Path, settings: BenchSettings = BenchSettings(), *, eval_fi
         runner.invoke_raw(inputs[i % len(inputs)])
 
     if len(inputs) == 1:  # random data: set once, as benchmark_model does; eval samples are set per run
-        runner.interpreter.set_tensor(runner.input["index"], inputs[0])
+        for port, tensor in zip(runner.inputs, inputs[0]):
+            runner.interpreter.set_tensor(port.index, tensor)
     times: list[int] = []
     if power is not None:
         power.start()
@@ -141,14 +180,9 @@ def run_bench(model: Path, settings: BenchSettings = BenchSettings(), *, eval_fi
         "accuracy": None, "fidelity": None,
         "power": power_record,
     }
-    if eval_x is not None:
-        outputs = runner.predict(eval_x)
-        if eval_y is not None:
-            record["accuracy"] = {"metric": "top1", "value": top1_accuracy(outputs, eval_y), "samples": len(eval_x)}
-        if reference is not None:
-            record["fidelity"] = {**fidelity(outputs, reference), "samples": len(eval_x)}
+    if eval_x is not None and arrays is not None and eval_file is not None:
+        record["accuracy"], record["fidelity"] = _scored(runner, eval_x, arrays, eval_file, reference)
     return record
-
 
 
 def summary_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
@@ -168,12 +202,16 @@ def summary_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
         ("power", (f"{power['avg_w']:.3f} W, {power['energy_per_inference_mj']:.3f} mJ per inference; "
                    if power.get("avg_w") is not None else "") + power["method"]),
     ]
-    if r.get("accuracy"):
-        rows.append(("top-1 accuracy", f"{100 * r['accuracy']['value']:.2f} % on {r['accuracy']['samples']} eval samples"))
-    if r.get("fidelity"):
-        fid = r["fidelity"]
-        rows.append(("fidelity vs fp32", f"top-1 agreement {100 * fid['top1_agreement']:.2f} %, "
-                                         f"max |err| {fid['max_abs_error']:.4g}"))
+    acc = r.get("accuracy")
+    if acc:
+        rows.append(("accuracy", f"not scored: {acc['error']}" if "error" in acc else
+                     f"{acc.get('task', 'classification')} " + ", ".join(f"{k} {v:.4g}" for k, v in acc.get("figures", {acc["metric"]: acc["value"]}).items())
+                     + f" on {acc['samples']} eval samples"))
+    fid = r.get("fidelity")
+    if fid:
+        rows.append(("fidelity vs fp32", f"not measured: {fid['error']}" if "error" in fid else
+                     f"worst output SNR {fid['snr_db']:.1f} dB, cosine {fid['cosine']:.4f}, max |err| {fid['max_abs_error']:.4g}"
+                     + (f", top-1 agreement {100 * fid['top1_agreement']:.2f} %" if "top1_agreement" in fid else "")))
     start, end = r["conditions"]["start"], r["conditions"]["end"]
 
     def na(v: object, unit: str = "") -> str:

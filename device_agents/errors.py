@@ -29,3 +29,8 @@ class SmokeFailed(StoreError):
 
 class UsageError(DeviceError):
     """``edgekit-agent`` was given options that cannot work together."""
+
+
+class MetricError(DeviceError):
+    """Accuracy cannot be scored: labels in the wrong format for the task, or a user metric or decoder
+    that raised or returned something else than numbers; the text names the key or function."""

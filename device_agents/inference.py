@@ -1,77 +1,211 @@
 """Run a ``.tflite`` model on float inputs and get float outputs, whatever its I/O quantization.
 
 Used by the host compiler (accuracy and fidelity of each variant) and by the agent (on-device
-accuracy), so both quantize inputs and dequantize outputs the same way.
+accuracy), so both name, quantize and dequantize a model's inputs and outputs the same way.
+
+Names: a model's inputs and outputs are named by its signature when it has exactly one (what the
+TFLite converter writes, and what the quantizer keeps), else by their tensor names. Every variant
+of a model therefore answers to the same names, and outputs come back in the same order, whatever
+order the converter gave the tensors.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+SNR_CAP_DB = 200.0  # identical outputs (or both silent) report this instead of +infinity
+
+
+@dataclass(frozen=True)
+class Port:
+    """One input or output tensor of a model: its name, tensor index, shape (batch included), type."""
+
+    name: str
+    index: int
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    scale: float  # 0.0 when the tensor is not quantized
+    zero_point: int
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """Return the shape of one sample (without the batch axis)."""
+        return self.shape[1:]
+
+    def record(self) -> dict[str, Any]:
+        """Return the manifest entry: name, shape, dtype and quantization."""
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype.name,
+                "scale": self.scale or None, "zero_point": self.zero_point if self.scale else None}
+
+
+def _port(name: str, detail: dict[str, Any]) -> Port:
+    scale, zero = detail.get("quantization", (0.0, 0))
+    return Port(name, int(detail["index"]), tuple(int(d) for d in detail["shape"]), np.dtype(detail["dtype"]),
+                float(scale or 0.0), int(zero or 0))
+
+
+def ports(interpreter: Any) -> tuple[list[Port], list[Port]]:
+    """Return the (inputs, outputs) of an interpreter, named as the module docstring says.
+
+    Inputs come in the signature's order (else the interpreter's); outputs likewise.
+    """
+    ins = {int(d["index"]): d for d in interpreter.get_input_details()}
+    outs = {int(d["index"]): d for d in interpreter.get_output_details()}
+    full = getattr(interpreter, "_get_full_signature_list", lambda: {})() or {}
+    if len(full) == 1:
+        sig = next(iter(full.values()))
+        named_in, named_out = sig.get("inputs", {}), sig.get("outputs", {})
+        if set(named_in.values()) == set(ins) and set(named_out.values()) == set(outs):
+            return ([_port(n, ins[i]) for n, i in named_in.items()],
+                    [_port(n, outs[i]) for n, i in named_out.items()])
+    return [_port(d["name"], d) for d in ins.values()], [_port(d["name"], d) for d in outs.values()]
+
+
+def quantize(port: Port, x: np.ndarray) -> np.ndarray:
+    """Return float values ``x`` as ``port``'s tensor type (quantized with its scale when it has one)."""
+    if np.issubdtype(port.dtype, np.integer):
+        x = np.asarray(x, dtype=np.float64)
+        if port.scale:
+            x = np.round(x / port.scale + port.zero_point)
+        info = np.iinfo(port.dtype)
+        x = np.clip(x, info.min, info.max)
+    return np.asarray(x).astype(port.dtype)
+
+
+def dequantize(port: Port, y: np.ndarray) -> np.ndarray:
+    """Return a tensor of ``port`` as float32 (dequantized when it is a quantized integer type)."""
+    if np.issubdtype(port.dtype, np.integer) and port.scale:
+        return (y.astype(np.float32) - port.zero_point) * np.float32(port.scale)
+    return y.astype(np.float32)
+
+
+Batch = dict[str, np.ndarray]  # name -> array whose first axis is the sample axis
+
 
 class ModelRunner:
-    """Feeds one sample at a time to an allocated interpreter with a single input and output."""
+    """Feeds one sample at a time to an allocated interpreter, by input name, and collects outputs by name."""
 
     def __init__(self, interpreter: Any):
         self.interpreter = interpreter
-        self.input = interpreter.get_input_details()[0]
-        self.output = interpreter.get_output_details()[0]
+        self.inputs, self.outputs = ports(interpreter)
 
     @property
-    def input_shape(self) -> tuple[int, ...]:
-        """Return the model's input shape including its batch dimension."""
-        return tuple(int(d) for d in self.input["shape"])
+    def input_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Return {input name: shape of one sample}."""
+        return {p.name: p.sample_shape for p in self.inputs}
 
-    def quantize_input(self, x: np.ndarray) -> np.ndarray:
-        """Return one float sample (without batch dim) as the model's input tensor (with batch dim)."""
-        dtype = self.input["dtype"]
-        x = np.asarray(x, dtype=np.float32).reshape(self.input_shape)
-        if np.issubdtype(dtype, np.integer):
-            scale, zero = self.input["quantization"]
-            info = np.iinfo(dtype)
-            x = np.clip(np.round(x / scale + zero), info.min, info.max)
-        return x.astype(dtype)
+    def tensors(self, batch: Batch, i: int) -> list[np.ndarray]:
+        """Return sample ``i`` of ``batch`` as the model's typed input tensors (batch axis added), in input order.
 
-    def dequantize_output(self, y: np.ndarray) -> np.ndarray:
-        """Return the output tensor as float32, dequantized when the model's output is an integer type."""
-        if np.issubdtype(self.output["dtype"], np.integer):
-            scale, zero = self.output["quantization"]
-            return (y.astype(np.float32) - zero) * scale
-        return y.astype(np.float32)
+        Raises:
+            KeyError: ``batch`` lacks one of the model's inputs (a single-input model takes any one array).
+        """
+        out = []
+        for port in self.inputs:
+            x = batch[port.name] if port.name in batch or len(self.inputs) > 1 else next(iter(batch.values()))
+            out.append(quantize(port, np.asarray(x[i]).reshape(port.shape)))
+        return out
 
-    def invoke_raw(self, tensor: np.ndarray) -> None:
-        """Set the already-typed input tensor and run once (the timed path of a benchmark)."""
-        self.interpreter.set_tensor(self.input["index"], tensor)
+    def invoke_raw(self, tensors: list[np.ndarray]) -> None:
+        """Set the already-typed input tensors and run once (the timed path of a benchmark)."""
+        for port, t in zip(self.inputs, tensors):
+            self.interpreter.set_tensor(port.index, t)
         self.interpreter.invoke()
 
-    def predict(self, xs: np.ndarray) -> np.ndarray:
-        """Return float outputs for each sample of ``xs`` (first axis = samples), stacked."""
-        outs = []
-        for x in xs:
-            self.invoke_raw(self.quantize_input(x))
-            outs.append(self.dequantize_output(self.interpreter.get_tensor(self.output["index"]))[0])
-        return np.stack(outs) if outs else np.zeros((0,), np.float32)
+    def results(self) -> dict[str, np.ndarray]:
+        """Return the last run's outputs as float32 by output name, without the batch axis."""
+        return {p.name: dequantize(p, self.interpreter.get_tensor(p.index))[0] for p in self.outputs}
+
+    def predict(self, batch: Batch | np.ndarray) -> dict[str, np.ndarray]:
+        """Return {output name: outputs stacked over the samples of ``batch``}.
+
+        ``batch`` maps input names to arrays (first axis = samples); a bare array stands for the
+        only input of a single-input model.
+        """
+        if not isinstance(batch, dict):
+            batch = {self.inputs[0].name: batch}
+        samples = len(next(iter(batch.values()))) if batch else 0
+        rows: dict[str, list[np.ndarray]] = {p.name: [] for p in self.outputs}
+        for i in range(samples):
+            self.invoke_raw(self.tensors(batch, i))
+            for name, y in self.results().items():
+                rows[name].append(y)
+        return {name: np.stack(r) if r else np.zeros((0, *p.sample_shape), np.float32)
+                for (name, r), p in zip(rows.items(), self.outputs)}
 
 
-def top1_accuracy(outputs: np.ndarray, labels: np.ndarray) -> float:
-    """Return the share of samples whose highest-scoring class equals the integer label."""
-    return float(np.mean(np.argmax(outputs.reshape(len(outputs), -1), axis=1) == labels.reshape(-1)))
+def is_vector(reference: np.ndarray) -> bool:
+    """Return whether each sample of ``reference`` is one vector of two or more values (other axes of size 1)."""
+    size = int(np.prod(reference.shape[1:]))
+    return len(reference) > 0 and size >= 2 and size == max(reference.shape[1:], default=0)
 
 
-def fidelity(outputs: np.ndarray, reference: np.ndarray) -> dict[str, float]:
-    """Return agreement of ``outputs`` with ``reference`` outputs (the fp32 model's) on the same inputs.
+def is_distribution(reference: np.ndarray) -> bool:
+    """Return whether each sample of ``reference`` is a vector of class probabilities (non-negative, sum 1)."""
+    rows = reference.reshape(len(reference), -1)
+    return is_vector(reference) and bool(np.all(rows >= 0) and np.allclose(rows.sum(axis=1), 1.0, atol=1e-3))
+
+
+def output_fidelity(output: np.ndarray, reference: np.ndarray, *, classes: bool | None = None) -> dict[str, float]:
+    """Return how closely one output follows the fp32 model's on the same inputs, no labels needed.
+
+    ``snr_db``: 10·log10(Σref² / Σ(out−ref)²), capped at ±:data:`SNR_CAP_DB`; ``cosine``: mean
+    per-sample cosine similarity (1 when both are zero); ``max_abs_error`` and ``mean_abs_error``
+    over all values; ``top1_agreement`` (share of samples with the same argmax) when the output is a
+    class vector: a vector per sample and ``classes`` True (a classifier, logits included), or
+    ``classes`` None and the reference rows are probability distributions.
+    """
+    a = output.reshape(len(output), -1).astype(np.float64)
+    b = reference.reshape(len(reference), -1).astype(np.float64)
+    diff = a - b
+    signal, noise = float(np.sum(b * b)), float(np.sum(diff * diff))
+    if noise == 0.0:
+        snr = SNR_CAP_DB
+    elif signal == 0.0:
+        snr = -SNR_CAP_DB
+    else:
+        snr = max(-SNR_CAP_DB, min(SNR_CAP_DB, 10 * math.log10(signal / noise)))
+    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    both = (na > 0) & (nb > 0)
+    cos = np.where(both, np.sum(a * b, axis=1) / np.where(both, na * nb, 1.0), (na == 0) & (nb == 0))
+    out = {
+        "snr_db": round(snr, 3),
+        "cosine": float(np.mean(cos)) if len(cos) else 1.0,
+        "max_abs_error": float(np.abs(diff).max()) if diff.size else 0.0,
+        "mean_abs_error": float(np.abs(diff).mean()) if diff.size else 0.0,
+    }
+    if (classes and is_vector(reference)) or (classes is None and is_distribution(reference)):
+        out["top1_agreement"] = float(np.mean(np.argmax(a, 1) == np.argmax(b, 1))) if len(a) else 1.0
+    return out
+
+
+def fidelity(outputs: dict[str, np.ndarray], reference: dict[str, np.ndarray], *,
+             classes: bool | None = None) -> dict[str, Any]:
+    """Return per-output fidelity against the fp32 outputs, plus the worst of each figure over outputs.
 
     Returns:
-        ``top1_agreement`` (share of samples with the same argmax), ``max_abs_error`` and
-        ``mean_abs_error`` over all output values.
+        ``{"outputs": {name: output_fidelity(...)}, "snr_db": worst, "cosine": worst,
+        "max_abs_error": worst, "mean_abs_error": worst, "top1_agreement": worst or absent}``.
+
+    Raises:
+        ValueError: the two do not hold the same outputs with the same shapes.
     """
-    a = outputs.reshape(len(outputs), -1)
-    b = reference.reshape(len(reference), -1)
-    diff = np.abs(a - b)
-    return {
-        "top1_agreement": float(np.mean(np.argmax(a, 1) == np.argmax(b, 1))),
-        "max_abs_error": float(diff.max()) if diff.size else 0.0,
-        "mean_abs_error": float(diff.mean()) if diff.size else 0.0,
-    }
+    if set(outputs) != set(reference):
+        raise ValueError(f"outputs {sorted(outputs)} do not match the reference's {sorted(reference)}")
+    per = {}
+    for name, ref in reference.items():
+        out = outputs[name]
+        if out.shape != ref.shape:
+            raise ValueError(f"output '{name}' has shape {out.shape}, the reference {ref.shape}")
+        per[name] = output_fidelity(out, ref, classes=classes)
+    worst: dict[str, Any] = {"outputs": per}
+    for key, pick in (("snr_db", min), ("cosine", min), ("max_abs_error", max), ("mean_abs_error", max),
+                      ("top1_agreement", min)):
+        values = [f[key] for f in per.values() if key in f]
+        if values:
+            worst[key] = pick(values)
+    return worst

@@ -33,13 +33,15 @@ def smoke(model: Path, runtime: str | None = None, delegate: str = "xnnpack",
     try:
         t0 = time.perf_counter()
         runner = ModelRunner(get_runtime(runtime).interpreter(Path(model), delegate=delegate, options=options))
-        runner.invoke_raw(np.zeros(runner.input_shape, dtype=runner.input["dtype"]))
-        out = runner.interpreter.get_tensor(runner.output["index"])
+        runner.invoke_raw([np.zeros(p.shape, dtype=p.dtype) for p in runner.inputs])
+        outs = [runner.interpreter.get_tensor(p.index) for p in runner.outputs]
     except (ValueError, RuntimeError, RuntimeUnavailable, OSError) as exc:
         raise SmokeFailed((str(exc).strip().splitlines() or [type(exc).__name__])[0]) from None
-    if np.issubdtype(out.dtype, np.floating) and not np.all(np.isfinite(out)):
-        raise SmokeFailed("the output holds NaN or infinity")
-    return {"input_shape": list(runner.input_shape), "output_shape": list(out.shape),
+    for port, out in zip(runner.outputs, outs):
+        if np.issubdtype(out.dtype, np.floating) and not np.all(np.isfinite(out)):
+            raise SmokeFailed(f"output '{port.name}' holds NaN or infinity")
+    return {"inputs": {p.name: list(p.shape) for p in runner.inputs},
+            "outputs": {p.name: list(p.shape) for p in runner.outputs},
             "ms": round((time.perf_counter() - t0) * 1000, 3)}
 
 

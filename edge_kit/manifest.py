@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from edge_kit.errors import InputError
 
-SCHEMA = "edgekit.manifest/1"
+SCHEMA = "edgekit.manifest/2"
 Status = Literal["built", "not-built", "failed"]
 
 
@@ -25,17 +25,22 @@ class _Record(BaseModel):
 
 class Accuracy(_Record):
     measured: bool
-    metric: str | None = None  # "top1": share of samples whose argmax equals the label
-    value: float | None = None
+    task: str | None = None  # the metric plugin (device_agents.metrics) or "custom"
+    metric: str | None = None  # the headline figure's name, e.g. top1, map, miou, pck
+    value: float | None = None  # the headline figure (higher is better)
+    figures: dict[str, float] | None = None  # every figure the metric gave
     samples: int | None = None
     method: str  # how it was measured, or why it was not
 
 
 class Fidelity(_Record):
     measured: bool
-    top1_agreement: float | None = None
+    snr_db: float | None = None  # worst output's SNR against fp32 (device_agents.inference.output_fidelity)
+    cosine: float | None = None  # worst output's mean cosine similarity
+    top1_agreement: float | None = None  # worst class output's argmax agreement, when an output is a class vector
     max_abs_error: float | None = None
     mean_abs_error: float | None = None
+    outputs: dict[str, dict[str, float]] | None = None  # the same figures for each output
     samples: int | None = None
     inputs: str | None = None  # which data file fed both models
     method: str
@@ -60,13 +65,14 @@ class Artifact(_Record):
     macs_nonzero: int | None = None
     weights: int | None = None
     op_histogram: dict[str, int] | None = None
-    input: dict[str, Any] | None = None
-    output: dict[str, Any] | None = None
+    inputs: list[dict[str, Any]] | None = None  # name, shape, dtype, quantization, as the agent names them
+    outputs: list[dict[str, Any]] | None = None
     accelerators: dict[str, Any] | None = None
     accuracy: Accuracy | None = None
     fidelity: Fidelity | None = None
     fine_tuned: dict[str, Any] | None = None
     build_seconds: float | None = None  # wall clock on the host (time.perf_counter)
+    warnings: list[str] = []  # e.g. fidelity below a profile's min_fidelity_snr_db
 
 
 class Manifest(_Record):
@@ -107,7 +113,7 @@ def read_manifest(folder: Path) -> Manifest:
     except (OSError, json.JSONDecodeError) as exc:
         raise InputError(f"{path}: unreadable manifest ({exc})") from None
     if data.get("schema") != SCHEMA:
-        raise InputError(f"{path}: schema is {data.get('schema')!r}, expected {SCHEMA!r}")
+        raise InputError(f"{path}: schema is {data.get('schema')!r}, expected {SCHEMA!r}; compile the model again with this edge-kit")
     data["schema_"] = data.pop("schema")
     try:
         return Manifest.model_validate(data)

@@ -71,6 +71,8 @@ class Constraints(StrictModel):
     max_power_w: float | None = Field(default=None, gt=0)
     min_accuracy_ratio: float | None = Field(default=None, gt=0, le=1)
     max_model_mb: float | None = Field(default=None, gt=0)
+    # worst output's SNR against fp32 on the eval set (label-free): catches an int8 that "detects nothing"
+    min_fidelity_snr_db: float | None = Field(default=None)
 
 
 class Storage(StrictModel):

@@ -1,9 +1,14 @@
 """The data-file format shared by host and device, read with the standard library alone.
 
-A data file is an ``.npz`` (``numpy.savez``) with ``x`` (inputs, first axis = samples) and, where
-labels are needed, ``y`` (one integer per sample). The compiler ships ``eval.npz`` with the
-artifacts holding ``x``, ``y`` and ``reference`` (the fp32 variant's outputs on ``x``), so a device
-can report fidelity without the fp32 model.
+A data file is an ``.npz`` (``numpy.savez``); the first axis of every array is the sample axis.
+
+- Inputs: ``x`` for a model with one input (``x.<name>`` works too); otherwise one array per input,
+  ``x.<input name>``, the name as the model declares it (``edgekit compile`` prints them).
+- Labels, where the task needs them: ``y`` and/or ``y.<key>`` as the task documents
+  (:mod:`device_agents.metrics`); every label array has one row per sample.
+- The compiler ships ``eval.npz`` with the artifacts: the inputs, the labels, ``reference`` (one
+  output) or ``reference.<output name>`` (the fp32 variant's outputs on the inputs, so a device can
+  report fidelity without the fp32 model) and ``metric`` (how to score, UTF-8 JSON as bytes).
 
 Arrays come back as :class:`Array`: the raw little-endian bytes with their numpy type string and
 shape, exposing ``__array_interface__``, so ``numpy.asarray(a)`` on either side turns one into an
@@ -152,54 +157,87 @@ def read_arrays(path: Path, option: str) -> dict[str, Array]:
     return arrays
 
 
-def read_npz(path: Path, option: str, input_shape: tuple[int, ...], *,
-             labels: Literal["required", "optional", "ignored"],
-             arrays: dict[str, Array] | None = None) -> tuple[Array, Array | None]:
-    """Read and check a data file for a model taking ``input_shape`` (without the batch axis).
+@dataclass(frozen=True)
+class Data:
+    """The checked arrays of a data file: inputs by input name, labels by key (``y.`` stripped)."""
 
-    ``labels``: ``required`` (``y`` must be there), ``optional`` (checked and returned if there),
-    ``ignored`` (never returned: calibration data). ``arrays``: the file's arrays when the caller
-    has read them already (:func:`read_arrays`), so the file is read once.
+    x: dict[str, Array]
+    labels: dict[str, Array]
+    samples: int
+
+
+def input_key(name: str, count: int) -> str:
+    """Return the data-file key of input ``name`` of a model with ``count`` inputs (``x`` for the only one)."""
+    return "x" if count == 1 else f"x.{name}"
+
+
+def output_key(name: str, count: int) -> str:
+    """Return the ``eval.npz`` key of the fp32 reference of output ``name`` (``reference`` for the only one)."""
+    return "reference" if count == 1 else f"reference.{name}"
+
+
+def read_data(path: Path, option: str, inputs: dict[str, tuple[int, ...]], *,
+              labels: Literal["required", "optional", "ignored"],
+              arrays: dict[str, Array] | None = None) -> Data:
+    """Read and check a data file for a model whose inputs are ``{name: shape of one sample}``.
+
+    ``labels``: ``required`` (some ``y`` or ``y.<key>`` must be there), ``optional`` (returned if
+    there), ``ignored`` (never returned: calibration data); which label keys a task needs is the
+    task's check. ``arrays``: the file's arrays when the caller has read them already
+    (:func:`read_arrays`), so the file is read once.
 
     Returns:
-        (``x``, ``y`` or None); ``numpy.asarray`` turns either into an ndarray.
+        A :class:`Data`; ``numpy.asarray`` turns each array into an ndarray.
 
     Raises:
-        DataFileError: everything :func:`read_arrays` refuses, no ``x``, samples of the wrong
-            shape or type, a required ``y`` missing, or a ``y`` that is not one integer label
-            per sample.
+        DataFileError: everything :func:`read_arrays` refuses, an input missing (the message lists
+            the keys expected and found), samples of the wrong shape or type, inputs or labels with
+            different sample counts, or required labels missing.
     """
     arrays = read_arrays(path, option) if arrays is None else arrays
-    if "x" not in arrays:
-        raise DataFileError(f"{path}: {option} has no array 'x' (found: {', '.join(arrays) or 'none'}); save inputs as x=")
-    x = arrays["x"]
-    if not x.shape or x.shape[1:] != tuple(input_shape):
-        raise DataFileError(f"{path}: {option} samples have shape {x.shape[1:]} but the model takes "
-                            f"{tuple(input_shape)} (first axis of x is the sample axis)")
-    if x.kind == "bool":
-        raise DataFileError(f"{path}: {option} x has dtype bool; expected numbers")
-    if labels == "ignored" or (labels == "optional" and "y" not in arrays):
-        return x, None
-    if "y" not in arrays:
-        raise DataFileError(f"{path}: {option} has no array 'y' of integer labels")
-    y = arrays["y"]
-    count = math.prod(y.shape)
-    if count != len(x) or y.kind != "int":
-        raise DataFileError(f"{path}: {option} y must hold one integer label per sample ({len(x)}), "
-                            f"got {y.dtype} x {count}")
-    return x, Array(y.key, y.dtype, (count,), y.data)
+    found = ", ".join(arrays) or "none"
+    x: dict[str, Array] = {}
+    for name, shape in inputs.items():
+        key = input_key(name, len(inputs))
+        a = arrays.get(key, arrays.get(f"x.{name}") if len(inputs) == 1 else None)
+        if a is None:
+            want = ", ".join(input_key(n, len(inputs)) for n in inputs)
+            raise DataFileError(f"{path}: {option} has no array '{key}' for input '{name}' (expected: {want}; "
+                                f"found: {found}); save one array per model input")
+        if not a.shape or a.shape[1:] != tuple(shape):
+            raise DataFileError(f"{path}: {option} key '{a.key}' samples have shape {a.shape[1:]} but input "
+                                f"'{name}' takes {tuple(shape)} (the first axis is the sample axis)")
+        if a.kind == "bool":
+            raise DataFileError(f"{path}: {option} key '{a.key}' has dtype bool; expected numbers")
+        x[name] = a
+    samples = len(next(iter(x.values()))) if x else 0
+    ys = {} if labels == "ignored" else {k: a for k, a in arrays.items() if k == "y" or k.startswith("y.")}
+    for key, a in [*((a.key, a) for a in x.values()), *ys.items()]:
+        if len(a) != samples:
+            raise DataFileError(f"{path}: {option} key '{key}' has {len(a)} samples, the inputs {samples}; "
+                                "every array needs one row per sample")
+    if labels == "required" and not ys:
+        raise DataFileError(f"{path}: {option} has no labels (y or y.<key>; found: {found}); "
+                            "see the label format of your --task")
+    return Data(x, {("y" if k == "y" else k[2:]): a for k, a in ys.items()}, samples)
 
 
-def read_reference(path: Path, samples: int, arrays: dict[str, Array] | None = None) -> Array | None:
-    """Return the fp32 model's outputs stored as ``reference`` next to ``x``, or None.
+def read_reference(path: Path, samples: int, outputs: list[str],
+                   arrays: dict[str, Array] | None = None) -> dict[str, Array] | None:
+    """Return the fp32 model's outputs stored next to the inputs (see the module docstring), or None.
 
     Raises:
-        DataFileError: the file cannot be read (see :func:`read_arrays`), or ``reference`` is
-            there but has not one row per sample.
+        DataFileError: the file cannot be read (see :func:`read_arrays`), only some outputs have a
+            reference, or one has not one row per sample.
     """
-    ref = (read_arrays(path, "eval set") if arrays is None else arrays).get("reference")
-    if ref is None:
+    arrays = read_arrays(path, "eval set") if arrays is None else arrays
+    refs = {n: arrays.get(output_key(n, len(outputs))) for n in outputs}
+    if all(r is None for r in refs.values()):
         return None
-    if len(ref) != samples:
-        raise DataFileError(f"{path}: reference has {len(ref)} rows for {samples} samples of x")
-    return ref
+    for name, ref in refs.items():
+        if ref is None:
+            raise DataFileError(f"{path}: no reference for output '{name}' ({output_key(name, len(outputs))}); "
+                                "compile again to rebuild eval.npz")
+        if len(ref) != samples:
+            raise DataFileError(f"{path}: {ref.key} has {len(ref)} rows for {samples} samples")
+    return refs  # type: ignore[return-value]

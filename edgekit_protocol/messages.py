@@ -206,7 +206,8 @@ def check_body(kind: str, message: dict[str, Any]) -> dict[str, Any]:
             v = message["latency_ms"].get(q)
             if not in_range(v) or v < 0:
                 raise MessageError(f"bench: latency_ms.{q} is not a non-negative number")
-        for block, fields in (("power", ("avg_w", "energy_per_inference_mj")), ("accuracy", ("value",))):
+        for block, fields in (("power", ("avg_w", "energy_per_inference_mj")), ("accuracy", ("value",)),
+                              ("fidelity", ("snr_db", "cosine"))):
             part = message.get(block)
             if part is not None and not isinstance(part, dict):
                 raise MessageError(f"bench: {block} is {type(part).__name__}, not an object")

@@ -50,7 +50,8 @@ def _compile_report(manifest: Any) -> tuple[Table, list[str]]:
     base_macs = fp32.macs if fp32 and fp32.macs else None
     t = Table(title=f"{manifest.model['name']}: one row per distinct variant", title_justify="left",
               box=box.SIMPLE_HEAD, pad_edge=False)
-    for col in ("variant", "KiB", "gzip×", "sparse", "MACs×", "top-1", "agree", "accelerator ops"):
+    metric = next((a.accuracy.metric for a in manifest.artifacts if a.accuracy and a.accuracy.measured), None) or "accuracy"
+    for col in ("variant", "KiB", "gzip×", "sparse", "MACs×", metric, "SNR dB", "accelerator ops"):
         t.add_column(col, justify="left" if col in ("variant", "accelerator ops") else "right",
                     no_wrap=col != "accelerator ops")
     footnotes: list[str] = []
@@ -72,10 +73,13 @@ def _compile_report(manifest: Any) -> tuple[Table, list[str]]:
             f"{a.gzip_bytes / base_gzip:.2f}" if base_gzip and a.gzip_bytes else "-",
             _pct(a.sparsity),
             f"{a.macs / base_macs:.2f}" if base_macs and a.macs is not None else "-",
-            _pct(acc), _pct(fid.top1_agreement if fid else None), _accel_cell(a, footnote),
+            _pct(acc), f"{fid.snr_db:.1f}" if fid and fid.snr_db is not None else "-", _accel_cell(a, footnote),
         )
+        for warning in a.warnings:
+            footnote(f"[yellow]{warning}[/]")
     notes = [f"    profile {name} ({p['accelerator']}): {', '.join(p['variants'])}" for name, p in manifest.profiles.items()]
-    notes.append("    × = ratio to fp32; sizes, sparsity and MACs counted from each file; top-1 (on --eval) and agreement with fp32 "
+    notes.append(f"    × = ratio to fp32; sizes, sparsity and MACs counted from each file; {metric} (on --eval) and SNR against fp32 "
+                 "(worst output) "
                  f"measured on this host with LiteRT {manifest.versions.get('ai_edge_litert')}; accel ops = ops "
                  "the profile's accelerator takes by its documented rules (tpu* = edgetpu_compiler's own count)")
     return t, footnotes + notes
@@ -85,20 +89,34 @@ def _compile_report(manifest: Any) -> tuple[Table, list[str]]:
 def compile_cmd(
     model: Annotated[Path, typer.Argument(help="Keras .keras/.h5 file, SavedModel folder, or .tflite file.")],
     profile: Annotated[list[str], typer.Option("--profile", "-p", help="Bundled profile name or profile YAML path; repeat for several.")],
-    calib: Annotated[Optional[Path], typer.Option(help=".npz with x: representative inputs for int8 calibration.")] = None,
-    eval: Annotated[Optional[Path], typer.Option("--eval", help=".npz with x and integer labels y: host accuracy.")] = None,
+    calib: Annotated[Optional[Path], typer.Option(help=".npz with x (or x.<input> per input): real inputs for int8 calibration.")] = None,
+    eval: Annotated[Optional[Path], typer.Option("--eval", help=".npz with inputs and labels (y / y.<key>, per --task): accuracy and fidelity.")] = None,
     train: Annotated[Optional[Path], typer.Option(help=".npz with x and y: fine-tune after pruning.")] = None,
     out_dir: Annotated[Path, typer.Option("--out", help="Artifacts go to OUT/<model name>/.")] = Path("artifacts"),
     epochs: Annotated[int, typer.Option(min=0, help="Fine-tuning epochs after pruning (with --train).")] = 3,
+    task: Annotated[Optional[str], typer.Option(help="Accuracy metric: classification (default), detection, segmentation, keypoints, regression.")] = None,
+    task_option: Annotated[list[str], typer.Option("--task-option", help="KEY=VALUE for the task metric, e.g. output=scores or alpha=0.05; repeatable.")] = [],
+    metric: Annotated[Optional[str], typer.Option(help="module.py:function scoring outputs against labels itself (shipped to devices).")] = None,
+    decode: Annotated[Optional[str], typer.Option(help="module.py:function turning detection outputs into boxes, scores, classes.")] = None,
+    input_shape: Annotated[list[str], typer.Option("--input-shape", help="NAME=1xHxWxC pins an input's dynamic dimensions; repeatable.")] = [],
     as_json: JsonOpt = False,
 ) -> None:
     """Build every variant the profiles ask for (each once), measure it, and write manifest.json."""
     from edge_kit.compiler.pipeline import CompileRequest, compile_model, plan_steps
+    from edge_kit.compiler.sources import parse_input_shapes
+    from edge_kit.errors import InputError
     from edge_kit.profiles import load_profile
 
     profiles = [load_profile(p) for p in profile]
+    options = {}
+    for item in task_option:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InputError(f"--task-option {item}: give KEY=VALUE, e.g. output=scores")
+        options[key] = float(value) if value.replace(".", "", 1).isdigit() else value
     req = CompileRequest(model=model, profiles=profiles, out=out_dir, calib=calib, eval=eval, train=train,
-                         epochs=epochs)
+                         epochs=epochs, task=task, task_options=options, metric=metric, decode=decode,
+                         input_shapes=parse_input_shapes(input_shape))
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=err, transient=True, disable=as_json) as bar:
         task = bar.add_task("compiling", total=plan_steps(req))

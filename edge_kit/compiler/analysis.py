@@ -1,10 +1,11 @@
 """Read what a ``.tflite`` flatbuffer really contains: ops, tensors, MACs, weight sparsity, precision.
 
-All figures here are counted from the file itself (through the LiteRT interpreter's tensor and op
-tables, with no delegate applied so constant tensors stay readable), never estimated.
+All figures here are counted from the file itself (its op, tensor and buffer tables, read with the
+LiteRT flatbuffer schema), never estimated; the LiteRT interpreter the agents use loads the model
+too, which proves it runs and names its inputs and outputs.
 
 MACs count the multiply-accumulates of CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED and
-TRANSPOSE_CONV for one inference; element-wise ops are not counted. ``macs_nonzero`` counts only
+TRANSPOSE_CONV for one inference; element-wise and custom ops are not counted. ``macs_nonzero`` counts only
 those whose weight is non-zero, i.e. what a sparsity-aware kernel would need.
 """
 
@@ -17,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from device_agents.inference import ports
 from device_agents.runtimes import get_runtime
 
 MAC_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV")
@@ -55,8 +57,8 @@ class ModelStats:
     macs_nonzero: int
     weights: int
     weights_nonzero: int
-    input: dict[str, Any] = field(default_factory=dict)
-    output: dict[str, Any] = field(default_factory=dict)
+    inputs: list[dict[str, Any]] = field(default_factory=list)  # name, shape, shape_signature, dtype, quantization
+    outputs: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def sparsity(self) -> float:
@@ -69,51 +71,79 @@ def gzip_size(data: bytes) -> int:
     return len(gzip.compress(data, compresslevel=9, mtime=0))
 
 
-def _io(detail: dict[str, Any]) -> dict[str, Any]:
-    scale, zero = detail["quantization"]
-    return {
-        "shape": [int(d) for d in detail["shape"]],
-        "dtype": np.dtype(detail["dtype"]).name,
-        "scale": float(scale) if scale else None,
-        "zero_point": int(zero) if scale else None,
-    }
+def _io(interp: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Return the manifest entries of the model's inputs and outputs, named as the agent names them."""
+    signature = {int(d["index"]): [int(x) for x in d.get("shape_signature", d["shape"])]
+                 for d in [*interp.get_input_details(), *interp.get_output_details()]}
+    ins, outs = ports(interp)
+    return ([{**p.record(), "shape_signature": signature[p.index]} for p in ins],
+            [{**p.record(), "shape_signature": signature[p.index]} for p in outs])
+
+
+def _names(enum: Any) -> dict[int, str]:
+    return {v: k for k, v in vars(enum).items() if k.isupper() and isinstance(v, int)}
+
+
+def _table(data: bytes) -> tuple[list[OpInfo], dict[int, TensorInfo], dict[int, np.ndarray]]:
+    """Return the main graph's ops, tensors and constant values, read from the flatbuffer itself.
+
+    Read from the file rather than from an interpreter: a delegate replaces the ops it takes with
+    one node, and a model with custom ops loads only with the resolver that knows them.
+
+    Raises:
+        ValueError: ``data`` is not a ``.tflite`` flatbuffer.
+    """
+    from ai_edge_litert import schema_py_generated as schema
+
+    if len(data) < 8 or data[4:8] != b"TFL3":
+        raise ValueError("not a .tflite flatbuffer (no TFL3 identifier)")
+    model = schema.ModelT.InitFromObj(schema.Model.GetRootAs(data, 0))
+    graph = model.subgraphs[0]
+    builtin, types = _names(schema.BuiltinOperator), _names(schema.TensorType)
+    codes = [(c.customCode or b"").decode() or builtin.get(max(c.builtinCode, c.deprecatedBuiltinCode), "UNKNOWN")
+             for c in model.operatorCodes or []]
+    ops = [OpInfo(i, codes[op.opcodeIndex], [int(t) for t in op.inputs], [int(t) for t in op.outputs])
+           for i, op in enumerate(graph.operators or [])]
+    produced = {t for op in ops for t in op.outputs} | {int(i) for i in graph.inputs}
+    tensors: dict[int, TensorInfo] = {}
+    values: dict[int, np.ndarray] = {}
+    for idx, t in enumerate(graph.tensors or []):
+        dtype = types.get(t.type, "unknown").lower()
+        shape = tuple(int(d) for d in (t.shape if t.shape is not None else ()))
+        raw = model.buffers[t.buffer].data if t.buffer < len(model.buffers) else None
+        constant = idx not in produced and raw is not None and len(raw) > 0
+        q = t.quantization
+        tensors[idx] = TensorInfo(idx, (t.name or b"").decode(), shape,
+                                  tuple(int(d) for d in t.shapeSignature) if t.shapeSignature is not None else shape,
+                                  dtype, q is not None and q.scale is not None and len(q.scale) > 0, constant)
+        if constant and dtype in _NUMPY:
+            values[idx] = np.frombuffer(bytes(raw), dtype=_NUMPY[dtype]).reshape(shape)
+    return ops, tensors, values
+
+
+_NUMPY = {"float32": "<f4", "float16": "<f2", "int8": "i1", "uint8": "u1", "int16": "<i2", "int32": "<i4", "int64": "<i8"}
 
 
 def analyse(data: bytes) -> ModelStats:
     """Return the :class:`ModelStats` of a flatbuffer.
 
+    Ops, tensors and weights are read from the file; inputs and outputs from the LiteRT interpreter
+    the agents use (XNNPACK), which also proves the model loads: a model it cannot load is refused.
+
     Raises:
-        ValueError: ``data`` is not a loadable ``.tflite`` model.
+        ValueError: ``data`` is not a ``.tflite`` model the LiteRT interpreter loads (the first
+            line of its error names the op it cannot resolve).
     """
-    interp = get_runtime("litert").interpreter(data, delegate="none")
-    tensors: dict[int, TensorInfo] = {}
-    for t in interp.get_tensor_details():
-        q = t.get("quantization_parameters", {})
-        tensors[t["index"]] = TensorInfo(
-            index=t["index"],
-            name=t["name"],
-            shape=tuple(int(d) for d in t["shape"]),
-            shape_signature=tuple(int(d) for d in t.get("shape_signature", t["shape"])),
-            dtype=np.dtype(t["dtype"]).name,
-            quantized=bool(len(q.get("scales", ()))),
-            constant=False,
-        )
-    ops = [
-        OpInfo(o["index"], o["op_name"], [int(i) for i in o["inputs"]], [int(i) for i in o["outputs"]])
-        for o in interp._get_ops_details()  # noqa: SLF001 - the only public-ish op table the interpreter has
-    ]
-    produced = {t for op in ops for t in op.outputs}
-    inputs = {d["index"] for d in interp.get_input_details()}
-    for idx, t in tensors.items():
-        t.constant = idx not in produced and idx not in inputs
+    ops, tensors, values = _table(data)
+    interp = get_runtime("litert").interpreter(data)
     producer = {t: op for op in ops for t in op.outputs}
 
     def weight_tensor(op: OpInfo) -> int | None:
-        idx = op.inputs[0] if op.name == "TRANSPOSE_CONV" and len(op.inputs) > 2 else op.inputs[1]
+        idx = op.inputs[1] if len(op.inputs) > 1 else -1  # conv, depthwise, fully-connected, transpose-conv
         src = producer.get(idx)
         if src is not None and src.name == "DEQUANTIZE":  # float16 / dynamic weights stored compressed
             idx = src.inputs[0]
-        return idx if idx >= 0 and tensors[idx].constant else None
+        return idx if idx >= 0 and idx in values else None
 
     macs = macs_nonzero = weights = weights_nonzero = 0
     for op in ops:
@@ -122,7 +152,7 @@ def analyse(data: bytes) -> ModelStats:
         widx = weight_tensor(op)
         if widx is None:
             continue
-        w = np.asarray(interp.get_tensor(widx))
+        w = values[widx]
         wshape = w.shape
         nnz = int(np.count_nonzero(w))
         out_shape = tensors[op.outputs[0]].shape
@@ -139,10 +169,11 @@ def analyse(data: bytes) -> ModelStats:
         weights += int(w.size)
         weights_nonzero += nnz
 
+    inputs, outputs = _io(interp)
     return ModelStats(
         bytes=len(data),
         gzip_bytes=gzip_size(data),
-        precision=_precision(interp, ops, tensors),
+        precision=_precision(ops, tensors),
         ops=ops,
         tensors=tensors,
         op_histogram=dict(sorted(Counter(op.name for op in ops).items())),
@@ -150,16 +181,16 @@ def analyse(data: bytes) -> ModelStats:
         macs_nonzero=macs_nonzero,
         weights=weights,
         weights_nonzero=weights_nonzero,
-        input=_io(interp.get_input_details()[0]),
-        output=_io(interp.get_output_details()[0]),
+        inputs=inputs,
+        outputs=outputs,
     )
 
 
-def _precision(interp: Any, ops: list[OpInfo], tensors: dict[int, TensorInfo]) -> str:
+def _precision(ops: list[OpInfo], tensors: dict[int, TensorInfo]) -> str:
     """Return float32, float16, dynamic-int8 or int8 from the dtypes the file really holds."""
-    in_dtype = np.dtype(interp.get_input_details()[0]["dtype"])
     const_dtypes = {tensors[i].dtype for op in ops for i in op.inputs if i >= 0 and tensors[i].constant}
-    if np.issubdtype(in_dtype, np.integer) and "float32" not in {
+    mac_weights = {tensors[op.inputs[1]].dtype for op in ops if op.name in MAC_OPS and len(op.inputs) > 1 and op.inputs[1] >= 0}
+    if mac_weights and mac_weights <= {"int8"} and "float32" not in {
         tensors[o].dtype for op in ops if op.name in MAC_OPS for o in op.outputs
     }:
         return "int8"

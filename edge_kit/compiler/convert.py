@@ -22,11 +22,11 @@ def converter_version() -> str:
     return tensorflow().__version__
 
 
-def to_tflite(graph: Graph, precision: str, calib_x: np.ndarray | None = None, *, variant: str = "") -> bytes:
+def to_tflite(graph: Graph, precision: str, calib: dict[str, np.ndarray] | None = None, *, variant: str = "") -> bytes:
     """Convert ``graph`` at ``precision`` (float32, float16, dynamic-int8 or int8).
 
     int8 is full-integer: every op int8, input and output int8, activation ranges calibrated on
-    ``calib_x`` (one sample per step, at most :data:`MAX_CALIBRATION_SAMPLES`).
+    ``calib`` ({input name: samples}; one sample per step, at most :data:`MAX_CALIBRATION_SAMPLES`).
 
     Returns:
         The flatbuffer bytes.
@@ -41,13 +41,14 @@ def to_tflite(graph: Graph, precision: str, calib_x: np.ndarray | None = None, *
     if precision == "float16":
         conv.target_spec.supported_types = [tf.float16]
     elif precision == "int8":
-        if calib_x is None:
+        if calib is None:
             raise CompileError(f"variant {variant}: full-integer int8 needs calibration data (--calib)")
-        samples = calib_x[:MAX_CALIBRATION_SAMPLES]
+        arrays = [calib[name] for name in graph.inputs]
+        count = min(MAX_CALIBRATION_SAMPLES, len(arrays[0]))
 
         def representative() -> Iterator[list[np.ndarray]]:
-            for x in samples:
-                yield [x[None, ...].astype(np.float32)]
+            for i in range(count):
+                yield [np.asarray(a[i:i + 1], dtype=np.float32) for a in arrays]
 
         conv.representative_dataset = representative
         conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
@@ -63,28 +64,56 @@ def to_tflite(graph: Graph, precision: str, calib_x: np.ndarray | None = None, *
         raise CompileError(f"variant {variant}: TFLite converter failed at {precision}: {first[:300]}") from None
 
 
-def quantize_tflite(data: bytes, precision: str, *, variant: str = "") -> bytes:
-    """Quantize an existing float ``.tflite`` with ai-edge-quantizer (no TensorFlow graph needed).
+def quantize_tflite(data: bytes, precision: str, calib: dict[str, np.ndarray] | None = None, *,
+                   variant: str = "") -> bytes:
+    """Make a variant of a float ``.tflite`` with ai-edge-quantizer (no TensorFlow graph needed).
 
-    Only ``dynamic-int8`` (int8 weights, float activations) is offered from a flatbuffer: full-integer
-    int8 with int8 input/output and pruning both rewrite the graph before conversion.
+    The model is first rewritten to plain float32 (:func:`~edge_kit.compiler.tflite_edit.as_float32`);
+    then ``float32`` is that, ``float16`` casts weights to float16, ``dynamic-int8`` is the
+    ``dynamic_wi8_afp32`` recipe and ``int8`` the static ``static_wi8_ai8`` recipe (int8 weights
+    and activations, int8 input and output) calibrated on ``calib`` ({input name: samples}, at most
+    :data:`MAX_CALIBRATION_SAMPLES`).
 
     Returns:
-        The quantized flatbuffer bytes.
+        The flatbuffer bytes.
 
     Raises:
-        CompileError: ai-edge-quantizer is not installed, or it failed.
+        CompileError: ai-edge-quantizer is not installed, int8 without calibration data, or the
+            quantizer failed.
     """
-    if precision != "dynamic-int8":
-        raise CompileError(f"variant {variant}: only dynamic-int8 can be made from a .tflite file")
+    from edge_kit.compiler.tflite_edit import as_float32, signature_key
+
     try:
-        from ai_edge_quantizer import quantizer, recipe
+        from ai_edge_quantizer import qtyping, quantizer, recipe, recipe_manager
     except ImportError:
         raise CompileError(f"variant {variant}: quantizing a .tflite needs ai-edge-quantizer (pip install 'edge-kit[host]')") from None
+    if precision == "int8" and calib is None:
+        raise CompileError(f"variant {variant}: full-integer int8 needs calibration data (--calib)")
     try:
         with captured_output():
-            qt = quantizer.Quantizer(data)
-            qt.load_quantization_recipe(recipe.dynamic_wi8_afp32())
-            return bytes(qt.quantize().quantized_model)
-    except Exception as exc:  # noqa: BLE001
-        raise CompileError(f"variant {variant}: ai-edge-quantizer failed: {str(exc).splitlines()[0][:300]}") from None
+            fp32, _ = as_float32(data)
+            if precision == "float32":
+                return fp32
+            qt = quantizer.Quantizer(fp32)
+            if precision == "float16":
+                manager = recipe_manager.RecipeManager()
+                manager.add_weight_only_config(regex=".*", operation_name=qtyping.TFLOperationName.ALL_SUPPORTED,
+                                               num_bits=16, algorithm_key=recipe_manager.AlgorithmName.FLOAT_CASTING)
+                qt.load_quantization_recipe(manager.get_quantization_recipe())
+                return bytes(qt.quantize().quantized_model)
+            if precision == "dynamic-int8":
+                qt.load_quantization_recipe(recipe.dynamic_wi8_afp32())
+                return bytes(qt.quantize().quantized_model)
+            if precision != "int8":
+                raise CompileError(f"variant {variant}: unknown precision '{precision}'")
+            qt.load_quantization_recipe(recipe.static_wi8_ai8())
+            assert calib is not None
+            count = min(MAX_CALIBRATION_SAMPLES, len(next(iter(calib.values()))))
+            samples = [{name: np.asarray(x[i:i + 1], dtype=np.float32) for name, x in calib.items()} for i in range(count)]
+            result = qt.calibrate({signature_key(fp32): samples})
+            return bytes(qt.quantize(result).quantized_model)
+    except CompileError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the quantizer raises many types; report the first line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CompileError(f"variant {variant}: ai-edge-quantizer failed at {precision}: {first[:300]}") from None

@@ -1,6 +1,6 @@
 """Calibration, training and evaluation data on the host.
 
-The file format is checked by :func:`edgekit_protocol.datafile.read_npz` (shared with the agent); this
+The file format is checked by :func:`edgekit_protocol.datafile.read_data` (shared with the agent); this
 module adds the compiler's rules (calibration sample counts) and the hash the manifest records.
 Everything is checked before any conversion starts, so a mismatch costs seconds, not minutes.
 """
@@ -15,7 +15,7 @@ import numpy as np
 
 from edge_kit.errors import InputError
 from edge_kit.fsutil import sha256_file
-from edgekit_protocol.datafile import read_npz
+from edgekit_protocol.datafile import read_data
 
 MIN_CALIBRATION = 10  # fewer cannot give usable activation ranges
 WARN_CALIBRATION = 100  # TensorFlow's guidance is a few hundred representative samples
@@ -25,37 +25,65 @@ WARN_CALIBRATION = 100  # TensorFlow's guidance is a few hundred representative 
 class Dataset:
     path: Path
     sha256: str
-    x: np.ndarray
-    y: np.ndarray | None
+    x: dict[str, np.ndarray]  # input name -> float32 samples
+    labels: dict[str, np.ndarray]  # "y" or the key after "y." -> array
 
     def __len__(self) -> int:
-        return len(self.x)
+        return len(next(iter(self.x.values()))) if self.x else 0
 
     def record(self) -> dict[str, object]:
         """Return the manifest entry: where the data came from and how much there was."""
         return {"path": str(self.path), "sha256": self.sha256, "samples": len(self)}
 
 
-def load_dataset(path: Path, role: str, input_shape: tuple[int, ...], *, labels: bool) -> Dataset:
+def load_dataset(path: Path, role: str, inputs: dict[str, tuple[int, ...]], *, labels: bool) -> Dataset:
     """Load and check a data file for one role (``calib``, ``eval``, ``train``).
 
-    ``input_shape`` is the model's input shape without the batch dimension. ``x`` is cast to
-    float32; ``y`` must be integers, one per sample, when ``labels`` is true.
+    ``inputs`` are the model's inputs, ``{name: shape of one sample}``; the keys the file needs are
+    in :mod:`edgekit_protocol.datafile`. Inputs are cast to float32. With ``labels``, some ``y`` or
+    ``y.<key>`` must be there (which ones, the task's check says).
 
     Returns:
         The loaded :class:`Dataset`.
 
     Raises:
-        InputError: the file is missing or not an ``.npz``, lacks ``x`` (or ``y``), has samples
+        InputError: the file is missing or not an ``.npz``, lacks an input (or labels), has samples
             of the wrong shape, holds NaN or infinity (a ``DataFileError``), or (calibration)
             fewer than ten samples.
     """
     path = Path(path)
-    xa, ya = read_npz(path, f"--{role}", input_shape, labels="required" if labels else "ignored")
-    x, y = np.asarray(xa, dtype=np.float32), None if ya is None else np.asarray(ya)
+    data = read_data(path, f"--{role}", inputs, labels="required" if labels else "ignored")
+    x = {name: np.asarray(a, dtype=np.float32) for name, a in data.x.items()}
     if role == "calib":
-        if len(x) < MIN_CALIBRATION:
-            raise InputError(f"{path}: only {len(x)} calibration samples; need at least {MIN_CALIBRATION} (a few hundred is best)")
-        if len(x) < WARN_CALIBRATION:
-            warnings.warn(f"{path}: only {len(x)} calibration samples; int8 ranges may be poor below {WARN_CALIBRATION}", stacklevel=2)
-    return Dataset(path=path, sha256=sha256_file(path), x=x, y=y)
+        if data.samples < MIN_CALIBRATION:
+            raise InputError(f"{path}: only {data.samples} calibration samples; need at least {MIN_CALIBRATION} (a few hundred is best)")
+        if data.samples < WARN_CALIBRATION:
+            warnings.warn(f"{path}: only {data.samples} calibration samples; int8 ranges may be poor below {WARN_CALIBRATION}", stacklevel=2)
+    return Dataset(path=path, sha256=sha256_file(path), x=x,
+                   labels={k: np.asarray(a) for k, a in data.labels.items()})
+
+
+NOISE_CORRELATION = 0.3  # natural images: neighbouring pixels correlate at 0.8-0.99; i.i.d. noise at ~0
+
+
+def noise_warning(data: Dataset) -> str | None:
+    """Return a warning when an image input of calibration data looks like noise, else None.
+
+    For each input shaped like an image (``[H, W]`` or ``[H, W, C]``, both sides at least 8), the
+    Pearson correlation of horizontally neighbouring values over the samples is computed; real
+    photographs correlate strongly, random data does not, and int8 ranges calibrated on noise are
+    what makes a quantized model compute something else.
+    """
+    for name, x in data.x.items():
+        if x.ndim not in (3, 4) or min(x.shape[1:3]) < 8 or len(x) == 0:
+            continue
+        sample = x[: min(len(x), 64)]
+        left, right = sample[:, :, :-1].ravel().astype(np.float64), sample[:, :, 1:].ravel().astype(np.float64)
+        if left.std() == 0 or right.std() == 0:
+            continue
+        corr = float(np.corrcoef(left, right)[0, 1])
+        if corr < NOISE_CORRELATION:
+            return (f"{data.path}: calibration input '{name}' looks like noise (neighbouring pixels correlate at "
+                    f"{corr:.2f}; real images at 0.8 or more): int8 ranges calibrated on it will not fit real "
+                    "inputs; calibrate on a few hundred real samples")
+    return None

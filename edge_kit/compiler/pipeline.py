@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -24,10 +25,11 @@ from typing import Any
 import numpy as np
 
 import edge_kit
+from device_agents.metrics import MetricSpec
 from device_agents.targets import TARGETS, compiler_of
 from edge_kit.compiler.analysis import analyse
 from edge_kit.compiler.convert import converter_version, quantize_tflite, to_tflite
-from edge_kit.compiler.data import Dataset, load_dataset
+from edge_kit.compiler.data import Dataset, load_dataset, noise_warning
 from edge_kit.compiler.sources import (
     Graph,
     Source,
@@ -43,7 +45,7 @@ from edge_kit.variants import VariantSpec, build_order, parse_variant
 
 PRECISION_TO_VARIANT = {"float32": "fp32", "float16": "fp16", "dynamic-int8": "dynamic-int8", "int8": "int8"}
 Progress = Callable[[str], None]
-EVAL_FILE = "eval.npz"  # shipped next to the artifacts: x, y and the fp32 outputs, for on-device accuracy
+EVAL_FILE = "eval.npz"  # shipped next to the artifacts: inputs, labels, fp32 outputs and metric, for on-device accuracy
 
 
 @dataclass
@@ -56,6 +58,11 @@ class CompileRequest:
     train: Path | None = None
     epochs: int = 3  # fine-tuning epochs after pruning, when --train is given
     threads: int = 1  # interpreter threads for host evaluation
+    task: str | None = None  # metric plugin (device_agents.metrics); None: classification, or custom with `metric`
+    task_options: dict[str, Any] = field(default_factory=dict)
+    metric: str | None = None  # module:function scoring the outputs itself
+    decode: str | None = None  # module:function decoding detections
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # pinned dynamic dimensions
 
 
 @dataclass
@@ -107,20 +114,23 @@ def _check_out_dir(out: Path) -> None:
         raise InputError(f"{out}: output folder is not writable ({exc.strerror or exc}); choose another with --out") from None
 
 
+FLOAT_SOURCE_VARIANTS = ("fp32", "fp16", "dynamic-int8", "int8")  # what ai-edge-quantizer makes from a float .tflite
+
+
 def _refusal(spec: VariantSpec, source: Source, calib: Dataset | None) -> str | None:
     """Return why ``spec`` cannot be built from this source and data, or None."""
+    if spec.pruning and source.kind != "keras":
+        return (f"pruning needs the Keras model (.keras or .h5): a {source.kind} source has no editable layers; "
+                "every other variant can be built from it")
     if source.kind == "tflite":
         own = PRECISION_TO_VARIANT[source.tflite_precision or "float32"]
-        # possible from a flatbuffer: itself as is, what a target compiles from it (edgetpu from
-        # int8), dynamic-int8 from fp32
-        compiled = {t.compiled_variant for t in TARGETS.values() if t.compiled_variant and parse_variant(t.compiled_variant).base == own}
-        possible = {own} | compiled | ({"dynamic-int8"} if own == "fp32" else set())
-        if spec.id not in possible:
-            return (f"cannot be made from this {source.tflite_precision} .tflite file: "
-                    "needs the Keras model or SavedModel it was converted from")
-    elif spec.pruning and source.kind != "keras":
-        return "pruning needs a Keras model (.keras or .h5); a SavedModel has no editable layers"
-    if spec.needs_calibration and calib is None and source.kind != "tflite":
+        made = set(FLOAT_SOURCE_VARIANTS) if own in ("fp32", "fp16") else {own}
+        made |= {t.compiled_variant for t in TARGETS.values()
+                 if t.compiled_variant and parse_variant(t.compiled_variant).base in made}
+        if spec.id not in made:
+            return (f"cannot be made from a {source.tflite_precision} .tflite file (a quantized model cannot be "
+                    "made float again): give the float model it came from")
+    if spec.needs_calibration and calib is None and not (source.kind == "tflite" and source.tflite_precision == "int8"):
         return "full-integer int8 needs calibration data: pass --calib FILE.npz (a few hundred inputs)"
     target = compiler_of(spec.id)
     return target.compiler_unavailable() if target else None
@@ -145,46 +155,68 @@ def _build(plan: _Plan, source: Source, graph: Callable[[], Graph], req: Compile
     if source.kind == "tflite":
         if PRECISION_TO_VARIANT[source.tflite_precision or "float32"] == spec.id:
             return source.tflite or b"", "source .tflite as is"
-        return quantize_tflite(source.tflite or b"", spec.precision, variant=spec.id), "ai-edge-quantizer dynamic_wi8_afp32"
+        how = {"float32": "float16 weights stored as float32", "float16": "ai-edge-quantizer float16 weight casting",
+               "dynamic-int8": "ai-edge-quantizer dynamic_wi8_afp32",
+               "int8": "ai-edge-quantizer static_wi8_ai8, calibrated on --calib"}[spec.precision]
+        return quantize_tflite(source.tflite or b"", spec.precision, calib_x, variant=spec.id), how
     if spec.pruning:
         from edge_kit.compiler import pruning
 
-        train_xy = (train.x, train.y) if train is not None else None
+        train_xy = (next(iter(train.x.values())), train.labels["y"]) if train is not None else None
         prune = pruning.magnitude_prune if spec.pruning == "magnitude" else pruning.channel_prune
         model = prune(source.keras_model, spec.sparsity, train_xy, epochs=req.epochs)
         if train is not None:
             plan.extra["fine_tuned"] = {"epochs": req.epochs, "samples": len(train), "data_sha256": train.sha256}
-        graph = keras_graph(model, source.input_shape)
+        graph = keras_graph(model, source.inputs)
         how = f"{spec.pruning} pruning{' + fine-tuning' if train is not None else ' (no fine-tuning: no --train)'}, TFLite converter"
         return to_tflite(graph, "int8", calib_x, variant=spec.id), how
     return to_tflite(graph(), spec.precision, calib_x, variant=spec.id), "TFLite converter"
 
 
-def _evaluate(plan: _Plan, outputs: np.ndarray | None, evalset: Dataset | None, fid_inputs: Dataset | None,
-              reference: np.ndarray | None, method: str) -> tuple[Accuracy, Fidelity]:
-    """Return accuracy on the eval set and fidelity against the fp32 outputs for one built artifact.
+def _evaluate(plan: _Plan, outputs: dict[str, np.ndarray] | None, evalset: Dataset | None, fid_inputs: Dataset | None,
+              reference: dict[str, np.ndarray] | None, method: str, scorer: Any) -> tuple[Accuracy, Fidelity]:
+    """Return accuracy on the eval set and per-output fidelity against the fp32 outputs for one artifact.
 
-    ``outputs`` are the artifact's outputs on ``fid_inputs`` (None when it was not run).
+    ``outputs`` are the artifact's outputs on ``fid_inputs`` (None when it was not run); ``scorer``
+    the task metric (:class:`device_agents.metrics.Scorer`). A metric that fails on these outputs is
+    recorded as not measured, with the reason.
     """
+    from device_agents.errors import MetricError
+    from device_agents.inference import fidelity as fid
+
     target = compiler_of(plan.spec.id)
     if target is not None:
         why = f"a model compiled for {target.summary} runs only there; measured on the device by the agent"
         return Accuracy(measured=False, method=why), Fidelity(measured=False, method=why)
     accuracy = Accuracy(measured=False, method="not measured: no --eval data")
     fidelity = Fidelity(measured=False, method="not measured: no --eval or --calib inputs")
-    if evalset is not None and evalset.y is not None and outputs is not None:
-        from device_agents.inference import top1_accuracy
-
-        accuracy = Accuracy(measured=True, metric="top1", value=top1_accuracy(outputs, evalset.y),
-                            samples=len(evalset), method=f"{method} on {evalset.path.name}")
-    if outputs is not None and reference is not None:
-        from device_agents.inference import fidelity as fid
-
+    if evalset is not None and outputs is not None:
+        try:
+            scored = scorer.score(outputs, evalset.labels)
+            accuracy = Accuracy(measured=True, task=scored["task"], metric=scored["metric"], value=scored["value"],
+                                figures=scored["figures"], samples=len(evalset), method=f"{method} on {evalset.path.name}")
+        except MetricError as exc:
+            accuracy = Accuracy(measured=False, method=f"not measured: {exc}")
+    if outputs is not None and reference is not None and fid_inputs is not None:
+        got = fid(outputs, reference, classes=True if scorer.spec.task == "classification" else None)
         fidelity = Fidelity(measured=True, samples=len(fid_inputs), inputs=fid_inputs.path.name,
-                            method=f"{method}, against the fp32 variant's outputs", **fid(outputs, reference))
+                            method=f"{method}, against the fp32 variant's outputs", **got)
     elif outputs is not None:
         fidelity = Fidelity(measured=False, method="not measured: no fp32 reference could be built")
     return accuracy, fidelity
+
+
+def _fidelity_warnings(artifact: Artifact, profiles: list[Profile]) -> list[str]:
+    """Return a warning per profile whose ``min_fidelity_snr_db`` this artifact's worst output misses."""
+    fid = artifact.fidelity
+    if not fid or not fid.measured or fid.snr_db is None:
+        return []
+    worst = min((fid.outputs or {}).items(), key=lambda kv: kv[1]["snr_db"], default=(None, None))[0]
+    return [f"{artifact.id}: output '{worst}' is {fid.snr_db:.1f} dB from fp32, below {p.name}'s "
+            f"min_fidelity_snr_db {p.constraints.min_fidelity_snr_db:g}: it may compute something else "
+            "(check --calib holds real inputs); selection will not choose it there"
+            for p in profiles if artifact.id in p.variants and p.constraints.min_fidelity_snr_db is not None
+            and fid.snr_db < p.constraints.min_fidelity_snr_db]
 
 
 def compile_model(req: CompileRequest, progress: Progress | None = None) -> Manifest:
@@ -196,6 +228,7 @@ def compile_model(req: CompileRequest, progress: Progress | None = None) -> Mani
 
     Raises:
         InputError: the model, a data file or the output folder is unusable (nothing is written).
+        MetricError: unknown task, labels in the wrong format for it, or a user metric that does not load.
         CompileError: writing the result failed (the previous result, if any, is left intact).
     """
     step = progress or (lambda _msg: None)
@@ -205,10 +238,19 @@ def compile_model(req: CompileRequest, progress: Progress | None = None) -> Mani
 
     out = Path(req.out)
     step("checking inputs")
-    source = load_source(req.model)
-    calib = load_dataset(req.calib, "calib", source.input_shape, labels=False) if req.calib else None
-    evalset = load_dataset(req.eval, "eval", source.input_shape, labels=True) if req.eval else None
-    train = load_dataset(req.train, "train", source.input_shape, labels=True) if req.train else None
+    source = load_source(req.model, req.input_shapes)
+    calib = load_dataset(req.calib, "calib", source.inputs, labels=False) if req.calib else None
+    evalset = load_dataset(req.eval, "eval", source.inputs, labels=True) if req.eval else None
+    train = load_dataset(req.train, "train", source.inputs, labels=True) if req.train else None
+    metric = MetricSpec.build(req.task, req.task_options, req.metric, req.decode)
+    scorer = metric.scorer()
+    if evalset is not None:
+        scorer.check(evalset.labels, len(evalset), str(evalset.path))
+    if train is not None and "y" not in train.labels:
+        raise InputError(f"{train.path}: --train needs integer class labels y (fine-tuning trains a classifier)")
+    calib_noise = noise_warning(calib) if calib is not None else None
+    if calib_noise:
+        warnings.warn(calib_noise, stacklevel=2)
     _check_out_dir(out)
 
     wanted = _wanted(req.profiles)
@@ -222,7 +264,7 @@ def compile_model(req: CompileRequest, progress: Progress | None = None) -> Mani
     runtime = get_runtime("litert")
     method = f"measured on host with LiteRT {runtime.version()} interpreter (XNNPACK, {req.threads} thread(s))"
 
-    def outputs_of(data: bytes, xs: np.ndarray) -> np.ndarray:
+    def outputs_of(data: bytes, xs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with runtime_banner_dropped():  # LiteRT's "INFO: Created ... XNNPACK delegate" line, nothing else
             interp = runtime.interpreter(data, threads=req.threads)
         return ModelRunner(interp).predict(xs)
@@ -245,7 +287,7 @@ def compile_model(req: CompileRequest, progress: Progress | None = None) -> Mani
         built[plan.spec.id] = plan
 
     fid_inputs = evalset or calib
-    outputs: dict[str, np.ndarray] = {}
+    outputs: dict[str, dict[str, np.ndarray]] = {}
     if fid_inputs is not None:
         for vid, plan in built.items():
             if compiler_of(vid) is None:  # a target-compiled model needs its hardware
@@ -265,21 +307,25 @@ def compile_model(req: CompileRequest, progress: Progress | None = None) -> Mani
         support = {key: check for key in targets_of[spec.id] if (check := TARGETS[key].rule_check(stats))}
         if "compiler_mapping" in plan.extra:
             support[plan.extra["compiler_mapping"]["method"]] = plan.extra["compiler_mapping"]
-        accuracy, fidelity = _evaluate(plan, outputs.get(spec.id), evalset, fid_inputs, reference, method)
+        accuracy, fidelity = _evaluate(plan, outputs.get(spec.id), evalset, fid_inputs, reference, method, scorer)
         plan.artifact = Artifact(
             status="built", file=f"{spec.id}.tflite", derived_from=plan.extra["how"],
             sha256=sha256_bytes(plan.data), bytes=stats.bytes, gzip_bytes=stats.gzip_bytes,
             sparsity=round(stats.sparsity, 6), macs=stats.macs, macs_nonzero=stats.macs_nonzero,
-            weights=stats.weights, op_histogram=stats.op_histogram, input=stats.input, output=stats.output,
+            weights=stats.weights, op_histogram=stats.op_histogram, inputs=stats.inputs, outputs=stats.outputs,
             accelerators=support, accuracy=accuracy, fidelity=fidelity, fine_tuned=plan.extra.get("fine_tuned"),
             build_seconds=round(plan.extra["seconds"], 3), **{**common, "precision": stats.precision},
         )
+        plan.artifact.warnings = _fidelity_warnings(plan.artifact, req.profiles)
+        for warning in plan.artifact.warnings:
+            warnings.warn(warning, stacklevel=2)
 
     manifest = Manifest(
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         model=source.record(),
-        calibration=calib.record() if calib else None,
-        eval={**evalset.record(), "metric": "top1", "file": EVAL_FILE,
+        calibration={**calib.record(), "warning": calib_noise} if calib else None,
+        eval={**evalset.record(), **metric.record(), "file": EVAL_FILE,
+              "metric": scorer.task.headline if scorer.task is not None and scorer.user is None else None,
               "reference": "fp32" if reference is not None else None} if evalset else None,
         train=train.record() if train else None,
         versions=_versions(),
@@ -288,17 +334,24 @@ def compile_model(req: CompileRequest, progress: Progress | None = None) -> Mani
         artifacts=[p.artifact for p in plans.values() if p.artifact is not None],
     )
     step("writing artifacts")
-    extra = {EVAL_FILE: _eval_bundle(evalset, reference)} if evalset else {}
+    extra = {EVAL_FILE: _eval_bundle(evalset, reference, metric)} if evalset else {}
     _publish(out / source.name, plans, manifest, extra)
     return manifest
 
 
-def _eval_bundle(evalset: Dataset, reference: np.ndarray | None) -> bytes:
-    """Return the ``.npz`` shipped to devices: ``x``, ``y`` and the fp32 outputs as ``reference``."""
+def _eval_bundle(evalset: Dataset, reference: dict[str, np.ndarray] | None, metric: Any) -> bytes:
+    """Return the ``.npz`` shipped to devices: inputs, labels, fp32 outputs and the metric spec.
+
+    Keys as :mod:`edgekit_protocol.datafile` documents them, so the agent reads it like any data file.
+    """
+    from edgekit_protocol.datafile import input_key, output_key
+
+    arrays = {input_key(name, len(evalset.x)): x for name, x in evalset.x.items()}
+    arrays.update({("y" if k == "y" else f"y.{k}"): v for k, v in evalset.labels.items()})
+    for name, out in (reference or {}).items():
+        arrays[output_key(name, len(reference or {}))] = out
+    arrays["metric"] = np.frombuffer(metric.to_bytes(), dtype=np.uint8)
     buf = io.BytesIO()
-    arrays = {"x": evalset.x, "y": evalset.y}
-    if reference is not None:
-        arrays["reference"] = reference
     np.savez_compressed(buf, **arrays)
     return buf.getvalue()
 

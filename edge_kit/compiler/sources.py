@@ -1,8 +1,11 @@
 """Load the model a user compiles: Keras (``.keras``, ``.h5``), a SavedModel folder, or a ``.tflite``.
 
-Only single-input, single-output models with a static input shape (apart from the batch axis) are
-accepted: edge runtimes and the Edge TPU need static shapes, and every variant is exported with a
-batch of one, the shape devices run.
+Any number of named inputs and outputs: Keras by its input and output names, a SavedModel by its
+``serving_default`` signature's argument and output names, a ``.tflite`` as
+:mod:`device_agents.inference` names them (signature, else tensor names). Every variant is
+exported with a batch of one (the shape devices run) and keeps those names. Dimensions other than
+the batch must be static: a dynamic one is pinned with ``--input-shape NAME=1x320x320x3``, or the
+load fails naming the input.
 """
 
 from __future__ import annotations
@@ -16,14 +19,16 @@ from edge_kit.errors import InputError
 from edge_kit.fsutil import sha256_file
 
 SourceKind = Literal["keras", "savedmodel", "tflite"]
+Shapes = dict[str, tuple[int, ...]]  # input name -> shape of one sample (no batch axis)
 
 
 @dataclass
 class Graph:
-    """A convertible TensorFlow function with a batch-1 input signature, plus what owns its variables."""
+    """A convertible TensorFlow function with batch-1 inputs in ``inputs`` order, plus what owns its variables."""
 
     function: Any
     trackable: Any
+    inputs: list[str]
 
 
 @dataclass
@@ -32,7 +37,8 @@ class Source:
     kind: SourceKind
     sha256: str
     name: str
-    input_shape: tuple[int, ...]  # without the batch axis
+    inputs: Shapes
+    outputs: list[str]
     keras_model: Any = None
     saved_model: Any = None
     tflite: bytes | None = None
@@ -41,18 +47,54 @@ class Source:
     def record(self) -> dict[str, Any]:
         """Return the manifest entry for the source model."""
         return {"name": self.name, "path": str(self.path), "format": self.kind, "sha256": self.sha256,
-                "input_shape": list(self.input_shape)}
+                "inputs": {k: list(v) for k, v in self.inputs.items()}, "outputs": list(self.outputs)}
 
 
-def keras_graph(model: Any, input_shape: tuple[int, ...]) -> Graph:
-    """Return a :class:`Graph` calling a Keras model on one sample (batch 1)."""
+def parse_input_shapes(specs: list[str]) -> dict[str, tuple[int, ...]]:
+    """Return ``{input name: full shape}`` from ``NAME=1x320x320x3`` options (the batch must be 1).
+
+    Raises:
+        InputError: a spec is malformed (the message shows the expected form).
+    """
+    out: dict[str, tuple[int, ...]] = {}
+    for spec in specs:
+        name, sep, dims = spec.rpartition("=")
+        try:
+            shape = tuple(int(d) for d in dims.lower().split("x"))
+        except ValueError:
+            shape = ()
+        if not sep or not name or not shape or shape[0] != 1 or min(shape) < 1:
+            raise InputError(f"--input-shape {spec}: give NAME=1xHxWxC (positive sizes, batch 1), e.g. images=1x320x320x3")
+        out[name] = shape[1:]
+    return out
+
+
+def _keras_outputs(model: Any) -> list[str]:
+    names = list(getattr(model, "output_names", None) or [])
+    return names if len(names) == len(model.outputs) else [f"output_{i}" for i in range(len(model.outputs))]
+
+
+def keras_graph(model: Any, inputs: Shapes) -> Graph:
+    """Return a :class:`Graph` calling a Keras model on one sample (batch 1) per input, outputs by name."""
     tf = tensorflow()
+    names = list(inputs)
+    keras_names = [t.name for t in model.inputs]
+    outputs = _keras_outputs(model)
     holder = tf.Module()
     holder.model = model
     holder.variables_ = [getattr(v, "value", v) for v in model.variables]  # track Keras 3 variables
-    holder.serve = tf.function(lambda x: model(x, training=False),
-                               input_signature=[tf.TensorSpec([1, *input_shape], tf.float32)])
-    return Graph(holder.serve.get_concrete_function(), holder)
+
+    def call(*args: Any) -> dict[str, Any]:
+        feed = dict(zip(names, args))
+        result = model([feed[n] for n in keras_names] if len(names) > 1 else args[0], training=False)
+        if isinstance(result, dict):
+            return {n: result[n] for n in outputs}
+        result = result if isinstance(result, (list, tuple)) else [result]
+        return dict(zip(outputs, result))
+
+    specs = [tf.TensorSpec([1, *shape], tf.float32, name=name) for name, shape in inputs.items()]
+    holder.serve = tf.function(call, input_signature=specs)
+    return Graph(holder.serve.get_concrete_function(), holder, names)
 
 
 def source_graph(source: Source) -> Graph:
@@ -62,50 +104,65 @@ def source_graph(source: Source) -> Graph:
         ValueError: the source is a ``.tflite`` file, which has no TensorFlow graph.
     """
     if source.keras_model is not None:
-        return keras_graph(source.keras_model, source.input_shape)
+        return keras_graph(source.keras_model, source.inputs)
     if source.saved_model is not None:
         tf = tensorflow()
-        obj, sig, arg = source.saved_model
-        fn = tf.function(lambda x: next(iter(sig(**{arg: x}).values())),
-                         input_signature=[tf.TensorSpec([1, *source.input_shape], tf.float32)])
-        return Graph(fn.get_concrete_function(), obj)
+        obj, sig = source.saved_model
+        names = list(source.inputs)
+        fn = tf.function(lambda *args: dict(sig(**dict(zip(names, args)))),
+                         input_signature=[tf.TensorSpec([1, *shape], tf.float32, name=n) for n, shape in source.inputs.items()])
+        return Graph(fn.get_concrete_function(), obj, names)
     raise ValueError(f"{source.path}: a .tflite source has no TensorFlow graph")
 
 
-def _static_shape(path: Path, shape: Any) -> tuple[int, ...]:
+def _static(path: Path, name: str, shape: Any, pinned: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
+    if name in pinned:
+        given = pinned[name]
+        declared = tuple(shape)[1:]
+        if len(given) != len(declared) or any(d is not None and int(d) >= 0 and int(d) != g for d, g in zip(declared, given)):
+            raise InputError(f"{path}: --input-shape {name}=1x{'x'.join(map(str, given))} does not fit the declared "
+                             f"shape {tuple(shape)} of input '{name}'")
+        return given
     dims = tuple(shape)[1:]
     if any(d is None or int(d) < 0 for d in dims):
-        raise InputError(f"{path}: input shape {tuple(shape)} has unknown dimensions besides the batch; "
-                         "re-export the model with a fixed input size (edge runtimes need static shapes)")
+        raise InputError(f"{path}: input '{name}' has shape {tuple(shape)} with a dynamic dimension besides the batch; "
+                         f"pin it with --input-shape {name}=1x{'x'.join('H' if d is None or int(d) < 0 else str(int(d)) for d in dims)}")
     return tuple(int(d) for d in dims)
 
 
-def load_source(path: Path) -> Source:
-    """Load a model file or folder.
+def _unknown_pins(path: Path, pinned: dict[str, tuple[int, ...]], inputs: list[str]) -> None:
+    extra = sorted(set(pinned) - set(inputs))
+    if extra:
+        raise InputError(f"{path}: --input-shape names '{extra[0]}', which is not an input (inputs: {', '.join(inputs)})")
+
+
+def load_source(path: Path, input_shapes: dict[str, tuple[int, ...]] | None = None) -> Source:
+    """Load a model file or folder; ``input_shapes`` pins dynamic dimensions (see :func:`parse_input_shapes`).
 
     Returns:
-        A :class:`Source` with its hash, kind and input shape.
+        A :class:`Source` with its hash, kind, named inputs (with their shapes) and outputs.
 
     Raises:
-        InputError: missing, unreadable or corrupt model, an unsupported format, more than one
-            input or output, or dynamic input dimensions.
+        InputError: missing, unreadable or corrupt model, an unsupported format, an input left
+            with a dynamic dimension, or a pinned shape naming no input or not fitting it.
     """
+    pinned = dict(input_shapes or {})
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: model not found")
     name = path.stem if path.is_file() else path.name
     digest = sha256_file(path)
     if path.is_dir():
-        return _load_savedmodel(path, name, digest)
+        return _load_savedmodel(path, name, digest, pinned)
     suffix = path.suffix.lower()
     if suffix == ".tflite":
-        return _load_tflite(path, name, digest)
+        return _load_tflite(path, name, digest, pinned)
     if suffix in (".keras", ".h5", ".hdf5"):
-        return _load_keras(path, name, digest)
+        return _load_keras(path, name, digest, pinned)
     raise InputError(f"{path}: unknown model format '{suffix}'; give a .keras, .h5, .tflite file or a SavedModel folder")
 
 
-def _load_keras(path: Path, name: str, digest: str) -> Source:
+def _load_keras(path: Path, name: str, digest: str, pinned: dict[str, tuple[int, ...]]) -> Source:
     tensorflow()
     import keras
 
@@ -115,14 +172,13 @@ def _load_keras(path: Path, name: str, digest: str) -> Source:
     except Exception as exc:  # Keras raises many types for a bad file; all mean the same to the user
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"{path}: not a loadable Keras model ({first[:200]})") from None
-    if len(model.inputs) != 1 or len(model.outputs) != 1:
-        raise InputError(f"{path}: the model has {len(model.inputs)} inputs and {len(model.outputs)} outputs; "
-                         "edge-kit compiles single-input, single-output models")
-    shape = _static_shape(path, model.inputs[0].shape)
-    return Source(path, "keras", digest, name, shape, keras_model=model)
+    names = [t.name for t in model.inputs]
+    _unknown_pins(path, pinned, names)
+    inputs = {n: _static(path, n, t.shape, pinned) for n, t in zip(names, model.inputs)}
+    return Source(path, "keras", digest, name, inputs, _keras_outputs(model), keras_model=model)
 
 
-def _load_savedmodel(path: Path, name: str, digest: str) -> Source:
+def _load_savedmodel(path: Path, name: str, digest: str, pinned: dict[str, tuple[int, ...]]) -> Source:
     if not (path / "saved_model.pb").is_file():
         raise InputError(f"{path}: a folder model must be a SavedModel (saved_model.pb not found)")
     tf = tensorflow()
@@ -133,16 +189,13 @@ def _load_savedmodel(path: Path, name: str, digest: str) -> Source:
         raise InputError(f"{path}: the SavedModel has no 'serving_default' signature") from None
     except Exception as exc:  # noqa: BLE001 - TF raises assorted errors for damaged SavedModels
         raise InputError(f"{path}: not a loadable SavedModel ({str(exc).splitlines()[0][:200]})") from None
-    inputs = sig.structured_input_signature[1]
-    if len(inputs) != 1 or len(sig.structured_outputs) != 1:
-        raise InputError(f"{path}: serving_default has {len(inputs)} inputs and {len(sig.structured_outputs)} outputs; "
-                         "edge-kit compiles single-input, single-output models")
-    arg, spec = next(iter(inputs.items()))
-    shape = _static_shape(path, spec.shape)
-    return Source(path, "savedmodel", digest, name, shape, saved_model=(obj, sig, arg))
+    specs = sig.structured_input_signature[1]
+    _unknown_pins(path, pinned, list(specs))
+    inputs = {n: _static(path, n, spec.shape, pinned) for n, spec in specs.items()}
+    return Source(path, "savedmodel", digest, name, inputs, list(sig.structured_outputs), saved_model=(obj, sig))
 
 
-def _load_tflite(path: Path, name: str, digest: str) -> Source:
+def _load_tflite(path: Path, name: str, digest: str, pinned: dict[str, tuple[int, ...]]) -> Source:
     from edge_kit.compiler.analysis import analyse
 
     data = path.read_bytes()
@@ -150,5 +203,9 @@ def _load_tflite(path: Path, name: str, digest: str) -> Source:
         stats = analyse(data)
     except (ValueError, RuntimeError) as exc:
         raise InputError(f"{path}: not a loadable .tflite model ({str(exc).splitlines()[0][:200]})") from None
-    shape = tuple(stats.input["shape"])
-    return Source(path, "tflite", digest, name, shape[1:], tflite=data, tflite_precision=stats.precision)
+    if pinned:
+        raise InputError(f"{path}: --input-shape applies to Keras and SavedModel sources; re-export this "
+                         ".tflite with a fixed input size")
+    inputs = {p["name"]: _static(path, p["name"], p["shape_signature"], {}) for p in stats.inputs}
+    return Source(path, "tflite", digest, name, inputs, [p["name"] for p in stats.outputs],
+                  tflite=data, tflite_precision=stats.precision)

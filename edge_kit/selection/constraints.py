@@ -3,7 +3,8 @@
 The profile's ``constraints`` apply unless the fleet file overrides them per device. Each bound is
 optional. ``min_accuracy_ratio`` compares on-device top-1 accuracy with the fp32 variant's accuracy
 on the same shipped eval set (measured on the device when it has been, else the manifest's host
-figure).
+figure). ``min_fidelity_snr_db`` bounds the worst output's SNR against the fp32 outputs on that
+eval set, a label-free check that catches a variant that runs but computes something else.
 """
 
 from __future__ import annotations
@@ -34,26 +35,27 @@ class Measured:
     power_source: str  # sensor name, "estimated" or "not measured"
     accuracy: float | None
     model_mb: float
+    snr_db: float | None = None  # worst output's fidelity SNR against fp32, when measured
 
     @classmethod
     def from_record(cls, record: dict[str, Any], model_bytes: int) -> Measured:
         """Return the selection view of an ``edgekit.bench/1`` record."""
         power = record.get("power") or {}
         acc = record.get("accuracy") or {}
+        fid = record.get("fidelity") or {}
         return cls(variant=record["variant"], p90_ms=record["latency_ms"]["p90"], avg_w=power.get("avg_w"),
                    energy_mj=power.get("energy_per_inference_mj"), power_source=power_source(power),
-                   accuracy=acc.get("value"),
-                   model_mb=model_bytes / 1e6)
+                   accuracy=acc.get("value"), model_mb=model_bytes / 1e6, snr_db=fid.get("snr_db"))
 
 
 def overshoot(c: Constraints, p90_ms: Any, avg_w: Any, model_mb: Any, accuracy: Any,
-              fp32_accuracy: Any) -> dict[str, tuple[Any, Any]]:
+              fp32_accuracy: Any, snr_db: Any = math.nan) -> dict[str, tuple[Any, Any]]:
     """Return, for each bound ``c`` sets: (whether it is broken, by how much as a share of the bound).
 
     The figures are floats or numpy arrays that broadcast together, NaN where a figure is missing
     (a power, accuracy or fp32 accuracy of NaN leaves its bound unjudged), and so are the results;
     a share means something only where its bound is broken. Bounds come in the order
-    :func:`describe` knows them: p90, power, model size, accuracy.
+    :func:`describe` knows them: p90, power, model size, accuracy, fidelity.
     """
     out: dict[str, tuple[Any, Any]] = {}
     if c.max_latency_p90_ms is not None:
@@ -65,6 +67,8 @@ def overshoot(c: Constraints, p90_ms: Any, avg_w: Any, model_mb: Any, accuracy: 
     if c.min_accuracy_ratio is not None:
         ratio = accuracy / fp32_accuracy
         out["min_accuracy_ratio"] = ratio < c.min_accuracy_ratio, 1 - ratio / c.min_accuracy_ratio
+    if c.min_fidelity_snr_db is not None:  # in dB: the share is the shortfall over 10 dB (a factor of 10)
+        out["min_fidelity_snr_db"] = snr_db < c.min_fidelity_snr_db, (c.min_fidelity_snr_db - snr_db) / 10
     return out
 
 
@@ -74,7 +78,8 @@ def violations(c: Constraints, m: Measured, fp32_accuracy: float | None) -> dict
     An accuracy bound is not judged without both accuracies (an fp32 accuracy of 0 counts as none);
     a power bound not without a figure.
     """
-    shares = overshoot(c, m.p90_ms, _nan(m.avg_w), m.model_mb, _nan(m.accuracy), fp32_accuracy or math.nan)
+    shares = overshoot(c, m.p90_ms, _nan(m.avg_w), m.model_mb, _nan(m.accuracy), fp32_accuracy or math.nan,
+                       _nan(m.snr_db))
     return {name: share for name, (broken, share) in shares.items() if broken}
 
 
@@ -87,4 +92,5 @@ def describe(name: str, c: Constraints) -> str:
     """Return the bound of constraint ``name`` in words, e.g. ``p90 <= 50 ms``."""
     bound = getattr(c, name)
     return {"max_latency_p90_ms": f"p90 <= {bound:g} ms", "max_power_w": f"power <= {bound:g} W",
-            "max_model_mb": f"model <= {bound:g} MB", "min_accuracy_ratio": f"accuracy >= {bound:g} x fp32"}[name]
+            "max_model_mb": f"model <= {bound:g} MB", "min_accuracy_ratio": f"accuracy >= {bound:g} x fp32",
+            "min_fidelity_snr_db": f"fidelity SNR >= {bound:g} dB"}[name]

@@ -86,6 +86,7 @@ class Group:
     avg_w: np.ndarray
     accuracy: np.ndarray
     model_mb: np.ndarray
+    snr_db: np.ndarray | None = None  # same shape as the figures; None: no fidelity measured
 
     @classmethod
     def of(cls, devices: list[list[Candidate]]) -> Group:
@@ -106,7 +107,7 @@ class Group:
 
         model_mb = [[c.measured.model_mb if c.measured else None for c in cands] for cands in devices]
         return cls(variants, figures("p90_ms"), figures("energy_mj"), figures("avg_w"), figures("accuracy"),
-                   np.array(model_mb, dtype=float).reshape(len(devices), len(variants)))
+                   np.array(model_mb, dtype=float).reshape(len(devices), len(variants)), figures("snr_db"))
 
 
 @dataclass(frozen=True)
@@ -143,10 +144,12 @@ def choose_group(group: Group, constraints: Constraints, *, fp32_accuracy: np.nd
     energy_lo, energy_hi = _spread(group.energy_mj)
     watts_lo, watts_hi = _spread(group.avg_w)
     acc_lo, acc_hi = _spread(group.accuracy)
+    snr = np.full(group.p90_ms.shape, np.nan) if group.snr_db is None else group.snr_db
+    snr_lo, snr_hi = _spread(snr)
 
     # rules 1 and 2: measured, and feasible on the newest measurement
     newest = overshoot(constraints, group.p90_ms[:, :, 0], group.avg_w[:, :, 0], model_mb, group.accuracy[:, :, 0],
-                       fp32)
+                       fp32, snr[:, :, 0])
     ok = measured & ~_broken(newest, shape)
     feasible = ok.any(axis=1)
 
@@ -167,8 +170,8 @@ def choose_group(group: Group, constraints: Constraints, *, fp32_accuracy: np.nd
     runner_up = _first(ok & (np.arange(shape[1]) != best[:, None]), order)
 
     # rule 5: the least violating, judged on the worst figures (the current one on its best)
-    worst = _total(overshoot(constraints, p90_hi, watts_hi, model_mb, acc_lo, fp32), shape)
-    best_case = _total(overshoot(constraints, p90_lo, watts_lo, model_mb, acc_hi, fp32), shape)
+    worst = _total(overshoot(constraints, p90_hi, watts_hi, model_mb, acc_lo, fp32, snr_lo), shape)
+    best_case = _total(overshoot(constraints, p90_lo, watts_lo, model_mb, acc_hi, fp32, snr_hi), shape)
     least = np.lexsort((names, worst), axis=1)[:, 0]
 
     # a device stays on its current variant where rule 4 or 5 says so

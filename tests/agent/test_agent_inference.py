@@ -1,18 +1,32 @@
 import numpy as np
 import pytest
 
-from device_agents.inference import fidelity, top1_accuracy
+from device_agents.inference import SNR_CAP_DB, fidelity, output_fidelity
 
 
-def test_top1_accuracy_counts_argmax_hits():
-    out = np.array([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])
-    assert top1_accuracy(out, np.array([1, 0, 0, 0])) == pytest.approx(0.75)
-
-
-def test_fidelity_agreement_and_errors():
-    ref = np.array([[1.0, 0.0], [0.0, 1.0]])
-    out = np.array([[0.9, 0.2], [0.6, 0.5]])
+def test_fidelity_per_output_with_the_worst_on_top():
+    ref = {"probs": np.array([[1.0, 0.0], [0.0, 1.0]]), "box": np.array([[1.0, 2.0], [3.0, 4.0]])}
+    out = {"probs": np.array([[0.9, 0.2], [0.6, 0.5]]), "box": np.array([[1.0, 2.0], [3.0, 4.0]])}
     f = fidelity(out, ref)
-    assert f["top1_agreement"] == 0.5
-    assert f["max_abs_error"] == pytest.approx(0.6)
-    assert f["mean_abs_error"] == pytest.approx((0.1 + 0.2 + 0.6 + 0.5) / 4)
+    probs = f["outputs"]["probs"]
+    assert probs["top1_agreement"] == 0.5  # a probability vector: argmax agreement applies
+    assert probs["max_abs_error"] == pytest.approx(0.6)
+    assert probs["mean_abs_error"] == pytest.approx((0.1 + 0.2 + 0.6 + 0.5) / 4)
+    assert probs["snr_db"] == pytest.approx(10 * np.log10(2.0 / (0.01 + 0.04 + 0.36 + 0.25)), abs=1e-3)
+    assert f["outputs"]["box"]["snr_db"] == SNR_CAP_DB and "top1_agreement" not in f["outputs"]["box"]
+    assert f["snr_db"] == probs["snr_db"] and f["max_abs_error"] == pytest.approx(0.6)
+
+
+def test_an_output_that_computes_something_else_has_a_low_snr_and_cosine():
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(50, 896, 1))
+    assert output_fidelity(ref + rng.normal(scale=0.01, size=ref.shape), ref)["snr_db"] > 35
+    noise = output_fidelity(rng.normal(size=ref.shape), ref)
+    assert noise["snr_db"] < 1 and abs(noise["cosine"]) < 0.2
+
+
+def test_outputs_that_do_not_match_the_reference_are_refused():
+    with pytest.raises(ValueError, match="do not match"):
+        fidelity({"a": np.zeros((2, 3))}, {"b": np.zeros((2, 3))})
+    with pytest.raises(ValueError, match="shape"):
+        fidelity({"a": np.zeros((2, 3))}, {"a": np.zeros((2, 4))})

@@ -81,8 +81,8 @@ def test_cli_json_and_errors(artifacts, tmp_path):
     np.savez(wrong, x=np.zeros((5, 28, 28, 1), np.float32))
     p = agent("bench", artifacts / "int8.tflite", "--eval", wrong)
     assert p.returncode == 2
-    assert p.stderr.strip().splitlines()[-1] == (f"edgekit-agent: error: {wrong}: --eval samples have shape "
-                                                 "(28, 28, 1) but the model takes (8, 8, 1) (first axis of x is the sample axis)")
+    assert p.stderr.strip().splitlines()[-1] == (f"edgekit-agent: error: {wrong}: --eval key 'x' samples have shape "
+                                                 "(28, 28, 1) but input 'input_layer' takes (8, 8, 1) (the first axis is the sample axis)")
     p = agent("bench", artifacts / "int8.tflite", "--delegate", "edgetpu")
     assert p.returncode == 2 and "libedgetpu.so.1" in p.stderr and "Traceback" not in p.stderr
 

@@ -49,7 +49,7 @@ def test_the_eval_set_ships_with_the_fp32_reference_outputs(compiled, digits_fil
     from device_agents.runtimes import get_runtime
 
     fp32 = ModelRunner(get_runtime("litert").interpreter(folder / "fp32.tflite")).predict(source_x(digits_files))
-    assert reference.shape == (360, 10) and np.allclose(reference, fp32, atol=1e-6)
+    assert reference.shape == (360, 10) and np.allclose(reference, fp32["output_0"], atol=1e-6)
 
 
 def source_x(files):
@@ -82,7 +82,8 @@ def test_precisions_are_read_from_the_files(compiled):
     assert precision["fp32"] == "float32" and precision["fp16"] == "float16"
     assert precision["dynamic-int8"] == "dynamic-int8" and precision["int8"] == "int8"
     int8 = manifest.artifact("int8")
-    assert int8.input["dtype"] == "int8" and int8.output["dtype"] == "int8" and int8.input["scale"] > 0
+    (inp,), (out,) = int8.inputs, int8.outputs
+    assert inp["dtype"] == "int8" and out["dtype"] == "int8" and inp["scale"] > 0 and inp["name"] == "input_layer"
 
 
 def test_int8_keeps_accuracy_and_shrinks_the_file(compiled):
@@ -125,7 +126,7 @@ def test_compile_json_and_table(digits_files, tmp_path, run_cli):
                              "--out", tmp_path, "--json")
     assert code == 0, err
     data = json.loads(out)
-    assert data["schema"] == "edgekit.manifest/1"
+    assert data["schema"] == "edgekit.manifest/2"
     assert {a["id"]: a["status"] for a in data["artifacts"]} == {
         "fp32": "built", "int8": "built", "int8-pruned-ch50": "built", "edgetpu": "not-built"}
     assert data["artifacts"][0]["accuracy"]["method"] == "not measured: no --eval data"
@@ -141,19 +142,23 @@ def test_missing_calibration_leaves_int8_variants_not_built(digits_files, tmp_pa
     assert m.artifact("fp16").fidelity.measured is False
 
 
-def test_a_tflite_input_is_packaged_as_is_and_only_quantized_where_possible(compiled, tmp_path):
+def test_a_float_tflite_input_gives_every_variant_but_pruning(compiled, digits_files, tmp_path):
     folder, manifest = compiled
     src = tmp_path / "digits.tflite"
     src.write_bytes((folder / "fp32.tflite").read_bytes())
-    m = compile_model(CompileRequest(src, [load_profile("rpi4")], tmp_path / "out", calib=None))
+    m = compile_model(CompileRequest(src, [load_profile("rpi4")], tmp_path / "out", calib=digits_files.calib,
+                                     eval=digits_files.eval))
     status = {a.id: (a.status, a.derived_from) for a in m.artifacts}
     assert status["fp32"] == ("built", "source .tflite as is")
     assert m.artifact("fp32").sha256 == manifest.artifact("fp32").sha256
     assert status["dynamic-int8"] == ("built", "ai-edge-quantizer dynamic_wi8_afp32")
-    assert m.artifact("dynamic-int8").precision == "dynamic-int8"
-    for vid in ("fp16", "int8", "int8-pruned-50", "int8-pruned-ch50"):
-        assert status[vid][0] == "not-built"
-        assert "needs the Keras model or SavedModel" in m.artifact(vid).reason
+    assert status["fp16"] == ("built", "ai-edge-quantizer float16 weight casting")
+    assert status["int8"] == ("built", "ai-edge-quantizer static_wi8_ai8, calibrated on --calib")
+    assert [m.artifact(v).precision for v in ("fp16", "dynamic-int8", "int8")] == ["float16", "dynamic-int8", "int8"]
+    int8 = m.artifact("int8")
+    assert int8.inputs[0]["dtype"] == "int8" and int8.accuracy.value > 0.9 and int8.fidelity.top1_agreement > 0.95
+    for vid in ("int8-pruned-50", "int8-pruned-ch50"):
+        assert status[vid][0] == "not-built" and "pruning needs the Keras model" in m.artifact(vid).reason
 
 
 def test_an_int8_tflite_input_can_go_to_the_edgetpu_but_not_back_to_float(compiled, tmp_path):
@@ -163,7 +168,7 @@ def test_an_int8_tflite_input_can_go_to_the_edgetpu_but_not_back_to_float(compil
     m = compile_model(CompileRequest(src, [load_profile("coral-devboard")], tmp_path / "out"))
     assert m.artifact("int8").status == "built" and m.artifact("int8").derived_from == "source .tflite as is"
     assert "edgetpu_compiler not found" in m.artifact("edgetpu").reason
-    assert "cannot be made from this int8 .tflite" in m.artifact("fp32").reason
+    assert "cannot be made from a int8 .tflite file" in m.artifact("fp32").reason
 
 
 def test_savedmodel_and_h5_inputs(digits_files, tmp_path):
@@ -181,7 +186,7 @@ def test_savedmodel_and_h5_inputs(digits_files, tmp_path):
         assert m.artifact("int8").status == "built" and m.artifact("int8").accuracy.value > 0.9
         if src.name == "sm":
             assert m.model["format"] == "savedmodel"
-            assert "pruning needs a Keras model" in m.artifact("int8-pruned-50").reason
+            assert "pruning needs the Keras model" in m.artifact("int8-pruned-50").reason
         else:
             assert m.artifact("int8-pruned-50").status == "built"
 

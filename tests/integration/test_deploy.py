@@ -40,7 +40,7 @@ def test_deploy_to_four_devices_in_parallel_then_redeploy_skips_them_all(sim, di
     for dev, r in zip(fleet.devices, result["devices"]):
         assert r["device"] == dev.name and r["variant"] == "int8" and current(dev) == int8
         assert "uploaded fp32 (0.8 MB)" in r["actions"] and "activated int8" in r["actions"]
-        assert r["activation"]["current"] == int8 and r["activation"]["smoke"]["output_shape"] == [1, 10]
+        assert r["activation"]["current"] == int8 and r["activation"]["smoke"]["outputs"] == {"output_0": [1, 10]}
         assert {m["variant"] for m in ModelStore(Path(dev.root)).installed()} == {"fp32", "dynamic-int8", "int8"}
     code, out, err = run_cli("deploy", "--fleet", simfleet.fleet_file, "--artifacts", digits_artifacts, "--json")
     again = json.loads(out)

@@ -59,5 +59,5 @@ def test_safe_activation_on_tflite_runtime(device_python, digits_artifacts, tmp_
     proc = run(device_python, "-m", "device_agents", "activate", "--root", str(root), "--variant", "int8",
                "--runtime", "tflite-runtime")
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["smoke"]["output_shape"] == [1, 10]
+    assert json.loads(proc.stdout)["smoke"]["outputs"] == {"output_0": [1, 10]}
     assert os.readlink(root / "current") == f"models/{art['sha256']}"

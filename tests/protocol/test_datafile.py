@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from edgekit_protocol.datafile import (
     first_nonfinite,
     read_arrays,
-    read_npz,
+    read_data,
     read_reference,
 )
 from edgekit_protocol.errors import DataFileError, InputError
@@ -32,20 +32,35 @@ def test_arrays_numpy_writes_read_back_exactly(tmp_path, save, dtype):
     assert back.dtype == x.dtype and back.shape == x.shape and np.array_equal(back, x)
 
 
-def test_read_npz_checks_shapes_and_labels(tmp_path):
+def test_read_data_checks_shapes_and_labels(tmp_path):
     path = tmp_path / "eval.npz"
     np.savez(path, x=np.zeros((4, 8, 8, 1), np.float32), y=np.arange(4).reshape(4, 1), reference=np.ones((4, 10)))
-    x, y = read_npz(path, "--eval", (8, 8, 1), labels="required")
-    assert np.asarray(x).shape == (4, 8, 8, 1) and np.asarray(y).tolist() == [0, 1, 2, 3]
-    assert np.asarray(read_reference(path, 4)).shape == (4, 10)
-    with pytest.raises(DataFileError, match=r"eval.npz: --eval samples have shape \(8, 8, 1\) but the model takes \(28, 28, 1\)"):
-        read_npz(path, "--eval", (28, 28, 1), labels="required")
+    data = read_data(path, "--eval", {"image": (8, 8, 1)}, labels="required")
+    assert np.asarray(data.x["image"]).shape == (4, 8, 8, 1) and np.asarray(data.labels["y"]).ravel().tolist() == [0, 1, 2, 3]
+    assert np.asarray(read_reference(path, 4, ["probs"])["probs"]).shape == (4, 10)
+    with pytest.raises(DataFileError, match=r"eval.npz: --eval key 'x' samples have shape \(8, 8, 1\) but input 'image' takes \(28, 28, 1\)"):
+        read_data(path, "--eval", {"image": (28, 28, 1)}, labels="required")
     with pytest.raises(DataFileError, match="reference has 4 rows for 5 samples"):
-        read_reference(path, 5)
-    np.savez(path, x=np.zeros((4, 2), np.float32), y=np.zeros(4, np.float32))
-    with pytest.raises(DataFileError, match="y must hold one integer label per sample"):
-        read_npz(path, "--eval", (2,), labels="required")
+        read_reference(path, 5, ["probs"])
+    np.savez(path, x=np.zeros((4, 2), np.float32))
+    with pytest.raises(DataFileError, match=r"has no labels \(y or y.<key>; found: x\)"):
+        read_data(path, "--eval", {"v": (2,)}, labels="required")
     assert issubclass(DataFileError, InputError) and DataFileError.exit_code == 2
+
+
+def test_several_inputs_are_keyed_by_name_and_must_agree_on_samples(tmp_path):
+    path = tmp_path / "calib.npz"
+    np.savez(path, **{"x.image": np.zeros((3, 4, 4, 3)), "x.meta": np.zeros((3, 2)), "y.boxes": np.zeros((3, 1, 4))})
+    data = read_data(path, "--calib", {"image": (4, 4, 3), "meta": (2,)}, labels="optional")
+    assert set(data.x) == {"image", "meta"} and set(data.labels) == {"boxes"} and data.samples == 3
+    with pytest.raises(DataFileError, match=r"no array 'x.extra' for input 'extra' \(expected: x.image, x.extra; found: x.image, x.meta, y.boxes\)"):
+        read_data(path, "--calib", {"image": (4, 4, 3), "extra": (2,)}, labels="ignored")
+    np.savez(path, **{"x.image": np.zeros((3, 4, 4, 3)), "x.meta": np.zeros((2, 2))})
+    with pytest.raises(DataFileError, match="key 'x.meta' has 2 samples, the inputs 3"):
+        read_data(path, "--calib", {"image": (4, 4, 3), "meta": (2,)}, labels="ignored")
+    np.savez(path, **{"x.image": np.zeros((3, 4, 4, 3)), "reference.a": np.zeros((3, 2))})
+    with pytest.raises(DataFileError, match=r"no reference for output 'b' \(reference.b\)"):
+        read_reference(path, 3, ["a", "b"])
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])

@@ -1,0 +1,35 @@
+"""``--task classification``: top-1 and top-5 accuracy.
+
+Labels: ``y``, one integer class per sample. Scored output: ``output=NAME`` or the first output
+whose samples are a vector of two or more scores (logits or probabilities).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from device_agents.metrics.base import Labels, Outputs, Task, need, pick_output
+
+
+def _vector(out: np.ndarray) -> bool:
+    per = out.shape[1:]
+    return int(np.prod(per)) >= 2 and int(np.prod(per)) == max(per, default=0)
+
+
+class Classification(Task):
+    key = "classification"
+    headline = "top1"
+    labels_doc = "y: one integer class per sample"
+
+    def check(self, labels: Labels, samples: int, where: str) -> None:
+        need(labels, "y", samples, where, self.key, kind="int")
+
+    def score(self, outputs: Outputs, labels: Labels) -> dict[str, float]:
+        scores = pick_output(outputs, self.key, self.options, _vector)
+        scores = scores.reshape(len(scores), -1)
+        y = np.asarray(labels["y"]).reshape(-1)
+        order = np.argsort(-scores, axis=1, kind="stable")
+        figures = {"top1": float(np.mean(order[:, 0] == y)) if len(y) else 0.0}
+        if scores.shape[1] > 5:
+            figures["top5"] = float(np.mean(np.any(order[:, :5] == y[:, None], axis=1))) if len(y) else 0.0
+        return figures

@@ -1,0 +1,142 @@
+"""Task metrics: each figure checked against an independent computation (pycocotools for mAP)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from device_agents.errors import MetricError
+from device_agents.metrics import MetricSpec, labels_of
+from device_agents.metrics.detection import mean_average_precision
+
+
+def test_classification_top1_and_top5():
+    scores = np.zeros((4, 10))
+    scores[np.arange(4), [1, 2, 3, 4]] = 1.0
+    scores[3, 9] = 2.0  # sample 3's best is 9, its label 4 is second
+    scores[2, 0] = -1.0  # sample 2's label 0 scores lowest of all ten
+    got = MetricSpec.build("classification").scorer().score({"logits": scores}, {"y": np.array([1, 2, 0, 4])})
+    assert got["metric"] == "top1" and got["value"] == 0.5 and got["figures"]["top5"] == 0.75
+
+
+def _coco_map(preds, truths):
+    """mAP with pycocotools, the reference implementation, on the same boxes."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    def xywh(b):  # ours are ymin, xmin, ymax, xmax
+        return [float(b[1]), float(b[0]), float(b[3] - b[1]), float(b[2] - b[0])]
+
+    images = [{"id": i, "width": 100, "height": 100} for i in range(len(truths))]
+    cats = sorted({int(c) for t in truths for c in t["classes"]})
+    anns = [{"id": k + 1, "image_id": i, "category_id": int(c), "bbox": xywh(b), "area": xywh(b)[2] * xywh(b)[3], "iscrowd": 0}
+            for k, (i, c, b) in enumerate((i, c, b) for i, t in enumerate(truths) for c, b in zip(t["classes"], t["boxes"]))]
+    gt = COCO()
+    gt.dataset = {"images": images, "annotations": anns, "categories": [{"id": c} for c in cats]}
+    gt.createIndex()
+    dets = [{"image_id": i, "category_id": int(c), "bbox": xywh(b), "score": float(s)}
+            for i, p in enumerate(preds) for b, s, c in zip(p["boxes"], p["scores"], p["classes"])]
+    ev = COCOeval(gt, gt.loadRes(dets), "bbox")
+    ev.params.areaRng = [[0, 1e10]] * 4  # one area range: we do not split by object size
+    ev.evaluate()
+    ev.accumulate()
+    ev.summarize()
+    return ev.stats[0], ev.stats[1]
+
+
+def _scene(rng, n_images=12):
+    truths, preds = [], []
+    for _ in range(n_images):
+        m = rng.integers(1, 5)
+        tl = rng.uniform(0, 60, (m, 2))
+        boxes = np.concatenate([tl, tl + rng.uniform(8, 40, (m, 2))], axis=1)
+        classes = rng.integers(0, 3, m)
+        truths.append({"boxes": boxes, "classes": classes})
+        jitter = boxes + rng.normal(0, 3, boxes.shape)
+        extra = rng.integers(0, 3)
+        etl = rng.uniform(0, 60, (extra, 2))
+        pboxes = np.concatenate([jitter, np.concatenate([etl, etl + 20], axis=1)])
+        pclasses = np.concatenate([np.where(rng.random(m) < 0.85, classes, (classes + 1) % 3), rng.integers(0, 3, extra)])
+        preds.append({"boxes": pboxes, "classes": pclasses, "scores": rng.random(len(pboxes))})
+    return preds, truths
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_detection_map_matches_pycocotools(seed):
+    preds, truths = _scene(np.random.default_rng(seed))
+    ours = mean_average_precision(preds, truths)
+    coco_map, coco_map50 = _coco_map(preds, truths)
+    assert ours["map"] == pytest.approx(coco_map, abs=1e-6) and ours["map50"] == pytest.approx(coco_map50, abs=1e-6)
+    assert 0.05 < ours["map"] < 0.95  # a scene where the figure can move both ways
+
+
+def test_detection_reads_the_postprocess_layout_and_refuses_raw_anchors():
+    boxes = np.array([[[0.1, 0.1, 0.5, 0.5], [0, 0, 0, 0]]])
+    outputs = {"boxes": boxes, "classes": np.array([[2.0, 0.0]]), "scores": np.array([[0.9, 0.1]]), "count": np.array([1.0])}
+    labels = {"boxes": np.array([[[0.1, 0.1, 0.5, 0.5], [0, 0, 0, 0]]]), "classes": np.array([[2, -1]])}
+    scorer = MetricSpec.build("detection").scorer()
+    scorer.check(labels, 1, "eval.npz")
+    assert scorer.score(outputs, labels)["value"] == pytest.approx(1.0)
+    with pytest.raises(MetricError, match="pass --decode module:function"):
+        scorer.score({"regressors": np.zeros((1, 896, 16)), "classificators": np.zeros((1, 896, 1))}, labels)
+    with pytest.raises(MetricError, match=r"needs labels 'y.classes' \(found: y.boxes\)"):
+        scorer.check({"boxes": labels["boxes"]}, 1, "eval.npz")
+
+
+def test_a_user_decoder_is_shipped_as_source_and_its_failures_are_named(tmp_path):
+    mod = tmp_path / "mydecode.py"
+    mod.write_text("import numpy as np\n"
+                   "def decode(outputs):\n"
+                   "    return [{'boxes': b[None], 'scores': [1.0], 'classes': [0]} for b in outputs['box']]\n"
+                   "def broken(outputs):\n    raise KeyError('anchors')\n"
+                   "def wrong(outputs):\n    return 3\n")
+    spec = MetricSpec.build("detection", decode=f"{mod}:decode")
+    shipped = MetricSpec.from_bytes(spec.to_bytes(), "eval.npz")
+    mod.unlink()  # the device has only what was shipped
+    labels = {"boxes": np.array([[[0.0, 0.0, 1.0, 1.0]]]), "classes": np.array([[0]])}
+    assert shipped.scorer().score({"box": np.array([[0.0, 0.0, 1.0, 1.0]])}, labels)["value"] == pytest.approx(1.0)
+    for func, message in (("broken", "raised KeyError: 'anchors'"), ("wrong", "one dict per sample")):
+        spec = MetricSpec(task="detection", decode=f"{mod}:{func}", sources=shipped.sources)
+        with pytest.raises(MetricError, match=message):
+            spec.scorer().score({"box": np.array([[0.0, 0.0, 1.0, 1.0]])}, labels)
+
+
+def test_segmentation_miou_and_pixel_accuracy():
+    mask = np.array([[[0, 0, 1, 1], [0, 0, 1, 255]]])
+    logits = np.zeros((1, 2, 4, 2))
+    logits[0, :, :2, 0] = 1  # predicts class 0 on the left half
+    logits[0, 0, 2:, 1] = 1  # class 1 on the right of row 0
+    logits[0, 1, 2, 0] = 2  # row 1, col 2: wrong (0 for 1); col 3 ignored
+    got = MetricSpec.build("segmentation").scorer().score({"seg": logits}, {"mask": mask})
+    # class 0: inter 4, union 5; class 1: inter 2, union 3
+    assert got["figures"]["miou"] == pytest.approx((4 / 5 + 2 / 3) / 2) and got["figures"]["pixel_accuracy"] == pytest.approx(6 / 7)
+    one_channel = {"prob": np.array([[[[0.9], [0.1]]]])}  # single-channel probability, thresholded at 0.5
+    assert MetricSpec.build("segmentation").scorer().score(one_channel, {"mask": np.array([[[1, 0]]])})["value"] == 1.0
+
+
+def test_keypoints_pck_and_mean_error():
+    points = np.array([[[0.0, 0.0], [10.0, 0.0], [10.0, 10.0]]])
+    pred = points + np.array([[0.5, 0.0], [3.0, 0.0], [0.0, 0.0]])
+    got = MetricSpec.build("keypoints", {"alpha": 0.1}).scorer().score({"lm": pred.reshape(1, -1)}, {"points": points})
+    assert got["figures"]["pck"] == pytest.approx(2 / 3) and got["figures"]["mean_error"] == pytest.approx(3.5 / 3)
+
+
+def test_a_user_metric_that_raises_or_returns_a_non_number_is_a_one_line_error(tmp_path):
+    mod = tmp_path / "score.py"
+    mod.write_text("def good(o, y):\n    return {'hits': 0.5, 'n': 2}\n"
+                   "def nan(o, y):\n    return float('nan')\n"
+                   "def text(o, y):\n    return 'high'\n"
+                   "def boom(o, y):\n    return 1 / 0\n")
+    got = MetricSpec.build(None, metric=f"{mod}:good").scorer().score({"o": np.zeros((2, 1))}, {"y": np.zeros(2)})
+    assert got["task"] == "custom" and got["metric"] == "hits" and got["value"] == 0.5
+    for func, message in (("nan", "value=nan"), ("text", "value='high'"), ("boom", "raised ZeroDivisionError")):
+        with pytest.raises(MetricError, match=message):
+            MetricSpec.build(None, metric=f"{mod}:{func}").scorer().score({"o": np.zeros((2, 1))}, {})
+    with pytest.raises(MetricError, match="has no function 'missing'"):
+        MetricSpec.build(None, metric=f"{mod}:missing")
+    with pytest.raises(MetricError, match="unknown --task 'detect'; did you mean 'detection'"):
+        MetricSpec.build("detect")
+
+
+def test_labels_of_strips_the_prefix():
+    assert sorted(labels_of({"x": 1, "y": np.zeros(1), "y.boxes": np.zeros(1), "reference": 2})) == ["boxes", "y"]
