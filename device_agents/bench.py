@@ -73,9 +73,15 @@ def _scored(runner: ModelRunner, eval_x: Batch, arrays: dict[str, Array], eval_f
             if "metric" in arrays else MetricSpec()
     except MetricError as exc:
         spec, accuracy = MetricSpec(), {"error": str(exc), "samples": samples}
-    if labels and accuracy is None:
+    classes: set[str] = set()
+    if accuracy is None:
         try:
             scorer = spec.scorer()
+            classes = scorer.class_outputs(outputs)
+        except MetricError as exc:
+            accuracy = {"error": str(exc), "samples": samples}
+    if labels and accuracy is None:
+        try:
             scorer.check(labels, samples, str(eval_file))
             accuracy = {**scorer.score(outputs, labels), "samples": samples}
         except MetricError as exc:
@@ -85,7 +91,7 @@ def _scored(runner: ModelRunner, eval_x: Batch, arrays: dict[str, Array], eval_f
         reference = None if ref is None else {k: np.asarray(v, dtype=np.float32) for k, v in ref.items()}
     if reference is not None:
         try:
-            fid = {**fidelity(outputs, reference, classes=spec.task == "classification"), "samples": samples}
+            fid = {**fidelity(outputs, reference, classes=classes), "samples": samples}
         except ValueError as exc:
             fid = {"error": f"{eval_file}: {exc}", "samples": samples}
     return accuracy, fid

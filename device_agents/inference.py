@@ -12,6 +12,7 @@ order the converter gave the tensors.
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -150,14 +151,14 @@ def is_distribution(reference: np.ndarray) -> bool:
     return is_vector(reference) and bool(np.all(rows >= 0) and np.allclose(rows.sum(axis=1), 1.0, atol=1e-3))
 
 
-def output_fidelity(output: np.ndarray, reference: np.ndarray, *, classes: bool | None = None) -> dict[str, float]:
+def output_fidelity(output: np.ndarray, reference: np.ndarray, *, classes: bool = False) -> dict[str, float]:
     """Return how closely one output follows the fp32 model's on the same inputs, no labels needed.
 
     ``snr_db``: 10·log10(Σref² / Σ(out−ref)²), capped at ±:data:`SNR_CAP_DB`; ``cosine``: mean
     per-sample cosine similarity (1 when both are zero); ``max_abs_error`` and ``mean_abs_error``
     over all values; ``top1_agreement`` (share of samples with the same argmax) when the output is a
-    class vector: a vector per sample and ``classes`` True (a classifier, logits included), or
-    ``classes`` None and the reference rows are probability distributions.
+    class vector: a vector per sample and ``classes`` True (a classifier's scores, logits included),
+    or the reference rows are probability distributions.
     """
     a = output.reshape(len(output), -1).astype(np.float64)
     b = reference.reshape(len(reference), -1).astype(np.float64)
@@ -178,14 +179,16 @@ def output_fidelity(output: np.ndarray, reference: np.ndarray, *, classes: bool 
         "max_abs_error": float(np.abs(diff).max()) if diff.size else 0.0,
         "mean_abs_error": float(np.abs(diff).mean()) if diff.size else 0.0,
     }
-    if (classes and is_vector(reference)) or (classes is None and is_distribution(reference)):
+    if (classes and is_vector(reference)) or is_distribution(reference):
         out["top1_agreement"] = float(np.mean(np.argmax(a, 1) == np.argmax(b, 1))) if len(a) else 1.0
     return out
 
 
 def fidelity(outputs: dict[str, np.ndarray], reference: dict[str, np.ndarray], *,
-             classes: bool | None = None) -> dict[str, Any]:
+             classes: Collection[str] = ()) -> dict[str, Any]:
     """Return per-output fidelity against the fp32 outputs, plus the worst of each figure over outputs.
+
+    ``classes`` names the outputs known to hold class scores (see :func:`output_fidelity`).
 
     Returns:
         ``{"outputs": {name: output_fidelity(...)}, "snr_db": worst, "cosine": worst,
@@ -201,7 +204,7 @@ def fidelity(outputs: dict[str, np.ndarray], reference: dict[str, np.ndarray], *
         out = outputs[name]
         if out.shape != ref.shape:
             raise ValueError(f"output '{name}' has shape {out.shape}, the reference {ref.shape}")
-        per[name] = output_fidelity(out, ref, classes=classes)
+        per[name] = output_fidelity(out, ref, classes=name in classes)
     worst: dict[str, Any] = {"outputs": per}
     for key, pick in (("snr_db", min), ("cosine", min), ("max_abs_error", max), ("mean_abs_error", max),
                       ("top1_agreement", min)):

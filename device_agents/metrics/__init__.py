@@ -112,6 +112,10 @@ class Scorer:
         if self.task is not None and self.user is None:
             self.task.check(labels, samples, where)
 
+    def class_outputs(self, outputs: Outputs) -> set[str]:
+        """Return the outputs the task scores as class vectors (none for a user metric)."""
+        return self.task.class_outputs(outputs) if self.task is not None and self.user is None else set()
+
     def score(self, outputs: Outputs, labels: Labels) -> dict[str, Any]:
         """Return ``{"task", "metric" (headline name), "value" (headline), "figures" (all)}``.
 

@@ -44,6 +44,10 @@ class Task:
         """
         raise NotImplementedError
 
+    def class_outputs(self, outputs: Outputs) -> set[str]:
+        """Return the names of the outputs holding class scores (their fidelity includes top-1 agreement)."""
+        return set()
+
     def score(self, outputs: Outputs, labels: Labels) -> dict[str, float]:
         """Return the task's figures, the headline first.
 
@@ -75,7 +79,7 @@ def need(labels: Labels, key: str, samples: int, where: str, task: str, *, kind:
 
 
 def pick_output(outputs: Outputs, task: str, options: dict[str, Any], fits: Callable[[np.ndarray], bool]) -> np.ndarray:
-    """Return the output named by ``options['output']``, else the first (by name order) that ``fits``.
+    """Return the output named by ``options['output']``, else the first (in the model's order) that ``fits``.
 
     Raises:
         MetricError: the named output does not exist, or none fits.

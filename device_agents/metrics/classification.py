@@ -24,6 +24,12 @@ class Classification(Task):
     def check(self, labels: Labels, samples: int, where: str) -> None:
         need(labels, "y", samples, where, self.key, kind="int")
 
+    def class_outputs(self, outputs: Outputs) -> set[str]:
+        name = self.options.get("output")
+        if name in outputs:
+            return {str(name)}
+        return next(({n} for n, o in outputs.items() if _vector(o)), set())
+
     def score(self, outputs: Outputs, labels: Labels) -> dict[str, float]:
         scores = pick_output(outputs, self.key, self.options, _vector)
         scores = scores.reshape(len(scores), -1)

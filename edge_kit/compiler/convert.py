@@ -43,12 +43,12 @@ def to_tflite(graph: Graph, precision: str, calib: dict[str, np.ndarray] | None 
     elif precision == "int8":
         if calib is None:
             raise CompileError(f"variant {variant}: full-integer int8 needs calibration data (--calib)")
-        arrays = [calib[name] for name in graph.inputs]
-        count = min(MAX_CALIBRATION_SAMPLES, len(arrays[0]))
+        count = min(MAX_CALIBRATION_SAMPLES, len(calib[graph.inputs[0]]))
 
-        def representative() -> Iterator[list[np.ndarray]]:
+        def representative() -> Iterator[dict[str, np.ndarray]]:
+            # keyed by input name: the converter orders a list by its own rules, not the signature's
             for i in range(count):
-                yield [np.asarray(a[i:i + 1], dtype=np.float32) for a in arrays]
+                yield {name: np.asarray(calib[name][i:i + 1], dtype=np.float32) for name in graph.inputs}
 
         conv.representative_dataset = representative
         conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]

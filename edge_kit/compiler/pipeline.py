@@ -198,7 +198,7 @@ def _evaluate(plan: _Plan, outputs: dict[str, np.ndarray] | None, evalset: Datas
         except MetricError as exc:
             accuracy = Accuracy(measured=False, method=f"not measured: {exc}")
     if outputs is not None and reference is not None and fid_inputs is not None:
-        got = fid(outputs, reference, classes=True if scorer.spec.task == "classification" else None)
+        got = fid(outputs, reference, classes=scorer.class_outputs(reference))
         fidelity = Fidelity(measured=True, samples=len(fid_inputs), inputs=fid_inputs.path.name,
                             method=f"{method}, against the fp32 variant's outputs", **got)
     elif outputs is not None:

@@ -239,3 +239,16 @@ def test_the_vectorised_policy_decides_as_the_rule_does_device_by_device(fleet, 
         d = choose("d", cands, c, fp32_accuracy=fp32, current_sha=None if cur is None else cands[cur].sha256,
                    margin=margin)
         assert (d.chosen, d.feasible, d.switch) == (None if index is None else cands[index].variant, feasible, switch)
+
+
+def test_a_variant_below_the_fidelity_floor_is_not_chosen_and_the_table_says_why():
+    c = Constraints(max_latency_p90_ms=10, min_fidelity_snr_db=20)
+    good = Measured("fp16", 6, 3.0, 3.0, "ina219", 0.99, 1.0, snr_db=45.0)
+    noisy = Measured("int8", 2, 3.0, 1.0, "ina219", 0.99, 1.0, snr_db=7.4)  # faster, cheaper, computes something else
+    cands = [Candidate(m.variant, m.variant * 4, 10 ** 6, (m,)) for m in (good, noisy)]
+    d = choose("d", cands, c, fp32_accuracy=0.99, current_sha=None)
+    rows = {r["variant"]: r for r in d.table}
+    assert d.chosen == "fp16" and rows["int8"]["violates"] == ["fidelity SNR >= 20 dB"]
+    assert violations(c, noisy, 0.99) == {"min_fidelity_snr_db": pytest.approx(1.26)}
+    unmeasured = replace(noisy, snr_db=None)  # no eval set on the device: the bound is not judged
+    assert violations(c, unmeasured, 0.99) == {}
