@@ -4,6 +4,9 @@
   with calibration, training and evaluation ``.npz`` files. Real accuracy, seconds to train.
 - ``mobilenet``: a MobileNet-v1-style network (depthwise-separable blocks) with random weights and
   random calibration inputs. For size and speed only: its accuracy means nothing, so no eval set.
+- ``mobilenetv2``: a small MobileNet-v2-style network (inverted-residual blocks with residual adds)
+  trained on the same digits, upsampled to 32x32x3, with the same three ``.npz`` files. Real
+  accuracy on a residual model (what structured pruning across residual adds is measured on).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from edge_kit.compiler.tf_quiet import captured_output, tensorflow
 from edge_kit.errors import InputError
 from edge_kit.fsutil import atomic_write_bytes
 
-EXAMPLES = ("digits", "mobilenet")
+EXAMPLES = ("digits", "mobilenet", "mobilenetv2")
 
 
 @dataclass
@@ -50,6 +53,52 @@ def _save_model(model: Any, path: Path) -> None:
     tmp.replace(path)
 
 
+def _digits_split(seed: int, upsample: int = 1, channels: int = 1) -> tuple[np.ndarray, ...]:
+    """Return (x_train, y_train, x_eval, y_eval) of scikit-learn's 8x8 digits scaled to [0, 1].
+
+    The split is fixed by ``seed`` (80 % train, 20 % eval). Each image is enlarged ``upsample`` times
+    (nearest neighbour) and repeated over ``channels`` channels.
+    """
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = (data.images / 16.0).astype(np.float32)
+    x = np.repeat(np.repeat(x, upsample, axis=1), upsample, axis=2)
+    x = np.repeat(x[..., None], channels, axis=-1)
+    y = data.target.astype(np.int64)
+    order = np.random.default_rng(seed).permutation(len(x))
+    x, y = x[order], y[order]
+    split = int(0.8 * len(x))
+    return x[:split], y[:split], x[split:], y[split:]
+
+
+def _train_and_write(model: Any, name: str, out: Path, split: tuple[np.ndarray, ...], epochs: int,
+                     facts: dict[str, Any]) -> ExampleFiles:
+    """Train ``model`` on the digits ``split`` and write ``{name}.keras`` and ``{name}-{calib,train,eval}.npz``.
+
+    Calibration is the first 300 training samples. Returns the paths and ``facts`` with the
+    Keras-measured eval accuracy of the float model.
+    """
+    import keras
+
+    xtr, ytr, xev, yev = split
+    model.compile(optimizer=keras.optimizers.Adam(1e-3),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    model.fit(xtr, ytr, epochs=epochs, batch_size=32, verbose=0)
+    _, acc = model.evaluate(xev, yev, verbose=0)
+
+    out.mkdir(parents=True, exist_ok=True)
+    files = ExampleFiles(out / f"{name}.keras", out / f"{name}-calib.npz", out / f"{name}-eval.npz",
+                         out / f"{name}-train.npz",
+                         {"example": name, **facts, "keras_eval_accuracy": round(float(acc), 4),
+                          "train_samples": len(xtr), "eval_samples": len(xev)})
+    _save_npz(files.train, x=xtr, y=ytr)
+    _save_npz(files.eval, x=xev, y=yev)
+    _save_npz(files.calib, x=xtr[:300])
+    _save_model(model, files.model)
+    return files
+
+
 def digits(out: Path, *, epochs: int = 30, seed: int = 0) -> ExampleFiles:
     """Train the digits CNN and write ``digits.keras`` and ``digits-{calib,train,eval}.npz`` to ``out``.
 
@@ -58,17 +107,8 @@ def digits(out: Path, *, epochs: int = 30, seed: int = 0) -> ExampleFiles:
     """
     tensorflow()
     import keras
-    from sklearn.datasets import load_digits
 
     keras.utils.set_random_seed(seed)
-    data = load_digits()
-    x = (data.images / 16.0).astype(np.float32)[..., None]
-    y = data.target.astype(np.int64)
-    order = np.random.default_rng(seed).permutation(len(x))
-    x, y = x[order], y[order]
-    split = int(0.8 * len(x))
-    xtr, ytr, xev, yev = x[:split], y[:split], x[split:], y[split:]
-
     model = keras.Sequential([
         keras.Input((8, 8, 1)),
         keras.layers.Conv2D(32, 3, padding="same", activation="relu"),
@@ -79,21 +119,7 @@ def digits(out: Path, *, epochs: int = 30, seed: int = 0) -> ExampleFiles:
         keras.layers.Dense(128, activation="relu"),
         keras.layers.Dense(10),
     ], name="digits_cnn")
-    model.compile(optimizer=keras.optimizers.Adam(1e-3),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
-    model.fit(xtr, ytr, epochs=epochs, batch_size=32, verbose=0)
-    _, acc = model.evaluate(xev, yev, verbose=0)
-
-    out.mkdir(parents=True, exist_ok=True)
-    files = ExampleFiles(out / "digits.keras", out / "digits-calib.npz", out / "digits-eval.npz",
-                         out / "digits-train.npz",
-                         {"example": "digits", "keras_eval_accuracy": round(float(acc), 4),
-                          "train_samples": len(xtr), "eval_samples": len(xev)})
-    _save_npz(files.train, x=xtr, y=ytr)
-    _save_npz(files.eval, x=xev, y=yev)
-    _save_npz(files.calib, x=xtr[:300])
-    _save_model(model, files.model)
-    return files
+    return _train_and_write(model, "digits", out, _digits_split(seed), epochs, {})
 
 
 def mobilenet_model(size: int = 96, alpha: float = 0.5, classes: int = 10, seed: int = 0) -> Any:
@@ -137,6 +163,51 @@ def mobilenet(out: Path, *, size: int = 96, alpha: float = 0.5, seed: int = 0) -
     return files
 
 
+def mobilenetv2_model(size: int = 32, alpha: float = 1.0, classes: int = 10, seed: int = 0) -> Any:
+    """Return a small MobileNet-v2-style Keras model with random weights.
+
+    A stride-2 stem, six inverted-residual blocks (1x1 expand x4, depthwise 3x3, linear 1x1 project;
+    a residual add wherever the shape allows, four of them) at widths 16/24/32 times ``alpha``, a
+    1x1 conv to 128, global pooling and a Dense head giving logits.
+    """
+    tensorflow()
+    import keras
+    from keras import layers
+
+    keras.utils.set_random_seed(seed)
+
+    def conv_bn(x: Any, filters: int, kernel: int = 1, stride: int = 1, relu: bool = True) -> Any:
+        x = layers.Conv2D(filters, kernel, strides=stride, padding="same", use_bias=False)(x)
+        x = layers.BatchNormalization()(x)
+        return layers.ReLU(6.0)(x) if relu else x
+
+    def inverted_residual(x: Any, filters: int, stride: int) -> Any:
+        y = conv_bn(x, 4 * int(x.shape[-1]))
+        y = layers.DepthwiseConv2D(3, strides=stride, padding="same", use_bias=False)(y)
+        y = layers.ReLU(6.0)(layers.BatchNormalization()(y))
+        y = conv_bn(y, filters, relu=False)
+        return layers.Add()([x, y]) if stride == 1 and int(x.shape[-1]) == filters else y
+
+    inp = keras.Input((size, size, 3))
+    x = conv_bn(inp, int(16 * alpha), 3, stride=2)
+    for filters, stride in [(16, 1), (16, 1), (24, 2), (24, 1), (32, 2), (32, 1)]:
+        x = inverted_residual(x, int(filters * alpha), stride)
+    x = conv_bn(x, int(128 * alpha))
+    out = layers.Dense(classes)(layers.GlobalAveragePooling2D()(x))
+    return keras.Model(inp, out, name=f"mobilenetv2_a{int(alpha * 100)}_{size}")
+
+
+def mobilenetv2(out: Path, *, epochs: int = 15, alpha: float = 1.0, seed: int = 0) -> ExampleFiles:
+    """Train the MobileNet-v2-style network on the digits upsampled to 32x32x3 and write
+    ``mobilenetv2.keras`` and ``mobilenetv2-{calib,train,eval}.npz`` to ``out`` (split as :func:`digits`).
+
+    Returns the paths and the Keras-measured eval accuracy of the float model.
+    """
+    model = mobilenetv2_model(32, alpha, seed=seed)
+    facts = {"size": 32, "alpha": alpha, "params": int(model.count_params())}
+    return _train_and_write(model, "mobilenetv2", out, _digits_split(seed, upsample=4, channels=3), epochs, facts)
+
+
 def make_example(name: str, out: Path, **kwargs: Any) -> ExampleFiles:
     """Build the named example into ``out``.
 
@@ -147,4 +218,6 @@ def make_example(name: str, out: Path, **kwargs: Any) -> ExampleFiles:
         return digits(Path(out), **kwargs)
     if name == "mobilenet":
         return mobilenet(Path(out), **kwargs)
+    if name == "mobilenetv2":
+        return mobilenetv2(Path(out), **kwargs)
     raise InputError(f"unknown example '{name}' (choose from: {', '.join(EXAMPLES)})")

@@ -139,7 +139,8 @@ def compile_cmd(
 
 @app.command("example")
 def example_cmd(
-    name: Annotated[str, typer.Argument(help="digits (trained CNN, real accuracy) or mobilenet (random weights, size/speed only).")],
+    name: Annotated[str, typer.Argument(help="digits (trained CNN, real accuracy), mobilenet (random weights, "
+                                             "size/speed only) or mobilenetv2 (residual, trained on upsampled digits).")],
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for the model and .npz files.")] = Path("examples"),
     as_json: JsonOpt = False,
 ) -> None:
