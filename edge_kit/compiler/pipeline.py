@@ -167,7 +167,7 @@ def _build(plan: _Plan, source: Source, graph: Callable[[], Graph], req: Compile
         model = prune(source.keras_model, spec.sparsity, train_xy, epochs=req.epochs)
         if train is not None:
             plan.extra["fine_tuned"] = {"epochs": req.epochs, "samples": len(train), "data_sha256": train.sha256}
-        graph = keras_graph(model, source.inputs)
+        graph = keras_graph(model, source.inputs, source.outputs)
         how = f"{spec.pruning} pruning{' + fine-tuning' if train is not None else ' (no fine-tuning: no --train)'}, TFLite converter"
         return to_tflite(graph, "int8", calib_x, variant=spec.id), how
     return to_tflite(graph(), spec.precision, calib_x, variant=spec.id), "TFLite converter"

@@ -74,21 +74,24 @@ def _keras_outputs(model: Any) -> list[str]:
     return names if len(names) == len(model.outputs) else [f"output_{i}" for i in range(len(model.outputs))]
 
 
-def keras_graph(model: Any, inputs: Shapes) -> Graph:
-    """Return a :class:`Graph` calling a Keras model on one sample (batch 1) per input, outputs by name."""
+def keras_graph(model: Any, inputs: Shapes, outputs: list[str] | None = None) -> Graph:
+    """Return a :class:`Graph` calling a Keras model on one sample (batch 1) per input, outputs by name.
+
+    ``inputs`` name the model's inputs in its own order; ``outputs`` (default: the model's output
+    names) name its outputs in order, so a rebuilt model (pruning) keeps the source's names.
+    """
     tf = tensorflow()
     names = list(inputs)
-    keras_names = [t.name for t in model.inputs]
-    outputs = _keras_outputs(model)
+    own = _keras_outputs(model)
+    outputs = list(outputs) if outputs is not None else own
     holder = tf.Module()
     holder.model = model
     holder.variables_ = [getattr(v, "value", v) for v in model.variables]  # track Keras 3 variables
 
     def call(*args: Any) -> dict[str, Any]:
-        feed = dict(zip(names, args))
-        result = model([feed[n] for n in keras_names] if len(names) > 1 else args[0], training=False)
+        result = model(list(args) if len(args) > 1 else args[0], training=False)
         if isinstance(result, dict):
-            return {n: result[n] for n in outputs}
+            return {n: result[k] for n, k in zip(outputs, own)}
         result = result if isinstance(result, (list, tuple)) else [result]
         return dict(zip(outputs, result))
 
