@@ -134,8 +134,11 @@ def analyse(data: bytes) -> ModelStats:
         ValueError: ``data`` is not a ``.tflite`` model the LiteRT interpreter loads (the first
             line of its error names the op it cannot resolve).
     """
+    from edge_kit.compiler.tf_quiet import runtime_banner_dropped
+
     ops, tensors, values = _table(data)
-    interp = get_runtime("litert").interpreter(data)
+    with runtime_banner_dropped():  # the runtime's INFO banner, first printed here for a .tflite source
+        interp = get_runtime("litert").interpreter(data)
     producer = {t: op for op in ops for t in op.outputs}
 
     def weight_tensor(op: OpInfo) -> int | None:

@@ -1,0 +1,130 @@
+"""Real models: pretrained MediaPipe models (not trained here) compiled for rpi4 on real photographs.
+
+Models and photos come from pinned wheels in ``.cache/wheels`` (``.ci/setup``; see
+``edge_kit/realmodels.py`` and docs/real-models.md). A missing wheel fails the run.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import edge_kit.decoders.blazeface as blazeface
+from edge_kit import realmodels
+from edge_kit.compiler.pipeline import CompileRequest, compile_model
+from edge_kit.profiles import load_profile
+
+ROOT = Path(__file__).resolve().parents[1]
+DECODE = f"{blazeface.__file__}:decode"
+VARIANTS = ("fp32", "fp16", "dynamic-int8", "int8")
+HOW = ("LiteRT interpreter on this host, each output against the fp32 variant's on the same inputs "
+       "(real pixels of scikit-image 0.26.0 / matplotlib 3.11.2 photos)")
+
+
+@pytest.fixture(scope="module")
+def wheels() -> Path:
+    folder = Path(os.environ.get("EDGEKIT_WHEELS", ROOT / ".cache" / "wheels"))
+    for key in realmodels.WHEELS:
+        try:
+            realmodels.wheel(folder, key)
+        except realmodels.MissingWheel as exc:
+            pytest.fail(str(exc), pytrace=False)
+    return folder
+
+
+def _compile(model: Path, out: Path, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # few calibration samples: known and said in the notes
+        return compile_model(CompileRequest(model, [load_profile("rpi4")], out, **kw))
+
+
+def _record_variants(figure, label: str, manifest, note: str) -> None:
+    asked = [a for a in manifest.artifacts if "rpi4" in a.profiles or a.id == "fp32"]
+    built = [a for a in asked if a.status == "built"]
+    figure(f"{label}: variants built / asked (rpi4)", f"{len(built)}/{len(asked)}", "4/6",
+           "pruned variants need a Keras source; a .tflite yields fp32, fp16, dynamic-int8, int8")
+    for a in built:
+        if a.id == "fp32":
+            continue
+        worst = min(a.fidelity.outputs.items(), key=lambda kv: kv[1]["snr_db"])
+        figure(f"{label}: {a.id} worst-output SNR vs fp32", f"{a.fidelity.snr_db:.1f} dB", "-",
+               f"{note}; worst of {len(a.fidelity.outputs)} output(s) is '{worst[0]}'; {HOW}")
+
+
+def _detections(path: Path, x: np.ndarray) -> list[dict[str, np.ndarray]]:
+    from device_agents.inference import ModelRunner
+    from device_agents.runtimes import get_runtime
+
+    return blazeface.decode(ModelRunner(get_runtime("litert").interpreter(path)).predict(x))
+
+
+def _agreement(folder: Path, x: np.ndarray) -> float:
+    """Return mAP@.5 of int8's detections scored against fp32's own detections as labels (no human labels)."""
+    from device_agents.metrics.detection import mean_average_precision
+
+    ref = _detections(folder / "fp32.tflite", x)
+    got = _detections(folder / "int8.tflite", x)
+    truths = [{"boxes": r["boxes"], "classes": r["classes"]} for r in ref]
+    return mean_average_precision(got, truths)["map50"]
+
+
+def test_face_detector_full_range(wheels, tmp_path, figure):
+    files = realmodels.write_face_data(wheels, tmp_path / "faces")
+    with np.load(files["eval"]) as ev:
+        x = ev["x"]
+    np.savez(tmp_path / "noise.npz", x=realmodels.noise_samples(64, seed=3, size=192))
+    real = _compile(files["model"], tmp_path / "real", calib=files["calib"], eval=files["eval"], task="detection", decode=DECODE)
+    noise = _compile(files["model"], tmp_path / "noise", calib=tmp_path / "noise.npz", eval=files["eval"],
+                     task="detection", decode=DECODE)
+    label = "face_detection_full_range"
+    _record_variants(figure, label, real, "on 48 eval samples; int8 calibrated on 64 other crops")
+    fp32, int8, noisy = real.artifact("fp32"), real.artifact("int8"), noise.artifact("int8")
+    how = ("COCO mAP@[.5:.95] on 48 letterboxed 192x192 samples holding 46 faces: boxes proposed by this model "
+           "and checked by eye; decoded with edge_kit/decoders/blazeface.py (weighted NMS)")
+    figure(f"{label}: fp32 mAP (own boxes, checked by eye)", f"{fp32.accuracy.value:.3f}", "-", how)
+    figure(f"{label}: int8 mAP / fp32 mAP, real calibration", f"{int8.accuracy.value / fp32.accuracy.value:.3f}",
+           ">= 0.90", f"{how}; 64 real-photo calibration samples")
+    figure(f"{label}: int8 mAP / fp32 mAP, noise calibration", f"{noisy.accuracy.value / fp32.accuracy.value:.3f}",
+           "lower", f"{how}; 64 uniform-noise calibration samples in [-1, 1]")
+    for name, folder in (("real", tmp_path / "real"), ("noise", tmp_path / "noise")):
+        figure(f"{label}: int8 agreement with fp32 (mAP@.5), {name} calibration",
+               f"{_agreement(folder / 'face_detection_full_range', x):.3f}", "1.0" if name == "real" else "lower",
+               "label-free: int8's detections scored against fp32's own detections as ground truth, same 48 inputs")
+    figure(f"{label}: int8 worst-output SNR, noise calibration", f"{noisy.fidelity.snr_db:.1f} dB", "lower",
+           f"64 uniform-noise calibration samples; {HOW}")
+
+
+def test_face_detector_short_range(wheels, tmp_path, figure):
+    model = realmodels.extract_model(wheels, "face_detection_short_range.tflite", tmp_path)
+    data = realmodels.face_samples(wheels, 48, seed=2, size=128)
+    np.savez(tmp_path / "eval.npz", **data)
+    np.savez(tmp_path / "calib.npz", x=realmodels.face_samples(wheels, 64, seed=1, size=128)["x"])
+    m = _compile(model, tmp_path / "o", calib=tmp_path / "calib.npz", eval=tmp_path / "eval.npz",
+                 task="detection", decode=DECODE)
+    _record_variants(figure, "face_detection_short_range", m, "on 48 eval samples (128x128); int8 calibrated on 64 other crops")
+
+
+def test_selfie_segmentation(wheels, tmp_path, figure):
+    model = realmodels.extract_model(wheels, "selfie_segmentation.tflite", tmp_path)
+    np.savez(tmp_path / "calib.npz", x=realmodels.photo_samples(wheels, 48, seed=1, size=256))
+    m = _compile(model, tmp_path / "o", calib=tmp_path / "calib.npz")
+    _record_variants(figure, "selfie_segmentation", m, "48 calibration samples (256x256, values 0..1), fidelity on them")
+
+
+def test_pose_landmark_full(wheels, tmp_path, figure):
+    model = realmodels.extract_model(wheels, "pose_landmark_full.tflite", tmp_path)
+    np.savez(tmp_path / "calib.npz", x=realmodels.photo_samples(wheels, 24, seed=1, size=256))
+    m = _compile(model, tmp_path / "o", calib=tmp_path / "calib.npz")
+    _record_variants(figure, "pose_landmark_full", m, "24 calibration samples (256x256, values 0..1), fidelity on them")
+
+
+def test_iris_landmark(wheels, tmp_path, figure):
+    model = realmodels.extract_model(wheels, "iris_landmark.tflite", tmp_path)
+    np.savez(tmp_path / "calib.npz", x=realmodels.face_crops(wheels, 32, seed=1, size=64, margin=0.6))
+    m = _compile(model, tmp_path / "o", calib=tmp_path / "calib.npz")
+    _record_variants(figure, "iris_landmark (fp32 source)", m,
+                     "32 calibration samples: 64x64 crops of the central face region, values 0..1; fidelity on them")

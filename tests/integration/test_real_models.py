@@ -1,0 +1,182 @@
+"""Real pretrained models (MediaPipe BlazeFace, selfie segmentation, pose landmarks) on real photographs.
+
+The models and photos are read out of pinned wheels in ``.cache/wheels`` (``.ci/setup`` fetches them,
+see :mod:`edge_kit.realmodels`); a missing wheel fails these tests, it never skips them. Calibration
+and eval inputs are crops, flips, scales and mosaics of real pixels; uniform noise appears only
+where a test shows what noise calibration does. Face labels: the BlazeFace full-range model's own
+boxes on two photos, checked by eye (see docs/real-models.md).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import edge_kit.decoders.blazeface as blazeface
+from edge_kit import realmodels
+from edge_kit.compiler.pipeline import CompileRequest, compile_model
+from edge_kit.profiles import load_profile
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+DECODE = f"{blazeface.__file__}:decode"  # a .py path, as a user passes their own decoder
+FLOAT_SOURCE = {"fp32", "fp16", "dynamic-int8", "int8"}
+STRICT_SNR_DB = 15.0  # real calibration keeps the detector's int8 above this; noise calibration does not
+DETECTOR_OUTPUTS = {"reshaped_regressor_face_4", "reshaped_classifier_face_4"}
+
+
+@pytest.fixture(scope="module")
+def wheels() -> Path:
+    """The folder of pinned wheels; fails (never skips) when one is missing."""
+    folder = Path(os.environ.get("EDGEKIT_WHEELS", ROOT / ".cache" / "wheels"))
+    missing = []
+    for key in realmodels.WHEELS:
+        try:
+            realmodels.wheel(folder, key)
+        except realmodels.MissingWheel as exc:
+            missing.append(str(exc))
+    if missing:
+        pytest.fail("real-model wheels missing: " + "; ".join(missing), pytrace=False)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def faces(wheels, tmp_path_factory) -> dict[str, Path]:
+    return realmodels.write_face_data(wheels, tmp_path_factory.mktemp("faces"))
+
+
+@pytest.fixture(scope="module")
+def detector(faces, tmp_path_factory):
+    """face_detection_full_range compiled for rpi4 on real-photo calibration, scored with the BlazeFace decoder."""
+    out = tmp_path_factory.mktemp("detector")
+    manifest = compile_model(CompileRequest(faces["model"], [load_profile("rpi4")], out, calib=faces["calib"],
+                                            eval=faces["eval"], task="detection", decode=DECODE))
+    return out / "face_detection_full_range", manifest
+
+
+def strict_profile(folder: Path) -> Path:
+    """Return a profile file: rpi4's content plus ``min_fidelity_snr_db``."""
+    text = (ROOT / "profiles" / "rpi4.yaml").read_text()
+    text = text.replace("name: rpi4", "name: rpi4-strict").replace(
+        "max_model_mb: 64}", f"max_model_mb: 64, min_fidelity_snr_db: {STRICT_SNR_DB:g}}}")
+    assert "min_fidelity_snr_db" in text
+    path = folder / "rpi4-strict.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_detector_variants_are_built_with_per_output_fidelity_and_map(detector):
+    folder, manifest = detector
+    built = {a.id: a for a in manifest.artifacts if a.status == "built"}
+    assert set(built) == FLOAT_SOURCE
+    assert all("pruning needs the Keras model" in a.reason for a in manifest.artifacts if a.status != "built")
+    for a in built.values():
+        assert set(a.fidelity.outputs) == DETECTOR_OUTPUTS, a.id
+        assert a.accuracy.measured and a.accuracy.task == "detection" and a.accuracy.samples == 48, a.id
+    fp32, fp16, dyn, int8 = (built[v] for v in ("fp32", "fp16", "dynamic-int8", "int8"))
+    # labels are the fp32 model's own boxes (checked by eye): near-perfect at IoU .5, not at .95
+    assert fp32.accuracy.figures["map50"] == 1.0 and fp32.accuracy.value > 0.85
+    assert fp16.accuracy.value == fp32.accuracy.value  # the source's own float16 weights
+    assert dyn.accuracy.value >= 0.99 * fp32.accuracy.value
+    # measured: int8 mAP 0.850 vs fp32 0.925 (ratio 0.92); every face still found at IoU .5
+    assert int8.accuracy.value >= 0.90 * fp32.accuracy.value
+    assert int8.accuracy.figures["map50"] >= 0.99 * fp32.accuracy.figures["map50"]
+    assert int8.fidelity.snr_db >= STRICT_SNR_DB and int8.precision == "int8"
+    assert int8.bytes < 0.6 * fp32.bytes  # measured 0.58: not the 0.25 of a conv net whose weights dominate
+
+
+def test_noise_calibration_is_worse_and_a_fidelity_floor_warns(detector, faces, wheels, tmp_path, run_cli):
+    _, real = detector
+    noise = tmp_path / "noise.npz"
+    np.savez(noise, x=realmodels.noise_samples(64, seed=3, size=192))
+    profile = strict_profile(tmp_path)
+    code, out, err = run_cli("compile", faces["model"], "-p", profile, "--calib", noise, "--eval", faces["eval"],
+                             "--task", "detection", "--decode", DECODE, "--out", tmp_path / "o")
+    assert code == 0, err
+    assert "looks like noise (neighbouring pixels correlate at 0.00" in err
+    from edge_kit.manifest import read_manifest
+
+    manifest = read_manifest(tmp_path / "o" / "face_detection_full_range")
+    assert "looks like noise" in manifest.calibration["warning"]
+    noisy, good = manifest.artifact("int8"), real.artifact("int8")
+    assert noisy.fidelity.snr_db < good.fidelity.snr_db - 3
+    assert all(noisy.fidelity.outputs[o]["snr_db"] < good.fidelity.outputs[o]["snr_db"] for o in DETECTOR_OUTPUTS)
+    assert noisy.accuracy.value < good.accuracy.value
+    (warning,) = noisy.warnings
+    assert f"below rpi4-strict's min_fidelity_snr_db {STRICT_SNR_DB:g}" in warning and "check --calib" in warning
+    assert warning.split(":")[0] in err.replace("\n", " ")  # printed, not only recorded
+    assert all(not a.warnings for a in manifest.artifacts if a.id != "int8")
+
+
+def test_selfie_segmentation_with_a_custom_op_compiles_and_is_scored(wheels, tmp_path):
+    """Convolution2DTransposeBias is a custom op LiteRT resolves: the model is no longer refused.
+
+    Masks are model-made: the source model's own mask (> 0.5) on the eval photos, so mIoU measures
+    agreement with the float model, not quality against people's outlines.
+    """
+    from device_agents.inference import ModelRunner
+    from device_agents.runtimes import get_runtime
+
+    model = realmodels.extract_model(wheels, "selfie_segmentation.tflite", tmp_path)
+    x_eval = realmodels.photo_samples(wheels, 12, seed=2, size=256, names=("astronaut.png", "grace_hopper.jpg", "coffee.png"))
+    source = ModelRunner(get_runtime("litert").interpreter(model)).predict(x_eval)
+    mask = (next(iter(source.values()))[..., 0] > 0.5).astype(np.int64)
+    assert 0.05 < mask.mean() < 0.95  # people found, not everything
+    np.savez(tmp_path / "eval.npz", x=x_eval, **{"y.mask": mask})
+    np.savez(tmp_path / "calib.npz", x=realmodels.photo_samples(wheels, 24, seed=1, size=256))
+    manifest = compile_model(CompileRequest(model, [load_profile("rpi4")], tmp_path / "o", calib=tmp_path / "calib.npz",
+                                            eval=tmp_path / "eval.npz", task="segmentation"))
+    built = {a.id: a for a in manifest.artifacts if a.status == "built"}
+    assert set(built) == FLOAT_SOURCE
+    assert built["fp32"].op_histogram.get("Convolution2DTransposeBias", 0) >= 1
+    assert built["fp32"].accuracy.value == 1.0  # its own masks
+    for a in built.values():
+        assert a.accuracy.measured and a.accuracy.metric == "miou" and a.fidelity.measured, a.id
+    assert built["int8"].accuracy.value > 0.8
+
+
+def test_pose_landmarks_every_output_has_fidelity(wheels, tmp_path):
+    model = realmodels.extract_model(wheels, "pose_landmark_full.tflite", tmp_path)
+    np.savez(tmp_path / "calib.npz", x=realmodels.photo_samples(wheels, 12, seed=1, size=256))
+    manifest = compile_model(CompileRequest(model, [load_profile("rpi4")], tmp_path / "o", calib=tmp_path / "calib.npz"))
+    built = [a for a in manifest.artifacts if a.status == "built"]
+    assert {a.id for a in built} == FLOAT_SOURCE
+    names = {o["name"] for o in built[0].outputs}
+    assert len(names) == 5
+    for a in built:
+        assert a.fidelity.measured and set(a.fidelity.outputs) == names, a.id
+        assert a.fidelity.snr_db == min(f["snr_db"] for f in a.fidelity.outputs.values())
+        assert all(np.isfinite(f["cosine"]) for f in a.fidelity.outputs.values())
+
+
+def test_unresolved_custom_op_is_refused_in_one_line(wheels, tmp_path, run_cli):
+    model = realmodels.extract_model(wheels, "face_landmark_with_attention.tflite", tmp_path)
+    code, _, err = run_cli("compile", model, "-p", "rpi4", "--out", tmp_path / "o")
+    assert code == 2
+    (line,) = err.strip().splitlines()
+    assert line.startswith("edgekit: error:") and "unresolved custom op: Landmarks2TransformMatrix" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_agent_scores_the_int8_detector_as_the_host_did(detector):
+    """The agent decodes with the decoder source shipped inside eval.npz and gets the manifest's mAP."""
+    from device_agents.bench import run_bench
+    from device_agents.metrics import MetricSpec
+    from edgekit_protocol.config import BenchSettings
+
+    folder, manifest = detector
+    with np.load(folder / "eval.npz") as shipped:
+        spec = MetricSpec.from_bytes(bytes(shipped["metric"]), "eval.npz")
+    assert spec.decode == DECODE and "def weighted_nms" in spec.sources[DECODE.rpartition(":")[0]]
+    record = run_bench(folder / "int8.tflite", BenchSettings(warmup=1, min_runs=5, min_seconds=0.0),
+                       eval_file=folder / "eval.npz")
+    host = manifest.artifact("int8")
+    acc, fid = record["accuracy"], record["fidelity"]
+    assert acc["task"] == "detection" and acc["metric"] == "map" and acc["samples"] == 48
+    assert acc["value"] == pytest.approx(host.accuracy.value, abs=1e-9)
+    assert set(fid["outputs"]) == DETECTOR_OUTPUTS
+    assert fid["snr_db"] == pytest.approx(host.fidelity.snr_db, abs=0.01)
