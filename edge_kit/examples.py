@@ -110,7 +110,7 @@ def digits(out: Path, *, epochs: int = 30, seed: int = 0) -> ExampleFiles:
 
     keras.utils.set_random_seed(seed)
     model = keras.Sequential([
-        keras.Input((8, 8, 1)),
+        keras.Input((8, 8, 1), name="image"),
         keras.layers.Conv2D(32, 3, padding="same", activation="relu"),
         keras.layers.Conv2D(64, 3, padding="same", activation="relu"),
         keras.layers.MaxPooling2D(2),
@@ -138,7 +138,7 @@ def mobilenet_model(size: int = 96, alpha: float = 0.5, classes: int = 10, seed:
         x = layers.BatchNormalization()(x)
         return layers.ReLU(6.0)(x)
 
-    inp = keras.Input((size, size, 3))
+    inp = keras.Input((size, size, 3), name="image")
     x = layers.Conv2D(int(32 * alpha), 3, strides=2, padding="same", use_bias=False)(inp)
     x = layers.BatchNormalization()(x)
     x = layers.ReLU(6.0)(x)
@@ -188,7 +188,7 @@ def mobilenetv2_model(size: int = 32, alpha: float = 1.0, classes: int = 10, see
         y = conv_bn(y, filters, relu=False)
         return layers.Add()([x, y]) if stride == 1 and int(x.shape[-1]) == filters else y
 
-    inp = keras.Input((size, size, 3))
+    inp = keras.Input((size, size, 3), name="image")
     x = conv_bn(inp, int(16 * alpha), 3, stride=2)
     for filters, stride in [(16, 1), (16, 1), (24, 2), (24, 1), (32, 2), (32, 1)]:
         x = inverted_residual(x, int(filters * alpha), stride)

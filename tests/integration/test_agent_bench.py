@@ -82,7 +82,7 @@ def test_cli_json_and_errors(artifacts, tmp_path):
     p = agent("bench", artifacts / "int8.tflite", "--eval", wrong)
     assert p.returncode == 2
     assert p.stderr.strip().splitlines()[-1] == (f"edgekit-agent: error: {wrong}: --eval key 'x' samples have shape "
-                                                 "(28, 28, 1) but input 'input_layer' takes (8, 8, 1) (the first axis is the sample axis)")
+                                                 "(28, 28, 1) but input 'image' takes (8, 8, 1) (the first axis is the sample axis)")
     p = agent("bench", artifacts / "int8.tflite", "--delegate", "edgetpu")
     assert p.returncode == 2 and "libedgetpu.so.1" in p.stderr and "Traceback" not in p.stderr
 

@@ -83,7 +83,7 @@ def test_precisions_are_read_from_the_files(compiled):
     assert precision["dynamic-int8"] == "dynamic-int8" and precision["int8"] == "int8"
     int8 = manifest.artifact("int8")
     (inp,), (out,) = int8.inputs, int8.outputs
-    assert inp["dtype"] == "int8" and out["dtype"] == "int8" and inp["scale"] > 0 and inp["name"] == "input_layer"
+    assert inp["dtype"] == "int8" and out["dtype"] == "int8" and inp["scale"] > 0 and inp["name"] == "image"
 
 
 def test_int8_keeps_accuracy_and_shrinks_the_file(compiled):

@@ -36,7 +36,7 @@ def test_calibration_shape_mismatch(digits_files, tmp_path, run_cli):
     calib = tmp_path / "c.npz"
     np.savez(calib, x=np.zeros((200, 28, 28, 1), np.float32))
     code, _, err = run_cli("compile", digits_files.model, "-p", "rpi4", "--calib", calib, "--out", tmp_path / "o")
-    assert "key 'x' samples have shape (28, 28, 1) but input 'input_layer' takes (8, 8, 1)" in one_line_error(code, err)
+    assert "key 'x' samples have shape (28, 28, 1) but input 'image' takes (8, 8, 1)" in one_line_error(code, err)
     assert not (tmp_path / "o").exists()
 
 
