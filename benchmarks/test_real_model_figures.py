@@ -87,7 +87,7 @@ def test_face_detector_full_range(wheels, tmp_path, figure):
            "and checked by eye; decoded with edge_kit/decoders/blazeface.py (weighted NMS)")
     figure(f"{label}: fp32 mAP (own boxes, checked by eye)", f"{fp32.accuracy.value:.3f}", "-", how)
     figure(f"{label}: int8 mAP / fp32 mAP, real calibration", f"{int8.accuracy.value / fp32.accuracy.value:.3f}",
-           ">= 0.90", f"{how}; 64 real-photo calibration samples")
+           ">= 0.99 (MLPerf bar; not met yet)", f"{how}; 64 real-photo calibration samples")
     figure(f"{label}: int8 mAP / fp32 mAP, noise calibration", f"{noisy.accuracy.value / fp32.accuracy.value:.3f}",
            "lower", f"{how}; 64 uniform-noise calibration samples in [-1, 1]")
     for name, folder in (("real", tmp_path / "real"), ("noise", tmp_path / "noise")):
