@@ -68,24 +68,17 @@ def _scored(runner: ModelRunner, eval_x: Batch, arrays: dict[str, Array], eval_f
     samples = len(next(iter(outputs.values()))) if outputs else 0
     accuracy = fid = None
     labels = labels_of(arrays)
+    classes: set[str] = set()
     try:
         spec = MetricSpec.from_bytes(bytes(np.asarray(arrays["metric"]).astype(np.uint8)), str(eval_file)) \
             if "metric" in arrays else MetricSpec()
-    except MetricError as exc:
-        spec, accuracy = MetricSpec(), {"error": str(exc), "samples": samples}
-    classes: set[str] = set()
-    if accuracy is None:
-        try:
-            scorer = spec.scorer()
-            classes = scorer.class_outputs(outputs)
-        except MetricError as exc:
-            accuracy = {"error": str(exc), "samples": samples}
-    if labels and accuracy is None:
-        try:
+        scorer = spec.scorer()
+        classes = scorer.class_outputs(outputs)
+        if labels:
             scorer.check(labels, samples, str(eval_file))
             accuracy = {**scorer.score(outputs, labels), "samples": samples}
-        except MetricError as exc:
-            accuracy = {"error": str(exc), "samples": samples}
+    except MetricError as exc:
+        accuracy = {"error": str(exc), "samples": samples}
     if reference is None:
         ref = read_reference(eval_file, samples, list(outputs), arrays)
         reference = None if ref is None else {k: np.asarray(v, dtype=np.float32) for k, v in ref.items()}

@@ -97,6 +97,22 @@ def pick_output(outputs: Outputs, task: str, options: dict[str, Any], fits: Call
                       "name one with output=NAME or pass --metric module:function")
 
 
+def positive_option(options: dict[str, Any], key: str, default: float, task: str) -> float:
+    """Return task option ``key`` as a finite positive number (``default`` when absent).
+
+    Raises:
+        MetricError: it is not a finite number above zero.
+    """
+    value = options.get(key, default)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number) or number <= 0:
+        raise MetricError(f"--task {task}: option {key}={value!r} must be a finite number above 0")
+    return number
+
+
 def finite_figures(result: Any, where: str) -> dict[str, float]:
     """Return a metric's result as ``{name: float}``; a bare number becomes ``{"value": x}``.
 

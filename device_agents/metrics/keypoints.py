@@ -15,7 +15,14 @@ from __future__ import annotations
 import numpy as np
 
 from device_agents.errors import MetricError
-from device_agents.metrics.base import Labels, Outputs, Task, need, pick_output
+from device_agents.metrics.base import (
+    Labels,
+    Outputs,
+    Task,
+    need,
+    pick_output,
+    positive_option,
+)
 
 
 class Keypoints(Task):
@@ -45,6 +52,6 @@ class Keypoints(Task):
         span = np.where(visible[..., None], points, np.nan)
         size = np.nanmax(np.nanmax(span, axis=1) - np.nanmin(span, axis=1), axis=1)
         size = np.where(np.isfinite(size) & (size > 0), size, 1.0)
-        alpha = float(self.options.get("alpha", 0.1))
+        alpha = positive_option(self.options, "alpha", 0.1, self.key)
         hit = dist <= alpha * size[:, None]
         return {"pck": float(hit[visible].mean()), "mean_error": float(dist[visible].mean())}

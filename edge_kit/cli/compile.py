@@ -113,7 +113,7 @@ def compile_cmd(
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise InputError(f"--task-option {item}: give KEY=VALUE, e.g. output=scores")
-        options[key] = float(value) if value.replace(".", "", 1).isdigit() else value
+        options[key] = value  # each task converts and checks its own options
     req = CompileRequest(model=model, profiles=profiles, out=out_dir, calib=calib, eval=eval, train=train,
                          epochs=epochs, task=task, task_options=options, metric=metric, decode=decode,
                          input_shapes=parse_input_shapes(input_shape))

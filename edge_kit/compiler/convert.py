@@ -68,8 +68,9 @@ def quantize_tflite(data: bytes, precision: str, calib: dict[str, np.ndarray] | 
                    variant: str = "") -> bytes:
     """Make a variant of a float ``.tflite`` with ai-edge-quantizer (no TensorFlow graph needed).
 
-    The model is first rewritten to plain float32 (:func:`~edge_kit.compiler.tflite_edit.as_float32`);
-    then ``float32`` is that, ``float16`` casts weights to float16, ``dynamic-int8`` is the
+    ``data`` is the model already rewritten to plain float32 by
+    :func:`~edge_kit.compiler.tflite_edit.as_float32` (once per compile, shared by every variant);
+    ``float32`` is that, ``float16`` casts weights to float16, ``dynamic-int8`` is the
     ``dynamic_wi8_afp32`` recipe and ``int8`` the static ``static_wi8_ai8`` recipe (int8 weights
     and activations, int8 input and output) calibrated on ``calib`` ({input name: samples}, at most
     :data:`MAX_CALIBRATION_SAMPLES`).
@@ -81,7 +82,7 @@ def quantize_tflite(data: bytes, precision: str, calib: dict[str, np.ndarray] | 
         CompileError: ai-edge-quantizer is not installed, int8 without calibration data, or the
             quantizer failed.
     """
-    from edge_kit.compiler.tflite_edit import as_float32, signature_key
+    from edge_kit.compiler.tflite_edit import signature_key
 
     try:
         from ai_edge_quantizer import qtyping, quantizer, recipe, recipe_manager
@@ -91,7 +92,7 @@ def quantize_tflite(data: bytes, precision: str, calib: dict[str, np.ndarray] | 
         raise CompileError(f"variant {variant}: full-integer int8 needs calibration data (--calib)")
     try:
         with captured_output():
-            fp32, _ = as_float32(data)
+            fp32 = data
             if precision == "float32":
                 return fp32
             qt = quantizer.Quantizer(fp32)

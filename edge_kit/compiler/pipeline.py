@@ -37,6 +37,7 @@ from edge_kit.compiler.sources import (
     load_source,
     source_graph,
 )
+from edge_kit.compiler.tflite_edit import as_float32
 from edge_kit.errors import CompileError, InputError
 from edge_kit.fsutil import atomic_write_bytes, atomic_write_text, sha256_bytes
 from edge_kit.manifest import Accuracy, Artifact, Fidelity, Manifest
@@ -136,9 +137,28 @@ def _refusal(spec: VariantSpec, source: Source, calib: Dataset | None) -> str | 
     return target.compiler_unavailable() if target else None
 
 
-def _build(plan: _Plan, source: Source, graph: Callable[[], Graph], req: CompileRequest, calib: Dataset | None,
+def _prepared(source: Source) -> Graph | bytes:
+    """Return what every variant of ``source`` is made from: its TensorFlow graph, or for a
+    ``.tflite`` its float32 rewrite (:func:`~edge_kit.compiler.tflite_edit.as_float32`).
+
+    Raises:
+        CompileError: the flatbuffer could not be rewritten.
+    """
+    if source.kind != "tflite":
+        return source_graph(source)
+    try:
+        return as_float32(source.tflite or b"")[0]
+    except Exception as exc:  # noqa: BLE001 - flatbuffer parsing raises assorted types on odd files
+        raise CompileError(f"{source.path}: could not rewrite the .tflite to float32 for quantizing ({exc})") from None
+
+
+def _build(plan: _Plan, source: Source, graph: Callable[[], Graph | bytes], req: CompileRequest, calib: Dataset | None,
            train: Dataset | None, built: dict[str, _Plan]) -> tuple[bytes, str]:
-    """Return (flatbuffer, how it was made) for one planned variant. Raises CompileError."""
+    """Return (flatbuffer, how it was made) for one planned variant. Raises CompileError.
+
+    ``graph`` gives the source's TensorFlow graph, or for a ``.tflite`` source its float32 rewrite;
+    either is made once and shared by every variant.
+    """
     spec = plan.spec
     calib_x = calib.x if calib is not None else None
     target = compiler_of(spec.id)
@@ -158,7 +178,7 @@ def _build(plan: _Plan, source: Source, graph: Callable[[], Graph], req: Compile
         how = {"float32": "float16 weights stored as float32", "float16": "ai-edge-quantizer float16 weight casting",
                "dynamic-int8": "ai-edge-quantizer dynamic_wi8_afp32",
                "int8": "ai-edge-quantizer static_wi8_ai8, calibrated on --calib"}[spec.precision]
-        return quantize_tflite(source.tflite or b"", spec.precision, calib_x, variant=spec.id), how
+        return quantize_tflite(graph(), spec.precision, calib_x, variant=spec.id), how
     if spec.pruning:
         from edge_kit.compiler import pruning
 
@@ -269,7 +289,7 @@ def compile_model(req: CompileRequest, progress: Progress | None = None) -> Mani
             interp = runtime.interpreter(data, threads=req.threads)
         return ModelRunner(interp).predict(xs)
 
-    graph = functools.cache(lambda: source_graph(source))  # traced once, shared by every precision
+    graph = functools.cache(lambda: _prepared(source))  # made once, shared by every precision
     built: dict[str, _Plan] = {}
     for plan in plans.values():
         step(f"building {plan.spec.id}")

@@ -140,3 +140,12 @@ def test_a_user_metric_that_raises_or_returns_a_non_number_is_a_one_line_error(t
 
 def test_labels_of_strips_the_prefix():
     assert sorted(labels_of({"x": 1, "y": np.zeros(1), "y.boxes": np.zeros(1), "reference": 2})) == ["boxes", "y"]
+
+
+@pytest.mark.parametrize("alpha", ["abc", "nan", "-1", "inf"])
+def test_a_task_option_that_is_not_a_positive_number_is_a_one_line_error(alpha):
+    points = np.zeros((1, 2, 2))
+    with pytest.raises(MetricError, match=f"option alpha='{alpha}' must be a finite number above 0"):
+        MetricSpec.build("keypoints", {"alpha": alpha}).scorer().score({"lm": points.reshape(1, -1)}, {"points": points})
+    assert MetricSpec.build("keypoints", {"alpha": "0.2"}).scorer().score(
+        {"lm": points.reshape(1, -1)}, {"points": points})["value"] == 1.0

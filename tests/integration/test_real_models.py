@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import edge_kit.decoders.blazeface as blazeface
+from device_agents.inference import SNR_CAP_DB
 from edge_kit import realmodels
 from edge_kit.compiler.pipeline import CompileRequest, compile_model
 from edge_kit.profiles import load_profile
@@ -81,6 +82,9 @@ def test_detector_variants_are_built_with_per_output_fidelity_and_map(detector):
     # labels are the fp32 model's own boxes (checked by eye): near-perfect at IoU .5, not at .95
     assert fp32.accuracy.figures["map50"] == 1.0 and fp32.accuracy.value > 0.85
     assert fp16.accuracy.value == fp32.accuracy.value  # the source's own float16 weights
+    # fp32 is the source rewritten (float16 constants as float32, DEQUANTIZE dropped): the very same outputs
+    assert fp32.derived_from == "float16 weights stored as float32" and fp16.derived_from == "source .tflite as is"
+    assert fp16.fidelity.snr_db == SNR_CAP_DB and fp16.fidelity.max_abs_error == 0.0
     assert dyn.accuracy.value >= 0.99 * fp32.accuracy.value
     # measured: int8 mAP 0.850 vs fp32 0.925 (ratio 0.92); every face still found at IoU .5
     assert int8.accuracy.value >= 0.90 * fp32.accuracy.value
