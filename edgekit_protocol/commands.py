@@ -3,8 +3,9 @@
 ========  =====================================================================================
 bench     ``{variant | sha256, min_runs, min_seconds, warmup, threads}``: benchmark an installed
           model (default: the current one); the record goes to ``bench``, the ack names it.
-install   ``{path, sha256, variant, model, eval}``: move an upload from ``<root>/incoming/`` into the
-          store, checked against ``sha256`` (``eval``: an eval set there, copied alongside).
+install   ``{path, sha256, variant, model, eval, eval_sha256}``: move an upload from ``<root>/incoming/``
+          into the store, checked against ``sha256`` (``eval``: an eval set there, copied alongside,
+          checked against ``eval_sha256``).
 activate  ``{variant | sha256, keep}``: safe activation (sha256 check, smoke inference in a child), then
           the store budget: the oldest models beyond ``store.max_store_mb`` are removed, never
           ``current``, ``previous`` or one in ``keep`` (the host's candidates); the ack lists them.
@@ -35,14 +36,14 @@ _ARGS: dict[str, dict[str, tuple[tuple[type, ...], float | None, float | None]]]
               "min_runs": (_INT, 1, 1_000_000), "min_seconds": (_NUM, 0, 600),
               "warmup": (_INT, 0, 10_000), "threads": (_INT, 1, 64)},
     "install": {"path": ((str,), None, None), "sha256": ((str,), None, None), "variant": ((str,), None, None),
-                "model": ((str,), None, None), "eval": ((str,), None, None)},
+                "model": ((str,), None, None), "eval": ((str,), None, None), "eval_sha256": ((str,), None, None)},
     "activate": {"variant": ((str,), None, None), "sha256": ((str,), None, None),
                  "keep": ((list,), 0, 256)},  # sha256s the store budget must spare (a list's bounds: its length)
     "rollback": {},
     "state": {"verify": ((bool,), None, None)},  # verify: hash every stored model, report the damaged
 }
 COMMANDS = tuple(_ARGS)
-MAX_TTL_S = 86_400.0  # a command may stay valid for a day at most (the agent remembers ids far longer)
+MAX_TTL_S = 86_400.0  # a command may stay valid for a day at most (the agent remembers its id until it expired)
 
 
 @dataclass(frozen=True)

@@ -228,6 +228,8 @@ def monitor_cmd(
     metrics_addr: Annotated[str, typer.Option(help="Address for the metrics endpoint.")] = "127.0.0.1",
     share: Annotated[Optional[str], typer.Option(help="Join this MQTT 5 shared-subscription group (several workers).")] = None,
     silence_s: Annotated[float, typer.Option(min=1, help="Alert when a device is silent this long.")] = 180.0,
+    min_free_mb: Annotated[float, typer.Option(min=0, help="Alert when a device reports less free disk space "
+                                                          "(its agent refuses writes below its own store.min_free_mb).")] = 32.0,
     duration: Annotated[Optional[float], typer.Option(min=0, help="Stop after this many seconds (default: until Ctrl-C).")] = None,
     client_id: Annotated[Optional[str], typer.Option(help="MQTT client id of this worker's persistent session (default: "
                                                           "from the fleet, the store and, with --share, this host); "
@@ -259,7 +261,7 @@ def monitor_cmd(
         where = f"{db.path.resolve()}|{share}|{socket.gethostname()}" if share else str(db.path.resolve())
         client_id = f"edgekit-monitor-{fleet.fleet}-{hashlib.sha256(where.encode()).hexdigest()[:10]}"
     mon = Monitor(fleet, db, share=share, silence_s=silence_s, on_message=metrics.observe, client_id=client_id,
-                  persistent=True)
+                  persistent=True, min_free_mb=min_free_mb)
     metrics.watch(mon)
     server = metrics.serve(metrics_port, metrics_addr) if metrics_port else None
     mon.start()

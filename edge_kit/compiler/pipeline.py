@@ -340,11 +340,12 @@ def compile_model(req: CompileRequest, progress: Progress | None = None) -> Mani
         for warning in plan.artifact.warnings:
             warnings.warn(warning, stacklevel=2)
 
+    extra = {EVAL_FILE: _eval_bundle(evalset, reference, metric)} if evalset else {}
     manifest = Manifest(
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         model=source.record(),
         calibration={**calib.record(), "warning": calib_noise} if calib else None,
-        eval={**evalset.record(), **metric.record(), "file": EVAL_FILE,
+        eval={**evalset.record(), **metric.record(), "file": EVAL_FILE, "sha256": sha256_bytes(extra[EVAL_FILE]),
               "metric": scorer.task.headline if scorer.task is not None and scorer.user is None else None,
               "reference": "fp32" if reference is not None else None} if evalset else None,
         train=train.record() if train else None,
@@ -354,7 +355,6 @@ def compile_model(req: CompileRequest, progress: Progress | None = None) -> Mani
         artifacts=[p.artifact for p in plans.values() if p.artifact is not None],
     )
     step("writing artifacts")
-    extra = {EVAL_FILE: _eval_bundle(evalset, reference, metric)} if evalset else {}
     _publish(out / source.name, plans, manifest, extra)
     return manifest
 

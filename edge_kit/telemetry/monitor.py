@@ -51,7 +51,7 @@ BATCH = 500
 @dataclass
 class Alert:
     device: str
-    kind: str  # "offline", "constraints", "silent", "refused" (forged, unsigned, from the future), "store"
+    kind: str  # "offline", "constraints", "silent", "refused" (forged, unsigned, from the future), "store", "disk"
     text: str
     ts: float = field(default_factory=time.time)
 
@@ -70,7 +70,7 @@ class Monitor:
 
     def __init__(self, fleet: Fleet, store: Store, *, share: str | None = None, silence_s: float = 180.0,
                  on_message: Callable[[str, dict[str, Any]], None] | None = None, client_id: str | None = None,
-                 persistent: bool = False):
+                 persistent: bool = False, min_free_mb: float = 32.0):
         self.fleet = fleet
         self.store = store
         self.share = share
@@ -89,6 +89,8 @@ class Monitor:
         self._connected = threading.Event()
         self._refused: str | None = None
         self._silent_alerted: set[str] = set()
+        self.min_free_bytes = min_free_mb * 1e6  # a device reporting less free space is alerted on (once per episode)
+        self._low_disk: set[str] = set()
         cid = client_id or f"edgekit-monitor-{uuid.uuid4().hex[:8]}"
         self.client = make_client(fleet.broker, cid, password=fleet.broker.password("fleet file"),
                                   v5=share is not None, clean=not persistent)
@@ -253,6 +255,16 @@ class Monitor:
 
     def _check_alerts(self, kind: str, msg: dict[str, Any]) -> None:
         device = msg["device"]
+        disk = msg.get("disk") if kind in ("status", "telemetry") else None
+        if isinstance(disk, dict) and isinstance(disk.get("free_bytes"), (int, float)):
+            low = bool(disk.get("full")) or disk["free_bytes"] < self.min_free_bytes
+            if low and device not in self._low_disk:
+                self._low_disk.add(device)
+                self.alerts.append(Alert(device, "disk", f"{device}: {disk['free_bytes'] / 1e6:.1f} MB free"
+                                         + (" (full: installs, activations and benches refused)" if disk.get("full") else
+                                            f" (below {self.min_free_bytes / 1e6:.0f} MB)")))
+            elif not low:
+                self._low_disk.discard(device)
         if kind == "status" and msg["state"] == "offline":
             self.alerts.append(Alert(device, "offline", f"{device} went offline"))
         elif kind == "bench" and device in self.constraints:

@@ -33,7 +33,7 @@ def test_deploy_to_four_devices_in_parallel_then_redeploy_skips_them_all(sim, di
     simfleet, fleet = sim(4)
     code, out, err = run_cli("deploy", "--fleet", simfleet.fleet_file, "--artifacts", digits_artifacts,
                              "--variant", "int8", "--parallel", "4", "--json")
-    assert code == 0, err
+    assert code == 0, out
     result = json.loads(out)
     assert result["counts"] == {"succeeded": 4, "skipped": 0, "failed": 0}
     int8 = manifest_sha(digits_artifacts, "int8")
@@ -232,6 +232,8 @@ def test_a_tampered_model_and_a_truncated_meta_json_are_reported_and_repaired_by
         byte = f.read(1)
         f.seek(100)
         f.write(bytes([byte[0] ^ 0xFF]))
+    dyn = manifest_sha(digits_artifacts, "dynamic-int8")
+    (store.models / dyn / "eval.npz").write_bytes(b"PK not the eval set")  # the eval set (metric code) replaced
     meta = store.models / int8 / "meta.json"  # the current model's metadata cut short
     meta.write_text(meta.read_text()[:20])
     assert store.describe(int8) == {"sha256": int8, "damaged": "meta.json is missing or unreadable"}  # not "none"
@@ -240,6 +242,39 @@ def test_a_tampered_model_and_a_truncated_meta_json_are_reported_and_repaired_by
     assert r.status == "succeeded", r.reason
     assert "repair fp32 (the artifact no longer hashes to its sha256)" in r.actions
     assert "repair int8 (meta.json is missing or unreadable)" in r.actions
+    assert "repair dynamic-int8 (the eval set no longer hashes to its sha256)" in r.actions
     assert store.damaged() == [] and store.describe(int8)["variant"] == "int8" and current(dev) == int8
     again = deploy(fleet, [dev], DeployOptions(digits_artifacts, variant="int8")).results[0]
     assert again.status == "skipped" and not any(a.startswith("repair") for a in again.actions)
+
+
+def test_tampered_agent_code_is_not_started_and_the_next_deploy_reinstalls_it(sim, digits_artifacts):
+    """The deploy checks the agent's files against their sha256 with a script of its own (never a
+    marker file); the agent checks them against the operator-signed manifest before it starts."""
+    import subprocess
+    import sys
+
+    simfleet, fleet = sim(1)
+    dev = fleet.devices[0]
+    assert len(deploy(fleet, [dev], DeployOptions(digits_artifacts, variant="int8")).succeeded) == 1
+    code = Path(dev.root) / "agent"
+    assert (code / "AGENT.json").is_file() and not list(code.rglob("__pycache__"))  # it ran with -B
+    service = code / "device_agents" / "service.py"
+    service.write_text(service.read_text() + "\nprint('tampered')\n")
+    started = subprocess.run([sys.executable, "-B", "-m", "device_agents", "run", "--config", f"{dev.root}/agent.yaml"],
+                             env={**os.environ, "PYTHONPATH": str(code)}, cwd=dev.root, capture_output=True, text=True,
+                             timeout=60)
+    assert started.returncode == 2 and "changed device_agents/service.py" in started.stderr, started.stderr
+    assert "not started: run `edgekit deploy`" in started.stderr
+    r = deploy(fleet, [dev], DeployOptions(digits_artifacts, variant="int8")).results[0]
+    assert r.status == "succeeded", r.reason
+    assert any("reinstalled: code differs: changed device_agents/service.py" in a for a in r.actions), r.actions
+    assert "tampered" not in service.read_text()
+    stray = code / "device_agents" / "__pycache__" / "service.cpython-311.pyc"  # a planted .pyc counts too
+    stray.parent.mkdir()
+    stray.write_bytes(b"\x00" * 16)
+    r = deploy(fleet, [dev], DeployOptions(digits_artifacts, variant="int8")).results[0]
+    assert any("added device_agents/__pycache__/service.cpython-311.pyc" in a for a in r.actions), r.actions
+    assert not stray.exists()
+    again = deploy(fleet, [dev], DeployOptions(digits_artifacts, variant="int8")).results[0]
+    assert again.status == "skipped", again.actions

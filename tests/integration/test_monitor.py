@@ -95,11 +95,20 @@ def test_alerts_for_offline_broken_constraints_and_silence(fleet, publisher, tmp
     try:
         send(publisher, "status", messages.envelope("status", FLEET, "d2", 1, {"state": "offline"}), device="d2")
         send(publisher, "bench", bench("d1", 1, p90=80.0))  # rpi4 allows p90 <= 50 ms
+        low = {"conditions": {}, "spool": {}, "disk": {"free_bytes": 9e6, "total_bytes": 3e10, "full": False}}
+        for seq in (1, 2):  # the same episode: alerted once
+            send(publisher, "telemetry", messages.envelope("telemetry", FLEET, "d1", seq, low))
+        send(publisher, "telemetry", messages.envelope("telemetry", FLEET, "d1", 3, {**low, "disk": {"free_bytes": 5e9}}))
+        send(publisher, "status", messages.envelope("status", FLEET, "d1", 1, {
+            "state": "online", "disk": {"free_bytes": 1e6, "total_bytes": 3e10, "full": True}}))
         assert wait_until(lambda: {a.kind for a in mon.alerts} >= {"offline", "constraints", "silent"}, 10), mon.alerts
+        assert wait_until(lambda: len([a for a in mon.alerts if a.kind == "disk"]) == 2, 10), mon.alerts
     finally:
         mon.stop()
     texts = [a.text for a in mon.alerts]
     assert "d2 went offline" in texts and "d1 int8: breaks p90 <= 50 ms" in texts
+    assert [a.text for a in mon.alerts if a.kind == "disk"] == [
+        "d1: 9.0 MB free (below 32 MB)", "d1: 1.0 MB free (full: installs, activations and benches refused)"]
 
 
 def test_prometheus_endpoint_exports_per_device_and_variant_series(fleet, publisher, tmp_path):
@@ -111,7 +120,8 @@ def test_prometheus_endpoint_exports_per_device_and_variant_series(fleet, publis
     mon.start()
     try:
         send(publisher, "bench", bench("d1", 1, p90=7.5))
-        send(publisher, "status", messages.envelope("status", FLEET, "d1", 1, {"state": "online"}))
+        send(publisher, "status", messages.envelope("status", FLEET, "d1", 1, {
+            "state": "online", "disk": {"free_bytes": 123456789, "total_bytes": 3e10, "full": False}}))
         assert wait_until(lambda: mon.stats.stored == 2, 10)
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     finally:
@@ -121,6 +131,8 @@ def test_prometheus_endpoint_exports_per_device_and_variant_series(fleet, publis
     assert 'edgekit_power_watts{device="d1",source="ina219",variant="int8"} 4.2' in text
     assert 'edgekit_accuracy_top1{device="d1",variant="int8"} 0.99' in text
     assert 'edgekit_device_online{device="d1"} 1.0' in text
+    assert 'edgekit_device_disk_free_bytes{device="d1"} 1.23456789e+08' in text
+    assert 'edgekit_device_disk_full{device="d1"} 0.0' in text
     assert 'edgekit_monitor_messages_total{outcome="stored"} 2.0' in text
 
 
