@@ -27,8 +27,9 @@ import edgekit_protocol
 from device_agents import conditions
 from device_agents.bench import run_bench
 from device_agents.disk import Disk, is_out_of_space
-from device_agents.errors import DiskFull
-from device_agents.identity import OPERATOR, Keyring, Signer, encode_key, read_operators
+from device_agents.errors import CodeTampered, DiskFull
+from device_agents import codecheck
+from device_agents.identity import OPERATOR, Keyring, Signer, decode_key, encode_key, key_id, read_operators
 from device_agents.mqtt import SpooledPublisher, make_client
 from device_agents.power import SensorEnv, SensorMeter, not_measured, power_meter
 from device_agents.runtimes import RUNTIMES
@@ -317,9 +318,7 @@ class Agent:
         """
         remembered = self.store.root / "candidates.json"
         if keep is not None:
-            tmp = remembered.with_suffix(".tmp")
-            tmp.write_text(json.dumps(sorted(keep)))
-            os.replace(tmp, remembered)
+            atomic_write(remembered, json.dumps(sorted(keep)).encode())
         if self.cfg.store.max_store_mb is None:
             return []
         try:
@@ -342,6 +341,34 @@ class Agent:
         if cmd.args.get("verify"):
             state["damaged"] = self.store.damaged()
         return state
+
+    def _cmd_operators(self, cmd: Command) -> dict[str, Any]:
+        """Pin the operator keys ``keys`` (the command itself is signed by a key pinned now).
+
+        A deployed agent (running from ``<root>/agent``) takes ``code`` too, its code manifest
+        signed by one of the new keys, so it still starts after the old key is dropped; it is
+        written first, while the old keys stay pinned, so a crash in between leaves a valid pair.
+
+        Raises:
+            ConfigError: a key is not a key. CodeTampered: ``code`` is missing, not signed by a new
+                key, or not for this agent's files.
+        """
+        keys = [decode_key(k, f"operators: keys[{i}]") for i, k in enumerate(cmd.args["keys"])]
+        here = Path(codecheck.__file__).resolve().parent.parent
+        if here == self.store.root.resolve() / "agent":
+            doc = cmd.args.get("code")
+            try:
+                Keyring(operators=keys).verify(doc or {}, OPERATOR)
+            except EdgeKitError as exc:
+                raise CodeTampered(f"operators: the code manifest is missing or not signed by a new key ({exc})") from None
+            diff = codecheck.differences(doc.get("files") or {}, codecheck.tree(here))
+            if diff or doc.get("schema") != codecheck.SCHEMA:
+                raise CodeTampered(f"operators: the code manifest is for other code ({', '.join(diff[:3])}); "
+                                   "deploy this agent first")
+            atomic_write(here / codecheck.MANIFEST, json.dumps(doc, indent=1).encode())
+        atomic_write(self.identity / "operators.json", json.dumps([encode_key(k) for k in keys]).encode())
+        log.warning("operator keys now pinned: %s", ", ".join(key_id(k) for k in keys))
+        return {"pinned": [key_id(k) for k in keys]}
 
     def _publish_status(self) -> None:
         if self.publisher.connected.is_set():
@@ -411,6 +438,16 @@ class Agent:
         self.client.disconnect()
         self.client.loop_stop()
         self.spool.close()
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file, fsync and rename: readers see old or new, whole."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def run_agent(cfg: AgentConfig, log_file: Path | None = None) -> None:

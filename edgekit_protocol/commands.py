@@ -10,8 +10,10 @@ activate  ``{variant | sha256, keep}``: safe activation (sha256 check, smoke inf
           the store budget: the oldest models beyond ``store.max_store_mb`` are removed, never
           ``current``, ``previous`` or one in ``keep`` (the host's candidates); the ack lists them.
 rollback  ``{}``: swap ``current`` and ``previous``.
-state     ``{verify}``: what is installed, current, previous, the spool, the power sensor, free bytes;
+state     ``{verify}``: what is installed, current, previous, the spool, the power sensor, the disk;
           with ``verify``, every stored model is hashed and the damaged ones listed.
+operators ``{keys, code}``: pin these operator keys (signed by a key pinned now: key rotation); a
+          deployed agent also takes ``code``, its code manifest signed by one of the new keys.
 ========  =====================================================================================
 
 Every command carries ``expires`` (unix time, at most :data:`MAX_TTL_S` after its ``ts``): one
@@ -41,6 +43,8 @@ _ARGS: dict[str, dict[str, tuple[tuple[type, ...], float | None, float | None]]]
                  "keep": ((list,), 0, 256)},  # sha256s the store budget must spare (a list's bounds: its length)
     "rollback": {},
     "state": {"verify": ((bool,), None, None)},  # verify: hash every stored model, report the damaged
+    # keys: the operator public keys to pin from now on (base64); code: the agent-code manifest signed by one of them
+    "operators": {"keys": ((list,), 1, 8), "code": ((dict,), None, None)},
 }
 COMMANDS = tuple(_ARGS)
 MAX_TTL_S = 86_400.0  # a command may stay valid for a day at most (the agent remembers its id until it expired)
@@ -113,6 +117,8 @@ def check_args(name: str, args: Any) -> dict[str, Any]:
             raise CommandError(f"{name}: argument '{key}' must be between {low} and {high}, got {value}", name=name)
     if name == "activate" and not (args.get("variant") or args.get("sha256")):
         raise CommandError("activate: give 'variant' or 'sha256'", name=name)
+    if name == "operators" and "keys" not in args:
+        raise CommandError("operators: give 'keys', the operator public keys to pin", name=name)
     return args
 
 

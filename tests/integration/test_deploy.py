@@ -278,3 +278,44 @@ def test_tampered_agent_code_is_not_started_and_the_next_deploy_reinstalls_it(si
     assert not stray.exists()
     again = deploy(fleet, [dev], DeployOptions(digits_artifacts, variant="int8")).results[0]
     assert again.status == "skipped", again.actions
+
+
+def test_operator_key_rotation_over_mqtt_and_a_missed_device_repaired_by_deploy(sim, digits_artifacts, run_cli):
+    """`edgekit keys rotate`: a device that takes it obeys only the new key (and its agent still starts:
+    its code manifest is re-signed); a device left out refuses the new key until a deploy pins it."""
+    import subprocess
+    import sys
+
+    from device_agents.identity import Signer, key_id
+    from edge_kit.errors import AgentTimeout
+    from edge_kit.fleet.commands import FleetClient
+
+    simfleet, fleet = sim(2)
+    assert len(deploy(fleet, fleet.devices, DeployOptions(digits_artifacts, variant="int8")).succeeded) == 2
+    keys = fleet.key_store()
+    old = Signer.from_pem((keys.folder / "operator.key").read_bytes(), "old")
+    code, out, err = run_cli("keys", "rotate", "--fleet", simfleet.fleet_file, "--devices", "rpi4-1", "--json")
+    assert code == 0, out + err
+    result = json.loads(out)
+    assert result["old_key"] == old.key_id and result["devices"] == [{"device": "rpi4-1", "outcome": "rotated", "reason": None}]
+    new = fleet.key_store().operator
+    assert new.key_id == result["new_key"] != old.key_id
+    assert (keys.folder / "retired" / f"operator-{old.key_id}.key").stat().st_mode & 0o777 == 0o600
+    pinned = json.loads((Path(fleet.devices[0].root) / "identity" / "operators.json").read_text())
+    assert [key_id(__import__("base64").b64decode(k)) for k in pinned] == [new.key_id]
+    with FleetClient.of(fleet) as client:  # signs with the new key
+        assert client.request("rpi4-1", "state", timeout=30)["ok"]
+        with pytest.raises(AgentTimeout):  # rpi4-2 missed the rotation: it refuses the new key, unanswered
+            client.request("rpi4-2", "state", timeout=3)
+    with FleetClient(fleet.broker, fleet.fleet, fleet.broker.password("x"), signer=old, keyring=keys.keyring()) as client:
+        with pytest.raises(AgentTimeout):  # the retired key no longer commands rpi4-1
+            client.request("rpi4-1", "state", timeout=3)
+    dev = fleet.devices[0]  # the rotated agent's code still verifies under the pinned (new) key
+    check = ("from device_agents.codecheck import verify_code; from pathlib import Path; "
+             f"verify_code(Path({dev.root!r}) / 'agent', Path({dev.root!r}) / 'identity' / 'operators.json')")
+    assert subprocess.run([sys.executable, "-B", "-c", check], cwd=dev.root, timeout=60,
+                          env={**os.environ, "PYTHONPATH": f"{dev.root}/agent"}).returncode == 0
+    r = deploy(fleet, [fleet.devices[1]], DeployOptions(digits_artifacts, variant="int8")).results[0]
+    assert r.status == "succeeded" and "operator key pinned" in " ".join(r.actions), r.actions
+    with FleetClient.of(fleet) as client:
+        assert client.request("rpi4-2", "state", timeout=30)["ok"]
