@@ -24,12 +24,19 @@ from pathlib import Path
 from typing import Any
 
 import edgekit_protocol
-from device_agents import conditions
+from device_agents import codecheck, conditions
 from device_agents.bench import run_bench
 from device_agents.disk import Disk, is_out_of_space
 from device_agents.errors import CodeTampered, DiskFull
-from device_agents import codecheck
-from device_agents.identity import OPERATOR, Keyring, Signer, decode_key, encode_key, key_id, read_operators
+from device_agents.identity import (
+    OPERATOR,
+    Keyring,
+    Signer,
+    decode_key,
+    encode_key,
+    key_id,
+    read_operators,
+)
 from device_agents.mqtt import SpooledPublisher, make_client
 from device_agents.power import SensorEnv, SensorMeter, not_measured, power_meter
 from device_agents.runtimes import RUNTIMES
