@@ -146,7 +146,7 @@ def test_an_upload_is_installed_by_the_running_agent_from_incoming_only_and_only
         rec = client.request("dev1", "bench", {"variant": "dynamic-int8", "min_runs": 5}, timeout=60)["record"]
         state = client.request("dev1", "state", timeout=30)["result"]
     assert rec["sha256"] == sha and rec["accuracy"]["value"] is not None
-    assert 0 < state["free_bytes"] and store.current() == agent.sha["int8"]  # installing never activates
+    assert 0 < state["disk"]["free_bytes"] and store.current() == agent.sha["int8"]  # installing never activates
 
 
 def _fuzz_payloads(n: int, rng: random.Random) -> list[bytes]:

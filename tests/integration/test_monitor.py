@@ -173,10 +173,17 @@ def test_monitor_cli_json_summary_and_fleet_status(fleet, publisher, tmp_path, r
     assert code == 0 and "d1" in out and "int8" in out and "3.25" in out and "never seen" in out
 
 
-def test_forged_replayed_future_and_non_finite_messages_are_refused_counted_and_alerted(fleet, publisher, tmp_path, run_cli):
-    """What an attacker on the broker can send: none of it is stored, each is counted and alerted."""
+@pytest.mark.parametrize("verifier", ["child process", "child killed"])
+def test_forged_replayed_future_and_non_finite_messages_are_refused_counted_and_alerted(fleet, publisher, tmp_path,
+                                                                                       verifier):
+    """What an attacker on the broker can send: none of it is stored, each is counted and alerted;
+    also when the verifying child process is killed (started again, or verified in the monitor)."""
     store = Store(tmp_path / "h.db")
     mon = Monitor(fleet, store).start()
+    assert mon.verifier is not None and mon.verifier._proc.is_alive()
+    if verifier == "child killed":
+        mon.verifier._proc.kill()
+        mon.verifier._proc.join(5)
     intruder = Signer.generate()  # a key nobody registered
     try:
         send(publisher, "bench", bench("d1", 1, p90=20.0))  # the real measurement
