@@ -130,6 +130,43 @@ def as_float32(data: bytes) -> tuple[bytes, int]:
     return _dump(model), converted
 
 
+def pin_inputs(data: bytes, shapes: dict[str, tuple[int, ...]]) -> bytes:
+    """Return the model with the named inputs fixed to ``shapes`` ({input name: full shape, batch included}).
+
+    Inputs are named as :func:`device_agents.inference.ports` names them (signature, else tensor
+    names). The LiteRT interpreter resizes them (only dimensions the model declares dynamic may
+    change) and propagates the shapes through the graph; every tensor whose declared shape had a
+    dynamic dimension then gets the shape the interpreter computed, as ``shape`` and
+    ``shape_signature``, so the file is static: ai-edge-quantizer, the analysis (MACs) and devices
+    read fixed sizes from it.
+
+    Raises:
+        KeyError: a name is not an input of the model.
+        ValueError / RuntimeError: the interpreter refuses the shape (it does not fit a static
+            dimension, or an op cannot run at it).
+    """
+    from device_agents.inference import ports
+    from device_agents.runtimes import get_runtime
+
+    # reference kernels: a delegate keeps the tensors inside its partition at their old shapes
+    interp = get_runtime("litert").interpreter(data, delegate="none")
+    index = {p.name: p.index for p in ports(interp)[0]}
+    for name, shape in shapes.items():
+        interp.resize_tensor_input(index[name], [int(d) for d in shape], strict=True)
+    interp.allocate_tensors()
+    found = {int(d["index"]): tuple(int(x) for x in d["shape"]) for d in interp.get_tensor_details()}
+    model = _load(data)
+    for i, tensor in enumerate(model.subgraphs[0].tensors):
+        declared = [int(d) for d in tensor.shapeSignature] if tensor.shapeSignature is not None else []
+        shape = found.get(i)
+        if not any(d < 0 for d in declared) or shape is None or len(shape) != len(declared) or \
+                any(d >= 0 and d != s for d, s in zip(declared, shape)):
+            continue  # static already, or a shape the interpreter does not know before running (leave it)
+        tensor.shape = np.asarray(shape, dtype=np.int32)
+        tensor.shapeSignature = np.asarray(shape, dtype=np.int32)
+    return _dump(model)
+
+
 def signature_key(data: bytes) -> str:
     """Return the key of the model's only signature (the quantizer calibrates per signature).
 
