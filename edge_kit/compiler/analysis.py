@@ -84,6 +84,13 @@ def _names(enum: Any) -> dict[int, str]:
     return {v: k for k, v in vars(enum).items() if k.isupper() and isinstance(v, int)}
 
 
+def _buffer_bytes(buffer: Any, data: bytes) -> Any:
+    """Return a buffer's contents: inline, or (as ai-edge-quantizer writes them) at ``offset`` after the flatbuffer."""
+    if getattr(buffer, "offset", 0) > 1 and getattr(buffer, "size", 0):
+        return data[buffer.offset:buffer.offset + buffer.size]
+    return buffer.data
+
+
 def _table(data: bytes) -> tuple[list[OpInfo], dict[int, TensorInfo], dict[int, np.ndarray]]:
     """Return the main graph's ops, tensors and constant values, read from the flatbuffer itself.
 
@@ -110,7 +117,7 @@ def _table(data: bytes) -> tuple[list[OpInfo], dict[int, TensorInfo], dict[int, 
     for idx, t in enumerate(graph.tensors or []):
         dtype = types.get(t.type, "unknown").lower()
         shape = tuple(int(d) for d in (t.shape if t.shape is not None else ()))
-        raw = model.buffers[t.buffer].data if t.buffer < len(model.buffers) else None
+        raw = _buffer_bytes(model.buffers[t.buffer], data) if t.buffer < len(model.buffers) else None
         constant = idx not in produced and raw is not None and len(raw) > 0
         q = t.quantization
         tensors[idx] = TensorInfo(idx, (t.name or b"").decode(), shape,
