@@ -4,8 +4,10 @@ A pretrained ``.tflite`` often stores its weights as float16 behind DEQUANTIZE o
 with the pre-2.4 ``deprecated_builtin_code`` only, and has no signature. ai-edge-quantizer reads
 only ``builtin_code`` (it then takes a CONV_2D for an ADD and quantizes its weights as activations,
 which the interpreter refuses), leaves float16 weights alone, and calibrates per signature.
-:func:`as_float32` fixes all three, without changing what the model computes (checked by the tests
-against the interpreter's outputs on the original).
+:func:`as_float32` fixes all three, and folds standalone RELUs into the ops before them (as the
+TFLite converter writes them, which XNNPACK needs to run an int8 model in one piece), without
+changing what the model computes (checked by the tests against the interpreter's outputs on the
+original). :func:`pin_inputs` writes ``--input-shape`` into a model with dynamic dimensions.
 """
 
 from __future__ import annotations
@@ -78,6 +80,54 @@ def _drop_unread_tensors(model: Any) -> int:
     return freed
 
 
+def _fuse_activations(model: Any) -> int:
+    """Fold each standalone RELU, RELU6 or RELU_N1_TO_1 into the CONV_2D, DEPTHWISE_CONV_2D, ADD or
+    FULLY_CONNECTED that produces its input (as the op's fused activation), where that op has none and
+    nothing else reads the tensor between them. Returns how many were folded.
+
+    The float model computes exactly the same. Quantized, it is the layout the TFLite converter
+    writes: XNNPACK runs a fused int8 op but not a standalone int8 RELU, which split MediaPipe's
+    BlazeFace into 45 delegate partitions with the interpreter's kernels between them (int8 7x slower
+    than fp32 on the host), and the op's int8 output range starts at 0 instead of wasting half its
+    steps on negative values the RELU drops.
+    """
+    schema = _schema()
+    ops_ = schema.BuiltinOperator
+    activation = {ops_.RELU: schema.ActivationFunctionType.RELU, ops_.RELU6: schema.ActivationFunctionType.RELU6,
+                  ops_.RELU_N1_TO_1: schema.ActivationFunctionType.RELU_N1_TO_1}
+    fusable = {ops_.CONV_2D, ops_.DEPTHWISE_CONV_2D, ops_.ADD, ops_.FULLY_CONNECTED}
+    codes = [c.builtinCode for c in model.operatorCodes or []]
+    folded = 0
+    for index, graph in enumerate(model.subgraphs):
+        kept_outputs = {int(i) for i in (graph.outputs if graph.outputs is not None else [])}
+        kept_outputs |= {int(e.tensorIndex) for sig in model.signatureDefs or [] if sig.subgraphIndex == index
+                         for e in sig.outputs or []}
+        readers: dict[int, int] = {}
+        for op in graph.operators or []:
+            for i in op.inputs if op.inputs is not None else []:
+                readers[int(i)] = readers.get(int(i), 0) + 1
+        producer = {int(o): op for op in graph.operators or [] for o in (op.outputs if op.outputs is not None else [])}
+        dropped = set()
+        for op in graph.operators or []:
+            if codes[op.opcodeIndex] not in activation:
+                continue
+            tensor = int(op.inputs[0])
+            src = producer.get(tensor)
+            if (src is None or codes[src.opcodeIndex] not in fusable or readers.get(tensor) != 1
+                    or tensor in kept_outputs or len(src.outputs) != 1):
+                continue
+            if src.builtinOptions is None and codes[src.opcodeIndex] == ops_.ADD:  # old exporters omit AddOptions
+                src.builtinOptionsType, src.builtinOptions = schema.BuiltinOptions.AddOptions, schema.AddOptionsT()
+            if src.builtinOptions is None or src.builtinOptions.fusedActivationFunction != schema.ActivationFunctionType.NONE:
+                continue
+            src.builtinOptions.fusedActivationFunction = activation[codes[op.opcodeIndex]]
+            src.outputs = np.asarray([int(op.outputs[0])], dtype=np.int32)
+            dropped.add(id(op))
+            folded += 1
+        graph.operators = [op for op in graph.operators or [] if id(op) not in dropped]
+    return folded
+
+
 def as_float32(data: bytes) -> tuple[bytes, int]:
     """Return the model with float16 constants stored as float32, plus how many were converted.
 
@@ -86,7 +136,8 @@ def as_float32(data: bytes) -> tuple[bytes, int]:
     removed with their buffers (kept, they doubled the fp32 file and stayed in every quantized
     variant: int8 was 0.58 of fp32 instead of 0.26); opcodes get ``builtin_code`` filled from the
     deprecated field; a model without signatures gets one (``serving_default``, the graph's own
-    input and output tensor names), so each variant's inputs and outputs keep the same names.
+    input and output tensor names), so each variant's inputs and outputs keep the same names; and
+    standalone RELUs are folded into the op before them (:func:`_fuse_activations`).
 
     Returns:
         (the rewritten flatbuffer, how many float16 constants were converted).
@@ -126,7 +177,8 @@ def as_float32(data: bytes) -> tuple[bytes, int]:
         sig.inputs = [mapped(i) for i in graph.inputs]
         sig.outputs = [mapped(i) for i in graph.outputs]
         model.signatureDefs = [sig]
-    _drop_unread_tensors(model)  # the float16 copies nothing reads any more
+    _fuse_activations(model)
+    _drop_unread_tensors(model)  # the float16 copies and the tensors between folded ops and their RELUs
     return _dump(model), converted
 
 
