@@ -196,6 +196,19 @@ def analyse(data: bytes) -> ModelStats:
     )
 
 
+def float_ops(data: bytes) -> dict[str, int]:
+    """Return {op name: count} of the ops of a quantized flatbuffer that still compute in float: those
+    with a float32 output, other than the DEQUANTIZE ops that feed them (QUANTIZE takes their result
+    back to integers). Empty for a model that is integer throughout.
+
+    Raises:
+        ValueError: ``data`` is not a ``.tflite`` flatbuffer.
+    """
+    ops, tensors, _ = _table(data)
+    return dict(sorted(Counter(op.name for op in ops if op.name != "DEQUANTIZE"
+                               and any(tensors[o].dtype == "float32" for o in op.outputs if o >= 0)).items()))
+
+
 def _precision(ops: list[OpInfo], tensors: dict[int, TensorInfo]) -> str:
     """Return float32, float16, dynamic-int8 or int8 from the dtypes the file really holds."""
     const_dtypes = {tensors[i].dtype for op in ops for i in op.inputs if i >= 0 and tensors[i].constant}
