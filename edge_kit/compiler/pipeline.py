@@ -180,7 +180,8 @@ def _build(plan: _Plan, source: Source, graph: Callable[[], Graph | bytes], req:
     if source.kind == "tflite":
         if PRECISION_TO_VARIANT[source.tflite_precision or "float32"] == spec.id:
             return source.tflite or b"", "source .tflite as is"
-        how = {"float32": "float16 weights stored as float32", "float16": "ai-edge-quantizer float16 weight casting",
+        how = {"float32": "float16 weights stored as float32, standalone RELUs folded into the ops before them",
+               "float16": "ai-edge-quantizer float16 weight casting",
                "dynamic-int8": "ai-edge-quantizer dynamic_wi8_afp32",
                "int8": INT8_TFLITE_METHOD}[spec.precision]
         data = quantize_tflite(graph(), spec.precision, calib_x, variant=spec.id)
