@@ -133,8 +133,8 @@ def as_float32(data: bytes) -> tuple[bytes, int]:
 
     Every DEQUANTIZE op whose input is a float16 constant is removed and its output becomes a
     float32 constant holding the same values; the float16 tensors nothing reads any more are
-    removed with their buffers (kept, they doubled the fp32 file and stayed in every quantized
-    variant: int8 was 0.58 of fp32 instead of 0.26); opcodes get ``builtin_code`` filled from the
+    removed with their buffers (kept, they made the fp32 file 1.5 times its size and stayed in every
+    quantized variant: int8 was 0.58 of fp32, now 0.37); opcodes get ``builtin_code`` filled from the
     deprecated field; a model without signatures gets one (``serving_default``, the graph's own
     input and output tensor names), so each variant's inputs and outputs keep the same names; and
     standalone RELUs are folded into the op before them (:func:`_fuse_activations`).
