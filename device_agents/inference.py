@@ -111,6 +111,38 @@ class ModelRunner:
             out.append(quantize(port, np.asarray(x[i]).reshape(port.shape)))
         return out
 
+    def sample_tensors(self, named: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Return one sample's typed input tensors from float arrays by input name (what an application
+        sends: the sample's shape, with or without the batch axis of 1; any numeric dtype, read as
+        float32 and quantized here, so the same call works for every variant of a model).
+
+        A single-input model takes its one array under any name.
+
+        Raises:
+            ValueError: a missing or unknown input, a shape that does not fit, or NaN/infinity in an
+                input (each named).
+        """
+        if len(self.inputs) == 1 and len(named) == 1:
+            named = {self.inputs[0].name: next(iter(named.values()))}
+        unknown = sorted(set(named) - {p.name for p in self.inputs})
+        if unknown:
+            raise ValueError(f"unknown input {unknown[0]!r} (the model's inputs: {', '.join(p.name for p in self.inputs)})")
+        out = []
+        for port in self.inputs:
+            if port.name not in named:
+                raise ValueError(f"input {port.name!r} is missing (the model's inputs: {', '.join(p.name for p in self.inputs)})")
+            x = np.asarray(named[port.name])
+            if x.dtype.kind not in "fiub":
+                raise ValueError(f"input {port.name!r}: dtype {x.dtype} is not numeric")
+            if tuple(x.shape) not in (port.shape, port.sample_shape):
+                raise ValueError(f"input {port.name!r}: shape {list(x.shape)}, the model takes {list(port.sample_shape)} "
+                                 f"(or {list(port.shape)})")
+            x = x.astype(np.float32, copy=False)
+            if not np.isfinite(x).all():
+                raise ValueError(f"input {port.name!r} holds NaN or infinity at flat index {int(np.argmin(np.isfinite(x)))}")
+            out.append(quantize(port, x.reshape(port.shape)))
+        return out
+
     def invoke_raw(self, tensors: list[np.ndarray]) -> None:
         """Set the already-typed input tensors and run once (the timed path of a benchmark)."""
         for port, t in zip(self.inputs, tensors):

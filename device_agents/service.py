@@ -39,7 +39,9 @@ from device_agents.identity import (
 )
 from device_agents.mqtt import SpooledPublisher, make_client
 from device_agents.power import SensorEnv, SensorMeter, not_measured, power_meter
-from device_agents.runtimes import RUNTIMES
+from device_agents.runtimes import RUNTIMES, get_runtime
+from device_agents.serving.client import SOCKET
+from device_agents.serving.server import Server
 from device_agents.smoke import SmokePool
 from device_agents.spool import Spool
 from device_agents.store import ModelStore, StoreError, default_root
@@ -78,6 +80,7 @@ class Agent:
         self.smoke = SmokePool()
         self.commands: queue.Queue[Command] = queue.Queue(maxsize=cfg.max_queued_commands)
         self._stop = threading.Event()
+        self._unservable: str | None = None  # a current model the serving API could not load (logged once)
         self._status_seq = 0
         self._announced: str | None = None  # the current model as the last status said
         self.started = time.time()
@@ -92,6 +95,10 @@ class Agent:
         self.client.on_message = self._on_message
         self.client.on_publish = self.publisher.on_publish
         self.client.will_set(self._topic("status"), messages.encode(self._status("offline")), qos=1, retain=True)
+        s = cfg.serve
+        self.server = Server(s.socket or self.store.root / SOCKET, make_interpreter=self._interpreter,
+                             max_clients=s.max_clients, max_payload=int(s.max_payload_mb * 1e6),
+                             workers=s.workers) if s.enabled else None
 
     # --- messages -----------------------------------------------------------------------------
 
@@ -257,6 +264,9 @@ class Agent:
             # from here on, a crash answers it "interrupted" rather than running it again
             self._on_disk(lambda: self.spool.start(cmd.msg_id))
             result = getattr(self, f"_cmd_{cmd.name}")(cmd)
+            if cmd.name in ("activate", "rollback") and self.server is not None:  # served before the answer
+                self.follow_current()
+                result["serving"] = self.server.current.ref() if self.server.current else None
         except EdgeKitError as exc:  # the one mapping on this boundary: an error ack
             self.ack(cmd.msg_id, cmd.name, False, error=str(exc))
         except Exception as exc:  # noqa: BLE001 - a command's surprise is its error ack, never the agent's end
@@ -269,6 +279,7 @@ class Agent:
             self.ack(cmd.msg_id, cmd.name, False, error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
         else:
             self.ack(cmd.msg_id, cmd.name, True, result=result)
+        self.follow_current()  # the served model follows at once: new requests go to the new one
         if self.store.current() != self._announced:  # switched by the command, or over SSH meanwhile
             self._publish_status()
 
@@ -377,6 +388,26 @@ class Agent:
         log.warning("operator keys now pinned: %s", ", ".join(key_id(k) for k in keys))
         return {"pinned": [key_id(k) for k in keys]}
 
+    def _interpreter(self, path: Path) -> Any:
+        """Return an allocated interpreter for ``path`` with this device's runtime, target and threads."""
+        b = self.cfg.bench
+        return get_runtime(b.runtime).interpreter(path, threads=b.threads, delegate=b.delegate,
+                                                  options=b.delegate_options)
+
+    def follow_current(self) -> None:
+        """Serve the current model when it is not served yet (after an activation or a rollback, or a
+        switch made over SSH). A model that does not load is logged and not served; the old one stays."""
+        sha = self.store.current()
+        if self.server is None or sha is None or (self.server.current and self.server.current.sha256 == sha):
+            return
+        try:
+            path = self.store.verify(sha)
+            self.server.serve_model(path, sha, (self.store.describe(sha) or {}).get("variant"))
+        except EdgeKitError as exc:
+            if sha != self._unservable:
+                log.error("%s", exc)
+            self._unservable = sha
+
     def _publish_status(self) -> None:
         if self.publisher.connected.is_set():
             self.publisher.publish(self._topic("status"), messages.encode(self._status("online")), retain=True)
@@ -385,7 +416,8 @@ class Agent:
         """Spool one telemetry message (droppable when the spool is full)."""
         self.emit("telemetry", {"conditions": conditions.snapshot(), "spool": self.spool.stats(),
                                 "current": self._model_ref(self.store.current()), "simulated": self.cfg.simulated,
-                                "uptime_s": round(time.time() - self.started, 1), "disk": self.disk.usage()})
+                                "uptime_s": round(time.time() - self.started, 1), "disk": self.disk.usage(),
+                                **({"live": self.server.snapshot()} if self.server else {})})
 
     # --- life cycle ----------------------------------------------------------------------------
 
@@ -407,6 +439,13 @@ class Agent:
             else:
                 self._take(payload, after_restart=True)
         threading.Thread(target=self.smoke.warm, daemon=True, name="smoke-warm").start()
+        if self.server is not None:
+            try:
+                self.server.start()
+            except EdgeKitError as exc:  # e.g. a socket path over the 107-byte limit: no API, the agent still runs
+                log.error("%s; the serving API is off", exc)
+                self.server = None
+            self.follow_current()
         self.publisher.start()
         self.client.connect_async(b.host, b.port, keepalive=b.keepalive)
         self.client.loop_start()
@@ -424,6 +463,7 @@ class Agent:
                     self.disk.refresh()
                     if self.disk.full != self._announced_full:
                         self._publish_status()
+                    self.follow_current()
                     next_disk = time.monotonic() + 1.0
                 if time.monotonic() >= next_telemetry:
                     self.telemetry()
@@ -441,6 +481,8 @@ class Agent:
                 info.wait_for_publish(timeout=1.0)
             except RuntimeError:
                 pass
+        if self.server is not None:
+            self.server.close()
         self.publisher.stop()
         self.client.disconnect()
         self.client.loop_stop()

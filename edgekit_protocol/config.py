@@ -119,6 +119,17 @@ class StoreConfig:
 
 
 @dataclass(frozen=True)
+class ServeConfig:
+    """The local inference API the agent serves the active model on (``device_agents.serving``)."""
+
+    enabled: bool = True
+    socket: Path | None = None  # None: <root>/serve.sock
+    max_clients: int = 16  # more are answered "busy" and counted
+    max_payload_mb: float = 64.0  # a request's tensors, at most
+    workers: int = 1  # interpreters per served model (requests beyond wait: the live queue depth)
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     device: str
     fleet: str
@@ -131,6 +142,7 @@ class AgentConfig:
     bench: BenchSettings = field(default_factory=BenchSettings)
     power: PowerConfig = field(default_factory=PowerConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     simulated: bool = False  # a virtual device of `edgekit sim`: every record says so
 
     def password(self) -> str | None:
@@ -258,6 +270,9 @@ def build(node: Node, file: Path | str) -> AgentConfig:
         raise ConfigError(f"{file}: telemetry_interval_s, spool_max_records, bench.min_runs and bench.threads must be positive")
     if cfg.store.max_store_mb is not None and cfg.store.max_store_mb <= 0:
         raise ConfigError(f"{file}: store.max_store_mb must be positive (or left out for no budget)")
+    if not (1 <= cfg.serve.max_clients <= 10_000 and 1 <= cfg.serve.workers <= 64 and 0 < cfg.serve.max_payload_mb <= 4096):
+        raise ConfigError(f"{file}: serve.max_clients (1-10000), serve.workers (1-64) and serve.max_payload_mb "
+                          "(0-4096) are out of range")
     if not (0 <= cfg.store.min_free_mb < 1e6 and 0 <= cfg.store.reserve_mb < 1e4):
         raise ConfigError(f"{file}: store.min_free_mb and store.reserve_mb must be non-negative numbers of megabytes")
     return cfg

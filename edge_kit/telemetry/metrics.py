@@ -35,6 +35,14 @@ class FleetMetrics:
                                ["device"], registry=r)
         self.disk_free = Gauge("edgekit_device_disk_free_bytes", "Free bytes under the agent's root (statvfs, "
                                "the device's latest status or telemetry)", ["device"], registry=r)
+        self.live_requests = Gauge("edgekit_live_requests", "Requests the serving API answered with the served model "
+                                   "(live, since it was activated)", ["device", "variant"], registry=r)
+        self.live_errors = Gauge("edgekit_live_errors", "Requests the serving API answered with an error (live)",
+                                 ["device", "variant"], registry=r)
+        self.live_latency = Gauge("edgekit_live_latency_ms", "Serving API service time percentile over the last requests "
+                                  "(live; perf_counter_ns from request read to answer ready)",
+                                  ["device", "variant", "quantile"], registry=r)
+        self.live_queue = Gauge("edgekit_live_queue_depth", "Requests waiting for an interpreter (live)", ["device"], registry=r)
         self.disk_full = Gauge("edgekit_device_disk_full", "1 while the agent refuses writes for lack of space",
                                ["device"], registry=r)
 
@@ -46,6 +54,15 @@ class FleetMetrics:
         if isinstance(disk, dict) and isinstance(disk.get("free_bytes"), (int, float)):
             self.disk_free.labels(device).set(disk["free_bytes"])
             self.disk_full.labels(device).set(1 if disk.get("full") else 0)
+        live = msg.get("live") if kind == "telemetry" else None
+        if isinstance(live, dict) and isinstance(live.get("model"), dict) and isinstance(live.get("requests"), int):
+            variant = str(live["model"].get("variant"))
+            self.live_requests.labels(device, variant).set(live["requests"])
+            self.live_errors.labels(device, variant).set(live.get("errors") or 0)
+            self.live_queue.labels(device).set(live.get("queue_depth") or 0)
+            for q, v in (live.get("latency_ms") or {}).items():
+                if q in ("p50", "p90", "p99") and isinstance(v, (int, float)):
+                    self.live_latency.labels(device, variant, q).set(v)
         if kind == "status":
             self.online.labels(device).set(1 if msg["state"] == "online" else 0)
         elif kind == "bench":

@@ -412,3 +412,34 @@ def test_a_full_disk_is_answered_reported_and_recovered_from(tmp_path, mosquitto
         if agent is not None:
             agent.stop()
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_the_serving_api_follows_every_activation_and_telemetry_carries_live_figures(agents, mosquitto, monitor):
+    """An application on the device keeps calling predict() while the operator activates another
+    variant: the agent serves the new one before it answers the activation, and its telemetry reports
+    the live figures (requests, service-time percentiles) of the served model."""
+    import numpy as np
+
+    from device_agents.serving import Client
+
+    agent = agents("dev1", telemetry_interval_s=1.0)
+    assert monitor.wait_for(online("dev1"), 30)
+    x = np.random.default_rng(0).uniform(0, 16, size=(8, 8, 1)).astype(np.float32)
+    app = Client(agent.root)
+    assert wait_until(lambda: (agent.root / "serve.sock").exists(), 10)
+    before = app.predict({"image": x})["output_0"]
+    assert app.model == {"sha256": agent.sha["int8"], "variant": "int8"}
+    with client_for(mosquitto) as client:
+        done = client.request("dev1", "activate", {"variant": "fp32"}, timeout=60)["result"]
+    assert done["serving"] == {"sha256": agent.sha["fp32"], "variant": "fp32"}
+    for _ in range(20):
+        after = app.predict({"image": x})["output_0"]
+    assert app.model["variant"] == "fp32" and after.shape == before.shape == (10,)
+    app.close()
+
+    def live(m):
+        return [t["live"] for t in m["telemetry"] if t["device"] == "dev1" and (t.get("live") or {}).get("requests")]
+    assert monitor.wait_for(lambda m: any(x["model"]["variant"] == "fp32" and x["requests"] >= 20 for x in live(m)), 15)
+    figures = [x for x in live(monitor.messages) if x["model"]["variant"] == "fp32"][-1]
+    assert figures["source"] == "live" and figures["errors"] == 0 and figures["latency_ms"]["p50"] > 0
+    assert "perf_counter_ns" in figures["clock"]

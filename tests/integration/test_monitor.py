@@ -122,7 +122,11 @@ def test_prometheus_endpoint_exports_per_device_and_variant_series(fleet, publis
         send(publisher, "bench", bench("d1", 1, p90=7.5))
         send(publisher, "status", messages.envelope("status", FLEET, "d1", 1, {
             "state": "online", "disk": {"free_bytes": 123456789, "total_bytes": 3e10, "full": False}}))
-        assert wait_until(lambda: mon.stats.stored == 2, 10)
+        send(publisher, "telemetry", messages.envelope("telemetry", FLEET, "d1", 1, {
+            "conditions": {}, "spool": {}, "live": {"source": "live", "model": {"sha256": "ab", "variant": "int8"},
+                                                    "requests": 42, "errors": 1, "queue_depth": 0,
+                                                    "latency_ms": {"p50": 0.4, "p90": 0.6, "p99": 0.9}}}))
+        assert wait_until(lambda: mon.stats.stored == 3, 10)
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     finally:
         mon.stop()
@@ -133,7 +137,9 @@ def test_prometheus_endpoint_exports_per_device_and_variant_series(fleet, publis
     assert 'edgekit_device_online{device="d1"} 1.0' in text
     assert 'edgekit_device_disk_free_bytes{device="d1"} 1.23456789e+08' in text
     assert 'edgekit_device_disk_full{device="d1"} 0.0' in text
-    assert 'edgekit_monitor_messages_total{outcome="stored"} 2.0' in text
+    assert 'edgekit_live_requests{device="d1",variant="int8"} 42.0' in text
+    assert 'edgekit_live_latency_ms{device="d1",quantile="p99",variant="int8"} 0.9' in text
+    assert 'edgekit_monitor_messages_total{outcome="stored"} 3.0' in text
 
 
 def test_two_workers_on_a_shared_subscription_split_the_stream_with_nothing_lost_or_doubled(fleet, publisher, tmp_path):

