@@ -99,7 +99,8 @@ def _dispatch(args: argparse.Namespace) -> None:
         from device_agents.config import load_agent_config
         from device_agents.supervise import supervise
 
-        check_own_code(load_agent_config(args.config).root)  # tampered code is never started, nor restarted
+        cfg = load_agent_config(args.config)
+        check_own_code(cfg.root, cfg.verify_code)  # tampered code is never started, nor restarted
         sys.exit(supervise(args.config, args.pidfile, args.log_file))
     elif args.command == "unit":
         from device_agents.unit import render_unit
@@ -111,25 +112,32 @@ def _dispatch(args: argparse.Namespace) -> None:
         _store_command(args)
 
 
-def check_own_code(root: Path | None) -> None:
+def check_own_code(root: Path | None, required: bool = False) -> None:
     """When this agent runs from a deployed ``<root>/agent`` folder, check it against its signed manifest.
 
+    ``required`` (``verify_code`` in a deployed agent.yaml): also refuse to run from anywhere else.
+
     Raises:
-        CodeTampered: see :func:`device_agents.codecheck.verify_code`.
+        CodeTampered: see :func:`device_agents.codecheck.verify_code`; or ``required`` and this code
+            is not ``<root>/agent`` (a package planted earlier on ``sys.path``).
     """
     from device_agents.codecheck import verify_code
+    from device_agents.errors import CodeTampered
 
     here = Path(__file__).resolve().parent.parent
     root = (root or default_root()).expanduser().resolve()
     if here == root / "agent":
         verify_code(here, root / "identity" / "operators.json")
+    elif required:
+        raise CodeTampered(f"this agent runs from {here}, not from the deployed {root / 'agent'}; not started "
+                           "(something earlier on sys.path shadows it): run `edgekit deploy` and start it from there")
 
 
 def _run(args: argparse.Namespace) -> None:
     from device_agents.config import load_agent_config
 
     cfg = load_agent_config(args.config)
-    check_own_code(cfg.root)
+    check_own_code(cfg.root, cfg.verify_code)
     cfg.password()
     try:
         from device_agents.service import run_agent

@@ -53,9 +53,15 @@ class Disk:
         """Return ``{"free_bytes", "total_bytes", "full", "reserve_bytes", "min_free_bytes"}`` measured now
         (``os.statvfs`` through :func:`shutil.disk_usage`; ``full`` as last observed)."""
         u = shutil.disk_usage(self.root)
-        return {"free_bytes": u.free, "total_bytes": u.total, "full": self.full,
-                "reserve_bytes": self.reserve.stat().st_size if self.reserve.exists() else 0,
+        return {"free_bytes": u.free, "total_bytes": u.total, "full": self.full, "reserve_bytes": self._reserved(),
                 "min_free_bytes": self.min_free_bytes}
+
+    def _reserved(self) -> int:
+        """Return the reserve's size now (0 when another thread just released it)."""
+        try:
+            return self.reserve.stat().st_size
+        except OSError:
+            return 0
 
     def release(self) -> None:
         """Delete the reserve (a write just failed for lack of space) and remember the disk is full."""
@@ -66,17 +72,13 @@ class Disk:
         self.reserve.unlink(missing_ok=True)
 
     def refresh(self) -> None:
-        """Put the reserve back when there is room for it above the floor, and clear ``full`` once the
-        reserve is in place and the free space is above the floor.
+        """Put the reserve back when there is room for it above the floor; ``full`` is then whether the
+        free space is below the floor.
 
-        Never raises: a reserve that cannot be written leaves the state as it was.
+        Never raises: a reserve that cannot be written is tried again next time.
         """
         was = self.full
-        if (self.reserve.stat().st_size if self.reserve.exists() else 0) < self.reserve_bytes:
-            free = shutil.disk_usage(self.root).free
-            if free < self.reserve_bytes + self.min_free_bytes:
-                self.full = self.full or free < self.min_free_bytes
-                return
+        if self._reserved() < self.reserve_bytes and shutil.disk_usage(self.root).free >= self.reserve_bytes + self.min_free_bytes:
             tmp = self.reserve.with_name(RESERVE + ".tmp")
             try:
                 with open(tmp, "wb") as f:  # written, not sparse: the blocks are really held
@@ -86,7 +88,6 @@ class Disk:
                 os.replace(tmp, self.reserve)
             except OSError:
                 tmp.unlink(missing_ok=True)
-                return
         self.full = shutil.disk_usage(self.root).free < self.min_free_bytes
         if was and not self.full:
             log.info("disk space is back under %s: installs and activations allowed again", self.root)

@@ -51,7 +51,7 @@ from edgekit_protocol.config import AgentConfig
 from edgekit_protocol.errors import EdgeKitError
 
 log = logging.getLogger("edgekit.agent")
-WRITES = ("install", "activate", "rollback", "bench")  # commands that write a model, a link or a record
+WRITES = ("install", "activate", "rollback", "bench", "operators")  # commands that write a model, a link or a record
 
 
 class Agent:
@@ -81,6 +81,8 @@ class Agent:
         self.commands: queue.Queue[Command] = queue.Queue(maxsize=cfg.max_queued_commands)
         self._stop = threading.Event()
         self._unservable: str | None = None  # a current model the serving API could not load (logged once)
+        self._untaken: list[Any] = []  # commands a full disk kept from being taken: taken when space returns
+        self.dropped_on_full_disk = 0  # telemetry not written for lack of space (the spool counts the rest)
         self._status_seq = 0
         self._announced: str | None = None  # the current model as the last status said
         self.started = time.time()
@@ -213,8 +215,9 @@ class Agent:
     def _on_message(self, client: Any, _u: Any, message: Any) -> None:
         try:
             self._take(message.payload)
-        except DiskFull as exc:  # not on disk: the broker keeps it and sends it again after a reconnect
-            log.error("a command could not be taken (%s); the broker keeps it", exc)
+        except DiskFull as exc:  # not on disk yet: held here (unacknowledged) and taken when space returns
+            log.error("a command could not be taken (%s); it is taken when space returns", exc)
+            self._untaken.append(message)
             return
         except Exception:  # noqa: BLE001 - nothing a message holds may stop the network thread
             log.exception("a command could not be taken; it was not run")
@@ -241,6 +244,9 @@ class Agent:
             seen = self._on_disk(lambda: self.spool.take(msg["msg_id"], payload, msg["ts"], expires))
             if seen is not None:  # a redelivery or a replay of a command already taken, or long expired: never run
                 self._on_disk(lambda: self.spool.count(seen))
+                if seen == "expired":  # the operator's own signed command: safe to answer why not
+                    self.ack(msg["msg_id"], msg.get("command") if isinstance(msg.get("command"), str) else None,
+                             False, error="expired before the newest command's horizon (sent long before it); not run")
                 return
         try:
             cmd = parse_command(payload, self.cfg.fleet, self.cfg.device)
@@ -249,6 +255,19 @@ class Agent:
             self.ack(msg["msg_id"], exc.name, False, error=str(exc))
         except queue.Full:
             self.ack(cmd.msg_id, cmd.name, False, error=f"busy: {self.commands.qsize()} commands queued; retry later")
+
+    def _retake(self) -> None:
+        """Take the commands a full disk kept back (oldest first), then let the broker forget each."""
+        while self._untaken:
+            message = self._untaken[0]
+            try:
+                self._take(message.payload)
+            except DiskFull:
+                return
+            except Exception:  # noqa: BLE001 - as in _on_message
+                log.exception("a held command could not be taken; it was not run")
+            self._untaken.pop(0)
+            self.client.ack(message.mid, message.qos)
 
     # --- commands (main thread) ----------------------------------------------------------------
 
@@ -323,24 +342,23 @@ class Agent:
 
     def _cmd_activate(self, cmd: Command) -> dict[str, Any]:
         sha = self.store.resolve(sha256=cmd.args.get("sha256"), variant=cmd.args.get("variant"))
+        if cmd.args.get("keep") is not None:  # written before the switch: nothing after it can fail for space
+            atomic_write(self.store.root / "candidates.json", json.dumps(sorted(cmd.args["keep"])).encode())
         result = self.store.activate(sha, runtime=self.cfg.bench.runtime, delegate=self.cfg.bench.delegate,
                                      options=self.cfg.bench.delegate_options,
                                      smoke=self.smoke)
-        return {**result, "model": self._model_ref(sha), "removed": self._apply_budget(cmd.args.get("keep"))}
+        return {**result, "model": self._model_ref(sha), "removed": self._apply_budget()}
 
-    def _apply_budget(self, keep: list[str] | None) -> list[dict[str, Any]]:
+    def _apply_budget(self) -> list[dict[str, Any]]:
         """After an activation: remove the oldest models beyond ``store.max_store_mb``; return what went.
 
-        ``keep`` (the candidates the host just deployed) is remembered in ``<root>/candidates.json``
-        so a later activation without it still spares them.
+        The candidates the host deployed last (an activation's ``keep``, remembered in
+        ``<root>/candidates.json``) are spared, as are current and previous.
         """
-        remembered = self.store.root / "candidates.json"
-        if keep is not None:
-            atomic_write(remembered, json.dumps(sorted(keep)).encode())
         if self.cfg.store.max_store_mb is None:
             return []
         try:
-            spared = set(json.loads(remembered.read_text())) if keep is None else set(keep)
+            spared = set(json.loads((self.store.root / "candidates.json").read_text()))
         except (OSError, ValueError, TypeError):
             spared = set()
         removed = self.store.prune(int(self.cfg.store.max_store_mb * 1e6), spared)
@@ -358,23 +376,34 @@ class Agent:
                  "queued_commands": self.commands.qsize(), "disk": self.disk.usage()}
         if cmd.args.get("verify"):
             state["damaged"] = self.store.damaged()
+        if cmd.args.get("code"):  # the signed manifest of this agent's code (None when not run from <root>/agent)
+            state["code"] = json.loads((self._code_dir() / codecheck.MANIFEST).read_text()) if self._deployed() else None
         return state
+
+    def _code_dir(self) -> Path:
+        return Path(codecheck.__file__).resolve().parent.parent
+
+    def _deployed(self) -> bool:
+        """Return whether this agent runs from the deploy's ``<root>/agent`` (and so has a signed manifest)."""
+        return self._code_dir() == self.store.root.resolve() / "agent"
 
     def _cmd_operators(self, cmd: Command) -> dict[str, Any]:
         """Pin the operator keys ``keys`` (the command itself is signed by a key pinned now).
 
         A deployed agent (running from ``<root>/agent``) takes ``code`` too, its code manifest
-        signed by one of the new keys, so it still starts after the old key is dropped; it is
-        written first, while the old keys stay pinned, so a crash in between leaves a valid pair.
+        signed by one of the new keys, so it still starts after the old key is dropped. The two files
+        are written in the order that keeps them a valid pair at every moment: a growing key list
+        before the manifest, a shrinking one after it.
 
         Raises:
             ConfigError: a key is not a key. CodeTampered: ``code`` is missing, not signed by a new
                 key, or not for this agent's files.
         """
         keys = [decode_key(k, f"operators: keys[{i}]") for i, k in enumerate(cmd.args["keys"])]
-        here = Path(codecheck.__file__).resolve().parent.parent
-        if here == self.store.root.resolve() / "agent":
-            doc = cmd.args.get("code")
+        pinned_now = set(read_operators(self.identity / "operators.json"))
+        writes = [(self.identity / "operators.json", json.dumps([encode_key(k) for k in keys]).encode())]
+        if self._deployed():
+            here, doc = self._code_dir(), cmd.args.get("code")
             try:
                 Keyring(operators=keys).verify(doc or {}, OPERATOR)
             except EdgeKitError as exc:
@@ -383,8 +412,10 @@ class Agent:
             if diff or doc.get("schema") != codecheck.SCHEMA:
                 raise CodeTampered(f"operators: the code manifest is for other code ({', '.join(diff[:3])}); "
                                    "deploy this agent first")
-            atomic_write(here / codecheck.MANIFEST, json.dumps(doc, indent=1).encode())
-        atomic_write(self.identity / "operators.json", json.dumps([encode_key(k) for k in keys]).encode())
+            manifest = (here / codecheck.MANIFEST, json.dumps(doc, indent=1).encode())
+            writes = writes + [manifest] if set(keys) >= pinned_now else [manifest] + writes
+        for path, data in writes:
+            atomic_write(path, data, tmp_dir=self.store.root)  # temporary files never inside the checked folder
         log.warning("operator keys now pinned: %s", ", ".join(key_id(k) for k in keys))
         return {"pinned": [key_id(k) for k in keys]}
 
@@ -413,10 +444,18 @@ class Agent:
             self.publisher.publish(self._topic("status"), messages.encode(self._status("online")), retain=True)
 
     def telemetry(self) -> None:
-        """Spool one telemetry message (droppable when the spool is full)."""
+        """Spool one telemetry message (droppable: on a disk too full to write it, it is dropped and counted)."""
+        try:
+            self._telemetry()
+        except DiskFull as exc:
+            self.dropped_on_full_disk += 1
+            log.warning("telemetry dropped: %s", exc)
+
+    def _telemetry(self) -> None:
         self.emit("telemetry", {"conditions": conditions.snapshot(), "spool": self.spool.stats(),
                                 "current": self._model_ref(self.store.current()), "simulated": self.cfg.simulated,
-                                "uptime_s": round(time.time() - self.started, 1), "disk": self.disk.usage(),
+                                "uptime_s": round(time.time() - self.started, 1),
+                                "disk": {**self.disk.usage(), "dropped_telemetry": self.dropped_on_full_disk},
                                 **({"live": self.server.snapshot()} if self.server else {})})
 
     # --- life cycle ----------------------------------------------------------------------------
@@ -457,17 +496,23 @@ class Agent:
                     cmd = self.commands.get(timeout=min(0.2, max(0.0, next_telemetry - time.monotonic())))
                 except queue.Empty:
                     cmd = None
-                if cmd is not None:
-                    self.handle(cmd)
-                if time.monotonic() >= next_disk:  # space came back (or went): reserve, state, status
-                    self.disk.refresh()
-                    if self.disk.full != self._announced_full:
-                        self._publish_status()
-                    self.follow_current()
-                    next_disk = time.monotonic() + 1.0
-                if time.monotonic() >= next_telemetry:
-                    self.telemetry()
-                    next_telemetry = time.monotonic() + self.cfg.telemetry_interval_s
+                try:
+                    if cmd is not None:
+                        self.handle(cmd)
+                    if time.monotonic() >= next_disk:  # space came back (or went): reserve, state, status
+                        next_disk = time.monotonic() + 1.0
+                        self.disk.refresh()
+                        if not self.disk.full:
+                            self._retake()
+                        if self.disk.full != self._announced_full:
+                            self._publish_status()
+                        self.follow_current()
+                    if time.monotonic() >= next_telemetry:
+                        next_telemetry = time.monotonic() + self.cfg.telemetry_interval_s
+                        self.telemetry()
+                except Exception:  # noqa: BLE001 - the service outlives any one step (a full disk most of all)
+                    log.exception("the service loop met an error; it goes on")
+                    time.sleep(0.2)
         finally:
             self._shutdown()
 
@@ -489,14 +534,23 @@ class Agent:
         self.spool.close()
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file, fsync and rename: readers see old or new, whole."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def atomic_write(path: Path, data: bytes, tmp_dir: Path | None = None) -> None:
+    """Write ``data`` to ``path`` through a temporary file (in ``tmp_dir``, same filesystem; default
+    beside it), fsync and rename: readers see the old file or the new one, whole.
+
+    Raises:
+        OSError: the write failed (the temporary file is removed).
+    """
+    tmp = (tmp_dir or path.parent) / f".{path.name}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def run_agent(cfg: AgentConfig, log_file: Path | None = None) -> None:

@@ -102,7 +102,8 @@ class ModelStore:
             raise StoreError(f"{eval_file}: sha256 is {str(eval_digest)[:12]}..., expected {expect_eval_sha256[:12]}... "
                              "(corrupt or truncated upload)")
         target = self.models / digest
-        if self._intact(digest):
+        same_eval = eval_digest is None or (self._meta(digest) or {}).get("eval_sha256") == eval_digest
+        if self._intact(digest) and same_eval:  # a new eval set for the same model: installed again, whole
             meta = self._meta(digest) or {}
             if move:
                 src.unlink()
@@ -217,6 +218,8 @@ class ModelStore:
             return "meta.json is missing or unreadable"
         if not (folder / "model.tflite").is_file() or sha256_of(folder / "model.tflite") != sha256:
             return "the artifact no longer hashes to its sha256"
+        if (folder / "eval.npz").is_file() and not meta.get("eval_sha256"):
+            return "the eval set has no recorded sha256 (installed by an older agent)"
         if meta.get("eval_sha256") and (not (folder / "eval.npz").is_file()
                                         or sha256_of(folder / "eval.npz") != meta["eval_sha256"]):
             return "the eval set no longer hashes to its sha256"
@@ -251,7 +254,7 @@ class ModelStore:
         if not path.is_file():
             return None
         expected = (self._meta(sha256) or {}).get("eval_sha256")
-        if expected and sha256_of(path) != expected:
+        if not expected or sha256_of(path) != expected:
             raise StoreError(f"model {sha256[:12]}: eval.npz no longer hashes to the sha256 it was installed with "
                              "(it carries the metric code benchmarks run); deploy again to repair it")
         return path

@@ -32,6 +32,7 @@ def supervise(config: Path, pidfile: Path, log_file: Path | None = None) -> int:
     tmp = pidfile.with_suffix(".tmp")
     tmp.write_text(f"{os.getpid()}\n")
     os.replace(tmp, pidfile)
+    code = Path(__file__).resolve().parent.parent  # the folder device_agents was imported from
     argv = [sys.executable, "-B", "-m", "device_agents", "run", "--config", str(config)]  # -B: no .pyc beside checked code
     if log_file:
         argv += ["--log-file", str(log_file)]
@@ -39,7 +40,7 @@ def supervise(config: Path, pidfile: Path, log_file: Path | None = None) -> int:
     try:
         while not stopping:
             started = time.monotonic()
-            child = subprocess.Popen(argv)
+            child = subprocess.Popen(argv, cwd=code)  # from the agent's own folder: `-m` finds only that code
             code = child.wait()
             if stopping:
                 break

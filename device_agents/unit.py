@@ -26,13 +26,15 @@ RestartPreventExitStatus=2
 KillSignal=SIGTERM
 TimeoutStopSec=30
 Environment=PYTHONUNBUFFERED=1
-{user}
+{workdir}{user}
 [Install]
 WantedBy=multi-user.target
 """
 
 
-def render_unit(config: Path, python: str | None = None, user: str | None = None) -> str:
-    """Return the unit file text for an agent with ``config``, run by ``python`` (default: this one)."""
+def render_unit(config: Path, python: str | None = None, user: str | None = None, workdir: str | None = None) -> str:
+    """Return the unit file text for an agent with ``config``, run by ``python`` (default: this one)
+    from ``workdir`` (the deploy's: ``<root>/agent``, so ``python -m`` finds only the checked code)."""
     return TEMPLATE.format(config=Path(config).expanduser().resolve(), python=python or sys.executable,
-                           user=f"User={user}\n" if user else "")
+                           user=f"User={user}\n" if user else "",
+                           workdir=f"WorkingDirectory={workdir}\n" if workdir else "")

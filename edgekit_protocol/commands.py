@@ -42,7 +42,8 @@ _ARGS: dict[str, dict[str, tuple[tuple[type, ...], float | None, float | None]]]
     "activate": {"variant": ((str,), None, None), "sha256": ((str,), None, None),
                  "keep": ((list,), 0, 256)},  # sha256s the store budget must spare (a list's bounds: its length)
     "rollback": {},
-    "state": {"verify": ((bool,), None, None)},  # verify: hash every stored model, report the damaged
+    # verify: hash every stored model, report the damaged; code: include the agent's signed code manifest
+    "state": {"verify": ((bool,), None, None), "code": ((bool,), None, None)},
     # keys: the operator public keys to pin from now on (base64); code: the agent-code manifest signed by one of them
     "operators": {"keys": ((list,), 1, 8), "code": ((dict,), None, None)},
 }

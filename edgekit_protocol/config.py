@@ -143,6 +143,7 @@ class AgentConfig:
     power: PowerConfig = field(default_factory=PowerConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    verify_code: bool = False  # set by the deploy: refuse to start unless running the signed <root>/agent code
     simulated: bool = False  # a virtual device of `edgekit sim`: every record says so
 
     def password(self) -> str | None:

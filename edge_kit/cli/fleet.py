@@ -69,24 +69,26 @@ app.add_typer(keys_app, name="keys")
 @keys_app.command("rotate")
 def keys_rotate_cmd(
     fleet_file: FleetOpt,
-    devices: DevicesOpt = None,
     timeout: Annotated[float, typer.Option(min=1, help="Seconds to wait for each step's answers.")] = 30.0,
+    force: Annotated[bool, typer.Option(help="Switch even when a device missed the new key (deploy to it after).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Replace the operator key on the running devices over MQTT (old key kept under keys/retired/).
+    """Replace the operator key on every device of the fleet over MQTT (the old key is kept under keys/retired/).
 
-    Exit 4 when a device did not take the new key; the table says what to do for it.
+    The key is switched only when every device took the new one (or with --force); exit 4 when a
+    device did not, and the table says what to do for it. Run it again to finish: the pending key is kept.
     """
     from edge_kit.fleet.inventory import load_fleet
     from edge_kit.fleet.rotate import rotate_operator_key
 
     fleet = load_fleet(fleet_file)
     with out.status("rotating the operator key", spinner="dots") if not as_json else nullcontext():
-        old, new, results = rotate_operator_key(fleet, fleet.select(devices), timeout)
+        old, new, switched, results = rotate_operator_key(fleet, timeout, force=force)
     if as_json:
-        emit_json({"old_key": old, "new_key": new, "devices": [r.__dict__ for r in results]})
+        emit_json({"old_key": old, "new_key": new, "switched": switched, "devices": [r.__dict__ for r in results]})
     else:
-        out.print(f"operator key {old} -> {new} (old key kept in {fleet.key_store().folder / 'retired'})")
+        out.print(f"operator key {old} -> {new} (old key kept in {fleet.key_store().folder / 'retired'})" if switched
+                  else f"operator key NOT switched: {old} stays; {new} is pending until every device has it")
         t = Table("device", "outcome", "what to do", box=box.SIMPLE)
         for r in results:
             t.add_row(r.device, r.outcome, escape(r.reason or ""))

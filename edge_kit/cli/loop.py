@@ -321,7 +321,7 @@ def fleet_init_cmd(
     try:
         wall = write_fleet_wall(out_dir, fleet.fleet, names, broker_host, port, listen)
     except FileExistsError as exc:
-        raise ConfigError(f"{exc}: a broker wall is already there (devices may be using it); choose another --out") from None
+        raise ConfigError(f"{exc}: not empty (a broker wall devices may use is never overwritten); choose another --out") from None
     host = broker_host[0]
     settings = {"broker": broker_entry(host, port, wall, OPERATOR_USER),
                 "agent_broker": {name: broker_entry(host, port, wall, name) for name in names}}

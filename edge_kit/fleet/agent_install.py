@@ -113,7 +113,8 @@ def _code_state(shell: DeviceShell, operator: Keyring) -> str | None:
     the device's copy of the code it checks): every file's sha256, and the signed manifest.
     """
     _, sha, files = agent_bundle()
-    found = json.loads(shell.run([shell.dev.python, "-c", inspect.getsource(codecheck), shell.root]))
+    # -I: isolated (no working directory, PYTHONPATH or user site on sys.path): stdlib only, as the script needs
+    found = json.loads(shell.run([shell.dev.python, "-I", "-B", "-c", inspect.getsource(codecheck), shell.root]))
     if found["files"] is None:
         return "not installed"
     diff = codecheck.differences(files, found["files"])
@@ -161,6 +162,7 @@ def agent_config(fleet: Fleet, dev: Device) -> tuple[str, bytes | None]:
                           busy_w=profile.power.busy_w, cores=profile.hardware.cores),
         store=StoreConfig(max_store_mb=storage.max_store_mb),
         simulated=dev.simulated,
+        verify_code=True,  # deployed: the agent refuses to start from anywhere but its signed <root>/agent
     )
     plain = to_plain(cfg)
     build(Node.plain(plain), f"agent.yaml for {dev.name}")
@@ -232,7 +234,7 @@ def ensure_agent(shell: DeviceShell, fleet: Fleet) -> AgentState:
             _stop_supervisor(shell, info["agent_pid"])
         shell.run([dev.python, "-B", "-m", "device_agents", "supervise", "--config", f"{root}/agent.yaml",
                    "--pidfile", f"{root}/agent.pid", "--log-file", f"{root}/agent.log"],
-                  env={"PYTHONPATH": f"{root}/agent"}, background=True)
+                  env={"PYTHONPATH": f"{root}/agent"}, background=True, cwd=f"{root}/agent")
     changed.append("service restarted" if running else "service started")
     return AgentState(changed, started)
 
@@ -291,7 +293,7 @@ def _stop_supervisor(shell: DeviceShell, pid: int) -> None:
 
 def _systemd_start(shell: DeviceShell, root: str) -> None:
     dev = shell.dev
-    unit = render_unit(Path(root) / "agent.yaml", python=dev.python).replace(
+    unit = render_unit(Path(root) / "agent.yaml", python=dev.python, workdir=f"{root}/agent").replace(
         "Environment=PYTHONUNBUFFERED=1", f"Environment=PYTHONUNBUFFERED=1 PYTHONPATH={root}/agent")
     shell.put(unit.encode(), "/etc/systemd/system/edgekit-agent.service")
     for argv in (["systemctl", "daemon-reload"], ["systemctl", "enable", "edgekit-agent"],

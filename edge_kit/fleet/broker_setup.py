@@ -26,9 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgekit_protocol.messages import ROOT
+from edgekit_protocol.messages import MAX_PAYLOAD, ROOT
 
 OPERATOR_USER = "operator"
+MAX_PACKET = MAX_PAYLOAD + 4096  # a message at the protocol's limit, its topic and the MQTT header
 DEVICE_TOPICS_WRITE = ("status", "bench", "telemetry", "cmd/ack")
 
 
@@ -65,8 +66,11 @@ def fleet_acl(fleet: str, operator: str = OPERATOR_USER) -> str:
 
 
 def _write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` readable by its owner only (a symlink in its place is refused, an existing file's
+    mode tightened before a byte is written)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    os.fchmod(fd, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
 
@@ -148,11 +152,14 @@ def hardened_conf(folder: Path, port: int = 8883, queued: int = 100_000, listen:
     so a monitor outage does not lose records (``queued`` messages per offline persistent client)."""
     return "\n".join([
         "# edge-kit fleet broker (written by `edgekit fleet init`). Started as root, Mosquitto drops to the user",
-        f"# 'mosquitto', which must read this folder's private files: chown -R mosquitto: {folder}",
+        "# 'mosquitto', which must read passwd, acl and tls/server.key and write data/ (never secrets/, which",
+        f"# holds every client's plain password for the fleet file): cd {folder} && "
+        "chown mosquitto: passwd acl tls/server.key && chown -R mosquitto: data",
         f"listener {port}" + (f" {listen}" if listen else ""), "allow_anonymous false", f"password_file {folder / 'passwd'}", f"acl_file {folder / 'acl'}",
         f"cafile {folder / 'tls' / 'ca.pem'}", f"certfile {folder / 'tls' / 'server.pem'}",
         f"keyfile {folder / 'tls' / 'server.key'}", "tls_version tlsv1.2", "persistence true",
-        f"persistence_location {folder}/", f"max_queued_messages {queued}", "max_queued_bytes 0",
+        f"persistence_location {folder / 'data'}/", f"max_queued_messages {queued}", "max_queued_bytes 0",
+        f"# receivers refuse messages over {MAX_PAYLOAD} bytes anyway", f"max_packet_size {MAX_PACKET}",
         "set_tcp_nodelay true", ""])
 
 
@@ -169,9 +176,10 @@ def write_fleet_wall(folder: Path, fleet: str, devices: list[str], hosts: list[s
         FileExistsError: ``folder`` already holds a wall (never overwritten: devices may use it).
     """
     folder = Path(folder).resolve()
-    if (folder / "passwd").exists():
-        raise FileExistsError(folder / "passwd")
+    if folder.exists() and any(folder.iterdir()):
+        raise FileExistsError(folder)
     wall = build_wall(folder, fleet, devices, hosts)
+    (folder / "data").mkdir(mode=0o700)
     _write_private(folder / "passwd", ("\n".join(mosquitto_password_line(u, p) for u, p in wall.users.items()) + "\n").encode())
     (folder / "acl").write_text(wall.acl)
     (folder / "mosquitto.conf").write_text(hardened_conf(folder, port, listen=listen))

@@ -1,16 +1,19 @@
-"""Operator key rotation over MQTT: ``edgekit keys rotate``.
+"""Operator key rotation over MQTT: ``edgekit keys rotate``, always for the whole fleet.
 
-Two steps, so no device is ever left pinning only a key the host no longer signs with:
+1. A new key is generated and saved at once (``keys/operator-next.key``, mode 600), so an
+   interrupted rotation resumes with it instead of losing it.
+2. Signed with the current key, every device is asked for its agent-code manifest (``state
+   {code}``), which must verify under the current key; it is re-signed with the new key (the
+   device's own files, whatever version it runs), and the device is told to pin ``[current, new]``
+   with it.
+3. Only when every device took step 2 (or ``force``) does the host switch: the new key becomes
+   ``keys/operator.key``, the old one moves to ``keys/retired/``; then, signed with the new key,
+   every device that took step 2 is told to pin ``[new]``.
 
-1. signed with the old key, every device is told to pin ``[old, new]`` and is given the agent-code
-   manifest signed by the new key (so a deployed agent still starts once the old key is gone);
-2. the host switches to the new key (the old one is kept under ``keys/retired/``), then, signed
-   with the new key, every device that took step 1 is told to pin ``[new]`` only.
-
-A device that misses step 1 (offline, refused) still pins the old key only and refuses the new
-key's commands: it is listed, and the next ``edgekit deploy`` to it pins the new key over SSH
-(whose host key the deploy verifies). A device that took step 1 but missed step 2 accepts both
-keys until it is deployed to or rotated again; it is listed too.
+So no device is left pinning only a key the host stopped signing with, unless the operator forces
+it: a device that misses step 2 is listed (exit 4) and the key is not switched; run the rotation
+again when it is back (the same new key is used), or ``edgekit deploy`` to it. With ``force``, the
+devices that missed it still pin only the old key: a deploy over SSH pins the new one.
 """
 
 from __future__ import annotations
@@ -18,61 +21,90 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from device_agents.codecheck import code_manifest
-from device_agents.identity import Signer, encode_key, key_id
-from edge_kit.fleet.agent_install import agent_bundle
+from device_agents.identity import OPERATOR, Keyring, Signer, encode_key, key_id
 from edge_kit.fleet.commands import FleetClient
-from edge_kit.fleet.inventory import Device, Fleet
+from edge_kit.fleet.inventory import Fleet
+from edgekit_protocol.errors import EdgeKitError
+
+NEXT = "operator-next.key"
 
 
 @dataclass
 class Rotated:
-    """One device's outcome: ``rotated`` (pins the new key only), ``both`` (still accepts the old key
-    too) or ``missed`` (pins the old key only); ``reason`` says why it is not ``rotated``."""
+    """One device's outcome: ``rotated`` (pins the new key only), ``both`` (accepts the old key too,
+    until the rotation is finished) or ``missed`` (pins the old key only); ``reason`` says why."""
 
     device: str
     outcome: str
     reason: str | None = None
 
 
-def _pin(client: FleetClient, devices: list[str], keys: list[str], code: dict, timeout: float) -> dict[str, str | None]:
-    """Send ``operators`` to every device at once; return ``{device: None when pinned, else why not}``."""
-    expires = time.time() + timeout  # never pinned later, behind the host's back
-    sent = {name: client.send(name, "operators", {"keys": keys, "code": code}, expires=expires) for name in devices}
-    out: dict[str, str | None] = {}
+def _answers(client: FleetClient, sent: dict[str, str], timeout: float) -> dict[str, dict | str]:
+    """Return ``{device: result}`` for the devices that answered ok, ``{device: why not}`` for the others."""
+    out: dict[str, dict | str] = {}
     for name, cmd_id in sent.items():
         ack = client.wait_ack(cmd_id, timeout)
         out[name] = (f"no answer within {timeout:.0f} s (offline?)" if ack is None
-                     else None if ack["ok"] else str(ack.get("error")))
+                     else ack["result"] if ack["ok"] else str(ack.get("error")))
     return out
 
 
-def rotate_operator_key(fleet: Fleet, devices: list[Device], timeout: float = 30.0) -> tuple[str, str, list[Rotated]]:
-    """Rotate the fleet's operator key on ``devices``.
+def _resigned(state: dict | str, old: Signer, new: Signer) -> dict | str | None:
+    """Return the device's code manifest re-signed with ``new`` (None: not a deployed agent), or why not."""
+    if isinstance(state, str):
+        return state
+    doc = state.get("code")
+    if doc is None:
+        return None
+    try:
+        Keyring(operators=[old.public, new.public]).verify(doc, OPERATOR)  # new: a resumed rotation's step 2
+    except EdgeKitError as exc:
+        return f"its code manifest does not verify under the current key ({exc}); deploy to it first"
+    return new.sign({k: v for k, v in doc.items() if k not in ("key_id", "sig")})
+
+
+def rotate_operator_key(fleet: Fleet, timeout: float = 30.0, *, force: bool = False) -> tuple[str, str, bool, list[Rotated]]:
+    """Rotate the fleet's operator key on all its devices.
 
     Returns:
-        ``(old key id, new key id, per-device outcomes)``.
+        ``(old key id, new key id, switched, per-device outcomes)``; ``switched`` is False when a
+        device missed the first step and ``force`` was not given (the new key stays pending).
 
     Raises:
-        AgentError: the broker cannot be reached (nothing changed then). ConfigError: the keys cannot be read.
+        AgentError: the broker cannot be reached (nothing switched then). ConfigError: the keys cannot be read.
     """
     keys = fleet.key_store()
-    old, new = keys.operator, Signer.generate()
-    _, sha, files = agent_bundle()
-    code = new.sign(code_manifest(files, sha))
-    names = [d.name for d in devices]
+    old = keys.operator
+    new, _ = Signer.load_or_create(keys.folder / NEXT)  # saved before anything is sent
+    names = [d.name for d in fleet.devices]
+    expires = time.time() + 3 * timeout  # never pinned later, behind the host's back
     with FleetClient.of(fleet) as client:
-        first = _pin(client, names, [encode_key(old.public), encode_key(new.public)], code, timeout)
-    keys.replace_operator(new)
-    took = [n for n in names if first[n] is None]
-    with FleetClient.of(fleet) as client:
-        second = _pin(client, took, [encode_key(new.public)], code, timeout) if took else {}
+        states = _answers(client, {n: client.send(n, "state", {"code": True}, expires=expires) for n in names}, timeout)
+        codes = {n: _resigned(states[n], old, new) for n in names}
+        step = {n: client.send(n, "operators", {"keys": [encode_key(old.public), encode_key(new.public)],
+                                                **({"code": codes[n]} if isinstance(codes[n], dict) else {})},
+                               expires=expires)
+                for n in names if not isinstance(codes[n], str)}
+        first = {**{n: codes[n] for n in names if isinstance(codes[n], str)}, **_answers(client, step, timeout)}
+    took = [n for n in names if not isinstance(first[n], str)]
+    switched = force or len(took) == len(names)
+    second: dict[str, dict | str] = {}
+    if switched:
+        keys.replace_operator(new)
+        (keys.folder / NEXT).unlink(missing_ok=True)
+        with FleetClient.of(fleet) as client:
+            second = _answers(client, {n: client.send(n, "operators", {
+                "keys": [encode_key(new.public)], **({"code": codes[n]} if isinstance(codes[n], dict) else {})},
+                expires=expires) for n in took}, timeout)
     out = []
-    for name in names:
-        if first[name] is not None:
-            out.append(Rotated(name, "missed", f"{first[name]}; it still pins only the old key: `edgekit deploy` to it"))
-        elif second.get(name) is not None:
-            out.append(Rotated(name, "both", f"{second[name]}; it still accepts the old key too: rotate again or deploy"))
+    for n in names:
+        if isinstance(first[n], str):
+            out.append(Rotated(n, "missed", f"{first[n]}; it pins only the old key: " + (
+                "`edgekit deploy` to it" if switched else "nothing was switched; rotate again when it is back")))
+        elif not switched:
+            out.append(Rotated(n, "both", "accepts the old and the new key until the rotation is finished"))
+        elif isinstance(second.get(n), str):
+            out.append(Rotated(n, "both", f"{second[n]}; it still accepts the old key too: rotate again or deploy"))
         else:
-            out.append(Rotated(name, "rotated"))
-    return key_id(old.public), key_id(new.public), out
+            out.append(Rotated(n, "rotated"))
+    return key_id(old.public), key_id(new.public), switched, out

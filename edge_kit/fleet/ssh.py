@@ -256,10 +256,11 @@ class DeviceShell:
             self.conn.client.close()
 
     def run(self, argv: list[str], *, env: dict[str, str] | None = None, timeout: float = COMMAND_TIMEOUT_S,
-            background: bool = False) -> str:
+            background: bool = False, cwd: str | None = None) -> str:
         """Run an argv list on the device (quoted for its shell) and return stdout.
 
-        ``background`` detaches it (``setsid nohup ... &``) and returns at once.
+        ``background`` detaches it (``setsid nohup ... &``) and returns at once; ``cwd`` runs it there
+        (the deployed agent always runs from ``<root>/agent``, so ``python -m`` finds only checked code).
 
         Raises:
             DeployError: non-zero exit (with the last line of stderr), a timeout or a lost connection.
@@ -267,8 +268,10 @@ class DeviceShell:
         if env:
             argv = ["env", *(f"{k}={v}" for k, v in env.items()), *argv]
         command = shlex.join(argv)
-        if background:
-            command = f"setsid nohup {command} >/dev/null 2>&1 < /dev/null &"
+        if background:  # in a brace group: the backgrounded command alone holds (redirected) descriptors
+            command = f"{{ setsid nohup {command} >/dev/null 2>&1 < /dev/null & }}"
+        if cwd:
+            command = f"cd {shlex.quote(cwd)} && {command}"
         try:
             result = self.conn.run(command, hide=True, warn=True, timeout=timeout, in_stream=False)
         except CommandTimedOut:
@@ -288,7 +291,7 @@ class DeviceShell:
         """
         root = self.root
         out = self.run([self.dev.python, "-B", "-m", "device_agents", *args, "--root", root],
-                       env={"PYTHONPATH": f"{root}/agent"}, timeout=timeout)
+                       env={"PYTHONPATH": f"{root}/agent"}, timeout=timeout, cwd=f"{root}/agent")
         try:
             return json.loads(out)
         except ValueError:

@@ -102,6 +102,7 @@ class Monitor:
         # Signatures are checked in a child process (see edge_kit.telemetry.verifier); in this one
         # only when that is off or the child cannot run.
         self.verifier = Verifier(fleet.key_store().folder) if verify_in_child else None
+        self._verifying = threading.Lock()
         self.client.on_message = lambda _c, _u, m: self._queue.put((m.topic, m.payload, time.time()))
         # Two stages: the checker decodes and verifies (Ed25519 verification releases the GIL, so it
         # runs on another core while paho reads and the writer stores), the writer stores.
@@ -180,7 +181,13 @@ class Monitor:
                     batch.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            self._checked.put(self._check(batch))  # waits while the writer is behind (bounded)
+            try:
+                checked = self._check(batch)
+            except Exception as exc:  # noqa: BLE001 - the checker must outlive anything: store nothing unchecked
+                log.exception("checking a batch failed")
+                self.alerts.append(Alert("monitor", "store", f"checking {len(batch)} message(s) failed: {exc}"))
+                checked = ([], [], [])
+            self._checked.put(checked)  # waits while the writer is behind (bounded)
             for _ in batch:
                 self._queue.task_done()
 
@@ -209,16 +216,21 @@ class Monitor:
         raw: list[bytes] = []
         received: list[float] = []
         pairs = [(topic, payload) for topic, payload, _ in batch]
-        elsewhere = self.verifier is not None and self.verifier.submit(pairs)  # verified there meanwhile
-        checked: list[tuple[str, dict[str, Any]] | Exception] = []
-        for topic, payload, at in batch:
+        with self._verifying:  # one batch at a time on the pipe (stop() may check leftovers meanwhile)
             try:
-                checked.append(receive(None if elsewhere else self.keyring, topic, payload, at))
-            except Exception as exc:  # noqa: BLE001 - EdgeKitError, and whatever else a message holds: refused
-                checked.append(exc)
-        verdicts = (self.verifier.result() if elsewhere else None) if self.verifier is not None else None
-        if elsewhere and verdicts is None:  # the child died with the batch: verify it here, never skip it
-            verdicts = [verify_published(self.keyring, topic, payload) for topic, payload in pairs]
+                elsewhere = self.verifier is not None and self.verifier.submit(pairs)  # verified there meanwhile
+            except Exception:  # noqa: BLE001 - a child that cannot start: verify here
+                log.exception("the verifying process cannot run; verifying in the monitor")
+                elsewhere = False
+            checked: list[tuple[str, dict[str, Any]] | Exception] = []
+            for topic, payload, at in batch:
+                try:
+                    checked.append(receive(None if elsewhere else self.keyring, topic, payload, at))
+                except Exception as exc:  # noqa: BLE001 - EdgeKitError, and whatever else a message holds: refused
+                    checked.append(exc)
+            verdicts = self.verifier.result() if elsewhere else None
+            if elsewhere and (verdicts is None or len(verdicts) != len(pairs)):  # the child died: verify here
+                verdicts = [verify_published(self.keyring, topic, payload) for topic, payload in pairs]
         for i, (topic, payload, at) in enumerate(batch):
             self.stats.received += 1
             outcome = checked[i]

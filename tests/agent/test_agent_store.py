@@ -128,3 +128,23 @@ def test_the_eval_set_is_hashed_at_install_and_checked_before_every_use(store, t
     assert store.damaged() == [{"sha256": sha, "damaged": "the eval set no longer hashes to its sha256"}]
     assert store.install(path, variant="int8", model="m", eval_file=ev).fresh  # damaged: installed again, whole
     assert store.eval_path(sha).read_bytes() == b"eval-v1" and store.damaged() == []
+
+
+def test_an_eval_set_without_a_recorded_sha256_is_never_used_and_a_new_one_replaces_it(store, tmp_path):
+    import json as _json
+
+    path, sha = model_file(tmp_path, b"model-f")
+    ev = tmp_path / "eval.npz"
+    ev.write_bytes(b"eval-v1")
+    store.install(path, variant="int8", model="m", eval_file=ev)
+    meta_file = store.models / sha / "meta.json"
+    meta = _json.loads(meta_file.read_text())
+    del meta["eval_sha256"]  # what an older agent installed
+    meta_file.write_text(_json.dumps(meta))
+    with pytest.raises(StoreError, match="eval.npz no longer hashes"):
+        store.eval_path(sha)
+    assert store.damaged() == [{"sha256": sha, "damaged": "the eval set has no recorded sha256 (installed by an older agent)"}]
+    ev.write_bytes(b"eval-v2")  # the same model with a new eval set: installed again, with its hash
+    assert store.install(path, variant="int8", model="m", eval_file=ev,
+                         expect_eval_sha256=hashlib.sha256(b"eval-v2").hexdigest()).fresh
+    assert store.eval_path(sha).read_bytes() == b"eval-v2" and store.damaged() == []

@@ -65,3 +65,13 @@ def test_no_manifest_or_garbage_is_refused_with_what_to_do(deployed):
     (code / codecheck.MANIFEST).unlink()
     with pytest.raises(CodeTampered, match="No such file"):
         codecheck.verify_code(code, operators)
+
+
+def test_a_deployed_config_refuses_to_run_code_from_anywhere_but_root_agent(tmp_path):
+    """verify_code (written by the deploy): code found elsewhere first on sys.path (a planted package
+    in the working directory) does not start, even though it is not the folder the check would hash."""
+    from device_agents.__main__ import check_own_code
+
+    check_own_code(tmp_path)  # not deployed, not required: runs from the source tree as before
+    with pytest.raises(CodeTampered, match=r"runs from .*, not from the deployed .*agent; not started"):
+        check_own_code(tmp_path, required=True)

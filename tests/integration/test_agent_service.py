@@ -379,19 +379,22 @@ def test_a_full_disk_is_answered_reported_and_recovered_from(tmp_path, mosquitto
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)], check=True)
     agent = None
     try:
-        agent = AgentProcess(disk, "dev1", mosquitto, digits_artifacts,
+        agent = AgentProcess(disk, "dev1", mosquitto, digits_artifacts, telemetry_interval_s=0.3,
                              store={"min_free_mb": 2, "reserve_mb": 1}).start()
         assert monitor.wait_for(online("dev1"), 30), agent.log.read_text()
         birth = [m for m in monitor.messages["status"] if m["device"] == "dev1"][-1]
         assert birth["disk"]["full"] is False and birth["disk"]["reserve_bytes"] == 1_000_000
+        def fill(path):
+            with open(path, "wb") as f:  # every last block
+                try:
+                    while True:
+                        f.write(bytes(1 << 16))
+                        f.flush()
+                except OSError:
+                    pass
+
         filler = disk / "filler"
-        with open(filler, "wb") as f:  # every last block
-            try:
-                while True:
-                    f.write(bytes(1 << 16))
-                    f.flush()
-            except OSError:
-                pass
+        fill(filler)
         with client_for(mosquitto) as client:
             with pytest.raises(AgentError, match="activate refused: disk full: activate refused; .* MB free under") as act:
                 client.request("dev1", "activate", {"variant": "fp32"}, timeout=30)
@@ -402,12 +405,18 @@ def test_a_full_disk_is_answered_reported_and_recovered_from(tmp_path, mosquitto
             state = client.request("dev1", "state", timeout=30)["result"]
             assert state["disk"]["full"] is True and state["disk"]["reserve_bytes"] == 0  # freed to answer
             assert monitor.wait_for(lambda m: [s for s in m["status"] if s["device"] == "dev1"][-1]["disk"]["full"], 10)
-            assert agent.alive()
+            fill(disk / "filler2")  # and what the reserve gave back is taken too: not even telemetry can be written
+            assert wait_until(lambda: "telemetry dropped" in agent.log.read_text(), 10), agent.log.read_text()[-2000:]
+            time.sleep(1)
+            assert agent.alive(), agent.log.read_text()[-2000:]  # dropped and counted; the agent goes on
+            (disk / "filler2").unlink()
             filler.unlink()
             assert monitor.wait_for(lambda m: not [s for s in m["status"] if s["device"] == "dev1"][-1]["disk"]["full"], 15)
             assert client.request("dev1", "activate", {"variant": "fp32"}, timeout=60)["ok"]
             assert agent.store.current() == agent.sha["fp32"]
             assert client.request("dev1", "state", timeout=30)["result"]["disk"]["reserve_bytes"] == 1_000_000
+            heard = len(monitor.messages["telemetry"])
+            assert monitor.wait_for(lambda m: len(m["telemetry"]) > heard + 2, 10)  # telemetry flows again
     finally:
         if agent is not None:
             agent.stop()

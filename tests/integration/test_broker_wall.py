@@ -110,9 +110,12 @@ def test_fleet_init_writes_a_wall_that_a_real_mosquitto_enforces(tmp_path, run_c
     made = json.loads(out)
     assert made["users"] == ["cam-1", "cam-2", "operator"] and made["agent_broker"]["cam-2"]["username"] == "cam-2"
     assert (tmp_path / "wall" / "secrets" / "cam-1.pass").stat().st_mode & 0o777 == 0o600
-    assert "password" not in (tmp_path / "wall" / "passwd").read_text()  # hashed, never the plain text
+    secrets = [(tmp_path / "wall" / "secrets" / f"{u}.pass").read_text().strip() for u in made["users"]]
+    hashed = (tmp_path / "wall" / "passwd").read_text()
+    assert len(set(secrets)) == 3 and not any(s in hashed for s in secrets)  # hashed, never the plain text
+    assert hashed.count("$7$101$") == 3
     again = run_cli("fleet", "init", "--fleet", fleet_file, "--broker-host", "x", "--out", tmp_path / "wall")
-    assert again[0] == 2 and "already there" in again[2]  # never overwrites a wall devices may use
+    assert again[0] == 2 and "never overwritten" in again[2]  # never overwrites a wall devices may use
 
     conf = tmp_path / "wall" / "mosquitto.conf"
     conf.write_text(conf.read_text() + "user root\n")  # the test owns the files (the conf says to chown them)
@@ -124,6 +127,7 @@ def test_fleet_init_writes_a_wall_that_a_real_mosquitto_enforces(tmp_path, run_c
         ca = made["files"]["ca"]
         assert connect(broker, "cam-1", "guess", tls_ca=ca)[1] != "ok"
         assert connect(broker, None, None, tls_ca=ca)[1] != "ok"
+        assert connect(broker, "cam-1", secret["cam-1"])[1] != "ok"  # the right password, but not over TLS
         seen: list[str] = []
         operator, how = connect(broker, "operator", secret["operator"], tls_ca=ca)
         assert how == "ok"

@@ -280,9 +280,14 @@ def test_tampered_agent_code_is_not_started_and_the_next_deploy_reinstalls_it(si
     assert again.status == "skipped", again.actions
 
 
-def test_operator_key_rotation_over_mqtt_and_a_missed_device_repaired_by_deploy(sim, digits_artifacts, run_cli):
-    """`edgekit keys rotate`: a device that takes it obeys only the new key (and its agent still starts:
-    its code manifest is re-signed); a device left out refuses the new key until a deploy pins it."""
+def test_operator_key_rotation_waits_for_every_device_then_switches_and_the_old_key_is_refused(sim, digits_artifacts,
+                                                                                              run_cli):
+    """`edgekit keys rotate` with a device offline pins [old, new] where it can and switches nothing
+    (exit 4; the new key is kept pending); once the device is back, the same rotation finishes: every
+    device obeys only the new key, refuses the retired one, and its agent still starts (its own code
+    manifest re-signed)."""
+    import base64
+    import signal
     import subprocess
     import sys
 
@@ -294,28 +299,48 @@ def test_operator_key_rotation_over_mqtt_and_a_missed_device_repaired_by_deploy(
     assert len(deploy(fleet, fleet.devices, DeployOptions(digits_artifacts, variant="int8")).succeeded) == 2
     keys = fleet.key_store()
     old = Signer.from_pem((keys.folder / "operator.key").read_bytes(), "old")
-    code, out, err = run_cli("keys", "rotate", "--fleet", simfleet.fleet_file, "--devices", "rpi4-1", "--json")
+
+    def pinned(dev) -> list[str]:
+        return [key_id(base64.b64decode(k)) for k in json.loads((Path(dev.root) / "identity" / "operators.json").read_text())]
+
+    dev1, dev2 = fleet.devices
+    os.kill(int((Path(dev2.root) / "agent.pid").read_text()), signal.SIGTERM)  # rpi4-2 goes offline
+    assert wait_gone(Path(dev2.root) / "agent.pid")
+    code, out, err = run_cli("keys", "rotate", "--fleet", simfleet.fleet_file, "--timeout", "5", "--json")
+    first = json.loads(out)
+    assert code == 4 and first["switched"] is False and first["old_key"] == old.key_id
+    assert [d["outcome"] for d in first["devices"]] == ["both", "missed"] and "offline" in first["devices"][1]["reason"]
+    assert fleet.key_store().operator.key_id == old.key_id  # nothing switched: every device still obeys the host
+    assert (keys.folder / "operator-next.key").stat().st_mode & 0o777 == 0o600
+    assert pinned(dev1) == [old.key_id, first["new_key"]] and pinned(dev2) == [old.key_id]
+
+    assert deploy(fleet, [dev2], DeployOptions(digits_artifacts, variant="int8")).results[0].status == "succeeded"
+    code, out, err = run_cli("keys", "rotate", "--fleet", simfleet.fleet_file, "--json")
+    done = json.loads(out)
     assert code == 0, out + err
-    result = json.loads(out)
-    assert result["old_key"] == old.key_id and result["devices"] == [{"device": "rpi4-1", "outcome": "rotated", "reason": None}]
+    assert done["switched"] and done["new_key"] == first["new_key"]  # the pending key, not another one
+    assert [d["outcome"] for d in done["devices"]] == ["rotated", "rotated"]
     new = fleet.key_store().operator
-    assert new.key_id == result["new_key"] != old.key_id
+    assert new.key_id == done["new_key"] and not (keys.folder / "operator-next.key").exists()
     assert (keys.folder / "retired" / f"operator-{old.key_id}.key").stat().st_mode & 0o777 == 0o600
-    pinned = json.loads((Path(fleet.devices[0].root) / "identity" / "operators.json").read_text())
-    assert [key_id(__import__("base64").b64decode(k)) for k in pinned] == [new.key_id]
+    assert pinned(dev1) == pinned(dev2) == [new.key_id]
     with FleetClient.of(fleet) as client:  # signs with the new key
-        assert client.request("rpi4-1", "state", timeout=30)["ok"]
-        with pytest.raises(AgentTimeout):  # rpi4-2 missed the rotation: it refuses the new key, unanswered
-            client.request("rpi4-2", "state", timeout=3)
+        assert client.request("rpi4-1", "state", timeout=30)["ok"] and client.request("rpi4-2", "state", timeout=30)["ok"]
     with FleetClient(fleet.broker, fleet.fleet, fleet.broker.password("x"), signer=old, keyring=keys.keyring()) as client:
-        with pytest.raises(AgentTimeout):  # the retired key no longer commands rpi4-1
+        with pytest.raises(AgentTimeout):  # the retired key commands nothing any more
             client.request("rpi4-1", "state", timeout=3)
-    dev = fleet.devices[0]  # the rotated agent's code still verifies under the pinned (new) key
-    check = ("from device_agents.codecheck import verify_code; from pathlib import Path; "
-             f"verify_code(Path({dev.root!r}) / 'agent', Path({dev.root!r}) / 'identity' / 'operators.json')")
-    assert subprocess.run([sys.executable, "-B", "-c", check], cwd=dev.root, timeout=60,
-                          env={**os.environ, "PYTHONPATH": f"{dev.root}/agent"}).returncode == 0
-    r = deploy(fleet, [fleet.devices[1]], DeployOptions(digits_artifacts, variant="int8")).results[0]
-    assert r.status == "succeeded" and "operator key pinned" in " ".join(r.actions), r.actions
-    with FleetClient.of(fleet) as client:
-        assert client.request("rpi4-2", "state", timeout=30)["ok"]
+    for dev in fleet.devices:  # each agent's code still verifies under the pinned (new) key: it would start
+        check = ("from device_agents.codecheck import verify_code; from pathlib import Path; "
+                 f"verify_code(Path({dev.root!r}) / 'agent', Path({dev.root!r}) / 'identity' / 'operators.json')")
+        assert subprocess.run([sys.executable, "-I", "-B", "-c", f"import sys; sys.path.insert(0, {dev.root + '/agent'!r}); "
+                               + check], cwd=dev.root, timeout=60).returncode == 0
+    assert not list((Path(dev1.root) / "agent").glob(".*tmp"))  # no temporary file left in the checked folder
+
+
+def wait_gone(path: Path, timeout: float = 30.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while path.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not path.exists()
