@@ -96,3 +96,60 @@ def signature_key(data: bytes) -> str:
     if len(keys) != 1:
         raise ValueError(f"the model has {len(keys)} signatures; edge-kit compiles models with one")
     return keys[0]
+
+
+def _placeholder(name: str, names: dict[str, str]) -> str | None:
+    """Return which of ``names`` a signature or tensor name stands for (TensorFlow may decorate it), or None."""
+    if name in names:
+        return name
+    bare = name.removeprefix("serving_default_").split(":")[0]
+    return bare if bare in names else None
+
+
+def rename_signature(data: bytes, names: dict[str, str]) -> bytes:
+    """Return the model with its inputs and outputs renamed by ``names`` ({name in the file: new name}).
+
+    The single signature's entries are renamed (a model without one gets ``serving_default`` from
+    its graph's inputs and outputs), and so are the tensors they point at, so the LiteRT interpreter
+    and ai-edge-quantizer both see the new names.
+
+    Raises:
+        ValueError: the model has several signatures, or an input or output of the file is not in
+            ``names`` (or one of ``names`` is not in the file).
+    """
+    schema = _schema()
+    model = _load(data)
+    if len(model.signatureDefs or []) > 1:
+        raise ValueError(f"the model has {len(model.signatureDefs)} signatures; edge-kit compiles models with one")
+    graph = model.subgraphs[0]
+    if not model.signatureDefs:
+        sig = schema.SignatureDefT()
+        sig.signatureKey, sig.subgraphIndex = SIGNATURE.encode(), 0
+
+        def mapped(index: int) -> Any:
+            entry = schema.TensorMapT()
+            entry.name, entry.tensorIndex = graph.tensors[index].name, int(index)
+            return entry
+
+        sig.inputs = [mapped(i) for i in graph.inputs]
+        sig.outputs = [mapped(i) for i in graph.outputs]
+        model.signatureDefs = [sig]
+    sig = model.signatureDefs[0]
+    order = list(names)
+    seen = set()
+    for entries in (sig.inputs or [], sig.outputs or []):
+        keys = []
+        for entry in entries:
+            key = _placeholder(entry.name.decode(), names)
+            if key is None:
+                key = _placeholder((graph.tensors[entry.tensorIndex].name or b"").decode(), names)
+            if key is None:
+                raise ValueError(f"'{entry.name.decode()}' is none of {sorted(names)}")
+            keys.append(key)
+            entry.name = names[key].encode()
+            graph.tensors[entry.tensorIndex].name = names[key].encode()
+        seen.update(keys)
+        entries.sort(key=lambda e, k=dict(zip(map(id, entries), keys)): order.index(k[id(e)]))  # the names' order
+    if seen != set(names):
+        raise ValueError(f"{sorted(set(names) - seen)} not found among the file's inputs and outputs")
+    return _dump(model)
