@@ -82,7 +82,7 @@ def quantize_tflite(data: bytes, precision: str, calib: dict[str, np.ndarray] | 
         CompileError: ai-edge-quantizer is not installed, int8 without calibration data, or the
             quantizer failed.
     """
-    from edge_kit.compiler.tflite_edit import signature_key
+    from edge_kit.compiler.tflite_edit import repoint_signature, signature_key
 
     try:
         from ai_edge_quantizer import qtyping, quantizer, recipe, recipe_manager
@@ -101,10 +101,10 @@ def quantize_tflite(data: bytes, precision: str, calib: dict[str, np.ndarray] | 
                 manager.add_weight_only_config(regex=".*", operation_name=qtyping.TFLOperationName.ALL_SUPPORTED,
                                                num_bits=16, algorithm_key=recipe_manager.AlgorithmName.FLOAT_CASTING)
                 qt.load_quantization_recipe(manager.get_quantization_recipe())
-                return bytes(qt.quantize().quantized_model)
+                return repoint_signature(bytes(qt.quantize().quantized_model))
             if precision == "dynamic-int8":
                 qt.load_quantization_recipe(recipe.dynamic_wi8_afp32())
-                return bytes(qt.quantize().quantized_model)
+                return repoint_signature(bytes(qt.quantize().quantized_model))
             if precision != "int8":
                 raise CompileError(f"variant {variant}: unknown precision '{precision}'")
             qt.load_quantization_recipe(recipe.static_wi8_ai8())
@@ -112,7 +112,7 @@ def quantize_tflite(data: bytes, precision: str, calib: dict[str, np.ndarray] | 
             count = min(MAX_CALIBRATION_SAMPLES, len(next(iter(calib.values()))))
             samples = [{name: np.asarray(x[i:i + 1], dtype=np.float32) for name, x in calib.items()} for i in range(count)]
             result = qt.calibrate({signature_key(fp32): samples})
-            return bytes(qt.quantize(result).quantized_model)
+            return repoint_signature(bytes(qt.quantize(result).quantized_model))  # see repoint_signature
     except CompileError:
         raise
     except Exception as exc:  # noqa: BLE001 - the quantizer raises many types; report the first line

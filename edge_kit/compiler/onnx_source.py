@@ -263,7 +263,7 @@ def convert(path: Path, data: bytes, inputs: dict[str, tuple[int, ...]], outputs
             raise InputError(_failure(path, done.stdout + "\n" + done.stderr, ready))
         tflite = result.read_bytes()
     try:
-        return rename_signature(tflite, {**ins, **outs})
+        return rename_signature(tflite, ins, outs)
     except ValueError as exc:
         raise CompileError(f"{path}: {CONVERTER}'s output does not keep the model's inputs and outputs ({exc})") from None
 

@@ -106,16 +106,19 @@ def _placeholder(name: str, names: dict[str, str]) -> str | None:
     return bare if bare in names else None
 
 
-def rename_signature(data: bytes, names: dict[str, str]) -> bytes:
-    """Return the model with its inputs and outputs renamed by ``names`` ({name in the file: new name}).
+def rename_signature(data: bytes, inputs: dict[str, str], outputs: dict[str, str]) -> bytes:
+    """Return the model with its inputs and outputs renamed ({name in the file: new name} for each).
 
     The single signature's entries are renamed (a model without one gets ``serving_default`` from
     its graph's inputs and outputs), and so are the tensors they point at, so the LiteRT interpreter
-    and ai-edge-quantizer both see the new names.
+    and ai-edge-quantizer both see the new names. An entry is found by its signature name, else its
+    tensor name (TensorFlow may decorate either, ``serving_default_input_0:0``); when exactly one
+    input (or output) is left unmatched and one name is left for it, they are paired (a converter
+    that names its only output ``Identity``); anything else is an error, never a guess.
 
     Raises:
-        ValueError: the model has several signatures, or an input or output of the file is not in
-            ``names`` (or one of ``names`` is not in the file).
+        ValueError: the model has several signatures, or its inputs or outputs cannot be matched
+            one to one with the names.
     """
     schema = _schema()
     model = _load(data)
@@ -135,21 +138,55 @@ def rename_signature(data: bytes, names: dict[str, str]) -> bytes:
         sig.outputs = [mapped(i) for i in graph.outputs]
         model.signatureDefs = [sig]
     sig = model.signatureDefs[0]
-    order = list(names)
-    seen = set()
-    for entries in (sig.inputs or [], sig.outputs or []):
-        keys = []
+    for entries, names in ((sig.inputs or [], inputs), (sig.outputs or [], outputs)):
+        keys: list[str | None] = []
         for entry in entries:
             key = _placeholder(entry.name.decode(), names)
             if key is None:
                 key = _placeholder((graph.tensors[entry.tensorIndex].name or b"").decode(), names)
-            if key is None:
-                raise ValueError(f"'{entry.name.decode()}' is none of {sorted(names)}")
             keys.append(key)
-            entry.name = names[key].encode()
-            graph.tensors[entry.tensorIndex].name = names[key].encode()
-        seen.update(keys)
-        entries.sort(key=lambda e, k=dict(zip(map(id, entries), keys)): order.index(k[id(e)]))  # the names' order
-    if seen != set(names):
-        raise ValueError(f"{sorted(set(names) - seen)} not found among the file's inputs and outputs")
+        left = sorted(set(names) - set(keys))
+        if keys.count(None) == 1 and len(left) == 1:
+            keys[keys.index(None)] = left[0]
+        if None in keys or sorted(keys) != sorted(names):  # type: ignore[type-var]
+            found = [e.name.decode() for e in entries]
+            raise ValueError(f"cannot match {found} with {sorted(names)}")
+        for entry, key in zip(entries, keys):
+            entry.name = names[key].encode()  # type: ignore[index]
+            graph.tensors[entry.tensorIndex].name = names[key].encode()  # type: ignore[index]
+        order = list(names)
+        pairs = sorted(zip(keys, entries), key=lambda ke: order.index(ke[0]))  # the names' order
+        entries[:] = [e for _, e in pairs]
     return _dump(model)
+
+
+def repoint_signature(data: bytes) -> bytes:
+    """Return the model with signature entries pointing at the graph's real inputs and outputs again.
+
+    ai-edge-quantizer quantizes an output that other ops also read by adding a QUANTIZE op after it
+    and making that op's result (``<name>_quantized``) the graph output, but leaves the signature on
+    the old tensor, so the model's outputs would lose their names. Each such entry is moved to the
+    graph output computed directly from its old tensor; a model whose signature is consistent comes
+    back unchanged.
+
+    Raises:
+        ValueError: an entry points at a tensor that is not an input or output, and no single graph
+            output is computed from it.
+    """
+    model = _load(data)
+    if not model.signatureDefs:
+        return data
+    graph = model.subgraphs[0]
+    changed = False
+    for sig in model.signatureDefs:
+        for entries, ends in ((sig.inputs or [], list(graph.inputs)), (sig.outputs or [], list(graph.outputs))):
+            for entry in entries:
+                if entry.tensorIndex in ends:
+                    continue
+                made = [int(o) for op in graph.operators or [] if entry.tensorIndex in list(op.inputs)
+                        for o in op.outputs if int(o) in ends]
+                if len(made) != 1:
+                    raise ValueError(f"signature entry '{entry.name.decode()}' points at no input or output")
+                entry.tensorIndex = made[0]
+                changed = True
+    return _dump(model) if changed else data
