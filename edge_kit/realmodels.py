@@ -324,6 +324,29 @@ def page_orientation_samples(wheels: Path, count: int, *, seed: int) -> dict[str
     return {"x": xs, "y": ys}
 
 
+def text_page_samples(wheels: Path, count: int, *, seed: int, size: int = 320) -> np.ndarray:
+    """Return ``[count, 3, size, size]`` crops of the scanned page for PaddleOCR's text detector.
+
+    Square crops 50-100 % of the page's height (several text lines each), flipped left-right half
+    the time, NCHW, ImageNet-normalised as PaddleOCR's detector preprocessing does.
+
+    Raises:
+        MissingWheel: scikit-image's wheel is missing.
+    """
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    cache: dict[str, Any] = {}
+    out = np.zeros((count, 3, size, size), np.float32)
+    for i in range(count):
+        crop = _text_crop(wheels, rng, size, size, cache, (95, 191))
+        if rng.random() < 0.5:
+            crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+        pixels = np.asarray(crop, np.float32) / 255.0
+        out[i] = ((pixels - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1)
+    return out
+
+
 def noise_samples(count: int, *, seed: int, size: int, low: float = -1.0, high: float = 1.0) -> np.ndarray:
     """Return ``[count, size, size, 3]`` float32 uniform noise in [low, high]: a *bad* calibration set, on purpose."""
     return np.random.default_rng(seed).uniform(low, high, (count, size, size, 3)).astype(np.float32)

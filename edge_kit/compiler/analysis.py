@@ -110,7 +110,7 @@ def _table(data: bytes) -> tuple[list[OpInfo], dict[int, TensorInfo], dict[int, 
     for idx, t in enumerate(graph.tensors or []):
         dtype = types.get(t.type, "unknown").lower()
         shape = tuple(int(d) for d in (t.shape if t.shape is not None else ()))
-        raw = model.buffers[t.buffer].data if t.buffer < len(model.buffers) else None
+        raw = _buffer_bytes(data, model.buffers[t.buffer]) if t.buffer < len(model.buffers) else None
         constant = idx not in produced and raw is not None and len(raw) > 0
         q = t.quantization
         tensors[idx] = TensorInfo(idx, (t.name or b"").decode(), shape,
@@ -119,6 +119,15 @@ def _table(data: bytes) -> tuple[list[OpInfo], dict[int, TensorInfo], dict[int, 
         if constant and dtype in _NUMPY:
             values[idx] = np.frombuffer(bytes(raw), dtype=_NUMPY[dtype]).reshape(shape)
     return ops, tensors, values
+
+
+def _buffer_bytes(data: bytes, buffer: Any) -> Any:
+    """Return a buffer's bytes: inline, or (ai-edge-quantizer writes large ones so) at ``offset``/``size``
+    after the flatbuffer, where an unread buffer would make quantized weights look like activations."""
+    if buffer.data is not None and len(buffer.data):
+        return buffer.data
+    offset, size = int(getattr(buffer, "offset", 0) or 0), int(getattr(buffer, "size", 0) or 0)
+    return data[offset:offset + size] if offset > 1 and size > 0 and offset + size <= len(data) else buffer.data
 
 
 _NUMPY = {"float32": "<f4", "float16": "<f2", "int8": "i1", "uint8": "u1", "int16": "<i2", "int32": "<i4", "int64": "<i8"}

@@ -149,13 +149,16 @@ def _rename(graph: Any, old: str, new: str) -> None:
             value.name = new
 
 
-def prepared_model(data: bytes, inputs: dict[str, tuple[int, ...]]) -> tuple[bytes, dict[str, str], dict[str, str]]:
-    """Return the model ready for onnx2tf, plus {placeholder: ONNX name} for its inputs and for its outputs.
+def prepared_model(data: bytes, inputs: dict[str, tuple[int, ...]]
+                   ) -> tuple[bytes, dict[str, str], dict[str, str], dict[str, tuple[int, ...]]]:
+    """Return the model ready for onnx2tf, {placeholder: ONNX name} for its inputs and for its outputs,
+    and {ONNX output name: shape} as shape inference gives it for the pinned inputs (0 where unknown).
 
     Inputs get their batch-1 shapes written into the graph, outputs lose their declared dimensions
     (shape inference and onnxsim fill them in again from the pinned inputs), node names get only
-    characters TensorFlow accepts, and inputs and outputs are renamed ``input_<i>`` /
-    ``output_<i>`` so no ONNX name (``save_infer_model/scale_0.tmp_1``) is lost in conversion.
+    characters TensorFlow accepts, inputs and outputs are renamed ``input_<i>`` / ``output_<i>`` so
+    no ONNX name (``save_infer_model/scale_0.tmp_1``) is lost in conversion, and ``Constant``
+    nodes become initializers (:func:`_constants_as_initializers`).
     """
     onnx = _onnx()
     from onnx import shape_inference
@@ -191,7 +194,40 @@ def prepared_model(data: bytes, inputs: dict[str, tuple[int, ...]]) -> tuple[byt
             model = simplified
     except Exception:  # noqa: BLE001 - onnxsim is an optimisation; onnx2tf runs it again anyway
         pass
-    return model.SerializeToString(), ins, outs
+    _constants_as_initializers(model.graph)  # after onnxsim, which folds shape computations into Constant nodes
+    shapes = {outs[o.name]: tuple(d.dim_value for d in o.type.tensor_type.shape.dim) for o in model.graph.output}
+    return model.SerializeToString(), ins, outs, shapes
+
+
+def _constants_as_initializers(graph: Any) -> int:
+    """Turn the graph's ``Constant`` nodes into initializers; return how many.
+
+    onnx2tf 1.29 handles a ``Constant`` node's output unlike an initializer: YOLOv8's anchor points
+    (``[1, 2, 2100]``, a ``Constant`` node after onnxsim) get a channels-last layout the rest of the
+    box branch does not, and the ``.tflite`` boxes come out hundreds of pixels off (-4.8 dB against
+    ONNX Runtime); as initializers they convert to round-off (144 dB on the head alone).
+    """
+    from onnx import numpy_helper
+
+    kept, moved = [], 0
+    for node in graph.node:
+        value = None
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and len(node.attribute) == 1:
+            attr = node.attribute[0]
+            if attr.name == "value":
+                value = numpy_helper.to_array(attr.t)
+            elif attr.name in ("value_float", "value_floats"):
+                value = np.asarray(attr.f if attr.name == "value_float" else list(attr.floats), np.float32)
+            elif attr.name in ("value_int", "value_ints"):
+                value = np.asarray(attr.i if attr.name == "value_int" else list(attr.ints), np.int64)
+        if value is None:
+            kept.append(node)
+            continue
+        graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
+        moved += 1
+    del graph.node[:]
+    graph.node.extend(kept)
+    return moved
 
 
 def _sample_images(folder: Path) -> None:
@@ -216,6 +252,16 @@ def _failure(path: Path, log: str, model: bytes) -> str:
     op = re.search(r"onnx_op_name:\s*(\S+)", clean)
     cause = [ln.strip() for ln in clean.splitlines() if re.match(r"^\s*[A-Za-z_.]*(Error|Exception):", ln)]
     why = cause[-1][:200] if cause else (clean.strip().splitlines() or ["no output"])[-1][:200]
+    missing = re.search(r"No module named 'onnx2tf\.ops\.(\w+)'", clean)
+    if missing:
+        kind = missing.group(1)
+        try:
+            names = [n.name for n in _onnx().load_from_string(model).graph.node if n.op_type == kind]
+        except Exception:  # noqa: BLE001 - the node name only decorates the message
+            names = []
+        where = f" (node '{names[0]}'{f' and {len(names) - 1} more' if len(names) > 1 else ''})" if names else ""
+        return (f"{path}: {CONVERTER} {version(CONVERTER)} has no conversion for op type '{kind}'{where}; replace that "
+                "op in the exported model (another opset or an equivalent op) and compile again")
     if op:
         kind = "?"
         try:
@@ -229,23 +275,28 @@ def _failure(path: Path, log: str, model: bytes) -> str:
     return f"{path}: {CONVERTER} failed: {why}"
 
 
-def convert(path: Path, data: bytes, inputs: dict[str, tuple[int, ...]], outputs: list[str]) -> bytes:
+def convert(path: Path, data: bytes, inputs: dict[str, tuple[int, ...]], outputs: list[str]) -> tuple[bytes, list[str]]:
     """Convert the ONNX model to a float32 ``.tflite`` with onnx2tf (see the module docstring).
 
+    onnx2tf keeps the inputs' layout (``-kat``) but may lay an output out channels-last
+    (``[1, 320, 320, 1]`` for ONNX's ``[1, 1, 320, 320]``): such an output gets a TRANSPOSE back
+    (:func:`~edge_kit.compiler.tflite_edit.restore_layouts`), so every output has the ONNX shape.
+
     Returns:
-        The flatbuffer, with a ``serving_default`` signature naming the ONNX inputs and outputs, and
-        every input in the ONNX layout.
+        (the flatbuffer, with a ``serving_default`` signature naming the ONNX inputs and outputs and
+        every input and output in the ONNX shape; the names of the outputs transposed back).
 
     Raises:
         InputError: onnx2tf is not installed, or cannot convert an op (the message names it).
-        CompileError: onnx2tf ran past its timeout, or its output lacks an input or output.
+        CompileError: onnx2tf ran past its timeout, or its output lacks an input or output, or has
+            one in a layout that is not the ONNX one nor its channels-last form.
     """
-    from edge_kit.compiler.tflite_edit import rename_signature
+    from edge_kit.compiler.tflite_edit import rename_signature, restore_layouts
 
     if version("onnx2tf") is None:
         raise InputError(f"{path}: converting ONNX needs onnx2tf, which .ci/setup installs with --no-deps "
                          "(pip install --no-deps onnx2tf==1.29.24 tf_keras~=2.21.0; see docs/compile.md)")
-    ready, ins, outs = prepared_model(data, inputs)
+    ready, ins, outs, out_shapes = prepared_model(data, inputs)
     with tempfile.TemporaryDirectory(prefix="edgekit-onnx2tf-") as tmp:
         work = Path(tmp)
         (work / "model.onnx").write_bytes(ready)
@@ -263,9 +314,25 @@ def convert(path: Path, data: bytes, inputs: dict[str, tuple[int, ...]], outputs
             raise InputError(_failure(path, done.stdout + "\n" + done.stderr, ready))
         tflite = result.read_bytes()
     try:
-        return rename_signature(tflite, ins, outs)
+        tflite, transposed = restore_layouts(rename_signature(tflite, ins, outs), out_shapes)
     except ValueError as exc:
         raise CompileError(f"{path}: {CONVERTER}'s output does not keep the model's inputs and outputs ({exc})") from None
+    _check_inputs(path, tflite, inputs)
+    return tflite, transposed
+
+
+def _check_inputs(path: Path, tflite: bytes, inputs: dict[str, tuple[int, ...]]) -> None:
+    """Raise CompileError unless every input of ``tflite`` has its ONNX name and batch-1 ONNX shape."""
+    from device_agents.inference import ports
+    from device_agents.runtimes import get_runtime
+    from edge_kit.compiler.tf_quiet import runtime_banner_dropped
+
+    with runtime_banner_dropped():
+        got = {p.name: p.shape for p in ports(get_runtime("litert").interpreter(tflite))[0]}
+    want = {name: (1, *shape) for name, shape in inputs.items()}
+    if got != want:
+        raise CompileError(f"{path}: {CONVERTER} changed the inputs to {got} (the ONNX model has {want}); "
+                           "edge-kit feeds the same data to both, so it cannot use this conversion")
 
 
 def reference_outputs(data: bytes, xs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

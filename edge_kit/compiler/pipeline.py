@@ -257,7 +257,7 @@ def _convert_onnx(source: Source, data: Dataset | None, profiles: list[Profile],
     from edge_kit.compiler import onnx_source as ox
 
     started = time.perf_counter()
-    source.tflite = ox.convert(source.path, source.onnx or b"", source.inputs, source.outputs)
+    source.tflite, transposed = ox.convert(source.path, source.onnx or b"", source.inputs, source.outputs)
     source.tflite_precision = "float32"
     seconds = time.perf_counter() - started
     if data is not None:
@@ -277,7 +277,7 @@ def _convert_onnx(source: Source, data: Dataset | None, profiles: list[Profile],
         "reference": "onnxruntime", "reference_version": ort, "reference_provider": "CPUExecutionProvider",
         "inputs": where, "samples": len(next(iter(xs.values()))),
         **{k: fid[k] for k in ("snr_db", "cosine", "max_abs_error", "mean_abs_error") if k in fid},
-        "outputs": fid["outputs"], "warn_below_snr_db": floor, "refuse_below_snr_db": ox.CONVERSION_REFUSE_SNR_DB,
+        "outputs": fid["outputs"], "outputs_transposed_back": transposed, "warn_below_snr_db": floor, "refuse_below_snr_db": ox.CONVERSION_REFUSE_SNR_DB,
         "seconds": round(seconds, 3),
         "method": (f"ONNX Runtime {ort} (CPUExecutionProvider) on the ONNX file and LiteRT {litert} on the converted "
                    "float32 .tflite, same inputs one sample at a time; per output SNR dB, cosine, max/mean abs error"),

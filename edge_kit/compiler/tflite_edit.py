@@ -190,3 +190,73 @@ def repoint_signature(data: bytes) -> bytes:
                 entry.tensorIndex = made[0]
                 changed = True
     return _dump(model) if changed else data
+
+
+def channels_last(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Return ``shape`` (batch, channels, spatial...) as a converter lays it out channels-last (batch, spatial..., channels)."""
+    return (shape[0], *shape[2:], shape[1]) if len(shape) >= 3 else tuple(shape)
+
+
+def restore_layouts(data: bytes, shapes: dict[str, tuple[int, ...]]) -> tuple[bytes, list[str]]:
+    """Return the model with outputs a converter turned channels-last transposed back, and their names.
+
+    ``shapes`` maps output names (as the signature names them) to the shape the source model
+    declares. An output whose shape in the file differs from it but equals its channels-last form
+    (:func:`channels_last`) gets a TRANSPOSE op appended that restores the declared layout; the
+    signature and the graph's outputs then point at the transposed tensor, which takes the name.
+    Outputs already in the declared shape, or whose shape is unknown, are left alone.
+
+    Raises:
+        ValueError: an output has neither the declared shape nor its channels-last form.
+    """
+    schema = _schema()
+    model = _load(data)
+    if not model.signatureDefs:
+        return data, []
+    graph = model.subgraphs[0]
+    fixed: list[str] = []
+    for entry in model.signatureDefs[0].outputs or []:
+        name = entry.name.decode()
+        want = tuple(int(d) for d in shapes.get(name, ()))
+        if not want or min(want) < 1:
+            continue
+        src = graph.tensors[entry.tensorIndex]
+        have = tuple(int(d) for d in src.shape)
+        if have == want:
+            continue
+        if have != channels_last(want):
+            raise ValueError(f"output '{name}' has shape {have}, the source declares {want}")
+        rank = len(want)
+        perm = np.asarray([0, rank - 1, *range(1, rank - 1)], np.int32)  # channels-last back to channels-first
+        code = next((i for i, c in enumerate(model.operatorCodes)
+                     if max(c.builtinCode, c.deprecatedBuiltinCode) == schema.BuiltinOperator.TRANSPOSE), None)
+        if code is None:
+            oc = schema.OperatorCodeT()
+            oc.builtinCode = schema.BuiltinOperator.TRANSPOSE
+            oc.deprecatedBuiltinCode = min(schema.BuiltinOperator.TRANSPOSE, 127)
+            oc.version = 1
+            model.operatorCodes.append(oc)
+            code = len(model.operatorCodes) - 1
+        perm_buffer = schema.BufferT()
+        perm_buffer.data = np.frombuffer(perm.tobytes(), np.uint8)
+        model.buffers.append(perm_buffer)
+        perm_tensor = schema.TensorT()
+        perm_tensor.shape, perm_tensor.type = [rank], schema.TensorType.INT32
+        perm_tensor.buffer, perm_tensor.name = len(model.buffers) - 1, f"{name}/restore_layout/perm".encode()
+        out_buffer = schema.BufferT()
+        model.buffers.append(out_buffer)
+        out_tensor = schema.TensorT()
+        out_tensor.shape, out_tensor.type = list(want), src.type
+        out_tensor.buffer, out_tensor.name = len(model.buffers) - 1, name.encode()
+        src.name = f"{name}/channels_last".encode()
+        graph.tensors.extend([perm_tensor, out_tensor])
+        perm_index, out_index = len(graph.tensors) - 2, len(graph.tensors) - 1
+        op = schema.OperatorT()
+        op.opcodeIndex, op.inputs, op.outputs = code, [entry.tensorIndex, perm_index], [out_index]
+        op.builtinOptionsType = schema.BuiltinOptions.TransposeOptions
+        op.builtinOptions = schema.TransposeOptionsT()
+        graph.operators.append(op)
+        graph.outputs = [out_index if int(o) == entry.tensorIndex else int(o) for o in graph.outputs]
+        entry.tensorIndex = out_index
+        fixed.append(name)
+    return (_dump(model), fixed) if fixed else (data, [])
