@@ -62,7 +62,7 @@ def _record(figure, label: str, model: Path, manifest, note: str, evalfile: Path
         if a.id == "fp32":
             continue
         worst = min(a.fidelity.outputs.items(), key=lambda kv: kv[1]["snr_db"])
-        value = f"{a.fidelity.snr_db:.1f} dB" + (f", {metric} {a.accuracy.value:.3f}" if metric else "")
+        value = f"{a.fidelity.snr_db:.1f} dB" + (f", {a.accuracy.value:.3f}" if metric else "")
         figure(f"{label}: {a.id} worst-output SNR vs fp32" + (f", {metric}" if metric else ""), value, "-",
                f"{note}; worst of {len(a.fidelity.outputs)} output(s) is '{worst[0]}'; {HOW_VAR}")
 

@@ -8,12 +8,14 @@ and int8, ``edgetpu_compiler`` the Edge TPU model). The steps, each checked:
    proves it runs), and takes its named float inputs; the batch is pinned to 1, any other dynamic
    dimension must be pinned with ``--input-shape NAME=1x3x224x224`` (the ONNX layout).
 2. :func:`convert` writes those shapes into the graph (onnx's shape API, shape inference, onnxsim),
-   gives node names TensorFlow accepts (Paddle exports use ``@``) and the inputs and outputs
-   placeholder names, then runs onnx2tf in a child process (its own working folder, a timeout, its
-   output captured) with every input kept in its ONNX layout (``-kat``): the data files that feed
-   ONNX Runtime feed the ``.tflite`` unchanged. The ``.tflite`` gets the ONNX input and output
-   names back in its signature. onnx2tf never quantizes here, and the sample images it would
-   download for 3-channel NHWC inputs are written into its working folder first (no network).
+   gives node names TensorFlow accepts (Paddle exports use ``@``), the inputs and outputs
+   placeholder names, and ``Constant`` nodes the form of initializers, then runs onnx2tf in a child
+   process (its own working folder, a timeout, its output captured) with every input kept in its
+   ONNX layout (``-kat``): the data files that feed ONNX Runtime feed the ``.tflite`` unchanged.
+   The ``.tflite`` gets the ONNX input and output names back in its signature, and an output
+   onnx2tf laid out channels-last a TRANSPOSE back to the ONNX shape. onnx2tf never quantizes here,
+   and the sample images it would download for 3-channel NHWC inputs are written into its working
+   folder first (no network).
 3. :func:`conversion_fidelity` runs the ONNX model with ONNX Runtime (CPUExecutionProvider) and the
    ``.tflite`` with the LiteRT interpreter the devices use on the same inputs, one sample at a
    time, and returns per-output SNR, cosine and errors (:func:`device_agents.inference.fidelity`).
@@ -93,9 +95,9 @@ def load_onnx(path: Path, pinned: dict[str, tuple[int, ...]]) -> tuple[bytes, di
     try:
         model = onnx.load_from_string(data)
     except Exception as exc:  # noqa: BLE001 - protobuf raises DecodeError and friends for a bad file
-        raise InputError(f"{path}: not an ONNX model ({_first_line(exc)}); export it again with torch.onnx.export") from None
+        raise InputError(f"{path}: not an ONNX model ({_first_line(exc)}); export it again (torch.onnx.export, paddle2onnx)") from None
     if not model.graph.node or not model.opset_import:
-        raise InputError(f"{path}: not an ONNX model (no graph nodes or opset); export it again with torch.onnx.export")
+        raise InputError(f"{path}: not an ONNX model (no graph nodes or opset); export it again (torch.onnx.export, paddle2onnx)")
     try:
         onnx.checker.check_model(model)
     except Exception as exc:  # noqa: BLE001 - ValidationError, or a protobuf error on a damaged file
