@@ -62,14 +62,59 @@ def _detections(path: Path, x: np.ndarray) -> list[dict[str, np.ndarray]]:
     return blazeface.decode(ModelRunner(get_runtime("litert").interpreter(path)).predict(x))
 
 
-def _agreement(folder: Path, x: np.ndarray) -> float:
-    """Return mAP@.5 of int8's detections scored against fp32's own detections as labels (no human labels)."""
+def _map(path_or_bytes, ev: dict[str, np.ndarray]) -> float:
+    """Return COCO mAP@[.5:.95] of a BlazeFace model (file or bytes) on the eval set's labels."""
+    from device_agents.inference import ModelRunner
+    from device_agents.metrics.detection import mean_average_precision
+    from device_agents.runtimes import get_runtime
+
+    got = blazeface.decode(ModelRunner(get_runtime("litert").interpreter(path_or_bytes)).predict(ev["x"]))
+    keep = ev["y.classes"] >= 0
+    truths = [{"boxes": ev["y.boxes"][i][keep[i]], "classes": ev["y.classes"][i][keep[i]]} for i in range(len(got))]
+    return mean_average_precision(got, truths)["map"]
+
+
+def _default_ranges_int8(fp32: bytes, calib: np.ndarray) -> bytes:
+    """Return int8 with ai-edge-quantizer's own calibrate (moving-average ranges), same recipe and float model."""
+    from ai_edge_quantizer import quantizer, recipe
+
+    from edge_kit.compiler.tf_quiet import captured_output
+    from edge_kit.compiler.tflite_edit import signature_key
+
+    with captured_output():
+        qt = quantizer.Quantizer(fp32)
+        qt.load_quantization_recipe(recipe.static_wi8_ai8())
+        result = qt.calibrate({signature_key(fp32): [{"input": calib[i:i + 1]} for i in range(len(calib))]})
+        return bytes(qt.quantize(result).quantized_model)
+
+
+def _p50_ms(path: Path, x: np.ndarray, runs: int = 40) -> float:
+    """Return the median wall time in ms of one inference of ``path`` (LiteRT, XNNPACK, 1 thread) on ``x[:1]``."""
+    import time
+
+    from device_agents.inference import ModelRunner
+    from device_agents.runtimes import get_runtime
+
+    runner = ModelRunner(get_runtime("litert").interpreter(path))
+    for _ in range(5):
+        runner.predict(x[:1])
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        runner.predict(x[:1])
+        times.append(time.perf_counter() - started)
+    return 1000 * float(np.median(times))
+
+
+def _agreement(folder: Path, x: np.ndarray) -> dict[str, float]:
+    """Return mAP@.5 (``map50``) and mAP@[.5:.95] (``map``) of int8's detections scored against fp32's own
+    detections as labels (no human labels)."""
     from device_agents.metrics.detection import mean_average_precision
 
     ref = _detections(folder / "fp32.tflite", x)
     got = _detections(folder / "int8.tflite", x)
     truths = [{"boxes": r["boxes"], "classes": r["classes"]} for r in ref]
-    return mean_average_precision(got, truths)["map50"]
+    return mean_average_precision(got, truths)
 
 
 def test_face_detector_full_range(wheels, tmp_path, figure):
@@ -86,14 +131,48 @@ def test_face_detector_full_range(wheels, tmp_path, figure):
     how = ("COCO mAP@[.5:.95] on 48 letterboxed 192x192 samples holding 46 faces: boxes proposed by this model "
            "and checked by eye; decoded with edge_kit/decoders/blazeface.py (weighted NMS)")
     figure(f"{label}: fp32 mAP (own boxes, checked by eye)", f"{fp32.accuracy.value:.3f}", "-", how)
-    figure(f"{label}: int8 mAP / fp32 mAP, real calibration", f"{int8.accuracy.value / fp32.accuracy.value:.3f}",
-           ">= 0.99 (MLPerf bar; not met yet)", f"{how}; 64 real-photo calibration samples")
+    ratio = int8.accuracy.value / fp32.accuracy.value
+    figure(f"{label}: int8 mAP / fp32 mAP, real calibration", f"{ratio:.3f}",
+           ">= 0.99 (MLPerf bar)" + ("" if ratio >= 0.99 else "; NOT MET"),
+           f"{how}; 64 real-photo calibration samples; {int8.derived_from}")
+    folder = tmp_path / "real" / label
+    fp32_bytes = (folder / "fp32.tflite").read_bytes()
+    with np.load(files["calib"]) as c:
+        calib_x = c["x"]
+    with np.load(files["eval"]) as e:
+        ev = {k: e[k] for k in e.files}
+    before = _map(_default_ranges_int8(fp32_bytes, calib_x), ev) / fp32.accuracy.value
+    figure(f"{label}: int8 mAP / fp32 mAP, quantizer's default ranges", f"{before:.3f}", "-",
+           f"{how}; same float model (RELUs folded), 64 samples and recipe, but ai-edge-quantizer's own calibrate: "
+           "each activation's range a moving average (0.95) of per-sample min/max, which clips the largest box "
+           "offsets (0.918 before the RELUs were folded too)")
+    from edge_kit.compiler.convert import quantize_tflite
+
+    draws = []
+    for seed in (5, 7, 9, 11):
+        other = realmodels.face_samples(wheels, 64, seed=seed)["x"]
+        draws.append(_map(quantize_tflite(fp32_bytes, "int8", {"input": other}, variant="int8"), ev) / fp32.accuracy.value)
+    figure(f"{label}: int8 mAP / fp32 mAP over 4 other calibration draws (min-max)",
+           f"{min(draws):.3f}-{max(draws):.3f}", ">= 0.99 each",
+           f"{how}; 64 real-photo samples each (seeds 5, 7, 9, 11), the final method; the spread is the "
+           "calibration set's effect on a 48-sample eval")
+    fp32_ms, int8_ms = _p50_ms(folder / "fp32.tflite", x), _p50_ms(folder / "int8.tflite", x)
+    figure(f"{label}: int8 host p50 latency / fp32", f"{int8_ms / fp32_ms:.2f}", "< 1",
+           f"median of 40 single-sample inferences each, LiteRT XNNPACK 1 thread, this host, one run "
+           f"(fp32 {fp32_ms:.2f} ms, int8 {int8_ms:.2f} ms); with the source's standalone RELUs int8 was ~7x slower")
+    figure(f"{label}: int8 file / fp32 file", f"{int8.bytes / fp32.bytes:.2f}", "-",
+           f"bytes of int8.tflite ({int8.bytes:,}) over fp32.tflite ({fp32.bytes:,}); int8 weights are 0.25 of "
+           "float32 ones, the rest is per-channel scales and int64 zero points in the flatbuffer's tables")
     figure(f"{label}: int8 mAP / fp32 mAP, noise calibration", f"{noisy.accuracy.value / fp32.accuracy.value:.3f}",
            "lower", f"{how}; 64 uniform-noise calibration samples in [-1, 1]")
     for name, folder in (("real", tmp_path / "real"), ("noise", tmp_path / "noise")):
-        figure(f"{label}: int8 agreement with fp32 (mAP@.5), {name} calibration",
-               f"{_agreement(folder / 'face_detection_full_range', x):.3f}", "1.0" if name == "real" else "lower",
+        agree = _agreement(folder / "face_detection_full_range", x)
+        figure(f"{label}: int8 agreement with fp32 (mAP@.5), {name} calibration", f"{agree['map50']:.3f}",
+               "1.0" if name == "real" else "lower",
                "label-free: int8's detections scored against fp32's own detections as ground truth, same 48 inputs")
+        figure(f"{label}: int8 agreement with fp32 (mAP@[.5:.95]), {name} calibration", f"{agree['map']:.3f}",
+               "-" if name == "real" else "lower",
+               "label-free, as above, at COCO's IoU thresholds .5:.95: how tightly int8's boxes match fp32's")
     figure(f"{label}: int8 worst-output SNR, noise calibration", f"{noisy.fidelity.snr_db:.1f} dB", "lower",
            f"64 uniform-noise calibration samples; {HOW}")
 

@@ -98,8 +98,9 @@ def test_monitor_ingest_with_signatures_keeps_up_with_the_network(tmp_path, figu
     """A queued stream drained from a real Mosquitto: the monitor verifying every signature, the same
     monitor not verifying, and a bare paho subscriber that only counts, interleaved three times.
 
-    Ed25519 verification releases the GIL (cryptography) and runs in the monitor's checker thread,
-    beside paho's network thread and the writer; how much of its cost that hides is what this measures."""
+    Ed25519 verification holds the GIL, so the monitor runs it in a child process
+    (edge_kit.telemetry.verifier) while its checker thread decodes and checks the same batch; how
+    much of its cost that hides is what this measures."""
     from edge_kit.sim.broker import MosquittoBroker
 
     fleet, signers = _fleet(tmp_path)
@@ -116,8 +117,7 @@ def test_monitor_ingest_with_signatures_keeps_up_with_the_network(tmp_path, figu
     med = {k: float(np.median(v)) for k, v in rates.items()}
     ratio_sig = float(np.median(np.array(rates["verify"]) / np.array(rates["no verify"])))
     ratio_bare = float(np.median(np.array(rates["verify"]) / np.array(rates["bare paho"])))
-    # Not asserted: on 2 cores the verifying thread waits for the GIL after each verification, so the
-    # figure is reported as measured (docs/figures.md compares it with its target).
+    # Not asserted (shared, noisy machine): reported as measured; docs/figures.md compares it with its target.
     figure("monitor ingest with signatures / without (queued stream, records/s)", f"{ratio_sig:.2f}", ">= 0.8",
            f"median of 3 interleaved drains of {n:,} signed records from a loopback Mosquitto: {med['verify']:,.0f} vs "
            f"{med['no verify']:,.0f} records/s stored (decode, check, verify, SQLite); perf_counter")
@@ -154,6 +154,7 @@ def _drain_rate(broker, fleet, stream: list[bytes], mode: str, store_path) -> fl
         mon = Monitor(fleet, Store(store_path), client_id=cid, persistent=True)
         if mode == "no verify":
             mon.keyring = type("NoCheck", (), {"verify": staticmethod(lambda *_: None)})()
+            mon.verifier = None
         mon.start()
         stop = mon.client
     stop.disconnect()

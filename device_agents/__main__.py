@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     i.add_argument("--model-name", required=True, help="the source model's name, as in the manifest")
     i.add_argument("--sha256", help="expected sha256 (from the manifest); refuse the file if it differs")
     i.add_argument("--eval", type=Path, help="eval.npz shipped with the artifacts")
+    i.add_argument("--eval-sha256", help="refuse the eval set unless its content has this sha256")
     i.add_argument("--move", action="store_true", help="delete the source file once installed (uploads)")
     a = sub.add_parser("activate", help="make an installed model current, after a smoke inference in a child")
     a.add_argument("--sha256")
@@ -95,8 +96,10 @@ def _dispatch(args: argparse.Namespace) -> None:
     if args.command == "run":
         _run(args)
     elif args.command == "supervise":
+        from device_agents.config import load_agent_config
         from device_agents.supervise import supervise
 
+        check_own_code(load_agent_config(args.config).root)  # tampered code is never started, nor restarted
         sys.exit(supervise(args.config, args.pidfile, args.log_file))
     elif args.command == "unit":
         from device_agents.unit import render_unit
@@ -108,10 +111,25 @@ def _dispatch(args: argparse.Namespace) -> None:
         _store_command(args)
 
 
+def check_own_code(root: Path | None) -> None:
+    """When this agent runs from a deployed ``<root>/agent`` folder, check it against its signed manifest.
+
+    Raises:
+        CodeTampered: see :func:`device_agents.codecheck.verify_code`.
+    """
+    from device_agents.codecheck import verify_code
+
+    here = Path(__file__).resolve().parent.parent
+    root = (root or default_root()).expanduser().resolve()
+    if here == root / "agent":
+        verify_code(here, root / "identity" / "operators.json")
+
+
 def _run(args: argparse.Namespace) -> None:
     from device_agents.config import load_agent_config
 
     cfg = load_agent_config(args.config)
+    check_own_code(cfg.root)
     cfg.password()
     try:
         from device_agents.service import run_agent
@@ -124,7 +142,8 @@ def _store_command(args: argparse.Namespace) -> None:
     store = ModelStore(args.root or default_root())
     if args.command == "install":
         done = store.install(args.model, variant=args.variant, model=args.model_name,
-                             expect_sha256=args.sha256, eval_file=args.eval, move=args.move)
+                             expect_sha256=args.sha256, eval_file=args.eval,
+                             expect_eval_sha256=args.eval_sha256, move=args.move)
         out = {"sha256": done.sha256, "variant": done.variant, "model": done.model, "fresh": done.fresh}
     elif args.command == "activate":
         if not (args.sha256 or args.variant):

@@ -34,3 +34,11 @@ class UsageError(DeviceError):
 class MetricError(DeviceError):
     """Accuracy cannot be scored: labels in the wrong format for the task, or a user metric or decoder
     that raised or returned something else than numbers; the text names the key or function."""
+
+
+class DiskFull(StoreError):
+    """The device's disk has no room for what was asked; the text says how much is free and what to free."""
+
+
+class CodeTampered(DeviceError):
+    """The agent's own code differs from what the operator signed (or is unsigned): it does not start."""

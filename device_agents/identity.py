@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from edgekit_protocol import messages
-from edgekit_protocol.errors import ConfigError, MessageError
+from edgekit_protocol.errors import ConfigError, EdgeKitError, MessageError
 from edgekit_protocol.messages import canonical
 
 OPERATOR = "operator"  # the signer name of commands and desired states
@@ -161,12 +161,13 @@ class Keyring:
             raise MessageError(f"the signature does not verify as {signer}'s; refused") from None
 
 
-def receive(keyring: Keyring, topic: str, payload: bytes, received: float) -> tuple[str, dict[str, Any]]:
+def receive(keyring: Keyring | None, topic: str, payload: bytes, received: float) -> tuple[str, dict[str, Any]]:
     """Check what a device published, as every receiver must: return ``(kind, message)``.
 
     The message must decode (no NaN, no oversized number), carry the body its kind requires, name
     the fleet and device of its topic, verify under that device's registered key and not be dated
-    ahead of ``received`` (this host's clock) beyond the allowed skew.
+    ahead of ``received`` (this host's clock) beyond the allowed skew. ``keyring`` None skips only
+    the signature, for a caller that has it verified elsewhere (:func:`verify_published`).
 
     Raises:
         MessageError: any of that fails (the text says which).
@@ -177,9 +178,21 @@ def receive(keyring: Keyring, topic: str, payload: bytes, received: float) -> tu
     msg = messages.check_body(kind, messages.decode(payload, kind))
     if msg["device"] != device or msg["fleet"] != fleet:
         raise MessageError(f"message names {msg['fleet']}/{msg['device']} but came on {topic}")
-    keyring.verify(msg, device)
+    if keyring is not None:
+        keyring.verify(msg, device)
     messages.check_time(msg, received)
     return kind, msg
+
+
+def verify_published(keyring: Keyring, topic: str, payload: bytes) -> str | None:
+    """Return None when ``payload`` is signed by the registered key of the device ``topic`` names,
+    else why not: the signature half of :func:`receive`, for a verifying worker process."""
+    try:
+        _, device, _ = messages.parse_topic(topic)
+        keyring.verify(messages.decode(payload), device)
+    except EdgeKitError as exc:
+        return str(exc)
+    return None
 
 
 def read_operators(path: Path) -> tuple[bytes, ...]:

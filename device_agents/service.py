@@ -16,17 +16,27 @@ import json
 import logging
 import os
 import queue
-import shutil
 import signal
+import sqlite3
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import edgekit_protocol
-from device_agents import conditions
+from device_agents import codecheck, conditions
 from device_agents.bench import run_bench
-from device_agents.identity import OPERATOR, Keyring, Signer, encode_key, read_operators
+from device_agents.disk import Disk, is_out_of_space
+from device_agents.errors import CodeTampered, DiskFull
+from device_agents.identity import (
+    OPERATOR,
+    Keyring,
+    Signer,
+    decode_key,
+    encode_key,
+    key_id,
+    read_operators,
+)
 from device_agents.mqtt import SpooledPublisher, make_client
 from device_agents.power import SensorEnv, SensorMeter, not_measured, power_meter
 from device_agents.runtimes import RUNTIMES
@@ -34,11 +44,12 @@ from device_agents.smoke import SmokePool
 from device_agents.spool import Spool
 from device_agents.store import ModelStore, StoreError, default_root
 from edgekit_protocol import messages
-from edgekit_protocol.commands import Command, CommandError, parse_command
+from edgekit_protocol.commands import MAX_TTL_S, Command, CommandError, parse_command
 from edgekit_protocol.config import AgentConfig
 from edgekit_protocol.errors import EdgeKitError
 
 log = logging.getLogger("edgekit.agent")
+WRITES = ("install", "activate", "rollback", "bench")  # commands that write a model, a link or a record
 
 
 class Agent:
@@ -55,6 +66,9 @@ class Agent:
         if created:  # an agent started by hand, not by a deploy: its key is not registered yet
             log.warning("created device key %s; register %s with the operator", self.signer.key_id,
                         self.identity / "device.pub")
+        self.disk = Disk(self.store.root, reserve_bytes=int(cfg.store.reserve_mb * 1e6),
+                         min_free_bytes=int(cfg.store.min_free_mb * 1e6))
+        self.disk.refresh()  # the reserve that lets the agent answer "disk full" when the disk is full
         self.spool = Spool(self.store.root / "spool.db", cfg.spool_max_records)
         # A persistent session: commands sent while the agent reconnects wait for it on the broker.
         # A persistent session, and the broker hears that a command arrived only once it is on disk.
@@ -93,12 +107,13 @@ class Agent:
     def _status(self, state: str) -> dict[str, Any]:
         self._status_seq += 1
         self._announced = self.store.current()
+        self._announced_full = self.disk.full
         runtimes = {k: (cls.unavailable_reason() or "available") for k, cls in RUNTIMES.items()}
         return self.signer.sign(messages.envelope("status", self.cfg.fleet, self.cfg.device, self._status_seq, {
             "state": state, "agent_version": edgekit_protocol.__version__, "profile": self.cfg.profile,
             "current": self._model_ref(self.store.current()), "runtimes": runtimes,
             "power_source": self.power_source, "simulated": self.cfg.simulated, "pid": os.getpid(),
-            "started": self.started}))
+            "started": self.started, "disk": self.disk.usage()}))
 
     def emit(self, kind: str, body: dict[str, Any], answers: str | None = None) -> dict[str, Any] | None:
         """Spool one message of ``kind`` (signed) and wake the publisher; ``answers``: the taken command
@@ -113,9 +128,28 @@ class Agent:
             built.update(self.signer.sign(messages.envelope(kind, self.cfg.fleet, self.cfg.device, seq, body)))
             return messages.encode(built)
 
-        row, _ = self.spool.add(kind, self._topic(kind), build, answers=answers)
+        row, _ = self._on_disk(lambda: self.spool.add(kind, self._topic(kind), build, answers=answers))
         self.publisher.wake()
         return built if row is not None else None
+
+    def _on_disk(self, write: Any) -> Any:
+        """Return ``write()``; when it fails for lack of space, free the reserve and try once more.
+
+        Raises:
+            DiskFull: the second try failed too (the text says how much is free).
+        """
+        try:
+            return write()
+        except (OSError, sqlite3.OperationalError) as exc:
+            if not is_out_of_space(exc):
+                raise
+            self.disk.release()
+        try:
+            return write()
+        except (OSError, sqlite3.OperationalError) as exc:
+            if not is_out_of_space(exc):
+                raise
+            raise DiskFull(f"disk full under {self.store.root}: not even the reserve made room ({exc})") from None
 
     def operators(self) -> Keyring:
         """Return the operator keys pinned on this device (re-read, so a deploy's update applies at once).
@@ -131,14 +165,24 @@ class Agent:
         It gets no answer: a signed ack to unauthenticated input would let anyone make this device
         vouch for a ``cmd_id`` of their choosing.
         """
-        self.spool.count("refused")
+        try:
+            self._on_disk(lambda: self.spool.count("refused"))
+        except DiskFull:
+            pass  # the refusal is logged; the count waits for space
         log.warning("refused a command: %s", why)
 
     def ack(self, cmd_id: str | None, name: str | None, ok: bool, *, error: str | None = None,
             result: dict[str, Any] | None = None) -> None:
-        """Answer a command on ``cmd/ack``."""
-        self.emit("cmd/ack", {"cmd_id": cmd_id, "command": name, "ok": ok, "error": error, "result": result or {}},
-                  answers=cmd_id)
+        """Answer a command on ``cmd/ack``.
+
+        Never raises: an answer that cannot be written even after the reserve is freed is logged, and
+        the command stays taken, so the next start answers it ("interrupted").
+        """
+        try:
+            self.emit("cmd/ack", {"cmd_id": cmd_id, "command": name, "ok": ok, "error": error,
+                                  "result": result or {}}, answers=cmd_id)
+        except DiskFull as exc:
+            log.error("could not answer %s %s: %s", name, cmd_id, exc)
 
     # --- paho callbacks (network thread) -------------------------------------------------------
 
@@ -162,11 +206,13 @@ class Agent:
     def _on_message(self, client: Any, _u: Any, message: Any) -> None:
         try:
             self._take(message.payload)
+        except DiskFull as exc:  # not on disk: the broker keeps it and sends it again after a reconnect
+            log.error("a command could not be taken (%s); the broker keeps it", exc)
+            return
         except Exception:  # noqa: BLE001 - nothing a message holds may stop the network thread
             log.exception("a command could not be taken; it was not run")
-            self.spool.count("refused")
-        else:  # taken (on disk) or refused: now the broker may forget it
-            client.ack(message.mid, message.qos)
+            self.refuse("could not be taken")
+        client.ack(message.mid, message.qos)  # taken (on disk) or refused: now the broker may forget it
 
     def _take(self, payload: bytes, *, after_restart: bool = False) -> None:
         """Verify a command is the operator's, persist it as taken, and queue it.
@@ -183,9 +229,12 @@ class Agent:
             if after_restart:  # taken before, refused now (the operator key changed): never again
                 self.spool.forget(json.loads(payload).get("msg_id", ""))
             return
-        if not after_restart and not self.spool.take(msg["msg_id"], payload):
-            self.spool.count("replayed")  # a redelivery or a replay of a command already taken: never run twice
-            return
+        if not after_restart:
+            expires = msg.get("expires") if messages.in_range(msg.get("expires")) else msg["ts"] + MAX_TTL_S
+            seen = self._on_disk(lambda: self.spool.take(msg["msg_id"], payload, msg["ts"], expires))
+            if seen is not None:  # a redelivery or a replay of a command already taken, or long expired: never run
+                self._on_disk(lambda: self.spool.count(seen))
+                return
         try:
             cmd = parse_command(payload, self.cfg.fleet, self.cfg.device)
             self.commands.put_nowait(cmd)
@@ -202,12 +251,20 @@ class Agent:
             self.ack(cmd.msg_id, cmd.name, False, error=f"expired {time.time() - cmd.expires:.1f} s before it could "
                                                         "run (the sender stopped waiting); not run")
             return
-        self.spool.start(cmd.msg_id)  # from here on, a crash answers it "interrupted" rather than running it again
         try:
+            if cmd.name in WRITES:  # refused before anything changes: never a switch that cannot be answered
+                self.disk.check(cmd.name)
+            # from here on, a crash answers it "interrupted" rather than running it again
+            self._on_disk(lambda: self.spool.start(cmd.msg_id))
             result = getattr(self, f"_cmd_{cmd.name}")(cmd)
         except EdgeKitError as exc:  # the one mapping on this boundary: an error ack
             self.ack(cmd.msg_id, cmd.name, False, error=str(exc))
         except Exception as exc:  # noqa: BLE001 - a command's surprise is its error ack, never the agent's end
+            if is_out_of_space(exc):
+                self.disk.release()
+                self.ack(cmd.msg_id, cmd.name, False, error=f"disk full: {cmd.name} failed writing under "
+                         f"{self.store.root} ({exc}); free space on the device or lower store.max_store_mb")
+                return
             log.exception("command %s failed", cmd.name)
             self.ack(cmd.msg_id, cmd.name, False, error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
         else:
@@ -250,7 +307,7 @@ class Agent:
             raise StoreError(f"install: missing argument(s) {', '.join(missing)}")
         done = self.store.install(self._incoming(a["path"]), variant=a["variant"], model=a["model"],
                                   expect_sha256=a["sha256"], eval_file=self._incoming(a["eval"]) if "eval" in a else None,
-                                  move=True)
+                                  expect_eval_sha256=a.get("eval_sha256"), move=True)
         return {"sha256": done.sha256, "variant": done.variant, "model": done.model, "fresh": done.fresh}
 
     def _cmd_activate(self, cmd: Command) -> dict[str, Any]:
@@ -268,9 +325,7 @@ class Agent:
         """
         remembered = self.store.root / "candidates.json"
         if keep is not None:
-            tmp = remembered.with_suffix(".tmp")
-            tmp.write_text(json.dumps(sorted(keep)))
-            os.replace(tmp, remembered)
+            atomic_write(remembered, json.dumps(sorted(keep)).encode())
         if self.cfg.store.max_store_mb is None:
             return []
         try:
@@ -289,10 +344,38 @@ class Agent:
     def _cmd_state(self, cmd: Command) -> dict[str, Any]:
         state = {"current": self._model_ref(self.store.current()), "previous": self._model_ref(self.store.previous()),
                  "installed": self.store.installed(), "spool": self.spool.stats(), "power_source": self.power_source,
-                 "queued_commands": self.commands.qsize(), "free_bytes": shutil.disk_usage(self.store.root).free}
+                 "queued_commands": self.commands.qsize(), "disk": self.disk.usage()}
         if cmd.args.get("verify"):
             state["damaged"] = self.store.damaged()
         return state
+
+    def _cmd_operators(self, cmd: Command) -> dict[str, Any]:
+        """Pin the operator keys ``keys`` (the command itself is signed by a key pinned now).
+
+        A deployed agent (running from ``<root>/agent``) takes ``code`` too, its code manifest
+        signed by one of the new keys, so it still starts after the old key is dropped; it is
+        written first, while the old keys stay pinned, so a crash in between leaves a valid pair.
+
+        Raises:
+            ConfigError: a key is not a key. CodeTampered: ``code`` is missing, not signed by a new
+                key, or not for this agent's files.
+        """
+        keys = [decode_key(k, f"operators: keys[{i}]") for i, k in enumerate(cmd.args["keys"])]
+        here = Path(codecheck.__file__).resolve().parent.parent
+        if here == self.store.root.resolve() / "agent":
+            doc = cmd.args.get("code")
+            try:
+                Keyring(operators=keys).verify(doc or {}, OPERATOR)
+            except EdgeKitError as exc:
+                raise CodeTampered(f"operators: the code manifest is missing or not signed by a new key ({exc})") from None
+            diff = codecheck.differences(doc.get("files") or {}, codecheck.tree(here))
+            if diff or doc.get("schema") != codecheck.SCHEMA:
+                raise CodeTampered(f"operators: the code manifest is for other code ({', '.join(diff[:3])}); "
+                                   "deploy this agent first")
+            atomic_write(here / codecheck.MANIFEST, json.dumps(doc, indent=1).encode())
+        atomic_write(self.identity / "operators.json", json.dumps([encode_key(k) for k in keys]).encode())
+        log.warning("operator keys now pinned: %s", ", ".join(key_id(k) for k in keys))
+        return {"pinned": [key_id(k) for k in keys]}
 
     def _publish_status(self) -> None:
         if self.publisher.connected.is_set():
@@ -302,7 +385,7 @@ class Agent:
         """Spool one telemetry message (droppable when the spool is full)."""
         self.emit("telemetry", {"conditions": conditions.snapshot(), "spool": self.spool.stats(),
                                 "current": self._model_ref(self.store.current()), "simulated": self.cfg.simulated,
-                                "uptime_s": round(time.time() - self.started, 1)})
+                                "uptime_s": round(time.time() - self.started, 1), "disk": self.disk.usage()})
 
     # --- life cycle ----------------------------------------------------------------------------
 
@@ -328,6 +411,7 @@ class Agent:
         self.client.connect_async(b.host, b.port, keepalive=b.keepalive)
         self.client.loop_start()
         next_telemetry = time.monotonic() + self.cfg.telemetry_interval_s
+        next_disk = time.monotonic()
         try:
             while not self._stop.is_set():
                 try:
@@ -336,6 +420,11 @@ class Agent:
                     cmd = None
                 if cmd is not None:
                     self.handle(cmd)
+                if time.monotonic() >= next_disk:  # space came back (or went): reserve, state, status
+                    self.disk.refresh()
+                    if self.disk.full != self._announced_full:
+                        self._publish_status()
+                    next_disk = time.monotonic() + 1.0
                 if time.monotonic() >= next_telemetry:
                     self.telemetry()
                     next_telemetry = time.monotonic() + self.cfg.telemetry_interval_s
@@ -356,6 +445,16 @@ class Agent:
         self.client.disconnect()
         self.client.loop_stop()
         self.spool.close()
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file, fsync and rename: readers see old or new, whole."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def run_agent(cfg: AgentConfig, log_file: Path | None = None) -> None:

@@ -13,13 +13,16 @@ is counted, persisted, and reported in telemetry and the ``state`` command.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
+log = logging.getLogger("edgekit.agent.spool")
 DROPPABLE = "telemetry"
-SEEN_KEPT = 10_000  # command ids remembered (a replay of an older one has long expired)
+HORIZON_S = 300.0  # how far behind the newest command's ts a command may still expire (commands sent in parallel)
 
 
 class Spool:
@@ -37,11 +40,15 @@ class Spool:
         self._db.execute("CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, "
                          "kind TEXT NOT NULL, topic TEXT NOT NULL, payload BLOB NOT NULL)")
         self._db.execute("CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)")
-        self._db.execute("CREATE TABLE IF NOT EXISTS seen (id TEXT PRIMARY KEY, n INTEGER NOT NULL)")
+        self._db.execute("CREATE TABLE IF NOT EXISTS seen (id TEXT PRIMARY KEY, n INTEGER NOT NULL, expires REAL NOT NULL)")
+        if "expires" not in {row[1] for row in self._db.execute("PRAGMA table_info(seen)")}:  # a spool of 0.2
+            # ids taken before expiries were kept: remember them for a day more (the longest command TTL)
+            self._db.execute(f"ALTER TABLE seen ADD COLUMN expires REAL NOT NULL DEFAULT {time.time() + 86400:.0f}")
         self._db.execute("CREATE TABLE IF NOT EXISTS inbox (id TEXT PRIMARY KEY, n INTEGER NOT NULL, payload BLOB NOT NULL, "
                          "started INTEGER NOT NULL DEFAULT 0)")
         self._count = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
         self._sync = ""
+        self._undone: set[int] = set()  # acknowledged rows a full disk kept us from deleting
 
     def _counter(self, name: str) -> int:
         row = self._db.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
@@ -94,10 +101,21 @@ class Spool:
             return row, payload
 
     def done(self, row_id: int) -> None:
-        """Forget a row once the broker has acknowledged it (idempotent)."""
+        """Forget a row once the broker has acknowledged it (idempotent).
+
+        Never raises: when the disk is too full even to delete (SQLite writes the deletion to its
+        log first), the row is remembered and deleted with a later one; after a restart it would be
+        sent again, which receivers drop by ``msg_id``.
+        """
         with self._lock:
-            if self._db.execute("DELETE FROM outbox WHERE id = ?", (row_id,)).rowcount:
-                self._count -= 1
+            self._undone.add(row_id)
+            try:
+                for row in sorted(self._undone):
+                    if self._db.execute("DELETE FROM outbox WHERE id = ?", (row,)).rowcount:
+                        self._count -= 1
+                    self._undone.discard(row)
+            except sqlite3.OperationalError as exc:  # "database or disk is full"
+                log.warning("spool: %d acknowledged row(s) not deleted yet: %s", len(self._undone), exc)
 
     def pending(self, limit: int = 1000, after: int = 0) -> list[tuple[int, str, bytes]]:
         """Return up to ``limit`` unacknowledged rows with id above ``after``, oldest first."""
@@ -108,25 +126,31 @@ class Spool:
     def stats(self) -> dict[str, int]:
         """Return ``pending`` (rows waiting), ``dropped_telemetry`` (ever dropped), ``refused_commands``
         (forged, future-dated or malformed commands refused, ever), ``replayed_commands`` (commands
-        whose id was taken before: redelivered or replayed, not run) and ``max_records``."""
+        whose id was taken before: redelivered or replayed, not run), ``expired_commands`` (expired
+        before the newest command's horizon, not run) and ``max_records``."""
         with self._lock:
             return {"pending": self._count, "dropped_telemetry": self._counter("dropped." + DROPPABLE),
                     "refused_commands": self._counter("refused"), "replayed_commands": self._counter("replayed"),
-                    "max_records": self.max_records}
+                    "expired_commands": self._counter("expired"), "max_records": self.max_records}
 
     def count(self, name: str) -> None:
         """Add one to the persistent counter ``name``."""
         with self._lock:
             self._bump(name)
 
-    def take(self, msg_id: str, payload: bytes, keep: int = SEEN_KEPT) -> bool:
+    def take(self, msg_id: str, payload: bytes, ts: float, expires: float) -> str | None:
         """Record a command as taken and keep it until the message answering it is spooled
         (``add(..., answers=msg_id)``) or :meth:`forget` drops it, in one transaction (fsync).
 
+        Command ids are kept until their command has expired by the sender's clock: the spool keeps a
+        horizon, the newest ``ts`` of any command taken minus :data:`HORIZON_S`, never moving back;
+        ids of commands that expired before it are deleted, and a command that expired before it is
+        refused. So no id a replay could reuse is ever forgotten, whatever the device's own clock
+        does (a Raspberry Pi without a real-time clock boots with yesterday's time).
+
         Returns:
-            False when its id was taken before (a redelivery or a replay: not to be run again).
-            The ids persist with the spool, so a command is never run twice, across restarts too;
-            the newest ``keep`` are kept (older commands have expired long before).
+            None when taken; ``"replayed"`` when its id was taken before (a redelivery or a replay:
+            not to be run again); ``"expired"`` when it expired before the horizon.
         """
         with self._lock:
             if self._sync != "FULL":
@@ -134,18 +158,30 @@ class Spool:
                 self._sync = "FULL"
             self._db.execute("BEGIN IMMEDIATE")
             try:
+                horizon = self._counter("horizon_ms") / 1000
+                if expires < horizon:
+                    self._db.execute("ROLLBACK")
+                    return "expired"
                 n = self._bump("seen")
-                self._db.execute("INSERT INTO seen (id, n) VALUES (?, ?)", (msg_id, n))
+                self._db.execute("INSERT INTO seen (id, n, expires) VALUES (?, ?, ?)", (msg_id, n, expires))
                 self._db.execute("INSERT INTO inbox (id, n, payload) VALUES (?, ?, ?)", (msg_id, n, payload))
-                self._db.execute("DELETE FROM seen WHERE n <= ?", (n - keep,))
+                moved = int((ts - HORIZON_S) * 1000)
+                if moved > horizon * 1000:
+                    self._db.execute("INSERT OR REPLACE INTO counters (name, value) VALUES ('horizon_ms', ?)", (moved,))
+                    self._db.execute("DELETE FROM seen WHERE expires < ?", (moved / 1000,))
             except sqlite3.IntegrityError:
                 self._db.execute("ROLLBACK")
-                return False
+                return "replayed"
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
-            return True
+            return None
+
+    def seen_ids(self) -> int:
+        """Return how many command ids are remembered (the ones not yet behind the horizon)."""
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM seen").fetchone()[0]
 
     def forget(self, msg_id: str) -> None:
         """Drop a taken command that will not be answered (refused after a restart)."""

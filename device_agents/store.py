@@ -77,15 +77,18 @@ class ModelStore:
     # --- installing ---------------------------------------------------------------------------
 
     def install(self, src: Path, *, variant: str, model: str, expect_sha256: str | None = None,
-                eval_file: Path | None = None, move: bool = False) -> Installed:
+                eval_file: Path | None = None, expect_eval_sha256: str | None = None, move: bool = False) -> Installed:
         """Copy (``move``: move) ``src`` into ``models/<sha256>/`` with its metadata (and eval set), atomically.
+
+        The eval set's sha256 is kept in the metadata and checked whenever it is used: it carries the
+        metric (and any user metric code) that benchmarks run.
 
         Returns:
             The installed model; ``fresh`` is False when the same sha256 was already installed.
 
         Raises:
-            StoreError: ``src`` is missing, its sha256 differs from ``expect_sha256``, or the copy
-                failed (disk full, permissions); nothing is left behind in ``models/``.
+            StoreError: ``src`` is missing, its sha256 (or the eval set's) differs from what was
+                expected, or the copy failed (disk full, permissions); nothing is left behind in ``models/``.
         """
         self.ensure()
         src = Path(src)
@@ -94,6 +97,10 @@ class ModelStore:
         digest = sha256_of(src)
         if expect_sha256 and digest != expect_sha256:
             raise StoreError(f"{src}: sha256 is {digest[:12]}..., expected {expect_sha256[:12]}... (corrupt or truncated upload)")
+        eval_digest = sha256_of(eval_file) if eval_file is not None and Path(eval_file).is_file() else None
+        if expect_eval_sha256 and eval_digest != expect_eval_sha256:
+            raise StoreError(f"{eval_file}: sha256 is {str(eval_digest)[:12]}..., expected {expect_eval_sha256[:12]}... "
+                             "(corrupt or truncated upload)")
         target = self.models / digest
         if self._intact(digest):
             meta = self._meta(digest) or {}
@@ -112,7 +119,8 @@ class ModelStore:
             if eval_file is not None:
                 shutil.copyfile(eval_file, staging / "eval.npz")
             meta = {"sha256": digest, "variant": variant, "model": model, "bytes": size,
-                    "installed": time.time(), "eval": "eval.npz" if eval_file is not None else None}
+                    "installed": time.time(), "eval": "eval.npz" if eval_file is not None else None,
+                    "eval_sha256": eval_digest}
             (staging / "meta.json").write_text(json.dumps(meta, indent=2))
             for f in staging.iterdir():
                 with open(f, "rb") as fh:
@@ -201,23 +209,28 @@ class ModelStore:
             return {"sha256": sha256, "damaged": "meta.json is missing or unreadable"}
         return meta
 
+    def _damage(self, sha256: str) -> str | None:
+        """Return what is wrong with a stored model (metadata, artifact or eval set), or None when intact."""
+        folder = self.models / sha256
+        meta = self._meta(sha256)
+        if meta is None:
+            return "meta.json is missing or unreadable"
+        if not (folder / "model.tflite").is_file() or sha256_of(folder / "model.tflite") != sha256:
+            return "the artifact no longer hashes to its sha256"
+        if meta.get("eval_sha256") and (not (folder / "eval.npz").is_file()
+                                        or sha256_of(folder / "eval.npz") != meta["eval_sha256"]):
+            return "the eval set no longer hashes to its sha256"
+        return None
+
     def _intact(self, sha256: str) -> bool:
-        """Return True when the model's metadata reads and its artifact still hashes to its name."""
-        path = self.models / sha256 / "model.tflite"
-        return path.is_file() and self._meta(sha256) is not None and sha256_of(path) == sha256
+        """Return True when the model's metadata reads and its artifact and eval set still hash as recorded."""
+        return (self.models / sha256).is_dir() and self._damage(sha256) is None
 
     def damaged(self) -> list[dict]:
-        """Return ``{"sha256", "damaged"}`` for every stored model whose metadata or artifact fails its
-        check (hashing every artifact: what a deploy asks for before it decides what to upload)."""
-        out = []
-        for folder in sorted(self.models.glob("*")):
-            if not _is_sha(folder.name):
-                continue
-            if self._meta(folder.name) is None:
-                out.append({"sha256": folder.name, "damaged": "meta.json is missing or unreadable"})
-            elif not (folder / "model.tflite").is_file() or sha256_of(folder / "model.tflite") != folder.name:
-                out.append({"sha256": folder.name, "damaged": "the artifact no longer hashes to its sha256"})
-        return out
+        """Return ``{"sha256", "damaged"}`` for every stored model whose metadata, artifact or eval set
+        fails its check (hashing every file: what a deploy asks for before it decides what to upload)."""
+        return [{"sha256": folder.name, "damaged": why} for folder in sorted(self.models.glob("*"))
+                if _is_sha(folder.name) and (why := self._damage(folder.name)) is not None]
 
     def installed(self) -> list[dict]:
         """Return the metadata of every installed model, oldest first."""
@@ -229,9 +242,19 @@ class ModelStore:
         return self.models / sha256 / "model.tflite"
 
     def eval_path(self, sha256: str) -> Path | None:
-        """Return the model's shipped eval set, or None."""
+        """Return the model's shipped eval set after checking its sha256 against the metadata, or None.
+
+        Raises:
+            StoreError: the eval set no longer hashes as installed (it holds metric code: never run it).
+        """
         path = self.models / sha256 / "eval.npz"
-        return path if path.is_file() else None
+        if not path.is_file():
+            return None
+        expected = (self._meta(sha256) or {}).get("eval_sha256")
+        if expected and sha256_of(path) != expected:
+            raise StoreError(f"model {sha256[:12]}: eval.npz no longer hashes to the sha256 it was installed with "
+                             "(it carries the metric code benchmarks run); deploy again to repair it")
+        return path
 
     def resolve(self, *, sha256: str | None = None, variant: str | None = None) -> str:
         """Return the sha256 of the installed model meant by ``sha256`` or ``variant`` (else current).

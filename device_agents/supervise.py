@@ -32,7 +32,7 @@ def supervise(config: Path, pidfile: Path, log_file: Path | None = None) -> int:
     tmp = pidfile.with_suffix(".tmp")
     tmp.write_text(f"{os.getpid()}\n")
     os.replace(tmp, pidfile)
-    argv = [sys.executable, "-m", "device_agents", "run", "--config", str(config)]
+    argv = [sys.executable, "-B", "-m", "device_agents", "run", "--config", str(config)]  # -B: no .pyc beside checked code
     if log_file:
         argv += ["--log-file", str(log_file)]
     delay = 1.0
@@ -43,7 +43,7 @@ def supervise(config: Path, pidfile: Path, log_file: Path | None = None) -> int:
             code = child.wait()
             if stopping:
                 break
-            if code == 2:  # a config error: restarting cannot help
+            if code == 2:  # a config error or tampered code: restarting cannot help
                 return 2
             delay = 1.0 if time.monotonic() - started > 60 else min(delay * 2, 30.0)
             deadline = time.monotonic() + delay

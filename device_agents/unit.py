@@ -17,9 +17,11 @@ After=network-online.target time-sync.target
 
 [Service]
 Type=simple
-ExecStart={python} -m device_agents run --config {config}
+ExecStart={python} -B -m device_agents run --config {config}
 Restart=always
 RestartSec=5
+# Exit 2 is a config error or agent code that fails its signed check: restarting cannot help.
+RestartPreventExitStatus=2
 # SIGTERM lets the agent publish 'offline' and keep unsent records in its spool.
 KillSignal=SIGTERM
 TimeoutStopSec=30

@@ -3,14 +3,17 @@
 ========  =====================================================================================
 bench     ``{variant | sha256, min_runs, min_seconds, warmup, threads}``: benchmark an installed
           model (default: the current one); the record goes to ``bench``, the ack names it.
-install   ``{path, sha256, variant, model, eval}``: move an upload from ``<root>/incoming/`` into the
-          store, checked against ``sha256`` (``eval``: an eval set there, copied alongside).
+install   ``{path, sha256, variant, model, eval, eval_sha256}``: move an upload from ``<root>/incoming/``
+          into the store, checked against ``sha256`` (``eval``: an eval set there, copied alongside,
+          checked against ``eval_sha256``).
 activate  ``{variant | sha256, keep}``: safe activation (sha256 check, smoke inference in a child), then
           the store budget: the oldest models beyond ``store.max_store_mb`` are removed, never
           ``current``, ``previous`` or one in ``keep`` (the host's candidates); the ack lists them.
 rollback  ``{}``: swap ``current`` and ``previous``.
-state     ``{verify}``: what is installed, current, previous, the spool, the power sensor, free bytes;
+state     ``{verify}``: what is installed, current, previous, the spool, the power sensor, the disk;
           with ``verify``, every stored model is hashed and the damaged ones listed.
+operators ``{keys, code}``: pin these operator keys (signed by a key pinned now: key rotation); a
+          deployed agent also takes ``code``, its code manifest signed by one of the new keys.
 ========  =====================================================================================
 
 Every command carries ``expires`` (unix time, at most :data:`MAX_TTL_S` after its ``ts``): one
@@ -35,14 +38,16 @@ _ARGS: dict[str, dict[str, tuple[tuple[type, ...], float | None, float | None]]]
               "min_runs": (_INT, 1, 1_000_000), "min_seconds": (_NUM, 0, 600),
               "warmup": (_INT, 0, 10_000), "threads": (_INT, 1, 64)},
     "install": {"path": ((str,), None, None), "sha256": ((str,), None, None), "variant": ((str,), None, None),
-                "model": ((str,), None, None), "eval": ((str,), None, None)},
+                "model": ((str,), None, None), "eval": ((str,), None, None), "eval_sha256": ((str,), None, None)},
     "activate": {"variant": ((str,), None, None), "sha256": ((str,), None, None),
                  "keep": ((list,), 0, 256)},  # sha256s the store budget must spare (a list's bounds: its length)
     "rollback": {},
     "state": {"verify": ((bool,), None, None)},  # verify: hash every stored model, report the damaged
+    # keys: the operator public keys to pin from now on (base64); code: the agent-code manifest signed by one of them
+    "operators": {"keys": ((list,), 1, 8), "code": ((dict,), None, None)},
 }
 COMMANDS = tuple(_ARGS)
-MAX_TTL_S = 86_400.0  # a command may stay valid for a day at most (the agent remembers ids far longer)
+MAX_TTL_S = 86_400.0  # a command may stay valid for a day at most (the agent remembers its id until it expired)
 
 
 @dataclass(frozen=True)
@@ -112,6 +117,8 @@ def check_args(name: str, args: Any) -> dict[str, Any]:
             raise CommandError(f"{name}: argument '{key}' must be between {low} and {high}, got {value}", name=name)
     if name == "activate" and not (args.get("variant") or args.get("sha256")):
         raise CommandError("activate: give 'variant' or 'sha256'", name=name)
+    if name == "operators" and "keys" not in args:
+        raise CommandError("operators: give 'keys', the operator public keys to pin", name=name)
     return args
 
 

@@ -114,6 +114,8 @@ class StoreConfig:
     """The device's model store: its budget (from the profile's ``storage``, or the fleet file)."""
 
     max_store_mb: float | None = None  # None: no budget; old models are kept until removed by hand
+    min_free_mb: float = 4.0  # below this much free space the agent refuses installs, activations and benches
+    reserve_mb: float = 1.0  # held in <root>/.reserve, freed when the disk fills so "disk full" can be answered
 
 
 @dataclass(frozen=True)
@@ -256,6 +258,8 @@ def build(node: Node, file: Path | str) -> AgentConfig:
         raise ConfigError(f"{file}: telemetry_interval_s, spool_max_records, bench.min_runs and bench.threads must be positive")
     if cfg.store.max_store_mb is not None and cfg.store.max_store_mb <= 0:
         raise ConfigError(f"{file}: store.max_store_mb must be positive (or left out for no budget)")
+    if not (0 <= cfg.store.min_free_mb < 1e6 and 0 <= cfg.store.reserve_mb < 1e4):
+        raise ConfigError(f"{file}: store.min_free_mb and store.reserve_mb must be non-negative numbers of megabytes")
     return cfg
 
 

@@ -62,6 +62,39 @@ def bench_cmd(
 
 
 
+keys_app = typer.Typer(no_args_is_help=True, help="The fleet's keys: the operator key devices pin.")
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("rotate")
+def keys_rotate_cmd(
+    fleet_file: FleetOpt,
+    devices: DevicesOpt = None,
+    timeout: Annotated[float, typer.Option(min=1, help="Seconds to wait for each step's answers.")] = 30.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Replace the operator key on the running devices over MQTT (old key kept under keys/retired/).
+
+    Exit 4 when a device did not take the new key; the table says what to do for it.
+    """
+    from edge_kit.fleet.inventory import load_fleet
+    from edge_kit.fleet.rotate import rotate_operator_key
+
+    fleet = load_fleet(fleet_file)
+    with out.status("rotating the operator key", spinner="dots") if not as_json else nullcontext():
+        old, new, results = rotate_operator_key(fleet, fleet.select(devices), timeout)
+    if as_json:
+        emit_json({"old_key": old, "new_key": new, "devices": [r.__dict__ for r in results]})
+    else:
+        out.print(f"operator key {old} -> {new} (old key kept in {fleet.key_store().folder / 'retired'})")
+        t = Table("device", "outcome", "what to do", box=box.SIMPLE)
+        for r in results:
+            t.add_row(r.device, r.outcome, escape(r.reason or ""))
+        out.print(t)
+    if any(r.outcome != "rotated" for r in results):
+        raise typer.Exit(4)
+
+
 sim_app = typer.Typer(no_args_is_help=True, help="A simulated fleet on this machine: broker, sshd and agent per device.")
 app.add_typer(sim_app, name="sim")
 SimDirOpt = Annotated[Path, typer.Option("--dir", help="Where the simulated fleet lives (its fleet.yaml is here).")]

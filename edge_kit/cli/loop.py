@@ -228,6 +228,8 @@ def monitor_cmd(
     metrics_addr: Annotated[str, typer.Option(help="Address for the metrics endpoint.")] = "127.0.0.1",
     share: Annotated[Optional[str], typer.Option(help="Join this MQTT 5 shared-subscription group (several workers).")] = None,
     silence_s: Annotated[float, typer.Option(min=1, help="Alert when a device is silent this long.")] = 180.0,
+    min_free_mb: Annotated[float, typer.Option(min=0, help="Alert when a device reports less free disk space "
+                                                          "(its agent refuses writes below its own store.min_free_mb).")] = 32.0,
     duration: Annotated[Optional[float], typer.Option(min=0, help="Stop after this many seconds (default: until Ctrl-C).")] = None,
     client_id: Annotated[Optional[str], typer.Option(help="MQTT client id of this worker's persistent session (default: "
                                                           "from the fleet, the store and, with --share, this host); "
@@ -259,7 +261,7 @@ def monitor_cmd(
         where = f"{db.path.resolve()}|{share}|{socket.gethostname()}" if share else str(db.path.resolve())
         client_id = f"edgekit-monitor-{fleet.fleet}-{hashlib.sha256(where.encode()).hexdigest()[:10]}"
     mon = Monitor(fleet, db, share=share, silence_s=silence_s, on_message=metrics.observe, client_id=client_id,
-                  persistent=True)
+                  persistent=True, min_free_mb=min_free_mb)
     metrics.watch(mon)
     server = metrics.serve(metrics_port, metrics_addr) if metrics_port else None
     mon.start()
@@ -286,8 +288,55 @@ def monitor_cmd(
                     "gaps": s.gaps, "alerts": [vars(a) for a in mon.alerts], "store": str(db.path)})
 
 
-fleet_app = typer.Typer(no_args_is_help=True, help="What the history store knows about the fleet.")
+fleet_app = typer.Typer(no_args_is_help=True, help="The fleet: its broker's wall, and what the history store knows.")
 app.add_typer(fleet_app, name="fleet")
+
+
+@fleet_app.command("init")
+def fleet_init_cmd(
+    fleet_file: FleetOpt,
+    broker_host: Annotated[list[str], typer.Option("--broker-host", help="Name or address devices reach the broker "
+                                                                         "at (repeat; the first is the certificate's name).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for the broker's files (created; never overwritten).")] = Path("broker"),
+    port: Annotated[int, typer.Option(min=1, max=65535, help="The broker's TLS port.")] = 8883,
+    listen: Annotated[Optional[str], typer.Option(help="Address the broker listens on (default: every interface).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write a real fleet's broker wall: per-device passwords, the ACL, a CA and server certificate, a
+    hardened mosquitto.conf, and the fleet-file broker settings that use them (fleet-broker.yaml)."""
+    import yaml
+
+    from edge_kit.errors import ConfigError
+    from edge_kit.fleet.broker_setup import (
+        OPERATOR_USER,
+        broker_entry,
+        write_fleet_wall,
+    )
+    from edge_kit.fleet.inventory import load_fleet
+
+    fleet = load_fleet(fleet_file)
+    names = [d.name for d in fleet.devices]
+    if OPERATOR_USER in names:
+        raise ConfigError(f"{fleet_file}: a device is named '{OPERATOR_USER}', the broker user that commands the fleet; rename it")
+    try:
+        wall = write_fleet_wall(out_dir, fleet.fleet, names, broker_host, port, listen)
+    except FileExistsError as exc:
+        raise ConfigError(f"{exc}: a broker wall is already there (devices may be using it); choose another --out") from None
+    host = broker_host[0]
+    settings = {"broker": broker_entry(host, port, wall, OPERATOR_USER),
+                "agent_broker": {name: broker_entry(host, port, wall, name) for name in names}}
+    snippet = out_dir.resolve() / "fleet-broker.yaml"
+    snippet.write_text("# put 'broker' in the fleet file, and each device's 'agent_broker' under that device\n"
+                       + yaml.safe_dump(settings, sort_keys=False))
+    files = {"mosquitto.conf": wall.tls.ca.parent.parent / "mosquitto.conf", "passwd": wall.tls.ca.parent.parent / "passwd",
+             "acl": wall.tls.ca.parent.parent / "acl", "ca": wall.tls.ca, "fleet settings": snippet}
+    if as_json:
+        emit_json({"files": {k: str(v) for k, v in files.items()}, "users": sorted(wall.users), **settings})
+        return
+    for label, path in files.items():
+        out.print(f"{label:>15}  {path}")
+    out.print(f"{len(names)} device users + '{OPERATOR_USER}'; passwords in {out_dir.resolve() / 'secrets'} (mode 600). "
+              f"Run the broker with: mosquitto -c {files['mosquitto.conf']}")
 
 
 @fleet_app.command("status")

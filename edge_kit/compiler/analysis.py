@@ -84,6 +84,13 @@ def _names(enum: Any) -> dict[int, str]:
     return {v: k for k, v in vars(enum).items() if k.isupper() and isinstance(v, int)}
 
 
+def _buffer_bytes(buffer: Any, data: bytes) -> Any:
+    """Return a buffer's contents: inline, or (as ai-edge-quantizer writes them) at ``offset`` after the flatbuffer."""
+    if getattr(buffer, "offset", 0) > 1 and getattr(buffer, "size", 0):
+        return data[buffer.offset:buffer.offset + buffer.size]
+    return buffer.data
+
+
 def _table(data: bytes) -> tuple[list[OpInfo], dict[int, TensorInfo], dict[int, np.ndarray]]:
     """Return the main graph's ops, tensors and constant values, read from the flatbuffer itself.
 
@@ -110,7 +117,7 @@ def _table(data: bytes) -> tuple[list[OpInfo], dict[int, TensorInfo], dict[int, 
     for idx, t in enumerate(graph.tensors or []):
         dtype = types.get(t.type, "unknown").lower()
         shape = tuple(int(d) for d in (t.shape if t.shape is not None else ()))
-        raw = _buffer_bytes(data, model.buffers[t.buffer]) if t.buffer < len(model.buffers) else None
+        raw = _buffer_bytes(model.buffers[t.buffer], data) if t.buffer < len(model.buffers) else None
         constant = idx not in produced and raw is not None and len(raw) > 0
         q = t.quantization
         tensors[idx] = TensorInfo(idx, (t.name or b"").decode(), shape,
@@ -119,15 +126,6 @@ def _table(data: bytes) -> tuple[list[OpInfo], dict[int, TensorInfo], dict[int, 
         if constant and dtype in _NUMPY:
             values[idx] = np.frombuffer(bytes(raw), dtype=_NUMPY[dtype]).reshape(shape)
     return ops, tensors, values
-
-
-def _buffer_bytes(data: bytes, buffer: Any) -> Any:
-    """Return a buffer's bytes: inline, or (ai-edge-quantizer writes large ones so) at ``offset``/``size``
-    after the flatbuffer, where an unread buffer would make quantized weights look like activations."""
-    if buffer.data is not None and len(buffer.data):
-        return buffer.data
-    offset, size = int(getattr(buffer, "offset", 0) or 0), int(getattr(buffer, "size", 0) or 0)
-    return data[offset:offset + size] if offset > 1 and size > 0 and offset + size <= len(data) else buffer.data
 
 
 _NUMPY = {"float32": "<f4", "float16": "<f2", "int8": "i1", "uint8": "u1", "int16": "<i2", "int32": "<i4", "int64": "<i8"}
@@ -196,6 +194,19 @@ def analyse(data: bytes) -> ModelStats:
         inputs=inputs,
         outputs=outputs,
     )
+
+
+def float_ops(data: bytes) -> dict[str, int]:
+    """Return {op name: count} of the ops of a quantized flatbuffer that still compute in float: those
+    with a float32 output, other than the DEQUANTIZE ops that feed them (QUANTIZE takes their result
+    back to integers). Empty for a model that is integer throughout.
+
+    Raises:
+        ValueError: ``data`` is not a ``.tflite`` flatbuffer.
+    """
+    ops, tensors, _ = _table(data)
+    return dict(sorted(Counter(op.name for op in ops if op.name != "DEQUANTIZE"
+                               and any(tensors[o].dtype == "float32" for o in op.outputs if o >= 0)).items()))
 
 
 def _precision(ops: list[OpInfo], tensors: dict[int, TensorInfo]) -> str:

@@ -27,8 +27,13 @@ import numpy as np
 import edge_kit
 from device_agents.metrics import MetricSpec
 from device_agents.targets import TARGETS, compiler_of
-from edge_kit.compiler.analysis import analyse
-from edge_kit.compiler.convert import converter_version, quantize_tflite, to_tflite
+from edge_kit.compiler.analysis import analyse, float_ops
+from edge_kit.compiler.convert import (
+    INT8_TFLITE_METHOD,
+    converter_version,
+    quantize_tflite,
+    to_tflite,
+)
 from edge_kit.compiler.data import Dataset, load_dataset, noise_warning
 from edge_kit.compiler.onnx_source import CONVERTER
 from edge_kit.compiler.sources import (
@@ -178,10 +183,14 @@ def _build(plan: _Plan, source: Source, graph: Callable[[], Graph | bytes], req:
             return source.tflite or b"", f"{CONVERTER} float32 conversion of the ONNX model (inputs in the ONNX layout)"
         if PRECISION_TO_VARIANT[source.tflite_precision or "float32"] == spec.id:
             return source.tflite or b"", "source .tflite as is"
-        how = {"float32": "float16 weights stored as float32", "float16": "ai-edge-quantizer float16 weight casting",
+        how = {"float32": "float16 weights stored as float32, standalone RELUs folded into the ops before them",
+               "float16": "ai-edge-quantizer float16 weight casting",
                "dynamic-int8": "ai-edge-quantizer dynamic_wi8_afp32",
-               "int8": "ai-edge-quantizer static_wi8_ai8, calibrated on --calib"}[spec.precision]
-        return quantize_tflite(graph(), spec.precision, calib_x, variant=spec.id), how
+               "int8": INT8_TFLITE_METHOD}[spec.precision]
+        data = quantize_tflite(graph(), spec.precision, calib_x, variant=spec.id)
+        if spec.precision == "int8" and (left := float_ops(data)):  # e.g. a custom op the quantizer cannot take
+            how += "; left float by the quantizer: " + ", ".join(f"{n} x{c}" for n, c in left.items())
+        return data, how
     if spec.pruning:
         from edge_kit.compiler import pruning
 
@@ -416,11 +425,12 @@ def compile_model(req: CompileRequest, progress: Progress | None = None) -> Mani
         for warning in plan.artifact.warnings:
             warnings.warn(warning, stacklevel=2)
 
+    extra = {EVAL_FILE: _eval_bundle(evalset, reference, metric)} if evalset else {}
     manifest = Manifest(
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         model=source.record(),
         calibration={**calib.record(), "warning": calib_noise} if calib else None,
-        eval={**evalset.record(), **metric.record(), "file": EVAL_FILE,
+        eval={**evalset.record(), **metric.record(), "file": EVAL_FILE, "sha256": sha256_bytes(extra[EVAL_FILE]),
               "metric": scorer.task.headline if scorer.task is not None and scorer.user is None else None,
               "reference": "fp32" if reference is not None else None} if evalset else None,
         train=train.record() if train else None,
@@ -430,7 +440,6 @@ def compile_model(req: CompileRequest, progress: Progress | None = None) -> Mani
         artifacts=[p.artifact for p in plans.values() if p.artifact is not None],
     )
     step("writing artifacts")
-    extra = {EVAL_FILE: _eval_bundle(evalset, reference, metric)} if evalset else {}
     _publish(out / source.name, plans, manifest, extra)
     return manifest
 

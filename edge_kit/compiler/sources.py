@@ -153,7 +153,8 @@ def load_source(path: Path, input_shapes: dict[str, tuple[int, ...]] | None = No
 
     Raises:
         InputError: missing, unreadable or corrupt model, an unsupported format, an input left
-            with a dynamic dimension, or a pinned shape naming no input or not fitting it.
+            with a dynamic dimension, or a pinned shape naming no input, not fitting it, or (for a
+            ``.tflite``, whose file is rewritten to the pinned shapes) one the model cannot run at.
     """
     pinned = dict(input_shapes or {})
     path = Path(path)
@@ -211,15 +212,22 @@ def _load_savedmodel(path: Path, name: str, digest: str, pinned: dict[str, tuple
 
 def _load_tflite(path: Path, name: str, digest: str, pinned: dict[str, tuple[int, ...]]) -> Source:
     from edge_kit.compiler.analysis import analyse
+    from edge_kit.compiler.tflite_edit import pin_inputs
 
     data = path.read_bytes()
     try:
         stats = analyse(data)
     except (ValueError, RuntimeError) as exc:
         raise InputError(f"{path}: not a loadable .tflite model ({str(exc).splitlines()[0][:200]})") from None
-    if pinned:
-        raise InputError(f"{path}: --input-shape applies to Keras and SavedModel sources; re-export this "
-                         ".tflite with a fixed input size")
-    inputs = {p["name"]: _static(path, p["name"], p["shape_signature"], {}) for p in stats.inputs}
+    _unknown_pins(path, pinned, [p["name"] for p in stats.inputs])
+    inputs = {p["name"]: _static(path, p["name"], p["shape_signature"], pinned) for p in stats.inputs}
+    if pinned:  # written into the file: every variant, and the source variant itself, is static
+        try:
+            data = pin_inputs(data, {n: (1, *inputs[n]) for n in pinned})
+            stats = analyse(data)
+        except (ValueError, RuntimeError) as exc:
+            shapes = ", ".join(f"{n}=1x{'x'.join(map(str, inputs[n]))}" for n in pinned)
+            raise InputError(f"{path}: the model does not run with --input-shape {shapes} "
+                             f"({str(exc).strip().splitlines()[0][:200]})") from None
     return Source(path, "tflite", digest, name, inputs, [p["name"] for p in stats.outputs],
                   tflite=data, tflite_precision=stats.precision)

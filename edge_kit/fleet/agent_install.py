@@ -18,7 +18,9 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
+import inspect
 import io
+import json
 import tarfile
 import time
 from dataclasses import dataclass
@@ -29,7 +31,15 @@ import yaml
 import device_agents
 import edge_kit
 import edgekit_protocol
-from device_agents.identity import Signer, decode_key, encode_key, key_id
+from device_agents import codecheck
+from device_agents.identity import (
+    OPERATOR,
+    Keyring,
+    Signer,
+    decode_key,
+    encode_key,
+    key_id,
+)
 from device_agents.unit import render_unit
 from edge_kit.errors import ConfigError, DeployError
 from edge_kit.fleet.broker_setup import OPERATOR_USER
@@ -47,13 +57,14 @@ from edgekit_protocol.config import (
     build,
     to_plain,
 )
+from edgekit_protocol.errors import EdgeKitError
 
 STOP_TIMEOUT_S = 30.0
 BROKER_CA = "identity/broker-ca.pem"  # where the deploy puts the broker's CA on the device
 
 _INSTALL_BUNDLE = r"""
 import hashlib, os, shutil, sys, tarfile
-archive, sha, root = sys.argv[1], sys.argv[2], os.path.expanduser(sys.argv[3])
+archive, sha, root, signed = sys.argv[1], sys.argv[2], os.path.expanduser(sys.argv[3]), sys.argv[4]
 with open(archive, "rb") as f:
     if hashlib.sha256(f.read()).hexdigest() != sha:
         sys.exit("agent bundle: sha256 mismatch (corrupt or truncated upload); deploy again")
@@ -64,8 +75,8 @@ with tarfile.open(archive) as t:
         t.extractall(new, filter="data")
     except TypeError:  # Python without extraction filters; the archive is our own
         t.extractall(new)
-with open(os.path.join(new, "BUNDLE"), "w") as f:
-    f.write(sha + "\n")
+with open(os.path.join(new, "AGENT.json"), "w") as f:
+    f.write(signed)
 live, old = os.path.join(root, "agent"), os.path.join(root, "agent.old-%d" % os.getpid())
 if os.path.exists(live):
     os.rename(live, old)
@@ -75,21 +86,47 @@ os.remove(archive)
 """
 
 @functools.cache
-def agent_bundle() -> tuple[bytes, str]:
-    """Return the agent tarball and its sha256 (same bytes for the same code)."""
+def agent_bundle() -> tuple[bytes, str, dict[str, str]]:
+    """Return the agent tarball, its sha256 (same bytes for the same code) and ``{path: sha256}`` of
+    its files, as :func:`device_agents.codecheck.tree` lists them once unpacked."""
     members = []
     for package in (device_agents, edgekit_protocol):
         folder = Path(package.__file__).parent
         members += [(p, str(p.relative_to(folder.parent))) for p in sorted(folder.rglob("*.py"))]
     buf = io.BytesIO()
+    files = {}
     with tarfile.open(fileobj=buf, mode="w") as tar:
         for path, name in members:
             data = path.read_bytes()
             info = tarfile.TarInfo(name)
             info.size, info.mtime, info.mode = len(data), 0, 0o644
             tar.addfile(info, io.BytesIO(data))
+            files[name] = hashlib.sha256(data).hexdigest()
     data = gzip.compress(buf.getvalue(), mtime=0)
-    return data, hashlib.sha256(data).hexdigest()
+    return data, hashlib.sha256(data).hexdigest(), dict(sorted(files.items()))
+
+
+def _code_state(shell: DeviceShell, operator: Keyring) -> str | None:
+    """Return why the device's ``<root>/agent`` is not the signed current bundle, or None when it is.
+
+    The check runs :mod:`device_agents.codecheck` as a script sent from this host (it does not trust
+    the device's copy of the code it checks): every file's sha256, and the signed manifest.
+    """
+    _, sha, files = agent_bundle()
+    found = json.loads(shell.run([shell.dev.python, "-c", inspect.getsource(codecheck), shell.root]))
+    if found["files"] is None:
+        return "not installed"
+    diff = codecheck.differences(files, found["files"])
+    if diff:
+        return "code differs: " + ", ".join(diff[:3]) + (f" and {len(diff) - 3} more" if len(diff) > 3 else "")
+    try:
+        doc = json.loads(found["manifest"] or "")
+        operator.verify(doc, OPERATOR)
+    except (ValueError, EdgeKitError):
+        return "its signed manifest is missing or not this operator's"
+    if doc.get("bundle") != sha or doc.get("files") != files:
+        return "its signed manifest is for other code"
+    return None
 
 
 def agent_config(fleet: Fleet, dev: Device) -> tuple[str, bytes | None]:
@@ -152,15 +189,18 @@ def ensure_agent(shell: DeviceShell, fleet: Fleet) -> AgentState:
     dev, info = shell.dev, shell.info
     root = shell.root
     changed: list[str] = []
-    data, sha = agent_bundle()
-    if info["bundle"] != sha:
+    data, sha, files = agent_bundle()
+    operator = fleet.key_store().operator
+    why = _code_state(shell, Keyring(operators=[operator.public]))
+    if why is not None:
         facts = shell.python_facts
         if facts["missing"]:
             raise DeployError(f"{dev.name}: the device's Python ({facts['python']}) lacks {', '.join(facts['missing'])}; "
                               f"install: {facts['python']} -m pip install numpy pyyaml paho-mqtt cryptography ai-edge-litert")
         part = shell.put(data, f"{root}/incoming/agent-{sha[:12]}.tar.gz", rename=False)
-        shell.run([dev.python, "-c", _INSTALL_BUNDLE, part, sha, root])
-        changed.append(f"agent {edge_kit.__version__} ({sha[:12]})")
+        signed = json.dumps(operator.sign(codecheck.code_manifest(files, sha)), indent=1)
+        shell.run([dev.python, "-c", _INSTALL_BUNDLE, part, sha, root, signed])
+        changed.append(f"agent {edge_kit.__version__} ({sha[:12]})" + ("" if why == "not installed" else f", reinstalled: {why}"))
     changed += _ensure_identity(shell, fleet)
     broker = dev.agent_broker or fleet.broker
     if broker.tls and broker.tls.ca:  # the CA the agent checks the broker's certificate against
@@ -190,7 +230,7 @@ def ensure_agent(shell: DeviceShell, fleet: Fleet) -> AgentState:
     else:
         if running:
             _stop_supervisor(shell, info["agent_pid"])
-        shell.run([dev.python, "-m", "device_agents", "supervise", "--config", f"{root}/agent.yaml",
+        shell.run([dev.python, "-B", "-m", "device_agents", "supervise", "--config", f"{root}/agent.yaml",
                    "--pidfile", f"{root}/agent.pid", "--log-file", f"{root}/agent.log"],
                   env={"PYTHONPATH": f"{root}/agent"}, background=True)
     changed.append("service restarted" if running else "service started")

@@ -16,12 +16,15 @@ docs' Security page gives the same ACL and a hardened ``mosquitto.conf`` for a r
 
 from __future__ import annotations
 
+import base64
 import datetime
+import hashlib
 import ipaddress
 import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from edgekit_protocol.messages import ROOT
 
@@ -121,3 +124,55 @@ def build_wall(folder: Path, fleet: str, devices: list[str], hosts: list[str]) -
         files[user] = folder / "secrets" / f"{user}.pass"
         _write_private(files[user], (password + "\n").encode())
     return BrokerWall(users, files, fleet_acl(fleet), make_tls(folder / "tls", hosts))
+
+
+def broker_entry(host: str, port: int, wall: BrokerWall | None, user: str) -> dict[str, Any]:
+    """Return the fleet file's broker settings for ``user`` (the operator, or a device's ``agent_broker``)."""
+    entry: dict[str, Any] = {"host": host, "port": port}
+    if wall is not None:
+        entry.update(username=user, password_file=str(wall.password_files[user]), tls={"ca": str(wall.tls.ca)})
+    return entry
+
+
+def mosquitto_password_line(user: str, password: str, iterations: int = 101) -> str:
+    """Return ``user:$7$...``, one line of a Mosquitto 2 password file (PBKDF2-SHA512, as
+    ``mosquitto_passwd`` writes it), so no Mosquitto tool is needed on the operator's machine."""
+    salt = secrets.token_bytes(12)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations, 64)
+    return f"{user}:$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+
+
+def hardened_conf(folder: Path, port: int = 8883, queued: int = 100_000, listen: str | None = None) -> str:
+    """Return a ``mosquitto.conf`` for a real fleet whose wall files are in ``folder`` (as written by
+    :func:`write_fleet_wall`): TLS only, no anonymous clients, the ACL, persistence, and queues sized
+    so a monitor outage does not lose records (``queued`` messages per offline persistent client)."""
+    return "\n".join([
+        "# edge-kit fleet broker (written by `edgekit fleet init`). Started as root, Mosquitto drops to the user",
+        f"# 'mosquitto', which must read this folder's private files: chown -R mosquitto: {folder}",
+        f"listener {port}" + (f" {listen}" if listen else ""), "allow_anonymous false", f"password_file {folder / 'passwd'}", f"acl_file {folder / 'acl'}",
+        f"cafile {folder / 'tls' / 'ca.pem'}", f"certfile {folder / 'tls' / 'server.pem'}",
+        f"keyfile {folder / 'tls' / 'server.key'}", "tls_version tlsv1.2", "persistence true",
+        f"persistence_location {folder}/", f"max_queued_messages {queued}", "max_queued_bytes 0",
+        "set_tcp_nodelay true", ""])
+
+
+def write_fleet_wall(folder: Path, fleet: str, devices: list[str], hosts: list[str], port: int = 8883,
+                     listen: str | None = None) -> BrokerWall:
+    """Write everything a real fleet's broker and devices need into ``folder``: ``passwd`` (hashed),
+    ``acl``, ``tls/`` (CA, server certificate and key), ``mosquitto.conf`` and each user's
+    ``secrets/<user>.pass`` (mode 600) for the fleet file.
+
+    Returns:
+        The wall.
+
+    Raises:
+        FileExistsError: ``folder`` already holds a wall (never overwritten: devices may use it).
+    """
+    folder = Path(folder).resolve()
+    if (folder / "passwd").exists():
+        raise FileExistsError(folder / "passwd")
+    wall = build_wall(folder, fleet, devices, hosts)
+    _write_private(folder / "passwd", ("\n".join(mosquitto_password_line(u, p) for u, p in wall.users.items()) + "\n").encode())
+    (folder / "acl").write_text(wall.acl)
+    (folder / "mosquitto.conf").write_text(hardened_conf(folder, port, listen=listen))
+    return wall

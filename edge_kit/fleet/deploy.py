@@ -39,6 +39,7 @@ from edge_kit.fleet.agent_install import ensure_agent
 from edge_kit.fleet.commands import FleetClient
 from edge_kit.fleet.inventory import Device, Fleet
 from edge_kit.fleet.ssh import DeviceShell
+from edge_kit.fsutil import sha256_file
 from edge_kit.manifest import Artifact, Manifest, read_manifest
 from edge_kit.profiles import load_profile
 
@@ -151,8 +152,25 @@ class _Deployer:
         self.fleet = fleet
         self.opts = opts
         self.manifest = read_manifest(opts.artifacts)
+        self.eval_sha256 = self._eval_sha256()
         self.client = client
         self.progress = progress or (lambda _d, _m: None)
+
+    def _eval_sha256(self) -> str | None:
+        """Return the sha256 of the artifacts' eval set (None without one), checked against the manifest.
+
+        Raises:
+            DeployError: it differs from the sha256 the compile recorded (changed since).
+        """
+        path = self.opts.artifacts / "eval.npz"
+        if not path.is_file():
+            return None
+        digest = sha256_file(path)
+        recorded = (self.manifest.eval or {}).get("sha256")
+        if recorded and recorded != digest:
+            raise DeployError(f"{path}: sha256 {digest[:12]}... differs from the manifest's {recorded[:12]}... "
+                              "(changed since the compile); compile again")
+        return digest
 
     def one(self, dev: Device) -> DeviceResult:
         started = time.perf_counter()
@@ -193,12 +211,16 @@ class _Deployer:
                         result.actions.append(f"repair {art.id} ({damaged[art.sha256]})")
             need = sum(a.bytes or 0 for a in wanted if a.sha256 not in have)
             free = 0
-            if need:  # free space: from the running agent, else the device's Python
-                free = ((state or self._request(dev, "state", {}))["free_bytes"] if self.client is not None
-                        else shell.python_facts["free"])
+            if need:  # free space: from the running agent (above the floor it keeps), else the device's Python
+                if self.client is not None:
+                    disk = (state or self._request(dev, "state", {}))["disk"]
+                    free = disk["free_bytes"] - disk["min_free_bytes"]
+                else:
+                    free = shell.python_facts["free"]
             if need > free:
                 raise DeployError(f"{dev.name}: not enough space under {shell.root}: the new variants need "
-                                  f"{need / 1e6:.1f} MB, {free / 1e6:.1f} MB free")
+                                  f"{need / 1e6:.1f} MB, {max(free, 0) / 1e6:.1f} MB free (above the agent's "
+                                  "store.min_free_mb); remove models or lower store.max_store_mb")
             current = shell.info["current"]
             target = next((a for a in wanted if a.id == variant), None) or next(
                 (a for a in wanted if a.sha256 == current), wanted[0])
@@ -252,13 +274,13 @@ class _Deployer:
             AgentError: the sha256 differs (corrupt upload) or the store refused it; AgentTimeout: no answer.
             DeployError: the same, over SSH.
         """
-        args = {"path": part, "sha256": art.sha256, "variant": art.id, "model": self.manifest.model["name"],
-                **({"eval": eval_remote} if eval_remote else {})}
+        evals = {"eval": eval_remote, "eval_sha256": self.eval_sha256} if eval_remote and self.eval_sha256 else {}
+        args = {"path": part, "sha256": art.sha256, "variant": art.id, "model": self.manifest.model["name"], **evals}
         if self.client is not None:
             self._request(shell.dev, "install", args)
             return
         shell.agent("install", part, "--variant", art.id, "--model-name", args["model"], "--sha256", art.sha256,
-                    "--move", *(["--eval", eval_remote] if eval_remote else []))
+                    "--move", *(["--eval", eval_remote, "--eval-sha256", self.eval_sha256] if evals else []))
 
     def _request(self, dev: Device, name: str, args: dict[str, Any]) -> dict[str, Any]:
         """Return the result of a command the device's agent ran (it drops one that reaches it after the timeout).

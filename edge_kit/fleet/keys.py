@@ -107,6 +107,16 @@ class FleetKeys:
             os.replace(tmp, self.registry)
             return True
 
+    def replace_operator(self, new: Signer) -> Path:
+        """Make ``new`` the operator key; the old one moves to ``retired/operator-<key id>.key`` (kept,
+        mode 600, never used to sign again). Returns where the old key went."""
+        old = self.operator
+        retired = self.folder / "retired" / f"operator-{old.key_id}.key"
+        old.save(retired)
+        new.save(self.folder / "operator.key")
+        self._signer = new
+        return retired
+
     def operators_json(self) -> bytes:
         """Return the ``identity/operators.json`` a device pins: the operator public keys."""
         return json.dumps([encode_key(self.operator.public)]).encode()

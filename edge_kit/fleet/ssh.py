@@ -235,7 +235,7 @@ class DeviceShell:
             current: str | None = Path(sftp.readlink(f"{root}/current") or "").name or None
         except (FileNotFoundError, OSError):
             current = None
-        return {"root": root, "bundle": (self.read(f"{root}/agent/BUNDLE") or b"").decode().strip(),
+        return {"root": root,
                 "config_sha256": digest("agent.yaml"), "password_sha256": digest("mqtt.pass"),
                 "device_pub": (self.read(f"{root}/identity/device.pub") or b"").decode().strip() or None,
                 "has_device_key": exists(f"{root}/identity/device.key"),
@@ -287,7 +287,7 @@ class DeviceShell:
             DeployError: the agent command failed (its one-line error is the reason).
         """
         root = self.root
-        out = self.run([self.dev.python, "-m", "device_agents", *args, "--root", root],
+        out = self.run([self.dev.python, "-B", "-m", "device_agents", *args, "--root", root],
                        env={"PYTHONPATH": f"{root}/agent"}, timeout=timeout)
         try:
             return json.loads(out)

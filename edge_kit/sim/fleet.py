@@ -26,7 +26,12 @@ import yaml
 
 from edge_kit.errors import EdgeKitError
 from edge_kit.fleet.agent_install import ensure_agent
-from edge_kit.fleet.broker_setup import OPERATOR_USER, BrokerWall, build_wall
+from edge_kit.fleet.broker_setup import (
+    OPERATOR_USER,
+    BrokerWall,
+    broker_entry,
+    build_wall,
+)
 from edge_kit.fleet.commands import FleetClient
 from edge_kit.fleet.inventory import Fleet, load_fleet
 from edge_kit.fleet.ssh import DeviceShell
@@ -163,10 +168,7 @@ class SimFleet:
     @staticmethod
     def _broker_entry(state: dict[str, Any], wall: BrokerWall | None, user: str) -> dict[str, Any]:
         """Return the fleet file's broker settings for ``user`` (the operator, or a device's agent)."""
-        entry: dict[str, Any] = {"host": state["broker"]["host"], "port": state["broker"]["port"]}
-        if wall is not None:
-            entry.update(username=user, password_file=str(wall.password_files[user]), tls={"ca": str(wall.tls.ca)})
-        return entry
+        return broker_entry(state["broker"]["host"], state["broker"]["port"], wall, user)
 
     def _start_broker(self, embedded: bool, host: str, wall: BrokerWall | None) -> dict[str, Any]:
         if not embedded:

@@ -33,11 +33,19 @@ class FleetMetrics:
         self.online = Gauge("edgekit_device_online", "1 when the device's last status says online", ["device"], registry=r)
         self.last_seen = Gauge("edgekit_device_last_seen_seconds", "Unix time of the device's last message",
                                ["device"], registry=r)
+        self.disk_free = Gauge("edgekit_device_disk_free_bytes", "Free bytes under the agent's root (statvfs, "
+                               "the device's latest status or telemetry)", ["device"], registry=r)
+        self.disk_full = Gauge("edgekit_device_disk_full", "1 while the agent refuses writes for lack of space",
+                               ["device"], registry=r)
 
     def observe(self, kind: str, msg: dict[str, Any]) -> None:
         """Update the gauges from one stored message."""
         device = msg["device"]
         self.last_seen.labels(device).set(msg["ts"])
+        disk = msg.get("disk") if kind in ("status", "telemetry") else None
+        if isinstance(disk, dict) and isinstance(disk.get("free_bytes"), (int, float)):
+            self.disk_free.labels(device).set(disk["free_bytes"])
+            self.disk_full.labels(device).set(1 if disk.get("full") else 0)
         if kind == "status":
             self.online.labels(device).set(1 if msg["state"] == "online" else 0)
         elif kind == "bench":

@@ -1,9 +1,10 @@
 """`edgekit monitor`: subscribe to the fleet, check every message, store it once, raise alerts.
 
-Messages arrive on paho's network thread and are queued; a writer thread checks them against
-their schema (:func:`edge_kit.messages.decode` and :func:`~edge_kit.messages.check_body`), drops
-duplicates by ``msg_id`` and stores them in batches (one SQLite transaction per batch). Invalid
-payloads are counted and kept in the ``invalid`` table; nothing a device sends can stop the monitor.
+Messages arrive on paho's network thread and are queued; a checker thread checks each batch as
+every receiver must (:func:`device_agents.identity.receive`: schema, topic, time) while a child
+process verifies the signatures (:mod:`edge_kit.telemetry.verifier`), and a writer thread drops
+duplicates by ``msg_id`` and stores them (one SQLite transaction per batch). Invalid payloads are
+counted and kept in the ``invalid`` table; nothing a device sends can stop the monitor.
 
 Several workers can share the load: with ``share="group"`` each worker subscribes to
 ``$share/group/edgekit/v1/<fleet>/+/<kind>`` (MQTT 5 shared subscription) and the broker hands
@@ -29,7 +30,7 @@ from typing import Any
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from device_agents.identity import receive
+from device_agents.identity import receive, verify_published
 from device_agents.mqtt import make_client
 from edge_kit.errors import AgentError
 from edge_kit.fleet.inventory import Fleet
@@ -41,7 +42,9 @@ from edge_kit.selection.constraints import (
     violations,
 )
 from edge_kit.telemetry.store import Store
+from edge_kit.telemetry.verifier import Verifier
 from edgekit_protocol import messages
+from edgekit_protocol.errors import MessageError
 
 log = logging.getLogger("edgekit.monitor")
 STORED_KINDS = ("status", "bench", "telemetry")
@@ -51,7 +54,7 @@ BATCH = 500
 @dataclass
 class Alert:
     device: str
-    kind: str  # "offline", "constraints", "silent", "refused" (forged, unsigned, from the future), "store"
+    kind: str  # "offline", "constraints", "silent", "refused" (forged, unsigned, from the future), "store", "disk"
     text: str
     ts: float = field(default_factory=time.time)
 
@@ -70,7 +73,7 @@ class Monitor:
 
     def __init__(self, fleet: Fleet, store: Store, *, share: str | None = None, silence_s: float = 180.0,
                  on_message: Callable[[str, dict[str, Any]], None] | None = None, client_id: str | None = None,
-                 persistent: bool = False):
+                 persistent: bool = False, min_free_mb: float = 32.0, verify_in_child: bool = True):
         self.fleet = fleet
         self.store = store
         self.share = share
@@ -89,11 +92,16 @@ class Monitor:
         self._connected = threading.Event()
         self._refused: str | None = None
         self._silent_alerted: set[str] = set()
+        self.min_free_bytes = min_free_mb * 1e6  # a device reporting less free space is alerted on (once per episode)
+        self._low_disk: set[str] = set()
         cid = client_id or f"edgekit-monitor-{uuid.uuid4().hex[:8]}"
         self.client = make_client(fleet.broker, cid, password=fleet.broker.password("fleet file"),
                                   v5=share is not None, clean=not persistent)
         self.client.on_connect = self._on_connect
         self.keyring = fleet.key_store().keyring()
+        # Signatures are checked in a child process (see edge_kit.telemetry.verifier); in this one
+        # only when that is off or the child cannot run.
+        self.verifier = Verifier(fleet.key_store().folder) if verify_in_child else None
         self.client.on_message = lambda _c, _u, m: self._queue.put((m.topic, m.payload, time.time()))
         # Two stages: the checker decodes and verifies (Ed25519 verification releases the GIL, so it
         # runs on another core while paho reads and the writer stores), the writer stores.
@@ -116,6 +124,8 @@ class Monitor:
             AgentError: the broker cannot be reached or refuses the connection.
         """
         b = self.fleet.broker
+        if self.verifier is not None:
+            self.verifier.start()
         self._checker.start()
         self._writer.start()
         try:
@@ -153,6 +163,8 @@ class Monitor:
             rest.append(self._queue.get_nowait())
         if rest:
             self._store(rest)
+        if self.verifier is not None:
+            self.verifier.stop()
 
     # --- the writer thread ------------------------------------------------------------------------
 
@@ -196,16 +208,28 @@ class Monitor:
         good: list[tuple[str, dict[str, Any]]] = []
         raw: list[bytes] = []
         received: list[float] = []
+        pairs = [(topic, payload) for topic, payload, _ in batch]
+        elsewhere = self.verifier is not None and self.verifier.submit(pairs)  # verified there meanwhile
+        checked: list[tuple[str, dict[str, Any]] | Exception] = []
         for topic, payload, at in batch:
-            self.stats.received += 1
             try:
-                kind, msg = receive(self.keyring, topic, payload, at)
+                checked.append(receive(None if elsewhere else self.keyring, topic, payload, at))
             except Exception as exc:  # noqa: BLE001 - EdgeKitError, and whatever else a message holds: refused
+                checked.append(exc)
+        verdicts = (self.verifier.result() if elsewhere else None) if self.verifier is not None else None
+        if elsewhere and verdicts is None:  # the child died with the batch: verify it here, never skip it
+            verdicts = [verify_published(self.keyring, topic, payload) for topic, payload in pairs]
+        for i, (topic, payload, at) in enumerate(batch):
+            self.stats.received += 1
+            outcome = checked[i]
+            if not isinstance(outcome, Exception) and verdicts is not None and verdicts[i] is not None:
+                outcome = MessageError(verdicts[i])
+            if isinstance(outcome, Exception):
                 self.stats.invalid += 1
-                self.store.add_invalid(topic, str(exc), payload)
-                self.alerts.append(Alert(topic, "refused", f"refused a message on {topic}: {exc}"))
+                self.store.add_invalid(topic, str(outcome), payload)
+                self.alerts.append(Alert(topic, "refused", f"refused a message on {topic}: {outcome}"))
                 continue
-            good.append((kind, msg))
+            good.append(outcome)
             raw.append(payload)
             received.append(at)
         return good, raw, received
@@ -253,6 +277,16 @@ class Monitor:
 
     def _check_alerts(self, kind: str, msg: dict[str, Any]) -> None:
         device = msg["device"]
+        disk = msg.get("disk") if kind in ("status", "telemetry") else None
+        if isinstance(disk, dict) and isinstance(disk.get("free_bytes"), (int, float)):
+            low = bool(disk.get("full")) or disk["free_bytes"] < self.min_free_bytes
+            if low and device not in self._low_disk:
+                self._low_disk.add(device)
+                self.alerts.append(Alert(device, "disk", f"{device}: {disk['free_bytes'] / 1e6:.1f} MB free"
+                                         + (" (full: installs, activations and benches refused)" if disk.get("full") else
+                                            f" (below {self.min_free_bytes / 1e6:.0f} MB)")))
+            elif not low:
+                self._low_disk.discard(device)
         if kind == "status" and msg["state"] == "offline":
             self.alerts.append(Alert(device, "offline", f"{device} went offline"))
         elif kind == "bench" and device in self.constraints:

@@ -43,7 +43,7 @@ def test_the_systemd_unit_runs_the_agent_with_its_config(tmp_path):
     from device_agents.unit import render_unit
 
     unit = render_unit(tmp_path / "agent.yaml", python="/opt/venv/bin/python", user="edgekit")
-    assert f"ExecStart=/opt/venv/bin/python -m device_agents run --config {tmp_path / 'agent.yaml'}\n" in unit
+    assert f"ExecStart=/opt/venv/bin/python -B -m device_agents run --config {tmp_path / 'agent.yaml'}\n" in unit
     assert "Restart=always" in unit and "User=edgekit\n" in unit and "WantedBy=multi-user.target" in unit
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+
 from device_agents.spool import Spool
 
 
@@ -45,4 +47,45 @@ def test_when_full_the_oldest_telemetry_goes_first_and_bench_records_never(tmp_p
     row, payload = add(spool, "telemetry")  # full of bench records: this telemetry is dropped, and counted
     assert row is None and payload is None
     assert spool.stats() == {"pending": 4, "dropped_telemetry": 3, "refused_commands": 0, "replayed_commands": 0,
-                             "max_records": 3}
+                             "expired_commands": 0, "max_records": 3}
+
+
+def test_command_ids_are_kept_until_their_command_expired_by_the_senders_clock(tmp_path):
+    """The horizon follows the newest command's ts (minus HORIZON_S), never the device clock: an id is
+    forgotten only once its command is refused anyway, so no replay ever runs twice."""
+    spool = Spool(tmp_path / "s.db")
+    t0 = 1_800_000_000.0
+    assert spool.take("a", b"a", ts=t0, expires=t0 + 60) is None
+    assert spool.take("a", b"a", ts=t0, expires=t0 + 60) == "replayed"
+    assert spool.take("b", b"b", ts=t0 + 30, expires=t0 + 86_400) is None
+    assert spool.seen_ids() == 2
+    # an hour later by the operator's clock: 'a' expired before the horizon, so its id may go ...
+    assert spool.take("c", b"c", ts=t0 + 3600, expires=t0 + 3660) is None
+    assert spool.seen_ids() == 2  # b and c
+    # ... because 'a' itself, replayed now, is refused as expired (whatever the device's clock says)
+    assert spool.take("a", b"a", ts=t0, expires=t0 + 60) == "expired"
+    assert spool.take("b", b"b", ts=t0 + 30, expires=t0 + 86_400) == "replayed"  # still remembered: not expired
+    spool.close()
+    again = Spool(tmp_path / "s.db")  # the horizon and the ids persist
+    assert again.take("a", b"a", ts=t0, expires=t0 + 60) == "expired"
+    assert again.take("c", b"c", ts=t0 + 3600, expires=t0 + 3660) == "replayed"
+
+
+def test_an_acknowledged_row_the_full_disk_kept_from_deleting_is_deleted_with_the_next(tmp_path, monkeypatch):
+    spool = Spool(tmp_path / "s.db")
+    r1, _ = add(spool, "bench")
+    r2, _ = add(spool, "bench")
+    real = spool._db
+
+    class Full:
+        def execute(self, sql, *args):
+            if sql.startswith("DELETE"):
+                raise sqlite3.OperationalError("database or disk is full")
+            return real.execute(sql, *args)
+
+    spool._db = Full()
+    spool.done(r1)  # never raises (it runs on paho's thread)
+    assert [r[0] for r in spool.pending()] == [r1, r2]
+    spool._db = real
+    spool.done(r2)
+    assert spool.pending() == [] and spool.stats()["pending"] == 0

@@ -109,3 +109,22 @@ def test_the_budget_removes_the_oldest_models_but_never_current_previous_or_a_ke
     assert sorted(m["variant"] for m in store.installed()) == ["v0", "v1", "v3"]
     assert store.prune(budget_bytes=0, keep={shas[1]}) == []  # what is left is all protected: it stops there
     assert store.prune(budget_bytes=10 * per_model, keep=set()) == []  # under budget: nothing to do
+
+
+def test_the_eval_set_is_hashed_at_install_and_checked_before_every_use(store, tmp_path):
+    """eval.npz carries the metric (and user metric code) a benchmark runs: a changed one is never used,
+    is listed as damaged, and a fresh install of the same model replaces it."""
+    path, sha = model_file(tmp_path, b"model-e")
+    ev = tmp_path / "eval.npz"
+    ev.write_bytes(b"eval-v1")
+    with pytest.raises(StoreError, match="eval.npz: sha256 is .* expected 000000000000"):
+        store.install(path, variant="int8", model="m", eval_file=ev, expect_eval_sha256="0" * 64)
+    assert store.installed() == []
+    store.install(path, variant="int8", model="m", eval_file=ev, expect_eval_sha256=hashlib.sha256(b"eval-v1").hexdigest())
+    assert store.eval_path(sha).read_bytes() == b"eval-v1" and store.damaged() == []
+    store.eval_path(sha).write_bytes(b"import os; os.system('evil')")
+    with pytest.raises(StoreError, match="eval.npz no longer hashes to the sha256 it was installed with"):
+        store.eval_path(sha)
+    assert store.damaged() == [{"sha256": sha, "damaged": "the eval set no longer hashes to its sha256"}]
+    assert store.install(path, variant="int8", model="m", eval_file=ev).fresh  # damaged: installed again, whole
+    assert store.eval_path(sha).read_bytes() == b"eval-v1" and store.damaged() == []

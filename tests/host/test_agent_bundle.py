@@ -7,17 +7,19 @@ import subprocess
 import sys
 import tarfile
 
+from device_agents import codecheck
 from edge_kit.fleet.agent_install import agent_bundle
 
 
 def test_the_bundle_holds_the_agent_and_the_protocol_package_only_and_runs_without_the_host(tmp_path):
-    data, sha = agent_bundle()
+    data, sha, files = agent_bundle()
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         names = tar.getnames()
         tar.extractall(tmp_path, filter="data")
     assert {n.split("/")[0] for n in names} == {"device_agents", "edgekit_protocol"}
     assert "device_agents/service.py" in names and "edgekit_protocol/messages.py" in names
-    assert agent_bundle() == (data, sha)  # reproducible: the same code gives the same sha256
+    assert agent_bundle() == (data, sha, files)  # reproducible: the same code gives the same sha256
+    assert codecheck.tree(tmp_path) == files  # what the device's check lists once unpacked
 
     # Import every module of the unpacked bundle with the host package made unimportable.
     modules = sorted(n[:-3].replace("/", ".").removesuffix(".__init__") for n in names if n.endswith(".py")

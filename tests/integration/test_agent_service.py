@@ -146,7 +146,7 @@ def test_an_upload_is_installed_by_the_running_agent_from_incoming_only_and_only
         rec = client.request("dev1", "bench", {"variant": "dynamic-int8", "min_runs": 5}, timeout=60)["record"]
         state = client.request("dev1", "state", timeout=30)["result"]
     assert rec["sha256"] == sha and rec["accuracy"]["value"] is not None
-    assert 0 < state["free_bytes"] and store.current() == agent.sha["int8"]  # installing never activates
+    assert 0 < state["disk"]["free_bytes"] and store.current() == agent.sha["int8"]  # installing never activates
 
 
 def _fuzz_payloads(n: int, rng: random.Random) -> list[bytes]:
@@ -365,3 +365,50 @@ def spool_inbox(root) -> int:
         return db.execute("SELECT COUNT(*) FROM inbox").fetchone()[0]
     finally:
         db.close()
+
+
+def test_a_full_disk_is_answered_reported_and_recovered_from(tmp_path, mosquitto, monitor, digits_artifacts):
+    """On a 16 MB tmpfs filled to the last byte, the agent stays up and answers every command: the
+    reserve it keeps is freed so the answers can be written, installs/activations/benches are refused
+    with "disk full" and how much is free, `current` never moves, the status says full; when space
+    returns it recovers on its own and activates again."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)], check=True)
+    agent = None
+    try:
+        agent = AgentProcess(disk, "dev1", mosquitto, digits_artifacts,
+                             store={"min_free_mb": 2, "reserve_mb": 1}).start()
+        assert monitor.wait_for(online("dev1"), 30), agent.log.read_text()
+        birth = [m for m in monitor.messages["status"] if m["device"] == "dev1"][-1]
+        assert birth["disk"]["full"] is False and birth["disk"]["reserve_bytes"] == 1_000_000
+        filler = disk / "filler"
+        with open(filler, "wb") as f:  # every last block
+            try:
+                while True:
+                    f.write(bytes(1 << 16))
+                    f.flush()
+            except OSError:
+                pass
+        with client_for(mosquitto) as client:
+            with pytest.raises(AgentError, match="activate refused: disk full: activate refused; .* MB free under") as act:
+                client.request("dev1", "activate", {"variant": "fp32"}, timeout=30)
+            assert "free space on the device" in str(act.value)
+            assert agent.store.current() == agent.sha["int8"]  # never switched without an answer
+            with pytest.raises(AgentError, match="bench refused: disk full: bench refused"):
+                client.request("dev1", "bench", {"variant": "int8"}, timeout=30)
+            state = client.request("dev1", "state", timeout=30)["result"]
+            assert state["disk"]["full"] is True and state["disk"]["reserve_bytes"] == 0  # freed to answer
+            assert monitor.wait_for(lambda m: [s for s in m["status"] if s["device"] == "dev1"][-1]["disk"]["full"], 10)
+            assert agent.alive()
+            filler.unlink()
+            assert monitor.wait_for(lambda m: not [s for s in m["status"] if s["device"] == "dev1"][-1]["disk"]["full"], 15)
+            assert client.request("dev1", "activate", {"variant": "fp32"}, timeout=60)["ok"]
+            assert agent.store.current() == agent.sha["fp32"]
+            assert client.request("dev1", "state", timeout=30)["result"]["disk"]["reserve_bytes"] == 1_000_000
+    finally:
+        if agent is not None:
+            agent.stop()
+        subprocess.run(["umount", "-l", str(disk)], check=False)

@@ -85,3 +85,60 @@ def test_strangers_are_kept_out_and_each_device_is_confined_to_its_own_topics(si
     assert seen.count(messages.topic(fleet.fleet, d2, "cmd")) == 1  # the operator's, not the device's
     assert messages.topic(fleet.fleet, d1, "cmd") not in seen
     assert got_cmd == []  # d1 never reads d2's commands
+
+
+def test_fleet_init_writes_a_wall_that_a_real_mosquitto_enforces(tmp_path, run_cli):
+    """`edgekit fleet init` for a real fleet: the hashed passwd (written without mosquitto_passwd),
+    the ACL, TLS and the hardened mosquitto.conf, run by a real Mosquitto as written."""
+    import json
+    import subprocess
+    from types import SimpleNamespace
+
+    import yaml
+
+    from edge_kit.sim.broker import free_port, wait_port
+
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text(yaml.safe_dump({"fleet": "plant", "broker": {"host": "127.0.0.1", "port": 8883},
+                                          "defaults": {"user": "pi", "key": "~/.ssh/id_ed25519"},
+                                          "devices": [{"name": "cam-1", "host": "10.0.0.2", "profile": "rpi4"},
+                                                      {"name": "cam-2", "host": "10.0.0.3", "profile": "jetson-orin-nano"}]}))
+    port = free_port()
+    code, out, err = run_cli("fleet", "init", "--fleet", fleet_file, "--broker-host", "127.0.0.1", "--port", port,
+                             "--listen", "127.0.0.1", "--out", tmp_path / "wall", "--json")
+    assert code == 0, err
+    made = json.loads(out)
+    assert made["users"] == ["cam-1", "cam-2", "operator"] and made["agent_broker"]["cam-2"]["username"] == "cam-2"
+    assert (tmp_path / "wall" / "secrets" / "cam-1.pass").stat().st_mode & 0o777 == 0o600
+    assert "password" not in (tmp_path / "wall" / "passwd").read_text()  # hashed, never the plain text
+    again = run_cli("fleet", "init", "--fleet", fleet_file, "--broker-host", "x", "--out", tmp_path / "wall")
+    assert again[0] == 2 and "already there" in again[2]  # never overwrites a wall devices may use
+
+    conf = tmp_path / "wall" / "mosquitto.conf"
+    conf.write_text(conf.read_text() + "user root\n")  # the test owns the files (the conf says to chown them)
+    proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        assert wait_port("127.0.0.1", port, 10), proc.stderr.read1().decode() if proc.poll() is not None else "no port"
+        broker = SimpleNamespace(host="127.0.0.1", port=port)
+        secret = {u: (tmp_path / "wall" / "secrets" / f"{u}.pass").read_text().strip() for u in made["users"]}
+        ca = made["files"]["ca"]
+        assert connect(broker, "cam-1", "guess", tls_ca=ca)[1] != "ok"
+        assert connect(broker, None, None, tls_ca=ca)[1] != "ok"
+        seen: list[str] = []
+        operator, how = connect(broker, "operator", secret["operator"], tls_ca=ca)
+        assert how == "ok"
+        operator.on_message = lambda _c, _u, m: seen.append(m.topic)
+        operator.subscribe(f"{messages.ROOT}/plant/#", qos=1)
+        time.sleep(0.3)
+        cam1, how = connect(broker, "cam-1", secret["cam-1"], tls_ca=ca)
+        assert how == "ok"
+        cam1.publish(messages.topic("plant", "cam-1", "bench"), b"{}", qos=1).wait_for_publish(5)
+        cam1.publish(messages.topic("plant", "cam-2", "bench"), b"{}", qos=1).wait_for_publish(5)  # not its own: dropped
+        time.sleep(0.5)
+        assert seen == [messages.topic("plant", "cam-1", "bench")]
+        for c in (operator, cam1):
+            c.disconnect()
+            c.loop_stop()
+    finally:
+        proc.terminate()
+        proc.wait(10)

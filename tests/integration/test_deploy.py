@@ -33,7 +33,7 @@ def test_deploy_to_four_devices_in_parallel_then_redeploy_skips_them_all(sim, di
     simfleet, fleet = sim(4)
     code, out, err = run_cli("deploy", "--fleet", simfleet.fleet_file, "--artifacts", digits_artifacts,
                              "--variant", "int8", "--parallel", "4", "--json")
-    assert code == 0, err
+    assert code == 0, out
     result = json.loads(out)
     assert result["counts"] == {"succeeded": 4, "skipped": 0, "failed": 0}
     int8 = manifest_sha(digits_artifacts, "int8")
@@ -232,6 +232,8 @@ def test_a_tampered_model_and_a_truncated_meta_json_are_reported_and_repaired_by
         byte = f.read(1)
         f.seek(100)
         f.write(bytes([byte[0] ^ 0xFF]))
+    dyn = manifest_sha(digits_artifacts, "dynamic-int8")
+    (store.models / dyn / "eval.npz").write_bytes(b"PK not the eval set")  # the eval set (metric code) replaced
     meta = store.models / int8 / "meta.json"  # the current model's metadata cut short
     meta.write_text(meta.read_text()[:20])
     assert store.describe(int8) == {"sha256": int8, "damaged": "meta.json is missing or unreadable"}  # not "none"
@@ -240,6 +242,80 @@ def test_a_tampered_model_and_a_truncated_meta_json_are_reported_and_repaired_by
     assert r.status == "succeeded", r.reason
     assert "repair fp32 (the artifact no longer hashes to its sha256)" in r.actions
     assert "repair int8 (meta.json is missing or unreadable)" in r.actions
+    assert "repair dynamic-int8 (the eval set no longer hashes to its sha256)" in r.actions
     assert store.damaged() == [] and store.describe(int8)["variant"] == "int8" and current(dev) == int8
     again = deploy(fleet, [dev], DeployOptions(digits_artifacts, variant="int8")).results[0]
     assert again.status == "skipped" and not any(a.startswith("repair") for a in again.actions)
+
+
+def test_tampered_agent_code_is_not_started_and_the_next_deploy_reinstalls_it(sim, digits_artifacts):
+    """The deploy checks the agent's files against their sha256 with a script of its own (never a
+    marker file); the agent checks them against the operator-signed manifest before it starts."""
+    import subprocess
+    import sys
+
+    simfleet, fleet = sim(1)
+    dev = fleet.devices[0]
+    assert len(deploy(fleet, [dev], DeployOptions(digits_artifacts, variant="int8")).succeeded) == 1
+    code = Path(dev.root) / "agent"
+    assert (code / "AGENT.json").is_file() and not list(code.rglob("__pycache__"))  # it ran with -B
+    service = code / "device_agents" / "service.py"
+    service.write_text(service.read_text() + "\nprint('tampered')\n")
+    started = subprocess.run([sys.executable, "-B", "-m", "device_agents", "run", "--config", f"{dev.root}/agent.yaml"],
+                             env={**os.environ, "PYTHONPATH": str(code)}, cwd=dev.root, capture_output=True, text=True,
+                             timeout=60)
+    assert started.returncode == 2 and "changed device_agents/service.py" in started.stderr, started.stderr
+    assert "not started: run `edgekit deploy`" in started.stderr
+    r = deploy(fleet, [dev], DeployOptions(digits_artifacts, variant="int8")).results[0]
+    assert r.status == "succeeded", r.reason
+    assert any("reinstalled: code differs: changed device_agents/service.py" in a for a in r.actions), r.actions
+    assert "tampered" not in service.read_text()
+    stray = code / "device_agents" / "__pycache__" / "service.cpython-311.pyc"  # a planted .pyc counts too
+    stray.parent.mkdir()
+    stray.write_bytes(b"\x00" * 16)
+    r = deploy(fleet, [dev], DeployOptions(digits_artifacts, variant="int8")).results[0]
+    assert any("added device_agents/__pycache__/service.cpython-311.pyc" in a for a in r.actions), r.actions
+    assert not stray.exists()
+    again = deploy(fleet, [dev], DeployOptions(digits_artifacts, variant="int8")).results[0]
+    assert again.status == "skipped", again.actions
+
+
+def test_operator_key_rotation_over_mqtt_and_a_missed_device_repaired_by_deploy(sim, digits_artifacts, run_cli):
+    """`edgekit keys rotate`: a device that takes it obeys only the new key (and its agent still starts:
+    its code manifest is re-signed); a device left out refuses the new key until a deploy pins it."""
+    import subprocess
+    import sys
+
+    from device_agents.identity import Signer, key_id
+    from edge_kit.errors import AgentTimeout
+    from edge_kit.fleet.commands import FleetClient
+
+    simfleet, fleet = sim(2)
+    assert len(deploy(fleet, fleet.devices, DeployOptions(digits_artifacts, variant="int8")).succeeded) == 2
+    keys = fleet.key_store()
+    old = Signer.from_pem((keys.folder / "operator.key").read_bytes(), "old")
+    code, out, err = run_cli("keys", "rotate", "--fleet", simfleet.fleet_file, "--devices", "rpi4-1", "--json")
+    assert code == 0, out + err
+    result = json.loads(out)
+    assert result["old_key"] == old.key_id and result["devices"] == [{"device": "rpi4-1", "outcome": "rotated", "reason": None}]
+    new = fleet.key_store().operator
+    assert new.key_id == result["new_key"] != old.key_id
+    assert (keys.folder / "retired" / f"operator-{old.key_id}.key").stat().st_mode & 0o777 == 0o600
+    pinned = json.loads((Path(fleet.devices[0].root) / "identity" / "operators.json").read_text())
+    assert [key_id(__import__("base64").b64decode(k)) for k in pinned] == [new.key_id]
+    with FleetClient.of(fleet) as client:  # signs with the new key
+        assert client.request("rpi4-1", "state", timeout=30)["ok"]
+        with pytest.raises(AgentTimeout):  # rpi4-2 missed the rotation: it refuses the new key, unanswered
+            client.request("rpi4-2", "state", timeout=3)
+    with FleetClient(fleet.broker, fleet.fleet, fleet.broker.password("x"), signer=old, keyring=keys.keyring()) as client:
+        with pytest.raises(AgentTimeout):  # the retired key no longer commands rpi4-1
+            client.request("rpi4-1", "state", timeout=3)
+    dev = fleet.devices[0]  # the rotated agent's code still verifies under the pinned (new) key
+    check = ("from device_agents.codecheck import verify_code; from pathlib import Path; "
+             f"verify_code(Path({dev.root!r}) / 'agent', Path({dev.root!r}) / 'identity' / 'operators.json')")
+    assert subprocess.run([sys.executable, "-B", "-c", check], cwd=dev.root, timeout=60,
+                          env={**os.environ, "PYTHONPATH": f"{dev.root}/agent"}).returncode == 0
+    r = deploy(fleet, [fleet.devices[1]], DeployOptions(digits_artifacts, variant="int8")).results[0]
+    assert r.status == "succeeded" and "operator key pinned" in " ".join(r.actions), r.actions
+    with FleetClient.of(fleet) as client:
+        assert client.request("rpi4-2", "state", timeout=30)["ok"]

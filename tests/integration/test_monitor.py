@@ -95,11 +95,20 @@ def test_alerts_for_offline_broken_constraints_and_silence(fleet, publisher, tmp
     try:
         send(publisher, "status", messages.envelope("status", FLEET, "d2", 1, {"state": "offline"}), device="d2")
         send(publisher, "bench", bench("d1", 1, p90=80.0))  # rpi4 allows p90 <= 50 ms
+        low = {"conditions": {}, "spool": {}, "disk": {"free_bytes": 9e6, "total_bytes": 3e10, "full": False}}
+        for seq in (1, 2):  # the same episode: alerted once
+            send(publisher, "telemetry", messages.envelope("telemetry", FLEET, "d1", seq, low))
+        send(publisher, "telemetry", messages.envelope("telemetry", FLEET, "d1", 3, {**low, "disk": {"free_bytes": 5e9}}))
+        send(publisher, "status", messages.envelope("status", FLEET, "d1", 1, {
+            "state": "online", "disk": {"free_bytes": 1e6, "total_bytes": 3e10, "full": True}}))
         assert wait_until(lambda: {a.kind for a in mon.alerts} >= {"offline", "constraints", "silent"}, 10), mon.alerts
+        assert wait_until(lambda: len([a for a in mon.alerts if a.kind == "disk"]) == 2, 10), mon.alerts
     finally:
         mon.stop()
     texts = [a.text for a in mon.alerts]
     assert "d2 went offline" in texts and "d1 int8: breaks p90 <= 50 ms" in texts
+    assert [a.text for a in mon.alerts if a.kind == "disk"] == [
+        "d1: 9.0 MB free (below 32 MB)", "d1: 1.0 MB free (full: installs, activations and benches refused)"]
 
 
 def test_prometheus_endpoint_exports_per_device_and_variant_series(fleet, publisher, tmp_path):
@@ -111,7 +120,8 @@ def test_prometheus_endpoint_exports_per_device_and_variant_series(fleet, publis
     mon.start()
     try:
         send(publisher, "bench", bench("d1", 1, p90=7.5))
-        send(publisher, "status", messages.envelope("status", FLEET, "d1", 1, {"state": "online"}))
+        send(publisher, "status", messages.envelope("status", FLEET, "d1", 1, {
+            "state": "online", "disk": {"free_bytes": 123456789, "total_bytes": 3e10, "full": False}}))
         assert wait_until(lambda: mon.stats.stored == 2, 10)
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     finally:
@@ -121,6 +131,8 @@ def test_prometheus_endpoint_exports_per_device_and_variant_series(fleet, publis
     assert 'edgekit_power_watts{device="d1",source="ina219",variant="int8"} 4.2' in text
     assert 'edgekit_accuracy_top1{device="d1",variant="int8"} 0.99' in text
     assert 'edgekit_device_online{device="d1"} 1.0' in text
+    assert 'edgekit_device_disk_free_bytes{device="d1"} 1.23456789e+08' in text
+    assert 'edgekit_device_disk_full{device="d1"} 0.0' in text
     assert 'edgekit_monitor_messages_total{outcome="stored"} 2.0' in text
 
 
@@ -161,10 +173,17 @@ def test_monitor_cli_json_summary_and_fleet_status(fleet, publisher, tmp_path, r
     assert code == 0 and "d1" in out and "int8" in out and "3.25" in out and "never seen" in out
 
 
-def test_forged_replayed_future_and_non_finite_messages_are_refused_counted_and_alerted(fleet, publisher, tmp_path, run_cli):
-    """What an attacker on the broker can send: none of it is stored, each is counted and alerted."""
+@pytest.mark.parametrize("verifier", ["child process", "child killed"])
+def test_forged_replayed_future_and_non_finite_messages_are_refused_counted_and_alerted(fleet, publisher, tmp_path,
+                                                                                       verifier):
+    """What an attacker on the broker can send: none of it is stored, each is counted and alerted;
+    also when the verifying child process is killed (started again, or verified in the monitor)."""
     store = Store(tmp_path / "h.db")
     mon = Monitor(fleet, store).start()
+    assert mon.verifier is not None and mon.verifier._proc.is_alive()
+    if verifier == "child killed":
+        mon.verifier._proc.kill()
+        mon.verifier._proc.join(5)
     intruder = Signer.generate()  # a key nobody registered
     try:
         send(publisher, "bench", bench("d1", 1, p90=20.0))  # the real measurement

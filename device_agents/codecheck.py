@@ -1,0 +1,116 @@
+"""The agent's own code, checked by content before it runs: never by a marker file.
+
+A deploy unpacks the agent into ``<root>/agent/`` and writes ``<root>/agent/AGENT.json`` beside it:
+the sha256 of every file it unpacked, signed by the operator key. Before the agent starts (``run``
+and ``supervise``), :func:`verify_code` hashes every file under ``<root>/agent/`` and refuses to
+start (exit 2, one line naming the first file that differs) when a file was changed, added
+(a stray ``.pyc`` too: the agent runs with ``-B`` and writes none) or removed, or when the signature
+does not verify under the operator keys pinned in ``<root>/identity/operators.json``. The deploy
+runs this module's :func:`tree` on the device as a script of its own (sent from the host, so it
+does not rely on the device's code) and re-installs the agent when the tree differs.
+
+What this does not do: someone who can write the agent's folder can also rewrite this check; the
+deploy's check, run from the host, is the one that such a change cannot hide from. Protecting a
+device from its own root user takes a verified boot chain, which is outside edge-kit.
+
+This module is also run as a standalone script (stdlib only above the ``verify`` part): keep
+:func:`tree` free of imports beyond the standard library.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "AGENT.json"
+SCHEMA = "edgekit.agent-code/1"
+
+
+def tree(folder: str | os.PathLike) -> dict[str, str]:
+    """Return ``{relative path: sha256}`` of every file under ``folder`` but :data:`MANIFEST`, sorted.
+
+    Symlinks are listed by their target text (never followed), so a link cannot hide a file.
+    """
+    out: dict[str, str] = {}
+    base = os.fspath(folder)
+    for where, dirs, files in os.walk(base):
+        dirs.sort()
+        for name in sorted(files) + sorted(d for d in dirs if os.path.islink(os.path.join(where, d))):
+            path = os.path.join(where, name)
+            rel = os.path.relpath(path, base).replace(os.sep, "/")
+            if rel == MANIFEST:
+                continue
+            if os.path.islink(path):
+                out[rel] = "symlink:" + os.readlink(path)
+                continue
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 16), b""):
+                    h.update(block)
+            out[rel] = h.hexdigest()
+    return dict(sorted(out.items()))
+
+
+def differences(expected: dict[str, str], actual: dict[str, str]) -> list[str]:
+    """Return one phrase per file that differs (``changed x``, ``added y``, ``removed z``), sorted by path."""
+    out = []
+    for rel in sorted(set(expected) | set(actual)):
+        if rel not in actual:
+            out.append(f"removed {rel}")
+        elif rel not in expected:
+            out.append(f"added {rel}")
+        elif expected[rel] != actual[rel]:
+            out.append(f"changed {rel}")
+    return out
+
+
+def code_manifest(files: dict[str, str], bundle_sha256: str) -> dict[str, Any]:
+    """Return the (unsigned) :data:`MANIFEST` document for an unpacked bundle: sign it, then write it."""
+    return {"schema": SCHEMA, "bundle": bundle_sha256, "files": dict(sorted(files.items()))}
+
+
+def verify_code(folder: Path, operators: Path) -> dict[str, Any]:
+    """Check the agent code under ``folder`` against its signed :data:`MANIFEST`.
+
+    Returns:
+        The manifest (``bundle``: the deployed bundle's sha256).
+
+    Raises:
+        CodeTampered: no manifest, a signature that does not verify under the keys in ``operators``,
+            or a file that differs (the first three named, with how many more).
+    """
+    from device_agents.errors import CodeTampered
+    from device_agents.identity import OPERATOR, Keyring, read_operators
+    from edgekit_protocol.errors import EdgeKitError
+
+    folder = Path(folder)
+    try:
+        doc = json.loads((folder / MANIFEST).read_text())
+        if not isinstance(doc, dict) or doc.get("schema") != SCHEMA or not isinstance(doc.get("files"), dict):
+            raise ValueError("not an agent code manifest")
+        Keyring(operators=read_operators(operators)).verify(doc, OPERATOR)
+    except (OSError, ValueError, EdgeKitError) as exc:
+        raise CodeTampered(f"{folder / MANIFEST}: {getattr(exc, 'strerror', None) or exc}; the agent code cannot be "
+                           "trusted: run `edgekit deploy` to reinstall it") from None
+    diff = differences(doc["files"], tree(folder))
+    if diff:
+        more = f" and {len(diff) - 3} more" if len(diff) > 3 else ""
+        raise CodeTampered(f"{folder}: agent code differs from what the operator signed ({', '.join(diff[:3])}{more}); "
+                           "not started: run `edgekit deploy` to reinstall it")
+    return doc
+
+
+if __name__ == "__main__":  # the deploy's check, sent from the host: print the tree of <root>/agent
+    root = os.path.expanduser(sys.argv[1])
+    folder = os.path.join(root, "agent")
+    manifest = None
+    try:
+        with open(os.path.join(folder, MANIFEST), "rb") as f:
+            manifest = f.read().decode("utf-8", "replace")
+    except OSError:
+        pass
+    print(json.dumps({"files": tree(folder) if os.path.isdir(folder) else None, "manifest": manifest}))

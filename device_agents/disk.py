@@ -1,0 +1,109 @@
+"""A full disk is a state the agent reports, not a crash.
+
+The agent keeps a small reserve file (``<root>/.reserve``, ``store.reserve_mb``) while the disk has
+room. When a write fails for lack of space (``ENOSPC``, ``EDQUOT`` or SQLite's "database or disk is
+full"), the reserve is deleted so the answer saying so can still be written to the spool and sent;
+and while the free space under the root is below ``store.min_free_mb`` the agent refuses every
+command that would write a model or switch ``current``, with an ack that says how much to free.
+When space returns, the reserve is put back and the agent works as before. Telemetry and the
+retained status carry the figures (``disk``), which the monitor alerts on.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from device_agents.errors import DiskFull
+
+log = logging.getLogger("edgekit.agent")
+RESERVE = ".reserve"
+_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_out_of_space(exc: BaseException) -> bool:
+    """Return True when ``exc`` (or what it wraps) says the filesystem has no room left."""
+    while exc is not None:
+        if isinstance(exc, DiskFull):
+            return True
+        if isinstance(exc, OSError) and exc.errno in _SPACE_ERRNOS:
+            return True
+        if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return False
+
+
+class Disk:
+    """The filesystem under the agent's root: free space, the reserve, and the full/not-full state."""
+
+    def __init__(self, root: Path, *, reserve_bytes: int = 1 << 20, min_free_bytes: int = 4 << 20):
+        self.root = Path(root)
+        self.reserve = self.root / RESERVE
+        self.reserve_bytes = reserve_bytes
+        self.min_free_bytes = min_free_bytes
+        self.full = False  # a write failed for lack of space, and the space has not come back since
+
+    def usage(self) -> dict[str, Any]:
+        """Return ``{"free_bytes", "total_bytes", "full", "reserve_bytes", "min_free_bytes"}`` measured now
+        (``os.statvfs`` through :func:`shutil.disk_usage`; ``full`` as last observed)."""
+        u = shutil.disk_usage(self.root)
+        return {"free_bytes": u.free, "total_bytes": u.total, "full": self.full,
+                "reserve_bytes": self.reserve.stat().st_size if self.reserve.exists() else 0,
+                "min_free_bytes": self.min_free_bytes}
+
+    def release(self) -> None:
+        """Delete the reserve (a write just failed for lack of space) and remember the disk is full."""
+        if not self.full:
+            log.error("disk full under %s (%d bytes free): refusing installs and activations until space returns",
+                      self.root, shutil.disk_usage(self.root).free)
+        self.full = True
+        self.reserve.unlink(missing_ok=True)
+
+    def refresh(self) -> None:
+        """Put the reserve back when there is room for it above the floor, and clear ``full`` once the
+        reserve is in place and the free space is above the floor.
+
+        Never raises: a reserve that cannot be written leaves the state as it was.
+        """
+        was = self.full
+        if (self.reserve.stat().st_size if self.reserve.exists() else 0) < self.reserve_bytes:
+            free = shutil.disk_usage(self.root).free
+            if free < self.reserve_bytes + self.min_free_bytes:
+                self.full = self.full or free < self.min_free_bytes
+                return
+            tmp = self.reserve.with_name(RESERVE + ".tmp")
+            try:
+                with open(tmp, "wb") as f:  # written, not sparse: the blocks are really held
+                    for at in range(0, self.reserve_bytes, 1 << 16):
+                        f.write(bytes(min(1 << 16, self.reserve_bytes - at)))
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.reserve)
+            except OSError:
+                tmp.unlink(missing_ok=True)
+                return
+        self.full = shutil.disk_usage(self.root).free < self.min_free_bytes
+        if was and not self.full:
+            log.info("disk space is back under %s: installs and activations allowed again", self.root)
+
+    def check(self, what: str, needs: int = 0) -> None:
+        """Refuse ``what`` while the disk is full or would be with ``needs`` more bytes.
+
+        Raises:
+            DiskFull: the text names the free space, the floor and what to free.
+        """
+        free = shutil.disk_usage(self.root).free
+        if self.full or free - needs < self.min_free_bytes:
+            self.full = self.full or free < self.min_free_bytes
+            raise DiskFull(f"disk full: {what} refused; {_mb(free)} free under {self.root}, needs "
+                           f"{_mb(needs + self.min_free_bytes)} (store.min_free_mb {_mb(self.min_free_bytes)} "
+                           f"+ {_mb(needs)}); free space on the device or lower store.max_store_mb")
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
