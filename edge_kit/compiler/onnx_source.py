@@ -289,7 +289,8 @@ def convert(path: Path, data: bytes, inputs: dict[str, tuple[int, ...]], outputs
         every input and output in the ONNX shape; the names of the outputs transposed back).
 
     Raises:
-        InputError: onnx2tf is not installed, or cannot convert an op (the message names it).
+        InputError: onnx2tf is not installed, cannot convert an op (the message names it), or made
+            TensorFlow ops LiteRT does not run (named).
         CompileError: onnx2tf ran past its timeout, or its output lacks an input or output, or has
             one in a layout that is not the ONNX one nor its channels-last form.
     """
@@ -324,13 +325,27 @@ def convert(path: Path, data: bytes, inputs: dict[str, tuple[int, ...]], outputs
 
 
 def _check_inputs(path: Path, tflite: bytes, inputs: dict[str, tuple[int, ...]]) -> None:
-    """Raise CompileError unless every input of ``tflite`` has its ONNX name and batch-1 ONNX shape."""
+    """Check that LiteRT loads ``tflite`` and every input has its ONNX name and batch-1 ONNX shape.
+
+    Raises:
+        InputError: LiteRT cannot load it (onnx2tf fell back to TensorFlow "Flex" ops, which are named).
+        CompileError: an input lost its name or its ONNX shape.
+    """
     from device_agents.inference import ports
     from device_agents.runtimes import get_runtime
+    from edge_kit.compiler.analysis import _table
     from edge_kit.compiler.tf_quiet import runtime_banner_dropped
 
-    with runtime_banner_dropped():
-        got = {p.name: p.shape for p in ports(get_runtime("litert").interpreter(tflite))[0]}
+    try:
+        with runtime_banner_dropped():
+            got = {p.name: p.shape for p in ports(get_runtime("litert").interpreter(tflite))[0]}
+    except (RuntimeError, ValueError) as exc:
+        custom = sorted({op.name for op in _table(tflite)[0] if op.name.startswith("Flex")})
+        if custom:
+            raise InputError(f"{path}: {CONVERTER} converted some ops to TensorFlow ops that LiteRT does not run on "
+                             f"devices ({', '.join(custom)}); replace the ONNX op(s) behind them in the exported model "
+                             "and compile again") from None
+        raise InputError(f"{path}: the converted model does not load in LiteRT ({_first_line(exc)})") from None
     want = {name: (1, *shape) for name, shape in inputs.items()}
     if got != want:
         raise CompileError(f"{path}: {CONVERTER} changed the inputs to {got} (the ONNX model has {want}); "

