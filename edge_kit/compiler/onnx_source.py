@@ -87,8 +87,8 @@ def load_onnx(path: Path, pinned: dict[str, tuple[int, ...]]) -> tuple[bytes, di
 
     Raises:
         InputError: not an ONNX model (or truncated), a model ONNX Runtime cannot open, a
-            non-float32 input, an input with a dynamic dimension besides the batch, or a pin that
-            names no input or does not fit the declared shape.
+            non-float32 input, a batch fixed above 1, an input with a dynamic dimension besides
+            the batch, or a pin that names no input or does not fit the declared shape.
     """
     onnx = _onnx()
     data = Path(path).read_bytes()
@@ -122,6 +122,9 @@ def load_onnx(path: Path, pinned: dict[str, tuple[int, ...]]) -> tuple[bytes, di
                              "the model with float32 inputs (cast inside the model)")
         dims = _dims(value)
         declared = tuple(-1 if d is None else d for d in dims)
+        if dims and dims[0] is not None and dims[0] != 1:
+            raise InputError(f"{path}: input '{value.name}' has a fixed batch of {dims[0]} {declared}; devices run one "
+                             "sample at a time: export the model with batch 1 or a dynamic batch")
         if value.name in pinned:
             given = pinned[value.name]
             if len(given) != len(dims) - 1 or any(d is not None and d != g for d, g in zip(dims[1:], given)):

@@ -364,3 +364,10 @@ def test_load_errors_are_input_errors(tmp_path):
         load_source(model, {"images": (3, 16, 16)})
     with pytest.raises(InputError, match=r"does not fit the declared shape \(-1, 3, 16, 16\) of input 'image'"):
         load_source(model, {"image": (3, 32, 32)})
+    import onnx
+
+    fixed = onnx.load(model)
+    fixed.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 4
+    onnx.save(fixed, tmp_path / "batch4.onnx")
+    with pytest.raises(InputError, match=r"input 'image' has a fixed batch of 4 .*export the model with batch 1"):
+        load_source(tmp_path / "batch4.onnx")
