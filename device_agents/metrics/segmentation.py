@@ -3,7 +3,8 @@
 Labels: ``y.mask`` int ``[samples, H, W]``, one class per pixel; 255 (or any negative value) marks
 pixels to ignore. Scored output: ``output=NAME`` or the first output of rank 3 or 4 per sample
 (``[h, w, C]`` class scores, argmax per pixel; a single channel is a foreground probability,
-thresholded at 0.5). Predictions of another size than the mask are resized to it by nearest
+thresholded at 0.5, whether it comes channels-last ``[h, w, 1]`` or, as from an ONNX model,
+channels-first ``[1, h, w]``). Predictions of another size than the mask are resized to it by nearest
 neighbour. mIoU averages over the classes present in the labels or the predictions.
 """
 
@@ -35,6 +36,8 @@ class Segmentation(Task):
         out = pick_output(outputs, self.key, self.options, lambda o: o.ndim in (3, 4))
         if out.ndim == 3:
             out = out[..., None]
+        elif out.shape[1] == 1 and out.shape[-1] != 1:  # one channel, channels-first (ONNX's NCHW)
+            out = np.moveaxis(out, 1, -1)
         pred = (out[..., 0] > 0.5).astype(np.int64) if out.shape[-1] == 1 else np.argmax(out, axis=-1)
         mask = np.asarray(labels["mask"]).astype(np.int64)
         pred = _nearest(pred, mask.shape[1], mask.shape[2]) if pred.shape[1:] != mask.shape[1:] else pred

@@ -78,6 +78,11 @@ def _compile_report(manifest: Any) -> tuple[Table, list[str]]:
         for warning in a.warnings:
             footnote(f"[yellow]{warning}[/]")
     notes = [f"    profile {name} ({p['accelerator']}): {', '.join(p['variants'])}" for name, p in manifest.profiles.items()]
+    conv = manifest.model.get("conversion")
+    if conv:
+        notes.append(f"    ONNX source: {conv['converter']} {conv['converter_version']} made fp32; worst output "
+                     f"{conv['snr_db']:.1f} dB from {conv['reference']} {conv['reference_version']} (max abs error "
+                     f"{conv['max_abs_error']:.3g}) on {conv['inputs']}")
     notes.append(f"    × = ratio to fp32; sizes, sparsity and MACs counted from each file; {metric} (on --eval) and SNR against fp32 "
                  "(worst output) "
                  f"measured on this host with LiteRT {manifest.versions.get('ai_edge_litert')}; accel ops = ops "
@@ -87,7 +92,7 @@ def _compile_report(manifest: Any) -> tuple[Table, list[str]]:
 
 @app.command("compile")
 def compile_cmd(
-    model: Annotated[Path, typer.Argument(help="Keras .keras/.h5 file, SavedModel folder, or .tflite file.")],
+    model: Annotated[Path, typer.Argument(help="Keras .keras/.h5 file, SavedModel folder, .tflite or .onnx file.")],
     profile: Annotated[list[str], typer.Option("--profile", "-p", help="Bundled profile name or profile YAML path; repeat for several.")],
     calib: Annotated[Optional[Path], typer.Option(help=".npz with x (or x.<input> per input): real inputs for int8 calibration.")] = None,
     eval: Annotated[Optional[Path], typer.Option("--eval", help=".npz with inputs and labels (y / y.<key>, per --task): accuracy and fidelity.")] = None,
@@ -98,7 +103,7 @@ def compile_cmd(
     task_option: Annotated[list[str], typer.Option("--task-option", help="KEY=VALUE for the task metric, e.g. output=scores or alpha=0.05; repeatable.")] = [],
     metric: Annotated[Optional[str], typer.Option(help="module.py:function scoring outputs against labels itself (shipped to devices).")] = None,
     decode: Annotated[Optional[str], typer.Option(help="module.py:function turning detection outputs into boxes, scores, classes.")] = None,
-    input_shape: Annotated[list[str], typer.Option("--input-shape", help="NAME=1xHxWxC pins an input's dynamic dimensions; repeatable.")] = [],
+    input_shape: Annotated[list[str], typer.Option("--input-shape", help="NAME=1xHxWxC pins an input's dynamic dimensions (ONNX: its own layout, e.g. 1x3x224x224); repeatable.")] = [],
     as_json: JsonOpt = False,
 ) -> None:
     """Build every variant the profiles ask for (each once), measure it, and write manifest.json."""

@@ -92,7 +92,7 @@ def quantize_tflite(data: bytes, precision: str, calib: dict[str, np.ndarray] | 
         CompileError: ai-edge-quantizer is not installed, int8 without calibration data, or the
             quantizer failed.
     """
-    from edge_kit.compiler.tflite_edit import signature_key
+    from edge_kit.compiler.tflite_edit import repoint_signature, signature_key
 
     try:
         from ai_edge_quantizer import (
@@ -118,10 +118,10 @@ def quantize_tflite(data: bytes, precision: str, calib: dict[str, np.ndarray] | 
                 manager.add_weight_only_config(regex=".*", operation_name=qtyping.TFLOperationName.ALL_SUPPORTED,
                                                num_bits=16, algorithm_key=recipe_manager.AlgorithmName.FLOAT_CASTING)
                 qt.load_quantization_recipe(manager.get_quantization_recipe())
-                return bytes(qt.quantize().quantized_model)
+                return repoint_signature(bytes(qt.quantize().quantized_model))
             if precision == "dynamic-int8":
                 qt.load_quantization_recipe(recipe.dynamic_wi8_afp32())
-                return bytes(qt.quantize().quantized_model)
+                return repoint_signature(bytes(qt.quantize().quantized_model))
             if precision != "int8":
                 raise CompileError(f"variant {variant}: unknown precision '{precision}'")
             static = recipe.static_wi8_ai8()
@@ -135,7 +135,7 @@ def quantize_tflite(data: bytes, precision: str, calib: dict[str, np.ndarray] | 
             manager.load_quantization_recipe(static)
             cal = calibrator.Calibrator(fp32, num_threads=1, qsv_update_func=qsv_utils.min_max_update)
             cal.calibrate({signature_key(fp32): samples}, manager)
-            return bytes(qt.quantize(cal.get_model_qsvs()).quantized_model)
+            return repoint_signature(bytes(qt.quantize(cal.get_model_qsvs()).quantized_model))  # see repoint_signature
     except CompileError:
         raise
     except Exception as exc:  # noqa: BLE001 - the quantizer raises many types; report the first line

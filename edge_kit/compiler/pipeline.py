@@ -35,6 +35,7 @@ from edge_kit.compiler.convert import (
     to_tflite,
 )
 from edge_kit.compiler.data import Dataset, load_dataset, noise_warning
+from edge_kit.compiler.onnx_source import CONVERTER
 from edge_kit.compiler.sources import (
     Graph,
     Source,
@@ -92,7 +93,7 @@ def _wanted(profiles: list[Profile]) -> dict[str, list[str]]:
 
 def plan_steps(req: CompileRequest) -> int:
     """Return how many progress steps :func:`compile_model` reports (for a progress bar's total)."""
-    return 2 * len(build_order(list(_wanted(req.profiles)))) + 2
+    return 2 * len(build_order(list(_wanted(req.profiles)))) + 2 + (Path(req.model).suffix.lower() == ".onnx")
 
 
 def _versions() -> dict[str, str | None]:
@@ -126,9 +127,9 @@ FLOAT_SOURCE_VARIANTS = ("fp32", "fp16", "dynamic-int8", "int8")  # what ai-edge
 def _refusal(spec: VariantSpec, source: Source, calib: Dataset | None) -> str | None:
     """Return why ``spec`` cannot be built from this source and data, or None."""
     if spec.pruning and source.kind != "keras":
-        return (f"pruning needs the Keras model (.keras or .h5): a {source.kind} source has no editable layers; "
+        return (f"pruning needs the Keras model (.keras or .h5): {'an' if source.kind == 'onnx' else 'a'} {source.kind} source has no editable layers; "
                 "every other variant can be built from it")
-    if source.kind == "tflite":
+    if source.kind in ("tflite", "onnx"):  # an ONNX source is its float32 .tflite conversion from here on
         own = PRECISION_TO_VARIANT[source.tflite_precision or "float32"]
         made = set(FLOAT_SOURCE_VARIANTS) if own in ("fp32", "fp16") else {own}
         made |= {t.compiled_variant for t in TARGETS.values()
@@ -149,7 +150,7 @@ def _prepared(source: Source) -> Graph | bytes:
     Raises:
         CompileError: the flatbuffer could not be rewritten.
     """
-    if source.kind != "tflite":
+    if source.kind not in ("tflite", "onnx"):
         return source_graph(source)
     try:
         return as_float32(source.tflite or b"")[0]
@@ -177,7 +178,9 @@ def _build(plan: _Plan, source: Source, graph: Callable[[], Graph | bytes], req:
             raise CompileError(f"{spec.id}: {exc}") from None
         plan.extra["compiler_mapping"] = mapping
         return data, f"{mapping['method']} from {spec.base}"
-    if source.kind == "tflite":
+    if source.kind in ("tflite", "onnx"):
+        if source.kind == "onnx" and spec.id == "fp32":
+            return source.tflite or b"", f"{CONVERTER} float32 conversion of the ONNX model (inputs in the ONNX layout)"
         if PRECISION_TO_VARIANT[source.tflite_precision or "float32"] == spec.id:
             return source.tflite or b"", "source .tflite as is"
         how = {"float32": "float16 weights stored as float32, standalone RELUs folded into the ops before them",
@@ -235,6 +238,73 @@ def _evaluate(plan: _Plan, outputs: dict[str, np.ndarray] | None, evalset: Datas
     return accuracy, fidelity
 
 
+def _onnx_versions() -> dict[str, str | None]:
+    from edge_kit.compiler.onnx_source import version
+
+    return {"onnx": version("onnx"), "onnx2tf": version("onnx2tf"), "onnxruntime": version("onnxruntime")}
+
+
+def _convert_onnx(source: Source, data: Dataset | None, profiles: list[Profile],
+                  outputs_of: Callable[[bytes, dict[str, np.ndarray]], dict[str, np.ndarray]], litert: str) -> list[str]:
+    """Convert an ONNX source to float32 once and measure the conversion against ONNX Runtime.
+
+    Sets ``source.tflite`` (every variant is made from it) and ``source.conversion`` (the manifest's
+    ``model.conversion``). The inputs are the first :data:`~edge_kit.compiler.onnx_source.FIDELITY_SAMPLES`
+    of ``data`` (``--eval``, else ``--calib``), or a few uniform [0, 1) samples when there is none.
+
+    Returns:
+        The warnings (printed and recorded on the fp32 artifact): one when the worst output is below
+        the conversion floor, the highest of :data:`~edge_kit.compiler.onnx_source.CONVERSION_WARN_SNR_DB`
+        and the profiles' ``min_fidelity_snr_db``.
+
+    Raises:
+        InputError: onnx2tf cannot convert the model (names the op), or the conversion is
+            catastrophic: an output below :data:`~edge_kit.compiler.onnx_source.CONVERSION_REFUSE_SNR_DB`
+            (the error outweighs the signal); nothing is written.
+        CompileError: the converter timed out or lost an input or output.
+    """
+    from edge_kit.compiler import onnx_source as ox
+
+    started = time.perf_counter()
+    source.tflite, transposed = ox.convert(source.path, source.onnx or b"", source.inputs, source.outputs)
+    source.tflite_precision = "float32"
+    seconds = time.perf_counter() - started
+    if data is not None:
+        xs = {name: x[: ox.FIDELITY_SAMPLES] for name, x in data.x.items()}
+        where = f"{data.path.name} (first {len(next(iter(xs.values())))} samples)"
+    else:
+        rng = np.random.default_rng(0)
+        xs = {name: rng.uniform(0, 1, (ox.RANDOM_SAMPLES, *shape)).astype(np.float32) for name, shape in source.inputs.items()}
+        where = f"{ox.RANDOM_SAMPLES} uniform [0, 1) samples (no --eval or --calib given)"
+    fid = ox.conversion_fidelity(source.path, source.onnx or b"", source.tflite, xs, outputs_of)
+    floor = max([ox.CONVERSION_WARN_SNR_DB, *(p.constraints.min_fidelity_snr_db for p in profiles
+                                               if p.constraints.min_fidelity_snr_db is not None)])
+    ort = ox.version("onnxruntime")
+    source.conversion = {
+        "converter": ox.CONVERTER, "converter_version": ox.version("onnx2tf"),
+        "options": "-kat (every input keeps its ONNX layout) -coion -osd; float32 only, no quantization by the converter",
+        "reference": "onnxruntime", "reference_version": ort, "reference_provider": "CPUExecutionProvider",
+        "inputs": where, "samples": len(next(iter(xs.values()))),
+        **{k: fid[k] for k in ("snr_db", "cosine", "max_abs_error", "mean_abs_error") if k in fid},
+        "outputs": fid["outputs"], "outputs_transposed_back": transposed, "warn_below_snr_db": floor, "refuse_below_snr_db": ox.CONVERSION_REFUSE_SNR_DB,
+        "seconds": round(seconds, 3),
+        "method": (f"ONNX Runtime {ort} (CPUExecutionProvider) on the ONNX file and LiteRT {litert} on the converted "
+                   "float32 .tflite, same inputs one sample at a time; per output SNR dB, cosine, max/mean abs error"),
+    }
+    worst, figures = min(fid["outputs"].items(), key=lambda kv: kv[1]["snr_db"])
+    said = (f"output '{worst}' of the {ox.CONVERTER} conversion is {figures['snr_db']:.1f} dB from ONNX Runtime "
+            f"(cosine {figures['cosine']:.3f}, max abs error {figures['max_abs_error']:.3g}) on {where}")
+    if figures["snr_db"] < ox.CONVERSION_REFUSE_SNR_DB:
+        raise InputError(f"{source.path}: {said}: the converted model computes something else, so no variant is built; "
+                         "check the output in ONNX Runtime and report it to onnx2tf, or export the model another way")
+    if figures["snr_db"] < floor:
+        warning = (f"conversion: {said}, below {floor:g} dB: the converted model may compute something else and every "
+                   "variant is made from it; see model.conversion in the manifest")
+        warnings.warn(warning, stacklevel=3)
+        return [warning]
+    return []
+
+
 def _fidelity_warnings(artifact: Artifact, profiles: list[Profile]) -> list[str]:
     """Return a warning per profile whose ``min_fidelity_snr_db`` this artifact's worst output misses."""
     fid = artifact.fidelity
@@ -256,7 +326,8 @@ def compile_model(req: CompileRequest, progress: Progress | None = None) -> Mani
         built are recorded with ``status`` ``not-built`` (and why) or ``failed`` (and the error).
 
     Raises:
-        InputError: the model, a data file or the output folder is unusable (nothing is written).
+        InputError: the model, a data file or the output folder is unusable, an ONNX model does not convert
+            or converts to something else (SNR below 0 dB against ONNX Runtime); nothing is written.
         MetricError: unknown task, labels in the wrong format for it, or a user metric that does not load.
         CompileError: writing the result failed (the previous result, if any, is left intact).
     """
@@ -280,6 +351,19 @@ def compile_model(req: CompileRequest, progress: Progress | None = None) -> Mani
     calib_noise = noise_warning(calib) if calib is not None else None
     if calib_noise:
         warnings.warn(calib_noise, stacklevel=2)
+
+    runtime = get_runtime("litert")
+    method = f"measured on host with LiteRT {runtime.version()} interpreter (XNNPACK, {req.threads} thread(s))"
+
+    def outputs_of(data: bytes, xs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with runtime_banner_dropped():  # LiteRT's "INFO: Created ... XNNPACK delegate" line, nothing else
+            interp = runtime.interpreter(data, threads=req.threads)
+        return ModelRunner(interp).predict(xs)
+
+    conversion_warnings: list[str] = []
+    if source.kind == "onnx":
+        step("converting ONNX")
+        conversion_warnings = _convert_onnx(source, evalset or calib, req.profiles, outputs_of, runtime.version())
     _check_out_dir(out)
 
     wanted = _wanted(req.profiles)
@@ -289,14 +373,6 @@ def compile_model(req: CompileRequest, progress: Progress | None = None) -> Mani
     # the targets whose op support each variant is checked against: those of the profiles that want it
     targets_of = {v: sorted({t.key for p in req.profiles if v in p.variants for t in TARGETS.values()
                              if t.accelerator == p.hardware.accelerator != "none"}) for v in plans}
-
-    runtime = get_runtime("litert")
-    method = f"measured on host with LiteRT {runtime.version()} interpreter (XNNPACK, {req.threads} thread(s))"
-
-    def outputs_of(data: bytes, xs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        with runtime_banner_dropped():  # LiteRT's "INFO: Created ... XNNPACK delegate" line, nothing else
-            interp = runtime.interpreter(data, threads=req.threads)
-        return ModelRunner(interp).predict(xs)
 
     graph = functools.cache(lambda: _prepared(source))  # made once, shared by every precision
     built: dict[str, _Plan] = {}
@@ -345,7 +421,7 @@ def compile_model(req: CompileRequest, progress: Progress | None = None) -> Mani
             accelerators=support, accuracy=accuracy, fidelity=fidelity, fine_tuned=plan.extra.get("fine_tuned"),
             build_seconds=round(plan.extra["seconds"], 3), **{**common, "precision": stats.precision},
         )
-        plan.artifact.warnings = _fidelity_warnings(plan.artifact, req.profiles)
+        plan.artifact.warnings = (conversion_warnings if spec.id == "fp32" else []) + _fidelity_warnings(plan.artifact, req.profiles)
         for warning in plan.artifact.warnings:
             warnings.warn(warning, stacklevel=2)
 
@@ -358,7 +434,7 @@ def compile_model(req: CompileRequest, progress: Progress | None = None) -> Mani
               "metric": scorer.task.headline if scorer.task is not None and scorer.user is None else None,
               "reference": "fp32" if reference is not None else None} if evalset else None,
         train=train.record() if train else None,
-        versions=_versions(),
+        versions={**_versions(), **(_onnx_versions() if source.kind == "onnx" else {})},
         profiles={p.name: {"description": p.description, "accelerator": p.hardware.accelerator,
                            "variants": list(p.variants)} for p in req.profiles},
         artifacts=[p.artifact for p in plans.values() if p.artifact is not None],

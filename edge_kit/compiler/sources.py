@@ -1,8 +1,9 @@
-"""Load the model a user compiles: Keras (``.keras``, ``.h5``), a SavedModel folder, or a ``.tflite``.
+"""Load the model a user compiles: Keras (``.keras``, ``.h5``), a SavedModel folder, a ``.tflite`` or an ``.onnx``.
 
 Any number of named inputs and outputs: Keras by its input and output names, a SavedModel by its
 ``serving_default`` signature's argument and output names, a ``.tflite`` as
-:mod:`device_agents.inference` names them (signature, else tensor names). Every variant is
+:mod:`device_agents.inference` names them (signature, else tensor names), an ONNX model by its
+graph's input and output names (converted once by :mod:`edge_kit.compiler.onnx_source`). Every variant is
 exported with a batch of one (the shape devices run) and keeps those names. Dimensions other than
 the batch must be static: a dynamic one is pinned with ``--input-shape NAME=1x320x320x3``, or the
 load fails naming the input.
@@ -18,7 +19,7 @@ from edge_kit.compiler.tf_quiet import captured_output, tensorflow
 from edge_kit.errors import InputError
 from edge_kit.fsutil import sha256_file
 
-SourceKind = Literal["keras", "savedmodel", "tflite"]
+SourceKind = Literal["keras", "savedmodel", "tflite", "onnx"]
 Shapes = dict[str, tuple[int, ...]]  # input name -> shape of one sample (no batch axis)
 
 
@@ -43,11 +44,16 @@ class Source:
     saved_model: Any = None
     tflite: bytes | None = None
     tflite_precision: str | None = None
+    onnx: bytes | None = None  # an ONNX source's file; ``tflite`` is its float32 conversion once converted
+    conversion: dict[str, Any] | None = None  # an ONNX source's conversion: converter, reference, fidelity
 
     def record(self) -> dict[str, Any]:
-        """Return the manifest entry for the source model."""
-        return {"name": self.name, "path": str(self.path), "format": self.kind, "sha256": self.sha256,
-                "inputs": {k: list(v) for k, v in self.inputs.items()}, "outputs": list(self.outputs)}
+        """Return the manifest entry for the source model (with ``conversion`` for an ONNX source)."""
+        entry = {"name": self.name, "path": str(self.path), "format": self.kind, "sha256": self.sha256,
+                 "inputs": {k: list(v) for k, v in self.inputs.items()}, "outputs": list(self.outputs)}
+        if self.conversion is not None:
+            entry["conversion"] = self.conversion
+        return entry
 
 
 def parse_input_shapes(specs: list[str]) -> dict[str, tuple[int, ...]]:
@@ -163,7 +169,12 @@ def load_source(path: Path, input_shapes: dict[str, tuple[int, ...]] | None = No
         return _load_tflite(path, name, digest, pinned)
     if suffix in (".keras", ".h5", ".hdf5"):
         return _load_keras(path, name, digest, pinned)
-    raise InputError(f"{path}: unknown model format '{suffix}'; give a .keras, .h5, .tflite file or a SavedModel folder")
+    if suffix == ".onnx":
+        from edge_kit.compiler.onnx_source import load_onnx
+
+        data, inputs, outputs = load_onnx(path, pinned)
+        return Source(path, "onnx", digest, name, inputs, outputs, onnx=data)
+    raise InputError(f"{path}: unknown model format '{suffix}'; give a .keras, .h5, .tflite, .onnx file or a SavedModel folder")
 
 
 def _load_keras(path: Path, name: str, digest: str, pinned: dict[str, tuple[int, ...]]) -> Source:

@@ -112,6 +112,12 @@ def test_segmentation_miou_and_pixel_accuracy():
     assert got["figures"]["miou"] == pytest.approx((4 / 5 + 2 / 3) / 2) and got["figures"]["pixel_accuracy"] == pytest.approx(6 / 7)
     one_channel = {"prob": np.array([[[[0.9], [0.1]]]])}  # single-channel probability, thresholded at 0.5
     assert MetricSpec.build("segmentation").scorer().score(one_channel, {"mask": np.array([[[1, 0]]])})["value"] == 1.0
+    # the same probability map channels-first, as an ONNX model's [N, 1, H, W] output comes
+    nchw = {"prob": np.array([[[[0.9, 0.1], [0.2, 0.7]]]])}
+    got = MetricSpec.build("segmentation").scorer().score(nchw, {"mask": np.array([[[1, 0], [0, 1]]])})
+    assert got["value"] == 1.0
+    got = MetricSpec.build("segmentation").scorer().score(nchw, {"mask": np.array([[[1, 0], [1, 1]]])})
+    assert got["figures"]["pixel_accuracy"] == pytest.approx(3 / 4)
 
 
 def test_keypoints_pck_and_mean_error():

@@ -1,0 +1,389 @@
+"""ONNX sources: pin the shapes, convert once to a float32 ``.tflite`` with onnx2tf, and measure the conversion.
+
+Every LiteRT variant of an ONNX model is made from one float32 ``.tflite`` (then the float
+``.tflite`` route of :mod:`edge_kit.compiler.pipeline`: ai-edge-quantizer makes fp16, dynamic-int8
+and int8, ``edgetpu_compiler`` the Edge TPU model). The steps, each checked:
+
+1. :func:`load_onnx` reads the file with ``onnx``, checks it, opens it with ONNX Runtime (which
+   proves it runs), and takes its named float inputs; the batch is pinned to 1, any other dynamic
+   dimension must be pinned with ``--input-shape NAME=1x3x224x224`` (the ONNX layout).
+2. :func:`convert` writes those shapes into the graph (onnx's shape API, shape inference, onnxsim),
+   gives node names TensorFlow accepts (Paddle exports use ``@``), the inputs and outputs
+   placeholder names, and ``Constant`` nodes the form of initializers, then runs onnx2tf in a child
+   process (its own working folder, a timeout, its output captured) with every input kept in its
+   ONNX layout (``-kat``): the data files that feed ONNX Runtime feed the ``.tflite`` unchanged.
+   The ``.tflite`` gets the ONNX input and output names back in its signature, and an output
+   onnx2tf laid out channels-last a TRANSPOSE back to the ONNX shape. onnx2tf never quantizes here,
+   and the sample images it would download for 3-channel NHWC inputs are written into its working
+   folder first (no network).
+3. :func:`conversion_fidelity` runs the ONNX model with ONNX Runtime (CPUExecutionProvider) and the
+   ``.tflite`` with the LiteRT interpreter the devices use on the same inputs, one sample at a
+   time, and returns per-output SNR, cosine and errors (:func:`device_agents.inference.fidelity`).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_kit.errors import CompileError, InputError
+
+CONVERTER = "onnx2tf"
+CONVERT_TIMEOUT_S = 1800  # a large detector takes minutes on two cores; a hung converter must not block forever
+CONVERSION_WARN_SNR_DB = 40.0  # a float32 conversion that computes the same thing measures 60-140 dB
+CONVERSION_REFUSE_SNR_DB = 0.0  # error energy above the signal's: the converted model computes something else
+FIDELITY_SAMPLES = 64  # inputs the conversion is checked on (the first of --eval, else --calib)
+RANDOM_SAMPLES = 4  # without --eval or --calib: this many uniform [0, 1) inputs, said so in the manifest
+_SAFE_NODE = re.compile(r"[^A-Za-z0-9_./-]")  # TensorFlow refuses '@', ':' and the like in op names
+# onnx2tf reads this file from its working folder for 3-channel NHWC inputs, else downloads it
+_ONNX2TF_SAMPLES = "calibration_image_sample_data_20x128x128x3_float32.npy"
+
+
+def version(package: str) -> str | None:
+    """Return the installed version of ``package``, or None when it is not installed."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _onnx() -> Any:
+    try:
+        import onnx
+    except ImportError:
+        raise InputError("ONNX sources need the onnx package: pip install 'edge-kit[onnx]' (see docs/compile.md)") from None
+    return onnx
+
+
+def _session(data: bytes) -> Any:
+    """Return an ONNX Runtime CPU session on the model bytes. Raises ImportError, or ORT's error."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = 1
+    return ort.InferenceSession(data, sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def _dims(value_info: Any) -> list[int | None]:
+    """Return the declared dimensions of a graph input or output, None where dynamic."""
+    shape = value_info.type.tensor_type.shape
+    return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in shape.dim]
+
+
+def load_onnx(path: Path, pinned: dict[str, tuple[int, ...]]) -> tuple[bytes, dict[str, tuple[int, ...]], list[str]]:
+    """Read and check an ONNX model; ``pinned`` holds ``--input-shape`` sample shapes (batch dropped).
+
+    Returns:
+        (the file's bytes, {input name: shape of one sample in the ONNX layout}, output names).
+
+    Raises:
+        InputError: not an ONNX model (or truncated), a model ONNX Runtime cannot open, a
+            non-float32 input, a batch fixed above 1, an input with a dynamic dimension besides
+            the batch, or a pin that names no input or does not fit the declared shape.
+    """
+    onnx = _onnx()
+    data = Path(path).read_bytes()
+    try:
+        model = onnx.load_from_string(data)
+    except Exception as exc:  # noqa: BLE001 - protobuf raises DecodeError and friends for a bad file
+        raise InputError(f"{path}: not an ONNX model ({_first_line(exc)}); export it again (torch.onnx.export, paddle2onnx)") from None
+    if not model.graph.node or not model.opset_import:
+        raise InputError(f"{path}: not an ONNX model (no graph nodes or opset); export it again (torch.onnx.export, paddle2onnx)")
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:  # noqa: BLE001 - ValidationError, or a protobuf error on a damaged file
+        raise InputError(f"{path}: not a valid ONNX model ({_first_line(exc)})") from None
+    try:
+        _session(data)
+    except ImportError:
+        raise InputError("ONNX sources need onnxruntime: pip install 'edge-kit[onnx]' (see docs/compile.md)") from None
+    except Exception as exc:  # noqa: BLE001 - ORT raises its own Fail / InvalidGraph / NotImplemented types
+        raise InputError(f"{path}: ONNX Runtime cannot load the model ({_first_line(exc)})") from None
+    initializers = {i.name for i in model.graph.initializer}
+    graph_inputs = [i for i in model.graph.input if i.name not in initializers]
+    names = [i.name for i in graph_inputs]
+    extra = sorted(set(pinned) - set(names))
+    if extra:
+        raise InputError(f"{path}: --input-shape names '{extra[0]}', which is not an input (inputs: {', '.join(names)})")
+    inputs: dict[str, tuple[int, ...]] = {}
+    for value in graph_inputs:
+        if value.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+            kind = onnx.TensorProto.DataType.Name(value.type.tensor_type.elem_type).lower()
+            raise InputError(f"{path}: input '{value.name}' is {kind}; edge-kit feeds float32 data files, so export "
+                             "the model with float32 inputs (cast inside the model)")
+        dims = _dims(value)
+        declared = tuple(-1 if d is None else d for d in dims)
+        if dims and dims[0] is not None and dims[0] != 1:
+            raise InputError(f"{path}: input '{value.name}' has a fixed batch of {dims[0]} {declared}; devices run one "
+                             "sample at a time: export the model with batch 1 or a dynamic batch")
+        if value.name in pinned:
+            given = pinned[value.name]
+            if len(given) != len(dims) - 1 or any(d is not None and d != g for d, g in zip(dims[1:], given)):
+                raise InputError(f"{path}: --input-shape {value.name}=1x{'x'.join(map(str, given))} does not fit the "
+                                 f"declared shape {declared} of input '{value.name}'")
+            inputs[value.name] = given
+            continue
+        if not dims or any(d is None for d in dims[1:]):
+            hint = "x".join("H" if d is None else str(d) for d in dims[1:]) or "C"
+            raise InputError(f"{path}: input '{value.name}' has shape {declared} with a dynamic dimension besides the batch; "
+                             f"pin it with --input-shape {value.name}=1x{hint} (the ONNX layout, e.g. NCHW)")
+        inputs[value.name] = tuple(int(d) for d in dims[1:])  # type: ignore[arg-type]
+    return data, inputs, [o.name for o in model.graph.output]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
+
+
+def _rename(graph: Any, old: str, new: str) -> None:
+    for node in graph.node:
+        node.input[:] = [new if n == old else n for n in node.input]
+        node.output[:] = [new if n == old else n for n in node.output]
+    for value in [*graph.input, *graph.output]:
+        if value.name == old:
+            value.name = new
+
+
+def prepared_model(data: bytes, inputs: dict[str, tuple[int, ...]]
+                   ) -> tuple[bytes, dict[str, str], dict[str, str], dict[str, tuple[int, ...]]]:
+    """Return the model ready for onnx2tf, {placeholder: ONNX name} for its inputs and for its outputs,
+    and {ONNX output name: shape} as shape inference gives it for the pinned inputs (0 where unknown).
+
+    Inputs get their batch-1 shapes written into the graph, outputs lose their declared dimensions
+    (shape inference and onnxsim fill them in again from the pinned inputs), node names get only
+    characters TensorFlow accepts, inputs and outputs are renamed ``input_<i>`` / ``output_<i>`` so
+    no ONNX name (``save_infer_model/scale_0.tmp_1``) is lost in conversion, and ``Constant``
+    nodes become initializers (:func:`_constants_as_initializers`).
+    """
+    onnx = _onnx()
+    from onnx import shape_inference
+
+    model = onnx.load_from_string(data)
+    graph = model.graph
+    ins, outs = {}, {}
+    for i, value in enumerate(v for v in graph.input if v.name in inputs):
+        shape = (1, *inputs[value.name])
+        dims = value.type.tensor_type.shape.dim
+        for dim, size in zip(dims, shape):
+            dim.Clear()
+            dim.dim_value = size
+        ins[f"input_{i}"] = value.name
+    for j, value in enumerate(graph.output):
+        for dim in value.type.tensor_type.shape.dim:
+            dim.Clear()
+        outs[f"output_{j}"] = value.name
+    for placeholder, name in [*ins.items(), *outs.items()]:
+        _rename(graph, name, placeholder)
+    for k, node in enumerate(graph.node):
+        node.name = _SAFE_NODE.sub("_", node.name) or f"node_{k}"
+    del graph.value_info[:]
+    try:
+        model = shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - onnx2tf infers again; a model ORT runs is still worth trying
+        pass
+    try:
+        import onnxsim
+
+        simplified, ok = onnxsim.simplify(model)
+        if ok:
+            model = simplified
+    except Exception:  # noqa: BLE001 - onnxsim is an optimisation; onnx2tf runs it again anyway
+        pass
+    _constants_as_initializers(model.graph)  # after onnxsim, which folds shape computations into Constant nodes
+    shapes = {outs[o.name]: tuple(d.dim_value for d in o.type.tensor_type.shape.dim) for o in model.graph.output}
+    return model.SerializeToString(), ins, outs, shapes
+
+
+def _constants_as_initializers(graph: Any) -> int:
+    """Turn the graph's ``Constant`` nodes into initializers; return how many.
+
+    onnx2tf 1.29 handles a ``Constant`` node's output unlike an initializer: YOLOv8's anchor points
+    (``[1, 2, 2100]``, a ``Constant`` node after onnxsim) get a channels-last layout the rest of the
+    box branch does not, and the ``.tflite`` boxes come out hundreds of pixels off (-4.8 dB against
+    ONNX Runtime); as initializers they convert to round-off (144 dB on the head alone).
+    """
+    from onnx import numpy_helper
+
+    kept, moved = [], 0
+    for node in graph.node:
+        value = None
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and len(node.attribute) == 1:
+            attr = node.attribute[0]
+            if attr.name == "value":
+                value = numpy_helper.to_array(attr.t)
+            elif attr.name in ("value_float", "value_floats"):
+                value = np.asarray(attr.f if attr.name == "value_float" else list(attr.floats), np.float32)
+            elif attr.name in ("value_int", "value_ints"):
+                value = np.asarray(attr.i if attr.name == "value_int" else list(attr.ints), np.int64)
+        if value is None:
+            kept.append(node)
+            continue
+        graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
+        moved += 1
+    del graph.node[:]
+    graph.node.extend(kept)
+    return moved
+
+
+def _sample_images(folder: Path) -> None:
+    """Write the sample images onnx2tf reads for 3-channel NHWC inputs (it would download them).
+
+    Smooth colour gradients in [0, 1], deterministic: onnx2tf only uses them to check its own
+    intermediate results, never for quantization (edge-kit does not let it quantize).
+    """
+    yy, xx = np.mgrid[0:128, 0:128].astype(np.float32) / 128.0
+    rng = np.random.default_rng(0)
+    images = np.empty((20, 128, 128, 3), np.float32)
+    for i in range(20):
+        for c in range(3):
+            fx, fy, px, py = rng.uniform(0.5, 3.0, 4)
+            images[i, :, :, c] = 0.5 + 0.25 * np.sin(6.283 * fx * xx + px) + 0.25 * np.cos(6.283 * fy * yy + py)
+    np.save(folder / _ONNX2TF_SAMPLES, images)
+
+
+def _failure(path: Path, log: str, model: bytes) -> str:
+    """Return one line saying where onnx2tf stopped (the ONNX op and its type) from its log."""
+    clean = re.sub(r"\x1b\[[0-9;]*m", "", log)
+    op = re.search(r"onnx_op_name:\s*(\S+)", clean)
+    cause = [ln.strip() for ln in clean.splitlines() if re.match(r"^\s*[A-Za-z_.]*(Error|Exception):", ln)]
+    why = cause[-1][:200] if cause else (clean.strip().splitlines() or ["no output"])[-1][:200]
+    missing = re.search(r"No module named 'onnx2tf\.ops\.(\w+)'", clean)
+    if missing:
+        kind = missing.group(1)
+        try:
+            names = [n.name for n in _onnx().load_from_string(model).graph.node if n.op_type == kind]
+        except Exception:  # noqa: BLE001 - the node name only decorates the message
+            names = []
+        where = f" (node '{names[0]}'{f' and {len(names) - 1} more' if len(names) > 1 else ''})" if names else ""
+        return (f"{path}: {CONVERTER} {version(CONVERTER)} has no conversion for op type '{kind}'{where}; replace that "
+                "op in the exported model (another opset or an equivalent op) and compile again")
+    if op:
+        kind = "?"
+        try:
+            onnx = _onnx()
+            kinds = {_SAFE_NODE.sub("_", n.name): n.op_type for n in onnx.load_from_string(model).graph.node}
+            kind = kinds.get(op.group(1), "?")
+        except Exception:  # noqa: BLE001 - the op type only decorates the message
+            pass
+        return (f"{path}: {CONVERTER} cannot convert op '{op.group(1)}' ({kind}): {why}; simplify or replace that op "
+                "in the exported model (another opset, or export without it) and compile again")
+    return f"{path}: {CONVERTER} failed: {why}"
+
+
+def convert(path: Path, data: bytes, inputs: dict[str, tuple[int, ...]], outputs: list[str]) -> tuple[bytes, list[str]]:
+    """Convert the ONNX model to a float32 ``.tflite`` with onnx2tf (see the module docstring).
+
+    onnx2tf keeps the inputs' layout (``-kat``) but may lay an output out channels-last
+    (``[1, 320, 320, 1]`` for ONNX's ``[1, 1, 320, 320]``): such an output gets a TRANSPOSE back
+    (:func:`~edge_kit.compiler.tflite_edit.restore_layouts`), so every output has the ONNX shape.
+
+    Returns:
+        (the flatbuffer, with a ``serving_default`` signature naming the ONNX inputs and outputs and
+        every input and output in the ONNX shape; the names of the outputs transposed back).
+
+    Raises:
+        InputError: onnx2tf is not installed, cannot convert an op (the message names it), or made
+            TensorFlow ops LiteRT does not run (named).
+        CompileError: onnx2tf ran past its timeout, or its output lacks an input or output, or has
+            one in a layout that is not the ONNX one nor its channels-last form.
+    """
+    from edge_kit.compiler.tflite_edit import rename_signature, restore_layouts
+
+    if version("onnx2tf") is None:
+        raise InputError(f"{path}: converting ONNX needs onnx2tf, which .ci/setup installs with --no-deps "
+                         "(pip install --no-deps onnx2tf==1.29.24 tf_keras~=2.21.0; see docs/compile.md)")
+    ready, ins, outs, out_shapes = prepared_model(data, inputs)
+    with tempfile.TemporaryDirectory(prefix="edgekit-onnx2tf-") as tmp:
+        work = Path(tmp)
+        (work / "model.onnx").write_bytes(ready)
+        _sample_images(work)
+        argv = [sys.executable, "-m", "onnx2tf", "-i", "model.onnx", "-o", "out", "-coion", "-osd", "-n",
+                "-kat", *ins]
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "TF_ENABLE_ONEDNN_OPTS": "0", "CUDA_VISIBLE_DEVICES": ""}
+        try:
+            done = subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True, errors="replace",
+                                  timeout=CONVERT_TIMEOUT_S, check=False)
+        except subprocess.TimeoutExpired:
+            raise CompileError(f"{path}: {CONVERTER} did not finish within {CONVERT_TIMEOUT_S} s") from None
+        result = work / "out" / "model_float32.tflite"
+        if done.returncode != 0 or not result.is_file():
+            raise InputError(_failure(path, done.stdout + "\n" + done.stderr, ready))
+        tflite = result.read_bytes()
+    try:
+        tflite, transposed = restore_layouts(rename_signature(tflite, ins, outs), out_shapes)
+    except ValueError as exc:
+        raise CompileError(f"{path}: {CONVERTER}'s output does not keep the model's inputs and outputs ({exc})") from None
+    _check_inputs(path, tflite, inputs)
+    return tflite, transposed
+
+
+def _check_inputs(path: Path, tflite: bytes, inputs: dict[str, tuple[int, ...]]) -> None:
+    """Check that LiteRT loads ``tflite`` and every input has its ONNX name and batch-1 ONNX shape.
+
+    Raises:
+        InputError: LiteRT cannot load it (onnx2tf fell back to TensorFlow "Flex" ops, which are named).
+        CompileError: an input lost its name or its ONNX shape.
+    """
+    from device_agents.inference import ports
+    from device_agents.runtimes import get_runtime
+    from edge_kit.compiler.analysis import _table
+    from edge_kit.compiler.tf_quiet import runtime_banner_dropped
+
+    try:
+        with runtime_banner_dropped():
+            got = {p.name: p.shape for p in ports(get_runtime("litert").interpreter(tflite))[0]}
+    except (RuntimeError, ValueError) as exc:
+        custom = sorted({op.name for op in _table(tflite)[0] if op.name.startswith("Flex")})
+        if custom:
+            raise InputError(f"{path}: {CONVERTER} converted some ops to TensorFlow ops that LiteRT does not run on "
+                             f"devices ({', '.join(custom)}); replace the ONNX op(s) behind them in the exported model "
+                             "and compile again") from None
+        raise InputError(f"{path}: the converted model does not load in LiteRT ({_first_line(exc)})") from None
+    want = {name: (1, *shape) for name, shape in inputs.items()}
+    if got != want:
+        raise CompileError(f"{path}: {CONVERTER} changed the inputs to {got} (the ONNX model has {want}); "
+                           "edge-kit feeds the same data to both, so it cannot use this conversion")
+
+
+def reference_outputs(data: bytes, xs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Return ONNX Runtime's outputs on ``xs`` ({input name: samples}), one sample at a time, stacked per output."""
+    session = _session(data)
+    names = [o.name for o in session.get_outputs()]
+    rows: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for i in range(len(next(iter(xs.values())))):
+        feed = {name: np.asarray(x[i:i + 1], np.float32) for name, x in xs.items()}
+        for name, y in zip(names, session.run(names, feed)):
+            rows[name].append(np.asarray(y, np.float32)[0])
+    return {n: np.stack(r) for n, r in rows.items()}
+
+
+def conversion_fidelity(path: Path, data: bytes, tflite: bytes, xs: dict[str, np.ndarray], runner: Any) -> dict[str, Any]:
+    """Compare the converted model with ONNX Runtime on the same inputs ``xs``.
+
+    ``runner`` turns (flatbuffer, inputs) into {output name: outputs} with the LiteRT interpreter.
+
+    Returns:
+        :func:`device_agents.inference.fidelity`'s figures: ``outputs`` per output name, and the
+        worst ``snr_db``, ``cosine``, ``max_abs_error``, ``mean_abs_error`` over outputs.
+
+    Raises:
+        CompileError: the two models' outputs differ in names or shapes.
+    """
+    from device_agents.inference import fidelity
+
+    reference = reference_outputs(data, xs)
+    got = runner(tflite, xs)
+    try:
+        return fidelity(got, reference)
+    except ValueError as exc:
+        raise CompileError(f"{path}: the converted model's outputs do not match ONNX Runtime's ({exc})") from None

