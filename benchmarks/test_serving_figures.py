@@ -150,3 +150,41 @@ def test_twenty_activations_under_load_from_four_clients(served, figure, tmp_pat
     figure("serving p99 during 20 swaps / p99 without swaps (4 clients)", f"{p99_swap / p99_calm:.2f}", "info",
            f"{p99_swap:.2f} ms vs {p99_calm:.2f} ms, client-side perf_counter_ns; loading the new interpreter shares "
            "the 2 cores with the load")
+
+
+def test_serving_p99_with_shadow_runs_on_and_off(served, figure, tmp_path):
+    """One client, 10 % of its requests also run through an fp32 shadow (no rate limit, load test off:
+    the worst case for the served requests), against no shadow, interleaved three times."""
+    from edge_kit.compiler.tflite_edit import as_float32
+
+    store, sha = served
+    other = tmp_path / "shadow.tflite"
+    other.write_bytes(as_float32(store.model_path(sha).read_bytes())[0])
+    other_sha = store.install(other, variant="fp32", model="blazeface").sha256
+    server = Server(store.root / "serve.sock", make_interpreter=_make).start()
+    server.serve_model(store.model_path(sha), sha, "fp16")
+    x = np.random.default_rng(2).uniform(-1, 1, size=(128, 128, 3)).astype(np.float32)
+    p99 = {"off": [], "on": []}
+    compared = 0
+    try:
+        with Client(store.root) as client:
+            for _ in range(3):
+                for mode in ("off", "on"):
+                    server.set_shadow(store.model_path(other_sha), other_sha, "fp32", share=0.1, max_per_s=1000,
+                                      max_load=1e9) if mode == "on" else server.set_shadow(None)
+                    times = []
+                    for _ in range(600):
+                        t = time.perf_counter_ns()
+                        client.predict(x)
+                        times.append(time.perf_counter_ns() - t)
+                    p99[mode].append(np.percentile(times, 99) / 1e6)
+                    if mode == "on":
+                        time.sleep(0.2)
+                        compared += server.snapshot()["shadow"]["compared"]
+    finally:
+        server.close()
+    ratio = float(np.median(np.array(p99["on"]) / np.array(p99["off"])))
+    assert compared > 100  # the shadow really ran (about 60 of each 600)
+    figure("serving p99 with shadow runs on (10 % of requests) / off", f"{ratio:.2f}", "<= 1.10",
+           f"{np.median(p99['on']):.3f} vs {np.median(p99['off']):.3f} ms, one client, 3 x 600 interleaved requests, "
+           f"{compared} shadow comparisons; client-side perf_counter_ns")

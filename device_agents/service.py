@@ -27,7 +27,7 @@ import edgekit_protocol
 from device_agents import codecheck, conditions
 from device_agents.bench import run_bench
 from device_agents.disk import Disk, is_out_of_space
-from device_agents.errors import CodeTampered, DiskFull
+from device_agents.errors import CodeTampered, DeviceError, DiskFull
 from device_agents.identity import (
     OPERATOR,
     Keyring,
@@ -418,6 +418,24 @@ class Agent:
             atomic_write(path, data, tmp_dir=self.store.root)  # temporary files never inside the checked folder
         log.warning("operator keys now pinned: %s", ", ".join(key_id(k) for k in keys))
         return {"pinned": [key_id(k) for k in keys]}
+
+    def _cmd_shadow(self, cmd: Command) -> dict[str, Any]:
+        """Start (or with ``off`` stop) a shadow run beside the served model; return what it compares.
+
+        Raises:
+            StoreError: the model is not installed or fails its check. DeviceError: no serving API,
+                nothing served, or the shadow is the served model or cannot be loaded.
+        """
+        if self.server is None:
+            raise DeviceError("shadow: the serving API is off on this device (serve.enabled)")
+        a = cmd.args
+        if a.get("off"):
+            self.server.set_shadow(None)
+            return {"shadow": None}
+        sha = self.store.resolve(sha256=a.get("sha256"), variant=a.get("variant"))
+        self.server.set_shadow(self.store.verify(sha), sha, (self.store.describe(sha) or {}).get("variant"),
+                               share=float(a.get("share", 0.1)), max_per_s=float(a.get("max_per_s", 5.0)))
+        return {"shadow": self.server.shadow.model.ref(), "serving": self.server.current.ref()}
 
     def _interpreter(self, path: Path) -> Any:
         """Return an allocated interpreter for ``path`` with this device's runtime, target and threads."""

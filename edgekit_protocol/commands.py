@@ -12,6 +12,8 @@ activate  ``{variant | sha256, keep}``: safe activation (sha256 check, smoke inf
 rollback  ``{}``: swap ``current`` and ``previous``.
 state     ``{verify}``: what is installed, current, previous, the spool, the power sensor, the disk;
           with ``verify``, every stored model is hashed and the damaged ones listed.
+shadow    ``{variant | sha256, share, max_per_s, off}``: run an installed model beside the served one on
+          ``share`` of the live requests (rate-limited, idle CPU only); telemetry reports the comparison.
 operators ``{keys, code}``: pin these operator keys (signed by a key pinned now: key rotation); a
           deployed agent also takes ``code``, its code manifest signed by one of the new keys.
 ========  =====================================================================================
@@ -46,6 +48,9 @@ _ARGS: dict[str, dict[str, tuple[tuple[type, ...], float | None, float | None]]]
     "state": {"verify": ((bool,), None, None), "code": ((bool,), None, None)},
     # keys: the operator public keys to pin from now on (base64); code: the agent-code manifest signed by one of them
     "operators": {"keys": ((list,), 1, 8), "code": ((dict,), None, None)},
+    # run an installed variant beside the served one on a share of live requests (off: stop)
+    "shadow": {"variant": ((str,), None, None), "sha256": ((str,), None, None), "share": (_NUM, 0, 1),
+               "max_per_s": (_NUM, 0, 1000), "off": ((bool,), None, None)},
 }
 COMMANDS = tuple(_ARGS)
 MAX_TTL_S = 86_400.0  # a command may stay valid for a day at most (the agent remembers its id until it expired)
@@ -118,6 +123,8 @@ def check_args(name: str, args: Any) -> dict[str, Any]:
             raise CommandError(f"{name}: argument '{key}' must be between {low} and {high}, got {value}", name=name)
     if name == "activate" and not (args.get("variant") or args.get("sha256")):
         raise CommandError("activate: give 'variant' or 'sha256'", name=name)
+    if name == "shadow" and not (args.get("off") or args.get("variant") or args.get("sha256")):
+        raise CommandError("shadow: give 'variant' or 'sha256' (or 'off')", name=name)
     if name == "operators" and "keys" not in args:
         raise CommandError("operators: give 'keys', the operator public keys to pin", name=name)
     return args

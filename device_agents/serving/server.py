@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import random
 import socketserver
 import threading
 import time
@@ -33,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from device_agents.errors import DeviceError
-from device_agents.inference import ModelRunner
+from device_agents.inference import ModelRunner, fidelity
 from device_agents.serving.frames import (
     FrameError,
     read_frame,
@@ -43,6 +44,7 @@ from device_agents.serving.frames import (
 
 log = logging.getLogger("edgekit.agent.serve")
 WINDOW = 2048  # requests the live percentiles are taken over
+SHADOW_WINDOW = 256  # live input pairs the shadow comparison is taken over
 
 
 @dataclass
@@ -98,6 +100,86 @@ class _Served:
             self.pool.put(runner)
 
 
+class _Shadow:
+    """A second model run on a share of live inputs, in a thread of its own, compared with the served one.
+
+    Only the comparison is kept (per-output fidelity over the last :data:`SHADOW_WINDOW` pairs, the
+    same metrics the compiler reports); the inputs are dropped as soon as the shadow model has run.
+    A request never waits for it: an input is offered only when the share, the rate limit and the
+    idle-CPU test allow, and dropped (counted) when the shadow is still busy.
+    """
+
+    def __init__(self, model: _Served, serving: _Served, share: float, max_per_s: float, max_load: float | None):
+        self.model, self.serving = model, serving
+        self.share, self.max_per_s = share, max_per_s
+        self.max_load = 0.8 * (os.cpu_count() or 1) if max_load is None else max_load  # 1-minute load average
+        self.pairs: deque = deque(maxlen=SHADOW_WINDOW)
+        self.counts = {"compared": 0, "skipped_rate": 0, "skipped_busy_cpu": 0, "dropped_queue_full": 0, "errors": 0}
+        self._queue: queue.Queue = queue.Queue(maxsize=4)
+        self._tokens, self._last = max_per_s, time.monotonic()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        threading.Thread(target=self._run, daemon=True, name="shadow").start()
+
+    def offer(self, served: _Served, arrays: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
+        """Maybe queue one answered request for the shadow model (never blocks, never raises)."""
+        if served is not self.serving or random.random() >= self.share:
+            return
+        with self._lock:
+            now = time.monotonic()
+            self._tokens = min(self.max_per_s, self._tokens + (now - self._last) * self.max_per_s)
+            self._last = now
+            if self._tokens < 1:
+                self.counts["skipped_rate"] += 1
+                return
+            if os.getloadavg()[0] >= self.max_load:  # the device is busy: its own work first
+                self.counts["skipped_busy_cpu"] += 1
+                return
+            self._tokens -= 1
+        try:
+            self._queue.put_nowait((arrays, outputs))
+        except queue.Full:
+            with self._lock:
+                self.counts["dropped_queue_full"] += 1
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                arrays, outputs = self._queue.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            try:
+                theirs = self.model.predict(arrays)
+            except Exception:  # noqa: BLE001 - counted; the served answer went out already
+                with self._lock:
+                    self.counts["errors"] += 1
+                continue
+            with self._lock:
+                self.pairs.append((outputs, theirs))
+                self.counts["compared"] += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def snapshot(self) -> dict[str, Any]:
+        """Return the comparison: the shadow model, the counts and the served outputs' fidelity against it."""
+        with self._lock:
+            pairs = list(self.pairs)
+            counts = dict(self.counts)
+        out: dict[str, Any] = {"model": self.model.ref(), "share": self.share, "max_per_s": self.max_per_s,
+                               "window": len(pairs), **counts, "fidelity": None}
+        if pairs:
+            served = {k: np.stack([p[0][k] for p in pairs]) for k in pairs[0][0]}
+            shadow = {k: np.stack([p[1][k] for p in pairs]) for k in pairs[0][1]}
+            try:
+                f = fidelity(served, shadow)
+                out["fidelity"] = {k: f[k] for k in ("snr_db", "cosine", "max_abs_error", "mean_abs_error") if k in f}
+                out["fidelity"]["of"] = "served outputs against the shadow model's, same live inputs"
+            except ValueError as exc:  # different outputs: not comparable
+                out["fidelity_error"] = str(exc)
+        return out
+
+
 class Server:
     """The local inference API. ``start()``, ``serve_model(...)`` on every activation, ``close()``."""
 
@@ -112,6 +194,7 @@ class Server:
         self.clients = 0
         self.turned_away = {"busy": 0, "malformed": 0}
         self.swaps = 0
+        self.shadow: _Shadow | None = None
         self._lock = threading.Lock()
         self._server: socketserver.ThreadingUnixStreamServer | None = None
 
@@ -171,7 +254,33 @@ class Server:
         with self._lock:
             self.current = new
             self.swaps += 1
+            shadow, self.shadow = self.shadow, None
+        if shadow is not None:  # its comparison was with the model served before: ended, set it again
+            shadow.stop()
         log.info("serving %s %s", variant, sha256[:12])
+
+    def set_shadow(self, path: Path | None, sha256: str = "", variant: str | None = None, *, share: float = 0.1,
+                   max_per_s: float = 5.0, max_load: float | None = None) -> None:
+        """Run ``path`` as the shadow model on ``share`` of the live requests (at most ``max_per_s`` a
+        second, only while the 1-minute load average is below ``max_load``, default 0.8 per core), or
+        none with ``path`` None. Ends with the next swap.
+
+        Raises:
+            DeviceError: nothing is served, the shadow is the served model, or it cannot be loaded.
+        """
+        old, self.shadow = self.shadow, None
+        if old is not None:
+            old.stop()
+        if path is None:
+            return
+        served = self.current
+        if served is None or served.sha256 == sha256:
+            raise DeviceError("shadow: " + ("nothing is served" if served is None else "that is the served model"))
+        try:
+            model = _Served(path, sha256, variant, self.make_interpreter, 1)
+        except Exception as exc:  # noqa: BLE001 - not loadable: no shadow
+            raise DeviceError(f"shadow: model {sha256[:12]} cannot be loaded ({exc})") from None
+        self.shadow = _Shadow(model, served, share, max_per_s, max_load)
 
     # --- figures ----------------------------------------------------------------------------------
 
@@ -189,6 +298,8 @@ class Server:
                    latency_ms={q: round(float(np.percentile(lat, p)), 4) for q, p in (("p50", 50), ("p90", 90), ("p99", 99))}
                    if len(lat) else None,
                    clock="perf_counter_ns from a request read to its answer ready (queueing included)")
+        shadow = self.shadow
+        out["shadow"] = shadow.snapshot() if shadow is not None and shadow.serving is served else None
         return out
 
     # --- one connection ---------------------------------------------------------------------------
@@ -243,6 +354,9 @@ class Server:
             return {"ok": False, "error": f"inference failed: {type(exc).__name__}: {exc}", "model": served.ref()}, None
         took = time.perf_counter_ns() - started
         served.count(took)
+        shadow = self.shadow
+        if shadow is not None:
+            shadow.offer(served, arrays, outputs)
         return {"ok": True, "model": served.ref(), "ms": round(took / 1e6, 4)}, outputs
 
 

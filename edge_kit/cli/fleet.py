@@ -62,6 +62,39 @@ def bench_cmd(
 
 
 
+@app.command("shadow")
+def shadow_cmd(
+    fleet_file: FleetOpt,
+    device: Annotated[str, typer.Option(help="Device name from the fleet file.")],
+    variant: Annotated[Optional[str], typer.Option(help="Installed variant to run beside the served one "
+                                                        "(fp32: how far the served model is from the reference).")] = None,
+    share: Annotated[float, typer.Option(min=0, max=1, help="Share of live requests also run through it.")] = 0.1,
+    max_per_s: Annotated[float, typer.Option(min=0, max=1000, help="At most this many shadow runs a second.")] = 5.0,
+    off: Annotated[bool, typer.Option(help="Stop the device's shadow run.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Compare an installed variant with the served one on the device's live inputs (only the comparison
+    leaves the device, in its telemetry's live.shadow; the inputs never do)."""
+    from edge_kit.errors import InputError
+    from edge_kit.fleet.commands import FleetClient
+    from edge_kit.fleet.inventory import load_fleet
+
+    if not off and not variant:
+        raise InputError("shadow: give --variant (the model to run beside the served one) or --off")
+    fleet = load_fleet(fleet_file)
+    dev = fleet.device(device)
+    args = {"off": True} if off else {"variant": variant, "share": share, "max_per_s": max_per_s}
+    with FleetClient.of(fleet) as client:
+        result = client.request(dev.name, "shadow", args, timeout=60, expire=True)["result"]
+    if as_json:
+        emit_json(result)
+    elif off:
+        out.print(f"{dev.name}: shadow run stopped")
+    else:
+        out.print(f"{dev.name}: {result['shadow']['variant']} runs beside {result['serving']['variant']} on "
+                  f"{share:.0%} of live requests (at most {max_per_s:g}/s, idle CPU only); see its telemetry's live.shadow")
+
+
 keys_app = typer.Typer(no_args_is_help=True, help="The fleet's keys: the operator key devices pin.")
 app.add_typer(keys_app, name="keys")
 

@@ -42,6 +42,9 @@ class FleetMetrics:
         self.live_latency = Gauge("edgekit_live_latency_ms", "Serving API service time percentile over the last requests "
                                   "(live; perf_counter_ns from request read to answer ready)",
                                   ["device", "variant", "quantile"], registry=r)
+        self.live_shadow_snr = Gauge("edgekit_live_shadow_snr_db", "Worst-output SNR of the served model's live outputs "
+                                     "against a shadow model's on the same inputs (live)",
+                                     ["device", "variant", "shadow"], registry=r)
         self.live_queue = Gauge("edgekit_live_queue_depth", "Requests waiting for an interpreter (live)", ["device"], registry=r)
         self.disk_full = Gauge("edgekit_device_disk_full", "1 while the agent refuses writes for lack of space",
                                ["device"], registry=r)
@@ -63,6 +66,10 @@ class FleetMetrics:
             for q, v in (live.get("latency_ms") or {}).items():
                 if q in ("p50", "p90", "p99") and isinstance(v, (int, float)):
                     self.live_latency.labels(device, variant, q).set(v)
+            shadow = live.get("shadow")
+            snr = ((shadow or {}).get("fidelity") or {}).get("snr_db") if isinstance(shadow, dict) else None
+            if isinstance(snr, (int, float)):
+                self.live_shadow_snr.labels(device, variant, str((shadow.get("model") or {}).get("variant"))).set(snr)
         if kind == "status":
             self.online.labels(device).set(1 if msg["state"] == "online" else 0)
         elif kind == "bench":

@@ -54,7 +54,7 @@ BATCH = 500
 @dataclass
 class Alert:
     device: str
-    kind: str  # "offline", "constraints", "silent", "refused" (forged, unsigned, from the future), "store", "disk"
+    kind: str  # "offline", "constraints", "silent", "refused" (forged, unsigned, from the future), "store", "disk", "drift"
     text: str
     ts: float = field(default_factory=time.time)
 
@@ -94,6 +94,7 @@ class Monitor:
         self._silent_alerted: set[str] = set()
         self.min_free_bytes = min_free_mb * 1e6  # a device reporting less free space is alerted on (once per episode)
         self._low_disk: set[str] = set()
+        self._drifting: set[str] = set()
         cid = client_id or f"edgekit-monitor-{uuid.uuid4().hex[:8]}"
         self.client = make_client(fleet.broker, cid, password=fleet.broker.password("fleet file"),
                                   v5=share is not None, clean=not persistent)
@@ -287,8 +288,27 @@ class Monitor:
         if last is None or msg["seq"] > last:
             self._seq[key] = msg["seq"]
 
+    def _check_drift(self, device: str, live: Any) -> None:
+        """Alert (once per episode) when the served model's live outputs drift from its shadow reference
+        below the device's ``min_fidelity_snr_db``."""
+        c = self.constraints.get(device)
+        shadow = live.get("shadow") if isinstance(live, dict) else None
+        snr = ((shadow or {}).get("fidelity") or {}).get("snr_db") if isinstance(shadow, dict) else None
+        if c is None or c.min_fidelity_snr_db is None or not isinstance(snr, (int, float)):
+            return
+        if snr < c.min_fidelity_snr_db and device not in self._drifting:
+            self._drifting.add(device)
+            served, ref = (live.get("model") or {}).get("variant"), (shadow.get("model") or {}).get("variant")
+            self.alerts.append(Alert(device, "drift", f"{device}: live outputs of {served} are {snr:.1f} dB from "
+                                                      f"{ref} (shadow, {shadow.get('window')} inputs), below "
+                                                      f"{c.min_fidelity_snr_db:g} dB"))
+        elif snr >= c.min_fidelity_snr_db:
+            self._drifting.discard(device)
+
     def _check_alerts(self, kind: str, msg: dict[str, Any]) -> None:
         device = msg["device"]
+        if kind == "telemetry":
+            self._check_drift(device, msg.get("live"))
         disk = msg.get("disk") if kind in ("status", "telemetry") else None
         if isinstance(disk, dict) and isinstance(disk.get("free_bytes"), (int, float)):
             low = bool(disk.get("full")) or disk["free_bytes"] < self.min_free_bytes

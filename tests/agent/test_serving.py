@@ -214,3 +214,53 @@ def test_write_frame_round_trips_large_tensors(tmp_path):
         header, arrays = read_frame(f, 1 << 24)
     assert header["op"] == "predict" and arrays["b"].shape == (0, 3)
     np.testing.assert_array_equal(arrays["a"], big["a"])
+
+
+def test_a_shadow_model_is_compared_on_live_inputs_and_only_the_comparison_is_kept(store, server, digits_artifacts):
+    """fp32 as the shadow of the served int8: its outputs on the same live inputs give the served
+    model's fidelity (SNR, cosine) without labels; the share and the rate limit are honoured."""
+    with np.load(digits_artifacts / "eval.npz") as data:  # real digits, as a camera would send them
+        x = data[next(k for k in data.files if k.startswith("x"))][:8].astype(np.float32)
+    server.set_shadow(store.model_path(store.shas["fp32"]), store.shas["fp32"], "fp32", share=1.0, max_per_s=1000,
+                      max_load=1e9)  # this shared test machine is never idle; the busy test is below
+    with Client(store.root) as client:
+        for s in x:
+            client.predict({"image": s})
+    assert wait(lambda: server.snapshot()["shadow"]["compared"] == 8)
+    shadow = server.snapshot()["shadow"]
+    assert shadow["model"]["variant"] == "fp32" and shadow["window"] == 8 and shadow["errors"] == 0
+    f = shadow["fidelity"]
+    int8 = ModelRunner(make(store.model_path(store.shas["int8"]))).predict(x)
+    fp32 = ModelRunner(make(store.model_path(store.shas["fp32"]))).predict(x)
+    from device_agents.inference import fidelity
+
+    assert f["snr_db"] == pytest.approx(fidelity(int8, fp32)["snr_db"])  # what the compiler would report
+    assert 5 < f["snr_db"] < 200 and f["cosine"] > 0.9
+    server.set_shadow(store.model_path(store.shas["fp32"]), store.shas["fp32"], "fp32", share=1.0, max_per_s=2,
+                      max_load=1e9)
+    with Client(store.root) as client:
+        for s in x:
+            client.predict({"image": s})
+    time.sleep(0.3)
+    limited = server.snapshot()["shadow"]
+    assert limited["compared"] <= 3 and limited["skipped_rate"] >= 5  # 2 a second, a burst of 2
+    server.set_shadow(store.model_path(store.shas["fp32"]), store.shas["fp32"], "fp32", share=1.0, max_per_s=1000,
+                      max_load=0.0)  # a busy device: no shadow run at all
+    with Client(store.root) as client:
+        for s in x:
+            client.predict({"image": s})
+    busy = server.snapshot()["shadow"]
+    assert busy["compared"] == 0 and busy["skipped_busy_cpu"] == 8
+    server.serve_model(store.model_path(store.shas["dynamic-int8"]), store.shas["dynamic-int8"], "dynamic-int8")
+    assert server.snapshot()["shadow"] is None  # compared with the model served before: ended by the swap
+    with pytest.raises(DeviceError, match="that is the served model"):
+        server.set_shadow(store.model_path(store.shas["dynamic-int8"]), store.shas["dynamic-int8"], "dynamic-int8")
+
+
+def wait(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False

@@ -29,7 +29,8 @@ def fleet(mosquitto, tmp_path):
     path = tmp_path / "fleet.yaml"
     path.write_text(f"fleet: {FLEET}\nbroker: {{host: 127.0.0.1, port: {mosquitto.port}}}\n"
                     "defaults: {user: edgekit, profile: rpi4}\n"
-                    "devices:\n  - {name: d1, host: 127.0.0.1}\n  - {name: d2, host: 127.0.0.1}\n")
+                    "devices:\n  - {name: d1, host: 127.0.0.1}\n"
+                    "  - {name: d2, host: 127.0.0.1, constraints: {min_fidelity_snr_db: 20}}\n")
     fleet = load_fleet(path)
     for name, signer in DEVICE_KEYS.items():
         fleet.key_store().register(name, signer.public)
@@ -101,12 +102,22 @@ def test_alerts_for_offline_broken_constraints_and_silence(fleet, publisher, tmp
         send(publisher, "telemetry", messages.envelope("telemetry", FLEET, "d1", 3, {**low, "disk": {"free_bytes": 5e9}}))
         send(publisher, "status", messages.envelope("status", FLEET, "d1", 1, {
             "state": "online", "disk": {"free_bytes": 1e6, "total_bytes": 3e10, "full": True}}))
+        def shadow_snr(seq, snr):  # d2's telemetry: its served int8 against an fp32 shadow on live inputs
+            live = {"source": "live", "model": {"sha256": "a", "variant": "int8"}, "requests": 50,
+                    "shadow": {"model": {"sha256": "b", "variant": "fp32"}, "window": 40, "fidelity": {"snr_db": snr}}}
+            send(publisher, "telemetry", messages.envelope("telemetry", FLEET, "d2", seq,
+                                                           {"conditions": {}, "spool": {}, "live": live}), device="d2")
+        for seq, snr in enumerate((31.0, 12.5, 11.0, 30.0, 9.0), start=1):  # drifts, stays low, recovers, drifts
+            shadow_snr(seq, snr)
         assert wait_until(lambda: {a.kind for a in mon.alerts} >= {"offline", "constraints", "silent"}, 10), mon.alerts
         assert wait_until(lambda: len([a for a in mon.alerts if a.kind == "disk"]) == 2, 10), mon.alerts
+        assert wait_until(lambda: len([a for a in mon.alerts if a.kind == "drift"]) == 2, 10), mon.alerts
     finally:
         mon.stop()
     texts = [a.text for a in mon.alerts]
     assert "d2 went offline" in texts and "d1 int8: breaks p90 <= 50 ms" in texts
+    assert [a.text for a in mon.alerts if a.kind == "drift"][0] == (
+        "d2: live outputs of int8 are 12.5 dB from fp32 (shadow, 40 inputs), below 20 dB")
     assert [a.text for a in mon.alerts if a.kind == "disk"] == [
         "d1: 9.0 MB free (below 32 MB)", "d1: 1.0 MB free (full: installs, activations and benches refused)"]
 
