@@ -376,6 +376,9 @@ class Agent:
                  "queued_commands": self.commands.qsize(), "disk": self.disk.usage()}
         if cmd.args.get("verify"):
             state["damaged"] = self.store.damaged()
+        if "live" in cmd.args:  # the serving API's figures, with the last N service times (a rollout gate's samples)
+            state["live"] = ({**self.server.snapshot(), "latency_samples_ms": self.server.samples(cmd.args["live"])}
+                             if self.server else None)
         if cmd.args.get("code"):  # the signed manifest of this agent's code (None when not run from <root>/agent)
             state["code"] = json.loads((self._code_dir() / codecheck.MANIFEST).read_text()) if self._deployed() else None
         return state

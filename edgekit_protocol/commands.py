@@ -45,7 +45,8 @@ _ARGS: dict[str, dict[str, tuple[tuple[type, ...], float | None, float | None]]]
                  "keep": ((list,), 0, 256)},  # sha256s the store budget must spare (a list's bounds: its length)
     "rollback": {},
     # verify: hash every stored model, report the damaged; code: include the agent's signed code manifest
-    "state": {"verify": ((bool,), None, None), "code": ((bool,), None, None)},
+    # live: the serving API's figures plus its last (up to) N service times in ms
+    "state": {"verify": ((bool,), None, None), "code": ((bool,), None, None), "live": (_INT, 0, 2048)},
     # keys: the operator public keys to pin from now on (base64); code: the agent-code manifest signed by one of them
     "operators": {"keys": ((list,), 1, 8), "code": ((dict,), None, None)},
     # run an installed variant beside the served one on a share of live requests (off: stop)

@@ -44,6 +44,7 @@ from device_agents.serving.frames import (
 
 log = logging.getLogger("edgekit.agent.serve")
 WINDOW = 2048  # requests the live percentiles are taken over
+WARMUP = 3  # inferences on zeros a new model runs before it is served
 SHADOW_WINDOW = 256  # live input pairs the shadow comparison is taken over
 
 
@@ -62,7 +63,10 @@ class _Served:
         self.sha256, self.variant, self.path = sha256, variant, path
         self.pool: queue.Queue[ModelRunner] = queue.Queue()
         for _ in range(workers):
-            self.pool.put(ModelRunner(make(path)))
+            runner = ModelRunner(make(path))
+            for _ in range(WARMUP):  # the first runs pack weights and fill caches: before any request, not during
+                runner.invoke_raw([np.zeros(p.shape, p.dtype) for p in runner.inputs])
+            self.pool.put(runner)
         probe = self.pool.queue[0]
         self.inputs = [p.record() for p in probe.inputs]
         self.outputs = [p.record() for p in probe.outputs]
@@ -301,6 +305,15 @@ class Server:
         shadow = self.shadow
         out["shadow"] = shadow.snapshot() if shadow is not None and shadow.serving is served else None
         return out
+
+    def samples(self, n: int) -> list[float]:
+        """Return the served model's last ``n`` service times in ms, oldest first (what a rollout gate tests)."""
+        served = self.current
+        if served is None or n <= 0:
+            return []
+        with served.lock:
+            tail = list(served.stats.latencies_ns)[-n:]
+        return [round(t / 1e6, 4) for t in tail]
 
     # --- one connection ---------------------------------------------------------------------------
 

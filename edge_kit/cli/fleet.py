@@ -150,15 +150,32 @@ def deploy_cmd(
     health_timeout: Annotated[float, typer.Option(min=1, help="Seconds to wait for each device's health check.")] = 120.0,
     repair: Annotated[bool, typer.Option("--repair/--no-repair", help="Have each agent hash its stored models and "
                                                                       "upload damaged ones again.")] = True,
+    gate: Annotated[Optional[str], typer.Option(help="'live': judge the canaries on production traffic against the "
+                                                     "devices of their profiles still on the current model.")] = None,
+    gate_window: Annotated[float, typer.Option(min=1, help="Live gate: seconds to collect at most.")] = 60.0,
+    gate_min_requests: Annotated[int, typer.Option(min=10, help="Live gate: requests each canary must answer.")] = 200,
+    gate_alpha: Annotated[float, typer.Option(min=1e-6, max=0.5, help="Live gate: the latency test's significance.")] = 0.01,
+    gate_min_slowdown: Annotated[float, typer.Option(min=0, help="Live gate: roll back only when the canaries' median "
+                                                                 "is also this share above the controls' (0.1: 10 %).")] = 0.10,
+    gate_shadow: Annotated[float, typer.Option(min=0, max=1, help="Live gate: share of canary requests also run "
+                                                                   "through the fp32 reference (0: none).")] = 0.0,
+    gate_min_snr_db: Annotated[Optional[float], typer.Option(help="Live gate: roll back below this live fidelity "
+                                                                   "(needs --gate-shadow).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Push the agent and the artifacts to devices over SSH, activate safely, check health, roll back failures."""
+    """Push the agent and the artifacts to devices over SSH, activate safely, check health, roll back failures.
+
+    With --canary and --gate live, the canaries are judged on live traffic (latency against the control
+    devices by a one-sided Mann-Whitney U test, live fidelity against the reference), then promoted,
+    held or rolled back; every decision goes to the history with its numbers.
+    """
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from edge_kit.cli.app import err
+    from edge_kit.errors import InputError
     from edge_kit.fleet.deploy import DeployOptions, deploy
     from edge_kit.fleet.inventory import load_fleet
-    from edge_kit.loop.rollout import rollout
+    from edge_kit.loop.rollout import LiveGate, rollout
     from edge_kit.manifest import read_manifest
 
     fleet = load_fleet(fleet_file)
@@ -167,6 +184,19 @@ def deploy_cmd(
     opts = DeployOptions(artifacts=artifacts, variant=variant, parallel=parallel, trust_new_hosts=trust_new_hosts,
                          health_timeout=health_timeout, repair=repair)
     canary_share, failed_share = _share(canary, "--canary"), _share(max_failed, "--max-failed") or 0.0
+    live_gate = None
+    if gate is not None:
+        if gate != "live" or not canary_share:
+            raise InputError("--gate: the only gate is 'live', and it judges canaries: give --canary too")
+        if gate_min_snr_db is not None and gate_shadow <= 0:
+            raise InputError("--gate-min-snr-db needs --gate-shadow (the share of requests compared with the reference)")
+        live_gate = LiveGate(window_s=gate_window, min_samples=gate_min_requests, alpha=gate_alpha,
+                             min_slowdown=gate_min_slowdown, shadow_share=gate_shadow, min_snr_db=gate_min_snr_db)
+    history = None
+    if live_gate is not None:
+        from edge_kit.telemetry.store import Store, history_path
+
+        history = Store(history_path(Path(fleet_file)))
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} devices"),
                   TimeElapsedColumn(), console=err, transient=True, disable=as_json) as bar:
         task = bar.add_task("deploying", total=len(targets))
@@ -175,8 +205,11 @@ def deploy_cmd(
             done = what in ("succeeded", "skipped", "failed")
             bar.update(task, advance=1 if done else 0, description=f"{device}: {what}")
 
-        group = (rollout(fleet, targets, opts, canary_share, failed_share, progress) if canary_share
+        group = (rollout(fleet, targets, opts, canary_share, failed_share, progress, gate=live_gate,
+                         record=history.add_decision if history else None) if canary_share
                  else deploy(fleet, targets, opts, progress))
+    if history is not None:
+        history.close()
     if as_json:
         emit_json(group.as_dict())
     else:

@@ -182,16 +182,19 @@ def demo_cmd(
     if as_json:
         emit_json(result.as_dict())
         return
-    t = Table(Column("device", no_wrap=True), Column("profile", no_wrap=True), Column("variant", no_wrap=True), "p90 ms", "top-1", "mJ/inference", "feasible", box=box.SIMPLE_HEAD,
+    t = Table(Column("device", no_wrap=True), Column("profile", no_wrap=True), Column("variant", no_wrap=True), "p90 ms", "top-1",
+              "mJ/inference", "feasible", "live p50/p99 ms", "app top-1", box=box.SIMPLE_HEAD,
               pad_edge=False, title="each device on its best variant (measured by the real agent on this machine, "
                                     "simulated devices)", title_justify="left")
     for r in result.rows:
         t.add_row(r["device"], r["profile"], r["variant"] or "-", _num(r["p90_ms"]),
                   "-" if r["accuracy"] is None else f"{100 * r['accuracy']:.2f}%", _num(r["energy_mj"]),
-                  "yes" if r["feasible"] else ("[red]no[/]: " + escape(", ".join(r["violates"])) if r["feasible"] is False else "-"))
+                  "yes" if r["feasible"] else ("[red]no[/]: " + escape(", ".join(r["violates"])) if r["feasible"] is False else "-"),
+                  *_live_cells(r.get("live")))
     out.print(t)
     methods = sorted({r["power_method"].split(",")[0] for r in result.rows if r["power_method"]})
-    out.print(f"latency: perf_counter_ns around invoke(), LiteRT on this machine; energy: {escape('; '.join(methods))}")
+    out.print(f"latency: perf_counter_ns around invoke(), LiteRT on this machine; energy: {escape('; '.join(methods))}; "
+              "live: the agent's serving API answering a demo application's requests (eval images), perf_counter_ns")
     if result.report.deploy.failed:
         out.print(results_table(result.report.deploy))
     switched = result.report.switched
@@ -199,6 +202,15 @@ def demo_cmd(
     if result.kept:
         out.print(f"files kept in {result.workdir}; the devices are stopped, their history stays beside the fleet file:")
         out.print(f"  edgekit report --fleet {result.fleet_file} --out report.html", highlight=False)
+
+
+def _live_cells(live: dict[str, Any] | None) -> tuple[str, str]:
+    """Return the demo table's live cells: service-time p50/p99, and the application's own top-1."""
+    if not live:
+        return "-", "-"
+    if "error" in live:
+        return "[red]" + escape(live["error"][:40]) + "[/]", "-"
+    return f"{_num(live.get('p50_ms'))}/{_num(live.get('p99_ms'))}", f"{100 * live['top1']:.1f}%"
 
 
 def _fleet_table(store: Any, fleet: Any) -> Table:

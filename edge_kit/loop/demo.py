@@ -26,7 +26,9 @@ from edge_kit.sim.broker import find_mosquitto
 from edge_kit.sim.fleet import SimFleet
 from edge_kit.telemetry.store import Store, history_path
 
-STEPS = ("building the example model", "compiling", "starting the simulated fleet", "tuning", "cleaning up")
+STEPS = ("building the example model", "compiling", "starting the simulated fleet", "tuning",
+         "serving an application on every device", "cleaning up")
+APP_REQUESTS = 300  # per device: the demo's application classifies this many eval images through the serving API
 DEMO_BENCH = {"min_runs": 100, "min_seconds": 0.5}
 
 
@@ -42,6 +44,44 @@ class DemoResult:
     def as_dict(self) -> dict[str, Any]:
         return {"workdir": str(self.workdir), "kept": self.kept, "fleet_file": str(self.fleet_file),
                 "history": str(self.history), "devices": self.rows, "tune": self.report.as_dict()}
+
+
+def _serve_an_application(fleet: Any, eval_file: Path) -> dict[str, dict[str, Any]]:
+    """Run a small application on every device: it classifies eval images through the agent's serving
+    API (``device_agents.serving.Client``, as an application on the device would) and scores them.
+
+    Returns:
+        Per device: ``requests``, ``top1`` of the application's own answers against the labels, and the
+        agent's live figures (``p50_ms``/``p99_ms``: its service time, perf_counter_ns), or ``error``.
+    """
+    import numpy as np
+
+    from device_agents.serving import Client, ServingError
+    from edge_kit.fleet.commands import FleetClient
+
+    with np.load(eval_file) as data:
+        x = data[next(k for k in data.files if k.startswith("x"))].astype(np.float32)
+        y = data[next(k for k in data.files if k.startswith("y"))]
+    out: dict[str, dict[str, Any]] = {}
+    for dev in fleet.devices:
+        right = 0
+        try:
+            with Client(Path(dev.root)) as app:
+                for i in range(APP_REQUESTS):
+                    scores = next(iter(app.predict(x[i % len(x)]).values()))
+                    right += int(np.argmax(scores) == y[i % len(y)])
+        except ServingError as exc:
+            out[dev.name] = {"error": str(exc)}
+            continue
+        out[dev.name] = {"requests": APP_REQUESTS, "top1": right / APP_REQUESTS}
+    with FleetClient.of(fleet) as client:
+        for dev in fleet.devices:
+            if "error" in out[dev.name]:
+                continue
+            live = client.request(dev.name, "state", {"live": 0}, timeout=30)["result"]["live"] or {}
+            lat = live.get("latency_ms") or {}
+            out[dev.name].update(p50_ms=lat.get("p50"), p99_ms=lat.get("p99"), served=(live.get("model") or {}).get("variant"))
+    return out
 
 
 def run_demo(devices: int = 3, profiles: tuple[str, ...] = ("rpi4", "rpi5", "coral-usb"), workdir: Path | None = None,
@@ -77,6 +117,8 @@ def run_demo(devices: int = 3, profiles: tuple[str, ...] = ("rpi4", "rpi5", "cor
         store = Store(history_path(sim.fleet_file))
         report = tune(fleet, fleet.devices, TuneOptions(artifacts, bench=dict(DEMO_BENCH), timeout=180), store,
                       progress=lambda m: step(f"{STEPS[3]}: {m}"))
+        step(STEPS[4])
+        live = _serve_an_application(fleet, files.eval)
         latest = store.latest_bench()
         rows = []
         for dev in fleet.devices:
@@ -89,12 +131,13 @@ def run_demo(devices: int = 3, profiles: tuple[str, ...] = ("rpi4", "rpi5", "cor
                          "accuracy": (rec.get("accuracy") or {}).get("value") if rec else None,
                          "energy_mj": rec["power"].get("energy_per_inference_mj") if rec else None,
                          "power_method": rec["power"]["method"] if rec else None,
-                         "simulated": rec.get("simulated") if rec else None})
+                         "simulated": rec.get("simulated") if rec else None,
+                         "live": live.get(dev.name)})
         store.close()
         ok = True
         return DemoResult(folder, keep or not own, report, rows, sim.fleet_file, store.path)
     finally:
-        step(STEPS[4])
+        step(STEPS[5])
         sim.down()
         if own and ok and not keep:
             shutil.rmtree(folder, ignore_errors=True)

@@ -6,14 +6,25 @@ the device's constraints. When more than ``max_failed`` of the canaries failed, 
 deploy switched is rolled back and the other devices are left as they were; otherwise the rest
 is deployed. The decision is :func:`judge_canaries`, pure and unit-tested; this module wires it
 to the fleet (deploy, rollback) and the selection layer (constraints).
+
+With a :class:`LiveGate`, canaries that pass are then judged on production figures: for a window,
+their serving API answers the devices' real traffic (and, with a shadow share, runs the fp32
+reference beside the candidate), and the control devices of the same profiles keep the current
+model; :func:`edge_kit.selection.gate.judge_live` then promotes (the rest is deployed), holds (the
+canaries keep the candidate, the rest waits) or rolls back. Each decision is recorded with its
+numbers (``record``: the history's decisions).
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
+from edge_kit.errors import EdgeKitError
+from edge_kit.fleet.commands import FleetClient
 from edge_kit.fleet.deploy import (
     DeployOptions,
     DeviceResult,
@@ -30,8 +41,21 @@ from edge_kit.selection.constraints import (
     effective_constraints,
     violations,
 )
+from edge_kit.selection.gate import GateDecision, LiveEvidence, judge_live
 
 CANARY_BENCH = {"min_runs": 50, "min_seconds": 0.0, "warmup": 5}  # enough to judge it against its constraints
+
+
+@dataclass(frozen=True)
+class LiveGate:
+    """How a rollout judges its canaries on live traffic (see :mod:`edge_kit.selection.gate`)."""
+
+    window_s: float = 60.0  # how long to collect at most
+    min_samples: int = 200  # live requests each canary (and the pooled controls) must have answered
+    alpha: float = 0.01
+    min_slowdown: float = 0.10
+    shadow_share: float = 0.0  # > 0: the canaries also run the fp32 reference on this share of requests
+    min_snr_db: float | None = None  # the floor on the canaries' live fidelity against the reference
 
 
 @dataclass(frozen=True)
@@ -73,9 +97,50 @@ def broken_constraints(manifest: Manifest, dev: Device, result: DeviceResult) ->
     return ", ".join(describe(k, c) for k in broken) or None
 
 
+def _collect(fleet: Fleet, canaries: list[str], controls: list[str], gate: LiveGate,
+             progress: Callable[[str, str], None]) -> tuple[list[LiveEvidence], list[LiveEvidence]]:
+    """Poll the devices' live figures until every one has ``min_samples`` answered since the gate
+    started (what the health benchmark and the first requests after the switch did is not counted),
+    or the window ends."""
+    evidence: dict[str, LiveEvidence] = {}
+    start: dict[str, int] = {}  # requests each device's served model had answered when the gate started
+    deadline = time.monotonic() + gate.window_s
+    with FleetClient.of(fleet) as client:
+        if gate.shadow_share > 0:
+            for name in canaries:
+                try:
+                    client.request(name, "shadow", {"variant": "fp32", "share": gate.shadow_share}, timeout=60, expire=True)
+                except EdgeKitError as exc:  # e.g. the candidate is fp32 itself: no comparison from this canary
+                    progress(name, f"no shadow run: {exc}")
+        while True:
+            for name in canaries + controls:
+                live = client.request(name, "state", {"live": 2048}, timeout=30, expire=True)["result"].get("live") or {}
+                answered = int(live.get("requests") or 0)
+                start.setdefault(name, answered)
+                new = answered - start[name]
+                shadow = live.get("shadow") or {}
+                snr = (shadow.get("fidelity") or {}).get("snr_db")
+                samples = list(live.get("latency_samples_ms") or [])
+                evidence[name] = LiveEvidence(name, samples[-new:] if new > 0 else [],
+                                              snr if isinstance(snr, (int, float)) else None)
+            enough = all(len(evidence[n].samples_ms) >= gate.min_samples for n in canaries) and \
+                sum(len(evidence[n].samples_ms) for n in controls) >= gate.min_samples
+            if enough and (gate.shadow_share <= 0 or all(evidence[n].shadow_snr_db is not None for n in canaries)):
+                break
+            if time.monotonic() >= deadline:
+                break
+            progress("gate", f"collecting live figures ({int(deadline - time.monotonic())} s left)")
+            time.sleep(1.0)
+    return [evidence[n] for n in canaries], [evidence[n] for n in controls]
+
+
 def rollout(fleet: Fleet, devices: list[Device], opts: DeployOptions, canary: float, max_failed: float = 0.0,
-            progress: Callable[[str, str], None] | None = None) -> GroupResult:
+            progress: Callable[[str, str], None] | None = None, gate: LiveGate | None = None,
+            record: Callable[[dict[str, Any]], None] | None = None) -> GroupResult:
     """Deploy to a ``canary`` share of ``devices`` first, judge them, then to the rest or to none.
+
+    With ``gate``, canaries that pass their health benchmark are also judged on live traffic against
+    the control devices of the same profiles; ``record`` receives each canary's gate decision.
 
     Returns:
         One result per device in the order given; ``stopped`` says why when the rest was not deployed.
@@ -84,6 +149,7 @@ def rollout(fleet: Fleet, devices: list[Device], opts: DeployOptions, canary: fl
         InputError: the artifact folder has no (valid) manifest.
         AgentError: the fleet's broker cannot be reached.
     """
+    progress = progress or (lambda _d, _m: None)
     order = {d.name: i for i, d in enumerate(devices)}
     n = max(1, math.ceil(len(devices) * canary))
     canaries, rest = devices[:n], devices[n:]
@@ -95,8 +161,41 @@ def rollout(fleet: Fleet, devices: list[Device], opts: DeployOptions, canary: fl
         if r.device in broken:
             r.status, r.reason = "failed", f"{r.device}: canary breaks its constraints ({broken[r.device]})"
     verdict = judge_canaries(first, broken, max_failed)
+    if verdict.proceed and gate is not None:
+        decision = _gate(fleet, canaries, rest, first, gate, progress, record)
+        if decision.action != "promote":
+            if decision.action == "roll back":
+                roll_back(fleet, [d for d in canaries if any(r.device == d.name and r.switched for r in first)], opts,
+                          first, f"rolled back by the live gate: {decision.reason}")
+            held = "held by the live gate (the canaries keep the candidate)" if decision.action == "hold" else \
+                "rollout stopped by the live gate"
+            skipped = [DeviceResult(d.name, "skipped", reason=held) for d in rest]
+            return GroupResult(sorted(first + skipped, key=lambda r: order[r.device]),
+                               stopped=f"live gate: {decision.action}: {decision.reason}")
     if verdict.proceed:
         return GroupResult(sorted(first + deploy(fleet, rest, opts, progress).results, key=lambda r: order[r.device]))
     roll_back(fleet, [by_name[d] for d in verdict.roll_back], opts, first, "rolled back: the canary rollout stopped")
     skipped = [DeviceResult(d.name, "skipped", reason="rollout stopped after the canaries") for d in rest]
     return GroupResult(sorted(first + skipped, key=lambda r: order[r.device]), stopped=verdict.reason)
+
+
+def _gate(fleet: Fleet, canaries: list[Device], rest: list[Device], first: list[DeviceResult], gate: LiveGate,
+          progress: Callable[[str, str], None], record: Callable[[dict[str, Any]], None] | None) -> GateDecision:
+    """Judge the canaries that passed on live traffic against the rest of their profiles; record it."""
+    ok = [d.name for d in canaries if any(r.device == d.name and r.ok for r in first)]
+    profiles = {d.profile for d in canaries if d.name in ok}
+    controls = [d.name for d in rest if d.profile in profiles]
+    if not controls:
+        decision = GateDecision("hold", f"no control device on profile(s) {', '.join(sorted(profiles)) or '-'} "
+                                        "still runs the current model to compare with")
+    else:
+        cans, ctrls = _collect(fleet, ok, controls, gate, progress)
+        decision = judge_live(cans, ctrls, alpha=gate.alpha, min_samples=gate.min_samples,
+                              min_slowdown=gate.min_slowdown, min_snr_db=gate.min_snr_db)
+    if record is not None:
+        for r in first:
+            if r.device in ok:
+                record({"device": r.device, "kind": "live gate", "chosen": r.variant, "current": None,
+                        "feasible": decision.action == "promote", "switch": decision.action == "promote",
+                        "reason": decision.reason, "gate": {**decision.as_dict(), "controls": controls}})
+    return decision

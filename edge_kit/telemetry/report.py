@@ -98,11 +98,12 @@ def _profile_figures(profile: Profile, records: list[dict[str, Any]], chosen: di
 
 
 def _fleet_rows(store: Store) -> tuple[list[str], list[list[str]]]:
-    status, latest = store.latest_status(), store.latest_bench()
+    status, latest, tele = store.latest_status(), store.latest_bench(), store.latest_telemetry()
     decisions: dict[str, dict[str, Any]] = {}
     for d in store.decisions(limit=100_000):
         decisions.setdefault(d["device"], d)  # newest first
-    head = ["device", "profile", "state", "running", "decision", "p90 ms", "top-1", "mJ/inference", "power source", "simulated"]
+    head = ["device", "profile", "state", "running", "decision", "p90 ms", "top-1", "mJ/inference", "power source",
+            "live p50/p99 ms (requests)", "simulated"]
     rows = []
     for device in sorted(set(status) | {d for d, _ in latest} | set(decisions)):
         st = status.get(device, {})
@@ -111,15 +112,41 @@ def _fleet_rows(store: Store) -> tuple[list[str], list[list[str]]]:
         dec = decisions.get(device)
         verdict = "-" if not dec else (f"{dec['chosen']} (feasible)" if dec["feasible"] else
                                        f"<span class=bad>{html.escape(str(dec['chosen']))} infeasible: "
-                                       f"{html.escape(', '.join(dec.get('violates') or []))}</span>")
+                                       f"{html.escape(', '.join(dec.get('violates') or [str(dec.get('reason'))]))}</span>")
         rows.append([html.escape(device), html.escape(str((rec or {}).get("profile") or st.get("profile") or "-")),
                      html.escape(st.get("state", "never seen")), html.escape(cur.get("variant") or "-"),
                      verdict if dec and not dec["feasible"] else html.escape(verdict),
                      f"{rec['latency_ms']['p90']:.4g}" if rec else "-",
                      f"{100 * rec['accuracy']['value']:.2f} %" if rec and rec.get("accuracy") else "-",
                      f"{rec['power']['energy_per_inference_mj']:.4g}" if rec and rec["power"].get("energy_per_inference_mj") is not None else "-",
-                     html.escape(_power_source(rec)) if rec else "-", "yes" if rec and rec.get("simulated") else "no"])
+                     html.escape(_power_source(rec)) if rec else "-", _live_cell((tele.get(device) or {}).get("live")),
+                     "yes" if rec and rec.get("simulated") else "no"])
     return head, rows
+
+
+def _live_cell(live: Any) -> str:
+    """Return the serving API's live figures of a device's latest telemetry, or "-"."""
+    if not isinstance(live, dict) or not isinstance(live.get("latency_ms"), dict):
+        return "-"
+    lat = live["latency_ms"]
+    return html.escape(f"{lat.get('p50', 0):.3g}/{lat.get('p99', 0):.3g} ({live.get('requests', 0):,}, "
+                       f"{(live.get('model') or {}).get('variant')})")
+
+
+def _gate_rows(store: Store) -> list[list[str]]:
+    """Return one row per live-gate decision, newest first: when, canary, candidate, action and its numbers."""
+    rows = []
+    for d in store.decisions(limit=100_000):
+        g = d.get("gate")
+        if d.get("kind") != "live gate" or not isinstance(g, dict):
+            continue
+        num = (lambda v, f: "-" if v is None else format(v, f))
+        rows.append([time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d["recorded"])), html.escape(d["device"]),
+                     html.escape(str(d.get("chosen"))), html.escape(g["action"]), html.escape(g["reason"]),
+                     f"{num(g.get('canary_p50_ms'), '.3g')} / {num(g.get('control_p50_ms'), '.3g')}",
+                     f"{g.get('canary_samples', 0):,} / {g.get('control_samples', 0):,}", num(g.get("p_value"), ".2g"),
+                     num(g.get("worst_snr_db"), ".1f"), html.escape(", ".join(g.get("controls") or []))])
+    return rows
 
 
 def build_report(store: Store, out: Path, title: str = "edge-kit fleet report") -> dict[str, Any]:
@@ -155,6 +182,15 @@ def build_report(store: Store, out: Path, title: str = "edge-kit fleet report") 
     head, rows = _fleet_rows(store)
     table = ("<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"
              + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows) + "</table>")
+    gate_rows = _gate_rows(store)
+    if gate_rows:
+        gate_head = ["when", "canary", "candidate", "action", "why", "p50 ms canary / control", "requests canary / control",
+                     "p (Mann-Whitney U)", "live SNR dB", "controls"]
+        table += ("<h2>Rollout gate decisions</h2><p class=note>Live figures: the serving API's service times on the "
+                  "devices' own traffic (perf_counter_ns), canaries on the candidate against controls on the current model; "
+                  "SNR from shadow runs against the fp32 reference.</p><table><tr>"
+                  + "".join(f"<th>{h}</th>" for h in gate_head) + "</tr>"
+                  + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in gate_rows) + "</table>")
     simulated = any(r.get("simulated") for r in latest)
     page = (f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title)}</title><style>{_CSS}</style>"
             f"<script>{plotly.offline.get_plotlyjs()}</script></head><body><h1>{html.escape(title)}</h1>"

@@ -85,6 +85,9 @@ def test_demo_runs_the_whole_loop_and_cleans_up(run_cli):
     for row in result["devices"]:
         assert row["variant"] and row["feasible"] and row["simulated"] is True and row["p90_ms"] > 0
         assert row["accuracy"] > 0.9 and row["power_method"].startswith("estimated:")
+        live = row["live"]  # the demo's application, served by the agent: its own answers scored, the agent's figures
+        assert live["requests"] == 300 and live["top1"] > 0.9 and live["served"] == row["variant"]
+        assert 0 < live["p50_ms"] <= live["p99_ms"]
     assert result["kept"] is False and not __import__("pathlib").Path(result["workdir"]).exists()
     # the history was written where report/select/fleet status look for it: beside the fleet file
     assert result["history"] == str(history_path(Path(result["fleet_file"])))
