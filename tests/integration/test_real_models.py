@@ -9,7 +9,6 @@ boxes on two photos, checked by eye (see docs/real-models.md).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -30,19 +29,6 @@ STRICT_SNR_DB = 18.0  # real calibration keeps the detector's int8 above this (2
 DETECTOR_OUTPUTS = {"reshaped_regressor_face_4", "reshaped_classifier_face_4"}
 
 
-@pytest.fixture(scope="module")
-def wheels() -> Path:
-    """The folder of pinned wheels; fails (never skips) when one is missing."""
-    folder = Path(os.environ.get("EDGEKIT_WHEELS", ROOT / ".cache" / "wheels"))
-    missing = []
-    for key in realmodels.WHEELS:
-        try:
-            realmodels.wheel(folder, key)
-        except realmodels.MissingWheel as exc:
-            missing.append(str(exc))
-    if missing:
-        pytest.fail("real-model wheels missing: " + "; ".join(missing), pytrace=False)
-    return folder
 
 
 @pytest.fixture(scope="module")
