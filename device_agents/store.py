@@ -342,12 +342,22 @@ class ModelStore:
             ``{"current": sha, "previous": sha|None, "changed": bool, "smoke": {...}}``.
 
         Raises:
-            StoreError: not installed, sha256 mismatch, or the smoke inference failed (nothing changed).
+            StoreError: not installed, sha256 mismatch, its format's runtime is not installed here (the
+                message says how to install it), or the smoke inference failed (nothing changed).
         """
         path = self.verify(sha256)
         old = self.current()
         if old == sha256:
             return {"current": sha256, "previous": self.previous(), "changed": False, "smoke": None}
+        from device_agents.runtimes import (  # numpy and the runtimes: only here
+            RuntimeUnavailable,
+            get_runtime,
+        )
+
+        try:  # this process serves it next: its runtime must be here, not only in the smoke check's child
+            get_runtime(runtime, model=path)
+        except RuntimeUnavailable as exc:
+            raise StoreError(f"model {sha256[:12]} ({(self._meta(sha256) or {}).get('variant')}): {exc}") from None
         if smoke is None:
             from device_agents.smoke import (
                 SmokePool,  # imports numpy and the interpreter: only when needed

@@ -25,13 +25,14 @@ def get_runtime(key: str | None = None, *, model: Path | bytes | None = None) ->
 
     With ``model``, the runtime must run that model's format (:func:`model_format`): an ONNX model
     always gets ``onnxruntime`` (``key``, a LiteRT runtime choice, then does not apply); a
-    ``.tflite`` model the runtime ``key``, or the first installed LiteRT runtime.
+    ``.tflite`` model the runtime ``key``, or the first installed LiteRT runtime. Without ``model``,
+    ``key`` as given, or the first installed LiteRT runtime.
 
     Raises:
         RuntimeUnavailable: unknown key, a key that does not run the model's format, or its library
             is not installed (the message says what to install, in one line).
     """
-    fmt = model_format(model) if model is not None else "tflite"
+    fmt = model_format(model) if model is not None else None
     if fmt == "onnx" and (key is None or fmt not in RUNTIMES.get(key, Runtime).formats):
         name = "the model" if isinstance(model, bytes | bytearray) else Path(model).name  # type: ignore[arg-type]
         reason = OnnxRuntime.unavailable_reason()
@@ -42,7 +43,7 @@ def get_runtime(key: str | None = None, *, model: Path | bytes | None = None) ->
         cls = RUNTIMES.get(key)
         if cls is None:
             raise RuntimeUnavailable(f"unknown runtime '{key}' (known: {', '.join(RUNTIMES)})")
-        if fmt not in cls.formats:
+        if fmt is not None and fmt not in cls.formats:
             raise RuntimeUnavailable(f"runtime '{key}' does not run {fmt} models "
                                      f"(it runs {', '.join(cls.formats)})")
         reason = cls.unavailable_reason()
@@ -51,7 +52,7 @@ def get_runtime(key: str | None = None, *, model: Path | bytes | None = None) ->
         return cls()
     reasons = []
     for cls in RUNTIMES.values():
-        if fmt not in cls.formats:
+        if (fmt or "tflite") not in cls.formats:
             continue
         reason = cls.unavailable_reason()
         if reason is None:
