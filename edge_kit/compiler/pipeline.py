@@ -126,6 +126,10 @@ FLOAT_SOURCE_VARIANTS = ("fp32", "fp16", "dynamic-int8", "int8")  # what ai-edge
 
 def _refusal(spec: VariantSpec, source: Source, calib: Dataset | None) -> str | None:
     """Return why ``spec`` cannot be built from this source and data, or None."""
+    if spec.runtime == "onnxruntime":
+        from edge_kit.compiler.onnx_variants import refusal
+
+        return refusal(source.kind, spec.needs_calibration, calib)
     if spec.pruning and source.kind != "keras":
         return (f"pruning needs the Keras model (.keras or .h5): {'an' if source.kind == 'onnx' else 'a'} {source.kind} source has no editable layers; "
                 "every other variant can be built from it")
@@ -167,6 +171,10 @@ def _build(plan: _Plan, source: Source, graph: Callable[[], Graph | bytes], req:
     """
     spec = plan.spec
     calib_x = calib.x if calib is not None else None
+    if spec.runtime == "onnxruntime":
+        from edge_kit.compiler.onnx_variants import build
+
+        return build(spec.id, source.onnx or b"", source.inputs, calib_x)
     target = compiler_of(spec.id)
     if target is not None:
         base = built.get(spec.base or "")
@@ -355,9 +363,15 @@ def compile_model(req: CompileRequest, progress: Progress | None = None) -> Mani
     runtime = get_runtime("litert")
     method = f"measured on host with LiteRT {runtime.version()} interpreter (XNNPACK, {req.threads} thread(s))"
 
+    def method_of(spec: VariantSpec) -> str:
+        if spec.runtime != "onnxruntime":
+            return method
+        ort = get_runtime("onnxruntime")
+        return f"measured on host with ONNX Runtime {ort.version()} (CPUExecutionProvider, {req.threads} thread(s))"
+
     def outputs_of(data: bytes, xs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with runtime_banner_dropped():  # LiteRT's "INFO: Created ... XNNPACK delegate" line, nothing else
-            interp = runtime.interpreter(data, threads=req.threads)
+            interp = get_runtime("litert", model=data).interpreter(data, threads=req.threads)  # ONNX: onnxruntime
         return ModelRunner(interp).predict(xs)
 
     conversion_warnings: list[str] = []
@@ -403,18 +417,24 @@ def compile_model(req: CompileRequest, progress: Progress | None = None) -> Mani
         step(f"measuring {plan.spec.id}")
         spec = plan.spec
         common = dict(id=spec.id, profiles=plan.profiles, summary=spec.summary, precision=spec.precision,
-                      pruning=spec.pruning, sparsity_requested=spec.sparsity)
+                      pruning=spec.pruning, sparsity_requested=spec.sparsity, runtime=spec.runtime)
         if plan.data is None:
             status = "failed" if plan.extra.get("failed") else "not-built"
             plan.artifact = Artifact(status=status, reason=plan.refusal, **common)
             continue
-        stats = analyse(plan.data)
-        support = {key: check for key in targets_of[spec.id] if (check := TARGETS[key].rule_check(stats))}
+        if spec.format == "onnx":
+            from edge_kit.compiler.onnx_variants import analyse_onnx
+
+            stats = analyse_onnx(plan.data)
+            support = {}  # the accelerator targets are LiteRT's; ONNX Runtime picks its providers on the device
+        else:
+            stats = analyse(plan.data)
+            support = {key: check for key in targets_of[spec.id] if (check := TARGETS[key].rule_check(stats))}
         if "compiler_mapping" in plan.extra:
             support[plan.extra["compiler_mapping"]["method"]] = plan.extra["compiler_mapping"]
-        accuracy, fidelity = _evaluate(plan, outputs.get(spec.id), evalset, fid_inputs, reference, method, scorer)
+        accuracy, fidelity = _evaluate(plan, outputs.get(spec.id), evalset, fid_inputs, reference, method_of(spec), scorer)
         plan.artifact = Artifact(
-            status="built", file=f"{spec.id}.tflite", derived_from=plan.extra["how"],
+            status="built", file=spec.file, derived_from=plan.extra["how"],
             sha256=sha256_bytes(plan.data), bytes=stats.bytes, gzip_bytes=stats.gzip_bytes,
             sparsity=round(stats.sparsity, 6), macs=stats.macs, macs_nonzero=stats.macs_nonzero,
             weights=stats.weights, op_histogram=stats.op_histogram, inputs=stats.inputs, outputs=stats.outputs,
@@ -467,7 +487,7 @@ def _publish(target: Path, plans: dict[str, _Plan], manifest: Manifest, extra: d
     try:
         for plan in plans.values():
             if plan.data is not None:
-                atomic_write_bytes(staging / f"{plan.spec.id}.tflite", plan.data)
+                atomic_write_bytes(staging / plan.spec.file, plan.data)
         for name, data in extra.items():
             atomic_write_bytes(staging / name, data)
         atomic_write_text(staging / "manifest.json", manifest.to_json())

@@ -230,7 +230,7 @@ class _Deployer:
                 if art.sha256 in have:
                     continue
                 self.progress(dev.name, f"upload {art.id}")
-                part = shell.put(self.opts.artifacts / art.file, f"{shell.root}/incoming/{art.sha256}.tflite", rename=False)
+                part = shell.put(self.opts.artifacts / art.file, f"{shell.root}/incoming/{art.sha256}{Path(art.file).suffix}", rename=False)
                 if eval_remote is None and eval_file.is_file():
                     eval_remote = shell.put(eval_file, f"{shell.root}/incoming/eval.npz")
                 self._install(shell, art, part, eval_remote)
