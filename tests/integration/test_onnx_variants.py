@@ -127,3 +127,33 @@ def test_other_sources_and_missing_calibration_are_refused_in_one_line(digits_fi
     no_calib = compile_model(CompileRequest(model, [profile("fp32", "onnx-fp32", "onnx-int8")], tmp_path / "n"))
     assert no_calib.artifact("onnx-fp32").status == "built"
     assert no_calib.artifact("onnx-int8").status == "not-built" and "--calib" in no_calib.artifact("onnx-int8").reason
+
+
+DEVICE_PYTHON = Path(os.environ.get("EDGEKIT_TFLITE_PYTHON", ROOT / ".venv-tflite/bin/python"))
+
+
+def test_a_device_environment_without_onnxruntime_refuses_only_the_onnx_variants(compiled, tmp_path):
+    """The tflite-runtime environment (.ci/setup) is a device Python without onnxruntime: the deploy's
+    probe says so, the ONNX variants are refused in one line, the LiteRT one still runs there."""
+    import json
+    import subprocess
+
+    from edge_kit.fleet.deploy import runtime_refusals
+    from edge_kit.fleet.ssh import _PYTHON_FACTS
+
+    assert DEVICE_PYTHON.exists(), f"{DEVICE_PYTHON} is missing: run `bash .ci/setup` (it builds that environment)"
+    _folder, _model, manifest, out = compiled
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(DEVICE_PYTHON), *args], capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+    facts = json.loads(run("-c", _PYTHON_FACTS, str(tmp_path)).stdout)
+    assert facts["runtimes"] == {"onnxruntime": False}
+    built = [a for a in manifest.artifacts if a.status == "built"]
+    refused = runtime_refusals("pi-1", built, facts["runtimes"])
+    assert set(refused) == set(ONNX_VARIANTS)
+    proc = run("-m", "device_agents", "bench", str(out / "onnx-int8.onnx"), "--min-runs", "1")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "pip install 'edge-kit[agent-onnx]'" in lines[0], proc.stderr
+    proc = run("-m", "device_agents", "bench", str(out / "fp32.tflite"), "--min-runs", "1", "--min-seconds", "0", "--json")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["runtime"] == "tflite-runtime", proc.stderr
