@@ -3,16 +3,17 @@
 From an ONNX source (the file ``edgekit compile`` was given):
 
 - ``onnx-fp32``: the model itself with its input shapes pinned (batch 1, ``--input-shape`` pins),
-  written with onnx's shape API and shape inference: nothing else changes, so it is the file the
-  user exported, runnable one sample at a time.
+  written with onnx's shape API and shape inference, and ``Constant`` nodes stored as initializers
+  (Paddle exports hold their weights in them, which ONNX Runtime's quantizer does not quantize):
+  the same computation as the file the user exported, runnable one sample at a time.
 - ``onnx-fp16``: ``onnxruntime.transformers.float16.convert_float_to_float16`` on ``onnx-fp32``,
   with float32 inputs and outputs kept (``keep_io_types``) so the same data files feed it. That
   converter ships inside ONNX Runtime itself (it is the maintained copy of onnxconverter-common's,
   updated with each ONNX Runtime release), so it adds no dependency to the ``onnx`` extra.
 - ``onnx-int8``: ONNX Runtime's static quantization, QDQ format (``quantize_static``), calibrated
-  on ``--calib`` (MinMax), after ``quant_pre_process`` (shape inference and graph optimisation, as
-  ONNX Runtime's quantization guide asks; symbolic shape inference skipped, the shapes are pinned
-  and it would need sympy); activations uint8, weights int8 per channel, the
+  on ``--calib`` (MinMax), after ``quant_pre_process`` (shape inference, as ONNX Runtime's
+  quantization guide asks; its symbolic inference and graph optimisation skipped: the shapes are
+  pinned, and the optimisation broke per-channel QDQ on PaddleOCR's models); activations uint8, weights int8 per channel, the
   combination its guide recommends for CPUs. Inputs and outputs stay float32.
 
 From Keras, SavedModel or ``.tflite`` sources the ONNX variants are refused with a one-line reason
@@ -33,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from edge_kit.compiler.analysis import ModelStats
+from edge_kit.compiler.onnx_source import _constants_as_initializers
 from edge_kit.errors import CompileError
 
 NOT_FROM = ("ONNX variants are built from an ONNX source only: tf2onnx, the Keras/SavedModel exporter, was not made "
@@ -77,6 +79,12 @@ def pinned(data: bytes, inputs: dict[str, tuple[int, ...]]) -> bytes:
             for dim, size in zip(dims, (1, *inputs[value.name])):
                 dim.Clear()
                 dim.dim_value = size
+        for value in model.graph.output:  # inferred again from the pinned inputs
+            for dim in value.type.tensor_type.shape.dim:
+                if not dim.HasField("dim_value"):
+                    dim.Clear()
+        del model.graph.value_info[:]  # exporters store intermediate shapes with dynamic dims; inference keeps them
+        _constants_as_initializers(model.graph)  # Paddle exports hold weights in Constant nodes: the quantizer skips those
         try:
             model = onnx.shape_inference.infer_shapes(model)
         except Exception:  # noqa: BLE001 - ONNX Runtime infers shapes itself; the pinned inputs are what matter
@@ -128,12 +136,22 @@ def _toposort(graph: Any) -> None:
     graph.node.extend(copies)
 
 
-def to_int8(fp32: bytes, calib_x: dict[str, np.ndarray]) -> bytes:
-    """Return ``fp32`` quantized to QDQ static int8, calibrated on ``calib_x`` (:data:`INT8_METHOD`).
+QDQ_OPSET = 13  # DequantizeLinear takes a per-channel axis from opset 13 on
+
+
+def _opset(model: Any) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def to_int8(fp32: bytes, calib_x: dict[str, np.ndarray]) -> tuple[bytes, str]:
+    """Return ``fp32`` quantized to QDQ static int8, calibrated on ``calib_x`` (:data:`INT8_METHOD`), and
+    a note on the opset when it had to be raised: per-channel ``DequantizeLinear`` needs opset 13, so an
+    older model is converted with ``onnx.version_converter`` first (the note says from which opset).
 
     Raises:
         CompileError: pre-processing or quantization failed (its first line).
     """
+    import onnxruntime as ort
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,
@@ -154,16 +172,34 @@ def to_int8(fp32: bytes, calib_x: dict[str, np.ndarray]) -> bytes:
             return next(self.rows, None)
 
     reader = Reader(calib_x)
+    onnx = _onnx()
+    note = ""
+    model = onnx.load_from_string(fp32)
+    if (old := _opset(model)) < QDQ_OPSET:
+        try:
+            fp32 = onnx.version_converter.convert_version(model, QDQ_OPSET).SerializeToString()
+        except Exception as exc:  # noqa: BLE001 - the converter raises assorted types
+            raise CompileError(f"onnx-int8: the model's opset {old} is below the {QDQ_OPSET} per-channel QDQ needs, and "
+                               f"onnx's version converter failed ({str(exc).strip().splitlines()[0][:300]}); "
+                               f"export the model with opset {QDQ_OPSET} or later") from None
+        note = f"; opset raised from {old} to {QDQ_OPSET} by onnx.version_converter first"
     with tempfile.TemporaryDirectory(prefix="edgekit-ort-q-") as tmp:
         src, pre, out = Path(tmp) / "fp32.onnx", Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
         src.write_bytes(fp32)
+        ort.set_default_logger_severity(3)  # its optimiser lists every unused initializer on stderr
         try:
-            quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)  # shapes are pinned: onnx inference suffices
+            # shapes are pinned: onnx's inference suffices (symbolic inference would need sympy). Graph
+            # optimisation skipped: on PaddleOCR's models its Conv+BatchNorm fusion made per-channel QDQ
+            # that ONNX Runtime refuses to load; ONNX Runtime optimises the QDQ graph at load anyway.
+            quant_pre_process(str(src), str(pre), skip_symbolic_shape=True, skip_optimization=True)
             quantize_static(str(pre), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-        except Exception as exc:  # noqa: BLE001 - the quantizer raises assorted types
-            raise CompileError(f"onnx-int8: ONNX Runtime quantization failed ({str(exc).strip().splitlines()[0]})") from None
-        return out.read_bytes()
+            ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])  # the device must be able to load it
+        except Exception as exc:  # noqa: BLE001 - the quantizer and ONNX Runtime raise assorted types
+            raise CompileError(f"onnx-int8: ONNX Runtime quantization failed ({str(exc).strip().splitlines()[0][:600]})") from None
+        finally:
+            ort.set_default_logger_severity(2)
+        return out.read_bytes(), note
 
 
 def build(variant: str, data: bytes, inputs: dict[str, tuple[int, ...]],
@@ -183,7 +219,8 @@ def build(variant: str, data: bytes, inputs: dict[str, tuple[int, ...]],
     if variant == "onnx-int8":
         if calib_x is None:
             raise CompileError("onnx-int8: needs --calib")
-        return to_int8(fp32, calib_x), INT8_METHOD
+        data, note = to_int8(fp32, calib_x)
+        return data, INT8_METHOD + note
     raise CompileError(f"{variant}: not an ONNX variant")
 
 
@@ -221,6 +258,7 @@ def analyse_onnx(data: bytes) -> ModelStats:
     dequant = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "DequantizeLinear"}
     histogram = Counter(n.op_type for n in graph.node)
     macs = macs_nonzero = weights = weights_nonzero = 0
+    by_dtype: Counter[str] = Counter()  # weight elements of MAC ops by stored type: the artifact's precision
     for node in graph.node:
         if node.op_type not in MAC_OPS or len(node.input) < 2:
             continue
@@ -228,6 +266,7 @@ def analyse_onnx(data: bytes) -> ModelStats:
         if wname not in inits:
             continue  # activations x activations (attention MatMul): not a weight op
         w = numpy_helper.to_array(inits[wname])
+        by_dtype[w.dtype.name] += int(w.size)
         weights += int(w.size)
         nz = int(np.count_nonzero(w))
         weights_nonzero += nz
@@ -247,10 +286,8 @@ def analyse_onnx(data: bytes) -> ModelStats:
         elements = int(np.prod(out))
         macs += elements * per_out
         macs_nonzero += int(round(elements * per_out * (nz / w.size if w.size else 0.0)))
-    floats = [numpy_helper.to_array(i).dtype for i in graph.initializer if i.data_type in (1, 10)]
-    quantized = histogram.get("QuantizeLinear", 0) > 0
-    precision = "int8" if quantized else ("float16" if floats and sum(d == np.float16 for d in floats) > len(floats) / 2
-                                          else "float32")
+    stored = by_dtype.most_common(1)[0][0] if by_dtype else "float32"
+    precision = "int8" if stored in ("int8", "uint8") else stored if stored in ("float16", "float32") else "float32"
     interp = get_runtime("onnxruntime").interpreter(data)
     ins, outs = ports(interp)
     inputs = [{**p.record(), "shape_signature": list(p.shape)} for p in ins]

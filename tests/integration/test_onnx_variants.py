@@ -157,3 +157,31 @@ def test_a_device_environment_without_onnxruntime_refuses_only_the_onnx_variants
     assert proc.returncode == 2 and len(lines) == 1 and "pip install 'edge-kit[agent-onnx]'" in lines[0], proc.stderr
     proc = run("-m", "device_agents", "bench", str(out / "fp32.tflite"), "--min-runs", "1", "--min-seconds", "0", "--json")
     assert proc.returncode == 0 and json.loads(proc.stdout)["runtime"] == "tflite-runtime", proc.stderr
+
+
+def test_a_paddle_export_with_constant_weights_and_an_old_opset_is_quantized(wheels, tmp_path):
+    """PaddleOCR's text-direction classifier keeps its weights in Constant nodes, at opset 10: the
+    variants make them initializers and raise the opset, so int8 really quantizes the convolutions."""
+    from device_agents.inference import ModelRunner, fidelity
+    from device_agents.runtimes import get_runtime
+    from edge_kit.compiler.onnx_source import load_onnx
+    from edge_kit.compiler.onnx_variants import analyse_onnx, build
+
+    try:
+        realmodels.wheel(wheels, "rapidocr")
+    except realmodels.MissingWheel as exc:
+        pytest.fail(str(exc), pytrace=False)
+    model = realmodels.extract_model(wheels, "ch_ppocr_mobile_v2.0_cls_infer.onnx", tmp_path)
+    data, inputs, _outputs = load_onnx(model, {"x": (3, 48, 192)})
+    calib = realmodels.text_line_samples(wheels, 32, seed=1)["x"]
+    samples = realmodels.text_line_samples(wheels, 24, seed=2)
+    fp32, _ = build("onnx-fp32", data, inputs, None)
+    int8, how = build("onnx-int8", data, inputs, {"x": calib})
+    assert "opset raised from" in how
+    s32, s8 = analyse_onnx(fp32), analyse_onnx(int8)
+    assert s32.weights > 0 and s32.macs > 0 and s8.macs == s32.macs
+    assert s8.precision == "int8" and s8.bytes < 0.7 * s32.bytes
+    out = {v: ModelRunner(get_runtime(model=b).interpreter(b)).predict(samples["x"]) for v, b in (("fp32", fp32), ("int8", int8))}
+    np.testing.assert_allclose(out["fp32"][_outputs[0]], run_ort(model, samples["x"]), rtol=1e-5, atol=1e-6)
+    fid = fidelity(out["int8"], out["fp32"], classes=set(_outputs))
+    assert fid["top1_agreement"] >= 0.9, fid
