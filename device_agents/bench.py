@@ -173,8 +173,8 @@ def run_bench(model: Path, settings: BenchSettings = BenchSettings(), *, eval_fi
         "threads": settings.threads, "machine": platform.machine(),
         "warmup_runs": settings.warmup, "runs": len(times), "duration_s": round(duration, 3),
         "latency_ms": _percentiles(np.asarray(times, dtype=np.float64)),
-        "latency_method": "time.perf_counter_ns around interpreter.invoke()"
-                          + (" (session.run() of ONNX Runtime)" if hasattr(interp, "provider") else ""),
+        "latency_method": ("time.perf_counter_ns around session.run() (ONNX Runtime, through the interpreter adapter)"
+                           if hasattr(interp, "provider") else "time.perf_counter_ns around interpreter.invoke()"),
         "init_ms": round(init_ms, 3), "first_inference_ms": round(first_ms, 3),
         **_peak_rss(),
         "inputs": input_source,
@@ -194,7 +194,8 @@ def summary_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
     """
     lat, power = r["latency_ms"], r["power"]
     rows = [
-        ("runtime", f"{r['runtime']} {r['runtime_version']}, delegate {r['delegate']}, {r['threads']} thread(s)"),
+        ("runtime", f"{r['runtime']} {r['runtime_version']}, "
+                    f"{'provider' if r['runtime'] == 'onnxruntime' else 'delegate'} {r['delegate']}, {r['threads']} thread(s)"),
         ("runs", f"{r['runs']} timed after {r['warmup_runs']} warm-up in {r['duration_s']} s; inputs: {r['inputs']}"),
         ("latency p50/p90/p99", f"{lat['p50']:.3f} / {lat['p90']:.3f} / {lat['p99']:.3f} ms ({r['latency_method']}; "
                                 "p90 is the headline figure)"),
