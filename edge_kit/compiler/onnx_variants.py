@@ -16,8 +16,12 @@ From an ONNX source (the file ``edgekit compile`` was given):
   pinned, and the optimisation broke per-channel QDQ on PaddleOCR's models); activations uint8, weights int8 per channel, the
   combination its guide recommends for CPUs. Inputs and outputs stay float32.
 
-From Keras, SavedModel or ``.tflite`` sources the ONNX variants are refused with a one-line reason
-(:data:`NOT_FROM`): no exporter was made to work with TensorFlow 2.21 here (see docs/compile.md).
+From a Keras or SavedModel source, the ONNX model is first exported once by tf2onnx
+(:func:`export_graph`): ``tf2onnx.convert.from_function`` on the same batch-1 TensorFlow function
+the LiteRT variants are converted from, so inputs and outputs keep their names. tf2onnx 1.17's
+``from_keras`` fails on Keras 3 models (it looks outputs up by Keras 2 tensor names); its
+``from_function`` route works with TensorFlow 2.21. From a ``.tflite`` source they are refused with
+a one-line reason (:data:`NOT_FROM_TFLITE`): nothing converts a ``.tflite`` back to ONNX here.
 
 Each artifact is read back with ``onnx`` for its op histogram, weights, sparsity and MACs
 (:func:`analyse_onnx`), and run with the agent's own ``onnxruntime`` runtime for accuracy and fidelity.
@@ -37,8 +41,9 @@ from edge_kit.compiler.analysis import ModelStats
 from edge_kit.compiler.onnx_source import _constants_as_initializers
 from edge_kit.errors import CompileError
 
-NOT_FROM = ("ONNX variants are built from an ONNX source only: tf2onnx, the Keras/SavedModel exporter, was not made "
-            "to work with TensorFlow 2.21 here; export the model to ONNX and compile the .onnx file")
+NOT_FROM_TFLITE = ("ONNX variants are built from an ONNX, Keras or SavedModel source: nothing here converts a .tflite "
+                   "back to ONNX; compile the model it came from")
+OPSET = 17  # what tf2onnx exports Keras/SavedModel sources at (ONNX Runtime 1.20+ runs it; QDQ per channel needs >= 13)
 CALIB_SAMPLES = 256  # calibration samples fed to ONNX Runtime's MinMax calibrator (more only slows it)
 FP16_METHOD = "onnxruntime.transformers.float16.convert_float_to_float16 (keep_io_types: float32 inputs and outputs)"
 INT8_METHOD = ("onnxruntime.quantization.quantize_static, QDQ, MinMax calibration on --calib, activations uint8, "
@@ -54,10 +59,47 @@ def _onnx() -> Any:
     return onnx
 
 
+def exporter_unavailable() -> str | None:
+    """Return why Keras/SavedModel sources cannot be exported to ONNX here (one line naming the extra), or None."""
+    try:
+        import tf2onnx  # noqa: F401
+    except ImportError:
+        return "ONNX variants of a Keras or SavedModel source need tf2onnx on the host: pip install 'edge-kit[onnx]'"
+    return None
+
+
+def export_graph(function: Any, inputs: dict[str, tuple[int, ...]], outputs: list[str]) -> tuple[bytes, str]:
+    """Return (the ONNX model, how) of a batch-1 TensorFlow concrete function, exported by tf2onnx.
+
+    ``function`` is :attr:`edge_kit.compiler.sources.Graph.function` (named inputs, a dict of named
+    outputs); the ONNX model keeps those names.
+
+    Raises:
+        CompileError: tf2onnx failed, or the export lost an input or output name.
+    """
+    import tensorflow as tf
+    import tf2onnx
+
+    specs = [tf.TensorSpec([1, *shape], tf.float32, name=name) for name, shape in inputs.items()]
+    try:
+        model, _ = tf2onnx.convert.from_function(tf.function(lambda *args: function(*args), input_signature=specs),
+                                                 input_signature=specs, opset=OPSET)
+    except Exception as exc:  # noqa: BLE001 - tf2onnx raises assorted types
+        raise CompileError(f"onnx-fp32: tf2onnx {tf2onnx.__version__} could not export the model "
+                           f"({str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__})") from None
+    got_in, got_out = [i.name for i in model.graph.input], [o.name for o in model.graph.output]
+    if set(got_in) != set(inputs) or set(got_out) != set(outputs):
+        raise CompileError(f"onnx-fp32: tf2onnx's export names inputs {got_in} and outputs {got_out}, the model "
+                           f"{list(inputs)} and {outputs}; export the model to ONNX yourself and compile the .onnx")
+    return model.SerializeToString(), f"tf2onnx {tf2onnx.__version__} from_function export (opset {OPSET}) of the TensorFlow graph"
+
+
 def refusal(source_kind: str, needs_calibration: bool, calib: Any) -> str | None:
     """Return why an ONNX variant cannot be built from this source and data (one line), or None."""
-    if source_kind != "onnx":
-        return NOT_FROM
+    if source_kind == "tflite":
+        return NOT_FROM_TFLITE
+    if source_kind != "onnx" and (why := exporter_unavailable()):
+        return why
     if needs_calibration and calib is None:
         return "QDQ static int8 needs calibration data: pass --calib FILE.npz (a few hundred inputs)"
     return None

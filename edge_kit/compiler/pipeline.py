@@ -163,7 +163,7 @@ def _prepared(source: Source) -> Graph | bytes:
 
 
 def _build(plan: _Plan, source: Source, graph: Callable[[], Graph | bytes], req: CompileRequest, calib: Dataset | None,
-           train: Dataset | None, built: dict[str, _Plan]) -> tuple[bytes, str]:
+           train: Dataset | None, built: dict[str, _Plan], built_extra: dict[str, Any] | None = None) -> tuple[bytes, str]:
     """Return (flatbuffer, how it was made) for one planned variant. Raises CompileError.
 
     ``graph`` gives the source's TensorFlow graph, or for a ``.tflite`` source its float32 rewrite;
@@ -171,10 +171,28 @@ def _build(plan: _Plan, source: Source, graph: Callable[[], Graph | bytes], req:
     """
     spec = plan.spec
     calib_x = calib.x if calib is not None else None
+    built_extra = {} if built_extra is None else built_extra  # shared between variants: the ONNX export
     if spec.runtime == "onnxruntime":
-        from edge_kit.compiler.onnx_variants import build
+        from edge_kit.compiler.onnx_variants import build, export_graph
 
-        return build(spec.id, source.onnx or b"", source.inputs, calib_x)
+        exported = ""
+        if source.kind != "onnx":  # Keras / SavedModel: exported once, every onnx-* variant made from it
+            if "onnx_export" not in built_extra:
+                graph_of = graph()
+                try:
+                    if not isinstance(graph_of, Graph):
+                        raise CompileError(f"{spec.id}: no TensorFlow graph to export")
+                    built_extra["onnx_export"] = export_graph(graph_of.function, source.inputs, source.outputs)
+                except CompileError as exc:
+                    built_extra["onnx_export"] = exc  # every onnx-* variant fails with the same reason, exported once
+            if isinstance(built_extra["onnx_export"], CompileError):
+                raise built_extra["onnx_export"]
+            data, how = built_extra["onnx_export"]
+            exported = how + "; then "
+        else:
+            data = source.onnx or b""
+        artifact, how = build(spec.id, data, source.inputs, calib_x)
+        return artifact, exported + how
     target = compiler_of(spec.id)
     if target is not None:
         base = built.get(spec.base or "")
@@ -244,6 +262,12 @@ def _evaluate(plan: _Plan, outputs: dict[str, np.ndarray] | None, evalset: Datas
     elif outputs is not None:
         fidelity = Fidelity(measured=False, method="not measured: no fp32 reference could be built")
     return accuracy, fidelity
+
+
+def _version_of(package: str) -> str | None:
+    from edge_kit.compiler.onnx_source import version
+
+    return version(package)
 
 
 def _onnx_versions() -> dict[str, str | None]:
@@ -390,13 +414,14 @@ def compile_model(req: CompileRequest, progress: Progress | None = None) -> Mani
 
     graph = functools.cache(lambda: _prepared(source))  # made once, shared by every precision
     built: dict[str, _Plan] = {}
+    shared: dict[str, Any] = {}  # made once for several variants (the ONNX export of a Keras/SavedModel source)
     for plan in plans.values():
         step(f"building {plan.spec.id}")
         if plan.refusal:
             continue
         started = time.perf_counter()
         try:
-            plan.data, how = _build(plan, source, graph, req, calib, train, built)
+            plan.data, how = _build(plan, source, graph, req, calib, train, built, shared)
         except CompileError as exc:
             plan.refusal = str(exc)
             plan.extra["failed"] = True
@@ -454,7 +479,8 @@ def compile_model(req: CompileRequest, progress: Progress | None = None) -> Mani
               "metric": scorer.task.headline if scorer.task is not None and scorer.user is None else None,
               "reference": "fp32" if reference is not None else None} if evalset else None,
         train=train.record() if train else None,
-        versions={**_versions(), **(_onnx_versions() if source.kind == "onnx" else {})},
+        versions={**_versions(), **(_onnx_versions() if source.kind == "onnx" or "onnx_export" in shared else {}),
+                  **({"tf2onnx": _version_of("tf2onnx")} if "onnx_export" in shared else {})},
         profiles={p.name: {"description": p.description, "accelerator": p.hardware.accelerator,
                            "variants": list(p.variants)} for p in req.profiles},
         artifacts=[p.artifact for p in plans.values() if p.artifact is not None],

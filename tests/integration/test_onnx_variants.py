@@ -20,7 +20,7 @@ from device_agents.bench import run_bench
 from device_agents.store import ModelStore
 from edge_kit import realmodels
 from edge_kit.cli.compile import _compile_report
-from edge_kit.compiler.onnx_variants import NOT_FROM
+from edge_kit.compiler.onnx_variants import NOT_FROM_TFLITE
 from edge_kit.compiler.pipeline import CompileRequest, compile_model
 from edge_kit.manifest import read_manifest
 from edge_kit.profiles import load_profile
@@ -116,13 +116,29 @@ def test_agent_bench_gives_the_host_figures(compiled, tmp_path):
         assert record["fidelity"]["cosine"] == pytest.approx(art.fidelity.cosine, abs=1e-6)
 
 
-def test_other_sources_and_missing_calibration_are_refused_in_one_line(digits_files, compiled, tmp_path):
-    manifest = compile_model(CompileRequest(digits_files.model, [profile("fp32", *ONNX_VARIANTS)], tmp_path / "k",
+def test_a_keras_source_is_exported_by_tf2onnx_and_its_int8_keeps_the_accuracy(digits_files, tmp_path):
+    manifest = compile_model(CompileRequest(digits_files.model, [profile("fp32", "int8", *ONNX_VARIANTS)], tmp_path / "k",
                                             calib=digits_files.calib, eval=digits_files.eval))
+    out = tmp_path / "k" / "digits"
+    arts = {v: manifest.artifact(v) for v in ("fp32", "int8", *ONNX_VARIANTS)}
+    assert all(a.status == "built" for a in arts.values()), {v: a.reason for v, a in arts.items()}
+    assert arts["onnx-fp32"].derived_from.startswith("tf2onnx ") and manifest.versions["tf2onnx"]
+    assert [i["name"] for i in arts["onnx-fp32"].inputs] == [i["name"] for i in arts["fp32"].inputs]
+    assert [o["name"] for o in arts["onnx-fp32"].outputs] == [o["name"] for o in arts["fp32"].outputs]
+    assert arts["onnx-fp32"].macs == pytest.approx(arts["fp32"].macs, rel=0.01)
+    assert arts["onnx-fp32"].fidelity.snr_db > 60  # the export computes what the LiteRT fp32 computes
+    assert arts["onnx-int8"].accuracy.value >= 0.99 * arts["onnx-fp32"].accuracy.value
+    x = np.load(digits_files.eval)["x"][:4]
+    assert run_ort(out / "onnx-int8.onnx", x).shape == (4, 10)
+
+
+def test_other_sources_and_missing_calibration_are_refused_in_one_line(digits_artifacts, compiled, tmp_path):
+    manifest = compile_model(CompileRequest(digits_artifacts / "fp32.tflite", [profile("fp32", *ONNX_VARIANTS)],
+                                            tmp_path / "t"))
     assert manifest.artifact("fp32").status == "built"
     for vid in ONNX_VARIANTS:
         art = manifest.artifact(vid)
-        assert art.status == "not-built" and art.reason == NOT_FROM and "\n" not in art.reason
+        assert art.status == "not-built" and art.reason == NOT_FROM_TFLITE and "\n" not in art.reason
     _folder, model, _m, _out = compiled
     no_calib = compile_model(CompileRequest(model, [profile("fp32", "onnx-fp32", "onnx-int8")], tmp_path / "n"))
     assert no_calib.artifact("onnx-fp32").status == "built"
