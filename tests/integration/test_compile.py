@@ -31,12 +31,13 @@ def test_each_distinct_variant_is_built_once_and_listed_for_every_profile_using_
     folder, manifest = compiled
     ids = [a.id for a in manifest.artifacts]
     assert len(ids) == len(set(ids))
-    assert set(ids) == {"fp32", "fp16", "dynamic-int8", "int8", "int8-pruned-50", "int8-pruned-ch50", "edgetpu"}
+    assert set(ids) == {"fp32", "fp16", "dynamic-int8", "int8", "int8-pruned-50", "int8-pruned-ch50", "edgetpu",
+                        "onnx-fp32", "onnx-fp16", "onnx-int8"}  # rpi4 and the Jetson list ONNX Runtime variants too
     assert manifest.artifact("int8").profiles == THREE
     assert manifest.artifact("int8-pruned-ch50").profiles == THREE
     assert manifest.artifact("fp16").profiles == ["rpi4", "jetson-orin-nano"]
     assert sorted(p.name for p in folder.iterdir()) == sorted(
-        ["manifest.json", "eval.npz", *(f"{a.id}.tflite" for a in manifest.artifacts if a.status == "built")])
+        ["manifest.json", "eval.npz", *(a.file for a in manifest.artifacts if a.status == "built")])
 
 
 def test_the_eval_set_ships_with_the_fp32_reference_outputs(compiled, digits_files):
