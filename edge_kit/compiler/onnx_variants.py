@@ -11,9 +11,10 @@ From an ONNX source (the file ``edgekit compile`` was given):
   converter ships inside ONNX Runtime itself (it is the maintained copy of onnxconverter-common's,
   updated with each ONNX Runtime release), so it adds no dependency to the ``onnx`` extra.
 - ``onnx-int8``: ONNX Runtime's static quantization, QDQ format (``quantize_static``), calibrated
-  on ``--calib`` (MinMax), after ``quant_pre_process`` (shape inference, as ONNX Runtime's
-  quantization guide asks; its symbolic inference and graph optimisation skipped: the shapes are
-  pinned, and the optimisation broke per-channel QDQ on PaddleOCR's models); activations uint8, weights int8 per channel, the
+  on ``--calib`` (MinMax), after ``quant_pre_process`` (shape inference and graph optimisation, as
+  ONNX Runtime's quantization guide asks; its symbolic inference skipped: the shapes are pinned;
+  the optimisation too, said in ``derived_from``, when its result does not quantize into a model
+  ONNX Runtime loads); activations uint8, weights int8 per channel, the
   combination its guide recommends for CPUs. Inputs and outputs stay float32.
 
 From a Keras or SavedModel source, the ONNX model is first exported once by tf2onnx
@@ -213,7 +214,6 @@ def to_int8(fp32: bytes, calib_x: dict[str, np.ndarray]) -> tuple[bytes, str]:
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self.rows, None)
 
-    reader = Reader(calib_x)
     onnx = _onnx()
     note = ""
     model = onnx.load_from_string(fp32)
@@ -229,14 +229,24 @@ def to_int8(fp32: bytes, calib_x: dict[str, np.ndarray]) -> tuple[bytes, str]:
         src, pre, out = Path(tmp) / "fp32.onnx", Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
         src.write_bytes(fp32)
         ort.set_default_logger_severity(3)  # its optimiser lists every unused initializer on stderr
+        first = None
         try:
-            # shapes are pinned: onnx's inference suffices (symbolic inference would need sympy). Graph
-            # optimisation skipped: on PaddleOCR's models its Conv+BatchNorm fusion made per-channel QDQ
-            # that ONNX Runtime refuses to load; ONNX Runtime optimises the QDQ graph at load anyway.
-            quant_pre_process(str(src), str(pre), skip_symbolic_shape=True, skip_optimization=True)
-            quantize_static(str(pre), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-            ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])  # the device must be able to load it
+            # shapes are pinned: onnx's inference suffices (symbolic inference would need sympy). The graph
+            # optimisation (Conv+BatchNorm fusion...) makes the int8 model faster; should its result not
+            # quantize into a model ONNX Runtime loads, the quantization runs again without it, and says so.
+            for skip in (False, True):
+                try:
+                    quant_pre_process(str(src), str(pre), skip_symbolic_shape=True, skip_optimization=skip)
+                    quantize_static(str(pre), str(out), Reader(calib_x), quant_format=QuantFormat.QDQ,
+                                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                    ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])  # the device must load it
+                    break
+                except Exception as exc:  # noqa: BLE001 - the quantizer and ONNX Runtime raise assorted types
+                    if skip:
+                        raise
+                    first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            if first is not None:
+                note += f"; quant_pre_process's graph optimisation skipped (with it: {first})"
         except Exception as exc:  # noqa: BLE001 - the quantizer and ONNX Runtime raise assorted types
             raise CompileError(f"onnx-int8: ONNX Runtime quantization failed ({str(exc).strip().splitlines()[0][:600]})") from None
         finally:
