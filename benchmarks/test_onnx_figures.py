@@ -50,8 +50,9 @@ def _record(figure, label: str, model: Path, manifest, note: str, evalfile: Path
            f"{HOW_CONV}; max abs error {conv['max_abs_error']:.2g}; {conv['inputs']}{back}")
     built = [a for a in manifest.artifacts if a.status == "built"]
     asked = [a for a in manifest.artifacts if "rpi4" in a.profiles or a.id == "fp32"]
-    figure(f"{label}: variants built / asked (rpi4)", f"{len(built)}/{len(asked)}", "4/6",
-           "pruned variants need a Keras source; an ONNX source yields fp32, fp16, dynamic-int8, int8")
+    figure(f"{label}: variants built / asked (rpi4)", f"{len(built)}/{len(asked)}", "6/8",
+           "pruned variants need a Keras source; an ONNX source yields fp32, fp16, dynamic-int8, int8 (LiteRT) "
+           "and onnx-fp32, onnx-int8 (ONNX Runtime)")
     metric = manifest.artifact("fp32").accuracy.metric if manifest.artifact("fp32").accuracy.measured else None
     if evalfile is not None and metric == "top1":
         with np.load(evalfile) as ev:
@@ -64,7 +65,8 @@ def _record(figure, label: str, model: Path, manifest, note: str, evalfile: Path
         worst = min(a.fidelity.outputs.items(), key=lambda kv: kv[1]["snr_db"])
         value = f"{a.fidelity.snr_db:.1f} dB" + (f", {a.accuracy.value:.3f}" if metric else "")
         figure(f"{label}: {a.id} worst-output SNR vs fp32" + (f", {metric}" if metric else ""), value, "-",
-               f"{note}; worst of {len(a.fidelity.outputs)} output(s) is '{worst[0]}'; {HOW_VAR}")
+               f"{note}; worst of {len(a.fidelity.outputs)} output(s) is '{worst[0]}'; "
+               + (HOW_VAR if a.runtime == "litert" else HOW_VAR.replace("LiteRT interpreter", "ONNX Runtime (CPU)")))
 
 
 def _compile(model: Path, out: Path, **kw):

@@ -45,8 +45,8 @@ def _compile(model: Path, out: Path, **kw):
 def _record_variants(figure, label: str, manifest, note: str) -> None:
     asked = [a for a in manifest.artifacts if "rpi4" in a.profiles or a.id == "fp32"]
     built = [a for a in asked if a.status == "built"]
-    figure(f"{label}: variants built / asked (rpi4)", f"{len(built)}/{len(asked)}", "4/6",
-           "pruned variants need a Keras source; a .tflite yields fp32, fp16, dynamic-int8, int8")
+    figure(f"{label}: variants built / asked (rpi4)", f"{len(built)}/{len(asked)}", "4/8",
+           "pruned variants need a Keras source, onnx-* an ONNX source; a .tflite yields fp32, fp16, dynamic-int8, int8")
     for a in built:
         if a.id == "fp32":
             continue

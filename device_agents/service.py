@@ -443,7 +443,7 @@ class Agent:
     def _interpreter(self, path: Path) -> Any:
         """Return an allocated interpreter for ``path`` with this device's runtime, target and threads."""
         b = self.cfg.bench
-        return get_runtime(b.runtime).interpreter(path, threads=b.threads, delegate=b.delegate,
+        return get_runtime(b.runtime, model=path).interpreter(path, threads=b.threads, delegate=b.delegate,
                                                   options=b.delegate_options)
 
     def follow_current(self) -> None:

@@ -32,7 +32,7 @@ def smoke(model: Path, runtime: str | None = None, delegate: str = "xnnpack",
 
     try:
         t0 = time.perf_counter()
-        runner = ModelRunner(get_runtime(runtime).interpreter(Path(model), delegate=delegate, options=options))
+        runner = ModelRunner(get_runtime(runtime, model=Path(model)).interpreter(Path(model), delegate=delegate, options=options))
         runner.invoke_raw([np.zeros(p.shape, dtype=p.dtype) for p in runner.inputs])
         outs = [runner.interpreter.get_tensor(p.index) for p in runner.outputs]
     except (ValueError, RuntimeError, RuntimeUnavailable, OSError) as exc:

@@ -2,12 +2,16 @@
 
 Layout under ``<root>`` (``/opt/edgekit`` as root, else ``~/.edgekit``)::
 
-    models/<sha256>/model.tflite     the artifact, named by its own sha256
-    models/<sha256>/meta.json        variant id, model name, sha256, bytes, when installed
+    models/<sha256>/model.tflite     the artifact, named by its own sha256 (``model.onnx`` for an ONNX one)
+    models/<sha256>/meta.json        variant id, model name, sha256, bytes, format, when installed
     models/<sha256>/eval.npz         optional: x, y and the fp32 reference outputs for accuracy/fidelity
     current  -> models/<sha256>      switched with an atomic rename of a fresh symlink
     previous -> models/<sha256>      the one before, for rollback
     incoming/                        uploads in flight (``*.part``)
+
+An artifact's format (``tflite`` or ``onnx``) is read from its bytes at install
+(:func:`device_agents.runtimes.model_format`), kept as ``format`` in ``meta.json`` and as the file's
+suffix; :meth:`ModelStore.model_path` follows it, and every reader picks its runtime by it.
 
 A model directory appears by renaming a complete staging directory, so a reader never sees a half
 written model. A model becomes ``current`` only after its sha256 is checked again and a child
@@ -28,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from device_agents.errors import SmokeFailed, StoreError
+from device_agents.formats import SUFFIX, model_format
 
 SMOKE_TIMEOUT_S = 120.0
 
@@ -109,17 +114,22 @@ class ModelStore:
                 src.unlink()
             return Installed(digest, meta.get("variant", variant), meta.get("model", model), target, fresh=False)
         size = src.stat().st_size
+        try:
+            fmt = model_format(src)
+        except OSError as exc:
+            raise StoreError(f"cannot read {src}: {exc.strerror or exc}") from None
+        name = "model" + SUFFIX[fmt]
         staging = self.models / f".{digest}.staging-{os.getpid()}"
         try:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir()
             if move:
-                shutil.move(src, staging / "model.tflite")  # a rename on one filesystem: no second copy on the card
+                shutil.move(src, staging / name)  # a rename on one filesystem: no second copy on the card
             else:
-                shutil.copyfile(src, staging / "model.tflite")
+                shutil.copyfile(src, staging / name)
             if eval_file is not None:
                 shutil.copyfile(eval_file, staging / "eval.npz")
-            meta = {"sha256": digest, "variant": variant, "model": model, "bytes": size,
+            meta = {"sha256": digest, "variant": variant, "model": model, "bytes": size, "format": fmt,
                     "installed": time.time(), "eval": "eval.npz" if eval_file is not None else None,
                     "eval_sha256": eval_digest}
             (staging / "meta.json").write_text(json.dumps(meta, indent=2))
@@ -130,8 +140,8 @@ class ModelStore:
                 shutil.rmtree(target)
             os.rename(staging, target)
         except OSError as exc:
-            if move and not src.exists() and (staging / "model.tflite").is_file():
-                shutil.move(staging / "model.tflite", src)  # the caller's file is not lost with the staging folder
+            if move and not src.exists() and (staging / name).is_file():
+                shutil.move(staging / name, src)  # the caller's file is not lost with the staging folder
             shutil.rmtree(staging, ignore_errors=True)
             raise StoreError(f"cannot install {src.name} into {self.models}: {exc.strerror or exc}") from None
         return Installed(digest, variant, model, target)
@@ -216,7 +226,8 @@ class ModelStore:
         meta = self._meta(sha256)
         if meta is None:
             return "meta.json is missing or unreadable"
-        if not (folder / "model.tflite").is_file() or sha256_of(folder / "model.tflite") != sha256:
+        artifact = self.model_path(sha256)
+        if not artifact.is_file() or sha256_of(artifact) != sha256:
             return "the artifact no longer hashes to its sha256"
         if (folder / "eval.npz").is_file() and not meta.get("eval_sha256"):
             return "the eval set has no recorded sha256 (installed by an older agent)"
@@ -240,9 +251,15 @@ class ModelStore:
         metas = [m for d in self.models.glob("*") if _is_sha(d.name) and (m := self._meta(d.name))]
         return sorted(metas, key=lambda m: m.get("installed", 0))
 
+    def model_format(self, sha256: str) -> str:
+        """Return the installed model's format, ``tflite`` or ``onnx`` (``meta.json``; ``tflite`` when it
+        does not say: models installed before formats were recorded were all ``.tflite``)."""
+        fmt = (self._meta(sha256) or {}).get("format")
+        return fmt if fmt in SUFFIX else "tflite"
+
     def model_path(self, sha256: str) -> Path:
-        """Return the path of an installed model's ``.tflite`` file."""
-        return self.models / sha256 / "model.tflite"
+        """Return the path of an installed model's artifact (``model.tflite`` or ``model.onnx``, by its format)."""
+        return self.models / sha256 / ("model" + SUFFIX[self.model_format(sha256)])
 
     def eval_path(self, sha256: str) -> Path | None:
         """Return the model's shipped eval set after checking its sha256 against the metadata, or None.
@@ -294,7 +311,7 @@ class ModelStore:
         path = self.model_path(sha256)
         meta = self._meta(sha256)
         if meta is None or not path.is_file():
-            raise StoreError(f"model {sha256[:12]} is not installed (no model.tflite or meta.json)")
+            raise StoreError(f"model {sha256[:12]} is not installed (no {path.name} or meta.json)")
         actual = sha256_of(path)
         if actual != sha256 or meta.get("sha256") != sha256:
             raise StoreError(f"model {sha256[:12]}: file sha256 is {actual[:12]}..., manifest says {sha256[:12]}... "
@@ -325,12 +342,22 @@ class ModelStore:
             ``{"current": sha, "previous": sha|None, "changed": bool, "smoke": {...}}``.
 
         Raises:
-            StoreError: not installed, sha256 mismatch, or the smoke inference failed (nothing changed).
+            StoreError: not installed, sha256 mismatch, its format's runtime is not installed here (the
+                message says how to install it), or the smoke inference failed (nothing changed).
         """
         path = self.verify(sha256)
         old = self.current()
         if old == sha256:
             return {"current": sha256, "previous": self.previous(), "changed": False, "smoke": None}
+        from device_agents.runtimes import (  # numpy and the runtimes: only here
+            RuntimeUnavailable,
+            get_runtime,
+        )
+
+        try:  # this process serves it next: its runtime must be here, not only in the smoke check's child
+            get_runtime(runtime, model=path)
+        except RuntimeUnavailable as exc:
+            raise StoreError(f"model {sha256[:12]} ({(self._meta(sha256) or {}).get('variant')}): {exc}") from None
         if smoke is None:
             from device_agents.smoke import (
                 SmokePool,  # imports numpy and the interpreter: only when needed

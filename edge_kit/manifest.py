@@ -56,6 +56,7 @@ class Artifact(_Record):
     pruning: str | None = None
     sparsity_requested: float = 0.0
     file: str | None = None
+    runtime: str = "litert"  # the device runtime that runs it: litert or onnxruntime (edge_kit.variants)
     derived_from: str | None = None  # how it was made: converter, quantizer, compiler, "source as is"
     sha256: str | None = None
     bytes: int | None = None

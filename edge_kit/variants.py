@@ -35,6 +35,8 @@ class VariantSpec:
         needs_graph: needs a Keras model or SavedModel (cannot be made from a ``.tflite`` alone).
         base: the variant this one is derived from (``edgetpu`` is compiled from ``int8``).
         accelerator: the accelerator the variant is built for, if any.
+        runtime: the device runtime that runs it (``litert`` or ``onnxruntime``).
+        format: the artifact's file format, its suffix: ``tflite`` or ``onnx``.
     """
 
     id: str
@@ -46,6 +48,13 @@ class VariantSpec:
     base: str | None = None
     accelerator: str | None = None
     summary: str = ""
+    runtime: str = "litert"
+    format: str = "tflite"
+
+    @property
+    def file(self) -> str:
+        """Return the artifact's file name (``<id>.tflite`` or ``<id>.onnx``)."""
+        return f"{self.id}.{self.format}"
 
 
 FIXED: dict[str, VariantSpec] = {
@@ -62,6 +71,12 @@ FIXED: dict[str, VariantSpec] = {
             "edgetpu", "int8", needs_calibration=True, needs_graph=True, base="int8", accelerator="edgetpu",
             summary="int8 compiled by edgetpu_compiler",
         ),
+        VariantSpec("onnx-fp32", "float32", runtime="onnxruntime", format="onnx",
+                    summary="the ONNX model, shapes pinned; ONNX Runtime"),
+        VariantSpec("onnx-fp16", "float16", runtime="onnxruntime", format="onnx",
+                    summary="float16 weights and activations, float32 I/O; ONNX Runtime"),
+        VariantSpec("onnx-int8", "int8", needs_calibration=True, runtime="onnxruntime", format="onnx",
+                    summary="QDQ static int8, calibrated; ONNX Runtime"),
     )
 }
 _PRUNED = re.compile(r"^int8-pruned-(ch)?(\d{1,2})$")

@@ -7,10 +7,11 @@ from typing import Any, ClassVar
 
 
 class Runtime:
-    """A way to run ``.tflite`` models. Subclasses set ``key``, ``package`` and implement the hooks."""
+    """A way to run models of some :attr:`formats`. Subclasses set ``key``, ``package`` and implement the hooks."""
 
     key: ClassVar[str]
     package: ClassVar[str]  # what `pip install` needs for this runtime
+    formats: ClassVar[tuple[str, ...]] = ("tflite",)  # the model formats it runs (device_agents.runtimes.model_format)
 
     @classmethod
     def unavailable_reason(cls) -> str | None:

@@ -177,8 +177,8 @@ class CurrentModel:
             raise ServingError(f"no model is active under {self.root}")
         if sha != self._sha:
             path = store.verify(sha)  # never a model whose bytes changed
-            self._runner = ModelRunner(get_runtime(self.runtime).interpreter(path, threads=self.threads,
-                                                                             delegate=self.delegate))
+            runtime = get_runtime(self.runtime, model=path)  # by the model's format: LiteRT or ONNX Runtime
+            self._runner = ModelRunner(runtime.interpreter(path, threads=self.threads, delegate=self.delegate))
             self._sha = sha
         return self._runner
 

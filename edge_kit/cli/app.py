@@ -44,5 +44,8 @@ def results_table(group: Any) -> Table:
         text = "; ".join(r.actions) if r.status != "failed" else (r.reason or "")
         if r.status == "skipped" and r.reason:
             text = r.reason
+        refused = getattr(r, "refused", None)  # variants not sent: the device lacks their runtime
+        if refused and r.status != "failed":
+            text = "; ".join([text, *refused.values()]) if text else "; ".join(refused.values())
         t.add_row(r.device, f"[{style[r.status]}]{r.status}[/]", r.variant or "-", escape(text), f"{r.seconds:.1f}")
     return t

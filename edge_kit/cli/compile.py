@@ -51,8 +51,8 @@ def _compile_report(manifest: Any) -> tuple[Table, list[str]]:
     t = Table(title=f"{manifest.model['name']}: one row per distinct variant", title_justify="left",
               box=box.SIMPLE_HEAD, pad_edge=False)
     metric = next((a.accuracy.metric for a in manifest.artifacts if a.accuracy and a.accuracy.measured), None) or "accuracy"
-    for col in ("variant", "KiB", "gzip×", "sparse", "MACs×", metric, "SNR dB", "accelerator ops"):
-        t.add_column(col, justify="left" if col in ("variant", "accelerator ops") else "right",
+    for col in ("variant", "runtime", "KiB", "gzip×", "sparse", "MACs×", metric, "SNR dB", "accelerator ops"):
+        t.add_column(col, justify="left" if col in ("variant", "runtime", "accelerator ops") else "right",
                     no_wrap=col != "accelerator ops")
     footnotes: list[str] = []
 
@@ -64,12 +64,12 @@ def _compile_report(manifest: Any) -> tuple[Table, list[str]]:
         if a.status != "built":
             label = footnote(f"{a.id} {a.status}: {a.reason}")
             color = "red" if a.status == "failed" else "yellow"
-            t.add_row(a.id, *[""] * 6, f"[{color}]{a.status}, see {label}[/]")
+            t.add_row(a.id, a.runtime, *[""] * 6, f"[{color}]{a.status}, see {label}[/]")
             continue
         acc = a.accuracy.value if a.accuracy and a.accuracy.measured else None
         fid = a.fidelity if a.fidelity and a.fidelity.measured else None
         t.add_row(
-            a.id, _kb(a.bytes),
+            a.id, a.runtime, _kb(a.bytes),
             f"{a.gzip_bytes / base_gzip:.2f}" if base_gzip and a.gzip_bytes else "-",
             _pct(a.sparsity),
             f"{a.macs / base_macs:.2f}" if base_macs and a.macs is not None else "-",
@@ -85,7 +85,9 @@ def _compile_report(manifest: Any) -> tuple[Table, list[str]]:
                      f"{conv['max_abs_error']:.3g}) on {conv['inputs']}")
     notes.append(f"    × = ratio to fp32; sizes, sparsity and MACs counted from each file; {metric} (on --eval) and SNR against fp32 "
                  "(worst output) "
-                 f"measured on this host with LiteRT {manifest.versions.get('ai_edge_litert')}; accel ops = ops "
+                 f"measured on this host with each variant's runtime (LiteRT {manifest.versions.get('ai_edge_litert')}"
+                 + (f", ONNX Runtime {manifest.versions.get('onnxruntime')}" if any(a.runtime == "onnxruntime" for a in manifest.artifacts) else "")
+                 + "); accel ops = ops "
                  "the profile's accelerator takes by its documented rules (tpu* = edgetpu_compiler's own count)")
     return t, footnotes + notes
 

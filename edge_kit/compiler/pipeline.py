@@ -126,6 +126,10 @@ FLOAT_SOURCE_VARIANTS = ("fp32", "fp16", "dynamic-int8", "int8")  # what ai-edge
 
 def _refusal(spec: VariantSpec, source: Source, calib: Dataset | None) -> str | None:
     """Return why ``spec`` cannot be built from this source and data, or None."""
+    if spec.runtime == "onnxruntime":
+        from edge_kit.compiler.onnx_variants import refusal
+
+        return refusal(source.kind, spec.needs_calibration, calib)
     if spec.pruning and source.kind != "keras":
         return (f"pruning needs the Keras model (.keras or .h5): {'an' if source.kind == 'onnx' else 'a'} {source.kind} source has no editable layers; "
                 "every other variant can be built from it")
@@ -159,7 +163,7 @@ def _prepared(source: Source) -> Graph | bytes:
 
 
 def _build(plan: _Plan, source: Source, graph: Callable[[], Graph | bytes], req: CompileRequest, calib: Dataset | None,
-           train: Dataset | None, built: dict[str, _Plan]) -> tuple[bytes, str]:
+           train: Dataset | None, built: dict[str, _Plan], built_extra: dict[str, Any] | None = None) -> tuple[bytes, str]:
     """Return (flatbuffer, how it was made) for one planned variant. Raises CompileError.
 
     ``graph`` gives the source's TensorFlow graph, or for a ``.tflite`` source its float32 rewrite;
@@ -167,6 +171,28 @@ def _build(plan: _Plan, source: Source, graph: Callable[[], Graph | bytes], req:
     """
     spec = plan.spec
     calib_x = calib.x if calib is not None else None
+    built_extra = {} if built_extra is None else built_extra  # shared between variants: the ONNX export
+    if spec.runtime == "onnxruntime":
+        from edge_kit.compiler.onnx_variants import build, export_graph
+
+        exported = ""
+        if source.kind != "onnx":  # Keras / SavedModel: exported once, every onnx-* variant made from it
+            if "onnx_export" not in built_extra:
+                graph_of = graph()
+                try:
+                    if not isinstance(graph_of, Graph):
+                        raise CompileError(f"{spec.id}: no TensorFlow graph to export")
+                    built_extra["onnx_export"] = export_graph(graph_of.function, source.inputs, source.outputs)
+                except CompileError as exc:
+                    built_extra["onnx_export"] = exc  # every onnx-* variant fails with the same reason, exported once
+            if isinstance(built_extra["onnx_export"], CompileError):
+                raise built_extra["onnx_export"]
+            data, how = built_extra["onnx_export"]
+            exported = how + "; then "
+        else:
+            data = source.onnx or b""
+        artifact, how = build(spec.id, data, source.inputs, calib_x)
+        return artifact, exported + how
     target = compiler_of(spec.id)
     if target is not None:
         base = built.get(spec.base or "")
@@ -236,6 +262,12 @@ def _evaluate(plan: _Plan, outputs: dict[str, np.ndarray] | None, evalset: Datas
     elif outputs is not None:
         fidelity = Fidelity(measured=False, method="not measured: no fp32 reference could be built")
     return accuracy, fidelity
+
+
+def _version_of(package: str) -> str | None:
+    from edge_kit.compiler.onnx_source import version
+
+    return version(package)
 
 
 def _onnx_versions() -> dict[str, str | None]:
@@ -355,9 +387,15 @@ def compile_model(req: CompileRequest, progress: Progress | None = None) -> Mani
     runtime = get_runtime("litert")
     method = f"measured on host with LiteRT {runtime.version()} interpreter (XNNPACK, {req.threads} thread(s))"
 
+    def method_of(spec: VariantSpec) -> str:
+        if spec.runtime != "onnxruntime":
+            return method
+        ort = get_runtime("onnxruntime")
+        return f"measured on host with ONNX Runtime {ort.version()} (CPUExecutionProvider, {req.threads} thread(s))"
+
     def outputs_of(data: bytes, xs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with runtime_banner_dropped():  # LiteRT's "INFO: Created ... XNNPACK delegate" line, nothing else
-            interp = runtime.interpreter(data, threads=req.threads)
+            interp = get_runtime("litert", model=data).interpreter(data, threads=req.threads)  # ONNX: onnxruntime
         return ModelRunner(interp).predict(xs)
 
     conversion_warnings: list[str] = []
@@ -376,13 +414,14 @@ def compile_model(req: CompileRequest, progress: Progress | None = None) -> Mani
 
     graph = functools.cache(lambda: _prepared(source))  # made once, shared by every precision
     built: dict[str, _Plan] = {}
+    shared: dict[str, Any] = {}  # made once for several variants (the ONNX export of a Keras/SavedModel source)
     for plan in plans.values():
         step(f"building {plan.spec.id}")
         if plan.refusal:
             continue
         started = time.perf_counter()
         try:
-            plan.data, how = _build(plan, source, graph, req, calib, train, built)
+            plan.data, how = _build(plan, source, graph, req, calib, train, built, shared)
         except CompileError as exc:
             plan.refusal = str(exc)
             plan.extra["failed"] = True
@@ -403,18 +442,24 @@ def compile_model(req: CompileRequest, progress: Progress | None = None) -> Mani
         step(f"measuring {plan.spec.id}")
         spec = plan.spec
         common = dict(id=spec.id, profiles=plan.profiles, summary=spec.summary, precision=spec.precision,
-                      pruning=spec.pruning, sparsity_requested=spec.sparsity)
+                      pruning=spec.pruning, sparsity_requested=spec.sparsity, runtime=spec.runtime)
         if plan.data is None:
             status = "failed" if plan.extra.get("failed") else "not-built"
             plan.artifact = Artifact(status=status, reason=plan.refusal, **common)
             continue
-        stats = analyse(plan.data)
-        support = {key: check for key in targets_of[spec.id] if (check := TARGETS[key].rule_check(stats))}
+        if spec.format == "onnx":
+            from edge_kit.compiler.onnx_variants import analyse_onnx
+
+            stats = analyse_onnx(plan.data)
+            support = {}  # the accelerator targets are LiteRT's; ONNX Runtime picks its providers on the device
+        else:
+            stats = analyse(plan.data)
+            support = {key: check for key in targets_of[spec.id] if (check := TARGETS[key].rule_check(stats))}
         if "compiler_mapping" in plan.extra:
             support[plan.extra["compiler_mapping"]["method"]] = plan.extra["compiler_mapping"]
-        accuracy, fidelity = _evaluate(plan, outputs.get(spec.id), evalset, fid_inputs, reference, method, scorer)
+        accuracy, fidelity = _evaluate(plan, outputs.get(spec.id), evalset, fid_inputs, reference, method_of(spec), scorer)
         plan.artifact = Artifact(
-            status="built", file=f"{spec.id}.tflite", derived_from=plan.extra["how"],
+            status="built", file=spec.file, derived_from=plan.extra["how"],
             sha256=sha256_bytes(plan.data), bytes=stats.bytes, gzip_bytes=stats.gzip_bytes,
             sparsity=round(stats.sparsity, 6), macs=stats.macs, macs_nonzero=stats.macs_nonzero,
             weights=stats.weights, op_histogram=stats.op_histogram, inputs=stats.inputs, outputs=stats.outputs,
@@ -434,7 +479,8 @@ def compile_model(req: CompileRequest, progress: Progress | None = None) -> Mani
               "metric": scorer.task.headline if scorer.task is not None and scorer.user is None else None,
               "reference": "fp32" if reference is not None else None} if evalset else None,
         train=train.record() if train else None,
-        versions={**_versions(), **(_onnx_versions() if source.kind == "onnx" else {})},
+        versions={**_versions(), **(_onnx_versions() if source.kind == "onnx" or "onnx_export" in shared else {}),
+                  **({"tf2onnx": _version_of("tf2onnx")} if "onnx_export" in shared else {})},
         profiles={p.name: {"description": p.description, "accelerator": p.hardware.accelerator,
                            "variants": list(p.variants)} for p in req.profiles},
         artifacts=[p.artifact for p in plans.values() if p.artifact is not None],
@@ -467,7 +513,7 @@ def _publish(target: Path, plans: dict[str, _Plan], manifest: Manifest, extra: d
     try:
         for plan in plans.values():
             if plan.data is not None:
-                atomic_write_bytes(staging / f"{plan.spec.id}.tflite", plan.data)
+                atomic_write_bytes(staging / plan.spec.file, plan.data)
         for name, data in extra.items():
             atomic_write_bytes(staging / name, data)
         atomic_write_text(staging / "manifest.json", manifest.to_json())

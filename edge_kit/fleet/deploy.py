@@ -63,6 +63,7 @@ class DeviceResult:
     seconds: float = 0.0
     activated: bool = False  # this deploy switched the device's current model
     rolled_back: bool = False  # and it was switched back to its previous model since
+    refused: dict[str, str] = field(default_factory=dict)  # variant -> why it was not sent (no runtime for it)
     activation: dict[str, Any] | None = None  # the agent's ack of the activation (smoke result included)
     health: dict[str, Any] | None = None  # the benchmark record after activation (canaries, tune)
     error: BaseException | None = None
@@ -146,6 +147,22 @@ def candidates_for(manifest: Manifest, dev: Device) -> list[Artifact]:
     return wanted
 
 
+# The device runtime each artifact needs beyond the agent's own (LiteRT), and how to get it there.
+OPTIONAL_RUNTIMES = {"onnxruntime": "pip install 'edge-kit[agent-onnx]'"}
+
+
+def runtime_refusals(device: str, wanted: list[Artifact], runtimes: dict[str, bool]) -> dict[str, str]:
+    """Return {variant: one-line reason} for the artifacts whose runtime the device's Python lacks.
+
+    ``runtimes`` is what the device reported (:attr:`DeviceShell.python_facts` ``runtimes``); a
+    runtime it does not mention counts as missing. LiteRT variants are never refused here (the
+    agent's install check requires LiteRT).
+    """
+    return {a.id: f"{device}: {a.id} needs {a.runtime} on the device, which its Python lacks; "
+                  f"{OPTIONAL_RUNTIMES[a.runtime]} there to deploy it"
+            for a in wanted if a.runtime in OPTIONAL_RUNTIMES and not runtimes.get(a.runtime, False)}
+
+
 class _Deployer:
     def __init__(self, fleet: Fleet, opts: DeployOptions, client: FleetClient | None,
                  progress: Callable[[str, str], None] | None):
@@ -198,6 +215,14 @@ class _Deployer:
             self.progress(dev.name, "agent")
             agent = ensure_agent(shell, self.fleet)
             result.actions += agent.changed
+            if any(a.runtime in OPTIONAL_RUNTIMES for a in wanted):  # one more command, only when it matters
+                result.refused = runtime_refusals(dev.name, wanted, shell.python_facts.get("runtimes") or {})
+                if variant in result.refused:
+                    raise DeployError(result.refused[variant])
+                wanted = [a for a in wanted if a.id not in result.refused]
+                if not wanted:
+                    raise DeployError(f"{dev.name}: every variant for profile {dev.profile} was refused: "
+                                      + "; ".join(result.refused.values()))
             if agent.restarted_at is not None and self.client is not None:
                 self._wait_online(dev, agent.restarted_at)
             have = {m["sha256"] for m in shell.info["installed"]}
@@ -230,7 +255,7 @@ class _Deployer:
                 if art.sha256 in have:
                     continue
                 self.progress(dev.name, f"upload {art.id}")
-                part = shell.put(self.opts.artifacts / art.file, f"{shell.root}/incoming/{art.sha256}.tflite", rename=False)
+                part = shell.put(self.opts.artifacts / art.file, f"{shell.root}/incoming/{art.sha256}{Path(art.file).suffix}", rename=False)
                 if eval_remote is None and eval_file.is_file():
                     eval_remote = shell.put(eval_file, f"{shell.root}/incoming/eval.npz")
                 self._install(shell, art, part, eval_remote)

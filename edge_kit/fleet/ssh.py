@@ -40,7 +40,9 @@ while not os.path.exists(probe):
 missing = [m for m in ("numpy", "yaml", "paho", "cryptography") if importlib.util.find_spec(m) is None]
 if not any(importlib.util.find_spec(m) for m in ("ai_edge_litert", "tflite_runtime")):
     missing.append("ai_edge_litert or tflite_runtime")
-print(json.dumps({"free": shutil.disk_usage(probe).free, "python": sys.executable, "missing": missing}))
+runtimes = {"onnxruntime": importlib.util.find_spec("onnxruntime") is not None}  # optional: the onnx-* variants
+print(json.dumps({"free": shutil.disk_usage(probe).free, "python": sys.executable, "missing": missing,
+                  "runtimes": runtimes}))
 """
 
 
@@ -246,7 +248,8 @@ class DeviceShell:
 
     @functools.cached_property
     def python_facts(self) -> dict[str, Any]:
-        """Return free bytes under the root, the device Python's path and the agent dependencies it lacks."""
+        """Return free bytes under the root, the device Python's path, the agent dependencies it lacks and
+        which optional runtimes it has (``runtimes``: ``{"onnxruntime": bool}``)."""
         return json.loads(self.run([self.dev.python, "-c", _PYTHON_FACTS, self.root]))
 
     def __exit__(self, *_: object) -> None:

@@ -129,6 +129,7 @@ def tune(fleet: Fleet, devices: list[Device], opts: TuneOptions, store: Store,
                                                     trust_new_hosts=opts.trust_new_hosts))
     report = TuneReport(deployed)
     current = {r.device: r.sha256 for r in deployed.results if r.ok}
+    refused = {r.device: set(r.refused) for r in deployed.results}  # not sent: the device lacks their runtime
     live = [d for d in devices if d.name in current]
     with FleetClient.of(fleet) as client:
         for number in range(1, opts.rounds + 1):
@@ -136,7 +137,7 @@ def tune(fleet: Fleet, devices: list[Device], opts: TuneOptions, store: Store,
             for dev in live:
                 have = store.latest_bench(dev.name)
                 wanted[dev.name] = [(a.id, a.sha256) for a in candidates_for(manifest, dev)
-                                    if (dev.name, a.sha256) not in have]
+                                    if (dev.name, a.sha256) not in have and a.id not in refused.get(dev.name, ())]
             count = sum(len(v) for v in wanted.values())
             step(f"round {number}: measuring {count} variant(s) on {len([w for w in wanted.values() if w])} device(s)")
             stored, silent = _measure(client, store, {k: v for k, v in wanted.items() if v}, opts.bench, opts.timeout)

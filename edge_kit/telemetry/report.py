@@ -48,8 +48,8 @@ def _profile_figures(profile: Profile, records: list[dict[str, Any]], chosen: di
             continue
         scatter.add_trace(go.Scatter(
             x=[r["latency_ms"]["p90"] for r in pts], y=[100 * r["accuracy"]["value"] for r in pts], mode="markers",
-            name=variant, marker={"size": 10},
-            text=[f"{r['device']}{' (simulated)' if r.get('simulated') else ''}" for r in pts],
+            name=f"{variant} ({pts[0].get('runtime') or 'litert'})", marker={"size": 10},  # the runtime that ran it
+            text=[f"{r['device']}{' (simulated)' if r.get('simulated') else ''}, {r.get('runtime') or 'litert'}" for r in pts],
             hovertemplate="%{text}<br>p90 %{x:.4g} ms<br>top-1 %{y:.2f} %<extra>" + variant + "</extra>"))
     picks = [r for r in records if chosen.get(r["device"]) == r["sha256"] and r.get("accuracy")]
     if picks:

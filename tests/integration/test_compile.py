@@ -31,12 +31,13 @@ def test_each_distinct_variant_is_built_once_and_listed_for_every_profile_using_
     folder, manifest = compiled
     ids = [a.id for a in manifest.artifacts]
     assert len(ids) == len(set(ids))
-    assert set(ids) == {"fp32", "fp16", "dynamic-int8", "int8", "int8-pruned-50", "int8-pruned-ch50", "edgetpu"}
+    assert set(ids) == {"fp32", "fp16", "dynamic-int8", "int8", "int8-pruned-50", "int8-pruned-ch50", "edgetpu",
+                        "onnx-fp32", "onnx-fp16", "onnx-int8"}  # rpi4 and the Jetson list ONNX Runtime variants too
     assert manifest.artifact("int8").profiles == THREE
     assert manifest.artifact("int8-pruned-ch50").profiles == THREE
     assert manifest.artifact("fp16").profiles == ["rpi4", "jetson-orin-nano"]
     assert sorted(p.name for p in folder.iterdir()) == sorted(
-        ["manifest.json", "eval.npz", *(f"{a.id}.tflite" for a in manifest.artifacts if a.status == "built")])
+        ["manifest.json", "eval.npz", *(a.file for a in manifest.artifacts if a.status == "built")])
 
 
 def test_the_eval_set_ships_with_the_fp32_reference_outputs(compiled, digits_files):
@@ -71,8 +72,9 @@ def test_manifest_records_hashes_sizes_and_versions(compiled, digits_files):
         data = (folder / a.file).read_bytes()
         assert a.sha256 == sha256_file(folder / a.file) and a.bytes == len(data)
         assert 0 < a.gzip_bytes < a.bytes
-        assert a.macs > 0 and a.op_histogram["CONV_2D"] == 3
-        assert a.accuracy.measured and a.accuracy.samples == 360 and "LiteRT" in a.accuracy.method
+        conv, runtime = ("CONV_2D", "LiteRT") if a.runtime == "litert" else ("Conv", "ONNX Runtime")
+        assert a.macs > 0 and a.op_histogram[conv] == 3, a.id
+        assert a.accuracy.measured and a.accuracy.samples == 360 and runtime in a.accuracy.method
         assert a.fidelity.measured and a.fidelity.inputs == "digits-eval.npz"
 
 

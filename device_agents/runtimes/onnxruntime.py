@@ -1,0 +1,180 @@
+"""ONNX Runtime (``onnxruntime``): runs ``.onnx`` artifacts (the ``onnx-*`` variants).
+
+The runtime hands back an :class:`OrtInterpreter`, an adapter with the surface of a LiteRT
+interpreter that the rest of the agent uses (``get_input_details``, ``get_output_details``,
+``set_tensor``, ``invoke``, ``get_tensor``; no signature list), so benchmarks, the smoke check and
+the serving API run an ONNX model through the same code as a ``.tflite`` one.
+
+Execution providers: the CPU provider everywhere; the TensorRT and CUDA providers first when the
+installed build has them (``onnxruntime-gpu`` on a Jetson). The provider the session actually
+runs on is :attr:`OrtInterpreter.provider`, and a bench record names it. LiteRT's targets
+(``delegate``: xnnpack, none, edgetpu, gpu) do not apply to ONNX models and are not used here.
+
+Devices that want it install the ``agent-onnx`` extra; without it the runtime stays registered
+and says in one line how to install it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from device_agents.runtimes.base import Runtime
+
+INSTALL = "pip install 'edge-kit[agent-onnx]'"
+# Preferred first; the CPU provider is always last and always present.
+PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+_DTYPES = {
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+    "tensor(int8)": np.int8, "tensor(uint8)": np.uint8, "tensor(int16)": np.int16, "tensor(uint16)": np.uint16,
+    "tensor(int32)": np.int32, "tensor(int64)": np.int64, "tensor(bool)": np.bool_,
+}
+
+
+def _ort() -> Any:
+    import onnxruntime  # the device-side dependency of this plugin only (the agent-onnx extra)
+
+    return onnxruntime
+
+
+class OrtInterpreter:
+    """An ONNX Runtime session behind the LiteRT interpreter calls the agent makes.
+
+    Tensor indexes: inputs are ``0..n-1`` in the model's input order, outputs ``n..n+m-1``.
+    """
+
+    def __init__(self, session: Any, name: str):
+        self.session = session
+        self.provider: str = session.get_providers()[0]
+        self._inputs = [self._detail(i, arg, name) for i, arg in enumerate(session.get_inputs())]
+        first = len(self._inputs)
+        self._outputs = [self._detail(first + i, arg, name, output=True) for i, arg in enumerate(session.get_outputs())]
+        self._output_names = [d["name"] for d in self._outputs]
+        self._feed: dict[str, np.ndarray] = {}
+        self._results: list[np.ndarray] = []
+
+    @staticmethod
+    def _detail(index: int, arg: Any, model: str, output: bool = False) -> dict[str, Any]:
+        dtype = _DTYPES.get(arg.type)
+        if dtype is None:
+            raise ValueError(f"{model}: tensor '{arg.name}' has type {arg.type}, which the agent does not feed")
+        shape = []
+        for axis, dim in enumerate(arg.shape):
+            if isinstance(dim, int) and dim > 0:
+                shape.append(dim)
+            elif axis == 0:
+                shape.append(1)  # the batch axis: devices run one sample at a time
+            elif output:
+                shape.append(-1)  # known after a run; nothing is fed to an output
+            else:
+                raise ValueError(f"{model}: tensor '{arg.name}' has a dynamic dimension {axis} ({dim!r}); "
+                                 "pin its shape (edgekit compile does for the onnx-* variants)")
+        return {"index": index, "name": arg.name, "shape": np.array(shape, dtype=np.int32), "dtype": dtype,
+                "quantization": (0.0, 0)}
+
+    def get_input_details(self) -> list[dict[str, Any]]:
+        """Return one dict per input: index, name, shape (batch of 1), dtype, quantization (none)."""
+        return [dict(d) for d in self._inputs]
+
+    def get_output_details(self) -> list[dict[str, Any]]:
+        """Return one dict per output, as :meth:`get_input_details`."""
+        return [dict(d) for d in self._outputs]
+
+    def allocate_tensors(self) -> None:
+        """Do nothing: ONNX Runtime allocates per run (kept for the interpreter surface)."""
+
+    def set_tensor(self, index: int, value: np.ndarray) -> None:
+        """Set input ``index`` for the next :meth:`invoke`.
+
+        Raises:
+            ValueError: ``index`` is not an input, or the value's shape or dtype does not fit.
+        """
+        if not 0 <= index < len(self._inputs):
+            raise ValueError(f"tensor {index} is not an input of this model")
+        d = self._inputs[index]
+        value = np.asarray(value)
+        if value.dtype != d["dtype"] or tuple(value.shape) != tuple(d["shape"]):
+            raise ValueError(f"input '{d['name']}' takes {np.dtype(d['dtype']).name} {list(d['shape'])}, "
+                             f"got {value.dtype.name} {list(value.shape)}")
+        self._feed[d["name"]] = value
+
+    def invoke(self) -> None:
+        """Run the model once on the inputs set.
+
+        Raises:
+            ValueError: an input was not set. RuntimeError: ONNX Runtime failed to run the model.
+        """
+        if len(self._feed) != len(self._inputs):
+            missing = [d["name"] for d in self._inputs if d["name"] not in self._feed]
+            raise ValueError(f"input(s) {', '.join(missing)} not set before invoke()")
+        try:
+            self._results = self.session.run(self._output_names, self._feed)
+        except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own (non-Python) exception types
+            raise RuntimeError(f"onnxruntime failed to run the model: {str(exc).strip().splitlines()[0]}") from None
+
+    def get_tensor(self, index: int) -> np.ndarray:
+        """Return input ``index`` as set, or output ``index`` of the last run.
+
+        Raises:
+            ValueError: no such tensor, or no run yet for an output.
+        """
+        n = len(self._inputs)
+        if 0 <= index < n:
+            return self._feed[self._inputs[index]["name"]]
+        if n <= index < n + len(self._outputs):
+            if not self._results:
+                raise ValueError("no output before the first invoke()")
+            return self._results[index - n]
+        raise ValueError(f"tensor {index} is not an input or output of this model")
+
+
+class OnnxRuntime(Runtime):
+    key: ClassVar[str] = "onnxruntime"
+    package: ClassVar[str] = "onnxruntime"
+    formats: ClassVar[tuple[str, ...]] = ("onnx",)
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        try:
+            _ort()
+        except ImportError:
+            return f"runtime '{cls.key}' needs the onnxruntime package: {INSTALL}"
+        return None
+
+    def version(self) -> str:
+        try:
+            return str(_ort().__version__)
+        except (ImportError, AttributeError):
+            return "unknown"
+
+    @staticmethod
+    def providers() -> list[str]:
+        """Return the execution providers a session asks for, preferred first (CPU always last)."""
+        have = set(_ort().get_available_providers())
+        return [p for p in PROVIDERS if p in have or p == "CPUExecutionProvider"]
+
+    def interpreter(self, model: Path | bytes, *, threads: int = 1, delegate: str = "xnnpack",
+                    options: dict[str, Any] | None = None) -> OrtInterpreter:
+        """Return an :class:`OrtInterpreter` for ``model`` (a path or the ONNX bytes).
+
+        ``delegate`` and ``options`` (LiteRT targets) are not used for ONNX models.
+
+        Raises:
+            ValueError: the model is not a valid ONNX model, or ONNX Runtime cannot load it.
+        """
+        ort = _ort()
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.log_severity_level = 3  # warnings about provider fallbacks would go to stderr on every load
+        source = bytes(model) if isinstance(model, bytes | bytearray) else str(model)
+        name = "model" if isinstance(model, bytes | bytearray) else Path(model).name
+        try:
+            session = ort.InferenceSession(source, sess_options=so, providers=self.providers())
+        except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own exception types for bad models
+            raise ValueError(f"{name}: onnxruntime cannot load it: {str(exc).strip().splitlines()[0]}") from None
+        return OrtInterpreter(session, name)

