@@ -60,7 +60,8 @@ def test_detector_variants_are_built_with_per_output_fidelity_and_map(detector):
     folder, manifest = detector
     built = {a.id: a for a in manifest.artifacts if a.status == "built"}
     assert set(built) == FLOAT_SOURCE
-    assert all("pruning needs the Keras model" in a.reason for a in manifest.artifacts if a.status != "built")
+    assert all(("pruning needs the Keras model" in a.reason) or (a.id.startswith("onnx-") and "ONNX" in a.reason)
+               for a in manifest.artifacts if a.status != "built"), [(a.id, a.reason) for a in manifest.artifacts]
     for a in built.values():
         assert set(a.fidelity.outputs) == DETECTOR_OUTPUTS, a.id
         assert a.accuracy.measured and a.accuracy.task == "detection" and a.accuracy.samples == 48, a.id
