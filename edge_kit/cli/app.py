@@ -29,6 +29,24 @@ err = Console(stderr=True)
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 FleetOpt = Annotated[Path, typer.Option("--fleet", "-f", help="fleet.yaml: devices, SSH and broker.")]
 DevicesOpt = Annotated[Optional[list[str]], typer.Option("--devices", help="Device name, tag:<tag> or all; repeat.")]
+HistoryOpt = Annotated[Optional[str], typer.Option(
+    "--history", "--store", metavar="PATH|URL",
+    help="History database: a SQLite file, or a postgresql://user:password@host:port/db URL shared by several hosts "
+         "(default: edgekit-history.db next to the fleet file; --store is the older name).")]
+
+
+def open_fleet_history(fleet_file: Path | None, history: str | None) -> Any:
+    """Return the open :class:`~edge_kit.telemetry.store.HistoryStore` that ``--history`` names, or the fleet's
+    default file (``edgekit-history.db`` beside the fleet file; in the current folder without one).
+
+    Raises:
+        HistoryError: the database cannot be opened or reached.
+    """
+    from edge_kit.telemetry.store import HISTORY_NAME, history_path, open_history
+
+    if history:
+        return open_history(history)
+    return open_history(history_path(fleet_file) if fleet_file else Path(HISTORY_NAME))
 
 
 def emit_json(data: Any) -> None:

@@ -14,9 +14,11 @@ from rich.table import Table
 from edge_kit.cli.app import (
     DevicesOpt,
     FleetOpt,
+    HistoryOpt,
     JsonOpt,
     app,
     emit_json,
+    open_fleet_history,
     out,
     results_table,
 )
@@ -161,6 +163,7 @@ def deploy_cmd(
                                                                    "through the fp32 reference (0: none).")] = 0.0,
     gate_min_snr_db: Annotated[Optional[float], typer.Option(help="Live gate: roll back below this live fidelity "
                                                                    "(needs --gate-shadow).")] = None,
+    history_spec: HistoryOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Push the agent and the artifacts to devices over SSH, activate safely, check health, roll back failures.
@@ -192,11 +195,9 @@ def deploy_cmd(
             raise InputError("--gate-min-snr-db needs --gate-shadow (the share of requests compared with the reference)")
         live_gate = LiveGate(window_s=gate_window, min_samples=gate_min_requests, alpha=gate_alpha,
                              min_slowdown=gate_min_slowdown, shadow_share=gate_shadow, min_snr_db=gate_min_snr_db)
-    history = None
-    if live_gate is not None:
-        from edge_kit.telemetry.store import Store, history_path
-
-        history = Store(history_path(Path(fleet_file)))
+    # The gate's decisions go to the history (opened before any device is touched: a database that
+    # cannot be reached stops the deploy here).
+    history = open_fleet_history(fleet_file, history_spec) if live_gate is not None else None
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} devices"),
                   TimeElapsedColumn(), console=err, transient=True, disable=as_json) as bar:
         task = bar.add_task("deploying", total=len(targets))

@@ -32,7 +32,7 @@ from paho.mqtt.properties import Properties
 
 from device_agents.identity import receive, verify_published
 from device_agents.mqtt import make_client
-from edge_kit.errors import AgentError
+from edge_kit.errors import AgentError, HistoryError
 from edge_kit.fleet.inventory import Fleet
 from edge_kit.profiles import load_profile
 from edge_kit.selection.constraints import (
@@ -41,7 +41,7 @@ from edge_kit.selection.constraints import (
     effective_constraints,
     violations,
 )
-from edge_kit.telemetry.store import Store
+from edge_kit.telemetry.store import HistoryStore
 from edge_kit.telemetry.verifier import Verifier
 from edgekit_protocol import messages
 from edgekit_protocol.errors import MessageError
@@ -71,7 +71,7 @@ class MonitorStats:
 class Monitor:
     """One monitor worker. ``start()``, then ``stop()``; ``stats`` and ``alerts`` are live."""
 
-    def __init__(self, fleet: Fleet, store: Store, *, share: str | None = None, silence_s: float = 180.0,
+    def __init__(self, fleet: Fleet, store: HistoryStore, *, share: str | None = None, silence_s: float = 180.0,
                  on_message: Callable[[str, dict[str, Any]], None] | None = None, client_id: str | None = None,
                  persistent: bool = False, min_free_mb: float = 32.0, verify_in_child: bool = True):
         self.fleet = fleet
@@ -95,6 +95,9 @@ class Monitor:
         self.min_free_bytes = min_free_mb * 1e6  # a device reporting less free space is alerted on (once per episode)
         self._low_disk: set[str] = set()
         self._drifting: set[str] = set()
+        # The history's first failure to connect or write (a database gone away): from then on this
+        # worker stores nothing more, and whoever runs it stops and says so (`edgekit monitor` exits 6).
+        self.failed: HistoryError | None = None
         cid = client_id or f"edgekit-monitor-{uuid.uuid4().hex[:8]}"
         self.client = make_client(fleet.broker, cid, password=fleet.broker.password("fleet file"),
                                   v5=share is not None, clean=not persistent)
@@ -146,7 +149,10 @@ class Monitor:
         return self
 
     def stop(self, drain_s: float = 2.0) -> None:
-        """Disconnect, store what is queued (up to ``drain_s``), stop the writer."""
+        """Disconnect, store what is queued (up to ``drain_s``), stop the writer; return nothing.
+
+        A history that failed (:attr:`failed`) is not raised here: the caller reads ``failed``.
+        """
         self.client.disconnect()
         self.client.loop_stop()
         deadline = time.monotonic() + drain_s
@@ -157,14 +163,17 @@ class Monitor:
             if thread.is_alive():
                 thread.join(timeout=5)
         # What was received (and acknowledged to the broker) but not stored yet is stored now, here:
-        # the broker will not send it again.
-        while not self._checked.empty():
-            self._keep(*self._checked.get_nowait())
-        rest = []
-        while not self._queue.empty():
-            rest.append(self._queue.get_nowait())
-        if rest:
-            self._store(rest)
+        # the broker will not send it again. Not when the history has failed: nothing can be stored.
+        try:
+            while not self._checked.empty() and self.failed is None:
+                self._keep(*self._checked.get_nowait())
+            rest = []
+            while not self._queue.empty():
+                rest.append(self._queue.get_nowait())
+            if rest and self.failed is None:
+                self._store(rest)
+        except HistoryError as exc:
+            self.failed = exc
         if self.verifier is not None:
             self.verifier.stop()
 
@@ -184,6 +193,9 @@ class Monitor:
                     break
             try:
                 checked = self._check(batch)
+            except HistoryError as exc:  # keeping an invalid payload failed: the database went away
+                self.failed = self.failed or exc
+                checked = ([], [], [])
             except Exception as exc:  # noqa: BLE001 - the checker must outlive anything: store nothing unchecked
                 log.exception("checking a batch failed")
                 self.alerts.append(Alert("monitor", "store", f"checking {len(batch)} message(s) failed: {exc}"))
@@ -200,7 +212,12 @@ class Monitor:
                 self._check_silence()
                 continue
             try:
-                self._keep(*checked)
+                if self.failed is None:
+                    self._keep(*checked)
+            except HistoryError as exc:  # the database went away: every batch from now on would fail too
+                log.error("%s", exc)
+                self.failed = exc
+                self.alerts.append(Alert("monitor", "store", str(exc)))
             except Exception as exc:  # noqa: BLE001 - the history failed (disk full?): say so, keep going
                 log.exception("storing a batch failed")
                 self.alerts.append(Alert("monitor", "store", f"storing {len(checked[0])} message(s) failed: {exc}"))
