@@ -215,7 +215,7 @@ class Monitor:
                 if self.failed is None:
                     self._keep(*checked)
             except HistoryError as exc:  # the database went away: every batch from now on would fail too
-                log.error("%s", exc)
+                log.info("%s", exc)  # said once, by whoever runs the monitor (not twice on stderr)
                 self.failed = exc
                 self.alerts.append(Alert("monitor", "store", str(exc)))
             except Exception as exc:  # noqa: BLE001 - the history failed (disk full?): say so, keep going
