@@ -217,3 +217,32 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def check_published(store_url: str, files: dict[str, int], timeout_s: float = 10.0) -> None:
+    """Check that the store at ``store_url`` serves every ``{sha256: bytes}`` in ``files`` (HEAD
+    requests, as devices will reach it from this host), before a rollout sends a device there.
+
+    Raises:
+        DeployError: the store does not answer, or an object is missing or of another size (named,
+            with the ``edgekit publish`` to run).
+    """
+    import urllib.error
+    import urllib.request
+
+    from device_agents.fetch import artifact_url
+    from edge_kit.errors import DeployError
+
+    for sha, size in files.items():
+        url = artifact_url(store_url, sha)
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout_s) as resp:
+                length = resp.headers.get("Content-Length")
+        except urllib.error.HTTPError as exc:
+            raise DeployError(f"{url}: the store answers {exc.code} {exc.reason}; publish the artifacts first: "
+                              f"edgekit publish ARTIFACTS --store <the folder behind {store_url}>") from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise DeployError(f"{store_url}: the artifact store does not answer ({reason}); start it or fix --store") from None
+        if length is not None and int(length) != size:
+            raise DeployError(f"{url}: the store holds {length} bytes, the manifest says {size}; publish again")
