@@ -260,7 +260,7 @@ def _handler(server: EmbeddedStoreServer, root: Path, ignore_range: bool,
 
 def start_store_server(folder: Path, port: int | None = None, *, host: str = "127.0.0.1",
                        workdir: Path | None = None, embedded: bool | None = None, ignore_range: bool = False,
-                       sndbuf: int | None = None, workers: int = 1) -> StoreServer:
+                       sndbuf: int | None = None, workers: int = 1, wrap: tuple[str, ...] = ()) -> StoreServer:
     """Serve the store ``folder`` on ``host:port`` (a free port when None) and wait until it answers.
 
     nginx is used when installed (``embedded=None``) or asked for (``embedded=False``); otherwise
@@ -268,7 +268,9 @@ def start_store_server(folder: Path, port: int | None = None, *, host: str = "12
     ``sndbuf``: the server's socket send buffer in bytes (None: the kernel's autotuning). Small
     values bound what a dropped connection had in flight, which the server counts as sent: the
     tests and benchmarks set it to count a cut download the way a real link would.
-    ``ignore_range``: answer every request with 200 and the whole file.
+    ``ignore_range``: answer every request with 200 and the whole file. ``wrap``: a command prefix
+    nginx runs under, e.g. ``("ip", "netns", "exec", NS)`` to serve from behind an emulated link
+    (:mod:`edge_kit.sim.links`; ``host`` is then the namespace's address).
 
     Returns:
         The running :class:`StoreServer` (``.url``, ``.bytes_served()``, ``.stop()``; a context manager).
@@ -282,11 +284,13 @@ def start_store_server(folder: Path, port: int | None = None, *, host: str = "12
         raise EdgeKitError(f"{folder}: no such store folder; run `edgekit publish ARTIFACTS --store {folder}` first")
     workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="edgekit-store-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    port = port or free_port(host)
+    port = port or (80 if wrap else free_port(host))  # a namespace of its own: the usual port is free
     exe = find_nginx()
     if embedded is None:
         embedded = exe is None
     if embedded:
+        if wrap:
+            raise EdgeKitError("the embedded store server runs in this process: it cannot be wrapped; install nginx")
         return EmbeddedStoreServer(folder, workdir, host, port, ignore_range=ignore_range, sndbuf=sndbuf)
     if exe is None:
         raise EdgeKitError("nginx is not installed (apt install nginx-light); the embedded store server needs no install")
@@ -295,7 +299,7 @@ def start_store_server(folder: Path, port: int | None = None, *, host: str = "12
     conf = workdir / "nginx.conf"
     conf.write_text(nginx_config(folder, workdir, host, port, ignore_range=ignore_range, sndbuf=sndbuf, workers=workers))
     with open(workdir / "nginx.out", "ab") as out:
-        proc = subprocess.Popen([exe, "-p", str(workdir), "-e", str(workdir / "error.log"), "-c", str(conf)],
+        proc = subprocess.Popen([*wrap, exe, "-p", str(workdir), "-e", str(workdir / "error.log"), "-c", str(conf)],
                                 stdout=out, stderr=out, start_new_session=True)
     server = StoreServer(folder, workdir, host, port, proc)
     if not wait_port(host, port, START_TIMEOUT_S) or proc.poll() is not None:
