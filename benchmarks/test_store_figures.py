@@ -128,7 +128,7 @@ def _record(figure, where: str, server, got: dict, wall: float) -> float:
 
 def test_thousand_devices_pull_from_one_store_on_loopback(figure, tmp_path):
     store, sha = _published(tmp_path)
-    with start_store_server(store, workdir=tmp_path / "nginx", sndbuf=SNDBUF) as server:
+    with start_store_server(store, workdir=tmp_path / "nginx", sndbuf=SNDBUF, embedded=False) as server:
         got, wall = _pull(artifact_url(server.url, sha), sha)
         served = _record(figure, "loopback", server, got, wall)
     figure("loopback: wall time for 1,000 simulated devices to pull 2 MiB (100 cut and resumed)",
@@ -145,7 +145,7 @@ def test_thousand_devices_pull_through_the_stores_emulated_link(figure, tmp_path
     links = create_links(1, rate)  # the store sits in its own namespace behind a tc tbf link of `rate` each way
     try:
         with start_store_server(store, host=links.address(0), workdir=tmp_path / "nginx", sndbuf=SNDBUF,
-                                wrap=links.wrap(0)) as server:
+                                embedded=False, wrap=links.wrap(0)) as server:
             got, wall = _pull(artifact_url(server.url, sha), sha)
             served = _record(figure, f"{LINK} store link", server, got, wall)
     finally:

@@ -102,6 +102,7 @@ class StoreServer:
         self.folder, self.workdir, self.host, self.port, self.proc = folder, workdir, host, port, proc
         self.url = f"http://{host}:{port}"
         self.access_log = workdir / "access.log"
+        self.temporary = False  # the workdir was made for it: removed by stop()
 
     def requests(self) -> list[dict[str, Any]]:
         """Return every logged request: ``status``, ``bytes`` (body bytes sent), ``range``, ``uri``."""
@@ -138,9 +139,11 @@ class StoreServer:
                 f.truncate(0)
 
     def stop(self) -> None:
-        """Stop the server; no-op when stopped."""
+        """Stop the server (and remove its workdir when it was a temporary one); no-op when stopped."""
         stop_process(self.proc)
         self.proc = None
+        if self.temporary:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> StoreServer:
         return self
@@ -180,10 +183,12 @@ class EmbeddedStoreServer(StoreServer):
             self._log.clear()
 
     def stop(self) -> None:
-        """Stop the server; no-op when stopped."""
+        """Stop the server (and remove its workdir when it was a temporary one); no-op when stopped."""
         if self._thread.is_alive():
             self._httpd.shutdown()
             self._httpd.server_close()
+        if self.temporary:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 class _QuietServer(ThreadingHTTPServer):
@@ -264,7 +269,8 @@ def start_store_server(folder: Path, port: int | None = None, *, host: str = "12
     """Serve the store ``folder`` on ``host:port`` (a free port when None) and wait until it answers.
 
     nginx is used when installed (``embedded=None``) or asked for (``embedded=False``); otherwise
-    the embedded server. ``workdir`` holds the config and logs (a temporary folder when None).
+    the embedded server. ``workdir`` holds the config and logs (when None: a temporary folder,
+    removed by ``stop()``).
     ``sndbuf``: the server's socket send buffer in bytes (None: the kernel's autotuning). Small
     values bound what a dropped connection had in flight, which the server counts as sent: the
     tests and benchmarks set it to count a cut download the way a real link would.
@@ -276,12 +282,13 @@ def start_store_server(folder: Path, port: int | None = None, *, host: str = "12
         The running :class:`StoreServer` (``.url``, ``.bytes_served()``, ``.stop()``; a context manager).
 
     Raises:
-        EdgeKitError: the folder does not exist, nginx was asked for and is missing, or the server
-            did not start (the error log's last line says why).
+        EdgeKitError: the folder does not exist, nginx was asked for and is missing, the port is in
+            use, or the server did not start (the error log's last line says why).
     """
     folder = Path(folder).resolve()
     if not folder.is_dir():
         raise EdgeKitError(f"{folder}: no such store folder; run `edgekit publish ARTIFACTS --store {folder}` first")
+    temporary = workdir is None
     workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="edgekit-store-"))
     workdir.mkdir(parents=True, exist_ok=True)
     port = port or (80 if wrap else free_port(host))  # a namespace of its own: the usual port is free
@@ -291,9 +298,13 @@ def start_store_server(folder: Path, port: int | None = None, *, host: str = "12
     if embedded:
         if wrap:
             raise EdgeKitError("the embedded store server runs in this process: it cannot be wrapped; install nginx")
-        return EmbeddedStoreServer(folder, workdir, host, port, ignore_range=ignore_range, sndbuf=sndbuf)
+        embedded_server = EmbeddedStoreServer(folder, workdir, host, port, ignore_range=ignore_range, sndbuf=sndbuf)
+        embedded_server.temporary = temporary
+        return embedded_server
     if exe is None:
         raise EdgeKitError("nginx is not installed (apt install nginx-light); the embedded store server needs no install")
+    if not wrap and wait_port(host, port, 0.05):
+        raise EdgeKitError(f"{host}:{port} is already in use; give another port (or none for a free one)")
     for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (workdir / "tmp" / sub).mkdir(parents=True, exist_ok=True)
     conf = workdir / "nginx.conf"
@@ -302,9 +313,10 @@ def start_store_server(folder: Path, port: int | None = None, *, host: str = "12
         proc = subprocess.Popen([*wrap, exe, "-p", str(workdir), "-e", str(workdir / "error.log"), "-c", str(conf)],
                                 stdout=out, stderr=out, start_new_session=True)
     server = StoreServer(folder, workdir, host, port, proc)
+    server.temporary = temporary
     if not wait_port(host, port, START_TIMEOUT_S) or proc.poll() is not None:
-        server.stop()
         log = workdir / "error.log"
         tail = log.read_text().strip().splitlines()[-1:] if log.exists() else []
+        server.stop()
         raise EdgeKitError(f"nginx did not start on {host}:{port}: {' '.join(tail) or 'no log'}")
     return server
