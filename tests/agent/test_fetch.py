@@ -244,3 +244,13 @@ def test_a_destination_that_cannot_be_written_is_one_line(store, tmp_path):
 def test_not_a_url_is_refused(tmp_path):
     with pytest.raises(FetchError, match="not an http"):
         fetch(f"ftp://x/sha256/{SHA}", SHA, tmp_path / "a.bin")
+
+
+@pytest.mark.parametrize("cut", [1, 64 * 1024, 64 * 1024 + 1, len(DATA) // 2, len(DATA) - 1])
+def test_any_cut_point_resumes_to_the_exact_bytes(store, tmp_path, cut):
+    dest = tmp_path / "a.bin"
+    url = artifact_url(store.url, SHA)
+    assert download_once(url, partial_path(dest), cut_after=cut).received == cut
+    r = fetch(url, SHA, dest)
+    assert r.resumed and r.bytes_downloaded == len(DATA) - cut and dest.read_bytes() == DATA
+    assert store.requests[-1] == f"bytes={cut}-"

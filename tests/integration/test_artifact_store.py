@@ -241,3 +241,21 @@ def test_store_server_errors_are_one_line(tmp_path):
             start_store_server(tmp_path / "store", port=server.port, embedded=False)  # the port is taken
         workdir = server.workdir
     assert not workdir.exists()
+
+
+def test_https_store_with_the_fleet_ca_and_a_device_that_does_not_trust_it(published, tmp_path):
+    import ssl
+
+    from edge_kit.fleet.broker_setup import make_tls
+
+    _, store, result = published
+    sha = _sha(result, "int8")
+    tls = make_tls(tmp_path / "tls", ["127.0.0.1"])
+    with start_store_server(store, workdir=tmp_path / "tls-nginx", embedded=False, tls=tls) as server:
+        url = artifact_url(server.url, sha)
+        assert url.startswith("https://127.0.0.1:")
+        r = fetch(url, sha, tmp_path / "int8", ssl_context=ssl.create_default_context(cafile=str(tls.ca)))
+        assert r.bytes_downloaded == 600_000
+        with pytest.raises(FetchError, match="TLS failed.*certificate") as exc:  # the system CAs do not know it
+            fetch(url, sha, tmp_path / "other")
+        assert "\n" not in str(exc.value)
