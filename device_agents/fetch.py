@@ -54,8 +54,9 @@ class FetchError(DeviceError):
 @dataclass(frozen=True)
 class FetchResult:
     """What :func:`fetch` did: ``path`` holds the verified file; ``bytes_downloaded`` counts the body
-    bytes received by this call (0 when ``dest`` was already there); ``resumed`` is True when a
-    partial from an earlier call was continued; ``seconds`` is this call's wall time."""
+    bytes received by this call (0 when ``dest`` was already there); ``resumed`` is True when bytes
+    already in the partial (from an earlier call, or a cut during this one) were kept and the rest
+    fetched with a Range; ``seconds`` is this call's wall time."""
 
     path: Path
     bytes_downloaded: int
@@ -350,9 +351,11 @@ def fetch(url: str, sha256: str, dest: Path, *, max_bytes_s: float | None = None
 
     Raises:
         FetchError: bad hash argument, store not answering, an HTTP error status, a file over
-            ``max_bytes``, the device's disk refusing the write, a hash mismatch (the partial is deleted, ``dest`` untouched), cut again
-            on every attempt (the partial is kept: fetch again to resume), or another fetch of the
-            same ``dest`` in this process.
+            ``max_bytes``, the device's disk refusing the write, a hash mismatch (the partial is
+            deleted, ``dest`` untouched; after a resume, the whole file is fetched once more
+            first, in case the kept bytes were the bad ones), cut again on every attempt (the
+            partial is kept: fetch again to resume), or another fetch of the same ``dest`` in this
+            process.
     """
     t0 = time.monotonic()
     digest = _checked_sha(sha256, url)
@@ -371,26 +374,33 @@ def fetch(url: str, sha256: str, dest: Path, *, max_bytes_s: float | None = None
         _active.add(key)
     try:
         limiter = RateLimiter(max_bytes_s) if max_bytes_s is not None else None
-        downloaded, resumed, last = 0, False, None
-        for _ in range(MAX_ATTEMPTS):
-            attempt = download_once(url, partial, timeout_s=timeout_s, max_bytes=max_bytes, ssl_context=ssl_context,
-                                    limiter=limiter)
-            downloaded += attempt.received
-            resumed = resumed or (attempt.offset > 0 and (attempt.resumed or attempt.status == 416))
-            last = attempt
-            if attempt.complete:
+        downloaded, resumed = 0, False
+        for fresh_start in (False, True):
+            last = None
+            for _ in range(MAX_ATTEMPTS):
+                attempt = download_once(url, partial, timeout_s=timeout_s, max_bytes=max_bytes,
+                                        ssl_context=ssl_context, limiter=limiter)
+                downloaded += attempt.received
+                kept = attempt.resumed or (attempt.status == 416 and attempt.complete)
+                resumed = resumed or (attempt.offset > 0 and kept)
+                last = attempt
+                if attempt.complete:
+                    break
+                if attempt.received == 0 and attempt.status not in (206, 416):
+                    break  # no progress: do not hammer the store
+            if last is None or not last.complete:
+                have = partial.stat().st_size if partial.exists() else 0
+                raise FetchError(f"{url}: download cut again ({last.cut if last else 'no answer'}); {have} bytes kept "
+                                 f"in {partial.name}: fetch again to resume")
+            got = _sha256_of(partial)
+            partial_was_old = resumed and not fresh_start
+            if got == digest:
                 break
-            if attempt.received == 0 and attempt.status not in (206, 416):
-                break  # no progress: do not hammer the store
-        if last is None or not last.complete:
-            have = partial.stat().st_size if partial.exists() else 0
-            raise FetchError(f"{url}: download cut again ({last.cut if last else 'no answer'}); {have} bytes kept in "
-                             f"{partial.name}: fetch again to resume")
-        got = _sha256_of(partial)
-        if got != digest:
             partial.unlink(missing_ok=True)
-            raise FetchError(f"{url}: sha256 mismatch (got {got[:12]}…, expected {digest[:12]}…); the download was "
-                             "deleted: republish the artifact or check the desired state's hash")
+            if not partial_was_old:
+                raise FetchError(f"{url}: sha256 mismatch (got {got[:12]}…, expected {digest[:12]}…); the download "
+                                 "was deleted: republish the artifact or check the desired state's hash")
+            resumed = False  # the kept bytes may have been the bad ones: once more, from byte 0
         try:
             with open(partial, "rb+") as f:
                 os.fsync(f.fileno())

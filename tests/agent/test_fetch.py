@@ -254,3 +254,12 @@ def test_any_cut_point_resumes_to_the_exact_bytes(store, tmp_path, cut):
     r = fetch(url, SHA, dest)
     assert r.resumed and r.bytes_downloaded == len(DATA) - cut and dest.read_bytes() == DATA
     assert store.requests[-1] == f"bytes={cut}-"
+
+
+def test_a_bad_partial_is_dropped_and_the_whole_file_fetched_once_more(store, tmp_path):
+    dest = tmp_path / "a.bin"
+    partial_path(dest).write_bytes(b"\0" * 100_000)  # left by something else: wrong bytes
+    r = fetch(artifact_url(store.url, SHA), SHA, dest)
+    assert dest.read_bytes() == DATA and not r.resumed
+    assert r.bytes_downloaded == (len(DATA) - 100_000) + len(DATA)
+    assert store.requests == ["bytes=100000-", None]
