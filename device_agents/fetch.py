@@ -54,8 +54,9 @@ class FetchError(DeviceError):
 @dataclass(frozen=True)
 class FetchResult:
     """What :func:`fetch` did: ``path`` holds the verified file; ``bytes_downloaded`` counts the body
-    bytes received by this call (0 when ``dest`` was already there); ``resumed`` is True when a
-    partial from an earlier call was continued; ``seconds`` is this call's wall time."""
+    bytes received by this call (0 when ``dest`` was already there); ``resumed`` is True when bytes
+    already in the partial (from an earlier call, or a cut during this one) were kept and the rest
+    fetched with a Range; ``seconds`` is this call's wall time."""
 
     path: Path
     bytes_downloaded: int
@@ -236,7 +237,8 @@ def download_once(url: str, partial: Path, *, max_bytes_s: float | None = None, 
 
     Raises:
         FetchError: the store does not answer, answers an HTTP error (404: not published; other
-            statuses named), or the file is larger than ``max_bytes`` (the partial is deleted).
+            statuses named), the file is larger than ``max_bytes`` (the partial is deleted), or the
+            partial cannot be written (disk full, read-only).
     """
     partial = Path(partial)
     if limiter is None and max_bytes_s is not None:
@@ -273,33 +275,40 @@ def download_once(url: str, partial: Path, *, max_bytes_s: float | None = None, 
         resumed = resp.status == 206 and offset > 0
         received = 0
         cut = None
-        with open(partial, "r+b" if resumed else "wb") as f:
-            if resumed:
-                f.seek(offset)
-            size = offset if resumed else 0
-            step = limiter.chunk() if limiter else CHUNK
-            while True:
-                want = step if cut_after is None else min(step, cut_after - received)
-                if want <= 0:
-                    cut = f"stopped after {received} bytes as asked"
-                    break
-                try:
-                    block = resp.read(want)
-                except (OSError, http.client.HTTPException) as exc:
-                    cut = _reason(exc)
-                    break
-                if not block:
-                    break
-                if limiter:
-                    limiter.take(len(block))
-                f.write(block)
-                received += len(block)
-                size += len(block)
-                if max_bytes is not None and size > max_bytes:
-                    f.close()
-                    partial.unlink(missing_ok=True)
-                    raise FetchError(f"{url}: more than the {max_bytes} bytes allowed; check the desired state's "
-                                     "artifact or raise the limit")
+        size = offset if resumed else 0
+        try:
+            f = open(partial, "r+b" if resumed else "wb")
+        except OSError as exc:
+            raise _write_error(url, partial, exc) from None
+        try:
+            with f:
+                if resumed:
+                    f.seek(offset)
+                step = limiter.chunk() if limiter else CHUNK
+                while True:
+                    want = step if cut_after is None else min(step, cut_after - received)
+                    if want <= 0:
+                        cut = f"stopped after {received} bytes as asked"
+                        break
+                    try:
+                        block = resp.read(want)
+                    except (OSError, http.client.HTTPException) as exc:
+                        cut = _reason(exc)
+                        break
+                    if not block:
+                        break
+                    if limiter:
+                        limiter.take(len(block))
+                    f.write(block)
+                    received += len(block)
+                    size += len(block)
+                    if max_bytes is not None and size > max_bytes:
+                        f.close()
+                        partial.unlink(missing_ok=True)
+                        raise FetchError(f"{url}: more than the {max_bytes} bytes allowed; check the desired state's "
+                                         "artifact or raise the limit")
+        except OSError as exc:  # the reads' errors are caught above: this is the disk (full, read-only)
+            raise _write_error(url, partial, exc) from None
         complete = cut is None and (total is None or size == total)
         if cut is None and not complete:
             cut = f"connection closed at {size} of {total} bytes"
@@ -307,6 +316,12 @@ def download_once(url: str, partial: Path, *, max_bytes_s: float | None = None, 
     finally:
         resp.close()
         conn.close()
+
+
+def _write_error(url: str, path: Path, exc: OSError) -> FetchError:
+    """Return the one-line error for a local write that failed (disk full, read-only, permissions)."""
+    return FetchError(f"{url}: cannot write {path} ({exc.strerror or exc}); free space or fix the folder on the "
+                      "device, then fetch again (the bytes received so far are kept)")
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -336,16 +351,21 @@ def fetch(url: str, sha256: str, dest: Path, *, max_bytes_s: float | None = None
 
     Raises:
         FetchError: bad hash argument, store not answering, an HTTP error status, a file over
-            ``max_bytes``, a hash mismatch (the partial is deleted, ``dest`` untouched), cut again
-            on every attempt (the partial is kept: fetch again to resume), or another fetch of the
-            same ``dest`` in this process.
+            ``max_bytes``, the device's disk refusing the write, a hash mismatch (the partial is
+            deleted, ``dest`` untouched; after a resume, the whole file is fetched once more
+            first, in case the kept bytes were the bad ones), cut again on every attempt (the
+            partial is kept: fetch again to resume), or another fetch of the same ``dest`` in this
+            process.
     """
     t0 = time.monotonic()
     digest = _checked_sha(sha256, url)
     dest = Path(dest)
     if dest.is_file() and _sha256_of(dest) == digest:
         return FetchResult(dest, 0, False, time.monotonic() - t0)
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _write_error(url, dest.parent, exc) from None
     partial = partial_path(dest)
     key = str(partial.resolve())
     with _active_lock:
@@ -354,29 +374,39 @@ def fetch(url: str, sha256: str, dest: Path, *, max_bytes_s: float | None = None
         _active.add(key)
     try:
         limiter = RateLimiter(max_bytes_s) if max_bytes_s is not None else None
-        downloaded, resumed, last = 0, False, None
-        for _ in range(MAX_ATTEMPTS):
-            attempt = download_once(url, partial, timeout_s=timeout_s, max_bytes=max_bytes, ssl_context=ssl_context,
-                                    limiter=limiter)
-            downloaded += attempt.received
-            resumed = resumed or (attempt.offset > 0 and (attempt.resumed or attempt.status == 416))
-            last = attempt
-            if attempt.complete:
+        downloaded, resumed = 0, False
+        for fresh_start in (False, True):
+            last = None
+            for _ in range(MAX_ATTEMPTS):
+                attempt = download_once(url, partial, timeout_s=timeout_s, max_bytes=max_bytes,
+                                        ssl_context=ssl_context, limiter=limiter)
+                downloaded += attempt.received
+                kept = attempt.resumed or (attempt.status == 416 and attempt.complete)
+                resumed = resumed or (attempt.offset > 0 and kept)
+                last = attempt
+                if attempt.complete:
+                    break
+                if attempt.received == 0 and attempt.status not in (206, 416):
+                    break  # no progress: do not hammer the store
+            if last is None or not last.complete:
+                have = partial.stat().st_size if partial.exists() else 0
+                raise FetchError(f"{url}: download cut again ({last.cut if last else 'no answer'}); {have} bytes kept "
+                                 f"in {partial.name}: fetch again to resume")
+            got = _sha256_of(partial)
+            partial_was_old = resumed and not fresh_start
+            if got == digest:
                 break
-            if attempt.received == 0 and attempt.status not in (206, 416):
-                break  # no progress: do not hammer the store
-        if last is None or not last.complete:
-            have = partial.stat().st_size if partial.exists() else 0
-            raise FetchError(f"{url}: download cut again ({last.cut if last else 'no answer'}); {have} bytes kept in "
-                             f"{partial.name}: fetch again to resume")
-        got = _sha256_of(partial)
-        if got != digest:
             partial.unlink(missing_ok=True)
-            raise FetchError(f"{url}: sha256 mismatch (got {got[:12]}…, expected {digest[:12]}…); the download was "
-                             "deleted: republish the artifact or check the desired state's hash")
-        with open(partial, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(partial, dest)
+            if not partial_was_old:
+                raise FetchError(f"{url}: sha256 mismatch (got {got[:12]}…, expected {digest[:12]}…); the download "
+                                 "was deleted: republish the artifact or check the desired state's hash")
+            resumed = False  # the kept bytes may have been the bad ones: once more, from byte 0
+        try:
+            with open(partial, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(partial, dest)
+        except OSError as exc:
+            raise _write_error(url, dest, exc) from None
         _fsync_dir(dest.parent)
         return FetchResult(dest, downloaded, resumed, time.monotonic() - t0)
     finally:

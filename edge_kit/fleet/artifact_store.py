@@ -215,6 +215,8 @@ def _fsync_dir(folder: Path) -> None:
         return
     try:
         os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on a folder; the objects themselves were fsynced
     finally:
         os.close(fd)
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_kit.errors import EdgeKitError
+from edge_kit.fleet.broker_setup import BrokerTls
 from edge_kit.sim.broker import free_port, wait_port
 from edge_kit.sim.process import stop_process
 
@@ -43,16 +44,18 @@ def find_nginx() -> str | None:
 
 
 def nginx_config(folder: Path, workdir: Path, host: str, port: int, *, ignore_range: bool = False,
-                 sndbuf: int | None = None, workers: int = 1) -> str:
+                 sndbuf: int | None = None, workers: int = 1, tls: BrokerTls | None = None) -> str:
     """Return an nginx.conf serving ``folder`` read-only on ``host:port``, logging to ``workdir``.
 
     ``ignore_range``: ``max_ranges 0`` (nginx answers 200 with the whole file: a server that
     ignores Range). ``sndbuf``: the listening socket's send buffer (small: few bytes counted as
-    sent are still in flight when a client drops the connection).
+    sent are still in flight when a client drops the connection). ``tls``: serve HTTPS with that
+    certificate and key.
     """
     user = f"user {getpass.getuser()};" if os.geteuid() == 0 else ""  # as root nginx would switch to nobody
     tmp = workdir / "tmp"
-    listen = f"listen {host}:{port} backlog=4096" + (f" sndbuf={sndbuf}" if sndbuf else "") + ";"
+    listen = f"listen {host}:{port}" + (" ssl" if tls else "") + " backlog=4096" + (f" sndbuf={sndbuf}" if sndbuf else "") + ";"
+    certs = f"ssl_certificate {tls.cert};\n        ssl_certificate_key {tls.key};" if tls else ""
     return f"""# written by edge_kit.sim.store_server
 {user}
 daemon off;
@@ -76,6 +79,7 @@ http {{
     server_tokens off;
     server {{
         {listen}
+        {certs}
         root {folder};
         autoindex off;
         {"max_ranges 0;" if ignore_range else ""}
@@ -98,10 +102,12 @@ class StoreServer:
 
     kind = "nginx"
 
-    def __init__(self, folder: Path, workdir: Path, host: str, port: int, proc: subprocess.Popen | None):
+    def __init__(self, folder: Path, workdir: Path, host: str, port: int, proc: subprocess.Popen | None,
+                 scheme: str = "http"):
         self.folder, self.workdir, self.host, self.port, self.proc = folder, workdir, host, port, proc
-        self.url = f"http://{host}:{port}"
+        self.url = f"{scheme}://{host}:{port}"
         self.access_log = workdir / "access.log"
+        self.temporary = False  # the workdir was made for it: removed by stop()
 
     def requests(self) -> list[dict[str, Any]]:
         """Return every logged request: ``status``, ``bytes`` (body bytes sent), ``range``, ``uri``."""
@@ -138,9 +144,11 @@ class StoreServer:
                 f.truncate(0)
 
     def stop(self) -> None:
-        """Stop the server; no-op when stopped."""
+        """Stop the server (and remove its workdir when it was a temporary one); no-op when stopped."""
         stop_process(self.proc)
         self.proc = None
+        if self.temporary:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> StoreServer:
         return self
@@ -180,10 +188,12 @@ class EmbeddedStoreServer(StoreServer):
             self._log.clear()
 
     def stop(self) -> None:
-        """Stop the server; no-op when stopped."""
+        """Stop the server (and remove its workdir when it was a temporary one); no-op when stopped."""
         if self._thread.is_alive():
             self._httpd.shutdown()
             self._httpd.server_close()
+        if self.temporary:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 class _QuietServer(ThreadingHTTPServer):
@@ -260,47 +270,62 @@ def _handler(server: EmbeddedStoreServer, root: Path, ignore_range: bool,
 
 def start_store_server(folder: Path, port: int | None = None, *, host: str = "127.0.0.1",
                        workdir: Path | None = None, embedded: bool | None = None, ignore_range: bool = False,
-                       sndbuf: int | None = None, workers: int = 1) -> StoreServer:
+                       sndbuf: int | None = None, workers: int = 1, wrap: tuple[str, ...] = (),
+                       tls: BrokerTls | None = None) -> StoreServer:
     """Serve the store ``folder`` on ``host:port`` (a free port when None) and wait until it answers.
 
     nginx is used when installed (``embedded=None``) or asked for (``embedded=False``); otherwise
-    the embedded server. ``workdir`` holds the config and logs (a temporary folder when None).
+    the embedded server. ``workdir`` holds the config and logs (when None: a temporary folder,
+    removed by ``stop()``).
     ``sndbuf``: the server's socket send buffer in bytes (None: the kernel's autotuning). Small
     values bound what a dropped connection had in flight, which the server counts as sent: the
     tests and benchmarks set it to count a cut download the way a real link would.
-    ``ignore_range``: answer every request with 200 and the whole file.
+    ``ignore_range``: answer every request with 200 and the whole file. ``wrap``: a command prefix
+    nginx runs under, e.g. ``("ip", "netns", "exec", NS)`` to serve from behind an emulated link
+    (:mod:`edge_kit.sim.links`; ``host`` is then the namespace's address). ``tls``: serve HTTPS
+    with this certificate (:func:`edge_kit.fleet.broker_setup.make_tls` makes one); nginx only.
 
     Returns:
         The running :class:`StoreServer` (``.url``, ``.bytes_served()``, ``.stop()``; a context manager).
 
     Raises:
-        EdgeKitError: the folder does not exist, nginx was asked for and is missing, or the server
-            did not start (the error log's last line says why).
+        EdgeKitError: the folder does not exist, nginx was asked for and is missing, the port is in
+            use, or the server did not start (the error log's last line says why).
     """
     folder = Path(folder).resolve()
     if not folder.is_dir():
         raise EdgeKitError(f"{folder}: no such store folder; run `edgekit publish ARTIFACTS --store {folder}` first")
+    temporary = workdir is None
     workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="edgekit-store-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    port = port or free_port(host)
+    port = port or (80 if wrap else free_port(host))  # a namespace of its own: the usual port is free
     exe = find_nginx()
     if embedded is None:
         embedded = exe is None
     if embedded:
-        return EmbeddedStoreServer(folder, workdir, host, port, ignore_range=ignore_range, sndbuf=sndbuf)
+        if wrap or tls:
+            raise EdgeKitError("the embedded store server serves plain HTTP in this process only: install nginx "
+                               "(apt install nginx-light) for TLS or a namespace")
+        embedded_server = EmbeddedStoreServer(folder, workdir, host, port, ignore_range=ignore_range, sndbuf=sndbuf)
+        embedded_server.temporary = temporary
+        return embedded_server
     if exe is None:
         raise EdgeKitError("nginx is not installed (apt install nginx-light); the embedded store server needs no install")
+    if not wrap and wait_port(host, port, 0.05):
+        raise EdgeKitError(f"{host}:{port} is already in use; give another port (or none for a free one)")
     for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (workdir / "tmp" / sub).mkdir(parents=True, exist_ok=True)
     conf = workdir / "nginx.conf"
-    conf.write_text(nginx_config(folder, workdir, host, port, ignore_range=ignore_range, sndbuf=sndbuf, workers=workers))
+    conf.write_text(nginx_config(folder, workdir, host, port, ignore_range=ignore_range, sndbuf=sndbuf, workers=workers,
+                                 tls=tls))
     with open(workdir / "nginx.out", "ab") as out:
-        proc = subprocess.Popen([exe, "-p", str(workdir), "-e", str(workdir / "error.log"), "-c", str(conf)],
+        proc = subprocess.Popen([*wrap, exe, "-p", str(workdir), "-e", str(workdir / "error.log"), "-c", str(conf)],
                                 stdout=out, stderr=out, start_new_session=True)
-    server = StoreServer(folder, workdir, host, port, proc)
+    server = StoreServer(folder, workdir, host, port, proc, "https" if tls else "http")
+    server.temporary = temporary
     if not wait_port(host, port, START_TIMEOUT_S) or proc.poll() is not None:
-        server.stop()
         log = workdir / "error.log"
         tail = log.read_text().strip().splitlines()[-1:] if log.exists() else []
+        server.stop()
         raise EdgeKitError(f"nginx did not start on {host}:{port}: {' '.join(tail) or 'no log'}")
     return server

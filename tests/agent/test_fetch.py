@@ -38,6 +38,7 @@ class _Store(ThreadingHTTPServer):
         self.ignore_range = False
         self.drop_after: int | None = None  # close the connection after this many body bytes (once)
         self.status: int | None = None
+        self.no_length = False  # stream the body until the connection closes (no Content-Length)
         self.requests: list[str | None] = []
         self.sent = 0
         self.lock = threading.Lock()
@@ -58,6 +59,12 @@ class _Handler(BaseHTTPRequestHandler):
         if srv.status:
             self.send_error(srv.status)
             return
+        if self.path == "/moved":
+            self.send_response(302)
+            self.send_header("Location", f"/sha256/{SHA}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         data = srv.files.get(self.path)
         if data is None:
             self.send_error(404)
@@ -76,7 +83,8 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self.send_response(200)
         body = data[start:]
-        self.send_header("Content-Length", str(len(body)))
+        if not srv.no_length:
+            self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         if srv.drop_after is not None:
             body, srv.drop_after = body[:srv.drop_after], None
@@ -209,3 +217,49 @@ def test_bandwidth_cap_within_tolerance(store, tmp_path):
 def test_rate_limiter_refuses_nonsense():
     with pytest.raises(FetchError, match="positive"):
         RateLimiter(0)
+
+
+def test_oversize_body_without_length_is_cut_at_the_limit(store, tmp_path):
+    store.no_length = True
+    dest = tmp_path / "a.bin"
+    with pytest.raises(FetchError, match="more than the 100000 bytes allowed"):
+        fetch(artifact_url(store.url, SHA), SHA, dest, max_bytes=100_000)
+    assert not partial_path(dest).exists()
+    r = fetch(artifact_url(store.url, SHA), SHA, dest)  # without a limit, read until the server closes
+    assert r.bytes_downloaded == len(DATA) and dest.read_bytes() == DATA
+
+
+def test_redirects_are_followed(store, tmp_path):
+    r = fetch(f"{store.url}/moved", SHA, tmp_path / "a.bin")
+    assert r.bytes_downloaded == len(DATA)
+
+
+def test_a_destination_that_cannot_be_written_is_one_line(store, tmp_path):
+    (tmp_path / "file").write_bytes(b"x")
+    with pytest.raises(FetchError, match="cannot write .*fetch again") as exc:
+        fetch(artifact_url(store.url, SHA), SHA, tmp_path / "file" / "a.bin")
+    assert "\n" not in str(exc.value)
+
+
+def test_not_a_url_is_refused(tmp_path):
+    with pytest.raises(FetchError, match="not an http"):
+        fetch(f"ftp://x/sha256/{SHA}", SHA, tmp_path / "a.bin")
+
+
+@pytest.mark.parametrize("cut", [1, 64 * 1024, 64 * 1024 + 1, len(DATA) // 2, len(DATA) - 1])
+def test_any_cut_point_resumes_to_the_exact_bytes(store, tmp_path, cut):
+    dest = tmp_path / "a.bin"
+    url = artifact_url(store.url, SHA)
+    assert download_once(url, partial_path(dest), cut_after=cut).received == cut
+    r = fetch(url, SHA, dest)
+    assert r.resumed and r.bytes_downloaded == len(DATA) - cut and dest.read_bytes() == DATA
+    assert store.requests[-1] == f"bytes={cut}-"
+
+
+def test_a_bad_partial_is_dropped_and_the_whole_file_fetched_once_more(store, tmp_path):
+    dest = tmp_path / "a.bin"
+    partial_path(dest).write_bytes(b"\0" * 100_000)  # left by something else: wrong bytes
+    r = fetch(artifact_url(store.url, SHA), SHA, dest)
+    assert dest.read_bytes() == DATA and not r.resumed
+    assert r.bytes_downloaded == (len(DATA) - 100_000) + len(DATA)
+    assert store.requests == ["bytes=100000-", None]

@@ -26,10 +26,9 @@ from device_agents.fetch import (
 from edge_kit.errors import InputError
 from edge_kit.fleet.artifact_store import publish
 from edge_kit.manifest import Artifact, Manifest
-from edge_kit.sim.store_server import find_nginx, start_store_server
+from edge_kit.sim.store_server import start_store_server
 
-pytestmark = [pytest.mark.integration,
-              pytest.mark.skipif(find_nginx() is None, reason="nginx is not installed (apt install nginx-light)")]
+pytestmark = pytest.mark.integration  # nginx missing fails (.ci/setup installs nginx-light), never skips
 
 SNDBUF = 16 * 1024  # nginx's send buffer: what a dropped connection had in flight stays small, as on a real link
 IN_FLIGHT = 256 * 1024  # bound on bytes nginx counts as sent beyond what a cut client read
@@ -68,7 +67,8 @@ def published(tmp_path):
 
 @pytest.fixture
 def nginx(published, tmp_path):
-    server = start_store_server(published[1], workdir=tmp_path / "nginx", sndbuf=SNDBUF)
+    server = start_store_server(published[1], workdir=tmp_path / "nginx", sndbuf=SNDBUF, embedded=False)
+    assert server.kind == "nginx"
     yield server
     server.stop()
 
@@ -160,7 +160,8 @@ def test_bandwidth_cap_through_nginx(published, nginx, tmp_path):
 def test_a_server_that_ignores_range_restarts_from_zero(published, tmp_path):
     _, store, result = published
     sha = _sha(result, "fp32")
-    with start_store_server(store, workdir=tmp_path / "norange", ignore_range=True, sndbuf=SNDBUF) as server:
+    with start_store_server(store, workdir=tmp_path / "norange", ignore_range=True, sndbuf=SNDBUF,
+                            embedded=False) as server:
         url, dest = artifact_url(server.url, sha), tmp_path / "fp32"
         download_once(url, partial_path(dest), cut_after=500_000)
         r = fetch(url, sha, dest)
@@ -227,3 +228,34 @@ def test_embedded_fallback_serves_ranges_too(published, tmp_path):
         r = fetch(url, sha, dest)
         assert r.resumed and r.bytes_downloaded == 1_000_000
         assert next(q for q in server.wait_requests(2) if q["range"])["bytes"] == 1_000_000
+
+
+def test_store_server_errors_are_one_line(tmp_path):
+    from edge_kit.errors import EdgeKitError
+
+    with pytest.raises(EdgeKitError, match="no such store folder.*edgekit publish"):
+        start_store_server(tmp_path / "missing")
+    (tmp_path / "store").mkdir()
+    with start_store_server(tmp_path / "store", embedded=False) as server:  # a temporary workdir, removed at stop
+        with pytest.raises(EdgeKitError, match="already in use"):
+            start_store_server(tmp_path / "store", port=server.port, embedded=False)  # the port is taken
+        workdir = server.workdir
+    assert not workdir.exists()
+
+
+def test_https_store_with_the_fleet_ca_and_a_device_that_does_not_trust_it(published, tmp_path):
+    import ssl
+
+    from edge_kit.fleet.broker_setup import make_tls
+
+    _, store, result = published
+    sha = _sha(result, "int8")
+    tls = make_tls(tmp_path / "tls", ["127.0.0.1"])
+    with start_store_server(store, workdir=tmp_path / "tls-nginx", embedded=False, tls=tls) as server:
+        url = artifact_url(server.url, sha)
+        assert url.startswith("https://127.0.0.1:")
+        r = fetch(url, sha, tmp_path / "int8", ssl_context=ssl.create_default_context(cafile=str(tls.ca)))
+        assert r.bytes_downloaded == 600_000
+        with pytest.raises(FetchError, match="TLS failed.*certificate") as exc:  # the system CAs do not know it
+            fetch(url, sha, tmp_path / "other")
+        assert "\n" not in str(exc.value)
