@@ -29,10 +29,13 @@ err = Console(stderr=True)
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 FleetOpt = Annotated[Path, typer.Option("--fleet", "-f", help="fleet.yaml: devices, SSH and broker.")]
 DevicesOpt = Annotated[Optional[list[str]], typer.Option("--devices", help="Device name, tag:<tag> or all; repeat.")]
-HistoryOpt = Annotated[Optional[str], typer.Option(
-    "--history", "--store", metavar="PATH|URL",
-    help="History database: a SQLite file, or a postgresql://user:password@host:port/db URL shared by several hosts "
-         "(default: edgekit-history.db next to the fleet file; --store is the older name).")]
+_HISTORY_HELP = ("History database: a SQLite file, or a postgresql://user:password@host:port/db URL shared by several "
+                 "hosts (default: edgekit-history.db next to the fleet file)")
+# monitor, select, tune, fleet status and report took --store before there was an artifact store: they
+# still do; newer commands (deploy --gate live, rollout) take --history only (--store is the artifact store's).
+HistoryOpt = Annotated[Optional[str], typer.Option("--history", "--store", metavar="PATH|URL",
+                                                   help=_HISTORY_HELP + "; --store is its older name.")]
+HistoryOnlyOpt = Annotated[Optional[str], typer.Option("--history", metavar="PATH|URL", help=_HISTORY_HELP + ".")]
 
 
 def open_fleet_history(fleet_file: Path | None, history: str | None) -> Any:

@@ -1,4 +1,4 @@
-"""Fleet commands of the `edgekit` CLI: bench, deploy, sim."""
+"""Fleet commands of the `edgekit` CLI: bench, deploy, publish, sim."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from rich.table import Table
 from edge_kit.cli.app import (
     DevicesOpt,
     FleetOpt,
-    HistoryOpt,
+    HistoryOnlyOpt,
     JsonOpt,
     app,
     emit_json,
@@ -132,6 +132,32 @@ def keys_rotate_cmd(
         raise typer.Exit(4)
 
 
+@app.command("publish")
+def publish_cmd(
+    artifacts: Annotated[Path, typer.Argument(help="A compiled model's folder (with manifest.json).")],
+    store: Annotated[str, typer.Option("--store", help="The store folder (created); serve it with nginx, or sync it "
+                                                       "to S3 / a CDN origin (docs/artifact-store.md).")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Write the artifacts content-addressed into a store folder (sha256/<hash>) plus the manifest
+    (manifests/<model>/<sha256>.json and latest.json); what is already there is not written again."""
+    from edge_kit.fleet.artifact_store import publish
+
+    result = publish(artifacts, store)
+    if as_json:
+        emit_json(result.as_dict())
+        return
+    t = Table("kind", "name", "sha256", "bytes", "store path", "", box=box.SIMPLE_HEAD, pad_edge=False)
+    for f in result.files:
+        t.add_row(f.kind, escape(f.name), f.sha256[:12], f"{f.bytes:,}", escape(f.path),
+                  "[green]written[/]" if f.written else "[dim]already there[/]")
+    out.print(t)
+    written = result.written
+    out.print(f"{result.model}: {len(written)} written ({sum(f.bytes for f in written):,} bytes), "
+              f"{len(result.present)} already there, in {escape(str(result.store))}; devices fetch "
+              f"<store URL>/sha256/<hash>; manifest: manifests/{result.model}/{result.manifest_sha256[:12]}….json")
+
+
 sim_app = typer.Typer(no_args_is_help=True, help="A simulated fleet on this machine: broker, sshd and agent per device.")
 app.add_typer(sim_app, name="sim")
 SimDirOpt = Annotated[Path, typer.Option("--dir", help="Where the simulated fleet lives (its fleet.yaml is here).")]
@@ -163,7 +189,7 @@ def deploy_cmd(
                                                                    "through the fp32 reference (0: none).")] = 0.0,
     gate_min_snr_db: Annotated[Optional[float], typer.Option(help="Live gate: roll back below this live fidelity "
                                                                    "(needs --gate-shadow).")] = None,
-    history_spec: HistoryOpt = None,
+    history_spec: HistoryOnlyOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Push the agent and the artifacts to devices over SSH, activate safely, check health, roll back failures.
@@ -248,6 +274,8 @@ def sim_up(
     link_rate: Annotated[str | None, typer.Option(
         "--link-rate", help="Put each device in its own network namespace behind an emulated link of this rate "
                             "(e.g. 50mbit; tc tbf both ways). Needs root and iproute2. Default: loopback.")] = None,
+    store: Annotated[Optional[Path], typer.Option("--store", help="Also serve this published store folder over HTTP "
+                                                                  "(nginx; its URL is printed and kept in sim.json).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Start a broker and N virtual devices (an SSH server + the real agent each); writes DIR/fleet.yaml."""
@@ -259,14 +287,14 @@ def sim_up(
     sim = SimFleet(workdir)
     with err.status("starting the simulated fleet") as status:
         fleet = sim.up(devices, [p.strip() for p in profiles.split(",") if p.strip()], embedded_broker=embedded_broker or None,
-                       embedded_ssh=embedded_ssh or None, link_rate=rate, insecure=insecure,
+                       embedded_ssh=embedded_ssh or None, link_rate=rate, insecure=insecure, store=store,
                        progress=lambda msg: status.update(msg))
     state = sim.state()
     kinds = {d["name"]: d["ssh"] for d in state["devices"]}
     links = Links(**state["links"]).describe() if state["links"] else "loopback"
     info = {"fleet_file": str(sim.fleet_file), "broker": state["broker"], "links": links,
             "devices": [{"name": d.name, "profile": d.profile, "ssh": f"{d.host}:{d.port}", "ssh_server": kinds[d.name],
-                         "root": d.root} for d in fleet.devices]}
+                         "root": d.root} for d in fleet.devices], "store": state.get("store")}
     if as_json:
         emit_json(info)
         return
@@ -276,6 +304,8 @@ def sim_up(
     out.print(t)
     out.print(f"broker: {info['broker']['kind']} on {info['broker']['host']}:{info['broker']['port']}; links: {links}; "
               f"fleet file: {sim.fleet_file}")
+    if info["store"]:
+        out.print(f"artifact store: {info['store']['kind']} at {info['store']['url']} serving {escape(info['store']['folder'])}")
     out.print(f"measurements are this machine's, marked simulated; stop with: edgekit sim down --dir {workdir}")
 
 

@@ -7,7 +7,9 @@ psycopg 3) differ only in how they connect, run a statement and spell three colu
 :func:`open_history` picks one from what the user passed: a ``postgresql://`` URL or a file path.
 
 Tables: ``status``, ``bench``, ``telemetry`` (the message JSON plus indexed columns), ``decisions``
-(what selection chose for a device and why), ``invalid`` (payloads that failed validation, kept
+(what selection chose for a device and why), ``rollouts`` and ``rollout_devices`` (a pull
+rollout's settings, state and owner, and each device's state in it: what lets a rollout resume
+after the host restarts), ``invalid`` (payloads that failed validation, kept
 for inspection) and ``gaps`` (missing ``seq`` ranges per device and kind). Several monitor
 processes (on one host for SQLite, on several for PostgreSQL) may write one history:
 ``INSERT ... ON CONFLICT DO NOTHING`` on the message id keeps each record once, and a batch is
@@ -27,7 +29,7 @@ from typing import Any
 from edge_kit.errors import HistoryError
 
 KINDS = ("status", "bench", "telemetry")
-TABLES = (*KINDS, "decisions", "invalid", "gaps")
+TABLES = (*KINDS, "decisions", "invalid", "gaps", "rollouts", "rollout_devices")
 HISTORY_NAME = "edgekit-history.db"
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
@@ -77,6 +79,10 @@ CREATE TABLE IF NOT EXISTS decisions (id {serial}, device TEXT, ts {real}, chose
                                       previous TEXT, feasible INTEGER, switched INTEGER, body TEXT);
 CREATE TABLE IF NOT EXISTS invalid (id {serial}, ts {real}, topic TEXT, reason TEXT, payload {blob});
 CREATE TABLE IF NOT EXISTS gaps (device TEXT, kind TEXT, first_missing INTEGER, last_missing INTEGER, ts {real});
+CREATE TABLE IF NOT EXISTS rollouts (id TEXT PRIMARY KEY, created {real}, ts {real}, state TEXT, owner TEXT,
+                                     heartbeat {real}, body TEXT);
+CREATE TABLE IF NOT EXISTS rollout_devices (rollout TEXT, device TEXT, wave INTEGER, state TEXT, revision INTEGER,
+                                            ts {real}, detail TEXT, PRIMARY KEY (rollout, device));
 CREATE INDEX IF NOT EXISTS bench_device_sha ON bench (device, sha256, ts);
 CREATE INDEX IF NOT EXISTS status_device ON status (device, ts);
 CREATE INDEX IF NOT EXISTS telemetry_device ON telemetry (device, ts);
@@ -247,6 +253,81 @@ class HistoryStore(abc.ABC):
         """Return every bench record (of one device, or all), oldest first. Raises HistoryError."""
         sql = "SELECT body FROM bench" + (" WHERE device = ?" if device else "") + " ORDER BY ts, seq"
         return [json.loads(b) for (b,) in self._rows(sql, (device,) if device else ())]
+
+    # --- rollouts (edge_kit.loop.waves) ------------------------------------------------------------
+
+    def save_rollout(self, rid: str, state: str, body: dict[str, Any]) -> None:
+        """Create or update rollout ``rid`` with its ``state`` and settings/progress ``body`` (JSON); return
+        nothing. Raises HistoryError."""
+        now = time.time()
+        self._execute("INSERT INTO rollouts (id, created, ts, state, owner, heartbeat, body) "
+                      "VALUES (?, ?, ?, ?, NULL, NULL, ?) ON CONFLICT (id) DO UPDATE SET ts = excluded.ts, "
+                      "state = excluded.state, body = excluded.body",
+                      (rid, now, now, state, json.dumps(body, default=str)))
+
+    def claim_rollout(self, rid: str, owner: str, stale_s: float) -> str | None:
+        """Make ``owner`` the one process driving rollout ``rid``; return None when it now is, else
+        the live owner that holds it (its heartbeat newer than ``stale_s``). Raises HistoryError.
+
+        The conditional UPDATE is atomic on both databases (PostgreSQL re-checks the condition after a
+        concurrent claim commits), so of two hosts claiming at once one wins."""
+        now = time.time()
+        self._execute("UPDATE rollouts SET owner = ?, heartbeat = ? WHERE id = ? AND "
+                      "(owner IS NULL OR owner = ? OR heartbeat < ?)", (owner, now, rid, owner, now - stale_s))
+        rows = self._rows("SELECT owner FROM rollouts WHERE id = ?", (rid,))
+        return None if rows and rows[0][0] == owner else (rows[0][0] if rows else "nobody: no such rollout")
+
+    def heartbeat_rollout(self, rid: str, owner: str) -> str:
+        """Note that ``owner`` still drives rollout ``rid``; return the rollout's state (``aborting``
+        when someone asked it to stop; ``missing`` when there is no such rollout). Raises HistoryError."""
+        self._execute("UPDATE rollouts SET heartbeat = ? WHERE id = ? AND owner = ?", (time.time(), rid, owner))
+        rows = self._rows("SELECT state FROM rollouts WHERE id = ?", (rid,))
+        return rows[0][0] if rows else "missing"
+
+    def release_rollout(self, rid: str, owner: str) -> None:
+        """Let go of rollout ``rid`` (another process may resume it at once); return nothing. Raises HistoryError."""
+        self._execute("UPDATE rollouts SET owner = NULL WHERE id = ? AND owner = ?", (rid, owner))
+
+    def set_rollout_state(self, rid: str, state: str) -> None:
+        """Set rollout ``rid``'s state (``abort`` sets ``aborting``; its owner stops and sets ``aborted``);
+        return nothing. Raises HistoryError."""
+        self._execute("UPDATE rollouts SET state = ?, ts = ? WHERE id = ?", (state, time.time(), rid))
+
+    def rollout(self, rid: str) -> dict[str, Any] | None:
+        """Return rollout ``rid`` (``id, created, ts, state, owner, heartbeat, body``), or None. Raises HistoryError."""
+        rows = self._rows("SELECT id, created, ts, state, owner, heartbeat, body FROM rollouts WHERE id = ?", (rid,))
+        return self._rollout_row(rows[0]) if rows else None
+
+    def rollouts(self, limit: int = 20) -> list[dict[str, Any]]:
+        """Return the newest rollouts first (at most ``limit``). Raises HistoryError."""
+        rows = self._rows("SELECT id, created, ts, state, owner, heartbeat, body FROM rollouts "
+                          "ORDER BY created DESC LIMIT ?", (limit,))
+        return [self._rollout_row(r) for r in rows]
+
+    @staticmethod
+    def _rollout_row(row: tuple) -> dict[str, Any]:
+        """Return a ``rollouts`` row as a dict, its body decoded."""
+        return {**dict(zip(("id", "created", "ts", "state", "owner", "heartbeat"), row[:6])), "body": json.loads(row[6])}
+
+    def set_rollout_devices(self, rid: str, rows: list[dict[str, Any]]) -> None:
+        """Create or update devices' rows of rollout ``rid`` in one transaction; each a dict with
+        ``device``, ``wave``, ``state``, ``revision`` and ``detail`` (a dict, JSON). Return nothing.
+        Raises HistoryError (nothing of it written)."""
+        now = time.time()
+        values = sorted(((rid, r["device"], r["wave"], r["state"], r["revision"], now, json.dumps(r.get("detail") or {}))
+                         for r in rows), key=lambda v: v[1])  # one lock order for concurrent writers
+        if values:
+            self._write_batch([(
+                "INSERT INTO rollout_devices VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (rollout, device) DO UPDATE "
+                "SET wave = excluded.wave, state = excluded.state, revision = excluded.revision, ts = excluded.ts, "
+                "detail = excluded.detail", values)])
+
+    def rollout_devices(self, rid: str) -> dict[str, dict[str, Any]]:
+        """Return each device's row of rollout ``rid`` (``wave, state, revision, ts, detail``) by name.
+        Raises HistoryError."""
+        rows = self._rows("SELECT device, wave, state, revision, ts, detail FROM rollout_devices WHERE rollout = ?", (rid,))
+        return {d: {"wave": w, "state": st, "revision": rev, "ts": ts, "detail": json.loads(det)}
+                for d, w, st, rev, ts, det in rows}
 
     def __enter__(self) -> HistoryStore:
         """Return the store itself (closed on leaving the ``with``)."""

@@ -96,7 +96,7 @@ def test_status_telemetry_invalid_gaps_and_counts(history):
     assert history.latest_telemetry()["d1"]["conditions"] == {"temp_c": 41}
     history.add_invalid("edgekit/v1/f/d1/bench", "not JSON", b"\xff\x00" * 3000)
     history.add_gap("d1", "bench", 3, 7)
-    assert [history.count(t) for t in TABLES] == [3, 0, 2, 0, 1, 1]
+    assert [history.count(t) for t in TABLES] == [3, 0, 2, 0, 1, 1, 0, 0]
     with pytest.raises(ValueError):
         history.count("sqlite_master")
 
@@ -172,3 +172,64 @@ def test_a_server_stopped_and_started_again_fails_one_call_then_reconnects(tmp_p
         assert store.count("bench") == 1  # nothing of the failed batch, the earlier row kept
         assert store.add("bench", bench("d1", "s1", 1.0, 2)) and store.count("bench") == 2
         store.close()
+
+
+def test_rollout_state_has_one_owner_at_a_time_and_device_rows_update_in_place(history):
+    """What `edgekit rollout` keeps to resume after a restart (edge_kit.loop.waves)."""
+    history.save_rollout("r1", "running", {"variant": "int8"})
+    assert history.claim_rollout("r1", "host-a:1", stale_s=60) is None
+    assert history.claim_rollout("r1", "host-b:2", stale_s=60) == "host-a:1"  # a second start is refused
+    assert history.claim_rollout("r1", "host-b:2", stale_s=0) is None  # a dead owner's claim goes stale
+    assert history.claim_rollout("nope", "host-b:2", stale_s=60) is not None
+    history.set_rollout_devices("r1", [{"device": "d1", "wave": 0, "state": "sent", "revision": 5, "detail": {"a": 1}},
+                                       {"device": "d2", "wave": 1, "state": "sent", "revision": 6}])
+    history.set_rollout_devices("r1", [{"device": "d1", "wave": 0, "state": "converged", "revision": 5}])
+    history.set_rollout_devices("r1", [])
+    rows = history.rollout_devices("r1")
+    assert {d: r["state"] for d, r in rows.items()} == {"d1": "converged", "d2": "sent"} and rows["d2"]["revision"] == 6
+    assert rows["d1"]["detail"] == {} and rows["d2"]["wave"] == 1 and abs(rows["d1"]["ts"] - time.time()) < 60
+    history.set_rollout_state("r1", "aborting")
+    assert history.heartbeat_rollout("r1", "host-b:2") == "aborting" and history.heartbeat_rollout("r9", "x") == "missing"
+    history.release_rollout("r1", "host-b:2")
+    record = history.rollout("r1")
+    assert record["owner"] is None and record["body"] == {"variant": "int8"} and record["state"] == "aborting"
+    assert isinstance(record["created"], float) and record["heartbeat"] >= record["created"]
+    history.save_rollout("r1", "finished", {"variant": "int8", "outcome": "done"})  # an update keeps created
+    assert history.rollout("r1")["created"] == record["created"] and history.rollout("r1")["state"] == "finished"
+    time.sleep(0.01)
+    history.save_rollout("r2", "running", {})
+    assert [r["id"] for r in history.rollouts()] == ["r2", "r1"] and [r["id"] for r in history.rollouts(limit=1)] == ["r2"]
+    assert history.rollout("r3") is None and history.rollout_devices("r3") == {}
+    assert history.count("rollouts") == 2 and history.count("rollout_devices") == 2
+
+
+_CLAIMER = """
+import sys
+from edge_kit.telemetry.store import open_history
+store = open_history(sys.argv[1])
+wins = sum(store.claim_rollout(f"r{i}", sys.argv[2], stale_s=3600) is None for i in range(40))
+print(wins)
+"""
+
+
+def test_hosts_claiming_the_same_rollouts_at_once_get_each_one_once(history, history_spec):
+    """Two processes (hosts) resume the same 40 rollouts at the same moment: each is driven by exactly one."""
+    for i in range(40):
+        history.save_rollout(f"r{i}", "running", {})
+    procs = [subprocess.Popen([sys.executable, "-c", _CLAIMER, history_spec, owner], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for owner in ("host-a:1", "host-b:2")]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err for _, err in outs]
+    assert sum(int(out) for out, _ in outs) == 40
+    assert {r["owner"] for r in history.rollouts(limit=100)} <= {"host-a:1", "host-b:2"}
+
+
+def test_every_method_lives_on_the_interface_not_on_one_backend():
+    """A method added to the SQLite store alone (and so missing on PostgreSQL) fails here: the SQL goes
+    in HistoryStore, a backend only connects and runs statements."""
+    from edge_kit.telemetry.pg import PostgresStore
+
+    for backend in (Store, PostgresStore):
+        own = {n for n, v in vars(backend).items() if callable(v) and not n.startswith("_")}
+        assert own <= {"close"}, f"{backend.__name__} has its own {sorted(own - {'close'})}: put them in HistoryStore"
+    assert not PostgresStore.__abstractmethods__ and not Store.__abstractmethods__

@@ -93,6 +93,10 @@ def test_cli_commands_take_a_postgresql_history(fleet, publisher, postgres_url, 
     assert code == 0 and json.loads(out)["devices"] >= 1, err
     code, out, err = run_cli("select", "--fleet", fleet_file, "--history", postgres_url)
     assert code == 2 and "no tune has run against this history" in err and "postgresql://edgekit@" in err
+    code, out, err = run_cli("rollout", "list", "--fleet", fleet_file, "--history", postgres_url, "--json")
+    assert code == 0 and json.loads(out) == [], err
+    code, out, err = run_cli("rollout", "status", "r1", "--fleet", fleet_file, "--history", postgres_url)
+    assert code != 0 and "not in the history" in err
 
 
 def test_a_database_stopped_mid_run_stops_the_monitor_with_one_line_and_loses_nothing(fleet, publisher, tmp_path, run_cli):
