@@ -3,8 +3,11 @@
 Messages arrive on paho's network thread and are queued; a checker thread checks each batch as
 every receiver must (:func:`device_agents.identity.receive`: schema, topic, time) while a child
 process verifies the signatures (:mod:`edge_kit.telemetry.verifier`), and a writer thread drops
-duplicates by ``msg_id`` and stores them (one SQLite transaction per batch). Invalid payloads are
-counted and kept in the ``invalid`` table; nothing a device sends can stop the monitor.
+duplicates by ``msg_id`` and stores them (one history transaction per batch, SQLite or PostgreSQL),
+then acknowledges them to the broker: a message is acknowledged only once stored (or kept as
+invalid), so when the history fails (:attr:`Monitor.failed`) what was not stored stays with the
+broker for the next run of the persistent session. Invalid payloads are counted and kept in the
+``invalid`` table; nothing a device sends can stop the monitor.
 
 Several workers can share the load: with ``share="group"`` each worker subscribes to
 ``$share/group/edgekit/v1/<fleet>/+/<kind>`` (MQTT 5 shared subscription) and the broker hands
