@@ -135,11 +135,16 @@ def plan_rollout(rid: str, artifacts: Path, fleet: Fleet, devices: list[Device],
                 if evalset.get("sha256") and eval_file.is_file() else {})
     targets: dict[str, dict[str, Any]] = {}
     refused: dict[str, str] = {}
+    by_profile: dict[str, list[Any] | str] = {}  # each profile's candidates, or why it has none (once per profile)
     for dev in devices:
-        try:
-            wanted = candidates_for(manifest, dev)
-        except DeployError as exc:
-            refused[dev.name] = str(exc)
+        if dev.profile not in by_profile:
+            try:
+                by_profile[dev.profile] = candidates_for(manifest, dev)
+            except DeployError as exc:
+                by_profile[dev.profile] = str(exc).removeprefix(f"{dev.name}: ")
+        wanted = by_profile[dev.profile]
+        if isinstance(wanted, str):
+            refused[dev.name] = f"{dev.name}: {wanted}"
             continue
         pick = next((a for a in wanted if a.id == variant), None) if variant else wanted[0]
         if pick is None:
