@@ -61,7 +61,8 @@ class FakeBroker:
         self.sent.append((device, desired.revision))
         state = "failed" if device in self.fail else "converged"
         msg = {"device": device, "rollout": desired.rollout, "revision": desired.revision, "state": state,
-               "error": "simulated" if state == "failed" else None, "current": None}
+               "error": "simulated" if state == "failed" else None, "current": {"sha256": desired.sha256},
+               "previous": {"sha256": "0" * 64, "variant": "fp32", "model": "m", "bytes": 7}}
         self.retained[device] = msg
         self.cb(msg)
         if self.on_publish:
@@ -70,12 +71,13 @@ class FakeBroker:
 
 def planned(history, n=20, **settings):
     names = [f"d{i:02d}" for i in range(n)]
+    gate = settings.pop("gate", None)
     s = RolloutSettings(**{"waves": (0.1, 0.5, 1.0), "wave_timeout_s": 2.0, **settings})
-    plan = {"id": "r", "fleet": "f", "model": "m", "store": "http://127.0.0.1:9", "variant": "int8", "artifacts": "/x",
+    plan = {"gate": gate, "id": "r", "fleet": "f", "model": "m", "store": "http://127.0.0.1:9", "variant": "int8", "artifacts": "/x",
             "settings": {"waves": list(s.waves), "rate_per_s": s.rate_per_s, "max_failed": s.max_failed,
                          "wave_timeout_s": s.wave_timeout_s,
                          "fetch": {"max_bytes_s": None, "start_delay_s": 0.0, "timeout_s": 30.0}},
-            "order": names, "targets": {n: {"variant": "int8", "sha256": SHA, "bytes": 1, "keep": []} for n in names},
+            "order": names, "targets": {n: {"variant": "int8", "sha256": SHA, "bytes": 1, "keep": [], "profile": "rpi4"} for n in names},
             "refused": {"old": "old: the artifacts were not compiled for profile rpi3"}}
     history.save_rollout("r", "running", plan)
     return names
@@ -147,3 +149,35 @@ def test_a_history_that_goes_away_is_one_line_and_the_rollout_resumes(tmp_path):
     assert "\n" not in text and "OperationalError: disk I/O error" in text and "edgekit rollout resume r" in text
     out = Rollout(history, "r", FakeBroker()).run()
     assert out["state"] == "done" and out["counts"] == {"converged": 20, "refused": 1}
+
+
+@pytest.mark.parametrize("action", ["promote", "hold", "roll back"])
+def test_the_live_gate_judges_the_first_wave_against_devices_not_yet_sent(tmp_path, action):
+    from edge_kit.selection.gate import GateDecision
+
+    history = Store(tmp_path / "h.db")
+    names = planned(history, gate={"window_s": 1})
+    seen = []
+
+    def judge(canaries, controls):
+        seen.append((canaries, controls))
+        return GateDecision(action, f"simulated {action}")
+
+    broker = FakeBroker()
+    out = Rollout(history, "r", broker, judge=judge).run()
+    assert seen == [(names[:2], names[2:])]  # the canaries and the rest of their profile, judged once
+    decisions = history.decisions()
+    assert {d["device"] for d in decisions} == set(names[:2]) and all(d["rollout"] == "r" for d in decisions)
+    if action == "promote":
+        assert out["state"] == "done" and out["counts"] == {"converged": 20, "refused": 1}
+    elif action == "hold":
+        assert out["state"] == "held" and out["counts"]["planned"] == 18
+        out = Rollout(history, "r", broker, judge=judge).run()  # resume: promoted by hand, not judged again
+        assert out["state"] == "done" and len(seen) == 1
+    else:
+        assert out["state"] == "rolled back" and out["counts"] == {"rolled back": 2, "planned": 18, "refused": 1}
+        assert broker.retained[names[0]]["revision"] > broker.sent[0][1]  # a new desired state: the previous model
+        assert [d for d, _ in broker.sent] == names[:2] * 2
+    with pytest.raises(RolloutError, match="drive it with"):
+        planned(Store(tmp_path / "h2.db"), gate={"window_s": 1})
+        Rollout(Store(tmp_path / "h2.db"), "r", FakeBroker()).run()
