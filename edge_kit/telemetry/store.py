@@ -3,7 +3,7 @@
 :class:`HistoryStore` is the interface every command uses (monitor, select, tune, fleet status,
 report, the live rollout gate) and holds all the SQL, written once: SQLite (:class:`Store`, the
 embedded default, a file in WAL mode) and PostgreSQL (:class:`edge_kit.telemetry.pg.PostgresStore`,
-psycopg 3) differ only in how they connect, run a statement and spell three column types.
+psycopg 3) differ only in how they connect, run a statement and spell four column types.
 :func:`open_history` picks one from what the user passed: a ``postgresql://`` URL or a file path.
 
 Tables: ``status``, ``bench``, ``telemetry`` (the message JSON plus indexed columns), ``decisions``
@@ -68,20 +68,21 @@ def open_history(spec: str | Path) -> HistoryStore:
 
 
 # Every ts column is this host's clock when the row was received or written, never a sender's claim.
-# {real}, {blob} and {serial} are the only spellings the two databases do not share (SQLite's REAL is
-# a double; PostgreSQL's is four bytes, which would round an epoch time to minutes).
+# {real}, {int}, {blob} and {serial} are the only spellings the two databases do not share: SQLite's
+# REAL is a double and its INTEGER 64 bits; PostgreSQL's REAL is four bytes (an epoch time rounded to
+# minutes) and its INTEGER 32 bits (a rollout revision or a long-lived device's seq would not fit).
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS status (msg_id TEXT PRIMARY KEY, device TEXT, ts {real}, seq INTEGER, state TEXT, body TEXT);
-CREATE TABLE IF NOT EXISTS bench (msg_id TEXT PRIMARY KEY, device TEXT, ts {real}, seq INTEGER, variant TEXT,
+CREATE TABLE IF NOT EXISTS status (msg_id TEXT PRIMARY KEY, device TEXT, ts {real}, seq {int}, state TEXT, body TEXT);
+CREATE TABLE IF NOT EXISTS bench (msg_id TEXT PRIMARY KEY, device TEXT, ts {real}, seq {int}, variant TEXT,
                                   sha256 TEXT, p90_ms {real}, body TEXT);
-CREATE TABLE IF NOT EXISTS telemetry (msg_id TEXT PRIMARY KEY, device TEXT, ts {real}, seq INTEGER, body TEXT);
+CREATE TABLE IF NOT EXISTS telemetry (msg_id TEXT PRIMARY KEY, device TEXT, ts {real}, seq {int}, body TEXT);
 CREATE TABLE IF NOT EXISTS decisions (id {serial}, device TEXT, ts {real}, chosen TEXT,
                                       previous TEXT, feasible INTEGER, switched INTEGER, body TEXT);
 CREATE TABLE IF NOT EXISTS invalid (id {serial}, ts {real}, topic TEXT, reason TEXT, payload {blob});
-CREATE TABLE IF NOT EXISTS gaps (device TEXT, kind TEXT, first_missing INTEGER, last_missing INTEGER, ts {real});
+CREATE TABLE IF NOT EXISTS gaps (device TEXT, kind TEXT, first_missing {int}, last_missing {int}, ts {real});
 CREATE TABLE IF NOT EXISTS rollouts (id TEXT PRIMARY KEY, created {real}, ts {real}, state TEXT, owner TEXT,
                                      heartbeat {real}, body TEXT);
-CREATE TABLE IF NOT EXISTS rollout_devices (rollout TEXT, device TEXT, wave INTEGER, state TEXT, revision INTEGER,
+CREATE TABLE IF NOT EXISTS rollout_devices (rollout TEXT, device TEXT, wave {int}, state TEXT, revision {int},
                                             ts {real}, detail TEXT, PRIMARY KEY (rollout, device));
 CREATE INDEX IF NOT EXISTS bench_device_sha ON bench (device, sha256, ts);
 CREATE INDEX IF NOT EXISTS status_device ON status (device, ts);
@@ -365,7 +366,8 @@ class Store(HistoryStore):
                     raise
                 time.sleep(0.05)
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA.format(real="REAL", blob="BLOB", serial="INTEGER PRIMARY KEY AUTOINCREMENT"))
+        self._db.executescript(_SCHEMA.format(real="REAL", int="INTEGER", blob="BLOB",
+                                              serial="INTEGER PRIMARY KEY AUTOINCREMENT"))
 
     def close(self) -> None:
         """Close the file; return nothing."""

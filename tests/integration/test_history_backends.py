@@ -79,6 +79,13 @@ def test_rows_are_ordered_by_the_receivers_clock_not_the_senders(history):
     assert history.latest_status()["d1"]["state"] == "offline"
 
 
+def test_sequence_numbers_past_32_bits_are_kept(history):
+    """A device's persisted seq only grows: 64 bits on both backends."""
+    history.add("bench", bench("d1", "s1", 1.0, 2**40))
+    history.add_gap("d1", "bench", 2**33, 2**40 - 1)
+    assert history.bench_records()[0]["seq"] == 2**40 and history.count("gaps") == 1
+
+
 def test_raw_payloads_are_stored_as_received(history):
     m = bench("d1", "s1", 1.5, 1)
     raw = messages.encode({**m, "as": "received"})  # the bytes kept are the payload, not a re-encoding of m
@@ -181,12 +188,13 @@ def test_rollout_state_has_one_owner_at_a_time_and_device_rows_update_in_place(h
     assert history.claim_rollout("r1", "host-b:2", stale_s=60) == "host-a:1"  # a second start is refused
     assert history.claim_rollout("r1", "host-b:2", stale_s=0) is None  # a dead owner's claim goes stale
     assert history.claim_rollout("nope", "host-b:2", stale_s=60) is not None
+    big = 1_795_900_000_123  # revisions are clock-based: past 32 bits (PostgreSQL's INTEGER)
     history.set_rollout_devices("r1", [{"device": "d1", "wave": 0, "state": "sent", "revision": 5, "detail": {"a": 1}},
-                                       {"device": "d2", "wave": 1, "state": "sent", "revision": 6}])
+                                       {"device": "d2", "wave": 1, "state": "sent", "revision": big}])
     history.set_rollout_devices("r1", [{"device": "d1", "wave": 0, "state": "converged", "revision": 5}])
     history.set_rollout_devices("r1", [])
     rows = history.rollout_devices("r1")
-    assert {d: r["state"] for d, r in rows.items()} == {"d1": "converged", "d2": "sent"} and rows["d2"]["revision"] == 6
+    assert {d: r["state"] for d, r in rows.items()} == {"d1": "converged", "d2": "sent"} and rows["d2"]["revision"] == big
     assert rows["d1"]["detail"] == {} and rows["d2"]["wave"] == 1 and abs(rows["d1"]["ts"] - time.time()) < 60
     history.set_rollout_state("r1", "aborting")
     assert history.heartbeat_rollout("r1", "host-b:2") == "aborting" and history.heartbeat_rollout("r9", "x") == "missing"
