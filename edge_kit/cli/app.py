@@ -31,11 +31,9 @@ FleetOpt = Annotated[Path, typer.Option("--fleet", "-f", help="fleet.yaml: devic
 DevicesOpt = Annotated[Optional[list[str]], typer.Option("--devices", help="Device name, tag:<tag> or all; repeat.")]
 _HISTORY_HELP = ("History database: a SQLite file, or a postgresql://user:password@host:port/db URL shared by several "
                  "hosts (default: edgekit-history.db next to the fleet file)")
-# monitor, select, tune, fleet status and report took --store before there was an artifact store: they
-# still do; newer commands (deploy --gate live, rollout) take --history only (--store is the artifact store's).
-HistoryOpt = Annotated[Optional[str], typer.Option("--history", "--store", metavar="PATH|URL",
-                                                   help=_HISTORY_HELP + "; --store is its older name.")]
-HistoryOnlyOpt = Annotated[Optional[str], typer.Option("--history", metavar="PATH|URL", help=_HISTORY_HELP + ".")]
+# One name per concept: --history is the history database everywhere, --store the artifact store (publish,
+# rollout, sim up). Round 1's --store for the history was renamed when the artifact store came.
+HistoryOpt = Annotated[Optional[str], typer.Option("--history", metavar="PATH|URL", help=_HISTORY_HELP + ".")]
 
 
 def open_fleet_history(fleet_file: Path | None, history: str | None) -> Any:

@@ -21,7 +21,7 @@ from edge_kit.cli.app import (
     GateSlowdownOpt,
     GateSnrOpt,
     GateWindowOpt,
-    HistoryOnlyOpt,
+    HistoryOpt,
     JsonOpt,
     app,
     emit_json,
@@ -193,7 +193,7 @@ def deploy_cmd(
     gate_min_slowdown: GateSlowdownOpt = 0.10,
     gate_shadow: GateShadowOpt = 0.0,
     gate_min_snr_db: GateSnrOpt = None,
-    history_spec: HistoryOnlyOpt = None,
+    history_spec: HistoryOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Push the agent and the artifacts to devices over SSH, activate safely, check health, roll back failures.

@@ -28,7 +28,7 @@ from edge_kit.cli.app import (
     GateSlowdownOpt,
     GateSnrOpt,
     GateWindowOpt,
-    HistoryOnlyOpt,
+    HistoryOpt,
     JsonOpt,
     app,
     emit_json,
@@ -126,7 +126,7 @@ def start_cmd(
     gate_min_slowdown: GateSlowdownOpt = 0.10,
     gate_shadow: GateShadowOpt = 0.0,
     gate_min_snr_db: GateSnrOpt = None,
-    history: HistoryOnlyOpt = None,
+    history: HistoryOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Plan a rollout, record it in the history, and drive its waves to the end (resume it with `resume` if stopped).
@@ -182,7 +182,7 @@ def _files(plan: dict[str, Any]) -> dict[str, int]:
 
 
 @rollout_app.command("resume")
-def resume_cmd(fleet_file: FleetOpt, rid: IdArg, history: HistoryOnlyOpt = None, as_json: JsonOpt = False) -> None:
+def resume_cmd(fleet_file: FleetOpt, rid: IdArg, history: HistoryOpt = None, as_json: JsonOpt = False) -> None:
     """Go on with a rollout that stopped with its host (its plan and device states are in the history)."""
     summary = _drive(fleet_file, _history(fleet_file, history), rid, as_json)
     emit_json(summary) if as_json else _print(summary)
@@ -190,7 +190,7 @@ def resume_cmd(fleet_file: FleetOpt, rid: IdArg, history: HistoryOnlyOpt = None,
 
 
 @rollout_app.command("abort")
-def abort_cmd(fleet_file: FleetOpt, rid: IdArg, history: HistoryOnlyOpt = None, as_json: JsonOpt = False) -> None:
+def abort_cmd(fleet_file: FleetOpt, rid: IdArg, history: HistoryOpt = None, as_json: JsonOpt = False) -> None:
     """Stop a rollout: no further desired state is sent (devices already sent keep theirs)."""
     from edge_kit.loop.waves import STALE_OWNER_S, RolloutError
 
@@ -211,7 +211,7 @@ def abort_cmd(fleet_file: FleetOpt, rid: IdArg, history: HistoryOnlyOpt = None, 
 
 @rollout_app.command("status")
 def status_cmd(
-    fleet_file: FleetOpt, rid: IdArg, history: HistoryOnlyOpt = None,
+    fleet_file: FleetOpt, rid: IdArg, history: HistoryOpt = None,
     refresh: Annotated[bool, typer.Option(help="Also read the devices' retained reported states from the broker "
                                                "(devices that converged after the rollout's host stopped).")] = False,
     as_json: JsonOpt = False,
@@ -231,7 +231,7 @@ def status_cmd(
 
 
 @rollout_app.command("list")
-def list_cmd(fleet_file: FleetOpt, history: HistoryOnlyOpt = None, as_json: JsonOpt = False) -> None:
+def list_cmd(fleet_file: FleetOpt, history: HistoryOpt = None, as_json: JsonOpt = False) -> None:
     """List the rollouts in the history, newest first."""
     db = _history(fleet_file, history)
     rows = [{"id": r["id"], "state": r["state"], "created": r["created"], "owner": r["owner"],

@@ -87,7 +87,7 @@ def test_cli_commands_take_a_postgresql_history(fleet, publisher, postgres_url, 
     assert not (tmp_path / "edgekit-history.db").exists()  # nothing went to the default SQLite file
     code, out, err = run_cli("fleet", "status", "--fleet", fleet_file, "--history", postgres_url)
     assert code == 0 and "d1" in out and "int8" in out and "3.25" in out and "never seen" in out, err
-    code, out, err = run_cli("fleet", "status", "--fleet", fleet_file, "--store", postgres_url, "--json")  # the older name
+    code, out, err = run_cli("fleet", "status", "--fleet", fleet_file, "--history", postgres_url, "--json")
     assert code == 0 and json.loads(out)["bench"][f"d1/{'a' * 64}"]["latency_ms"]["p90"] == 3.25
     code, out, err = run_cli("report", "--history", postgres_url, "--out", tmp_path / "r.html", "--json")
     assert code == 0 and json.loads(out)["devices"] >= 1, err
