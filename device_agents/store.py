@@ -155,6 +155,8 @@ class ModelStore:
         if sha256 in (self.current(), self.previous()):
             raise StoreError(f"model {sha256[:12]} is in use (current or previous); activate another first")
         shutil.rmtree(self.models / sha256, ignore_errors=True)
+        for engines in (self.root / "engines").glob(f"{sha256}-*"):  # its TensorRT engines (runtimes.tensorrt)
+            shutil.rmtree(engines, ignore_errors=True)
 
     def prune(self, budget_bytes: int, keep: set[str]) -> list[dict]:
         """Remove the oldest models until the store holds at most ``budget_bytes``.

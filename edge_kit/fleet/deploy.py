@@ -148,7 +148,8 @@ def candidates_for(manifest: Manifest, dev: Device) -> list[Artifact]:
 
 
 # The device runtime each artifact needs beyond the agent's own (LiteRT), and how to get it there.
-OPTIONAL_RUNTIMES = {"onnxruntime": "pip install 'edge-kit[agent-onnx]'"}
+OPTIONAL_RUNTIMES = {"onnxruntime": "pip install 'edge-kit[agent-onnx]'",
+                     "tensorrt": "install NVIDIA's onnxruntime-gpu wheel for its JetPack (docs/firmware/jetson.md)"}
 
 
 def runtime_refusals(device: str, wanted: list[Artifact], runtimes: dict[str, bool]) -> dict[str, str]:
