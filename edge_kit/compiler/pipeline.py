@@ -129,6 +129,9 @@ def _refusal(spec: VariantSpec, source: Source, calib: Dataset | None) -> str | 
     if spec.runtime in ("onnxruntime", "tensorrt"):  # trt-*: the onnx-fp32 model (+ a calibration table)
         from edge_kit.compiler.onnx_variants import refusal
 
+        if spec.runtime == "tensorrt" and spec.needs_calibration and calib is None and source.kind != "tflite":
+            return ("the TensorRT int8 engine needs the calibration table the host computes from --calib: "
+                    "pass --calib FILE.npz (a few hundred inputs)")
         return refusal(source.kind, spec.needs_calibration, calib)
     if spec.pruning and source.kind != "keras":
         return (f"pruning needs the Keras model (.keras or .h5): {'an' if source.kind == 'onnx' else 'a'} {source.kind} source has no editable layers; "
