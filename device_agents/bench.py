@@ -247,5 +247,8 @@ def summary_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
 
     rows.append(("conditions", f"governor {na(start['cpu_governor'])}, clock {na(start['cpu_freq_mhz'], ' MHz')}, "
                                f"temperature {na(start['temperature_c'], ' C')} -> {na(end['temperature_c'], ' C')}, "
-                               f"load {start['load_1m']}"))
+                               f"load {start['load_1m']}"
+                               + (f", Jetson power mode {start['power_mode']['name']}, jetson_clocks "
+                                  f"{ {True: 'on', False: 'off', None: 'unknown'}[start.get('jetson_clocks')] }"
+                                  if start.get("power_mode") else "")))
     return rows
