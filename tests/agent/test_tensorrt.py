@@ -291,3 +291,22 @@ def test_trt_node_times_sums_each_runs_tensorrt_nodes() -> None:
     assert trt.trt_node_times(ev, 2) == pytest.approx([0.15, 0.27])
     with pytest.raises(ValueError, match="TensorRT ran no part"):
         trt.trt_node_times([{"cat": "Node", "name": "x_kernel_time", "args": {"provider": "CPUExecutionProvider"}}], 1)
+
+
+def test_install_over_ssh_builds_the_engine_or_fails_in_one_line(fp16: Path, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """`edgekit-agent install` (what deploy runs over SSH): here, with no TensorRT, the real child build
+    fails in one line and nothing stays installed; with the fake provider the engine record is printed."""
+    root = tmp_path / "dev"
+    with pytest.raises(SystemExit) as exit_:
+        agent_cli.main(["install", str(fp16), "--variant", "trt-fp16", "--model-name", "m", "--root", str(root)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code != 0 and len(err) == 1 and "the device stays on its current model" in err[0], err
+    assert ModelStore(root).installed() == []
+    ort = FakeOrt()
+    monkeypatch.setattr(trt, "_ort", lambda: ort)
+    monkeypatch.setattr(trt, "build_in_child", lambda p, r, **k: trt.build_engine(p, r, ident=IDENT, ort=ort))
+    agent_cli.main(["install", str(fp16), "--variant", "trt-fp16", "--model-name", "m", "--root", str(root)])
+    out = json.loads(capsys.readouterr().out)
+    assert out["engine"]["variant"] == "trt-fp16" and out["engine"]["engine_dir"].startswith(str(root / trt.ENGINES))
