@@ -427,6 +427,23 @@ def trt_node_times(events: list[dict[str, Any]], runs: int) -> list[float]:
     return per_run[-runs:]
 
 
+def _cached_record(model: Path, root: Path) -> dict[str, Any] | None:
+    """Return the build record of ``model``'s cached engine for this device (``cached`` set), or None when
+    there is no engine for it under ``root`` (then :func:`build_engine` builds one).
+
+    Raises:
+        EngineBuildError: the TensorRT version or GPU cannot be told (:func:`identity`).
+    """
+    cache = engine_dir(root, _sha256_of(model), identity())
+    try:
+        record = json.loads((cache / BUILD_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    if not _engines(cache) or not isinstance(record, dict) or "provider_options" not in record:
+        return None
+    return {**record, "cached": True}
+
+
 def default_root(model: Path) -> Path:
     """Return the device root an installed model lives under (``<root>/models/<sha>/model.onnx``), else the
     model's own folder: where its engine cache goes when no ``engine_root`` option says."""
@@ -475,7 +492,7 @@ class TensorRT(Runtime):
         root = Path((options or {}).get("engine_root") or default_root(model))
         ort = _ort()
         try:
-            engine = build_engine(model, root, threads=threads, ort=ort)
+            engine = _cached_record(model, root) or build_engine(model, root, threads=threads, ort=ort)
             session = _session(ort, model, engine["provider_options"], threads=threads)
         except EngineBuildError as exc:
             raise ValueError(str(exc)) from None

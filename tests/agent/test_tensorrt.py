@@ -283,6 +283,7 @@ def test_bench_reports_the_build_host_latency_and_trt_compute_time(fake: FakeOrt
                     "--delegate-option", f"engine_root={tmp_path / 'r'}"])
     out = capsys.readouterr().out
     assert "TensorRT engine" in out and "loaded from the cache" in out and "GPU compute" in out
+    assert fake.builds == 1 and len(fake.sessions) == 5  # build + run + profiled; then from the cache: run + profiled
 
 
 def test_trt_node_times_sums_each_runs_tensorrt_nodes() -> None:
