@@ -311,3 +311,15 @@ def test_install_over_ssh_builds_the_engine_or_fails_in_one_line(fp16: Path, tmp
     agent_cli.main(["install", str(fp16), "--variant", "trt-fp16", "--model-name", "m", "--root", str(root)])
     out = json.loads(capsys.readouterr().out)
     assert out["engine"]["variant"] == "trt-fp16" and out["engine"]["engine_dir"].startswith(str(root / trt.ENGINES))
+
+
+def test_the_storage_budget_counts_and_removes_engines(fake: FakeOrt, fp16: Path, tmp_path: Path) -> None:
+    store = ModelStore(tmp_path / "dev")
+    store.ensure()
+    done = store.install(fp16, variant="trt-fp16", model="m")
+    before = store._bytes(done.sha256)
+    trt.build_engine(store.model_path(done.sha256), store.root)
+    assert store._bytes(done.sha256) > before + 500  # the engine's 600 bytes count against the budget
+    removed = store.prune(0, keep=set())
+    assert [r["sha256"] for r in removed] == [done.sha256]
+    assert not list((store.root / trt.ENGINES).glob("*"))
