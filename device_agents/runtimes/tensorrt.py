@@ -76,6 +76,7 @@ class Identity:
 
 
 def _ort() -> Any:
+    """Return the onnxruntime module. Raises ImportError when it is not installed."""
     import onnxruntime  # onnxruntime-gpu on a Jetson: the device-side dependency of this plugin only
 
     return onnxruntime
@@ -135,6 +136,7 @@ def identity() -> Identity:
 
 
 def _slug(text: str) -> str:
+    """Return ``text`` made safe for a folder name (runs of other characters become ``_``)."""
     return re.sub(r"[^A-Za-z0-9.]+", "_", text).strip("_") or "unknown"
 
 
@@ -211,6 +213,7 @@ def provider_options(variant: str, cache: Path, *, calibrated: bool) -> dict[str
 
 
 def _sha256_of(path: Path) -> str:
+    """Return the hex sha256 of a file's content. Raises OSError when it cannot be read."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -219,6 +222,7 @@ def _sha256_of(path: Path) -> str:
 
 
 def _engines(cache: Path) -> list[Path]:
+    """Return the serialized engine files (``*.engine``) in an engine folder, sorted; [] when none."""
     return sorted(p for p in cache.glob("*.engine") if p.is_file())
 
 
@@ -247,6 +251,7 @@ def _session(ort: Any, model: Path, options: dict[str, Any], *, threads: int = 1
 
 
 def _zeros(interp: OrtInterpreter) -> None:
+    """Set every input of ``interp`` to zeros of its shape and dtype (returns nothing, raises nothing)."""
     for d in interp.get_input_details():
         interp.set_tensor(d["index"], np.zeros(tuple(d["shape"]), dtype=d["dtype"]))
 
@@ -316,10 +321,13 @@ def build_engine(model: Path, root: Path, *, threads: int = 1, ident: Identity |
 
 
 def _peak_rss_mb() -> float:
+    """Return this process's peak resident set in MB (``getrusage`` ``ru_maxrss``, KiB on Linux)."""
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
 
 
 def _child(model: str, root: str, threads: int, conn: Any) -> None:
+    """Build the engine in the child process and send ("ok", record) or ("failed", one line) on ``conn``;
+    raises nothing (every failure is sent)."""
     try:
         record = build_engine(Path(model), Path(root), threads=threads)
         record["peak_rss_mb"] = _peak_rss_mb()
@@ -460,6 +468,7 @@ class TensorRT(Runtime):
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
+        """Return None when onnxruntime here has the TensorRT provider, else one line on what to install."""
         try:
             providers = _ort().get_available_providers()
         except ImportError:
@@ -469,6 +478,7 @@ class TensorRT(Runtime):
         return None
 
     def version(self) -> str:
+        """Return ``TensorRT <version> via onnxruntime <version>`` (``unknown`` where one cannot be told)."""
         try:
             ort = _ort().__version__
         except (ImportError, AttributeError):
