@@ -270,8 +270,9 @@ def build_engine(model: Path, root: Path, *, threads: int = 1, ident: Identity |
         session creation + first run), engine files and bytes, the provider options, ``invalidated``.
 
     Raises:
-        EngineBuildError: not a TensorRT variant, a bad calibration table, the TensorRT version or
-            GPU cannot be told, or the build failed (a partly written engine folder is removed).
+        EngineBuildError: not a TensorRT variant, a bad calibration table, onnxruntime has no TensorRT
+            provider, the TensorRT version or GPU cannot be told, or the build failed (a partly
+            written engine folder is removed).
     """
     model = Path(model)
     ort = ort or _ort()
@@ -282,6 +283,8 @@ def build_engine(model: Path, root: Path, *, threads: int = 1, ident: Identity |
     variant = meta.get(META_VARIANT, "")
     table = calibration_table(meta, model.name)
     provider_options(variant, Path("."), calibrated=table is not None)  # refuses before anything touches the disk
+    if PROVIDER not in ort.get_available_providers():
+        raise EngineBuildError(f"{model.name}: this onnxruntime build has no {PROVIDER}: {INSTALL}")
     ident = ident or identity()
     sha = _sha256_of(model)
     cache = engine_dir(root, sha, ident)

@@ -70,7 +70,9 @@ def _compile_report(manifest: Any) -> tuple[Table, list[str]]:
         fid = a.fidelity if a.fidelity and a.fidelity.measured else None
         on_device = None
         if a.built_on_device:  # the host cannot run what the device builds: no figure is printed for it
-            on_device = f"on device {footnote(a.accuracy.method if a.accuracy else 'not measured on host')}"
+            why = a.accuracy.method if a.accuracy else "not measured on host"
+            seen = next((i + 1 for i, f in enumerate(footnotes) if f.endswith(f"] {why}")), None)
+            on_device = f"on device {f'[{seen}]' if seen else footnote(why)}"  # one footnote for every trt-* row
         t.add_row(
             a.id, a.runtime, _kb(a.bytes),
             f"{a.gzip_bytes / base_gzip:.2f}" if base_gzip and a.gzip_bytes else "-",
