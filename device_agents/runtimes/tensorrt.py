@@ -493,7 +493,8 @@ class TensorRT(Runtime):
         """Return a :class:`TrtInterpreter` for an installed or local ``trt-*`` artifact (a path).
 
         The engine comes from the cache (built at install); when it is not there (``edgekit-agent bench``
-        on a file) it is built now, in this process, and :attr:`TrtInterpreter.engine` says so.
+        on a file) it is built now, in a child process as at install (:func:`build_in_child`: its time
+        and peak memory), and :attr:`TrtInterpreter.engine` says so.
         ``options``: ``engine_root`` (default: :func:`default_root`). ``delegate`` does not apply.
 
         Raises:
@@ -505,7 +506,7 @@ class TensorRT(Runtime):
         root = Path((options or {}).get("engine_root") or default_root(model))
         ort = _ort()
         try:
-            engine = _cached_record(model, root) or build_engine(model, root, threads=threads, ort=ort)
+            engine = _cached_record(model, root) or build_in_child(model, root, threads=threads)
             session = _session(ort, model, engine["provider_options"], threads=threads)
         except EngineBuildError as exc:
             raise ValueError(str(exc)) from None

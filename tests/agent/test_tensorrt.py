@@ -112,6 +112,8 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> FakeOrt:
     monkeypatch.setattr(trt, "_ort", lambda: ort)
     monkeypatch.setattr(trt, "identity", lambda: IDENT)
     monkeypatch.setattr(trt, "trt_version", lambda: IDENT.trt_version)
+    # the fake cannot cross into a child process: the build runs here, its "peak memory" a stand-in
+    monkeypatch.setattr(trt, "build_in_child", lambda p, r, **k: {**trt.build_engine(p, r, ort=ort), "peak_rss_mb": 1.5})
     return ort
 
 
@@ -278,7 +280,8 @@ def test_bench_reports_the_build_host_latency_and_trt_compute_time(fake: FakeOrt
     assert rec["gpu_compute_ms"]["p50"] == pytest.approx(0.5, abs=0.05)  # the TensorRT node's µs only, per run
     assert "not CUDA events" in rec["gpu_compute_method"]
     labels = dict(summary_rows(rec))
-    assert "built in" in labels["TensorRT engine"] and "GPU compute p50/p90/p99" in labels
+    assert "built in" in labels["TensorRT engine"] and "peak RSS 1.5 MB" in labels["TensorRT engine"]
+    assert "GPU compute p50/p90/p99" in labels
     agent_cli.main(["bench", str(fp16), "--min-runs", "10", "--min-seconds", "0",
                     "--delegate-option", f"engine_root={tmp_path / 'r'}"])
     out = capsys.readouterr().out
