@@ -173,8 +173,8 @@ def receive(keyring: Keyring | None, topic: str, payload: bytes, received: float
         MessageError: any of that fails (the text says which).
     """
     fleet, device, kind = messages.parse_topic(topic)
-    if kind == "cmd":
-        raise MessageError(f"{topic}: a command, not something a device publishes")
+    if kind in messages.OPERATOR_KINDS:
+        raise MessageError(f"{topic}: the operator's {kind}, not something a device publishes")
     msg = messages.check_body(kind, messages.decode(payload, kind))
     if msg["device"] != device or msg["fleet"] != fleet:
         raise MessageError(f"message names {msg['fleet']}/{msg['device']} but came on {topic}")

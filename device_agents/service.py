@@ -26,7 +26,7 @@ from typing import Any
 import edgekit_protocol
 from device_agents import codecheck, conditions
 from device_agents.bench import run_bench
-from device_agents.disk import Disk, is_out_of_space
+from device_agents.disk import Disk, atomic_write, is_out_of_space
 from device_agents.errors import CodeTampered, DeviceError, DiskFull
 from device_agents.identity import (
     OPERATOR,
@@ -39,6 +39,7 @@ from device_agents.identity import (
 )
 from device_agents.mqtt import SpooledPublisher, make_client
 from device_agents.power import SensorEnv, SensorMeter, not_measured, power_meter
+from device_agents.reconcile import Reconciler
 from device_agents.runtimes import RUNTIMES, get_runtime, prepare_installed
 from device_agents.serving.client import SOCKET
 from device_agents.serving.server import Server
@@ -78,6 +79,10 @@ class Agent:
                                   clean=False, manual_ack=True)
         self.publisher = SpooledPublisher(self.client, self.spool)
         self.smoke = SmokePool()
+        self.reconciler = Reconciler(self.store.root, self.store, activate=self._activate, report=self._report,
+                                     check_disk=lambda needs: self.disk.check("fetch", needs), settings=cfg.pull)
+        self._desired_inbox: queue.Queue[Any] = queue.Queue()  # verified desired messages, taken by the main thread
+        self._reported_seq = 0
         self.commands: queue.Queue[Command] = queue.Queue(maxsize=cfg.max_queued_commands)
         self._stop = threading.Event()
         self._unservable: str | None = None  # a current model the serving API could not load (logged once)
@@ -123,6 +128,12 @@ class Agent:
             "current": self._model_ref(self.store.current()), "runtimes": runtimes,
             "power_source": self.power_source, "simulated": self.cfg.simulated, "pid": os.getpid(),
             "started": self.started, "disk": self.disk.usage()}))
+
+    def _report(self, body: dict[str, Any]) -> None:
+        """Publish a ``reported`` body, signed and retained (the newest is what the operator reads)."""
+        self._reported_seq += 1
+        msg = self.signer.sign(messages.envelope("reported", self.cfg.fleet, self.cfg.device, self._reported_seq, body))
+        self.publisher.publish(self._topic("reported"), messages.encode(msg), retain=True)
 
     def emit(self, kind: str, body: dict[str, Any], answers: str | None = None) -> dict[str, Any] | None:
         """Spool one message of ``kind`` (signed) and wake the publisher; ``answers``: the taken command
@@ -199,8 +210,10 @@ class Agent:
         if reason.is_failure:
             log.error("broker %s:%s refused the connection: %s", self.cfg.broker.host, self.cfg.broker.port, reason)
             return
-        client.subscribe(self._topic("cmd"), qos=1)
+        client.subscribe([(self._topic("cmd"), 1), (self._topic("desired"), 1)])
         self.publisher.publish(self._topic("status"), messages.encode(self._status("online")), retain=True)
+        if self.reconciler.last is not None:  # where this device stands, again (the broker may have lost it)
+            self._report(self.reconciler.last)
         self.publisher.connected.set()
         self.publisher.wake()
         log.info("connected to %s:%s", self.cfg.broker.host, self.cfg.broker.port)
@@ -213,6 +226,9 @@ class Agent:
             log.warning("disconnected from the broker (%s); records stay in the spool", reason)
 
     def _on_message(self, client: Any, _u: Any, message: Any) -> None:
+        if message.topic == self._topic("desired"):
+            self._on_desired(client, message)
+            return
         try:
             self._take(message.payload)
         except DiskFull as exc:  # not on disk yet: held here (unacknowledged) and taken when space returns
@@ -255,6 +271,36 @@ class Agent:
             self.ack(msg["msg_id"], exc.name, False, error=str(exc))
         except queue.Full:
             self.ack(cmd.msg_id, cmd.name, False, error=f"busy: {self.commands.qsize()} commands queued; retry later")
+
+    def _on_desired(self, client: Any, message: Any) -> None:
+        """Check a desired state is the operator's and for this device, and hand it to the main thread,
+        which acknowledges it to the broker once it is on disk; what is not is refused and counted."""
+        try:
+            msg = messages.decode(message.payload, "desired")
+            self.operators().verify(msg, OPERATOR)
+            messages.check_time(msg, time.time())
+            if (msg["fleet"], msg["device"]) != (self.cfg.fleet, self.cfg.device):
+                raise EdgeKitError(f"desired state for {msg['fleet']}/{msg['device']} on this device's topic")
+        except EdgeKitError as exc:
+            self.refuse(f"desired: {exc}")
+            client.ack(message.mid, message.qos)
+            return
+        self._desired_inbox.put((msg, message.mid, message.qos))
+
+    def _take_desired(self) -> None:
+        """Take the desired states the network thread verified (main thread), then let the broker forget them."""
+        while not self._desired_inbox.empty():
+            msg, mid, qos = self._desired_inbox.get()
+            try:
+                if self._on_disk(lambda: self.reconciler.take(msg)) == "stale":  # an old revision, replayed
+                    self._on_disk(lambda: self.spool.count("stale_desired"))
+            except DiskFull as exc:
+                log.error("a desired state could not be taken (%s); it is taken when space returns", exc)
+                self._desired_inbox.put((msg, mid, qos))
+                return
+            except EdgeKitError as exc:
+                self.refuse(f"desired: {exc}")
+            self.client.ack(mid, qos)
 
     def _retake(self) -> None:
         """Take the commands a full disk kept back (oldest first), then let the broker forget each."""
@@ -344,11 +390,20 @@ class Agent:
 
     def _cmd_activate(self, cmd: Command) -> dict[str, Any]:
         sha = self.store.resolve(sha256=cmd.args.get("sha256"), variant=cmd.args.get("variant"))
-        if cmd.args.get("keep") is not None:  # written before the switch: nothing after it can fail for space
-            atomic_write(self.store.root / "candidates.json", json.dumps(sorted(cmd.args["keep"])).encode())
+        return self._activate(sha, cmd.args.get("keep"))
+
+    def _activate(self, sha: str, keep: Any = None) -> dict[str, Any]:
+        """Switch to installed model ``sha`` safely (hash check, smoke test in a child), then apply the
+        store budget sparing ``keep``; return the activation result with what the budget removed.
+
+        Raises:
+            StoreError: not installed, damaged, or it failed its smoke test (the current model stays).
+        """
+        self.disk.check("activate")
+        if keep is not None:  # written before the switch: nothing after it can fail for space
+            atomic_write(self.store.root / "candidates.json", json.dumps(sorted(keep)).encode())
         result = self.store.activate(sha, runtime=self.cfg.bench.runtime, delegate=self.cfg.bench.delegate,
-                                     options=self.cfg.bench.delegate_options,
-                                     smoke=self.smoke)
+                                     options=self.cfg.bench.delegate_options, smoke=self.smoke)
         return {**result, "model": self._model_ref(sha), "removed": self._apply_budget()}
 
     def _apply_budget(self) -> list[dict[str, Any]]:
@@ -375,7 +430,8 @@ class Agent:
     def _cmd_state(self, cmd: Command) -> dict[str, Any]:
         state = {"current": self._model_ref(self.store.current()), "previous": self._model_ref(self.store.previous()),
                  "installed": self.store.installed(), "spool": self.spool.stats(), "power_source": self.power_source,
-                 "queued_commands": self.commands.qsize(), "disk": self.disk.usage()}
+                 "queued_commands": self.commands.qsize(), "disk": self.disk.usage(),
+                 "desired": self.reconciler.last}  # where the device stands with its desired state (None: never given one)
         if cmd.args.get("verify"):
             state["damaged"] = self.store.damaged()
         if "live" in cmd.args:  # the serving API's figures, with the last N service times (a rollout gate's samples)
@@ -462,6 +518,15 @@ class Agent:
                 log.error("%s", exc)
             self._unservable = sha
 
+    def reconcile(self) -> dict[str, Any]:
+        """Run one reconcile step toward the desired state (main thread); the served model and the
+        status follow a switch at once. Returns the ``reported`` body."""
+        reported = self.reconciler.step()
+        self.follow_current()
+        if self.store.current() != self._announced:
+            self._publish_status()
+        return reported
+
     def _publish_status(self) -> None:
         if self.publisher.connected.is_set():
             self.publisher.publish(self._topic("status"), messages.encode(self._status("online")), retain=True)
@@ -522,6 +587,9 @@ class Agent:
                 try:
                     if cmd is not None:
                         self.handle(cmd)
+                    self._take_desired()
+                    if self.reconciler.due():
+                        self.reconcile()
                     if time.monotonic() >= next_disk:  # space came back (or went): reserve, state, status
                         next_disk = time.monotonic() + 1.0
                         self.disk.refresh()
@@ -555,25 +623,6 @@ class Agent:
         self.client.disconnect()
         self.client.loop_stop()
         self.spool.close()
-
-
-def atomic_write(path: Path, data: bytes, tmp_dir: Path | None = None) -> None:
-    """Write ``data`` to ``path`` through a temporary file (in ``tmp_dir``, same filesystem; default
-    beside it), fsync and rename: readers see the old file or the new one, whole.
-
-    Raises:
-        OSError: the write failed (the temporary file is removed).
-    """
-    tmp = (tmp_dir or path.parent) / f".{path.name}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def run_agent(cfg: AgentConfig, log_file: Path | None = None) -> None:

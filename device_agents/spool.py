@@ -127,11 +127,13 @@ class Spool:
         """Return ``pending`` (rows waiting), ``dropped_telemetry`` (ever dropped), ``refused_commands``
         (forged, future-dated or malformed commands refused, ever), ``replayed_commands`` (commands
         whose id was taken before: redelivered or replayed, not run), ``expired_commands`` (expired
-        before the newest command's horizon, not run) and ``max_records``."""
+        before the newest command's horizon, not run), ``stale_desired`` (desired states whose revision was not
+        above the one taken before: replays, never applied) and ``max_records``."""
         with self._lock:
             return {"pending": self._count, "dropped_telemetry": self._counter("dropped." + DROPPABLE),
                     "refused_commands": self._counter("refused"), "replayed_commands": self._counter("replayed"),
-                    "expired_commands": self._counter("expired"), "max_records": self.max_records}
+                    "expired_commands": self._counter("expired"),
+                    "stale_desired": self._counter("stale_desired"), "max_records": self.max_records}
 
     def count(self, name: str) -> None:
         """Add one to the persistent counter ``name``."""

@@ -130,6 +130,15 @@ class ServeConfig:
 
 
 @dataclass(frozen=True)
+class PullConfig:
+    """Desired state over MQTT, artifacts pulled from a store (``device_agents.reconcile``)."""
+
+    retry_s: float = 30.0  # first retry after a failed fetch or activation; doubles each time, at most 15 min
+    max_attempts: int = 6  # then the device stays failed on its model until the next desired revision
+    ca_file: Path | None = None  # CA bundle for an https:// store (None: the system's)
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     device: str
     fleet: str
@@ -143,6 +152,7 @@ class AgentConfig:
     power: PowerConfig = field(default_factory=PowerConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    pull: PullConfig = field(default_factory=PullConfig)
     verify_code: bool = False  # set by the deploy: refuse to start unless running the signed <root>/agent code
     simulated: bool = False  # a virtual device of `edgekit sim`: every record says so
 
@@ -276,6 +286,8 @@ def build(node: Node, file: Path | str) -> AgentConfig:
                           "(0-4096) are out of range")
     if not (0 <= cfg.store.min_free_mb < 1e6 and 0 <= cfg.store.reserve_mb < 1e4):
         raise ConfigError(f"{file}: store.min_free_mb and store.reserve_mb must be non-negative numbers of megabytes")
+    if not (0 < cfg.pull.retry_s <= 3600 and 1 <= cfg.pull.max_attempts <= 100):
+        raise ConfigError(f"{file}: pull.retry_s (0-3600 s) and pull.max_attempts (1-100) are out of range")
     return cfg
 
 

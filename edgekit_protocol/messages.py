@@ -27,13 +27,16 @@ from typing import Any
 from edgekit_protocol.errors import MessageError
 
 ROOT = "edgekit/v1"
-KINDS = ("status", "bench", "telemetry", "cmd", "cmd/ack")
+KINDS = ("status", "bench", "telemetry", "cmd", "cmd/ack", "desired", "reported")
+OPERATOR_KINDS = ("cmd", "desired")  # what the operator publishes; everything else is a device's
 SCHEMAS = {
     "status": "edgekit.status/1",
     "bench": "edgekit.bench/1",
     "telemetry": "edgekit.telemetry/1",
     "cmd": "edgekit.cmd/1",
     "cmd/ack": "edgekit.ack/1",
+    "desired": "edgekit.desired/1",
+    "reported": "edgekit.reported/1",
 }
 MAX_PAYLOAD = 64 * 1024  # bytes; larger commands are refused unread
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -185,6 +188,8 @@ _BODY: dict[str, dict[str, type | tuple[type, ...]]] = {
     "telemetry": {"conditions": dict, "spool": dict},
     "cmd": {"command": str},
     "cmd/ack": {"ok": bool, "cmd_id": str, "result": dict},
+    "desired": {"rollout": str, "revision": int},
+    "reported": {"state": str, "revision": int},
 }
 _LATENCY = ("p50", "p90", "p99", "mean", "std", "min", "max")
 
@@ -199,6 +204,10 @@ def check_body(kind: str, message: dict[str, Any]) -> dict[str, Any]:
         value = message.get(name)
         if not isinstance(value, types) or (isinstance(value, bool) and types is int):
             raise MessageError(f"{kind}: field '{name}' is {'missing' if value is None else type(value).__name__}")
+    if kind == "reported":
+        from edgekit_protocol.desired import check_reported  # it builds on this module
+
+        check_reported(message)
     if kind == "status" and message["state"] not in ("online", "offline"):
         raise MessageError(f"status: state {message['state']!r} is neither online nor offline")
     if kind == "bench":

@@ -21,7 +21,7 @@ def main() -> None:
     from edge_kit.errors import EdgeKitError
 
     try:
-        from edge_kit.cli import compile, fleet, loop  # noqa: F401  (each registers its commands)
+        from edge_kit.cli import compile, fleet, loop, rollout  # noqa: F401  (each registers its commands)
         from edge_kit.cli.app import app, err
     except ModuleNotFoundError as exc:
         sys.stderr.write(f"edgekit: error: the host commands need the host extra ({exc.name} is not installed): "

@@ -1,4 +1,4 @@
-"""Fleet commands of the `edgekit` CLI: bench, deploy, sim."""
+"""Fleet commands of the `edgekit` CLI: bench, deploy, publish, sim."""
 
 from __future__ import annotations
 
@@ -14,9 +14,17 @@ from rich.table import Table
 from edge_kit.cli.app import (
     DevicesOpt,
     FleetOpt,
+    GateAlphaOpt,
+    GateOpt,
+    GateRequestsOpt,
+    GateShadowOpt,
+    GateSlowdownOpt,
+    GateSnrOpt,
+    GateWindowOpt,
     JsonOpt,
     app,
     emit_json,
+    live_gate,
     out,
     results_table,
 )
@@ -130,6 +138,32 @@ def keys_rotate_cmd(
         raise typer.Exit(4)
 
 
+@app.command("publish")
+def publish_cmd(
+    artifacts: Annotated[Path, typer.Argument(help="A compiled model's folder (with manifest.json).")],
+    store: Annotated[str, typer.Option("--store", help="The store folder (created); serve it with nginx, or sync it "
+                                                       "to S3 / a CDN origin (docs/artifact-store.md).")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Write the artifacts content-addressed into a store folder (sha256/<hash>) plus the manifest
+    (manifests/<model>/<sha256>.json and latest.json); what is already there is not written again."""
+    from edge_kit.fleet.artifact_store import publish
+
+    result = publish(artifacts, store)
+    if as_json:
+        emit_json(result.as_dict())
+        return
+    t = Table("kind", "name", "sha256", "bytes", "store path", "", box=box.SIMPLE_HEAD, pad_edge=False)
+    for f in result.files:
+        t.add_row(f.kind, escape(f.name), f.sha256[:12], f"{f.bytes:,}", escape(f.path),
+                  "[green]written[/]" if f.written else "[dim]already there[/]")
+    out.print(t)
+    written = result.written
+    out.print(f"{result.model}: {len(written)} written ({sum(f.bytes for f in written):,} bytes), "
+              f"{len(result.present)} already there, in {escape(str(result.store))}; devices fetch "
+              f"<store URL>/sha256/<hash>; manifest: manifests/{result.model}/{result.manifest_sha256[:12]}….json")
+
+
 sim_app = typer.Typer(no_args_is_help=True, help="A simulated fleet on this machine: broker, sshd and agent per device.")
 app.add_typer(sim_app, name="sim")
 SimDirOpt = Annotated[Path, typer.Option("--dir", help="Where the simulated fleet lives (its fleet.yaml is here).")]
@@ -150,17 +184,13 @@ def deploy_cmd(
     health_timeout: Annotated[float, typer.Option(min=1, help="Seconds to wait for each device's health check.")] = 120.0,
     repair: Annotated[bool, typer.Option("--repair/--no-repair", help="Have each agent hash its stored models and "
                                                                       "upload damaged ones again.")] = True,
-    gate: Annotated[Optional[str], typer.Option(help="'live': judge the canaries on production traffic against the "
-                                                     "devices of their profiles still on the current model.")] = None,
-    gate_window: Annotated[float, typer.Option(min=1, help="Live gate: seconds to collect at most.")] = 60.0,
-    gate_min_requests: Annotated[int, typer.Option(min=10, help="Live gate: requests each canary must answer.")] = 200,
-    gate_alpha: Annotated[float, typer.Option(min=1e-6, max=0.5, help="Live gate: the latency test's significance.")] = 0.01,
-    gate_min_slowdown: Annotated[float, typer.Option(min=0, help="Live gate: roll back only when the canaries' median "
-                                                                 "is also this share above the controls' (0.1: 10 %).")] = 0.10,
-    gate_shadow: Annotated[float, typer.Option(min=0, max=1, help="Live gate: share of canary requests also run "
-                                                                   "through the fp32 reference (0: none).")] = 0.0,
-    gate_min_snr_db: Annotated[Optional[float], typer.Option(help="Live gate: roll back below this live fidelity "
-                                                                   "(needs --gate-shadow).")] = None,
+    gate: GateOpt = None,
+    gate_window: GateWindowOpt = 60.0,
+    gate_min_requests: GateRequestsOpt = 200,
+    gate_alpha: GateAlphaOpt = 0.01,
+    gate_min_slowdown: GateSlowdownOpt = 0.10,
+    gate_shadow: GateShadowOpt = 0.0,
+    gate_min_snr_db: GateSnrOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Push the agent and the artifacts to devices over SSH, activate safely, check health, roll back failures.
@@ -175,7 +205,8 @@ def deploy_cmd(
     from edge_kit.errors import InputError
     from edge_kit.fleet.deploy import DeployOptions, deploy
     from edge_kit.fleet.inventory import load_fleet
-    from edge_kit.loop.rollout import LiveGate, rollout
+    from edge_kit.loop.rollout import rollout
+    from edge_kit.loop.waves import parse_share
     from edge_kit.manifest import read_manifest
 
     fleet = load_fleet(fleet_file)
@@ -183,17 +214,13 @@ def deploy_cmd(
     read_manifest(artifacts)  # a missing or broken manifest stops here, before any device is touched
     opts = DeployOptions(artifacts=artifacts, variant=variant, parallel=parallel, trust_new_hosts=trust_new_hosts,
                          health_timeout=health_timeout, repair=repair)
-    canary_share, failed_share = _share(canary, "--canary"), _share(max_failed, "--max-failed") or 0.0
-    live_gate = None
-    if gate is not None:
-        if gate != "live" or not canary_share:
-            raise InputError("--gate: the only gate is 'live', and it judges canaries: give --canary too")
-        if gate_min_snr_db is not None and gate_shadow <= 0:
-            raise InputError("--gate-min-snr-db needs --gate-shadow (the share of requests compared with the reference)")
-        live_gate = LiveGate(window_s=gate_window, min_samples=gate_min_requests, alpha=gate_alpha,
-                             min_slowdown=gate_min_slowdown, shadow_share=gate_shadow, min_snr_db=gate_min_snr_db)
+    canary_share = parse_share(canary, "--canary") if canary is not None else None
+    failed_share = parse_share(max_failed, "--max-failed")
+    gated = live_gate(gate, gate_window, gate_min_requests, gate_alpha, gate_min_slowdown, gate_shadow, gate_min_snr_db)
+    if gated is not None and not canary_share:
+        raise InputError("--gate live judges canaries: give --canary too")
     history = None
-    if live_gate is not None:
+    if gated is not None:
         from edge_kit.telemetry.store import Store, history_path
 
         history = Store(history_path(Path(fleet_file)))
@@ -205,7 +232,7 @@ def deploy_cmd(
             done = what in ("succeeded", "skipped", "failed")
             bar.update(task, advance=1 if done else 0, description=f"{device}: {what}")
 
-        group = (rollout(fleet, targets, opts, canary_share, failed_share, progress, gate=live_gate,
+        group = (rollout(fleet, targets, opts, canary_share, failed_share, progress, gate=gated,
                          record=history.add_decision if history else None) if canary_share
                  else deploy(fleet, targets, opts, progress))
     if history is not None:
@@ -220,21 +247,6 @@ def deploy_cmd(
         raise typer.Exit(4)
 
 
-def _share(text: str | None, option: str) -> float | None:
-    """Return ``10%`` or ``0.1`` as 0.1; None for None."""
-    if text is None:
-        return None
-    from edge_kit.errors import InputError
-
-    try:
-        value = float(text.rstrip("%")) / (100 if text.endswith("%") else 1)
-    except ValueError:
-        raise InputError(f"{option} {text}: give a share such as 10% or 0.1") from None
-    if not 0 <= value <= 1:
-        raise InputError(f"{option} {text}: must be between 0% and 100%")
-    return value
-
-
 @sim_app.command("up")
 def sim_up(
     devices: Annotated[int, typer.Option("--devices", min=1, max=64, help="How many virtual devices.")] = 3,
@@ -247,6 +259,8 @@ def sim_up(
     link_rate: Annotated[str | None, typer.Option(
         "--link-rate", help="Put each device in its own network namespace behind an emulated link of this rate "
                             "(e.g. 50mbit; tc tbf both ways). Needs root and iproute2. Default: loopback.")] = None,
+    store: Annotated[Optional[Path], typer.Option("--store", help="Also serve this published store folder over HTTP "
+                                                                  "(nginx; its URL is printed and kept in sim.json).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Start a broker and N virtual devices (an SSH server + the real agent each); writes DIR/fleet.yaml."""
@@ -258,14 +272,14 @@ def sim_up(
     sim = SimFleet(workdir)
     with err.status("starting the simulated fleet") as status:
         fleet = sim.up(devices, [p.strip() for p in profiles.split(",") if p.strip()], embedded_broker=embedded_broker or None,
-                       embedded_ssh=embedded_ssh or None, link_rate=rate, insecure=insecure,
+                       embedded_ssh=embedded_ssh or None, link_rate=rate, insecure=insecure, store=store,
                        progress=lambda msg: status.update(msg))
     state = sim.state()
     kinds = {d["name"]: d["ssh"] for d in state["devices"]}
     links = Links(**state["links"]).describe() if state["links"] else "loopback"
     info = {"fleet_file": str(sim.fleet_file), "broker": state["broker"], "links": links,
             "devices": [{"name": d.name, "profile": d.profile, "ssh": f"{d.host}:{d.port}", "ssh_server": kinds[d.name],
-                         "root": d.root} for d in fleet.devices]}
+                         "root": d.root} for d in fleet.devices], "store": state.get("store")}
     if as_json:
         emit_json(info)
         return
@@ -275,6 +289,8 @@ def sim_up(
     out.print(t)
     out.print(f"broker: {info['broker']['kind']} on {info['broker']['host']}:{info['broker']['port']}; links: {links}; "
               f"fleet file: {sim.fleet_file}")
+    if info["store"]:
+        out.print(f"artifact store: {info['store']['kind']} at {info['store']['url']} serving {escape(info['store']['folder'])}")
     out.print(f"measurements are this machine's, marked simulated; stop with: edgekit sim down --dir {workdir}")
 
 

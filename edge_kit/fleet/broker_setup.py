@@ -26,11 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgekit_protocol.messages import MAX_PAYLOAD, ROOT
+from edgekit_protocol.messages import MAX_PAYLOAD, OPERATOR_KINDS, ROOT
 
 OPERATOR_USER = "operator"
 MAX_PACKET = MAX_PAYLOAD + 4096  # a message at the protocol's limit, its topic and the MQTT header
-DEVICE_TOPICS_WRITE = ("status", "bench", "telemetry", "cmd/ack")
+DEVICE_TOPICS_WRITE = ("status", "bench", "telemetry", "cmd/ack", "reported")
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ def fleet_acl(fleet: str, operator: str = OPERATOR_USER) -> str:
     lines = ["# edge-kit: the operator commands and reads the fleet; each device only its own topics",
              f"user {operator}", f"topic readwrite {base}/#", ""]
     lines += [f"pattern write {base}/%u/{kind}" for kind in DEVICE_TOPICS_WRITE]
-    lines += [f"pattern read {base}/%u/cmd"]
+    lines += [f"pattern read {base}/%u/{kind}" for kind in OPERATOR_KINDS]
     return "\n".join(lines) + "\n"
 
 

@@ -15,13 +15,14 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from typing import Any
+from typing import Any, Callable
 
 from device_agents.identity import Keyring, Signer, receive
 from device_agents.mqtt import make_client
 from edge_kit.errors import AgentError, AgentTimeout
 from edgekit_protocol import commands, messages
 from edgekit_protocol.config import BrokerConfig
+from edgekit_protocol.desired import Desired
 
 CONNECT_TIMEOUT_S = 10.0
 COMMAND_TTL_S = 3600.0  # a command nobody waits for expires after this, so it cannot be replayed later
@@ -38,8 +39,11 @@ class FleetClient:
     """
 
     def __init__(self, broker: BrokerConfig, fleet: str, password: str | None = None, *, signer: Signer,
-                 keyring: Keyring, transport: Any = None):
+                 keyring: Keyring, transport: Any = None, kinds: tuple[str, ...] = ("cmd/ack", "bench", "status"),
+                 on_reported: Callable[[dict[str, Any]], None] | None = None):
         self.broker = broker
+        self.kinds = kinds  # what it subscribes to; a rollout takes ``reported`` only (one retained per device)
+        self.on_reported = on_reported  # called (network thread) with each verified reported message
         self.fleet = fleet
         self.signer = signer
         self.keyring = keyring
@@ -60,11 +64,11 @@ class FleetClient:
             self._refused = str(reason)
             self._connected.set()
             return
-        client.subscribe([(messages.subscription(self.fleet, kind), 1) for kind in ("cmd/ack", "bench", "status")])
+        client.subscribe([(messages.subscription(self.fleet, kind), 1) for kind in self.kinds])
         client.on_subscribe = lambda *_: self._connected.set()
 
     @classmethod
-    def of(cls, fleet: Any, *, transport: Any = None) -> FleetClient:
+    def of(cls, fleet: Any, *, transport: Any = None, **kw: Any) -> FleetClient:
         """Return a client for a fleet read from its file: its broker, password and keys.
 
         Raises:
@@ -72,7 +76,7 @@ class FleetClient:
         """
         keys = fleet.key_store()
         return cls(fleet.broker, fleet.fleet, fleet.broker.password("fleet file"), signer=keys.operator,
-                   keyring=keys.keyring(), transport=transport)
+                   keyring=keys.keyring(), transport=transport, **kw)
 
     def _on_message(self, _c: Any, _u: Any, message: Any) -> None:
         try:
@@ -85,6 +89,10 @@ class FleetClient:
         except Exception as exc:  # noqa: BLE001 - EdgeKitError, or anything odd: refused, never the thread's end
             with self._cond:
                 self.rejected.append(f"{message.topic}: {exc}"[:300])
+            return
+        if kind == "reported":
+            if self.on_reported is not None:
+                self.on_reported(msg)
             return
         with self._cond:
             if kind == "cmd/ack":
@@ -133,6 +141,13 @@ class FleetClient:
             self.sent[msg["msg_id"]] = device
         self.client.publish(messages.topic(self.fleet, device, "cmd"), messages.encode(msg), qos=1)
         return msg["msg_id"]
+
+    def publish_desired(self, desired: Desired, device: str) -> dict[str, Any]:
+        """Publish ``desired`` as ``device``'s desired state (signed, retained: the device takes it on
+        its next connect if it is offline now); return the message sent."""
+        msg = self.signer.sign(messages.envelope("desired", self.fleet, device, 0, desired.body()))
+        self.client.publish(messages.topic(self.fleet, device, "desired"), messages.encode(msg), qos=1, retain=True)
+        return msg
 
     def wait_ack(self, cmd_id: str, timeout: float) -> dict[str, Any] | None:
         """Return the ack of ``cmd_id``, or None when none came within ``timeout`` seconds."""

@@ -40,6 +40,7 @@ from edge_kit.sim.broker import MosquittoBroker, find_mosquitto, free_port, wait
 from edge_kit.sim.links import Links, create_links, remove_links
 from edge_kit.sim.process import terminate_pid
 from edge_kit.sim.ssh import SshEndpoint, known_hosts_line, write_keypair
+from edge_kit.sim.store_server import start_store_server
 
 STATE = "sim.json"
 FLEET_NAME = "sim"
@@ -74,13 +75,16 @@ class SimFleet:
 
     def up(self, count: int, profiles: list[str], *, embedded_broker: bool | None = None,
            embedded_ssh: bool | None = None, link_rate: int | None = None, insecure: bool = False,
-           progress: Callable[[str], None] | None = None) -> Fleet:
+           store: Path | None = None, progress: Callable[[str], None] | None = None) -> Fleet:
         """Start the broker, ``count`` devices and their agents; return the fleet.
 
         ``link_rate`` (bit/s) puts each device behind an emulated link of that rate; None: loopback.
         The broker is Mosquitto with a password per device and for the operator, the fleet's ACL
         and TLS (:mod:`edge_kit.fleet.broker_setup`); ``insecure`` runs it anonymous and plain
         instead (the embedded broker, used where Mosquitto is missing, is always that).
+        ``store``: a published store folder served over HTTP next to the broker (nginx, or the
+        embedded server where nginx is missing; :mod:`edge_kit.sim.store_server`), its URL in
+        ``sim.json`` under ``store``.
 
         Raises:
             ConfigError: an unknown profile.
@@ -115,6 +119,16 @@ class SimFleet:
             step("starting the MQTT broker")
             state["broker"] = self._start_broker(embedded_broker, broker_host, wall)
             self._save(state)
+            if store is not None:
+                step("starting the artifact store's HTTP server")
+                server = start_store_server(Path(store), host=broker_host, workdir=self.workdir / "store-server")
+                state["store"] = {"kind": server.kind, "url": server.url, "folder": str(Path(store).resolve()),
+                                  "pid": server.proc.pid if server.proc is not None else None}
+                if server.proc is None:  # the embedded server lives in this process: it would die with it
+                    server.stop()
+                    raise EdgeKitError("nginx is not installed (apt install nginx-light): `sim up --store` needs it "
+                                       "to keep serving after this command returns")
+                self._save(state)
             key = self.workdir / "id_ed25519"
             public = write_keypair(key, "edge-kit-sim")
             known = []
@@ -205,6 +219,9 @@ class SimFleet:
         for dev in state["devices"]:
             terminate_pid(dev["sshd_pid"])
             stopped.append(f"sshd {dev['name']}")
+        if state.get("store") and state["store"].get("pid"):
+            terminate_pid(state["store"]["pid"])
+            stopped.append(f"store server ({state['store']['kind']})")
         if state.get("broker"):
             terminate_pid(state["broker"]["pid"])
             stopped.append(f"broker ({state['broker']['kind']})")

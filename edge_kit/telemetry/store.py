@@ -1,7 +1,9 @@
 """The fleet history: SQLite in WAL mode, one row per message, duplicates dropped by ``msg_id``.
 
 Tables: ``status``, ``bench``, ``telemetry`` (the message JSON plus indexed columns), ``decisions``
-(what selection chose for a device and why), ``invalid`` (payloads that failed validation, kept
+(what selection chose for a device and why), ``rollouts`` and ``rollout_devices`` (a pull
+rollout's settings, state and owner, and each device's state in it: what lets a rollout resume
+after the host restarts), ``invalid`` (payloads that failed validation, kept
 for inspection) and ``gaps`` (missing ``seq`` ranges per device and kind). Several monitor
 processes may write the same file: WAL lets readers work alongside, writes are serialized by SQLite
 with a busy timeout, and ``INSERT OR IGNORE`` on the message id keeps each record once.
@@ -39,6 +41,10 @@ CREATE TABLE IF NOT EXISTS decisions (id INTEGER PRIMARY KEY AUTOINCREMENT, devi
                                       previous TEXT, feasible INTEGER, switched INTEGER, body TEXT);
 CREATE TABLE IF NOT EXISTS invalid (id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL, topic TEXT, reason TEXT, payload BLOB);
 CREATE TABLE IF NOT EXISTS gaps (device TEXT, kind TEXT, first_missing INTEGER, last_missing INTEGER, ts REAL);
+CREATE TABLE IF NOT EXISTS rollouts (id TEXT PRIMARY KEY, created REAL, ts REAL, state TEXT, owner TEXT,
+                                     heartbeat REAL, body TEXT);
+CREATE TABLE IF NOT EXISTS rollout_devices (rollout TEXT, device TEXT, wave INTEGER, state TEXT, revision INTEGER,
+                                            ts REAL, detail TEXT, PRIMARY KEY (rollout, device));
 CREATE INDEX IF NOT EXISTS bench_device_sha ON bench (device, sha256, ts);
 CREATE INDEX IF NOT EXISTS status_device ON status (device, ts);
 CREATE INDEX IF NOT EXISTS telemetry_device ON telemetry (device, ts);
@@ -129,6 +135,84 @@ class Store:
                              (decision["device"], time.time(), decision.get("chosen"), decision.get("current"),
                               int(bool(decision.get("feasible"))), int(bool(decision.get("switch"))),
                               json.dumps(decision, default=str)))
+
+    # --- rollouts (edge_kit.loop.waves) ------------------------------------------------------------
+
+    def save_rollout(self, rid: str, state: str, body: dict[str, Any]) -> None:
+        """Create or update rollout ``rid`` with its ``state`` and settings/progress ``body`` (JSON)."""
+        now = time.time()
+        with self._lock:
+            self._db.execute("INSERT INTO rollouts (id, created, ts, state, owner, heartbeat, body) "
+                             "VALUES (?, ?, ?, ?, NULL, NULL, ?) ON CONFLICT (id) DO UPDATE SET ts = excluded.ts, "
+                             "state = excluded.state, body = excluded.body",
+                             (rid, now, now, state, json.dumps(body, default=str)))
+
+    def claim_rollout(self, rid: str, owner: str, stale_s: float) -> str | None:
+        """Make ``owner`` the one process driving rollout ``rid``; return None when it now is, else
+        the live owner that holds it (its heartbeat newer than ``stale_s``)."""
+        now = time.time()
+        with self._lock:
+            self._db.execute("UPDATE rollouts SET owner = ?, heartbeat = ? WHERE id = ? AND "
+                             "(owner IS NULL OR owner = ? OR heartbeat < ?)", (owner, now, rid, owner, now - stale_s))
+            row = self._db.execute("SELECT owner FROM rollouts WHERE id = ?", (rid,)).fetchone()
+        return None if row and row[0] == owner else (row[0] if row else "nobody: no such rollout")
+
+    def heartbeat_rollout(self, rid: str, owner: str) -> str:
+        """Note that ``owner`` still drives rollout ``rid``; return the rollout's state (``aborting``
+        when someone asked it to stop)."""
+        with self._lock:
+            self._db.execute("UPDATE rollouts SET heartbeat = ? WHERE id = ? AND owner = ?", (time.time(), rid, owner))
+            row = self._db.execute("SELECT state FROM rollouts WHERE id = ?", (rid,)).fetchone()
+        return row[0] if row else "missing"
+
+    def release_rollout(self, rid: str, owner: str) -> None:
+        """Let go of rollout ``rid`` (another process may resume it at once)."""
+        with self._lock:
+            self._db.execute("UPDATE rollouts SET owner = NULL WHERE id = ? AND owner = ?", (rid, owner))
+
+    def set_rollout_state(self, rid: str, state: str) -> None:
+        """Set rollout ``rid``'s state (``abort`` sets ``aborting``; its owner stops and sets ``aborted``)."""
+        with self._lock:
+            self._db.execute("UPDATE rollouts SET state = ?, ts = ? WHERE id = ?", (state, time.time(), rid))
+
+    def rollout(self, rid: str) -> dict[str, Any] | None:
+        """Return rollout ``rid`` (``id, created, ts, state, owner, heartbeat, body``), or None."""
+        rows = self._rows("SELECT id, created, ts, state, owner, heartbeat, body FROM rollouts WHERE id = ?", (rid,))
+        return self._rollout_row(rows[0]) if rows else None
+
+    def rollouts(self, limit: int = 20) -> list[dict[str, Any]]:
+        """Return the newest rollouts first."""
+        rows = self._rows("SELECT id, created, ts, state, owner, heartbeat, body FROM rollouts "
+                          "ORDER BY created DESC LIMIT ?", (limit,))
+        return [self._rollout_row(r) for r in rows]
+
+    @staticmethod
+    def _rollout_row(row: tuple) -> dict[str, Any]:
+        return {**dict(zip(("id", "created", "ts", "state", "owner", "heartbeat"), row[:6])), "body": json.loads(row[6])}
+
+    def set_rollout_devices(self, rid: str, rows: list[dict[str, Any]]) -> None:
+        """Create or update devices' rows of rollout ``rid`` in one transaction; each a dict with
+        ``device``, ``wave``, ``state``, ``revision`` and ``detail`` (a dict, JSON)."""
+        now = time.time()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany(
+                    "INSERT INTO rollout_devices VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (rollout, device) DO UPDATE "
+                    "SET wave = excluded.wave, state = excluded.state, revision = excluded.revision, ts = excluded.ts, "
+                    "detail = excluded.detail",
+                    [(rid, r["device"], r["wave"], r["state"], r["revision"], now, json.dumps(r.get("detail") or {}))
+                     for r in rows])
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def rollout_devices(self, rid: str) -> dict[str, dict[str, Any]]:
+        """Return each device's row of rollout ``rid`` (``wave, state, revision, ts, detail``) by name."""
+        rows = self._rows("SELECT device, wave, state, revision, ts, detail FROM rollout_devices WHERE rollout = ?", (rid,))
+        return {d: {"wave": w, "state": s, "revision": rev, "ts": ts, "detail": json.loads(det)}
+                for d, w, s, rev, ts, det in rows}
 
     def _rows(self, sql: str, args: tuple = ()) -> list[tuple]:
         with self._lock:

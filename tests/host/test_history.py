@@ -43,3 +43,22 @@ def test_several_workers_can_open_one_new_store_at_the_same_moment(tmp_path):
         errors = [p.communicate(timeout=60)[1].decode() for p in procs]
         assert [p.returncode for p in procs] == [0, 0, 0], errors
         assert Store(path).count("gaps") == 3
+
+
+def test_rollout_state_has_one_owner_at_a_time_and_device_rows_update_in_place(tmp_path):
+    store = Store(tmp_path / "h.db")
+    store.save_rollout("r1", "running", {"variant": "int8"})
+    assert store.claim_rollout("r1", "host-a:1", stale_s=60) is None
+    assert store.claim_rollout("r1", "host-b:2", stale_s=60) == "host-a:1"  # a second start is refused
+    assert store.claim_rollout("r1", "host-b:2", stale_s=0) is None  # a dead owner's claim goes stale
+    assert store.claim_rollout("nope", "host-b:2", stale_s=60) is not None
+    store.set_rollout_devices("r1", [{"device": "d1", "wave": 0, "state": "sent", "revision": 5, "detail": {"a": 1}},
+                                     {"device": "d2", "wave": 1, "state": "sent", "revision": 6}])
+    store.set_rollout_devices("r1", [{"device": "d1", "wave": 0, "state": "converged", "revision": 5}])
+    rows = store.rollout_devices("r1")
+    assert {d: r["state"] for d, r in rows.items()} == {"d1": "converged", "d2": "sent"} and rows["d2"]["revision"] == 6
+    store.set_rollout_state("r1", "aborting")
+    assert store.heartbeat_rollout("r1", "host-b:2") == "aborting"
+    store.release_rollout("r1", "host-b:2")
+    assert store.rollout("r1")["owner"] is None and store.rollout("r1")["body"] == {"variant": "int8"}
+    assert [r["id"] for r in store.rollouts()] == ["r1"] and store.rollout("r2") is None

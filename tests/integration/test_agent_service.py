@@ -452,3 +452,50 @@ def test_the_serving_api_follows_every_activation_and_telemetry_carries_live_fig
     figures = [x for x in live(monitor.messages) if x["model"]["variant"] == "fp32"][-1]
     assert figures["source"] == "live" and figures["errors"] == 0 and figures["latency_ms"]["p50"] > 0
     assert "perf_counter_ns" in figures["clock"]
+
+
+def test_desired_states_that_are_forged_or_replayed_never_move_the_device(agents, mosquitto, monitor):
+    """Only the operator's desired state is taken, only with a revision above the last one taken
+    (persisted: a restart does not reopen the door to a replay), and each refusal is counted."""
+    from device_agents.identity import Signer
+    from edgekit_protocol.desired import Desired
+
+    agent = agents("dev1")
+    assert monitor.wait_for(online("dev1"), 30)
+
+    def desired(variant: str, revision: int, signer=OPERATOR) -> dict:
+        body = Desired(msg_id="", rollout="r", revision=revision, store="http://127.0.0.1:9", model="digits",
+                       variant=variant, sha256=agent.sha[variant], bytes=1).body()
+        return signer.sign(messages.envelope("desired", FLEET, "dev1", 0, body))
+
+    def publish(msg: dict) -> None:
+        sender.publish(messages.topic(FLEET, "dev1", "desired"), messages.encode(msg), qos=1, retain=True).wait_for_publish(5)
+
+    def counters() -> dict:
+        with client_for(mosquitto) as client:
+            return client.request("dev1", "state", timeout=30)["result"]["spool"]
+
+    sender = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="operator-or-not")
+    sender.connect(mosquitto.host, mosquitto.port)
+    sender.loop_start()
+    try:
+        old = desired("fp32", 10)
+        publish(old)  # installed already: activated at once, no download
+        assert wait_until(lambda: agent.store.current() == agent.sha["fp32"], 30)
+        assert monitor.wait_for(lambda m: any(r["state"] == "converged" and r["revision"] == 10 for r in m["reported"]), 30)
+        publish(desired("dynamic-int8", 11, signer=Signer.generate()))  # not the operator's key
+        publish(desired("int8", 12))
+        assert wait_until(lambda: agent.store.current() == agent.sha["int8"], 30)
+        publish(old)  # a captured, validly signed old revision, replayed
+        assert wait_until(lambda: counters()["stale_desired"] == 1, 30)
+        assert counters()["refused_commands"] == 1
+        agent.stop()
+        agent.start()
+        assert monitor.wait_for(lambda m: [s["state"] for s in m["status"] if s["device"] == "dev1"][-1:] == ["online"], 30)
+        publish(old)  # refused twice more: as the retained message on subscribe, and sent again
+        assert wait_until(lambda: counters()["stale_desired"] == 3, 30) and agent.store.current() == agent.sha["int8"]
+    finally:
+        sender.disconnect()
+        sender.loop_stop()
+    reported = [r for r in monitor.messages["reported"] if r["device"] == "dev1"]
+    assert {r["revision"] for r in reported} == {10, 12} and all(r["state"] == "converged" for r in reported)

@@ -1,0 +1,414 @@
+"""Download an artifact from the store over HTTP(S): Range resume, bandwidth cap, sha256 check.
+
+The device side of the artifact store (:mod:`edge_kit.fleet.artifact_store` writes it; any HTTP
+server, object store or CDN serves it). Standard library only, so it runs wherever the agent runs.
+
+A download goes to ``<dest>.partial`` next to ``dest``. When a transfer is cut, the bytes received
+stay there and the next call asks for the rest only (``Range: bytes=N-``):
+
+* ``206 Partial Content`` starting at ``N``: the rest is appended;
+* ``200 OK``: the server ignored the Range; the partial is truncated and the body written from 0;
+* ``416 Range Not Satisfiable``: the partial already holds the whole file (its hash decides) or is
+  longer than the file (it is dropped and the download starts over).
+
+The file becomes ``dest`` only once its sha256 matches the expected one: it is fsynced, renamed
+over ``dest`` atomically and the folder fsynced. A mismatch deletes the partial and raises. A
+``dest`` that already holds the right bytes is returned without any request.
+
+Every error is a :class:`FetchError` with one line naming the URL and what to do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import re
+import socket
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urljoin, urlsplit
+
+from device_agents.errors import DeviceError
+
+CHUNK = 64 * 1024
+MAX_REDIRECTS = 5
+MAX_ATTEMPTS = 3  # attempts in one fetch() while each one makes progress (a cut, then resume at once)
+CUT_RCVBUF = 16 * 1024  # receive buffer of a connection told to stop early: little in flight when it closes
+USER_AGENT = "edgekit-agent-fetch/1"
+_SHA = re.compile(r"^[0-9a-f]{64}$")
+_CONTENT_RANGE = re.compile(r"^bytes\s+(\d+)-(\d+)/(\d+|\*)$")
+
+# Partials being written by this process (a second fetch of the same dest would corrupt it).
+_active: set[str] = set()
+_active_lock = threading.Lock()
+
+
+class FetchError(DeviceError):
+    """A download from the store failed; the one-line text names the URL and what to do."""
+
+
+@dataclass(frozen=True)
+class FetchResult:
+    """What :func:`fetch` did: ``path`` holds the verified file; ``bytes_downloaded`` counts the body
+    bytes received by this call (0 when ``dest`` was already there); ``resumed`` is True when bytes
+    already in the partial (from an earlier call, or a cut during this one) were kept and the rest
+    fetched with a Range; ``seconds`` is this call's wall time."""
+
+    path: Path
+    bytes_downloaded: int
+    resumed: bool
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One HTTP request of :func:`download_once`.
+
+    ``status``: the HTTP status (0 when none arrived); ``received``: body bytes written to the
+    partial by this request; ``offset``: where the partial stood before it; ``resumed``: the server
+    answered the Range (206); ``complete``: the partial now holds the whole file (its hash is not
+    checked yet); ``total``: the file's size when the server said it; ``cut``: why the body stopped
+    early (None when it did not).
+    """
+
+    status: int
+    received: int
+    offset: int
+    resumed: bool
+    complete: bool
+    total: int | None
+    cut: str | None = None
+
+
+class RateLimiter:
+    """A token bucket of ``rate`` bytes/s: :meth:`take` sleeps until ``n`` bytes may pass.
+
+    The bucket starts empty and holds at most a tenth of a second's worth (at least one chunk), so
+    the measured rate over any stretch longer than that stays within a few percent of ``rate``.
+    """
+
+    def __init__(self, rate: float):
+        if not rate > 0:
+            raise FetchError(f"max_bytes_s must be positive, got {rate!r}")
+        self.rate = float(rate)
+        self.capacity = max(self.rate * 0.1, float(CHUNK))
+        self.tokens = 0.0
+        self.stamp = time.monotonic()
+
+    def take(self, n: int) -> None:
+        """Wait until ``n`` bytes are allowed; returns None."""
+        now = time.monotonic()
+        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        self.tokens -= n
+        if self.tokens < 0:
+            time.sleep(-self.tokens / self.rate)
+
+    def chunk(self) -> int:
+        """Return the read size that keeps the rate smooth (at most :data:`CHUNK`)."""
+        return int(max(1024, min(CHUNK, self.rate / 20)))
+
+
+def artifact_url(store_url: str, sha256: str) -> str:
+    """Return ``<store>/sha256/<hash>``: where the store keeps the artifact with this hash.
+
+    Raises:
+        FetchError: ``sha256`` is not 64 hex digits.
+    """
+    digest = _checked_sha(sha256, store_url)
+    return f"{store_url.rstrip('/')}/sha256/{digest}"
+
+
+def partial_path(dest: Path) -> Path:
+    """Return the file a download into ``dest`` is written to until it is verified."""
+    dest = Path(dest)
+    return dest.with_name(dest.name + ".partial")
+
+
+def _checked_sha(sha256: str, url: str) -> str:
+    digest = str(sha256).strip().lower()
+    if not _SHA.match(digest):
+        raise FetchError(f"{url}: expected sha256 {sha256!r} is not 64 hex digits; check the desired state")
+    return digest
+
+
+def _sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _connect(url: str, timeout_s: float, ssl_context: ssl.SSLContext | None, rcvbuf: int | None) -> http.client.HTTPConnection:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise FetchError(f"{url}: not an http:// or https:// URL; give the store's URL")
+    try:
+        port = parts.port
+    except ValueError:
+        raise FetchError(f"{url}: bad port in the URL; check the store URL") from None
+    if parts.scheme == "https":
+        conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+            parts.hostname, port, timeout=timeout_s, context=ssl_context or ssl.create_default_context())
+    else:
+        conn = http.client.HTTPConnection(parts.hostname, port, timeout=timeout_s)
+    conn.connect()
+    if rcvbuf:
+        conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    return conn
+
+
+def _target(url: str) -> str:
+    parts = urlsplit(url)
+    return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+
+
+def _open(url: str, headers: dict[str, str], timeout_s: float, ssl_context: ssl.SSLContext | None,
+          rcvbuf: int | None) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse, str]:
+    """Send a GET, following redirects; return the connection, the response and the final URL."""
+    for _ in range(MAX_REDIRECTS + 1):
+        try:
+            conn = _connect(url, timeout_s, ssl_context, rcvbuf)
+        except FetchError:
+            raise
+        except ssl.SSLError as exc:
+            raise FetchError(f"{url}: TLS failed ({exc.reason or exc}); check the store's certificate and the "
+                             "device's CA bundle") from None
+        except (OSError, http.client.HTTPException) as exc:
+            raise FetchError(f"{url}: the store does not answer ({_reason(exc)}); check the store URL and that its "
+                             "server runs, then fetch again") from None
+        try:
+            conn.request("GET", _target(url), headers={"User-Agent": USER_AGENT, **headers})
+            resp = conn.getresponse()
+        except (OSError, http.client.HTTPException) as exc:
+            conn.close()
+            raise FetchError(f"{url}: the store does not answer ({_reason(exc)}); check the store URL and that its "
+                             "server runs, then fetch again") from None
+        if resp.status in (301, 302, 303, 307, 308) and resp.getheader("Location"):
+            location = urljoin(url, resp.getheader("Location"))
+            resp.close()
+            conn.close()
+            url = location
+            continue
+        return conn, resp, url
+    raise FetchError(f"{url}: more than {MAX_REDIRECTS} redirects; check the store URL")
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        return "timed out"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, socket.gaierror):
+        return f"name not resolved: {exc.strerror or exc}"
+    return str(exc) or type(exc).__name__
+
+
+def _total_of(resp: http.client.HTTPResponse, offset: int) -> tuple[int | None, int | None]:
+    """Return (first byte of the body, size of the whole file) from a 200/206 response's headers."""
+    length = resp.getheader("Content-Length")
+    body = int(length) if length and length.strip().isdigit() else None
+    if resp.status == 206:
+        m = _CONTENT_RANGE.match((resp.getheader("Content-Range") or "").strip())
+        if not m:
+            return None, None
+        total = None if m.group(3) == "*" else int(m.group(3))
+        return int(m.group(1)), total
+    return 0, body
+
+
+def download_once(url: str, partial: Path, *, max_bytes_s: float | None = None, timeout_s: float = 30.0,
+                  max_bytes: int | None = None, ssl_context: ssl.SSLContext | None = None,
+                  cut_after: int | None = None, limiter: RateLimiter | None = None) -> Attempt:
+    """Make one GET of ``url`` into ``partial``, continuing from the partial's size with a Range.
+
+    ``cut_after``: stop after that many body bytes and drop the connection (a simulated cut: the
+    connection's receive buffer is kept small so little is in flight when it closes). ``limiter``
+    (or ``max_bytes_s``) caps the rate. The hash is not checked here: :func:`fetch` does it.
+
+    Returns:
+        The :class:`Attempt`: status, bytes received, whether the partial is now complete, and why
+        the body stopped early if it did (a cut is not an error here).
+
+    Raises:
+        FetchError: the store does not answer, answers an HTTP error (404: not published; other
+            statuses named), the file is larger than ``max_bytes`` (the partial is deleted), or the
+            partial cannot be written (disk full, read-only).
+    """
+    partial = Path(partial)
+    if limiter is None and max_bytes_s is not None:
+        limiter = RateLimiter(max_bytes_s)
+    offset = partial.stat().st_size if partial.exists() else 0
+    if max_bytes is not None and offset > max_bytes:
+        partial.unlink(missing_ok=True)
+        offset = 0
+    headers = {"Range": f"bytes={offset}-"} if offset else {}
+    conn, resp, final_url = _open(url, headers, timeout_s, ssl_context, CUT_RCVBUF if cut_after is not None else None)
+    try:
+        if resp.status == 416:
+            # The partial reaches (or passes) the end: complete if its size is the file's, else wrong.
+            m = re.match(r"^bytes\s+\*/(\d+)$", (resp.getheader("Content-Range") or "").strip())
+            total = int(m.group(1)) if m else None
+            if total is not None and total == offset:
+                return Attempt(416, 0, offset, False, True, total)
+            partial.unlink(missing_ok=True)
+            return Attempt(416, 0, offset, False, False, total, cut="the partial was longer than the file: dropped")
+        if resp.status == 404:
+            raise FetchError(f"{url}: not in the store (HTTP 404); publish it with `edgekit publish` or check the "
+                             "store URL and hash")
+        if resp.status not in (200, 206):
+            raise FetchError(f"{url}: the store answered HTTP {resp.status} {resp.reason}; check the store's server "
+                             "and its logs, then fetch again")
+        start, total = _total_of(resp, offset)
+        if resp.status == 206 and start != offset:
+            partial.unlink(missing_ok=True)  # a range we did not ask for: start over on the next attempt
+            return Attempt(206, 0, offset, False, False, total, cut=f"the store answered a range from byte {start}")
+        if max_bytes is not None and total is not None and total > max_bytes:
+            partial.unlink(missing_ok=True)
+            raise FetchError(f"{url}: {total} bytes, more than the {max_bytes} allowed; check the desired state's "
+                             "artifact or raise the limit")
+        resumed = resp.status == 206 and offset > 0
+        received = 0
+        cut = None
+        size = offset if resumed else 0
+        try:
+            f = open(partial, "r+b" if resumed else "wb")
+        except OSError as exc:
+            raise _write_error(url, partial, exc) from None
+        try:
+            with f:
+                if resumed:
+                    f.seek(offset)
+                step = limiter.chunk() if limiter else CHUNK
+                while True:
+                    want = step if cut_after is None else min(step, cut_after - received)
+                    if want <= 0:
+                        cut = f"stopped after {received} bytes as asked"
+                        break
+                    try:
+                        block = resp.read(want)
+                    except (OSError, http.client.HTTPException) as exc:
+                        cut = _reason(exc)
+                        break
+                    if not block:
+                        break
+                    if limiter:
+                        limiter.take(len(block))
+                    f.write(block)
+                    received += len(block)
+                    size += len(block)
+                    if max_bytes is not None and size > max_bytes:
+                        f.close()
+                        partial.unlink(missing_ok=True)
+                        raise FetchError(f"{url}: more than the {max_bytes} bytes allowed; check the desired state's "
+                                         "artifact or raise the limit")
+        except OSError as exc:  # the reads' errors are caught above: this is the disk (full, read-only)
+            raise _write_error(url, partial, exc) from None
+        complete = cut is None and (total is None or size == total)
+        if cut is None and not complete:
+            cut = f"connection closed at {size} of {total} bytes"
+        return Attempt(resp.status, received, offset, resumed, complete, total, cut)
+    finally:
+        resp.close()
+        conn.close()
+
+
+def _write_error(url: str, path: Path, exc: OSError) -> FetchError:
+    """Return the one-line error for a local write that failed (disk full, read-only, permissions)."""
+    return FetchError(f"{url}: cannot write {path} ({exc.strerror or exc}); free space or fix the folder on the "
+                      "device, then fetch again (the bytes received so far are kept)")
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fetch(url: str, sha256: str, dest: Path, *, max_bytes_s: float | None = None, timeout_s: float = 30.0,
+          max_bytes: int | None = None, ssl_context: ssl.SSLContext | None = None) -> FetchResult:
+    """Download ``url`` into ``dest`` and check it has sha256 ``sha256``; resume an earlier partial.
+
+    Already-present ``dest`` with the right hash: returned at once, no request. Otherwise up to
+    :data:`MAX_ATTEMPTS` requests while each makes progress (a cut is resumed with a Range at once).
+    ``max_bytes_s`` caps the rate (bytes/s, token bucket); ``max_bytes`` refuses larger files;
+    ``timeout_s`` bounds each connect and each read.
+
+    Returns:
+        :class:`FetchResult` for the verified file at ``dest``.
+
+    Raises:
+        FetchError: bad hash argument, store not answering, an HTTP error status, a file over
+            ``max_bytes``, the device's disk refusing the write, a hash mismatch (the partial is
+            deleted, ``dest`` untouched; after a resume, the whole file is fetched once more
+            first, in case the kept bytes were the bad ones), cut again on every attempt (the
+            partial is kept: fetch again to resume), or another fetch of the same ``dest`` in this
+            process.
+    """
+    t0 = time.monotonic()
+    digest = _checked_sha(sha256, url)
+    dest = Path(dest)
+    if dest.is_file() and _sha256_of(dest) == digest:
+        return FetchResult(dest, 0, False, time.monotonic() - t0)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _write_error(url, dest.parent, exc) from None
+    partial = partial_path(dest)
+    key = str(partial.resolve())
+    with _active_lock:
+        if key in _active:
+            raise FetchError(f"{url}: another download into {dest} is running; wait for it")
+        _active.add(key)
+    try:
+        limiter = RateLimiter(max_bytes_s) if max_bytes_s is not None else None
+        downloaded, resumed = 0, False
+        for fresh_start in (False, True):
+            last = None
+            for _ in range(MAX_ATTEMPTS):
+                attempt = download_once(url, partial, timeout_s=timeout_s, max_bytes=max_bytes,
+                                        ssl_context=ssl_context, limiter=limiter)
+                downloaded += attempt.received
+                kept = attempt.resumed or (attempt.status == 416 and attempt.complete)
+                resumed = resumed or (attempt.offset > 0 and kept)
+                last = attempt
+                if attempt.complete:
+                    break
+                if attempt.received == 0 and attempt.status not in (206, 416):
+                    break  # no progress: do not hammer the store
+            if last is None or not last.complete:
+                have = partial.stat().st_size if partial.exists() else 0
+                raise FetchError(f"{url}: download cut again ({last.cut if last else 'no answer'}); {have} bytes kept "
+                                 f"in {partial.name}: fetch again to resume")
+            got = _sha256_of(partial)
+            partial_was_old = resumed and not fresh_start
+            if got == digest:
+                break
+            partial.unlink(missing_ok=True)
+            if not partial_was_old:
+                raise FetchError(f"{url}: sha256 mismatch (got {got[:12]}…, expected {digest[:12]}…); the download "
+                                 "was deleted: republish the artifact or check the desired state's hash")
+            resumed = False  # the kept bytes may have been the bad ones: once more, from byte 0
+        try:
+            with open(partial, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(partial, dest)
+        except OSError as exc:
+            raise _write_error(url, dest, exc) from None
+        _fsync_dir(dest.parent)
+        return FetchResult(dest, downloaded, resumed, time.monotonic() - t0)
+    finally:
+        with _active_lock:
+            _active.discard(key)

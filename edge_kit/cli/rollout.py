@@ -1,0 +1,245 @@
+"""`edgekit rollout`: pull rollouts in waves over desired state (start, resume, status, abort, list)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich import box
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+
+from edge_kit.cli.app import (
+    DevicesOpt,
+    FleetOpt,
+    GateAlphaOpt,
+    GateOpt,
+    GateRequestsOpt,
+    GateShadowOpt,
+    GateSlowdownOpt,
+    GateSnrOpt,
+    GateWindowOpt,
+    JsonOpt,
+    app,
+    emit_json,
+    err,
+    live_gate,
+    out,
+)
+
+rollout_app = typer.Typer(no_args_is_help=True, help="Pull rollouts in waves: devices fetch from an artifact store "
+                                                     "against a desired state (large fleets, behind NAT, offline).")
+app.add_typer(rollout_app, name="rollout")
+
+StoreOpt = Annotated[Optional[Path], typer.Option("--history", help="History database (default: edgekit-history.db "
+                                                                    "next to the fleet file).")]
+IdArg = Annotated[str, typer.Argument(help="The rollout's id (see `edgekit rollout list`).")]
+STYLE = {"converged": "green", "failed": "red", "refused": "red", "rolled back": "red", "sent": "yellow", "fetching": "yellow", "planned": "dim"}
+
+
+def _history(fleet_file: Path, history: Path | None) -> Any:
+    from edge_kit.telemetry.store import Store, history_path
+
+    return Store(history or history_path(fleet_file))
+
+
+def _drive(fleet_file: Path, db: Any, rid: str, as_json: bool) -> dict[str, Any]:
+    from edge_kit.fleet.commands import FleetClient
+    from edge_kit.fleet.inventory import load_fleet
+    from edge_kit.loop.rollout import LiveGate
+    from edge_kit.loop.waves import Rollout, live_judge
+
+    fleet = load_fleet(fleet_file)
+    record = db.rollout(rid)
+    gate = (record or {}).get("body", {}).get("gate")
+    judge = live_judge(fleet, LiveGate(**gate)) if gate else None
+
+    def connect(on_reported: Any) -> Any:
+        return FleetClient.of(fleet, kinds=("reported",), on_reported=on_reported)
+
+    if as_json:
+        return Rollout(db, rid, connect, judge=judge).run()
+    with Progress(TextColumn("wave {task.fields[wave]}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[counts]}"), TimeElapsedColumn(), console=err, transient=False) as bar:
+        task = bar.add_task("rollout", total=None, wave="-", counts="")
+
+        def show(p: Any) -> None:
+            done = sum(p.counts.get(k, 0) for k in ("converged", "failed", "refused"))
+            bar.update(task, total=p.total, completed=done, wave=f"{p.wave}/{p.waves}",
+                       counts=" ".join(f"{k} {v}" for k, v in sorted(p.counts.items())))
+
+        return Rollout(db, rid, connect, progress=show, judge=judge).run()
+
+
+def _print(summary: dict[str, Any]) -> None:
+    t = Table("device", "wave", "state", "variant", "what happened", "seconds", box=box.SIMPLE_HEAD, pad_edge=False)
+    rows = sorted(summary["devices"], key=lambda r: (r["wave"] or 1e9, r["device"]))
+    for r in rows[:200]:
+        dl = r.get("download") or {}
+        what = r["error"] or (f"fetched {dl['bytes'] / 1e6:.2f} MB{' (resumed)' if dl.get('resumed') else ''}"
+                              if dl.get("bytes") else "")
+        t.add_row(r["device"], str(r["wave"] or "-"), f"[{STYLE.get(r['state'], '')}]{r['state']}[/]",
+                  r["variant"] or "-", escape(what or ""), "-" if r["seconds"] is None else f"{r['seconds']:.1f}")
+    out.print(t)
+    if len(rows) > 200:
+        out.print(f"... and {len(rows) - 200} more devices (--json lists them all)")
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(summary["counts"].items()))
+    out.print(f"rollout {summary['id']}: [bold]{summary['state']}[/] ({counts})"
+              + (f": {escape(summary['reason'])}" if summary.get("reason") else ""))
+
+
+def _exit(summary: dict[str, Any]) -> None:
+    if summary["state"] != "done" or summary["counts"].get("failed"):
+        raise typer.Exit(1)
+
+
+@rollout_app.command("start")
+def start_cmd(
+    fleet_file: FleetOpt,
+    artifacts: Annotated[Path, typer.Argument(help="The compiled model's folder (its manifest.json), published to the store.")],
+    store: Annotated[str, typer.Option("--store", help="The artifact store's URL as devices reach it (http:// or https://).")],
+    devices: DevicesOpt = None,
+    variant: Annotated[Optional[str], typer.Option(help="Variant to roll out (default: each profile's first built one).")] = None,
+    wave: Annotated[str, typer.Option(help="Cumulative wave sizes.")] = "1%,10%,100%",
+    rate: Annotated[Optional[str], typer.Option(help="Desired states sent per time, e.g. 200/min (default: no limit).")] = None,
+    max_failed: Annotated[str, typer.Option("--max-failed", help="Stop when more than this share of the devices sent so far failed.")] = "0%",
+    wave_timeout: Annotated[float, typer.Option(min=1, help="Seconds a wave waits for its devices' answers.")] = 600.0,
+    bandwidth: Annotated[Optional[str], typer.Option(help="Download cap per device, e.g. 2MB/s (default: none).")] = None,
+    start_delay: Annotated[float, typer.Option(min=0, max=3600, help="Longest random delay (s) before a device starts its download.")] = 0.0,
+    rid: Annotated[Optional[str], typer.Option("--id", help="The rollout's id (default: <model>-<time>).")] = None,
+    gate: GateOpt = None,
+    gate_window: GateWindowOpt = 60.0,
+    gate_min_requests: GateRequestsOpt = 200,
+    gate_alpha: GateAlphaOpt = 0.01,
+    gate_min_slowdown: GateSlowdownOpt = 0.10,
+    gate_shadow: GateShadowOpt = 0.0,
+    gate_min_snr_db: GateSnrOpt = None,
+    history: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Plan a rollout, record it in the history, and drive its waves to the end (resume it with `resume` if stopped).
+
+    With --gate live, the first wave is judged on live traffic against the devices of its profiles not
+    yet sent (the same gate as `deploy --canary --gate live`): promoted (the next waves go), held (the
+    rollout stops; `resume` promotes it by hand) or rolled back (each canary is sent its previous
+    model as a new desired state); the decision goes to the history with its numbers.
+    """
+    from edge_kit.fleet.inventory import load_fleet
+    from edge_kit.loop.waves import (
+        RolloutError,
+        RolloutSettings,
+        parse_rate,
+        parse_share,
+        parse_waves,
+        plan_rollout,
+    )
+    from edge_kit.manifest import read_manifest
+    from edgekit_protocol.desired import Fetch
+
+    fleet = load_fleet(fleet_file)
+    settings = RolloutSettings(waves=parse_waves(wave), rate_per_s=parse_rate(rate, "--rate") if rate else None,
+                               max_failed=parse_share(max_failed, "--max-failed"), wave_timeout_s=wave_timeout,
+                               fetch=Fetch(parse_rate(bandwidth, "--bandwidth", "B") if bandwidth else None, start_delay))
+    rid = rid or f"{read_manifest(artifacts).model.get('name', 'model')}-{time.strftime('%Y%m%d-%H%M%S')}"
+    db = _history(fleet_file, history)
+    if db.rollout(rid) is not None:
+        raise RolloutError(f"rollout {rid} exists already; `edgekit rollout resume {rid}`, or give another --id")
+    gated = live_gate(gate, gate_window, gate_min_requests, gate_alpha, gate_min_slowdown, gate_shadow, gate_min_snr_db)
+    if gated is not None and len(settings.waves) < 2:
+        raise RolloutError("--gate live judges the first wave before the others: give at least two waves (--wave)")
+    plan = plan_rollout(rid, artifacts, fleet, fleet.select(devices), store, variant, settings, gate=gated)
+    from edge_kit.fleet.artifact_store import check_published
+
+    check_published(plan["store"], _files(plan))
+    db.save_rollout(rid, "running", plan)
+    if not as_json:
+        err.print(f"rollout {rid}: {len(plan['targets'])} devices in {len(settings.waves)} waves"
+                  + (f", {len(plan['refused'])} refused" if plan["refused"] else ""))
+    summary = _drive(fleet_file, db, rid, as_json)
+    emit_json(summary) if as_json else _print(summary)
+    _exit(summary)
+
+
+def _files(plan: dict[str, Any]) -> dict[str, int]:
+    files: dict[str, int] = {}
+    for t in plan["targets"].values():
+        files[t["sha256"]] = t["bytes"]
+        if t.get("eval_sha256"):
+            files[t["eval_sha256"]] = t["eval_bytes"]
+    return files
+
+
+@rollout_app.command("resume")
+def resume_cmd(fleet_file: FleetOpt, rid: IdArg, history: StoreOpt = None, as_json: JsonOpt = False) -> None:
+    """Go on with a rollout that stopped with its host (its plan and device states are in the history)."""
+    summary = _drive(fleet_file, _history(fleet_file, history), rid, as_json)
+    emit_json(summary) if as_json else _print(summary)
+    _exit(summary)
+
+
+@rollout_app.command("abort")
+def abort_cmd(fleet_file: FleetOpt, rid: IdArg, history: StoreOpt = None, as_json: JsonOpt = False) -> None:
+    """Stop a rollout: no further desired state is sent (devices already sent keep theirs)."""
+    from edge_kit.loop.waves import STALE_OWNER_S, RolloutError
+
+    db = _history(fleet_file, history)
+    record = db.rollout(rid)
+    if record is None:
+        raise RolloutError(f"rollout {rid}: not in the history; see `edgekit rollout list`")
+    if record["state"] not in ("running", "aborting"):
+        raise RolloutError(f"rollout {rid} is {record['state']} already; nothing to abort")
+    driven = record["owner"] and (record["heartbeat"] or 0) > time.time() - STALE_OWNER_S
+    db.set_rollout_state(rid, "aborting" if driven else "aborted")
+    result = {"id": rid, "state": "aborting" if driven else "aborted", "owner": record["owner"] if driven else None}
+    if as_json:
+        emit_json(result)
+    else:
+        out.print(f"rollout {rid}: " + (f"asked {record['owner']} to stop" if driven else "aborted"))
+
+
+@rollout_app.command("status")
+def status_cmd(
+    fleet_file: FleetOpt, rid: IdArg, history: StoreOpt = None,
+    refresh: Annotated[bool, typer.Option(help="Also read the devices' retained reported states from the broker "
+                                               "(devices that converged after the rollout's host stopped).")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show a rollout's state and each device's."""
+    from edge_kit.fleet.commands import FleetClient
+    from edge_kit.fleet.inventory import load_fleet
+    from edge_kit.loop.waves import Rollout, RolloutError
+
+    db = _history(fleet_file, history)
+    record = db.rollout(rid)
+    if record is None:
+        raise RolloutError(f"rollout {rid}: not in the history; see `edgekit rollout list`")
+    view = Rollout(db, rid, connect=lambda cb: FleetClient.of(load_fleet(fleet_file), kinds=("reported",), on_reported=cb))
+    summary = view.status(record, refresh=refresh)
+    emit_json(summary) if as_json else _print(summary)
+
+
+@rollout_app.command("list")
+def list_cmd(fleet_file: FleetOpt, history: StoreOpt = None, as_json: JsonOpt = False) -> None:
+    """List the rollouts in the history, newest first."""
+    db = _history(fleet_file, history)
+    rows = [{"id": r["id"], "state": r["state"], "created": r["created"], "owner": r["owner"],
+             "devices": len(r["body"].get("targets", {})), "variant": r["body"].get("variant"),
+             "outcome": r["body"].get("outcome")} for r in db.rollouts()]
+    if as_json:
+        emit_json(rows)
+        return
+    t = Table("id", "state", "started", "devices", "variant", "outcome", box=box.SIMPLE_HEAD, pad_edge=False)
+    for r in rows:
+        counts = (r["outcome"] or {}).get("counts") or {}
+        t.add_row(r["id"], r["state"], time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created"])), str(r["devices"]),
+                  r["variant"] or "per profile", ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "-")
+    out.print(t)

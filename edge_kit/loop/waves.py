@@ -1,0 +1,495 @@
+"""`edgekit rollout`: a pull rollout in waves, over desired state on MQTT, resumable from the history.
+
+The host never connects to a device. It publishes each device's desired state (signed, retained:
+an offline device takes it when it comes back), and the device fetches the artifact from the store,
+activates it safely and answers with its ``reported`` state (:mod:`device_agents.reconcile`).
+
+A rollout is planned once (:func:`plan_rollout`): which artifact each device gets (the variant
+asked for, else its profile's first built variant), in a stable shuffled order (a device's place is
+the sha256 of the rollout id and its name, so the first wave is a spread sample of the fleet and
+the same one after a restart). Waves are cumulative shares of that order (``1%,10%,100%``), sent at
+``rate`` devices per second; a wave ends when each of its devices has converged or failed, or when
+``wave_timeout_s`` passes (the silent ones stay ``sent``: they converge when they come back, and
+``rollout status --refresh`` shows it). When more than ``max_failed`` of the devices sent so far
+have failed, the rollout stops: no further desired state is sent; the failed devices stay on their
+own models (the agent never switches to a model that fails its smoke test), the converged keep the
+new one. ``abort`` stops it the same way.
+
+Everything a restart needs is in the history (:meth:`Store.save_rollout`, ``rollout_devices``):
+the plan, each device's state and the revision it was sent. One process drives a rollout at a time
+(:meth:`Store.claim_rollout`; a second start is refused while the first one's heartbeat is fresh).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import queue
+import re
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edge_kit.errors import ConfigError, DeployError, EdgeKitError
+from edge_kit.fleet.deploy import candidates_for
+from edge_kit.fleet.inventory import Device, Fleet
+from edge_kit.loop.rollout import LiveGate, collect_live
+from edge_kit.manifest import read_manifest
+from edge_kit.selection.gate import GateDecision, judge_live
+from edgekit_protocol.desired import Desired, Fetch
+
+FINAL = ("converged", "failed", "refused", "rolled back")
+STALE_OWNER_S = 30.0  # a driver whose heartbeat is older than this is gone: another may resume
+FLUSH_S = 0.5  # how often device states are written to the history
+
+
+class RolloutError(EdgeKitError):
+    """A rollout cannot start, resume or go on (the text says why and what to do)."""
+
+    exit_code = 4
+
+
+@dataclass(frozen=True)
+class RolloutSettings:
+    waves: tuple[float, ...] = (0.01, 0.1, 1.0)  # cumulative shares of the devices
+    rate_per_s: float | None = None  # desired states sent per second (None: as fast as the broker takes them)
+    max_failed: float = 0.0  # share of the devices sent so far that may fail before the rollout stops
+    wave_timeout_s: float = 600.0
+    fetch: Fetch = Fetch()
+
+
+def parse_waves(text: str) -> tuple[float, ...]:
+    """Return the cumulative wave shares of ``1%,10%,100%`` (fractions, rising, the last 1.0).
+
+    Raises:
+        ConfigError: a share is not a percentage, the shares do not rise, or the last is not 100%.
+    """
+    try:
+        shares = tuple(parse_share(part, "--wave") for part in text.split(","))
+    except ConfigError:
+        raise ConfigError(f"--wave {text}: expected rising percentages ending at 100%, e.g. 1%,10%,100%") from None
+    if any(b <= a for a, b in zip(shares, shares[1:])) or shares[-1] != 1.0 or shares[0] <= 0:
+        raise ConfigError(f"--wave {text}: expected rising percentages ending at 100%, e.g. 1%,10%,100%")
+    return shares
+
+
+def parse_share(text: str, option: str) -> float:
+    """Return ``2%`` (or ``0.02``) as a fraction in [0, 1].
+
+    Raises:
+        ConfigError: not a number or percentage in range.
+    """
+    m = re.fullmatch(r"\s*([0-9.]+)\s*(%?)\s*", text)
+    try:
+        value = float(m.group(1)) / (100 if m.group(2) else 1) if m else math.nan
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= 1:
+        raise ConfigError(f"{option} {text}: expected a share such as 2% or 0.02")
+    return value
+
+
+_UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}
+_PER = {"s": 1, "sec": 1, "min": 60, "h": 3600}
+
+
+def parse_rate(text: str, option: str, unit: str = "") -> float:
+    """Return ``200/min`` (``unit`` ``""``) or ``2MB/s`` (``unit`` ``"B"``) per second.
+
+    Raises:
+        ConfigError: not ``<number>[k|M|G]<unit>/<s|min|h>``.
+    """
+    m = re.fullmatch(rf"\s*([0-9.]+)\s*([kKmMgG]?){unit}\s*/\s*(s|sec|min|h)\s*", text)
+    try:
+        value = float(m.group(1)) * _UNITS[m.group(2).lower()] / _PER[m.group(3)] if m else 0.0
+    except ValueError:
+        value = 0.0
+    if not (0 < value < 1e12):
+        example = "2MB/s" if unit else "200/min"
+        raise ConfigError(f"{option} {text}: expected a positive rate such as {example}")
+    return value
+
+
+def _order(rid: str, names: list[str]) -> list[str]:
+    return sorted(names, key=lambda n: hashlib.sha256(f"{rid}/{n}".encode()).hexdigest())
+
+
+def plan_rollout(rid: str, artifacts: Path, fleet: Fleet, devices: list[Device], store_url: str,
+                 variant: str | None, settings: RolloutSettings, gate: LiveGate | None = None) -> dict[str, Any]:
+    """Return the plan of a rollout (what the history keeps as its body).
+
+    ``targets`` maps each device to the artifact it gets; ``refused`` each device that gets none to
+    why (its profile was not compiled, or ``variant`` is not among its profile's built variants).
+    ``gate``: judge the first wave on live traffic before the others go (:func:`live_judge`).
+
+    Raises:
+        RolloutError: no manifest in ``artifacts``, the store URL is not http(s), or no device gets anything.
+    """
+    if not store_url.startswith(("http://", "https://")):
+        raise RolloutError(f"--store {store_url}: devices fetch over HTTP(S); give the store's http:// or https:// URL")
+    manifest = read_manifest(Path(artifacts))
+    evalset = manifest.eval or {}
+    eval_file = Path(artifacts) / "eval.npz"
+    eval_ref = ({"eval_sha256": evalset["sha256"], "eval_bytes": eval_file.stat().st_size}
+                if evalset.get("sha256") and eval_file.is_file() else {})
+    targets: dict[str, dict[str, Any]] = {}
+    refused: dict[str, str] = {}
+    by_profile: dict[str, list[Any] | str] = {}  # each profile's candidates, or why it has none (once per profile)
+    for dev in devices:
+        if dev.profile not in by_profile:
+            try:
+                by_profile[dev.profile] = candidates_for(manifest, dev)
+            except DeployError as exc:
+                by_profile[dev.profile] = str(exc).removeprefix(f"{dev.name}: ")
+        wanted = by_profile[dev.profile]
+        if isinstance(wanted, str):
+            refused[dev.name] = f"{dev.name}: {wanted}"
+            continue
+        pick = next((a for a in wanted if a.id == variant), None) if variant else wanted[0]
+        if pick is None:
+            refused[dev.name] = (f"{dev.name}: variant {variant} is not built for profile {dev.profile} "
+                                 f"(built: {', '.join(a.id for a in wanted)})")
+            continue
+        targets[dev.name] = {"variant": pick.id, "sha256": pick.sha256, "bytes": pick.bytes, "profile": dev.profile,
+                             "keep": [a.sha256 for a in wanted if a.sha256 != pick.sha256], **eval_ref}
+    if not targets:
+        raise RolloutError(f"rollout {rid}: no device gets an artifact: {'; '.join(list(refused.values())[:3])}")
+    return {"id": rid, "fleet": fleet.fleet, "model": manifest.model.get("name"), "store": store_url.rstrip("/"),
+            "variant": variant, "artifacts": str(Path(artifacts).resolve()),
+            "settings": {**asdict(settings), "waves": list(settings.waves)},
+            "gate": asdict(gate) if gate is not None else None,
+            "order": _order(rid, list(targets)), "targets": targets, "refused": refused}
+
+
+def settings_of(body: dict[str, Any]) -> RolloutSettings:
+    """Return the settings a plan was made with."""
+    s = dict(body["settings"])
+    return RolloutSettings(waves=tuple(s["waves"]), rate_per_s=s["rate_per_s"], max_failed=s["max_failed"],
+                           wave_timeout_s=s["wave_timeout_s"], fetch=Fetch(**s["fetch"]))
+
+
+def wave_ends(n: int, waves: tuple[float, ...]) -> list[int]:
+    """Return the cumulative device counts at the end of each wave (each wave at least one more device)."""
+    ends, last = [], 0
+    for share in waves:
+        end = min(n, max(last + 1, math.ceil(share * n)))
+        ends.append(end)
+        last = end
+    return ends
+
+
+def live_judge(fleet: Fleet, gate: LiveGate,
+               progress: Callable[[str, str], None] | None = None) -> Callable[[list[str], list[str]], GateDecision]:
+    """Return the judge of a rollout's first wave: the canaries' live latency (and shadow fidelity)
+    against the control devices of the same profiles that still run the current model, by
+    :func:`edge_kit.selection.gate.judge_live` (the same gate as ``deploy --canary --gate live``)."""
+    def judge(canaries: list[str], controls: list[str]) -> GateDecision:
+        if not canaries:
+            return GateDecision("hold", "no canary converged: nothing to judge")
+        if not controls:
+            return GateDecision("hold", "no control device of the canaries' profiles still runs the current model")
+        cans, ctrls = collect_live(fleet, canaries, controls, gate, progress or (lambda _d, _m: None))
+        return judge_live(cans, ctrls, alpha=gate.alpha, min_samples=gate.min_samples,
+                          min_slowdown=gate.min_slowdown, min_snr_db=gate.min_snr_db)
+    return judge
+
+
+@dataclass
+class Progress:
+    counts: dict[str, int] = field(default_factory=dict)
+    wave: int = 0
+    waves: int = 0
+    total: int = 0
+
+
+class Rollout:
+    """Drives one planned rollout until every wave is sent and answered, it fails, or it is aborted.
+
+    ``history`` is the history store; ``connect(on_reported)`` returns an entered
+    :class:`~edge_kit.fleet.commands.FleetClient` subscribed to ``reported`` that calls
+    ``on_reported`` with each verified message; ``progress`` is called with a :class:`Progress` at
+    most every 0.2 s.
+    """
+
+    def __init__(self, history: Any, rid: str, connect: Callable[[Callable[[dict[str, Any]], None]], Any], *,
+                 progress: Callable[[Progress], None] | None = None, owner: str | None = None,
+                 judge: Callable[[list[str], list[str]], GateDecision] | None = None):
+        self.history, self.rid = history, rid
+        self.judge = judge  # the live gate on the first wave, when the plan asks for one
+        self.connect = connect
+        self.progress = progress
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}"
+        self.inbox: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+        self.rows: dict[str, dict[str, Any]] = {}
+        self._dirty: set[str] = set()
+        self._last_rev = 0
+        self.ignored = 0  # reported messages of other rollouts or older revisions
+
+    # --- history ---------------------------------------------------------------------------------
+
+    def _db(self, what: str, call: Callable[[], Any]) -> Any:
+        try:
+            return call()
+        except EdgeKitError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the database driver's errors: one line, resumable
+            raise RolloutError(f"rollout {self.rid}: the history store failed while {what} ({type(exc).__name__}: "
+                               f"{str(exc).splitlines()[0] if str(exc) else ''}); every device keeps its desired "
+                               f"state: resume with `edgekit rollout resume {self.rid}` when it is back") from None
+
+    def _flush(self) -> None:
+        if self._dirty:
+            rows = [{"device": d, **self.rows[d]} for d in self._dirty]
+            self._db("saving device states", lambda: self.history.set_rollout_devices(self.rid, rows))
+            self._dirty.clear()
+
+    def _set(self, device: str, **change: Any) -> None:
+        row = self.rows[device]
+        row.update({k: v for k, v in change.items() if k != "detail"})
+        if "detail" in change:
+            row["detail"] = {**row.get("detail", {}), **change["detail"]}
+        self._dirty.add(device)
+
+    # --- the run ---------------------------------------------------------------------------------
+
+    def _revision(self) -> int:
+        self._last_rev = max(self._last_rev + 1, time.time_ns() // 1000)
+        return self._last_rev
+
+    def _take_reports(self) -> None:
+        while True:
+            try:
+                msg = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            row = self.rows.get(msg["device"])
+            if row is None or msg.get("rollout") != self.rid or msg.get("revision") != row["revision"] \
+                    or row["state"] in ("converged", "refused", "rolled back"):
+                self.ignored += 1
+                continue
+            if row["state"] == msg["state"] and msg["state"] != "failed":
+                continue
+            detail = {"error": msg.get("error"), "attempt": msg.get("attempt"), "current": msg.get("current"),
+                      "previous": msg.get("previous"), "download": msg.get("download")}
+            if msg["state"] in FINAL:
+                detail["seconds"] = round(time.time() - row.get("detail", {}).get("sent_at", time.time()), 3)
+            self._set(msg["device"], state=msg["state"], detail=detail)
+
+    def _counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for row in self.rows.values():
+            counts[row["state"]] = counts.get(row["state"], 0) + 1
+        return counts
+
+    def _too_many_failed(self, max_failed: float) -> str | None:
+        counts = self._counts()
+        sent = sum(v for k, v in counts.items() if k not in ("planned", "refused"))
+        failed = counts.get("failed", 0)
+        if sent and failed / sent > max_failed:
+            return (f"{failed} of {sent} devices sent so far failed ({failed / sent:.1%} > --max-failed "
+                    f"{max_failed:.1%}); no further desired state was sent")
+        return None
+
+    def run(self) -> dict[str, Any]:
+        """Run (or resume) the rollout; return its summary (:meth:`summary`).
+
+        Raises:
+            RolloutError: no such rollout, it is finished, another process drives it, or the history
+                store failed (the rollout can be resumed).
+            AgentError: the broker cannot be reached.
+        """
+        record = self._db("reading the rollout", lambda: self.history.rollout(self.rid))
+        if record is None:
+            raise RolloutError(f"rollout {self.rid}: not in the history; see `edgekit rollout list`")
+        if record["state"] in ("done", "aborted", "stopped", "rolled back"):
+            raise RolloutError(f"rollout {self.rid} is {record['state']}; start a new one")
+        holder = self._db("claiming the rollout", lambda: self.history.claim_rollout(self.rid, self.owner, STALE_OWNER_S))
+        if holder is not None:
+            raise RolloutError(f"rollout {self.rid} is being driven by {holder}; wait for it, or `edgekit rollout "
+                               f"abort {self.rid}`")
+        try:
+            return self._run(record["body"])
+        finally:
+            try:
+                self._flush()
+                self.history.release_rollout(self.rid, self.owner)
+            except Exception:  # noqa: BLE001 - already failing; the claim goes stale by itself
+                pass
+
+    def _run(self, plan: dict[str, Any]) -> dict[str, Any]:
+        settings = settings_of(plan)
+        order = plan["order"]
+        stored = self._db("reading device states", lambda: self.history.rollout_devices(self.rid))
+        for name in order:
+            self.rows[name] = stored.get(name) or {"wave": -1, "state": "planned", "revision": 0, "detail": {}}
+            self.rows[name].pop("ts", None)
+        for name, why in plan["refused"].items():
+            self.rows[name] = stored.get(name) or {"wave": -1, "state": "refused", "revision": 0, "detail": {"error": why}}
+            self.rows[name].pop("ts", None)
+            self._dirty.add(name)
+        self._last_rev = max((r["revision"] for r in self.rows.values()), default=0)
+        ends = wave_ends(len(order), settings.waves)
+        state, reason = "done", None
+        resumed = [d for d in order if self.rows[d]["state"] == "sent"]
+        with self.connect(self.inbox.put) as client:
+            if resumed:  # the retained reported states first: who converged while no host was watching
+                self._settle()
+                self._take_reports()
+                for d in resumed:  # sent, maybe never published: again, under a new revision (same model)
+                    if self.rows[d]["state"] == "sent":
+                        self.rows[d]["state"] = "planned"
+            last_beat = last_flush = last_shown = 0.0
+            for w, end in enumerate(ends):
+                interval = 1.0 / settings.rate_per_s if settings.rate_per_s else 0.0
+                next_send = time.monotonic()
+                deadline = None
+                pending = [d for d in order[:end] if self.rows[d]["state"] == "planned"]
+                waiting = order[:end]
+                while True:
+                    now = time.monotonic()
+                    batch = []
+                    while pending and now >= next_send and len(batch) < 500:
+                        batch.append(self._prepare(pending.pop(0), w, plan))
+                        next_send = (next_send + interval) if interval else now
+                    if batch:
+                        self._flush()  # the revisions are in the history before a device can answer them
+                        for device, desired in batch:
+                            client.publish_desired(desired, device)
+                    if not pending and deadline is None:
+                        deadline = now + settings.wave_timeout_s
+                    self._take_reports()
+                    if now - last_flush >= FLUSH_S:
+                        self._flush()
+                        last_flush = now
+                    if now - last_beat >= 1.0:
+                        last_beat = now
+                        if self._db("heartbeat", lambda: self.history.heartbeat_rollout(self.rid, self.owner)) == "aborting":
+                            state, reason = "aborted", "aborted by `edgekit rollout abort`"
+                            break
+                    reason = self._too_many_failed(settings.max_failed)
+                    if reason:
+                        state = "stopped"
+                        break
+                    if self.progress and now - last_shown >= 0.2:
+                        last_shown = now
+                        self.progress(Progress(self._counts(), w + 1, len(ends), len(self.rows)))
+                    if not pending and (all(self.rows[d]["state"] in FINAL for d in waiting) or now >= deadline):
+                        break
+                    time.sleep(0.002 if pending else 0.02)
+                if state != "done":
+                    break
+                if w == 0 and plan.get("gate") and len(ends) > 1 and "gated" not in plan:
+                    state, reason = self._gate(plan, order, ends[0], client)
+                    if state != "done":
+                        break
+        self._take_reports()
+        self._flush()
+        summary = self.summary(plan, state, reason)
+        self._db("saving the outcome", lambda: self.history.save_rollout(
+            self.rid, state, {**plan, "outcome": {k: summary[k] for k in ("state", "reason", "counts")}}))
+        if self.progress:
+            self.progress(Progress(self._counts(), len(ends), len(ends), len(self.rows)))
+        return summary
+
+    def _gate(self, plan: dict[str, Any], order: list[str], first: int, client: Any) -> tuple[str, str | None]:
+        """Judge the first wave on live traffic; return ``("done", None)`` to go on, ``("held", why)``,
+        or ``("rolled back", why)`` after sending each canary its previous model as a new desired state.
+
+        Raises:
+            RolloutError: the plan asks for a gate and no judge was given.
+        """
+        if self.judge is None:
+            raise RolloutError(f"rollout {self.rid} is gated on live traffic; drive it with `edgekit rollout`")
+        targets = plan["targets"]
+        canaries = [d for d in order[:first] if self.rows[d]["state"] == "converged"]
+        profiles = {targets[d]["profile"] for d in canaries}
+        controls = [d for d in order[first:] if self.rows[d]["state"] == "planned" and targets[d]["profile"] in profiles]
+        decision = self.judge(canaries, controls)
+        for d in canaries:
+            self._db("recording the gate", lambda d=d: self.history.add_decision(
+                {"device": d, "kind": "live gate", "rollout": self.rid, "chosen": targets[d]["variant"], "current": None,
+                 "feasible": decision.action == "promote", "switch": decision.action == "promote",
+                 "reason": decision.reason, "gate": {**decision.as_dict(), "controls": controls}}))
+        plan["gated"] = decision.as_dict()  # a resumed rollout does not judge again
+        self._db("saving the gate", lambda: self.history.save_rollout(self.rid, "running", plan))
+        if decision.action == "promote":
+            return "done", None
+        if decision.action == "hold":
+            return "held", f"live gate: hold: {decision.reason}"
+        back = []
+        for d in canaries:
+            prev = (self.rows[d].get("detail") or {}).get("previous")
+            if not prev or not prev.get("sha256") or not prev.get("bytes"):
+                continue
+            rev = self._revision()
+            back.append((d, Desired(msg_id="", rollout=self.rid, revision=rev, store=plan["store"],
+                                    model=prev.get("model") or plan["model"], variant=prev.get("variant") or "previous",
+                                    sha256=prev["sha256"], bytes=prev["bytes"], fetch=Fetch(**plan["settings"]["fetch"]))))
+            self._set(d, state="rolled back", revision=rev, detail={"error": f"live gate: {decision.reason}"})
+        self._flush()
+        for d, desired in back:
+            client.publish_desired(desired, d)
+        return "rolled back", (f"live gate: roll back: {decision.reason}; {len(back)} of {len(canaries)} canaries "
+                               "sent back to their previous model")
+
+    def _settle(self, quiet_s: float = 0.5, at_most_s: float = 10.0) -> None:
+        """Wait until the retained messages stop coming (``quiet_s`` without one, at most ``at_most_s``)."""
+        end = time.monotonic() + at_most_s
+        seen = -1
+        while time.monotonic() < end:
+            size = self.inbox.qsize()
+            if size == seen:
+                return
+            seen = size
+            time.sleep(quiet_s)
+
+    def _prepare(self, device: str, wave: int, plan: dict[str, Any]) -> tuple[str, Desired]:
+        t = plan["targets"][device]
+        s = plan["settings"]
+        rev = self._revision()
+        desired = Desired(msg_id="", rollout=self.rid, revision=rev, store=plan["store"], model=plan["model"],
+                          variant=t["variant"], sha256=t["sha256"], bytes=t["bytes"], eval_sha256=t.get("eval_sha256"),
+                          eval_bytes=t.get("eval_bytes"), keep=tuple(t["keep"]), fetch=Fetch(**s["fetch"]))
+        self._set(device, wave=max(wave, self.rows[device]["wave"]), state="sent", revision=rev,
+                  detail={"sent_at": round(time.time(), 3)})
+        return device, desired
+
+    def status(self, record: dict[str, Any], refresh: bool = False) -> dict[str, Any]:
+        """Return the summary of a rollout as the history has it; with ``refresh``, first take the
+        devices' retained reported states from the broker (and store them, unless a live process
+        drives the rollout, whose own view wins).
+
+        Raises:
+            AgentError: ``refresh`` and the broker cannot be reached.
+        """
+        plan = record["body"]
+        for name, row in self._db("reading device states", lambda: self.history.rollout_devices(self.rid)).items():
+            row.pop("ts", None)
+            self.rows[name] = row
+        for name in plan["order"]:
+            self.rows.setdefault(name, {"wave": -1, "state": "planned", "revision": 0, "detail": {}})
+        if refresh:
+            with self.connect(self.inbox.put):
+                self._settle()
+            self._take_reports()
+            driven = record["owner"] and (record["heartbeat"] or 0) > time.time() - STALE_OWNER_S
+            if not driven:
+                self._flush()
+        outcome = plan.get("outcome") or {}
+        return self.summary(plan, record["state"], outcome.get("reason"))
+
+    def summary(self, plan: dict[str, Any], state: str, reason: str | None) -> dict[str, Any]:
+        """Return the rollout's outcome: ``state`` (done, stopped, aborted), ``reason``, ``counts`` per
+        device state, and one row per device (``device, wave, state, variant, error, seconds, download``)."""
+        rows = []
+        for name, row in self.rows.items():
+            d = row.get("detail") or {}
+            rows.append({"device": name, "wave": row["wave"] + 1 if row["wave"] >= 0 else None, "state": row["state"],
+                         "variant": plan["targets"].get(name, {}).get("variant"), "error": d.get("error"),
+                         "seconds": d.get("seconds"), "download": d.get("download")})
+        return {"id": self.rid, "state": state, "reason": reason, "counts": self._counts(), "ignored": self.ignored,
+                "devices": rows}

@@ -1,0 +1,161 @@
+"""Desired state: what the operator wants a device to run, and what the device reports back.
+
+Part of the protocol package: standard library only.
+
+``desired`` (operator to device; retained, QoS 1, signed by the operator) names one model for one
+device and where to fetch it:
+
+=============  ========================================================================================
+rollout        the rollout's id (what ``reported`` answers)
+revision       an integer the operator raises with every new desired state of the device; the agent
+               applies only a revision above the last it applied, so a replayed old message (validly
+               signed, retained or captured) can never take a device back
+store          the artifact store's base URL (``http://`` or ``https://``); files are ``<store>/sha256/<hash>``
+model          the model's name; ``variant`` the variant id; ``sha256`` and ``bytes`` the artifact's
+eval           ``{sha256, bytes}`` of the eval set shipped with it, or null
+keep           sha256s the store budget must spare (the profile's other candidates), may be empty
+fetch          ``{max_bytes_s, start_delay_s, timeout_s}``: the rollout's bandwidth cap per device
+               (null: none), the longest random delay before the download starts (spreads a wave's
+               load on the store), and the per-request timeout
+=============  ========================================================================================
+
+``reported`` (device to operator; retained, QoS 1, signed by the device) says where the device is
+with the revision it last took: ``state`` is ``fetching``, ``converged`` (the desired model is
+current and passed its smoke test) or ``failed`` (``error`` says why; the device stays on its
+model and retries with back-off, ``attempt`` counts). ``current`` is the model the device runs,
+``previous`` the one before it (what a rollback goes back to).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from edgekit_protocol.errors import MessageError
+from edgekit_protocol.messages import in_range
+
+STATES = ("fetching", "converged", "failed")
+MAX_START_DELAY_S = 3600.0
+_SHA = frozenset("0123456789abcdef")
+
+
+def _sha(value: Any, where: str) -> str:
+    if not isinstance(value, str) or len(value) != 64 or not set(value) <= _SHA:
+        raise MessageError(f"desired: {where} is not a sha256 (64 lowercase hex digits)")
+    return value
+
+
+def _size(value: Any, where: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 2 ** 40:
+        raise MessageError(f"desired: {where} is not a size in bytes (1 byte to 1 TiB)")
+    return value
+
+
+@dataclass(frozen=True)
+class Fetch:
+    max_bytes_s: float | None = None
+    start_delay_s: float = 0.0
+    timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class Desired:
+    """A checked ``desired`` message (see the module docstring for the fields)."""
+
+    msg_id: str
+    rollout: str
+    revision: int
+    store: str
+    model: str
+    variant: str
+    sha256: str
+    bytes: int
+    eval_sha256: str | None = None
+    eval_bytes: int | None = None
+    keep: tuple[str, ...] = ()
+    fetch: Fetch = Fetch()
+
+    def body(self) -> dict[str, Any]:
+        """Return the message body (the fields after the envelope) that states this desired state."""
+        return {"rollout": self.rollout, "revision": self.revision, "store": self.store, "model": self.model,
+                "variant": self.variant, "sha256": self.sha256, "bytes": self.bytes,
+                "eval": {"sha256": self.eval_sha256, "bytes": self.eval_bytes} if self.eval_sha256 else None,
+                "keep": list(self.keep), "fetch": {"max_bytes_s": self.fetch.max_bytes_s,
+                                                   "start_delay_s": self.fetch.start_delay_s,
+                                                   "timeout_s": self.fetch.timeout_s}}
+
+
+def parse_desired(message: dict[str, Any]) -> Desired:
+    """Return the desired state a decoded, verified ``desired`` message states.
+
+    Raises:
+        MessageError: a field is missing, mistyped or out of range (named), the store is not an
+            http(s) URL, or a name holds characters that cannot be a file name.
+    """
+    m = message
+    for name in ("rollout", "store", "model", "variant"):
+        if not isinstance(m.get(name), str) or not m[name] or len(m[name]) > 512:
+            raise MessageError(f"desired: field '{name}' is missing or not a string of 1-512 characters")
+    if not m["store"].startswith(("http://", "https://")):
+        raise MessageError(f"desired: store {m['store'][:80]!r} is not an http:// or https:// URL")
+    if "/" in m["model"] or "/" in m["variant"] or m["model"].startswith("."):
+        raise MessageError("desired: model and variant must not hold '/' or start with '.'")
+    rev = m.get("revision")
+    if not isinstance(rev, int) or isinstance(rev, bool) or not 0 < rev < 2 ** 63:
+        raise MessageError("desired: field 'revision' is not a positive integer")
+    ev = m.get("eval")
+    if ev is not None and not isinstance(ev, dict):
+        raise MessageError("desired: field 'eval' is neither an object nor null")
+    keep = m.get("keep", [])
+    if not isinstance(keep, list) or len(keep) > 256:
+        raise MessageError("desired: field 'keep' is not a list of at most 256 sha256s")
+    f = m.get("fetch") or {}
+    if not isinstance(f, dict):
+        raise MessageError("desired: field 'fetch' is not an object")
+    cap, delay, timeout = f.get("max_bytes_s"), f.get("start_delay_s", 0.0), f.get("timeout_s", 30.0)
+    if cap is not None and not (in_range(cap) and cap > 0):
+        raise MessageError("desired: fetch.max_bytes_s is not a positive number or null")
+    if not (in_range(delay) and 0 <= delay <= MAX_START_DELAY_S):
+        raise MessageError(f"desired: fetch.start_delay_s is not 0-{MAX_START_DELAY_S:.0f} s")
+    if not (in_range(timeout) and 0 < timeout <= 600):
+        raise MessageError("desired: fetch.timeout_s is not 0-600 s")
+    return Desired(msg_id=m["msg_id"], rollout=m["rollout"], revision=rev, store=m["store"].rstrip("/"),
+                   model=m["model"], variant=m["variant"], sha256=_sha(m.get("sha256"), "sha256"),
+                   bytes=_size(m.get("bytes"), "bytes"),
+                   eval_sha256=_sha(ev.get("sha256"), "eval.sha256") if ev else None,
+                   eval_bytes=_size(ev.get("bytes"), "eval.bytes") if ev else None,
+                   keep=tuple(_sha(k, f"keep[{i}]") for i, k in enumerate(keep)),
+                   fetch=Fetch(float(cap) if cap is not None else None, float(delay), float(timeout)))
+
+
+def reported_body(desired: Desired | None, state: str, current: dict[str, Any] | None, *, error: str | None = None,
+                  attempt: int = 0, download: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Return the body of a ``reported`` message about ``desired`` (None: no desired state taken yet).
+
+    Raises:
+        ValueError: ``state`` is not one of :data:`STATES`.
+    """
+    if state not in STATES:
+        raise ValueError(f"reported: state {state!r} is not one of {', '.join(STATES)}")
+    return {"rollout": desired.rollout if desired else None, "revision": desired.revision if desired else 0,
+            "state": state, "want": {"variant": desired.variant, "sha256": desired.sha256} if desired else None,
+            "current": current, "error": error, "attempt": attempt, "download": download}
+
+
+def check_reported(message: dict[str, Any]) -> dict[str, Any]:
+    """Return a decoded ``reported`` message when its body is well formed.
+
+    Raises:
+        MessageError: ``state`` unknown, ``revision`` not a non-negative integer, ``rollout`` or
+            ``error`` not a string (or null), ``current`` not an object (or null).
+    """
+    m = message
+    if m.get("state") not in STATES:
+        raise MessageError(f"reported: state {str(m.get('state'))[:20]!r} is not one of {', '.join(STATES)}")
+    rev = m.get("revision")
+    if not isinstance(rev, int) or isinstance(rev, bool) or not 0 <= rev < 2 ** 63:
+        raise MessageError("reported: field 'revision' is not a non-negative integer")
+    for name, types in (("rollout", str), ("error", str), ("current", dict), ("previous", dict), ("download", dict)):
+        if m.get(name) is not None and not isinstance(m[name], types):
+            raise MessageError(f"reported: field '{name}' is {type(m[name]).__name__}")
+    return m

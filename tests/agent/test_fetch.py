@@ -1,0 +1,265 @@
+"""The agent's artifact download: Range resume, refusals, bandwidth cap, hash check.
+
+A small in-process HTTP server stands in for the store here (it can misbehave on purpose: ignore
+Range, drop the connection mid-body, serve other bytes); tests/integration/test_artifact_store.py
+runs the same code against nginx serving a published store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from device_agents.errors import DeviceError
+from device_agents.fetch import (
+    FetchError,
+    RateLimiter,
+    artifact_url,
+    download_once,
+    fetch,
+    partial_path,
+)
+
+DATA = os.urandom(300_000)
+SHA = hashlib.sha256(DATA).hexdigest()
+
+
+class _Store(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.files = {f"/sha256/{SHA}": DATA}
+        self.ignore_range = False
+        self.drop_after: int | None = None  # close the connection after this many body bytes (once)
+        self.status: int | None = None
+        self.no_length = False  # stream the body until the connection closes (no Content-Length)
+        self.requests: list[str | None] = []
+        self.sent = 0
+        self.lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    def log_message(self, *_a):
+        pass
+
+    def do_GET(self):
+        srv: _Store = self.server
+        rng = self.headers.get("Range")
+        srv.requests.append(rng)
+        if srv.status:
+            self.send_error(srv.status)
+            return
+        if self.path == "/moved":
+            self.send_response(302)
+            self.send_header("Location", f"/sha256/{SHA}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        data = srv.files.get(self.path)
+        if data is None:
+            self.send_error(404)
+            return
+        start = 0
+        if rng and not srv.ignore_range:
+            start = int(rng.split("=")[1].split("-")[0])
+            if start >= len(data):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(data)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        body = data[start:]
+        if not srv.no_length:
+            self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if srv.drop_after is not None:
+            body, srv.drop_after = body[:srv.drop_after], None
+        self.wfile.write(body)
+        with srv.lock:
+            srv.sent += len(body)
+        self.close_connection = True
+
+
+@pytest.fixture
+def store():
+    srv = _Store()
+    t = threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True)
+    t.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_artifact_url_and_error_tree():
+    assert artifact_url("https://cdn.example/store/", SHA.upper()) == f"https://cdn.example/store/sha256/{SHA}"
+    assert issubclass(FetchError, DeviceError)
+    with pytest.raises(FetchError, match="not 64 hex digits"):
+        artifact_url("http://s", "abc")
+
+
+def test_fetch_verifies_and_renames(store, tmp_path):
+    dest = tmp_path / "models" / "a.bin"
+    r = fetch(artifact_url(store.url, SHA), SHA, dest)
+    assert dest.read_bytes() == DATA and r.bytes_downloaded == len(DATA) and not r.resumed and r.path == dest
+    assert not partial_path(dest).exists()
+    again = fetch(artifact_url(store.url, SHA), SHA, dest)
+    assert again.bytes_downloaded == 0 and len(store.requests) == 1  # no request for a file already there
+
+
+def test_cut_download_resumes_with_range_and_fetches_only_the_rest(store, tmp_path):
+    dest = tmp_path / "a.bin"
+    url = artifact_url(store.url, SHA)
+    first = download_once(url, partial_path(dest), cut_after=100_000)
+    assert not first.complete and first.received == 100_000
+    r = fetch(url, SHA, dest)
+    assert r.resumed and r.bytes_downloaded == len(DATA) - 100_000
+    assert store.requests[-1] == "bytes=100000-" and dest.read_bytes() == DATA
+
+
+def test_a_connection_dropped_mid_body_is_resumed_in_the_same_call(store, tmp_path):
+    store.drop_after = 120_000
+    r = fetch(artifact_url(store.url, SHA), SHA, tmp_path / "a.bin")
+    assert r.bytes_downloaded == len(DATA) and store.requests == [None, "bytes=120000-"]
+    assert store.sent == len(DATA)
+
+
+def test_server_ignoring_range_restarts_from_zero(store, tmp_path):
+    dest = tmp_path / "a.bin"
+    url = artifact_url(store.url, SHA)
+    download_once(url, partial_path(dest), cut_after=50_000)
+    store.ignore_range = True
+    r = fetch(url, SHA, dest)
+    assert not r.resumed and r.bytes_downloaded == len(DATA) and dest.read_bytes() == DATA
+
+
+def test_a_complete_partial_gets_416_and_is_installed(store, tmp_path):
+    dest = tmp_path / "a.bin"
+    partial_path(dest).write_bytes(DATA)
+    r = fetch(artifact_url(store.url, SHA), SHA, dest)
+    assert r.bytes_downloaded == 0 and r.resumed and dest.read_bytes() == DATA
+
+
+def test_a_partial_longer_than_the_file_is_dropped_and_fetched_again(store, tmp_path):
+    dest = tmp_path / "a.bin"
+    partial_path(dest).write_bytes(DATA + b"junk")
+    r = fetch(artifact_url(store.url, SHA), SHA, dest)
+    assert r.bytes_downloaded == len(DATA) and dest.read_bytes() == DATA
+
+
+def test_hash_mismatch_is_refused_and_leaves_nothing(store, tmp_path):
+    dest = tmp_path / "a.bin"
+    other = hashlib.sha256(b"other").hexdigest()
+    store.files[f"/sha256/{other}"] = DATA  # the store holds wrong bytes under that name
+    with pytest.raises(FetchError, match="sha256 mismatch.*deleted") as exc:
+        fetch(artifact_url(store.url, other), other, dest)
+    assert "\n" not in str(exc.value) and artifact_url(store.url, other) in str(exc.value)
+    assert not dest.exists() and not partial_path(dest).exists()
+
+
+def test_a_wrong_dest_is_replaced(store, tmp_path):
+    dest = tmp_path / "a.bin"
+    dest.write_bytes(b"stale")
+    fetch(artifact_url(store.url, SHA), SHA, dest)
+    assert dest.read_bytes() == DATA
+
+
+def test_store_not_answering_is_one_line(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = artifact_url(f"http://127.0.0.1:{port}", SHA)
+    with pytest.raises(FetchError, match="does not answer.*connection refused.*fetch again") as exc:
+        fetch(url, SHA, tmp_path / "a.bin", timeout_s=2)
+    assert "\n" not in str(exc.value) and url in str(exc.value)
+
+
+def test_http_errors_name_the_status(store, tmp_path):
+    with pytest.raises(FetchError, match="HTTP 404.*edgekit publish"):
+        fetch(artifact_url(store.url, "0" * 64), "0" * 64, tmp_path / "a.bin")
+    store.status = 503
+    with pytest.raises(FetchError, match="HTTP 503"):
+        fetch(artifact_url(store.url, SHA), SHA, tmp_path / "a.bin")
+
+
+def test_oversize_body_refused(store, tmp_path):
+    dest = tmp_path / "a.bin"
+    with pytest.raises(FetchError, match="300000 bytes, more than the 1000 allowed"):
+        fetch(artifact_url(store.url, SHA), SHA, dest, max_bytes=1000)
+    assert not dest.exists() and not partial_path(dest).exists()
+
+
+def test_bandwidth_cap_within_tolerance(store, tmp_path):
+    rate = 600_000.0  # bytes/s: 300 kB take ~0.5 s
+    t0 = time.monotonic()
+    r = fetch(artifact_url(store.url, SHA), SHA, tmp_path / "a.bin", max_bytes_s=rate)
+    seconds = time.monotonic() - t0
+    measured = len(DATA) / seconds
+    assert 0.85 * rate <= measured <= 1.05 * rate, measured
+    assert r.seconds >= len(DATA) / rate * 0.95
+
+
+def test_rate_limiter_refuses_nonsense():
+    with pytest.raises(FetchError, match="positive"):
+        RateLimiter(0)
+
+
+def test_oversize_body_without_length_is_cut_at_the_limit(store, tmp_path):
+    store.no_length = True
+    dest = tmp_path / "a.bin"
+    with pytest.raises(FetchError, match="more than the 100000 bytes allowed"):
+        fetch(artifact_url(store.url, SHA), SHA, dest, max_bytes=100_000)
+    assert not partial_path(dest).exists()
+    r = fetch(artifact_url(store.url, SHA), SHA, dest)  # without a limit, read until the server closes
+    assert r.bytes_downloaded == len(DATA) and dest.read_bytes() == DATA
+
+
+def test_redirects_are_followed(store, tmp_path):
+    r = fetch(f"{store.url}/moved", SHA, tmp_path / "a.bin")
+    assert r.bytes_downloaded == len(DATA)
+
+
+def test_a_destination_that_cannot_be_written_is_one_line(store, tmp_path):
+    (tmp_path / "file").write_bytes(b"x")
+    with pytest.raises(FetchError, match="cannot write .*fetch again") as exc:
+        fetch(artifact_url(store.url, SHA), SHA, tmp_path / "file" / "a.bin")
+    assert "\n" not in str(exc.value)
+
+
+def test_not_a_url_is_refused(tmp_path):
+    with pytest.raises(FetchError, match="not an http"):
+        fetch(f"ftp://x/sha256/{SHA}", SHA, tmp_path / "a.bin")
+
+
+@pytest.mark.parametrize("cut", [1, 64 * 1024, 64 * 1024 + 1, len(DATA) // 2, len(DATA) - 1])
+def test_any_cut_point_resumes_to_the_exact_bytes(store, tmp_path, cut):
+    dest = tmp_path / "a.bin"
+    url = artifact_url(store.url, SHA)
+    assert download_once(url, partial_path(dest), cut_after=cut).received == cut
+    r = fetch(url, SHA, dest)
+    assert r.resumed and r.bytes_downloaded == len(DATA) - cut and dest.read_bytes() == DATA
+    assert store.requests[-1] == f"bytes={cut}-"
+
+
+def test_a_bad_partial_is_dropped_and_the_whole_file_fetched_once_more(store, tmp_path):
+    dest = tmp_path / "a.bin"
+    partial_path(dest).write_bytes(b"\0" * 100_000)  # left by something else: wrong bytes
+    r = fetch(artifact_url(store.url, SHA), SHA, dest)
+    assert dest.read_bytes() == DATA and not r.resumed
+    assert r.bytes_downloaded == (len(DATA) - 100_000) + len(DATA)
+    assert store.requests == ["bytes=100000-", None]

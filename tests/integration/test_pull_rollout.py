@@ -1,0 +1,118 @@
+"""`edgekit rollout` end to end: real agents on a simulated fleet, a real Mosquitto with the fleet's
+ACL, an nginx serving the published store; devices fetch, check, activate and report."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from device_agents.store import ModelStore
+from edge_kit.fleet.artifact_store import object_path, publish
+from edge_kit.sim.process import terminate_pid
+from edge_kit.sim.store_server import start_store_server
+
+pytestmark = pytest.mark.integration
+
+
+def sha_of(artifacts: Path, variant: str) -> str:
+    return next(a["sha256"] for a in json.loads((artifacts / "manifest.json").read_text())["artifacts"] if a["id"] == variant)
+
+
+@pytest.fixture
+def pull_fleet(sim, digits_artifacts, digits_artifacts_v2, run_cli, tmp_path):
+    """Three devices deployed over SSH with the first model (agents running, operator key pinned),
+    the second model published to a store folder served by nginx."""
+    simfleet, fleet = sim(3)
+    code, out, _ = run_cli("deploy", "--fleet", simfleet.fleet_file, "--artifacts", digits_artifacts,
+                           "--variant", "fp32", "--json")
+    assert code == 0, out
+    store = tmp_path / "store"
+    publish(digits_artifacts_v2, store)
+    with start_store_server(store, workdir=tmp_path / "nginx") as server:
+        yield simfleet, fleet, store, server
+
+
+def test_a_rollout_in_waves_converges_every_device_and_a_second_start_is_refused(pull_fleet, digits_artifacts_v2,
+                                                                                  run_cli):
+    simfleet, fleet, store, server = pull_fleet
+    code, out, err = run_cli("rollout", "start", str(digits_artifacts_v2), "--fleet", simfleet.fleet_file,
+                             "--store", server.url, "--variant", "int8", "--wave", "30%,100%", "--rate", "600/min",
+                             "--id", "r1", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["state"] == "done" and result["counts"] == {"converged": 3}
+    assert sorted(r["wave"] for r in result["devices"]) == [1, 2, 2]  # the first wave is one device of three
+    int8 = sha_of(digits_artifacts_v2, "int8")
+    for dev in fleet.devices:
+        assert ModelStore(Path(dev.root)).current() == int8
+        assert not list((Path(dev.root) / "incoming").glob("*.partial"))
+    artifact = object_path(store, int8).stat().st_size
+    eval_bytes = (digits_artifacts_v2 / "eval.npz").stat().st_size
+    assert server.bytes_served() == 3 * (artifact + eval_bytes)  # each device downloads once
+    code, _, err = run_cli("rollout", "start", str(digits_artifacts_v2), "--fleet", simfleet.fleet_file,
+                           "--store", server.url, "--id", "r1")
+    assert code != 0 and "exists already" in err and len(err.strip().splitlines()) == 1
+    code, out, _ = run_cli("rollout", "list", "--fleet", simfleet.fleet_file, "--json")
+    assert [r["id"] for r in json.loads(out)] == ["r1"] and json.loads(out)[0]["state"] == "done"
+    code, out, _ = run_cli("rollout", "status", "r1", "--fleet", simfleet.fleet_file)
+    assert code == 0 and out.count("converged") >= 3 and "rollout r1: done (converged 3)" in out
+    code, out, _ = run_cli("rollout", "list", "--fleet", simfleet.fleet_file)
+    assert code == 0 and "r1" in out and "converged 3" in out
+    code, _, err = run_cli("rollout", "abort", "r1", "--fleet", simfleet.fleet_file)
+    assert code != 0 and "is done already" in err
+
+
+def test_a_bad_artifact_fails_its_devices_which_keep_their_model_and_the_rollout_stops(pull_fleet, digits_artifacts,
+                                                                                      digits_artifacts_v2, run_cli):
+    simfleet, fleet, store, server = pull_fleet
+    int8 = sha_of(digits_artifacts_v2, "int8")
+    victim = object_path(store, int8)
+    victim.chmod(0o644)
+    data = bytearray(victim.read_bytes())
+    data[100] ^= 0xFF  # what a tampered or corrupted store object looks like: same size, other bytes
+    victim.write_bytes(bytes(data))
+    code, out, err = run_cli("rollout", "start", str(digits_artifacts_v2), "--fleet", simfleet.fleet_file,
+                             "--store", server.url, "--variant", "int8", "--wave", "30%,100%", "--id", "bad",
+                             "--json")
+    assert code == 1
+    result = json.loads(out)
+    assert result["state"] == "stopped" and "1 of 1 devices sent so far failed" in result["reason"]
+    failed = next(r for r in result["devices"] if r["state"] == "failed")
+    assert "sha256 mismatch" in failed["error"]
+    assert result["counts"] == {"failed": 1, "planned": 2}  # the second wave was never sent
+    fp32 = sha_of(digits_artifacts, "fp32")
+    assert all(ModelStore(Path(d.root)).current() == fp32 for d in fleet.devices)  # nobody lost a working model
+
+
+def test_an_offline_device_converges_when_it_comes_back_and_status_refresh_shows_it(pull_fleet, digits_artifacts_v2,
+                                                                                   run_cli):
+    simfleet, fleet, store, server = pull_fleet
+    late = fleet.devices[2]
+    terminate_pid(int((Path(late.root) / "agent.pid").read_text()))  # its supervisor and agent stop
+    code, out, err = run_cli("rollout", "start", str(digits_artifacts_v2), "--fleet", simfleet.fleet_file,
+                             "--store", server.url, "--variant", "int8", "--wave", "100%", "--wave-timeout", "15",
+                             "--id", "r2", "--json")
+    result = json.loads(out)
+    assert result["state"] == "done" and result["counts"] == {"converged": 2, "sent": 1}, err
+    simfleet.start_agents(fleet)  # back online: it takes the retained desired state
+    int8 = sha_of(digits_artifacts_v2, "int8")
+    deadline = time.monotonic() + 60
+    while ModelStore(Path(late.root)).current() != int8 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert ModelStore(Path(late.root)).current() == int8
+    code, out, _ = run_cli("rollout", "status", "r2", "--fleet", simfleet.fleet_file, "--refresh", "--json")
+    assert code == 0 and json.loads(out)["counts"] == {"converged": 3}
+    code, out, _ = run_cli("rollout", "status", "r2", "--fleet", simfleet.fleet_file, "--json")
+    assert json.loads(out)["counts"] == {"converged": 3}  # stored: no broker needed to see it again
+
+
+def test_a_store_that_does_not_answer_is_one_line_before_anything_is_sent(pull_fleet, digits_artifacts_v2, run_cli):
+    simfleet, fleet, store, server = pull_fleet
+    code, out, err = run_cli("rollout", "start", str(digits_artifacts_v2), "--fleet", simfleet.fleet_file,
+                             "--store", "http://127.0.0.1:9", "--id", "r3")
+    assert code != 0 and "does not answer" in err and len(err.strip().splitlines()) == 1
+    code, out, err = run_cli("rollout", "status", "r3", "--fleet", simfleet.fleet_file)
+    assert code != 0 and "not in the history" in err
