@@ -236,8 +236,9 @@ def _session(ort: Any, model: Path, options: dict[str, Any], *, threads: int = 1
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.log_severity_level = 3
-    if profile:
+    if profile:  # the trace goes to the engine folder (writable), not the working directory
         so.enable_profiling = True
+        so.profile_file_prefix = str(Path(options["trt_engine_cache_path"]) / "profile")
     providers = [(PROVIDER, options), "CUDAExecutionProvider", "CPUExecutionProvider"]
     try:
         session = ort.InferenceSession(str(model), sess_options=so, providers=providers)
