@@ -79,7 +79,7 @@ import numpy as np
 
 from edge_kit.profiles import Constraints
 from edge_kit.selection.constraints import describe, overshoot
-from edge_kit.selection.policy import DEFAULT_MARGIN, Group, choose_group
+from edge_kit.selection.policy import DEFAULT_MARGIN, Decision, Group, choose_group
 
 LOG_METRICS = ("p90_ms", "energy_mj", "avg_w")
 FLAT_METRICS = ("accuracy", "snr_db")
@@ -105,7 +105,7 @@ class Settings:
     recheck_sd: float = 2.0
     sigma_prior: float = 0.05
     tau_prior: float = 0.10
-    depth: int = 3
+    depth: int = 5
     margin: float = DEFAULT_MARGIN
     seed: int = 0
     chunk: int = 2000
@@ -795,12 +795,10 @@ def plan_measurements(spec: FleetSpec, m: Measurements, *, budget: float, cost: 
                 mean, sd = fig.mean[k][sub][:, cols], fig.sd[k][sub][:, cols]
                 if k in LOG_METRICS:
                     f = model.fits[k]
-                    p = spec.profile[sub]
                     shared = np.sqrt(f.offset_var[sub])[:, None]  # the device's offset: one draw for its variants
                     own = np.sqrt(np.maximum(sd ** 2 - shared ** 2, 0))
                     sample = mean[None] + shared[None] * z_dev + own[None] * rng.standard_normal((S, n, len(cols)))
                     sample = np.exp(sample)
-                    del p
                 else:
                     sample = mean[None] + sd[None] * rng.standard_normal((S, n, len(cols)))
                 base = np.broadcast_to(vals[k][some][None], (S, n, len(cols), s.depth)).copy()
@@ -863,3 +861,86 @@ def violated(plan: Plan, d: int) -> list[str]:
     shares = overshoot(c, f["p90_ms"][d, v, 0], f["avg_w"][d, v, 0], spec.model_mb[spec.profile[d], v],
                        f["accuracy"][d, v, 0], spec.fp32_accuracy[d], f["snr_db"][d, v, 0])
     return [describe(k, c) for k, (broken, _share) in shares.items() if bool(broken)]
+
+
+KIND = "fleet selection"
+
+
+@dataclass
+class FleetDecision(Decision):
+    """A :class:`~edge_kit.selection.policy.Decision` made by the fleet model: its table rows say, per
+    figure, ``source`` (``measured`` on the device, or ``inferred`` from its profile) and for an
+    inferred figure its 90 % interval (``<figure>_interval``)."""
+
+    kind: str = KIND
+    confidence: float = 1.0
+    flagged: str | None = None  # why the device differs from its profile; None: it does not
+    inferred: list[str] = field(default_factory=list)  # variants whose figures are inferred
+    drift: list[str] = field(default_factory=list)
+
+
+def decisions_of(plan: Plan, sha256: dict[str, str], devices: list[int] | None = None) -> list[FleetDecision]:
+    """Return one :class:`FleetDecision` per device (``devices``: indices, default all), with the table
+    behind it; ``sha256`` maps a variant id to its artifact's hash."""
+    spec = plan.model.spec
+    out = []
+    for d in range(len(spec.devices)) if devices is None else devices:
+        v = int(plan.chosen[d])
+        current = int(spec.current[d])
+        table = []
+        for row in plan.sources(d):
+            vi = spec.variants.index(row["variant"])
+            table.append({**row, "sha256": sha256.get(row["variant"]), "measured": row["source"] == "measured",
+                          "runs": int((~np.isnan(plan.figures.values["p90_ms"][d, vi])).sum()) if row["source"] == "measured" else 0,
+                          "power_source": "measured" if row["source"] == "measured" else "inferred",
+                          "model_mb": float(spec.model_mb[spec.profile[d], vi]),
+                          "violates": _row_violates(plan, d, vi)})
+        drift = [w for (p, dv), w in plan.model.drift.items() if p == spec.profile[d] and spec.candidates[d, dv]]
+        feasible = bool(plan.feasible[d]) if v >= 0 else False
+        out.append(FleetDecision(
+            spec.devices[d], spec.variants[v] if v >= 0 else None, sha256.get(spec.variants[v]) if v >= 0 else None,
+            spec.variants[current] if current >= 0 else None, feasible, bool(plan.switch[d]), plan.reason(d),
+            [spec.variants[c] for c in np.flatnonzero(spec.candidates[d]) if not plan.figures.measured[d, c]] if v < 0 else [],
+            [] if feasible or v < 0 else violated(plan, d), table, confidence=float(plan.confidence[d]),
+            flagged=plan.model.flag_why.get(d, "differs from its profile") if plan.model.flagged[d] else None,
+            inferred=[r["variant"] for r in table if r["source"] == "inferred"], drift=drift))
+    return out
+
+
+def _row_violates(plan: Plan, d: int, v: int) -> list[str]:
+    """Return the bounds variant ``v`` breaks on device ``d``'s figures (measured or inferred), in words."""
+    chosen = plan.chosen[d]
+    try:
+        plan.chosen[d] = v
+        return violated(plan, d)
+    finally:
+        plan.chosen[d] = chosen
+
+
+def rows_from_records(records: list[dict], device_index: dict[str, int], variant_of: dict[tuple[int, str], int]) -> list[dict]:
+    """Return :meth:`Measurements.of` rows from ``edgekit.bench/1`` records, oldest first as given.
+
+    ``device_index`` maps a device name to its index; ``variant_of`` maps (device index, sha256) to a
+    candidate variant's index. Records of other devices or artifacts are left out. Conditions are
+    read from the record's ``conditions.start`` (throttling flags, temperature, ``power_mode`` where
+    the device reports one); the software is the record's runtime and its version.
+    """
+    rows = []
+    for i, r in enumerate(records):
+        d = device_index.get(r.get("device"))
+        v = variant_of.get((d, r.get("sha256"))) if d is not None else None
+        p90 = (r.get("latency_ms") or {}).get("p90")
+        if v is None or p90 is None:
+            continue
+        power, acc, fid = r.get("power") or {}, r.get("accuracy") or {}, r.get("fidelity") or {}
+        cond = (r.get("conditions") or {}).get("start") or {}
+        thr = cond.get("throttling")
+        throttled = None if not isinstance(thr, dict) else float(bool(thr.get("throttled") or thr.get("freq_capped")))
+        runtime = r.get("runtime")
+        rows.append({"device": d, "variant": v, "p90_ms": p90, "energy_mj": power.get("energy_per_inference_mj"),
+                     "avg_w": power.get("avg_w"), "accuracy": acc.get("value"), "snr_db": fid.get("snr_db"),
+                     "order": float(i), "throttled": throttled, "temperature_c": cond.get("temperature_c"),
+                     "power_mode": cond.get("power_mode"),
+                     "software": f"{runtime} {r.get('runtime_version')}" if runtime else None,
+                     "health": bool(r.get("health"))})
+    return rows

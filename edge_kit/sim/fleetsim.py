@@ -87,6 +87,12 @@ class SimFleet:
 
 def _draws(seed: int, d: np.ndarray, v: np.ndarray, k: np.ndarray, V: int) -> np.ndarray:
     """Return a standard normal per (device, variant, k), the same for the same triple and seed."""
+    with np.errstate(over="ignore"):
+        return _mix(seed, d, v, k, V)
+
+
+def _mix(seed: int, d: np.ndarray, v: np.ndarray, k: np.ndarray, V: int) -> np.ndarray:
+    """Return :func:`_draws` (splitmix64 of the triple, then Box-Muller); uint64 arithmetic wraps on purpose."""
     key = (d.astype(np.uint64) * np.uint64(V) + v.astype(np.uint64)) * np.uint64(64) + k.astype(np.uint64)
     x = key * np.uint64(0x9E3779B97F4A7C15) + np.uint64(seed) * np.uint64(0xBF58476D1CE4E5B9)
     for shift, mult in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
