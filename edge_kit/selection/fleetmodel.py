@@ -443,11 +443,11 @@ def fit(spec: FleetSpec, m: Measurements, settings: Settings | None = None) -> F
         for k in ("p90_ms", "energy_mj"):
             f = fits[k]
             off = (f.raw_z > s.flag_z) & (np.abs(np.log(f.raw_ratio)) > math.log(s.flag_min_ratio))
-            for d in np.flatnonzero(off & ~flagged):
+            for d in np.flatnonzero(off & (~flagged | before)):
                 why[int(d)] = f"{'p90' if k == 'p90_ms' else 'energy'} x{f.raw_ratio[d]:.2f} of its profile ({f.raw_z[d]:.1f} sd)"
             flagged |= off
         acc = fits["accuracy"].raw_z > s.accuracy_tolerance
-        for d in np.flatnonzero(acc & ~flagged):
+        for d in np.flatnonzero(acc & (~flagged | before)):
             why[int(d)] = f"accuracy differs from its profile's by {100 * fits['accuracy'].raw_z[d]:.2f} points"
         flagged |= acc
     # each device's newest conditions, as covariates (0 where unknown)
@@ -736,10 +736,12 @@ def plan_measurements(spec: FleetSpec, m: Measurements, *, budget: float, cost: 
         messages.append(f"the budget ({budget:g}) is less than the {one_each:g} it takes to measure one device on "
                         "every candidate of each profile that has no measurements yet; profiles left without "
                         "measurements cannot be decided")
-    for p, rest in needs:
-        for d in rest:
-            for v in np.flatnonzero(cand[d] & ~fig.measured[d]):
-                take(int(d), int(v), "sample")
+    for i in range(max([len(rest) for _p, rest in needs] or [0])):  # one device of each profile, then a second...
+        for p, rest in needs:
+            if i < len(rest):
+                d = int(rest[i])
+                for v in np.flatnonzero(cand[d] & ~fig.measured[d]):
+                    take(d, int(v), "sample")
     for p in np.flatnonzero(no_model):
         sampled = [d for d, _v, w in measure if w == "sample" and spec.profile[d] == p]
         messages.append(f"profile {spec.profiles[p]}: no measurements yet; " +
