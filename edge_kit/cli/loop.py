@@ -67,6 +67,7 @@ def _num(x: float | None) -> str:
 
 
 def _pct(x: float | None) -> str:
+    """Return a share as a percentage with 2 decimals, "-" for none."""
     return "-" if x is None else f"{100 * x:.2f}%"
 
 
