@@ -30,6 +30,38 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON 
 FleetOpt = Annotated[Path, typer.Option("--fleet", "-f", help="fleet.yaml: devices, SSH and broker.")]
 DevicesOpt = Annotated[Optional[list[str]], typer.Option("--devices", help="Device name, tag:<tag> or all; repeat.")]
 
+# The live gate (deploy --canary --gate live, rollout start --gate live): edge_kit.selection.gate.judge_live.
+GateOpt = Annotated[Optional[str], typer.Option(help="'live': judge the first devices (canaries) on production traffic "
+                                                     "against the devices of their profiles still on the current model.")]
+GateWindowOpt = Annotated[float, typer.Option(min=1, help="Live gate: seconds to collect at most.")]
+GateRequestsOpt = Annotated[int, typer.Option(min=10, help="Live gate: requests each canary must answer.")]
+GateAlphaOpt = Annotated[float, typer.Option(min=1e-6, max=0.5, help="Live gate: the latency test's significance.")]
+GateSlowdownOpt = Annotated[float, typer.Option(min=0, help="Live gate: roll back only when the canaries' median is "
+                                                            "also this share above the controls' (0.1: 10 %).")]
+GateShadowOpt = Annotated[float, typer.Option(min=0, max=1, help="Live gate: share of canary requests also run through "
+                                                                  "the fp32 reference (0: none).")]
+GateSnrOpt = Annotated[Optional[float], typer.Option(help="Live gate: roll back below this live fidelity (needs --gate-shadow).")]
+
+
+def live_gate(gate: str | None, window: float, min_requests: int, alpha: float, min_slowdown: float, shadow: float,
+              min_snr_db: float | None) -> Any:
+    """Return the :class:`~edge_kit.loop.rollout.LiveGate` the ``--gate*`` options describe, or None without ``--gate``.
+
+    Raises:
+        InputError: ``--gate`` is not ``live``, or ``--gate-min-snr-db`` is given without ``--gate-shadow``.
+    """
+    if gate is None:
+        return None
+    from edge_kit.errors import InputError
+    from edge_kit.loop.rollout import LiveGate
+
+    if gate != "live":
+        raise InputError(f"--gate {gate}: the only gate is 'live'")
+    if min_snr_db is not None and shadow <= 0:
+        raise InputError("--gate-min-snr-db needs --gate-shadow (the share of requests compared with the reference)")
+    return LiveGate(window_s=window, min_samples=min_requests, alpha=alpha, min_slowdown=min_slowdown,
+                    shadow_share=shadow, min_snr_db=min_snr_db)
+
 
 def emit_json(data: Any) -> None:
     """Write ``data`` as indented JSON on stdout (``--json``)."""
