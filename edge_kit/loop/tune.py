@@ -243,7 +243,8 @@ def fleet_inputs(manifest: Manifest, devices: list[Device], store: Store, curren
     spec = FleetSpec(tuple(d.name for d in devices), profiles, variants, np.array([profiles.index(d.profile) for d in devices]),
                      candidates, tuple(groups), np.array(group_of), model_mb, fp32,
                      np.array([by_sha.get(current.get(d.name), -1) for d in devices], dtype=np.intp),
-                     np.array([d.name in flagged for d in devices], dtype=bool))
+                     np.array([d.name in flagged for d in devices], dtype=bool),
+                     {i: flagged[d.name] for i, d in enumerate(devices) if d.name in flagged})
     return spec, m, {v: arts[v].sha256 for v in variants}, records
 
 

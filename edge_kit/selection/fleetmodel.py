@@ -119,7 +119,8 @@ class FleetSpec:
     variants, bool) which variants it may run; ``constraint_group`` each device's constraints (index
     into ``constraints``); ``model_mb`` (profiles x variants) each artifact's size; ``fp32_accuracy``
     one per device (NaN: unknown, the accuracy bound is not judged); ``current`` the variant each
-    device runs (-1: none of these); ``flagged`` devices flagged before (they stay flagged).
+    device runs (-1: none of these); ``flagged`` devices flagged before (they stay flagged), with
+    ``flagged_why`` their reasons by device index.
     """
 
     devices: tuple[str, ...]
@@ -133,6 +134,7 @@ class FleetSpec:
     fp32_accuracy: np.ndarray
     current: np.ndarray
     flagged: np.ndarray | None = None
+    flagged_why: dict[int, str] | None = None  # why each was flagged before (kept while nothing newer says why)
 
     def __post_init__(self) -> None:
         """Check the shapes agree.
@@ -461,7 +463,7 @@ def fit(spec: FleetSpec, m: Measurements, settings: Settings | None = None) -> F
     for d, text in list(why.items()):
         why[d] = text + _explained(int(d), spec, m, x_device, fits["p90_ms"].beta, temp_ref, mode_ref)
     for d in np.flatnonzero(before):
-        why.setdefault(int(d), "flagged before: measured individually")
+        why.setdefault(int(d), (spec.flagged_why or {}).get(int(d)) or "flagged before: measured individually")
     contradictory = _contradictions(spec, m, use, fits, s)
     for (d, v), text in contradictory.items():
         if text.endswith("flagged"):

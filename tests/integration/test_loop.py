@@ -110,11 +110,10 @@ def test_tune_with_a_budget_measures_a_sample_infers_the_rest_and_switches_only_
     first = report["rounds"][0]
     assert {why for _d, _v, why in first["planned"]} <= {"sample", "uncertain", "near its bound", "flagged"}
     store = Store(simfleet.workdir / "edgekit-history.db")
-    per_device = {}
-    for r in store.bench_records():
-        per_device.setdefault(r["device"], set()).add(r["variant"])
-    unsampled = [n for n in names if len(per_device.get(n, ())) < 3]
-    assert unsampled, per_device  # one rpi4 was not measured on every candidate
+    exhaustive = sum(len(d["table"]) for d in report["final"].values())
+    assert budget["measured"] < exhaustive  # fewer benchmark runs than every candidate on every device
+    decided = first["decisions"]
+    assert any(d["inferred"] for d in decided.values()), decided  # round 1 decided some on inferred figures
     final = report["final"]
     for name in names:
         d = final[name]
@@ -137,8 +136,7 @@ def test_tune_with_a_budget_measures_a_sample_infers_the_rest_and_switches_only_
     if any(final[n]["inferred"] for n in names):
         assert "inferred" in out and "confidence" in out
     code, out, err = run_cli("fleet", "status", "--fleet", simfleet.fleet_file, "--json")
-    flagged = {n: d["flagged"] for n, d in final.items() if d["flagged"]}
-    print("flagged:", flagged)
+    flagged = {n: d["flagged"] for n, d in final.items() if d["flagged"]}  # sub-ms p90s on this busy host vary
     assert code == 0 and json.loads(out)["flagged"] == flagged  # the newest decision's flags, with why
     assert all("of its profile" in why or "accuracy" in why or "disagree" in why for why in flagged.values())
     code, out, err = run_cli("tune", "--fleet", simfleet.fleet_file, "--artifacts", mixed_artifacts, "--budget", "1",
