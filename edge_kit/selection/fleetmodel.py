@@ -197,6 +197,7 @@ class Measurements:
         modes, soft = list(power_modes), list(softwares)
 
         def code(value: Any, names: list[str]) -> int:
+            """Return the index of ``value`` in ``names`` (added when new), -1 for none."""
             if value is None or (isinstance(value, (int, np.integer)) and value < 0):
                 return -1
             if isinstance(value, (int, np.integer)):
@@ -206,6 +207,7 @@ class Measurements:
             return names.index(value)
 
         def col(name: str, default: Any = np.nan) -> np.ndarray:
+            """Return column ``name`` as floats, ``default`` where a row has none."""
             return np.array([default if r.get(name) is None else r[name] for r in rows], dtype=float)
 
         return cls(np.array([r["device"] for r in rows], dtype=np.intp), np.array([r["variant"] for r in rows], dtype=np.intp),
@@ -701,6 +703,7 @@ def plan_measurements(spec: FleetSpec, m: Measurements, *, budget: float, cost: 
     left = float(budget)
 
     def take(d: int, v: int, why: str) -> bool:
+        """Plan measuring (d, v); return False when it is planned already or the budget cannot pay for it."""
         nonlocal left
         c = float(unit[spec.profile[d], v])
         if planned[d, v] or c > left + 1e-9:

@@ -232,3 +232,43 @@ def test_bad_arguments_raise():
         fit(fleet.spec, bad)
     with pytest.raises(ValueError, match="shape"):
         replace(fleet.spec, current=np.zeros(3, dtype=np.intp))
+
+
+def test_bench_records_become_rows_with_conditions_and_software():
+    from edge_kit.selection.fleetmodel import rows_from_records
+
+    record = {"device": "a", "sha256": "s1", "variant": "int8", "latency_ms": {"p90": 12.5},
+              "power": {"avg_w": 3.0, "energy_per_inference_mj": 30.0}, "accuracy": {"value": 0.98},
+              "fidelity": {"snr_db": 31.0}, "runtime": "litert", "runtime_version": "1.3",
+              "conditions": {"start": {"temperature_c": 71.0, "throttling": {"throttled": True}, "power_mode": "7W"}}}
+    bare = {"device": "a", "sha256": "s1", "variant": "int8", "latency_ms": {"p90": 13.0}, "power": {}}
+    other = {**record, "device": "nobody"}
+    rows = rows_from_records([record, bare, other], {"a": 0}, {(0, "s1"): 2})
+    assert len(rows) == 2
+    r, b = rows
+    assert (r["device"], r["variant"], r["p90_ms"], r["energy_mj"], r["avg_w"]) == (0, 2, 12.5, 30.0, 3.0)
+    assert (r["throttled"], r["temperature_c"], r["power_mode"], r["software"]) == (1.0, 71.0, "7W", "litert 1.3")
+    assert b["throttled"] is None and b["temperature_c"] is None and b["software"] is None
+    m = Measurements.of(rows)
+    assert m.power_modes == ("7W",) and m.softwares == ("litert 1.3",) and list(m.software) == [0, -1]
+    assert np.isnan(m.throttled[1]) and m.power_mode[1] == -1
+
+
+def test_explain_marks_inferred_figures_with_their_interval():
+    from rich.console import Console
+
+    from edge_kit.cli.loop import decision_table
+
+    fleet = make_fleet(200, noise=0.05, outliers=0.0, seed=12)
+    spec = fleet.spec
+    m = _sample_all(fleet, range(40))
+    d = 150
+    m = m.concat(fleet.bench([(d, int(np.flatnonzero(spec.candidates[d])[0]))]))
+    plan = plan_measurements(spec, m, budget=0)
+    decision = decisions_of(plan, {x: x for x in spec.variants}, [d])[0]
+    console = Console(width=250, record=True)
+    for item in decision_table({decision.device: decision}, explain=True):
+        console.print(item)
+    text = console.export_text()
+    assert "source" in text and "measured" in text and "inferred" in text and "confidence" in text
+    assert "~" in text and "[" in text  # an inferred figure with its 90 % interval
