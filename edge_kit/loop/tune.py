@@ -272,6 +272,10 @@ def _tune_budget(fleet: Fleet, live: list[Device], manifest: Manifest, opts: Tun
     """Run ``tune`` with a measurement budget (see the module docstring); fill ``report`` in place."""
     left = float(opts.budget or 0.0)
     settings = Settings(margin=opts.margin)
+    if not live:  # nothing was deployed: nothing to plan for (the deploy results say why)
+        report.budget = {"unit": opts.budget_unit, "budget": left, "spent": 0.0, "measured": 0, "health": 0,
+                         "messages": ["no device is live: nothing was planned"]}
+        return
     flagged = flagged_before(store)
     info: dict[str, Any] = {"unit": opts.budget_unit, "budget": left, "spent": 0.0, "measured": 0, "health": 0,
                             "messages": []}

@@ -247,6 +247,7 @@ class MetricFit:
     offset_var: np.ndarray
     raw_z: np.ndarray  # (devices,) the largest |z| of a measurement, or of the mean, against the profile
     raw_ratio: np.ndarray  # (devices,) exp(mean deviation from the profile), log figures
+    extra_var: np.ndarray | None = None  # (devices,) per-variant variance added for flagged devices
 
 
 @dataclass
@@ -344,7 +345,8 @@ def _fit_metric(spec: FleetSpec, m: Measurements, metric: str, use: np.ndarray, 
     offset_var = 1 / (n / s2 + 1 / t2)
     own = excluded & (n > 0)  # flagged devices: their own offset, not shrunk
     offset[own] = mean[own]
-    offset_var[own] = s2[own] / n[own] + s.flagged_spread ** 2
+    offset_var[own] = s2[own] / n[own]
+    extra_var = np.where(excluded, s.flagged_spread ** 2, 0.0)  # per variant: a flagged device may differ on each
     # refit the profile figures on the offset-corrected figures, robustly
     corrected = y - offset[m.device] - (x * beta[prof]).sum(axis=1)
     mu2 = _median_by(pv[pool], corrected[pool], P * V)
@@ -361,7 +363,7 @@ def _fit_metric(spec: FleetSpec, m: Measurements, metric: str, use: np.ndarray, 
     sd_mean = np.sqrt(t2 + s2 / np.maximum(n, 1))
     mean_z = np.where(n > 0, np.abs(dev_mean) / sd_mean, 0.0)
     return MetricFit(metric, mu.reshape(P, V), mu_var.reshape(P, V), sigma2, tau2, beta, offset, offset_var,
-                     np.maximum(max_z, mean_z), np.exp(dev_mean))
+                     np.maximum(max_z, mean_z), np.exp(dev_mean), extra_var)
 
 
 def _flat_fit(spec: FleetSpec, m: Measurements, metric: str, use: np.ndarray, excluded: np.ndarray) -> MetricFit:
@@ -411,7 +413,7 @@ def _drift(spec: FleetSpec, m: Measurements, s: Settings) -> tuple[np.ndarray, d
         if new.sum() < 2:
             check.append((p, v))
             continue
-        # the same device before and after where there is one, else the profiles' medians
+        # the newer measurements' median against the older ones' (both over the profile's devices)
         shift = float(np.median(y[new]) - np.median(y[old]))
         spread = max(float(np.std(y[old])) if old.sum() > 2 else s.tau_prior, s.sigma_prior)
         se = 1.2533 * spread * math.sqrt(1 / new.sum() + 1 / old.sum())
@@ -588,7 +590,8 @@ def figures(model: FleetModel, m: Measurements) -> Figures:
         f = model.fits[k]
         cov = (model.x_device * f.beta[p]).sum(axis=1)
         mean[k] = f.mu[p] + (f.offset + cov)[:, None]
-        sd[k] = np.sqrt(f.mu_var[p] + f.offset_var[:, None] + f.sigma2[p][:, None])
+        extra = 0.0 if f.extra_var is None else f.extra_var[:, None]
+        sd[k] = np.sqrt(f.mu_var[p] + f.offset_var[:, None] + f.sigma2[p][:, None] + extra)
         point = np.exp(mean[k]) if k in LOG_METRICS else mean[k]
         values[k][:, :, 0] = np.where(measured, values[k][:, :, 0], point)
     return Figures(values, measured, mean, sd)

@@ -272,3 +272,20 @@ def test_explain_marks_inferred_figures_with_their_interval():
     text = console.export_text()
     assert "source" in text and "measured" in text and "inferred" in text and "confidence" in text
     assert "~" in text and "[" in text  # an inferred figure with its 90 % interval
+
+
+def test_device_seconds_cost_each_pair_its_median_benchmark_duration():
+    from pathlib import Path
+
+    from edge_kit.loop.tune import TuneOptions, _cost
+
+    fleet = make_fleet(8, seed=2)
+    spec = fleet.spec
+    v = spec.variants.index("int8")
+    records = [{"device": spec.devices[0], "variant": "int8", "duration_s": t} for t in (3.0, 5.0, 40.0)]
+    opts = TuneOptions(Path("."), budget=100, budget_unit="seconds", bench={"min_seconds": 2.0})
+    cost = _cost(spec, records, opts)
+    assert cost[spec.profile[0], v] == 5.0 and cost[spec.profile[1], v] == 2.0
+    assert _cost(spec, records, TuneOptions(Path("."), budget=100)) == 1.0
+    plan = plan_measurements(spec, Measurements.empty(), budget=13, cost=cost)
+    assert plan.cost <= 13 and plan.budget_left == pytest.approx(13 - plan.cost)
