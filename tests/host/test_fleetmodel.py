@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -289,3 +290,31 @@ def test_device_seconds_cost_each_pair_its_median_benchmark_duration():
     assert _cost(spec, records, TuneOptions(Path("."), budget=100)) == 1.0
     plan = plan_measurements(spec, Measurements.empty(), budget=13, cost=cost)
     assert plan.cost <= 13 and plan.budget_left == pytest.approx(13 - plan.cost)
+
+
+def test_the_report_and_fleet_status_list_flagged_devices_and_what_was_inferred(tmp_path, run_cli):
+    from edge_kit.telemetry.report import build_report, flagged_devices
+    from edge_kit.telemetry.store import Store
+
+    fleet = make_fleet(200, noise=0.05, outliers=0.0, seed=13)
+    spec = fleet.spec
+    hot = 150
+    fleet.true_log_p90[hot] += np.log(2.0)
+    fleet.throttled[hot] = 1
+    m = _sample_all(fleet, range(40)).concat(fleet.bench([(hot, int(np.flatnonzero(spec.candidates[hot])[0]))]))
+    plan = plan_measurements(spec, m, budget=0)
+    store = Store(tmp_path / "edgekit-history.db")
+    for d in decisions_of(plan, {x: x for x in spec.variants}, [0, hot]):
+        store.add_decision(d.as_dict())
+    flagged = flagged_devices(store.decisions())
+    assert list(flagged) == [spec.devices[hot]] and "explained by throttled" in flagged[spec.devices[hot]]
+    info = build_report(store, tmp_path / "report.html")
+    page = (tmp_path / "report.html").read_text()
+    assert info["flagged"] == flagged
+    assert "Fleet selection: measured and inferred figures" in page and "explained by throttled" in page
+    assert "90 %" in page  # an inferred p90 with its interval
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text("fleet: f\ndevices:\n  - {name: a, host: 127.0.0.1, user: pi, profile: rpi4}\n")
+    code, out, err = run_cli("fleet", "status", "--fleet", fleet_file, "--json")
+    assert code == 0, err
+    assert json.loads(out)["flagged"] == flagged
