@@ -283,7 +283,7 @@ def _tune_budget(fleet: Fleet, live: list[Device], manifest: Manifest, opts: Tun
     by_name = {d.name: d for d in live}
     with FleetClient.of(fleet) as client:
         for number in range(1, opts.rounds + 1):
-            measured, silent = 0, {}
+            measured, silent, planned = 0, {}, []
             for batch in range(1, opts.plans_per_round + 1):
                 spec, m, shas, records = fleet_inputs(manifest, [d for d in live if d.name not in silent], store,
                                                       current, refused, flagged)
@@ -293,7 +293,8 @@ def _tune_budget(fleet: Fleet, live: list[Device], manifest: Manifest, opts: Tun
                 if not plan.measure:
                     break
                 wanted: dict[str, list[tuple[str, str]]] = {}
-                for d, v, _why in plan.measure:
+                for d, v, why in plan.measure:
+                    planned.append((spec.devices[d], spec.variants[v], why))
                     wanted.setdefault(spec.devices[d], []).append((spec.variants[v], shas[spec.variants[v]]))
                 step(f"round {number}.{batch}: measuring {len(plan.measure)} planned pair(s) on {len(wanted)} device(s)")
                 stored, missing = _measure(client, store, wanted, opts.bench, opts.timeout)
@@ -316,7 +317,7 @@ def _tune_budget(fleet: Fleet, live: list[Device], manifest: Manifest, opts: Tun
             switch = {name: d.chosen for name, d in decisions.items() if d.switch and d.chosen}
             report.final.update(decisions)
             entry = {"round": number, "measured": measured, "silent": silent, "switched": sorted(switch),
-                     "planned": [(spec.devices[d], spec.variants[v], why) for d, v, why in plan.measure],
+                     "planned": planned,
                      "messages": plan.messages, "decisions": {k: v.as_dict() for k, v in decisions.items()}}
             report.rounds.append(entry)
             if not switch:
