@@ -17,8 +17,10 @@ With a budget (``tune --budget N``, benchmark runs or device-seconds), step 2 me
 device's choice is uncertain), planning again after each batch until the plan is empty or the
 budget is spent; step 3 decides with the fleet model (figures measured on the device, else inferred
 from its profile, each marked); step 4 is unchanged: a device is switched only with a health
-benchmark of the variant it switches to, stored, and the next round plans with it. Decisions are
-stored with ``kind: "fleet selection"``, their flags, confidence, inferred figures and drift.
+benchmark of the variant it switches to, stored, and the next round plans with it; after the last
+round's switches, one more decision on their health benchmarks is recorded (``verify``), and what it
+would still switch is listed as pending, not switched. Decisions are stored with ``kind: "fleet
+selection"``, their flags, confidence, inferred figures and drift.
 """
 
 from __future__ import annotations
@@ -282,12 +284,14 @@ def _tune_budget(fleet: Fleet, live: list[Device], manifest: Manifest, opts: Tun
     report.budget = info
     by_name = {d.name: d for d in live}
     with FleetClient.of(fleet) as client:
-        for number in range(1, opts.rounds + 1):
+        for number in range(1, opts.rounds + 2):
+            verify = number > opts.rounds  # after the last round's switches: decide on their health benchmarks only
             measured, silent, planned = 0, {}, []
-            for batch in range(1, opts.plans_per_round + 1):
+            for batch in range(1, 1 + (1 if verify else opts.plans_per_round)):
                 spec, m, shas, records = fleet_inputs(manifest, [d for d in live if d.name not in silent], store,
                                                       current, refused, flagged)
-                plan = plan_measurements(spec, m, budget=left, cost=_cost(spec, records, opts), settings=settings)
+                plan = plan_measurements(spec, m, budget=0 if verify else left, cost=_cost(spec, records, opts),
+                                         settings=settings)
                 flagged = {spec.devices[d]: plan.model.flag_why.get(d, "differs from its profile")
                            for d in np.flatnonzero(plan.model.flagged)}
                 if not plan.measure:
@@ -313,7 +317,7 @@ def _tune_budget(fleet: Fleet, live: list[Device], manifest: Manifest, opts: Tun
             decisions = {d.device: d for d in decisions_of(plan, shas)}
             for d in decisions.values():
                 store.add_decision({**d.as_dict(), "round": number, "artifacts": str(opts.artifacts.resolve()),
-                                    "budget": {k: info[k] for k in ("unit", "budget", "spent")}})
+                                    "budget": {k: info[k] for k in ("unit", "budget", "spent")}, "verify": verify})
             switch = {name: d.chosen for name, d in decisions.items() if d.switch and d.chosen}
             report.final.update(decisions)
             entry = {"round": number, "measured": measured, "silent": silent, "switched": sorted(switch),
@@ -321,6 +325,11 @@ def _tune_budget(fleet: Fleet, live: list[Device], manifest: Manifest, opts: Tun
                      "messages": plan.messages, "decisions": {k: v.as_dict() for k, v in decisions.items()}}
             report.rounds.append(entry)
             if not switch:
+                break
+            if verify:  # the rounds are used up: say what a further run would switch, do not switch it
+                entry["pending"], entry["switched"] = entry["switched"], []
+                info["messages"] = [*plan.messages, f"{len(switch)} device(s) would switch again on their health "
+                                                    f"benchmarks ({', '.join(sorted(switch))}): run tune again"]
                 break
             step(f"round {number}: activating on {len(switch)} device(s), each with a health benchmark")
             group = deploy(fleet, [by_name[n] for n in switch],

@@ -117,11 +117,13 @@ def test_tune_with_a_budget_measures_a_sample_infers_the_rest_and_switches_only_
     decided = first["decisions"]
     assert any(d["inferred"] for d in decided.values()), decided  # round 1 decided some on inferred figures
     final = report["final"]
+    pending = set(report["rounds"][-1].get("pending", []))  # rounds used up: listed, not switched
     for name in names:
         d = final[name]
         assert d["kind"] == "fleet selection" and d["chosen"], d
         sources = {r["variant"]: r["source"] for r in d["table"]}
-        assert sources[d["chosen"]] == "measured", d  # the health benchmark (or the sample) measured what it runs
+        if name not in pending:
+            assert sources[d["chosen"]] == "measured", d  # the health benchmark (or the sample) measured what it runs
         for r in d["table"]:
             assert r["source"] in ("measured", "inferred")
             if r["source"] == "inferred":
@@ -130,7 +132,8 @@ def test_tune_with_a_budget_measures_a_sample_infers_the_rest_and_switches_only_
     assert budget["health"] >= 1 and budget["health"] == sum(len(r["switched"]) for r in report["rounds"])
     status = store.latest_status()
     for name, d in final.items():
-        assert status[name]["current"]["variant"] == d["chosen"], name
+        assert status[name]["current"]["variant"] == d["chosen"] or name in pending, name
+    assert report["rounds"][-1]["switched"] == []  # the last entry only decides on the health benchmarks
     recorded = store.decisions(limit=100)
     assert all(r["kind"] == "fleet selection" and "budget" in r for r in recorded)
     code, out, err = run_cli("select", "--fleet", simfleet.fleet_file, "--explain")
