@@ -14,8 +14,9 @@ For a profile ``p``, a variant ``v`` and a device ``d`` of that profile, each lo
   device 10 % slower is 10 % slower on each of them);
 - ``x``: the measurement's conditions as covariates, each 0 where unknown or typical:
   ``throttled`` (0/1), ``temperature`` ((t - profile median) / 10 C), ``power_mode`` (1 when not
-  the profile's commonest mode); ``beta[p]`` is fitted by ridge least squares on the profile's
-  residuals, a column only when at least 3 measurements set it;
+  the profile's commonest mode), ``clock`` (log of the CPU clock over the profile's median);
+  ``beta[p]`` is fitted by ridge least squares on the profile's residuals, a column only when at
+  least 3 measurements set it;
 - ``e``: measurement noise and the device-by-variant interaction.
 
 Hierarchical, fitted by empirical Bayes (no sampler): ``mu`` is the median over the profile's
@@ -41,7 +42,8 @@ by more than ``flag_z`` (4) standard deviations (``sqrt(tau^2 + sigma^2 + var mu
 measurement or for the mean of its measurements) and by more than ``flag_min_ratio`` (x1.15), in
 p90 or energy, or when its accuracy differs from the profile's by more than
 ``accuracy_tolerance``. The covariates that explain it are named where its conditions are atypical
-for the profile (throttled, 15 C above the median, another power mode). A flagged device is left
+for the profile (throttled, 15 C above the median, another power mode, a clock 15 % off the
+median). A flagged device is left
 out of the pooled fit and measured individually from then on: its offset is its own (not shrunk)
 and each of its unmeasured figures gets an extra ``flagged_spread`` (log sd 0.25), so the planner
 measures every variant that could still be its choice.
@@ -84,7 +86,7 @@ from edge_kit.selection.policy import DEFAULT_MARGIN, Decision, Group, choose_gr
 LOG_METRICS = ("p90_ms", "energy_mj", "avg_w")
 FLAT_METRICS = ("accuracy", "snr_db")
 METRICS = LOG_METRICS + FLAT_METRICS
-COVARIATES = ("throttled", "temperature", "power_mode")
+COVARIATES = ("throttled", "temperature", "power_mode", "clock")
 Z90 = 1.6448536269514722
 
 
@@ -157,7 +159,8 @@ class Measurements:
     ``device``/``variant`` index the spec; figures NaN where absent; ``order`` the receive time (or
     any number that grows with time); conditions NaN (``throttled``, ``temperature_c``) or -1
     (``power_mode``, an index into ``power_modes``) where not reported; ``software`` an index into
-    ``softwares`` (-1: not reported); ``health`` marks health benchmarks after an activation.
+    ``softwares`` (-1: not reported); ``health`` marks health benchmarks after an activation;
+    ``clock_mhz`` the CPU clock when the measurement started (None or NaN: not reported).
     """
 
     device: np.ndarray
@@ -175,6 +178,12 @@ class Measurements:
     health: np.ndarray
     power_modes: tuple[str, ...] = ()
     softwares: tuple[str, ...] = ()
+    clock_mhz: np.ndarray | None = None
+
+    @property
+    def clock(self) -> np.ndarray:
+        """Return ``clock_mhz``, NaN where (or when) it is not reported."""
+        return np.full(len(self.device), np.nan) if self.clock_mhz is None else self.clock_mhz
 
     def __len__(self) -> int:
         """Return the number of measurements."""
@@ -215,7 +224,8 @@ class Measurements:
                    col("snr_db"), col("order", 0.0), col("throttled"), col("temperature_c"),
                    np.array([code(r.get("power_mode"), modes) for r in rows], dtype=np.intp),
                    np.array([code(r.get("software"), soft) for r in rows], dtype=np.intp),
-                   np.array([bool(r.get("health")) for r in rows], dtype=bool), tuple(modes), tuple(soft))
+                   np.array([bool(r.get("health")) for r in rows], dtype=bool), tuple(modes), tuple(soft),
+                   col("clock_mhz"))
 
     def concat(self, other: Measurements) -> Measurements:
         """Return this table with ``other``'s rows appended (their mode and software names must match).
@@ -230,7 +240,8 @@ class Measurements:
                  "temperature_c", "power_mode", "software", "health")
         modes = self.power_modes if len(self.power_modes) >= len(other.power_modes) else other.power_modes
         soft = self.softwares if len(self.softwares) >= len(other.softwares) else other.softwares
-        return Measurements(*(np.concatenate([getattr(self, n), getattr(other, n)]) for n in names), modes, soft)
+        return Measurements(*(np.concatenate([getattr(self, n), getattr(other, n)]) for n in names), modes, soft,
+                            np.concatenate([self.clock, other.clock]))
 
 
 @dataclass
@@ -282,8 +293,9 @@ def _median_by(keys: np.ndarray, values: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
-def _covariates(spec: FleetSpec, m: Measurements) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Return (x per row, typical temperature per profile, commonest power mode per profile, row has conditions)."""
+def _covariates(spec: FleetSpec, m: Measurements) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
+    """Return (x per row, the profiles' typical conditions: ``temperature``, ``power_mode``, ``clock``, row has
+    conditions)."""
     P = len(spec.profiles)
     prof = spec.profile[m.device] if len(m) else np.zeros(0, dtype=np.intp)
     temp_ref = _median_by(prof[~np.isnan(m.temperature_c)], m.temperature_c[~np.isnan(m.temperature_c)], P)
@@ -296,8 +308,12 @@ def _covariates(spec: FleetSpec, m: Measurements) -> tuple[np.ndarray, np.ndarra
     x[:, 0] = np.nan_to_num(m.throttled, nan=0.0)
     x[:, 1] = np.nan_to_num((m.temperature_c - temp_ref[prof]) / 10.0, nan=0.0)
     x[:, 2] = (m.power_mode >= 0) & (m.power_mode != mode_ref[prof])
-    has = ~np.isnan(m.throttled) | ~np.isnan(m.temperature_c) | (m.power_mode >= 0)
-    return x, temp_ref, mode_ref, has
+    clock = m.clock
+    clock_ref = _median_by(prof[clock > 0], clock[clock > 0], P)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        x[:, 3] = np.nan_to_num(np.log(clock / clock_ref[prof]), nan=0.0, posinf=0.0, neginf=0.0)
+    has = ~np.isnan(m.throttled) | ~np.isnan(m.temperature_c) | (m.power_mode >= 0) | (clock > 0)
+    return x, {"temperature": temp_ref, "power_mode": mode_ref, "clock": clock_ref}, has
 
 
 def _fit_metric(spec: FleetSpec, m: Measurements, metric: str, use: np.ndarray, x: np.ndarray, excluded: np.ndarray,
@@ -438,7 +454,7 @@ def fit(spec: FleetSpec, m: Measurements, settings: Settings | None = None) -> F
     messages: list[str] = []
     stale, drift, check = _drift(spec, m, s)
     use = ~stale & np.asarray(spec.candidates[m.device, m.variant], dtype=bool) if len(m) else stale
-    x, temp_ref, mode_ref, has_row = _covariates(spec, m)
+    x, refs, has_row = _covariates(spec, m)
     flagged = np.zeros(D, bool) if spec.flagged is None else np.asarray(spec.flagged, bool).copy()
     before = flagged.copy()
     why: dict[int, str] = {}
@@ -465,7 +481,7 @@ def fit(spec: FleetSpec, m: Measurements, settings: Settings | None = None) -> F
         x_device[m.device[last]] = x[last]
         np.logical_or.at(has_conditions, m.device, has_row)
     for d, text in list(why.items()):
-        why[d] = text + _explained(int(d), spec, m, x_device, fits["p90_ms"].beta, temp_ref, mode_ref)
+        why[d] = text + _explained(int(d), spec, m, fits["p90_ms"].beta, refs)
     for d in np.flatnonzero(before):
         why.setdefault(int(d), (spec.flagged_why or {}).get(int(d)) or "flagged before: measured individually")
     contradictory = _contradictions(spec, m, use, fits, s)
@@ -488,14 +504,15 @@ def fit(spec: FleetSpec, m: Measurements, settings: Settings | None = None) -> F
     return FleetModel(spec, s, fits, stale, flagged, why, x_device, has_conditions, drift, check, contradictory, messages)
 
 
-def _explained(d: int, spec: FleetSpec, m: Measurements, x_device: np.ndarray, beta: np.ndarray, temp_ref: np.ndarray,
-               mode_ref: np.ndarray) -> str:
+def _explained(d: int, spec: FleetSpec, m: Measurements, beta: np.ndarray, refs: dict[str, np.ndarray]) -> str:
     """Return ``"; explained by ..."`` naming the device's atypical conditions, or ``"; no covariate explains it"``."""
     p = spec.profile[d]
     rows = np.flatnonzero(m.device == d)
     if not len(rows):
         return ""
     last = rows[np.argmax(m.order[rows])]
+    temp_ref, mode_ref, clock_ref = refs["temperature"], refs["power_mode"], refs["clock"]
+    clock = m.clock[last]
     parts = []
     if m.throttled[last] == 1:
         parts.append("throttled" + (f" (x{math.exp(beta[p, 0]):.2f} on this profile)" if beta[p, 0] else ""))
@@ -503,9 +520,11 @@ def _explained(d: int, spec: FleetSpec, m: Measurements, x_device: np.ndarray, b
         parts.append(f"temperature {m.temperature_c[last]:.0f} C (profile median {temp_ref[p]:.0f} C)")
     if m.power_mode[last] >= 0 and mode_ref[p] >= 0 and m.power_mode[last] != mode_ref[p]:
         parts.append(f"power mode {m.power_modes[m.power_mode[last]]} (profile: {m.power_modes[mode_ref[p]]})")
+    if clock > 0 and clock_ref[p] > 0 and abs(math.log(clock / clock_ref[p])) >= math.log(1.15):
+        parts.append(f"clock {clock:.0f} MHz (profile median {clock_ref[p]:.0f} MHz)")
     if parts:
         return "; explained by " + ", ".join(parts)
-    if np.isnan(m.throttled[last]) and np.isnan(m.temperature_c[last]) and m.power_mode[last] < 0:
+    if np.isnan(m.throttled[last]) and np.isnan(m.temperature_c[last]) and m.power_mode[last] < 0 and not clock > 0:
         return "; it reports no conditions, so no covariate can explain it"
     return "; no covariate explains it"
 
@@ -950,6 +969,7 @@ def rows_from_records(records: list[dict], device_index: dict[str, int], variant
         rows.append({"device": d, "variant": v, "p90_ms": p90, "energy_mj": power.get("energy_per_inference_mj"),
                      "avg_w": power.get("avg_w"), "accuracy": acc.get("value"), "snr_db": fid.get("snr_db"),
                      "order": float(i), "throttled": throttled, "temperature_c": cond.get("temperature_c"),
+                     "clock_mhz": cond.get("cpu_freq_mhz"),
                      "power_mode": cond.get("power_mode"),
                      "software": f"{runtime} {r.get('runtime_version')}" if runtime else None,
                      "health": bool(r.get("health"))})

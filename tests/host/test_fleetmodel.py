@@ -241,7 +241,8 @@ def test_bench_records_become_rows_with_conditions_and_software():
     record = {"device": "a", "sha256": "s1", "variant": "int8", "latency_ms": {"p90": 12.5},
               "power": {"avg_w": 3.0, "energy_per_inference_mj": 30.0}, "accuracy": {"value": 0.98},
               "fidelity": {"snr_db": 31.0}, "runtime": "litert", "runtime_version": "1.3",
-              "conditions": {"start": {"temperature_c": 71.0, "throttling": {"throttled": True}, "power_mode": "7W"}}}
+              "conditions": {"start": {"temperature_c": 71.0, "throttling": {"throttled": True}, "power_mode": "7W",
+                                       "cpu_freq_mhz": 1200.0}}}
     bare = {"device": "a", "sha256": "s1", "variant": "int8", "latency_ms": {"p90": 13.0}, "power": {}}
     other = {**record, "device": "nobody"}
     rows = rows_from_records([record, bare, other], {"a": 0}, {(0, "s1"): 2})
@@ -249,10 +250,11 @@ def test_bench_records_become_rows_with_conditions_and_software():
     r, b = rows
     assert (r["device"], r["variant"], r["p90_ms"], r["energy_mj"], r["avg_w"]) == (0, 2, 12.5, 30.0, 3.0)
     assert (r["throttled"], r["temperature_c"], r["power_mode"], r["software"]) == (1.0, 71.0, "7W", "litert 1.3")
-    assert b["throttled"] is None and b["temperature_c"] is None and b["software"] is None
+    assert r["clock_mhz"] == 1200.0
+    assert b["throttled"] is None and b["temperature_c"] is None and b["software"] is None and b["clock_mhz"] is None
     m = Measurements.of(rows)
     assert m.power_modes == ("7W",) and m.softwares == ("litert 1.3",) and list(m.software) == [0, -1]
-    assert np.isnan(m.throttled[1]) and m.power_mode[1] == -1
+    assert np.isnan(m.throttled[1]) and m.power_mode[1] == -1 and m.clock[0] == 1200.0 and np.isnan(m.clock[1])
 
 
 def test_explain_marks_inferred_figures_with_their_interval():
@@ -318,3 +320,16 @@ def test_the_report_and_fleet_status_list_flagged_devices_and_what_was_inferred(
     code, out, err = run_cli("fleet", "status", "--fleet", fleet_file, "--json")
     assert code == 0, err
     assert json.loads(out)["flagged"] == flagged
+
+
+def test_a_device_on_a_lower_clock_is_flagged_with_the_clock_as_its_explanation():
+    fleet = make_fleet(400, noise=0.05, outliers=0.0, seed=14)
+    spec = fleet.spec
+    slow = 9
+    fleet.true_log_p90[slow] += np.log(1.7)
+    m = _sample_all(fleet, range(40)).concat(fleet.bench([(slow, int(np.flatnonzero(spec.candidates[slow])[0]))]))
+    clock = np.full(len(m), 1500.0)
+    clock[-1] = 900.0
+    plan = plan_measurements(spec, replace(m, clock_mhz=clock), budget=0)
+    assert plan.model.flagged[slow] and "clock 900 MHz (profile median 1500 MHz)" in plan.model.flag_why[slow]
+    assert plan.model.x_device[slow, 3] == pytest.approx(np.log(900 / 1500))
