@@ -29,6 +29,25 @@ err = Console(stderr=True)
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 FleetOpt = Annotated[Path, typer.Option("--fleet", "-f", help="fleet.yaml: devices, SSH and broker.")]
 DevicesOpt = Annotated[Optional[list[str]], typer.Option("--devices", help="Device name, tag:<tag> or all; repeat.")]
+_HISTORY_HELP = ("History database: a SQLite file, or a postgresql://user:password@host:port/db URL shared by several "
+                 "hosts (default: edgekit-history.db next to the fleet file)")
+# One name per concept: --history is the history database everywhere, --store the artifact store (publish,
+# rollout, sim up). Round 1's --store for the history was renamed when the artifact store came.
+HistoryOpt = Annotated[Optional[str], typer.Option("--history", metavar="PATH|URL", help=_HISTORY_HELP + ".")]
+
+
+def open_fleet_history(fleet_file: Path | None, history: str | None) -> Any:
+    """Return the open :class:`~edge_kit.telemetry.store.HistoryStore` that ``--history`` names, or the fleet's
+    default file (``edgekit-history.db`` beside the fleet file; in the current folder without one).
+
+    Raises:
+        HistoryError: the database cannot be opened or reached.
+    """
+    from edge_kit.telemetry.store import HISTORY_NAME, history_path, open_history
+
+    if history:
+        return open_history(history)
+    return open_history(history_path(fleet_file) if fleet_file else Path(HISTORY_NAME))
 
 # The live gate (deploy --canary --gate live, rollout start --gate live): edge_kit.selection.gate.judge_live.
 GateOpt = Annotated[Optional[str], typer.Option(help="'live': judge the first devices (canaries) on production traffic "

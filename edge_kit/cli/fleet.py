@@ -21,10 +21,12 @@ from edge_kit.cli.app import (
     GateSlowdownOpt,
     GateSnrOpt,
     GateWindowOpt,
+    HistoryOpt,
     JsonOpt,
     app,
     emit_json,
     live_gate,
+    open_fleet_history,
     out,
     results_table,
 )
@@ -191,6 +193,7 @@ def deploy_cmd(
     gate_min_slowdown: GateSlowdownOpt = 0.10,
     gate_shadow: GateShadowOpt = 0.0,
     gate_min_snr_db: GateSnrOpt = None,
+    history_spec: HistoryOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Push the agent and the artifacts to devices over SSH, activate safely, check health, roll back failures.
@@ -219,11 +222,9 @@ def deploy_cmd(
     gated = live_gate(gate, gate_window, gate_min_requests, gate_alpha, gate_min_slowdown, gate_shadow, gate_min_snr_db)
     if gated is not None and not canary_share:
         raise InputError("--gate live judges canaries: give --canary too")
-    history = None
-    if gated is not None:
-        from edge_kit.telemetry.store import Store, history_path
-
-        history = Store(history_path(Path(fleet_file)))
+    # The gate's decisions go to the history (opened before any device is touched: a database that
+    # cannot be reached stops the deploy here).
+    history = open_fleet_history(fleet_file, history_spec) if gated is not None else None
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} devices"),
                   TimeElapsedColumn(), console=err, transient=True, disable=as_json) as bar:
         task = bar.add_task("deploying", total=len(targets))

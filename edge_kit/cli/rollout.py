@@ -28,11 +28,13 @@ from edge_kit.cli.app import (
     GateSlowdownOpt,
     GateSnrOpt,
     GateWindowOpt,
+    HistoryOpt,
     JsonOpt,
     app,
     emit_json,
     err,
     live_gate,
+    open_fleet_history,
     out,
 )
 
@@ -40,16 +42,17 @@ rollout_app = typer.Typer(no_args_is_help=True, help="Pull rollouts in waves: de
                                                      "against a desired state (large fleets, behind NAT, offline).")
 app.add_typer(rollout_app, name="rollout")
 
-StoreOpt = Annotated[Optional[Path], typer.Option("--history", help="History database (default: edgekit-history.db "
-                                                                    "next to the fleet file).")]
 IdArg = Annotated[str, typer.Argument(help="The rollout's id (see `edgekit rollout list`).")]
 STYLE = {"converged": "green", "failed": "red", "refused": "red", "rolled back": "red", "sent": "yellow", "fetching": "yellow", "planned": "dim"}
 
 
-def _history(fleet_file: Path, history: Path | None) -> Any:
-    from edge_kit.telemetry.store import Store, history_path
+def _history(fleet_file: Path, history: str | None) -> Any:
+    """Return the open history ``--history`` names (a file or a postgresql:// URL), or the fleet's default file.
 
-    return Store(history or history_path(fleet_file))
+    Raises:
+        HistoryError: the database cannot be opened or reached.
+    """
+    return open_fleet_history(fleet_file, history)
 
 
 def _drive(fleet_file: Path, db: Any, rid: str, as_json: bool) -> dict[str, Any]:
@@ -123,7 +126,7 @@ def start_cmd(
     gate_min_slowdown: GateSlowdownOpt = 0.10,
     gate_shadow: GateShadowOpt = 0.0,
     gate_min_snr_db: GateSnrOpt = None,
-    history: StoreOpt = None,
+    history: HistoryOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Plan a rollout, record it in the history, and drive its waves to the end (resume it with `resume` if stopped).
@@ -179,7 +182,7 @@ def _files(plan: dict[str, Any]) -> dict[str, int]:
 
 
 @rollout_app.command("resume")
-def resume_cmd(fleet_file: FleetOpt, rid: IdArg, history: StoreOpt = None, as_json: JsonOpt = False) -> None:
+def resume_cmd(fleet_file: FleetOpt, rid: IdArg, history: HistoryOpt = None, as_json: JsonOpt = False) -> None:
     """Go on with a rollout that stopped with its host (its plan and device states are in the history)."""
     summary = _drive(fleet_file, _history(fleet_file, history), rid, as_json)
     emit_json(summary) if as_json else _print(summary)
@@ -187,7 +190,7 @@ def resume_cmd(fleet_file: FleetOpt, rid: IdArg, history: StoreOpt = None, as_js
 
 
 @rollout_app.command("abort")
-def abort_cmd(fleet_file: FleetOpt, rid: IdArg, history: StoreOpt = None, as_json: JsonOpt = False) -> None:
+def abort_cmd(fleet_file: FleetOpt, rid: IdArg, history: HistoryOpt = None, as_json: JsonOpt = False) -> None:
     """Stop a rollout: no further desired state is sent (devices already sent keep theirs)."""
     from edge_kit.loop.waves import STALE_OWNER_S, RolloutError
 
@@ -208,7 +211,7 @@ def abort_cmd(fleet_file: FleetOpt, rid: IdArg, history: StoreOpt = None, as_jso
 
 @rollout_app.command("status")
 def status_cmd(
-    fleet_file: FleetOpt, rid: IdArg, history: StoreOpt = None,
+    fleet_file: FleetOpt, rid: IdArg, history: HistoryOpt = None,
     refresh: Annotated[bool, typer.Option(help="Also read the devices' retained reported states from the broker "
                                                "(devices that converged after the rollout's host stopped).")] = False,
     as_json: JsonOpt = False,
@@ -228,7 +231,7 @@ def status_cmd(
 
 
 @rollout_app.command("list")
-def list_cmd(fleet_file: FleetOpt, history: StoreOpt = None, as_json: JsonOpt = False) -> None:
+def list_cmd(fleet_file: FleetOpt, history: HistoryOpt = None, as_json: JsonOpt = False) -> None:
     """List the rollouts in the history, newest first."""
     db = _history(fleet_file, history)
     rows = [{"id": r["id"], "state": r["state"], "created": r["created"], "owner": r["owner"],

@@ -55,7 +55,7 @@ from edge_kit.selection.policy import (
     choose_all,
 )
 from edge_kit.telemetry.report import flagged_devices
-from edge_kit.telemetry.store import Store
+from edge_kit.telemetry.store import HistoryStore
 
 
 @dataclass
@@ -92,7 +92,7 @@ class TuneReport:
         return out
 
 
-def decide(manifest: Manifest, devices: list[Device], store: Store, current: dict[str, str | None],
+def decide(manifest: Manifest, devices: list[Device], store: HistoryStore, current: dict[str, str | None],
            margin: float) -> dict[str, Decision]:
     """Return the decision for each device from its recent stored measurements of its candidate variants.
 
@@ -115,7 +115,7 @@ def decide(manifest: Manifest, devices: list[Device], store: Store, current: dic
     return {r.device: d for r, d in zip(requests, choose_all(requests, margin))}
 
 
-def _measure(client: FleetClient, store: Store, wanted: dict[str, list[tuple[str, str]]], bench: dict[str, Any],
+def _measure(client: FleetClient, store: HistoryStore, wanted: dict[str, list[tuple[str, str]]], bench: dict[str, Any],
              timeout: float) -> tuple[int, dict[str, list[str]]]:
     """Ask every device for its unmeasured variants at once; store what comes back.
 
@@ -142,7 +142,7 @@ def _measure(client: FleetClient, store: Store, wanted: dict[str, list[tuple[str
     return stored, silent
 
 
-def tune(fleet: Fleet, devices: list[Device], opts: TuneOptions, store: Store,
+def tune(fleet: Fleet, devices: list[Device], opts: TuneOptions, store: HistoryStore,
          progress: Callable[[str], None] | None = None) -> TuneReport:
     """Run the loop on ``devices``; return what happened (never raises for a single device).
 
@@ -202,12 +202,12 @@ def tune(fleet: Fleet, devices: list[Device], opts: TuneOptions, store: Store,
 
 
 
-def flagged_before(store: Store) -> dict[str, str]:
+def flagged_before(store: HistoryStore) -> dict[str, str]:
     """Return the devices the newest fleet-selection decision of each flagged, with why."""
     return flagged_devices(store.decisions(limit=1_000_000))
 
 
-def fleet_inputs(manifest: Manifest, devices: list[Device], store: Store, current: dict[str, str | None],
+def fleet_inputs(manifest: Manifest, devices: list[Device], store: HistoryStore, current: dict[str, str | None],
                  refused: dict[str, set[str]] | None = None, flagged: dict[str, str] | None = None,
                  ) -> tuple[FleetSpec, Measurements, dict[str, str], list[dict[str, Any]]]:
     """Return (spec, measurements, sha256 by variant id, records) for the fleet model from the history.
@@ -268,7 +268,7 @@ def _cost(spec: FleetSpec, records: list[dict[str, Any]], opts: TuneOptions) -> 
     return cost
 
 
-def _tune_budget(fleet: Fleet, live: list[Device], manifest: Manifest, opts: TuneOptions, store: Store,
+def _tune_budget(fleet: Fleet, live: list[Device], manifest: Manifest, opts: TuneOptions, store: HistoryStore,
                  report: TuneReport, current: dict[str, str | None], refused: dict[str, set[str]],
                  step: Callable[[str], None]) -> None:
     """Run ``tune`` with a measurement budget (see the module docstring); fill ``report`` in place."""
@@ -347,7 +347,7 @@ def _tune_budget(fleet: Fleet, live: list[Device], manifest: Manifest, opts: Tun
         store.add_many([("status", m) for m in client.statuses()])
 
 
-def decide_fleet(manifest: Manifest, devices: list[Device], store: Store, current: dict[str, str | None],
+def decide_fleet(manifest: Manifest, devices: list[Device], store: HistoryStore, current: dict[str, str | None],
                  margin: float) -> tuple[dict[str, Decision], list[str]]:
     """Return (decision per device, messages) from the fleet model: each device's own measurements where
     it has them, else figures inferred from its profile, each marked (what ``select`` shows when a

@@ -15,9 +15,9 @@ have failed, the rollout stops: no further desired state is sent; the failed dev
 own models (the agent never switches to a model that fails its smoke test), the converged keep the
 new one. ``abort`` stops it the same way.
 
-Everything a restart needs is in the history (:meth:`Store.save_rollout`, ``rollout_devices``):
+Everything a restart needs is in the history (:meth:`~edge_kit.telemetry.store.HistoryStore.save_rollout`, ``rollout_devices``):
 the plan, each device's state and the revision it was sent. One process drives a rollout at a time
-(:meth:`Store.claim_rollout`; a second start is refused while the first one's heartbeat is fresh).
+(:meth:`~edge_kit.telemetry.store.HistoryStore.claim_rollout`; a second start is refused while the first one's heartbeat is fresh).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge_kit.errors import ConfigError, DeployError, EdgeKitError
+from edge_kit.errors import ConfigError, DeployError, EdgeKitError, HistoryError
 from edge_kit.fleet.deploy import candidates_for
 from edge_kit.fleet.inventory import Device, Fleet
 from edge_kit.loop.rollout import LiveGate, collect_live
@@ -234,6 +234,9 @@ class Rollout:
     def _db(self, what: str, call: Callable[[], Any]) -> Any:
         try:
             return call()
+        except HistoryError as exc:  # the database went away (either backend): one line, resumable
+            raise RolloutError(f"rollout {self.rid}: {exc}; every device keeps its desired state: resume with "
+                               f"`edgekit rollout resume {self.rid}` when it is back") from None
         except EdgeKitError:
             raise
         except Exception as exc:  # noqa: BLE001 - the database driver's errors: one line, resumable

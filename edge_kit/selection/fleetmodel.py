@@ -951,8 +951,8 @@ def rows_from_records(records: list[dict], device_index: dict[str, int], variant
 
     ``device_index`` maps a device name to its index; ``variant_of`` maps (device index, sha256) to a
     candidate variant's index. Records of other devices or artifacts are left out. Conditions are
-    read from the record's ``conditions.start`` (throttling flags, temperature, ``power_mode`` where
-    the device reports one); the software is the record's runtime and its version.
+    read from the record's ``conditions.start`` (throttling flags, temperature, CPU clock, the Jetson
+    power mode's name where the device reports one); the software is the record's runtime and its version.
     """
     rows = []
     for i, r in enumerate(records):
@@ -965,12 +965,14 @@ def rows_from_records(records: list[dict], device_index: dict[str, int], variant
         cond = (r.get("conditions") or {}).get("start") or {}
         thr = cond.get("throttling")
         throttled = None if not isinstance(thr, dict) else float(bool(thr.get("throttled") or thr.get("freq_capped")))
+        mode = cond.get("power_mode")  # the agent reports {"name": "15W", "id": 0} on a Jetson (nvpmodel -q)
+        mode = mode.get("name") if isinstance(mode, dict) else mode
         runtime = r.get("runtime")
         rows.append({"device": d, "variant": v, "p90_ms": p90, "energy_mj": power.get("energy_per_inference_mj"),
                      "avg_w": power.get("avg_w"), "accuracy": acc.get("value"), "snr_db": fid.get("snr_db"),
                      "order": float(i), "throttled": throttled, "temperature_c": cond.get("temperature_c"),
                      "clock_mhz": cond.get("cpu_freq_mhz"),
-                     "power_mode": cond.get("power_mode"),
+                     "power_mode": mode,
                      "software": f"{runtime} {r.get('runtime_version')}" if runtime else None,
                      "health": bool(r.get("health"))})
     return rows

@@ -18,7 +18,7 @@ from typing import Any
 
 from edge_kit.fsutil import atomic_write_text
 from edge_kit.profiles import Profile, load_profile
-from edge_kit.telemetry.store import Store
+from edge_kit.telemetry.store import HistoryStore
 from edgekit_protocol.labels import power_source
 
 _CSS = """
@@ -97,12 +97,12 @@ def _profile_figures(profile: Profile, records: list[dict[str, Any]], chosen: di
     return [scatter, bars]
 
 
-def _fleet_rows(store: Store) -> tuple[list[str], list[list[str]]]:
+def _fleet_rows(store: HistoryStore) -> tuple[list[str], list[list[str]]]:
     status, latest, tele = store.latest_status(), store.latest_bench(), store.latest_telemetry()
     decisions: dict[str, dict[str, Any]] = {}
     for d in store.decisions(limit=100_000):
         decisions.setdefault(d["device"], d)  # newest first
-    head = ["device", "profile", "state", "running", "decision", "p90 ms", "top-1", "mJ/inference", "power source",
+    head = ["device", "profile", "state", "running", "runtime", "decision", "p90 ms", "top-1", "mJ/inference", "power source",
             "live p50/p99 ms (requests)", "simulated"]
     rows = []
     for device in sorted(set(status) | {d for d, _ in latest} | set(decisions)):
@@ -115,6 +115,7 @@ def _fleet_rows(store: Store) -> tuple[list[str], list[list[str]]]:
                                        f"{html.escape(', '.join(dec.get('violates') or [str(dec.get('reason'))]))}</span>")
         rows.append([html.escape(device), html.escape(str((rec or {}).get("profile") or st.get("profile") or "-")),
                      html.escape(st.get("state", "never seen")), html.escape(cur.get("variant") or "-"),
+                     html.escape(str((rec or {}).get("runtime") or "-")),  # litert / onnxruntime / tensorrt, as measured
                      verdict if dec and not dec["feasible"] else html.escape(verdict),
                      f"{rec['latency_ms']['p90']:.4g}" if rec else "-",
                      f"{100 * rec['accuracy']['value']:.2f} %" if rec and rec.get("accuracy") else "-",
@@ -133,7 +134,7 @@ def _live_cell(live: Any) -> str:
                        f"{(live.get('model') or {}).get('variant')})")
 
 
-def _gate_rows(store: Store) -> list[list[str]]:
+def _gate_rows(store: HistoryStore) -> list[list[str]]:
     """Return one row per live-gate decision, newest first: when, canary, candidate, action and its numbers."""
     rows = []
     for d in store.decisions(limit=100_000):
@@ -154,7 +155,7 @@ FLEET_KIND = "fleet selection"  # edge_kit.selection.fleetmodel.KIND (telemetry 
 
 def flagged_devices(decisions: list[dict[str, Any]]) -> dict[str, str]:
     """Return {device: why} for the devices whose newest fleet-selection decision flags them as differing
-    from their profile; ``decisions`` newest first, as :meth:`Store.decisions` returns them."""
+    from their profile; ``decisions`` newest first, as :meth:`HistoryStore.decisions` returns them."""
     newest: dict[str, dict[str, Any]] = {}
     for d in decisions:
         if d.get("kind") == FLEET_KIND:
@@ -188,7 +189,7 @@ def _fleet_selection_rows(decisions: list[dict[str, Any]]) -> list[list[str]]:
     return rows
 
 
-def build_report(store: Store, out: Path, title: str = "edge-kit fleet report") -> dict[str, Any]:
+def build_report(store: HistoryStore, out: Path, title: str = "edge-kit fleet report") -> dict[str, Any]:
     """Write the report to ``out`` (atomically); return what it holds (profiles, devices, plots).
 
     Raises:
@@ -245,7 +246,7 @@ def build_report(store: Store, out: Path, title: str = "edge-kit fleet report") 
     simulated = any(r.get("simulated") for r in latest)
     page = (f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title)}</title><style>{_CSS}</style>"
             f"<script>{plotly.offline.get_plotlyjs()}</script></head><body><h1>{html.escape(title)}</h1>"
-            f"<p class=note>Generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')} from {html.escape(str(store.path))}: "
+            f"<p class=note>Generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')} from {html.escape(store.where)}: "
             f"{len(latest)} latest benchmark records. Latency is measured on each device with perf_counter_ns around "
             "interpreter.invoke(); accuracy on the eval set shipped with the artifacts; energy per inference comes from "
             "the power sensor named in the legend, or is an estimate from the profile's idle/busy watts and CPU use."

@@ -241,7 +241,7 @@ def test_bench_records_become_rows_with_conditions_and_software():
     record = {"device": "a", "sha256": "s1", "variant": "int8", "latency_ms": {"p90": 12.5},
               "power": {"avg_w": 3.0, "energy_per_inference_mj": 30.0}, "accuracy": {"value": 0.98},
               "fidelity": {"snr_db": 31.0}, "runtime": "litert", "runtime_version": "1.3",
-              "conditions": {"start": {"temperature_c": 71.0, "throttling": {"throttled": True}, "power_mode": "7W",
+              "conditions": {"start": {"temperature_c": 71.0, "throttling": {"throttled": True}, "power_mode": {"name": "7W", "id": 1},
                                        "cpu_freq_mhz": 1200.0}}}
     bare = {"device": "a", "sha256": "s1", "variant": "int8", "latency_ms": {"p90": 13.0}, "power": {}}
     other = {**record, "device": "nobody"}
