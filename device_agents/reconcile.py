@@ -2,12 +2,17 @@
 safely, and report where the device stands (see :mod:`edgekit_protocol.desired`).
 
 The agent hands every ``desired`` message it verified to :meth:`Reconciler.take`; the main loop
-calls :meth:`Reconciler.step` whenever :meth:`Reconciler.due` says so, so a reconcile never runs
-beside a command (benchmarks must not overlap with a download's CPU or an activation's smoke test).
+calls :meth:`Reconciler.step` whenever :meth:`Reconciler.due` says so. The download (and install)
+runs in a worker thread, bounded in time and cancelled by a newer desired state, so a slow or
+hostile store never holds the agent's commands; the switch itself runs in the main loop, never
+beside a command or a benchmark.
 
-What survives a restart: the last desired message taken (``<root>/desired.json``, written
-atomically before the broker is told it arrived) and the partial download (``<root>/incoming/
-<sha256>.partial``, resumed with a Range request). A device is never left without a working model:
+What survives a restart: the last desired message taken and whether it converged
+(``<root>/desired.json``, written atomically before the broker is told it arrived) and the partial
+download (``<root>/incoming/<sha256>.partial``, resumed with a Range request). A desired state that
+converged is not applied again after a restart (an operator may have moved the device since, by a
+push deploy); one that had not is resumed once the broker had a moment to deliver a newer one.
+A device is never left without a working model:
 the new one is activated only through the store's safe activation (hash check, smoke inference in a
 child), and any failure leaves the current model in place, reports ``failed`` with the reason and
 retries with back-off up to ``pull.max_attempts``.
@@ -18,7 +23,9 @@ from __future__ import annotations
 import json
 import logging
 import random
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,6 +37,29 @@ from edgekit_protocol.errors import EdgeKitError
 log = logging.getLogger("edgekit.agent.reconcile")
 MAX_RETRY_S = 900.0
 DESIRED = "desired.json"
+CONNECT_GRACE_S = 2.0  # after a restart, how long the broker gets to deliver a newer desired state
+FLOOR_RATE = 8192.0  # bytes/s: a download slower than this on average (or half the cap) is given up and retried
+
+
+def _line(exc: BaseException) -> str:
+    """Return an exception as one line: its text (a toolkit error's is one), else its type and first line."""
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    if isinstance(exc, EdgeKitError):
+        return text
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{type(exc).__name__}: {exc.strerror}"
+    return f"{type(exc).__name__}: {text}"[:300]
+
+
+@dataclass
+class _Job:
+    """A download and install running beside the main loop."""
+
+    revision: int
+    thread: threading.Thread
+    cancel: threading.Event
+    result: dict[str, Any] | None = None
+    error: str | None = None
 
 
 class Reconciler:
@@ -39,42 +69,73 @@ class Reconciler:
     switches to an installed model safely and returns the activation result; ``report(body)``
     publishes a ``reported`` body; ``check_disk(needs)`` raises ``DiskFull`` when ``needs`` more
     bytes do not fit; ``fetch`` is :func:`device_agents.fetch.fetch` (tests pass another).
+
+    The download and install run in a worker thread (the agent's commands, telemetry and newer
+    desired states are not held by a slow store); the activation runs in the caller's thread, in
+    :meth:`step`, once :meth:`due` says the download is done. A newer desired state cancels a
+    download in flight.
     """
 
     def __init__(self, root: Path, store: Any, *, activate: Callable[[str, tuple[str, ...]], dict[str, Any]],
                  report: Callable[[dict[str, Any]], None], check_disk: Callable[[int], None],
                  settings: PullConfig = PullConfig(), fetch: Callable[..., Any] | None = None,
-                 write: Callable[[Path, bytes], None] | None = None, clock: Callable[[], float] = time.time,
-                 rng: Callable[[], float] = random.random):
+                 clock: Callable[[], float] = time.time, rng: Callable[[], float] = random.random,
+                 connect_grace_s: float = CONNECT_GRACE_S):
         self.root = Path(root)
         self.store = store
         self._activate, self._report, self._check_disk = activate, report, check_disk
         self.settings = settings
         self._fetch = fetch
-        self._write = write or atomic_write
         self.clock, self.rng = clock, rng
+        self.connect_grace_s = connect_grace_s
         self.desired: Desired | None = None
+        self._message: dict[str, Any] | None = None  # the desired message as taken (what desired.json keeps)
         self.attempt = 0
         self.next_at: float | None = None  # when to try (again); None: nothing to do
         self.last: dict[str, Any] | None = None  # the last reported body (published again on every connect)
+        self._job: _Job | None = None
+        self._resumed = False  # resumed from disk after a restart: wait for the broker's newer word first
+        self._connected_at: float | None = None
         self._load()
 
     def _load(self) -> None:
-        """Take the desired state persisted before a restart (a damaged file is logged and ignored)."""
+        """Take the desired state persisted before a restart (a damaged file is logged and ignored).
+
+        One that had converged is done: if the device runs something else now, an operator moved it
+        since (a push deploy, an ``activate``), and that stands. One that had not is resumed, but only
+        once the broker had a moment to deliver a newer one (:data:`CONNECT_GRACE_S` after connecting).
+        """
         try:
-            self.desired = parse_desired(json.loads((self.root / DESIRED).read_text()))
+            saved = json.loads((self.root / DESIRED).read_text())
+            self.desired, self._message = parse_desired(saved["message"]), saved["message"]
         except FileNotFoundError:
             return
-        except (OSError, ValueError, EdgeKitError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, EdgeKitError) as exc:
             log.error("%s: unreadable desired state (%s); waiting for the operator's next one", self.root / DESIRED, exc)
             return
-        self.next_at = self.clock()  # a restart resumes at once: the start delay was served before
+        if not saved.get("converged"):
+            self.next_at, self._resumed = self.clock(), True  # no second start delay: it was served before
+
+    def _save(self, converged: bool) -> None:
+        atomic_write(self.root / DESIRED, json.dumps({"message": self._message, "converged": converged}).encode())
+
+    def on_connect(self) -> None:
+        """Note that the broker connection is up (any thread): a resumed desired state waits a grace
+        period for the retained one, which may be newer."""
+        self._connected_at = self.clock()
+
+    def protected(self) -> set[str]:
+        """Return the sha256s the store budget must never remove: the desired model, its eval set's
+        model and the candidates it keeps."""
+        d = self.desired
+        return {d.sha256, *d.keep} if d else set()
 
     def take(self, message: dict[str, Any]) -> str | None:
         """Take a verified ``desired`` message; return None when taken, else why not (``stale``:
         its revision is not above the one taken before; ``same``: the one taken already, delivered again).
 
-        The message is on disk before this returns, so the broker may forget it.
+        The message is on disk before this returns, so the broker may forget it. A download in flight
+        for an older one is cancelled.
 
         Raises:
             MessageError: the body is malformed (the text names the field).
@@ -83,47 +144,106 @@ class Reconciler:
         old = self.desired
         if old is not None and new.revision <= old.revision:
             if new.revision == old.revision and new.msg_id == old.msg_id:
+                self._resumed = False  # the broker's word is the one on disk: go on at once
                 if self.last is not None:
                     self._report(self.last)  # a redelivery (reconnect): say again where the device is
                 return "same"
             log.warning("refused desired revision %d of rollout %s: not above the revision %d taken before "
                         "(a replay, or the operator's clock went back)", new.revision, new.rollout, old.revision)
             return "stale"
-        self._write(self.root / DESIRED, json.dumps(message).encode())
-        self.desired, self.attempt = new, 0
+        self._message = message
+        self._save(converged=False)
+        self.desired, self.attempt, self._resumed = new, 0, False
+        if self._job is not None:
+            self._job.cancel.set()
         self.next_at = self.clock() + self.rng() * new.fetch.start_delay_s
         log.info("desired: %s %s (%s) of rollout %s, revision %d", new.model, new.variant, new.sha256[:12],
                  new.rollout, new.revision)
         return None
 
     def due(self) -> bool:
-        """Return True when a reconcile step should run now."""
-        return self.next_at is not None and self.clock() >= self.next_at
+        """Return True when :meth:`step` should run now: a download finished, or a try is due."""
+        if self._job is not None:
+            return not self._job.thread.is_alive()
+        if self.next_at is None:
+            return False
+        if self._resumed and (self._connected_at is None or self.clock() < self._connected_at + self.connect_grace_s):
+            return False
+        return self.clock() >= self.next_at
 
-    def step(self) -> dict[str, Any]:
-        """Reconcile once: fetch, install and activate the desired model unless it is current already.
+    def step(self) -> dict[str, Any] | None:
+        """Reconcile once (the caller's thread): start the download of a model not installed, or
+        activate the desired model once it is installed, unless it is current already.
 
         Returns:
-            The ``reported`` body it published (``converged`` or ``failed``).
+            The ``reported`` body it published (``fetching``, ``converged`` or ``failed``), or None when
+            a download it finished was for a desired state replaced since (the new one is due).
         """
         d = self.desired
         assert d is not None, "step() without a desired state"
-        self.next_at = None
-        self.attempt += 1
+        download = None
+        if self._job is not None:
+            job, self._job = self._job, None
+            job.thread.join()
+            if job.revision != d.revision:  # cancelled for a newer desired state: that one goes on
+                self.next_at = self.next_at if self.next_at is not None else self.clock()
+                return None
+            if job.error is not None:
+                return self._failed(job.error)
+            download = job.result
+        else:
+            self.next_at, self._resumed = None, False
+            self.attempt += 1
+            if self.store.current() != d.sha256 and not self._installed(d.sha256):
+                try:
+                    self._start(d)
+                except Exception as exc:  # noqa: BLE001 - e.g. DiskFull: an answer, never the loop's end
+                    return self._failed(_line(exc))
+                return self._say("fetching")
         try:
-            download = None
             if self.store.current() != d.sha256:
-                if not self._installed(d.sha256):
-                    self._say("fetching")
-                    download = self._fetch_and_install(d)
                 activation = self._activate(d.sha256, (d.sha256, *d.keep))
                 log.info("desired %s %s is current (%s)", d.model, d.variant, activation.get("smoke", {}))
-        except EdgeKitError as exc:
-            return self._failed(str(exc))
-        except OSError as exc:  # the disk, the network below urllib's errors
-            return self._failed(f"{type(exc).__name__}: {exc.strerror or exc}")
+        except Exception as exc:  # noqa: BLE001 - a failed activation leaves the current model: say why
+            return self._failed(_line(exc))
         self.attempt = 0
+        self._save(converged=True)
         return self._say("converged", download=download)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Cancel a download in flight and wait for its thread (at most ``timeout`` seconds)."""
+        if self._job is not None:
+            self._job.cancel.set()
+            self._job.thread.join(timeout)
+
+    def _start(self, d: Desired) -> None:
+        """Start the download and install of ``d`` in a worker thread, after dropping the partial
+        downloads no desired state names any more and checking the space the rest needs.
+
+        Raises:
+            DiskFull: what is left to download does not fit.
+        """
+        incoming = self.root / "incoming"
+        incoming.mkdir(parents=True, exist_ok=True)
+        wanted = {f"{d.sha256}.partial", f"{d.eval_sha256}.partial"}
+        have = 0
+        for partial in incoming.glob("*.partial"):
+            if partial.name in wanted:
+                have += partial.stat().st_size
+            else:
+                partial.unlink(missing_ok=True)  # a superseded desired state's download
+        self._check_disk(max(0, d.bytes + (d.eval_bytes or 0) - have))
+        job = _Job(d.revision, threading.Thread(target=lambda: None), threading.Event())
+
+        def run() -> None:
+            try:
+                job.result = self._fetch_and_install(d, job.cancel)
+            except Exception as exc:  # noqa: BLE001 - any failure is the step's "failed", with its line
+                job.error = _line(exc)
+
+        job.thread = threading.Thread(target=run, daemon=True, name="desired-fetch")
+        self._job = job
+        job.thread.start()
 
     def _installed(self, sha: str) -> bool:
         try:
@@ -132,13 +252,13 @@ class Reconciler:
             return False
         return True
 
-    def _fetch_and_install(self, d: Desired) -> dict[str, Any]:
+    def _fetch_and_install(self, d: Desired, cancel: threading.Event) -> dict[str, Any]:
         """Return what was downloaded; the model (and its eval set) installed when this returns.
 
         Raises:
-            FetchError: the store did not answer, the bytes do not hash right, or the download was cut
-                again. StoreError: the install check failed, or a trt-* variant's TensorRT engine build
-                failed (the model is removed again). DiskFull: the files do not fit.
+            FetchError: the store did not answer, the bytes do not hash right, the download was cut
+                again, too slow, or cancelled. StoreError: the install check failed, or a trt-* variant's
+                TensorRT engine build failed (the model is removed again).
         """
         from device_agents import (
             fetch as fetching,  # a device that never pulls never imports urllib's TLS
@@ -146,15 +266,14 @@ class Reconciler:
 
         fetch = self._fetch or fetching.fetch
         incoming = self.root / "incoming"
-        incoming.mkdir(parents=True, exist_ok=True)
-        need = d.bytes + (d.eval_bytes or 0)
-        self._check_disk(need)
         done: dict[str, Any] = {"bytes": 0, "resumed": False, "seconds": 0.0}
         files = [(d.sha256, d.bytes)] + ([(d.eval_sha256, d.eval_bytes)] if d.eval_sha256 else [])
         paths = []
         for sha, size in files:
+            floor = min(FLOOR_RATE, d.fetch.max_bytes_s / 2 if d.fetch.max_bytes_s else FLOOR_RATE)
             got = fetch(fetching.artifact_url(d.store, sha), sha, incoming / sha, max_bytes_s=d.fetch.max_bytes_s,
-                        timeout_s=d.fetch.timeout_s, max_bytes=size, ssl_context=self._ssl())
+                        timeout_s=d.fetch.timeout_s, max_bytes=size, ssl_context=self._ssl(), cancel=cancel,
+                        max_seconds=60 + size / floor)
             done["bytes"] += got.bytes_downloaded
             done["resumed"] = done["resumed"] or got.resumed
             done["seconds"] = round(done["seconds"] + got.seconds, 3)

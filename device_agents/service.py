@@ -83,6 +83,7 @@ class Agent:
                                      check_disk=lambda needs: self.disk.check("fetch", needs), settings=cfg.pull)
         self._desired_inbox: queue.Queue[Any] = queue.Queue()  # verified desired messages, taken by the main thread
         self._reported_seq = 0
+        self._report_again = threading.Event()
         self.commands: queue.Queue[Command] = queue.Queue(maxsize=cfg.max_queued_commands)
         self._stop = threading.Event()
         self._unservable: str | None = None  # a current model the serving API could not load (logged once)
@@ -212,8 +213,8 @@ class Agent:
             return
         client.subscribe([(self._topic("cmd"), 1), (self._topic("desired"), 1)])
         self.publisher.publish(self._topic("status"), messages.encode(self._status("online")), retain=True)
-        if self.reconciler.last is not None:  # where this device stands, again (the broker may have lost it)
-            self._report(self.reconciler.last)
+        self.reconciler.on_connect()
+        self._report_again.set()  # where this device stands, again (the broker may have lost it): main thread
         self.publisher.connected.set()
         self.publisher.wake()
         log.info("connected to %s:%s", self.cfg.broker.host, self.cfg.broker.port)
@@ -278,7 +279,8 @@ class Agent:
         try:
             msg = messages.decode(message.payload, "desired")
             self.operators().verify(msg, OPERATOR)
-            messages.check_time(msg, time.time())
+            # No clock check: revisions order desired states (a device without a real-time clock, behind
+            # until NTP syncs, would refuse every one), and a retained state is old by design.
             if (msg["fleet"], msg["device"]) != (self.cfg.fleet, self.cfg.device):
                 raise EdgeKitError(f"desired state for {msg['fleet']}/{msg['device']} on this device's topic")
         except EdgeKitError as exc:
@@ -418,6 +420,7 @@ class Agent:
             spared = set(json.loads((self.store.root / "candidates.json").read_text()))
         except (OSError, ValueError, TypeError):
             spared = set()
+        spared |= self.reconciler.protected()  # the desired model may be installed and not yet active
         removed = self.store.prune(int(self.cfg.store.max_store_mb * 1e6), spared)
         if removed:
             log.info("store budget %.0f MB: removed %s", self.cfg.store.max_store_mb,
@@ -518,9 +521,9 @@ class Agent:
                 log.error("%s", exc)
             self._unservable = sha
 
-    def reconcile(self) -> dict[str, Any]:
+    def reconcile(self) -> dict[str, Any] | None:
         """Run one reconcile step toward the desired state (main thread); the served model and the
-        status follow a switch at once. Returns the ``reported`` body."""
+        status follow a switch at once. Returns the ``reported`` body (None: a superseded download ended)."""
         reported = self.reconciler.step()
         self.follow_current()
         if self.store.current() != self._announced:
@@ -588,6 +591,9 @@ class Agent:
                     if cmd is not None:
                         self.handle(cmd)
                     self._take_desired()
+                    if self._report_again.is_set() and self.reconciler.last is not None:
+                        self._report_again.clear()
+                        self._report(self.reconciler.last)
                     if self.reconciler.due():
                         self.reconcile()
                     if time.monotonic() >= next_disk:  # space came back (or went): reserve, state, status
@@ -619,6 +625,7 @@ class Agent:
                 pass
         if self.server is not None:
             self.server.close()
+        self.reconciler.stop()
         self.publisher.stop()
         self.client.disconnect()
         self.client.loop_stop()

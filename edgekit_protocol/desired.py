@@ -158,4 +158,17 @@ def check_reported(message: dict[str, Any]) -> dict[str, Any]:
     for name, types in (("rollout", str), ("error", str), ("current", dict), ("previous", dict), ("download", dict)):
         if m.get(name) is not None and not isinstance(m[name], types):
             raise MessageError(f"reported: field '{name}' is {type(m[name]).__name__}")
+    if m.get("attempt") is not None and not (isinstance(m["attempt"], int) and not isinstance(m["attempt"], bool)
+                                             and 0 <= m["attempt"] < 10_000):
+        raise MessageError("reported: field 'attempt' is not a count")
+    for name in ("current", "previous"):  # model references: what the host may send back as a desired state
+        ref = m.get(name) or {}
+        for key, types in (("sha256", str), ("variant", str), ("model", str), ("bytes", int)):
+            if ref.get(key) is not None and (not isinstance(ref[key], types) or isinstance(ref[key], bool)):
+                raise MessageError(f"reported: {name}.{key} is {type(ref[key]).__name__}")
+    dl = m.get("download") or {}
+    for key, types in (("bytes", int), ("resumed", bool), ("seconds", (int, float))):
+        if dl.get(key) is not None and (not isinstance(dl[key], types) or (key != "resumed" and isinstance(dl[key], bool))
+                                        or (key != "resumed" and not (in_range(dl[key]) and dl[key] >= 0))):
+            raise MessageError(f"reported: download.{key} is not a {'flag' if key == 'resumed' else 'non-negative number'}")
     return m

@@ -43,7 +43,8 @@ rollout_app = typer.Typer(no_args_is_help=True, help="Pull rollouts in waves: de
 app.add_typer(rollout_app, name="rollout")
 
 IdArg = Annotated[str, typer.Argument(help="The rollout's id (see `edgekit rollout list`).")]
-STYLE = {"converged": "green", "failed": "red", "refused": "red", "rolled back": "red", "sent": "yellow", "fetching": "yellow", "planned": "dim"}
+STYLE = {"converged": "green", "failed": "red", "refused": "red", "rolled back": "red", "rolling back": "yellow",
+         "superseded": "dim", "sent": "yellow", "fetching": "yellow", "planned": "dim"}
 
 
 def _history(fleet_file: Path, history: str | None) -> Any:
@@ -89,7 +90,7 @@ def _print(summary: dict[str, Any]) -> None:
     for r in rows[:200]:
         dl = r.get("download") or {}
         what = r["error"] or (f"fetched {dl['bytes'] / 1e6:.2f} MB{' (resumed)' if dl.get('resumed') else ''}"
-                              if dl.get("bytes") else "")
+                              if isinstance(dl.get("bytes"), (int, float)) and dl["bytes"] else "")
         t.add_row(r["device"], str(r["wave"] or "-"), f"[{STYLE.get(r['state'], '')}]{r['state']}[/]",
                   r["variant"] or "-", escape(what or ""), "-" if r["seconds"] is None else f"{r['seconds']:.1f}")
     out.print(t)
@@ -101,7 +102,8 @@ def _print(summary: dict[str, Any]) -> None:
 
 
 def _exit(summary: dict[str, Any]) -> None:
-    if summary["state"] != "done" or summary["counts"].get("failed"):
+    """Exit 0 only when the rollout is done and every device converged or was refused up front."""
+    if summary["state"] != "done" or set(summary["counts"]) - {"converged", "refused"}:
         raise typer.Exit(1)
 
 
@@ -198,15 +200,15 @@ def abort_cmd(fleet_file: FleetOpt, rid: IdArg, history: HistoryOpt = None, as_j
     record = db.rollout(rid)
     if record is None:
         raise RolloutError(f"rollout {rid}: not in the history; see `edgekit rollout list`")
-    if record["state"] not in ("running", "aborting"):
+    if record["state"] not in ("running", "aborting", "held", "stopped"):
         raise RolloutError(f"rollout {rid} is {record['state']} already; nothing to abort")
-    driven = record["owner"] and (record["heartbeat"] or 0) > time.time() - STALE_OWNER_S
-    db.set_rollout_state(rid, "aborting" if driven else "aborted")
-    result = {"id": rid, "state": "aborting" if driven else "aborted", "owner": record["owner"] if driven else None}
+    driver = db.rollout_driver(rid, STALE_OWNER_S)  # by the database's clock, as the driver's heartbeat
+    db.set_rollout_state(rid, "aborting" if driver else "aborted")
+    result = {"id": rid, "state": "aborting" if driver else "aborted", "owner": driver}
     if as_json:
         emit_json(result)
     else:
-        out.print(f"rollout {rid}: " + (f"asked {record['owner']} to stop" if driven else "aborted"))
+        out.print(f"rollout {rid}: " + (f"asked {driver} to stop" if driver else "aborted"))
 
 
 @rollout_app.command("status")

@@ -246,5 +246,5 @@ def check_published(store_url: str, files: dict[str, int], timeout_s: float = 10
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise DeployError(f"{store_url}: the artifact store does not answer ({reason}); start it or fix --store") from None
-        if length is not None and int(length) != size:
+        if length is not None and (not length.strip().isdigit() or int(length) != size):
             raise DeployError(f"{url}: the store holds {length} bytes, the manifest says {size}; publish again")

@@ -28,6 +28,7 @@ import os
 import queue
 import re
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -42,7 +43,8 @@ from edge_kit.manifest import read_manifest
 from edge_kit.selection.gate import GateDecision, judge_live
 from edgekit_protocol.desired import Desired, Fetch
 
-FINAL = ("converged", "failed", "refused", "rolled back")
+FINAL = ("converged", "failed", "refused", "rolled back", "superseded")
+SETTLED = ("converged", "refused", "rolled back", "superseded")  # rows no later report of this rollout changes
 STALE_OWNER_S = 30.0  # a driver whose heartbeat is older than this is gone: another may resume
 FLUSH_S = 0.5  # how often device states are written to the history
 
@@ -228,6 +230,7 @@ class Rollout:
         self._dirty: set[str] = set()
         self._last_rev = 0
         self.ignored = 0  # reported messages of other rollouts or older revisions
+        self._device_rev: dict[str, int] = {}  # the newest revision each device reported (any rollout)
 
     # --- history ---------------------------------------------------------------------------------
 
@@ -259,8 +262,10 @@ class Rollout:
 
     # --- the run ---------------------------------------------------------------------------------
 
-    def _revision(self) -> int:
-        self._last_rev = max(self._last_rev + 1, time.time_ns() // 1000)
+    def _revision(self, device: str) -> int:
+        """Return a revision above every one this driver sent and above the last one ``device`` reported
+        (a host whose clock is behind another's, or was set back, still goes up)."""
+        self._last_rev = max(self._last_rev + 1, time.time_ns() // 1000, self._device_rev.get(device, 0) + 1)
         return self._last_rev
 
     def _take_reports(self) -> None:
@@ -269,10 +274,22 @@ class Rollout:
                 msg = self.inbox.get_nowait()
             except queue.Empty:
                 return
-            row = self.rows.get(msg["device"])
+            device = msg["device"]
+            self._device_rev[device] = max(self._device_rev.get(device, 0), msg.get("revision") or 0)
+            row = self.rows.get(device)
+            if row is not None and row["state"] in ("sent", "fetching", "failed") and msg.get("rollout") != self.rid \
+                    and (msg.get("revision") or 0) > row["revision"] > 0:
+                self._set(device, state="superseded", detail={"error": f"taken over by rollout {msg.get('rollout')}"})
+                continue
             if row is None or msg.get("rollout") != self.rid or msg.get("revision") != row["revision"] \
-                    or row["state"] in ("converged", "refused", "rolled back"):
+                    or row["state"] in SETTLED and row["state"] != "rolling back":
                 self.ignored += 1
+                continue
+            if row["state"] == "rolling back":  # a canary sent back to its previous model by the live gate
+                if msg["state"] in ("converged", "failed"):
+                    self._set(device, state="rolled back" if msg["state"] == "converged" else "failed",
+                              detail={"error": row["detail"].get("error") if msg["state"] == "converged"
+                                      else f"the rollback failed: {msg.get('error')}", "current": msg.get("current")})
                 continue
             if row["state"] == msg["state"] and msg["state"] != "failed":
                 continue
@@ -308,12 +325,14 @@ class Rollout:
         record = self._db("reading the rollout", lambda: self.history.rollout(self.rid))
         if record is None:
             raise RolloutError(f"rollout {self.rid}: not in the history; see `edgekit rollout list`")
-        if record["state"] in ("done", "aborted", "stopped", "rolled back"):
+        if record["state"] in ("done", "aborted", "rolled back"):
             raise RolloutError(f"rollout {self.rid} is {record['state']}; start a new one")
         holder = self._db("claiming the rollout", lambda: self.history.claim_rollout(self.rid, self.owner, STALE_OWNER_S))
         if holder is not None:
             raise RolloutError(f"rollout {self.rid} is being driven by {holder}; wait for it, or `edgekit rollout "
                                f"abort {self.rid}`")
+        if record["state"] in ("held", "stopped"):  # resumed by hand: promoted, or gone on after a look
+            self._db("resuming", lambda: self.history.set_rollout_state(self.rid, "running"))
         try:
             return self._run(record["body"])
         finally:
@@ -339,12 +358,13 @@ class Rollout:
         state, reason = "done", None
         resumed = [d for d in order if self.rows[d]["state"] == "sent"]
         with self.connect(self.inbox.put) as client:
-            if resumed:  # the retained reported states first: who converged while no host was watching
-                self._settle()
-                self._take_reports()
-                for d in resumed:  # sent, maybe never published: again, under a new revision (same model)
-                    if self.rows[d]["state"] == "sent":
-                        self.rows[d]["state"] = "planned"
+            # The retained reported states first: each device's newest revision (the next one sent must be
+            # above it), and on a resume, who converged while no host was watching.
+            self._settle()
+            self._take_reports()
+            for d in resumed:  # sent, maybe never published: again, under a new revision (same model)
+                if self.rows[d]["state"] == "sent":
+                    self.rows[d]["state"] = "planned"
             last_beat = last_flush = last_shown = 0.0
             for w, end in enumerate(ends):
                 interval = 1.0 / settings.rate_per_s if settings.rate_per_s else 0.0
@@ -370,8 +390,9 @@ class Rollout:
                         last_flush = now
                     if now - last_beat >= 1.0:
                         last_beat = now
-                        if self._db("heartbeat", lambda: self.history.heartbeat_rollout(self.rid, self.owner)) == "aborting":
-                            state, reason = "aborted", "aborted by `edgekit rollout abort`"
+                        stop = self._heartbeat()
+                        if stop:
+                            state, reason = "aborted", stop
                             break
                     reason = self._too_many_failed(settings.max_failed)
                     if reason:
@@ -398,6 +419,18 @@ class Rollout:
             self.progress(Progress(self._counts(), len(ends), len(ends), len(self.rows)))
         return summary
 
+    def _heartbeat(self) -> str | None:
+        """Tell the history this driver is alive; return why to stop (an abort), or None to go on.
+
+        Raises:
+            RolloutError: another process took the rollout over (this one stops at once, saving nothing).
+        """
+        state = self._db("heartbeat", lambda: self.history.heartbeat_rollout(self.rid, self.owner))
+        if state == "lost":
+            raise RolloutError(f"rollout {self.rid}: another process took it over (this one's heartbeat was stale); "
+                               "see `edgekit rollout status`")
+        return None if state == "running" else "aborted by `edgekit rollout abort`"
+
     def _gate(self, plan: dict[str, Any], order: list[str], first: int, client: Any) -> tuple[str, str | None]:
         """Judge the first wave on live traffic; return ``("done", None)`` to go on, ``("held", why)``,
         or ``("rolled back", why)`` after sending each canary its previous model as a new desired state.
@@ -411,7 +444,25 @@ class Rollout:
         canaries = [d for d in order[:first] if self.rows[d]["state"] == "converged"]
         profiles = {targets[d]["profile"] for d in canaries}
         controls = [d for d in order[first:] if self.rows[d]["state"] == "planned" and targets[d]["profile"] in profiles]
-        decision = self.judge(canaries, controls)
+        beating = threading.Event()
+
+        def beat() -> None:  # the gate collects for its window: the heartbeat goes on meanwhile
+            while not beating.wait(5.0):
+                try:
+                    self.history.heartbeat_rollout(self.rid, self.owner)
+                except Exception:  # noqa: BLE001 - the main loop's next heartbeat reports it
+                    return
+
+        beater = threading.Thread(target=beat, daemon=True, name="rollout-heartbeat")
+        beater.start()
+        try:
+            decision = self.judge(canaries, controls)
+        finally:
+            beating.set()
+            beater.join()
+        stop = self._heartbeat()
+        if stop:
+            return "aborted", stop
         for d in canaries:
             self._db("recording the gate", lambda d=d: self.history.add_decision(
                 {"device": d, "kind": "live gate", "rollout": self.rid, "chosen": targets[d]["variant"], "current": None,
@@ -428,14 +479,18 @@ class Rollout:
             prev = (self.rows[d].get("detail") or {}).get("previous")
             if not prev or not prev.get("sha256") or not prev.get("bytes"):
                 continue
-            rev = self._revision()
+            rev = self._revision(d)
             back.append((d, Desired(msg_id="", rollout=self.rid, revision=rev, store=plan["store"],
                                     model=prev.get("model") or plan["model"], variant=prev.get("variant") or "previous",
                                     sha256=prev["sha256"], bytes=prev["bytes"], fetch=Fetch(**plan["settings"]["fetch"]))))
-            self._set(d, state="rolled back", revision=rev, detail={"error": f"live gate: {decision.reason}"})
+            self._set(d, state="rolling back", revision=rev, detail={"error": f"live gate: {decision.reason}"})
         self._flush()
         for d, desired in back:
             client.publish_desired(desired, d)
+        deadline = time.monotonic() + plan["settings"]["wave_timeout_s"]
+        while any(self.rows[d]["state"] == "rolling back" for d, _ in back) and time.monotonic() < deadline:
+            time.sleep(0.05)  # the canaries' answers: a rollback is confirmed, or its failure is shown
+            self._take_reports()
         return "rolled back", (f"live gate: roll back: {decision.reason}; {len(back)} of {len(canaries)} canaries "
                                "sent back to their previous model")
 
@@ -453,7 +508,7 @@ class Rollout:
     def _prepare(self, device: str, wave: int, plan: dict[str, Any]) -> tuple[str, Desired]:
         t = plan["targets"][device]
         s = plan["settings"]
-        rev = self._revision()
+        rev = self._revision(device)
         desired = Desired(msg_id="", rollout=self.rid, revision=rev, store=plan["store"], model=plan["model"],
                           variant=t["variant"], sha256=t["sha256"], bytes=t["bytes"], eval_sha256=t.get("eval_sha256"),
                           eval_bytes=t.get("eval_bytes"), keep=tuple(t["keep"]), fetch=Fetch(**s["fetch"]))

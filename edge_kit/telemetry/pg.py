@@ -44,6 +44,8 @@ def redact(url: str) -> str:
 class PostgresStore(HistoryStore):
     """The history in a PostgreSQL database named by a ``postgresql://`` URL (tables created when missing)."""
 
+    NOW_SQL = "extract(epoch from clock_timestamp())::double precision"
+
     def __init__(self, url: str):
         """Connect to ``url`` and create the tables it lacks.
 

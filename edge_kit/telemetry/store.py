@@ -127,6 +127,9 @@ class HistoryStore(abc.ABC):
 
     #: Says which database this is in messages (a path, or a URL without its password).
     where: str
+    #: The database's own clock in unix seconds, as SQL: rollout heartbeats are written and judged by it,
+    #: so hosts with skewed clocks agree on whose heartbeat is stale.
+    NOW_SQL: str
 
     # --- what a backend provides ------------------------------------------------------------------
 
@@ -272,16 +275,25 @@ class HistoryStore(abc.ABC):
 
         The conditional UPDATE is atomic on both databases (PostgreSQL re-checks the condition after a
         concurrent claim commits), so of two hosts claiming at once one wins."""
-        now = time.time()
-        self._execute("UPDATE rollouts SET owner = ?, heartbeat = ? WHERE id = ? AND "
-                      "(owner IS NULL OR owner = ? OR heartbeat < ?)", (owner, now, rid, owner, now - stale_s))
+        now = self.NOW_SQL
+        self._execute(f"UPDATE rollouts SET owner = ?, heartbeat = {now} WHERE id = ? AND "
+                      f"(owner IS NULL OR owner = ? OR heartbeat < {now} - ?)", (owner, rid, owner, stale_s))
         rows = self._rows("SELECT owner FROM rollouts WHERE id = ?", (rid,))
         return None if rows and rows[0][0] == owner else (rows[0][0] if rows else "nobody: no such rollout")
 
+    def rollout_driver(self, rid: str, stale_s: float) -> str | None:
+        """Return the owner driving rollout ``rid`` now (its heartbeat newer than ``stale_s`` by the
+        database's clock), or None. Raises HistoryError."""
+        rows = self._rows(f"SELECT owner FROM rollouts WHERE id = ? AND owner IS NOT NULL AND heartbeat >= {self.NOW_SQL} - ?",
+                          (rid, stale_s))
+        return rows[0][0] if rows else None
+
     def heartbeat_rollout(self, rid: str, owner: str) -> str:
         """Note that ``owner`` still drives rollout ``rid``; return the rollout's state (``aborting``
-        when someone asked it to stop; ``missing`` when there is no such rollout). Raises HistoryError."""
-        self._execute("UPDATE rollouts SET heartbeat = ? WHERE id = ? AND owner = ?", (time.time(), rid, owner))
+        when someone asked it to stop), ``lost`` when another process holds it now, ``missing`` when
+        there is no such rollout. Raises HistoryError."""
+        if not self._execute(f"UPDATE rollouts SET heartbeat = {self.NOW_SQL} WHERE id = ? AND owner = ?", (rid, owner)):
+            return "lost" if self._rows("SELECT 1 FROM rollouts WHERE id = ?", (rid,)) else "missing"
         rows = self._rows("SELECT state FROM rollouts WHERE id = ?", (rid,))
         return rows[0][0] if rows else "missing"
 
@@ -342,6 +354,8 @@ class HistoryStore(abc.ABC):
 class Store(HistoryStore):
     """The embedded history: a SQLite file in WAL mode. Several processes on one host may share it:
     readers work alongside, writes are serialized by SQLite with a busy timeout."""
+
+    NOW_SQL = "((julianday('now') - 2440587.5) * 86400.0)"
 
     def __init__(self, path: Path):
         """Open (creating it and its tables when new) the history file at ``path``.

@@ -5,6 +5,7 @@ off, a restart resumes where it stood."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,9 @@ class FakeStore:
 
     def previous(self):
         return None
+
+    def activated_elsewhere(self, sha):  # a push deploy or an `activate` command moved the device
+        self.cur = sha
 
     def verify(self, sha):
         if sha not in self.models:
@@ -60,8 +64,13 @@ def rig(tmp_path):
     store, clock, reports, fetched, activated = FakeStore(), Clock(), [], [], []
     fail = {"fetch": 0}
 
-    def fetch(url, sha, dest, **kw):
+    def fetch(url, sha, dest, cancel=None, **kw):
         fetched.append(url)
+        if fail.get("hold"):  # a store that trickles: only a cancel ends it
+            assert cancel.wait(10)
+            raise DeviceError(f"{url}: download cancelled")
+        if fail.get("odd"):
+            raise ValueError("Invalid IPv6 URL")  # not a FetchError: still a reported failure, never the loop's end
         if fail["fetch"]:
             fail["fetch"] -= 1
             raise DeviceError(f"{url}: store not answering")
@@ -74,31 +83,45 @@ def rig(tmp_path):
 
     def make():
         return Reconciler(tmp_path, store, activate=activate, report=reports.append, check_disk=lambda n: None,
-                          settings=PullConfig(retry_s=10, max_attempts=3), fetch=fetch, clock=clock, rng=lambda: 0.5)
+                          settings=PullConfig(retry_s=10, max_attempts=3), fetch=fetch, clock=clock, rng=lambda: 0.5,
+                          connect_grace_s=2.0)
 
     return make, store, clock, reports, fetched, activated, fail
+
+
+def run(rec):
+    """Step until the attempt ends (a download runs in a thread: wait for it); return the last report."""
+    out = rec.step()
+    while out is not None and out["state"] == "fetching":
+        deadline = time.monotonic() + 10
+        while not rec.due() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        out = rec.step()
+    return out
 
 
 def test_a_new_revision_is_fetched_installed_activated_and_reported_converged(rig, tmp_path):
     make, store, clock, reports, fetched, activated, _ = rig
     rec = make()
     assert rec.take(desired(5, delay=60)) is None
-    assert json.loads((tmp_path / DESIRED).read_text())["revision"] == 5  # on disk before the broker forgets it
+    saved = json.loads((tmp_path / DESIRED).read_text())
+    assert saved["message"]["revision"] == 5 and saved["converged"] is False  # on disk before the broker forgets it
     assert not rec.due()  # the random start delay (0.5 x 60 s) spreads a wave's downloads
     clock.t += 30
     assert rec.due()
-    out = rec.step()
+    out = run(rec)
     assert out["state"] == "converged" and out["current"]["sha256"] == A and out["revision"] == 5
     assert fetched == [f"http://127.0.0.1:9/sha256/{A}"] and activated == [A]
     assert [r["state"] for r in reports] == ["fetching", "converged"]
-    assert not rec.due()
+    assert not rec.due() and json.loads((tmp_path / DESIRED).read_text())["converged"] is True
+    assert rec.protected() == {A}  # the store budget never removes the desired model
 
 
 def test_old_revisions_are_refused_and_a_redelivery_only_reports_again(rig):
     make, *_ , reports, fetched, activated, _ = rig
     rec = make()
     rec.take(desired(5))
-    rec.step()
+    run(rec)
     assert rec.take(desired(5)) == "same" and reports[-1]["state"] == "converged"
     assert rec.take(desired(4, sha=B)) == "stale"  # a replayed old desired state never takes the device back
     assert rec.take(desired(5, sha=B, msg_id="other")) == "stale"
@@ -111,13 +134,13 @@ def test_a_failure_keeps_the_model_backs_off_and_gives_up_after_max_attempts(rig
     make, store, clock, reports, fetched, activated, fail = rig
     rec = make()
     rec.take(desired(1))
-    rec.step()
+    run(rec)
     rec.take(desired(2, sha=B))
     fail["fetch"] = 5
     waits = []
     for _ in range(3):
         assert rec.due()
-        out = rec.step()
+        out = run(rec)
         assert out["state"] == "failed" and "store not answering" in out["error"]
         assert out["current"]["sha256"] == A  # still on its working model
         if rec.next_at is not None:
@@ -126,17 +149,55 @@ def test_a_failure_keeps_the_model_backs_off_and_gives_up_after_max_attempts(rig
     assert waits == [10, 20] and rec.next_at is None  # 10 s, 20 s, then no more until a new revision
     rec.take(desired(3, sha=B))
     fail["fetch"] = 0
-    assert rec.step()["state"] == "converged" and store.cur == B
+    assert run(rec)["state"] == "converged" and store.cur == B
 
 
-def test_a_restart_resumes_the_desired_state_and_a_damaged_file_is_ignored(rig, tmp_path):
+def test_a_slow_download_holds_nothing_and_a_newer_desired_state_cancels_it(rig):
+    make, store, clock, reports, fetched, activated, fail = rig
+    rec = make()
+    fail["hold"] = True
+    rec.take(desired(1))
+    assert rec.step()["state"] == "fetching"  # returns at once: the download runs beside the main loop
+    assert not rec.due()
+    fail["hold"] = False
+    rec.take(desired(2, sha=B))  # cancels the download in flight
+    deadline = time.monotonic() + 10
+    while not rec.due() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert rec.step() is None  # the cancelled download's end: nothing reported for the old revision
+    out = run(rec)
+    assert out["state"] == "converged" and out["revision"] == 2 and store.cur == B and activated == [B]
+    fail["odd"] = True
+    rec.take(desired(3, sha=A))
+    out = run(rec)
+    assert out["state"] == "failed" and out["error"] == "ValueError: Invalid IPv6 URL" and rec.next_at is not None
+
+
+def test_a_restart_resumes_an_unfinished_desired_state_after_the_broker_had_its_say(rig, tmp_path):
     make, store, clock, reports, fetched, activated, fail = rig
     make().take(desired(7, delay=600))
     again = make()
-    assert again.desired.revision == 7 and again.due()  # no second start delay after a restart
+    assert again.desired.revision == 7 and not again.due()  # not before the broker could deliver a newer one
+    again.on_connect()
+    assert not again.due()
+    clock.t += 2
+    assert again.due()  # no second start delay after a restart
     assert again.take(desired(6)) == "stale"
-    (tmp_path / DESIRED).write_text('{"revision": ')
+    (tmp_path / DESIRED).write_text('{"message": ')
     assert make().desired is None
+
+
+def test_a_converged_desired_state_is_not_applied_again_after_a_restart(rig):
+    make, store, clock, reports, fetched, activated, fail = rig
+    rec = make()
+    rec.take(desired(1))
+    run(rec)
+    store.models[B] = {"sha256": B, "variant": "fp32", "model": "digits"}
+    store.activated_elsewhere(B)  # an operator pushed another model since
+    again = make()
+    again.on_connect()
+    clock.t += 60
+    assert not again.due() and store.cur == B and activated == [A]
 
 
 def test_a_trt_variant_gets_its_engine_built_at_install_and_a_failed_build_keeps_the_model(rig, monkeypatch):
@@ -148,7 +209,7 @@ def test_a_trt_variant_gets_its_engine_built_at_install_and_a_failed_build_keeps
     make, store, clock, reports, fetched, activated, _ = rig
     rec = make()
     rec.take(desired(1))
-    rec.step()
+    run(rec)
     builds = []
 
     def failing(st, sha, **kw):
@@ -159,10 +220,10 @@ def test_a_trt_variant_gets_its_engine_built_at_install_and_a_failed_build_keeps
 
     monkeypatch.setattr(runtimes, "prepare_installed", failing)
     rec.take({**desired(2, sha=B), "variant": "trt-fp16"})
-    out = rec.step()
+    out = run(rec)
     assert out["state"] == "failed" and "engine build failed" in out["error"] and out["current"]["sha256"] == A
     assert builds == [B] and activated == [A] and B not in store.models
     monkeypatch.setattr(runtimes, "prepare_installed", lambda st, sha, **kw: {"variant": "trt-fp16", "seconds": 1.0})
     rec.take({**desired(3, sha=B), "variant": "trt-fp16"})
-    out = rec.step()
+    out = run(rec)
     assert out["state"] == "converged" and out["download"]["engine"]["variant"] == "trt-fp16" and store.cur == B

@@ -92,7 +92,12 @@ def test_waves_go_in_order_and_a_failure_over_the_threshold_stops_the_rollout(tm
     assert [d for d, _ in broker.sent] == names[:10]  # waves of 2 and 8; the last wave was never sent
     assert out["counts"] == {"converged": 9, "failed": 1, "planned": 10, "refused": 1}
     assert history.rollout("r")["state"] == "stopped" and history.rollout("r")["owner"] is None
-    with pytest.raises(RolloutError, match="is stopped"):
+    again = Rollout(history, "r", broker).run()  # resumable: stops again while the failure stands
+    assert again["state"] == "stopped" and len(broker.sent) == 10
+    broker.retained[names[3]] = {**broker.retained[names[3]], "state": "converged", "error": None}  # it recovered
+    done = Rollout(history, "r", broker).run()
+    assert done["state"] == "done" and done["counts"] == {"converged": 20, "refused": 1}
+    with pytest.raises(RolloutError, match="is done"):
         Rollout(history, "r", broker).run()
 
 

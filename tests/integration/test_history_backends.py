@@ -186,7 +186,8 @@ def test_rollout_state_has_one_owner_at_a_time_and_device_rows_update_in_place(h
     history.save_rollout("r1", "running", {"variant": "int8"})
     assert history.claim_rollout("r1", "host-a:1", stale_s=60) is None
     assert history.claim_rollout("r1", "host-b:2", stale_s=60) == "host-a:1"  # a second start is refused
-    assert history.claim_rollout("r1", "host-b:2", stale_s=0) is None  # a dead owner's claim goes stale
+    time.sleep(0.05)
+    assert history.claim_rollout("r1", "host-b:2", stale_s=0.02) is None  # a dead owner's claim goes stale (database clock)
     assert history.claim_rollout("nope", "host-b:2", stale_s=60) is not None
     big = 1_795_900_000_123  # revisions are clock-based: past 32 bits (PostgreSQL's INTEGER)
     history.set_rollout_devices("r1", [{"device": "d1", "wave": 0, "state": "sent", "revision": 5, "detail": {"a": 1}},

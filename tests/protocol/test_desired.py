@@ -1,0 +1,38 @@
+"""The desired and reported bodies: what a receiver refuses before anything uses it."""
+
+from __future__ import annotations
+
+import pytest
+
+from edgekit_protocol.desired import Desired, check_reported, parse_desired, reported_body
+from edgekit_protocol.errors import MessageError
+
+SHA = "a" * 64
+
+
+def good() -> dict:
+    return {"msg_id": "m", **Desired(msg_id="m", rollout="r", revision=5, store="http://s.example", model="digits",
+                                     variant="int8", sha256=SHA, bytes=10).body()}
+
+
+def test_a_desired_body_round_trips_and_bad_fields_are_named():
+    d = parse_desired(good())
+    assert d.revision == 5 and d.sha256 == SHA and d.store == "http://s.example"
+    for change, field in (({"sha256": "../x"}, "sha256"), ({"revision": 0}, "revision"), ({"revision": True}, "revision"),
+                          ({"store": "file:///etc"}, "store"), ({"bytes": 2 ** 41}, "bytes"), ({"variant": "a/b"}, "'/'"),
+                          ({"fetch": {"max_bytes_s": -1}}, "max_bytes_s"), ({"fetch": {"start_delay_s": 1e9}}, "start_delay_s"),
+                          ({"keep": ["x"]}, "keep"), ({"eval": "x"}, "eval")):
+        with pytest.raises(MessageError, match=field):
+            parse_desired({**good(), **change})
+
+
+def test_a_reported_body_with_nonsense_inside_is_refused():
+    ok = reported_body(parse_desired(good()), "converged", {"sha256": SHA, "variant": "int8", "model": "digits", "bytes": 10},
+                       download={"bytes": 10, "resumed": False, "seconds": 0.5})
+    assert check_reported(ok) is ok
+    for change, field in (({"download": {"bytes": "12"}}, "download.bytes"), ({"download": {"seconds": -1}}, "download.seconds"),
+                          ({"download": {"resumed": 1}}, "download.resumed"), ({"current": {"bytes": "9"}}, "current.bytes"),
+                          ({"previous": {"sha256": 5}}, "previous.sha256"), ({"attempt": -1}, "attempt"),
+                          ({"state": "done"}, "state"), ({"revision": -1}, "revision")):
+        with pytest.raises(MessageError, match=field):
+            check_reported({**ok, **change})
