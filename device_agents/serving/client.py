@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 import threading
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,9 @@ from device_agents.serving.frames import (
     SHM_DIR,
     SHM_PREFIX,
     FrameError,
-    read_frame,
+    Receiver,
+    describe,
+    encode_head,
     socket_buffers,
     write_frame,
 )
@@ -50,27 +53,43 @@ class Client:
         self.shared_memory = os.path.isdir(SHM_DIR) if shared_memory is None else shared_memory
         self._shm: Any = None  # (name, mmap) of this client's shared-memory file
         self._sock: socket.socket | None = None
-        self._file: Any = None
+        self._receiver: Receiver | None = None
+        self._heads: dict[Any, bytes] = {}  # encoded predict headers by inputs' names, dtypes and shapes
         self.model: dict[str, Any] | None = None  # the model that answered the last request
 
     def _connect(self) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         socket_buffers(sock)
-        sock.settimeout(self.timeout)
+        sock.settimeout(self.timeout)  # the connect; then the kernel's timeouts: no poll() before every call
         try:
             sock.connect(str(self.path))
         except OSError as exc:
             sock.close()
             raise ServingError(f"serving API at {self.path}: {exc.strerror or exc}; is the agent running?") from None
-        self._sock, self._file = sock, sock.makefile("rb")
+        sock.settimeout(None)
+        tv = struct.pack("ll", int(self.timeout), int(self.timeout % 1 * 1e6))
+        for opt in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, opt, tv)
+            except OSError:  # a platform without them: Python's own timeout
+                sock.settimeout(self.timeout)
+        self._sock, self._receiver = sock, Receiver(sock)
 
-    def _call(self, header: dict[str, Any], arrays: dict[str, np.ndarray] | None = None) -> tuple[dict, dict]:
+    def _call(self, header: dict[str, Any], arrays: dict[str, np.ndarray] | None = None,
+              head: bytes | None = None) -> tuple[dict, dict]:
+        """Send one request (``head``: its encoded start, when the caller has it) and return the answer's
+        header and arrays.
+
+        Raises:
+            ServingError: the answer is an error (its text), or the API cannot be reached or answers
+                nothing twice.
+        """
         for attempt in (1, 2):  # a connection the server closed meanwhile is opened again once
             if self._sock is None:
                 self._connect()
             try:
-                write_frame(self._sock, header, arrays)
-                frame = read_frame(self._file, self.max_payload)
+                write_frame(self._sock, header, arrays, head=head)
+                frame = self._receiver.read(self.max_payload)
             except (OSError, FrameError) as exc:
                 self._drop()
                 if attempt == 2:
@@ -98,7 +117,14 @@ class Client:
         size = sum(a.nbytes for a in arrays.values())
         if self.shared_memory and size >= SHM_MIN:
             return dict(self._call(self._share(arrays, size))[1])
-        return dict(self._call({"op": "predict"}, arrays)[1])
+        arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+        key = tuple((k, v.dtype.str, v.shape) for k, v in arrays.items())
+        head = self._heads.get(key)
+        if head is None:
+            if len(self._heads) > 64:
+                self._heads.clear()
+            head = self._heads[key] = encode_head({"op": "predict", "tensors": describe(arrays)})
+        return dict(self._call({"op": "predict"}, arrays, head=head)[1])
 
     def _share(self, arrays: dict[str, np.ndarray], size: int) -> dict[str, Any]:
         """Copy ``arrays`` into this client's shared-memory file; return the request header naming them."""
@@ -139,9 +165,8 @@ class Client:
     def _drop(self) -> None:
         """Close the connection (the next call opens a new one); the shared-memory file stays."""
         if self._sock is not None:
-            self._file.close()
             self._sock.close()
-            self._sock = self._file = None
+            self._sock = self._receiver = None
 
     def close(self) -> None:
         """Close the connection and remove this client's shared-memory file."""
