@@ -38,6 +38,7 @@ class ServingError(DeviceError):
 
 
 def _named(inputs: dict[str, Any] | np.ndarray) -> dict[str, np.ndarray]:
+    """Return ``inputs`` as arrays by name (a bare array is named ``x``)."""
     return {k: np.asarray(v) for k, v in inputs.items()} if isinstance(inputs, dict) else {"x": np.asarray(inputs)}
 
 
@@ -58,6 +59,11 @@ class Client:
         self.model: dict[str, Any] | None = None  # the model that answered the last request
 
     def _connect(self) -> None:
+        """Connect to the API (the kernel's send and receive timeouts set: no poll() before every call).
+
+        Raises:
+            ServingError: nothing listens at the socket (the agent is not running) or no permission.
+        """
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         socket_buffers(sock)
         sock.settimeout(self.timeout)  # the connect; then the kernel's timeouts: no poll() before every call
@@ -116,7 +122,14 @@ class Client:
         arrays = _named(inputs)
         size = sum(a.nbytes for a in arrays.values())
         if self.shared_memory and size >= SHM_MIN:
-            return dict(self._call(self._share(arrays, size))[1])
+            header = self._share(arrays, size)
+            key = ("shm", header["shm"], tuple((t["name"], t["dtype"], tuple(t["shape"])) for t in header["tensors"]))
+            head = self._heads.get(key)
+            if head is None:
+                if len(self._heads) > 64:
+                    self._heads.clear()
+                head = self._heads[key] = encode_head(header)
+            return dict(self._call(header, head=head)[1])
         arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
         key = tuple((k, v.dtype.str, v.shape) for k, v in arrays.items())
         head = self._heads.get(key)
@@ -149,6 +162,7 @@ class Client:
         return {"op": "predict", "shm": name, "tensors": tensors}
 
     def _close_shm(self) -> None:
+        """Unmap and remove this client's shared-memory file (never raises)."""
         if self._shm is not None:
             name, buf = self._shm
             buf.close()

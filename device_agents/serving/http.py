@@ -99,10 +99,12 @@ def listen(server: Any, port: int) -> ThreadingHTTPServer:
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive: one connection, many requests
+        disable_nagle_algorithm = True  # headers and body are two writes: never wait for the client's delayed ACK
         server_version = "edgekit-serve"
         timeout = READ_TIMEOUT_S
 
         def handle(self) -> None:
+            """Serve one connection (its keep-alive requests) in a client place; answer 503 without one."""
             if not server.admit():  # the same places as socket clients
                 self._raw_refusal(503, server.busy_message())
                 return
@@ -114,6 +116,7 @@ def listen(server: Any, port: int) -> ThreadingHTTPServer:
                 server.leave()
 
         def _raw_refusal(self, status: int, message: str) -> None:
+            """Answer ``status`` and close, before the request is read (never raises)."""
             body = _ENCODE({"ok": False, "error": message}).encode()
             reason = self.responses.get(status, ("",))[0]
             try:
@@ -123,6 +126,11 @@ def listen(server: Any, port: int) -> ThreadingHTTPServer:
                 pass
 
         def _send(self, status: int, doc: dict[str, Any], close: bool = False) -> None:
+            """Answer ``doc`` as JSON (500 when it holds NaN or infinity); ``close`` ends the connection after.
+
+            Raises:
+                OSError: the client is gone (ends the connection).
+            """
             try:
                 body = _ENCODE(doc).encode()
             except ValueError:  # NaN or infinity in the outputs: JSON cannot carry them
@@ -138,9 +146,19 @@ def listen(server: Any, port: int) -> ThreadingHTTPServer:
             self.wfile.write(body)
 
         def _error(self, status: int, message: str, model: dict[str, Any] | None = None, close: bool = False) -> None:
+            """Answer ``{"ok": false, "error": message}`` (and the model that refused it) with ``status``.
+
+            Raises:
+                OSError: the client is gone.
+            """
             self._send(status, {"ok": False, "error": message, **({"model": model} if model else {})}, close)
 
-        def do_GET(self) -> None:
+        def do_GET(self) -> None:  # noqa: N802 - the standard library's name
+            """Answer ``GET /v1/model`` (404/405 for other paths, 503 when nothing is served).
+
+            Raises:
+                OSError: the client is gone.
+            """
             if self.path.split("?")[0] == "/v1/predict":
                 self._error(405, "use POST for /v1/predict")
                 return
@@ -153,7 +171,12 @@ def listen(server: Any, port: int) -> ThreadingHTTPServer:
                 return
             self._send(200, {"ok": True, "model": served.ref(), "inputs": served.inputs, "outputs": served.outputs})
 
-        def do_POST(self) -> None:
+        def do_POST(self) -> None:  # noqa: N802 - the standard library's name
+            """Answer ``POST /v1/predict`` through the server's request path, then offer it to the shadow run.
+
+            Raises:
+                OSError: the client is gone or too slow (ends the connection).
+            """
             if self.path.split("?")[0] != "/v1/predict":
                 if self.path.split("?")[0] == "/v1/model":
                     self._error(405, "use GET for /v1/model", close=True)
@@ -194,6 +217,7 @@ def listen(server: Any, port: int) -> ThreadingHTTPServer:
             server.offer_shadow(served, arrays, outputs)  # after the answer, as on the socket
 
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the standard library's name
+            """Log the access line at debug level (not on stderr)."""
             log.debug("http: " + format, *args)
 
     class Listener(ThreadingHTTPServer):

@@ -77,6 +77,11 @@ class _Served:
     """One model being served: its interpreters (one per worker) and its live figures."""
 
     def __init__(self, path: Path, sha256: str, variant: str | None, make: Any, workers: int):
+        """Load ``workers`` interpreters of ``path`` and warm them.
+
+        Raises:
+            Exception: whatever the interpreter factory or the warm-up raises (the model is not served).
+        """
         self.sha256, self.variant, self.path = sha256, variant, path
         self.pool: queue.Queue[ModelRunner] = queue.Queue()
         for _ in range(workers):
@@ -181,9 +186,11 @@ class Server:
 
         class Handler(socketserver.BaseRequestHandler):
             def setup(self) -> None:
+                """Ask for large socket buffers (an image-sized frame crosses in few copies)."""
                 socket_buffers(self.request)
 
             def handle(self) -> None:
+                """Serve the connection (:meth:`Server._handle`; never raises)."""
                 outer._handle(self.request)
 
         class Listener(socketserver.ThreadingUnixStreamServer):

@@ -297,6 +297,7 @@ class Shadow:
         self._close()
 
     def _close(self) -> None:
+        """End the child (end of input, then killed after 2 s) and remove the slots' file; never raises."""
         if self._conn is not None:
             try:
                 self._conn.send(None)
