@@ -200,3 +200,38 @@ def test_http_follows_a_hot_swap_and_feeds_the_shadow_run(store, server):
 def test_a_taken_port_is_one_line(store, server):
     with pytest.raises(Exception, match=r"cannot listen on http://127.0.0.1:\d+"):
         Server(store.root / "other.sock", make_interpreter=make, http_port=server.http_address[1]).start()
+
+
+def test_the_agent_wires_http_port_and_runs_its_shadow_in_a_child(store, tmp_path):
+    """serve.http_port from agent.yaml reaches the agent's server; its shadow command starts a child
+    process with the agent's own interpreter settings (a picklable factory)."""
+    from device_agents.service import Agent
+    from edgekit_protocol.commands import Command
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text(f"device: pi-1\nfleet: f\nroot: {store.root}\nserve: {{http_port: {port}}}\n")
+    agent = Agent(load_agent_config(cfg))
+    agent.server.start()
+    try:
+        agent.follow_current()
+        assert agent.server.http_address == ("127.0.0.1", port)
+        assert call(agent.server, "GET", "/v1/model")[1]["model"]["variant"] == "int8"
+        result = agent._cmd_shadow(Command("m1", "shadow", {"variant": "fp32", "share": 1.0}))
+        assert result == {"shadow": {"sha256": store.shas["fp32"], "variant": "fp32"},
+                          "serving": {"sha256": store.shas["int8"], "variant": "int8"}}
+        for s in samples(3):
+            assert call(agent.server, "POST", "/v1/predict", {"inputs": {"image": s.tolist()}})[0] == 200
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # compared, or skipped: this shared machine's load average may be high
+            shadow = agent.server.snapshot()["shadow"]
+            if shadow["compared"] + shadow["skipped_busy_cpu"] + shadow["skipped_rate"] >= 3:
+                break
+            time.sleep(0.05)
+        assert shadow["runs_in"].startswith("child process") and shadow["errors"] == 0, shadow
+        assert agent._cmd_shadow(Command("m2", "shadow", {"off": True})) == {"shadow": None}
+    finally:
+        agent.server.close()
+        agent.spool.close()
