@@ -200,9 +200,9 @@ WORKER = r"""
 import sys, time
 from edge_kit.fleet.inventory import load_fleet
 from edge_kit.telemetry.monitor import Monitor
-from edge_kit.telemetry.store import Store
+from edge_kit.telemetry.store import open_history
 fleet_file, store, share, cid = sys.argv[1:5]
-mon = Monitor(load_fleet(fleet_file), Store(store), share=share or None, client_id=cid, persistent=True).start()
+mon = Monitor(load_fleet(fleet_file), open_history(store), share=share or None, client_id=cid, persistent=True).start()
 time.sleep(0.5)
 mon.client.disconnect()  # offline, session kept: the broker queues the backlog for this worker
 mon.client.loop_stop()
@@ -224,11 +224,14 @@ mon.stop()
 """
 
 
-def _ingest_rate(tmp_path, broker, n: int, workers: int, tag: str) -> tuple[float, int, int, tuple[float, float]]:
+def _ingest_rate(tmp_path, broker, n: int, workers: int, tag: str,
+                 history: str | None = None, settle_s: float = 60.0) -> tuple[float, int, int, tuple[float, float]]:
     """Queue ``n`` records on the broker for offline persistent monitor sessions, then time the
-    workers draining them into one store. Returns (records/s, stored in all, stored in the file,
-    (CPU-s all processes used while they drained, of which Mosquitto's))."""
-    from edge_kit.telemetry.store import Store
+    workers draining them into one history (``history``: a path or a ``postgresql://`` URL of an
+    empty database; default a new SQLite file). Returns (records/s, stored in all, rows in the
+    history, (CPU-s all processes used while they drained, of which Mosquitto's)). ``settle_s``: how
+    long to wait at most for the machine to go idle before the drain starts."""
+    from edge_kit.telemetry.store import open_history
 
     fleet_file = tmp_path / f"fleet-{tag}.yaml"
     fleet_file.write_text(f"fleet: scale\nbroker: {{host: 127.0.0.1, port: {broker.port}}}\n"
@@ -236,7 +239,7 @@ def _ingest_rate(tmp_path, broker, n: int, workers: int, tag: str) -> tuple[floa
                               f"  - {{name: d{i}, host: 127.0.0.1}}\n" for i in range(50)))
     for name, signer in SCALE_KEYS.items():
         FleetKeys(tmp_path / "keys").register(name, signer.public)
-    store = tmp_path / f"{tag}.db"
+    store = history or str(tmp_path / f"{tag}.db")
     share = f"ingest-{tag}" if workers > 1 else ""  # a fresh group: earlier runs' sessions are still members
     procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(fleet_file), str(store), share, f"{tag}-{w}"],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for w in range(workers)]
@@ -252,7 +255,7 @@ def _ingest_rate(tmp_path, broker, n: int, workers: int, tag: str) -> tuple[floa
         info.wait_for_publish(60)
     pub.disconnect()
     pub.loop_stop()
-    _wait_idle()
+    _wait_idle(timeout=settle_s)
     machine, mosquitto = _machine_cpu_s(), _process_cpu_s(broker.proc.pid)
     for p in procs:
         p.stdin.write(f"{n}\n")
@@ -263,7 +266,9 @@ def _ingest_rate(tmp_path, broker, n: int, workers: int, tag: str) -> tuple[floa
         p.wait(timeout=30)
     stored = sum(int(r[0]) for r in results)
     started, finished = min(float(r[1]) for r in results), max(float(r[2]) for r in results)
-    return stored / (finished - started), stored, Store(store).count("bench"), cpu
+    with open_history(store) as db:
+        rows = db.count("bench")
+    return stored / (finished - started), stored, rows, cpu
 
 
 def test_monitor_ingest_one_and_two_workers(tmp_path, figure, benchmark):

@@ -180,9 +180,12 @@ class Reconciler:
         return self._say("failed", error=error)
 
     def _say(self, state: str, **extra: Any) -> dict[str, Any]:
-        current = self.store.describe(self.store.current())
-        ref = {k: current[k] for k in ("sha256", "variant", "model") if k in current} if current else None
-        self.last = reported_body(self.desired, state, ref, attempt=self.attempt, **extra)
+        def ref(sha: str | None) -> dict[str, Any] | None:
+            meta = self.store.describe(sha)
+            return {k: meta[k] for k in ("sha256", "variant", "model", "bytes") if k in meta} if meta else None
+
+        self.last = {**reported_body(self.desired, state, ref(self.store.current()), attempt=self.attempt, **extra),
+                     "previous": ref(self.store.previous())}  # what a rollback by desired state goes back to
         self._report(self.last)
         return self.last
 

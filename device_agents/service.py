@@ -429,7 +429,8 @@ class Agent:
     def _cmd_state(self, cmd: Command) -> dict[str, Any]:
         state = {"current": self._model_ref(self.store.current()), "previous": self._model_ref(self.store.previous()),
                  "installed": self.store.installed(), "spool": self.spool.stats(), "power_source": self.power_source,
-                 "queued_commands": self.commands.qsize(), "disk": self.disk.usage()}
+                 "queued_commands": self.commands.qsize(), "disk": self.disk.usage(),
+                 "desired": self.reconciler.last}  # where the device stands with its desired state (None: never given one)
         if cmd.args.get("verify"):
             state["damaged"] = self.store.damaged()
         if "live" in cmd.args:  # the serving API's figures, with the last N service times (a rollout gate's samples)

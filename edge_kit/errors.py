@@ -39,5 +39,11 @@ class AgentTimeout(AgentError):
     """An agent did not answer in time (it may still act on the request later, unless it expired)."""
 
 
+class HistoryError(EdgeKitError):
+    """The history database cannot be opened, reached or written (a file, or a PostgreSQL server)."""
+
+    exit_code = 6
+
+
 __all__ = ["AgentError", "AgentTimeout", "CommandError", "CompileError", "ConfigError", "DataFileError",
-           "DeployError", "EdgeKitError", "InputError", "MessageError"]
+           "DeployError", "EdgeKitError", "HistoryError", "InputError", "MessageError"]

@@ -22,7 +22,8 @@ fetch          ``{max_bytes_s, start_delay_s, timeout_s}``: the rollout's bandwi
 ``reported`` (device to operator; retained, QoS 1, signed by the device) says where the device is
 with the revision it last took: ``state`` is ``fetching``, ``converged`` (the desired model is
 current and passed its smoke test) or ``failed`` (``error`` says why; the device stays on its
-model and retries with back-off, ``attempt`` counts). ``current`` is the model the device runs.
+model and retries with back-off, ``attempt`` counts). ``current`` is the model the device runs,
+``previous`` the one before it (what a rollback goes back to).
 """
 
 from __future__ import annotations
@@ -154,7 +155,7 @@ def check_reported(message: dict[str, Any]) -> dict[str, Any]:
     rev = m.get("revision")
     if not isinstance(rev, int) or isinstance(rev, bool) or not 0 <= rev < 2 ** 63:
         raise MessageError("reported: field 'revision' is not a non-negative integer")
-    for name, types in (("rollout", str), ("error", str), ("current", dict), ("download", dict)):
+    for name, types in (("rollout", str), ("error", str), ("current", dict), ("previous", dict), ("download", dict)):
         if m.get(name) is not None and not isinstance(m[name], types):
             raise MessageError(f"reported: field '{name}' is {type(m[name]).__name__}")
     return m

@@ -26,13 +26,35 @@ SPLIT_ABOVE = 8  # a group with more figures than this gets one table per benchm
 _NUMBER = r"[-+]?\d[\d,]*(?:\.\d+)?"
 
 
+_ONE = re.compile(r"<!-- figure: (.+?) -->")  # one figure's value, inline on any page
+
+
 def on_page_markdown(markdown: str, page: Any, config: Any, files: Any, **_: Any) -> str:
+    """Return the page with each ``<!-- figure: NAME -->`` replaced by that figure's value, and on the
+    Figures page the marker replaced by every table."""
+    if _ONE.search(markdown):
+        markdown = _ONE.sub(lambda m: inline(Path(config["docs_dir"]) / SOURCE, m.group(1).strip()), markdown)
     if page.file.src_uri != PAGE:
         return markdown
     if MARKER not in markdown:
         log.warning("%s has no %s marker: the figures tables have nowhere to go", PAGE, MARKER)
         return markdown
     return markdown.replace(MARKER, render(Path(config["docs_dir"]) / SOURCE))
+
+
+def inline(path: Path, name: str) -> str:
+    """Return the value of the figure ``name`` in ``path`` as inline Markdown (with where it came from), or a
+    note that the current figures run has not measured it."""
+    try:
+        figures = json.loads(path.read_text())["figures"]
+        data_date = json.loads(path.read_text()).get("date", "?")
+    except (OSError, ValueError, KeyError, TypeError):
+        figures, data_date = [], "?"
+    for f in figures if isinstance(figures, list) else []:
+        if isinstance(f, dict) and f.get("name") == name:
+            return f"**{_esc(f.get('value', '?'))}** (run of {_esc(str(data_date)[:10])}, [Figures](figures.md))"
+    log.info("figure %r is not in %s: the page says so", name, path)
+    return f"*not in the current `docs/{SOURCE}` yet: the next full benchmark run measures it ([Figures](figures.md))*"
 
 
 def render(path: Path) -> str:

@@ -29,6 +29,57 @@ err = Console(stderr=True)
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 FleetOpt = Annotated[Path, typer.Option("--fleet", "-f", help="fleet.yaml: devices, SSH and broker.")]
 DevicesOpt = Annotated[Optional[list[str]], typer.Option("--devices", help="Device name, tag:<tag> or all; repeat.")]
+_HISTORY_HELP = ("History database: a SQLite file, or a postgresql://user:password@host:port/db URL shared by several "
+                 "hosts (default: edgekit-history.db next to the fleet file)")
+# One name per concept: --history is the history database everywhere, --store the artifact store (publish,
+# rollout, sim up). Round 1's --store for the history was renamed when the artifact store came.
+HistoryOpt = Annotated[Optional[str], typer.Option("--history", metavar="PATH|URL", help=_HISTORY_HELP + ".")]
+
+
+def open_fleet_history(fleet_file: Path | None, history: str | None) -> Any:
+    """Return the open :class:`~edge_kit.telemetry.store.HistoryStore` that ``--history`` names, or the fleet's
+    default file (``edgekit-history.db`` beside the fleet file; in the current folder without one).
+
+    Raises:
+        HistoryError: the database cannot be opened or reached.
+    """
+    from edge_kit.telemetry.store import HISTORY_NAME, history_path, open_history
+
+    if history:
+        return open_history(history)
+    return open_history(history_path(fleet_file) if fleet_file else Path(HISTORY_NAME))
+
+# The live gate (deploy --canary --gate live, rollout start --gate live): edge_kit.selection.gate.judge_live.
+GateOpt = Annotated[Optional[str], typer.Option(help="'live': judge the first devices (canaries) on production traffic "
+                                                     "against the devices of their profiles still on the current model.")]
+GateWindowOpt = Annotated[float, typer.Option(min=1, help="Live gate: seconds to collect at most.")]
+GateRequestsOpt = Annotated[int, typer.Option(min=10, help="Live gate: requests each canary must answer.")]
+GateAlphaOpt = Annotated[float, typer.Option(min=1e-6, max=0.5, help="Live gate: the latency test's significance.")]
+GateSlowdownOpt = Annotated[float, typer.Option(min=0, help="Live gate: roll back only when the canaries' median is "
+                                                            "also this share above the controls' (0.1: 10 %).")]
+GateShadowOpt = Annotated[float, typer.Option(min=0, max=1, help="Live gate: share of canary requests also run through "
+                                                                  "the fp32 reference (0: none).")]
+GateSnrOpt = Annotated[Optional[float], typer.Option(help="Live gate: roll back below this live fidelity (needs --gate-shadow).")]
+
+
+def live_gate(gate: str | None, window: float, min_requests: int, alpha: float, min_slowdown: float, shadow: float,
+              min_snr_db: float | None) -> Any:
+    """Return the :class:`~edge_kit.loop.rollout.LiveGate` the ``--gate*`` options describe, or None without ``--gate``.
+
+    Raises:
+        InputError: ``--gate`` is not ``live``, or ``--gate-min-snr-db`` is given without ``--gate-shadow``.
+    """
+    if gate is None:
+        return None
+    from edge_kit.errors import InputError
+    from edge_kit.loop.rollout import LiveGate
+
+    if gate != "live":
+        raise InputError(f"--gate {gate}: the only gate is 'live'")
+    if min_snr_db is not None and shadow <= 0:
+        raise InputError("--gate-min-snr-db needs --gate-shadow (the share of requests compared with the reference)")
+    return LiveGate(window_s=window, min_samples=min_requests, alpha=alpha, min_slowdown=min_slowdown,
+                    shadow_share=shadow, min_snr_db=min_snr_db)
 
 
 def emit_json(data: Any) -> None:

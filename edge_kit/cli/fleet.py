@@ -14,9 +14,19 @@ from rich.table import Table
 from edge_kit.cli.app import (
     DevicesOpt,
     FleetOpt,
+    GateAlphaOpt,
+    GateOpt,
+    GateRequestsOpt,
+    GateShadowOpt,
+    GateSlowdownOpt,
+    GateSnrOpt,
+    GateWindowOpt,
+    HistoryOpt,
     JsonOpt,
     app,
     emit_json,
+    live_gate,
+    open_fleet_history,
     out,
     results_table,
 )
@@ -176,17 +186,14 @@ def deploy_cmd(
     health_timeout: Annotated[float, typer.Option(min=1, help="Seconds to wait for each device's health check.")] = 120.0,
     repair: Annotated[bool, typer.Option("--repair/--no-repair", help="Have each agent hash its stored models and "
                                                                       "upload damaged ones again.")] = True,
-    gate: Annotated[Optional[str], typer.Option(help="'live': judge the canaries on production traffic against the "
-                                                     "devices of their profiles still on the current model.")] = None,
-    gate_window: Annotated[float, typer.Option(min=1, help="Live gate: seconds to collect at most.")] = 60.0,
-    gate_min_requests: Annotated[int, typer.Option(min=10, help="Live gate: requests each canary must answer.")] = 200,
-    gate_alpha: Annotated[float, typer.Option(min=1e-6, max=0.5, help="Live gate: the latency test's significance.")] = 0.01,
-    gate_min_slowdown: Annotated[float, typer.Option(min=0, help="Live gate: roll back only when the canaries' median "
-                                                                 "is also this share above the controls' (0.1: 10 %).")] = 0.10,
-    gate_shadow: Annotated[float, typer.Option(min=0, max=1, help="Live gate: share of canary requests also run "
-                                                                   "through the fp32 reference (0: none).")] = 0.0,
-    gate_min_snr_db: Annotated[Optional[float], typer.Option(help="Live gate: roll back below this live fidelity "
-                                                                   "(needs --gate-shadow).")] = None,
+    gate: GateOpt = None,
+    gate_window: GateWindowOpt = 60.0,
+    gate_min_requests: GateRequestsOpt = 200,
+    gate_alpha: GateAlphaOpt = 0.01,
+    gate_min_slowdown: GateSlowdownOpt = 0.10,
+    gate_shadow: GateShadowOpt = 0.0,
+    gate_min_snr_db: GateSnrOpt = None,
+    history_spec: HistoryOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Push the agent and the artifacts to devices over SSH, activate safely, check health, roll back failures.
@@ -201,7 +208,8 @@ def deploy_cmd(
     from edge_kit.errors import InputError
     from edge_kit.fleet.deploy import DeployOptions, deploy
     from edge_kit.fleet.inventory import load_fleet
-    from edge_kit.loop.rollout import LiveGate, rollout
+    from edge_kit.loop.rollout import rollout
+    from edge_kit.loop.waves import parse_share
     from edge_kit.manifest import read_manifest
 
     fleet = load_fleet(fleet_file)
@@ -209,20 +217,14 @@ def deploy_cmd(
     read_manifest(artifacts)  # a missing or broken manifest stops here, before any device is touched
     opts = DeployOptions(artifacts=artifacts, variant=variant, parallel=parallel, trust_new_hosts=trust_new_hosts,
                          health_timeout=health_timeout, repair=repair)
-    canary_share, failed_share = _share(canary, "--canary"), _share(max_failed, "--max-failed") or 0.0
-    live_gate = None
-    if gate is not None:
-        if gate != "live" or not canary_share:
-            raise InputError("--gate: the only gate is 'live', and it judges canaries: give --canary too")
-        if gate_min_snr_db is not None and gate_shadow <= 0:
-            raise InputError("--gate-min-snr-db needs --gate-shadow (the share of requests compared with the reference)")
-        live_gate = LiveGate(window_s=gate_window, min_samples=gate_min_requests, alpha=gate_alpha,
-                             min_slowdown=gate_min_slowdown, shadow_share=gate_shadow, min_snr_db=gate_min_snr_db)
-    history = None
-    if live_gate is not None:
-        from edge_kit.telemetry.store import Store, history_path
-
-        history = Store(history_path(Path(fleet_file)))
+    canary_share = parse_share(canary, "--canary") if canary is not None else None
+    failed_share = parse_share(max_failed, "--max-failed")
+    gated = live_gate(gate, gate_window, gate_min_requests, gate_alpha, gate_min_slowdown, gate_shadow, gate_min_snr_db)
+    if gated is not None and not canary_share:
+        raise InputError("--gate live judges canaries: give --canary too")
+    # The gate's decisions go to the history (opened before any device is touched: a database that
+    # cannot be reached stops the deploy here).
+    history = open_fleet_history(fleet_file, history_spec) if gated is not None else None
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} devices"),
                   TimeElapsedColumn(), console=err, transient=True, disable=as_json) as bar:
         task = bar.add_task("deploying", total=len(targets))
@@ -231,7 +233,7 @@ def deploy_cmd(
             done = what in ("succeeded", "skipped", "failed")
             bar.update(task, advance=1 if done else 0, description=f"{device}: {what}")
 
-        group = (rollout(fleet, targets, opts, canary_share, failed_share, progress, gate=live_gate,
+        group = (rollout(fleet, targets, opts, canary_share, failed_share, progress, gate=gated,
                          record=history.add_decision if history else None) if canary_share
                  else deploy(fleet, targets, opts, progress))
     if history is not None:
@@ -244,21 +246,6 @@ def deploy_cmd(
             out.print(f"[red]rollout stopped:[/] {escape(group.stopped)}")
     if group.failed or group.stopped:
         raise typer.Exit(4)
-
-
-def _share(text: str | None, option: str) -> float | None:
-    """Return ``10%`` or ``0.1`` as 0.1; None for None."""
-    if text is None:
-        return None
-    from edge_kit.errors import InputError
-
-    try:
-        value = float(text.rstrip("%")) / (100 if text.endswith("%") else 1)
-    except ValueError:
-        raise InputError(f"{option} {text}: give a share such as 10% or 0.1") from None
-    if not 0 <= value <= 1:
-        raise InputError(f"{option} {text}: must be between 0% and 100%")
-    return value
 
 
 @sim_app.command("up")

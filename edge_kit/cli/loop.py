@@ -14,9 +14,11 @@ from rich.table import Column, Table
 from edge_kit.cli.app import (
     DevicesOpt,
     FleetOpt,
+    HistoryOpt,
     JsonOpt,
     app,
     emit_json,
+    open_fleet_history,
     out,
     results_table,
 )
@@ -25,15 +27,6 @@ from edgekit_protocol.labels import power_source
 
 CandidatesOpt = Annotated[Path, typer.Option("--artifacts", help="The compiled model's folder: its variants are the candidates.")]
 MarginOpt = Annotated[float, typer.Option(min=0, max=1, help="Relative gain needed to switch (no flapping).")]
-
-StoreOpt = Annotated[Optional[Path], typer.Option("--store", help="History database (default: edgekit-history.db next to the fleet file).")]
-
-
-def _store_path(fleet_file: Path, store: Path | None) -> Path:
-    from edge_kit.telemetry.store import history_path
-
-    return store or history_path(fleet_file)
-
 
 def decision_table(decisions: dict[str, Any], explain: bool) -> list[Any]:
     """Return rich renderables: one summary table, and with ``explain`` the table behind each choice."""
@@ -66,7 +59,7 @@ def select_cmd(
     artifacts: Annotated[Optional[Path], typer.Option(help="The compiled model's folder: its variants are the "
                                                            "candidates (default: the one the last tune used).")] = None,
     devices: DevicesOpt = None,
-    store: StoreOpt = None,
+    history: HistoryOpt = None,
     margin: MarginOpt = DEFAULT_MARGIN,
     explain: Annotated[bool, typer.Option("--explain", help="Print the table behind each choice.")] = False,
     as_json: JsonOpt = False,
@@ -76,14 +69,13 @@ def select_cmd(
     from edge_kit.fleet.inventory import load_fleet
     from edge_kit.loop.tune import decide
     from edge_kit.manifest import read_manifest
-    from edge_kit.telemetry.store import Store
 
     fleet = load_fleet(fleet_file)
-    db = Store(_store_path(fleet_file, store))
+    db = open_fleet_history(fleet_file, history)
     if artifacts is None:
         last = next((d.get("artifacts") for d in db.decisions(limit=1)), None)
         if not last:
-            raise InputError(f"{db.path}: no tune has run against this history; pass --artifacts FOLDER")
+            raise InputError(f"{db.where}: no tune has run against this history; pass --artifacts FOLDER")
         artifacts = Path(last)
     manifest = read_manifest(artifacts)
     status = db.latest_status()
@@ -121,7 +113,7 @@ def tune_cmd(
     fleet_file: FleetOpt,
     artifacts: CandidatesOpt,
     devices: DevicesOpt = None,
-    store: StoreOpt = None,
+    history: HistoryOpt = None,
     rounds: Annotated[int, typer.Option(min=1, max=10)] = 2,
     margin: MarginOpt = DEFAULT_MARGIN,
     min_runs: Annotated[int, typer.Option(min=1, help="Timed runs per measurement at least.")] = 200,
@@ -135,12 +127,11 @@ def tune_cmd(
     from edge_kit.cli.app import err
     from edge_kit.fleet.inventory import load_fleet
     from edge_kit.loop.tune import tune
-    from edge_kit.telemetry.store import Store
 
     fleet = load_fleet(fleet_file)
     targets = fleet.select(devices)
     opts = tune_options(artifacts, rounds, margin, min_runs, min_seconds, timeout, parallel, trust_new_hosts)
-    db = Store(_store_path(fleet_file, store))
+    db = open_fleet_history(fleet_file, history)
     with err.status("tuning", spinner="dots") if not as_json else nullcontext() as status:
         report = tune(fleet, targets, opts, db, progress=(lambda m: status.update(m)) if status else None)
     if as_json:
@@ -235,7 +226,7 @@ def _fleet_table(store: Any, fleet: Any) -> Table:
 @app.command("monitor")
 def monitor_cmd(
     fleet_file: FleetOpt,
-    store: StoreOpt = None,
+    history: HistoryOpt = None,
     metrics_port: Annotated[Optional[int], typer.Option(help="Serve Prometheus metrics on this port.")] = None,
     metrics_addr: Annotated[str, typer.Option(help="Address for the metrics endpoint.")] = "127.0.0.1",
     share: Annotated[Optional[str], typer.Option(help="Join this MQTT 5 shared-subscription group (several workers).")] = None,
@@ -261,16 +252,16 @@ def monitor_cmd(
     from edge_kit.fleet.inventory import load_fleet
     from edge_kit.telemetry.metrics import FleetMetrics
     from edge_kit.telemetry.monitor import Monitor
-    from edge_kit.telemetry.store import Store
 
     fleet = load_fleet(fleet_file)
-    db = Store(_store_path(fleet_file, store))
+    db = open_fleet_history(fleet_file, history)
     metrics = FleetMetrics()
     if client_id is None:
         import hashlib
         import socket
 
-        where = f"{db.path.resolve()}|{share}|{socket.gethostname()}" if share else str(db.path.resolve())
+        ident = str(db.path.resolve()) if hasattr(db, "path") else db.where  # a file, or the database's URL
+        where = f"{ident}|{share}|{socket.gethostname()}" if share else ident
         client_id = f"edgekit-monitor-{fleet.fleet}-{hashlib.sha256(where.encode()).hexdigest()[:10]}"
     mon = Monitor(fleet, db, share=share, silence_s=silence_s, on_message=metrics.observe, client_id=client_id,
                   persistent=True, min_free_mb=min_free_mb)
@@ -281,8 +272,10 @@ def monitor_cmd(
     shown = 0
     try:
         with Live(_fleet_table(db, fleet), console=out, refresh_per_second=1, transient=False) if not as_json else nullcontext() as live:
-            while end is None or _time.monotonic() < end:
+            while (end is None or _time.monotonic() < end) and mon.failed is None:
                 _time.sleep(1.0)  # the table queries the whole history: once a second is plenty
+                if mon.failed is not None:
+                    break
                 if live is not None:
                     live.update(_fleet_table(db, fleet))
                     for alert in mon.alerts[shown:]:
@@ -294,10 +287,12 @@ def monitor_cmd(
         mon.stop()
         if server is not None:
             server.shutdown()
+    if mon.failed is not None:  # the history went away: one line, exit 6 (what it stored before is kept, whole)
+        raise mon.failed
     if as_json:
         s = mon.stats
         emit_json({"received": s.received, "stored": s.stored, "duplicates": s.duplicates, "invalid": s.invalid,
-                    "gaps": s.gaps, "alerts": [vars(a) for a in mon.alerts], "store": str(db.path)})
+                    "gaps": s.gaps, "alerts": [vars(a) for a in mon.alerts], "store": db.where})
 
 
 fleet_app = typer.Typer(no_args_is_help=True, help="The fleet: its broker's wall, and what the history store knows.")
@@ -352,13 +347,12 @@ def fleet_init_cmd(
 
 
 @fleet_app.command("status")
-def fleet_status_cmd(fleet_file: FleetOpt, store: StoreOpt = None, as_json: JsonOpt = False) -> None:
+def fleet_status_cmd(fleet_file: FleetOpt, history: HistoryOpt = None, as_json: JsonOpt = False) -> None:
     """Per device: last status, current variant and its latest benchmark, from the history store."""
     from edge_kit.fleet.inventory import load_fleet
-    from edge_kit.telemetry.store import Store
 
     fleet = load_fleet(fleet_file)
-    db = Store(_store_path(fleet_file, store))
+    db = open_fleet_history(fleet_file, history)
     if as_json:
         emit_json({"status": db.latest_status(), "telemetry": db.latest_telemetry(),
                     "bench": {f"{d}/{s}": r for (d, s), r in db.latest_bench().items()}})
@@ -370,18 +364,20 @@ def fleet_status_cmd(fleet_file: FleetOpt, store: StoreOpt = None, as_json: Json
 def report_cmd(
     out_file: Annotated[Path, typer.Option("--out", help="The HTML file to write.")] = Path("report.html"),
     fleet_file: Annotated[Optional[Path], typer.Option("--fleet", "-f", help="fleet.yaml (its history store is used).")] = None,
-    store: StoreOpt = None,
+    history: HistoryOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Write one self-contained HTML report: per profile, latency vs accuracy and energy; the fleet table."""
     from edge_kit.errors import InputError
     from edge_kit.telemetry.report import build_report
-    from edge_kit.telemetry.store import HISTORY_NAME, Store
+    from edge_kit.telemetry.store import HISTORY_NAME, history_path, is_postgres
 
-    path = store or (_store_path(fleet_file, None) if fleet_file else Path(HISTORY_NAME))
-    if not path.is_file():
-        raise InputError(f"{path}: no history store; run `edgekit monitor` or `edgekit tune` first, or pass --store")
-    info = build_report(Store(path), out_file)
+    if not is_postgres(history or ""):
+        path = Path(history) if history else (history_path(fleet_file) if fleet_file else Path(HISTORY_NAME))
+        if not path.is_file():
+            raise InputError(f"{path}: no history store; run `edgekit monitor` or `edgekit tune` first, or pass --history")
+    with open_fleet_history(fleet_file, history) as db:
+        info = build_report(db, out_file)
     if as_json:
         emit_json(info)
     else:

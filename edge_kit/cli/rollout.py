@@ -18,36 +18,59 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from edge_kit.cli.app import DevicesOpt, FleetOpt, JsonOpt, app, emit_json, err, out
+from edge_kit.cli.app import (
+    DevicesOpt,
+    FleetOpt,
+    GateAlphaOpt,
+    GateOpt,
+    GateRequestsOpt,
+    GateShadowOpt,
+    GateSlowdownOpt,
+    GateSnrOpt,
+    GateWindowOpt,
+    HistoryOpt,
+    JsonOpt,
+    app,
+    emit_json,
+    err,
+    live_gate,
+    open_fleet_history,
+    out,
+)
 
 rollout_app = typer.Typer(no_args_is_help=True, help="Pull rollouts in waves: devices fetch from an artifact store "
                                                      "against a desired state (large fleets, behind NAT, offline).")
 app.add_typer(rollout_app, name="rollout")
 
-StoreOpt = Annotated[Optional[Path], typer.Option("--history", help="History database (default: edgekit-history.db "
-                                                                    "next to the fleet file).")]
 IdArg = Annotated[str, typer.Argument(help="The rollout's id (see `edgekit rollout list`).")]
-STYLE = {"converged": "green", "failed": "red", "refused": "red", "sent": "yellow", "fetching": "yellow", "planned": "dim"}
+STYLE = {"converged": "green", "failed": "red", "refused": "red", "rolled back": "red", "sent": "yellow", "fetching": "yellow", "planned": "dim"}
 
 
-def _history(fleet_file: Path, history: Path | None) -> Any:
-    from edge_kit.telemetry.store import Store, history_path
+def _history(fleet_file: Path, history: str | None) -> Any:
+    """Return the open history ``--history`` names (a file or a postgresql:// URL), or the fleet's default file.
 
-    return Store(history or history_path(fleet_file))
+    Raises:
+        HistoryError: the database cannot be opened or reached.
+    """
+    return open_fleet_history(fleet_file, history)
 
 
 def _drive(fleet_file: Path, db: Any, rid: str, as_json: bool) -> dict[str, Any]:
     from edge_kit.fleet.commands import FleetClient
     from edge_kit.fleet.inventory import load_fleet
-    from edge_kit.loop.waves import Rollout
+    from edge_kit.loop.rollout import LiveGate
+    from edge_kit.loop.waves import Rollout, live_judge
 
     fleet = load_fleet(fleet_file)
+    record = db.rollout(rid)
+    gate = (record or {}).get("body", {}).get("gate")
+    judge = live_judge(fleet, LiveGate(**gate)) if gate else None
 
     def connect(on_reported: Any) -> Any:
         return FleetClient.of(fleet, kinds=("reported",), on_reported=on_reported)
 
     if as_json:
-        return Rollout(db, rid, connect).run()
+        return Rollout(db, rid, connect, judge=judge).run()
     with Progress(TextColumn("wave {task.fields[wave]}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[counts]}"), TimeElapsedColumn(), console=err, transient=False) as bar:
         task = bar.add_task("rollout", total=None, wave="-", counts="")
@@ -57,7 +80,7 @@ def _drive(fleet_file: Path, db: Any, rid: str, as_json: bool) -> dict[str, Any]
             bar.update(task, total=p.total, completed=done, wave=f"{p.wave}/{p.waves}",
                        counts=" ".join(f"{k} {v}" for k, v in sorted(p.counts.items())))
 
-        return Rollout(db, rid, connect, progress=show).run()
+        return Rollout(db, rid, connect, progress=show, judge=judge).run()
 
 
 def _print(summary: dict[str, Any]) -> None:
@@ -96,10 +119,23 @@ def start_cmd(
     bandwidth: Annotated[Optional[str], typer.Option(help="Download cap per device, e.g. 2MB/s (default: none).")] = None,
     start_delay: Annotated[float, typer.Option(min=0, max=3600, help="Longest random delay (s) before a device starts its download.")] = 0.0,
     rid: Annotated[Optional[str], typer.Option("--id", help="The rollout's id (default: <model>-<time>).")] = None,
-    history: StoreOpt = None,
+    gate: GateOpt = None,
+    gate_window: GateWindowOpt = 60.0,
+    gate_min_requests: GateRequestsOpt = 200,
+    gate_alpha: GateAlphaOpt = 0.01,
+    gate_min_slowdown: GateSlowdownOpt = 0.10,
+    gate_shadow: GateShadowOpt = 0.0,
+    gate_min_snr_db: GateSnrOpt = None,
+    history: HistoryOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Plan a rollout, record it in the history, and drive its waves to the end (resume it with `resume` if stopped)."""
+    """Plan a rollout, record it in the history, and drive its waves to the end (resume it with `resume` if stopped).
+
+    With --gate live, the first wave is judged on live traffic against the devices of its profiles not
+    yet sent (the same gate as `deploy --canary --gate live`): promoted (the next waves go), held (the
+    rollout stops; `resume` promotes it by hand) or rolled back (each canary is sent its previous
+    model as a new desired state); the decision goes to the history with its numbers.
+    """
     from edge_kit.fleet.inventory import load_fleet
     from edge_kit.loop.waves import (
         RolloutError,
@@ -120,7 +156,10 @@ def start_cmd(
     db = _history(fleet_file, history)
     if db.rollout(rid) is not None:
         raise RolloutError(f"rollout {rid} exists already; `edgekit rollout resume {rid}`, or give another --id")
-    plan = plan_rollout(rid, artifacts, fleet, fleet.select(devices), store, variant, settings)
+    gated = live_gate(gate, gate_window, gate_min_requests, gate_alpha, gate_min_slowdown, gate_shadow, gate_min_snr_db)
+    if gated is not None and len(settings.waves) < 2:
+        raise RolloutError("--gate live judges the first wave before the others: give at least two waves (--wave)")
+    plan = plan_rollout(rid, artifacts, fleet, fleet.select(devices), store, variant, settings, gate=gated)
     from edge_kit.fleet.artifact_store import check_published
 
     check_published(plan["store"], _files(plan))
@@ -143,7 +182,7 @@ def _files(plan: dict[str, Any]) -> dict[str, int]:
 
 
 @rollout_app.command("resume")
-def resume_cmd(fleet_file: FleetOpt, rid: IdArg, history: StoreOpt = None, as_json: JsonOpt = False) -> None:
+def resume_cmd(fleet_file: FleetOpt, rid: IdArg, history: HistoryOpt = None, as_json: JsonOpt = False) -> None:
     """Go on with a rollout that stopped with its host (its plan and device states are in the history)."""
     summary = _drive(fleet_file, _history(fleet_file, history), rid, as_json)
     emit_json(summary) if as_json else _print(summary)
@@ -151,7 +190,7 @@ def resume_cmd(fleet_file: FleetOpt, rid: IdArg, history: StoreOpt = None, as_js
 
 
 @rollout_app.command("abort")
-def abort_cmd(fleet_file: FleetOpt, rid: IdArg, history: StoreOpt = None, as_json: JsonOpt = False) -> None:
+def abort_cmd(fleet_file: FleetOpt, rid: IdArg, history: HistoryOpt = None, as_json: JsonOpt = False) -> None:
     """Stop a rollout: no further desired state is sent (devices already sent keep theirs)."""
     from edge_kit.loop.waves import STALE_OWNER_S, RolloutError
 
@@ -172,7 +211,7 @@ def abort_cmd(fleet_file: FleetOpt, rid: IdArg, history: StoreOpt = None, as_jso
 
 @rollout_app.command("status")
 def status_cmd(
-    fleet_file: FleetOpt, rid: IdArg, history: StoreOpt = None,
+    fleet_file: FleetOpt, rid: IdArg, history: HistoryOpt = None,
     refresh: Annotated[bool, typer.Option(help="Also read the devices' retained reported states from the broker "
                                                "(devices that converged after the rollout's host stopped).")] = False,
     as_json: JsonOpt = False,
@@ -192,7 +231,7 @@ def status_cmd(
 
 
 @rollout_app.command("list")
-def list_cmd(fleet_file: FleetOpt, history: StoreOpt = None, as_json: JsonOpt = False) -> None:
+def list_cmd(fleet_file: FleetOpt, history: HistoryOpt = None, as_json: JsonOpt = False) -> None:
     """List the rollouts in the history, newest first."""
     db = _history(fleet_file, history)
     rows = [{"id": r["id"], "state": r["state"], "created": r["created"], "owner": r["owner"],

@@ -93,19 +93,27 @@ class FleetKeys:
 
     def register(self, device: str, public: bytes) -> bool:
         """Record ``public`` as ``device``'s key; return True when that changed the registry."""
+        return self.register_many({device: public}) == 1
+
+    def register_many(self, keys: dict[str, bytes]) -> int:
+        """Record each ``{device: public key}`` in one rewrite of the registry; return how many changed."""
         with _lock:
             try:
                 data = json.loads(self.registry.read_text())
             except FileNotFoundError:
                 data = {}
-            if isinstance(data.get(device), dict) and data[device].get("key") == encode_key(public):
-                return False
-            data[device] = {"key": encode_key(public), "key_id": key_id(public), "registered": round(time.time(), 3)}
-            self.folder.mkdir(parents=True, exist_ok=True)
-            tmp = self.registry.with_name(f".devices.{os.getpid()}.{threading.get_ident()}")
-            tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-            os.replace(tmp, self.registry)
-            return True
+            changed = 0
+            for device, public in keys.items():
+                if isinstance(data.get(device), dict) and data[device].get("key") == encode_key(public):
+                    continue
+                data[device] = {"key": encode_key(public), "key_id": key_id(public), "registered": round(time.time(), 3)}
+                changed += 1
+            if changed:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                tmp = self.registry.with_name(f".devices.{os.getpid()}.{threading.get_ident()}")
+                tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+                os.replace(tmp, self.registry)
+            return changed
 
     def replace_operator(self, new: Signer) -> Path:
         """Make ``new`` the operator key; the old one moves to ``retired/operator-<key id>.key`` (kept,

@@ -24,7 +24,7 @@ from edge_kit.loop.tune import TuneOptions, TuneReport, tune
 from edge_kit.profiles import load_profile
 from edge_kit.sim.broker import find_mosquitto
 from edge_kit.sim.fleet import SimFleet
-from edge_kit.telemetry.store import Store, history_path
+from edge_kit.telemetry.store import history_path, open_history
 
 STEPS = ("building the example model", "compiling", "starting the simulated fleet", "tuning",
          "serving an application on every device", "cleaning up")
@@ -114,7 +114,8 @@ def run_demo(devices: int = 3, profiles: tuple[str, ...] = ("rpi4", "rpi5", "cor
             step(f"{STEPS[2]}: Mosquitto not found, so an embedded broker, anonymous and plain (--insecure)")
         fleet = sim.up(devices, list(profiles), embedded_broker=embedded_broker, insecure=embedded_broker)
         step(STEPS[3])
-        store = Store(history_path(sim.fleet_file))
+        history = history_path(sim.fleet_file)  # the embedded SQLite file the next commands find
+        store = open_history(history)
         report = tune(fleet, fleet.devices, TuneOptions(artifacts, bench=dict(DEMO_BENCH), timeout=180), store,
                       progress=lambda m: step(f"{STEPS[3]}: {m}"))
         step(STEPS[4])
@@ -135,7 +136,7 @@ def run_demo(devices: int = 3, profiles: tuple[str, ...] = ("rpi4", "rpi5", "cor
                          "live": live.get(dev.name)})
         store.close()
         ok = True
-        return DemoResult(folder, keep or not own, report, rows, sim.fleet_file, store.path)
+        return DemoResult(folder, keep or not own, report, rows, sim.fleet_file, history)
     finally:
         step(STEPS[5])
         sim.down()

@@ -97,7 +97,7 @@ def broken_constraints(manifest: Manifest, dev: Device, result: DeviceResult) ->
     return ", ".join(describe(k, c) for k in broken) or None
 
 
-def _collect(fleet: Fleet, canaries: list[str], controls: list[str], gate: LiveGate,
+def collect_live(fleet: Fleet, canaries: list[str], controls: list[str], gate: LiveGate,
              progress: Callable[[str, str], None]) -> tuple[list[LiveEvidence], list[LiveEvidence]]:
     """Poll the devices' live figures until every one has ``min_samples`` answered since the gate
     started (what the health benchmark and the first requests after the switch did is not counted),
@@ -189,7 +189,7 @@ def _gate(fleet: Fleet, canaries: list[Device], rest: list[Device], first: list[
         decision = GateDecision("hold", f"no control device on profile(s) {', '.join(sorted(profiles)) or '-'} "
                                         "still runs the current model to compare with")
     else:
-        cans, ctrls = _collect(fleet, ok, controls, gate, progress)
+        cans, ctrls = collect_live(fleet, ok, controls, gate, progress)
         decision = judge_live(cans, ctrls, alpha=gate.alpha, min_samples=gate.min_samples,
                               min_slowdown=gate.min_slowdown, min_snr_db=gate.min_snr_db)
     if record is not None:

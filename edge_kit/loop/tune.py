@@ -34,7 +34,7 @@ from edge_kit.selection.policy import (
     Request,
     choose_all,
 )
-from edge_kit.telemetry.store import Store
+from edge_kit.telemetry.store import HistoryStore
 
 
 @dataclass
@@ -64,7 +64,7 @@ class TuneReport:
                 "final": {k: v.as_dict() for k, v in self.final.items()}}
 
 
-def decide(manifest: Manifest, devices: list[Device], store: Store, current: dict[str, str | None],
+def decide(manifest: Manifest, devices: list[Device], store: HistoryStore, current: dict[str, str | None],
            margin: float) -> dict[str, Decision]:
     """Return the decision for each device from its recent stored measurements of its candidate variants.
 
@@ -87,7 +87,7 @@ def decide(manifest: Manifest, devices: list[Device], store: Store, current: dic
     return {r.device: d for r, d in zip(requests, choose_all(requests, margin))}
 
 
-def _measure(client: FleetClient, store: Store, wanted: dict[str, list[tuple[str, str]]], bench: dict[str, Any],
+def _measure(client: FleetClient, store: HistoryStore, wanted: dict[str, list[tuple[str, str]]], bench: dict[str, Any],
              timeout: float) -> tuple[int, dict[str, list[str]]]:
     """Ask every device for its unmeasured variants at once; store what comes back.
 
@@ -114,7 +114,7 @@ def _measure(client: FleetClient, store: Store, wanted: dict[str, list[tuple[str
     return stored, silent
 
 
-def tune(fleet: Fleet, devices: list[Device], opts: TuneOptions, store: Store,
+def tune(fleet: Fleet, devices: list[Device], opts: TuneOptions, store: HistoryStore,
          progress: Callable[[str], None] | None = None) -> TuneReport:
     """Run the loop on ``devices``; return what happened (never raises for a single device).
 

@@ -15,9 +15,9 @@ have failed, the rollout stops: no further desired state is sent; the failed dev
 own models (the agent never switches to a model that fails its smoke test), the converged keep the
 new one. ``abort`` stops it the same way.
 
-Everything a restart needs is in the history (:meth:`Store.save_rollout`, ``rollout_devices``):
+Everything a restart needs is in the history (:meth:`~edge_kit.telemetry.store.HistoryStore.save_rollout`, ``rollout_devices``):
 the plan, each device's state and the revision it was sent. One process drives a rollout at a time
-(:meth:`Store.claim_rollout`; a second start is refused while the first one's heartbeat is fresh).
+(:meth:`~edge_kit.telemetry.store.HistoryStore.claim_rollout`; a second start is refused while the first one's heartbeat is fresh).
 """
 
 from __future__ import annotations
@@ -34,13 +34,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge_kit.errors import ConfigError, DeployError, EdgeKitError
+from edge_kit.errors import ConfigError, DeployError, EdgeKitError, HistoryError
 from edge_kit.fleet.deploy import candidates_for
 from edge_kit.fleet.inventory import Device, Fleet
+from edge_kit.loop.rollout import LiveGate, collect_live
 from edge_kit.manifest import read_manifest
+from edge_kit.selection.gate import GateDecision, judge_live
 from edgekit_protocol.desired import Desired, Fetch
 
-FINAL = ("converged", "failed", "refused")
+FINAL = ("converged", "failed", "refused", "rolled back")
 STALE_OWNER_S = 30.0  # a driver whose heartbeat is older than this is gone: another may resume
 FLUSH_S = 0.5  # how often device states are written to the history
 
@@ -117,11 +119,12 @@ def _order(rid: str, names: list[str]) -> list[str]:
 
 
 def plan_rollout(rid: str, artifacts: Path, fleet: Fleet, devices: list[Device], store_url: str,
-                 variant: str | None, settings: RolloutSettings) -> dict[str, Any]:
+                 variant: str | None, settings: RolloutSettings, gate: LiveGate | None = None) -> dict[str, Any]:
     """Return the plan of a rollout (what the history keeps as its body).
 
     ``targets`` maps each device to the artifact it gets; ``refused`` each device that gets none to
     why (its profile was not compiled, or ``variant`` is not among its profile's built variants).
+    ``gate``: judge the first wave on live traffic before the others go (:func:`live_judge`).
 
     Raises:
         RolloutError: no manifest in ``artifacts``, the store URL is not http(s), or no device gets anything.
@@ -135,24 +138,30 @@ def plan_rollout(rid: str, artifacts: Path, fleet: Fleet, devices: list[Device],
                 if evalset.get("sha256") and eval_file.is_file() else {})
     targets: dict[str, dict[str, Any]] = {}
     refused: dict[str, str] = {}
+    by_profile: dict[str, list[Any] | str] = {}  # each profile's candidates, or why it has none (once per profile)
     for dev in devices:
-        try:
-            wanted = candidates_for(manifest, dev)
-        except DeployError as exc:
-            refused[dev.name] = str(exc)
+        if dev.profile not in by_profile:
+            try:
+                by_profile[dev.profile] = candidates_for(manifest, dev)
+            except DeployError as exc:
+                by_profile[dev.profile] = str(exc).removeprefix(f"{dev.name}: ")
+        wanted = by_profile[dev.profile]
+        if isinstance(wanted, str):
+            refused[dev.name] = f"{dev.name}: {wanted}"
             continue
         pick = next((a for a in wanted if a.id == variant), None) if variant else wanted[0]
         if pick is None:
             refused[dev.name] = (f"{dev.name}: variant {variant} is not built for profile {dev.profile} "
                                  f"(built: {', '.join(a.id for a in wanted)})")
             continue
-        targets[dev.name] = {"variant": pick.id, "sha256": pick.sha256, "bytes": pick.bytes,
+        targets[dev.name] = {"variant": pick.id, "sha256": pick.sha256, "bytes": pick.bytes, "profile": dev.profile,
                              "keep": [a.sha256 for a in wanted if a.sha256 != pick.sha256], **eval_ref}
     if not targets:
         raise RolloutError(f"rollout {rid}: no device gets an artifact: {'; '.join(list(refused.values())[:3])}")
     return {"id": rid, "fleet": fleet.fleet, "model": manifest.model.get("name"), "store": store_url.rstrip("/"),
             "variant": variant, "artifacts": str(Path(artifacts).resolve()),
             "settings": {**asdict(settings), "waves": list(settings.waves)},
+            "gate": asdict(gate) if gate is not None else None,
             "order": _order(rid, list(targets)), "targets": targets, "refused": refused}
 
 
@@ -173,6 +182,22 @@ def wave_ends(n: int, waves: tuple[float, ...]) -> list[int]:
     return ends
 
 
+def live_judge(fleet: Fleet, gate: LiveGate,
+               progress: Callable[[str, str], None] | None = None) -> Callable[[list[str], list[str]], GateDecision]:
+    """Return the judge of a rollout's first wave: the canaries' live latency (and shadow fidelity)
+    against the control devices of the same profiles that still run the current model, by
+    :func:`edge_kit.selection.gate.judge_live` (the same gate as ``deploy --canary --gate live``)."""
+    def judge(canaries: list[str], controls: list[str]) -> GateDecision:
+        if not canaries:
+            return GateDecision("hold", "no canary converged: nothing to judge")
+        if not controls:
+            return GateDecision("hold", "no control device of the canaries' profiles still runs the current model")
+        cans, ctrls = collect_live(fleet, canaries, controls, gate, progress or (lambda _d, _m: None))
+        return judge_live(cans, ctrls, alpha=gate.alpha, min_samples=gate.min_samples,
+                          min_slowdown=gate.min_slowdown, min_snr_db=gate.min_snr_db)
+    return judge
+
+
 @dataclass
 class Progress:
     counts: dict[str, int] = field(default_factory=dict)
@@ -191,8 +216,10 @@ class Rollout:
     """
 
     def __init__(self, history: Any, rid: str, connect: Callable[[Callable[[dict[str, Any]], None]], Any], *,
-                 progress: Callable[[Progress], None] | None = None, owner: str | None = None):
+                 progress: Callable[[Progress], None] | None = None, owner: str | None = None,
+                 judge: Callable[[list[str], list[str]], GateDecision] | None = None):
         self.history, self.rid = history, rid
+        self.judge = judge  # the live gate on the first wave, when the plan asks for one
         self.connect = connect
         self.progress = progress
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}"
@@ -207,6 +234,9 @@ class Rollout:
     def _db(self, what: str, call: Callable[[], Any]) -> Any:
         try:
             return call()
+        except HistoryError as exc:  # the database went away (either backend): one line, resumable
+            raise RolloutError(f"rollout {self.rid}: {exc}; every device keeps its desired state: resume with "
+                               f"`edgekit rollout resume {self.rid}` when it is back") from None
         except EdgeKitError:
             raise
         except Exception as exc:  # noqa: BLE001 - the database driver's errors: one line, resumable
@@ -241,13 +271,13 @@ class Rollout:
                 return
             row = self.rows.get(msg["device"])
             if row is None or msg.get("rollout") != self.rid or msg.get("revision") != row["revision"] \
-                    or row["state"] in ("converged", "refused"):
+                    or row["state"] in ("converged", "refused", "rolled back"):
                 self.ignored += 1
                 continue
             if row["state"] == msg["state"] and msg["state"] != "failed":
                 continue
             detail = {"error": msg.get("error"), "attempt": msg.get("attempt"), "current": msg.get("current"),
-                      "download": msg.get("download")}
+                      "previous": msg.get("previous"), "download": msg.get("download")}
             if msg["state"] in FINAL:
                 detail["seconds"] = round(time.time() - row.get("detail", {}).get("sent_at", time.time()), 3)
             self._set(msg["device"], state=msg["state"], detail=detail)
@@ -278,7 +308,7 @@ class Rollout:
         record = self._db("reading the rollout", lambda: self.history.rollout(self.rid))
         if record is None:
             raise RolloutError(f"rollout {self.rid}: not in the history; see `edgekit rollout list`")
-        if record["state"] in ("done", "aborted", "stopped"):
+        if record["state"] in ("done", "aborted", "stopped", "rolled back"):
             raise RolloutError(f"rollout {self.rid} is {record['state']}; start a new one")
         holder = self._db("claiming the rollout", lambda: self.history.claim_rollout(self.rid, self.owner, STALE_OWNER_S))
         if holder is not None:
@@ -355,6 +385,10 @@ class Rollout:
                     time.sleep(0.002 if pending else 0.02)
                 if state != "done":
                     break
+                if w == 0 and plan.get("gate") and len(ends) > 1 and "gated" not in plan:
+                    state, reason = self._gate(plan, order, ends[0], client)
+                    if state != "done":
+                        break
         self._take_reports()
         self._flush()
         summary = self.summary(plan, state, reason)
@@ -363,6 +397,47 @@ class Rollout:
         if self.progress:
             self.progress(Progress(self._counts(), len(ends), len(ends), len(self.rows)))
         return summary
+
+    def _gate(self, plan: dict[str, Any], order: list[str], first: int, client: Any) -> tuple[str, str | None]:
+        """Judge the first wave on live traffic; return ``("done", None)`` to go on, ``("held", why)``,
+        or ``("rolled back", why)`` after sending each canary its previous model as a new desired state.
+
+        Raises:
+            RolloutError: the plan asks for a gate and no judge was given.
+        """
+        if self.judge is None:
+            raise RolloutError(f"rollout {self.rid} is gated on live traffic; drive it with `edgekit rollout`")
+        targets = plan["targets"]
+        canaries = [d for d in order[:first] if self.rows[d]["state"] == "converged"]
+        profiles = {targets[d]["profile"] for d in canaries}
+        controls = [d for d in order[first:] if self.rows[d]["state"] == "planned" and targets[d]["profile"] in profiles]
+        decision = self.judge(canaries, controls)
+        for d in canaries:
+            self._db("recording the gate", lambda d=d: self.history.add_decision(
+                {"device": d, "kind": "live gate", "rollout": self.rid, "chosen": targets[d]["variant"], "current": None,
+                 "feasible": decision.action == "promote", "switch": decision.action == "promote",
+                 "reason": decision.reason, "gate": {**decision.as_dict(), "controls": controls}}))
+        plan["gated"] = decision.as_dict()  # a resumed rollout does not judge again
+        self._db("saving the gate", lambda: self.history.save_rollout(self.rid, "running", plan))
+        if decision.action == "promote":
+            return "done", None
+        if decision.action == "hold":
+            return "held", f"live gate: hold: {decision.reason}"
+        back = []
+        for d in canaries:
+            prev = (self.rows[d].get("detail") or {}).get("previous")
+            if not prev or not prev.get("sha256") or not prev.get("bytes"):
+                continue
+            rev = self._revision()
+            back.append((d, Desired(msg_id="", rollout=self.rid, revision=rev, store=plan["store"],
+                                    model=prev.get("model") or plan["model"], variant=prev.get("variant") or "previous",
+                                    sha256=prev["sha256"], bytes=prev["bytes"], fetch=Fetch(**plan["settings"]["fetch"]))))
+            self._set(d, state="rolled back", revision=rev, detail={"error": f"live gate: {decision.reason}"})
+        self._flush()
+        for d, desired in back:
+            client.publish_desired(desired, d)
+        return "rolled back", (f"live gate: roll back: {decision.reason}; {len(back)} of {len(canaries)} canaries "
+                               "sent back to their previous model")
 
     def _settle(self, quiet_s: float = 0.5, at_most_s: float = 10.0) -> None:
         """Wait until the retained messages stop coming (``quiet_s`` without one, at most ``at_most_s``)."""

@@ -3,8 +3,11 @@
 Messages arrive on paho's network thread and are queued; a checker thread checks each batch as
 every receiver must (:func:`device_agents.identity.receive`: schema, topic, time) while a child
 process verifies the signatures (:mod:`edge_kit.telemetry.verifier`), and a writer thread drops
-duplicates by ``msg_id`` and stores them (one SQLite transaction per batch). Invalid payloads are
-counted and kept in the ``invalid`` table; nothing a device sends can stop the monitor.
+duplicates by ``msg_id`` and stores them (one history transaction per batch, SQLite or PostgreSQL),
+then acknowledges them to the broker: a message is acknowledged only once stored (or kept as
+invalid), so when the history fails (:attr:`Monitor.failed`) what was not stored stays with the
+broker for the next run of the persistent session. Invalid payloads are counted and kept in the
+``invalid`` table; nothing a device sends can stop the monitor.
 
 Several workers can share the load: with ``share="group"`` each worker subscribes to
 ``$share/group/edgekit/v1/<fleet>/+/<kind>`` (MQTT 5 shared subscription) and the broker hands
@@ -32,7 +35,7 @@ from paho.mqtt.properties import Properties
 
 from device_agents.identity import receive, verify_published
 from device_agents.mqtt import make_client
-from edge_kit.errors import AgentError
+from edge_kit.errors import AgentError, HistoryError
 from edge_kit.fleet.inventory import Fleet
 from edge_kit.profiles import load_profile
 from edge_kit.selection.constraints import (
@@ -41,7 +44,7 @@ from edge_kit.selection.constraints import (
     effective_constraints,
     violations,
 )
-from edge_kit.telemetry.store import Store
+from edge_kit.telemetry.store import HistoryStore
 from edge_kit.telemetry.verifier import Verifier
 from edgekit_protocol import messages
 from edgekit_protocol.errors import MessageError
@@ -71,7 +74,7 @@ class MonitorStats:
 class Monitor:
     """One monitor worker. ``start()``, then ``stop()``; ``stats`` and ``alerts`` are live."""
 
-    def __init__(self, fleet: Fleet, store: Store, *, share: str | None = None, silence_s: float = 180.0,
+    def __init__(self, fleet: Fleet, store: HistoryStore, *, share: str | None = None, silence_s: float = 180.0,
                  on_message: Callable[[str, dict[str, Any]], None] | None = None, client_id: str | None = None,
                  persistent: bool = False, min_free_mb: float = 32.0, verify_in_child: bool = True):
         self.fleet = fleet
@@ -95,21 +98,42 @@ class Monitor:
         self.min_free_bytes = min_free_mb * 1e6  # a device reporting less free space is alerted on (once per episode)
         self._low_disk: set[str] = set()
         self._drifting: set[str] = set()
+        # The history's first failure to connect or write (a database gone away): from then on this
+        # worker stores nothing more, and whoever runs it stops and says so (`edgekit monitor` exits 6).
+        self.failed: HistoryError | None = None
         cid = client_id or f"edgekit-monitor-{uuid.uuid4().hex[:8]}"
+        # Each QoS 1 message is acknowledged to the broker only once it is stored (or refused and kept as
+        # invalid): what a failed history did not store stays with the broker, which sends it again to
+        # the next run of a persistent session (and the msg_id keeps it once).
         self.client = make_client(fleet.broker, cid, password=fleet.broker.password("fleet file"),
-                                  v5=share is not None, clean=not persistent)
+                                  v5=share is not None, clean=not persistent, manual_ack=True)
         self.client.on_connect = self._on_connect
         self.keyring = fleet.key_store().keyring()
         # Signatures are checked in a child process (see edge_kit.telemetry.verifier); in this one
         # only when that is off or the child cannot run.
         self.verifier = Verifier(fleet.key_store().folder) if verify_in_child else None
         self._verifying = threading.Lock()
-        self.client.on_message = lambda _c, _u, m: self._queue.put((m.topic, m.payload, time.time()))
+        self._closing = threading.Event()  # set by stop(): what arrives from then on is left to the broker
+        self.client.on_message = self._on_message
         # Two stages: the checker decodes and verifies (Ed25519 verification releases the GIL, so it
         # runs on another core while paho reads and the writer stores), the writer stores.
         self._checked: queue.Queue = queue.Queue(maxsize=4)
         self._checker = threading.Thread(target=self._check_loop, daemon=True, name="monitor-checker")
         self._writer = threading.Thread(target=self._write_loop, daemon=True, name="monitor-writer")
+
+    def _on_message(self, _c: Any, _u: Any, m: Any) -> None:
+        """Queue ``(topic, payload, receive time, mid to acknowledge or None)``; nothing once stopping."""
+        if not self._closing.is_set():
+            self._queue.put((m.topic, m.payload, time.time(), m.mid if m.qos else None))
+
+    def _ack(self, mids: list[int | None]) -> None:
+        """Acknowledge the QoS 1 messages ``mids`` to the broker, in the order received; return nothing."""
+        for mid in mids:
+            if mid is not None:
+                try:
+                    self.client.ack(mid, 1)
+                except Exception:  # noqa: BLE001 - disconnected: the broker sends it again, the msg_id keeps it once
+                    log.debug("could not acknowledge %s", mid)
 
     def _on_connect(self, client: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         if reason.is_failure:
@@ -146,25 +170,35 @@ class Monitor:
         return self
 
     def stop(self, drain_s: float = 2.0) -> None:
-        """Disconnect, store what is queued (up to ``drain_s``), stop the writer."""
+        """Disconnect, store what is queued (up to ``drain_s``), stop the writer; return nothing.
+
+        A history that failed (:attr:`failed`) is not raised here: the caller reads ``failed``.
+        """
+        # Take nothing new, store (and acknowledge) what is queued while still connected, then leave.
+        self._closing.set()
+        deadline = time.monotonic() + drain_s
+        while (self._queue.unfinished_tasks or self._checked.unfinished_tasks) and time.monotonic() < deadline \
+                and self.failed is None:
+            time.sleep(0.01)
         self.client.disconnect()
         self.client.loop_stop()
-        deadline = time.monotonic() + drain_s
-        while (self._queue.unfinished_tasks or self._checked.unfinished_tasks) and time.monotonic() < deadline:
-            time.sleep(0.01)
         self._stop.set()
         for thread in (self._checker, self._writer):
             if thread.is_alive():
                 thread.join(timeout=5)
-        # What was received (and acknowledged to the broker) but not stored yet is stored now, here:
-        # the broker will not send it again.
-        while not self._checked.empty():
-            self._keep(*self._checked.get_nowait())
-        rest = []
-        while not self._queue.empty():
-            rest.append(self._queue.get_nowait())
-        if rest:
-            self._store(rest)
+        # What was received but not stored yet (the drain timed out) is stored now, here, unacknowledged:
+        # a persistent session gets it again (a duplicate, dropped by msg_id), a clean one would lose it.
+        # Not when the history has failed: nothing can be stored, and the broker keeps it.
+        try:
+            while not self._checked.empty() and self.failed is None:
+                self._keep(*self._checked.get_nowait()[0])
+            rest = []
+            while not self._queue.empty():
+                rest.append(self._queue.get_nowait())
+            if rest and self.failed is None:
+                self._store(rest)
+        except HistoryError as exc:
+            self.failed = exc
         if self.verifier is not None:
             self.verifier.stop()
 
@@ -182,41 +216,53 @@ class Monitor:
                     batch.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
+            mids = [item[3] for item in batch]
             try:
                 checked = self._check(batch)
+            except HistoryError as exc:  # keeping an invalid payload failed: the database went away
+                self.failed = self.failed or exc
+                checked, mids = ([], [], []), []  # nothing of it acknowledged: the broker keeps it
             except Exception as exc:  # noqa: BLE001 - the checker must outlive anything: store nothing unchecked
                 log.exception("checking a batch failed")
                 self.alerts.append(Alert("monitor", "store", f"checking {len(batch)} message(s) failed: {exc}"))
                 checked = ([], [], [])
-            self._checked.put(checked)  # waits while the writer is behind (bounded)
+            self._checked.put((checked, mids))  # waits while the writer is behind (bounded)
             for _ in batch:
                 self._queue.task_done()
 
     def _write_loop(self) -> None:
         while not self._stop.is_set() or self._checked.unfinished_tasks:
             try:
-                checked = self._checked.get(timeout=0.2)
+                checked, mids = self._checked.get(timeout=0.2)
             except queue.Empty:
                 self._check_silence()
                 continue
             try:
-                self._keep(*checked)
+                if self.failed is None:
+                    self._keep(*checked)
+                    self._ack(mids)
+            except HistoryError as exc:  # the database went away: every batch from now on would fail too
+                log.info("%s", exc)  # said once, by whoever runs the monitor (not twice on stderr)
+                self.failed = exc
+                self.alerts.append(Alert("monitor", "store", str(exc)))
             except Exception as exc:  # noqa: BLE001 - the history failed (disk full?): say so, keep going
                 log.exception("storing a batch failed")
                 self.alerts.append(Alert("monitor", "store", f"storing {len(checked[0])} message(s) failed: {exc}"))
+                self._ack(mids)  # a bug, not the database: sent again it would fail again
             self._checked.task_done()
 
-    def _store(self, batch: list[tuple[str, bytes, float]]) -> None:
-        """Check and store one batch of ``(topic, payload, receive time)`` in this thread."""
+    def _store(self, batch: list[tuple]) -> None:
+        """Check and store one batch of ``(topic, payload, receive time, mid)`` in this thread (unacknowledged);
+        return nothing. Raises HistoryError."""
         self._keep(*self._check(batch))
 
-    def _check(self, batch: list[tuple[str, bytes, float]]) -> tuple[list[tuple[str, dict[str, Any]]], list[bytes], list[float]]:
+    def _check(self, batch: list[tuple]) -> tuple[list[tuple[str, dict[str, Any]]], list[bytes], list[float]]:
         """Return the messages of ``batch`` that decode, verify and are new enough to store (with their
         payloads and receive times); every other one is counted, kept as invalid and alerted."""
         good: list[tuple[str, dict[str, Any]]] = []
         raw: list[bytes] = []
         received: list[float] = []
-        pairs = [(topic, payload) for topic, payload, _ in batch]
+        pairs = [(topic, payload) for topic, payload, *_ in batch]
         with self._verifying:  # one batch at a time on the pipe (stop() may check leftovers meanwhile)
             try:
                 elsewhere = self.verifier is not None and self.verifier.submit(pairs)  # verified there meanwhile
@@ -224,7 +270,7 @@ class Monitor:
                 log.exception("the verifying process cannot run; verifying in the monitor")
                 elsewhere = False
             checked: list[tuple[str, dict[str, Any]] | Exception] = []
-            for topic, payload, at in batch:
+            for topic, payload, at, *_ in batch:
                 try:
                     checked.append(receive(None if elsewhere else self.keyring, topic, payload, at))
                 except Exception as exc:  # noqa: BLE001 - EdgeKitError, and whatever else a message holds: refused
@@ -232,7 +278,7 @@ class Monitor:
             verdicts = self.verifier.result() if elsewhere else None
             if elsewhere and (verdicts is None or len(verdicts) != len(pairs)):  # the child died: verify here
                 verdicts = [verify_published(self.keyring, topic, payload) for topic, payload in pairs]
-        for i, (topic, payload, at) in enumerate(batch):
+        for i, (topic, payload, at, *_) in enumerate(batch):
             self.stats.received += 1
             outcome = checked[i]
             if not isinstance(outcome, Exception) and verdicts is not None and verdicts[i] is not None:

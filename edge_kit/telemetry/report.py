@@ -18,7 +18,7 @@ from typing import Any
 
 from edge_kit.fsutil import atomic_write_text
 from edge_kit.profiles import Profile, load_profile
-from edge_kit.telemetry.store import Store
+from edge_kit.telemetry.store import HistoryStore
 from edgekit_protocol.labels import power_source
 
 _CSS = """
@@ -97,7 +97,7 @@ def _profile_figures(profile: Profile, records: list[dict[str, Any]], chosen: di
     return [scatter, bars]
 
 
-def _fleet_rows(store: Store) -> tuple[list[str], list[list[str]]]:
+def _fleet_rows(store: HistoryStore) -> tuple[list[str], list[list[str]]]:
     status, latest, tele = store.latest_status(), store.latest_bench(), store.latest_telemetry()
     decisions: dict[str, dict[str, Any]] = {}
     for d in store.decisions(limit=100_000):
@@ -133,7 +133,7 @@ def _live_cell(live: Any) -> str:
                        f"{(live.get('model') or {}).get('variant')})")
 
 
-def _gate_rows(store: Store) -> list[list[str]]:
+def _gate_rows(store: HistoryStore) -> list[list[str]]:
     """Return one row per live-gate decision, newest first: when, canary, candidate, action and its numbers."""
     rows = []
     for d in store.decisions(limit=100_000):
@@ -149,7 +149,7 @@ def _gate_rows(store: Store) -> list[list[str]]:
     return rows
 
 
-def build_report(store: Store, out: Path, title: str = "edge-kit fleet report") -> dict[str, Any]:
+def build_report(store: HistoryStore, out: Path, title: str = "edge-kit fleet report") -> dict[str, Any]:
     """Write the report to ``out`` (atomically); return what it holds (profiles, devices, plots).
 
     Raises:
@@ -194,7 +194,7 @@ def build_report(store: Store, out: Path, title: str = "edge-kit fleet report") 
     simulated = any(r.get("simulated") for r in latest)
     page = (f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title)}</title><style>{_CSS}</style>"
             f"<script>{plotly.offline.get_plotlyjs()}</script></head><body><h1>{html.escape(title)}</h1>"
-            f"<p class=note>Generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')} from {html.escape(str(store.path))}: "
+            f"<p class=note>Generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')} from {html.escape(store.where)}: "
             f"{len(latest)} latest benchmark records. Latency is measured on each device with perf_counter_ns around "
             "interpreter.invoke(); accuracy on the eval set shipped with the artifacts; energy per inference comes from "
             "the power sensor named in the legend, or is an estimate from the profile's idle/busy watts and CPU use."

@@ -1,16 +1,24 @@
-"""The fleet history: SQLite in WAL mode, one row per message, duplicates dropped by ``msg_id``.
+"""The fleet history: one interface, two databases. One row per message, duplicates dropped by ``msg_id``.
+
+:class:`HistoryStore` is the interface every command uses (monitor, select, tune, fleet status,
+report, the live rollout gate) and holds all the SQL, written once: SQLite (:class:`Store`, the
+embedded default, a file in WAL mode) and PostgreSQL (:class:`edge_kit.telemetry.pg.PostgresStore`,
+psycopg 3) differ only in how they connect, run a statement and spell four column types.
+:func:`open_history` picks one from what the user passed: a ``postgresql://`` URL or a file path.
 
 Tables: ``status``, ``bench``, ``telemetry`` (the message JSON plus indexed columns), ``decisions``
 (what selection chose for a device and why), ``rollouts`` and ``rollout_devices`` (a pull
 rollout's settings, state and owner, and each device's state in it: what lets a rollout resume
 after the host restarts), ``invalid`` (payloads that failed validation, kept
 for inspection) and ``gaps`` (missing ``seq`` ranges per device and kind). Several monitor
-processes may write the same file: WAL lets readers work alongside, writes are serialized by SQLite
-with a busy timeout, and ``INSERT OR IGNORE`` on the message id keeps each record once.
+processes (on one host for SQLite, on several for PostgreSQL) may write one history:
+``INSERT ... ON CONFLICT DO NOTHING`` on the message id keeps each record once, and a batch is
+one transaction, stored whole or not at all.
 """
 
 from __future__ import annotations
 
+import abc
 import json
 import sqlite3
 import threading
@@ -18,44 +26,332 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edge_kit.errors import HistoryError
+
 KINDS = ("status", "bench", "telemetry")
+TABLES = (*KINDS, "decisions", "invalid", "gaps", "rollouts", "rollout_devices")
 HISTORY_NAME = "edgekit-history.db"
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
 
 def history_path(fleet_file: Path) -> Path:
     """Return where the history of the fleet described by ``fleet_file`` lives: ``edgekit-history.db`` beside it.
 
-    The one rule for every command that defaults its ``--store`` and for ``edgekit demo``, so the
+    The one rule for every command that defaults its ``--history`` and for ``edgekit demo``, so the
     history a command (or the demo) wrote is the one the next command reads.
     """
     return Path(fleet_file).resolve().parent / HISTORY_NAME
 
 
+def is_postgres(spec: str | Path) -> bool:
+    """Return True when ``spec`` is a PostgreSQL URL (``postgresql://`` or ``postgres://``), False for a path."""
+    return isinstance(spec, str) and spec.startswith(POSTGRES_SCHEMES)
+
+
+def open_history(spec: str | Path) -> HistoryStore:
+    """Return the history store ``spec`` names: PostgreSQL for a ``postgresql://`` URL, else a SQLite file.
+
+    Raises:
+        HistoryError: the database cannot be opened or reached, or psycopg (the host extra) is missing.
+    """
+    if is_postgres(spec):
+        try:
+            from edge_kit.telemetry.pg import PostgresStore
+        except ModuleNotFoundError as exc:
+            raise HistoryError(f"a PostgreSQL history needs psycopg ({exc.name} is not installed): "
+                               "pip install 'edge-kit[host]'") from None
+        return PostgresStore(str(spec))
+    try:
+        return Store(Path(spec))
+    except sqlite3.Error as exc:
+        raise HistoryError(f"cannot open the history file {spec} ({exc}): check the path and its permissions") from None
+
+
 # Every ts column is this host's clock when the row was received or written, never a sender's claim.
+# {real}, {int}, {blob} and {serial} are the only spellings the two databases do not share: SQLite's
+# REAL is a double and its INTEGER 64 bits; PostgreSQL's REAL is four bytes (an epoch time rounded to
+# minutes) and its INTEGER 32 bits (a rollout revision or a long-lived device's seq would not fit).
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS status (msg_id TEXT PRIMARY KEY, device TEXT, ts REAL, seq INTEGER, state TEXT, body TEXT);
-CREATE TABLE IF NOT EXISTS bench (msg_id TEXT PRIMARY KEY, device TEXT, ts REAL, seq INTEGER, variant TEXT,
-                                  sha256 TEXT, p90_ms REAL, body TEXT);
-CREATE TABLE IF NOT EXISTS telemetry (msg_id TEXT PRIMARY KEY, device TEXT, ts REAL, seq INTEGER, body TEXT);
-CREATE TABLE IF NOT EXISTS decisions (id INTEGER PRIMARY KEY AUTOINCREMENT, device TEXT, ts REAL, chosen TEXT,
+CREATE TABLE IF NOT EXISTS status (msg_id TEXT PRIMARY KEY, device TEXT, ts {real}, seq {int}, state TEXT, body TEXT);
+CREATE TABLE IF NOT EXISTS bench (msg_id TEXT PRIMARY KEY, device TEXT, ts {real}, seq {int}, variant TEXT,
+                                  sha256 TEXT, p90_ms {real}, body TEXT);
+CREATE TABLE IF NOT EXISTS telemetry (msg_id TEXT PRIMARY KEY, device TEXT, ts {real}, seq {int}, body TEXT);
+CREATE TABLE IF NOT EXISTS decisions (id {serial}, device TEXT, ts {real}, chosen TEXT,
                                       previous TEXT, feasible INTEGER, switched INTEGER, body TEXT);
-CREATE TABLE IF NOT EXISTS invalid (id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL, topic TEXT, reason TEXT, payload BLOB);
-CREATE TABLE IF NOT EXISTS gaps (device TEXT, kind TEXT, first_missing INTEGER, last_missing INTEGER, ts REAL);
-CREATE TABLE IF NOT EXISTS rollouts (id TEXT PRIMARY KEY, created REAL, ts REAL, state TEXT, owner TEXT,
-                                     heartbeat REAL, body TEXT);
-CREATE TABLE IF NOT EXISTS rollout_devices (rollout TEXT, device TEXT, wave INTEGER, state TEXT, revision INTEGER,
-                                            ts REAL, detail TEXT, PRIMARY KEY (rollout, device));
+CREATE TABLE IF NOT EXISTS invalid (id {serial}, ts {real}, topic TEXT, reason TEXT, payload {blob});
+CREATE TABLE IF NOT EXISTS gaps (device TEXT, kind TEXT, first_missing {int}, last_missing {int}, ts {real});
+CREATE TABLE IF NOT EXISTS rollouts (id TEXT PRIMARY KEY, created {real}, ts {real}, state TEXT, owner TEXT,
+                                     heartbeat {real}, body TEXT);
+CREATE TABLE IF NOT EXISTS rollout_devices (rollout TEXT, device TEXT, wave {int}, state TEXT, revision {int},
+                                            ts {real}, detail TEXT, PRIMARY KEY (rollout, device));
 CREATE INDEX IF NOT EXISTS bench_device_sha ON bench (device, sha256, ts);
 CREATE INDEX IF NOT EXISTS status_device ON status (device, ts);
 CREATE INDEX IF NOT EXISTS telemetry_device ON telemetry (device, ts);
 """
 
+# One INSERT per kind of message; ON CONFLICT DO NOTHING (SQLite >= 3.24 and PostgreSQL alike) keeps
+# the first row of a msg_id, so a redelivery, a spool replay or another worker's copy is dropped.
+_INSERT = {
+    "status": "INSERT INTO status VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+    "bench": "INSERT INTO bench VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+    "telemetry": "INSERT INTO telemetry VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+}
 
-class Store:
-    """A connection to the history file. Thread-safe; open one per process."""
+
+def message_row(kind: str, m: dict[str, Any], body: str | None, received: float) -> tuple:
+    """Return the row of ``_INSERT[kind]`` for message ``m`` (``body``: its JSON as received, or None to encode it).
+
+    Raises:
+        ValueError: ``kind`` is not one the store keeps.
+    """
+    body = body or json.dumps(m, separators=(",", ":"))
+    head = (m["msg_id"], m["device"], received, m["seq"])
+    if kind == "bench":
+        return (*head, m.get("variant"), m.get("sha256"), (m.get("latency_ms") or {}).get("p90"), body)
+    if kind == "status":
+        return (*head, m.get("state"), body)
+    if kind == "telemetry":
+        return (*head, body)
+    raise ValueError(f"the store keeps {', '.join(KINDS)}, not {kind!r}")
+
+
+class HistoryStore(abc.ABC):
+    """The history interface: every method here works the same on SQLite and PostgreSQL.
+
+    A backend provides :meth:`_execute` (one statement, committed), :meth:`_rows` (a query),
+    :meth:`_write_batch` (several statements in one transaction) and :meth:`close`; the SQL above is
+    written with ``?`` placeholders and each backend turns them into its own. Thread-safe; open one
+    per process. Every method may raise :class:`~edge_kit.errors.HistoryError` when the database
+    cannot be reached or written.
+    """
+
+    #: Says which database this is in messages (a path, or a URL without its password).
+    where: str
+
+    # --- what a backend provides ------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Close the connection; return nothing. Safe to call twice."""
+
+    @abc.abstractmethod
+    def _execute(self, sql: str, args: tuple = ()) -> int:
+        """Run one statement in its own transaction; return its row count. Raises HistoryError."""
+
+    @abc.abstractmethod
+    def _rows(self, sql: str, args: tuple = ()) -> list[tuple]:
+        """Run one query; return all its rows. Raises HistoryError."""
+
+    @abc.abstractmethod
+    def _write_batch(self, statements: list[tuple[str, list[tuple]]]) -> int:
+        """Run each ``(sql, rows)`` for all its rows, all in one transaction (all or nothing); return the
+        summed row count. Raises HistoryError (nothing of the batch is then stored)."""
+
+    # --- the interface ----------------------------------------------------------------------------
+
+    def add_many(self, messages: list[tuple[str, dict[str, Any]]], raw: list[bytes] | None = None,
+                 received: list[float] | None = None) -> int:
+        """Store ``(kind, message)`` pairs in one transaction; return how many were new (not duplicates).
+
+        ``raw`` may give each message's JSON as received, stored as is (saves encoding it again);
+        ``received`` each message's receive time on this host (default: now). The rows' ``ts`` is
+        that receive time, never the sender's own ``ts``: measurements are ordered by it and ``seq``.
+
+        Raises:
+            ValueError: a kind the store does not keep (nothing stored).
+            HistoryError: the database cannot be written (nothing of the batch stored).
+        """
+        now = time.time()
+        rows: dict[str, list[tuple]] = {}
+        for i, (kind, m) in enumerate(messages):
+            rows.setdefault(kind, []).append(message_row(kind, m, raw[i].decode() if raw is not None else None,
+                                                         received[i] if received is not None else now))
+        # Tables, and rows by msg_id, in one fixed order: two workers inserting overlapping batches
+        # take their row locks in the same order and never deadlock (PostgreSQL).
+        statements = []
+        for kind in KINDS:
+            if kind in rows:
+                first: dict[str, tuple] = {}
+                for row in rows[kind]:
+                    first.setdefault(row[0], row)  # a msg_id twice in one batch: the first copy, as before
+                statements.append((_INSERT[kind], sorted(first.values(), key=lambda r: r[0])))
+        return self._write_batch(statements) if statements else 0
+
+    def add(self, kind: str, message: dict[str, Any]) -> bool:
+        """Store one message; return False when its ``msg_id`` was already there.
+
+        Raises:
+            ValueError, HistoryError: as :meth:`add_many`.
+        """
+        return self.add_many([(kind, message)]) == 1
+
+    def add_invalid(self, topic: str, reason: str, payload: bytes) -> None:
+        """Keep a payload that failed validation (first 4 KiB), with the reason; return nothing. Raises HistoryError."""
+        self._execute("INSERT INTO invalid (ts, topic, reason, payload) VALUES (?, ?, ?, ?)",
+                      (time.time(), topic, reason, bytes(payload[:4096])))
+
+    def add_gap(self, device: str, kind: str, first: int, last: int) -> None:
+        """Record that ``seq`` ``first..last`` of ``kind`` from ``device`` never arrived (so far); return nothing.
+        Raises HistoryError."""
+        self._execute("INSERT INTO gaps VALUES (?, ?, ?, ?, ?)", (device, kind, first, last, time.time()))
+
+    def add_decision(self, decision: dict[str, Any]) -> None:
+        """Record a selection decision (a dict with ``device``, ``chosen``, ``current``, ``feasible``, ``switch``);
+        return nothing. Raises HistoryError."""
+        self._execute("INSERT INTO decisions (device, ts, chosen, previous, feasible, switched, body) "
+                      "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                      (decision["device"], time.time(), decision.get("chosen"), decision.get("current"),
+                       int(bool(decision.get("feasible"))), int(bool(decision.get("switch"))),
+                       json.dumps(decision, default=str)))
+
+    def count(self, table: str) -> int:
+        """Return the number of rows in ``table``.
+
+        Raises:
+            ValueError: not a table of the history.
+            HistoryError: the database cannot be read.
+        """
+        if table not in TABLES:
+            raise ValueError(table)
+        return self._rows(f"SELECT COUNT(*) FROM {table}")[0][0]
+
+    def latest_bench(self, device: str | None = None) -> dict[tuple[str, str], dict[str, Any]]:
+        """Return the newest bench record per ``(device, sha256)`` (of one device, or all). Raises HistoryError."""
+        return {key: records[0] for key, records in self.recent_bench(device, keep=1).items()}
+
+    def recent_bench(self, device: str | None = None, keep: int = 5) -> dict[tuple[str, str], list[dict[str, Any]]]:
+        """Return up to ``keep`` bench records per ``(device, sha256)`` (of one device, or all), newest first.
+        Raises HistoryError."""
+        where, args = ("WHERE device = ?", (device, keep)) if device else ("", (keep,))
+        sql = ("SELECT body FROM (SELECT body, ts, seq, ROW_NUMBER() OVER (PARTITION BY device, sha256 ORDER BY ts DESC, seq DESC) AS n "
+               f"FROM bench {where}) AS ranked WHERE n <= ? ORDER BY ts DESC, seq DESC")
+        out: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for (body,) in self._rows(sql, args):
+            m = json.loads(body)
+            out.setdefault((m["device"], m["sha256"]), []).append(m)
+        return out
+
+    def latest_status(self) -> dict[str, dict[str, Any]]:
+        """Return the newest status message per device. Raises HistoryError."""
+        return self._latest("status")
+
+    def latest_telemetry(self) -> dict[str, dict[str, Any]]:
+        """Return the newest telemetry message per device. Raises HistoryError."""
+        return self._latest("telemetry")
+
+    def _latest(self, table: str) -> dict[str, dict[str, Any]]:
+        """Return the newest message of ``table`` per device (by receive time, then ``seq``)."""
+        rows = self._rows(f"SELECT t.body FROM {table} t JOIN (SELECT device, MAX(ts) AS ts FROM {table} GROUP BY device) l "
+                          "ON t.device = l.device AND t.ts = l.ts ORDER BY t.seq")
+        return {m["device"]: m for m in (json.loads(b) for (b,) in rows)}
+
+    def decisions(self, device: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        """Return recorded decisions, newest first, each with ``recorded`` (this host's time). Raises HistoryError."""
+        sql = "SELECT body, ts FROM decisions" + (" WHERE device = ?" if device else "") + " ORDER BY id DESC LIMIT ?"
+        return [{**json.loads(b), "recorded": ts} for b, ts in self._rows(sql, ((device,) if device else ()) + (limit,))]
+
+    def bench_records(self, device: str | None = None) -> list[dict[str, Any]]:
+        """Return every bench record (of one device, or all), oldest first. Raises HistoryError."""
+        sql = "SELECT body FROM bench" + (" WHERE device = ?" if device else "") + " ORDER BY ts, seq"
+        return [json.loads(b) for (b,) in self._rows(sql, (device,) if device else ())]
+
+    # --- rollouts (edge_kit.loop.waves) ------------------------------------------------------------
+
+    def save_rollout(self, rid: str, state: str, body: dict[str, Any]) -> None:
+        """Create or update rollout ``rid`` with its ``state`` and settings/progress ``body`` (JSON); return
+        nothing. Raises HistoryError."""
+        now = time.time()
+        self._execute("INSERT INTO rollouts (id, created, ts, state, owner, heartbeat, body) "
+                      "VALUES (?, ?, ?, ?, NULL, NULL, ?) ON CONFLICT (id) DO UPDATE SET ts = excluded.ts, "
+                      "state = excluded.state, body = excluded.body",
+                      (rid, now, now, state, json.dumps(body, default=str)))
+
+    def claim_rollout(self, rid: str, owner: str, stale_s: float) -> str | None:
+        """Make ``owner`` the one process driving rollout ``rid``; return None when it now is, else
+        the live owner that holds it (its heartbeat newer than ``stale_s``). Raises HistoryError.
+
+        The conditional UPDATE is atomic on both databases (PostgreSQL re-checks the condition after a
+        concurrent claim commits), so of two hosts claiming at once one wins."""
+        now = time.time()
+        self._execute("UPDATE rollouts SET owner = ?, heartbeat = ? WHERE id = ? AND "
+                      "(owner IS NULL OR owner = ? OR heartbeat < ?)", (owner, now, rid, owner, now - stale_s))
+        rows = self._rows("SELECT owner FROM rollouts WHERE id = ?", (rid,))
+        return None if rows and rows[0][0] == owner else (rows[0][0] if rows else "nobody: no such rollout")
+
+    def heartbeat_rollout(self, rid: str, owner: str) -> str:
+        """Note that ``owner`` still drives rollout ``rid``; return the rollout's state (``aborting``
+        when someone asked it to stop; ``missing`` when there is no such rollout). Raises HistoryError."""
+        self._execute("UPDATE rollouts SET heartbeat = ? WHERE id = ? AND owner = ?", (time.time(), rid, owner))
+        rows = self._rows("SELECT state FROM rollouts WHERE id = ?", (rid,))
+        return rows[0][0] if rows else "missing"
+
+    def release_rollout(self, rid: str, owner: str) -> None:
+        """Let go of rollout ``rid`` (another process may resume it at once); return nothing. Raises HistoryError."""
+        self._execute("UPDATE rollouts SET owner = NULL WHERE id = ? AND owner = ?", (rid, owner))
+
+    def set_rollout_state(self, rid: str, state: str) -> None:
+        """Set rollout ``rid``'s state (``abort`` sets ``aborting``; its owner stops and sets ``aborted``);
+        return nothing. Raises HistoryError."""
+        self._execute("UPDATE rollouts SET state = ?, ts = ? WHERE id = ?", (state, time.time(), rid))
+
+    def rollout(self, rid: str) -> dict[str, Any] | None:
+        """Return rollout ``rid`` (``id, created, ts, state, owner, heartbeat, body``), or None. Raises HistoryError."""
+        rows = self._rows("SELECT id, created, ts, state, owner, heartbeat, body FROM rollouts WHERE id = ?", (rid,))
+        return self._rollout_row(rows[0]) if rows else None
+
+    def rollouts(self, limit: int = 20) -> list[dict[str, Any]]:
+        """Return the newest rollouts first (at most ``limit``). Raises HistoryError."""
+        rows = self._rows("SELECT id, created, ts, state, owner, heartbeat, body FROM rollouts "
+                          "ORDER BY created DESC LIMIT ?", (limit,))
+        return [self._rollout_row(r) for r in rows]
+
+    @staticmethod
+    def _rollout_row(row: tuple) -> dict[str, Any]:
+        """Return a ``rollouts`` row as a dict, its body decoded."""
+        return {**dict(zip(("id", "created", "ts", "state", "owner", "heartbeat"), row[:6])), "body": json.loads(row[6])}
+
+    def set_rollout_devices(self, rid: str, rows: list[dict[str, Any]]) -> None:
+        """Create or update devices' rows of rollout ``rid`` in one transaction; each a dict with
+        ``device``, ``wave``, ``state``, ``revision`` and ``detail`` (a dict, JSON). Return nothing.
+        Raises HistoryError (nothing of it written)."""
+        now = time.time()
+        values = sorted(((rid, r["device"], r["wave"], r["state"], r["revision"], now, json.dumps(r.get("detail") or {}))
+                         for r in rows), key=lambda v: v[1])  # one lock order for concurrent writers
+        if values:
+            self._write_batch([(
+                "INSERT INTO rollout_devices VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (rollout, device) DO UPDATE "
+                "SET wave = excluded.wave, state = excluded.state, revision = excluded.revision, ts = excluded.ts, "
+                "detail = excluded.detail", values)])
+
+    def rollout_devices(self, rid: str) -> dict[str, dict[str, Any]]:
+        """Return each device's row of rollout ``rid`` (``wave, state, revision, ts, detail``) by name.
+        Raises HistoryError."""
+        rows = self._rows("SELECT device, wave, state, revision, ts, detail FROM rollout_devices WHERE rollout = ?", (rid,))
+        return {d: {"wave": w, "state": st, "revision": rev, "ts": ts, "detail": json.loads(det)}
+                for d, w, st, rev, ts, det in rows}
+
+    def __enter__(self) -> HistoryStore:
+        """Return the store itself (closed on leaving the ``with``)."""
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        """Close the store; return nothing."""
+        self.close()
+
+
+class Store(HistoryStore):
+    """The embedded history: a SQLite file in WAL mode. Several processes on one host may share it:
+    readers work alongside, writes are serialized by SQLite with a busy timeout."""
 
     def __init__(self, path: Path):
+        """Open (creating it and its tables when new) the history file at ``path``.
+
+        Raises:
+            sqlite3.Error: the file cannot be opened or is not a SQLite database (:func:`open_history`
+                turns this into a HistoryError).
+        """
         self.path = Path(path)
+        self.where = str(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=30, isolation_level=None)
@@ -70,193 +366,53 @@ class Store:
                     raise
                 time.sleep(0.05)
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+        self._db.executescript(_SCHEMA.format(real="REAL", int="INTEGER", blob="BLOB",
+                                              serial="INTEGER PRIMARY KEY AUTOINCREMENT"))
 
     def close(self) -> None:
+        """Close the file; return nothing."""
         with self._lock:
             self._db.close()
 
-    def add_many(self, messages: list[tuple[str, dict[str, Any]]], raw: list[bytes] | None = None,
-                 received: list[float] | None = None) -> int:
-        """Store ``(kind, message)`` pairs in one transaction; return how many were new (not duplicates).
+    def _failed(self, exc: sqlite3.Error) -> HistoryError:
+        """Return the one-line error for a SQLite failure on this file."""
+        return HistoryError(f"the history file {self.where} cannot be written or read ({exc}): "
+                            "check the disk and the file, then run again")
 
-        ``raw`` may give each message's JSON as received, stored as is (saves encoding it again);
-        ``received`` each message's receive time on this host (default: now). The rows' ``ts`` is
-        that receive time, never the sender's own ``ts``: measurements are ordered by it and ``seq``.
-        """
-        new = 0
-        now = time.time()
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                for i, (kind, m) in enumerate(messages):
-                    new += self._insert(kind, m, raw[i].decode() if raw is not None else None,
-                                        received[i] if received is not None else now)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-        return new
-
-    def add(self, kind: str, message: dict[str, Any]) -> bool:
-        """Store one message; return False when its ``msg_id`` was already there."""
-        return self.add_many([(kind, message)]) == 1
-
-    def _insert(self, kind: str, m: dict[str, Any], body: str | None, received: float) -> int:
-        body = body or json.dumps(m, separators=(",", ":"))
-        head = (m["msg_id"], m["device"], received, m["seq"])
-        if kind == "bench":
-            sql = "INSERT OR IGNORE INTO bench VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
-            row = (*head, m.get("variant"), m.get("sha256"), (m.get("latency_ms") or {}).get("p90"), body)
-        elif kind == "status":
-            sql, row = "INSERT OR IGNORE INTO status VALUES (?, ?, ?, ?, ?, ?)", (*head, m.get("state"), body)
-        elif kind == "telemetry":
-            sql, row = "INSERT OR IGNORE INTO telemetry VALUES (?, ?, ?, ?, ?)", (*head, body)
-        else:
-            raise ValueError(f"the store keeps {', '.join(KINDS)}, not {kind!r}")
-        return self._db.execute(sql, row).rowcount
-
-    def add_invalid(self, topic: str, reason: str, payload: bytes) -> None:
-        """Keep a payload that failed validation (first 4 KiB), with the reason."""
-        with self._lock:
-            self._db.execute("INSERT INTO invalid (ts, topic, reason, payload) VALUES (?, ?, ?, ?)",
-                             (time.time(), topic, reason, payload[:4096]))
-
-    def add_gap(self, device: str, kind: str, first: int, last: int) -> None:
-        """Record that ``seq`` ``first..last`` of ``kind`` from ``device`` never arrived (so far)."""
-        with self._lock:
-            self._db.execute("INSERT INTO gaps VALUES (?, ?, ?, ?, ?)", (device, kind, first, last, time.time()))
-
-    def add_decision(self, decision: dict[str, Any]) -> None:
-        """Record a selection decision (a dict with ``device``, ``chosen``, ``current``, ``feasible``, ``switch``)."""
-        with self._lock:
-            self._db.execute("INSERT INTO decisions (device, ts, chosen, previous, feasible, switched, body) "
-                             "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                             (decision["device"], time.time(), decision.get("chosen"), decision.get("current"),
-                              int(bool(decision.get("feasible"))), int(bool(decision.get("switch"))),
-                              json.dumps(decision, default=str)))
-
-    # --- rollouts (edge_kit.loop.waves) ------------------------------------------------------------
-
-    def save_rollout(self, rid: str, state: str, body: dict[str, Any]) -> None:
-        """Create or update rollout ``rid`` with its ``state`` and settings/progress ``body`` (JSON)."""
-        now = time.time()
-        with self._lock:
-            self._db.execute("INSERT INTO rollouts (id, created, ts, state, owner, heartbeat, body) "
-                             "VALUES (?, ?, ?, ?, NULL, NULL, ?) ON CONFLICT (id) DO UPDATE SET ts = excluded.ts, "
-                             "state = excluded.state, body = excluded.body",
-                             (rid, now, now, state, json.dumps(body, default=str)))
-
-    def claim_rollout(self, rid: str, owner: str, stale_s: float) -> str | None:
-        """Make ``owner`` the one process driving rollout ``rid``; return None when it now is, else
-        the live owner that holds it (its heartbeat newer than ``stale_s``)."""
-        now = time.time()
-        with self._lock:
-            self._db.execute("UPDATE rollouts SET owner = ?, heartbeat = ? WHERE id = ? AND "
-                             "(owner IS NULL OR owner = ? OR heartbeat < ?)", (owner, now, rid, owner, now - stale_s))
-            row = self._db.execute("SELECT owner FROM rollouts WHERE id = ?", (rid,)).fetchone()
-        return None if row and row[0] == owner else (row[0] if row else "nobody: no such rollout")
-
-    def heartbeat_rollout(self, rid: str, owner: str) -> str:
-        """Note that ``owner`` still drives rollout ``rid``; return the rollout's state (``aborting``
-        when someone asked it to stop)."""
-        with self._lock:
-            self._db.execute("UPDATE rollouts SET heartbeat = ? WHERE id = ? AND owner = ?", (time.time(), rid, owner))
-            row = self._db.execute("SELECT state FROM rollouts WHERE id = ?", (rid,)).fetchone()
-        return row[0] if row else "missing"
-
-    def release_rollout(self, rid: str, owner: str) -> None:
-        """Let go of rollout ``rid`` (another process may resume it at once)."""
-        with self._lock:
-            self._db.execute("UPDATE rollouts SET owner = NULL WHERE id = ? AND owner = ?", (rid, owner))
-
-    def set_rollout_state(self, rid: str, state: str) -> None:
-        """Set rollout ``rid``'s state (``abort`` sets ``aborting``; its owner stops and sets ``aborted``)."""
-        with self._lock:
-            self._db.execute("UPDATE rollouts SET state = ?, ts = ? WHERE id = ?", (state, time.time(), rid))
-
-    def rollout(self, rid: str) -> dict[str, Any] | None:
-        """Return rollout ``rid`` (``id, created, ts, state, owner, heartbeat, body``), or None."""
-        rows = self._rows("SELECT id, created, ts, state, owner, heartbeat, body FROM rollouts WHERE id = ?", (rid,))
-        return self._rollout_row(rows[0]) if rows else None
-
-    def rollouts(self, limit: int = 20) -> list[dict[str, Any]]:
-        """Return the newest rollouts first."""
-        rows = self._rows("SELECT id, created, ts, state, owner, heartbeat, body FROM rollouts "
-                          "ORDER BY created DESC LIMIT ?", (limit,))
-        return [self._rollout_row(r) for r in rows]
-
-    @staticmethod
-    def _rollout_row(row: tuple) -> dict[str, Any]:
-        return {**dict(zip(("id", "created", "ts", "state", "owner", "heartbeat"), row[:6])), "body": json.loads(row[6])}
-
-    def set_rollout_devices(self, rid: str, rows: list[dict[str, Any]]) -> None:
-        """Create or update devices' rows of rollout ``rid`` in one transaction; each a dict with
-        ``device``, ``wave``, ``state``, ``revision`` and ``detail`` (a dict, JSON)."""
-        now = time.time()
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.executemany(
-                    "INSERT INTO rollout_devices VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (rollout, device) DO UPDATE "
-                    "SET wave = excluded.wave, state = excluded.state, revision = excluded.revision, ts = excluded.ts, "
-                    "detail = excluded.detail",
-                    [(rid, r["device"], r["wave"], r["state"], r["revision"], now, json.dumps(r.get("detail") or {}))
-                     for r in rows])
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-
-    def rollout_devices(self, rid: str) -> dict[str, dict[str, Any]]:
-        """Return each device's row of rollout ``rid`` (``wave, state, revision, ts, detail``) by name."""
-        rows = self._rows("SELECT device, wave, state, revision, ts, detail FROM rollout_devices WHERE rollout = ?", (rid,))
-        return {d: {"wave": w, "state": s, "revision": rev, "ts": ts, "detail": json.loads(det)}
-                for d, w, s, rev, ts, det in rows}
+    def _execute(self, sql: str, args: tuple = ()) -> int:
+        """Run one statement (autocommit); return its row count. Raises HistoryError."""
+        try:
+            with self._lock:
+                return self._db.execute(sql, args).rowcount
+        except sqlite3.Error as exc:
+            raise self._failed(exc) from exc
 
     def _rows(self, sql: str, args: tuple = ()) -> list[tuple]:
-        with self._lock:
-            return self._db.execute(sql, args).fetchall()
+        """Run one query; return its rows. Raises HistoryError."""
+        try:
+            with self._lock:
+                return self._db.execute(sql, args).fetchall()
+        except sqlite3.Error as exc:
+            raise self._failed(exc) from exc
 
-    def count(self, table: str) -> int:
-        """Return the number of rows in ``table``."""
-        if table not in (*KINDS, "decisions", "invalid", "gaps"):
-            raise ValueError(table)
-        return self._rows(f"SELECT COUNT(*) FROM {table}")[0][0]
+    def _write_batch(self, statements: list[tuple[str, list[tuple]]]) -> int:
+        """Run every statement over its rows in one ``BEGIN IMMEDIATE`` transaction; return the summed row count.
+        Raises HistoryError (rolled back)."""
+        new = 0
+        try:
+            with self._lock:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    for sql, rows in statements:
+                        for row in rows:
+                            new += self._db.execute(sql, row).rowcount
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+        except sqlite3.Error as exc:
+            raise self._failed(exc) from exc
+        return new
 
-    def latest_bench(self, device: str | None = None) -> dict[tuple[str, str], dict[str, Any]]:
-        """Return the newest bench record per ``(device, sha256)`` (of one device, or all)."""
-        return {key: records[0] for key, records in self.recent_bench(device, keep=1).items()}
 
-    def recent_bench(self, device: str | None = None, keep: int = 5) -> dict[tuple[str, str], list[dict[str, Any]]]:
-        """Return up to ``keep`` bench records per ``(device, sha256)`` (of one device, or all), newest first."""
-        where, args = ("WHERE device = ?", (device, keep)) if device else ("", (keep,))
-        sql = ("SELECT body FROM (SELECT body, ts, seq, ROW_NUMBER() OVER (PARTITION BY device, sha256 ORDER BY ts DESC, seq DESC) AS n "
-               f"FROM bench {where}) WHERE n <= ? ORDER BY ts DESC, seq DESC")
-        out: dict[tuple[str, str], list[dict[str, Any]]] = {}
-        for (body,) in self._rows(sql, args):
-            m = json.loads(body)
-            out.setdefault((m["device"], m["sha256"]), []).append(m)
-        return out
-
-    def latest_status(self) -> dict[str, dict[str, Any]]:
-        """Return the newest status message per device."""
-        rows = self._rows("SELECT s.body FROM status s JOIN (SELECT device, MAX(ts) AS ts FROM status GROUP BY device) l "
-                          "ON s.device = l.device AND s.ts = l.ts")
-        return {m["device"]: m for m in (json.loads(b) for (b,) in rows)}
-
-    def latest_telemetry(self) -> dict[str, dict[str, Any]]:
-        """Return the newest telemetry message per device."""
-        rows = self._rows("SELECT t.body FROM telemetry t JOIN (SELECT device, MAX(ts) AS ts FROM telemetry GROUP BY device) l "
-                          "ON t.device = l.device AND t.ts = l.ts")
-        return {m["device"]: m for m in (json.loads(b) for (b,) in rows)}
-
-    def decisions(self, device: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
-        """Return recorded decisions, newest first."""
-        sql = "SELECT body, ts FROM decisions" + (" WHERE device = ?" if device else "") + " ORDER BY id DESC LIMIT ?"
-        return [{**json.loads(b), "recorded": ts} for b, ts in self._rows(sql, ((device,) if device else ()) + (limit,))]
-
-    def bench_records(self, device: str | None = None) -> list[dict[str, Any]]:
-        """Return every bench record (of one device, or all), oldest first."""
-        sql = "SELECT body FROM bench" + (" WHERE device = ?" if device else "") + " ORDER BY ts"
-        return [json.loads(b) for (b,) in self._rows(sql, (device,) if device else ())]
+SqliteStore = Store  # the name that says which backend it is; ``Store`` stays for existing callers

@@ -26,6 +26,9 @@ class FakeStore:
     def current(self):
         return self.cur
 
+    def previous(self):
+        return None
+
     def verify(self, sha):
         if sha not in self.models:
             raise DeviceError(f"{sha[:6]} not installed")

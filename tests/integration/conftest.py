@@ -1,7 +1,8 @@
-"""Integration fixtures: a real Mosquitto on a free loopback port, real agents as subprocesses."""
+"""Integration fixtures: a real Mosquitto and a real PostgreSQL on free loopback ports, real agents as subprocesses."""
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,26 @@ def mosquitto(tmp_path):
     broker = MosquittoBroker(tmp_path / "broker").start()
     yield broker
     broker.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One real PostgreSQL (Debian's package) on a free loopback port for the session, in a temporary cluster
+    (fsync off: throw-away data); as root it runs as the ``postgres`` (or ``nobody``) user."""
+    from edge_kit.sim.postgres import PostgresServer
+
+    server = PostgresServer(settings={"fsync": "off", "full_page_writes": "off"}).start()
+    yield server
+    server.remove()
+
+
+_databases = itertools.count(1)
+
+
+@pytest.fixture
+def postgres_url(postgres_server) -> str:
+    """The ``postgresql://`` URL of a new, empty database of the session's server, for one test."""
+    return postgres_server.create_database(f"test_{os.getpid()}_{next(_databases)}")
 
 
 @pytest.fixture

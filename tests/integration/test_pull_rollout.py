@@ -57,6 +57,12 @@ def test_a_rollout_in_waves_converges_every_device_and_a_second_start_is_refused
     assert code != 0 and "exists already" in err and len(err.strip().splitlines()) == 1
     code, out, _ = run_cli("rollout", "list", "--fleet", simfleet.fleet_file, "--json")
     assert [r["id"] for r in json.loads(out)] == ["r1"] and json.loads(out)[0]["state"] == "done"
+    code, out, _ = run_cli("rollout", "status", "r1", "--fleet", simfleet.fleet_file)
+    assert code == 0 and out.count("converged") >= 3 and "rollout r1: done (converged 3)" in out
+    code, out, _ = run_cli("rollout", "list", "--fleet", simfleet.fleet_file)
+    assert code == 0 and "r1" in out and "converged 3" in out
+    code, _, err = run_cli("rollout", "abort", "r1", "--fleet", simfleet.fleet_file)
+    assert code != 0 and "is done already" in err
 
 
 def test_a_bad_artifact_fails_its_devices_which_keep_their_model_and_the_rollout_stops(pull_fleet, digits_artifacts,

@@ -1,0 +1,183 @@
+"""The rollout driver's rules with an in-memory broker (the real one: tests/integration/test_pull_rollout.py
+and test_virtual_fleet.py): waves, thresholds, abort, and a resume that neither loses nor repeats a device."""
+
+from __future__ import annotations
+
+import pytest
+
+from edge_kit.errors import ConfigError
+from edge_kit.loop.waves import (
+    Rollout,
+    RolloutError,
+    RolloutSettings,
+    parse_rate,
+    parse_share,
+    parse_waves,
+    wave_ends,
+)
+from edge_kit.telemetry.store import Store
+
+SHA = "c" * 64
+
+
+def test_wave_rate_and_share_parsing():
+    assert parse_waves("1%,10%,100%") == (0.01, 0.1, 1.0)
+    assert parse_share("2%", "--max-failed") == 0.02 and parse_share("0.5", "--max-failed") == 0.5
+    assert parse_rate("200/min", "--rate") == pytest.approx(200 / 60)
+    assert parse_rate("2MB/s", "--bandwidth", "B") == 2e6
+    for bad in ("10%,5%,100%", "1%,50%", "0%,100%", "x"):
+        with pytest.raises(ConfigError, match="--wave"):
+            parse_waves(bad)
+    for bad in ("-1/min", "fast", "0/s"):
+        with pytest.raises(ConfigError, match="--rate"):
+            parse_rate(bad, "--rate")
+    assert wave_ends(1000, (0.01, 0.1, 1.0)) == [10, 100, 1000]
+    assert wave_ends(3, (0.01, 0.1, 1.0)) == [1, 2, 3]  # every wave moves on by at least one device
+
+
+class FakeBroker:
+    """Devices that answer each desired state at once: ``fail`` ones report failed."""
+
+    def __init__(self, fail=(), crash_after=None, on_publish=None):
+        self.fail, self.crash_after, self.on_publish = set(fail), crash_after, on_publish
+        self.sent: list[tuple[str, int]] = []
+        self.retained: dict[str, dict] = {}  # what a new subscriber gets at once
+
+    def __call__(self, callback):
+        self.cb = callback
+        return self
+
+    def __enter__(self):
+        for msg in self.retained.values():
+            self.cb(msg)
+        return self
+
+    def __exit__(self, *_):
+        pass
+
+    def publish_desired(self, desired, device):
+        if self.crash_after is not None and len(self.sent) >= self.crash_after:
+            raise KeyboardInterrupt("the host went down")
+        self.sent.append((device, desired.revision))
+        state = "failed" if device in self.fail else "converged"
+        msg = {"device": device, "rollout": desired.rollout, "revision": desired.revision, "state": state,
+               "error": "simulated" if state == "failed" else None, "current": {"sha256": desired.sha256},
+               "previous": {"sha256": "0" * 64, "variant": "fp32", "model": "m", "bytes": 7}}
+        self.retained[device] = msg
+        self.cb(msg)
+        if self.on_publish:
+            self.on_publish(len(self.sent))
+
+
+def planned(history, n=20, **settings):
+    names = [f"d{i:02d}" for i in range(n)]
+    gate = settings.pop("gate", None)
+    s = RolloutSettings(**{"waves": (0.1, 0.5, 1.0), "wave_timeout_s": 2.0, **settings})
+    plan = {"gate": gate, "id": "r", "fleet": "f", "model": "m", "store": "http://127.0.0.1:9", "variant": "int8", "artifacts": "/x",
+            "settings": {"waves": list(s.waves), "rate_per_s": s.rate_per_s, "max_failed": s.max_failed,
+                         "wave_timeout_s": s.wave_timeout_s,
+                         "fetch": {"max_bytes_s": None, "start_delay_s": 0.0, "timeout_s": 30.0}},
+            "order": names, "targets": {n: {"variant": "int8", "sha256": SHA, "bytes": 1, "keep": [], "profile": "rpi4"} for n in names},
+            "refused": {"old": "old: the artifacts were not compiled for profile rpi3"}}
+    history.save_rollout("r", "running", plan)
+    return names
+
+
+def test_waves_go_in_order_and_a_failure_over_the_threshold_stops_the_rollout(tmp_path):
+    history = Store(tmp_path / "h.db")
+    names = planned(history)
+    broker = FakeBroker(fail={names[3]})
+    out = Rollout(history, "r", broker).run()
+    assert out["state"] == "stopped" and "1 of 10 devices sent so far failed" in out["reason"]
+    assert [d for d, _ in broker.sent] == names[:10]  # waves of 2 and 8; the last wave was never sent
+    assert out["counts"] == {"converged": 9, "failed": 1, "planned": 10, "refused": 1}
+    assert history.rollout("r")["state"] == "stopped" and history.rollout("r")["owner"] is None
+    with pytest.raises(RolloutError, match="is stopped"):
+        Rollout(history, "r", broker).run()
+
+
+def test_a_resumed_rollout_sends_each_device_once_and_takes_what_converged_meanwhile(tmp_path):
+    history = Store(tmp_path / "h.db")
+    names = planned(history, max_failed=0.5)
+    broker = FakeBroker(crash_after=7)
+    with pytest.raises(KeyboardInterrupt):
+        Rollout(history, "r", broker).run()
+    rows = history.rollout_devices("r")
+    assert sum(r["state"] == "converged" for r in rows.values()) >= 2  # the answers before the crash are kept
+    broker.crash_after = None
+    out = Rollout(history, "r", broker).run()
+    assert out["state"] == "done" and out["counts"] == {"converged": 20, "refused": 1}
+    sent = [d for d, _ in broker.sent]
+    assert sorted(sent) == sorted(names)  # nobody twice: those answered before the crash were not sent again
+    revisions = [rev for _, rev in broker.sent]
+    assert revisions == sorted(revisions) and len(set(revisions)) == len(revisions)
+
+
+def test_a_second_driver_is_refused_and_abort_stops_the_first(tmp_path):
+    history = Store(tmp_path / "h.db")
+    planned(history, waves=(0.1, 1.0), rate_per_s=5.0)
+    assert history.claim_rollout("r", "other-host:1", stale_s=60) is None
+    with pytest.raises(RolloutError, match="being driven by other-host:1"):
+        Rollout(history, "r", FakeBroker()).run()
+    history.release_rollout("r", "other-host:1")
+    out = Rollout(history, "r", FakeBroker(on_publish=lambda n: n == 3 and history.set_rollout_state("r", "aborting"))).run()
+    assert out["state"] == "aborted" and out["counts"]["planned"] > 0
+
+
+def test_a_history_that_goes_away_is_one_line_and_the_rollout_resumes(tmp_path):
+    import sqlite3
+
+    history = Store(tmp_path / "h.db")
+    planned(history)
+
+    class Flaky:
+        def __init__(self, store, fail_after):
+            self.store, self.calls, self.fail_after = store, 0, fail_after
+
+        def __getattr__(self, name):
+            def call(*a, **kw):
+                if name == "set_rollout_devices":
+                    self.calls += 1
+                    if self.calls > self.fail_after:
+                        raise sqlite3.OperationalError("disk I/O error\nmore detail")
+                return getattr(self.store, name)(*a, **kw)
+            return call
+
+    with pytest.raises(RolloutError) as caught:
+        Rollout(Flaky(history, 3), "r", FakeBroker()).run()
+    text = str(caught.value)
+    assert "\n" not in text and "OperationalError: disk I/O error" in text and "edgekit rollout resume r" in text
+    out = Rollout(history, "r", FakeBroker()).run()
+    assert out["state"] == "done" and out["counts"] == {"converged": 20, "refused": 1}
+
+
+@pytest.mark.parametrize("action", ["promote", "hold", "roll back"])
+def test_the_live_gate_judges_the_first_wave_against_devices_not_yet_sent(tmp_path, action):
+    from edge_kit.selection.gate import GateDecision
+
+    history = Store(tmp_path / "h.db")
+    names = planned(history, gate={"window_s": 1})
+    seen = []
+
+    def judge(canaries, controls):
+        seen.append((canaries, controls))
+        return GateDecision(action, f"simulated {action}")
+
+    broker = FakeBroker()
+    out = Rollout(history, "r", broker, judge=judge).run()
+    assert seen == [(names[:2], names[2:])]  # the canaries and the rest of their profile, judged once
+    decisions = history.decisions()
+    assert {d["device"] for d in decisions} == set(names[:2]) and all(d["rollout"] == "r" for d in decisions)
+    if action == "promote":
+        assert out["state"] == "done" and out["counts"] == {"converged": 20, "refused": 1}
+    elif action == "hold":
+        assert out["state"] == "held" and out["counts"]["planned"] == 18
+        out = Rollout(history, "r", broker, judge=judge).run()  # resume: promoted by hand, not judged again
+        assert out["state"] == "done" and len(seen) == 1
+    else:
+        assert out["state"] == "rolled back" and out["counts"] == {"rolled back": 2, "planned": 18, "refused": 1}
+        assert broker.retained[names[0]]["revision"] > broker.sent[0][1]  # a new desired state: the previous model
+        assert [d for d, _ in broker.sent] == names[:2] * 2
+    with pytest.raises(RolloutError, match="drive it with"):
+        planned(Store(tmp_path / "h2.db"), gate={"window_s": 1})
+        Rollout(Store(tmp_path / "h2.db"), "r", FakeBroker()).run()

@@ -1,0 +1,243 @@
+"""The history-store contract, run against both backends: the SQLite file and a real PostgreSQL server.
+
+Every method of :class:`edge_kit.telemetry.store.HistoryStore` is exercised here with the same
+assertions on both; a method a backend lacks, or answers differently, fails one parametrization.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from edge_kit.errors import HistoryError
+from edge_kit.telemetry.store import TABLES, HistoryStore, Store, open_history
+from edgekit_protocol import messages
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def history_spec(request, tmp_path) -> str:
+    """What ``--history`` would be given: a file path, or a new PostgreSQL database's URL."""
+    if request.param == "sqlite":
+        return str(tmp_path / "h.db")
+    return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture
+def history(history_spec):
+    store = open_history(history_spec)
+    yield store
+    store.close()
+
+
+def bench(device, sha, p90, seq, variant="int8"):
+    return messages.envelope("bench", "f", device, seq, {"variant": variant, "sha256": sha, "latency_ms": {"p90": p90},
+                                                       "runs": 10, "power": {}, "simulated": False})
+
+
+def test_open_history_picks_the_backend_from_the_spec(history, history_spec):
+    from edge_kit.telemetry.pg import PostgresStore
+
+    assert isinstance(history, HistoryStore)
+    assert isinstance(history, PostgresStore if history_spec.startswith("postgresql://") else Store)
+    assert ":" not in history.where.split("@")[0].removeprefix("postgresql://")  # no password in messages
+
+
+def test_duplicates_are_stored_once_and_latest_views_pick_the_newest(history):
+    a, b = bench("d1", "s1", 1.0, 1), bench("d1", "s1", 2.0, 2)
+    b["ts"] = a["ts"] + 1
+    assert history.add_many([("bench", a), ("bench", a), ("bench", b)]) == 2
+    assert not history.add("bench", a)
+    assert history.count("bench") == 2
+    assert history.latest_bench()[("d1", "s1")]["latency_ms"]["p90"] == 2.0
+    c = bench("d2", "s1", 3.0, 1)
+    assert history.add("bench", c)
+    assert {k: v["latency_ms"]["p90"] for k, v in history.latest_bench().items()} == {("d1", "s1"): 2.0, ("d2", "s1"): 3.0}
+    assert list(history.latest_bench("d2")) == [("d2", "s1")]
+    assert [r["latency_ms"]["p90"] for r in history.recent_bench("d1")[("d1", "s1")]] == [2.0, 1.0]  # newest first
+    assert list(history.recent_bench("d2")) == [("d2", "s1")] and history.recent_bench("d1", keep=1)[("d1", "s1")] == [b]
+    assert [r["seq"] for r in history.bench_records("d1")] == [1, 2] and len(history.bench_records()) == 3
+
+
+def test_rows_are_ordered_by_the_receivers_clock_not_the_senders(history):
+    """A device whose clock runs ahead cannot make an old measurement look newest."""
+    early, late = bench("d1", "s1", 1.0, 1), bench("d1", "s1", 2.0, 2)
+    early["ts"] = late["ts"] + 3600  # the sender claims the first one is an hour newer
+    now = time.time()
+    history.add_many([("bench", early)], received=[now])
+    history.add_many([("bench", late)], received=[now + 1])
+    assert history.latest_bench()[("d1", "s1")]["seq"] == 2
+    assert [r["seq"] for r in history.bench_records()] == [1, 2]
+    s1 = messages.envelope("status", "f", "d1", 1, {"state": "online"})
+    s2 = messages.envelope("status", "f", "d1", 2, {"state": "offline"})
+    s1["ts"] = s2["ts"] + 3600
+    history.add_many([("status", s2), ("status", s1)], received=[now + 2, now + 1])
+    assert history.latest_status()["d1"]["state"] == "offline"
+
+
+def test_sequence_numbers_past_32_bits_are_kept(history):
+    """A device's persisted seq only grows: 64 bits on both backends."""
+    history.add("bench", bench("d1", "s1", 1.0, 2**40))
+    history.add_gap("d1", "bench", 2**33, 2**40 - 1)
+    assert history.bench_records()[0]["seq"] == 2**40 and history.count("gaps") == 1
+
+
+def test_raw_payloads_are_stored_as_received(history):
+    m = bench("d1", "s1", 1.5, 1)
+    raw = messages.encode({**m, "as": "received"})  # the bytes kept are the payload, not a re-encoding of m
+    assert history.add_many([("bench", m)], raw=[raw]) == 1
+    assert history.bench_records() == [{**m, "as": "received"}]
+
+
+def test_status_telemetry_invalid_gaps_and_counts(history):
+    history.add("status", messages.envelope("status", "f", "d1", 1, {"state": "online"}))
+    history.add("status", messages.envelope("status", "f", "d1", 2, {"state": "offline"}))
+    history.add("status", messages.envelope("status", "f", "d2", 1, {"state": "online"}))
+    history.add("telemetry", messages.envelope("telemetry", "f", "d1", 1, {"conditions": {"temp_c": 40}}))
+    history.add("telemetry", messages.envelope("telemetry", "f", "d1", 2, {"conditions": {"temp_c": 41}}))
+    assert {d: m["state"] for d, m in history.latest_status().items()} == {"d1": "offline", "d2": "online"}
+    assert history.latest_telemetry()["d1"]["conditions"] == {"temp_c": 41}
+    history.add_invalid("edgekit/v1/f/d1/bench", "not JSON", b"\xff\x00" * 3000)
+    history.add_gap("d1", "bench", 3, 7)
+    assert [history.count(t) for t in TABLES] == [3, 0, 2, 0, 1, 1, 0, 0]
+    with pytest.raises(ValueError):
+        history.count("sqlite_master")
+
+
+def test_a_batch_with_a_bad_kind_stores_nothing(history):
+    with pytest.raises(ValueError, match="not 'shadow'"):
+        history.add_many([("bench", bench("d1", "s1", 1.0, 1)), ("shadow", bench("d1", "s1", 1.0, 2))])
+    assert history.count("bench") == 0
+
+
+def test_decisions_newest_first_per_device_and_limited(history):
+    for i, (device, chosen) in enumerate([("d1", "fp32"), ("d2", "int8"), ("d1", "int8"), ("d1", "dynamic-int8")]):
+        history.add_decision({"device": device, "chosen": chosen, "current": None, "feasible": i != 1, "switch": True,
+                              "artifacts": "/a"})
+    assert [d["chosen"] for d in history.decisions("d1")] == ["dynamic-int8", "int8", "fp32"]
+    assert [d["chosen"] for d in history.decisions(limit=2)] == ["dynamic-int8", "int8"]
+    assert history.decisions("d2")[0]["feasible"] is False and history.decisions(limit=1)[0]["artifacts"] == "/a"
+    assert all(isinstance(d["recorded"], float) and abs(d["recorded"] - time.time()) < 60 for d in history.decisions())
+    assert history.count("decisions") == 4
+
+
+_WRITER = """
+import sys
+from edge_kit.telemetry.store import open_history
+from edgekit_protocol import messages
+store = open_history(sys.argv[1])
+start = int(sys.argv[2])
+new = 0
+for first in range(start, start + 600, 50):  # overlapping ranges, batches of 50, in opposite orders
+    batch = [("bench", messages.envelope("bench", "f", "d1", i, {"sha256": "s", "variant": "v"})
+              | {"msg_id": f"m{i}"}) for i in range(first, first + 50)]
+    new += store.add_many(batch[::-1] if start else batch)
+print(new)
+"""
+
+
+def test_several_processes_writing_overlapping_batches_store_each_record_once(history, history_spec):
+    """Two workers (processes) store overlapping message ranges at once: every msg_id once, no deadlock."""
+    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, history_spec, str(start)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for start in (0, 300)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err for _, err in outs]
+    assert sum(int(out) for out, _ in outs) == 900 == history.count("bench")
+
+
+def test_a_database_that_cannot_be_reached_is_one_line_naming_it(postgres_server, tmp_path):
+    from edge_kit.sim.broker import free_port
+
+    url = f"postgresql://edgekit:secret@127.0.0.1:{free_port()}/edgekit"
+    with pytest.raises(HistoryError) as info:
+        open_history(url)
+    text = str(info.value)
+    assert "\n" not in text and "secret" not in text and f"postgresql://edgekit@127.0.0.1:{url.split(':')[3]}" in text
+    assert "--history" in text
+    wrong = postgres_server.url.replace(postgres_server.password, "wrong")
+    with pytest.raises(HistoryError, match="password authentication failed"):
+        open_history(wrong)
+    (tmp_path / "not-a-db").write_text("hello " * 1000)
+    with pytest.raises(HistoryError, match="not-a-db"):
+        open_history(tmp_path / "not-a-db")
+
+
+def test_a_server_stopped_and_started_again_fails_one_call_then_reconnects(tmp_path):
+    from edge_kit.sim.postgres import PostgresServer
+
+    with PostgresServer(settings={"fsync": "off"}) as server:
+        store = open_history(server.url)
+        assert store.add("bench", bench("d1", "s1", 1.0, 1))
+        server.stop()
+        with pytest.raises(HistoryError, match="history database postgresql://edgekit@127.0.0.1"):
+            store.add_many([("bench", bench("d1", "s1", 1.0, 2)), ("bench", bench("d1", "s1", 1.0, 3))])
+        server.start()
+        assert store.count("bench") == 1  # nothing of the failed batch, the earlier row kept
+        assert store.add("bench", bench("d1", "s1", 1.0, 2)) and store.count("bench") == 2
+        store.close()
+
+
+def test_rollout_state_has_one_owner_at_a_time_and_device_rows_update_in_place(history):
+    """What `edgekit rollout` keeps to resume after a restart (edge_kit.loop.waves)."""
+    history.save_rollout("r1", "running", {"variant": "int8"})
+    assert history.claim_rollout("r1", "host-a:1", stale_s=60) is None
+    assert history.claim_rollout("r1", "host-b:2", stale_s=60) == "host-a:1"  # a second start is refused
+    assert history.claim_rollout("r1", "host-b:2", stale_s=0) is None  # a dead owner's claim goes stale
+    assert history.claim_rollout("nope", "host-b:2", stale_s=60) is not None
+    big = 1_795_900_000_123  # revisions are clock-based: past 32 bits (PostgreSQL's INTEGER)
+    history.set_rollout_devices("r1", [{"device": "d1", "wave": 0, "state": "sent", "revision": 5, "detail": {"a": 1}},
+                                       {"device": "d2", "wave": 1, "state": "sent", "revision": big}])
+    history.set_rollout_devices("r1", [{"device": "d1", "wave": 0, "state": "converged", "revision": 5}])
+    history.set_rollout_devices("r1", [])
+    rows = history.rollout_devices("r1")
+    assert {d: r["state"] for d, r in rows.items()} == {"d1": "converged", "d2": "sent"} and rows["d2"]["revision"] == big
+    assert rows["d1"]["detail"] == {} and rows["d2"]["wave"] == 1 and abs(rows["d1"]["ts"] - time.time()) < 60
+    history.set_rollout_state("r1", "aborting")
+    assert history.heartbeat_rollout("r1", "host-b:2") == "aborting" and history.heartbeat_rollout("r9", "x") == "missing"
+    history.release_rollout("r1", "host-b:2")
+    record = history.rollout("r1")
+    assert record["owner"] is None and record["body"] == {"variant": "int8"} and record["state"] == "aborting"
+    assert isinstance(record["created"], float) and record["heartbeat"] >= record["created"]
+    history.save_rollout("r1", "finished", {"variant": "int8", "outcome": "done"})  # an update keeps created
+    assert history.rollout("r1")["created"] == record["created"] and history.rollout("r1")["state"] == "finished"
+    time.sleep(0.01)
+    history.save_rollout("r2", "running", {})
+    assert [r["id"] for r in history.rollouts()] == ["r2", "r1"] and [r["id"] for r in history.rollouts(limit=1)] == ["r2"]
+    assert history.rollout("r3") is None and history.rollout_devices("r3") == {}
+    assert history.count("rollouts") == 2 and history.count("rollout_devices") == 2
+
+
+_CLAIMER = """
+import sys
+from edge_kit.telemetry.store import open_history
+store = open_history(sys.argv[1])
+wins = sum(store.claim_rollout(f"r{i}", sys.argv[2], stale_s=3600) is None for i in range(40))
+print(wins)
+"""
+
+
+def test_hosts_claiming_the_same_rollouts_at_once_get_each_one_once(history, history_spec):
+    """Two processes (hosts) resume the same 40 rollouts at the same moment: each is driven by exactly one."""
+    for i in range(40):
+        history.save_rollout(f"r{i}", "running", {})
+    procs = [subprocess.Popen([sys.executable, "-c", _CLAIMER, history_spec, owner], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for owner in ("host-a:1", "host-b:2")]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err for _, err in outs]
+    assert sum(int(out) for out, _ in outs) == 40
+    assert {r["owner"] for r in history.rollouts(limit=100)} <= {"host-a:1", "host-b:2"}
+
+
+def test_every_method_lives_on_the_interface_not_on_one_backend():
+    """A method added to the SQLite store alone (and so missing on PostgreSQL) fails here: the SQL goes
+    in HistoryStore, a backend only connects and runs statements."""
+    from edge_kit.telemetry.pg import PostgresStore
+
+    for backend in (Store, PostgresStore):
+        own = {n for n, v in vars(backend).items() if callable(v) and not n.startswith("_")}
+        assert own <= {"close"}, f"{backend.__name__} has its own {sorted(own - {'close'})}: put them in HistoryStore"
+    assert not PostgresStore.__abstractmethods__ and not Store.__abstractmethods__

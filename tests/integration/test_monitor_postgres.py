@@ -1,0 +1,134 @@
+"""The monitor on a real PostgreSQL history: workers in several processes, the CLI's --history URL, and a
+database that goes away mid-run. The broker is a real Mosquitto; the helpers are test_monitor's."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import test_monitor
+from harness import wait_until
+from test_monitor import FLEET, bench, send, signed
+
+from edge_kit.sim.postgres import PostgresServer
+from edge_kit.telemetry.store import open_history
+from edgekit_protocol import messages
+
+pytestmark = pytest.mark.integration
+fleet, publisher = test_monitor.fleet, test_monitor.publisher  # the same fixtures: a two-device fleet, a publisher
+
+_WORKER = """
+import json, sys
+from edge_kit.fleet.inventory import load_fleet
+from edge_kit.telemetry.monitor import Monitor
+from edge_kit.telemetry.store import open_history
+mon = Monitor(load_fleet(sys.argv[1]), open_history(sys.argv[2]), share="edgekit").start()
+print("ready", flush=True)
+sys.stdin.readline()  # the test says stop
+mon.stop()
+print(json.dumps(vars(mon.stats)), flush=True)
+"""
+
+
+def count(url: str, table: str = "bench") -> int:
+    """Return the rows of ``table`` in the database at ``url`` (its own connection)."""
+    with open_history(url) as store:
+        return store.count(table)
+
+
+def test_two_worker_processes_on_a_shared_subscription_store_each_record_once_in_postgresql(fleet, publisher,
+                                                                                           postgres_url, tmp_path):
+    workers = [subprocess.Popen([sys.executable, "-c", _WORKER, str(tmp_path / "fleet.yaml"), postgres_url],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for _ in range(2)]
+    try:
+        assert [w.stdout.readline().strip() for w in workers] == ["ready", "ready"], [w.stderr.read() for w in workers]
+        n = 400
+        for i in range(1, n + 1):
+            device = f"d{1 + i % 2}"
+            publisher.publish(messages.topic(FLEET, device, "bench"), messages.encode(signed(bench(device, i))), qos=1)
+        assert wait_until(lambda: count(postgres_url) >= n, 60), count(postgres_url)
+        time.sleep(0.3)
+        stats = []
+        for w in workers:
+            out, err = w.communicate("stop\n", timeout=60)
+            assert w.returncode == 0, err
+            stats.append(json.loads(out.strip().splitlines()[-1]))
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
+    stored = [s["stored"] for s in stats]
+    assert sum(stored) == n and min(stored) > n // 4, stats  # both took a share, none doubled
+    assert count(postgres_url) == n and sum(s["invalid"] for s in stats) == 0
+
+
+def test_cli_commands_take_a_postgresql_history(fleet, publisher, postgres_url, tmp_path, run_cli):
+    fleet_file = tmp_path / "fleet.yaml"
+
+    def feed():
+        time.sleep(1.0)
+        send(publisher, "status", messages.envelope("status", FLEET, "d1", 1, {
+            "state": "online", "current": {"variant": "int8", "sha256": "a" * 64}}))
+        send(publisher, "bench", bench("d1", 1, p90=3.25))
+        send(publisher, "bench", b"garbage")
+
+    threading.Thread(target=feed, daemon=True).start()
+    code, out, err = run_cli("monitor", "--fleet", fleet_file, "--history", postgres_url, "--duration", "3", "--json")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["stored"] == 2 and summary["invalid"] == 1
+    assert summary["store"].startswith("postgresql://edgekit@") and ":" not in summary["store"].split("@")[0][13:]
+    assert count(postgres_url) == 1 and count(postgres_url, "invalid") == 1
+    assert not (tmp_path / "edgekit-history.db").exists()  # nothing went to the default SQLite file
+    code, out, err = run_cli("fleet", "status", "--fleet", fleet_file, "--history", postgres_url)
+    assert code == 0 and "d1" in out and "int8" in out and "3.25" in out and "never seen" in out, err
+    code, out, err = run_cli("fleet", "status", "--fleet", fleet_file, "--history", postgres_url, "--json")
+    assert code == 0 and json.loads(out)["bench"][f"d1/{'a' * 64}"]["latency_ms"]["p90"] == 3.25
+    code, out, err = run_cli("report", "--history", postgres_url, "--out", tmp_path / "r.html", "--json")
+    assert code == 0 and json.loads(out)["devices"] >= 1, err
+    code, out, err = run_cli("select", "--fleet", fleet_file, "--history", postgres_url)
+    assert code == 2 and "no tune has run against this history" in err and "postgresql://edgekit@" in err
+    code, out, err = run_cli("rollout", "list", "--fleet", fleet_file, "--history", postgres_url, "--json")
+    assert code == 0 and json.loads(out) == [], err
+    code, out, err = run_cli("rollout", "status", "r1", "--fleet", fleet_file, "--history", postgres_url)
+    assert code != 0 and "not in the history" in err
+
+
+def test_a_database_stopped_mid_run_stops_the_monitor_with_one_line_and_loses_nothing(fleet, publisher, tmp_path, run_cli):
+    fleet_file = tmp_path / "fleet.yaml"
+    with PostgresServer(settings={"fsync": "off"}) as server:
+        url = server.url
+        stored_before = threading.Event()
+
+        def feed():
+            time.sleep(1.0)
+            for seq in range(1, 51):
+                send(publisher, "bench", bench("d1", seq))
+            stored_before.set() if wait_until(lambda: count(url) == 50, 20) else None
+            server.stop()  # a fast shutdown: the monitor's connection is cut
+            for seq in range(51, 61):
+                send(publisher, "bench", bench("d1", seq))
+
+        threading.Thread(target=feed, daemon=True).start()
+        started = time.monotonic()
+        code, out, err = run_cli("monitor", "--fleet", fleet_file, "--history", url, "--duration", "40", "--json")
+        took = time.monotonic() - started
+        assert stored_before.is_set()
+        assert code == 6 and took < 30, (code, took, err)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in err, err
+        assert lines[0].startswith(f"edgekit: error: the history database postgresql://edgekit@127.0.0.1:{server.port}/edgekit failed")
+        assert server.password not in err and "check that the server is up" in err
+        server.start()
+        assert count(url) == 50  # what was stored before is whole; nothing half-written
+        # What the monitor got but could not store was never acknowledged: the broker kept it for the
+        # persistent session, and the next run stores it, once.
+        code, out, err = run_cli("monitor", "--fleet", fleet_file, "--history", url, "--duration", "3", "--json")
+        summary = json.loads(out)
+        assert code == 0 and summary["stored"] == 10 and summary["gaps"] == 0, (summary, err)
+        assert count(url) == 60
