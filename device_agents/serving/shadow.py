@@ -286,6 +286,8 @@ class Shadow:
                     self.pairs.append((ours, theirs))
                     self.counts["compared"] += 1
         if self.ended is None:
+            if self._proc is not None:
+                self._proc.join(1)  # its exit status, for the reason
             code = self._proc.exitcode if self._proc is not None else None
             self.ended = f"the shadow process ended (exit {code})"
             log.warning("shadow: %s", self.ended)

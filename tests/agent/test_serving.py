@@ -295,3 +295,35 @@ def test_shared_memory_inputs_answer_the_same_and_bad_ones_are_refused(store, se
             os.unlink(link)
         np.testing.assert_array_equal(shared._call(header)[1]["output_0"], tensors["output_0"])  # still serving
     assert not os.path.exists(f"/dev/shm/{name}")  # the client removes its file when closed
+
+
+def test_a_shadow_child_that_falls_behind_or_dies_never_holds_up_a_request(store, server):
+    """The shadow model runs in a child process: stopped (as a device with no idle core would leave
+    it), its two input slots fill and further inputs are dropped and counted while every request is
+    answered at once; killed, the run says it ended and serving goes on."""
+    import os
+    import signal
+
+    server.set_shadow(store.model_path(store.shas["fp32"]), store.shas["fp32"], "fp32", share=1.0, max_per_s=1000,
+                      max_load=1e9)
+    child = server.shadow._proc.pid
+    assert child != os.getpid()
+    x = samples(8)
+    os.kill(child, signal.SIGSTOP)
+    try:
+        with Client(store.root) as client:
+            for s in x:
+                t = time.perf_counter()
+                assert client.predict({"image": s})["output_0"].shape == (10,)
+                assert time.perf_counter() - t < 2.0  # never waits for the stopped child
+        assert wait(lambda: server.snapshot()["shadow"]["dropped_queue_full"] == 6), server.snapshot()["shadow"]
+    finally:
+        os.kill(child, signal.SIGCONT)
+    assert wait(lambda: server.snapshot()["shadow"]["compared"] == 2)  # the two slots it held, once it runs again
+    os.kill(child, signal.SIGKILL)
+    assert wait(lambda: "ended" in server.snapshot()["shadow"])
+    assert server.snapshot()["shadow"]["ended"] == f"the shadow process ended (exit {-signal.SIGKILL})"
+    with Client(store.root) as client:
+        assert client.predict({"image": x[0]})["output_0"].shape == (10,)
+    server.set_shadow(None)
+    assert server.snapshot()["shadow"] is None
