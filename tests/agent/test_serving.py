@@ -327,3 +327,25 @@ def test_a_shadow_child_that_falls_behind_or_dies_never_holds_up_a_request(store
         assert client.predict({"image": x[0]})["output_0"].shape == (10,)
     server.set_shadow(None)
     assert server.snapshot()["shadow"] is None
+
+
+def test_frames_sent_back_to_back_in_one_write_are_each_answered(store, server):
+    """The server reads with recv_into into one buffer: bytes of the next frame that arrive with this
+    one are kept for it (a client that pipelines, or a slow one whose frame comes in pieces)."""
+    x = samples(3)
+    data = b"".join(frame({"op": "predict", "tensors": [{"name": "image", "dtype": "float32", "shape": [8, 8, 1]}]},
+                          s.tobytes()) for s in x) + frame({"op": "info"})
+    expected = ModelRunner(make(store.model_path(store.shas["int8"]))).predict(x)["output_0"]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(str(store.root / "serve.sock"))
+        for i in range(0, len(data), 7):  # in pieces of 7 bytes: headers and tensors cut anywhere
+            sock.sendall(data[i:i + 7])
+        from device_agents.serving.frames import Receiver
+
+        receiver = Receiver(sock)
+        for want in expected:
+            header, arrays = receiver.read(1 << 20)
+            assert header["ok"] is True
+            np.testing.assert_array_equal(arrays["output_0"], want)
+        assert receiver.read(1 << 20)[0]["model"]["variant"] == "int8"
