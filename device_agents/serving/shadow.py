@@ -141,9 +141,15 @@ def _child(make: Any, model: str, ring: str, slot_bytes: int, conn: Any) -> None
 
 
 def _ring_file(size: int) -> Path:
-    """Return a new file of ``size`` zero bytes (mode 600) under /dev/shm, or the temporary folder."""
+    """Return a new file of ``size`` zero bytes (mode 600) under /dev/shm, or the temporary folder.
+
+    Its name never starts with ``edgekit-``: a client cannot name it as its own shared-memory input.
+
+    Raises:
+        OSError: the file cannot be made (no space on /dev/shm).
+    """
     folder = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
-    fd, name = tempfile.mkstemp(prefix="edgekit-shadow-", dir=folder)
+    fd, name = tempfile.mkstemp(prefix="ekshadow-", dir=folder)
     try:
         os.ftruncate(fd, size)
     finally:
@@ -187,11 +193,12 @@ class Shadow:
         except Exception:  # noqa: BLE001 - a lambda or a bound method: cannot reach the child
             raise DeviceError("shadow: the serving API's interpreter factory cannot be sent to a child process "
                               "(use device_agents.serving.shadow.Interpreters)") from None
-        self._ring = _ring_file(self._slot_bytes * SLOTS)
+        self._ring: Path | None = None
         self._buf: Any = None
         self._conn: Any = None
         self._proc: Any = None
         try:
+            self._ring = _ring_file(self._slot_bytes * SLOTS)
             fd = os.open(self._ring, os.O_RDWR)
             try:
                 self._buf = mmap.mmap(fd, self._slot_bytes * SLOTS)
@@ -214,11 +221,15 @@ class Shadow:
                                   f"(exit {self._proc.exitcode})") from None
             if first[0] != "ready":
                 raise DeviceError(f"shadow: model {sha256[:12]} cannot be loaded ({first[1]})")
+        except OSError as exc:  # no room for the slots, no process to start
+            self._close()
+            raise DeviceError(f"shadow: cannot start the shadow process ({exc.strerror or exc})") from None
         except BaseException:
             self._close()
             raise
         finally:
-            self._ring.unlink(missing_ok=True)  # both sides have it mapped: no name left behind
+            if self._ring is not None:
+                self._ring.unlink(missing_ok=True)  # both sides have it mapped: no name left behind
         self.priority = first[1]
         self.model = ModelRef(sha256, variant, first[2], first[3])
         threading.Thread(target=self._collect, daemon=True, name="shadow-collect").start()
@@ -312,7 +323,8 @@ class Shadow:
                 self._proc.join(2)
         if self._conn is not None:
             self._conn.close()
-        self._ring.unlink(missing_ok=True)
+        if self._ring is not None:
+            self._ring.unlink(missing_ok=True)
 
     # --- figures ----------------------------------------------------------------------------------
 

@@ -349,3 +349,17 @@ def test_frames_sent_back_to_back_in_one_write_are_each_answered(store, server):
             assert header["ok"] is True
             np.testing.assert_array_equal(arrays["output_0"], want)
         assert receiver.read(1 << 20)[0]["model"]["variant"] == "int8"
+
+
+def test_a_shadow_model_that_does_not_load_is_refused_with_the_childs_reason(store, server, tmp_path):
+    junk = tmp_path / "junk.tflite"
+    junk.write_bytes(b"TFL3" + bytes(200))
+    with pytest.raises(DeviceError, match=r"shadow: model f{12} cannot be loaded \(\w+"):
+        server.set_shadow(junk, "f" * 64, "broken")
+    assert server.snapshot()["shadow"] is None
+    with Client(store.root) as client:
+        assert client.predict(samples(1)[0])["output_0"].shape == (10,)
+    other = Server(store.root / "lambda.sock", make_interpreter=lambda p: make(p))  # cannot reach a child process
+    other.serve_model(store.model_path(store.shas["int8"]), store.shas["int8"], "int8")
+    with pytest.raises(DeviceError, match="cannot be sent to a child process"):
+        other.set_shadow(store.model_path(store.shas["fp32"]), store.shas["fp32"], "fp32")
