@@ -96,6 +96,7 @@ class _Served:
         self.inputs = [p.record() for p in probe.inputs]
         self.outputs = [p.record() for p in probe.outputs]
         self.input_shapes = [(p.name, tuple(p.sample_shape)) for p in probe.inputs]
+        self.output_shapes = [(p.name, tuple(p.sample_shape)) for p in probe.outputs]
         self.stats = _Stats()
         self.waiting = 0
         self.lock = threading.Lock()  # the counters above, updated from every connection's thread
@@ -277,7 +278,7 @@ class Server:
         if served is None or served.sha256 == sha256:
             raise DeviceError("shadow: " + ("nothing is served" if served is None else "that is the served model"))
         self.shadow = Shadow(Path(path), sha256, variant, serving=served, make=self.make_interpreter,
-                             input_shapes=served.input_shapes, share=share, max_per_s=max_per_s,
+                             input_shapes=served.input_shapes, output_shapes=served.output_shapes, share=share, max_per_s=max_per_s,
                              max_load=max_load)
 
     # --- figures ----------------------------------------------------------------------------------

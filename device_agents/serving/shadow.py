@@ -6,8 +6,9 @@ it runs only on a core nothing else wants; ``nice 19`` where that policy is miss
 competes with the served model for Python's GIL, and never for a core the device's own work asks for.
 
 The agent hands it inputs through a small ring of slots in a shared-memory file (one copy of the
-input, as float32, into a free slot; a few bytes through a pipe name the slot); the child answers
-with the shadow model's outputs, which the agent pairs with the served answer of the same request.
+input, as float32, into a free slot; a few bytes through a pipe name the slot); the child writes
+the shadow model's outputs into the same slot and names them, and the agent pairs them with the
+served answer of the same request.
 When every slot is taken (the child is behind: no idle CPU, or a slow model) the input is dropped
 and counted (``dropped_queue_full``); nothing ever waits for the child. Only the comparison is kept:
 per-output fidelity over the last :data:`SHADOW_WINDOW` pairs (the compiler's metrics); the slots
@@ -90,12 +91,14 @@ def _lowest_priority() -> str:
         return "normal"
 
 
-def _child(make: Any, model: str, ring: str, slot_bytes: int, conn: Any) -> None:
+def _child(make: Any, model: str, ring: str, slot_bytes: int, in_bytes: int, conn: Any) -> None:
     """The shadow process: load ``model``, then run every input the agent names until end of input.
 
     Sends ``("ready", priority, inputs, outputs)`` or ``("failed", reason)`` first, then
-    ``(seq, slot, outputs or None, error or None)`` per input. Never raises: a model that fails on
-    one input answers that input's error; a lost agent (end of pipe) ends the process.
+    ``(seq, slot, outputs, error or None)`` per input: ``outputs`` is a list of ``(name, shape)``
+    when they were written (float32) into the slot after its ``in_bytes`` of inputs, or the arrays
+    themselves when they do not fit there. Never raises: a model that fails on one input answers that
+    input's error; a lost agent (end of pipe) ends the process.
     """
     try:
         from device_agents.inference import ModelRunner
@@ -103,9 +106,9 @@ def _child(make: Any, model: str, ring: str, slot_bytes: int, conn: Any) -> None
         priority = _lowest_priority()
         runner = ModelRunner(make(Path(model)))
         runner.invoke_raw([np.zeros(p.shape, p.dtype) for p in runner.inputs])  # packs weights before any input
-        fd = os.open(ring, os.O_RDONLY)
+        fd = os.open(ring, os.O_RDWR)  # it writes its outputs back into the slot
         try:
-            buf = mmap.mmap(fd, slot_bytes * SLOTS, prot=mmap.PROT_READ)
+            buf = mmap.mmap(fd, slot_bytes * SLOTS)
         finally:
             os.close(fd)
         conn.send(("ready", priority, [p.record() for p in runner.inputs], [p.record() for p in runner.outputs]))
@@ -131,7 +134,16 @@ def _child(make: Any, model: str, ring: str, slot_bytes: int, conn: Any) -> None
             at += 4 * n
         try:
             runner.invoke_raw(runner.sample_tensors(arrays))
-            answer = (seq, slot, runner.results(), None)
+            outputs: Any = runner.results()
+            if sum(4 * o.size for o in outputs.values()) <= slot_bytes - in_bytes:  # back through the slot too
+                at, written = slot * slot_bytes + in_bytes, []
+                for name, o in outputs.items():
+                    np.copyto(np.frombuffer(buf, np.float32, count=o.size, offset=at).reshape(o.shape), o,
+                              casting="unsafe")
+                    written.append((name, o.shape))
+                    at += 4 * o.size
+                outputs = written
+            answer = (seq, slot, outputs, None)
         except Exception as exc:  # noqa: BLE001 - counted by the agent; the served answer went out already
             answer = (seq, slot, None, f"{type(exc).__name__}: {exc}")
         try:
@@ -165,7 +177,8 @@ class Shadow:
     """
 
     def __init__(self, path: Path, sha256: str, variant: str | None, *, serving: Any, make: Any,
-                 input_shapes: list[tuple[str, tuple[int, ...]]], share: float, max_per_s: float,
+                 input_shapes: list[tuple[str, tuple[int, ...]]], output_shapes: list[tuple[str, tuple[int, ...]]],
+                 share: float, max_per_s: float,
                  max_load: float | None):
         """Start the child and wait until it has loaded the model.
 
@@ -185,7 +198,8 @@ class Shadow:
         self._pending: dict[int, dict[str, np.ndarray]] = {}  # seq -> the served outputs it is compared with
         self._free = list(range(SLOTS))
         self._specs = input_shapes
-        self._slot_bytes = max(4, 4 * sum(math.prod(s) for _, s in input_shapes))
+        self._in_bytes = 4 * sum(math.prod(s) for _, s in input_shapes)  # then room for as many outputs
+        self._slot_bytes = max(4, self._in_bytes + 4 * sum(math.prod(s) for _, s in output_shapes))
         if isinstance(make, Interpreters):
             make = dataclasses.replace(make, threads=1)  # one core at most, and only an idle one
         try:
@@ -207,7 +221,8 @@ class Shadow:
             method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
             ctx = multiprocessing.get_context(method)
             self._conn, child = ctx.Pipe()
-            self._proc = ctx.Process(target=_child, args=(make, str(path), str(self._ring), self._slot_bytes, child),
+            self._proc = ctx.Process(target=_child, args=(make, str(path), str(self._ring), self._slot_bytes,
+                                                         self._in_bytes, child),
                                      daemon=True, name="edgekit-shadow")
             self._proc.start()
             child.close()
@@ -288,6 +303,13 @@ class Shadow:
                 seq, slot, theirs, error = conn.recv()
             except (EOFError, OSError, TypeError, ValueError):
                 break
+            if isinstance(theirs, list):  # written into the slot: copied out before the slot is given back
+                at, arrays = slot * self._slot_bytes + self._in_bytes, {}
+                for name, shape in theirs:
+                    n = math.prod(shape)
+                    arrays[name] = np.frombuffer(self._buf, np.float32, count=n, offset=at).reshape(shape).copy()
+                    at += 4 * n
+                theirs = arrays
             with self._lock:
                 ours = self._pending.pop(seq, None)
                 self._free.append(slot)
