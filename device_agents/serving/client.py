@@ -55,7 +55,8 @@ class Client:
         self._shm: Any = None  # (name, mmap) of this client's shared-memory file
         self._sock: socket.socket | None = None
         self._receiver: Receiver | None = None
-        self._heads: dict[Any, bytes] = {}  # encoded predict headers by inputs' names, dtypes and shapes
+        self._heads: dict[Any, Any] = {}  # encoded predict headers by inputs' names, dtypes and shapes
+        self._shm_head = b""  # the encoded header of the last _share()
         self.model: dict[str, Any] | None = None  # the model that answered the last request
 
     def _connect(self) -> None:
@@ -94,7 +95,14 @@ class Client:
             if self._sock is None:
                 self._connect()
             try:
-                write_frame(self._sock, header, arrays, head=head)
+                try:
+                    write_frame(self._sock, header, arrays, head=head)
+                except (BrokenPipeError, ConnectionResetError):
+                    told = self._told()  # the server may have said why before it closed (busy)
+                    if told is None:
+                        raise
+                    self._drop()
+                    raise ServingError(str(told.get("error"))) from None
                 frame = self._receiver.read(self.max_payload)
             except (OSError, FrameError) as exc:
                 self._drop()
@@ -113,6 +121,14 @@ class Client:
             return answer, tensors
         raise AssertionError("unreachable")
 
+    def _told(self) -> dict[str, Any] | None:
+        """Return the error answer a server sent before it closed the connection, or None (never raises)."""
+        try:
+            frame = self._receiver.read(self.max_payload)
+        except (OSError, FrameError):
+            return None
+        return frame[0] if frame is not None and frame[0].get("ok") is False else None
+
     def predict(self, inputs: dict[str, Any] | np.ndarray) -> dict[str, np.ndarray]:
         """Return the active model's outputs for one sample (inputs of 64 kB or more through shared memory).
 
@@ -123,13 +139,7 @@ class Client:
         size = sum(a.nbytes for a in arrays.values())
         if self.shared_memory and size >= SHM_MIN:
             header = self._share(arrays, size)
-            key = ("shm", header["shm"], tuple((t["name"], t["dtype"], tuple(t["shape"])) for t in header["tensors"]))
-            head = self._heads.get(key)
-            if head is None:
-                if len(self._heads) > 64:
-                    self._heads.clear()
-                head = self._heads[key] = encode_head(header)
-            return dict(self._call(header, head=head)[1])
+            return dict(self._call(header, head=self._shm_head)[1])
         arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
         key = tuple((k, v.dtype.str, v.shape) for k, v in arrays.items())
         head = self._heads.get(key)
@@ -140,7 +150,12 @@ class Client:
         return dict(self._call({"op": "predict"}, arrays, head=head)[1])
 
     def _share(self, arrays: dict[str, np.ndarray], size: int) -> dict[str, Any]:
-        """Copy ``arrays`` into this client's shared-memory file; return the request header naming them."""
+        """Copy ``arrays`` into this client's shared-memory file; return the request header naming them
+        (its encoded form in ``_shm_head``; the same header object for the same inputs: not to be changed).
+
+        Raises:
+            OSError: the file cannot be made or grown (/dev/shm full).
+        """
         import mmap
 
         if self._shm is None or len(self._shm[1]) < size:
@@ -153,13 +168,21 @@ class Client:
             finally:
                 os.close(fd)
         name, buf = self._shm
-        tensors, at = [], 0
+        spec, at = [], 0
         for key, a in arrays.items():
             a = np.ascontiguousarray(a)
             buf[at:at + a.nbytes] = memoryview(a).cast("B")
-            tensors.append({"name": key, "dtype": a.dtype.name, "shape": list(a.shape), "offset": at})
+            spec.append((key, a.dtype.name, a.shape, at))
             at += a.nbytes
-        return {"op": "predict", "shm": name, "tensors": tensors}
+        cached = self._heads.get(("shm", name, *spec))
+        if cached is None:  # the same inputs, the same file: the same header, encoded once
+            if len(self._heads) > 64:
+                self._heads.clear()
+            header = {"op": "predict", "shm": name,
+                      "tensors": [{"name": k, "dtype": d, "shape": list(s), "offset": o} for k, d, s, o in spec]}
+            cached = self._heads[("shm", name, *spec)] = (header, encode_head(header))
+        header, self._shm_head = cached
+        return header
 
     def _close_shm(self) -> None:
         """Unmap and remove this client's shared-memory file (never raises)."""
@@ -225,6 +248,14 @@ class CurrentModel:
     def sha256(self) -> str | None:
         """Return the sha256 of the model the last ``predict`` used."""
         return self._sha
+
+    def _told(self) -> dict[str, Any] | None:
+        """Return the error answer a server sent before it closed the connection, or None (never raises)."""
+        try:
+            frame = self._receiver.read(self.max_payload)
+        except (OSError, FrameError):
+            return None
+        return frame[0] if frame is not None and frame[0].get("ok") is False else None
 
     def predict(self, inputs: dict[str, Any] | np.ndarray) -> dict[str, np.ndarray]:
         """Return the active model's outputs for one sample (float32 by output name).

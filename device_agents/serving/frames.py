@@ -352,7 +352,7 @@ class Receiver:
         if known is None or known[2] != max_payload:
             header = _parse_header(raw)
             plan, total = _plan(header, max_payload)
-            if self.reuse and "shm" not in header and header.get("op") == "predict":
+            if self.reuse and header.get("op") == "predict":  # a shared-memory file is still checked every time
                 if len(self._known) >= 16:
                     self._known.clear()
                 self._known[raw] = (header, (plan, total), max_payload)
