@@ -153,6 +153,11 @@ def _store_command(args: argparse.Namespace) -> None:
                              expect_sha256=args.sha256, eval_file=args.eval,
                              expect_eval_sha256=args.eval_sha256, move=args.move)
         out = {"sha256": done.sha256, "variant": done.variant, "model": done.model, "fresh": done.fresh}
+        from device_agents.runtimes import prepare_installed
+
+        engine = prepare_installed(store, done.sha256, fresh=done.fresh)  # a trt-* variant: its engine, built now
+        if engine is not None:
+            out["engine"] = engine
     elif args.command == "activate":
         if not (args.sha256 or args.variant):
             raise StoreError("activate: give --sha256 or --variant")

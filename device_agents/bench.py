@@ -182,9 +182,30 @@ def run_bench(model: Path, settings: BenchSettings = BenchSettings(), *, eval_fi
         "accuracy": None, "fidelity": None,
         "power": power_record,
     }
+    if hasattr(interp, "engine"):  # TensorRT: the engine build, host latency as trtexec's, the engine's compute time
+        record["engine"] = interp.engine
+        record["latency_method"] = ("time.perf_counter_ns around session.run() with numpy inputs and outputs: host latency, "
+                                    "host-to-device and device-to-host copies included (trtexec's 'Latency')")
+        for port, tensor in zip(runner.inputs, inputs[0]):
+            runner.interpreter.set_tensor(port.index, tensor)
+        try:
+            compute, method = interp.compute_times_ms(min(len(times), 200))
+            record["gpu_compute_ms"] = _percentiles(np.asarray(compute, dtype=np.float64) * 1e6)
+            record["gpu_compute_method"] = method
+        except (ValueError, RuntimeError) as exc:
+            record["gpu_compute_ms"] = None
+            record["gpu_compute_method"] = f"not measured: {exc}"
     if eval_x is not None and arrays is not None and eval_file is not None:
         record["accuracy"], record["fidelity"] = _scored(runner, eval_x, arrays, eval_file, reference)
     return record
+
+
+def _engine_text(e: dict[str, Any]) -> str:
+    """Return one line on a TensorRT engine build record (:func:`device_agents.runtimes.tensorrt.build_engine`)."""
+    how = "loaded from the cache" if e.get("cached") else "built"
+    mem = f", peak RSS {e['peak_rss_mb']} MB" if e.get("peak_rss_mb") is not None else ""
+    return (f"{e['variant']} {how} in {e['seconds']:.1f} s{mem}; TensorRT {e['trt_version']} on {e['gpu']}; "
+            f"{len(e['engines'])} engine file(s), {e['engine_bytes'] / 1e6:.1f} MB in {e['engine_dir']}")
 
 
 def summary_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
@@ -195,10 +216,14 @@ def summary_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
     lat, power = r["latency_ms"], r["power"]
     rows = [
         ("runtime", f"{r['runtime']} {r['runtime_version']}, "
-                    f"{'provider' if r['runtime'] == 'onnxruntime' else 'delegate'} {r['delegate']}, {r['threads']} thread(s)"),
+                    f"{'provider' if r['runtime'] in ('onnxruntime', 'tensorrt') else 'delegate'} {r['delegate']}, {r['threads']} thread(s)"),
         ("runs", f"{r['runs']} timed after {r['warmup_runs']} warm-up in {r['duration_s']} s; inputs: {r['inputs']}"),
         ("latency p50/p90/p99", f"{lat['p50']:.3f} / {lat['p90']:.3f} / {lat['p99']:.3f} ms ({r['latency_method']}; "
                                 "p90 is the headline figure)"),
+        *([("TensorRT engine", _engine_text(r["engine"]))] if r.get("engine") else []),
+        *([("GPU compute p50/p90/p99", (f"{g['p50']:.3f} / {g['p90']:.3f} / {g['p99']:.3f} ms ({r['gpu_compute_method']})"
+                                        if (g := r.get("gpu_compute_ms")) else r["gpu_compute_method"]))]
+          if "gpu_compute_method" in r else []),
         ("latency mean ± std", f"{lat['mean']:.3f} ± {lat['std']:.3f} ms (min {lat['min']:.3f}, max {lat['max']:.3f})"),
         ("init / first inference", f"{r['init_ms']:.1f} / {r['first_inference_ms']:.2f} ms"),
         ("peak RSS", f"{r['peak_rss_mb']} MB ({r['peak_rss_method']})"),
@@ -222,5 +247,8 @@ def summary_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
 
     rows.append(("conditions", f"governor {na(start['cpu_governor'])}, clock {na(start['cpu_freq_mhz'], ' MHz')}, "
                                f"temperature {na(start['temperature_c'], ' C')} -> {na(end['temperature_c'], ' C')}, "
-                               f"load {start['load_1m']}"))
+                               f"load {start['load_1m']}"
+                               + (f", Jetson power mode {start['power_mode']['name']}, jetson_clocks "
+                                  f"{ {True: 'on', False: 'off', None: 'unknown'}[start.get('jetson_clocks')] }"
+                                  if start.get("power_mode") else "")))
     return rows

@@ -5,7 +5,9 @@ Stdlib only, so the store can use it without importing numpy or an interpreter.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Any
 
 FORMATS = ("tflite", "onnx")
 SUFFIX = {"tflite": ".tflite", "onnx": ".onnx"}  # the file name an installed model of each format gets
@@ -29,3 +31,83 @@ def model_format(model: Path | bytes) -> str:
     if head[4:8] == b"TFL3":
         return "tflite"
     return "onnx" if head[:1] == b"\x08" else "tflite"
+
+
+# Keys edgekit compile writes into an ONNX artifact's metadata_props (ModelProto field 14), read here on the device.
+META_RUNTIME = "edgekit.runtime"  # "tensorrt" on the trt-* variants: the agent builds an engine from the model
+META_VARIANT = "edgekit.variant"  # the variant id, which also makes trt-fp16's bytes differ from onnx-fp32's
+META_CALIB = "edgekit.trt_calibration_table"  # trt-int8: the host's calibration table (base64 of ORT's flatbuffers file)
+META_CALIB_SHA256 = "edgekit.trt_calibration_table_sha256"  # sha256 of the decoded table, as the manifest records it
+
+
+def _varint(buf: bytes | memoryview, pos: int) -> tuple[int, int]:
+    """Return (value, next position) of the protobuf varint at ``pos``. Raises ValueError when truncated."""
+    value = shift = 0
+    while True:
+        if pos >= len(buf) or shift > 63:
+            raise ValueError("truncated varint")
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+
+
+def _fields(buf: bytes | memoryview) -> list[tuple[int, int, Any]]:
+    """Return the (field number, wire type, value) of a protobuf message's top-level fields; a
+    length-delimited value is a memoryview (not copied). Raises ValueError on a malformed message."""
+    out: list[tuple[int, int, Any]] = []
+    view, pos = memoryview(buf), 0
+    while pos < len(view):
+        tag, pos = _varint(view, pos)
+        number, wire = tag >> 3, tag & 7
+        if wire == 0:
+            value, pos = _varint(view, pos)
+        elif wire == 1:
+            value, pos = bytes(view[pos:pos + 8]), pos + 8
+        elif wire == 5:
+            value, pos = bytes(view[pos:pos + 4]), pos + 4
+        elif wire == 2:
+            size, pos = _varint(view, pos)
+            if pos + size > len(view):
+                raise ValueError(f"field {number} runs past the end")
+            value, pos = view[pos:pos + size], pos + size
+        else:
+            raise ValueError(f"unsupported wire type {wire} in field {number}")
+        out.append((number, wire, value))
+    return out
+
+
+def onnx_metadata(model: Path | bytes) -> dict[str, str]:
+    """Return an ONNX model's ``metadata_props`` (key -> value), read with a minimal protobuf walk of the
+    ``ModelProto``'s top-level fields (stdlib only: the agent has no ``onnx`` package); ``{}`` for a
+    model that has none or is not ONNX.
+
+    Raises:
+        OSError: the file cannot be read.
+        ValueError: the file starts like an ONNX model but its top level is not valid protobuf.
+    """
+    import mmap
+
+    def walk(buf: bytes | memoryview) -> dict[str, str]:
+        props: dict[str, str] = {}
+        for number, wire, value in _fields(buf):
+            if number == 14 and wire == 2:  # StringStringEntryProto {1: key, 2: value}
+                entry = {n: bytes(v).decode("utf-8", "replace") for n, w, v in _fields(value) if w == 2}
+                props[entry.get(1, "")] = entry.get(2, "")
+        return props
+
+    if isinstance(model, bytes | bytearray):
+        return walk(bytes(model)) if model_format(model) == "onnx" else {}
+    if model_format(model) != "onnx":
+        return {}
+    with open(model, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return {}
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            view = memoryview(mm)
+            try:
+                return walk(view)
+            finally:
+                view.release()

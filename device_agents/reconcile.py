@@ -137,7 +137,8 @@ class Reconciler:
 
         Raises:
             FetchError: the store did not answer, the bytes do not hash right, or the download was cut
-                again. StoreError: the install check failed. DiskFull: the files do not fit.
+                again. StoreError: the install check failed, or a trt-* variant's TensorRT engine build
+                failed (the model is removed again). DiskFull: the files do not fit.
         """
         from device_agents import (
             fetch as fetching,  # a device that never pulls never imports urllib's TLS
@@ -158,10 +159,17 @@ class Reconciler:
             done["resumed"] = done["resumed"] or got.resumed
             done["seconds"] = round(done["seconds"] + got.seconds, 3)
             paths.append(got.path)
-        self.store.install(paths[0], variant=d.variant, model=d.model, expect_sha256=d.sha256,
-                           eval_file=paths[1] if d.eval_sha256 else None, expect_eval_sha256=d.eval_sha256, move=True)
+        installed = self.store.install(paths[0], variant=d.variant, model=d.model, expect_sha256=d.sha256,
+                                       eval_file=paths[1] if d.eval_sha256 else None,
+                                       expect_eval_sha256=d.eval_sha256, move=True)
         if d.eval_sha256:
             Path(paths[1]).unlink(missing_ok=True)
+        if d.variant.startswith("trt-"):  # a TensorRT variant: its engine is built now, not at first use
+            from device_agents import runtimes
+
+            engine = runtimes.prepare_installed(self.store, d.sha256, fresh=getattr(installed, "fresh", True))
+            if engine is not None:
+                done["engine"] = engine
         return done
 
     def _ssl(self) -> Any:

@@ -40,7 +40,7 @@ from device_agents.identity import (
 from device_agents.mqtt import SpooledPublisher, make_client
 from device_agents.power import SensorEnv, SensorMeter, not_measured, power_meter
 from device_agents.reconcile import Reconciler
-from device_agents.runtimes import RUNTIMES, get_runtime
+from device_agents.runtimes import RUNTIMES, get_runtime, prepare_installed
 from device_agents.serving.client import SOCKET
 from device_agents.serving.server import Interpreters, Server
 from device_agents.smoke import SmokePool
@@ -385,7 +385,9 @@ class Agent:
         done = self.store.install(self._incoming(a["path"]), variant=a["variant"], model=a["model"],
                                   expect_sha256=a["sha256"], eval_file=self._incoming(a["eval"]) if "eval" in a else None,
                                   expect_eval_sha256=a.get("eval_sha256"), move=True)
-        return {"sha256": done.sha256, "variant": done.variant, "model": done.model, "fresh": done.fresh}
+        engine = prepare_installed(self.store, done.sha256, fresh=done.fresh, threads=self.cfg.bench.threads)  # TensorRT
+        return {"sha256": done.sha256, "variant": done.variant, "model": done.model, "fresh": done.fresh,
+                **({"engine": engine} if engine is not None else {})}
 
     def _cmd_activate(self, cmd: Command) -> dict[str, Any]:
         sha = self.store.resolve(sha256=cmd.args.get("sha256"), variant=cmd.args.get("variant"))

@@ -155,6 +155,16 @@ class ModelStore:
         if sha256 in (self.current(), self.previous()):
             raise StoreError(f"model {sha256[:12]} is in use (current or previous); activate another first")
         shutil.rmtree(self.models / sha256, ignore_errors=True)
+        self._remove_engines(sha256)
+
+    def _engine_dirs(self, sha256: str) -> list[Path]:
+        """Return the TensorRT engine folders built from model ``sha256`` (:mod:`device_agents.runtimes.tensorrt`)."""
+        return [d for d in (self.root / "engines").glob(f"{sha256}-*") if d.is_dir()]
+
+    def _remove_engines(self, sha256: str) -> None:
+        """Remove the TensorRT engines built from model ``sha256`` (they go with the model)."""
+        for folder in self._engine_dirs(sha256):
+            shutil.rmtree(folder, ignore_errors=True)
 
     def prune(self, budget_bytes: int, keep: set[str]) -> list[dict]:
         """Remove the oldest models until the store holds at most ``budget_bytes``.
@@ -176,13 +186,15 @@ class ModelStore:
                 continue
             size = self._bytes(meta["sha256"])
             shutil.rmtree(self.models / meta["sha256"], ignore_errors=True)
+            self._remove_engines(meta["sha256"])
             total -= size
             removed.append({k: meta.get(k) for k in ("sha256", "variant", "model")} | {"bytes": size})
         return removed
 
     def _bytes(self, sha256: str) -> int:
-        """Return the bytes a model's folder holds (artifact, metadata, eval set)."""
-        return sum(f.stat().st_size for f in (self.models / sha256).glob("*") if f.is_file())
+        """Return the bytes a model's folder holds (artifact, metadata, eval set), and its TensorRT engines'."""
+        files = [*(self.models / sha256).glob("*"), *(f for d in self._engine_dirs(sha256) for f in d.glob("*"))]
+        return sum(f.stat().st_size for f in files if f.is_file())
 
     # --- reading ------------------------------------------------------------------------------
 

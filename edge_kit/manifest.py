@@ -56,7 +56,9 @@ class Artifact(_Record):
     pruning: str | None = None
     sparsity_requested: float = 0.0
     file: str | None = None
-    runtime: str = "litert"  # the device runtime that runs it: litert or onnxruntime (edge_kit.variants)
+    runtime: str = "litert"  # the device runtime that runs it: litert, onnxruntime or tensorrt (edge_kit.variants)
+    built_on_device: bool = False  # the device builds what it runs from this file (a TensorRT engine, at install)
+    calibration_table: dict[str, Any] | None = None  # trt-int8: file, sha256, bytes, method of the shipped table
     derived_from: str | None = None  # how it was made: converter, quantizer, compiler, "source as is"
     sha256: str | None = None
     bytes: int | None = None

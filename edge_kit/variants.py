@@ -35,8 +35,10 @@ class VariantSpec:
         needs_graph: needs a Keras model or SavedModel (cannot be made from a ``.tflite`` alone).
         base: the variant this one is derived from (``edgetpu`` is compiled from ``int8``).
         accelerator: the accelerator the variant is built for, if any.
-        runtime: the device runtime that runs it (``litert`` or ``onnxruntime``).
+        runtime: the device runtime that runs it (``litert``, ``onnxruntime`` or ``tensorrt``).
         format: the artifact's file format, its suffix: ``tflite`` or ``onnx``.
+        built_on_device: the artifact is the input of a build the device does itself (a TensorRT
+            engine, built at install); the host cannot run or measure what the device will run.
     """
 
     id: str
@@ -50,6 +52,7 @@ class VariantSpec:
     summary: str = ""
     runtime: str = "litert"
     format: str = "tflite"
+    built_on_device: bool = False
 
     @property
     def file(self) -> str:
@@ -77,6 +80,10 @@ FIXED: dict[str, VariantSpec] = {
                     summary="float16 weights and activations, float32 I/O; ONNX Runtime"),
         VariantSpec("onnx-int8", "int8", needs_calibration=True, runtime="onnxruntime", format="onnx",
                     summary="QDQ static int8, calibrated; ONNX Runtime"),
+        VariantSpec("trt-fp16", "float16", runtime="tensorrt", format="onnx", built_on_device=True,
+                    summary="the onnx-fp32 model; TensorRT fp16 engine built on the device at install"),
+        VariantSpec("trt-int8", "int8", needs_calibration=True, runtime="tensorrt", format="onnx", built_on_device=True,
+                    summary="the onnx-fp32 model + a calibration table from --calib; TensorRT int8 engine built on the device"),
     )
 }
 _PRUNED = re.compile(r"^int8-pruned-(ch)?(\d{1,2})$")

@@ -1,23 +1,46 @@
-"""Interpreter runtimes as plugins, keyed by name (``litert``, ``tflite-runtime``, ``onnxruntime``).
+"""Interpreter runtimes as plugins, keyed by name (``litert``, ``tflite-runtime``, ``onnxruntime``, ``tensorrt``).
 
 A runtime whose library is not installed stays registered but unavailable, and says which package
 to install; nothing installs itself at run time.
 
 A model's format (``tflite`` or ``onnx``) is read from its bytes by :func:`model_format`, the one
 place that decides it; :func:`get_runtime` given the model picks a runtime that runs that format.
+An ONNX model that ``edgekit compile`` tagged for TensorRT (the ``trt-*`` variants,
+:data:`~device_agents.formats.META_RUNTIME` in its metadata) gets ``tensorrt``;
+:func:`prepare_installed` builds its engine at install.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Callable
 
-from device_agents.errors import RuntimeUnavailable
-from device_agents.formats import FORMATS, SUFFIX, model_format
+from device_agents.errors import RuntimeUnavailable, StoreError
+from device_agents.formats import (
+    FORMATS,
+    META_RUNTIME,
+    SUFFIX,
+    model_format,
+    onnx_metadata,
+)
 from device_agents.runtimes.base import Runtime
 from device_agents.runtimes.litert import LiteRT, TfliteRuntime
 from device_agents.runtimes.onnxruntime import OnnxRuntime
+from device_agents.runtimes.tensorrt import TensorRT
 
-RUNTIMES: dict[str, type[Runtime]] = {cls.key: cls for cls in (LiteRT, TfliteRuntime, OnnxRuntime)}
+RUNTIMES: dict[str, type[Runtime]] = {cls.key: cls for cls in (LiteRT, TfliteRuntime, OnnxRuntime, TensorRT)}
+
+
+def is_tensorrt(model: Path | bytes) -> bool:
+    """Return True when ``model`` is an ONNX artifact tagged for TensorRT (a ``trt-*`` variant).
+
+    Raises:
+        OSError: the file cannot be read.
+    """
+    try:
+        return onnx_metadata(model).get(META_RUNTIME) == "tensorrt"
+    except ValueError:  # not valid protobuf: onnxruntime will say so when it loads it
+        return False
 
 
 def get_runtime(key: str | None = None, *, model: Path | bytes | None = None) -> Runtime:
@@ -33,6 +56,12 @@ def get_runtime(key: str | None = None, *, model: Path | bytes | None = None) ->
             is not installed (the message says what to install, in one line).
     """
     fmt = model_format(model) if model is not None else None
+    if fmt == "onnx" and model is not None and is_tensorrt(model):  # the engine needs TensorRT: no silent CPU fallback
+        name = "the model" if isinstance(model, bytes | bytearray) else Path(model).name
+        reason = TensorRT.unavailable_reason()
+        if reason:
+            raise RuntimeUnavailable(f"{name} is a TensorRT variant; {reason}")
+        return TensorRT()
     if fmt == "onnx" and (key is None or fmt not in RUNTIMES.get(key, Runtime).formats):
         name = "the model" if isinstance(model, bytes | bytearray) else Path(model).name  # type: ignore[arg-type]
         reason = OnnxRuntime.unavailable_reason()
@@ -61,4 +90,35 @@ def get_runtime(key: str | None = None, *, model: Path | bytes | None = None) ->
     raise RuntimeUnavailable("no interpreter runtime is installed: " + "; ".join(reasons))
 
 
-__all__ = ["FORMATS", "RUNTIMES", "SUFFIX", "Runtime", "RuntimeUnavailable", "get_runtime", "model_format"]
+def prepare_installed(store: Any, sha256: str, *, fresh: bool = True, threads: int = 1,
+                      build: Callable[..., dict[str, Any]] | None = None) -> dict[str, Any] | None:
+    """Do what an installed model needs before it can be activated: for a ``trt-*`` variant, build its
+    TensorRT engine now (:func:`device_agents.runtimes.tensorrt.build_in_child`), not on the first request.
+
+    ``store`` is the :class:`~device_agents.store.ModelStore`; ``fresh`` says the install added the model
+    (a failed build then removes it again, unless it is ``current`` or ``previous``); ``build`` replaces
+    the builder (tests).
+
+    Returns:
+        The engine build record (time, peak memory, cache key...) for a TensorRT variant, else None.
+
+    Raises:
+        StoreError: the engine build failed (one line); the device stays on its current model.
+    """
+    from device_agents.runtimes import tensorrt
+
+    path = store.model_path(sha256)
+    if not is_tensorrt(path):
+        return None
+    build = build or tensorrt.build_in_child
+    try:
+        return build(path, store.root, threads=threads)
+    except tensorrt.EngineBuildError as exc:
+        if fresh and sha256 not in (store.current(), store.previous()):
+            store.remove(sha256)
+            tensorrt.remove_engines(store.root, sha256)
+        raise StoreError(f"install: {exc}; the device stays on its current model") from None
+
+
+__all__ = ["FORMATS", "RUNTIMES", "SUFFIX", "Runtime", "RuntimeUnavailable", "get_runtime", "is_tensorrt",
+           "model_format", "prepare_installed"]

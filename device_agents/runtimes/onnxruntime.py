@@ -5,9 +5,12 @@ interpreter that the rest of the agent uses (``get_input_details``, ``get_output
 ``set_tensor``, ``invoke``, ``get_tensor``; no signature list), so benchmarks, the smoke check and
 the serving API run an ONNX model through the same code as a ``.tflite`` one.
 
-Execution providers: the CPU provider everywhere; the TensorRT and CUDA providers first when the
-installed build has them (``onnxruntime-gpu`` on a Jetson). The provider the session actually
-runs on is :attr:`OrtInterpreter.provider`, and a bench record names it. LiteRT's targets
+Execution providers: the CPU provider everywhere; the CUDA provider first when the installed build
+has it (``onnxruntime-gpu`` on a Jetson). The TensorRT provider is left to the ``tensorrt`` runtime
+(:mod:`device_agents.runtimes.tensorrt`), which runs the ``trt-*`` variants with a configured engine
+cache built at install: an ``onnx-*`` variant on a Jetson must not silently become a TensorRT engine
+rebuilt, uncached, at every load. The provider the session actually runs on is
+:attr:`OrtInterpreter.provider`, and a bench record names it. LiteRT's targets
 (``delegate``: xnnpack, none, edgetpu, gpu) do not apply to ONNX models and are not used here.
 
 Devices that want it install the ``agent-onnx`` extra; without it the runtime stays registered
@@ -24,8 +27,8 @@ import numpy as np
 from device_agents.runtimes.base import Runtime
 
 INSTALL = "pip install 'edge-kit[agent-onnx]'"
-# Preferred first; the CPU provider is always last and always present.
-PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+# Preferred first; the CPU provider is always last and always present. TensorRT: the tensorrt runtime's.
+PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
 
 _DTYPES = {
     "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,

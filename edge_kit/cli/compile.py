@@ -68,12 +68,18 @@ def _compile_report(manifest: Any) -> tuple[Table, list[str]]:
             continue
         acc = a.accuracy.value if a.accuracy and a.accuracy.measured else None
         fid = a.fidelity if a.fidelity and a.fidelity.measured else None
+        on_device = None
+        if a.built_on_device:  # the host cannot run what the device builds: no figure is printed for it
+            why = a.accuracy.method if a.accuracy else "not measured on host"
+            seen = next((i + 1 for i, f in enumerate(footnotes) if f.endswith(f"] {why}")), None)
+            on_device = f"on device {f'[{seen}]' if seen else footnote(why)}"  # one footnote for every trt-* row
         t.add_row(
             a.id, a.runtime, _kb(a.bytes),
             f"{a.gzip_bytes / base_gzip:.2f}" if base_gzip and a.gzip_bytes else "-",
             _pct(a.sparsity),
             f"{a.macs / base_macs:.2f}" if base_macs and a.macs is not None else "-",
-            _pct(acc), f"{fid.snr_db:.1f}" if fid and fid.snr_db is not None else "-", _accel_cell(a, footnote),
+            on_device or _pct(acc), on_device or (f"{fid.snr_db:.1f}" if fid and fid.snr_db is not None else "-"),
+            _accel_cell(a, footnote),
         )
         for warning in a.warnings:
             footnote(f"[yellow]{warning}[/]")

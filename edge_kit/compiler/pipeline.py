@@ -126,9 +126,12 @@ FLOAT_SOURCE_VARIANTS = ("fp32", "fp16", "dynamic-int8", "int8")  # what ai-edge
 
 def _refusal(spec: VariantSpec, source: Source, calib: Dataset | None) -> str | None:
     """Return why ``spec`` cannot be built from this source and data, or None."""
-    if spec.runtime == "onnxruntime":
+    if spec.runtime in ("onnxruntime", "tensorrt"):  # trt-*: the onnx-fp32 model (+ a calibration table)
         from edge_kit.compiler.onnx_variants import refusal
 
+        if spec.runtime == "tensorrt" and spec.needs_calibration and calib is None and source.kind != "tflite":
+            return ("the TensorRT int8 engine needs the calibration table the host computes from --calib: "
+                    "pass --calib FILE.npz (a few hundred inputs)")
         return refusal(source.kind, spec.needs_calibration, calib)
     if spec.pruning and source.kind != "keras":
         return (f"pruning needs the Keras model (.keras or .h5): {'an' if source.kind == 'onnx' else 'a'} {source.kind} source has no editable layers; "
@@ -172,7 +175,7 @@ def _build(plan: _Plan, source: Source, graph: Callable[[], Graph | bytes], req:
     spec = plan.spec
     calib_x = calib.x if calib is not None else None
     built_extra = {} if built_extra is None else built_extra  # shared between variants: the ONNX export
-    if spec.runtime == "onnxruntime":
+    if spec.runtime in ("onnxruntime", "tensorrt"):
         from edge_kit.compiler.onnx_variants import build, export_graph
 
         exported = ""
@@ -191,6 +194,15 @@ def _build(plan: _Plan, source: Source, graph: Callable[[], Graph | bytes], req:
             exported = how + "; then "
         else:
             data = source.onnx or b""
+        if spec.runtime == "tensorrt":  # the engine is built on the device; the host ships its input
+            from edge_kit.compiler import trt_variants
+
+            if "onnx_fp32" not in built_extra:  # once for trt-fp16 and trt-int8
+                built_extra["onnx_fp32"] = build("onnx-fp32", data, source.inputs, calib_x)[0]
+            fp32 = built_extra["onnx_fp32"]
+            artifact, how, files = trt_variants.build(spec.id, fp32, calib_x)
+            plan.extra["files"] = files
+            return artifact, exported + how
         artifact, how = build(spec.id, data, source.inputs, calib_x)
         return artifact, exported + how
     target = compiler_of(spec.id)
@@ -246,6 +258,10 @@ def _evaluate(plan: _Plan, outputs: dict[str, np.ndarray] | None, evalset: Datas
     if target is not None:
         why = f"a model compiled for {target.summary} runs only there; measured on the device by the agent"
         return Accuracy(measured=False, method=why), Fidelity(measured=False, method=why)
+    if plan.spec.built_on_device:
+        from edge_kit.compiler.trt_variants import NOT_MEASURED
+
+        return Accuracy(measured=False, method=NOT_MEASURED), Fidelity(measured=False, method=NOT_MEASURED)
     accuracy = Accuracy(measured=False, method="not measured: no --eval data")
     fidelity = Fidelity(measured=False, method="not measured: no --eval or --calib inputs")
     if evalset is not None and outputs is not None:
@@ -434,7 +450,7 @@ def compile_model(req: CompileRequest, progress: Progress | None = None) -> Mani
     outputs: dict[str, dict[str, np.ndarray]] = {}
     if fid_inputs is not None:
         for vid, plan in built.items():
-            if compiler_of(vid) is None:  # a target-compiled model needs its hardware
+            if compiler_of(vid) is None and not plan.spec.built_on_device:  # a target-compiled model needs its hardware
                 outputs[vid] = outputs_of(plan.data or b"", fid_inputs.x)
     reference = outputs.get("fp32")
 
@@ -458,8 +474,15 @@ def compile_model(req: CompileRequest, progress: Progress | None = None) -> Mani
         if "compiler_mapping" in plan.extra:
             support[plan.extra["compiler_mapping"]["method"]] = plan.extra["compiler_mapping"]
         accuracy, fidelity = _evaluate(plan, outputs.get(spec.id), evalset, fid_inputs, reference, method_of(spec), scorer)
+        calib_table = None
+        for name, blob in plan.extra.get("files", {}).items():  # trt-int8's calibration table, shipped beside it
+            from edge_kit.compiler.trt_variants import CALIB_METHOD
+
+            calib_table = {"file": name, "sha256": sha256_bytes(blob), "bytes": len(blob), "method": CALIB_METHOD,
+                           "embedded": "in the artifact's metadata_props, so it travels with the model"}
         plan.artifact = Artifact(
             status="built", file=spec.file, derived_from=plan.extra["how"],
+            built_on_device=spec.built_on_device, calibration_table=calib_table,
             sha256=sha256_bytes(plan.data), bytes=stats.bytes, gzip_bytes=stats.gzip_bytes,
             sparsity=round(stats.sparsity, 6), macs=stats.macs, macs_nonzero=stats.macs_nonzero,
             weights=stats.weights, op_histogram=stats.op_histogram, inputs=stats.inputs, outputs=stats.outputs,
@@ -471,6 +494,7 @@ def compile_model(req: CompileRequest, progress: Progress | None = None) -> Mani
             warnings.warn(warning, stacklevel=2)
 
     extra = {EVAL_FILE: _eval_bundle(evalset, reference, metric)} if evalset else {}
+    onnx_built = "onnx_export" in shared or any(p.spec.format == "onnx" and p.data is not None for p in plans.values())
     manifest = Manifest(
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         model=source.record(),
@@ -479,13 +503,16 @@ def compile_model(req: CompileRequest, progress: Progress | None = None) -> Mani
               "metric": scorer.task.headline if scorer.task is not None and scorer.user is None else None,
               "reference": "fp32" if reference is not None else None} if evalset else None,
         train=train.record() if train else None,
-        versions={**_versions(), **(_onnx_versions() if source.kind == "onnx" or "onnx_export" in shared else {}),
+        versions={**_versions(), **(_onnx_versions() if source.kind == "onnx" or onnx_built else {}),
                   **({"tf2onnx": _version_of("tf2onnx")} if "onnx_export" in shared else {})},
         profiles={p.name: {"description": p.description, "accelerator": p.hardware.accelerator,
                            "variants": list(p.variants)} for p in req.profiles},
         artifacts=[p.artifact for p in plans.values() if p.artifact is not None],
     )
     step("writing artifacts")
+    for plan in plans.values():
+        if plan.data is not None:
+            extra.update(plan.extra.get("files", {}))
     _publish(out / source.name, plans, manifest, extra)
     return manifest
 

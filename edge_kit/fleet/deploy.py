@@ -147,8 +147,13 @@ def candidates_for(manifest: Manifest, dev: Device) -> list[Artifact]:
     return wanted
 
 
+# How long an install of a built_on_device artifact (trt-*) may take: the agent builds its TensorRT engine
+# then (device_agents.runtimes.tensorrt.BUILD_TIMEOUT_S, plus the upload's move and checks).
+ENGINE_BUILD_TIMEOUT_S = 1900.0
+
 # The device runtime each artifact needs beyond the agent's own (LiteRT), and how to get it there.
-OPTIONAL_RUNTIMES = {"onnxruntime": "pip install 'edge-kit[agent-onnx]'"}
+OPTIONAL_RUNTIMES = {"onnxruntime": "pip install 'edge-kit[agent-onnx]'",
+                     "tensorrt": "install NVIDIA's onnxruntime-gpu wheel for its JetPack (docs/firmware/jetson.md)"}
 
 
 def runtime_refusals(device: str, wanted: list[Artifact], runtimes: dict[str, bool]) -> dict[str, str]:
@@ -301,11 +306,17 @@ class _Deployer:
         """
         evals = {"eval": eval_remote, "eval_sha256": self.eval_sha256} if eval_remote and self.eval_sha256 else {}
         args = {"path": part, "sha256": art.sha256, "variant": art.id, "model": self.manifest.model["name"], **evals}
+        # a TensorRT variant's engine is built during the install: minutes on a Jetson, not seconds
+        timeout = max(self.opts.health_timeout, ENGINE_BUILD_TIMEOUT_S) if art.built_on_device else None
         if self.client is not None:
-            self._request(shell.dev, "install", args)
+            if timeout is None:
+                self._request(shell.dev, "install", args)
+            else:
+                self.client.request(shell.dev.name, "install", args, timeout=timeout, expire=True)
             return
         shell.agent("install", part, "--variant", art.id, "--model-name", args["model"], "--sha256", art.sha256,
-                    "--move", *(["--eval", eval_remote, "--eval-sha256", self.eval_sha256] if evals else []))
+                    "--move", *(["--eval", eval_remote, "--eval-sha256", self.eval_sha256] if evals else []),
+                    **({"timeout": timeout} if timeout is not None else {}))
 
     def _request(self, dev: Device, name: str, args: dict[str, Any]) -> dict[str, Any]:
         """Return the result of a command the device's agent ran (it drops one that reaches it after the timeout).

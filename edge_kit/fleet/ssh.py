@@ -33,14 +33,17 @@ _known_hosts_lock = threading.Lock()
 # What only the device's Python can say: free space under the root, and which of the agent's
 # dependencies it lacks. Standard library only (the agent may not be there yet).
 _PYTHON_FACTS = r"""
-import importlib.util, json, os, shutil, sys
+import importlib.util, json, os, pathlib, shutil, sys
 probe = sys.argv[1]
 while not os.path.exists(probe):
     probe = os.path.dirname(probe)
 missing = [m for m in ("numpy", "yaml", "paho", "cryptography") if importlib.util.find_spec(m) is None]
 if not any(importlib.util.find_spec(m) for m in ("ai_edge_litert", "tflite_runtime")):
     missing.append("ai_edge_litert or tflite_runtime")
-runtimes = {"onnxruntime": importlib.util.find_spec("onnxruntime") is not None}  # optional: the onnx-* variants
+ort = importlib.util.find_spec("onnxruntime")
+runtimes = {"onnxruntime": ort is not None,  # optional: the onnx-* variants; trt-*: onnxruntime-gpu's TensorRT provider
+            "tensorrt": any(any(pathlib.Path(p, "capi").glob("libonnxruntime_providers_tensorrt*"))
+                            for p in ((ort.submodule_search_locations or []) if ort else []))}
 print(json.dumps({"free": shutil.disk_usage(probe).free, "python": sys.executable, "missing": missing,
                   "runtimes": runtimes}))
 """
@@ -249,7 +252,7 @@ class DeviceShell:
     @functools.cached_property
     def python_facts(self) -> dict[str, Any]:
         """Return free bytes under the root, the device Python's path, the agent dependencies it lacks and
-        which optional runtimes it has (``runtimes``: ``{"onnxruntime": bool}``)."""
+        which optional runtimes it has (``runtimes``: ``{"onnxruntime": bool, "tensorrt": bool}``)."""
         return json.loads(self.run([self.dev.python, "-c", _PYTHON_FACTS, self.root]))
 
     def __exit__(self, *_: object) -> None:

@@ -102,7 +102,7 @@ def _fleet_rows(store: HistoryStore) -> tuple[list[str], list[list[str]]]:
     decisions: dict[str, dict[str, Any]] = {}
     for d in store.decisions(limit=100_000):
         decisions.setdefault(d["device"], d)  # newest first
-    head = ["device", "profile", "state", "running", "decision", "p90 ms", "top-1", "mJ/inference", "power source",
+    head = ["device", "profile", "state", "running", "runtime", "decision", "p90 ms", "top-1", "mJ/inference", "power source",
             "live p50/p99 ms (requests)", "simulated"]
     rows = []
     for device in sorted(set(status) | {d for d, _ in latest} | set(decisions)):
@@ -115,6 +115,7 @@ def _fleet_rows(store: HistoryStore) -> tuple[list[str], list[list[str]]]:
                                        f"{html.escape(', '.join(dec.get('violates') or [str(dec.get('reason'))]))}</span>")
         rows.append([html.escape(device), html.escape(str((rec or {}).get("profile") or st.get("profile") or "-")),
                      html.escape(st.get("state", "never seen")), html.escape(cur.get("variant") or "-"),
+                     html.escape(str((rec or {}).get("runtime") or "-")),  # litert / onnxruntime / tensorrt, as measured
                      verdict if dec and not dec["feasible"] else html.escape(verdict),
                      f"{rec['latency_ms']['p90']:.4g}" if rec else "-",
                      f"{100 * rec['accuracy']['value']:.2f} %" if rec and rec.get("accuracy") else "-",

@@ -137,3 +137,32 @@ def test_a_restart_resumes_the_desired_state_and_a_damaged_file_is_ignored(rig, 
     assert again.take(desired(6)) == "stale"
     (tmp_path / DESIRED).write_text('{"revision": ')
     assert make().desired is None
+
+
+def test_a_trt_variant_gets_its_engine_built_at_install_and_a_failed_build_keeps_the_model(rig, monkeypatch):
+    """A desired trt-* variant: the engine is built after the install, before any activation; a failed build
+    is the reported error and the device stays on its model (tensorrt's own logic: tests/agent/test_tensorrt.py)."""
+    from device_agents import runtimes
+    from device_agents.errors import StoreError
+
+    make, store, clock, reports, fetched, activated, _ = rig
+    rec = make()
+    rec.take(desired(1))
+    rec.step()
+    builds = []
+
+    def failing(st, sha, **kw):
+        builds.append(sha)
+        st.models.pop(sha, None)  # what prepare_installed does with a fresh model whose build failed
+        raise StoreError("install: trt-fp16.onnx: TensorRT engine build failed: out of memory; "
+                         "the device stays on its current model")
+
+    monkeypatch.setattr(runtimes, "prepare_installed", failing)
+    rec.take({**desired(2, sha=B), "variant": "trt-fp16"})
+    out = rec.step()
+    assert out["state"] == "failed" and "engine build failed" in out["error"] and out["current"]["sha256"] == A
+    assert builds == [B] and activated == [A] and B not in store.models
+    monkeypatch.setattr(runtimes, "prepare_installed", lambda st, sha, **kw: {"variant": "trt-fp16", "seconds": 1.0})
+    rec.take({**desired(3, sha=B), "variant": "trt-fp16"})
+    out = rec.step()
+    assert out["state"] == "converged" and out["download"]["engine"]["variant"] == "trt-fp16" and store.cur == B

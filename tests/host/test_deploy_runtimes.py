@@ -26,3 +26,11 @@ def test_onnx_variants_are_refused_on_a_device_without_onnxruntime():
 def test_nothing_is_refused_where_onnxruntime_is_installed():
     assert runtime_refusals("pi-1", WANTED, {"onnxruntime": True}) == {}
     assert runtime_refusals("pi-1", WANTED[:1], {}) == {}  # LiteRT variants need nothing more
+
+
+def test_trt_variants_are_refused_where_onnxruntime_has_no_tensorrt_provider():
+    wanted = [*WANTED, art("trt-fp16", "tensorrt"), art("trt-int8", "tensorrt")]
+    refused = runtime_refusals("jetson-1", wanted, {"onnxruntime": True, "tensorrt": False})
+    assert set(refused) == {"trt-fp16", "trt-int8"}
+    assert all("\n" not in why and "onnxruntime-gpu" in why and why.startswith("jetson-1: trt-") for why in refused.values())
+    assert runtime_refusals("jetson-1", wanted, {"onnxruntime": True, "tensorrt": True}) == {}

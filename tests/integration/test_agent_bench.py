@@ -33,7 +33,9 @@ def test_bench_record_has_the_latency_distribution_and_accuracy(artifacts, digit
     assert r["init_ms"] > 0 and r["first_inference_ms"] > 0 and r["peak_rss_mb"] > 0
     assert r["accuracy"]["samples"] == 360 and r["accuracy"]["value"] > 0.9
     assert r["power"]["measured"] is False
-    assert set(r["conditions"]["start"]) == {"cpu_governor", "cpu_freq_mhz", "temperature_c", "throttling", "load_1m"}
+    assert set(r["conditions"]["start"]) == {"cpu_governor", "cpu_freq_mhz", "temperature_c", "throttling", "load_1m",
+                                             "power_mode", "jetson_clocks"}
+    assert r["conditions"]["start"]["power_mode"] is None  # off a Jetson
 
 
 def test_bench_runs_at_least_min_seconds(artifacts):

@@ -152,7 +152,7 @@ def test_a_device_environment_without_onnxruntime_refuses_only_the_onnx_variants
         return subprocess.run([str(DEVICE_PYTHON), *args], capture_output=True, text=True, timeout=300, cwd=ROOT)
 
     facts = json.loads(run("-c", _PYTHON_FACTS, str(tmp_path)).stdout)
-    assert facts["runtimes"] == {"onnxruntime": False}
+    assert facts["runtimes"] == {"onnxruntime": False, "tensorrt": False}
     built = [a for a in manifest.artifacts if a.status == "built"]
     refused = runtime_refusals("pi-1", built, facts["runtimes"])
     assert set(refused) == set(ONNX_VARIANTS)
