@@ -194,6 +194,7 @@ class Shadow:
         self.ended: str | None = None  # why the child is gone, when it is
         self._tokens, self._last = max_per_s, time.monotonic()
         self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
         self._seq = 0
         self._pending: dict[int, dict[str, np.ndarray]] = {}  # seq -> the served outputs it is compared with
         self._free = list(range(SLOTS))
@@ -286,7 +287,8 @@ class Shadow:
                           casting="unsafe")
                 specs.append((name, a.shape))
                 at += 4 * n
-            self._conn.send((seq, slot, specs))
+            with self._send_lock:  # request threads of several clients share the pipe
+                self._conn.send((seq, slot, specs))
         except Exception:  # noqa: BLE001 - a closed pipe (the run ended) or inputs that do not fit: not compared
             with self._lock:
                 self._pending.pop(seq, None)

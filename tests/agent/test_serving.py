@@ -363,3 +363,32 @@ def test_a_shadow_model_that_does_not_load_is_refused_with_the_childs_reason(sto
     other.serve_model(store.model_path(store.shas["int8"]), store.shas["int8"], "int8")
     with pytest.raises(DeviceError, match="cannot be sent to a child process"):
         other.set_shadow(store.model_path(store.shas["fp32"]), store.shas["fp32"], "fp32")
+
+
+def test_a_shadow_run_fed_by_four_clients_at_once_counts_every_input_once(store, server):
+    server.set_shadow(store.model_path(store.shas["fp32"]), store.shas["fp32"], "fp32", share=1.0, max_per_s=1e6,
+                      max_load=1e9)
+    x = samples(4)
+    failures: list[str] = []
+
+    def load(i: int) -> None:
+        with Client(store.root) as client:
+            for _ in range(50):
+                try:
+                    assert client.predict({"image": x[i]})["output_0"].shape == (10,)
+                except Exception as exc:  # noqa: BLE001 - collected
+                    failures.append(repr(exc))
+
+    threads = [threading.Thread(target=load, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert failures == []
+
+    def settled():
+        s = server.snapshot()["shadow"]
+        return s["compared"] + s["dropped_queue_full"] + s["skipped_rate"] + s["errors"] == 200
+    assert wait(settled), server.snapshot()["shadow"]
+    shadow = server.snapshot()["shadow"]
+    assert shadow["errors"] == 0 and shadow["compared"] >= 2 and shadow["fidelity"]["snr_db"] is not None
