@@ -37,6 +37,9 @@ from device_agents.errors import DeviceError
 CHUNK = 64 * 1024
 MAX_REDIRECTS = 5
 MAX_ATTEMPTS = 3  # attempts in one fetch() while each one makes progress (a cut, then resume at once)
+MIN_RATE = 1024  # bytes/s: the lowest bandwidth cap (a lower one would hold a download for days)
+CANCELLED = "cancelled"
+TOO_SLOW = "too slow"
 CUT_RCVBUF = 16 * 1024  # receive buffer of a connection told to stop early: little in flight when it closes
 USER_AGENT = "edgekit-agent-fetch/1"
 _SHA = re.compile(r"^[0-9a-f]{64}$")
@@ -91,10 +94,11 @@ class RateLimiter:
     the measured rate over any stretch longer than that stays within a few percent of ``rate``.
     """
 
-    def __init__(self, rate: float):
-        if not rate > 0:
-            raise FetchError(f"max_bytes_s must be positive, got {rate!r}")
+    def __init__(self, rate: float, cancel: threading.Event | None = None):
+        if not rate >= MIN_RATE:
+            raise FetchError(f"max_bytes_s must be at least {MIN_RATE} bytes/s, got {rate!r}")
         self.rate = float(rate)
+        self.cancel = cancel  # set: a wait ends at once (the caller checks it after)
         self.capacity = max(self.rate * 0.1, float(CHUNK))
         self.tokens = 0.0
         self.stamp = time.monotonic()
@@ -106,7 +110,10 @@ class RateLimiter:
         self.stamp = now
         self.tokens -= n
         if self.tokens < 0:
-            time.sleep(-self.tokens / self.rate)
+            if self.cancel is not None:
+                self.cancel.wait(-self.tokens / self.rate)
+            else:
+                time.sleep(-self.tokens / self.rate)
 
     def chunk(self) -> int:
         """Return the read size that keeps the rate smooth (at most :data:`CHUNK`)."""
@@ -145,7 +152,11 @@ def _sha256_of(path: Path) -> str:
 
 
 def _connect(url: str, timeout_s: float, ssl_context: ssl.SSLContext | None, rcvbuf: int | None) -> http.client.HTTPConnection:
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        parts.hostname and parts.hostname.encode("idna")  # a name IDNA cannot encode fails here, as one line
+    except (ValueError, UnicodeError):
+        raise FetchError(f"{url[:200]}: not a valid URL; check the store URL (or the redirect the store sent)") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise FetchError(f"{url}: not an http:// or https:// URL; give the store's URL")
     try:
@@ -179,20 +190,24 @@ def _open(url: str, headers: dict[str, str], timeout_s: float, ssl_context: ssl.
         except ssl.SSLError as exc:
             raise FetchError(f"{url}: TLS failed ({exc.reason or exc}); check the store's certificate and the "
                              "device's CA bundle") from None
-        except (OSError, http.client.HTTPException) as exc:
+        except (OSError, http.client.HTTPException, ValueError, UnicodeError) as exc:
             raise FetchError(f"{url}: the store does not answer ({_reason(exc)}); check the store URL and that its "
                              "server runs, then fetch again") from None
         try:
             conn.request("GET", _target(url), headers={"User-Agent": USER_AGENT, **headers})
             resp = conn.getresponse()
-        except (OSError, http.client.HTTPException) as exc:
+        except (OSError, http.client.HTTPException, ValueError, UnicodeError) as exc:
             conn.close()
             raise FetchError(f"{url}: the store does not answer ({_reason(exc)}); check the store URL and that its "
                              "server runs, then fetch again") from None
         if resp.status in (301, 302, 303, 307, 308) and resp.getheader("Location"):
-            location = urljoin(url, resp.getheader("Location"))
             resp.close()
             conn.close()
+            try:
+                location = urljoin(url, resp.getheader("Location"))
+            except ValueError:
+                raise FetchError(f"{url}: the store redirected to {resp.getheader('Location')[:200]!r}, not a URL; "
+                                 "check the store's server") from None
             url = location
             continue
         return conn, resp, url
@@ -224,12 +239,15 @@ def _total_of(resp: http.client.HTTPResponse, offset: int) -> tuple[int | None, 
 
 def download_once(url: str, partial: Path, *, max_bytes_s: float | None = None, timeout_s: float = 30.0,
                   max_bytes: int | None = None, ssl_context: ssl.SSLContext | None = None,
-                  cut_after: int | None = None, limiter: RateLimiter | None = None) -> Attempt:
+                  cut_after: int | None = None, limiter: RateLimiter | None = None,
+                  cancel: threading.Event | None = None, deadline: float | None = None) -> Attempt:
     """Make one GET of ``url`` into ``partial``, continuing from the partial's size with a Range.
 
     ``cut_after``: stop after that many body bytes and drop the connection (a simulated cut: the
     connection's receive buffer is kept small so little is in flight when it closes). ``limiter``
-    (or ``max_bytes_s``) caps the rate. The hash is not checked here: :func:`fetch` does it.
+    (or ``max_bytes_s``) caps the rate. ``cancel`` (set) or ``deadline`` (``time.monotonic()``
+    passed) stop the body between two reads: a trickling store cannot hold the caller longer.
+    The hash is not checked here: :func:`fetch` does it.
 
     Returns:
         The :class:`Attempt`: status, bytes received, whether the partial is now complete, and why
@@ -242,7 +260,7 @@ def download_once(url: str, partial: Path, *, max_bytes_s: float | None = None, 
     """
     partial = Path(partial)
     if limiter is None and max_bytes_s is not None:
-        limiter = RateLimiter(max_bytes_s)
+        limiter = RateLimiter(max_bytes_s, cancel)
     offset = partial.stat().st_size if partial.exists() else 0
     if max_bytes is not None and offset > max_bytes:
         partial.unlink(missing_ok=True)
@@ -262,8 +280,8 @@ def download_once(url: str, partial: Path, *, max_bytes_s: float | None = None, 
             raise FetchError(f"{url}: not in the store (HTTP 404); publish it with `edgekit publish` or check the "
                              "store URL and hash")
         if resp.status not in (200, 206):
-            raise FetchError(f"{url}: the store answered HTTP {resp.status} {resp.reason}; check the store's server "
-                             "and its logs, then fetch again")
+            raise FetchError(f"{url}: the store answered HTTP {resp.status} {str(resp.reason)[:80]}; check the store's "
+                             "server and its logs, then fetch again")
         start, total = _total_of(resp, offset)
         if resp.status == 206 and start != offset:
             partial.unlink(missing_ok=True)  # a range we did not ask for: start over on the next attempt
@@ -290,8 +308,14 @@ def download_once(url: str, partial: Path, *, max_bytes_s: float | None = None, 
                     if want <= 0:
                         cut = f"stopped after {received} bytes as asked"
                         break
+                    if cancel is not None and cancel.is_set():
+                        cut = CANCELLED
+                        break
+                    if deadline is not None and time.monotonic() > deadline:
+                        cut = TOO_SLOW
+                        break
                     try:
-                        block = resp.read(want)
+                        block = resp.read1(want)  # what has arrived: a trickle cannot hold one read for long
                     except (OSError, http.client.HTTPException) as exc:
                         cut = _reason(exc)
                         break
@@ -338,13 +362,16 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def fetch(url: str, sha256: str, dest: Path, *, max_bytes_s: float | None = None, timeout_s: float = 30.0,
-          max_bytes: int | None = None, ssl_context: ssl.SSLContext | None = None) -> FetchResult:
+          max_bytes: int | None = None, ssl_context: ssl.SSLContext | None = None,
+          cancel: threading.Event | None = None, max_seconds: float | None = None) -> FetchResult:
     """Download ``url`` into ``dest`` and check it has sha256 ``sha256``; resume an earlier partial.
 
     Already-present ``dest`` with the right hash: returned at once, no request. Otherwise up to
     :data:`MAX_ATTEMPTS` requests while each makes progress (a cut is resumed with a Range at once).
     ``max_bytes_s`` caps the rate (bytes/s, token bucket); ``max_bytes`` refuses larger files;
-    ``timeout_s`` bounds each connect and each read.
+    ``timeout_s`` bounds each connect and each read; ``max_seconds`` the whole call (a store that
+    trickles a byte at a time cannot hold the caller); ``cancel`` (set from another thread) stops it
+    between two reads.
 
     Returns:
         :class:`FetchResult` for the verified file at ``dest``.
@@ -373,14 +400,21 @@ def fetch(url: str, sha256: str, dest: Path, *, max_bytes_s: float | None = None
             raise FetchError(f"{url}: another download into {dest} is running; wait for it")
         _active.add(key)
     try:
-        limiter = RateLimiter(max_bytes_s) if max_bytes_s is not None else None
+        limiter = RateLimiter(max_bytes_s, cancel) if max_bytes_s is not None else None
+        deadline = t0 + max_seconds if max_seconds is not None else None
         downloaded, resumed = 0, False
         for fresh_start in (False, True):
             last = None
             for _ in range(MAX_ATTEMPTS):
                 attempt = download_once(url, partial, timeout_s=timeout_s, max_bytes=max_bytes,
-                                        ssl_context=ssl_context, limiter=limiter)
+                                        ssl_context=ssl_context, limiter=limiter, cancel=cancel, deadline=deadline)
                 downloaded += attempt.received
+                if attempt.cut == CANCELLED:
+                    raise FetchError(f"{url}: download cancelled (a newer desired state, or the agent stops); the "
+                                     "bytes received are kept")
+                if attempt.cut == TOO_SLOW:
+                    raise FetchError(f"{url}: the download took longer than {max_seconds:.0f} s (the store sends too "
+                                     "slowly); the bytes received are kept and resumed next time: check the store")
                 kept = attempt.resumed or (attempt.status == 416 and attempt.complete)
                 resumed = resumed or (attempt.offset > 0 and kept)
                 last = attempt

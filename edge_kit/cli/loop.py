@@ -38,19 +38,38 @@ def decision_table(decisions: dict[str, Any], explain: bool) -> list[Any]:
     out_items.append(t)
     if explain:
         for name, d in decisions.items():
-            e = Table(Column("variant", min_width=16, no_wrap=True), "p90 ms", "top-1", "energy mJ/inf", "power source", "runs", "MB", "violates", "",
-                      title=f"{name}", title_justify="left", box=box.SIMPLE, pad_edge=False)
+            fleet = getattr(d, "kind", None) == "fleet selection"
+            title = name if not fleet else (f"{name} (confidence {d.confidence:.2f}"
+                                            + (f"; [red]flagged[/]: {escape(d.flagged)}" if d.flagged else "") + ")")
+            e = Table(Column("variant", min_width=16, no_wrap=True), "p90 ms", "top-1", "energy mJ/inf",
+                      "source" if fleet else "power source", "runs", "MB", "violates", "",
+                      title=title, title_justify="left", box=box.SIMPLE, pad_edge=False)
             for r in d.table:
                 mark = "chosen" if r.get("chosen") else ("current" if r["current"] else "")
-                e.add_row(r["variant"], _num(r["p90_ms"]), "-" if r["accuracy"] is None else f"{100 * r['accuracy']:.2f}%",
-                          _num(r["energy_mj"]), r["power_source"] or "-", str(r["runs"]), f"{r['model_mb']:.2f}",
-                          escape(", ".join(r["violates"])) or ("-" if r["measured"] else "not measured"), mark)
+                inferred = r.get("source") == "inferred"
+                e.add_row(r["variant"], _cell(r, "p90_ms", _num), _cell(r, "accuracy", _pct), _cell(r, "energy_mj", _num),
+                          (r.get("source") or "-") if fleet else (r["power_source"] or "-"), str(r["runs"]),
+                          f"{r['model_mb']:.2f}",
+                          escape(", ".join(r["violates"])) or ("-" if r["measured"] or inferred else "not measured"), mark)
             out_items.append(e)
     return out_items
 
 
 def _num(x: float | None) -> str:
     return "-" if x is None else f"{x:.4g}"
+
+
+def _pct(x: float | None) -> str:
+    """Return a share as a percentage with 2 decimals, "-" for none."""
+    return "-" if x is None else f"{100 * x:.2f}%"
+
+
+def _cell(row: dict[str, Any], key: str, fmt: Any) -> str:
+    """Return a figure of an explain row; an inferred one as ``~value [lo-hi]`` (its 90 % interval)."""
+    if row.get("source") != "inferred":
+        return fmt(row.get(key))
+    lo_hi = row.get(f"{key}_interval")
+    return f"~{fmt(row.get(key))}" + (f" [{fmt(lo_hi[0])}-{fmt(lo_hi[1])}]" if lo_hi else "")
 
 
 @app.command("select")
@@ -67,7 +86,7 @@ def select_cmd(
     """Say which variant each device should run, and why, from the measurements in the history store."""
     from edge_kit.errors import InputError
     from edge_kit.fleet.inventory import load_fleet
-    from edge_kit.loop.tune import decide
+    from edge_kit.loop.tune import decide, decide_fleet
     from edge_kit.manifest import read_manifest
 
     fleet = load_fleet(fleet_file)
@@ -82,19 +101,25 @@ def select_cmd(
     chosen = fleet.select(devices)
     current = {d.name: ((status.get(d.name) or {}).get("current") or {}).get("sha256") for d in chosen}
     decisions = decide(manifest, chosen, db, current, margin)
+    messages: list[str] = []
+    if any(d.unmeasured for d in decisions.values()):  # infer what a device has not measured from its profile
+        decisions, messages = decide_fleet(manifest, chosen, db, current, margin)
     if as_json:
         emit_json({k: v.as_dict() for k, v in decisions.items()})
         return
     for item in decision_table(decisions, explain):
         out.print(item)
+    for text in messages:
+        out.print(f"[yellow]note[/] {escape(text)}")
 
 
 def tune_options(artifacts: Path, rounds: int, margin: float, min_runs: int, min_seconds: float, timeout: float,
-                 parallel: int, trust_new_hosts: bool) -> Any:
+                 parallel: int, trust_new_hosts: bool, budget: float | None = None, budget_unit: str = "runs") -> Any:
     from edge_kit.loop.tune import TuneOptions
 
     return TuneOptions(artifacts, rounds=rounds, margin=margin, bench={"min_runs": min_runs, "min_seconds": min_seconds},
-                       timeout=timeout, parallel=parallel, trust_new_hosts=trust_new_hosts)
+                       timeout=timeout, parallel=parallel, trust_new_hosts=trust_new_hosts, budget=budget,
+                       budget_unit=budget_unit)
 
 
 def print_tune(report: Any) -> None:
@@ -106,6 +131,15 @@ def print_tune(report: Any) -> None:
         out.print(f"[red]{device} did not answer:[/] {escape(', '.join(what))}")
     switched = report.switched
     out.print(f"{len(report.rounds)} round(s); switched: {', '.join(switched) or 'nothing'}")
+    if report.budget is not None:
+        b = report.budget
+        out.print(f"budget: {b['spent']:g} of {b['budget']:g} {b['unit']} spent on {b['measured']} measurement(s); "
+                  f"{b['health']} health benchmark(s) of switched-to variants, counted apart")
+        for text in b["messages"]:
+            out.print(f"[yellow]note[/] {escape(text)}")
+    flagged = {k: d.flagged for k, d in report.final.items() if getattr(d, "flagged", None)}
+    for name, why in flagged.items():
+        out.print(f"[red]flagged[/] {name}: {escape(why)}")
 
 
 @app.command("tune")
@@ -121,16 +155,25 @@ def tune_cmd(
     timeout: Annotated[float, typer.Option(min=1, help="Seconds per round for all measurements to arrive.")] = 300.0,
     parallel: Annotated[int, typer.Option(min=1, max=256)] = 8,
     trust_new_hosts: Annotated[bool, typer.Option("--trust-new-hosts")] = False,
+    budget: Annotated[Optional[float], typer.Option(min=0, help="Measure only what the fleet model plans, within this "
+                                                                "many benchmark runs (or device-seconds, --budget-unit); "
+                                                                "default: every candidate on every device.")] = None,
+    budget_unit: Annotated[str, typer.Option(help="runs | seconds")] = "runs",
     as_json: JsonOpt = False,
 ) -> None:
-    """Measure every candidate on every device, select, activate, verify; repeat until nothing changes."""
+    """Measure every candidate on every device (or, with --budget, what the fleet model plans), select,
+    activate with a health benchmark, verify; repeat until nothing changes."""
     from edge_kit.cli.app import err
+    from edge_kit.errors import InputError
     from edge_kit.fleet.inventory import load_fleet
     from edge_kit.loop.tune import tune
 
+    if budget_unit not in ("runs", "seconds"):
+        raise InputError(f"--budget-unit {budget_unit!r}: use runs or seconds")
     fleet = load_fleet(fleet_file)
     targets = fleet.select(devices)
-    opts = tune_options(artifacts, rounds, margin, min_runs, min_seconds, timeout, parallel, trust_new_hosts)
+    opts = tune_options(artifacts, rounds, margin, min_runs, min_seconds, timeout, parallel, trust_new_hosts, budget,
+                        budget_unit)
     db = open_fleet_history(fleet_file, history)
     with err.status("tuning", spinner="dots") if not as_json else nullcontext() as status:
         report = tune(fleet, targets, opts, db, progress=(lambda m: status.update(m)) if status else None)
@@ -350,14 +393,22 @@ def fleet_init_cmd(
 def fleet_status_cmd(fleet_file: FleetOpt, history: HistoryOpt = None, as_json: JsonOpt = False) -> None:
     """Per device: last status, current variant and its latest benchmark, from the history store."""
     from edge_kit.fleet.inventory import load_fleet
+    from edge_kit.telemetry.report import flagged_devices
 
     fleet = load_fleet(fleet_file)
     db = open_fleet_history(fleet_file, history)
+    flagged = flagged_devices(db.decisions(limit=1_000_000))
     if as_json:
         emit_json({"status": db.latest_status(), "telemetry": db.latest_telemetry(),
-                    "bench": {f"{d}/{s}": r for (d, s), r in db.latest_bench().items()}})
+                    "bench": {f"{d}/{s}": r for (d, s), r in db.latest_bench().items()}, "flagged": flagged})
         return
     out.print(_fleet_table(db, fleet))
+    if flagged:
+        t = Table("device", "differs from its profile (measured individually)", box=box.SIMPLE_HEAD, pad_edge=False,
+                  title="devices that differ", title_justify="left")
+        for name, why in flagged.items():
+            t.add_row(name, escape(why))
+        out.print(t)
 
 
 @app.command("report")

@@ -11,6 +11,16 @@
 
 Stops when a round switches nothing, or after ``rounds``. Measurements persist in the history
 store, so a second run with an unchanged fleet measures nothing new and switches nothing.
+
+With a budget (``tune --budget N``, benchmark runs or device-seconds), step 2 measures only the pairs
+:func:`edge_kit.selection.fleetmodel.plan_measurements` plans (a sample per profile, then where a
+device's choice is uncertain), planning again after each batch until the plan is empty or the
+budget is spent; step 3 decides with the fleet model (figures measured on the device, else inferred
+from its profile, each marked); step 4 is unchanged: a device is switched only with a health
+benchmark of the variant it switches to, stored, and the next round plans with it; after the last
+round's switches, one more decision on their health benchmarks is recorded (``verify``), and what it
+would still switch is listed as pending, not switched. Decisions are stored with ``kind: "fleet
+selection"``, their flags, confidence, inferred figures and drift.
 """
 
 from __future__ import annotations
@@ -21,12 +31,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from edge_kit.fleet.commands import FleetClient
 from edge_kit.fleet.deploy import DeployOptions, GroupResult, candidates_for, deploy
 from edge_kit.fleet.inventory import Device, Fleet
 from edge_kit.manifest import Manifest, read_manifest
 from edge_kit.profiles import load_profile
 from edge_kit.selection.constraints import Measured, effective_constraints
+from edge_kit.selection.fleetmodel import (
+    FleetSpec,
+    Measurements,
+    Settings,
+    decisions_of,
+    plan_measurements,
+    rows_from_records,
+)
 from edge_kit.selection.policy import (
     DEFAULT_MARGIN,
     Candidate,
@@ -34,6 +54,7 @@ from edge_kit.selection.policy import (
     Request,
     choose_all,
 )
+from edge_kit.telemetry.report import flagged_devices
 from edge_kit.telemetry.store import HistoryStore
 
 
@@ -46,6 +67,9 @@ class TuneOptions:
     timeout: float = 300.0  # per round, for all measurements to come back
     parallel: int = 8
     trust_new_hosts: bool = False
+    budget: float | None = None  # None: measure every candidate on every device (no planning)
+    budget_unit: str = "runs"  # "runs" (benchmark runs) or "seconds" (device-seconds of benchmarking)
+    plans_per_round: int = 4  # planning batches per round at most
 
 
 @dataclass
@@ -54,14 +78,18 @@ class TuneReport:
     rounds: list[dict[str, Any]] = field(default_factory=list)  # per round: measured, decisions, switched, silent
     final: dict[str, Decision] = field(default_factory=dict)
     silent: dict[str, list[str]] = field(default_factory=dict)  # device -> variants it did not answer for
+    budget: dict[str, Any] | None = None  # with a budget: spent, left, unit, messages, health benchmarks
 
     @property
     def switched(self) -> list[str]:
         return [d for r in self.rounds for d in r["switched"]]
 
     def as_dict(self) -> dict[str, Any]:
-        return {"deploy": self.deploy.as_dict(), "rounds": self.rounds, "silent": self.silent,
-                "final": {k: v.as_dict() for k, v in self.final.items()}}
+        out = {"deploy": self.deploy.as_dict(), "rounds": self.rounds, "silent": self.silent,
+               "final": {k: v.as_dict() for k, v in self.final.items()}}
+        if self.budget is not None:
+            out["budget"] = self.budget
+        return out
 
 
 def decide(manifest: Manifest, devices: list[Device], store: HistoryStore, current: dict[str, str | None],
@@ -131,6 +159,9 @@ def tune(fleet: Fleet, devices: list[Device], opts: TuneOptions, store: HistoryS
     current = {r.device: r.sha256 for r in deployed.results if r.ok}
     refused = {r.device: set(r.refused) for r in deployed.results}  # not sent: the device lacks their runtime
     live = [d for d in devices if d.name in current]
+    if opts.budget is not None:
+        _tune_budget(fleet, live, manifest, opts, store, report, current, refused, step)
+        return report
     with FleetClient.of(fleet) as client:
         for number in range(1, opts.rounds + 1):
             wanted = {}
@@ -169,3 +200,162 @@ def tune(fleet: Fleet, devices: list[Device], opts: TuneOptions, store: HistoryS
         store.add_many([("status", m) for m in client.statuses()])
     return report
 
+
+
+def flagged_before(store: HistoryStore) -> dict[str, str]:
+    """Return the devices the newest fleet-selection decision of each flagged, with why."""
+    return flagged_devices(store.decisions(limit=1_000_000))
+
+
+def fleet_inputs(manifest: Manifest, devices: list[Device], store: HistoryStore, current: dict[str, str | None],
+                 refused: dict[str, set[str]] | None = None, flagged: dict[str, str] | None = None,
+                 ) -> tuple[FleetSpec, Measurements, dict[str, str], list[dict[str, Any]]]:
+    """Return (spec, measurements, sha256 by variant id, records) for the fleet model from the history.
+
+    Raises:
+        DeployError: the artifacts were not compiled for a device's profile.
+    """
+    refused = refused or {}
+    flagged = flagged or {}
+    cands = {d.name: [a for a in candidates_for(manifest, d) if a.id not in refused.get(d.name, ())] for d in devices}
+    variants = tuple(dict.fromkeys(a.id for d in devices for a in cands[d.name]))
+    profiles = tuple(dict.fromkeys(d.profile for d in devices))
+    arts = {a.id: a for d in devices for a in cands[d.name]}
+    host_fp32 = manifest.artifact("fp32")
+    host_acc = host_fp32.accuracy.value if host_fp32 and host_fp32.accuracy else None
+    loaded = {p: load_profile(p) for p in profiles}
+    groups: list[Any] = []
+    group_of = []
+    for d in devices:
+        c = effective_constraints(loaded[d.profile].constraints, d.constraints)
+        if c not in groups:
+            groups.append(c)
+        group_of.append(groups.index(c))
+    candidates = np.array([[v in {a.id for a in cands[d.name]} for v in variants] for d in devices], dtype=bool)
+    model_mb = np.array([[(arts[v].bytes or 0) / 1e6 if v in arts else np.nan for v in variants] for _p in profiles])
+    index = {d.name: i for i, d in enumerate(devices)}
+    variant_of = {(index[d.name], a.sha256): variants.index(a.id) for d in devices for a in cands[d.name]}
+    records = [r for r in store.bench_records() if r.get("device") in index]
+    m = Measurements.of(rows_from_records(records, index, variant_of))
+    fp32 = np.full(len(devices), np.nan if host_acc is None else host_acc)
+    if "fp32" in variants:  # measured on the device where it has been
+        got = (m.variant == variants.index("fp32")) & np.isfinite(m.accuracy)
+        fp32[m.device[got]] = m.accuracy[got]
+    by_sha = {a.sha256: variants.index(a.id) for a in arts.values()}
+    spec = FleetSpec(tuple(d.name for d in devices), profiles, variants, np.array([profiles.index(d.profile) for d in devices]),
+                     candidates, tuple(groups), np.array(group_of), model_mb, fp32,
+                     np.array([by_sha.get(current.get(d.name), -1) for d in devices], dtype=np.intp),
+                     np.array([d.name in flagged for d in devices], dtype=bool),
+                     {i: flagged[d.name] for i, d in enumerate(devices) if d.name in flagged})
+    return spec, m, {v: arts[v].sha256 for v in variants}, records
+
+
+def _cost(spec: FleetSpec, records: list[dict[str, Any]], opts: TuneOptions) -> np.ndarray | float:
+    """Return what one benchmark costs per (profile, variant): 1 run, or its device-seconds (the median
+    ``duration_s`` of its records in the history, else the bench settings' ``min_seconds``, at least 0.1)."""
+    if opts.budget_unit == "runs":
+        return 1.0
+    default = max(float(opts.bench.get("min_seconds") or 0.0), 0.1)
+    cost = np.full((len(spec.profiles), len(spec.variants)), default)
+    seen: dict[tuple[str, str], list[float]] = {}
+    profile = dict(zip(spec.devices, spec.profile))
+    for r in records:
+        if r.get("duration_s") is not None and r.get("device") in profile:
+            seen.setdefault((profile[r["device"]], r.get("variant")), []).append(float(r["duration_s"]))
+    for (p, v), values in seen.items():
+        if v in spec.variants:
+            cost[p, spec.variants.index(v)] = max(float(np.median(values)), 0.1)
+    return cost
+
+
+def _tune_budget(fleet: Fleet, live: list[Device], manifest: Manifest, opts: TuneOptions, store: HistoryStore,
+                 report: TuneReport, current: dict[str, str | None], refused: dict[str, set[str]],
+                 step: Callable[[str], None]) -> None:
+    """Run ``tune`` with a measurement budget (see the module docstring); fill ``report`` in place."""
+    left = float(opts.budget or 0.0)
+    settings = Settings(margin=opts.margin)
+    if not live:  # nothing was deployed: nothing to plan for (the deploy results say why)
+        report.budget = {"unit": opts.budget_unit, "budget": left, "spent": 0.0, "measured": 0, "health": 0,
+                         "messages": ["no device is live: nothing was planned"]}
+        return
+    flagged = flagged_before(store)
+    info: dict[str, Any] = {"unit": opts.budget_unit, "budget": left, "spent": 0.0, "measured": 0, "health": 0,
+                            "messages": []}
+    report.budget = info
+    by_name = {d.name: d for d in live}
+    with FleetClient.of(fleet) as client:
+        for number in range(1, opts.rounds + 2):
+            verify = number > opts.rounds  # after the last round's switches: decide on their health benchmarks only
+            measured, silent, planned = 0, {}, []
+            for batch in range(1, 1 + (1 if verify else opts.plans_per_round)):
+                spec, m, shas, records = fleet_inputs(manifest, [d for d in live if d.name not in silent], store,
+                                                      current, refused, flagged)
+                plan = plan_measurements(spec, m, budget=0 if verify else left, cost=_cost(spec, records, opts),
+                                         settings=settings)
+                flagged = {spec.devices[d]: plan.model.flag_why.get(d, "differs from its profile")
+                           for d in np.flatnonzero(plan.model.flagged)}
+                if not plan.measure:
+                    break
+                wanted: dict[str, list[tuple[str, str]]] = {}
+                for d, v, why in plan.measure:
+                    planned.append((spec.devices[d], spec.variants[v], why))
+                    wanted.setdefault(spec.devices[d], []).append((spec.variants[v], shas[spec.variants[v]]))
+                step(f"round {number}.{batch}: measuring {len(plan.measure)} planned pair(s) on {len(wanted)} device(s)")
+                stored, missing = _measure(client, store, wanted, opts.bench, opts.timeout)
+                measured += stored
+                left -= plan.cost
+                info["spent"] += plan.cost
+                for device, what in missing.items():
+                    silent.setdefault(device, []).extend(what)
+                    report.silent.setdefault(device, []).extend(what)
+            if silent:  # decide without the devices that did not answer
+                spec, m, shas, records = fleet_inputs(manifest, [d for d in live if d.name not in silent], store,
+                                                      current, refused, flagged)
+                plan = plan_measurements(spec, m, budget=0, settings=settings)
+            info["measured"] += measured
+            info["messages"] = plan.messages
+            decisions = {d.device: d for d in decisions_of(plan, shas)}
+            for d in decisions.values():
+                store.add_decision({**d.as_dict(), "round": number, "artifacts": str(opts.artifacts.resolve()),
+                                    "budget": {k: info[k] for k in ("unit", "budget", "spent")}, "verify": verify})
+            switch = {name: d.chosen for name, d in decisions.items() if d.switch and d.chosen}
+            report.final.update(decisions)
+            entry = {"round": number, "measured": measured, "silent": silent, "switched": sorted(switch),
+                     "planned": planned,
+                     "messages": plan.messages, "decisions": {k: v.as_dict() for k, v in decisions.items()}}
+            report.rounds.append(entry)
+            if not switch:
+                break
+            if verify:  # the rounds are used up: say what a further run would switch, do not switch it
+                entry["pending"], entry["switched"] = entry["switched"], []
+                info["messages"] = [*plan.messages, f"{len(switch)} device(s) would switch again on their health "
+                                                    f"benchmarks ({', '.join(sorted(switch))}): run tune again"]
+                break
+            step(f"round {number}: activating on {len(switch)} device(s), each with a health benchmark")
+            group = deploy(fleet, [by_name[n] for n in switch],
+                           DeployOptions(opts.artifacts, variants=switch, parallel=opts.parallel,
+                                         trust_new_hosts=opts.trust_new_hosts, health_bench=dict(opts.bench),
+                                         health_timeout=opts.timeout))
+            entry["activation"] = group.as_dict()
+            for r in group.results:
+                if r.health is not None:
+                    store.add("bench", r.health)
+                    info["health"] += 1
+                if r.ok and r.sha256:
+                    current[r.device] = r.sha256
+        time.sleep(0.2)
+        store.add_many([("status", m) for m in client.statuses()])
+
+
+def decide_fleet(manifest: Manifest, devices: list[Device], store: HistoryStore, current: dict[str, str | None],
+                 margin: float) -> tuple[dict[str, Decision], list[str]]:
+    """Return (decision per device, messages) from the fleet model: each device's own measurements where
+    it has them, else figures inferred from its profile, each marked (what ``select`` shows when a
+    device has not measured every candidate).
+
+    Raises:
+        DeployError: the artifacts were not compiled for a device's profile.
+    """
+    spec, m, shas, _records = fleet_inputs(manifest, devices, store, current, flagged=flagged_before(store))
+    plan = plan_measurements(spec, m, budget=0, settings=Settings(margin=margin))
+    return {d.device: d for d in decisions_of(plan, shas)}, plan.messages

@@ -150,6 +150,45 @@ def _gate_rows(store: HistoryStore) -> list[list[str]]:
     return rows
 
 
+FLEET_KIND = "fleet selection"  # edge_kit.selection.fleetmodel.KIND (telemetry does not import selection)
+
+
+def flagged_devices(decisions: list[dict[str, Any]]) -> dict[str, str]:
+    """Return {device: why} for the devices whose newest fleet-selection decision flags them as differing
+    from their profile; ``decisions`` newest first, as :meth:`HistoryStore.decisions` returns them."""
+    newest: dict[str, dict[str, Any]] = {}
+    for d in decisions:
+        if d.get("kind") == FLEET_KIND:
+            newest.setdefault(d["device"], d)
+    return {name: d["flagged"] for name, d in sorted(newest.items()) if d.get("flagged")}
+
+
+def _fleet_selection_rows(decisions: list[dict[str, Any]]) -> list[list[str]]:
+    """Return one row per device whose newest decision came from the fleet model: chosen, confidence, which
+    figures were measured on the device and which inferred from its profile (chosen variant's p90 with its
+    interval where inferred), whether it is flagged and why, drift."""
+    newest: dict[str, dict[str, Any]] = {}
+    for d in decisions:
+        if d.get("kind") == FLEET_KIND:
+            newest.setdefault(d["device"], d)
+    rows = []
+    for name, d in sorted(newest.items()):
+        table = d.get("table") or []
+        measured = [r["variant"] for r in table if r.get("source") == "measured"]
+        inferred = []
+        for r in table:
+            if r.get("source") != "inferred":
+                continue
+            lo_hi = r.get("p90_ms_interval")
+            inferred.append(f"{r['variant']} (p90 ~{r['p90_ms']:.3g} ms" + (f", 90 % {lo_hi[0]:.3g}-{lo_hi[1]:.3g})" if lo_hi else ")")
+                            if r.get("p90_ms") is not None else r["variant"])
+        rows.append([html.escape(name), html.escape(str(d.get("chosen") or "-")), f"{d.get('confidence', 1.0):.2f}",
+                     html.escape(", ".join(measured) or "-"), html.escape("; ".join(inferred) or "-"),
+                     f"<span class=bad>{html.escape(d['flagged'])}</span>" if d.get("flagged") else "-",
+                     html.escape("; ".join(d.get("drift") or []) or "-")])
+    return rows
+
+
 def build_report(store: HistoryStore, out: Path, title: str = "edge-kit fleet report") -> dict[str, Any]:
     """Write the report to ``out`` (atomically); return what it holds (profiles, devices, plots).
 
@@ -192,6 +231,18 @@ def build_report(store: HistoryStore, out: Path, title: str = "edge-kit fleet re
                   "SNR from shadow runs against the fp32 reference.</p><table><tr>"
                   + "".join(f"<th>{h}</th>" for h in gate_head) + "</tr>"
                   + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in gate_rows) + "</table>")
+    all_decisions = store.decisions(limit=1_000_000)
+    fleet_rows = _fleet_selection_rows(all_decisions)
+    flagged = flagged_devices(all_decisions)
+    if fleet_rows:
+        fleet_head = ["device", "chosen", "confidence", "measured on the device", "inferred from its profile",
+                      "differs from its profile", "drift"]
+        table += ("<h2>Fleet selection: measured and inferred figures</h2><p class=note>Decisions of <code>tune "
+                  "--budget</code>: each variant's figures were either measured on the device or inferred from its "
+                  "profile by the fleet model (90 % interval of one measurement); a device is only switched with a "
+                  "health benchmark of the variant it switches to. Flagged devices are measured individually.</p>"
+                  "<table><tr>" + "".join(f"<th>{h}</th>" for h in fleet_head) + "</tr>"
+                  + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in fleet_rows) + "</table>")
     simulated = any(r.get("simulated") for r in latest)
     page = (f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title)}</title><style>{_CSS}</style>"
             f"<script>{plotly.offline.get_plotlyjs()}</script></head><body><h1>{html.escape(title)}</h1>"
@@ -202,4 +253,5 @@ def build_report(store: HistoryStore, out: Path, title: str = "edge-kit fleet re
             + (" Some devices are simulated: their figures are measurements of the simulating machine." if simulated else "")
             + "</p>" + "".join(sections) + f"<h2>Fleet</h2>{table}</body></html>")
     atomic_write_text(Path(out), page)
-    return {"out": str(out), "profiles": sorted(by_profile), "devices": len(rows), "plots": plots, "records": len(latest)}
+    return {"out": str(out), "profiles": sorted(by_profile), "devices": len(rows), "plots": plots, "records": len(latest),
+            "flagged": flagged}

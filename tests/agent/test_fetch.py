@@ -39,6 +39,8 @@ class _Store(ThreadingHTTPServer):
         self.drop_after: int | None = None  # close the connection after this many body bytes (once)
         self.status: int | None = None
         self.no_length = False  # stream the body until the connection closes (no Content-Length)
+        self.trickle: float | None = None  # seconds between 1-byte writes (a store that holds a client)
+        self.location: str | None = None  # where /moved redirects to
         self.requests: list[str | None] = []
         self.sent = 0
         self.lock = threading.Lock()
@@ -61,7 +63,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if self.path == "/moved":
             self.send_response(302)
-            self.send_header("Location", f"/sha256/{SHA}")
+            self.send_header("Location", srv.location or f"/sha256/{SHA}")
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
@@ -88,6 +90,14 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if srv.drop_after is not None:
             body, srv.drop_after = body[:srv.drop_after], None
+        if srv.trickle is not None:
+            try:
+                for i in range(len(body)):
+                    self.wfile.write(body[i:i + 1])
+                    self.wfile.flush()
+                    time.sleep(srv.trickle)
+            except OSError:
+                return
         self.wfile.write(body)
         with srv.lock:
             srv.sent += len(body)
@@ -215,8 +225,31 @@ def test_bandwidth_cap_within_tolerance(store, tmp_path):
 
 
 def test_rate_limiter_refuses_nonsense():
-    with pytest.raises(FetchError, match="positive"):
-        RateLimiter(0)
+    for rate in (0, 1e-9, 1000):  # below 1 KiB/s a 14 MB model would take days
+        with pytest.raises(FetchError, match="at least 1024 bytes/s"):
+            RateLimiter(rate)
+
+
+def test_a_trickling_store_cannot_hold_a_download_past_its_deadline_or_a_cancel(store, tmp_path):
+    store.trickle = 0.2  # one byte every 0.2 s, each read well inside timeout_s: only a whole-call bound helps
+    url = artifact_url(store.url, SHA)
+    t0 = time.monotonic()
+    with pytest.raises(FetchError, match="took longer than 1 s"):
+        fetch(url, SHA, tmp_path / "a.bin", timeout_s=5, max_seconds=1.0)
+    assert time.monotonic() - t0 < 4
+    cancel = threading.Event()
+    threading.Timer(0.5, cancel.set).start()
+    t0 = time.monotonic()
+    with pytest.raises(FetchError, match="cancelled"):
+        fetch(url, SHA, tmp_path / "b.bin", timeout_s=5, cancel=cancel, max_bytes_s=2048)
+    assert time.monotonic() - t0 < 3 and not (tmp_path / "b.bin").exists()
+
+
+@pytest.mark.parametrize("where", ["http://a..b/x", "http://[::1/x", "http://xn--/x"])
+def test_a_redirect_to_a_url_that_cannot_be_one_is_a_fetch_error(store, tmp_path, where):
+    store.location = where
+    with pytest.raises(FetchError):
+        fetch(f"{store.url}/moved", SHA, tmp_path / "a.bin", timeout_s=2)
 
 
 def test_oversize_body_without_length_is_cut_at_the_limit(store, tmp_path):

@@ -93,3 +93,57 @@ def test_demo_runs_the_whole_loop_and_cleans_up(run_cli):
     assert result["history"] == str(history_path(Path(result["fleet_file"])))
     leftovers = subprocess.run(["pgrep", "-f", result["workdir"]], capture_output=True, text=True).stdout.split()
     assert leftovers == []  # no sshd, broker or agent left behind
+
+
+def test_tune_with_a_budget_measures_a_sample_infers_the_rest_and_switches_only_with_a_health_benchmark(
+        sim, mixed_artifacts, run_cli):
+    simfleet, fleet = sim(4, ("rpi4", "rpi4", "rpi5", "coral-usb"))
+    names = [d["name"] for d in yaml.safe_load(simfleet.fleet_file.read_text())["devices"]]
+    assert len(names) == 4
+    args = ["tune", "--fleet", simfleet.fleet_file, "--artifacts", mixed_artifacts, "--min-runs", "50",
+            "--min-seconds", "0.2", "--budget", "9", "--json"]
+    code, out, err = run_cli(*args)
+    assert code == 0, err
+    report = json.loads(out)
+    budget = report["budget"]
+    assert budget["unit"] == "runs" and budget["spent"] <= 9 and budget["measured"] <= 9
+    first = report["rounds"][0]
+    whys = [why for _d, _v, why in first["planned"]]
+    assert whys.count("sample") >= 3 and set(whys) <= {"sample", "uncertain", "near its bound", "flagged", "contradictory"}
+    assert sum(len(r["planned"]) for r in report["rounds"]) == budget["measured"] or report["silent"]
+    store = Store(simfleet.workdir / "edgekit-history.db")
+    exhaustive = sum(len(d["table"]) for d in report["final"].values())
+    assert budget["measured"] < exhaustive  # fewer benchmark runs than every candidate on every device
+    decided = first["decisions"]
+    assert any(d["inferred"] for d in decided.values()), decided  # round 1 decided some on inferred figures
+    final = report["final"]
+    pending = set(report["rounds"][-1].get("pending", []))  # rounds used up: listed, not switched
+    for name in names:
+        d = final[name]
+        assert d["kind"] == "fleet selection" and d["chosen"], d
+        sources = {r["variant"]: r["source"] for r in d["table"]}
+        if name not in pending:
+            assert sources[d["chosen"]] == "measured", d  # the health benchmark (or the sample) measured what it runs
+        for r in d["table"]:
+            assert r["source"] in ("measured", "inferred")
+            if r["source"] == "inferred":
+                lo, hi = r["p90_ms_interval"]
+                assert lo <= r["p90_ms"] <= hi
+    assert budget["health"] >= 1 and budget["health"] == sum(len(r["switched"]) for r in report["rounds"])
+    status = store.latest_status()
+    for name, d in final.items():
+        assert status[name]["current"]["variant"] == d["chosen"] or name in pending, name
+    assert report["rounds"][-1]["switched"] == []  # the last entry only decides on the health benchmarks
+    recorded = store.decisions(limit=100)
+    assert all(r["kind"] == "fleet selection" and "budget" in r for r in recorded)
+    code, out, err = run_cli("select", "--fleet", simfleet.fleet_file, "--explain")
+    assert code == 0, err
+    if any(final[n]["inferred"] for n in names):
+        assert "inferred" in out and "confidence" in out
+    code, out, err = run_cli("fleet", "status", "--fleet", simfleet.fleet_file, "--json")
+    flagged = {n: d["flagged"] for n, d in final.items() if d["flagged"]}  # sub-ms p90s on this busy host vary
+    assert code == 0 and json.loads(out)["flagged"] == flagged  # the newest decision's flags, with why
+    assert all("of its profile" in why or "accuracy" in why or "disagree" in why for why in flagged.values())
+    code, out, err = run_cli("tune", "--fleet", simfleet.fleet_file, "--artifacts", mixed_artifacts, "--budget", "1",
+                             "--budget-unit", "minutes")
+    assert code != 0 and "runs or seconds" in (out + err)

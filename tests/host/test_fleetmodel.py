@@ -1,0 +1,335 @@
+"""The fleet model and measurement planner (edge_kit.selection.fleetmodel) on small simulated fleets."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from edge_kit.selection.constraints import Measured
+from edge_kit.selection.fleetmodel import (
+    KIND,
+    Measurements,
+    Settings,
+    decisions_of,
+    fit,
+    plan_measurements,
+)
+from edge_kit.selection.policy import Candidate, Request, choose_all
+from edge_kit.sim.fleetsim import CONSTRAINTS, exhaustive, make_fleet, run_planner
+from edge_kit.telemetry.report import FLEET_KIND
+
+
+def _sample_all(fleet, devices) -> Measurements:
+    """Return every candidate of ``devices`` measured once."""
+    return fleet.bench([(d, v) for d in devices for v in np.flatnonzero(fleet.spec.candidates[d])])
+
+
+def test_offsets_are_shrunk_toward_zero_and_tighten_with_measurements():
+    fleet = make_fleet(400, noise=0.05, outliers=0.0, seed=3)
+    spec = fleet.spec
+    m = _sample_all(fleet, range(40))
+    slow = 100  # one device, measured once on one variant, then on every variant
+    v = int(np.flatnonzero(spec.candidates[slow])[0])
+    fleet.true_log_p90[slow] += np.log(1.12)  # 12 % slower than its profile: within the normal spread
+    once = m.concat(fleet.bench([(slow, v)]))
+    f1 = fit(spec, once).fits["p90_ms"]
+    raw = np.log(once.p90_ms[-1]) - f1.mu[spec.profile[slow], v]
+    assert 0 < f1.offset[slow] < raw
+    every = once.concat(_sample_all(fleet, [slow]))
+    f2 = fit(spec, every).fits["p90_ms"]
+    assert f2.offset_var[slow] < f1.offset_var[slow] < f1.tau2[spec.profile[slow]] + 1e-12
+    truth = np.nanmean(fleet.true_log_p90[slow] - np.log(_truth_mu(fleet, slow)))
+    assert abs(f2.offset[slow] - truth) < 0.06
+
+
+def _truth_mu(fleet, d):
+    from edge_kit.sim.fleetsim import TRUTH
+
+    p = fleet.spec.profiles[fleet.spec.profile[d]]
+    return np.array([TRUTH[p].get(v, (np.nan, np.nan, np.nan))[1] for v in fleet.spec.variants])
+
+
+def test_planner_decides_like_exhaustive_measurement_for_a_fraction_of_the_runs():
+    fleet = make_fleet(2000, noise=0.05, seed=4)
+    ex = exhaustive(fleet)
+    out = run_planner(fleet, 0.08 * ex.runs)
+    assert out.runs <= 0.08 * ex.runs
+    assert (out.chosen == ex.chosen).mean() >= 0.97
+    assert out.health <= 1.3 * len(fleet.spec.devices)  # one health benchmark per switched device, and a few again
+    flagged, outlier = out.flagged, fleet.outlier
+    assert (flagged & outlier).sum() >= 0.9 * outlier.sum()
+    assert (flagged & ~outlier).sum() <= 0.01 * (~outlier).sum()
+
+
+def test_a_throttled_device_is_flagged_with_the_covariate_that_explains_it_and_measured_individually():
+    fleet = make_fleet(400, noise=0.05, outliers=0.0, seed=5)
+    spec = fleet.spec
+    hot = 7
+    fleet.true_log_p90[hot] += np.log(1.9)
+    fleet.throttled[hot], fleet.temperature[hot] = 1, 85.0
+    m = _sample_all(fleet, range(40))
+    v = int(np.flatnonzero(spec.candidates[hot])[0])
+    m = m.concat(fleet.bench([(hot, v)]))
+    plan = plan_measurements(spec, m, budget=100)
+    assert plan.model.flagged[hot] and plan.model.flagged.sum() == 1
+    why = plan.model.flag_why[hot]
+    assert "p90 x1." in why and "explained by throttled" in why and "temperature 85 C" in why
+    assert any(d == hot and w == "flagged" for d, v2, w in plan.measure) or plan.confidence[hot] >= 0.95
+    # it stays flagged (measured individually) while the spec says so, even after normal measurements
+    again = plan_measurements(replace(spec, flagged=plan.model.flagged), m, budget=0)
+    assert again.model.flagged[hot]
+    decision = decisions_of(plan, {v: v for v in spec.variants}, [hot])[0]
+    assert decision.kind == KIND == FLEET_KIND and decision.flagged == why
+
+
+def test_an_unexplained_deviation_says_no_covariate_explains_it_and_a_device_without_conditions_is_named():
+    fleet = make_fleet(400, noise=0.05, outliers=0.0, no_conditions=0.5, seed=6)
+    spec = fleet.spec
+    m = _sample_all(fleet, range(40))
+    odd = next(d for d in range(60, 400) if fleet.no_conditions[d])
+    fleet.true_log_p90[odd] += np.log(2.0)
+    m = m.concat(fleet.bench([(odd, int(np.flatnonzero(spec.candidates[odd])[0]))]))
+    plan = plan_measurements(spec, m, budget=0)
+    assert plan.model.flagged[odd]
+    assert "reports no conditions" in plan.model.flag_why[odd]
+    assert any("report no conditions" in text and "inferred without covariates" in text for text in plan.messages)
+
+
+def test_a_profile_with_no_measurements_and_a_budget_too_small_are_said_not_guessed():
+    fleet = make_fleet(80, noise=0.05, outliers=0.0, seed=7)
+    spec = fleet.spec
+    plan = plan_measurements(spec, Measurements.empty(), budget=3)
+    assert (plan.chosen == -1).all() and len(plan.undecided) == len(spec.devices)
+    assert any("less than the" in t and "one device on every candidate" in t for t in plan.messages)
+    assert any("no measurements yet" in t and "cannot be decided" in t for t in plan.messages)
+    assert plan.cost <= 3
+    # enough for every profile: each gets its sample and its devices wait for it, saying so
+    plan = plan_measurements(spec, Measurements.empty(), budget=1000, settings=Settings(sample_per_profile=2))
+    sampled = {spec.profile[d] for d, _v, w in plan.measure if w == "sample"}
+    assert sampled == set(range(len(spec.profiles)))
+    assert "no measurements yet" in plan.reason(0)
+
+
+def test_contradictory_measurements_are_measured_again_then_flag_the_device():
+    fleet = make_fleet(200, noise=0.05, outliers=0.0, seed=8)
+    spec = fleet.spec
+    m = _sample_all(fleet, range(40))
+    d, v = 100, int(np.flatnonzero(spec.candidates[100])[0])
+    two = m.concat(fleet.bench([(d, v)])).concat(fleet.bench([(d, v)]))
+    two.p90_ms[-1] *= 3.0
+    plan = plan_measurements(spec, two, budget=50)
+    assert (d, v, "contradictory") in plan.measure
+    assert any("disagree" in t and "measured again" in t for t in plan.messages)
+    three = two.concat(fleet.bench([(d, v)]))
+    three.p90_ms[-1] *= 0.3
+    plan = plan_measurements(spec, three, budget=50)
+    assert plan.model.flagged[d] and "still disagree" in plan.model.flag_why[d]
+
+
+def test_a_runtime_update_that_shifts_a_profile_makes_its_pairs_stale_and_measured_again():
+    fleet = make_fleet(400, noise=0.05, outliers=0.0, seed=9)
+    spec = fleet.spec
+    fleet.software = "litert 1.2"
+    old = _sample_all(fleet, range(80))
+    p = 0
+    devs = [d for d in range(80, 400) if spec.profile[d] == p][:6]
+    v = int(np.flatnonzero(spec.candidates[devs[0]])[2])
+    fleet.true_log_p90[spec.profile == p, v] += np.log(1.4)  # the update slows this variant by 40 %
+    fleet.software = "litert 1.3"
+    new = fleet.bench([(d, v) for d in devs])
+    m = Measurements(*(np.concatenate([getattr(old, k), getattr(new, k)]) for k in (
+        "device", "variant", "p90_ms", "energy_mj", "avg_w", "accuracy", "snr_db", "order", "throttled",
+        "temperature_c", "power_mode", "software", "health")), old.power_modes, ("litert 1.2", "litert 1.3"))
+    m.software[len(old):] = 1
+    model = fit(spec, m)
+    assert (p, v) in model.drift and "x1.4" in model.drift[(p, v)] and "litert 1.3" in model.drift[(p, v)]
+    stale = model.stale
+    assert stale[:len(old)][(old.variant == v) & (spec.profile[old.device] == p)].all() and not stale[len(old):].any()
+    plan = plan_measurements(spec, m, budget=500)
+    re = [d for d, vv, _w in plan.measure if vv == v and spec.profile[d] == p and d < 80]
+    assert re  # sampled devices measure the shifted variant again
+    assert "drift" in plan.reason(devs[0]) and "litert 1.3" in plan.reason(devs[0])
+    # a new software with a single measurement is checked, not trusted or ignored
+    m1 = Measurements(*(np.concatenate([getattr(old, k), getattr(new, k)[:1]]) for k in (
+        "device", "variant", "p90_ms", "energy_mj", "avg_w", "accuracy", "snr_db", "order", "throttled",
+        "temperature_c", "power_mode", "software", "health")), old.power_modes, ("litert 1.2", "litert 1.3"))
+    m1.software[len(old):] = 1
+    plan = plan_measurements(spec, m1, budget=500)
+    assert any("drift check" == w for _d, _v, w in plan.measure)
+    assert any("fewer than 2 measurements" in t for t in plan.messages)
+
+
+def test_decisions_mark_each_figure_measured_or_inferred_with_an_interval():
+    fleet = make_fleet(200, noise=0.05, outliers=0.0, seed=10)
+    spec = fleet.spec
+    m = _sample_all(fleet, range(40))
+    d = 150
+    v = int(np.flatnonzero(spec.candidates[d])[0])
+    m = m.concat(fleet.bench([(d, v)]))
+    plan = plan_measurements(spec, m, budget=0)
+    decision = decisions_of(plan, {x: f"sha-{x}" for x in spec.variants}, [d])[0]
+    rows = {r["variant"]: r for r in decision.table}
+    assert rows[spec.variants[v]]["source"] == "measured" and "p90_ms_interval" not in rows[spec.variants[v]]
+    others = [r for name, r in rows.items() if name != spec.variants[v]]
+    assert others and all(r["source"] == "inferred" for r in others)
+    for r in others:
+        lo, hi = r["p90_ms_interval"]
+        assert lo < r["p90_ms"] < hi
+    assert set(decision.inferred) == {r["variant"] for r in others}
+    assert "inferred from profile" in decision.reason and f"confidence {decision.confidence:.2f}" in decision.reason
+    assert decision.as_dict()["kind"] == "fleet selection"
+
+
+def test_with_every_candidate_measured_the_fleet_decision_is_the_policys():
+    fleet = make_fleet(60, noise=0.05, outliers=0.0, seed=11)
+    spec = fleet.spec
+    m = _sample_all(fleet, range(60))
+    plan = plan_measurements(spec, m, budget=0)
+    assert (plan.confidence == 1).all() and not plan.measure
+    requests = []
+    for d in range(60):
+        cands = [Candidate(spec.variants[v], spec.variants[v], 1_000_000, (Measured(
+            spec.variants[v], float(m.p90_ms[i]), float(m.avg_w[i]), float(m.energy_mj[i]), "simulated",
+            float(m.accuracy[i]), 1.0),)) for v in np.flatnonzero(spec.candidates[d])
+            for i in np.flatnonzero((m.device == d) & (m.variant == v))]
+        requests.append(Request(spec.devices[d], cands, CONSTRAINTS[spec.profiles[spec.profile[d]]],
+                                float(spec.fp32_accuracy[d]), None))
+    expected = [r.chosen for r in choose_all(requests)]
+    assert [spec.variants[c] for c in plan.chosen] == expected
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(budget=st.floats(0, 400), seed=st.integers(0, 10_000), sampled=st.integers(0, 60),
+       cost=st.sampled_from([1.0, 2.5]))
+def test_a_plan_never_exceeds_its_budget_and_only_measures_candidates(budget, seed, sampled, cost):
+    fleet = make_fleet(120, noise=0.05, seed=seed)
+    spec = fleet.spec
+    m = _sample_all(fleet, range(sampled)) if sampled else Measurements.empty()
+    plan = plan_measurements(spec, m, budget=budget, cost=cost, settings=Settings(draws=16, seed=seed))
+    assert plan.cost <= budget + 1e-9 and plan.cost == pytest.approx(cost * len(plan.measure))
+    measured = plan.figures.measured
+    for d, v, why in plan.measure:
+        assert spec.candidates[d, v]
+        if why in ("sample", "uncertain", "flagged"):
+            assert not measured[d, v]
+    assert len({(d, v) for d, v, _w in plan.measure}) == len(plan.measure)
+    ok = plan.chosen >= 0
+    assert spec.candidates[np.flatnonzero(ok), plan.chosen[ok]].all()
+    assert all(plan.chosen[d] == -1 for d in plan.undecided)
+    assert ((plan.confidence >= 0) & (plan.confidence <= 1)).all()
+
+
+def test_bad_arguments_raise():
+    fleet = make_fleet(20, seed=1)
+    with pytest.raises(ValueError, match="budget"):
+        plan_measurements(fleet.spec, Measurements.empty(), budget=-1)
+    bad = Measurements.of([{"device": 99, "variant": 0, "p90_ms": 1.0}])
+    with pytest.raises(ValueError, match="not in the fleet"):
+        fit(fleet.spec, bad)
+    with pytest.raises(ValueError, match="shape"):
+        replace(fleet.spec, current=np.zeros(3, dtype=np.intp))
+
+
+def test_bench_records_become_rows_with_conditions_and_software():
+    from edge_kit.selection.fleetmodel import rows_from_records
+
+    record = {"device": "a", "sha256": "s1", "variant": "int8", "latency_ms": {"p90": 12.5},
+              "power": {"avg_w": 3.0, "energy_per_inference_mj": 30.0}, "accuracy": {"value": 0.98},
+              "fidelity": {"snr_db": 31.0}, "runtime": "litert", "runtime_version": "1.3",
+              "conditions": {"start": {"temperature_c": 71.0, "throttling": {"throttled": True}, "power_mode": {"name": "7W", "id": 1},
+                                       "cpu_freq_mhz": 1200.0}}}
+    bare = {"device": "a", "sha256": "s1", "variant": "int8", "latency_ms": {"p90": 13.0}, "power": {}}
+    other = {**record, "device": "nobody"}
+    rows = rows_from_records([record, bare, other], {"a": 0}, {(0, "s1"): 2})
+    assert len(rows) == 2
+    r, b = rows
+    assert (r["device"], r["variant"], r["p90_ms"], r["energy_mj"], r["avg_w"]) == (0, 2, 12.5, 30.0, 3.0)
+    assert (r["throttled"], r["temperature_c"], r["power_mode"], r["software"]) == (1.0, 71.0, "7W", "litert 1.3")
+    assert r["clock_mhz"] == 1200.0
+    assert b["throttled"] is None and b["temperature_c"] is None and b["software"] is None and b["clock_mhz"] is None
+    m = Measurements.of(rows)
+    assert m.power_modes == ("7W",) and m.softwares == ("litert 1.3",) and list(m.software) == [0, -1]
+    assert np.isnan(m.throttled[1]) and m.power_mode[1] == -1 and m.clock[0] == 1200.0 and np.isnan(m.clock[1])
+
+
+def test_explain_marks_inferred_figures_with_their_interval():
+    from rich.console import Console
+
+    from edge_kit.cli.loop import decision_table
+
+    fleet = make_fleet(200, noise=0.05, outliers=0.0, seed=12)
+    spec = fleet.spec
+    m = _sample_all(fleet, range(40))
+    d = 150
+    m = m.concat(fleet.bench([(d, int(np.flatnonzero(spec.candidates[d])[0]))]))
+    plan = plan_measurements(spec, m, budget=0)
+    decision = decisions_of(plan, {x: x for x in spec.variants}, [d])[0]
+    console = Console(width=250, record=True)
+    for item in decision_table({decision.device: decision}, explain=True):
+        console.print(item)
+    text = console.export_text()
+    assert "source" in text and "measured" in text and "inferred" in text and "confidence" in text
+    assert "~" in text and "[" in text  # an inferred figure with its 90 % interval
+
+
+def test_device_seconds_cost_each_pair_its_median_benchmark_duration():
+    from pathlib import Path
+
+    from edge_kit.loop.tune import TuneOptions, _cost
+
+    fleet = make_fleet(8, seed=2)
+    spec = fleet.spec
+    v = spec.variants.index("int8")
+    records = [{"device": spec.devices[0], "variant": "int8", "duration_s": t} for t in (3.0, 5.0, 40.0)]
+    opts = TuneOptions(Path("."), budget=100, budget_unit="seconds", bench={"min_seconds": 2.0})
+    cost = _cost(spec, records, opts)
+    assert cost[spec.profile[0], v] == 5.0 and cost[spec.profile[1], v] == 2.0
+    assert _cost(spec, records, TuneOptions(Path("."), budget=100)) == 1.0
+    plan = plan_measurements(spec, Measurements.empty(), budget=13, cost=cost)
+    assert plan.cost <= 13 and plan.budget_left == pytest.approx(13 - plan.cost)
+
+
+def test_the_report_and_fleet_status_list_flagged_devices_and_what_was_inferred(tmp_path, run_cli):
+    from edge_kit.telemetry.report import build_report, flagged_devices
+    from edge_kit.telemetry.store import Store
+
+    fleet = make_fleet(200, noise=0.05, outliers=0.0, seed=13)
+    spec = fleet.spec
+    hot = 150
+    fleet.true_log_p90[hot] += np.log(2.0)
+    fleet.throttled[hot] = 1
+    m = _sample_all(fleet, range(40)).concat(fleet.bench([(hot, int(np.flatnonzero(spec.candidates[hot])[0]))]))
+    plan = plan_measurements(spec, m, budget=0)
+    store = Store(tmp_path / "edgekit-history.db")
+    for d in decisions_of(plan, {x: x for x in spec.variants}, [0, hot]):
+        store.add_decision(d.as_dict())
+    flagged = flagged_devices(store.decisions())
+    assert list(flagged) == [spec.devices[hot]] and "explained by throttled" in flagged[spec.devices[hot]]
+    info = build_report(store, tmp_path / "report.html")
+    page = (tmp_path / "report.html").read_text()
+    assert info["flagged"] == flagged
+    assert "Fleet selection: measured and inferred figures" in page and "explained by throttled" in page
+    assert "90 %" in page  # an inferred p90 with its interval
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text("fleet: f\ndevices:\n  - {name: a, host: 127.0.0.1, user: pi, profile: rpi4}\n")
+    code, out, err = run_cli("fleet", "status", "--fleet", fleet_file, "--json")
+    assert code == 0, err
+    assert json.loads(out)["flagged"] == flagged
+
+
+def test_a_device_on_a_lower_clock_is_flagged_with_the_clock_as_its_explanation():
+    fleet = make_fleet(400, noise=0.05, outliers=0.0, seed=14)
+    spec = fleet.spec
+    slow = 9
+    fleet.true_log_p90[slow] += np.log(1.7)
+    m = _sample_all(fleet, range(40)).concat(fleet.bench([(slow, int(np.flatnonzero(spec.candidates[slow])[0]))]))
+    clock = np.full(len(m), 1500.0)
+    clock[-1] = 900.0
+    plan = plan_measurements(spec, replace(m, clock_mhz=clock), budget=0)
+    assert plan.model.flagged[slow] and "clock 900 MHz (profile median 1500 MHz)" in plan.model.flag_why[slow]
+    assert plan.model.x_device[slow, 3] == pytest.approx(np.log(900 / 1500))
