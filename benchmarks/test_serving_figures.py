@@ -18,10 +18,9 @@ import numpy as np
 import pytest
 
 from device_agents.inference import ModelRunner
-from device_agents.runtimes import get_runtime
 from device_agents.serving import Client
 from device_agents.serving.frames import read_frame, write_frame
-from device_agents.serving.server import Server
+from device_agents.serving.server import Interpreters, Server
 from device_agents.store import ModelStore
 from edge_kit import realmodels
 
@@ -39,8 +38,7 @@ def served(tmp_path_factory):
     return store, sha
 
 
-def _make(path):
-    return get_runtime().interpreter(path)
+_make = Interpreters()  # path -> LiteRT interpreter (picklable: a shadow child process builds its own)
 
 
 def test_api_latency_against_in_process_invoke(served, figure):
@@ -158,8 +156,10 @@ def test_twenty_activations_under_load_from_four_clients(served, figure, tmp_pat
 
 
 def test_serving_p99_with_shadow_runs_on_and_off(served, figure, tmp_path):
-    """One client, 10 % of its requests also run through an fp32 shadow (no rate limit, load test off:
-    the worst case for the served requests), against no shadow, interleaved three times."""
+    """One client, 10 % of its requests also offered to an fp32 shadow (no rate limit, load-average
+    test off: the worst case for the served requests), against no shadow, interleaved three times.
+    The shadow runs in a child process at idle priority: what it could not take (no idle core) is
+    dropped and counted, and quoted with the figure."""
     from edge_kit.compiler.tflite_edit import as_float32
 
     store, sha = served
@@ -170,7 +170,8 @@ def test_serving_p99_with_shadow_runs_on_and_off(served, figure, tmp_path):
     server.serve_model(store.model_path(sha), sha, "fp16")
     x = np.random.default_rng(2).uniform(-1, 1, size=(128, 128, 3)).astype(np.float32)
     p99 = {"off": [], "on": []}
-    compared = 0
+    counts = {"compared": 0, "dropped_queue_full": 0, "errors": 0}
+    runs_in = "?"
     try:
         with Client(store.root) as client:
             for _ in range(3):
@@ -185,11 +186,16 @@ def test_serving_p99_with_shadow_runs_on_and_off(served, figure, tmp_path):
                     p99[mode].append(np.percentile(times, 99) / 1e6)
                     if mode == "on":
                         time.sleep(0.2)
-                        compared += server.snapshot()["shadow"]["compared"]
+                        shadow = server.snapshot()["shadow"]
+                        runs_in = shadow["runs_in"]
+                        for k in counts:
+                            counts[k] += shadow[k]
     finally:
         server.close()
     ratio = float(np.median(np.array(p99["on"]) / np.array(p99["off"])))
-    assert compared > 100  # the shadow really ran (about 60 of each 600)
+    offered = counts["compared"] + counts["dropped_queue_full"] + counts["errors"]
+    assert counts["errors"] == 0 and counts["compared"] >= 10  # the shadow really ran (about 60 of each 600 offered)
     figure("serving p99 with shadow runs on (10 % of requests) / off", f"{ratio:.2f}", "<= 1.10",
-           f"{np.median(p99['on']):.3f} vs {np.median(p99['off']):.3f} ms, one client, 3 x 600 interleaved requests, "
-           f"{compared} shadow comparisons; client-side perf_counter_ns")
+           f"{np.median(p99['on']):.3f} vs {np.median(p99['off']):.3f} ms, one client, 3 x 600 interleaved requests; "
+           f"shadow in a {runs_in}: {counts['compared']} of {offered} offered inputs compared, "
+           f"{counts['dropped_queue_full']} dropped (no idle core: the machine's other load); client-side perf_counter_ns")

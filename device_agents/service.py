@@ -42,7 +42,7 @@ from device_agents.power import SensorEnv, SensorMeter, not_measured, power_mete
 from device_agents.reconcile import Reconciler
 from device_agents.runtimes import RUNTIMES, get_runtime, prepare_installed
 from device_agents.serving.client import SOCKET
-from device_agents.serving.server import Server
+from device_agents.serving.server import Interpreters, Server
 from device_agents.smoke import SmokePool
 from device_agents.spool import Spool
 from device_agents.store import ModelStore, StoreError, default_root
@@ -103,10 +103,11 @@ class Agent:
         self.client.on_message = self._on_message
         self.client.on_publish = self.publisher.on_publish
         self.client.will_set(self._topic("status"), messages.encode(self._status("offline")), qos=1, retain=True)
-        s = cfg.serve
-        self.server = Server(s.socket or self.store.root / SOCKET, make_interpreter=self._interpreter,
+        s, b = cfg.serve, cfg.bench
+        self.server = Server(s.socket or self.store.root / SOCKET,  # a picklable factory: shadow runs build theirs in a child
+                             make_interpreter=Interpreters(b.runtime, b.threads, b.delegate, b.delegate_options),
                              max_clients=s.max_clients, max_payload=int(s.max_payload_mb * 1e6),
-                             workers=s.workers) if s.enabled else None
+                             workers=s.workers, http_port=s.http_port) if s.enabled else None
 
     # --- messages -----------------------------------------------------------------------------
 

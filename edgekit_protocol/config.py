@@ -127,6 +127,17 @@ class ServeConfig:
     max_clients: int = 16  # more are answered "busy" and counted
     max_payload_mb: float = 64.0  # a request's tensors, at most
     workers: int = 1  # interpreters per served model (requests beyond wait: the live queue depth)
+    http_port: int | None = None  # loopback HTTP/JSON for other languages, on 127.0.0.1 only; None: off
+
+    def __post_init__(self) -> None:
+        if self.http_port is not None and not 0 < self.http_port < 65536:
+            raise ValueError(f"http_port {self.http_port} is not between 1 and 65535")
+        if self.max_clients < 1:
+            raise ValueError(f"max_clients {self.max_clients} is not at least 1")
+        if not self.max_payload_mb > 0:
+            raise ValueError(f"max_payload_mb {self.max_payload_mb} is not above 0")
+        if self.workers < 1:
+            raise ValueError(f"workers {self.workers} is not at least 1")
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 import threading
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,9 @@ from device_agents.serving.frames import (
     SHM_DIR,
     SHM_PREFIX,
     FrameError,
-    read_frame,
+    Receiver,
+    describe,
+    encode_head,
     socket_buffers,
     write_frame,
 )
@@ -35,6 +38,7 @@ class ServingError(DeviceError):
 
 
 def _named(inputs: dict[str, Any] | np.ndarray) -> dict[str, np.ndarray]:
+    """Return ``inputs`` as arrays by name (a bare array is named ``x``)."""
     return {k: np.asarray(v) for k, v in inputs.items()} if isinstance(inputs, dict) else {"x": np.asarray(inputs)}
 
 
@@ -50,27 +54,56 @@ class Client:
         self.shared_memory = os.path.isdir(SHM_DIR) if shared_memory is None else shared_memory
         self._shm: Any = None  # (name, mmap) of this client's shared-memory file
         self._sock: socket.socket | None = None
-        self._file: Any = None
+        self._receiver: Receiver | None = None
+        self._heads: dict[Any, Any] = {}  # encoded predict headers by inputs' names, dtypes and shapes
+        self._shm_head = b""  # the encoded header of the last _share()
         self.model: dict[str, Any] | None = None  # the model that answered the last request
 
     def _connect(self) -> None:
+        """Connect to the API (the kernel's send and receive timeouts set: no poll() before every call).
+
+        Raises:
+            ServingError: nothing listens at the socket (the agent is not running) or no permission.
+        """
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         socket_buffers(sock)
-        sock.settimeout(self.timeout)
+        sock.settimeout(self.timeout)  # the connect; then the kernel's timeouts: no poll() before every call
         try:
             sock.connect(str(self.path))
         except OSError as exc:
             sock.close()
             raise ServingError(f"serving API at {self.path}: {exc.strerror or exc}; is the agent running?") from None
-        self._sock, self._file = sock, sock.makefile("rb")
+        sock.settimeout(None)
+        tv = struct.pack("ll", int(self.timeout), int(self.timeout % 1 * 1e6))
+        for opt in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, opt, tv)
+            except OSError:  # a platform without them: Python's own timeout
+                sock.settimeout(self.timeout)
+        self._sock, self._receiver = sock, Receiver(sock)
 
-    def _call(self, header: dict[str, Any], arrays: dict[str, np.ndarray] | None = None) -> tuple[dict, dict]:
+    def _call(self, header: dict[str, Any], arrays: dict[str, np.ndarray] | None = None,
+              head: bytes | None = None) -> tuple[dict, dict]:
+        """Send one request (``head``: its encoded start, when the caller has it) and return the answer's
+        header and arrays.
+
+        Raises:
+            ServingError: the answer is an error (its text), or the API cannot be reached or answers
+                nothing twice.
+        """
         for attempt in (1, 2):  # a connection the server closed meanwhile is opened again once
             if self._sock is None:
                 self._connect()
             try:
-                write_frame(self._sock, header, arrays)
-                frame = read_frame(self._file, self.max_payload)
+                try:
+                    write_frame(self._sock, header, arrays, head=head)
+                except (BrokenPipeError, ConnectionResetError):
+                    told = self._told()  # the server may have said why before it closed (busy)
+                    if told is None:
+                        raise
+                    self._drop()
+                    raise ServingError(str(told.get("error"))) from None
+                frame = self._receiver.read(self.max_payload)
             except (OSError, FrameError) as exc:
                 self._drop()
                 if attempt == 2:
@@ -88,6 +121,14 @@ class Client:
             return answer, tensors
         raise AssertionError("unreachable")
 
+    def _told(self) -> dict[str, Any] | None:
+        """Return the error answer a server sent before it closed the connection, or None (never raises)."""
+        try:
+            frame = self._receiver.read(self.max_payload)
+        except (OSError, FrameError):
+            return None
+        return frame[0] if frame is not None and frame[0].get("ok") is False else None
+
     def predict(self, inputs: dict[str, Any] | np.ndarray) -> dict[str, np.ndarray]:
         """Return the active model's outputs for one sample (inputs of 64 kB or more through shared memory).
 
@@ -97,11 +138,24 @@ class Client:
         arrays = _named(inputs)
         size = sum(a.nbytes for a in arrays.values())
         if self.shared_memory and size >= SHM_MIN:
-            return dict(self._call(self._share(arrays, size))[1])
-        return dict(self._call({"op": "predict"}, arrays)[1])
+            header = self._share(arrays, size)
+            return dict(self._call(header, head=self._shm_head)[1])
+        arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+        key = tuple((k, v.dtype.str, v.shape) for k, v in arrays.items())
+        head = self._heads.get(key)
+        if head is None:
+            if len(self._heads) > 64:
+                self._heads.clear()
+            head = self._heads[key] = encode_head({"op": "predict", "tensors": describe(arrays)})
+        return dict(self._call({"op": "predict"}, arrays, head=head)[1])
 
     def _share(self, arrays: dict[str, np.ndarray], size: int) -> dict[str, Any]:
-        """Copy ``arrays`` into this client's shared-memory file; return the request header naming them."""
+        """Copy ``arrays`` into this client's shared-memory file; return the request header naming them
+        (its encoded form in ``_shm_head``; the same header object for the same inputs: not to be changed).
+
+        Raises:
+            OSError: the file cannot be made or grown (/dev/shm full).
+        """
         import mmap
 
         if self._shm is None or len(self._shm[1]) < size:
@@ -114,15 +168,24 @@ class Client:
             finally:
                 os.close(fd)
         name, buf = self._shm
-        tensors, at = [], 0
+        spec, at = [], 0
         for key, a in arrays.items():
             a = np.ascontiguousarray(a)
             buf[at:at + a.nbytes] = memoryview(a).cast("B")
-            tensors.append({"name": key, "dtype": a.dtype.name, "shape": list(a.shape), "offset": at})
+            spec.append((key, a.dtype.name, a.shape, at))
             at += a.nbytes
-        return {"op": "predict", "shm": name, "tensors": tensors}
+        cached = self._heads.get(("shm", name, *spec))
+        if cached is None:  # the same inputs, the same file: the same header, encoded once
+            if len(self._heads) > 64:
+                self._heads.clear()
+            header = {"op": "predict", "shm": name,
+                      "tensors": [{"name": k, "dtype": d, "shape": list(s), "offset": o} for k, d, s, o in spec]}
+            cached = self._heads[("shm", name, *spec)] = (header, encode_head(header))
+        header, self._shm_head = cached
+        return header
 
     def _close_shm(self) -> None:
+        """Unmap and remove this client's shared-memory file (never raises)."""
         if self._shm is not None:
             name, buf = self._shm
             buf.close()
@@ -139,9 +202,8 @@ class Client:
     def _drop(self) -> None:
         """Close the connection (the next call opens a new one); the shared-memory file stays."""
         if self._sock is not None:
-            self._file.close()
             self._sock.close()
-            self._sock = self._file = None
+            self._sock = self._receiver = None
 
     def close(self) -> None:
         """Close the connection and remove this client's shared-memory file."""
@@ -186,6 +248,14 @@ class CurrentModel:
     def sha256(self) -> str | None:
         """Return the sha256 of the model the last ``predict`` used."""
         return self._sha
+
+    def _told(self) -> dict[str, Any] | None:
+        """Return the error answer a server sent before it closed the connection, or None (never raises)."""
+        try:
+            frame = self._receiver.read(self.max_payload)
+        except (OSError, FrameError):
+            return None
+        return frame[0] if frame is not None and frame[0].get("ok") is False else None
 
     def predict(self, inputs: dict[str, Any] | np.ndarray) -> dict[str, np.ndarray]:
         """Return the active model's outputs for one sample (float32 by output name).

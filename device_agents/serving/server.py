@@ -15,6 +15,10 @@ Live figures (:meth:`Server.snapshot`, in the agent's telemetry as ``live``): pe
 requests, errors, service time p50/p90/p99 over the last :data:`WINDOW` requests (perf_counter_ns
 from a request read to its answer ready, queueing for an interpreter included), queue depth and
 connected clients, plus what was turned away (busy, malformed, oversized).
+
+Shadow runs (:meth:`Server.set_shadow`) run in a child process at idle priority
+(:mod:`device_agents.serving.shadow`). With ``http_port`` the same server also answers loopback
+HTTP/JSON (:mod:`device_agents.serving.http`): same model, limits, errors and live figures.
 """
 
 from __future__ import annotations
@@ -22,7 +26,6 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import random
 import socketserver
 import threading
 import time
@@ -34,18 +37,32 @@ from typing import Any
 import numpy as np
 
 from device_agents.errors import DeviceError
-from device_agents.inference import ModelRunner, fidelity
+from device_agents.inference import ModelRunner
 from device_agents.serving.frames import (
+    MAGIC,
     FrameError,
-    read_frame,
+    Receiver,
+    describe,
+    encode_head,
     socket_buffers,
     write_frame,
 )
+from device_agents.serving.shadow import Interpreters, Shadow
+
+__all__ = ["Interpreters", "RequestError", "Server"]
 
 log = logging.getLogger("edgekit.agent.serve")
 WINDOW = 2048  # requests the live percentiles are taken over
 WARMUP = 3  # inferences on zeros a new model runs before it is served
-SHADOW_WINDOW = 256  # live input pairs the shadow comparison is taken over
+
+
+class RequestError(DeviceError):
+    """A request that could not be answered with outputs; ``kind`` says whose fault (``input``: it does not
+    fit the model; ``no_model``: nothing is served; ``inference``: the interpreter failed)."""
+
+    def __init__(self, message: str, kind: str, model: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.kind, self.model = kind, model
 
 
 @dataclass
@@ -57,9 +74,14 @@ class _Stats:
 
 
 class _Served:
-    """One model being served: a pool of interpreters (one per worker) and its live figures."""
+    """One model being served: its interpreters (one per worker) and its live figures."""
 
     def __init__(self, path: Path, sha256: str, variant: str | None, make: Any, workers: int):
+        """Load ``workers`` interpreters of ``path`` and warm them.
+
+        Raises:
+            Exception: whatever the interpreter factory or the warm-up raises (the model is not served).
+        """
         self.sha256, self.variant, self.path = sha256, variant, path
         self.pool: queue.Queue[ModelRunner] = queue.Queue()
         for _ in range(workers):
@@ -68,11 +90,17 @@ class _Served:
                 runner.invoke_raw([np.zeros(p.shape, p.dtype) for p in runner.inputs])
             self.pool.put(runner)
         probe = self.pool.queue[0]
+        # one worker: a lock around its one interpreter (no queue hand-off on the request path)
+        self.single: ModelRunner | None = probe if workers == 1 else None
+        self._run_lock = threading.Lock()
         self.inputs = [p.record() for p in probe.inputs]
         self.outputs = [p.record() for p in probe.outputs]
+        self.input_shapes = [(p.name, tuple(p.sample_shape)) for p in probe.inputs]
+        self.output_shapes = [(p.name, tuple(p.sample_shape)) for p in probe.outputs]
         self.stats = _Stats()
         self.waiting = 0
         self.lock = threading.Lock()  # the counters above, updated from every connection's thread
+        self._head: tuple[Any, bytes, bytes] | None = None  # (outputs' description, encoded answer start)
 
     def count(self, took_ns: int | None) -> None:
         """Count one answered request (``took_ns`` its service time) or, with None, one error."""
@@ -84,7 +112,20 @@ class _Served:
                 self.stats.latencies_ns.append(took_ns)
 
     def ref(self) -> dict[str, Any]:
+        """Return ``{"sha256", "variant"}`` of this model."""
         return {"sha256": self.sha256, "variant": self.variant}
+
+    def answer_head(self, outputs: dict[str, np.ndarray], ms: float) -> bytes:
+        """Return the encoded start of a predict answer (``ok``, ``model``, ``ms``, ``tensors``), the
+        JSON built once per model and output shapes, only ``ms`` formatted per request."""
+        spec = [(k, v.dtype.name, v.shape) for k, v in outputs.items()]
+        if self._head is None or self._head[0] != spec:
+            head = encode_head({"ok": True, "model": self.ref(), "ms": 0.0, "tensors": describe(outputs)})
+            pre, post = head[8:].split(b'"ms":0.0', 1)  # keys in order: ok, model, ms: strings before it are escaped
+            self._head = (spec, pre + b'"ms":', post)
+        _, pre, post = self._head
+        body = pre + repr(ms).encode() + post
+        return MAGIC + len(body).to_bytes(4, "little") + body
 
     def predict(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Return the outputs for one sample (float32, by output name).
@@ -94,6 +135,13 @@ class _Served:
         """
         with self.lock:
             self.waiting += 1
+        if self.single is not None:
+            with self._run_lock:
+                with self.lock:
+                    self.waiting -= 1
+                runner = self.single
+                runner.invoke_raw(runner.sample_tensors(arrays))
+                return runner.results()
         runner = self.pool.get()
         with self.lock:
             self.waiting -= 1
@@ -104,121 +152,47 @@ class _Served:
             self.pool.put(runner)
 
 
-class _Shadow:
-    """A second model run on a share of live inputs, in a thread of its own, compared with the served one.
-
-    Only the comparison is kept (per-output fidelity over the last :data:`SHADOW_WINDOW` pairs, the
-    same metrics the compiler reports); the inputs are dropped as soon as the shadow model has run.
-    A request never waits for it: an input is offered only when the share, the rate limit and the
-    idle-CPU test allow, and dropped (counted) when the shadow is still busy.
-    """
-
-    def __init__(self, model: _Served, serving: _Served, share: float, max_per_s: float, max_load: float | None):
-        self.model, self.serving = model, serving
-        self.share, self.max_per_s = share, max_per_s
-        self.max_load = 0.8 * (os.cpu_count() or 1) if max_load is None else max_load  # 1-minute load average
-        self.pairs: deque = deque(maxlen=SHADOW_WINDOW)
-        self.counts = {"compared": 0, "skipped_rate": 0, "skipped_busy_cpu": 0, "dropped_queue_full": 0, "errors": 0}
-        self._queue: queue.Queue = queue.Queue(maxsize=4)
-        self._tokens, self._last = max_per_s, time.monotonic()
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        threading.Thread(target=self._run, daemon=True, name="shadow").start()
-
-    def offer(self, served: _Served, arrays: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
-        """Maybe queue one answered request for the shadow model (never blocks, never raises)."""
-        if served is not self.serving or random.random() >= self.share:
-            return
-        with self._lock:
-            now = time.monotonic()
-            self._tokens = min(self.max_per_s, self._tokens + (now - self._last) * self.max_per_s)
-            self._last = now
-            if self._tokens < 1:
-                self.counts["skipped_rate"] += 1
-                return
-            if os.getloadavg()[0] >= self.max_load:  # the device is busy: its own work first
-                self.counts["skipped_busy_cpu"] += 1
-                return
-            self._tokens -= 1
-        try:  # copies: a shared-memory input is the client's to overwrite once answered
-            self._queue.put_nowait(({k: np.array(v) for k, v in arrays.items()}, outputs))
-        except queue.Full:
-            with self._lock:
-                self.counts["dropped_queue_full"] += 1
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                arrays, outputs = self._queue.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            try:
-                theirs = self.model.predict(arrays)
-            except Exception:  # noqa: BLE001 - counted; the served answer went out already
-                with self._lock:
-                    self.counts["errors"] += 1
-                continue
-            with self._lock:
-                self.pairs.append((outputs, theirs))
-                self.counts["compared"] += 1
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def snapshot(self) -> dict[str, Any]:
-        """Return the comparison: the shadow model, the counts and the served outputs' fidelity against it."""
-        with self._lock:
-            pairs = list(self.pairs)
-            counts = dict(self.counts)
-        out: dict[str, Any] = {"model": self.model.ref(), "share": self.share, "max_per_s": self.max_per_s,
-                               "window": len(pairs), **counts, "fidelity": None}
-        if pairs:
-            served = {k: np.stack([p[0][k] for p in pairs]) for k in pairs[0][0]}
-            shadow = {k: np.stack([p[1][k] for p in pairs]) for k in pairs[0][1]}
-            try:
-                f = fidelity(served, shadow)
-                out["fidelity"] = {k: f[k] for k in ("snr_db", "cosine", "max_abs_error", "mean_abs_error") if k in f}
-                out["fidelity"]["of"] = "served outputs against the shadow model's, same live inputs"
-            except ValueError as exc:  # different outputs: not comparable
-                out["fidelity_error"] = str(exc)
-        return out
-
-
 class Server:
     """The local inference API. ``start()``, ``serve_model(...)`` on every activation, ``close()``."""
 
     def __init__(self, path: Path, *, make_interpreter: Any, max_clients: int = 16,
-                 max_payload: int = 64 * 1024 * 1024, workers: int = 1):
+                 max_payload: int = 64 * 1024 * 1024, workers: int = 1, http_port: int | None = None):
         self.path = Path(path)
         self.make_interpreter = make_interpreter  # path -> allocated interpreter (the agent's runtime and target)
         self.max_clients = max_clients
         self.max_payload = max_payload
         self.workers = workers
+        self.http_port = http_port  # None: no HTTP; 0: a free port (tests); bound to 127.0.0.1 only
+        self.http_address: tuple[str, int] | None = None  # where HTTP listens once started
         self.current: _Served | None = None
         self.clients = 0
         self.turned_away = {"busy": 0, "malformed": 0}
         self.swaps = 0
-        self.shadow: _Shadow | None = None
+        self.shadow: Shadow | None = None
         self._lock = threading.Lock()
         self._server: socketserver.ThreadingUnixStreamServer | None = None
+        self._http: Any = None
 
     # --- life cycle -------------------------------------------------------------------------------
 
     def start(self) -> Server:
-        """Listen on the socket (a stale socket file is replaced) and serve in a background thread.
+        """Listen on the socket (a stale socket file is replaced), and on loopback HTTP when
+        ``http_port`` is set, and serve in background threads; return self.
 
         Raises:
-            DeviceError: the socket cannot be created (path too long, no permission).
+            DeviceError: the socket cannot be created (path too long, no permission), or the HTTP
+                port cannot be bound (taken).
         """
         outer = self
 
-        class Handler(socketserver.StreamRequestHandler):
+        class Handler(socketserver.BaseRequestHandler):
             def setup(self) -> None:
+                """Ask for large socket buffers (an image-sized frame crosses in few copies)."""
                 socket_buffers(self.request)
-                super().setup()
 
             def handle(self) -> None:
-                outer._handle(self.connection, self.rfile)
+                """Serve the connection (:meth:`Server._handle`; never raises)."""
+                outer._handle(self.request)
 
         class Listener(socketserver.ThreadingUnixStreamServer):
             daemon_threads = True
@@ -230,17 +204,38 @@ class Server:
             os.chmod(self.path, 0o660)
         except OSError as exc:
             raise DeviceError(f"serving API: cannot listen on {self.path}: {exc.strerror or exc}") from None
+        if self.http_port is not None:
+            from device_agents.serving.http import listen
+
+            try:
+                self._http = listen(self, self.http_port)
+            except DeviceError:
+                self._server.server_close()
+                self._server = None
+                self.path.unlink(missing_ok=True)
+                raise
+            self.http_address = self._http.server_address[:2]
+            threading.Thread(target=self._http.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True,
+                             name="serve-http").start()
         threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True,
                          name="serve").start()
         return self
 
     def close(self) -> None:
-        """Stop listening and remove the socket (connections in progress end with their thread)."""
+        """Stop listening (socket and HTTP), remove the socket and end a shadow run (connections in
+        progress end with their thread)."""
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
         self.path.unlink(missing_ok=True)
+        shadow, self.shadow = self.shadow, None
+        if shadow is not None:
+            shadow.stop()
 
     def serve_model(self, path: Path, sha256: str, variant: str | None) -> None:
         """Load ``path`` into fresh interpreters, then serve it; requests in flight finish on the old one.
@@ -265,12 +260,14 @@ class Server:
 
     def set_shadow(self, path: Path | None, sha256: str = "", variant: str | None = None, *, share: float = 0.1,
                    max_per_s: float = 5.0, max_load: float | None = None) -> None:
-        """Run ``path`` as the shadow model on ``share`` of the live requests (at most ``max_per_s`` a
-        second, only while the 1-minute load average is below ``max_load``, default 0.8 per core), or
-        none with ``path`` None. Ends with the next swap.
+        """Run ``path`` as the shadow model, in a child process at idle CPU priority, on ``share`` of
+        the live requests (at most ``max_per_s`` a second, only while the 1-minute load average is
+        below ``max_load``, default 0.8 per core, and while the child keeps up), or none with ``path``
+        None. Ends with the next swap.
 
         Raises:
-            DeviceError: nothing is served, the shadow is the served model, or it cannot be loaded.
+            DeviceError: nothing is served, the shadow is the served model, or it cannot be loaded
+                (the child's reason).
         """
         old, self.shadow = self.shadow, None
         if old is not None:
@@ -280,11 +277,9 @@ class Server:
         served = self.current
         if served is None or served.sha256 == sha256:
             raise DeviceError("shadow: " + ("nothing is served" if served is None else "that is the served model"))
-        try:
-            model = _Served(path, sha256, variant, self.make_interpreter, 1)
-        except Exception as exc:  # noqa: BLE001 - not loadable: no shadow
-            raise DeviceError(f"shadow: model {sha256[:12]} cannot be loaded ({exc})") from None
-        self.shadow = _Shadow(model, served, share, max_per_s, max_load)
+        self.shadow = Shadow(Path(path), sha256, variant, serving=served, make=self.make_interpreter,
+                             input_shapes=served.input_shapes, output_shapes=served.output_shapes, share=share, max_per_s=max_per_s,
+                             max_load=max_load)
 
     # --- figures ----------------------------------------------------------------------------------
 
@@ -315,69 +310,121 @@ class Server:
             tail = list(served.stats.latencies_ns)[-n:]
         return [round(t / 1e6, 4) for t in tail]
 
-    # --- one connection ---------------------------------------------------------------------------
+    # --- the request path, shared by the socket and HTTP ------------------------------------------
 
-    def _handle(self, conn: Any, rfile: Any) -> None:
+    def admit(self) -> bool:
+        """Take a client place; return False (counted as ``busy``) when ``max_clients`` are connected."""
         with self._lock:
-            admitted = self.clients < self.max_clients
-            if admitted:
+            if self.clients < self.max_clients:
                 self.clients += 1
-            else:
-                self.turned_away["busy"] += 1
-        if not admitted:
-            _answer(conn, {"ok": False, "error": f"busy: {self.max_clients} clients connected (serve.max_clients); "
-                                                 "retry later"})
-            return
-        shm: dict = {}  # this connection's shared-memory mapping, kept while the client's file is the same
-        try:
-            while True:
-                try:
-                    frame = read_frame(rfile, self.max_payload, shm)
-                except FrameError as exc:  # the stream is out of step: answer, then hang up
-                    with self._lock:
-                        self.turned_away["malformed"] += 1
-                    _answer(conn, {"ok": False, "error": f"malformed request: {exc}"})
-                    return
-                if frame is None:
-                    return
-                if not _answer(conn, *self._request(*frame)):
-                    return
-        finally:
-            with self._lock:
-                self.clients -= 1
+                return True
+            self.turned_away["busy"] += 1
+            return False
 
-    def _request(self, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> tuple[dict[str, Any], dict[str, np.ndarray] | None]:
-        """Return the answer (header, arrays) to one well-framed request."""
-        started = time.perf_counter_ns()
+    def leave(self) -> None:
+        """Give a client place back."""
+        with self._lock:
+            self.clients -= 1
+
+    def malformed(self) -> None:
+        """Count one request turned away as malformed (bad frame, bad JSON, over the payload limit)."""
+        with self._lock:
+            self.turned_away["malformed"] += 1
+
+    def busy_message(self) -> str:
+        """Return the answer a client turned away for ``max_clients`` gets."""
+        return f"busy: {self.max_clients} clients connected (serve.max_clients); retry later"
+
+    def predict(self, arrays: dict[str, np.ndarray], started_ns: int | None = None) -> tuple[_Served, dict[str, np.ndarray], int]:
+        """Run one request on the model served when it starts; return (that model, its outputs, the
+        service time in ns since ``started_ns``, default now). Counted in the live figures.
+
+        Raises:
+            RequestError: nothing is served (``no_model``), the inputs do not fit (``input``), or the
+                interpreter failed (``inference``).
+        """
+        started = time.perf_counter_ns() if started_ns is None else started_ns
         served = self.current  # this request's model, whatever is activated meanwhile
-        op = header.get("op")
         if served is None:
-            return {"ok": False, "error": "no model is active on this device; activate one first"}, None
-        if op == "info":
-            return {"ok": True, "model": served.ref(), "inputs": served.inputs, "outputs": served.outputs}, None
-        if op != "predict":
-            return {"ok": False, "error": f"unknown op {str(op)[:20]!r} (predict, info)"}, None
+            raise RequestError("no model is active on this device; activate one first", "no_model")
         try:
             outputs = served.predict(arrays)
         except ValueError as exc:
             served.count(None)
-            return {"ok": False, "error": str(exc), "model": served.ref()}, None
+            raise RequestError(str(exc), "input", served.ref()) from None
         except Exception as exc:  # noqa: BLE001 - the interpreter's failure is this request's error, not the server's end
             served.count(None)
             log.exception("inference failed")
-            return {"ok": False, "error": f"inference failed: {type(exc).__name__}: {exc}", "model": served.ref()}, None
+            raise RequestError(f"inference failed: {type(exc).__name__}: {exc}", "inference", served.ref()) from None
         took = time.perf_counter_ns() - started
         served.count(took)
+        return served, outputs, took
+
+    def offer_shadow(self, served: _Served, arrays: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
+        """Offer an answered request to the shadow run, if one runs beside ``served`` (never blocks)."""
         shadow = self.shadow
         if shadow is not None:
             shadow.offer(served, arrays, outputs)
-        return {"ok": True, "model": served.ref(), "ms": round(took / 1e6, 4)}, outputs
+
+    # --- one socket connection --------------------------------------------------------------------
+
+    def _handle(self, conn: Any) -> None:
+        """Serve one connection until the client closes it, sends a malformed frame or goes away."""
+        if not self.admit():
+            _answer(conn, {"ok": False, "error": self.busy_message()})
+            return
+        shm: dict = {}  # this connection's shared-memory mapping, kept while the client's file is the same
+        receiver = Receiver(conn, reuse=True)  # arrays stay valid until the next read: answered (and offered) by then
+        try:
+            while True:
+                try:
+                    frame = receiver.read(self.max_payload, shm)
+                except FrameError as exc:  # the stream is out of step: answer, then hang up
+                    self.malformed()
+                    _answer(conn, {"ok": False, "error": f"malformed request: {exc}"})
+                    return
+                except OSError:
+                    return
+                if frame is None:
+                    return
+                header, arrays = frame
+                started = time.perf_counter_ns()
+                op = header.get("op")
+                if op == "predict":
+                    try:
+                        served, outputs, took = self.predict(arrays, started)
+                    except RequestError as exc:
+                        answer = {"ok": False, "error": str(exc), **({"model": exc.model} if exc.model else {})}
+                        if not _answer(conn, answer):
+                            return
+                        continue
+                    if "shm" in header:  # the client may overwrite its file once answered: offered first
+                        self.offer_shadow(served, arrays, outputs)
+                    if not _answer(conn, served.answer_head(outputs, round(took / 1e6, 4)), outputs):
+                        return
+                    if "shm" not in header:  # after the answer: the shadow never delays a request
+                        self.offer_shadow(served, arrays, outputs)
+                    continue
+                served = self.current
+                if served is None:
+                    answer = {"ok": False, "error": "no model is active on this device; activate one first"}
+                elif op == "info":
+                    answer = {"ok": True, "model": served.ref(), "inputs": served.inputs, "outputs": served.outputs}
+                else:
+                    answer = {"ok": False, "error": f"unknown op {str(op)[:20]!r} (predict, info)"}
+                if not _answer(conn, answer):
+                    return
+        finally:
+            self.leave()
 
 
-def _answer(conn: Any, header: dict[str, Any], arrays: dict[str, np.ndarray] | None = None) -> bool:
-    """Send one answer; return False when the client is gone."""
+def _answer(conn: Any, header: dict[str, Any] | bytes, arrays: dict[str, np.ndarray] | None = None) -> bool:
+    """Send one answer (a header, or its encoded start for ``arrays``); return False when the client is gone."""
     try:
-        write_frame(conn, header, arrays)
+        if isinstance(header, bytes):
+            write_frame(conn, {}, arrays, head=header)
+        else:
+            write_frame(conn, header, arrays)
         return True
-    except OSError:
+    except (OSError, ValueError):
         return False

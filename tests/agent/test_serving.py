@@ -14,15 +14,12 @@ import pytest
 
 from device_agents.errors import DeviceError
 from device_agents.inference import ModelRunner
-from device_agents.runtimes import get_runtime
 from device_agents.serving import Client, ServingError, open_current
 from device_agents.serving.frames import MAGIC, write_frame
-from device_agents.serving.server import Server
+from device_agents.serving.server import Interpreters, Server
 from device_agents.store import ModelStore
 
-
-def make(path):
-    return get_runtime().interpreter(path)
+make = Interpreters()  # path -> LiteRT interpreter; picklable, so a shadow child process can build its own
 
 
 @pytest.fixture
@@ -249,8 +246,10 @@ def test_a_shadow_model_is_compared_on_live_inputs_and_only_the_comparison_is_ke
     with Client(store.root) as client:
         for s in x:
             client.predict({"image": s})
+    # offered after the answer (never in the request's way): the last one may land just after it
+    assert wait(lambda: server.snapshot()["shadow"]["skipped_busy_cpu"] == 8), server.snapshot()["shadow"]
     busy = server.snapshot()["shadow"]
-    assert busy["compared"] == 0 and busy["skipped_busy_cpu"] == 8
+    assert busy["compared"] == 0 and busy["runs_in"].startswith("child process")
     server.serve_model(store.model_path(store.shas["dynamic-int8"]), store.shas["dynamic-int8"], "dynamic-int8")
     assert server.snapshot()["shadow"] is None  # compared with the model served before: ended by the swap
     with pytest.raises(DeviceError, match="that is the served model"):
@@ -296,3 +295,100 @@ def test_shared_memory_inputs_answer_the_same_and_bad_ones_are_refused(store, se
             os.unlink(link)
         np.testing.assert_array_equal(shared._call(header)[1]["output_0"], tensors["output_0"])  # still serving
     assert not os.path.exists(f"/dev/shm/{name}")  # the client removes its file when closed
+
+
+def test_a_shadow_child_that_falls_behind_or_dies_never_holds_up_a_request(store, server):
+    """The shadow model runs in a child process: stopped (as a device with no idle core would leave
+    it), its two input slots fill and further inputs are dropped and counted while every request is
+    answered at once; killed, the run says it ended and serving goes on."""
+    import os
+    import signal
+
+    server.set_shadow(store.model_path(store.shas["fp32"]), store.shas["fp32"], "fp32", share=1.0, max_per_s=1000,
+                      max_load=1e9)
+    child = server.shadow._proc.pid
+    assert child != os.getpid()
+    x = samples(8)
+    os.kill(child, signal.SIGSTOP)
+    try:
+        with Client(store.root) as client:
+            for s in x:
+                t = time.perf_counter()
+                assert client.predict({"image": s})["output_0"].shape == (10,)
+                assert time.perf_counter() - t < 2.0  # never waits for the stopped child
+        assert wait(lambda: server.snapshot()["shadow"]["dropped_queue_full"] == 6), server.snapshot()["shadow"]
+    finally:
+        os.kill(child, signal.SIGCONT)
+    assert wait(lambda: server.snapshot()["shadow"]["compared"] == 2)  # the two slots it held, once it runs again
+    os.kill(child, signal.SIGKILL)
+    assert wait(lambda: "ended" in server.snapshot()["shadow"])
+    assert server.snapshot()["shadow"]["ended"] == f"the shadow process ended (exit {-signal.SIGKILL})"
+    with Client(store.root) as client:
+        assert client.predict({"image": x[0]})["output_0"].shape == (10,)
+    server.set_shadow(None)
+    assert server.snapshot()["shadow"] is None
+
+
+def test_frames_sent_back_to_back_in_one_write_are_each_answered(store, server):
+    """The server reads with recv_into into one buffer: bytes of the next frame that arrive with this
+    one are kept for it (a client that pipelines, or a slow one whose frame comes in pieces)."""
+    x = samples(3)
+    data = b"".join(frame({"op": "predict", "tensors": [{"name": "image", "dtype": "float32", "shape": [8, 8, 1]}]},
+                          s.tobytes()) for s in x) + frame({"op": "info"})
+    expected = ModelRunner(make(store.model_path(store.shas["int8"]))).predict(x)["output_0"]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(str(store.root / "serve.sock"))
+        for i in range(0, len(data), 7):  # in pieces of 7 bytes: headers and tensors cut anywhere
+            sock.sendall(data[i:i + 7])
+        from device_agents.serving.frames import Receiver
+
+        receiver = Receiver(sock)
+        for want in expected:
+            header, arrays = receiver.read(1 << 20)
+            assert header["ok"] is True
+            np.testing.assert_array_equal(arrays["output_0"], want)
+        assert receiver.read(1 << 20)[0]["model"]["variant"] == "int8"
+
+
+def test_a_shadow_model_that_does_not_load_is_refused_with_the_childs_reason(store, server, tmp_path):
+    junk = tmp_path / "junk.tflite"
+    junk.write_bytes(b"TFL3" + bytes(200))
+    with pytest.raises(DeviceError, match=r"shadow: model f{12} cannot be loaded \(\w+"):
+        server.set_shadow(junk, "f" * 64, "broken")
+    assert server.snapshot()["shadow"] is None
+    with Client(store.root) as client:
+        assert client.predict(samples(1)[0])["output_0"].shape == (10,)
+    other = Server(store.root / "lambda.sock", make_interpreter=lambda p: make(p))  # cannot reach a child process
+    other.serve_model(store.model_path(store.shas["int8"]), store.shas["int8"], "int8")
+    with pytest.raises(DeviceError, match="cannot be sent to a child process"):
+        other.set_shadow(store.model_path(store.shas["fp32"]), store.shas["fp32"], "fp32")
+
+
+def test_a_shadow_run_fed_by_four_clients_at_once_counts_every_input_once(store, server):
+    server.set_shadow(store.model_path(store.shas["fp32"]), store.shas["fp32"], "fp32", share=1.0, max_per_s=1e6,
+                      max_load=1e9)
+    x = samples(4)
+    failures: list[str] = []
+
+    def load(i: int) -> None:
+        with Client(store.root) as client:
+            for _ in range(50):
+                try:
+                    assert client.predict({"image": x[i]})["output_0"].shape == (10,)
+                except Exception as exc:  # noqa: BLE001 - collected
+                    failures.append(repr(exc))
+
+    threads = [threading.Thread(target=load, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert failures == []
+
+    def settled():
+        s = server.snapshot()["shadow"]
+        return s["compared"] + s["dropped_queue_full"] + s["skipped_rate"] + s["errors"] == 200
+    assert wait(settled), server.snapshot()["shadow"]
+    shadow = server.snapshot()["shadow"]
+    assert shadow["errors"] == 0 and shadow["compared"] >= 2 and shadow["fidelity"]["snr_db"] is not None

@@ -1,0 +1,234 @@
+"""The serving API over loopback HTTP/JSON, for applications in languages without the binary framing.
+
+Off by default; ``serve.http_port`` in ``agent.yaml`` turns it on, bound to ``127.0.0.1`` only (never
+another interface: the API has no authentication beyond being local). Standard library only
+(:class:`http.server.ThreadingHTTPServer`), and every request goes through the same
+:class:`~device_agents.serving.server.Server` as the Unix socket: the same served model (hot swaps
+included), the same limits (``max_payload_mb`` on the body, ``max_clients`` shared with socket
+clients), the same error texts, counted in the same live figures and offered to the same shadow run.
+
+- ``POST /v1/predict`` with ``{"inputs": {name: nested lists of numbers}}`` answers
+  ``{"ok": true, "outputs": {name: nested lists}, "model": {"sha256", "variant"}, "ms": ...}``.
+- ``GET /v1/model`` answers ``{"ok": true, "model": ..., "inputs": [...], "outputs": [...]}``.
+
+Errors answer ``{"ok": false, "error": "..."}`` with 400 (malformed JSON, NaN or infinity, not a
+rectangular array of numbers, inputs that do not fit the model), 404, 405, 411 (no Content-Length),
+413 (body over the payload limit, refused before it is read), 500 (the interpreter failed) or 503
+(no model active; busy).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import numpy as np
+
+from device_agents.errors import DeviceError
+
+log = logging.getLogger("edgekit.agent.serve")
+HOST = "127.0.0.1"
+READ_TIMEOUT_S = 30.0  # a client that stops sending mid-request is cut off after this
+_ENCODE = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+
+
+class _BadRequest(ValueError):
+    """A request this endpoint refuses; ``status`` is the HTTP status it is answered with."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def _refuse_constant(name: str) -> Any:
+    """Refuse ``NaN``, ``Infinity`` and ``-Infinity`` in a JSON body.
+
+    Raises:
+        ValueError: always.
+    """
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def parse_inputs(body: bytes, max_payload: int) -> dict[str, np.ndarray]:
+    """Return the float arrays by input name of a ``/v1/predict`` body.
+
+    Raises:
+        _BadRequest: (400) the body is not JSON, holds NaN or infinity (also as a number too large
+            for a float), is not ``{"inputs": {name: nested lists}}``, an input is not a
+            rectangular array of numbers, or the arrays are over ``max_payload`` bytes as float32.
+    """
+    try:
+        doc = json.loads(body, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise _BadRequest(400, "malformed request: the JSON is nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _BadRequest(400, f"malformed request: the body is not JSON ({str(exc)[:120]})") from None
+    inputs = doc.get("inputs") if isinstance(doc, dict) else None
+    if not isinstance(inputs, dict) or not inputs or not all(isinstance(k, str) for k in inputs):
+        raise _BadRequest(400, 'malformed request: the body must be {"inputs": {name: nested lists of numbers}}')
+    arrays, total = {}, 0
+    for name, value in inputs.items():
+        try:
+            a = np.asarray(value, dtype=np.float64)
+        except (ValueError, TypeError, OverflowError, RecursionError):
+            raise _BadRequest(400, f"input {name!r}: not a rectangular array of numbers") from None
+        if a.ndim > 8:
+            raise _BadRequest(400, f"input {name!r}: {a.ndim} dimensions, at most 8")
+        if a.size and not np.isfinite(a).all():
+            i = int(np.flatnonzero(~np.isfinite(a.ravel()))[0])
+            raise _BadRequest(400, f"input {name!r} holds NaN or infinity (first at flat index {i})")
+        total += a.size * 4
+        if total > max_payload:
+            raise _BadRequest(413, f"inputs of {total} bytes or more are over the {max_payload}-byte limit "
+                                   "(serve.max_payload_mb)")
+        arrays[name] = a.astype(np.float32)
+    return arrays
+
+
+def listen(server: Any, port: int) -> ThreadingHTTPServer:
+    """Return an HTTP server on ``127.0.0.1:port`` (0: a free port) answering for ``server``; the
+    caller runs its ``serve_forever``.
+
+    Raises:
+        DeviceError: the port cannot be bound (taken, or below 1024 without the right).
+    """
+    from device_agents.serving.server import RequestError
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive: one connection, many requests
+        disable_nagle_algorithm = True  # headers and body are two writes: never wait for the client's delayed ACK
+        server_version = "edgekit-serve"
+        timeout = READ_TIMEOUT_S
+
+        def handle(self) -> None:
+            """Serve one connection (its keep-alive requests) in a client place; answer 503 without one."""
+            if not server.admit():  # the same places as socket clients
+                self._raw_refusal(503, server.busy_message())
+                return
+            try:
+                super().handle()
+            except OSError:  # the client went away or was too slow
+                pass
+            finally:
+                server.leave()
+
+        def _raw_refusal(self, status: int, message: str) -> None:
+            """Answer ``status`` and close, before the request is read (never raises)."""
+            body = _ENCODE({"ok": False, "error": message}).encode()
+            reason = self.responses.get(status, ("",))[0]
+            try:
+                self.wfile.write(f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
+                                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+            except OSError:
+                pass
+
+        def _send(self, status: int, doc: dict[str, Any], close: bool = False) -> None:
+            """Answer ``doc`` as JSON (500 when it holds NaN or infinity); ``close`` ends the connection after.
+
+            Raises:
+                OSError: the client is gone (ends the connection).
+            """
+            try:
+                body = _ENCODE(doc).encode()
+            except ValueError:  # NaN or infinity in the outputs: JSON cannot carry them
+                status, body = 500, _ENCODE({"ok": False, "error": "inference failed: the outputs hold NaN or "
+                                                                   "infinity (JSON cannot carry them)"}).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            if close:
+                self.send_header("Connection", "close")
+                self.close_connection = True
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _error(self, status: int, message: str, model: dict[str, Any] | None = None, close: bool = False) -> None:
+            """Answer ``{"ok": false, "error": message}`` (and the model that refused it) with ``status``.
+
+            Raises:
+                OSError: the client is gone.
+            """
+            self._send(status, {"ok": False, "error": message, **({"model": model} if model else {})}, close)
+
+        def do_GET(self) -> None:  # noqa: N802 - the standard library's name
+            """Answer ``GET /v1/model`` (404/405 for other paths, 503 when nothing is served).
+
+            Raises:
+                OSError: the client is gone.
+            """
+            if self.path.split("?")[0] == "/v1/predict":
+                self._error(405, "use POST for /v1/predict")
+                return
+            if self.path.split("?")[0] != "/v1/model":
+                self._error(404, f"no such endpoint {self.path[:60]!r} (POST /v1/predict, GET /v1/model)")
+                return
+            served = server.current
+            if served is None:
+                self._error(503, "no model is active on this device; activate one first")
+                return
+            self._send(200, {"ok": True, "model": served.ref(), "inputs": served.inputs, "outputs": served.outputs})
+
+        def do_POST(self) -> None:  # noqa: N802 - the standard library's name
+            """Answer ``POST /v1/predict`` through the server's request path, then offer it to the shadow run.
+
+            Raises:
+                OSError: the client is gone or too slow (ends the connection).
+            """
+            if self.path.split("?")[0] != "/v1/predict":
+                if self.path.split("?")[0] == "/v1/model":
+                    self._error(405, "use GET for /v1/model", close=True)
+                else:
+                    self._error(404, f"no such endpoint {self.path[:60]!r} (POST /v1/predict, GET /v1/model)",
+                                close=True)
+                return
+            length = self.headers.get("Content-Length")
+            if self.headers.get("Transfer-Encoding") or length is None or not length.isdigit():
+                server.malformed()
+                self._error(411, "malformed request: send the body with a Content-Length", close=True)
+                return
+            if int(length) > server.max_payload:
+                server.malformed()
+                self._error(413, f"malformed request: a body of {int(length)} bytes is over the "
+                                 f"{server.max_payload}-byte limit (serve.max_payload_mb)", close=True)
+                return
+            body = self.rfile.read(int(length))
+            if len(body) < int(length):
+                server.malformed()
+                self.close_connection = True  # the client went away mid-body: nobody to answer
+                return
+            started = time.perf_counter_ns()  # the live figures' clock: from the request read (JSON parsed in it)
+            try:
+                arrays = parse_inputs(body, server.max_payload)
+            except _BadRequest as exc:
+                server.malformed()
+                self._error(exc.status, str(exc))
+                return
+            try:
+                served, outputs, took = server.predict(arrays, started)
+            except RequestError as exc:
+                status = {"input": 400, "no_model": 503}.get(exc.kind, 500)
+                self._error(status, str(exc), exc.model)
+                return
+            self._send(200, {"ok": True, "outputs": {k: v.tolist() for k, v in outputs.items()},
+                             "model": served.ref(), "ms": round(took / 1e6, 4)})
+            server.offer_shadow(served, arrays, outputs)  # after the answer, as on the socket
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the standard library's name
+            """Log the access line at debug level (not on stderr)."""
+            log.debug("http: " + format, *args)
+
+    class Listener(ThreadingHTTPServer):
+        daemon_threads = True
+        request_queue_size = 64
+        allow_reuse_address = True
+
+    try:
+        return Listener((HOST, port), Handler)
+    except OSError as exc:
+        raise DeviceError(f"serving API: cannot listen on http://{HOST}:{port}: {exc.strerror or exc}") from None
+
+
+__all__ = ["HOST", "listen", "parse_inputs"]
