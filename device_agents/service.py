@@ -40,7 +40,7 @@ from device_agents.identity import (
 from device_agents.mqtt import SpooledPublisher, make_client
 from device_agents.power import SensorEnv, SensorMeter, not_measured, power_meter
 from device_agents.reconcile import Reconciler
-from device_agents.runtimes import RUNTIMES, get_runtime, prepare_installed
+from device_agents.runtimes import RUNTIMES, prepare_installed
 from device_agents.serving.client import SOCKET
 from device_agents.serving.server import Interpreters, Server
 from device_agents.smoke import SmokePool
@@ -501,12 +501,6 @@ class Agent:
         self.server.set_shadow(self.store.verify(sha), sha, (self.store.describe(sha) or {}).get("variant"),
                                share=float(a.get("share", 0.1)), max_per_s=float(a.get("max_per_s", 5.0)))
         return {"shadow": self.server.shadow.model.ref(), "serving": self.server.current.ref()}
-
-    def _interpreter(self, path: Path) -> Any:
-        """Return an allocated interpreter for ``path`` with this device's runtime, target and threads."""
-        b = self.cfg.bench
-        return get_runtime(b.runtime, model=path).interpreter(path, threads=b.threads, delegate=b.delegate,
-                                                  options=b.delegate_options)
 
     def follow_current(self) -> None:
         """Serve the current model when it is not served yet (after an activation or a rollback, or a
