@@ -52,6 +52,8 @@ from edgekit_protocol.config import (
     BrokerConfig,
     Node,
     PowerConfig,
+    PullConfig,
+    ServeConfig,
     StoreConfig,
     TlsConfig,
     build,
@@ -161,6 +163,9 @@ def agent_config(fleet: Fleet, dev: Device) -> tuple[str, bytes | None]:
         power=PowerConfig(sensors=tuple(profile.power.sensors), idle_w=profile.power.idle_w,
                           busy_w=profile.power.busy_w, cores=profile.hardware.cores),
         store=StoreConfig(max_store_mb=storage.max_store_mb),
+        serve=ServeConfig(**dev.serve.model_dump()) if dev.serve else ServeConfig(),
+        pull=PullConfig(**{**dev.pull.model_dump(), "ca_file": Path(dev.pull.ca_file) if dev.pull.ca_file else None})
+        if dev.pull else PullConfig(),
         simulated=dev.simulated,
         verify_code=True,  # deployed: the agent refuses to start from anywhere but its signed <root>/agent
     )

@@ -32,6 +32,23 @@ from edgekit_protocol.config import BrokerConfig
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
 
+class Serving(StrictModel):
+    """The agent's serving API (its ``serve`` config) as the fleet file may set it."""
+
+    enabled: bool = True
+    http_port: int | None = Field(default=None, gt=0, lt=65536)  # loopback HTTP/JSON on 127.0.0.1; None: off
+    workers: int = Field(default=1, ge=1, le=64)
+    max_clients: int = Field(default=16, ge=1, le=10_000)
+
+
+class Pulling(StrictModel):
+    """Pull rollouts on the device (its ``pull`` config) as the fleet file may set it."""
+
+    ca_file: str | None = None  # a CA bundle on the device, for an https:// store with a private CA
+    retry_s: float = Field(default=30.0, gt=0, le=3600)
+    max_attempts: int = Field(default=6, ge=1, le=100)
+
+
 class DeviceDefaults(StrictModel):
     port: int = Field(default=22, gt=0, lt=65536)
     user: str | None = None
@@ -41,6 +58,8 @@ class DeviceDefaults(StrictModel):
     python: str = "python3"
     simulated: bool = False
     storage: Storage | None = None
+    serve: Serving | None = None
+    pull: Pulling | None = None
 
 
 class Device(StrictModel):
@@ -63,6 +82,8 @@ class Device(StrictModel):
     simulated: bool = False  # a virtual device of `edgekit sim`: its agent marks every record
     constraints: Constraints | None = None
     storage: Storage | None = None  # overrides the profile's store budget
+    serve: Serving | None = None  # the serving API's settings (default: the agent's)
+    pull: Pulling | None = None  # pull rollouts' settings (default: the agent's)
     agent_broker: BrokerConfig | None = None  # what the agent on this device connects with; default: the fleet's
 
     def matches(self, selector: str) -> bool:

@@ -46,3 +46,19 @@ def test_fleet_defaults_fill_devices_and_selectors_pick_them(tmp_path):
 def test_fleet_errors_name_the_line_and_the_key(tmp_path, change, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("?", r"\?")):
         load_fleet(write(tmp_path, "fleet.yaml", FLEET.replace(*change)))
+
+
+def test_serve_and_pull_settings_reach_the_agents_config(tmp_path):
+    from edge_kit.fleet.agent_install import agent_config
+
+    text = FLEET.replace("defaults: {user: edgekit, profile: rpi4}",
+                         "defaults: {user: edgekit, profile: rpi4, serve: {http_port: 8089}}").replace(
+        "{name: pi-2, host: 10.0.0.2, tags: [pi, canary]}",
+        "{name: pi-2, host: 10.0.0.2, tags: [pi, canary], pull: {ca_file: /etc/edgekit/store-ca.pem, retry_s: 5}}")
+    fleet = load_fleet(write(tmp_path, "fleet.yaml", text))
+    one, _ = agent_config(fleet, fleet.device("pi-1"))
+    two, _ = agent_config(fleet, fleet.device("pi-2"))
+    assert "http_port: 8089" in one and "ca_file" not in one
+    assert "ca_file: /etc/edgekit/store-ca.pem" in two and "retry_s: 5" in two
+    with pytest.raises(ConfigError, match="http_port"):
+        load_fleet(write(tmp_path, "bad.yaml", text.replace("http_port: 8089", "http_port: 70000")))
