@@ -20,7 +20,6 @@ Every error is a :class:`FetchError` with one line naming the URL and what to do
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import os
 import re
@@ -32,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
+from device_agents.disk import fsync_dir, sha256_of
 from device_agents.errors import DeviceError
 
 CHUNK = 64 * 1024
@@ -142,13 +142,6 @@ def _checked_sha(sha256: str, url: str) -> str:
         raise FetchError(f"{url}: expected sha256 {sha256!r} is not 64 hex digits; check the desired state")
     return digest
 
-
-def _sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _connect(url: str, timeout_s: float, ssl_context: ssl.SSLContext | None, rcvbuf: int | None) -> http.client.HTTPConnection:
@@ -348,18 +341,6 @@ def _write_error(url: str, path: Path, exc: OSError) -> FetchError:
                       "device, then fetch again (the bytes received so far are kept)")
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
 
 def fetch(url: str, sha256: str, dest: Path, *, max_bytes_s: float | None = None, timeout_s: float = 30.0,
           max_bytes: int | None = None, ssl_context: ssl.SSLContext | None = None,
@@ -387,7 +368,7 @@ def fetch(url: str, sha256: str, dest: Path, *, max_bytes_s: float | None = None
     t0 = time.monotonic()
     digest = _checked_sha(sha256, url)
     dest = Path(dest)
-    if dest.is_file() and _sha256_of(dest) == digest:
+    if dest.is_file() and sha256_of(dest) == digest:
         return FetchResult(dest, 0, False, time.monotonic() - t0)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -426,7 +407,7 @@ def fetch(url: str, sha256: str, dest: Path, *, max_bytes_s: float | None = None
                 have = partial.stat().st_size if partial.exists() else 0
                 raise FetchError(f"{url}: download cut again ({last.cut if last else 'no answer'}); {have} bytes kept "
                                  f"in {partial.name}: fetch again to resume")
-            got = _sha256_of(partial)
+            got = sha256_of(partial)
             partial_was_old = resumed and not fresh_start
             if got == digest:
                 break
@@ -441,7 +422,7 @@ def fetch(url: str, sha256: str, dest: Path, *, max_bytes_s: float | None = None
             os.replace(partial, dest)
         except OSError as exc:
             raise _write_error(url, dest, exc) from None
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
         return FetchResult(dest, downloaded, resumed, time.monotonic() - t0)
     finally:
         with _active_lock:

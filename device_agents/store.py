@@ -21,7 +21,6 @@ child, not the agent, and the running model keeps serving.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -31,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from device_agents.disk import sha256_of
 from device_agents.errors import SmokeFailed, StoreError
 from device_agents.formats import SUFFIX, model_format
 
@@ -41,14 +41,6 @@ def default_root() -> Path:
     """Return ``/opt/edgekit`` when running as root, else ``~/.edgekit``."""
     return Path("/opt/edgekit") if os.geteuid() == 0 else Path.home() / ".edgekit"
 
-
-def sha256_of(path: Path) -> str:
-    """Return the hex sha256 of a file's content."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _is_sha(value: str) -> bool:

@@ -42,6 +42,7 @@ from typing import Any, Callable, ClassVar
 
 import numpy as np
 
+from device_agents.disk import sha256_of
 from device_agents.formats import (
     META_CALIB,
     META_CALIB_SHA256,
@@ -212,14 +213,6 @@ def provider_options(variant: str, cache: Path, *, calibrated: bool) -> dict[str
     return options
 
 
-def _sha256_of(path: Path) -> str:
-    """Return the hex sha256 of a file's content. Raises OSError when it cannot be read."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def _engines(cache: Path) -> list[Path]:
     """Return the serialized engine files (``*.engine``) in an engine folder, sorted; [] when none."""
@@ -287,7 +280,7 @@ def build_engine(model: Path, root: Path, *, threads: int = 1, ident: Identity |
     if PROVIDER not in ort.get_available_providers():
         raise EngineBuildError(f"{model.name}: this onnxruntime build has no {PROVIDER}: {INSTALL}")
     ident = ident or identity()
-    sha = _sha256_of(model)
+    sha = sha256_of(model)
     cache = engine_dir(root, sha, ident)
     invalidated = invalidate(root, sha, ident)
     options = provider_options(variant, cache, calibrated=table is not None)
@@ -446,7 +439,7 @@ def _cached_record(model: Path, root: Path) -> dict[str, Any] | None:
     Raises:
         EngineBuildError: the TensorRT version or GPU cannot be told (:func:`identity`).
     """
-    cache = engine_dir(root, _sha256_of(model), identity())
+    cache = engine_dir(root, sha256_of(model), identity())
     try:
         record = json.loads((cache / BUILD_RECORD).read_text())
     except (OSError, ValueError):

@@ -52,6 +52,23 @@ INT8_METHOD = ("onnxruntime.quantization.quantize_static, QDQ, MinMax calibratio
 MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
+
+def calibration_reader(xs: dict[str, np.ndarray]) -> Any:
+    """Return an ONNX Runtime ``CalibrationDataReader`` over the calibration samples ``xs`` (input name
+    to array), one sample per batch, the first :data:`CALIB_SAMPLES` (static int8 and TensorRT tables)."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            n = min(len(next(iter(xs.values()))), CALIB_SAMPLES)
+            self.rows = iter([{name: np.ascontiguousarray(x[i:i + 1], dtype=np.float32) for name, x in xs.items()}
+                              for i in range(n)])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.rows, None)
+
+    return Reader()
+
 def _onnx() -> Any:
     try:
         import onnx
@@ -196,23 +213,12 @@ def to_int8(fp32: bytes, calib_x: dict[str, np.ndarray]) -> tuple[bytes, str]:
     """
     import onnxruntime as ort
     from onnxruntime.quantization import (
-        CalibrationDataReader,
         QuantFormat,
         QuantType,
         quantize_static,
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    class Reader(CalibrationDataReader):
-        """The calibration samples, one per batch (the first :data:`CALIB_SAMPLES`)."""
-
-        def __init__(self, xs: dict[str, np.ndarray]):
-            n = min(len(next(iter(xs.values()))), CALIB_SAMPLES)
-            self.rows = iter([{name: np.ascontiguousarray(x[i:i + 1], dtype=np.float32) for name, x in xs.items()}
-                              for i in range(n)])
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            return next(self.rows, None)
 
     onnx = _onnx()
     note = ""
@@ -237,7 +243,7 @@ def to_int8(fp32: bytes, calib_x: dict[str, np.ndarray]) -> tuple[bytes, str]:
             for skip in (False, True):
                 try:
                     quant_pre_process(str(src), str(pre), skip_symbolic_shape=True, skip_optimization=skip)
-                    quantize_static(str(pre), str(out), Reader(calib_x), quant_format=QuantFormat.QDQ,
+                    quantize_static(str(pre), str(out), calibration_reader(calib_x), quant_format=QuantFormat.QDQ,
                                     per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
                     ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])  # the device must load it
                     break

@@ -35,9 +35,9 @@ from device_agents.formats import (
     META_RUNTIME,
     META_VARIANT,
 )
+from edge_kit.compiler.onnx_variants import calibration_reader
 from edge_kit.errors import CompileError
 
-CALIB_SAMPLES = 256
 CALIB_SUFFIX = ".calib"  # trt-int8.calib beside trt-int8.onnx
 CALIB_METHOD = ("onnxruntime.quantization.create_calibrator (MinMax, symmetric) on --calib, "
                 "write_calibration_table (ONNX Runtime's TensorRT flatbuffers table)")
@@ -52,22 +52,11 @@ def calibration_table(fp32: bytes, calib_x: dict[str, np.ndarray]) -> bytes:
         CompileError: ONNX Runtime's calibrator failed (its first line).
     """
     from onnxruntime.quantization import (
-        CalibrationDataReader,
         CalibrationMethod,
         create_calibrator,
         write_calibration_table,
     )
 
-    class Reader(CalibrationDataReader):
-        """The calibration samples, one per batch (the first :data:`CALIB_SAMPLES`)."""
-
-        def __init__(self, xs: dict[str, np.ndarray]):
-            n = min(len(next(iter(xs.values()))), CALIB_SAMPLES)
-            self.rows = iter([{name: np.ascontiguousarray(x[i:i + 1], dtype=np.float32) for name, x in xs.items()}
-                              for i in range(n)])
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            return next(self.rows, None)
 
     with tempfile.TemporaryDirectory(prefix="edgekit-trt-calib-") as tmp:
         src = Path(tmp) / "fp32.onnx"
@@ -77,7 +66,7 @@ def calibration_table(fp32: bytes, calib_x: dict[str, np.ndarray]) -> bytes:
                                            calibrate_method=CalibrationMethod.MinMax,
                                            extra_options={"symmetric": True})
             calibrator.execution_providers = ["CPUExecutionProvider"]
-            calibrator.collect_data(Reader(calib_x))
+            calibrator.collect_data(calibration_reader(calib_x))
             write_calibration_table(calibrator.compute_data(), dir=tmp)
         except Exception as exc:  # noqa: BLE001 - the calibrator raises assorted types
             raise CompileError(f"trt-int8: ONNX Runtime's calibrator failed ({str(exc).strip().splitlines()[0][:400]})") from None

@@ -28,12 +28,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from device_agents.disk import fsync_dir
 from edge_kit.errors import InputError
 from edge_kit.fsutil import atomic_write_bytes, sha256_file
 from edge_kit.manifest import read_manifest
@@ -199,7 +199,7 @@ def publish(artifacts: Path, store: str | Path) -> PublishResult:
                             _write_if_new(mdir / f"{manifest_sha}.files.json", index, index_sha)))
     files.append(StoredFile("latest", "latest.json", manifest_sha, len(raw), f"{rel}/latest.json",
                             _write_if_new(mdir / "latest.json", raw, manifest_sha)))
-    _fsync_dir(folder / "sha256")
+    fsync_dir(folder / "sha256")
     return PublishResult(folder, model, manifest_sha, files)
 
 
@@ -207,18 +207,6 @@ def _file_of(manifest: Any, variant: str) -> str:
     art = manifest.artifact(variant)
     return art.file if art is not None and art.file else variant
 
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some file systems refuse fsync on a folder; the objects themselves were fsynced
-    finally:
-        os.close(fd)
 
 
 def check_published(store_url: str, files: dict[str, int], timeout_s: float = 10.0) -> None:
