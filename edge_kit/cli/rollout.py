@@ -113,7 +113,8 @@ def start_cmd(
     artifacts: Annotated[Path, typer.Argument(help="The compiled model's folder (its manifest.json), published to the store.")],
     store: Annotated[str, typer.Option("--store", help="The artifact store's URL as devices reach it (http:// or https://).")],
     devices: DevicesOpt = None,
-    variant: Annotated[Optional[str], typer.Option(help="Variant to roll out (default: each profile's first built one).")] = None,
+    variant: Annotated[Optional[str], typer.Option(help="Variant to roll out, or 'selected': each device's last choice "
+                                                        "by select/tune in the history (default: each profile's first built one).")] = None,
     wave: Annotated[str, typer.Option(help="Cumulative wave sizes.")] = "1%,10%,100%",
     rate: Annotated[Optional[str], typer.Option(help="Desired states sent per time, e.g. 200/min (default: no limit).")] = None,
     max_failed: Annotated[str, typer.Option("--max-failed", help="Stop when more than this share of the devices sent so far failed.")] = "0%",
@@ -146,6 +147,7 @@ def start_cmd(
         parse_share,
         parse_waves,
         plan_rollout,
+        selected_variants,
     )
     from edge_kit.manifest import read_manifest
     from edgekit_protocol.desired import Fetch
@@ -161,7 +163,13 @@ def start_cmd(
     gated = live_gate(gate, gate_window, gate_min_requests, gate_alpha, gate_min_slowdown, gate_shadow, gate_min_snr_db)
     if gated is not None and len(settings.waves) < 2:
         raise RolloutError("--gate live judges the first wave before the others: give at least two waves (--wave)")
-    plan = plan_rollout(rid, artifacts, fleet, fleet.select(devices), store, variant, settings, gate=gated)
+    targets = fleet.select(devices)
+    choices = selected_variants(db, targets) if variant == "selected" else None
+    if choices is not None and not choices:
+        raise RolloutError("--variant selected: the history has no feasible choice for these devices; run "
+                           "`edgekit tune` (or `select`) first, or name a variant")
+    plan = plan_rollout(rid, artifacts, fleet, targets, store, None if choices is not None else variant, settings,
+                        gate=gated, choices=choices)
     from edge_kit.fleet.artifact_store import check_published
 
     check_published(plan["store"], _files(plan))

@@ -120,13 +120,28 @@ def _order(rid: str, names: list[str]) -> list[str]:
     return sorted(names, key=lambda n: hashlib.sha256(f"{rid}/{n}".encode()).hexdigest())
 
 
+def selected_variants(history: Any, devices: list[Device]) -> dict[str, str]:
+    """Return each device's variant as selection last chose it (``select``/``tune`` decisions in the
+    history; live-gate records are not choices); devices with no feasible decision are left out."""
+    names = {d.name for d in devices}
+    chosen: dict[str, str] = {}
+    for dec in history.decisions(limit=max(100, 8 * len(names))):  # newest first
+        dev = dec.get("device")
+        if dev in names and dev not in chosen and dec.get("kind") != "live gate" and dec.get("chosen") \
+                and dec.get("feasible"):
+            chosen[dev] = dec["chosen"]
+    return chosen
+
+
 def plan_rollout(rid: str, artifacts: Path, fleet: Fleet, devices: list[Device], store_url: str,
-                 variant: str | None, settings: RolloutSettings, gate: LiveGate | None = None) -> dict[str, Any]:
+                 variant: str | None, settings: RolloutSettings, gate: LiveGate | None = None,
+                 choices: dict[str, str] | None = None) -> dict[str, Any]:
     """Return the plan of a rollout (what the history keeps as its body).
 
     ``targets`` maps each device to the artifact it gets; ``refused`` each device that gets none to
     why (its profile was not compiled, or ``variant`` is not among its profile's built variants).
     ``gate``: judge the first wave on live traffic before the others go (:func:`live_judge`).
+    ``choices``: a variant per device (:func:`selected_variants`), over ``variant``.
 
     Raises:
         RolloutError: no manifest in ``artifacts``, the store URL is not http(s), or no device gets anything.
@@ -151,12 +166,14 @@ def plan_rollout(rid: str, artifacts: Path, fleet: Fleet, devices: list[Device],
         if isinstance(wanted, str):
             refused[dev.name] = f"{dev.name}: {wanted}"
             continue
-        pick = next((a for a in wanted if a.id == variant), None) if variant else wanted[0]
+        want = (choices or {}).get(dev.name) or variant
+        pick = next((a for a in wanted if a.id == want), None) if want else wanted[0]
         if pick is None:
-            refused[dev.name] = (f"{dev.name}: variant {variant} is not built for profile {dev.profile} "
+            refused[dev.name] = (f"{dev.name}: variant {want} is not built for profile {dev.profile} "
                                  f"(built: {', '.join(a.id for a in wanted)})")
             continue
         targets[dev.name] = {"variant": pick.id, "sha256": pick.sha256, "bytes": pick.bytes, "profile": dev.profile,
+                             "why": "selected" if (choices or {}).get(dev.name) else ("asked" if variant else "profile's first"),
                              "keep": [a.sha256 for a in wanted if a.sha256 != pick.sha256], **eval_ref}
     if not targets:
         raise RolloutError(f"rollout {rid}: no device gets an artifact: {'; '.join(list(refused.values())[:3])}")

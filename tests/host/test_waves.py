@@ -186,3 +186,32 @@ def test_the_live_gate_judges_the_first_wave_against_devices_not_yet_sent(tmp_pa
     with pytest.raises(RolloutError, match="drive it with"):
         planned(Store(tmp_path / "h2.db"), gate={"window_s": 1})
         Rollout(Store(tmp_path / "h2.db"), "r", FakeBroker()).run()
+
+
+def test_selected_variants_follow_the_last_feasible_choice_and_the_plan_takes_them(tmp_path):
+    import hashlib
+
+    from edge_kit.fleet.inventory import load_fleet
+    from edge_kit.loop.waves import plan_rollout, selected_variants
+    from edge_kit.manifest import Artifact, Manifest
+
+    history = Store(tmp_path / "h.db")
+    (tmp_path / "fleet.yaml").write_text("fleet: f\ndefaults: {user: u, profile: rpi4}\ndevices:\n"
+                                         "  - {name: a, host: h}\n  - {name: b, host: h}\n  - {name: c, host: h}\n")
+    fleet = load_fleet(tmp_path / "fleet.yaml")
+    history.add_decision({"device": "a", "chosen": "fp32", "current": None, "feasible": True, "switch": True})
+    history.add_decision({"device": "a", "chosen": "int8", "current": None, "feasible": True, "switch": True})
+    history.add_decision({"device": "b", "chosen": "int8", "current": None, "feasible": False, "switch": False})
+    history.add_decision({"device": "b", "kind": "live gate", "chosen": "fp32", "current": None, "feasible": True,
+                          "switch": True})
+    assert selected_variants(history, fleet.devices) == {"a": "int8"}  # newest feasible; gate records are not choices
+    folder = tmp_path / "art"
+    folder.mkdir()
+    arts = [Artifact(id=v, status="built", profiles=["rpi4"], summary=v, precision=v, file=f"{v}.tflite",
+                     sha256=hashlib.sha256(v.encode()).hexdigest(), bytes=3) for v in ("fp32", "int8")]
+    (folder / "manifest.json").write_text(Manifest(created="2026-11-29T00:00:00+00:00", model={"name": "m"}, versions={},
+                                                   profiles={"rpi4": {}}, artifacts=arts).to_json())
+    plan = plan_rollout("r", folder, fleet, fleet.devices, "http://s", None, RolloutSettings(),
+                        choices=selected_variants(history, fleet.devices))
+    assert {d: (t["variant"], t["why"]) for d, t in plan["targets"].items()} == {
+        "a": ("int8", "selected"), "b": ("fp32", "profile's first"), "c": ("fp32", "profile's first")}
