@@ -254,15 +254,14 @@ class Rollout:
     def _db(self, what: str, call: Callable[[], Any]) -> Any:
         try:
             return call()
-        except HistoryError as exc:  # the database went away (either backend): one line, resumable
-            raise RolloutError(f"rollout {self.rid}: {exc}; every device keeps its desired state: resume with "
-                               f"`edgekit rollout resume {self.rid}` when it is back") from None
-        except EdgeKitError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - the database driver's errors: one line, resumable
-            raise RolloutError(f"rollout {self.rid}: the history store failed while {what} ({type(exc).__name__}: "
-                               f"{str(exc).splitlines()[0] if str(exc) else ''}); every device keeps its desired "
-                               f"state: resume with `edgekit rollout resume {self.rid}` when it is back") from None
+        except EdgeKitError as exc:
+            if not isinstance(exc, HistoryError):
+                raise
+            why = str(exc)  # the database went away (either backend)
+        except Exception as exc:  # noqa: BLE001 - a driver's error outside HistoryError: still one line
+            why = f"the history store failed while {what} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        raise RolloutError(f"rollout {self.rid}: {why}; every device keeps its desired state: resume with "
+                           f"`edgekit rollout resume {self.rid}` when it is back")
 
     def _flush(self) -> None:
         if self._dirty:
@@ -299,7 +298,7 @@ class Rollout:
                 self._set(device, state="superseded", detail={"error": f"taken over by rollout {msg.get('rollout')}"})
                 continue
             if row is None or msg.get("rollout") != self.rid or msg.get("revision") != row["revision"] \
-                    or row["state"] in SETTLED and row["state"] != "rolling back":
+                    or row["state"] in SETTLED:
                 self.ignored += 1
                 continue
             if row["state"] == "rolling back":  # a canary sent back to its previous model by the live gate
