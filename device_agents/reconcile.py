@@ -113,11 +113,16 @@ class Reconciler:
         except (OSError, ValueError, KeyError, TypeError, EdgeKitError) as exc:
             log.error("%s: unreadable desired state (%s); waiting for the operator's next one", self.root / DESIRED, exc)
             return
-        if not saved.get("converged"):
+        attempts = saved.get("attempts")
+        self.attempt = attempts if isinstance(attempts, int) and not isinstance(attempts, bool) and attempts >= 0 else 0
+        if not saved.get("converged") and self.attempt < self.settings.max_attempts:
             self.next_at, self._resumed = self.clock(), True  # no second start delay: it was served before
 
     def _save(self, converged: bool) -> None:
-        atomic_write(self.root / DESIRED, json.dumps({"message": self._message, "converged": converged}).encode())
+        """Persist the desired message, whether it converged and the tries so far (a restart neither
+        re-applies a converged state nor grants a failing one fresh tries)."""
+        atomic_write(self.root / DESIRED, json.dumps({"message": self._message, "converged": converged,
+                                                      "attempts": self.attempt}).encode())
 
     def on_connect(self) -> None:
         """Note that the broker connection is up (any thread): a resumed desired state waits a grace
@@ -152,8 +157,8 @@ class Reconciler:
                         "(a replay, or the operator's clock went back)", new.revision, new.rollout, old.revision)
             return "stale"
         self._message = message
-        self._save(converged=False)
         self.desired, self.attempt, self._resumed = new, 0, False
+        self._save(converged=False)
         if self._job is not None:
             self._job.cancel.set()
         self.next_at = self.clock() + self.rng() * new.fetch.start_delay_s
@@ -300,6 +305,10 @@ class Reconciler:
 
     def _failed(self, error: str) -> dict[str, Any]:
         last_try = self.attempt >= self.settings.max_attempts
+        try:
+            self._save(converged=False)  # the count of tries survives a restart
+        except OSError as exc:
+            log.error("could not record the failed try in %s: %s", self.root / DESIRED, exc)
         if not last_try:
             self.next_at = self.clock() + min(MAX_RETRY_S, self.settings.retry_s * 2 ** (self.attempt - 1))
         log.error("desired %s: attempt %d failed: %s%s", self.desired.variant if self.desired else "?", self.attempt,

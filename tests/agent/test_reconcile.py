@@ -147,6 +147,10 @@ def test_a_failure_keeps_the_model_backs_off_and_gives_up_after_max_attempts(rig
             waits.append(rec.next_at - clock.t)
             clock.t = rec.next_at
     assert waits == [10, 20] and rec.next_at is None  # 10 s, 20 s, then no more until a new revision
+    restarted = make()  # a restart grants no fresh tries to a desired state that gave up
+    restarted.on_connect()
+    clock.t += 60
+    assert not restarted.due() and restarted.attempt == 3
     rec.take(desired(3, sha=B))
     fail["fetch"] = 0
     assert run(rec)["state"] == "converged" and store.cur == B
