@@ -42,6 +42,15 @@ def _named(inputs: dict[str, Any] | np.ndarray) -> dict[str, np.ndarray]:
     return {k: np.asarray(v) for k, v in inputs.items()} if isinstance(inputs, dict) else {"x": np.asarray(inputs)}
 
 
+def _told(receiver: Any, max_payload: int) -> dict[str, Any] | None:
+    """Return the error answer a server sent before it closed the connection, or None (never raises)."""
+    try:
+        frame = receiver.read(max_payload)
+    except (OSError, FrameError):
+        return None
+    return frame[0] if frame is not None and frame[0].get("ok") is False else None
+
+
 class Client:
     """A connection to the agent's serving API (one request at a time; use one client per thread)."""
 
@@ -98,7 +107,7 @@ class Client:
                 try:
                     write_frame(self._sock, header, arrays, head=head)
                 except (BrokenPipeError, ConnectionResetError):
-                    told = self._told()  # the server may have said why before it closed (busy)
+                    told = _told(self._receiver, self.max_payload)  # the server may have said why before it closed (busy)
                     if told is None:
                         raise
                     self._drop()
@@ -120,14 +129,6 @@ class Client:
             self.model = answer.get("model")
             return answer, tensors
         raise AssertionError("unreachable")
-
-    def _told(self) -> dict[str, Any] | None:
-        """Return the error answer a server sent before it closed the connection, or None (never raises)."""
-        try:
-            frame = self._receiver.read(self.max_payload)
-        except (OSError, FrameError):
-            return None
-        return frame[0] if frame is not None and frame[0].get("ok") is False else None
 
     def predict(self, inputs: dict[str, Any] | np.ndarray) -> dict[str, np.ndarray]:
         """Return the active model's outputs for one sample (inputs of 64 kB or more through shared memory).
@@ -248,14 +249,6 @@ class CurrentModel:
     def sha256(self) -> str | None:
         """Return the sha256 of the model the last ``predict`` used."""
         return self._sha
-
-    def _told(self) -> dict[str, Any] | None:
-        """Return the error answer a server sent before it closed the connection, or None (never raises)."""
-        try:
-            frame = self._receiver.read(self.max_payload)
-        except (OSError, FrameError):
-            return None
-        return frame[0] if frame is not None and frame[0].get("ok") is False else None
 
     def predict(self, inputs: dict[str, Any] | np.ndarray) -> dict[str, np.ndarray]:
         """Return the active model's outputs for one sample (float32 by output name).

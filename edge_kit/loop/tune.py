@@ -186,20 +186,31 @@ def tune(fleet: Fleet, devices: list[Device], opts: TuneOptions, store: HistoryS
             if not switch:
                 break
             step(f"round {number}: activating on {len(switch)} device(s)")
-            group = deploy(fleet, [d for d in live if d.name in switch],
-                           DeployOptions(opts.artifacts, variants=switch, parallel=opts.parallel,
-                                         trust_new_hosts=opts.trust_new_hosts, health_bench=dict(opts.bench),
-                                         health_timeout=opts.timeout))
-            entry["activation"] = group.as_dict()
-            for r in group.results:
-                if r.health is not None:
-                    store.add("bench", r.health)  # the fresh measurement of the activated variant
-                if r.ok and r.sha256:
-                    current[r.device] = r.sha256
+            entry["activation"] = _activate(fleet, [d for d in live if d.name in switch], switch, opts, store,
+                                            current).as_dict()
         time.sleep(0.2)  # let the agents' status updates after an activation arrive
         store.add_many([("status", m) for m in client.statuses()])
     return report
 
+
+
+def _activate(fleet: Fleet, devices: list[Device], switch: dict[str, str], opts: TuneOptions, store: HistoryStore,
+              current: dict[str, str | None]) -> GroupResult:
+    """Activate each device's chosen variant with a health benchmark; store those benchmarks (the fresh
+    measurement of the activated variant) and note what each device now runs in ``current``.
+
+    Returns:
+        The deploy's per-device results.
+    """
+    group = deploy(fleet, devices, DeployOptions(opts.artifacts, variants=switch, parallel=opts.parallel,
+                                                 trust_new_hosts=opts.trust_new_hosts, health_bench=dict(opts.bench),
+                                                 health_timeout=opts.timeout))
+    for r in group.results:
+        if r.health is not None:
+            store.add("bench", r.health)
+        if r.ok and r.sha256:
+            current[r.device] = r.sha256
+    return group
 
 
 def flagged_before(store: HistoryStore) -> dict[str, str]:
@@ -332,17 +343,9 @@ def _tune_budget(fleet: Fleet, live: list[Device], manifest: Manifest, opts: Tun
                                                     f"benchmarks ({', '.join(sorted(switch))}): run tune again"]
                 break
             step(f"round {number}: activating on {len(switch)} device(s), each with a health benchmark")
-            group = deploy(fleet, [by_name[n] for n in switch],
-                           DeployOptions(opts.artifacts, variants=switch, parallel=opts.parallel,
-                                         trust_new_hosts=opts.trust_new_hosts, health_bench=dict(opts.bench),
-                                         health_timeout=opts.timeout))
+            group = _activate(fleet, [by_name[n] for n in switch], switch, opts, store, current)
             entry["activation"] = group.as_dict()
-            for r in group.results:
-                if r.health is not None:
-                    store.add("bench", r.health)
-                    info["health"] += 1
-                if r.ok and r.sha256:
-                    current[r.device] = r.sha256
+            info["health"] += sum(r.health is not None for r in group.results)
         time.sleep(0.2)
         store.add_many([("status", m) for m in client.statuses()])
 
