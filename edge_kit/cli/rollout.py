@@ -99,6 +99,9 @@ def _print(summary: dict[str, Any]) -> None:
     counts = ", ".join(f"{k} {v}" for k, v in sorted(summary["counts"].items()))
     out.print(f"rollout {summary['id']}: [bold]{summary['state']}[/] ({counts})"
               + (f": {escape(summary['reason'])}" if summary.get("reason") else ""))
+    if summary.get("refused_messages"):
+        out.print(f"[red]{summary['refused_messages']} reported message(s) refused[/] (not the device's key, malformed "
+                  f"or from the future), e.g. {escape(summary['refused_examples'][0])}")
 
 
 def _exit(summary: dict[str, Any]) -> None:

@@ -247,6 +247,7 @@ class Rollout:
         self._dirty: set[str] = set()
         self._last_rev = 0
         self.ignored = 0  # reported messages of other rollouts or older revisions
+        self.refused: list[str] = []  # reported messages refused (forged, malformed, from the future), with why
         self._device_rev: dict[str, int] = {}  # the newest revision each device reported (any rollout)
 
     # --- history ---------------------------------------------------------------------------------
@@ -426,6 +427,7 @@ class Rollout:
                     state, reason = self._gate(plan, order, ends[0], client)
                     if state != "done":
                         break
+            self.refused = list(getattr(client, "rejected", []))
         self._take_reports()
         self._flush()
         summary = self.summary(plan, state, reason)
@@ -558,7 +560,9 @@ class Rollout:
 
     def summary(self, plan: dict[str, Any], state: str, reason: str | None) -> dict[str, Any]:
         """Return the rollout's outcome: ``state`` (done, stopped, aborted), ``reason``, ``counts`` per
-        device state, and one row per device (``device, wave, state, variant, error, seconds, download``)."""
+        device state, ``ignored`` (reports of other rollouts or revisions), ``refused_messages`` (reports
+        that failed their signature or checks; up to five with why), and one row per device (``device, wave,
+        state, variant, error, seconds, download``)."""
         rows = []
         for name, row in self.rows.items():
             d = row.get("detail") or {}
@@ -566,4 +570,4 @@ class Rollout:
                          "variant": plan["targets"].get(name, {}).get("variant"), "error": d.get("error"),
                          "seconds": d.get("seconds"), "download": d.get("download")})
         return {"id": self.rid, "state": state, "reason": reason, "counts": self._counts(), "ignored": self.ignored,
-                "devices": rows}
+                "refused_messages": len(self.refused), "refused_examples": self.refused[:5], "devices": rows}

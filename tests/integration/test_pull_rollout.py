@@ -37,13 +37,23 @@ def pull_fleet(sim, digits_artifacts, digits_artifacts_v2, run_cli, tmp_path):
 
 def test_a_rollout_in_waves_converges_every_device_and_a_second_start_is_refused(pull_fleet, digits_artifacts_v2,
                                                                                   run_cli):
+    from device_agents.identity import Signer
+    from edge_kit.fleet.commands import FleetClient
+    from edgekit_protocol import messages
+
     simfleet, fleet, store, server = pull_fleet
+    forged = Signer.generate().sign(messages.envelope("reported", fleet.fleet, fleet.devices[0].name, 1, {
+        "rollout": "r1", "revision": 2 ** 62, "state": "converged", "current": None}))  # not the device's key
+    with FleetClient.of(fleet) as client:  # someone on the broker, retained: every subscriber gets it
+        client.client.publish(messages.topic(fleet.fleet, fleet.devices[0].name, "reported"), messages.encode(forged),
+                              qos=1, retain=True).wait_for_publish(5)
     code, out, err = run_cli("rollout", "start", str(digits_artifacts_v2), "--fleet", simfleet.fleet_file,
                              "--store", server.url, "--variant", "int8", "--wave", "30%,100%", "--rate", "600/min",
                              "--id", "r1", "--json")
     assert code == 0, err
     result = json.loads(out)
     assert result["state"] == "done" and result["counts"] == {"converged": 3}
+    assert result["refused_messages"] == 1 and "signed with key" in result["refused_examples"][0]
     assert sorted(r["wave"] for r in result["devices"]) == [1, 2, 2]  # the first wave is one device of three
     int8 = sha_of(digits_artifacts_v2, "int8")
     for dev in fleet.devices:
