@@ -82,14 +82,12 @@ class Agent:
         self.reconciler = Reconciler(self.store.root, self.store, activate=self._activate, report=self._report,
                                      check_disk=lambda needs: self.disk.check("fetch", needs), settings=cfg.pull)
         self._desired_inbox: queue.Queue[Any] = queue.Queue()  # verified desired messages, taken by the main thread
-        self._reported_seq = 0
         self._report_again = threading.Event()
         self.commands: queue.Queue[Command] = queue.Queue(maxsize=cfg.max_queued_commands)
         self._stop = threading.Event()
         self._unservable: str | None = None  # a current model the serving API could not load (logged once)
         self._untaken: list[Any] = []  # commands a full disk kept from being taken: taken when space returns
         self.dropped_on_full_disk = 0  # telemetry not written for lack of space (the spool counts the rest)
-        self._status_seq = 0
         self._announced: str | None = None  # the current model as the last status said
         self.started = time.time()
         p = cfg.power
@@ -121,11 +119,10 @@ class Agent:
         return {k: meta[k] for k in ("sha256", "variant", "model", "damaged") if k in meta}
 
     def _status(self, state: str) -> dict[str, Any]:
-        self._status_seq += 1
         self._announced = self.store.current()
         self._announced_full = self.disk.full
         runtimes = {k: (cls.unavailable_reason() or "available") for k, cls in RUNTIMES.items()}
-        return self.signer.sign(messages.envelope("status", self.cfg.fleet, self.cfg.device, self._status_seq, {
+        return self.signer.sign(messages.envelope("status", self.cfg.fleet, self.cfg.device, self.spool.next_seq("status"), {
             "state": state, "agent_version": edgekit_protocol.__version__, "profile": self.cfg.profile,
             "current": self._model_ref(self.store.current()), "runtimes": runtimes,
             "power_source": self.power_source, "simulated": self.cfg.simulated, "pid": os.getpid(),
@@ -133,8 +130,7 @@ class Agent:
 
     def _report(self, body: dict[str, Any]) -> None:
         """Publish a ``reported`` body, signed and retained (the newest is what the operator reads)."""
-        self._reported_seq += 1
-        msg = self.signer.sign(messages.envelope("reported", self.cfg.fleet, self.cfg.device, self._reported_seq, body))
+        msg = self.signer.sign(messages.envelope("reported", self.cfg.fleet, self.cfg.device, self.spool.next_seq("reported"), body))
         self.publisher.publish(self._topic("reported"), messages.encode(msg), retain=True)
 
     def emit(self, kind: str, body: dict[str, Any], answers: str | None = None) -> dict[str, Any] | None:

@@ -49,6 +49,7 @@ class Spool:
         self._count = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
         self._sync = ""
         self._undone: set[int] = set()  # acknowledged rows a full disk kept us from deleting
+        self._unsaved: dict[str, int] = {}  # next_seq numbers a full disk kept us from writing
 
     def _counter(self, name: str) -> int:
         row = self._db.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
@@ -58,6 +59,21 @@ class Spool:
         value = self._counter(name) + by
         self._db.execute("INSERT OR REPLACE INTO counters (name, value) VALUES (?, ?)", (name, value))
         return value
+
+    def next_seq(self, kind: str) -> int:
+        """Return the next sequence number of ``kind`` for a message published without the outbox (a
+        retained ``status`` or ``reported``), persisted so it keeps rising across restarts. Never
+        raises: when the disk is too full to write it, the number is kept in memory until it can be."""
+        name = "seq." + kind
+        with self._lock:
+            value = max(self._counter(name), self._unsaved.get(name, 0)) + 1
+            try:
+                self._db.execute("INSERT OR REPLACE INTO counters (name, value) VALUES (?, ?)", (name, value))
+                self._unsaved.pop(name, None)
+            except sqlite3.OperationalError as exc:  # "database or disk is full"
+                self._unsaved[name] = value
+                log.warning("spool: %s = %d not persisted yet: %s", name, value, exc)
+            return value
 
     def add(self, kind: str, topic: str, build: Callable[[int], bytes],
             answers: str | None = None) -> tuple[int | None, bytes | None]:

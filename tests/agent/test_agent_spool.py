@@ -89,3 +89,28 @@ def test_an_acknowledged_row_the_full_disk_kept_from_deleting_is_deleted_with_th
     spool._db = real
     spool.done(r2)
     assert spool.pending() == [] and spool.stats()["pending"] == 0
+
+
+def test_status_and_reported_numbers_keep_rising_across_restarts_and_a_full_disk(tmp_path):
+    """Retained messages are not spooled, but their seq is the spool's: a restart never numbers from 1 again
+    (receivers order by seq and receive time), and a disk too full to write the counter still gives a higher one."""
+    spool = Spool(tmp_path / "s.db")
+    assert [spool.next_seq("status") for _ in range(3)] == [1, 2, 3]
+    assert spool.next_seq("reported") == 1
+    spool.close()
+    spool = Spool(tmp_path / "s.db")
+    assert spool.next_seq("status") == 4
+    real = spool._db
+
+    class Full:
+        def execute(self, sql, *args):
+            if sql.startswith("INSERT"):
+                raise sqlite3.OperationalError("database or disk is full")
+            return real.execute(sql, *args)
+
+    spool._db = Full()
+    assert [spool.next_seq("status") for _ in range(2)] == [5, 6]  # from memory, never raises
+    spool._db = real
+    assert spool.next_seq("status") == 7  # written again once space returns
+    spool.close()
+    assert Spool(tmp_path / "s.db").next_seq("status") == 8
