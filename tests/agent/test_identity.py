@@ -47,6 +47,25 @@ def test_a_signed_record_verifies_and_every_alteration_is_refused():
         Keyring({"d1": DEVICE.public}).verify(good, "d2")
 
 
+@pytest.mark.parametrize("backend", ["libsodium", "openssl"])
+def test_libsodium_and_openssl_accept_and_refuse_the_same_signatures(backend, monkeypatch):
+    """The host verifies with libsodium (PyNaCl), a device with OpenSSL (cryptography): same verdicts."""
+    assert identity._sodium_open is not None  # the host extra installs PyNaCl: the fast path is what the monitor runs
+    if backend == "openssl":
+        monkeypatch.setattr(identity, "_sodium_open", None)
+    good = record()
+    data = messages.canonical(good)
+    sig = __import__("base64").b64decode(good["sig"])
+    assert identity.verify_ed25519(DEVICE.public, sig, data)
+    flipped = bytes([sig[0] ^ 1]) + sig[1:]
+    high_s = sig[:32] + (int.from_bytes(sig[32:], "little") + 2 ** 252 + 27742317777372353535851937790883648493).to_bytes(32, "little")
+    for pub, s, d in [(DEVICE.public, flipped, data), (DEVICE.public, sig, data + b" "), (OPS.public, sig, data),
+                      (DEVICE.public, sig[:63], data), (DEVICE.public[:31], sig, data), (DEVICE.public, high_s, data),
+                      (b"\0" * 32, sig, data)]:
+        assert not identity.verify_ed25519(pub, s, d)  # never raises: a refusal
+    assert receive(messages.encode(good)) == good
+
+
 def test_commands_verify_only_under_a_pinned_operator_key(tmp_path):
     cmd = OPS.sign(commands.command("f", "d1", "state", expires=time.time() + 60))
     KEYRING.verify(cmd, OPERATOR)
