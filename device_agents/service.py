@@ -53,6 +53,7 @@ from edgekit_protocol.errors import EdgeKitError
 
 log = logging.getLogger("edgekit.agent")
 WRITES = ("install", "activate", "rollback", "bench", "operators")  # commands that write a model, a link or a record
+LONG = ("install",)  # may run for minutes (a TensorRT engine is built at install): the telemetry beat goes on meanwhile
 
 
 class Agent:
@@ -90,6 +91,7 @@ class Agent:
         self.dropped_on_full_disk = 0  # telemetry not written for lack of space (the spool counts the rest)
         self._announced: str | None = None  # the current model as the last status said
         self.started = time.time()
+        self._next_telemetry = time.monotonic() + cfg.telemetry_interval_s
         p = cfg.power
         self._meter_args = dict(keys=p.sensors, env=SensorEnv(p.sys_root, p.vcgencmd), idle_w=p.idle_w,
                                 busy_w=p.busy_w, cores=p.cores, profile=cfg.profile or "?")
@@ -347,6 +349,26 @@ class Agent:
         if self.store.current() != self._announced:  # switched by the command, or over SSH meanwhile
             self._publish_status()
 
+    def run_command(self, cmd: Command) -> None:
+        """Run one command (:meth:`handle`); commands run one at a time, in order. One of :data:`LONG`
+        runs in a worker thread while this thread keeps sending telemetry when it is due, so a device
+        building a TensorRT engine for minutes is not taken for a silent one; a benchmark is never
+        interrupted so (its figures would carry the telemetry's work)."""
+        if cmd.name not in LONG:
+            self.handle(cmd)
+            return
+        worker = threading.Thread(target=self.handle, args=(cmd,), daemon=True, name=f"command-{cmd.name}")
+        worker.start()
+        while worker.is_alive():
+            worker.join(0.2)
+            self._telemetry_when_due()
+
+    def _telemetry_when_due(self) -> None:
+        """Send telemetry if its interval has passed since the last."""
+        if time.monotonic() >= self._next_telemetry:
+            self._next_telemetry = time.monotonic() + self.cfg.telemetry_interval_s
+            self.telemetry()
+
     def _cmd_bench(self, cmd: Command) -> dict[str, Any]:
         a = cmd.args
         sha = self.store.resolve(sha256=a.get("sha256"), variant=a.get("variant"))
@@ -570,17 +592,16 @@ class Agent:
         self.publisher.start()
         self.client.connect_async(b.host, b.port, keepalive=b.keepalive)
         self.client.loop_start()
-        next_telemetry = time.monotonic() + self.cfg.telemetry_interval_s
         next_disk = time.monotonic()
         try:
             while not self._stop.is_set():
                 try:
-                    cmd = self.commands.get(timeout=min(0.2, max(0.0, next_telemetry - time.monotonic())))
+                    cmd = self.commands.get(timeout=min(0.2, max(0.0, self._next_telemetry - time.monotonic())))
                 except queue.Empty:
                     cmd = None
                 try:
                     if cmd is not None:
-                        self.handle(cmd)
+                        self.run_command(cmd)
                     self._take_desired()
                     if self._report_again.is_set() and self.reconciler.last is not None:
                         self._report_again.clear()
@@ -595,9 +616,7 @@ class Agent:
                         if self.disk.full != self._announced_full:
                             self._publish_status()
                         self.follow_current()
-                    if time.monotonic() >= next_telemetry:
-                        next_telemetry = time.monotonic() + self.cfg.telemetry_interval_s
-                        self.telemetry()
+                    self._telemetry_when_due()
                 except Exception:  # noqa: BLE001 - the service outlives any one step (a full disk most of all)
                     log.exception("the service loop met an error; it goes on")
                     time.sleep(0.2)

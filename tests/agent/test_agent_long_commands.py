@@ -1,0 +1,59 @@
+"""A command that runs for minutes (an install that builds a TensorRT engine) keeps the agent's
+telemetry going, so the monitor does not take the device for silent; a benchmark is never interrupted
+by it. The install itself is replaced by a slow stand-in: what is tested is the agent's scheduling."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from device_agents.config import load_agent_config
+from device_agents.service import Agent
+from edgekit_protocol.commands import Command
+
+
+def _agent(tmp_path) -> Agent:
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text(f"device: pi-1\nfleet: f\nroot: {tmp_path / 'root'}\ntelemetry_interval_s: 0.2\nserve: {{enabled: false}}\n")
+    return Agent(load_agent_config(cfg))
+
+
+def _sent(agent: Agent) -> list[tuple[str, dict]]:
+    return [(topic.rsplit("/", 1)[-1] if "cmd/ack" not in topic else "ack", json.loads(p))
+            for _, topic, p in agent.spool.pending()]
+
+
+def _slow(seconds: float, result: dict):
+    def run(_cmd):
+        time.sleep(seconds)
+        return result
+    return run
+
+
+def test_a_long_install_keeps_the_telemetry_beat_and_is_answered_once(tmp_path):
+    agent = _agent(tmp_path)
+    try:
+        agent._cmd_install = _slow(1.5, {"engine": {"build_s": 1.5}})
+        assert agent.spool.take("m1", b"{}", time.time(), time.time() + 60) is None  # taken as delivered
+        started = time.monotonic()
+        agent.run_command(Command("m1", "install", {}))
+        assert time.monotonic() - started >= 1.5
+        sent = _sent(agent)
+        telemetry = [m for kind, m in sent if kind == "telemetry"]
+        acks = [m for kind, m in sent if kind == "ack"]
+        assert len(telemetry) >= 4, sent  # every 0.2 s while the engine was built
+        assert [(a["cmd_id"], a["ok"], a["result"]) for a in acks] == [("m1", True, {"engine": {"build_s": 1.5}})]
+        assert [m["seq"] for m in telemetry] == sorted(m["seq"] for m in telemetry)
+        assert agent.spool.pending_commands() == []  # answered: the inbox let go of it
+    finally:
+        agent.spool.close()
+
+
+def test_a_benchmark_is_not_interrupted_by_telemetry(tmp_path):
+    agent = _agent(tmp_path)
+    try:
+        agent._cmd_bench = _slow(0.8, {"runs": 1})
+        agent.run_command(Command("m2", "bench", {}))
+        assert [kind for kind, _ in _sent(agent)] == ["ack"]
+    finally:
+        agent.spool.close()
