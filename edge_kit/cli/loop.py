@@ -137,6 +137,11 @@ def print_tune(report: Any) -> None:
                   f"{b['health']} health benchmark(s) of switched-to variants, counted apart")
         for text in b["messages"]:
             out.print(f"[yellow]note[/] {escape(text)}")
+    from edge_kit.loop.tune import pending_note
+
+    pending = [d for r in report.rounds for d in r.get("pending", [])]
+    if pending and report.budget is None:  # with a budget its notes said so
+        out.print(f"[yellow]note[/] {escape(pending_note(pending))}")
     flagged = {k: d.flagged for k, d in report.final.items() if getattr(d, "flagged", None)}
     for name, why in flagged.items():
         out.print(f"[red]flagged[/] {name}: {escape(why)}")

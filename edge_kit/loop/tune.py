@@ -9,17 +9,18 @@
    fresh benchmark of the activated variant, rollback when it fails); the fresh record is stored and
    the next round decides again with it.
 
-Stops when a round switches nothing, or after ``rounds``. Measurements persist in the history
-store, so a second run with an unchanged fleet measures nothing new and switches nothing.
+Stops when a round switches nothing, or after ``rounds``; then, when the last round switched, one
+more decision on the health benchmarks of those switches is recorded (``verify``) and what it would
+still switch is listed as ``pending``, not switched. Measurements persist in the history store, so a
+second run with an unchanged fleet measures nothing new and switches nothing.
 
 With a budget (``tune --budget N``, benchmark runs or device-seconds), step 2 measures only the pairs
 :func:`edge_kit.selection.fleetmodel.plan_measurements` plans (a sample per profile, then where a
 device's choice is uncertain), planning again after each batch until the plan is empty or the
 budget is spent; step 3 decides with the fleet model (figures measured on the device, else inferred
 from its profile, each marked); step 4 is unchanged: a device is switched only with a health
-benchmark of the variant it switches to, stored, and the next round plans with it; after the last
-round's switches, one more decision on their health benchmarks is recorded (``verify``), and what it
-would still switch is listed as pending, not switched. Decisions are stored with ``kind: "fleet
+benchmark of the variant it switches to, stored, and the next round plans with it; the ``verify``
+decision after the last round is the same as without a budget. Decisions are stored with ``kind: "fleet
 selection"``, their flags, confidence, inferred figures and drift.
 """
 
@@ -163,27 +164,33 @@ def tune(fleet: Fleet, devices: list[Device], opts: TuneOptions, store: HistoryS
         _tune_budget(fleet, live, manifest, opts, store, report, current, refused, step)
         return report
     with FleetClient.of(fleet) as client:
-        for number in range(1, opts.rounds + 1):
+        for number in range(1, opts.rounds + 2):
+            verify = number > opts.rounds  # after the last round's switches: decide on their health benchmarks only
             wanted = {}
-            for dev in live:
+            for dev in [] if verify else live:
                 have = store.latest_bench(dev.name)
                 wanted[dev.name] = [(a.id, a.sha256) for a in candidates_for(manifest, dev)
                                     if (dev.name, a.sha256) not in have and a.id not in refused.get(dev.name, ())]
             count = sum(len(v) for v in wanted.values())
-            step(f"round {number}: measuring {count} variant(s) on {len([w for w in wanted.values() if w])} device(s)")
+            step(f"round {number}: " + ("deciding on the health benchmarks" if verify else
+                                        f"measuring {count} variant(s) on {len([w for w in wanted.values() if w])} device(s)"))
             stored, silent = _measure(client, store, {k: v for k, v in wanted.items() if v}, opts.bench, opts.timeout)
             for device, what in silent.items():
                 report.silent.setdefault(device, []).extend(what)
             step(f"round {number}: selecting")
             decisions = decide(manifest, [d for d in live if d.name not in silent], store, current, opts.margin)
             for d in decisions.values():
-                store.add_decision({**d.as_dict(), "round": number, "artifacts": str(opts.artifacts.resolve())})
+                store.add_decision({**d.as_dict(), "round": number, "artifacts": str(opts.artifacts.resolve()),
+                                    "verify": verify})
             switch = {name: d.chosen for name, d in decisions.items() if d.switch and d.chosen}
             report.final.update(decisions)
-            entry = {"round": number, "measured": stored, "silent": silent, "switched": sorted(switch),
+            entry = {"round": number, "measured": stored, "silent": silent, "switched": sorted(switch), "verify": verify,
                      "decisions": {k: v.as_dict() for k, v in decisions.items()}}
             report.rounds.append(entry)
             if not switch:
+                break
+            if verify:  # the rounds are used up: say what a further run would switch, do not switch it
+                entry["pending"], entry["switched"] = entry["switched"], []
                 break
             step(f"round {number}: activating on {len(switch)} device(s)")
             entry["activation"] = _activate(fleet, [d for d in live if d.name in switch], switch, opts, store,
@@ -192,6 +199,11 @@ def tune(fleet: Fleet, devices: list[Device], opts: TuneOptions, store: HistoryS
         store.add_many([("status", m) for m in client.statuses()])
     return report
 
+
+
+def pending_note(devices: list[str]) -> str:
+    """Return the note for devices the ``verify`` decision would switch again (not switched: no rounds left)."""
+    return f"{len(devices)} device(s) would switch again on their health benchmarks ({', '.join(devices)}): run tune again"
 
 
 def _activate(fleet: Fleet, devices: list[Device], switch: dict[str, str], opts: TuneOptions, store: HistoryStore,
@@ -332,15 +344,14 @@ def _tune_budget(fleet: Fleet, live: list[Device], manifest: Manifest, opts: Tun
             switch = {name: d.chosen for name, d in decisions.items() if d.switch and d.chosen}
             report.final.update(decisions)
             entry = {"round": number, "measured": measured, "silent": silent, "switched": sorted(switch),
-                     "planned": planned,
+                     "verify": verify, "planned": planned,
                      "messages": plan.messages, "decisions": {k: v.as_dict() for k, v in decisions.items()}}
             report.rounds.append(entry)
             if not switch:
                 break
             if verify:  # the rounds are used up: say what a further run would switch, do not switch it
                 entry["pending"], entry["switched"] = entry["switched"], []
-                info["messages"] = [*plan.messages, f"{len(switch)} device(s) would switch again on their health "
-                                                    f"benchmarks ({', '.join(sorted(switch))}): run tune again"]
+                info["messages"] = [*plan.messages, pending_note(sorted(switch))]
                 break
             step(f"round {number}: activating on {len(switch)} device(s), each with a health benchmark")
             group = _activate(fleet, [by_name[n] for n in switch], switch, opts, store, current)
