@@ -14,9 +14,9 @@ copy into the socket and one out of it (the figures page quotes what the framing
 
 Large inputs may travel through shared memory instead: the request's header names a file the client
 made under ``/dev/shm`` (``"shm": "edgekit-..."``) and each tensor entry its ``offset`` in it; no
-tensor bytes follow the header. The server maps the file read-only, checks every tensor lies inside
-it, and reads the inputs in place (one copy fewer each way of the socket). Answers always come over
-the socket.
+tensor bytes follow the header. The server checks every tensor lies inside the file and reads the
+inputs with ``pread`` (one copy, instead of two through the socket); it never maps the file, which
+its client may shrink at any moment. Answers always come over the socket.
 """
 
 from __future__ import annotations
@@ -130,46 +130,55 @@ SHM_DIR = "/dev/shm"
 SHM_PREFIX = "edgekit-"
 
 
-def map_shared(name: Any, max_payload: int, cache: dict | None = None) -> memoryview:
-    """Return a read-only view of the shared-memory file ``/dev/shm/<name>`` a client made for its inputs.
+def read_shared(name: Any, plan: list[tuple], max_payload: int, payload: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Return the arrays ``plan`` describes, read from the shared-memory file ``/dev/shm/<name>`` a
+    client made for its inputs, at their offsets (into ``payload`` when it is large enough).
 
-    ``cache`` (one per connection) keeps the mapping while the file stays the same (inode and size),
-    so a client's every request costs one ``stat``, not a new mapping.
+    The file is read with ``pread``, never mapped: a client can shrink its file at any moment, and a
+    mapped page past the file's end kills the reading process (SIGBUS), the whole agent. A file that
+    shrank while it was read is a malformed request. It is opened without blocking: a FIFO under an
+    ``edgekit-`` name is refused, not waited on.
 
     Raises:
         FrameError: the name is not an ``edgekit-`` file directly under /dev/shm, it is not a regular
-            file (a symlink is refused), or it is larger than ``max_payload``.
+            file (a symlink or a FIFO is refused), it is larger than ``max_payload``, a tensor lies
+            outside it, or it shrank while it was read.
     """
-    import mmap
     import os
     import stat
 
     if not isinstance(name, str) or not name.startswith(SHM_PREFIX) or "/" in name or len(name) > 128:
         raise FrameError(f"shm: {str(name)[:40]!r} is not an {SHM_PREFIX}* name under {SHM_DIR}")
-    if cache is not None and name in cache:
-        try:
-            st = os.stat(os.path.join(SHM_DIR, name), follow_symlinks=False)
-        except OSError:
-            st = None
-        view, ino, size = cache[name]
-        if st is not None and (st.st_ino, st.st_size) == (ino, size):
-            return view
-        del cache[name]
-    try:
-        fd = os.open(os.path.join(SHM_DIR, name), os.O_RDONLY | os.O_NOFOLLOW)
+    try:  # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer, for ever
+        fd = os.open(os.path.join(SHM_DIR, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as exc:
         raise FrameError(f"shm: {name}: {exc.strerror}") from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_size > max_payload or st.st_size == 0:
             raise FrameError(f"shm: {name} is not a regular file of 1 to {max_payload} bytes")
-        view = memoryview(mmap.mmap(fd, st.st_size, prot=mmap.PROT_READ))
+        total = sum(p[3] for p in plan)
+        if payload is None or len(payload) < total:
+            payload = np.empty(total, np.uint8)  # not zeroed: every byte is read into it
+        dest = memoryview(payload)
+        arrays: dict[str, np.ndarray] = {}
+        at = 0
+        for tname, dtype, shape, nbytes, offset in plan:
+            if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0 or offset + nbytes > st.st_size:
+                raise FrameError(f"tensor {tname}: offset {str(offset)[:20]} + {nbytes} bytes is outside the "
+                                 f"{st.st_size}-byte shared-memory file")
+            done = 0
+            while done < nbytes:
+                got = os.preadv(fd, [dest[at + done:at + nbytes]], offset + done)
+                if not got:
+                    raise FrameError(f"shm: {name} shrank while its tensor {tname} was read")
+                done += got
+            arrays[tname] = (np.frombuffer(payload, dtype=dtype, count=math.prod(shape), offset=at).reshape(shape)
+                             if nbytes else np.zeros(shape, dtype))
+            at += nbytes
+        return arrays
     finally:
         os.close(fd)
-    if cache is not None:
-        cache.clear()  # one client, one file at a time
-        cache[name] = (view, st.st_ino, st.st_size)
-    return view
 
 
 def _parse_header(raw: bytes | memoryview) -> dict[str, Any]:
@@ -229,32 +238,22 @@ def _plan(header: dict[str, Any], max_payload: int) -> tuple[list[tuple], int]:
     return plan, total
 
 
-def _arrays(plan: list[tuple], payload: Any, shared: bool) -> dict[str, np.ndarray]:
-    """Return the arrays ``plan`` describes, as views of ``payload`` (in order, or at their offsets).
-
-    Raises:
-        FrameError: a shared-memory tensor lies outside the file.
-    """
+def _arrays(plan: list[tuple], payload: Any) -> dict[str, np.ndarray]:
+    """Return the arrays ``plan`` describes, as views of ``payload`` (one after another)."""
     arrays: dict[str, np.ndarray] = {}
     at = 0
-    for name, dtype, shape, nbytes, offset in plan:
-        if shared:
-            if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0 or offset + nbytes > len(payload):
-                raise FrameError(f"tensor {name}: offset {str(offset)[:20]} + {nbytes} bytes is outside the "
-                                 f"{len(payload)}-byte shared-memory file")
-            at = offset
+    for name, dtype, shape, nbytes, _ in plan:
         arrays[name] = (np.frombuffer(payload, dtype=dtype, count=math.prod(shape), offset=at).reshape(shape)
                         if nbytes else np.zeros(shape, dtype))
         at += nbytes
     return arrays
 
 
-def read_frame(stream: BinaryIO, max_payload: int,
-               shm_cache: dict | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:
+def read_frame(stream: BinaryIO, max_payload: int) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:
     """Read one frame from a binary stream; return ``(header, arrays by name)``, or None when the peer
     closed between frames (:class:`Receiver` does the same on a socket with fewer copies).
 
-    With ``shm`` in the header the arrays are read-only views of the client's shared-memory file.
+    With ``shm`` in the header the arrays are read from the client's shared-memory file (:func:`read_shared`).
 
     Raises:
         FrameError: bad magic, a header that is too long, not JSON or not an object, a tensor entry
@@ -271,11 +270,11 @@ def read_frame(stream: BinaryIO, max_payload: int,
     header = _parse_header(raw)
     plan, total = _plan(header, max_payload)
     if "shm" in header:
-        return header, _arrays(plan, map_shared(header["shm"], max_payload, shm_cache), True)
+        return header, read_shared(header["shm"], plan, max_payload)
     payload = _exactly(stream, total) if total else b""
     if total and payload is None:
         raise FrameError("the stream ended before the tensors")
-    return header, _arrays(plan, payload, False)
+    return header, _arrays(plan, payload)
 
 
 class Receiver:
@@ -334,8 +333,7 @@ class Receiver:
                 raise FrameError(f"the stream ended {len(dest) - k} bytes short of a complete frame")
             k += got
 
-    def read(self, max_payload: int,
-             shm_cache: dict | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:
+    def read(self, max_payload: int) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:
         """Read one frame; return ``(header, arrays by name)``, or None when the peer closed between frames.
 
         Raises:
@@ -359,9 +357,11 @@ class Receiver:
         else:
             header, (plan, total), _ = known
         if "shm" in header:
-            return header, _arrays(plan, map_shared(header["shm"], max_payload, shm_cache), True)
+            if self.reuse and (self._payload is None or len(self._payload) < total):
+                self._payload = np.empty(total, np.uint8)  # a new one: views of the old one may still be alive
+            return header, read_shared(header["shm"], plan, max_payload, self._payload if self.reuse else None)
         if not total:
-            return header, _arrays(plan, b"", False)
+            return header, _arrays(plan, b"")
         if not self.reuse:
             payload = np.empty(total, np.uint8)  # not zeroed: every byte is received into it
         else:
@@ -369,4 +369,4 @@ class Receiver:
                 self._payload = np.empty(total, np.uint8)  # a new one: views of the old one may still be alive
             payload = self._payload
         self._fill(memoryview(payload)[:total])
-        return header, _arrays(plan, payload, False)
+        return header, _arrays(plan, payload)

@@ -12,9 +12,15 @@ clients), the same error texts, counted in the same live figures and offered to 
 - ``GET /v1/model`` answers ``{"ok": true, "model": ..., "inputs": [...], "outputs": [...]}``.
 
 Errors answer ``{"ok": false, "error": "..."}`` with 400 (malformed JSON, NaN or infinity, not a
-rectangular array of numbers, inputs that do not fit the model), 404, 405, 411 (no Content-Length),
-413 (body over the payload limit, refused before it is read), 500 (the interpreter failed) or 503
-(no model active; busy).
+rectangular array of numbers, inputs that do not fit the model), 403 (a ``Host`` or ``Origin`` that
+is not the loopback: a web page in a browser on the device, see below), 404, 405, 411 (no
+Content-Length), 413 (body over the payload limit, refused before it is read), 500 (the interpreter
+failed) or 503 (no model active; busy).
+
+A browser on the device can reach 127.0.0.1 too: any web page it shows may post to this endpoint
+(a "simple" cross-origin POST needs no preflight), and one whose name it re-resolves to 127.0.0.1
+(DNS rebinding) may read the answers. Such requests carry the page's name in ``Host`` or its origin
+in ``Origin``: only ``127.0.0.1``, ``localhost`` and ``[::1]`` (any port) are answered.
 """
 
 from __future__ import annotations
@@ -50,6 +56,24 @@ def _refuse_constant(name: str) -> Any:
         ValueError: always.
     """
     raise ValueError(f"{name} is not a number JSON allows")
+
+
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+
+
+def _loopback_host(value: str) -> bool:
+    """Return whether a ``Host`` value (``name`` or ``name:port``) names the loopback."""
+    host = value.strip().lower()
+    name, sep, port = host.rpartition(":")
+    if sep and not host.endswith("]") and port.isascii() and (port.isdigit() or not port):
+        host = name
+    return host in LOOPBACK_NAMES
+
+
+def _loopback_origin(value: str) -> bool:
+    """Return whether an ``Origin`` value is a page served from the loopback (``http://127.0.0.1:8080``)."""
+    scheme, sep, rest = value.strip().partition("://")
+    return bool(sep) and scheme.lower() in ("http", "https") and "/" not in rest and _loopback_host(rest)
 
 
 def parse_inputs(body: bytes, max_payload: int) -> dict[str, np.ndarray]:
@@ -114,6 +138,24 @@ def listen(server: Any, port: int) -> ThreadingHTTPServer:
                 pass
             finally:
                 server.leave()
+
+        def parse_request(self) -> bool:
+            """Parse the request line and headers, then refuse (403) a ``Host`` or an ``Origin`` that is
+            not the loopback: a web page in a browser on the device (cross-site, or DNS rebinding)."""
+            if not super().parse_request():
+                return False
+            host, origin = self.headers.get("Host"), self.headers.get("Origin")
+            bad = (("Host", host) if host is not None and not _loopback_host(host)
+                   else ("Origin", origin) if origin is not None and not _loopback_origin(origin) else None)
+            if bad is None:
+                return True
+            server.malformed()
+            try:
+                self._error(403, f"refused: {bad[0]} {bad[1][:60]!r} is not the loopback (127.0.0.1, localhost): "
+                                 "a web page cannot use this API", close=True)
+            except OSError:
+                pass
+            return False
 
         def _raw_refusal(self, status: int, message: str) -> None:
             """Answer ``status`` and close, before the request is read (never raises)."""
@@ -185,7 +227,8 @@ def listen(server: Any, port: int) -> ThreadingHTTPServer:
                                 close=True)
                 return
             length = self.headers.get("Content-Length")
-            if self.headers.get("Transfer-Encoding") or length is None or not length.isdigit():
+            if (self.headers.get("Transfer-Encoding") or length is None
+                    or not (length.isascii() and length.isdigit())):  # "²".isdigit() is True, int("²") raises
                 server.malformed()
                 self._error(411, "malformed request: send the body with a Content-Length", close=True)
                 return

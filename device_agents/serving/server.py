@@ -373,12 +373,11 @@ class Server:
         if not self.admit():
             _answer(conn, {"ok": False, "error": self.busy_message()})
             return
-        shm: dict = {}  # this connection's shared-memory mapping, kept while the client's file is the same
         receiver = Receiver(conn, reuse=True)  # arrays stay valid until the next read: answered (and offered) by then
         try:
             while True:
                 try:
-                    frame = receiver.read(self.max_payload, shm)
+                    frame = receiver.read(self.max_payload)
                 except FrameError as exc:  # the stream is out of step: answer, then hang up
                     self.malformed()
                     _answer(conn, {"ok": False, "error": f"malformed request: {exc}"})
@@ -398,12 +397,11 @@ class Server:
                         if not _answer(conn, answer):
                             return
                         continue
-                    if "shm" in header:  # the client may overwrite its file once answered: offered first
-                        self.offer_shadow(served, arrays, outputs)
                     if not _answer(conn, served.answer_head(outputs, round(took / 1e6, 4)), outputs):
                         return
-                    if "shm" not in header:  # after the answer: the shadow never delays a request
-                        self.offer_shadow(served, arrays, outputs)
+                    # after the answer (the shadow never delays a request); shared-memory inputs were
+                    # read into this connection's buffer too: the client's file may change meanwhile
+                    self.offer_shadow(served, arrays, outputs)
                     continue
                 served = self.current
                 if served is None:

@@ -126,15 +126,57 @@ def test_deep_nesting_missing_length_wrong_paths_and_methods(store, server):
     assert call(server, "GET", "/v1/predict")[0] == 405
     assert call(server, "POST", "/v1/model", b"{}")[0] == 405
     with socket.create_connection(server.http_address, timeout=10) as raw:  # no Content-Length
-        raw.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+        raw.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
         assert raw.recv(4096).startswith(b"HTTP/1.1 411")
     with socket.create_connection(server.http_address, timeout=10) as raw:  # a client that goes away mid-body
-        raw.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n\r\n{\"inputs\"")
+        raw.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 500\r\n\r\n{\"inputs\"")
     deadline = time.monotonic() + 10
     while server.snapshot()["turned_away"]["malformed"] < 3 and time.monotonic() < deadline:
         time.sleep(0.02)  # the cut request is noticed by the server's thread, after the client left
     assert server.snapshot()["turned_away"]["malformed"] == 3  # 400 (nesting), 411, the cut body; not 404/405
     assert call(server, "POST", "/v1/predict", {"inputs": {"image": samples(1)[0].tolist()}})[0] == 200
+
+
+def raw_request(server, data: bytes) -> tuple[int, dict | None]:
+    """Send ``data`` on a new connection; return the answer's status and JSON body (None: no answer)."""
+    with socket.create_connection(server.http_address, timeout=10) as raw:
+        raw.sendall(data)
+        got = b""
+        while chunk := raw.recv(65536):
+            got += chunk
+    if not got:
+        return 0, None
+    head, _, body = got.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def test_a_web_page_in_a_browser_on_the_device_is_refused(store, server):
+    """A page whose name the browser re-resolved to 127.0.0.1 (DNS rebinding: its own name in Host)
+    and a cross-site page posting text/plain (no preflight; its Origin) are both refused with 403
+    before anything runs; loopback names and origins, with or without a port, are answered."""
+    body = json.dumps({"inputs": {"image": samples(1)[0].tolist()}}).encode()
+    port = server.http_address[1]
+    for headers in [f"Host: evil.example:{port}\r\nOrigin: http://evil.example:{port}",
+                    f"Host: 127.0.0.1.evil.example:{port}",
+                    f"Host: 127.0.0.1:{port}\r\nOrigin: http://evil.example",
+                    f"Host: 127.0.0.1:{port}\r\nOrigin: null"]:
+        status, answer = raw_request(server, f"POST /v1/predict HTTP/1.1\r\n{headers}\r\nContent-Type: text/plain\r\n"
+                                             f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        assert status == 403 and "is not the loopback" in answer["error"], (headers, answer)
+    status, answer = raw_request(server, b"GET /v1/model HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n")
+    assert status == 403 and "model" not in answer
+    assert server.snapshot()["requests"] == 0 and server.snapshot()["turned_away"]["malformed"] == 5
+    for host, origin in [(f"127.0.0.1:{port}", None), ("localhost", f"http://localhost:{port}"), ("[::1]", None)]:
+        status, _ = call(server, "POST", "/v1/predict", body, headers={"Host": host, **({"Origin": origin} if origin else {})})
+        assert status == 200, host
+
+
+def test_a_content_length_in_non_ascii_digits_is_answered_411(store, server):
+    """'²' (latin-1 0xB2) is a digit to str.isdigit() but not to int(): answered 411, as any length
+    that is not ASCII digits, not a traceback and a dropped connection."""
+    status, answer = raw_request(server, b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: \xb2\r\n\r\n{}")
+    assert status == 411 and "Content-Length" in answer["error"]
+    assert call(server, "GET", "/v1/model")[0] == 200
 
 
 def test_a_thousand_malformed_http_requests_leave_the_server_up_and_correct(store, server):
