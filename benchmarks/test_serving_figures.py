@@ -118,7 +118,7 @@ def test_api_latency_against_in_process_invoke(served, figure):
     figure("serving API p50 / in-process invoke() p50 (BlazeFace short range, 128x128x3)",
            f"{p50['api'] / p50['inproc']:.2f}", "<= 1.10",
            f"{p50['api']:.3f} ms vs {p50['inproc']:.3f} ms; the API served by another process (as the agent does), "
-           f"the client's default (input through /dev/shm, answer over the Unix socket); all through the socket: "
+           f"the client's default (input through a sealed memory file passed over the socket, answer over the socket); all through the socket: "
            f"{p50['sock']:.3f} ms ({p50['sock'] / p50['inproc']:.2f}); {n} calls each in interleaved blocks, "
            "perf_counter_ns around the call")
     figure("serving API p50 / in-process p50, client and server on one core", f"{p50['api pinned'] / p50['inproc pinned']:.2f}",

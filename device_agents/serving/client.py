@@ -19,12 +19,11 @@ import numpy as np
 
 from device_agents.errors import DeviceError
 from device_agents.serving.frames import (
-    SHM_DIR,
-    SHM_PREFIX,
     FrameError,
     Receiver,
     describe,
     encode_head,
+    shared_memory_available,
     socket_buffers,
     write_frame,
 )
@@ -59,9 +58,10 @@ class Client:
         self.path = Path(path) if path else Path(root or "/opt/edgekit").expanduser() / SOCKET
         self.timeout = timeout
         self.max_payload = max_payload
-        # inputs of 64 kB or more go through /dev/shm where it exists (None: where it exists)
-        self.shared_memory = os.path.isdir(SHM_DIR) if shared_memory is None else shared_memory
-        self._shm: Any = None  # (name, mmap) of this client's shared-memory file
+        # inputs of 64 kB or more go through a sealed memory file (None: where the system has them, Linux)
+        self.shared_memory = shared_memory_available() if shared_memory is None else shared_memory
+        self._shm: Any = None  # (descriptor, mmap) of this client's memory file
+        self._shm_on: socket.socket | None = None  # the connection its descriptor was passed on
         self._sock: socket.socket | None = None
         self._receiver: Receiver | None = None
         self._heads: dict[Any, Any] = {}  # encoded predict headers by inputs' names, dtypes and shapes
@@ -94,7 +94,8 @@ class Client:
     def _call(self, header: dict[str, Any], arrays: dict[str, np.ndarray] | None = None,
               head: bytes | None = None) -> tuple[dict, dict]:
         """Send one request (``head``: its encoded start, when the caller has it) and return the answer's
-        header and arrays.
+        header and arrays. A ``shm`` request passes the memory file's descriptor along when this
+        connection has not had it yet.
 
         Raises:
             ServingError: the answer is an error (its text), or the API cannot be reached or answers
@@ -103,9 +104,12 @@ class Client:
         for attempt in (1, 2):  # a connection the server closed meanwhile is opened again once
             if self._sock is None:
                 self._connect()
+            fds = [self._shm[0]] if "shm" in header and self._shm is not None and self._shm_on is not self._sock else None
             try:
                 try:
-                    write_frame(self._sock, header, arrays, head=head)
+                    write_frame(self._sock, header, arrays, head=head, fds=fds)
+                    if fds:
+                        self._shm_on = self._sock
                 except (BrokenPipeError, ConnectionResetError):
                     told = _told(self._receiver, self.max_payload)  # the server may have said why before it closed (busy)
                     if told is None:
@@ -151,63 +155,66 @@ class Client:
         return dict(self._call({"op": "predict"}, arrays, head=head)[1])
 
     def _share(self, arrays: dict[str, np.ndarray], size: int) -> dict[str, Any]:
-        """Copy ``arrays`` into this client's shared-memory file; return the request header naming them
+        """Copy ``arrays`` into this client's memory file; return the request header naming them
         (its encoded form in ``_shm_head``; the same header object for the same inputs: not to be changed).
 
+        The file is made with ``memfd_create`` and sealed against shrinking before the server sees it
+        (the server refuses it otherwise); a larger input gets a new file, passed again.
+
         Raises:
-            OSError: the file cannot be made or grown (/dev/shm full).
+            OSError: the memory file cannot be made (out of memory).
         """
+        import fcntl
         import mmap
 
         if self._shm is None or len(self._shm[1]) < size:
             self._close_shm()
-            name = f"{SHM_PREFIX}{os.getpid()}-{id(self):x}"
-            fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o640)
+            fd = os.memfd_create("edgekit-input", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
             try:
                 os.ftruncate(fd, size)
-                self._shm = (name, mmap.mmap(fd, size))
-            finally:
+                fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+                self._shm = (fd, mmap.mmap(fd, size))
+            except BaseException:
                 os.close(fd)
-        name, buf = self._shm
+                raise
+        _, buf = self._shm
         spec, at = [], 0
         for key, a in arrays.items():
             a = np.ascontiguousarray(a)
             buf[at:at + a.nbytes] = memoryview(a).cast("B")
             spec.append((key, a.dtype.name, a.shape, at))
             at += a.nbytes
-        cached = self._heads.get(("shm", name, *spec))
-        if cached is None:  # the same inputs, the same file: the same header, encoded once
+        cached = self._heads.get(("shm", *spec))
+        if cached is None:  # the same inputs: the same header, encoded once
             if len(self._heads) > 64:
                 self._heads.clear()
-            header = {"op": "predict", "shm": name,
+            header = {"op": "predict", "shm": True,
                       "tensors": [{"name": k, "dtype": d, "shape": list(s), "offset": o} for k, d, s, o in spec]}
-            cached = self._heads[("shm", name, *spec)] = (header, encode_head(header))
+            cached = self._heads[("shm", *spec)] = (header, encode_head(header))
         header, self._shm_head = cached
         return header
 
     def _close_shm(self) -> None:
-        """Unmap and remove this client's shared-memory file (never raises)."""
+        """Unmap and close this client's memory file (the server lets go of its mapping with the
+        connection or the next file; never raises)."""
         if self._shm is not None:
-            name, buf = self._shm
+            fd, buf = self._shm
             buf.close()
-            try:
-                os.unlink(os.path.join(SHM_DIR, name))
-            except OSError:
-                pass
-            self._shm = None
+            os.close(fd)
+            self._shm = self._shm_on = None
 
     def info(self) -> dict[str, Any]:
         """Return the served model (``model``: sha256, variant) and its ``inputs`` and ``outputs``."""
         return self._call({"op": "info"})[0]
 
     def _drop(self) -> None:
-        """Close the connection (the next call opens a new one); the shared-memory file stays."""
+        """Close the connection (the next call opens a new one, and passes the memory file again)."""
         if self._sock is not None:
             self._sock.close()
-            self._sock = self._receiver = None
+            self._sock = self._receiver = self._shm_on = None
 
     def close(self) -> None:
-        """Close the connection and remove this client's shared-memory file."""
+        """Close the connection and this client's memory file."""
         self._drop()
         self._close_shm()
 

@@ -12,15 +12,20 @@ header's ``tensors`` list describes them (``name``, ``dtype``, ``shape``)::
 Tensors travel as bytes, never through JSON or pickle: a 640x640x3 float32 input is one 4.9 MB
 copy into the socket and one out of it (the figures page quotes what the framing costs).
 
-Large inputs may travel through shared memory instead: the request's header names a file the client
-made under ``/dev/shm`` (``"shm": "edgekit-..."``) and each tensor entry its ``offset`` in it; no
-tensor bytes follow the header. The server checks every tensor lies inside the file and reads the
-inputs with ``pread`` (one copy, instead of two through the socket); it never maps the file, which
-its client may shrink at any moment. Answers always come over the socket.
+Large inputs may travel through shared memory instead: the client makes an anonymous memory file
+(``memfd_create``), seals it against shrinking (``F_SEAL_SHRINK``) and passes its descriptor to the
+server with a request (``SCM_RIGHTS``); that request and the following ones on the connection say
+``"shm": true`` and give each tensor's ``offset`` in the file; no tensor bytes follow the header. The
+server refuses a descriptor that is not such a sealed memory file, maps it read-only once per
+connection and reads the inputs in place (one copy fewer each way of the socket). The seal is what
+makes the mapping safe: a file its client could shrink would kill the reading process (SIGBUS), the
+whole agent. No file name is involved, so no other process can name, swap or read it. Answers always
+come over the socket.
 """
 
 from __future__ import annotations
 
+import array
 import json
 import math
 import socket
@@ -84,16 +89,19 @@ def encode_head(header: dict[str, Any]) -> bytes:
     return MAGIC + struct.pack("<I", len(head)) + head
 
 
-def send_chunks(sock: Any, chunks: list[Any]) -> None:
+def send_chunks(sock: Any, chunks: list[Any], fds: list[int] | None = None) -> None:
     """Send ``chunks`` (bytes or memoryviews) on a socket in as few system calls as the kernel allows:
-    one ``sendmsg`` gathering them all (no joined copy), then whatever it did not take.
+    one ``sendmsg`` gathering them all (no joined copy), then whatever it did not take. ``fds`` go
+    with the first bytes (``SCM_RIGHTS``, a Unix socket).
 
     Raises:
         OSError: the peer is gone or the socket timed out.
     """
     views = [memoryview(c).cast("B") for c in chunks if len(c)]
+    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
     while views:
-        sent = sock.sendmsg(views[:512])  # IOV_MAX is 1024 on Linux
+        sent = sock.sendmsg(views[:512], ancillary)  # IOV_MAX is 1024 on Linux
+        ancillary = []
         while views and sent >= len(views[0]):
             sent -= len(views[0])
             views.pop(0)
@@ -102,11 +110,11 @@ def send_chunks(sock: Any, chunks: list[Any]) -> None:
 
 
 def write_frame(stream: Any, header: dict[str, Any], arrays: dict[str, np.ndarray] | None = None,
-                head: bytes | None = None) -> None:
+                head: bytes | None = None, fds: list[int] | None = None) -> None:
     """Write one frame (``header`` plus ``arrays`` by name) to a socket or a binary file.
 
     ``head`` is the frame's start when the caller has it encoded already (:func:`encode_head`; its
-    ``tensors`` must describe ``arrays``).
+    ``tensors`` must describe ``arrays``); ``fds`` are passed with it (a socket only).
 
     Raises:
         OSError: the peer is gone. ValueError: the header holds NaN or infinity.
@@ -118,7 +126,7 @@ def write_frame(stream: Any, header: dict[str, Any], arrays: dict[str, np.ndarra
         head = encode_head(header)
     chunks = [head, *(memoryview(a).cast("B") for a in arrays.values() if a.nbytes)]
     if hasattr(stream, "sendmsg"):
-        send_chunks(stream, chunks)
+        send_chunks(stream, chunks, fds)
     elif sum(len(c) for c in chunks) < 65536:  # small: one write
         stream.write(b"".join(bytes(c) for c in chunks))
     else:
@@ -126,59 +134,65 @@ def write_frame(stream: Any, header: dict[str, Any], arrays: dict[str, np.ndarra
             stream.write(c)
 
 
-SHM_DIR = "/dev/shm"
-SHM_PREFIX = "edgekit-"
+MAX_FDS = 4  # descriptors taken from one read; more are closed and the frame is refused
+MEMFD_SEALS = ("F_ADD_SEALS", "F_GET_SEALS", "F_SEAL_SHRINK")
 
 
-def read_shared(name: Any, plan: list[tuple], max_payload: int, payload: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Return the arrays ``plan`` describes, read from the shared-memory file ``/dev/shm/<name>`` a
-    client made for its inputs, at their offsets (into ``payload`` when it is large enough).
+def shared_memory_available() -> bool:
+    """Return whether this system has sealable memory files (Linux 3.17+): the shared-memory inputs' requirement."""
+    import fcntl
+    import os
 
-    The file is read with ``pread``, never mapped: a client can shrink its file at any moment, and a
-    mapped page past the file's end kills the reading process (SIGBUS), the whole agent. A file that
-    shrank while it was read is a malformed request. It is opened without blocking: a FIFO under an
-    ``edgekit-`` name is refused, not waited on.
+    return hasattr(os, "memfd_create") and all(hasattr(fcntl, k) for k in MEMFD_SEALS)
+
+
+def attach_shared(fd: int, max_payload: int) -> memoryview:
+    """Return a read-only view of the memory file a client passed as descriptor ``fd`` (which is closed).
 
     Raises:
-        FrameError: the name is not an ``edgekit-`` file directly under /dev/shm, it is not a regular
-            file (a symlink or a FIFO is refused), it is larger than ``max_payload``, a tensor lies
-            outside it, or it shrank while it was read.
+        FrameError: it is not a memory file sealed against shrinking (``memfd_create`` with
+            ``MFD_ALLOW_SEALING``, then ``F_SEAL_SHRINK``), it is a huge-page one (a page the system
+            cannot supply would kill the reader), or it is empty or larger than ``max_payload``.
     """
+    import fcntl
+    import mmap
     import os
     import stat
 
-    if not isinstance(name, str) or not name.startswith(SHM_PREFIX) or "/" in name or len(name) > 128:
-        raise FrameError(f"shm: {str(name)[:40]!r} is not an {SHM_PREFIX}* name under {SHM_DIR}")
-    try:  # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer, for ever
-        fd = os.open(os.path.join(SHM_DIR, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError as exc:
-        raise FrameError(f"shm: {name}: {exc.strerror}") from None
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size > max_payload or st.st_size == 0:
-            raise FrameError(f"shm: {name} is not a regular file of 1 to {max_payload} bytes")
-        total = sum(p[3] for p in plan)
-        if payload is None or len(payload) < total:
-            payload = np.empty(total, np.uint8)  # not zeroed: every byte is read into it
-        dest = memoryview(payload)
-        arrays: dict[str, np.ndarray] = {}
-        at = 0
-        for tname, dtype, shape, nbytes, offset in plan:
-            if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0 or offset + nbytes > st.st_size:
-                raise FrameError(f"tensor {tname}: offset {str(offset)[:20]} + {nbytes} bytes is outside the "
-                                 f"{st.st_size}-byte shared-memory file")
-            done = 0
-            while done < nbytes:
-                got = os.preadv(fd, [dest[at + done:at + nbytes]], offset + done)
-                if not got:
-                    raise FrameError(f"shm: {name} shrank while its tensor {tname} was read")
-                done += got
-            arrays[tname] = (np.frombuffer(payload, dtype=dtype, count=math.prod(shape), offset=at).reshape(shape)
-                             if nbytes else np.zeros(shape, dtype))
-            at += nbytes
-        return arrays
+        if not stat.S_ISREG(st.st_mode):
+            raise FrameError("shm: the descriptor passed is not a memory file (memfd_create)")
+        try:
+            seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        except OSError:
+            raise FrameError("shm: the descriptor passed is not a sealable memory file (memfd_create with "
+                             "MFD_ALLOW_SEALING)") from None
+        if not seals & fcntl.F_SEAL_SHRINK:
+            raise FrameError("shm: the memory file is not sealed against shrinking (F_SEAL_SHRINK)")
+        if st.st_blksize > 65536:
+            raise FrameError("shm: a huge-page memory file is refused (use a plain memfd)")
+        if not 0 < st.st_size <= max_payload:
+            raise FrameError(f"shm: the memory file has {st.st_size} bytes (1 to {max_payload})")
+        return memoryview(mmap.mmap(fd, st.st_size, prot=mmap.PROT_READ))
     finally:
         os.close(fd)
+
+
+def _shared_arrays(plan: list[tuple], view: memoryview) -> dict[str, np.ndarray]:
+    """Return the arrays ``plan`` describes as views of the attached memory file, at their offsets.
+
+    Raises:
+        FrameError: a tensor lies outside the file.
+    """
+    arrays: dict[str, np.ndarray] = {}
+    for name, dtype, shape, nbytes, offset in plan:
+        if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0 or offset + nbytes > len(view):
+            raise FrameError(f"tensor {name}: offset {str(offset)[:20]} + {nbytes} bytes is outside the "
+                             f"{len(view)}-byte shared-memory file")
+        arrays[name] = (np.frombuffer(view, dtype=dtype, count=math.prod(shape), offset=offset).reshape(shape)
+                        if nbytes else np.zeros(shape, dtype))
+    return arrays
 
 
 def _parse_header(raw: bytes | memoryview) -> dict[str, Any]:
@@ -253,7 +267,7 @@ def read_frame(stream: BinaryIO, max_payload: int) -> tuple[dict[str, Any], dict
     """Read one frame from a binary stream; return ``(header, arrays by name)``, or None when the peer
     closed between frames (:class:`Receiver` does the same on a socket with fewer copies).
 
-    With ``shm`` in the header the arrays are read from the client's shared-memory file (:func:`read_shared`).
+    Shared memory needs a socket (:class:`Receiver`): a frame with ``shm`` is refused here.
 
     Raises:
         FrameError: bad magic, a header that is too long, not JSON or not an object, a tensor entry
@@ -270,7 +284,7 @@ def read_frame(stream: BinaryIO, max_payload: int) -> tuple[dict[str, Any], dict
     header = _parse_header(raw)
     plan, total = _plan(header, max_payload)
     if "shm" in header:
-        return header, read_shared(header["shm"], plan, max_payload)
+        raise FrameError("shm: shared memory needs a Unix socket connection")
     payload = _exactly(stream, total) if total else b""
     if total and payload is None:
         raise FrameError("the stream ended before the tensors")
@@ -284,9 +298,13 @@ class Receiver:
 
     ``reuse=True`` (the server) keeps one payload buffer per connection: the arrays of a frame are
     only valid until the next :meth:`read`. Otherwise (the client) each frame gets its own buffer.
+
+    ``shared=True`` (the server) takes the descriptors a client passes (``recvmsg``) and reads
+    ``"shm": true`` frames from the memory file last passed (:func:`attach_shared`): those arrays are
+    views of memory the client may write again once it has its answer. :meth:`close` lets go of it.
     """
 
-    def __init__(self, sock: Any, *, reuse: bool = False):
+    def __init__(self, sock: Any, *, reuse: bool = False, shared: bool = False):
         self.sock = sock
         self.reuse = reuse
         self._buf = bytearray(8 + MAX_HEADER)
@@ -294,6 +312,43 @@ class Receiver:
         self._start = self._end = 0  # bytes received but not yet used: _buf[_start:_end]
         self._payload: Any = None
         self._known: dict[bytes, tuple] = {}  # header bytes -> (header, plan, max_payload), the server's
+        self._takes_fds = shared
+        self._recv = self._recv_with_fds if shared else sock.recv_into
+        self._passed: int | None = None  # the last descriptor the client passed, not attached yet
+        self._refuse_fds = ""  # why the descriptors passed are refused (too many), said at the next frame
+        self.shared: memoryview | None = None  # the attached memory file
+
+    def _recv_with_fds(self, view: memoryview) -> int:
+        """``recv_into`` that also takes passed descriptors: the last one is kept for the next
+        ``shm`` frame, any other is closed at once (never leaked)."""
+        got, ancillary, flags, _ = self.sock.recvmsg_into([view], socket.CMSG_SPACE(MAX_FDS * 4))
+        fds: list[int] = []
+        for level, kind, data in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds += array.array("i", data[:len(data) - len(data) % 4])
+        if flags & socket.MSG_CTRUNC:
+            self._refuse_fds = f"more than {MAX_FDS} descriptors passed with one frame"
+        if fds:
+            import os
+
+            for fd in fds[:-1] + ([self._passed] if self._passed is not None else []):
+                os.close(fd)
+            self._passed = fds[-1]
+        return got
+
+    def close(self) -> None:
+        """Let go of the attached memory file and any descriptor passed but not attached (never raises)."""
+        import os
+
+        if self._passed is not None:
+            os.close(self._passed)
+            self._passed = None
+        if self.shared is not None:
+            try:
+                self.shared.obj.close()  # the mmap; fails while an array still views it: the GC unmaps it then
+            except BufferError:
+                pass
+            self.shared = None
 
     def _need(self, n: int, clean_end: bool = False) -> bool:
         """Make sure ``n`` bytes (at most the buffer's size) are buffered; return False at a clean end
@@ -309,7 +364,7 @@ class Receiver:
             self._buf[:have] = self._view[self._start:self._end]
             self._start, self._end = 0, have
         while self._end - self._start < n:
-            got = self.sock.recv_into(self._view[self._end:])
+            got = self._recv(self._view[self._end:])
             if not got:
                 if clean_end and self._end == self._start:
                     return False
@@ -328,7 +383,7 @@ class Receiver:
             dest[:k] = self._view[self._start:self._start + k]
             self._start += k
         while k < len(dest):
-            got = self.sock.recv_into(dest[k:])
+            got = self._recv(dest[k:])
             if not got:
                 raise FrameError(f"the stream ended {len(dest) - k} bytes short of a complete frame")
             k += got
@@ -350,16 +405,14 @@ class Receiver:
         if known is None or known[2] != max_payload:
             header = _parse_header(raw)
             plan, total = _plan(header, max_payload)
-            if self.reuse and header.get("op") == "predict":  # a shared-memory file is still checked every time
+            if self.reuse and header.get("op") == "predict":  # offsets into shared memory are still checked every time
                 if len(self._known) >= 16:
                     self._known.clear()
                 self._known[raw] = (header, (plan, total), max_payload)
         else:
             header, (plan, total), _ = known
         if "shm" in header:
-            if self.reuse and (self._payload is None or len(self._payload) < total):
-                self._payload = np.empty(total, np.uint8)  # a new one: views of the old one may still be alive
-            return header, read_shared(header["shm"], plan, max_payload, self._payload if self.reuse else None)
+            return header, self._from_shared(header, plan, max_payload)
         if not total:
             return header, _arrays(plan, b"")
         if not self.reuse:
@@ -370,3 +423,24 @@ class Receiver:
             payload = self._payload
         self._fill(memoryview(payload)[:total])
         return header, _arrays(plan, payload)
+
+    def _from_shared(self, header: dict[str, Any], plan: list[tuple], max_payload: int) -> dict[str, np.ndarray]:
+        """Return a ``shm`` frame's arrays, attaching the memory file passed with it (if one was).
+
+        Raises:
+            FrameError: shared memory is not taken on this connection, ``shm`` is not ``true``, too
+                many descriptors came, the one passed is refused, or nothing is attached.
+        """
+        if not self._takes_fds or header["shm"] is not True:
+            raise FrameError("shm: must be true (the memory file is passed as a descriptor)" if self._takes_fds
+                             else "shm: this connection takes no shared memory")
+        if self._refuse_fds:
+            why, self._refuse_fds = self._refuse_fds, ""
+            raise FrameError(f"shm: {why}")
+        if self._passed is not None:
+            fd, self._passed = self._passed, None
+            self.close()
+            self.shared = attach_shared(fd, max_payload)
+        if self.shared is None:
+            raise FrameError("shm: no memory file was passed on this connection (send its descriptor with a request)")
+        return _shared_arrays(plan, self.shared)

@@ -373,7 +373,8 @@ class Server:
         if not self.admit():
             _answer(conn, {"ok": False, "error": self.busy_message()})
             return
-        receiver = Receiver(conn, reuse=True)  # arrays stay valid until the next read: answered (and offered) by then
+        # arrays stay valid until the next read: answered (and offered) by then; memory files passed are taken
+        receiver = Receiver(conn, reuse=True, shared=True)
         try:
             while True:
                 try:
@@ -397,11 +398,12 @@ class Server:
                         if not _answer(conn, answer):
                             return
                         continue
+                    if "shm" in header:  # the client may write its memory file again once answered: offered first
+                        self.offer_shadow(served, arrays, outputs)
                     if not _answer(conn, served.answer_head(outputs, round(took / 1e6, 4)), outputs):
                         return
-                    # after the answer (the shadow never delays a request); shared-memory inputs were
-                    # read into this connection's buffer too: the client's file may change meanwhile
-                    self.offer_shadow(served, arrays, outputs)
+                    if "shm" not in header:  # after the answer: the shadow never delays a request
+                        self.offer_shadow(served, arrays, outputs)
                     continue
                 served = self.current
                 if served is None:
@@ -413,6 +415,7 @@ class Server:
                 if not _answer(conn, answer):
                     return
         finally:
+            receiver.close()
             self.leave()
 
 

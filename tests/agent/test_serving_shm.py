@@ -1,137 +1,147 @@
-"""Shared-memory inputs against a hostile client: a file it shrinks under the server, a FIFO in its place."""
+"""Shared-memory inputs against a hostile client: a memory file it could shrink under the server, a
+descriptor that is no memory file at all, descriptors by the handful, a frame that names nothing.
+
+The client passes a sealed ``memfd`` over the socket; the server maps it only when the seal makes
+shrinking impossible (a shrunk mapping kills the reader with SIGBUS: the whole agent, in production).
+"""
 
 from __future__ import annotations
 
+import fcntl
+import mmap
 import os
 import socket
 import subprocess
 import sys
 import textwrap
-import threading
 
 import numpy as np
 import pytest
 
-from device_agents.serving.frames import SHM_DIR, FrameError, Receiver, write_frame
+from device_agents.serving.frames import (
+    FrameError,
+    Receiver,
+    shared_memory_available,
+    write_frame,
+)
 
-pytestmark = pytest.mark.skipif(not os.path.isdir(SHM_DIR), reason="no /dev/shm")
+pytestmark = pytest.mark.skipif(not shared_memory_available(), reason="no sealable memory files (memfd_create)")
+
+SEALED = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
 
-def _header(name: str, shape: list[int]) -> dict:
-    return {"op": "predict", "shm": name, "tensors": [{"name": "x", "dtype": "float32", "shape": shape, "offset": 0}]}
+def _memfd(data: bytes, seals: int = SEALED) -> int:
+    fd = os.memfd_create("test", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, len(data))
+    os.pwrite(fd, data, 0)
+    if seals:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+    return fd
 
 
-def test_a_client_shrinking_its_file_while_the_server_reads_it_is_refused_never_a_crash(tmp_path):
-    """The client flaps its file's size between 0 and full while the server's receiver reads requests
-    naming it, in a child process (a SIGBUS would kill it; it kills the whole agent in production):
-    each request is answered with its inputs or refused as malformed, and the reader lives."""
+def _header(shape: list[int], offset: int = 0) -> dict:
+    return {"op": "predict", "shm": True, "tensors": [{"name": "x", "dtype": "float32", "shape": shape, "offset": offset}]}
+
+
+def _read(receiver: Receiver) -> str | dict:
+    """Return the frame's arrays, or the refusal's text."""
+    try:
+        return receiver.read(1 << 20)[1]
+    except FrameError as exc:
+        return str(exc)
+
+
+def test_only_a_memory_file_sealed_against_shrinking_is_mapped():
+    """A sealed memfd is read in place at its offsets; an unsealed memfd (its client could shrink it),
+    a regular file, a pipe and a frame with no descriptor ever passed are each refused, one line."""
+    x = np.arange(12, dtype=np.float32)
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    receiver = Receiver(b, reuse=True, shared=True)
+    r, w = os.pipe()
+    disk = open(__file__, "rb")  # noqa: SIM115 - its descriptor is passed, the server closes its copy
+    try:
+        write_frame(a, _header([12]))
+        assert "no memory file was passed" in _read(receiver)
+        for fd, why in [(_memfd(x.tobytes(), seals=0), "not sealed against shrinking"),
+                        (disk.fileno(), "not a sealable memory file"), (r, "not a memory file")]:
+            write_frame(a, _header([12]), fds=[fd])
+            assert why in _read(receiver)
+        good = _memfd(b"\0" * 16 + x.tobytes())
+        write_frame(a, _header([12], offset=16), fds=[good])
+        arrays = _read(receiver)
+        np.testing.assert_array_equal(arrays["x"], x)
+        with pytest.raises(PermissionError):
+            os.ftruncate(good, 0)  # the seal: the client cannot pull pages from under the server's mapping
+        write_frame(a, _header([12], offset=40))  # the file stays attached; this tensor runs past its end
+        assert "outside the 64-byte shared-memory file" in _read(receiver)
+        write_frame(a, {**_header([12]), "shm": "edgekit-by-name"})
+        assert "must be true" in _read(receiver)
+    finally:
+        receiver.close()
+        for fd in (r, w):
+            os.close(fd)
+        disk.close()
+        a.close()
+        b.close()
+
+
+def test_descriptors_by_the_handful_are_closed_never_leaked():
+    """A client passing several descriptors with every frame leaves the server holding none of them
+    but the memory file it maps: 200 frames of 3 descriptors each, the reader's open descriptors counted
+    before and after, in a child process of its own."""
     reader = textwrap.dedent("""
-        import socket, sys
+        import os, socket, sys
         from device_agents.serving.frames import FrameError, Receiver
         sock = socket.socket(fileno=int(sys.argv[1]))
-        receiver, read, refused = Receiver(sock, reuse=True), 0, 0
+        before = len(os.listdir("/proc/self/fd"))
+        receiver, read = Receiver(sock, reuse=True, shared=True), 0
         while True:
             try:
-                frame = receiver.read(1 << 24)
-            except FrameError:
-                refused += 1
-                sock.sendall(b"r")
-                continue
+                frame = receiver.read(1 << 20)
+            except FrameError as exc:
+                print("refused", exc, flush=True)
+                break
             if frame is None:
                 break
             read += 1
-            frame[1]["x"].sum()  # every byte touched, as the interpreter's copy does
             sock.sendall(b"k")
-        print(read, refused)
+        receiver.close()
+        print(read, len(os.listdir("/proc/self/fd")) - before)
     """)
-    name = f"edgekit-test-shrink-{os.getpid()}"
-    path = os.path.join(SHM_DIR, name)
-    size = 1 << 20
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
     ours, theirs = socket.socketpair()
-    stop = threading.Event()
-
-    def flap() -> None:
-        while not stop.is_set():
-            os.ftruncate(fd, 0)
-            os.ftruncate(fd, size)
-
+    child = subprocess.Popen([sys.executable, "-c", reader, str(theirs.fileno())], pass_fds=[theirs.fileno()],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    theirs.close()
+    fds = [_memfd(np.ones(4, np.float32).tobytes()) for _ in range(3)]
     try:
-        os.ftruncate(fd, size)
-        child = subprocess.Popen([sys.executable, "-c", reader, str(theirs.fileno())], pass_fds=[theirs.fileno()],
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ,
-                                 "PYTHONPATH": os.pathsep.join(sys.path)})
-        theirs.close()
-        flapper = threading.Thread(target=flap, daemon=True)
-        flapper.start()
-        answers = b""
-        for _ in range(300):
-            write_frame(ours, _header(name, [size // 4]))
-            answers += ours.recv(1)
-        stop.set()
-        flapper.join()
+        for _ in range(200):
+            write_frame(ours, _header([4]), fds=fds)
+            assert ours.recv(1) == b"k"
         ours.shutdown(socket.SHUT_WR)
         out, err = child.communicate(timeout=30)
     finally:
-        stop.set()
-        os.close(fd)
-        os.unlink(path)
+        for fd in fds:
+            os.close(fd)
         ours.close()
-    assert child.returncode == 0, f"the reader died (exit {child.returncode}): {err.decode()[-400:]}"
-    read, refused = map(int, out.split())
-    assert read + refused == 300 and len(answers) == 300
+    assert child.returncode == 0, err.decode()[-400:]
+    assert out.split() == [b"200", b"0"], out  # every frame read; no descriptor left open after close
 
 
-def test_a_fifo_named_as_the_shared_memory_file_is_refused_at_once():
-    """A FIFO under an edgekit- name is refused as not a regular file, not waited on: the server's
-    thread and its client place would otherwise be held for ever, even after the client is gone."""
-    name = f"edgekit-test-fifo-{os.getpid()}"
-    os.mkfifo(os.path.join(SHM_DIR, name))
+def test_a_mapped_file_outlives_the_clients_own_mapping_and_descriptor():
+    """The client unmapping and closing its file after passing it changes nothing for the server: its
+    mapping holds the pages (what the client wrote last is what it reads)."""
     a, b = socket.socketpair()
+    receiver = Receiver(b, reuse=True, shared=True)
     try:
-        b.settimeout(5)  # a read that blocks fails the test instead of hanging it
-        write_frame(a, _header(name, [4]))
-        got: list = []
-        t = threading.Thread(target=lambda: got.append(_read_error(Receiver(b, reuse=True))), daemon=True)
-        t.start()
-        t.join(5)
-        assert not t.is_alive(), "the receiver is still waiting on the FIFO"
-        assert "not a regular file" in got[0]
+        fd = _memfd(np.zeros(8, np.float32).tobytes())
+        view = mmap.mmap(fd, 32)
+        view[:] = np.full(8, 3.0, np.float32).tobytes()
+        write_frame(a, _header([8]), fds=[fd])
+        view.close()
+        os.close(fd)
+        np.testing.assert_array_equal(_read(receiver)["x"], np.full(8, 3.0, np.float32))
     finally:
-        os.unlink(os.path.join(SHM_DIR, name))
+        receiver.close()
         a.close()
         b.close()
-
-
-def test_shared_memory_inputs_are_read_at_their_offsets_and_outlive_changes_to_the_file():
-    """Two tensors at their offsets come back equal to what the client wrote, and stay so when the
-    client overwrites its file afterwards (the server holds its own copy, for the shadow run too)."""
-    name = f"edgekit-test-offsets-{os.getpid()}"
-    path = os.path.join(SHM_DIR, name)
-    x = np.arange(12, dtype=np.float32).reshape(3, 4)
-    y = np.arange(5, dtype=np.int16)
-    with open(path, "wb") as f:
-        f.write(b"\0" * 8 + x.tobytes() + y.tobytes())
-    a, b = socket.socketpair()
-    try:
-        header = {"op": "predict", "shm": name, "tensors": [
-            {"name": "x", "dtype": "float32", "shape": [3, 4], "offset": 8},
-            {"name": "y", "dtype": "int16", "shape": [5], "offset": 8 + x.nbytes}]}
-        write_frame(a, header)
-        _, arrays = Receiver(b, reuse=True).read(1 << 20)
-        with open(path, "r+b") as f:
-            f.write(b"\xff" * (8 + x.nbytes + y.nbytes))
-        np.testing.assert_array_equal(arrays["x"], x)
-        np.testing.assert_array_equal(arrays["y"], y)
-    finally:
-        os.unlink(path)
-        a.close()
-        b.close()
-
-
-def _read_error(receiver: Receiver) -> str:
-    try:
-        receiver.read(1 << 20)
-    except FrameError as exc:
-        return str(exc)
-    return "no error"
