@@ -27,6 +27,7 @@ import logging
 import os
 import queue
 import socketserver
+import stat
 import threading
 import time
 from collections import deque
@@ -180,8 +181,8 @@ class Server:
         ``http_port`` is set, and serve in background threads; return self.
 
         Raises:
-            DeviceError: the socket cannot be created (path too long, no permission), or the HTTP
-                port cannot be bound (taken).
+            DeviceError: the socket cannot be created (path too long, no permission, something else
+                than a socket is at its path), or the HTTP port cannot be bound (taken).
         """
         outer = self
 
@@ -198,7 +199,9 @@ class Server:
             daemon_threads = True
             request_queue_size = 64
 
-        self.path.unlink(missing_ok=True)
+        if self.path.is_symlink() or (self.path.exists() and not stat.S_ISSOCK(self.path.stat().st_mode)):
+            raise DeviceError(f"serving API: {self.path} exists and is not a socket; not replaced (check serve.socket)")
+        self.path.unlink(missing_ok=True)  # a stale socket of an earlier run
         try:
             self._server = Listener(str(self.path), Handler)
             os.chmod(self.path, 0o660)

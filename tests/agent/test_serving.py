@@ -188,6 +188,27 @@ def test_a_model_that_does_not_load_is_never_served_and_the_old_one_keeps_servin
         assert client.model["variant"] == "int8"
 
 
+def test_a_stale_socket_is_replaced_but_never_a_file_or_link_at_its_path(store, tmp_path):
+    """A socket left by an earlier run is replaced; a regular file or a symlink where the socket goes
+    (a misconfigured serve.socket) is refused in one line and left as it was."""
+    sock = tmp_path / "api.sock"
+    Server(sock, make_interpreter=make).start().close()
+    import socket as socket_module
+
+    stale = socket_module.socket(socket_module.AF_UNIX)
+    stale.bind(str(sock))  # what a killed agent leaves behind
+    stale.close()
+    Server(sock, make_interpreter=make).start().close()
+    for path in (tmp_path / "notes.txt", tmp_path / "link.sock"):
+        if path.suffix == ".txt":
+            path.write_text("keep me")
+        else:
+            path.symlink_to(tmp_path / "notes.txt")
+        with pytest.raises(DeviceError, match="exists and is not a socket; not replaced"):
+            Server(path, make_interpreter=make).start()
+        assert path.read_text() == "keep me"
+
+
 def test_open_current_runs_in_process_and_follows_an_activation(store):
     model = open_current(store.root)
     x = samples(1)[0]
