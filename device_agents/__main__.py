@@ -194,6 +194,17 @@ def _bench(args: argparse.Namespace) -> None:
     settings = BenchSettings(warmup=args.warmup, min_runs=args.min_runs, min_seconds=args.min_seconds,
                              threads=args.threads, delegate=args.delegate, runtime=args.runtime,
                              delegate_options=_options(args))
+    from device_agents.errors import SmokeFailed
+    from device_agents.runtimes import is_tensorrt
+    from device_agents.smoke import SmokePool
+
+    try:  # loaded in a child first: a file that crashes the interpreter crashes the child, not this command
+        if not is_tensorrt(args.model):  # a TensorRT variant's engine was built, so loaded, in a child at install
+            SmokePool()(args.model, runtime=args.runtime, delegate=args.delegate, options=settings.delegate_options)
+    except SmokeFailed as exc:
+        raise UsageError(f"{args.model}: cannot load or run the model ({exc})") from None
+    except OSError as exc:
+        raise UsageError(f"{args.model}: cannot read it ({exc.strerror or exc})") from None
     try:
         record = run_bench(args.model, settings, eval_file=args.eval,
                            power=power_meter(idle_w=args.idle_w, busy_w=args.busy_w))

@@ -109,5 +109,8 @@ def onnx_metadata(model: Path | bytes) -> dict[str, str]:
             view = memoryview(mm)
             try:
                 return walk(view)
+            except ValueError as exc:  # raised again once the slices into the map it holds are gone:
+                problem = str(exc)     # the map then closes (else BufferError hides the reason)
             finally:
                 view.release()
+    raise ValueError(problem)

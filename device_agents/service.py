@@ -27,7 +27,7 @@ import edgekit_protocol
 from device_agents import codecheck, conditions
 from device_agents.bench import run_bench
 from device_agents.disk import Disk, atomic_write, is_out_of_space
-from device_agents.errors import CodeTampered, DeviceError, DiskFull
+from device_agents.errors import CodeTampered, DeviceError, DiskFull, SmokeFailed
 from device_agents.identity import (
     OPERATOR,
     Keyring,
@@ -80,6 +80,7 @@ class Agent:
                                   clean=False, manual_ack=True)
         self.publisher = SpooledPublisher(self.client, self.spool)
         self.smoke = SmokePool()
+        self._smoked: set[tuple[Any, ...]] = set()  # (sha256, runtime, delegate, options) that passed it, for bench
         self.reconciler = Reconciler(self.store.root, self.store, activate=self._activate, report=self._report,
                                      check_disk=lambda needs: self.disk.check("fetch", needs), settings=cfg.pull)
         self._desired_inbox: queue.Queue[Any] = queue.Queue()  # verified desired messages, taken by the main thread
@@ -375,6 +376,7 @@ class Agent:
         path = self.store.verify(sha)
         overrides = {k: a[k] for k in ("warmup", "min_runs", "min_seconds", "threads") if k in a}
         settings = dataclasses.replace(self.cfg.bench, **overrides)
+        self._loads_in_child(path, sha, settings)  # this process loads it next: never a model that crashes it
         meter = power_meter(**self._meter_args)
         measured = run_bench(path, settings, eval_file=self.store.eval_path(sha), power=meter)
         if meter is None:
@@ -388,6 +390,24 @@ class Agent:
         lat = measured["latency_ms"]
         return {"bench_msg_id": record["msg_id"], "variant": meta.get("variant"), "sha256": sha,
                 "latency_p90_ms": lat["p90"], "runs": measured["runs"]}
+
+    def _loads_in_child(self, path: Path, sha: str, settings: Any) -> None:
+        """Check that model ``sha`` loads and runs once in a child process (the smoke check) before this
+        process loads it: a benchmarked candidate need not have been activated, and a damaged or hostile
+        file that crashes the interpreter must crash the child, not the agent. A pass is remembered per
+        model and target for the agent's life.
+
+        Raises:
+            StoreError: the smoke inference failed or crashed (the agent runs on; nothing was measured).
+        """
+        key = (sha, settings.runtime, settings.delegate, json.dumps(settings.delegate_options or {}, sort_keys=True))
+        if key in self._smoked:
+            return
+        try:
+            self.smoke(path, runtime=settings.runtime, delegate=settings.delegate, options=settings.delegate_options)
+        except SmokeFailed as exc:
+            raise StoreError(f"model {sha[:12]} failed its smoke inference: {exc}; not benchmarked") from None
+        self._smoked.add(key)
 
     def _incoming(self, path: str) -> Path:
         """Return ``path`` when it names a file under ``<root>/incoming/`` (uploads land there, nowhere else)."""

@@ -12,6 +12,7 @@ those whose weight is non-zero, i.e. what a sparsity-aware kernel would need.
 from __future__ import annotations
 
 import gzip
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -98,12 +99,24 @@ def _table(data: bytes) -> tuple[list[OpInfo], dict[int, TensorInfo], dict[int, 
     one node, and a model with custom ops loads only with the resolver that knows them.
 
     Raises:
-        ValueError: ``data`` is not a ``.tflite`` flatbuffer.
+        ValueError: ``data`` is not a ``.tflite`` flatbuffer, or a damaged one (truncated, an offset or
+            index out of range: whatever the schema reader trips on, as one line).
     """
-    from ai_edge_litert import schema_py_generated as schema
-
     if len(data) < 8 or data[4:8] != b"TFL3":
         raise ValueError("not a .tflite flatbuffer (no TFL3 identifier)")
+    try:
+        return _read_table(data)
+    except ValueError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - struct.error, IndexError, TypeError... from a damaged file
+        raise ValueError(f"damaged .tflite flatbuffer (truncated or corrupt: {type(exc).__name__}: "
+                         f"{(str(exc).strip().splitlines() or [''])[0][:120]})") from None
+
+
+def _read_table(data: bytes) -> tuple[list[OpInfo], dict[int, TensorInfo], dict[int, np.ndarray]]:
+    """Do :func:`_table`'s reading; a damaged file raises whatever the generated schema reader raises."""
+    from ai_edge_litert import schema_py_generated as schema
+
     model = schema.ModelT.InitFromObj(schema.Model.GetRootAs(data, 0))
     graph = model.subgraphs[0]
     builtin, types = _names(schema.BuiltinOperator), _names(schema.TensorType)
@@ -129,6 +142,55 @@ def _table(data: bytes) -> tuple[list[OpInfo], dict[int, TensorInfo], dict[int, 
 
 
 _NUMPY = {"float32": "<f4", "float16": "<f2", "int8": "i1", "uint8": "u1", "int16": "<i2", "int32": "<i4", "int64": "<i8"}
+
+
+PROBE_TIMEOUT_S = 600.0  # loading (and packing the weights of) a large model takes seconds, not minutes
+_PROBE = """
+import sys
+import numpy as np
+from device_agents.runtimes import get_runtime
+try:
+    interp = get_runtime("litert").interpreter(sys.argv[1])
+    for d in interp.get_input_details():
+        interp.set_tensor(d["index"], np.zeros(d["shape"], d["dtype"]))
+    interp.invoke()
+except Exception:  # an error the interpreter reports: the caller's own load says it, in its words
+    pass
+"""
+
+
+def probe_in_child(data: bytes, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """Load ``data`` with the LiteRT interpreter, allocate and run it once on zeros, in a child process
+    first: a flatbuffer that crashes the native code (a damaged or hostile file passes its verifier)
+    takes down the child, not the compiler. Errors the interpreter reports are left to the caller's
+    own load (:func:`analyse`), which words them.
+
+    Raises:
+        ValueError: the child crashed (the signal named), ran out of memory or time.
+    """
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    with tempfile.TemporaryDirectory(prefix="edgekit-probe-") as tmp:
+        model = os.path.join(tmp, "model.tflite")
+        with open(model, "wb") as f:
+            f.write(data)
+        try:
+            done = subprocess.run([sys.executable, "-c", _PROBE, model], env=env, stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise ValueError(f"the LiteRT interpreter did not load and run it within {timeout:.0f} s") from None
+    if done.returncode < 0:
+        sig = -done.returncode
+        name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
+        why = "killed (out of memory?)" if sig == signal.SIGKILL else f"crashed ({name})"
+        raise ValueError(f"the LiteRT interpreter {why} loading it: a damaged or hostile file")
+    if done.returncode != 0:
+        raise ValueError(f"the LiteRT interpreter's check ended with exit {done.returncode} (out of memory?)")
 
 
 def analyse(data: bytes) -> ModelStats:

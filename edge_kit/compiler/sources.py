@@ -211,11 +211,12 @@ def _load_savedmodel(path: Path, name: str, digest: str, pinned: dict[str, tuple
 
 
 def _load_tflite(path: Path, name: str, digest: str, pinned: dict[str, tuple[int, ...]]) -> Source:
-    from edge_kit.compiler.analysis import analyse
+    from edge_kit.compiler.analysis import analyse, probe_in_child
     from edge_kit.compiler.tflite_edit import pin_inputs
 
     data = path.read_bytes()
     try:
+        probe_in_child(data)  # a file that crashes the interpreter crashes a child, never this process
         stats = analyse(data)
     except (ValueError, RuntimeError) as exc:
         raise InputError(f"{path}: not a loadable .tflite model ({str(exc).splitlines()[0][:200]})") from None
@@ -224,6 +225,7 @@ def _load_tflite(path: Path, name: str, digest: str, pinned: dict[str, tuple[int
     if pinned:  # written into the file: every variant, and the source variant itself, is static
         try:
             data = pin_inputs(data, {n: (1, *inputs[n]) for n in pinned})
+            probe_in_child(data)
             stats = analyse(data)
         except (ValueError, RuntimeError) as exc:
             shapes = ", ".join(f"{n}=1x{'x'.join(map(str, inputs[n]))}" for n in pinned)

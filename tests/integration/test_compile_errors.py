@@ -109,3 +109,40 @@ def test_an_interrupted_compile_writes_nothing(digits_files, tmp_path, monkeypat
         pipeline.compile_model(pipeline.CompileRequest(digits_files.model, [load_profile("coral-devboard")],
                                                        tmp_path, calib=digits_files.calib))
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("cut", [12, 35222, 149213, 228000])
+def test_a_truncated_real_tflite_is_one_line(wheels, tmp_path, run_cli, cut):
+    """Once a struct.error traceback from the flatbuffer reader, for any cut past the header."""
+    from edge_kit import realmodels
+
+    data = realmodels.extract_model(wheels, "face_detection_short_range.tflite", tmp_path / "src").read_bytes()
+    bad = tmp_path / "cut.tflite"
+    bad.write_bytes(data[:cut])
+    code, _, err = run_cli("compile", bad, "-p", "rpi4", "--out", tmp_path / "o")
+    assert "cut.tflite: not a loadable .tflite model" in one_line_error(code, err)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_tflite_that_crashes_the_interpreter_is_one_line_not_a_segfault(wheels, tmp_path):
+    """BlazeFace with two bytes changed passes LiteRT's verifier, then SIGSEGV in allocate_tensors: once
+    the compiler's own death (exit 139). Run as a command, so a regression fails this test, not the session."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from edge_kit import realmodels
+
+    data = bytearray(realmodels.extract_model(wheels, "face_detection_short_range.tflite", tmp_path / "src").read_bytes())
+    data[678], data[217021] = 0xBA, 0xA2
+    bad = tmp_path / "flipped.tflite"
+    bad.write_bytes(bytes(data))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    done = subprocess.run([sys.executable, "-m", "edge_kit", "compile", str(bad), "-p", "rpi4", "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, env=env, timeout=600)
+    line = one_line_error(done.returncode, "\n".join(ln for ln in done.stderr.splitlines() if ln.startswith("edgekit")))
+    assert "Traceback" not in done.stderr
+    assert ("flipped.tflite: not a loadable .tflite model (the LiteRT interpreter crashed (SIGSEGV) loading it: "
+            "a damaged or hostile file)") in line
+    assert not (tmp_path / "o").exists()
