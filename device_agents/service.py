@@ -392,22 +392,29 @@ class Agent:
                 "latency_p90_ms": lat["p90"], "runs": measured["runs"]}
 
     def _loads_in_child(self, path: Path, sha: str, settings: Any) -> None:
-        """Check that model ``sha`` loads and runs once in a child process (the smoke check) before this
-        process loads it: a benchmarked candidate need not have been activated, and a damaged or hostile
-        file that crashes the interpreter must crash the child, not the agent. A pass is remembered per
-        model and target for the agent's life.
+        """Check that model ``sha`` loads and runs once in a child process (the smoke check, with the
+        runtime, delegate, options and threads of ``settings``) before this process loads it: a
+        benchmarked candidate need not have been activated, a model switched over SSH was checked with
+        that command's settings, and a damaged or hostile file that crashes the interpreter must crash
+        the child, not the agent. A pass is remembered per model and settings for the agent's life.
 
         Raises:
-            StoreError: the smoke inference failed or crashed (the agent runs on; nothing was measured).
+            StoreError: the smoke inference failed or crashed (the agent runs on; nothing was loaded).
         """
-        key = (sha, settings.runtime, settings.delegate, json.dumps(settings.delegate_options or {}, sort_keys=True))
+        key = self._smoke_key(sha, settings)
         if key in self._smoked:
             return
         try:
-            self.smoke(path, runtime=settings.runtime, delegate=settings.delegate, options=settings.delegate_options)
+            self.smoke(path, runtime=settings.runtime, delegate=settings.delegate, options=settings.delegate_options,
+                       threads=settings.threads)
         except SmokeFailed as exc:
-            raise StoreError(f"model {sha[:12]} failed its smoke inference: {exc}; not benchmarked") from None
+            raise StoreError(f"model {sha[:12]} failed its smoke inference: {exc}; not loaded here") from None
         self._smoked.add(key)
+
+    @staticmethod
+    def _smoke_key(sha: str, settings: Any) -> tuple[Any, ...]:
+        return (sha, settings.runtime, settings.delegate, json.dumps(settings.delegate_options or {}, sort_keys=True),
+                settings.threads)
 
     def _incoming(self, path: str) -> Path:
         """Return ``path`` when it names a file under ``<root>/incoming/`` (uploads land there, nowhere else)."""
@@ -443,8 +450,11 @@ class Agent:
         self.disk.check("activate")
         if keep is not None:  # written before the switch: nothing after it can fail for space
             atomic_write(self.store.root / "candidates.json", json.dumps(sorted(keep)).encode())
-        result = self.store.activate(sha, runtime=self.cfg.bench.runtime, delegate=self.cfg.bench.delegate,
-                                     options=self.cfg.bench.delegate_options, smoke=self.smoke)
+        b = self.cfg.bench
+        result = self.store.activate(sha, runtime=b.runtime, delegate=b.delegate, options=b.delegate_options,
+                                     threads=b.threads, smoke=self.smoke)
+        if result["smoke"] is not None:  # checked with the settings it is served with: not again
+            self._smoked.add(self._smoke_key(sha, b))
         return {**result, "model": self._model_ref(sha), "removed": self._apply_budget()}
 
     def _apply_budget(self) -> list[dict[str, Any]]:
@@ -548,6 +558,7 @@ class Agent:
             return
         try:
             path = self.store.verify(sha)
+            self._loads_in_child(path, sha, self.cfg.bench)  # switched over SSH, or checked before a restart
             self.server.serve_model(path, sha, (self.store.describe(sha) or {}).get("variant"))
         except EdgeKitError as exc:
             if sha != self._unservable:

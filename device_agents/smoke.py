@@ -19,8 +19,9 @@ from device_agents.runtimes import RUNTIMES, RuntimeUnavailable, get_runtime
 
 
 def smoke(model: Path, runtime: str | None = None, delegate: str = "xnnpack",
-          options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Load ``model`` and run one inference on zeros.
+          options: dict[str, Any] | None = None, threads: int = 1) -> dict[str, Any]:
+    """Load ``model`` and run one inference on zeros, with the runtime, delegate, options and threads
+    that will serve it.
 
     Returns:
         Input and output shapes and the milliseconds it took.
@@ -32,7 +33,8 @@ def smoke(model: Path, runtime: str | None = None, delegate: str = "xnnpack",
 
     try:
         t0 = time.perf_counter()
-        runner = ModelRunner(get_runtime(runtime, model=Path(model)).interpreter(Path(model), delegate=delegate, options=options))
+        runner = ModelRunner(get_runtime(runtime, model=Path(model)).interpreter(Path(model), threads=threads,
+                                                                                     delegate=delegate, options=options))
         runner.invoke_raw([np.zeros(p.shape, dtype=p.dtype) for p in runner.inputs])
         outs = [runner.interpreter.get_tensor(p.index) for p in runner.outputs]
     except (ValueError, RuntimeError, RuntimeUnavailable, OSError) as exc:
@@ -45,9 +47,10 @@ def smoke(model: Path, runtime: str | None = None, delegate: str = "xnnpack",
             "ms": round((time.perf_counter() - t0) * 1000, 3)}
 
 
-def _child(model: str, runtime: str | None, delegate: str, options: dict[str, Any] | None, conn: Any) -> None:
+def _child(model: str, runtime: str | None, delegate: str, options: dict[str, Any] | None, threads: int,
+           conn: Any) -> None:
     try:
-        conn.send(("ok", smoke(Path(model), runtime, delegate, options)))
+        conn.send(("ok", smoke(Path(model), runtime, delegate, options, threads)))
     except SmokeFailed as exc:
         conn.send(("failed", str(exc)))
     conn.close()
@@ -74,7 +77,7 @@ class SmokePool:
         forkserver.ensure_running()
 
     def __call__(self, model: Path, *, runtime: str | None = None, delegate: str = "xnnpack",
-                 options: dict[str, Any] | None = None,
+                 options: dict[str, Any] | None = None, threads: int = 1,
                  timeout: float = 120.0) -> dict[str, Any]:
         """Return what :func:`smoke` returned in the child.
 
@@ -82,7 +85,7 @@ class SmokePool:
             SmokeFailed: the model failed, the child crashed (signal named) or timed out.
         """
         receive, send = self.ctx.Pipe(duplex=False)
-        child = self.ctx.Process(target=_child, args=(str(model), runtime, delegate, options, send), daemon=True)
+        child = self.ctx.Process(target=_child, args=(str(model), runtime, delegate, options, threads, send), daemon=True)
         child.start()
         send.close()
         try:

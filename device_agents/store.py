@@ -335,7 +335,7 @@ class ModelStore:
         os.replace(tmp, link)  # rename(2) over the old link: readers see the old or the new one
 
     def activate(self, sha256: str, *, runtime: str | None = None, delegate: str = "xnnpack",
-                 options: dict[str, Any] | None = None,
+                 options: dict[str, Any] | None = None, threads: int = 1,
                  smoke: Callable[..., dict] | None = None, timeout: float = SMOKE_TIMEOUT_S) -> dict:
         """Make an installed model current after checking it; the old current becomes previous.
 
@@ -369,7 +369,7 @@ class ModelStore:
 
             smoke = SmokePool()
         try:
-            checked = smoke(path, runtime=runtime, delegate=delegate, options=options, timeout=timeout)
+            checked = smoke(path, runtime=runtime, delegate=delegate, options=options, threads=threads, timeout=timeout)
         except SmokeFailed as exc:
             raise StoreError(f"model {sha256[:12]} failed its smoke inference: {exc}") from None
         if old is not None:

@@ -84,6 +84,22 @@ def test_benchmarking_a_model_that_crashes_the_interpreter_crashes_a_child_not_t
         agent.spool.close()
 
 
+def test_a_crashing_model_made_current_behind_the_agents_back_is_not_served_in_its_process(crashing_tflite, tmp_path):
+    """A switch made without the service (over SSH, or checked with other settings than it serves
+    with): the service checks the model in a child before its serving API loads it, logs the refusal
+    and serves nothing, rather than dying (and dying again at every restart)."""
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text(f"device: pi-1\nfleet: f\nroot: {tmp_path / 'root'}\nserve: {{socket: {tmp_path / 's.sock'}}}\n")
+    agent = Agent(load_agent_config(cfg))
+    try:
+        sha = agent.store.install(crashing_tflite, variant="fp32", model="face").sha256
+        agent.store.activate(sha, smoke=lambda *_a, **_k: {})  # a check that let it through
+        agent.follow_current()
+        assert agent.store.current() == sha and agent.server.current is None and agent._unservable == sha
+    finally:
+        agent.spool.close()
+
+
 def test_the_bench_command_line_loads_a_crashing_model_in_a_child_first(crashing_tflite):
     line = error_line(agent_cli("bench", crashing_tflite, "--min-runs", "1", "--warmup", "0", "--min-seconds", "0"))
     assert f"{crashing_tflite}: cannot load or run the model (the interpreter crashed (exit -11))" in line
