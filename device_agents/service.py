@@ -108,7 +108,9 @@ class Agent:
         self.server = Server(s.socket or self.store.root / SOCKET,  # a picklable factory: shadow runs build theirs in a child
                              make_interpreter=Interpreters(b.runtime, b.threads, b.delegate, b.delegate_options),
                              max_clients=s.max_clients, max_payload=int(s.max_payload_mb * 1e6),
-                             workers=s.workers, http_port=s.http_port) if s.enabled else None
+                             workers=s.workers, http_port=s.http_port, http_max_clients=s.http_max_clients,
+                             http_max_body=int(s.http_max_body_mb * 1e6), request_timeout_s=s.request_timeout_s,
+                             send_timeout_s=s.send_timeout_s) if s.enabled else None
 
     # --- messages -----------------------------------------------------------------------------
 

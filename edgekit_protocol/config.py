@@ -128,12 +128,23 @@ class ServeConfig:
     max_payload_mb: float = 64.0  # a request's tensors, at most
     workers: int = 1  # interpreters per served model (requests beyond wait: the live queue depth)
     http_port: int | None = None  # loopback HTTP/JSON for other languages, on 127.0.0.1 only; None: off
+    http_max_clients: int = 4  # HTTP connections at once (any local user can reach 127.0.0.1): its own places
+    http_max_body_mb: float = 4.0  # an HTTP request's JSON body, at most (parsing costs ~10x its size; one at a time)
+    request_timeout_s: float = 30.0  # a started socket frame, or an HTTP request's headers and body, must arrive in it
+    send_timeout_s: float = 30.0  # a client that takes none of its answer for this long is cut off
 
     def __post_init__(self) -> None:
         if self.http_port is not None and not 0 < self.http_port < 65536:
             raise ValueError(f"http_port {self.http_port} is not between 1 and 65535")
         if self.max_clients < 1:
             raise ValueError(f"max_clients {self.max_clients} is not at least 1")
+        if self.http_max_clients < 1:
+            raise ValueError(f"http_max_clients {self.http_max_clients} is not at least 1")
+        if not self.http_max_body_mb > 0:
+            raise ValueError(f"http_max_body_mb {self.http_max_body_mb} is not above 0")
+        for key in ("request_timeout_s", "send_timeout_s"):
+            if not 0 < getattr(self, key) <= 3600:
+                raise ValueError(f"{key} {getattr(self, key)} is not between 0 and 3600 seconds")
         if not self.max_payload_mb > 0:
             raise ValueError(f"max_payload_mb {self.max_payload_mb} is not above 0")
         if self.workers < 1:
@@ -295,6 +306,8 @@ def build(node: Node, file: Path | str) -> AgentConfig:
     if not (1 <= cfg.serve.max_clients <= 10_000 and 1 <= cfg.serve.workers <= 64 and 0 < cfg.serve.max_payload_mb <= 4096):
         raise ConfigError(f"{file}: serve.max_clients (1-10000), serve.workers (1-64) and serve.max_payload_mb "
                           "(0-4096) are out of range")
+    if not (1 <= cfg.serve.http_max_clients <= 1000 and 0 < cfg.serve.http_max_body_mb <= 4096):
+        raise ConfigError(f"{file}: serve.http_max_clients (1-1000) or serve.http_max_body_mb (0-4096) is out of range")
     if not (0 <= cfg.store.min_free_mb < 1e6 and 0 <= cfg.store.reserve_mb < 1e4):
         raise ConfigError(f"{file}: store.min_free_mb and store.reserve_mb must be non-negative numbers of megabytes")
     if not (0 < cfg.pull.retry_s <= 3600 and 1 <= cfg.pull.max_attempts <= 100):

@@ -4,8 +4,14 @@ Off by default; ``serve.http_port`` in ``agent.yaml`` turns it on, bound to ``12
 another interface: the API has no authentication beyond being local). Standard library only
 (:class:`http.server.ThreadingHTTPServer`), and every request goes through the same
 :class:`~device_agents.serving.server.Server` as the Unix socket: the same served model (hot swaps
-included), the same limits (``max_payload_mb`` on the body, ``max_clients`` shared with socket
-clients), the same error texts, counted in the same live figures and offered to the same shadow run.
+included), the same error texts, counted in the same live figures and offered to the same shadow run.
+
+Limits of its own, since any local user can reach the loopback and JSON costs several times its
+size in memory while it is parsed: ``http_max_clients`` connections (4; apart from the socket's
+``max_clients``), ``http_max_body_mb`` of body (4; large inputs belong on the socket), one body
+parsed at a time (a parse's peak once, not once per client), and a request's line, headers and body
+must arrive within ``request_timeout_s`` of its first byte (30; an idle keep-alive connection is
+closed after as long). Answers are sent within ``send_timeout_s``.
 
 - ``POST /v1/predict`` with ``{"inputs": {name: nested lists of numbers}}`` answers
   ``{"ok": true, "outputs": {name: nested lists}, "model": {"sha256", "variant"}, "ms": ...}``.
@@ -14,8 +20,8 @@ clients), the same error texts, counted in the same live figures and offered to 
 Errors answer ``{"ok": false, "error": "..."}`` with 400 (malformed JSON, NaN or infinity, not a
 rectangular array of numbers, inputs that do not fit the model), 403 (a ``Host`` or ``Origin`` that
 is not the loopback: a web page in a browser on the device, see below), 404, 405, 411 (no
-Content-Length), 413 (body over the payload limit, refused before it is read), 500 (the interpreter
-failed) or 503 (no model active; busy).
+Content-Length), 413 (body over ``http_max_body_mb`` or ``max_payload_mb``, refused before it is
+read), 500 (the interpreter failed, or its outputs hold NaN or infinity) or 503 (no model active; busy).
 
 A browser on the device can reach 127.0.0.1 too: any web page it shows may post to this endpoint
 (a "simple" cross-origin POST needs no preflight), and one whose name it re-resolves to 127.0.0.1
@@ -25,8 +31,10 @@ in ``Origin``: only ``127.0.0.1``, ``localhost`` and ``[::1]`` (any port) are an
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -37,7 +45,6 @@ from device_agents.errors import DeviceError
 
 log = logging.getLogger("edgekit.agent.serve")
 HOST = "127.0.0.1"
-READ_TIMEOUT_S = 30.0  # a client that stops sending mid-request is cut off after this
 _ENCODE = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 
 
@@ -112,6 +119,46 @@ def parse_inputs(body: bytes, max_payload: int) -> dict[str, np.ndarray]:
     return arrays
 
 
+class _RequestReader(io.RawIOBase):
+    """An HTTP connection's incoming bytes, with a deadline: a request's line, headers and body must
+    arrive within ``limit_s`` of its first byte; waiting for a request's first byte (an idle keep-alive
+    connection) lasts ``limit_s`` too. Answers are sent with ``send_s`` as the socket's timeout."""
+
+    def __init__(self, sock: Any, limit_s: float, send_s: float, on_timeout: Any):
+        super().__init__()
+        self.sock, self.limit_s, self.send_s, self.on_timeout = sock, limit_s, send_s, on_timeout
+        self.deadline: float | None = None  # None: waiting for a request's first byte
+
+    def readable(self) -> bool:
+        """Return True."""
+        return True
+
+    def readinto(self, b: Any) -> int:
+        """Receive into ``b``; return the byte count (0: the client closed).
+
+        Raises:
+            TimeoutError: the request under way is not complete within ``limit_s`` of its first byte
+                (counted by ``on_timeout``), or an idle connection sent nothing for ``limit_s``.
+            OSError: the client is gone.
+        """
+        started = self.deadline is not None
+        left = self.deadline - time.monotonic() if started else self.limit_s
+        try:
+            if left <= 0:
+                raise TimeoutError(f"the request was not complete within {self.limit_s:g} s")
+            self.sock.settimeout(left)
+            got = self.sock.recv_into(b)
+        except TimeoutError:
+            if started:
+                self.on_timeout()
+            raise
+        finally:
+            self.sock.settimeout(self.send_s)
+        if not started:
+            self.deadline = time.monotonic() + self.limit_s
+        return got
+
+
 def listen(server: Any, port: int) -> ThreadingHTTPServer:
     """Return an HTTP server on ``127.0.0.1:port`` (0: a free port) answering for ``server``; the
     caller runs its ``serve_forever``.
@@ -121,23 +168,44 @@ def listen(server: Any, port: int) -> ThreadingHTTPServer:
     """
     from device_agents.serving.server import RequestError
 
+    parse_lock = threading.Lock()  # one JSON body parsed at a time: its peak (several times the body) once, not per client
+
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive: one connection, many requests
         disable_nagle_algorithm = True  # headers and body are two writes: never wait for the client's delayed ACK
         server_version = "edgekit-serve"
-        timeout = READ_TIMEOUT_S
+        timeout = server.send_timeout_s  # answers; reading a request has its own deadline (_RequestReader)
+
+        def setup(self) -> None:
+            """Set up the connection, reading through a :class:`_RequestReader` (the request's deadline)
+            and answering with ``send_timeout_s`` as the socket's timeout."""
+            super().setup()
+            self.rfile.close()  # the standard one, unused: the socket itself stays open
+            self._reader = _RequestReader(self.connection, server.request_timeout_s, server.send_timeout_s,
+                                          server.timed_out)
+            self.rfile = io.BufferedReader(self._reader, 65536)
 
         def handle(self) -> None:
-            """Serve one connection (its keep-alive requests) in a client place; answer 503 without one."""
-            if not server.admit():  # the same places as socket clients
-                self._raw_refusal(503, server.busy_message())
+            """Serve one connection (its keep-alive requests) in an HTTP client place; answer 503 without one."""
+            if not server.admit(http=True):  # places of its own: the socket's are for the agent's group
+                self._raw_refusal(503, server.busy_message(http=True))
                 return
             try:
                 super().handle()
             except OSError:  # the client went away or was too slow
                 pass
             finally:
-                server.leave()
+                server.leave(http=True)
+
+        def handle_one_request(self) -> None:
+            """Serve one request: its deadline starts with its first byte (one that has not come
+            within ``request_timeout_s`` ends the connection, uncounted: an idle keep-alive).
+
+            Raises:
+                OSError: the client is gone (ends the connection).
+            """
+            self._reader.deadline = None
+            super().handle_one_request()
 
         def parse_request(self) -> bool:
             """Parse the request line and headers, then refuse (403) a ``Host`` or an ``Origin`` that is
@@ -171,7 +239,8 @@ def listen(server: Any, port: int) -> ThreadingHTTPServer:
             """Answer ``doc`` as JSON (500 when it holds NaN or infinity); ``close`` ends the connection after.
 
             Raises:
-                OSError: the client is gone (ends the connection).
+                OSError: the client is gone, or did not take the answer within ``send_timeout_s``
+                    (TimeoutError, counted as ``timed_out``); either ends the connection.
             """
             try:
                 body = _ENCODE(doc).encode()
@@ -184,8 +253,12 @@ def listen(server: Any, port: int) -> ThreadingHTTPServer:
             if close:
                 self.send_header("Connection", "close")
                 self.close_connection = True
-            self.end_headers()
-            self.wfile.write(body)
+            try:
+                self.end_headers()
+                self.wfile.write(body)
+            except TimeoutError:  # the client did not take its answer within send_timeout_s
+                server.timed_out()
+                raise
 
         def _error(self, status: int, message: str, model: dict[str, Any] | None = None, close: bool = False) -> None:
             """Answer ``{"ok": false, "error": message}`` (and the model that refused it) with ``status``.
@@ -232,10 +305,11 @@ def listen(server: Any, port: int) -> ThreadingHTTPServer:
                 server.malformed()
                 self._error(411, "malformed request: send the body with a Content-Length", close=True)
                 return
-            if int(length) > server.max_payload:
+            limit, key = min((server.http_max_body, "serve.http_max_body_mb"), (server.max_payload, "serve.max_payload_mb"))
+            if int(length) > limit:
                 server.malformed()
-                self._error(413, f"malformed request: a body of {int(length)} bytes is over the "
-                                 f"{server.max_payload}-byte limit (serve.max_payload_mb)", close=True)
+                self._error(413, f"malformed request: a body of {int(length)} bytes is over the {limit}-byte "
+                                 f"limit ({key}); send large inputs over the Unix socket", close=True)
                 return
             body = self.rfile.read(int(length))
             if len(body) < int(length):
@@ -244,13 +318,16 @@ def listen(server: Any, port: int) -> ThreadingHTTPServer:
                 return
             started = time.perf_counter_ns()  # the live figures' clock: from the request read (JSON parsed in it)
             try:
-                arrays = parse_inputs(body, server.max_payload)
+                with parse_lock:
+                    arrays = parse_inputs(body, server.max_payload)
             except _BadRequest as exc:
                 server.malformed()
                 self._error(exc.status, str(exc))
                 return
+            finally:
+                body = b""  # freed before the model runs
             try:
-                served, outputs, took = server.predict(arrays, started)
+                served, outputs, took = server.predict(arrays, started, finite=True)
             except RequestError as exc:
                 status = {"input": 400, "no_model": 503}.get(exc.kind, 500)
                 self._error(status, str(exc), exc.model)

@@ -14,7 +14,13 @@ served (the old one keeps serving); the agent only serves what passed its activa
 Live figures (:meth:`Server.snapshot`, in the agent's telemetry as ``live``): per served model,
 requests, errors, service time p50/p90/p99 over the last :data:`WINDOW` requests (perf_counter_ns
 from a request read to its answer ready, queueing for an interpreter included), queue depth and
-connected clients, plus what was turned away (busy, malformed, oversized).
+connected clients, plus what was turned away (busy, malformed, oversized, timed out).
+
+Limits: ``max_clients`` socket clients and, apart, ``http_max_clients`` HTTP connections (any local
+user can reach the loopback; the socket is the agent's group's). A frame that has started must be
+complete within ``request_timeout_s`` (a client may stay idle between frames as long as it likes),
+and a client that takes none of its answer for ``send_timeout_s`` is cut off: both kernel timeouts
+on the connection (SO_RCVTIMEO, SO_SNDTIMEO), nothing added to a request that arrives in one piece.
 
 Shadow runs (:meth:`Server.set_shadow`) run in a child process at idle priority
 (:mod:`device_agents.serving.shadow`). With ``http_port`` the same server also answers loopback
@@ -26,8 +32,10 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import socket
 import socketserver
 import stat
+import struct
 import threading
 import time
 from collections import deque
@@ -157,17 +165,26 @@ class Server:
     """The local inference API. ``start()``, ``serve_model(...)`` on every activation, ``close()``."""
 
     def __init__(self, path: Path, *, make_interpreter: Any, max_clients: int = 16,
-                 max_payload: int = 64 * 1024 * 1024, workers: int = 1, http_port: int | None = None):
+                 max_payload: int = 64 * 1024 * 1024, workers: int = 1, http_port: int | None = None,
+                 http_max_clients: int = 4, http_max_body: int = 4_000_000, request_timeout_s: float = 30.0,
+                 send_timeout_s: float = 30.0):
         self.path = Path(path)
         self.make_interpreter = make_interpreter  # path -> allocated interpreter (the agent's runtime and target)
-        self.max_clients = max_clients
+        self.max_clients = max_clients  # socket clients
         self.max_payload = max_payload
+        self.http_max_clients = http_max_clients  # HTTP connections: places of their own
+        self.http_max_body = http_max_body  # bytes of an HTTP request's JSON body
+        self.request_timeout_s = request_timeout_s  # a started frame / an HTTP request's headers and body
+        self.send_timeout_s = send_timeout_s  # a client that takes none of its answer for this long is cut off
         self.workers = workers
         self.http_port = http_port  # None: no HTTP; 0: a free port (tests); bound to 127.0.0.1 only
         self.http_address: tuple[str, int] | None = None  # where HTTP listens once started
         self.current: _Served | None = None
-        self.clients = 0
-        self.turned_away = {"busy": 0, "malformed": 0}
+        self.clients = 0  # socket clients connected
+        self.http_clients = 0  # HTTP connections open
+        # busy: socket and HTTP clients turned away for want of a place (busy_http: the HTTP ones among
+        # them); timed_out: cut off for a request or an answer not taken in time
+        self.turned_away = {"busy": 0, "malformed": 0, "busy_http": 0, "timed_out": 0}
         self.swaps = 0
         self.shadow: Shadow | None = None
         self._lock = threading.Lock()
@@ -188,8 +205,11 @@ class Server:
 
         class Handler(socketserver.BaseRequestHandler):
             def setup(self) -> None:
-                """Ask for large socket buffers (an image-sized frame crosses in few copies)."""
+                """Ask for large socket buffers (an image-sized frame crosses in few copies), and set the
+                kernel's receive and send timeouts (``request_timeout_s``, ``send_timeout_s``)."""
                 socket_buffers(self.request)
+                set_timeout(self.request, socket.SO_RCVTIMEO, outer.request_timeout_s)
+                set_timeout(self.request, socket.SO_SNDTIMEO, outer.send_timeout_s)
 
             def handle(self) -> None:
                 """Serve the connection (:meth:`Server._handle`; never raises)."""
@@ -289,7 +309,8 @@ class Server:
     def snapshot(self) -> dict[str, Any]:
         """Return the live figures of the served model (``source: live``), or ``{"model": None}``."""
         served = self.current
-        out: dict[str, Any] = {"source": "live", "clients": self.clients, "turned_away": dict(self.turned_away),
+        out: dict[str, Any] = {"source": "live", "clients": self.clients + self.http_clients,
+                               "http_clients": self.http_clients, "turned_away": dict(self.turned_away),
                                "swaps": self.swaps, "model": served.ref() if served else None}
         if served is None:
             return out
@@ -315,36 +336,57 @@ class Server:
 
     # --- the request path, shared by the socket and HTTP ------------------------------------------
 
-    def admit(self) -> bool:
-        """Take a client place; return False (counted as ``busy``) when ``max_clients`` are connected."""
+    def admit(self, http: bool = False) -> bool:
+        """Take a socket client's place (an HTTP connection's with ``http``); return False, counted as
+        ``busy`` (and ``busy_http``), when ``max_clients`` (``http_max_clients``) are connected."""
         with self._lock:
-            if self.clients < self.max_clients:
+            if http:
+                if self.http_clients < self.http_max_clients:
+                    self.http_clients += 1
+                    return True
+                self.turned_away["busy_http"] += 1
+            elif self.clients < self.max_clients:
                 self.clients += 1
                 return True
             self.turned_away["busy"] += 1
             return False
 
-    def leave(self) -> None:
-        """Give a client place back."""
+    def leave(self, http: bool = False) -> None:
+        """Give a socket client's place back (an HTTP connection's with ``http``)."""
         with self._lock:
-            self.clients -= 1
+            if http:
+                self.http_clients -= 1
+            else:
+                self.clients -= 1
+
+    def timed_out(self) -> None:
+        """Count one client cut off for a request or an answer not taken within its time limit."""
+        with self._lock:
+            self.turned_away["timed_out"] += 1
 
     def malformed(self) -> None:
         """Count one request turned away as malformed (bad frame, bad JSON, over the payload limit)."""
         with self._lock:
             self.turned_away["malformed"] += 1
 
-    def busy_message(self) -> str:
-        """Return the answer a client turned away for ``max_clients`` gets."""
+    def busy_message(self, http: bool = False) -> str:
+        """Return the answer a client turned away for ``max_clients`` (``http_max_clients``) gets."""
+        if http:
+            return f"busy: {self.http_max_clients} HTTP clients connected (serve.http_max_clients); retry later"
         return f"busy: {self.max_clients} clients connected (serve.max_clients); retry later"
 
-    def predict(self, arrays: dict[str, np.ndarray], started_ns: int | None = None) -> tuple[_Served, dict[str, np.ndarray], int]:
+    def predict(self, arrays: dict[str, np.ndarray], started_ns: int | None = None,
+                finite: bool = False) -> tuple[_Served, dict[str, np.ndarray], int]:
         """Run one request on the model served when it starts; return (that model, its outputs, the
-        service time in ns since ``started_ns``, default now). Counted in the live figures.
+        service time in ns since ``started_ns``, default now). Counted in the live figures: as an
+        error when it raises.
+
+        ``finite``: outputs holding NaN or infinity are an error (HTTP: JSON cannot carry them; the
+        socket's frames carry them as they are).
 
         Raises:
             RequestError: nothing is served (``no_model``), the inputs do not fit (``input``), or the
-                interpreter failed (``inference``).
+                interpreter failed or (with ``finite``) its outputs hold NaN or infinity (``inference``).
         """
         started = time.perf_counter_ns() if started_ns is None else started_ns
         served = self.current  # this request's model, whatever is activated meanwhile
@@ -359,6 +401,10 @@ class Server:
             served.count(None)
             log.exception("inference failed")
             raise RequestError(f"inference failed: {type(exc).__name__}: {exc}", "inference", served.ref()) from None
+        if finite and not all(np.isfinite(v).all() for v in outputs.values()):
+            served.count(None)
+            raise RequestError("inference failed: the outputs hold NaN or infinity (JSON cannot carry them; "
+                               "the socket API can)", "inference", served.ref())
         took = time.perf_counter_ns() - started
         served.count(took)
         return served, outputs, took
@@ -372,21 +418,33 @@ class Server:
     # --- one socket connection --------------------------------------------------------------------
 
     def _handle(self, conn: Any) -> None:
-        """Serve one connection until the client closes it, sends a malformed frame or goes away."""
+        """Serve one connection until the client closes it, sends a malformed frame, takes longer than
+        ``request_timeout_s`` over one or ``send_timeout_s`` to take an answer, or goes away."""
+        _answer = self._answer
         if not self.admit():
             _answer(conn, {"ok": False, "error": self.busy_message()})
             return
+        timed = _FrameTimer(conn, self.request_timeout_s)
         # arrays stay valid until the next read: answered (and offered) by then; memory files passed are taken
-        receiver = Receiver(conn, reuse=True, shared=True)
+        receiver = Receiver(timed, reuse=True, shared=True)
         try:
             while True:
+                timed.started = False  # the next bytes start a frame: waiting for them may last
                 try:
                     frame = receiver.read(self.max_payload)
                 except FrameError as exc:  # the stream is out of step: answer, then hang up
                     self.malformed()
                     _answer(conn, {"ok": False, "error": f"malformed request: {exc}"})
                     return
-                except OSError:
+                except OSError as exc:
+                    if not isinstance(exc, (BlockingIOError, TimeoutError)):
+                        return  # the client went away
+                    if not timed.started and not _pending(receiver):
+                        continue  # idle between frames: the receive timeout only woke the wait
+                    self.timed_out()
+                    _answer(conn, {"ok": False, "error": f"timed out: a request must arrive within "
+                                                         f"{self.request_timeout_s:g} s of its first byte "
+                                                         "(serve.request_timeout_s)"})
                     return
                 if frame is None:
                     return
@@ -421,14 +479,112 @@ class Server:
             receiver.close()
             self.leave()
 
+    def _answer(self, conn: Any, header: dict[str, Any] | bytes, arrays: dict[str, np.ndarray] | None = None) -> bool:
+        """Send one answer (a header, or its encoded start for ``arrays``); return False when the client
+        is gone, or took none of it for ``send_timeout_s`` (counted as ``timed_out``)."""
+        try:
+            if isinstance(header, bytes):
+                write_frame(conn, {}, arrays, head=header)
+            else:
+                write_frame(conn, header, arrays)
+            return True
+        except (BlockingIOError, TimeoutError):  # SO_SNDTIMEO: the client does not read its answers
+            self.timed_out()
+            return False
+        except (OSError, ValueError):
+            return False
 
-def _answer(conn: Any, header: dict[str, Any] | bytes, arrays: dict[str, np.ndarray] | None = None) -> bool:
-    """Send one answer (a header, or its encoded start for ``arrays``); return False when the client is gone."""
+
+_TIMEVAL: str | None = None  # struct format of the kernel's timeval (64-bit fields, or 32-bit on older 32-bit ABIs)
+
+
+def set_timeout(sock: Any, option: int, seconds: float) -> None:
+    """Set a socket's kernel timeout ``option`` (SO_RCVTIMEO, SO_SNDTIMEO) to ``seconds`` (at least 1 ms):
+    a blocking receive or send waiting longer fails with BlockingIOError. Never raises (an option the
+    socket does not take is left as it is)."""
+    global _TIMEVAL
     try:
-        if isinstance(header, bytes):
-            write_frame(conn, {}, arrays, head=header)
-        else:
-            write_frame(conn, header, arrays)
-        return True
-    except (OSError, ValueError):
-        return False
+        if _TIMEVAL is None:
+            _TIMEVAL = "@qq" if len(sock.getsockopt(socket.SOL_SOCKET, option, 64)) == 16 else "@ii"
+        us = max(int(seconds * 1e6), 1000)
+        sock.setsockopt(socket.SOL_SOCKET, option, struct.pack(_TIMEVAL, us // 1_000_000, us % 1_000_000))
+    except (OSError, struct.error):
+        pass
+
+
+def _pending(receiver: Receiver) -> int:
+    """Return how many bytes of a next frame ``receiver`` holds (0: none, the client is between frames)."""
+    return getattr(receiver, "_end", 0) - getattr(receiver, "_start", 0)
+
+
+class _FrameTimer:
+    """A socket connection as :class:`Receiver` reads it (``recv_into``, ``recvmsg_into``): once a
+    frame's first bytes are in, the rest must come within ``limit_s``; waiting for a frame's first
+    bytes may last.
+
+    The socket's receive timeout (SO_RCVTIMEO, ``limit_s``) wakes a wait for a new frame now and then
+    (the server waits again) and bounds each wait inside a frame, shortened to what is left of the
+    frame's time. A frame received in one piece costs two attribute reads and one set here: no clock,
+    no system call.
+    """
+
+    __slots__ = ("sock", "limit_s", "started", "deadline", "short")
+
+    def __init__(self, sock: Any, limit_s: float):
+        self.sock, self.limit_s = sock, limit_s
+        self.started = False  # a frame's first bytes are in (the server clears it between frames)
+        self.deadline = 0.0  # monotonic time the started frame must be complete by (set on its second receive)
+        self.short = False  # SO_RCVTIMEO is shorter than limit_s (what was left of a frame's time)
+
+    def _arm(self) -> None:
+        """Before a receive: between frames, give the socket back its full receive timeout; inside a
+        frame, start its clock (at its second receive, which follows the first at once) and shorten
+        the receive timeout to what is left of it.
+
+        Raises:
+            TimeoutError: the frame under way is not complete ``limit_s`` after its first bytes.
+        """
+        if not self.started:
+            set_timeout(self.sock, socket.SO_RCVTIMEO, self.limit_s)
+            self.short = False
+            return
+        now = time.monotonic()
+        if not self.deadline:
+            self.deadline = now + self.limit_s
+        left = self.deadline - now
+        if left <= 0:
+            raise TimeoutError(f"the frame was not complete within {self.limit_s:g} s")
+        if left < self.limit_s - 0.001:
+            set_timeout(self.sock, socket.SO_RCVTIMEO, left)
+            self.short = True
+
+    def recv_into(self, view: Any) -> int:
+        """Receive into ``view``; return the byte count (0: the peer closed).
+
+        Raises:
+            TimeoutError: the frame under way is not complete ``limit_s`` after its first bytes.
+            BlockingIOError: no byte came within the socket's receive timeout.
+            OSError: the socket failed.
+        """
+        if self.started or self.short:
+            self._arm()
+        got = self.sock.recv_into(view)
+        if not self.started:
+            self.started, self.deadline = True, 0.0
+        return got
+
+    def recvmsg_into(self, buffers: Any, ancbufsize: int = 0, flags: int = 0) -> tuple[int, list, int, Any]:
+        """Receive into ``buffers`` with ancillary data (passed descriptors); return what
+        ``socket.recvmsg_into`` returns.
+
+        Raises:
+            TimeoutError: the frame under way is not complete ``limit_s`` after its first bytes.
+            BlockingIOError: no byte came within the socket's receive timeout.
+            OSError: the socket failed.
+        """
+        if self.started or self.short:
+            self._arm()
+        got = self.sock.recvmsg_into(buffers, ancbufsize, flags)
+        if not self.started:
+            self.started, self.deadline = True, 0.0
+        return got

@@ -38,7 +38,9 @@ class Serving(StrictModel):
     enabled: bool = True
     http_port: int | None = Field(default=None, gt=0, lt=65536)  # loopback HTTP/JSON on 127.0.0.1; None: off
     workers: int = Field(default=1, ge=1, le=64)
-    max_clients: int = Field(default=16, ge=1, le=10_000)
+    max_clients: int = Field(default=16, ge=1, le=10_000)  # socket clients
+    http_max_clients: int = Field(default=4, ge=1, le=1000)  # HTTP connections, places of their own
+    http_max_body_mb: float = Field(default=4.0, gt=0, le=4096)
 
 
 class Pulling(StrictModel):

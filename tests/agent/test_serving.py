@@ -402,3 +402,102 @@ def test_a_shadow_run_fed_by_four_clients_at_once_counts_every_input_once(store,
     assert wait(settled), server.snapshot()["shadow"]
     shadow = server.snapshot()["shadow"]
     assert shadow["errors"] == 0 and shadow["compared"] >= 2 and shadow["fidelity"]["snr_db"] is not None
+
+
+@pytest.fixture
+def strict(store):
+    """A server with 1-second request and send timeouts (the defaults are 30 s)."""
+    srv = Server(store.root / "strict.sock", make_interpreter=make, max_clients=4, max_payload=1 << 20,
+                 request_timeout_s=1.0, send_timeout_s=1.0).start()
+    srv.serve_model(store.model_path(store.shas["int8"]), store.shas["int8"], "int8")
+    yield srv
+    srv.close()
+
+
+def _connect(server) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect(str(server.path))
+    return sock
+
+
+def _until_closed(sock: socket.socket) -> bytes:
+    """Return everything the server sends until it closes the connection."""
+    got = b""
+    try:
+        while chunk := sock.recv(65536):
+            got += chunk
+    except ConnectionResetError:
+        pass
+    return got
+
+
+PREDICT = {"op": "predict", "tensors": [{"name": "image", "dtype": "float32", "shape": [8, 8, 1]}]}
+
+
+@pytest.mark.parametrize("how", ["stalls", "trickles", "stalls after a pipelined frame"])
+def test_a_frame_that_has_started_must_be_complete_within_request_timeout_s(store, strict, how):
+    """Half a frame, then nothing (or one byte every 0.3 s: each receive is quick, the frame is not;
+    or a complete frame and the start of the next): answered "timed out" and cut off after about
+    request_timeout_s, counted, and the place is given back. Before, the thread waited for ever."""
+    data = frame(PREDICT, samples(1)[0].tobytes())
+    with _connect(strict) as sock:
+        t0 = time.monotonic()
+        if how == "stalls":
+            sock.sendall(data[:20])
+        elif how == "trickles":
+            for i in range(12):
+                try:
+                    sock.sendall(data[i:i + 1])
+                except OSError:  # cut off meanwhile
+                    break
+                time.sleep(0.3)
+        else:
+            sock.sendall(data + data[:3])
+            assert raw(sock, b"")["ok"] is True  # the first is answered; the second never completes
+        got = _until_closed(sock)
+        took = time.monotonic() - t0
+    assert took < 4.0, took
+    assert b"timed out: a request must arrive within 1 s of its first byte (serve.request_timeout_s)" in got
+    assert wait(lambda: strict.snapshot()["turned_away"]["timed_out"] == 1 and strict.snapshot()["clients"] == 0)
+    assert strict.snapshot()["turned_away"]["malformed"] == 0
+
+
+def test_an_idle_client_between_frames_keeps_its_connection(store, strict):
+    """Waiting for a frame's first byte has no limit: a client may keep its connection idle (here 2.5
+    times request_timeout_s) and be answered on it, and nothing is counted as timed out."""
+    x = samples(2)
+    with _connect(strict) as sock:
+        assert raw(sock, frame({"op": "info"}))["ok"] is True
+        time.sleep(2.5)
+        assert raw(sock, frame({"op": "info"}))["ok"] is True
+    with Client(path=strict.path) as client:  # the Python client too, idle between requests
+        client.predict(x[0])
+        time.sleep(1.5)
+        assert client.predict(x[1])["output_0"].shape == (10,)
+    assert strict.snapshot()["turned_away"]["timed_out"] == 0
+
+
+def test_a_client_that_never_reads_its_answers_is_cut_off_after_send_timeout_s(store, strict):
+    """A client sending many requests and reading none of the answers fills the socket's buffer; the
+    server's send then waits at most send_timeout_s (SO_SNDTIMEO) before it cuts the client off and
+    counts it. Before, its thread waited in sendmsg for ever, holding a client place."""
+    data = frame({"op": "info"}) * 40_000  # ~40 MB of answers, more than any socket buffer
+    sock = _connect(strict)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+
+    def send() -> None:
+        try:
+            sock.sendall(data)
+        except OSError:  # cut off before all of it was sent
+            pass
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    try:
+        assert wait(lambda: strict.snapshot()["turned_away"]["timed_out"] == 1, timeout=15)
+        assert wait(lambda: strict.snapshot()["clients"] == 0)
+    finally:
+        sock.close()
+        sender.join(10)
+    assert Client(path=strict.path).predict(samples(1)[0])["output_0"].shape == (10,)

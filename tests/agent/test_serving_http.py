@@ -50,6 +50,15 @@ def call(server, method, path, body=None, headers=None, timeout=10):
         conn.close()
 
 
+def wait(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
 def samples(n=4):
     return np.random.default_rng(0).uniform(0, 16, size=(n, 8, 8, 1)).astype(np.float32)
 
@@ -199,20 +208,38 @@ def test_a_thousand_malformed_http_requests_leave_the_server_up_and_correct(stor
     np.testing.assert_array_equal(np.array(answer["outputs"]["output_0"], np.float32), expected)
 
 
-def test_http_shares_max_clients_with_the_socket_and_is_told_busy(store, server):
+def test_http_connections_have_places_of_their_own_apart_from_the_socket_clients(store, server):
+    """Any local user can open TCP connections to 127.0.0.1; the socket is the agent's group's. Four
+    idle HTTP connections (serve.http_max_clients, default 4) leave the socket's places free, a fifth is
+    told busy naming http_max_clients, and socket clients holding all theirs leave HTTP answering.
+    Before, HTTP and the socket shared max_clients: four idle TCP connections made a socket client busy."""
+    assert server.http_max_clients == 4
+    idle = [socket.create_connection(server.http_address, timeout=10) for _ in range(4)]
+    try:
+        assert wait(lambda: server.snapshot()["http_clients"] == 4)
+        with Client(store.root) as client:
+            assert client.predict(samples(1)[0])["output_0"].shape == (10,)
+        status, answer = call(server, "GET", "/v1/model")
+        assert status == 503 and answer["error"] == ("busy: 4 HTTP clients connected (serve.http_max_clients); "
+                                                     "retry later")
+        away = server.snapshot()["turned_away"]
+        assert away["busy_http"] == 1 and away["busy"] == 1  # busy: socket and HTTP; busy_http: the HTTP ones
+    finally:
+        for s in idle:
+            s.close()
+    assert wait(lambda: server.snapshot()["http_clients"] == 0)
     held = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(4)]
     for s in held:
         s.connect(str(store.root / "serve.sock"))
-    time.sleep(0.2)
     try:
-        status, answer = call(server, "GET", "/v1/model")
-        assert status == 503 and "busy: 4 clients connected (serve.max_clients)" in answer["error"]
-        assert server.snapshot()["turned_away"]["busy"] >= 1
+        assert wait(lambda: server.snapshot()["clients"] == 4)
+        assert call(server, "GET", "/v1/model")[0] == 200
+        with pytest.raises(ServingError, match=r"busy: 4 clients connected \(serve.max_clients\)"):
+            Client(store.root).predict(samples(1)[0])
+        assert server.snapshot()["turned_away"] == {"busy": 2, "malformed": 0, "busy_http": 1, "timed_out": 0}
     finally:
         for s in held:
             s.close()
-    time.sleep(0.2)
-    assert call(server, "GET", "/v1/model")[0] == 200
 
 
 def test_http_follows_a_hot_swap_and_feeds_the_shadow_run(store, server):
@@ -277,3 +304,174 @@ def test_the_agent_wires_http_port_and_runs_its_shadow_in_a_child(store, tmp_pat
     finally:
         agent.server.close()
         agent.spool.close()
+
+
+def test_the_new_serve_limits_are_read_from_agent_yaml_and_checked(store, tmp_path):
+    from device_agents.service import Agent
+
+    cfg = tmp_path / "a.yaml"
+    cfg.write_text("device: pi-1\nfleet: f\n")
+    s = load_agent_config(cfg).serve
+    assert (s.http_max_clients, s.http_max_body_mb, s.request_timeout_s, s.send_timeout_s) == (4, 4.0, 30.0, 30.0)
+    cfg.write_text(f"device: pi-1\nfleet: f\nroot: {store.root}\nserve: {{http_max_clients: 2, http_max_body_mb: 1.5, "
+                   "request_timeout_s: 5, send_timeout_s: 7}\n")
+    agent = Agent(load_agent_config(cfg))
+    try:
+        srv = agent.server
+        assert (srv.http_max_clients, srv.http_max_body, srv.request_timeout_s, srv.send_timeout_s) == (2, 1_500_000, 5, 7)
+    finally:
+        agent.spool.close()
+    for bad, message in [("http_max_clients: 0", "http_max_clients 0 is not at least 1"),
+                         ("http_max_body_mb: 0", r"serve: http_max_body_mb 0\.0 is not above 0"),
+                         ("request_timeout_s: 0", r"request_timeout_s 0\.0 is not between 0 and 3600 seconds"),
+                         ("send_timeout_s: 7200", r"send_timeout_s 7200\.0 is not between 0 and 3600 seconds")]:
+        cfg.write_text(f"device: pi-1\nfleet: f\nserve: {{{bad}}}\n")
+        with pytest.raises(ConfigError, match=message):
+            load_agent_config(cfg)
+
+
+def test_a_body_over_http_max_body_mb_is_refused_before_it_is_read(store):
+    """JSON costs ~10x its size while parsed: HTTP bodies have their own, smaller limit (4 MB by
+    default) under the socket's max_payload_mb (64 MB); over it, 413 before the body is read (the
+    client has sent only the headers), naming the key and pointing at the socket, and counted."""
+    srv = Server(store.root / "big.sock", make_interpreter=make, max_payload=64 << 20, http_port=0).start()
+    try:
+        with socket.create_connection(srv.http_address, timeout=10) as raw:
+            raw.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 8000000\r\n\r\n")
+            got = b""
+            while chunk := raw.recv(65536):  # answered and closed with no body sent
+                got += chunk
+        head, _, body = got.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 413")
+        assert json.loads(body)["error"] == ("malformed request: a body of 8000000 bytes is over the 4000000-byte limit "
+                                             "(serve.http_max_body_mb); send large inputs over the Unix socket")
+        assert srv.snapshot()["turned_away"]["malformed"] == 1
+    finally:
+        srv.close()
+
+
+def test_outputs_json_cannot_carry_are_counted_as_an_error_not_an_answer(store, server):
+    """The fp32 digits model answers NaN for inputs of 3e38 (its sums overflow). Over HTTP that is a
+    500, and the live figures count an error, not an answered request (before: a success)."""
+    server.serve_model(store.model_path(store.shas["fp32"]), store.shas["fp32"], "fp32")
+    before = server.snapshot()
+    status, answer = call(server, "POST", "/v1/predict", {"inputs": {"image": np.full((8, 8, 1), 3e38).tolist()}})
+    assert status == 500 and "outputs hold NaN or infinity" in answer["error"], answer
+    assert answer["model"]["variant"] == "fp32"
+    live = server.snapshot()
+    assert live["requests"] == before["requests"] and live["errors"] == before["errors"] + 1
+    assert call(server, "POST", "/v1/predict", {"inputs": {"image": samples(1)[0].tolist()}})[0] == 200
+    with Client(store.root) as client:  # the socket's frames carry NaN: an answer there
+        assert np.isnan(client.predict({"image": np.full((8, 8, 1), 3e38, np.float32)})["output_0"]).all()
+    assert server.snapshot()["errors"] == before["errors"] + 1
+
+
+@pytest.fixture
+def strict(store):
+    srv = Server(store.root / "strict.sock", make_interpreter=make, max_payload=1 << 20, http_port=0,
+                 request_timeout_s=1.0, send_timeout_s=1.0).start()
+    srv.serve_model(store.model_path(store.shas["int8"]), store.shas["int8"], "int8")
+    yield srv
+    srv.close()
+
+
+@pytest.mark.parametrize("where", ["headers", "body"])
+def test_a_request_trickling_in_is_cut_off_after_request_timeout_s(store, strict, where):
+    """One byte every 0.3 s keeps each read short, but the request's line, headers and body must
+    arrive within request_timeout_s of its first byte: cut off, counted, and its place given back.
+    Before, the limit was per read (30 s): one byte every 20 s kept the place for ever."""
+    body = json.dumps({"inputs": {"image": samples(1)[0].tolist()}}).encode()
+    data = f"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+    at = 0 if where == "headers" else data.index(b"\r\n\r\n") + 4
+    with socket.create_connection(strict.http_address, timeout=10) as raw:
+        raw.sendall(data[:at])
+        t0 = time.monotonic()
+        for i in range(at, at + 15):
+            try:
+                raw.sendall(data[i:i + 1])
+            except OSError:
+                break
+            time.sleep(0.3)
+            if strict.snapshot()["turned_away"]["timed_out"]:
+                break
+        assert time.monotonic() - t0 < 3.0
+        raw.settimeout(3)
+        assert raw.recv(65536) == b""  # closed
+    assert wait(lambda: strict.snapshot()["turned_away"]["timed_out"] == 1 and strict.snapshot()["http_clients"] == 0)
+    assert call(strict, "POST", "/v1/predict", {"inputs": {"image": samples(1)[0].tolist()}})[0] == 200
+
+
+def test_an_idle_keep_alive_connection_is_closed_after_request_timeout_s_and_not_counted(store, strict):
+    conn = http.client.HTTPConnection(*strict.http_address, timeout=10)
+    conn.request("GET", "/v1/model")
+    assert conn.getresponse().read() and strict.snapshot()["http_clients"] == 1
+    assert wait(lambda: strict.snapshot()["http_clients"] == 0, timeout=3)
+    assert strict.snapshot()["turned_away"]["timed_out"] == 0
+    conn.close()
+
+
+RSS_CHILD = r"""
+import sys, threading
+from pathlib import Path
+from device_agents.serving.server import Interpreters, Server
+srv = Server(Path(sys.argv[1]), make_interpreter=Interpreters(), max_payload=64 << 20, http_port=0).start()
+srv.serve_model(Path(sys.argv[2]), sys.argv[3], "int8")
+print(srv.http_address[1], flush=True)
+for line in sys.stdin:
+    status = dict(l.split(":", 1) for l in Path("/proc/self/status").read_text().splitlines() if ":" in l)
+    print(int(status["VmHWM"].split()[0]) // 1024, flush=True)
+"""
+
+
+def test_peak_memory_of_json_bodies_is_bounded_by_one_parse_at_a_time(store, tmp_path):
+    """In a child process serving HTTP with the default limits, four clients post a ~4 MB JSON body
+    each at once (under http_max_body_mb). JSON costs ~10x its size while parsed; one body is parsed
+    at a time, so the peak (VmHWM) grows by about one parse plus the bodies held, not four parses.
+    Before: bodies up to max_payload_mb (64 MB), all parsed at once; a 48 MB body alone took ~550 MB."""
+    import subprocess
+    import sys
+
+    sha = store.shas["int8"]
+    child = subprocess.Popen([sys.executable, "-c", RSS_CHILD, str(tmp_path / "rss.sock"), str(store.model_path(sha)), sha],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(child.stdout.readline())
+
+        def peak_mb() -> int:
+            child.stdin.write("\n")
+            child.stdin.flush()
+            return int(child.stdout.readline())
+
+        rng = np.random.default_rng(5)
+        body = json.dumps({"inputs": {"image": rng.uniform(0, 16, 380_000).round(6).tolist()}}).encode()
+        assert 3_500_000 < len(body) < 4_000_000
+
+        start = peak_mb()
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        conn.request("POST", "/v1/predict", body=body)
+        assert conn.getresponse().status == 400  # the wrong shape for the model, found after the parse
+        conn.close()
+        base = peak_mb()
+        one = base - start  # what one parse costs at its peak
+        request = (f"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(body)}\r\n"
+                   "Connection: close\r\n\r\n").encode() + body
+        clients = [socket.create_connection(("127.0.0.1", port), timeout=60) for _ in range(4)]
+        for c in clients:  # all but the last byte: the four bodies complete at the same moment
+            c.sendall(request[:-1])
+        time.sleep(0.5)
+        for c in clients:
+            c.sendall(request[-1:])
+        statuses = []
+        for c in clients:
+            answer = b""
+            while chunk := c.recv(65536):
+                answer += chunk
+            statuses.append(int(answer.split()[1]))
+            c.close()
+        grew = peak_mb() - base
+        assert statuses == [400] * 4
+        print(f"one body: peak +{one} MB; then four at once: +{grew} MB more")
+        assert one > 20 and grew < 40, (one, grew)
+    finally:
+        child.kill()
+        child.wait()
