@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import socket
-import struct
 import threading
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from device_agents.serving.frames import (
     Receiver,
     describe,
     encode_head,
+    set_timeout,
     shared_memory_available,
     socket_buffers,
     write_frame,
@@ -83,12 +83,8 @@ class Client:
             sock.close()
             raise ServingError(f"serving API at {self.path}: {exc.strerror or exc}; is the agent running?") from None
         sock.settimeout(None)
-        tv = struct.pack("ll", int(self.timeout), int(self.timeout % 1 * 1e6))
-        for opt in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, opt, tv)
-            except OSError:  # a platform without them: Python's own timeout
-                sock.settimeout(self.timeout)
+        if not all([set_timeout(sock, opt, self.timeout) for opt in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO)]):
+            sock.settimeout(self.timeout)  # a platform without them: Python's own timeout
         self._sock, self._receiver = sock, Receiver(sock)
 
     def _call(self, header: dict[str, Any], arrays: dict[str, np.ndarray] | None = None,

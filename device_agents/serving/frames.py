@@ -50,6 +50,25 @@ def socket_buffers(sock: Any, size: int = 4 << 20) -> None:
             pass
 
 
+_TIMEVAL: str | None = None  # struct format of the kernel's timeval (64-bit fields, or 32-bit on older 32-bit ABIs)
+
+
+def set_timeout(sock: Any, option: int, seconds: float) -> bool:
+    """Set a socket's kernel timeout ``option`` (SO_RCVTIMEO, SO_SNDTIMEO) to ``seconds`` (at least 1 ms):
+    a blocking receive or send waiting longer fails with BlockingIOError, with no poll() before each
+    call. Return False (never raise) when the socket does not take it: the caller falls back on
+    Python's own timeout."""
+    global _TIMEVAL
+    try:
+        if _TIMEVAL is None:
+            _TIMEVAL = "@qq" if len(sock.getsockopt(socket.SOL_SOCKET, option, 64)) == 16 else "@ii"
+        us = max(int(seconds * 1e6), 1000)
+        sock.setsockopt(socket.SOL_SOCKET, option, struct.pack(_TIMEVAL, us // 1_000_000, us % 1_000_000))
+    except (OSError, struct.error):
+        return False
+    return True
+
+
 class FrameError(ValueError):
     """The stream is not a valid frame (bad magic, header, sizes): answered, then the connection is closed."""
 
@@ -335,6 +354,11 @@ class Receiver:
                 os.close(fd)
             self._passed = fds[-1]
         return got
+
+    @property
+    def pending(self) -> int:
+        """Return how many bytes of a next frame are buffered (0: the peer is between frames)."""
+        return self._end - self._start
 
     def close(self) -> None:
         """Let go of the attached memory file and any descriptor passed but not attached (never raises)."""

@@ -35,7 +35,6 @@ import queue
 import socket
 import socketserver
 import stat
-import struct
 import threading
 import time
 from collections import deque
@@ -53,6 +52,7 @@ from device_agents.serving.frames import (
     Receiver,
     describe,
     encode_head,
+    set_timeout,
     socket_buffers,
     write_frame,
 )
@@ -439,7 +439,7 @@ class Server:
                 except OSError as exc:
                     if not isinstance(exc, (BlockingIOError, TimeoutError)):
                         return  # the client went away
-                    if not timed.started and not _pending(receiver):
+                    if not timed.started and not receiver.pending:
                         continue  # idle between frames: the receive timeout only woke the wait
                     self.timed_out()
                     _answer(conn, {"ok": False, "error": f"timed out: a request must arrive within "
@@ -493,28 +493,6 @@ class Server:
             return False
         except (OSError, ValueError):
             return False
-
-
-_TIMEVAL: str | None = None  # struct format of the kernel's timeval (64-bit fields, or 32-bit on older 32-bit ABIs)
-
-
-def set_timeout(sock: Any, option: int, seconds: float) -> None:
-    """Set a socket's kernel timeout ``option`` (SO_RCVTIMEO, SO_SNDTIMEO) to ``seconds`` (at least 1 ms):
-    a blocking receive or send waiting longer fails with BlockingIOError. Never raises (an option the
-    socket does not take is left as it is)."""
-    global _TIMEVAL
-    try:
-        if _TIMEVAL is None:
-            _TIMEVAL = "@qq" if len(sock.getsockopt(socket.SOL_SOCKET, option, 64)) == 16 else "@ii"
-        us = max(int(seconds * 1e6), 1000)
-        sock.setsockopt(socket.SOL_SOCKET, option, struct.pack(_TIMEVAL, us // 1_000_000, us % 1_000_000))
-    except (OSError, struct.error):
-        pass
-
-
-def _pending(receiver: Receiver) -> int:
-    """Return how many bytes of a next frame ``receiver`` holds (0: none, the client is between frames)."""
-    return getattr(receiver, "_end", 0) - getattr(receiver, "_start", 0)
 
 
 class _FrameTimer:
