@@ -210,6 +210,11 @@ def check_body(kind: str, message: dict[str, Any]) -> dict[str, Any]:
         check_reported(message)
     if kind == "status" and message["state"] not in ("online", "offline"):
         raise MessageError(f"status: state {message['state']!r} is neither online nor offline")
+    if kind == "status":  # every reader takes current.variant and current.sha256 as text
+        current = message.get("current")
+        if current is not None and (not isinstance(current, dict) or any(
+                not isinstance(current.get(f), (str, type(None))) for f in ("variant", "sha256"))):
+            raise MessageError("status: current is not an object with text variant and sha256")
     if kind == "bench":
         for q in _LATENCY:
             v = message["latency_ms"].get(q)

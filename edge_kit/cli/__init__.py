@@ -13,7 +13,9 @@ from typing import Any
 
 
 def _warning_line(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
-    sys.stderr.write(f"edgekit: warning: {message}\n")
+    from edge_kit.cli.app import printable
+
+    sys.stderr.write(f"edgekit: warning: {printable(message)}\n")
 
 
 def main() -> None:
@@ -22,7 +24,7 @@ def main() -> None:
 
     try:
         from edge_kit.cli import compile, fleet, loop, rollout  # noqa: F401  (each registers its commands)
-        from edge_kit.cli.app import app, err
+        from edge_kit.cli.app import app, err, printable
     except ModuleNotFoundError as exc:
         sys.stderr.write(f"edgekit: error: the host commands need the host extra ({exc.name} is not installed): "
                          "pip install 'edge-kit[host]'\n")
@@ -31,7 +33,7 @@ def main() -> None:
     try:
         app()
     except EdgeKitError as exc:
-        sys.stderr.write(f"edgekit: error: {exc}\n")
+        sys.stderr.write(f"edgekit: error: {printable(exc)}\n")  # device answers in it: no terminal controls
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         err.print("edgekit: interrupted; nothing was half-written")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -82,6 +83,27 @@ def live_gate(gate: str | None, window: float, min_requests: int, alpha: float, 
                     shadow_share=shadow, min_snr_db=min_snr_db)
 
 
+# C0 and C1 controls (ESC starts colour, OSC 8 hyperlinks, OSC 52 clipboard writes; CR and newlines
+# overwrite or forge lines), DEL, and the bidirectional overrides that reorder what a line seems to say.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(value: Any) -> str:
+    """Return ``str(value)`` with every control character shown as ``\\xNN`` (``\\uNNNN``): what a device, a
+    fleet file or a model file says cannot drive the operator's terminal (colours, links, the clipboard,
+    rewritten or forged lines)."""
+    text = value if isinstance(value, str) else str(value)
+    return _UNPRINTABLE.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}", text)
+
+
+def safe(value: Any) -> str:
+    """Return ``value`` as text for a rich table cell or ``out.print``: :func:`printable`, with rich markup
+    escaped (a ``[link=...]`` or a stray ``[/]`` from a device is shown, not obeyed or raised). Use it for
+    everything that does not come from this program: device messages, their records in the history,
+    command answers, fleet, manifest and model files."""
+    return escape(printable(value))
+
+
 def emit_json(data: Any) -> None:
     """Write ``data`` as indented JSON on stdout (``--json``)."""
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
@@ -98,5 +120,5 @@ def results_table(group: Any) -> Table:
         refused = getattr(r, "refused", None)  # variants not sent: the device lacks their runtime
         if refused and r.status != "failed":
             text = "; ".join([text, *refused.values()]) if text else "; ".join(refused.values())
-        t.add_row(r.device, f"[{style[r.status]}]{r.status}[/]", r.variant or "-", escape(text), f"{r.seconds:.1f}")
+        t.add_row(safe(r.device), f"[{style[r.status]}]{r.status}[/]", safe(r.variant or "-"), safe(text), f"{r.seconds:.1f}")
     return t

@@ -11,7 +11,7 @@ from rich import box
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from edge_kit.cli.app import JsonOpt, app, emit_json, err, out
+from edge_kit.cli.app import JsonOpt, app, emit_json, err, out, safe
 
 profiles_app = typer.Typer(no_args_is_help=True, help="List, show and check device profiles.")
 app.add_typer(profiles_app, name="profiles")
@@ -48,7 +48,7 @@ def _compile_report(manifest: Any) -> tuple[Table, list[str]]:
     fp32 = manifest.artifact("fp32")
     base_gzip = fp32.gzip_bytes if fp32 and fp32.gzip_bytes else None
     base_macs = fp32.macs if fp32 and fp32.macs else None
-    t = Table(title=f"{manifest.model['name']}: one row per distinct variant", title_justify="left",
+    t = Table(title=f"{safe(manifest.model['name'])}: one row per distinct variant", title_justify="left",
               box=box.SIMPLE_HEAD, pad_edge=False)
     metric = next((a.accuracy.metric for a in manifest.artifacts if a.accuracy and a.accuracy.measured), None) or "accuracy"
     for col in ("variant", "runtime", "KiB", "gzip×", "sparse", "MACs×", metric, "SNR dB", "accelerator ops"):
@@ -62,9 +62,9 @@ def _compile_report(manifest: Any) -> tuple[Table, list[str]]:
 
     for a in manifest.artifacts:
         if a.status != "built":
-            label = footnote(f"{a.id} {a.status}: {a.reason}")
+            label = footnote(safe(f"{a.id} {a.status}: {a.reason}"))
             color = "red" if a.status == "failed" else "yellow"
-            t.add_row(a.id, a.runtime, *[""] * 6, f"[{color}]{a.status}, see {label}[/]")
+            t.add_row(safe(a.id), safe(a.runtime), *[""] * 6, f"[{color}]{a.status}, see {label}[/]")
             continue
         acc = a.accuracy.value if a.accuracy and a.accuracy.measured else None
         fid = a.fidelity if a.fidelity and a.fidelity.measured else None
@@ -74,7 +74,7 @@ def _compile_report(manifest: Any) -> tuple[Table, list[str]]:
             seen = next((i + 1 for i, f in enumerate(footnotes) if f.endswith(f"] {why}")), None)
             on_device = f"on device {f'[{seen}]' if seen else footnote(why)}"  # one footnote for every trt-* row
         t.add_row(
-            a.id, a.runtime, _kb(a.bytes),
+            safe(a.id), safe(a.runtime), _kb(a.bytes),
             f"{a.gzip_bytes / base_gzip:.2f}" if base_gzip and a.gzip_bytes else "-",
             _pct(a.sparsity),
             f"{a.macs / base_macs:.2f}" if base_macs and a.macs is not None else "-",
@@ -82,7 +82,7 @@ def _compile_report(manifest: Any) -> tuple[Table, list[str]]:
             _accel_cell(a, footnote),
         )
         for warning in a.warnings:
-            footnote(f"[yellow]{warning}[/]")
+            footnote(f"[yellow]{safe(warning)}[/]")
     notes = [f"    profile {name} ({p['accelerator']}): {', '.join(p['variants'])}" for name, p in manifest.profiles.items()]
     conv = manifest.model.get("conversion")
     if conv:

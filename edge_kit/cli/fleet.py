@@ -8,7 +8,6 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich import box
-from rich.markup import escape
 from rich.table import Table
 
 from edge_kit.cli.app import (
@@ -29,6 +28,7 @@ from edge_kit.cli.app import (
     open_fleet_history,
     out,
     results_table,
+    safe,
 )
 
 
@@ -67,7 +67,7 @@ def bench_cmd(
         return
     t = Table(show_header=False, box=box.SIMPLE, pad_edge=False)
     for label, text in bench_rows(record):
-        t.add_row(label, escape(text))
+        t.add_row(label, safe(text))
     out.print(t)
 
 
@@ -101,7 +101,7 @@ def shadow_cmd(
     elif off:
         out.print(f"{dev.name}: shadow run stopped")
     else:
-        out.print(f"{dev.name}: {result['shadow']['variant']} runs beside {result['serving']['variant']} on "
+        out.print(f"{dev.name}: {safe(result['shadow']['variant'])} runs beside {safe(result['serving']['variant'])} on "
                   f"{share:.0%} of live requests (at most {max_per_s:g}/s, idle CPU only); see its telemetry's live.shadow")
 
 
@@ -134,7 +134,7 @@ def keys_rotate_cmd(
                   else f"operator key NOT switched: {old} stays; {new} is pending until every device has it")
         t = Table("device", "outcome", "what to do", box=box.SIMPLE)
         for r in results:
-            t.add_row(r.device, r.outcome, escape(r.reason or ""))
+            t.add_row(safe(r.device), safe(r.outcome), safe(r.reason or ""))
         out.print(t)
     if any(r.outcome != "rotated" for r in results):
         raise typer.Exit(4)
@@ -157,12 +157,12 @@ def publish_cmd(
         return
     t = Table("kind", "name", "sha256", "bytes", "store path", "", box=box.SIMPLE_HEAD, pad_edge=False)
     for f in result.files:
-        t.add_row(f.kind, escape(f.name), f.sha256[:12], f"{f.bytes:,}", escape(f.path),
+        t.add_row(f.kind, safe(f.name), f.sha256[:12], f"{f.bytes:,}", safe(f.path),
                   "[green]written[/]" if f.written else "[dim]already there[/]")
     out.print(t)
     written = result.written
     out.print(f"{result.model}: {len(written)} written ({sum(f.bytes for f in written):,} bytes), "
-              f"{len(result.present)} already there, in {escape(str(result.store))}; devices fetch "
+              f"{len(result.present)} already there, in {safe(str(result.store))}; devices fetch "
               f"<store URL>/sha256/<hash>; manifest: manifests/{result.model}/{result.manifest_sha256[:12]}….json")
 
 
@@ -243,7 +243,7 @@ def deploy_cmd(
     else:
         out.print(results_table(group))
         if group.stopped:
-            out.print(f"[red]rollout stopped:[/] {escape(group.stopped)}")
+            out.print(f"[red]rollout stopped:[/] {safe(group.stopped)}")
     if group.failed or group.stopped:
         raise typer.Exit(4)
 
@@ -291,7 +291,7 @@ def sim_up(
     out.print(f"broker: {info['broker']['kind']} on {info['broker']['host']}:{info['broker']['port']}; links: {links}; "
               f"fleet file: {sim.fleet_file}")
     if info["store"]:
-        out.print(f"artifact store: {info['store']['kind']} at {info['store']['url']} serving {escape(info['store']['folder'])}")
+        out.print(f"artifact store: {info['store']['kind']} at {info['store']['url']} serving {safe(info['store']['folder'])}")
     out.print(f"measurements are this machine's, marked simulated; stop with: edgekit sim down --dir {workdir}")
 
 

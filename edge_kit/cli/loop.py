@@ -8,7 +8,6 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich import box
-from rich.markup import escape
 from rich.table import Column, Table
 
 from edge_kit.cli.app import (
@@ -21,6 +20,7 @@ from edge_kit.cli.app import (
     open_fleet_history,
     out,
     results_table,
+    safe,
 )
 from edge_kit.selection.policy import DEFAULT_MARGIN
 from edgekit_protocol.labels import power_source
@@ -33,24 +33,24 @@ def decision_table(decisions: dict[str, Any], explain: bool) -> list[Any]:
     out_items: list[Any] = []
     t = Table("device", "chosen", "feasible", "switch", "why", box=box.SIMPLE_HEAD, pad_edge=False)
     for name, d in decisions.items():
-        feasible = "-" if d.chosen is None else ("yes" if d.feasible else "[red]NO[/]: " + escape(", ".join(d.violates)))
-        t.add_row(name, d.chosen or "-", feasible, "yes" if d.switch else "no", escape(d.reason))
+        feasible = "-" if d.chosen is None else ("yes" if d.feasible else "[red]NO[/]: " + safe(", ".join(d.violates)))
+        t.add_row(safe(name), safe(d.chosen or "-"), feasible, "yes" if d.switch else "no", safe(d.reason))
     out_items.append(t)
     if explain:
         for name, d in decisions.items():
             fleet = getattr(d, "kind", None) == "fleet selection"
-            title = name if not fleet else (f"{name} (confidence {d.confidence:.2f}"
-                                            + (f"; [red]flagged[/]: {escape(d.flagged)}" if d.flagged else "") + ")")
+            title = safe(name) if not fleet else (f"{safe(name)} (confidence {d.confidence:.2f}"
+                                            + (f"; [red]flagged[/]: {safe(d.flagged)}" if d.flagged else "") + ")")
             e = Table(Column("variant", min_width=16, no_wrap=True), "p90 ms", "top-1", "energy mJ/inf",
                       "source" if fleet else "power source", "runs", "MB", "violates", "",
                       title=title, title_justify="left", box=box.SIMPLE, pad_edge=False)
             for r in d.table:
                 mark = "chosen" if r.get("chosen") else ("current" if r["current"] else "")
                 inferred = r.get("source") == "inferred"
-                e.add_row(r["variant"], _cell(r, "p90_ms", _num), _cell(r, "accuracy", _pct), _cell(r, "energy_mj", _num),
-                          (r.get("source") or "-") if fleet else (r["power_source"] or "-"), str(r["runs"]),
+                e.add_row(safe(r["variant"]), _cell(r, "p90_ms", _num), _cell(r, "accuracy", _pct), _cell(r, "energy_mj", _num),
+                          safe((r.get("source") or "-") if fleet else (r["power_source"] or "-")), str(r["runs"]),
                           f"{r['model_mb']:.2f}",
-                          escape(", ".join(r["violates"])) or ("-" if r["measured"] or inferred else "not measured"), mark)
+                          safe(", ".join(r["violates"])) or ("-" if r["measured"] or inferred else "not measured"), mark)
             out_items.append(e)
     return out_items
 
@@ -110,7 +110,7 @@ def select_cmd(
     for item in decision_table(decisions, explain):
         out.print(item)
     for text in messages:
-        out.print(f"[yellow]note[/] {escape(text)}")
+        out.print(f"[yellow]note[/] {safe(text)}")
 
 
 def tune_options(artifacts: Path, rounds: int, margin: float, min_runs: int, min_seconds: float, timeout: float,
@@ -128,7 +128,7 @@ def print_tune(report: Any) -> None:
     if report.deploy.failed:
         out.print(results_table(report.deploy))
     for device, what in report.silent.items():
-        out.print(f"[red]{device} did not answer:[/] {escape(', '.join(what))}")
+        out.print(f"[red]{device} did not answer:[/] {safe(', '.join(what))}")
     switched = report.switched
     out.print(f"{len(report.rounds)} round(s); switched: {', '.join(switched) or 'nothing'}")
     if report.budget is not None:
@@ -136,15 +136,15 @@ def print_tune(report: Any) -> None:
         out.print(f"budget: {b['spent']:g} of {b['budget']:g} {b['unit']} spent on {b['measured']} measurement(s); "
                   f"{b['health']} health benchmark(s) of switched-to variants, counted apart")
         for text in b["messages"]:
-            out.print(f"[yellow]note[/] {escape(text)}")
+            out.print(f"[yellow]note[/] {safe(text)}")
     from edge_kit.loop.tune import pending_note
 
     pending = [d for r in report.rounds for d in r.get("pending", [])]
     if pending and report.budget is None:  # with a budget its notes said so
-        out.print(f"[yellow]note[/] {escape(pending_note(pending))}")
+        out.print(f"[yellow]note[/] {safe(pending_note(pending))}")
     flagged = {k: d.flagged for k, d in report.final.items() if getattr(d, "flagged", None)}
     for name, why in flagged.items():
-        out.print(f"[red]flagged[/] {name}: {escape(why)}")
+        out.print(f"[red]flagged[/] {name}: {safe(why)}")
 
 
 @app.command("tune")
@@ -226,13 +226,13 @@ def demo_cmd(
               pad_edge=False, title="each device on its best variant (measured by the real agent on this machine, "
                                     "simulated devices)", title_justify="left")
     for r in result.rows:
-        t.add_row(r["device"], r["profile"], r["variant"] or "-", _num(r["p90_ms"]),
+        t.add_row(safe(r["device"]), safe(r["profile"]), safe(r["variant"] or "-"), _num(r["p90_ms"]),
                   "-" if r["accuracy"] is None else f"{100 * r['accuracy']:.2f}%", _num(r["energy_mj"]),
-                  "yes" if r["feasible"] else ("[red]no[/]: " + escape(", ".join(r["violates"])) if r["feasible"] is False else "-"),
+                  "yes" if r["feasible"] else ("[red]no[/]: " + safe(", ".join(r["violates"])) if r["feasible"] is False else "-"),
                   *_live_cells(r.get("live")))
     out.print(t)
     methods = sorted({r["power_method"].split(",")[0] for r in result.rows if r["power_method"]})
-    out.print(f"latency: perf_counter_ns around invoke(), LiteRT on this machine; energy: {escape('; '.join(methods))}; "
+    out.print(f"latency: perf_counter_ns around invoke(), LiteRT on this machine; energy: {safe('; '.join(methods))}; "
               "live: the agent's serving API answering a demo application's requests (eval images), perf_counter_ns")
     if result.report.deploy.failed:
         out.print(results_table(result.report.deploy))
@@ -248,7 +248,7 @@ def _live_cells(live: dict[str, Any] | None) -> tuple[str, str]:
     if not live:
         return "-", "-"
     if "error" in live:
-        return "[red]" + escape(live["error"][:40]) + "[/]", "-"
+        return "[red]" + safe(str(live["error"])[:40]) + "[/]", "-"
     return f"{_num(live.get('p50_ms'))}/{_num(live.get('p99_ms'))}", f"{100 * live['top1']:.1f}%"
 
 
@@ -260,12 +260,12 @@ def _fleet_table(store: Any, fleet: Any) -> Table:
     t = Table("device", "profile", "state", "current", "p90 ms", "W (source)", "last heard", box=box.SIMPLE_HEAD, pad_edge=False)
     for dev in fleet.devices:
         st = status.get(dev.name) or {}
-        cur = st.get("current") or {}
+        cur = st.get("current") if isinstance(st.get("current"), dict) else {}  # a device's own word: any shape
         rec = bench.get((dev.name, cur.get("sha256"))) if cur else None
         heard = max([m["ts"] for m in (st, tele.get(dev.name) or {}) if m] or [0])
         power = (rec or {}).get("power") or {}
-        watts = "-" if power.get("avg_w") is None else f"{power['avg_w']:.2f} ({power_source(power)})"
-        t.add_row(dev.name, dev.profile, st.get("state", "never seen"), cur.get("variant") or "-",
+        watts = "-" if power.get("avg_w") is None else f"{power['avg_w']:.2f} ({safe(power_source(power))})"
+        t.add_row(safe(dev.name), safe(dev.profile), safe(st.get("state", "never seen")), safe(cur.get("variant") or "-"),
                   _num(rec["latency_ms"]["p90"]) if rec else "-", watts,
                   f"{_time.time() - heard:.0f} s ago" if heard else "-")
     return t
@@ -327,7 +327,7 @@ def monitor_cmd(
                 if live is not None:
                     live.update(_fleet_table(db, fleet))
                     for alert in mon.alerts[shown:]:
-                        live.console.print(f"[red]alert[/] {escape(alert.text)}")
+                        live.console.print(f"[red]alert[/] {safe(alert.text)}")
                     shown = len(mon.alerts)
     except KeyboardInterrupt:
         pass
@@ -412,7 +412,7 @@ def fleet_status_cmd(fleet_file: FleetOpt, history: HistoryOpt = None, as_json: 
         t = Table("device", "differs from its profile (measured individually)", box=box.SIMPLE_HEAD, pad_edge=False,
                   title="devices that differ", title_justify="left")
         for name, why in flagged.items():
-            t.add_row(name, escape(why))
+            t.add_row(safe(name), safe(why))
         out.print(t)
 
 

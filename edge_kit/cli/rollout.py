@@ -8,7 +8,6 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich import box
-from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -36,6 +35,7 @@ from edge_kit.cli.app import (
     live_gate,
     open_fleet_history,
     out,
+    safe,
 )
 
 rollout_app = typer.Typer(no_args_is_help=True, help="Pull rollouts in waves: devices fetch from an artifact store "
@@ -91,17 +91,17 @@ def _print(summary: dict[str, Any]) -> None:
         dl = r.get("download") or {}
         what = r["error"] or (f"fetched {dl['bytes'] / 1e6:.2f} MB{' (resumed)' if dl.get('resumed') else ''}"
                               if isinstance(dl.get("bytes"), (int, float)) and dl["bytes"] else "")
-        t.add_row(r["device"], str(r["wave"] or "-"), f"[{STYLE.get(r['state'], '')}]{r['state']}[/]",
-                  r["variant"] or "-", escape(what or ""), "-" if r["seconds"] is None else f"{r['seconds']:.1f}")
+        t.add_row(safe(r["device"]), str(r["wave"] or "-"), f"[{STYLE.get(r['state'], '')}]{safe(r['state'])}[/]",
+                  safe(r["variant"] or "-"), safe(what or ""), "-" if r["seconds"] is None else f"{r['seconds']:.1f}")
     out.print(t)
     if len(rows) > 200:
         out.print(f"... and {len(rows) - 200} more devices (--json lists them all)")
     counts = ", ".join(f"{k} {v}" for k, v in sorted(summary["counts"].items()))
     out.print(f"rollout {summary['id']}: [bold]{summary['state']}[/] ({counts})"
-              + (f": {escape(summary['reason'])}" if summary.get("reason") else ""))
+              + (f": {safe(summary['reason'])}" if summary.get("reason") else ""))
     if summary.get("refused_messages"):
         out.print(f"[red]{summary['refused_messages']} reported message(s) refused[/] (not the device's key, malformed "
-                  f"or from the future), e.g. {escape(summary['refused_examples'][0])}")
+                  f"or from the future), e.g. {safe(summary['refused_examples'][0])}")
 
 
 def _exit(summary: dict[str, Any]) -> None:
@@ -256,6 +256,6 @@ def list_cmd(fleet_file: FleetOpt, history: HistoryOpt = None, as_json: JsonOpt 
     t = Table("id", "state", "started", "devices", "variant", "outcome", box=box.SIMPLE_HEAD, pad_edge=False)
     for r in rows:
         counts = (r["outcome"] or {}).get("counts") or {}
-        t.add_row(r["id"], r["state"], time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created"])), str(r["devices"]),
-                  r["variant"] or "per profile", ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "-")
+        t.add_row(safe(r["id"]), safe(r["state"]), time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created"])), str(r["devices"]),
+                  safe(r["variant"] or "per profile"), ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "-")
     out.print(t)

@@ -10,10 +10,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 from prometheus_client.core import CounterMetricFamily
 
 from edgekit_protocol.labels import power_source
+
+# Label values a device names (variant, power source, shadow variant) make series, and each series stays
+# in the monitor's memory and in every scrape: per device and label, the first MAX_LABEL_VALUES distinct
+# values (of at most MAX_LABEL_CHARS characters) are kept; anything else is exported as OVERFLOW and counted
+# in edgekit_metrics_label_overflow_total. Device names are the fleet file's (the monitor stores no other).
+MAX_LABEL_VALUES = 32
+MAX_LABEL_CHARS = 128
+OVERFLOW = "other"
 
 
 class FleetMetrics:
@@ -48,6 +56,23 @@ class FleetMetrics:
         self.live_queue = Gauge("edgekit_live_queue_depth", "Requests waiting for an interpreter (live)", ["device"], registry=r)
         self.disk_full = Gauge("edgekit_device_disk_full", "1 while the agent refuses writes for lack of space",
                                ["device"], registry=r)
+        self.label_overflow = Counter("edgekit_metrics_label_overflow", f"Label values a device sent beyond the first "
+                                      f"{MAX_LABEL_VALUES} per label (or longer than {MAX_LABEL_CHARS} characters), "
+                                      f"exported as '{OVERFLOW}'", ["device", "label"], registry=r)
+        self._values: dict[tuple[str, str], set[str]] = {}
+
+    def _bounded(self, device: str, label: str, value: Any) -> str:
+        """Return ``value`` as the ``label`` value of ``device``'s series, or :data:`OVERFLOW` (counted) once the
+        device has used up its distinct values for that label."""
+        text = str(value)
+        seen = self._values.setdefault((device, label), set())
+        if text in seen:
+            return text
+        if len(seen) >= MAX_LABEL_VALUES or len(text) > MAX_LABEL_CHARS or text == OVERFLOW:
+            self.label_overflow.labels(device, label).inc()
+            return OVERFLOW
+        seen.add(text)
+        return text
 
     def observe(self, kind: str, msg: dict[str, Any]) -> None:
         """Update the gauges from one stored message."""
@@ -59,7 +84,7 @@ class FleetMetrics:
             self.disk_full.labels(device).set(1 if disk.get("full") else 0)
         live = msg.get("live") if kind == "telemetry" else None
         if isinstance(live, dict) and isinstance(live.get("model"), dict) and isinstance(live.get("requests"), int):
-            variant = str(live["model"].get("variant"))
+            variant = self._bounded(device, "variant", live["model"].get("variant"))
             self.live_requests.labels(device, variant).set(live["requests"])
             self.live_errors.labels(device, variant).set(live.get("errors") or 0)
             self.live_queue.labels(device).set(live.get("queue_depth") or 0)
@@ -69,15 +94,16 @@ class FleetMetrics:
             shadow = live.get("shadow")
             snr = ((shadow or {}).get("fidelity") or {}).get("snr_db") if isinstance(shadow, dict) else None
             if isinstance(snr, (int, float)):
-                self.live_shadow_snr.labels(device, variant, str((shadow.get("model") or {}).get("variant"))).set(snr)
+                shadow_variant = self._bounded(device, "shadow", (shadow.get("model") or {}).get("variant"))
+                self.live_shadow_snr.labels(device, variant, shadow_variant).set(snr)
         if kind == "status":
             self.online.labels(device).set(1 if msg["state"] == "online" else 0)
         elif kind == "bench":
-            variant = msg["variant"]
+            variant = self._bounded(device, "variant", msg["variant"])
             for q in ("p50", "p90", "p99"):
                 self.latency.labels(device, variant, q).set(msg["latency_ms"][q])
             power = msg["power"]
-            source = power_source(power)
+            source = self._bounded(device, "source", power_source(power))
             if power.get("avg_w") is not None:
                 self.power.labels(device, variant, source).set(power["avg_w"])
                 self.energy.labels(device, variant, source).set(power["energy_per_inference_mj"])

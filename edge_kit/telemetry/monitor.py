@@ -308,7 +308,7 @@ class Monitor:
             try:
                 self._after_store(kind, msg)
             except Exception:  # noqa: BLE001 - a hook or an odd figure must not stop the writer
-                log.exception("after storing %s %s", kind, msg.get("msg_id"))
+                log.exception("after storing %s %r", kind, msg.get("msg_id"))  # %r: a device's text, one line
         while len(self._recent) > 100_000:
             self._recent.popitem(last=False)
 

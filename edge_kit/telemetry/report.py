@@ -34,12 +34,18 @@ def _power_source(rec: dict[str, Any]) -> str:
     return power_source(rec.get("power") or {})
 
 
+def _label(value: Any) -> str:
+    """Return a device's text for a plotly label: plotly renders a subset of HTML in names, hover text and
+    ticks (links, styles, line breaks), so every tag a device sends is shown as text, not obeyed."""
+    return html.escape(str(value), quote=False)
+
+
 def _profile_figures(profile: Profile, records: list[dict[str, Any]], chosen: dict[str, str | None]) -> list[Any]:
     import plotly.graph_objects as go
 
     by_variant: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in records:
-        by_variant[r["variant"]].append(r)
+        by_variant[_label(r["variant"])].append(r)
     fp32 = [r["accuracy"]["value"] for r in by_variant.get("fp32", []) if r.get("accuracy")]
     scatter = go.Figure()
     for variant, recs in sorted(by_variant.items()):
@@ -48,15 +54,15 @@ def _profile_figures(profile: Profile, records: list[dict[str, Any]], chosen: di
             continue
         scatter.add_trace(go.Scatter(
             x=[r["latency_ms"]["p90"] for r in pts], y=[100 * r["accuracy"]["value"] for r in pts], mode="markers",
-            name=f"{variant} ({pts[0].get('runtime') or 'litert'})", marker={"size": 10},  # the runtime that ran it
-            text=[f"{r['device']}{' (simulated)' if r.get('simulated') else ''}, {r.get('runtime') or 'litert'}" for r in pts],
+            name=f"{variant} ({_label(pts[0].get('runtime') or 'litert')})", marker={"size": 10},  # the runtime that ran it
+            text=[f"{r['device']}{' (simulated)' if r.get('simulated') else ''}, {_label(r.get('runtime') or 'litert')}" for r in pts],
             hovertemplate="%{text}<br>p90 %{x:.4g} ms<br>top-1 %{y:.2f} %<extra>" + variant + "</extra>"))
     picks = [r for r in records if chosen.get(r["device"]) == r["sha256"] and r.get("accuracy")]
     if picks:
         scatter.add_trace(go.Scatter(
             x=[r["latency_ms"]["p90"] for r in picks], y=[100 * r["accuracy"]["value"] for r in picks], mode="markers",
             name="chosen", marker={"symbol": "star", "size": 20, "color": "rgba(0,0,0,0)", "line": {"width": 2, "color": "#111"}},
-            text=[f"{r['device']}: {r['variant']}" for r in picks], hovertemplate="%{text}<extra>chosen</extra>"))
+            text=[f"{r['device']}: {_label(r['variant'])}" for r in picks], hovertemplate="%{text}<extra>chosen</extra>"))
     c = profile.constraints
     # A log x axis: the variants of a small model sit at tenths of a millisecond while the profile's
     # limit may be 50 ms; on a linear axis reaching the limit they would all fall on one vertical line.
@@ -83,11 +89,11 @@ def _profile_figures(profile: Profile, records: list[dict[str, Any]], chosen: di
                           height=460, margin={"t": 60})
     bars = go.Figure()
     variants = sorted(v for v, recs in by_variant.items() if any((r.get("power") or {}).get("energy_per_inference_mj") is not None for r in recs))
-    for source in sorted({_power_source(r) for r in records}):
+    for source in sorted({_label(_power_source(r)) for r in records}):
         ys, texts = [], []
         for v in variants:
             vals = [r["power"]["energy_per_inference_mj"] for r in by_variant[v]
-                    if _power_source(r) == source and r["power"].get("energy_per_inference_mj") is not None]
+                    if _label(_power_source(r)) == source and r["power"].get("energy_per_inference_mj") is not None]
             ys.append(sum(vals) / len(vals) if vals else None)
             texts.append(f"{len(vals)} device(s)")
         bars.add_trace(go.Bar(x=variants, y=ys, name=f"{source}", text=texts,
@@ -107,14 +113,14 @@ def _fleet_rows(store: HistoryStore) -> tuple[list[str], list[list[str]]]:
     rows = []
     for device in sorted(set(status) | {d for d, _ in latest} | set(decisions)):
         st = status.get(device, {})
-        cur = (st.get("current") or {})
+        cur = st.get("current") if isinstance(st.get("current"), dict) else {}  # a device's own word: any shape
         rec = latest.get((device, cur.get("sha256"))) if cur else None
         dec = decisions.get(device)
         verdict = "-" if not dec else (f"{dec['chosen']} (feasible)" if dec["feasible"] else
                                        f"<span class=bad>{html.escape(str(dec['chosen']))} infeasible: "
                                        f"{html.escape(', '.join(dec.get('violates') or [str(dec.get('reason'))]))}</span>")
         rows.append([html.escape(device), html.escape(str((rec or {}).get("profile") or st.get("profile") or "-")),
-                     html.escape(st.get("state", "never seen")), html.escape(cur.get("variant") or "-"),
+                     html.escape(str(st.get("state", "never seen"))), html.escape(str(cur.get("variant") or "-")),
                      html.escape(str((rec or {}).get("runtime") or "-")),  # litert / onnxruntime / tensorrt, as measured
                      verdict if dec and not dec["feasible"] else html.escape(verdict),
                      f"{rec['latency_ms']['p90']:.4g}" if rec else "-",
@@ -130,8 +136,13 @@ def _live_cell(live: Any) -> str:
     if not isinstance(live, dict) or not isinstance(live.get("latency_ms"), dict):
         return "-"
     lat = live["latency_ms"]
-    return html.escape(f"{lat.get('p50', 0):.3g}/{lat.get('p99', 0):.3g} ({live.get('requests', 0):,}, "
-                       f"{(live.get('model') or {}).get('variant')})")
+
+    def num(v: Any, fmt: str) -> str:  # what a device sends: a figure only when it is one
+        return format(v, fmt) if isinstance(v, (int, float)) and not isinstance(v, bool) else "?"
+
+    model = live.get("model") if isinstance(live.get("model"), dict) else {}
+    return html.escape(f"{num(lat.get('p50', 0), '.3g')}/{num(lat.get('p99', 0), '.3g')} ({num(live.get('requests', 0), ',')}, "
+                       f"{model.get('variant')})")
 
 
 def _gate_rows(store: HistoryStore) -> list[list[str]]:
@@ -202,7 +213,7 @@ def build_report(store: HistoryStore, out: Path, title: str = "edge-kit fleet re
     for d in store.decisions(limit=100_000):
         decisions.setdefault(d["device"], d.get("chosen_sha256"))
     status = store.latest_status()
-    running = {dev: ((m.get("current") or {}).get("sha256")) for dev, m in status.items()}
+    running = {dev: m["current"].get("sha256") for dev, m in status.items() if isinstance(m.get("current"), dict)}
     chosen = {dev: decisions.get(dev) or running.get(dev) for dev in {r["device"] for r in latest}}
     by_profile: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in latest:

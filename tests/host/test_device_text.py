@@ -1,0 +1,97 @@
+"""What a device sends is shown, never obeyed: no terminal controls or rich markup from a device reach the
+operator's terminal, no tag of it reaches the report's plots, one device's odd shapes crash no command, and
+its label values cannot grow the monitor's metrics without bound."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from prometheus_client import generate_latest
+
+from edge_kit.telemetry.metrics import MAX_LABEL_VALUES, OVERFLOW, FleetMetrics
+from edge_kit.telemetry.store import Store, history_path
+from edgekit_protocol import messages
+from edgekit_protocol.errors import MessageError
+
+OSC52 = "\x1b]52;c;ZWNobyBwd25lZA==\x1b\\"  # writes the operator's clipboard
+EVIL = "int8" + OSC52 + "[link=file:///etc/shadow]x[/link][/][bold red]ALERT\r\n\u202e"
+TAG = '<a href="https://evil.example">int8</a><img src=x onerror=alert(1)>'
+
+
+def _bench(variant, seq, sensor="ina219"):
+    return messages.envelope("bench", "sim", "d1", seq, {
+        "profile": "rpi4", "variant": variant, "sha256": "a" * 64, "runs": 100, "simulated": False, "runtime": TAG,
+        "latency_ms": {q: 5.0 for q in ("p50", "p90", "p99", "mean", "std", "min", "max")},
+        "power": {"sensor": sensor, "avg_w": 4.2, "energy_per_inference_mj": 0.5}, "accuracy": {"value": 0.99}})
+
+
+@pytest.fixture
+def fleet_file(tmp_path):
+    path = tmp_path / "fleet.yaml"
+    path.write_text("fleet: sim\nbroker: {host: 127.0.0.1, port: 1}\ndefaults: {user: edgekit, profile: rpi4}\n"
+                    "devices:\n  - {name: d1, host: 127.0.0.1}\n")
+    return path
+
+
+def _history(fleet_file, *extra):
+    store = Store(history_path(fleet_file))
+    store.add_many([("bench", _bench(EVIL, 1, sensor="ina" + OSC52 + "[blink]")), ("bench", _bench(TAG, 2)),
+                    ("status", messages.envelope("status", "sim", "d1", 3, {
+                        "state": "online", "profile": "rpi4", "current": {"variant": EVIL, "sha256": "a" * 64}})),
+                    *extra])
+    store.close()
+
+
+def test_fleet_status_shows_device_text_without_obeying_it(fleet_file, run_cli):
+    _history(fleet_file)
+    code, out, err = run_cli("fleet", "status", "--fleet", fleet_file)
+    assert code == 0, err
+    assert "\x1b" not in out and "\r" not in out and "\u202e" not in out  # no escape sequence, no overwritten line
+    assert "int8\\x1b]52;c;ZWNobyBwd25lZA==\\x1b\\[link=file:///etc/shadow]x[/link][/][bold red]ALERT" in out
+    assert "\\x0d\\x0a\\u202e" in out
+
+
+def test_report_and_status_take_any_shape_a_device_sends(fleet_file, run_cli, tmp_path):
+    odd_live = messages.envelope("telemetry", "sim", "d1", 4, {"conditions": {}, "spool": {}, "live": {
+        "latency_ms": {"p50": "fast", "p99": 1.0}, "requests": "many", "model": "int8"}})
+    _history(fleet_file, ("telemetry", odd_live))
+    report = tmp_path / "report.html"
+    code, out, err = run_cli("report", "--fleet", fleet_file, "--out", report, "--json")
+    assert code == 0, err
+    page = report.read_text()
+    assert "<img src=x" not in page and "\\u003cimg" not in page and "\\u003ca href" not in page  # plotly gets entities
+    assert "&lt;img src=x onerror=alert(1)&gt;" in page
+    assert "<td>?/1 (?, None)</td>" in page
+
+
+def test_a_status_whose_current_is_not_an_object_is_refused():
+    good = {"state": "online", "current": {"variant": "int8", "sha256": "a" * 64}}
+    messages.check_body("status", messages.envelope("status", "sim", "d1", 1, good))
+    messages.check_body("status", messages.envelope("status", "sim", "d1", 1, {"state": "online", "current": None}))
+    for current in ("int8", ["int8"], {"variant": 8, "sha256": "a"}, {"variant": "int8", "sha256": {"x": 1}}):
+        with pytest.raises(MessageError, match="current"):
+            messages.check_body("status", messages.envelope("status", "sim", "d1", 1, {"state": "online", "current": current}))
+
+
+def test_error_lines_show_control_characters_escaped():
+    from edge_kit.cli.app import printable, safe
+
+    assert printable("refused: \x1b]52;c;eA==\x07\nforged\x9b") == "refused: \\x1b]52;c;eA==\\x07\\x0aforged\\x9b"
+    assert safe("[/]x") == "\\[/]x"
+
+
+def test_metrics_keep_a_bounded_number_of_label_values_per_device_and_count_the_rest():
+    metrics = FleetMetrics()
+    for i in range(10 * MAX_LABEL_VALUES):
+        metrics.observe("bench", {**_bench(f"v{i}", i, sensor=f"s{i}"), "device": "d1"})
+    text = generate_latest(metrics.registry).decode()
+    variants = {ln.split('variant="')[1].split('"')[0] for ln in text.splitlines()
+                if ln.startswith("edgekit_latency_ms{")}
+    assert len(variants) == MAX_LABEL_VALUES + 1 and OVERFLOW in variants and "v0" in variants
+    overflow = {json.dumps(s.labels, sort_keys=True): s.value for fam in metrics.registry.collect()
+                if fam.name == "edgekit_metrics_label_overflow" for s in fam.samples if s.name.endswith("_total")}
+    assert overflow == {json.dumps({"device": "d1", "label": "variant"}, sort_keys=True): 9 * MAX_LABEL_VALUES,
+                        json.dumps({"device": "d1", "label": "source"}, sort_keys=True): 9 * MAX_LABEL_VALUES}
+    metrics.observe("bench", {**_bench("v1", 999), "device": "d1"})  # a value already kept is still updated
+    assert 'edgekit_latency_ms{device="d1",quantile="p90",variant="v1"} 5.0' in generate_latest(metrics.registry).decode()
