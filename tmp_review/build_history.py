@@ -1,6 +1,7 @@
 """Build a history through the monitor's own checking+storing path, with messages signed by a registered
 device key (a compromised device): usage build_history.py DIR."""
-import json, sys, time
+import sys
+import time
 from pathlib import Path
 
 from device_agents.identity import Signer

@@ -1,7 +1,10 @@
 """One compromised device sends a fresh variant name (and sensor name) per bench record: count the series
 the monitor's /metrics keeps (FleetMetrics.observe is the monitor's on_message)."""
-import sys, time, tracemalloc
+import sys
+import tracemalloc
+
 from prometheus_client import generate_latest
+
 from edge_kit.telemetry.metrics import FleetMetrics
 from edgekit_protocol import messages
 

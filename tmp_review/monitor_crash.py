@@ -1,9 +1,15 @@
 """Run `edgekit monitor` (the live table, not --json) of the tree in $PYTHONPATH against a real mosquitto while
 one registered device publishes a well-signed status whose current variant holds a stray rich '[/]'."""
-import os, subprocess, sys, tempfile, time
+import os
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
+
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+
 from device_agents.identity import Signer
 from edge_kit.fleet.inventory import load_fleet
 from edge_kit.sim.broker import free_port

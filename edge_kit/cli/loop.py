@@ -437,5 +437,5 @@ def report_cmd(
     if as_json:
         emit_json(info)
     else:
-        out.print(f"wrote {out_file}: {info['plots']} plots for {', '.join(info['profiles']) or 'no profile'}, "
+        out.print(f"wrote {safe(out_file)}: {info['plots']} plots for {safe(', '.join(info['profiles']) or 'no profile')}, "
                   f"{info['devices']} devices")

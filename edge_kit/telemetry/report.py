@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_kit.fsutil import atomic_write_text
-from edge_kit.profiles import Profile, load_profile
+from edge_kit.profiles import Profile, bundled_profiles, load_profile
 from edge_kit.telemetry.store import HistoryStore
 from edgekit_protocol.labels import power_source
 
@@ -219,7 +219,12 @@ def build_report(store: HistoryStore, out: Path, title: str = "edge-kit fleet re
     for r in latest:
         by_profile[r.get("profile") or "unknown"].append(r)
     sections, plots = [], 0
+    known = set(bundled_profiles())
     for name in sorted(by_profile):
+        # A record's profile is the device's word: a bundled name, never a path on this host (a FIFO would
+        # hang the report, /dev/zero fill its memory, any YAML file be read into it).
+        if name not in known:
+            continue
         try:
             profile = load_profile(name)
         except Exception:  # noqa: BLE001 - a record from a profile this host does not know

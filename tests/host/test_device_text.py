@@ -95,3 +95,18 @@ def test_metrics_keep_a_bounded_number_of_label_values_per_device_and_count_the_
                         json.dumps({"device": "d1", "label": "source"}, sort_keys=True): 9 * MAX_LABEL_VALUES}
     metrics.observe("bench", {**_bench("v1", 999), "device": "d1"})  # a value already kept is still updated
     assert 'edgekit_latency_ms{device="d1",quantile="p90",variant="v1"} 5.0' in generate_latest(metrics.registry).decode()
+
+
+def test_a_profile_a_record_names_is_a_bundled_name_never_a_path_on_this_host(fleet_file, run_cli, tmp_path):
+    from edge_kit.profiles import profiles_dir
+
+    elsewhere = tmp_path / "elsewhere.yaml"  # any file of this host (a FIFO would hang the report, /dev/zero fill it)
+    elsewhere.write_text((profiles_dir() / "rpi4.yaml").read_text().replace("name: rpi4", "name: elsewhere"))
+    store = Store(history_path(fleet_file))
+    store.add_many([("bench", {**_bench("int8", 1), "profile": str(elsewhere)}),
+                    ("bench", {**_bench("fp32", 2), "sha256": "b" * 64})])
+    store.close()
+    code, out, err = run_cli("report", "--fleet", fleet_file, "--out", tmp_path / "r.html", "--json")
+    assert code == 0, err
+    assert json.loads(out)["plots"] == 2  # rpi4's two figures; the path was not opened
+    assert "elsewhere" not in (tmp_path / "r.html").read_text().split("<h2>Fleet</h2>")[0]
