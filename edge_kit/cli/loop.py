@@ -326,9 +326,11 @@ def monitor_cmd(
                     break
                 if live is not None:
                     live.update(_fleet_table(db, fleet))
-                    for alert in mon.alerts[shown:]:
+                    new, shown = mon.alerts_raised - shown, mon.alerts_raised
+                    if new > len(mon.alerts):
+                        live.console.print(f"[red]alert[/] {new - len(mon.alerts):,} older alerts not shown (too many)")
+                    for alert in list(mon.alerts)[-new:] if new else []:
                         live.console.print(f"[red]alert[/] {safe(alert.text)}")
-                    shown = len(mon.alerts)
     except KeyboardInterrupt:
         pass
     finally:
@@ -340,7 +342,8 @@ def monitor_cmd(
     if as_json:
         s = mon.stats
         emit_json({"received": s.received, "stored": s.stored, "duplicates": s.duplicates, "invalid": s.invalid,
-                    "gaps": s.gaps, "alerts": [vars(a) for a in mon.alerts], "store": db.where})
+                    "gaps": s.gaps, "alerts": [vars(a) for a in mon.alerts], "alerts_raised": mon.alerts_raised,
+                   "store": db.where})
 
 
 fleet_app = typer.Typer(no_args_is_help=True, help="The fleet: its broker's wall, and what the history store knows.")

@@ -25,7 +25,7 @@ import queue
 import threading
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,6 +71,10 @@ class MonitorStats:
     gaps: int = 0
 
 
+MAX_ALERTS = 10_000  # alerts kept in memory (the newest); all are counted
+MAX_INVALID_ROWS = 100_000  # refused messages stored per run (4 KiB of the first 1,000, 256 bytes of the rest)
+
+
 class Monitor:
     """One monitor worker. ``start()``, then ``stop()``; ``stats`` and ``alerts`` are live."""
 
@@ -84,7 +88,8 @@ class Monitor:
         self.on_message = on_message
         self.persistent = persistent  # keep the broker session (and its queued messages) across disconnects
         self.stats = MonitorStats()
-        self.alerts: list[Alert] = []
+        self.alerts: deque[Alert] = deque(maxlen=MAX_ALERTS)  # the newest; ``alerts_raised`` counts them all
+        self.alerts_raised = 0
         self.last_seen: dict[str, float] = {}
         self.constraints = {d.name: effective_constraints(load_profile(d.profile).constraints, d.constraints)
                             for d in fleet.devices}
@@ -224,7 +229,7 @@ class Monitor:
                 checked, mids = ([], [], []), []  # nothing of it acknowledged: the broker keeps it
             except Exception as exc:  # noqa: BLE001 - the checker must outlive anything: store nothing unchecked
                 log.exception("checking a batch failed")
-                self.alerts.append(Alert("monitor", "store", f"checking {len(batch)} message(s) failed: {exc}"))
+                self._alert(Alert("monitor", "store", f"checking {len(batch)} message(s) failed: {exc}"))
                 checked = ([], [], [])
             self._checked.put((checked, mids))  # waits while the writer is behind (bounded)
             for _ in batch:
@@ -244,10 +249,10 @@ class Monitor:
             except HistoryError as exc:  # the database went away: every batch from now on would fail too
                 log.info("%s", exc)  # said once, by whoever runs the monitor (not twice on stderr)
                 self.failed = exc
-                self.alerts.append(Alert("monitor", "store", str(exc)))
+                self._alert(Alert("monitor", "store", str(exc)))
             except Exception as exc:  # noqa: BLE001 - the history failed (disk full?): say so, keep going
                 log.exception("storing a batch failed")
-                self.alerts.append(Alert("monitor", "store", f"storing {len(checked[0])} message(s) failed: {exc}"))
+                self._alert(Alert("monitor", "store", f"storing {len(checked[0])} message(s) failed: {exc}"))
                 self._ack(mids)  # a bug, not the database: sent again it would fail again
             self._checked.task_done()
 
@@ -285,8 +290,12 @@ class Monitor:
                 outcome = MessageError(verdicts[i])
             if isinstance(outcome, Exception):
                 self.stats.invalid += 1
-                self.store.add_invalid(topic, str(outcome), payload)
-                self.alerts.append(Alert(topic, "refused", f"refused a message on {topic}: {outcome}"))
+                self._alert(Alert(topic, "refused", f"refused a message on {topic}: {outcome}"))
+                if self.stats.invalid <= MAX_INVALID_ROWS:  # a flood of them is counted, never the history's size
+                    self.store.add_invalid(topic, str(outcome), payload[:4096 if self.stats.invalid <= 1000 else 256])
+                    if self.stats.invalid == MAX_INVALID_ROWS:
+                        self._alert(Alert("monitor", "refused", f"{MAX_INVALID_ROWS:,} refused messages stored in this "
+                                                                "run; more are counted (invalid), not stored"))
                 continue
             good.append(outcome)
             raw.append(payload)
@@ -323,6 +332,11 @@ class Monitor:
         if self.on_message:
             self.on_message(kind, msg)
 
+    def _alert(self, alert: Alert) -> None:
+        """Raise ``alert``: kept among the newest :data:`MAX_ALERTS`, counted in ``alerts_raised``."""
+        self.alerts.append(alert)
+        self.alerts_raised += 1
+
     def _check_seq(self, kind: str, msg: dict[str, Any]) -> None:
         if kind == "status":
             return  # retained and replaced, not a stream
@@ -345,7 +359,7 @@ class Monitor:
         if snr < c.min_fidelity_snr_db and device not in self._drifting:
             self._drifting.add(device)
             served, ref = (live.get("model") or {}).get("variant"), (shadow.get("model") or {}).get("variant")
-            self.alerts.append(Alert(device, "drift", f"{device}: live outputs of {served} are {snr:.1f} dB from "
+            self._alert(Alert(device, "drift", f"{device}: live outputs of {served} are {snr:.1f} dB from "
                                                       f"{ref} (shadow, {shadow.get('window')} inputs), below "
                                                       f"{c.min_fidelity_snr_db:g} dB"))
         elif snr >= c.min_fidelity_snr_db:
@@ -360,18 +374,18 @@ class Monitor:
             low = bool(disk.get("full")) or disk["free_bytes"] < self.min_free_bytes
             if low and device not in self._low_disk:
                 self._low_disk.add(device)
-                self.alerts.append(Alert(device, "disk", f"{device}: {disk['free_bytes'] / 1e6:.1f} MB free"
+                self._alert(Alert(device, "disk", f"{device}: {disk['free_bytes'] / 1e6:.1f} MB free"
                                          + (" (full: installs, activations and benches refused)" if disk.get("full") else
                                             f" (below {self.min_free_bytes / 1e6:.0f} MB)")))
             elif not low:
                 self._low_disk.discard(device)
         if kind == "status" and msg["state"] == "offline":
-            self.alerts.append(Alert(device, "offline", f"{device} went offline"))
+            self._alert(Alert(device, "offline", f"{device} went offline"))
         elif kind == "bench" and device in self.constraints:
             c = self.constraints[device]
             broken = violations(c, Measured.from_record(msg, msg.get("model_bytes") or 0), None)
             if broken:
-                self.alerts.append(Alert(device, "constraints", f"{device} {msg['variant']}: breaks "
+                self._alert(Alert(device, "constraints", f"{device} {msg['variant']}: breaks "
                                                                 f"{', '.join(describe(k, c) for k in broken)}"))
 
     def _check_silence(self) -> None:
@@ -379,4 +393,4 @@ class Monitor:
         for device, seen in list(self.last_seen.items()):
             if now - seen > self.silence_s and device not in self._silent_alerted:
                 self._silent_alerted.add(device)
-                self.alerts.append(Alert(device, "silent", f"{device} silent for {now - seen:.0f} s"))
+                self._alert(Alert(device, "silent", f"{device} silent for {now - seen:.0f} s"))

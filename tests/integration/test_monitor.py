@@ -190,6 +190,29 @@ def test_monitor_cli_json_summary_and_fleet_status(fleet, publisher, tmp_path, r
     assert code == 0 and "d1" in out and "int8" in out and "3.25" in out and "never seen" in out
 
 
+def test_a_flood_of_refused_messages_is_counted_without_bound_but_stored_and_kept_in_memory_within_one(
+        fleet, tmp_path, monkeypatch):
+    """A compromised device (or a loose ACL) sending junk without end: every message is counted, the
+    history keeps at most MAX_INVALID_ROWS of them (short payloads after the first 1,000) and memory the
+    newest MAX_ALERTS alerts; the monitor says when it stops storing."""
+    from edge_kit.telemetry import monitor as monitor_module
+
+    monkeypatch.setattr(monitor_module, "MAX_INVALID_ROWS", 1_200)
+    monkeypatch.setattr(monitor_module, "MAX_ALERTS", 50)
+    store = Store(tmp_path / "h.db")
+    mon = Monitor(fleet, store, verify_in_child=False)
+    junk = messages.encode(bench("d1", 2)) + b" " * 6000  # unsigned, 6 kB
+    now = time.time()
+    for _ in range(2):
+        mon._store([(messages.topic(FLEET, "d1", "bench"), junk, now)] * 600)
+    assert mon.alerts[-1].text.startswith("1,200 refused messages stored in this run; more are counted")
+    mon._store([(messages.topic(FLEET, "d1", "bench"), junk, now)] * 300)
+    assert mon.stats.invalid == 1_500 and store.count("invalid") == 1_200
+    assert mon.alerts_raised == 1_501 and len(mon.alerts) == 50  # one per refusal, and the one saying it stopped
+    sizes = [len(p) for (p,) in store._rows("SELECT payload FROM invalid ORDER BY id")]
+    assert sizes[:1000] == [4096] * 1000 and set(sizes[1000:]) == {256}
+
+
 @pytest.mark.parametrize("verifier", ["child process", "child killed"])
 def test_forged_replayed_future_and_non_finite_messages_are_refused_counted_and_alerted(fleet, publisher, tmp_path,
                                                                                        verifier):
