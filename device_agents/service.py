@@ -53,7 +53,9 @@ from edgekit_protocol.errors import EdgeKitError
 
 log = logging.getLogger("edgekit.agent")
 WRITES = ("install", "activate", "rollback", "bench", "operators")  # commands that write a model, a link or a record
-LONG = ("install",)  # may run for minutes (a TensorRT engine is built at install): the telemetry beat goes on meanwhile
+# may run for minutes (a TensorRT engine is built at install; a shadow model loads in its child for up to
+# 120 s): the telemetry beat goes on meanwhile
+LONG = ("install", "shadow")
 
 
 class Agent:

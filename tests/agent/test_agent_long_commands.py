@@ -1,4 +1,4 @@
-"""A command that runs for minutes (an install that builds a TensorRT engine) keeps the agent's
+"""A command that runs for minutes (an install that builds a TensorRT engine, a shadow model loading) keeps the agent's
 telemetry going, so the monitor does not take the device for silent; a benchmark is never interrupted
 by it. The install itself is replaced by a slow stand-in: what is tested is the agent's scheduling."""
 
@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import time
+
+import pytest
 
 from device_agents.config import load_agent_config
 from device_agents.service import Agent
@@ -30,13 +32,15 @@ def _slow(seconds: float, result: dict):
     return run
 
 
-def test_a_long_install_keeps_the_telemetry_beat_and_is_answered_once(tmp_path):
+@pytest.mark.parametrize("name", ["install", "shadow"])
+def test_a_long_command_keeps_the_telemetry_beat_and_is_answered_once(tmp_path, name):
+    """An install building a TensorRT engine; a shadow model loading in its child."""
     agent = _agent(tmp_path)
     try:
-        agent._cmd_install = _slow(1.5, {"engine": {"build_s": 1.5}})
+        setattr(agent, f"_cmd_{name}", _slow(1.5, {"engine": {"build_s": 1.5}}))
         assert agent.spool.take("m1", b"{}", time.time(), time.time() + 60) is None  # taken as delivered
         started = time.monotonic()
-        agent.run_command(Command("m1", "install", {}))
+        agent.run_command(Command("m1", name, {}))
         assert time.monotonic() - started >= 1.5
         sent = _sent(agent)
         telemetry = [m for kind, m in sent if kind == "telemetry"]
