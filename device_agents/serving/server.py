@@ -536,8 +536,8 @@ class _FrameTimer:
             set_timeout(self.sock, socket.SO_RCVTIMEO, left)
             self.short = True
 
-    def recv_into(self, view: Any) -> int:
-        """Receive into ``view``; return the byte count (0: the peer closed).
+    def _receive(self, receive: Any, *args: Any) -> Any:
+        """Return ``receive(*args)`` with the frame's clock armed first (see :meth:`_arm`).
 
         Raises:
             TimeoutError: the frame under way is not complete ``limit_s`` after its first bytes.
@@ -546,23 +546,16 @@ class _FrameTimer:
         """
         if self.started or self.short:
             self._arm()
-        got = self.sock.recv_into(view)
+        got = receive(*args)
         if not self.started:
             self.started, self.deadline = True, 0.0
         return got
+
+    def recv_into(self, view: Any) -> int:
+        """Receive into ``view``; return the byte count (0: the peer closed). Raises as :meth:`_receive`."""
+        return self._receive(self.sock.recv_into, view)
 
     def recvmsg_into(self, buffers: Any, ancbufsize: int = 0, flags: int = 0) -> tuple[int, list, int, Any]:
         """Receive into ``buffers`` with ancillary data (passed descriptors); return what
-        ``socket.recvmsg_into`` returns.
-
-        Raises:
-            TimeoutError: the frame under way is not complete ``limit_s`` after its first bytes.
-            BlockingIOError: no byte came within the socket's receive timeout.
-            OSError: the socket failed.
-        """
-        if self.started or self.short:
-            self._arm()
-        got = self.sock.recvmsg_into(buffers, ancbufsize, flags)
-        if not self.started:
-            self.started, self.deadline = True, 0.0
-        return got
+        ``socket.recvmsg_into`` returns. Raises as :meth:`_receive`."""
+        return self._receive(self.sock.recvmsg_into, buffers, ancbufsize, flags)
