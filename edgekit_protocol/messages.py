@@ -45,6 +45,7 @@ _ENVELOPE_TYPES: dict[str, type | tuple[type, ...]] = {
     "key_id": str, "sig": str,
 }
 MAX_SKEW_S = 300.0  # how far ahead of the receiver's clock a sender's ts may be
+_MSG_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # the dedup key, shown and logged: no controls, no markup
 
 
 def check_name(value: str, what: str) -> str:
@@ -172,6 +173,8 @@ def decode(payload: bytes, kind: str | None = None) -> dict[str, Any]:
             raise MessageError(f"field '{field}' is missing")
         if not isinstance(value, types) or isinstance(value, bool):
             raise MessageError(f"field '{field}' has type {type(value).__name__}")
+    if not _MSG_ID.fullmatch(message["msg_id"]):
+        raise MessageError("field 'msg_id' must be 1 to 128 letters, digits, '.', '_', ':' or '-'")
     if not 0 <= message["seq"] < 2 ** 63:
         raise MessageError("field 'seq' is out of range (0 to 2**63 - 1)")
     if not in_range(message["ts"]):

@@ -8,6 +8,7 @@ measured watt from an estimated one. Plus the monitor's own counters.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
@@ -86,15 +87,15 @@ class FleetMetrics:
         if isinstance(live, dict) and isinstance(live.get("model"), dict) and isinstance(live.get("requests"), int):
             variant = self._bounded(device, "variant", live["model"].get("variant"))
             self.live_requests.labels(device, variant).set(live["requests"])
-            self.live_errors.labels(device, variant).set(live.get("errors") or 0)
-            self.live_queue.labels(device).set(live.get("queue_depth") or 0)
-            for q, v in (live.get("latency_ms") or {}).items():
-                if q in ("p50", "p90", "p99") and isinstance(v, (int, float)):
+            self.live_errors.labels(device, variant).set(_number(live.get("errors")) or 0)
+            self.live_queue.labels(device).set(_number(live.get("queue_depth")) or 0)
+            for q in ("p50", "p90", "p99"):
+                v = _number(_field(live, "latency_ms", q))
+                if v is not None:
                     self.live_latency.labels(device, variant, q).set(v)
-            shadow = live.get("shadow")
-            snr = ((shadow or {}).get("fidelity") or {}).get("snr_db") if isinstance(shadow, dict) else None
-            if isinstance(snr, (int, float)):
-                shadow_variant = self._bounded(device, "shadow", (shadow.get("model") or {}).get("variant"))
+            snr = _number(_field(live, "shadow", "fidelity", "snr_db"))
+            if snr is not None:
+                shadow_variant = self._bounded(device, "shadow", _field(live, "shadow", "model", "variant"))
                 self.live_shadow_snr.labels(device, variant, shadow_variant).set(snr)
         if kind == "status":
             self.online.labels(device).set(1 if msg["state"] == "online" else 0)
@@ -127,3 +128,20 @@ class FleetMetrics:
         """Serve ``/metrics`` on ``addr:port``; return the server (``shutdown()`` stops it)."""
         server, _thread = start_http_server(port, addr=addr, registry=self.registry)
         return server
+
+
+def _field(doc: Any, *path: str) -> Any:
+    """Return ``doc[path[0]][path[1]]...``, or None where a step is missing or not an object (what a
+    device sends is never trusted to have the shape it should)."""
+    for key in path:
+        if not isinstance(doc, dict):
+            return None
+        doc = doc.get(key)
+    return doc
+
+
+def _number(value: Any) -> float | None:
+    """Return ``value`` when it is a finite number (not a bool), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return value if math.isfinite(value) else None

@@ -97,6 +97,24 @@ def test_metrics_keep_a_bounded_number_of_label_values_per_device_and_count_the_
     assert 'edgekit_latency_ms{device="d1",quantile="p90",variant="v1"} 5.0' in generate_latest(metrics.registry).decode()
 
 
+def test_metrics_take_live_figures_of_any_shape_and_keep_what_is_a_number():
+    """Live figures as a broken or hostile agent may send them: strings, lists, NaN, booleans where
+    numbers go. Nothing raises; what is a finite number is exported, the rest is left out."""
+    metrics = FleetMetrics()
+    base = {"device": "d1", "ts": 1.0, "live": {"model": {"variant": "int8"}, "requests": 5}}
+    odd = [{"errors": "many", "queue_depth": [1], "latency_ms": ["p50"], "shadow": "on"},
+           {"errors": True, "latency_ms": {"p50": "1", "p90": float("nan"), "p99": 2.5},
+            "shadow": {"fidelity": {"snr_db": 41.0}, "model": "fp32"}},
+           {"latency_ms": None, "shadow": {"fidelity": [40], "model": {"variant": 7}}}]
+    for extra in odd:
+        metrics.observe("telemetry", {**base, "live": {**base["live"], **extra}})
+    text = generate_latest(metrics.registry).decode()
+    assert 'edgekit_live_latency_ms{device="d1",quantile="p99",variant="int8"} 2.5' in text
+    assert 'quantile="p50"' not in text and 'quantile="p90"' not in text
+    assert 'edgekit_live_errors{device="d1",variant="int8"} 0.0' in text
+    assert 'snr' in text and "41.0" in text
+
+
 def test_a_profile_a_record_names_is_a_bundled_name_never_a_path_on_this_host(fleet_file, run_cli, tmp_path):
     from edge_kit.profiles import profiles_dir
 

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from edgekit_protocol.desired import Desired, check_reported, parse_desired, reported_body
+from edgekit_protocol.desired import (
+    Desired,
+    check_reported,
+    parse_desired,
+    reported_body,
+)
 from edgekit_protocol.errors import MessageError
 
 SHA = "a" * 64

@@ -37,6 +37,9 @@ def test_envelope_round_trip_and_unique_ids():
     assert messages.decode(messages.encode(a), "bench") == a
     with pytest.raises(messages.MessageError, match="does not belong on 'status'"):
         messages.decode(messages.encode(a), "status")
+    for bad in ("", "x" * 129, "id\n2026 ERROR forged", "\x1b]52;c;cHdu\x07", "[link=file:///etc]x"):
+        with pytest.raises(messages.MessageError, match="'msg_id' must be 1 to 128 letters"):
+            messages.decode(messages.encode({**a, "msg_id": bad}), "bench")
 
 
 @pytest.mark.parametrize("payload, message", [
