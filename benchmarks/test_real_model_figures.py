@@ -6,12 +6,10 @@ Models and photos come from pinned wheels in ``.cache/wheels`` (``.ci/setup``; s
 
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 import edge_kit.decoders.blazeface as blazeface
 from edge_kit import realmodels
@@ -23,17 +21,6 @@ DECODE = f"{blazeface.__file__}:decode"
 VARIANTS = ("fp32", "fp16", "dynamic-int8", "int8")
 HOW = ("LiteRT interpreter on this host, each output against the fp32 variant's on the same inputs "
        "(real pixels of scikit-image 0.26.0 / matplotlib 3.11.2 photos)")
-
-
-@pytest.fixture(scope="module")
-def wheels() -> Path:
-    folder = Path(os.environ.get("EDGEKIT_WHEELS", ROOT / ".cache" / "wheels"))
-    for key in realmodels.WHEELS:
-        try:
-            realmodels.wheel(folder, key)
-        except realmodels.MissingWheel as exc:
-            pytest.fail(str(exc), pytrace=False)
-    return folder
 
 
 def _compile(model: Path, out: Path, **kw):

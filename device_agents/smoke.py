@@ -8,13 +8,14 @@ Python start. A model that crashes the interpreter kills only the child.
 from __future__ import annotations
 
 import multiprocessing
+import signal
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from device_agents.errors import SmokeFailed
+from device_agents.errors import SmokeCrashed, SmokeFailed
 from device_agents.runtimes import RUNTIMES, RuntimeUnavailable, get_runtime
 
 
@@ -82,7 +83,8 @@ class SmokePool:
         """Return what :func:`smoke` returned in the child.
 
         Raises:
-            SmokeFailed: the model failed, the child crashed (signal named) or timed out.
+            SmokeCrashed: the child crashed (signal named in ``how``), was killed or timed out.
+            SmokeFailed: the model did not load or run, or gave NaN or infinity.
         """
         receive, send = self.ctx.Pipe(duplex=False)
         child = self.ctx.Process(target=_child, args=(str(model), runtime, delegate, options, threads, send), daemon=True)
@@ -91,12 +93,16 @@ class SmokePool:
         try:
             if not receive.poll(timeout):
                 child.kill()
-                raise SmokeFailed(f"the smoke inference did not finish within {timeout:.0f} s")
+                raise SmokeCrashed(f"the smoke inference did not finish within {timeout:.0f} s",
+                                   f"did not finish within {timeout:.0f} s")
             try:
                 status, value = receive.recv()
             except EOFError:
                 child.join(5)
-                raise SmokeFailed(f"the interpreter crashed (exit {child.exitcode})") from None
+                code = child.exitcode or 0
+                name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else f"exit {code}"
+                how = "was killed (out of memory?)" if name == "SIGKILL" else f"crashed ({name})"
+                raise SmokeCrashed(f"the interpreter crashed (exit {code})", how) from None
         finally:
             receive.close()
             child.join(5)

@@ -18,6 +18,7 @@ Run ``python -m edge_kit.realmodels --wheels .cache/wheels --out faces`` to writ
 from __future__ import annotations
 
 import argparse
+import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,6 +90,20 @@ def wheel(wheels: Path, key: str) -> Path:
     if not found:
         raise MissingWheel(f"{wheels}: no {prefix}*.whl ({WHEELS[key][1]}); {SETUP_HINT}")
     return found[0]
+
+
+def wheels_folder() -> Path:
+    """Return the folder of pinned wheels (``$EDGEKIT_WHEELS``, else ``.cache/wheels`` of this checkout)
+    once every wheel of :data:`WHEELS` is in it.
+
+    Raises:
+        MissingWheel: one or more are not there (all named, with how to fetch them).
+    """
+    folder = Path(os.environ.get("EDGEKIT_WHEELS", Path(__file__).resolve().parents[1] / ".cache" / "wheels"))
+    missing = [k for k in WHEELS if not list(folder.glob(f"{WHEELS[k][0]}*.whl"))]
+    if missing:
+        raise MissingWheel(f"{folder}: no wheel of {', '.join(WHEELS[k][0] for k in missing)}; {SETUP_HINT}")
+    return folder
 
 
 def read_member(wheels: Path, key: str, member: str) -> bytes:

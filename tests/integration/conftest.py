@@ -4,30 +4,12 @@ from __future__ import annotations
 
 import itertools
 import os
-from pathlib import Path
 from typing import Any
 
 import pytest
 from harness import AgentProcess, Monitor
 
-from edge_kit import realmodels
 from edge_kit.sim.broker import MosquittoBroker
-
-
-@pytest.fixture(scope="session")
-def wheels() -> Path:
-    """The folder of pinned wheels real models and photos come from (``.ci/setup`` fetches them); fails,
-    never skips, when one is missing."""
-    folder = Path(os.environ.get("EDGEKIT_WHEELS", Path(__file__).resolve().parents[2] / ".cache" / "wheels"))
-    missing = []
-    for key in realmodels.WHEELS:
-        try:
-            realmodels.wheel(folder, key)
-        except realmodels.MissingWheel as exc:
-            missing.append(str(exc))
-    if missing:
-        pytest.fail("real-model wheels missing: " + "; ".join(missing), pytrace=False)
-    return folder
 
 
 @pytest.fixture
