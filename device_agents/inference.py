@@ -74,7 +74,7 @@ def quantize(port: Port, x: np.ndarray) -> np.ndarray:
             x = np.round(x / port.scale + port.zero_point)
         info = np.iinfo(port.dtype)
         x = np.clip(x, info.min, info.max)
-    return np.asarray(x).astype(port.dtype)
+    return np.asarray(x).astype(port.dtype, copy=False)
 
 
 def dequantize(port: Port, y: np.ndarray) -> np.ndarray:

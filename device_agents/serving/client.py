@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -54,12 +55,18 @@ class Client:
     """A connection to the agent's serving API (one request at a time; use one client per thread)."""
 
     def __init__(self, root: str | os.PathLike | None = None, *, path: str | os.PathLike | None = None,
-                 timeout: float = 30.0, max_payload: int = 1 << 30, shared_memory: bool | None = None):
+                 timeout: float = 30.0, max_payload: int = 1 << 30, shared_memory: bool | None = None,
+                 busy_poll_us: int = 0):
         self.path = Path(path) if path else Path(root or "/opt/edgekit").expanduser() / SOCKET
         self.timeout = timeout
         self.max_payload = max_payload
         # inputs of 64 kB or more go through a sealed memory file (None: where the system has them, Linux)
         self.shared_memory = shared_memory_available() if shared_memory is None else shared_memory
+        # wait for an answer this long on the CPU before sleeping in the kernel: no wake-up to pay when
+        # it comes within that time, one core kept busy meanwhile (0: sleep at once, the default)
+        if not isinstance(busy_poll_us, int) or not 0 <= busy_poll_us <= 1_000_000:
+            raise ValueError(f"busy_poll_us: {busy_poll_us!r} is not 0 to 1000000 microseconds")
+        self.busy_poll_ns = busy_poll_us * 1000
         self._shm: Any = None  # (descriptor, mmap) of this client's memory file
         self._shm_on: socket.socket | None = None  # the connection its descriptor was passed on
         self._sock: socket.socket | None = None
@@ -112,6 +119,8 @@ class Client:
                         raise
                     self._drop()
                     raise ServingError(str(told.get("error"))) from None
+                if self.busy_poll_ns:
+                    self._poll()
                 frame = self._receiver.read(self.max_payload)
             except (OSError, FrameError) as exc:
                 self._drop()
@@ -129,6 +138,21 @@ class Client:
             self.model = answer.get("model")
             return answer, tensors
         raise AssertionError("unreachable")
+
+    def _poll(self) -> None:
+        """Return once the answer's first bytes are in, or ``busy_poll_us`` has passed (the read then
+        sleeps in the kernel), checking without blocking all the while.
+
+        Raises:
+            OSError: the connection failed.
+        """
+        sock, end = self._sock, time.perf_counter_ns() + self.busy_poll_ns
+        while time.perf_counter_ns() < end:
+            try:
+                sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+                return  # a byte, or b"" when the server closed: the read finds out which
+            except BlockingIOError:
+                continue
 
     def predict(self, inputs: dict[str, Any] | np.ndarray) -> dict[str, np.ndarray]:
         """Return the active model's outputs for one sample (inputs of 64 kB or more through shared memory).

@@ -153,6 +153,7 @@ def write_frame(stream: Any, header: dict[str, Any], arrays: dict[str, np.ndarra
             stream.write(c)
 
 
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)  # a plain int: the flag enum's & costs microseconds per frame
 MAX_FDS = 4  # descriptors taken from one read; more are closed and the frame is refused
 MEMFD_SEALS = ("F_ADD_SEALS", "F_GET_SEALS", "F_SEAL_SHRINK")
 
@@ -345,7 +346,7 @@ class Receiver:
         for level, kind, data in ancillary:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds += array.array("i", data[:len(data) - len(data) % 4])
-        if flags & socket.MSG_CTRUNC:
+        if flags & _MSG_CTRUNC:
             self._refuse_fds = f"more than {MAX_FDS} descriptors passed with one frame"
         if fds:
             import os

@@ -127,7 +127,7 @@ class _Served:
     def answer_head(self, outputs: dict[str, np.ndarray], ms: float) -> bytes:
         """Return the encoded start of a predict answer (``ok``, ``model``, ``ms``, ``tensors``), the
         JSON built once per model and output shapes, only ``ms`` formatted per request."""
-        spec = [(k, v.dtype.name, v.shape) for k, v in outputs.items()]
+        spec = [(k, v.dtype, v.shape) for k, v in outputs.items()]
         if self._head is None or self._head[0] != spec:
             head = encode_head({"ok": True, "model": self.ref(), "ms": 0.0, "tensors": describe(outputs)})
             pre, post = head[8:].split(b'"ms":0.0', 1)  # keys in order: ok, model, ms: strings before it are escaped

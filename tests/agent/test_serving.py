@@ -221,6 +221,41 @@ def test_open_current_runs_in_process_and_follows_an_activation(store):
         model.predict({"image": np.zeros((4, 4), np.float32)})
 
 
+def test_busy_polling_answers_the_same_and_spins_only_up_to_busy_poll_us(store, server, tmp_path):
+    x = samples(3)
+    with Client(store.root) as plain, Client(store.root, busy_poll_us=20_000) as polling:
+        for s in x:
+            np.testing.assert_array_equal(polling.predict({"image": s})["output_0"], plain.predict({"image": s})["output_0"])
+    for bad in (-1, 1_000_001, 0.5, "10"):
+        with pytest.raises(ValueError, match="busy_poll_us"):
+            Client(store.root, busy_poll_us=bad)
+
+    from device_agents.serving.frames import Receiver
+
+    slow = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # answers each request 0.1 s late
+    slow.bind(str(tmp_path / "slow.sock"))
+    slow.listen()
+
+    def answer_late() -> None:
+        conn, _ = slow.accept()
+        with conn:
+            receiver = Receiver(conn)
+            while receiver.read(1 << 20) is not None:
+                time.sleep(0.1)
+                write_frame(conn, {"ok": True, "model": {"sha256": "x", "variant": "v"}}, {"y": np.ones(3, np.float32)})
+
+    threading.Thread(target=answer_late, daemon=True).start()
+    cpu = {}
+    with Client(path=tmp_path / "slow.sock", busy_poll_us=1_000_000) as spinning:
+        for poll_us in (2_000, 1_000_000):  # gives up spinning after 2 ms; spins through the 0.1 s
+            spinning.busy_poll_ns = poll_us * 1000
+            t = time.thread_time()
+            assert spinning.predict({"image": x[0]})["y"].tolist() == [1, 1, 1]
+            cpu[poll_us] = time.thread_time() - t
+    slow.close()
+    assert cpu[2_000] < 0.03 < 0.07 < cpu[1_000_000], cpu
+
+
 def test_write_frame_round_trips_large_tensors(tmp_path):
     from device_agents.serving.frames import read_frame
 
