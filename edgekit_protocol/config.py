@@ -132,6 +132,7 @@ class ServeConfig:
     http_max_body_mb: float = 4.0  # an HTTP request's JSON body, at most (parsing costs ~10x its size; one at a time)
     request_timeout_s: float = 30.0  # a started socket frame, or an HTTP request's headers and body, must arrive in it
     send_timeout_s: float = 30.0  # a client that takes none of its answer for this long is cut off
+    busy_poll_us: int = 0  # after an answer, wait this long on the CPU for the client's next request (one client only)
 
     def __post_init__(self) -> None:
         if self.http_port is not None and not 0 < self.http_port < 65536:
@@ -149,6 +150,8 @@ class ServeConfig:
             raise ValueError(f"max_payload_mb {self.max_payload_mb} is not above 0")
         if self.workers < 1:
             raise ValueError(f"workers {self.workers} is not at least 1")
+        if not 0 <= self.busy_poll_us <= 100_000:
+            raise ValueError(f"busy_poll_us {self.busy_poll_us} is not between 0 and 100000 microseconds")
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import socket
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from device_agents.errors import DeviceError
 from device_agents.serving.frames import (
     FrameError,
     Receiver,
+    busy_poll,
     describe,
     encode_head,
     set_timeout,
@@ -120,7 +120,7 @@ class Client:
                     self._drop()
                     raise ServingError(str(told.get("error"))) from None
                 if self.busy_poll_ns:
-                    self._poll()
+                    busy_poll(self._sock, self.busy_poll_ns)
                 frame = self._receiver.read(self.max_payload)
             except (OSError, FrameError) as exc:
                 self._drop()
@@ -138,21 +138,6 @@ class Client:
             self.model = answer.get("model")
             return answer, tensors
         raise AssertionError("unreachable")
-
-    def _poll(self) -> None:
-        """Return once the answer's first bytes are in, or ``busy_poll_us`` has passed (the read then
-        sleeps in the kernel), checking without blocking all the while.
-
-        Raises:
-            OSError: the connection failed.
-        """
-        sock, end = self._sock, time.perf_counter_ns() + self.busy_poll_ns
-        while time.perf_counter_ns() < end:
-            try:
-                sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-                return  # a byte, or b"" when the server closed: the read finds out which
-            except BlockingIOError:
-                continue
 
     def predict(self, inputs: dict[str, Any] | np.ndarray) -> dict[str, np.ndarray]:
         """Return the active model's outputs for one sample (inputs of 64 kB or more through shared memory).

@@ -30,6 +30,7 @@ import json
 import math
 import socket
 import struct
+import time
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -51,6 +52,22 @@ def socket_buffers(sock: Any, size: int = 4 << 20) -> None:
 
 
 _TIMEVAL: str | None = None  # struct format of the kernel's timeval (64-bit fields, or 32-bit on older 32-bit ABIs)
+
+
+def busy_poll(sock: socket.socket, ns: int) -> None:
+    """Return once ``sock`` has a byte to read (or the peer closed), or after ``ns`` nanoseconds,
+    checking without blocking all the while: a receive that follows finds the bytes in without
+    sleeping, so nothing has to wake this thread's core (what Linux's ``SO_BUSY_POLL`` does for
+    network sockets, in user space). Never raises: a failed socket is the receive's to report."""
+    end = time.perf_counter_ns() + ns
+    while time.perf_counter_ns() < end:
+        try:
+            sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            return
+        except BlockingIOError:
+            continue
+        except OSError:
+            return
 
 
 def set_timeout(sock: Any, option: int, seconds: float) -> bool:

@@ -50,6 +50,7 @@ from device_agents.serving.frames import (
     MAGIC,
     FrameError,
     Receiver,
+    busy_poll,
     describe,
     encode_head,
     set_timeout,
@@ -167,7 +168,7 @@ class Server:
     def __init__(self, path: Path, *, make_interpreter: Any, max_clients: int = 16,
                  max_payload: int = 64 * 1024 * 1024, workers: int = 1, http_port: int | None = None,
                  http_max_clients: int = 4, http_max_body: int = 4_000_000, request_timeout_s: float = 30.0,
-                 send_timeout_s: float = 30.0):
+                 send_timeout_s: float = 30.0, busy_poll_us: int = 0):
         self.path = Path(path)
         self.make_interpreter = make_interpreter  # path -> allocated interpreter (the agent's runtime and target)
         self.max_clients = max_clients  # socket clients
@@ -177,6 +178,9 @@ class Server:
         self.request_timeout_s = request_timeout_s  # a started frame / an HTTP request's headers and body
         self.send_timeout_s = send_timeout_s  # a client that takes none of its answer for this long is cut off
         self.workers = workers
+        # after an answer, the connection's thread waits this long on the CPU for the next request before
+        # it sleeps (no wake-up to pay for a client that sends at once); only while one client is connected
+        self.busy_poll_ns = busy_poll_us * 1000
         self.http_port = http_port  # None: no HTTP; 0: a free port (tests); bound to 127.0.0.1 only
         self.http_address: tuple[str, int] | None = None  # where HTTP listens once started
         self.current: _Served | None = None
@@ -430,6 +434,8 @@ class Server:
         try:
             while True:
                 timed.started = False  # the next bytes start a frame: waiting for them may last
+                if self.busy_poll_ns and self.clients == 1 and not self.http_clients and not receiver.pending:
+                    busy_poll(conn, self.busy_poll_ns)
                 try:
                     frame = receiver.read(self.max_payload)
                 except FrameError as exc:  # the stream is out of step: answer, then hang up

@@ -41,6 +41,7 @@ class Serving(StrictModel):
     max_clients: int = Field(default=16, ge=1, le=10_000)  # socket clients
     http_max_clients: int = Field(default=4, ge=1, le=1000)  # HTTP connections, places of their own
     http_max_body_mb: float = Field(default=4.0, gt=0, le=4096)
+    busy_poll_us: int = Field(default=0, ge=0, le=100_000)  # the server waits on the CPU for a lone client's next request
 
 
 class Pulling(StrictModel):

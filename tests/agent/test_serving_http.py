@@ -305,17 +305,19 @@ def test_the_new_serve_limits_are_read_from_agent_yaml_and_checked(store, tmp_pa
     s = load_agent_config(cfg).serve
     assert (s.http_max_clients, s.http_max_body_mb, s.request_timeout_s, s.send_timeout_s) == (4, 4.0, 30.0, 30.0)
     cfg.write_text(f"device: pi-1\nfleet: f\nroot: {store.root}\nserve: {{http_max_clients: 2, http_max_body_mb: 1.5, "
-                   "request_timeout_s: 5, send_timeout_s: 7}\n")
+                   "request_timeout_s: 5, send_timeout_s: 7, busy_poll_us: 300}\n")
     agent = Agent(load_agent_config(cfg))
     try:
         srv = agent.server
-        assert (srv.http_max_clients, srv.http_max_body, srv.request_timeout_s, srv.send_timeout_s) == (2, 1_500_000, 5, 7)
+        assert (srv.http_max_clients, srv.http_max_body, srv.request_timeout_s, srv.send_timeout_s,
+                srv.busy_poll_ns) == (2, 1_500_000, 5, 7, 300_000)
     finally:
         agent.spool.close()
     for bad, message in [("http_max_clients: 0", "http_max_clients 0 is not at least 1"),
                          ("http_max_body_mb: 0", r"serve: http_max_body_mb 0\.0 is not above 0"),
                          ("request_timeout_s: 0", r"request_timeout_s 0\.0 is not between 0 and 3600 seconds"),
-                         ("send_timeout_s: 7200", r"send_timeout_s 7200\.0 is not between 0 and 3600 seconds")]:
+                         ("send_timeout_s: 7200", r"send_timeout_s 7200\.0 is not between 0 and 3600 seconds"),
+                         ("busy_poll_us: -1", r"busy_poll_us -1 is not between 0 and 100000 microseconds")]:
         cfg.write_text(f"device: pi-1\nfleet: f\nserve: {{{bad}}}\n")
         with pytest.raises(ConfigError, match=message):
             load_agent_config(cfg)
