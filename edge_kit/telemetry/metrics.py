@@ -105,11 +105,14 @@ class FleetMetrics:
                 self.latency.labels(device, variant, q).set(msg["latency_ms"][q])
             power = msg["power"]
             source = self._bounded(device, "source", power_source(power))
-            if power.get("avg_w") is not None:
-                self.power.labels(device, variant, source).set(power["avg_w"])
-                self.energy.labels(device, variant, source).set(power["energy_per_inference_mj"])
-            if msg.get("accuracy"):
-                self.accuracy.labels(device, variant).set(msg["accuracy"]["value"])
+            # each figure when the record has it: a power block may lack energy, and a metric that failed on
+            # the device is recorded as ``accuracy: {"error": ...}`` with no value
+            for gauge, value in ((self.power, power.get("avg_w")), (self.energy, power.get("energy_per_inference_mj"))):
+                if _number(value) is not None:
+                    gauge.labels(device, variant, source).set(value)
+            accuracy = _number(_field(msg, "accuracy", "value"))
+            if accuracy is not None:
+                self.accuracy.labels(device, variant).set(accuracy)
 
     def watch(self, monitor: Any) -> None:
         """Also export the monitor's counters (received, stored, duplicates, invalid, gaps)."""

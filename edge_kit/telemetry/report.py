@@ -16,6 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from edge_kit.errors import InputError
 from edge_kit.fsutil import atomic_write_text
 from edge_kit.profiles import Profile, bundled_profiles, load_profile
 from edge_kit.telemetry.store import HistoryStore
@@ -34,6 +35,20 @@ def _power_source(rec: dict[str, Any]) -> str:
     return power_source(rec.get("power") or {})
 
 
+def _accuracy(rec: dict[str, Any]) -> float | None:
+    """Return the accuracy figure of a bench record, or None when it has none: not scored (no eval set), or
+    the metric failed on the device (the agent then records ``{"error": ..., "samples": n}``, no value)."""
+    value = (rec.get("accuracy") or {}).get("value") if isinstance(rec.get("accuracy"), dict) else None
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _accuracy_cell(rec: dict[str, Any] | None) -> str:
+    """Return the fleet table's accuracy cell: the figure, ``not scored`` when the metric failed, else ``-``."""
+    if rec and _accuracy(rec) is not None:
+        return f"{100 * _accuracy(rec):.2f} %"
+    return "not scored" if rec and isinstance(rec.get("accuracy"), dict) and "error" in rec["accuracy"] else "-"
+
+
 def _label(value: Any) -> str:
     """Return a device's text for a plotly label: plotly renders a subset of HTML in names, hover text and
     ticks (links, styles, line breaks), so every tag a device sends is shown as text, not obeyed."""
@@ -46,28 +61,28 @@ def _profile_figures(profile: Profile, records: list[dict[str, Any]], chosen: di
     by_variant: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in records:
         by_variant[_label(r["variant"])].append(r)
-    fp32 = [r["accuracy"]["value"] for r in by_variant.get("fp32", []) if r.get("accuracy")]
+    fp32 = [_accuracy(r) for r in by_variant.get("fp32", []) if _accuracy(r) is not None]
     scatter = go.Figure()
     for variant, recs in sorted(by_variant.items()):
-        pts = [r for r in recs if r.get("accuracy")]
+        pts = [r for r in recs if _accuracy(r) is not None]
         if not pts:
             continue
         scatter.add_trace(go.Scatter(
-            x=[r["latency_ms"]["p90"] for r in pts], y=[100 * r["accuracy"]["value"] for r in pts], mode="markers",
+            x=[r["latency_ms"]["p90"] for r in pts], y=[100 * _accuracy(r) for r in pts], mode="markers",
             name=f"{variant} ({_label(pts[0].get('runtime') or 'litert')})", marker={"size": 10},  # the runtime that ran it
             text=[f"{r['device']}{' (simulated)' if r.get('simulated') else ''}, {_label(r.get('runtime') or 'litert')}" for r in pts],
             hovertemplate="%{text}<br>p90 %{x:.4g} ms<br>top-1 %{y:.2f} %<extra>" + variant + "</extra>"))
-    picks = [r for r in records if chosen.get(r["device"]) == r["sha256"] and r.get("accuracy")]
+    picks = [r for r in records if chosen.get(r["device"]) == r["sha256"] and _accuracy(r) is not None]
     if picks:
         scatter.add_trace(go.Scatter(
-            x=[r["latency_ms"]["p90"] for r in picks], y=[100 * r["accuracy"]["value"] for r in picks], mode="markers",
+            x=[r["latency_ms"]["p90"] for r in picks], y=[100 * _accuracy(r) for r in picks], mode="markers",
             name="chosen", marker={"symbol": "star", "size": 20, "color": "rgba(0,0,0,0)", "line": {"width": 2, "color": "#111"}},
             text=[f"{r['device']}: {_label(r['variant'])}" for r in picks], hovertemplate="%{text}<extra>chosen</extra>"))
     c = profile.constraints
     # A log x axis: the variants of a small model sit at tenths of a millisecond while the profile's
     # limit may be 50 ms; on a linear axis reaching the limit they would all fall on one vertical line.
     # The range is set explicitly (plotly wants it in decades) to hold every point and the limit.
-    xs = [r["latency_ms"]["p90"] for r in records if r.get("accuracy") and r["latency_ms"]["p90"] > 0]
+    xs = [r["latency_ms"]["p90"] for r in records if _accuracy(r) is not None and r["latency_ms"]["p90"] > 0]
     if c.max_latency_p90_ms is not None and c.max_latency_p90_ms > 0:
         xs.append(c.max_latency_p90_ms)
     xaxis: dict[str, Any] = {"type": "log"}
@@ -124,7 +139,7 @@ def _fleet_rows(store: HistoryStore) -> tuple[list[str], list[list[str]]]:
                      html.escape(str((rec or {}).get("runtime") or "-")),  # litert / onnxruntime / tensorrt, as measured
                      verdict if dec and not dec["feasible"] else html.escape(verdict),
                      f"{rec['latency_ms']['p90']:.4g}" if rec else "-",
-                     f"{100 * rec['accuracy']['value']:.2f} %" if rec and rec.get("accuracy") else "-",
+                     _accuracy_cell(rec),
                      f"{rec['power']['energy_per_inference_mj']:.4g}" if rec and rec["power"].get("energy_per_inference_mj") is not None else "-",
                      html.escape(_power_source(rec)) if rec else "-", _live_cell((tele.get(device) or {}).get("live")),
                      "yes" if rec and rec.get("simulated") else "no"])
@@ -204,7 +219,8 @@ def build_report(store: HistoryStore, out: Path, title: str = "edge-kit fleet re
     """Write the report to ``out`` (atomically); return what it holds (profiles, devices, plots).
 
     Raises:
-        OSError: ``out`` cannot be written.
+        InputError: ``out`` cannot be written (its folder is missing or read-only, the disk is full).
+        HistoryError: the history cannot be read.
     """
     import plotly.offline
 
@@ -268,6 +284,10 @@ def build_report(store: HistoryStore, out: Path, title: str = "edge-kit fleet re
             "the power sensor named in the legend, or is an estimate from the profile's idle/busy watts and CPU use."
             + (" Some devices are simulated: their figures are measurements of the simulating machine." if simulated else "")
             + "</p>" + "".join(sections) + f"<h2>Fleet</h2>{table}</body></html>")
-    atomic_write_text(Path(out), page)
+    try:
+        atomic_write_text(Path(out), page)
+    except OSError as exc:
+        raise InputError(f"{out}: cannot write the report there ({exc.strerror or exc}); "
+                         "pass --out a file in a writable folder") from None
     return {"out": str(out), "profiles": sorted(by_profile), "devices": len(rows), "plots": plots, "records": len(latest),
             "flagged": flagged}

@@ -96,3 +96,32 @@ def test_latency_axis_is_logarithmic_and_holds_the_points_and_the_limit():
     assert label.x == pytest.approx(math.log10(limit))  # annotations on a log axis are placed by decade
     line = next(s for s in scatter.layout.shapes if s.x0 == s.x1)
     assert line.x0 == limit  # shapes by value
+
+
+def test_a_benchmark_whose_metric_failed_is_drawn_without_accuracy_and_said_so(tmp_path, run_cli):
+    """The agent records a metric that fails as ``accuracy: {"error": ..., "samples": n}`` (no value): the
+    report draws the rest, puts no accuracy on that variant and says it was not scored."""
+    from edge_kit.telemetry.store import Store
+
+    history = tmp_path / "edgekit-history.db"
+    store = Store(history)
+    unscored = {**_bench("rpi4-1", "fp32", 0.31, 0.99, 1), "accuracy": {"error": "metric raised", "samples": 10}}
+    store.add_many([("bench", unscored), ("bench", _bench("rpi4-1", "int8", 0.19, 0.98, 2)),
+                    ("status", {**_bench("rpi4-1", "fp32", 0, 0, 3), "schema": "edgekit.status/1", "state": "online",
+                                "current": {"variant": "fp32", "sha256": "fp32" * 4}})])
+    store.close()
+    code, out, err = run_cli("report", "--history", history, "--out", tmp_path / "r.html", "--json")
+    assert code == 0, err
+    assert json.loads(out)["plots"] == 2
+    assert "<td>not scored</td>" in (tmp_path / "r.html").read_text()
+
+
+def test_a_report_path_that_cannot_be_written_is_one_line(tmp_path, run_cli):
+    from edge_kit.telemetry.store import Store
+
+    history = tmp_path / "edgekit-history.db"
+    Store(history).close()
+    code, out, err = run_cli("report", "--history", history, "--out", tmp_path / "missing" / "r.html")
+    assert code == 2, err
+    assert err.startswith("edgekit: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert str(tmp_path / "missing" / "r.html") in err and "--out" in err

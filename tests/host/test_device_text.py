@@ -128,3 +128,15 @@ def test_a_profile_a_record_names_is_a_bundled_name_never_a_path_on_this_host(fl
     assert code == 0, err
     assert json.loads(out)["plots"] == 2  # rpi4's two figures; the path was not opened
     assert "elsewhere" not in (tmp_path / "r.html").read_text().split("<h2>Fleet</h2>")[0]
+
+
+def test_metrics_take_a_benchmark_whose_metric_failed_or_whose_power_is_partial():
+    """The agent's own shape for a metric that failed (no ``value``), and a power block with watts but no
+    energy: exported as far as they are numbers, nothing raises."""
+    metrics = FleetMetrics()
+    bench = _bench("int8", 1)
+    metrics.observe("bench", {**bench, "accuracy": {"error": "metric raised", "samples": 10},
+                              "power": {"sensor": "ina219", "avg_w": 4.2}})
+    text = generate_latest(metrics.registry).decode()
+    assert 'edgekit_power_watts{device="d1",source="ina219",variant="int8"} 4.2' in text
+    assert "edgekit_accuracy_top1{" not in text and "edgekit_energy_per_inference_mj{" not in text
