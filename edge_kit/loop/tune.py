@@ -275,7 +275,8 @@ def fleet_inputs(manifest: Manifest, devices: list[Device], store: HistoryStore,
 
 def _cost(spec: FleetSpec, records: list[dict[str, Any]], opts: TuneOptions) -> np.ndarray | float:
     """Return what one benchmark costs per (profile, variant): 1 run, or its device-seconds (the median
-    ``duration_s`` of its records in the history, else the bench settings' ``min_seconds``, at least 0.1)."""
+    ``duration_s`` of its records in the history, else the bench settings' ``min_seconds``, at least 0.1).
+    A duration that is not a number from 0 to a day (a device's bug) is left out."""
     if opts.budget_unit == "runs":
         return 1.0
     default = max(float(opts.bench.get("min_seconds") or 0.0), 0.1)
@@ -283,8 +284,10 @@ def _cost(spec: FleetSpec, records: list[dict[str, Any]], opts: TuneOptions) -> 
     seen: dict[tuple[str, str], list[float]] = {}
     profile = dict(zip(spec.devices, spec.profile))
     for r in records:
-        if r.get("duration_s") is not None and r.get("device") in profile:
-            seen.setdefault((profile[r["device"]], r.get("variant")), []).append(float(r["duration_s"]))
+        duration = r.get("duration_s")
+        if isinstance(duration, (int, float)) and not isinstance(duration, bool) and 0 <= duration <= 86_400 \
+                and r.get("device") in profile:
+            seen.setdefault((profile[r["device"]], r.get("variant")), []).append(float(duration))
     for (p, v), values in seen.items():
         if v in spec.variants:
             cost[p, spec.variants.index(v)] = max(float(np.median(values)), 0.1)

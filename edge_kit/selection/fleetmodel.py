@@ -953,6 +953,8 @@ def rows_from_records(records: list[dict], device_index: dict[str, int], variant
     candidate variant's index. Records of other devices or artifacts are left out. Conditions are
     read from the record's ``conditions.start`` (throttling flags, temperature, CPU clock, the Jetson
     power mode's name where the device reports one); the software is the record's runtime and its version.
+    No schema checks conditions: a temperature or clock that is not a plausible number (text, a bool,
+    1e300 C, a negative clock) and a power mode that is not a name count as not reported.
     """
     rows = []
     for i, r in enumerate(records):
@@ -962,7 +964,8 @@ def rows_from_records(records: list[dict], device_index: dict[str, int], variant
         if v is None or p90 is None:
             continue
         power, acc, fid = r.get("power") or {}, r.get("accuracy") or {}, r.get("fidelity") or {}
-        cond = (r.get("conditions") or {}).get("start") or {}
+        cond = (r.get("conditions") or {}).get("start") if isinstance(r.get("conditions"), dict) else None
+        cond = cond if isinstance(cond, dict) else {}
         thr = cond.get("throttling")
         throttled = None if not isinstance(thr, dict) else float(bool(thr.get("throttled") or thr.get("freq_capped")))
         mode = cond.get("power_mode")  # the agent reports {"name": "15W", "id": 0} on a Jetson (nvpmodel -q)
@@ -970,9 +973,17 @@ def rows_from_records(records: list[dict], device_index: dict[str, int], variant
         runtime = r.get("runtime")
         rows.append({"device": d, "variant": v, "p90_ms": p90, "energy_mj": power.get("energy_per_inference_mj"),
                      "avg_w": power.get("avg_w"), "accuracy": acc.get("value"), "snr_db": fid.get("snr_db"),
-                     "order": float(i), "throttled": throttled, "temperature_c": cond.get("temperature_c"),
-                     "clock_mhz": cond.get("cpu_freq_mhz"),
-                     "power_mode": mode,
+                     "order": float(i), "throttled": throttled,
+                     "temperature_c": _plausible(cond.get("temperature_c"), -100.0, 250.0),
+                     "clock_mhz": _plausible(cond.get("cpu_freq_mhz"), 1.0, 100_000.0),
+                     "power_mode": mode if isinstance(mode, str) else None,
                      "software": f"{runtime} {r.get('runtime_version')}" if runtime else None,
                      "health": bool(r.get("health"))})
     return rows
+
+
+def _plausible(value: Any, lo: float, hi: float) -> float | None:
+    """Return ``value`` when it is a real number (not a bool) within ``lo..hi``, else None (not reported)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+        return None
+    return float(value)

@@ -290,6 +290,9 @@ def test_device_seconds_cost_each_pair_its_median_benchmark_duration():
     cost = _cost(spec, records, opts)
     assert cost[spec.profile[0], v] == 5.0 and cost[spec.profile[1], v] == 2.0
     assert _cost(spec, records, TuneOptions(Path("."), budget=100)) == 1.0
+    # a buggy device's durations (text, a bool, negative, absurd) are not durations: left out, not fatal
+    odd = records + [{"device": spec.devices[0], "variant": "int8", "duration_s": t} for t in ("slow", True, -1.0, 1e300)]
+    assert _cost(spec, odd, opts)[spec.profile[0], v] == 5.0
     plan = plan_measurements(spec, Measurements.empty(), budget=13, cost=cost)
     assert plan.cost <= 13 and plan.budget_left == pytest.approx(13 - plan.cost)
 
@@ -333,3 +336,31 @@ def test_a_device_on_a_lower_clock_is_flagged_with_the_clock_as_its_explanation(
     plan = plan_measurements(spec, replace(m, clock_mhz=clock), budget=0)
     assert plan.model.flagged[slow] and "clock 900 MHz (profile median 1500 MHz)" in plan.model.flag_why[slow]
     assert plan.model.x_device[slow, 3] == pytest.approx(np.log(900 / 1500))
+
+
+def test_conditions_a_buggy_device_reports_are_left_out_not_fitted():
+    """Conditions are the device's word and no schema checks them: text, lists, booleans, absurd but finite
+    figures and a power mode given as a bare number are taken as not reported, so one device cannot stop
+    ``select`` or ``tune --budget`` for the fleet (a bare number once made ``np.bincount`` allocate that many)."""
+    from edge_kit.selection.fleetmodel import rows_from_records
+
+    fleet = make_fleet(60, noise=0.05, outliers=0.0, seed=5)
+    spec = fleet.spec
+    good = _sample_all(fleet, range(len(spec.devices)))
+    names = {f"d{i}": i for i in range(len(spec.devices))}
+    records = []
+    for i, (d, v, p90) in enumerate(zip(good.device, good.variant, good.p90_ms)):
+        odd = [{"temperature_c": "hot", "cpu_freq_mhz": [1200], "power_mode": 10 ** 12},
+               {"temperature_c": 1e300, "cpu_freq_mhz": -5.0, "power_mode": {"name": ["15W"]}, "throttling": "yes"},
+               {"temperature_c": True, "cpu_freq_mhz": 1e300, "power_mode": {"name": "15W"}}][i % 3]
+        records.append({"device": f"d{d}", "sha256": f"s{v}", "latency_ms": {"p90": float(p90)}, "power": {},
+                        "conditions": {"start": odd}})
+    rows = rows_from_records(records, names, {(d, f"s{v}"): v for d in range(len(spec.devices))
+                                              for v in range(len(spec.variants))})
+    assert len(rows) == len(records)
+    assert {r["temperature_c"] for r in rows} == {None} and {r["clock_mhz"] for r in rows} == {None}
+    assert {r["power_mode"] for r in rows} == {None, "15W"}
+    m = Measurements.of(rows)
+    assert m.power_modes == ("15W",)
+    plan = plan_measurements(spec, m, budget=0)
+    assert len(decisions_of(plan, {x: x for x in spec.variants})) == len(spec.devices)
