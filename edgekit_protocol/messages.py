@@ -201,7 +201,8 @@ def check_body(kind: str, message: dict[str, Any]) -> dict[str, Any]:
     """Return ``message`` when its body has the fields ``kind`` requires, with the right types.
 
     Raises:
-        MessageError: a field is missing or mistyped (named), or a latency figure is not a number.
+        MessageError: a field is missing or mistyped (named), a latency or power figure is not a
+            non-negative number, or another figure is not a number.
     """
     for name, types in _BODY[kind].items():
         value = message.get(name)
@@ -232,6 +233,8 @@ def check_body(kind: str, message: dict[str, Any]) -> dict[str, Any]:
                 v = (part or {}).get(name)
                 if v is not None and not in_range(v):
                     raise MessageError(f"bench: {block}.{name} is not a number")
+                if block == "power" and v is not None and v < 0:  # consumption: a sensor wired backwards reads below 0
+                    raise MessageError(f"bench: {block}.{name} is not a non-negative number")
         if message.get("model_bytes") is not None and not (in_range(message["model_bytes"]) and message["model_bytes"] >= 0):
             raise MessageError("bench: model_bytes is not a non-negative number")
         if not 0 <= message["runs"] < 2 ** 63:

@@ -104,3 +104,13 @@ def test_fuzz_one_byte_changed_or_the_message_cut_is_refused_or_means_the_same(i
     except EdgeKitError:
         return  # refused: the outcome for anything but the original
     assert got == original  # accepted only when it decodes to exactly what was signed (e.g. 1.5 written 15e-1)
+
+
+@pytest.mark.parametrize("field", ["avg_w", "energy_per_inference_mj"])
+def test_a_signed_record_with_negative_power_is_refused_naming_the_figure(field):
+    """A sensor wired backwards (an INA shunt reads negative current) signs a negative watt figure: no figure
+    of consumption is below zero, and selection would prefer it over every real one (-3 mJ beats 10 mJ)."""
+    power = {"measured": True, "sensor": "ina219", "avg_w": 2.0, "energy_per_inference_mj": 10.0}
+    assert receive(messages.encode(record(power=power)))["power"] == power
+    with pytest.raises(MessageError, match=rf"power\.{field} is not a non-negative number"):
+        receive(messages.encode(record(power={**power, field: -3.0})))
