@@ -9,6 +9,7 @@ measured watt from an estimated one. Plus the monitor's own counters.
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
@@ -40,7 +41,7 @@ class FleetMetrics:
         self.accuracy = Gauge("edgekit_accuracy_top1", "Top-1 accuracy on the shipped eval set (0-1)",
                               ["device", "variant"], registry=r)
         self.online = Gauge("edgekit_device_online", "1 when the device's last status says online", ["device"], registry=r)
-        self.last_seen = Gauge("edgekit_device_last_seen_seconds", "Unix time of the device's last message",
+        self.last_seen = Gauge("edgekit_device_last_seen_seconds", "Unix time (this host's clock) the monitor last stored a message of the device",
                                ["device"], registry=r)
         self.disk_free = Gauge("edgekit_device_disk_free_bytes", "Free bytes under the agent's root (statvfs, "
                                "the device's latest status or telemetry)", ["device"], registry=r)
@@ -76,9 +77,10 @@ class FleetMetrics:
         return text
 
     def observe(self, kind: str, msg: dict[str, Any]) -> None:
-        """Update the gauges from one stored message."""
+        """Update the gauges from one stored message (just stored: last heard is now, by this host's clock;
+        the device's ``ts`` may be decades behind, before NTP, or minutes ahead)."""
         device = msg["device"]
-        self.last_seen.labels(device).set(msg["ts"])
+        self.last_seen.labels(device).set(time.time())
         disk = msg.get("disk") if kind in ("status", "telemetry") else None
         if isinstance(disk, dict) and isinstance(disk.get("free_bytes"), (int, float)):
             self.disk_free.labels(device).set(disk["free_bytes"])

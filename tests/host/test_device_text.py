@@ -140,3 +140,16 @@ def test_metrics_take_a_benchmark_whose_metric_failed_or_whose_power_is_partial(
     text = generate_latest(metrics.registry).decode()
     assert 'edgekit_power_watts{device="d1",source="ina219",variant="int8"} 4.2' in text
     assert "edgekit_accuracy_top1{" not in text and "edgekit_energy_per_inference_mj{" not in text
+
+
+def test_last_heard_is_this_hosts_clock_not_the_devices():
+    """A Raspberry Pi has no RTC: before NTP its clock says 1970, and a clock up to 300 s ahead is accepted.
+    Last heard is when this monitor stored the message, so an alert on its age means silence, not skew."""
+    import time
+
+    metrics = FleetMetrics()
+    before = time.time()
+    metrics.observe("status", messages.envelope("status", "sim", "d1", 1, {"state": "online"}) | {"ts": 1.0})
+    value = next(s.value for fam in metrics.registry.collect() if fam.name == "edgekit_device_last_seen_seconds"
+                 for s in fam.samples)
+    assert before <= value <= time.time()
