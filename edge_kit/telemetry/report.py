@@ -131,19 +131,30 @@ def _fleet_rows(store: HistoryStore) -> tuple[list[str], list[list[str]]]:
         cur = st.get("current") if isinstance(st.get("current"), dict) else {}  # a device's own word: any shape
         rec = latest.get((device, cur.get("sha256"))) if cur else None
         dec = decisions.get(device)
-        verdict = "-" if not dec else (f"{dec['chosen']} (feasible)" if dec["feasible"] else
-                                       f"<span class=bad>{html.escape(str(dec['chosen']))} infeasible: "
-                                       f"{html.escape(', '.join(dec.get('violates') or [str(dec.get('reason'))]))}</span>")
+        verdict = _verdict(dec)
         rows.append([html.escape(device), html.escape(str((rec or {}).get("profile") or st.get("profile") or "-")),
                      html.escape(str(st.get("state", "never seen"))), html.escape(str(cur.get("variant") or "-")),
                      html.escape(str((rec or {}).get("runtime") or "-")),  # litert / onnxruntime / tensorrt, as measured
-                     verdict if dec and not dec["feasible"] else html.escape(verdict),
+                     verdict,
                      f"{rec['latency_ms']['p90']:.4g}" if rec else "-",
                      _accuracy_cell(rec),
                      f"{rec['power']['energy_per_inference_mj']:.4g}" if rec and rec["power"].get("energy_per_inference_mj") is not None else "-",
                      html.escape(_power_source(rec)) if rec else "-", _live_cell((tele.get(device) or {}).get("live")),
                      "yes" if rec and rec.get("simulated") else "no"])
     return head, rows
+
+
+def _verdict(dec: dict[str, Any] | None) -> str:
+    """Return the fleet table's decision cell (HTML): the chosen variant and whether it is feasible, or, when
+    nothing was chosen (candidates not measured yet), why not; never "infeasible" for what was not judged."""
+    if not dec:
+        return "-"
+    if dec.get("chosen") is None:
+        return html.escape(f"none yet: {dec.get('reason') or 'nothing chosen'}")
+    if dec["feasible"]:
+        return html.escape(f"{dec['chosen']} (feasible)")
+    return (f"<span class=bad>{html.escape(str(dec['chosen']))} infeasible: "
+            f"{html.escape(', '.join(dec.get('violates') or [str(dec.get('reason'))]))}</span>")
 
 
 def _live_cell(live: Any) -> str:

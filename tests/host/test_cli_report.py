@@ -125,3 +125,19 @@ def test_a_report_path_that_cannot_be_written_is_one_line(tmp_path, run_cli):
     assert code == 2, err
     assert err.startswith("edgekit: error: ") and err.count("\n") == 1 and "Traceback" not in err
     assert str(tmp_path / "missing" / "r.html") in err and "--out" in err
+
+
+def test_a_device_not_measured_yet_is_not_called_infeasible(tmp_path, run_cli):
+    from edge_kit.telemetry.store import Store
+
+    history = tmp_path / "edgekit-history.db"
+    store = Store(history)
+    store.add_many([("bench", _bench("rpi4-1", "fp32", 0.31, 0.99, 1))])
+    store.add_decision({"device": "rpi4-1", "chosen": None, "chosen_sha256": None, "current": None, "feasible": False,
+                        "switch": False, "reason": "not measured yet on this device: int8", "violates": []})
+    store.close()
+    code, out, err = run_cli("report", "--history", history, "--out", tmp_path / "r.html")
+    assert code == 0, err
+    page = (tmp_path / "r.html").read_text()
+    assert "infeasible" not in page and "None" not in page.split("<h2>Fleet</h2>")[1]
+    assert "<td>none yet: not measured yet on this device: int8</td>" in page
