@@ -48,11 +48,18 @@ def decision_table(decisions: dict[str, Any], explain: bool) -> list[Any]:
                 mark = "chosen" if r.get("chosen") else ("current" if r["current"] else "")
                 inferred = r.get("source") == "inferred"
                 e.add_row(safe(r["variant"]), _cell(r, "p90_ms", _num), _cell(r, "accuracy", _pct), _cell(r, "energy_mj", _num),
-                          safe((r.get("source") or "-") if fleet else (r["power_source"] or "-")), str(r["runs"]),
+                          safe(_source(r) if fleet else (r["power_source"] or "-")), str(r["runs"]),
                           f"{r['model_mb']:.2f}",
                           safe(", ".join(r["violates"])) or ("-" if r["measured"] or inferred else "not measured"), mark)
             out_items.append(e)
     return out_items
+
+
+def _source(row: dict[str, Any]) -> str:
+    """Return a fleet decision row's source: ``inferred``, or ``measured`` with how its power was obtained."""
+    if row.get("source") == "measured" and row.get("power_source"):
+        return f"measured (power: {row['power_source']})"
+    return row.get("source") or "-"
 
 
 def _num(x: float | None) -> str:

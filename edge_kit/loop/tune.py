@@ -340,7 +340,7 @@ def _tune_budget(fleet: Fleet, live: list[Device], manifest: Manifest, opts: Tun
                 plan = plan_measurements(spec, m, budget=0, settings=settings)
             info["measured"] += measured
             info["messages"] = plan.messages
-            decisions = {d.device: d for d in decisions_of(plan, shas)}
+            decisions = {d.device: d for d in decisions_of(plan, shas, records=records)}
             for d in decisions.values():
                 store.add_decision({**d.as_dict(), "round": number, "artifacts": str(opts.artifacts.resolve()),
                                     "budget": {k: info[k] for k in ("unit", "budget", "spent")}, "verify": verify})
@@ -373,6 +373,6 @@ def decide_fleet(manifest: Manifest, devices: list[Device], store: HistoryStore,
     Raises:
         DeployError: the artifacts were not compiled for a device's profile.
     """
-    spec, m, shas, _records = fleet_inputs(manifest, devices, store, current, flagged=flagged_before(store))
+    spec, m, shas, records = fleet_inputs(manifest, devices, store, current, flagged=flagged_before(store))
     plan = plan_measurements(spec, m, budget=0, settings=Settings(margin=margin))
-    return {d.device: d for d in decisions_of(plan, shas)}, plan.messages
+    return {d.device: d for d in decisions_of(plan, shas, records=records)}, plan.messages

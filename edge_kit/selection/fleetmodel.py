@@ -82,6 +82,7 @@ import numpy as np
 from edge_kit.profiles import Constraints
 from edge_kit.selection.constraints import describe, overshoot
 from edge_kit.selection.policy import DEFAULT_MARGIN, Decision, Group, choose_group
+from edgekit_protocol.labels import power_source
 
 LOG_METRICS = ("p90_ms", "energy_mj", "avg_w")
 FLAT_METRICS = ("accuracy", "snr_db")
@@ -908,10 +909,20 @@ class FleetDecision(Decision):
     drift: list[str] = field(default_factory=list)
 
 
-def decisions_of(plan: Plan, sha256: dict[str, str], devices: list[int] | None = None) -> list[FleetDecision]:
+def decisions_of(plan: Plan, sha256: dict[str, str], devices: list[int] | None = None,
+                 records: list[dict[str, Any]] | None = None) -> list[FleetDecision]:
     """Return one :class:`FleetDecision` per device (``devices``: indices, default all), with the table
-    behind it; ``sha256`` maps a variant id to its artifact's hash."""
+    behind it; ``sha256`` maps a variant id to its artifact's hash.
+
+    ``records`` are the bench records the measurements came from, oldest first: a measured row's
+    ``power_source`` is the newest one's label (the sensor's key, ``estimated`` or ``not measured``, as
+    the per-device policy says it), None without them; an inferred row's is ``inferred``.
+    """
     spec = plan.model.spec
+    labels: dict[tuple[Any, Any], str] = {}
+    for r in records or ():
+        if isinstance(r.get("power"), dict):
+            labels[(r.get("device"), r.get("sha256"))] = power_source(r["power"])
     out = []
     for d in range(len(spec.devices)) if devices is None else devices:
         v = int(plan.chosen[d])
@@ -921,7 +932,8 @@ def decisions_of(plan: Plan, sha256: dict[str, str], devices: list[int] | None =
             vi = spec.variants.index(row["variant"])
             table.append({**row, "sha256": sha256.get(row["variant"]), "measured": row["source"] == "measured",
                           "runs": int((~np.isnan(plan.figures.values["p90_ms"][d, vi])).sum()) if row["source"] == "measured" else 0,
-                          "power_source": "measured" if row["source"] == "measured" else "inferred",
+                          "power_source": (labels.get((spec.devices[d], sha256.get(row["variant"])))
+                                           if row["source"] == "measured" else "inferred"),
                           "model_mb": float(spec.model_mb[spec.profile[d], vi]),
                           "violates": _row_violates(plan, d, vi)})
         drift = [w for (p, dv), w in plan.model.drift.items() if p == spec.profile[d] and spec.candidates[d, dv]]

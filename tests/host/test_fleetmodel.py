@@ -364,3 +364,25 @@ def test_conditions_a_buggy_device_reports_are_left_out_not_fitted():
     assert m.power_modes == ("15W",)
     plan = plan_measurements(spec, m, budget=0)
     assert len(decisions_of(plan, {x: x for x in spec.variants})) == len(spec.devices)
+
+
+def test_a_measured_row_says_how_its_power_was_obtained_never_just_measured():
+    """On the device, the energy of a measured row comes from a sensor, from the profile's idle/busy estimate, or
+    from nothing: the fleet decision's table says which, as the per-device policy's does; inferred rows say
+    inferred."""
+    fleet = make_fleet(60, noise=0.05, outliers=0.0, seed=4)
+    spec = fleet.spec
+    d = 0
+    cands = [int(v) for v in np.flatnonzero(spec.candidates[d])]
+    m = _sample_all(fleet, range(1, 40)).concat(fleet.bench([(d, cands[0]), (d, cands[1])]))
+    plan = plan_measurements(spec, m, budget=0)
+    estimated = {"estimated": True, "method": "estimated: idle_w + (busy_w - idle_w) x CPU use"}
+    records = [{"device": spec.devices[d], "sha256": spec.variants[cands[0]], "power": {"sensor": "ina219", "measured": True}},
+               {"device": spec.devices[d], "sha256": spec.variants[cands[1]], "power": {"sensor": "ina219", "measured": True}},
+               {"device": spec.devices[d], "sha256": spec.variants[cands[1]], "power": estimated}]  # the newest counts
+    decision = decisions_of(plan, {x: x for x in spec.variants}, [d], records=records)[0]
+    sources = {r["variant"]: (r["source"], r["power_source"]) for r in decision.table}
+    assert sources[spec.variants[cands[0]]] == ("measured", "ina219")
+    assert sources[spec.variants[cands[1]]] == ("measured", "estimated")
+    assert {s for v, s in sources.items() if v not in (spec.variants[cands[0]], spec.variants[cands[1]])} == {("inferred", "inferred")}
+    assert "measured" not in {r["power_source"] for r in decisions_of(plan, {x: x for x in spec.variants}, [d])[0].table}
