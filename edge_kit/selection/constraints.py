@@ -83,6 +83,17 @@ def violations(c: Constraints, m: Measured, fp32_accuracy: float | None) -> dict
     return {name: share for name, (broken, share) in shares.items() if broken}
 
 
+def unjudged(c: Constraints, m: Measured, fp32_accuracy: float | None) -> list[str]:
+    """Return, in words, the bounds ``c`` sets that ``m`` cannot be judged on for lack of a figure: power
+    without a power figure (no sensor, no estimate), accuracy without its own or fp32's accuracy (no eval
+    set; an fp32 accuracy of 0 counts as none), fidelity without an SNR. :func:`violations` leaves those
+    out, so a variant that meets the rest is feasible; this says what that feasibility did not cover."""
+    missing = {"max_power_w": m.avg_w is None,
+               "min_accuracy_ratio": m.accuracy is None or not fp32_accuracy or math.isnan(fp32_accuracy),
+               "min_fidelity_snr_db": m.snr_db is None}
+    return [describe(name, c) for name, gone in missing.items() if gone and getattr(c, name) is not None]
+
+
 def _nan(x: float | None) -> float:
     """Return ``x``, or NaN for None (a missing figure)."""
     return math.nan if x is None else x

@@ -35,7 +35,13 @@ from typing import Any
 import numpy as np
 
 from edge_kit.profiles import Constraints
-from edge_kit.selection.constraints import Measured, describe, overshoot, violations
+from edge_kit.selection.constraints import (
+    Measured,
+    describe,
+    overshoot,
+    unjudged,
+    violations,
+)
 
 DEFAULT_MARGIN = 0.1
 
@@ -65,6 +71,7 @@ class Decision:
     unmeasured: list[str] = field(default_factory=list)
     violates: list[str] = field(default_factory=list)  # of the chosen variant, when infeasible
     table: list[dict[str, Any]] = field(default_factory=list)
+    unjudged: list[str] = field(default_factory=list)  # bounds of the chosen variant nothing measured (not judged)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -311,7 +318,8 @@ def _decision(r: Request, got: Choices | None, row: int, margin: float) -> Decis
                       "p90_ms": m.p90_ms if m else None, "accuracy": m.accuracy if m else None,
                       "energy_mj": m.energy_mj if m else None, "avg_w": m.avg_w if m else None,
                       "power_source": m.power_source if m else None, "model_mb": round(c.bytes / 1e6, 3),
-                      "violates": [describe(k, constraints) for k in broken], "current": c.sha256 == current_sha})
+                      "violates": [describe(k, constraints) for k in broken], "current": c.sha256 == current_sha,
+                      "unjudged": unjudged(constraints, m, r.fp32_accuracy) if m else []})
     base = Decision(r.device, None, None, current.variant if current else None, False, False, "")
     if got is None:
         if not candidates:
@@ -336,8 +344,10 @@ def _decision(r: Request, got: Choices | None, row: int, margin: float) -> Decis
         if current is not None and current is not chosen:
             reason += f" (current {current.variant} " + ("breaks its constraints)" if table[at]["violates"]
                                                           else "is beaten beyond the margin)")
+    if table[index]["unjudged"]:
+        reason += f"; not judged (nothing measured it): {', '.join(table[index]['unjudged'])}"
     decision = Decision(r.device, chosen.variant, chosen.sha256, base.current, feasible, bool(got.switch[row]), reason,
-                        violates=[] if feasible else table[index]["violates"])
+                        violates=[] if feasible else table[index]["violates"], unjudged=table[index]["unjudged"])
     for i, t in enumerate(table):
         t["chosen"] = i == index
     decision.table = table

@@ -252,3 +252,19 @@ def test_a_variant_below_the_fidelity_floor_is_not_chosen_and_the_table_says_why
     assert violations(c, noisy, 0.99) == {"min_fidelity_snr_db": pytest.approx(1.26)}
     unmeasured = replace(noisy, snr_db=None)  # no eval set on the device: the bound is not judged
     assert violations(c, unmeasured, 0.99) == {}
+
+
+def test_a_bound_nothing_measured_is_said_to_be_unjudged_not_met():
+    """A profile asks for max power, min accuracy and min fidelity, and the device has no power sensor nor
+    estimate, and no eval set: the choice is made on what was measured (latency), and the decision says
+    which bounds it could not judge, rather than calling them met."""
+    c = Constraints(max_latency_p90_ms=10, max_power_w=5, min_accuracy_ratio=0.98, min_fidelity_snr_db=20)
+    cands = [cand("fp32", 8, None, None, watts=None), cand("int8", 3, None, None, watts=None)]
+    d = choose("d", cands, c, fp32_accuracy=None, current_sha=None)
+    assert d.chosen == "int8" and d.feasible
+    assert d.unjudged == ["power <= 5 W", "accuracy >= 0.98 x fp32", "fidelity SNR >= 20 dB"]
+    assert "not judged (nothing measured it): power <= 5 W, accuracy >= 0.98 x fp32, fidelity SNR >= 20 dB" in d.reason
+    assert {r["variant"]: r["unjudged"] for r in d.table}["fp32"] == d.unjudged
+    judged = choose("d", [cand("fp32", 8, 0.99, 2.0), cand("int8", 3, 0.99, 1.0)], C, fp32_accuracy=0.99,
+                    current_sha=None)
+    assert judged.unjudged == [] and "not judged" not in judged.reason
