@@ -148,6 +148,8 @@ def rollout(fleet: Fleet, devices: list[Device], opts: DeployOptions, canary: fl
     Raises:
         InputError: the artifact folder has no (valid) manifest.
         AgentError: the fleet's broker cannot be reached.
+        HistoryError: ``record`` failed; the gate's decision was acted on for the canaries first (rolled
+            back, or kept on hold), and the rest was not deployed.
     """
     progress = progress or (lambda _d, _m: None)
     order = {d.name: i for i, d in enumerate(devices)}
@@ -162,11 +164,15 @@ def rollout(fleet: Fleet, devices: list[Device], opts: DeployOptions, canary: fl
             r.status, r.reason = "failed", f"{r.device}: canary breaks its constraints ({broken[r.device]})"
     verdict = judge_canaries(first, broken, max_failed)
     if verdict.proceed and gate is not None:
-        decision = _gate(fleet, canaries, rest, first, gate, progress, record)
+        decision, entries = _gate(fleet, canaries, rest, first, gate, progress)
+        if decision.action == "roll back":
+            roll_back(fleet, [d for d in canaries if any(r.device == d.name and r.switched for r in first)], opts,
+                      first, f"rolled back by the live gate: {decision.reason}")
+        # Recorded once acted on, before the rest is deployed: a history that fails (HistoryError) then stops
+        # the command with the canaries already rolled back and the rest untouched, never half-way.
+        for entry in entries if record is not None else ():
+            record(entry)
         if decision.action != "promote":
-            if decision.action == "roll back":
-                roll_back(fleet, [d for d in canaries if any(r.device == d.name and r.switched for r in first)], opts,
-                          first, f"rolled back by the live gate: {decision.reason}")
             held = "held by the live gate (the canaries keep the candidate)" if decision.action == "hold" else \
                 "rollout stopped by the live gate"
             skipped = [DeviceResult(d.name, "skipped", reason=held) for d in rest]
@@ -180,8 +186,9 @@ def rollout(fleet: Fleet, devices: list[Device], opts: DeployOptions, canary: fl
 
 
 def _gate(fleet: Fleet, canaries: list[Device], rest: list[Device], first: list[DeviceResult], gate: LiveGate,
-          progress: Callable[[str, str], None], record: Callable[[dict[str, Any]], None] | None) -> GateDecision:
-    """Judge the canaries that passed on live traffic against the rest of their profiles; record it."""
+          progress: Callable[[str, str], None]) -> tuple[GateDecision, list[dict[str, Any]]]:
+    """Judge the canaries that passed on live traffic against the rest of their profiles; return the
+    decision and the history entries that record it (one per canary judged)."""
     ok = [d.name for d in canaries if any(r.device == d.name and r.ok for r in first)]
     profiles = {d.profile for d in canaries if d.name in ok}
     controls = [d.name for d in rest if d.profile in profiles]
@@ -192,10 +199,7 @@ def _gate(fleet: Fleet, canaries: list[Device], rest: list[Device], first: list[
         cans, ctrls = collect_live(fleet, ok, controls, gate, progress)
         decision = judge_live(cans, ctrls, alpha=gate.alpha, min_samples=gate.min_samples,
                               min_slowdown=gate.min_slowdown, min_snr_db=gate.min_snr_db)
-    if record is not None:
-        for r in first:
-            if r.device in ok:
-                record({"device": r.device, "kind": "live gate", "chosen": r.variant, "current": None,
-                        "feasible": decision.action == "promote", "switch": decision.action == "promote",
-                        "reason": decision.reason, "gate": {**decision.as_dict(), "controls": controls}})
-    return decision
+    return decision, [{"device": r.device, "kind": "live gate", "chosen": r.variant, "current": None,
+                       "feasible": decision.action == "promote", "switch": decision.action == "promote",
+                       "reason": decision.reason, "gate": {**decision.as_dict(), "controls": controls}}
+                      for r in first if r.device in ok]

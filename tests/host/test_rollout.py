@@ -35,3 +35,36 @@ def test_the_result_keeps_the_exception_and_says_so_in_json():
     r.fail(ValueError("boom"))
     assert r.status == "failed" and r.reason == "boom" and isinstance(r.error, ValueError)
     assert r.as_dict()["error"] == {"type": "ValueError", "message": "boom"}
+
+
+def test_a_history_that_fails_to_record_the_gate_does_not_leave_a_rolled_back_candidate_running(monkeypatch, tmp_path):
+    """The live gate says roll back and recording its decision fails (the database went away): the canaries
+    are rolled back first, then the one-line HistoryError stops the command; the rest is never deployed."""
+    import pytest
+
+    from edge_kit.errors import HistoryError
+    from edge_kit.fleet.deploy import DeployOptions, GroupResult
+    from edge_kit.fleet.inventory import Device
+    from edge_kit.loop import rollout as ro
+    from edge_kit.selection.gate import GateDecision
+
+    devices = [Device(name=n, host="127.0.0.1", user="edgekit", profile="rpi4") for n in ("c1", "r1", "r2")]
+    deployed, rolled = [], []
+
+    def fake_deploy(_fleet, targets, _opts, _progress=None):
+        deployed.extend(d.name for d in targets)
+        return GroupResult([DeviceResult(d.name, "succeeded", activated=True, variant="int8") for d in targets])
+
+    monkeypatch.setattr(ro, "deploy", fake_deploy)
+    monkeypatch.setattr(ro, "read_manifest", lambda _a: None)
+    monkeypatch.setattr(ro, "broken_constraints", lambda *_a: None)
+    monkeypatch.setattr(ro, "collect_live", lambda *_a: ([], []))
+    monkeypatch.setattr(ro, "judge_live", lambda *_a, **_k: GateDecision("roll back", "canaries slower"))
+    monkeypatch.setattr(ro, "roll_back", lambda _f, devs, *_a: rolled.extend(d.name for d in devs))
+
+    def failing_record(_decision):
+        raise HistoryError("the history database postgresql://edgekit@db/edgekit failed (gone)")
+
+    with pytest.raises(HistoryError):
+        ro.rollout(None, devices, DeployOptions(tmp_path), canary=0.3, gate=ro.LiveGate(), record=failing_record)
+    assert rolled == ["c1"] and deployed == ["c1"]
