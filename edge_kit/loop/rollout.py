@@ -114,15 +114,14 @@ def collect_live(fleet: Fleet, canaries: list[str], controls: list[str], gate: L
                     progress(name, f"no shadow run: {exc}")
         while True:
             for name in canaries + controls:
-                live = client.request(name, "state", {"live": 2048}, timeout=30, expire=True)["result"].get("live") or {}
-                answered = int(live.get("requests") or 0)
+                live = _field(client.request(name, "state", {"live": 2048}, timeout=30, expire=True), "result", "live")
+                answered = _number(_field(live, "requests")) or 0  # a device's word: numbers only, any shape
                 start.setdefault(name, answered)
-                new = answered - start[name]
-                shadow = live.get("shadow") or {}
-                snr = (shadow.get("fidelity") or {}).get("snr_db")
-                samples = list(live.get("latency_samples_ms") or [])
-                evidence[name] = LiveEvidence(name, samples[-new:] if new > 0 else [],
-                                              snr if isinstance(snr, (int, float)) else None)
+                new = int(answered - start[name])
+                samples = _field(live, "latency_samples_ms")
+                samples = samples[-new:] if isinstance(samples, list) and new > 0 else []
+                evidence[name] = LiveEvidence(name, [s for s in samples if _number(s) is not None],
+                                              _number(_field(live, "shadow", "fidelity", "snr_db")))
             enough = all(len(evidence[n].samples_ms) >= gate.min_samples for n in canaries) and \
                 sum(len(evidence[n].samples_ms) for n in controls) >= gate.min_samples
             if enough and (gate.shadow_share <= 0 or all(evidence[n].shadow_snr_db is not None for n in canaries)):
@@ -132,6 +131,19 @@ def collect_live(fleet: Fleet, canaries: list[str], controls: list[str], gate: L
             progress("gate", f"collecting live figures ({int(deadline - time.monotonic())} s left)")
             time.sleep(1.0)
     return [evidence[n] for n in canaries], [evidence[n] for n in controls]
+
+
+def _field(doc: Any, *path: str) -> Any:
+    """Return ``doc[path[0]][path[1]]...``, or None where a step is missing or not an object."""
+    for key in path:
+        doc = doc.get(key) if isinstance(doc, dict) else None
+    return doc
+
+
+def _number(value: Any) -> float | None:
+    """Return ``value`` when it is a finite number (not a bool), else None."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return value if ok else None
 
 
 def rollout(fleet: Fleet, devices: list[Device], opts: DeployOptions, canary: float, max_failed: float = 0.0,

@@ -68,3 +68,34 @@ def test_a_history_that_fails_to_record_the_gate_does_not_leave_a_rolled_back_ca
     with pytest.raises(HistoryError):
         ro.rollout(None, devices, DeployOptions(tmp_path), canary=0.3, gate=ro.LiveGate(), record=failing_record)
     assert rolled == ["c1"] and deployed == ["c1"]
+
+
+def test_live_figures_of_any_shape_are_evidence_only_where_they_are_numbers(monkeypatch):
+    """A buggy (but signed) agent answers ``state`` with live figures of the wrong shape: text for the request
+    count, text and bools among the samples, no ``live`` object at all. The gate counts only numbers."""
+    from edge_kit.loop import rollout as ro
+
+    answers = {"c1": {"requests": "many", "latency_samples_ms": [1.0, "fast", True, 2.0]},
+               "c2": "live",
+               "k1": {"requests": 3, "latency_samples_ms": [1.5, None, 2.5, 3.5], "shadow": {"fidelity": {"snr_db": "high"}}}}
+
+    class Client:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *_):
+            return None
+
+        def request(self, name, *_a, **_k):
+            return {"result": {"live": answers[name]}}
+
+    monkeypatch.setattr(ro.FleetClient, "of", staticmethod(lambda _fleet: Client()))
+    monkeypatch.setattr(ro.time, "sleep", lambda _s: None)
+    cans, ctrls = ro.collect_live(None, ["c1", "c2"], ["k1"], ro.LiveGate(window_s=0.0, min_samples=1), lambda *_: None)
+    assert [e.samples_ms for e in cans] == [[], []] and ctrls[0].samples_ms == [] and ctrls[0].shadow_snr_db is None
+    polls = {"c1": iter([{"requests": 2, "latency_samples_ms": [1.0, 2.0]},
+                         {"requests": 6, "latency_samples_ms": [1.0, 2.0, "fast", True, 3.0, 4.0]}]),
+             "k1": iter([{"requests": 0}, {"requests": 2, "latency_samples_ms": [5.0, 6.0]}])}
+    monkeypatch.setattr(Client, "request", lambda self, name, *_a, **_k: {"result": {"live": next(polls[name])}})
+    cans, ctrls = ro.collect_live(None, ["c1"], ["k1"], ro.LiveGate(window_s=60.0, min_samples=2), lambda *_: None)
+    assert cans[0].samples_ms == [3.0, 4.0] and ctrls[0].samples_ms == [5.0, 6.0]  # of 4 answered since, 2 numbers
