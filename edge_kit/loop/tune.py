@@ -313,6 +313,7 @@ def _tune_budget(fleet: Fleet, live: list[Device], manifest: Manifest, opts: Tun
         for number in range(1, opts.rounds + 2):
             verify = number > opts.rounds  # after the last round's switches: decide on their health benchmarks only
             measured, silent, planned = 0, {}, []
+            stale = False  # the plan in hand predates measurements stored since
             for batch in range(1, 1 + (1 if verify else opts.plans_per_round)):
                 spec, m, shas, records = fleet_inputs(manifest, [d for d in live if d.name not in silent], store,
                                                       current, refused, flagged)
@@ -321,7 +322,9 @@ def _tune_budget(fleet: Fleet, live: list[Device], manifest: Manifest, opts: Tun
                 flagged = {spec.devices[d]: plan.model.flag_why.get(d, "differs from its profile")
                            for d in np.flatnonzero(plan.model.flagged)}
                 if not plan.measure:
+                    stale = False
                     break
+                stale = True
                 wanted: dict[str, list[tuple[str, str]]] = {}
                 for d, v, why in plan.measure:
                     planned.append((spec.devices[d], spec.variants[v], why))
@@ -334,7 +337,7 @@ def _tune_budget(fleet: Fleet, live: list[Device], manifest: Manifest, opts: Tun
                 for device, what in missing.items():
                     silent.setdefault(device, []).extend(what)
                     report.silent.setdefault(device, []).extend(what)
-            if silent:  # decide without the devices that did not answer
+            if silent or stale:  # decide on every measurement stored, without the devices that did not answer
                 spec, m, shas, records = fleet_inputs(manifest, [d for d in live if d.name not in silent], store,
                                                       current, refused, flagged)
                 plan = plan_measurements(spec, m, budget=0, settings=settings)

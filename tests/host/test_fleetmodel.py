@@ -386,3 +386,53 @@ def test_a_measured_row_says_how_its_power_was_obtained_never_just_measured():
     assert sources[spec.variants[cands[1]]] == ("measured", "estimated")
     assert {s for v, s in sources.items() if v not in (spec.variants[cands[0]], spec.variants[cands[1]])} == {("inferred", "inferred")}
     assert "measured" not in {r["power_source"] for r in decisions_of(plan, {x: x for x in spec.variants}, [d])[0].table}
+
+
+def test_tune_with_a_budget_decides_on_a_plan_that_includes_its_last_measurements(monkeypatch, tmp_path):
+    """When every planning batch of a round measured something, the round's decision must be taken on a plan
+    made after the last batch's measurements were stored, not on the plan that asked for them."""
+    from types import SimpleNamespace
+
+    from edge_kit.fleet.deploy import GroupResult
+    from edge_kit.loop import tune as tn
+    from edge_kit.telemetry.store import Store
+
+    stored = []  # what the history holds, as the planner sees it
+    plans = []
+
+    def fake_inputs(*_a, **_k):
+        return SimpleNamespace(devices=("d1",), variants=("int8",)), list(stored), {"int8": "s"}, []
+
+    def fake_plan(_spec, seen, **_k):
+        plan = SimpleNamespace(measure=[] if seen else [(0, 0, "unmeasured")], cost=1.0, messages=[], seen=list(seen),
+                               model=SimpleNamespace(flagged=np.zeros(1, bool), flag_why={}))
+        plans.append(plan)
+        return plan
+
+    def fake_measure(_client, _store, wanted, *_a):
+        stored.append(wanted)
+        return 1, {}
+
+    decided_on = []
+    monkeypatch.setattr(tn, "fleet_inputs", fake_inputs)
+    monkeypatch.setattr(tn, "plan_measurements", fake_plan)
+    monkeypatch.setattr(tn, "_measure", fake_measure)
+    monkeypatch.setattr(tn, "decisions_of", lambda plan, *_a, **_k: decided_on.append(plan) or [])
+
+    class Client:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *_):
+            return None
+
+        def statuses(self):
+            return []
+
+    monkeypatch.setattr(tn.FleetClient, "of", staticmethod(lambda _f: Client()))
+    monkeypatch.setattr(tn.time, "sleep", lambda _s: None)
+    store = Store(tmp_path / "h.db")
+    opts = tn.TuneOptions(tmp_path, rounds=1, budget=10, plans_per_round=1)
+    report = tn.TuneReport(GroupResult([]))
+    tn._tune_budget(None, [SimpleNamespace(name="d1")], None, opts, store, report, {}, {}, lambda _m: None)
+    assert stored and decided_on[0].seen == stored  # decided with the measurement taken in the round
