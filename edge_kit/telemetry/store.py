@@ -63,8 +63,9 @@ def open_history(spec: str | Path) -> HistoryStore:
         return PostgresStore(str(spec))
     try:
         return Store(Path(spec))
-    except sqlite3.Error as exc:
-        raise HistoryError(f"cannot open the history file {spec} ({exc}): check the path and its permissions") from None
+    except (sqlite3.Error, OSError) as exc:  # OSError: its folder cannot be made (a file there, no permission)
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise HistoryError(f"cannot open the history file {spec} ({why}): check the path and its permissions") from None
 
 
 # Every ts column is this host's clock when the row was received or written, never a sender's claim.
@@ -361,8 +362,8 @@ class Store(HistoryStore):
         """Open (creating it and its tables when new) the history file at ``path``.
 
         Raises:
-            sqlite3.Error: the file cannot be opened or is not a SQLite database (:func:`open_history`
-                turns this into a HistoryError).
+            sqlite3.Error: the file cannot be opened or is not a SQLite database, or OSError: its folder
+                cannot be created (:func:`open_history` turns either into a HistoryError).
         """
         self.path = Path(path)
         self.where = str(self.path)

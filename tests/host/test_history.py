@@ -65,3 +65,21 @@ def test_rollout_state_has_one_owner_at_a_time_and_device_rows_update_in_place(t
     store.release_rollout("r1", "host-b:2")
     assert store.rollout("r1")["owner"] is None and store.rollout("r1")["body"] == {"variant": "int8"}
     assert [r["id"] for r in store.rollouts()] == ["r1"] and store.rollout("r2") is None
+
+
+def test_a_history_path_that_cannot_be_a_file_is_one_line_naming_it(tmp_path, run_cli):
+    """A --history whose folder is a file, or which is itself a folder: HistoryError naming the path, exit 6."""
+    import pytest
+
+    from edge_kit.errors import HistoryError
+    from edge_kit.telemetry.store import open_history
+
+    (tmp_path / "afile").write_text("x")
+    for spec in (tmp_path / "afile" / "h.db", tmp_path):
+        with pytest.raises(HistoryError, match=f"history file {spec}"):
+            open_history(spec)
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text("fleet: sim\nbroker: {host: 127.0.0.1, port: 1}\ndefaults: {user: edgekit, profile: rpi4}\n"
+                     "devices:\n  - {name: d1, host: 127.0.0.1}\n")
+    code, _out, err = run_cli("fleet", "status", "--fleet", fleet, "--history", tmp_path / "afile" / "h.db")
+    assert code == 6 and err.count("\n") == 1 and "afile/h.db" in err, err
