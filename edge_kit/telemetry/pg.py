@@ -8,12 +8,15 @@ round trip per batch rather than one per row), which is what a monitor's batch o
 Several monitor workers, on several hosts, may write one database: every batch is one transaction,
 ``INSERT ... ON CONFLICT DO NOTHING`` on the message id keeps each record once, and rows are
 inserted in msg_id order so two workers' overlapping batches never deadlock. A server that goes
-away raises :class:`~edge_kit.errors.HistoryError` naming the database; the next call reconnects.
+away raises :class:`~edge_kit.errors.HistoryError` naming the database; the next call reconnects. A
+server restarted between two calls costs nothing: its goodbye on the idle connection is seen before the
+next statement is sent, and that statement runs on a fresh connection.
 """
 
 from __future__ import annotations
 
 import logging
+import select
 import threading
 from urllib.parse import urlsplit, urlunsplit
 
@@ -69,15 +72,29 @@ class PostgresStore(HistoryStore):
                 raise self._failed(exc) from exc
 
     def _connection(self) -> psycopg.Connection:
-        """Return the open connection, connecting (again) when there is none or it broke. Raises HistoryError."""
+        """Return the open connection, connecting (again) when there is none, it broke, or the server closed
+        it while it was idle (a restart between two calls: nothing was sent on it yet, so nothing runs twice).
+        Raises HistoryError."""
         if self._conn is not None and not self._conn.closed and not self._conn.broken:
-            return self._conn
+            if not self._hung_up(self._conn):
+                return self._conn
+            self._conn.close()
         try:
             self._conn = psycopg.connect(self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S,
                                          application_name="edgekit")
         except psycopg.Error as exc:
             raise self._failed(exc) from None
         return self._conn
+
+    @staticmethod
+    def _hung_up(conn: psycopg.Connection) -> bool:
+        """Return True when the idle connection has something to read: between statements the server says
+        nothing unless it is going away (a shutdown's FATAL message, then end of file; this store listens to
+        no notifications), so that connection is dropped before a statement is sent on it."""
+        try:
+            return bool(select.select([conn.fileno()], [], [], 0)[0])
+        except (OSError, ValueError, psycopg.Error):
+            return True
 
     def _failed(self, exc: BaseException) -> HistoryError:
         """Return the one-line error for a failure of this database: what happened and what to do."""

@@ -242,3 +242,22 @@ def test_every_method_lives_on_the_interface_not_on_one_backend():
         own = {n for n, v in vars(backend).items() if callable(v) and not n.startswith("_")}
         assert own <= {"close"}, f"{backend.__name__} has its own {sorted(own - {'close'})}: put them in HistoryStore"
     assert not PostgresStore.__abstractmethods__ and not Store.__abstractmethods__
+
+
+def test_a_server_restarted_while_the_store_was_idle_costs_no_call():
+    """A routine restart (upgrade, failover, config change) between two calls of a long monitor, tune or rollout:
+    the dead idle connection is noticed before anything is sent on it, so the next call runs on a fresh one;
+    nothing is lost or stored twice, and no statement is sent twice."""
+    from edge_kit.sim.postgres import PostgresServer
+
+    with PostgresServer(settings={"fsync": "off"}) as server:
+        store = open_history(server.url)
+        assert store.add("bench", bench("d1", "s1", 1.0, 1))
+        server.stop()
+        server.start()
+        assert store.add_many([("bench", bench("d1", "s1", 1.0, 2)), ("bench", bench("d1", "s1", 1.0, 3))]) == 2
+        store.add_decision({"device": "d1", "chosen": "int8", "current": None, "feasible": True, "switch": False})
+        server.stop()
+        server.start()
+        assert store.count("bench") == 3 and len(store.decisions()) == 1
+        store.close()
