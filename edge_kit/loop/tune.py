@@ -94,12 +94,18 @@ class TuneReport:
 
 
 def decide(manifest: Manifest, devices: list[Device], store: HistoryStore, current: dict[str, str | None],
-           margin: float) -> dict[str, Decision]:
+           margin: float, refused: dict[str, set[str]] | None = None) -> dict[str, Decision]:
     """Return the decision for each device from its recent stored measurements of its candidate variants.
 
-    ``current`` maps a device to the sha256 it runs. One history query and one policy call per
-    group of devices that share variants and constraints, however many devices there are.
+    ``current`` maps a device to the sha256 it runs; ``refused`` a device to the variants it cannot run
+    (the deploy did not send them: no runtime for them), which are not its candidates, since it can never
+    measure them. One history query and one policy call per group of devices that share variants and
+    constraints, however many devices there are.
+
+    Raises:
+        DeployError: the artifacts were not compiled for a device's profile.
     """
+    refused = refused or {}
     recent = store.recent_bench(devices[0].name if len(devices) == 1 else None)
     host_fp32 = manifest.artifact("fp32")
     profiles: dict[str, Any] = {}
@@ -107,7 +113,7 @@ def decide(manifest: Manifest, devices: list[Device], store: HistoryStore, curre
     for dev in devices:
         cands = [Candidate(a.id, a.sha256, a.bytes or 0,
                            tuple(Measured.from_record(r, a.bytes or 0) for r in recent.get((dev.name, a.sha256), ())))
-                 for a in candidates_for(manifest, dev)]
+                 for a in candidates_for(manifest, dev) if a.id not in refused.get(dev.name, ())]
         fp32 = next((c for c in cands if c.variant == "fp32" and c.measured and c.measured.accuracy is not None), None)
         fp32_acc = fp32.measured.accuracy if fp32 else (host_fp32.accuracy.value if host_fp32 and host_fp32.accuracy else None)
         profile = profiles.get(dev.profile) or profiles.setdefault(dev.profile, load_profile(dev.profile))
@@ -178,7 +184,7 @@ def tune(fleet: Fleet, devices: list[Device], opts: TuneOptions, store: HistoryS
             for device, what in silent.items():
                 report.silent.setdefault(device, []).extend(what)
             step(f"round {number}: selecting")
-            decisions = decide(manifest, [d for d in live if d.name not in silent], store, current, opts.margin)
+            decisions = decide(manifest, [d for d in live if d.name not in silent], store, current, opts.margin, refused)
             for d in decisions.values():
                 store.add_decision({**d.as_dict(), "round": number, "artifacts": str(opts.artifacts.resolve()),
                                     "verify": verify})

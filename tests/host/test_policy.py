@@ -268,3 +268,53 @@ def test_a_bound_nothing_measured_is_said_to_be_unjudged_not_met():
     judged = choose("d", [cand("fp32", 8, 0.99, 2.0), cand("int8", 3, 0.99, 1.0)], C, fp32_accuracy=0.99,
                     current_sha=None)
     assert judged.unjudged == [] and "not judged" not in judged.reason
+
+
+def test_tune_decides_without_the_variants_a_device_has_no_runtime_for(monkeypatch, tmp_path):
+    """A device without ONNX Runtime is never sent onnx-fp32 (the deploy refuses it), so it can never measure it:
+    tune must decide among what the device can run, not wait for onnx-fp32 round after round."""
+    from types import SimpleNamespace
+
+    from edge_kit.fleet.deploy import DeviceResult, GroupResult
+    from edge_kit.fleet.inventory import Device
+    from edge_kit.loop import tune as tn
+    from edge_kit.manifest import Artifact, Manifest
+    from edge_kit.telemetry.store import Store
+    from edgekit_protocol import messages
+
+    def art(vid):
+        return Artifact(id=vid, status="built", profiles=["rpi4"], summary="", precision="fp32", bytes=100,
+                        gzip_bytes=90, sparsity=0.0, macs=10, sha256=vid * 4)
+
+    manifest = Manifest(created="now", model={"name": "m"}, versions={}, profiles={"rpi4": {}},
+                        artifacts=[art("fp32"), art("int8"), art("onnx-fp32")])
+    dev = Device(name="d1", host="127.0.0.1", user="edgekit", profile="rpi4")
+    store = Store(tmp_path / "h.db")
+    for seq, (vid, p90) in enumerate((("fp32", 9.0), ("int8", 3.0))):
+        store.add("bench", messages.envelope("bench", "f", "d1", seq, {
+            "variant": vid, "sha256": vid * 4, "latency_ms": {"p90": p90}, "runs": 10, "simulated": False,
+            "power": {"estimated": True, "avg_w": 3.0, "energy_per_inference_mj": 1.0}, "accuracy": {"value": 0.99}}))
+    deployed = DeviceResult("d1", "succeeded", variant="fp32", sha256="fp32" * 4)
+    deployed.refused = {"onnx-fp32": "d1: onnx-fp32 needs ONNX Runtime: pip install 'edge-kit[agent-onnx]'"}
+
+    class Client:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *_):
+            return None
+
+        def statuses(self):
+            return []
+
+    monkeypatch.setattr(tn, "read_manifest", lambda _a: manifest)
+    monkeypatch.setattr(tn, "deploy", lambda *_a, **_k: GroupResult([deployed]))
+    monkeypatch.setattr(tn, "_measure", lambda _c, _s, wanted, *_a: (0, {}) if not any(wanted.values())
+                        else pytest.fail(f"asked to measure {wanted}"))
+    monkeypatch.setattr(tn, "_activate", lambda _f, devs, switch, _o, _s, current: current.update(
+        {d: v * 4 for d, v in switch.items()}) or GroupResult([]))
+    monkeypatch.setattr(tn.FleetClient, "of", staticmethod(lambda _f: Client()))
+    monkeypatch.setattr(tn.time, "sleep", lambda _s: None)
+    report = tn.tune(SimpleNamespace(), [dev], tn.TuneOptions(tmp_path), store)
+    d = report.final["d1"]
+    assert d.chosen == "int8" and d.unmeasured == [] and "onnx-fp32" not in {r["variant"] for r in d.table}
