@@ -93,16 +93,15 @@ def select_cmd(
     """Say which variant each device should run, and why, from the measurements in the history store."""
     from edge_kit.errors import InputError
     from edge_kit.fleet.inventory import load_fleet
-    from edge_kit.loop.tune import decide, decide_fleet
+    from edge_kit.loop.tune import decide, decide_fleet, last_artifacts
     from edge_kit.manifest import read_manifest
 
     fleet = load_fleet(fleet_file)
     db = open_fleet_history(fleet_file, history)
     if artifacts is None:
-        last = next((d.get("artifacts") for d in db.decisions(limit=1)), None)
-        if not last:
+        artifacts = last_artifacts(db)
+        if artifacts is None:
             raise InputError(f"{db.where}: no tune has run against this history; pass --artifacts FOLDER")
-        artifacts = Path(last)
     manifest = read_manifest(artifacts)
     status = db.latest_status()
     chosen = fleet.select(devices)

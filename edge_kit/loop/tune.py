@@ -231,6 +231,12 @@ def _activate(fleet: Fleet, devices: list[Device], switch: dict[str, str], opts:
     return group
 
 
+def last_artifacts(store: HistoryStore) -> Path | None:
+    """Return the artifacts folder of the newest decision a tune recorded, or None when no tune has run.
+    Other decisions (the live gate's) name none and are passed over. Raises HistoryError."""
+    return next((Path(d["artifacts"]) for d in store.decisions(limit=10_000) if d.get("artifacts")), None)
+
+
 def flagged_before(store: HistoryStore) -> dict[str, str]:
     """Return the devices the newest fleet-selection decision of each flagged, with why."""
     return flagged_devices(store.decisions(limit=1_000_000))

@@ -83,3 +83,19 @@ def test_a_history_path_that_cannot_be_a_file_is_one_line_naming_it(tmp_path, ru
                      "devices:\n  - {name: d1, host: 127.0.0.1}\n")
     code, _out, err = run_cli("fleet", "status", "--fleet", fleet, "--history", tmp_path / "afile" / "h.db")
     assert code == 6 and err.count("\n") == 1 and "afile/h.db" in err, err
+
+
+def test_select_finds_the_last_tunes_artifacts_behind_a_newer_gate_decision(tmp_path, run_cli):
+    """`deploy --gate live` records decisions without artifacts; `select` without --artifacts still takes the
+    folder of the last tune, not 'no tune has run'."""
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text("fleet: sim\nbroker: {host: 127.0.0.1, port: 1}\ndefaults: {user: edgekit, profile: rpi4}\n"
+                     "devices:\n  - {name: d1, host: 127.0.0.1}\n")
+    store = Store(tmp_path / "edgekit-history.db")
+    store.add_decision({"device": "d1", "chosen": "int8", "current": None, "feasible": True, "switch": True,
+                        "artifacts": str(tmp_path / "tuned-artifacts")})
+    store.add_decision({"device": "d1", "kind": "live gate", "chosen": "int8", "current": None, "feasible": True,
+                        "switch": True, "gate": {"action": "promote"}})
+    store.close()
+    code, _out, err = run_cli("select", "--fleet", fleet)
+    assert code != 0 and "tuned-artifacts" in err and "no tune has run" not in err, err
