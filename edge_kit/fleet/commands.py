@@ -17,7 +17,7 @@ import time
 import uuid
 from typing import Any, Callable
 
-from device_agents.identity import Keyring, Signer, receive
+from device_agents.identity import Keyring, Signer, receive, verify_published
 from device_agents.mqtt import make_client
 from edge_kit.errors import AgentError, AgentTimeout
 from edgekit_protocol import commands, messages
@@ -53,6 +53,8 @@ class FleetClient:
         self.rejected: list[str] = []  # why each refused message was refused (forged, misaddressed, ...)
         self.acks: dict[str, dict[str, Any]] = {}
         self.records: dict[str, dict[str, Any]] = {}
+        # bench records their device did sign whose content the checks refused (msg_id -> why): tune says so at once
+        self.refused_records: dict[str, str] = {}
         self.status: dict[str, list[tuple[float, dict[str, Any]]]] = {}  # device -> (received, message)
         self._connected = threading.Event()
         self._refused: str | None = None
@@ -87,8 +89,12 @@ class FleetClient:
             if kind == "cmd/ack" and self.sent.get(msg.get("cmd_id")) != device:
                 raise messages.MessageError(f"an ack from {device} for a command not sent to it")
         except Exception as exc:  # noqa: BLE001 - EdgeKitError, or anything odd: refused, never the thread's end
+            genuine = self._genuine_bench_id(message.topic, message.payload)
             with self._cond:
                 self.rejected.append(f"{message.topic}: {exc}"[:300])
+                if genuine is not None:
+                    self.refused_records[genuine] = str(exc)[:300]
+                    self._cond.notify_all()
             return
         if kind == "reported":
             if self.on_reported is not None:
@@ -102,6 +108,17 @@ class FleetClient:
             elif kind == "status":
                 self.status.setdefault(msg["device"], []).append((time.time(), msg))
             self._cond.notify_all()
+
+    def _genuine_bench_id(self, topic: str, payload: bytes) -> str | None:
+        """Return the msg_id of a refused bench record that its device did sign (so the refusal is its
+        device's word, not a forger's), else None."""
+        try:
+            if messages.parse_topic(topic)[2] != "bench" or verify_published(self.keyring, topic, payload) is not None:
+                return None
+            msg_id = messages.decode(payload).get("msg_id")
+        except Exception:  # noqa: BLE001 - not even a signed message: nothing to say about it
+            return None
+        return msg_id if isinstance(msg_id, str) else None
 
     def __enter__(self) -> FleetClient:
         b = self.broker
@@ -156,9 +173,10 @@ class FleetClient:
             return self.acks.get(cmd_id)
 
     def wait_record(self, msg_id: str, timeout: float) -> dict[str, Any] | None:
-        """Return the bench record ``msg_id``, or None when it did not come within ``timeout`` seconds."""
+        """Return the bench record ``msg_id``, or None when it did not come within ``timeout`` seconds or
+        came signed by its device and was refused (then :attr:`refused_records` says why)."""
         with self._cond:
-            self._cond.wait_for(lambda: msg_id in self.records, timeout)
+            self._cond.wait_for(lambda: msg_id in self.records or msg_id in self.refused_records, timeout)
             return self.records.get(msg_id)
 
     def statuses(self) -> list[dict[str, Any]]:

@@ -138,10 +138,13 @@ def _measure(client: FleetClient, store: HistoryStore, wanted: dict[str, list[tu
     for cmd_id, (device, variant) in sent.items():
         ack = client.wait_ack(cmd_id, max(0.0, deadline - time.monotonic()))
         record = None
-        if ack is not None and ack["ok"]:
-            record = client.wait_record(ack["result"]["bench_msg_id"], max(0.0, deadline - time.monotonic()))
+        mid = ack["result"].get("bench_msg_id") if ack is not None and ack["ok"] else None
+        if isinstance(mid, str):
+            record = client.wait_record(mid, max(0.0, deadline - time.monotonic()))
         if record is None:
-            why = "no answer" if ack is None else (ack.get("error") or "record did not arrive")
+            refused = client.refused_records.get(mid) if isinstance(mid, str) else None
+            why = "no answer" if ack is None else (ack.get("error") or (f"record refused: {refused}" if refused
+                                                                        else "record did not arrive"))
             silent.setdefault(device, []).append(f"{variant} ({why})")
             continue
         store.add("bench", record)

@@ -151,3 +151,28 @@ def test_only_the_addressed_devices_signed_well_formed_ack_counts():
         transport.deliver(topic, ack(DEVICES["d1"], "d1"))
         assert c.wait_ack(cmd_id, 1)["result"] == {"forged": False}
     assert held and held[0]["expires"] > held[0]["ts"]  # every command expires
+
+
+def test_a_record_its_device_signed_but_the_checks_refuse_is_said_at_once_not_waited_for(tmp_path):
+    """A bench record signed by its device whose figures the checks refuse (a negative watt figure): tune says
+    why at once instead of waiting its whole timeout for 'record did not arrive'. A forged copy of such a
+    record, signed by another key, is no such word: the genuine record is still waited for."""
+    import time
+
+    def bad_power(device: str, cmd: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+        answers = agent()(device, cmd)
+        if cmd["command"] == "bench":
+            answers[1][1]["power"] = {"sensor": "ina219", "avg_w": -2.0, "energy_per_inference_mj": -1.0}
+        return answers
+
+    store = Store(tmp_path / "h.db")
+    with client(bad_power) as c:
+        started = time.monotonic()
+        stored, silent = _measure(c, store, {"d1": [("int8", "a" * 64)]}, {"min_runs": 10}, timeout=30)
+        assert time.monotonic() - started < 5
+        assert stored == 0 and silent == {"d1": ["int8 (record refused: bench: power.avg_w is not a non-negative number)"]}
+        forged = DEVICES["d2"].sign(messages.envelope("bench", FLEET, "d1", 9, {
+            "variant": "int8", "sha256": "b" * 64, "latency_ms": LATENCY, "runs": 10, "simulated": True,
+            "power": {"avg_w": -1.0}}))
+        c.client.deliver(messages.topic(FLEET, "d1", "bench"), messages.encode(forged))
+        assert c.wait_record(forged["msg_id"], 0.2) is None and forged["msg_id"] not in c.refused_records
