@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -71,6 +74,31 @@ def test_unwritable_output_folder(digits_files, tmp_path, run_cli):
     assert "output folder is not writable" in one_line_error(code, err)
 
 
+def test_an_output_folder_that_is_not_a_compile_result_is_kept_not_replaced(digits_files, tmp_path, run_cli):
+    """Once OUT/<model> was swapped out and deleted whatever it held (the user's files, even the model itself)."""
+    kept = tmp_path / "o" / "digits"
+    kept.mkdir(parents=True)
+    (kept / "notes.txt").write_text("mine")
+    code, _, err = run_cli("compile", digits_files.model, "-p", "rpi4", "--out", tmp_path / "o")
+    line = one_line_error(code, err)
+    assert "o/digits: exists and is not an edgekit compile result (no manifest.json)" in line and "--out" in line
+    assert (kept / "notes.txt").read_text() == "mine" and sorted(p.name for p in kept.iterdir()) == ["notes.txt"]
+    model = kept / "digits.keras"  # the model inside an earlier result: compiling would delete it
+    model.write_bytes(digits_files.model.read_bytes())
+    (kept / "manifest.json").write_text("{}")
+    code, _, err = run_cli("compile", model, "-p", "rpi4", "--out", tmp_path / "o")
+    assert "would replace the model being compiled" in one_line_error(code, err)
+    assert model.read_bytes() == digits_files.model.read_bytes()
+
+
+def test_a_pipe_as_the_model_is_one_line_not_a_hang(tmp_path, run_cli):
+    import os
+
+    os.mkfifo(tmp_path / "pipe.keras")
+    code, _, err = run_cli("compile", tmp_path / "pipe.keras", "-p", "rpi4", "--out", tmp_path / "o")
+    assert "pipe.keras: not a regular file or folder" in one_line_error(code, err)
+
+
 def test_unknown_profile(digits_files, tmp_path, run_cli):
     code, _, err = run_cli("compile", digits_files.model, "-p", "rpi44", "--out", tmp_path)
     assert "unknown profile 'rpi44'; did you mean 'rpi4'" in one_line_error(code, err)
@@ -95,6 +123,31 @@ def test_a_failed_write_keeps_the_previous_result_and_leaves_no_staging(digits_f
     assert {p.name: p.read_bytes() for p in (tmp_path / "digits").iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["digits"]
     assert first.artifact("int8").status == "built"
+
+
+def test_an_interrupt_between_the_renames_puts_the_previous_result_back(digits_files, tmp_path, monkeypatch):
+    """Once Ctrl-C after the old result was moved aside left OUT/<model> missing (the result in a hidden folder)."""
+    from edge_kit.compiler import pipeline
+    from edge_kit.profiles import load_profile
+
+    fp32_only = load_profile("rpi4").model_copy(update={"variants": ["fp32"]})
+    req = pipeline.CompileRequest(digits_files.model, [fp32_only], tmp_path, eval=digits_files.eval)
+    pipeline.compile_model(req)
+    result = tmp_path / "digits"
+    assert result.stat().st_mode & 0o777 == 0o755  # shared like its files (mkdtemp makes folders private)
+    before = {p.name: p.read_bytes() for p in result.iterdir()}
+    replace = os.replace
+
+    def interrupted(src, dst):
+        if Path(src).name.startswith(".digits.staging-"):  # the old result is aside, the new not yet in
+            raise KeyboardInterrupt
+        replace(src, dst)
+
+    monkeypatch.setattr(pipeline.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.compile_model(req)
+    assert {p.name: p.read_bytes() for p in result.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["digits"]
 
 
 def test_an_interrupted_compile_writes_nothing(digits_files, tmp_path, monkeypatch):
