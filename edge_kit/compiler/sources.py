@@ -152,7 +152,8 @@ def load_source(path: Path, input_shapes: dict[str, tuple[int, ...]] | None = No
         A :class:`Source` with its hash, kind, named inputs (with their shapes) and outputs.
 
     Raises:
-        InputError: missing, unreadable or corrupt model, an unsupported format, an input left
+        InputError: missing, unreadable or corrupt model, a path that is neither a regular file nor a
+            folder (a pipe), an unsupported format, an input left
             with a dynamic dimension, or a pinned shape naming no input, not fitting it, or (for a
             ``.tflite``, whose file is rewritten to the pinned shapes) one the model cannot run at.
     """
@@ -160,6 +161,8 @@ def load_source(path: Path, input_shapes: dict[str, tuple[int, ...]] | None = No
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: model not found")
+    if not (path.is_file() or path.is_dir()):  # a pipe or device: hashing it would block or never end
+        raise InputError(f"{path}: not a regular file or folder (a pipe or device); give the model file or SavedModel folder")
     name = path.stem if path.is_file() else path.name
     digest = sha256_file(path)
     if path.is_dir():
