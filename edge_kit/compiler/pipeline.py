@@ -395,7 +395,9 @@ def compile_model(req: CompileRequest, progress: Progress | None = None) -> Mani
         InputError: the model, a data file or the output folder is unusable, ``<out>/<model>`` holds
             something that is not an earlier compile's result, an ONNX model does not convert
             or converts to something else (SNR below 0 dB against ONNX Runtime); nothing is written.
-        MetricError: unknown task, labels in the wrong format for it, or a user metric that does not load.
+        MetricError: unknown task, labels in the wrong format for it, a user metric that does not load,
+            or a metric that cannot score the fp32 variant's outputs (a user function that raises or
+            returns a non-number, class labels outside the scored output); nothing is written.
         CompileError: writing the result failed (the previous result, if any, is left intact).
     """
     step = progress or (lambda _msg: None)
@@ -473,6 +475,13 @@ def compile_model(req: CompileRequest, progress: Progress | None = None) -> Mani
             if compiler_of(vid) is None and not plan.spec.built_on_device:  # a target-compiled model needs its hardware
                 outputs[vid] = outputs_of(plan.data or b"", fid_inputs.x)
     reference = outputs.get("fp32")
+    if evalset is not None and reference is not None:  # a metric that cannot score the reference scores nothing
+        from device_agents.errors import MetricError
+
+        try:
+            scorer.score(reference, evalset.labels)
+        except MetricError as exc:
+            raise MetricError(f"{exc} (scoring the fp32 variant's outputs on {evalset.path.name}); nothing was written") from None
 
     for plan in plans.values():
         step(f"measuring {plan.spec.id}")

@@ -127,6 +127,13 @@ def test_keypoints_pck_and_mean_error():
     assert got["figures"]["pck"] == pytest.approx(2 / 3) and got["figures"]["mean_error"] == pytest.approx(3.5 / 3)
 
 
+@pytest.mark.parametrize("label", [-1, 10, 10**12])
+def test_a_class_label_the_output_does_not_have_is_an_error_not_a_top1_of_zero(label):
+    y = np.array([3, label, 1])
+    with pytest.raises(MetricError, match=rf"labels 'y' hold class {label} at sample 1, but the scored output has 10 classes"):
+        MetricSpec.build("classification").scorer().score({"probs": np.eye(10)[[3, 0, 1]]}, {"y": y})
+
+
 def test_a_user_metric_that_raises_or_returns_a_non_number_is_a_one_line_error(tmp_path):
     mod = tmp_path / "score.py"
     mod.write_text("def good(o, y):\n    return {'hits': 0.5, 'n': 2}\n"

@@ -99,6 +99,22 @@ def test_a_pipe_as_the_model_is_one_line_not_a_hang(tmp_path, run_cli):
     assert "pipe.keras: not a regular file or folder" in one_line_error(code, err)
 
 
+def test_a_metric_that_cannot_score_the_reference_is_one_line_and_writes_nothing(digits_files, tmp_path, run_cli):
+    """Once exit 0 with '-' in the table: a raising --metric, or class labels the output lacks (top-1 0 %)."""
+    (tmp_path / "score.py").write_text("def boom(outputs, labels):\n    return 1 / 0\n")
+    code, _, err = run_cli("compile", digits_files.model, "-p", "coral-devboard", "--eval", digits_files.eval,
+                           "--metric", f"{tmp_path / 'score.py'}:boom", "--out", tmp_path / "o")
+    line = one_line_error(code, err)
+    assert "score.py:boom raised ZeroDivisionError" in line and "fp32 variant's outputs on" in line
+    assert not (tmp_path / "o" / "digits").exists()
+    data = dict(np.load(digits_files.eval))
+    np.savez(tmp_path / "e.npz", x=data["x"], y=data["y"] + 1)  # 1..10 for a 10-class output
+    code, _, err = run_cli("compile", digits_files.model, "-p", "coral-devboard", "--eval", tmp_path / "e.npz",
+                           "--out", tmp_path / "o")
+    assert "labels 'y' hold class 10 at sample" in one_line_error(code, err)
+    assert not (tmp_path / "o" / "digits").exists()
+
+
 def test_unknown_profile(digits_files, tmp_path, run_cli):
     code, _, err = run_cli("compile", digits_files.model, "-p", "rpi44", "--out", tmp_path)
     assert "unknown profile 'rpi44'; did you mean 'rpi4'" in one_line_error(code, err)
