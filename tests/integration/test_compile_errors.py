@@ -35,6 +35,27 @@ def test_corrupt_model(tmp_path, run_cli):
     assert "bad.tflite: not a loadable .tflite model" in one_line_error(code, err)
 
 
+@pytest.mark.parametrize("suffix", [".keras", ".h5"])
+def test_a_keras_model_with_custom_code_is_one_line_saying_what_to_do_and_runs_nothing(tmp_path, run_cli, suffix,
+                                                                                      monkeypatch):
+    """Keras' own message was cut at 200 characters, before its advice; its safe mode must stay on."""
+    import keras
+
+    ran = tmp_path / "ran"
+    monkeypatch.setenv("EDGEKIT_TEST_RAN", str(ran))
+    inp = keras.Input((4,), name="x")
+    out = keras.layers.Lambda(lambda t: (__import__("pathlib").Path(__import__("os").environ["EDGEKIT_TEST_RAN"])
+                                         .write_text("code ran"), t * 2)[1])(inp)
+    ran.unlink(missing_ok=True)
+    keras.Model(inp, out).save(tmp_path / f"lam{suffix}")
+    ran.unlink(missing_ok=True)
+    code, _, err = run_cli("compile", tmp_path / f"lam{suffix}", "-p", "rpi4", "--out", tmp_path / "o")
+    line = one_line_error(code, err)
+    assert f"lam{suffix}: not a loadable Keras model (Requested the deserialization of a `Lambda` layer" in line
+    assert "export it where their code is (model.export(folder) for a SavedModel, or to .onnx)" in line
+    assert not ran.exists() and not (tmp_path / "o").exists()
+
+
 def test_calibration_shape_mismatch(digits_files, tmp_path, run_cli):
     calib = tmp_path / "c.npz"
     np.savez(calib, x=np.zeros((200, 28, 28, 1), np.float32))
