@@ -44,7 +44,7 @@ from edge_kit.compiler.sources import (
     source_graph,
 )
 from edge_kit.compiler.tflite_edit import as_float32
-from edge_kit.errors import CompileError, InputError
+from edge_kit.errors import CompileError, ConfigError, InputError
 from edge_kit.fsutil import atomic_write_bytes, atomic_write_text, sha256_bytes
 from edge_kit.manifest import Accuracy, Artifact, Fidelity, Manifest
 from edge_kit.profiles import Profile
@@ -395,6 +395,7 @@ def compile_model(req: CompileRequest, progress: Progress | None = None) -> Mani
         InputError: the model, a data file or the output folder is unusable, ``<out>/<model>`` holds
             something that is not an earlier compile's result, an ONNX model does not convert
             or converts to something else (SNR below 0 dB against ONNX Runtime); nothing is written.
+        ConfigError: two profiles have the same name.
         MetricError: unknown task, labels in the wrong format for it, a user metric that does not load,
             or a metric that cannot score the fp32 variant's outputs (a user function that raises or
             returns a non-number, class labels outside the scored output); nothing is written.
@@ -407,6 +408,10 @@ def compile_model(req: CompileRequest, progress: Progress | None = None) -> Mani
 
     out = Path(req.out)
     step("checking inputs")
+    names = [p.name for p in req.profiles]
+    if twice := next((n for n in names if names.count(n) > 1), None):  # the manifest keys profiles by name
+        raise ConfigError(f"profile '{twice}' is given twice (-p); give each once (a profile file is named by its "
+                          "name: key, else its file name)")
     source = load_source(req.model, req.input_shapes)
     _check_target(out / source.name, source.path)
     calib = load_dataset(req.calib, "calib", source.inputs, labels=False) if req.calib else None

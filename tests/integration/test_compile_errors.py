@@ -136,6 +136,16 @@ def test_a_metric_that_cannot_score_the_reference_is_one_line_and_writes_nothing
     assert not (tmp_path / "o" / "digits").exists()
 
 
+def test_a_profile_name_given_twice_is_refused(digits_files, tmp_path, run_cli):
+    """Once merged silently: the manifest keys profiles by name, so one of two same-named profiles was lost."""
+    mine = tmp_path / "mine.yaml"
+    mine.write_text((Path(__file__).parents[2] / "profiles" / "rpi5.yaml").read_text().replace("name: rpi5", "name: rpi4"))
+    for other in ("rpi4", mine):
+        code, _, err = run_cli("compile", digits_files.model, "-p", "rpi4", "-p", other, "--out", tmp_path / "o")
+        assert "profile 'rpi4' is given twice (-p)" in one_line_error(code, err)
+    assert not (tmp_path / "o").exists()
+
+
 def test_unknown_profile(digits_files, tmp_path, run_cli):
     code, _, err = run_cli("compile", digits_files.model, "-p", "rpi44", "--out", tmp_path)
     assert "unknown profile 'rpi44'; did you mean 'rpi4'" in one_line_error(code, err)
