@@ -8,15 +8,34 @@ file, measured with the LiteRT interpreter on the host, or reported by ``edgetpu
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from edge_kit.errors import InputError
 
 SCHEMA = "edgekit.manifest/2"
 Status = Literal["built", "not-built", "failed"]
+
+
+_FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # what the compiler writes: <id>.tflite, eval.npz
+
+
+def _file_name(value: Any) -> Any:
+    """Return ``value`` when it is None or a bare file name inside the artifacts folder.
+
+    Readers join it to the folder (deploy uploads that file, publish copies it), so a path such as
+    ``../../etc/passwd`` or ``/root/.ssh/id_rsa`` in an edited or foreign manifest must not validate.
+
+    Raises:
+        ValueError: a path, an absolute path, a hidden name or one with other characters.
+    """
+    if value is not None and not (isinstance(value, str) and _FILE_NAME.match(value)):
+        raise ValueError(f"file {value!r} is not a file name inside the artifacts folder (letters, digits, '.', '_', "
+                         "'-'; no path); compile again")
+    return value
 
 
 class _Record(BaseModel):
@@ -77,6 +96,14 @@ class Artifact(_Record):
     build_seconds: float | None = None  # wall clock on the host (time.perf_counter)
     warnings: list[str] = []  # e.g. fidelity below a profile's min_fidelity_snr_db
 
+    _file = field_validator("file")(_file_name)
+
+    @field_validator("calibration_table")
+    @classmethod
+    def _table_file(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        _file_name((value or {}).get("file"))
+        return value
+
 
 class Manifest(_Record):
     schema_: str = SCHEMA
@@ -90,6 +117,12 @@ class Manifest(_Record):
     artifacts: list[Artifact]
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @field_validator("eval")
+    @classmethod
+    def _eval_file(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        _file_name((value or {}).get("file"))
+        return value
 
     def artifact(self, variant_id: str) -> Artifact | None:
         """Return the artifact with this variant id, or None."""
@@ -122,4 +155,4 @@ def read_manifest(folder: Path) -> Manifest:
         return Manifest.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
-        raise InputError(f"{path}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+        raise InputError(f"{path}: {'.'.join(map(str, err['loc']))}: {err['msg'].removeprefix('Value error, ')}") from None

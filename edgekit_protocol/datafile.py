@@ -132,12 +132,14 @@ def read_arrays(path: Path, option: str) -> dict[str, Array]:
         ``{key: Array}`` in the file's order.
 
     Raises:
-        DataFileError: missing or unreadable file, a member that is not a plain numeric array
+        DataFileError: missing, unreadable or not a regular file, a member that is not a plain numeric array
             (pickled objects, big-endian, Fortran order), a truncated member, or a NaN or
             infinity anywhere (with the key and first bad index).
     """
     path = Path(path)
     if not path.is_file():
+        if path.exists():  # a folder, pipe or device: reading it would fail oddly or block
+            raise DataFileError(f"{path}: {option} is not a regular file (a folder, pipe or device); give the .npz file")
         raise DataFileError(f"{path}: {option} file not found")
     arrays: dict[str, Array] = {}
     try:

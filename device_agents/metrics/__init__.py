@@ -43,8 +43,9 @@ class MetricSpec:
         """Return a checked spec, reading the source of any user function.
 
         Raises:
-            MetricError: unknown task (the closest is named), ``--decode`` for a task other than
-                detection, or a user function that cannot be found.
+            MetricError: unknown task (the closest is named), an option the task does not read (or
+                any option with a user metric), ``--decode`` for a task other than detection, or a
+                user function that cannot be found.
         """
         task = task or (CUSTOM if metric else "classification")
         if task != CUSTOM and task not in TASKS:
@@ -53,6 +54,14 @@ class MetricSpec:
                               + f" (tasks: {', '.join(TASKS)})")
         if decode and task != "detection":
             raise MetricError(f"--decode applies to --task detection, not {task}")
+        known = TASKS[task].option_keys if task in TASKS and not metric else ()  # a --metric function takes none
+        for key in options or {}:
+            if key not in known:
+                near = difflib.get_close_matches(key, known, n=1)
+                raise MetricError(f"--task-option {key}: not an option of "
+                                  + (f"--metric {metric}" if metric else f"--task {task}")
+                                  + (f"; did you mean '{near[0]}'?" if near else "")
+                                  + f" (options: {', '.join(known) or 'none'})")
         spec = cls(task, dict(options or {}), metric, decode)
         for user in (metric, decode):
             if user:

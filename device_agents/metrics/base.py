@@ -30,6 +30,7 @@ class Task:
     key: ClassVar[str]
     headline: ClassVar[str]  # the figure selection compares (higher is better)
     labels_doc: ClassVar[str]  # the data-file keys it reads, for docs and messages
+    option_keys: ClassVar[tuple[str, ...]] = ("output",)  # the --task-option keys it reads
 
     def __init__(self, options: dict[str, Any] | None = None,
                  decode: Callable[[Outputs], Any] | None = None):

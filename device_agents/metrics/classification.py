@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from device_agents.errors import MetricError
 from device_agents.metrics.base import Labels, Outputs, Task, need, pick_output
 
 
@@ -31,9 +32,19 @@ class Classification(Task):
         return next(({n} for n, o in outputs.items() if _vector(o)), set())
 
     def score(self, outputs: Outputs, labels: Labels) -> dict[str, float]:
+        """Return ``top1`` (and ``top5`` for more than five classes).
+
+        Raises:
+            MetricError: no output fits, or a label is not a class of the scored output.
+        """
         scores = pick_output(outputs, self.key, self.options, _vector)
         scores = scores.reshape(len(scores), -1)
         y = np.asarray(labels["y"]).reshape(-1)
+        bad = np.flatnonzero((y < 0) | (y >= scores.shape[1]))
+        if len(bad):  # else top-1 is silently 0: no score can match a class the output does not have
+            raise MetricError(f"labels 'y' hold class {y[bad[0]]} at sample {bad[0]}, but the scored output has "
+                              f"{scores.shape[1]} classes (0..{scores.shape[1] - 1}); give class indices, or name the "
+                              "output with --task-option output=NAME")
         order = np.argsort(-scores, axis=1, kind="stable")
         figures = {"top1": float(np.mean(order[:, 0] == y)) if len(y) else 0.0}
         if scores.shape[1] > 5:

@@ -120,6 +120,7 @@ class Detection(Task):
     key = "detection"
     headline = "map"
     labels_doc = "y.boxes [samples, M, 4] (ymin, xmin, ymax, xmax) and y.classes [samples, M] ints, -1 = padding"
+    option_keys = ()  # the layout of decoded boxes is fixed (or --decode's)
 
     def check(self, labels: Labels, samples: int, where: str) -> None:
         boxes = need(labels, "boxes", samples, where, self.key, kind=None, ndim=3)

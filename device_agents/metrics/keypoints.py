@@ -29,6 +29,7 @@ class Keypoints(Task):
     key = "keypoints"
     headline = "pck"
     labels_doc = "y.points [samples, K, D] floats (D = 2 or 3), optional y.visible [samples, K] (0 = ignore)"
+    option_keys = ("output", "alpha")
 
     def check(self, labels: Labels, samples: int, where: str) -> None:
         points = need(labels, "points", samples, where, self.key, ndim=3)

@@ -92,7 +92,8 @@ def _compile_report(manifest: Any) -> tuple[Table, list[str]]:
     notes.append(f"    × = ratio to fp32; sizes, sparsity and MACs counted from each file; {metric} (on --eval) and SNR against fp32 "
                  "(worst output) "
                  f"measured on this host with each variant's runtime (LiteRT {manifest.versions.get('ai_edge_litert')}"
-                 + (f", ONNX Runtime {manifest.versions.get('onnxruntime')}" if any(a.runtime == "onnxruntime" for a in manifest.artifacts) else "")
+                 + (f", ONNX Runtime {manifest.versions['onnxruntime']}" if manifest.versions.get("onnxruntime")
+                    and any(a.runtime == "onnxruntime" and a.status == "built" for a in manifest.artifacts) else "")
                  + "); accel ops = ops "
                  "the profile's accelerator takes by its documented rules (tpu* = edgetpu_compiler's own count)")
     return t, footnotes + notes

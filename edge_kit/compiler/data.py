@@ -48,12 +48,15 @@ def load_dataset(path: Path, role: str, inputs: dict[str, tuple[int, ...]], *, l
 
     Raises:
         InputError: the file is missing or not an ``.npz``, lacks an input (or labels), has samples
-            of the wrong shape, holds NaN or infinity (a ``DataFileError``), or (calibration)
-            fewer than ten samples.
+            of the wrong shape, holds NaN or infinity (a ``DataFileError``), has no samples, or
+            (calibration) fewer than ten samples.
     """
     path = Path(path)
     data = read_data(path, f"--{role}", inputs, labels="required" if labels else "ignored")
     x = {name: np.asarray(a, dtype=np.float32) for name, a in data.x.items()}
+    if data.samples == 0:  # an empty set would pass for an absent one: no accuracy, no fidelity, no fine-tuning
+        raise InputError(f"{path}: --{role} has no samples (the first axis of its arrays is 0); save at least one "
+                         "sample per array, or leave the option out")
     if role == "calib":
         if data.samples < MIN_CALIBRATION:
             raise InputError(f"{path}: only {data.samples} calibration samples; need at least {MIN_CALIBRATION} (a few hundred is best)")

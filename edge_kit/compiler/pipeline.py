@@ -44,7 +44,7 @@ from edge_kit.compiler.sources import (
     source_graph,
 )
 from edge_kit.compiler.tflite_edit import as_float32
-from edge_kit.errors import CompileError, InputError
+from edge_kit.errors import CompileError, ConfigError, InputError
 from edge_kit.fsutil import atomic_write_bytes, atomic_write_text, sha256_bytes
 from edge_kit.manifest import Accuracy, Artifact, Fidelity, Manifest
 from edge_kit.profiles import Profile
@@ -119,6 +119,24 @@ def _check_out_dir(out: Path) -> None:
             pass
     except OSError as exc:
         raise InputError(f"{out}: output folder is not writable ({exc.strerror or exc}); choose another with --out") from None
+
+
+def _check_target(target: Path, model: Path) -> None:
+    """Check that ``target`` (``OUT/<model name>``) may be replaced by this compile's result.
+
+    Raises:
+        InputError: it exists but is not an earlier compile's result (a file, or a folder without a
+            ``manifest.json``: replacing it would delete what the user keeps there), or the model
+            compiled is inside it (a SavedModel folder compiled with ``--out`` its parent).
+    """
+    if not target.exists():
+        return
+    resolved = target.resolve()
+    if resolved == Path(model).resolve() or resolved in Path(model).resolve().parents:
+        raise InputError(f"{target}: the output folder would replace the model being compiled; choose another --out")
+    if not target.is_dir() or not (target / "manifest.json").is_file():
+        raise InputError(f"{target}: exists and is not an edgekit compile result (no manifest.json), and the compile "
+                         "replaces that folder; move it away or choose another --out")
 
 
 FLOAT_SOURCE_VARIANTS = ("fp32", "fp16", "dynamic-int8", "int8")  # what ai-edge-quantizer makes from a float .tflite
@@ -374,9 +392,13 @@ def compile_model(req: CompileRequest, progress: Progress | None = None) -> Mani
         built are recorded with ``status`` ``not-built`` (and why) or ``failed`` (and the error).
 
     Raises:
-        InputError: the model, a data file or the output folder is unusable, an ONNX model does not convert
+        InputError: the model, a data file or the output folder is unusable, ``<out>/<model>`` holds
+            something that is not an earlier compile's result, an ONNX model does not convert
             or converts to something else (SNR below 0 dB against ONNX Runtime); nothing is written.
-        MetricError: unknown task, labels in the wrong format for it, or a user metric that does not load.
+        ConfigError: two profiles have the same name.
+        MetricError: unknown task, labels in the wrong format for it, a user metric that does not load,
+            or a metric that cannot score the fp32 variant's outputs (a user function that raises or
+            returns a non-number, class labels outside the scored output); nothing is written.
         CompileError: writing the result failed (the previous result, if any, is left intact).
     """
     step = progress or (lambda _msg: None)
@@ -386,7 +408,12 @@ def compile_model(req: CompileRequest, progress: Progress | None = None) -> Mani
 
     out = Path(req.out)
     step("checking inputs")
+    names = [p.name for p in req.profiles]
+    if twice := next((n for n in names if names.count(n) > 1), None):  # the manifest keys profiles by name
+        raise ConfigError(f"profile '{twice}' is given twice (-p); give each once (a profile file is named by its "
+                          "name: key, else its file name)")
     source = load_source(req.model, req.input_shapes)
+    _check_target(out / source.name, source.path)
     calib = load_dataset(req.calib, "calib", source.inputs, labels=False) if req.calib else None
     evalset = load_dataset(req.eval, "eval", source.inputs, labels=True) if req.eval else None
     train = load_dataset(req.train, "train", source.inputs, labels=True) if req.train else None
@@ -453,6 +480,13 @@ def compile_model(req: CompileRequest, progress: Progress | None = None) -> Mani
             if compiler_of(vid) is None and not plan.spec.built_on_device:  # a target-compiled model needs its hardware
                 outputs[vid] = outputs_of(plan.data or b"", fid_inputs.x)
     reference = outputs.get("fp32")
+    if evalset is not None and reference is not None:  # a metric that cannot score the reference scores nothing
+        from device_agents.errors import MetricError
+
+        try:
+            scorer.score(reference, evalset.labels)
+        except MetricError as exc:
+            raise MetricError(f"{exc} (scoring the fp32 variant's outputs on {evalset.path.name}); nothing was written") from None
 
     for plan in plans.values():
         step(f"measuring {plan.spec.id}")
@@ -535,16 +569,22 @@ def _eval_bundle(evalset: Dataset, reference: dict[str, np.ndarray] | None, metr
 
 
 def _publish(target: Path, plans: dict[str, _Plan], manifest: Manifest, extra: dict[str, bytes]) -> None:
-    """Write artifacts, ``extra`` files and the manifest into a staging folder, then swap it in for ``target``."""
+    """Write artifacts, ``extra`` files and the manifest into a staging folder, then swap it in for ``target``.
+
+    Raises:
+        CompileError: a write or rename failed; the previous result is left in place. An interrupt
+            (or any other exception) likewise puts the previous result back before it propagates.
+    """
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.staging-"))
+    old = None
     try:
+        os.chmod(staging, 0o755)  # mkdtemp makes it private; the artifacts are shared (store, deploy) like their files
         for plan in plans.values():
             if plan.data is not None:
                 atomic_write_bytes(staging / plan.spec.file, plan.data)
         for name, data in extra.items():
             atomic_write_bytes(staging / name, data)
         atomic_write_text(staging / "manifest.json", manifest.to_json())
-        old = None
         if target.exists():
             old = target.parent / f".{target.name}.old-{os.getpid()}"
             os.replace(target, old)
@@ -560,5 +600,7 @@ def _publish(target: Path, plans: dict[str, _Plan], manifest: Manifest, extra: d
         shutil.rmtree(staging, ignore_errors=True)
         raise CompileError(f"{target}: could not write the result ({exc.strerror or exc}); nothing was changed") from None
     except BaseException:
+        if old is not None and old.exists() and not target.exists():
+            os.replace(old, target)  # interrupted between the two renames: the previous result comes back
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -152,7 +152,8 @@ def load_source(path: Path, input_shapes: dict[str, tuple[int, ...]] | None = No
         A :class:`Source` with its hash, kind, named inputs (with their shapes) and outputs.
 
     Raises:
-        InputError: missing, unreadable or corrupt model, an unsupported format, an input left
+        InputError: missing, unreadable or corrupt model, a path that is neither a regular file nor a
+            folder (a pipe), an unsupported format, an input left
             with a dynamic dimension, or a pinned shape naming no input, not fitting it, or (for a
             ``.tflite``, whose file is rewritten to the pinned shapes) one the model cannot run at.
     """
@@ -160,6 +161,8 @@ def load_source(path: Path, input_shapes: dict[str, tuple[int, ...]] | None = No
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: model not found")
+    if not (path.is_file() or path.is_dir()):  # a pipe or device: hashing it would block or never end
+        raise InputError(f"{path}: not a regular file or folder (a pipe or device); give the model file or SavedModel folder")
     name = path.stem if path.is_file() else path.name
     digest = sha256_file(path)
     if path.is_dir():
@@ -186,7 +189,9 @@ def _load_keras(path: Path, name: str, digest: str, pinned: dict[str, tuple[int,
             model = keras.models.load_model(path, compile=False)
     except Exception as exc:  # Keras raises many types for a bad file; all mean the same to the user
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"{path}: not a loadable Keras model ({first[:200]})") from None
+        raise InputError(f"{path}: not a loadable Keras model ({first[:200]}); if it has custom layers or Lambda "
+                         "functions, export it where their code is (model.export(folder) for a SavedModel, or "
+                         "to .onnx) and compile that") from None
     names = [t.name for t in model.inputs]
     _unknown_pins(path, pinned, names)
     inputs = {n: _static(path, n, t.shape, pinned) for n, t in zip(names, model.inputs)}

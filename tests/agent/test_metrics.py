@@ -127,6 +127,27 @@ def test_keypoints_pck_and_mean_error():
     assert got["figures"]["pck"] == pytest.approx(2 / 3) and got["figures"]["mean_error"] == pytest.approx(3.5 / 3)
 
 
+@pytest.mark.parametrize("label", [-1, 10, 10**12])
+def test_a_class_label_the_output_does_not_have_is_an_error_not_a_top1_of_zero(label):
+    y = np.array([3, label, 1])
+    with pytest.raises(MetricError, match=rf"labels 'y' hold class {label} at sample 1, but the scored output has 10 classes"):
+        MetricSpec.build("classification").scorer().score({"probs": np.eye(10)[[3, 0, 1]]}, {"y": y})
+
+
+def test_an_option_the_task_does_not_read_is_refused_not_ignored(tmp_path):
+    """Once a misspelt --task-option (outptu=scores) was stored and ignored: the first fitting output was scored."""
+    with pytest.raises(MetricError, match=r"--task-option outptu: not an option of --task classification; "
+                                          r"did you mean 'output'\? \(options: output\)"):
+        MetricSpec.build("classification", {"outptu": "scores"})
+    with pytest.raises(MetricError, match=r"--task-option output: not an option of --task detection \(options: none\)"):
+        MetricSpec.build("detection", {"output": "boxes"})
+    mod = tmp_path / "score.py"
+    mod.write_text("def good(o, y):\n    return 1.0\n")
+    with pytest.raises(MetricError, match=rf"--task-option alpha: not an option of --metric {mod}:good"):
+        MetricSpec.build(None, {"alpha": "0.1"}, metric=f"{mod}:good")
+    assert MetricSpec.build("regression", {"output": "lm", "alpha": "0.2"}).options == {"output": "lm", "alpha": "0.2"}
+
+
 def test_a_user_metric_that_raises_or_returns_a_non_number_is_a_one_line_error(tmp_path):
     mod = tmp_path / "score.py"
     mod.write_text("def good(o, y):\n    return {'hits': 0.5, 'n': 2}\n"

@@ -37,6 +37,18 @@ def test_footnote_numbers_match_their_rows_when_a_fallback_comes_first():
     assert footnotes[2] == "edgetpu not-built: no compiler"
 
 
+def test_the_note_names_onnx_runtime_only_when_it_measured_something():
+    """A .tflite source (onnx-* not-built, no onnxruntime version recorded) printed 'ONNX Runtime None'."""
+    onnx = Artifact(id="onnx-fp32", status="not-built", reason="from a .tflite", profiles=["p"], summary="",
+                    precision="float32", runtime="onnxruntime")
+    m = Manifest(created="now", model={"name": "m"}, versions={"ai_edge_litert": "2.3.0"}, profiles={},
+                 artifacts=[built("fp32"), onnx])
+    assert "(LiteRT 2.3.0)" in _compile_report(m)[1][-1]
+    m.versions["onnxruntime"] = "1.32.0"
+    m.artifacts[1] = built("onnx-fp32", runtime="onnxruntime")
+    assert "(LiteRT 2.3.0, ONNX Runtime 1.32.0)" in _compile_report(m)[1][-1]
+
+
 def test_piped_output_is_wide_enough_for_the_tables_unless_columns_says_otherwise():
     probe = "from edge_kit.cli.app import out; print(out.width)"
     env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}

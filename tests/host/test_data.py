@@ -77,3 +77,11 @@ def test_calibration_that_looks_like_noise_is_named(tmp_path):
     smooth = np.cumsum(rng.normal(size=(120, 32, 32, 3)), axis=2)  # neighbouring pixels correlate, as in photos
     real = save(tmp_path / "real.npz", x=smooth)
     assert noise_warning(load_dataset(real, "calib", {"img": (32, 32, 3)}, labels=False)) is None
+
+
+@pytest.mark.parametrize("role", ["eval", "train", "calib"])
+def test_a_file_with_no_samples_is_refused_not_taken_for_no_file(tmp_path, role):
+    """Once an empty --eval or --train compiled with exit 0 as if the option was not given (an empty Dataset is falsy)."""
+    p = save(tmp_path / "e.npz", x=np.zeros((0, 8, 8, 1), np.float32), y=np.zeros(0, np.int64))
+    with pytest.raises(InputError, match=f"e.npz: --{role} has no samples"):
+        load_dataset(p, role, {"x": (8, 8, 1)}, labels=role != "calib")

@@ -202,6 +202,23 @@ def test_an_artifact_changed_after_compiling_is_refused(published, tmp_path):
         publish(folder, tmp_path / "store2")
 
 
+@pytest.mark.parametrize("where", ["../secret.key", "absolute"])
+def test_a_manifest_file_outside_the_folder_is_refused_not_published(published, tmp_path, where):
+    """Once `publish` (and `deploy`) read any path a manifest named: ../ or an absolute path went to the store."""
+    folder = published[0]
+    secret = tmp_path / "artifacts" / "secret.key"
+    secret.write_bytes(b"operator's private key")
+    data = json.loads((folder / "manifest.json").read_text())
+    data["artifacts"][0]["file"] = str(secret) if where == "absolute" else where
+    data["artifacts"][0]["sha256"] = hashlib.sha256(secret.read_bytes()).hexdigest()
+    (folder / "manifest.json").write_text(json.dumps(data))
+    store = tmp_path / "store2"
+    with pytest.raises(InputError, match=r"manifest.json: artifacts.0.file: file '.*secret.key' is not a file name "
+                                         r"inside the artifacts folder"):
+        publish(folder, store)
+    assert not (store / "sha256" / data["artifacts"][0]["sha256"]).exists()
+
+
 def test_cli_publish_json_and_bad_input(published, run_cli, tmp_path):
     folder, store, _ = published
     code, out, err = run_cli("publish", folder, "--store", store, "--json")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -30,6 +33,27 @@ def test_corrupt_model(tmp_path, run_cli):
     bad.write_bytes(b"\0" * 64)
     code, _, err = run_cli("compile", bad, "-p", "rpi4", "--out", tmp_path / "o")
     assert "bad.tflite: not a loadable .tflite model" in one_line_error(code, err)
+
+
+@pytest.mark.parametrize("suffix", [".keras", ".h5"])
+def test_a_keras_model_with_custom_code_is_one_line_saying_what_to_do_and_runs_nothing(tmp_path, run_cli, suffix,
+                                                                                      monkeypatch):
+    """Keras' own message was cut at 200 characters, before its advice; its safe mode must stay on."""
+    import keras
+
+    ran = tmp_path / "ran"
+    monkeypatch.setenv("EDGEKIT_TEST_RAN", str(ran))
+    inp = keras.Input((4,), name="x")
+    out = keras.layers.Lambda(lambda t: (__import__("pathlib").Path(__import__("os").environ["EDGEKIT_TEST_RAN"])
+                                         .write_text("code ran"), t * 2)[1])(inp)
+    ran.unlink(missing_ok=True)
+    keras.Model(inp, out).save(tmp_path / f"lam{suffix}")
+    ran.unlink(missing_ok=True)
+    code, _, err = run_cli("compile", tmp_path / f"lam{suffix}", "-p", "rpi4", "--out", tmp_path / "o")
+    line = one_line_error(code, err)
+    assert f"lam{suffix}: not a loadable Keras model (Requested the deserialization of a `Lambda` layer" in line
+    assert "export it where their code is (model.export(folder) for a SavedModel, or to .onnx)" in line
+    assert not ran.exists() and not (tmp_path / "o").exists()
 
 
 def test_calibration_shape_mismatch(digits_files, tmp_path, run_cli):
@@ -71,6 +95,57 @@ def test_unwritable_output_folder(digits_files, tmp_path, run_cli):
     assert "output folder is not writable" in one_line_error(code, err)
 
 
+def test_an_output_folder_that_is_not_a_compile_result_is_kept_not_replaced(digits_files, tmp_path, run_cli):
+    """Once OUT/<model> was swapped out and deleted whatever it held (the user's files, even the model itself)."""
+    kept = tmp_path / "o" / "digits"
+    kept.mkdir(parents=True)
+    (kept / "notes.txt").write_text("mine")
+    code, _, err = run_cli("compile", digits_files.model, "-p", "rpi4", "--out", tmp_path / "o")
+    line = one_line_error(code, err)
+    assert "o/digits: exists and is not an edgekit compile result (no manifest.json)" in line and "--out" in line
+    assert (kept / "notes.txt").read_text() == "mine" and sorted(p.name for p in kept.iterdir()) == ["notes.txt"]
+    model = kept / "digits.keras"  # the model inside an earlier result: compiling would delete it
+    model.write_bytes(digits_files.model.read_bytes())
+    (kept / "manifest.json").write_text("{}")
+    code, _, err = run_cli("compile", model, "-p", "rpi4", "--out", tmp_path / "o")
+    assert "would replace the model being compiled" in one_line_error(code, err)
+    assert model.read_bytes() == digits_files.model.read_bytes()
+
+
+def test_a_pipe_as_the_model_is_one_line_not_a_hang(tmp_path, run_cli):
+    import os
+
+    os.mkfifo(tmp_path / "pipe.keras")
+    code, _, err = run_cli("compile", tmp_path / "pipe.keras", "-p", "rpi4", "--out", tmp_path / "o")
+    assert "pipe.keras: not a regular file or folder" in one_line_error(code, err)
+
+
+def test_a_metric_that_cannot_score_the_reference_is_one_line_and_writes_nothing(digits_files, tmp_path, run_cli):
+    """Once exit 0 with '-' in the table: a raising --metric, or class labels the output lacks (top-1 0 %)."""
+    (tmp_path / "score.py").write_text("def boom(outputs, labels):\n    return 1 / 0\n")
+    code, _, err = run_cli("compile", digits_files.model, "-p", "coral-devboard", "--eval", digits_files.eval,
+                           "--metric", f"{tmp_path / 'score.py'}:boom", "--out", tmp_path / "o")
+    line = one_line_error(code, err)
+    assert "score.py:boom raised ZeroDivisionError" in line and "fp32 variant's outputs on" in line
+    assert not (tmp_path / "o" / "digits").exists()
+    data = dict(np.load(digits_files.eval))
+    np.savez(tmp_path / "e.npz", x=data["x"], y=data["y"] + 1)  # 1..10 for a 10-class output
+    code, _, err = run_cli("compile", digits_files.model, "-p", "coral-devboard", "--eval", tmp_path / "e.npz",
+                           "--out", tmp_path / "o")
+    assert "labels 'y' hold class 10 at sample" in one_line_error(code, err)
+    assert not (tmp_path / "o" / "digits").exists()
+
+
+def test_a_profile_name_given_twice_is_refused(digits_files, tmp_path, run_cli):
+    """Once merged silently: the manifest keys profiles by name, so one of two same-named profiles was lost."""
+    mine = tmp_path / "mine.yaml"
+    mine.write_text((Path(__file__).parents[2] / "profiles" / "rpi5.yaml").read_text().replace("name: rpi5", "name: rpi4"))
+    for other in ("rpi4", mine):
+        code, _, err = run_cli("compile", digits_files.model, "-p", "rpi4", "-p", other, "--out", tmp_path / "o")
+        assert "profile 'rpi4' is given twice (-p)" in one_line_error(code, err)
+    assert not (tmp_path / "o").exists()
+
+
 def test_unknown_profile(digits_files, tmp_path, run_cli):
     code, _, err = run_cli("compile", digits_files.model, "-p", "rpi44", "--out", tmp_path)
     assert "unknown profile 'rpi44'; did you mean 'rpi4'" in one_line_error(code, err)
@@ -95,6 +170,31 @@ def test_a_failed_write_keeps_the_previous_result_and_leaves_no_staging(digits_f
     assert {p.name: p.read_bytes() for p in (tmp_path / "digits").iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["digits"]
     assert first.artifact("int8").status == "built"
+
+
+def test_an_interrupt_between_the_renames_puts_the_previous_result_back(digits_files, tmp_path, monkeypatch):
+    """Once Ctrl-C after the old result was moved aside left OUT/<model> missing (the result in a hidden folder)."""
+    from edge_kit.compiler import pipeline
+    from edge_kit.profiles import load_profile
+
+    fp32_only = load_profile("rpi4").model_copy(update={"variants": ["fp32"]})
+    req = pipeline.CompileRequest(digits_files.model, [fp32_only], tmp_path, eval=digits_files.eval)
+    pipeline.compile_model(req)
+    result = tmp_path / "digits"
+    assert result.stat().st_mode & 0o777 == 0o755  # shared like its files (mkdtemp makes folders private)
+    before = {p.name: p.read_bytes() for p in result.iterdir()}
+    replace = os.replace
+
+    def interrupted(src, dst):
+        if Path(src).name.startswith(".digits.staging-"):  # the old result is aside, the new not yet in
+            raise KeyboardInterrupt
+        replace(src, dst)
+
+    monkeypatch.setattr(pipeline.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.compile_model(req)
+    assert {p.name: p.read_bytes() for p in result.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["digits"]
 
 
 def test_an_interrupted_compile_writes_nothing(digits_files, tmp_path, monkeypatch):

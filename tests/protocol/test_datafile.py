@@ -116,6 +116,16 @@ def test_what_native_code_would_trip_over_is_refused_in_one_line(tmp_path, data,
     assert "\n" not in str(info.value) and str(path) in str(info.value)
 
 
+def test_a_folder_or_a_pipe_is_named_as_such_not_as_missing(tmp_path):
+    import os
+
+    (tmp_path / "dir.npz").mkdir()
+    os.mkfifo(tmp_path / "fifo.npz")
+    for name in ("dir.npz", "fifo.npz"):
+        with pytest.raises(DataFileError, match=f"{name}: --calib is not a regular file"):
+            read_arrays(tmp_path / name, "--calib")
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=400), st.integers(min_value=0, max_value=300))
 def test_any_bytes_are_read_or_refused_never_crash(tmp_path_factory, noise, cut):
