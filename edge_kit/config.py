@@ -26,9 +26,10 @@ _SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 class StrictModel(BaseModel):
-    """Base for config models: unknown keys are refused, values are not coerced across types."""
+    """Base for config models: unknown keys are refused, values are not coerced across types, NaN and
+    infinity are refused (``.nan`` in YAML would turn a bound off: every comparison with it is false)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def closest(word: str, choices: typing.Iterable[str]) -> str | None:

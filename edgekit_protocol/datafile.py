@@ -123,6 +123,19 @@ def first_nonfinite(array: Array) -> tuple[int, ...] | None:
     return tuple(reversed(index))
 
 
+def memory_available() -> int | None:
+    """Return the bytes of memory the system can give without swapping (``MemAvailable`` in
+    ``/proc/meminfo``), or None where that is not known (never raises)."""
+    try:
+        with open("/proc/meminfo", "rb") as f:
+            for line in f:
+                if line.startswith(b"MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def read_arrays(path: Path, option: str) -> dict[str, Array]:
     """Read every array of an ``.npz`` data file, checked.
 
@@ -132,9 +145,11 @@ def read_arrays(path: Path, option: str) -> dict[str, Array]:
         ``{key: Array}`` in the file's order.
 
     Raises:
-        DataFileError: missing, unreadable or not a regular file, a member that is not a plain numeric array
-            (pickled objects, big-endian, Fortran order), a truncated member, or a NaN or
-            infinity anywhere (with the key and first bad index).
+        DataFileError: missing, unreadable or not a regular file, arrays that would take more than
+            half the memory available once decompressed (a zip bomb, or too many samples for this
+            machine), a member that is not a plain numeric array (pickled objects, big-endian,
+            Fortran order), a truncated member, or a NaN or infinity anywhere (with the key and
+            first bad index).
     """
     path = Path(path)
     if not path.is_file():
@@ -144,6 +159,11 @@ def read_arrays(path: Path, option: str) -> dict[str, Array]:
     arrays: dict[str, Array] = {}
     try:
         with zipfile.ZipFile(path) as zf:
+            # the sizes the zip declares bound what reading decompresses (zipfile stops there)
+            size, free = sum(info.file_size for info in zf.infolist()), memory_available()
+            if free is not None and size > free // 2:
+                raise DataFileError(f"{path}: {option} holds {size / 1e6:,.0f} MB of arrays once decompressed, more "
+                                    f"than half of the {free / 1e6:,.0f} MB of memory available here; give fewer samples")
             for info in zf.infolist():
                 key = info.filename.removesuffix(".npy")
                 where = f"{path}: {option} key '{key}'"
@@ -151,6 +171,8 @@ def read_arrays(path: Path, option: str) -> dict[str, Array]:
                 arrays[key] = Array(key, descr, shape, data)
     except (OSError, zipfile.BadZipFile, EOFError, zipfile.LargeZipFile, NotImplementedError) as exc:
         raise DataFileError(f"{path}: {option} is not a readable .npz file ({exc}); {_SAVE_HINT}") from None
+    except MemoryError:
+        raise DataFileError(f"{path}: {option} does not fit in memory once decompressed; give fewer samples") from None
     for array in arrays.values():
         bad = first_nonfinite(array)
         if bad is not None:

@@ -76,6 +76,13 @@ def test_wrong_type_and_range(tmp_path):
         load_profile(path)
 
 
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])
+def test_a_bound_of_nan_or_infinity_is_refused_not_taken_for_no_bound(tmp_path, value):
+    path = write(tmp_path, GOOD.replace("max_latency_p90_ms: 30", f"max_latency_p90_ms: 30, min_fidelity_snr_db: {value}"))
+    with pytest.raises(ConfigError, match=r"mine.yaml:9: constraints.min_fidelity_snr_db: .*finite number"):
+        load_profile(path)
+
+
 def test_edgetpu_variant_needs_an_edgetpu(tmp_path):
     path = write(tmp_path, GOOD.replace("[fp32, int8]", "[int8, edgetpu]"))
     with pytest.raises(ConfigError, match="edgetpu.*needs hardware.accelerator: edgetpu"):

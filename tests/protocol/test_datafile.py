@@ -116,6 +116,24 @@ def test_what_native_code_would_trip_over_is_refused_in_one_line(tmp_path, data,
     assert "\n" not in str(info.value) and str(path) in str(info.value)
 
 
+def test_arrays_bigger_than_half_the_memory_once_decompressed_are_refused_before_reading(tmp_path, monkeypatch):
+    """A zip bomb: 64 MB of zeros in a file of about 64 kB; refused by the sizes the zip declares
+    (zipfile never decompresses past them: a member that lies about its size fails its CRC)."""
+    from edgekit_protocol import datafile
+
+    path = tmp_path / "bomb.npz"
+    np.savez_compressed(path, x=np.zeros((16, 1024, 1024), "f4"))
+    assert path.stat().st_size < 1_000_000
+    monkeypatch.setattr(datafile, "memory_available", lambda: 100_000_000)  # this machine's figure, made small
+    with pytest.raises(DataFileError, match=r"bomb.npz: --calib holds 67 MB of arrays once decompressed, more than "
+                                            r"half of the 100 MB of memory available here; give fewer samples"):
+        read_arrays(path, "--calib")
+    monkeypatch.setattr(datafile, "memory_available", lambda: 200_000_000)
+    assert read_arrays(path, "--calib")["x"].shape == (16, 1024, 1024)
+    monkeypatch.undo()
+    assert datafile.memory_available() > 100_000_000  # the real probe: /proc/meminfo on this Linux machine
+
+
 def test_a_folder_or_a_pipe_is_named_as_such_not_as_missing(tmp_path):
     import os
 
