@@ -94,14 +94,17 @@ def parse_variant(variant_id: str) -> VariantSpec:
     """Return the spec of a variant id.
 
     Raises:
-        ValueError: unknown id (the message suggests the closest valid one) or a pruning fraction
-            outside 1..95 %.
+        ValueError: unknown id (the message suggests the closest valid one; ``int8-pruned-05`` is
+            not ``int8-pruned-5``) or a pruning fraction outside 1..95 %.
     """
     if variant_id in FIXED:
         return FIXED[variant_id]
     m = _PRUNED.match(str(variant_id))
     if m:
         pct = int(m.group(2))
+        if m.group(2) != str(pct):  # one id per level: -05 beside -5 would build the same variant twice
+            raise ValueError(f"variant '{variant_id}': write the pruning without a leading zero "
+                             f"(int8-pruned-{m.group(1) or ''}{pct})")
         if not 1 <= pct <= 95:
             raise ValueError(f"variant '{variant_id}': pruning must be 1..95 %, got {pct}")
         channel = bool(m.group(1))

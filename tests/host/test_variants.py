@@ -21,6 +21,12 @@ def test_pruning_fraction_is_bounded():
         parse_variant("int8-pruned-0")
 
 
+def test_a_pruning_level_has_one_id():
+    for bad, good in (("int8-pruned-05", "int8-pruned-5"), ("int8-pruned-ch07", "int8-pruned-ch7")):
+        with pytest.raises(ValueError, match=f"without a leading zero \\({good}\\)"):
+            parse_variant(bad)
+
+
 def test_build_order_dedupes_and_puts_bases_first():
     ids = [s.id for s in build_order(["edgetpu", "fp32", "int8", "fp32", "edgetpu"])]
     assert ids.count("int8") == 1 and ids.count("fp32") == 1
