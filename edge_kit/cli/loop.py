@@ -420,11 +420,11 @@ def fleet_init_cmd(
 def fleet_status_cmd(fleet_file: FleetOpt, history: HistoryOpt = None, as_json: JsonOpt = False) -> None:
     """Per device: last status, current variant and its latest benchmark, from the history store."""
     from edge_kit.fleet.inventory import load_fleet
-    from edge_kit.telemetry.report import flagged_devices
+    from edge_kit.telemetry.report import FLEET_KIND, flagged_devices
 
     fleet = load_fleet(fleet_file)
     db = open_fleet_history(fleet_file, history)
-    flagged = flagged_devices(db.decisions(limit=1_000_000))
+    flagged = flagged_devices(db.latest_decisions((FLEET_KIND,)))
     if as_json:
         emit_json({"status": db.latest_status(), "telemetry": db.latest_telemetry(),
                     "bench": {f"{d}/{s}": r for (d, s), r in db.latest_bench().items()}, "flagged": flagged})

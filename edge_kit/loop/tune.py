@@ -49,6 +49,9 @@ from edge_kit.manifest import Manifest, read_manifest
 from edge_kit.profiles import load_profile
 from edge_kit.selection.constraints import Measured, effective_constraints
 from edge_kit.selection.fleetmodel import (
+    KIND as FLEET_KIND,
+)
+from edge_kit.selection.fleetmodel import (
     FleetSpec,
     Measurements,
     Settings,
@@ -64,7 +67,7 @@ from edge_kit.selection.policy import (
     choose_all,
 )
 from edge_kit.telemetry.report import flagged_devices
-from edge_kit.telemetry.store import HistoryStore
+from edge_kit.telemetry.store import SELECTION_KIND, HistoryStore
 
 
 @dataclass
@@ -302,12 +305,13 @@ def _activate(fleet: Fleet, devices: list[Device], switch: dict[str, str], opts:
 def last_artifacts(store: HistoryStore) -> Path | None:
     """Return the artifacts folder of the newest decision a tune recorded, or None when no tune has run.
     Other decisions (the live gate's) name none and are passed over. Raises HistoryError."""
-    return next((Path(d["artifacts"]) for d in store.decisions(limit=10_000) if d.get("artifacts")), None)
+    newest = store.decisions(limit=1, kinds=(SELECTION_KIND, FLEET_KIND))  # what tune records, not the gate's
+    return Path(newest[0]["artifacts"]) if newest and newest[0].get("artifacts") else None
 
 
 def flagged_before(store: HistoryStore) -> dict[str, str]:
     """Return the devices the newest fleet-selection decision of each flagged, with why."""
-    return flagged_devices(store.decisions(limit=1_000_000))
+    return flagged_devices(store.latest_decisions((FLEET_KIND,)))
 
 
 def fleet_inputs(manifest: Manifest, devices: list[Device], store: HistoryStore, current: dict[str, str | None],
