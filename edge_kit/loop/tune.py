@@ -317,10 +317,13 @@ def flagged_before(store: HistoryStore) -> dict[str, str]:
 def fleet_inputs(manifest: Manifest, devices: list[Device], store: HistoryStore, current: dict[str, str | None],
                  refused: dict[str, dict[str, str]] | None = None, flagged: dict[str, str] | None = None,
                  ) -> tuple[FleetSpec, Measurements, dict[str, str], list[dict[str, Any]]]:
-    """Return (spec, measurements, sha256 by variant id, records) for the fleet model from the history.
+    """Return (spec, measurements, sha256 by variant id, records) for the fleet model from the history;
+    ``records`` are the bench records of ``devices`` on these artifacts (by sha256: not older builds'),
+    oldest first.
 
     Raises:
         DeployError: the artifacts were not compiled for a device's profile.
+        HistoryError: the history cannot be read.
     """
     refused = refused or {}
     flagged = flagged or {}
@@ -342,7 +345,9 @@ def fleet_inputs(manifest: Manifest, devices: list[Device], store: HistoryStore,
     model_mb = np.array([[(arts[v].bytes or 0) / 1e6 if v in arts else np.nan for v in variants] for _p in profiles])
     index = {d.name: i for i, d in enumerate(devices)}
     variant_of = {(index[d.name], a.sha256): variants.index(a.id) for d in devices for a in cands[d.name]}
-    records = [r for r in store.bench_records() if r.get("device") in index]
+    # Only the records of these builds: a long history holds many of older builds, never read here.
+    records = [r for r in store.bench_records(sha256s=tuple(sorted({a.sha256 for a in arts.values()})))
+               if r.get("device") in index]
     m = Measurements.of(rows_from_records(records, index, variant_of))
     fp32 = np.full(len(devices), np.nan if host_acc is None else host_acc)
     if "fp32" in variants:  # measured on the device where it has been

@@ -86,6 +86,7 @@ CREATE TABLE IF NOT EXISTS rollouts (id TEXT PRIMARY KEY, created {real}, ts {re
 CREATE TABLE IF NOT EXISTS rollout_devices (rollout TEXT, device TEXT, wave {int}, state TEXT, revision {int},
                                             ts {real}, detail TEXT, PRIMARY KEY (rollout, device));
 CREATE INDEX IF NOT EXISTS bench_device_sha ON bench (device, sha256, ts);
+CREATE INDEX IF NOT EXISTS bench_sha ON bench (sha256, ts);
 CREATE INDEX IF NOT EXISTS status_device ON status (device, ts);
 CREATE INDEX IF NOT EXISTS telemetry_device ON telemetry (device, ts);
 CREATE INDEX IF NOT EXISTS decisions_device ON decisions (device, id);
@@ -326,10 +327,19 @@ class HistoryStore(abc.ABC):
                 fill.append((decision_kind(decision if isinstance(decision, dict) else {}), rid))
             self._write_batch([("UPDATE decisions SET kind = ? WHERE id = ?", fill)])
 
-    def bench_records(self, device: str | None = None) -> list[dict[str, Any]]:
-        """Return every bench record (of one device, or all), oldest first. Raises HistoryError."""
-        sql = "SELECT body FROM bench" + (" WHERE device = ?" if device else "") + " ORDER BY ts, seq"
-        return [json.loads(b) for (b,) in self._rows(sql, (device,) if device else ())]
+    def bench_records(self, device: str | None = None, sha256s: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+        """Return every bench record (of one device, or all; of the artifacts whose sha256 is in ``sha256s``,
+        or of any), oldest first. The artifacts are chosen in the query (indexed), so records of other builds
+        are never read. Raises HistoryError."""
+        terms, args = [], []
+        if device:
+            terms.append("device = ?")
+            args.append(device)
+        if sha256s is not None:
+            terms.append(f"sha256 IN ({', '.join('?' * len(sha256s))})" if sha256s else "1 = 0")
+            args.extend(sha256s)
+        sql = "SELECT body FROM bench" + (" WHERE " + " AND ".join(terms) if terms else "") + " ORDER BY ts, seq"
+        return [json.loads(b) for (b,) in self._rows(sql, tuple(args))]
 
     # --- rollouts (edge_kit.loop.waves) ------------------------------------------------------------
 

@@ -61,6 +61,10 @@ def test_duplicates_are_stored_once_and_latest_views_pick_the_newest(history):
     assert [r["latency_ms"]["p90"] for r in history.recent_bench("d1")[("d1", "s1")]] == [2.0, 1.0]  # newest first
     assert list(history.recent_bench("d2")) == [("d2", "s1")] and history.recent_bench("d1", keep=1)[("d1", "s1")] == [b]
     assert [r["seq"] for r in history.bench_records("d1")] == [1, 2] and len(history.bench_records()) == 3
+    history.add("bench", bench("d1", "old-build", 9.0, 3))
+    assert [(r["device"], r["seq"]) for r in history.bench_records(sha256s=("s1",))] == [("d1", 1), ("d1", 2), ("d2", 1)]
+    assert [r["sha256"] for r in history.bench_records("d1", sha256s=("old-build", "s9"))] == ["old-build"]
+    assert history.bench_records(sha256s=()) == [] and len(history.bench_records()) == 4
 
 
 def test_rows_are_ordered_by_the_receivers_clock_not_the_senders(history):

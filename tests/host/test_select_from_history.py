@@ -1,7 +1,8 @@
-"""`select` leaves out the variants a device's own status says it cannot run, and says when it knows nothing.
+"""`select` and the fleet model's inputs, from what the history holds.
 
 Without a deploy in the same run, what a device can run is what its newest (signed) status reported
-(``runtimes``); the fleet model must not infer an ONNX Runtime variant for a device that has none.
+(``runtimes``); the fleet model must not infer an ONNX Runtime variant for a device that has none, and
+says when it knows nothing. Its measurements are the records of the builds being tuned, not older ones.
 """
 
 from __future__ import annotations
@@ -72,3 +73,21 @@ def test_select_leaves_out_what_a_device_status_says_it_cannot_run(tmp_path, run
     left_out = [line for line in out.splitlines() if "left out" in line]
     assert len(left_out) == 1 and "onnx-fp32" in left_out[0] and "onnxruntime" in left_out[0], out
     assert "have not reported their runtimes" in out and "quiet" in out
+
+
+def test_the_fleet_model_reads_only_the_bench_records_of_the_builds_being_tuned(tmp_path):
+    """tune --budget plans from the history at every batch: the records of older builds of the model (other
+    sha256) are not read, however many there are."""
+    from edge_kit.fleet.inventory import load_fleet
+    from edge_kit.loop.tune import fleet_inputs
+    from edge_kit.manifest import read_manifest
+
+    fleet_file, folder = write_fleet(tmp_path)
+    store = Store(tmp_path / "edgekit-history.db")
+    for seq in range(100, 130):  # an older build of fp32, measured often
+        store.add("bench", messages.envelope("bench", "f", "a", seq, {
+            "variant": "fp32", "sha256": sha("fp32 of last month"), "latency_ms": {"p90": 99.0}, "runs": 100,
+            "simulated": False, "power": {}, "duration_s": 50.0}))
+    _spec, m, _shas, records = fleet_inputs(read_manifest(folder), load_fleet(fleet_file).devices, store, {})
+    assert {r["sha256"] for r in records} == {sha("fp32"), sha("onnx-fp32")}
+    assert len(records) == 2 * 3 + 2  # a, b and c measured both; nojs and quiet fp32 only
