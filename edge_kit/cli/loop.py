@@ -51,6 +51,8 @@ def decision_table(decisions: dict[str, Any], explain: bool) -> list[Any]:
                           safe(_source(r) if fleet else (r["power_source"] or "-")), str(r["runs"]),
                           f"{r['model_mb']:.2f}",
                           safe(", ".join(r["violates"])) or ("-" if r["measured"] or inferred else "not measured"), mark)
+            for variant, why in (getattr(d, "excluded", None) or {}).items():  # it cannot run them
+                e.add_row(safe(variant), "-", "-", "-", "-", "0", "-", "[red]left out[/]: " + safe(why), "")
             out_items.append(e)
     return out_items
 
@@ -93,7 +95,14 @@ def select_cmd(
     """Say which variant each device should run, and why, from the measurements in the history store."""
     from edge_kit.errors import InputError
     from edge_kit.fleet.inventory import load_fleet
-    from edge_kit.loop.tune import decide, decide_fleet, last_artifacts
+    from edge_kit.loop.tune import (
+        decide,
+        decide_fleet,
+        last_artifacts,
+        note_runtimes,
+        runtime_limits,
+        unknown_runtimes_note,
+    )
     from edge_kit.manifest import read_manifest
 
     fleet = load_fleet(fleet_file)
@@ -106,10 +115,14 @@ def select_cmd(
     status = db.latest_status()
     chosen = fleet.select(devices)
     current = {d.name: ((status.get(d.name) or {}).get("current") or {}).get("sha256") for d in chosen}
-    decisions = decide(manifest, chosen, db, current, margin)
+    refused, unknown = runtime_limits(manifest, chosen, status)  # what each device last said it can run
+    decisions = decide(manifest, chosen, db, current, margin, refused)
     messages: list[str] = []
     if any(d.unmeasured for d in decisions.values()):  # infer what a device has not measured from its profile
-        decisions, messages = decide_fleet(manifest, chosen, db, current, margin)
+        decisions, messages = decide_fleet(manifest, chosen, db, current, margin, refused)
+    note_runtimes(decisions, refused, unknown)
+    if unknown:
+        messages.append(unknown_runtimes_note(unknown))
     if as_json:
         emit_json({k: v.as_dict() for k, v in decisions.items()})
         return
@@ -407,11 +420,11 @@ def fleet_init_cmd(
 def fleet_status_cmd(fleet_file: FleetOpt, history: HistoryOpt = None, as_json: JsonOpt = False) -> None:
     """Per device: last status, current variant and its latest benchmark, from the history store."""
     from edge_kit.fleet.inventory import load_fleet
-    from edge_kit.telemetry.report import flagged_devices
+    from edge_kit.telemetry.report import FLEET_KIND, flagged_devices
 
     fleet = load_fleet(fleet_file)
     db = open_fleet_history(fleet_file, history)
-    flagged = flagged_devices(db.decisions(limit=1_000_000))
+    flagged = flagged_devices(db.latest_decisions((FLEET_KIND,)))
     if as_json:
         emit_json({"status": db.latest_status(), "telemetry": db.latest_telemetry(),
                     "bench": {f"{d}/{s}": r for (d, s), r in db.latest_bench().items()}, "flagged": flagged})

@@ -156,16 +156,26 @@ OPTIONAL_RUNTIMES = {"onnxruntime": "pip install 'edge-kit[agent-onnx]'",
                      "tensorrt": "install NVIDIA's onnxruntime-gpu wheel for its JetPack (docs/firmware/jetson.md)"}
 
 
-def runtime_refusals(device: str, wanted: list[Artifact], runtimes: dict[str, bool]) -> dict[str, str]:
-    """Return {variant: one-line reason} for the artifacts whose runtime the device's Python lacks.
+def runtime_refusals(device: str, wanted: list[Artifact], runtimes: dict[str, Any],
+                     lacks: str = "its Python lacks") -> dict[str, str]:
+    """Return {variant: one-line reason} for the artifacts whose runtime the device lacks.
 
-    ``runtimes`` is what the device reported (:attr:`DeviceShell.python_facts` ``runtimes``); a
-    runtime it does not mention counts as missing. LiteRT variants are never refused here (the
-    agent's install check requires LiteRT).
+    ``runtimes`` is what the device reported: :attr:`DeviceShell.python_facts` ``runtimes`` (``True``
+    or ``False`` per runtime) or its status message's ``runtimes`` (``"available"``, or why it is not);
+    a runtime it does not mention counts as missing. ``lacks`` says who said so, in the reason. LiteRT
+    variants are never refused here (the agent's install check requires LiteRT).
     """
-    return {a.id: f"{device}: {a.id} needs {a.runtime} on the device, which its Python lacks; "
+    return {a.id: f"{device}: {a.id} needs {a.runtime} on the device, which {lacks}; "
                   f"{OPTIONAL_RUNTIMES[a.runtime]} there to deploy it"
-            for a in wanted if a.runtime in OPTIONAL_RUNTIMES and not runtimes.get(a.runtime, False)}
+            for a in wanted if a.runtime in OPTIONAL_RUNTIMES and runtimes.get(a.runtime, False) not in (True, "available")}
+
+
+def reported_runtimes(status: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Return the runtimes a device's status message reports (``{runtime: "available" or why not}``, as
+    its agent sends them), or None when it reports none (no status, or an agent older than the field):
+    then nothing is known about them, and nothing should be assumed."""
+    runtimes = (status or {}).get("runtimes")
+    return runtimes if isinstance(runtimes, dict) else None
 
 
 class _Deployer:

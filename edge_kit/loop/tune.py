@@ -35,11 +35,22 @@ from typing import Any
 import numpy as np
 
 from edge_kit.fleet.commands import FleetClient
-from edge_kit.fleet.deploy import DeployOptions, GroupResult, candidates_for, deploy
+from edge_kit.fleet.deploy import (
+    OPTIONAL_RUNTIMES,
+    DeployOptions,
+    GroupResult,
+    candidates_for,
+    deploy,
+    reported_runtimes,
+    runtime_refusals,
+)
 from edge_kit.fleet.inventory import Device, Fleet
 from edge_kit.manifest import Manifest, read_manifest
 from edge_kit.profiles import load_profile
 from edge_kit.selection.constraints import Measured, effective_constraints
+from edge_kit.selection.fleetmodel import (
+    KIND as FLEET_KIND,
+)
 from edge_kit.selection.fleetmodel import (
     FleetSpec,
     Measurements,
@@ -56,7 +67,7 @@ from edge_kit.selection.policy import (
     choose_all,
 )
 from edge_kit.telemetry.report import flagged_devices
-from edge_kit.telemetry.store import HistoryStore
+from edge_kit.telemetry.store import SELECTION_KIND, HistoryStore
 
 
 @dataclass
@@ -93,13 +104,70 @@ class TuneReport:
         return out
 
 
+def runtime_limits(manifest: Manifest, devices: list[Device], status: dict[str, dict[str, Any]],
+                   ) -> tuple[dict[str, dict[str, str]], dict[str, list[str]]]:
+    """Return (refused, unknown) from what each device last reported of its runtimes (``status``: the
+    newest status message per device, :meth:`~edge_kit.telemetry.store.HistoryStore.latest_status`).
+
+    ``refused`` maps a device to {variant: why} for its candidates that need a runtime (ONNX Runtime,
+    TensorRT) its newest status says it lacks: it cannot run them, so they are not its candidates.
+    ``unknown`` maps a device to its candidates that need such a runtime when no status of it reports
+    its runtimes (none stored, or an agent older than the field): nothing is assumed either way, they
+    stay candidates and the decision says so. Devices whose candidates all run on LiteRT are in neither.
+
+    Raises:
+        DeployError: the artifacts were not compiled for a device's profile.
+    """
+    refused: dict[str, dict[str, str]] = {}
+    unknown: dict[str, list[str]] = {}
+    for dev in devices:
+        optional = [a for a in candidates_for(manifest, dev) if a.runtime in OPTIONAL_RUNTIMES]
+        if not optional:
+            continue
+        runtimes = reported_runtimes(status.get(dev.name))
+        if runtimes is None:
+            unknown[dev.name] = [a.id for a in optional]
+            continue
+        why = runtime_refusals(dev.name, optional, runtimes, lacks="its newest status in the history says it lacks")
+        if why:
+            refused[dev.name] = why
+    return refused, unknown
+
+
+def note_runtimes(decisions: dict[str, Decision], refused: dict[str, dict[str, str]],
+                  unknown: dict[str, list[str]] | None = None) -> dict[str, Decision]:
+    """Return ``decisions`` with, per device, the variants left out because it cannot run them (``excluded``,
+    with why) and the candidates whose runtime it never reported (``runtimes_unknown``); a decision that
+    chose such a variant says so in its reason. Changes the decisions in place."""
+    for name, d in decisions.items():
+        d.excluded = dict(refused.get(name) or {})
+        d.runtimes_unknown = [v for v in (unknown or {}).get(name, ()) if v not in d.excluded]
+        if d.excluded and not d.table and d.chosen is None:
+            d.reason = "nothing it can run: every candidate needs a runtime it lacks"
+        elif d.chosen in d.runtimes_unknown:
+            d.reason += (f"; {d.chosen} needs a runtime this device has not reported (no status with its runtimes "
+                         "in the history): check it has it before deploying")
+    return decisions
+
+
+def unknown_runtimes_note(unknown: dict[str, list[str]]) -> str:
+    """Return the note for devices whose runtimes nothing in the history reports (``unknown`` of
+    :func:`runtime_limits`)."""
+    names = sorted(unknown)
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return (f"{len(names)} device(s) have not reported their runtimes (no status with them in the history: run "
+            f"`edgekit monitor`, or update their agents): {shown}; their ONNX Runtime/TensorRT variants are kept as "
+            "candidates, not verified")
+
+
 def decide(manifest: Manifest, devices: list[Device], store: HistoryStore, current: dict[str, str | None],
-           margin: float, refused: dict[str, set[str]] | None = None) -> dict[str, Decision]:
+           margin: float, refused: dict[str, dict[str, str]] | None = None) -> dict[str, Decision]:
     """Return the decision for each device from its recent stored measurements of its candidate variants.
 
-    ``current`` maps a device to the sha256 it runs; ``refused`` a device to the variants it cannot run
-    (the deploy did not send them: no runtime for them), which are not its candidates, since it can never
-    measure them. One history query and one policy call per group of devices that share variants and
+    ``current`` maps a device to the sha256 it runs; ``refused`` a device to the variants it cannot run,
+    with why (the deploy did not send them, or its status says it lacks their runtime: :func:`runtime_limits`),
+    which are not its candidates, since it can never measure them; each decision lists them in
+    ``excluded``. One history query and one policy call per group of devices that share variants and
     constraints, however many devices there are.
 
     Raises:
@@ -119,7 +187,7 @@ def decide(manifest: Manifest, devices: list[Device], store: HistoryStore, curre
         profile = profiles.get(dev.profile) or profiles.setdefault(dev.profile, load_profile(dev.profile))
         requests.append(Request(dev.name, cands, effective_constraints(profile.constraints, dev.constraints),
                                 fp32_acc, current.get(dev.name)))
-    return {r.device: d for r, d in zip(requests, choose_all(requests, margin))}
+    return note_runtimes({r.device: d for r, d in zip(requests, choose_all(requests, margin))}, refused)
 
 
 def _measure(client: FleetClient, store: HistoryStore, wanted: dict[str, list[tuple[str, str]]], bench: dict[str, Any],
@@ -167,7 +235,7 @@ def tune(fleet: Fleet, devices: list[Device], opts: TuneOptions, store: HistoryS
                                                     trust_new_hosts=opts.trust_new_hosts))
     report = TuneReport(deployed)
     current = {r.device: r.sha256 for r in deployed.results if r.ok}
-    refused = {r.device: set(r.refused) for r in deployed.results}  # not sent: the device lacks their runtime
+    refused = {r.device: dict(r.refused) for r in deployed.results}  # not sent: the device lacks their runtime
     live = [d for d in devices if d.name in current]
     if opts.budget is not None:
         _tune_budget(fleet, live, manifest, opts, store, report, current, refused, step)
@@ -237,21 +305,25 @@ def _activate(fleet: Fleet, devices: list[Device], switch: dict[str, str], opts:
 def last_artifacts(store: HistoryStore) -> Path | None:
     """Return the artifacts folder of the newest decision a tune recorded, or None when no tune has run.
     Other decisions (the live gate's) name none and are passed over. Raises HistoryError."""
-    return next((Path(d["artifacts"]) for d in store.decisions(limit=10_000) if d.get("artifacts")), None)
+    newest = store.decisions(limit=1, kinds=(SELECTION_KIND, FLEET_KIND))  # what tune records, not the gate's
+    return Path(newest[0]["artifacts"]) if newest and newest[0].get("artifacts") else None
 
 
 def flagged_before(store: HistoryStore) -> dict[str, str]:
     """Return the devices the newest fleet-selection decision of each flagged, with why."""
-    return flagged_devices(store.decisions(limit=1_000_000))
+    return flagged_devices(store.latest_decisions((FLEET_KIND,)))
 
 
 def fleet_inputs(manifest: Manifest, devices: list[Device], store: HistoryStore, current: dict[str, str | None],
-                 refused: dict[str, set[str]] | None = None, flagged: dict[str, str] | None = None,
+                 refused: dict[str, dict[str, str]] | None = None, flagged: dict[str, str] | None = None,
                  ) -> tuple[FleetSpec, Measurements, dict[str, str], list[dict[str, Any]]]:
-    """Return (spec, measurements, sha256 by variant id, records) for the fleet model from the history.
+    """Return (spec, measurements, sha256 by variant id, records) for the fleet model from the history;
+    ``records`` are the bench records of ``devices`` on these artifacts (by sha256: not older builds'),
+    oldest first.
 
     Raises:
         DeployError: the artifacts were not compiled for a device's profile.
+        HistoryError: the history cannot be read.
     """
     refused = refused or {}
     flagged = flagged or {}
@@ -273,7 +345,9 @@ def fleet_inputs(manifest: Manifest, devices: list[Device], store: HistoryStore,
     model_mb = np.array([[(arts[v].bytes or 0) / 1e6 if v in arts else np.nan for v in variants] for _p in profiles])
     index = {d.name: i for i, d in enumerate(devices)}
     variant_of = {(index[d.name], a.sha256): variants.index(a.id) for d in devices for a in cands[d.name]}
-    records = [r for r in store.bench_records() if r.get("device") in index]
+    # Only the records of these builds: a long history holds many of older builds, never read here.
+    records = [r for r in store.bench_records(sha256s=tuple(sorted({a.sha256 for a in arts.values()})))
+               if r.get("device") in index]
     m = Measurements.of(rows_from_records(records, index, variant_of))
     fp32 = np.full(len(devices), np.nan if host_acc is None else host_acc)
     if "fp32" in variants:  # measured on the device where it has been
@@ -310,7 +384,7 @@ def _cost(spec: FleetSpec, records: list[dict[str, Any]], opts: TuneOptions) -> 
 
 
 def _tune_budget(fleet: Fleet, live: list[Device], manifest: Manifest, opts: TuneOptions, store: HistoryStore,
-                 report: TuneReport, current: dict[str, str | None], refused: dict[str, set[str]],
+                 report: TuneReport, current: dict[str, str | None], refused: dict[str, dict[str, str]],
                  step: Callable[[str], None]) -> None:
     """Run ``tune`` with a measurement budget (see the module docstring); fill ``report`` in place."""
     left = float(opts.budget or 0.0)
@@ -358,7 +432,7 @@ def _tune_budget(fleet: Fleet, live: list[Device], manifest: Manifest, opts: Tun
                 plan = plan_measurements(spec, m, budget=0, settings=settings)
             info["measured"] += measured
             info["messages"] = plan.messages
-            decisions = {d.device: d for d in decisions_of(plan, shas, records=records)}
+            decisions = note_runtimes({d.device: d for d in decisions_of(plan, shas, records=records)}, refused)
             for d in decisions.values():
                 store.add_decision({**d.as_dict(), "round": number, "artifacts": str(opts.artifacts.resolve()),
                                     "budget": {k: info[k] for k in ("unit", "budget", "spent")}, "verify": verify})
@@ -383,14 +457,15 @@ def _tune_budget(fleet: Fleet, live: list[Device], manifest: Manifest, opts: Tun
 
 
 def decide_fleet(manifest: Manifest, devices: list[Device], store: HistoryStore, current: dict[str, str | None],
-                 margin: float) -> tuple[dict[str, Decision], list[str]]:
+                 margin: float, refused: dict[str, dict[str, str]] | None = None) -> tuple[dict[str, Decision], list[str]]:
     """Return (decision per device, messages) from the fleet model: each device's own measurements where
     it has them, else figures inferred from its profile, each marked (what ``select`` shows when a
-    device has not measured every candidate).
+    device has not measured every candidate). ``refused``: as :func:`decide` (left out, never inferred).
 
     Raises:
         DeployError: the artifacts were not compiled for a device's profile.
     """
-    spec, m, shas, records = fleet_inputs(manifest, devices, store, current, flagged=flagged_before(store))
+    refused = refused or {}
+    spec, m, shas, records = fleet_inputs(manifest, devices, store, current, refused, flagged=flagged_before(store))
     plan = plan_measurements(spec, m, budget=0, settings=Settings(margin=margin))
-    return {d.device: d for d in decisions_of(plan, shas, records=records)}, plan.messages
+    return note_runtimes({d.device: d for d in decisions_of(plan, shas, records=records)}, refused), plan.messages

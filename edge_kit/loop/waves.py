@@ -40,7 +40,9 @@ from edge_kit.fleet.deploy import candidates_for
 from edge_kit.fleet.inventory import Device, Fleet
 from edge_kit.loop.rollout import LiveGate, collect_live
 from edge_kit.manifest import read_manifest
+from edge_kit.selection.fleetmodel import KIND as FLEET_KIND
 from edge_kit.selection.gate import GateDecision, judge_live
+from edge_kit.telemetry.store import SELECTION_KIND
 from edgekit_protocol.desired import Desired, Fetch
 
 FINAL = ("converged", "failed", "refused", "rolled back", "superseded")
@@ -123,14 +125,8 @@ def _order(rid: str, names: list[str]) -> list[str]:
 def selected_variants(history: Any, devices: list[Device]) -> dict[str, str]:
     """Return each device's variant as selection last chose it (``select``/``tune`` decisions in the
     history; live-gate records are not choices); devices with no feasible decision are left out."""
-    names = {d.name for d in devices}
-    chosen: dict[str, str] = {}
-    for dec in history.decisions(limit=max(100, 8 * len(names))):  # newest first
-        dev = dec.get("device")
-        if dev in names and dev not in chosen and dec.get("kind") != "live gate" and dec.get("chosen") \
-                and dec.get("feasible"):
-            chosen[dev] = dec["chosen"]
-    return chosen
+    newest = history.latest_decisions((SELECTION_KIND, FLEET_KIND), feasible=True)
+    return {d.name: newest[d.name]["chosen"] for d in devices if d.name in newest}
 
 
 def plan_rollout(rid: str, artifacts: Path, fleet: Fleet, devices: list[Device], store_url: str,

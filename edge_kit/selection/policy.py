@@ -72,6 +72,8 @@ class Decision:
     violates: list[str] = field(default_factory=list)  # of the chosen variant, when infeasible
     table: list[dict[str, Any]] = field(default_factory=list)
     unjudged: list[str] = field(default_factory=list)  # bounds of the chosen variant nothing measured (not judged)
+    excluded: dict[str, str] = field(default_factory=dict)  # variants left out: the device cannot run them (why)
+    runtimes_unknown: list[str] = field(default_factory=list)  # candidates whose runtime the device never reported
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

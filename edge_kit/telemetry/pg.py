@@ -70,6 +70,12 @@ class PostgresStore(HistoryStore):
                             conn.execute(statement)
             except psycopg.Error as exc:
                 raise self._failed(exc) from exc
+        # Older databases: under the same lock (a session lock now), so workers migrating at once take turns.
+        self._execute("SELECT pg_advisory_lock(?)", (_SCHEMA_LOCK,))
+        try:
+            self._migrate()
+        finally:
+            self._execute("SELECT pg_advisory_unlock(?)", (_SCHEMA_LOCK,))
 
     def _connection(self) -> psycopg.Connection:
         """Return the open connection, connecting (again) when there is none, it broke, or the server closed
@@ -131,6 +137,15 @@ class PostgresStore(HistoryStore):
                 return conn.execute(self._sql(sql), args).fetchall()
             except psycopg.Error as exc:
                 raise self._failed(exc) from exc
+
+    def _columns(self, table: str) -> set[str]:
+        """Return the names of ``table``'s columns (in the connection's schema). Raises HistoryError."""
+        return {r[0] for r in self._rows("SELECT column_name FROM information_schema.columns WHERE table_name = ? "
+                                         "AND table_schema = current_schema()", (table,))}
+
+    def _add_column(self, table: str, column: str, sql_type: str) -> None:
+        """Add ``column`` unless it is there; return nothing. Raises HistoryError."""
+        self._execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {sql_type}")
 
     def _write_batch(self, statements: list[tuple[str, list[tuple]]]) -> int:
         """Run every statement over its rows (pipelined ``executemany``) in one transaction; return the

@@ -120,9 +120,7 @@ def _profile_figures(profile: Profile, records: list[dict[str, Any]], chosen: di
 
 def _fleet_rows(store: HistoryStore) -> tuple[list[str], list[list[str]]]:
     status, latest, tele = store.latest_status(), store.latest_bench(), store.latest_telemetry()
-    decisions: dict[str, dict[str, Any]] = {}
-    for d in store.decisions(limit=100_000):
-        decisions.setdefault(d["device"], d)  # newest first
+    decisions = store.latest_decisions()
     head = ["device", "profile", "state", "running", "runtime", "decision", "p90 ms", "top-1", "mJ/inference", "power source",
             "live p50/p99 ms (requests)", "simulated"]
     rows = []
@@ -174,7 +172,7 @@ def _live_cell(live: Any) -> str:
 def _gate_rows(store: HistoryStore) -> list[list[str]]:
     """Return one row per live-gate decision, newest first: when, canary, candidate, action and its numbers."""
     rows = []
-    for d in store.decisions(limit=100_000):
+    for d in store.decisions(limit=100_000, kinds=("live gate",)):
         g = d.get("gate")
         if d.get("kind") != "live gate" or not isinstance(g, dict):
             continue
@@ -190,24 +188,17 @@ def _gate_rows(store: HistoryStore) -> list[list[str]]:
 FLEET_KIND = "fleet selection"  # edge_kit.selection.fleetmodel.KIND (telemetry does not import selection)
 
 
-def flagged_devices(decisions: list[dict[str, Any]]) -> dict[str, str]:
+def flagged_devices(newest: dict[str, dict[str, Any]]) -> dict[str, str]:
     """Return {device: why} for the devices whose newest fleet-selection decision flags them as differing
-    from their profile; ``decisions`` newest first, as :meth:`HistoryStore.decisions` returns them."""
-    newest: dict[str, dict[str, Any]] = {}
-    for d in decisions:
-        if d.get("kind") == FLEET_KIND:
-            newest.setdefault(d["device"], d)
+    from their profile; ``newest``: those decisions by device, as ``store.latest_decisions((FLEET_KIND,))``
+    returns them."""
     return {name: d["flagged"] for name, d in sorted(newest.items()) if d.get("flagged")}
 
 
-def _fleet_selection_rows(decisions: list[dict[str, Any]]) -> list[list[str]]:
-    """Return one row per device whose newest decision came from the fleet model: chosen, confidence, which
-    figures were measured on the device and which inferred from its profile (chosen variant's p90 with its
-    interval where inferred), whether it is flagged and why, drift."""
-    newest: dict[str, dict[str, Any]] = {}
-    for d in decisions:
-        if d.get("kind") == FLEET_KIND:
-            newest.setdefault(d["device"], d)
+def _fleet_selection_rows(newest: dict[str, dict[str, Any]]) -> list[list[str]]:
+    """Return one row per device of ``newest`` (its newest fleet-model decision, by device): chosen, confidence,
+    which figures were measured on the device and which inferred from its profile (chosen variant's p90 with
+    its interval where inferred), whether it is flagged and why, drift."""
     rows = []
     for name, d in sorted(newest.items()):
         table = d.get("table") or []
@@ -236,9 +227,7 @@ def build_report(store: HistoryStore, out: Path, title: str = "edge-kit fleet re
     import plotly.offline
 
     latest = list(store.latest_bench().values())
-    decisions: dict[str, str | None] = {}
-    for d in store.decisions(limit=100_000):
-        decisions.setdefault(d["device"], d.get("chosen_sha256"))
+    decisions = {dev: d.get("chosen_sha256") for dev, d in store.latest_decisions().items()}
     status = store.latest_status()
     running = {dev: m["current"].get("sha256") for dev, m in status.items() if isinstance(m.get("current"), dict)}
     chosen = {dev: decisions.get(dev) or running.get(dev) for dev in {r["device"] for r in latest}}
@@ -274,9 +263,9 @@ def build_report(store: HistoryStore, out: Path, title: str = "edge-kit fleet re
                   "SNR from shadow runs against the fp32 reference.</p><table><tr>"
                   + "".join(f"<th>{h}</th>" for h in gate_head) + "</tr>"
                   + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in gate_rows) + "</table>")
-    all_decisions = store.decisions(limit=1_000_000)
-    fleet_rows = _fleet_selection_rows(all_decisions)
-    flagged = flagged_devices(all_decisions)
+    fleet_decisions = store.latest_decisions((FLEET_KIND,))
+    fleet_rows = _fleet_selection_rows(fleet_decisions)
+    flagged = flagged_devices(fleet_decisions)
     if fleet_rows:
         fleet_head = ["device", "chosen", "confidence", "measured on the device", "inferred from its profile",
                       "differs from its profile", "drift"]

@@ -78,7 +78,7 @@ CREATE TABLE IF NOT EXISTS bench (msg_id TEXT PRIMARY KEY, device TEXT, ts {real
                                   sha256 TEXT, p90_ms {real}, body TEXT);
 CREATE TABLE IF NOT EXISTS telemetry (msg_id TEXT PRIMARY KEY, device TEXT, ts {real}, seq {int}, body TEXT);
 CREATE TABLE IF NOT EXISTS decisions (id {serial}, device TEXT, ts {real}, chosen TEXT,
-                                      previous TEXT, feasible INTEGER, switched INTEGER, body TEXT);
+                                      previous TEXT, feasible INTEGER, switched INTEGER, body TEXT, kind TEXT);
 CREATE TABLE IF NOT EXISTS invalid (id {serial}, ts {real}, topic TEXT, reason TEXT, payload {blob});
 CREATE TABLE IF NOT EXISTS gaps (device TEXT, kind TEXT, first_missing {int}, last_missing {int}, ts {real});
 CREATE TABLE IF NOT EXISTS rollouts (id TEXT PRIMARY KEY, created {real}, ts {real}, state TEXT, owner TEXT,
@@ -86,9 +86,22 @@ CREATE TABLE IF NOT EXISTS rollouts (id TEXT PRIMARY KEY, created {real}, ts {re
 CREATE TABLE IF NOT EXISTS rollout_devices (rollout TEXT, device TEXT, wave {int}, state TEXT, revision {int},
                                             ts {real}, detail TEXT, PRIMARY KEY (rollout, device));
 CREATE INDEX IF NOT EXISTS bench_device_sha ON bench (device, sha256, ts);
+CREATE INDEX IF NOT EXISTS bench_sha ON bench (sha256, ts);
 CREATE INDEX IF NOT EXISTS status_device ON status (device, ts);
 CREATE INDEX IF NOT EXISTS telemetry_device ON telemetry (device, ts);
+CREATE INDEX IF NOT EXISTS decisions_device ON decisions (device, id);
 """
+
+#: The ``kind`` column of a decision whose body names none: a per-device selection (``tune`` without a budget).
+#: The others: ``fleet selection`` (the fleet model, :data:`edge_kit.selection.fleetmodel.KIND`) and ``live gate``.
+SELECTION_KIND = "selection"
+BATCH_ROWS = 5000  # rows per transaction when a migration fills a new column
+
+
+def decision_kind(decision: dict[str, Any]) -> str:
+    """Return the ``kind`` column of a decision: its body's ``kind``, or :data:`SELECTION_KIND` when it names none."""
+    kind = decision.get("kind")
+    return kind if isinstance(kind, str) and kind else SELECTION_KIND
 
 # One INSERT per kind of message; ON CONFLICT DO NOTHING (SQLite >= 3.24 and PostgreSQL alike) keeps
 # the first row of a msg_id, so a redelivery, a spool replay or another worker's copy is dropped.
@@ -147,6 +160,15 @@ class HistoryStore(abc.ABC):
         """Run one query; return all its rows. Raises HistoryError."""
 
     @abc.abstractmethod
+    def _columns(self, table: str) -> set[str]:
+        """Return the names of ``table``'s columns. Raises HistoryError."""
+
+    @abc.abstractmethod
+    def _add_column(self, table: str, column: str, sql_type: str) -> None:
+        """Add ``column`` to ``table`` unless it is there (another process may add it at the same moment);
+        return nothing. Raises HistoryError."""
+
+    @abc.abstractmethod
     def _write_batch(self, statements: list[tuple[str, list[tuple]]]) -> int:
         """Run each ``(sql, rows)`` for all its rows, all in one transaction (all or nothing); return the
         summed row count. Raises HistoryError (nothing of the batch is then stored)."""
@@ -202,11 +224,11 @@ class HistoryStore(abc.ABC):
     def add_decision(self, decision: dict[str, Any]) -> None:
         """Record a selection decision (a dict with ``device``, ``chosen``, ``current``, ``feasible``, ``switch``);
         return nothing. Raises HistoryError."""
-        self._execute("INSERT INTO decisions (device, ts, chosen, previous, feasible, switched, body) "
-                      "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        self._execute("INSERT INTO decisions (device, ts, chosen, previous, feasible, switched, body, kind) "
+                      "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                       (decision["device"], time.time(), decision.get("chosen"), decision.get("current"),
                        int(bool(decision.get("feasible"))), int(bool(decision.get("switch"))),
-                       json.dumps(decision, default=str)))
+                       json.dumps(decision, default=str), decision_kind(decision)))
 
     def count(self, table: str) -> int:
         """Return the number of rows in ``table``.
@@ -249,15 +271,75 @@ class HistoryStore(abc.ABC):
                           "ON t.device = l.device AND t.ts = l.ts ORDER BY t.seq")
         return {m["device"]: m for m in (json.loads(b) for (b,) in rows)}
 
-    def decisions(self, device: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
-        """Return recorded decisions, newest first, each with ``recorded`` (this host's time). Raises HistoryError."""
-        sql = "SELECT body, ts FROM decisions" + (" WHERE device = ?" if device else "") + " ORDER BY id DESC LIMIT ?"
-        return [{**json.loads(b), "recorded": ts} for b, ts in self._rows(sql, ((device,) if device else ()) + (limit,))]
+    def decisions(self, device: str | None = None, limit: int = 100,
+                  kinds: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+        """Return up to ``limit`` recorded decisions (of one device, or all; of the ``kinds`` given, see
+        :func:`decision_kind`, or any), newest first, each with ``recorded`` (this host's time).
+        Raises HistoryError."""
+        where, args = self._decision_filter(device, kinds)
+        sql = f"SELECT body, ts FROM decisions {where} ORDER BY id DESC LIMIT ?"
+        return [{**json.loads(b), "recorded": ts} for b, ts in self._rows(sql, (*args, limit))]
 
-    def bench_records(self, device: str | None = None) -> list[dict[str, Any]]:
-        """Return every bench record (of one device, or all), oldest first. Raises HistoryError."""
-        sql = "SELECT body FROM bench" + (" WHERE device = ?" if device else "") + " ORDER BY ts, seq"
-        return [json.loads(b) for (b,) in self._rows(sql, (device,) if device else ())]
+    def latest_decisions(self, kinds: tuple[str, ...] | None = None, feasible: bool = False) -> dict[str, dict[str, Any]]:
+        """Return the newest recorded decision per device (of the ``kinds`` given, see :func:`decision_kind`, or of
+        any; with ``feasible``, the newest that chose a feasible variant), each with ``recorded``. One indexed
+        query that reads one body per device, however long the history. Raises HistoryError."""
+        where, args = self._decision_filter(None, kinds)
+        if feasible:
+            where += (" AND" if where else "WHERE") + " feasible = 1 AND chosen IS NOT NULL"
+        rows = self._rows("SELECT d.body, d.ts FROM decisions d JOIN "
+                          f"(SELECT MAX(id) AS id FROM decisions {where} GROUP BY device) l ON d.id = l.id", args)
+        return {m["device"]: {**m, "recorded": ts} for m, ts in ((json.loads(b), ts) for b, ts in rows)}
+
+    @staticmethod
+    def _decision_filter(device: str | None, kinds: tuple[str, ...] | None) -> tuple[str, tuple]:
+        """Return the WHERE clause (or "") and its arguments for decisions of ``device`` and ``kinds``."""
+        terms, args = [], []
+        if device:
+            terms.append("device = ?")
+            args.append(device)
+        if kinds is not None:
+            terms.append(f"kind IN ({', '.join('?' * len(kinds))})" if kinds else "1 = 0")
+            args.extend(kinds)
+        return ("WHERE " + " AND ".join(terms) if terms else ""), tuple(args)
+
+    def _migrate(self) -> None:
+        """Bring a history an older edge-kit wrote up to this schema; return nothing. Idempotent, and safe while
+        other processes open the same history. Raises HistoryError.
+
+        Since the first schema: ``decisions.kind`` (:func:`decision_kind` of the body; rows written before it
+        are filled from their bodies, a batch per transaction) and its index, which answer "the newest decision
+        per device of a kind" without reading every body.
+        """
+        if "kind" not in self._columns("decisions"):
+            self._add_column("decisions", "kind", "TEXT")
+        self._execute("CREATE INDEX IF NOT EXISTS decisions_kind ON decisions (kind, device, id)")
+        while True:
+            rows = self._rows("SELECT id, body FROM decisions WHERE kind IS NULL ORDER BY id LIMIT ?", (BATCH_ROWS,))
+            if not rows:
+                return
+            fill = []
+            for rid, body in rows:
+                try:
+                    decision = json.loads(body)
+                except (TypeError, ValueError):
+                    decision = {}
+                fill.append((decision_kind(decision if isinstance(decision, dict) else {}), rid))
+            self._write_batch([("UPDATE decisions SET kind = ? WHERE id = ?", fill)])
+
+    def bench_records(self, device: str | None = None, sha256s: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+        """Return every bench record (of one device, or all; of the artifacts whose sha256 is in ``sha256s``,
+        or of any), oldest first. The artifacts are chosen in the query (indexed), so records of other builds
+        are never read. Raises HistoryError."""
+        terms, args = [], []
+        if device:
+            terms.append("device = ?")
+            args.append(device)
+        if sha256s is not None:
+            terms.append(f"sha256 IN ({', '.join('?' * len(sha256s))})" if sha256s else "1 = 0")
+            args.extend(sha256s)
+        sql = "SELECT body FROM bench" + (" WHERE " + " AND ".join(terms) if terms else "") + " ORDER BY ts, seq"
+        return [json.loads(b) for (b,) in self._rows(sql, tuple(args))]
 
     # --- rollouts (edge_kit.loop.waves) ------------------------------------------------------------
 
@@ -383,6 +465,7 @@ class Store(HistoryStore):
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA.format(real="REAL", int="INTEGER", blob="BLOB",
                                               serial="INTEGER PRIMARY KEY AUTOINCREMENT"))
+        self._migrate()
 
     def close(self) -> None:
         """Close the file; return nothing."""
@@ -409,6 +492,18 @@ class Store(HistoryStore):
                 return self._db.execute(sql, args).fetchall()
         except sqlite3.Error as exc:
             raise self._failed(exc) from exc
+
+    def _columns(self, table: str) -> set[str]:
+        """Return the names of ``table``'s columns. Raises HistoryError."""
+        return {row[1] for row in self._rows(f"PRAGMA table_info({table})")}
+
+    def _add_column(self, table: str, column: str, sql_type: str) -> None:
+        """Add ``column`` unless another process just did; return nothing. Raises HistoryError."""
+        try:
+            self._execute(f"ALTER TABLE {table} ADD COLUMN {column} {sql_type}")
+        except HistoryError:
+            if column not in self._columns(table):
+                raise
 
     def _write_batch(self, statements: list[tuple[str, list[tuple]]]) -> int:
         """Run every statement over its rows in one ``BEGIN IMMEDIATE`` transaction; return the summed row count.

@@ -311,7 +311,7 @@ def test_the_report_and_fleet_status_list_flagged_devices_and_what_was_inferred(
     store = Store(tmp_path / "edgekit-history.db")
     for d in decisions_of(plan, {x: x for x in spec.variants}, [0, hot]):
         store.add_decision(d.as_dict())
-    flagged = flagged_devices(store.decisions())
+    flagged = flagged_devices(store.latest_decisions(("fleet selection",)))
     assert list(flagged) == [spec.devices[hot]] and "explained by throttled" in flagged[spec.devices[hot]]
     info = build_report(store, tmp_path / "report.html")
     page = (tmp_path / "report.html").read_text()

@@ -1,0 +1,93 @@
+"""`select` and the fleet model's inputs, from what the history holds.
+
+Without a deploy in the same run, what a device can run is what its newest (signed) status reported
+(``runtimes``); the fleet model must not infer an ONNX Runtime variant for a device that has none, and
+says when it knows nothing. Its measurements are the records of the builds being tuned, not older ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from edge_kit.manifest import Artifact, Manifest
+from edge_kit.telemetry.store import Store
+from edgekit_protocol import messages
+
+FIGURES = {"fp32": (30.0, 12.0), "onnx-fp32": (10.0, 4.0)}  # p90 ms, mJ per inference: onnx-fp32 is better
+
+
+def sha(vid: str) -> str:
+    return hashlib.sha256(vid.encode()).hexdigest()
+
+
+def write_fleet(tmp_path):
+    folder = tmp_path / "art"
+    folder.mkdir()
+    arts = [Artifact(id=v, status="built", profiles=["rpi4"], summary=v, precision="float32", file=f"{v}.x",
+                     runtime="onnxruntime" if v.startswith("onnx") else "litert", sha256=sha(v), bytes=1000)
+            for v in FIGURES]
+    (folder / "manifest.json").write_text(Manifest(created="2026-11-29T00:00:00+00:00", model={"name": "m"},
+                                                   versions={}, profiles={"rpi4": {}}, artifacts=arts).to_json())
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text("fleet: f\nbroker: {host: 127.0.0.1, port: 1}\ndefaults: {user: edgekit, profile: rpi4}\n"
+                     "devices:\n" + "".join(f"  - {{name: {d}, host: 127.0.0.1}}\n" for d in ("a", "b", "c", "nojs", "quiet")))
+    store = Store(tmp_path / "edgekit-history.db")
+    seq = 0
+    # a and b measured both variants; nojs (no ONNX Runtime) and quiet (no status at all) only fp32
+    for device, variants in (("a", FIGURES), ("b", FIGURES), ("c", FIGURES), ("nojs", ["fp32"]), ("quiet", ["fp32"])):
+        for vid in variants:
+            p90, mj = FIGURES[vid]
+            seq += 1
+            store.add("bench", messages.envelope("bench", "f", device, seq, {
+                "variant": vid, "sha256": sha(vid), "latency_ms": {"p90": p90}, "runs": 100, "simulated": False,
+                "power": {"estimated": True, "avg_w": 3.0, "energy_per_inference_mj": mj}, "accuracy": {"value": 0.98}}))
+    for device, ort in (("a", "available"), ("b", "available"), ("c", True), ("nojs", False)):
+        seq += 1
+        store.add("status", messages.envelope("status", "f", device, seq, {
+            "state": "online", "current": {"variant": "fp32", "sha256": sha("fp32")},
+            "runtimes": {"litert": "available", "onnxruntime": ort, "tensorrt": "no TensorRT provider"}}))
+    store.close()
+    return fleet, folder
+
+
+def test_select_leaves_out_what_a_device_status_says_it_cannot_run(tmp_path, run_cli):
+    fleet, folder = write_fleet(tmp_path)
+    code, out, err = run_cli("select", "--fleet", fleet, "--artifacts", folder, "--json")
+    assert code == 0, err
+    got = json.loads(out)
+    assert got["a"]["chosen"] == "onnx-fp32"  # measured, and better
+    nojs = got["nojs"]
+    assert nojs["chosen"] == "fp32", nojs  # not the onnx-fp32 its profile's figures would infer
+    assert list(nojs["excluded"]) == ["onnx-fp32"] and "onnxruntime" in nojs["excluded"]["onnx-fp32"]
+    assert "status" in nojs["excluded"]["onnx-fp32"]
+    assert "onnx-fp32" not in {r["variant"] for r in nojs["table"]}
+    assert got["a"]["excluded"] == {} and got["a"]["runtimes_unknown"] == []
+    # nothing known about quiet's runtimes: said, not assumed either way
+    quiet = got["quiet"]
+    assert quiet["runtimes_unknown"] == ["onnx-fp32"] and quiet["excluded"] == {}
+    assert quiet["chosen"] != "onnx-fp32" or "has not reported" in quiet["reason"], quiet
+
+    code, out, err = run_cli("select", "--fleet", fleet, "--artifacts", folder, "--explain")
+    assert code == 0, err
+    left_out = [line for line in out.splitlines() if "left out" in line]
+    assert len(left_out) == 1 and "onnx-fp32" in left_out[0] and "onnxruntime" in left_out[0], out
+    assert "have not reported their runtimes" in out and "quiet" in out
+
+
+def test_the_fleet_model_reads_only_the_bench_records_of_the_builds_being_tuned(tmp_path):
+    """tune --budget plans from the history at every batch: the records of older builds of the model (other
+    sha256) are not read, however many there are."""
+    from edge_kit.fleet.inventory import load_fleet
+    from edge_kit.loop.tune import fleet_inputs
+    from edge_kit.manifest import read_manifest
+
+    fleet_file, folder = write_fleet(tmp_path)
+    store = Store(tmp_path / "edgekit-history.db")
+    for seq in range(100, 130):  # an older build of fp32, measured often
+        store.add("bench", messages.envelope("bench", "f", "a", seq, {
+            "variant": "fp32", "sha256": sha("fp32 of last month"), "latency_ms": {"p90": 99.0}, "runs": 100,
+            "simulated": False, "power": {}, "duration_s": 50.0}))
+    _spec, m, _shas, records = fleet_inputs(read_manifest(folder), load_fleet(fleet_file).devices, store, {})
+    assert {r["sha256"] for r in records} == {sha("fp32"), sha("onnx-fp32")}
+    assert len(records) == 2 * 3 + 2  # a, b and c measured both; nojs and quiet fp32 only
