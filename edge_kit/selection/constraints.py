@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from edge_kit.profiles import Constraints
 from edgekit_protocol.labels import power_source
 
@@ -53,7 +55,8 @@ def overshoot(c: Constraints, p90_ms: Any, avg_w: Any, model_mb: Any, accuracy: 
     """Return, for each bound ``c`` sets: (whether it is broken, by how much as a share of the bound).
 
     The figures are floats or numpy arrays that broadcast together, NaN where a figure is missing
-    (a power, accuracy or fp32 accuracy of NaN leaves its bound unjudged), and so are the results;
+    (a power, accuracy or fp32 accuracy of NaN leaves its bound unjudged, and so does an fp32 accuracy
+    of 0 or less: a ratio to it means nothing, and a user metric may be negative), and so are the results;
     a share means something only where its bound is broken. Bounds come in the order
     :func:`describe` knows them: p90, power, model size, accuracy, fidelity.
     """
@@ -65,7 +68,7 @@ def overshoot(c: Constraints, p90_ms: Any, avg_w: Any, model_mb: Any, accuracy: 
     if c.max_model_mb is not None:
         out["max_model_mb"] = model_mb > c.max_model_mb, model_mb / c.max_model_mb - 1
     if c.min_accuracy_ratio is not None:
-        ratio = accuracy / fp32_accuracy
+        ratio = accuracy / _positive(fp32_accuracy)
         out["min_accuracy_ratio"] = ratio < c.min_accuracy_ratio, 1 - ratio / c.min_accuracy_ratio
     if c.min_fidelity_snr_db is not None:  # in dB: the share is the shortfall over 10 dB (a factor of 10)
         out["min_fidelity_snr_db"] = snr_db < c.min_fidelity_snr_db, (c.min_fidelity_snr_db - snr_db) / 10
@@ -75,10 +78,10 @@ def overshoot(c: Constraints, p90_ms: Any, avg_w: Any, model_mb: Any, accuracy: 
 def violations(c: Constraints, m: Measured, fp32_accuracy: float | None) -> dict[str, float]:
     """Return how far ``m`` breaks each bound it breaks, as a share of the bound (0.1 = 10 % over).
 
-    An accuracy bound is not judged without both accuracies (an fp32 accuracy of 0 counts as none);
-    a power bound not without a figure.
+    An accuracy bound is not judged without both accuracies (an fp32 accuracy of 0 or less counts as
+    none); a power bound not without a figure.
     """
-    shares = overshoot(c, m.p90_ms, _nan(m.avg_w), m.model_mb, _nan(m.accuracy), fp32_accuracy or math.nan,
+    shares = overshoot(c, m.p90_ms, _nan(m.avg_w), m.model_mb, _nan(m.accuracy), _nan(fp32_accuracy),
                        _nan(m.snr_db))
     return {name: share for name, (broken, share) in shares.items() if broken}
 
@@ -86,12 +89,19 @@ def violations(c: Constraints, m: Measured, fp32_accuracy: float | None) -> dict
 def unjudged(c: Constraints, m: Measured, fp32_accuracy: float | None) -> list[str]:
     """Return, in words, the bounds ``c`` sets that ``m`` cannot be judged on for lack of a figure: power
     without a power figure (no sensor, no estimate), accuracy without its own or fp32's accuracy (no eval
-    set; an fp32 accuracy of 0 counts as none), fidelity without an SNR. :func:`violations` leaves those
+    set; an fp32 accuracy of 0 or less counts as none), fidelity without an SNR. :func:`violations` leaves those
     out, so a variant that meets the rest is feasible; this says what that feasibility did not cover."""
     missing = {"max_power_w": m.avg_w is None,
-               "min_accuracy_ratio": m.accuracy is None or not fp32_accuracy or math.isnan(fp32_accuracy),
+               "min_accuracy_ratio": m.accuracy is None or math.isnan(_positive(_nan(fp32_accuracy))),
                "min_fidelity_snr_db": m.snr_db is None}
     return [describe(name, c) for name, gone in missing.items() if gone and getattr(c, name) is not None]
+
+
+def _positive(x: Any) -> Any:
+    """Return ``x`` (a float or numpy array) with what is not above 0 made NaN (no ratio to it)."""
+    if isinstance(x, np.ndarray):
+        return np.where(x > 0, x, np.nan)
+    return x if x > 0 else math.nan
 
 
 def _nan(x: float | None) -> float:

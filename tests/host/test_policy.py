@@ -270,6 +270,21 @@ def test_a_bound_nothing_measured_is_said_to_be_unjudged_not_met():
     assert judged.unjudged == [] and "not judged" not in judged.reason
 
 
+def test_an_accuracy_ratio_to_an_fp32_figure_of_zero_or_less_is_unjudged_not_inverted():
+    """A user metric may be negative (e.g. minus an error, higher is better): -2 against fp32's -1 is a
+    ratio of 2, which would pass a 0.98 bound while being worse. No ratio is taken to a figure <= 0."""
+    c = Constraints(min_accuracy_ratio=0.98)
+    worse = Measured("int8", 3, None, None, "not measured", -2.0, 1.0)
+    assert violations(c, worse, -1.0) == {} and violations(c, worse, 0.0) == {}
+    d = choose("d", [cand("fp32", 8, -1.0, 2.0), cand("int8", 3, -2.0, 1.0)], c, fp32_accuracy=-1.0, current_sha=None)
+    assert d.unjudged == ["accuracy >= 0.98 x fp32"] and "not judged" in d.reason
+    assert violations(c, replace(worse, accuracy=0.5), 1.0) == {"min_accuracy_ratio": pytest.approx(1 - 0.5 / 0.98)}
+    group = np.array([1.0, 0.0, -1.0, np.nan])  # the fleet model's arrays take the same rule
+    from edge_kit.selection.constraints import overshoot
+    broken, _ = overshoot(c, 1.0, np.nan, 1.0, np.full(4, 0.5), group)["min_accuracy_ratio"]
+    assert broken.tolist() == [True, False, False, False]
+
+
 def test_tune_decides_without_the_variants_a_device_has_no_runtime_for(monkeypatch, tmp_path):
     """A device without ONNX Runtime is never sent onnx-fp32 (the deploy refuses it), so it can never measure it:
     tune must decide among what the device can run, not wait for onnx-fp32 round after round."""
