@@ -174,7 +174,8 @@ def decide(manifest: Manifest, devices: list[Device], store: HistoryStore, curre
         DeployError: the artifacts were not compiled for a device's profile.
     """
     refused = refused or {}
-    recent = store.recent_bench(devices[0].name if len(devices) == 1 else None)
+    recent = store.recent_bench(devices[0].name if len(devices) == 1 else None,
+                                sha256s=tuple(a.sha256 for a in manifest.artifacts if a.sha256))
     host_fp32 = manifest.artifact("fp32")
     profiles: dict[str, Any] = {}
     requests = []

@@ -245,14 +245,16 @@ class HistoryStore(abc.ABC):
         """Return the newest bench record per ``(device, sha256)`` (of one device, or all). Raises HistoryError."""
         return {key: records[0] for key, records in self.recent_bench(device, keep=1).items()}
 
-    def recent_bench(self, device: str | None = None, keep: int = 5) -> dict[tuple[str, str], list[dict[str, Any]]]:
-        """Return up to ``keep`` bench records per ``(device, sha256)`` (of one device, or all), newest first.
-        Raises HistoryError."""
-        where, args = ("WHERE device = ?", (device, keep)) if device else ("", (keep,))
+    def recent_bench(self, device: str | None = None, keep: int = 5,
+                     sha256s: tuple[str, ...] | None = None) -> dict[tuple[str, str], list[dict[str, Any]]]:
+        """Return up to ``keep`` bench records per ``(device, sha256)`` (of one device, or all; of the
+        artifacts whose sha256 is in ``sha256s``, or of any), newest first. The artifacts are chosen in
+        the query (indexed): records of other builds are never ranked or read. Raises HistoryError."""
+        where, args = self._where(device, "sha256", sha256s)
         sql = ("SELECT body FROM (SELECT body, ts, seq, ROW_NUMBER() OVER (PARTITION BY device, sha256 ORDER BY ts DESC, seq DESC) AS n "
                f"FROM bench {where}) AS ranked WHERE n <= ? ORDER BY ts DESC, seq DESC")
         out: dict[tuple[str, str], list[dict[str, Any]]] = {}
-        for (body,) in self._rows(sql, args):
+        for (body,) in self._rows(sql, (*args, keep)):
             m = json.loads(body)
             out.setdefault((m["device"], m["sha256"]), []).append(m)
         return out
@@ -276,7 +278,7 @@ class HistoryStore(abc.ABC):
         """Return up to ``limit`` recorded decisions (of one device, or all; of the ``kinds`` given, see
         :func:`decision_kind`, or any), newest first, each with ``recorded`` (this host's time).
         Raises HistoryError."""
-        where, args = self._decision_filter(device, kinds)
+        where, args = self._where(device, "kind", kinds)
         sql = f"SELECT body, ts FROM decisions {where} ORDER BY id DESC LIMIT ?"
         return [{**json.loads(b), "recorded": ts} for b, ts in self._rows(sql, (*args, limit))]
 
@@ -284,7 +286,7 @@ class HistoryStore(abc.ABC):
         """Return the newest recorded decision per device (of the ``kinds`` given, see :func:`decision_kind`, or of
         any; with ``feasible``, the newest that chose a feasible variant), each with ``recorded``. One indexed
         query that reads one body per device, however long the history. Raises HistoryError."""
-        where, args = self._decision_filter(None, kinds)
+        where, args = self._where(None, "kind", kinds)
         if feasible:
             where += (" AND" if where else "WHERE") + " feasible = 1 AND chosen IS NOT NULL"
         rows = self._rows("SELECT d.body, d.ts FROM decisions d JOIN "
@@ -292,15 +294,16 @@ class HistoryStore(abc.ABC):
         return {m["device"]: {**m, "recorded": ts} for m, ts in ((json.loads(b), ts) for b, ts in rows)}
 
     @staticmethod
-    def _decision_filter(device: str | None, kinds: tuple[str, ...] | None) -> tuple[str, tuple]:
-        """Return the WHERE clause (or "") and its arguments for decisions of ``device`` and ``kinds``."""
+    def _where(device: str | None, column: str, values: tuple[str, ...] | None) -> tuple[str, tuple]:
+        """Return the WHERE clause (or "") and its arguments for rows of ``device`` (None: any) whose
+        ``column`` is one of ``values`` (None: any; empty: none)."""
         terms, args = [], []
         if device:
             terms.append("device = ?")
             args.append(device)
-        if kinds is not None:
-            terms.append(f"kind IN ({', '.join('?' * len(kinds))})" if kinds else "1 = 0")
-            args.extend(kinds)
+        if values is not None:
+            terms.append(f"{column} IN ({', '.join('?' * len(values))})" if values else "1 = 0")
+            args.extend(values)
         return ("WHERE " + " AND ".join(terms) if terms else ""), tuple(args)
 
     def _migrate(self) -> None:
@@ -331,15 +334,8 @@ class HistoryStore(abc.ABC):
         """Return every bench record (of one device, or all; of the artifacts whose sha256 is in ``sha256s``,
         or of any), oldest first. The artifacts are chosen in the query (indexed), so records of other builds
         are never read. Raises HistoryError."""
-        terms, args = [], []
-        if device:
-            terms.append("device = ?")
-            args.append(device)
-        if sha256s is not None:
-            terms.append(f"sha256 IN ({', '.join('?' * len(sha256s))})" if sha256s else "1 = 0")
-            args.extend(sha256s)
-        sql = "SELECT body FROM bench" + (" WHERE " + " AND ".join(terms) if terms else "") + " ORDER BY ts, seq"
-        return [json.loads(b) for (b,) in self._rows(sql, tuple(args))]
+        where, args = self._where(device, "sha256", sha256s)
+        return [json.loads(b) for (b,) in self._rows(f"SELECT body FROM bench {where} ORDER BY ts, seq", args)]
 
     # --- rollouts (edge_kit.loop.waves) ------------------------------------------------------------
 

@@ -65,6 +65,9 @@ def test_duplicates_are_stored_once_and_latest_views_pick_the_newest(history):
     assert [(r["device"], r["seq"]) for r in history.bench_records(sha256s=("s1",))] == [("d1", 1), ("d1", 2), ("d2", 1)]
     assert [r["sha256"] for r in history.bench_records("d1", sha256s=("old-build", "s9"))] == ["old-build"]
     assert history.bench_records(sha256s=()) == [] and len(history.bench_records()) == 4
+    assert set(history.recent_bench(sha256s=("s1",))) == {("d1", "s1"), ("d2", "s1")}  # the old build's never ranked
+    assert list(history.recent_bench("d1", sha256s=("old-build",))) == [("d1", "old-build")]
+    assert history.recent_bench(sha256s=()) == {} and len(history.recent_bench()) == 3
 
 
 def test_rows_are_ordered_by_the_receivers_clock_not_the_senders(history):
