@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+import typer.rich_utils
 from rich import box
 from rich.console import Console
 from rich.markup import escape
@@ -23,9 +24,13 @@ from rich.table import Table
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="edge-kit: compile one model into per-device variants and keep a fleet on the best one.")
 
+# NO_COLOR (no-color.org) means no escape codes at all: rich alone drops the colours but keeps bold and dim.
+# The same goes for typer's help pages.
+COLOR_SYSTEM: Optional[str] = None if os.environ.get("NO_COLOR") else "auto"
+typer.rich_utils.COLOR_SYSTEM = COLOR_SYSTEM
 # Piped output (CI logs, `| tee`) gets rich's 80 columns, which cut the figures in wide tables.
-out = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 120)
-err = Console(stderr=True)
+out = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 120, color_system=COLOR_SYSTEM)
+err = Console(stderr=True, color_system=COLOR_SYSTEM)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 FleetOpt = Annotated[Path, typer.Option("--fleet", "-f", help="fleet.yaml: devices, SSH and broker.")]

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+
+import pytest
 
 
 def run_edgekit(prelude: str, *args: str) -> subprocess.CompletedProcess:
@@ -23,3 +26,64 @@ def test_a_toolkit_error_is_one_line_and_its_exit_code():
     assert result.returncode == 2
     assert result.stderr.startswith("edgekit: error: unknown profile 'rpi-4'; did you mean 'rpi4'?")
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_with_json_a_toolkit_error_is_also_one_json_document_on_stdout():
+    result = run_edgekit("pass", "profiles", "show", "rpi-4", "--json")
+    assert result.returncode == 2
+    answer = json.loads(result.stdout)
+    assert answer["exit_code"] == 2 and answer["error"].startswith("unknown profile 'rpi-4'; did you mean 'rpi4'?")
+    assert result.stderr == f"edgekit: error: {answer['error']}\n"
+
+
+@pytest.mark.parametrize("value, why", [("0", "greater than or equal to 1"), ("-1", "greater than or equal to 1"),
+                                        ("many", "valid integer")])
+def test_a_bad_option_value_is_one_line_exit_2_and_json_with_json(value, why):
+    result = run_edgekit("pass", "deploy", "--fleet", "fleet.yaml", "--artifacts", "a", "--parallel", value, "--json")
+    assert result.returncode == 2
+    answer = json.loads(result.stdout)
+    assert why in answer["error"] and "--parallel" in answer["error"] and "`edgekit deploy --help`" in answer["error"]
+    assert result.stderr == f"edgekit: error: {answer['error']}\n"
+    plain = run_edgekit("pass", "deploy", "--fleet", "fleet.yaml", "--artifacts", "a", "--parallel", value)
+    assert plain.returncode == 2 and plain.stdout == "" and plain.stderr == result.stderr
+
+
+def test_an_unknown_command_is_one_line_naming_the_closest():
+    result = run_edgekit("pass", "deplyo")
+    assert result.returncode == 2
+    assert result.stderr == "edgekit: error: No such command 'deplyo'. Did you mean 'deploy', 'demo'? (see `edgekit --help`)\n"
+
+
+def test_ctrl_c_in_a_command_is_one_line_and_exit_130():
+    interrupt = "import edge_kit.profiles as p; p.bundled_profiles = lambda: (_ for _ in ()).throw(KeyboardInterrupt())"
+    result = run_edgekit(interrupt, "profiles", "list")
+    assert result.returncode == 130
+    assert result.stderr == "edgekit: error: interrupted; nothing was half-written\n" and result.stdout == ""
+    as_json = run_edgekit(interrupt, "profiles", "list", "--json")
+    assert as_json.returncode == 130 and json.loads(as_json.stdout)["exit_code"] == 130
+
+
+def test_no_color_on_a_terminal_prints_no_escape_codes():
+    import os
+    import pty
+
+    for args in (["profiles", "list"], ["profiles", "--help"]):
+        leader, follower = pty.openpty()
+        code = f"import sys; sys.argv = ['edgekit', *{args!r}]; from edge_kit.cli import main; main()"
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=follower, stderr=follower,
+                                env={**os.environ, "NO_COLOR": "1", "TERM": "xterm-256color"})
+        os.close(follower)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # the child closed the terminal
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        os.close(leader)
+        assert proc.wait(timeout=120) == 0
+        text = b"".join(chunks).decode()
+        assert "rpi4" in text or "Usage" in text
+        assert "\x1b" not in text, args
