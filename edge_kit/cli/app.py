@@ -11,6 +11,7 @@ import json
 import os
 import re
 import sys
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -19,6 +20,7 @@ import typer.rich_utils
 from rich import box
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import Progress, ProgressColumn
 from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -31,6 +33,25 @@ typer.rich_utils.COLOR_SYSTEM = COLOR_SYSTEM
 # Piped output (CI logs, `| tee`) gets rich's 80 columns, which cut the figures in wide tables.
 out = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 120, color_system=COLOR_SYSTEM)
 err = Console(stderr=True, color_system=COLOR_SYSTEM)
+
+
+
+def progress_bar(*columns: str | ProgressColumn, as_json: bool, transient: bool = True) -> Progress:
+    """Return a rich :class:`~rich.progress.Progress` with ``columns`` on stderr (never stdout), shown only
+    on a terminal and without ``--json``: a log or a pipe gets no bar (and no blank line where it was)."""
+    return Progress(*columns, console=err, transient=transient, disable=as_json or not err.is_terminal)
+
+
+class _NoSpinner:
+    def update(self, *_args: Any, **_kwargs: Any) -> None:
+        """Do nothing: there is no spinner to update (``--json``)."""
+
+
+def spinner(text: str, as_json: bool) -> AbstractContextManager[Any]:
+    """Return a context that shows a spinner saying ``text`` on stderr (never stdout) and yields an object
+    whose ``update(text)`` changes it; with ``--json``, one whose ``update`` does nothing."""
+    return nullcontext(_NoSpinner()) if as_json else err.status(text, spinner="dots")
+
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 FleetOpt = Annotated[Path, typer.Option("--fleet", "-f", help="fleet.yaml: devices, SSH and broker.")]

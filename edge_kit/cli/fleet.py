@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -27,8 +26,10 @@ from edge_kit.cli.app import (
     live_gate,
     open_fleet_history,
     out,
+    progress_bar,
     results_table,
     safe,
+    spinner,
 )
 
 
@@ -60,7 +61,7 @@ def bench_cmd(
     dev = fleet.device(device)
     args = {k: v for k, v in {"variant": variant, "min_runs": min_runs, "min_seconds": min_seconds}.items() if v is not None}
     with FleetClient.of(fleet) as client:
-        with out.status(f"benchmarking {variant or 'the current model'} on {dev.name}", spinner="dots") if not as_json else nullcontext():
+        with spinner(f"benchmarking {variant or 'the current model'} on {dev.name}", as_json):
             record = client.request(dev.name, "bench", args, timeout=timeout)["record"]
     if as_json:
         emit_json(record)
@@ -125,7 +126,7 @@ def keys_rotate_cmd(
     from edge_kit.fleet.rotate import rotate_operator_key
 
     fleet = load_fleet(fleet_file)
-    with out.status("rotating the operator key", spinner="dots") if not as_json else nullcontext():
+    with spinner("rotating the operator key", as_json):
         old, new, switched, results = rotate_operator_key(fleet, timeout, force=force)
     if as_json:
         emit_json({"old_key": old, "new_key": new, "switched": switched, "devices": [r.__dict__ for r in results]})
@@ -202,9 +203,8 @@ def deploy_cmd(
     devices by a one-sided Mann-Whitney U test, live fidelity against the reference), then promoted,
     held or rolled back; every decision goes to the history with its numbers.
     """
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
 
-    from edge_kit.cli.app import err
     from edge_kit.errors import InputError
     from edge_kit.fleet.deploy import DeployOptions, deploy
     from edge_kit.fleet.inventory import load_fleet
@@ -225,8 +225,8 @@ def deploy_cmd(
     # The gate's decisions go to the history (opened before any device is touched: a database that
     # cannot be reached stops the deploy here).
     history = open_fleet_history(fleet_file, history_spec) if gated is not None else None
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} devices"),
-                  TimeElapsedColumn(), console=err, transient=True, disable=as_json) as bar:
+    with progress_bar(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} devices"),
+                      TimeElapsedColumn(), as_json=as_json) as bar:
         task = bar.add_task("deploying", total=len(targets))
 
         def progress(device: str, what: str) -> None:
@@ -265,13 +265,12 @@ def sim_up(
     as_json: JsonOpt = False,
 ) -> None:
     """Start a broker and N virtual devices (an SSH server + the real agent each); writes DIR/fleet.yaml."""
-    from edge_kit.cli.app import err
     from edge_kit.sim.fleet import SimFleet
     from edge_kit.sim.links import Links, parse_rate
 
     rate = parse_rate(link_rate) if link_rate is not None else None
     sim = SimFleet(workdir)
-    with err.status("starting the simulated fleet") as status:
+    with spinner("starting the simulated fleet", as_json) as status:
         fleet = sim.up(devices, [p.strip() for p in profiles.split(",") if p.strip()], embedded_broker=embedded_broker or None,
                        embedded_ssh=embedded_ssh or None, link_rate=rate, insecure=insecure, store=store,
                        progress=lambda msg: status.update(msg))

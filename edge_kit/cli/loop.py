@@ -19,8 +19,10 @@ from edge_kit.cli.app import (
     emit_json,
     open_fleet_history,
     out,
+    progress_bar,
     results_table,
     safe,
+    spinner,
 )
 from edge_kit.selection.policy import DEFAULT_MARGIN
 from edgekit_protocol.labels import power_source
@@ -168,7 +170,6 @@ def tune_cmd(
 ) -> None:
     """Measure every candidate on every device (or, with --budget, what the fleet model plans), select,
     activate with a health benchmark, verify; repeat until nothing changes."""
-    from edge_kit.cli.app import err
     from edge_kit.errors import InputError
     from edge_kit.fleet.inventory import load_fleet
     from edge_kit.loop.tune import tune
@@ -180,8 +181,8 @@ def tune_cmd(
     opts = tune_options(artifacts, rounds, margin, min_runs, min_seconds, timeout, parallel, trust_new_hosts, budget,
                         budget_unit)
     db = open_fleet_history(fleet_file, history)
-    with err.status("tuning", spinner="dots") if not as_json else nullcontext() as status:
-        report = tune(fleet, targets, opts, db, progress=(lambda m: status.update(m)) if status else None)
+    with spinner("tuning", as_json) as status:
+        report = tune(fleet, targets, opts, db, progress=status.update)
     if as_json:
         emit_json(report.as_dict())
     else:
@@ -199,14 +200,12 @@ def demo_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """The whole loop on a simulated fleet: example model, compile, broker, devices, deploy, measure, select."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
 
-    from edge_kit.cli.app import err
     from edge_kit.loop.demo import STEPS, run_demo
 
     names = [p.strip() for p in profiles.split(",") if p.strip()]
-    with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=err,
-                  transient=True, disable=as_json) as bar:
+    with progress_bar(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), as_json=as_json) as bar:
         task = bar.add_task(STEPS[0], total=len(STEPS))
         seen: list[str] = []
 

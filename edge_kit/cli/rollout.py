@@ -8,13 +8,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich import box
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-)
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from edge_kit.cli.app import (
@@ -35,6 +29,7 @@ from edge_kit.cli.app import (
     live_gate,
     open_fleet_history,
     out,
+    progress_bar,
     safe,
 )
 
@@ -72,8 +67,8 @@ def _drive(fleet_file: Path, db: Any, rid: str, as_json: bool) -> dict[str, Any]
 
     if as_json:
         return Rollout(db, rid, connect, judge=judge).run()
-    with Progress(TextColumn("wave {task.fields[wave]}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.fields[counts]}"), TimeElapsedColumn(), console=err, transient=False) as bar:
+    with progress_bar(TextColumn("wave {task.fields[wave]}"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("{task.fields[counts]}"), TimeElapsedColumn(), as_json=False, transient=False) as bar:
         task = bar.add_task("rollout", total=None, wave="-", counts="")
 
         def show(p: Any) -> None:

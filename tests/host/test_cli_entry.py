@@ -87,3 +87,24 @@ def test_no_color_on_a_terminal_prints_no_escape_codes():
         text = b"".join(chunks).decode()
         assert "rpi4" in text or "Usage" in text
         assert "\x1b" not in text, args
+
+
+def test_progress_and_spinners_go_to_stderr_on_a_terminal_only_and_never_with_json(capsys, monkeypatch):
+    from rich.progress import BarColumn
+
+    from edge_kit.cli import app
+
+    def work(as_json):
+        with app.spinner("working", as_json) as status:
+            status.update("still working")
+        with app.progress_bar("{task.description}", BarColumn(), as_json=as_json) as bar:
+            bar.update(bar.add_task("steps", total=2), advance=2)
+        return capsys.readouterr()
+
+    piped = work(as_json=False)  # a log gets no bar, and no blank line where it was
+    assert piped.out == "" and piped.err == ""
+    monkeypatch.setattr(app.err, "_force_terminal", True)
+    shown = work(as_json=False)
+    assert shown.out == "" and shown.err != ""
+    quiet = work(as_json=True)
+    assert quiet.out == "" and quiet.err == ""
