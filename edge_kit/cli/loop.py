@@ -57,6 +57,20 @@ def decision_table(decisions: dict[str, Any], explain: bool) -> list[Any]:
     return out_items
 
 
+def figures_note(devices: Any, inferred: bool = False) -> str:
+    """Return the line printed under a table of the devices' figures (select --explain, fleet status): where
+    each figure comes from, ``~`` figures when ``inferred``, and which of ``devices`` (fleet
+    :class:`~edge_kit.fleet.inventory.Device`) are simulated, so measured on this machine."""
+    text = ("figures: p90 and top-1 measured by each device's own agent (`edgekit bench` names the clock), top-1 on "
+            "the eval set shipped with the artifacts; W and mJ from the power source shown (a sensor, or estimated)")
+    if inferred:
+        text += "; ~ inferred by the fleet model from other devices of the profile, [90 % interval]"
+    simulated = [d.name for d in devices if d.simulated]
+    if simulated:
+        text += f"; simulated devices ({', '.join(simulated)}): measured on this machine, not their profile's hardware"
+    return safe(text)
+
+
 def _num(x: float | None) -> str:
     return "-" if x is None else f"{x:.4g}"
 
@@ -111,6 +125,9 @@ def select_cmd(
         return
     for item in decision_table(decisions, explain):
         out.print(item)
+    if explain:
+        inferred = any(r.get("source") == "inferred" for d in decisions.values() for r in d.table)
+        out.print(figures_note(chosen, inferred), highlight=False)
     for text in messages:
         out.print(f"[yellow]note[/] {safe(text)}")
 
@@ -410,6 +427,7 @@ def fleet_status_cmd(fleet_file: FleetOpt, history: HistoryOpt = None, as_json: 
                     "bench": {f"{d}/{s}": r for (d, s), r in db.latest_bench().items()}, "flagged": flagged})
         return
     out.print(_fleet_table(db, fleet))
+    out.print(figures_note(fleet.devices), highlight=False)
     if flagged:
         t = Table("device", "differs from its profile (measured individually)", box=box.SIMPLE_HEAD, pad_edge=False,
                   title="devices that differ", title_justify="left")

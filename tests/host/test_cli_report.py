@@ -96,3 +96,24 @@ def test_latency_axis_is_logarithmic_and_holds_the_points_and_the_limit():
     assert label.x == pytest.approx(math.log10(limit))  # annotations on a log axis are placed by decade
     line = next(s for s in scatter.layout.shapes if s.x0 == s.x1)
     assert line.x0 == limit  # shapes by value
+
+
+def test_fleet_status_says_where_its_figures_come_from_and_which_devices_are_simulated(tmp_path, run_cli):
+    from edge_kit.telemetry.store import Store, history_path
+    from edgekit_protocol import messages
+
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text("fleet: sim\nbroker: {host: 127.0.0.1, port: 1}\ndefaults: {user: edgekit, profile: rpi4}\n"
+                          "devices:\n  - {name: rpi4-1, host: 127.0.0.1, simulated: true}\n"
+                          "  - {name: rpi4-2, host: 127.0.0.1}\n")
+    store = Store(history_path(fleet_file))
+    store.add_many([("bench", _bench("rpi4-1", "int8", 0.19, 0.99, 1)),
+                    ("status", messages.envelope("status", "sim", "rpi4-1", 2, {
+                        "state": "online", "profile": "rpi4", "current": {"variant": "int8", "sha256": "int8" * 4}}))])
+    store.close()
+    code, out, err = run_cli("fleet", "status", "--fleet", fleet_file)
+    assert code == 0, err
+    assert "0.19" in out
+    note = " ".join(out.split("figures:")[1].split())
+    assert note.startswith("p90 and top-1 measured by each device's own agent")
+    assert "simulated devices (rpi4-1): measured on this machine" in note and "rpi4-2" not in note
