@@ -200,12 +200,12 @@ def resume_cmd(fleet_file: FleetOpt, rid: IdArg, history: HistoryOpt = None, as_
 @rollout_app.command("abort")
 def abort_cmd(fleet_file: FleetOpt, rid: IdArg, history: HistoryOpt = None, as_json: JsonOpt = False) -> None:
     """Stop a rollout: no further desired state is sent (devices already sent keep theirs)."""
-    from edge_kit.loop.waves import STALE_OWNER_S, RolloutError
+    from edge_kit.loop.waves import STALE_OWNER_S, RolloutError, UnknownRollout
 
     db = _history(fleet_file, history)
     record = db.rollout(rid)
     if record is None:
-        raise RolloutError(f"rollout {rid}: not in the history; see `edgekit rollout list`")
+        raise UnknownRollout(rid)
     if record["state"] not in ("running", "aborting", "held", "stopped"):
         raise RolloutError(f"rollout {rid} is {record['state']} already; nothing to abort")
     driver = db.rollout_driver(rid, STALE_OWNER_S)  # by the database's clock, as the driver's heartbeat
@@ -227,12 +227,12 @@ def status_cmd(
     """Show a rollout's state and each device's."""
     from edge_kit.fleet.commands import FleetClient
     from edge_kit.fleet.inventory import load_fleet
-    from edge_kit.loop.waves import Rollout, RolloutError
+    from edge_kit.loop.waves import Rollout, UnknownRollout
 
     db = _history(fleet_file, history)
     record = db.rollout(rid)
     if record is None:
-        raise RolloutError(f"rollout {rid}: not in the history; see `edgekit rollout list`")
+        raise UnknownRollout(rid)
     view = Rollout(db, rid, connect=lambda cb: FleetClient.of(load_fleet(fleet_file), kinds=("reported",), on_reported=cb))
     summary = view.status(record, refresh=refresh)
     emit_json(summary) if as_json else _print(summary)
