@@ -6,6 +6,7 @@ with what a real agent sends (an ack, and for ``bench`` a record), or stays sile
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 from typing import Any, Callable
 
@@ -151,3 +152,15 @@ def test_only_the_addressed_devices_signed_well_formed_ack_counts():
         transport.deliver(topic, ack(DEVICES["d1"], "d1"))
         assert c.wait_ack(cmd_id, 1)["result"] == {"forged": False}
     assert held and held[0]["expires"] > held[0]["ts"]  # every command expires
+
+
+@pytest.mark.parametrize("command", [["monitor", "--duration", "1"], ["bench", "--device", "d1"]])
+def test_an_unreachable_broker_is_one_line_saying_what_to_check(tmp_path, run_cli, command):
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text("fleet: sim\nbroker: {host: 127.0.0.1, port: 1}\ndefaults: {user: edgekit, profile: rpi4}\n"
+                          "devices:\n  - {name: d1, host: 127.0.0.1}\n")
+    code, out, err = run_cli(*command, "--fleet", fleet_file, "--json")
+    assert code == 5
+    assert err == ("edgekit: error: cannot reach the MQTT broker at 127.0.0.1:1 (Connection refused); "
+                   "check broker.host/port in the fleet file and that the broker runs\n")
+    assert json.loads(out)["exit_code"] == 5
