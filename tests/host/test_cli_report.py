@@ -117,3 +117,19 @@ def test_fleet_status_says_where_its_figures_come_from_and_which_devices_are_sim
     note = " ".join(out.split("figures:")[1].split())
     assert note.startswith("p90 and top-1 measured by each device's own agent")
     assert "simulated devices (rpi4-1): measured on this machine" in note and "rpi4-2" not in note
+
+
+def test_an_output_folder_that_cannot_be_written_is_one_line_naming_it(tmp_path, run_cli):
+    from edge_kit.telemetry.store import Store
+
+    history = tmp_path / "history.db"
+    Store(history).close()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    for args in (["report", "--history", history, "--out", blocker / "r.html"], ["example", "digits", "--out", blocker / "ex"]):
+        code, out, err = run_cli(*args, "--json")
+        assert code == 2, err
+        error = json.loads(out)["error"]
+        assert error.startswith(f"{blocker}") and ": output folder is not writable (" in error
+        assert error.endswith("); choose another with --out")
+        assert err.count("\n") == 1 and "Traceback" not in err
