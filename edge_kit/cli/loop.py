@@ -291,7 +291,7 @@ def _fleet_table(store: Any, fleet: Any) -> Table:
 def monitor_cmd(
     fleet_file: FleetOpt,
     history: HistoryOpt = None,
-    metrics_port: Annotated[Optional[int], typer.Option(help="Serve Prometheus metrics on this port.")] = None,
+    metrics_port: Annotated[Optional[int], typer.Option(min=1, max=65535, help="Serve Prometheus metrics on this port.")] = None,
     metrics_addr: Annotated[str, typer.Option(help="Address for the metrics endpoint.")] = "127.0.0.1",
     share: Annotated[Optional[str], typer.Option(help="Join this MQTT 5 shared-subscription group (several workers).")] = None,
     silence_s: Annotated[float, typer.Option(min=1, help="Alert when a device is silent this long.")] = 180.0,

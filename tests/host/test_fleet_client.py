@@ -164,3 +164,21 @@ def test_an_unreachable_broker_is_one_line_saying_what_to_check(tmp_path, run_cl
     assert err == ("edgekit: error: cannot reach the MQTT broker at 127.0.0.1:1 (Connection refused); "
                    "check broker.host/port in the fleet file and that the broker runs\n")
     assert json.loads(out)["exit_code"] == 5
+
+
+def test_a_metrics_port_in_use_or_out_of_range_is_one_line_exit_2(tmp_path, run_cli):
+    import socket
+
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text("fleet: sim\nbroker: {host: 127.0.0.1, port: 1}\ndefaults: {user: edgekit, profile: rpi4}\n"
+                          "devices:\n  - {name: d1, host: 127.0.0.1}\n")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, out, err = run_cli("monitor", "--fleet", fleet_file, "--metrics-port", port, "--duration", "1", "--json")
+    assert code == 2
+    assert json.loads(out)["error"] == (f"--metrics-addr 127.0.0.1 --metrics-port {port}: cannot serve /metrics there "
+                                        "(Address already in use); choose a free port or another address")
+    code, _, err = run_cli("monitor", "--fleet", fleet_file, "--metrics-port", "99999", "--duration", "1")
+    assert code == 2 and err.startswith("edgekit: error: Invalid value for '--metrics-port'") and err.count("\n") == 1
