@@ -63,6 +63,24 @@ _HISTORY_HELP = ("History database: a SQLite file, or a postgresql://user:passwo
 HistoryOpt = Annotated[Optional[str], typer.Option("--history", metavar="PATH|URL", help=_HISTORY_HELP + ".")]
 
 
+ProfilesOpt = Annotated[str, typer.Option("--profiles", help="Comma-separated profiles, cycled over the devices.")]
+
+
+def profile_names(text: str) -> list[str]:
+    """Return the profile names of a comma-separated ``--profiles`` value, in order.
+
+    Raises:
+        InputError: it names none.
+    """
+    from edge_kit.errors import InputError
+
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    if not names:
+        raise InputError(f"--profiles {text!r}: name at least one profile, e.g. rpi4,rpi5,coral-usb "
+                         "(see `edgekit profiles list`)")
+    return names
+
+
 def open_fleet_history(fleet_file: Path | None, history: str | None) -> Any:
     """Return the open :class:`~edge_kit.telemetry.store.HistoryStore` that ``--history`` names, or the fleet's
     default file (``edgekit-history.db`` beside the fleet file; in the current folder without one).

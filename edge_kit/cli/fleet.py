@@ -21,11 +21,13 @@ from edge_kit.cli.app import (
     GateWindowOpt,
     HistoryOpt,
     JsonOpt,
+    ProfilesOpt,
     app,
     emit_json,
     live_gate,
     open_fleet_history,
     out,
+    profile_names,
     progress_bar,
     results_table,
     safe,
@@ -251,7 +253,7 @@ def deploy_cmd(
 @sim_app.command("up")
 def sim_up(
     devices: Annotated[int, typer.Option("--devices", min=1, max=64, help="How many virtual devices.")] = 3,
-    profiles: Annotated[str, typer.Option(help="Comma-separated profiles, cycled over the devices.")] = "rpi4,rpi5,coral-usb",
+    profiles: ProfilesOpt = "rpi4,rpi5,coral-usb",
     workdir: SimDirOpt = Path(".edgekit-sim"),
     embedded_broker: Annotated[bool, typer.Option("--embedded-broker", help="Use the embedded broker even when Mosquitto is installed.")] = False,
     embedded_ssh: Annotated[bool, typer.Option("--embedded-ssh", help="Use the embedded SSH server even when sshd is installed.")] = False,
@@ -271,7 +273,7 @@ def sim_up(
     rate = parse_rate(link_rate) if link_rate is not None else None
     sim = SimFleet(workdir)
     with spinner("starting the simulated fleet", as_json) as status:
-        fleet = sim.up(devices, [p.strip() for p in profiles.split(",") if p.strip()], embedded_broker=embedded_broker or None,
+        fleet = sim.up(devices, profile_names(profiles), embedded_broker=embedded_broker or None,
                        embedded_ssh=embedded_ssh or None, link_rate=rate, insecure=insecure, store=store,
                        progress=lambda msg: status.update(msg))
     state = sim.state()

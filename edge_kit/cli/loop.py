@@ -15,10 +15,12 @@ from edge_kit.cli.app import (
     FleetOpt,
     HistoryOpt,
     JsonOpt,
+    ProfilesOpt,
     app,
     emit_json,
     open_fleet_history,
     out,
+    profile_names,
     progress_bar,
     results_table,
     safe,
@@ -211,7 +213,7 @@ def tune_cmd(
 @app.command("demo")
 def demo_cmd(
     devices: Annotated[int, typer.Option("--devices", min=1, max=32, help="How many virtual devices.")] = 3,
-    profiles: Annotated[str, typer.Option(help="Comma-separated profiles, cycled over the devices.")] = "rpi4,rpi5,coral-usb",
+    profiles: ProfilesOpt = "rpi4,rpi5,coral-usb",
     workdir: Annotated[Optional[Path], typer.Option("--dir", help="Work folder (kept); default: a temporary one, removed.")] = None,
     keep: Annotated[bool, typer.Option("--keep", help="Keep the temporary folder (artifacts, history, logs).")] = False,
     as_json: JsonOpt = False,
@@ -221,7 +223,7 @@ def demo_cmd(
 
     from edge_kit.loop.demo import STEPS, run_demo
 
-    names = [p.strip() for p in profiles.split(",") if p.strip()]
+    names = profile_names(profiles)
     with progress_bar(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), as_json=as_json) as bar:
         task = bar.add_task(STEPS[0], total=len(STEPS))
         seen: list[str] = []

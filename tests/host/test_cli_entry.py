@@ -108,3 +108,32 @@ def test_progress_and_spinners_go_to_stderr_on_a_terminal_only_and_never_with_js
     assert shown.out == "" and shown.err != ""
     quiet = work(as_json=True)
     assert quiet.out == "" and quiet.err == ""
+
+
+@pytest.mark.parametrize("command", [["sim", "up", "--dir", "{tmp}/sim"], ["demo", "--dir", "{tmp}/demo"]])
+def test_profiles_naming_none_is_one_line_exit_2(tmp_path, run_cli, command):
+    code, out, err = run_cli(*[a.format(tmp=tmp_path) for a in command], "--profiles", " , ", "--json")
+    assert code == 2
+    assert json.loads(out)["error"] == ("--profiles ' , ': name at least one profile, e.g. rpi4,rpi5,coral-usb "
+                                        "(see `edgekit profiles list`)")
+    assert err.count("\n") == 1 and list(tmp_path.iterdir()) == []
+
+
+def test_a_broker_host_no_certificate_can_name_writes_nothing(tmp_path, run_cli):
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text("fleet: f\nbroker: {host: 127.0.0.1, port: 1}\ndefaults: {user: edgekit, profile: rpi4}\n"
+                          "devices:\n  - {name: d1, host: 127.0.0.1}\n")
+    for host in ("", "a b", "x" * 65):
+        code, out, err = run_cli("fleet", "init", "--fleet", fleet_file, "--broker-host", host, "--out", tmp_path / "wall",
+                                 "--json")
+        assert code == 2 and json.loads(out)["error"].startswith(f"--broker-host {host!r}: give the name or address")
+        assert not (tmp_path / "wall").exists()  # a half-written wall would refuse the next, corrected run
+
+
+def test_a_store_folder_that_does_not_exist_is_bad_input(tmp_path):
+    from edge_kit.errors import InputError
+    from edge_kit.sim.store_server import start_store_server
+
+    with pytest.raises(InputError, match="no such store folder; run `edgekit publish ARTIFACTS --store"):
+        start_store_server(tmp_path / "none")
+    assert InputError.exit_code == 2
