@@ -83,11 +83,12 @@ def shadow_cmd(
                                                         "(fp32: how far the served model is from the reference).")] = None,
     share: Annotated[float, typer.Option(min=0, max=1, help="Share of live requests also run through it.")] = 0.1,
     max_per_s: Annotated[float, typer.Option(min=0, max=1000, help="At most this many shadow runs a second.")] = 5.0,
-    off: Annotated[bool, typer.Option(help="Stop the device's shadow run.")] = False,
+    off: Annotated[bool, typer.Option("--off", help="Stop the device's shadow run.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Compare an installed variant with the served one on the device's live inputs (only the comparison
-    leaves the device, in its telemetry's live.shadow; the inputs never do)."""
+    """Run an installed variant beside the served one on the device's live inputs, and compare them.
+
+    Only the comparison leaves the device (in its telemetry's live.shadow); the inputs never do."""
     from edge_kit.errors import InputError
     from edge_kit.fleet.commands import FleetClient
     from edge_kit.fleet.inventory import load_fleet
@@ -116,7 +117,7 @@ app.add_typer(keys_app, name="keys")
 def keys_rotate_cmd(
     fleet_file: FleetOpt,
     timeout: Annotated[float, typer.Option(min=1, help="Seconds to wait for each step's answers.")] = 30.0,
-    force: Annotated[bool, typer.Option(help="Switch even when a device missed the new key (deploy to it after).")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Switch even when a device missed the new key (deploy to it after).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Replace the operator key on every device of the fleet over MQTT (the old key is kept under keys/retired/).
@@ -150,8 +151,9 @@ def publish_cmd(
                                                        "to S3 / a CDN origin (docs/artifact-store.md).")],
     as_json: JsonOpt = False,
 ) -> None:
-    """Write the artifacts content-addressed into a store folder (sha256/<hash>) plus the manifest
-    (manifests/<model>/<sha256>.json and latest.json); what is already there is not written again."""
+    """Write the artifacts content-addressed into a store folder; what is already there is not written again.
+
+    Artifacts go to sha256/<hash>, the manifest to manifests/<model>/<sha256>.json and latest.json."""
     from edge_kit.fleet.artifact_store import publish
 
     result = publish(artifacts, store)

@@ -187,8 +187,9 @@ def tune_cmd(
     budget_unit: Annotated[str, typer.Option(help="runs | seconds")] = "runs",
     as_json: JsonOpt = False,
 ) -> None:
-    """Measure every candidate on every device (or, with --budget, what the fleet model plans), select,
-    activate with a health benchmark, verify; repeat until nothing changes."""
+    """Measure the candidates on the devices, select, activate with a health benchmark, verify; repeat until stable.
+
+    Every candidate is measured on every device, or with --budget what the fleet model plans."""
     from edge_kit.errors import InputError
     from edge_kit.fleet.inventory import load_fleet
     from edge_kit.loop.tune import tune
@@ -378,8 +379,9 @@ def fleet_init_cmd(
     listen: Annotated[Optional[str], typer.Option(help="Address the broker listens on (default: every interface).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Write a real fleet's broker wall: per-device passwords, the ACL, a CA and server certificate, a
-    hardened mosquitto.conf, and the fleet-file broker settings that use them (fleet-broker.yaml)."""
+    """Write a real fleet's broker wall, and the fleet-file broker settings that use it (fleet-broker.yaml).
+
+    The wall: per-device passwords, the ACL, a CA and server certificate, a hardened mosquitto.conf."""
     import yaml
 
     from edge_kit.errors import ConfigError

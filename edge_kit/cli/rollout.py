@@ -220,7 +220,7 @@ def abort_cmd(fleet_file: FleetOpt, rid: IdArg, history: HistoryOpt = None, as_j
 @rollout_app.command("status")
 def status_cmd(
     fleet_file: FleetOpt, rid: IdArg, history: HistoryOpt = None,
-    refresh: Annotated[bool, typer.Option(help="Also read the devices' retained reported states from the broker "
+    refresh: Annotated[bool, typer.Option("--refresh", help="Also read the devices' retained reported states from the broker "
                                                "(devices that converged after the rollout's host stopped).")] = False,
     as_json: JsonOpt = False,
 ) -> None:

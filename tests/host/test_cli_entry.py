@@ -137,3 +137,23 @@ def test_a_store_folder_that_does_not_exist_is_bad_input(tmp_path):
     with pytest.raises(InputError, match="no such store folder; run `edgekit publish ARTIFACTS --store"):
         start_store_server(tmp_path / "none")
     assert InputError.exit_code == 2
+
+
+def test_every_command_has_a_one_line_summary_and_no_negative_of_a_plain_switch():
+    import typer.main
+
+    from edge_kit.cli import compile, fleet, loop, rollout  # noqa: F401  (each registers its commands)
+    from edge_kit.cli.app import app
+
+    def commands(group, path):
+        for name, cmd in group.commands.items():
+            yield f"{path} {name}", cmd
+            if hasattr(cmd, "commands"):
+                yield from commands(cmd, f"{path} {name}")
+
+    root = typer.main.get_command(app)
+    for path, cmd in commands(root, "edgekit"):
+        summary = (cmd.help or "").strip().split("\n\n")[0]
+        assert summary and "\n" not in summary, f"{path}: its summary in `edgekit --help` is broken over lines"
+        negatives = [o for p in cmd.params for o in p.secondary_opts]
+        assert set(negatives) <= {"--no-repair"}, f"{path}: {negatives}"
