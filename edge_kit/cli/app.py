@@ -35,7 +35,6 @@ out = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 
 err = Console(stderr=True, color_system=COLOR_SYSTEM)
 
 
-
 def progress_bar(*columns: str | ProgressColumn, as_json: bool, transient: bool = True) -> Progress:
     """Return a rich :class:`~rich.progress.Progress` with ``columns`` on stderr (never stdout), shown only
     on a terminal and without ``--json``: a log or a pipe gets no bar (and no blank line where it was)."""
@@ -61,8 +60,6 @@ _HISTORY_HELP = ("History database: a SQLite file, or a postgresql://user:passwo
 # One name per concept: --history is the history database everywhere, --store the artifact store (publish,
 # rollout, sim up). Round 1's --store for the history was renamed when the artifact store came.
 HistoryOpt = Annotated[Optional[str], typer.Option("--history", metavar="PATH|URL", help=_HISTORY_HELP + ".")]
-
-
 ProfilesOpt = Annotated[str, typer.Option("--profiles", help="Comma-separated profiles, cycled over the devices.")]
 
 
