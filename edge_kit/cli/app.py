@@ -8,6 +8,7 @@ other (an import-linter contract checks it). Errors map to one line in :func:`ed
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import sys
@@ -91,14 +92,27 @@ def open_fleet_history(fleet_file: Path | None, history: str | None) -> Any:
         return open_history(history)
     return open_history(history_path(fleet_file) if fleet_file else Path(HISTORY_NAME))
 
+def finite(value: float | None) -> float | None:
+    """Return ``value``, an option's number (the ``callback`` of every float option bounded only from below).
+
+    Raises:
+        typer.BadParameter: it is infinite (``inf`` passes a lower bound, and breaks the waits it sets; ``nan``
+            fails every bound already).
+    """
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value}: give a finite number")
+    return value
+
+
 # The live gate (deploy --canary --gate live, rollout start --gate live): edge_kit.selection.gate.judge_live.
 GateOpt = Annotated[Optional[str], typer.Option(help="'live': judge the first devices (canaries) on production traffic "
                                                      "against the devices of their profiles still on the current model.")]
-GateWindowOpt = Annotated[float, typer.Option(min=1, help="Live gate: seconds to collect at most.")]
+GateWindowOpt = Annotated[float, typer.Option(callback=finite, min=1, help="Live gate: seconds to collect at most.")]
 GateRequestsOpt = Annotated[int, typer.Option(min=10, help="Live gate: requests each canary must answer.")]
 GateAlphaOpt = Annotated[float, typer.Option(min=1e-6, max=0.5, help="Live gate: the latency test's significance.")]
-GateSlowdownOpt = Annotated[float, typer.Option(min=0, help="Live gate: roll back only when the canaries' median is "
-                                                            "also this share above the controls' (0.1: 10 %).")]
+GateSlowdownOpt = Annotated[float, typer.Option(callback=finite, min=0, help="Live gate: roll back only when the "
+                                                                             "canaries' median is also this share above "
+                                                                             "the controls' (0.1: 10 %).")]
 GateShadowOpt = Annotated[float, typer.Option(min=0, max=1, help="Live gate: share of canary requests also run through "
                                                                   "the fp32 reference (0: none).")]
 GateSnrOpt = Annotated[Optional[float], typer.Option(help="Live gate: roll back below this live fidelity (needs --gate-shadow).")]

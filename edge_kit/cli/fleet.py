@@ -24,6 +24,7 @@ from edge_kit.cli.app import (
     ProfilesOpt,
     app,
     emit_json,
+    finite,
     live_gate,
     open_fleet_history,
     out,
@@ -51,8 +52,8 @@ def bench_cmd(
     device: Annotated[str, typer.Option(help="Device name from the fleet file.")],
     variant: Annotated[Optional[str], typer.Option(help="Variant id installed on the device (default: its current model).")] = None,
     min_runs: Annotated[Optional[int], typer.Option(min=1, help="Timed runs at least (default: the agent's config).")] = None,
-    min_seconds: Annotated[Optional[float], typer.Option(min=0, help="Timed seconds at least.")] = None,
-    timeout: Annotated[float, typer.Option(min=1, help="Seconds to wait for the record.")] = 300.0,
+    min_seconds: Annotated[Optional[float], typer.Option(callback=finite, min=0, help="Timed seconds at least.")] = None,
+    timeout: Annotated[float, typer.Option(callback=finite, min=1, help="Seconds to wait for the record.")] = 300.0,
     as_json: JsonOpt = False,
 ) -> None:
     """Ask a running agent for a benchmark over MQTT and print the record when it arrives."""
@@ -116,7 +117,7 @@ app.add_typer(keys_app, name="keys")
 @keys_app.command("rotate")
 def keys_rotate_cmd(
     fleet_file: FleetOpt,
-    timeout: Annotated[float, typer.Option(min=1, help="Seconds to wait for each step's answers.")] = 30.0,
+    timeout: Annotated[float, typer.Option(callback=finite, min=1, help="Seconds to wait for each step's answers.")] = 30.0,
     force: Annotated[bool, typer.Option("--force", help="Switch even when a device missed the new key (deploy to it after).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -188,7 +189,7 @@ def deploy_cmd(
     max_failed: Annotated[str, typer.Option(help="Share of canaries allowed to fail, e.g. 0% or 20%.")] = "0%",
     trust_new_hosts: Annotated[bool, typer.Option("--trust-new-hosts", help="Accept and record SSH host keys seen "
                                                   "for the first time (a changed key is always refused).")] = False,
-    health_timeout: Annotated[float, typer.Option(min=1, help="Seconds to wait for each device's health check.")] = 120.0,
+    health_timeout: Annotated[float, typer.Option(callback=finite, min=1, help="Seconds to wait for each device's health check.")] = 120.0,
     repair: Annotated[bool, typer.Option("--repair/--no-repair", help="Have each agent hash its stored models and "
                                                                       "upload damaged ones again.")] = True,
     gate: GateOpt = None,

@@ -18,6 +18,7 @@ from edge_kit.cli.app import (
     ProfilesOpt,
     app,
     emit_json,
+    finite,
     open_fleet_history,
     out,
     profile_names,
@@ -177,13 +178,14 @@ def tune_cmd(
     rounds: Annotated[int, typer.Option(min=1, max=10)] = 2,
     margin: MarginOpt = DEFAULT_MARGIN,
     min_runs: Annotated[int, typer.Option(min=1, help="Timed runs per measurement at least.")] = 200,
-    min_seconds: Annotated[float, typer.Option(min=0, help="Timed seconds per measurement at least.")] = 2.0,
-    timeout: Annotated[float, typer.Option(min=1, help="Seconds per round for all measurements to arrive.")] = 300.0,
+    min_seconds: Annotated[float, typer.Option(callback=finite, min=0, help="Timed seconds per measurement at least.")] = 2.0,
+    timeout: Annotated[float, typer.Option(callback=finite, min=1, help="Seconds per round for all measurements to arrive.")] = 300.0,
     parallel: Annotated[int, typer.Option(min=1, max=256)] = 8,
     trust_new_hosts: Annotated[bool, typer.Option("--trust-new-hosts")] = False,
-    budget: Annotated[Optional[float], typer.Option(min=0, help="Measure only what the fleet model plans, within this "
-                                                                "many benchmark runs (or device-seconds, --budget-unit); "
-                                                                "default: every candidate on every device.")] = None,
+    budget: Annotated[Optional[float], typer.Option(callback=finite, min=0, help="Measure only what the fleet model "
+                                                                                 "plans, within this many benchmark runs "
+                                                                                 "(or device-seconds, --budget-unit); "
+                                                                                 "default: every candidate on every device.")] = None,
     budget_unit: Annotated[str, typer.Option(help="runs | seconds")] = "runs",
     as_json: JsonOpt = False,
 ) -> None:
@@ -297,10 +299,10 @@ def monitor_cmd(
     metrics_port: Annotated[Optional[int], typer.Option(min=1, max=65535, help="Serve Prometheus metrics on this port.")] = None,
     metrics_addr: Annotated[str, typer.Option(help="Address for the metrics endpoint.")] = "127.0.0.1",
     share: Annotated[Optional[str], typer.Option(help="Join this MQTT 5 shared-subscription group (several workers).")] = None,
-    silence_s: Annotated[float, typer.Option(min=1, help="Alert when a device is silent this long.")] = 180.0,
-    min_free_mb: Annotated[float, typer.Option(min=0, help="Alert when a device reports less free disk space "
+    silence_s: Annotated[float, typer.Option(callback=finite, min=1, help="Alert when a device is silent this long.")] = 180.0,
+    min_free_mb: Annotated[float, typer.Option(callback=finite, min=0, help="Alert when a device reports less free disk space "
                                                           "(its agent refuses writes below its own store.min_free_mb).")] = 32.0,
-    duration: Annotated[Optional[float], typer.Option(min=0, help="Stop after this many seconds (default: until Ctrl-C).")] = None,
+    duration: Annotated[Optional[float], typer.Option(callback=finite, min=0, help="Stop after this many seconds (default: until Ctrl-C).")] = None,
     client_id: Annotated[Optional[str], typer.Option(help="MQTT client id of this worker's persistent session (default: "
                                                           "from the fleet, the store and, with --share, this host); "
                                                           "give each worker on one host its own.")] = None,

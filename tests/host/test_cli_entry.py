@@ -157,3 +157,15 @@ def test_every_command_has_a_one_line_summary_and_no_negative_of_a_plain_switch(
         assert summary and "\n" not in summary, f"{path}: its summary in `edgekit --help` is broken over lines"
         negatives = [o for p in cmd.params for o in p.secondary_opts]
         assert set(negatives) <= {"--no-repair"}, f"{path}: {negatives}"
+
+
+@pytest.mark.parametrize("args", [["bench", "--device", "d1", "--timeout", "inf"],
+                                  ["tune", "--artifacts", "a", "--timeout", "inf"],
+                                  ["monitor", "--silence-s", "inf"],
+                                  ["rollout", "start", "a", "--store", "http://s", "--wave-timeout", "inf"]])
+def test_an_infinite_number_is_refused_like_any_bad_value(args):
+    """`inf` passes a lower bound; a wait on it was an OverflowError traceback after the command was sent."""
+    result = run_edgekit("pass", *args, "--fleet", "fleet.yaml", "--json")
+    assert result.returncode == 2
+    assert ": inf: give a finite number (see `edgekit " in json.loads(result.stdout)["error"]
+    assert result.stderr.count("\n") == 1
