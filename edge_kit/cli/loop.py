@@ -292,6 +292,14 @@ def _fleet_table(store: Any, fleet: Any) -> Table:
     return t
 
 
+def _fleet_view(store: Any, fleet: Any) -> Any:
+    """Return the monitor's live view: :func:`_fleet_table` and the :func:`figures_note` under it."""
+    from rich.console import Group
+    from rich.text import Text
+
+    return Group(_fleet_table(store, fleet), Text.from_markup(figures_note(fleet.devices)))
+
+
 @app.command("monitor")
 def monitor_cmd(
     fleet_file: FleetOpt,
@@ -340,13 +348,13 @@ def monitor_cmd(
     end = _time.monotonic() + duration if duration is not None else None
     shown = 0
     try:
-        with Live(_fleet_table(db, fleet), console=out, refresh_per_second=1, transient=False) if not as_json else nullcontext() as live:
+        with Live(_fleet_view(db, fleet), console=out, refresh_per_second=1, transient=False) if not as_json else nullcontext() as live:
             while (end is None or _time.monotonic() < end) and mon.failed is None:
                 _time.sleep(1.0)  # the table queries the whole history: once a second is plenty
                 if mon.failed is not None:
                     break
                 if live is not None:
-                    live.update(_fleet_table(db, fleet))
+                    live.update(_fleet_view(db, fleet))
                     new, shown = mon.alerts_raised - shown, mon.alerts_raised
                     if new > len(mon.alerts):
                         live.console.print(f"[red]alert[/] {new - len(mon.alerts):,} older alerts not shown (too many)")
@@ -432,8 +440,7 @@ def fleet_status_cmd(fleet_file: FleetOpt, history: HistoryOpt = None, as_json: 
         emit_json({"status": db.latest_status(), "telemetry": db.latest_telemetry(),
                     "bench": {f"{d}/{s}": r for (d, s), r in db.latest_bench().items()}, "flagged": flagged})
         return
-    out.print(_fleet_table(db, fleet))
-    out.print(figures_note(fleet.devices), highlight=False)
+    out.print(_fleet_view(db, fleet))
     if flagged:
         t = Table("device", "differs from its profile (measured individually)", box=box.SIMPLE_HEAD, pad_edge=False,
                   title="devices that differ", title_justify="left")
