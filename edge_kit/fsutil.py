@@ -7,6 +7,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from edge_kit.errors import InputError
+
 _CHUNK = 1 << 20
 
 
@@ -58,3 +60,19 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 def atomic_write_text(path: Path, text: str) -> None:
     """:func:`atomic_write_bytes` for UTF-8 text."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def writable_folder(folder: Path, option: str = "--out") -> Path:
+    """Create ``folder`` (with its parents) when missing, check a file can be written in it, and return it.
+
+    Raises:
+        InputError: it cannot be created or written; the message names it and ``option`` to choose another.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".edgekit-write-test-"):
+            pass
+    except OSError as exc:
+        raise InputError(f"{folder}: output folder is not writable ({exc.strerror or exc}); choose another with {option}") from None
+    return folder

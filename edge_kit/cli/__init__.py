@@ -1,15 +1,19 @@
 """The `edgekit` command line. Every command has ``--json`` (machine-readable result on stdout).
 
-Errors from the toolkit (:class:`~edge_kit.errors.EdgeKitError`) become one line on stderr and the
-error's exit code, here and nowhere else; a traceback means a bug. Without the ``host`` extra
-the command says in one line what to install.
+Errors from the toolkit (:class:`~edge_kit.errors.EdgeKitError`), usage errors (an unknown option, a
+bad value) and Ctrl-C become one line on stderr and an exit code, here and nowhere else; with
+``--json`` the same line is also the ``error`` of one JSON document on stdout. A traceback means a
+bug. Without the ``host`` extra the command says in one line what to install.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import warnings
-from typing import Any
+from typing import Any, NoReturn
+
+INTERRUPTED = 130  # what a shell reports for a process stopped by SIGINT
 
 
 def _warning_line(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
@@ -18,23 +22,46 @@ def _warning_line(message: Any, category: Any, filename: str, lineno: int, file:
     sys.stderr.write(f"edgekit: warning: {printable(message)}\n")
 
 
+def fail(message: str, exit_code: int, as_json: bool) -> NoReturn:
+    """Write ``edgekit: error: MESSAGE`` on stderr (and, with ``--json``, ``{"error": MESSAGE, "exit_code":
+    EXIT_CODE}`` on stdout), then exit with ``exit_code``.
+
+    ``message`` must already be printable (no terminal controls). Raises SystemExit, always.
+    """
+    if as_json:
+        sys.stdout.write(json.dumps({"error": message, "exit_code": exit_code}, indent=2) + "\n")
+    sys.stderr.write(f"edgekit: error: {message}\n")
+    sys.exit(exit_code)
+
+
 def main() -> None:
-    """Console-script entry point: run the app, map toolkit errors to one line and an exit code."""
+    """Console-script entry point: run the app, map toolkit errors, usage errors and Ctrl-C to one line and
+    an exit code (2 for usage and bad input, 130 for Ctrl-C, else the error's ``exit_code``)."""
     from edge_kit.errors import EdgeKitError
 
+    as_json = "--json" in sys.argv[1:]
     try:
+        import typer
+
         from edge_kit.cli import compile, fleet, loop, rollout  # noqa: F401  (each registers its commands)
-        from edge_kit.cli.app import app, err, printable
+        from edge_kit.cli.app import app, printable
     except ModuleNotFoundError as exc:
-        sys.stderr.write(f"edgekit: error: the host commands need the host extra ({exc.name} is not installed): "
-                         "pip install 'edge-kit[host]'\n")
-        sys.exit(2)
+        fail(f"the host commands need the host extra ({exc.name} is not installed): pip install 'edge-kit[host]'", 2,
+             as_json)
     warnings.showwarning = _warning_line
     try:
-        app()
+        # Not standalone: typer would print usage errors as a framed block and turn Ctrl-C into a silent 130.
+        code = app(standalone_mode=False, prog_name="edgekit")
     except EdgeKitError as exc:
-        sys.stderr.write(f"edgekit: error: {printable(exc)}\n")  # device answers in it: no terminal controls
-        sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        err.print("edgekit: interrupted; nothing was half-written")
-        sys.exit(130)
+        fail(printable(exc), exc.exit_code, as_json)  # device answers in it: no terminal controls
+    except typer.TyperException as exc:  # usage: an unknown command or option, a value out of range
+        if not exc.format_message():  # a group without its subcommand: its help was printed
+            sys.exit(exc.exit_code)
+        ctx = getattr(exc, "ctx", None)
+        where = ctx.command_path if ctx is not None else "edgekit"
+        fail(f"{printable(exc.format_message().rstrip('.'))} (see `{where} --help`)", exc.exit_code, as_json)
+    except (typer.Abort, KeyboardInterrupt):
+        code = INTERRUPTED
+    if code == INTERRUPTED:  # typer turns Ctrl-C in a command into this code
+        fail("interrupted; nothing was half-written", INTERRUPTED, as_json)
+    sys.exit(code or 0)

@@ -8,24 +8,50 @@ other (an import-linter contract checks it). Errors map to one line in :func:`ed
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import sys
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+import typer.rich_utils
 from rich import box
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import Progress, ProgressColumn
 from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="edge-kit: compile one model into per-device variants and keep a fleet on the best one.")
 
+# NO_COLOR (no-color.org) means no escape codes at all: rich alone drops the colours but keeps bold and dim.
+# The same goes for typer's help pages.
+COLOR_SYSTEM: Optional[str] = None if os.environ.get("NO_COLOR") else "auto"
+typer.rich_utils.COLOR_SYSTEM = COLOR_SYSTEM
 # Piped output (CI logs, `| tee`) gets rich's 80 columns, which cut the figures in wide tables.
-out = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 120)
-err = Console(stderr=True)
+out = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 120, color_system=COLOR_SYSTEM)
+err = Console(stderr=True, color_system=COLOR_SYSTEM)
+
+
+def progress_bar(*columns: str | ProgressColumn, as_json: bool, transient: bool = True) -> Progress:
+    """Return a rich :class:`~rich.progress.Progress` with ``columns`` on stderr (never stdout), shown only
+    on a terminal and without ``--json``: a log or a pipe gets no bar (and no blank line where it was)."""
+    return Progress(*columns, console=err, transient=transient, disable=as_json or not err.is_terminal)
+
+
+class _NoSpinner:
+    def update(self, *_args: Any, **_kwargs: Any) -> None:
+        """Do nothing: there is no spinner to update (``--json``)."""
+
+
+def spinner(text: str, as_json: bool) -> AbstractContextManager[Any]:
+    """Return a context that shows a spinner saying ``text`` on stderr (never stdout) and yields an object
+    whose ``update(text)`` changes it; with ``--json``, one whose ``update`` does nothing."""
+    return nullcontext(_NoSpinner()) if as_json else err.status(text, spinner="dots")
+
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 FleetOpt = Annotated[Path, typer.Option("--fleet", "-f", help="fleet.yaml: devices, SSH and broker.")]
@@ -35,6 +61,22 @@ _HISTORY_HELP = ("History database: a SQLite file, or a postgresql://user:passwo
 # One name per concept: --history is the history database everywhere, --store the artifact store (publish,
 # rollout, sim up). Round 1's --store for the history was renamed when the artifact store came.
 HistoryOpt = Annotated[Optional[str], typer.Option("--history", metavar="PATH|URL", help=_HISTORY_HELP + ".")]
+ProfilesOpt = Annotated[str, typer.Option("--profiles", help="Comma-separated profiles, cycled over the devices.")]
+
+
+def profile_names(text: str) -> list[str]:
+    """Return the profile names of a comma-separated ``--profiles`` value, in order.
+
+    Raises:
+        InputError: it names none.
+    """
+    from edge_kit.errors import InputError
+
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    if not names:
+        raise InputError(f"--profiles {text!r}: name at least one profile, e.g. rpi4,rpi5,coral-usb "
+                         "(see `edgekit profiles list`)")
+    return names
 
 
 def open_fleet_history(fleet_file: Path | None, history: str | None) -> Any:
@@ -50,14 +92,27 @@ def open_fleet_history(fleet_file: Path | None, history: str | None) -> Any:
         return open_history(history)
     return open_history(history_path(fleet_file) if fleet_file else Path(HISTORY_NAME))
 
+def finite(value: float | None) -> float | None:
+    """Return ``value``, an option's number (the ``callback`` of every float option bounded only from below).
+
+    Raises:
+        typer.BadParameter: it is infinite (``inf`` passes a lower bound, and breaks the waits it sets; ``nan``
+            fails every bound already).
+    """
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value}: give a finite number")
+    return value
+
+
 # The live gate (deploy --canary --gate live, rollout start --gate live): edge_kit.selection.gate.judge_live.
 GateOpt = Annotated[Optional[str], typer.Option(help="'live': judge the first devices (canaries) on production traffic "
                                                      "against the devices of their profiles still on the current model.")]
-GateWindowOpt = Annotated[float, typer.Option(min=1, help="Live gate: seconds to collect at most.")]
+GateWindowOpt = Annotated[float, typer.Option(callback=finite, min=1, help="Live gate: seconds to collect at most.")]
 GateRequestsOpt = Annotated[int, typer.Option(min=10, help="Live gate: requests each canary must answer.")]
 GateAlphaOpt = Annotated[float, typer.Option(min=1e-6, max=0.5, help="Live gate: the latency test's significance.")]
-GateSlowdownOpt = Annotated[float, typer.Option(min=0, help="Live gate: roll back only when the canaries' median is "
-                                                            "also this share above the controls' (0.1: 10 %).")]
+GateSlowdownOpt = Annotated[float, typer.Option(callback=finite, min=0, help="Live gate: roll back only when the "
+                                                                             "canaries' median is also this share above "
+                                                                             "the controls' (0.1: 10 %).")]
 GateShadowOpt = Annotated[float, typer.Option(min=0, max=1, help="Live gate: share of canary requests also run through "
                                                                   "the fp32 reference (0: none).")]
 GateSnrOpt = Annotated[Optional[float], typer.Option(help="Live gate: roll back below this live fidelity (needs --gate-shadow).")]

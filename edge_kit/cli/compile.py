@@ -8,10 +8,10 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich import box
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from edge_kit.cli.app import JsonOpt, app, emit_json, err, out, safe
+from edge_kit.cli.app import JsonOpt, app, emit_json, out, progress_bar, safe, spinner
 
 profiles_app = typer.Typer(no_args_is_help=True, help="List, show and check device profiles.")
 app.add_typer(profiles_app, name="profiles")
@@ -131,8 +131,8 @@ def compile_cmd(
     req = CompileRequest(model=model, profiles=profiles, out=out_dir, calib=calib, eval=eval, train=train,
                          epochs=epochs, task=task, task_options=options, metric=metric, decode=decode,
                          input_shapes=parse_input_shapes(input_shape))
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=err, transient=True, disable=as_json) as bar:
+    with progress_bar(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                      TimeElapsedColumn(), as_json=as_json) as bar:
         task = bar.add_task("compiling", total=plan_steps(req))
         manifest = compile_model(req, progress=lambda msg: bar.update(task, advance=1, description=msg))
     target = out_dir / manifest.model["name"]
@@ -160,8 +160,10 @@ def example_cmd(
 ) -> None:
     """Write a bundled example model and its data files (no download needed)."""
     from edge_kit.examples import make_example
+    from edge_kit.fsutil import writable_folder
 
-    with err.status(f"building example '{name}'"):
+    writable_folder(out_dir)
+    with spinner(f"building example '{name}'", as_json):
         files = make_example(name, out_dir)
     if as_json:
         emit_json(files.record())

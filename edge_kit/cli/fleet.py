@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -22,13 +21,18 @@ from edge_kit.cli.app import (
     GateWindowOpt,
     HistoryOpt,
     JsonOpt,
+    ProfilesOpt,
     app,
     emit_json,
+    finite,
     live_gate,
     open_fleet_history,
     out,
+    profile_names,
+    progress_bar,
     results_table,
     safe,
+    spinner,
 )
 
 
@@ -48,8 +52,8 @@ def bench_cmd(
     device: Annotated[str, typer.Option(help="Device name from the fleet file.")],
     variant: Annotated[Optional[str], typer.Option(help="Variant id installed on the device (default: its current model).")] = None,
     min_runs: Annotated[Optional[int], typer.Option(min=1, help="Timed runs at least (default: the agent's config).")] = None,
-    min_seconds: Annotated[Optional[float], typer.Option(min=0, help="Timed seconds at least.")] = None,
-    timeout: Annotated[float, typer.Option(min=1, help="Seconds to wait for the record.")] = 300.0,
+    min_seconds: Annotated[Optional[float], typer.Option(callback=finite, min=0, help="Timed seconds at least.")] = None,
+    timeout: Annotated[float, typer.Option(callback=finite, min=1, help="Seconds to wait for the record.")] = 300.0,
     as_json: JsonOpt = False,
 ) -> None:
     """Ask a running agent for a benchmark over MQTT and print the record when it arrives."""
@@ -60,7 +64,7 @@ def bench_cmd(
     dev = fleet.device(device)
     args = {k: v for k, v in {"variant": variant, "min_runs": min_runs, "min_seconds": min_seconds}.items() if v is not None}
     with FleetClient.of(fleet) as client:
-        with out.status(f"benchmarking {variant or 'the current model'} on {dev.name}", spinner="dots") if not as_json else nullcontext():
+        with spinner(f"benchmarking {variant or 'the current model'} on {dev.name}", as_json):
             record = client.request(dev.name, "bench", args, timeout=timeout)["record"]
     if as_json:
         emit_json(record)
@@ -80,11 +84,12 @@ def shadow_cmd(
                                                         "(fp32: how far the served model is from the reference).")] = None,
     share: Annotated[float, typer.Option(min=0, max=1, help="Share of live requests also run through it.")] = 0.1,
     max_per_s: Annotated[float, typer.Option(min=0, max=1000, help="At most this many shadow runs a second.")] = 5.0,
-    off: Annotated[bool, typer.Option(help="Stop the device's shadow run.")] = False,
+    off: Annotated[bool, typer.Option("--off", help="Stop the device's shadow run.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Compare an installed variant with the served one on the device's live inputs (only the comparison
-    leaves the device, in its telemetry's live.shadow; the inputs never do)."""
+    """Run an installed variant beside the served one on the device's live inputs, and compare them.
+
+    Only the comparison leaves the device (in its telemetry's live.shadow); the inputs never do."""
     from edge_kit.errors import InputError
     from edge_kit.fleet.commands import FleetClient
     from edge_kit.fleet.inventory import load_fleet
@@ -112,8 +117,8 @@ app.add_typer(keys_app, name="keys")
 @keys_app.command("rotate")
 def keys_rotate_cmd(
     fleet_file: FleetOpt,
-    timeout: Annotated[float, typer.Option(min=1, help="Seconds to wait for each step's answers.")] = 30.0,
-    force: Annotated[bool, typer.Option(help="Switch even when a device missed the new key (deploy to it after).")] = False,
+    timeout: Annotated[float, typer.Option(callback=finite, min=1, help="Seconds to wait for each step's answers.")] = 30.0,
+    force: Annotated[bool, typer.Option("--force", help="Switch even when a device missed the new key (deploy to it after).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Replace the operator key on every device of the fleet over MQTT (the old key is kept under keys/retired/).
@@ -125,7 +130,7 @@ def keys_rotate_cmd(
     from edge_kit.fleet.rotate import rotate_operator_key
 
     fleet = load_fleet(fleet_file)
-    with out.status("rotating the operator key", spinner="dots") if not as_json else nullcontext():
+    with spinner("rotating the operator key", as_json):
         old, new, switched, results = rotate_operator_key(fleet, timeout, force=force)
     if as_json:
         emit_json({"old_key": old, "new_key": new, "switched": switched, "devices": [r.__dict__ for r in results]})
@@ -147,8 +152,9 @@ def publish_cmd(
                                                        "to S3 / a CDN origin (docs/artifact-store.md).")],
     as_json: JsonOpt = False,
 ) -> None:
-    """Write the artifacts content-addressed into a store folder (sha256/<hash>) plus the manifest
-    (manifests/<model>/<sha256>.json and latest.json); what is already there is not written again."""
+    """Write the artifacts content-addressed into a store folder; what is already there is not written again.
+
+    Artifacts go to sha256/<hash>, the manifest to manifests/<model>/<sha256>.json and latest.json."""
     from edge_kit.fleet.artifact_store import publish
 
     result = publish(artifacts, store)
@@ -183,7 +189,7 @@ def deploy_cmd(
     max_failed: Annotated[str, typer.Option(help="Share of canaries allowed to fail, e.g. 0% or 20%.")] = "0%",
     trust_new_hosts: Annotated[bool, typer.Option("--trust-new-hosts", help="Accept and record SSH host keys seen "
                                                   "for the first time (a changed key is always refused).")] = False,
-    health_timeout: Annotated[float, typer.Option(min=1, help="Seconds to wait for each device's health check.")] = 120.0,
+    health_timeout: Annotated[float, typer.Option(callback=finite, min=1, help="Seconds to wait for each device's health check.")] = 120.0,
     repair: Annotated[bool, typer.Option("--repair/--no-repair", help="Have each agent hash its stored models and "
                                                                       "upload damaged ones again.")] = True,
     gate: GateOpt = None,
@@ -202,9 +208,8 @@ def deploy_cmd(
     devices by a one-sided Mann-Whitney U test, live fidelity against the reference), then promoted,
     held or rolled back; every decision goes to the history with its numbers.
     """
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
 
-    from edge_kit.cli.app import err
     from edge_kit.errors import InputError
     from edge_kit.fleet.deploy import DeployOptions, deploy
     from edge_kit.fleet.inventory import load_fleet
@@ -225,8 +230,8 @@ def deploy_cmd(
     # The gate's decisions go to the history (opened before any device is touched: a database that
     # cannot be reached stops the deploy here).
     history = open_fleet_history(fleet_file, history_spec) if gated is not None else None
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} devices"),
-                  TimeElapsedColumn(), console=err, transient=True, disable=as_json) as bar:
+    with progress_bar(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} devices"),
+                      TimeElapsedColumn(), as_json=as_json) as bar:
         task = bar.add_task("deploying", total=len(targets))
 
         def progress(device: str, what: str) -> None:
@@ -251,7 +256,7 @@ def deploy_cmd(
 @sim_app.command("up")
 def sim_up(
     devices: Annotated[int, typer.Option("--devices", min=1, max=64, help="How many virtual devices.")] = 3,
-    profiles: Annotated[str, typer.Option(help="Comma-separated profiles, cycled over the devices.")] = "rpi4,rpi5,coral-usb",
+    profiles: ProfilesOpt = "rpi4,rpi5,coral-usb",
     workdir: SimDirOpt = Path(".edgekit-sim"),
     embedded_broker: Annotated[bool, typer.Option("--embedded-broker", help="Use the embedded broker even when Mosquitto is installed.")] = False,
     embedded_ssh: Annotated[bool, typer.Option("--embedded-ssh", help="Use the embedded SSH server even when sshd is installed.")] = False,
@@ -265,14 +270,13 @@ def sim_up(
     as_json: JsonOpt = False,
 ) -> None:
     """Start a broker and N virtual devices (an SSH server + the real agent each); writes DIR/fleet.yaml."""
-    from edge_kit.cli.app import err
     from edge_kit.sim.fleet import SimFleet
     from edge_kit.sim.links import Links, parse_rate
 
     rate = parse_rate(link_rate) if link_rate is not None else None
     sim = SimFleet(workdir)
-    with err.status("starting the simulated fleet") as status:
-        fleet = sim.up(devices, [p.strip() for p in profiles.split(",") if p.strip()], embedded_broker=embedded_broker or None,
+    with spinner("starting the simulated fleet", as_json) as status:
+        fleet = sim.up(devices, profile_names(profiles), embedded_broker=embedded_broker or None,
                        embedded_ssh=embedded_ssh or None, link_rate=rate, insecure=insecure, store=store,
                        progress=lambda msg: status.update(msg))
     state = sim.state()

@@ -15,12 +15,17 @@ from edge_kit.cli.app import (
     FleetOpt,
     HistoryOpt,
     JsonOpt,
+    ProfilesOpt,
     app,
     emit_json,
+    finite,
     open_fleet_history,
     out,
+    profile_names,
+    progress_bar,
     results_table,
     safe,
+    spinner,
 )
 from edge_kit.selection.policy import DEFAULT_MARGIN
 from edgekit_protocol.labels import power_source
@@ -62,6 +67,20 @@ def _source(row: dict[str, Any]) -> str:
     if row.get("source") == "measured" and row.get("power_source"):
         return f"measured (power: {row['power_source']})"
     return row.get("source") or "-"
+
+
+def figures_note(devices: Any, inferred: bool = False) -> str:
+    """Return the line printed under a table of the devices' figures (select --explain, fleet status): where
+    each figure comes from, ``~`` figures when ``inferred``, and which of ``devices`` (fleet
+    :class:`~edge_kit.fleet.inventory.Device`) are simulated, so measured on this machine."""
+    text = ("figures: p90 and top-1 measured by each device's own agent (`edgekit bench` names the clock), top-1 on "
+            "the eval set shipped with the artifacts; W and mJ from the power source shown (a sensor, or estimated)")
+    if inferred:
+        text += "; ~ inferred by the fleet model from other devices of the profile, [90 % interval]"
+    simulated = [d.name for d in devices if d.simulated]
+    if simulated:
+        text += f"; simulated devices ({', '.join(simulated)}): measured on this machine, not their profile's hardware"
+    return safe(text)
 
 
 def _num(x: float | None) -> str:
@@ -128,6 +147,9 @@ def select_cmd(
         return
     for item in decision_table(decisions, explain):
         out.print(item)
+    if explain:
+        inferred = any(r.get("source") == "inferred" for d in decisions.values() for r in d.table)
+        out.print(figures_note(chosen, inferred), highlight=False)
     for text in messages:
         out.print(f"[yellow]note[/] {safe(text)}")
 
@@ -175,19 +197,20 @@ def tune_cmd(
     rounds: Annotated[int, typer.Option(min=1, max=10)] = 2,
     margin: MarginOpt = DEFAULT_MARGIN,
     min_runs: Annotated[int, typer.Option(min=1, help="Timed runs per measurement at least.")] = 200,
-    min_seconds: Annotated[float, typer.Option(min=0, help="Timed seconds per measurement at least.")] = 2.0,
-    timeout: Annotated[float, typer.Option(min=1, help="Seconds per round for all measurements to arrive.")] = 300.0,
+    min_seconds: Annotated[float, typer.Option(callback=finite, min=0, help="Timed seconds per measurement at least.")] = 2.0,
+    timeout: Annotated[float, typer.Option(callback=finite, min=1, help="Seconds per round for all measurements to arrive.")] = 300.0,
     parallel: Annotated[int, typer.Option(min=1, max=256)] = 8,
     trust_new_hosts: Annotated[bool, typer.Option("--trust-new-hosts")] = False,
-    budget: Annotated[Optional[float], typer.Option(min=0, help="Measure only what the fleet model plans, within this "
-                                                                "many benchmark runs (or device-seconds, --budget-unit); "
-                                                                "default: every candidate on every device.")] = None,
+    budget: Annotated[Optional[float], typer.Option(callback=finite, min=0, help="Measure only what the fleet model "
+                                                                                 "plans, within this many benchmark runs "
+                                                                                 "(or device-seconds, --budget-unit); "
+                                                                                 "default: every candidate on every device.")] = None,
     budget_unit: Annotated[str, typer.Option(help="runs | seconds")] = "runs",
     as_json: JsonOpt = False,
 ) -> None:
-    """Measure every candidate on every device (or, with --budget, what the fleet model plans), select,
-    activate with a health benchmark, verify; repeat until nothing changes."""
-    from edge_kit.cli.app import err
+    """Measure the candidates on the devices, select, activate with a health benchmark, verify; repeat until stable.
+
+    Every candidate is measured on every device, or with --budget what the fleet model plans."""
     from edge_kit.errors import InputError
     from edge_kit.fleet.inventory import load_fleet
     from edge_kit.loop.tune import tune
@@ -199,8 +222,8 @@ def tune_cmd(
     opts = tune_options(artifacts, rounds, margin, min_runs, min_seconds, timeout, parallel, trust_new_hosts, budget,
                         budget_unit)
     db = open_fleet_history(fleet_file, history)
-    with err.status("tuning", spinner="dots") if not as_json else nullcontext() as status:
-        report = tune(fleet, targets, opts, db, progress=(lambda m: status.update(m)) if status else None)
+    with spinner("tuning", as_json) as status:
+        report = tune(fleet, targets, opts, db, progress=status.update)
     if as_json:
         emit_json(report.as_dict())
     else:
@@ -212,20 +235,18 @@ def tune_cmd(
 @app.command("demo")
 def demo_cmd(
     devices: Annotated[int, typer.Option("--devices", min=1, max=32, help="How many virtual devices.")] = 3,
-    profiles: Annotated[str, typer.Option(help="Comma-separated profiles, cycled over the devices.")] = "rpi4,rpi5,coral-usb",
+    profiles: ProfilesOpt = "rpi4,rpi5,coral-usb",
     workdir: Annotated[Optional[Path], typer.Option("--dir", help="Work folder (kept); default: a temporary one, removed.")] = None,
     keep: Annotated[bool, typer.Option("--keep", help="Keep the temporary folder (artifacts, history, logs).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """The whole loop on a simulated fleet: example model, compile, broker, devices, deploy, measure, select."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
 
-    from edge_kit.cli.app import err
     from edge_kit.loop.demo import STEPS, run_demo
 
-    names = [p.strip() for p in profiles.split(",") if p.strip()]
-    with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=err,
-                  transient=True, disable=as_json) as bar:
+    names = profile_names(profiles)
+    with progress_bar(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), as_json=as_json) as bar:
         task = bar.add_task(STEPS[0], total=len(STEPS))
         seen: list[str] = []
 
@@ -290,17 +311,25 @@ def _fleet_table(store: Any, fleet: Any) -> Table:
     return t
 
 
+def _fleet_view(store: Any, fleet: Any) -> Any:
+    """Return the monitor's live view: :func:`_fleet_table` and the :func:`figures_note` under it."""
+    from rich.console import Group
+    from rich.text import Text
+
+    return Group(_fleet_table(store, fleet), Text.from_markup(figures_note(fleet.devices)))
+
+
 @app.command("monitor")
 def monitor_cmd(
     fleet_file: FleetOpt,
     history: HistoryOpt = None,
-    metrics_port: Annotated[Optional[int], typer.Option(help="Serve Prometheus metrics on this port.")] = None,
+    metrics_port: Annotated[Optional[int], typer.Option(min=1, max=65535, help="Serve Prometheus metrics on this port.")] = None,
     metrics_addr: Annotated[str, typer.Option(help="Address for the metrics endpoint.")] = "127.0.0.1",
     share: Annotated[Optional[str], typer.Option(help="Join this MQTT 5 shared-subscription group (several workers).")] = None,
-    silence_s: Annotated[float, typer.Option(min=1, help="Alert when a device is silent this long.")] = 180.0,
-    min_free_mb: Annotated[float, typer.Option(min=0, help="Alert when a device reports less free disk space "
+    silence_s: Annotated[float, typer.Option(callback=finite, min=1, help="Alert when a device is silent this long.")] = 180.0,
+    min_free_mb: Annotated[float, typer.Option(callback=finite, min=0, help="Alert when a device reports less free disk space "
                                                           "(its agent refuses writes below its own store.min_free_mb).")] = 32.0,
-    duration: Annotated[Optional[float], typer.Option(min=0, help="Stop after this many seconds (default: until Ctrl-C).")] = None,
+    duration: Annotated[Optional[float], typer.Option(callback=finite, min=0, help="Stop after this many seconds (default: until Ctrl-C).")] = None,
     client_id: Annotated[Optional[str], typer.Option(help="MQTT client id of this worker's persistent session (default: "
                                                           "from the fleet, the store and, with --share, this host); "
                                                           "give each worker on one host its own.")] = None,
@@ -338,13 +367,13 @@ def monitor_cmd(
     end = _time.monotonic() + duration if duration is not None else None
     shown = 0
     try:
-        with Live(_fleet_table(db, fleet), console=out, refresh_per_second=1, transient=False) if not as_json else nullcontext() as live:
+        with Live(_fleet_view(db, fleet), console=out, refresh_per_second=1, transient=False) if not as_json else nullcontext() as live:
             while (end is None or _time.monotonic() < end) and mon.failed is None:
                 _time.sleep(1.0)  # the table queries the whole history: once a second is plenty
                 if mon.failed is not None:
                     break
                 if live is not None:
-                    live.update(_fleet_table(db, fleet))
+                    live.update(_fleet_view(db, fleet))
                     new, shown = mon.alerts_raised - shown, mon.alerts_raised
                     if new > len(mon.alerts):
                         live.console.print(f"[red]alert[/] {new - len(mon.alerts):,} older alerts not shown (too many)")
@@ -379,8 +408,9 @@ def fleet_init_cmd(
     listen: Annotated[Optional[str], typer.Option(help="Address the broker listens on (default: every interface).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Write a real fleet's broker wall: per-device passwords, the ACL, a CA and server certificate, a
-    hardened mosquitto.conf, and the fleet-file broker settings that use them (fleet-broker.yaml)."""
+    """Write a real fleet's broker wall, and the fleet-file broker settings that use it (fleet-broker.yaml).
+
+    The wall: per-device passwords, the ACL, a CA and server certificate, a hardened mosquitto.conf."""
     import yaml
 
     from edge_kit.errors import ConfigError
@@ -429,7 +459,7 @@ def fleet_status_cmd(fleet_file: FleetOpt, history: HistoryOpt = None, as_json: 
         emit_json({"status": db.latest_status(), "telemetry": db.latest_telemetry(),
                     "bench": {f"{d}/{s}": r for (d, s), r in db.latest_bench().items()}, "flagged": flagged})
         return
-    out.print(_fleet_table(db, fleet))
+    out.print(_fleet_view(db, fleet))
     if flagged:
         t = Table("device", "differs from its profile (measured individually)", box=box.SIMPLE_HEAD, pad_edge=False,
                   title="devices that differ", title_justify="left")
@@ -447,6 +477,7 @@ def report_cmd(
 ) -> None:
     """Write one self-contained HTML report: per profile, latency vs accuracy and energy; the fleet table."""
     from edge_kit.errors import InputError
+    from edge_kit.fsutil import writable_folder
     from edge_kit.telemetry.report import build_report
     from edge_kit.telemetry.store import HISTORY_NAME, history_path, is_postgres
 
@@ -454,6 +485,7 @@ def report_cmd(
         path = Path(history) if history else (history_path(fleet_file) if fleet_file else Path(HISTORY_NAME))
         if not path.is_file():
             raise InputError(f"{path}: no history store; run `edgekit monitor` or `edgekit tune` first, or pass --history")
+    writable_folder(out_file.parent)
     with open_fleet_history(fleet_file, history) as db:
         info = build_report(db, out_file)
     if as_json:

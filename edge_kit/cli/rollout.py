@@ -8,13 +8,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich import box
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-)
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from edge_kit.cli.app import (
@@ -32,9 +26,11 @@ from edge_kit.cli.app import (
     app,
     emit_json,
     err,
+    finite,
     live_gate,
     open_fleet_history,
     out,
+    progress_bar,
     safe,
 )
 
@@ -72,8 +68,8 @@ def _drive(fleet_file: Path, db: Any, rid: str, as_json: bool) -> dict[str, Any]
 
     if as_json:
         return Rollout(db, rid, connect, judge=judge).run()
-    with Progress(TextColumn("wave {task.fields[wave]}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.fields[counts]}"), TimeElapsedColumn(), console=err, transient=False) as bar:
+    with progress_bar(TextColumn("wave {task.fields[wave]}"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("{task.fields[counts]}"), TimeElapsedColumn(), as_json=False, transient=False) as bar:
         task = bar.add_task("rollout", total=None, wave="-", counts="")
 
         def show(p: Any) -> None:
@@ -121,7 +117,7 @@ def start_cmd(
     wave: Annotated[str, typer.Option(help="Cumulative wave sizes.")] = "1%,10%,100%",
     rate: Annotated[Optional[str], typer.Option(help="Desired states sent per time, e.g. 200/min (default: no limit).")] = None,
     max_failed: Annotated[str, typer.Option("--max-failed", help="Stop when more than this share of the devices sent so far failed.")] = "0%",
-    wave_timeout: Annotated[float, typer.Option(min=1, help="Seconds a wave waits for its devices' answers.")] = 600.0,
+    wave_timeout: Annotated[float, typer.Option(callback=finite, min=1, help="Seconds a wave waits for its devices' answers.")] = 600.0,
     bandwidth: Annotated[Optional[str], typer.Option(help="Download cap per device, e.g. 2MB/s (default: none).")] = None,
     start_delay: Annotated[float, typer.Option(min=0, max=3600, help="Longest random delay (s) before a device starts its download.")] = 0.0,
     rid: Annotated[Optional[str], typer.Option("--id", help="The rollout's id (default: <model>-<time>).")] = None,
@@ -205,12 +201,12 @@ def resume_cmd(fleet_file: FleetOpt, rid: IdArg, history: HistoryOpt = None, as_
 @rollout_app.command("abort")
 def abort_cmd(fleet_file: FleetOpt, rid: IdArg, history: HistoryOpt = None, as_json: JsonOpt = False) -> None:
     """Stop a rollout: no further desired state is sent (devices already sent keep theirs)."""
-    from edge_kit.loop.waves import STALE_OWNER_S, RolloutError
+    from edge_kit.loop.waves import STALE_OWNER_S, RolloutError, UnknownRollout
 
     db = _history(fleet_file, history)
     record = db.rollout(rid)
     if record is None:
-        raise RolloutError(f"rollout {rid}: not in the history; see `edgekit rollout list`")
+        raise UnknownRollout(rid)
     if record["state"] not in ("running", "aborting", "held", "stopped"):
         raise RolloutError(f"rollout {rid} is {record['state']} already; nothing to abort")
     driver = db.rollout_driver(rid, STALE_OWNER_S)  # by the database's clock, as the driver's heartbeat
@@ -225,19 +221,19 @@ def abort_cmd(fleet_file: FleetOpt, rid: IdArg, history: HistoryOpt = None, as_j
 @rollout_app.command("status")
 def status_cmd(
     fleet_file: FleetOpt, rid: IdArg, history: HistoryOpt = None,
-    refresh: Annotated[bool, typer.Option(help="Also read the devices' retained reported states from the broker "
+    refresh: Annotated[bool, typer.Option("--refresh", help="Also read the devices' retained reported states from the broker "
                                                "(devices that converged after the rollout's host stopped).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Show a rollout's state and each device's."""
     from edge_kit.fleet.commands import FleetClient
     from edge_kit.fleet.inventory import load_fleet
-    from edge_kit.loop.waves import Rollout, RolloutError
+    from edge_kit.loop.waves import Rollout, UnknownRollout
 
     db = _history(fleet_file, history)
     record = db.rollout(rid)
     if record is None:
-        raise RolloutError(f"rollout {rid}: not in the history; see `edgekit rollout list`")
+        raise UnknownRollout(rid)
     view = Rollout(db, rid, connect=lambda cb: FleetClient.of(load_fleet(fleet_file), kinds=("reported",), on_reported=cb))
     summary = view.status(record, refresh=refresh)
     emit_json(summary) if as_json else _print(summary)

@@ -45,7 +45,12 @@ from edge_kit.compiler.sources import (
 )
 from edge_kit.compiler.tflite_edit import as_float32
 from edge_kit.errors import CompileError, ConfigError, InputError
-from edge_kit.fsutil import atomic_write_bytes, atomic_write_text, sha256_bytes
+from edge_kit.fsutil import (
+    atomic_write_bytes,
+    atomic_write_text,
+    sha256_bytes,
+    writable_folder,
+)
 from edge_kit.manifest import Accuracy, Artifact, Fidelity, Manifest
 from edge_kit.profiles import Profile
 from edge_kit.variants import VariantSpec, build_order, parse_variant
@@ -110,15 +115,6 @@ def _versions() -> dict[str, str | None]:
         "ai_edge_quantizer": version("ai-edge-quantizer"),
         **{k: v for t in TARGETS.values() for k, v in t.tool_versions().items()},
     }
-
-
-def _check_out_dir(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".edgekit-write-test-"):
-            pass
-    except OSError as exc:
-        raise InputError(f"{out}: output folder is not writable ({exc.strerror or exc}); choose another with --out") from None
 
 
 def _check_target(target: Path, model: Path) -> None:
@@ -445,7 +441,7 @@ def compile_model(req: CompileRequest, progress: Progress | None = None) -> Mani
     if source.kind == "onnx":
         step("converting ONNX")
         conversion_warnings = _convert_onnx(source, evalset or calib, req.profiles, outputs_of, runtime.version())
-    _check_out_dir(out)
+    writable_folder(out)
 
     wanted = _wanted(req.profiles)
     plans = {s.id: _Plan(s, wanted.get(s.id, [])) for s in build_order(list(wanted))}

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edge_kit.errors import InputError
 from edgekit_protocol.messages import MAX_PAYLOAD, OPERATOR_KINDS, ROOT
 
 OPERATOR_USER = "operator"
@@ -174,10 +175,16 @@ def write_fleet_wall(folder: Path, fleet: str, devices: list[str], hosts: list[s
 
     Raises:
         FileExistsError: ``folder`` already holds a wall (never overwritten: devices may use it).
+        InputError: a host is empty or has spaces, or the first is too long for a certificate's name
+            (nothing is written).
     """
     folder = Path(folder).resolve()
     if folder.exists() and any(folder.iterdir()):
         raise FileExistsError(folder)
+    for i, host in enumerate(hosts):
+        if not host or any(c.isspace() for c in host) or (i == 0 and len(host) > 64):
+            raise InputError(f"--broker-host {host!r}: give the name or address devices reach the broker at "
+                             "(no spaces; the first, the certificate's name, at most 64 characters)")
     wall = build_wall(folder, fleet, devices, hosts)
     (folder / "data").mkdir(mode=0o700)
     _write_private(folder / "passwd", ("\n".join(mosquitto_password_line(u, p) for u, p in wall.users.items()) + "\n").encode())

@@ -25,6 +25,13 @@ from edgekit_protocol.config import BrokerConfig
 from edgekit_protocol.desired import Desired
 
 CONNECT_TIMEOUT_S = 10.0
+
+
+def broker_unreachable(broker: BrokerConfig, exc: OSError) -> AgentError:
+    """Return the error for a broker that refused or never answered the TCP connection (every host client:
+    commands, rollouts, the monitor), naming the address and what to check."""
+    return AgentError(f"cannot reach the MQTT broker at {broker.host}:{broker.port} ({exc.strerror or exc}); "
+                      "check broker.host/port in the fleet file and that the broker runs")
 COMMAND_TTL_S = 3600.0  # a command nobody waits for expires after this, so it cannot be replayed later
 
 
@@ -125,8 +132,7 @@ class FleetClient:
         try:
             self.client.connect(b.host, b.port, keepalive=30)
         except OSError as exc:
-            raise AgentError(f"cannot reach the MQTT broker at {b.host}:{b.port} ({exc.strerror or exc}); "
-                             "check broker.host/port in the fleet file and that the broker runs") from None
+            raise broker_unreachable(b, exc) from None
         self.client.loop_start()
         if not self._connected.wait(CONNECT_TIMEOUT_S) or self._refused:
             self.close()

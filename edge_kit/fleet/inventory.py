@@ -177,10 +177,13 @@ def load_fleet(path: Path) -> Fleet:
     """Read and check ``fleet.yaml``; device profiles are checked to exist.
 
     Raises:
-        ConfigError: unreadable, unknown key, missing field, or an unknown profile (with file and line).
+        ConfigError: missing, unreadable, unknown key, missing field, or an unknown profile (with file and line).
     """
     from edge_kit.profiles import load_profile
 
+    if not Path(path).exists():
+        raise ConfigError(f"{path}: no such fleet file; write one (docs/fleet.md), or start a simulated fleet with "
+                          "`edgekit sim up` and pass its .edgekit-sim/fleet.yaml")
     fleet = load_yaml_model(path, Fleet)
     fleet._source = Path(path)
     for dev in fleet.devices:

@@ -57,6 +57,15 @@ class RolloutError(EdgeKitError):
     exit_code = 4
 
 
+class UnknownRollout(RolloutError):
+    """The history holds no rollout of that id: bad input (a wrong id, or another ``--history`` was meant)."""
+
+    exit_code = 2
+
+    def __init__(self, rid: str):
+        super().__init__(f"rollout {rid}: not in the history; see `edgekit rollout list` (or check --history)")
+
+
 @dataclass(frozen=True)
 class RolloutSettings:
     waves: tuple[float, ...] = (0.01, 0.1, 1.0)  # cumulative shares of the devices
@@ -331,13 +340,14 @@ class Rollout:
         """Run (or resume) the rollout; return its summary (:meth:`summary`).
 
         Raises:
-            RolloutError: no such rollout, it is finished, another process drives it, or the history
-                store failed (the rollout can be resumed).
+            UnknownRollout: no such rollout in the history.
+            RolloutError: it is finished, another process drives it, or the history store failed (the
+                rollout can be resumed).
             AgentError: the broker cannot be reached.
         """
         record = self._db("reading the rollout", lambda: self.history.rollout(self.rid))
         if record is None:
-            raise RolloutError(f"rollout {self.rid}: not in the history; see `edgekit rollout list`")
+            raise UnknownRollout(self.rid)
         if record["state"] in ("done", "aborted", "rolled back"):
             raise RolloutError(f"rollout {self.rid} is {record['state']}; start a new one")
         holder = self._db("claiming the rollout", lambda: self.history.claim_rollout(self.rid, self.owner, STALE_OWNER_S))

@@ -38,7 +38,7 @@ from edge_kit.fleet.ssh import DeviceShell
 from edge_kit.profiles import load_profile
 from edge_kit.sim.broker import MosquittoBroker, find_mosquitto, free_port, wait_port
 from edge_kit.sim.links import Links, create_links, remove_links
-from edge_kit.sim.process import terminate_pid
+from edge_kit.sim.process import interrupts_deferred, terminate_pid
 from edge_kit.sim.ssh import SshEndpoint, known_hosts_line, write_keypair
 from edge_kit.sim.store_server import start_store_server
 
@@ -205,7 +205,14 @@ class SimFleet:
         os.replace(tmp, self.state_file)
 
     def down(self) -> list[str]:
-        """Stop the agents, the sshds and the broker this fleet started; return what was stopped."""
+        """Stop the agents, the sshds and the broker this fleet started; return what was stopped.
+
+        Ctrl-C does not cut it short (it often comes while a run cleans up): it is raised as
+        KeyboardInterrupt once everything is stopped."""
+        with interrupts_deferred():
+            return self._down()
+
+    def _down(self) -> list[str]:
         state = self.state()
         if state is None:
             return []

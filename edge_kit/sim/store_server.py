@@ -27,7 +27,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from edge_kit.errors import EdgeKitError
+from edge_kit.errors import EdgeKitError, InputError
 from edge_kit.fleet.broker_setup import BrokerTls
 from edge_kit.sim.broker import free_port, wait_port
 from edge_kit.sim.process import stop_process
@@ -289,12 +289,13 @@ def start_store_server(folder: Path, port: int | None = None, *, host: str = "12
         The running :class:`StoreServer` (``.url``, ``.bytes_served()``, ``.stop()``; a context manager).
 
     Raises:
-        EdgeKitError: the folder does not exist, nginx was asked for and is missing, the port is in
-            use, or the server did not start (the error log's last line says why).
+        InputError: the folder does not exist.
+        EdgeKitError: nginx was asked for and is missing, the port is in use, or the server did not
+            start (the error log's last line says why).
     """
     folder = Path(folder).resolve()
     if not folder.is_dir():
-        raise EdgeKitError(f"{folder}: no such store folder; run `edgekit publish ARTIFACTS --store {folder}` first")
+        raise InputError(f"{folder}: no such store folder; run `edgekit publish ARTIFACTS --store {folder}` first")
     temporary = workdir is None
     workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="edgekit-store-"))
     workdir.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 from prometheus_client.core import CounterMetricFamily
 
+from edge_kit.errors import InputError
 from edgekit_protocol.labels import power_source
 
 # Label values a device names (variant, power source, shadow variant) make series, and each series stays
@@ -130,8 +131,16 @@ class FleetMetrics:
         self.registry.register(_Counters())
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> Any:
-        """Serve ``/metrics`` on ``addr:port``; return the server (``shutdown()`` stops it)."""
-        server, _thread = start_http_server(port, addr=addr, registry=self.registry)
+        """Serve ``/metrics`` on ``addr:port``; return the server (``shutdown()`` stops it).
+
+        Raises:
+            InputError: the address cannot be bound (in use, not this host's, or not an address).
+        """
+        try:
+            server, _thread = start_http_server(port, addr=addr, registry=self.registry)
+        except (OSError, OverflowError) as exc:
+            raise InputError(f"--metrics-addr {addr} --metrics-port {port}: cannot serve /metrics there "
+                             f"({getattr(exc, 'strerror', None) or exc}); choose a free port or another address") from None
         return server
 
 

@@ -36,6 +36,7 @@ from paho.mqtt.properties import Properties
 from device_agents.identity import receive, verify_published
 from device_agents.mqtt import make_client
 from edge_kit.errors import AgentError, HistoryError
+from edge_kit.fleet.commands import broker_unreachable
 from edge_kit.fleet.inventory import Fleet
 from edge_kit.profiles import load_profile
 from edge_kit.selection.constraints import (
@@ -167,7 +168,7 @@ class Monitor:
             else:
                 self.client.connect(b.host, b.port, keepalive=30)
         except OSError as exc:
-            raise AgentError(f"cannot reach the MQTT broker at {b.host}:{b.port} ({exc.strerror or exc})") from None
+            raise broker_unreachable(b, exc) from None
         self.client.loop_start()
         if not self._connected.wait(timeout) or self._refused:
             self.stop()

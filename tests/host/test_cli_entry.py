@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+
+import pytest
 
 
 def run_edgekit(prelude: str, *args: str) -> subprocess.CompletedProcess:
@@ -23,3 +26,146 @@ def test_a_toolkit_error_is_one_line_and_its_exit_code():
     assert result.returncode == 2
     assert result.stderr.startswith("edgekit: error: unknown profile 'rpi-4'; did you mean 'rpi4'?")
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_with_json_a_toolkit_error_is_also_one_json_document_on_stdout():
+    result = run_edgekit("pass", "profiles", "show", "rpi-4", "--json")
+    assert result.returncode == 2
+    answer = json.loads(result.stdout)
+    assert answer["exit_code"] == 2 and answer["error"].startswith("unknown profile 'rpi-4'; did you mean 'rpi4'?")
+    assert result.stderr == f"edgekit: error: {answer['error']}\n"
+
+
+@pytest.mark.parametrize("value, why", [("0", "greater than or equal to 1"), ("-1", "greater than or equal to 1"),
+                                        ("many", "valid integer")])
+def test_a_bad_option_value_is_one_line_exit_2_and_json_with_json(value, why):
+    result = run_edgekit("pass", "deploy", "--fleet", "fleet.yaml", "--artifacts", "a", "--parallel", value, "--json")
+    assert result.returncode == 2
+    answer = json.loads(result.stdout)
+    assert why in answer["error"] and "--parallel" in answer["error"] and "`edgekit deploy --help`" in answer["error"]
+    assert result.stderr == f"edgekit: error: {answer['error']}\n"
+    plain = run_edgekit("pass", "deploy", "--fleet", "fleet.yaml", "--artifacts", "a", "--parallel", value)
+    assert plain.returncode == 2 and plain.stdout == "" and plain.stderr == result.stderr
+
+
+def test_an_unknown_command_is_one_line_naming_the_closest():
+    result = run_edgekit("pass", "deplyo")
+    assert result.returncode == 2
+    assert result.stderr == "edgekit: error: No such command 'deplyo'. Did you mean 'deploy', 'demo'? (see `edgekit --help`)\n"
+
+
+def test_ctrl_c_in_a_command_is_one_line_and_exit_130():
+    interrupt = "import edge_kit.profiles as p; p.bundled_profiles = lambda: (_ for _ in ()).throw(KeyboardInterrupt())"
+    result = run_edgekit(interrupt, "profiles", "list")
+    assert result.returncode == 130
+    assert result.stderr == "edgekit: error: interrupted; nothing was half-written\n" and result.stdout == ""
+    as_json = run_edgekit(interrupt, "profiles", "list", "--json")
+    assert as_json.returncode == 130 and json.loads(as_json.stdout)["exit_code"] == 130
+
+
+def test_no_color_on_a_terminal_prints_no_escape_codes():
+    import os
+    import pty
+
+    for args in (["profiles", "list"], ["profiles", "--help"]):
+        leader, follower = pty.openpty()
+        code = f"import sys; sys.argv = ['edgekit', *{args!r}]; from edge_kit.cli import main; main()"
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=follower, stderr=follower,
+                                env={**os.environ, "NO_COLOR": "1", "TERM": "xterm-256color"})
+        os.close(follower)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # the child closed the terminal
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        os.close(leader)
+        assert proc.wait(timeout=120) == 0
+        text = b"".join(chunks).decode()
+        assert "rpi4" in text or "Usage" in text
+        assert "\x1b" not in text, args
+
+
+def test_progress_and_spinners_go_to_stderr_on_a_terminal_only_and_never_with_json(capsys, monkeypatch):
+    from rich.progress import BarColumn
+
+    from edge_kit.cli import app
+
+    def work(as_json):
+        with app.spinner("working", as_json) as status:
+            status.update("still working")
+        with app.progress_bar("{task.description}", BarColumn(), as_json=as_json) as bar:
+            bar.update(bar.add_task("steps", total=2), advance=2)
+        return capsys.readouterr()
+
+    piped = work(as_json=False)  # a log gets no bar, and no blank line where it was
+    assert piped.out == "" and piped.err == ""
+    monkeypatch.setattr(app.err, "_force_terminal", True)
+    shown = work(as_json=False)
+    assert shown.out == "" and shown.err != ""
+    quiet = work(as_json=True)
+    assert quiet.out == "" and quiet.err == ""
+
+
+@pytest.mark.parametrize("command", [["sim", "up", "--dir", "{tmp}/sim"], ["demo", "--dir", "{tmp}/demo"]])
+def test_profiles_naming_none_is_one_line_exit_2(tmp_path, run_cli, command):
+    code, out, err = run_cli(*[a.format(tmp=tmp_path) for a in command], "--profiles", " , ", "--json")
+    assert code == 2
+    assert json.loads(out)["error"] == ("--profiles ' , ': name at least one profile, e.g. rpi4,rpi5,coral-usb "
+                                        "(see `edgekit profiles list`)")
+    assert err.count("\n") == 1 and list(tmp_path.iterdir()) == []
+
+
+def test_a_broker_host_no_certificate_can_name_writes_nothing(tmp_path, run_cli):
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text("fleet: f\nbroker: {host: 127.0.0.1, port: 1}\ndefaults: {user: edgekit, profile: rpi4}\n"
+                          "devices:\n  - {name: d1, host: 127.0.0.1}\n")
+    for host in ("", "a b", "x" * 65):
+        code, out, err = run_cli("fleet", "init", "--fleet", fleet_file, "--broker-host", host, "--out", tmp_path / "wall",
+                                 "--json")
+        assert code == 2 and json.loads(out)["error"].startswith(f"--broker-host {host!r}: give the name or address")
+        assert not (tmp_path / "wall").exists()  # a half-written wall would refuse the next, corrected run
+
+
+def test_a_store_folder_that_does_not_exist_is_bad_input(tmp_path):
+    from edge_kit.errors import InputError
+    from edge_kit.sim.store_server import start_store_server
+
+    with pytest.raises(InputError, match="no such store folder; run `edgekit publish ARTIFACTS --store"):
+        start_store_server(tmp_path / "none")
+    assert InputError.exit_code == 2
+
+
+def test_every_command_has_a_one_line_summary_and_no_negative_of_a_plain_switch():
+    import typer.main
+
+    from edge_kit.cli import compile, fleet, loop, rollout  # noqa: F401  (each registers its commands)
+    from edge_kit.cli.app import app
+
+    def commands(group, path):
+        for name, cmd in group.commands.items():
+            yield f"{path} {name}", cmd
+            if hasattr(cmd, "commands"):
+                yield from commands(cmd, f"{path} {name}")
+
+    root = typer.main.get_command(app)
+    for path, cmd in commands(root, "edgekit"):
+        summary = (cmd.help or "").strip().split("\n\n")[0]
+        assert summary and "\n" not in summary, f"{path}: its summary in `edgekit --help` is broken over lines"
+        negatives = [o for p in cmd.params for o in p.secondary_opts]
+        assert set(negatives) <= {"--no-repair"}, f"{path}: {negatives}"
+
+
+@pytest.mark.parametrize("args", [["bench", "--device", "d1", "--timeout", "inf"],
+                                  ["tune", "--artifacts", "a", "--timeout", "inf"],
+                                  ["monitor", "--silence-s", "inf"],
+                                  ["rollout", "start", "a", "--store", "http://s", "--wave-timeout", "inf"]])
+def test_an_infinite_number_is_refused_like_any_bad_value(args):
+    """`inf` passes a lower bound; a wait on it was an OverflowError traceback after the command was sent."""
+    result = run_edgekit("pass", *args, "--fleet", "fleet.yaml", "--json")
+    assert result.returncode == 2
+    assert ": inf: give a finite number (see `edgekit " in json.loads(result.stdout)["error"]
+    assert result.stderr.count("\n") == 1

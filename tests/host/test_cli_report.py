@@ -128,17 +128,6 @@ def test_a_benchmark_whose_metric_failed_is_drawn_without_accuracy_and_said_so(t
     assert "<td>not scored</td>" in (tmp_path / "r.html").read_text()
 
 
-def test_a_report_path_that_cannot_be_written_is_one_line(tmp_path, run_cli):
-    from edge_kit.telemetry.store import Store
-
-    history = tmp_path / "edgekit-history.db"
-    Store(history).close()
-    code, out, err = run_cli("report", "--history", history, "--out", tmp_path / "missing" / "r.html")
-    assert code == 2, err
-    assert err.startswith("edgekit: error: ") and err.count("\n") == 1 and "Traceback" not in err
-    assert str(tmp_path / "missing" / "r.html") in err and "--out" in err
-
-
 def test_a_device_not_measured_yet_is_not_called_infeasible(tmp_path, run_cli):
     from edge_kit.telemetry.store import Store
 
@@ -153,3 +142,40 @@ def test_a_device_not_measured_yet_is_not_called_infeasible(tmp_path, run_cli):
     page = (tmp_path / "r.html").read_text()
     assert "infeasible" not in page and "None" not in page.split("<h2>Fleet</h2>")[1]
     assert "<td>none yet: not measured yet on this device: int8</td>" in page
+
+
+def test_fleet_status_says_where_its_figures_come_from_and_which_devices_are_simulated(tmp_path, run_cli):
+    from edge_kit.telemetry.store import Store, history_path
+    from edgekit_protocol import messages
+
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text("fleet: sim\nbroker: {host: 127.0.0.1, port: 1}\ndefaults: {user: edgekit, profile: rpi4}\n"
+                          "devices:\n  - {name: rpi4-1, host: 127.0.0.1, simulated: true}\n"
+                          "  - {name: rpi4-2, host: 127.0.0.1}\n")
+    store = Store(history_path(fleet_file))
+    store.add_many([("bench", _bench("rpi4-1", "int8", 0.19, 0.99, 1)),
+                    ("status", messages.envelope("status", "sim", "rpi4-1", 2, {
+                        "state": "online", "profile": "rpi4", "current": {"variant": "int8", "sha256": "int8" * 4}}))])
+    store.close()
+    code, out, err = run_cli("fleet", "status", "--fleet", fleet_file)
+    assert code == 0, err
+    assert "0.19" in out
+    note = " ".join(out.split("figures:")[1].split())
+    assert note.startswith("p90 and top-1 measured by each device's own agent")
+    assert "simulated devices (rpi4-1): measured on this machine" in note and "rpi4-2" not in note
+
+
+def test_an_output_folder_that_cannot_be_written_is_one_line_naming_it(tmp_path, run_cli):
+    from edge_kit.telemetry.store import Store
+
+    history = tmp_path / "history.db"
+    Store(history).close()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    for args in (["report", "--history", history, "--out", blocker / "r.html"], ["example", "digits", "--out", blocker / "ex"]):
+        code, out, err = run_cli(*args, "--json")
+        assert code == 2, err
+        error = json.loads(out)["error"]
+        assert error.startswith(f"{blocker}") and ": output folder is not writable (" in error
+        assert error.endswith("); choose another with --out")
+        assert err.count("\n") == 1 and "Traceback" not in err

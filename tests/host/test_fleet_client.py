@@ -6,6 +6,7 @@ with what a real agent sends (an ack, and for ``bench`` a record), or stays sile
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 from typing import Any, Callable
 
@@ -176,3 +177,33 @@ def test_a_record_its_device_signed_but_the_checks_refuse_is_said_at_once_not_wa
             "power": {"avg_w": -1.0}}))
         c.client.deliver(messages.topic(FLEET, "d1", "bench"), messages.encode(forged))
         assert c.wait_record(forged["msg_id"], 0.2) is None and forged["msg_id"] not in c.refused_records
+
+
+@pytest.mark.parametrize("command", [["monitor", "--duration", "1"], ["bench", "--device", "d1"]])
+def test_an_unreachable_broker_is_one_line_saying_what_to_check(tmp_path, run_cli, command):
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text("fleet: sim\nbroker: {host: 127.0.0.1, port: 1}\ndefaults: {user: edgekit, profile: rpi4}\n"
+                          "devices:\n  - {name: d1, host: 127.0.0.1}\n")
+    code, out, err = run_cli(*command, "--fleet", fleet_file, "--json")
+    assert code == 5
+    assert err == ("edgekit: error: cannot reach the MQTT broker at 127.0.0.1:1 (Connection refused); "
+                   "check broker.host/port in the fleet file and that the broker runs\n")
+    assert json.loads(out)["exit_code"] == 5
+
+
+def test_a_metrics_port_in_use_or_out_of_range_is_one_line_exit_2(tmp_path, run_cli):
+    import socket
+
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text("fleet: sim\nbroker: {host: 127.0.0.1, port: 1}\ndefaults: {user: edgekit, profile: rpi4}\n"
+                          "devices:\n  - {name: d1, host: 127.0.0.1}\n")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, out, err = run_cli("monitor", "--fleet", fleet_file, "--metrics-port", port, "--duration", "1", "--json")
+    assert code == 2
+    assert json.loads(out)["error"] == (f"--metrics-addr 127.0.0.1 --metrics-port {port}: cannot serve /metrics there "
+                                        "(Address already in use); choose a free port or another address")
+    code, _, err = run_cli("monitor", "--fleet", fleet_file, "--metrics-port", "99999", "--duration", "1")
+    assert code == 2 and err.startswith("edgekit: error: Invalid value for '--metrics-port'") and err.count("\n") == 1

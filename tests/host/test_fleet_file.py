@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from edge_kit.errors import ConfigError
@@ -62,3 +64,10 @@ def test_serve_and_pull_settings_reach_the_agents_config(tmp_path):
     assert "ca_file: /etc/edgekit/store-ca.pem" in two and "retry_s: 5" in two
     with pytest.raises(ConfigError, match="http_port"):
         load_fleet(write(tmp_path, "bad.yaml", text.replace("http_port: 8089", "http_port: 70000")))
+
+
+def test_a_missing_fleet_file_says_how_to_get_one(tmp_path, run_cli):
+    code, out, err = run_cli("fleet", "status", "--fleet", tmp_path / "fleet.yaml", "--json")
+    assert code == 2
+    assert json.loads(out)["error"] == (f"{tmp_path / 'fleet.yaml'}: no such fleet file; write one (docs/fleet.md), or "
+                                        "start a simulated fleet with `edgekit sim up` and pass its .edgekit-sim/fleet.yaml")

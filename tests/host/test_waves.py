@@ -3,6 +3,8 @@ and test_virtual_fleet.py): waves, thresholds, abort, and a resume that neither 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from edge_kit.errors import ConfigError
@@ -215,3 +217,14 @@ def test_selected_variants_follow_the_last_feasible_choice_and_the_plan_takes_th
                         choices=selected_variants(history, fleet.devices))
     assert {d: (t["variant"], t["why"]) for d, t in plan["targets"].items()} == {
         "a": ("int8", "selected"), "b": ("fp32", "profile's first"), "c": ("fp32", "profile's first")}
+
+
+@pytest.mark.parametrize("command", ["status", "resume", "abort"])
+def test_an_unknown_rollout_id_is_bad_input_exit_2_in_json_too(tmp_path, run_cli, command):
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text("fleet: sim\nbroker: {host: 127.0.0.1, port: 1}\ndefaults: {user: edgekit, profile: rpi4}\n"
+                          "devices:\n  - {name: d1, host: 127.0.0.1}\n")
+    code, out, err = run_cli("rollout", command, "--fleet", fleet_file, "nope", "--json")
+    assert code == 2
+    assert json.loads(out)["error"] == "rollout nope: not in the history; see `edgekit rollout list` (or check --history)"
+    assert err.count("\n") == 1

@@ -246,3 +246,10 @@ def test_a_tflite_that_crashes_the_interpreter_is_one_line_not_a_segfault(wheels
     assert ("flipped.tflite: not a loadable .tflite model (the LiteRT interpreter crashed (SIGSEGV) loading it: "
             "a damaged or hostile file)") in line
     assert not (tmp_path / "o").exists()
+
+
+def test_an_error_inside_the_progress_bar_is_the_only_line_on_stderr(digits_files, tmp_path, run_cli):
+    """A compile's bar on a non-terminal stderr once left a blank line before the error."""
+    code, out, err = run_cli("compile", digits_files.model, "-p", "rpi4", "--calib", tmp_path / "nope.npz")
+    assert code == 2 and out == ""
+    assert err == f"edgekit: error: {tmp_path / 'nope.npz'}: --calib file not found\n"
