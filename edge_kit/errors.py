@@ -29,6 +29,11 @@ class DeployError(EdgeKitError):
     exit_code = 4
 
 
+class NotBuiltFor(InputError):
+    """The artifacts were not compiled for a device's profile, or none of its variants was built: the
+    --artifacts folder given does not fit the fleet (bad input, exit 2)."""
+
+
 class AgentError(EdgeKitError):
     """The on-device agent could not do what was asked."""
 
@@ -46,4 +51,4 @@ class HistoryError(EdgeKitError):
 
 
 __all__ = ["AgentError", "AgentTimeout", "CommandError", "CompileError", "ConfigError", "DataFileError",
-           "DeployError", "EdgeKitError", "HistoryError", "InputError", "MessageError"]
+           "DeployError", "EdgeKitError", "HistoryError", "InputError", "MessageError", "NotBuiltFor"]

@@ -34,7 +34,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from edge_kit.errors import AgentError, AgentTimeout, DeployError, EdgeKitError
+from edge_kit.errors import (
+    AgentError,
+    AgentTimeout,
+    DeployError,
+    EdgeKitError,
+    NotBuiltFor,
+)
 from edge_kit.fleet.agent_install import ensure_agent
 from edge_kit.fleet.commands import FleetClient
 from edge_kit.fleet.inventory import Device, Fleet
@@ -134,16 +140,16 @@ def candidates_for(manifest: Manifest, dev: Device) -> list[Artifact]:
     """Return the built artifacts meant for the device's profile, in the profile's order.
 
     Raises:
-        DeployError: the artifacts were not compiled for that profile, or none of its variants was built.
+        NotBuiltFor: the artifacts were not compiled for that profile, or none of its variants was built.
     """
     profile = load_profile(dev.profile)
     if dev.profile not in manifest.profiles:
-        raise DeployError(f"{dev.name}: the artifacts were not compiled for profile {dev.profile} "
+        raise NotBuiltFor(f"{dev.name}: the artifacts were not compiled for profile {dev.profile} "
                           f"(compiled for: {', '.join(manifest.profiles)}); recompile with -p {dev.profile}")
     built = {a.id: a for a in manifest.artifacts if a.status == "built" and dev.profile in a.profiles}
     wanted = [built[v] for v in profile.variants if v in built]
     if not wanted:
-        raise DeployError(f"{dev.name}: no variant for profile {dev.profile} was built; see the manifest")
+        raise NotBuiltFor(f"{dev.name}: no variant for profile {dev.profile} was built; see the manifest")
     return wanted
 
 

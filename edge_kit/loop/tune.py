@@ -116,7 +116,7 @@ def runtime_limits(manifest: Manifest, devices: list[Device], status: dict[str, 
     stay candidates and the decision says so. Devices whose candidates all run on LiteRT are in neither.
 
     Raises:
-        DeployError: the artifacts were not compiled for a device's profile.
+        NotBuiltFor: the artifacts were not compiled for a device's profile.
     """
     refused: dict[str, dict[str, str]] = {}
     unknown: dict[str, list[str]] = {}
@@ -171,7 +171,7 @@ def decide(manifest: Manifest, devices: list[Device], store: HistoryStore, curre
     constraints, however many devices there are.
 
     Raises:
-        DeployError: the artifacts were not compiled for a device's profile.
+        NotBuiltFor: the artifacts were not compiled for a device's profile.
     """
     refused = refused or {}
     recent = store.recent_bench(devices[0].name if len(devices) == 1 else None,
@@ -323,7 +323,7 @@ def fleet_inputs(manifest: Manifest, devices: list[Device], store: HistoryStore,
     oldest first.
 
     Raises:
-        DeployError: the artifacts were not compiled for a device's profile.
+        NotBuiltFor: the artifacts were not compiled for a device's profile.
         HistoryError: the history cannot be read.
     """
     refused = refused or {}
@@ -464,7 +464,7 @@ def decide_fleet(manifest: Manifest, devices: list[Device], store: HistoryStore,
     device has not measured every candidate). ``refused``: as :func:`decide` (left out, never inferred).
 
     Raises:
-        DeployError: the artifacts were not compiled for a device's profile.
+        NotBuiltFor: the artifacts were not compiled for a device's profile.
     """
     refused = refused or {}
     spec, m, shas, records = fleet_inputs(manifest, devices, store, current, refused, flagged=flagged_before(store))

@@ -35,7 +35,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge_kit.errors import ConfigError, DeployError, EdgeKitError, HistoryError
+from edge_kit.errors import (
+    ConfigError,
+    EdgeKitError,
+    HistoryError,
+    NotBuiltFor,
+)
 from edge_kit.fleet.deploy import candidates_for
 from edge_kit.fleet.inventory import Device, Fleet
 from edge_kit.loop.rollout import LiveGate, collect_live
@@ -165,7 +170,7 @@ def plan_rollout(rid: str, artifacts: Path, fleet: Fleet, devices: list[Device],
         if dev.profile not in by_profile:
             try:
                 by_profile[dev.profile] = candidates_for(manifest, dev)
-            except DeployError as exc:
+            except NotBuiltFor as exc:
                 by_profile[dev.profile] = str(exc).removeprefix(f"{dev.name}: ")
         wanted = by_profile[dev.profile]
         if isinstance(wanted, str):

@@ -91,3 +91,12 @@ def test_the_fleet_model_reads_only_the_bench_records_of_the_builds_being_tuned(
     _spec, m, _shas, records = fleet_inputs(read_manifest(folder), load_fleet(fleet_file).devices, store, {})
     assert {r["sha256"] for r in records} == {sha("fp32"), sha("onnx-fp32")}
     assert len(records) == 2 * 3 + 2  # a, b and c measured both; nojs and quiet fp32 only
+
+
+def test_artifacts_not_compiled_for_a_devices_profile_are_bad_input_exit_2(tmp_path, run_cli):
+    fleet, folder = write_fleet(tmp_path)
+    fleet.write_text(fleet.read_text().replace("profile: rpi4", "profile: rpi5"))
+    code, out, err = run_cli("select", "--fleet", fleet, "--artifacts", folder, "--json")
+    assert code == 2, err
+    assert json.loads(out)["error"] == ("a: the artifacts were not compiled for profile rpi5 (compiled for: rpi4); "
+                                        "recompile with -p rpi5")
