@@ -330,7 +330,8 @@ def test_commands_taken_before_a_crash_are_answered_after_the_restart_and_never_
 
     agent = agents("dev1")
     assert monitor.wait_for(online("dev1"), 30)
-    slow = OPERATOR.sign(commands.command(FLEET, "dev1", "bench", {"min_runs": 5, "min_seconds": 6.0},
+    # a bench far longer than the test takes to see both commands on disk and kill the agent, even on a loaded machine
+    slow = OPERATOR.sign(commands.command(FLEET, "dev1", "bench", {"min_runs": 5, "min_seconds": 60.0},
                                           expires=time.time() + 600))
     waiting = OPERATOR.sign(commands.command(FLEET, "dev1", "state", expires=time.time() + 600))
     sender = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="crash-test")
