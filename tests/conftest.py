@@ -93,3 +93,24 @@ def digits_artifacts_v2(tmp_path_factory):
     out = tmp_path_factory.mktemp("artifacts-v2")
     compile_model(CompileRequest(files.model, [profile], out, calib=files.calib, eval=files.eval))
     return out / "digits"
+
+
+@pytest.fixture
+def tune_offline(monkeypatch):
+    """Run ``edge_kit.loop.tune`` with no broker: its fleet client reports no statuses and its sleeps are
+    skipped (unit tests that fake the measuring and deploying around it); returns the tune module."""
+    from edge_kit.loop import tune
+
+    class Offline:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *_):
+            return None
+
+        def statuses(self):
+            return []
+
+    monkeypatch.setattr(tune.FleetClient, "of", staticmethod(lambda _f: Offline()))
+    monkeypatch.setattr(tune.time, "sleep", lambda _s: None)
+    return tune

@@ -388,7 +388,7 @@ def test_a_measured_row_says_how_its_power_was_obtained_never_just_measured():
     assert "measured" not in {r["power_source"] for r in decisions_of(plan, {x: x for x in spec.variants}, [d])[0].table}
 
 
-def test_tune_with_a_budget_decides_on_a_plan_that_includes_its_last_measurements(monkeypatch, tmp_path):
+def test_tune_with_a_budget_decides_on_a_plan_that_includes_its_last_measurements(monkeypatch, tmp_path, tune_offline):
     """When every planning batch of a round measured something, the round's decision must be taken on a plan
     made after the last batch's measurements were stored, not on the plan that asked for them."""
     from types import SimpleNamespace
@@ -419,18 +419,6 @@ def test_tune_with_a_budget_decides_on_a_plan_that_includes_its_last_measurement
     monkeypatch.setattr(tn, "_measure", fake_measure)
     monkeypatch.setattr(tn, "decisions_of", lambda plan, *_a, **_k: decided_on.append(plan) or [])
 
-    class Client:
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *_):
-            return None
-
-        def statuses(self):
-            return []
-
-    monkeypatch.setattr(tn.FleetClient, "of", staticmethod(lambda _f: Client()))
-    monkeypatch.setattr(tn.time, "sleep", lambda _s: None)
     store = Store(tmp_path / "h.db")
     opts = tn.TuneOptions(tmp_path, rounds=1, budget=10, plans_per_round=1)
     report = tn.TuneReport(GroupResult([]))

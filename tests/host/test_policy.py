@@ -285,7 +285,7 @@ def test_an_accuracy_ratio_to_an_fp32_figure_of_zero_or_less_is_unjudged_not_inv
     assert broken.tolist() == [True, False, False, False]
 
 
-def test_tune_decides_without_the_variants_a_device_has_no_runtime_for(monkeypatch, tmp_path):
+def test_tune_decides_without_the_variants_a_device_has_no_runtime_for(monkeypatch, tmp_path, tune_offline):
     """A device without ONNX Runtime is never sent onnx-fp32 (the deploy refuses it), so it can never measure it:
     tune must decide among what the device can run, not wait for onnx-fp32 round after round."""
     from types import SimpleNamespace
@@ -312,24 +312,12 @@ def test_tune_decides_without_the_variants_a_device_has_no_runtime_for(monkeypat
     deployed = DeviceResult("d1", "succeeded", variant="fp32", sha256="fp32" * 4)
     deployed.refused = {"onnx-fp32": "d1: onnx-fp32 needs ONNX Runtime: pip install 'edge-kit[agent-onnx]'"}
 
-    class Client:
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *_):
-            return None
-
-        def statuses(self):
-            return []
-
     monkeypatch.setattr(tn, "read_manifest", lambda _a: manifest)
     monkeypatch.setattr(tn, "deploy", lambda *_a, **_k: GroupResult([deployed]))
     monkeypatch.setattr(tn, "_measure", lambda _c, _s, wanted, *_a: (0, {}) if not any(wanted.values())
                         else pytest.fail(f"asked to measure {wanted}"))
     monkeypatch.setattr(tn, "_activate", lambda _f, devs, switch, _o, _s, current: current.update(
         {d: v * 4 for d, v in switch.items()}) or GroupResult([]))
-    monkeypatch.setattr(tn.FleetClient, "of", staticmethod(lambda _f: Client()))
-    monkeypatch.setattr(tn.time, "sleep", lambda _s: None)
     report = tn.tune(SimpleNamespace(), [dev], tn.TuneOptions(tmp_path), store)
     d = report.final["d1"]
     assert d.chosen == "int8" and d.unmeasured == [] and "onnx-fp32" not in {r["variant"] for r in d.table}
