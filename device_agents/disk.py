@@ -15,6 +15,7 @@ import errno
 import hashlib
 import logging
 import os
+import re
 import shutil
 import sqlite3
 from pathlib import Path
@@ -111,23 +112,81 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
 
 
-def atomic_write(path: Path, data: bytes, tmp_dir: Path | None = None) -> None:
+def atomic_write(path: Path, data: bytes, tmp_dir: Path | None = None, mode: int = 0o666) -> None:
     """Write ``data`` to ``path`` through a temporary file (in ``tmp_dir``, same filesystem; default
-    beside it), fsync and rename: readers see the old file or the new one, whole.
+    beside it; created with ``mode`` less the umask, e.g. 0o600 for a private key), fsync it, rename it
+    over ``path`` and fsync ``path``'s folder (:func:`durable_replace`): readers see the old file or
+    the new one, whole, and after a power loss too; returns nothing.
+
+    The temporary file is named ``.<name>.<pid>.tmp``; one left by a killed process is removed by
+    :func:`sweep_tmp`.
 
     Raises:
         OSError: the write failed (the temporary file is removed).
     """
     tmp = (tmp_dir or path.parent) / f".{path.name}.{os.getpid()}.tmp"
     try:
-        with open(tmp, "wb") as f:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        durable_replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def durable_replace(src: Path, dst: Path) -> None:
+    """Rename ``src`` over ``dst`` atomically (rename(2)), then fsync the folders it changed
+    (``dst``'s, and ``src``'s when it is another one), so a power loss after this returns cannot lose
+    or undo the rename; returns nothing.
+
+    Raises:
+        OSError: the rename failed (nothing changed).
+    """
+    os.replace(src, dst)
+    fsync_dir(Path(dst).parent)
+    if Path(src).parent.resolve() != Path(dst).parent.resolve():
+        fsync_dir(Path(src).parent)
+
+
+def pid_alive(pid: int) -> bool:
+    """Return True when a process ``pid`` runs (this one included): what a leftover named by its pid waits for."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it runs, as another user
+        return True
+    return True
+
+
+_TMP = re.compile(r"^\..+\.(\d+)\.tmp$")
+
+
+def sweep_tmp(folder: Path) -> list[str]:
+    """Remove the temporary files of :func:`atomic_write` (``.<name>.<pid>.tmp``) in ``folder`` whose
+    writer no longer runs (killed, or the power went, mid-write).
+
+    Returns:
+        The names removed. Never raises: a file that cannot be removed is tried again next time.
+    """
+    removed = []
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _TMP.match(entry.name)
+        if m and not pid_alive(int(m.group(1))) and (entry.is_symlink() or not entry.is_dir()):
+            try:
+                entry.unlink()
+                removed.append(entry.name)
+            except OSError:
+                pass
+    return removed
 
 
 def sha256_of(path: Path) -> str:

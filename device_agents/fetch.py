@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
-from device_agents.disk import fsync_dir, sha256_of
+from device_agents.disk import durable_replace, sha256_of
 from device_agents.errors import DeviceError
 
 CHUNK = 64 * 1024
@@ -419,10 +419,9 @@ def fetch(url: str, sha256: str, dest: Path, *, max_bytes_s: float | None = None
         try:
             with open(partial, "rb+") as f:
                 os.fsync(f.fileno())
-            os.replace(partial, dest)
+            durable_replace(partial, dest)
         except OSError as exc:
             raise _write_error(url, dest, exc) from None
-        fsync_dir(dest.parent)
         return FetchResult(dest, downloaded, resumed, time.monotonic() - t0)
     finally:
         with _active_lock:

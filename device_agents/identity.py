@@ -20,7 +20,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
+from device_agents.disk import atomic_write
 from edgekit_protocol import messages
 from edgekit_protocol.errors import ConfigError, EdgeKitError, MessageError
 from edgekit_protocol.messages import canonical
@@ -137,13 +137,15 @@ class Signer:
                                            serialization.NoEncryption())
 
     def save(self, path: Path) -> None:
-        """Write the key to ``path``, mode 600 from the start (its folder 700 when created), atomically."""
+        """Write the key to ``path``, mode 600 from the start (its folder 700 when created), atomically
+        and durably (:func:`~device_agents.disk.atomic_write`: a power loss right after the first start
+        must not leave an empty key that stops every later one); returns nothing.
+
+        Raises:
+            OSError: the folder or the file cannot be written.
+        """
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(self.pem())
-        os.replace(tmp, path)
+        atomic_write(path, self.pem(), mode=0o600)
 
     def sign(self, message: dict[str, Any]) -> dict[str, Any]:
         """Return ``message`` with its ``key_id`` and ``sig`` set (the message is changed in place)."""

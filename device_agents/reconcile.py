@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from device_agents.disk import atomic_write
+from device_agents.store import is_sha256
 from edgekit_protocol.config import PullConfig
 from edgekit_protocol.desired import Desired, parse_desired, reported_body
 from edgekit_protocol.errors import EdgeKitError
@@ -222,21 +223,28 @@ class Reconciler:
             self._job.thread.join(timeout)
 
     def _start(self, d: Desired) -> None:
-        """Start the download and install of ``d`` in a worker thread, after dropping the partial
-        downloads no desired state names any more and checking the space the rest needs.
+        """Start the download and install of ``d`` in a worker thread, after dropping the downloads
+        no desired state names any more and checking the space the rest needs.
+
+        A download is ``incoming/<sha256>.partial`` while it runs and ``incoming/<sha256>`` once
+        verified, until the install takes it; either is left behind when the power goes before the
+        install, and is dropped here unless ``d`` wants it (then it counts as space already used).
+        Other files in ``incoming/`` (a push deploy's uploads) are not the reconciler's and stay.
 
         Raises:
             DiskFull: what is left to download does not fit.
         """
         incoming = self.root / "incoming"
         incoming.mkdir(parents=True, exist_ok=True)
-        wanted = {f"{d.sha256}.partial", f"{d.eval_sha256}.partial"}
         have = 0
-        for partial in incoming.glob("*.partial"):
-            if partial.name in wanted:
-                have += partial.stat().st_size
+        for download in incoming.iterdir():
+            sha = download.name.removesuffix(".partial")
+            if not is_sha256(sha) or not download.is_file():
+                continue
+            if sha in (d.sha256, d.eval_sha256):
+                have += download.stat().st_size
             else:
-                partial.unlink(missing_ok=True)  # a superseded desired state's download
+                download.unlink(missing_ok=True)  # a superseded desired state's download
         self._check_disk(max(0, d.bytes + (d.eval_bytes or 0) - have))
         job = _Job(d.revision, threading.Thread(target=lambda: None), threading.Event())
 

@@ -51,6 +51,14 @@ class Spool:
         self._undone: set[int] = set()  # acknowledged rows a full disk kept us from deleting
         self._unsaved: dict[str, int] = {}  # next_seq numbers a full disk kept us from writing
 
+    def _synchronous(self, sync: str) -> None:
+        """Set how the next commits reach the disk (caller holds the lock): ``FULL`` fsyncs each commit
+        (a power loss keeps it), ``NORMAL`` does not (telemetry: a crash of the agent keeps it, a power
+        loss may not). Returns nothing."""
+        if sync != self._sync:
+            self._db.execute(f"PRAGMA synchronous={sync}")
+            self._sync = sync
+
     def _counter(self, name: str) -> int:
         row = self._db.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
         return row[0] if row else 0
@@ -86,11 +94,8 @@ class Spool:
             ``(row id, payload)``; ``(None, None)`` when the spool is full of undroppable rows and
             this telemetry row was dropped instead (counted).
         """
-        sync = "NORMAL" if kind == DROPPABLE else "FULL"
         with self._lock:
-            if sync != self._sync:
-                self._db.execute(f"PRAGMA synchronous={sync}")
-                self._sync = sync
+            self._synchronous("NORMAL" if kind == DROPPABLE else "FULL")
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 if self._count >= self.max_records:
@@ -171,9 +176,7 @@ class Spool:
             not to be run again); ``"expired"`` when it expired before the horizon.
         """
         with self._lock:
-            if self._sync != "FULL":
-                self._db.execute("PRAGMA synchronous=FULL")
-                self._sync = "FULL"
+            self._synchronous("FULL")
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 horizon = self._counter("horizon_ms") / 1000
@@ -207,8 +210,10 @@ class Spool:
             self._db.execute("DELETE FROM inbox WHERE id = ?", (msg_id,))
 
     def start(self, msg_id: str) -> None:
-        """Mark a taken command as started (fsync): after a crash it is answered, not run again."""
+        """Mark a taken command as started, committed with fsync whatever was written before (telemetry
+        is not): after a crash or a power loss it is answered "interrupted", never run again. Returns nothing."""
         with self._lock:
+            self._synchronous("FULL")
             self._db.execute("UPDATE inbox SET started = 1 WHERE id = ?", (msg_id,))
 
     def pending_commands(self) -> list[tuple[bytes, bool]]:

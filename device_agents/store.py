@@ -8,21 +8,33 @@ Layout under ``<root>`` (``/opt/edgekit`` as root, else ``~/.edgekit``)::
     current  -> models/<sha256>      switched with an atomic rename of a fresh symlink
     previous -> models/<sha256>      the one before, for rollback
     incoming/                        uploads in flight (``*.part``)
+    models/.<sha256>.staging-<pid>   an install in progress (renamed to ``models/<sha256>`` when whole)
+    models/.<sha256>.removing-<pid>  a removal in progress (renamed away first, then deleted)
 
 An artifact's format (``tflite`` or ``onnx``) is read from its bytes at install
 (:func:`device_agents.runtimes.model_format`), kept as ``format`` in ``meta.json`` and as the file's
 suffix; :meth:`ModelStore.model_path` follows it, and every reader picks its runtime by it.
 
-A model directory appears by renaming a complete staging directory, so a reader never sees a half
-written model. A model becomes ``current`` only after its sha256 is checked again and a child
-process has loaded it and run one inference: a model that crashes the interpreter takes down the
-child, not the agent, and the running model keeps serving.
+A model directory appears by renaming a complete staging directory, and goes by being renamed away
+before it is deleted, so a reader never sees a half written or half deleted model; every rename is
+followed by an fsync of its folder (:func:`device_agents.disk.durable_replace`), so a power loss
+keeps it or undoes it whole. What a process killed mid-way leaves (staging and removal folders,
+temporary links) is named by its pid and removed by :meth:`ModelStore.sweep` once that process is
+gone (:meth:`ModelStore.ensure` calls it: the agent at start, every install). An upload that an
+install had moved into its staging folder goes with it: the deploy (its command is answered
+"interrupted") or the desired state sends it again.
+
+A model becomes ``current`` only after its sha256 is checked again and a child process has loaded
+it and run one inference: a model that crashes the interpreter takes down the child, not the agent,
+and the running model keeps serving.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -30,11 +42,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from device_agents.disk import sha256_of
+from device_agents.disk import (
+    durable_replace,
+    fsync_dir,
+    pid_alive,
+    sha256_of,
+    sweep_tmp,
+)
 from device_agents.errors import SmokeFailed, StoreError
 from device_agents.formats import SUFFIX, model_format
 
+log = logging.getLogger("edgekit.agent.store")
 SMOKE_TIMEOUT_S = 120.0
+_LEFTOVER = re.compile(r"^\.[0-9a-f]{64}\.(staging|removing)-(\d+)$")  # in models/: an install's or a removal's
 
 
 def default_root() -> Path:
@@ -43,7 +63,8 @@ def default_root() -> Path:
 
 
 
-def _is_sha(value: str) -> bool:
+def is_sha256(value: str) -> bool:
+    """Return True when ``value`` is a sha256 in lower-case hex (how models, links and downloads are named)."""
     return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
@@ -67,9 +88,45 @@ class ModelStore:
         self.incoming = self.root / "incoming"
 
     def ensure(self) -> None:
-        """Create the folders (no-op when they exist)."""
+        """Create the folders (no-op when they exist) and :meth:`sweep` what killed processes left."""
         self.models.mkdir(parents=True, exist_ok=True)
         self.incoming.mkdir(parents=True, exist_ok=True)
+        self.sweep()
+
+    def sweep(self) -> list[str]:
+        """Remove what a store operation killed mid-way (power loss, SIGKILL) left behind: staging
+        folders of installs, folders of removals, temporary links and files in the root. Only the
+        leftovers of processes that no longer run are touched, so an install running in another
+        process keeps its staging folder.
+
+        Returns:
+            The names removed. Never raises: what cannot be removed now is tried again next time.
+        """
+        removed = sweep_tmp(self.root)
+        try:
+            entries = list(self.models.iterdir())
+        except OSError:
+            entries = []
+        for entry in entries:
+            m = _LEFTOVER.match(entry.name)
+            if m and not pid_alive(int(m.group(2))):
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry.name)
+        return removed
+
+    def _discard(self, folder: Path) -> None:
+        """Delete a model folder without ever leaving it half there: it is renamed away first (a
+        removal folder that :meth:`sweep` finishes if this process dies), then deleted; returns nothing.
+
+        Raises:
+            OSError: the rename failed (the folder is still whole).
+        """
+        if not folder.exists():
+            return
+        gone = self.models / f".{folder.name}.removing-{os.getpid()}"
+        shutil.rmtree(gone, ignore_errors=True)
+        durable_replace(folder, gone)
+        shutil.rmtree(gone, ignore_errors=True)
 
     # --- installing ---------------------------------------------------------------------------
 
@@ -128,9 +185,9 @@ class ModelStore:
             for f in staging.iterdir():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
-            if target.exists():  # a half-installed leftover, or a damaged copy: replaced whole
-                shutil.rmtree(target)
-            os.rename(staging, target)
+            fsync_dir(staging)  # its entries are on disk before the rename that makes it the model
+            self._discard(target)  # a damaged copy: replaced whole
+            durable_replace(staging, target)
         except OSError as exc:
             if move and not src.exists() and (staging / name).is_file():
                 shutil.move(staging / name, src)  # the caller's file is not lost with the staging folder
@@ -139,15 +196,18 @@ class ModelStore:
         return Installed(digest, variant, model, target)
 
     def remove(self, sha256: str) -> None:
-        """Delete an installed model that is neither current nor previous.
+        """Delete an installed model that is neither current nor previous; returns nothing.
 
         Raises:
-            StoreError: it is current or previous.
+            StoreError: it is current or previous, or its folder cannot be renamed away.
         """
         if sha256 in (self.current(), self.previous()):
             raise StoreError(f"model {sha256[:12]} is in use (current or previous); activate another first")
-        shutil.rmtree(self.models / sha256, ignore_errors=True)
-        self._remove_engines(sha256)
+        self._remove_engines(sha256)  # first: killed before the model goes, its engine is built again when used
+        try:
+            self._discard(self.models / sha256)
+        except OSError as exc:
+            raise StoreError(f"cannot remove model {sha256[:12]}: {exc.strerror or exc}") from None
 
     def _engine_dirs(self, sha256: str) -> list[Path]:
         """Return the TensorRT engine folders built from model ``sha256`` (:mod:`device_agents.runtimes.tensorrt`)."""
@@ -177,8 +237,12 @@ class ModelStore:
             if meta["sha256"] in protected:
                 continue
             size = self._bytes(meta["sha256"])
-            shutil.rmtree(self.models / meta["sha256"], ignore_errors=True)
-            self._remove_engines(meta["sha256"])
+            self._remove_engines(meta["sha256"])  # first, as in remove()
+            try:
+                self._discard(self.models / meta["sha256"])
+            except OSError as exc:
+                log.warning("store budget: cannot remove model %s: %s", meta["sha256"][:12], exc.strerror or exc)
+                continue
             total -= size
             removed.append({k: meta.get(k) for k in ("sha256", "variant", "model")} | {"bytes": size})
         return removed
@@ -203,7 +267,7 @@ class ModelStore:
         except OSError:
             return None
         sha = Path(target).name
-        return sha if _is_sha(sha) else None
+        return sha if is_sha256(sha) else None
 
     def current(self) -> str | None:
         """Return the sha256 of the current model, or None."""
@@ -248,11 +312,11 @@ class ModelStore:
         """Return ``{"sha256", "damaged"}`` for every stored model whose metadata, artifact or eval set
         fails its check (hashing every file: what a deploy asks for before it decides what to upload)."""
         return [{"sha256": folder.name, "damaged": why} for folder in sorted(self.models.glob("*"))
-                if _is_sha(folder.name) and (why := self._damage(folder.name)) is not None]
+                if is_sha256(folder.name) and (why := self._damage(folder.name)) is not None]
 
     def installed(self) -> list[dict]:
         """Return the metadata of every installed model, oldest first."""
-        metas = [m for d in self.models.glob("*") if _is_sha(d.name) and (m := self._meta(d.name))]
+        metas = [m for d in self.models.glob("*") if is_sha256(d.name) and (m := self._meta(d.name))]
         return sorted(metas, key=lambda m: m.get("installed", 0))
 
     def model_format(self, sha256: str) -> str:
@@ -290,7 +354,7 @@ class ModelStore:
             StoreError: nothing installed matches, or nothing is current when neither is given.
         """
         if sha256:
-            if not _is_sha(sha256) or self._meta(sha256) is None:
+            if not is_sha256(sha256) or self._meta(sha256) is None:
                 raise StoreError(f"model {str(sha256)[:16]} is not installed on this device")
             return sha256
         if variant:
@@ -325,14 +389,20 @@ class ModelStore:
     # --- switching ----------------------------------------------------------------------------
 
     def _point(self, name: str, sha256: str | None) -> None:
+        """Point link ``name`` at ``models/<sha256>`` (None: remove it), durably; returns nothing.
+
+        Raises:
+            OSError: the link could not be written (the old one stays).
+        """
         link = self.root / name
         if sha256 is None:
             link.unlink(missing_ok=True)
+            fsync_dir(self.root)
             return
-        tmp = self.root / f".{name}.{os.getpid()}.tmp"
+        tmp = self.root / f".{name}.{os.getpid()}.tmp"  # a killed writer's is swept (sweep_tmp)
         tmp.unlink(missing_ok=True)
         os.symlink(f"models/{sha256}", tmp)
-        os.replace(tmp, link)  # rename(2) over the old link: readers see the old or the new one
+        durable_replace(tmp, link)  # rename(2) over the old link: readers see the old or the new one
 
     def activate(self, sha256: str, *, runtime: str | None = None, delegate: str = "xnnpack",
                  options: dict[str, Any] | None = None, threads: int = 1,

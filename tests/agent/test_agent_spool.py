@@ -114,3 +114,20 @@ def test_status_and_reported_numbers_keep_rising_across_restarts_and_a_full_disk
     assert spool.next_seq("status") == 7  # written again once space returns
     spool.close()
     assert Spool(tmp_path / "s.db").next_seq("status") == 8
+
+
+def test_a_command_is_marked_started_with_fsync_even_right_after_telemetry(tmp_path):
+    """A command marked started is answered "interrupted" after a restart, never run again (a second
+    ``rollback`` would undo the first). Telemetry is committed without fsync; the start mark written
+    after it must not be: with ``synchronous=NORMAL`` a power loss (not a process kill) forgets the
+    mark, and the restarted agent runs the command again."""
+    spool = Spool(tmp_path / "s.db")
+    assert spool.take("cmd-1", b"{}", ts=1000.0, expires=1060.0) is None
+    add(spool, "telemetry")  # sent while the command waited its turn
+    traced = []
+    spool._db.set_trace_callback(traced.append)
+    spool.start("cmd-1")
+    spool._db.set_trace_callback(None)
+    assert spool._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL: the commit was fsynced
+    assert traced.index("PRAGMA synchronous=FULL") < next(i for i, t in enumerate(traced) if t.startswith("UPDATE inbox"))
+    assert spool.pending_commands() == [(b"{}", True)]

@@ -231,3 +231,28 @@ def test_a_trt_variant_gets_its_engine_built_at_install_and_a_failed_build_keeps
     rec.take({**desired(3, sha=B), "variant": "trt-fp16"})
     out = run(rec)
     assert out["state"] == "converged" and out["download"]["engine"]["variant"] == "trt-fp16" and store.cur == B
+
+
+def test_a_superseded_download_left_whole_by_a_power_loss_is_dropped_and_the_wanted_one_counted(rig, tmp_path):
+    """The power went after a download was verified (``incoming/<sha>``) and before its install took it;
+    then the operator wanted another model. The next download drops the old one, whole or partial (else
+    it stays on the card forever), counts what is there of the wanted one, and never touches a push
+    deploy's uploads."""
+    make, store, clock, reports, fetched, activated, fail = rig
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    C = "c" * 64
+    (incoming / C).write_bytes(b"x" * 100)  # verified, never installed: the power went
+    (incoming / f"{C}.partial").write_bytes(b"x" * 50)
+    (incoming / A).write_bytes(b"y" * 4)  # the wanted one, verified before the power went
+    uploads = [incoming / f"{B}.tflite.part", incoming / "eval.npz", incoming / "agent-0123456789ab.tar.gz.part"]
+    for upload in uploads:
+        upload.write_bytes(b"z")
+    needs = []
+    rec = Reconciler(tmp_path, store, activate=lambda sha, keep: {"smoke": {}}, report=reports.append,
+                     check_disk=needs.append, settings=PullConfig(), fetch=lambda url, sha, dest, **kw: FetchResult(dest, 0, False, 0.0),
+                     clock=clock, rng=lambda: 0.0)
+    rec.take(desired(1))
+    assert run(rec)["state"] == "converged"
+    assert sorted(p.name for p in incoming.iterdir()) == sorted([A, *(u.name for u in uploads)])
+    assert needs == [10 - 4]  # 10 bytes wanted, 4 of them on the card already
