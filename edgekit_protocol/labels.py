@@ -28,3 +28,13 @@ def power_source(power: dict) -> str:
     if power.get("sensor"):
         return str(power["sensor"])
     return str(PowerSource.ESTIMATED if power.get("estimated") else PowerSource.NOT_MEASURED)
+
+
+def accuracy_text(value: float | None, decimals: int = 2) -> str:
+    """Return an accuracy figure as it is shown: a share (0 to 1, what every built-in task reports) as a
+    percentage, anything else on its own scale (a user metric may be 37.5 or negative), "-" for none."""
+    if value is None:
+        return "-"
+    if 0 <= value <= 1:
+        return f"{100 * value:.{decimals}f}%"
+    return f"{value:.4g}"

@@ -12,6 +12,7 @@ from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from edge_kit.cli.app import JsonOpt, app, emit_json, out, progress_bar, safe, spinner
+from edgekit_protocol.labels import accuracy_text
 
 profiles_app = typer.Typer(no_args_is_help=True, help="List, show and check device profiles.")
 app.add_typer(profiles_app, name="profiles")
@@ -78,7 +79,7 @@ def _compile_report(manifest: Any) -> tuple[Table, list[str]]:
             f"{a.gzip_bytes / base_gzip:.2f}" if base_gzip and a.gzip_bytes else "-",
             _pct(a.sparsity),
             f"{a.macs / base_macs:.2f}" if base_macs and a.macs is not None else "-",
-            on_device or _pct(acc), on_device or (f"{fid.snr_db:.1f}" if fid and fid.snr_db is not None else "-"),
+            on_device or accuracy_text(acc, 1), on_device or (f"{fid.snr_db:.1f}" if fid and fid.snr_db is not None else "-"),
             _accel_cell(a, footnote),
         )
         for warning in a.warnings:

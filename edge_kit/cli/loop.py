@@ -28,7 +28,7 @@ from edge_kit.cli.app import (
     spinner,
 )
 from edge_kit.selection.policy import DEFAULT_MARGIN
-from edgekit_protocol.labels import power_source
+from edgekit_protocol.labels import accuracy_text, power_source
 
 CandidatesOpt = Annotated[Path, typer.Option("--artifacts", help="The compiled model's folder: its variants are the candidates.")]
 MarginOpt = Annotated[float, typer.Option(min=0, max=1, help="Relative gain needed to switch (no flapping).")]
@@ -46,13 +46,13 @@ def decision_table(decisions: dict[str, Any], explain: bool) -> list[Any]:
             fleet = getattr(d, "kind", None) == "fleet selection"
             title = safe(name) if not fleet else (f"{safe(name)} (confidence {d.confidence:.2f}"
                                             + (f"; [red]flagged[/]: {safe(d.flagged)}" if d.flagged else "") + ")")
-            e = Table(Column("variant", min_width=16, no_wrap=True), "p90 ms", "top-1", "energy mJ/inf",
+            e = Table(Column("variant", min_width=16, no_wrap=True), "p90 ms", "accuracy", "energy mJ/inf",
                       "source" if fleet else "power source", "runs", "MB", "violates", "",
                       title=title, title_justify="left", box=box.SIMPLE, pad_edge=False)
             for r in d.table:
                 mark = "chosen" if r.get("chosen") else ("current" if r["current"] else "")
                 inferred = r.get("source") == "inferred"
-                e.add_row(safe(r["variant"]), _cell(r, "p90_ms", _num), _cell(r, "accuracy", _pct), _cell(r, "energy_mj", _num),
+                e.add_row(safe(r["variant"]), _cell(r, "p90_ms", _num), _cell(r, "accuracy", accuracy_text), _cell(r, "energy_mj", _num),
                           safe(_source(r) if fleet else (r["power_source"] or "-")), str(r["runs"]),
                           f"{r['model_mb']:.2f}",
                           safe(", ".join(r["violates"])) or ("-" if r["measured"] or inferred else "not measured"), mark)
@@ -85,11 +85,6 @@ def figures_note(devices: Any, inferred: bool = False) -> str:
 
 def _num(x: float | None) -> str:
     return "-" if x is None else f"{x:.4g}"
-
-
-def _pct(x: float | None) -> str:
-    """Return a share as a percentage with 2 decimals, "-" for none."""
-    return "-" if x is None else f"{100 * x:.2f}%"
 
 
 def _cell(row: dict[str, Any], key: str, fmt: Any) -> str:

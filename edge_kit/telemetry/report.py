@@ -1,6 +1,6 @@
 """`edgekit report`: one self-contained HTML file a person reads (plotly.js inlined, no network).
 
-Per device profile: latency p90 against top-1 accuracy for every variant measured on every device
+Per device profile: latency p90 against accuracy (the eval metric) for every variant measured on every device
 of that profile, with the profile's constraint lines (max p90; min accuracy as a share of the fp32
 variant's) and each device's chosen variant marked; energy per inference per variant, each bar
 saying whether its figure was measured (sensor name) or estimated. Then the fleet table. Every
@@ -20,7 +20,7 @@ from edge_kit.errors import InputError
 from edge_kit.fsutil import atomic_write_text
 from edge_kit.profiles import Profile, bundled_profiles, load_profile
 from edge_kit.telemetry.store import HistoryStore
-from edgekit_protocol.labels import power_source
+from edgekit_protocol.labels import accuracy_text, power_source
 
 _CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
@@ -45,7 +45,7 @@ def _accuracy(rec: dict[str, Any]) -> float | None:
 def _accuracy_cell(rec: dict[str, Any] | None) -> str:
     """Return the fleet table's accuracy cell: the figure, ``not scored`` when the metric failed, else ``-``."""
     if rec and _accuracy(rec) is not None:
-        return f"{100 * _accuracy(rec):.2f} %"
+        return accuracy_text(_accuracy(rec))
     return "not scored" if rec and isinstance(rec.get("accuracy"), dict) and "error" in rec["accuracy"] else "-"
 
 
@@ -62,20 +62,25 @@ def _profile_figures(profile: Profile, records: list[dict[str, Any]], chosen: di
     for r in records:
         by_variant[_label(r["variant"])].append(r)
     fp32 = [_accuracy(r) for r in by_variant.get("fp32", []) if _accuracy(r) is not None]
+    # shares (every built-in task) in percent; a user metric outside 0..1 on its own scale
+    scale = 100 if all(0 <= _accuracy(r) <= 1 for r in records if _accuracy(r) is not None) else 1
+    unit = " %" if scale == 100 else ""
+    metric = _label(next((r["accuracy"].get("metric") for r in records if _accuracy(r) is not None
+                          and r["accuracy"].get("metric")), "accuracy"))
     scatter = go.Figure()
     for variant, recs in sorted(by_variant.items()):
         pts = [r for r in recs if _accuracy(r) is not None]
         if not pts:
             continue
         scatter.add_trace(go.Scatter(
-            x=[r["latency_ms"]["p90"] for r in pts], y=[100 * _accuracy(r) for r in pts], mode="markers",
+            x=[r["latency_ms"]["p90"] for r in pts], y=[scale * _accuracy(r) for r in pts], mode="markers",
             name=f"{variant} ({_label(pts[0].get('runtime') or 'litert')})", marker={"size": 10},  # the runtime that ran it
             text=[f"{r['device']}{' (simulated)' if r.get('simulated') else ''}, {_label(r.get('runtime') or 'litert')}" for r in pts],
-            hovertemplate="%{text}<br>p90 %{x:.4g} ms<br>top-1 %{y:.2f} %<extra>" + variant + "</extra>"))
+            hovertemplate=f"%{{text}}<br>p90 %{{x:.4g}} ms<br>{metric} %{{y:.4g}}{unit}<extra>{variant}</extra>"))
     picks = [r for r in records if chosen.get(r["device"]) == r["sha256"] and _accuracy(r) is not None]
     if picks:
         scatter.add_trace(go.Scatter(
-            x=[r["latency_ms"]["p90"] for r in picks], y=[100 * _accuracy(r) for r in picks], mode="markers",
+            x=[r["latency_ms"]["p90"] for r in picks], y=[scale * _accuracy(r) for r in picks], mode="markers",
             name="chosen", marker={"symbol": "star", "size": 20, "color": "rgba(0,0,0,0)", "line": {"width": 2, "color": "#111"}},
             text=[f"{r['device']}: {_label(r['variant'])}" for r in picks], hovertemplate="%{text}<extra>chosen</extra>"))
     c = profile.constraints
@@ -94,13 +99,13 @@ def _profile_figures(profile: Profile, records: list[dict[str, Any]], chosen: di
         if c.max_latency_p90_ms > 0:  # annotations on a log axis take the decade, not the value
             scatter.add_annotation(x=math.log10(c.max_latency_p90_ms), xref="x", y=1, yref="y domain", yanchor="bottom",
                                    xanchor="right", showarrow=False, text=f"max p90 {c.max_latency_p90_ms:g} ms")
-    if c.min_accuracy_ratio is not None and fp32:
-        floor = 100 * c.min_accuracy_ratio * sum(fp32) / len(fp32)
+    if c.min_accuracy_ratio is not None and fp32 and sum(fp32) > 0:  # no ratio to a figure of 0 or less
+        floor = scale * c.min_accuracy_ratio * sum(fp32) / len(fp32)
         scatter.add_hline(y=floor, line_dash="dash", line_color="#b00",
-                          annotation_text=f"min accuracy {c.min_accuracy_ratio:g} x fp32 = {floor:.2f} %")
+                          annotation_text=f"min accuracy {c.min_accuracy_ratio:g} x fp32 = {floor:.4g}{unit}")
     scatter.update_layout(title=f"{profile.name}: latency vs accuracy (latest benchmark per device and variant)",
                           xaxis_title="p90 latency (ms, log scale), perf_counter_ns around invoke()",
-                          yaxis_title="top-1 accuracy (%)", xaxis=xaxis,
+                          yaxis_title=f"{metric} ({'%' if scale == 100 else 'on its own scale'})", xaxis=xaxis,
                           height=460, margin={"t": 60})
     bars = go.Figure()
     variants = sorted(v for v, recs in by_variant.items() if any((r.get("power") or {}).get("energy_per_inference_mj") is not None for r in recs))
@@ -121,7 +126,7 @@ def _profile_figures(profile: Profile, records: list[dict[str, Any]], chosen: di
 def _fleet_rows(store: HistoryStore) -> tuple[list[str], list[list[str]]]:
     status, latest, tele = store.latest_status(), store.latest_bench(), store.latest_telemetry()
     decisions = store.latest_decisions()
-    head = ["device", "profile", "state", "running", "runtime", "decision", "p90 ms", "top-1", "mJ/inference", "power source",
+    head = ["device", "profile", "state", "running", "runtime", "decision", "p90 ms", "accuracy", "mJ/inference", "power source",
             "live p50/p99 ms (requests)", "simulated"]
     rows = []
     for device in sorted(set(status) | {d for d, _ in latest} | set(decisions)):

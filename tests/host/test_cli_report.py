@@ -110,6 +110,29 @@ def test_latency_axis_is_logarithmic_and_holds_the_points_and_the_limit():
     assert line.x0 == limit  # shapes by value
 
 
+def test_a_user_metric_outside_0_to_1_is_shown_on_its_own_scale_and_shares_as_percentages():
+    """Built-in tasks report shares (0..1), shown as percentages; a user metric may be 37.5 or negative
+    (higher is better): shown as it is, never as 3750 %, and no accuracy-ratio line to a figure <= 0."""
+    from edge_kit.profiles import load_profile
+    from edge_kit.telemetry.report import _accuracy_cell, _profile_figures
+    from edgekit_protocol.labels import accuracy_text
+
+    assert [accuracy_text(v) for v in (0.9944, 1.0, 0.0, 37.5, -2.0, None)] == ["99.44%", "100.00%", "0.00%", "37.5", "-2", "-"]
+    profile = load_profile("rpi4")
+    user = [{**_bench("rpi4-1", v, p90, acc, i), "accuracy": {"value": acc, "metric": "psnr"}}
+            for i, (v, p90, acc) in enumerate([("fp32", 0.3, 37.5), ("int8", 0.2, 36.9)])]
+    scatter, _ = _profile_figures(profile, user, {})
+    assert sorted(y for t in scatter.data for y in t.y) == [36.9, 37.5] and scatter.layout.yaxis.title.text == "psnr (on its own scale)"
+    assert _accuracy_cell(user[0]) == "37.5"
+    negative = [{**r, "accuracy": {"value": -r["accuracy"]["value"], "metric": "minus_mse"}} for r in user]
+    scatter, _ = _profile_figures(profile, negative, {})
+    assert not any(s.y0 == s.y1 for s in scatter.layout.shapes)  # no floor line: a ratio to -37.5 means nothing
+    shares = [_bench("rpi4-1", v, p90, acc, i) for i, (v, p90, acc) in enumerate([("fp32", 0.3, 0.99), ("int8", 0.2, 0.98)])]
+    scatter, _ = _profile_figures(profile, shares, {})
+    assert sorted(y for t in scatter.data for y in t.y) == [98.0, 99.0] and scatter.layout.yaxis.title.text == "accuracy (%)"
+    assert _accuracy_cell(shares[0]) == "99.00%"
+
+
 def test_a_benchmark_whose_metric_failed_is_drawn_without_accuracy_and_said_so(tmp_path, run_cli):
     """The agent records a metric that fails as ``accuracy: {"error": ..., "samples": n}`` (no value): the
     report draws the rest, puts no accuracy on that variant and says it was not scored."""
