@@ -46,18 +46,6 @@ def pytest_addoption(parser):
 
 
 
-@pytest.fixture(scope="session")
-def wheels() -> Path:
-    """The folder of pinned wheels real models and photos come from (``.ci/setup`` fetches them); fails,
-    never skips, when one is missing."""
-    from edge_kit import realmodels
-
-    try:
-        return realmodels.wheels_folder()
-    except realmodels.MissingWheel as exc:
-        pytest.fail(str(exc), pytrace=False)
-
-
 @pytest.fixture
 def figure(request):
     """record(name, value, target, how): add one row to the figures table."""

@@ -4,24 +4,11 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ["COLUMNS"] = "200"  # rich tables printed by the CLI stay on one line per row
-
-
-@pytest.fixture(scope="session")
-def wheels() -> Path:
-    """The folder of pinned wheels real models and photos come from (``.ci/setup`` fetches them); fails,
-    never skips, when one is missing."""
-    from edge_kit import realmodels
-
-    try:
-        return realmodels.wheels_folder()
-    except realmodels.MissingWheel as exc:
-        pytest.fail(str(exc), pytrace=False)
 
 
 @pytest.fixture

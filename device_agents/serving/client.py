@@ -64,7 +64,7 @@ class Client:
         self.shared_memory = shared_memory_available() if shared_memory is None else shared_memory
         # wait for an answer this long on the CPU before sleeping in the kernel: no wake-up to pay when
         # it comes within that time, one core kept busy meanwhile (0: sleep at once, the default)
-        if not isinstance(busy_poll_us, int) or not 0 <= busy_poll_us <= 1_000_000:
+        if not isinstance(busy_poll_us, int) or isinstance(busy_poll_us, bool) or not 0 <= busy_poll_us <= 1_000_000:
             raise ValueError(f"busy_poll_us: {busy_poll_us!r} is not 0 to 1000000 microseconds")
         self.busy_poll_ns = busy_poll_us * 1000
         self._shm: Any = None  # (descriptor, mmap) of this client's memory file

@@ -226,7 +226,7 @@ def test_busy_polling_answers_the_same_and_spins_only_up_to_busy_poll_us(store, 
     with Client(store.root) as plain, Client(store.root, busy_poll_us=20_000) as polling:
         for s in x:
             np.testing.assert_array_equal(polling.predict({"image": s})["output_0"], plain.predict({"image": s})["output_0"])
-    for bad in (-1, 1_000_001, 0.5, "10"):
+    for bad in (-1, 1_000_001, 0.5, "10", True):
         with pytest.raises(ValueError, match="busy_poll_us"):
             Client(store.root, busy_poll_us=bad)
 
