@@ -510,8 +510,8 @@ class Store(HistoryStore):
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
                     for sql, rows in statements:
-                        for row in rows:
-                            new += self._db.execute(sql, row).rowcount
+                        if rows:  # executemany's rowcount is the sum over its rows (0 for an ignored one)
+                            new += self._db.executemany(sql, rows).rowcount
                     self._db.execute("COMMIT")
                 except BaseException:
                     self._db.execute("ROLLBACK")
