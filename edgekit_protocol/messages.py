@@ -141,6 +141,13 @@ def in_range(value: Any, limit: float = 1e12) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and -limit < value < limit
 
 
+def disk_free_bytes(disk: Any) -> float | None:
+    """Return the ``free_bytes`` of a status or telemetry ``disk`` block when it is a byte count (a number from 0
+    to 1e18), else None: these blocks are a device's word, not checked at decode (``disk`` may be any JSON)."""
+    free = disk.get("free_bytes") if isinstance(disk, dict) else None
+    return free if in_range(free, 1e18) and free >= 0 else None
+
+
 def _refuse_constant(name: str) -> float:
     raise MessageError(f"payload holds the non-finite number {name}; numbers must be finite")
 

@@ -8,7 +8,6 @@ measured watt from an estimated one. Plus the monitor's own counters.
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any
 
@@ -17,6 +16,7 @@ from prometheus_client.core import CounterMetricFamily
 
 from edge_kit.errors import InputError
 from edgekit_protocol.labels import power_source
+from edgekit_protocol.messages import disk_free_bytes, in_range
 
 # Label values a device names (variant, power source, shadow variant) make series, and each series stays
 # in the monitor's memory and in every scrape: per device and label, the first MAX_LABEL_VALUES distinct
@@ -83,11 +83,12 @@ class FleetMetrics:
         device = msg["device"]
         self.last_seen.labels(device).set(time.time())
         disk = msg.get("disk") if kind in ("status", "telemetry") else None
-        if isinstance(disk, dict) and isinstance(disk.get("free_bytes"), (int, float)):
-            self.disk_free.labels(device).set(disk["free_bytes"])
+        if disk_free_bytes(disk) is not None:
+            self.disk_free.labels(device).set(disk_free_bytes(disk))
             self.disk_full.labels(device).set(1 if disk.get("full") else 0)
         live = msg.get("live") if kind == "telemetry" else None
-        if isinstance(live, dict) and isinstance(live.get("model"), dict) and isinstance(live.get("requests"), int):
+        if isinstance(live, dict) and isinstance(live.get("model"), dict) and isinstance(live.get("requests"), int) \
+                and _number(live["requests"]) is not None:
             variant = self._bounded(device, "variant", live["model"].get("variant"))
             self.live_requests.labels(device, variant).set(live["requests"])
             self.live_errors.labels(device, variant).set(_number(live.get("errors")) or 0)
@@ -155,7 +156,6 @@ def _field(doc: Any, *path: str) -> Any:
 
 
 def _number(value: Any) -> float | None:
-    """Return ``value`` when it is a finite number (not a bool), else None."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return value if math.isfinite(value) else None
+    """Return ``value`` when it is a number (not a bool) within +-1e12 (:func:`~edgekit_protocol.messages.in_range`:
+    finite, and an integer a float can hold), else None."""
+    return value if in_range(value) else None

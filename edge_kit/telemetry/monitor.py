@@ -49,6 +49,7 @@ from edge_kit.telemetry.store import HistoryStore
 from edge_kit.telemetry.verifier import Verifier
 from edgekit_protocol import messages
 from edgekit_protocol.errors import MessageError
+from edgekit_protocol.messages import disk_free_bytes
 
 log = logging.getLogger("edgekit.monitor")
 STORED_KINDS = ("status", "bench", "telemetry")
@@ -355,7 +356,7 @@ class Monitor:
         c = self.constraints.get(device)
         shadow = live.get("shadow") if isinstance(live, dict) else None
         snr = ((shadow or {}).get("fidelity") or {}).get("snr_db") if isinstance(shadow, dict) else None
-        if c is None or c.min_fidelity_snr_db is None or not isinstance(snr, (int, float)):
+        if c is None or c.min_fidelity_snr_db is None or not messages.in_range(snr):
             return
         if snr < c.min_fidelity_snr_db and device not in self._drifting:
             self._drifting.add(device)
@@ -371,13 +372,15 @@ class Monitor:
         if kind == "telemetry":
             self._check_drift(device, msg.get("live"))
         disk = msg.get("disk") if kind in ("status", "telemetry") else None
-        if isinstance(disk, dict) and isinstance(disk.get("free_bytes"), (int, float)):
-            low = bool(disk.get("full")) or disk["free_bytes"] < self.min_free_bytes
+        free = disk_free_bytes(disk)  # None: no figure, or one that is no byte count (negative, 400 digits)
+        if isinstance(disk, dict) and (free is not None or disk.get("full")):
+            low = bool(disk.get("full")) or free < self.min_free_bytes
             if low and device not in self._low_disk:
                 self._low_disk.add(device)
-                self._alert(Alert(device, "disk", f"{device}: {disk['free_bytes'] / 1e6:.1f} MB free"
-                                         + (" (full: installs, activations and benches refused)" if disk.get("full") else
-                                            f" (below {self.min_free_bytes / 1e6:.0f} MB)")))
+                refused = "installs, activations and benches refused"
+                self._alert(Alert(device, "disk", f"{device}: disk full ({refused})" if free is None else
+                                  f"{device}: {free / 1e6:.1f} MB free" + (f" (full: {refused})" if disk.get("full") else
+                                                                          f" (below {self.min_free_bytes / 1e6:.0f} MB)")))
             elif not low:
                 self._low_disk.discard(device)
         if kind == "status" and msg["state"] == "offline":

@@ -21,6 +21,7 @@ from edge_kit.fsutil import atomic_write_text
 from edge_kit.profiles import Profile, bundled_profiles, load_profile
 from edge_kit.telemetry.store import HistoryStore
 from edgekit_protocol.labels import accuracy_text, power_source
+from edgekit_protocol.messages import in_range
 
 _CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
@@ -166,8 +167,8 @@ def _live_cell(live: Any) -> str:
         return "-"
     lat = live["latency_ms"]
 
-    def num(v: Any, fmt: str) -> str:  # what a device sends: a figure only when it is one
-        return format(v, fmt) if isinstance(v, (int, float)) and not isinstance(v, bool) else "?"
+    def num(v: Any, fmt: str) -> str:  # what a device sends: a figure only when it is one (a float can hold it)
+        return format(v, fmt) if in_range(v) else "?"
 
     model = live.get("model") if isinstance(live.get("model"), dict) else {}
     return html.escape(f"{num(lat.get('p50', 0), '.3g')}/{num(lat.get('p99', 0), '.3g')} ({num(live.get('requests', 0), ',')}, "

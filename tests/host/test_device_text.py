@@ -153,3 +153,53 @@ def test_last_heard_is_this_hosts_clock_not_the_devices():
     value = next(s.value for fam in metrics.registry.collect() if fam.name == "edgekit_device_last_seen_seconds"
                  for s in fam.samples)
     assert before <= value <= time.time()
+
+
+HUGE = 10 ** 400  # valid JSON; float() of it overflows
+
+
+def test_figures_no_float_can_hold_or_negative_bytes_are_left_out_of_metrics_never_raised():
+    """Telemetry's figures are not checked at decode: an integer of 400 digits raised OverflowError in
+    observe (the gauges of that message were never set), a negative free space was exported as is."""
+    metrics = FleetMetrics()
+    live = {"model": {"variant": "int8"}, "requests": 5, "errors": HUGE, "queue_depth": HUGE,
+            "latency_ms": {"p50": HUGE, "p90": -HUGE, "p99": 2.0},
+            "shadow": {"fidelity": {"snr_db": -HUGE}, "model": {"variant": "fp32"}}}
+    metrics.observe("telemetry", {"device": "d1", "ts": 1.0, "disk": {"free_bytes": HUGE}, "live": live})
+    metrics.observe("telemetry", {"device": "d1", "ts": 1.0, "live": {**live, "requests": HUGE, "latency_ms": {"p99": 3.0}}})
+    metrics.observe("status", {"device": "d2", "ts": 1.0, "state": "online", "disk": {"free_bytes": -5}})
+    text = generate_latest(metrics.registry).decode()
+    assert 'edgekit_live_latency_ms{device="d1",quantile="p99",variant="int8"} 2.0' in text
+    assert 'quantile="p50"' not in text and 'quantile="p90"' not in text and "edgekit_live_shadow_snr_db{" not in text
+    assert 'edgekit_live_requests{device="d1",variant="int8"} 5.0' in text  # a live block with no count is left out
+    assert 'edgekit_live_errors{device="d1",variant="int8"} 0.0' in text
+    assert "edgekit_device_disk_free_bytes{" not in text
+    assert 'edgekit_device_online{device="d2"} 1.0' in text
+
+
+def test_the_monitors_alerts_take_figures_no_float_can_hold(fleet_file, tmp_path):
+    """The disk and drift alerts divided or formatted the device's figure: an integer of 400 digits raised
+    OverflowError (and the message's metrics were skipped). A figure that is no figure raises no alert;
+    a full disk still does."""
+    from edge_kit.fleet.inventory import load_fleet
+    from edge_kit.telemetry.monitor import Monitor
+
+    fleet_file.write_text(fleet_file.read_text().replace("{name: d1, host: 127.0.0.1}",
+                                                         "{name: d1, host: 127.0.0.1, constraints: {min_fidelity_snr_db: 20}}"))
+    mon = Monitor(load_fleet(fleet_file), Store(tmp_path / "h.db"), verify_in_child=False)
+    live = {"model": {"variant": "int8"}, "requests": 1, "shadow": {"fidelity": {"snr_db": -HUGE}, "model": {"variant": "fp32"}}}
+    for free in (HUGE, -HUGE, -5):
+        mon._check_alerts("telemetry", {"device": "d1", "disk": {"free_bytes": free}, "live": live})
+    assert list(mon.alerts) == []
+    mon._check_alerts("status", {"device": "d1", "state": "online", "disk": {"free_bytes": HUGE, "full": True}})
+    assert [a.text for a in mon.alerts] == ["d1: disk full (installs, activations and benches refused)"]
+
+
+def test_the_report_shows_a_live_figure_no_float_can_hold_as_unknown(fleet_file, run_cli, tmp_path):
+    live = messages.envelope("telemetry", "sim", "d1", 4, {"conditions": {}, "spool": {}, "live": {
+        "latency_ms": {"p50": HUGE, "p99": 1.0}, "requests": HUGE, "model": {"variant": "int8"}}})
+    _history(fleet_file, ("telemetry", live))
+    report = tmp_path / "report.html"
+    code, out, err = run_cli("report", "--fleet", fleet_file, "--out", report, "--json")
+    assert code == 0, err
+    assert "<td>?/1 (?, int8)</td>" in report.read_text()
