@@ -75,6 +75,14 @@ class MonitorStats:
 
 MAX_ALERTS = 10_000  # alerts kept in memory (the newest); all are counted
 MAX_INVALID_ROWS = 100_000  # refused messages stored per run (4 KiB of the first 1,000, 256 bytes of the rest)
+MAX_REASON = 500  # characters of a refusal's reason kept (in the alert and the invalid row): it may quote a device
+
+
+def short_reason(exc: BaseException) -> str:
+    """Return why a message was refused, at most :data:`MAX_REASON` characters and then how long it was (a
+    reason may quote a device's field, up to the 64 KiB payload)."""
+    text = str(exc)
+    return text if len(text) <= MAX_REASON else f"{text[:MAX_REASON]}... ({len(text):,} characters)"
 
 
 class Monitor:
@@ -292,9 +300,10 @@ class Monitor:
                 outcome = MessageError(verdicts[i])
             if isinstance(outcome, Exception):
                 self.stats.invalid += 1
-                self._alert(Alert(topic, "refused", f"refused a message on {topic}: {outcome}"))
+                reason = short_reason(outcome)
+                self._alert(Alert(topic, "refused", f"refused a message on {topic}: {reason}"))
                 if self.stats.invalid <= MAX_INVALID_ROWS:  # a flood of them is counted, never the history's size
-                    self.store.add_invalid(topic, str(outcome), payload[:4096 if self.stats.invalid <= 1000 else 256])
+                    self.store.add_invalid(topic, reason, payload[:4096 if self.stats.invalid <= 1000 else 256])
                     if self.stats.invalid == MAX_INVALID_ROWS:
                         self._alert(Alert("monitor", "refused", f"{MAX_INVALID_ROWS:,} refused messages stored in this "
                                                                 "run; more are counted (invalid), not stored"))

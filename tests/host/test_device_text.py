@@ -203,3 +203,22 @@ def test_the_report_shows_a_live_figure_no_float_can_hold_as_unknown(fleet_file,
     code, out, err = run_cli("report", "--fleet", fleet_file, "--out", report, "--json")
     assert code == 0, err
     assert "<td>?/1 (?, int8)</td>" in report.read_text()
+
+
+def test_a_refusal_quoting_a_devices_huge_field_is_kept_short_in_memory_and_in_the_history(fleet_file, tmp_path):
+    """A refusal's reason may quote what the device sent (its schema, state, fleet or device field: up to the
+    64 KiB payload): 10,000 alerts in memory and 100,000 invalid rows of that were gigabytes. Now a reason is
+    cut to MAX_REASON characters and says how long it was; the payload is kept as before."""
+    import time
+
+    from edge_kit.fleet.inventory import load_fleet
+    from edge_kit.telemetry.monitor import MAX_REASON, Monitor
+
+    store = Store(tmp_path / "h.db")
+    mon = Monitor(load_fleet(fleet_file), store, verify_in_child=False)
+    payload = messages.encode({**_bench("int8", 1), "key_id": "k", "sig": "s", "schema": "x" * 60_000})
+    mon._store([(messages.topic("sim", "d1", "bench"), payload, time.time(), None)])
+    assert mon.stats.invalid == 1 == store.count("invalid")
+    (reason,) = store._rows("SELECT reason FROM invalid")[0]
+    assert len(reason) <= MAX_REASON + 40 and reason.startswith("schema 'xxx") and reason.endswith("characters)")
+    assert len(mon.alerts[-1].text) <= MAX_REASON + 100 and "60,0" in mon.alerts[-1].text
