@@ -291,13 +291,13 @@ def _fleet_table(store: Any, fleet: Any) -> Table:
     """Per device: state, current variant, latest benchmark of it, last message."""
     import time as _time
 
-    status, tele, bench = store.latest_status(), store.latest_telemetry(), store.latest_bench()
+    status, bench, received = store.latest_status(), store.latest_bench(), store.last_received()
     t = Table("device", "profile", "state", "current", "p90 ms", "W (source)", "last heard", box=box.SIMPLE_HEAD, pad_edge=False)
     for dev in fleet.devices:
         st = status.get(dev.name) or {}
         cur = st.get("current") if isinstance(st.get("current"), dict) else {}  # a device's own word: any shape
         rec = bench.get((dev.name, cur.get("sha256"))) if cur else None
-        heard = max([m["ts"] for m in (st, tele.get(dev.name) or {}) if m] or [0])
+        heard = received.get(dev.name)  # this host's clock: a device's ts may say 1970 (no RTC, before NTP)
         power = (rec or {}).get("power") or {}
         watts = "-" if power.get("avg_w") is None else f"{power['avg_w']:.2f} ({safe(power_source(power))})"
         t.add_row(safe(dev.name), safe(dev.profile), safe(st.get("state", "never seen")), safe(cur.get("variant") or "-"),

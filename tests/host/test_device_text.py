@@ -222,3 +222,21 @@ def test_a_refusal_quoting_a_devices_huge_field_is_kept_short_in_memory_and_in_t
     (reason,) = store._rows("SELECT reason FROM invalid")[0]
     assert len(reason) <= MAX_REASON + 40 and reason.startswith("schema 'xxx") and reason.endswith("characters)")
     assert len(mon.alerts[-1].text) <= MAX_REASON + 100 and "60,0" in mon.alerts[-1].text
+
+
+def test_fleet_status_last_heard_is_when_this_host_received_it_not_the_devices_clock(fleet_file, run_cli):
+    """A Raspberry Pi has no RTC: before NTP its clock says 1970 (and a clock up to 300 s ahead is accepted).
+    `fleet status` said "1764... s ago" (or "-290 s ago") from the device's ts; now the receive time."""
+    import time
+
+    store = Store(history_path(fleet_file))
+    now = time.time()
+    store.add_many([("status", messages.envelope("status", "sim", "d1", 1, {"state": "online"}) | {"ts": 1.0}),
+                    ("telemetry", messages.envelope("telemetry", "sim", "d1", 2, {"conditions": {}, "spool": {}})
+                     | {"ts": now + 290})], received=[now - 30, now - 20])
+    assert store.last_received() == {"d1": now - 20}
+    store.close()
+    code, out, err = run_cli("fleet", "status", "--fleet", fleet_file)
+    assert code == 0, err
+    row = next((line for line in out.splitlines() if line.split()[:1] == ["d1"]), out)
+    assert row.rstrip().endswith(("20 s ago", "21 s ago")), row
