@@ -6,7 +6,9 @@ and rows in the history hold plain strings.
 
 from __future__ import annotations
 
+import re
 from enum import Enum
+from typing import Any
 
 
 class StrEnum(str, Enum):
@@ -38,3 +40,16 @@ def accuracy_text(value: float | None, decimals: int = 2) -> str:
     if 0 <= value <= 1:
         return f"{100 * value:.{decimals}f}%"
     return f"{value:.4g}"
+
+
+# C0 and C1 controls (ESC starts colour, OSC 8 hyperlinks, OSC 52 clipboard writes; CR and newlines
+# overwrite or forge lines), DEL, and the bidirectional overrides that reorder what a line seems to say.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(value: Any) -> str:
+    """Return ``str(value)`` with every control character shown as ``\\xNN`` (``\\uNNNN``): what a device, a
+    fleet file or a model file says cannot drive the terminal it is shown on (colours, links, the clipboard,
+    rewritten or forged lines), whether the CLI prints it or someone reads /metrics with curl."""
+    text = value if isinstance(value, str) else str(value)
+    return _UNPRINTABLE.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}", text)

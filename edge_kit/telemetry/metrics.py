@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_serv
 from prometheus_client.core import CounterMetricFamily
 
 from edge_kit.errors import InputError
-from edgekit_protocol.labels import power_source
+from edgekit_protocol.labels import power_source, printable
 from edgekit_protocol.messages import disk_free_bytes, in_range
 
 # Label values a device names (variant, power source, shadow variant) make series, and each series stays
@@ -65,9 +65,11 @@ class FleetMetrics:
         self._values: dict[tuple[str, str], set[str]] = {}
 
     def _bounded(self, device: str, label: str, value: Any) -> str:
-        """Return ``value`` as the ``label`` value of ``device``'s series, or :data:`OVERFLOW` (counted) once the
-        device has used up its distinct values for that label."""
-        text = str(value)
+        """Return ``value`` as the ``label`` value of ``device``'s series, its control characters shown as ``\\xNN``
+        (:func:`~edgekit_protocol.labels.printable`: prometheus-client escapes only quotes, backslashes and newlines,
+        and /metrics is read with curl too), or :data:`OVERFLOW` (counted) once the device has used up its distinct
+        values for that label."""
+        text = printable(value)
         seen = self._values.setdefault((device, label), set())
         if text in seen:
             return text

@@ -240,3 +240,16 @@ def test_fleet_status_last_heard_is_when_this_host_received_it_not_the_devices_c
     assert code == 0, err
     row = next((line for line in out.splitlines() if line.split()[:1] == ["d1"]), out)
     assert row.rstrip().endswith(("20 s ago", "21 s ago")), row
+
+
+def test_label_values_reach_metrics_without_terminal_controls():
+    """prometheus-client escapes quotes, backslashes and newlines only: a variant's ESC (clear the screen,
+    OSC 52 clipboard), CR (overwrite a line) and bidi overrides reached whoever reads /metrics with curl."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    metrics = FleetMetrics()
+    metrics.observe("bench", {**_bench("int8\x1b[2J\r\u202e", 1, sensor="ina" + OSC52), "device": "d1"})
+    text = generate_latest(metrics.registry).decode()
+    assert "\x1b" not in text and "\r" not in text and "\u202e" not in text
+    labels = [s.labels for fam in text_string_to_metric_families(text) if fam.name == "edgekit_power_watts" for s in fam.samples]
+    assert labels == [{"device": "d1", "variant": "int8\\x1b[2J\\x0d\\u202e", "source": "ina\\x1b]52;c;ZWNobyBwd25lZA==\\x1b\\"}]
