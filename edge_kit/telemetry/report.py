@@ -239,7 +239,8 @@ def build_report(store: HistoryStore, out: Path, title: str = "edge-kit fleet re
     chosen = {dev: decisions.get(dev) or running.get(dev) for dev in {r["device"] for r in latest}}
     by_profile: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in latest:
-        by_profile[r.get("profile") or "unknown"].append(r)
+        profile = r.get("profile")  # the device's word, any JSON: only text names a profile
+        by_profile[profile if isinstance(profile, str) and profile else "unknown"].append(r)
     sections, plots = [], 0
     known = set(bundled_profiles())
     for name in sorted(by_profile):

@@ -253,3 +253,16 @@ def test_label_values_reach_metrics_without_terminal_controls():
     assert "\x1b" not in text and "\r" not in text and "\u202e" not in text
     labels = [s.labels for fam in text_string_to_metric_families(text) if fam.name == "edgekit_power_watts" for s in fam.samples]
     assert labels == [{"device": "d1", "variant": "int8\\x1b[2J\\x0d\\u202e", "source": "ina\\x1b]52;c;ZWNobyBwd25lZA==\\x1b\\"}]
+
+
+@pytest.mark.parametrize("profile", [["rpi4"], {"name": "rpi4"}, 4])
+def test_a_benchmark_whose_profile_is_not_text_is_reported_under_unknown(fleet_file, run_cli, tmp_path, profile):
+    """A bench record's ``profile`` is the device's word, any JSON: a list or an object raised TypeError
+    (unhashable) in `edgekit report`, a traceback and no report. Now it is grouped as no known profile."""
+    store = Store(history_path(fleet_file))
+    store.add_many([("bench", {**_bench("int8", 1), "profile": profile}), ("bench", {**_bench("fp32", 2), "sha256": "b" * 64})])
+    store.close()
+    code, out, err = run_cli("report", "--fleet", fleet_file, "--out", tmp_path / "r.html", "--json")
+    assert code == 0, err
+    info = json.loads(out)
+    assert info["profiles"] == ["rpi4", "unknown"] and info["plots"] == 2
