@@ -314,6 +314,25 @@ def _fleet_view(store: Any, fleet: Any) -> Any:
     return Group(_fleet_table(store, fleet), Text.from_markup(figures_note(fleet.devices)))
 
 
+MAX_REFUSED_SHOWN = 5  # refused-message alerts printed per refresh of the live table; the rest summed in one line
+
+
+def alert_lines(alerts: list[Any], new: int) -> list[str]:
+    """Return the lines (rich markup) that show the ``new`` newest of ``alerts`` (the monitor's
+    :class:`~edge_kit.telemetry.monitor.Alert` objects, oldest first): every alert about a device's state, but at
+    most :data:`MAX_REFUSED_SHOWN` refused messages, the rest counted in one line, so a device flooding the
+    broker with junk cannot scroll an offline or constraint alert off the operator's screen."""
+    fresh = alerts[-new:] if new > 0 else []
+    lines = [f"[red]alert[/] {new - len(fresh):,} older alerts not shown (too many)"] if new > len(fresh) else []
+    refused = [a for a in fresh if a.kind == "refused"]
+    first = {id(a) for a in refused[:MAX_REFUSED_SHOWN]}
+    lines += [f"[red]alert[/] {safe(a.text)}" for a in fresh if a.kind != "refused" or id(a) in first]
+    if len(refused) > MAX_REFUSED_SHOWN:
+        lines.append(f"[red]alert[/] {len(refused) - MAX_REFUSED_SHOWN:,} more refused messages (counted in the --json "
+                     "summary's invalid; kept in the history's invalid table)")
+    return lines
+
+
 @app.command("monitor")
 def monitor_cmd(
     fleet_file: FleetOpt,
@@ -370,10 +389,8 @@ def monitor_cmd(
                 if live is not None:
                     live.update(_fleet_view(db, fleet))
                     new, shown = mon.alerts_raised - shown, mon.alerts_raised
-                    if new > len(mon.alerts):
-                        live.console.print(f"[red]alert[/] {new - len(mon.alerts):,} older alerts not shown (too many)")
-                    for alert in list(mon.alerts)[-new:] if new else []:
-                        live.console.print(f"[red]alert[/] {safe(alert.text)}")
+                    for line in alert_lines(list(mon.alerts), new):
+                        live.console.print(line)
     except KeyboardInterrupt:
         pass
     finally:

@@ -266,3 +266,21 @@ def test_a_benchmark_whose_profile_is_not_text_is_reported_under_unknown(fleet_f
     assert code == 0, err
     info = json.loads(out)
     assert info["profiles"] == ["rpi4", "unknown"] and info["plots"] == 2
+
+
+def test_a_flood_of_refused_messages_cannot_scroll_a_devices_alert_off_the_screen():
+    """The live table printed every new alert each second: a device publishing junk put thousands of
+    'refused' lines a second on the terminal, burying an offline alert among them. Now at most
+    MAX_REFUSED_SHOWN refused ones, the rest summed in one line; every alert about a device is printed."""
+    from edge_kit.cli.loop import MAX_REFUSED_SHOWN, alert_lines
+    from edge_kit.telemetry.monitor import Alert
+
+    alerts = [Alert("edgekit/v1/sim/d1/bench", "refused", f"refused a message: junk {i}") for i in range(1000)]
+    alerts.insert(500, Alert("d2", "offline", "d2 went offline [/]"))
+    lines = alert_lines(alerts, len(alerts) + 7)
+    assert lines[0] == "[red]alert[/] 7 older alerts not shown (too many)"
+    assert "[red]alert[/] d2 went offline \\[/]" in lines
+    assert len([ln for ln in lines if "junk" in ln]) == MAX_REFUSED_SHOWN
+    assert lines[-1].startswith(f"[red]alert[/] {1000 - MAX_REFUSED_SHOWN:,} more refused messages")
+    assert len(lines) == MAX_REFUSED_SHOWN + 3
+    assert alert_lines(alerts, 0) == [] and alert_lines(alerts[:2], 1) == ["[red]alert[/] refused a message: junk 1"]
