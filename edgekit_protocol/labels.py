@@ -53,3 +53,9 @@ def printable(value: Any) -> str:
     rewritten or forged lines), whether the CLI prints it or someone reads /metrics with curl."""
     text = value if isinstance(value, str) else str(value)
     return _UNPRINTABLE.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}", text)
+
+
+def clip(text: str, limit: int) -> str:
+    """Return ``text`` when it has at most ``limit`` characters, else its first ``limit`` and how long it was: a
+    device's field may be as long as its payload (64 KiB), and alerts, table cells and stored reasons stay short."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"

@@ -28,7 +28,7 @@ from edge_kit.cli.app import (
     spinner,
 )
 from edge_kit.selection.policy import DEFAULT_MARGIN
-from edgekit_protocol.labels import accuracy_text, power_source
+from edgekit_protocol.labels import accuracy_text, clip, power_source
 
 CandidatesOpt = Annotated[Path, typer.Option("--artifacts", help="The compiled model's folder: its variants are the candidates.")]
 MarginOpt = Annotated[float, typer.Option(min=0, max=1, help="Relative gain needed to switch (no flapping).")]
@@ -300,7 +300,7 @@ def _fleet_table(store: Any, fleet: Any) -> Table:
         heard = received.get(dev.name)  # this host's clock: a device's ts may say 1970 (no RTC, before NTP)
         power = (rec or {}).get("power") or {}
         watts = "-" if power.get("avg_w") is None else f"{power['avg_w']:.2f} ({safe(power_source(power))})"
-        t.add_row(safe(dev.name), safe(dev.profile), safe(st.get("state", "never seen")), safe(cur.get("variant") or "-"),
+        t.add_row(safe(dev.name), safe(dev.profile), safe(st.get("state", "never seen")), safe(clip(cur.get("variant") or "-", 128)),
                   _num(rec["latency_ms"]["p90"]) if rec else "-", watts,
                   f"{_time.time() - heard:.0f} s ago" if heard else "-")
     return t

@@ -49,6 +49,7 @@ from edge_kit.telemetry.store import HistoryStore
 from edge_kit.telemetry.verifier import Verifier
 from edgekit_protocol import messages
 from edgekit_protocol.errors import MessageError
+from edgekit_protocol.labels import clip
 from edgekit_protocol.messages import disk_free_bytes
 
 log = logging.getLogger("edgekit.monitor")
@@ -76,13 +77,7 @@ class MonitorStats:
 MAX_ALERTS = 10_000  # alerts kept in memory (the newest); all are counted
 MAX_INVALID_ROWS = 100_000  # refused messages stored per run (4 KiB of the first 1,000, 256 bytes of the rest)
 MAX_REASON = 500  # characters of a refusal's reason kept (in the alert and the invalid row): it may quote a device
-
-
-def short_reason(exc: BaseException) -> str:
-    """Return why a message was refused, at most :data:`MAX_REASON` characters and then how long it was (a
-    reason may quote a device's field, up to the 64 KiB payload)."""
-    text = str(exc)
-    return text if len(text) <= MAX_REASON else f"{text[:MAX_REASON]}... ({len(text):,} characters)"
+MAX_ALERT_CHARS = 1000  # characters of an alert kept: its text may hold a device's variant name (any length)
 
 
 class Monitor:
@@ -300,7 +295,7 @@ class Monitor:
                 outcome = MessageError(verdicts[i])
             if isinstance(outcome, Exception):
                 self.stats.invalid += 1
-                reason = short_reason(outcome)
+                reason = clip(str(outcome), MAX_REASON)
                 self._alert(Alert(topic, "refused", f"refused a message on {topic}: {reason}"))
                 if self.stats.invalid <= MAX_INVALID_ROWS:  # a flood of them is counted, never the history's size
                     self.store.add_invalid(topic, reason, payload[:4096 if self.stats.invalid <= 1000 else 256])
@@ -344,7 +339,9 @@ class Monitor:
             self.on_message(kind, msg)
 
     def _alert(self, alert: Alert) -> None:
-        """Raise ``alert``: kept among the newest :data:`MAX_ALERTS`, counted in ``alerts_raised``."""
+        """Raise ``alert``: kept among the newest :data:`MAX_ALERTS` (its text cut to :data:`MAX_ALERT_CHARS`),
+        counted in ``alerts_raised``; return nothing."""
+        alert.text = clip(alert.text, MAX_ALERT_CHARS)
         self.alerts.append(alert)
         self.alerts_raised += 1
 

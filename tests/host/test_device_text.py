@@ -284,3 +284,28 @@ def test_a_flood_of_refused_messages_cannot_scroll_a_devices_alert_off_the_scree
     assert lines[-1].startswith(f"[red]alert[/] {1000 - MAX_REFUSED_SHOWN:,} more refused messages")
     assert len(lines) == MAX_REFUSED_SHOWN + 3
     assert alert_lines(alerts, 0) == [] and alert_lines(alerts[:2], 1) == ["[red]alert[/] refused a message: junk 1"]
+
+
+def test_an_alert_or_a_status_cell_quoting_a_devices_huge_variant_is_kept_short(fleet_file, tmp_path, run_cli):
+    """A compromised device may name its variant with 60,000 characters: each broken-constraint alert held it
+    whole (10,000 alerts kept: 600 MB) and `fleet status` folded it into a cell thousands of lines tall."""
+    import time
+
+    from edge_kit.fleet.inventory import load_fleet
+    from edge_kit.telemetry.monitor import MAX_ALERT_CHARS, Monitor
+
+    huge = "v" * 60_000
+    mon = Monitor(load_fleet(fleet_file), Store(tmp_path / "h.db"), verify_in_child=False)
+    slow = {**_bench(huge, 1), "latency_ms": {q: 500.0 for q in ("p50", "p90", "p99", "mean", "std", "min", "max")}}
+    mon._check_alerts("bench", slow)  # rpi4 allows p90 <= 50 ms
+    (alert,) = mon.alerts
+    assert alert.kind == "constraints" and len(alert.text) <= MAX_ALERT_CHARS + 40
+    assert alert.text.startswith("d1 vvvv") and alert.text.endswith("(60,024 characters)")
+    store = Store(history_path(fleet_file))
+    store.add_many([("status", messages.envelope("status", "sim", "d1", 1, {
+        "state": "online", "current": {"variant": huge, "sha256": "a" * 64}}))], received=[time.time()])
+    store.close()
+    code, out, err = run_cli("fleet", "status", "--fleet", fleet_file)
+    assert code == 0, err
+    assert "vvvv" in out and out.count("v") < 300 and len(out.splitlines()) < 20  # 128 of them, and a few of the note's
+    assert "characters)" in out  # and says how long it was
