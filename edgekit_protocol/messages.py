@@ -141,6 +141,16 @@ def in_range(value: Any, limit: float = 1e12) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and -limit < value < limit
 
 
+def field_at(doc: Any, *path: str) -> Any:
+    """Return ``doc[path[0]][path[1]]...``, or None where a step is missing or not an object (what a
+    device sends beyond the checked fields is never trusted to have the shape it should)."""
+    for key in path:
+        if not isinstance(doc, dict):
+            return None
+        doc = doc.get(key)
+    return doc
+
+
 def disk_free_bytes(disk: Any) -> float | None:
     """Return the ``free_bytes`` of a status or telemetry ``disk`` block when it is a byte count (a number from 0
     to 1e18), else None: these blocks are a device's word, not checked at decode (``disk`` may be any JSON)."""

@@ -16,7 +16,7 @@ from prometheus_client.core import CounterMetricFamily
 
 from edge_kit.errors import InputError
 from edgekit_protocol.labels import power_source, printable
-from edgekit_protocol.messages import disk_free_bytes, in_range
+from edgekit_protocol.messages import disk_free_bytes, field_at, in_range
 
 # Label values a device names (variant, power source, shadow variant) make series, and each series stays
 # in the monitor's memory and in every scrape: per device and label, the first MAX_LABEL_VALUES distinct
@@ -96,12 +96,12 @@ class FleetMetrics:
             self.live_errors.labels(device, variant).set(_number(live.get("errors")) or 0)
             self.live_queue.labels(device).set(_number(live.get("queue_depth")) or 0)
             for q in ("p50", "p90", "p99"):
-                v = _number(_field(live, "latency_ms", q))
+                v = _number(field_at(live, "latency_ms", q))
                 if v is not None:
                     self.live_latency.labels(device, variant, q).set(v)
-            snr = _number(_field(live, "shadow", "fidelity", "snr_db"))
+            snr = _number(field_at(live, "shadow", "fidelity", "snr_db"))
             if snr is not None:
-                shadow_variant = self._bounded(device, "shadow", _field(live, "shadow", "model", "variant"))
+                shadow_variant = self._bounded(device, "shadow", field_at(live, "shadow", "model", "variant"))
                 self.live_shadow_snr.labels(device, variant, shadow_variant).set(snr)
         if kind == "status":
             self.online.labels(device).set(1 if msg["state"] == "online" else 0)
@@ -116,7 +116,7 @@ class FleetMetrics:
             for gauge, value in ((self.power, power.get("avg_w")), (self.energy, power.get("energy_per_inference_mj"))):
                 if _number(value) is not None:
                     gauge.labels(device, variant, source).set(value)
-            accuracy = _number(_field(msg, "accuracy", "value"))
+            accuracy = _number(field_at(msg, "accuracy", "value"))
             if accuracy is not None:
                 self.accuracy.labels(device, variant).set(accuracy)
 
@@ -145,16 +145,6 @@ class FleetMetrics:
             raise InputError(f"--metrics-addr {addr} --metrics-port {port}: cannot serve /metrics there "
                              f"({getattr(exc, 'strerror', None) or exc}); choose a free port or another address") from None
         return server
-
-
-def _field(doc: Any, *path: str) -> Any:
-    """Return ``doc[path[0]][path[1]]...``, or None where a step is missing or not an object (what a
-    device sends is never trusted to have the shape it should)."""
-    for key in path:
-        if not isinstance(doc, dict):
-            return None
-        doc = doc.get(key)
-    return doc
 
 
 def _number(value: Any) -> float | None:

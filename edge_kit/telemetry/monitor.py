@@ -360,16 +360,17 @@ class Monitor:
         """Alert (once per episode) when the served model's live outputs drift from its shadow reference
         below the device's ``min_fidelity_snr_db``."""
         c = self.constraints.get(device)
-        shadow = live.get("shadow") if isinstance(live, dict) else None
-        snr = ((shadow or {}).get("fidelity") or {}).get("snr_db") if isinstance(shadow, dict) else None
+        snr = messages.field_at(live, "shadow", "fidelity", "snr_db")  # the device's word: any shape
         if c is None or c.min_fidelity_snr_db is None or not messages.in_range(snr):
             return
         if snr < c.min_fidelity_snr_db and device not in self._drifting:
             self._drifting.add(device)
-            served, ref = (live.get("model") or {}).get("variant"), (shadow.get("model") or {}).get("variant")
-            self._alert(Alert(device, "drift", f"{device}: live outputs of {served} are {snr:.1f} dB from "
-                                                      f"{ref} (shadow, {shadow.get('window')} inputs), below "
-                                                      f"{c.min_fidelity_snr_db:g} dB"))
+            served, ref, window = (messages.field_at(live, *path) for path in
+                                   (("model", "variant"), ("shadow", "model", "variant"), ("shadow", "window")))
+            named = (lambda v: v if isinstance(v, str) else "an unnamed model")
+            self._alert(Alert(device, "drift", f"{device}: live outputs of {named(served)} are {snr:.1f} dB from "
+                                                      f"{named(ref)} (shadow, {window if messages.in_range(window) else '?'} "
+                                                      f"inputs), below {c.min_fidelity_snr_db:g} dB"))
         elif snr >= c.min_fidelity_snr_db:
             self._drifting.discard(device)
 

@@ -309,3 +309,22 @@ def test_an_alert_or_a_status_cell_quoting_a_devices_huge_variant_is_kept_short(
     assert code == 0, err
     assert "vvvv" in out and out.count("v") < 300 and len(out.splitlines()) < 20  # 128 of them, and a few of the note's
     assert "characters)" in out  # and says how long it was
+
+
+def test_a_drifting_devices_live_block_of_any_shape_raises_the_alert_and_updates_the_metrics(fleet_file, tmp_path):
+    """The drift alert read live.model.variant and shadow.model.variant as objects: a device sending them as
+    text raised AttributeError after storing (a traceback on the operator's terminal) and skipped the alert
+    and the message's metrics."""
+    from edge_kit.fleet.inventory import load_fleet
+    from edge_kit.telemetry.monitor import Monitor
+
+    fleet_file.write_text(fleet_file.read_text().replace("{name: d1, host: 127.0.0.1}",
+                                                         "{name: d1, host: 127.0.0.1, constraints: {min_fidelity_snr_db: 20}}"))
+    metrics = FleetMetrics()
+    mon = Monitor(load_fleet(fleet_file), Store(tmp_path / "h.db"), verify_in_child=False, on_message=metrics.observe)
+    live = {"model": "int8", "requests": 3, "shadow": {"fidelity": {"snr_db": 5.0}, "model": "fp32", "window": [1]}}
+    msg = messages.envelope("telemetry", "sim", "d1", 1, {"conditions": {}, "spool": {}, "live": live})
+    mon._after_store("telemetry", msg)
+    assert [a.text for a in mon.alerts] == ["d1: live outputs of an unnamed model are 5.0 dB from an unnamed model "
+                                            "(shadow, ? inputs), below 20 dB"]
+    assert 'edgekit_device_last_seen_seconds{device="d1"}' in generate_latest(metrics.registry).decode()
