@@ -89,14 +89,15 @@ class FleetMetrics:
             self.disk_free.labels(device).set(disk_free_bytes(disk))
             self.disk_full.labels(device).set(1 if disk.get("full") else 0)
         live = msg.get("live") if kind == "telemetry" else None
+        # counts and service times are never below 0: a figure that is (the device's word) is left out
         if isinstance(live, dict) and isinstance(live.get("model"), dict) and isinstance(live.get("requests"), int) \
-                and _number(live["requests"]) is not None:
+                and _number(live["requests"], 0) is not None:
             variant = self._bounded(device, "variant", live["model"].get("variant"))
             self.live_requests.labels(device, variant).set(live["requests"])
-            self.live_errors.labels(device, variant).set(_number(live.get("errors")) or 0)
-            self.live_queue.labels(device).set(_number(live.get("queue_depth")) or 0)
+            self.live_errors.labels(device, variant).set(_number(live.get("errors"), 0) or 0)
+            self.live_queue.labels(device).set(_number(live.get("queue_depth"), 0) or 0)
             for q in ("p50", "p90", "p99"):
-                v = _number(field_at(live, "latency_ms", q))
+                v = _number(field_at(live, "latency_ms", q), 0)
                 if v is not None:
                     self.live_latency.labels(device, variant, q).set(v)
             snr = _number(field_at(live, "shadow", "fidelity", "snr_db"))
@@ -147,7 +148,7 @@ class FleetMetrics:
         return server
 
 
-def _number(value: Any) -> float | None:
+def _number(value: Any, minimum: float | None = None) -> float | None:
     """Return ``value`` when it is a number (not a bool) within +-1e12 (:func:`~edgekit_protocol.messages.in_range`:
-    finite, and an integer a float can hold), else None."""
-    return value if in_range(value) else None
+    finite, and an integer a float can hold) and not below ``minimum`` (when given), else None."""
+    return value if in_range(value) and (minimum is None or value >= minimum) else None

@@ -328,3 +328,18 @@ def test_a_drifting_devices_live_block_of_any_shape_raises_the_alert_and_updates
     assert [a.text for a in mon.alerts] == ["d1: live outputs of an unnamed model are 5.0 dB from an unnamed model "
                                             "(shadow, ? inputs), below 20 dB"]
     assert 'edgekit_device_last_seen_seconds{device="d1"}' in generate_latest(metrics.registry).decode()
+
+
+def test_live_counts_and_service_times_below_zero_are_left_out_of_metrics():
+    """A negative request count, error count, queue depth or service time is no figure: it was exported as
+    is. A shadow SNR may be below 0 dB and is kept."""
+    metrics = FleetMetrics()
+    live = {"model": {"variant": "int8"}, "requests": 5, "errors": -3, "queue_depth": -1,
+            "latency_ms": {"p50": -1.0, "p99": 2.0}, "shadow": {"fidelity": {"snr_db": -4.0}, "model": {"variant": "fp32"}}}
+    metrics.observe("telemetry", {"device": "d1", "ts": 1.0, "live": live})
+    metrics.observe("telemetry", {"device": "d2", "ts": 1.0, "live": {**live, "requests": -5}})
+    text = generate_latest(metrics.registry).decode()
+    assert 'edgekit_live_errors{device="d1",variant="int8"} 0.0' in text and 'edgekit_live_queue_depth{device="d1"} 0.0' in text
+    assert 'quantile="p50"' not in text and 'edgekit_live_latency_ms{device="d1",quantile="p99",variant="int8"} 2.0' in text
+    assert 'edgekit_live_shadow_snr_db{device="d1",shadow="fp32",variant="int8"} -4.0' in text
+    assert not [ln for ln in text.splitlines() if ln.startswith("edgekit_live_") and 'device="d2"' in ln]  # no count
