@@ -343,3 +343,18 @@ def test_live_counts_and_service_times_below_zero_are_left_out_of_metrics():
     assert 'quantile="p50"' not in text and 'edgekit_live_latency_ms{device="d1",quantile="p99",variant="int8"} 2.0' in text
     assert 'edgekit_live_shadow_snr_db{device="d1",shadow="fp32",variant="int8"} -4.0' in text
     assert not [ln for ln in text.splitlines() if ln.startswith("edgekit_live_") and 'device="d2"' in ln]  # no count
+
+
+@pytest.mark.parametrize("odd", [{}, {"runtime": "litert", "runtime_version": [1], "conditions": "hot"},
+                                 {"accuracy": {"value": 0.9}}, {"fidelity": {"snr_db": 30.0}}])
+def test_edgekit_bench_prints_a_record_of_a_shape_it_does_not_know_without_a_traceback(odd):
+    """`edgekit bench --device` formatted the record with the agent's own summary, which reads every optional
+    field it writes: a record that passed the wire checks but lacked one (an older or a compromised agent)
+    raised KeyError or TypeError, a traceback. Now its figures are listed as they are, said so."""
+    from edge_kit.cli.fleet import bench_rows
+
+    record = {**_bench("int8", 1), **odd}
+    rows = dict(bench_rows(record))
+    assert rows["variant"].startswith("int8")
+    assert rows["note"] == "the record lacks fields this host's summary reads: shown as received (--json for all of it)"
+    assert rows["latency_ms"] == "p50 5.0, p90 5.0, p99 5.0, mean 5.0, std 5.0, min 5.0, max 5.0"
