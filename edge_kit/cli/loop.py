@@ -402,7 +402,7 @@ def monitor_cmd(
     if as_json:
         s = mon.stats
         emit_json({"received": s.received, "stored": s.stored, "duplicates": s.duplicates, "invalid": s.invalid,
-                    "gaps": s.gaps, "alerts": [vars(a) for a in mon.alerts], "alerts_raised": mon.alerts_raised,
+                    "gaps": s.gaps, "dropped": s.dropped, "alerts": [vars(a) for a in mon.alerts], "alerts_raised": mon.alerts_raised,
                    "store": db.where})
 
 

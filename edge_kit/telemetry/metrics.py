@@ -122,13 +122,13 @@ class FleetMetrics:
                 self.accuracy.labels(device, variant).set(accuracy)
 
     def watch(self, monitor: Any) -> None:
-        """Also export the monitor's counters (received, stored, duplicates, invalid, gaps)."""
+        """Also export the monitor's counters (received, stored, duplicates, invalid, gaps, dropped); return nothing."""
         stats = monitor.stats
 
         class _Counters:
             def collect(self) -> Any:
                 fam = CounterMetricFamily("edgekit_monitor_messages", "Messages seen by this monitor worker", labels=["outcome"])
-                for outcome in ("received", "stored", "duplicates", "invalid", "gaps"):
+                for outcome in ("received", "stored", "duplicates", "invalid", "gaps", "dropped"):
                     fam.add_metric([outcome], getattr(stats, outcome))
                 yield fam
 

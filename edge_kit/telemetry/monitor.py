@@ -72,10 +72,15 @@ class MonitorStats:
     duplicates: int = 0
     invalid: int = 0
     gaps: int = 0
+    dropped: int = 0  # QoS 0 messages not taken while MAX_QUEUED wait to be checked (devices publish at QoS 1)
 
 
 MAX_ALERTS = 10_000  # alerts kept in memory (the newest); all are counted
 MAX_INVALID_ROWS = 100_000  # refused messages stored per run (4 KiB of the first 1,000, 256 bytes of the rest)
+# Messages received and waiting to be checked. QoS 1 ones are bounded by the broker (it sends no more than its
+# inflight limit unacknowledged, and the monitor acknowledges once stored); QoS 0 ones are not, so past this
+# many a device flooding at QoS 0 (every agent publishes at QoS 1) is dropped and counted, not queued without end.
+MAX_QUEUED = 20_000
 MAX_REASON = 500  # characters of a refusal's reason kept (in the alert and the invalid row): it may quote a device
 MAX_ALERT_CHARS = 1000  # characters of an alert kept: its text may hold a device's variant name (any length)
 
@@ -132,9 +137,18 @@ class Monitor:
         self._writer = threading.Thread(target=self._write_loop, daemon=True, name="monitor-writer")
 
     def _on_message(self, _c: Any, _u: Any, m: Any) -> None:
-        """Queue ``(topic, payload, receive time, mid to acknowledge or None)``; nothing once stopping."""
-        if not self._closing.is_set():
-            self._queue.put((m.topic, m.payload, time.time(), m.mid if m.qos else None))
+        """Queue ``(topic, payload, receive time, mid to acknowledge or None)``; nothing once stopping, and a QoS 0
+        message not while :data:`MAX_QUEUED` wait (counted in ``stats.dropped``, alerted once a run)."""
+        if self._closing.is_set():
+            return
+        if not m.qos and self._queue.qsize() >= MAX_QUEUED:
+            self.stats.dropped += 1
+            if self.stats.dropped == 1:
+                self._alert(Alert("monitor", "refused", f"{m.topic}: QoS 0 messages arrive faster than they can be "
+                                                        f"checked ({MAX_QUEUED:,} waiting): dropped and counted (dropped); "
+                                                        "agents publish at QoS 1"))
+            return
+        self._queue.put((m.topic, m.payload, time.time(), m.mid if m.qos else None))
 
     def _ack(self, mids: list[int | None]) -> None:
         """Acknowledge the QoS 1 messages ``mids`` to the broker, in the order received; return nothing."""

@@ -358,3 +358,25 @@ def test_edgekit_bench_prints_a_record_of_a_shape_it_does_not_know_without_a_tra
     assert rows["variant"].startswith("int8")
     assert rows["note"] == "the record lacks fields this host's summary reads: shown as received (--json for all of it)"
     assert rows["latency_ms"] == "p50 5.0, p90 5.0, p99 5.0, mean 5.0, std 5.0, min 5.0, max 5.0"
+
+
+def test_a_flood_at_qos_0_is_dropped_and_counted_past_a_bound_never_queued_without_end(fleet_file, tmp_path, monkeypatch):
+    """QoS 1 messages are bounded by the broker's inflight limit (the monitor acknowledges once stored); QoS 0
+    ones were queued without end while the checker fell behind: a device flooding at QoS 0 grew the monitor's
+    memory. Past MAX_QUEUED they are dropped, counted, alerted once and exported; QoS 1 ones are still queued."""
+    from types import SimpleNamespace
+
+    from edge_kit.fleet.inventory import load_fleet
+    from edge_kit.telemetry import monitor as monitor_module
+
+    monkeypatch.setattr(monitor_module, "MAX_QUEUED", 100)
+    mon = monitor_module.Monitor(load_fleet(fleet_file), Store(tmp_path / "h.db"), verify_in_child=False)
+    metrics = FleetMetrics()
+    metrics.watch(mon)
+    topic = messages.topic("sim", "d1", "telemetry")
+    for i in range(1000):
+        mon._on_message(None, None, SimpleNamespace(topic=topic, payload=b"{}", qos=0, mid=i))
+    mon._on_message(None, None, SimpleNamespace(topic=topic, payload=b"{}", qos=1, mid=5000))
+    assert mon._queue.qsize() == 101 and mon.stats.dropped == 900
+    assert [a.kind for a in mon.alerts] == ["refused"] and "QoS 0 messages arrive faster" in mon.alerts[0].text
+    assert 'edgekit_monitor_messages_total{outcome="dropped"} 900.0' in generate_latest(metrics.registry).decode()
