@@ -380,3 +380,21 @@ def test_a_flood_at_qos_0_is_dropped_and_counted_past_a_bound_never_queued_witho
     assert mon._queue.qsize() == 101 and mon.stats.dropped == 900
     assert [a.kind for a in mon.alerts] == ["refused"] and "QoS 0 messages arrive faster" in mon.alerts[0].text
     assert 'edgekit_monitor_messages_total{outcome="dropped"} 900.0' in generate_latest(metrics.registry).decode()
+
+
+def test_a_lone_surrogate_an_older_history_holds_is_shown_escaped_by_fleet_status_and_the_report(fleet_file, run_cli,
+                                                                                                tmp_path):
+    """Decode refuses them now, but a history written before kept a status whose variant is a lone surrogate
+    (stored as received, its JSON escape intact): printing it raised UnicodeEncodeError in `fleet status`,
+    and writing the page in `edgekit report`, both a traceback."""
+    status = messages.envelope("status", "sim", "d1", 1, {"state": "online", "current": {"variant": "x", "sha256": "a" * 64}})
+    raw = messages.encode(status).replace(b'"variant":"x"', b'"variant":"int8\\ud800"')
+    store = Store(history_path(fleet_file))
+    store.add_many([("status", status)], raw=[raw])
+    store.close()
+    code, out, err = run_cli("fleet", "status", "--fleet", fleet_file)
+    assert code == 0, err
+    assert "int8\\ud800" in out
+    code, out, err = run_cli("report", "--fleet", fleet_file, "--out", tmp_path / "r.html", "--json")
+    assert code == 0, err
+    assert "int8\\ud800" in (tmp_path / "r.html").read_text()
