@@ -382,11 +382,11 @@ def test_a_flood_at_qos_0_is_dropped_and_counted_past_a_bound_never_queued_witho
     assert 'edgekit_monitor_messages_total{outcome="dropped"} 900.0' in generate_latest(metrics.registry).decode()
 
 
-def test_a_lone_surrogate_an_older_history_holds_is_shown_escaped_by_fleet_status_and_the_report(fleet_file, run_cli,
+def test_a_lone_surrogate_a_history_row_holds_is_shown_escaped_by_fleet_status_and_the_report(fleet_file, run_cli,
                                                                                                 tmp_path):
-    """Decode refuses them now, but a history written before kept a status whose variant is a lone surrogate
-    (stored as received, its JSON escape intact): printing it raised UnicodeEncodeError in `fleet status`,
-    and writing the page in `edgekit report`, both a traceback."""
+    """Decode refuses lone surrogates and none can be signed, but a history row holding one by another way (here
+    stored directly, its JSON escape intact) raised UnicodeEncodeError when `fleet status` printed it and when
+    `edgekit report` wrote its page: a traceback. Defence in depth: shown as \\udXXX."""
     status = messages.envelope("status", "sim", "d1", 1, {"state": "online", "current": {"variant": "x", "sha256": "a" * 64}})
     raw = messages.encode(status).replace(b'"variant":"x"', b'"variant":"int8\\ud800"')
     store = Store(history_path(fleet_file))

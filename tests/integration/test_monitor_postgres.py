@@ -137,10 +137,10 @@ def test_a_database_stopped_mid_run_stops_the_monitor_with_one_line_and_loses_no
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_a_nul_or_a_lone_surrogate_from_a_device_is_refused_and_counted_and_the_rest_stored(fleet, publisher, tmp_path,
                                                                                            request, backend):
-    """A device (compromised, or its runtime's odd text) sends ``\\u0000`` (PostgreSQL's text columns refuse
-    it: the history failed and the monitor stopped, and the persistent session sent it again on every run)
-    or a lone ``\\ud800`` (no UTF-8 form: the verifier and the store raised, and the batch around it was
-    acknowledged unstored). Now each is refused, counted and kept as invalid; the monitor stores the rest."""
+    """A device (compromised, or its runtime's odd text) signs ``\\u0000`` (PostgreSQL's text columns refuse
+    it: the history failed and the monitor stopped, and the persistent session sent it again on every run;
+    SQLite stored it) or sends a lone ``\\ud800`` (no UTF-8 form, so unsignable: it was refused as a bad
+    signature). Now each is refused at decode naming why, counted and kept as invalid; the rest is stored."""
     from edge_kit.telemetry.monitor import Monitor
 
     spec = str(tmp_path / "h.db") if backend == "sqlite" else request.getfixturevalue("postgres_url")
