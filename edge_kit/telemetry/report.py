@@ -291,7 +291,7 @@ def build_report(store: HistoryStore, out: Path, title: str = "edge-kit fleet re
             "the power sensor named in the legend, or is an estimate from the profile's idle/busy watts and CPU use."
             + (" Some devices are simulated: their figures are measurements of the simulating machine." if simulated else "")
             + "</p>" + "".join(sections) + f"<h2>Fleet</h2>{table}</body></html>")
-    # A lone surrogate (a history written before decode refused them) has no UTF-8 form: shown as \udXXX.
+    # A lone surrogate has no UTF-8 form (decode refuses them; a history row may still hold one): shown as \udXXX.
     page = page.encode("utf-8", "backslashreplace").decode("utf-8")
     try:
         atomic_write_text(Path(out), page)
