@@ -25,10 +25,14 @@ class PowerSource(StrEnum):
     NOT_MEASURED = "not measured"
 
 
+MAX_SENSOR_CHARS = 64  # a sensor's key is a short name (ina219, tegrastats); a device may send any text
+
+
 def power_source(power: dict) -> str:
-    """Return the label of a bench record's ``power`` block: the sensor's key, or a :class:`PowerSource`."""
+    """Return the label of a bench record's ``power`` block: the sensor's key (cut to :data:`MAX_SENSOR_CHARS`,
+    saying how long it was), or a :class:`PowerSource`."""
     if power.get("sensor"):
-        return str(power["sensor"])
+        return clip(str(power["sensor"]), MAX_SENSOR_CHARS)
     return str(PowerSource.ESTIMATED if power.get("estimated") else PowerSource.NOT_MEASURED)
 
 

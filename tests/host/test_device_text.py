@@ -398,3 +398,22 @@ def test_a_lone_surrogate_a_history_row_holds_is_shown_escaped_by_fleet_status_a
     code, out, err = run_cli("report", "--fleet", fleet_file, "--out", tmp_path / "r.html", "--json")
     assert code == 0, err
     assert "int8\\ud800" in (tmp_path / "r.html").read_text()
+
+
+def test_a_power_sensor_name_of_60_kb_is_shown_cut_in_status_and_report(fleet_file, run_cli, tmp_path):
+    """The sensor's key is the device's word: a 60 KB name filled `fleet status`'s W (source) cell with
+    thousands of lines, and the report's legend and fleet table with all of it."""
+    from edgekit_protocol.labels import power_source
+
+    huge = "s" * 60_000
+    assert power_source({"sensor": huge}) == "s" * 64 + "... (60,000 characters)"
+    store = Store(history_path(fleet_file))
+    store.add_many([("bench", _bench("int8", 1, sensor=huge)), ("status", messages.envelope("status", "sim", "d1", 2, {
+        "state": "online", "current": {"variant": "int8", "sha256": "a" * 64}}))])
+    store.close()
+    code, out, err = run_cli("fleet", "status", "--fleet", fleet_file)
+    assert code == 0, err
+    assert out.count("s" * 10) < 10 and len(out.splitlines()) < 20
+    code, out, err = run_cli("report", "--fleet", fleet_file, "--out", tmp_path / "r.html", "--json")
+    assert code == 0, err
+    assert "s" * 65 not in (tmp_path / "r.html").read_text()
