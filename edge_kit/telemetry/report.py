@@ -20,7 +20,7 @@ from edge_kit.errors import InputError
 from edge_kit.fsutil import atomic_write_text
 from edge_kit.profiles import Profile, bundled_profiles, load_profile
 from edge_kit.telemetry.store import HistoryStore
-from edgekit_protocol.labels import accuracy_text, power_source
+from edgekit_protocol.labels import accuracy_text, clip, power_source
 from edgekit_protocol.messages import in_range
 
 _CSS = """
@@ -50,10 +50,19 @@ def _accuracy_cell(rec: dict[str, Any] | None) -> str:
     return "not scored" if rec and isinstance(rec.get("accuracy"), dict) and "error" in rec["accuracy"] else "-"
 
 
+MAX_NAME_CHARS = 128  # a device's name for a variant, runtime or profile, as the report shows it
+
+
 def _label(value: Any) -> str:
     """Return a device's text for a plotly label: plotly renders a subset of HTML in names, hover text and
-    ticks (links, styles, line breaks), so every tag a device sends is shown as text, not obeyed."""
-    return html.escape(str(value), quote=False)
+    ticks (links, styles, line breaks), so every tag a device sends is shown as text, not obeyed; cut to
+    :data:`MAX_NAME_CHARS` (saying how long it was)."""
+    return html.escape(clip(str(value), MAX_NAME_CHARS), quote=False)
+
+
+def _cell(value: Any) -> str:
+    """Return a device's text for a fleet-table cell: escaped, cut to :data:`MAX_NAME_CHARS`."""
+    return html.escape(clip(str(value), MAX_NAME_CHARS))
 
 
 def _profile_figures(profile: Profile, records: list[dict[str, Any]], chosen: dict[str, str | None]) -> list[Any]:
@@ -136,9 +145,9 @@ def _fleet_rows(store: HistoryStore) -> tuple[list[str], list[list[str]]]:
         rec = latest.get((device, cur.get("sha256"))) if cur else None
         dec = decisions.get(device)
         verdict = _verdict(dec)
-        rows.append([html.escape(device), html.escape(str((rec or {}).get("profile") or st.get("profile") or "-")),
-                     html.escape(str(st.get("state", "never seen"))), html.escape(str(cur.get("variant") or "-")),
-                     html.escape(str((rec or {}).get("runtime") or "-")),  # litert / onnxruntime / tensorrt, as measured
+        rows.append([html.escape(device), _cell((rec or {}).get("profile") or st.get("profile") or "-"),
+                     _cell(st.get("state", "never seen")), _cell(cur.get("variant") or "-"),
+                     _cell((rec or {}).get("runtime") or "-"),  # litert / onnxruntime / tensorrt, as measured
                      verdict,
                      f"{rec['latency_ms']['p90']:.4g}" if rec else "-",
                      _accuracy_cell(rec),
@@ -172,7 +181,7 @@ def _live_cell(live: Any) -> str:
 
     model = live.get("model") if isinstance(live.get("model"), dict) else {}
     return html.escape(f"{num(lat.get('p50', 0), '.3g')}/{num(lat.get('p99', 0), '.3g')} ({num(live.get('requests', 0), ',')}, "
-                       f"{model.get('variant')})")
+                       f"{clip(str(model.get('variant')), MAX_NAME_CHARS)})")
 
 
 def _gate_rows(store: HistoryStore) -> list[list[str]]:

@@ -417,3 +417,20 @@ def test_a_power_sensor_name_of_60_kb_is_shown_cut_in_status_and_report(fleet_fi
     code, out, err = run_cli("report", "--fleet", fleet_file, "--out", tmp_path / "r.html", "--json")
     assert code == 0, err
     assert "s" * 65 not in (tmp_path / "r.html").read_text()
+
+
+def test_the_report_cuts_a_devices_60_kb_variant_runtime_or_profile_name(fleet_file, run_cli, tmp_path):
+    """Plot legends, hover texts and the fleet table held a device's names whole: 60 KB each, several times."""
+    huge = "v" * 60_000
+    store = Store(history_path(fleet_file))
+    store.add_many([("bench", {**_bench(huge, 1), "runtime": "r" * 60_000}),
+                    ("status", messages.envelope("status", "sim", "d1", 2, {
+                        "state": "online", "profile": "p" * 60_000, "current": {"variant": huge, "sha256": "a" * 64}})),
+                    ("telemetry", messages.envelope("telemetry", "sim", "d1", 3, {"conditions": {}, "spool": {}, "live": {
+                        "latency_ms": {"p50": 1.0, "p99": 2.0}, "requests": 5, "model": {"variant": "w" * 60_000}}}))])
+    store.close()
+    code, out, err = run_cli("report", "--fleet", fleet_file, "--out", tmp_path / "r.html", "--json")
+    assert code == 0, err
+    page = (tmp_path / "r.html").read_text()
+    assert all(c * 129 not in page for c in "vrpw")
+    assert "v" * 128 + "... (60,000 characters)" in page
