@@ -39,8 +39,9 @@ class FleetMetrics:
                            ["device", "variant", "source"], registry=r)
         self.energy = Gauge("edgekit_energy_per_inference_mj", "Energy per inference in the latest benchmark (mJ)",
                             ["device", "variant", "source"], registry=r)
-        self.accuracy = Gauge("edgekit_accuracy_top1", "Top-1 accuracy on the shipped eval set (0-1)",
-                              ["device", "variant"], registry=r)
+        self.accuracy = Gauge("edgekit_accuracy", "Accuracy of the latest benchmark on the shipped eval set, by the "
+                              "metric its label names (top1 and every built-in task's: a share, 0-1; a user metric "
+                              "on its own scale)", ["device", "variant", "metric"], registry=r)
         self.online = Gauge("edgekit_device_online", "1 when the device's last status says online", ["device"], registry=r)
         self.last_seen = Gauge("edgekit_device_last_seen_seconds", "Unix time (this host's clock) the monitor last stored a message of the device",
                                ["device"], registry=r)
@@ -119,7 +120,8 @@ class FleetMetrics:
                     gauge.labels(device, variant, source).set(value)
             accuracy = _number(field_at(msg, "accuracy", "value"))
             if accuracy is not None:
-                self.accuracy.labels(device, variant).set(accuracy)
+                metric = self._bounded(device, "metric", field_at(msg, "accuracy", "metric") or "unnamed")
+                self.accuracy.labels(device, variant, metric).set(accuracy)
 
     def watch(self, monitor: Any) -> None:
         """Also export the monitor's counters (received, stored, duplicates, invalid, gaps, dropped); return nothing."""

@@ -139,7 +139,7 @@ def test_metrics_take_a_benchmark_whose_metric_failed_or_whose_power_is_partial(
                               "power": {"sensor": "ina219", "avg_w": 4.2}})
     text = generate_latest(metrics.registry).decode()
     assert 'edgekit_power_watts{device="d1",source="ina219",variant="int8"} 4.2' in text
-    assert "edgekit_accuracy_top1{" not in text and "edgekit_energy_per_inference_mj{" not in text
+    assert "edgekit_accuracy{" not in text and "edgekit_energy_per_inference_mj{" not in text
 
 
 def test_last_heard_is_this_hosts_clock_not_the_devices():
@@ -434,3 +434,16 @@ def test_the_report_cuts_a_devices_60_kb_variant_runtime_or_profile_name(fleet_f
     page = (tmp_path / "r.html").read_text()
     assert all(c * 129 not in page for c in "vrpw")
     assert "v" * 128 + "... (60,000 characters)" in page
+
+
+def test_the_accuracy_series_names_its_metric_a_detection_map_is_not_called_top1():
+    """The gauge was edgekit_accuracy_top1 "(0-1)" whatever the task: a detector's mAP or a user metric of 37.5
+    read as top-1 on a dashboard. Now edgekit_accuracy carries the metric the record names (bounded per device)."""
+    metrics = FleetMetrics()
+    metrics.observe("bench", {**_bench("int8", 1), "accuracy": {"metric": "mAP50", "value": 0.41}})
+    metrics.observe("bench", {**_bench("fp32", 2), "accuracy": {"metric": "wer_pct", "value": 37.5}})
+    metrics.observe("bench", {**_bench("fp16", 3), "accuracy": {"value": 0.9}})
+    text = generate_latest(metrics.registry).decode()
+    assert 'edgekit_accuracy{device="d1",metric="mAP50",variant="int8"} 0.41' in text
+    assert 'edgekit_accuracy{device="d1",metric="wer_pct",variant="fp32"} 37.5' in text
+    assert 'edgekit_accuracy{device="d1",metric="unnamed",variant="fp16"} 0.9' in text
