@@ -46,6 +46,11 @@ _ENVELOPE_TYPES: dict[str, type | tuple[type, ...]] = {
 }
 MAX_SKEW_S = 300.0  # how far ahead of the receiver's clock a sender's ts may be
 _MSG_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # the dedup key, shown and logged: no controls, no markup
+# A NUL or a lone UTF-16 surrogate in a decoded string can only come from a ``\\u0000`` or ``\\udXXX`` escape
+# (raw, they are not JSON or not UTF-8). PostgreSQL's text columns refuse NUL, and a lone surrogate has no
+# UTF-8 form (signing, storing, printing or writing it to a file raises): such a message is refused.
+_ODD_ESCAPE = re.compile(r"\\u(?:0000|[dD][89a-fA-F])")
+_ODD_CHAR = re.compile("[\x00\ud800-\udfff]")
 
 
 def check_name(value: str, what: str) -> str:
@@ -136,6 +141,23 @@ def in_range(value: Any, limit: float = 1e12) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and -limit < value < limit
 
 
+def field_at(doc: Any, *path: str) -> Any:
+    """Return ``doc[path[0]][path[1]]...``, or None where a step is missing or not an object (what a
+    device sends beyond the checked fields is never trusted to have the shape it should)."""
+    for key in path:
+        if not isinstance(doc, dict):
+            return None
+        doc = doc.get(key)
+    return doc
+
+
+def disk_free_bytes(disk: Any) -> float | None:
+    """Return the ``free_bytes`` of a status or telemetry ``disk`` block when it is a byte count (a number from 0
+    to 1e18), else None: these blocks are a device's word, not checked at decode (``disk`` may be any JSON)."""
+    free = disk.get("free_bytes") if isinstance(disk, dict) else None
+    return free if in_range(free, 1e18) and free >= 0 else None
+
+
 def _refuse_constant(name: str) -> float:
     raise MessageError(f"payload holds the non-finite number {name}; numbers must be finite")
 
@@ -147,6 +169,26 @@ def _finite_float(text: str) -> float:
     return value
 
 
+def _odd_string(value: Any, where: str = "payload") -> str | None:
+    """Return where in ``value`` (a decoded JSON value) a string or key holds a NUL or a lone surrogate, else None."""
+    if isinstance(value, str):
+        return where if _ODD_CHAR.search(value) else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if _ODD_CHAR.search(key):
+                return f"a key of {where}"
+            name = repr(key[:40])  # a device's text: quoted, and short
+            found = _odd_string(item, f"field {name}" if where == "payload" else f"{where}.{name}")
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _odd_string(item, f"{where}[{i}]")
+            if found:
+                return found
+    return None
+
+
 def decode(payload: bytes, kind: str | None = None) -> dict[str, Any]:
     """Parse and check a payload's envelope (and, with ``kind``, that its schema fits the topic).
 
@@ -154,19 +196,27 @@ def decode(payload: bytes, kind: str | None = None) -> dict[str, Any]:
         The message as a dict.
 
     Raises:
-        MessageError: oversized, not UTF-8 JSON, a NaN or infinity anywhere, not an object, a missing or mistyped envelope
-            field, or a schema that does not match ``kind``.
+        MessageError: oversized, not UTF-8 JSON, a NaN or infinity anywhere, a NUL or lone surrogate in any
+            string or key, not an object, a missing or mistyped envelope field, or a schema that does not match ``kind``.
     """
     if len(payload) > MAX_PAYLOAD:
         raise MessageError(f"payload of {len(payload)} bytes is over the {MAX_PAYLOAD}-byte limit")
     try:
-        message = json.loads(payload.decode("utf-8"), parse_constant=_refuse_constant, parse_float=_finite_float)
+        text = payload.decode("utf-8")
+        message = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: also integers of 4,300+ digits
         if isinstance(exc, MessageError):
             raise
         raise MessageError(f"payload is not UTF-8 JSON ({type(exc).__name__})") from None
     if not isinstance(message, dict):
         raise MessageError(f"payload is a JSON {type(message).__name__}, expected an object")
+    try:  # the walk only when an escape may hold one
+        where = _odd_string(message) if _ODD_ESCAPE.search(text) else None
+    except RecursionError:
+        where = "a string nested too deep to check"
+    if where:
+        raise MessageError(f"{where} holds a NUL character or a lone UTF-16 surrogate (\\u0000, \\ud800-\\udfff); "
+                           "text must be valid Unicode without NUL")
     for field, types in _ENVELOPE_TYPES.items():
         value = message.get(field)
         if value is None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import sys
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -23,6 +22,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import Progress, ProgressColumn
 from rich.table import Table
+
+from edgekit_protocol.labels import printable  # one rule for the CLI and /metrics
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="edge-kit: compile one model into per-device variants and keep a fleet on the best one.")
@@ -136,19 +137,6 @@ def live_gate(gate: str | None, window: float, min_requests: int, alpha: float, 
         raise InputError("--gate-min-snr-db needs --gate-shadow (the share of requests compared with the reference)")
     return LiveGate(window_s=window, min_samples=min_requests, alpha=alpha, min_slowdown=min_slowdown,
                     shadow_share=shadow, min_snr_db=min_snr_db)
-
-
-# C0 and C1 controls (ESC starts colour, OSC 8 hyperlinks, OSC 52 clipboard writes; CR and newlines
-# overwrite or forge lines), DEL, and the bidirectional overrides that reorder what a line seems to say.
-_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
-
-
-def printable(value: Any) -> str:
-    """Return ``str(value)`` with every control character shown as ``\\xNN`` (``\\uNNNN``): what a device, a
-    fleet file or a model file says cannot drive the operator's terminal (colours, links, the clipboard,
-    rewritten or forged lines)."""
-    text = value if isinstance(value, str) else str(value)
-    return _UNPRINTABLE.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}", text)
 
 
 def safe(value: Any) -> str:

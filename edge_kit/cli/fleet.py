@@ -34,16 +34,26 @@ from edge_kit.cli.app import (
     safe,
     spinner,
 )
+from edgekit_protocol.labels import clip
+
+_ENVELOPE = ("schema", "device", "fleet", "seq", "ts", "msg_id", "key_id", "sig", "variant", "sha256", "profile")
 
 
 def bench_rows(record: dict[str, Any]) -> list[tuple[str, str]]:
-    """Return (label, text) rows for a bench record from a device: who measured it, then the figures."""
+    """Return (label, text) rows for a bench record from a device: who measured it, then the figures (the agent's
+    own summary; a record it cannot read, an older or a compromised agent's, as its fields were received)."""
     from device_agents.bench import summary_rows
 
+    try:
+        figures = summary_rows(record)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError):  # only the wire checks hold for a device's record
+        figures = [("note", "the record lacks fields this host's summary reads: shown as received (--json for all of it)")]
+        figures += [(k, clip(", ".join(f"{a} {b}" for a, b in v.items()) if isinstance(v, dict) else str(v), 300))
+                    for k, v in record.items() if k not in _ENVELOPE]
     return [("device", f"{record['device']} ({record.get('profile') or 'no profile'})"
                        + ("  (simulated device: measured on this machine)" if record.get("simulated") else "")),
             ("variant", f"{record.get('variant')}  sha256 {str(record.get('sha256'))[:12]}"),
-            *summary_rows(record)]
+            *figures]
 
 
 @app.command("bench")

@@ -28,7 +28,7 @@ from edge_kit.cli.app import (
     spinner,
 )
 from edge_kit.selection.policy import DEFAULT_MARGIN
-from edgekit_protocol.labels import accuracy_text, power_source
+from edgekit_protocol.labels import accuracy_text, clip, power_source
 
 CandidatesOpt = Annotated[Path, typer.Option("--artifacts", help="The compiled model's folder: its variants are the candidates.")]
 MarginOpt = Annotated[float, typer.Option(min=0, max=1, help="Relative gain needed to switch (no flapping).")]
@@ -291,16 +291,16 @@ def _fleet_table(store: Any, fleet: Any) -> Table:
     """Per device: state, current variant, latest benchmark of it, last message."""
     import time as _time
 
-    status, tele, bench = store.latest_status(), store.latest_telemetry(), store.latest_bench()
+    status, bench, received = store.latest_status(), store.latest_bench(), store.last_received()
     t = Table("device", "profile", "state", "current", "p90 ms", "W (source)", "last heard", box=box.SIMPLE_HEAD, pad_edge=False)
     for dev in fleet.devices:
         st = status.get(dev.name) or {}
         cur = st.get("current") if isinstance(st.get("current"), dict) else {}  # a device's own word: any shape
         rec = bench.get((dev.name, cur.get("sha256"))) if cur else None
-        heard = max([m["ts"] for m in (st, tele.get(dev.name) or {}) if m] or [0])
+        heard = received.get(dev.name)  # this host's clock: a device's ts may say 1970 (no RTC, before NTP)
         power = (rec or {}).get("power") or {}
         watts = "-" if power.get("avg_w") is None else f"{power['avg_w']:.2f} ({safe(power_source(power))})"
-        t.add_row(safe(dev.name), safe(dev.profile), safe(st.get("state", "never seen")), safe(cur.get("variant") or "-"),
+        t.add_row(safe(dev.name), safe(dev.profile), safe(st.get("state", "never seen")), safe(clip(cur.get("variant") or "-", 128)),
                   _num(rec["latency_ms"]["p90"]) if rec else "-", watts,
                   f"{_time.time() - heard:.0f} s ago" if heard else "-")
     return t
@@ -312,6 +312,25 @@ def _fleet_view(store: Any, fleet: Any) -> Any:
     from rich.text import Text
 
     return Group(_fleet_table(store, fleet), Text.from_markup(figures_note(fleet.devices)))
+
+
+MAX_REFUSED_SHOWN = 5  # refused-message alerts printed per refresh of the live table; the rest summed in one line
+
+
+def alert_lines(alerts: list[Any], new: int) -> list[str]:
+    """Return the lines (rich markup) that show the ``new`` newest of ``alerts`` (the monitor's
+    :class:`~edge_kit.telemetry.monitor.Alert` objects, oldest first): every alert about a device's state, but at
+    most :data:`MAX_REFUSED_SHOWN` refused messages, the rest counted in one line, so a device flooding the
+    broker with junk cannot scroll an offline or constraint alert off the operator's screen."""
+    fresh = alerts[-new:] if new > 0 else []
+    lines = [f"[red]alert[/] {new - len(fresh):,} older alerts not shown (too many)"] if new > len(fresh) else []
+    refused = [a for a in fresh if a.kind == "refused"]
+    first = {id(a) for a in refused[:MAX_REFUSED_SHOWN]}
+    lines += [f"[red]alert[/] {safe(a.text)}" for a in fresh if a.kind != "refused" or id(a) in first]
+    if len(refused) > MAX_REFUSED_SHOWN:
+        lines.append(f"[red]alert[/] {len(refused) - MAX_REFUSED_SHOWN:,} more refused messages (counted in the --json "
+                     "summary's invalid; kept in the history's invalid table)")
+    return lines
 
 
 @app.command("monitor")
@@ -370,10 +389,8 @@ def monitor_cmd(
                 if live is not None:
                     live.update(_fleet_view(db, fleet))
                     new, shown = mon.alerts_raised - shown, mon.alerts_raised
-                    if new > len(mon.alerts):
-                        live.console.print(f"[red]alert[/] {new - len(mon.alerts):,} older alerts not shown (too many)")
-                    for alert in list(mon.alerts)[-new:] if new else []:
-                        live.console.print(f"[red]alert[/] {safe(alert.text)}")
+                    for line in alert_lines(list(mon.alerts), new):
+                        live.console.print(line)
     except KeyboardInterrupt:
         pass
     finally:
@@ -385,7 +402,7 @@ def monitor_cmd(
     if as_json:
         s = mon.stats
         emit_json({"received": s.received, "stored": s.stored, "duplicates": s.duplicates, "invalid": s.invalid,
-                    "gaps": s.gaps, "alerts": [vars(a) for a in mon.alerts], "alerts_raised": mon.alerts_raised,
+                    "gaps": s.gaps, "dropped": s.dropped, "alerts": [vars(a) for a in mon.alerts], "alerts_raised": mon.alerts_raised,
                    "store": db.where})
 
 

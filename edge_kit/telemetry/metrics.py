@@ -8,7 +8,6 @@ measured watt from an estimated one. Plus the monitor's own counters.
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any
 
@@ -16,7 +15,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_serv
 from prometheus_client.core import CounterMetricFamily
 
 from edge_kit.errors import InputError
-from edgekit_protocol.labels import power_source
+from edgekit_protocol.labels import power_source, printable
+from edgekit_protocol.messages import disk_free_bytes, field_at, in_range
 
 # Label values a device names (variant, power source, shadow variant) make series, and each series stays
 # in the monitor's memory and in every scrape: per device and label, the first MAX_LABEL_VALUES distinct
@@ -39,8 +39,9 @@ class FleetMetrics:
                            ["device", "variant", "source"], registry=r)
         self.energy = Gauge("edgekit_energy_per_inference_mj", "Energy per inference in the latest benchmark (mJ)",
                             ["device", "variant", "source"], registry=r)
-        self.accuracy = Gauge("edgekit_accuracy_top1", "Top-1 accuracy on the shipped eval set (0-1)",
-                              ["device", "variant"], registry=r)
+        self.accuracy = Gauge("edgekit_accuracy", "Accuracy of the latest benchmark on the shipped eval set, by the "
+                              "metric its label names (top1 and every built-in task's: a share, 0-1; a user metric "
+                              "on its own scale)", ["device", "variant", "metric"], registry=r)
         self.online = Gauge("edgekit_device_online", "1 when the device's last status says online", ["device"], registry=r)
         self.last_seen = Gauge("edgekit_device_last_seen_seconds", "Unix time (this host's clock) the monitor last stored a message of the device",
                                ["device"], registry=r)
@@ -65,9 +66,11 @@ class FleetMetrics:
         self._values: dict[tuple[str, str], set[str]] = {}
 
     def _bounded(self, device: str, label: str, value: Any) -> str:
-        """Return ``value`` as the ``label`` value of ``device``'s series, or :data:`OVERFLOW` (counted) once the
-        device has used up its distinct values for that label."""
-        text = str(value)
+        """Return ``value`` as the ``label`` value of ``device``'s series, its control characters shown as ``\\xNN``
+        (:func:`~edgekit_protocol.labels.printable`: prometheus-client escapes only quotes, backslashes and newlines,
+        and /metrics is read with curl too), or :data:`OVERFLOW` (counted) once the device has used up its distinct
+        values for that label."""
+        text = printable(value)
         seen = self._values.setdefault((device, label), set())
         if text in seen:
             return text
@@ -83,22 +86,24 @@ class FleetMetrics:
         device = msg["device"]
         self.last_seen.labels(device).set(time.time())
         disk = msg.get("disk") if kind in ("status", "telemetry") else None
-        if isinstance(disk, dict) and isinstance(disk.get("free_bytes"), (int, float)):
-            self.disk_free.labels(device).set(disk["free_bytes"])
+        if disk_free_bytes(disk) is not None:
+            self.disk_free.labels(device).set(disk_free_bytes(disk))
             self.disk_full.labels(device).set(1 if disk.get("full") else 0)
         live = msg.get("live") if kind == "telemetry" else None
-        if isinstance(live, dict) and isinstance(live.get("model"), dict) and isinstance(live.get("requests"), int):
+        # counts and service times are never below 0: a figure that is (the device's word) is left out
+        if isinstance(live, dict) and isinstance(live.get("model"), dict) and isinstance(live.get("requests"), int) \
+                and _number(live["requests"], 0) is not None:
             variant = self._bounded(device, "variant", live["model"].get("variant"))
             self.live_requests.labels(device, variant).set(live["requests"])
-            self.live_errors.labels(device, variant).set(_number(live.get("errors")) or 0)
-            self.live_queue.labels(device).set(_number(live.get("queue_depth")) or 0)
+            self.live_errors.labels(device, variant).set(_number(live.get("errors"), 0) or 0)
+            self.live_queue.labels(device).set(_number(live.get("queue_depth"), 0) or 0)
             for q in ("p50", "p90", "p99"):
-                v = _number(_field(live, "latency_ms", q))
+                v = _number(field_at(live, "latency_ms", q), 0)
                 if v is not None:
                     self.live_latency.labels(device, variant, q).set(v)
-            snr = _number(_field(live, "shadow", "fidelity", "snr_db"))
+            snr = _number(field_at(live, "shadow", "fidelity", "snr_db"))
             if snr is not None:
-                shadow_variant = self._bounded(device, "shadow", _field(live, "shadow", "model", "variant"))
+                shadow_variant = self._bounded(device, "shadow", field_at(live, "shadow", "model", "variant"))
                 self.live_shadow_snr.labels(device, variant, shadow_variant).set(snr)
         if kind == "status":
             self.online.labels(device).set(1 if msg["state"] == "online" else 0)
@@ -113,18 +118,19 @@ class FleetMetrics:
             for gauge, value in ((self.power, power.get("avg_w")), (self.energy, power.get("energy_per_inference_mj"))):
                 if _number(value) is not None:
                     gauge.labels(device, variant, source).set(value)
-            accuracy = _number(_field(msg, "accuracy", "value"))
+            accuracy = _number(field_at(msg, "accuracy", "value"))
             if accuracy is not None:
-                self.accuracy.labels(device, variant).set(accuracy)
+                metric = self._bounded(device, "metric", field_at(msg, "accuracy", "metric") or "unnamed")
+                self.accuracy.labels(device, variant, metric).set(accuracy)
 
     def watch(self, monitor: Any) -> None:
-        """Also export the monitor's counters (received, stored, duplicates, invalid, gaps)."""
+        """Also export the monitor's counters (received, stored, duplicates, invalid, gaps, dropped); return nothing."""
         stats = monitor.stats
 
         class _Counters:
             def collect(self) -> Any:
                 fam = CounterMetricFamily("edgekit_monitor_messages", "Messages seen by this monitor worker", labels=["outcome"])
-                for outcome in ("received", "stored", "duplicates", "invalid", "gaps"):
+                for outcome in ("received", "stored", "duplicates", "invalid", "gaps", "dropped"):
                     fam.add_metric([outcome], getattr(stats, outcome))
                 yield fam
 
@@ -144,18 +150,7 @@ class FleetMetrics:
         return server
 
 
-def _field(doc: Any, *path: str) -> Any:
-    """Return ``doc[path[0]][path[1]]...``, or None where a step is missing or not an object (what a
-    device sends is never trusted to have the shape it should)."""
-    for key in path:
-        if not isinstance(doc, dict):
-            return None
-        doc = doc.get(key)
-    return doc
-
-
-def _number(value: Any) -> float | None:
-    """Return ``value`` when it is a finite number (not a bool), else None."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return value if math.isfinite(value) else None
+def _number(value: Any, minimum: float | None = None) -> float | None:
+    """Return ``value`` when it is a number (not a bool) within +-1e12 (:func:`~edgekit_protocol.messages.in_range`:
+    finite, and an integer a float can hold) and not below ``minimum`` (when given), else None."""
+    return value if in_range(value) and (minimum is None or value >= minimum) else None

@@ -49,6 +49,8 @@ from edge_kit.telemetry.store import HistoryStore
 from edge_kit.telemetry.verifier import Verifier
 from edgekit_protocol import messages
 from edgekit_protocol.errors import MessageError
+from edgekit_protocol.labels import clip
+from edgekit_protocol.messages import disk_free_bytes
 
 log = logging.getLogger("edgekit.monitor")
 STORED_KINDS = ("status", "bench", "telemetry")
@@ -70,10 +72,17 @@ class MonitorStats:
     duplicates: int = 0
     invalid: int = 0
     gaps: int = 0
+    dropped: int = 0  # QoS 0 messages not taken while MAX_QUEUED wait to be checked (devices publish at QoS 1)
 
 
 MAX_ALERTS = 10_000  # alerts kept in memory (the newest); all are counted
 MAX_INVALID_ROWS = 100_000  # refused messages stored per run (4 KiB of the first 1,000, 256 bytes of the rest)
+# Messages received and waiting to be checked. QoS 1 ones are bounded by the broker (it sends no more than its
+# inflight limit unacknowledged, and the monitor acknowledges once stored); QoS 0 ones are not, so past this
+# many a device flooding at QoS 0 (every agent publishes at QoS 1) is dropped and counted, not queued without end.
+MAX_QUEUED = 20_000
+MAX_REASON = 500  # characters of a refusal's reason kept (in the alert and the invalid row): it may quote a device
+MAX_ALERT_CHARS = 1000  # characters of an alert kept: its text may hold a device's variant name (any length)
 
 
 class Monitor:
@@ -128,9 +137,18 @@ class Monitor:
         self._writer = threading.Thread(target=self._write_loop, daemon=True, name="monitor-writer")
 
     def _on_message(self, _c: Any, _u: Any, m: Any) -> None:
-        """Queue ``(topic, payload, receive time, mid to acknowledge or None)``; nothing once stopping."""
-        if not self._closing.is_set():
-            self._queue.put((m.topic, m.payload, time.time(), m.mid if m.qos else None))
+        """Queue ``(topic, payload, receive time, mid to acknowledge or None)``; nothing once stopping, and a QoS 0
+        message not while :data:`MAX_QUEUED` wait (counted in ``stats.dropped``, alerted once a run)."""
+        if self._closing.is_set():
+            return
+        if not m.qos and self._queue.qsize() >= MAX_QUEUED:
+            self.stats.dropped += 1
+            if self.stats.dropped == 1:
+                self._alert(Alert("monitor", "refused", f"{m.topic}: QoS 0 messages arrive faster than they can be "
+                                                        f"checked ({MAX_QUEUED:,} waiting): dropped and counted (dropped); "
+                                                        "agents publish at QoS 1"))
+            return
+        self._queue.put((m.topic, m.payload, time.time(), m.mid if m.qos else None))
 
     def _ack(self, mids: list[int | None]) -> None:
         """Acknowledge the QoS 1 messages ``mids`` to the broker, in the order received; return nothing."""
@@ -291,9 +309,10 @@ class Monitor:
                 outcome = MessageError(verdicts[i])
             if isinstance(outcome, Exception):
                 self.stats.invalid += 1
-                self._alert(Alert(topic, "refused", f"refused a message on {topic}: {outcome}"))
+                reason = clip(str(outcome), MAX_REASON)
+                self._alert(Alert(topic, "refused", f"refused a message on {topic}: {reason}"))
                 if self.stats.invalid <= MAX_INVALID_ROWS:  # a flood of them is counted, never the history's size
-                    self.store.add_invalid(topic, str(outcome), payload[:4096 if self.stats.invalid <= 1000 else 256])
+                    self.store.add_invalid(topic, reason, payload[:4096 if self.stats.invalid <= 1000 else 256])
                     if self.stats.invalid == MAX_INVALID_ROWS:
                         self._alert(Alert("monitor", "refused", f"{MAX_INVALID_ROWS:,} refused messages stored in this "
                                                                 "run; more are counted (invalid), not stored"))
@@ -334,7 +353,9 @@ class Monitor:
             self.on_message(kind, msg)
 
     def _alert(self, alert: Alert) -> None:
-        """Raise ``alert``: kept among the newest :data:`MAX_ALERTS`, counted in ``alerts_raised``."""
+        """Raise ``alert``: kept among the newest :data:`MAX_ALERTS` (its text cut to :data:`MAX_ALERT_CHARS`),
+        counted in ``alerts_raised``; return nothing."""
+        alert.text = clip(alert.text, MAX_ALERT_CHARS)
         self.alerts.append(alert)
         self.alerts_raised += 1
 
@@ -353,16 +374,17 @@ class Monitor:
         """Alert (once per episode) when the served model's live outputs drift from its shadow reference
         below the device's ``min_fidelity_snr_db``."""
         c = self.constraints.get(device)
-        shadow = live.get("shadow") if isinstance(live, dict) else None
-        snr = ((shadow or {}).get("fidelity") or {}).get("snr_db") if isinstance(shadow, dict) else None
-        if c is None or c.min_fidelity_snr_db is None or not isinstance(snr, (int, float)):
+        snr = messages.field_at(live, "shadow", "fidelity", "snr_db")  # the device's word: any shape
+        if c is None or c.min_fidelity_snr_db is None or not messages.in_range(snr):
             return
         if snr < c.min_fidelity_snr_db and device not in self._drifting:
             self._drifting.add(device)
-            served, ref = (live.get("model") or {}).get("variant"), (shadow.get("model") or {}).get("variant")
-            self._alert(Alert(device, "drift", f"{device}: live outputs of {served} are {snr:.1f} dB from "
-                                                      f"{ref} (shadow, {shadow.get('window')} inputs), below "
-                                                      f"{c.min_fidelity_snr_db:g} dB"))
+            served, ref, window = (messages.field_at(live, *path) for path in
+                                   (("model", "variant"), ("shadow", "model", "variant"), ("shadow", "window")))
+            named = (lambda v: v if isinstance(v, str) else "an unnamed model")
+            self._alert(Alert(device, "drift", f"{device}: live outputs of {named(served)} are {snr:.1f} dB from "
+                                                      f"{named(ref)} (shadow, {window if messages.in_range(window) else '?'} "
+                                                      f"inputs), below {c.min_fidelity_snr_db:g} dB"))
         elif snr >= c.min_fidelity_snr_db:
             self._drifting.discard(device)
 
@@ -371,13 +393,15 @@ class Monitor:
         if kind == "telemetry":
             self._check_drift(device, msg.get("live"))
         disk = msg.get("disk") if kind in ("status", "telemetry") else None
-        if isinstance(disk, dict) and isinstance(disk.get("free_bytes"), (int, float)):
-            low = bool(disk.get("full")) or disk["free_bytes"] < self.min_free_bytes
+        free = disk_free_bytes(disk)  # None: no figure, or one that is no byte count (negative, 400 digits)
+        if isinstance(disk, dict) and (free is not None or disk.get("full")):
+            low = bool(disk.get("full")) or free < self.min_free_bytes
             if low and device not in self._low_disk:
                 self._low_disk.add(device)
-                self._alert(Alert(device, "disk", f"{device}: {disk['free_bytes'] / 1e6:.1f} MB free"
-                                         + (" (full: installs, activations and benches refused)" if disk.get("full") else
-                                            f" (below {self.min_free_bytes / 1e6:.0f} MB)")))
+                refused = "installs, activations and benches refused"
+                self._alert(Alert(device, "disk", f"{device}: disk full ({refused})" if free is None else
+                                  f"{device}: {free / 1e6:.1f} MB free" + (f" (full: {refused})" if disk.get("full") else
+                                                                          f" (below {self.min_free_bytes / 1e6:.0f} MB)")))
             elif not low:
                 self._low_disk.discard(device)
         if kind == "status" and msg["state"] == "offline":

@@ -20,7 +20,8 @@ from edge_kit.errors import InputError
 from edge_kit.fsutil import atomic_write_text
 from edge_kit.profiles import Profile, bundled_profiles, load_profile
 from edge_kit.telemetry.store import HistoryStore
-from edgekit_protocol.labels import accuracy_text, power_source
+from edgekit_protocol.labels import accuracy_text, clip, power_source
+from edgekit_protocol.messages import in_range
 
 _CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
@@ -49,10 +50,19 @@ def _accuracy_cell(rec: dict[str, Any] | None) -> str:
     return "not scored" if rec and isinstance(rec.get("accuracy"), dict) and "error" in rec["accuracy"] else "-"
 
 
+MAX_NAME_CHARS = 128  # a device's name for a variant, runtime or profile, as the report shows it
+
+
 def _label(value: Any) -> str:
     """Return a device's text for a plotly label: plotly renders a subset of HTML in names, hover text and
-    ticks (links, styles, line breaks), so every tag a device sends is shown as text, not obeyed."""
-    return html.escape(str(value), quote=False)
+    ticks (links, styles, line breaks), so every tag a device sends is shown as text, not obeyed; cut to
+    :data:`MAX_NAME_CHARS` (saying how long it was)."""
+    return html.escape(clip(str(value), MAX_NAME_CHARS), quote=False)
+
+
+def _cell(value: Any) -> str:
+    """Return a device's text for a fleet-table cell: escaped, cut to :data:`MAX_NAME_CHARS`."""
+    return html.escape(clip(str(value), MAX_NAME_CHARS))
 
 
 def _profile_figures(profile: Profile, records: list[dict[str, Any]], chosen: dict[str, str | None]) -> list[Any]:
@@ -135,9 +145,9 @@ def _fleet_rows(store: HistoryStore) -> tuple[list[str], list[list[str]]]:
         rec = latest.get((device, cur.get("sha256"))) if cur else None
         dec = decisions.get(device)
         verdict = _verdict(dec)
-        rows.append([html.escape(device), html.escape(str((rec or {}).get("profile") or st.get("profile") or "-")),
-                     html.escape(str(st.get("state", "never seen"))), html.escape(str(cur.get("variant") or "-")),
-                     html.escape(str((rec or {}).get("runtime") or "-")),  # litert / onnxruntime / tensorrt, as measured
+        rows.append([html.escape(device), _cell((rec or {}).get("profile") or st.get("profile") or "-"),
+                     _cell(st.get("state", "never seen")), _cell(cur.get("variant") or "-"),
+                     _cell((rec or {}).get("runtime") or "-"),  # litert / onnxruntime / tensorrt, as measured
                      verdict,
                      f"{rec['latency_ms']['p90']:.4g}" if rec else "-",
                      _accuracy_cell(rec),
@@ -166,12 +176,12 @@ def _live_cell(live: Any) -> str:
         return "-"
     lat = live["latency_ms"]
 
-    def num(v: Any, fmt: str) -> str:  # what a device sends: a figure only when it is one
-        return format(v, fmt) if isinstance(v, (int, float)) and not isinstance(v, bool) else "?"
+    def num(v: Any, fmt: str) -> str:  # what a device sends: a figure only when it is one (a float can hold it)
+        return format(v, fmt) if in_range(v) else "?"
 
     model = live.get("model") if isinstance(live.get("model"), dict) else {}
     return html.escape(f"{num(lat.get('p50', 0), '.3g')}/{num(lat.get('p99', 0), '.3g')} ({num(live.get('requests', 0), ',')}, "
-                       f"{model.get('variant')})")
+                       f"{clip(str(model.get('variant')), MAX_NAME_CHARS)})")
 
 
 def _gate_rows(store: HistoryStore) -> list[list[str]]:
@@ -238,7 +248,8 @@ def build_report(store: HistoryStore, out: Path, title: str = "edge-kit fleet re
     chosen = {dev: decisions.get(dev) or running.get(dev) for dev in {r["device"] for r in latest}}
     by_profile: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in latest:
-        by_profile[r.get("profile") or "unknown"].append(r)
+        profile = r.get("profile")  # the device's word, any JSON: only text names a profile
+        by_profile[profile if isinstance(profile, str) and profile else "unknown"].append(r)
     sections, plots = [], 0
     known = set(bundled_profiles())
     for name in sorted(by_profile):
@@ -289,6 +300,8 @@ def build_report(store: HistoryStore, out: Path, title: str = "edge-kit fleet re
             "the power sensor named in the legend, or is an estimate from the profile's idle/busy watts and CPU use."
             + (" Some devices are simulated: their figures are measurements of the simulating machine." if simulated else "")
             + "</p>" + "".join(sections) + f"<h2>Fleet</h2>{table}</body></html>")
+    # A lone surrogate has no UTF-8 form (decode refuses them; a history row may still hold one): shown as \udXXX.
+    page = page.encode("utf-8", "backslashreplace").decode("utf-8")
     try:
         atomic_write_text(Path(out), page)
     except OSError as exc:

@@ -267,6 +267,15 @@ class HistoryStore(abc.ABC):
         """Return the newest telemetry message per device. Raises HistoryError."""
         return self._latest("telemetry")
 
+    def last_received(self) -> dict[str, float]:
+        """Return when this host last stored a status or telemetry message of each device (its receive time, unix
+        seconds by this host's clock; never the device's own ``ts``), by device. Raises HistoryError."""
+        heard: dict[str, float] = {}
+        for table in ("status", "telemetry"):  # each answered from its (device, ts) index
+            for device, ts in self._rows(f"SELECT device, MAX(ts) FROM {table} GROUP BY device"):
+                heard[device] = max(ts, heard.get(device, ts))
+        return heard
+
     def _latest(self, table: str) -> dict[str, dict[str, Any]]:
         """Return the newest message of ``table`` per device (by receive time, then ``seq``)."""
         rows = self._rows(f"SELECT t.body FROM {table} t JOIN (SELECT device, MAX(ts) AS ts FROM {table} GROUP BY device) l "

@@ -139,7 +139,7 @@ def test_metrics_take_a_benchmark_whose_metric_failed_or_whose_power_is_partial(
                               "power": {"sensor": "ina219", "avg_w": 4.2}})
     text = generate_latest(metrics.registry).decode()
     assert 'edgekit_power_watts{device="d1",source="ina219",variant="int8"} 4.2' in text
-    assert "edgekit_accuracy_top1{" not in text and "edgekit_energy_per_inference_mj{" not in text
+    assert "edgekit_accuracy{" not in text and "edgekit_energy_per_inference_mj{" not in text
 
 
 def test_last_heard_is_this_hosts_clock_not_the_devices():
@@ -153,3 +153,297 @@ def test_last_heard_is_this_hosts_clock_not_the_devices():
     value = next(s.value for fam in metrics.registry.collect() if fam.name == "edgekit_device_last_seen_seconds"
                  for s in fam.samples)
     assert before <= value <= time.time()
+
+
+HUGE = 10 ** 400  # valid JSON; float() of it overflows
+
+
+def test_figures_no_float_can_hold_or_negative_bytes_are_left_out_of_metrics_never_raised():
+    """Telemetry's figures are not checked at decode: an integer of 400 digits raised OverflowError in
+    observe (the gauges of that message were never set), a negative free space was exported as is."""
+    metrics = FleetMetrics()
+    live = {"model": {"variant": "int8"}, "requests": 5, "errors": HUGE, "queue_depth": HUGE,
+            "latency_ms": {"p50": HUGE, "p90": -HUGE, "p99": 2.0},
+            "shadow": {"fidelity": {"snr_db": -HUGE}, "model": {"variant": "fp32"}}}
+    metrics.observe("telemetry", {"device": "d1", "ts": 1.0, "disk": {"free_bytes": HUGE}, "live": live})
+    metrics.observe("telemetry", {"device": "d1", "ts": 1.0, "live": {**live, "requests": HUGE, "latency_ms": {"p99": 3.0}}})
+    metrics.observe("status", {"device": "d2", "ts": 1.0, "state": "online", "disk": {"free_bytes": -5}})
+    text = generate_latest(metrics.registry).decode()
+    assert 'edgekit_live_latency_ms{device="d1",quantile="p99",variant="int8"} 2.0' in text
+    assert 'quantile="p50"' not in text and 'quantile="p90"' not in text and "edgekit_live_shadow_snr_db{" not in text
+    assert 'edgekit_live_requests{device="d1",variant="int8"} 5.0' in text  # a live block with no count is left out
+    assert 'edgekit_live_errors{device="d1",variant="int8"} 0.0' in text
+    assert "edgekit_device_disk_free_bytes{" not in text
+    assert 'edgekit_device_online{device="d2"} 1.0' in text
+
+
+def test_the_monitors_alerts_take_figures_no_float_can_hold(fleet_file, tmp_path):
+    """The disk and drift alerts divided or formatted the device's figure: an integer of 400 digits raised
+    OverflowError (and the message's metrics were skipped). A figure that is no figure raises no alert;
+    a full disk still does."""
+    from edge_kit.fleet.inventory import load_fleet
+    from edge_kit.telemetry.monitor import Monitor
+
+    fleet_file.write_text(fleet_file.read_text().replace("{name: d1, host: 127.0.0.1}",
+                                                         "{name: d1, host: 127.0.0.1, constraints: {min_fidelity_snr_db: 20}}"))
+    mon = Monitor(load_fleet(fleet_file), Store(tmp_path / "h.db"), verify_in_child=False)
+    live = {"model": {"variant": "int8"}, "requests": 1, "shadow": {"fidelity": {"snr_db": -HUGE}, "model": {"variant": "fp32"}}}
+    for free in (HUGE, -HUGE, -5):
+        mon._check_alerts("telemetry", {"device": "d1", "disk": {"free_bytes": free}, "live": live})
+    assert list(mon.alerts) == []
+    mon._check_alerts("status", {"device": "d1", "state": "online", "disk": {"free_bytes": HUGE, "full": True}})
+    assert [a.text for a in mon.alerts] == ["d1: disk full (installs, activations and benches refused)"]
+
+
+def test_the_report_shows_a_live_figure_no_float_can_hold_as_unknown(fleet_file, run_cli, tmp_path):
+    live = messages.envelope("telemetry", "sim", "d1", 4, {"conditions": {}, "spool": {}, "live": {
+        "latency_ms": {"p50": HUGE, "p99": 1.0}, "requests": HUGE, "model": {"variant": "int8"}}})
+    _history(fleet_file, ("telemetry", live))
+    report = tmp_path / "report.html"
+    code, out, err = run_cli("report", "--fleet", fleet_file, "--out", report, "--json")
+    assert code == 0, err
+    assert "<td>?/1 (?, int8)</td>" in report.read_text()
+
+
+def test_a_refusal_quoting_a_devices_huge_field_is_kept_short_in_memory_and_in_the_history(fleet_file, tmp_path):
+    """A refusal's reason may quote what the device sent (its schema, state, fleet or device field: up to the
+    64 KiB payload): 10,000 alerts in memory and 100,000 invalid rows of that were gigabytes. Now a reason is
+    cut to MAX_REASON characters and says how long it was; the payload is kept as before."""
+    import time
+
+    from edge_kit.fleet.inventory import load_fleet
+    from edge_kit.telemetry.monitor import MAX_REASON, Monitor
+
+    store = Store(tmp_path / "h.db")
+    mon = Monitor(load_fleet(fleet_file), store, verify_in_child=False)
+    payload = messages.encode({**_bench("int8", 1), "key_id": "k", "sig": "s", "schema": "x" * 60_000})
+    mon._store([(messages.topic("sim", "d1", "bench"), payload, time.time(), None)])
+    assert mon.stats.invalid == 1 == store.count("invalid")
+    (reason,) = store._rows("SELECT reason FROM invalid")[0]
+    assert len(reason) <= MAX_REASON + 40 and reason.startswith("schema 'xxx") and reason.endswith("characters)")
+    assert len(mon.alerts[-1].text) <= MAX_REASON + 100 and "60,0" in mon.alerts[-1].text
+
+
+def test_fleet_status_last_heard_is_when_this_host_received_it_not_the_devices_clock(fleet_file, run_cli):
+    """A Raspberry Pi has no RTC: before NTP its clock says 1970 (and a clock up to 300 s ahead is accepted).
+    `fleet status` said "1764... s ago" (or "-290 s ago") from the device's ts; now the receive time."""
+    import time
+
+    store = Store(history_path(fleet_file))
+    now = time.time()
+    store.add_many([("status", messages.envelope("status", "sim", "d1", 1, {"state": "online"}) | {"ts": 1.0}),
+                    ("telemetry", messages.envelope("telemetry", "sim", "d1", 2, {"conditions": {}, "spool": {}})
+                     | {"ts": now + 290})], received=[now - 30, now - 20])
+    assert store.last_received() == {"d1": now - 20}
+    store.close()
+    code, out, err = run_cli("fleet", "status", "--fleet", fleet_file)
+    assert code == 0, err
+    row = next((line for line in out.splitlines() if line.split()[:1] == ["d1"]), out)
+    assert row.rstrip().endswith(("20 s ago", "21 s ago")), row
+
+
+def test_label_values_reach_metrics_without_terminal_controls():
+    """prometheus-client escapes quotes, backslashes and newlines only: a variant's ESC (clear the screen,
+    OSC 52 clipboard), CR (overwrite a line) and bidi overrides reached whoever reads /metrics with curl."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    metrics = FleetMetrics()
+    metrics.observe("bench", {**_bench("int8\x1b[2J\r\u202e", 1, sensor="ina" + OSC52), "device": "d1"})
+    text = generate_latest(metrics.registry).decode()
+    assert "\x1b" not in text and "\r" not in text and "\u202e" not in text
+    labels = [s.labels for fam in text_string_to_metric_families(text) if fam.name == "edgekit_power_watts" for s in fam.samples]
+    assert labels == [{"device": "d1", "variant": "int8\\x1b[2J\\x0d\\u202e", "source": "ina\\x1b]52;c;ZWNobyBwd25lZA==\\x1b\\"}]
+
+
+@pytest.mark.parametrize("profile", [["rpi4"], {"name": "rpi4"}, 4])
+def test_a_benchmark_whose_profile_is_not_text_is_reported_under_unknown(fleet_file, run_cli, tmp_path, profile):
+    """A bench record's ``profile`` is the device's word, any JSON: a list or an object raised TypeError
+    (unhashable) in `edgekit report`, a traceback and no report. Now it is grouped as no known profile."""
+    store = Store(history_path(fleet_file))
+    store.add_many([("bench", {**_bench("int8", 1), "profile": profile}), ("bench", {**_bench("fp32", 2), "sha256": "b" * 64})])
+    store.close()
+    code, out, err = run_cli("report", "--fleet", fleet_file, "--out", tmp_path / "r.html", "--json")
+    assert code == 0, err
+    info = json.loads(out)
+    assert info["profiles"] == ["rpi4", "unknown"] and info["plots"] == 2
+
+
+def test_a_flood_of_refused_messages_cannot_scroll_a_devices_alert_off_the_screen():
+    """The live table printed every new alert each second: a device publishing junk put thousands of
+    'refused' lines a second on the terminal, burying an offline alert among them. Now at most
+    MAX_REFUSED_SHOWN refused ones, the rest summed in one line; every alert about a device is printed."""
+    from edge_kit.cli.loop import MAX_REFUSED_SHOWN, alert_lines
+    from edge_kit.telemetry.monitor import Alert
+
+    alerts = [Alert("edgekit/v1/sim/d1/bench", "refused", f"refused a message: junk {i}") for i in range(1000)]
+    alerts.insert(500, Alert("d2", "offline", "d2 went offline [/]"))
+    lines = alert_lines(alerts, len(alerts) + 7)
+    assert lines[0] == "[red]alert[/] 7 older alerts not shown (too many)"
+    assert "[red]alert[/] d2 went offline \\[/]" in lines
+    assert len([ln for ln in lines if "junk" in ln]) == MAX_REFUSED_SHOWN
+    assert lines[-1].startswith(f"[red]alert[/] {1000 - MAX_REFUSED_SHOWN:,} more refused messages")
+    assert len(lines) == MAX_REFUSED_SHOWN + 3
+    assert alert_lines(alerts, 0) == [] and alert_lines(alerts[:2], 1) == ["[red]alert[/] refused a message: junk 1"]
+
+
+def test_an_alert_or_a_status_cell_quoting_a_devices_huge_variant_is_kept_short(fleet_file, tmp_path, run_cli):
+    """A compromised device may name its variant with 60,000 characters: each broken-constraint alert held it
+    whole (10,000 alerts kept: 600 MB) and `fleet status` folded it into a cell thousands of lines tall."""
+    import time
+
+    from edge_kit.fleet.inventory import load_fleet
+    from edge_kit.telemetry.monitor import MAX_ALERT_CHARS, Monitor
+
+    huge = "v" * 60_000
+    mon = Monitor(load_fleet(fleet_file), Store(tmp_path / "h.db"), verify_in_child=False)
+    slow = {**_bench(huge, 1), "latency_ms": {q: 500.0 for q in ("p50", "p90", "p99", "mean", "std", "min", "max")}}
+    mon._check_alerts("bench", slow)  # rpi4 allows p90 <= 50 ms
+    (alert,) = mon.alerts
+    assert alert.kind == "constraints" and len(alert.text) <= MAX_ALERT_CHARS + 40
+    assert alert.text.startswith("d1 vvvv") and alert.text.endswith("(60,024 characters)")
+    store = Store(history_path(fleet_file))
+    store.add_many([("status", messages.envelope("status", "sim", "d1", 1, {
+        "state": "online", "current": {"variant": huge, "sha256": "a" * 64}}))], received=[time.time()])
+    store.close()
+    code, out, err = run_cli("fleet", "status", "--fleet", fleet_file)
+    assert code == 0, err
+    assert "vvvv" in out and out.count("v") < 300 and len(out.splitlines()) < 20  # 128 of them, and a few of the note's
+    assert "characters)" in out  # and says how long it was
+
+
+def test_a_drifting_devices_live_block_of_any_shape_raises_the_alert_and_updates_the_metrics(fleet_file, tmp_path):
+    """The drift alert read live.model.variant and shadow.model.variant as objects: a device sending them as
+    text raised AttributeError after storing (a traceback on the operator's terminal) and skipped the alert
+    and the message's metrics."""
+    from edge_kit.fleet.inventory import load_fleet
+    from edge_kit.telemetry.monitor import Monitor
+
+    fleet_file.write_text(fleet_file.read_text().replace("{name: d1, host: 127.0.0.1}",
+                                                         "{name: d1, host: 127.0.0.1, constraints: {min_fidelity_snr_db: 20}}"))
+    metrics = FleetMetrics()
+    mon = Monitor(load_fleet(fleet_file), Store(tmp_path / "h.db"), verify_in_child=False, on_message=metrics.observe)
+    live = {"model": "int8", "requests": 3, "shadow": {"fidelity": {"snr_db": 5.0}, "model": "fp32", "window": [1]}}
+    msg = messages.envelope("telemetry", "sim", "d1", 1, {"conditions": {}, "spool": {}, "live": live})
+    mon._after_store("telemetry", msg)
+    assert [a.text for a in mon.alerts] == ["d1: live outputs of an unnamed model are 5.0 dB from an unnamed model "
+                                            "(shadow, ? inputs), below 20 dB"]
+    assert 'edgekit_device_last_seen_seconds{device="d1"}' in generate_latest(metrics.registry).decode()
+
+
+def test_live_counts_and_service_times_below_zero_are_left_out_of_metrics():
+    """A negative request count, error count, queue depth or service time is no figure: it was exported as
+    is. A shadow SNR may be below 0 dB and is kept."""
+    metrics = FleetMetrics()
+    live = {"model": {"variant": "int8"}, "requests": 5, "errors": -3, "queue_depth": -1,
+            "latency_ms": {"p50": -1.0, "p99": 2.0}, "shadow": {"fidelity": {"snr_db": -4.0}, "model": {"variant": "fp32"}}}
+    metrics.observe("telemetry", {"device": "d1", "ts": 1.0, "live": live})
+    metrics.observe("telemetry", {"device": "d2", "ts": 1.0, "live": {**live, "requests": -5}})
+    text = generate_latest(metrics.registry).decode()
+    assert 'edgekit_live_errors{device="d1",variant="int8"} 0.0' in text and 'edgekit_live_queue_depth{device="d1"} 0.0' in text
+    assert 'quantile="p50"' not in text and 'edgekit_live_latency_ms{device="d1",quantile="p99",variant="int8"} 2.0' in text
+    assert 'edgekit_live_shadow_snr_db{device="d1",shadow="fp32",variant="int8"} -4.0' in text
+    assert not [ln for ln in text.splitlines() if ln.startswith("edgekit_live_") and 'device="d2"' in ln]  # no count
+
+
+@pytest.mark.parametrize("odd", [{}, {"runtime": "litert", "runtime_version": [1], "conditions": "hot"},
+                                 {"accuracy": {"value": 0.9}}, {"fidelity": {"snr_db": 30.0}}])
+def test_edgekit_bench_prints_a_record_of_a_shape_it_does_not_know_without_a_traceback(odd):
+    """`edgekit bench --device` formatted the record with the agent's own summary, which reads every optional
+    field it writes: a record that passed the wire checks but lacked one (an older or a compromised agent)
+    raised KeyError or TypeError, a traceback. Now its figures are listed as they are, said so."""
+    from edge_kit.cli.fleet import bench_rows
+
+    record = {**_bench("int8", 1), **odd}
+    rows = dict(bench_rows(record))
+    assert rows["variant"].startswith("int8")
+    assert rows["note"] == "the record lacks fields this host's summary reads: shown as received (--json for all of it)"
+    assert rows["latency_ms"] == "p50 5.0, p90 5.0, p99 5.0, mean 5.0, std 5.0, min 5.0, max 5.0"
+
+
+def test_a_flood_at_qos_0_is_dropped_and_counted_past_a_bound_never_queued_without_end(fleet_file, tmp_path, monkeypatch):
+    """QoS 1 messages are bounded by the broker's inflight limit (the monitor acknowledges once stored); QoS 0
+    ones were queued without end while the checker fell behind: a device flooding at QoS 0 grew the monitor's
+    memory. Past MAX_QUEUED they are dropped, counted, alerted once and exported; QoS 1 ones are still queued."""
+    from types import SimpleNamespace
+
+    from edge_kit.fleet.inventory import load_fleet
+    from edge_kit.telemetry import monitor as monitor_module
+
+    monkeypatch.setattr(monitor_module, "MAX_QUEUED", 100)
+    mon = monitor_module.Monitor(load_fleet(fleet_file), Store(tmp_path / "h.db"), verify_in_child=False)
+    metrics = FleetMetrics()
+    metrics.watch(mon)
+    topic = messages.topic("sim", "d1", "telemetry")
+    for i in range(1000):
+        mon._on_message(None, None, SimpleNamespace(topic=topic, payload=b"{}", qos=0, mid=i))
+    mon._on_message(None, None, SimpleNamespace(topic=topic, payload=b"{}", qos=1, mid=5000))
+    assert mon._queue.qsize() == 101 and mon.stats.dropped == 900
+    assert [a.kind for a in mon.alerts] == ["refused"] and "QoS 0 messages arrive faster" in mon.alerts[0].text
+    assert 'edgekit_monitor_messages_total{outcome="dropped"} 900.0' in generate_latest(metrics.registry).decode()
+
+
+def test_a_lone_surrogate_a_history_row_holds_is_shown_escaped_by_fleet_status_and_the_report(fleet_file, run_cli,
+                                                                                                tmp_path):
+    """Decode refuses lone surrogates and none can be signed, but a history row holding one by another way (here
+    stored directly, its JSON escape intact) raised UnicodeEncodeError when `fleet status` printed it and when
+    `edgekit report` wrote its page: a traceback. Defence in depth: shown as \\udXXX."""
+    status = messages.envelope("status", "sim", "d1", 1, {"state": "online", "current": {"variant": "x", "sha256": "a" * 64}})
+    raw = messages.encode(status).replace(b'"variant":"x"', b'"variant":"int8\\ud800"')
+    store = Store(history_path(fleet_file))
+    store.add_many([("status", status)], raw=[raw])
+    store.close()
+    code, out, err = run_cli("fleet", "status", "--fleet", fleet_file)
+    assert code == 0, err
+    assert "int8\\ud800" in out
+    code, out, err = run_cli("report", "--fleet", fleet_file, "--out", tmp_path / "r.html", "--json")
+    assert code == 0, err
+    assert "int8\\ud800" in (tmp_path / "r.html").read_text()
+
+
+def test_a_power_sensor_name_of_60_kb_is_shown_cut_in_status_and_report(fleet_file, run_cli, tmp_path):
+    """The sensor's key is the device's word: a 60 KB name filled `fleet status`'s W (source) cell with
+    thousands of lines, and the report's legend and fleet table with all of it."""
+    from edgekit_protocol.labels import power_source
+
+    huge = "s" * 60_000
+    assert power_source({"sensor": huge}) == "s" * 64 + "... (60,000 characters)"
+    store = Store(history_path(fleet_file))
+    store.add_many([("bench", _bench("int8", 1, sensor=huge)), ("status", messages.envelope("status", "sim", "d1", 2, {
+        "state": "online", "current": {"variant": "int8", "sha256": "a" * 64}}))])
+    store.close()
+    code, out, err = run_cli("fleet", "status", "--fleet", fleet_file)
+    assert code == 0, err
+    assert out.count("s" * 10) < 10 and len(out.splitlines()) < 20
+    code, out, err = run_cli("report", "--fleet", fleet_file, "--out", tmp_path / "r.html", "--json")
+    assert code == 0, err
+    assert "s" * 65 not in (tmp_path / "r.html").read_text()
+
+
+def test_the_report_cuts_a_devices_60_kb_variant_runtime_or_profile_name(fleet_file, run_cli, tmp_path):
+    """Plot legends, hover texts and the fleet table held a device's names whole: 60 KB each, several times."""
+    huge = "v" * 60_000
+    store = Store(history_path(fleet_file))
+    store.add_many([("bench", {**_bench(huge, 1), "runtime": "r" * 60_000}),
+                    ("status", messages.envelope("status", "sim", "d1", 2, {
+                        "state": "online", "profile": "p" * 60_000, "current": {"variant": huge, "sha256": "a" * 64}})),
+                    ("telemetry", messages.envelope("telemetry", "sim", "d1", 3, {"conditions": {}, "spool": {}, "live": {
+                        "latency_ms": {"p50": 1.0, "p99": 2.0}, "requests": 5, "model": {"variant": "w" * 60_000}}}))])
+    store.close()
+    code, out, err = run_cli("report", "--fleet", fleet_file, "--out", tmp_path / "r.html", "--json")
+    assert code == 0, err
+    page = (tmp_path / "r.html").read_text()
+    assert all(c * 129 not in page for c in "vrpw")
+    assert "v" * 128 + "... (60,000 characters)" in page
+
+
+def test_the_accuracy_series_names_its_metric_a_detection_map_is_not_called_top1():
+    """The gauge was edgekit_accuracy_top1 "(0-1)" whatever the task: a detector's mAP or a user metric of 37.5
+    read as top-1 on a dashboard. Now edgekit_accuracy carries the metric the record names (bounded per device)."""
+    metrics = FleetMetrics()
+    metrics.observe("bench", {**_bench("int8", 1), "accuracy": {"metric": "mAP50", "value": 0.41}})
+    metrics.observe("bench", {**_bench("fp32", 2), "accuracy": {"metric": "wer_pct", "value": 37.5}})
+    metrics.observe("bench", {**_bench("fp16", 3), "accuracy": {"value": 0.9}})
+    text = generate_latest(metrics.registry).decode()
+    assert 'edgekit_accuracy{device="d1",metric="mAP50",variant="int8"} 0.41' in text
+    assert 'edgekit_accuracy{device="d1",metric="wer_pct",variant="fp32"} 37.5' in text
+    assert 'edgekit_accuracy{device="d1",metric="unnamed",variant="fp16"} 0.9' in text

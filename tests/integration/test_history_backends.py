@@ -84,6 +84,9 @@ def test_rows_are_ordered_by_the_receivers_clock_not_the_senders(history):
     s1["ts"] = s2["ts"] + 3600
     history.add_many([("status", s2), ("status", s1)], received=[now + 2, now + 1])
     assert history.latest_status()["d1"]["state"] == "offline"
+    t1 = messages.envelope("telemetry", "f", "d2", 1, {"conditions": {}, "spool": {}}) | {"ts": 1.0}  # no RTC yet
+    history.add_many([("telemetry", t1)], received=[now + 3])
+    assert history.last_received() == {"d1": now + 2, "d2": now + 3}  # this host's clock, never the sender's
 
 
 def test_sequence_numbers_past_32_bits_are_kept(history):

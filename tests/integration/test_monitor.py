@@ -144,7 +144,7 @@ def test_prometheus_endpoint_exports_per_device_and_variant_series(fleet, publis
         server.shutdown()
     assert 'edgekit_latency_ms{device="d1",quantile="p90",variant="int8"} 7.5' in text
     assert 'edgekit_power_watts{device="d1",source="ina219",variant="int8"} 4.2' in text
-    assert 'edgekit_accuracy_top1{device="d1",variant="int8"} 0.99' in text
+    assert 'edgekit_accuracy{device="d1",metric="top1",variant="int8"} 0.99' in text
     assert 'edgekit_device_online{device="d1"} 1.0' in text
     assert 'edgekit_device_disk_free_bytes{device="d1"} 1.23456789e+08' in text
     assert 'edgekit_device_disk_full{device="d1"} 0.0' in text

@@ -132,3 +132,34 @@ def test_a_database_stopped_mid_run_stops_the_monitor_with_one_line_and_loses_no
         summary = json.loads(out)
         assert code == 0 and summary["stored"] == 10 and summary["gaps"] == 0, (summary, err)
         assert count(url) == 60
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_nul_or_a_lone_surrogate_from_a_device_is_refused_and_counted_and_the_rest_stored(fleet, publisher, tmp_path,
+                                                                                           request, backend):
+    """A device (compromised, or its runtime's odd text) signs ``\\u0000`` (PostgreSQL's text columns refuse
+    it: the history failed and the monitor stopped, and the persistent session sent it again on every run;
+    SQLite stored it) or sends a lone ``\\ud800`` (no UTF-8 form, so unsignable: it was refused as a bad
+    signature). Now each is refused at decode naming why, counted and kept as invalid; the rest is stored."""
+    from edge_kit.telemetry.monitor import Monitor
+
+    spec = str(tmp_path / "h.db") if backend == "sqlite" else request.getfixturevalue("postgres_url")
+    store = open_history(spec)
+    mon = Monitor(fleet, store).start()
+    try:
+        send(publisher, "bench", bench("d1", 1))
+        send(publisher, "bench", bench("d1", 2, variant="int8\x00"))  # signed by d1's own key
+        lone = messages.encode(signed(bench("d1", 3))).replace(b'"variant":"int8"', b'"variant":"\\ud800"')
+        send(publisher, "bench", lone)
+        send(publisher, "telemetry", messages.envelope("telemetry", FLEET, "d1", 4, {
+            "conditions": {}, "spool": {}, "live": {"model": {"variant": "\x00"}, "requests": 1}}))
+        send(publisher, "bench", bench("d1", 5))
+        assert wait_until(lambda: mon.stats.received == 5, 15), (mon.stats, mon.failed, list(mon.alerts))
+    finally:
+        mon.stop()
+    assert mon.failed is None
+    assert sorted(r["seq"] for r in store.bench_records("d1")) == [1, 5]
+    assert mon.stats.invalid == 3 == store.count("invalid") and store.count("telemetry") == 0
+    reasons = [a.text for a in mon.alerts if a.kind == "refused"]
+    assert len(reasons) == 3 and all("holds a NUL character or a lone UTF-16 surrogate" in r for r in reasons), reasons
+    store.close()

@@ -128,3 +128,27 @@ def test_the_host_cannot_send_what_the_agent_would_refuse():
 def test_non_finite_numbers_are_refused_at_parse_time(text):
     with pytest.raises(messages.MessageError, match="non-finite number"):
         messages.decode(text.encode())
+
+
+@pytest.mark.parametrize("text, where", [
+    (r'"variant": "int8\u0000"', "field 'variant'"),
+    (r'"variant": "\ud800"', "field 'variant'"),
+    (r'"live": {"model": {"variant": "a\udfffb"}}', "field 'live'.'model'.'variant'"),
+    (r'"errors": ["ok", "\u0000"]', r"field 'errors'\[1\]"),
+    (r'"x\u0000": 1', "a key of payload"),
+])
+def test_a_nul_or_a_lone_surrogate_in_any_string_is_refused_where_it_is(text, where):
+    """PostgreSQL's text columns refuse NUL and a lone surrogate has no UTF-8 form (signing, storing, printing
+    it raises): refused at decode, naming where, so no receiver meets one."""
+    good = messages.encode(messages.envelope("bench", "f1", "d1", 1, {"key_id": "k", "sig": "s"}))
+    payload = good[:-1] + b"," + text.encode() + b"}"
+    with pytest.raises(messages.MessageError, match=f"{where} holds a NUL character or a lone UTF-16 surrogate"):
+        messages.decode(payload)
+
+
+def test_escapes_that_are_valid_text_are_kept():
+    """A surrogate pair (an emoji) and an escaped backslash before u0000 are valid text: decoded as sent."""
+    good = messages.encode(messages.envelope("bench", "f1", "d1", 1, {"key_id": "k", "sig": "s"}))
+    payload = good[:-1] + rb',"a": "\ud83d\ude00", "b": "\\u0000", "c": "\u00e9"}'
+    message = messages.decode(payload)
+    assert (message["a"], message["b"], message["c"]) == ("\U0001f600", "\\u0000", "\u00e9")
