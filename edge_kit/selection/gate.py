@@ -10,18 +10,32 @@ The decision, in this order:
 1. **hold** when a canary or the pooled controls have fewer than ``min_samples`` service times
    (not enough live traffic to judge), or a fidelity floor is set and a canary has no shadow figure;
 2. **roll back** when a canary's live SNR against the reference is below ``min_snr_db``;
-3. **roll back** when the canaries are slower: a one-sided Mann-Whitney U test (canary service
-   times stochastically greater than the controls', pooled) rejects at ``alpha`` **and** the canary
-   median exceeds the control median by more than ``min_slowdown`` (a share); the effect-size guard
-   keeps a statistically real but immaterial difference (two processes on one host are never
-   identical) from blocking every rollout;
+3. **roll back** when the canaries are slower: a one-sided Mann-Whitney U test (canaries
+   stochastically slower than the controls) rejects at ``alpha`` **and** the canaries' median
+   exceeds the controls' by more than ``min_slowdown`` (a share); the effect-size guard keeps a
+   statistically real but immaterial difference (two processes on one host are never identical)
+   from blocking every rollout;
 4. **promote** otherwise.
 
-Pure: numbers in, decision out (scipy's ``mannwhitneyu`` does the test).
+The unit of the test is the **device**: each device's median service time is one observation
+(canary medians against control medians; the medians compared by the effect-size guard are the
+medians of those). Requests of one device are not independent (they share its hardware, load and
+temperature), so pooling them makes a p-value far too small: 3 canaries with 10,000 requests each
+are 3 observations of the candidate, not 30,000. When the device counts are too small for a
+device-level test to ever reach ``alpha`` (the smallest one-sided p of the exact test is
+``1 / C(n_canaries + n_controls, n_canaries)``: 1 canary needs 99 controls at 0.01), the test falls
+back to the pooled requests and says so (``unit`` ``"requests"``, and in ``test``): that p-value is
+optimistic and a device's own speed counts as the candidate's, which the effect-size guard must
+absorb. Service times that are not finite, or negative, are refused and counted
+(``refused_samples``), never passed to the test.
+
+Pure: numbers in, decision out (scipy's ``mannwhitneyu`` does the test: exact for small samples
+without ties, else the normal approximation with tie and continuity correction).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -36,9 +50,21 @@ class LiveEvidence:
     shadow_snr_db: float | None = None
 
 
+DEVICE_TEST = "one-sided Mann-Whitney U (canary > control) on each device's median service time"
+REQUEST_TEST = ("one-sided Mann-Whitney U (canary > control) on pooled service times (requests): too few devices "
+                "for a device-level test at alpha; requests of one device are not independent, so this p-value is "
+                "optimistic and a device's own speed counts as the candidate's")
+
+
 @dataclass(frozen=True)
 class GateDecision:
-    """What the gate decided and the numbers it decided on."""
+    """What the gate decided and the numbers it decided on.
+
+    ``unit`` is what the test's observations are: ``"devices"`` (one median per device) or
+    ``"requests"`` (pooled, when too few devices); ``canary_p50_ms``/``control_p50_ms`` are the medians
+    the effect-size guard compared, of that unit. ``refused_samples`` counts the service times refused
+    as not finite or negative.
+    """
 
     action: str  # "promote", "hold" or "roll back"
     reason: str
@@ -48,46 +74,91 @@ class GateDecision:
     canary_samples: int = 0
     control_samples: int = 0
     worst_snr_db: float | None = None
-    test: str = "one-sided Mann-Whitney U (canary > control) on service times"
+    test: str = DEVICE_TEST
+    unit: str | None = None
+    canary_devices: int = 0
+    control_devices: int = 0
+    refused_samples: int = 0
     settings: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
+        """Return the decision as a JSON-ready dict (what the history stores)."""
         return asdict(self)
+
+
+def _clean(evidence: list[LiveEvidence]) -> tuple[list[np.ndarray], int]:
+    """Return each device's finite, non-negative service times and how many samples were refused."""
+    kept, refused = [], 0
+    for e in evidence:
+        try:
+            a = np.asarray(e.samples_ms, dtype=np.float64).ravel()
+        except (TypeError, ValueError):  # not numbers at all: every one refused
+            kept.append(np.empty(0))
+            refused += len(e.samples_ms)
+            continue
+        ok = np.isfinite(a) & (a >= 0)
+        kept.append(a[ok])
+        refused += int((~ok).sum())
+    return kept, refused
+
+
+def smallest_p(n_canaries: int, n_controls: int) -> float:
+    """Return the smallest one-sided p-value the exact Mann-Whitney U test can give for these sample sizes
+    (``1 / C(n1 + n2, n1)``; 1.0 when either is empty)."""
+    if n_canaries < 1 or n_controls < 1:
+        return 1.0
+    return 1.0 / math.comb(n_canaries + n_controls, n_canaries)
 
 
 def judge_live(canaries: list[LiveEvidence], controls: list[LiveEvidence], *, alpha: float = 0.01,
                min_samples: int = 100, min_slowdown: float = 0.10, min_snr_db: float | None = None) -> GateDecision:
-    """Decide a canary wave from live evidence (see the module docstring for the rule).
+    """Decide a canary wave from live evidence (see the module docstring for the rule and the test's unit).
 
     Returns:
-        The decision with its numbers.
+        The decision with its numbers: the p-value and medians of the unit tested, the sample and device
+        counts, the worst live SNR, the refused samples and the settings.
     """
     from scipy.stats import mannwhitneyu
 
     settings = {"alpha": alpha, "min_samples": min_samples, "min_slowdown": min_slowdown, "min_snr_db": min_snr_db}
-    short = [c.device for c in canaries if len(c.samples_ms) < min_samples]
-    ctrl = np.array([s for c in controls for s in c.samples_ms], dtype=np.float64)
+    cans, bad_c = _clean(canaries)
+    ctrls, bad_k = _clean(controls)
+    refused = bad_c + bad_k
+    short = [e.device for e, a in zip(canaries, cans) if len(a) < min_samples]
+    ctrl = np.concatenate(ctrls) if ctrls else np.empty(0)
     if not canaries or short or len(ctrl) < min_samples:
         who = ", ".join(short) if short else "the controls" if canaries else "no canary"
         return GateDecision("hold", f"not enough live traffic to judge: {who} answered fewer than {min_samples} "
-                                    "requests in the window", control_samples=len(ctrl), settings=settings)
-    snrs = [c.shadow_snr_db for c in canaries]
+                                    "requests in the window" + (f" ({refused} service times refused as not finite "
+                                                                "or negative)" if refused else ""),
+                            control_samples=len(ctrl), refused_samples=refused, settings=settings)
+    snrs = [e.shadow_snr_db if e.shadow_snr_db is None or math.isfinite(e.shadow_snr_db) else None for e in canaries]
     worst = min((s for s in snrs if s is not None), default=None)
     if min_snr_db is not None:
         if any(s is None for s in snrs):
-            missing = ", ".join(c.device for c in canaries if c.shadow_snr_db is None)
+            missing = ", ".join(e.device for e, s in zip(canaries, snrs) if s is None)
             return GateDecision("hold", f"no shadow comparison from {missing} to check the {min_snr_db:g} dB floor",
-                                settings=settings)
+                                refused_samples=refused, settings=settings)
         if worst < min_snr_db:
             return GateDecision("roll back", f"live outputs {worst:.1f} dB from the reference, below {min_snr_db:g} dB",
-                                worst_snr_db=worst, settings=settings)
-    cand = np.array([s for c in canaries for s in c.samples_ms], dtype=np.float64)
-    p = float(mannwhitneyu(cand, ctrl, alternative="greater").pvalue)
-    c50, k50 = float(np.median(cand)), float(np.median(ctrl))
+                                worst_snr_db=worst, refused_samples=refused, settings=settings)
+    cand = np.concatenate(cans)
+    can_med = np.array([np.median(a) for a in cans])
+    ctl_med = np.array([np.median(a) for a in ctrls if len(a)])
+    if smallest_p(len(can_med), len(ctl_med)) <= alpha:
+        unit, test, x, y = "devices", DEVICE_TEST, can_med, ctl_med
+    else:
+        unit, test, x, y = "requests", REQUEST_TEST, cand, ctrl
+    p = float(mannwhitneyu(x, y, alternative="greater").pvalue)
+    c50, k50 = float(np.median(x)), float(np.median(y))
     numbers = dict(p_value=p, canary_p50_ms=c50, control_p50_ms=k50, canary_samples=len(cand),
-                   control_samples=len(ctrl), worst_snr_db=worst, settings=settings)
+                   control_samples=len(ctrl), worst_snr_db=worst, test=test, unit=unit, canary_devices=len(can_med),
+                   control_devices=len(ctl_med), refused_samples=refused, settings=settings)
+    on = (f"on {len(can_med)} canary vs {len(ctl_med)} control devices' medians" if unit == "devices" else
+          f"on pooled requests of {len(can_med)} canary and {len(ctl_med)} control devices (too few devices for a "
+          "device-level test)")
     if p < alpha and c50 > k50 * (1 + min_slowdown):
-        return GateDecision("roll back", f"canaries slower: p50 {c50:.3f} ms vs {k50:.3f} ms, p = {p:.2g} < {alpha:g}",
-                            **numbers)
-    return GateDecision("promote", f"canaries not slower (p50 {c50:.3f} vs {k50:.3f} ms, p = {p:.2g})"
+        return GateDecision("roll back", f"canaries slower: p50 {c50:.3f} ms vs {k50:.3f} ms, p = {p:.2g} < {alpha:g} "
+                            f"{on}", **numbers)
+    return GateDecision("promote", f"canaries not slower (p50 {c50:.3f} vs {k50:.3f} ms, p = {p:.2g} {on})"
                         + (f", live fidelity {worst:.1f} dB" if worst is not None else ""), **numbers)

@@ -185,7 +185,8 @@ def _gate_rows(store: HistoryStore) -> list[list[str]]:
         rows.append([time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d["recorded"])), html.escape(d["device"]),
                      html.escape(str(d.get("chosen"))), html.escape(g["action"]), html.escape(g["reason"]),
                      f"{num(g.get('canary_p50_ms'), '.3g')} / {num(g.get('control_p50_ms'), '.3g')}",
-                     f"{g.get('canary_samples', 0):,} / {g.get('control_samples', 0):,}", num(g.get("p_value"), ".2g"),
+                     f"{g.get('canary_samples', 0):,} / {g.get('control_samples', 0):,}",
+                     num(g.get("p_value"), ".2g") + (f" on {html.escape(str(g['unit']))}" if g.get("unit") else ""),
                      num(g.get("worst_snr_db"), ".1f"), html.escape(", ".join(g.get("controls") or []))])
     return rows
 
@@ -262,9 +263,10 @@ def build_report(store: HistoryStore, out: Path, title: str = "edge-kit fleet re
     gate_rows = _gate_rows(store)
     if gate_rows:
         gate_head = ["when", "canary", "candidate", "action", "why", "p50 ms canary / control", "requests canary / control",
-                     "p (Mann-Whitney U)", "live SNR dB", "controls"]
+                     "p (Mann-Whitney U) on devices' medians or pooled requests", "live SNR dB", "controls"]
         table += ("<h2>Rollout gate decisions</h2><p class=note>Live figures: the serving API's service times on the "
                   "devices' own traffic (perf_counter_ns), canaries on the candidate against controls on the current model; "
+                  "the test is on each device's median (on pooled requests only when too few devices, an optimistic p); "
                   "SNR from shadow runs against the fp32 reference.</p><table><tr>"
                   + "".join(f"<th>{h}</th>" for h in gate_head) + "</tr>"
                   + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in gate_rows) + "</table>")

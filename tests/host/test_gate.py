@@ -47,3 +47,90 @@ def test_the_fidelity_floor_rolls_back_a_candidate_that_drifts_from_the_referenc
     assert good.action == "promote" and good.worst_snr_db == 31.0
     blind = judge_live([LiveEvidence("c1", times(300, 1.0))], [LiveEvidence("k1", times(300, 1.0))], min_snr_db=15)
     assert blind.action == "hold" and "no shadow comparison from c1" in blind.reason
+
+
+# --- the unit of the test: devices, not requests (scipy's mannwhitneyu as the oracle) ------------------------
+
+
+def fleet(medians, n=300, spread=0.1, prefix="d"):
+    """One LiveEvidence per device, each device's service times around its own median."""
+    return [LiveEvidence(f"{prefix}{i}", times(n, m, spread)) for i, m in enumerate(medians)]
+
+
+def test_thousands_of_requests_from_a_few_devices_are_not_thousands_of_observations():
+    """Devices differ (hardware, load): 12 canaries that happen to sit a little above the middle of their
+    profile are no evidence against the candidate. Pooling their 3,600 requests would make that a p-value
+    near zero (pseudo-replication) and roll a good candidate back; the gate tests the devices' medians."""
+    from scipy.stats import mannwhitneyu
+
+    controls = fleet(np.exp(np.linspace(-0.6, 0.6, 40)), prefix="k")
+    canaries = fleet(np.exp(np.linspace(-0.45, 0.75, 12)), prefix="c")
+    pooled = mannwhitneyu(np.concatenate([c.samples_ms for c in canaries]),
+                          np.concatenate([k.samples_ms for k in controls]), alternative="greater").pvalue
+    assert pooled < 1e-6  # what a request-level test would conclude
+    d = judge_live(canaries, controls)
+    medians = [np.median(e.samples_ms) for e in canaries], [np.median(e.samples_ms) for e in controls]
+    assert d.unit == "devices" and d.canary_devices == 12 and d.control_devices == 40
+    assert d.p_value == mannwhitneyu(*medians, alternative="greater").pvalue and d.p_value > 0.01
+    assert d.canary_p50_ms == np.median(medians[0]) and d.control_p50_ms == np.median(medians[1])
+    assert d.action == "promote" and "12 canary vs 40 control devices" in d.reason
+    assert d.canary_samples == 12 * 300 and d.control_samples == 40 * 300
+
+
+def test_a_slower_candidate_is_rolled_back_on_the_devices_medians():
+    spread = np.exp(np.linspace(-0.3, 0.3, 30))
+    d = judge_live(fleet(1.5 * spread[::3], prefix="c"), fleet(spread, prefix="k"))
+    assert d.action == "roll back" and d.unit == "devices" and d.p_value < 0.01 and d.canary_devices == 10
+
+
+def test_the_exact_test_on_small_device_counts_matches_scipy():
+    from scipy.stats import mannwhitneyu
+
+    cans, ctrls = fleet([1.3, 1.4, 1.5], prefix="c"), fleet([0.9, 1.0, 1.05, 1.1, 1.15, 1.2, 1.25], prefix="k")
+    d = judge_live(cans, ctrls, alpha=0.01)
+    oracle = mannwhitneyu([np.median(e.samples_ms) for e in cans], [np.median(e.samples_ms) for e in ctrls],
+                          alternative="greater", method="exact").pvalue
+    assert d.unit == "devices" and d.p_value == oracle == 1 / 120  # the extreme arrangement of 3 among 10
+    assert d.action == "roll back"
+
+
+def test_too_few_devices_fall_back_to_requests_and_say_the_p_value_is_optimistic():
+    from scipy.stats import mannwhitneyu
+
+    from edge_kit.selection.gate import smallest_p
+
+    assert smallest_p(1, 99) == mannwhitneyu([100.0], list(range(99)), alternative="greater", method="exact").pvalue
+    assert smallest_p(1, 2) == 1 / 3 and smallest_p(0, 5) == 1.0
+    d = judge_live([LiveEvidence("c1", times(300, 2.0))], fleet([1.0, 1.0], prefix="k"))
+    assert d.unit == "requests" and "optimistic" in d.test and "pooled requests" in d.reason
+    assert d.action == "roll back"
+
+
+def test_non_finite_or_negative_service_times_are_refused_and_counted_never_tested():
+    """A NaN among the samples made scipy's p-value NaN, and NaN < alpha is false: a slower candidate was promoted."""
+    slow = times(300, 2.0) + [float("nan"), float("inf"), -1.0]
+    d = judge_live([LiveEvidence("c1", slow)], [LiveEvidence("k1", times(300, 1.0) + [float("-inf")])])
+    assert d.action == "roll back" and d.refused_samples == 4 and np.isfinite(d.p_value)
+    only_bad = judge_live([LiveEvidence("c1", [float("nan")] * 300)], [LiveEvidence("k1", times(300, 1.0))])
+    assert only_bad.action == "hold" and only_bad.refused_samples == 300 and "300 service times refused" in only_bad.reason
+
+
+def test_identical_service_times_everywhere_are_promoted_with_p_one():
+    d = judge_live([LiveEvidence("c1", [1.0] * 300)], [LiveEvidence("k1", [1.0] * 300)])
+    assert d.action == "promote" and d.p_value == 1.0
+
+
+def test_the_report_says_whether_the_gate_tested_devices_or_pooled_requests(tmp_path):
+    from edge_kit.telemetry.report import build_report
+    from edge_kit.telemetry.store import Store
+
+    spread = np.exp(np.linspace(-0.3, 0.3, 30))
+    by_device = judge_live(fleet(1.5 * spread[::3], prefix="c"), fleet(spread, prefix="k"))
+    by_request = judge_live([LiveEvidence("c1", times(300, 2.0))], [LiveEvidence("k1", times(300, 1.0))])
+    store = Store(tmp_path / "edgekit-history.db")
+    for name, d in (("c0", by_device), ("c1", by_request)):
+        store.add_decision({"device": name, "kind": "live gate", "chosen": "int8", "current": None, "feasible": False,
+                            "switch": False, "reason": d.reason, "gate": d.as_dict()})
+    build_report(store, tmp_path / "report.html")
+    page = (tmp_path / "report.html").read_text()
+    assert f"{by_device.p_value:.2g} on devices" in page and f"{by_request.p_value:.2g} on requests" in page
