@@ -17,6 +17,7 @@ numbers (``record``: the history's decisions).
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections.abc import Callable
@@ -97,13 +98,36 @@ def broken_constraints(manifest: Manifest, dev: Device, result: DeviceResult) ->
     return ", ".join(describe(k, c) for k in broken) or None
 
 
+MAX_CONTROLS = 200  # control devices polled at most: a device-level test gains little past this, a fleet's poll a lot
+
+
+def pick_controls(names: list[str], limit: int = MAX_CONTROLS) -> list[str]:
+    """Return at most ``limit`` of ``names`` as the gate's control devices: a stable spread sample (by the
+    sha256 of each name), in that order; all of them when there are no more than ``limit``."""
+    if len(names) <= limit:
+        return list(names)
+    return sorted(names, key=lambda n: hashlib.sha256(n.encode()).hexdigest())[:limit]
+
+
 def collect_live(fleet: Fleet, canaries: list[str], controls: list[str], gate: LiveGate,
              progress: Callable[[str, str], None]) -> tuple[list[LiveEvidence], list[LiveEvidence]]:
     """Poll the devices' live figures until every one has ``min_samples`` answered since the gate
     started (what the health benchmark and the first requests after the switch did is not counted),
-    or the window ends."""
-    evidence: dict[str, LiveEvidence] = {}
+    or the window ends.
+
+    A device that does not answer (offline, its agent stopped, a refusal) is named in ``progress`` and
+    never stops the gate: a canary is asked again next round (it keeps what it gave, and with too few
+    samples the gate holds); a control is dropped for the rest of the window (the others stand in).
+
+    Returns:
+        The canaries' and the controls' evidence, in the order given (empty samples where none came).
+
+    Raises:
+        AgentError: the fleet's broker cannot be reached.
+    """
+    evidence: dict[str, LiveEvidence] = {n: LiveEvidence(n, []) for n in canaries + controls}
     start: dict[str, int] = {}  # requests each device's served model had answered when the gate started
+    dropped: set[str] = set()  # controls that did not answer
     deadline = time.monotonic() + gate.window_s
     with FleetClient.of(fleet) as client:
         if gate.shadow_share > 0:
@@ -112,9 +136,20 @@ def collect_live(fleet: Fleet, canaries: list[str], controls: list[str], gate: L
                     client.request(name, "shadow", {"variant": "fp32", "share": gate.shadow_share}, timeout=60, expire=True)
                 except EdgeKitError as exc:  # e.g. the candidate is fp32 itself: no comparison from this canary
                     progress(name, f"no shadow run: {exc}")
+        first_round = True
         while True:
-            for name in canaries + controls:
-                live = _field(client.request(name, "state", {"live": 2048}, timeout=30, expire=True), "result", "live")
+            for name in canaries + [c for c in controls if c not in dropped]:
+                if not first_round and time.monotonic() >= deadline:
+                    break  # silent devices cost their timeout each: the window bounds the round too
+                try:
+                    answer = client.request(name, "state", {"live": 2048}, timeout=30, expire=True)
+                except EdgeKitError as exc:  # one silent device never stops the gate
+                    if name in controls:
+                        dropped.add(name)
+                    progress(name, f"no live figures ({exc}); " + ("dropped from the controls" if name in controls
+                                                                   else "asked again next round"))
+                    continue
+                live = _field(answer, "result", "live")
                 answered = _number(_field(live, "requests")) or 0  # a device's word: numbers only, any shape
                 start.setdefault(name, answered)
                 new = int(answered - start[name])
@@ -123,14 +158,15 @@ def collect_live(fleet: Fleet, canaries: list[str], controls: list[str], gate: L
                 evidence[name] = LiveEvidence(name, [s for s in samples if _number(s) is not None],
                                               _number(_field(live, "shadow", "fidelity", "snr_db")))
             enough = all(len(evidence[n].samples_ms) >= gate.min_samples for n in canaries) and \
-                sum(len(evidence[n].samples_ms) for n in controls) >= gate.min_samples
+                sum(len(evidence[n].samples_ms) for n in controls if n not in dropped) >= gate.min_samples
             if enough and (gate.shadow_share <= 0 or all(evidence[n].shadow_snr_db is not None for n in canaries)):
                 break
             if time.monotonic() >= deadline:
                 break
+            first_round = False
             progress("gate", f"collecting live figures ({int(deadline - time.monotonic())} s left)")
             time.sleep(1.0)
-    return [evidence[n] for n in canaries], [evidence[n] for n in controls]
+    return [evidence[n] for n in canaries], [evidence[n] for n in controls if n not in dropped]
 
 
 def _field(doc: Any, *path: str) -> Any:
@@ -157,9 +193,12 @@ def rollout(fleet: Fleet, devices: list[Device], opts: DeployOptions, canary: fl
     Returns:
         One result per device in the order given; ``stopped`` says why when the rest was not deployed.
 
+    If the gate is interrupted (Ctrl-C, an error while collecting), the canaries this deploy switched are
+    put back on their previous model before the interruption goes on: none is left on an unvetted candidate.
+
     Raises:
         InputError: the artifact folder has no (valid) manifest.
-        AgentError: the fleet's broker cannot be reached.
+        AgentError: the fleet's broker cannot be reached (during the gate: after the canaries were rolled back).
         HistoryError: ``record`` failed; the gate's decision was acted on for the canaries first (rolled
             back, or kept on hold), and the rest was not deployed.
     """
@@ -176,10 +215,15 @@ def rollout(fleet: Fleet, devices: list[Device], opts: DeployOptions, canary: fl
             r.status, r.reason = "failed", f"{r.device}: canary breaks its constraints ({broken[r.device]})"
     verdict = judge_canaries(first, broken, max_failed)
     if verdict.proceed and gate is not None:
-        decision, entries = _gate(fleet, canaries, rest, first, gate, progress)
+        switched = [d for d in canaries if any(r.device == d.name and r.switched for r in first)]
+        try:
+            decision, entries = _gate(fleet, canaries, rest, first, gate, progress)
+        except BaseException as exc:  # Ctrl-C, the broker gone: no canary stays on a candidate nobody vetted
+            roll_back(fleet, switched, opts, first, f"rolled back: the live gate was interrupted ({type(exc).__name__}"
+                                                    f"{': ' + str(exc).splitlines()[0] if str(exc) else ''})")
+            raise
         if decision.action == "roll back":
-            roll_back(fleet, [d for d in canaries if any(r.device == d.name and r.switched for r in first)], opts,
-                      first, f"rolled back by the live gate: {decision.reason}")
+            roll_back(fleet, switched, opts, first, f"rolled back by the live gate: {decision.reason}")
         # Recorded once acted on, before the rest is deployed: a history that fails (HistoryError) then stops
         # the command with the canaries already rolled back and the rest untouched, never half-way.
         for entry in entries if record is not None else ():
@@ -203,7 +247,7 @@ def _gate(fleet: Fleet, canaries: list[Device], rest: list[Device], first: list[
     decision and the history entries that record it (one per canary judged)."""
     ok = [d.name for d in canaries if any(r.device == d.name and r.ok for r in first)]
     profiles = {d.profile for d in canaries if d.name in ok}
-    controls = [d.name for d in rest if d.profile in profiles]
+    controls = pick_controls([d.name for d in rest if d.profile in profiles])
     if not controls:
         decision = GateDecision("hold", f"no control device on profile(s) {', '.join(sorted(profiles)) or '-'} "
                                         "still runs the current model to compare with")

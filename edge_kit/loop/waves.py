@@ -43,7 +43,7 @@ from edge_kit.errors import (
 )
 from edge_kit.fleet.deploy import candidates_for
 from edge_kit.fleet.inventory import Device, Fleet
-from edge_kit.loop.rollout import LiveGate, collect_live
+from edge_kit.loop.rollout import LiveGate, collect_live, pick_controls
 from edge_kit.manifest import read_manifest
 from edge_kit.selection.fleetmodel import KIND as FLEET_KIND
 from edge_kit.selection.gate import GateDecision, judge_live
@@ -472,7 +472,8 @@ class Rollout:
         targets = plan["targets"]
         canaries = [d for d in order[:first] if self.rows[d]["state"] == "converged"]
         profiles = {targets[d]["profile"] for d in canaries}
-        controls = [d for d in order[first:] if self.rows[d]["state"] == "planned" and targets[d]["profile"] in profiles]
+        controls = pick_controls([d for d in order[first:]
+                                  if self.rows[d]["state"] == "planned" and targets[d]["profile"] in profiles])
         beating = threading.Event()
 
         def beat() -> None:  # the gate collects for its window: the heartbeat goes on meanwhile

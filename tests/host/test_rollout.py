@@ -99,3 +99,80 @@ def test_live_figures_of_any_shape_are_evidence_only_where_they_are_numbers(monk
     monkeypatch.setattr(Client, "request", lambda self, name, *_a, **_k: {"result": {"live": next(polls[name])}})
     cans, ctrls = ro.collect_live(None, ["c1"], ["k1"], ro.LiveGate(window_s=60.0, min_samples=2), lambda *_: None)
     assert cans[0].samples_ms == [3.0, 4.0] and ctrls[0].samples_ms == [5.0, 6.0]  # of 4 answered since, 2 numbers
+
+
+def test_a_silent_device_does_not_stop_the_gate(monkeypatch):
+    """One control among many is offline (its `state` request times out): before, the AgentTimeout ended the
+    gate (and the command) with the canaries on the candidate. Now that control is dropped and named; a
+    silent canary is asked again and, short of samples, makes the gate hold."""
+    from edge_kit.errors import AgentTimeout
+    from edge_kit.loop import rollout as ro
+    from edge_kit.selection.gate import judge_live
+
+    asked: dict[str, int] = {}
+
+    class Client:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *_):
+            return None
+
+        def request(self, name, *_a, **_k):
+            asked[name] = asked.get(name, 0) + 1
+            if name in ("k2", "c2"):
+                raise AgentTimeout(f"{name}: no answer to 'state' within 30 s")
+            n = 4 * (asked[name] - 1)
+            return {"result": {"live": {"requests": n, "latency_samples_ms": [1.0 + 0.01 * i for i in range(n)]}}}
+
+    monkeypatch.setattr(ro.FleetClient, "of", staticmethod(lambda _fleet: Client()))
+    monkeypatch.setattr(ro.time, "sleep", lambda _s: None)
+    said = []
+    cans, ctrls = ro.collect_live(None, ["c1"], ["k1", "k2", "k3"], ro.LiveGate(window_s=60.0, min_samples=8),
+                                  lambda who, msg: said.append((who, msg)))
+    assert [e.device for e in ctrls] == ["k1", "k3"] and asked["k2"] == 1  # dropped after its one silence
+    assert len(cans[0].samples_ms) >= 8 and ("k2", "no live figures (k2: no answer to 'state' within 30 s); "
+                                                   "dropped from the controls") in said
+    cans, ctrls = ro.collect_live(None, ["c1", "c2"], ["k1"], ro.LiveGate(window_s=0.0, min_samples=8),
+                                  lambda *_: None)
+    assert cans[1].samples_ms == [] and judge_live(cans, ctrls, min_samples=8).action == "hold"
+
+
+def test_an_interrupted_gate_puts_the_canaries_back(monkeypatch, tmp_path):
+    """Ctrl-C (or the broker going away) while the gate collects: before, the command ended with the canaries
+    on the candidate nobody judged. Now the switched canaries are rolled back, then the interruption goes on."""
+    import pytest
+
+    from edge_kit.fleet.deploy import DeployOptions, GroupResult
+    from edge_kit.fleet.inventory import Device
+    from edge_kit.loop import rollout as ro
+
+    devices = [Device(name=n, host="127.0.0.1", user="edgekit", profile="rpi4") for n in ("c1", "r1", "r2")]
+    deployed, rolled, why = [], [], []
+
+    def fake_deploy(_fleet, targets, _opts, _progress=None):
+        deployed.extend(d.name for d in targets)
+        return GroupResult([DeviceResult(d.name, "succeeded", activated=True, variant="int8") for d in targets])
+
+    def interrupted(*_a):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ro, "deploy", fake_deploy)
+    monkeypatch.setattr(ro, "read_manifest", lambda _a: None)
+    monkeypatch.setattr(ro, "broken_constraints", lambda *_a: None)
+    monkeypatch.setattr(ro, "collect_live", interrupted)
+    monkeypatch.setattr(ro, "roll_back", lambda _f, devs, _o, _r, w: (rolled.extend(d.name for d in devs), why.append(w)))
+    with pytest.raises(KeyboardInterrupt):
+        ro.rollout(None, devices, DeployOptions(tmp_path), canary=0.3, gate=ro.LiveGate(), record=lambda _d: None)
+    assert rolled == ["c1"] and deployed == ["c1"] and "the live gate was interrupted (KeyboardInterrupt)" in why[0]
+
+
+def test_the_gate_polls_a_stable_spread_sample_of_a_large_fleet_as_controls():
+    from edge_kit.loop.rollout import MAX_CONTROLS, pick_controls
+
+    names = [f"dev-{i:05d}" for i in range(5000)]
+    picked = pick_controls(names)
+    assert len(picked) == MAX_CONTROLS and len(set(picked)) == MAX_CONTROLS and set(picked) <= set(names)
+    assert picked == pick_controls(list(reversed(names)))  # the same sample whatever the order
+    assert max(int(n[4:]) for n in picked) > 4000 and min(int(n[4:]) for n in picked) < 1000  # spread, not the first 200
+    assert pick_controls(names[:3]) == names[:3]
