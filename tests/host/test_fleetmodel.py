@@ -424,3 +424,26 @@ def test_tune_with_a_budget_decides_on_a_plan_that_includes_its_last_measurement
     report = tn.TuneReport(GroupResult([]))
     tn._tune_budget(None, [SimpleNamespace(name="d1")], None, opts, store, report, {}, {}, lambda _m: None)
     assert stored and decided_on[0].seen == stored  # decided with the measurement taken in the round
+
+
+def test_a_bound_no_device_of_the_profile_has_a_figure_for_is_not_judged_and_the_decision_says_so():
+    """A power bound on a profile whose devices have no power sensor (and no estimate): before, the fleet
+    path called the choice feasible and said nothing; now it names the bounds it could not judge, as the
+    per-device policy does (in ``unjudged``, the reason and each table row)."""
+    from edge_kit.profiles import Constraints
+
+    fleet = make_fleet(80, noise=0.05, outliers=0.0, profiles=("rpi4",), seed=21)
+    spec = replace(fleet.spec, constraints=(Constraints(max_latency_p90_ms=50.0, max_power_w=5.0,
+                                                        min_fidelity_snr_db=20.0),))
+    m = _sample_all(fleet, range(20))
+    m = replace(m, avg_w=np.full(len(m), np.nan), energy_mj=np.full(len(m), np.nan), snr_db=np.full(len(m), np.nan))
+    plan = plan_measurements(spec, m, budget=0)
+    measured, inferred = decisions_of(plan, {x: x for x in spec.variants}, [0, 70])
+    for d in (measured, inferred):
+        assert d.chosen is not None and d.unjudged == ["power <= 5 W", "fidelity SNR >= 20 dB"], d
+        assert "not judged (no figure for it): power <= 5 W, fidelity SNR >= 20 dB" in d.reason
+        assert all(r["unjudged"] == ["power <= 5 W", "fidelity SNR >= 20 dB"] for r in d.table)
+    assert "inferred" in inferred.reason or inferred.inferred  # the figures it was judged on say where they came from
+    judged = decisions_of(plan_measurements(replace(spec, constraints=(Constraints(max_latency_p90_ms=50.0),)), m,
+                                            budget=0), {x: x for x in spec.variants}, [0])[0]
+    assert judged.unjudged == [] and "not judged" not in judged.reason
