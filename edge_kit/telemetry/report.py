@@ -149,13 +149,15 @@ def _fleet_rows(store: HistoryStore) -> tuple[list[str], list[list[str]]]:
 
 def _verdict(dec: dict[str, Any] | None) -> str:
     """Return the fleet table's decision cell (HTML): the chosen variant and whether it is feasible, or, when
-    nothing was chosen (candidates not measured yet), why not; never "infeasible" for what was not judged."""
+    nothing was chosen (candidates not measured yet), why not; never "infeasible" for what was not judged, and
+    "feasible" names the bounds it did not judge."""
     if not dec:
         return "-"
     if dec.get("chosen") is None:
         return html.escape(f"none yet: {dec.get('reason') or 'nothing chosen'}")
     if dec["feasible"]:
-        return html.escape(f"{dec['chosen']} (feasible)")
+        blind = dec.get("unjudged") if isinstance(dec.get("unjudged"), list) else []
+        return html.escape(f"{dec['chosen']} (feasible" + (f"; not judged: {', '.join(map(str, blind))})" if blind else ")"))
     return (f"<span class=bad>{html.escape(str(dec['chosen']))} infeasible: "
             f"{html.escape(', '.join(dec.get('violates') or [str(dec.get('reason'))]))}</span>")
 

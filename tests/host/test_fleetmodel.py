@@ -447,3 +447,17 @@ def test_a_bound_no_device_of_the_profile_has_a_figure_for_is_not_judged_and_the
     judged = decisions_of(plan_measurements(replace(spec, constraints=(Constraints(max_latency_p90_ms=50.0),)), m,
                                             budget=0), {x: x for x in spec.variants}, [0])[0]
     assert judged.unjudged == [] and "not judged" not in judged.reason
+
+
+def test_the_report_names_the_bounds_a_feasible_choice_was_not_judged_on(tmp_path):
+    from edge_kit.telemetry.report import build_report
+    from edge_kit.telemetry.store import Store
+
+    store = Store(tmp_path / "edgekit-history.db")
+    store.add_decision({"device": "d1", "kind": KIND, "chosen": "int8", "current": None, "feasible": True, "switch": False,
+                        "reason": "int8", "unjudged": ["power <= 5 W"]})
+    store.add_decision({"device": "d2", "kind": KIND, "chosen": "fp32", "current": None, "feasible": True, "switch": False,
+                        "reason": "fp32", "unjudged": []})
+    build_report(store, tmp_path / "report.html")
+    page = (tmp_path / "report.html").read_text()
+    assert "int8 (feasible; not judged: power &lt;= 5 W)" in page and "fp32 (feasible)" in page
