@@ -142,6 +142,7 @@ def start_cmd(
     from edge_kit.loop.waves import (
         RolloutError,
         RolloutSettings,
+        check_no_overlap,
         parse_rate,
         parse_share,
         parse_waves,
@@ -171,6 +172,7 @@ def start_cmd(
                         gate=gated, choices=choices)
     from edge_kit.fleet.artifact_store import check_published
 
+    check_no_overlap(db, plan)
     check_published(plan["store"], _files(plan))
     db.save_rollout(rid, "running", plan)
     if not as_json:

@@ -194,6 +194,31 @@ def plan_rollout(rid: str, artifacts: Path, fleet: Fleet, devices: list[Device],
             "order": _order(rid, list(targets)), "targets": targets, "refused": refused}
 
 
+UNFINISHED = ("running", "aborting", "held", "stopped")  # rollouts that may still send desired states (resume)
+
+
+def check_no_overlap(history: Any, plan: dict[str, Any]) -> None:
+    """Refuse a plan whose devices an unfinished rollout (running, aborting, held or stopped: it can be
+    resumed) also targets: each device follows one rollout at a time, or the two would take turns
+    overriding each other's desired state (and a gate's controls would not be on the current model).
+    Return nothing when no device is shared.
+
+    Raises:
+        RolloutError: devices are in another unfinished rollout (named, with what to do).
+        HistoryError: the history store failed.
+    """
+    mine = set(plan["targets"])
+    for other in history.rollouts(limit=1000, states=UNFINISHED):
+        if other["id"] == plan["id"]:
+            continue
+        shared = sorted(mine & set((other["body"] or {}).get("targets") or {}))
+        if shared:
+            raise RolloutError(
+                f"rollout {plan['id']}: {len(shared)} device(s) ({', '.join(shared[:3])}{', ...' if len(shared) > 3 else ''}) "
+                f"are in rollout {other['id']}, which is {other['state']}; `edgekit rollout abort {other['id']}` first, "
+                "or leave them out with --devices")
+
+
 def settings_of(body: dict[str, Any]) -> RolloutSettings:
     """Return the settings a plan was made with."""
     s = dict(body["settings"])

@@ -228,3 +228,47 @@ def test_an_unknown_rollout_id_is_bad_input_exit_2_in_json_too(tmp_path, run_cli
     assert code == 2
     assert json.loads(out)["error"] == "rollout nope: not in the history; see `edgekit rollout list` (or check --history)"
     assert err.count("\n") == 1
+
+
+def test_a_device_in_another_unfinished_rollout_is_refused_at_start(tmp_path):
+    """Before, a second rollout could target devices a held or running one still drives: the two took turns
+    overriding each device's desired state (a resume of the first undid the second). Now `start` refuses."""
+    from edge_kit.loop.waves import check_no_overlap
+
+    history = Store(tmp_path / "h.db")
+    names = planned(history)  # rollout "r", running, devices d00..d19
+    other = {"id": "r2", "targets": {n: {} for n in ("d03", "d04", "x1")}}
+    with pytest.raises(RolloutError, match=r"2 device\(s\) \(d03, d04\) are in rollout r, which is running; "
+                                           r"`edgekit rollout abort r` first"):
+        check_no_overlap(history, other)
+    for state in ("held", "stopped", "aborting"):
+        history.set_rollout_state("r", state)
+        with pytest.raises(RolloutError, match=f"which is {state}"):
+            check_no_overlap(history, other)
+    check_no_overlap(history, {"id": "r2", "targets": {"x1": {}}})  # no shared device: fine
+    check_no_overlap(history, {"id": "r", "targets": {n: {} for n in names}})  # itself is no conflict
+    for state in ("done", "aborted", "rolled back"):
+        history.set_rollout_state("r", state)
+        check_no_overlap(history, other)  # finished: it sends nothing more
+
+
+def test_rollout_start_refuses_devices_of_a_held_rollout_before_anything_is_sent(tmp_path, run_cli):
+    from edge_kit.manifest import Artifact, Manifest
+
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text("fleet: f\nbroker: {host: 127.0.0.1, port: 1}\ndefaults: {user: u, profile: rpi4}\n"
+                          "devices:\n  - {name: a, host: h}\n  - {name: b, host: h}\n")
+    folder = tmp_path / "art"
+    folder.mkdir()
+    arts = [Artifact(id="int8", status="built", profiles=["rpi4"], summary="int8", precision="int8", file="int8.tflite",
+                     sha256=SHA, bytes=3)]
+    (folder / "manifest.json").write_text(Manifest(created="2026-11-29T00:00:00+00:00", model={"name": "m"}, versions={},
+                                                   profiles={"rpi4": {}}, artifacts=arts).to_json())
+    history = Store(tmp_path / "edgekit-history.db")
+    history.save_rollout("old", "held", {"id": "old", "targets": {"a": {}}})
+    code, out, err = run_cli("rollout", "start", "--fleet", fleet_file, folder, "--store", "http://127.0.0.1:1",
+                             "--id", "new", "--json")
+    assert code == 4, err
+    assert json.loads(out)["error"] == ("rollout new: 1 device(s) (a) are in rollout old, which is held; "
+                                        "`edgekit rollout abort old` first, or leave them out with --devices")
+    assert history.rollout("new") is None  # nothing recorded, nothing sent
