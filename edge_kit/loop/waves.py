@@ -50,8 +50,8 @@ from edge_kit.selection.gate import GateDecision, judge_live
 from edge_kit.telemetry.store import SELECTION_KIND
 from edgekit_protocol.desired import Desired, Fetch
 
-FINAL = ("converged", "failed", "refused", "rolled back", "superseded")
-SETTLED = ("converged", "refused", "rolled back", "superseded")  # rows no later report of this rollout changes
+FINAL = ("converged", "failed", "refused", "rolled back", "superseded", "left the fleet")
+SETTLED = ("converged", "refused", "rolled back", "superseded", "left the fleet")  # rows no later report changes
 STALE_OWNER_S = 30.0  # a driver whose heartbeat is older than this is gone: another may resume
 FLUSH_S = 0.5  # how often device states are written to the history
 
@@ -266,13 +266,16 @@ class Rollout:
     ``history`` is the history store; ``connect(on_reported)`` returns an entered
     :class:`~edge_kit.fleet.commands.FleetClient` subscribed to ``reported`` that calls
     ``on_reported`` with each verified message; ``progress`` is called with a :class:`Progress` at
-    most every 0.2 s.
+    most every 0.2 s. ``members``: the devices the fleet file names now; a planned device no longer among
+    them, not yet sent or still waiting, is not sent (again) and ends ``left the fleet`` (None: all stay).
     """
 
     def __init__(self, history: Any, rid: str, connect: Callable[[Callable[[dict[str, Any]], None]], Any], *,
                  progress: Callable[[Progress], None] | None = None, owner: str | None = None,
-                 judge: Callable[[list[str], list[str]], GateDecision] | None = None):
+                 judge: Callable[[list[str], list[str]], GateDecision] | None = None,
+                 members: set[str] | None = None):
         self.history, self.rid = history, rid
+        self.members = members
         self.judge = judge  # the live gate on the first wave, when the plan asks for one
         self.connect = connect
         self.progress = progress
@@ -359,7 +362,7 @@ class Rollout:
 
     def _too_many_failed(self, max_failed: float) -> str | None:
         counts = self._counts()
-        sent = sum(v for k, v in counts.items() if k not in ("planned", "refused"))
+        sent = sum(v for k, v in counts.items() if k not in ("planned", "refused", "left the fleet"))
         failed = counts.get("failed", 0)
         if sent and failed / sent > max_failed:
             return (f"{failed} of {sent} devices sent so far failed ({failed / sent:.1%} > --max-failed "
@@ -407,6 +410,10 @@ class Rollout:
             self.rows[name].pop("ts", None)
             self._dirty.add(name)
         self._last_rev = max((r["revision"] for r in self.rows.values()), default=0)
+        for name in order:  # removed from the fleet file since the plan: never sent (again), never waited for
+            if self.members is not None and name not in self.members and self.rows[name]["state"] in ("planned", "sent"):
+                self._set(name, state="left the fleet", detail={"error": f"{name}: no longer in the fleet file; "
+                                                                         "not sent" + (" again" if self.rows[name]["state"] == "sent" else "")})
         ends = wave_ends(len(order), settings.waves)
         state, reason = "done", None
         resumed = [d for d in order if self.rows[d]["state"] == "sent"]

@@ -272,3 +272,24 @@ def test_rollout_start_refuses_devices_of_a_held_rollout_before_anything_is_sent
     assert json.loads(out)["error"] == ("rollout new: 1 device(s) (a) are in rollout old, which is held; "
                                         "`edgekit rollout abort old` first, or leave them out with --devices")
     assert history.rollout("new") is None  # nothing recorded, nothing sent
+
+
+def test_a_device_that_left_the_fleet_is_not_sent_again_and_does_not_hold_the_rollout(tmp_path):
+    """A device removed from the fleet file after the plan (decommissioned, its key gone): before, a resume sent
+    it a retained desired state again and waited for it, and the rollout could not end done. Now it ends
+    ``left the fleet``: not sent, not waited for, not counted as sent by the failure threshold."""
+    history = Store(tmp_path / "h.db")
+    names = planned(history, max_failed=0.5)
+    broker = FakeBroker(crash_after=3)  # the host goes down after the first wave (2) and one more
+    with pytest.raises(KeyboardInterrupt):
+        Rollout(history, "r", broker).run()
+    sent_before = {d for d, _ in broker.sent}
+    gone = {names[2], names[15]}  # names[2] was sent before the crash (wave 2), names[15] never
+    assert names[2] in sent_before and names[15] not in sent_before
+    broker.crash_after = None
+    out = Rollout(history, "r", broker, members=set(names) - gone).run()
+    assert out["state"] == "done" and out["counts"] == {"converged": 18, "left the fleet": 2, "refused": 1}
+    assert not gone & {d for d, _ in broker.sent[3:]}  # nothing sent to them after the resume
+    rows = {r["device"]: r for r in out["devices"]}
+    assert rows[names[15]]["error"] == f"{names[15]}: no longer in the fleet file; not sent"
+    assert rows[names[2]]["error"] == f"{names[2]}: no longer in the fleet file; not sent again"
