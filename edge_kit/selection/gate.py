@@ -124,11 +124,12 @@ def judge_live(canaries: list[LiveEvidence], controls: list[LiveEvidence], *, al
     cans, bad_c = _clean(canaries)
     ctrls, bad_k = _clean(controls)
     refused = bad_c + bad_k
-    short = [e.device for e, a in zip(canaries, cans) if len(a) < min_samples]
+    need = max(1, min_samples)  # a device without one service time is no evidence, whatever the setting
+    short = [e.device for e, a in zip(canaries, cans) if len(a) < need]
     ctrl = np.concatenate(ctrls) if ctrls else np.empty(0)
-    if not canaries or short or len(ctrl) < min_samples:
+    if not canaries or short or len(ctrl) < need:
         who = ", ".join(short) if short else "the controls" if canaries else "no canary"
-        return GateDecision("hold", f"not enough live traffic to judge: {who} answered fewer than {min_samples} "
+        return GateDecision("hold", f"not enough live traffic to judge: {who} answered fewer than {need} "
                                     "requests in the window" + (f" ({refused} service times refused as not finite "
                                                                 "or negative)" if refused else ""),
                             control_samples=len(ctrl), refused_samples=refused, settings=settings)

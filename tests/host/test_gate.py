@@ -134,3 +134,9 @@ def test_the_report_says_whether_the_gate_tested_devices_or_pooled_requests(tmp_
     build_report(store, tmp_path / "report.html")
     page = (tmp_path / "report.html").read_text()
     assert f"{by_device.p_value:.2g} on devices" in page and f"{by_request.p_value:.2g} on requests" in page
+
+
+def test_a_canary_without_a_single_service_time_is_never_promoted_whatever_min_samples_says():
+    """min_samples=0 (a hand-edited plan in the history): before, an empty canary gave a NaN p and was promoted."""
+    d = judge_live([LiveEvidence("c1", [])], [LiveEvidence("k1", times(300, 1.0))], min_samples=0)
+    assert d.action == "hold" and "c1 answered fewer than 1 requests" in d.reason
