@@ -120,12 +120,14 @@ def collect_live(fleet: Fleet, canaries: list[str], controls: list[str], gate: L
     samples the gate holds); a control is dropped for the rest of the window (the others stand in).
 
     Returns:
-        The canaries' and the controls' evidence, in the order given (empty samples where none came).
+        The canaries' and the controls' evidence, in the order given (empty samples where none came), each
+        with its profile from the fleet file (the gate compares devices within their profile).
 
     Raises:
         AgentError: the fleet's broker cannot be reached.
     """
-    evidence: dict[str, LiveEvidence] = {n: LiveEvidence(n, []) for n in canaries + controls}
+    profile = {d.name: d.profile for d in fleet.devices} if fleet is not None else {}  # compared within a profile
+    evidence: dict[str, LiveEvidence] = {n: LiveEvidence(n, [], profile=profile.get(n)) for n in canaries + controls}
     start: dict[str, int] = {}  # requests each device's served model had answered when the gate started
     dropped: set[str] = set()  # controls that did not answer
     deadline = time.monotonic() + gate.window_s
@@ -156,7 +158,7 @@ def collect_live(fleet: Fleet, canaries: list[str], controls: list[str], gate: L
                 samples = _field(live, "latency_samples_ms")
                 samples = samples[-new:] if isinstance(samples, list) and new > 0 else []
                 evidence[name] = LiveEvidence(name, [s for s in samples if _number(s) is not None],
-                                              _number(_field(live, "shadow", "fidelity", "snr_db")))
+                                              _number(_field(live, "shadow", "fidelity", "snr_db")), profile.get(name))
             enough = all(len(evidence[n].samples_ms) >= gate.min_samples for n in canaries) and \
                 sum(len(evidence[n].samples_ms) for n in controls if n not in dropped) >= gate.min_samples
             if enough and (gate.shadow_share <= 0 or all(evidence[n].shadow_snr_db is not None for n in canaries)):

@@ -26,7 +26,11 @@ device-level test to ever reach ``alpha`` (the smallest one-sided p of the exact
 ``1 / C(n_canaries + n_controls, n_canaries)``: 1 canary needs 99 controls at 0.01), the test falls
 back to the pooled requests and says so (``unit`` ``"requests"``, and in ``test``): that p-value is
 optimistic and a device's own speed counts as the candidate's, which the effect-size guard must
-absorb. Service times that are not finite, or negative, are refused and counted
+absorb. Devices are compared within their profile (``LiveEvidence.profile``): each device's figures are
+divided by the median of its profile's control medians before the test and the guard, so a canary
+wave with more of a fast profile than the controls have neither hides a slower candidate nor blames
+a good one; a canary whose profile has no control with traffic makes the gate hold. Service times
+that are not finite, or negative, are refused and counted
 (``refused_samples``), never passed to the test.
 
 Pure: numbers in, decision out (scipy's ``mannwhitneyu`` does the test: exact for small samples
@@ -48,6 +52,7 @@ class LiveEvidence:
     device: str
     samples_ms: list[float]
     shadow_snr_db: float | None = None
+    profile: str | None = None  # devices are compared within their profile (None: one group)
 
 
 DEVICE_TEST = "one-sided Mann-Whitney U (canary > control) on each device's median service time"
@@ -62,8 +67,9 @@ class GateDecision:
 
     ``unit`` is what the test's observations are: ``"devices"`` (one median per device) or
     ``"requests"`` (pooled, when too few devices); ``canary_p50_ms``/``control_p50_ms`` are the medians
-    the effect-size guard compared, of that unit. ``refused_samples`` counts the service times refused
-    as not finite or negative.
+    of that unit in ms, and ``slowdown`` the share the effect-size guard compared (the same ratio with one
+    profile; with several, each device's figures over its profile's control median first).
+    ``refused_samples`` counts the service times refused as not finite or negative.
     """
 
     action: str  # "promote", "hold" or "roll back"
@@ -71,6 +77,7 @@ class GateDecision:
     p_value: float | None = None
     canary_p50_ms: float | None = None
     control_p50_ms: float | None = None
+    slowdown: float | None = None  # the canaries' median over the controls', less 1, within profiles (what min_slowdown bounds)
     canary_samples: int = 0
     control_samples: int = 0
     worst_snr_db: float | None = None
@@ -143,23 +150,41 @@ def judge_live(canaries: list[LiveEvidence], controls: list[LiveEvidence], *, al
         if worst < min_snr_db:
             return GateDecision("roll back", f"live outputs {worst:.1f} dB from the reference, below {min_snr_db:g} dB",
                                 worst_snr_db=worst, refused_samples=refused, settings=settings)
+    # Each profile is its own scale: a device's figures are divided by the median of its profile's control
+    # medians, so a canary wave richer in a fast profile than the controls is not a faster candidate.
+    kept = [(e.profile, a) for e, a in zip(controls, ctrls) if len(a)]
+    scale = {pr: float(np.median([np.median(a) for q, a in kept if q == pr])) for pr in {q for q, _ in kept}}
+    blind = sorted({str(e.profile) for e in canaries if e.profile not in scale})
+    if blind:
+        return GateDecision("hold", f"no control device with live traffic on profile(s) {', '.join(blind)} to compare "
+                                    "the canaries with", control_samples=len(ctrl), refused_samples=refused,
+                            settings=settings)
     cand = np.concatenate(cans)
     can_med = np.array([np.median(a) for a in cans])
-    ctl_med = np.array([np.median(a) for a in ctrls if len(a)])
+    ctl_med = np.array([np.median(a) for _, a in kept])
+    can_scale = np.array([scale[e.profile] for e in canaries])
+    ctl_scale = np.array([scale[q] for q, _ in kept])
     if smallest_p(len(can_med), len(ctl_med)) <= alpha:
-        unit, test, x, y = "devices", DEVICE_TEST, can_med, ctl_med
+        unit, test = "devices", DEVICE_TEST
+        x, y, raw_x, raw_y = can_med / can_scale, ctl_med / ctl_scale, can_med, ctl_med
     else:
-        unit, test, x, y = "requests", REQUEST_TEST, cand, ctrl
+        unit, test = "requests", REQUEST_TEST
+        raw_x, raw_y = cand, ctrl
+        x = np.concatenate([a / sc for a, sc in zip(cans, can_scale)])
+        y = np.concatenate([a / sc for (_, a), sc in zip(kept, ctl_scale)])
+    if len(scale) > 1:
+        test += "; each device's figures divided by its profile's control median (profiles compared within themselves)"
     p = float(mannwhitneyu(x, y, alternative="greater").pvalue)
-    c50, k50 = float(np.median(x)), float(np.median(y))
-    numbers = dict(p_value=p, canary_p50_ms=c50, control_p50_ms=k50, canary_samples=len(cand),
+    c50, k50 = float(np.median(raw_x)), float(np.median(raw_y))
+    slowdown = float(np.median(x) / np.median(y) - 1)
+    numbers = dict(p_value=p, canary_p50_ms=c50, control_p50_ms=k50, slowdown=slowdown, canary_samples=len(cand),
                    control_samples=len(ctrl), worst_snr_db=worst, test=test, unit=unit, canary_devices=len(can_med),
                    control_devices=len(ctl_med), refused_samples=refused, settings=settings)
     on = (f"on {len(can_med)} canary vs {len(ctl_med)} control devices' medians" if unit == "devices" else
           f"on pooled requests of {len(can_med)} canary and {len(ctl_med)} control devices (too few devices for a "
-          "device-level test)")
-    if p < alpha and c50 > k50 * (1 + min_slowdown):
-        return GateDecision("roll back", f"canaries slower: p50 {c50:.3f} ms vs {k50:.3f} ms, p = {p:.2g} < {alpha:g} "
-                            f"{on}", **numbers)
-    return GateDecision("promote", f"canaries not slower (p50 {c50:.3f} vs {k50:.3f} ms, p = {p:.2g} {on})"
-                        + (f", live fidelity {worst:.1f} dB" if worst is not None else ""), **numbers)
+          "device-level test)") + (f", within {len(scale)} profiles" if len(scale) > 1 else "")
+    if p < alpha and slowdown > min_slowdown:
+        return GateDecision("roll back", f"canaries slower: p50 {c50:.3f} ms vs {k50:.3f} ms ({slowdown:+.0%}), "
+                            f"p = {p:.2g} < {alpha:g} {on}", **numbers)
+    return GateDecision("promote", f"canaries not slower (p50 {c50:.3f} vs {k50:.3f} ms, {slowdown:+.0%}, p = {p:.2g} "
+                        f"{on})" + (f", live fidelity {worst:.1f} dB" if worst is not None else ""), **numbers)

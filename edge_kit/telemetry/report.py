@@ -186,7 +186,8 @@ def _gate_rows(store: HistoryStore) -> list[list[str]]:
         num = (lambda v, f: "-" if v is None else format(v, f))
         rows.append([time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d["recorded"])), html.escape(d["device"]),
                      html.escape(str(d.get("chosen"))), html.escape(g["action"]), html.escape(g["reason"]),
-                     f"{num(g.get('canary_p50_ms'), '.3g')} / {num(g.get('control_p50_ms'), '.3g')}",
+                     f"{num(g.get('canary_p50_ms'), '.3g')} / {num(g.get('control_p50_ms'), '.3g')}"
+                     + (f" ({g['slowdown']:+.0%} within profiles)" if isinstance(g.get("slowdown"), (int, float)) else ""),
                      f"{g.get('canary_samples', 0):,} / {g.get('control_samples', 0):,}",
                      num(g.get("p_value"), ".2g") + (f" on {html.escape(str(g['unit']))}" if g.get("unit") else ""),
                      num(g.get("worst_snr_db"), ".1f"), html.escape(", ".join(g.get("controls") or []))])

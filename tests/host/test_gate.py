@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
+import pytest
 
 from edge_kit.selection.gate import LiveEvidence, judge_live
 
@@ -134,9 +137,32 @@ def test_the_report_says_whether_the_gate_tested_devices_or_pooled_requests(tmp_
     build_report(store, tmp_path / "report.html")
     page = (tmp_path / "report.html").read_text()
     assert f"{by_device.p_value:.2g} on devices" in page and f"{by_request.p_value:.2g} on requests" in page
+    assert f"({by_device.slowdown:+.0%} within profiles)" in page
 
 
 def test_a_canary_without_a_single_service_time_is_never_promoted_whatever_min_samples_says():
     """min_samples=0 (a hand-edited plan in the history): before, an empty canary gave a NaN p and was promoted."""
     d = judge_live([LiveEvidence("c1", [])], [LiveEvidence("k1", times(300, 1.0))], min_samples=0)
     assert d.action == "hold" and "c1 answered fewer than 1 requests" in d.reason
+
+
+def test_devices_are_compared_within_their_profile():
+    """A canary wave whose profile mix differs from the controls': before, Jetson canaries on a candidate 50 %
+    slower on every device were promoted (still faster than the controls, mostly rpi4s), and rpi4 canaries on
+    a good candidate were rolled back (slower than the controls, mostly Jetsons)."""
+    def on(profile, medians, prefix):
+        return [replace(e, profile=profile) for e in fleet(medians, prefix=prefix)]
+
+    few, many = np.exp(np.linspace(-0.1, 0.1, 10)), np.exp(np.linspace(-0.1, 0.1, 30))
+    mostly_rpi4 = on("rpi4", 10 * many, "kr") + on("jetson", few, "kj")
+    slow = judge_live(on("jetson", 1.5 * few, "cj"), mostly_rpi4)
+    assert slow.action == "roll back" and slow.unit == "devices" and slow.slowdown == pytest.approx(0.5, abs=0.05)
+    assert "within 2 profiles" in slow.reason and "profile's control median" in slow.test
+    assert judge_live([replace(e, profile=None) for e in on("jetson", 1.5 * few, "cj")],
+                      [replace(e, profile=None) for e in mostly_rpi4]).action == "promote"  # what pooling concluded
+    mostly_jetson = on("rpi4", 10 * few, "kr") + on("jetson", many, "kj")
+    good = judge_live(on("rpi4", 10 * few, "cr"), mostly_jetson)
+    assert good.action == "promote" and abs(good.slowdown) < 0.05
+    assert good.canary_p50_ms == pytest.approx(10, rel=0.15)  # the ms medians are still the raw ones
+    nobody = judge_live(on("coral", few, "cc"), mostly_rpi4)
+    assert nobody.action == "hold" and "no control device with live traffic on profile(s) coral" in nobody.reason

@@ -176,3 +176,25 @@ def test_the_gate_polls_a_stable_spread_sample_of_a_large_fleet_as_controls():
     assert picked == pick_controls(list(reversed(names)))  # the same sample whatever the order
     assert max(int(n[4:]) for n in picked) > 4000 and min(int(n[4:]) for n in picked) < 1000  # spread, not the first 200
     assert pick_controls(names[:3]) == names[:3]
+
+
+def test_live_evidence_carries_each_device_profile_from_the_fleet_file(monkeypatch):
+    from types import SimpleNamespace
+
+    from edge_kit.loop import rollout as ro
+
+    class Client:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *_):
+            return None
+
+        def request(self, name, *_a, **_k):
+            return {"result": {"live": {"requests": 0}}}
+
+    monkeypatch.setattr(ro.FleetClient, "of", staticmethod(lambda _fleet: Client()))
+    fleet = SimpleNamespace(devices=[SimpleNamespace(name="c1", profile="jetson-orin-nano"),
+                                     SimpleNamespace(name="k1", profile="rpi4")])
+    cans, ctrls = ro.collect_live(fleet, ["c1"], ["k1"], ro.LiveGate(window_s=0.0), lambda *_: None)
+    assert cans[0].profile == "jetson-orin-nano" and ctrls[0].profile == "rpi4"
