@@ -1,7 +1,7 @@
 """Canary rollouts: a share of the devices goes first, is benchmarked and judged, then the rest.
 
-``canary`` of the devices (rounded up, at least one) are deployed first with a short health
-benchmark of the activated model. A canary fails when its deploy failed or its benchmark breaks
+``canary`` of each profile's devices (rounded up, at least one per profile, in fleet order) are
+deployed first with a short health benchmark of the activated model. A canary fails when its deploy failed or its benchmark breaks
 the device's constraints. When more than ``max_failed`` of the canaries failed, every canary this
 deploy switched is rolled back and the other devices are left as they were; otherwise the rest
 is deployed. The decision is :func:`judge_canaries`, pure and unit-tested; this module wires it
@@ -96,6 +96,16 @@ def broken_constraints(manifest: Manifest, dev: Device, result: DeviceResult) ->
     broken = violations(c, Measured.from_record(result.health, art.bytes if art and art.bytes else 0),
                         fp32.accuracy.value if fp32 and fp32.accuracy else None)
     return ", ".join(describe(k, c) for k in broken) or None
+
+
+def pick_canaries(devices: list[Device], share: float) -> list[Device]:
+    """Return the canaries of ``devices``: of each profile, its first ``share`` of devices in fleet order
+    (rounded up, at least one), so that every profile the rollout reaches has a canary; in fleet order."""
+    by_profile: dict[str, list[Device]] = {}
+    for d in devices:
+        by_profile.setdefault(d.profile, []).append(d)
+    chosen = {id(d) for group in by_profile.values() for d in group[:max(1, math.ceil(len(group) * share))]}
+    return [d for d in devices if id(d) in chosen]
 
 
 MAX_CONTROLS = 200  # control devices polled at most: a device-level test gains little past this, a fleet's poll a lot
@@ -206,8 +216,9 @@ def rollout(fleet: Fleet, devices: list[Device], opts: DeployOptions, canary: fl
     """
     progress = progress or (lambda _d, _m: None)
     order = {d.name: i for i, d in enumerate(devices)}
-    n = max(1, math.ceil(len(devices) * canary))
-    canaries, rest = devices[:n], devices[n:]
+    canaries = pick_canaries(devices, canary)
+    first_ids = {id(d) for d in canaries}
+    rest = [d for d in devices if id(d) not in first_ids]
     first = deploy(fleet, canaries, replace(opts, health_bench=dict(CANARY_BENCH)), progress).results
     manifest = read_manifest(opts.artifacts)
     by_name = {d.name: d for d in canaries}

@@ -7,7 +7,8 @@ activates it safely and answers with its ``reported`` state (:mod:`device_agents
 A rollout is planned once (:func:`plan_rollout`): which artifact each device gets (the variant
 asked for, else its profile's first built variant), in a stable shuffled order (a device's place is
 the sha256 of the rollout id and its name, so the first wave is a spread sample of the fleet and
-the same one after a restart). Waves are cumulative shares of that order (``1%,10%,100%``), sent at
+the same one after a restart; the first device of each profile leads, so a first wave at least as
+large as the number of profiles has a canary of each). Waves are cumulative shares of that order (``1%,10%,100%``), sent at
 ``rate`` devices per second; a wave ends when each of its devices has converged or failed, or when
 ``wave_timeout_s`` passes (the silent ones stay ``sent``: they converge when they come back, and
 ``rollout status --refresh`` shows it). When more than ``max_failed`` of the devices sent so far
@@ -132,8 +133,14 @@ def parse_rate(text: str, option: str, unit: str = "") -> float:
     return value
 
 
-def _order(rid: str, names: list[str]) -> list[str]:
-    return sorted(names, key=lambda n: hashlib.sha256(f"{rid}/{n}".encode()).hexdigest())
+def _order(rid: str, names: list[str], profile_of: dict[str, str] | None = None) -> list[str]:
+    """Return ``names`` in the rollout's stable shuffled order (the sha256 of the rollout id and the name),
+    with the first device of each profile (``profile_of``) moved to the front, so that a first wave of at
+    least as many devices as there are profiles has a canary of each."""
+    shuffled = sorted(names, key=lambda n: hashlib.sha256(f"{rid}/{n}".encode()).hexdigest())
+    leaders = list({(profile_of or {}).get(n): n for n in reversed(shuffled)}.values())[::-1]
+    lead = set(leaders)
+    return sorted(leaders, key=shuffled.index) + [n for n in shuffled if n not in lead]
 
 
 def selected_variants(history: Any, devices: list[Device]) -> dict[str, str]:
@@ -191,7 +198,7 @@ def plan_rollout(rid: str, artifacts: Path, fleet: Fleet, devices: list[Device],
             "variant": variant, "artifacts": str(Path(artifacts).resolve()),
             "settings": {**asdict(settings), "waves": list(settings.waves)},
             "gate": asdict(gate) if gate is not None else None,
-            "order": _order(rid, list(targets)), "targets": targets, "refused": refused}
+            "order": _order(rid, list(targets), {n: t["profile"] for n, t in targets.items()}), "targets": targets, "refused": refused}
 
 
 UNFINISHED = ("running", "aborting", "held", "stopped")  # rollouts that may still send desired states (resume)

@@ -29,7 +29,9 @@ optimistic and a device's own speed counts as the candidate's, which the effect-
 absorb. Devices are compared within their profile (``LiveEvidence.profile``): each device's figures are
 divided by the median of its profile's control medians before the test and the guard, so a canary
 wave with more of a fast profile than the controls have neither hides a slower candidate nor blames
-a good one; a canary whose profile has no control with traffic makes the gate hold. Service times
+a good one. A canary whose profile has no control with traffic (every device of that profile is a
+canary: nobody else of it gets the candidate on promotion) is left out of the test and named in the
+reason; when that is every canary, the gate holds. Service times
 that are not finite, or negative, are refused and counted
 (``refused_samples``), never passed to the test.
 
@@ -154,11 +156,14 @@ def judge_live(canaries: list[LiveEvidence], controls: list[LiveEvidence], *, al
     # medians, so a canary wave richer in a fast profile than the controls is not a faster candidate.
     kept = [(e.profile, a) for e, a in zip(controls, ctrls) if len(a)]
     scale = {pr: float(np.median([np.median(a) for q, a in kept if q == pr])) for pr in {q for q, _ in kept}}
-    blind = sorted({str(e.profile) for e in canaries if e.profile not in scale})
-    if blind:
-        return GateDecision("hold", f"no control device with live traffic on profile(s) {', '.join(blind)} to compare "
-                                    "the canaries with", control_samples=len(ctrl), refused_samples=refused,
-                            settings=settings)
+    blind = [e.device for e in canaries if e.profile not in scale]  # a profile every device of which is a canary
+    alone = ("; not judged live (no control device of their profile with live traffic): " + ", ".join(blind)
+             if blind else "")
+    if len(blind) == len(canaries):
+        return GateDecision("hold", "no control device with live traffic on profile(s) "
+                                    f"{', '.join(sorted({str(e.profile) for e in canaries}))} to compare the canaries with",
+                            control_samples=len(ctrl), refused_samples=refused, settings=settings)
+    canaries, cans = zip(*[(e, a) for e, a in zip(canaries, cans) if e.profile in scale])
     cand = np.concatenate(cans)
     can_med = np.array([np.median(a) for a in cans])
     ctl_med = np.array([np.median(a) for _, a in kept])
@@ -185,6 +190,6 @@ def judge_live(canaries: list[LiveEvidence], controls: list[LiveEvidence], *, al
           "device-level test)") + (f", within {len(scale)} profiles" if len(scale) > 1 else "")
     if p < alpha and slowdown > min_slowdown:
         return GateDecision("roll back", f"canaries slower: p50 {c50:.3f} ms vs {k50:.3f} ms ({slowdown:+.0%}), "
-                            f"p = {p:.2g} < {alpha:g} {on}", **numbers)
+                            f"p = {p:.2g} < {alpha:g} {on}{alone}", **numbers)
     return GateDecision("promote", f"canaries not slower (p50 {c50:.3f} vs {k50:.3f} ms, {slowdown:+.0%}, p = {p:.2g} "
-                        f"{on})" + (f", live fidelity {worst:.1f} dB" if worst is not None else ""), **numbers)
+                        f"{on})" + (f", live fidelity {worst:.1f} dB" if worst is not None else "") + alone, **numbers)

@@ -166,3 +166,17 @@ def test_devices_are_compared_within_their_profile():
     assert good.canary_p50_ms == pytest.approx(10, rel=0.15)  # the ms medians are still the raw ones
     nobody = judge_live(on("coral", few, "cc"), mostly_rpi4)
     assert nobody.action == "hold" and "no control device with live traffic on profile(s) coral" in nobody.reason
+
+
+def test_a_canary_alone_in_its_profile_is_named_and_left_out_of_the_live_test():
+    """Every device of a profile is a canary (nobody else of it gets the candidate): there is nothing to compare
+    it with, so it is left out of the test and named, instead of holding the rest of the fleet forever."""
+    few = np.exp(np.linspace(-0.1, 0.1, 10))
+    controls = [replace(e, profile="jetson") for e in fleet(np.exp(np.linspace(-0.1, 0.1, 30)), prefix="k")]
+    cans = [replace(e, profile="jetson") for e in fleet(few, prefix="c")] + [LiveEvidence("odd", times(300, 50.0),
+                                                                                         profile="coral")]
+    d = judge_live(cans, controls)
+    assert d.action == "promote" and d.canary_devices == 10 and d.canary_samples == 3000
+    assert d.reason.endswith("not judged live (no control device of their profile with live traffic): odd")
+    slow = judge_live([replace(e, samples_ms=[2 * s for s in e.samples_ms]) for e in cans[:10]] + cans[10:], controls)
+    assert slow.action == "roll back" and "odd" in slow.reason

@@ -198,3 +198,17 @@ def test_live_evidence_carries_each_device_profile_from_the_fleet_file(monkeypat
                                      SimpleNamespace(name="k1", profile="rpi4")])
     cans, ctrls = ro.collect_live(fleet, ["c1"], ["k1"], ro.LiveGate(window_s=0.0), lambda *_: None)
     assert cans[0].profile == "jetson-orin-nano" and ctrls[0].profile == "rpi4"
+
+
+def test_every_profile_the_rollout_reaches_has_a_canary():
+    """A fleet file listing its rpi4s before its Jetsons: before, `--canary 10%` took the first two rpi4s and
+    the Jetsons got the candidate with no canary of theirs benchmarked or judged."""
+    from edge_kit.fleet.inventory import Device
+    from edge_kit.loop.rollout import pick_canaries
+
+    devices = [Device(name=f"r{i}", host="h", user="u", profile="rpi4") for i in range(10)] + \
+              [Device(name=f"j{i}", host="h", user="u", profile="jetson-orin-nano") for i in range(10)]
+    assert [d.name for d in pick_canaries(devices, 0.1)] == ["r0", "j0"]
+    assert [d.name for d in pick_canaries(devices, 0.25)] == ["r0", "r1", "r2", "j0", "j1", "j2"]  # rounded up
+    assert [d.name for d in pick_canaries(devices[:3], 0.01)] == ["r0"]  # a share that rounds to 0: one
+    assert pick_canaries([], 0.1) == []

@@ -293,3 +293,18 @@ def test_a_device_that_left_the_fleet_is_not_sent_again_and_does_not_hold_the_ro
     rows = {r["device"]: r for r in out["devices"]}
     assert rows[names[15]]["error"] == f"{names[15]}: no longer in the fleet file; not sent"
     assert rows[names[2]]["error"] == f"{names[2]}: no longer in the fleet file; not sent again"
+
+
+def test_the_first_wave_has_a_device_of_each_profile_when_it_can():
+    """200 rpi4s, one Jetson and one Coral at 1 %: before, the first wave (3 devices) was almost surely all
+    rpi4s, and the Jetson and the Coral got the candidate after a gate that never saw their kind."""
+    from edge_kit.loop.waves import _order
+
+    names = [f"r{i:03d}" for i in range(200)] + ["jetson", "coral"]
+    profile = {n: "rpi4" for n in names[:200]} | {"jetson": "jetson-orin-nano", "coral": "coral-usb"}
+    order = _order("rollout-1", names, profile)
+    first = order[:wave_ends(len(order), (0.01, 1.0))[0]]
+    assert {profile[n] for n in first} == {"rpi4", "jetson-orin-nano", "coral-usb"}
+    assert sorted(order) == sorted(names) and order == _order("rollout-1", list(reversed(names)), profile)  # stable
+    assert _order("rollout-1", names) == sorted(names, key=lambda n: __import__("hashlib").sha256(
+        f"rollout-1/{n}".encode()).hexdigest())  # without profiles: the plain shuffle
