@@ -27,6 +27,7 @@ from edge_kit.cli.app import (
     emit_json,
     err,
     finite,
+    gate_lines,
     live_gate,
     open_fleet_history,
     out,
@@ -96,6 +97,8 @@ def _print(summary: dict[str, Any]) -> None:
     counts = ", ".join(f"{k} {v}" for k, v in sorted(summary["counts"].items()))
     out.print(f"rollout {summary['id']}: [bold]{summary['state']}[/] ({counts})"
               + (f": {safe(summary['reason'])}" if summary.get("reason") else ""))
+    if summary.get("gate"):
+        out.print(gate_lines(summary["gate"], promoted=summary["gate"].get("action") == "promote"), highlight=False)
     if summary.get("refused_messages"):
         out.print(f"[red]{summary['refused_messages']} reported message(s) refused[/] (not the device's key, malformed "
                   f"or from the future), e.g. {safe(summary['refused_examples'][0])}")

@@ -613,12 +613,14 @@ class Rollout:
         """Return the rollout's outcome: ``state`` (done, stopped, aborted), ``reason``, ``counts`` per
         device state, ``ignored`` (reports of other rollouts or revisions), ``refused_messages`` (reports
         that failed their signature or checks; up to five with why), and one row per device (``device, wave,
-        state, variant, error, seconds, download``)."""
+        state, variant, error, seconds, download``); ``gate``: the live gate's decision with its numbers
+        (``GateDecision.as_dict()``), None when the rollout has not been judged."""
         rows = []
         for name, row in self.rows.items():
             d = row.get("detail") or {}
             rows.append({"device": name, "wave": row["wave"] + 1 if row["wave"] >= 0 else None, "state": row["state"],
                          "variant": plan["targets"].get(name, {}).get("variant"), "error": d.get("error"),
                          "seconds": d.get("seconds"), "download": d.get("download")})
-        return {"id": self.rid, "state": state, "reason": reason, "counts": self._counts(), "ignored": self.ignored,
+        return {"id": self.rid, "state": state, "reason": reason, "gate": plan.get("gated"), "counts": self._counts(),
+                "ignored": self.ignored,
                 "refused_messages": len(self.refused), "refused_examples": self.refused[:5], "devices": rows}

@@ -57,6 +57,8 @@ class LiveEvidence:
     profile: str | None = None  # devices are compared within their profile (None: one group)
 
 
+SOURCE = ("measured: service times of each device's serving API on its own traffic (perf_counter_ns on the device; "
+          "simulated devices time on the host that runs them), SNR from its shadow runs against the fp32 reference")
 DEVICE_TEST = "one-sided Mann-Whitney U (canary > control) on each device's median service time"
 REQUEST_TEST = ("one-sided Mann-Whitney U (canary > control) on pooled service times (requests): too few devices "
                 "for a device-level test at alpha; requests of one device are not independent, so this p-value is "
@@ -84,6 +86,7 @@ class GateDecision:
     control_samples: int = 0
     worst_snr_db: float | None = None
     test: str = DEVICE_TEST
+    source: str = SOURCE  # where the figures come from
     unit: str | None = None
     canary_devices: int = 0
     control_devices: int = 0

@@ -212,3 +212,37 @@ def test_every_profile_the_rollout_reaches_has_a_canary():
     assert [d.name for d in pick_canaries(devices, 0.25)] == ["r0", "r1", "r2", "j0", "j1", "j2"]  # rounded up
     assert [d.name for d in pick_canaries(devices[:3], 0.01)] == ["r0"]  # a share that rounds to 0: one
     assert pick_canaries([], 0.1) == []
+
+
+def test_deploy_prints_a_promoting_gate_decision_and_where_its_figures_came_from(monkeypatch, tmp_path, run_cli):
+    """Before, a promoted canary wave printed nothing of the gate: the numbers it promoted on were only in the
+    history. Now the decision and the source of its figures are printed; --json keeps them in the history."""
+    from edge_kit.fleet.deploy import GroupResult
+    from edge_kit.loop import rollout as ro
+    from edge_kit.manifest import Artifact, Manifest
+    from edge_kit.selection.gate import LiveEvidence, judge_live
+    from edge_kit.telemetry.store import Store
+
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text("fleet: f\ndefaults: {user: u, profile: rpi4}\ndevices:\n  - {name: a, host: h}\n"
+                          "  - {name: b, host: h}\n")
+    folder = tmp_path / "art"
+    folder.mkdir()
+    (folder / "manifest.json").write_text(Manifest(
+        created="2026-11-29T00:00:00+00:00", model={"name": "m"}, versions={}, profiles={"rpi4": {}},
+        artifacts=[Artifact(id="int8", status="built", profiles=["rpi4"], summary="int8", precision="int8",
+                            file="int8.tflite", sha256="c" * 64, bytes=3)]).to_json())
+    decision = judge_live([LiveEvidence("a", [1.0] * 300)], [LiveEvidence("b", [1.0] * 300)])
+
+    def fake_rollout(_fleet, targets, _opts, _canary, _failed, _progress, gate, record):
+        record({"device": "a", "kind": "live gate", "chosen": "int8", "current": None, "feasible": True,
+                "switch": True, "reason": decision.reason, "gate": decision.as_dict()})
+        return GroupResult([DeviceResult(d.name, "succeeded", activated=True, variant="int8") for d in targets])
+
+    monkeypatch.setattr(ro, "rollout", fake_rollout)
+    code, out, err = run_cli("deploy", "--fleet", fleet_file, "--artifacts", folder, "--canary", "50%", "--gate", "live")
+    assert code == 0, err
+    text = " ".join(out.split())
+    assert "live gate: promote: canaries not slower" in text and "gate figures: measured: service times" in text
+    stored = Store(tmp_path / "edgekit-history.db").decisions(kinds=("live gate",))
+    assert stored[0]["gate"]["source"].startswith("measured: service times")

@@ -173,6 +173,7 @@ def test_the_live_gate_judges_the_first_wave_against_devices_not_yet_sent(tmp_pa
     broker = FakeBroker()
     out = Rollout(history, "r", broker, judge=judge).run()
     assert seen == [(names[:2], names[2:])]  # the canaries and the rest of their profile, judged once
+    assert out["gate"]["action"] == action and out["gate"]["reason"] == f"simulated {action}"  # shown by the CLI
     decisions = history.decisions()
     assert {d["device"] for d in decisions} == set(names[:2]) and all(d["rollout"] == "r" for d in decisions)
     if action == "promote":
@@ -308,3 +309,16 @@ def test_the_first_wave_has_a_device_of_each_profile_when_it_can():
     assert sorted(order) == sorted(names) and order == _order("rollout-1", list(reversed(names)), profile)  # stable
     assert _order("rollout-1", names) == sorted(names, key=lambda n: __import__("hashlib").sha256(
         f"rollout-1/{n}".encode()).hexdigest())  # without profiles: the plain shuffle
+
+
+def test_the_cli_says_what_the_gate_decided_and_where_its_figures_came_from(capsys):
+    from edge_kit.cli.rollout import _print
+    from edge_kit.selection.gate import LiveEvidence, judge_live
+
+    d = judge_live([LiveEvidence("c1", [1.0] * 300)], [LiveEvidence("k1", [1.0] * 300)])
+    _print({"id": "r", "state": "done", "reason": None, "gate": d.as_dict(), "counts": {"converged": 2},
+            "refused_messages": 0, "devices": []})
+    text = " ".join(capsys.readouterr().out.split())
+    assert "live gate: promote: canaries not slower" in text
+    assert "gate figures: measured: service times of each device's serving API on its own traffic (perf_counter_ns" in text
+    assert "test: one-sided Mann-Whitney U" in text
