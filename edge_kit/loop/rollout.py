@@ -108,6 +108,7 @@ def pick_canaries(devices: list[Device], share: float) -> list[Device]:
     return [d for d in devices if id(d) in chosen]
 
 
+LIVE_SAMPLES = 2048  # service times asked of each device per poll (its newest)
 MAX_CONTROLS = 200  # control devices polled at most: a device-level test gains little past this, a fleet's poll a lot
 
 
@@ -154,7 +155,7 @@ def collect_live(fleet: Fleet, canaries: list[str], controls: list[str], gate: L
                 if not first_round and time.monotonic() >= deadline:
                     break  # silent devices cost their timeout each: the window bounds the round too
                 try:
-                    answer = client.request(name, "state", {"live": 2048}, timeout=30, expire=True)
+                    answer = client.request(name, "state", {"live": LIVE_SAMPLES}, timeout=30, expire=True)
                 except EdgeKitError as exc:  # one silent device never stops the gate
                     if name in controls:
                         dropped.add(name)
@@ -166,7 +167,8 @@ def collect_live(fleet: Fleet, canaries: list[str], controls: list[str], gate: L
                 start.setdefault(name, answered)
                 new = int(answered - start[name])
                 samples = _field(live, "latency_samples_ms")
-                samples = samples[-new:] if isinstance(samples, list) and new > 0 else []
+                # the newest answered since the gate started, never more than were asked for (a device's word)
+                samples = samples[-min(new, LIVE_SAMPLES):] if isinstance(samples, list) and new > 0 else []
                 evidence[name] = LiveEvidence(name, [s for s in samples if _number(s) is not None],
                                               _number(_field(live, "shadow", "fidelity", "snr_db")), profile.get(name))
             enough = all(len(evidence[n].samples_ms) >= gate.min_samples for n in canaries) and \

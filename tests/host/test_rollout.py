@@ -246,3 +246,26 @@ def test_deploy_prints_a_promoting_gate_decision_and_where_its_figures_came_from
     assert "live gate: promote: canaries not slower" in text and "gate figures: measured: service times" in text
     stored = Store(tmp_path / "edgekit-history.db").decisions(kinds=("live gate",))
     assert stored[0]["gate"]["source"].startswith("measured: service times")
+
+
+def test_a_device_answering_more_samples_than_asked_gives_only_what_was_asked(monkeypatch):
+    """A buggy or hostile agent claims a billion requests and sends 100,000 service times: before, all of them
+    were kept (and tested) on every poll; now the newest LIVE_SAMPLES, as asked."""
+    from edge_kit.loop import rollout as ro
+
+    polls = {n: iter([{"requests": 0}, {"requests": 10**9, "latency_samples_ms": [1.0] * 100_000}]) for n in ("c1", "k1")}
+
+    class Client:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *_):
+            return None
+
+        def request(self, name, *_a, **_k):
+            return {"result": {"live": next(polls[name])}}
+
+    monkeypatch.setattr(ro.FleetClient, "of", staticmethod(lambda _fleet: Client()))
+    monkeypatch.setattr(ro.time, "sleep", lambda _s: None)
+    cans, ctrls = ro.collect_live(None, ["c1"], ["k1"], ro.LiveGate(window_s=60.0, min_samples=1), lambda *_: None)
+    assert len(cans[0].samples_ms) == len(ctrls[0].samples_ms) == ro.LIVE_SAMPLES
