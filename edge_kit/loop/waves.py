@@ -72,6 +72,17 @@ class UnknownRollout(RolloutError):
         super().__init__(f"rollout {rid}: not in the history; see `edgekit rollout list` (or check --history)")
 
 
+class RolloutInterrupted(RolloutError):
+    """Ctrl-C while driving a rollout: it stays resumable (the text says how); exit code 130 as for any interruption."""
+
+    exit_code = 130
+
+    def __init__(self, rid: str):
+        super().__init__(f"rollout {rid}: interrupted; the devices sent so far keep their desired state and no other "
+                         f"was sent: `edgekit rollout resume {rid}` goes on (a live gate not yet decided judges "
+                         f"again), `edgekit rollout abort {rid}` ends it")
+
+
 @dataclass(frozen=True)
 class RolloutSettings:
     waves: tuple[float, ...] = (0.01, 0.1, 1.0)  # cumulative shares of the devices
@@ -383,6 +394,7 @@ class Rollout:
             UnknownRollout: no such rollout in the history.
             RolloutError: it is finished, another process drives it, or the history store failed (the
                 rollout can be resumed).
+            RolloutInterrupted: Ctrl-C (the rollout can be resumed).
             AgentError: the broker cannot be reached.
         """
         record = self._db("reading the rollout", lambda: self.history.rollout(self.rid))
@@ -398,6 +410,8 @@ class Rollout:
             self._db("resuming", lambda: self.history.set_rollout_state(self.rid, "running"))
         try:
             return self._run(record["body"])
+        except KeyboardInterrupt:
+            raise RolloutInterrupted(self.rid) from None
         finally:
             try:
                 self._flush()

@@ -11,6 +11,7 @@ from edge_kit.errors import ConfigError
 from edge_kit.loop.waves import (
     Rollout,
     RolloutError,
+    RolloutInterrupted,
     RolloutSettings,
     parse_rate,
     parse_share,
@@ -107,7 +108,7 @@ def test_a_resumed_rollout_sends_each_device_once_and_takes_what_converged_meanw
     history = Store(tmp_path / "h.db")
     names = planned(history, max_failed=0.5)
     broker = FakeBroker(crash_after=7)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(RolloutInterrupted, match="`edgekit rollout resume r` goes on"):
         Rollout(history, "r", broker).run()
     rows = history.rollout_devices("r")
     assert sum(r["state"] == "converged" for r in rows.values()) >= 2  # the answers before the crash are kept
@@ -282,7 +283,7 @@ def test_a_device_that_left_the_fleet_is_not_sent_again_and_does_not_hold_the_ro
     history = Store(tmp_path / "h.db")
     names = planned(history, max_failed=0.5)
     broker = FakeBroker(crash_after=3)  # the host goes down after the first wave (2) and one more
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(RolloutInterrupted, match="`edgekit rollout resume r` goes on"):
         Rollout(history, "r", broker).run()
     sent_before = {d for d, _ in broker.sent}
     gone = {names[2], names[15]}  # names[2] was sent before the crash (wave 2), names[15] never
@@ -322,3 +323,24 @@ def test_the_cli_says_what_the_gate_decided_and_where_its_figures_came_from(caps
     assert "live gate: promote: canaries not slower" in text
     assert "gate figures: measured: service times of each device's serving API on its own traffic (perf_counter_ns" in text
     assert "test: one-sided Mann-Whitney U" in text
+
+
+def test_ctrl_c_while_driving_says_how_to_resume_in_one_line_exit_130(tmp_path, run_cli, monkeypatch):
+    """Before: 'interrupted; nothing was half-written', which did not say the rollout was resumable or how."""
+    from edge_kit.loop import waves
+
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text("fleet: f\nbroker: {host: 127.0.0.1, port: 1}\ndefaults: {user: u, profile: rpi4}\n"
+                          "devices:\n  - {name: d00, host: h}\n")
+    planned(Store(tmp_path / "edgekit-history.db"))
+
+    def interrupted(self, plan):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(waves.Rollout, "_run", interrupted)
+    code, out, err = run_cli("rollout", "resume", "--fleet", fleet_file, "r")
+    assert code == 130 and out == ""
+    assert err == ("edgekit: error: rollout r: interrupted; the devices sent so far keep their desired state and no "
+                   "other was sent: `edgekit rollout resume r` goes on (a live gate not yet decided judges again), "
+                   "`edgekit rollout abort r` ends it\n")
+    assert Store(tmp_path / "edgekit-history.db").rollout("r")["owner"] is None  # released: resumable at once
