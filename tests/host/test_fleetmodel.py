@@ -461,3 +461,29 @@ def test_the_report_names_the_bounds_a_feasible_choice_was_not_judged_on(tmp_pat
     build_report(store, tmp_path / "report.html")
     page = (tmp_path / "report.html").read_text()
     assert "int8 (feasible; not judged: power &lt;= 5 W)" in page and "fp32 (feasible)" in page
+
+
+def test_an_inferred_energy_says_whether_it_was_pooled_from_sensors_or_estimates():
+    """Every device of the profile estimates its power (no sensor): before, a device's inferred energy read just
+    'inferred', as if pooled from sensor readings. Now it says what it was inferred from, in --json and --explain."""
+    from rich.console import Console
+
+    from edge_kit.cli.loop import decision_table
+
+    fleet = make_fleet(60, noise=0.05, outliers=0.0, profiles=("rpi4",), seed=8)
+    spec = fleet.spec
+    m = _sample_all(fleet, range(20))
+    plan = plan_measurements(spec, m, budget=0)
+    cands = [spec.variants[int(v)] for v in np.flatnonzero(spec.candidates[0])]
+    estimated = {"estimated": True, "method": "estimated: idle_w + (busy_w - idle_w) x CPU use"}
+    records = [{"device": spec.devices[i], "sha256": v, "power": estimated} for i in range(20) for v in cands]
+    records.append({"device": spec.devices[3], "sha256": cands[0], "power": {"sensor": "ina219", "measured": True}})
+    records.append({"device": spec.devices[4], "sha256": cands[1], "power": {"avg_w": None}})  # nothing: not a source
+    decision = decisions_of(plan, {x: x for x in spec.variants}, [50], records=records)[0]
+    sources = {r["variant"]: (r["source"], r["power_source"]) for r in decision.table}
+    assert sources[cands[0]] == ("inferred", "inferred from estimated, ina219")
+    assert sources[cands[1]] == ("inferred", "inferred from estimated")
+    console = Console(width=250, record=True)
+    for item in decision_table({decision.device: decision}, explain=True):
+        console.print(item)
+    assert "inferred (power from estimated)" in console.export_text()
