@@ -180,3 +180,16 @@ def test_a_canary_alone_in_its_profile_is_named_and_left_out_of_the_live_test():
     assert d.reason.endswith("not judged live (no control device of their profile with live traffic): odd")
     slow = judge_live([replace(e, samples_ms=[2 * s for s in e.samples_ms]) for e in cans[:10]] + cans[10:], controls)
     assert slow.action == "roll back" and "odd" in slow.reason
+
+
+def test_one_canary_slower_than_every_one_of_200_controls_with_tied_medians_is_rolled_back():
+    """Control medians on a coarse timer (0.1 ms) tie: scipy's default then takes the normal approximation, whose
+    smallest p for 1 canary against 200 controls is 0.042, and a canary 50 % slower than every control was
+    promoted. The gate takes the exact distribution for few devices: p = 1/201."""
+    from scipy.stats import mannwhitneyu
+
+    medians = np.round(np.linspace(1.0, 2.0, 200), 1)
+    controls = [LiveEvidence(f"k{i}", [float(m)] * 300) for i, m in enumerate(medians)]
+    d = judge_live([LiveEvidence("c1", [3.0] * 300)], controls)
+    assert mannwhitneyu([3.0], medians, alternative="greater").pvalue > 0.04  # what the default would give
+    assert d.unit == "devices" and d.p_value == pytest.approx(1 / 201) and d.action == "roll back"
