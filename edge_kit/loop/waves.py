@@ -557,10 +557,13 @@ class Rollout:
             return "done", None
         if decision.action == "hold":
             return "held", f"live gate: hold: {decision.reason}"
-        back = []
+        back, stuck = [], []
         for d in canaries:
             prev = (self.rows[d].get("detail") or {}).get("previous")
             if not prev or not prev.get("sha256") or not prev.get("bytes"):
+                stuck.append(d)  # it named no previous model: nothing to send it back to
+                self._set(d, detail={"error": f"live gate: {decision.reason}; kept on the candidate: it reported no "
+                                              "previous model to go back to (roll it back with a rollout of the old model)"})
                 continue
             rev = self._revision(d)
             back.append((d, Desired(msg_id="", rollout=self.rid, revision=rev, store=plan["store"],
@@ -575,7 +578,9 @@ class Rollout:
             time.sleep(0.05)  # the canaries' answers: a rollback is confirmed, or its failure is shown
             self._take_reports()
         return "rolled back", (f"live gate: roll back: {decision.reason}; {len(back)} of {len(canaries)} canaries "
-                               "sent back to their previous model")
+                               "sent back to their previous model"
+                               + (f"; kept on the candidate (no previous model reported): {', '.join(stuck)}"
+                                  if stuck else ""))
 
     def _settle(self, quiet_s: float = 0.5, at_most_s: float = 10.0) -> None:
         """Wait until the retained messages stop coming (``quiet_s`` without one, at most ``at_most_s``)."""

@@ -344,3 +344,27 @@ def test_ctrl_c_while_driving_says_how_to_resume_in_one_line_exit_130(tmp_path, 
                    "other was sent: `edgekit rollout resume r` goes on (a live gate not yet decided judges again), "
                    "`edgekit rollout abort r` ends it\n")
     assert Store(tmp_path / "edgekit-history.db").rollout("r")["owner"] is None  # released: resumable at once
+
+
+def test_a_rolled_back_gate_names_the_canaries_it_could_not_send_back(tmp_path):
+    """A canary whose report named no previous model (a fresh device) cannot be sent back: before, the summary
+    only counted '1 of 2 canaries sent back' and that device's row said nothing. Now both name it."""
+    from edge_kit.selection.gate import GateDecision
+
+    history = Store(tmp_path / "h.db")
+    names = planned(history, gate={"window_s": 1})
+
+    class Fresh(FakeBroker):
+        def __call__(self, callback):
+            def fresh(msg):  # names[0] had no model before this rollout: its report names no previous
+                callback({**msg, "previous": None} if msg["device"] == names[0] else msg)
+            self.cb = fresh
+            return self
+
+    broker = Fresh()
+    out = Rollout(history, "r", broker, judge=lambda c, k: GateDecision("roll back", "canaries slower")).run()
+    assert out["state"] == "rolled back"
+    assert out["reason"].endswith(f"1 of 2 canaries sent back to their previous model; kept on the candidate "
+                                  f"(no previous model reported): {names[0]}")
+    row = {r["device"]: r for r in out["devices"]}[names[0]]
+    assert row["state"] == "converged" and "kept on the candidate: it reported no previous model" in row["error"]
