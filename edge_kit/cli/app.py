@@ -119,6 +119,15 @@ GateShadowOpt = Annotated[float, typer.Option(min=0, max=1, help="Live gate: sha
 GateSnrOpt = Annotated[Optional[float], typer.Option(help="Live gate: roll back below this live fidelity (needs --gate-shadow).")]
 
 
+def gate_lines(gate: dict[str, Any], promoted: bool) -> str:
+    """Return what a command prints of a live-gate decision (``GateDecision.as_dict()``): the decision when it
+    promoted (a stop already printed it) and where its figures came from, escaped for rich."""
+    from edge_kit.selection.gate import SOURCE
+
+    text = f"live gate: {gate.get('action')}: {gate.get('reason')}\n" if promoted else ""
+    return safe(text + f"gate figures: {gate.get('source') or SOURCE}; test: {gate.get('test') or '-'}")
+
+
 def live_gate(gate: str | None, window: float, min_requests: int, alpha: float, min_slowdown: float, shadow: float,
               min_snr_db: float | None) -> Any:
     """Return the :class:`~edge_kit.loop.rollout.LiveGate` the ``--gate*`` options describe, or None without ``--gate``.

@@ -25,6 +25,7 @@ from edge_kit.cli.app import (
     app,
     emit_json,
     finite,
+    gate_lines,
     live_gate,
     open_fleet_history,
     out,
@@ -248,8 +249,14 @@ def deploy_cmd(
             done = what in ("succeeded", "skipped", "failed")
             bar.update(task, advance=1 if done else 0, description=f"{device}: {what}")
 
+        judged: list[dict] = []  # the gate's decision, as recorded (one entry per canary, the same decision)
+
+        def record(entry: dict) -> None:
+            history.add_decision(entry)
+            judged.append(entry)
+
         group = (rollout(fleet, targets, opts, canary_share, failed_share, progress, gate=gated,
-                         record=history.add_decision if history else None) if canary_share
+                         record=record if history else None) if canary_share
                  else deploy(fleet, targets, opts, progress))
     if history is not None:
         history.close()
@@ -259,6 +266,8 @@ def deploy_cmd(
         out.print(results_table(group))
         if group.stopped:
             out.print(f"[red]rollout stopped:[/] {safe(group.stopped)}")
+        if judged:
+            out.print(gate_lines(judged[0]["gate"], promoted=not group.stopped), highlight=False)
     if group.failed or group.stopped:
         raise typer.Exit(4)
 

@@ -63,9 +63,13 @@ def decision_table(decisions: dict[str, Any], explain: bool) -> list[Any]:
 
 
 def _source(row: dict[str, Any]) -> str:
-    """Return a fleet decision row's source: ``inferred``, or ``measured`` with how its power was obtained."""
-    if row.get("source") == "measured" and row.get("power_source"):
-        return f"measured (power: {row['power_source']})"
+    """Return a fleet decision row's source: ``measured`` or ``inferred``, with where its power came from
+    (a measured row's sensor or ``estimated``; an inferred row's pooled sources, e.g. ``from estimated``)."""
+    ps = row.get("power_source")
+    if row.get("source") == "measured" and ps:
+        return f"measured (power: {ps})"
+    if row.get("source") == "inferred" and ps and ps != "inferred":
+        return f"inferred (power {ps.removeprefix('inferred ')})"
     return row.get("source") or "-"
 
 

@@ -27,6 +27,7 @@ from edge_kit.cli.app import (
     emit_json,
     err,
     finite,
+    gate_lines,
     live_gate,
     open_fleet_history,
     out,
@@ -40,7 +41,7 @@ app.add_typer(rollout_app, name="rollout")
 
 IdArg = Annotated[str, typer.Argument(help="The rollout's id (see `edgekit rollout list`).")]
 STYLE = {"converged": "green", "failed": "red", "refused": "red", "rolled back": "red", "rolling back": "yellow",
-         "superseded": "dim", "sent": "yellow", "fetching": "yellow", "planned": "dim"}
+         "superseded": "dim", "left the fleet": "dim", "sent": "yellow", "fetching": "yellow", "planned": "dim"}
 
 
 def _history(fleet_file: Path, history: str | None) -> Any:
@@ -62,12 +63,13 @@ def _drive(fleet_file: Path, db: Any, rid: str, as_json: bool) -> dict[str, Any]
     record = db.rollout(rid)
     gate = (record or {}).get("body", {}).get("gate")
     judge = live_judge(fleet, LiveGate(**gate)) if gate else None
+    members = {d.name for d in fleet.devices}
 
     def connect(on_reported: Any) -> Any:
         return FleetClient.of(fleet, kinds=("reported",), on_reported=on_reported)
 
     if as_json:
-        return Rollout(db, rid, connect, judge=judge).run()
+        return Rollout(db, rid, connect, judge=judge, members=members).run()
     with progress_bar(TextColumn("wave {task.fields[wave]}"), BarColumn(), MofNCompleteColumn(),
                       TextColumn("{task.fields[counts]}"), TimeElapsedColumn(), as_json=False, transient=False) as bar:
         task = bar.add_task("rollout", total=None, wave="-", counts="")
@@ -77,7 +79,7 @@ def _drive(fleet_file: Path, db: Any, rid: str, as_json: bool) -> dict[str, Any]
             bar.update(task, total=p.total, completed=done, wave=f"{p.wave}/{p.waves}",
                        counts=" ".join(f"{k} {v}" for k, v in sorted(p.counts.items())))
 
-        return Rollout(db, rid, connect, progress=show, judge=judge).run()
+        return Rollout(db, rid, connect, progress=show, judge=judge, members=members).run()
 
 
 def _print(summary: dict[str, Any]) -> None:
@@ -95,14 +97,16 @@ def _print(summary: dict[str, Any]) -> None:
     counts = ", ".join(f"{k} {v}" for k, v in sorted(summary["counts"].items()))
     out.print(f"rollout {summary['id']}: [bold]{summary['state']}[/] ({counts})"
               + (f": {safe(summary['reason'])}" if summary.get("reason") else ""))
+    if summary.get("gate"):
+        out.print(gate_lines(summary["gate"], promoted=summary["gate"].get("action") == "promote"), highlight=False)
     if summary.get("refused_messages"):
         out.print(f"[red]{summary['refused_messages']} reported message(s) refused[/] (not the device's key, malformed "
                   f"or from the future), e.g. {safe(summary['refused_examples'][0])}")
 
 
 def _exit(summary: dict[str, Any]) -> None:
-    """Exit 0 only when the rollout is done and every device converged or was refused up front."""
-    if summary["state"] != "done" or set(summary["counts"]) - {"converged", "refused"}:
+    """Exit 0 only when the rollout is done and every device converged, was refused up front or left the fleet."""
+    if summary["state"] != "done" or set(summary["counts"]) - {"converged", "refused", "left the fleet"}:
         raise typer.Exit(1)
 
 
@@ -142,6 +146,7 @@ def start_cmd(
     from edge_kit.loop.waves import (
         RolloutError,
         RolloutSettings,
+        check_no_overlap,
         parse_rate,
         parse_share,
         parse_waves,
@@ -171,6 +176,7 @@ def start_cmd(
                         gate=gated, choices=choices)
     from edge_kit.fleet.artifact_store import check_published
 
+    check_no_overlap(db, plan)
     check_published(plan["store"], _files(plan))
     db.save_rollout(rid, "running", plan)
     if not as_json:

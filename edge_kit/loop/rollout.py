@@ -1,7 +1,7 @@
 """Canary rollouts: a share of the devices goes first, is benchmarked and judged, then the rest.
 
-``canary`` of the devices (rounded up, at least one) are deployed first with a short health
-benchmark of the activated model. A canary fails when its deploy failed or its benchmark breaks
+``canary`` of each profile's devices (rounded up, at least one per profile, in fleet order) are
+deployed first with a short health benchmark of the activated model. A canary fails when its deploy failed or its benchmark breaks
 the device's constraints. When more than ``max_failed`` of the canaries failed, every canary this
 deploy switched is rolled back and the other devices are left as they were; otherwise the rest
 is deployed. The decision is :func:`judge_canaries`, pure and unit-tested; this module wires it
@@ -17,6 +17,7 @@ numbers (``record``: the history's decisions).
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections.abc import Callable
@@ -97,13 +98,49 @@ def broken_constraints(manifest: Manifest, dev: Device, result: DeviceResult) ->
     return ", ".join(describe(k, c) for k in broken) or None
 
 
+def pick_canaries(devices: list[Device], share: float) -> list[Device]:
+    """Return the canaries of ``devices``: of each profile, its first ``share`` of devices in fleet order
+    (rounded up, at least one), so that every profile the rollout reaches has a canary; in fleet order."""
+    by_profile: dict[str, list[Device]] = {}
+    for d in devices:
+        by_profile.setdefault(d.profile, []).append(d)
+    chosen = {id(d) for group in by_profile.values() for d in group[:max(1, math.ceil(len(group) * share))]}
+    return [d for d in devices if id(d) in chosen]
+
+
+LIVE_SAMPLES = 2048  # service times asked of each device per poll (its newest)
+MAX_CONTROLS = 200  # control devices polled at most: a device-level test gains little past this, a fleet's poll a lot
+
+
+def pick_controls(names: list[str], limit: int = MAX_CONTROLS) -> list[str]:
+    """Return at most ``limit`` of ``names`` as the gate's control devices: a stable spread sample (by the
+    sha256 of each name), in that order; all of them when there are no more than ``limit``."""
+    if len(names) <= limit:
+        return list(names)
+    return sorted(names, key=lambda n: hashlib.sha256(n.encode()).hexdigest())[:limit]
+
+
 def collect_live(fleet: Fleet, canaries: list[str], controls: list[str], gate: LiveGate,
              progress: Callable[[str, str], None]) -> tuple[list[LiveEvidence], list[LiveEvidence]]:
     """Poll the devices' live figures until every one has ``min_samples`` answered since the gate
     started (what the health benchmark and the first requests after the switch did is not counted),
-    or the window ends."""
-    evidence: dict[str, LiveEvidence] = {}
+    or the window ends.
+
+    A device that does not answer (offline, its agent stopped, a refusal) is named in ``progress`` and
+    never stops the gate: a canary is asked again next round (it keeps what it gave, and with too few
+    samples the gate holds); a control is dropped for the rest of the window (the others stand in).
+
+    Returns:
+        The canaries' and the controls' evidence, in the order given (empty samples where none came), each
+        with its profile from the fleet file (the gate compares devices within their profile).
+
+    Raises:
+        AgentError: the fleet's broker cannot be reached.
+    """
+    profile = {d.name: d.profile for d in fleet.devices} if fleet is not None else {}  # compared within a profile
+    evidence: dict[str, LiveEvidence] = {n: LiveEvidence(n, [], profile=profile.get(n)) for n in canaries + controls}
     start: dict[str, int] = {}  # requests each device's served model had answered when the gate started
+    dropped: set[str] = set()  # controls that did not answer
     deadline = time.monotonic() + gate.window_s
     with FleetClient.of(fleet) as client:
         if gate.shadow_share > 0:
@@ -112,25 +149,38 @@ def collect_live(fleet: Fleet, canaries: list[str], controls: list[str], gate: L
                     client.request(name, "shadow", {"variant": "fp32", "share": gate.shadow_share}, timeout=60, expire=True)
                 except EdgeKitError as exc:  # e.g. the candidate is fp32 itself: no comparison from this canary
                     progress(name, f"no shadow run: {exc}")
+        first_round = True
         while True:
-            for name in canaries + controls:
-                live = _field(client.request(name, "state", {"live": 2048}, timeout=30, expire=True), "result", "live")
+            for name in canaries + [c for c in controls if c not in dropped]:
+                if not first_round and time.monotonic() >= deadline:
+                    break  # silent devices cost their timeout each: the window bounds the round too
+                try:
+                    answer = client.request(name, "state", {"live": LIVE_SAMPLES}, timeout=30, expire=True)
+                except EdgeKitError as exc:  # one silent device never stops the gate
+                    if name in controls:
+                        dropped.add(name)
+                    progress(name, f"no live figures ({exc}); " + ("dropped from the controls" if name in controls
+                                                                   else "asked again next round"))
+                    continue
+                live = _field(answer, "result", "live")
                 answered = _number(_field(live, "requests")) or 0  # a device's word: numbers only, any shape
                 start.setdefault(name, answered)
                 new = int(answered - start[name])
                 samples = _field(live, "latency_samples_ms")
-                samples = samples[-new:] if isinstance(samples, list) and new > 0 else []
+                # the newest answered since the gate started, never more than were asked for (a device's word)
+                samples = samples[-min(new, LIVE_SAMPLES):] if isinstance(samples, list) and new > 0 else []
                 evidence[name] = LiveEvidence(name, [s for s in samples if _number(s) is not None],
-                                              _number(_field(live, "shadow", "fidelity", "snr_db")))
+                                              _number(_field(live, "shadow", "fidelity", "snr_db")), profile.get(name))
             enough = all(len(evidence[n].samples_ms) >= gate.min_samples for n in canaries) and \
-                sum(len(evidence[n].samples_ms) for n in controls) >= gate.min_samples
+                sum(len(evidence[n].samples_ms) for n in controls if n not in dropped) >= gate.min_samples
             if enough and (gate.shadow_share <= 0 or all(evidence[n].shadow_snr_db is not None for n in canaries)):
                 break
             if time.monotonic() >= deadline:
                 break
+            first_round = False
             progress("gate", f"collecting live figures ({int(deadline - time.monotonic())} s left)")
             time.sleep(1.0)
-    return [evidence[n] for n in canaries], [evidence[n] for n in controls]
+    return [evidence[n] for n in canaries], [evidence[n] for n in controls if n not in dropped]
 
 
 def _field(doc: Any, *path: str) -> Any:
@@ -157,16 +207,20 @@ def rollout(fleet: Fleet, devices: list[Device], opts: DeployOptions, canary: fl
     Returns:
         One result per device in the order given; ``stopped`` says why when the rest was not deployed.
 
+    If the gate is interrupted (Ctrl-C, an error while collecting), the canaries this deploy switched are
+    put back on their previous model before the interruption goes on: none is left on an unvetted candidate.
+
     Raises:
         InputError: the artifact folder has no (valid) manifest.
-        AgentError: the fleet's broker cannot be reached.
+        AgentError: the fleet's broker cannot be reached (during the gate: after the canaries were rolled back).
         HistoryError: ``record`` failed; the gate's decision was acted on for the canaries first (rolled
             back, or kept on hold), and the rest was not deployed.
     """
     progress = progress or (lambda _d, _m: None)
     order = {d.name: i for i, d in enumerate(devices)}
-    n = max(1, math.ceil(len(devices) * canary))
-    canaries, rest = devices[:n], devices[n:]
+    canaries = pick_canaries(devices, canary)
+    first_ids = {id(d) for d in canaries}
+    rest = [d for d in devices if id(d) not in first_ids]
     first = deploy(fleet, canaries, replace(opts, health_bench=dict(CANARY_BENCH)), progress).results
     manifest = read_manifest(opts.artifacts)
     by_name = {d.name: d for d in canaries}
@@ -176,10 +230,15 @@ def rollout(fleet: Fleet, devices: list[Device], opts: DeployOptions, canary: fl
             r.status, r.reason = "failed", f"{r.device}: canary breaks its constraints ({broken[r.device]})"
     verdict = judge_canaries(first, broken, max_failed)
     if verdict.proceed and gate is not None:
-        decision, entries = _gate(fleet, canaries, rest, first, gate, progress)
+        switched = [d for d in canaries if any(r.device == d.name and r.switched for r in first)]
+        try:
+            decision, entries = _gate(fleet, canaries, rest, first, gate, progress)
+        except BaseException as exc:  # Ctrl-C, the broker gone: no canary stays on a candidate nobody vetted
+            roll_back(fleet, switched, opts, first, f"rolled back: the live gate was interrupted ({type(exc).__name__}"
+                                                    f"{': ' + str(exc).splitlines()[0] if str(exc) else ''})")
+            raise
         if decision.action == "roll back":
-            roll_back(fleet, [d for d in canaries if any(r.device == d.name and r.switched for r in first)], opts,
-                      first, f"rolled back by the live gate: {decision.reason}")
+            roll_back(fleet, switched, opts, first, f"rolled back by the live gate: {decision.reason}")
         # Recorded once acted on, before the rest is deployed: a history that fails (HistoryError) then stops
         # the command with the canaries already rolled back and the rest untouched, never half-way.
         for entry in entries if record is not None else ():
@@ -203,7 +262,7 @@ def _gate(fleet: Fleet, canaries: list[Device], rest: list[Device], first: list[
     decision and the history entries that record it (one per canary judged)."""
     ok = [d.name for d in canaries if any(r.device == d.name and r.ok for r in first)]
     profiles = {d.profile for d in canaries if d.name in ok}
-    controls = [d.name for d in rest if d.profile in profiles]
+    controls = pick_controls([d.name for d in rest if d.profile in profiles])
     if not controls:
         decision = GateDecision("hold", f"no control device on profile(s) {', '.join(sorted(profiles)) or '-'} "
                                         "still runs the current model to compare with")

@@ -7,7 +7,8 @@ activates it safely and answers with its ``reported`` state (:mod:`device_agents
 A rollout is planned once (:func:`plan_rollout`): which artifact each device gets (the variant
 asked for, else its profile's first built variant), in a stable shuffled order (a device's place is
 the sha256 of the rollout id and its name, so the first wave is a spread sample of the fleet and
-the same one after a restart). Waves are cumulative shares of that order (``1%,10%,100%``), sent at
+the same one after a restart; the first device of each profile leads, so a first wave at least as
+large as the number of profiles has a canary of each). Waves are cumulative shares of that order (``1%,10%,100%``), sent at
 ``rate`` devices per second; a wave ends when each of its devices has converged or failed, or when
 ``wave_timeout_s`` passes (the silent ones stay ``sent``: they converge when they come back, and
 ``rollout status --refresh`` shows it). When more than ``max_failed`` of the devices sent so far
@@ -43,15 +44,15 @@ from edge_kit.errors import (
 )
 from edge_kit.fleet.deploy import candidates_for
 from edge_kit.fleet.inventory import Device, Fleet
-from edge_kit.loop.rollout import LiveGate, collect_live
+from edge_kit.loop.rollout import LiveGate, collect_live, pick_controls
 from edge_kit.manifest import read_manifest
 from edge_kit.selection.fleetmodel import KIND as FLEET_KIND
 from edge_kit.selection.gate import GateDecision, judge_live
 from edge_kit.telemetry.store import SELECTION_KIND
 from edgekit_protocol.desired import Desired, Fetch
 
-FINAL = ("converged", "failed", "refused", "rolled back", "superseded")
-SETTLED = ("converged", "refused", "rolled back", "superseded")  # rows no later report of this rollout changes
+FINAL = ("converged", "failed", "refused", "rolled back", "superseded", "left the fleet")
+SETTLED = ("converged", "refused", "rolled back", "superseded", "left the fleet")  # rows no later report changes
 STALE_OWNER_S = 30.0  # a driver whose heartbeat is older than this is gone: another may resume
 FLUSH_S = 0.5  # how often device states are written to the history
 
@@ -69,6 +70,17 @@ class UnknownRollout(RolloutError):
 
     def __init__(self, rid: str):
         super().__init__(f"rollout {rid}: not in the history; see `edgekit rollout list` (or check --history)")
+
+
+class RolloutInterrupted(RolloutError):
+    """Ctrl-C while driving a rollout: it stays resumable (the text says how); exit code 130 as for any interruption."""
+
+    exit_code = 130
+
+    def __init__(self, rid: str):
+        super().__init__(f"rollout {rid}: interrupted; the devices sent so far keep their desired state and no other "
+                         f"was sent: `edgekit rollout resume {rid}` goes on (a live gate not yet decided judges "
+                         f"again), `edgekit rollout abort {rid}` ends it")
 
 
 @dataclass(frozen=True)
@@ -132,8 +144,14 @@ def parse_rate(text: str, option: str, unit: str = "") -> float:
     return value
 
 
-def _order(rid: str, names: list[str]) -> list[str]:
-    return sorted(names, key=lambda n: hashlib.sha256(f"{rid}/{n}".encode()).hexdigest())
+def _order(rid: str, names: list[str], profile_of: dict[str, str] | None = None) -> list[str]:
+    """Return ``names`` in the rollout's stable shuffled order (the sha256 of the rollout id and the name),
+    with the first device of each profile (``profile_of``) moved to the front, so that a first wave of at
+    least as many devices as there are profiles has a canary of each."""
+    shuffled = sorted(names, key=lambda n: hashlib.sha256(f"{rid}/{n}".encode()).hexdigest())
+    leaders = list({(profile_of or {}).get(n): n for n in reversed(shuffled)}.values())[::-1]
+    lead = set(leaders)
+    return sorted(leaders, key=shuffled.index) + [n for n in shuffled if n not in lead]
 
 
 def selected_variants(history: Any, devices: list[Device]) -> dict[str, str]:
@@ -191,7 +209,32 @@ def plan_rollout(rid: str, artifacts: Path, fleet: Fleet, devices: list[Device],
             "variant": variant, "artifacts": str(Path(artifacts).resolve()),
             "settings": {**asdict(settings), "waves": list(settings.waves)},
             "gate": asdict(gate) if gate is not None else None,
-            "order": _order(rid, list(targets)), "targets": targets, "refused": refused}
+            "order": _order(rid, list(targets), {n: t["profile"] for n, t in targets.items()}), "targets": targets, "refused": refused}
+
+
+UNFINISHED = ("running", "aborting", "held", "stopped")  # rollouts that may still send desired states (resume)
+
+
+def check_no_overlap(history: Any, plan: dict[str, Any]) -> None:
+    """Refuse a plan whose devices an unfinished rollout (running, aborting, held or stopped: it can be
+    resumed) also targets: each device follows one rollout at a time, or the two would take turns
+    overriding each other's desired state (and a gate's controls would not be on the current model).
+    Return nothing when no device is shared.
+
+    Raises:
+        RolloutError: devices are in another unfinished rollout (named, with what to do).
+        HistoryError: the history store failed.
+    """
+    mine = set(plan["targets"])
+    for other in history.rollouts(limit=1000, states=UNFINISHED):
+        if other["id"] == plan["id"]:
+            continue
+        shared = sorted(mine & set((other["body"] or {}).get("targets") or {}))
+        if shared:
+            raise RolloutError(
+                f"rollout {plan['id']}: {len(shared)} device(s) ({', '.join(shared[:3])}{', ...' if len(shared) > 3 else ''}) "
+                f"are in rollout {other['id']}, which is {other['state']}; `edgekit rollout abort {other['id']}` first, "
+                "or leave them out with --devices")
 
 
 def settings_of(body: dict[str, Any]) -> RolloutSettings:
@@ -241,13 +284,16 @@ class Rollout:
     ``history`` is the history store; ``connect(on_reported)`` returns an entered
     :class:`~edge_kit.fleet.commands.FleetClient` subscribed to ``reported`` that calls
     ``on_reported`` with each verified message; ``progress`` is called with a :class:`Progress` at
-    most every 0.2 s.
+    most every 0.2 s. ``members``: the devices the fleet file names now; a planned device no longer among
+    them, not yet sent or still waiting, is not sent (again) and ends ``left the fleet`` (None: all stay).
     """
 
     def __init__(self, history: Any, rid: str, connect: Callable[[Callable[[dict[str, Any]], None]], Any], *,
                  progress: Callable[[Progress], None] | None = None, owner: str | None = None,
-                 judge: Callable[[list[str], list[str]], GateDecision] | None = None):
+                 judge: Callable[[list[str], list[str]], GateDecision] | None = None,
+                 members: set[str] | None = None):
         self.history, self.rid = history, rid
+        self.members = members
         self.judge = judge  # the live gate on the first wave, when the plan asks for one
         self.connect = connect
         self.progress = progress
@@ -334,7 +380,7 @@ class Rollout:
 
     def _too_many_failed(self, max_failed: float) -> str | None:
         counts = self._counts()
-        sent = sum(v for k, v in counts.items() if k not in ("planned", "refused"))
+        sent = sum(v for k, v in counts.items() if k not in ("planned", "refused", "left the fleet"))
         failed = counts.get("failed", 0)
         if sent and failed / sent > max_failed:
             return (f"{failed} of {sent} devices sent so far failed ({failed / sent:.1%} > --max-failed "
@@ -348,6 +394,7 @@ class Rollout:
             UnknownRollout: no such rollout in the history.
             RolloutError: it is finished, another process drives it, or the history store failed (the
                 rollout can be resumed).
+            RolloutInterrupted: Ctrl-C (the rollout can be resumed).
             AgentError: the broker cannot be reached.
         """
         record = self._db("reading the rollout", lambda: self.history.rollout(self.rid))
@@ -363,6 +410,8 @@ class Rollout:
             self._db("resuming", lambda: self.history.set_rollout_state(self.rid, "running"))
         try:
             return self._run(record["body"])
+        except KeyboardInterrupt:
+            raise RolloutInterrupted(self.rid) from None
         finally:
             try:
                 self._flush()
@@ -382,6 +431,10 @@ class Rollout:
             self.rows[name].pop("ts", None)
             self._dirty.add(name)
         self._last_rev = max((r["revision"] for r in self.rows.values()), default=0)
+        for name in order:  # removed from the fleet file since the plan: never sent (again), never waited for
+            if self.members is not None and name not in self.members and self.rows[name]["state"] in ("planned", "sent"):
+                self._set(name, state="left the fleet", detail={"error": f"{name}: no longer in the fleet file; "
+                                                                         "not sent" + (" again" if self.rows[name]["state"] == "sent" else "")})
         ends = wave_ends(len(order), settings.waves)
         state, reason = "done", None
         resumed = [d for d in order if self.rows[d]["state"] == "sent"]
@@ -472,7 +525,8 @@ class Rollout:
         targets = plan["targets"]
         canaries = [d for d in order[:first] if self.rows[d]["state"] == "converged"]
         profiles = {targets[d]["profile"] for d in canaries}
-        controls = [d for d in order[first:] if self.rows[d]["state"] == "planned" and targets[d]["profile"] in profiles]
+        controls = pick_controls([d for d in order[first:]
+                                  if self.rows[d]["state"] == "planned" and targets[d]["profile"] in profiles])
         beating = threading.Event()
 
         def beat() -> None:  # the gate collects for its window: the heartbeat goes on meanwhile
@@ -503,10 +557,13 @@ class Rollout:
             return "done", None
         if decision.action == "hold":
             return "held", f"live gate: hold: {decision.reason}"
-        back = []
+        back, stuck = [], []
         for d in canaries:
             prev = (self.rows[d].get("detail") or {}).get("previous")
             if not prev or not prev.get("sha256") or not prev.get("bytes"):
+                stuck.append(d)  # it named no previous model: nothing to send it back to
+                self._set(d, detail={"error": f"live gate: {decision.reason}; kept on the candidate: it reported no "
+                                              "previous model to go back to (roll it back with a rollout of the old model)"})
                 continue
             rev = self._revision(d)
             back.append((d, Desired(msg_id="", rollout=self.rid, revision=rev, store=plan["store"],
@@ -521,7 +578,9 @@ class Rollout:
             time.sleep(0.05)  # the canaries' answers: a rollback is confirmed, or its failure is shown
             self._take_reports()
         return "rolled back", (f"live gate: roll back: {decision.reason}; {len(back)} of {len(canaries)} canaries "
-                               "sent back to their previous model")
+                               "sent back to their previous model"
+                               + (f"; kept on the candidate (no previous model reported): {', '.join(stuck)}"
+                                  if stuck else ""))
 
     def _settle(self, quiet_s: float = 0.5, at_most_s: float = 10.0) -> None:
         """Wait until the retained messages stop coming (``quiet_s`` without one, at most ``at_most_s``)."""
@@ -573,12 +632,14 @@ class Rollout:
         """Return the rollout's outcome: ``state`` (done, stopped, aborted), ``reason``, ``counts`` per
         device state, ``ignored`` (reports of other rollouts or revisions), ``refused_messages`` (reports
         that failed their signature or checks; up to five with why), and one row per device (``device, wave,
-        state, variant, error, seconds, download``)."""
+        state, variant, error, seconds, download``); ``gate``: the live gate's decision with its numbers
+        (``GateDecision.as_dict()``), None when the rollout has not been judged."""
         rows = []
         for name, row in self.rows.items():
             d = row.get("detail") or {}
             rows.append({"device": name, "wave": row["wave"] + 1 if row["wave"] >= 0 else None, "state": row["state"],
                          "variant": plan["targets"].get(name, {}).get("variant"), "error": d.get("error"),
                          "seconds": d.get("seconds"), "download": d.get("download")})
-        return {"id": self.rid, "state": state, "reason": reason, "counts": self._counts(), "ignored": self.ignored,
+        return {"id": self.rid, "state": state, "reason": reason, "gate": plan.get("gated"), "counts": self._counts(),
+                "ignored": self.ignored,
                 "refused_messages": len(self.refused), "refused_examples": self.refused[:5], "devices": rows}

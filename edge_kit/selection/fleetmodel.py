@@ -80,7 +80,7 @@ from typing import Any
 import numpy as np
 
 from edge_kit.profiles import Constraints
-from edge_kit.selection.constraints import describe, overshoot
+from edge_kit.selection.constraints import Measured, describe, overshoot, unjudged
 from edge_kit.selection.policy import DEFAULT_MARGIN, Decision, Group, choose_group
 from edgekit_protocol.labels import power_source
 
@@ -916,13 +916,20 @@ def decisions_of(plan: Plan, sha256: dict[str, str], devices: list[int] | None =
 
     ``records`` are the bench records the measurements came from, oldest first: a measured row's
     ``power_source`` is the newest one's label (the sensor's key, ``estimated`` or ``not measured``, as
-    the per-device policy says it), None without them; an inferred row's is ``inferred``.
+    the per-device policy says it), None without them; an inferred row's is ``inferred from <labels>`` (the
+    sources of the power figures its profile pooled for that variant, e.g. ``inferred from estimated``), or
+    ``inferred`` without them.
     """
     spec = plan.model.spec
     labels: dict[tuple[Any, Any], str] = {}
+    profile_of = {name: int(spec.profile[i]) for i, name in enumerate(spec.devices)}
+    pooled: dict[tuple[int, Any], set[str]] = {}  # (profile, sha256): the power sources the profile's figures pooled
     for r in records or ():
         if isinstance(r.get("power"), dict):
-            labels[(r.get("device"), r.get("sha256"))] = power_source(r["power"])
+            label = power_source(r["power"])
+            labels[(r.get("device"), r.get("sha256"))] = label
+            if r.get("device") in profile_of and label != "not measured":
+                pooled.setdefault((profile_of[r["device"]], r.get("sha256")), set()).add(label)
     out = []
     for d in range(len(spec.devices)) if devices is None else devices:
         v = int(plan.chosen[d])
@@ -933,19 +940,44 @@ def decisions_of(plan: Plan, sha256: dict[str, str], devices: list[int] | None =
             table.append({**row, "sha256": sha256.get(row["variant"]), "measured": row["source"] == "measured",
                           "runs": int((~np.isnan(plan.figures.values["p90_ms"][d, vi])).sum()) if row["source"] == "measured" else 0,
                           "power_source": (labels.get((spec.devices[d], sha256.get(row["variant"])))
-                                           if row["source"] == "measured" else "inferred"),
+                                           if row["source"] == "measured" else _inferred_power(
+                                               pooled.get((int(spec.profile[d]), sha256.get(row["variant"]))))),
                           "model_mb": float(spec.model_mb[spec.profile[d], vi]),
-                          "violates": _row_violates(plan, d, vi)})
+                          "violates": _row_violates(plan, d, vi), "unjudged": unjudged_bounds(plan, d, vi)})
         drift = [w for (p, dv), w in plan.model.drift.items() if p == spec.profile[d] and spec.candidates[d, dv]]
         feasible = bool(plan.feasible[d]) if v >= 0 else False
+        blind = next((r["unjudged"] for r in table if r["variant"] == spec.variants[v]), []) if v >= 0 else []
+        reason = plan.reason(d) + (f"; not judged (no figure for it): {', '.join(blind)}" if blind else "")
         out.append(FleetDecision(
             spec.devices[d], spec.variants[v] if v >= 0 else None, sha256.get(spec.variants[v]) if v >= 0 else None,
-            spec.variants[current] if current >= 0 else None, feasible, bool(plan.switch[d]), plan.reason(d),
+            spec.variants[current] if current >= 0 else None, feasible, bool(plan.switch[d]), reason,
             [spec.variants[c] for c in np.flatnonzero(spec.candidates[d]) if not plan.figures.measured[d, c]] if v < 0 else [],
             [] if feasible or v < 0 else violated(plan, d), table, confidence=float(plan.confidence[d]),
             flagged=plan.model.flag_why.get(d, "differs from its profile") if plan.model.flagged[d] else None,
-            inferred=[r["variant"] for r in table if r["source"] == "inferred"], drift=drift))
+            unjudged=blind, inferred=[r["variant"] for r in table if r["source"] == "inferred"], drift=drift))
     return out
+
+
+def _inferred_power(sources: set[str] | None) -> str:
+    """Return an inferred row's ``power_source``: ``inferred from <the sources the profile's power figures came
+    from>`` (sensor keys, ``estimated``), so an inference from estimates never reads as one from sensors;
+    ``inferred`` when unknown (no records given, or none with a power figure)."""
+    return f"inferred from {', '.join(sorted(sources))}" if sources else "inferred"
+
+
+def unjudged_bounds(plan: Plan, d: int, v: int) -> list[str]:
+    """Return, in words, the bounds of device ``d`` that variant ``v``'s figures (measured or inferred) cannot be
+    judged on for lack of a figure (:func:`~edge_kit.selection.constraints.unjudged`: no power, accuracy or
+    SNR figure anywhere in the profile); such a bound is not met, it is unknown, and the decision says so."""
+    spec, f = plan.model.spec, plan.figures.values
+
+    def known(x: Any) -> float | None:
+        return None if np.isnan(x) else float(x)
+
+    m = Measured(spec.variants[v], float(f["p90_ms"][d, v, 0]), known(f["avg_w"][d, v, 0]), known(f["energy_mj"][d, v, 0]),
+                 "measured" if plan.figures.measured[d, v] else "inferred", known(f["accuracy"][d, v, 0]),
+                 float(spec.model_mb[spec.profile[d], v]), known(f["snr_db"][d, v, 0]))
+    return unjudged(spec.constraints[spec.constraint_group[d]], m, known(spec.fp32_accuracy[d]))
 
 
 def _row_violates(plan: Plan, d: int, v: int) -> list[str]:

@@ -159,13 +159,15 @@ def _fleet_rows(store: HistoryStore) -> tuple[list[str], list[list[str]]]:
 
 def _verdict(dec: dict[str, Any] | None) -> str:
     """Return the fleet table's decision cell (HTML): the chosen variant and whether it is feasible, or, when
-    nothing was chosen (candidates not measured yet), why not; never "infeasible" for what was not judged."""
+    nothing was chosen (candidates not measured yet), why not; never "infeasible" for what was not judged, and
+    "feasible" names the bounds it did not judge."""
     if not dec:
         return "-"
     if dec.get("chosen") is None:
         return html.escape(f"none yet: {dec.get('reason') or 'nothing chosen'}")
     if dec["feasible"]:
-        return html.escape(f"{dec['chosen']} (feasible)")
+        blind = dec.get("unjudged") if isinstance(dec.get("unjudged"), list) else []
+        return html.escape(f"{dec['chosen']} (feasible" + (f"; not judged: {', '.join(map(str, blind))})" if blind else ")"))
     return (f"<span class=bad>{html.escape(str(dec['chosen']))} infeasible: "
             f"{html.escape(', '.join(dec.get('violates') or [str(dec.get('reason'))]))}</span>")
 
@@ -194,8 +196,10 @@ def _gate_rows(store: HistoryStore) -> list[list[str]]:
         num = (lambda v, f: "-" if v is None else format(v, f))
         rows.append([time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d["recorded"])), html.escape(d["device"]),
                      html.escape(str(d.get("chosen"))), html.escape(g["action"]), html.escape(g["reason"]),
-                     f"{num(g.get('canary_p50_ms'), '.3g')} / {num(g.get('control_p50_ms'), '.3g')}",
-                     f"{g.get('canary_samples', 0):,} / {g.get('control_samples', 0):,}", num(g.get("p_value"), ".2g"),
+                     f"{num(g.get('canary_p50_ms'), '.3g')} / {num(g.get('control_p50_ms'), '.3g')}"
+                     + (f" ({g['slowdown']:+.0%} within profiles)" if isinstance(g.get("slowdown"), (int, float)) else ""),
+                     f"{g.get('canary_samples', 0):,} / {g.get('control_samples', 0):,}",
+                     num(g.get("p_value"), ".2g") + (f" on {html.escape(str(g['unit']))}" if g.get("unit") else ""),
                      num(g.get("worst_snr_db"), ".1f"), html.escape(", ".join(g.get("controls") or []))])
     return rows
 
@@ -273,9 +277,10 @@ def build_report(store: HistoryStore, out: Path, title: str = "edge-kit fleet re
     gate_rows = _gate_rows(store)
     if gate_rows:
         gate_head = ["when", "canary", "candidate", "action", "why", "p50 ms canary / control", "requests canary / control",
-                     "p (Mann-Whitney U)", "live SNR dB", "controls"]
+                     "p (Mann-Whitney U) on devices' medians or pooled requests", "live SNR dB", "controls"]
         table += ("<h2>Rollout gate decisions</h2><p class=note>Live figures: the serving API's service times on the "
                   "devices' own traffic (perf_counter_ns), canaries on the candidate against controls on the current model; "
+                  "the test is on each device's median (on pooled requests only when too few devices, an optimistic p); "
                   "SNR from shadow runs against the fp32 reference.</p><table><tr>"
                   + "".join(f"<th>{h}</th>" for h in gate_head) + "</tr>"
                   + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in gate_rows) + "</table>")

@@ -399,10 +399,12 @@ class HistoryStore(abc.ABC):
         rows = self._rows("SELECT id, created, ts, state, owner, heartbeat, body FROM rollouts WHERE id = ?", (rid,))
         return self._rollout_row(rows[0]) if rows else None
 
-    def rollouts(self, limit: int = 20) -> list[dict[str, Any]]:
-        """Return the newest rollouts first (at most ``limit``). Raises HistoryError."""
+    def rollouts(self, limit: int = 20, states: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+        """Return the newest rollouts first (at most ``limit``; with ``states``, only those in one of them).
+        Raises HistoryError."""
+        where = f"WHERE state IN ({', '.join('?' for _ in states)}) " if states else ""
         rows = self._rows("SELECT id, created, ts, state, owner, heartbeat, body FROM rollouts "
-                          "ORDER BY created DESC LIMIT ?", (limit,))
+                          f"{where}ORDER BY created DESC LIMIT ?", (*(states or ()), limit))
         return [self._rollout_row(r) for r in rows]
 
     @staticmethod

@@ -424,3 +424,66 @@ def test_tune_with_a_budget_decides_on_a_plan_that_includes_its_last_measurement
     report = tn.TuneReport(GroupResult([]))
     tn._tune_budget(None, [SimpleNamespace(name="d1")], None, opts, store, report, {}, {}, lambda _m: None)
     assert stored and decided_on[0].seen == stored  # decided with the measurement taken in the round
+
+
+def test_a_bound_no_device_of_the_profile_has_a_figure_for_is_not_judged_and_the_decision_says_so():
+    """A power bound on a profile whose devices have no power sensor (and no estimate): before, the fleet
+    path called the choice feasible and said nothing; now it names the bounds it could not judge, as the
+    per-device policy does (in ``unjudged``, the reason and each table row)."""
+    from edge_kit.profiles import Constraints
+
+    fleet = make_fleet(80, noise=0.05, outliers=0.0, profiles=("rpi4",), seed=21)
+    spec = replace(fleet.spec, constraints=(Constraints(max_latency_p90_ms=50.0, max_power_w=5.0,
+                                                        min_fidelity_snr_db=20.0),))
+    m = _sample_all(fleet, range(20))
+    m = replace(m, avg_w=np.full(len(m), np.nan), energy_mj=np.full(len(m), np.nan), snr_db=np.full(len(m), np.nan))
+    plan = plan_measurements(spec, m, budget=0)
+    measured, inferred = decisions_of(plan, {x: x for x in spec.variants}, [0, 70])
+    for d in (measured, inferred):
+        assert d.chosen is not None and d.unjudged == ["power <= 5 W", "fidelity SNR >= 20 dB"], d
+        assert "not judged (no figure for it): power <= 5 W, fidelity SNR >= 20 dB" in d.reason
+        assert all(r["unjudged"] == ["power <= 5 W", "fidelity SNR >= 20 dB"] for r in d.table)
+    assert "inferred" in inferred.reason or inferred.inferred  # the figures it was judged on say where they came from
+    judged = decisions_of(plan_measurements(replace(spec, constraints=(Constraints(max_latency_p90_ms=50.0),)), m,
+                                            budget=0), {x: x for x in spec.variants}, [0])[0]
+    assert judged.unjudged == [] and "not judged" not in judged.reason
+
+
+def test_the_report_names_the_bounds_a_feasible_choice_was_not_judged_on(tmp_path):
+    from edge_kit.telemetry.report import build_report
+    from edge_kit.telemetry.store import Store
+
+    store = Store(tmp_path / "edgekit-history.db")
+    store.add_decision({"device": "d1", "kind": KIND, "chosen": "int8", "current": None, "feasible": True, "switch": False,
+                        "reason": "int8", "unjudged": ["power <= 5 W"]})
+    store.add_decision({"device": "d2", "kind": KIND, "chosen": "fp32", "current": None, "feasible": True, "switch": False,
+                        "reason": "fp32", "unjudged": []})
+    build_report(store, tmp_path / "report.html")
+    page = (tmp_path / "report.html").read_text()
+    assert "int8 (feasible; not judged: power &lt;= 5 W)" in page and "fp32 (feasible)" in page
+
+
+def test_an_inferred_energy_says_whether_it_was_pooled_from_sensors_or_estimates():
+    """Every device of the profile estimates its power (no sensor): before, a device's inferred energy read just
+    'inferred', as if pooled from sensor readings. Now it says what it was inferred from, in --json and --explain."""
+    from rich.console import Console
+
+    from edge_kit.cli.loop import decision_table
+
+    fleet = make_fleet(60, noise=0.05, outliers=0.0, profiles=("rpi4",), seed=8)
+    spec = fleet.spec
+    m = _sample_all(fleet, range(20))
+    plan = plan_measurements(spec, m, budget=0)
+    cands = [spec.variants[int(v)] for v in np.flatnonzero(spec.candidates[0])]
+    estimated = {"estimated": True, "method": "estimated: idle_w + (busy_w - idle_w) x CPU use"}
+    records = [{"device": spec.devices[i], "sha256": v, "power": estimated} for i in range(20) for v in cands]
+    records.append({"device": spec.devices[3], "sha256": cands[0], "power": {"sensor": "ina219", "measured": True}})
+    records.append({"device": spec.devices[4], "sha256": cands[1], "power": {"avg_w": None}})  # nothing: not a source
+    decision = decisions_of(plan, {x: x for x in spec.variants}, [50], records=records)[0]
+    sources = {r["variant"]: (r["source"], r["power_source"]) for r in decision.table}
+    assert sources[cands[0]] == ("inferred", "inferred from estimated, ina219")
+    assert sources[cands[1]] == ("inferred", "inferred from estimated")
+    console = Console(width=250, record=True)
+    for item in decision_table({decision.device: decision}, explain=True):
+        console.print(item)
+    assert "inferred (power from estimated)" in console.export_text()

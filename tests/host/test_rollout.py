@@ -99,3 +99,173 @@ def test_live_figures_of_any_shape_are_evidence_only_where_they_are_numbers(monk
     monkeypatch.setattr(Client, "request", lambda self, name, *_a, **_k: {"result": {"live": next(polls[name])}})
     cans, ctrls = ro.collect_live(None, ["c1"], ["k1"], ro.LiveGate(window_s=60.0, min_samples=2), lambda *_: None)
     assert cans[0].samples_ms == [3.0, 4.0] and ctrls[0].samples_ms == [5.0, 6.0]  # of 4 answered since, 2 numbers
+
+
+def test_a_silent_device_does_not_stop_the_gate(monkeypatch):
+    """One control among many is offline (its `state` request times out): before, the AgentTimeout ended the
+    gate (and the command) with the canaries on the candidate. Now that control is dropped and named; a
+    silent canary is asked again and, short of samples, makes the gate hold."""
+    from edge_kit.errors import AgentTimeout
+    from edge_kit.loop import rollout as ro
+    from edge_kit.selection.gate import judge_live
+
+    asked: dict[str, int] = {}
+
+    class Client:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *_):
+            return None
+
+        def request(self, name, *_a, **_k):
+            asked[name] = asked.get(name, 0) + 1
+            if name in ("k2", "c2"):
+                raise AgentTimeout(f"{name}: no answer to 'state' within 30 s")
+            n = 4 * (asked[name] - 1)
+            return {"result": {"live": {"requests": n, "latency_samples_ms": [1.0 + 0.01 * i for i in range(n)]}}}
+
+    monkeypatch.setattr(ro.FleetClient, "of", staticmethod(lambda _fleet: Client()))
+    monkeypatch.setattr(ro.time, "sleep", lambda _s: None)
+    said = []
+    cans, ctrls = ro.collect_live(None, ["c1"], ["k1", "k2", "k3"], ro.LiveGate(window_s=60.0, min_samples=8),
+                                  lambda who, msg: said.append((who, msg)))
+    assert [e.device for e in ctrls] == ["k1", "k3"] and asked["k2"] == 1  # dropped after its one silence
+    assert len(cans[0].samples_ms) >= 8 and ("k2", "no live figures (k2: no answer to 'state' within 30 s); "
+                                                   "dropped from the controls") in said
+    cans, ctrls = ro.collect_live(None, ["c1", "c2"], ["k1"], ro.LiveGate(window_s=0.0, min_samples=8),
+                                  lambda *_: None)
+    assert cans[1].samples_ms == [] and judge_live(cans, ctrls, min_samples=8).action == "hold"
+
+
+def test_an_interrupted_gate_puts_the_canaries_back(monkeypatch, tmp_path):
+    """Ctrl-C (or the broker going away) while the gate collects: before, the command ended with the canaries
+    on the candidate nobody judged. Now the switched canaries are rolled back, then the interruption goes on."""
+    import pytest
+
+    from edge_kit.fleet.deploy import DeployOptions, GroupResult
+    from edge_kit.fleet.inventory import Device
+    from edge_kit.loop import rollout as ro
+
+    devices = [Device(name=n, host="127.0.0.1", user="edgekit", profile="rpi4") for n in ("c1", "r1", "r2")]
+    deployed, rolled, why = [], [], []
+
+    def fake_deploy(_fleet, targets, _opts, _progress=None):
+        deployed.extend(d.name for d in targets)
+        return GroupResult([DeviceResult(d.name, "succeeded", activated=True, variant="int8") for d in targets])
+
+    def interrupted(*_a):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ro, "deploy", fake_deploy)
+    monkeypatch.setattr(ro, "read_manifest", lambda _a: None)
+    monkeypatch.setattr(ro, "broken_constraints", lambda *_a: None)
+    monkeypatch.setattr(ro, "collect_live", interrupted)
+    monkeypatch.setattr(ro, "roll_back", lambda _f, devs, _o, _r, w: (rolled.extend(d.name for d in devs), why.append(w)))
+    with pytest.raises(KeyboardInterrupt):
+        ro.rollout(None, devices, DeployOptions(tmp_path), canary=0.3, gate=ro.LiveGate(), record=lambda _d: None)
+    assert rolled == ["c1"] and deployed == ["c1"] and "the live gate was interrupted (KeyboardInterrupt)" in why[0]
+
+
+def test_the_gate_polls_a_stable_spread_sample_of_a_large_fleet_as_controls():
+    from edge_kit.loop.rollout import MAX_CONTROLS, pick_controls
+
+    names = [f"dev-{i:05d}" for i in range(5000)]
+    picked = pick_controls(names)
+    assert len(picked) == MAX_CONTROLS and len(set(picked)) == MAX_CONTROLS and set(picked) <= set(names)
+    assert picked == pick_controls(list(reversed(names)))  # the same sample whatever the order
+    assert max(int(n[4:]) for n in picked) > 4000 and min(int(n[4:]) for n in picked) < 1000  # spread, not the first 200
+    assert pick_controls(names[:3]) == names[:3]
+
+
+def test_live_evidence_carries_each_device_profile_from_the_fleet_file(monkeypatch):
+    from types import SimpleNamespace
+
+    from edge_kit.loop import rollout as ro
+
+    class Client:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *_):
+            return None
+
+        def request(self, name, *_a, **_k):
+            return {"result": {"live": {"requests": 0}}}
+
+    monkeypatch.setattr(ro.FleetClient, "of", staticmethod(lambda _fleet: Client()))
+    fleet = SimpleNamespace(devices=[SimpleNamespace(name="c1", profile="jetson-orin-nano"),
+                                     SimpleNamespace(name="k1", profile="rpi4")])
+    cans, ctrls = ro.collect_live(fleet, ["c1"], ["k1"], ro.LiveGate(window_s=0.0), lambda *_: None)
+    assert cans[0].profile == "jetson-orin-nano" and ctrls[0].profile == "rpi4"
+
+
+def test_every_profile_the_rollout_reaches_has_a_canary():
+    """A fleet file listing its rpi4s before its Jetsons: before, `--canary 10%` took the first two rpi4s and
+    the Jetsons got the candidate with no canary of theirs benchmarked or judged."""
+    from edge_kit.fleet.inventory import Device
+    from edge_kit.loop.rollout import pick_canaries
+
+    devices = [Device(name=f"r{i}", host="h", user="u", profile="rpi4") for i in range(10)] + \
+              [Device(name=f"j{i}", host="h", user="u", profile="jetson-orin-nano") for i in range(10)]
+    assert [d.name for d in pick_canaries(devices, 0.1)] == ["r0", "j0"]
+    assert [d.name for d in pick_canaries(devices, 0.25)] == ["r0", "r1", "r2", "j0", "j1", "j2"]  # rounded up
+    assert [d.name for d in pick_canaries(devices[:3], 0.01)] == ["r0"]  # a share that rounds to 0: one
+    assert pick_canaries([], 0.1) == []
+
+
+def test_deploy_prints_a_promoting_gate_decision_and_where_its_figures_came_from(monkeypatch, tmp_path, run_cli):
+    """Before, a promoted canary wave printed nothing of the gate: the numbers it promoted on were only in the
+    history. Now the decision and the source of its figures are printed; --json keeps them in the history."""
+    from edge_kit.fleet.deploy import GroupResult
+    from edge_kit.loop import rollout as ro
+    from edge_kit.manifest import Artifact, Manifest
+    from edge_kit.selection.gate import LiveEvidence, judge_live
+    from edge_kit.telemetry.store import Store
+
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text("fleet: f\ndefaults: {user: u, profile: rpi4}\ndevices:\n  - {name: a, host: h}\n"
+                          "  - {name: b, host: h}\n")
+    folder = tmp_path / "art"
+    folder.mkdir()
+    (folder / "manifest.json").write_text(Manifest(
+        created="2026-11-29T00:00:00+00:00", model={"name": "m"}, versions={}, profiles={"rpi4": {}},
+        artifacts=[Artifact(id="int8", status="built", profiles=["rpi4"], summary="int8", precision="int8",
+                            file="int8.tflite", sha256="c" * 64, bytes=3)]).to_json())
+    decision = judge_live([LiveEvidence("a", [1.0] * 300)], [LiveEvidence("b", [1.0] * 300)])
+
+    def fake_rollout(_fleet, targets, _opts, _canary, _failed, _progress, gate, record):
+        record({"device": "a", "kind": "live gate", "chosen": "int8", "current": None, "feasible": True,
+                "switch": True, "reason": decision.reason, "gate": decision.as_dict()})
+        return GroupResult([DeviceResult(d.name, "succeeded", activated=True, variant="int8") for d in targets])
+
+    monkeypatch.setattr(ro, "rollout", fake_rollout)
+    code, out, err = run_cli("deploy", "--fleet", fleet_file, "--artifacts", folder, "--canary", "50%", "--gate", "live")
+    assert code == 0, err
+    text = " ".join(out.split())
+    assert "live gate: promote: canaries not slower" in text and "gate figures: measured: service times" in text
+    stored = Store(tmp_path / "edgekit-history.db").decisions(kinds=("live gate",))
+    assert stored[0]["gate"]["source"].startswith("measured: service times")
+
+
+def test_a_device_answering_more_samples_than_asked_gives_only_what_was_asked(monkeypatch):
+    """A buggy or hostile agent claims a billion requests and sends 100,000 service times: before, all of them
+    were kept (and tested) on every poll; now the newest LIVE_SAMPLES, as asked."""
+    from edge_kit.loop import rollout as ro
+
+    polls = {n: iter([{"requests": 0}, {"requests": 10**9, "latency_samples_ms": [1.0] * 100_000}]) for n in ("c1", "k1")}
+
+    class Client:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *_):
+            return None
+
+        def request(self, name, *_a, **_k):
+            return {"result": {"live": next(polls[name])}}
+
+    monkeypatch.setattr(ro.FleetClient, "of", staticmethod(lambda _fleet: Client()))
+    monkeypatch.setattr(ro.time, "sleep", lambda _s: None)
+    cans, ctrls = ro.collect_live(None, ["c1"], ["k1"], ro.LiveGate(window_s=60.0, min_samples=1), lambda *_: None)
+    assert len(cans[0].samples_ms) == len(ctrls[0].samples_ms) == ro.LIVE_SAMPLES

@@ -11,6 +11,7 @@ from edge_kit.errors import ConfigError
 from edge_kit.loop.waves import (
     Rollout,
     RolloutError,
+    RolloutInterrupted,
     RolloutSettings,
     parse_rate,
     parse_share,
@@ -107,7 +108,7 @@ def test_a_resumed_rollout_sends_each_device_once_and_takes_what_converged_meanw
     history = Store(tmp_path / "h.db")
     names = planned(history, max_failed=0.5)
     broker = FakeBroker(crash_after=7)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(RolloutInterrupted, match="`edgekit rollout resume r` goes on"):
         Rollout(history, "r", broker).run()
     rows = history.rollout_devices("r")
     assert sum(r["state"] == "converged" for r in rows.values()) >= 2  # the answers before the crash are kept
@@ -173,6 +174,7 @@ def test_the_live_gate_judges_the_first_wave_against_devices_not_yet_sent(tmp_pa
     broker = FakeBroker()
     out = Rollout(history, "r", broker, judge=judge).run()
     assert seen == [(names[:2], names[2:])]  # the canaries and the rest of their profile, judged once
+    assert out["gate"]["action"] == action and out["gate"]["reason"] == f"simulated {action}"  # shown by the CLI
     decisions = history.decisions()
     assert {d["device"] for d in decisions} == set(names[:2]) and all(d["rollout"] == "r" for d in decisions)
     if action == "promote":
@@ -228,3 +230,141 @@ def test_an_unknown_rollout_id_is_bad_input_exit_2_in_json_too(tmp_path, run_cli
     assert code == 2
     assert json.loads(out)["error"] == "rollout nope: not in the history; see `edgekit rollout list` (or check --history)"
     assert err.count("\n") == 1
+
+
+def test_a_device_in_another_unfinished_rollout_is_refused_at_start(tmp_path):
+    """Before, a second rollout could target devices a held or running one still drives: the two took turns
+    overriding each device's desired state (a resume of the first undid the second). Now `start` refuses."""
+    from edge_kit.loop.waves import check_no_overlap
+
+    history = Store(tmp_path / "h.db")
+    names = planned(history)  # rollout "r", running, devices d00..d19
+    other = {"id": "r2", "targets": {n: {} for n in ("d03", "d04", "x1")}}
+    with pytest.raises(RolloutError, match=r"2 device\(s\) \(d03, d04\) are in rollout r, which is running; "
+                                           r"`edgekit rollout abort r` first"):
+        check_no_overlap(history, other)
+    for state in ("held", "stopped", "aborting"):
+        history.set_rollout_state("r", state)
+        with pytest.raises(RolloutError, match=f"which is {state}"):
+            check_no_overlap(history, other)
+    check_no_overlap(history, {"id": "r2", "targets": {"x1": {}}})  # no shared device: fine
+    check_no_overlap(history, {"id": "r", "targets": {n: {} for n in names}})  # itself is no conflict
+    for state in ("done", "aborted", "rolled back"):
+        history.set_rollout_state("r", state)
+        check_no_overlap(history, other)  # finished: it sends nothing more
+
+
+def test_rollout_start_refuses_devices_of_a_held_rollout_before_anything_is_sent(tmp_path, run_cli):
+    from edge_kit.manifest import Artifact, Manifest
+
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text("fleet: f\nbroker: {host: 127.0.0.1, port: 1}\ndefaults: {user: u, profile: rpi4}\n"
+                          "devices:\n  - {name: a, host: h}\n  - {name: b, host: h}\n")
+    folder = tmp_path / "art"
+    folder.mkdir()
+    arts = [Artifact(id="int8", status="built", profiles=["rpi4"], summary="int8", precision="int8", file="int8.tflite",
+                     sha256=SHA, bytes=3)]
+    (folder / "manifest.json").write_text(Manifest(created="2026-11-29T00:00:00+00:00", model={"name": "m"}, versions={},
+                                                   profiles={"rpi4": {}}, artifacts=arts).to_json())
+    history = Store(tmp_path / "edgekit-history.db")
+    history.save_rollout("old", "held", {"id": "old", "targets": {"a": {}}})
+    code, out, err = run_cli("rollout", "start", "--fleet", fleet_file, folder, "--store", "http://127.0.0.1:1",
+                             "--id", "new", "--json")
+    assert code == 4, err
+    assert json.loads(out)["error"] == ("rollout new: 1 device(s) (a) are in rollout old, which is held; "
+                                        "`edgekit rollout abort old` first, or leave them out with --devices")
+    assert history.rollout("new") is None  # nothing recorded, nothing sent
+
+
+def test_a_device_that_left_the_fleet_is_not_sent_again_and_does_not_hold_the_rollout(tmp_path):
+    """A device removed from the fleet file after the plan (decommissioned, its key gone): before, a resume sent
+    it a retained desired state again and waited for it, and the rollout could not end done. Now it ends
+    ``left the fleet``: not sent, not waited for, not counted as sent by the failure threshold."""
+    history = Store(tmp_path / "h.db")
+    names = planned(history, max_failed=0.5)
+    broker = FakeBroker(crash_after=3)  # the host goes down after the first wave (2) and one more
+    with pytest.raises(RolloutInterrupted, match="`edgekit rollout resume r` goes on"):
+        Rollout(history, "r", broker).run()
+    sent_before = {d for d, _ in broker.sent}
+    gone = {names[2], names[15]}  # names[2] was sent before the crash (wave 2), names[15] never
+    assert names[2] in sent_before and names[15] not in sent_before
+    broker.crash_after = None
+    out = Rollout(history, "r", broker, members=set(names) - gone).run()
+    assert out["state"] == "done" and out["counts"] == {"converged": 18, "left the fleet": 2, "refused": 1}
+    assert not gone & {d for d, _ in broker.sent[3:]}  # nothing sent to them after the resume
+    rows = {r["device"]: r for r in out["devices"]}
+    assert rows[names[15]]["error"] == f"{names[15]}: no longer in the fleet file; not sent"
+    assert rows[names[2]]["error"] == f"{names[2]}: no longer in the fleet file; not sent again"
+
+
+def test_the_first_wave_has_a_device_of_each_profile_when_it_can():
+    """200 rpi4s, one Jetson and one Coral at 1 %: before, the first wave (3 devices) was almost surely all
+    rpi4s, and the Jetson and the Coral got the candidate after a gate that never saw their kind."""
+    from edge_kit.loop.waves import _order
+
+    names = [f"r{i:03d}" for i in range(200)] + ["jetson", "coral"]
+    profile = {n: "rpi4" for n in names[:200]} | {"jetson": "jetson-orin-nano", "coral": "coral-usb"}
+    order = _order("rollout-1", names, profile)
+    first = order[:wave_ends(len(order), (0.01, 1.0))[0]]
+    assert {profile[n] for n in first} == {"rpi4", "jetson-orin-nano", "coral-usb"}
+    assert sorted(order) == sorted(names) and order == _order("rollout-1", list(reversed(names)), profile)  # stable
+    assert _order("rollout-1", names) == sorted(names, key=lambda n: __import__("hashlib").sha256(
+        f"rollout-1/{n}".encode()).hexdigest())  # without profiles: the plain shuffle
+
+
+def test_the_cli_says_what_the_gate_decided_and_where_its_figures_came_from(capsys):
+    from edge_kit.cli.rollout import _print
+    from edge_kit.selection.gate import LiveEvidence, judge_live
+
+    d = judge_live([LiveEvidence("c1", [1.0] * 300)], [LiveEvidence("k1", [1.0] * 300)])
+    _print({"id": "r", "state": "done", "reason": None, "gate": d.as_dict(), "counts": {"converged": 2},
+            "refused_messages": 0, "devices": []})
+    text = " ".join(capsys.readouterr().out.split())
+    assert "live gate: promote: canaries not slower" in text
+    assert "gate figures: measured: service times of each device's serving API on its own traffic (perf_counter_ns" in text
+    assert "test: one-sided Mann-Whitney U" in text
+
+
+def test_ctrl_c_while_driving_says_how_to_resume_in_one_line_exit_130(tmp_path, run_cli, monkeypatch):
+    """Before: 'interrupted; nothing was half-written', which did not say the rollout was resumable or how."""
+    from edge_kit.loop import waves
+
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text("fleet: f\nbroker: {host: 127.0.0.1, port: 1}\ndefaults: {user: u, profile: rpi4}\n"
+                          "devices:\n  - {name: d00, host: h}\n")
+    planned(Store(tmp_path / "edgekit-history.db"))
+
+    def interrupted(self, plan):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(waves.Rollout, "_run", interrupted)
+    code, out, err = run_cli("rollout", "resume", "--fleet", fleet_file, "r")
+    assert code == 130 and out == ""
+    assert err == ("edgekit: error: rollout r: interrupted; the devices sent so far keep their desired state and no "
+                   "other was sent: `edgekit rollout resume r` goes on (a live gate not yet decided judges again), "
+                   "`edgekit rollout abort r` ends it\n")
+    assert Store(tmp_path / "edgekit-history.db").rollout("r")["owner"] is None  # released: resumable at once
+
+
+def test_a_rolled_back_gate_names_the_canaries_it_could_not_send_back(tmp_path):
+    """A canary whose report named no previous model (a fresh device) cannot be sent back: before, the summary
+    only counted '1 of 2 canaries sent back' and that device's row said nothing. Now both name it."""
+    from edge_kit.selection.gate import GateDecision
+
+    history = Store(tmp_path / "h.db")
+    names = planned(history, gate={"window_s": 1})
+
+    class Fresh(FakeBroker):
+        def __call__(self, callback):
+            def fresh(msg):  # names[0] had no model before this rollout: its report names no previous
+                callback({**msg, "previous": None} if msg["device"] == names[0] else msg)
+            self.cb = fresh
+            return self
+
+    broker = Fresh()
+    out = Rollout(history, "r", broker, judge=lambda c, k: GateDecision("roll back", "canaries slower")).run()
+    assert out["state"] == "rolled back"
+    assert out["reason"].endswith(f"1 of 2 canaries sent back to their previous model; kept on the candidate "
+                                  f"(no previous model reported): {names[0]}")
+    row = {r["device"]: r for r in out["devices"]}[names[0]]
+    assert row["state"] == "converged" and "kept on the candidate: it reported no previous model" in row["error"]
