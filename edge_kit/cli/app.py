@@ -62,6 +62,9 @@ _HISTORY_HELP = ("History database: a SQLite file, or a postgresql://user:passwo
 # rollout, sim up). Round 1's --store for the history was renamed when the artifact store came.
 HistoryOpt = Annotated[Optional[str], typer.Option("--history", metavar="PATH|URL", help=_HISTORY_HELP + ".")]
 ProfilesOpt = Annotated[str, typer.Option("--profiles", help="Comma-separated profiles, cycled over the devices.")]
+ParallelOpt = Annotated[int, typer.Option(min=1, max=256, help="Devices at a time.")]
+TrustNewHostsOpt = Annotated[bool, typer.Option("--trust-new-hosts", help="Accept and record SSH host keys seen for the "
+                                                                         "first time (a changed key is always refused).")]
 
 
 def profile_names(text: str) -> list[str]:

@@ -15,7 +15,9 @@ from edge_kit.cli.app import (
     FleetOpt,
     HistoryOpt,
     JsonOpt,
+    ParallelOpt,
     ProfilesOpt,
+    TrustNewHostsOpt,
     app,
     emit_json,
     finite,
@@ -189,13 +191,14 @@ def tune_cmd(
     artifacts: CandidatesOpt,
     devices: DevicesOpt = None,
     history: HistoryOpt = None,
-    rounds: Annotated[int, typer.Option(min=1, max=10)] = 2,
+    rounds: Annotated[int, typer.Option(min=1, max=10, help="Rounds of measure, select and switch at most; stops "
+                                                            "earlier when a round switches nothing.")] = 2,
     margin: MarginOpt = DEFAULT_MARGIN,
     min_runs: Annotated[int, typer.Option(min=1, help="Timed runs per measurement at least.")] = 200,
     min_seconds: Annotated[float, typer.Option(callback=finite, min=0, help="Timed seconds per measurement at least.")] = 2.0,
     timeout: Annotated[float, typer.Option(callback=finite, min=1, help="Seconds per round for all measurements to arrive.")] = 300.0,
-    parallel: Annotated[int, typer.Option(min=1, max=256)] = 8,
-    trust_new_hosts: Annotated[bool, typer.Option("--trust-new-hosts")] = False,
+    parallel: ParallelOpt = 8,
+    trust_new_hosts: TrustNewHostsOpt = False,
     budget: Annotated[Optional[float], typer.Option(callback=finite, min=0, help="Measure only what the fleet model "
                                                                                  "plans, within this many benchmark runs "
                                                                                  "(or device-seconds, --budget-unit); "
