@@ -474,17 +474,11 @@ def report_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Write one self-contained HTML report: per profile, latency vs accuracy and energy; the fleet table."""
-    from edge_kit.errors import InputError
     from edge_kit.fsutil import writable_folder
     from edge_kit.telemetry.report import build_report
-    from edge_kit.telemetry.store import HISTORY_NAME, history_path, is_postgres
 
-    if not is_postgres(history or ""):
-        path = Path(history) if history else (history_path(fleet_file) if fleet_file else Path(HISTORY_NAME))
-        if not path.is_file():
-            raise InputError(f"{path}: no history store; run `edgekit monitor` or `edgekit tune` first, or pass --history")
     writable_folder(out_file.parent)
-    with open_fleet_history(fleet_file, history) as db:
+    with open_fleet_history(fleet_file, history, must_exist=True) as db:
         info = build_report(db, out_file)
     if as_json:
         emit_json(info)

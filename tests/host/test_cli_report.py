@@ -202,3 +202,25 @@ def test_an_output_folder_that_cannot_be_written_is_one_line_naming_it(tmp_path,
         assert error.startswith(f"{blocker}") and ": output folder is not writable (" in error
         assert error.endswith("); choose another with --out")
         assert err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", [["report", "--out", "{tmp}/r.html"], ["rollout", "list"],
+                                     ["rollout", "status", "digits-1"], ["rollout", "abort", "digits-1"]])
+def test_a_mistyped_fleet_file_is_named_and_gets_no_new_empty_history_beside_it(tmp_path, run_cli, command):
+    """`rollout list --fleet flet.yaml` made flet.yaml's folder an empty edgekit-history.db and printed an empty
+    table, exit 0; `report` blamed the history, not the fleet file the user mistyped."""
+    missing = tmp_path / "flet.yaml"
+    code, out, err = run_cli(*[a.format(tmp=tmp_path) for a in command], "--fleet", missing, "--json")
+    assert code == 2, err
+    assert json.loads(out)["error"].startswith(f"{missing}: no such fleet file; write one (docs/fleet.md)")
+    assert err.count("\n") == 1 and list(tmp_path.iterdir()) == []
+
+
+def test_a_report_from_a_fleet_without_a_history_yet_says_what_to_run(tmp_path, run_cli):
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text("fleet: f\ndevices: []\n")
+    code, out, err = run_cli("report", "--fleet", fleet_file, "--out", tmp_path / "r.html", "--json")
+    assert code == 2, err
+    assert json.loads(out)["error"] == (f"{tmp_path.resolve() / 'edgekit-history.db'}: no history store; run "
+                                        "`edgekit monitor` or `edgekit tune` first, or pass --history")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fleet.yaml"]
