@@ -29,6 +29,7 @@ from edge_kit.fleet.deploy import (
     DeployOptions,
     DeviceResult,
     GroupResult,
+    check_built_for,
     deploy,
     roll_back,
 )
@@ -159,6 +160,7 @@ def rollout(fleet: Fleet, devices: list[Device], opts: DeployOptions, canary: fl
 
     Raises:
         InputError: the artifact folder has no (valid) manifest.
+        NotBuiltFor: it was not compiled for a device's profile (checked for every device before the canaries).
         AgentError: the fleet's broker cannot be reached.
         HistoryError: ``record`` failed; the gate's decision was acted on for the canaries first (rolled
             back, or kept on hold), and the rest was not deployed.
@@ -167,6 +169,7 @@ def rollout(fleet: Fleet, devices: list[Device], opts: DeployOptions, canary: fl
     order = {d.name: i for i, d in enumerate(devices)}
     n = max(1, math.ceil(len(devices) * canary))
     canaries, rest = devices[:n], devices[n:]
+    check_built_for(opts.artifacts, devices)  # the rest too: never canaries first, then a refusal
     first = deploy(fleet, canaries, replace(opts, health_bench=dict(CANARY_BENCH)), progress).results
     manifest = read_manifest(opts.artifacts)
     by_name = {d.name: d for d in canaries}
