@@ -259,6 +259,14 @@ def demo_cmd(
     if as_json:
         emit_json(result.as_dict())
         return
+    print_demo(result)
+
+
+def print_demo(result: Any) -> None:
+    """Print a :class:`~edge_kit.loop.demo.DemoResult`: one row per device, then where each column's figures
+    came from (the clocks and runtimes its records name, the eval set, the power method, the application)."""
+    from edge_kit.loop.demo import APP_REQUESTS
+
     t = Table(Column("device", no_wrap=True), Column("profile", no_wrap=True), Column("variant", no_wrap=True), "p90 ms", "top-1",
               "mJ/inference", "feasible", "live p50/p99 ms", "app top-1", box=box.SIMPLE_HEAD,
               pad_edge=False, title="each device on its best variant (measured by the real agent on this machine, "
@@ -269,9 +277,15 @@ def demo_cmd(
                   "yes" if r["feasible"] else ("[red]no[/]: " + safe(", ".join(r["violates"])) if r["feasible"] is False else "-"),
                   *_live_cells(r.get("live")))
     out.print(t)
+    rows = [r for r in result.rows if r.get("p90_ms") is not None]
+    clocks = sorted({f"{r.get('latency_method') or 'clock not named'} ({r.get('runtime') or 'runtime not named'})"
+                     for r in rows})
+    samples = sorted({str(r["accuracy_samples"]) for r in rows if r.get("accuracy_samples")})
     methods = sorted({r["power_method"].split(",")[0] for r in result.rows if r["power_method"]})
-    out.print(f"latency: perf_counter_ns around invoke(), LiteRT on this machine; energy: {safe('; '.join(methods))}; "
-              "live: the agent's serving API answering a demo application's requests (eval images), perf_counter_ns")
+    out.print(safe(f"p90: {'; '.join(clocks) or 'not measured'}, on this machine; top-1: the agent, on the eval set "
+                   f"shipped with the artifacts ({'/'.join(samples) or '?'} samples); energy: {'; '.join(methods) or 'not measured'}; "
+                   "live: the agent's serving API answering a demo application's requests, its service time by "
+                   f"perf_counter_ns; app top-1: that application's own answers to {APP_REQUESTS} eval images"))
     if result.report.deploy.failed:
         out.print(results_table(result.report.deploy))
     switched = result.report.switched
