@@ -399,11 +399,15 @@ def monitor_cmd(
             server.shutdown()
     if mon.failed is not None:  # the history went away: one line, exit 6 (what it stored before is kept, whole)
         raise mon.failed
+    s = mon.stats
     if as_json:
-        s = mon.stats
         emit_json({"received": s.received, "stored": s.stored, "duplicates": s.duplicates, "invalid": s.invalid,
                     "gaps": s.gaps, "alerts": [vars(a) for a in mon.alerts], "alerts_raised": mon.alerts_raised,
                    "store": db.where})
+    else:
+        out.print(safe(f"stored {s.stored:,} of {s.received:,} messages received ({s.duplicates:,} duplicates, "
+                       f"{s.invalid:,} refused, {s.gaps:,} sequence gaps, {mon.alerts_raised:,} alerts) in {db.where}"),
+                  highlight=False)
 
 
 fleet_app = typer.Typer(no_args_is_help=True, help="The fleet: its broker's wall, and what the history store knows.")
