@@ -1,4 +1,4 @@
-"""Model files that are not what their name says: one line naming the file and what to do, before TensorFlow loads."""
+"""Model files and artifact folders that are not what the user meant: one line naming the path and what to give."""
 
 from __future__ import annotations
 
@@ -20,3 +20,27 @@ def test_a_keras_file_that_is_not_a_zip_archive_says_so_not_file_not_found(tmp_p
                                  "damaged, cut short, or another format named .keras); save it again with "
                                  "model.save('name.keras')")
     assert caught.value.exit_code == 2
+
+
+def test_an_artifacts_path_that_is_not_one_compiled_model_says_what_to_give(tmp_path):
+    """`compile --out artifacts` then `deploy --artifacts artifacts` was told to "run `edgekit compile` into
+    artifacts first", which the user had just done; a file was "unreadable manifest ([Errno 20] ...)"."""
+    from edge_kit.errors import InputError
+    from edge_kit.manifest import read_manifest
+
+    out = tmp_path / "artifacts"
+    for model in ("digits", "faces"):
+        (out / model).mkdir(parents=True)
+        (out / model / "manifest.json").write_text("{}")
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "empty").mkdir()
+    expected = {out: f"{out}/manifest.json: no manifest; {out} holds compiled models (digits, faces): give one "
+                     f"model's folder, e.g. {out}/digits",
+                tmp_path / "a-file": f"{tmp_path}/a-file: not a folder; give the compiled model's folder (artifacts/<model>)",
+                tmp_path / "none": f"{tmp_path}/none: no such folder; give the compiled model's folder (artifacts/<model>)",
+                tmp_path / "empty": f"{tmp_path}/empty/manifest.json: no manifest; run `edgekit compile` into "
+                                    f"{tmp_path}/empty first"}
+    for folder, message in expected.items():
+        with pytest.raises(InputError) as caught:
+            read_manifest(folder)
+        assert str(caught.value) == message
