@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 
@@ -44,3 +46,9 @@ def test_an_artifacts_path_that_is_not_one_compiled_model_says_what_to_give(tmp_
         with pytest.raises(InputError) as caught:
             read_manifest(folder)
         assert str(caught.value) == message
+
+
+def test_a_mistyped_example_name_gets_the_closest_one(run_cli):
+    code, out, err = run_cli("example", "digit", "--json")
+    assert code == 2 and err.count("\n") == 1
+    assert json.loads(out)["error"] == "unknown example 'digit'; did you mean 'digits'? (choose from: digits, mobilenet, mobilenetv2)"
