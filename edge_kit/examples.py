@@ -220,4 +220,8 @@ def make_example(name: str, out: Path, **kwargs: Any) -> ExampleFiles:
         return mobilenet(Path(out), **kwargs)
     if name == "mobilenetv2":
         return mobilenetv2(Path(out), **kwargs)
-    raise InputError(f"unknown example '{name}' (choose from: {', '.join(EXAMPLES)})")
+    from edge_kit.config import closest
+
+    hint = closest(name, EXAMPLES)
+    raise InputError(f"unknown example '{name}'" + (f"; did you mean '{hint}'?" if hint else "")
+                     + f" (choose from: {', '.join(EXAMPLES)})")

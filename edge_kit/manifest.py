@@ -136,15 +136,25 @@ class Manifest(_Record):
 
 
 def read_manifest(folder: Path) -> Manifest:
-    """Read ``<folder>/manifest.json``.
+    """Return the manifest in ``<folder>/manifest.json``, ``folder`` being one compiled model's folder
+    (``OUT/<model>``, what ``edgekit compile`` writes).
 
     Raises:
-        InputError: no manifest (the folder is not a finished compile) or it does not validate.
+        InputError: no such folder, or not a folder; no manifest (the folder is not a finished compile, or it
+            is the ``--out`` folder holding compiled models, which are named); or it does not validate.
     """
-    path = Path(folder) / "manifest.json"
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"{folder}: {'not a folder' if folder.exists() else 'no such folder'}; give the compiled "
+                         "model's folder (artifacts/<model>)")
+    path = folder / "manifest.json"
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
+        models = sorted(p.parent.name for p in folder.glob("*/manifest.json"))
+        if models:  # the compile's --out folder: one compiled model per subfolder
+            raise InputError(f"{path}: no manifest; {folder} holds compiled models ({', '.join(models)}): give one "
+                             f"model's folder, e.g. {folder / models[0]}") from None
         raise InputError(f"{path}: no manifest; run `edgekit compile` into {folder} first") from None
     except (OSError, json.JSONDecodeError) as exc:
         raise InputError(f"{path}: unreadable manifest ({exc})") from None

@@ -28,6 +28,7 @@ from device_agents.serving.frames import (
     socket_buffers,
     write_frame,
 )
+from device_agents.store import default_root
 
 SOCKET = "serve.sock"
 SHM_MIN = 64 * 1024  # inputs at least this large go through shared memory
@@ -52,12 +53,16 @@ def _told(receiver: Any, max_payload: int) -> dict[str, Any] | None:
 
 
 class Client:
-    """A connection to the agent's serving API (one request at a time; use one client per thread)."""
+    """A connection to the agent's serving API (one request at a time; use one client per thread).
+
+    ``root`` is the agent's root folder (default: the agent's own default, ``/opt/edgekit`` as root, else
+    ``~/.edgekit``, where a deploy puts it); the socket is ``<root>/serve.sock`` unless ``path`` names it.
+    """
 
     def __init__(self, root: str | os.PathLike | None = None, *, path: str | os.PathLike | None = None,
                  timeout: float = 30.0, max_payload: int = 1 << 30, shared_memory: bool | None = None,
                  busy_poll_us: int = 0):
-        self.path = Path(path) if path else Path(root or "/opt/edgekit").expanduser() / SOCKET
+        self.path = Path(path) if path else (Path(root).expanduser() if root else default_root()) / SOCKET
         self.timeout = timeout
         self.max_payload = max_payload
         # inputs of 64 kB or more go through a sealed memory file (None: where the system has them, Linux)

@@ -63,6 +63,9 @@ _HISTORY_HELP = ("History database: a SQLite file, or a postgresql://user:passwo
 # rollout, sim up). Round 1's --store for the history was renamed when the artifact store came.
 HistoryOpt = Annotated[Optional[str], typer.Option("--history", metavar="PATH|URL", help=_HISTORY_HELP + ".")]
 ProfilesOpt = Annotated[str, typer.Option("--profiles", help="Comma-separated profiles, cycled over the devices.")]
+ParallelOpt = Annotated[int, typer.Option(min=1, max=256, help="Devices at a time.")]
+TrustNewHostsOpt = Annotated[bool, typer.Option("--trust-new-hosts", help="Accept and record SSH host keys seen for the "
+                                                                         "first time (a changed key is always refused).")]
 
 
 def profile_names(text: str) -> list[str]:
@@ -80,18 +83,41 @@ def profile_names(text: str) -> list[str]:
     return names
 
 
-def open_fleet_history(fleet_file: Path | None, history: str | None) -> Any:
+def open_fleet_history(fleet_file: Path | None, history: str | None, must_exist: bool = False) -> Any:
     """Return the open :class:`~edge_kit.telemetry.store.HistoryStore` that ``--history`` names, or the fleet's
-    default file (``edgekit-history.db`` beside the fleet file; in the current folder without one).
+    default file (``edgekit-history.db`` beside the fleet file; in the current folder without one). A SQLite
+    file is created when missing, unless ``must_exist`` (a command that only reads it, and may read it beside a
+    fleet file since removed).
 
     Raises:
+        ConfigError: no ``--history`` and no fleet file at ``fleet_file`` (nor, with ``must_exist``, a history
+            beside it): a mistyped path must not get a new, empty history beside it.
+        InputError: ``must_exist`` and there is no such SQLite file.
         HistoryError: the database cannot be opened or reached.
     """
-    from edge_kit.telemetry.store import HISTORY_NAME, history_path, open_history
+    from edge_kit.errors import InputError
+    from edge_kit.fleet.inventory import check_fleet_file
+    from edge_kit.telemetry.store import (
+        HISTORY_NAME,
+        history_path,
+        is_postgres,
+        open_history,
+    )
 
-    if history:
+    if history and is_postgres(history):
         return open_history(history)
-    return open_history(history_path(fleet_file) if fleet_file else Path(HISTORY_NAME))
+    if history:
+        path = Path(history)
+    elif fleet_file is not None:
+        path = history_path(fleet_file)
+        if not (must_exist and path.is_file()):  # a history is read alone, even beside a fleet file since removed
+            check_fleet_file(fleet_file)
+    else:
+        path = Path(HISTORY_NAME)
+    if must_exist and not path.is_file():
+        raise InputError(f"{path}: no history store; run `edgekit monitor` or `edgekit tune` first, or pass --history")
+    return open_history(path)
+
 
 def finite(value: float | None) -> float | None:
     """Return ``value``, an option's number (the ``callback`` of every float option bounded only from below).

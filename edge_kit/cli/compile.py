@@ -189,7 +189,9 @@ def profiles_list(as_json: JsonOpt = False) -> None:
 
 
 @profiles_app.command("show")
-def profiles_show(name: str, as_json: JsonOpt = False) -> None:
+def profiles_show(name: Annotated[str, typer.Argument(help="A bundled profile's name (`edgekit profiles list`) or a "
+                                                             "path to a profile YAML file.")],
+                  as_json: JsonOpt = False) -> None:
     """Show one profile (bundled name or YAML path)."""
     from edge_kit.profiles import load_profile
 

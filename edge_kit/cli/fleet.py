@@ -21,7 +21,9 @@ from edge_kit.cli.app import (
     GateWindowOpt,
     HistoryOpt,
     JsonOpt,
+    ParallelOpt,
     ProfilesOpt,
+    TrustNewHostsOpt,
     app,
     emit_json,
     finite,
@@ -195,11 +197,10 @@ def deploy_cmd(
     devices: DevicesOpt = None,
     variant: Annotated[Optional[str], typer.Option(help="Variant to activate (default: keep the current one if it is "
                                                         "among these artifacts, else the profile's first).")] = None,
-    parallel: Annotated[int, typer.Option(min=1, max=256, help="Devices at a time.")] = 8,
+    parallel: ParallelOpt = 8,
     canary: Annotated[Optional[str], typer.Option(help="Deploy to this share first, e.g. 10%; stop if too many fail.")] = None,
     max_failed: Annotated[str, typer.Option(help="Share of canaries allowed to fail, e.g. 0% or 20%.")] = "0%",
-    trust_new_hosts: Annotated[bool, typer.Option("--trust-new-hosts", help="Accept and record SSH host keys seen "
-                                                  "for the first time (a changed key is always refused).")] = False,
+    trust_new_hosts: TrustNewHostsOpt = False,
     health_timeout: Annotated[float, typer.Option(callback=finite, min=1, help="Seconds to wait for each device's health check.")] = 120.0,
     repair: Annotated[bool, typer.Option("--repair/--no-repair", help="Have each agent hash its stored models and "
                                                                       "upload damaged ones again.")] = True,

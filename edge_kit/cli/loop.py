@@ -15,7 +15,9 @@ from edge_kit.cli.app import (
     FleetOpt,
     HistoryOpt,
     JsonOpt,
+    ParallelOpt,
     ProfilesOpt,
+    TrustNewHostsOpt,
     app,
     emit_json,
     finite,
@@ -193,13 +195,14 @@ def tune_cmd(
     artifacts: CandidatesOpt,
     devices: DevicesOpt = None,
     history: HistoryOpt = None,
-    rounds: Annotated[int, typer.Option(min=1, max=10)] = 2,
+    rounds: Annotated[int, typer.Option(min=1, max=10, help="Rounds of measure, select and switch at most; stops "
+                                                            "earlier when a round switches nothing.")] = 2,
     margin: MarginOpt = DEFAULT_MARGIN,
     min_runs: Annotated[int, typer.Option(min=1, help="Timed runs per measurement at least.")] = 200,
     min_seconds: Annotated[float, typer.Option(callback=finite, min=0, help="Timed seconds per measurement at least.")] = 2.0,
     timeout: Annotated[float, typer.Option(callback=finite, min=1, help="Seconds per round for all measurements to arrive.")] = 300.0,
-    parallel: Annotated[int, typer.Option(min=1, max=256)] = 8,
-    trust_new_hosts: Annotated[bool, typer.Option("--trust-new-hosts")] = False,
+    parallel: ParallelOpt = 8,
+    trust_new_hosts: TrustNewHostsOpt = False,
     budget: Annotated[Optional[float], typer.Option(callback=finite, min=0, help="Measure only what the fleet model "
                                                                                  "plans, within this many benchmark runs "
                                                                                  "(or device-seconds, --budget-unit); "
@@ -260,6 +263,14 @@ def demo_cmd(
     if as_json:
         emit_json(result.as_dict())
         return
+    print_demo(result)
+
+
+def print_demo(result: Any) -> None:
+    """Print a :class:`~edge_kit.loop.demo.DemoResult`: one row per device, then where each column's figures
+    came from (the clocks and runtimes its records name, the eval set, the power method, the application)."""
+    from edge_kit.loop.demo import APP_REQUESTS
+
     t = Table(Column("device", no_wrap=True), Column("profile", no_wrap=True), Column("variant", no_wrap=True), "p90 ms", "top-1",
               "mJ/inference", "feasible", "live p50/p99 ms", "app top-1", box=box.SIMPLE_HEAD,
               pad_edge=False, title="each device on its best variant (measured by the real agent on this machine, "
@@ -270,9 +281,15 @@ def demo_cmd(
                   "yes" if r["feasible"] else ("[red]no[/]: " + safe(", ".join(r["violates"])) if r["feasible"] is False else "-"),
                   *_live_cells(r.get("live")))
     out.print(t)
+    rows = [r for r in result.rows if r.get("p90_ms") is not None]
+    clocks = sorted({f"{r.get('latency_method') or 'clock not named'} ({r.get('runtime') or 'runtime not named'})"
+                     for r in rows})
+    samples = sorted({str(r["accuracy_samples"]) for r in rows if r.get("accuracy_samples")})
     methods = sorted({r["power_method"].split(",")[0] for r in result.rows if r["power_method"]})
-    out.print(f"latency: perf_counter_ns around invoke(), LiteRT on this machine; energy: {safe('; '.join(methods))}; "
-              "live: the agent's serving API answering a demo application's requests (eval images), perf_counter_ns")
+    out.print(safe(f"p90: {'; '.join(clocks) or 'not measured'}, on this machine; top-1: the agent, on the eval set "
+                   f"shipped with the artifacts ({'/'.join(samples) or '?'} samples); energy: {'; '.join(methods) or 'not measured'}; "
+                   "live: the agent's serving API answering a demo application's requests, its service time by "
+                   f"perf_counter_ns; app top-1: that application's own answers to {APP_REQUESTS} eval images"))
     if result.report.deploy.failed:
         out.print(results_table(result.report.deploy))
     switched = result.report.switched
@@ -403,11 +420,15 @@ def monitor_cmd(
             server.shutdown()
     if mon.failed is not None:  # the history went away: one line, exit 6 (what it stored before is kept, whole)
         raise mon.failed
+    s = mon.stats
     if as_json:
-        s = mon.stats
         emit_json({"received": s.received, "stored": s.stored, "duplicates": s.duplicates, "invalid": s.invalid,
                     "gaps": s.gaps, "dropped": s.dropped, "alerts": [vars(a) for a in mon.alerts], "alerts_raised": mon.alerts_raised,
                    "store": db.where})
+    else:
+        out.print(safe(f"stored {s.stored:,} of {s.received:,} messages received ({s.duplicates:,} duplicates, "
+                       f"{s.invalid:,} refused, {s.gaps:,} sequence gaps, {mon.alerts_raised:,} alerts) in {db.where}"),
+                  highlight=False)
 
 
 fleet_app = typer.Typer(no_args_is_help=True, help="The fleet: its broker's wall, and what the history store knows.")
@@ -492,17 +513,11 @@ def report_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Write one self-contained HTML report: per profile, latency vs accuracy and energy; the fleet table."""
-    from edge_kit.errors import InputError
     from edge_kit.fsutil import writable_folder
     from edge_kit.telemetry.report import build_report
-    from edge_kit.telemetry.store import HISTORY_NAME, history_path, is_postgres
 
-    if not is_postgres(history or ""):
-        path = Path(history) if history else (history_path(fleet_file) if fleet_file else Path(HISTORY_NAME))
-        if not path.is_file():
-            raise InputError(f"{path}: no history store; run `edgekit monitor` or `edgekit tune` first, or pass --history")
     writable_folder(out_file.parent)
-    with open_fleet_history(fleet_file, history) as db:
+    with open_fleet_history(fleet_file, history, must_exist=True) as db:
         info = build_report(db, out_file)
     if as_json:
         emit_json(info)

@@ -181,6 +181,11 @@ def load_source(path: Path, input_shapes: dict[str, tuple[int, ...]] | None = No
 
 
 def _load_keras(path: Path, name: str, digest: str, pinned: dict[str, tuple[int, ...]]) -> Source:
+    import zipfile
+
+    if path.suffix.lower() == ".keras" and not zipfile.is_zipfile(path):  # Keras itself says "File not found"
+        raise InputError(f"{path}: not a loadable Keras model (not a zip archive, as every .keras file is: damaged, "
+                         "cut short, or another format named .keras); save it again with model.save('name.keras')")
     tensorflow()
     import keras
 

@@ -146,8 +146,6 @@ def publish(artifacts: Path, store: str | Path) -> PublishResult:
             folders are written), or the store folder cannot be written.
     """
     artifacts = Path(artifacts)
-    if not artifacts.is_dir():
-        raise InputError(f"{artifacts}: no such folder; give the compiled model's folder (artifacts/<model>)")
     manifest = read_manifest(artifacts)
     model = str(manifest.model.get("name") or artifacts.name)
     if not _MODEL_NAME.match(model):

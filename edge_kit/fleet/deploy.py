@@ -153,6 +153,19 @@ def candidates_for(manifest: Manifest, dev: Device) -> list[Artifact]:
     return wanted
 
 
+def check_built_for(artifacts: Path, devices: list[Device]) -> None:
+    """Return None when the compiled folder ``artifacts`` has built variants for every device's profile: a
+    deploy checks it before it touches any device, as ``select`` and ``tune`` do.
+
+    Raises:
+        InputError: the folder has no (valid) manifest.
+        NotBuiltFor: the first device whose profile was not compiled, or got no built variant.
+    """
+    manifest = read_manifest(artifacts)
+    for dev in devices:
+        candidates_for(manifest, dev)
+
+
 # How long an install of a built_on_device artifact (trt-*) may take: the agent builds its TensorRT engine
 # then (device_agents.runtimes.tensorrt.BUILD_TIMEOUT_S, plus the upload's move and checks).
 ENGINE_BUILD_TIMEOUT_S = 1900.0
@@ -394,8 +407,10 @@ def deploy(fleet: Fleet, devices: list[Device], opts: DeployOptions,
 
     Raises:
         InputError: the artifact folder has no (valid) manifest.
+        NotBuiltFor: it was not compiled for a device's profile (no device is touched).
         AgentError: health checks are on and the fleet's broker cannot be reached.
     """
+    check_built_for(opts.artifacts, devices)
     client = FleetClient.of(fleet) if opts.health else None
     if client is not None:
         client.__enter__()

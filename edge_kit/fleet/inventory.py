@@ -173,6 +173,17 @@ class Fleet(StrictModel):
                           + (f"; did you mean '{hint}'?" if hint else f" (devices: {', '.join(names)})"))
 
 
+def check_fleet_file(path: Path) -> None:
+    """Return None when there is a fleet file at ``path`` (its contents are :func:`load_fleet`'s to check).
+
+    Raises:
+        ConfigError: nothing there, with what to do.
+    """
+    if not Path(path).exists():
+        raise ConfigError(f"{path}: no such fleet file; write one (docs/fleet.md), or start a simulated fleet with "
+                          "`edgekit sim up` and pass its .edgekit-sim/fleet.yaml")
+
+
 def load_fleet(path: Path) -> Fleet:
     """Read and check ``fleet.yaml``; device profiles are checked to exist.
 
@@ -181,9 +192,7 @@ def load_fleet(path: Path) -> Fleet:
     """
     from edge_kit.profiles import load_profile
 
-    if not Path(path).exists():
-        raise ConfigError(f"{path}: no such fleet file; write one (docs/fleet.md), or start a simulated fleet with "
-                          "`edgekit sim up` and pass its .edgekit-sim/fleet.yaml")
+    check_fleet_file(path)
     fleet = load_yaml_model(path, Fleet)
     fleet._source = Path(path)
     for dev in fleet.devices:

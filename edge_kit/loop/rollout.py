@@ -30,6 +30,7 @@ from edge_kit.fleet.deploy import (
     DeployOptions,
     DeviceResult,
     GroupResult,
+    check_built_for,
     deploy,
     roll_back,
 )
@@ -212,6 +213,7 @@ def rollout(fleet: Fleet, devices: list[Device], opts: DeployOptions, canary: fl
 
     Raises:
         InputError: the artifact folder has no (valid) manifest.
+        NotBuiltFor: it was not compiled for a device's profile (checked for every device before the canaries).
         AgentError: the fleet's broker cannot be reached (during the gate: after the canaries were rolled back).
         HistoryError: ``record`` failed; the gate's decision was acted on for the canaries first (rolled
             back, or kept on hold), and the rest was not deployed.
@@ -221,6 +223,7 @@ def rollout(fleet: Fleet, devices: list[Device], opts: DeployOptions, canary: fl
     canaries = pick_canaries(devices, canary)
     first_ids = {id(d) for d in canaries}
     rest = [d for d in devices if id(d) not in first_ids]
+    check_built_for(opts.artifacts, devices)  # the rest too: never canaries first, then a refusal
     first = deploy(fleet, canaries, replace(opts, health_bench=dict(CANARY_BENCH)), progress).results
     manifest = read_manifest(opts.artifacts)
     by_name = {d.name: d for d in canaries}

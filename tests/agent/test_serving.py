@@ -554,3 +554,17 @@ def test_a_client_that_never_reads_its_answers_is_cut_off_after_send_timeout_s(w
         sock.close()
         sender.join(10)
     assert Client(path=strict.path).predict(samples(1)[0])["output_0"].shape == (10,)
+
+
+def test_a_client_without_root_looks_where_the_agent_keeps_its_root(tmp_path, monkeypatch):
+    """Client() looked for /opt/edgekit/serve.sock whoever ran it, while an agent run as a user (a deploy's default,
+    user edgekit) keeps its root, and so its socket, in ~/.edgekit: an application got "no agent"."""
+    import os
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert Client().path == tmp_path / ".edgekit" / "serve.sock"
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    assert Client().path == Path("/opt/edgekit/serve.sock")
+    assert Client("~/agent").path == tmp_path / "agent" / "serve.sock"
+    assert Client(path=tmp_path / "s.sock").path == tmp_path / "s.sock"

@@ -159,6 +159,28 @@ def test_every_command_has_a_one_line_summary_and_no_negative_of_a_plain_switch(
         assert set(negatives) <= {"--no-repair"}, f"{path}: {negatives}"
 
 
+def test_every_option_and_argument_of_every_command_is_explained_in_its_help_and_json_is_everywhere():
+    """`edgekit tune --help` listed --rounds, --parallel and --trust-new-hosts with no word on what they do."""
+    import typer.main
+
+    from edge_kit.cli import compile, fleet, loop, rollout  # noqa: F401  (each registers its commands)
+    from edge_kit.cli.app import app
+
+    def leaves(group, path):
+        for name, cmd in group.commands.items():
+            if hasattr(cmd, "commands"):
+                yield from leaves(cmd, f"{path} {name}")
+            else:
+                yield f"{path} {name}", cmd
+
+    unexplained, without_json = [], []
+    for path, cmd in leaves(typer.main.get_command(app), "edgekit"):
+        unexplained += [f"{path} {p.opts[0]}" for p in cmd.params if not (getattr(p, "help", None) or "").strip()]
+        if not any("--json" in p.opts for p in cmd.params):
+            without_json.append(path)
+    assert unexplained == [] and without_json == []
+
+
 @pytest.mark.parametrize("args", [["bench", "--device", "d1", "--timeout", "inf"],
                                   ["tune", "--artifacts", "a", "--timeout", "inf"],
                                   ["monitor", "--silence-s", "inf"],

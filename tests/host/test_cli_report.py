@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -202,3 +203,50 @@ def test_an_output_folder_that_cannot_be_written_is_one_line_naming_it(tmp_path,
         assert error.startswith(f"{blocker}") and ": output folder is not writable (" in error
         assert error.endswith("); choose another with --out")
         assert err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", [["report", "--out", "{tmp}/r.html"], ["rollout", "list"],
+                                     ["rollout", "status", "digits-1"], ["rollout", "abort", "digits-1"]])
+def test_a_mistyped_fleet_file_is_named_and_gets_no_new_empty_history_beside_it(tmp_path, run_cli, command):
+    """`rollout list --fleet flet.yaml` made flet.yaml's folder an empty edgekit-history.db and printed an empty
+    table, exit 0; `report` blamed the history, not the fleet file the user mistyped."""
+    missing = tmp_path / "flet.yaml"
+    code, out, err = run_cli(*[a.format(tmp=tmp_path) for a in command], "--fleet", missing, "--json")
+    assert code == 2, err
+    assert json.loads(out)["error"].startswith(f"{missing}: no such fleet file; write one (docs/fleet.md)")
+    assert err.count("\n") == 1 and list(tmp_path.iterdir()) == []
+
+
+def test_a_report_from_a_fleet_without_a_history_yet_says_what_to_run(tmp_path, run_cli):
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text("fleet: f\ndevices: []\n")
+    code, out, err = run_cli("report", "--fleet", fleet_file, "--out", tmp_path / "r.html", "--json")
+    assert code == 2, err
+    assert json.loads(out)["error"] == (f"{tmp_path.resolve() / 'edgekit-history.db'}: no history store; run "
+                                        "`edgekit monitor` or `edgekit tune` first, or pass --history")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fleet.yaml"]
+
+
+def test_the_demo_table_says_where_every_column_came_from(capsys):
+    """The demo's footer named the latency clock (as LiteRT's, whatever ran) and the energy method, but not where
+    top-1 or the application's top-1 came from; now every column's source is named from the records."""
+    from edge_kit.cli.loop import print_demo
+    from edge_kit.fleet.deploy import GroupResult
+    from edge_kit.loop.demo import APP_REQUESTS, DemoResult
+    from edge_kit.loop.tune import TuneReport
+
+    def row(device, runtime, clock):
+        return {"device": device, "profile": "rpi4", "variant": "int8", "feasible": True, "violates": [], "p90_ms": 0.5,
+                "latency_method": clock, "runtime": runtime, "accuracy": 0.99, "accuracy_samples": 360,
+                "energy_mj": 0.1, "power_method": "estimated: idle_w + (busy_w - idle_w) x CPU use, profile rpi4",
+                "live": {"requests": APP_REQUESTS, "top1": 0.98, "p50_ms": 0.1, "p99_ms": 0.3}}
+
+    rows = [row("a", "litert", "time.perf_counter_ns around interpreter.invoke()"),
+            row("b", "onnxruntime", "time.perf_counter_ns around session.run()")]
+    print_demo(DemoResult(Path("/tmp/d"), False, TuneReport(GroupResult([])), rows))
+    text = " ".join(capsys.readouterr().out.split())
+    assert ("p90: time.perf_counter_ns around interpreter.invoke() (litert); time.perf_counter_ns around "
+            "session.run() (onnxruntime), on this machine; top-1: the agent, on the eval set shipped with the "
+            "artifacts (360 samples); energy: estimated: idle_w + (busy_w - idle_w) x CPU use;") in text
+    assert f"app top-1: that application's own answers to {APP_REQUESTS} eval images" in text
+    assert "98.0%" in text and "99.00%" in text

@@ -207,3 +207,30 @@ def test_a_metrics_port_in_use_or_out_of_range_is_one_line_exit_2(tmp_path, run_
                                         "(Address already in use); choose a free port or another address")
     code, _, err = run_cli("monitor", "--fleet", fleet_file, "--metrics-port", "99999", "--duration", "1")
     assert code == 2 and err.startswith("edgekit: error: Invalid value for '--metrics-port'") and err.count("\n") == 1
+
+
+def test_monitor_without_json_ends_with_what_it_stored(tmp_path, run_cli, monkeypatch):
+    """`edgekit monitor --duration N` printed its table and stopped without a word on what it had stored (only
+    --json said), its last line cut off without a newline in a log."""
+    from edge_kit.telemetry import monitor as monitor_module
+
+    class StoppedMonitor:  # a monitor that received nine messages while it ran: no broker here
+        def __init__(self, *_args, **_kwargs):
+            self.stats = monitor_module.MonitorStats(received=9, stored=6, duplicates=2, invalid=1, gaps=1)
+            self.alerts, self.alerts_raised, self.failed = [], 3, None
+
+        def start(self):
+            pass
+
+        def stop(self):
+            pass
+
+    monkeypatch.setattr(monitor_module, "Monitor", StoppedMonitor)
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text("fleet: sim\nbroker: {host: 127.0.0.1, port: 1}\ndefaults: {user: edgekit, profile: rpi4}\n"
+                          "devices:\n  - {name: d1, host: 127.0.0.1}\n")
+    code, out, err = run_cli("monitor", "--fleet", fleet_file, "--duration", "0")
+    assert code == 0, err
+    assert out.endswith("\n") and " ".join(out.split()).endswith(
+        f"stored 6 of 9 messages received (2 duplicates, 1 refused, 1 sequence gaps, 3 alerts) in "
+        f"{tmp_path.resolve() / 'edgekit-history.db'}")

@@ -57,6 +57,7 @@ def test_a_history_that_fails_to_record_the_gate_does_not_leave_a_rolled_back_ca
 
     monkeypatch.setattr(ro, "deploy", fake_deploy)
     monkeypatch.setattr(ro, "read_manifest", lambda _a: None)
+    monkeypatch.setattr(ro, "check_built_for", lambda *_a: None)  # no artifacts folder: deploy is faked too
     monkeypatch.setattr(ro, "broken_constraints", lambda *_a: None)
     monkeypatch.setattr(ro, "collect_live", lambda *_a: ([], []))
     monkeypatch.setattr(ro, "judge_live", lambda *_a, **_k: GateDecision("roll back", "canaries slower"))

@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 
+import pytest
+
 from edge_kit.manifest import Artifact, Manifest
 from edge_kit.telemetry.store import Store
 from edgekit_protocol import messages
@@ -100,3 +102,16 @@ def test_artifacts_not_compiled_for_a_devices_profile_are_bad_input_exit_2(tmp_p
     assert code == 2, err
     assert json.loads(out)["error"] == ("a: the artifacts were not compiled for profile rpi5 (compiled for: rpi4); "
                                         "recompile with -p rpi5")
+
+
+@pytest.mark.parametrize("canary", [[], ["--canary", "40%"]])
+def test_deploy_refuses_artifacts_not_compiled_for_a_devices_profile_before_touching_any(tmp_path, run_cli, canary):
+    """deploy went on with the other devices and failed that one, exit 4 (the docs' exit table says 2, as select
+    and tune exit); with --canary the canaries were deployed before the rest was refused."""
+    fleet, folder = write_fleet(tmp_path)
+    fleet.write_text(fleet.read_text().replace("  - {name: quiet, host: 127.0.0.1}", "  - {name: quiet, host: 127.0.0.1, profile: rpi5}"))
+    # No device and no broker answers on these ports: any attempt to reach one would fail otherwise (exit 4 or 5).
+    code, out, err = run_cli("deploy", "--fleet", fleet, "--artifacts", folder, *canary, "--json")
+    assert code == 2, err
+    assert json.loads(out) == {"error": "quiet: the artifacts were not compiled for profile rpi5 (compiled for: rpi4); "
+                                        "recompile with -p rpi5", "exit_code": 2}

@@ -1,0 +1,54 @@
+"""Model files and artifact folders that are not what the user meant: one line naming the path and what to give."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+@pytest.mark.parametrize("content", [b"this is not a zip", b"", b"PK\x03\x04 cut short"])
+def test_a_keras_file_that_is_not_a_zip_archive_says_so_not_file_not_found(tmp_path, content):
+    """Keras answered a .keras file that is not a zip with "File not found: filepath=..." for a file that exists,
+    and edge-kit added advice about custom layers; the line now says what is wrong with the file."""
+    from edge_kit.compiler.sources import load_source
+    from edge_kit.errors import InputError
+
+    bad = tmp_path / "model.keras"
+    bad.write_bytes(content)
+    with pytest.raises(InputError) as caught:
+        load_source(bad)
+    assert str(caught.value) == (f"{bad}: not a loadable Keras model (not a zip archive, as every .keras file is: "
+                                 "damaged, cut short, or another format named .keras); save it again with "
+                                 "model.save('name.keras')")
+    assert caught.value.exit_code == 2
+
+
+def test_an_artifacts_path_that_is_not_one_compiled_model_says_what_to_give(tmp_path):
+    """`compile --out artifacts` then `deploy --artifacts artifacts` was told to "run `edgekit compile` into
+    artifacts first", which the user had just done; a file was "unreadable manifest ([Errno 20] ...)"."""
+    from edge_kit.errors import InputError
+    from edge_kit.manifest import read_manifest
+
+    out = tmp_path / "artifacts"
+    for model in ("digits", "faces"):
+        (out / model).mkdir(parents=True)
+        (out / model / "manifest.json").write_text("{}")
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "empty").mkdir()
+    expected = {out: f"{out}/manifest.json: no manifest; {out} holds compiled models (digits, faces): give one "
+                     f"model's folder, e.g. {out}/digits",
+                tmp_path / "a-file": f"{tmp_path}/a-file: not a folder; give the compiled model's folder (artifacts/<model>)",
+                tmp_path / "none": f"{tmp_path}/none: no such folder; give the compiled model's folder (artifacts/<model>)",
+                tmp_path / "empty": f"{tmp_path}/empty/manifest.json: no manifest; run `edgekit compile` into "
+                                    f"{tmp_path}/empty first"}
+    for folder, message in expected.items():
+        with pytest.raises(InputError) as caught:
+            read_manifest(folder)
+        assert str(caught.value) == message
+
+
+def test_a_mistyped_example_name_gets_the_closest_one(run_cli):
+    code, out, err = run_cli("example", "digit", "--json")
+    assert code == 2 and err.count("\n") == 1
+    assert json.loads(out)["error"] == "unknown example 'digit'; did you mean 'digits'? (choose from: digits, mobilenet, mobilenetv2)"
