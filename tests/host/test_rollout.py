@@ -160,6 +160,7 @@ def test_an_interrupted_gate_puts_the_canaries_back(monkeypatch, tmp_path):
 
     monkeypatch.setattr(ro, "deploy", fake_deploy)
     monkeypatch.setattr(ro, "read_manifest", lambda _a: None)
+    monkeypatch.setattr(ro, "check_built_for", lambda *_a: None)  # no artifacts folder: deploy is faked too
     monkeypatch.setattr(ro, "broken_constraints", lambda *_a: None)
     monkeypatch.setattr(ro, "collect_live", interrupted)
     monkeypatch.setattr(ro, "roll_back", lambda _f, devs, _o, _r, w: (rolled.extend(d.name for d in devs), why.append(w)))
