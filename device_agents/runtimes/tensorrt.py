@@ -51,7 +51,7 @@ from device_agents.formats import (
     onnx_metadata,
 )
 from device_agents.runtimes.base import Runtime
-from device_agents.runtimes.onnxruntime import OrtInterpreter
+from device_agents.runtimes.onnxruntime import OrtInterpreter, ort_error
 
 PROVIDER = "TensorrtExecutionProvider"
 INSTALL = ("install NVIDIA's onnxruntime-gpu wheel for your JetPack into the agent's venv "
@@ -236,7 +236,7 @@ def _session(ort: Any, model: Path, options: dict[str, Any], *, threads: int = 1
     try:
         session = ort.InferenceSession(str(model), sess_options=so, providers=providers)
     except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own exception types
-        raise EngineBuildError(f"{model.name}: TensorRT engine build failed: {str(exc).strip().splitlines()[0][:400]}") from None
+        raise EngineBuildError(f"{model.name}: TensorRT engine build failed: {ort_error(exc)}") from None
     got = session.get_providers()
     if not got or got[0] != PROVIDER:
         raise EngineBuildError(f"{model.name}: ONNX Runtime did not put the TensorRT provider first (got "

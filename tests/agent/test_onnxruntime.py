@@ -157,3 +157,34 @@ def test_an_agent_without_onnxruntime_says_in_one_line_how_to_install_it(onnx_mo
     proc = subprocess.run([sys.executable, "-c", BLOCKED, "bench", str(digits_artifacts / "fp32.tflite"),
                            "--min-runs", "1", "--json"], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0 and json.loads(proc.stdout)["runtime"] == "litert", proc.stderr
+
+
+def test_models_the_agent_cannot_serve_are_refused_at_load_in_one_line(tmp_path):
+    """A scalar or shapeless tensor, no outputs, an opset this onnxruntime lacks: a ValueError naming the
+    file and what to do at load, never an IndexError at the first request."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    def save(name, inputs, outputs, opset=13):
+        graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", inputs, outputs)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+        model.ir_version = 8
+        onnx.save(model, tmp_path / name)
+        return tmp_path / name
+
+    def info(name, shape):
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+    runtime = get_runtime("onnxruntime")
+    cases = {
+        save("scalar.onnx", [info("x", [])], [info("y", [])]): r"scalar.onnx: tensor 'x' has no dimensions",
+        save("shapeless.onnx", [info("x", None)], [info("y", None)]): r"tensor 'x' has no dimensions .*shape \[1, \.\.\.\]",
+        save("noout.onnx", [info("x", [1, 4])], []): "noout.onnx: the model declares no outputs",
+        save("new.onnx", [info("x", [1, 4])], [info("y", [1, 4])], opset=99):
+            rf"new.onnx: onnxruntime cannot load it: the model uses opset 99 of domain ai.onnx, and onnxruntime "
+            rf"{ort.__version__} runs up to opset \d+: export the model with opset \d+ or lower",
+    }
+    for path, match in cases.items():
+        with pytest.raises(ValueError, match=match) as caught:
+            runtime.interpreter(path)
+        assert "\n" not in str(caught.value) and "onnxruntime_src" not in str(caught.value)
