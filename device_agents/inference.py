@@ -104,11 +104,16 @@ class ModelRunner:
 
         Raises:
             KeyError: ``batch`` lacks one of the model's inputs (a single-input model takes any one array).
+            ValueError: a sample whose size does not fit the input's shape (the input and both shapes named).
         """
         out = []
         for port in self.inputs:
             x = batch[port.name] if port.name in batch or len(self.inputs) > 1 else next(iter(batch.values()))
-            out.append(quantize(port, np.asarray(x[i]).reshape(port.shape)))
+            sample = np.asarray(x[i])
+            if sample.size != int(np.prod(port.shape)):
+                raise ValueError(f"input {port.name!r}: a sample of shape {list(sample.shape)}, the model takes "
+                                 f"{list(port.sample_shape)}")
+            out.append(quantize(port, sample.reshape(port.shape)))
         return out
 
     def sample_tensors(self, named: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -191,9 +196,19 @@ def output_fidelity(output: np.ndarray, reference: np.ndarray, *, classes: bool 
     over all values; ``top1_agreement`` (share of samples with the same argmax) when the output is a
     class vector: a vector per sample and ``classes`` True (a classifier's scores, logits included),
     or the reference rows are probability distributions.
+
+    Raises:
+        ValueError: the output or the reference holds NaN or infinity (the first such sample named):
+            no figure measured on it would mean anything (NaN against NaN would otherwise read as
+            identical).
     """
     a = output.reshape(len(output), -1).astype(np.float64)
     b = reference.reshape(len(reference), -1).astype(np.float64)
+    for label, values in (("reference", b), ("output", a)):
+        finite = np.isfinite(values).all(axis=1)
+        if not finite.all():
+            raise ValueError(f"the {label} holds NaN or infinity (first at sample {int(np.argmin(finite))}), "
+                             "so no fidelity is measured")
     diff = a - b
     signal, noise = float(np.sum(b * b)), float(np.sum(diff * diff))
     if noise == 0.0:
@@ -227,7 +242,8 @@ def fidelity(outputs: dict[str, np.ndarray], reference: dict[str, np.ndarray], *
         "max_abs_error": worst, "mean_abs_error": worst, "top1_agreement": worst or absent}``.
 
     Raises:
-        ValueError: the two do not hold the same outputs with the same shapes.
+        ValueError: the two do not hold the same outputs with the same shapes, or one holds NaN or
+            infinity (the output named).
     """
     if set(outputs) != set(reference):
         raise ValueError(f"outputs {sorted(outputs)} do not match the reference's {sorted(reference)}")
@@ -236,7 +252,10 @@ def fidelity(outputs: dict[str, np.ndarray], reference: dict[str, np.ndarray], *
         out = outputs[name]
         if out.shape != ref.shape:
             raise ValueError(f"output '{name}' has shape {out.shape}, the reference {ref.shape}")
-        per[name] = output_fidelity(out, ref, classes=name in classes)
+        try:
+            per[name] = output_fidelity(out, ref, classes=name in classes)
+        except ValueError as exc:
+            raise ValueError(f"output '{name}': {exc}") from None
     worst: dict[str, Any] = {"outputs": per}
     for key, pick in (("snr_db", min), ("cosine", min), ("max_abs_error", max), ("mean_abs_error", max),
                       ("top1_agreement", min)):
