@@ -11,6 +11,7 @@ load fails naming the input.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -176,7 +177,8 @@ def load_source(path: Path, input_shapes: dict[str, tuple[int, ...]] | None = No
         from edge_kit.compiler.onnx_source import load_onnx
 
         data, inputs, outputs = load_onnx(path, pinned)
-        return Source(path, "onnx", digest, name, inputs, outputs, onnx=data)
+        # the model as compiled: with external data read in, its weights are in the hash too (else the file's own)
+        return Source(path, "onnx", hashlib.sha256(data).hexdigest(), name, inputs, outputs, onnx=data)
     raise InputError(f"{path}: unknown model format '{suffix}'; give a .keras, .h5, .tflite, .onnx file or a SavedModel folder")
 
 
