@@ -84,6 +84,38 @@ def dequantize(port: Port, y: np.ndarray) -> np.ndarray:
     return y.astype(np.float32)
 
 
+def _exact(port: Port, x: np.ndarray) -> np.ndarray:
+    """Return ``x`` as ``port``'s plain integer or boolean type, value for value.
+
+    Raises:
+        ValueError: NaN/infinity, a fraction, or a value outside the type's range (0/1 for a
+            boolean), named with the input and its first flat index.
+    """
+    name = np.dtype(port.dtype).name
+    if port.dtype == np.bool_:
+        low, high = 0, 1
+    else:
+        info = np.iinfo(port.dtype)
+        low, high = int(info.min), int(info.max)
+    flat = x.reshape(-1)
+    if x.dtype.kind == "f":
+        bad = ~np.isfinite(flat)
+        if bad.any():
+            raise ValueError(f"input {port.name!r} holds NaN or infinity at flat index {int(np.argmax(bad))}")
+        bad = flat != np.floor(flat)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(f"input {port.name!r} takes {name}: {flat[i].item()!r} at flat index {i} is not a whole number")
+    if x.dtype.kind in "iuf" and flat.size:
+        # compared as Python ints, so uint64 against int64 bounds (or a huge float) cannot wrap
+        bad = (flat < low) | (flat >= high + 1) if x.dtype.kind != "u" else flat > high  # high + 1: exact as a float
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(f"input {port.name!r} takes {name}: {flat[i].item()!r} at flat index {i} is outside "
+                             f"[{low}, {high}]")
+    return x.astype(port.dtype)
+
+
 Batch = dict[str, np.ndarray]  # name -> array whose first axis is the sample axis
 
 
@@ -123,9 +155,15 @@ class ModelRunner:
 
         A single-input model takes its one array under any name.
 
+        An input the model takes as a plain (unquantized) integer or boolean tensor (token ids,
+        uint8 pixels, a mask) is taken exactly: integer arrays keep their values (no float32 trip,
+        which would round ids above 2**24), and every value must be a whole number in the tensor
+        type's range (0 or 1 for a boolean); nothing is rounded or clipped.
+
         Raises:
-            ValueError: a missing or unknown input, a shape that does not fit, or NaN/infinity in an
-                input (each named).
+            ValueError: a missing or unknown input, a shape that does not fit, NaN/infinity in an
+                input, or a value a plain integer or boolean input cannot hold (each named, with
+                the first bad index).
         """
         if len(self.inputs) == 1 and len(named) == 1:
             named = {self.inputs[0].name: next(iter(named.values()))}
@@ -142,6 +180,9 @@ class ModelRunner:
             if tuple(x.shape) not in (port.shape, port.sample_shape):
                 raise ValueError(f"input {port.name!r}: shape {list(x.shape)}, the model takes {list(port.sample_shape)} "
                                  f"(or {list(port.shape)})")
+            if (port.dtype == np.bool_ or np.issubdtype(port.dtype, np.integer)) and not port.scale:
+                out.append(_exact(port, x).reshape(port.shape))
+                continue
             x = x.astype(np.float32, copy=False)
             if not np.isfinite(x).all():
                 raise ValueError(f"input {port.name!r} holds NaN or infinity at flat index {int(np.argmin(np.isfinite(x)))}")

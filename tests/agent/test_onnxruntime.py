@@ -188,3 +188,39 @@ def test_models_the_agent_cannot_serve_are_refused_at_load_in_one_line(tmp_path)
         with pytest.raises(ValueError, match=match) as caught:
             runtime.interpreter(path)
         assert "\n" not in str(caught.value) and "onnxruntime_src" not in str(caught.value)
+
+
+def test_integer_and_boolean_inputs_are_taken_exactly_or_refused(tmp_path):
+    """Token ids, uint8 pixels and a mask from an application: ids above 2**24 keep their value (they used
+    to go through float32), and a fraction, a value out of range or a non-0/1 mask is refused by name
+    (they used to be truncated or clipped without a word)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    def info(name, kind):
+        return helper.make_tensor_value_info(name, kind, [1, 3])
+
+    nodes = [helper.make_node("Identity", ["ids"], ["ids_out"]), helper.make_node("Cast", ["img"], ["img_out"], to=1),
+             helper.make_node("Cast", ["mask"], ["mask_out"], to=1)]
+    graph = helper.make_graph(nodes, "g", [info("ids", TensorProto.INT64), info("img", TensorProto.UINT8),
+                                           info("mask", TensorProto.BOOL)],
+                              [info("ids_out", TensorProto.INT64), info("img_out", TensorProto.FLOAT),
+                               info("mask_out", TensorProto.FLOAT)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "typed.onnx")
+    runner = ModelRunner(get_runtime(model=tmp_path / "typed.onnx").interpreter(tmp_path / "typed.onnx"))
+    good = {"ids": np.array([2**40 + 1, 7, 0], np.int64), "img": np.array([0.0, 128.0, 255.0]),
+            "mask": np.array([True, False, True])}
+    runner.invoke_raw(runner.sample_tensors(good))
+    assert runner.interpreter.get_tensor(3).tolist() == [[2**40 + 1, 7, 0]]
+    assert runner.results()["img_out"].tolist() == [0.0, 128.0, 255.0]
+    for name, value, match in [
+        ("ids", np.array([1.5, 2, 3]), r"input 'ids' takes int64: 1.5 at flat index 0 is not a whole number"),
+        ("img", np.array([0, 300, 1]), r"input 'img' takes uint8: 300 at flat index 1 is outside \[0, 255\]"),
+        ("img", np.array([-1.0, 0, 1]), r"input 'img' takes uint8: -1.0 at flat index 0 is outside"),
+        ("mask", np.array([0.0, 1.0, 2.0]), r"input 'mask' takes bool: 2.0 at flat index 2 is outside \[0, 1\]"),
+        ("ids", np.array([np.nan, 1, 2]), r"input 'ids' holds NaN or infinity at flat index 0"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            runner.sample_tensors({**good, name: value})
