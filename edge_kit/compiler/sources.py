@@ -154,7 +154,7 @@ def load_source(path: Path, input_shapes: dict[str, tuple[int, ...]] | None = No
 
     Raises:
         InputError: missing, unreadable or corrupt model, a path that is neither a regular file nor a
-            folder (a pipe), an unsupported format, an input left
+            folder (a pipe), an unsupported format (a TensorRT engine said as such), an input left
             with a dynamic dimension, or a pinned shape naming no input, not fitting it, or (for a
             ``.tflite``, whose file is rewritten to the pinned shapes) one the model cannot run at.
     """
@@ -179,6 +179,10 @@ def load_source(path: Path, input_shapes: dict[str, tuple[int, ...]] | None = No
         data, inputs, outputs = load_onnx(path, pinned)
         # the model as compiled: with external data read in, its weights are in the hash too (else the file's own)
         return Source(path, "onnx", hashlib.sha256(data).hexdigest(), name, inputs, outputs, onnx=data)
+    if suffix in (".engine", ".plan", ".trt"):
+        raise InputError(f"{path}: a TensorRT engine runs only on the GPU and TensorRT version that built it, so edge-kit "
+                         "does not take one: give the .onnx model it was built from (the trt-* variants build the "
+                         "engine on each device at install)")
     raise InputError(f"{path}: unknown model format '{suffix}'; give a .keras, .h5, .tflite, .onnx file or a SavedModel folder")
 
 

@@ -139,3 +139,10 @@ def test_compile_refuses_with_exit_2_one_line_and_writes_nothing(tmp_path, run_c
     (line,) = err.strip().splitlines()
     assert line.startswith(f"edgekit: error: {tmp_path / 'through.onnx'}: output 'x' is also an input")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("suffix", [".engine", ".plan"])
+def test_a_tensorrt_engine_is_refused_with_the_reason_and_what_to_give(tmp_path, suffix):
+    engine = tmp_path / f"model{suffix}"
+    engine.write_bytes(b"ftrt" + bytes(64))  # a serialized plan from some other GPU
+    refused(engine, "a TensorRT engine runs only on the GPU and TensorRT version that built it.*give the .onnx model")
