@@ -12,6 +12,7 @@ load fails naming the input.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -21,6 +22,7 @@ from edge_kit.errors import InputError
 from edge_kit.fsutil import sha256_file
 
 SourceKind = Literal["keras", "savedmodel", "tflite", "onnx"]
+MAX_SAMPLE_VALUES = 2**27  # per input and sample: 512 MiB of float32 (a 4K RGB frame is 25M values)
 Shapes = dict[str, tuple[int, ...]]  # input name -> shape of one sample (no batch axis)
 
 
@@ -156,7 +158,9 @@ def load_source(path: Path, input_shapes: dict[str, tuple[int, ...]] | None = No
         InputError: missing, unreadable or corrupt model, a path that is neither a regular file nor a
             folder (a pipe), an unsupported format (a TensorRT engine said as such), an input left
             with a dynamic dimension, or a pinned shape naming no input, not fitting it, or (for a
-            ``.tflite``, whose file is rewritten to the pinned shapes) one the model cannot run at.
+            ``.tflite``, whose file is rewritten to the pinned shapes) one the model cannot run at, or an
+            input of more than :data:`MAX_SAMPLE_VALUES` values per sample (a hostile or mistaken shape
+            would take the host's memory in the first random sample or conversion).
     """
     pinned = dict(input_shapes or {})
     path = Path(path)
@@ -164,6 +168,19 @@ def load_source(path: Path, input_shapes: dict[str, tuple[int, ...]] | None = No
         raise InputError(f"{path}: model not found")
     if not (path.is_file() or path.is_dir()):  # a pipe or device: hashing it would block or never end
         raise InputError(f"{path}: not a regular file or folder (a pipe or device); give the model file or SavedModel folder")
+    source = _load_kind(path, pinned)
+    for input_name, shape in source.inputs.items():
+        values = math.prod(shape)
+        if values > MAX_SAMPLE_VALUES:
+            raise InputError(f"{path}: input '{input_name}' takes {values:,} values per sample (shape 1x"
+                             f"{'x'.join(map(str, shape))}); edge-kit takes at most {MAX_SAMPLE_VALUES:,} "
+                             f"({MAX_SAMPLE_VALUES * 4 // 2**20} MiB of float32): pin a smaller shape with "
+                             f"--input-shape {input_name}=1x... or export the model with a smaller input")
+    return source
+
+
+def _load_kind(path: Path, pinned: dict[str, tuple[int, ...]]) -> Source:
+    """Return the :class:`Source` of ``path`` by its kind (:func:`load_source` checks the rest). Raises InputError."""
     name = path.stem if path.is_file() else path.name
     digest = sha256_file(path)
     if path.is_dir():

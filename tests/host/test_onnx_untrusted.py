@@ -146,3 +146,11 @@ def test_a_tensorrt_engine_is_refused_with_the_reason_and_what_to_give(tmp_path,
     engine = tmp_path / f"model{suffix}"
     engine.write_bytes(b"ftrt" + bytes(64))  # a serialized plan from some other GPU
     refused(engine, "a TensorRT engine runs only on the GPU and TensorRT version that built it.*give the .onnx model")
+
+
+def test_an_input_too_large_for_any_sample_is_refused_before_memory_is_taken(tmp_path):
+    """[1, 100000, 100000] costs nothing to declare; its first random sample would be 40 GB of float32."""
+    message = refused(relu(tmp_path / "huge.onnx", shape=(1, 100_000, 100_000)),
+                      r"input 'x' takes 10,000,000,000 values per sample \(shape 1x100000x100000\); edge-kit takes at most")
+    assert "--input-shape x=1x..." in message
+    assert load_source(relu(tmp_path / "frame.onnx", shape=(1, 3, 2160, 3840))).inputs == {"x": (3, 2160, 3840)}
