@@ -92,7 +92,7 @@ def load_onnx(path: Path, pinned: dict[str, tuple[int, ...]]) -> tuple[bytes, di
 
     Raises:
         InputError: not an ONNX model (or truncated), external data outside the model's folder or
-            missing, a model ONNX Runtime cannot open, no inputs or no outputs, an output that is
+            missing, a model that crashes ONNX Runtime (in a child process) or that it cannot open, no inputs or no outputs, an output that is
             also an input, a scalar (0-d) input or output, a NaN in an initializer, a non-float32
             input, a batch fixed above 1, an input with a dynamic dimension besides the batch, or a
             pin that names no input or does not fit the declared shape.
@@ -116,14 +116,6 @@ def load_onnx(path: Path, pinned: dict[str, tuple[int, ...]]) -> tuple[bytes, di
         onnx.checker.check_model(model)
     except Exception as exc:  # noqa: BLE001 - ValidationError, or a protobuf error on a damaged file
         raise InputError(f"{path}: not a valid ONNX model ({_first_line(exc)})") from None
-    try:
-        _session(data)
-    except ImportError:
-        raise InputError("ONNX sources need onnxruntime: pip install 'edge-kit[onnx]' (see docs/compile.md)") from None
-    except Exception as exc:  # noqa: BLE001 - ORT raises its own Fail / InvalidGraph / NotImplemented types
-        from device_agents.runtimes.onnxruntime import ort_error
-
-        raise InputError(f"{path}: ONNX Runtime cannot load the model ({ort_error(exc)})") from None
     _check_graph(Path(path), model)
     initializers = {i.name for i in model.graph.initializer}
     graph_inputs = [i for i in model.graph.input if i.name not in initializers]
@@ -158,6 +150,23 @@ def load_onnx(path: Path, pinned: dict[str, tuple[int, ...]]) -> tuple[bytes, di
             raise InputError(f"{path}: input '{value.name}' has shape {declared} with a dynamic dimension besides the batch; "
                              f"pin it with --input-shape {value.name}=1x{hint} (the ONNX layout, e.g. NCHW)")
         inputs[value.name] = tuple(int(d) for d in dims[1:])  # type: ignore[arg-type]
+    from edge_kit.compiler.sources import check_sample_sizes
+
+    check_sample_sizes(path, inputs)  # before anything runs the model on a sample of that size
+    try:
+        from edge_kit.compiler.analysis import probe_in_child
+
+        probe_in_child(data, fmt="onnx")  # a file that crashes ONNX Runtime crashes a child, never this process
+    except ValueError as exc:
+        raise InputError(f"{path}: not a loadable ONNX model ({exc})") from None
+    try:
+        _session(data)
+    except ImportError:
+        raise InputError("ONNX sources need onnxruntime: pip install 'edge-kit[onnx]' (see docs/compile.md)") from None
+    except Exception as exc:  # noqa: BLE001 - ORT raises its own Fail / InvalidGraph / NotImplemented types
+        from device_agents.runtimes.onnxruntime import ort_error
+
+        raise InputError(f"{path}: ONNX Runtime cannot load the model ({ort_error(exc)})") from None
     return data, inputs, [o.name for o in model.graph.output]
 
 

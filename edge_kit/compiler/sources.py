@@ -169,14 +169,23 @@ def load_source(path: Path, input_shapes: dict[str, tuple[int, ...]] | None = No
     if not (path.is_file() or path.is_dir()):  # a pipe or device: hashing it would block or never end
         raise InputError(f"{path}: not a regular file or folder (a pipe or device); give the model file or SavedModel folder")
     source = _load_kind(path, pinned)
-    for input_name, shape in source.inputs.items():
+    check_sample_sizes(path, source.inputs)
+    return source
+
+
+def check_sample_sizes(path: Path, inputs: Shapes) -> None:
+    """Refuse an input of more than :data:`MAX_SAMPLE_VALUES` values per sample.
+
+    Raises:
+        InputError: the first such input, named with its shape and what to do.
+    """
+    for input_name, shape in inputs.items():
         values = math.prod(shape)
         if values > MAX_SAMPLE_VALUES:
             raise InputError(f"{path}: input '{input_name}' takes {values:,} values per sample (shape 1x"
                              f"{'x'.join(map(str, shape))}); edge-kit takes at most {MAX_SAMPLE_VALUES:,} "
                              f"({MAX_SAMPLE_VALUES * 4 // 2**20} MiB of float32): pin a smaller shape with "
                              f"--input-shape {input_name}=1x... or export the model with a smaller input")
-    return source
 
 
 def _load_kind(path: Path, pinned: dict[str, tuple[int, ...]]) -> Source:

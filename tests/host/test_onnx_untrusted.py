@@ -154,3 +154,27 @@ def test_an_input_too_large_for_any_sample_is_refused_before_memory_is_taken(tmp
                       r"input 'x' takes 10,000,000,000 values per sample \(shape 1x100000x100000\); edge-kit takes at most")
     assert "--input-shape x=1x..." in message
     assert load_source(relu(tmp_path / "frame.onnx", shape=(1, 3, 2160, 3840))).inputs == {"x": (3, 2160, 3840)}
+
+
+def test_a_model_that_crashes_onnx_runtime_crashes_a_child_not_the_compiler(tmp_path, monkeypatch):
+    """ONNX Runtime is native code: a hostile file that passes onnx's checker may still kill the process
+    that loads it. The compiler opens it in a child first (as for a .tflite); here the child's death is
+    played by the smoke pool (a real crasher for ONNX Runtime 1.32 is not at hand)."""
+    from device_agents import smoke
+    from device_agents.errors import SmokeCrashed
+    from edge_kit.compiler import onnx_source
+
+    calls = []
+
+    def crash(self, model, *, runtime=None, **kwargs):
+        calls.append((Path(model).suffix, runtime))
+        raise SmokeCrashed("the interpreter crashed (exit -11)", "crashed (SIGSEGV)")
+
+    def in_process(*args, **kwargs):
+        raise AssertionError("ONNX Runtime opened the model in the compiler's own process first")
+
+    monkeypatch.setattr(smoke.SmokePool, "__call__", crash)
+    monkeypatch.setattr(onnx_source, "_session", in_process)
+    refused(relu(tmp_path / "hostile.onnx"),
+            r"not a loadable ONNX model \(ONNX Runtime crashed \(SIGSEGV\) loading it: a damaged or hostile file\)")
+    assert calls == [(".onnx", "onnxruntime")]
