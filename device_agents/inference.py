@@ -123,8 +123,18 @@ class ModelRunner:
     """Feeds one sample at a time to an allocated interpreter, by input name, and collects outputs by name."""
 
     def __init__(self, interpreter: Any):
+        """Take an allocated interpreter (LiteRT's, or the ONNX Runtime adapter).
+
+        Raises:
+            ValueError: an output is a scalar (0-d): outputs are returned one sample at a time along
+                a batch axis, which a scalar has not.
+        """
         self.interpreter = interpreter
         self.inputs, self.outputs = ports(interpreter)
+        for port in self.outputs:
+            if not port.shape:
+                raise ValueError(f"output {port.name!r} is a scalar (0-d); the agent returns each output with a "
+                                 "batch axis: export the model with it shaped [1]")
 
     @property
     def input_shapes(self) -> dict[str, tuple[int, ...]]:

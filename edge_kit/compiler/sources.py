@@ -257,6 +257,10 @@ def _load_tflite(path: Path, name: str, digest: str, pinned: dict[str, tuple[int
         stats = analyse(data)
     except (ValueError, RuntimeError) as exc:
         raise InputError(f"{path}: not a loadable .tflite model ({str(exc).splitlines()[0][:200]})") from None
+    scalar = [p["name"] for p in stats.outputs if not p["shape"]]
+    if scalar:  # the runner returns every output along a batch axis, which a 0-d tensor has not
+        raise InputError(f"{path}: output '{scalar[0]}' is a scalar (0-d); devices return each output with a batch "
+                         "axis: export the model with it shaped [1] (e.g. keepdims=True, or tf.reshape(y, [1]))")
     _unknown_pins(path, pinned, [p["name"] for p in stats.inputs])
     inputs = {p["name"]: _static(path, p["name"], p["shape_signature"], pinned) for p in stats.inputs}
     if pinned:  # written into the file: every variant, and the source variant itself, is static

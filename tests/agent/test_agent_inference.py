@@ -55,3 +55,20 @@ def test_a_sample_of_the_wrong_size_names_the_input():
 
     with pytest.raises(ValueError, match=r"input 'x': a sample of shape \[2, 2, 2\], the model takes \[4\]"):
         ModelRunner(Interp()).tensors({"x": np.zeros((1, 2, 2, 2), np.float32)}, 0)
+
+
+def test_a_scalar_output_is_refused_when_the_runner_is_made():
+    """A 0-d output (a reduce_sum without keepdims) loaded and then failed every request with numpy's
+    'invalid index to scalar variable'; it is refused when the model is loaded (the install's smoke check)."""
+    from device_agents.inference import ModelRunner
+
+    class Interp:
+        def get_input_details(self):
+            return [{"index": 0, "name": "x", "shape": [1, 4], "dtype": np.float32}]
+
+        def get_output_details(self):
+            return [{"index": 1, "name": "total", "shape": [], "dtype": np.float32},
+                    {"index": 2, "name": "y", "shape": [1, 4], "dtype": np.float32}]
+
+    with pytest.raises(ValueError, match=r"output 'total' is a scalar \(0-d\); the agent returns each output with a batch axis"):
+        ModelRunner(Interp())
