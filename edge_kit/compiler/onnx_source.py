@@ -215,8 +215,8 @@ def _check_graph(path: Path, model: Any) -> None:
     """Refuse a graph the devices cannot run one sample at a time.
 
     Raises:
-        InputError: no inputs (every graph input is an initializer), no outputs, an output that is
-            also an input, a scalar (0-d) output, or an initializer holding NaN (named, with its
+        InputError: no inputs (every graph input is an initializer), no outputs, an output listed
+            twice, an output that is a stored constant or also an input, a scalar (0-d) output, or an initializer holding NaN (named, with its
             first bad index).
     """
     from onnx import TensorProto as model_type
@@ -230,7 +230,14 @@ def _check_graph(path: Path, model: Any) -> None:
                          "the same output for every request; export it with its real inputs")
     if not graph.output:
         raise InputError(f"{path}: the model declares no outputs; export it again with its outputs")
+    names = [value.name for value in graph.output]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise InputError(f"{path}: output '{twice[0]}' is listed twice; export the model with each output once")
     for value in graph.output:
+        if value.name in initializers:
+            raise InputError(f"{path}: output '{value.name}' is a stored constant (an initializer), the same for every "
+                             "input; remove it from the outputs (the application can keep the constant) and export again")
         if value.name in inputs:
             raise InputError(f"{path}: output '{value.name}' is also an input (passed through unchanged); remove it "
                              "from the outputs, or give it its own name with an Identity node, and export again")

@@ -108,6 +108,11 @@ def test_graphs_a_device_cannot_serve_are_refused_by_name(tmp_path):
     refused(tmp_path / "noout.onnx", "declares no outputs")
     save(tmp_path / "through.onnx", [helper.make_node("Relu", ["x"], ["y"])], [vec("x")], [vec("x"), vec("y")])
     refused(tmp_path / "through.onnx", "output 'x' is also an input .*Identity node")
+    save(tmp_path / "twice.onnx", [helper.make_node("Relu", ["x"], ["y"])], [vec("x")], [vec("y"), vec("y")])
+    refused(tmp_path / "twice.onnx", "output 'y' is listed twice")  # was exit 3, shapes (4, 4) against (8, 4)
+    save(tmp_path / "constant.onnx", [helper.make_node("Relu", ["x"], ["y"])], [vec("x")], [vec("y"), vec("w")],
+         [numpy_helper.from_array(np.ones((1, 4), np.float32), "w")])
+    refused(tmp_path / "constant.onnx", r"output 'w' is a stored constant \(an initializer\)")  # was exit 3 after onnx2tf
     save(tmp_path / "scalar_in.onnx", [helper.make_node("Unsqueeze", ["x", "axes"], ["y"])], [vec("x", ())],
          [vec("y", (1,))], [numpy_helper.from_array(np.array([0], np.int64), "axes")])
     refused(tmp_path / "scalar_in.onnx", r"input 'x' has no dimensions \(a scalar, or no declared shape\)")
