@@ -259,6 +259,24 @@ def provider_options(variant: str, cache: Path, *, calibrated: bool,
 
 
 
+def _foreign(cache: Path, ident: Identity) -> str | None:
+    """Return why the engine files in ``cache`` must not be used on ``ident`` (built for another TensorRT
+    version or GPU whose names give the same folder name, or of unknown origin: no build record), or
+    None when the folder has no engine or its build record names ``ident``."""
+    if not _engines(cache):
+        return None
+    try:
+        record = json.loads((cache / BUILD_RECORD).read_text())
+    except (OSError, ValueError):
+        return "no build record says which TensorRT version and GPU built it"
+    if not isinstance(record, dict):
+        return "its build record is not a JSON object"
+    built = (record.get("trt_version"), record.get("gpu"))
+    if built != (ident.trt_version, ident.gpu):
+        return f"built for TensorRT {built[0]} on {built[1]}"
+    return None
+
+
 def _engines(cache: Path) -> list[Path]:
     """Return the serialized engine files (``*.engine``) in an engine folder, sorted; [] when none."""
     return sorted(p for p in cache.glob("*.engine") if p.is_file())
@@ -302,7 +320,10 @@ def build_engine(model: Path, root: Path, *, threads: int = 1, ident: Identity |
     The session is created with :func:`provider_options` (an input with a dynamic batch gets an explicit
     batch-1 profile, :func:`engine_shapes`) and run once on zeros, so the engine exists
     on disk when this returns (the provider builds at session creation for static shapes, at the
-    first run otherwise). Folders of the same model for another TensorRT version or GPU are removed.
+    first run otherwise). Folders of the same model for another TensorRT version or GPU are removed,
+    and so is an engine in this device's own folder whose build record names another version or GPU
+    (names that make the same folder name) or that has no record (a build cut short): ``invalidated``
+    lists them, with the reason.
 
     Returns:
         The build record: variant, model sha256, engine key and folder, TensorRT version, GPU,
@@ -330,6 +351,10 @@ def build_engine(model: Path, root: Path, *, threads: int = 1, ident: Identity |
     sha = sha256_of(model)
     cache = engine_dir(root, sha, ident)
     invalidated = invalidate(root, sha, ident)
+    foreign = _foreign(cache, ident)
+    if foreign:  # the same folder name for another identity (names that slug alike), or a half-written build
+        shutil.rmtree(cache, ignore_errors=True)
+        invalidated.append(f"{cache.name} ({foreign})")
     options = provider_options(variant, cache, calibrated=table is not None, profile=profile)
     cached = bool(_engines(cache))
     cache.mkdir(parents=True, exist_ok=True)
@@ -481,17 +506,18 @@ def trt_node_times(events: list[dict[str, Any]], runs: int) -> list[float]:
 
 def _cached_record(model: Path, root: Path) -> dict[str, Any] | None:
     """Return the build record of ``model``'s cached engine for this device (``cached`` set), or None when
-    there is no engine for it under ``root`` (then :func:`build_engine` builds one).
+    there is no engine for it under ``root``, or its engine was not built for this device's TensorRT
+    version and GPU (then :func:`build_engine` removes it and builds one).
 
     Raises:
         EngineBuildError: the TensorRT version or GPU cannot be told (:func:`identity`).
     """
-    cache = engine_dir(root, sha256_of(model), identity())
-    try:
-        record = json.loads((cache / BUILD_RECORD).read_text())
-    except (OSError, ValueError):
+    ident = identity()
+    cache = engine_dir(root, sha256_of(model), ident)
+    if not _engines(cache) or _foreign(cache, ident):  # build_engine then removes a foreign engine and builds
         return None
-    if not _engines(cache) or not isinstance(record, dict) or "provider_options" not in record:
+    record = json.loads((cache / BUILD_RECORD).read_text())
+    if "provider_options" not in record:
         return None
     return {**record, "cached": True}
 

@@ -371,3 +371,25 @@ def test_a_dynamic_dimension_besides_the_batch_is_refused_before_the_disk(fake: 
     with pytest.raises(trt.EngineBuildError, match=match):
         trt.build_engine(shaped_model(tmp_path, "m.onnx", dims), tmp_path / "root")
     assert not fake.sessions and not (tmp_path / "root" / trt.ENGINES).exists()
+
+
+@pytest.mark.parametrize("record", [{"trt_version": "10.3.0", "gpu": "NVIDIA Jetson Orin Nano (Developer Kit)"}, None])
+def test_an_engine_in_this_devices_folder_but_not_built_here_is_rebuilt(fake: FakeOrt, fp16: Path, tmp_path: Path,
+                                                                        record: dict | None) -> None:
+    """GPU names that slug alike ('Orin Nano (Developer Kit)' and 'Orin Nano Developer Kit') share a folder,
+    and a build cut short leaves an engine without its record: either was taken as this device's engine."""
+    root = tmp_path / "root"
+    cache = trt.engine_dir(root, sha(fp16), IDENT)
+    cache.mkdir(parents=True)
+    (cache / "TensorrtExecutionProvider_TRTKernel_graph_g_1_0_0_sm72.engine").write_bytes(b"other plan")
+    if record is not None:
+        assert trt.engine_key(sha(fp16), trt.Identity(**record)) == cache.name  # the collision is real
+        (cache / trt.BUILD_RECORD).write_text(json.dumps({**record, "provider_options": {}}))
+    assert trt._cached_record(fp16, root) is None  # serving does not load it; the install-time build replaces it
+    rec = trt.build_engine(fp16, root)
+    assert rec["cached"] is False and fake.builds == 1
+    why = "built for TensorRT 10.3.0 on NVIDIA Jetson Orin Nano (Developer Kit)" if record else "no build record"
+    assert rec["invalidated"] == [f"{cache.name} ({why} says which TensorRT version and GPU built it)"
+                                  if not record else f"{cache.name} ({why})"]
+    assert [p.name for p in cache.glob("*.engine")] == ["TensorrtExecutionProvider_TRTKernel_graph_g_1_0_0_sm87.engine"]
+    assert trt._cached_record(fp16, root)["cached"] is True
