@@ -92,10 +92,11 @@ def load_onnx(path: Path, pinned: dict[str, tuple[int, ...]]) -> tuple[bytes, di
 
     Raises:
         InputError: not an ONNX model (or truncated), external data outside the model's folder or
-            missing, a model that crashes ONNX Runtime (in a child process) or that it cannot open, no inputs or no outputs, an output that is
-            also an input, a scalar (0-d) input or output, a NaN in an initializer, a non-float32
-            input, a batch fixed above 1, an input with a dynamic dimension besides the batch, or a
-            pin that names no input or does not fit the declared shape.
+            missing, a graph :func:`_check_graph` refuses, a scalar (0-d) input, a non-float32 input,
+            a batch fixed above 1, an input with a dynamic dimension besides the batch, a pin that
+            names no input or does not fit the declared shape, an input too large for one sample
+            (:func:`~edge_kit.compiler.sources.check_sample_sizes`), or a model that crashes ONNX
+            Runtime (in a child process) or that it cannot open.
     """
     onnx = _onnx()
     data = Path(path).read_bytes()
@@ -216,8 +217,8 @@ def _check_graph(path: Path, model: Any) -> None:
 
     Raises:
         InputError: no inputs (every graph input is an initializer), no outputs, an output listed
-            twice, an output that is a stored constant or also an input, a scalar (0-d) output, or an initializer holding NaN (named, with its
-            first bad index).
+            twice, an output that is a stored constant or also an input, a scalar (0-d) output, or an
+            initializer holding NaN (named, with its first bad index).
     """
     from onnx import TensorProto as model_type
     from onnx import numpy_helper
