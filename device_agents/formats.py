@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Union
 
 FORMATS = ("tflite", "onnx")
 SUFFIX = {"tflite": ".tflite", "onnx": ".onnx"}  # the file name an installed model of each format gets
@@ -79,32 +79,22 @@ def _fields(buf: bytes | memoryview) -> list[tuple[int, int, Any]]:
     return out
 
 
-def onnx_metadata(model: Path | bytes) -> dict[str, str]:
-    """Return an ONNX model's ``metadata_props`` (key -> value), read with a minimal protobuf walk of the
-    ``ModelProto``'s top-level fields (stdlib only: the agent has no ``onnx`` package); ``{}`` for a
-    model that has none or is not ONNX.
+def _read_onnx(model: Path | bytes, walk: Callable[[bytes | memoryview], Any], empty: Any) -> Any:
+    """Return ``walk`` of an ONNX model's bytes (a file is memory-mapped, not read), or ``empty`` for a
+    model that is not ONNX or an empty file.
 
     Raises:
-        OSError: the file cannot be read.
-        ValueError: the file starts like an ONNX model but its top level is not valid protobuf.
+        OSError: the file cannot be read. ValueError: ``walk`` found the protobuf malformed.
     """
     import mmap
 
-    def walk(buf: bytes | memoryview) -> dict[str, str]:
-        props: dict[str, str] = {}
-        for number, wire, value in _fields(buf):
-            if number == 14 and wire == 2:  # StringStringEntryProto {1: key, 2: value}
-                entry = {n: bytes(v).decode("utf-8", "replace") for n, w, v in _fields(value) if w == 2}
-                props[entry.get(1, "")] = entry.get(2, "")
-        return props
-
     if isinstance(model, bytes | bytearray):
-        return walk(bytes(model)) if model_format(model) == "onnx" else {}
+        return walk(bytes(model)) if model_format(model) == "onnx" else empty
     if model_format(model) != "onnx":
-        return {}
+        return empty
     with open(model, "rb") as f:
         if os.fstat(f.fileno()).st_size == 0:
-            return {}
+            return empty
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             view = memoryview(mm)
             try:
@@ -114,3 +104,76 @@ def onnx_metadata(model: Path | bytes) -> dict[str, str]:
             finally:
                 view.release()
     raise ValueError(problem)
+
+
+def onnx_metadata(model: Path | bytes) -> dict[str, str]:
+    """Return an ONNX model's ``metadata_props`` (key -> value), read with a minimal protobuf walk of the
+    ``ModelProto``'s top-level fields (stdlib only: the agent has no ``onnx`` package); ``{}`` for a
+    model that has none or is not ONNX.
+
+    Raises:
+        OSError: the file cannot be read.
+        ValueError: the file starts like an ONNX model but its top level is not valid protobuf.
+    """
+
+    def walk(buf: bytes | memoryview) -> dict[str, str]:
+        props: dict[str, str] = {}
+        for number, wire, value in _fields(buf):
+            if number == 14 and wire == 2:  # StringStringEntryProto {1: key, 2: value}
+                entry = {n: bytes(v).decode("utf-8", "replace") for n, w, v in _fields(value) if w == 2}
+                props[entry.get(1, "")] = entry.get(2, "")
+        return props
+
+    return _read_onnx(model, walk, {})
+
+
+Dim = Union[int, str]  # a fixed size, or the symbolic name of a dynamic one ("" when it has none)
+
+
+def onnx_input_shapes(model: Path | bytes) -> dict[str, list[Dim]]:
+    """Return the declared shape of each graph input that is not an initializer, in graph order:
+    ``{name: [dim, ...]}`` with an int for a fixed size and a string (its symbolic name, or ``""``)
+    for a dynamic one; read with a protobuf walk like :func:`onnx_metadata`. ``{}`` when not ONNX.
+
+    Raises:
+        OSError: the file cannot be read. ValueError: the protobuf is malformed.
+    """
+
+    def text(buf: Any) -> str:
+        return bytes(buf).decode("utf-8", "replace")
+
+    def dims(value_info: Any) -> list[Dim]:
+        out: list[Dim] = []
+        for n, w, type_proto in _fields(value_info):
+            if n != 2 or w != 2:  # ValueInfoProto.type
+                continue
+            for n2, w2, tensor in _fields(type_proto):
+                if n2 != 1 or w2 != 2:  # TypeProto.tensor_type
+                    continue
+                for n3, w3, shape in _fields(tensor):
+                    if n3 != 2 or w3 != 2:  # TypeProto.Tensor.shape
+                        continue
+                    for n4, w4, dim in _fields(shape):
+                        if n4 != 1 or w4 != 2:  # TensorShapeProto.dim
+                            continue
+                        parts = {k: v for k, wk, v in _fields(dim)}
+                        value = parts.get(1)
+                        fixed = isinstance(value, int) and 0 < value < 1 << 63  # -1 arrives as a 10-byte varint
+                        out.append(int(value) if fixed else text(parts.get(2, b"")))
+        return out
+
+    def walk(buf: bytes | memoryview) -> dict[str, list[Dim]]:
+        graph = next((v for n, w, v in _fields(buf) if n == 7 and w == 2), None)  # ModelProto.graph
+        if graph is None:
+            return {}
+        inputs: dict[str, list[Dim]] = {}
+        constants: set[str] = set()
+        for n, w, value in _fields(graph):
+            if n == 11 and w == 2:  # GraphProto.input: ValueInfoProto {1: name}
+                name = next((text(v) for k, wk, v in _fields(value) if k == 1 and wk == 2), "")
+                inputs[name] = dims(value)
+            elif n == 5 and w == 2:  # GraphProto.initializer: TensorProto {8: name}
+                constants.update(text(v) for k, wk, v in _fields(value) if k == 8 and wk == 2)
+        return {name: shape for name, shape in inputs.items() if name not in constants}
+
+    return _read_onnx(model, walk, {})

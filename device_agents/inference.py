@@ -84,6 +84,38 @@ def dequantize(port: Port, y: np.ndarray) -> np.ndarray:
     return y.astype(np.float32)
 
 
+def _exact(port: Port, x: np.ndarray) -> np.ndarray:
+    """Return ``x`` as ``port``'s plain integer or boolean type, value for value.
+
+    Raises:
+        ValueError: NaN/infinity, a fraction, or a value outside the type's range (0/1 for a
+            boolean), named with the input and its first flat index.
+    """
+    name = np.dtype(port.dtype).name
+    if port.dtype == np.bool_:
+        low, high = 0, 1
+    else:
+        info = np.iinfo(port.dtype)
+        low, high = int(info.min), int(info.max)
+    flat = x.reshape(-1)
+    if x.dtype.kind == "f":
+        bad = ~np.isfinite(flat)
+        if bad.any():
+            raise ValueError(f"input {port.name!r} holds NaN or infinity at flat index {int(np.argmax(bad))}")
+        bad = flat != np.floor(flat)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(f"input {port.name!r} takes {name}: {flat[i].item()!r} at flat index {i} is not a whole number")
+    if x.dtype.kind in "iuf" and flat.size:
+        # compared as Python ints, so uint64 against int64 bounds (or a huge float) cannot wrap
+        bad = (flat < low) | (flat >= high + 1) if x.dtype.kind != "u" else flat > high  # high + 1: exact as a float
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(f"input {port.name!r} takes {name}: {flat[i].item()!r} at flat index {i} is outside "
+                             f"[{low}, {high}]")
+    return x.astype(port.dtype)
+
+
 Batch = dict[str, np.ndarray]  # name -> array whose first axis is the sample axis
 
 
@@ -91,8 +123,18 @@ class ModelRunner:
     """Feeds one sample at a time to an allocated interpreter, by input name, and collects outputs by name."""
 
     def __init__(self, interpreter: Any):
+        """Take an allocated interpreter (LiteRT's, or the ONNX Runtime adapter).
+
+        Raises:
+            ValueError: an output is a scalar (0-d): outputs are returned one sample at a time along
+                a batch axis, which a scalar has not.
+        """
         self.interpreter = interpreter
         self.inputs, self.outputs = ports(interpreter)
+        for port in self.outputs:
+            if not port.shape:
+                raise ValueError(f"output {port.name!r} is a scalar (0-d); the agent returns each output with a "
+                                 "batch axis: export the model with it shaped [1]")
 
     @property
     def input_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -104,11 +146,16 @@ class ModelRunner:
 
         Raises:
             KeyError: ``batch`` lacks one of the model's inputs (a single-input model takes any one array).
+            ValueError: a sample whose size does not fit the input's shape (the input and both shapes named).
         """
         out = []
         for port in self.inputs:
             x = batch[port.name] if port.name in batch or len(self.inputs) > 1 else next(iter(batch.values()))
-            out.append(quantize(port, np.asarray(x[i]).reshape(port.shape)))
+            sample = np.asarray(x[i])
+            if sample.size != int(np.prod(port.shape)):
+                raise ValueError(f"input {port.name!r}: a sample of shape {list(sample.shape)}, the model takes "
+                                 f"{list(port.sample_shape)}")
+            out.append(quantize(port, sample.reshape(port.shape)))
         return out
 
     def sample_tensors(self, named: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -118,9 +165,15 @@ class ModelRunner:
 
         A single-input model takes its one array under any name.
 
+        An input the model takes as a plain (unquantized) integer or boolean tensor (token ids,
+        uint8 pixels, a mask) is taken exactly: integer arrays keep their values (no float32 trip,
+        which would round ids above 2**24), and every value must be a whole number in the tensor
+        type's range (0 or 1 for a boolean); nothing is rounded or clipped.
+
         Raises:
-            ValueError: a missing or unknown input, a shape that does not fit, or NaN/infinity in an
-                input (each named).
+            ValueError: a missing or unknown input, a shape that does not fit, NaN/infinity in an
+                input, or a value a plain integer or boolean input cannot hold (each named, with
+                the first bad index).
         """
         if len(self.inputs) == 1 and len(named) == 1:
             named = {self.inputs[0].name: next(iter(named.values()))}
@@ -137,6 +190,9 @@ class ModelRunner:
             if tuple(x.shape) not in (port.shape, port.sample_shape):
                 raise ValueError(f"input {port.name!r}: shape {list(x.shape)}, the model takes {list(port.sample_shape)} "
                                  f"(or {list(port.shape)})")
+            if (port.dtype == np.bool_ or np.issubdtype(port.dtype, np.integer)) and not port.scale:
+                out.append(_exact(port, x).reshape(port.shape))
+                continue
             x = x.astype(np.float32, copy=False)
             if not np.isfinite(x).all():
                 raise ValueError(f"input {port.name!r} holds NaN or infinity at flat index {int(np.argmin(np.isfinite(x)))}")
@@ -191,9 +247,19 @@ def output_fidelity(output: np.ndarray, reference: np.ndarray, *, classes: bool 
     over all values; ``top1_agreement`` (share of samples with the same argmax) when the output is a
     class vector: a vector per sample and ``classes`` True (a classifier's scores, logits included),
     or the reference rows are probability distributions.
+
+    Raises:
+        ValueError: the output or the reference holds NaN or infinity (the first such sample named):
+            no figure measured on it would mean anything (NaN against NaN would otherwise read as
+            identical).
     """
     a = output.reshape(len(output), -1).astype(np.float64)
     b = reference.reshape(len(reference), -1).astype(np.float64)
+    for label, values in (("reference", b), ("output", a)):
+        finite = np.isfinite(values).all(axis=1)
+        if not finite.all():
+            raise ValueError(f"the {label} holds NaN or infinity (first at sample {int(np.argmin(finite))}), "
+                             "so no fidelity is measured")
     diff = a - b
     signal, noise = float(np.sum(b * b)), float(np.sum(diff * diff))
     if noise == 0.0:
@@ -227,7 +293,8 @@ def fidelity(outputs: dict[str, np.ndarray], reference: dict[str, np.ndarray], *
         "max_abs_error": worst, "mean_abs_error": worst, "top1_agreement": worst or absent}``.
 
     Raises:
-        ValueError: the two do not hold the same outputs with the same shapes.
+        ValueError: the two do not hold the same outputs with the same shapes, or one holds NaN or
+            infinity (the output named).
     """
     if set(outputs) != set(reference):
         raise ValueError(f"outputs {sorted(outputs)} do not match the reference's {sorted(reference)}")
@@ -236,7 +303,10 @@ def fidelity(outputs: dict[str, np.ndarray], reference: dict[str, np.ndarray], *
         out = outputs[name]
         if out.shape != ref.shape:
             raise ValueError(f"output '{name}' has shape {out.shape}, the reference {ref.shape}")
-        per[name] = output_fidelity(out, ref, classes=name in classes)
+        try:
+            per[name] = output_fidelity(out, ref, classes=name in classes)
+        except ValueError as exc:
+            raise ValueError(f"output '{name}': {exc}") from None
     worst: dict[str, Any] = {"outputs": per}
     for key, pick in (("snr_db", min), ("cosine", min), ("max_abs_error", max), ("mean_abs_error", max),
                       ("top1_agreement", min)):

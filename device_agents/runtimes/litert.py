@@ -36,15 +36,33 @@ class LiteRT(Runtime):
 
     def interpreter(self, model: Path | bytes, *, threads: int = 1, delegate: str = "xnnpack",
                     options: dict[str, Any] | None = None) -> Any:
+        """Return an allocated interpreter for ``model`` (see :meth:`Runtime.interpreter`).
+
+        Raises:
+            RuntimeUnavailable, ConfigError: as :meth:`Runtime.interpreter` says (the target's).
+            ValueError: the model is empty, not a valid flatbuffer, or cannot be prepared; for a
+                file, the message starts with its name.
+        """
         mod = self._module()
         kwargs: dict[str, Any] = {"num_threads": threads}
         if isinstance(model, bytes | bytearray):
             kwargs["model_content"] = bytes(model)
+            name = None
         else:
             kwargs["model_path"] = str(model)
+            name = Path(model).name
         kwargs.update(get_target(delegate).interpreter_options(mod, options))
-        interp = mod.Interpreter(**kwargs)
-        interp.allocate_tensors()
+        empty = len(model) == 0 if name is None else Path(model).is_file() and Path(model).stat().st_size == 0
+        if empty:
+            raise ValueError(f"{name or 'the model'}: is empty (0 bytes); copy or install the model again")
+        try:
+            interp = mod.Interpreter(**kwargs)
+            interp.allocate_tensors()
+        except (ValueError, RuntimeError) as exc:
+            if name is None:  # bytes: the caller names the model (compile, the store)
+                raise
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ValueError(f"{name}: {self.key} cannot load it: {first[:300]}") from None
         return interp
 
 

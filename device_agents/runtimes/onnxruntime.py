@@ -19,6 +19,7 @@ and says in one line how to install it.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -35,6 +36,35 @@ _DTYPES = {
     "tensor(int8)": np.int8, "tensor(uint8)": np.uint8, "tensor(int16)": np.int16, "tensor(uint16)": np.uint16,
     "tensor(int32)": np.int32, "tensor(int64)": np.int64, "tensor(bool)": np.bool_,
 }
+
+
+# ONNX Runtime prefixes a message with the C++ source line and, often, the throwing function's signature
+_CPP_WHERE = re.compile(r"\S+\.(?:h|cc|cpp):\d+\s+(?:[\w:~<>,&*\s]+\([^()]*\)\s*(?:const\s*)?)?")
+_OPSET = re.compile(r"Opset (\d+) is under development.*?support for domain (\S+) is till opset (\d+)", re.S)
+
+
+def ort_error(exc: BaseException) -> str:
+    """Return ONNX Runtime's error as one line a user can act on (at most 300 characters).
+
+    The C++ source location and function signature ONNX Runtime puts in front are dropped; an opset
+    newer than this build supports is said as such, with the highest opset it runs.
+    """
+    text = str(exc).strip()
+    opset = _OPSET.search(text)
+    if opset:
+        version = getattr(_ort_or_none(), "__version__", "?")
+        return (f"the model uses opset {opset.group(1)} of domain {opset.group(2)}, and onnxruntime {version} runs "
+                f"up to opset {opset.group(3)}: export the model with opset {opset.group(3)} or lower, or upgrade "
+                "onnxruntime")
+    text = " ".join(_CPP_WHERE.sub("", text).split())
+    return (text or type(exc).__name__)[:300]
+
+
+def _ort_or_none() -> Any:
+    try:
+        return _ort()
+    except ImportError:
+        return None
 
 
 def _ort() -> Any:
@@ -56,6 +86,8 @@ class OrtInterpreter:
         first = len(self._inputs)
         self._outputs = [self._detail(first + i, arg, name, output=True) for i, arg in enumerate(session.get_outputs())]
         self._output_names = [d["name"] for d in self._outputs]
+        if not self._outputs:
+            raise ValueError(f"{name}: the model declares no outputs; export it with its outputs")
         self._feed: dict[str, np.ndarray] = {}
         self._results: list[np.ndarray] = []
 
@@ -64,6 +96,9 @@ class OrtInterpreter:
         dtype = _DTYPES.get(arg.type)
         if dtype is None:
             raise ValueError(f"{model}: tensor '{arg.name}' has type {arg.type}, which the agent does not feed")
+        if not arg.shape:  # ONNX Runtime gives [] for a scalar and for an undeclared shape alike
+            raise ValueError(f"{model}: tensor '{arg.name}' has no dimensions (a scalar, or no declared shape); "
+                             "the agent runs one sample with a batch axis: export it with shape [1, ...]")
         shape = []
         for axis, dim in enumerate(arg.shape):
             if isinstance(dim, int) and dim > 0:
@@ -116,7 +151,7 @@ class OrtInterpreter:
         try:
             self._results = self.session.run(self._output_names, self._feed)
         except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own (non-Python) exception types
-            raise RuntimeError(f"onnxruntime failed to run the model: {str(exc).strip().splitlines()[0]}") from None
+            raise RuntimeError(f"onnxruntime failed to run the model: {ort_error(exc)}") from None
 
     def get_tensor(self, index: int) -> np.ndarray:
         """Return input ``index`` as set, or output ``index`` of the last run.
@@ -179,5 +214,5 @@ class OnnxRuntime(Runtime):
         try:
             session = ort.InferenceSession(source, sess_options=so, providers=self.providers())
         except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own exception types for bad models
-            raise ValueError(f"{name}: onnxruntime cannot load it: {str(exc).strip().splitlines()[0]}") from None
+            raise ValueError(f"{name}: onnxruntime cannot load it: {ort_error(exc)}") from None
         return OrtInterpreter(session, name)

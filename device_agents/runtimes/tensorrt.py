@@ -4,8 +4,8 @@
 the code is written against the documented API of ONNX Runtime's TensorRT execution provider
 (provider options ``trt_fp16_enable``, ``trt_int8_enable``, ``trt_int8_calibration_table_name``,
 ``trt_int8_use_native_calibration_table``, ``trt_engine_cache_enable``, ``trt_engine_cache_path``,
-``trt_timing_cache_enable``) and its logic is unit-tested with a fake ``onnxruntime``
-(tests/agent/test_tensorrt.py). docs/runtimes.md gives the one command a Jetson owner runs to check it.
+``trt_timing_cache_enable``; ``trt_profile_min_shapes`` / ``opt`` / ``max`` for a dynamic batch)
+and its logic is unit-tested with a fake ``onnxruntime`` (tests/agent/test_tensorrt.py). docs/runtimes.md gives the one command a Jetson owner runs to check it.
 
 Route: ONNX Runtime's TensorRT execution provider (``onnxruntime-gpu`` for JetPack), not TensorRT's
 own Python API. The session, its inputs and outputs, the smoke check, the benchmark and the serving
@@ -48,10 +48,11 @@ from device_agents.formats import (
     META_CALIB_SHA256,
     META_RUNTIME,
     META_VARIANT,
+    onnx_input_shapes,
     onnx_metadata,
 )
 from device_agents.runtimes.base import Runtime
-from device_agents.runtimes.onnxruntime import OrtInterpreter
+from device_agents.runtimes.onnxruntime import OrtInterpreter, ort_error
 
 PROVIDER = "TensorrtExecutionProvider"
 INSTALL = ("install NVIDIA's onnxruntime-gpu wheel for your JetPack into the agent's venv "
@@ -190,8 +191,49 @@ def calibration_table(meta: dict[str, str], model: str = "the model") -> bytes |
     return table
 
 
-def provider_options(variant: str, cache: Path, *, calibrated: bool) -> dict[str, Any]:
+def engine_shapes(model: Path) -> dict[str, tuple[int, ...]]:
+    """Return the batch-1 shape the engine is built for, per input whose batch axis is dynamic (what
+    :func:`provider_options` makes an explicit optimisation profile of: min = opt = max).
+
+    Devices run one sample at a time, and ``edgekit compile`` pins every dimension of a ``trt-*``
+    artifact, so such an input only comes from a model made by other means; a dynamic dimension
+    besides the batch has no size to build for and is refused.
+
+    Raises:
+        EngineBuildError: an input with a dynamic dimension besides the batch, or no declared shape,
+            or a name the provider's profile option cannot carry (``,`` or ``:``); the model unreadable.
+    """
+    try:
+        shapes = onnx_input_shapes(model)
+    except (OSError, ValueError) as exc:
+        raise EngineBuildError(f"{model.name}: cannot read its inputs ({exc})") from None
+    profile: dict[str, tuple[int, ...]] = {}
+    for name, dims in shapes.items():
+        if not dims:
+            raise EngineBuildError(f"{model.name}: input '{name}' has no dimensions (a scalar, or no declared shape); "
+                                   "compile it again with edgekit compile, which pins every input's shape")
+        late = [(axis, d) for axis, d in enumerate(dims) if axis > 0 and isinstance(d, str)]
+        if late:
+            axis, dim = late[0]
+            raise EngineBuildError(f"{model.name}: input '{name}' has a dynamic dimension {axis} ('{dim}'); a TensorRT "
+                                   "engine is built for fixed sizes: compile it with edgekit compile --input-shape "
+                                   f"{name}=1x... (it pins every dimension)")
+        if isinstance(dims[0], str):
+            if "," in name or ":" in name:
+                raise EngineBuildError(f"{model.name}: input '{name}' has a dynamic batch and a name with ',' or ':', "
+                                       "which the TensorRT provider's profile option cannot carry; compile it with "
+                                       "edgekit compile, which pins the batch to 1")
+            profile[name] = (1, *(int(d) for d in dims[1:]))
+    return profile
+
+
+def provider_options(variant: str, cache: Path, *, calibrated: bool,
+                     profile: dict[str, tuple[int, ...]] | None = None) -> dict[str, Any]:
     """Return the TensorRT execution provider's options for ``variant`` with engines cached in ``cache``.
+
+    ``profile`` (:func:`engine_shapes`) gives the inputs with a dynamic batch their one shape as an
+    explicit optimisation profile (``trt_profile_min_shapes`` = ``opt`` = ``max``), so the engine is
+    built, and found again in the cache, for exactly the shape devices run.
 
     Raises:
         EngineBuildError: ``trt-int8`` without a calibration table, or not a TensorRT variant.
@@ -210,8 +252,29 @@ def provider_options(variant: str, cache: Path, *, calibrated: bool) -> dict[str
                                    "artifact has none; compile it again with --calib")
         # read from the engine cache path; ONNX Runtime's own flatbuffers format, not TensorRT's native cache
         options.update(trt_int8_calibration_table_name=CALIB_NAME, trt_int8_use_native_calibration_table=False)
+    if profile:
+        shapes = ",".join(f"{name}:{'x'.join(map(str, shape))}" for name, shape in profile.items())
+        options.update(trt_profile_min_shapes=shapes, trt_profile_opt_shapes=shapes, trt_profile_max_shapes=shapes)
     return options
 
+
+
+def _foreign(cache: Path, ident: Identity) -> str | None:
+    """Return why the engine files in ``cache`` must not be used on ``ident`` (built for another TensorRT
+    version or GPU whose names give the same folder name, or of unknown origin: no build record), or
+    None when the folder has no engine or its build record names ``ident``."""
+    if not _engines(cache):
+        return None
+    try:
+        record = json.loads((cache / BUILD_RECORD).read_text())
+    except (OSError, ValueError):
+        return "no build record says which TensorRT version and GPU built it"
+    if not isinstance(record, dict):
+        return "its build record is not a JSON object"
+    built = (record.get("trt_version"), record.get("gpu"))
+    if built != (ident.trt_version, ident.gpu):
+        return f"built for TensorRT {built[0]} on {built[1]}"
+    return None
 
 
 def _engines(cache: Path) -> list[Path]:
@@ -236,7 +299,7 @@ def _session(ort: Any, model: Path, options: dict[str, Any], *, threads: int = 1
     try:
         session = ort.InferenceSession(str(model), sess_options=so, providers=providers)
     except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own exception types
-        raise EngineBuildError(f"{model.name}: TensorRT engine build failed: {str(exc).strip().splitlines()[0][:400]}") from None
+        raise EngineBuildError(f"{model.name}: TensorRT engine build failed: {ort_error(exc)}") from None
     got = session.get_providers()
     if not got or got[0] != PROVIDER:
         raise EngineBuildError(f"{model.name}: ONNX Runtime did not put the TensorRT provider first (got "
@@ -254,9 +317,13 @@ def build_engine(model: Path, root: Path, *, threads: int = 1, ident: Identity |
                  ort: Any = None) -> dict[str, Any]:
     """Build (or find cached) the TensorRT engine of a ``trt-*`` artifact, in this process.
 
-    The session is created with :func:`provider_options` and run once on zeros, so the engine exists
+    The session is created with :func:`provider_options` (an input with a dynamic batch gets an explicit
+    batch-1 profile, :func:`engine_shapes`) and run once on zeros, so the engine exists
     on disk when this returns (the provider builds at session creation for static shapes, at the
-    first run otherwise). Folders of the same model for another TensorRT version or GPU are removed.
+    first run otherwise). Folders of the same model for another TensorRT version or GPU are removed,
+    and so is an engine in this device's own folder whose build record names another version or GPU
+    (names that make the same folder name) or that has no record (a build cut short): ``invalidated``
+    lists them, with the reason.
 
     Returns:
         The build record: variant, model sha256, engine key and folder, TensorRT version, GPU,
@@ -264,8 +331,8 @@ def build_engine(model: Path, root: Path, *, threads: int = 1, ident: Identity |
         session creation + first run), engine files and bytes, the provider options, ``invalidated``.
 
     Raises:
-        EngineBuildError: not a TensorRT variant, a bad calibration table, onnxruntime has no TensorRT
-            provider, the TensorRT version or GPU cannot be told, or the build failed (a partly
+        EngineBuildError: not a TensorRT variant, a bad calibration table, an input with a dynamic
+            dimension besides the batch (:func:`engine_shapes`), onnxruntime has no TensorRT provider, the TensorRT version or GPU cannot be told, or the build failed (a partly
             written engine folder is removed).
     """
     model = Path(model)
@@ -276,6 +343,7 @@ def build_engine(model: Path, root: Path, *, threads: int = 1, ident: Identity |
                                "compile it with a trt-* variant")
     variant = meta.get(META_VARIANT, "")
     table = calibration_table(meta, model.name)
+    profile = engine_shapes(model)
     provider_options(variant, Path("."), calibrated=table is not None)  # refuses before anything touches the disk
     if PROVIDER not in ort.get_available_providers():
         raise EngineBuildError(f"{model.name}: this onnxruntime build has no {PROVIDER}: {INSTALL}")
@@ -283,7 +351,11 @@ def build_engine(model: Path, root: Path, *, threads: int = 1, ident: Identity |
     sha = sha256_of(model)
     cache = engine_dir(root, sha, ident)
     invalidated = invalidate(root, sha, ident)
-    options = provider_options(variant, cache, calibrated=table is not None)
+    foreign = _foreign(cache, ident)
+    if foreign:  # the same folder name for another identity (names that slug alike), or a half-written build
+        shutil.rmtree(cache, ignore_errors=True)
+        invalidated.append(f"{cache.name} ({foreign})")
+    options = provider_options(variant, cache, calibrated=table is not None, profile=profile)
     cached = bool(_engines(cache))
     cache.mkdir(parents=True, exist_ok=True)
     if table is not None:
@@ -434,17 +506,18 @@ def trt_node_times(events: list[dict[str, Any]], runs: int) -> list[float]:
 
 def _cached_record(model: Path, root: Path) -> dict[str, Any] | None:
     """Return the build record of ``model``'s cached engine for this device (``cached`` set), or None when
-    there is no engine for it under ``root`` (then :func:`build_engine` builds one).
+    there is no engine for it under ``root``, or its engine was not built for this device's TensorRT
+    version and GPU (then :func:`build_engine` removes it and builds one).
 
     Raises:
         EngineBuildError: the TensorRT version or GPU cannot be told (:func:`identity`).
     """
-    cache = engine_dir(root, sha256_of(model), identity())
-    try:
-        record = json.loads((cache / BUILD_RECORD).read_text())
-    except (OSError, ValueError):
+    ident = identity()
+    cache = engine_dir(root, sha256_of(model), ident)
+    if not _engines(cache) or _foreign(cache, ident):  # build_engine then removes a foreign engine and builds
         return None
-    if not _engines(cache) or not isinstance(record, dict) or "provider_options" not in record:
+    record = json.loads((cache / BUILD_RECORD).read_text())
+    if "provider_options" not in record:
         return None
     return {**record, "cached": True}
 

@@ -147,11 +147,17 @@ _NUMPY = {"float32": "<f4", "float16": "<f2", "int8": "i1", "uint8": "u1", "int1
 PROBE_TIMEOUT_S = 600.0  # loading (and packing the weights of) a large model takes seconds, not minutes
 
 
-def probe_in_child(data: bytes, timeout: float = PROBE_TIMEOUT_S) -> None:
-    """Load ``data`` with the LiteRT interpreter and run it once on zeros in a child process first (the
-    agent's smoke check, :class:`device_agents.smoke.SmokePool`): a flatbuffer that crashes the native
-    code (a damaged or hostile file passes its verifier) takes down the child, not the compiler. Errors
-    the interpreter reports are left to the caller's own load (:func:`analyse`), which words them.
+_PROBED = {"tflite": ("model.tflite", "litert", "the LiteRT interpreter"),
+           "onnx": ("model.onnx", "onnxruntime", "ONNX Runtime")}  # format: (file name, runtime, its name in words)
+
+
+def probe_in_child(data: bytes, timeout: float = PROBE_TIMEOUT_S, *, fmt: str = "tflite") -> None:
+    """Load ``data`` (a ``.tflite`` flatbuffer, or an ONNX model with ``fmt="onnx"``) with the runtime the
+    devices use and run it once on zeros in a child process first (the agent's smoke check,
+    :class:`device_agents.smoke.SmokePool`): a file that crashes the native code (a damaged or hostile
+    file passes its verifier) takes down the child, not the compiler. Errors the runtime reports are
+    left to the caller's own load (:func:`analyse`, :func:`edge_kit.compiler.onnx_source.load_onnx`),
+    which words them.
 
     Raises:
         ValueError: the child crashed (the signal named), was killed (out of memory) or ran out of time.
@@ -161,14 +167,15 @@ def probe_in_child(data: bytes, timeout: float = PROBE_TIMEOUT_S) -> None:
     from device_agents.errors import SmokeCrashed, SmokeFailed
     from device_agents.smoke import SmokePool
 
+    file_name, runtime, words = _PROBED[fmt]
     with tempfile.TemporaryDirectory(prefix="edgekit-probe-") as tmp:
-        model = os.path.join(tmp, "model.tflite")
+        model = os.path.join(tmp, file_name)
         with open(model, "wb") as f:
             f.write(data)
         try:
-            SmokePool()(model, runtime="litert", timeout=timeout)
+            SmokePool()(model, runtime=runtime, timeout=timeout)
         except SmokeCrashed as exc:
-            raise ValueError(f"the LiteRT interpreter {exc.how} loading it: a damaged or hostile file") from None
+            raise ValueError(f"{words} {exc.how} loading it: a damaged or hostile file") from None
         except SmokeFailed:
             pass
 

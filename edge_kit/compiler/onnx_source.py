@@ -82,13 +82,21 @@ def _dims(value_info: Any) -> list[int | None]:
 def load_onnx(path: Path, pinned: dict[str, tuple[int, ...]]) -> tuple[bytes, dict[str, tuple[int, ...]], list[str]]:
     """Read and check an ONNX model; ``pinned`` holds ``--input-shape`` sample shapes (batch dropped).
 
+    Tensors kept in external-data files beside the model (``onnx.save(..., save_as_external_data=True)``)
+    are read into the returned bytes, so every later step has one self-contained model; a location
+    outside the model's folder (absolute, ``..``, a link leading out) is refused and never read.
+
     Returns:
-        (the file's bytes, {input name: shape of one sample in the ONNX layout}, output names).
+        (the model's bytes, external data included; {input name: shape of one sample in the ONNX
+        layout}; output names).
 
     Raises:
-        InputError: not an ONNX model (or truncated), a model ONNX Runtime cannot open, a
-            non-float32 input, a batch fixed above 1, an input with a dynamic dimension besides
-            the batch, or a pin that names no input or does not fit the declared shape.
+        InputError: not an ONNX model (or truncated), external data outside the model's folder or
+            missing, a graph :func:`_check_graph` refuses, a scalar (0-d) input, a non-float32 input,
+            a batch fixed above 1, an input with a dynamic dimension besides the batch, a pin that
+            names no input or does not fit the declared shape, an input too large for one sample
+            (:func:`~edge_kit.compiler.sources.check_sample_sizes`), or a model that crashes ONNX
+            Runtime (in a child process) or that it cannot open.
     """
     onnx = _onnx()
     data = Path(path).read_bytes()
@@ -98,16 +106,18 @@ def load_onnx(path: Path, pinned: dict[str, tuple[int, ...]]) -> tuple[bytes, di
         raise InputError(f"{path}: not an ONNX model ({_first_line(exc)}); export it again (torch.onnx.export, paddle2onnx)") from None
     if not model.graph.node or not model.opset_import:
         raise InputError(f"{path}: not an ONNX model (no graph nodes or opset); export it again (torch.onnx.export, paddle2onnx)")
+    if _external_tensors(model):
+        model = _with_external_data(Path(path), model)
+        try:
+            data = model.SerializeToString()
+        except Exception as exc:  # noqa: BLE001 - protobuf refuses a message above 2 GB
+            raise InputError(f"{path}: the model with its external data does not fit in one ONNX file "
+                             f"({_first_line(exc)}); edge-kit compiles models below 2 GB") from None
     try:
         onnx.checker.check_model(model)
     except Exception as exc:  # noqa: BLE001 - ValidationError, or a protobuf error on a damaged file
         raise InputError(f"{path}: not a valid ONNX model ({_first_line(exc)})") from None
-    try:
-        _session(data)
-    except ImportError:
-        raise InputError("ONNX sources need onnxruntime: pip install 'edge-kit[onnx]' (see docs/compile.md)") from None
-    except Exception as exc:  # noqa: BLE001 - ORT raises its own Fail / InvalidGraph / NotImplemented types
-        raise InputError(f"{path}: ONNX Runtime cannot load the model ({_first_line(exc)})") from None
+    _check_graph(Path(path), model)
     initializers = {i.name for i in model.graph.initializer}
     graph_inputs = [i for i in model.graph.input if i.name not in initializers]
     names = [i.name for i in graph_inputs]
@@ -132,12 +142,119 @@ def load_onnx(path: Path, pinned: dict[str, tuple[int, ...]]) -> tuple[bytes, di
                                  f"declared shape {declared} of input '{value.name}'")
             inputs[value.name] = given
             continue
-        if not dims or any(d is None for d in dims[1:]):
+        if not dims:
+            raise InputError(f"{path}: input '{value.name}' has no dimensions (a scalar, or no declared shape); "
+                             "devices feed one sample with a batch axis: export the model with this input "
+                             "shaped [1, ...] (or [N, ...])")
+        if any(d is None for d in dims[1:]):
             hint = "x".join("H" if d is None else str(d) for d in dims[1:]) or "C"
             raise InputError(f"{path}: input '{value.name}' has shape {declared} with a dynamic dimension besides the batch; "
                              f"pin it with --input-shape {value.name}=1x{hint} (the ONNX layout, e.g. NCHW)")
         inputs[value.name] = tuple(int(d) for d in dims[1:])  # type: ignore[arg-type]
+    from edge_kit.compiler.sources import check_sample_sizes
+
+    check_sample_sizes(path, inputs)  # before anything runs the model on a sample of that size
+    try:
+        from edge_kit.compiler.analysis import probe_in_child
+
+        probe_in_child(data, fmt="onnx")  # a file that crashes ONNX Runtime crashes a child, never this process
+    except ValueError as exc:
+        raise InputError(f"{path}: not a loadable ONNX model ({exc})") from None
+    try:
+        _session(data)
+    except ImportError:
+        raise InputError("ONNX sources need onnxruntime: pip install 'edge-kit[onnx]' (see docs/compile.md)") from None
+    except Exception as exc:  # noqa: BLE001 - ORT raises its own Fail / InvalidGraph / NotImplemented types
+        from device_agents.runtimes.onnxruntime import ort_error
+
+        raise InputError(f"{path}: ONNX Runtime cannot load the model ({ort_error(exc)})") from None
     return data, inputs, [o.name for o in model.graph.output]
+
+
+def _external_tensors(model: Any) -> list[Any]:
+    """Return the model's tensors whose data is kept in an external file (initializers and attributes, subgraphs too)."""
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    return [t for t in _get_all_tensors(model) if uses_external_data(t)]
+
+
+def _with_external_data(path: Path, model: Any) -> Any:
+    """Return ``model`` with the data of its external tensors read in from files in ``path``'s folder.
+
+    Every location is checked before anything is opened: relative, inside the folder once links
+    are resolved, a regular file, and long enough for the offset and length recorded.
+
+    Raises:
+        InputError: a location outside the folder, a missing or short file (the tensor and location named).
+    """
+    from onnx.external_data_helper import ExternalDataInfo, load_external_data_for_model
+
+    folder = path.resolve().parent
+    for tensor in _external_tensors(model):
+        info = ExternalDataInfo(tensor)
+        location = str(info.location)
+        target = (folder / location).resolve()
+        if not location or Path(location).is_absolute() or ".." in Path(location).parts or folder not in target.parents:
+            raise InputError(f"{path}: tensor '{tensor.name}' keeps its data in '{location}', outside the model's "
+                             "folder; edge-kit reads external data only from files beside the model (save it again "
+                             "with onnx.save(model, path, save_as_external_data=True, location='<file name>'))")
+        if not target.is_file():
+            raise InputError(f"{path}: tensor '{tensor.name}' keeps its data in '{location}', which is not a file "
+                             f"beside the model; copy that file next to {path.name}")
+        size, end = target.stat().st_size, int(info.offset or 0) + int(info.length or 0)
+        if end > size:
+            raise InputError(f"{path}: tensor '{tensor.name}' needs bytes up to {end} of '{location}', which has "
+                             f"{size}; the external data file is truncated or belongs to another model")
+    try:
+        load_external_data_for_model(model, str(folder))
+    except Exception as exc:  # noqa: BLE001 - onnx raises ValueError / OSError for a bad external file
+        raise InputError(f"{path}: cannot read its external data ({_first_line(exc)})") from None
+    return model
+
+
+def _check_graph(path: Path, model: Any) -> None:
+    """Refuse a graph the devices cannot run one sample at a time.
+
+    Raises:
+        InputError: no inputs (every graph input is an initializer), no outputs, an output listed
+            twice, an output that is a stored constant or also an input, a scalar (0-d) output, or an
+            initializer holding NaN (named, with its first bad index).
+    """
+    from onnx import TensorProto as model_type
+    from onnx import numpy_helper
+
+    graph = model.graph
+    initializers = {i.name for i in graph.initializer}
+    inputs = [i.name for i in graph.input if i.name not in initializers]
+    if not inputs:
+        raise InputError(f"{path}: the model has no inputs (every graph input is a stored constant), so it computes "
+                         "the same output for every request; export it with its real inputs")
+    if not graph.output:
+        raise InputError(f"{path}: the model declares no outputs; export it again with its outputs")
+    names = [value.name for value in graph.output]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise InputError(f"{path}: output '{twice[0]}' is listed twice; export the model with each output once")
+    for value in graph.output:
+        if value.name in initializers:
+            raise InputError(f"{path}: output '{value.name}' is a stored constant (an initializer), the same for every "
+                             "input; remove it from the outputs (the application can keep the constant) and export again")
+        if value.name in inputs:
+            raise InputError(f"{path}: output '{value.name}' is also an input (passed through unchanged); remove it "
+                             "from the outputs, or give it its own name with an Identity node, and export again")
+        tensor_type = value.type.tensor_type
+        if tensor_type.HasField("shape") and not tensor_type.shape.dim:
+            raise InputError(f"{path}: output '{value.name}' is a scalar (0-d); devices return one sample with a "
+                             "batch axis: export it shaped [1, ...] (Unsqueeze or Reshape at the end)")
+    floats = {model_type.FLOAT, model_type.FLOAT16, model_type.DOUBLE, model_type.BFLOAT16}
+    for init in graph.initializer:
+        if init.data_type not in floats:
+            continue
+        array = numpy_helper.to_array(init)
+        bad = np.isnan(array)
+        if bad.any():
+            raise InputError(f"{path}: initializer '{init.name}' holds NaN at flat index {int(np.argmax(bad.ravel()))}, "
+                             "so the model computes NaN; export it again from weights without NaN")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -377,11 +494,19 @@ def conversion_fidelity(path: Path, data: bytes, tflite: bytes, xs: dict[str, np
         worst ``snr_db``, ``cosine``, ``max_abs_error``, ``mean_abs_error`` over outputs.
 
     Raises:
-        CompileError: the two models' outputs differ in names or shapes.
+        InputError: ONNX Runtime's outputs hold NaN or infinity (the model computes nothing to compare with).
+        CompileError: the two models' outputs differ in names or shapes, or the converted model's hold
+            NaN or infinity where ONNX Runtime's do not.
     """
     from device_agents.inference import fidelity
 
     reference = reference_outputs(data, xs)
+    for name, y in reference.items():
+        finite = np.isfinite(y.reshape(len(y), -1)).all(axis=1)
+        if not finite.all():
+            raise InputError(f"{path}: output '{name}' is NaN or infinity on sample {int(np.argmin(finite))} of the "
+                             "conversion check (ONNX Runtime, the model itself); fix the model (weights, a division "
+                             "by zero, a log of zero) and export it again")
     got = runner(tflite, xs)
     try:
         return fidelity(got, reference)

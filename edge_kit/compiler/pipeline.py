@@ -286,9 +286,12 @@ def _evaluate(plan: _Plan, outputs: dict[str, np.ndarray] | None, evalset: Datas
         except MetricError as exc:
             accuracy = Accuracy(measured=False, method=f"not measured: {exc}")
     if outputs is not None and reference is not None and fid_inputs is not None:
-        got = fid(outputs, reference, classes=scorer.class_outputs(reference))
-        fidelity = Fidelity(measured=True, samples=len(fid_inputs), inputs=fid_inputs.path.name,
-                            method=f"{method}, against the fp32 variant's outputs", **got)
+        try:
+            got = fid(outputs, reference, classes=scorer.class_outputs(reference))
+            fidelity = Fidelity(measured=True, samples=len(fid_inputs), inputs=fid_inputs.path.name,
+                                method=f"{method}, against the fp32 variant's outputs", **got)
+        except ValueError as exc:  # NaN or infinity in an output: a figure on it would be a lie
+            fidelity = Fidelity(measured=False, method=f"not measured on {fid_inputs.path.name}: {exc}")
     elif outputs is not None:
         fidelity = Fidelity(measured=False, method="not measured: no fp32 reference could be built")
     return accuracy, fidelity
@@ -322,7 +325,8 @@ def _convert_onnx(source: Source, data: Dataset | None, profiles: list[Profile],
     Raises:
         InputError: onnx2tf cannot convert the model (names the op), or the conversion is
             catastrophic: an output below :data:`~edge_kit.compiler.onnx_source.CONVERSION_REFUSE_SNR_DB`
-            (the error outweighs the signal); nothing is written.
+            (the error outweighs the signal), or ONNX Runtime's own outputs hold NaN or infinity;
+            nothing is written.
         CompileError: the converter timed out or lost an input or output.
     """
     from edge_kit.compiler import onnx_source as ox

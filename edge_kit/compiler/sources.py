@@ -11,6 +11,8 @@ load fails naming the input.
 
 from __future__ import annotations
 
+import hashlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -20,6 +22,7 @@ from edge_kit.errors import InputError
 from edge_kit.fsutil import sha256_file
 
 SourceKind = Literal["keras", "savedmodel", "tflite", "onnx"]
+MAX_SAMPLE_VALUES = 2**27  # per input and sample: 512 MiB of float32 (a 4K RGB frame is 25M values)
 Shapes = dict[str, tuple[int, ...]]  # input name -> shape of one sample (no batch axis)
 
 
@@ -153,9 +156,11 @@ def load_source(path: Path, input_shapes: dict[str, tuple[int, ...]] | None = No
 
     Raises:
         InputError: missing, unreadable or corrupt model, a path that is neither a regular file nor a
-            folder (a pipe), an unsupported format, an input left
+            folder (a pipe), an unsupported format (a TensorRT engine said as such), an input left
             with a dynamic dimension, or a pinned shape naming no input, not fitting it, or (for a
-            ``.tflite``, whose file is rewritten to the pinned shapes) one the model cannot run at.
+            ``.tflite``, whose file is rewritten to the pinned shapes) one the model cannot run at, or an
+            input of more than :data:`MAX_SAMPLE_VALUES` values per sample (a hostile or mistaken shape
+            would take the host's memory in the first random sample or conversion).
     """
     pinned = dict(input_shapes or {})
     path = Path(path)
@@ -163,6 +168,28 @@ def load_source(path: Path, input_shapes: dict[str, tuple[int, ...]] | None = No
         raise InputError(f"{path}: model not found")
     if not (path.is_file() or path.is_dir()):  # a pipe or device: hashing it would block or never end
         raise InputError(f"{path}: not a regular file or folder (a pipe or device); give the model file or SavedModel folder")
+    source = _load_kind(path, pinned)
+    check_sample_sizes(path, source.inputs)
+    return source
+
+
+def check_sample_sizes(path: Path, inputs: Shapes) -> None:
+    """Refuse an input of more than :data:`MAX_SAMPLE_VALUES` values per sample.
+
+    Raises:
+        InputError: the first such input, named with its shape and what to do.
+    """
+    for input_name, shape in inputs.items():
+        values = math.prod(shape)
+        if values > MAX_SAMPLE_VALUES:
+            raise InputError(f"{path}: input '{input_name}' takes {values:,} values per sample (shape 1x"
+                             f"{'x'.join(map(str, shape))}); edge-kit takes at most {MAX_SAMPLE_VALUES:,} "
+                             f"({MAX_SAMPLE_VALUES * 4 // 2**20} MiB of float32): pin a smaller shape with "
+                             f"--input-shape {input_name}=1x... or export the model with a smaller input")
+
+
+def _load_kind(path: Path, pinned: dict[str, tuple[int, ...]]) -> Source:
+    """Return the :class:`Source` of ``path`` by its kind (:func:`load_source` checks the rest). Raises InputError."""
     name = path.stem if path.is_file() else path.name
     digest = sha256_file(path)
     if path.is_dir():
@@ -176,7 +203,12 @@ def load_source(path: Path, input_shapes: dict[str, tuple[int, ...]] | None = No
         from edge_kit.compiler.onnx_source import load_onnx
 
         data, inputs, outputs = load_onnx(path, pinned)
-        return Source(path, "onnx", digest, name, inputs, outputs, onnx=data)
+        # the model as compiled: with external data read in, its weights are in the hash too (else the file's own)
+        return Source(path, "onnx", hashlib.sha256(data).hexdigest(), name, inputs, outputs, onnx=data)
+    if suffix in (".engine", ".plan", ".trt"):
+        raise InputError(f"{path}: a TensorRT engine runs only on the GPU and TensorRT version that built it, so edge-kit "
+                         "does not take one: give the .onnx model it was built from (the trt-* variants build the "
+                         "engine on each device at install)")
     raise InputError(f"{path}: unknown model format '{suffix}'; give a .keras, .h5, .tflite, .onnx file or a SavedModel folder")
 
 
@@ -230,6 +262,10 @@ def _load_tflite(path: Path, name: str, digest: str, pinned: dict[str, tuple[int
         stats = analyse(data)
     except (ValueError, RuntimeError) as exc:
         raise InputError(f"{path}: not a loadable .tflite model ({str(exc).splitlines()[0][:200]})") from None
+    scalar = [p["name"] for p in stats.outputs if not p["shape"]]
+    if scalar:  # the runner returns every output along a batch axis, which a 0-d tensor has not
+        raise InputError(f"{path}: output '{scalar[0]}' is a scalar (0-d); devices return each output with a batch "
+                         "axis: export the model with it shaped [1] (e.g. keepdims=True, or tf.reshape(y, [1]))")
     _unknown_pins(path, pinned, [p["name"] for p in stats.inputs])
     inputs = {p["name"]: _static(path, p["name"], p["shape_signature"], pinned) for p in stats.inputs}
     if pinned:  # written into the file: every variant, and the source variant itself, is static

@@ -108,3 +108,18 @@ def test_a_truncated_onnx_model_is_one_line_at_install_and_activation(truncated_
     line = error_line(agent_cli("activate", "--sha256", sha, "--root", root))
     assert f"model {sha[:12]} failed its smoke inference: model.onnx: onnxruntime cannot load it" in line
     assert json.loads(agent_cli("state", "--root", root).stdout)["current"] is None
+
+
+@pytest.mark.parametrize("content", [b"", b"1234TFL3" + b"\xff" * 64, b"\x08"])
+def test_an_empty_or_garbled_file_names_itself_at_load(tmp_path, content):
+    """An empty file (a failed copy) was LiteRT's bare 'mmap of size 0 requested', whatever its name or
+    format; a garbled flatbuffer did not name the file either."""
+    from device_agents.runtimes import get_runtime
+
+    path = tmp_path / "model.tflite"
+    path.write_bytes(content)
+    with pytest.raises(ValueError) as caught:
+        get_runtime(model=path).interpreter(path)
+    message = str(caught.value)
+    assert message.startswith("model.tflite: ") and "\n" not in message
+    assert ("is empty (0 bytes); copy or install the model again" in message) == (not content)

@@ -30,3 +30,45 @@ def test_outputs_that_do_not_match_the_reference_are_refused():
         fidelity({"a": np.zeros((2, 3))}, {"b": np.zeros((2, 3))})
     with pytest.raises(ValueError, match="shape"):
         fidelity({"a": np.zeros((2, 3))}, {"a": np.zeros((2, 4))})
+
+
+def test_nan_outputs_are_never_a_perfect_fidelity():
+    """NaN against NaN used to read as identical (200 dB): every figure is refused, the output named."""
+    nan = np.full((2, 3), np.nan)
+    with pytest.raises(ValueError, match=r"output 'y': the reference holds NaN or infinity \(first at sample 0\)"):
+        fidelity({"y": nan}, {"y": nan})
+    broken = np.zeros((2, 3))
+    broken[1, 2] = np.inf
+    with pytest.raises(ValueError, match=r"the output holds NaN or infinity \(first at sample 1\)"):
+        output_fidelity(broken, np.ones((2, 3)))
+
+
+def test_a_sample_of_the_wrong_size_names_the_input():
+    from device_agents.inference import ModelRunner
+
+    class Interp:  # the smallest interpreter surface: one float input [1, 4], one output
+        def get_input_details(self):
+            return [{"index": 0, "name": "x", "shape": [1, 4], "dtype": np.float32}]
+
+        def get_output_details(self):
+            return [{"index": 1, "name": "y", "shape": [1, 4], "dtype": np.float32}]
+
+    with pytest.raises(ValueError, match=r"input 'x': a sample of shape \[2, 2, 2\], the model takes \[4\]"):
+        ModelRunner(Interp()).tensors({"x": np.zeros((1, 2, 2, 2), np.float32)}, 0)
+
+
+def test_a_scalar_output_is_refused_when_the_runner_is_made():
+    """A 0-d output (a reduce_sum without keepdims) loaded and then failed every request with numpy's
+    'invalid index to scalar variable'; it is refused when the model is loaded (the install's smoke check)."""
+    from device_agents.inference import ModelRunner
+
+    class Interp:
+        def get_input_details(self):
+            return [{"index": 0, "name": "x", "shape": [1, 4], "dtype": np.float32}]
+
+        def get_output_details(self):
+            return [{"index": 1, "name": "total", "shape": [], "dtype": np.float32},
+                    {"index": 2, "name": "y", "shape": [1, 4], "dtype": np.float32}]
+
+    with pytest.raises(ValueError, match=r"output 'total' is a scalar \(0-d\); the agent returns each output with a batch axis"):
+        ModelRunner(Interp())

@@ -157,3 +157,70 @@ def test_an_agent_without_onnxruntime_says_in_one_line_how_to_install_it(onnx_mo
     proc = subprocess.run([sys.executable, "-c", BLOCKED, "bench", str(digits_artifacts / "fp32.tflite"),
                            "--min-runs", "1", "--json"], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0 and json.loads(proc.stdout)["runtime"] == "litert", proc.stderr
+
+
+def test_models_the_agent_cannot_serve_are_refused_at_load_in_one_line(tmp_path):
+    """A scalar or shapeless tensor, no outputs, an opset this onnxruntime lacks: a ValueError naming the
+    file and what to do at load, never an IndexError at the first request."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    def save(name, inputs, outputs, opset=13):
+        graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", inputs, outputs)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+        model.ir_version = 8
+        onnx.save(model, tmp_path / name)
+        return tmp_path / name
+
+    def info(name, shape):
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+    runtime = get_runtime("onnxruntime")
+    cases = {
+        save("scalar.onnx", [info("x", [])], [info("y", [])]): r"scalar.onnx: tensor 'x' has no dimensions",
+        save("shapeless.onnx", [info("x", None)], [info("y", None)]): r"tensor 'x' has no dimensions .*shape \[1, \.\.\.\]",
+        save("noout.onnx", [info("x", [1, 4])], []): "noout.onnx: the model declares no outputs",
+        save("new.onnx", [info("x", [1, 4])], [info("y", [1, 4])], opset=99):
+            rf"new.onnx: onnxruntime cannot load it: the model uses opset 99 of domain ai.onnx, and onnxruntime "
+            rf"{ort.__version__} runs up to opset \d+: export the model with opset \d+ or lower",
+    }
+    for path, match in cases.items():
+        with pytest.raises(ValueError, match=match) as caught:
+            runtime.interpreter(path)
+        assert "\n" not in str(caught.value) and "onnxruntime_src" not in str(caught.value)
+
+
+def test_integer_and_boolean_inputs_are_taken_exactly_or_refused(tmp_path):
+    """Token ids, uint8 pixels and a mask from an application: ids above 2**24 keep their value (they used
+    to go through float32), and a fraction, a value out of range or a non-0/1 mask is refused by name
+    (they used to be truncated or clipped without a word)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    def info(name, kind):
+        return helper.make_tensor_value_info(name, kind, [1, 3])
+
+    nodes = [helper.make_node("Identity", ["ids"], ["ids_out"]), helper.make_node("Cast", ["img"], ["img_out"], to=1),
+             helper.make_node("Cast", ["mask"], ["mask_out"], to=1)]
+    graph = helper.make_graph(nodes, "g", [info("ids", TensorProto.INT64), info("img", TensorProto.UINT8),
+                                           info("mask", TensorProto.BOOL)],
+                              [info("ids_out", TensorProto.INT64), info("img_out", TensorProto.FLOAT),
+                               info("mask_out", TensorProto.FLOAT)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "typed.onnx")
+    runner = ModelRunner(get_runtime(model=tmp_path / "typed.onnx").interpreter(tmp_path / "typed.onnx"))
+    good = {"ids": np.array([2**40 + 1, 7, 0], np.int64), "img": np.array([0.0, 128.0, 255.0]),
+            "mask": np.array([True, False, True])}
+    runner.invoke_raw(runner.sample_tensors(good))
+    assert runner.interpreter.get_tensor(3).tolist() == [[2**40 + 1, 7, 0]]
+    assert runner.results()["img_out"].tolist() == [0.0, 128.0, 255.0]
+    for name, value, match in [
+        ("ids", np.array([1.5, 2, 3]), r"input 'ids' takes int64: 1.5 at flat index 0 is not a whole number"),
+        ("img", np.array([0, 300, 1]), r"input 'img' takes uint8: 300 at flat index 1 is outside \[0, 255\]"),
+        ("img", np.array([-1.0, 0, 1]), r"input 'img' takes uint8: -1.0 at flat index 0 is outside"),
+        ("mask", np.array([0.0, 1.0, 2.0]), r"input 'mask' takes bool: 2.0 at flat index 2 is outside \[0, 1\]"),
+        ("ids", np.array([np.nan, 1, 2]), r"input 'ids' holds NaN or infinity at flat index 0"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            runner.sample_tensors({**good, name: value})

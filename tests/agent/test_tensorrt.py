@@ -326,3 +326,70 @@ def test_the_storage_budget_counts_and_removes_engines(fake: FakeOrt, fp16: Path
     removed = store.prune(0, keep=set())
     assert [r["sha256"] for r in removed] == [done.sha256]
     assert not list((store.root / trt.ENGINES).glob("*"))
+
+
+def shaped_model(tmp_path: Path, name: str, dims: list) -> Path:
+    """A ``trt-fp16`` artifact whose input ``x`` has ``dims`` (8 features last), made by hand, not by compile."""
+    w = numpy_helper.from_array(np.ones((8, 4), np.float32), "W")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims),
+                               helper.make_tensor_value_info("W", TensorProto.FLOAT, [8, 4])],  # an overridable constant
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [(dims or [1])[0], 4])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path = tmp_path / name
+    path.write_bytes(trt_variants.tagged(model.SerializeToString(), "trt-fp16"))
+    return path
+
+
+def test_input_shapes_are_read_without_the_onnx_package(tmp_path: Path) -> None:
+    from device_agents.formats import onnx_input_shapes
+
+    assert onnx_input_shapes(shaped_model(tmp_path, "a.onnx", ["N", 8])) == {"x": ["N", 8]}  # W: an initializer
+    negative = onnx.load(shaped_model(tmp_path, "b.onnx", [1, 8]))
+    negative.graph.input[0].type.tensor_type.shape.dim[0].dim_value = -1  # some exporters write -1 for dynamic
+    assert onnx_input_shapes(negative.SerializeToString()) == {"x": ["", 8]}
+    assert onnx_input_shapes(b"TFL3" * 4) == {}
+
+
+def test_a_dynamic_batch_gets_an_explicit_batch_1_profile(fake: FakeOrt, tmp_path: Path) -> None:
+    """Without min/opt/max shapes the provider would build at the first run for whatever shape came; the
+    engine is built for the one shape devices run, and the build record says so in its options."""
+    rec = trt.build_engine(shaped_model(tmp_path, "dyn.onnx", ["N", 8]), tmp_path / "root")
+    opts = fake.sessions[0]["options"]
+    assert opts["trt_profile_min_shapes"] == opts["trt_profile_opt_shapes"] == opts["trt_profile_max_shapes"] == "x:1x8"
+    assert rec["provider_options"]["trt_profile_min_shapes"] == "x:1x8"
+    static = trt.build_engine(shaped_model(tmp_path, "static.onnx", [1, 8]), tmp_path / "root")
+    assert not any(k.startswith("trt_profile") for k in static["provider_options"])
+
+
+@pytest.mark.parametrize(("dims", "match"), [
+    ([1, "features"], r"input 'x' has a dynamic dimension 1 \('features'\); a TensorRT engine is built for fixed sizes"),
+    ([], r"input 'x' has no dimensions"),
+])
+def test_a_dynamic_dimension_besides_the_batch_is_refused_before_the_disk(fake: FakeOrt, tmp_path: Path,
+                                                                           dims: list, match: str) -> None:
+    with pytest.raises(trt.EngineBuildError, match=match):
+        trt.build_engine(shaped_model(tmp_path, "m.onnx", dims), tmp_path / "root")
+    assert not fake.sessions and not (tmp_path / "root" / trt.ENGINES).exists()
+
+
+@pytest.mark.parametrize("record", [{"trt_version": "10.3.0", "gpu": "NVIDIA Jetson Orin Nano (Developer Kit)"}, None])
+def test_an_engine_in_this_devices_folder_but_not_built_here_is_rebuilt(fake: FakeOrt, fp16: Path, tmp_path: Path,
+                                                                        record: dict | None) -> None:
+    """GPU names that slug alike ('Orin Nano (Developer Kit)' and 'Orin Nano Developer Kit') share a folder,
+    and a build cut short leaves an engine without its record: either was taken as this device's engine."""
+    root = tmp_path / "root"
+    cache = trt.engine_dir(root, sha(fp16), IDENT)
+    cache.mkdir(parents=True)
+    (cache / "TensorrtExecutionProvider_TRTKernel_graph_g_1_0_0_sm72.engine").write_bytes(b"other plan")
+    if record is not None:
+        assert trt.engine_key(sha(fp16), trt.Identity(**record)) == cache.name  # the collision is real
+        (cache / trt.BUILD_RECORD).write_text(json.dumps({**record, "provider_options": {}}))
+    assert trt._cached_record(fp16, root) is None  # serving does not load it; the install-time build replaces it
+    rec = trt.build_engine(fp16, root)
+    assert rec["cached"] is False and fake.builds == 1
+    why = "built for TensorRT 10.3.0 on NVIDIA Jetson Orin Nano (Developer Kit)" if record else "no build record"
+    assert rec["invalidated"] == [f"{cache.name} ({why} says which TensorRT version and GPU built it)"
+                                  if not record else f"{cache.name} ({why})"]
+    assert [p.name for p in cache.glob("*.engine")] == ["TensorrtExecutionProvider_TRTKernel_graph_g_1_0_0_sm87.engine"]
+    assert trt._cached_record(fp16, root)["cached"] is True

@@ -355,3 +355,23 @@ def test_load_errors_are_input_errors(tmp_path):
     onnx.save(fixed, tmp_path / "batch4.onnx")
     with pytest.raises(InputError, match=r"input 'image' has a fixed batch of 4 .*export the model with batch 1"):
         load_source(tmp_path / "batch4.onnx")
+
+
+def test_a_model_computing_nan_is_refused_not_reported_as_a_perfect_conversion(tmp_path, run_cli):
+    """log(x - 2) on inputs in [0, 1): ONNX Runtime's own outputs are NaN, and NaN against NaN used to be
+    recorded as a 200 dB conversion and every variant built."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    two = numpy_helper.from_array(np.full((1, 4), 2.0, np.float32), "two")
+    graph = helper.make_graph([helper.make_node("Sub", ["x", "two"], ["d"]), helper.make_node("Log", ["d"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [two])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "lognan.onnx")
+    code, _, err = run_cli("compile", tmp_path / "lognan.onnx", "-p", "rpi4", "--out", tmp_path / "o")
+    assert code == 2
+    (line,) = err.strip().splitlines()
+    assert "lognan.onnx: output 'y' is NaN or infinity on sample 0 of the conversion check" in line
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,185 @@
+"""ONNX files a user did not make: each is refused by ``edgekit compile`` in one line naming the file and
+what to do (exit 2, nothing written), before any conversion, or taken in whole (external data beside it).
+
+The models are built here with the ``onnx`` package: each is the smallest graph with the one property
+under test.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from edge_kit.compiler.sources import load_source
+from edge_kit.errors import InputError
+
+
+def save(path: Path, nodes: list, inputs: list, outputs: list, initializers: list | None = None,
+         opset: int = 13, **kwargs) -> Path:
+    graph = helper.make_graph(nodes, "g", inputs, outputs, initializers or [])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.save(model, path, **kwargs)
+    return path
+
+
+def vec(name: str, shape: list | None = (1, 4), dtype: int = TensorProto.FLOAT):
+    return helper.make_tensor_value_info(name, dtype, None if shape is None else list(shape))
+
+
+def relu(path: Path, shape=(1, 4), **kwargs) -> Path:
+    return save(path, [helper.make_node("Relu", ["x"], ["y"])], [vec("x", shape)], [vec("y", shape)], **kwargs)
+
+
+def add_weight(path: Path, weight: np.ndarray, **kwargs) -> Path:
+    w = numpy_helper.from_array(weight, "w")
+    n = weight.shape[-1]
+    return save(path, [helper.make_node("Add", ["x", "w"], ["y"])], [vec("x", (1, n))], [vec("y", (1, n))], [w],
+                **kwargs)
+
+
+def refused(path: Path, match: str) -> str:
+    with pytest.raises(InputError, match=match) as caught:
+        load_source(path)
+    message = str(caught.value)
+    assert str(path) in message and "\n" not in message and "Traceback" not in message
+    return message
+
+
+def test_external_data_beside_the_model_is_read_in(tmp_path):
+    weight = np.arange(64, dtype=np.float32).reshape(1, 64)
+    model = add_weight(tmp_path / "ext.onnx", weight, save_as_external_data=True, location="ext.data",
+                       size_threshold=0)
+    assert (tmp_path / "ext.data").is_file()
+    source = load_source(model)
+    assert source.inputs == {"x": (64,)} and source.outputs == ["y"]
+    # the bytes carried on are the whole model: no step after this needs the side file
+    embedded = onnx.load_from_string(source.onnx)
+    assert not any(t.HasField("data_location") and t.data_location == TensorProto.EXTERNAL
+                   for t in embedded.graph.initializer)
+    np.testing.assert_array_equal(numpy_helper.to_array(embedded.graph.initializer[0]), weight)
+
+
+@pytest.mark.parametrize("location", ["../secret.bin", "../../../../../../etc/passwd", "/etc/passwd", "link.data"])
+def test_external_data_outside_the_models_folder_is_refused_and_never_read(tmp_path, location, monkeypatch):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    secret = tmp_path / "secret.bin"
+    np.full(64, 7.0, np.float32).tofile(secret)
+    (folder / "link.data").symlink_to(secret)  # a link beside the model that leads out of its folder
+    model = add_weight(folder / "m.onnx", np.zeros((1, 64), np.float32), save_as_external_data=True,
+                       location="w.data", size_threshold=0)
+    proto = onnx.load(model, load_external_data=False)
+    for entry in proto.graph.initializer[0].external_data:
+        if entry.key == "location":
+            entry.value = location
+    onnx.save(proto, model)
+    import onnx.external_data_helper as helpers
+
+    from edge_kit.compiler import onnx_source
+
+    def no_read(*args, **kwargs):
+        raise AssertionError("external data was read before its location was checked")
+
+    monkeypatch.setattr(helpers, "load_external_data_for_model", no_read)
+    monkeypatch.setattr(onnx_source, "_session", no_read)  # ONNX Runtime would open it too
+    message = refused(model, "outside the model's folder")
+    assert f"tensor 'w' keeps its data in '{location}'" in message and "save it again" in message
+
+
+def test_missing_or_short_external_data_is_named(tmp_path):
+    model = add_weight(tmp_path / "m.onnx", np.zeros((1, 64), np.float32), save_as_external_data=True,
+                       location="w.data", size_threshold=0)
+    (tmp_path / "w.data").write_bytes(b"\0" * 16)
+    refused(model, r"tensor 'w' needs bytes up to 256 of 'w.data', which has 16")
+    (tmp_path / "w.data").unlink()
+    refused(model, r"'w.data', which is not a file beside the model; copy that file next to m.onnx")
+
+
+def test_graphs_a_device_cannot_serve_are_refused_by_name(tmp_path):
+    w = numpy_helper.from_array(np.ones((1, 4), np.float32), "w")
+    save(tmp_path / "const.onnx", [helper.make_node("Identity", ["w"], ["y"])], [], [vec("y")], [w])
+    refused(tmp_path / "const.onnx", "the model has no inputs")
+    save(tmp_path / "noout.onnx", [helper.make_node("Relu", ["x"], ["y"])], [vec("x")], [])
+    refused(tmp_path / "noout.onnx", "declares no outputs")
+    save(tmp_path / "through.onnx", [helper.make_node("Relu", ["x"], ["y"])], [vec("x")], [vec("x"), vec("y")])
+    refused(tmp_path / "through.onnx", "output 'x' is also an input .*Identity node")
+    save(tmp_path / "twice.onnx", [helper.make_node("Relu", ["x"], ["y"])], [vec("x")], [vec("y"), vec("y")])
+    refused(tmp_path / "twice.onnx", "output 'y' is listed twice")  # was exit 3, shapes (4, 4) against (8, 4)
+    save(tmp_path / "constant.onnx", [helper.make_node("Relu", ["x"], ["y"])], [vec("x")], [vec("y"), vec("w")],
+         [numpy_helper.from_array(np.ones((1, 4), np.float32), "w")])
+    refused(tmp_path / "constant.onnx", r"output 'w' is a stored constant \(an initializer\)")  # was exit 3 after onnx2tf
+    save(tmp_path / "scalar_in.onnx", [helper.make_node("Unsqueeze", ["x", "axes"], ["y"])], [vec("x", ())],
+         [vec("y", (1,))], [numpy_helper.from_array(np.array([0], np.int64), "axes")])
+    refused(tmp_path / "scalar_in.onnx", r"input 'x' has no dimensions \(a scalar, or no declared shape\)")
+    save(tmp_path / "scalar_out.onnx", [helper.make_node("ReduceSum", ["x"], ["y"], keepdims=0)], [vec("x")],
+         [vec("y", ())])
+    refused(tmp_path / "scalar_out.onnx", r"output 'y' is a scalar \(0-d\)")
+
+
+def test_a_nan_weight_is_refused_with_its_initializer(tmp_path):
+    weight = np.zeros((1, 4), np.float32)
+    weight[0, 2] = np.nan
+    refused(add_weight(tmp_path / "nan.onnx", weight), "initializer 'w' holds NaN at flat index 2")
+    masked = np.array([[0.0, -np.inf, 0.0, 0.0]], np.float32)  # -inf is how attention masks are stored: kept
+    assert load_source(add_weight(tmp_path / "mask.onnx", masked)).inputs == {"x": (4,)}
+
+
+def test_an_opset_onnx_runtime_lacks_says_which_it_has(tmp_path):
+    import onnxruntime
+
+    message = refused(relu(tmp_path / "new.onnx", opset=99), "uses opset 99 of domain ai.onnx")
+    assert f"onnxruntime {onnxruntime.__version__} runs up to opset" in message and "export the model with opset" in message
+    assert "onnxruntime_src" not in message and "::" not in message
+
+
+def test_compile_refuses_with_exit_2_one_line_and_writes_nothing(tmp_path, run_cli):
+    save(tmp_path / "through.onnx", [helper.make_node("Relu", ["x"], ["y"])], [vec("x")], [vec("x"), vec("y")])
+    code, _, err = run_cli("compile", tmp_path / "through.onnx", "-p", "rpi4", "--out", tmp_path / "o")
+    assert code == 2
+    (line,) = err.strip().splitlines()
+    assert line.startswith(f"edgekit: error: {tmp_path / 'through.onnx'}: output 'x' is also an input")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("suffix", [".engine", ".plan"])
+def test_a_tensorrt_engine_is_refused_with_the_reason_and_what_to_give(tmp_path, suffix):
+    engine = tmp_path / f"model{suffix}"
+    engine.write_bytes(b"ftrt" + bytes(64))  # a serialized plan from some other GPU
+    refused(engine, "a TensorRT engine runs only on the GPU and TensorRT version that built it.*give the .onnx model")
+
+
+def test_an_input_too_large_for_any_sample_is_refused_before_memory_is_taken(tmp_path):
+    """[1, 100000, 100000] costs nothing to declare; its first random sample would be 40 GB of float32."""
+    message = refused(relu(tmp_path / "huge.onnx", shape=(1, 100_000, 100_000)),
+                      r"input 'x' takes 10,000,000,000 values per sample \(shape 1x100000x100000\); edge-kit takes at most")
+    assert "--input-shape x=1x..." in message
+    assert load_source(relu(tmp_path / "frame.onnx", shape=(1, 3, 2160, 3840))).inputs == {"x": (3, 2160, 3840)}
+
+
+def test_a_model_that_crashes_onnx_runtime_crashes_a_child_not_the_compiler(tmp_path, monkeypatch):
+    """ONNX Runtime is native code: a hostile file that passes onnx's checker may still kill the process
+    that loads it. The compiler opens it in a child first (as for a .tflite); here the child's death is
+    played by the smoke pool (a real crasher for ONNX Runtime 1.32 is not at hand)."""
+    from device_agents import smoke
+    from device_agents.errors import SmokeCrashed
+    from edge_kit.compiler import onnx_source
+
+    calls = []
+
+    def crash(self, model, *, runtime=None, **kwargs):
+        calls.append((Path(model).suffix, runtime))
+        raise SmokeCrashed("the interpreter crashed (exit -11)", "crashed (SIGSEGV)")
+
+    def in_process(*args, **kwargs):
+        raise AssertionError("ONNX Runtime opened the model in the compiler's own process first")
+
+    monkeypatch.setattr(smoke.SmokePool, "__call__", crash)
+    monkeypatch.setattr(onnx_source, "_session", in_process)
+    refused(relu(tmp_path / "hostile.onnx"),
+            r"not a loadable ONNX model \(ONNX Runtime crashed \(SIGSEGV\) loading it: a damaged or hostile file\)")
+    assert calls == [(".onnx", "onnxruntime")]
