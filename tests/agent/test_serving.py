@@ -241,44 +241,45 @@ def test_busy_polling_answers_the_same_and_spins_only_up_to_busy_poll_us(store, 
         with conn:
             receiver = Receiver(conn)
             while receiver.read(1 << 20) is not None:
-                time.sleep(0.1)
+                time.sleep(0.2)
                 write_frame(conn, {"ok": True, "model": {"sha256": "x", "variant": "v"}}, {"y": np.ones(3, np.float32)})
 
     threading.Thread(target=answer_late, daemon=True).start()
     cpu = {}
     with Client(path=tmp_path / "slow.sock", busy_poll_us=1_000_000) as spinning:
-        for poll_us in (2_000, 1_000_000):  # gives up spinning after 2 ms; spins through the 0.1 s
+        for poll_us in (2_000, 1_000_000):  # gives up spinning after 2 ms; spins through the 0.2 s
             spinning.busy_poll_ns = poll_us * 1000
             t = time.thread_time()
             assert spinning.predict({"image": x[0]})["y"].tolist() == [1, 1, 1]
             cpu[poll_us] = time.thread_time() - t
     slow.close()
-    assert cpu[2_000] < 0.03 < 0.07 < cpu[1_000_000], cpu
+    # spinning through 0.2 s takes a core's time: at least 30 % of it even on a loaded shared machine
+    assert cpu[2_000] < 0.03 < 0.06 < cpu[1_000_000], cpu
 
 
 def test_the_server_busy_polls_after_an_answer_only_while_one_client_is_connected(store):
-    srv = Server(store.root / "serve.sock", make_interpreter=make, busy_poll_us=100_000).start()
+    srv = Server(store.root / "serve.sock", make_interpreter=make, busy_poll_us=200_000).start()
     srv.serve_model(store.model_path(store.shas["fp32"]), store.shas["fp32"], "fp32")
     x = np.random.default_rng(1).uniform(0, 16, size=(8, 8, 1)).astype(np.float32)
     reference = ModelRunner(make(store.model_path(store.shas["fp32"]))).predict(x[None])["output_0"][0]
 
     def cpu_after_a_request(client: Client) -> float:
-        """CPU seconds this process spends in the 0.15 s after an answer (the client sends nothing)."""
+        """CPU seconds this process spends in the 0.25 s after an answer (the client sends nothing)."""
         np.testing.assert_array_equal(client.predict({"image": x})["output_0"], reference)
         t = time.process_time()
-        time.sleep(0.15)
+        time.sleep(0.25)
         return time.process_time() - t
 
     try:
         with Client(store.root) as one:
-            alone = cpu_after_a_request(one)  # the server's thread waits 0.1 s on the CPU for the next request
+            alone = cpu_after_a_request(one)  # the server's thread waits 0.2 s on the CPU for the next request
             header = one._share({"image": x}, x.nbytes)  # forced through shared memory: a descriptor passed
             one.predict({"image": x})  # then at once, while the server polls (its peek leaves the descriptor in place)
             np.testing.assert_array_equal(one._call(header)[1]["output_0"], reference)
             with Client(store.root) as other:
                 other.info()
                 shared = cpu_after_a_request(one)  # two clients: it sleeps at once
-        assert alone > 0.05 and shared < 0.03, (alone, shared)
+        assert alone > 0.06 and shared < 0.03, (alone, shared)  # 0.06: 30 % of the 0.2 s, on a loaded shared machine
     finally:
         srv.close()
 
