@@ -257,6 +257,25 @@ def _build(plan: _Plan, source: Source, graph: Callable[[], Graph | bytes], req:
     return to_tflite(graph(), spec.precision, calib_x, variant=spec.id), "TFLite converter"
 
 
+def broken_outputs(outputs: dict[str, dict[str, np.ndarray]], inputs: Dataset | None) -> dict[str, str]:
+    """Return, by variant id, why a variant other than fp32 fails: an output holding NaN or infinity
+    on ``inputs`` (the first output and sample named) where the fp32 variant's are finite (a model
+    computing NaN itself is refused before; its variants are not judged here)."""
+    reference = outputs.get("fp32")
+    if reference is not None and not all(np.isfinite(v).all() for v in reference.values()):
+        return {}
+    broken = {}
+    for vid, outs in outputs.items():
+        for name, value in outs.items() if vid != "fp32" else ():
+            bad = ~np.isfinite(value.reshape(len(value), -1)).all(axis=1)  # per sample (the batch axis first)
+            if bad.any():
+                where = f" on {inputs.path.name}" if inputs is not None else ""
+                broken[vid] = (f"its output '{name}' holds NaN or infinity{where} (first at sample {int(np.argmax(bad))}) "
+                               "where the fp32 variant's outputs are finite: not deployable")
+                break
+    return broken
+
+
 def _evaluate(plan: _Plan, outputs: dict[str, np.ndarray] | None, evalset: Dataset | None, fid_inputs: Dataset | None,
               reference: dict[str, np.ndarray] | None, method: str, scorer: Any) -> tuple[Accuracy, Fidelity]:
     """Return accuracy on the eval set and per-output fidelity against the fp32 outputs for one artifact.
@@ -480,6 +499,10 @@ def compile_model(req: CompileRequest, progress: Progress | None = None) -> Mani
             if compiler_of(vid) is None and not plan.spec.built_on_device:  # a target-compiled model needs its hardware
                 outputs[vid] = outputs_of(plan.data or b"", fid_inputs.x)
     reference = outputs.get("fp32")
+    for vid, why in broken_outputs(outputs, fid_inputs).items():  # a variant computing NaN is not deployable
+        plan = built.pop(vid)
+        plan.data, plan.refusal, plan.extra["failed"] = None, why, True
+        outputs.pop(vid)
     if evalset is not None and reference is not None:  # a metric that cannot score the reference scores nothing
         from device_agents.errors import MetricError
 

@@ -284,3 +284,40 @@ def test_channel_pruning_keeps_the_function_of_surviving_channels():
     same = channel_prune(model, 0.0)
     x = np.random.default_rng(1).uniform(size=(2, 32, 32, 3)).astype(np.float32)
     np.testing.assert_allclose(np.asarray(same(x)), np.asarray(model(x)), rtol=1e-4, atol=1e-4)
+
+
+def test_a_variant_computing_nan_where_fp32_does_not_is_failed_not_shipped(digits_files, tmp_path, monkeypatch):
+    """A variant whose outputs hold NaN on the eval inputs (an int8 model that overflows, a broken
+    kernel) was 'built' with its fidelity 'not measured', and selection could pick it; now it is
+    failed with the output and sample named, and no file of it is written."""
+    from device_agents.inference import ModelRunner
+
+    real = ModelRunner.predict
+
+    def predict(self, xs):
+        out = real(self, xs)
+        if self.inputs[0].dtype == np.int8:  # the full-int8 variant only
+            out = {k: v.copy() for k, v in out.items()}
+            next(iter(out.values()))[3] = np.nan
+        return out
+
+    monkeypatch.setattr(ModelRunner, "predict", predict)
+    profile = load_profile("rpi4").model_copy(update={"variants": ["fp32", "dynamic-int8", "int8"]})
+    manifest = compile_model(CompileRequest(digits_files.model, [profile], tmp_path, calib=digits_files.calib,
+                                            eval=digits_files.eval))
+    int8 = manifest.artifact("int8")
+    assert int8.status == "failed" and "holds NaN or infinity on digits-eval.npz (first at sample 3)" in int8.reason, int8
+    assert manifest.artifact("dynamic-int8").status == manifest.artifact("fp32").status == "built"
+    assert not (tmp_path / "digits" / "int8.tflite").exists()
+
+
+def test_broken_outputs_names_the_first_output_and_sample():
+    from edge_kit.compiler.pipeline import broken_outputs
+
+    ok = {"y": np.zeros((4, 3), np.float32)}
+    bad = {"y": np.zeros((4, 3), np.float32), "z": np.zeros((4, 2), np.float32)}
+    bad["z"][2, 1] = np.inf
+    assert broken_outputs({"fp32": ok, "int8": ok}, None) == {}
+    assert list(broken_outputs({"fp32": ok, "int8": bad}, None)) == ["int8"]
+    assert "output 'z' holds NaN or infinity (first at sample 2)" in broken_outputs({"fp32": ok, "int8": bad}, None)["int8"]
+    assert broken_outputs({"fp32": bad, "int8": bad}, None) == {}  # fp32 itself is not finite: judged before
