@@ -147,9 +147,10 @@ def load_onnx(path: Path, pinned: dict[str, tuple[int, ...]]) -> tuple[bytes, di
                              "devices feed one sample with a batch axis: export the model with this input "
                              "shaped [1, ...] (or [N, ...])")
         if any(d is None for d in dims[1:]):
-            hint = "x".join("H" if d is None else str(d) for d in dims[1:]) or "C"
+            from edge_kit.compiler.sources import pin_hint
+
             raise InputError(f"{path}: input '{value.name}' has shape {declared} with a dynamic dimension besides the batch; "
-                             f"pin it with --input-shape {value.name}=1x{hint} (the ONNX layout, e.g. NCHW)")
+                             f"pin it with --input-shape {value.name}={pin_hint(dims[1:])} (the ONNX layout, e.g. NCHW)")
         inputs[value.name] = tuple(int(d) for d in dims[1:])  # type: ignore[arg-type]
     from edge_kit.compiler.sources import check_sample_sizes
 

@@ -78,6 +78,13 @@ def parse_input_shapes(specs: list[str]) -> dict[str, tuple[int, ...]]:
     return out
 
 
+def pin_hint(dims: tuple[int | None, ...] | list[int | None]) -> str:
+    """Return ``--input-shape``'s value for a sample's ``dims`` (batch left out, None for a dynamic
+    one): ``1x3xHxW``, the dynamic ones named H, W, then D3, D4... in order."""
+    names = iter(["H", "W", *(f"D{i}" for i in range(3, 10))])
+    return "x".join(["1", *(str(d) if d is not None else next(names) for d in dims)])
+
+
 def _keras_outputs(model: Any) -> list[str]:
     names = list(getattr(model, "output_names", None) or [])
     return names if len(names) == len(model.outputs) else [f"output_{i}" for i in range(len(model.outputs))]
@@ -138,7 +145,7 @@ def _static(path: Path, name: str, shape: Any, pinned: dict[str, tuple[int, ...]
     dims = tuple(shape)[1:]
     if any(d is None or int(d) < 0 for d in dims):
         raise InputError(f"{path}: input '{name}' has shape {tuple(shape)} with a dynamic dimension besides the batch; "
-                         f"pin it with --input-shape {name}=1x{'x'.join('H' if d is None or int(d) < 0 else str(int(d)) for d in dims)}")
+                         f"pin it with --input-shape {name}={pin_hint([None if d is None or int(d) < 0 else int(d) for d in dims])}")
     return tuple(int(d) for d in dims)
 
 

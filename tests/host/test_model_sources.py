@@ -52,3 +52,12 @@ def test_a_mistyped_example_name_gets_the_closest_one(run_cli):
     code, out, err = run_cli("example", "digit", "--json")
     assert code == 2 and err.count("\n") == 1
     assert json.loads(out)["error"] == "unknown example 'digit'; did you mean 'digits'? (choose from: digits, mobilenet, mobilenetv2)"
+
+
+def test_the_input_shape_hint_names_each_dynamic_dimension_apart():
+    from edge_kit.compiler.sources import pin_hint
+
+    assert pin_hint([3, None, None]) == "1x3xHxW"  # was 1x3xHxH: height and width read as one size
+    assert pin_hint([None, None, 3]) == "1xHxWx3"
+    assert pin_hint([None, 8, None, None]) == "1xHx8xWxD3"
+    assert pin_hint([16]) == "1x16"

