@@ -26,9 +26,10 @@ orchestration and live in :mod:`edge_kit.loop.rollout`.
 
 from __future__ import annotations
 
+import difflib
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,7 @@ from edge_kit.errors import (
     AgentTimeout,
     DeployError,
     EdgeKitError,
+    InputError,
     NotBuiltFor,
 )
 from edge_kit.fleet.agent_install import ensure_agent
@@ -153,15 +155,22 @@ def candidates_for(manifest: Manifest, dev: Device) -> list[Artifact]:
     return wanted
 
 
-def check_built_for(artifacts: Path, devices: list[Device]) -> None:
-    """Return None when the compiled folder ``artifacts`` has built variants for every device's profile: a
-    deploy checks it before it touches any device, as ``select`` and ``tune`` do.
+def check_built_for(artifacts: Path, devices: list[Device], variants: Iterable[str | None] = ()) -> None:
+    """Return None when the compiled folder ``artifacts`` has built variants for every device's profile
+    and holds each variant asked for (``variants``, None for none): a deploy checks it before it
+    touches any device, as ``select`` and ``tune`` do.
 
     Raises:
-        InputError: the folder has no (valid) manifest.
+        InputError: the folder has no (valid) manifest, or a variant asked for is not in it (a typo).
         NotBuiltFor: the first device whose profile was not compiled, or got no built variant.
     """
     manifest = read_manifest(artifacts)
+    built = [a.id for a in manifest.artifacts if a.status == "built"]
+    for variant in variants:
+        if variant is not None and manifest.artifact(variant) is None:
+            close = difflib.get_close_matches(variant, built, n=1)
+            raise InputError(f"--variant {variant}: {artifacts / 'manifest.json'} has no such variant"
+                             + (f"; did you mean {close[0]!r}?" if close else "") + f" (built: {', '.join(built)})")
     for dev in devices:
         candidates_for(manifest, dev)
 
@@ -406,11 +415,12 @@ def deploy(fleet: Fleet, devices: list[Device], opts: DeployOptions,
         One result per device, in the order given (never raises for a single device).
 
     Raises:
-        InputError: the artifact folder has no (valid) manifest.
+        InputError: the artifact folder has no (valid) manifest, or a variant asked for is not in it
+            (no device is touched).
         NotBuiltFor: it was not compiled for a device's profile (no device is touched).
         AgentError: health checks are on and the fleet's broker cannot be reached.
     """
-    check_built_for(opts.artifacts, devices)
+    check_built_for(opts.artifacts, devices, [opts.variant, *opts.variants.values()])
     client = FleetClient.of(fleet) if opts.health else None
     if client is not None:
         client.__enter__()

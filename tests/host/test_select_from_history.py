@@ -115,3 +115,14 @@ def test_deploy_refuses_artifacts_not_compiled_for_a_devices_profile_before_touc
     assert code == 2, err
     assert json.loads(out) == {"error": "quiet: the artifacts were not compiled for profile rpi5 (compiled for: rpi4); "
                                         "recompile with -p rpi5", "exit_code": 2}
+
+
+def test_deploy_refuses_a_variant_the_artifacts_do_not_hold_before_touching_any_device(tmp_path, run_cli):
+    """deploy --variant with a typo failed every device one by one, exit 4; now it is bad input, exit 2,
+    naming the closest variant built."""
+    fleet, folder = write_fleet(tmp_path)
+    # No device and no broker answers on these ports: any attempt to reach one would fail otherwise (exit 4 or 5).
+    code, out, err = run_cli("deploy", "--fleet", fleet, "--artifacts", folder, "--variant", "fp23", "--json")
+    assert code == 2, err
+    error = json.loads(out)["error"]
+    assert error.startswith(f"--variant fp23: {folder / 'manifest.json'} has no such variant; did you mean 'fp32'?"), error
