@@ -148,6 +148,9 @@ def _run(args: argparse.Namespace) -> None:
 
 def _store_command(args: argparse.Namespace) -> None:
     store = ModelStore(args.root or default_root())
+    if args.command != "install" and not store.models.is_dir():  # a mistyped --root: never an empty store, exit 0
+        raise StoreError(f"no model store at {store.root} (no models/ folder): give the agent's root with --root "
+                         f"(default {default_root()}), or install a model there first")
     if args.command == "install":
         done = store.install(args.model, variant=args.variant, model=args.model_name,
                              expect_sha256=args.sha256, eval_file=args.eval,

@@ -123,3 +123,12 @@ def test_an_empty_or_garbled_file_names_itself_at_load(tmp_path, content):
     message = str(caught.value)
     assert message.startswith("model.tflite: ") and "\n" not in message
     assert ("is empty (0 bytes); copy or install the model again" in message) == (not content)
+
+
+@pytest.mark.parametrize("command", [["state"], ["rollback"], ["activate", "--variant", "fp32"]])
+def test_a_root_without_a_store_is_named_not_shown_as_an_empty_one(tmp_path, command):
+    """edgekit-agent state --root <typo> printed an empty store, exit 0, as if nothing were installed."""
+    typo = tmp_path / "edgkit"
+    line = error_line(agent_cli(*command, "--root", typo))
+    assert f"no model store at {typo} (no models/ folder): give the agent's root with --root" in line
+    assert not typo.exists()
