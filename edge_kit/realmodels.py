@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -390,13 +391,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m edge_kit.realmodels", description=__doc__.split("\n\n")[0])
     parser.add_argument("--wheels", type=Path, default=Path(".cache/wheels"), help="folder holding the wheels")
     parser.add_argument("--out", type=Path, default=Path("faces"), help="folder to write into")
-    parser.add_argument("--calib", type=int, default=64, help="calibration samples")
+    parser.add_argument("--calib", type=int, default=128, help="calibration samples (compile warns below 100)")
     parser.add_argument("--eval", type=int, default=48, help="eval samples")
     args = parser.parse_args(argv)
     try:
         files = write_face_data(args.wheels, args.out, calib=args.calib, eval_samples=args.eval)
     except MissingWheel as exc:
-        print(f"error: {exc}")
+        print(f"python -m edge_kit.realmodels: error: {exc}", file=sys.stderr)
         return 2
     for role, path in files.items():
         print(f"{role}: {path}")

@@ -61,3 +61,19 @@ def test_the_input_shape_hint_names_each_dynamic_dimension_apart():
     assert pin_hint([None, None, 3]) == "1xHxWx3"
     assert pin_hint([None, 8, None, None]) == "1xHx8xWxD3"
     assert pin_hint([16]) == "1x16"
+
+
+def test_the_face_data_command_writes_enough_calibration_samples_and_says_errors_on_stderr(wheels, tmp_path, capsys):
+    """The docs' own compile command warned 'only 64 calibration samples' (below the compiler's 100)."""
+    import numpy as np
+
+    from edge_kit import realmodels
+    from edge_kit.compiler.data import WARN_CALIBRATION
+
+    assert realmodels.main(["--wheels", str(wheels), "--out", str(tmp_path / "faces")]) == 0
+    with np.load(tmp_path / "faces" / "face-calib.npz") as calib:
+        assert len(calib["x"]) >= WARN_CALIBRATION
+    capsys.readouterr()
+    assert realmodels.main(["--wheels", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == 2
+    out, err = capsys.readouterr()
+    assert not out and err.startswith("python -m edge_kit.realmodels: error: ")
