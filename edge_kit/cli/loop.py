@@ -290,6 +290,10 @@ def print_demo(result: Any) -> None:
                    f"shipped with the artifacts ({'/'.join(samples) or '?'} samples); energy: {'; '.join(methods) or 'not measured'}; "
                    "live: the agent's serving API answering a demo application's requests, its service time by "
                    f"perf_counter_ns; app top-1: that application's own answers to {APP_REQUESTS} eval images"))
+    on_cpu = [f"{r['device']} ran {r['variant']} on {r['delegate']}" for r in rows
+              if r.get("delegate") in CPU_DELEGATES and _accelerator(r["profile"]) not in (None, "none")]
+    if on_cpu:  # a Coral or Jetson profile simulated here has no Edge TPU or GPU to run on
+        out.print(safe(f"no accelerator on this machine: {', '.join(on_cpu)} (the CPU)"))
     if result.report.deploy.failed:
         out.print(results_table(result.report.deploy))
     switched = result.report.switched
@@ -297,6 +301,20 @@ def print_demo(result: Any) -> None:
     if result.kept:
         out.print(f"files kept in {result.workdir}; the devices are stopped, their history stays beside the fleet file:")
         out.print(f"  edgekit report --fleet {result.fleet_file} --out report.html", highlight=False)
+
+
+CPU_DELEGATES = ("xnnpack", "none", "CPUExecutionProvider")  # what a bench record names when it ran on the CPU
+
+
+def _accelerator(profile: str) -> str | None:
+    """Return a profile's accelerator (``none``, ``edgetpu``, ``gpu``), or None for a profile not found."""
+    from edge_kit.errors import ConfigError
+    from edge_kit.profiles import load_profile
+
+    try:
+        return load_profile(profile).hardware.accelerator
+    except ConfigError:
+        return None
 
 
 def _live_cells(live: dict[str, Any] | None) -> tuple[str, str]:

@@ -131,6 +131,7 @@ def run_demo(devices: int = 3, profiles: tuple[str, ...] = ("rpi4", "rpi5", "cor
                          "p90_ms": rec["latency_ms"]["p90"] if rec else None,
                          "latency_method": rec.get("latency_method") if rec else None,
                          "runtime": rec.get("runtime") if rec else None,
+                         "delegate": rec.get("delegate") if rec else None,
                          "accuracy": (rec.get("accuracy") or {}).get("value") if rec else None,
                          "accuracy_samples": (rec.get("accuracy") or {}).get("samples") if rec else None,
                          "energy_mj": rec["power"].get("energy_per_inference_mj") if rec else None,

@@ -250,3 +250,10 @@ def test_the_demo_table_says_where_every_column_came_from(capsys):
             "artifacts (360 samples); energy: estimated: idle_w + (busy_w - idle_w) x CPU use;") in text
     assert f"app top-1: that application's own answers to {APP_REQUESTS} eval images" in text
     assert "98.0%" in text and "99.00%" in text
+    assert "no accelerator" not in text  # rpi4 has none to miss
+
+    coral = {**row("c", "litert", "time.perf_counter_ns around interpreter.invoke()"), "profile": "coral-usb",
+             "delegate": "xnnpack"}
+    print_demo(DemoResult(Path("/tmp/d"), False, TuneReport(GroupResult([])), [*rows, coral]))
+    text = " ".join(capsys.readouterr().out.split())
+    assert "no accelerator on this machine: c ran int8 on xnnpack (the CPU)" in text  # the Coral's int8 ran on the CPU
