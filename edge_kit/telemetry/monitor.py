@@ -7,7 +7,8 @@ duplicates by ``msg_id`` and stores them (one history transaction per batch, SQL
 then acknowledges them to the broker: a message is acknowledged only once stored (or kept as
 invalid), so when the history fails (:attr:`Monitor.failed`) what was not stored stays with the
 broker for the next run of the persistent session. Invalid payloads are counted and kept in the
-``invalid`` table; nothing a device sends can stop the monitor.
+``invalid`` table; nothing a device sends can stop the monitor, and a check that fails on one
+message (a bug) has its batch checked again one message at a time: only that one is kept as invalid.
 
 Several workers can share the load: with ``share="group"`` each worker subscribes to
 ``$share/group/edgekit/v1/<fleet>/+/<kind>`` (MQTT 5 shared subscription) and the broker hands
@@ -240,19 +241,34 @@ class Monitor:
                     batch.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            mids = [item[3] for item in batch]
-            try:
-                checked = self._check(batch)
-            except HistoryError as exc:  # keeping an invalid payload failed: the database went away
-                self.failed = self.failed or exc
-                checked, mids = ([], [], []), []  # nothing of it acknowledged: the broker keeps it
-            except Exception as exc:  # noqa: BLE001 - the checker must outlive anything: store nothing unchecked
-                log.exception("checking a batch failed")
-                self._alert(Alert("monitor", "store", f"checking {len(batch)} message(s) failed: {exc}"))
-                checked = ([], [], [])
-            self._checked.put((checked, mids))  # waits while the writer is behind (bounded)
+            self._checked.put(self._check_batch(batch))  # waits while the writer is behind (bounded)
             for _ in batch:
                 self._queue.task_done()
+
+    def _check_batch(self, batch: list[tuple]) -> tuple[tuple[list, list, list], list[int | None]]:
+        """Return what :meth:`_check` returns for ``batch`` and the message ids to acknowledge once it is
+        stored: none when the history failed (the broker keeps them). A bug on one message never loses
+        the others: the batch is then checked one message at a time. Never raises."""
+        mids = [item[3] for item in batch]
+        counted = (self.stats.received, self.stats.invalid)
+        try:
+            return self._check(batch), mids
+        except HistoryError as exc:  # keeping an invalid payload failed: the database went away
+            self.failed = self.failed or exc
+            return ([], [], []), []
+        except Exception as exc:  # noqa: BLE001 - a bug on some message: the rest of the batch is not lost with it
+            log.exception("checking a batch failed; checking its messages one at a time")
+            self.stats.received, self.stats.invalid = counted  # counted again, one at a time
+            self._alert(Alert("monitor", "store", f"checking {len(batch)} message(s) failed ({exc}); "
+                                                  "checked one at a time"))
+        try:
+            return self._check_each(batch), mids
+        except HistoryError as exc:
+            self.failed = self.failed or exc
+            return ([], [], []), []
+        except Exception:  # noqa: BLE001 - keeping a refusal failed too: nothing more to try, said in the log
+            log.exception("checking messages one at a time failed")
+            return ([], [], []), mids
 
     def _write_loop(self) -> None:
         while not self._stop.is_set() or self._checked.unfinished_tasks:
@@ -280,16 +296,51 @@ class Monitor:
         return nothing. Raises HistoryError."""
         self._keep(*self._check(batch))
 
-    def _check(self, batch: list[tuple]) -> tuple[list[tuple[str, dict[str, Any]]], list[bytes], list[float]]:
+    def _check_each(self, batch: list[tuple]) -> tuple[list[tuple[str, dict[str, Any]]], list[bytes], list[float]]:
+        """Return what :meth:`_check` returns, checking ``batch`` one message at a time in this process
+        (after a batch failed on a bug): a message whose check still fails is counted, kept as invalid
+        with the error and alerted, the others are kept. Raises HistoryError."""
+        good: list[tuple[str, dict[str, Any]]] = []
+        raw: list[bytes] = []
+        received: list[float] = []
+        for item in batch:
+            counted = self.stats.received
+            try:
+                g, r, t = self._check([item], local=True)
+            except HistoryError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - this message's check is the bug: it is refused, kept as invalid
+                self.stats.received = counted + 1
+                self._refuse(item[0], item[1], f"checking it failed: {type(exc).__name__}: {exc}")
+                continue
+            good += g
+            raw += r
+            received += t
+        return good, raw, received
+
+    def _refuse(self, topic: str, payload: bytes, why: str) -> None:
+        """Count a refused message, alert, and keep it as invalid (the first :data:`MAX_INVALID_ROWS` of a run).
+        Raises HistoryError."""
+        self.stats.invalid += 1
+        reason = clip(why, MAX_REASON)
+        self._alert(Alert(topic, "refused", f"refused a message on {topic}: {reason}"))
+        if self.stats.invalid <= MAX_INVALID_ROWS:  # a flood of them is counted, never the history's size
+            self.store.add_invalid(topic, reason, payload[:4096 if self.stats.invalid <= 1000 else 256])
+            if self.stats.invalid == MAX_INVALID_ROWS:
+                self._alert(Alert("monitor", "refused", f"{MAX_INVALID_ROWS:,} refused messages stored in this "
+                                                        "run; more are counted (invalid), not stored"))
+
+    def _check(self, batch: list[tuple], local: bool = False) -> tuple[list[tuple[str, dict[str, Any]]], list[bytes], list[float]]:
         """Return the messages of ``batch`` that decode, verify and are new enough to store (with their
-        payloads and receive times); every other one is counted, kept as invalid and alerted."""
+        payloads and receive times); every other one is counted, kept as invalid and alerted.
+        ``local``: verify signatures in this process, not in the verifying child. Raises HistoryError."""
         good: list[tuple[str, dict[str, Any]]] = []
         raw: list[bytes] = []
         received: list[float] = []
         pairs = [(topic, payload) for topic, payload, *_ in batch]
         with self._verifying:  # one batch at a time on the pipe (stop() may check leftovers meanwhile)
             try:
-                elsewhere = self.verifier is not None and self.verifier.submit(pairs)  # verified there meanwhile
+                elsewhere = not local and self.verifier is not None and self.verifier.submit(pairs)  # verified there meanwhile
             except Exception:  # noqa: BLE001 - a child that cannot start: verify here
                 log.exception("the verifying process cannot run; verifying in the monitor")
                 elsewhere = False
@@ -308,14 +359,7 @@ class Monitor:
             if not isinstance(outcome, Exception) and verdicts is not None and verdicts[i] is not None:
                 outcome = MessageError(verdicts[i])
             if isinstance(outcome, Exception):
-                self.stats.invalid += 1
-                reason = clip(str(outcome), MAX_REASON)
-                self._alert(Alert(topic, "refused", f"refused a message on {topic}: {reason}"))
-                if self.stats.invalid <= MAX_INVALID_ROWS:  # a flood of them is counted, never the history's size
-                    self.store.add_invalid(topic, reason, payload[:4096 if self.stats.invalid <= 1000 else 256])
-                    if self.stats.invalid == MAX_INVALID_ROWS:
-                        self._alert(Alert("monitor", "refused", f"{MAX_INVALID_ROWS:,} refused messages stored in this "
-                                                                "run; more are counted (invalid), not stored"))
+                self._refuse(topic, payload, str(outcome))
                 continue
             good.append(outcome)
             raw.append(payload)

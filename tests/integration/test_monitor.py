@@ -266,3 +266,30 @@ def test_a_monitor_stopped_while_devices_publish_stores_everything_when_it_comes
     assert code == 0 and summary["stored"] == 200 and summary["gaps"] == 0 and summary["invalid"] == 0, summary
     store = Store(tmp_path / "edgekit-history.db")
     assert store.count("bench") == 200 and store.count("gaps") == 0
+
+
+def test_a_bug_on_one_message_loses_none_of_the_others_in_its_batch(fleet, tmp_path, monkeypatch):
+    """A check that raised outside the per-message refusals (a bug) dropped its whole batch, acknowledged:
+    500 messages lost for one. Now the batch is checked one message at a time: the one it fails on is
+    counted, alerted and kept as invalid with the error; the others are stored."""
+    store = Store(tmp_path / "h.db")
+    mon = Monitor(fleet, store, verify_in_child=False)
+    topic = messages.topic(FLEET, "d1", "bench")
+    good = [messages.encode(signed(bench("d1", seq))) for seq in (1, 2, 3)]
+    poison = messages.encode(signed(bench("d1", 4)))
+    real = Monitor._check
+
+    def buggy(self, batch, local=False):
+        if any(payload == poison for _, payload, *_ in batch):
+            raise RuntimeError("a bug")
+        return real(self, batch, local)
+
+    monkeypatch.setattr(Monitor, "_check", buggy)
+    now = time.time()
+    checked, mids = mon._check_batch([(topic, p, now, i) for i, p in enumerate([good[0], poison, *good[1:]])])
+    mon._keep(*checked)
+    assert mids == [0, 1, 2, 3]  # all acknowledged: three stored, the fourth kept as invalid
+    assert store.count("bench") == 3 and mon.stats.received == 4 and mon.stats.invalid == 1
+    ((reason,),) = store._rows("SELECT reason FROM invalid")
+    assert reason == "checking it failed: RuntimeError: a bug"
+    assert any("checked one at a time" in a.text for a in mon.alerts)
