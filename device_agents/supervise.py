@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from device_agents.disk import atomic_write
+
 
 def supervise(config: Path, pidfile: Path, log_file: Path | None = None) -> int:
     """Run the agent until SIGTERM/SIGINT; return the exit code for the supervisor process."""
@@ -29,9 +31,7 @@ def supervise(config: Path, pidfile: Path, log_file: Path | None = None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    tmp = pidfile.with_suffix(".tmp")
-    tmp.write_text(f"{os.getpid()}\n")
-    os.replace(tmp, pidfile)
+    atomic_write(pidfile, f"{os.getpid()}\n".encode())
     code = Path(__file__).resolve().parent.parent  # the folder device_agents was imported from
     argv = [sys.executable, "-B", "-m", "device_agents", "run", "--config", str(config)]  # -B: no .pyc beside checked code
     if log_file:

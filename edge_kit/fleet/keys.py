@@ -8,13 +8,13 @@
   private key. Receivers (the monitor, the deploy, tune, ``edgekit bench``) verify every message a
   device publishes against this registry.
 
-Writes are atomic (temporary file, then rename), so a reader never sees half a registry.
+Writes are atomic (:func:`~edge_kit.fsutil.atomic_write_text`: a fsynced temporary file, then a rename), so
+a reader never sees half a registry.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from pathlib import Path
@@ -28,6 +28,7 @@ from device_agents.identity import (
     key_id,
 )
 from edge_kit.errors import ConfigError
+from edge_kit.fsutil import atomic_write_text
 
 _lock = threading.Lock()  # deploys run per device in threads; registry updates are read-modify-write
 
@@ -110,9 +111,7 @@ class FleetKeys:
                 changed += 1
             if changed:
                 self.folder.mkdir(parents=True, exist_ok=True)
-                tmp = self.registry.with_name(f".devices.{os.getpid()}.{threading.get_ident()}")
-                tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-                os.replace(tmp, self.registry)
+                atomic_write_text(self.registry, json.dumps(data, indent=1, sort_keys=True))
             return changed
 
     def replace_operator(self, new: Signer) -> Path:
