@@ -136,7 +136,7 @@ class Manifest(_Record):
 
 
 def read_manifest(folder: Path) -> Manifest:
-    """Read ``<folder>/manifest.json``.
+    """Read ``<folder>/manifest.json`` and return it validated.
 
     Raises:
         InputError: no manifest (the folder is not a finished compile) or it does not validate.
