@@ -101,6 +101,38 @@ def test_live_figures_of_any_shape_are_evidence_only_where_they_are_numbers(monk
     assert cans[0].samples_ms == [3.0, 4.0] and ctrls[0].samples_ms == [5.0, 6.0]  # of 4 answered since, 2 numbers
 
 
+def test_live_figures_too_large_for_a_float_are_no_evidence_and_no_crash(monkeypatch):
+    """JSON allows integers of hundreds of digits (the message decoder takes up to 4,300): a signed agent
+    answering with one as its request count, a sample or its shadow SNR is not evidence. The gate
+    raised OverflowError (``math.isfinite`` on an int too large for a float) and stopped the rollout."""
+    from edge_kit.loop import rollout as ro
+
+    huge = 10 ** 400
+    answers = {"c1": {"requests": 3, "latency_samples_ms": [1.0, huge, 2.0], "shadow": {"fidelity": {"snr_db": huge}}},
+               "k1": {"requests": huge, "latency_samples_ms": [1.5, 2.5]}}
+
+    class Client:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *_):
+            return None
+
+        def request(self, name, *_a, **_k):
+            return {"result": {"live": answers[name]}}
+
+    monkeypatch.setattr(ro.FleetClient, "of", staticmethod(lambda _fleet: Client()))
+    monkeypatch.setattr(ro.time, "sleep", lambda _s: None)
+    cans, ctrls = ro.collect_live(None, ["c1"], ["k1"], ro.LiveGate(window_s=0.0, min_samples=1), lambda *_: None)
+    assert cans[0].shadow_snr_db is None and ctrls[0].samples_ms == []  # no number: no count, nothing answered since
+    answers["c1"] = {"requests": 6, "latency_samples_ms": [1.0, huge, 2.0, 3.0]}
+    answers["k1"] = {"requests": 2, "latency_samples_ms": [5.0, 6.0]}
+    polls = {"c1": iter([{"requests": 0}, answers["c1"]]), "k1": iter([{"requests": 0}, answers["k1"]])}
+    monkeypatch.setattr(Client, "request", lambda self, name, *_a, **_k: {"result": {"live": next(polls[name])}})
+    cans, ctrls = ro.collect_live(None, ["c1"], ["k1"], ro.LiveGate(window_s=60.0, min_samples=2), lambda *_: None)
+    assert cans[0].samples_ms == [1.0, 2.0, 3.0] and ctrls[0].samples_ms == [5.0, 6.0]
+
+
 def test_a_silent_device_does_not_stop_the_gate(monkeypatch):
     """One control among many is offline (its `state` request times out): before, the AgentTimeout ended the
     gate (and the command) with the canaries on the candidate. Now that control is dropped and named; a
