@@ -18,6 +18,7 @@ import json
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from device_agents.identity import (
     OPERATOR,
@@ -76,6 +77,15 @@ class FleetKeys:
         Raises:
             ConfigError: the registry is not valid JSON or holds something that is not a key.
         """
+        return {name: decode_key(entry.get("key", "") if isinstance(entry, dict) else "", f"{self.registry}: {name}")
+                for name, entry in self._entries().items()}
+
+    def _entries(self) -> dict[str, Any]:
+        """Return the registry as stored, ``{device: {"key", "key_id", "registered"}}`` (empty when none).
+
+        Raises:
+            ConfigError: it cannot be read, is not valid JSON or not an object (the file is named).
+        """
         try:
             data = json.loads(self.registry.read_text())
         except FileNotFoundError:
@@ -84,8 +94,7 @@ class FleetKeys:
             raise ConfigError(f"{self.registry}: unreadable key registry ({exc}); restore it or deploy again") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{self.registry}: expected an object of device keys")
-        return {name: decode_key(entry.get("key", "") if isinstance(entry, dict) else "", f"{self.registry}: {name}")
-                for name, entry in data.items()}
+        return data
 
     def keyring(self) -> Keyring:
         """Return what receivers verify against: the registered devices (re-read whenever the registry
@@ -97,12 +106,14 @@ class FleetKeys:
         return self.register_many({device: public}) == 1
 
     def register_many(self, keys: dict[str, bytes]) -> int:
-        """Record each ``{device: public key}`` in one rewrite of the registry; return how many changed."""
+        """Record each ``{device: public key}`` in one rewrite of the registry; return how many changed.
+
+        Raises:
+            ConfigError: the registry is damaged (left as it is; the message names it).
+            OSError: it cannot be written (the previous registry stays whole).
+        """
         with _lock:
-            try:
-                data = json.loads(self.registry.read_text())
-            except FileNotFoundError:
-                data = {}
+            data = self._entries()
             changed = 0
             for device, public in keys.items():
                 if isinstance(data.get(device), dict) and data[device].get("key") == encode_key(public):
