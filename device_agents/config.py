@@ -5,13 +5,12 @@ the keys of its power-sensor plugins.
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 
 import yaml
 
 from device_agents.power import SENSORS
-from edgekit_protocol.config import AgentConfig, Node, build
+from edgekit_protocol.config import AgentConfig, Node, build, closest
 from edgekit_protocol.errors import ConfigError
 
 
@@ -49,7 +48,7 @@ def load_agent_config(path: Path) -> AgentConfig:
     cfg = build(_tree(node), path)
     bad = [s for s in cfg.power.sensors if s not in SENSORS]
     if bad:
-        near = difflib.get_close_matches(bad[0], list(SENSORS), n=1)
+        near = closest(bad[0], SENSORS)
         raise ConfigError(f"{path}: power.sensors: unknown sensor '{bad[0]}'"
-                          + (f"; did you mean '{near[0]}'?" if near else f" (known: {', '.join(SENSORS)})"))
+                          + (f"; did you mean '{near}'?" if near else f" (known: {', '.join(SENSORS)})"))
     return cfg

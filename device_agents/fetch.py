@@ -217,7 +217,7 @@ def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _total_of(resp: http.client.HTTPResponse, offset: int) -> tuple[int | None, int | None]:
+def _total_of(resp: http.client.HTTPResponse) -> tuple[int | None, int | None]:
     """Return (first byte of the body, size of the whole file) from a 200/206 response's headers."""
     length = resp.getheader("Content-Length")
     body = int(length) if length and length.strip().isdigit() else None
@@ -275,7 +275,7 @@ def download_once(url: str, partial: Path, *, max_bytes_s: float | None = None, 
         if resp.status not in (200, 206):
             raise FetchError(f"{url}: the store answered HTTP {resp.status} {str(resp.reason)[:80]}; check the store's "
                              "server and its logs, then fetch again")
-        start, total = _total_of(resp, offset)
+        start, total = _total_of(resp)
         if resp.status == 206 and start != offset:
             partial.unlink(missing_ok=True)  # a range we did not ask for: start over on the next attempt
             return Attempt(206, 0, offset, False, False, total, cut=f"the store answered a range from byte {start}")

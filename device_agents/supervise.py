@@ -15,9 +15,17 @@ import sys
 import time
 from pathlib import Path
 
+from device_agents.disk import atomic_write
+
 
 def supervise(config: Path, pidfile: Path, log_file: Path | None = None) -> int:
-    """Run the agent until SIGTERM/SIGINT; return the exit code for the supervisor process."""
+    """Run the agent, restarting it when it exits (after 1 s, doubling to 30 s while it keeps failing within
+    a minute), until SIGTERM/SIGINT; ``pidfile`` holds this process's pid meanwhile.
+
+    Returns:
+        The supervisor's exit code: 0 once stopped, 2 when the agent exited 2 (a config error or
+        tampered code: restarting cannot help).
+    """
     stopping = False
     child: subprocess.Popen | None = None
 
@@ -29,10 +37,8 @@ def supervise(config: Path, pidfile: Path, log_file: Path | None = None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    tmp = pidfile.with_suffix(".tmp")
-    tmp.write_text(f"{os.getpid()}\n")
-    os.replace(tmp, pidfile)
-    code = Path(__file__).resolve().parent.parent  # the folder device_agents was imported from
+    atomic_write(pidfile, f"{os.getpid()}\n".encode())
+    folder = Path(__file__).resolve().parent.parent  # the folder device_agents was imported from
     argv = [sys.executable, "-B", "-m", "device_agents", "run", "--config", str(config)]  # -B: no .pyc beside checked code
     if log_file:
         argv += ["--log-file", str(log_file)]
@@ -40,7 +46,7 @@ def supervise(config: Path, pidfile: Path, log_file: Path | None = None) -> int:
     try:
         while not stopping:
             started = time.monotonic()
-            child = subprocess.Popen(argv, cwd=code)  # from the agent's own folder: `-m` finds only that code
+            child = subprocess.Popen(argv, cwd=folder)  # from the agent's own folder: `-m` finds only that code
             code = child.wait()
             if stopping:
                 break

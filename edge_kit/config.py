@@ -9,7 +9,6 @@ loaded through :func:`load_yaml_model`, so a typo anywhere reads the same way::
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
@@ -18,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from edge_kit.errors import ConfigError
+from edgekit_protocol.config import closest
 
 M = TypeVar("M", bound=BaseModel)
 # libyaml's loader when PyYAML was built with it: ~20x faster than the pure-Python one (a deploy
@@ -30,12 +30,6 @@ class StrictModel(BaseModel):
     infinity are refused (``.nan`` in YAML would turn a bound off: every comparison with it is false)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-
-def closest(word: str, choices: typing.Iterable[str]) -> str | None:
-    """Return the choice most like ``word`` (difflib ratio >= 0.6), or None."""
-    found = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
-    return found[0] if found else None
 
 
 def _line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> tuple[int, bool]:

@@ -33,6 +33,7 @@ class ExampleFiles:
     facts: dict[str, Any]
 
     def record(self) -> dict[str, Any]:
+        """Return the files (as text paths; None where absent) and the example's facts, for ``--json``."""
         return {"model": str(self.model), "calib": str(self.calib),
                 "eval": str(self.eval) if self.eval else None,
                 "train": str(self.train) if self.train else None, **self.facts}
@@ -209,7 +210,7 @@ def mobilenetv2(out: Path, *, epochs: int = 15, alpha: float = 1.0, seed: int = 
 
 
 def make_example(name: str, out: Path, **kwargs: Any) -> ExampleFiles:
-    """Build the named example into ``out``.
+    """Build the named example into ``out`` and return its files (``kwargs`` go to that example's builder).
 
     Raises:
         InputError: unknown example name.

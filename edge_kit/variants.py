@@ -32,7 +32,6 @@ class VariantSpec:
         pruning: None, ``magnitude`` or ``channel``.
         sparsity: requested pruning fraction in [0, 1).
         needs_calibration: conversion needs representative input data.
-        needs_graph: needs a Keras model or SavedModel (cannot be made from a ``.tflite`` alone).
         base: the variant this one is derived from (``edgetpu`` is compiled from ``int8``).
         accelerator: the accelerator the variant is built for, if any.
         runtime: the device runtime that runs it (``litert``, ``onnxruntime`` or ``tensorrt``).
@@ -46,7 +45,6 @@ class VariantSpec:
     pruning: Pruning | None = None
     sparsity: float = 0.0
     needs_calibration: bool = False
-    needs_graph: bool = False
     base: str | None = None
     accelerator: str | None = None
     summary: str = ""
@@ -64,14 +62,14 @@ FIXED: dict[str, VariantSpec] = {
     v.id: v
     for v in (
         VariantSpec("fp32", "float32", summary="plain conversion; the fidelity reference"),
-        VariantSpec("fp16", "float16", needs_graph=True, summary="float16 weights; for GPU delegates"),
+        VariantSpec("fp16", "float16", summary="float16 weights; for GPU delegates"),
         VariantSpec("dynamic-int8", "dynamic-int8", summary="int8 weights, float activations; no calibration"),
         VariantSpec(
-            "int8", "int8", needs_calibration=True, needs_graph=True,
+            "int8", "int8", needs_calibration=True,
             summary="full-integer, calibrated, int8 input and output",
         ),
         VariantSpec(
-            "edgetpu", "int8", needs_calibration=True, needs_graph=True, base="int8", accelerator="edgetpu",
+            "edgetpu", "int8", needs_calibration=True, base="int8", accelerator="edgetpu",
             summary="int8 compiled by edgetpu_compiler",
         ),
         VariantSpec("onnx-fp32", "float32", runtime="onnxruntime", format="onnx",
@@ -110,7 +108,7 @@ def parse_variant(variant_id: str) -> VariantSpec:
         channel = bool(m.group(1))
         return VariantSpec(
             variant_id, "int8", pruning="channel" if channel else "magnitude", sparsity=pct / 100,
-            needs_calibration=True, needs_graph=True,
+            needs_calibration=True,
             summary=f"{pct} % of {'output channels removed' if channel else 'weights zeroed'}, then int8",
         )
     hint = closest(variant_id, EXAMPLES)

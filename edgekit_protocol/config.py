@@ -41,6 +41,13 @@ _FORBID = {"extra": "forbid"}
 DEFAULT_SENSORS = ("ina3221", "pi5-pmic", "ina219", "rapl", "hwmon")  # tried in this order
 
 
+def closest(word: str, choices: typing.Iterable[str]) -> str | None:
+    """Return the choice most like ``word`` (difflib ratio >= 0.6), or None: the "did you mean" of every
+    error about an unknown key or name, on the host and on the device."""
+    found = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
+    return found[0] if found else None
+
+
 @dataclass(frozen=True)
 class TlsConfig:
     __pydantic_config__ = _FORBID
@@ -274,8 +281,8 @@ def _dataclass(cls: type, node: Node, file: Path | str, key: str) -> Any:
     for name, value_node in node.value.items():
         dotted = f"{key}.{name}" if key else name
         if name not in names:
-            near = difflib.get_close_matches(name, names, n=1)
-            hint = f"; did you mean '{near[0]}'?" if near else f" (valid: {', '.join(names)})"
+            near = closest(name, names)
+            hint = f"; did you mean '{near}'?" if near else f" (valid: {', '.join(names)})"
             raise ConfigError(f"{_where(file, node.key_lines.get(name, node.line), dotted)}: unknown key{hint}")
         values[name] = _convert(hints[name], value_node, file, dotted)
     missing = [f.name for f in dataclasses.fields(cls) if f.name not in values

@@ -66,7 +66,11 @@ def check_name(value: str, what: str) -> str:
 
 
 def topic(fleet: str, device: str, kind: str) -> str:
-    """Return the topic of ``kind`` for one device."""
+    """Return the topic of ``kind`` for one device.
+
+    Raises:
+        ValueError: ``kind`` is not one of :data:`KINDS`.
+    """
     if kind not in KINDS:
         raise ValueError(f"unknown topic kind {kind!r} (known: {', '.join(KINDS)})")
     return f"{ROOT}/{fleet}/{device}/{kind}"

@@ -57,6 +57,10 @@ class Client:
 
     ``root`` is the agent's root folder (default: the agent's own default, ``/opt/edgekit`` as root, else
     ``~/.edgekit``, where a deploy puts it); the socket is ``<root>/serve.sock`` unless ``path`` names it.
+    It connects on the first request (and again after the agent closed the connection).
+
+    Raises:
+        ValueError: ``busy_poll_us`` is not an integer from 0 to 1,000,000.
     """
 
     def __init__(self, root: str | os.PathLike | None = None, *, path: str | os.PathLike | None = None,
@@ -214,7 +218,11 @@ class Client:
             self._shm = self._shm_on = None
 
     def info(self) -> dict[str, Any]:
-        """Return the served model (``model``: sha256, variant) and its ``inputs`` and ``outputs``."""
+        """Return the served model (``model``: sha256, variant) and its ``inputs`` and ``outputs``.
+
+        Raises:
+            ServingError: no model is active, or the API cannot be reached or answers malformed frames.
+        """
         return self._call({"op": "info"})[0]
 
     def _drop(self) -> None:
@@ -271,7 +279,9 @@ class CurrentModel:
         """Return the active model's outputs for one sample (float32 by output name).
 
         Raises:
-            ServingError: no active model, or inputs that do not fit it. StoreError: its file is damaged.
+            ServingError: no active model, or inputs that do not fit it.
+            StoreError: the active model's file is missing or its sha256 differs (damaged).
+            RuntimeUnavailable: no installed runtime runs the model's format (the message says what to install).
         """
         with self._lock:
             runner = self._follow()

@@ -5,13 +5,12 @@ See :mod:`device_agents.targets.base` for what a target holds; one module per ta
 
 from __future__ import annotations
 
-import difflib
-
 from device_agents.errors import RuntimeUnavailable
 from device_agents.targets.base import Target
 from device_agents.targets.cpu import Reference, Xnnpack
 from device_agents.targets.edgetpu import EdgeTpu
 from device_agents.targets.gpu import LiteRtGpu
+from edgekit_protocol.config import closest
 
 TARGETS: dict[str, type[Target]] = {cls.key: cls for cls in (Xnnpack, Reference, EdgeTpu, LiteRtGpu)}
 
@@ -24,8 +23,8 @@ def get_target(key: str) -> type[Target]:
     """
     cls = TARGETS.get(key)
     if cls is None:
-        near = difflib.get_close_matches(str(key), list(TARGETS), n=1)
-        raise RuntimeUnavailable(f"unknown target '{key}'" + (f"; did you mean '{near[0]}'?" if near else "")
+        near = closest(key, TARGETS)
+        raise RuntimeUnavailable(f"unknown target '{key}'" + (f"; did you mean '{near}'?" if near else "")
                                  + f" (known: {', '.join(TARGETS)})")
     return cls
 

@@ -157,6 +157,7 @@ def select_cmd(
 
 def tune_options(artifacts: Path, rounds: int, margin: float, min_runs: int, min_seconds: float, timeout: float,
                  parallel: int, trust_new_hosts: bool, budget: float | None = None, budget_unit: str = "runs") -> Any:
+    """Return the :class:`~edge_kit.loop.tune.TuneOptions` the ``tune`` command's options make."""
     from edge_kit.loop.tune import TuneOptions
 
     return TuneOptions(artifacts, rounds=rounds, margin=margin, bench={"min_runs": min_runs, "min_seconds": min_seconds},
@@ -165,6 +166,8 @@ def tune_options(artifacts: Path, rounds: int, margin: float, min_runs: int, min
 
 
 def print_tune(report: Any) -> None:
+    """Print a :class:`~edge_kit.loop.tune.TuneReport` for a person: the decisions, failed deploys, silent
+    devices, the rounds, the budget spent and the notes (device text escaped); return nothing."""
     for item in decision_table(report.final, explain=False):
         out.print(item)
     if report.deploy.failed:

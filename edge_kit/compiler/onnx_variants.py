@@ -282,9 +282,6 @@ def build(variant: str, data: bytes, inputs: dict[str, tuple[int, ...]],
     raise CompileError(f"{variant}: not an ONNX variant")
 
 
-_ELEM = {1: "float32", 10: "float16", 11: "float64", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64"}
-
-
 def _shape_of(value: Any) -> list[int]:
     return [d.dim_value if d.HasField("dim_value") else -1 for d in value.type.tensor_type.shape.dim]
 

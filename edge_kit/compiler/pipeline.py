@@ -9,7 +9,6 @@ folder in for ``<out>/<model>`` so readers see the old complete folder or the ne
 from __future__ import annotations
 
 import functools
-import importlib.metadata
 import io
 import os
 import shutil
@@ -102,17 +101,11 @@ def plan_steps(req: CompileRequest) -> int:
 
 
 def _versions() -> dict[str, str | None]:
-    def version(pkg: str) -> str | None:
-        try:
-            return importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
     return {
         "edge_kit": edge_kit.__version__,
         "tensorflow": converter_version(),
-        "ai_edge_litert": version("ai-edge-litert"),
-        "ai_edge_quantizer": version("ai-edge-quantizer"),
+        "ai_edge_litert": _version_of("ai-edge-litert"),
+        "ai_edge_quantizer": _version_of("ai-edge-quantizer"),
         **{k: v for t in TARGETS.values() for k, v in t.tool_versions().items()},
     }
 

@@ -78,6 +78,7 @@ class DeviceResult:
 
     @property
     def ok(self) -> bool:
+        """Return True unless the deploy failed on this device (succeeded and skipped are both ok)."""
         return self.status != "failed"
 
     @property
@@ -110,17 +111,21 @@ class GroupResult:
 
     @property
     def succeeded(self) -> list[DeviceResult]:
+        """Return the results of the devices the deploy changed, in fleet order."""
         return [r for r in self.results if r.status == "succeeded"]
 
     @property
     def skipped(self) -> list[DeviceResult]:
+        """Return the results of the devices left as they were (already up to date, or after a stop), in fleet order."""
         return [r for r in self.results if r.status == "skipped"]
 
     @property
     def failed(self) -> list[DeviceResult]:
+        """Return the results of the devices the deploy failed on (each keeps its exception), in fleet order."""
         return [r for r in self.results if r.status == "failed"]
 
     def as_dict(self) -> dict[str, Any]:
+        """Return the results as plain data (for ``--json``): ``stopped``, ``devices`` and ``counts`` per status."""
         return {"stopped": self.stopped, "devices": [r.as_dict() for r in self.results],
                 "counts": {s: len([r for r in self.results if r.status == s]) for s in ("succeeded", "skipped", "failed")}}
 

@@ -185,7 +185,7 @@ def check_fleet_file(path: Path) -> None:
 
 
 def load_fleet(path: Path) -> Fleet:
-    """Read and check ``fleet.yaml``; device profiles are checked to exist.
+    """Read and check ``fleet.yaml`` and return it; device profiles are checked to exist.
 
     Raises:
         ConfigError: missing, unreadable, unknown key, missing field, or an unknown profile (with file and line).

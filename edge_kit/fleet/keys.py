@@ -8,16 +8,17 @@
   private key. Receivers (the monitor, the deploy, tune, ``edgekit bench``) verify every message a
   device publishes against this registry.
 
-Writes are atomic (temporary file, then rename), so a reader never sees half a registry.
+Writes are atomic (:func:`~edge_kit.fsutil.atomic_write_text`: a fsynced temporary file, then a rename), so
+a reader never sees half a registry.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from device_agents.identity import (
     OPERATOR,
@@ -28,6 +29,7 @@ from device_agents.identity import (
     key_id,
 )
 from edge_kit.errors import ConfigError
+from edge_kit.fsutil import atomic_write_text
 
 _lock = threading.Lock()  # deploys run per device in threads; registry updates are read-modify-write
 
@@ -75,6 +77,15 @@ class FleetKeys:
         Raises:
             ConfigError: the registry is not valid JSON or holds something that is not a key.
         """
+        return {name: decode_key(entry.get("key", "") if isinstance(entry, dict) else "", f"{self.registry}: {name}")
+                for name, entry in self._entries().items()}
+
+    def _entries(self) -> dict[str, Any]:
+        """Return the registry as stored, ``{device: {"key", "key_id", "registered"}}`` (empty when none).
+
+        Raises:
+            ConfigError: it cannot be read, is not valid JSON or not an object (the file is named).
+        """
         try:
             data = json.loads(self.registry.read_text())
         except FileNotFoundError:
@@ -83,8 +94,7 @@ class FleetKeys:
             raise ConfigError(f"{self.registry}: unreadable key registry ({exc}); restore it or deploy again") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{self.registry}: expected an object of device keys")
-        return {name: decode_key(entry.get("key", "") if isinstance(entry, dict) else "", f"{self.registry}: {name}")
-                for name, entry in data.items()}
+        return data
 
     def keyring(self) -> Keyring:
         """Return what receivers verify against: the registered devices (re-read whenever the registry
@@ -96,12 +106,14 @@ class FleetKeys:
         return self.register_many({device: public}) == 1
 
     def register_many(self, keys: dict[str, bytes]) -> int:
-        """Record each ``{device: public key}`` in one rewrite of the registry; return how many changed."""
+        """Record each ``{device: public key}`` in one rewrite of the registry; return how many changed.
+
+        Raises:
+            ConfigError: the registry is damaged (left as it is; the message names it).
+            OSError: it cannot be written (the previous registry stays whole).
+        """
         with _lock:
-            try:
-                data = json.loads(self.registry.read_text())
-            except FileNotFoundError:
-                data = {}
+            data = self._entries()
             changed = 0
             for device, public in keys.items():
                 if isinstance(data.get(device), dict) and data[device].get("key") == encode_key(public):
@@ -110,9 +122,7 @@ class FleetKeys:
                 changed += 1
             if changed:
                 self.folder.mkdir(parents=True, exist_ok=True)
-                tmp = self.registry.with_name(f".devices.{os.getpid()}.{threading.get_ident()}")
-                tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-                os.replace(tmp, self.registry)
+                atomic_write_text(self.registry, json.dumps(data, indent=1, sort_keys=True))
             return changed
 
     def replace_operator(self, new: Signer) -> Path:

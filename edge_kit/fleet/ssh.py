@@ -344,7 +344,11 @@ class DeviceShell:
         return target if rename else part
 
     def read(self, remote: str) -> bytes | None:
-        """Return a remote file's content, or None when it does not exist."""
+        """Return a remote file's content, or None when it does not exist.
+
+        Raises:
+            DeployError: the file exists but cannot be read, or the connection failed (the device is named).
+        """
         try:
             with self.conn.sftp().open(remote, "rb") as f:
                 return f.read()

@@ -42,6 +42,7 @@ class DemoResult:
     history: Path | None = None  # the history store the tune wrote, beside fleet_file
 
     def as_dict(self) -> dict[str, Any]:
+        """Return the result as plain data (for ``--json``): paths as text, the tune report included."""
         return {"workdir": str(self.workdir), "kept": self.kept, "fleet_file": str(self.fleet_file),
                 "history": str(self.history), "devices": self.rows, "tune": self.report.as_dict()}
 

@@ -44,6 +44,7 @@ from edge_kit.selection.constraints import (
     violations,
 )
 from edge_kit.selection.gate import GateDecision, LiveEvidence, judge_live
+from edgekit_protocol.messages import field_at, in_range
 
 CANARY_BENCH = {"min_runs": 50, "min_seconds": 0.0, "warmup": 5}  # enough to judge it against its constraints
 
@@ -163,15 +164,15 @@ def collect_live(fleet: Fleet, canaries: list[str], controls: list[str], gate: L
                     progress(name, f"no live figures ({exc}); " + ("dropped from the controls" if name in controls
                                                                    else "asked again next round"))
                     continue
-                live = _field(answer, "result", "live")
-                answered = _number(_field(live, "requests")) or 0  # a device's word: numbers only, any shape
+                live = field_at(answer, "result", "live")
+                answered = _number(field_at(live, "requests")) or 0  # a device's word: numbers only, any shape
                 start.setdefault(name, answered)
                 new = int(answered - start[name])
-                samples = _field(live, "latency_samples_ms")
+                samples = field_at(live, "latency_samples_ms")
                 # the newest answered since the gate started, never more than were asked for (a device's word)
                 samples = samples[-min(new, LIVE_SAMPLES):] if isinstance(samples, list) and new > 0 else []
                 evidence[name] = LiveEvidence(name, [s for s in samples if _number(s) is not None],
-                                              _number(_field(live, "shadow", "fidelity", "snr_db")), profile.get(name))
+                                              _number(field_at(live, "shadow", "fidelity", "snr_db")), profile.get(name))
             enough = all(len(evidence[n].samples_ms) >= gate.min_samples for n in canaries) and \
                 sum(len(evidence[n].samples_ms) for n in controls if n not in dropped) >= gate.min_samples
             if enough and (gate.shadow_share <= 0 or all(evidence[n].shadow_snr_db is not None for n in canaries)):
@@ -184,17 +185,10 @@ def collect_live(fleet: Fleet, canaries: list[str], controls: list[str], gate: L
     return [evidence[n] for n in canaries], [evidence[n] for n in controls if n not in dropped]
 
 
-def _field(doc: Any, *path: str) -> Any:
-    """Return ``doc[path[0]][path[1]]...``, or None where a step is missing or not an object."""
-    for key in path:
-        doc = doc.get(key) if isinstance(doc, dict) else None
-    return doc
-
-
 def _number(value: Any) -> float | None:
-    """Return ``value`` when it is a finite number (not a bool), else None."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    return value if ok else None
+    """Return ``value`` when it is a number (not a bool) within +-1e12 (:func:`~edgekit_protocol.messages.in_range`:
+    finite, and no integer too large for a float), else None."""
+    return value if in_range(value) else None
 
 
 def rollout(fleet: Fleet, devices: list[Device], opts: DeployOptions, canary: float, max_failed: float = 0.0,

@@ -94,9 +94,11 @@ class TuneReport:
 
     @property
     def switched(self) -> list[str]:
+        """Return the devices switched to another variant, one entry per switch, in round order."""
         return [d for r in self.rounds for d in r["switched"]]
 
     def as_dict(self) -> dict[str, Any]:
+        """Return the report as plain data (for ``--json``); ``budget`` only when the tune had one."""
         out = {"deploy": self.deploy.as_dict(), "rounds": self.rounds, "silent": self.silent,
                "final": {k: v.as_dict() for k, v in self.final.items()}}
         if self.budget is not None:

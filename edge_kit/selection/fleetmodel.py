@@ -686,7 +686,7 @@ class Plan:
         return text
 
 
-def _decide(model: FleetModel, fig: Figures, values: dict[str, np.ndarray], devices: np.ndarray,
+def _decide(model: FleetModel, values: dict[str, np.ndarray], devices: np.ndarray,
             g_cols: np.ndarray, constraints: Constraints, current: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Return (chosen variant index into the spec's variants, feasible) for ``devices`` of one group."""
     spec = model.spec
@@ -811,7 +811,7 @@ def plan_measurements(spec: FleetSpec, m: Measurements, *, budget: float, cost: 
         for start in range(0, len(devs), s.chunk):
             part = devs[start:start + s.chunk]
             vals = {k: fig.values[k][part][:, cols] for k in METRICS}
-            best, ok = _decide(model, fig, vals, part, cols, constraints, spec.current[part])
+            best, ok = _decide(model, vals, part, cols, constraints, spec.current[part])
             chosen[part], feasible[part] = best, ok
             open_ = ~fig.measured[part][:, cols]
             some = np.flatnonzero(open_.any(axis=1))
@@ -834,7 +834,7 @@ def plan_measurements(spec: FleetSpec, m: Measurements, *, budget: float, cost: 
                 base = np.broadcast_to(vals[k][some][None], (S, n, len(cols), s.depth)).copy()
                 base[:, :, :, 0] = np.where(open_[some][None], sample, base[:, :, :, 0])
                 drawn[k] = base.reshape(S * n, len(cols), s.depth)
-            picks, _ok = _decide(model, fig, drawn, np.tile(sub, S), cols, constraints, np.tile(spec.current[sub], S))
+            picks, _ok = _decide(model, drawn, np.tile(sub, S), cols, constraints, np.tile(spec.current[sub], S))
             picks = picks.reshape(S, n)
             confidence[sub] = (picks == chosen[sub][None]).mean(axis=0)
             freq = np.stack([(picks == c).sum(axis=0) for c in cols], axis=1).astype(float)

@@ -76,6 +76,7 @@ class Decision:
     runtimes_unknown: list[str] = field(default_factory=list)  # candidates whose runtime the device never reported
 
     def as_dict(self) -> dict[str, Any]:
+        """Return the decision as plain data (for ``--json`` and the history)."""
         return asdict(self)
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import getpass
 import json
-import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -35,6 +34,7 @@ from edge_kit.fleet.broker_setup import (
 from edge_kit.fleet.commands import FleetClient
 from edge_kit.fleet.inventory import Fleet, load_fleet
 from edge_kit.fleet.ssh import DeviceShell
+from edge_kit.fsutil import atomic_write_text
 from edge_kit.profiles import load_profile
 from edge_kit.sim.broker import MosquittoBroker, find_mosquitto, free_port, wait_port
 from edge_kit.sim.links import Links, create_links, remove_links
@@ -200,9 +200,7 @@ class SimFleet:
         return {"kind": "embedded (amqtt, anonymous)", "host": host, "port": port, "pid": proc.pid}
 
     def _save(self, state: dict[str, Any]) -> None:
-        tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=2))
-        os.replace(tmp, self.state_file)
+        atomic_write_text(self.state_file, json.dumps(state, indent=2))
 
     def down(self) -> list[str]:
         """Stop the agents, the sshds and the broker this fleet started; return what was stopped.

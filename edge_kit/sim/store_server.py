@@ -137,12 +137,6 @@ class StoreServer:
                 return reqs
             time.sleep(0.02)
 
-    def reset_counts(self) -> None:
-        """Forget the requests logged so far (truncates the access log; nginx appends to it)."""
-        if self.access_log.exists():
-            with open(self.access_log, "r+b") as f:
-                f.truncate(0)
-
     def stop(self) -> None:
         """Stop the server (and remove its workdir when it was a temporary one); no-op when stopped."""
         stop_process(self.proc)
@@ -181,11 +175,6 @@ class EmbeddedStoreServer(StoreServer):
         """Return every request served so far (as :meth:`StoreServer.requests`)."""
         with self._lock:
             return list(self._log)
-
-    def reset_counts(self) -> None:
-        """Forget the requests served so far."""
-        with self._lock:
-            self._log.clear()
 
     def stop(self) -> None:
         """Stop the server (and remove its workdir when it was a temporary one); no-op when stopped."""

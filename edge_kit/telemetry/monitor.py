@@ -169,7 +169,7 @@ class Monitor:
         client.subscribe([(messages.subscription(self.fleet.fleet, k, share=self.share), 1) for k in STORED_KINDS])
 
     def start(self, timeout: float = 10.0) -> Monitor:
-        """Connect and start storing.
+        """Connect and start storing; return the monitor (started, for chaining).
 
         Raises:
             AgentError: the broker cannot be reached or refuses the connection.

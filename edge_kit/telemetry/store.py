@@ -531,5 +531,3 @@ class Store(HistoryStore):
             raise self._failed(exc) from exc
         return new
 
-
-SqliteStore = Store  # the name that says which backend it is; ``Store`` stays for existing callers

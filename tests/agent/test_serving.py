@@ -162,11 +162,11 @@ def test_a_thousand_malformed_requests_each_get_an_answer_or_a_hang_up_and_the_s
     assert live["turned_away"]["malformed"] >= 600 and live["errors"] >= 250  # 3 of the 12 kinds are well framed
 
 
-def test_more_clients_than_allowed_are_told_busy_and_counted(store, server):
+def test_more_clients_than_allowed_are_told_busy_and_counted(wait, store, server):
     held = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(6)]
     for s in held:
         s.connect(str(store.root / "serve.sock"))
-    time.sleep(0.2)
+    assert wait(lambda: server.snapshot()["clients"] == 6), server.snapshot()  # every one admitted
     try:
         with pytest.raises(ServingError, match=r"busy: 6 clients connected \(serve.max_clients\)"):
             Client(store.root).predict(samples(1)[0])
@@ -174,7 +174,7 @@ def test_more_clients_than_allowed_are_told_busy_and_counted(store, server):
     finally:
         for s in held:
             s.close()
-    time.sleep(0.2)
+    assert wait(lambda: server.snapshot()["clients"] == 0), server.snapshot()  # their places given back
     assert Client(store.root).predict(samples(1)[0])["output_0"].shape == (10,)
 
 
@@ -322,7 +322,12 @@ def test_a_shadow_model_is_compared_on_live_inputs_and_only_the_comparison_is_ke
     with Client(store.root) as client:
         for s in x:
             client.predict({"image": s})
-    time.sleep(0.3)
+
+    def settled() -> bool:  # every one of the 8 offers compared or turned away
+        s = server.snapshot()["shadow"]
+        return s["compared"] + s["skipped_rate"] + s["dropped_queue_full"] + s["errors"] == 8
+
+    assert wait(settled), server.snapshot()["shadow"]
     limited = server.snapshot()["shadow"]
     assert limited["compared"] <= 3 and limited["skipped_rate"] >= 5  # 2 a second, a burst of 2
     server.set_shadow(store.model_path(store.shas["fp32"]), store.shas["fp32"], "fp32", share=1.0, max_per_s=1000,

@@ -119,7 +119,7 @@ def test_bad_requests_get_the_reason_and_the_server_keeps_answering(store, serve
     assert ok == 200 and len(good["outputs"]["output_0"]) == 10
 
 
-def test_deep_nesting_missing_length_wrong_paths_and_methods(store, server):
+def test_deep_nesting_missing_length_wrong_paths_and_methods(wait, store, server):
     status, answer = call(server, "POST", "/v1/predict", b"[" * 30_000 + b"]" * 30_000)
     assert status == 400 and "malformed request" in answer["error"]
     assert call(server, "GET", "/v1/nope")[0] == 404
@@ -130,9 +130,8 @@ def test_deep_nesting_missing_length_wrong_paths_and_methods(store, server):
         assert raw.recv(4096).startswith(b"HTTP/1.1 411")
     with socket.create_connection(server.http_address, timeout=10) as raw:  # a client that goes away mid-body
         raw.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 500\r\n\r\n{\"inputs\"")
-    deadline = time.monotonic() + 10
-    while server.snapshot()["turned_away"]["malformed"] < 3 and time.monotonic() < deadline:
-        time.sleep(0.02)  # the cut request is noticed by the server's thread, after the client left
+    # the cut request is noticed by the server's thread, after the client left
+    assert wait(lambda: server.snapshot()["turned_away"]["malformed"] >= 3), server.snapshot()
     assert server.snapshot()["turned_away"]["malformed"] == 3  # 400 (nesting), 411, the cut body; not 404/405
     assert call(server, "POST", "/v1/predict", {"inputs": {"image": samples(1)[0].tolist()}})[0] == 200
 
@@ -233,7 +232,7 @@ def test_http_connections_have_places_of_their_own_apart_from_the_socket_clients
             s.close()
 
 
-def test_http_follows_a_hot_swap_and_feeds_the_shadow_run(store, server):
+def test_http_follows_a_hot_swap_and_feeds_the_shadow_run(wait, store, server):
     x = samples(3)
     server.serve_model(store.model_path(store.shas["fp32"]), store.shas["fp32"], "fp32")
     status, answer = call(server, "POST", "/v1/predict", {"inputs": {"image": x[0].tolist()}})
@@ -242,9 +241,7 @@ def test_http_follows_a_hot_swap_and_feeds_the_shadow_run(store, server):
                       max_load=1e9)
     for i, s in enumerate(x):  # paced: the shadow child takes each before the next comes
         assert call(server, "POST", "/v1/predict", {"inputs": {"image": s.tolist()}})[0] == 200
-        deadline = time.monotonic() + 20
-        while server.snapshot()["shadow"]["compared"] < i + 1 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait(lambda: server.snapshot()["shadow"]["compared"] >= i + 1, timeout=20)  # asserted below, all 3
     shadow = server.snapshot()["shadow"]
     assert shadow["compared"] == 3 and shadow["errors"] == 0, shadow
     from device_agents.inference import ModelRunner, fidelity
@@ -262,7 +259,7 @@ def test_a_taken_port_is_one_line(store, server):
         Server(store.root / "other.sock", make_interpreter=make, http_port=server.http_address[1]).start()
 
 
-def test_the_agent_wires_http_port_and_runs_its_shadow_in_a_child(store, tmp_path):
+def test_the_agent_wires_http_port_and_runs_its_shadow_in_a_child(wait, store, tmp_path):
     """serve.http_port from agent.yaml reaches the agent's server; its shadow command starts a child
     process with the agent's own interpreter settings (a picklable factory)."""
     from device_agents.service import Agent
@@ -284,12 +281,13 @@ def test_the_agent_wires_http_port_and_runs_its_shadow_in_a_child(store, tmp_pat
                           "serving": {"sha256": store.shas["int8"], "variant": "int8"}}
         for s in samples(3):
             assert call(agent.server, "POST", "/v1/predict", {"inputs": {"image": s.tolist()}})[0] == 200
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:  # compared, or skipped: this shared machine's load average may be high
-            shadow = agent.server.snapshot()["shadow"]
-            if shadow["compared"] + shadow["skipped_busy_cpu"] + shadow["skipped_rate"] >= 3:
-                break
-            time.sleep(0.05)
+
+        def offered() -> int:  # compared, or skipped: this shared machine's load average may be high
+            s = agent.server.snapshot()["shadow"]
+            return s["compared"] + s["skipped_busy_cpu"] + s["skipped_rate"]
+
+        assert wait(lambda: offered() >= 3), agent.server.snapshot()["shadow"]
+        shadow = agent.server.snapshot()["shadow"]
         assert shadow["runs_in"].startswith("child process") and shadow["errors"] == 0, shadow
         assert agent._cmd_shadow(Command("m2", "shadow", {"off": True})) == {"shadow": None}
     finally:

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-keras = pytest.importorskip("keras")
+import keras  # noqa: E402 - the host extra's TensorFlow brings it: missing, these tests fail, never skip
+
 layers = keras.layers
 
 from edge_kit.compiler.pruning import _ChannelGraph, _functional, channel_prune  # noqa: E402

@@ -10,6 +10,25 @@ def result(name: str, status: str = "succeeded", activated: bool = True, rolled_
     return DeviceResult(name, status, activated=activated, rolled_back=rolled_back)  # type: ignore[arg-type]
 
 
+def fake_fleet(monkeypatch, live) -> None:
+    """Make the live gate's fleet client a fake: device ``name`` answers ``state`` with ``live(name)`` as its
+    live figures (``live`` may raise, as a silent device does); the gate's pauses between polls take no time."""
+    from edge_kit.loop import rollout as ro
+
+    class Client:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *_):
+            return None
+
+        def request(self, name, *_a, **_k):
+            return {"result": {"live": live(name)}}
+
+    monkeypatch.setattr(ro.FleetClient, "of", staticmethod(lambda _fleet: Client()))
+    monkeypatch.setattr(ro.time, "sleep", lambda _s: None)
+
+
 def test_healthy_canaries_let_the_rollout_proceed():
     verdict = judge_canaries([result("a"), result("b")], {}, max_failed=0.0)
     assert verdict.proceed and verdict.failed == () and verdict.roll_back == ()
@@ -80,26 +99,36 @@ def test_live_figures_of_any_shape_are_evidence_only_where_they_are_numbers(monk
                "c2": "live",
                "k1": {"requests": 3, "latency_samples_ms": [1.5, None, 2.5, 3.5], "shadow": {"fidelity": {"snr_db": "high"}}}}
 
-    class Client:
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *_):
-            return None
-
-        def request(self, name, *_a, **_k):
-            return {"result": {"live": answers[name]}}
-
-    monkeypatch.setattr(ro.FleetClient, "of", staticmethod(lambda _fleet: Client()))
-    monkeypatch.setattr(ro.time, "sleep", lambda _s: None)
+    fake_fleet(monkeypatch, lambda name: answers[name])
     cans, ctrls = ro.collect_live(None, ["c1", "c2"], ["k1"], ro.LiveGate(window_s=0.0, min_samples=1), lambda *_: None)
     assert [e.samples_ms for e in cans] == [[], []] and ctrls[0].samples_ms == [] and ctrls[0].shadow_snr_db is None
     polls = {"c1": iter([{"requests": 2, "latency_samples_ms": [1.0, 2.0]},
                          {"requests": 6, "latency_samples_ms": [1.0, 2.0, "fast", True, 3.0, 4.0]}]),
              "k1": iter([{"requests": 0}, {"requests": 2, "latency_samples_ms": [5.0, 6.0]}])}
-    monkeypatch.setattr(Client, "request", lambda self, name, *_a, **_k: {"result": {"live": next(polls[name])}})
+    fake_fleet(monkeypatch, lambda name: next(polls[name]))
     cans, ctrls = ro.collect_live(None, ["c1"], ["k1"], ro.LiveGate(window_s=60.0, min_samples=2), lambda *_: None)
     assert cans[0].samples_ms == [3.0, 4.0] and ctrls[0].samples_ms == [5.0, 6.0]  # of 4 answered since, 2 numbers
+
+
+def test_live_figures_too_large_for_a_float_are_no_evidence_and_no_crash(monkeypatch):
+    """JSON allows integers of hundreds of digits (the message decoder takes up to 4,300): a signed agent
+    answering with one as its request count, a sample or its shadow SNR is not evidence. The gate
+    raised OverflowError (``math.isfinite`` on an int too large for a float) and stopped the rollout."""
+    from edge_kit.loop import rollout as ro
+
+    huge = 10 ** 400
+    answers = {"c1": {"requests": 3, "latency_samples_ms": [1.0, huge, 2.0], "shadow": {"fidelity": {"snr_db": huge}}},
+               "k1": {"requests": huge, "latency_samples_ms": [1.5, 2.5]}}
+
+    fake_fleet(monkeypatch, lambda name: answers[name])
+    cans, ctrls = ro.collect_live(None, ["c1"], ["k1"], ro.LiveGate(window_s=0.0, min_samples=1), lambda *_: None)
+    assert cans[0].shadow_snr_db is None and ctrls[0].samples_ms == []  # no number: no count, nothing answered since
+    answers["c1"] = {"requests": 6, "latency_samples_ms": [1.0, huge, 2.0, 3.0]}
+    answers["k1"] = {"requests": 2, "latency_samples_ms": [5.0, 6.0]}
+    polls = {"c1": iter([{"requests": 0}, answers["c1"]]), "k1": iter([{"requests": 0}, answers["k1"]])}
+    fake_fleet(monkeypatch, lambda name: next(polls[name]))
+    cans, ctrls = ro.collect_live(None, ["c1"], ["k1"], ro.LiveGate(window_s=60.0, min_samples=2), lambda *_: None)
+    assert cans[0].samples_ms == [1.0, 2.0, 3.0] and ctrls[0].samples_ms == [5.0, 6.0]
 
 
 def test_a_silent_device_does_not_stop_the_gate(monkeypatch):
@@ -112,22 +141,14 @@ def test_a_silent_device_does_not_stop_the_gate(monkeypatch):
 
     asked: dict[str, int] = {}
 
-    class Client:
-        def __enter__(self):
-            return self
+    def live(name):
+        asked[name] = asked.get(name, 0) + 1
+        if name in ("k2", "c2"):
+            raise AgentTimeout(f"{name}: no answer to 'state' within 30 s")
+        n = 4 * (asked[name] - 1)
+        return {"requests": n, "latency_samples_ms": [1.0 + 0.01 * i for i in range(n)]}
 
-        def __exit__(self, *_):
-            return None
-
-        def request(self, name, *_a, **_k):
-            asked[name] = asked.get(name, 0) + 1
-            if name in ("k2", "c2"):
-                raise AgentTimeout(f"{name}: no answer to 'state' within 30 s")
-            n = 4 * (asked[name] - 1)
-            return {"result": {"live": {"requests": n, "latency_samples_ms": [1.0 + 0.01 * i for i in range(n)]}}}
-
-    monkeypatch.setattr(ro.FleetClient, "of", staticmethod(lambda _fleet: Client()))
-    monkeypatch.setattr(ro.time, "sleep", lambda _s: None)
+    fake_fleet(monkeypatch, live)
     said = []
     cans, ctrls = ro.collect_live(None, ["c1"], ["k1", "k2", "k3"], ro.LiveGate(window_s=60.0, min_samples=8),
                                   lambda who, msg: said.append((who, msg)))
@@ -185,17 +206,7 @@ def test_live_evidence_carries_each_device_profile_from_the_fleet_file(monkeypat
 
     from edge_kit.loop import rollout as ro
 
-    class Client:
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *_):
-            return None
-
-        def request(self, name, *_a, **_k):
-            return {"result": {"live": {"requests": 0}}}
-
-    monkeypatch.setattr(ro.FleetClient, "of", staticmethod(lambda _fleet: Client()))
+    fake_fleet(monkeypatch, lambda _name: {"requests": 0})
     fleet = SimpleNamespace(devices=[SimpleNamespace(name="c1", profile="jetson-orin-nano"),
                                      SimpleNamespace(name="k1", profile="rpi4")])
     cans, ctrls = ro.collect_live(fleet, ["c1"], ["k1"], ro.LiveGate(window_s=0.0), lambda *_: None)
@@ -257,17 +268,6 @@ def test_a_device_answering_more_samples_than_asked_gives_only_what_was_asked(mo
 
     polls = {n: iter([{"requests": 0}, {"requests": 10**9, "latency_samples_ms": [1.0] * 100_000}]) for n in ("c1", "k1")}
 
-    class Client:
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *_):
-            return None
-
-        def request(self, name, *_a, **_k):
-            return {"result": {"live": next(polls[name])}}
-
-    monkeypatch.setattr(ro.FleetClient, "of", staticmethod(lambda _fleet: Client()))
-    monkeypatch.setattr(ro.time, "sleep", lambda _s: None)
+    fake_fleet(monkeypatch, lambda name: next(polls[name]))
     cans, ctrls = ro.collect_live(None, ["c1"], ["k1"], ro.LiveGate(window_s=60.0, min_samples=1), lambda *_: None)
     assert len(cans[0].samples_ms) == len(ctrls[0].samples_ms) == ro.LIVE_SAMPLES

@@ -153,15 +153,30 @@ def wait_until(predicate, timeout: float = 30.0, step: float = 0.05) -> bool:
     return False
 
 
-def spool_count(root: Path, kind: str) -> int:
-    """Rows of ``kind`` waiting in an agent's spool (read-only, concurrent with the agent)."""
+def _spool_rows(root: Path, query: str, *args: object) -> int:
+    """Return the count ``query`` gives on an agent's spool database (read-only, beside the running agent)."""
     import sqlite3
 
     db = sqlite3.connect(f"file:{root / 'spool.db'}?mode=ro", uri=True, timeout=5)
     try:
-        return db.execute("SELECT COUNT(*) FROM outbox WHERE kind = ?", (kind,)).fetchone()[0]
+        return db.execute(query, args).fetchone()[0]
     finally:
         db.close()
+
+
+def spool_count(root: Path, kind: str) -> int:
+    """Rows of ``kind`` waiting in an agent's spool to be published."""
+    return _spool_rows(root, "SELECT COUNT(*) FROM outbox WHERE kind = ?", kind)
+
+
+def spool_taken(root: Path) -> int:
+    """Commands an agent has taken (on disk before it let the broker forget them), answered or not."""
+    return _spool_rows(root, "SELECT COUNT(*) FROM seen")
+
+
+def spool_inbox(root: Path) -> int:
+    """Commands an agent has taken and not yet answered."""
+    return _spool_rows(root, "SELECT COUNT(*) FROM inbox")
 
 
 def make_tls(folder: Path):

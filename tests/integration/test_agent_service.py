@@ -19,6 +19,8 @@ from harness import (
     online,
     share_keys,
     spool_count,
+    spool_inbox,
+    spool_taken,
     wait_until,
 )
 from paho.mqtt.enums import CallbackAPIVersion
@@ -68,7 +70,8 @@ def test_records_survive_a_broker_outage_and_an_agent_restart_exactly_once(agent
     assert monitor.wait_for(online("dev1"), 30)
     with client_for(mosquitto) as client:
         sent = [client.send("dev1", "bench", {"min_runs": 10, "min_seconds": 1.0}) for _ in range(3)]
-        time.sleep(0.3)  # the agent has the commands; their benchmarks take a second each
+        # the agent has the commands (on disk) before the broker goes; their benchmarks take a second each
+        assert wait_until(lambda: spool_taken(agent.root) == 3, 30), "the agent did not take the commands"
     mosquitto.stop()
     assert wait_until(lambda: spool_count(agent.root, "bench") == 3, 30), "benchmarks did not complete offline"
     assert agent.stop() == 0  # graceful stop with records still spooled
@@ -355,17 +358,6 @@ def test_commands_taken_before_a_crash_are_answered_after_the_restart_and_never_
     assert not acks[slow["msg_id"]]["ok"] and "interrupted by an agent restart" in acks[slow["msg_id"]]["error"]
     assert acks[waiting["msg_id"]]["ok"] and acks[waiting["msg_id"]]["result"]["current"]["variant"] == "int8"
     assert spool_inbox(agent.root) == 0
-
-
-def spool_inbox(root) -> int:
-    """Commands an agent has taken and not yet answered (read-only, beside the running agent)."""
-    import sqlite3
-
-    db = sqlite3.connect(f"file:{root / 'spool.db'}?mode=ro", uri=True, timeout=5)
-    try:
-        return db.execute("SELECT COUNT(*) FROM inbox").fetchone()[0]
-    finally:
-        db.close()
 
 
 def test_a_full_disk_is_answered_reported_and_recovered_from(tmp_path, mosquitto, monitor, digits_artifacts):
