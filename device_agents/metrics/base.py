@@ -107,7 +107,7 @@ def positive_option(options: dict[str, Any], key: str, default: float, task: str
     value = options.get(key, default)
     try:
         number = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an integer too large for a float
         number = math.nan
     if not math.isfinite(number) or number <= 0:
         raise MetricError(f"--task {task}: option {key}={value!r} must be a finite number above 0")

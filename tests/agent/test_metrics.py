@@ -176,3 +176,11 @@ def test_a_task_option_that_is_not_a_positive_number_is_a_one_line_error(alpha):
         MetricSpec.build("keypoints", {"alpha": alpha}).scorer().score({"lm": points.reshape(1, -1)}, {"points": points})
     assert MetricSpec.build("keypoints", {"alpha": "0.2"}).scorer().score(
         {"lm": points.reshape(1, -1)}, {"points": points})["value"] == 1.0
+
+
+def test_a_task_option_too_large_for_a_float_is_a_metric_error_not_an_overflow():
+    from device_agents.metrics.base import positive_option
+
+    with pytest.raises(MetricError, match=r"option iou=10{400} must be a finite number above 0"):
+        positive_option({"iou": 10 ** 400}, "iou", 0.5, "detection")
+    assert positive_option({}, "iou", 0.5, "detection") == 0.5
