@@ -9,7 +9,8 @@ classes ``[K]``, scores ``[K]``, count), recognised by shape; or, for a model th
 anchors (most do), what a user decoder returns (``--decode module:function``): one dict per sample
 with ``boxes [K, 4]``, ``scores [K]`` and ``classes [K]`` (after the model's own NMS).
 
-The method is COCO's (pycocotools ``COCOeval``, area "all", 100 detections per image): per class
+The method is COCO's (pycocotools ``COCOeval``, area "all", the 100 highest-scored detections per
+image and class, as ``COCOeval.evaluateImg`` keeps them, not per image over all classes): per class
 and IoU threshold 0.50, 0.55, …, 0.95, detections sorted by score are matched greedily to the
 unmatched ground-truth box of highest IoU; precision is made monotone and read at 101 recall
 points; classes without ground truth are left out. The test suite checks it against pycocotools.
@@ -54,10 +55,9 @@ def mean_average_precision(predictions: list[dict[str, np.ndarray]], truths: lis
         dets = []  # (score, image, box)
         gts = []
         for img, (p, t) in enumerate(zip(predictions, truths)):
-            keep = np.argsort(-p["scores"], kind="stable")[:MAX_DETECTIONS]
-            for j in keep:
-                if int(p["classes"][j]) == c:
-                    dets.append((float(p["scores"][j]), img, p["boxes"][j]))
+            mine = np.flatnonzero(np.asarray(p["classes"]).astype(int) == c)  # as COCOeval: the cap is per image and class
+            for j in mine[np.argsort(-p["scores"][mine], kind="stable")][:MAX_DETECTIONS]:
+                dets.append((float(p["scores"][j]), img, p["boxes"][j]))
             gts.append(t["boxes"][t["classes"] == c])
         npos = sum(len(g) for g in gts)
         dets.sort(key=lambda d: -d[0])

@@ -70,6 +70,25 @@ def test_detection_map_matches_pycocotools(seed):
     assert 0.05 < ours["map"] < 0.95  # a scene where the figure can move both ways
 
 
+def test_detection_map_caps_detections_per_image_and_class_as_pycocotools():
+    """COCOeval keeps the 100 best detections of each class in an image, not 100 over all classes: with
+    150 per image, most of them confident class 0/1 ones, capping over all classes drops class 2's."""
+    rng = np.random.default_rng(0)
+    truths, preds = [], []
+    for _ in range(4):
+        tl = rng.uniform(0, 60, (30, 2))
+        boxes = np.concatenate([tl, tl + rng.uniform(8, 40, (30, 2))], axis=1)
+        classes = rng.integers(0, 3, 30)
+        truths.append({"boxes": boxes, "classes": classes})
+        pick = rng.integers(0, 30, 150)
+        pclasses = classes[pick]
+        scores = np.where(pclasses == 2, rng.uniform(0, 0.3, 150), rng.uniform(0.3, 1, 150))
+        preds.append({"boxes": boxes[pick] + rng.normal(0, 2, (150, 4)), "classes": pclasses, "scores": scores})
+    ours = mean_average_precision(preds, truths)
+    coco_map, coco_map50 = _coco_map(preds, truths)
+    assert ours["map"] == pytest.approx(coco_map, abs=1e-6) and ours["map50"] == pytest.approx(coco_map50, abs=1e-6)
+
+
 def test_detection_reads_the_postprocess_layout_and_refuses_raw_anchors():
     boxes = np.array([[[0.1, 0.1, 0.5, 0.5], [0, 0, 0, 0]]])
     outputs = {"boxes": boxes, "classes": np.array([[2.0, 0.0]]), "scores": np.array([[0.9, 0.1]]), "count": np.array([1.0])}
