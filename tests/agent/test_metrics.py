@@ -19,6 +19,20 @@ def test_classification_top1_and_top5():
     assert got["metric"] == "top1" and got["value"] == 0.5 and got["figures"]["top5"] == 0.75
 
 
+def test_one_hot_class_labels_are_a_one_line_error_not_a_crash_or_a_wrong_top1():
+    """Integer one-hot rows passed the label check and then failed to broadcast against the argmax (a
+    traceback), or, with as many samples as classes, were scored as N*N labels."""
+    scorer = MetricSpec.build("classification").scorer()
+    onehot = np.eye(10, dtype=np.int64)[[1, 2, 3, 4]]
+    with pytest.raises(MetricError, match=r"eval.npz: labels 'y' have shape \(4, 10\).*y.argmax\(axis=1\)"):
+        scorer.check({"y": onehot}, 4, "eval.npz")
+    with pytest.raises(MetricError, match="one integer class per sample"):
+        scorer.score({"logits": np.eye(10)[[1, 2, 3, 4]]}, {"y": onehot})
+    column = np.array([[1], [2], [3], [4]])  # [N, 1] is one class per sample
+    scorer.check({"y": column}, 4, "eval.npz")
+    assert scorer.score({"logits": np.eye(10)[[1, 2, 3, 0]]}, {"y": column})["value"] == 0.75
+
+
 def _coco_map(preds, truths):
     """mAP with pycocotools, the reference implementation, on the same boxes."""
     from pycocotools.coco import COCO
