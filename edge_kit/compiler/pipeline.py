@@ -164,6 +164,35 @@ def _refusal(spec: VariantSpec, source: Source, calib: Dataset | None) -> str | 
     return target.compiler_unavailable() if target else None
 
 
+def _check_train(train: Dataset, source: Source) -> None:
+    """Check ``--train`` can fine-tune ``source`` as pruning does: a single-input, single-output Keras
+    classifier trained with sparse cross-entropy on one integer class per sample.
+
+    Raises:
+        InputError: no ``y``, ``y`` not one integer per sample (one-hot rows, floats), a class the
+            model's output does not have, or a model with several inputs or outputs (the message
+            names the file and says what to do).
+    """
+    where = f"{train.path}: --train"
+    y = train.labels.get("y")
+    if y is None:
+        raise InputError(f"{where} needs integer class labels y (fine-tuning trains a classifier)")
+    if not np.issubdtype(y.dtype, np.integer) or int(np.prod(y.shape[1:])) != 1:
+        raise InputError(f"{where} labels 'y' have shape {y.shape} and dtype {y.dtype}; fine-tuning needs one integer "
+                         "class per sample (save y.argmax(axis=1) for one-hot rows)")
+    if source.keras_model is None:
+        return  # pruning, the only user of --train, needs the Keras model and says so per variant
+    if len(source.inputs) != 1 or len(source.outputs) != 1:
+        raise InputError(f"{where}: fine-tuning after pruning takes a model with one input and one output (this one has "
+                         f"inputs {', '.join(source.inputs)} and outputs {', '.join(source.outputs)}); leave --train out "
+                         "to build the pruned variants without fine-tuning")
+    classes = int(source.keras_model.outputs[0].shape[-1] or 0)
+    bad = np.flatnonzero((y.reshape(-1) < 0) | (y.reshape(-1) >= classes))
+    if len(bad):
+        raise InputError(f"{where} labels 'y' hold class {int(y.reshape(-1)[bad[0]])} at sample {int(bad[0])}, but the "
+                         f"model's output has {classes} classes (0..{classes - 1}); give class indices of that output")
+
+
 def _prepared(source: Source) -> Graph | bytes:
     """Return what every variant of ``source`` is made from: its TensorFlow graph, or for a
     ``.tflite`` its float32 rewrite (:func:`~edge_kit.compiler.tflite_edit.as_float32`).
@@ -246,7 +275,7 @@ def _build(plan: _Plan, source: Source, graph: Callable[[], Graph | bytes], req:
     if spec.pruning:
         from edge_kit.compiler import pruning
 
-        train_xy = (next(iter(train.x.values())), train.labels["y"]) if train is not None else None
+        train_xy = (next(iter(train.x.values())), train.labels["y"].reshape(-1)) if train is not None else None
         prune = pruning.magnitude_prune if spec.pruning == "magnitude" else pruning.channel_prune
         model = prune(source.keras_model, spec.sparsity, train_xy, epochs=req.epochs)
         if train is not None:
@@ -417,8 +446,8 @@ def compile_model(req: CompileRequest, progress: Progress | None = None) -> Mani
     scorer = metric.scorer()
     if evalset is not None:
         scorer.check(evalset.labels, len(evalset), str(evalset.path))
-    if train is not None and "y" not in train.labels:
-        raise InputError(f"{train.path}: --train needs integer class labels y (fine-tuning trains a classifier)")
+    if train is not None:
+        _check_train(train, source)
     calib_noise = noise_warning(calib) if calib is not None else None
     if calib_noise:
         warnings.warn(calib_noise, stacklevel=2)
