@@ -112,7 +112,7 @@ def test_train_on_a_two_input_model_is_one_line_not_a_keras_traceback(tmp_path, 
     keras.Model([a, b], keras.layers.Dense(3)(keras.layers.Concatenate()([a, b]))).save(tmp_path / "two.keras")
     train = tmp_path / "t.npz"
     rng = np.random.default_rng(0)
-    np.savez(train, **{"x.a": rng.normal(size=(40, 4)), "x.b": rng.normal(size=(40, 4))}, y=np.arange(40) % 3)
+    np.savez(train, **{"x.a": rng.normal(size=(120, 4)), "x.b": rng.normal(size=(120, 4))}, y=np.arange(120) % 3)
     code, _, err = run_cli("compile", tmp_path / "two.keras", "-p", "rpi4", "--calib", train, "--train", train,
                            "--out", tmp_path / "o")
     line = one_line_error(code, err)
