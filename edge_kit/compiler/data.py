@@ -7,6 +7,7 @@ Everything is checked before any conversion starts, so a mismatch costs seconds,
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,4 +90,55 @@ def noise_warning(data: Dataset) -> str | None:
             return (f"{data.path}: calibration input '{name}' looks like noise (neighbouring pixels correlate at "
                     f"{corr:.2f}; real images at 0.8 or more): int8 ranges calibrated on it will not fit real "
                     "inputs; calibrate on a few hundred real samples")
+    return None
+
+
+def shared_samples(data: Dataset, evalset: Dataset) -> int:
+    """Return how many samples of ``data`` are also in ``evalset``: every input byte-identical (as float32).
+
+    Calibrating or fine-tuning on eval samples flatters the accuracy measured on them.
+    """
+    def digests(d: Dataset) -> list[bytes]:
+        names = sorted(d.x)
+        return [hashlib.blake2b(b"".join(np.ascontiguousarray(d.x[n][i]).tobytes() for n in names),
+                                digest_size=16).digest() for i in range(len(d))]
+
+    if sorted(data.x) != sorted(evalset.x):
+        return 0
+    held = set(digests(evalset))
+    return sum(d in held for d in digests(data))
+
+
+def leak_warning(data: Dataset, role: str, evalset: Dataset, shared: int) -> str | None:
+    """Return the warning for ``shared`` samples of ``data`` (``calib`` or ``train``) found in ``evalset``, else None."""
+    if not shared:
+        return None
+    what = ("int8 activation ranges fitted to the eval inputs flatter the int8 accuracy measured on them"
+            if role == "calib" else "the pruned variants are fine-tuned on eval samples, which flatters their accuracy")
+    return (f"{data.path}: {shared} of the {len(data)} --{role} samples are also in --eval {evalset.path.name}: {what}; "
+            f"take --{role} from data held out from --eval (e.g. the training split)")
+
+
+OUT_OF_RANGE_SHARE = 0.01  # eval values outside the calibrated range, above which int8 inputs visibly clip
+
+
+def range_warning(calib: Dataset, evalset: Dataset) -> str | None:
+    """Return a warning when an input of ``evalset`` takes values outside the range ``calib`` spans, else None.
+
+    A full-integer model quantizes its input with the scale and zero point fitted to ``calib``; an eval
+    (or field) input beyond that range is clipped, e.g. eval images in 0..255 for a model calibrated
+    on 0..1 (a preprocessing step applied to one file and not the other). More than
+    :data:`OUT_OF_RANGE_SHARE` of an input's values beyond the range (plus 1 % of its width) warns.
+    """
+    for name, c in calib.x.items():
+        e = evalset.x.get(name)
+        if e is None or not c.size or not e.size:
+            continue
+        lo, hi = float(c.min()), float(c.max())
+        slack = 0.01 * (hi - lo)
+        outside = float(np.mean((e < lo - slack) | (e > hi + slack)))
+        if outside > OUT_OF_RANGE_SHARE:
+            return (f"{evalset.path}: {outside:.1%} of --eval input '{name}' lies outside the range of --calib "
+                    f"{calib.path.name} ({lo:.4g}..{hi:.4g}; --eval spans {float(e.min()):.4g}..{float(e.max()):.4g}): "
+                    "int8 variants clip it to the calibrated range; preprocess both files the same way")
     return None

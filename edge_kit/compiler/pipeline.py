@@ -34,7 +34,14 @@ from edge_kit.compiler.convert import (
     quantize_tflite,
     to_tflite,
 )
-from edge_kit.compiler.data import Dataset, load_dataset, noise_warning
+from edge_kit.compiler.data import (
+    Dataset,
+    leak_warning,
+    load_dataset,
+    noise_warning,
+    range_warning,
+    shared_samples,
+)
 from edge_kit.compiler.onnx_source import CONVERTER
 from edge_kit.compiler.sources import (
     Graph,
@@ -162,6 +169,15 @@ def _refusal(spec: VariantSpec, source: Source, calib: Dataset | None) -> str | 
         return "full-integer int8 needs calibration data: pass --calib FILE.npz (a few hundred inputs)"
     target = compiler_of(spec.id)
     return target.compiler_unavailable() if target else None
+
+
+def _calibration_used(samples: int) -> dict[str, int]:
+    """Return how many samples of ``--calib`` each calibrator reads: the first ones, in file order."""
+    from edge_kit.compiler.convert import MAX_CALIBRATION_SAMPLES
+    from edge_kit.compiler.onnx_variants import CALIB_SAMPLES
+
+    return {"litert": min(samples, MAX_CALIBRATION_SAMPLES), "onnxruntime": min(samples, CALIB_SAMPLES),
+            "tensorrt": min(samples, CALIB_SAMPLES)}
 
 
 def _check_train(train: Dataset, source: Source) -> None:
@@ -449,8 +465,16 @@ def compile_model(req: CompileRequest, progress: Progress | None = None) -> Mani
     if train is not None:
         _check_train(train, source)
     calib_noise = noise_warning(calib) if calib is not None else None
-    if calib_noise:
-        warnings.warn(calib_noise, stacklevel=2)
+    checks: dict[str, dict[str, Any]] = {"calib": {}, "train": {}}  # recorded with each file in the manifest
+    for role, data in (("calib", calib), ("train", train)):
+        if data is not None and evalset is not None:
+            checks[role]["eval_overlap"] = shared = shared_samples(data, evalset)
+            checks[role]["eval_overlap_warning"] = leak_warning(data, role, evalset, shared)
+    if calib is not None and evalset is not None:
+        checks["calib"]["eval_range_warning"] = range_warning(calib, evalset)
+    for said in (calib_noise, *(w for c in checks.values() for k, w in c.items() if k.endswith("warning"))):
+        if said:
+            warnings.warn(said, stacklevel=2)
 
     runtime = get_runtime("litert")
     method = f"measured on host with LiteRT {runtime.version()} interpreter (XNNPACK, {req.threads} thread(s))"
@@ -557,11 +581,12 @@ def compile_model(req: CompileRequest, progress: Progress | None = None) -> Mani
     manifest = Manifest(
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         model=source.record(),
-        calibration={**calib.record(), "warning": calib_noise} if calib else None,
+        calibration={**calib.record(), "samples_used": _calibration_used(len(calib)), "warning": calib_noise,
+                     **checks["calib"]} if calib else None,
         eval={**evalset.record(), **metric.record(), "file": EVAL_FILE, "sha256": sha256_bytes(extra[EVAL_FILE]),
               "metric": scorer.task.headline if scorer.task is not None and scorer.user is None else None,
               "reference": "fp32" if reference is not None else None} if evalset else None,
-        train=train.record() if train else None,
+        train={**train.record(), **checks["train"]} if train else None,
         versions={**_versions(), **(_onnx_versions() if source.kind == "onnx" or onnx_built else {}),
                   **({"tf2onnx": _version_of("tf2onnx")} if "onnx_export" in shared else {})},
         profiles={p.name: {"description": p.description, "accelerator": p.hardware.accelerator,

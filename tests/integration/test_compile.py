@@ -284,3 +284,21 @@ def test_channel_pruning_keeps_the_function_of_surviving_channels():
     same = channel_prune(model, 0.0)
     x = np.random.default_rng(1).uniform(size=(2, 32, 32, 3)).astype(np.float32)
     np.testing.assert_allclose(np.asarray(same(x)), np.asarray(model(x)), rtol=1e-4, atol=1e-4)
+
+
+def test_calibrating_or_fine_tuning_on_the_eval_set_is_warned_and_recorded(digits_files, tmp_path):
+    """--calib (or --train) holding the --eval samples flattered accuracy without a word; held-out data counts 0."""
+    profile = load_profile("rpi4").model_copy(update={"variants": ["fp32"]})
+    with pytest.warns(UserWarning) as said:
+        m = compile_model(CompileRequest(digits_files.model, [profile], tmp_path / "leak", calib=digits_files.eval,
+                                         eval=digits_files.eval, train=digits_files.eval))
+    samples = m.eval["samples"]
+    assert m.calibration["eval_overlap"] == samples and m.train["eval_overlap"] == samples
+    assert m.calibration["samples_used"] == {"litert": samples, "onnxruntime": 256, "tensorrt": 256}  # first N, file order
+    assert "flatter the int8 accuracy" in m.calibration["eval_overlap_warning"]
+    assert "fine-tuned on eval samples" in m.train["eval_overlap_warning"]
+    assert {str(w.message) for w in said} >= {m.calibration["eval_overlap_warning"], m.train["eval_overlap_warning"]}
+    m = compile_model(CompileRequest(digits_files.model, [profile], tmp_path / "held", calib=digits_files.calib,
+                                     eval=digits_files.eval, train=digits_files.train))
+    assert m.calibration["eval_overlap"] == 0 and m.calibration["eval_overlap_warning"] is None
+    assert m.train["eval_overlap"] == 0 and m.calibration["eval_range_warning"] is None
