@@ -153,6 +153,32 @@ def test_segmentation_miou_and_pixel_accuracy():
     assert got["figures"]["pixel_accuracy"] == pytest.approx(3 / 4)
 
 
+@pytest.mark.parametrize("h, w", [(16, 24), (20, 20)])
+def test_segmentation_reads_multi_class_scores_channels_first_as_onnx_models_give_them(h, w):
+    """[N, C, H, W] class scores (a PyTorch model through ONNX) were argmaxed over W: mIoU 0.005 for 0.76."""
+    rng = np.random.default_rng(0)
+    mask = rng.integers(0, 3, (4, h, w))
+    scores = rng.normal(size=(4, h, w, 3))
+    np.put_along_axis(scores, mask[..., None], np.take_along_axis(scores, mask[..., None], -1) + 2.0, -1)
+    scorer = MetricSpec.build("segmentation").scorer()
+    nhwc = scorer.score({"seg": scores}, {"mask": mask})["figures"]
+    assert 0.5 < nhwc["miou"] < 0.95
+    assert scorer.score({"seg": np.moveaxis(scores, -1, 1)}, {"mask": mask})["figures"] == nhwc
+    half = np.moveaxis(scores[:, ::2, ::2], -1, 1)  # a half-size NCHW map is resized to the mask as well
+    assert scorer.score({"seg": half}, {"mask": mask[:, ::2, ::2]})["figures"] == \
+        scorer.score({"seg": scores[:, ::2, ::2]}, {"mask": mask[:, ::2, ::2]})["figures"]
+
+
+def test_segmentation_miou_leaves_out_classes_absent_from_labels_and_predictions():
+    """Class 1 appears nowhere: the mean is over classes 0 and 2, not 0 for class 1 (nor 1)."""
+    mask = np.array([[[0, 0, 2, 2], [0, 0, 2, 2]]])
+    scores = np.zeros((1, 2, 4, 3))
+    scores[0, :, [0, 1, 2], [0, 0, 2]] = 1
+    scores[0, :, 3, 0] = 1  # the class-2 pixels of column 3 read as 0
+    got = MetricSpec.build("segmentation").scorer().score({"seg": scores}, {"mask": mask})["figures"]
+    assert got["miou"] == pytest.approx((4 / 6 + 2 / 4) / 2) and got["pixel_accuracy"] == pytest.approx(6 / 8)
+
+
 def test_keypoints_pck_and_mean_error():
     points = np.array([[[0.0, 0.0], [10.0, 0.0], [10.0, 10.0]]])
     pred = points + np.array([[0.5, 0.0], [3.0, 0.0], [0.0, 0.0]])
