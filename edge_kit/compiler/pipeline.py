@@ -465,7 +465,7 @@ def compile_model(req: CompileRequest, progress: Progress | None = None) -> Mani
     if train is not None:
         _check_train(train, source)
     calib_noise = noise_warning(calib) if calib is not None else None
-    checks: dict[str, dict[str, Any]] = {"calib": {}, "train": {}}  # recorded with each file in the manifest
+    checks: dict[str, dict[str, Any]] = {"calib": {}, "train": {}, "eval": {}}  # recorded with each file in the manifest
     for role, data in (("calib", calib), ("train", train)):
         if data is not None and evalset is not None:
             checks[role]["eval_overlap"] = shared = shared_samples(data, evalset)
@@ -533,9 +533,15 @@ def compile_model(req: CompileRequest, progress: Progress | None = None) -> Mani
         from device_agents.errors import MetricError
 
         try:
-            scorer.score(reference, evalset.labels)
+            scored = scorer.score(reference, evalset.labels)
         except MetricError as exc:
             raise MetricError(f"{exc} (scoring the fp32 variant's outputs on {evalset.path.name}); nothing was written") from None
+        if scored["value"] == 0:  # a model that scores nothing at all is far likelier fed mismatched labels
+            checks["eval"]["warning"] = said = (
+                f"{evalset.path}: the fp32 variant scores {scored['metric']} 0 on it, so every variant will: the labels "
+                "probably do not match the outputs (class indices of another output, boxes in pixels for outputs in "
+                "0..1 or the other way round, another class numbering); check them against the fp32 outputs")
+            warnings.warn(said, stacklevel=2)
 
     for plan in plans.values():
         step(f"measuring {plan.spec.id}")
@@ -585,7 +591,7 @@ def compile_model(req: CompileRequest, progress: Progress | None = None) -> Mani
                      **checks["calib"]} if calib else None,
         eval={**evalset.record(), **metric.record(), "file": EVAL_FILE, "sha256": sha256_bytes(extra[EVAL_FILE]),
               "metric": scorer.task.headline if scorer.task is not None and scorer.user is None else None,
-              "reference": "fp32" if reference is not None else None} if evalset else None,
+              "reference": "fp32" if reference is not None else None, **checks["eval"]} if evalset else None,
         train={**train.record(), **checks["train"]} if train else None,
         versions={**_versions(), **(_onnx_versions() if source.kind == "onnx" or onnx_built else {}),
                   **({"tf2onnx": _version_of("tf2onnx")} if "onnx_export" in shared else {})},
