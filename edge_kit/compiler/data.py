@@ -49,12 +49,19 @@ def load_dataset(path: Path, role: str, inputs: dict[str, tuple[int, ...]], *, l
 
     Raises:
         InputError: the file is missing or not an ``.npz``, lacks an input (or labels), has samples
-            of the wrong shape, holds NaN or infinity (a ``DataFileError``), has no samples, or
-            (calibration) fewer than ten samples.
+            of the wrong shape, holds NaN or infinity (a ``DataFileError``) or an input value beyond
+            float32's range, has no samples, or (calibration) fewer than ten samples.
     """
     path = Path(path)
     data = read_data(path, f"--{role}", inputs, labels="required" if labels else "ignored")
-    x = {name: np.asarray(a, dtype=np.float32) for name, a in data.x.items()}
+    x = {}
+    for name, a in data.x.items():
+        with np.errstate(over="ignore"):
+            x[name] = np.asarray(a, dtype=np.float32)
+        if not np.isfinite(x[name]).all():  # finite in the file's float64, infinite as the float32 models take
+            bad = [int(i) for i in np.unravel_index(int(np.argmin(np.isfinite(x[name]))), x[name].shape)]
+            raise InputError(f"{path}: --{role} key '{a.key}' holds {np.asarray(a)[tuple(bad)]:.3g} at index {bad}, "
+                             "beyond float32's range (3.4e38), which the model takes; clean or drop that sample")
     if data.samples == 0:  # an empty set would pass for an absent one: no accuracy, no fidelity, no fine-tuning
         raise InputError(f"{path}: --{role} has no samples (the first axis of its arrays is 0); save at least one "
                          "sample per array, or leave the option out")

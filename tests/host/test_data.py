@@ -118,3 +118,11 @@ def test_eval_inputs_outside_the_calibrated_range_are_warned(tmp_path):
     said = range_warning(calib, scaled)
     assert said.startswith(f"{tmp_path / 's.npz'}: 99.") and "of --eval input 'x' lies outside the range of --calib c.npz" in said
     assert "preprocess both files the same way" in said
+
+
+def test_an_input_beyond_float32s_range_is_refused_not_turned_into_infinity(tmp_path):
+    """A float64 1e39 passed the NaN/infinity check and became inf in float32, which the converter crashed on."""
+    x = np.random.default_rng(0).uniform(size=(12, 4))
+    x[3, 2] = -1e39
+    with pytest.raises(InputError, match=r"d.npz: --calib key 'x' holds -1e\+39 at index \[3, 2\], beyond float32's range"):
+        load_dataset(save(tmp_path / "d.npz", x=x), "calib", {"x": (4,)}, labels=False)
