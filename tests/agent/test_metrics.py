@@ -103,6 +103,17 @@ def test_detection_map_caps_detections_per_image_and_class_as_pycocotools():
     assert ours["map"] == pytest.approx(coco_map, abs=1e-6) and ours["map50"] == pytest.approx(coco_map50, abs=1e-6)
 
 
+def test_detection_rounds_class_ids_an_int8_output_dequantizes_slightly_off():
+    """A classes output dequantized from int8 reads 0.98 for class 1; truncated, every box scored as class 0."""
+    boxes = np.array([[[0.1, 0.1, 0.4, 0.4], [0.5, 0.5, 0.9, 0.9]]])
+    labels = {"boxes": boxes, "classes": np.array([[1, 2]])}
+    scorer = MetricSpec.build("detection").scorer()
+    exact = {"boxes": boxes, "classes": np.array([[1.0, 2.0]]), "scores": np.array([[0.9, 0.8]]), "count": np.array([2.0])}
+    off = {**exact, "classes": np.array([[0.98, 2.03]])}
+    assert scorer.score(exact, labels)["value"] == pytest.approx(1.0)
+    assert scorer.score(off, labels)["figures"] == scorer.score(exact, labels)["figures"]
+
+
 def test_detection_reads_the_postprocess_layout_and_refuses_raw_anchors():
     boxes = np.array([[[0.1, 0.1, 0.5, 0.5], [0, 0, 0, 0]]])
     outputs = {"boxes": boxes, "classes": np.array([[2.0, 0.0]]), "scores": np.array([[0.9, 0.1]]), "count": np.array([1.0])}
