@@ -80,12 +80,15 @@ NOISE_CORRELATION = 0.3  # natural images: neighbouring pixels correlate at 0.8-
 def noise_warning(data: Dataset) -> str | None:
     """Return a warning when an image input of calibration data looks like noise, else None.
 
-    For each input shaped like an image (``[H, W]`` or ``[H, W, C]``, both sides at least 8), the
-    Pearson correlation of horizontally neighbouring values over the samples is computed; real
-    photographs correlate strongly, random data does not, and int8 ranges calibrated on noise are
-    what makes a quantized model compute something else.
+    For each input shaped like an image (``[H, W]``, ``[H, W, C]`` or, as ONNX models take them,
+    ``[C, H, W]`` with 1 to 4 channels; both sides at least 8), the Pearson correlation of
+    horizontally neighbouring values over the samples is computed; real photographs correlate
+    strongly, random data does not, and int8 ranges calibrated on noise are what makes a quantized
+    model compute something else.
     """
     for name, x in data.x.items():
+        if x.ndim == 4 and x.shape[1] <= 4 < min(x.shape[2:]) and x.shape[3] > 4:  # channels-first (NCHW)
+            x = np.moveaxis(x, 1, -1)
         if x.ndim not in (3, 4) or min(x.shape[1:3]) < 8 or len(x) == 0:
             continue
         sample = x[: min(len(x), 64)]

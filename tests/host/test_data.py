@@ -79,6 +79,18 @@ def test_calibration_that_looks_like_noise_is_named(tmp_path):
     assert noise_warning(load_dataset(real, "calib", {"img": (32, 32, 3)}, labels=False)) is None
 
 
+def test_channels_first_calibration_that_looks_like_noise_is_named_too(tmp_path):
+    """[N, 3, H, W] inputs (PyTorch models through ONNX) were never checked: their 'height' was the 3 channels."""
+    from edge_kit.compiler.data import noise_warning
+
+    rng = np.random.default_rng(0)
+    noise = save(tmp_path / "noise.npz", x=rng.uniform(-1, 1, (120, 3, 32, 32)))
+    warning = noise_warning(load_dataset(noise, "calib", {"img": (3, 32, 32)}, labels=False))
+    assert warning and "input 'img' looks like noise" in warning
+    real = save(tmp_path / "real.npz", x=np.cumsum(rng.normal(size=(120, 3, 32, 32)), axis=3))
+    assert noise_warning(load_dataset(real, "calib", {"img": (3, 32, 32)}, labels=False)) is None
+
+
 @pytest.mark.parametrize("role", ["eval", "train", "calib"])
 def test_a_file_with_no_samples_is_refused_not_taken_for_no_file(tmp_path, role):
     """Once an empty --eval or --train compiled with exit 0 as if the option was not given (an empty Dataset is falsy)."""
