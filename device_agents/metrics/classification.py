@@ -23,7 +23,16 @@ class Classification(Task):
     labels_doc = "y: one integer class per sample"
 
     def check(self, labels: Labels, samples: int, where: str) -> None:
-        need(labels, "y", samples, where, self.key, kind="int")
+        """Check ``y`` holds one integer class per sample (shape ``[N]`` or ``[N, 1]``).
+
+        Raises:
+            MetricError: ``y`` is missing, not integers, of another row count, or several values per
+                sample (one-hot rows, which would be read as that many labels).
+        """
+        y = need(labels, "y", samples, where, self.key, kind="int")
+        if int(np.prod(y.shape[1:])) != 1:
+            raise MetricError(f"{where}: labels 'y' have shape {y.shape}, several values per sample (one-hot?); "
+                              "--task classification takes one integer class per sample: save y.argmax(axis=1)")
 
     def class_outputs(self, outputs: Outputs) -> set[str]:
         name = self.options.get("output")
@@ -39,7 +48,11 @@ class Classification(Task):
         """
         scores = pick_output(outputs, self.key, self.options, _vector)
         scores = scores.reshape(len(scores), -1)
-        y = np.asarray(labels["y"]).reshape(-1)
+        y = np.asarray(labels["y"])
+        if len(y) != len(scores) or int(np.prod(y.shape[1:])) != 1:
+            raise MetricError(f"labels 'y' have shape {y.shape} for {len(scores)} outputs; --task classification "
+                              "takes one integer class per sample")
+        y = y.reshape(-1)
         bad = np.flatnonzero((y < 0) | (y >= scores.shape[1]))
         if len(bad):  # else top-1 is silently 0: no score can match a class the output does not have
             raise MetricError(f"labels 'y' hold class {y[bad[0]]} at sample {bad[0]}, but the scored output has "

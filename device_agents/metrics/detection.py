@@ -7,9 +7,11 @@ rows whose class is negative are padding (images hold different numbers of objec
 Predictions: the four outputs of TFLite's ``TFLite_Detection_PostProcess`` (boxes ``[K, 4]``,
 classes ``[K]``, scores ``[K]``, count), recognised by shape; or, for a model that outputs raw
 anchors (most do), what a user decoder returns (``--decode module:function``): one dict per sample
-with ``boxes [K, 4]``, ``scores [K]`` and ``classes [K]`` (after the model's own NMS).
+with ``boxes [K, 4]``, ``scores [K]`` and ``classes [K]`` (after the model's own NMS). Class ids are
+rounded to the nearest integer (a class output dequantized from int8 is a little off).
 
-The method is COCO's (pycocotools ``COCOeval``, area "all", 100 detections per image): per class
+The method is COCO's (pycocotools ``COCOeval``, area "all", the 100 highest-scored detections per
+image and class, as ``COCOeval.evaluateImg`` keeps them, not per image over all classes): per class
 and IoU threshold 0.50, 0.55, …, 0.95, detections sorted by score are matched greedily to the
 unmatched ground-truth box of highest IoU; precision is made monotone and read at 101 recall
 points; classes without ground truth are left out. The test suite checks it against pycocotools.
@@ -54,10 +56,9 @@ def mean_average_precision(predictions: list[dict[str, np.ndarray]], truths: lis
         dets = []  # (score, image, box)
         gts = []
         for img, (p, t) in enumerate(zip(predictions, truths)):
-            keep = np.argsort(-p["scores"], kind="stable")[:MAX_DETECTIONS]
-            for j in keep:
-                if int(p["classes"][j]) == c:
-                    dets.append((float(p["scores"][j]), img, p["boxes"][j]))
+            mine = np.flatnonzero(np.asarray(p["classes"]).astype(int) == c)  # as COCOeval: the cap is per image and class
+            for j in mine[np.argsort(-p["scores"][mine], kind="stable")][:MAX_DETECTIONS]:
+                dets.append((float(p["scores"][j]), img, p["boxes"][j]))
             gts.append(t["boxes"][t["classes"] == c])
         npos = sum(len(g) for g in gts)
         dets.sort(key=lambda d: -d[0])
@@ -79,6 +80,12 @@ def mean_average_precision(predictions: list[dict[str, np.ndarray]], truths: lis
     return {"map": float(ap.mean()), "map50": float(ap[0].mean())}
 
 
+def _class_ids(classes: np.ndarray) -> np.ndarray:
+    """Return class ids as ints, rounded to the nearest: a class output dequantized from int8 reads
+    2.98 for class 3, which truncation would score as class 2."""
+    return np.rint(np.asarray(classes, dtype=np.float64)).astype(int)
+
+
 def _postprocess_layout(outputs: Outputs) -> list[dict[str, np.ndarray]] | None:
     """Return per-sample detections from TFLite_Detection_PostProcess-shaped outputs, or None."""
     boxes = [v for v in outputs.values() if v.ndim == 3 and v.shape[2] == 4]
@@ -94,7 +101,7 @@ def _postprocess_layout(outputs: Outputs) -> list[dict[str, np.ndarray]] | None:
     if cls_name is None:
         return None
     score_name = next(n for n, _ in flat if n != cls_name)
-    return [{"boxes": boxes[0][i], "classes": outputs[cls_name][i].astype(int), "scores": outputs[score_name][i]}
+    return [{"boxes": boxes[0][i], "classes": _class_ids(outputs[cls_name][i]), "scores": outputs[score_name][i]}
             for i in range(len(boxes[0]))]
 
 
@@ -107,7 +114,7 @@ def _checked(decoded: Any, samples: int, where: str) -> list[dict[str, np.ndarra
         try:
             boxes = np.asarray(d["boxes"], dtype=np.float64).reshape(-1, 4)
             scores = np.asarray(d["scores"], dtype=np.float64).reshape(-1)
-            classes = np.asarray(d["classes"]).reshape(-1).astype(int)
+            classes = _class_ids(np.asarray(d["classes"]).reshape(-1))
         except (KeyError, TypeError, ValueError) as exc:
             raise MetricError(f"{where}: sample {i} is not a dict of boxes [K,4], scores [K], classes [K] ({exc})") from None
         if not (len(boxes) == len(scores) == len(classes)) or not np.all(np.isfinite(boxes)) or not np.all(np.isfinite(scores)):

@@ -33,7 +33,14 @@ from edge_kit.compiler.convert import (
     quantize_tflite,
     to_tflite,
 )
-from edge_kit.compiler.data import Dataset, load_dataset, noise_warning
+from edge_kit.compiler.data import (
+    Dataset,
+    leak_warning,
+    load_dataset,
+    noise_warning,
+    range_warning,
+    shared_samples,
+)
 from edge_kit.compiler.onnx_source import CONVERTER
 from edge_kit.compiler.sources import (
     Graph,
@@ -157,6 +164,44 @@ def _refusal(spec: VariantSpec, source: Source, calib: Dataset | None) -> str | 
     return target.compiler_unavailable() if target else None
 
 
+def _calibration_used(samples: int) -> dict[str, int]:
+    """Return how many samples of ``--calib`` each calibrator reads: the first ones, in file order."""
+    from edge_kit.compiler.convert import MAX_CALIBRATION_SAMPLES
+    from edge_kit.compiler.onnx_variants import CALIB_SAMPLES
+
+    return {"litert": min(samples, MAX_CALIBRATION_SAMPLES), "onnxruntime": min(samples, CALIB_SAMPLES),
+            "tensorrt": min(samples, CALIB_SAMPLES)}
+
+
+def _check_train(train: Dataset, source: Source) -> None:
+    """Check ``--train`` can fine-tune ``source`` as pruning does: a single-input, single-output Keras
+    classifier trained with sparse cross-entropy on one integer class per sample.
+
+    Raises:
+        InputError: no ``y``, ``y`` not one integer per sample (one-hot rows, floats), a class the
+            model's output does not have, or a model with several inputs or outputs (the message
+            names the file and says what to do).
+    """
+    where = f"{train.path}: --train"
+    y = train.labels.get("y")
+    if y is None:
+        raise InputError(f"{where} needs integer class labels y (fine-tuning trains a classifier)")
+    if not np.issubdtype(y.dtype, np.integer) or int(np.prod(y.shape[1:])) != 1:
+        raise InputError(f"{where} labels 'y' have shape {y.shape} and dtype {y.dtype}; fine-tuning needs one integer "
+                         "class per sample (save y.argmax(axis=1) for one-hot rows)")
+    if source.keras_model is None:
+        return  # pruning, the only user of --train, needs the Keras model and says so per variant
+    if len(source.inputs) != 1 or len(source.outputs) != 1:
+        raise InputError(f"{where}: fine-tuning after pruning takes a model with one input and one output (this one has "
+                         f"inputs {', '.join(source.inputs)} and outputs {', '.join(source.outputs)}); leave --train out "
+                         "to build the pruned variants without fine-tuning")
+    classes = int(source.keras_model.outputs[0].shape[-1] or 0)
+    bad = np.flatnonzero((y.reshape(-1) < 0) | (y.reshape(-1) >= classes))
+    if len(bad):
+        raise InputError(f"{where} labels 'y' hold class {int(y.reshape(-1)[bad[0]])} at sample {int(bad[0])}, but the "
+                         f"model's output has {classes} classes (0..{classes - 1}); give class indices of that output")
+
+
 def _prepared(source: Source) -> Graph | bytes:
     """Return what every variant of ``source`` is made from: its TensorFlow graph, or for a
     ``.tflite`` its float32 rewrite (:func:`~edge_kit.compiler.tflite_edit.as_float32`).
@@ -239,7 +284,7 @@ def _build(plan: _Plan, source: Source, graph: Callable[[], Graph | bytes], req:
     if spec.pruning:
         from edge_kit.compiler import pruning
 
-        train_xy = (next(iter(train.x.values())), train.labels["y"]) if train is not None else None
+        train_xy = (next(iter(train.x.values())), train.labels["y"].reshape(-1)) if train is not None else None
         prune = pruning.magnitude_prune if spec.pruning == "magnitude" else pruning.channel_prune
         model = prune(source.keras_model, spec.sparsity, train_xy, epochs=req.epochs)
         if train is not None:
@@ -433,11 +478,19 @@ def compile_model(req: CompileRequest, progress: Progress | None = None) -> Mani
     scorer = metric.scorer()
     if evalset is not None:
         scorer.check(evalset.labels, len(evalset), str(evalset.path))
-    if train is not None and "y" not in train.labels:
-        raise InputError(f"{train.path}: --train needs integer class labels y (fine-tuning trains a classifier)")
+    if train is not None:
+        _check_train(train, source)
     calib_noise = noise_warning(calib) if calib is not None else None
-    if calib_noise:
-        warnings.warn(calib_noise, stacklevel=2)
+    checks: dict[str, dict[str, Any]] = {"calib": {}, "train": {}, "eval": {}}  # recorded with each file in the manifest
+    for role, data in (("calib", calib), ("train", train)):
+        if data is not None and evalset is not None:
+            checks[role]["eval_overlap"] = shared = shared_samples(data, evalset)
+            checks[role]["eval_overlap_warning"] = leak_warning(data, role, evalset, shared)
+    if calib is not None and evalset is not None:
+        checks["calib"]["eval_range_warning"] = range_warning(calib, evalset)
+    for said in (calib_noise, *(w for c in checks.values() for k, w in c.items() if k.endswith("warning"))):
+        if said:
+            warnings.warn(said, stacklevel=2)
 
     runtime = get_runtime("litert")
     method = f"measured on host with LiteRT {runtime.version()} interpreter (XNNPACK, {req.threads} thread(s))"
@@ -500,9 +553,15 @@ def compile_model(req: CompileRequest, progress: Progress | None = None) -> Mani
         from device_agents.errors import MetricError
 
         try:
-            scorer.score(reference, evalset.labels)
+            scored = scorer.score(reference, evalset.labels)
         except MetricError as exc:
             raise MetricError(f"{exc} (scoring the fp32 variant's outputs on {evalset.path.name}); nothing was written") from None
+        if scored["value"] == 0:  # a model that scores nothing at all is far likelier fed mismatched labels
+            checks["eval"]["warning"] = said = (
+                f"{evalset.path}: the fp32 variant scores {scored['metric']} 0 on it, so every variant will: the labels "
+                "probably do not match the outputs (class indices of another output, boxes in pixels for outputs in "
+                "0..1 or the other way round, another class numbering); check them against the fp32 outputs")
+            warnings.warn(said, stacklevel=2)
 
     for plan in plans.values():
         step(f"measuring {plan.spec.id}")
@@ -548,11 +607,12 @@ def compile_model(req: CompileRequest, progress: Progress | None = None) -> Mani
     manifest = Manifest(
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         model=source.record(),
-        calibration={**calib.record(), "warning": calib_noise} if calib else None,
+        calibration={**calib.record(), "samples_used": _calibration_used(len(calib)), "warning": calib_noise,
+                     **checks["calib"]} if calib else None,
         eval={**evalset.record(), **metric.record(), "file": EVAL_FILE, "sha256": sha256_bytes(extra[EVAL_FILE]),
               "metric": scorer.task.headline if scorer.task is not None and scorer.user is None else None,
-              "reference": "fp32" if reference is not None else None} if evalset else None,
-        train=train.record() if train else None,
+              "reference": "fp32" if reference is not None else None, **checks["eval"]} if evalset else None,
+        train={**train.record(), **checks["train"]} if train else None,
         versions={**_versions(), **(_onnx_versions() if source.kind == "onnx" or onnx_built else {}),
                   **({"tf2onnx": _version_of("tf2onnx")} if "onnx_export" in shared else {})},
         profiles={p.name: {"description": p.description, "accelerator": p.hardware.accelerator,

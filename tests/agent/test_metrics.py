@@ -19,6 +19,20 @@ def test_classification_top1_and_top5():
     assert got["metric"] == "top1" and got["value"] == 0.5 and got["figures"]["top5"] == 0.75
 
 
+def test_one_hot_class_labels_are_a_one_line_error_not_a_crash_or_a_wrong_top1():
+    """Integer one-hot rows passed the label check and then failed to broadcast against the argmax (a
+    traceback), or, with as many samples as classes, were scored as N*N labels."""
+    scorer = MetricSpec.build("classification").scorer()
+    onehot = np.eye(10, dtype=np.int64)[[1, 2, 3, 4]]
+    with pytest.raises(MetricError, match=r"eval.npz: labels 'y' have shape \(4, 10\).*y.argmax\(axis=1\)"):
+        scorer.check({"y": onehot}, 4, "eval.npz")
+    with pytest.raises(MetricError, match="one integer class per sample"):
+        scorer.score({"logits": np.eye(10)[[1, 2, 3, 4]]}, {"y": onehot})
+    column = np.array([[1], [2], [3], [4]])  # [N, 1] is one class per sample
+    scorer.check({"y": column}, 4, "eval.npz")
+    assert scorer.score({"logits": np.eye(10)[[1, 2, 3, 0]]}, {"y": column})["value"] == 0.75
+
+
 def _coco_map(preds, truths):
     """mAP with pycocotools, the reference implementation, on the same boxes."""
     from pycocotools.coco import COCO
@@ -70,6 +84,36 @@ def test_detection_map_matches_pycocotools(seed):
     assert 0.05 < ours["map"] < 0.95  # a scene where the figure can move both ways
 
 
+def test_detection_map_caps_detections_per_image_and_class_as_pycocotools():
+    """COCOeval keeps the 100 best detections of each class in an image, not 100 over all classes: with
+    150 per image, most of them confident class 0/1 ones, capping over all classes drops class 2's."""
+    rng = np.random.default_rng(0)
+    truths, preds = [], []
+    for _ in range(4):
+        tl = rng.uniform(0, 60, (30, 2))
+        boxes = np.concatenate([tl, tl + rng.uniform(8, 40, (30, 2))], axis=1)
+        classes = rng.integers(0, 3, 30)
+        truths.append({"boxes": boxes, "classes": classes})
+        pick = rng.integers(0, 30, 150)
+        pclasses = classes[pick]
+        scores = np.where(pclasses == 2, rng.uniform(0, 0.3, 150), rng.uniform(0.3, 1, 150))
+        preds.append({"boxes": boxes[pick] + rng.normal(0, 2, (150, 4)), "classes": pclasses, "scores": scores})
+    ours = mean_average_precision(preds, truths)
+    coco_map, coco_map50 = _coco_map(preds, truths)
+    assert ours["map"] == pytest.approx(coco_map, abs=1e-6) and ours["map50"] == pytest.approx(coco_map50, abs=1e-6)
+
+
+def test_detection_rounds_class_ids_an_int8_output_dequantizes_slightly_off():
+    """A classes output dequantized from int8 reads 0.98 for class 1; truncated, every box scored as class 0."""
+    boxes = np.array([[[0.1, 0.1, 0.4, 0.4], [0.5, 0.5, 0.9, 0.9]]])
+    labels = {"boxes": boxes, "classes": np.array([[1, 2]])}
+    scorer = MetricSpec.build("detection").scorer()
+    exact = {"boxes": boxes, "classes": np.array([[1.0, 2.0]]), "scores": np.array([[0.9, 0.8]]), "count": np.array([2.0])}
+    off = {**exact, "classes": np.array([[0.98, 2.03]])}
+    assert scorer.score(exact, labels)["value"] == pytest.approx(1.0)
+    assert scorer.score(off, labels)["figures"] == scorer.score(exact, labels)["figures"]
+
+
 def test_detection_reads_the_postprocess_layout_and_refuses_raw_anchors():
     boxes = np.array([[[0.1, 0.1, 0.5, 0.5], [0, 0, 0, 0]]])
     outputs = {"boxes": boxes, "classes": np.array([[2.0, 0.0]]), "scores": np.array([[0.9, 0.1]]), "count": np.array([1.0])}
@@ -118,6 +162,32 @@ def test_segmentation_miou_and_pixel_accuracy():
     assert got["value"] == 1.0
     got = MetricSpec.build("segmentation").scorer().score(nchw, {"mask": np.array([[[1, 0], [1, 1]]])})
     assert got["figures"]["pixel_accuracy"] == pytest.approx(3 / 4)
+
+
+@pytest.mark.parametrize("h, w", [(16, 24), (20, 20)])
+def test_segmentation_reads_multi_class_scores_channels_first_as_onnx_models_give_them(h, w):
+    """[N, C, H, W] class scores (a PyTorch model through ONNX) were argmaxed over W: mIoU 0.005 for 0.76."""
+    rng = np.random.default_rng(0)
+    mask = rng.integers(0, 3, (4, h, w))
+    scores = rng.normal(size=(4, h, w, 3))
+    np.put_along_axis(scores, mask[..., None], np.take_along_axis(scores, mask[..., None], -1) + 2.0, -1)
+    scorer = MetricSpec.build("segmentation").scorer()
+    nhwc = scorer.score({"seg": scores}, {"mask": mask})["figures"]
+    assert 0.5 < nhwc["miou"] < 0.95
+    assert scorer.score({"seg": np.moveaxis(scores, -1, 1)}, {"mask": mask})["figures"] == nhwc
+    half = np.moveaxis(scores[:, ::2, ::2], -1, 1)  # a half-size NCHW map is resized to the mask as well
+    assert scorer.score({"seg": half}, {"mask": mask[:, ::2, ::2]})["figures"] == \
+        scorer.score({"seg": scores[:, ::2, ::2]}, {"mask": mask[:, ::2, ::2]})["figures"]
+
+
+def test_segmentation_miou_leaves_out_classes_absent_from_labels_and_predictions():
+    """Class 1 appears nowhere: the mean is over classes 0 and 2, not 0 for class 1 (nor 1)."""
+    mask = np.array([[[0, 0, 2, 2], [0, 0, 2, 2]]])
+    scores = np.zeros((1, 2, 4, 3))
+    scores[0, :, [0, 1, 2], [0, 0, 2]] = 1
+    scores[0, :, 3, 0] = 1  # the class-2 pixels of column 3 read as 0
+    got = MetricSpec.build("segmentation").scorer().score({"seg": scores}, {"mask": mask})["figures"]
+    assert got["miou"] == pytest.approx((4 / 6 + 2 / 4) / 2) and got["pixel_accuracy"] == pytest.approx(6 / 8)
 
 
 def test_keypoints_pck_and_mean_error():

@@ -79,9 +79,62 @@ def test_calibration_that_looks_like_noise_is_named(tmp_path):
     assert noise_warning(load_dataset(real, "calib", {"img": (32, 32, 3)}, labels=False)) is None
 
 
+def test_channels_first_calibration_that_looks_like_noise_is_named_too(tmp_path):
+    """[N, 3, H, W] inputs (PyTorch models through ONNX) were never checked: their 'height' was the 3 channels."""
+    from edge_kit.compiler.data import noise_warning
+
+    rng = np.random.default_rng(0)
+    noise = save(tmp_path / "noise.npz", x=rng.uniform(-1, 1, (120, 3, 32, 32)))
+    warning = noise_warning(load_dataset(noise, "calib", {"img": (3, 32, 32)}, labels=False))
+    assert warning and "input 'img' looks like noise" in warning
+    real = save(tmp_path / "real.npz", x=np.cumsum(rng.normal(size=(120, 3, 32, 32)), axis=3))
+    assert noise_warning(load_dataset(real, "calib", {"img": (3, 32, 32)}, labels=False)) is None
+
+
 @pytest.mark.parametrize("role", ["eval", "train", "calib"])
 def test_a_file_with_no_samples_is_refused_not_taken_for_no_file(tmp_path, role):
     """Once an empty --eval or --train compiled with exit 0 as if the option was not given (an empty Dataset is falsy)."""
     p = save(tmp_path / "e.npz", x=np.zeros((0, 8, 8, 1), np.float32), y=np.zeros(0, np.int64))
     with pytest.raises(InputError, match=f"e.npz: --{role} has no samples"):
         load_dataset(p, role, {"x": (8, 8, 1)}, labels=role != "calib")
+
+
+def test_calibration_or_training_samples_found_in_eval_are_counted_and_warned(tmp_path):
+    """Calibrating (or fine-tuning) on the eval samples flattered int8 accuracy without a word."""
+    from edge_kit.compiler.data import leak_warning, shared_samples
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(size=(120, 4, 4, 1)).astype(np.float32)
+    ev = load_dataset(save(tmp_path / "e.npz", x=x[:40], y=np.zeros(40, np.int64)), "eval", {"x": (4, 4, 1)}, labels=True)
+    calib = load_dataset(save(tmp_path / "c.npz", x=x[25:]), "calib", {"x": (4, 4, 1)}, labels=False)
+    assert shared_samples(calib, ev) == 15
+    said = leak_warning(calib, "calib", ev, 15)
+    assert said.startswith(f"{tmp_path / 'c.npz'}: 15 of the 95 --calib samples are also in --eval e.npz")
+    assert "flatter the int8 accuracy" in said and "held out from --eval" in said
+    held_out = load_dataset(save(tmp_path / "h.npz", x=x[40:]), "calib", {"x": (4, 4, 1)}, labels=False)
+    assert shared_samples(held_out, ev) == 0 and leak_warning(held_out, "calib", ev, 0) is None
+
+
+def test_eval_inputs_outside_the_calibrated_range_are_warned(tmp_path):
+    """Eval images in 0..255 against a model calibrated on 0..1: int8 clips them, and nothing said so."""
+    from edge_kit.compiler.data import range_warning
+
+    rng = np.random.default_rng(0)
+    shape = {"x": (4, 4, 1)}
+    calib = load_dataset(save(tmp_path / "c.npz", x=rng.uniform(size=(120, 4, 4, 1))), "calib", shape, labels=False)
+    same = load_dataset(save(tmp_path / "e.npz", x=rng.uniform(size=(30, 4, 4, 1)), y=np.zeros(30, np.int64)),
+                        "eval", shape, labels=True)
+    assert range_warning(calib, same) is None
+    scaled = load_dataset(save(tmp_path / "s.npz", x=255 * rng.uniform(size=(30, 4, 4, 1)), y=np.zeros(30, np.int64)),
+                          "eval", shape, labels=True)
+    said = range_warning(calib, scaled)
+    assert said.startswith(f"{tmp_path / 's.npz'}: 99.") and "of --eval input 'x' lies outside the range of --calib c.npz" in said
+    assert "preprocess both files the same way" in said
+
+
+def test_an_input_beyond_float32s_range_is_refused_not_turned_into_infinity(tmp_path):
+    """A float64 1e39 passed the NaN/infinity check and became inf in float32, which the converter crashed on."""
+    x = np.random.default_rng(0).uniform(size=(12, 4))
+    x[3, 2] = -1e39
+    with pytest.raises(InputError, match=r"d.npz: --calib key 'x' holds -1e\+39 at index \[3, 2\], beyond float32's range"):
+        load_dataset(save(tmp_path / "d.npz", x=x), "calib", {"x": (4,)}, labels=False)

@@ -272,3 +272,38 @@ def test_a_raw_keras_op_inside_a_pruned_group_is_refused_as_an_operation():
     model = keras.Model(inp, layers.Dense(2)(layers.GlobalAveragePooling2D()(x)))
     with pytest.raises(CompileError, match=r"operation 'relu' \(keras.ops Relu\)"):
         channel_prune(model, 0.5)
+
+
+def _zero_share(model) -> float:
+    from edge_kit.compiler.pruning import _prunable_kernels
+
+    ws = [np.asarray(k.numpy()) for k in _prunable_kernels(model)]
+    return sum(int(np.sum(w == 0)) for w in ws) / sum(w.size for w in ws)
+
+
+def test_magnitude_pruning_reaches_kernels_inside_a_nested_backbone():
+    """A backbone used as a layer (Sequential([base, head])) was skipped: '50 %' pruned only the head."""
+    from edge_kit.compiler.pruning import _prunable_kernels, magnitude_prune
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((12, 12, 3))
+    x = layers.DepthwiseConv2D(3, padding="same")(layers.Conv2D(16, 3, padding="same")(inp))
+    x = layers.SeparableConv2D(16, 3, padding="same")(x)
+    base = keras.Model(inp, layers.GlobalAveragePooling2D()(x), name="base")
+    model = keras.Sequential([keras.Input((12, 12, 3)), base, layers.Dense(10)])
+    pruned = magnitude_prune(model, 0.5)
+    assert _zero_share(pruned) == pytest.approx(0.5, abs=0.01)
+    shares = [float(np.mean(np.asarray(k.numpy()) == 0)) for k in _prunable_kernels(pruned)]
+    assert len(shares) == 5 and all(s == pytest.approx(0.5, abs=0.02) for s in shares)  # conv, dw, sep x2, dense
+    assert _zero_share(model) == 0.0  # the source model is left as it was
+
+
+def test_magnitude_pruning_zeroes_exactly_the_share_asked_when_weights_repeat():
+    """Weights with repeated values (a dequantized or constant-initialised model) were pruned past the
+    threshold's ties: '50 %' of an all-equal kernel zeroed all of it."""
+    from edge_kit.compiler.pruning import magnitude_prune
+
+    model = keras.Sequential([keras.Input((8,)), layers.Dense(6, kernel_initializer="ones"),
+                              layers.Dense(4, kernel_initializer=keras.initializers.Constant(0.25))])
+    pruned = magnitude_prune(model, 0.5)
+    assert [float(np.mean(np.asarray(layer.kernel.numpy()) == 0)) for layer in pruned.layers] == [0.5, 0.5]

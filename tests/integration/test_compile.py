@@ -321,3 +321,36 @@ def test_broken_outputs_names_the_first_output_and_sample():
     assert list(broken_outputs({"fp32": ok, "int8": bad}, None)) == ["int8"]
     assert "output 'z' holds NaN or infinity (first at sample 2)" in broken_outputs({"fp32": ok, "int8": bad}, None)["int8"]
     assert broken_outputs({"fp32": bad, "int8": bad}, None) == {}  # fp32 itself is not finite: judged before
+
+
+def test_calibrating_or_fine_tuning_on_the_eval_set_is_warned_and_recorded(digits_files, tmp_path):
+    """--calib (or --train) holding the --eval samples flattered accuracy without a word; held-out data counts 0."""
+    profile = load_profile("rpi4").model_copy(update={"variants": ["fp32"]})
+    with pytest.warns(UserWarning) as said:
+        m = compile_model(CompileRequest(digits_files.model, [profile], tmp_path / "leak", calib=digits_files.eval,
+                                         eval=digits_files.eval, train=digits_files.eval))
+    samples = m.eval["samples"]
+    assert m.calibration["eval_overlap"] == samples and m.train["eval_overlap"] == samples
+    assert m.calibration["samples_used"] == {"litert": samples, "onnxruntime": 256, "tensorrt": 256}  # first N, file order
+    assert "flatter the int8 accuracy" in m.calibration["eval_overlap_warning"]
+    assert "fine-tuned on eval samples" in m.train["eval_overlap_warning"]
+    assert {str(w.message) for w in said} >= {m.calibration["eval_overlap_warning"], m.train["eval_overlap_warning"]}
+    m = compile_model(CompileRequest(digits_files.model, [profile], tmp_path / "held", calib=digits_files.calib,
+                                     eval=digits_files.eval, train=digits_files.train))
+    assert m.calibration["eval_overlap"] == 0 and m.calibration["eval_overlap_warning"] is None
+    assert m.train["eval_overlap"] == 0 and m.calibration["eval_range_warning"] is None
+
+
+def test_labels_the_fp32_variant_scores_zero_on_are_warned_and_recorded(digits_files, tmp_path):
+    """Labels in another numbering than the outputs gave top-1 0 % for every variant and no word."""
+    import keras
+
+    data = dict(np.load(digits_files.eval))
+    predicted = keras.models.load_model(digits_files.model, compile=False).predict(data["x"], verbose=0).argmax(1)
+    np.savez(tmp_path / "e.npz", x=data["x"], y=(predicted + 1) % 10)  # never the class the model gives
+    profile = load_profile("rpi4").model_copy(update={"variants": ["fp32"]})
+    with pytest.warns(UserWarning, match=r"e.npz: the fp32 variant scores top1 0 on it, so every variant will"):
+        m = compile_model(CompileRequest(digits_files.model, [profile], tmp_path / "o", eval=tmp_path / "e.npz"))
+    assert m.artifact("fp32").accuracy.value == 0.0 and "labels probably do not match" in m.eval["warning"]
+    m = compile_model(CompileRequest(digits_files.model, [profile], tmp_path / "o", eval=digits_files.eval))
+    assert "warning" not in m.eval

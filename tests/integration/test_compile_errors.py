@@ -88,6 +88,38 @@ def test_too_few_and_few_calibration_samples(digits_files, tmp_path, run_cli):
     assert code == 0 and "edgekit: warning:" in err and "only 40 calibration samples" in err
 
 
+@pytest.mark.parametrize("labels, said", [
+    (np.eye(10, dtype=np.int64)[np.arange(120) % 10], "labels 'y' have shape (120, 10) and dtype int64; fine-tuning "
+     "needs one integer class per sample (save y.argmax(axis=1) for one-hot rows)"),
+    (np.arange(120) % 11, "labels 'y' hold class 10 at sample 10, but the model's output has 10 classes (0..9)"),
+])
+def test_train_labels_fine_tuning_cannot_use_are_one_line_before_anything_is_built(digits_files, tmp_path, run_cli,
+                                                                                   labels, said):
+    """One-hot rows or a class the output lacks once crashed Keras' fit with a traceback, after the other variants."""
+    train = tmp_path / "t.npz"
+    np.savez(train, x=np.random.default_rng(0).uniform(size=(120, 8, 8, 1)).astype(np.float32), y=labels)
+    code, _, err = run_cli("compile", digits_files.model, "-p", "rpi4", "--calib", digits_files.calib,
+                           "--train", train, "--out", tmp_path / "o")
+    assert f"t.npz: --train {said}" in one_line_error(code, err)
+    assert not (tmp_path / "o").exists()
+
+
+def test_train_on_a_two_input_model_is_one_line_not_a_keras_traceback(tmp_path, run_cli):
+    """Fine-tuning fed the first input only: Keras' fit raised on a two-input model, a traceback."""
+    import keras
+
+    a, b = keras.Input((4,), name="a"), keras.Input((4,), name="b")
+    keras.Model([a, b], keras.layers.Dense(3)(keras.layers.Concatenate()([a, b]))).save(tmp_path / "two.keras")
+    train = tmp_path / "t.npz"
+    rng = np.random.default_rng(0)
+    np.savez(train, **{"x.a": rng.normal(size=(120, 4)), "x.b": rng.normal(size=(120, 4))}, y=np.arange(120) % 3)
+    code, _, err = run_cli("compile", tmp_path / "two.keras", "-p", "rpi4", "--calib", train, "--train", train,
+                           "--out", tmp_path / "o")
+    line = one_line_error(code, err)
+    assert "t.npz: --train: fine-tuning after pruning takes a model with one input and one output" in line
+    assert "leave --train out" in line and not (tmp_path / "o").exists()
+
+
 def test_unwritable_output_folder(digits_files, tmp_path, run_cli):
     blocker = tmp_path / "file"
     blocker.write_text("x")
