@@ -108,6 +108,12 @@ class HostKeyError(DeployError):
     """The device's SSH host key is unknown or has changed."""
 
 
+def known_hosts_name(host: str, port: int) -> str:
+    """Return the name a host key is filed under in ``known_hosts``: ``host`` on port 22, else ``[host]:port``
+    (as OpenSSH and paramiko write and look it up)."""
+    return host if port == 22 else f"[{host}]:{port}"
+
+
 class _RecordNewKey(paramiko.MissingHostKeyPolicy):
     """Accept a host key seen for the first time and append it to ``known_hosts``."""
 
@@ -115,11 +121,20 @@ class _RecordNewKey(paramiko.MissingHostKeyPolicy):
         self.path = path
 
     def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
-        with _known_hosts_lock:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
+        try:
+            with _known_hosts_lock:
+                if not self.path.parent.is_dir():
+                    self.path.parent.mkdir(mode=0o700, parents=True)  # ~/.ssh: the owner's alone, as ssh makes it
+                # one write() of one line with O_APPEND: deploys in other processes appending at once lose nothing
+                with open(self.path, "a", encoding="utf-8") as f:
+                    f.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
+        except OSError as exc:
+            raise _KnownHostsUnwritable(exc.strerror or str(exc)) from None
         client.get_host_keys().add(hostname, key.get_name(), key)
+
+
+class _KnownHostsUnwritable(Exception):
+    """Raised inside paramiko's connect by :class:`_RecordNewKey`; mapped to HostKeyError with the device."""
 
 
 class _RefuseNewKey(paramiko.MissingHostKeyPolicy):
@@ -131,6 +146,27 @@ class _RefuseNewKey(paramiko.MissingHostKeyPolicy):
 
 class _UnknownHostKey(Exception):
     """Raised inside paramiko's connect by :class:`_RefuseNewKey`; mapped to HostKeyError with the device."""
+
+
+def _load_known_hosts(client: paramiko.SSHClient, path: Path) -> None:
+    """Load ``path`` (when it exists) into ``client`` as the host keys to check against.
+
+    Raises:
+        HostKeyError: the file cannot be read, or a line holds a key that is not one (with its line number).
+    """
+    with _known_hosts_lock:
+        if not path.exists():
+            return
+        try:
+            client.load_host_keys(str(path))
+        except OSError as exc:
+            raise HostKeyError(f"{path}: cannot read the SSH known_hosts file ({exc.strerror or exc}); "
+                               "make it a readable file, or set known_hosts in the fleet file") from None
+        except paramiko.hostkeys.InvalidHostKey as exc:
+            text = path.read_text(encoding="utf-8", errors="replace").splitlines()
+            number = next((i for i, ln in enumerate(text, 1) if ln.strip() == str(exc.line).strip()), None)
+            raise HostKeyError(f"{path}{f':{number}' if number else ''}: not a valid host key line "
+                               f"({str(exc.line)[:60]!r}); remove or fix it (ssh-keyscan gives the right line)") from None
 
 
 class DeviceShell:
@@ -152,10 +188,7 @@ class DeviceShell:
             kwargs["key_filename"] = str(dev.key.expanduser())
         self.conn = Connection(dev.host, user=dev.user, port=dev.port, connect_timeout=CONNECT_TIMEOUT_S,
                                connect_kwargs=kwargs)
-        client = paramiko.SSHClient()
-        with _known_hosts_lock:
-            if self.known_hosts.exists():
-                client.load_host_keys(str(self.known_hosts))
+        client = paramiko.SSHClient()  # the host keys are loaded on enter (a bad known_hosts fails there)
         client.set_missing_host_key_policy(_RecordNewKey(self.known_hosts) if trust_new else _RefuseNewKey())
         self.conn.client = client
 
@@ -179,14 +212,23 @@ class DeviceShell:
     def _connect(self) -> None:
         where = f"{self.dev.name} ({self.dev.user}@{self.dev.host}:{self.dev.port})"
         try:
+            _load_known_hosts(self.conn.client, self.known_hosts)
+        except HostKeyError as exc:
+            raise HostKeyError(f"{self.dev.name}: {exc}") from None
+        name = known_hosts_name(self.dev.host, self.dev.port)
+        try:
             self.conn.connect_kwargs["sock"] = open_socket(self.dev.host, self.dev.port)
             self.conn.open()
         except paramiko.BadHostKeyException:
-            raise HostKeyError(f"{where}: host key differs from the one in {self.known_hosts}; refusing "
-                               f"(if the device was reinstalled: ssh-keygen -f {self.known_hosts} -R '[{self.dev.host}]:{self.dev.port}')") from None
+            raise HostKeyError(f"{where}: host key differs from the one in {self.known_hosts}; refusing (someone may be "
+                               "impersonating the device; if it was reinstalled, remove the old key: "
+                               f"{shlex.join(['ssh-keygen', '-f', str(self.known_hosts), '-R', name])})") from None
+        except _KnownHostsUnwritable as exc:
+            raise HostKeyError(f"{where}: cannot record its new host key in {self.known_hosts} ({exc}); make it "
+                               "writable, or add the key yourself (ssh-keyscan)") from None
         except _UnknownHostKey:
             raise HostKeyError(f"{where}: host key is not in {self.known_hosts}; check it and add it "
-                               "(ssh-keyscan), or rerun with --trust-new-hosts to record it") from None
+                               f"(ssh-keyscan -p {self.dev.port} {shlex.quote(self.dev.host)}), or rerun with --trust-new-hosts to record it") from None
         except paramiko.SSHException as exc:
             raise DeployError(f"{where}: SSH failed: {_why(exc)}") from None
         except OSError as exc:

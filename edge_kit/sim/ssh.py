@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edge_kit.errors import EdgeKitError
+from edge_kit.fleet.ssh import known_hosts_name
 from edge_kit.sim.broker import START_TIMEOUT_S, free_port, wait_port
 from edge_kit.sim.process import stop_process
 
@@ -49,8 +50,7 @@ def write_keypair(path: Path, comment: str = "edge-kit") -> str:
 def known_hosts_line(host: str, port: int, public_line: str) -> str:
     """Return the ``known_hosts`` entry for a host key served on ``host:port``."""
     kind, blob = public_line.split()[:2]
-    name = host if port == 22 else f"[{host}]:{port}"
-    return f"{name} {kind} {blob}"
+    return f"{known_hosts_name(host, port)} {kind} {blob}"
 
 
 def find_sshd() -> str | None:

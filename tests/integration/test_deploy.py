@@ -129,6 +129,53 @@ def test_host_keys_unknown_refused_trusted_on_request_and_a_changed_key_always_r
     assert code == 4 and "host key differs" in json.loads(out)["devices"][0]["reason"]
 
 
+def test_a_bad_known_hosts_file_is_named_and_the_changed_key_hint_works(sim, tmp_path):
+    """An unreadable, corrupt or unwritable known_hosts file fails the device with a line naming that
+    file (not 'unexpected ...' nor 'unreachable'), and the command a changed key's message gives, once
+    run, lets --trust-new-hosts record the device's real key."""
+    import shlex
+    import subprocess
+
+    from edge_kit.errors import DeployError
+    from edge_kit.fleet.ssh import HostKeyError, known_hosts_name
+
+    _, fleet = sim(1)
+    dev = fleet.devices[0]
+
+    def refusal(known: Path, trust_new: bool = False) -> str:
+        with pytest.raises(DeployError) as caught:
+            with DeviceShell(dev, known, trust_new):
+                pass
+        assert isinstance(caught.value, HostKeyError), caught.value
+        return str(caught.value)
+
+    folder = tmp_path / "kh-dir"
+    folder.mkdir()
+    assert refusal(folder).startswith(f"{dev.name}: {folder}: cannot read the SSH known_hosts file")
+    corrupt = tmp_path / "kh-corrupt"
+    corrupt.write_text("# mine\n[10.9.9.9]:22 ssh-ed25519 AAAA!!!notbase64\n")
+    assert refusal(corrupt).startswith(f"{dev.name}: {corrupt}:2: not a valid host key line")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    why = refusal(blocker / "known_hosts", trust_new=True)
+    assert f"cannot record its new host key in {blocker / 'known_hosts'}" in why and "unreachable" not in why
+
+    known = tmp_path / "known_hosts"
+    other = write_keypair(tmp_path / "impostor")  # the device "changed" its key
+    known.write_text("pi-9 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl\n"
+                     + known_hosts_line("127.0.0.1", dev.port, other) + "\n")
+    why = refusal(known, trust_new=True)
+    assert "host key differs" in why
+    hint = why.split("remove the old key: ", 1)[1].rstrip(")")
+    subprocess.run(shlex.split(hint), check=True, capture_output=True, timeout=30)
+    with DeviceShell(dev, known, trust_new=True):
+        pass
+    lines = known.read_text().splitlines()
+    assert lines[0].startswith("pi-9 ") and len(lines) == 2  # the other host's key is kept
+    assert lines[1].startswith(f"[127.0.0.1]:{dev.port} ssh-ed25519 ") and other.split()[1] not in lines[1]
+    assert known_hosts_name("10.0.0.21", 22) == "10.0.0.21"  # as OpenSSH files a port-22 host
+
+
 def test_bad_inputs_are_per_device_errors_and_devices_keep_their_model(sim, digits_artifacts, digits_artifacts_v2,
                                                                       tmp_path, run_cli):
     simfleet, fleet = sim(3)
