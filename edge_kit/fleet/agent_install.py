@@ -23,6 +23,7 @@ import io
 import json
 import tarfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +45,7 @@ from device_agents.unit import render_unit
 from edge_kit.errors import ConfigError, DeployError
 from edge_kit.fleet.broker_setup import OPERATOR_USER
 from edge_kit.fleet.inventory import Device, Fleet
-from edge_kit.fleet.ssh import DeviceShell
+from edge_kit.fleet.ssh import RESTART_PENDING, DeviceShell
 from edge_kit.profiles import load_profile
 from edgekit_protocol.config import (
     AgentConfig,
@@ -196,6 +197,14 @@ def ensure_agent(shell: DeviceShell, fleet: Fleet) -> AgentState:
     dev, info = shell.dev, shell.info
     root = shell.root
     changed: list[str] = []
+    marked = info["restart_pending"]
+
+    def before_change() -> None:  # the marker goes first: a cut after any write still restarts next time
+        nonlocal marked
+        if not marked:
+            shell.put(b"a deploy changed the agent's files; the next deploy restarts it\n", f"{root}/{RESTART_PENDING}")
+            marked = True
+
     data, sha, files = agent_bundle()
     operator = fleet.key_store().operator
     why = _code_state(shell, Keyring(operators=[operator.public]))
@@ -204,11 +213,12 @@ def ensure_agent(shell: DeviceShell, fleet: Fleet) -> AgentState:
         if facts["missing"]:
             raise DeployError(f"{dev.name}: the device's Python ({facts['python']}) lacks {', '.join(facts['missing'])}; "
                               f"install: {facts['python']} -m pip install numpy pyyaml paho-mqtt cryptography ai-edge-litert")
+        before_change()
         part = shell.put(data, f"{root}/incoming/agent-{sha[:12]}.tar.gz", rename=False)
         signed = json.dumps(operator.sign(codecheck.code_manifest(files, sha)), indent=1)
         shell.run([dev.python, "-c", _INSTALL_BUNDLE, part, sha, root, signed])
         changed.append(f"agent {edge_kit.__version__} ({sha[:12]})" + ("" if why == "not installed" else f", reinstalled: {why}"))
-    changed += _ensure_identity(shell, fleet)
+    changed += _ensure_identity(shell, fleet, before_change)
     broker = dev.agent_broker or fleet.broker
     if broker.tls and broker.tls.ca:  # the CA the agent checks the broker's certificate against
         try:
@@ -216,15 +226,20 @@ def ensure_agent(shell: DeviceShell, fleet: Fleet) -> AgentState:
         except OSError as exc:
             raise ConfigError(f"fleet file, device {dev.name}: broker.tls.ca {broker.tls.ca}: {exc.strerror}") from None
         if info["broker_ca_sha256"] != hashlib.sha256(ca).hexdigest():
+            before_change()
             shell.put(ca, f"{root}/{BROKER_CA}")
             changed.append("broker CA")
     text, password = agent_config(fleet, dev)
     if password is not None and info["password_sha256"] != hashlib.sha256(password).hexdigest():
+        before_change()
         shell.put(password, f"{root}/mqtt.pass", mode=0o600)
         changed.append("broker password")
     if info["config_sha256"] != hashlib.sha256(text.encode()).hexdigest():
+        before_change()
         shell.put(text.encode(), f"{root}/agent.yaml", mode=0o600)
         changed.append("agent.yaml")
+    if info["restart_pending"] and not changed:
+        changed.append("an interrupted deploy's changes")
     # A simulated device shares the host's systemd with its siblings: it always gets the supervisor,
     # which `edgekit sim down` stops, and never touches the host's units.
     systemd = dev.user == "root" and info["systemd"] and not dev.simulated
@@ -240,12 +255,15 @@ def ensure_agent(shell: DeviceShell, fleet: Fleet) -> AgentState:
         shell.run([dev.python, "-B", "-m", "device_agents", "supervise", "--config", f"{root}/agent.yaml",
                    "--pidfile", f"{root}/agent.pid", "--log-file", f"{root}/agent.log"],
                   env={"PYTHONPATH": f"{root}/agent"}, background=True, cwd=f"{root}/agent")
+    if marked:
+        shell.remove(f"{root}/{RESTART_PENDING}")
     changed.append("service restarted" if running else "service started")
     return AgentState(changed, started)
 
 
-def _ensure_identity(shell: DeviceShell, fleet: Fleet) -> list[str]:
-    """Give the device its signing key (once) and the operator keys it accepts commands from.
+def _ensure_identity(shell: DeviceShell, fleet: Fleet, before_change: Callable[[], None]) -> list[str]:
+    """Give the device its signing key (once) and the operator keys it accepts commands from;
+    ``before_change`` is called before the first write to the device.
 
     A device without a key gets a fresh one, generated here, written over SSH (mode 600) and
     registered; this host keeps no copy. A device that has one is registered with the public key it
@@ -264,6 +282,7 @@ def _ensure_identity(shell: DeviceShell, fleet: Fleet) -> list[str]:
             public = None  # unreadable: give it a new key below
     if public is None:
         signer = Signer.generate()
+        before_change()
         shell.put(signer.pem(), f"{root}/identity/device.key", mode=0o600)
         shell.put((encode_key(signer.public) + "\n").encode(), f"{root}/identity/device.pub")
         public = signer.public
@@ -272,6 +291,7 @@ def _ensure_identity(shell: DeviceShell, fleet: Fleet) -> list[str]:
         changed.append(f"device key {key_id(public)} registered")
     pinned = keys.operators_json()
     if info["operators_sha256"] != hashlib.sha256(pinned).hexdigest():
+        before_change()
         shell.put(pinned, f"{root}/identity/operators.json")
         changed.append("operator key pinned")
     return changed

@@ -28,6 +28,9 @@ from edge_kit.fleet.inventory import Device
 CONNECT_TIMEOUT_S = 10
 COMMAND_TIMEOUT_S = 300
 _known_hosts_lock = threading.Lock()
+# Written (under the root) before a deploy changes what the agent runs (code, keys, config), removed once it
+# restarted the agent: a deploy cut off in between leaves it, and the next one restarts the agent.
+RESTART_PENDING = "restart.pending"
 
 
 # What only the device's Python can say: free space under the root, and which of the agent's
@@ -241,7 +244,8 @@ class DeviceShell:
 
         No command runs, so a device with nothing to change costs one SSH handshake: the absolute
         root, the agent bundle's sha256, hashes of its config and password file, whether its
-        supervisor's pid is alive, whether systemd runs, the installed models and the current one
+        supervisor's pid is alive, whether systemd runs, whether a deploy left a restart pending, the
+        installed models and the current one
         (the layout of :mod:`device_agents.store`).
 
         Raises:
@@ -289,6 +293,7 @@ class DeviceShell:
                 "operators_sha256": digest("identity/operators.json"),
                 "broker_ca_sha256": digest("identity/broker-ca.pem"),
                 "agent_pid": int(pid) if pid.isdigit() and exists(f"/proc/{pid}") else None,
+                "restart_pending": exists(f"{root}/{RESTART_PENDING}"),
                 "systemd": exists("/run/systemd/system"), "installed": installed, "current": current}
 
     @functools.cached_property
@@ -384,6 +389,19 @@ class DeviceShell:
                 pass
             raise DeployError(f"{self.dev.name}: upload of {Path(remote).name} failed ({_why(exc)})") from None
         return target if rename else part
+
+    def remove(self, remote: str) -> None:
+        """Remove a remote file (nothing when it does not exist).
+
+        Raises:
+            DeployError: the connection failed or the device refused.
+        """
+        try:
+            self.conn.sftp().remove(remote)
+        except FileNotFoundError:
+            pass
+        except _LINK_ERRORS as exc:
+            raise DeployError(f"{self.dev.name}: cannot remove {remote} ({_why(exc)})") from None
 
     def read(self, remote: str) -> bytes | None:
         """Return a remote file's content, or None when it does not exist."""

@@ -176,6 +176,39 @@ def test_a_bad_known_hosts_file_is_named_and_the_changed_key_hint_works(sim, tmp
     assert known_hosts_name("10.0.0.21", 22) == "10.0.0.21"  # as OpenSSH files a port-22 host
 
 
+def test_a_deploy_cut_after_changing_the_agent_config_restarts_it_next_time(sim, tmp_path, monkeypatch):
+    """A deploy that wrote a new agent.yaml and lost the device before restarting the agent left it
+    running the old config, and the next deploy found nothing to change; now the next one restarts it."""
+    from edge_kit.errors import DeployError
+    from edge_kit.fleet import agent_install
+
+    simfleet, fleet = sim(1)
+    dev = fleet.devices[0]
+    data = yaml.safe_load(simfleet.fleet_file.read_text())
+    data["devices"][0]["serve"] = {"max_clients": 7}  # a new agent.yaml
+    changed_file = tmp_path / "fleet-changed.yaml"
+    changed_file.write_text(yaml.safe_dump(data))
+    changed = load_fleet(changed_file)
+    pid = int((Path(dev.root) / "agent.pid").read_text())
+
+    def cut(*_args, **_kwargs):
+        raise DeployError(f"{dev.name}: SSH connection lost (cut by the test)")
+
+    with monkeypatch.context() as m:
+        m.setattr(agent_install, "_stop_supervisor", cut)
+        with DeviceShell(changed.devices[0], fleet.known_hosts) as shell, pytest.raises(DeployError, match="cut by the test"):
+            agent_install.ensure_agent(shell, changed)
+    assert "max_clients: 7" in (Path(dev.root) / "agent.yaml").read_text()
+    assert int((Path(dev.root) / "agent.pid").read_text()) == pid  # still the agent with the old config
+    with DeviceShell(changed.devices[0], fleet.known_hosts) as shell:
+        state = agent_install.ensure_agent(shell, changed)
+    assert state.restarted_at is not None and state.changed == ["an interrupted deploy's changes", "service restarted"]
+    assert not (Path(dev.root) / "restart.pending").exists()
+    assert wait_for(lambda: (Path(dev.root) / "agent.pid").read_text().strip() not in ("", str(pid)))
+    with DeviceShell(changed.devices[0], fleet.known_hosts) as shell:  # and then nothing more to do
+        assert agent_install.ensure_agent(shell, changed).changed == []
+
+
 def test_bad_inputs_are_per_device_errors_and_devices_keep_their_model(sim, digits_artifacts, digits_artifacts_v2,
                                                                       tmp_path, run_cli):
     simfleet, fleet = sim(3)
@@ -382,6 +415,21 @@ def test_operator_key_rotation_waits_for_every_device_then_switches_and_the_old_
         assert subprocess.run([sys.executable, "-I", "-B", "-c", f"import sys; sys.path.insert(0, {dev.root + '/agent'!r}); "
                                + check], cwd=dev.root, timeout=60).returncode == 0
     assert not list((Path(dev1.root) / "agent").glob(".*tmp"))  # no temporary file left in the checked folder
+
+
+def wait_for(check, timeout: float = 30.0) -> bool:
+    """Return True once ``check()`` is true (a missing file counts as not yet), False after ``timeout``."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return True
+        except FileNotFoundError:
+            pass
+        time.sleep(0.1)
+    return False
 
 
 def wait_gone(path: Path, timeout: float = 30.0) -> bool:
