@@ -318,8 +318,7 @@ def _stop_supervisor(shell: DeviceShell, pid: int) -> None:
 
 def _systemd_start(shell: DeviceShell, root: str) -> None:
     dev = shell.dev
-    unit = render_unit(Path(root) / "agent.yaml", python=dev.python, workdir=f"{root}/agent").replace(
-        "Environment=PYTHONUNBUFFERED=1", f"Environment=PYTHONUNBUFFERED=1 PYTHONPATH={root}/agent")
+    unit = render_unit(f"{root}/agent.yaml", python=dev.python, workdir=f"{root}/agent", env={"PYTHONPATH": f"{root}/agent"})
     shell.put(unit.encode(), "/etc/systemd/system/edgekit-agent.service")
     for argv in (["systemctl", "daemon-reload"], ["systemctl", "enable", "edgekit-agent"],
                  ["systemctl", "restart", "edgekit-agent"]):
