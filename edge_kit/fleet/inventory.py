@@ -45,7 +45,7 @@ _HOST = re.compile(rf"^{_HOST_LABEL}(\.{_HOST_LABEL})*\.?$")
 _LOGIN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}\$?$")  # a POSIX login name (useradd's, and Samba's '$')
 
 
-def _check_host(host: str) -> str:
+def check_host(host: str) -> str:
     """Return ``host`` when it is an IP address or a DNS name.
 
     Raises:
@@ -101,7 +101,7 @@ def _check_python(python: str) -> str:
     return python
 
 
-Host = Annotated[str, AfterValidator(_check_host)]
+Host = Annotated[str, AfterValidator(check_host)]
 Login = Annotated[str, AfterValidator(_check_login)]
 Root = Annotated[str, AfterValidator(_check_root)]
 Python = Annotated[str, AfterValidator(_check_python)]
