@@ -65,14 +65,20 @@ from edgekit_protocol.errors import EdgeKitError
 STOP_TIMEOUT_S = 30.0
 BROKER_CA = "identity/broker-ca.pem"  # where the deploy puts the broker's CA on the device
 
+# Each bundle gets a folder of its own, <root>/agent-<sha12>-<pid>, and <root>/agent is a symlink to the
+# current one, switched with one rename: no moment without an agent, and a running agent (whose
+# sys.path and working folder are its own version's real path) never imports a file of another
+# version before the deploy restarts it. Older versions and what interrupted installs left are
+# removed, never the one that runs.
 _INSTALL_BUNDLE = r"""
 import hashlib, os, shutil, sys, tarfile
 archive, sha, root, signed = sys.argv[1], sys.argv[2], os.path.expanduser(sys.argv[3]), sys.argv[4]
 with open(archive, "rb") as f:
     if hashlib.sha256(f.read()).hexdigest() != sha:
         sys.exit("agent bundle: sha256 mismatch (corrupt or truncated upload); deploy again")
-new = os.path.join(root, "agent.new-%d" % os.getpid())
-shutil.rmtree(new, ignore_errors=True)
+name = "agent-%s-%d" % (sha[:12], os.getpid())
+new, live, link = os.path.join(root, name), os.path.join(root, "agent"), os.path.join(root, ".agent-link-%d" % os.getpid())
+shutil.rmtree(new, ignore_errors=True)  # an interrupted install under a reused pid
 with tarfile.open(archive) as t:
     try:
         t.extractall(new, filter="data")
@@ -80,11 +86,19 @@ with tarfile.open(archive) as t:
         t.extractall(new)
 with open(os.path.join(new, "AGENT.json"), "w") as f:
     f.write(signed)
-live, old = os.path.join(root, "agent"), os.path.join(root, "agent.old-%d" % os.getpid())
-if os.path.exists(live):
-    os.rename(live, old)
-os.rename(new, live)
-shutil.rmtree(old, ignore_errors=True)
+running = os.path.basename(os.readlink(live)) if os.path.islink(live) else None
+if os.path.isdir(live) and not os.path.islink(live):  # a folder, as deploys before versioned folders left it
+    running = "agent-legacy-%d" % os.getpid()
+    os.rename(live, os.path.join(root, running))
+os.symlink(name, link)
+os.replace(link, live)
+for other in os.listdir(root):
+    if other.startswith(("agent-", "agent.new-", "agent.old-", ".agent-link-")) and other not in (name, running):
+        path = os.path.join(root, other)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.remove(path)
 os.remove(archive)
 """
 

@@ -86,7 +86,7 @@ def test_a_root_folder_with_spaces_a_percent_and_a_dollar_runs_under_systemd(tmp
     pid = main_pid(systemd)
     argv = systemd.run("cat", f"/proc/{pid}/cmdline").stdout.split("\0")
     assert argv[-3:] == ["--config", str(tmp_path / "edge kit 100%$HOME" / "agent.yaml"), ""], argv
-    assert systemd.run("readlink", f"/proc/{pid}/cwd").stdout.strip() == str(tmp_path / "edge kit 100%$HOME" / "agent")
+    assert systemd.run("readlink", f"/proc/{pid}/cwd").stdout.strip() == str((tmp_path / "edge kit 100%$HOME" / "agent").resolve())
 
 
 def test_a_simulated_device_keeps_to_its_own_supervisor_even_where_systemd_runs(tmp_path, systemd, device_in,

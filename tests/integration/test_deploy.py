@@ -360,6 +360,54 @@ def test_tampered_agent_code_is_not_started_and_the_next_deploy_reinstalls_it(si
     assert again.status == "skipped", again.actions
 
 
+def test_an_agent_update_never_changes_the_files_of_the_agent_that_runs(sim, monkeypatch):
+    """The new bundle goes into a folder of its own and <root>/agent is switched to it by one rename:
+    the running agent (its supervisor here, cut off before the restart) keeps every file of its own
+    version, so it never imports a mixture; what interrupted installs left is removed; the restart
+    runs the new version, which checks itself."""
+    from device_agents.codecheck import tree
+    from edge_kit.errors import DeployError
+    from edge_kit.fleet import agent_install
+
+    _, fleet = sim(1)
+    dev = fleet.devices[0]
+    root = Path(dev.root)
+    service = root / "agent" / "device_agents" / "service.py"
+    service.write_text(service.read_text() + "\n# changed on the device\n")  # forces a reinstall
+    supervisor = int((root / "agent.pid").read_text())
+    running = Path(os.readlink(f"/proc/{supervisor}/cwd"))
+    before = tree(running)
+    (root / "agent-0123456789ab-1").mkdir()  # an install interrupted before its switch
+    (root / ".agent-link-1").symlink_to("agent-0123456789ab-1")
+
+    def cut(*_args, **_kwargs):
+        raise DeployError(f"{dev.name}: SSH connection lost (cut by the test)")
+
+    with monkeypatch.context() as m:
+        m.setattr(agent_install, "_stop_supervisor", cut)
+        with DeviceShell(dev, fleet.known_hosts) as shell, pytest.raises(DeployError, match="cut by the test"):
+            agent_install.ensure_agent(shell, fleet)
+    assert Path(os.readlink(f"/proc/{supervisor}/cwd")) == running and running.is_dir()  # not "(deleted)"
+    assert tree(running) == before  # not one file of the running version changed
+    assert (root / "agent").is_symlink() and (root / "agent").resolve() != running
+    assert "# changed on the device" not in service.read_text()
+    assert sorted(p.name for p in root.iterdir() if "agent-" in p.name) == sorted([running.name, (root / "agent").resolve().name])
+    with DeviceShell(dev, fleet.known_hosts) as shell:
+        assert "service restarted" in agent_install.ensure_agent(shell, fleet).changed
+    assert wait_for(lambda: Path(os.readlink(f"/proc/{int((root / 'agent.pid').read_text())}/cwd")) == (root / "agent").resolve())
+
+    import shutil  # a device a deploy before versioned folders left: <root>/agent a folder
+
+    current = (root / "agent").resolve()
+    (root / "agent").unlink()
+    shutil.copytree(current, root / "agent")
+    service.write_text(service.read_text() + "\n# changed on the device\n")
+    with DeviceShell(dev, fleet.known_hosts) as shell:
+        changed = agent_install.ensure_agent(shell, fleet).changed
+    assert any("reinstalled" in c for c in changed) and "service restarted" in changed
+    assert (root / "agent").is_symlink() and "# changed on the device" not in service.read_text()
+
+
 def test_operator_key_rotation_waits_for_every_device_then_switches_and_the_old_key_is_refused(sim, digits_artifacts,
                                                                                               run_cli):
     """`edgekit keys rotate` with a device offline pins [old, new] where it can and switches nothing
