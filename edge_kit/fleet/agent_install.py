@@ -45,7 +45,7 @@ from device_agents.unit import render_unit
 from edge_kit.errors import ConfigError, DeployError
 from edge_kit.fleet.broker_setup import OPERATOR_USER
 from edge_kit.fleet.inventory import Device, Fleet
-from edge_kit.fleet.ssh import RESTART_PENDING, DeviceShell
+from edge_kit.fleet.ssh import MIN_PYTHON, RESTART_PENDING, DeviceShell
 from edge_kit.profiles import load_profile
 from edgekit_protocol.config import (
     AgentConfig,
@@ -224,6 +224,11 @@ def ensure_agent(shell: DeviceShell, fleet: Fleet) -> AgentState:
     why = _code_state(shell, Keyring(operators=[operator.public]))
     if why is not None:
         facts = shell.python_facts
+        if tuple(facts["version"]) < MIN_PYTHON:
+            raise DeployError(f"{dev.name}: the device's Python ({facts['python']}) is "
+                              f"{'.'.join(map(str, facts['version']))}; the agent needs "
+                              f"{'.'.join(map(str, MIN_PYTHON))} or newer: install it there and set `python:` for "
+                              "the device in the fleet file")
         if facts["missing"]:
             raise DeployError(f"{dev.name}: the device's Python ({facts['python']}) lacks {', '.join(facts['missing'])}; "
                               f"install: {facts['python']} -m pip install numpy pyyaml paho-mqtt cryptography ai-edge-litert")

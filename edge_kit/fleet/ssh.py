@@ -31,6 +31,7 @@ _known_hosts_lock = threading.Lock()
 # Written (under the root) before a deploy changes what the agent runs (code, keys, config), removed once it
 # restarted the agent: a deploy cut off in between leaves it, and the next one restarts the agent.
 RESTART_PENDING = "restart.pending"
+MIN_PYTHON = (3, 10)  # the agent's (pyproject's requires-python)
 
 
 # What only the device's Python can say: free space under the root, and which of the agent's
@@ -48,7 +49,7 @@ runtimes = {"onnxruntime": ort is not None,  # optional: the onnx-* variants; tr
             "tensorrt": any(any(pathlib.Path(p, "capi").glob("libonnxruntime_providers_tensorrt*"))
                             for p in ((ort.submodule_search_locations or []) if ort else []))}
 print(json.dumps({"free": shutil.disk_usage(probe).free, "python": sys.executable, "missing": missing,
-                  "runtimes": runtimes}))
+                  "runtimes": runtimes, "version": list(sys.version_info[:3])}))
 """
 
 
@@ -298,8 +299,13 @@ class DeviceShell:
 
     @functools.cached_property
     def python_facts(self) -> dict[str, Any]:
-        """Return free bytes under the root, the device Python's path, the agent dependencies it lacks and
-        which optional runtimes it has (``runtimes``: ``{"onnxruntime": bool, "tensorrt": bool}``)."""
+        """Return free bytes under the root, the device Python's path and ``version`` ([major, minor, micro]),
+        the agent dependencies it lacks and which optional runtimes it has (``runtimes``:
+        ``{"onnxruntime": bool, "tensorrt": bool}``).
+
+        Raises:
+            DeployError: the interpreter is missing or failed, or the connection was lost.
+        """
         return json.loads(self.run([self.dev.python, "-c", _PYTHON_FACTS, self.root]))
 
     def __exit__(self, *_: object) -> None:
@@ -318,6 +324,7 @@ class DeviceShell:
         Raises:
             DeployError: non-zero exit (with the last line of stderr), a timeout or a lost connection.
         """
+        program = argv[0] if argv else ""
         if env:
             argv = ["env", *(f"{k}={v}" for k, v in env.items()), *argv]
         command = shlex.join(argv)
@@ -331,6 +338,10 @@ class DeviceShell:
             raise DeployError(f"{self.dev.name}: `{argv[-1] if argv else ''}` took longer than {timeout:.0f} s") from None
         except _LINK_ERRORS as exc:
             raise DeployError(f"{self.dev.name}: SSH connection lost ({_why(exc)})") from None
+        if result.exited == 127:  # POSIX shells and env: command not found
+            raise DeployError(f"{self.dev.name}: {program!r} is not found on the device"
+                              + (f"; install Python {'.'.join(map(str, MIN_PYTHON))} or newer there, or set `python:` "
+                                 "for the device in the fleet file to its interpreter" if program == self.dev.python else ""))
         if result.exited != 0:
             lines = [ln for ln in result.stderr.splitlines() if ln.strip() and not ln.startswith("INFO:")]
             raise DeployError(f"{self.dev.name}: {lines[-1] if lines else f'exit code {result.exited}'}")

@@ -209,6 +209,41 @@ def test_a_deploy_cut_after_changing_the_agent_config_restarts_it_next_time(sim,
         assert agent_install.ensure_agent(shell, changed).changed == []
 
 
+def test_a_device_without_python_or_with_an_old_one_is_told_so_and_keeps_its_agent(sim, tmp_path):
+    """No interpreter: 'not found' and what to set (was 'sh: 1: ...: not found' at best); Python 3.9:
+    the version the agent needs (was a deploy that installed an agent that never came online)."""
+    import sys
+
+    from edge_kit.errors import DeployError
+    from edge_kit.fleet.agent_install import ensure_agent
+
+    simfleet, fleet = sim(1)
+    root = Path(fleet.devices[0].root)
+    old39 = tmp_path / "python3.9"  # the host's Python, reporting 3.9 to a `-c` script
+    old39.write_text(f"""#!/bin/sh
+if [ "$1" = "-c" ]; then
+  shift
+  exec {sys.executable} -c 'import sys; sys.version_info = (3, 9, 18, "final", 0); src = sys.argv[1]; \\
+sys.argv = ["-c", *sys.argv[2:]]; exec(compile(src, "<string>", "exec"))' "$@"
+fi
+exec {sys.executable} "$@"
+""")
+    old39.chmod(0o755)
+    service = root / "agent" / "device_agents" / "service.py"
+    service.write_text(service.read_text() + "\n# changed on the device\n")  # so the agent is installed again
+    code = (root / "agent").resolve()
+    for python, message in ((str(tmp_path / "no-such-python3"), "no-such-python3' is not found on the device; install Python 3.10 or newer"),
+                            (str(old39), "is 3.9.18; the agent needs 3.10 or newer")):
+        data = yaml.safe_load(simfleet.fleet_file.read_text())
+        data["devices"][0]["python"] = python
+        (tmp_path / "fleet.yaml").write_text(yaml.safe_dump(data))
+        changed = load_fleet(tmp_path / "fleet.yaml")
+        with DeviceShell(changed.devices[0], changed.known_hosts) as shell, pytest.raises(DeployError) as caught:
+            ensure_agent(shell, changed)
+        assert str(caught.value).startswith("rpi4-1: ") and message in str(caught.value), caught.value
+        assert (root / "agent").resolve() == code and (root / "agent.pid").is_file()  # untouched, still running
+
+
 def test_bad_inputs_are_per_device_errors_and_devices_keep_their_model(sim, digits_artifacts, digits_artifacts_v2,
                                                                       tmp_path, run_cli):
     simfleet, fleet = sim(3)
