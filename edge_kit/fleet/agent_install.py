@@ -131,7 +131,8 @@ def _code_state(shell: DeviceShell, operator: Keyring) -> str | None:
     """
     _, sha, files = agent_bundle()
     # -I: isolated (no working directory, PYTHONPATH or user site on sys.path): stdlib only, as the script needs
-    found = json.loads(shell.run([shell.dev.python, "-I", "-B", "-c", inspect.getsource(codecheck), shell.root]))
+    found = shell.run_json([shell.dev.python, "-I", "-B", "-c", inspect.getsource(codecheck), shell.root],
+                           "the agent code check")
     if found["files"] is None:
         return "not installed"
     diff = codecheck.differences(files, found["files"])

@@ -306,7 +306,7 @@ class DeviceShell:
         Raises:
             DeployError: the interpreter is missing or failed, or the connection was lost.
         """
-        return json.loads(self.run([self.dev.python, "-c", _PYTHON_FACTS, self.root]))
+        return self.run_json([self.dev.python, "-c", _PYTHON_FACTS, self.root], "the device's Python")
 
     def __exit__(self, *_: object) -> None:
         try:
@@ -354,12 +354,29 @@ class DeviceShell:
             DeployError: the agent command failed (its one-line error is the reason).
         """
         root = self.root
-        out = self.run([self.dev.python, "-B", "-m", "device_agents", *args, "--root", root],
-                       env={"PYTHONPATH": f"{root}/agent"}, timeout=timeout, cwd=f"{root}/agent")
-        try:
-            return json.loads(out)
-        except ValueError:
-            raise DeployError(f"{self.dev.name}: unexpected output from the agent: {out.strip()[:200]}") from None
+        return self.run_json([self.dev.python, "-B", "-m", "device_agents", *args, "--root", root], "the agent",
+                             env={"PYTHONPATH": f"{root}/agent"}, timeout=timeout, cwd=f"{root}/agent")
+
+    def run_json(self, argv: list[str], what: str, **kwargs: Any) -> Any:
+        """Run ``argv`` as :meth:`run` does and return the JSON document it printed.
+
+        Text the device's shell prints before it (a ``.bashrc``, ``BASH_ENV`` or profile that echoes in
+        non-interactive sessions too) is skipped: the document is the output from the first line that
+        starts one and parses to the end.
+
+        Raises:
+            DeployError: as :meth:`run`, or no JSON document in the output (``what`` printed it; the start
+                of the output is given).
+        """
+        out = self.run(argv, **kwargs)
+        starts = [0] + [m.start() + 1 for m in re.finditer(r"\n(?=[{\[])", out)]
+        for start in starts:
+            try:
+                return json.loads(out[start:])
+            except ValueError:
+                continue
+        raise DeployError(f"{self.dev.name}: unexpected output from {what}: {out.strip()[:200]!r}; if the device's "
+                          "shell prints it, make its .bashrc or profile quiet for non-interactive sessions")
 
     def put(self, local: Path | bytes, remote: str, mode: int = 0o644, *, rename: bool = True) -> str:
         """Upload a file (or bytes) to ``remote``, creating its folder; lands as ``.part`` then renamed.

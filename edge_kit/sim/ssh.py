@@ -70,6 +70,7 @@ class SshEndpoint:
     host_public: str = ""
     embedded: bool | None = None  # None: OpenSSH's sshd when installed, else the embedded server
     wrap: tuple[str, ...] = ()  # runs the server, e.g. ``nsenter ...`` to put it in another namespace
+    settings: tuple[str, ...] = ()  # more sshd_config lines (OpenSSH's sshd only), e.g. ``SetEnv ...``
 
     @property
     def kind(self) -> str:
@@ -99,6 +100,7 @@ class SshEndpoint:
             f"AllowUsers {getpass.getuser()}", "PasswordAuthentication no", "KbdInteractiveAuthentication no",
             "PubkeyAuthentication yes", "UsePAM no", "StrictModes no", "PermitRootLogin prohibit-password",
             "Subsystem sftp internal-sftp", "LogLevel ERROR", "MaxStartups 64:30:128", "MaxSessions 64",
+            *self.settings,
         ]) + "\n")
         if os.geteuid() == 0:
             Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation directory

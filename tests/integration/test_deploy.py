@@ -244,6 +244,33 @@ exec {sys.executable} "$@"
         assert (root / "agent").resolve() == code and (root / "agent.pid").is_file()  # untouched, still running
 
 
+def test_a_device_whose_shell_prints_a_banner_is_deployed(sim, digits_artifacts, tmp_path):
+    """A .bashrc that echoes (bash sources it for commands sshd runs, not only for logins) prints before
+    every command's output: the deploy used to fail with 'unexpected JSONDecodeError ... please report it'."""
+    from edge_kit.sim.ssh import SshEndpoint
+
+    simfleet, fleet = sim(1)
+    home = tmp_path / "home"  # the SSH user's home as its shell sees it, with a chatty .bashrc
+    home.mkdir()
+    (home / ".bashrc").write_text("echo 'Welcome to rpi4-1'\necho '{ this is not JSON'\n")
+    ssh = SshEndpoint(tmp_path / "ssh", (simfleet.workdir / "id_ed25519.pub").read_text().strip(), embedded=False,
+                      settings=(f"SetEnv HOME={home}",)).start()
+    try:
+        data = yaml.safe_load(simfleet.fleet_file.read_text())
+        data["devices"][0]["port"] = ssh.port
+        data["known_hosts"] = str(tmp_path / "known_hosts")
+        (tmp_path / "known_hosts").write_text(known_hosts_line(ssh.host, ssh.port, ssh.host_public) + "\n")
+        (tmp_path / "fleet.yaml").write_text(yaml.safe_dump(data))
+        chatty_fleet = load_fleet(tmp_path / "fleet.yaml")
+        with DeviceShell(chatty_fleet.devices[0], chatty_fleet.known_hosts) as shell:
+            assert shell.run(["true"]).startswith("Welcome to rpi4-1")  # the banner is really there
+        r = deploy(chatty_fleet, chatty_fleet.devices, DeployOptions(digits_artifacts, variant="int8", health=False)).results[0]
+    finally:
+        ssh.stop()
+    assert r.status == "succeeded", r.reason
+    assert current(fleet.devices[0]) == manifest_sha(digits_artifacts, "int8")
+
+
 def test_bad_inputs_are_per_device_errors_and_devices_keep_their_model(sim, digits_artifacts, digits_artifacts_v2,
                                                                       tmp_path, run_cli):
     simfleet, fleet = sim(3)
