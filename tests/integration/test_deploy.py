@@ -527,6 +527,24 @@ def test_operator_key_rotation_waits_for_every_device_then_switches_and_the_old_
     assert not list((Path(dev1.root) / "agent").glob(".*tmp"))  # no temporary file left in the checked folder
 
 
+def test_a_rotation_stopped_after_its_switch_is_finished_by_the_next_with_a_fresh_key(sim, run_cli):
+    """Stopped between making the new key the operator's and removing operator-next.key, a rotation
+    used to be 'finished' by rotating the key to itself: the live key filed under retired/ and reported
+    as both the old and the new one."""
+    import shutil
+
+    simfleet, fleet = sim(1)
+    keys = fleet.key_store()
+    live = keys.operator.key_id
+    shutil.copy2(keys.folder / "operator.key", keys.folder / "operator-next.key")  # where the stop left it
+    code, out, err = run_cli("keys", "rotate", "--fleet", simfleet.fleet_file, "--json")
+    done = json.loads(out)
+    assert code == 0, out + err
+    assert done["old_key"] == live and done["new_key"] != live and done["devices"][0]["outcome"] == "rotated"
+    assert fleet.key_store().operator.key_id == done["new_key"]
+    assert [p.name for p in (keys.folder / "retired").iterdir()] == [f"operator-{live}.key"]
+
+
 def wait_for(check, timeout: float = 30.0) -> bool:
     """Return True once ``check()`` is true (a missing file counts as not yet), False after ``timeout``."""
     import time
