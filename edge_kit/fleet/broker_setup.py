@@ -68,9 +68,13 @@ def fleet_acl(fleet: str, operator: str = OPERATOR_USER) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` readable by its owner only (a symlink in its place is refused, an existing file's
-    mode tightened before a byte is written)."""
+def write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` readable by its owner only (a symlink in its place is refused, an existing
+    file's mode tightened before a byte is written); returns nothing.
+
+    Raises:
+        OSError: the folder or the file cannot be written, or ``path`` is a symlink.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     os.fchmod(fd, 0o600)
@@ -114,7 +118,7 @@ def make_tls(folder: Path, hosts: list[str], days: int = 365) -> BrokerTls:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "ca.pem").write_bytes(ca.public_bytes(pem))
     (folder / "server.pem").write_bytes(server.public_bytes(pem))
-    _write_private(folder / "server.key", key.private_bytes(pem, serialization.PrivateFormat.TraditionalOpenSSL,
+    write_private(folder / "server.key", key.private_bytes(pem, serialization.PrivateFormat.TraditionalOpenSSL,
                                                             serialization.NoEncryption()))
     return BrokerTls(folder / "ca.pem", folder / "server.pem", folder / "server.key")
 
@@ -130,7 +134,7 @@ def build_wall(folder: Path, fleet: str, devices: list[str], hosts: list[str]) -
     files = {}
     for user, password in users.items():
         files[user] = folder / "secrets" / f"{user}.pass"
-        _write_private(files[user], (password + "\n").encode())
+        write_private(files[user], (password + "\n").encode())
     return BrokerWall(users, files, fleet_acl(fleet), make_tls(folder / "tls", hosts))
 
 
@@ -204,7 +208,7 @@ def write_fleet_wall(folder: Path, fleet: str, devices: list[str], hosts: list[s
     try:
         wall = build_wall(work, fleet, devices, hosts)
         (work / "data").mkdir(mode=0o700)
-        _write_private(work / "passwd", ("\n".join(mosquitto_password_line(u, p) for u, p in wall.users.items()) + "\n").encode())
+        write_private(work / "passwd", ("\n".join(mosquitto_password_line(u, p) for u, p in wall.users.items()) + "\n").encode())
         (work / "acl").write_text(wall.acl)
         (work / "mosquitto.conf").write_text(hardened_conf(folder, port, listen=listen))
         work.chmod(0o755)  # the broker's user reads passwd, acl and tls/ in it (secrets/ stays 700)
