@@ -245,7 +245,7 @@ class DeviceShell:
 
         No command runs, so a device with nothing to change costs one SSH handshake: the absolute
         root, the agent bundle's sha256, hashes of its config and password file, whether its
-        supervisor's pid is alive, whether systemd runs, whether a deploy left a restart pending, the
+        supervisor runs (the pid file's process, recognised by its command line), whether systemd runs, whether a deploy left a restart pending, the
         installed models and the current one
         (the layout of :mod:`device_agents.store`).
 
@@ -293,9 +293,20 @@ class DeviceShell:
                 "has_device_key": exists(f"{root}/identity/device.key"),
                 "operators_sha256": digest("identity/operators.json"),
                 "broker_ca_sha256": digest("identity/broker-ca.pem"),
-                "agent_pid": int(pid) if pid.isdigit() and exists(f"/proc/{pid}") else None,
+                "agent_pid": int(pid) if pid.isdigit() and self._is_supervisor(pid, root) else None,
                 "restart_pending": exists(f"{root}/{RESTART_PENDING}"),
                 "systemd": exists("/run/systemd/system"), "installed": installed, "current": current}
+
+    def _is_supervisor(self, pid: str, root: str) -> bool:
+        """Return whether process ``pid`` is this root's agent supervisor (its command line, read from
+        ``/proc``, names ``supervise`` and ``<root>/agent.pid``): a pid file left by a reboot or a crash may
+        name a process that is now something else, which must be neither trusted nor stopped.
+
+        Raises:
+            DeployError: the connection failed.
+        """
+        argv = (self.read(f"/proc/{pid}/cmdline") or b"").split(b"\0")
+        return b"supervise" in argv and f"{root}/agent.pid".encode() in argv
 
     @functools.cached_property
     def python_facts(self) -> dict[str, Any]:

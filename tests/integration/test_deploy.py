@@ -271,6 +271,35 @@ def test_a_device_whose_shell_prints_a_banner_is_deployed(sim, digits_artifacts,
     assert current(fleet.devices[0]) == manifest_sha(digits_artifacts, "int8")
 
 
+def test_a_stale_pid_file_naming_another_process_is_neither_trusted_nor_stopped(sim):
+    """After a reboot or a crash, agent.pid may name a pid that now belongs to another process: the deploy
+    took the agent for running (nothing started: 'already current' with no agent), and would have sent
+    that process SIGTERM on a change. Now it starts the agent and leaves the other process alone."""
+    import signal
+    import subprocess
+
+    from edge_kit.fleet.agent_install import ensure_agent
+
+    _, fleet = sim(1)
+    dev = fleet.devices[0]
+    pidfile = Path(dev.root) / "agent.pid"
+    os.kill(int(pidfile.read_text()), signal.SIGTERM)  # the agent is gone (as after a power cut) ...
+    assert wait_gone(pidfile)
+    other = subprocess.Popen(["sleep", "300"])  # ... and its pid now belongs to something else
+    try:
+        pidfile.write_text(f"{other.pid}\n")
+        with DeviceShell(dev, fleet.known_hosts) as shell:
+            assert shell.info["agent_pid"] is None
+            state = ensure_agent(shell, fleet)
+        assert state.changed == ["service started"] and other.poll() is None
+        assert wait_for(lambda: pidfile.read_text().strip() not in ("", str(other.pid)))
+        with DeviceShell(dev, fleet.known_hosts) as shell:  # the supervisor it started is recognised
+            assert shell.info["agent_pid"] == int(pidfile.read_text()) and ensure_agent(shell, fleet).changed == []
+    finally:
+        other.kill()
+        other.wait()
+
+
 def test_bad_inputs_are_per_device_errors_and_devices_keep_their_model(sim, digits_artifacts, digits_artifacts_v2,
                                                                       tmp_path, run_cli):
     simfleet, fleet = sim(3)
