@@ -219,6 +219,13 @@ class DeviceShell:
             _load_known_hosts(self.conn.client, self.known_hosts)
         except HostKeyError as exc:
             raise HostKeyError(f"{self.dev.name}: {exc}") from None
+        if self.dev.key is not None:  # paramiko's own error for it would read as the host being unreachable
+            key = self.dev.key.expanduser()
+            try:
+                key.read_bytes()
+            except OSError as exc:
+                raise DeployError(f"{where}: SSH key {key}: {exc.strerror or _why(exc)}; set the device's `key:` "
+                                  "in the fleet file to its private key file") from None
         name = known_hosts_name(self.dev.host, self.dev.port)
         try:
             self.conn.connect_kwargs["sock"] = open_socket(self.dev.host, self.dev.port)
@@ -245,9 +252,9 @@ class DeviceShell:
 
         No command runs, so a device with nothing to change costs one SSH handshake: the absolute
         root, the agent bundle's sha256, hashes of its config and password file, whether its
-        supervisor runs (the pid file's process, recognised by its command line), whether systemd runs, whether a deploy left a restart pending, the
-        installed models and the current one
-        (the layout of :mod:`device_agents.store`).
+        supervisor runs (the pid file's process, recognised by its command line), whether systemd
+        runs, whether a deploy left a restart pending, the installed models and the current one (the
+        layout of :mod:`device_agents.store`).
 
         Raises:
             OSError, paramiko.SSHException, EOFError: the connection failed (the caller words it).

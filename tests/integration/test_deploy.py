@@ -300,6 +300,19 @@ def test_a_stale_pid_file_naming_another_process_is_neither_trusted_nor_stopped(
         other.wait()
 
 
+def test_a_missing_ssh_key_file_is_named_not_reported_as_an_unreachable_host(sim, tmp_path):
+    from edge_kit.errors import DeployError
+
+    _, fleet = sim(1)
+    for key, why in ((tmp_path / "no-such-key", "No such file or directory"), (tmp_path, "Is a directory")):
+        dev = fleet.devices[0].model_copy(update={"key": key})
+        with pytest.raises(DeployError) as caught:
+            with DeviceShell(dev, fleet.known_hosts):
+                pass
+        assert f"SSH key {key}: {why}; set the device's `key:`" in str(caught.value), caught.value
+        assert "unreachable" not in str(caught.value)
+
+
 def test_bad_inputs_are_per_device_errors_and_devices_keep_their_model(sim, digits_artifacts, digits_artifacts_v2,
                                                                       tmp_path, run_cli):
     simfleet, fleet = sim(3)
