@@ -313,6 +313,27 @@ def test_a_missing_ssh_key_file_is_named_not_reported_as_an_unreachable_host(sim
         assert "unreachable" not in str(caught.value)
 
 
+def test_ctrl_c_during_a_deploy_leaves_the_devices_not_yet_started_alone(sim, digits_artifacts):
+    """Ctrl-C: the devices not started yet are never touched (Executor.map cancels them), and the one
+    under way finishes its deploy, so none is left between two models."""
+    import signal
+    import threading
+
+    _, fleet = sim(3)
+    seen: list[tuple[str, str]] = []
+
+    def progress(device: str, step: str) -> None:
+        seen.append((device, step))
+        if len(seen) == 1:
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # Ctrl-C while the first is under way
+
+    with pytest.raises(KeyboardInterrupt):
+        deploy(fleet, fleet.devices, DeployOptions(digits_artifacts, variant="int8", parallel=1), progress=progress)
+    assert {d for d, _ in seen} == {"rpi4-1"} and seen[-1] == ("rpi4-1", "succeeded")  # it finished its deploy
+    assert current(fleet.devices[0]) == manifest_sha(digits_artifacts, "int8")
+    assert [current(d) for d in fleet.devices[1:]] == [None, None]
+
+
 def test_bad_inputs_are_per_device_errors_and_devices_keep_their_model(sim, digits_artifacts, digits_artifacts_v2,
                                                                       tmp_path, run_cli):
     simfleet, fleet = sim(3)
