@@ -79,13 +79,19 @@ with open(archive, "rb") as f:
 name = "agent-%s-%d" % (sha[:12], os.getpid())
 new, live, link = os.path.join(root, name), os.path.join(root, "agent"), os.path.join(root, ".agent-link-%d" % os.getpid())
 shutil.rmtree(new, ignore_errors=True)  # an interrupted install under a reused pid
-with tarfile.open(archive) as t:
-    try:
-        t.extractall(new, filter="data")
-    except TypeError:  # Python without extraction filters; the archive is our own
-        t.extractall(new)
-with open(os.path.join(new, "AGENT.json"), "w") as f:
-    f.write(signed)
+try:
+    with tarfile.open(archive) as t:
+        try:
+            t.extractall(new, filter="data")
+        except TypeError:  # Python without extraction filters; the archive is our own
+            t.extractall(new)
+    with open(os.path.join(new, "AGENT.json"), "w") as f:
+        f.write(signed)
+except OSError as exc:  # a full or read-only disk: leave nothing of this attempt, the running agent untouched
+    shutil.rmtree(new, ignore_errors=True)
+    os.remove(archive)
+    sys.exit("agent bundle: cannot unpack it under %s (%s); free space there and deploy again"
+             % (root, exc.strerror or exc))
 running = os.path.basename(os.readlink(live)) if os.path.islink(live) else None
 if os.path.isdir(live) and not os.path.islink(live):  # a folder, as deploys before versioned folders left it
     running = "agent-legacy-%d" % os.getpid()

@@ -334,6 +334,42 @@ def test_ctrl_c_during_a_deploy_leaves_the_devices_not_yet_started_alone(sim, di
     assert [current(d) for d in fleet.devices[1:]] == [None, None]
 
 
+def test_an_agent_install_on_a_full_disk_is_named_and_leaves_nothing_behind(sim, tmp_path):
+    """On a root with room for the bundle but not for its files, the install used to fail with the last
+    line of a traceback and leave the half-unpacked folder and the upload, filling the disk for the next try."""
+    import shutil
+    import subprocess
+
+    from edge_kit.errors import DeployError
+    from edge_kit.fleet.agent_install import ensure_agent
+
+    _, fleet = sim(1)
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], check=True)
+    try:
+        dev = fleet.devices[0].model_copy(update={"root": str(disk / "root")})
+        (disk / "root").mkdir()
+        filler = disk / "filler"
+        filler.write_bytes(b"\0" * (shutil.disk_usage(disk).free - 400_000))  # room for the upload, not the files
+        with DeviceShell(dev, fleet.known_hosts) as shell, pytest.raises(DeployError) as caught:
+            ensure_agent(shell, fleet)
+        assert str(caught.value).startswith(f"{dev.name}: agent bundle: cannot unpack it under {disk / 'root'} "
+                                            "(No space left on device); free space there"), caught.value
+        assert sorted(p.name for p in (disk / "root").iterdir()) == ["incoming", "restart.pending"]
+        assert list((disk / "root" / "incoming").iterdir()) == []
+        filler.unlink()
+        with DeviceShell(dev, fleet.known_hosts) as shell:
+            assert "service started" in ensure_agent(shell, fleet).changed
+        assert (disk / "root" / "agent").is_symlink() and not (disk / "root" / "restart.pending").exists()
+    finally:
+        pid = disk / "root" / "agent.pid"
+        if pid.exists():
+            os.kill(int(pid.read_text()), 15)
+            wait_gone(pid)
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
 def test_bad_inputs_are_per_device_errors_and_devices_keep_their_model(sim, digits_artifacts, digits_artifacts_v2,
                                                                       tmp_path, run_cli):
     simfleet, fleet = sim(3)
