@@ -90,7 +90,7 @@ try:
 except OSError as exc:  # a full or read-only disk: leave nothing of this attempt, the running agent untouched
     shutil.rmtree(new, ignore_errors=True)
     os.remove(archive)
-    sys.exit("agent bundle: cannot unpack it under %s (%s); free space there and deploy again"
+    sys.exit("agent bundle: cannot unpack it under %s (%s); free space there (or make it writable) and deploy again"
              % (root, exc.strerror or exc))
 running = os.path.basename(os.readlink(live)) if os.path.islink(live) else None
 if os.path.isdir(live) and not os.path.islink(live):  # a folder, as deploys before versioned folders left it

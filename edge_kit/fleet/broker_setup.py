@@ -198,11 +198,13 @@ def write_fleet_wall(folder: Path, fleet: str, devices: list[str], hosts: list[s
         try:
             check_host(host)
             host.encode("ascii")
+            ok = i > 0 or len(host) <= 64
         except (ValueError, UnicodeError):
+            ok = False
+        if not ok:
             raise InputError(f"--broker-host {host!r}: give the name or address devices reach the broker at "
-                             "(an IP address or an ASCII DNS name: a non-ASCII one in its xn-- form)") from None
-        if i == 0 and len(host) > 64:
-            raise InputError(f"--broker-host {host!r}: the first, the certificate's name, is at most 64 characters")
+                             "(an IP address or an ASCII DNS name, a non-ASCII one in its xn-- form; the first, "
+                             "the certificate's name, at most 64 characters)")
     folder.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
     try:

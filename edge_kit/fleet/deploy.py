@@ -395,7 +395,9 @@ def deploy(fleet: Fleet, devices: list[Device], opts: DeployOptions,
     Raises:
         InputError: the artifact folder has no (valid) manifest.
         AgentError: health checks are on and the fleet's broker cannot be reached.
+        ConfigError: two devices of the fleet share one agent folder (nothing is touched).
     """
+    fleet.check_agent_folders()
     client = FleetClient.of(fleet) if opts.health else None
     if client is not None:
         client.__enter__()

@@ -197,14 +197,24 @@ class Fleet(StrictModel):
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:
             raise ValueError(f"device names must be unique; listed twice: {', '.join(twice)}")
+        return devices
+
+    def check_agent_folders(self) -> None:
+        """Check that no two devices reach the same agent folder over SSH (same host, port and root, and
+        the same user when the root is under the home): a deploy to both would overwrite one's keys,
+        config and models with the other's. Fleets that are not deployed over SSH (monitoring, virtual
+        devices) may share a host.
+
+        Raises:
+            ConfigError: two devices share one (names both, the folder and the fleet file).
+        """
         seen: dict[tuple[str, int, str, str], str] = {}
-        for d in devices:  # two devices in one agent folder would overwrite each other's keys, config and models
+        for d in self.devices:
             where = (d.host.lower().rstrip("."), d.port, d.user if d.root.startswith("~") else "", d.root.rstrip("/"))
             if where in seen:
-                raise ValueError(f"devices {seen[where]} and {d.name} reach the same agent folder "
-                                 f"({d.user}@{d.host}:{d.port} {d.root}); give each its own host, port or root")
+                raise ConfigError(f"{self._source or 'fleet file'}: devices {seen[where]} and {d.name} reach the same "
+                                  f"agent folder ({d.user}@{d.host}:{d.port} {d.root}); give each its own host, port or root")
             seen[where] = d.name
-        return devices
 
     def select(self, selectors: list[str] | None) -> list[Device]:
         """Return the devices any selector picks (all devices when ``selectors`` is empty).

@@ -428,7 +428,7 @@ class DeviceShell:
             if sizes:  # paramiko's check after the transfer: the server kept fewer bytes than were sent
                 exc = OSError(f"the device stored only {sizes[1]} of {sizes[2]} bytes; is its disk full?")
             elif str(exc) == "Failure":  # SFTP v3 reports a failed write (ENOSPC among others) only as this
-                exc = OSError("the device could not write the file (SFTP 'Failure'); is its disk full?")
+                exc = OSError("the device could not write the file (SFTP 'Failure'); is its disk full or read-only?")
             try:
                 self.conn.sftp().remove(part)
             except _LINK_ERRORS:

@@ -62,8 +62,6 @@ def test_fleet_errors_name_the_line_and_the_key(tmp_path, change, message):
     (("tags: [pi]}", "tags: [pi], root: '~other/x'}"), "devices[0].root: '~other/x': give an absolute folder"),
     (("tags: [pi]}", "tags: [pi], python: 'python3 -c 1'}"), "devices[0].python: 'python3 -c 1': give the device's interpreter"),
     (("tags: [pi]}", "tags: [pi], port: 70000}"), "devices[0].port"),
-    (("host: 10.0.0.2,", "host: 10.0.0.1,"), "devices pi-1 and pi-2 reach the same agent folder"),
-    (("host: 10.0.0.2,", "host: 10.0.0.1, root: ~/.edgekit/,"), "devices pi-1 and pi-2 reach the same agent folder"),
 ])
 def test_what_reaches_an_ssh_command_line_or_a_device_folder_is_checked_at_load(tmp_path, change, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
@@ -79,6 +77,17 @@ def test_what_reaches_an_ssh_command_line_or_a_device_folder_is_checked_at_load(
 ])
 def test_real_addresses_logins_and_folders_still_load(tmp_path, change):
     assert len(load_fleet(write(tmp_path, "fleet.yaml", FLEET.replace(*change))).devices) == 3
+
+
+@pytest.mark.parametrize("change", [("host: 10.0.0.2,", "host: 10.0.0.1,"),
+                                    ("host: 10.0.0.2,", "host: 10.0.0.1, root: ~/.edgekit/,")])
+def test_a_deploy_to_two_devices_sharing_one_agent_folder_is_refused_before_any_is_touched(tmp_path, change):
+    from edge_kit.fleet.deploy import DeployOptions, deploy
+
+    fleet = load_fleet(write(tmp_path, "fleet.yaml", FLEET.replace(*change)))  # a monitoring-only fleet may
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'fleet.yaml'}: devices pi-1 and pi-2 reach the same "
+                                                    "agent folder (edgekit@10.0.0.1:22 ~/.edgekit")):
+        deploy(fleet, fleet.devices, DeployOptions(tmp_path / "no-artifacts", health=False))
 
 
 def test_serve_and_pull_settings_reach_the_agents_config(tmp_path):
