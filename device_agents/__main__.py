@@ -121,12 +121,12 @@ def check_own_code(root: Path | None, required: bool = False) -> None:
         CodeTampered: see :func:`device_agents.codecheck.verify_code`; or ``required`` and this code
             is not ``<root>/agent`` (a package planted earlier on ``sys.path``).
     """
-    from device_agents.codecheck import verify_code
+    from device_agents.codecheck import is_deployed, verify_code
     from device_agents.errors import CodeTampered
 
     here = Path(__file__).resolve().parent.parent
     root = (root or default_root()).expanduser().resolve()
-    if here == root / "agent":
+    if is_deployed(here, root):
         verify_code(here, root / "identity" / "operators.json")
     elif required:
         raise CodeTampered(f"this agent runs from {here}, not from the deployed {root / 'agent'}; not started "

@@ -1,8 +1,9 @@
 """The agent's own code, checked by content before it runs: never by a marker file.
 
-A deploy unpacks the agent into ``<root>/agent/`` and writes ``<root>/agent/AGENT.json`` beside it:
+A deploy unpacks the agent into a folder of its own, ``<root>/agent-<sha12>-<n>/``, points the
+symlink ``<root>/agent`` at it, and writes ``AGENT.json`` beside the code:
 the sha256 of every file it unpacked, signed by the operator key. Before the agent starts (``run``
-and ``supervise``), :func:`verify_code` hashes every file under ``<root>/agent/`` and refuses to
+and ``supervise``), :func:`verify_code` hashes every file of the version it runs from and refuses to
 start (exit 2, one line naming the first file that differs) when a file was changed, added
 (a stray ``.pyc`` too: the agent runs with ``-B`` and writes none) or removed, or when the signature
 does not verify under the operator keys pinned in ``<root>/identity/operators.json``. The deploy
@@ -71,6 +72,14 @@ def differences(expected: dict[str, str], actual: dict[str, str]) -> list[str]:
 def code_manifest(files: dict[str, str], bundle_sha256: str) -> dict[str, Any]:
     """Return the (unsigned) :data:`MANIFEST` document for an unpacked bundle: sign it, then write it."""
     return {"schema": SCHEMA, "bundle": bundle_sha256, "files": dict(sorted(files.items()))}
+
+
+def is_deployed(here: Path, root: Path) -> bool:
+    """Return whether ``here`` (the resolved folder the agent's packages were imported from) is agent
+    code a deploy put under ``root``: the folder ``<root>/agent`` points at, or an earlier version
+    beside it (``<root>/agent-*``) that a running agent keeps using until the deploy restarts it."""
+    root = Path(root).resolve()
+    return here == (root / "agent").resolve() or (here.parent == root and here.name.startswith("agent-"))
 
 
 def verify_code(folder: Path, operators: Path) -> dict[str, Any]:

@@ -502,7 +502,7 @@ class Agent:
 
     def _deployed(self) -> bool:
         """Return whether this agent runs from the deploy's ``<root>/agent`` (and so has a signed manifest)."""
-        return self._code_dir() == self.store.root.resolve() / "agent"
+        return codecheck.is_deployed(self._code_dir(), self.store.root)
 
     def _cmd_operators(self, cmd: Command) -> dict[str, Any]:
         """Pin the operator keys ``keys`` (the command itself is signed by a key pinned now).

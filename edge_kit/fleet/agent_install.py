@@ -23,6 +23,7 @@ import io
 import json
 import tarfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +45,7 @@ from device_agents.unit import render_unit
 from edge_kit.errors import ConfigError, DeployError
 from edge_kit.fleet.broker_setup import OPERATOR_USER
 from edge_kit.fleet.inventory import Device, Fleet
-from edge_kit.fleet.ssh import DeviceShell
+from edge_kit.fleet.ssh import MIN_PYTHON, RESTART_PENDING, DeviceShell
 from edge_kit.profiles import load_profile
 from edgekit_protocol.config import (
     AgentConfig,
@@ -64,26 +65,46 @@ from edgekit_protocol.errors import EdgeKitError
 STOP_TIMEOUT_S = 30.0
 BROKER_CA = "identity/broker-ca.pem"  # where the deploy puts the broker's CA on the device
 
+# Each bundle gets a folder of its own, <root>/agent-<sha12>-<pid>, and <root>/agent is a symlink to the
+# current one, switched with one rename: no moment without an agent, and a running agent (whose
+# sys.path and working folder are its own version's real path) never imports a file of another
+# version before the deploy restarts it. Older versions and what interrupted installs left are
+# removed, never the one that runs.
 _INSTALL_BUNDLE = r"""
 import hashlib, os, shutil, sys, tarfile
 archive, sha, root, signed = sys.argv[1], sys.argv[2], os.path.expanduser(sys.argv[3]), sys.argv[4]
 with open(archive, "rb") as f:
     if hashlib.sha256(f.read()).hexdigest() != sha:
         sys.exit("agent bundle: sha256 mismatch (corrupt or truncated upload); deploy again")
-new = os.path.join(root, "agent.new-%d" % os.getpid())
-shutil.rmtree(new, ignore_errors=True)
-with tarfile.open(archive) as t:
-    try:
-        t.extractall(new, filter="data")
-    except TypeError:  # Python without extraction filters; the archive is our own
-        t.extractall(new)
-with open(os.path.join(new, "AGENT.json"), "w") as f:
-    f.write(signed)
-live, old = os.path.join(root, "agent"), os.path.join(root, "agent.old-%d" % os.getpid())
-if os.path.exists(live):
-    os.rename(live, old)
-os.rename(new, live)
-shutil.rmtree(old, ignore_errors=True)
+name = "agent-%s-%d" % (sha[:12], os.getpid())
+new, live, link = os.path.join(root, name), os.path.join(root, "agent"), os.path.join(root, ".agent-link-%d" % os.getpid())
+shutil.rmtree(new, ignore_errors=True)  # an interrupted install under a reused pid
+try:
+    with tarfile.open(archive) as t:
+        try:
+            t.extractall(new, filter="data")
+        except TypeError:  # Python without extraction filters; the archive is our own
+            t.extractall(new)
+    with open(os.path.join(new, "AGENT.json"), "w") as f:
+        f.write(signed)
+except OSError as exc:  # a full or read-only disk: leave nothing of this attempt, the running agent untouched
+    shutil.rmtree(new, ignore_errors=True)
+    os.remove(archive)
+    sys.exit("agent bundle: cannot unpack it under %s (%s); free space there (or make it writable) and deploy again"
+             % (root, exc.strerror or exc))
+running = os.path.basename(os.readlink(live)) if os.path.islink(live) else None
+if os.path.isdir(live) and not os.path.islink(live):  # a folder, as deploys before versioned folders left it
+    running = "agent-legacy-%d" % os.getpid()
+    os.rename(live, os.path.join(root, running))
+os.symlink(name, link)
+os.replace(link, live)
+for other in os.listdir(root):
+    if other.startswith(("agent-", "agent.new-", "agent.old-", ".agent-link-")) and other not in (name, running):
+        path = os.path.join(root, other)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.remove(path)
 os.remove(archive)
 """
 
@@ -116,7 +137,8 @@ def _code_state(shell: DeviceShell, operator: Keyring) -> str | None:
     """
     _, sha, files = agent_bundle()
     # -I: isolated (no working directory, PYTHONPATH or user site on sys.path): stdlib only, as the script needs
-    found = json.loads(shell.run([shell.dev.python, "-I", "-B", "-c", inspect.getsource(codecheck), shell.root]))
+    found = shell.run_json([shell.dev.python, "-I", "-B", "-c", inspect.getsource(codecheck), shell.root],
+                           "the agent code check")
     if found["files"] is None:
         return "not installed"
     diff = codecheck.differences(files, found["files"])
@@ -196,19 +218,33 @@ def ensure_agent(shell: DeviceShell, fleet: Fleet) -> AgentState:
     dev, info = shell.dev, shell.info
     root = shell.root
     changed: list[str] = []
+    marked = info["restart_pending"]
+
+    def before_change() -> None:  # the marker goes first: a cut after any write still restarts next time
+        nonlocal marked
+        if not marked:
+            shell.put(b"a deploy changed the agent's files; the next deploy restarts it\n", f"{root}/{RESTART_PENDING}")
+            marked = True
+
     data, sha, files = agent_bundle()
     operator = fleet.key_store().operator
     why = _code_state(shell, Keyring(operators=[operator.public]))
     if why is not None:
         facts = shell.python_facts
+        if tuple(facts["version"]) < MIN_PYTHON:
+            raise DeployError(f"{dev.name}: the device's Python ({facts['python']}) is "
+                              f"{'.'.join(map(str, facts['version']))}; the agent needs "
+                              f"{'.'.join(map(str, MIN_PYTHON))} or newer: install it there and set `python:` for "
+                              "the device in the fleet file")
         if facts["missing"]:
             raise DeployError(f"{dev.name}: the device's Python ({facts['python']}) lacks {', '.join(facts['missing'])}; "
                               f"install: {facts['python']} -m pip install numpy pyyaml paho-mqtt cryptography ai-edge-litert")
+        before_change()
         part = shell.put(data, f"{root}/incoming/agent-{sha[:12]}.tar.gz", rename=False)
         signed = json.dumps(operator.sign(codecheck.code_manifest(files, sha)), indent=1)
         shell.run([dev.python, "-c", _INSTALL_BUNDLE, part, sha, root, signed])
         changed.append(f"agent {edge_kit.__version__} ({sha[:12]})" + ("" if why == "not installed" else f", reinstalled: {why}"))
-    changed += _ensure_identity(shell, fleet)
+    changed += _ensure_identity(shell, fleet, before_change)
     broker = dev.agent_broker or fleet.broker
     if broker.tls and broker.tls.ca:  # the CA the agent checks the broker's certificate against
         try:
@@ -216,15 +252,20 @@ def ensure_agent(shell: DeviceShell, fleet: Fleet) -> AgentState:
         except OSError as exc:
             raise ConfigError(f"fleet file, device {dev.name}: broker.tls.ca {broker.tls.ca}: {exc.strerror}") from None
         if info["broker_ca_sha256"] != hashlib.sha256(ca).hexdigest():
+            before_change()
             shell.put(ca, f"{root}/{BROKER_CA}")
             changed.append("broker CA")
     text, password = agent_config(fleet, dev)
     if password is not None and info["password_sha256"] != hashlib.sha256(password).hexdigest():
+        before_change()
         shell.put(password, f"{root}/mqtt.pass", mode=0o600)
         changed.append("broker password")
     if info["config_sha256"] != hashlib.sha256(text.encode()).hexdigest():
+        before_change()
         shell.put(text.encode(), f"{root}/agent.yaml", mode=0o600)
         changed.append("agent.yaml")
+    if info["restart_pending"] and not changed:
+        changed.append("an interrupted deploy's changes")
     # A simulated device shares the host's systemd with its siblings: it always gets the supervisor,
     # which `edgekit sim down` stops, and never touches the host's units.
     systemd = dev.user == "root" and info["systemd"] and not dev.simulated
@@ -240,12 +281,15 @@ def ensure_agent(shell: DeviceShell, fleet: Fleet) -> AgentState:
         shell.run([dev.python, "-B", "-m", "device_agents", "supervise", "--config", f"{root}/agent.yaml",
                    "--pidfile", f"{root}/agent.pid", "--log-file", f"{root}/agent.log"],
                   env={"PYTHONPATH": f"{root}/agent"}, background=True, cwd=f"{root}/agent")
+    if marked:
+        shell.remove(f"{root}/{RESTART_PENDING}")
     changed.append("service restarted" if running else "service started")
     return AgentState(changed, started)
 
 
-def _ensure_identity(shell: DeviceShell, fleet: Fleet) -> list[str]:
-    """Give the device its signing key (once) and the operator keys it accepts commands from.
+def _ensure_identity(shell: DeviceShell, fleet: Fleet, before_change: Callable[[], None]) -> list[str]:
+    """Give the device its signing key (once) and the operator keys it accepts commands from;
+    ``before_change`` is called before the first write to the device.
 
     A device without a key gets a fresh one, generated here, written over SSH (mode 600) and
     registered; this host keeps no copy. A device that has one is registered with the public key it
@@ -264,6 +308,7 @@ def _ensure_identity(shell: DeviceShell, fleet: Fleet) -> list[str]:
             public = None  # unreadable: give it a new key below
     if public is None:
         signer = Signer.generate()
+        before_change()
         shell.put(signer.pem(), f"{root}/identity/device.key", mode=0o600)
         shell.put((encode_key(signer.public) + "\n").encode(), f"{root}/identity/device.pub")
         public = signer.public
@@ -272,6 +317,7 @@ def _ensure_identity(shell: DeviceShell, fleet: Fleet) -> list[str]:
         changed.append(f"device key {key_id(public)} registered")
     pinned = keys.operators_json()
     if info["operators_sha256"] != hashlib.sha256(pinned).hexdigest():
+        before_change()
         shell.put(pinned, f"{root}/identity/operators.json")
         changed.append("operator key pinned")
     return changed
@@ -298,8 +344,7 @@ def _stop_supervisor(shell: DeviceShell, pid: int) -> None:
 
 def _systemd_start(shell: DeviceShell, root: str) -> None:
     dev = shell.dev
-    unit = render_unit(Path(root) / "agent.yaml", python=dev.python, workdir=f"{root}/agent").replace(
-        "Environment=PYTHONUNBUFFERED=1", f"Environment=PYTHONUNBUFFERED=1 PYTHONPATH={root}/agent")
+    unit = render_unit(f"{root}/agent.yaml", python=dev.python, workdir=f"{root}/agent", env={"PYTHONPATH": f"{root}/agent"})
     shell.put(unit.encode(), "/etc/systemd/system/edgekit-agent.service")
     for argv in (["systemctl", "daemon-reload"], ["systemctl", "enable", "edgekit-agent"],
                  ["systemctl", "restart", "edgekit-agent"]):

@@ -22,6 +22,8 @@ import hashlib
 import ipaddress
 import os
 import secrets
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,9 +68,13 @@ def fleet_acl(fleet: str, operator: str = OPERATOR_USER) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` readable by its owner only (a symlink in its place is refused, an existing file's
-    mode tightened before a byte is written)."""
+def write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` readable by its owner only (a symlink in its place is refused, an existing
+    file's mode tightened before a byte is written); returns nothing.
+
+    Raises:
+        OSError: the folder or the file cannot be written, or ``path`` is a symlink.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     os.fchmod(fd, 0o600)
@@ -112,7 +118,7 @@ def make_tls(folder: Path, hosts: list[str], days: int = 365) -> BrokerTls:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "ca.pem").write_bytes(ca.public_bytes(pem))
     (folder / "server.pem").write_bytes(server.public_bytes(pem))
-    _write_private(folder / "server.key", key.private_bytes(pem, serialization.PrivateFormat.TraditionalOpenSSL,
+    write_private(folder / "server.key", key.private_bytes(pem, serialization.PrivateFormat.TraditionalOpenSSL,
                                                             serialization.NoEncryption()))
     return BrokerTls(folder / "ca.pem", folder / "server.pem", folder / "server.key")
 
@@ -121,13 +127,14 @@ def build_wall(folder: Path, fleet: str, devices: list[str], hosts: list[str]) -
     """Generate fresh credentials for the operator and each device, the fleet's ACL, and TLS for ``hosts``.
 
     Returns:
-        The wall (passwords are also written to ``<folder>/secrets/<user>.pass``, mode 600).
+        The wall (passwords are also written to ``<folder>/secrets/<user>.pass``, mode 600, folder 700).
     """
     users = {user: secrets.token_urlsafe(24) for user in (OPERATOR_USER, *devices)}
+    (folder / "secrets").mkdir(mode=0o700, parents=True, exist_ok=True)  # every plain password: the owner's alone
     files = {}
     for user, password in users.items():
         files[user] = folder / "secrets" / f"{user}.pass"
-        _write_private(files[user], (password + "\n").encode())
+        write_private(files[user], (password + "\n").encode())
     return BrokerWall(users, files, fleet_acl(fleet), make_tls(folder / "tls", hosts))
 
 
@@ -168,26 +175,51 @@ def write_fleet_wall(folder: Path, fleet: str, devices: list[str], hosts: list[s
                      listen: str | None = None) -> BrokerWall:
     """Write everything a real fleet's broker and devices need into ``folder``: ``passwd`` (hashed),
     ``acl``, ``tls/`` (CA, server certificate and key), ``mosquitto.conf`` and each user's
-    ``secrets/<user>.pass`` (mode 600) for the fleet file.
+    ``secrets/<user>.pass`` (mode 600, in a folder of mode 700) for the fleet file.
+
+    Everything is written into a temporary folder beside ``folder`` and renamed into place, so a
+    failure or an interruption leaves no half-written wall (and nothing that blocks a second try).
 
     Returns:
         The wall.
 
     Raises:
         FileExistsError: ``folder`` already holds a wall (never overwritten: devices may use it).
-        InputError: a host is empty or has spaces, or the first is too long for a certificate's name
-            (nothing is written).
+        InputError: a host is not a host name or an IP address (non-ASCII names in their ``xn--``
+            form), or the first is too long for a certificate's name (nothing is written).
+        OSError: ``folder``'s parent cannot be written (nothing is left behind).
     """
+    from edge_kit.fleet.inventory import check_host
+
     folder = Path(folder).resolve()
     if folder.exists() and any(folder.iterdir()):
         raise FileExistsError(folder)
     for i, host in enumerate(hosts):
-        if not host or any(c.isspace() for c in host) or (i == 0 and len(host) > 64):
+        try:
+            check_host(host)
+            host.encode("ascii")
+            ok = i > 0 or len(host) <= 64
+        except (ValueError, UnicodeError):
+            ok = False
+        if not ok:
             raise InputError(f"--broker-host {host!r}: give the name or address devices reach the broker at "
-                             "(no spaces; the first, the certificate's name, at most 64 characters)")
-    wall = build_wall(folder, fleet, devices, hosts)
-    (folder / "data").mkdir(mode=0o700)
-    _write_private(folder / "passwd", ("\n".join(mosquitto_password_line(u, p) for u, p in wall.users.items()) + "\n").encode())
-    (folder / "acl").write_text(wall.acl)
-    (folder / "mosquitto.conf").write_text(hardened_conf(folder, port, listen=listen))
-    return wall
+                             "(an IP address or an ASCII DNS name, a non-ASCII one in its xn-- form; the first, "
+                             "the certificate's name, at most 64 characters)")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
+    try:
+        wall = build_wall(work, fleet, devices, hosts)
+        (work / "data").mkdir(mode=0o700)
+        write_private(work / "passwd", ("\n".join(mosquitto_password_line(u, p) for u, p in wall.users.items()) + "\n").encode())
+        (work / "acl").write_text(wall.acl)
+        (work / "mosquitto.conf").write_text(hardened_conf(folder, port, listen=listen))
+        work.chmod(0o755)  # the broker's user reads passwd, acl and tls/ in it (secrets/ stays 700)
+        if folder.exists():
+            folder.rmdir()  # empty (checked above); a wall written meanwhile makes this fail
+        work.rename(folder)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    moved = {user: folder / path.relative_to(work) for user, path in wall.password_files.items()}
+    return BrokerWall(wall.users, moved, wall.acl, BrokerTls(folder / "tls" / "ca.pem", folder / "tls" / "server.pem",
+                                                             folder / "tls" / "server.key"))

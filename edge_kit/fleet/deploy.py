@@ -424,7 +424,9 @@ def deploy(fleet: Fleet, devices: list[Device], opts: DeployOptions,
             (no device is touched).
         NotBuiltFor: it was not compiled for a device's profile (no device is touched).
         AgentError: health checks are on and the fleet's broker cannot be reached.
+        ConfigError: two devices of the fleet share one agent folder (nothing is touched).
     """
+    fleet.check_agent_folders()
     check_built_for(opts.artifacts, devices, [opts.variant, *opts.variants.values()])
     client = FleetClient.of(fleet) if opts.health else None
     if client is not None:

@@ -18,9 +18,18 @@ profile's, and ``agent_broker`` (username and password file the agent on that de
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field, PrivateAttr, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    Field,
+    PrivateAttr,
+    field_validator,
+    model_validator,
+)
 
 from edge_kit.config import StrictModel, closest, load_yaml_model
 from edge_kit.errors import ConfigError
@@ -30,6 +39,72 @@ from edge_kit.profiles import Constraints, Storage
 from edgekit_protocol.config import BrokerConfig
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+# A DNS name: dot-separated labels of letters, digits, '-' and '_', none starting or ending with '-'.
+_HOST_LABEL = r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)"
+_HOST = re.compile(rf"^{_HOST_LABEL}(\.{_HOST_LABEL})*\.?$")
+_LOGIN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}\$?$")  # a POSIX login name (useradd's, and Samba's '$')
+
+
+def check_host(host: str) -> str:
+    """Return ``host`` when it is an IP address or a DNS name.
+
+    Raises:
+        ValueError: anything else (an option such as ``-oProxyCommand=...``, ``user@host``, a port, spaces).
+    """
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        pass
+    if len(host) > 253 or not _HOST.match(host):
+        raise ValueError(f"{host!r} is not a host name or an IP address; give the device's address "
+                         "(e.g. 10.0.0.21 or pi-01.local; the port goes in 'port', the login in 'user')")
+    return host
+
+
+def _check_login(user: str) -> str:
+    """Return ``user`` when it is a login name (letters, digits, '_', '.', '-'; at most 32).
+
+    Raises:
+        ValueError: anything else (shell characters, spaces, an option).
+    """
+    if not _LOGIN.match(user):
+        raise ValueError(f"{user!r} is not a login name (letters, digits, '_', '.' and '-', at most 32, "
+                         "not starting with '-' or '.')")
+    return user
+
+
+def _check_root(root: str) -> str:
+    """Return ``root`` when it is an absolute folder or one under the login's home (``~`` or ``~/...``).
+
+    Raises:
+        ValueError: a relative folder (the agent runs from ``<root>/agent``, where it would mean
+            another folder), ``~user`` or control characters.
+    """
+    if any(ord(c) < 32 or ord(c) == 127 for c in root):
+        raise ValueError(f"{root!r} holds a control character")
+    if not (root == "~" or root.startswith("~/") or (root.startswith("/") and root.strip("/"))):
+        raise ValueError(f"{root!r}: give an absolute folder (/opt/edgekit) or one under the SSH user's "
+                         "home (~/.edgekit)")
+    return root
+
+
+def _check_python(python: str) -> str:
+    """Return ``python`` when it can be one word of a command line: a name on the PATH or a path.
+
+    Raises:
+        ValueError: empty, an option, or holding whitespace or control characters.
+    """
+    if not python or python.startswith("-") or any(c.isspace() or ord(c) < 32 for c in python):
+        raise ValueError(f"{python!r}: give the device's interpreter as a name on its PATH or a path "
+                         "(python3, /usr/bin/python3.11), without spaces or options")
+    return python
+
+
+Host = Annotated[str, AfterValidator(check_host)]
+Login = Annotated[str, AfterValidator(_check_login)]
+Root = Annotated[str, AfterValidator(_check_root)]
+Python = Annotated[str, AfterValidator(_check_python)]
 
 
 class Serving(StrictModel):
@@ -54,11 +129,11 @@ class Pulling(StrictModel):
 
 class DeviceDefaults(StrictModel):
     port: int = Field(default=22, gt=0, lt=65536)
-    user: str | None = None
+    user: Login | None = None
     key: Path | None = None
     profile: str | None = None
-    root: str = "~/.edgekit"
-    python: str = "python3"
+    root: Root = "~/.edgekit"
+    python: Python = "python3"
     simulated: bool = False
     storage: Storage | None = None
     serve: Serving | None = None
@@ -74,14 +149,14 @@ class Device(StrictModel):
         if name == OPERATOR_USER:
             raise ValueError(f"'{name}' is reserved for the operator (its broker user and key); rename the device")
         return name
-    host: str
+    host: Host
     port: int = Field(default=22, gt=0, lt=65536)
-    user: str
+    user: Login
     key: Path | None = None  # None: the SSH agent / default keys
     profile: str
     tags: list[str] = Field(default_factory=list)
-    root: str = "~/.edgekit"
-    python: str = "python3"  # the interpreter on the device that has numpy, paho-mqtt, PyYAML and LiteRT
+    root: Root = "~/.edgekit"
+    python: Python = "python3"  # the interpreter on the device that has numpy, paho-mqtt, PyYAML and LiteRT
     simulated: bool = False  # a virtual device of `edgekit sim`: its agent marks every record
     constraints: Constraints | None = None
     storage: Storage | None = None  # overrides the profile's store budget
@@ -123,6 +198,23 @@ class Fleet(StrictModel):
         if twice:
             raise ValueError(f"device names must be unique; listed twice: {', '.join(twice)}")
         return devices
+
+    def check_agent_folders(self) -> None:
+        """Check that no two devices reach the same agent folder over SSH (same host, port and root, and
+        the same user when the root is under the home): a deploy to both would overwrite one's keys,
+        config and models with the other's. Fleets that are not deployed over SSH (monitoring, virtual
+        devices) may share a host.
+
+        Raises:
+            ConfigError: two devices share one (names both, the folder and the fleet file).
+        """
+        seen: dict[tuple[str, int, str, str], str] = {}
+        for d in self.devices:
+            where = (d.host.lower().rstrip("."), d.port, d.user if d.root.startswith("~") else "", d.root.rstrip("/"))
+            if where in seen:
+                raise ConfigError(f"{self._source or 'fleet file'}: devices {seen[where]} and {d.name} reach the same "
+                                  f"agent folder ({d.user}@{d.host}:{d.port} {d.root}); give each its own host, port or root")
+            seen[where] = d.name
 
     def select(self, selectors: list[str] | None) -> list[Device]:
         """Return the devices any selector picks (all devices when ``selectors`` is empty).

@@ -76,6 +76,9 @@ def rotate_operator_key(fleet: Fleet, timeout: float = 30.0, *, force: bool = Fa
     keys = fleet.key_store()
     old = keys.operator
     new, _ = Signer.load_or_create(keys.folder / NEXT)  # saved before anything is sent
+    if new.key_id == old.key_id:  # a rotation stopped between switching and removing its pending key
+        (keys.folder / NEXT).unlink()
+        new, _ = Signer.load_or_create(keys.folder / NEXT)
     names = [d.name for d in fleet.devices]
     expires = time.time() + 3 * timeout  # never pinned later, behind the host's back
     with FleetClient.of(fleet) as client:

@@ -28,6 +28,10 @@ from edge_kit.fleet.inventory import Device
 CONNECT_TIMEOUT_S = 10
 COMMAND_TIMEOUT_S = 300
 _known_hosts_lock = threading.Lock()
+# Written (under the root) before a deploy changes what the agent runs (code, keys, config), removed once it
+# restarted the agent: a deploy cut off in between leaves it, and the next one restarts the agent.
+RESTART_PENDING = "restart.pending"
+MIN_PYTHON = (3, 10)  # the agent's (pyproject's requires-python)
 
 
 # What only the device's Python can say: free space under the root, and which of the agent's
@@ -45,7 +49,7 @@ runtimes = {"onnxruntime": ort is not None,  # optional: the onnx-* variants; tr
             "tensorrt": any(any(pathlib.Path(p, "capi").glob("libonnxruntime_providers_tensorrt*"))
                             for p in ((ort.submodule_search_locations or []) if ort else []))}
 print(json.dumps({"free": shutil.disk_usage(probe).free, "python": sys.executable, "missing": missing,
-                  "runtimes": runtimes}))
+                  "runtimes": runtimes, "version": list(sys.version_info[:3])}))
 """
 
 
@@ -108,6 +112,12 @@ class HostKeyError(DeployError):
     """The device's SSH host key is unknown or has changed."""
 
 
+def known_hosts_name(host: str, port: int) -> str:
+    """Return the name a host key is filed under in ``known_hosts``: ``host`` on port 22, else ``[host]:port``
+    (as OpenSSH and paramiko write and look it up)."""
+    return host if port == 22 else f"[{host}]:{port}"
+
+
 class _RecordNewKey(paramiko.MissingHostKeyPolicy):
     """Accept a host key seen for the first time and append it to ``known_hosts``."""
 
@@ -115,11 +125,20 @@ class _RecordNewKey(paramiko.MissingHostKeyPolicy):
         self.path = path
 
     def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
-        with _known_hosts_lock:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
+        try:
+            with _known_hosts_lock:
+                if not self.path.parent.is_dir():
+                    self.path.parent.mkdir(mode=0o700, parents=True)  # ~/.ssh: the owner's alone, as ssh makes it
+                # one write() of one line with O_APPEND: deploys in other processes appending at once lose nothing
+                with open(self.path, "a", encoding="utf-8") as f:
+                    f.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
+        except OSError as exc:
+            raise _KnownHostsUnwritable(exc.strerror or str(exc)) from None
         client.get_host_keys().add(hostname, key.get_name(), key)
+
+
+class _KnownHostsUnwritable(Exception):
+    """Raised inside paramiko's connect by :class:`_RecordNewKey`; mapped to HostKeyError with the device."""
 
 
 class _RefuseNewKey(paramiko.MissingHostKeyPolicy):
@@ -131,6 +150,27 @@ class _RefuseNewKey(paramiko.MissingHostKeyPolicy):
 
 class _UnknownHostKey(Exception):
     """Raised inside paramiko's connect by :class:`_RefuseNewKey`; mapped to HostKeyError with the device."""
+
+
+def _load_known_hosts(client: paramiko.SSHClient, path: Path) -> None:
+    """Load ``path`` (when it exists) into ``client`` as the host keys to check against.
+
+    Raises:
+        HostKeyError: the file cannot be read, or a line holds a key that is not one (with its line number).
+    """
+    with _known_hosts_lock:
+        if not path.exists():
+            return
+        try:
+            client.load_host_keys(str(path))
+        except OSError as exc:
+            raise HostKeyError(f"{path}: cannot read the SSH known_hosts file ({exc.strerror or exc}); "
+                               "make it a readable file, or set known_hosts in the fleet file") from None
+        except paramiko.hostkeys.InvalidHostKey as exc:
+            text = path.read_text(encoding="utf-8", errors="replace").splitlines()
+            number = next((i for i, ln in enumerate(text, 1) if ln.strip() == str(exc.line).strip()), None)
+            raise HostKeyError(f"{path}{f':{number}' if number else ''}: not a valid host key line "
+                               f"({str(exc.line)[:60]!r}); remove or fix it (ssh-keyscan gives the right line)") from None
 
 
 class DeviceShell:
@@ -152,10 +192,7 @@ class DeviceShell:
             kwargs["key_filename"] = str(dev.key.expanduser())
         self.conn = Connection(dev.host, user=dev.user, port=dev.port, connect_timeout=CONNECT_TIMEOUT_S,
                                connect_kwargs=kwargs)
-        client = paramiko.SSHClient()
-        with _known_hosts_lock:
-            if self.known_hosts.exists():
-                client.load_host_keys(str(self.known_hosts))
+        client = paramiko.SSHClient()  # the host keys are loaded on enter (a bad known_hosts fails there)
         client.set_missing_host_key_policy(_RecordNewKey(self.known_hosts) if trust_new else _RefuseNewKey())
         self.conn.client = client
 
@@ -179,14 +216,30 @@ class DeviceShell:
     def _connect(self) -> None:
         where = f"{self.dev.name} ({self.dev.user}@{self.dev.host}:{self.dev.port})"
         try:
+            _load_known_hosts(self.conn.client, self.known_hosts)
+        except HostKeyError as exc:
+            raise HostKeyError(f"{self.dev.name}: {exc}") from None
+        if self.dev.key is not None:  # paramiko's own error for it would read as the host being unreachable
+            key = self.dev.key.expanduser()
+            try:
+                key.read_bytes()
+            except OSError as exc:
+                raise DeployError(f"{where}: SSH key {key}: {exc.strerror or _why(exc)}; set the device's `key:` "
+                                  "in the fleet file to its private key file") from None
+        name = known_hosts_name(self.dev.host, self.dev.port)
+        try:
             self.conn.connect_kwargs["sock"] = open_socket(self.dev.host, self.dev.port)
             self.conn.open()
         except paramiko.BadHostKeyException:
-            raise HostKeyError(f"{where}: host key differs from the one in {self.known_hosts}; refusing "
-                               f"(if the device was reinstalled: ssh-keygen -f {self.known_hosts} -R '[{self.dev.host}]:{self.dev.port}')") from None
+            raise HostKeyError(f"{where}: host key differs from the one in {self.known_hosts}; refusing (someone may be "
+                               "impersonating the device; if it was reinstalled, remove the old key: "
+                               f"{shlex.join(['ssh-keygen', '-f', str(self.known_hosts), '-R', name])})") from None
+        except _KnownHostsUnwritable as exc:
+            raise HostKeyError(f"{where}: cannot record its new host key in {self.known_hosts} ({exc}); make it "
+                               "writable, or add the key yourself (ssh-keyscan)") from None
         except _UnknownHostKey:
             raise HostKeyError(f"{where}: host key is not in {self.known_hosts}; check it and add it "
-                               "(ssh-keyscan), or rerun with --trust-new-hosts to record it") from None
+                               f"(ssh-keyscan -p {self.dev.port} {shlex.quote(self.dev.host)}), or rerun with --trust-new-hosts to record it") from None
         except paramiko.SSHException as exc:
             raise DeployError(f"{where}: SSH failed: {_why(exc)}") from None
         except OSError as exc:
@@ -199,8 +252,9 @@ class DeviceShell:
 
         No command runs, so a device with nothing to change costs one SSH handshake: the absolute
         root, the agent bundle's sha256, hashes of its config and password file, whether its
-        supervisor's pid is alive, whether systemd runs, the installed models and the current one
-        (the layout of :mod:`device_agents.store`).
+        supervisor runs (the pid file's process, recognised by its command line), whether systemd
+        runs, whether a deploy left a restart pending, the installed models and the current one (the
+        layout of :mod:`device_agents.store`).
 
         Raises:
             OSError, paramiko.SSHException, EOFError: the connection failed (the caller words it).
@@ -246,14 +300,31 @@ class DeviceShell:
                 "has_device_key": exists(f"{root}/identity/device.key"),
                 "operators_sha256": digest("identity/operators.json"),
                 "broker_ca_sha256": digest("identity/broker-ca.pem"),
-                "agent_pid": int(pid) if pid.isdigit() and exists(f"/proc/{pid}") else None,
+                "agent_pid": int(pid) if pid.isdigit() and self._is_supervisor(pid, root) else None,
+                "restart_pending": exists(f"{root}/{RESTART_PENDING}"),
                 "systemd": exists("/run/systemd/system"), "installed": installed, "current": current}
+
+    def _is_supervisor(self, pid: str, root: str) -> bool:
+        """Return whether process ``pid`` is this root's agent supervisor (its command line, read from
+        ``/proc``, names ``supervise`` and ``<root>/agent.pid``): a pid file left by a reboot or a crash may
+        name a process that is now something else, which must be neither trusted nor stopped.
+
+        Raises:
+            DeployError: the connection failed.
+        """
+        argv = (self.read(f"/proc/{pid}/cmdline") or b"").split(b"\0")
+        return b"supervise" in argv and f"{root}/agent.pid".encode() in argv
 
     @functools.cached_property
     def python_facts(self) -> dict[str, Any]:
-        """Return free bytes under the root, the device Python's path, the agent dependencies it lacks and
-        which optional runtimes it has (``runtimes``: ``{"onnxruntime": bool, "tensorrt": bool}``)."""
-        return json.loads(self.run([self.dev.python, "-c", _PYTHON_FACTS, self.root]))
+        """Return free bytes under the root, the device Python's path and ``version`` ([major, minor, micro]),
+        the agent dependencies it lacks and which optional runtimes it has (``runtimes``:
+        ``{"onnxruntime": bool, "tensorrt": bool}``).
+
+        Raises:
+            DeployError: the interpreter is missing or failed, or the connection was lost.
+        """
+        return self.run_json([self.dev.python, "-c", _PYTHON_FACTS, self.root], "the device's Python")
 
     def __exit__(self, *_: object) -> None:
         try:
@@ -271,6 +342,7 @@ class DeviceShell:
         Raises:
             DeployError: non-zero exit (with the last line of stderr), a timeout or a lost connection.
         """
+        program = argv[0] if argv else ""
         if env:
             argv = ["env", *(f"{k}={v}" for k, v in env.items()), *argv]
         command = shlex.join(argv)
@@ -284,6 +356,10 @@ class DeviceShell:
             raise DeployError(f"{self.dev.name}: `{argv[-1] if argv else ''}` took longer than {timeout:.0f} s") from None
         except _LINK_ERRORS as exc:
             raise DeployError(f"{self.dev.name}: SSH connection lost ({_why(exc)})") from None
+        if result.exited == 127:  # POSIX shells and env: command not found
+            raise DeployError(f"{self.dev.name}: {program!r} is not found on the device"
+                              + (f"; install Python {'.'.join(map(str, MIN_PYTHON))} or newer there, or set `python:` "
+                                 "for the device in the fleet file to its interpreter" if program == self.dev.python else ""))
         if result.exited != 0:
             lines = [ln for ln in result.stderr.splitlines() if ln.strip() and not ln.startswith("INFO:")]
             raise DeployError(f"{self.dev.name}: {lines[-1] if lines else f'exit code {result.exited}'}")
@@ -296,12 +372,29 @@ class DeviceShell:
             DeployError: the agent command failed (its one-line error is the reason).
         """
         root = self.root
-        out = self.run([self.dev.python, "-B", "-m", "device_agents", *args, "--root", root],
-                       env={"PYTHONPATH": f"{root}/agent"}, timeout=timeout, cwd=f"{root}/agent")
-        try:
-            return json.loads(out)
-        except ValueError:
-            raise DeployError(f"{self.dev.name}: unexpected output from the agent: {out.strip()[:200]}") from None
+        return self.run_json([self.dev.python, "-B", "-m", "device_agents", *args, "--root", root], "the agent",
+                             env={"PYTHONPATH": f"{root}/agent"}, timeout=timeout, cwd=f"{root}/agent")
+
+    def run_json(self, argv: list[str], what: str, **kwargs: Any) -> Any:
+        """Run ``argv`` as :meth:`run` does and return the JSON document it printed.
+
+        Text the device's shell prints before it (a ``.bashrc``, ``BASH_ENV`` or profile that echoes in
+        non-interactive sessions too) is skipped: the document is the output from the first line that
+        starts one and parses to the end.
+
+        Raises:
+            DeployError: as :meth:`run`, or no JSON document in the output (``what`` printed it; the start
+                of the output is given).
+        """
+        out = self.run(argv, **kwargs)
+        starts = [0] + [m.start() + 1 for m in re.finditer(r"\n(?=[{\[])", out)]
+        for start in starts:
+            try:
+                return json.loads(out[start:])
+            except ValueError:
+                continue
+        raise DeployError(f"{self.dev.name}: unexpected output from {what}: {out.strip()[:200]!r}; if the device's "
+                          "shell prints it, make its .bashrc or profile quiet for non-interactive sessions")
 
     def put(self, local: Path | bytes, remote: str, mode: int = 0o644, *, rename: bool = True) -> str:
         """Upload a file (or bytes) to ``remote``, creating its folder; lands as ``.part`` then renamed.
@@ -335,13 +428,26 @@ class DeviceShell:
             if sizes:  # paramiko's check after the transfer: the server kept fewer bytes than were sent
                 exc = OSError(f"the device stored only {sizes[1]} of {sizes[2]} bytes; is its disk full?")
             elif str(exc) == "Failure":  # SFTP v3 reports a failed write (ENOSPC among others) only as this
-                exc = OSError("the device could not write the file (SFTP 'Failure'); is its disk full?")
+                exc = OSError("the device could not write the file (SFTP 'Failure'); is its disk full or read-only?")
             try:
                 self.conn.sftp().remove(part)
             except _LINK_ERRORS:
                 pass
             raise DeployError(f"{self.dev.name}: upload of {Path(remote).name} failed ({_why(exc)})") from None
         return target if rename else part
+
+    def remove(self, remote: str) -> None:
+        """Remove a remote file (nothing when it does not exist).
+
+        Raises:
+            DeployError: the connection failed or the device refused.
+        """
+        try:
+            self.conn.sftp().remove(remote)
+        except FileNotFoundError:
+            pass
+        except _LINK_ERRORS as exc:
+            raise DeployError(f"{self.dev.name}: cannot remove {remote} ({_why(exc)})") from None
 
     def read(self, remote: str) -> bytes | None:
         """Return a remote file's content, or None when it does not exist.

@@ -1,7 +1,7 @@
 """Start an Eclipse Mosquitto broker on a free port (loopback unless told) with its own config.
 
 Used by ``edgekit sim`` / ``edgekit demo`` and by the test fixtures. Options cover what a real
-deployment sets: username/password (``password_file`` made with ``mosquitto_passwd``), an ACL,
+deployment sets: username/password (``password_file`` in ``mosquitto_passwd``'s format), an ACL,
 TLS, and persistence, which keeps persistent sessions (and their queued QoS 1 messages) across a
 broker restart.
 """
@@ -16,7 +16,11 @@ import time
 from pathlib import Path
 
 from edge_kit.errors import EdgeKitError
-from edge_kit.fleet.broker_setup import BrokerTls
+from edge_kit.fleet.broker_setup import (
+    BrokerTls,
+    mosquitto_password_line,
+    write_private,
+)
 from edge_kit.sim.process import stop_process
 
 START_TIMEOUT_S = 10.0
@@ -70,13 +74,9 @@ class MosquittoBroker:
         lines = [f"user {getpass.getuser()}", f"listener {self.port} {self.host}", f"log_dest file {self.log}", "log_type error",
                  "log_type warning", "max_queued_messages 0", "max_inflight_messages 0", "set_tcp_nodelay true",
                  f"persistence {'true' if self.persistence else 'false'}", f"persistence_location {self.workdir}/"]
-        if self.users:
+        if self.users:  # hashed here: `mosquitto_passwd -b` would show each password to `ps` on this machine
             pw = self.workdir / "passwd"
-            pw.write_text("")
-            for user, password in self.users.items():
-                subprocess.run(["mosquitto_passwd", "-b", str(pw), user, password], check=True, timeout=10,
-                               capture_output=True)
-            pw.chmod(0o600)
+            write_private(pw, "".join(mosquitto_password_line(u, p) + "\n" for u, p in self.users.items()).encode())
             lines += ["allow_anonymous false", f"password_file {pw}"]
         else:
             lines.append("allow_anonymous true")

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edge_kit.errors import EdgeKitError
+from edge_kit.fleet.ssh import known_hosts_name
 from edge_kit.sim.broker import START_TIMEOUT_S, free_port, wait_port
 from edge_kit.sim.process import stop_process
 
@@ -49,8 +50,7 @@ def write_keypair(path: Path, comment: str = "edge-kit") -> str:
 def known_hosts_line(host: str, port: int, public_line: str) -> str:
     """Return the ``known_hosts`` entry for a host key served on ``host:port``."""
     kind, blob = public_line.split()[:2]
-    name = host if port == 22 else f"[{host}]:{port}"
-    return f"{name} {kind} {blob}"
+    return f"{known_hosts_name(host, port)} {kind} {blob}"
 
 
 def find_sshd() -> str | None:
@@ -70,6 +70,7 @@ class SshEndpoint:
     host_public: str = ""
     embedded: bool | None = None  # None: OpenSSH's sshd when installed, else the embedded server
     wrap: tuple[str, ...] = ()  # runs the server, e.g. ``nsenter ...`` to put it in another namespace
+    settings: tuple[str, ...] = ()  # more sshd_config lines (OpenSSH's sshd only), e.g. ``SetEnv ...``
 
     @property
     def kind(self) -> str:
@@ -99,6 +100,7 @@ class SshEndpoint:
             f"AllowUsers {getpass.getuser()}", "PasswordAuthentication no", "KbdInteractiveAuthentication no",
             "PubkeyAuthentication yes", "UsePAM no", "StrictModes no", "PermitRootLogin prohibit-password",
             "Subsystem sftp internal-sftp", "LogLevel ERROR", "MaxStartups 64:30:128", "MaxSessions 64",
+            *self.settings,
         ]) + "\n")
         if os.geteuid() == 0:
             Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation directory

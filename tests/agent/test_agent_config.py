@@ -47,6 +47,24 @@ def test_the_systemd_unit_runs_the_agent_with_its_config(tmp_path):
     assert "Restart=always" in unit and "User=edgekit\n" in unit and "WantedBy=multi-user.target" in unit
 
 
+def test_the_systemd_unit_quotes_what_systemd_would_split_or_expand(tmp_path):
+    import shlex
+
+    from device_agents.unit import render_unit
+
+    root = "/opt/edge kit/100%$HOME \"x\""
+    unit = render_unit(f"{root}/agent.yaml", python="/opt/my venv/bin/python", workdir=f"{root}/agent",
+                       env={"PYTHONPATH": f"{root}/agent"})
+    lines = dict(line.split("=", 1) for line in unit.splitlines() if "=" in line and not line.startswith("#"))
+    # systemd: '%%' is '%', '$$' is '$' (ExecStart only), then words split as a shell splits double quotes
+    assert shlex.split(lines["ExecStart"].replace("%%", "%").replace("$$", "$")) == [
+        "/opt/my venv/bin/python", "-B", "-m", "device_agents", "run", "--config", f"{root}/agent.yaml"]
+    assert shlex.split(lines["Environment"].replace("%%", "%")) == ["PYTHONUNBUFFERED=1", f"PYTHONPATH={root}/agent"]
+    assert lines["WorkingDirectory"].replace("%%", "%") == f"{root}/agent" and "%%" in lines["Description"]
+    with pytest.raises(ValueError, match="control character"):
+        render_unit("/opt/a\nExecStartPre=/bin/rm -rf /x/agent.yaml")
+
+
 def test_every_command_in_the_protocol_has_a_handler_in_the_agent():
     from device_agents.service import Agent
     from edgekit_protocol.commands import COMMANDS

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -48,6 +49,45 @@ def test_fleet_defaults_fill_devices_and_selectors_pick_them(tmp_path):
 def test_fleet_errors_name_the_line_and_the_key(tmp_path, change, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("?", r"\?")):
         load_fleet(write(tmp_path, "fleet.yaml", FLEET.replace(*change)))
+
+
+@pytest.mark.parametrize("change, message", [
+    (("host: 10.0.0.1,", "host: '-oProxyCommand=touch /tmp/x',"), "devices[0].host: '-oProxyCommand=touch /tmp/x' is not a host name"),
+    (("host: 10.0.0.1,", "host: 'evil@10.0.0.1',"), "devices[0].host: 'evil@10.0.0.1' is not a host name"),
+    (("host: 10.0.0.1,", "host: '10.0.0.1:2222',"), "the port goes in 'port'"),
+    (("host: 10.0.0.1,", "host: 'pi 1',"), "devices[0].host: 'pi 1' is not a host name"),
+    (("user: mendel", "user: 'mendel;reboot'"), "devices[2].user: 'mendel;reboot' is not a login name"),
+    (("user: edgekit,", "user: '-oProxyCommand=x',"), "defaults.user: '-oProxyCommand=x' is not a login name"),
+    (("tags: [pi]}", "tags: [pi], root: edgekit}"), "devices[0].root: 'edgekit': give an absolute folder"),
+    (("tags: [pi]}", "tags: [pi], root: '~other/x'}"), "devices[0].root: '~other/x': give an absolute folder"),
+    (("tags: [pi]}", "tags: [pi], python: 'python3 -c 1'}"), "devices[0].python: 'python3 -c 1': give the device's interpreter"),
+    (("tags: [pi]}", "tags: [pi], port: 70000}"), "devices[0].port"),
+])
+def test_what_reaches_an_ssh_command_line_or_a_device_folder_is_checked_at_load(tmp_path, change, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_fleet(write(tmp_path, "fleet.yaml", FLEET.replace(*change)))
+
+
+@pytest.mark.parametrize("change", [
+    ("host: 10.0.0.1,", "host: pi-01.local,"), ("host: 10.0.0.1,", "host: 'fe80::1%eth0',"),
+    ("host: 10.0.0.1,", "host: 'edge_pi.lan.',"), ("user: mendel", "user: mendel.x_1"),
+    ("tags: [pi]}", "tags: [pi], root: '/opt/edge kit'}"), ("tags: [pi]}", "tags: [pi], python: /usr/bin/python3.11}"),
+    ("host: 10.0.0.2,", "host: 10.0.0.1, root: /opt/other,"),  # one host, two agent folders
+    ("host: 10.0.0.2,", "host: 10.0.0.1, port: 2222,"),  # one address, two ports (two sshd, e.g. containers)
+])
+def test_real_addresses_logins_and_folders_still_load(tmp_path, change):
+    assert len(load_fleet(write(tmp_path, "fleet.yaml", FLEET.replace(*change))).devices) == 3
+
+
+@pytest.mark.parametrize("change", [("host: 10.0.0.2,", "host: 10.0.0.1,"),
+                                    ("host: 10.0.0.2,", "host: 10.0.0.1, root: ~/.edgekit/,")])
+def test_a_deploy_to_two_devices_sharing_one_agent_folder_is_refused_before_any_is_touched(tmp_path, change):
+    from edge_kit.fleet.deploy import DeployOptions, deploy
+
+    fleet = load_fleet(write(tmp_path, "fleet.yaml", FLEET.replace(*change)))  # a monitoring-only fleet may
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'fleet.yaml'}: devices pi-1 and pi-2 reach the same "
+                                                    "agent folder (edgekit@10.0.0.1:22 ~/.edgekit")):
+        deploy(fleet, fleet.devices, DeployOptions(tmp_path / "no-artifacts", health=False))
 
 
 def test_serve_and_pull_settings_reach_the_agents_config(tmp_path):

@@ -33,7 +33,7 @@ def device_in(tmp_path, mosquitto):
     """Factory: a fleet of one root-login device whose sshd runs inside ``ns``; stopped after the test."""
     endpoints = []
 
-    def make(ns: SystemdNamespace, simulated: bool = False):
+    def make(ns: SystemdNamespace, simulated: bool = False, root: str = "device"):
         key = tmp_path / "id_ed25519"
         ssh = SshEndpoint(tmp_path / "ssh", write_keypair(key), wrap=ns.enter).start()
         endpoints.append(ssh)
@@ -42,7 +42,7 @@ def device_in(tmp_path, mosquitto):
             "fleet": FLEET, "broker": {"host": mosquitto.host, "port": mosquitto.port},
             "known_hosts": str(tmp_path / "known_hosts"),
             "devices": [{"name": "pi-1", "host": ssh.host, "port": ssh.port, "user": "root", "key": str(key),
-                         "profile": "rpi4", "root": str(tmp_path / "device"), "python": sys.executable,
+                         "profile": "rpi4", "root": str(tmp_path / root), "python": sys.executable,
                          "simulated": simulated}]}))
         return load_fleet(tmp_path / "fleet.yaml")
 
@@ -73,6 +73,20 @@ def test_deploy_runs_the_agent_as_a_systemd_service_that_systemd_restarts(tmp_pa
 
     again = deploy(fleet, fleet.devices, DeployOptions(digits_artifacts, variant="int8"))
     assert again.results[0].status == "skipped", again.results[0].reason  # running, same agent and config
+
+
+def test_a_root_folder_with_spaces_a_percent_and_a_dollar_runs_under_systemd(tmp_path, systemd, device_in,
+                                                                            digits_artifacts):
+    """systemd reads '%' as a specifier, '$' as a variable and splits on spaces: the unit used to name
+    another folder, and the agent never started; now it is quoted and the agent runs."""
+    fleet = device_in(systemd, root="edge kit 100%$HOME")
+    r = deploy(fleet, fleet.devices, DeployOptions(digits_artifacts, variant="int8")).results[0]
+    assert r.status == "succeeded", r.reason
+    assert systemd.run("systemctl", "is-active", "edgekit-agent").stdout.strip() == "active"
+    pid = main_pid(systemd)
+    argv = systemd.run("cat", f"/proc/{pid}/cmdline").stdout.split("\0")
+    assert argv[-3:] == ["--config", str(tmp_path / "edge kit 100%$HOME" / "agent.yaml"), ""], argv
+    assert systemd.run("readlink", f"/proc/{pid}/cwd").stdout.strip() == str((tmp_path / "edge kit 100%$HOME" / "agent").resolve())
 
 
 def test_a_simulated_device_keeps_to_its_own_supervisor_even_where_systemd_runs(tmp_path, systemd, device_in,

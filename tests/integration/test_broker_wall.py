@@ -87,6 +87,41 @@ def test_strangers_are_kept_out_and_each_device_is_confined_to_its_own_topics(si
     assert got_cmd == []  # d1 never reads d2's commands
 
 
+def test_the_simulated_broker_never_puts_a_password_on_a_command_line(tmp_path, monkeypatch):
+    """`sim up` used `mosquitto_passwd -b FILE USER PASSWORD`: every device's password in the process
+    list of the machine for anyone to read; now the file is hashed in-process (mode 600 from the start)."""
+    import subprocess
+
+    from edge_kit.sim.broker import MosquittoBroker
+
+    argvs: list[str] = []
+    real_run, real_popen = subprocess.run, subprocess.Popen
+
+    def run(argv, *a, **k):
+        argvs.append(" ".join(map(str, argv)))
+        return real_run(argv, *a, **k)
+
+    class Popen(real_popen):
+        def __init__(self, argv, *a, **k):
+            argvs.append(" ".join(map(str, argv)))
+            super().__init__(argv, *a, **k)
+
+    monkeypatch.setattr(subprocess, "run", run)
+    monkeypatch.setattr(subprocess, "Popen", Popen)
+    password = "s3cret-for-cam-1-only"
+    broker = MosquittoBroker(tmp_path / "broker", users={"cam-1": password}).start()
+    try:
+        assert argvs and not any(password in a for a in argvs), argvs
+        assert (tmp_path / "broker" / "passwd").stat().st_mode & 0o777 == 0o600
+        assert connect(broker, "cam-1", "guess")[1] != "ok"
+        client, how = connect(broker, "cam-1", password)
+        assert how == "ok"
+        client.disconnect()
+        client.loop_stop()
+    finally:
+        broker.stop()
+
+
 def test_fleet_init_writes_a_wall_that_a_real_mosquitto_enforces(tmp_path, run_cli):
     """`edgekit fleet init` for a real fleet: the hashed passwd (written without mosquitto_passwd),
     the ACL, TLS and the hardened mosquitto.conf, run by a real Mosquitto as written."""

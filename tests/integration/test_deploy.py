@@ -129,6 +129,247 @@ def test_host_keys_unknown_refused_trusted_on_request_and_a_changed_key_always_r
     assert code == 4 and "host key differs" in json.loads(out)["devices"][0]["reason"]
 
 
+def test_a_bad_known_hosts_file_is_named_and_the_changed_key_hint_works(sim, tmp_path):
+    """An unreadable, corrupt or unwritable known_hosts file fails the device with a line naming that
+    file (not 'unexpected ...' nor 'unreachable'), and the command a changed key's message gives, once
+    run, lets --trust-new-hosts record the device's real key."""
+    import shlex
+    import subprocess
+
+    from edge_kit.errors import DeployError
+    from edge_kit.fleet.ssh import HostKeyError, known_hosts_name
+
+    _, fleet = sim(1)
+    dev = fleet.devices[0]
+
+    def refusal(known: Path, trust_new: bool = False) -> str:
+        with pytest.raises(DeployError) as caught:
+            with DeviceShell(dev, known, trust_new):
+                pass
+        assert isinstance(caught.value, HostKeyError), caught.value
+        return str(caught.value)
+
+    folder = tmp_path / "kh-dir"
+    folder.mkdir()
+    assert refusal(folder).startswith(f"{dev.name}: {folder}: cannot read the SSH known_hosts file")
+    corrupt = tmp_path / "kh-corrupt"
+    corrupt.write_text("# mine\n[10.9.9.9]:22 ssh-ed25519 AAAA!!!notbase64\n")
+    assert refusal(corrupt).startswith(f"{dev.name}: {corrupt}:2: not a valid host key line")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    why = refusal(blocker / "known_hosts", trust_new=True)
+    assert f"cannot record its new host key in {blocker / 'known_hosts'}" in why and "unreachable" not in why
+
+    known = tmp_path / "known_hosts"
+    other = write_keypair(tmp_path / "impostor")  # the device "changed" its key
+    known.write_text("pi-9 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl\n"
+                     + known_hosts_line("127.0.0.1", dev.port, other) + "\n")
+    why = refusal(known, trust_new=True)
+    assert "host key differs" in why
+    hint = why.split("remove the old key: ", 1)[1].rstrip(")")
+    subprocess.run(shlex.split(hint), check=True, capture_output=True, timeout=30)
+    with DeviceShell(dev, known, trust_new=True):
+        pass
+    lines = known.read_text().splitlines()
+    assert lines[0].startswith("pi-9 ") and len(lines) == 2  # the other host's key is kept
+    assert lines[1].startswith(f"[127.0.0.1]:{dev.port} ssh-ed25519 ") and other.split()[1] not in lines[1]
+    assert known_hosts_name("10.0.0.21", 22) == "10.0.0.21"  # as OpenSSH files a port-22 host
+
+
+def test_a_deploy_cut_after_changing_the_agent_config_restarts_it_next_time(sim, tmp_path, monkeypatch):
+    """A deploy that wrote a new agent.yaml and lost the device before restarting the agent left it
+    running the old config, and the next deploy found nothing to change; now the next one restarts it."""
+    from edge_kit.errors import DeployError
+    from edge_kit.fleet import agent_install
+
+    simfleet, fleet = sim(1)
+    dev = fleet.devices[0]
+    data = yaml.safe_load(simfleet.fleet_file.read_text())
+    data["devices"][0]["serve"] = {"max_clients": 7}  # a new agent.yaml
+    changed_file = tmp_path / "fleet-changed.yaml"
+    changed_file.write_text(yaml.safe_dump(data))
+    changed = load_fleet(changed_file)
+    pid = int((Path(dev.root) / "agent.pid").read_text())
+
+    def cut(*_args, **_kwargs):
+        raise DeployError(f"{dev.name}: SSH connection lost (cut by the test)")
+
+    with monkeypatch.context() as m:
+        m.setattr(agent_install, "_stop_supervisor", cut)
+        with DeviceShell(changed.devices[0], fleet.known_hosts) as shell, pytest.raises(DeployError, match="cut by the test"):
+            agent_install.ensure_agent(shell, changed)
+    assert "max_clients: 7" in (Path(dev.root) / "agent.yaml").read_text()
+    assert int((Path(dev.root) / "agent.pid").read_text()) == pid  # still the agent with the old config
+    with DeviceShell(changed.devices[0], fleet.known_hosts) as shell:
+        state = agent_install.ensure_agent(shell, changed)
+    assert state.restarted_at is not None and state.changed == ["an interrupted deploy's changes", "service restarted"]
+    assert not (Path(dev.root) / "restart.pending").exists()
+    assert wait_for(lambda: (Path(dev.root) / "agent.pid").read_text().strip() not in ("", str(pid)))
+    with DeviceShell(changed.devices[0], fleet.known_hosts) as shell:  # and then nothing more to do
+        assert agent_install.ensure_agent(shell, changed).changed == []
+
+
+def test_a_device_without_python_or_with_an_old_one_is_told_so_and_keeps_its_agent(sim, tmp_path):
+    """No interpreter: 'not found' and what to set (was 'sh: 1: ...: not found' at best); Python 3.9:
+    the version the agent needs (was a deploy that installed an agent that never came online)."""
+    import sys
+
+    from edge_kit.errors import DeployError
+    from edge_kit.fleet.agent_install import ensure_agent
+
+    simfleet, fleet = sim(1)
+    root = Path(fleet.devices[0].root)
+    old39 = tmp_path / "python3.9"  # the host's Python, reporting 3.9 to a `-c` script
+    old39.write_text(f"""#!/bin/sh
+if [ "$1" = "-c" ]; then
+  shift
+  exec {sys.executable} -c 'import sys; sys.version_info = (3, 9, 18, "final", 0); src = sys.argv[1]; \\
+sys.argv = ["-c", *sys.argv[2:]]; exec(compile(src, "<string>", "exec"))' "$@"
+fi
+exec {sys.executable} "$@"
+""")
+    old39.chmod(0o755)
+    service = root / "agent" / "device_agents" / "service.py"
+    service.write_text(service.read_text() + "\n# changed on the device\n")  # so the agent is installed again
+    code = (root / "agent").resolve()
+    for python, message in ((str(tmp_path / "no-such-python3"), "no-such-python3' is not found on the device; install Python 3.10 or newer"),
+                            (str(old39), "is 3.9.18; the agent needs 3.10 or newer")):
+        data = yaml.safe_load(simfleet.fleet_file.read_text())
+        data["devices"][0]["python"] = python
+        (tmp_path / "fleet.yaml").write_text(yaml.safe_dump(data))
+        changed = load_fleet(tmp_path / "fleet.yaml")
+        with DeviceShell(changed.devices[0], changed.known_hosts) as shell, pytest.raises(DeployError) as caught:
+            ensure_agent(shell, changed)
+        assert str(caught.value).startswith("rpi4-1: ") and message in str(caught.value), caught.value
+        assert (root / "agent").resolve() == code and (root / "agent.pid").is_file()  # untouched, still running
+
+
+def test_a_device_whose_shell_prints_a_banner_is_deployed(sim, digits_artifacts, tmp_path):
+    """A .bashrc that echoes (bash sources it for commands sshd runs, not only for logins) prints before
+    every command's output: the deploy used to fail with 'unexpected JSONDecodeError ... please report it'."""
+    from edge_kit.sim.ssh import SshEndpoint
+
+    simfleet, fleet = sim(1)
+    home = tmp_path / "home"  # the SSH user's home as its shell sees it, with a chatty .bashrc
+    home.mkdir()
+    (home / ".bashrc").write_text("echo 'Welcome to rpi4-1'\necho '{ this is not JSON'\n")
+    ssh = SshEndpoint(tmp_path / "ssh", (simfleet.workdir / "id_ed25519.pub").read_text().strip(), embedded=False,
+                      settings=(f"SetEnv HOME={home}",)).start()
+    try:
+        data = yaml.safe_load(simfleet.fleet_file.read_text())
+        data["devices"][0]["port"] = ssh.port
+        data["known_hosts"] = str(tmp_path / "known_hosts")
+        (tmp_path / "known_hosts").write_text(known_hosts_line(ssh.host, ssh.port, ssh.host_public) + "\n")
+        (tmp_path / "fleet.yaml").write_text(yaml.safe_dump(data))
+        chatty_fleet = load_fleet(tmp_path / "fleet.yaml")
+        with DeviceShell(chatty_fleet.devices[0], chatty_fleet.known_hosts) as shell:
+            assert shell.run(["true"]).startswith("Welcome to rpi4-1")  # the banner is really there
+        r = deploy(chatty_fleet, chatty_fleet.devices, DeployOptions(digits_artifacts, variant="int8", health=False)).results[0]
+    finally:
+        ssh.stop()
+    assert r.status == "succeeded", r.reason
+    assert current(fleet.devices[0]) == manifest_sha(digits_artifacts, "int8")
+
+
+def test_a_stale_pid_file_naming_another_process_is_neither_trusted_nor_stopped(sim):
+    """After a reboot or a crash, agent.pid may name a pid that now belongs to another process: the deploy
+    took the agent for running (nothing started: 'already current' with no agent), and would have sent
+    that process SIGTERM on a change. Now it starts the agent and leaves the other process alone."""
+    import signal
+    import subprocess
+
+    from edge_kit.fleet.agent_install import ensure_agent
+
+    _, fleet = sim(1)
+    dev = fleet.devices[0]
+    pidfile = Path(dev.root) / "agent.pid"
+    os.kill(int(pidfile.read_text()), signal.SIGTERM)  # the agent is gone (as after a power cut) ...
+    assert wait_gone(pidfile)
+    other = subprocess.Popen(["sleep", "300"])  # ... and its pid now belongs to something else
+    try:
+        pidfile.write_text(f"{other.pid}\n")
+        with DeviceShell(dev, fleet.known_hosts) as shell:
+            assert shell.info["agent_pid"] is None
+            state = ensure_agent(shell, fleet)
+        assert state.changed == ["service started"] and other.poll() is None
+        assert wait_for(lambda: pidfile.read_text().strip() not in ("", str(other.pid)))
+        with DeviceShell(dev, fleet.known_hosts) as shell:  # the supervisor it started is recognised
+            assert shell.info["agent_pid"] == int(pidfile.read_text()) and ensure_agent(shell, fleet).changed == []
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_a_missing_ssh_key_file_is_named_not_reported_as_an_unreachable_host(sim, tmp_path):
+    from edge_kit.errors import DeployError
+
+    _, fleet = sim(1)
+    for key, why in ((tmp_path / "no-such-key", "No such file or directory"), (tmp_path, "Is a directory")):
+        dev = fleet.devices[0].model_copy(update={"key": key})
+        with pytest.raises(DeployError) as caught:
+            with DeviceShell(dev, fleet.known_hosts):
+                pass
+        assert f"SSH key {key}: {why}; set the device's `key:`" in str(caught.value), caught.value
+        assert "unreachable" not in str(caught.value)
+
+
+def test_ctrl_c_during_a_deploy_leaves_the_devices_not_yet_started_alone(sim, digits_artifacts):
+    """Ctrl-C: the devices not started yet are never touched (Executor.map cancels them), and the one
+    under way finishes its deploy, so none is left between two models."""
+    import signal
+    import threading
+
+    _, fleet = sim(3)
+    seen: list[tuple[str, str]] = []
+
+    def progress(device: str, step: str) -> None:
+        seen.append((device, step))
+        if len(seen) == 1:
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # Ctrl-C while the first is under way
+
+    with pytest.raises(KeyboardInterrupt):
+        deploy(fleet, fleet.devices, DeployOptions(digits_artifacts, variant="int8", parallel=1), progress=progress)
+    assert {d for d, _ in seen} == {"rpi4-1"} and seen[-1] == ("rpi4-1", "succeeded")  # it finished its deploy
+    assert current(fleet.devices[0]) == manifest_sha(digits_artifacts, "int8")
+    assert [current(d) for d in fleet.devices[1:]] == [None, None]
+
+
+def test_an_agent_install_on_a_full_disk_is_named_and_leaves_nothing_behind(sim, tmp_path):
+    """On a root with room for the bundle but not for its files, the install used to fail with the last
+    line of a traceback and leave the half-unpacked folder and the upload, filling the disk for the next try."""
+    import shutil
+    import subprocess
+
+    from edge_kit.errors import DeployError
+    from edge_kit.fleet.agent_install import ensure_agent
+
+    _, fleet = sim(1)
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], check=True)
+    try:
+        dev = fleet.devices[0].model_copy(update={"root": str(disk / "root")})
+        (disk / "root").mkdir()
+        filler = disk / "filler"
+        filler.write_bytes(b"\0" * (shutil.disk_usage(disk).free - 400_000))  # room for the upload, not the files
+        with DeviceShell(dev, fleet.known_hosts) as shell, pytest.raises(DeployError) as caught:
+            ensure_agent(shell, fleet)
+        assert str(caught.value).startswith(f"{dev.name}: agent bundle: cannot unpack it under {disk / 'root'} "
+                                            "(No space left on device); free space there"), caught.value
+        assert sorted(p.name for p in (disk / "root").iterdir()) == ["incoming", "restart.pending"]
+        assert list((disk / "root" / "incoming").iterdir()) == []
+        filler.unlink()
+        with DeviceShell(dev, fleet.known_hosts) as shell:
+            assert "service started" in ensure_agent(shell, fleet).changed
+        assert (disk / "root" / "agent").is_symlink() and not (disk / "root" / "restart.pending").exists()
+    finally:
+        pid = disk / "root" / "agent.pid"
+        if pid.exists():
+            os.kill(int(pid.read_text()), 15)
+            wait_gone(pid)
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
 def test_bad_inputs_are_per_device_errors_and_devices_keep_their_model(sim, digits_artifacts, digits_artifacts_v2,
                                                                       tmp_path, run_cli):
     simfleet, fleet = sim(3)
@@ -147,7 +388,7 @@ def test_bad_inputs_are_per_device_errors_and_devices_keep_their_model(sim, digi
     reasons = [r["reason"] for r in json.loads(out)["devices"]]
     assert code == 4 and [r["status"] for r in json.loads(out)["devices"]] == ["failed"] * 3
     assert "unreachable" in reasons[0] and "Authentication failed" in reasons[1] and "upload of" in reasons[2]
-    assert "is its disk full?" in reasons[2]
+    assert "is its disk full" in reasons[2]
     assert [current(d) for d in fleet.devices] == [old] * 3
     code, out, err = run_cli("deploy", "--fleet", simfleet.fleet_file, "--artifacts", tmp_path)
     assert code == 2 and err.strip() == f"edgekit: error: {tmp_path}/manifest.json: no manifest; run `edgekit compile` into {tmp_path} first"
@@ -280,6 +521,54 @@ def test_tampered_agent_code_is_not_started_and_the_next_deploy_reinstalls_it(si
     assert again.status == "skipped", again.actions
 
 
+def test_an_agent_update_never_changes_the_files_of_the_agent_that_runs(sim, monkeypatch):
+    """The new bundle goes into a folder of its own and <root>/agent is switched to it by one rename:
+    the running agent (its supervisor here, cut off before the restart) keeps every file of its own
+    version, so it never imports a mixture; what interrupted installs left is removed; the restart
+    runs the new version, which checks itself."""
+    from device_agents.codecheck import tree
+    from edge_kit.errors import DeployError
+    from edge_kit.fleet import agent_install
+
+    _, fleet = sim(1)
+    dev = fleet.devices[0]
+    root = Path(dev.root)
+    service = root / "agent" / "device_agents" / "service.py"
+    service.write_text(service.read_text() + "\n# changed on the device\n")  # forces a reinstall
+    supervisor = int((root / "agent.pid").read_text())
+    running = Path(os.readlink(f"/proc/{supervisor}/cwd"))
+    before = tree(running)
+    (root / "agent-0123456789ab-1").mkdir()  # an install interrupted before its switch
+    (root / ".agent-link-1").symlink_to("agent-0123456789ab-1")
+
+    def cut(*_args, **_kwargs):
+        raise DeployError(f"{dev.name}: SSH connection lost (cut by the test)")
+
+    with monkeypatch.context() as m:
+        m.setattr(agent_install, "_stop_supervisor", cut)
+        with DeviceShell(dev, fleet.known_hosts) as shell, pytest.raises(DeployError, match="cut by the test"):
+            agent_install.ensure_agent(shell, fleet)
+    assert Path(os.readlink(f"/proc/{supervisor}/cwd")) == running and running.is_dir()  # not "(deleted)"
+    assert tree(running) == before  # not one file of the running version changed
+    assert (root / "agent").is_symlink() and (root / "agent").resolve() != running
+    assert "# changed on the device" not in service.read_text()
+    assert sorted(p.name for p in root.iterdir() if "agent-" in p.name) == sorted([running.name, (root / "agent").resolve().name])
+    with DeviceShell(dev, fleet.known_hosts) as shell:
+        assert "service restarted" in agent_install.ensure_agent(shell, fleet).changed
+    assert wait_for(lambda: Path(os.readlink(f"/proc/{int((root / 'agent.pid').read_text())}/cwd")) == (root / "agent").resolve())
+
+    import shutil  # a device a deploy before versioned folders left: <root>/agent a folder
+
+    current = (root / "agent").resolve()
+    (root / "agent").unlink()
+    shutil.copytree(current, root / "agent")
+    service.write_text(service.read_text() + "\n# changed on the device\n")
+    with DeviceShell(dev, fleet.known_hosts) as shell:
+        changed = agent_install.ensure_agent(shell, fleet).changed
+    assert any("reinstalled" in c for c in changed) and "service restarted" in changed
+    assert (root / "agent").is_symlink() and "# changed on the device" not in service.read_text()
+
+
 def test_operator_key_rotation_waits_for_every_device_then_switches_and_the_old_key_is_refused(sim, digits_artifacts,
                                                                                               run_cli):
     """`edgekit keys rotate` with a device offline pins [old, new] where it can and switches nothing
@@ -335,6 +624,39 @@ def test_operator_key_rotation_waits_for_every_device_then_switches_and_the_old_
         assert subprocess.run([sys.executable, "-I", "-B", "-c", f"import sys; sys.path.insert(0, {dev.root + '/agent'!r}); "
                                + check], cwd=dev.root, timeout=60).returncode == 0
     assert not list((Path(dev1.root) / "agent").glob(".*tmp"))  # no temporary file left in the checked folder
+
+
+def test_a_rotation_stopped_after_its_switch_is_finished_by_the_next_with_a_fresh_key(sim, run_cli):
+    """Stopped between making the new key the operator's and removing operator-next.key, a rotation
+    used to be 'finished' by rotating the key to itself: the live key filed under retired/ and reported
+    as both the old and the new one."""
+    import shutil
+
+    simfleet, fleet = sim(1)
+    keys = fleet.key_store()
+    live = keys.operator.key_id
+    shutil.copy2(keys.folder / "operator.key", keys.folder / "operator-next.key")  # where the stop left it
+    code, out, err = run_cli("keys", "rotate", "--fleet", simfleet.fleet_file, "--json")
+    done = json.loads(out)
+    assert code == 0, out + err
+    assert done["old_key"] == live and done["new_key"] != live and done["devices"][0]["outcome"] == "rotated"
+    assert fleet.key_store().operator.key_id == done["new_key"]
+    assert [p.name for p in (keys.folder / "retired").iterdir()] == [f"operator-{live}.key"]
+
+
+def wait_for(check, timeout: float = 30.0) -> bool:
+    """Return True once ``check()`` is true (a missing file counts as not yet), False after ``timeout``."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return True
+        except FileNotFoundError:
+            pass
+        time.sleep(0.1)
+    return False
 
 
 def wait_gone(path: Path, timeout: float = 30.0) -> bool:

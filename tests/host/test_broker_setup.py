@@ -1,0 +1,47 @@
+"""`edgekit fleet init`: the wall's files and modes, and no half-written wall after a failure."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from edge_kit.fleet import broker_setup
+
+FLEET = {"fleet": "plant", "broker": {"host": "127.0.0.1", "port": 8883}, "defaults": {"user": "pi"},
+         "devices": [{"name": "cam-1", "host": "10.0.0.2", "profile": "rpi4"}]}
+
+
+def test_a_bad_broker_host_is_one_line_and_leaves_nothing_behind(tmp_path, run_cli):
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text(yaml.safe_dump(FLEET))
+    for host in ("bücher.example", "-oProxyCommand=x", "a b"):
+        code, out, err = run_cli("fleet", "init", "--fleet", fleet_file, "--broker-host", "127.0.0.1",
+                                 "--broker-host", host, "--out", tmp_path / "wall")
+        assert code == 2 and f"--broker-host {host!r}" in err and "Traceback" not in err, err
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["fleet.yaml"]  # no secrets, no partial folder
+    code, out, err = run_cli("fleet", "init", "--fleet", fleet_file, "--broker-host", "xn--bcher-kva.example",
+                             "--out", tmp_path / "wall")
+    assert code == 0, err
+
+
+def test_an_interrupted_init_leaves_no_wall_and_the_next_one_writes_it_with_private_modes(tmp_path, monkeypatch):
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(broker_setup, "make_tls", interrupted)  # after the passwords were written
+        with pytest.raises(KeyboardInterrupt):
+            broker_setup.write_fleet_wall(tmp_path / "wall", "plant", ["cam-1"], ["127.0.0.1"])
+    assert list(tmp_path.iterdir()) == []
+    wall = broker_setup.write_fleet_wall(tmp_path / "wall", "plant", ["cam-1"], ["127.0.0.1"])
+    folder = tmp_path / "wall"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["wall"]
+    assert wall.password_files["cam-1"] == folder / "secrets" / "cam-1.pass" and wall.tls.ca == folder / "tls" / "ca.pem"
+    assert wall.password_files["cam-1"].read_text().strip() == wall.users["cam-1"]
+    modes = {p: (folder / p).stat().st_mode & 0o777 for p in ("secrets", "secrets/cam-1.pass", "secrets/operator.pass",
+                                                              "passwd", "tls/server.key", "data")}
+    assert modes == {"secrets": 0o700, "secrets/cam-1.pass": 0o600, "secrets/operator.pass": 0o600, "passwd": 0o600,
+                     "tls/server.key": 0o600, "data": 0o700}
+    assert f"password_file {folder / 'passwd'}" in (folder / "mosquitto.conf").read_text()
+    with pytest.raises(FileExistsError):
+        broker_setup.write_fleet_wall(folder, "plant", ["cam-1"], ["127.0.0.1"])
