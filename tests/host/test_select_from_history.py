@@ -33,7 +33,8 @@ def write_fleet(tmp_path):
                                                    versions={}, profiles={"rpi4": {}}, artifacts=arts).to_json())
     fleet = tmp_path / "fleet.yaml"
     fleet.write_text("fleet: f\nbroker: {host: 127.0.0.1, port: 1}\ndefaults: {user: edgekit, profile: rpi4}\n"
-                     "devices:\n" + "".join(f"  - {{name: {d}, host: 127.0.0.1}}\n" for d in ("a", "b", "c", "nojs", "quiet")))
+                     "devices:\n" + "".join(f"  - {{name: {d}, host: 127.0.0.1, port: {i + 2}}}\n"  # each its own agent: nothing listens
+                                             for i, d in enumerate(("a", "b", "c", "nojs", "quiet"))))
     store = Store(tmp_path / "edgekit-history.db")
     seq = 0
     # a and b measured both variants; nojs (no ONNX Runtime) and quiet (no status at all) only fp32
@@ -109,7 +110,7 @@ def test_deploy_refuses_artifacts_not_compiled_for_a_devices_profile_before_touc
     """deploy went on with the other devices and failed that one, exit 4 (the docs' exit table says 2, as select
     and tune exit); with --canary the canaries were deployed before the rest was refused."""
     fleet, folder = write_fleet(tmp_path)
-    fleet.write_text(fleet.read_text().replace("  - {name: quiet, host: 127.0.0.1}", "  - {name: quiet, host: 127.0.0.1, profile: rpi5}"))
+    fleet.write_text(fleet.read_text().replace("  - {name: quiet, host: 127.0.0.1, port: 6}", "  - {name: quiet, host: 127.0.0.1, port: 6, profile: rpi5}"))
     # No device and no broker answers on these ports: any attempt to reach one would fail otherwise (exit 4 or 5).
     code, out, err = run_cli("deploy", "--fleet", fleet, "--artifacts", folder, *canary, "--json")
     assert code == 2, err
