@@ -18,6 +18,14 @@ from pathlib import Path
 from device_agents.disk import atomic_write
 
 
+def is_supervisor(cmdline: bytes, root: str) -> bool:
+    """Return whether a process command line (``/proc/<pid>/cmdline``: arguments separated by NUL) is the
+    agent supervisor of the device root ``root``: it names ``supervise`` and ``<root>/agent.pid``. A pid
+    file left by a reboot or a crash may name a process that is now something else."""
+    argv = cmdline.split(b"\0")
+    return b"supervise" in argv and f"{root}/agent.pid".encode() in argv
+
+
 def supervise(config: Path, pidfile: Path, log_file: Path | None = None) -> int:
     """Run the agent, restarting it when it exits (after 1 s, doubling to 30 s while it keeps failing within
     a minute), until SIGTERM/SIGINT; ``pidfile`` holds this process's pid meanwhile.

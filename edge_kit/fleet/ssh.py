@@ -312,8 +312,9 @@ class DeviceShell:
         Raises:
             DeployError: the connection failed.
         """
-        argv = (self.read(f"/proc/{pid}/cmdline") or b"").split(b"\0")
-        return b"supervise" in argv and f"{root}/agent.pid".encode() in argv
+        from device_agents.supervise import is_supervisor
+
+        return is_supervisor(self.read(f"/proc/{pid}/cmdline") or b"", root)
 
     @functools.cached_property
     def python_facts(self) -> dict[str, Any]:

@@ -38,7 +38,12 @@ from edge_kit.fsutil import atomic_write_text
 from edge_kit.profiles import load_profile
 from edge_kit.sim.broker import MosquittoBroker, find_mosquitto, free_port, wait_port
 from edge_kit.sim.links import Links, create_links, remove_links
-from edge_kit.sim.process import interrupts_deferred, terminate_pid
+from edge_kit.sim.process import (
+    interrupts_deferred,
+    processes,
+    started_at,
+    terminate_pid,
+)
 from edge_kit.sim.ssh import SshEndpoint, known_hosts_line, write_keypair
 from edge_kit.sim.store_server import start_store_server
 
@@ -123,7 +128,8 @@ class SimFleet:
                 step("starting the artifact store's HTTP server")
                 server = start_store_server(Path(store), host=broker_host, workdir=self.workdir / "store-server")
                 state["store"] = {"kind": server.kind, "url": server.url, "folder": str(Path(store).resolve()),
-                                  "pid": server.proc.pid if server.proc is not None else None}
+                                  "pid": server.proc.pid if server.proc is not None else None,
+                                  "started": started_at(server.proc.pid) if server.proc is not None else None}
                 if server.proc is None:  # the embedded server lives in this process: it would die with it
                     server.stop()
                     raise EdgeKitError("nginx is not installed (apt install nginx-light): `sim up --store` needs it "
@@ -138,7 +144,8 @@ class SimFleet:
                 folder = self.workdir / "devices" / name
                 where = {"host": links.address(i), "port": 22, "wrap": links.wrap(i)} if links else {}
                 ssh = SshEndpoint(folder / "ssh", public, embedded=embedded_ssh, **where).start()
-                state["devices"].append({"name": name, "profile": profile, "sshd_pid": ssh.proc.pid, "port": ssh.port,
+                state["devices"].append({"name": name, "profile": profile, "sshd_pid": ssh.proc.pid,
+                                         "sshd_started": started_at(ssh.proc.pid), "port": ssh.port,
                                          "ssh": ssh.kind, "root": str(folder / "root")})
                 self._save(state)
                 known.append(known_hosts_line(ssh.host, ssh.port, ssh.host_public))
@@ -189,7 +196,7 @@ class SimFleet:
             broker = MosquittoBroker(self.workdir / "broker", host=host, users=wall.users if wall else None,
                                      acl=wall.acl if wall else None, tls=wall.tls if wall else None).start()
             return {"kind": "mosquitto" + (" (credentials, ACL, TLS)" if wall else " (anonymous, --insecure)"),
-                    "host": host, "port": broker.port, "pid": broker.proc.pid}
+                    "host": host, "port": broker.port, "pid": broker.proc.pid, "started": started_at(broker.proc.pid)}
         port = free_port(host)
         with open(self.workdir / "embedded-broker.log", "ab") as log:
             proc = subprocess.Popen([sys.executable, "-W", "ignore", "-m", "edge_kit.sim.embedded_broker", "--host", host,
@@ -197,7 +204,8 @@ class SimFleet:
         if not wait_port(host, port, 20):
             terminate_pid(proc.pid)
             raise EdgeKitError(f"the embedded MQTT broker did not start; see {self.workdir / 'embedded-broker.log'}")
-        return {"kind": "embedded (amqtt, anonymous)", "host": host, "port": port, "pid": proc.pid}
+        return {"kind": "embedded (amqtt, anonymous)", "host": host, "port": port, "pid": proc.pid,
+                "started": started_at(proc.pid)}
 
     def _save(self, state: dict[str, Any]) -> None:
         atomic_write_text(self.state_file, json.dumps(state, indent=2))
@@ -211,27 +219,33 @@ class SimFleet:
             return self._down()
 
     def _down(self) -> list[str]:
+        from device_agents.supervise import is_supervisor
+
         state = self.state()
         if state is None:
             return []
         stopped = []
         for dev in state["devices"]:
-            pidfile = Path(dev["root"]) / "agent.pid"
-            if pidfile.exists():
-                raw = pidfile.read_text().strip()
-                terminate_pid(int(raw) if raw.isdigit() else None)
+            # every supervisor of this root, found by its command line: not agent.pid, which after a reboot may
+            # name another process and is written only after a deploy that has just restarted the agent returned
+            supervisors = processes(lambda cmdline: is_supervisor(cmdline, dev["root"]))
+            for pid in supervisors:
+                terminate_pid(pid)
+            if supervisors:
                 stopped.append(f"agent {dev['name']}")
+        # each pid only while it is still the process `sim up` started (its start time, recorded then)
         for dev in state["devices"]:
-            terminate_pid(dev["sshd_pid"])
+            terminate_pid(dev["sshd_pid"], started=dev.get("sshd_started"))
             stopped.append(f"sshd {dev['name']}")
         if state.get("store") and state["store"].get("pid"):
-            terminate_pid(state["store"]["pid"])
+            terminate_pid(state["store"]["pid"], started=state["store"].get("started"))
             stopped.append(f"store server ({state['store']['kind']})")
         if state.get("broker"):
-            terminate_pid(state["broker"]["pid"])
+            terminate_pid(state["broker"]["pid"], started=state["broker"].get("started"))
             stopped.append(f"broker ({state['broker']['kind']})")
         if state.get("links"):
             remove_links(Links(**state["links"]))
             stopped.append("emulated links")
         self.state_file.unlink(missing_ok=True)
         return stopped
+

@@ -7,7 +7,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 
@@ -34,9 +34,43 @@ def alive(pid: int) -> bool:
     return True
 
 
-def terminate_pid(pid: int | None, timeout: float = 15.0) -> None:
-    """SIGTERM ``pid`` (started by another process, e.g. `sim up`) and wait; SIGKILL after ``timeout``."""
-    if not pid or not alive(pid):
+def processes(match: Callable[[bytes], bool]) -> list[int]:
+    """Return the pids of the running processes whose command line (``/proc/<pid>/cmdline``, arguments
+    separated by NUL) ``match`` accepts; [] without ``/proc``."""
+    try:
+        entries = [e for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        return []
+    found = []
+    for entry in entries:
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:  # it ended meanwhile
+            continue
+        if match(cmdline):
+            found.append(int(entry))
+    return found
+
+
+def started_at(pid: int | None) -> int | None:
+    """Return when process ``pid`` started (clock ticks after boot, ``/proc/<pid>/stat`` field 22), or
+    None when no such process runs: with the pid, what tells a process from a later one given its pid."""
+    if not pid:
+        return None
+    try:
+        raw = open(f"/proc/{pid}/stat", "rb").read()
+        return int(raw[raw.rindex(b")") + 2:].split()[19])  # the fields after the command name start at 3
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def terminate_pid(pid: int | None, timeout: float = 15.0, started: int | None = None) -> None:
+    """SIGTERM ``pid`` (started by another process, e.g. `sim up`) and wait; SIGKILL after ``timeout``.
+
+    ``started`` (:func:`started_at` when it was started): the pid is left alone unless it is still that
+    process. After a reboot, or once it has exited, the pid may belong to something else."""
+    if not pid or not alive(pid) or (started is not None and started_at(pid) != started):
         return
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout

@@ -21,11 +21,11 @@ def test_ctrl_c_while_the_simulated_fleet_stops_leaves_nothing_running(tmp_path,
     real = simfleet.terminate_pid
     presses = []
 
-    def ctrl_c_then_stop(pid, *args):
+    def ctrl_c_then_stop(pid, *args, **kwargs):
         if not presses:
             presses.append(pid)
             os.kill(os.getpid(), signal.SIGINT)  # the operator presses Ctrl-C as the first process stops
-        real(pid, *args)
+        real(pid, *args, **kwargs)
 
     monkeypatch.setattr(simfleet, "terminate_pid", ctrl_c_then_stop)
     try:
@@ -38,3 +38,45 @@ def test_ctrl_c_while_the_simulated_fleet_stops_leaves_nothing_running(tmp_path,
     finally:
         for p in procs:
             p.kill()
+
+
+def test_sim_down_stops_only_the_processes_sim_up_started_not_others_given_their_pids(tmp_path):
+    """After a reboot (or once they exited), the pids a simulated fleet recorded may belong to other
+    processes: sim down sent them SIGTERM, then SIGKILL. Now a pid is stopped only while it is still the
+    process started then (its start time), and the agents are this root's supervisors found by their command
+    line (agent.pid may name another process, or not yet the one a deploy just started: a leaked agent)."""
+    import sys
+
+    from edge_kit.sim.process import started_at
+
+    root = tmp_path / "d0"
+    root.mkdir()
+    ours = subprocess.Popen(["sleep", "60"])
+    other = subprocess.Popen(["sleep", "60"])  # took a pid sim up had recorded for a process since gone
+    supervisor, restarted = (subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "supervise",
+                                               "--pidfile", f"{root}/agent.pid"]) for _ in range(2))
+    stranger = subprocess.Popen(["sleep", "60"])  # agent.pid of another device root names it
+    (root / "agent.pid").write_text(f"{supervisor.pid}\n")  # `restarted` has not written it yet (a deploy just ended)
+    (tmp_path / "d1").mkdir()
+    (tmp_path / "d1" / "agent.pid").write_text(f"{stranger.pid}\n")
+    (tmp_path / "sim").mkdir()
+    sim = simfleet.SimFleet(tmp_path / "sim")
+    sim._save({"broker": {"kind": "mosquitto", "pid": ours.pid, "started": started_at(ours.pid)}, "links": None,
+               "devices": [{"name": "d0", "root": str(root), "sshd_pid": other.pid,
+                            "sshd_started": started_at(other.pid) - 1},
+                           {"name": "d1", "root": str(tmp_path / "d1"), "sshd_pid": None}]})
+    try:
+        sim.down()
+        assert all(p.wait(timeout=10) is not None for p in (ours, supervisor, restarted))
+        assert other.poll() is None and stranger.poll() is None  # left alone
+    finally:
+        for p in (ours, other, supervisor, restarted, stranger):
+            p.kill()
+            p.wait()
+
+
+def test_started_at_tells_a_running_process_from_none():
+    from edge_kit.sim.process import started_at
+
+    assert isinstance(started_at(os.getpid()), int) and started_at(os.getpid()) == started_at(os.getpid())
+    assert started_at(None) is None and started_at(2 ** 22 + 12345) is None
