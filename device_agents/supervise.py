@@ -17,6 +17,8 @@ from pathlib import Path
 
 from device_agents.disk import atomic_write
 
+STOP_TIMEOUT_S = 30.0  # how long a stopping agent may take before it is killed
+
 
 def is_supervisor(cmdline: bytes, root: str) -> bool:
     """Return whether a process command line (``/proc/<pid>/cmdline``: arguments separated by NUL) is the
@@ -67,6 +69,10 @@ def supervise(config: Path, pidfile: Path, log_file: Path | None = None) -> int:
     finally:
         if child is not None and child.poll() is None:
             child.terminate()
-            child.wait(timeout=30)
+            try:
+                child.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:  # it ignores SIGTERM: killed, never left running without a supervisor
+                child.kill()
+                child.wait()
         pidfile.unlink(missing_ok=True)
     return 0

@@ -38,3 +38,43 @@ def test_an_agent_that_exits_is_restarted_from_the_agent_folder_and_the_pidfile_
     folder = Path(sv.__file__).resolve().parent.parent
     assert started == [(folder, f"{os.getpid()}\n")] * 2
     assert not pidfile.exists()
+
+
+def test_an_agent_that_ignores_sigterm_is_killed_not_left_running_without_its_supervisor(tmp_path, monkeypatch):
+    """The supervisor waited 30 s for a stopping agent, then ended with TimeoutExpired: the agent ran on,
+    orphaned (the next deploy started a second one with the same identity), and agent.pid stayed."""
+    import subprocess
+
+    handlers = {}
+    monkeypatch.setattr(sv.signal, "signal", lambda sig, handler: handlers.__setitem__(sig, handler))
+    monkeypatch.setattr(sv, "STOP_TIMEOUT_S", 0.01)
+    pidfile = tmp_path / "agent.pid"
+    calls: list[str] = []
+
+    class Stubborn:
+        def __init__(self, argv, cwd):
+            self.killed = False
+
+        def wait(self, timeout=None):
+            if not calls:
+                calls.append("running")
+                handlers[signal.SIGTERM]()  # systemd stops the service while the agent runs
+                return 0
+            if timeout is not None and not self.killed:
+                calls.append("still running")
+                raise subprocess.TimeoutExpired("agent", timeout)
+            return -signal.SIGKILL
+
+        def poll(self):
+            return -signal.SIGKILL if self.killed else None
+
+        def terminate(self):
+            calls.append("SIGTERM")
+
+        def kill(self):
+            calls.append("SIGKILL")
+            self.killed = True
+
+    monkeypatch.setattr(sv.subprocess, "Popen", Stubborn)
+    assert sv.supervise(tmp_path / "agent.yaml", pidfile) == 0
+    assert calls == ["running", "SIGTERM", "SIGTERM", "still running", "SIGKILL"] and not pidfile.exists()
