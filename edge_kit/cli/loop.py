@@ -294,7 +294,7 @@ def print_demo(result: Any) -> None:
                    "live: the agent's serving API answering a demo application's requests, its service time by "
                    f"perf_counter_ns; app top-1: that application's own answers to {APP_REQUESTS} eval images"))
     on_cpu = [f"{r['device']} ran {r['variant']} on {r['delegate']}" for r in rows
-              if r.get("delegate") in CPU_DELEGATES and _accelerator(r["profile"]) not in (None, "none")]
+              if _on_cpu(r.get("delegate")) and _accelerator(r["profile"]) not in (None, "none")]
     if on_cpu:  # a Coral or Jetson profile simulated here has no Edge TPU or GPU to run on
         out.print(safe(f"no accelerator on this machine: {', '.join(on_cpu)} (the CPU)"))
     if result.report.deploy.failed:
@@ -306,7 +306,13 @@ def print_demo(result: Any) -> None:
         out.print(f"  edgekit report --fleet {result.fleet_file} --out report.html", highlight=False)
 
 
-CPU_DELEGATES = ("xnnpack", "none", "CPUExecutionProvider")  # what a bench record names when it ran on the CPU
+def _on_cpu(delegate: str | None) -> bool:
+    """Return whether a bench record's ``delegate`` ran on the CPU: a LiteRT target needing no accelerator
+    (the target registry says which), or ONNX Runtime's CPU provider."""
+    from device_agents.targets import TARGETS
+
+    target = TARGETS.get(delegate or "")
+    return delegate == "CPUExecutionProvider" or (target is not None and target.accelerator == "none")
 
 
 def _accelerator(profile: str) -> str | None:
