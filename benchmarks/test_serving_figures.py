@@ -41,6 +41,7 @@ def served(wheels, tmp_path_factory):
 
 POLL_US = 5000  # a client's busy_poll_us: longer than the model takes, so every answer is polled for
 SERVER_POLL_US = 300  # serve.busy_poll_us: longer than this client takes between requests
+WINDOW_US = 600  # a client's busy_poll_us shorter than the model takes: polls only around the answer
 _make = Interpreters()  # path -> LiteRT interpreter (picklable: a shadow child process builds its own)
 
 
@@ -85,26 +86,33 @@ def _pinned(cpus: set[int]) -> None:
 
 def test_api_latency_against_in_process_invoke(served, figure):
     """In-process invoke() against the API served by another process (the agent, on a device), both as
-    the scheduler places them and with this thread and the server on one core, and with both sides
-    busy polling; in blocks of 20 calls taking turns (a polling server's wait after its last answer
-    must not fall into another path's calls)."""
+    the scheduler places them and with this thread and the server on one core, with both sides busy
+    polling (for the whole call, and in a window around the answer); in blocks of 20 calls taking turns
+    (a polling server's wait after its last answer must not fall into another path's calls)."""
     store, sha = served
     x = np.random.default_rng(0).uniform(-1, 1, size=(128, 128, 3)).astype(np.float32)
     runner = ModelRunner(_make(store.model_path(sha)))
     every = os.sched_getaffinity(0)
     model = store.model_path(sha)
-    free = _server_process(store.root / "serve.sock", model, sha, -1)
-    one = _server_process(store.root / "pinned.sock", model, sha, 0)
-    polled = _server_process(store.root / "polled.sock", model, sha, -1, SERVER_POLL_US)
-    times: dict[str, list[int]] = {k: [] for k in ("inproc", "api", "poll", "sock", "inproc pinned", "api pinned")}
+    servers = [_server_process(store.root / "serve.sock", model, sha, -1),
+               _server_process(store.root / "pinned.sock", model, sha, 0)]
+    # a polling server polls only while one client is connected: one each
+    servers += [_server_process(store.root / f"{name}.sock", model, sha, -1, SERVER_POLL_US)
+                for name in ("polled", "window")]
+    times: dict[str, list[int]] = {}
+    cpu: dict[str, float] = {}
     try:
         with (Client(store.root, shared_memory=True) as client, Client(store.root, shared_memory=False) as plain,
               Client(path=store.root / "polled.sock", busy_poll_us=POLL_US) as polling,
+              Client(path=store.root / "window.sock", busy_poll_us=WINDOW_US) as window,
               Client(path=store.root / "pinned.sock", shared_memory=True) as near):
             calls = {"inproc": lambda: (runner.invoke_raw(runner.sample_tensors({"input": x})), runner.results()),
                      "api": lambda: client.predict(x), "poll": lambda: polling.predict(x), "sock": lambda: plain.predict(x),
+                     "window": lambda: window.predict(x),
                      "api pinned": lambda: near.predict(x)}
             calls["inproc pinned"] = calls["inproc"]
+            times = {k: [] for k in calls}
+            cpu = dict.fromkeys(calls, 0.0)
             for _ in range(20):
                 for f in calls.values():
                     f()  # warm
@@ -112,16 +120,19 @@ def test_api_latency_against_in_process_invoke(served, figure):
                 for where, cpus in (("", every), (" pinned", {0})):  # path's block in turn, so drift hits every path
                     _pinned(cpus)
                     for name in (k for k in calls if k.endswith(where) and (where or "pinned" not in k)):
+                        spent = time.thread_time()
                         for _ in range(20):
                             t = time.perf_counter_ns()
                             calls[name]()
                             times[name].append(time.perf_counter_ns() - t)
+                        cpu[name] += time.thread_time() - spent
     finally:
         _pinned(every)
-        for proc in (free, one, polled):
+        for proc in servers:
             proc.stdin.close()
             proc.wait(30)
     p50 = {k: np.median(v) / 1e6 for k, v in times.items()}
+    cpu_us = {k: v / len(times[k]) * 1e6 for k, v in cpu.items()}
     n = len(times["api"])
     figure("serving API p50 / in-process invoke() p50 (BlazeFace short range, 128x128x3)",
            f"{p50['api'] / p50['inproc']:.2f}", "<= 1.10",
@@ -135,6 +146,13 @@ def test_api_latency_against_in_process_invoke(served, figure):
            f"on the CPU (non-blocking MSG_PEEK) instead of sleeping in the kernel, a server with serve.busy_poll_us="
            f"{SERVER_POLL_US} likewise for the next request: neither core has to be woken; the same blocks, "
            "perf_counter_ns around the call")
+    figure("serving client CPU per call: busy polling in a window / for the whole call",
+           f"{cpu_us['window']:.0f} / {cpu_us['poll']:.0f} us", "info",
+           f"time.thread_time() over each path's blocks, per call (in-process invoke(): {cpu_us['inproc']:.0f} us; "
+           f"a sleeping client: {cpu_us['api']:.0f} us); busy_poll_us={WINDOW_US} sleeps until half the window "
+           f"before the answer is due (the quickest of the last 8 round trips) and polls only then; "
+           f"busy_poll_us={POLL_US} polls from the request on. p50 with the window: {p50['window']:.3f} ms "
+           f"({p50['window'] / p50['inproc']:.2f} of in-process; its timer wakes a halted virtual CPU here)")
     figure("serving API p50 / in-process p50, client and server on one core", f"{p50['api pinned'] / p50['inproc pinned']:.2f}",
            "info", f"{p50['api pinned']:.3f} ms vs {p50['inproc pinned']:.3f} ms; both pinned to CPU 0 "
            "(sched_setaffinity): the wake-ups stay on the core (see the round-trip figure)")
@@ -208,6 +226,28 @@ def test_framing_cost_of_a_640x640x3_input(figure):
     figure("serving framing cost, 640x640x3 float32 request (4.9 MB) there and back", f"{ms:.2f} ms", "info",
            "binary frame (JSON header + raw C-order bytes) over a Unix socketpair, echoed unchanged; median of 50, "
            "perf_counter_ns; the copy a shared-memory input (the client's default from 64 kB) saves one way")
+
+
+def test_a_640x640x3_input_written_in_place(served, figure):
+    """What a client spends putting a 640x640x3 float32 input into its request: copied into its memory
+    file (the default for a plain array), or nothing when the application wrote it there (Client.shared)."""
+    store, _ = served
+    x = np.random.default_rng(0).uniform(size=(640, 640, 3)).astype(np.float32)
+    times: dict[str, list[int]] = {"copied": [], "in place": []}
+    with Client(store.root, shared_memory=True) as client:
+        view = client.shared(x)
+        for _ in range(30):
+            for name, arr in (("copied", x), ("in place", view)):
+                t = time.perf_counter_ns()
+                client._share({"image": arr}, arr.nbytes)
+                times[name].append(time.perf_counter_ns() - t)
+        assert np.array_equal(view, x)
+    copied, in_place = (np.median(times[k]) / 1e3 for k in ("copied", "in place"))
+    figure("serving client, 640x640x3 float32 input (4.9 MB) into the request: copied / written in place",
+           f"{copied:,.0f} us / {in_place:.0f} us", "info",
+           "median of 30 each, perf_counter_ns around the client's request preparation: a plain array is copied "
+           "into the client's memory file, an array from Client.shared() (the application preprocessed into "
+           "it, e.g. with out=) is already there; the server reads the file in place either way")
 
 
 def test_twenty_activations_under_load_from_four_clients(served, figure, tmp_path):

@@ -9,8 +9,11 @@ is active. ``open_current(root)`` runs the active model in the application's own
 from __future__ import annotations
 
 import os
+import select
 import socket
 import threading
+import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -71,12 +74,14 @@ class Client:
         self.max_payload = max_payload
         # inputs of 64 kB or more go through a sealed memory file (None: where the system has them, Linux)
         self.shared_memory = shared_memory_available() if shared_memory is None else shared_memory
-        # wait for an answer this long on the CPU before sleeping in the kernel: no wake-up to pay when
-        # it comes within that time, one core kept busy meanwhile (0: sleep at once, the default)
+        # wait for an answer on the CPU for up to this long, centred on when it is expected (the quickest
+        # of the last round trips), sleeping in the kernel before: no wake-up to pay when it comes within
+        # that window, one core kept busy only meanwhile (0: sleep until it comes, the default)
         if not isinstance(busy_poll_us, int) or isinstance(busy_poll_us, bool) or not 0 <= busy_poll_us <= 1_000_000:
             raise ValueError(f"busy_poll_us: {busy_poll_us!r} is not 0 to 1000000 microseconds")
         self.busy_poll_ns = busy_poll_us * 1000
-        self._shm: Any = None  # (descriptor, mmap) of this client's memory file
+        self._round_trips: deque[int] = deque(maxlen=8)  # ns from a request sent to its answer in
+        self._shm: Any = None  # (descriptor, mmap, its bytes as a uint8 array) of this client's memory file
         self._shm_on: socket.socket | None = None  # the connection its descriptor was passed on
         self._sock: socket.socket | None = None
         self._receiver: Receiver | None = None
@@ -117,6 +122,7 @@ class Client:
             if self._sock is None:
                 self._connect()
             fds = [self._shm[0]] if "shm" in header and self._shm is not None and self._shm_on is not self._sock else None
+            sent = time.perf_counter_ns()
             try:
                 try:
                     write_frame(self._sock, header, arrays, head=head, fds=fds)
@@ -129,7 +135,7 @@ class Client:
                     self._drop()
                     raise ServingError(str(told.get("error"))) from None
                 if self.busy_poll_ns:
-                    busy_poll(self._sock, self.busy_poll_ns)
+                    self._await_answer(sent)
                 frame = self._receiver.read(self.max_payload)
             except (OSError, FrameError) as exc:
                 self._drop()
@@ -142,21 +148,38 @@ class Client:
                     raise ServingError(f"serving API at {self.path} closed the connection")
                 continue
             answer, tensors = frame
+            if self.busy_poll_ns:
+                self._round_trips.append(time.perf_counter_ns() - sent)
             if not answer.get("ok"):
                 raise ServingError(str(answer.get("error")))
             self.model = answer.get("model")
             return answer, tensors
         raise AssertionError("unreachable")
 
+    def _await_answer(self, sent_ns: int) -> None:
+        """Return once the answer to a request sent at ``sent_ns`` is readable, or once ``busy_poll_us``
+        of polling for it have passed: asleep in the kernel (woken by an early answer) until half that
+        window before the answer is expected, then on the CPU. Never raises (the receive reports a
+        failed socket)."""
+        if self._round_trips:
+            sleep_ns = sent_ns + min(self._round_trips) - self.busy_poll_ns // 2 - time.perf_counter_ns()
+            if sleep_ns > 0:
+                try:
+                    select.select([self._sock], [], [], sleep_ns / 1e9)
+                except (OSError, ValueError):
+                    return
+        busy_poll(self._sock, self.busy_poll_ns)
+
     def predict(self, inputs: dict[str, Any] | np.ndarray) -> dict[str, np.ndarray]:
-        """Return the active model's outputs for one sample (inputs of 64 kB or more through shared memory).
+        """Return the active model's outputs for one sample (inputs of 64 kB or more, and arrays from
+        :meth:`shared`, through shared memory).
 
         Raises:
             ServingError: the inputs do not fit the model, no model is active, or the API is unreachable.
         """
         arrays = _named(inputs)
         size = sum(a.nbytes for a in arrays.values())
-        if self.shared_memory and size >= SHM_MIN:
+        if self.shared_memory and (size >= SHM_MIN or self._in_file(arrays)):
             header = self._share(arrays, size)
             return dict(self._call(header, head=self._shm_head)[1])
         arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
@@ -168,9 +191,38 @@ class Client:
             head = self._heads[key] = encode_head({"op": "predict", "tensors": describe(arrays)})
         return dict(self._call({"op": "predict"}, arrays, head=head)[1])
 
+    def shared(self, inputs: dict[str, Any] | np.ndarray) -> dict[str, np.ndarray] | np.ndarray:
+        """Return ``inputs`` copied into this client's memory file, as writable arrays there (by name,
+        or one array for a bare array): write the next sample into them in place (``out=`` of numpy
+        or OpenCV) and pass them to :meth:`predict`, which then copies nothing. The file holds one
+        request's inputs: a :meth:`predict` of other arrays writes them over these. They stay valid
+        memory when a larger input needs a new file, but are then sent like any array.
+
+        Raises:
+            ServingError: this client does not use shared memory (``shared_memory=False``, or not Linux).
+            OSError: the memory file cannot be made (out of memory).
+        """
+        if not self.shared_memory:
+            raise ServingError("this client does not use shared memory (shared_memory=False, or no memfd_create here)")
+        arrays = _named(inputs)
+        self._share(arrays, sum(a.nbytes for a in arrays.values()))
+        base, at, views = self._shm[2], 0, {}
+        for key, a in arrays.items():
+            views[key] = base[at:at + a.nbytes].view(a.dtype).reshape(a.shape)
+            at += a.nbytes
+        return views if isinstance(inputs, dict) else views["x"]
+
+    def _in_file(self, arrays: dict[str, np.ndarray]) -> bool:
+        """Return whether any of ``arrays`` lies in this client's current memory file (from :meth:`shared`)."""
+        if self._shm is None:
+            return False
+        start = self._shm[2].ctypes.data
+        return any(start <= a.ctypes.data < start + len(self._shm[2]) for a in arrays.values())
+
     def _share(self, arrays: dict[str, np.ndarray], size: int) -> dict[str, Any]:
-        """Copy ``arrays`` into this client's memory file; return the request header naming them
-        (its encoded form in ``_shm_head``; the same header object for the same inputs: not to be changed).
+        """Copy ``arrays`` into this client's memory file (each that is not already in place there, see
+        :meth:`shared`); return the request header naming them (its encoded form in ``_shm_head``; the
+        same header object for the same inputs: not to be changed).
 
         The file is made with ``memfd_create`` and sealed against shrinking before the server sees it
         (the server refuses it otherwise); a larger input gets a new file, passed again.
@@ -187,15 +239,21 @@ class Client:
             try:
                 os.ftruncate(fd, size)
                 fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
-                self._shm = (fd, mmap.mmap(fd, size))
+                buf = mmap.mmap(fd, size)
+                self._shm = (fd, buf, np.frombuffer(buf, np.uint8))
             except BaseException:
                 os.close(fd)
                 raise
-        _, buf = self._shm
+        _, _, base = self._shm
+        start = base.ctypes.data
+        end = start + base.nbytes
         spec, at = [], 0
         for key, a in arrays.items():
             a = np.ascontiguousarray(a)
-            buf[at:at + a.nbytes] = memoryview(a).cast("B")
+            if a.nbytes and a.ctypes.data != start + at:  # not already in place (written there through shared())
+                if start <= a.ctypes.data < end:
+                    a = a.copy()  # elsewhere in the file: never copied onto itself
+                base[at:at + a.nbytes] = a.reshape(-1).view(np.uint8)
             spec.append((key, a.dtype.name, a.shape, at))
             at += a.nbytes
         cached = self._heads.get(("shm", *spec))
@@ -212,10 +270,14 @@ class Client:
         """Unmap and close this client's memory file (the server lets go of its mapping with the
         connection or the next file; never raises)."""
         if self._shm is not None:
-            fd, buf = self._shm
-            buf.close()
-            os.close(fd)
+            fd, buf, base = self._shm
             self._shm = self._shm_on = None
+            del base  # its export of the mapping
+            try:
+                buf.close()
+            except BufferError:  # arrays from shared() still view it: unmapped when the last is gone
+                pass
+            os.close(fd)
 
     def info(self) -> dict[str, Any]:
         """Return the served model (``model``: sha256, variant) and its ``inputs`` and ``outputs``.

@@ -257,6 +257,28 @@ def test_busy_polling_answers_the_same_and_spins_only_up_to_busy_poll_us(store, 
     assert cpu[2_000] < 0.03 < 0.06 < cpu[1_000_000], cpu
 
 
+def test_a_polling_client_sleeps_until_its_window_before_the_answer_is_due():
+    """With round trips of 0.2 s seen, a 20 ms window is spent from 10 ms before the answer is due:
+    asleep before (an early answer wakes it at once), on the CPU only in the window."""
+    client = Client(path="/nonexistent", busy_poll_us=20_000)
+    client._sock, peer = socket.socketpair()
+    client._round_trips.append(200_000_000)
+    try:
+        threading.Timer(0.1, peer.send, (b"x",)).start()  # an answer due at 0.2 s comes at 0.1 s
+        t, wall = time.thread_time(), time.perf_counter()
+        client._await_answer(time.perf_counter_ns())
+        early = (time.perf_counter() - wall, time.thread_time() - t)
+        client._sock.recv(1)
+        t, wall = time.thread_time(), time.perf_counter()
+        client._await_answer(time.perf_counter_ns())  # none comes: asleep to 0.19 s, then 20 ms on the CPU
+        late = (time.perf_counter() - wall, time.thread_time() - t)
+    finally:
+        client._sock.close()
+        peer.close()
+    assert 0.09 <= early[0] < 0.15 and early[1] < 0.01, early  # woken by the answer, nothing spun
+    assert 0.2 <= late[0] < 0.3 and late[1] < 0.05, late  # the window, not 0.21 s of spinning
+
+
 def test_the_server_busy_polls_after_an_answer_only_while_one_client_is_connected(store):
     srv = Server(store.root / "serve.sock", make_interpreter=make, busy_poll_us=200_000).start()
     srv.serve_model(store.model_path(store.shas["fp32"]), store.shas["fp32"], "fp32")
@@ -364,6 +386,65 @@ def test_shared_memory_inputs_answer_the_same_and_bad_ones_are_refused(store, se
                 shared._call(bad)  # refused, and the server hangs up: the next call connects again
         np.testing.assert_array_equal(shared._call(header)[1]["output_0"], tensors["output_0"])  # passed again
         assert server.snapshot()["turned_away"]["malformed"] >= 2
+
+
+def test_inputs_written_in_place_in_shared_memory_are_sent_without_a_copy(store, server):
+    """``Client.shared`` gives writable arrays inside the client's memory file: a sample written into
+    them is answered as the same sample passed as a plain array, without being copied (a spy on the
+    copy path); an array from an older, smaller file is sent like any array, and an array of the file
+    passed in another input's place is copied there (over what that place held), never onto itself."""
+    x = samples(3)
+    with Client(store.root, shared_memory=False) as plain, Client(store.root, shared_memory=True) as client:
+        want = [plain.predict({"image": s})["output_0"] for s in x]
+        view = client.shared({"image": x[0]})["image"]
+        assert view.flags.writeable and view.shape == (8, 8, 1)
+        base = client._shm[2]
+        assert np.shares_memory(view, base)
+        copies = []
+        real = base.__setitem__  # numpy's own; spied through a subclass view of the same memory
+        spy = base.view(type("Spy", (np.ndarray,), {"__setitem__": lambda self, k, v: (copies.append(k), real(k, v))}))
+        client._shm = (*client._shm[:2], spy)
+        for i, s in enumerate(x):
+            np.copyto(view, s)  # the application writes its sample in place
+            np.testing.assert_array_equal(client.predict({"image": view})["output_0"], want[i])
+        assert copies == []  # nothing copied: each request read the file as written
+        header = client._share({"image": x[1]}, x[1].nbytes)  # a plain array (forced through the file): copied
+        np.testing.assert_array_equal(client._call(header, head=client._shm_head)[1]["output_0"], want[1])
+        assert len(copies) == 1
+        with pytest.raises(ServingError, match="does not use shared memory"):
+            plain.shared(x[0])
+        big = client.shared(np.zeros((2, 8, 8, 1), np.float32))  # a larger input: a new file
+        assert not np.shares_memory(big, view)
+        np.copyto(view, x[2])  # the old file's array: still valid memory, sent like any array
+        np.testing.assert_array_equal(client.predict({"image": view})["output_0"], want[2])
+        two = client.shared({"a": x[0], "b": x[1]})
+        np.testing.assert_array_equal(client.predict({"image": two["b"]})["output_0"], want[1])  # moved, not overlapped
+        np.testing.assert_array_equal(two["a"], x[1])  # the file holds the last request's inputs (as documented)
+
+
+def test_a_client_parses_an_answer_header_once_and_only_its_ms_after(store, server):
+    """The answer's header differs between requests only in ``ms``: the client parses it once and then
+    takes ``ms`` from its place; an answer whose other bytes differ, or whose ``ms`` is not a finite
+    number, is parsed in full."""
+    from device_agents.serving.frames import _ms_slot
+
+    head = b'{"ok":true,"model":{"sha256":"ab","variant":"v"},"ms":0.61,"tensors":[]}'
+    assert _ms_slot(head) == (head.replace(b"0.61", b""), 0.61)
+    assert _ms_slot(head.replace(b"0.61", b"1e999")) is None  # infinity: parsed in full (and refused there)
+    assert _ms_slot(head.replace(b"0.61", b"01")) is None  # not a JSON number
+    assert _ms_slot(head.replace(b'"tensors"', b'"x":{"ms":1},"tensors"')) is None  # two: which one is unknown
+    assert _ms_slot(b'{"ok":false,"error":"no"}') is None
+    with Client(store.root) as client:
+        x = samples(2)
+        first = client._call({"op": "predict"}, {"image": x[0]})[0]
+        known = dict(client._receiver._known)
+        assert len(known) == 1 and first["ms"] > 0
+        for s in x:
+            answer, tensors = client._call({"op": "predict"}, {"image": s})
+            assert answer["ms"] > 0 and answer["model"]["variant"] == "int8" and tensors["output_0"].shape == (10,)
+        assert client._receiver._known.keys() == known.keys()  # the same header: not parsed again
+        server.serve_model(store.model_path(store.shas["fp32"]), store.shas["fp32"], "fp32")
+        assert client._call({"op": "predict"}, {"image": x[0]})[0]["model"]["variant"] == "fp32"  # other bytes: parsed
 
 
 def test_a_shadow_child_that_falls_behind_or_dies_never_holds_up_a_request(wait, store, server):
