@@ -50,8 +50,12 @@ def smoke(model: Path, runtime: str | None = None, delegate: str = "xnnpack",
 
 def _child(model: str, runtime: str | None, delegate: str, options: dict[str, Any] | None, threads: int,
            conn: Any) -> None:
+    from device_agents.runtimes.banner import runtime_banner_dropped
+
     try:
-        conn.send(("ok", smoke(Path(model), runtime, delegate, options, threads)))
+        with runtime_banner_dropped():  # the child's own first interpreter: its INFO line, nothing else
+            result = smoke(Path(model), runtime, delegate, options, threads)
+        conn.send(("ok", result))
     except SmokeFailed as exc:
         conn.send(("failed", str(exc)))
     conn.close()

@@ -5,6 +5,7 @@ Each case runs in a fresh Python: the runtime prints the line once per process.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -69,3 +70,18 @@ def test_the_helper_drops_the_banner_and_passes_on_everything_else_in_order(tmp_
                         "    os.write(2, b'after\\n')\n")
     assert BANNER not in err
     assert err.index("before") < err.index("raised") < err.index("a real error") < err.index("after"), err
+
+
+def test_the_smoke_child_a_compile_starts_keeps_the_banner_off_stderr_too(tmp_path):
+    """The compiler loads a source first in a forkserver child (probe_in_child): that process's own
+    first interpreter printed the line in the middle of compile's output."""
+    script = tmp_path / "probe.py"
+    script.write_text("import sys\nfrom edge_kit.compiler.analysis import probe_in_child\n"
+                      "if __name__ == '__main__':\n"  # the forkserver imports this file: run only here
+                      f"    probe_in_child(open({str(tmp_path / 'add.tflite')!r}, 'rb').read())\n"
+                      "    print('probed')\n")
+    (tmp_path / "add.tflite").write_bytes(tiny_add_model())
+    done = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0 and done.stdout.strip() == "probed", done.stderr
+    assert BANNER not in done.stderr, done.stderr
