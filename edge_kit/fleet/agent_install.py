@@ -69,7 +69,8 @@ BROKER_CA = "identity/broker-ca.pem"  # where the deploy puts the broker's CA on
 # current one, switched with one rename: no moment without an agent, and a running agent (whose
 # sys.path and working folder are its own version's real path) never imports a file of another
 # version before the deploy restarts it. Older versions and what interrupted installs left are
-# removed, never the one that runs.
+# removed, never one a process runs from (its working folder: a second install before a restart
+# keeps the version that still runs, not only the one <root>/agent named).
 _INSTALL_BUNDLE = r"""
 import hashlib, os, shutil, sys, tarfile
 archive, sha, root, signed = sys.argv[1], sys.argv[2], os.path.expanduser(sys.argv[3]), sys.argv[4]
@@ -98,8 +99,19 @@ if os.path.isdir(live) and not os.path.islink(live):  # a folder, as deploys bef
     os.rename(live, os.path.join(root, running))
 os.symlink(name, link)
 os.replace(link, live)
+# kept: every version a process runs from (its working folder; after an install whose restart did not
+# happen, <root>/agent no longer names it), or without /proc the one <root>/agent named
+proc = os.path.isdir("/proc/self")
+in_use, real = (set() if proc else {running}), os.path.realpath(root)
+for pid in os.listdir("/proc") if proc else []:
+    try:
+        cwd = os.readlink("/proc/%s/cwd" % pid) if pid.isdigit() else ""
+    except OSError:  # gone meanwhile, or another user's
+        continue
+    if os.path.dirname(cwd) == real:
+        in_use.add(os.path.basename(cwd))
 for other in os.listdir(root):
-    if other.startswith(("agent-", "agent.new-", "agent.old-", ".agent-link-")) and other not in (name, running):
+    if other.startswith(("agent-", "agent.new-", "agent.old-", ".agent-link-")) and other != name and other not in in_use:
         path = os.path.join(root, other)
         if os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path, ignore_errors=True)

@@ -524,8 +524,8 @@ def test_tampered_agent_code_is_not_started_and_the_next_deploy_reinstalls_it(si
 def test_an_agent_update_never_changes_the_files_of_the_agent_that_runs(sim, monkeypatch):
     """The new bundle goes into a folder of its own and <root>/agent is switched to it by one rename:
     the running agent (its supervisor here, cut off before the restart) keeps every file of its own
-    version, so it never imports a mixture; what interrupted installs left is removed; the restart
-    runs the new version, which checks itself."""
+    version, so it never imports a mixture, even through a second install before the restart; what
+    interrupted installs left is removed; the restart runs the new version, which checks itself."""
     from device_agents.codecheck import tree
     from edge_kit.errors import DeployError
     from edge_kit.fleet import agent_install
@@ -553,6 +553,14 @@ def test_an_agent_update_never_changes_the_files_of_the_agent_that_runs(sim, mon
     assert (root / "agent").is_symlink() and (root / "agent").resolve() != running
     assert "# changed on the device" not in service.read_text()
     assert sorted(p.name for p in root.iterdir() if "agent-" in p.name) == sorted([running.name, (root / "agent").resolve().name])
+    skipped = (root / "agent").resolve()
+    service.write_text(service.read_text() + "\n# changed on the device\n")  # a second install, again cut before the restart
+    with monkeypatch.context() as m:
+        m.setattr(agent_install, "_stop_supervisor", cut)
+        with DeviceShell(dev, fleet.known_hosts) as shell, pytest.raises(DeployError, match="cut by the test"):
+            agent_install.ensure_agent(shell, fleet)
+    assert tree(running) == before  # still running from it: kept, though <root>/agent no longer named it
+    assert not skipped.exists() and (root / "agent").resolve() not in (running, skipped)
     with DeviceShell(dev, fleet.known_hosts) as shell:
         assert "service restarted" in agent_install.ensure_agent(shell, fleet).changed
     assert wait_for(lambda: Path(os.readlink(f"/proc/{int((root / 'agent.pid').read_text())}/cwd")) == (root / "agent").resolve())
