@@ -148,7 +148,7 @@ class Client:
                     raise ServingError(f"serving API at {self.path} closed the connection")
                 continue
             answer, tensors = frame
-            if self.busy_poll_ns:
+            if self.busy_poll_ns and header.get("op") == "predict":  # an info call's quick answer says nothing
                 self._round_trips.append(time.perf_counter_ns() - sent)
             if not answer.get("ok"):
                 raise ServingError(str(answer.get("error")))
