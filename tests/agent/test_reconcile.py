@@ -256,3 +256,33 @@ def test_a_superseded_download_left_whole_by_a_power_loss_is_dropped_and_the_wan
     assert run(rec)["state"] == "converged"
     assert sorted(p.name for p in incoming.iterdir()) == sorted([A, *(u.name for u in uploads)])
     assert needs == [10 - 4]  # 10 bytes wanted, 4 of them on the card already
+
+
+def test_a_desired_state_that_could_not_be_written_is_not_taken_and_a_retry_takes_it(rig, tmp_path, monkeypatch):
+    """A full disk while a desired state is taken: nothing changes in memory, so the agent's retry (after
+    freeing its reserve, or when space returns) takes it for real: persisted, scheduled, the old download
+    cancelled. It used to be half taken: a retry saw the same msg_id as "same", so it was never written to
+    disk nor started, and the broker was told it was taken (lost until a restart)."""
+    import errno
+
+    from device_agents import reconcile
+
+    make, store, clock, reports, fetched, activated, fail = rig
+    rec = make()
+    rec.take(desired(1))
+    run(rec)
+    real = reconcile.atomic_write
+
+    def full(path, data, *a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(reconcile, "atomic_write", full)
+    with pytest.raises(OSError):
+        rec.take(desired(2, sha=B))
+    assert rec.desired.revision == 1 and not rec.due()  # nothing half taken
+    monkeypatch.setattr(reconcile, "atomic_write", real)
+    assert rec.take(desired(2, sha=B)) is None  # the retry takes it
+    assert json.loads((tmp_path / DESIRED).read_text())["message"]["revision"] == 2
+    assert rec.due()
+    out = run(rec)
+    assert out["state"] == "converged" and out["revision"] == 2 and store.cur == B
