@@ -35,6 +35,7 @@ from edgekit_protocol.errors import MessageError
 from edgekit_protocol.messages import in_range
 
 STATES = ("fetching", "converged", "failed")
+MAX_REVISION = 2 ** 63 - 1  # the largest revision a desired state carries (a signed 64-bit integer: SQLite's too)
 MAX_START_DELAY_S = 3600.0
 _SHA = frozenset("0123456789abcdef")
 
@@ -101,7 +102,7 @@ def parse_desired(message: dict[str, Any]) -> Desired:
     if "/" in m["model"] or "/" in m["variant"] or m["model"].startswith("."):
         raise MessageError("desired: model and variant must not hold '/' or start with '.'")
     rev = m.get("revision")
-    if not isinstance(rev, int) or isinstance(rev, bool) or not 0 < rev < 2 ** 63:
+    if not isinstance(rev, int) or isinstance(rev, bool) or not 0 < rev <= MAX_REVISION:
         raise MessageError("desired: field 'revision' is not a positive integer")
     ev = m.get("eval")
     if ev is not None and not isinstance(ev, dict):
@@ -153,7 +154,7 @@ def check_reported(message: dict[str, Any]) -> dict[str, Any]:
     if m.get("state") not in STATES:
         raise MessageError(f"reported: state {str(m.get('state'))[:20]!r} is not one of {', '.join(STATES)}")
     rev = m.get("revision")
-    if not isinstance(rev, int) or isinstance(rev, bool) or not 0 <= rev < 2 ** 63:
+    if not isinstance(rev, int) or isinstance(rev, bool) or not 0 <= rev <= MAX_REVISION:
         raise MessageError("reported: field 'revision' is not a non-negative integer")
     for name, types in (("rollout", str), ("error", str), ("current", dict), ("previous", dict), ("download", dict)):
         if m.get(name) is not None and not isinstance(m[name], types):

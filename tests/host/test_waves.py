@@ -368,3 +368,27 @@ def test_a_rolled_back_gate_names_the_canaries_it_could_not_send_back(tmp_path):
                                   f"(no previous model reported): {names[0]}")
     row = {r["device"]: r for r in out["devices"]}[names[0]]
     assert row["state"] == "converged" and "kept on the candidate: it reported no previous model" in row["error"]
+
+
+def test_one_device_reporting_a_huge_revision_raises_only_its_own_and_is_refused_at_the_top(tmp_path):
+    """A device's reported revision is its word (a compromised one can say anything its key signs). The
+    next revision sent to it must be above it, but it used to raise the driver's one counter for every
+    device: one report of 2**63 - 1 put every later device beyond what a desired state can carry, and
+    the whole fleet refused every rollout from then on. Now it counts for that device alone, and a
+    device that can be sent nothing above its report is refused with why, not sent a message it refuses."""
+    history = Store(tmp_path / "h.db")
+    names = planned(history, max_failed=0.5)
+    broker = FakeBroker()
+    top = 2 ** 63 - 1
+    broker.retained[names[1]] = {"device": names[1], "rollout": "other", "revision": top, "state": "converged",
+                                 "error": None, "current": None, "previous": None}
+    broker.retained[names[2]] = {"device": names[2], "rollout": "other", "revision": top - 10, "state": "converged",
+                                 "error": None, "current": None, "previous": None}
+    out = Rollout(history, "r", broker).run()
+    sent = dict(broker.sent)
+    assert names[1] not in sent and sent[names[2]] == top - 9  # above its own report, still a valid revision
+    others = [rev for d, rev in broker.sent if d != names[2]]
+    assert max(others) < 2 ** 62 and len(others) == 18  # the others were not dragged up with it
+    row = next(r for r in out["devices"] if r["device"] == names[1])
+    assert row["state"] == "refused" and "reported revision" in row["error"] and names[1] in row["error"]
+    assert out["state"] == "done" and out["counts"] == {"converged": 19, "refused": 2}
