@@ -37,11 +37,12 @@ from urllib.parse import urljoin, urlsplit
 
 from device_agents.disk import durable_replace, sha256_of
 from device_agents.errors import DeviceError
+from edgekit_protocol.desired import MIN_BYTES_S
 
 CHUNK = 64 * 1024
 MAX_REDIRECTS = 5
 MAX_ATTEMPTS = 3  # attempts in one fetch() while each one makes progress (a cut, then resume at once)
-MIN_RATE = 1024  # bytes/s: the lowest bandwidth cap (a lower one would hold a download for days)
+MIN_RATE = MIN_BYTES_S  # bytes/s: the lowest bandwidth cap (one bound with the desired state's)
 CANCELLED = "cancelled"
 TOO_SLOW = "too slow"
 CUT_RCVBUF = 16 * 1024  # receive buffer of a connection told to stop early: little in flight when it closes
@@ -100,7 +101,7 @@ class RateLimiter:
 
     def __init__(self, rate: float, cancel: threading.Event | None = None):
         if not rate >= MIN_RATE:
-            raise FetchError(f"max_bytes_s must be at least {MIN_RATE} bytes/s, got {rate!r}")
+            raise FetchError(f"max_bytes_s must be at least {MIN_RATE:.0f} bytes/s, got {rate!r}")
         self.rate = float(rate)
         self.cancel = cancel  # set: a wait ends at once (the caller checks it after)
         self.capacity = max(self.rate * 0.1, float(CHUNK))

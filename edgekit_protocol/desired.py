@@ -15,7 +15,7 @@ model          the model's name; ``variant`` the variant id; ``sha256`` and ``by
 eval           ``{sha256, bytes}`` of the eval set shipped with it, or null
 keep           sha256s the store budget must spare (the profile's other candidates), may be empty
 fetch          ``{max_bytes_s, start_delay_s, timeout_s}``: the rollout's bandwidth cap per device
-               (null: none), the longest random delay before the download starts (spreads a wave's
+               (null: none; else at least :data:`MIN_BYTES_S`), the longest random delay before the download starts (spreads a wave's
                load on the store), and the per-request timeout
 =============  ========================================================================================
 
@@ -37,6 +37,7 @@ from edgekit_protocol.messages import in_range
 STATES = ("fetching", "converged", "failed")
 MAX_REVISION = 2 ** 63 - 1  # the largest revision a desired state carries (a signed 64-bit integer: SQLite's too)
 MAX_START_DELAY_S = 3600.0
+MIN_BYTES_S = 1000.0  # the lowest bandwidth cap (1 kB/s): a lower one would hold a 14 MB model's download for days
 _SHA = frozenset("0123456789abcdef")
 
 
@@ -114,8 +115,8 @@ def parse_desired(message: dict[str, Any]) -> Desired:
     if not isinstance(f, dict):
         raise MessageError("desired: field 'fetch' is not an object")
     cap, delay, timeout = f.get("max_bytes_s"), f.get("start_delay_s", 0.0), f.get("timeout_s", 30.0)
-    if cap is not None and not (in_range(cap) and cap > 0):
-        raise MessageError("desired: fetch.max_bytes_s is not a positive number or null")
+    if cap is not None and not (in_range(cap) and cap >= MIN_BYTES_S):
+        raise MessageError(f"desired: fetch.max_bytes_s is neither null nor a number of at least {MIN_BYTES_S:.0f} bytes/s")
     if not (in_range(delay) and 0 <= delay <= MAX_START_DELAY_S):
         raise MessageError(f"desired: fetch.start_delay_s is not 0-{MAX_START_DELAY_S:.0f} s")
     if not (in_range(timeout) and 0 < timeout <= 600):

@@ -49,7 +49,7 @@ from edge_kit.manifest import read_manifest
 from edge_kit.selection.fleetmodel import KIND as FLEET_KIND
 from edge_kit.selection.gate import GateDecision, judge_live
 from edge_kit.telemetry.store import SELECTION_KIND
-from edgekit_protocol.desired import MAX_REVISION, Desired, Fetch
+from edgekit_protocol.desired import MAX_REVISION, MIN_BYTES_S, Desired, Fetch
 
 FINAL = ("converged", "failed", "refused", "rolled back", "superseded", "left the fleet")
 SETTLED = ("converged", "refused", "rolled back", "superseded", "left the fleet")  # rows no later report changes
@@ -141,6 +141,20 @@ def parse_rate(text: str, option: str, unit: str = "") -> float:
     if not (0 < value < 1e12):
         example = "2MB/s" if unit else "200/min"
         raise ConfigError(f"{option} {text}: expected a positive rate such as {example}")
+    return value
+
+
+def parse_bandwidth(text: str, option: str = "--bandwidth") -> float:
+    """Return a per-device download cap such as ``2MB/s`` in bytes/s.
+
+    Raises:
+        ConfigError: not a rate (``<number>[k|M|G]B/<s|min|h>``), or below :data:`MIN_BYTES_S` (1 kB/s:
+            every device would refuse the desired state).
+    """
+    value = parse_rate(text, option, "B")
+    if value < MIN_BYTES_S:
+        raise ConfigError(f"{option} {text}: devices download at least 1 kB/s (a lower cap would hold a download "
+                          "for days); give at least 1kB/s, or no cap")
     return value
 
 

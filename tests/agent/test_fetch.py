@@ -237,8 +237,8 @@ def test_bandwidth_cap_within_tolerance(store, tmp_path):
 
 
 def test_rate_limiter_refuses_nonsense():
-    for rate in (0, 1e-9, 1000):  # below 1 KiB/s a 14 MB model would take days
-        with pytest.raises(FetchError, match="at least 1024 bytes/s"):
+    for rate in (0, 1e-9, 999):  # below 1 kB/s a 14 MB model would take days
+        with pytest.raises(FetchError, match="at least 1000 bytes/s"):
             RateLimiter(rate)
 
 

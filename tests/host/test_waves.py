@@ -392,3 +392,27 @@ def test_one_device_reporting_a_huge_revision_raises_only_its_own_and_is_refused
     row = next(r for r in out["devices"] if r["device"] == names[1])
     assert row["state"] == "refused" and "reported revision" in row["error"] and names[1] in row["error"]
     assert out["state"] == "done" and out["counts"] == {"converged": 19, "refused": 2}
+
+
+def test_a_bandwidth_cap_below_what_the_agent_takes_is_refused_at_start_not_by_every_device(tmp_path, run_cli):
+    """`--bandwidth 500B/s` was planned and sent: every device then refused to download below 1 KiB/s
+    (each one `failed`, the rollout stopped at its first wave). One bound now, in the protocol: the CLI
+    refuses the cap at once (bad input, exit 2, nothing recorded) and the agent refuses such a desired state."""
+    from edge_kit.loop.waves import parse_bandwidth
+    from edgekit_protocol.desired import MIN_BYTES_S, parse_desired
+
+    assert parse_bandwidth("2MB/s") == 2e6 and parse_bandwidth("1kB/s") == MIN_BYTES_S == 1000
+    with pytest.raises(ConfigError, match="--bandwidth 500B/s: .*at least 1 kB/s"):
+        parse_bandwidth("500B/s")
+    body = {"msg_id": "m", "rollout": "r", "revision": 1, "store": "http://s", "model": "m", "variant": "int8",
+            "sha256": SHA, "bytes": 1, "fetch": {"max_bytes_s": 500}}
+    from edgekit_protocol.errors import MessageError
+    with pytest.raises(MessageError, match="max_bytes_s"):
+        parse_desired(body)
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text("fleet: f\nbroker: {host: 127.0.0.1, port: 1}\ndefaults: {user: u, profile: rpi4}\n"
+                          "devices:\n  - {name: a, host: h}\n")
+    code, out, err = run_cli("rollout", "start", "--fleet", fleet_file, tmp_path, "--store", "http://127.0.0.1:1",
+                             "--bandwidth", "500B/s", "--json")
+    assert code == 2, err
+    assert "--bandwidth 500B/s" in json.loads(out)["error"] and err.count("\n") == 1
