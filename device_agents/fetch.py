@@ -250,7 +250,12 @@ def _open(url: str, headers: dict[str, str], timeout_s: float, ssl_context: ssl.
           rcvbuf: int | None, watchdog: _Watchdog | None = None
           ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse, str] | str:
     """Send a GET, following redirects; return the connection, the response and the final URL, or why
-    ``watchdog`` stopped it before the headers were read (:data:`CANCELLED`, :data:`TOO_SLOW`)."""
+    ``watchdog`` stopped it before the headers were read (:data:`CANCELLED`, :data:`TOO_SLOW`).
+
+    Raises:
+        FetchError: the store does not answer, TLS failed, too many redirects, a redirect that is no
+            URL, or one from https:// to anything else (a downgrade).
+    """
     for _ in range(MAX_REDIRECTS + 1):
         if watchdog is not None and watchdog.due():
             return watchdog.due() or TOO_SLOW
@@ -283,6 +288,10 @@ def _open(url: str, headers: dict[str, str], timeout_s: float, ssl_context: ssl.
             except ValueError:
                 raise FetchError(f"{url}: the store redirected to {resp.getheader('Location')[:200]!r}, not a URL; "
                                  "check the store's server") from None
+            if urlsplit(url).scheme == "https" and urlsplit(location).scheme != "https":
+                raise FetchError(f"{url}: the store redirected from https:// to {location.split('://')[0][:10]}:// "
+                                 f"({location[:120]}); the model would cross the network in the clear: fix the "
+                                 "store's (or CDN's) redirect")
             url = location
             continue
         return conn, resp, url

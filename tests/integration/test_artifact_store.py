@@ -276,3 +276,47 @@ def test_https_store_with_the_fleet_ca_and_a_device_that_does_not_trust_it(publi
         with pytest.raises(FetchError, match="TLS failed.*certificate") as exc:  # the system CAs do not know it
             fetch(url, sha, tmp_path / "other")
         assert "\n" not in str(exc.value)
+
+
+def test_an_https_store_redirecting_to_plain_http_is_refused(published, tmp_path):
+    """An https:// store (the operator chose TLS: the models are not to travel in the clear) answering a
+    redirect to http:// (a misconfigured CDN, or anyone who can make it say so) used to be followed: the
+    hash kept the bytes right, but the model crossed the network in the clear. Now it is one line, and
+    nothing is fetched from the http:// address."""
+    import ssl
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from edge_kit.fleet.broker_setup import make_tls
+
+    _, store, result = published
+    sha = _sha(result, "int8")
+    tls = make_tls(tmp_path / "tls", ["127.0.0.1"])
+    with start_store_server(store, embedded=False) as plain:
+        target = artifact_url(plain.url, sha)
+        assert target.startswith("http://")
+
+        class Redirect(BaseHTTPRequestHandler):
+            def log_message(self, *_a):
+                pass
+
+            def do_GET(self):
+                self.send_response(302)
+                self.send_header("Location", target)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(tls.cert, tls.key)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+        threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+        try:
+            url = artifact_url(f"https://127.0.0.1:{server.server_address[1]}", sha)
+            with pytest.raises(FetchError, match="redirected from https:// to http://") as exc:
+                fetch(url, sha, tmp_path / "int8", ssl_context=ssl.create_default_context(cafile=str(tls.ca)))
+            assert "\n" not in str(exc.value) and url in str(exc.value)
+            assert not (tmp_path / "int8").exists() and not partial_path(tmp_path / "int8").exists()
+        finally:
+            server.shutdown()
+            server.server_close()
