@@ -142,7 +142,7 @@ def publish(artifacts: Path, store: str | Path) -> PublishResult:
 
     Raises:
         InputError: no folder or no valid manifest there (not a finished compile), a file the
-            manifest lists is missing or has other bytes, an S3/HTTP URL given as the store (only
+            manifest lists is missing or has other bytes, a file in the folder is a link to one outside it, an S3/HTTP URL given as the store (only
             folders are written), or the store folder cannot be written.
     """
     artifacts = Path(artifacts)
@@ -151,6 +151,7 @@ def publish(artifacts: Path, store: str | Path) -> PublishResult:
     if not _MODEL_NAME.match(model):
         raise InputError(f"{artifacts}/manifest.json: model name {model!r} cannot name a store folder; compile it "
                          "from a file whose name is letters, digits, '.', '_' or '-'")
+    own = _own_files(artifacts)
     folder = _store_folder(store)
     files: list[StoredFile] = []
     listed: set[str] = {"manifest.json"}
@@ -169,7 +170,7 @@ def publish(artifacts: Path, store: str | Path) -> PublishResult:
             raise InputError(f"{path}: listed in the manifest as its eval set but missing; compile again")
         files.append(_put(folder, path, (manifest.eval or {}).get("sha256"), "eval", eval_file))
         listed.add(eval_file)
-    for path in sorted(p for p in artifacts.rglob("*") if p.is_file()):
+    for path in own:
         rel = path.relative_to(artifacts).as_posix()
         if rel in listed or any(part.startswith(".") for part in path.relative_to(artifacts).parts):
             continue  # hidden: staging folders and editor files are not part of a compile
@@ -199,6 +200,23 @@ def publish(artifacts: Path, store: str | Path) -> PublishResult:
                             _write_if_new(mdir / "latest.json", raw, manifest_sha)))
     fsync_dir(folder / "sha256")
     return PublishResult(folder, model, manifest_sha, files)
+
+
+def _own_files(artifacts: Path) -> list[Path]:
+    """Return the files in the folder ``artifacts`` (recursively, sorted), every one of them its own.
+
+    Raises:
+        InputError: one is a link to a file outside the folder (publish would put that file in a store
+            anyone may read): named, with what to do.
+    """
+    root = artifacts.resolve()
+    files = sorted(p for p in artifacts.rglob("*") if p.is_file())
+    for path in files:
+        target = path.resolve()
+        if target != root and root not in target.parents:
+            raise InputError(f"{path}: a link to {target}, outside the artifacts folder; the store publishes every "
+                             "file of the folder to whoever reaches it: remove the link or copy the file in")
+    return files
 
 
 def _file_of(manifest: Any, variant: str) -> str:

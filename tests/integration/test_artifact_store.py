@@ -320,3 +320,22 @@ def test_an_https_store_redirecting_to_plain_http_is_refused(published, tmp_path
         finally:
             server.shutdown()
             server.server_close()
+
+
+def test_publish_refuses_a_link_to_a_file_outside_the_artifacts_folder(tmp_path):
+    """Every file of the folder goes to the store, which any HTTP server may serve to anyone; a symlink in
+    it (a compile output copied from elsewhere, a careless `ln -s`) to a file outside the folder used to
+    publish that file (here a private key) under its hash, listed in the files index. Now the publish
+    is refused before anything is written, naming the link."""
+    folder = compiled_folder(tmp_path / "artifacts", {"int8": 1000})
+    secret = tmp_path / "id_ed25519"
+    secret.write_bytes(b"-----BEGIN OPENSSH PRIVATE KEY-----\n")
+    (folder / "notes.txt").symlink_to(secret)
+    store = tmp_path / "store"
+    with pytest.raises(InputError, match=r"notes\.txt: a link to .*outside the artifacts folder") as exc:
+        publish(folder, store)
+    assert "\n" not in str(exc.value)
+    assert not (store / "sha256").exists() or not any((store / "sha256").iterdir())  # nothing written
+    (folder / "notes.txt").unlink()
+    (folder / "notes.txt").symlink_to(folder / "eval.npz")  # a link inside the folder is the folder's own file
+    assert publish(folder, store).model == "tiny"
