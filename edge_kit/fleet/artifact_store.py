@@ -230,8 +230,8 @@ def check_published(store_url: str, files: dict[str, int], timeout_s: float = 10
     requests, as devices will reach it from this host), before a rollout sends a device there.
 
     Raises:
-        DeployError: the store does not answer, or an object is missing or of another size (named,
-            with the ``edgekit publish`` to run).
+        DeployError: the store does not answer, answers an error status (404: the ``edgekit publish`` to
+            run; 5xx: its server), or an object is of another size (named).
     """
     import urllib.error
     import urllib.request
@@ -245,8 +245,11 @@ def check_published(store_url: str, files: dict[str, int], timeout_s: float = 10
             with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout_s) as resp:
                 length = resp.headers.get("Content-Length")
         except urllib.error.HTTPError as exc:
-            raise DeployError(f"{url}: the store answers {exc.code} {exc.reason}; publish the artifacts first: "
-                              f"edgekit publish ARTIFACTS --store <the folder behind {store_url}>") from None
+            if exc.code in (403, 404, 410):  # not there (or hidden as not there): not published
+                raise DeployError(f"{url}: the store answers HTTP {exc.code} {exc.reason}; publish the artifacts "
+                                  f"first: edgekit publish ARTIFACTS --store <the folder behind {store_url}>") from None
+            raise DeployError(f"{url}: the store answers HTTP {exc.code} {str(exc.reason)[:80]}; check the store's "
+                              "server and its logs, then start again") from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise DeployError(f"{store_url}: the artifact store does not answer ({reason}); start it or fix --store") from None

@@ -339,3 +339,46 @@ def test_publish_refuses_a_link_to_a_file_outside_the_artifacts_folder(tmp_path)
     (folder / "notes.txt").unlink()
     (folder / "notes.txt").symlink_to(folder / "eval.npz")  # a link inside the folder is the folder's own file
     assert publish(folder, store).model == "tiny"
+
+
+def test_a_store_failing_with_a_server_error_at_rollout_start_says_so_not_publish(published, tmp_path):
+    """`rollout start` checks the store first; a store answering 500 (its disk, its proxy) was told to
+    publish the artifacts, which are there. A 404 still says publish; any other status names the store's
+    server; a store that lies about the size says publish again."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from edge_kit.errors import DeployError
+    from edge_kit.fleet.artifact_store import check_published
+
+    _, store, result = published
+    sha = _sha(result, "int8")
+    answer = {"status": 500, "length": "600000"}
+
+    class Store(BaseHTTPRequestHandler):
+        def log_message(self, *_a):
+            pass
+
+        def do_HEAD(self):
+            self.send_response(answer["status"])
+            self.send_header("Content-Length", answer["length"])
+            self.end_headers()
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Store)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        with pytest.raises(DeployError, match=r"answers HTTP 500 .*check the store's server") as exc:
+            check_published(url, {sha: 600_000})
+        assert "publish" not in str(exc.value) and "\n" not in str(exc.value)
+        answer["status"] = 404
+        with pytest.raises(DeployError, match=r"answers HTTP 404 .*edgekit publish"):
+            check_published(url, {sha: 600_000})
+        answer.update(status=200, length="5")
+        with pytest.raises(DeployError, match="holds 5 bytes, the manifest says 600000; publish again"):
+            check_published(url, {sha: 600_000})
+        answer["length"] = "600000"
+        check_published(url, {sha: 600_000})
+    finally:
+        server.shutdown()
+        server.server_close()
