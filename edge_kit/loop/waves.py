@@ -49,7 +49,14 @@ from edge_kit.manifest import read_manifest
 from edge_kit.selection.fleetmodel import KIND as FLEET_KIND
 from edge_kit.selection.gate import GateDecision, judge_live
 from edge_kit.telemetry.store import SELECTION_KIND
-from edgekit_protocol.desired import MAX_REVISION, MIN_BYTES_S, Desired, Fetch
+from edgekit_protocol.desired import (
+    MAX_REVISION,
+    MIN_BYTES_S,
+    Desired,
+    Fetch,
+    parse_desired,
+)
+from edgekit_protocol.errors import MessageError
 
 FINAL = ("converged", "failed", "refused", "rolled back", "superseded", "left the fleet")
 SETTLED = ("converged", "refused", "rolled back", "superseded", "left the fleet")  # rows no later report changes
@@ -187,6 +194,8 @@ def plan_rollout(rid: str, artifacts: Path, fleet: Fleet, devices: list[Device],
 
     Raises:
         RolloutError: no manifest in ``artifacts``, the store URL is not http(s), or no device gets anything.
+        ConfigError: a device would refuse its desired state (:func:`~edgekit_protocol.desired.parse_desired`:
+            an id over 512 characters, an artifact over 1 TiB, ...), named with the rule.
     """
     if not store_url.startswith(("http://", "https://")):
         raise RolloutError(f"--store {store_url}: devices fetch over HTTP(S); give the store's http:// or https:// URL")
@@ -219,11 +228,26 @@ def plan_rollout(rid: str, artifacts: Path, fleet: Fleet, devices: list[Device],
                              "keep": [a.sha256 for a in wanted if a.sha256 != pick.sha256], **eval_ref}
     if not targets:
         raise RolloutError(f"rollout {rid}: no device gets an artifact: {'; '.join(list(refused.values())[:3])}")
-    return {"id": rid, "fleet": fleet.fleet, "model": manifest.model.get("name"), "store": store_url.rstrip("/"),
+    plan = {"id": rid, "fleet": fleet.fleet, "model": manifest.model.get("name"), "store": store_url.rstrip("/"),
             "variant": variant, "artifacts": str(Path(artifacts).resolve()),
             "settings": {**asdict(settings), "waves": list(settings.waves)},
             "gate": asdict(gate) if gate is not None else None,
             "order": _order(rid, list(targets), {n: t["profile"] for n, t in targets.items()}), "targets": targets, "refused": refused}
+    for name in targets:  # the agent's own rules: a desired state a device would refuse is never planned
+        try:
+            parse_desired({**desired_for(plan, name, 1).body(), "msg_id": "plan"})
+        except MessageError as exc:
+            raise ConfigError(f"rollout {rid}: {name}: the device would refuse its desired state ({exc}); fix the "
+                              "option or the manifest it comes from") from None
+    return plan
+
+
+def desired_for(plan: dict[str, Any], device: str, revision: int) -> Desired:
+    """Return the desired state the plan gives ``device`` under ``revision``."""
+    t = plan["targets"][device]
+    return Desired(msg_id="", rollout=plan["id"], revision=revision, store=plan["store"], model=plan["model"],
+                   variant=t["variant"], sha256=t["sha256"], bytes=t["bytes"], eval_sha256=t.get("eval_sha256"),
+                   eval_bytes=t.get("eval_bytes"), keep=tuple(t["keep"]), fetch=Fetch(**plan["settings"]["fetch"]))
 
 
 UNFINISHED = ("running", "aborting", "held", "stopped")  # rollouts that may still send desired states (resume)
@@ -624,8 +648,6 @@ class Rollout:
     def _prepare(self, device: str, wave: int, plan: dict[str, Any]) -> tuple[str, Desired] | None:
         """Return ``device`` and its desired state, marked sent; None when no revision is left above
         what it reported (it is marked refused, with why)."""
-        t = plan["targets"][device]
-        s = plan["settings"]
         rev = self._revision(device)
         if rev > MAX_REVISION:
             self._set(device, wave=max(wave, self.rows[device]["wave"]), state="refused", detail={"error": (
@@ -633,9 +655,7 @@ class Rollout:
                 "carry, so no desired state can go above it (a device never reports more than it was sent: check "
                 "it, its key may be compromised); remove desired.json from its agent root, then resume")})
             return None
-        desired = Desired(msg_id="", rollout=self.rid, revision=rev, store=plan["store"], model=plan["model"],
-                          variant=t["variant"], sha256=t["sha256"], bytes=t["bytes"], eval_sha256=t.get("eval_sha256"),
-                          eval_bytes=t.get("eval_bytes"), keep=tuple(t["keep"]), fetch=Fetch(**s["fetch"]))
+        desired = desired_for(plan, device, rev)
         self._set(device, wave=max(wave, self.rows[device]["wave"]), state="sent", revision=rev,
                   detail={"sent_at": round(time.time(), 3)})
         return device, desired

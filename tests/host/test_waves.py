@@ -416,3 +416,28 @@ def test_a_bandwidth_cap_below_what_the_agent_takes_is_refused_at_start_not_by_e
                              "--bandwidth", "500B/s", "--json")
     assert code == 2, err
     assert "--bandwidth 500B/s" in json.loads(out)["error"] and err.count("\n") == 1
+
+
+def test_a_plan_whose_desired_state_the_devices_would_refuse_is_refused_at_start(tmp_path, run_cli):
+    """The agent checks every desired state (parse_desired) and refuses what breaks a rule: an id over 512
+    characters, an artifact over 1 TiB... The host did not check its own: `rollout start --id <600 chars>`
+    sent every device a desired state it refused (counted on the device, silent here), and the rollout
+    waited out each wave with every device `sent`. Now the plan is checked by the same rules at start:
+    one line, exit 2, nothing recorded or sent."""
+    from edge_kit.manifest import Artifact, Manifest
+
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text("fleet: f\nbroker: {host: 127.0.0.1, port: 1}\ndefaults: {user: u, profile: rpi4}\n"
+                          "devices:\n  - {name: a, host: h}\n")
+    folder = tmp_path / "art"
+    folder.mkdir()
+    arts = [Artifact(id="int8", status="built", profiles=["rpi4"], summary="int8", precision="int8", file="int8.tflite",
+                     sha256=SHA, bytes=3)]
+    (folder / "manifest.json").write_text(Manifest(created="2026-11-29T00:00:00+00:00", model={"name": "m"}, versions={},
+                                                   profiles={"rpi4": {}}, artifacts=arts).to_json())
+    code, out, err = run_cli("rollout", "start", "--fleet", fleet_file, folder, "--store", "http://127.0.0.1:1",
+                             "--id", "x" * 600, "--json")
+    assert code == 2, err
+    error = json.loads(out)["error"]
+    assert "a: the device would refuse its desired state" in error and "'rollout'" in error and "\n" not in error
+    assert Store(tmp_path / "edgekit-history.db").rollout("x" * 600) is None
