@@ -37,6 +37,8 @@ from edgekit_protocol.messages import in_range
 STATES = ("fetching", "converged", "failed")
 MAX_REVISION = 2 ** 63 - 1  # the largest revision a desired state carries (a signed 64-bit integer: SQLite's too)
 MAX_START_DELAY_S = 3600.0
+MAX_ERROR_CHARS = 2000  # a reported error's length: the agent cuts its own, a receiver refuses longer
+MAX_NAME_CHARS = 512  # a rollout id, model or variant name, store URL
 MIN_BYTES_S = 1000.0  # the lowest bandwidth cap (1 kB/s): a lower one would hold a 14 MB model's download for days
 _SHA = frozenset("0123456789abcdef")
 
@@ -96,8 +98,8 @@ def parse_desired(message: dict[str, Any]) -> Desired:
     """
     m = message
     for name in ("rollout", "store", "model", "variant"):
-        if not isinstance(m.get(name), str) or not m[name] or len(m[name]) > 512:
-            raise MessageError(f"desired: field '{name}' is missing or not a string of 1-512 characters")
+        if not isinstance(m.get(name), str) or not m[name] or len(m[name]) > MAX_NAME_CHARS:
+            raise MessageError(f"desired: field '{name}' is missing or not a string of 1-{MAX_NAME_CHARS} characters")
     if not m["store"].startswith(("http://", "https://")):
         raise MessageError(f"desired: store {m['store'][:80]!r} is not an http:// or https:// URL")
     if "/" in m["model"] or "/" in m["variant"] or m["model"].startswith("."):
@@ -132,7 +134,8 @@ def parse_desired(message: dict[str, Any]) -> Desired:
 
 def reported_body(desired: Desired | None, state: str, current: dict[str, Any] | None, *, error: str | None = None,
                   attempt: int = 0, download: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Return the body of a ``reported`` message about ``desired`` (None: no desired state taken yet).
+    """Return the body of a ``reported`` message about ``desired`` (None: no desired state taken yet);
+    ``error`` is cut to :data:`MAX_ERROR_CHARS` (ending with an ellipsis) so that no receiver refuses it.
 
     Raises:
         ValueError: ``state`` is not one of :data:`STATES`.
@@ -141,7 +144,8 @@ def reported_body(desired: Desired | None, state: str, current: dict[str, Any] |
         raise ValueError(f"reported: state {state!r} is not one of {', '.join(STATES)}")
     return {"rollout": desired.rollout if desired else None, "revision": desired.revision if desired else 0,
             "state": state, "want": {"variant": desired.variant, "sha256": desired.sha256} if desired else None,
-            "current": current, "error": error, "attempt": attempt, "download": download}
+            "current": current, "attempt": attempt, "download": download,
+            "error": error[:MAX_ERROR_CHARS - 1] + "…" if error is not None and len(error) > MAX_ERROR_CHARS else error}
 
 
 def check_reported(message: dict[str, Any]) -> dict[str, Any]:
@@ -149,7 +153,8 @@ def check_reported(message: dict[str, Any]) -> dict[str, Any]:
 
     Raises:
         MessageError: ``state`` unknown, ``revision`` not a non-negative integer, ``rollout`` or
-            ``error`` not a string (or null), ``current`` not an object (or null).
+            ``error`` not a string (or null) or longer than :data:`MAX_NAME_CHARS` / :data:`MAX_ERROR_CHARS`,
+            ``current`` not an object (or null), a name in it longer than :data:`MAX_NAME_CHARS`.
     """
     m = message
     if m.get("state") not in STATES:
@@ -160,6 +165,9 @@ def check_reported(message: dict[str, Any]) -> dict[str, Any]:
     for name, types in (("rollout", str), ("error", str), ("current", dict), ("previous", dict), ("download", dict)):
         if m.get(name) is not None and not isinstance(m[name], types):
             raise MessageError(f"reported: field '{name}' is {type(m[name]).__name__}")
+    for name, most in (("rollout", MAX_NAME_CHARS), ("error", MAX_ERROR_CHARS)):
+        if isinstance(m.get(name), str) and len(m[name]) > most:
+            raise MessageError(f"reported: field '{name}' is longer than {most} characters")
     if m.get("attempt") is not None and not (isinstance(m["attempt"], int) and not isinstance(m["attempt"], bool)
                                              and 0 <= m["attempt"] < 10_000):
         raise MessageError("reported: field 'attempt' is not a count")
@@ -168,6 +176,8 @@ def check_reported(message: dict[str, Any]) -> dict[str, Any]:
         for key, types in (("sha256", str), ("variant", str), ("model", str), ("bytes", int)):
             if ref.get(key) is not None and (not isinstance(ref[key], types) or isinstance(ref[key], bool)):
                 raise MessageError(f"reported: {name}.{key} is {type(ref[key]).__name__}")
+            if isinstance(ref.get(key), str) and len(ref[key]) > MAX_NAME_CHARS:
+                raise MessageError(f"reported: {name}.{key} is longer than {MAX_NAME_CHARS} characters")
     dl = m.get("download") or {}
     for key, types in (("bytes", int), ("resumed", bool), ("seconds", (int, float))):
         if dl.get(key) is not None and (not isinstance(dl[key], types) or (key != "resumed" and isinstance(dl[key], bool))
