@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
-from device_agents.disk import durable_replace, sha256_of
+from device_agents.disk import durable_replace, is_out_of_space, sha256_of
 from device_agents.errors import DeviceError
 from edgekit_protocol.desired import MIN_BYTES_S
 
@@ -445,7 +445,16 @@ def _receive(url: str, partial: Path, offset: int, conn: http.client.HTTPConnect
 
 
 def _write_error(url: str, path: Path, exc: OSError) -> FetchError:
-    """Return the one-line error for a local write that failed (disk full, read-only, permissions)."""
+    """Return the one-line error for a local write that failed (disk full, read-only, permissions).
+
+    When the disk is full and ``path`` is a partial download, the partial is deleted first: kept, it
+    would hold the device's disk at its last byte (every other writer failing with it) for the sake of
+    a resume that needs the space back anyway.
+    """
+    if is_out_of_space(exc) and path.name.endswith(".partial"):
+        path.unlink(missing_ok=True)
+        return FetchError(f"{url}: cannot write {path} ({exc.strerror or exc}); the partial download was deleted to "
+                          "give the space back: free space on the device, then fetch again")
     return FetchError(f"{url}: cannot write {path} ({exc.strerror or exc}); free space or fix the folder on the "
                       "device, then fetch again (the bytes received so far are kept)")
 
@@ -469,7 +478,8 @@ def fetch(url: str, sha256: str, dest: Path, *, max_bytes_s: float | None = None
 
     Raises:
         FetchError: bad hash argument, store not answering, an HTTP error status, a file over
-            ``max_bytes``, the device's disk refusing the write, a hash mismatch (the partial is
+            ``max_bytes``, the device's disk refusing the write (a full one: the partial is deleted, giving
+            the space back), a hash mismatch (the partial is
             deleted, ``dest`` untouched; after a resume, the whole file is fetched once more
             first, in case the kept bytes were the bad ones), cut again on every attempt (the
             partial is kept: fetch again to resume), or another fetch of the same ``dest`` in this

@@ -382,3 +382,27 @@ def test_a_store_failing_with_a_server_error_at_rollout_start_says_so_not_publis
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_disk_that_fills_mid_download_gets_its_space_back(published, nginx, tmp_path):
+    """The agent checks the space before a download, but something else on the device can take it
+    meanwhile. The partial used to be kept, holding the disk at its last byte (the device's other writers
+    failing with it) until a later desired state happened to drop it. Now a download cut by a full disk
+    deletes its partial: one line saying so, and the space is free again."""
+    import shutil
+    import subprocess
+
+    sha = _sha(published[2], "fp32")  # 2 MB, on a 1 MB disk
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], check=True)
+    try:
+        free = shutil.disk_usage(disk).free
+        dest = disk / "incoming" / sha
+        with pytest.raises(FetchError, match=r"cannot write .*No space left on device.*deleted") as exc:
+            fetch(artifact_url(nginx.url, sha), sha, dest)
+        assert "\n" not in str(exc.value)
+        assert not partial_path(dest).exists() and not dest.exists()
+        assert shutil.disk_usage(disk).free == free  # the space is back
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
