@@ -230,9 +230,10 @@ def check_published(store_url: str, files: dict[str, int], timeout_s: float = 10
     requests, as devices will reach it from this host), before a rollout sends a device there.
 
     Raises:
-        DeployError: the store does not answer, answers an error status (404: the ``edgekit publish`` to
+        DeployError: the store does not answer, TLS fails (how to trust a private CA is said), answers an error status (404: the ``edgekit publish`` to
             run; 5xx: its server), or an object is of another size (named).
     """
+    import ssl
     import urllib.error
     import urllib.request
 
@@ -252,6 +253,10 @@ def check_published(store_url: str, files: dict[str, int], timeout_s: float = 10
                               "server and its logs, then start again") from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
+            if isinstance(reason, ssl.SSLError):
+                raise DeployError(f"{store_url}: TLS failed ({getattr(reason, 'verify_message', None) or reason.reason or reason}); "
+                                  "if the store's certificate is from a private CA (the devices' pull.ca_file), "
+                                  "let this host trust it: SSL_CERT_FILE=<the CA's PEM> edgekit rollout ...") from None
             raise DeployError(f"{store_url}: the artifact store does not answer ({reason}); start it or fix --store") from None
         if length is not None and (not length.strip().isdigit() or int(length) != size):
             raise DeployError(f"{url}: the store holds {length} bytes, the manifest says {size}; publish again")

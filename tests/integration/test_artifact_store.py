@@ -406,3 +406,23 @@ def test_a_disk_that_fills_mid_download_gets_its_space_back(published, nginx, tm
         assert shutil.disk_usage(disk).free == free  # the space is back
     finally:
         subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_rollout_start_on_an_https_store_with_a_private_ca_says_how_the_host_trusts_it(published, tmp_path, monkeypatch):
+    """The devices trust a private store CA by `pull.ca_file`; the host's check before a rollout used the
+    system CAs and said `the artifact store does not answer (... CERTIFICATE_VERIFY_FAILED ...); start it`,
+    though it answered. Now the line says TLS and how to make the host trust the CA, and that works."""
+    from edge_kit.errors import DeployError
+    from edge_kit.fleet.artifact_store import check_published
+    from edge_kit.fleet.broker_setup import make_tls
+
+    _, store, result = published
+    sha = _sha(result, "int8")
+    tls = make_tls(tmp_path / "tls", ["127.0.0.1"])
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    with start_store_server(store, workdir=tmp_path / "tls-nginx", embedded=False, tls=tls) as server:
+        with pytest.raises(DeployError, match=r"TLS failed .*certificate.*SSL_CERT_FILE") as exc:
+            check_published(server.url, {sha: 600_000})
+        assert "does not answer" not in str(exc.value) and "\n" not in str(exc.value)
+        monkeypatch.setenv("SSL_CERT_FILE", str(tls.ca))
+        check_published(server.url, {sha: 600_000})
