@@ -229,22 +229,46 @@ def check_published(store_url: str, files: dict[str, int], timeout_s: float = 10
     """Check that the store at ``store_url`` serves every ``{sha256: bytes}`` in ``files`` (HEAD
     requests, as devices will reach it from this host), before a rollout sends a device there.
 
+    ``timeout_s`` bounds each connect and read; each answer as a whole gets three times that (a store
+    trickling its headers a byte at a time cannot hold the caller).
+
     Raises:
-        DeployError: the store does not answer, TLS fails (how to trust a private CA is said), answers an error status (404: the ``edgekit publish`` to
-            run; 5xx: its server), or an object is of another size (named).
+        DeployError: the store does not answer (or not within three times ``timeout_s``), TLS fails (how
+            to trust a private CA is said), answers an error status (404: the ``edgekit publish`` to run;
+            5xx: its server), or an object is of another size (named).
     """
     import ssl
+    import threading
     import urllib.error
     import urllib.request
 
     from device_agents.fetch import artifact_url
     from edge_kit.errors import DeployError
 
+    def head(url: str) -> str | None:
+        answer: dict[str, Any] = {}
+
+        def ask() -> None:  # in a thread: urllib bounds each read, not the whole answer
+            try:
+                with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout_s) as resp:
+                    answer["length"] = resp.headers.get("Content-Length")
+            except BaseException as exc:  # noqa: BLE001 - raised again in the caller's thread
+                answer["error"] = exc
+
+        asker = threading.Thread(target=ask, daemon=True, name="store-check")  # a daemon: left if the store holds it
+        asker.start()
+        asker.join(3 * timeout_s)
+        if asker.is_alive():
+            raise DeployError(f"{url}: the store did not answer a HEAD request within {3 * timeout_s:.0f} s (it "
+                              "sends too slowly); check the store's server or the proxy in front of it")
+        if "error" in answer:
+            raise answer["error"]
+        return answer["length"]
+
     for sha, size in files.items():
         url = artifact_url(store_url, sha)
         try:
-            with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout_s) as resp:
-                length = resp.headers.get("Content-Length")
+            length = head(url)
         except urllib.error.HTTPError as exc:
             if exc.code in (403, 404, 410):  # not there (or hidden as not there): not published
                 raise DeployError(f"{url}: the store answers HTTP {exc.code} {exc.reason}; publish the artifacts "
