@@ -15,6 +15,10 @@ The file becomes ``dest`` only once its sha256 matches the expected one: it is f
 over ``dest`` atomically and the folder fsynced. A mismatch deletes the partial and raises. A
 ``dest`` that already holds the right bytes is returned without any request.
 
+A call is bounded as a whole (``max_seconds``) and by a ``cancel`` event, from the connection to the
+last byte: a store that sends its headers or its body a byte at a time, or stops sending, is left at
+the deadline or the cancel, not only after ``timeout_s`` of silence.
+
 Every error is a :class:`FetchError` with one line naming the URL and what to do.
 """
 
@@ -31,13 +35,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
-from device_agents.disk import durable_replace, sha256_of
+from device_agents.disk import durable_replace, is_out_of_space, sha256_of
 from device_agents.errors import DeviceError
+from edgekit_protocol.desired import MIN_BYTES_S
 
 CHUNK = 64 * 1024
 MAX_REDIRECTS = 5
 MAX_ATTEMPTS = 3  # attempts in one fetch() while each one makes progress (a cut, then resume at once)
-MIN_RATE = 1024  # bytes/s: the lowest bandwidth cap (a lower one would hold a download for days)
+MIN_RATE = MIN_BYTES_S  # bytes/s: the lowest bandwidth cap (one bound with the desired state's)
 CANCELLED = "cancelled"
 TOO_SLOW = "too slow"
 CUT_RCVBUF = 16 * 1024  # receive buffer of a connection told to stop early: little in flight when it closes
@@ -96,7 +101,7 @@ class RateLimiter:
 
     def __init__(self, rate: float, cancel: threading.Event | None = None):
         if not rate >= MIN_RATE:
-            raise FetchError(f"max_bytes_s must be at least {MIN_RATE} bytes/s, got {rate!r}")
+            raise FetchError(f"max_bytes_s must be at least {MIN_RATE:.0f} bytes/s, got {rate!r}")
         self.rate = float(rate)
         self.cancel = cancel  # set: a wait ends at once (the caller checks it after)
         self.capacity = max(self.rate * 0.1, float(CHUNK))
@@ -144,6 +149,75 @@ def _checked_sha(sha256: str, url: str) -> str:
 
 
 
+class _Watchdog:
+    """Ends a request's reads when ``cancel`` is set or ``deadline`` (``time.monotonic()``) passes.
+
+    A store can hold a read for up to ``timeout_s`` (silent), or for ever (one byte of an endless header
+    every few seconds: each read returns in time and http.client parses the headers in one call); the
+    checks between two body reads cannot see either. A thread (only when there is something to watch)
+    shuts the socket of the connection being read down, so the blocked read returns at once; ``fired``
+    then says why (:data:`CANCELLED` or :data:`TOO_SLOW`), and the caller takes whatever the read did as
+    that cut, never as the end of the body.
+    """
+
+    POLL_S = 0.05
+
+    def __init__(self, cancel: threading.Event | None, deadline: float | None):
+        self.cancel, self.deadline = cancel, deadline
+        self.fired: str | None = None
+        self._sock: socket.socket | None = None
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        if cancel is not None or deadline is not None:
+            self._thread = threading.Thread(target=self._run, daemon=True, name="fetch-watchdog")
+            self._thread.start()
+
+    def due(self) -> str | None:
+        """Return why the request must stop now (cancelled, too slow), or None."""
+        if self.cancel is not None and self.cancel.is_set():
+            return CANCELLED
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            return TOO_SLOW
+        return None
+
+    def watch(self, conn: http.client.HTTPConnection) -> None:
+        """Watch ``conn``'s socket (connected; a redirect's next one replaces it); returns None.
+
+        The socket itself is kept: http.client hands it to the response and forgets it (``conn.sock``
+        is None) when the body ends with the connection.
+        """
+        with self._lock:
+            self._sock = conn.sock
+            if self.fired is not None:
+                _shut(self._sock)
+
+    def _run(self) -> None:
+        while not self._done.wait(self.POLL_S):
+            why = self.due()
+            if why is not None:
+                with self._lock:
+                    self.fired = why
+                    _shut(self._sock)
+                return
+
+    def close(self) -> None:
+        """Stop watching; returns None."""
+        self._done.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
+def _shut(sock: socket.socket | None) -> None:
+    """Shut ``sock`` down (a read blocked on it returns); closing is left to its owner. A TLS socket is
+    shut at the TCP level (``SSLSocket.shutdown`` would drop its TLS state under the reading thread)."""
+    if sock is not None:
+        try:
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
 def _connect(url: str, timeout_s: float, ssl_context: ssl.SSLContext | None, rcvbuf: int | None) -> http.client.HTTPConnection:
     try:
         parts = urlsplit(url)
@@ -173,9 +247,18 @@ def _target(url: str) -> str:
 
 
 def _open(url: str, headers: dict[str, str], timeout_s: float, ssl_context: ssl.SSLContext | None,
-          rcvbuf: int | None) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse, str]:
-    """Send a GET, following redirects; return the connection, the response and the final URL."""
+          rcvbuf: int | None, watchdog: _Watchdog | None = None
+          ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse, str] | str:
+    """Send a GET, following redirects; return the connection, the response and the final URL, or why
+    ``watchdog`` stopped it before the headers were read (:data:`CANCELLED`, :data:`TOO_SLOW`).
+
+    Raises:
+        FetchError: the store does not answer, TLS failed, too many redirects, a redirect that is no
+            URL, or one from https:// to anything else (a downgrade).
+    """
     for _ in range(MAX_REDIRECTS + 1):
+        if watchdog is not None and watchdog.due():
+            return watchdog.due() or TOO_SLOW
         try:
             conn = _connect(url, timeout_s, ssl_context, rcvbuf)
         except FetchError:
@@ -186,11 +269,15 @@ def _open(url: str, headers: dict[str, str], timeout_s: float, ssl_context: ssl.
         except (OSError, http.client.HTTPException, ValueError, UnicodeError) as exc:
             raise FetchError(f"{url}: the store does not answer ({_reason(exc)}); check the store URL and that its "
                              "server runs, then fetch again") from None
+        if watchdog is not None:
+            watchdog.watch(conn)
         try:
             conn.request("GET", _target(url), headers={"User-Agent": USER_AGENT, **headers})
             resp = conn.getresponse()
         except (OSError, http.client.HTTPException, ValueError, UnicodeError) as exc:
             conn.close()
+            if watchdog is not None and watchdog.fired:
+                return watchdog.fired
             raise FetchError(f"{url}: the store does not answer ({_reason(exc)}); check the store URL and that its "
                              "server runs, then fetch again") from None
         if resp.status in (301, 302, 303, 307, 308) and resp.getheader("Location"):
@@ -201,6 +288,10 @@ def _open(url: str, headers: dict[str, str], timeout_s: float, ssl_context: ssl.
             except ValueError:
                 raise FetchError(f"{url}: the store redirected to {resp.getheader('Location')[:200]!r}, not a URL; "
                                  "check the store's server") from None
+            if urlsplit(url).scheme == "https" and urlsplit(location).scheme != "https":
+                raise FetchError(f"{url}: the store redirected from https:// to {location.split('://')[0][:10]}:// "
+                                 f"({location[:120]}); the model would cross the network in the clear: fix the "
+                                 "store's (or CDN's) redirect")
             url = location
             continue
         return conn, resp, url
@@ -239,7 +330,8 @@ def download_once(url: str, partial: Path, *, max_bytes_s: float | None = None, 
     ``cut_after``: stop after that many body bytes and drop the connection (a simulated cut: the
     connection's receive buffer is kept small so little is in flight when it closes). ``limiter``
     (or ``max_bytes_s``) caps the rate. ``cancel`` (set) or ``deadline`` (``time.monotonic()``
-    passed) stop the body between two reads: a trickling store cannot hold the caller longer.
+    passed) stop the request at once, in the headers as in the body (a watchdog shuts the socket down
+    under a blocked read): a silent or trickling store cannot hold the caller longer.
     The hash is not checked here: :func:`fetch` does it.
 
     Returns:
@@ -259,7 +351,22 @@ def download_once(url: str, partial: Path, *, max_bytes_s: float | None = None, 
         partial.unlink(missing_ok=True)
         offset = 0
     headers = {"Range": f"bytes={offset}-"} if offset else {}
-    conn, resp, final_url = _open(url, headers, timeout_s, ssl_context, CUT_RCVBUF if cut_after is not None else None)
+    watchdog = _Watchdog(cancel, deadline)
+    try:
+        opened = _open(url, headers, timeout_s, ssl_context, CUT_RCVBUF if cut_after is not None else None, watchdog)
+        if isinstance(opened, str):  # cancelled or too slow before the headers were all in
+            return Attempt(0, 0, offset, False, False, None, cut=opened)
+        conn, resp, _final = opened
+        return _receive(url, partial, offset, conn, resp, max_bytes, cut_after, limiter, watchdog)
+    finally:
+        watchdog.close()
+
+
+def _receive(url: str, partial: Path, offset: int, conn: http.client.HTTPConnection, resp: http.client.HTTPResponse,
+             max_bytes: int | None, cut_after: int | None, limiter: RateLimiter | None, watchdog: _Watchdog) -> Attempt:
+    """Write the body of ``resp`` (the answer to a GET from ``offset``) into ``partial``; return the
+    :class:`Attempt` (see :func:`download_once`, which documents what it raises)."""
+    cancel, deadline = watchdog.cancel, watchdog.deadline
     try:
         if resp.status == 416:
             # The partial reaches (or passes) the end: complete if its size is the file's, else wrong.
@@ -326,6 +433,8 @@ def download_once(url: str, partial: Path, *, max_bytes_s: float | None = None, 
                                          "artifact or raise the limit")
         except OSError as exc:  # the reads' errors are caught above: this is the disk (full, read-only)
             raise _write_error(url, partial, exc) from None
+        if watchdog.fired and not (cut is None and total is not None and size == total):
+            cut = watchdog.fired  # the read that ended was cut short by it, whatever it returned
         complete = cut is None and (total is None or size == total)
         if cut is None and not complete:
             cut = f"connection closed at {size} of {total} bytes"
@@ -336,7 +445,16 @@ def download_once(url: str, partial: Path, *, max_bytes_s: float | None = None, 
 
 
 def _write_error(url: str, path: Path, exc: OSError) -> FetchError:
-    """Return the one-line error for a local write that failed (disk full, read-only, permissions)."""
+    """Return the one-line error for a local write that failed (disk full, read-only, permissions).
+
+    When the disk is full and ``path`` is a partial download, the partial is deleted first: kept, it
+    would hold the device's disk at its last byte (every other writer failing with it) for the sake of
+    a resume that needs the space back anyway.
+    """
+    if is_out_of_space(exc) and path.name.endswith(".partial"):
+        path.unlink(missing_ok=True)
+        return FetchError(f"{url}: cannot write {path} ({exc.strerror or exc}); the partial download was deleted to "
+                          "give the space back: free space on the device, then fetch again")
     return FetchError(f"{url}: cannot write {path} ({exc.strerror or exc}); free space or fix the folder on the "
                       "device, then fetch again (the bytes received so far are kept)")
 
@@ -351,15 +469,17 @@ def fetch(url: str, sha256: str, dest: Path, *, max_bytes_s: float | None = None
     :data:`MAX_ATTEMPTS` requests while each makes progress (a cut is resumed with a Range at once).
     ``max_bytes_s`` caps the rate (bytes/s, token bucket); ``max_bytes`` refuses larger files;
     ``timeout_s`` bounds each connect and each read; ``max_seconds`` the whole call (a store that
-    trickles a byte at a time cannot hold the caller); ``cancel`` (set from another thread) stops it
-    between two reads.
+    trickles a byte at a time, in its headers or its body, cannot hold the caller); ``cancel`` (set
+    from another thread) stops it at once, even in a read the store keeps waiting. Either keeps the
+    bytes received in the partial.
 
     Returns:
         :class:`FetchResult` for the verified file at ``dest``.
 
     Raises:
         FetchError: bad hash argument, store not answering, an HTTP error status, a file over
-            ``max_bytes``, the device's disk refusing the write, a hash mismatch (the partial is
+            ``max_bytes``, the device's disk refusing the write (a full one: the partial is deleted, giving
+            the space back), a hash mismatch (the partial is
             deleted, ``dest`` untouched; after a resume, the whole file is fetched once more
             first, in case the kept bytes were the bad ones), cut again on every attempt (the
             partial is kept: fetch again to resume), or another fetch of the same ``dest`` in this

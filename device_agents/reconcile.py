@@ -119,11 +119,16 @@ class Reconciler:
         if not saved.get("converged") and self.attempt < self.settings.max_attempts:
             self.next_at, self._resumed = self.clock(), True  # no second start delay: it was served before
 
-    def _save(self, converged: bool) -> None:
-        """Persist the desired message, whether it converged and the tries so far (a restart neither
-        re-applies a converged state nor grants a failing one fresh tries)."""
-        atomic_write(self.root / DESIRED, json.dumps({"message": self._message, "converged": converged,
-                                                      "attempts": self.attempt}).encode())
+    def _save(self, converged: bool, message: dict[str, Any] | None = None, attempts: int | None = None) -> None:
+        """Persist the desired message (``message``, else the one taken), whether it converged and the tries
+        so far (a restart neither re-applies a converged state nor grants a failing one fresh tries).
+
+        Raises:
+            OSError: the write failed (e.g. the disk is full); the file keeps what it held.
+        """
+        atomic_write(self.root / DESIRED, json.dumps({
+            "message": self._message if message is None else message, "converged": converged,
+            "attempts": self.attempt if attempts is None else attempts}).encode())
 
     def on_connect(self) -> None:
         """Note that the broker connection is up (any thread): a resumed desired state waits a grace
@@ -141,10 +146,11 @@ class Reconciler:
         its revision is not above the one taken before; ``same``: the one taken already, delivered again).
 
         The message is on disk before this returns, so the broker may forget it. A download in flight
-        for an older one is cancelled.
+        for an older one is cancelled. When it cannot be written, nothing changes (a retry takes it).
 
         Raises:
             MessageError: the body is malformed (the text names the field).
+            OSError: ``desired.json`` could not be written (a full disk): the message is not taken.
         """
         new = parse_desired(message)
         old = self.desired
@@ -157,9 +163,9 @@ class Reconciler:
             log.warning("refused desired revision %d of rollout %s: not above the revision %d taken before "
                         "(a replay, or the operator's clock went back)", new.revision, new.rollout, old.revision)
             return "stale"
+        self._save(converged=False, message=message, attempts=0)  # first: a failed write takes nothing
         self._message = message
         self.desired, self.attempt, self._resumed = new, 0, False
-        self._save(converged=False)
         if self._job is not None:
             self._job.cancel.set()
         self.next_at = self.clock() + self.rng() * new.fetch.start_delay_s

@@ -571,8 +571,14 @@ class Agent:
 
     def reconcile(self) -> dict[str, Any] | None:
         """Run one reconcile step toward the desired state (main thread); the served model and the
-        status follow a switch at once. Returns the ``reported`` body (None: a superseded download ended)."""
+        status follow a switch at once; a failed try is counted (``failed_pulls`` in the spool's counters:
+        state and telemetry). Returns the ``reported`` body (None: a superseded download ended)."""
         reported = self.reconciler.step()
+        if reported is not None and reported["state"] == "failed":
+            try:
+                self._on_disk(lambda: self.spool.count("failed_pulls"))
+            except DiskFull as exc:  # the report went out; only the count is lost
+                log.error("could not count the failed pull: %s", exc)
         self.follow_current()
         if self.store.current() != self._announced:
             self._publish_status()

@@ -149,12 +149,14 @@ class Spool:
         (forged, future-dated or malformed commands refused, ever), ``replayed_commands`` (commands
         whose id was taken before: redelivered or replayed, not run), ``expired_commands`` (expired
         before the newest command's horizon, not run), ``stale_desired`` (desired states whose revision was not
-        above the one taken before: replays, never applied) and ``max_records``."""
+        above the one taken before: replays, never applied), ``failed_pulls`` (tries to reach a desired state
+        that failed: store down, hash mismatch, disk full, smoke test...) and ``max_records``."""
         with self._lock:
             return {"pending": self._count, "dropped_telemetry": self._counter("dropped." + DROPPABLE),
                     "refused_commands": self._counter("refused"), "replayed_commands": self._counter("replayed"),
                     "expired_commands": self._counter("expired"),
-                    "stale_desired": self._counter("stale_desired"), "max_records": self.max_records}
+                    "stale_desired": self._counter("stale_desired"), "failed_pulls": self._counter("failed_pulls"),
+                    "max_records": self.max_records}
 
     def count(self, name: str) -> None:
         """Add one to the persistent counter ``name``."""

@@ -15,7 +15,7 @@ model          the model's name; ``variant`` the variant id; ``sha256`` and ``by
 eval           ``{sha256, bytes}`` of the eval set shipped with it, or null
 keep           sha256s the store budget must spare (the profile's other candidates), may be empty
 fetch          ``{max_bytes_s, start_delay_s, timeout_s}``: the rollout's bandwidth cap per device
-               (null: none), the longest random delay before the download starts (spreads a wave's
+               (null: none; else at least :data:`MIN_BYTES_S`), the longest random delay before the download starts (spreads a wave's
                load on the store), and the per-request timeout
 =============  ========================================================================================
 
@@ -35,7 +35,11 @@ from edgekit_protocol.errors import MessageError
 from edgekit_protocol.messages import in_range
 
 STATES = ("fetching", "converged", "failed")
+MAX_REVISION = 2 ** 63 - 1  # the largest revision a desired state carries (a signed 64-bit integer: SQLite's too)
 MAX_START_DELAY_S = 3600.0
+MAX_ERROR_CHARS = 2000  # a reported error's length: the agent cuts its own, a receiver refuses longer
+MAX_NAME_CHARS = 512  # a rollout id, model or variant name, store URL
+MIN_BYTES_S = 1000.0  # the lowest bandwidth cap (1 kB/s): a lower one would hold a 14 MB model's download for days
 _SHA = frozenset("0123456789abcdef")
 
 
@@ -94,14 +98,14 @@ def parse_desired(message: dict[str, Any]) -> Desired:
     """
     m = message
     for name in ("rollout", "store", "model", "variant"):
-        if not isinstance(m.get(name), str) or not m[name] or len(m[name]) > 512:
-            raise MessageError(f"desired: field '{name}' is missing or not a string of 1-512 characters")
+        if not isinstance(m.get(name), str) or not m[name] or len(m[name]) > MAX_NAME_CHARS:
+            raise MessageError(f"desired: field '{name}' is missing or not a string of 1-{MAX_NAME_CHARS} characters")
     if not m["store"].startswith(("http://", "https://")):
         raise MessageError(f"desired: store {m['store'][:80]!r} is not an http:// or https:// URL")
     if "/" in m["model"] or "/" in m["variant"] or m["model"].startswith("."):
         raise MessageError("desired: model and variant must not hold '/' or start with '.'")
     rev = m.get("revision")
-    if not isinstance(rev, int) or isinstance(rev, bool) or not 0 < rev < 2 ** 63:
+    if not isinstance(rev, int) or isinstance(rev, bool) or not 0 < rev <= MAX_REVISION:
         raise MessageError("desired: field 'revision' is not a positive integer")
     ev = m.get("eval")
     if ev is not None and not isinstance(ev, dict):
@@ -113,8 +117,8 @@ def parse_desired(message: dict[str, Any]) -> Desired:
     if not isinstance(f, dict):
         raise MessageError("desired: field 'fetch' is not an object")
     cap, delay, timeout = f.get("max_bytes_s"), f.get("start_delay_s", 0.0), f.get("timeout_s", 30.0)
-    if cap is not None and not (in_range(cap) and cap > 0):
-        raise MessageError("desired: fetch.max_bytes_s is not a positive number or null")
+    if cap is not None and not (in_range(cap) and cap >= MIN_BYTES_S):
+        raise MessageError(f"desired: fetch.max_bytes_s is neither null nor a number of at least {MIN_BYTES_S:.0f} bytes/s")
     if not (in_range(delay) and 0 <= delay <= MAX_START_DELAY_S):
         raise MessageError(f"desired: fetch.start_delay_s is not 0-{MAX_START_DELAY_S:.0f} s")
     if not (in_range(timeout) and 0 < timeout <= 600):
@@ -130,7 +134,8 @@ def parse_desired(message: dict[str, Any]) -> Desired:
 
 def reported_body(desired: Desired | None, state: str, current: dict[str, Any] | None, *, error: str | None = None,
                   attempt: int = 0, download: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Return the body of a ``reported`` message about ``desired`` (None: no desired state taken yet).
+    """Return the body of a ``reported`` message about ``desired`` (None: no desired state taken yet);
+    ``error`` is cut to :data:`MAX_ERROR_CHARS` (ending with an ellipsis) so that no receiver refuses it.
 
     Raises:
         ValueError: ``state`` is not one of :data:`STATES`.
@@ -139,7 +144,8 @@ def reported_body(desired: Desired | None, state: str, current: dict[str, Any] |
         raise ValueError(f"reported: state {state!r} is not one of {', '.join(STATES)}")
     return {"rollout": desired.rollout if desired else None, "revision": desired.revision if desired else 0,
             "state": state, "want": {"variant": desired.variant, "sha256": desired.sha256} if desired else None,
-            "current": current, "error": error, "attempt": attempt, "download": download}
+            "current": current, "attempt": attempt, "download": download,
+            "error": error[:MAX_ERROR_CHARS - 1] + "…" if error is not None and len(error) > MAX_ERROR_CHARS else error}
 
 
 def check_reported(message: dict[str, Any]) -> dict[str, Any]:
@@ -147,17 +153,21 @@ def check_reported(message: dict[str, Any]) -> dict[str, Any]:
 
     Raises:
         MessageError: ``state`` unknown, ``revision`` not a non-negative integer, ``rollout`` or
-            ``error`` not a string (or null), ``current`` not an object (or null).
+            ``error`` not a string (or null) or longer than :data:`MAX_NAME_CHARS` / :data:`MAX_ERROR_CHARS`,
+            ``current`` not an object (or null), a name in it longer than :data:`MAX_NAME_CHARS`.
     """
     m = message
     if m.get("state") not in STATES:
         raise MessageError(f"reported: state {str(m.get('state'))[:20]!r} is not one of {', '.join(STATES)}")
     rev = m.get("revision")
-    if not isinstance(rev, int) or isinstance(rev, bool) or not 0 <= rev < 2 ** 63:
+    if not isinstance(rev, int) or isinstance(rev, bool) or not 0 <= rev <= MAX_REVISION:
         raise MessageError("reported: field 'revision' is not a non-negative integer")
     for name, types in (("rollout", str), ("error", str), ("current", dict), ("previous", dict), ("download", dict)):
         if m.get(name) is not None and not isinstance(m[name], types):
             raise MessageError(f"reported: field '{name}' is {type(m[name]).__name__}")
+    for name, most in (("rollout", MAX_NAME_CHARS), ("error", MAX_ERROR_CHARS)):
+        if isinstance(m.get(name), str) and len(m[name]) > most:
+            raise MessageError(f"reported: field '{name}' is longer than {most} characters")
     if m.get("attempt") is not None and not (isinstance(m["attempt"], int) and not isinstance(m["attempt"], bool)
                                              and 0 <= m["attempt"] < 10_000):
         raise MessageError("reported: field 'attempt' is not a count")
@@ -166,6 +176,8 @@ def check_reported(message: dict[str, Any]) -> dict[str, Any]:
         for key, types in (("sha256", str), ("variant", str), ("model", str), ("bytes", int)):
             if ref.get(key) is not None and (not isinstance(ref[key], types) or isinstance(ref[key], bool)):
                 raise MessageError(f"reported: {name}.{key} is {type(ref[key]).__name__}")
+            if isinstance(ref.get(key), str) and len(ref[key]) > MAX_NAME_CHARS:
+                raise MessageError(f"reported: {name}.{key} is longer than {MAX_NAME_CHARS} characters")
     dl = m.get("download") or {}
     for key, types in (("bytes", int), ("resumed", bool), ("seconds", (int, float))):
         if dl.get(key) is not None and (not isinstance(dl[key], types) or (key != "resumed" and isinstance(dl[key], bool))

@@ -147,6 +147,7 @@ def start_cmd(
         RolloutError,
         RolloutSettings,
         check_no_overlap,
+        parse_bandwidth,
         parse_rate,
         parse_share,
         parse_waves,
@@ -159,7 +160,7 @@ def start_cmd(
     fleet = load_fleet(fleet_file)
     settings = RolloutSettings(waves=parse_waves(wave), rate_per_s=parse_rate(rate, "--rate") if rate else None,
                                max_failed=parse_share(max_failed, "--max-failed"), wave_timeout_s=wave_timeout,
-                               fetch=Fetch(parse_rate(bandwidth, "--bandwidth", "B") if bandwidth else None, start_delay))
+                               fetch=Fetch(parse_bandwidth(bandwidth) if bandwidth else None, start_delay))
     rid = rid or f"{read_manifest(artifacts).model.get('name', 'model')}-{time.strftime('%Y%m%d-%H%M%S')}"
     db = _history(fleet_file, history)
     if db.rollout(rid) is not None:

@@ -142,7 +142,7 @@ def publish(artifacts: Path, store: str | Path) -> PublishResult:
 
     Raises:
         InputError: no folder or no valid manifest there (not a finished compile), a file the
-            manifest lists is missing or has other bytes, an S3/HTTP URL given as the store (only
+            manifest lists is missing or has other bytes, a file in the folder is a link to one outside it, an S3/HTTP URL given as the store (only
             folders are written), or the store folder cannot be written.
     """
     artifacts = Path(artifacts)
@@ -151,6 +151,7 @@ def publish(artifacts: Path, store: str | Path) -> PublishResult:
     if not _MODEL_NAME.match(model):
         raise InputError(f"{artifacts}/manifest.json: model name {model!r} cannot name a store folder; compile it "
                          "from a file whose name is letters, digits, '.', '_' or '-'")
+    own = _own_files(artifacts)
     folder = _store_folder(store)
     files: list[StoredFile] = []
     listed: set[str] = {"manifest.json"}
@@ -169,7 +170,7 @@ def publish(artifacts: Path, store: str | Path) -> PublishResult:
             raise InputError(f"{path}: listed in the manifest as its eval set but missing; compile again")
         files.append(_put(folder, path, (manifest.eval or {}).get("sha256"), "eval", eval_file))
         listed.add(eval_file)
-    for path in sorted(p for p in artifacts.rglob("*") if p.is_file()):
+    for path in own:
         rel = path.relative_to(artifacts).as_posix()
         if rel in listed or any(part.startswith(".") for part in path.relative_to(artifacts).parts):
             continue  # hidden: staging folders and editor files are not part of a compile
@@ -201,6 +202,23 @@ def publish(artifacts: Path, store: str | Path) -> PublishResult:
     return PublishResult(folder, model, manifest_sha, files)
 
 
+def _own_files(artifacts: Path) -> list[Path]:
+    """Return the files in the folder ``artifacts`` (recursively, sorted), every one of them its own.
+
+    Raises:
+        InputError: one is a link to a file outside the folder (publish would put that file in a store
+            anyone may read): named, with what to do.
+    """
+    root = artifacts.resolve()
+    files = sorted(p for p in artifacts.rglob("*") if p.is_file())
+    for path in files:
+        target = path.resolve()
+        if target != root and root not in target.parents:
+            raise InputError(f"{path}: a link to {target}, outside the artifacts folder; the store publishes every "
+                             "file of the folder to whoever reaches it: remove the link or copy the file in")
+    return files
+
+
 def _file_of(manifest: Any, variant: str) -> str:
     art = manifest.artifact(variant)
     return art.file if art is not None and art.file else variant
@@ -211,26 +229,58 @@ def check_published(store_url: str, files: dict[str, int], timeout_s: float = 10
     """Check that the store at ``store_url`` serves every ``{sha256: bytes}`` in ``files`` (HEAD
     requests, as devices will reach it from this host), before a rollout sends a device there.
 
+    ``timeout_s`` bounds each connect and read; each answer as a whole gets three times that (a store
+    trickling its headers a byte at a time cannot hold the caller).
+
     Raises:
-        DeployError: the store does not answer, or an object is missing or of another size (named,
-            with the ``edgekit publish`` to run).
+        DeployError: the store does not answer (or not within three times ``timeout_s``), TLS fails (how
+            to trust a private CA is said), answers an error status (404: the ``edgekit publish`` to run;
+            5xx: its server), or an object is of another size (named).
     """
+    import ssl
+    import threading
     import urllib.error
     import urllib.request
 
     from device_agents.fetch import artifact_url
     from edge_kit.errors import DeployError
 
+    def head(url: str) -> str | None:
+        answer: dict[str, Any] = {}
+
+        def ask() -> None:  # in a thread: urllib bounds each read, not the whole answer
+            try:
+                with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout_s) as resp:
+                    answer["length"] = resp.headers.get("Content-Length")
+            except BaseException as exc:  # noqa: BLE001 - raised again in the caller's thread
+                answer["error"] = exc
+
+        asker = threading.Thread(target=ask, daemon=True, name="store-check")  # a daemon: left if the store holds it
+        asker.start()
+        asker.join(3 * timeout_s)
+        if asker.is_alive():
+            raise DeployError(f"{url}: the store did not answer a HEAD request within {3 * timeout_s:.0f} s (it "
+                              "sends too slowly); check the store's server or the proxy in front of it")
+        if "error" in answer:
+            raise answer["error"]
+        return answer["length"]
+
     for sha, size in files.items():
         url = artifact_url(store_url, sha)
         try:
-            with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout_s) as resp:
-                length = resp.headers.get("Content-Length")
+            length = head(url)
         except urllib.error.HTTPError as exc:
-            raise DeployError(f"{url}: the store answers {exc.code} {exc.reason}; publish the artifacts first: "
-                              f"edgekit publish ARTIFACTS --store <the folder behind {store_url}>") from None
+            if exc.code in (403, 404, 410):  # not there (or hidden as not there): not published
+                raise DeployError(f"{url}: the store answers HTTP {exc.code} {exc.reason}; publish the artifacts "
+                                  f"first: edgekit publish ARTIFACTS --store <the folder behind {store_url}>") from None
+            raise DeployError(f"{url}: the store answers HTTP {exc.code} {str(exc.reason)[:80]}; check the store's "
+                              "server and its logs, then start again") from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
+            if isinstance(reason, ssl.SSLError):
+                raise DeployError(f"{store_url}: TLS failed ({getattr(reason, 'verify_message', None) or reason.reason or reason}); "
+                                  "if the store's certificate is from a private CA (the devices' pull.ca_file), "
+                                  "let this host trust it: SSL_CERT_FILE=<the CA's PEM> edgekit rollout ...") from None
             raise DeployError(f"{store_url}: the artifact store does not answer ({reason}); start it or fix --store") from None
         if length is not None and (not length.strip().isdigit() or int(length) != size):
             raise DeployError(f"{url}: the store holds {length} bytes, the manifest says {size}; publish again")

@@ -49,7 +49,14 @@ from edge_kit.manifest import read_manifest
 from edge_kit.selection.fleetmodel import KIND as FLEET_KIND
 from edge_kit.selection.gate import GateDecision, judge_live
 from edge_kit.telemetry.store import SELECTION_KIND
-from edgekit_protocol.desired import Desired, Fetch
+from edgekit_protocol.desired import (
+    MAX_REVISION,
+    MIN_BYTES_S,
+    Desired,
+    Fetch,
+    parse_desired,
+)
+from edgekit_protocol.errors import MessageError
 
 FINAL = ("converged", "failed", "refused", "rolled back", "superseded", "left the fleet")
 SETTLED = ("converged", "refused", "rolled back", "superseded", "left the fleet")  # rows no later report changes
@@ -144,6 +151,20 @@ def parse_rate(text: str, option: str, unit: str = "") -> float:
     return value
 
 
+def parse_bandwidth(text: str, option: str = "--bandwidth") -> float:
+    """Return a per-device download cap such as ``2MB/s`` in bytes/s.
+
+    Raises:
+        ConfigError: not a rate (``<number>[k|M|G]B/<s|min|h>``), or below :data:`MIN_BYTES_S` (1 kB/s:
+            every device would refuse the desired state).
+    """
+    value = parse_rate(text, option, "B")
+    if value < MIN_BYTES_S:
+        raise ConfigError(f"{option} {text}: devices download at least 1 kB/s (a lower cap would hold a download "
+                          "for days); give at least 1kB/s, or no cap")
+    return value
+
+
 def _order(rid: str, names: list[str], profile_of: dict[str, str] | None = None) -> list[str]:
     """Return ``names`` in the rollout's stable shuffled order (the sha256 of the rollout id and the name),
     with the first device of each profile (``profile_of``) moved to the front, so that a first wave of at
@@ -173,6 +194,8 @@ def plan_rollout(rid: str, artifacts: Path, fleet: Fleet, devices: list[Device],
 
     Raises:
         RolloutError: no manifest in ``artifacts``, the store URL is not http(s), or no device gets anything.
+        ConfigError: a device would refuse its desired state (:func:`~edgekit_protocol.desired.parse_desired`:
+            an id over 512 characters, an artifact over 1 TiB, ...), named with the rule.
     """
     if not store_url.startswith(("http://", "https://")):
         raise RolloutError(f"--store {store_url}: devices fetch over HTTP(S); give the store's http:// or https:// URL")
@@ -205,11 +228,26 @@ def plan_rollout(rid: str, artifacts: Path, fleet: Fleet, devices: list[Device],
                              "keep": [a.sha256 for a in wanted if a.sha256 != pick.sha256], **eval_ref}
     if not targets:
         raise RolloutError(f"rollout {rid}: no device gets an artifact: {'; '.join(list(refused.values())[:3])}")
-    return {"id": rid, "fleet": fleet.fleet, "model": manifest.model.get("name"), "store": store_url.rstrip("/"),
+    plan = {"id": rid, "fleet": fleet.fleet, "model": manifest.model.get("name"), "store": store_url.rstrip("/"),
             "variant": variant, "artifacts": str(Path(artifacts).resolve()),
             "settings": {**asdict(settings), "waves": list(settings.waves)},
             "gate": asdict(gate) if gate is not None else None,
             "order": _order(rid, list(targets), {n: t["profile"] for n, t in targets.items()}), "targets": targets, "refused": refused}
+    for name in targets:  # the agent's own rules: a desired state a device would refuse is never planned
+        try:
+            parse_desired({**desired_for(plan, name, 1).body(), "msg_id": "plan"})
+        except MessageError as exc:
+            raise ConfigError(f"rollout {rid}: {name}: the device would refuse its desired state ({exc}); fix the "
+                              "option or the manifest it comes from") from None
+    return plan
+
+
+def desired_for(plan: dict[str, Any], device: str, revision: int) -> Desired:
+    """Return the desired state the plan gives ``device`` under ``revision``."""
+    t = plan["targets"][device]
+    return Desired(msg_id="", rollout=plan["id"], revision=revision, store=plan["store"], model=plan["model"],
+                   variant=t["variant"], sha256=t["sha256"], bytes=t["bytes"], eval_sha256=t.get("eval_sha256"),
+                   eval_bytes=t.get("eval_bytes"), keep=tuple(t["keep"]), fetch=Fetch(**plan["settings"]["fetch"]))
 
 
 UNFINISHED = ("running", "aborting", "held", "stopped")  # rollouts that may still send desired states (resume)
@@ -336,10 +374,17 @@ class Rollout:
     # --- the run ---------------------------------------------------------------------------------
 
     def _revision(self, device: str) -> int:
-        """Return a revision above every one this driver sent and above the last one ``device`` reported
-        (a host whose clock is behind another's, or was set back, still goes up)."""
-        self._last_rev = max(self._last_rev + 1, time.time_ns() // 1000, self._device_rev.get(device, 0) + 1)
-        return self._last_rev
+        """Return a revision for ``device``: above every one this driver sent, above the one this rollout
+        sent ``device`` before and above the last one ``device`` reported (a host whose clock is behind
+        another's, or was set back, still goes up); may be over :data:`MAX_REVISION` (:meth:`_prepare`
+        refuses the device then).
+
+        A device's own floor (its report, a device's word) raises its revision alone, never the
+        driver's counter: one device reporting a huge revision cannot push the others' out of range.
+        """
+        self._last_rev = max(self._last_rev + 1, time.time_ns() // 1000)
+        floor = max(self.rows.get(device, {}).get("revision") or 0, self._device_rev.get(device, 0)) + 1
+        return max(self._last_rev, floor)
 
     def _take_reports(self) -> None:
         while True:
@@ -430,7 +475,7 @@ class Rollout:
             self.rows[name] = stored.get(name) or {"wave": -1, "state": "refused", "revision": 0, "detail": {"error": why}}
             self.rows[name].pop("ts", None)
             self._dirty.add(name)
-        self._last_rev = max((r["revision"] for r in self.rows.values()), default=0)
+        self._last_rev = 0  # each device's floor is its own row and report (:meth:`_revision`)
         for name in order:  # removed from the fleet file since the plan: never sent (again), never waited for
             if self.members is not None and name not in self.members and self.rows[name]["state"] in ("planned", "sent"):
                 self._set(name, state="left the fleet", detail={"error": f"{name}: no longer in the fleet file; "
@@ -457,8 +502,10 @@ class Rollout:
                     now = time.monotonic()
                     batch = []
                     while pending and now >= next_send and len(batch) < 500:
-                        batch.append(self._prepare(pending.pop(0), w, plan))
-                        next_send = (next_send + interval) if interval else now
+                        prepared = self._prepare(pending.pop(0), w, plan)
+                        if prepared is not None:
+                            batch.append(prepared)
+                            next_send = (next_send + interval) if interval else now
                     if batch:
                         self._flush()  # the revisions are in the history before a device can answer them
                         for device, desired in batch:
@@ -566,6 +613,11 @@ class Rollout:
                                               "previous model to go back to (roll it back with a rollout of the old model)"})
                 continue
             rev = self._revision(d)
+            if rev > MAX_REVISION:  # nothing above what it reported: it cannot be sent back
+                stuck.append(d)
+                self._set(d, detail={"error": f"live gate: {decision.reason}; kept on the candidate: it reported the "
+                                              "largest revision a desired state can carry"})
+                continue
             back.append((d, Desired(msg_id="", rollout=self.rid, revision=rev, store=plan["store"],
                                     model=prev.get("model") or plan["model"], variant=prev.get("variant") or "previous",
                                     sha256=prev["sha256"], bytes=prev["bytes"], fetch=Fetch(**plan["settings"]["fetch"]))))
@@ -593,13 +645,18 @@ class Rollout:
             seen = size
             time.sleep(quiet_s)
 
-    def _prepare(self, device: str, wave: int, plan: dict[str, Any]) -> tuple[str, Desired]:
-        t = plan["targets"][device]
-        s = plan["settings"]
+    def _prepare(self, device: str, wave: int, plan: dict[str, Any]) -> tuple[str, Desired] | None:
+        """Return ``device`` and its desired state, marked sent; None when no revision is left above
+        what it reported (it is marked refused, with why)."""
         rev = self._revision(device)
-        desired = Desired(msg_id="", rollout=self.rid, revision=rev, store=plan["store"], model=plan["model"],
-                          variant=t["variant"], sha256=t["sha256"], bytes=t["bytes"], eval_sha256=t.get("eval_sha256"),
-                          eval_bytes=t.get("eval_bytes"), keep=tuple(t["keep"]), fetch=Fetch(**s["fetch"]))
+        if rev > MAX_REVISION:
+            self._set(device, wave=max(wave, self.rows[device]["wave"]), state="refused", detail={"error": (
+                f"{device}: reported revision {self._device_rev.get(device, 0)}, the largest a desired state can "
+                "carry, so no desired state can go above it (a device never reports more than it was sent: check "
+                "it, its key may be compromised); clear its retained reported message on the broker and desired.json "
+                "in its agent root, then start a rollout for it")})
+            return None
+        desired = desired_for(plan, device, rev)
         self._set(device, wave=max(wave, self.rows[device]["wave"]), state="sent", revision=rev,
                   detail={"sent_at": round(time.time(), 3)})
         return device, desired

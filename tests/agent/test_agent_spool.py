@@ -47,7 +47,7 @@ def test_when_full_the_oldest_telemetry_goes_first_and_bench_records_never(tmp_p
     row, payload = add(spool, "telemetry")  # full of bench records: this telemetry is dropped, and counted
     assert row is None and payload is None
     assert spool.stats() == {"pending": 4, "dropped_telemetry": 3, "refused_commands": 0, "replayed_commands": 0,
-                             "expired_commands": 0, "stale_desired": 0, "max_records": 3}
+                             "expired_commands": 0, "stale_desired": 0, "failed_pulls": 0, "max_records": 3}
 
 
 def test_command_ids_are_kept_until_their_command_expired_by_the_senders_clock(tmp_path):

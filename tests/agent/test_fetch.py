@@ -40,6 +40,7 @@ class _Store(ThreadingHTTPServer):
         self.status: int | None = None
         self.no_length = False  # stream the body until the connection closes (no Content-Length)
         self.trickle: float | None = None  # seconds between 1-byte writes (a store that holds a client)
+        self.header_trickle: float | None = None  # seconds between 1-byte writes of an endless header
         self.location: str | None = None  # where /moved redirects to
         self.requests: list[str | None] = []
         self.sent = 0
@@ -58,6 +59,17 @@ class _Handler(BaseHTTPRequestHandler):
         srv: _Store = self.server
         rng = self.headers.get("Range")
         srv.requests.append(rng)
+        if srv.header_trickle is not None:  # the status line, then one header that never ends
+            try:
+                self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+                for _ in range(600):
+                    self.wfile.write(b"a")
+                    self.wfile.flush()
+                    time.sleep(srv.header_trickle)
+            except OSError:
+                pass
+            self.close_connection = True
+            return
         if srv.status:
             self.send_error(srv.status)
             return
@@ -225,8 +237,8 @@ def test_bandwidth_cap_within_tolerance(store, tmp_path):
 
 
 def test_rate_limiter_refuses_nonsense():
-    for rate in (0, 1e-9, 1000):  # below 1 KiB/s a 14 MB model would take days
-        with pytest.raises(FetchError, match="at least 1024 bytes/s"):
+    for rate in (0, 1e-9, 999):  # below 1 kB/s a 14 MB model would take days
+        with pytest.raises(FetchError, match="at least 1000 bytes/s"):
             RateLimiter(rate)
 
 
@@ -243,6 +255,39 @@ def test_a_trickling_store_cannot_hold_a_download_past_its_deadline_or_a_cancel(
     with pytest.raises(FetchError, match="cancelled"):
         fetch(url, SHA, tmp_path / "b.bin", timeout_s=5, cancel=cancel, max_bytes_s=2048)
     assert time.monotonic() - t0 < 3 and not (tmp_path / "b.bin").exists()
+
+
+def test_a_store_trickling_its_headers_cannot_hold_a_download_past_its_deadline_or_a_cancel(store, tmp_path):
+    """One header byte every 0.2 s keeps every read inside timeout_s and the header phase endless: the
+    whole-call bound and a cancel end it all the same (they used to be checked only between body reads,
+    so a newer desired state waited behind such a store for ever)."""
+    store.header_trickle = 0.2
+    url = artifact_url(store.url, SHA)
+    t0 = time.monotonic()
+    with pytest.raises(FetchError, match="took longer than 1 s") as exc:
+        fetch(url, SHA, tmp_path / "a.bin", timeout_s=5, max_seconds=1.0)
+    assert time.monotonic() - t0 < 4 and "\n" not in str(exc.value)
+    cancel = threading.Event()
+    threading.Timer(0.5, cancel.set).start()
+    t0 = time.monotonic()
+    with pytest.raises(FetchError, match="cancelled"):
+        fetch(url, SHA, tmp_path / "b.bin", timeout_s=5, cancel=cancel)
+    assert time.monotonic() - t0 < 3 and not (tmp_path / "b.bin").exists()
+
+
+def test_a_silent_store_is_left_at_a_cancel_and_the_bytes_received_are_kept(store, tmp_path):
+    """A store that stops sending mid-body (no Content-Length) holds a read for timeout_s; a cancel ends
+    it at once, and the bytes received stay in the partial (they were never taken for the whole file)."""
+    store.no_length = True
+    store.trickle = 30.0  # one byte, then silence
+    cancel = threading.Event()
+    threading.Timer(0.5, cancel.set).start()
+    dest = tmp_path / "a.bin"
+    t0 = time.monotonic()
+    with pytest.raises(FetchError, match="cancelled"):
+        fetch(artifact_url(store.url, SHA), SHA, dest, timeout_s=20, cancel=cancel)
+    assert time.monotonic() - t0 < 3
+    assert partial_path(dest).read_bytes() == DATA[:1] and not dest.exists()
 
 
 @pytest.mark.parametrize("where", ["http://a..b/x", "http://[::1/x", "http://xn--/x"])

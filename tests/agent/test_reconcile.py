@@ -256,3 +256,86 @@ def test_a_superseded_download_left_whole_by_a_power_loss_is_dropped_and_the_wan
     assert run(rec)["state"] == "converged"
     assert sorted(p.name for p in incoming.iterdir()) == sorted([A, *(u.name for u in uploads)])
     assert needs == [10 - 4]  # 10 bytes wanted, 4 of them on the card already
+
+
+def test_a_desired_state_that_could_not_be_written_is_not_taken_and_a_retry_takes_it(rig, tmp_path, monkeypatch):
+    """A full disk while a desired state is taken: nothing changes in memory, so the agent's retry (after
+    freeing its reserve, or when space returns) takes it for real: persisted, scheduled, the old download
+    cancelled. It used to be half taken: a retry saw the same msg_id as "same", so it was never written to
+    disk nor started, and the broker was told it was taken (lost until a restart)."""
+    import errno
+
+    from device_agents import reconcile
+
+    make, store, clock, reports, fetched, activated, fail = rig
+    rec = make()
+    rec.take(desired(1))
+    run(rec)
+    real = reconcile.atomic_write
+
+    def full(path, data, *a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(reconcile, "atomic_write", full)
+    with pytest.raises(OSError):
+        rec.take(desired(2, sha=B))
+    assert rec.desired.revision == 1 and not rec.due()  # nothing half taken
+    monkeypatch.setattr(reconcile, "atomic_write", real)
+    assert rec.take(desired(2, sha=B)) is None  # the retry takes it
+    assert json.loads((tmp_path / DESIRED).read_text())["message"]["revision"] == 2
+    assert rec.due()
+    out = run(rec)
+    assert out["state"] == "converged" and out["revision"] == 2 and store.cur == B
+
+
+def test_a_store_trickling_its_headers_does_not_hold_a_newer_desired_state(tmp_path):
+    """The real download against a store that sends one header byte every 0.2 s (a loopback server): a
+    newer desired state used to wait behind it (the cancel was looked at only between body reads, and the
+    header phase never ended); now the download ends within a second or so of the newer desired state."""
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    stop = threading.Event()
+
+    def serve():
+        listener.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            threading.Thread(target=trickle, args=(conn,), daemon=True).start()
+
+    def trickle(conn):
+        with conn:
+            try:
+                conn.recv(4096)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+                while not stop.wait(0.2):
+                    conn.sendall(b"a")
+            except OSError:
+                pass
+
+    threading.Thread(target=serve, daemon=True).start()
+    store_url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    try:
+        rec = Reconciler(tmp_path, FakeStore(), activate=lambda s, k: {}, report=lambda b: None,
+                         check_disk=lambda n: None, settings=PullConfig(retry_s=10, max_attempts=3),
+                         clock=Clock(), rng=lambda: 0.0)
+        rec.take({**desired(1), "store": store_url})
+        assert rec.step()["state"] == "fetching"
+        time.sleep(0.5)
+        assert not rec.due()  # the real download is held in its headers
+        rec.take({**desired(2, sha=B), "store": store_url})
+        t0 = time.monotonic()
+        while not rec.due() and time.monotonic() - t0 < 10:
+            time.sleep(0.02)
+        assert time.monotonic() - t0 < 2  # the cancel ended it at once
+        assert rec.step() is None and rec.desired.revision == 2  # the newer desired state goes on
+        rec.stop()
+    finally:
+        stop.set()
+        listener.close()

@@ -368,3 +368,76 @@ def test_a_rolled_back_gate_names_the_canaries_it_could_not_send_back(tmp_path):
                                   f"(no previous model reported): {names[0]}")
     row = {r["device"]: r for r in out["devices"]}[names[0]]
     assert row["state"] == "converged" and "kept on the candidate: it reported no previous model" in row["error"]
+
+
+def test_one_device_reporting_a_huge_revision_raises_only_its_own_and_is_refused_at_the_top(tmp_path):
+    """A device's reported revision is its word (a compromised one can say anything its key signs). The
+    next revision sent to it must be above it, but it used to raise the driver's one counter for every
+    device: one report of 2**63 - 1 put every later device beyond what a desired state can carry, and
+    the whole fleet refused every rollout from then on. Now it counts for that device alone, and a
+    device that can be sent nothing above its report is refused with why, not sent a message it refuses."""
+    history = Store(tmp_path / "h.db")
+    names = planned(history, max_failed=0.5)
+    broker = FakeBroker()
+    top = 2 ** 63 - 1
+    broker.retained[names[1]] = {"device": names[1], "rollout": "other", "revision": top, "state": "converged",
+                                 "error": None, "current": None, "previous": None}
+    broker.retained[names[2]] = {"device": names[2], "rollout": "other", "revision": top - 10, "state": "converged",
+                                 "error": None, "current": None, "previous": None}
+    out = Rollout(history, "r", broker).run()
+    sent = dict(broker.sent)
+    assert names[1] not in sent and sent[names[2]] == top - 9  # above its own report, still a valid revision
+    others = [rev for d, rev in broker.sent if d != names[2]]
+    assert max(others) < 2 ** 62 and len(others) == 18  # the others were not dragged up with it
+    row = next(r for r in out["devices"] if r["device"] == names[1])
+    assert row["state"] == "refused" and "reported revision" in row["error"] and names[1] in row["error"]
+    assert out["state"] == "done" and out["counts"] == {"converged": 19, "refused": 2}
+
+
+def test_a_bandwidth_cap_below_what_the_agent_takes_is_refused_at_start_not_by_every_device(tmp_path, run_cli):
+    """`--bandwidth 500B/s` was planned and sent: every device then refused to download below 1 KiB/s
+    (each one `failed`, the rollout stopped at its first wave). One bound now, in the protocol: the CLI
+    refuses the cap at once (bad input, exit 2, nothing recorded) and the agent refuses such a desired state."""
+    from edge_kit.loop.waves import parse_bandwidth
+    from edgekit_protocol.desired import MIN_BYTES_S, parse_desired
+
+    assert parse_bandwidth("2MB/s") == 2e6 and parse_bandwidth("1kB/s") == MIN_BYTES_S == 1000
+    with pytest.raises(ConfigError, match="--bandwidth 500B/s: .*at least 1 kB/s"):
+        parse_bandwidth("500B/s")
+    body = {"msg_id": "m", "rollout": "r", "revision": 1, "store": "http://s", "model": "m", "variant": "int8",
+            "sha256": SHA, "bytes": 1, "fetch": {"max_bytes_s": 500}}
+    from edgekit_protocol.errors import MessageError
+    with pytest.raises(MessageError, match="max_bytes_s"):
+        parse_desired(body)
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text("fleet: f\nbroker: {host: 127.0.0.1, port: 1}\ndefaults: {user: u, profile: rpi4}\n"
+                          "devices:\n  - {name: a, host: h}\n")
+    code, out, err = run_cli("rollout", "start", "--fleet", fleet_file, tmp_path, "--store", "http://127.0.0.1:1",
+                             "--bandwidth", "500B/s", "--json")
+    assert code == 2, err
+    assert "--bandwidth 500B/s" in json.loads(out)["error"] and err.count("\n") == 1
+
+
+def test_a_plan_whose_desired_state_the_devices_would_refuse_is_refused_at_start(tmp_path, run_cli):
+    """The agent checks every desired state (parse_desired) and refuses what breaks a rule: an id over 512
+    characters, an artifact over 1 TiB... The host did not check its own: `rollout start --id <600 chars>`
+    sent every device a desired state it refused (counted on the device, silent here), and the rollout
+    waited out each wave with every device `sent`. Now the plan is checked by the same rules at start:
+    one line, exit 2, nothing recorded or sent."""
+    from edge_kit.manifest import Artifact, Manifest
+
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text("fleet: f\nbroker: {host: 127.0.0.1, port: 1}\ndefaults: {user: u, profile: rpi4}\n"
+                          "devices:\n  - {name: a, host: h}\n")
+    folder = tmp_path / "art"
+    folder.mkdir()
+    arts = [Artifact(id="int8", status="built", profiles=["rpi4"], summary="int8", precision="int8", file="int8.tflite",
+                     sha256=SHA, bytes=3)]
+    (folder / "manifest.json").write_text(Manifest(created="2026-11-29T00:00:00+00:00", model={"name": "m"}, versions={},
+                                                   profiles={"rpi4": {}}, artifacts=arts).to_json())
+    code, out, err = run_cli("rollout", "start", "--fleet", fleet_file, folder, "--store", "http://127.0.0.1:1",
+                             "--id", "x" * 600, "--json")
+    assert code == 2, err
+    error = json.loads(out)["error"]
+    assert "a: the device would refuse its desired state" in error and "'rollout'" in error and "\n" not in error
+    assert Store(tmp_path / "edgekit-history.db").rollout("x" * 600) is None

@@ -492,3 +492,33 @@ def test_desired_states_that_are_forged_or_replayed_never_move_the_device(agents
         sender.loop_stop()
     reported = [r for r in monitor.messages["reported"] if r["device"] == "dev1"]
     assert {r["revision"] for r in reported} == {10, 12} and all(r["state"] == "converged" for r in reported)
+
+
+def test_a_failed_pull_is_counted_where_telemetry_and_state_carry_the_device_counters(agents, mosquitto, monitor):
+    """A pull that fails (here the store refuses the connection; a tampered store's hash mismatch goes the
+    same way) was only in the retained `reported` message, which the next report overwrites: nothing in
+    the device's counters (state and telemetry `spool`) said it had happened. Now each failed try counts
+    in `failed_pulls`, persistently, beside `stale_desired` and `refused_commands`."""
+    from edgekit_protocol.desired import Desired
+
+    agent = agents("dev1")
+    assert monitor.wait_for(online("dev1"), 30)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]  # nothing listens here once the socket is closed
+    body = Desired(msg_id="", rollout="r", revision=1, store=f"http://127.0.0.1:{closed}", model="digits",
+                   variant="int8", sha256="ab" * 32, bytes=1000).body()
+    sender = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="operator")
+    sender.connect(mosquitto.host, mosquitto.port)
+    sender.loop_start()
+    try:
+        msg = OPERATOR.sign(messages.envelope("desired", FLEET, "dev1", 0, body))
+        sender.publish(messages.topic(FLEET, "dev1", "desired"), messages.encode(msg), qos=1, retain=True).wait_for_publish(5)
+        assert monitor.wait_for(lambda m: any(r["device"] == "dev1" and r["state"] == "failed" for r in m["reported"]), 30)
+        with client_for(mosquitto) as client:
+            spool = client.request("dev1", "state", timeout=30)["result"]["spool"]
+        assert spool["failed_pulls"] == 1 and spool["stale_desired"] == 0
+        assert agent.store.current() != "ab" * 32  # still on its own model
+    finally:
+        sender.disconnect()
+        sender.loop_stop()

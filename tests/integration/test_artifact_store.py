@@ -276,3 +276,194 @@ def test_https_store_with_the_fleet_ca_and_a_device_that_does_not_trust_it(publi
         with pytest.raises(FetchError, match="TLS failed.*certificate") as exc:  # the system CAs do not know it
             fetch(url, sha, tmp_path / "other")
         assert "\n" not in str(exc.value)
+
+
+def test_an_https_store_redirecting_to_plain_http_is_refused(published, tmp_path):
+    """An https:// store (the operator chose TLS: the models are not to travel in the clear) answering a
+    redirect to http:// (a misconfigured CDN, or anyone who can make it say so) used to be followed: the
+    hash kept the bytes right, but the model crossed the network in the clear. Now it is one line, and
+    nothing is fetched from the http:// address."""
+    import ssl
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from edge_kit.fleet.broker_setup import make_tls
+
+    _, store, result = published
+    sha = _sha(result, "int8")
+    tls = make_tls(tmp_path / "tls", ["127.0.0.1"])
+    with start_store_server(store, embedded=False) as plain:
+        target = artifact_url(plain.url, sha)
+        assert target.startswith("http://")
+
+        class Redirect(BaseHTTPRequestHandler):
+            def log_message(self, *_a):
+                pass
+
+            def do_GET(self):
+                self.send_response(302)
+                self.send_header("Location", target)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(tls.cert, tls.key)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+        threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+        try:
+            url = artifact_url(f"https://127.0.0.1:{server.server_address[1]}", sha)
+            with pytest.raises(FetchError, match="redirected from https:// to http://") as exc:
+                fetch(url, sha, tmp_path / "int8", ssl_context=ssl.create_default_context(cafile=str(tls.ca)))
+            assert "\n" not in str(exc.value) and url in str(exc.value)
+            assert not (tmp_path / "int8").exists() and not partial_path(tmp_path / "int8").exists()
+        finally:
+            server.shutdown()
+            server.server_close()
+
+
+def test_publish_refuses_a_link_to_a_file_outside_the_artifacts_folder(tmp_path):
+    """Every file of the folder goes to the store, which any HTTP server may serve to anyone; a symlink in
+    it (a compile output copied from elsewhere, a careless `ln -s`) to a file outside the folder used to
+    publish that file (here a private key) under its hash, listed in the files index. Now the publish
+    is refused before anything is written, naming the link."""
+    folder = compiled_folder(tmp_path / "artifacts", {"int8": 1000})
+    secret = tmp_path / "id_ed25519"
+    secret.write_bytes(b"-----BEGIN OPENSSH PRIVATE KEY-----\n")
+    (folder / "notes.txt").symlink_to(secret)
+    store = tmp_path / "store"
+    with pytest.raises(InputError, match=r"notes\.txt: a link to .*outside the artifacts folder") as exc:
+        publish(folder, store)
+    assert "\n" not in str(exc.value)
+    assert not (store / "sha256").exists() or not any((store / "sha256").iterdir())  # nothing written
+    (folder / "notes.txt").unlink()
+    (folder / "notes.txt").symlink_to(folder / "eval.npz")  # a link inside the folder is the folder's own file
+    assert publish(folder, store).model == "tiny"
+
+
+def test_a_store_failing_with_a_server_error_at_rollout_start_says_so_not_publish(published, tmp_path):
+    """`rollout start` checks the store first; a store answering 500 (its disk, its proxy) was told to
+    publish the artifacts, which are there. A 404 still says publish; any other status names the store's
+    server; a store that lies about the size says publish again."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from edge_kit.errors import DeployError
+    from edge_kit.fleet.artifact_store import check_published
+
+    _, store, result = published
+    sha = _sha(result, "int8")
+    answer = {"status": 500, "length": "600000"}
+
+    class Store(BaseHTTPRequestHandler):
+        def log_message(self, *_a):
+            pass
+
+        def do_HEAD(self):
+            self.send_response(answer["status"])
+            self.send_header("Content-Length", answer["length"])
+            self.end_headers()
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Store)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        with pytest.raises(DeployError, match=r"answers HTTP 500 .*check the store's server") as exc:
+            check_published(url, {sha: 600_000})
+        assert "publish" not in str(exc.value) and "\n" not in str(exc.value)
+        answer["status"] = 404
+        with pytest.raises(DeployError, match=r"answers HTTP 404 .*edgekit publish"):
+            check_published(url, {sha: 600_000})
+        answer.update(status=200, length="5")
+        with pytest.raises(DeployError, match="holds 5 bytes, the manifest says 600000; publish again"):
+            check_published(url, {sha: 600_000})
+        answer["length"] = "600000"
+        check_published(url, {sha: 600_000})
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_disk_that_fills_mid_download_gets_its_space_back(published, nginx, tmp_path):
+    """The agent checks the space before a download, but something else on the device can take it
+    meanwhile. The partial used to be kept, holding the disk at its last byte (the device's other writers
+    failing with it) until a later desired state happened to drop it. Now a download cut by a full disk
+    deletes its partial: one line saying so, and the space is free again."""
+    import shutil
+    import subprocess
+
+    sha = _sha(published[2], "fp32")  # 2 MB, on a 1 MB disk
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], check=True)
+    try:
+        free = shutil.disk_usage(disk).free
+        dest = disk / "incoming" / sha
+        with pytest.raises(FetchError, match=r"cannot write .*No space left on device.*deleted") as exc:
+            fetch(artifact_url(nginx.url, sha), sha, dest)
+        assert "\n" not in str(exc.value)
+        assert not partial_path(dest).exists() and not dest.exists()
+        assert shutil.disk_usage(disk).free == free  # the space is back
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_rollout_start_on_an_https_store_with_a_private_ca_says_how_the_host_trusts_it(published, tmp_path, monkeypatch):
+    """The devices trust a private store CA by `pull.ca_file`; the host's check before a rollout used the
+    system CAs and said `the artifact store does not answer (... CERTIFICATE_VERIFY_FAILED ...); start it`,
+    though it answered. Now the line says TLS and how to make the host trust the CA, and that works."""
+    from edge_kit.errors import DeployError
+    from edge_kit.fleet.artifact_store import check_published
+    from edge_kit.fleet.broker_setup import make_tls
+
+    _, store, result = published
+    sha = _sha(result, "int8")
+    tls = make_tls(tmp_path / "tls", ["127.0.0.1"])
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    with start_store_server(store, workdir=tmp_path / "tls-nginx", embedded=False, tls=tls) as server:
+        with pytest.raises(DeployError, match=r"TLS failed .*certificate.*SSL_CERT_FILE") as exc:
+            check_published(server.url, {sha: 600_000})
+        assert "does not answer" not in str(exc.value) and "\n" not in str(exc.value)
+        monkeypatch.setenv("SSL_CERT_FILE", str(tls.ca))
+        check_published(server.url, {sha: 600_000})
+
+
+def test_a_store_trickling_its_answer_cannot_hold_rollout_start(published, tmp_path):
+    """The host's check before a rollout asked each object with a HEAD whose every read had a timeout, but
+    not the whole answer: a store (or proxy) sending its headers a byte every 0.2 s held `rollout start`
+    for as long as it liked. Now the check gives up after three times its timeout, in one line."""
+    import socket
+    import threading
+
+    from edge_kit.errors import DeployError
+    from edge_kit.fleet.artifact_store import check_published
+
+    sha = _sha(published[2], "int8")
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    stop = threading.Event()
+
+    def serve():
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        with conn:
+            try:
+                conn.recv(4096)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+                while not stop.wait(0.2):
+                    conn.sendall(b"a")
+            except OSError:
+                pass
+
+    threading.Thread(target=serve, daemon=True).start()
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(DeployError, match=r"did not answer .* within 3 s") as exc:
+            check_published(f"http://127.0.0.1:{listener.getsockname()[1]}", {sha: 600_000}, timeout_s=1.0)
+        assert time.monotonic() - t0 < 6 and "\n" not in str(exc.value)
+    finally:
+        stop.set()
+        listener.close()

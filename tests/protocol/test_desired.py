@@ -41,3 +41,18 @@ def test_a_reported_body_with_nonsense_inside_is_refused():
                           ({"state": "done"}, "state"), ({"revision": -1}, "revision")):
         with pytest.raises(MessageError, match=field):
             check_reported({**ok, **change})
+
+
+def test_a_reported_error_or_name_is_bounded_a_device_truncates_and_a_receiver_refuses_more():
+    """A reported message's `error` (and its model references' names) went into the operator's history and
+    terminal table at any length: a compromised device could send megabytes per report. The agent now cuts
+    its error to MAX_ERROR_CHARS and the host refuses anything longer, named."""
+    from edgekit_protocol.desired import MAX_ERROR_CHARS
+
+    d = parse_desired(good())
+    long = reported_body(d, "failed", None, error="x" * (MAX_ERROR_CHARS * 3))
+    assert len(long["error"]) == MAX_ERROR_CHARS and long["error"].endswith("…") and check_reported(long) is long
+    with pytest.raises(MessageError, match=f"'error' is longer than {MAX_ERROR_CHARS}"):
+        check_reported({**long, "error": "x" * 10_000_000})
+    with pytest.raises(MessageError, match="current.variant is longer"):
+        check_reported({**long, "current": {"sha256": SHA, "variant": "v" * 10_000}})
