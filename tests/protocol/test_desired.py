@@ -41,3 +41,14 @@ def test_a_reported_body_with_nonsense_inside_is_refused():
                           ({"state": "done"}, "state"), ({"revision": -1}, "revision")):
         with pytest.raises(MessageError, match=field):
             check_reported({**ok, **change})
+
+
+def test_a_hold_round_trips_and_nothing_else_passes_for_one():
+    hold = parse_desired({"msg_id": "h", **Desired.holding("r", 7).body()})
+    assert hold.hold and (hold.rollout, hold.revision, hold.msg_id) == ("r", 7, "h")
+    assert Desired.holding("r", 7).body() == {"rollout": "r", "revision": 7, "hold": True}
+    assert reported_body(hold, "converged", {"sha256": SHA})["want"] is None
+    assert not parse_desired(good()).hold
+    for bad in ({"hold": False}, {"hold": 1}, {"rollout": ""}, {"revision": 0}):
+        with pytest.raises(MessageError, match="hold is|revision"):
+            parse_desired({"msg_id": "h", **Desired.holding("r", 7).body(), **bad})
