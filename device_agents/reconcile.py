@@ -139,7 +139,7 @@ class Reconciler:
         """Return the sha256s the store budget must never remove: the desired model, its eval set's
         model and the candidates it keeps."""
         d = self.desired
-        return {d.sha256, *d.keep} if d else set()
+        return {d.sha256, *d.keep} if d and not d.hold else set()
 
     def take(self, message: dict[str, Any]) -> str | None:
         """Take a verified ``desired`` message; return None when taken, else why not (``stale``:
@@ -168,7 +168,7 @@ class Reconciler:
         self.desired, self.attempt, self._resumed = new, 0, False
         if self._job is not None:
             self._job.cancel.set()
-        self.next_at = self.clock() + self.rng() * new.fetch.start_delay_s
+        self.next_at = self.clock() + (0.0 if new.hold else self.rng() * new.fetch.start_delay_s)
         log.info("desired: %s %s (%s) of rollout %s, revision %d", new.model, new.variant, new.sha256[:12],
                  new.rollout, new.revision)
         return None
@@ -193,6 +193,11 @@ class Reconciler:
         """
         d = self.desired
         assert d is not None, "step() without a desired state"
+        if d.hold and self._job is None:  # stay on the model it runs: nothing to fetch or switch
+            self.next_at, self._resumed, self.attempt = None, False, 0
+            self._save(converged=True)
+            log.info("desired: hold on the current model (rollout %s, revision %d)", d.rollout, d.revision)
+            return self._say("converged")
         download = None
         if self._job is not None:
             job, self._job = self._job, None

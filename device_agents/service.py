@@ -105,7 +105,7 @@ class Agent:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
         self.client.on_publish = self.publisher.on_publish
-        self.client.will_set(self._topic("status"), messages.encode(self._status("offline")), qos=1, retain=True)
+        self._will(self.client)
         s, b = cfg.serve, cfg.bench
         self.server = Server(s.socket or self.store.root / SOCKET,  # a picklable factory: shadow runs build theirs in a child
                              make_interpreter=Interpreters(b.runtime, b.threads, b.delegate, b.delegate_options),
@@ -125,6 +125,15 @@ class Agent:
             return None
         return {k: meta[k] for k in ("sha256", "variant", "model", "damaged") if k in meta}
 
+    def _will(self, client: Any) -> None:
+        """Set the last will of the next connection, under a new connection id; return nothing.
+
+        The will is signed now, so its ``current`` is the model at connect time; every status of that
+        connection carries the same ``connection``, so a host receiving the will after a switch takes
+        ``current`` from the connection's newest status instead (the history's ``latest_status``)."""
+        self._connection = os.urandom(6).hex()
+        client.will_set(self._topic("status"), messages.encode(self._status("offline")), qos=1, retain=True)
+
     def _status(self, state: str) -> dict[str, Any]:
         self._announced = self.store.current()
         self._announced_full = self.disk.full
@@ -133,7 +142,7 @@ class Agent:
             "state": state, "agent_version": edgekit_protocol.__version__, "profile": self.cfg.profile,
             "current": self._model_ref(self.store.current()), "runtimes": runtimes,
             "power_source": self.power_source, "simulated": self.cfg.simulated, "pid": os.getpid(),
-            "started": self.started, "disk": self.disk.usage()}))
+            "started": self.started, "disk": self.disk.usage(), "connection": self._connection}))
 
     def _report(self, body: dict[str, Any]) -> None:
         """Publish a ``reported`` body, signed and retained (the newest is what the operator reads)."""
@@ -225,8 +234,7 @@ class Agent:
 
     def _on_disconnect(self, client: Any, _u: Any, _flags: Any, reason: Any, _props: Any) -> None:
         self.publisher.connected.clear()
-        # A fresh last will for the next connection: a will reused would be one msg_id, stored once.
-        client.will_set(self._topic("status"), messages.encode(self._status("offline")), qos=1, retain=True)
+        self._will(client)  # a fresh one for the next connection: a will reused would be one msg_id, stored once
         if not self._stop.is_set():
             log.warning("disconnected from the broker (%s); records stay in the spool", reason)
 

@@ -7,6 +7,7 @@ Layout under ``<root>`` (``/opt/edgekit`` as root, else ``~/.edgekit``)::
     models/<sha256>/eval.npz         optional: x, y and the fp32 reference outputs for accuracy/fidelity
     current  -> models/<sha256>      switched with an atomic rename of a fresh symlink
     previous -> models/<sha256>      the one before, for rollback
+    switch.json                      while a switch runs: the pair it goes to (see below)
     incoming/                        uploads in flight (``*.part``)
     models/.<sha256>.staging-<pid>   an install in progress (renamed to ``models/<sha256>`` when whole)
     models/.<sha256>.removing-<pid>  a removal in progress (renamed away first, then deleted)
@@ -23,6 +24,15 @@ temporary links) is named by its pid and removed by :meth:`ModelStore.sweep` onc
 gone (:meth:`ModelStore.ensure` calls it: the agent at start, every install). An upload that an
 install had moved into its staging folder goes with it: the deploy (its command is answered
 "interrupted") or the desired state sends it again.
+
+``current`` and ``previous`` change together. A switch (activation, rollback) first writes the pair it
+goes to, ``{"current", "previous"}``, to ``switch.json`` (atomically, fsynced: the switch's commit
+point), then points ``previous``, then ``current``, then removes ``switch.json``. While that file is
+there it is the truth: :meth:`ModelStore.current` and :meth:`ModelStore.previous` read the pair from
+it, and :meth:`ModelStore.ensure` (the agent at start) finishes the switch. So a crash or a full disk
+at any step leaves either the old pair (before the commit) or the new one (after), never a mix: never
+``previous`` equal to ``current``, never a rollback to the wrong model. A store an older agent left with
+``previous`` equal to ``current`` has its ``previous`` link removed by :meth:`ModelStore.ensure`.
 
 A model becomes ``current`` only after its sha256 is checked again and a child process has loaded
 it and run one inference: a model that crashes the interpreter takes down the child, not the agent,
@@ -43,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from device_agents.disk import (
+    atomic_write,
     durable_replace,
     fsync_dir,
     pid_alive,
@@ -54,6 +65,7 @@ from device_agents.formats import SUFFIX, model_format
 
 log = logging.getLogger("edgekit.agent.store")
 SMOKE_TIMEOUT_S = 120.0
+SWITCH = "switch.json"  # the pair a switch goes to, while it runs
 _LEFTOVER = re.compile(r"^\.[0-9a-f]{64}\.(staging|removing)-(\d+)$")  # in models/: an install's or a removal's
 
 
@@ -88,10 +100,34 @@ class ModelStore:
         self.incoming = self.root / "incoming"
 
     def ensure(self) -> None:
-        """Create the folders (no-op when they exist) and :meth:`sweep` what killed processes left."""
+        """Create the folders (no-op when they exist), :meth:`sweep` what killed processes left, and finish a
+        switch a crash cut short (:meth:`recover`)."""
         self.models.mkdir(parents=True, exist_ok=True)
         self.incoming.mkdir(parents=True, exist_ok=True)
         self.sweep()
+        self.recover()
+
+    def recover(self) -> str | None:
+        """Make the ``current`` and ``previous`` links a consistent pair again: finish a switch that
+        ``switch.json`` records (a crash or a full disk cut it short), and drop a ``previous`` link equal to
+        ``current`` (what an older agent could leave).
+
+        Returns:
+            What was done, or None when the links were consistent. Never raises: a link that cannot be
+            written now (a full disk) is tried again next time, and readers follow ``switch.json`` meanwhile.
+        """
+        try:
+            pair = self._pending()
+            if pair is not None:
+                self._apply(*pair)
+                return f"finished the switch to {str(pair[0])[:12]} cut short"
+            cur, prev = self._link("current"), self._link("previous")
+            if prev is not None and prev == cur:
+                self._point("previous", None)
+                return f"dropped previous: it was current ({cur[:12]}) too"
+        except OSError as exc:
+            log.error("model store: could not finish a switch (%s); tried again at the next start", exc.strerror or exc)
+        return None
 
     def sweep(self) -> list[str]:
         """Remove what a store operation killed mid-way (power loss, SIGKILL) left behind: staging
@@ -269,13 +305,35 @@ class ModelStore:
         sha = Path(target).name
         return sha if is_sha256(sha) else None
 
+    def _pending(self) -> tuple[str, str | None] | None:
+        """Return the ``(current, previous)`` pair of a switch under way or cut short (``switch.json``), or None
+        when there is none; a file that does not name a pair (a hand edit) is removed, and None returned."""
+        path = self.root / SWITCH
+        try:
+            pair = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            pair = None
+        cur, prev = (pair.get("current"), pair.get("previous")) if isinstance(pair, dict) else (None, None)
+        if not is_sha256(cur) or not (prev is None or is_sha256(prev)) or prev == cur:
+            log.error("%s does not name a pair of models; removed (the links stand)", path)
+            path.unlink(missing_ok=True)
+            return None
+        return cur, prev
+
     def current(self) -> str | None:
-        """Return the sha256 of the current model, or None."""
-        return self._link("current")
+        """Return the sha256 of the current model (a switch's, while ``switch.json`` records one), or None."""
+        pair = self._pending()
+        return pair[0] if pair is not None else self._link("current")
 
     def previous(self) -> str | None:
-        """Return the sha256 of the previous model, or None."""
-        return self._link("previous")
+        """Return the sha256 of the previous model (a switch's, while ``switch.json`` records one), or None."""
+        pair = self._pending()
+        if pair is not None:
+            return pair[1]
+        prev = self._link("previous")
+        return None if prev == self._link("current") else prev  # an older agent's half switch: no previous
 
     def describe(self, sha256: str | None) -> dict | None:
         """Return a model's metadata (``sha256``, ``variant``, ``model``, ``bytes``...); for a model
@@ -442,10 +500,40 @@ class ModelStore:
             checked = smoke(path, runtime=runtime, delegate=delegate, options=options, threads=threads, timeout=timeout)
         except SmokeFailed as exc:
             raise StoreError(f"model {sha256[:12]} failed its smoke inference: {exc}") from None
-        if old is not None:
-            self._point("previous", old)
-        self._point("current", sha256)
-        return {"current": sha256, "previous": old, "changed": True, "smoke": checked}
+        previous = self._switch(sha256, old)
+        return {"current": sha256, "previous": previous, "changed": True, "smoke": checked}
+
+    def _switch(self, current: str, previous: str | None) -> str | None:
+        """Make ``(current, previous)`` the store's pair, crash-safe (the module's docstring); return ``previous``.
+
+        Raises:
+            StoreError: ``switch.json`` could not be written (a full disk): nothing changed. Once it is written,
+                the switch stands: a link that cannot be written now is finished by :meth:`recover`.
+        """
+        if previous == current:
+            previous = None
+        try:
+            atomic_write(self.root / SWITCH, json.dumps({"current": current, "previous": previous}).encode())
+        except OSError as exc:
+            raise StoreError(f"cannot switch to model {current[:12]}: writing {self.root / SWITCH} failed "
+                             f"({exc.strerror or exc}); nothing changed") from None
+        try:
+            self._apply(current, previous)
+        except OSError as exc:
+            log.error("model store: switched to %s, but its links could not be written yet (%s); finished at the "
+                      "next start", current[:12], exc.strerror or exc)
+        return previous
+
+    def _apply(self, current: str, previous: str | None) -> None:
+        """Point ``previous``, then ``current``, at the pair ``switch.json`` records, then remove it; return nothing.
+
+        Raises:
+            OSError: a link could not be written (``switch.json`` stays: the pair still stands).
+        """
+        self._point("previous", previous)
+        self._point("current", current)
+        (self.root / SWITCH).unlink(missing_ok=True)
+        fsync_dir(self.root)
 
     def rollback(self) -> dict:
         """Swap ``current`` and ``previous``.
@@ -457,9 +545,8 @@ class ModelStore:
             StoreError: there is no previous model, or it no longer verifies.
         """
         prev, cur = self.previous(), self.current()
-        if prev is None:
+        if prev is None or prev == cur:
             raise StoreError("no previous model to roll back to")
         self.verify(prev)
-        self._point("current", prev)
-        self._point("previous", cur)
+        self._switch(prev, cur)
         return {"current": prev, "previous": cur}

@@ -19,6 +19,12 @@ fetch          ``{max_bytes_s, start_delay_s, timeout_s}``: the rollout's bandwi
                load on the store), and the per-request timeout
 =============  ========================================================================================
 
+A desired state may instead **hold** the device where it is (``{"rollout", "revision", "hold": true}``,
+nothing else): keep the model it runs, drop a desired state taken before it and a download in
+flight. ``rollout abort`` sends it to a device that never answered the candidate: the device knows
+what it runs, the operator may not (its last status can predate a switch), and a hold queued after
+the candidate in an offline device's session supersedes it.
+
 ``reported`` (device to operator; retained, QoS 1, signed by the device) says where the device is
 with the revision it last took: ``state`` is ``fetching``, ``converged`` (the desired model is
 current and passed its smoke test) or ``failed`` (``error`` says why; the device stays on its
@@ -28,7 +34,7 @@ model and retries with back-off, ``attempt`` counts). ``current`` is the model t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from edgekit_protocol.errors import MessageError
@@ -78,9 +84,18 @@ class Desired:
     eval_bytes: int | None = None
     keep: tuple[str, ...] = ()
     fetch: Fetch = Fetch()
+    hold: bool = False  # keep the model the device runs (then store, model, variant, sha256 and bytes are empty)
+
+    @classmethod
+    def holding(cls, rollout: str, revision: int) -> Desired:
+        """Return the desired state that holds a device on the model it runs (see the module docstring)."""
+        return cls(msg_id="", rollout=rollout, revision=revision, store="", model="", variant="", sha256="", bytes=0,
+                   hold=True)
 
     def body(self) -> dict[str, Any]:
         """Return the message body (the fields after the envelope) that states this desired state."""
+        if self.hold:
+            return {"rollout": self.rollout, "revision": self.revision, "hold": True}
         return {"rollout": self.rollout, "revision": self.revision, "store": self.store, "model": self.model,
                 "variant": self.variant, "sha256": self.sha256, "bytes": self.bytes,
                 "eval": {"sha256": self.eval_sha256, "bytes": self.eval_bytes} if self.eval_sha256 else None,
@@ -97,6 +112,14 @@ def parse_desired(message: dict[str, Any]) -> Desired:
             http(s) URL, or a name holds characters that cannot be a file name.
     """
     m = message
+    if m.get("hold") is not None:
+        if (m["hold"] is not True or not isinstance(m.get("rollout"), str) or not m["rollout"]
+                or len(m["rollout"]) > MAX_NAME_CHARS):
+            raise MessageError("desired: a hold is {rollout, revision, hold: true}")
+        rev = m.get("revision")
+        if not isinstance(rev, int) or isinstance(rev, bool) or not 0 < rev <= MAX_REVISION:
+            raise MessageError("desired: field 'revision' is not a positive integer")
+        return replace(Desired.holding(m["rollout"], rev), msg_id=m["msg_id"])
     for name in ("rollout", "store", "model", "variant"):
         if not isinstance(m.get(name), str) or not m[name] or len(m[name]) > MAX_NAME_CHARS:
             raise MessageError(f"desired: field '{name}' is missing or not a string of 1-{MAX_NAME_CHARS} characters")
@@ -143,7 +166,8 @@ def reported_body(desired: Desired | None, state: str, current: dict[str, Any] |
     if state not in STATES:
         raise ValueError(f"reported: state {state!r} is not one of {', '.join(STATES)}")
     return {"rollout": desired.rollout if desired else None, "revision": desired.revision if desired else 0,
-            "state": state, "want": {"variant": desired.variant, "sha256": desired.sha256} if desired else None,
+            "state": state, "want": {"variant": desired.variant, "sha256": desired.sha256}
+            if desired and not desired.hold else None,
             "current": current, "attempt": attempt, "download": download,
             "error": error[:MAX_ERROR_CHARS - 1] + "…" if error is not None and len(error) > MAX_ERROR_CHARS else error}
 

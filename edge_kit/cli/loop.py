@@ -76,9 +76,15 @@ def _source(row: dict[str, Any]) -> str:
 
 
 def figures_note(devices: Any, inferred: bool = False) -> str:
-    """Return the line printed under a table of the devices' figures (select --explain, fleet status): where
-    each figure comes from, ``~`` figures when ``inferred``, and which of ``devices`` (fleet
-    :class:`~edge_kit.fleet.inventory.Device`) are simulated, so measured on this machine."""
+    """Return the line printed under a table of the devices' figures (select --explain, fleet status), markup
+    escaped: :func:`figures_text`."""
+    return safe(figures_text(devices, inferred))
+
+
+def figures_text(devices: Any, inferred: bool = False) -> str:
+    """Return where each figure of the devices' table comes from (plain text, as ``--json`` gives it), ``~``
+    figures when ``inferred``, and which of ``devices`` (fleet :class:`~edge_kit.fleet.inventory.Device`) are
+    simulated, so measured on this machine."""
     text = ("figures: p90 and top-1 measured by each device's own agent (`edgekit bench` names the clock), top-1 on "
             "the eval set shipped with the artifacts; W and mJ from the power source shown (a sensor, or estimated)")
     if inferred:
@@ -86,7 +92,7 @@ def figures_note(devices: Any, inferred: bool = False) -> str:
     simulated = [d.name for d in devices if d.simulated]
     if simulated:
         text += f"; simulated devices ({', '.join(simulated)}): measured on this machine, not their profile's hardware"
-    return safe(text)
+    return text
 
 
 def _num(x: float | None) -> str:
@@ -143,13 +149,14 @@ def select_cmd(
     note_runtimes(decisions, refused, unknown)
     if unknown:
         messages.append(unknown_runtimes_note(unknown))
+    inferred = any(r.get("source") == "inferred" for d in decisions.values() for r in d.table)
     if as_json:
-        emit_json({k: v.as_dict() for k, v in decisions.items()})
+        emit_json({"devices": {k: v.as_dict() for k, v in decisions.items()}, "notes": messages,
+                   "figures": figures_text(chosen, inferred)})
         return
     for item in decision_table(decisions, explain):
         out.print(item)
     if explain:
-        inferred = any(r.get("source") == "inferred" for d in decisions.values() for r in d.table)
         out.print(figures_note(chosen, inferred), highlight=False)
     for text in messages:
         out.print(f"[yellow]note[/] {safe(text)}")

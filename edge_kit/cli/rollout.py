@@ -39,6 +39,7 @@ rollout_app = typer.Typer(no_args_is_help=True, help="Pull rollouts in waves: de
                                                      "against a desired state (large fleets, behind NAT, offline).")
 app.add_typer(rollout_app, name="rollout")
 
+ABORT_OK = ("rolled back", "planned", "refused", "superseded", "left the fleet")  # abort: exit 0
 IdArg = Annotated[str, typer.Argument(help="The rollout's id (see `edgekit rollout list`).")]
 STYLE = {"converged": "green", "failed": "red", "refused": "red", "rolled back": "red", "rolling back": "yellow",
          "superseded": "dim", "left the fleet": "dim", "sent": "yellow", "fetching": "yellow", "planned": "dim"}
@@ -87,7 +88,7 @@ def _print(summary: dict[str, Any]) -> None:
     rows = sorted(summary["devices"], key=lambda r: (r["wave"] or 1e9, r["device"]))
     for r in rows[:200]:
         dl = r.get("download") or {}
-        what = r["error"] or (f"fetched {dl['bytes'] / 1e6:.2f} MB{' (resumed)' if dl.get('resumed') else ''}"
+        what = r.get("abort") or r["error"] or (f"fetched {dl['bytes'] / 1e6:.2f} MB{' (resumed)' if dl.get('resumed') else ''}"
                               if isinstance(dl.get("bytes"), (int, float)) and dl["bytes"] else "")
         t.add_row(safe(r["device"]), str(r["wave"] or "-"), f"[{STYLE.get(r['state'], '')}]{safe(r['state'])}[/]",
                   safe(r["variant"] or "-"), safe(what or ""), "-" if r["seconds"] is None else f"{r['seconds']:.1f}")
@@ -206,23 +207,28 @@ def resume_cmd(fleet_file: FleetOpt, rid: IdArg, history: HistoryOpt = None, as_
 
 
 @rollout_app.command("abort")
-def abort_cmd(fleet_file: FleetOpt, rid: IdArg, history: HistoryOpt = None, as_json: JsonOpt = False) -> None:
-    """Stop a rollout: no further desired state is sent (devices already sent keep theirs)."""
-    from edge_kit.loop.waves import STALE_OWNER_S, RolloutError, UnknownRollout
+def abort_cmd(
+    fleet_file: FleetOpt, rid: IdArg, history: HistoryOpt = None,
+    wait: Annotated[float, typer.Option(callback=finite, min=0, help="Seconds to wait for the devices sent back "
+                                                                      "to confirm.")] = 120.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Stop a rollout and put back every device it moved: a device on the candidate is sent its previous model
+    as a new desired state, one not on it yet (fetching, failed, silent) is told to keep the model it runs.
+    Each device's row says what was done; running it again is safe (and checks again)."""
+    from edge_kit.fleet.commands import FleetClient
+    from edge_kit.fleet.inventory import load_fleet
+    from edge_kit.loop.waves import Rollout
 
     db = _history(fleet_file, history)
-    record = db.rollout(rid)
-    if record is None:
-        raise UnknownRollout(rid)
-    if record["state"] not in ("running", "aborting", "held", "stopped"):
-        raise RolloutError(f"rollout {rid} is {record['state']} already; nothing to abort")
-    driver = db.rollout_driver(rid, STALE_OWNER_S)  # by the database's clock, as the driver's heartbeat
-    db.set_rollout_state(rid, "aborting" if driver else "aborted")
-    result = {"id": rid, "state": "aborting" if driver else "aborted", "owner": driver}
+    fleet = load_fleet(fleet_file)
+    summary = Rollout(db, rid, lambda cb: FleetClient.of(fleet, kinds=("reported",), on_reported=cb)).abort(wait_s=wait)
     if as_json:
-        emit_json(result)
+        emit_json(summary)
     else:
-        out.print(f"rollout {rid}: " + (f"asked {driver} to stop" if driver else "aborted"))
+        _print(summary)
+    if any(r["state"] not in ABORT_OK for r in summary["devices"]):
+        raise typer.Exit(1)  # a device not confirmed back: offline, its rollback failed, or it named no previous model
 
 
 @rollout_app.command("status")

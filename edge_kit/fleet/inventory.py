@@ -10,7 +10,9 @@ Example::
       - {name: pi-01, host: 10.0.0.21, tags: [pi, line-1]}
       - {name: coral-01, host: 10.0.0.31, profile: coral-usb, tags: [coral]}
 
-SSH host keys are checked against ``known_hosts`` (default ``~/.ssh/known_hosts``). Passwords
+Relative paths of files on the host (``key``, ``known_hosts``, ``keys``, the broker's ``password_file``
+and ``tls`` files) are taken from the fleet file's folder, whatever the current folder; ``~`` is the
+home folder. SSH host keys are checked against ``known_hosts`` (default ``~/.ssh/known_hosts``). Passwords
 are never written in the file: SSH uses keys, MQTT a ``password_file``. ``defaults``
 fills any device key a device leaves out. Each device may carry ``constraints`` overriding its
 profile's, and ``agent_broker`` (username and password file the agent on that device uses).
@@ -18,6 +20,7 @@ profile's, and ``agent_broker`` (username and password file the agent on that de
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import re
 from pathlib import Path
@@ -276,8 +279,42 @@ def check_fleet_file(path: Path) -> None:
                           "`edgekit sim up` and pass its .edgekit-sim/fleet.yaml")
 
 
+def _at(path: Path | None, base: Path) -> Path | None:
+    """Return ``path`` with ``~`` expanded and, when relative, taken from ``base`` (None stays None)."""
+    if path is None:
+        return None
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else base / path
+
+
+def _broker_at(broker: BrokerConfig | None, base: Path, *, agent: bool = False) -> BrokerConfig | None:
+    """Return ``broker`` with its host-side files taken from ``base``: the password file and the TLS CA (read
+    on the host; a deploy ships them), and for the host's own connection (not ``agent``) the TLS client
+    certificate and key. An agent's certificate and key are paths on the device and stay as written."""
+    if broker is None:
+        return None
+    tls = broker.tls
+    if tls is not None:
+        tls = dataclasses.replace(tls, ca=_at(tls.ca, base), **({} if agent else {"cert": _at(tls.cert, base),
+                                                                                 "key": _at(tls.key, base)}))
+    return dataclasses.replace(broker, password_file=_at(broker.password_file, base), tls=tls)
+
+
+def _resolve_paths(fleet: Fleet, base: Path) -> Fleet:
+    """Return ``fleet`` with every host-side file it names (``known_hosts``, each device's SSH ``key``, the
+    broker's password file and TLS files, each ``agent_broker``'s password file and CA) taken from ``base``
+    when relative, with ``~`` expanded; paths on the device (``pull.ca_file``, ``root``) stay as written."""
+    devices = [d.model_copy(update={"key": _at(d.key, base), "agent_broker": _broker_at(d.agent_broker, base, agent=True)})
+               for d in fleet.devices]
+    defaults = fleet.defaults.model_copy(update={"key": _at(fleet.defaults.key, base)})
+    return fleet.model_copy(update={"known_hosts": _at(fleet.known_hosts, base), "broker": _broker_at(fleet.broker, base),
+                                    "defaults": defaults, "devices": devices})
+
+
 def load_fleet(path: Path) -> Fleet:
-    """Read and check ``fleet.yaml`` and return it; device profiles are checked to exist.
+    """Read and check ``fleet.yaml`` and return it; device profiles are checked to exist. Relative file paths
+    in it (SSH keys, ``known_hosts``, the broker's password and TLS files) are taken from the fleet file's
+    folder, not the current one; ``~`` is the home folder.
 
     Raises:
         ConfigError: missing, unreadable, unknown key, missing field, or an unknown profile (with file and line).
@@ -285,7 +322,7 @@ def load_fleet(path: Path) -> Fleet:
     from edge_kit.profiles import load_profile
 
     check_fleet_file(path)
-    fleet = load_yaml_model(path, Fleet)
+    fleet = _resolve_paths(load_yaml_model(path, Fleet), Path(path).resolve().parent)
     fleet._source = Path(path)
     for dev in fleet.devices:
         try:

@@ -14,7 +14,7 @@ large as the number of profiles has a canary of each). Waves are cumulative shar
 ``rollout status --refresh`` shows it). When more than ``max_failed`` of the devices sent so far
 have failed, the rollout stops: no further desired state is sent; the failed devices stay on their
 own models (the agent never switches to a model that fails its smoke test), the converged keep the
-new one. ``abort`` stops it the same way.
+new one. ``abort`` (:meth:`Rollout.abort`) stops it and sends every device it moved back.
 
 Everything a restart needs is in the history (:meth:`~edge_kit.telemetry.store.HistoryStore.save_rollout`, ``rollout_devices``):
 the plan, each device's state and the revision it was sent. One process drives a rollout at a time
@@ -57,6 +57,7 @@ from edgekit_protocol.desired import (
     parse_desired,
 )
 from edgekit_protocol.errors import MessageError
+from edgekit_protocol.messages import field_at
 
 FINAL = ("converged", "failed", "refused", "rolled back", "superseded", "left the fleet")
 SETTLED = ("converged", "refused", "rolled back", "superseded", "left the fleet")  # rows no later report changes
@@ -308,6 +309,19 @@ def live_judge(fleet: Fleet, gate: LiveGate,
     return judge
 
 
+def _model_ref(ref: Any) -> bool:
+    """Return True when ``ref`` (a model a device reported) names a sha256 and a size: a desired state can name it."""
+    if not isinstance(ref, dict):
+        return False
+    sha, size = ref.get("sha256"), ref.get("bytes")
+    return isinstance(sha, str) and len(sha) == 64 and isinstance(size, int) and not isinstance(size, bool) and size > 0
+
+
+def _named(ref: dict[str, Any]) -> str:
+    """Return a reported model reference as ``<variant> (<sha256 prefix>)``."""
+    return f"{ref.get('variant') or 'model'} ({str(ref['sha256'])[:12]})"
+
+
 @dataclass
 class Progress:
     counts: dict[str, int] = field(default_factory=dict)
@@ -403,8 +417,13 @@ class Rollout:
                     or row["state"] in SETTLED:
                 self.ignored += 1
                 continue
-            if row["state"] == "rolling back":  # a canary sent back to its previous model by the live gate
-                if msg["state"] in ("converged", "failed"):
+            if row["state"] == "rolling back":  # sent back to its previous model (live gate, abort), or held (abort)
+                candidate = row["detail"].get("candidate") if row["detail"].get("hold") else None
+                if msg["state"] == "converged" and candidate and field_at(msg, "current", "sha256") == candidate:
+                    self._set(device, state="converged", detail={  # it had switched before the hold came
+                        "hold": False, "previous": msg.get("previous"), "current": msg.get("current"),
+                        "error": "it had converged on the candidate before it was told to hold"})
+                elif msg["state"] in ("converged", "failed"):
                     self._set(device, state="rolled back" if msg["state"] == "converged" else "failed",
                               detail={"error": row["detail"].get("error") if msg["state"] == "converged"
                                       else f"the rollback failed: {msg.get('error')}", "current": msg.get("current")})
@@ -607,32 +626,180 @@ class Rollout:
         back, stuck = [], []
         for d in canaries:
             prev = (self.rows[d].get("detail") or {}).get("previous")
-            if not prev or not prev.get("sha256") or not prev.get("bytes"):
+            if not _model_ref(prev):
                 stuck.append(d)  # it named no previous model: nothing to send it back to
                 self._set(d, detail={"error": f"live gate: {decision.reason}; kept on the candidate: it reported no "
                                               "previous model to go back to (roll it back with a rollout of the old model)"})
                 continue
-            rev = self._revision(d)
-            if rev > MAX_REVISION:  # nothing above what it reported: it cannot be sent back
+            desired = self._send_back(d, prev, plan, f"live gate: {decision.reason}")
+            if desired is None:  # nothing above what it reported: it cannot be sent back (its row says so)
                 stuck.append(d)
-                self._set(d, detail={"error": f"live gate: {decision.reason}; kept on the candidate: it reported the "
-                                              "largest revision a desired state can carry"})
                 continue
-            back.append((d, Desired(msg_id="", rollout=self.rid, revision=rev, store=plan["store"],
-                                    model=prev.get("model") or plan["model"], variant=prev.get("variant") or "previous",
-                                    sha256=prev["sha256"], bytes=prev["bytes"], fetch=Fetch(**plan["settings"]["fetch"]))))
-            self._set(d, state="rolling back", revision=rev, detail={"error": f"live gate: {decision.reason}"})
+            back.append((d, desired))
+        self._publish_back(back, client, plan["settings"]["wave_timeout_s"])
+        return "rolled back", (f"live gate: roll back: {decision.reason}; {len(back)} of {len(canaries)} canaries "
+                               "sent back to their previous model"
+                               + (f"; kept on the candidate (each row says why): {', '.join(stuck)}" if stuck else ""))
+
+    def _send_back(self, device: str, model: dict[str, Any], plan: dict[str, Any], why: str) -> Desired | None:
+        """Mark ``device`` ``rolling back`` to ``model`` (a reported model reference with sha256 and bytes) under
+        a new revision; return the desired state to publish (after a :meth:`_flush`), or None when no
+        revision is left above what it reported (its row's error says so)."""
+        rev = self._revision(device)
+        if rev > MAX_REVISION:
+            self._set(device, detail={"error": f"{why}; kept on the candidate: it reported the largest revision a "
+                                               "desired state can carry"})
+            return None
+        self._set(device, state="rolling back", revision=rev, detail={"error": why, "back_to": model, "hold": False})
+        return Desired(msg_id="", rollout=self.rid, revision=rev, store=plan["store"],
+                       model=model.get("model") or plan["model"], variant=model.get("variant") or "previous",
+                       sha256=model["sha256"], bytes=model["bytes"], fetch=Fetch(**plan["settings"]["fetch"]))
+
+    def _publish_back(self, back: list[tuple[str, Desired]], client: Any, wait_s: float) -> None:
+        """Store the rows, publish each device's desired state of ``back``, and wait at most ``wait_s`` for
+        their answers (a rollback confirmed, or its failure shown)."""
         self._flush()
         for d, desired in back:
             client.publish_desired(desired, d)
-        deadline = time.monotonic() + plan["settings"]["wave_timeout_s"]
+        deadline = time.monotonic() + wait_s
+        self._take_reports()
         while any(self.rows[d]["state"] == "rolling back" for d, _ in back) and time.monotonic() < deadline:
-            time.sleep(0.05)  # the canaries' answers: a rollback is confirmed, or its failure is shown
+            time.sleep(0.05)
             self._take_reports()
-        return "rolled back", (f"live gate: roll back: {decision.reason}; {len(back)} of {len(canaries)} canaries "
-                               "sent back to their previous model"
-                               + (f"; kept on the candidate (no previous model reported): {', '.join(stuck)}"
-                                  if stuck else ""))
+        self._flush()
+
+    def abort(self, *, wait_s: float = 120.0, driver_wait_s: float = 60.0) -> dict[str, Any]:
+        """Abort the rollout and put back every device it moved; safe to run again (a device already back is
+        left alone, one whose rollback is unconfirmed is sent it again).
+
+        A live driver is asked to stop first (state ``aborting``) and waited for, at most ``driver_wait_s``.
+        Then, with the devices' retained reported states taken in, each device of the plan gets one action
+        (its row's ``abort`` in the summary says which): converged on the candidate, or sent back before
+        without an answer: a new desired state naming its previous model (``rolling back``, then ``rolled
+        back`` when it confirms within ``wait_s``); sent and answering (fetching or failed, so still on its
+        own model) or sent and silent: a hold (:meth:`~edgekit_protocol.desired.Desired.holding`: keep the
+        model it runs, queued after the candidate for an offline device, so it supersedes it); a rollback
+        that failed: sent again; never sent, refused, superseded, left the fleet, already rolled back: nothing.
+
+        Returns:
+            The rollout's summary (:meth:`summary`), state ``aborted``, each row with its ``abort`` action.
+
+        Raises:
+            UnknownRollout: no such rollout in the history.
+            RolloutError: it is done (roll it back with a rollout of the old model), its driver did not stop
+                within ``driver_wait_s``, or the history store failed (running abort again goes on).
+            AgentError: the broker cannot be reached (nothing was sent; run abort again).
+        """
+        record = self._db("reading the rollout", lambda: self.history.rollout(self.rid))
+        if record is None:
+            raise UnknownRollout(self.rid)
+        if record["state"] == "done":
+            raise RolloutError(f"rollout {self.rid} is done already; nothing to abort (put devices back with a "
+                               "rollout of the old model)")
+        if record["state"] not in ("aborted", "rolled back"):
+            self._db("asking the driver to stop", lambda: self.history.set_rollout_state(self.rid, "aborting"))
+        deadline = time.monotonic() + driver_wait_s
+        while (driver := self._db("reading the driver", lambda: self.history.rollout_driver(self.rid, STALE_OWNER_S))) \
+                and driver != self.owner:
+            if time.monotonic() >= deadline:
+                raise RolloutError(f"rollout {self.rid}: {driver} still drives it {driver_wait_s:.0f} s after it was "
+                                   f"asked to stop; run `edgekit rollout abort {self.rid}` again")
+            time.sleep(0.2)
+        holder = self._db("claiming the rollout", lambda: self.history.claim_rollout(self.rid, self.owner, STALE_OWNER_S))
+        if holder is not None:
+            raise RolloutError(f"rollout {self.rid} was taken by {holder} meanwhile; run `edgekit rollout abort "
+                               f"{self.rid}` again")
+        try:
+            plan = self._db("reading the rollout", lambda: self.history.rollout(self.rid))["body"]
+            return self._abort(plan, wait_s)
+        finally:
+            try:
+                self._flush()
+                self.history.release_rollout(self.rid, self.owner)
+            except Exception:  # noqa: BLE001 - already failing; the claim goes stale by itself
+                pass
+
+    def _abort(self, plan: dict[str, Any], wait_s: float) -> dict[str, Any]:
+        stored = self._db("reading device states", lambda: self.history.rollout_devices(self.rid))
+        for name in plan["order"]:
+            self.rows[name] = stored.get(name) or {"wave": -1, "state": "planned", "revision": 0, "detail": {}}
+            self.rows[name].pop("ts", None)
+        for name, refused in plan["refused"].items():
+            self.rows[name] = stored.get(name) or {"wave": -1, "state": "refused", "revision": 0,
+                                                   "detail": {"error": refused}}
+            self.rows[name].pop("ts", None)
+        self._last_rev = 0  # each device's floor is its own row and report (:meth:`_revision`)
+        why = "aborted by `edgekit rollout abort`"
+        with self.connect(self.inbox.put) as client:
+            self._settle()
+            self._take_reports()  # who converged, failed or confirmed a rollback while nobody watched
+            back: list[tuple[str, Desired]] = []
+            for name in plan["order"]:
+                row = self.rows[name]
+                state, detail = row["state"], row.get("detail") or {}
+                held = state == "rolling back" and detail.get("hold")  # a hold not confirmed yet: again
+                retry = state == "failed" and _model_ref(detail.get("back_to"))  # its rollback failed: again
+                if (state in ("converged", "rolling back") or retry) and not held:
+                    model = detail.get("back_to") if state != "converged" else None
+                    model = model or detail.get("previous")
+                    desired = self._send_back(name, model, plan, why) if _model_ref(model) else None
+                    if desired is not None:
+                        back.append((name, desired))
+                        self._set(name, detail={"abort": f"sent back to {_named(model)}"})
+                    elif _model_ref(model):
+                        self._set(name, detail={"abort": "kept on the candidate: it reported the largest revision a "
+                                                         "desired state can carry"})
+                    else:
+                        self._set(name, detail={"abort": "kept on the candidate: it reported no previous model to "
+                                                         "go back to (put it back with a rollout of the old model)"})
+                elif state in ("sent", "fetching", "failed") or held:
+                    # not on the candidate (yet): the device holds on to what it runs, whatever the host knows of it
+                    rev = self._revision(name)
+                    if rev > MAX_REVISION:
+                        self._set(name, detail={"abort": "nothing sent: it reported the largest revision a desired "
+                                                         "state can carry"})
+                        continue
+                    back.append((name, Desired.holding(self.rid, rev)))
+                    self._set(name, state="rolling back", revision=rev, detail={
+                        "error": why, "hold": True, "candidate": plan["targets"][name]["sha256"],
+                        "abort": "told to keep the model it runs (it had not converged on the candidate; a download "
+                                 "in flight is dropped)"})
+                elif state == "rolled back":
+                    self._set(name, detail={"abort": "already on its previous model"})
+                else:  # planned, refused, superseded, left the fleet: never moved by this rollout
+                    self._set(name, detail={"abort": "nothing to do: not moved by this rollout"})
+            deadline = time.monotonic() + wait_s
+            self._publish_back(back, client, wait_s)
+            late = [n for n, d in back if d.hold and self.rows[n]["state"] == "converged"]  # on the candidate after all
+            for name in late:
+                model = self.rows[name]["detail"].get("previous")
+                desired = self._send_back(name, model, plan, why) if _model_ref(model) else None
+                if desired is not None:
+                    back.append((name, desired))
+                    self._set(name, detail={"abort": f"sent back to {_named(model)} (it had converged on the "
+                                                     "candidate before the hold came)"})
+                elif _model_ref(model):
+                    self._set(name, detail={"abort": "kept on the candidate: it converged on it before the hold came "
+                                                     "and reported the largest revision a desired state can carry"})
+                else:
+                    self._set(name, detail={"abort": "kept on the candidate: it converged on it before the hold came "
+                                                     "and reported no previous model (put it back with a rollout of "
+                                                     "the old model)"})
+            self._publish_back([b for b in back if b[0] in late and not b[1].hold], client,  # online: they answer soon
+                               max(deadline - time.monotonic(), min(wait_s, 10.0)))
+            for name in dict.fromkeys(n for n, _ in back):
+                if self.rows[name]["state"] == "rolling back":
+                    self._set(name, detail={"abort": self.rows[name]["detail"]["abort"] + "; no answer yet (it goes "
+                                                     "back when it connects; run abort again to check)"})
+            self.refused = list(getattr(client, "rejected", []))
+        self._flush()
+        sent_back = {n for n, d in back if not d.hold}
+        kept = {n for n, d in back if d.hold} - sent_back
+        reason = f"{why}; {len(sent_back)} device(s) sent back to their previous model, {len(kept)} told to keep theirs"
+        summary = self.summary(plan, "aborted", reason)
+        self._db("saving the outcome", lambda: self.history.save_rollout(
+            self.rid, "aborted", {**plan, "outcome": {k: summary[k] for k in ("state", "reason", "counts")}}))
+        return summary
 
     def _settle(self, quiet_s: float = 0.5, at_most_s: float = 10.0) -> None:
         """Wait until the retained messages stop coming (``quiet_s`` without one, at most ``at_most_s``)."""
@@ -689,14 +856,14 @@ class Rollout:
         """Return the rollout's outcome: ``state`` (done, stopped, aborted), ``reason``, ``counts`` per
         device state, ``ignored`` (reports of other rollouts or revisions), ``refused_messages`` (reports
         that failed their signature or checks; up to five with why), and one row per device (``device, wave,
-        state, variant, error, seconds, download``); ``gate``: the live gate's decision with its numbers
+        state, variant, error, seconds, download, abort``: what an abort did to it, or None); ``gate``: the live gate's decision with its numbers
         (``GateDecision.as_dict()``), None when the rollout has not been judged."""
         rows = []
         for name, row in self.rows.items():
             d = row.get("detail") or {}
             rows.append({"device": name, "wave": row["wave"] + 1 if row["wave"] >= 0 else None, "state": row["state"],
                          "variant": plan["targets"].get(name, {}).get("variant"), "error": d.get("error"),
-                         "seconds": d.get("seconds"), "download": d.get("download")})
+                         "seconds": d.get("seconds"), "download": d.get("download"), "abort": d.get("abort")})
         return {"id": self.rid, "state": state, "reason": reason, "gate": plan.get("gated"), "counts": self._counts(),
                 "ignored": self.ignored,
                 "refused_messages": len(self.refused), "refused_examples": self.refused[:5], "devices": rows}

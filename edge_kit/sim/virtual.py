@@ -228,6 +228,9 @@ class VirtualFleet:
         self._apply(device, d)
 
     def _apply(self, device: str, d: Desired) -> None:
+        if d.hold:  # stay on its model: nothing to fetch
+            self._report(device, d, "converged")
+            return
         b = self.behaviour
         download = None
         if b.download:

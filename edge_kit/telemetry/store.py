@@ -260,8 +260,21 @@ class HistoryStore(abc.ABC):
         return out
 
     def latest_status(self) -> dict[str, dict[str, Any]]:
-        """Return the newest status message per device. Raises HistoryError."""
-        return self._latest("status")
+        """Return the newest status message per device (by receive time). When that is an ``offline`` one, its
+        ``current`` is the one of the newest status (by ``seq``) of the same agent ``connection``: a last will
+        the broker published was signed when the agent connected, and names the model of that moment, not one
+        it switched to since. Raises HistoryError."""
+        newest = self._latest("status")
+        for device, msg in newest.items():
+            conn, seq = msg.get("connection"), msg.get("seq")
+            if msg.get("state") != "offline" or not isinstance(conn, str) or not isinstance(seq, int):
+                continue  # online (its own word, fresh), or an agent that does not say its connection
+            rows = self._rows("SELECT body FROM status WHERE device = ? AND seq > ? ORDER BY seq DESC LIMIT 100",
+                              (device, seq))
+            later = next((m for m in (json.loads(b) for (b,) in rows) if m.get("connection") == conn), None)
+            if later is not None:
+                newest[device] = {**msg, "current": later.get("current")}
+        return newest
 
     def latest_telemetry(self) -> dict[str, dict[str, Any]]:
         """Return the newest telemetry message per device. Raises HistoryError."""

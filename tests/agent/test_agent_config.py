@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from device_agents.config import load_agent_config
@@ -70,3 +72,23 @@ def test_every_command_in_the_protocol_has_a_handler_in_the_agent():
     from edgekit_protocol.commands import COMMANDS
 
     assert all(callable(getattr(Agent, f"_cmd_{name}", None)) for name in COMMANDS)
+
+
+def test_the_last_will_and_the_statuses_of_one_connection_name_the_same_connection(tmp_path):
+    """What lets a host tell that a will (signed at connect) predates the statuses sent after a switch."""
+    from device_agents.service import Agent
+
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text(f"device: pi-1\nfleet: f\nroot: {tmp_path / 'root'}\nserve: {{enabled: false}}\n")
+    agent = Agent(load_agent_config(cfg))
+    try:
+        will = json.loads(agent.client._will_payload)
+        online = agent._status("online")
+        assert will["state"] == "offline" and will["connection"] == online["connection"]
+        assert online["seq"] > will["seq"]
+        agent._on_disconnect(agent.client, None, None, "test", None)  # the next connection: a new id, a new will
+        again = json.loads(agent.client._will_payload)
+        assert again["connection"] != will["connection"] == online["connection"]
+        assert agent._status("online")["connection"] == again["connection"]
+    finally:
+        agent.spool.close()

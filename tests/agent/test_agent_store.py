@@ -148,3 +148,96 @@ def test_an_eval_set_without_a_recorded_sha256_is_never_used_and_a_new_one_repla
     assert store.install(path, variant="int8", model="m", eval_file=ev,
                          expect_eval_sha256=hashlib.sha256(b"eval-v2").hexdigest()).fresh
     assert store.eval_path(sha).read_bytes() == b"eval-v2" and store.damaged() == []
+
+
+class Crash(BaseException):
+    """The process dies here: nothing after this call runs (not even an ``except OSError``)."""
+
+
+SWITCH_CALLS = ("replace", "rename", "symlink", "unlink", "fsync", "open")  # every os call a switch makes on disk
+
+
+def cut_at(monkeypatch, step: int, fault: type[BaseException]) -> list[int]:
+    """Make the ``step``-th of the switch's disk calls raise ``fault`` (0: none); return the call counter."""
+    count = [0]
+
+    def hooked(real):
+        def call(*args, **kwargs):
+            count[0] += 1
+            if count[0] == step:
+                raise fault(28, "No space left on device") if fault is OSError else fault()
+            return real(*args, **kwargs)
+        return call
+
+    for name in SWITCH_CALLS:
+        monkeypatch.setattr(os, name, hooked(getattr(os, name)))
+    return count
+
+
+@pytest.mark.parametrize("fault", [Crash, OSError], ids=["crash", "disk-full"])
+@pytest.mark.parametrize("operation", ["activate", "rollback"])
+def test_a_switch_cut_at_any_step_leaves_one_consistent_pair_that_rollback_follows(tmp_path, monkeypatch, operation,
+                                                                                    fault):
+    """`current` and `previous` were switched by two separate link renames: a crash (or a full disk) between
+    them left `previous` equal to `current` (after an activation) or both on the old previous (a rollback), and
+    a rollback then went nowhere or to the wrong model. Now every step of a switch, cut, leaves the old pair or
+    the new one, as the store reports it and as the links say once the agent starts again; a rollback then
+    swaps exactly that pair."""
+    import shutil
+
+    models = {}
+    base = ModelStore(tmp_path / "base")
+    for name in "abc":
+        path, models[name] = model_file(tmp_path, f"model-{name}".encode(), f"{name}.tflite")
+        base.install(path, variant=name, model="m")
+    a, b, c = models["a"], models["b"], models["c"]
+    base._point("previous", a)
+    base._point("current", b)
+    before, after = (b, a), ((c, b) if operation == "activate" else (a, b))
+
+    def run(store):
+        if operation == "activate":
+            monkeypatch.setattr("device_agents.runtimes.get_runtime", lambda *a, **k: None)
+            return store.activate(c, smoke=lambda *a, **k: {"ok": True})
+        return store.rollback()
+
+    steps, step = None, 0
+    while steps is None or step < steps:
+        step += 1
+        root = tmp_path / f"cut-{step}"
+        shutil.copytree(base.root, root, symlinks=True)
+        store = ModelStore(root)
+        store.verify(c)  # hashed before the cut: the counter sees only the switch's own calls
+        count = cut_at(monkeypatch, step, fault)
+        try:
+            run(store)
+        except (Crash, StoreError):
+            pass
+        finally:
+            monkeypatch.undo()
+        if steps is None and count[0] < step:
+            steps = count[0]  # this run was not cut: every step has been a cut point
+        where = f"{operation} cut at step {step} by {fault.__name__}"
+        seen = ModelStore(root).current(), ModelStore(root).previous()
+        assert seen in (before, after), f"{where}: the store reports {seen}"
+        again = ModelStore(root)
+        again.ensure()  # the agent starting again
+        assert (again.current(), again.previous()) == seen, where
+        assert (os.readlink(root / "current"), os.readlink(root / "previous")) == tuple(f"models/{s}" for s in seen), where
+        assert not (root / "switch.json").exists(), where
+        assert again.rollback() == {"current": seen[1], "previous": seen[0]}, where
+        assert (again.current(), again.previous()) == (seen[1], seen[0]), where
+    assert steps >= 6
+
+
+def test_a_store_left_with_previous_equal_to_current_has_no_previous(store, tmp_path):
+    """What an older agent's half switch left behind: a rollback to the same model is refused, not a no-op."""
+    path, sha = model_file(tmp_path, b"model-a")
+    store.install(path, variant="int8", model="m")
+    store._point("current", sha)
+    store._point("previous", sha)
+    assert store.previous() is None
+    with pytest.raises(StoreError, match="no previous model"):
+        store.rollback()
+    store.ensure()
+    assert not (store.root / "previous").is_symlink() and store.current() == sha

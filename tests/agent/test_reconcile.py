@@ -339,3 +339,30 @@ def test_a_store_trickling_its_headers_does_not_hold_a_newer_desired_state(tmp_p
     finally:
         stop.set()
         listener.close()
+
+
+def test_a_hold_cancels_a_download_in_flight_keeps_the_model_and_survives_a_restart(rig):
+    """`rollout abort` had no way to stop a device that had not converged on the candidate: it kept fetching
+    and retrying it, and a device offline during the wave took it from its session when it came back (the
+    host cannot name what such a device runs). A hold is the device's own answer: keep what it runs."""
+    make, store, clock, reports, fetched, activated, fail = rig
+    store.models[B] = {"sha256": B, "variant": "fp32", "model": "digits"}
+    store.cur = B
+    rec = make()
+    fail["hold"] = True
+    rec.take(desired(1))  # the candidate, A
+    assert rec.step()["state"] == "fetching"
+    assert rec.take({"msg_id": "h2", "rollout": "r1", "revision": 2, "hold": True}) is None  # cancels the download
+    assert rec.protected() == set()  # the candidate is no longer spared by the store budget
+    deadline = time.monotonic() + 10
+    while not rec.due() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert rec.step() is None  # the cancelled download ends: nothing reported for the candidate's revision
+    out = rec.step()
+    assert out["state"] == "converged" and out["revision"] == 2 and out["want"] is None
+    assert out["current"]["sha256"] == B and store.cur == B and activated == [] and not rec.due()
+    again = make()  # a restart: the hold is what it took last, converged; nothing to do
+    assert again.desired.hold and not again.due()
+    assert again.take(desired(1)) == "stale"  # the candidate, delivered again from the session: refused
+    with pytest.raises(MessageError, match="a hold is"):
+        again.take({"msg_id": "h3", "rollout": "r1", "revision": 3, "hold": "yes"})

@@ -97,6 +97,8 @@ def check(root: Path, smoke: SmokePool, step: int) -> None:
     assert listed == {p.name for p in store.models.iterdir()}, where
     current, previous = store.current(), store.previous()
     assert current is not None and current in listed, f"{where}: current {current} is not a whole model"
+    assert previous != current, f"{where}: previous is current: a rollback would go nowhere"
+    assert os.readlink(root / "current") == f"models/{current}" and not (root / "switch.json").exists(), where
     smoke(store.verify(current))
     if previous is not None:
         assert previous in listed, f"{where}: previous {previous} is not a whole model"

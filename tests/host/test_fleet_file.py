@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -111,3 +112,39 @@ def test_a_missing_fleet_file_says_how_to_get_one(tmp_path, run_cli):
     assert code == 2
     assert json.loads(out)["error"] == (f"{tmp_path / 'fleet.yaml'}: no such fleet file; write one (docs/fleet.md), or "
                                         "start a simulated fleet with `edgekit sim up` and pass its .edgekit-sim/fleet.yaml")
+
+
+def test_relative_paths_are_taken_from_the_fleet_files_folder_not_the_current_one(tmp_path, monkeypatch):
+    """`edgekit deploy --fleet conf/fleet.yaml` run from another folder read `key: keys/id` and the broker's
+    password file relative to the current folder (the wrong file, or none). Now they come from conf/."""
+    from edge_kit.fleet.agent_install import agent_config
+
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "mqtt.pass").write_text("from-conf\n")
+    (conf / "pi-2.pass").write_text("pi-2-secret\n")
+    (tmp_path / "mqtt.pass").write_text("from-the-current-folder\n")  # what the old lookup found instead
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    text = FLEET.replace("broker: {host: 127.0.0.1, port: 1883}",
+                         "broker: {host: 127.0.0.1, port: 1883, username: ops, password_file: mqtt.pass,\n"
+                         "         tls: {ca: tls/ca.pem, cert: tls/ops.pem, key: /etc/ops.key}}\n"
+                         "known_hosts: ssh/known_hosts").replace(
+        "defaults: {user: edgekit, profile: rpi4}", "defaults: {user: edgekit, profile: rpi4, key: keys/id}").replace(
+        "{name: pi-2, host: 10.0.0.2, tags: [pi, canary]}",
+        "{name: pi-2, host: 10.0.0.2, tags: [pi, canary], key: ~/.ssh/pi2,\n"
+        "     agent_broker: {username: pi-2, password_file: pi-2.pass, tls: {ca: tls/ca.pem, cert: dev.pem, key: dev.key}}}")
+    write(conf, "fleet.yaml", text)
+    monkeypatch.chdir(tmp_path)
+    fleet = load_fleet(Path("conf/fleet.yaml"))
+    assert fleet.known_hosts == conf / "ssh/known_hosts"
+    assert [d.key for d in fleet.devices] == [conf / "keys/id", home / ".ssh/pi2", conf / "keys/id"]
+    assert fleet.broker.password() == "from-conf"
+    assert (fleet.broker.tls.ca, fleet.broker.tls.cert, fleet.broker.tls.key) == (
+        conf / "tls/ca.pem", conf / "tls/ops.pem", Path("/etc/ops.key"))
+    pi2 = fleet.device("pi-2").agent_broker
+    assert pi2.password_file == conf / "pi-2.pass" and pi2.tls.ca == conf / "tls/ca.pem"
+    assert (pi2.tls.cert, pi2.tls.key) == (Path("dev.pem"), Path("dev.key"))  # paths on the device: as written
+    text, password = agent_config(fleet, fleet.device("pi-2"))
+    assert password == b"pi-2-secret\n"
+    assert fleet.key_store().folder == conf / "keys"

@@ -99,3 +99,25 @@ def test_select_finds_the_last_tunes_artifacts_behind_a_newer_gate_decision(tmp_
     store.close()
     code, _out, err = run_cli("select", "--fleet", fleet)
     assert code != 0 and "tuned-artifacts" in err and "no tune has run" not in err, err
+
+
+def test_a_last_will_received_after_a_switch_does_not_take_the_device_back_to_its_old_model(tmp_path):
+    """An agent's last will is signed when it connects; the broker publishes it when the device drops off, after
+    any switch since. The history took its stale `current` as the device's model (fleet status, select's no-flap
+    rule, everything reading latest_status). Now an offline status takes `current` from the newest status (by
+    seq) of the same connection; another connection's statuses (a re-flashed device counting seq from 1) never."""
+    store = Store(tmp_path / "h.db")
+
+    def status(seq, state, sha, conn):
+        return messages.envelope("status", "f", "d1", seq, {"state": state, "current": {"sha256": sha}, "connection": conn})
+
+    store.add_many([("status", status(20, "online", "X", "c0")), ("status", status(31, "online", "A", "c1")),
+                    ("status", status(32, "online", "B", "c1")), ("status", status(30, "offline", "A", "c1"))],
+                   received=[100.0, 200.0, 300.0, 400.0])  # the will (seq 30) arrives last
+    latest = store.latest_status()["d1"]
+    assert latest["state"] == "offline" and latest["seq"] == 30 and latest["current"]["sha256"] == "B"
+    store.add_many([("status", status(2, "online", "C", "c2")), ("status", status(1, "offline", "C0", "c2"))],
+                   received=[600.0, 700.0])  # re-flashed: seq from 1 again, a new connection; its will arrives
+    assert store.latest_status()["d1"]["current"]["sha256"] == "C"
+    store.add_many([("status", status(3, "offline", "D", "c3"))], received=[800.0])  # a clean stop: its own word
+    assert store.latest_status()["d1"]["current"]["sha256"] == "D"

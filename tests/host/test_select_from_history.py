@@ -58,7 +58,8 @@ def test_select_leaves_out_what_a_device_status_says_it_cannot_run(tmp_path, run
     fleet, folder = write_fleet(tmp_path)
     code, out, err = run_cli("select", "--fleet", fleet, "--artifacts", folder, "--json")
     assert code == 0, err
-    got = json.loads(out)
+    whole = json.loads(out)
+    got = whole["devices"]
     assert got["a"]["chosen"] == "onnx-fp32"  # measured, and better
     nojs = got["nojs"]
     assert nojs["chosen"] == "fp32", nojs  # not the onnx-fp32 its profile's figures would infer
@@ -76,6 +77,14 @@ def test_select_leaves_out_what_a_device_status_says_it_cannot_run(tmp_path, run
     left_out = [line for line in out.splitlines() if "left out" in line]
     assert len(left_out) == 1 and "onnx-fp32" in left_out[0] and "onnxruntime" in left_out[0], out
     assert "have not reported their runtimes" in out and "quiet" in out
+    # --json has every note the person reads (it had none: only the decisions), and where the figures came from
+    printed = [" ".join(line.split()) for line in out.split("note ")[1:]]
+    assert whole["notes"] and len(printed) == len(whole["notes"])
+    for note, text in zip(whole["notes"], printed):
+        assert text.startswith(" ".join(note.split())[:60]), (note, text)
+    assert any("have not reported their runtimes" in n and "quiet" in n for n in whole["notes"])
+    assert whole["figures"].startswith("figures: p90 and top-1 measured by each device's own agent")
+    assert "~ inferred by the fleet model" in whole["figures"]
 
 
 def test_the_fleet_model_reads_only_the_bench_records_of_the_builds_being_tuned(tmp_path):

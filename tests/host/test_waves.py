@@ -41,9 +41,13 @@ def test_wave_rate_and_share_parsing():
 class FakeBroker:
     """Devices that answer each desired state at once: ``fail`` ones report failed."""
 
-    def __init__(self, fail=(), crash_after=None, on_publish=None):
+    def __init__(self, fail=(), crash_after=None, on_publish=None, silent=(), fetching=()):
         self.fail, self.crash_after, self.on_publish = set(fail), crash_after, on_publish
+        self.silent = set(silent)  # devices offline: they take nothing and say nothing
+        self.fetching = set(fetching)  # devices that answer 'fetching' to the candidate and stop there
         self.sent: list[tuple[str, int]] = []
+        self.desired: dict[str, object] = {}  # each device's retained desired state
+        self.on: dict[str, str] = {}  # the model each device runs (default: "0" * 64)
         self.retained: dict[str, dict] = {}  # what a new subscriber gets at once
 
     def __call__(self, callback):
@@ -62,9 +66,15 @@ class FakeBroker:
         if self.crash_after is not None and len(self.sent) >= self.crash_after:
             raise KeyboardInterrupt("the host went down")
         self.sent.append((device, desired.revision))
-        state = "failed" if device in self.fail else "converged"
+        self.desired[device] = desired
+        if device in self.silent:
+            return
+        state = "converged" if desired.hold else "failed" if device in self.fail else \
+            "fetching" if device in self.fetching and desired.sha256 == SHA else "converged"  # its old model: installed
+        if state == "converged" and not desired.hold:
+            self.on[device] = desired.sha256
         msg = {"device": device, "rollout": desired.rollout, "revision": desired.revision, "state": state,
-               "error": "simulated" if state == "failed" else None, "current": {"sha256": desired.sha256},
+               "error": "simulated" if state == "failed" else None, "current": {"sha256": self.on.get(device, "0" * 64)},
                "previous": {"sha256": "0" * 64, "variant": "fp32", "model": "m", "bytes": 7}}
         self.retained[device] = msg
         self.cb(msg)
@@ -365,7 +375,7 @@ def test_a_rolled_back_gate_names_the_canaries_it_could_not_send_back(tmp_path):
     out = Rollout(history, "r", broker, judge=lambda c, k: GateDecision("roll back", "canaries slower")).run()
     assert out["state"] == "rolled back"
     assert out["reason"].endswith(f"1 of 2 canaries sent back to their previous model; kept on the candidate "
-                                  f"(no previous model reported): {names[0]}")
+                                  f"(each row says why): {names[0]}")
     row = {r["device"]: r for r in out["devices"]}[names[0]]
     assert row["state"] == "converged" and "kept on the candidate: it reported no previous model" in row["error"]
 
@@ -441,3 +451,73 @@ def test_a_plan_whose_desired_state_the_devices_would_refuse_is_refused_at_start
     error = json.loads(out)["error"]
     assert "a: the device would refuse its desired state" in error and "'rollout'" in error and "\n" not in error
     assert Store(tmp_path / "edgekit-history.db").rollout("x" * 600) is None
+
+
+def test_abort_sends_every_device_the_rollout_moved_back_and_is_safe_to_run_twice(tmp_path):
+    """Before, abort only stopped sending: a canary that had converged kept the candidate (its retained desired
+    state still named it), a device still fetching went on to it, and a silent device would take it when it came
+    back. Now each converged device gets a new desired state naming its previous model, each device not on the
+    candidate a hold (keep what it runs), every row says what was done, and a second abort sends only what
+    changed since (here: the silent device turned out to have converged on the candidate before its hold)."""
+    from edge_kit.selection.gate import GateDecision
+
+    history = Store(tmp_path / "h.db")
+    names = planned(history, n=40, gate={"window_s": 1}, wave_timeout_s=0.5)
+    broker = FakeBroker(silent={names[1]}, fetching={names[2], names[3]})
+    held = Rollout(history, "r", broker, judge=lambda c, k: GateDecision("hold", "too few samples")).run()
+    assert held["state"] == "held" and [d for d, _ in broker.sent] == names[:4]
+    broker.on[names[3]] = SHA  # it activated the candidate; its 'converged' report never reached the host
+    out = Rollout(history, "r", broker).abort(wait_s=2)
+    rows = {r["device"]: r for r in out["devices"]}
+    assert out["state"] == "aborted" and history.rollout("r")["state"] == "aborted"
+    assert out["reason"].endswith("2 device(s) sent back to their previous model, 2 told to keep theirs")
+    assert rows[names[0]]["state"] == "rolled back" and rows[names[0]]["abort"] == "sent back to fp32 (000000000000)"
+    assert broker.desired[names[0]].sha256 == "0" * 64 and broker.desired[names[0]].variant == "fp32"
+    assert broker.desired[names[1]].hold and broker.desired[names[2]].hold
+    assert rows[names[2]]["state"] == "rolled back" and rows[names[2]]["abort"].startswith("told to keep the model")
+    assert rows[names[1]]["state"] == "rolling back" and rows[names[1]]["abort"].endswith(
+        "no answer yet (it goes back when it connects; run abort again to check)")
+    assert rows[names[3]]["state"] == "rolled back" and rows[names[3]]["abort"] == (
+        "sent back to fp32 (000000000000) (it had converged on the candidate before the hold came)")
+    assert broker.on[names[3]] == "0" * 64
+    assert rows[names[4]]["state"] == "planned" and rows[names[4]]["abort"].startswith("nothing to do")
+    assert out["counts"] == {"rolled back": 3, "rolling back": 1, "planned": 36, "refused": 1}
+    assert history.rollout("r")["owner"] is None
+    # names[1] had converged on the candidate before its hold came: it says so, and the next abort sends it back
+    sent = len(broker.sent)
+    rev = history.rollout_devices("r")[names[1]]["revision"]
+    broker.silent.clear()
+    broker.retained[names[1]] = {"device": names[1], "rollout": "r", "revision": rev, "state": "converged",
+                                 "current": {"sha256": SHA}, "previous": {"sha256": "1" * 64, "variant": "int8",
+                                                                           "model": "m", "bytes": 9}}
+    again = Rollout(history, "r", broker).abort(wait_s=2)
+    rows = {r["device"]: r for r in again["devices"]}
+    assert [d for d, _ in broker.sent[sent:]] == [names[1]]  # the others are back already: left alone
+    assert rows[names[1]]["state"] == "rolled back" and rows[names[1]]["abort"] == "sent back to int8 (111111111111)"
+    assert rows[names[0]]["abort"] == rows[names[2]]["abort"] == "already on its previous model"
+    # a rollback the device could not carry out (its previous model failed its smoke test) is tried again
+    broker.fail.add(names[2])
+    broker.fetching.clear()
+    history.set_rollout_devices("r", [{"device": names[2], "wave": 1, "state": "converged", "revision": 1, "detail": {
+        "previous": {"sha256": "2" * 64, "variant": "int8", "model": "m", "bytes": 9}}}])
+    failed = {r["device"]: r for r in Rollout(history, "r", broker).abort(wait_s=2)["devices"]}[names[2]]
+    assert failed["state"] == "failed" and "the rollback failed: simulated" in failed["error"]
+    broker.fail.clear()
+    again = {r["device"]: r for r in Rollout(history, "r", broker).abort(wait_s=2)["devices"]}[names[2]]
+    assert again["state"] == "rolled back" and again["abort"] == "sent back to int8 (222222222222)"
+    assert broker.desired[names[2]].sha256 == "2" * 64
+
+
+def test_abort_waits_for_a_live_driver_and_says_when_it_did_not_stop(tmp_path):
+    history = Store(tmp_path / "h.db")
+    planned(history)
+    assert history.claim_rollout("r", "other-host:1", stale_s=60) is None
+    with pytest.raises(RolloutError, match=r"other-host:1 still drives it 0 s after it was asked to stop; run "
+                                           r"`edgekit rollout abort r` again"):
+        Rollout(history, "r", FakeBroker()).abort(driver_wait_s=0.3)
+    assert history.rollout("r")["state"] == "aborting"  # the driver's next heartbeat stops it
+    history.release_rollout("r", "other-host:1")
+    assert Rollout(history, "r", FakeBroker()).abort(wait_s=0)["state"] == "aborted"
+    history.save_rollout("d", "done", history.rollout("r")["body"])
+    with pytest.raises(RolloutError, match="rollout d is done already; nothing to abort"):
+        Rollout(history, "d", FakeBroker()).abort()

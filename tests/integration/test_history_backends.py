@@ -87,6 +87,12 @@ def test_rows_are_ordered_by_the_receivers_clock_not_the_senders(history):
     t1 = messages.envelope("telemetry", "f", "d2", 1, {"conditions": {}, "spool": {}}) | {"ts": 1.0}  # no RTC yet
     history.add_many([("telemetry", t1)], received=[now + 3])
     assert history.last_received() == {"d1": now + 2, "d2": now + 3}  # this host's clock, never the sender's
+    # a last will (signed at connect, seq 10) received after the connection's switch (seq 12): current from seq 12
+    will, on, switched = (messages.envelope("status", "f", "d3", seq, {"state": state, "connection": "c1",
+                                                                        "current": {"sha256": sha}})
+                          for seq, state, sha in ((10, "offline", "old"), (11, "online", "old"), (12, "online", "new")))
+    history.add_many([("status", on), ("status", switched), ("status", will)], received=[now + 1, now + 2, now + 3])
+    assert history.latest_status()["d3"]["state"] == "offline" and history.latest_status()["d3"]["current"] == {"sha256": "new"}
 
 
 def test_sequence_numbers_past_32_bits_are_kept(history):

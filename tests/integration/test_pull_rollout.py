@@ -120,6 +120,58 @@ def test_an_offline_device_converges_when_it_comes_back_and_status_refresh_shows
     assert json.loads(out)["counts"] == {"converged": 3}  # stored: no broker needed to see it again
 
 
+def test_abort_puts_the_canaries_back_keeps_a_silent_device_on_its_model_and_runs_twice(
+        pull_fleet, digits_artifacts, digits_artifacts_v2, run_cli):
+    """Before, `rollout abort` only stopped sending: the canary that converged stayed on the candidate (its retained
+    desired state named it) and a device offline during the wave took the candidate when it came back. Now the
+    canary is sent its previous model and goes back to it, the offline device is told to hold (it comes back on its
+    own model although its session still delivers the candidate first), each row says what was done, and running
+    abort again is safe."""
+    from edge_kit.fleet.commands import FleetClient
+    from edge_kit.loop.rollout import LiveGate
+    from edge_kit.loop.waves import Rollout, RolloutSettings, plan_rollout
+    from edge_kit.selection.gate import GateDecision
+    from edge_kit.telemetry.store import Store
+
+    simfleet, fleet, store, server = pull_fleet
+    plan = plan_rollout("r4", digits_artifacts_v2, fleet, fleet.devices, server.url, "int8",
+                        RolloutSettings(waves=(0.6, 1.0), wave_timeout_s=20.0), gate=LiveGate())
+    canary, silent, control = plan["order"]
+    root = {d.name: Path(d.root) for d in fleet.devices}
+    terminate_pid(int((root[silent] / "agent.pid").read_text()))  # offline through the first wave
+    history = Store(Path(simfleet.fleet_file).parent / "edgekit-history.db")
+    history.save_rollout("r4", "running", plan)
+
+    def connect(cb):
+        return FleetClient.of(fleet, kinds=("reported",), on_reported=cb)
+
+    held = Rollout(history, "r4", connect, judge=lambda c, k: GateDecision("hold", "held by the test")).run()
+    int8, fp32 = sha_of(digits_artifacts_v2, "int8"), sha_of(digits_artifacts, "fp32")
+    assert held["state"] == "held" and held["counts"] == {"converged": 1, "sent": 1, "planned": 1}
+    assert ModelStore(root[canary]).current() == int8
+    code, out, err = run_cli("rollout", "abort", "r4", "--fleet", simfleet.fleet_file, "--wait", "5", "--json")
+    assert code == 1, err  # the offline device has not confirmed yet
+    result = json.loads(out)
+    rows = {r["device"]: r for r in result["devices"]}
+    assert result["state"] == "aborted" and result["counts"] == {"rolled back": 1, "rolling back": 1, "planned": 1}
+    assert rows[canary]["abort"] == f"sent back to fp32 ({fp32[:12]})" and rows[canary]["state"] == "rolled back"
+    # not on the candidate: told to keep what it runs (the host cannot know it; its last status may predate a switch)
+    assert rows[silent]["state"] == "rolling back" and rows[silent]["abort"].startswith("told to keep the model it runs")
+    assert rows[control]["abort"] == "nothing to do: not moved by this rollout"
+    assert ModelStore(root[canary]).current() == fp32 and ModelStore(root[canary]).previous() == int8
+    simfleet.start_agents(fleet)  # the silent device comes back: its session holds the candidate, then the hold
+    code, out, err = run_cli("rollout", "abort", "r4", "--fleet", simfleet.fleet_file, "--wait", "30", "--json")
+    assert code == 0, out + err
+    rows = {r["device"]: r for r in json.loads(out)["devices"]}
+    assert {d: r["state"] for d, r in rows.items()} == {canary: "rolled back", silent: "rolled back", control: "planned"}
+    assert rows[canary]["abort"] == "already on its previous model"
+    assert all(ModelStore(root[d]).current() == fp32 for d in root)
+    assert not (root[silent] / "incoming" / f"{int8}.partial").exists()
+    code, out, err = run_cli("rollout", "abort", "r4", "--fleet", simfleet.fleet_file)
+    assert code == 0 and out.count("already on its previous model") == 2 and "rollout r4: aborted" in out, out + err
+    assert all(ModelStore(root[d]).current() == fp32 for d in root)
+
+
 def test_a_store_that_does_not_answer_is_one_line_before_anything_is_sent(pull_fleet, digits_artifacts_v2, run_cli):
     simfleet, fleet, store, server = pull_fleet
     code, out, err = run_cli("rollout", "start", str(digits_artifacts_v2), "--fleet", simfleet.fleet_file,

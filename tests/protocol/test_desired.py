@@ -56,3 +56,14 @@ def test_a_reported_error_or_name_is_bounded_a_device_truncates_and_a_receiver_r
         check_reported({**long, "error": "x" * 10_000_000})
     with pytest.raises(MessageError, match="current.variant is longer"):
         check_reported({**long, "current": {"sha256": SHA, "variant": "v" * 10_000}})
+
+
+def test_a_hold_round_trips_and_nothing_else_passes_for_one():
+    hold = parse_desired({"msg_id": "h", **Desired.holding("r", 7).body()})
+    assert hold.hold and (hold.rollout, hold.revision, hold.msg_id) == ("r", 7, "h")
+    assert Desired.holding("r", 7).body() == {"rollout": "r", "revision": 7, "hold": True}
+    assert reported_body(hold, "converged", {"sha256": SHA})["want"] is None
+    assert not parse_desired(good()).hold
+    for bad in ({"hold": False}, {"hold": 1}, {"rollout": ""}, {"revision": 0}):
+        with pytest.raises(MessageError, match="hold is|revision"):
+            parse_desired({"msg_id": "h", **Desired.holding("r", 7).body(), **bad})
