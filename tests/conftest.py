@@ -101,3 +101,41 @@ def tune_offline(monkeypatch):
     monkeypatch.setattr(tune.FleetClient, "of", staticmethod(lambda _f: Offline()))
     monkeypatch.setattr(tune.time, "sleep", lambda _s: None)
     return tune
+
+
+@pytest.fixture
+def trickling_http():
+    """Return the URL of a loopback HTTP server that answers every request with a status line and then
+    one header that never ends, a byte every 0.2 s (a hostile or broken store or proxy); stopped after
+    the test."""
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.settimeout(0.1)
+    stop = threading.Event()
+
+    def trickle(conn: socket.socket) -> None:
+        with conn:
+            try:
+                conn.recv(4096)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+                while not stop.wait(0.2):
+                    conn.sendall(b"a")
+            except OSError:
+                pass
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            threading.Thread(target=trickle, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    stop.set()
+    listener.close()

@@ -477,11 +477,15 @@ class Rollout:
         except KeyboardInterrupt:
             raise RolloutInterrupted(self.rid) from None
         finally:
-            try:
-                self._flush()
-                self.history.release_rollout(self.rid, self.owner)
-            except Exception:  # noqa: BLE001 - already failing; the claim goes stale by itself
-                pass
+            self._release()
+
+    def _release(self) -> None:
+        """Store the rows and let go of the rollout's claim (never raises: the claim goes stale by itself)."""
+        try:
+            self._flush()
+            self.history.release_rollout(self.rid, self.owner)
+        except Exception:  # noqa: BLE001 - already failing, or going on without it
+            pass
 
     def _run(self, plan: dict[str, Any]) -> dict[str, Any]:
         settings = settings_of(plan)
@@ -713,11 +717,7 @@ class Rollout:
             plan = self._db("reading the rollout", lambda: self.history.rollout(self.rid))["body"]
             return self._abort(plan, wait_s)
         finally:
-            try:
-                self._flush()
-                self.history.release_rollout(self.rid, self.owner)
-            except Exception:  # noqa: BLE001 - already failing; the claim goes stale by itself
-                pass
+            self._release()
 
     def _abort(self, plan: dict[str, Any], wait_s: float) -> dict[str, Any]:
         stored = self._db("reading device states", lambda: self.history.rollout_devices(self.rid))

@@ -288,57 +288,24 @@ def test_a_desired_state_that_could_not_be_written_is_not_taken_and_a_retry_take
     assert out["state"] == "converged" and out["revision"] == 2 and store.cur == B
 
 
-def test_a_store_trickling_its_headers_does_not_hold_a_newer_desired_state(tmp_path):
+def test_a_store_trickling_its_headers_does_not_hold_a_newer_desired_state(tmp_path, trickling_http):
     """The real download against a store that sends one header byte every 0.2 s (a loopback server): a
     newer desired state used to wait behind it (the cancel was looked at only between body reads, and the
     header phase never ended); now the download ends within a second or so of the newer desired state."""
-    import socket
-    import threading
-
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(8)
-    stop = threading.Event()
-
-    def serve():
-        listener.settimeout(0.1)
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                continue
-            threading.Thread(target=trickle, args=(conn,), daemon=True).start()
-
-    def trickle(conn):
-        with conn:
-            try:
-                conn.recv(4096)
-                conn.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
-                while not stop.wait(0.2):
-                    conn.sendall(b"a")
-            except OSError:
-                pass
-
-    threading.Thread(target=serve, daemon=True).start()
-    store_url = f"http://127.0.0.1:{listener.getsockname()[1]}"
-    try:
-        rec = Reconciler(tmp_path, FakeStore(), activate=lambda s, k: {}, report=lambda b: None,
-                         check_disk=lambda n: None, settings=PullConfig(retry_s=10, max_attempts=3),
-                         clock=Clock(), rng=lambda: 0.0)
-        rec.take({**desired(1), "store": store_url})
-        assert rec.step()["state"] == "fetching"
-        time.sleep(0.5)
-        assert not rec.due()  # the real download is held in its headers
-        rec.take({**desired(2, sha=B), "store": store_url})
-        t0 = time.monotonic()
-        while not rec.due() and time.monotonic() - t0 < 10:
-            time.sleep(0.02)
-        assert time.monotonic() - t0 < 2  # the cancel ended it at once
-        assert rec.step() is None and rec.desired.revision == 2  # the newer desired state goes on
-        rec.stop()
-    finally:
-        stop.set()
-        listener.close()
+    rec = Reconciler(tmp_path, FakeStore(), activate=lambda s, k: {}, report=lambda b: None,
+                     check_disk=lambda n: None, settings=PullConfig(retry_s=10, max_attempts=3),
+                     clock=Clock(), rng=lambda: 0.0)
+    rec.take({**desired(1), "store": trickling_http})
+    assert rec.step()["state"] == "fetching"
+    time.sleep(0.5)
+    assert not rec.due()  # the real download is held in its headers
+    rec.take({**desired(2, sha=B), "store": trickling_http})
+    t0 = time.monotonic()
+    while not rec.due() and time.monotonic() - t0 < 10:
+        time.sleep(0.02)
+    assert time.monotonic() - t0 < 2  # the cancel ended it at once
+    assert rec.step() is None and rec.desired.revision == 2  # the newer desired state goes on
+    rec.stop()
 
 
 def test_a_hold_cancels_a_download_in_flight_keeps_the_model_and_survives_a_restart(rig):

@@ -4,6 +4,7 @@ and test_virtual_fleet.py): waves, thresholds, abort, and a resume that neither 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -264,18 +265,25 @@ def test_a_device_in_another_unfinished_rollout_is_refused_at_start(tmp_path):
         check_no_overlap(history, other)  # finished: it sends nothing more
 
 
-def test_rollout_start_refuses_devices_of_a_held_rollout_before_anything_is_sent(tmp_path, run_cli):
+def one_artifact_plan(tmp_path: Path, devices: str) -> tuple[Path, Path]:
+    """Write a fleet file of one-letter ``devices`` (rpi4) and an artifacts folder with one built int8
+    artifact; return both paths."""
     from edge_kit.manifest import Artifact, Manifest
 
     fleet_file = tmp_path / "fleet.yaml"
     fleet_file.write_text("fleet: f\nbroker: {host: 127.0.0.1, port: 1}\ndefaults: {user: u, profile: rpi4}\n"
-                          "devices:\n  - {name: a, host: h}\n  - {name: b, host: h}\n")
+                          "devices:\n" + "".join(f"  - {{name: {d}, host: h}}\n" for d in devices))
     folder = tmp_path / "art"
     folder.mkdir()
     arts = [Artifact(id="int8", status="built", profiles=["rpi4"], summary="int8", precision="int8", file="int8.tflite",
                      sha256=SHA, bytes=3)]
     (folder / "manifest.json").write_text(Manifest(created="2026-11-29T00:00:00+00:00", model={"name": "m"}, versions={},
                                                    profiles={"rpi4": {}}, artifacts=arts).to_json())
+    return fleet_file, folder
+
+
+def test_rollout_start_refuses_devices_of_a_held_rollout_before_anything_is_sent(tmp_path, run_cli):
+    fleet_file, folder = one_artifact_plan(tmp_path, devices="ab")
     history = Store(tmp_path / "edgekit-history.db")
     history.save_rollout("old", "held", {"id": "old", "targets": {"a": {}}})
     code, out, err = run_cli("rollout", "start", "--fleet", fleet_file, folder, "--store", "http://127.0.0.1:1",
@@ -434,17 +442,7 @@ def test_a_plan_whose_desired_state_the_devices_would_refuse_is_refused_at_start
     sent every device a desired state it refused (counted on the device, silent here), and the rollout
     waited out each wave with every device `sent`. Now the plan is checked by the same rules at start:
     one line, exit 2, nothing recorded or sent."""
-    from edge_kit.manifest import Artifact, Manifest
-
-    fleet_file = tmp_path / "fleet.yaml"
-    fleet_file.write_text("fleet: f\nbroker: {host: 127.0.0.1, port: 1}\ndefaults: {user: u, profile: rpi4}\n"
-                          "devices:\n  - {name: a, host: h}\n")
-    folder = tmp_path / "art"
-    folder.mkdir()
-    arts = [Artifact(id="int8", status="built", profiles=["rpi4"], summary="int8", precision="int8", file="int8.tflite",
-                     sha256=SHA, bytes=3)]
-    (folder / "manifest.json").write_text(Manifest(created="2026-11-29T00:00:00+00:00", model={"name": "m"}, versions={},
-                                                   profiles={"rpi4": {}}, artifacts=arts).to_json())
+    fleet_file, folder = one_artifact_plan(tmp_path, devices="a")
     code, out, err = run_cli("rollout", "start", "--fleet", fleet_file, folder, "--store", "http://127.0.0.1:1",
                              "--id", "x" * 600, "--json")
     assert code == 2, err
