@@ -213,9 +213,11 @@ def abort_cmd(
                                                                       "to confirm.")] = 120.0,
     as_json: JsonOpt = False,
 ) -> None:
-    """Stop a rollout and put back every device it moved: a device on the candidate is sent its previous model
-    as a new desired state, one not on it yet (fetching, failed, silent) is told to keep the model it runs.
-    Each device's row says what was done; running it again is safe (and checks again)."""
+    """Stop a rollout and put back every device it moved.
+
+    A device on the candidate is sent its previous model as a new desired state, one not on it yet
+    (fetching, failed, silent) is told to keep the model it runs. Each device's row says what was done;
+    running it again is safe (and checks again)."""
     from edge_kit.fleet.commands import FleetClient
     from edge_kit.fleet.inventory import load_fleet
     from edge_kit.loop.waves import Rollout
