@@ -114,3 +114,17 @@ def test_a_signed_record_with_negative_power_is_refused_naming_the_figure(field)
     assert receive(messages.encode(record(power=power)))["power"] == power
     with pytest.raises(MessageError, match=rf"power\.{field} is not a non-negative number"):
         receive(messages.encode(record(power={**power, field: -3.0})))
+
+
+def test_verifying_a_deeply_nested_payload_answers_a_reason_at_every_depth_never_raises():
+    """A payload nested just under the parser's recursion limit decoded, then canonical() raised RecursionError
+    inside verify_published, which must never raise on a message: the monitor's verifying process died on it
+    (restarted, its batch checked again one message at a time) and a flood of them stalled the monitor."""
+    signer = Signer.generate()
+    keyring = Keyring({"d1": signer.public})
+    m = messages.envelope("telemetry", "f", "d1", 1, {"conditions": {}, "spool": {}, "key_id": signer.key_id,
+                                                       "sig": "AAAA"})
+    head = messages.encode(m)[:-1] + b',"x":'
+    for depth in range(1, 1100):
+        why = identity.verify_published(keyring, "edgekit/v1/f/d1/telemetry", head + b"[" * depth + b"]" * depth + b"}")
+        assert isinstance(why, str), depth

@@ -152,3 +152,18 @@ def test_escapes_that_are_valid_text_are_kept():
     payload = good[:-1] + rb',"a": "\ud83d\ude00", "b": "\\u0000", "c": "\u00e9"}'
     message = messages.decode(payload)
     assert (message["a"], message["b"], message["c"]) == ("\U0001f600", "\\u0000", "\u00e9")
+
+
+def test_objects_or_lists_nested_deeper_than_the_limit_are_refused_at_decode_with_the_reason():
+    """Nesting was bounded only by the parser's recursion limit, so a payload nested ~990 deep parsed and then
+    broke every later step that encodes it again (signing, verifying its canonical form)."""
+    m = messages.envelope("telemetry", "f", "d1", 1, {"conditions": {}, "spool": {}, "key_id": "k", "sig": "s"})
+    for depth, refused in ((messages.MAX_DEPTH - 1, False), (messages.MAX_DEPTH, True), (900, True)):
+        raw = messages.encode(m)[:-1] + b',"x":' + b"[" * depth + b"]" * depth + b"}"
+        if refused:
+            with pytest.raises(messages.MessageError, match=f"deeper than {messages.MAX_DEPTH} levels"):
+                messages.decode(raw)
+        else:
+            assert messages.decode(raw)["x"]
+    wide = {**m, "x": [[{"a": [1]}] for _ in range(500)]}  # many containers, shallow: taken
+    assert messages.decode(messages.encode(wide))["x"][499] == [{"a": [1]}]
