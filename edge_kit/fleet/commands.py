@@ -42,6 +42,12 @@ def broker_unreachable(broker: BrokerConfig, exc: OSError) -> AgentError:
 COMMAND_TTL_S = 3600.0  # a command nobody waits for expires after this, so it cannot be replayed later
 
 
+def _started(status: dict[str, Any]) -> float:
+    """Return a status's ``started`` (the agent's start, its clock) when it is a number, else -inf."""
+    started = status.get("started")
+    return float(started) if messages.in_range(started) else float("-inf")
+
+
 def _keep_newest(kept: OrderedDict[str, Any], key: str, value: Any) -> None:
     """Put ``value`` under ``key`` in ``kept`` as its newest entry, dropping the oldest beyond
     :data:`MAX_RECORDS`; returns nothing."""
@@ -82,6 +88,9 @@ class FleetClient:
         self.refused_records: OrderedDict[str, str] = OrderedDict()
         # device -> (received, message), the newest MAX_STATUS
         self.status: dict[str, deque[tuple[float, dict[str, Any]]]] = {}
+        # device -> (received, highest seq, latest `started`) each time a status raised either: what a status
+        # must beat to prove a new start (a replayed old one raises neither, so it never adds a row)
+        self._status_peaks: dict[str, deque[tuple[float, int, float]]] = {}
         self._connected = threading.Event()
         self._refused: str | None = None
         self.client.on_connect = self._on_connect
@@ -133,7 +142,12 @@ class FleetClient:
             elif kind == "bench":
                 _keep_newest(self.records, msg["msg_id"], msg)
             elif kind == "status":  # verified: one of the registered devices
-                self.status.setdefault(device, deque(maxlen=MAX_STATUS)).append((time.time(), msg))
+                now = time.time()
+                self.status.setdefault(device, deque(maxlen=MAX_STATUS)).append((now, msg))
+                peaks = self._status_peaks.setdefault(device, deque(maxlen=MAX_STATUS))
+                seq, started = msg["seq"], _started(msg)
+                if not peaks or seq > peaks[-1][1] or started > peaks[-1][2]:
+                    peaks.append((now, max(seq, peaks[-1][1] if peaks else seq), max(started, peaks[-1][2] if peaks else started)))
             self._cond.notify_all()
 
     def _genuine_bench_id(self, topic: str, payload: bytes) -> str | None:
@@ -211,9 +225,14 @@ class FleetClient:
             return [m for msgs in self.status.values() for _, m in msgs]
 
     def wait_online(self, device: str, since: float, timeout: float) -> dict[str, Any] | None:
-        """Return the first ``online`` status of ``device`` received after ``since`` (host clock), or None."""
+        """Return the first ``online`` status of ``device`` received after ``since`` (host clock) that is newer than
+        every status received before it (a higher ``seq``, or a later ``started``: a new start, not a replay of
+        an old one, which anyone holding the device's broker password could publish), or None."""
         def fresh() -> dict[str, Any] | None:
-            return next((m for t, m in self.status.get(device, []) if t >= since and m.get("state") == "online"), None)
+            before = [p for p in self._status_peaks.get(device, ()) if p[0] < since]
+            _, seq, started = before[-1] if before else (0.0, -1, float("-inf"))
+            return next((m for t, m in self.status.get(device, []) if t >= since and m.get("state") == "online"
+                         and (m["seq"] > seq or _started(m) > started)), None)
 
         with self._cond:
             self._cond.wait_for(lambda: fresh() is not None, timeout)

@@ -263,3 +263,30 @@ def test_what_a_flood_publishes_is_counted_but_kept_in_bounded_memory(monkeypatc
             transport.deliver(messages.topic(FLEET, "d3", "bench"), messages.encode(msg))
             sent.append(msg["msg_id"])
         assert list(c.records) == sent[-20:]
+
+
+def test_a_replayed_old_online_status_is_not_taken_for_a_restarted_agent():
+    """wait_online took any online status received after the restart as the new agent's: an old signed one,
+    replayed by anyone holding the device's broker password, hid an agent that never came back (the deploy
+    reported it healthy). Now it must beat every status seen before: a higher seq or a later start."""
+    import time as _time
+
+    def status(seq: int, started: float) -> bytes:
+        msg = DEVICES["d1"].sign(messages.envelope("status", FLEET, "d1", seq, {"state": "online", "started": started}))
+        return messages.encode(msg)
+
+    with client(agent()) as c:
+        topic = messages.topic(FLEET, "d1", "status")
+        old = [status(3, 1000.0), status(4, 1000.0)]
+        for payload in old:
+            c.client.deliver(topic, payload)  # the retained one, at subscribe time
+        since = _time.time()
+        _time.sleep(0.01)
+        c.client.deliver(topic, old[0])  # replayed after the restart
+        assert c.wait_online("d1", since, 0.05) is None
+        c.client.deliver(topic, status(5, 1000.0))  # the restarted agent (same clock reading: seq is higher)
+        assert c.wait_online("d1", since, 1)["seq"] == 5
+        since = _time.time()
+        _time.sleep(0.01)
+        c.client.deliver(topic, status(1, 2000.0))  # a re-imaged device: its seq starts again, its start is later
+        assert c.wait_online("d1", since, 1)["seq"] == 1
