@@ -656,7 +656,7 @@ class Rollout:
                 f"{device}: reported revision {self._device_rev.get(device, 0)}, the largest a desired state can "
                 "carry, so no desired state can go above it (a device never reports more than it was sent: check "
                 "it, its key may be compromised); clear its retained reported message on the broker and desired.json "
-                "in its agent root, then start a rollout for it")})
+                "and desired-revision.json in its agent root, then start a rollout for it")})
             return None
         desired = desired_for(plan, device, rev)
         self._set(device, wave=max(wave, self.rows[device]["wave"]), state="sent", revision=rev,
