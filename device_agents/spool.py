@@ -9,6 +9,11 @@ which is what keeps the spool fast enough for a chatty telemetry interval.
 The spool is bounded by ``max_records``. When it is full the oldest telemetry row is dropped to
 make room; benchmark records are never dropped (the bound may be exceeded for them). Every drop
 is counted, persisted, and reported in telemetry and the ``state`` command.
+
+A spool that is not a database any more (a damaged file, a write cut by a power loss on a card that lies
+about fsync) is moved aside (``spool.db.damaged-<unix time>``, kept for a look) and a new one started, so
+the agent still starts; the new one counts it (``damaged_spools``) and starts its command horizon at this
+device's clock, so a command that expired by it is refused before it is taken.
 """
 
 from __future__ import annotations
@@ -35,6 +40,38 @@ class Spool:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.max_records = max_records
         self._lock = threading.Lock()
+        try:
+            self._open()
+            damaged = None
+        except sqlite3.DatabaseError as exc:
+            if isinstance(exc, sqlite3.OperationalError):  # locked, read-only, no space: not damage
+                raise
+            if getattr(self, "_db", None) is not None:
+                self._db.close()
+            damaged = self.path.with_name(f"{self.path.name}.damaged-{int(time.time())}")
+            for suffix in ("", "-wal", "-shm"):
+                src = self.path.with_name(self.path.name + suffix)
+                if src.exists():
+                    src.rename(damaged.with_name(damaged.name + suffix))
+            log.error("%s: not a database (%s); moved to %s and a new spool started (records not yet sent "
+                      "are in the old one)", self.path, exc, damaged.name)
+            self._open()
+        self._count = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+        self._sync = ""
+        self._undone: set[int] = set()  # acknowledged rows a full disk kept us from deleting
+        self._unsaved: dict[str, int] = {}  # next_seq numbers a full disk kept us from writing
+        if damaged is not None:
+            with self._lock:
+                self._bump("damaged_spools")
+                horizon = int((time.time() - HORIZON_S) * 1000)  # the ids taken before are gone: this clock's word
+                self._db.execute("INSERT OR REPLACE INTO counters (name, value) VALUES ('horizon_ms', ?)", (horizon,))
+
+    def _open(self) -> None:
+        """Open the database and create its tables (returns nothing).
+
+        Raises:
+            sqlite3.DatabaseError: the file is not a database (damaged), or cannot be opened.
+        """
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, "
@@ -46,10 +83,6 @@ class Spool:
             self._db.execute(f"ALTER TABLE seen ADD COLUMN expires REAL NOT NULL DEFAULT {time.time() + 86400:.0f}")
         self._db.execute("CREATE TABLE IF NOT EXISTS inbox (id TEXT PRIMARY KEY, n INTEGER NOT NULL, payload BLOB NOT NULL, "
                          "started INTEGER NOT NULL DEFAULT 0)")
-        self._count = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
-        self._sync = ""
-        self._undone: set[int] = set()  # acknowledged rows a full disk kept us from deleting
-        self._unsaved: dict[str, int] = {}  # next_seq numbers a full disk kept us from writing
 
     def _synchronous(self, sync: str) -> None:
         """Set how the next commits reach the disk (caller holds the lock): ``FULL`` fsyncs each commit
@@ -150,13 +183,14 @@ class Spool:
         whose id was taken before: redelivered or replayed, not run), ``expired_commands`` (expired
         before the newest command's horizon, not run), ``stale_desired`` (desired states whose revision was not
         above the one taken before: replays, never applied), ``failed_pulls`` (tries to reach a desired state
-        that failed: store down, hash mismatch, disk full, smoke test...) and ``max_records``."""
+        that failed: store down, hash mismatch, disk full, smoke test...), ``damaged_spools`` (spools found
+        damaged and replaced at start) and ``max_records``."""
         with self._lock:
             return {"pending": self._count, "dropped_telemetry": self._counter("dropped." + DROPPABLE),
                     "refused_commands": self._counter("refused"), "replayed_commands": self._counter("replayed"),
                     "expired_commands": self._counter("expired"),
                     "stale_desired": self._counter("stale_desired"), "failed_pulls": self._counter("failed_pulls"),
-                    "max_records": self.max_records}
+                    "damaged_spools": self._counter("damaged_spools"), "max_records": self.max_records}
 
     def count(self, name: str) -> None:
         """Add one to the persistent counter ``name``."""
