@@ -177,6 +177,17 @@ def _finite_float(text: str) -> float:
     return value
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Return the object of ``pairs``; raise MessageError when a key appears twice (the parser would keep the
+    last, another reader of the stored bytes the first: what was verified must be what every reader sees)."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise MessageError(f"payload holds the key {twice[:40]!r} twice in one object; keys must be unique")
+    return obj
+
+
 def _odd_string(value: Any, where: str = "payload") -> str | None:
     """Return where in ``value`` (a decoded JSON value) a string or key holds a NUL or a lone surrogate, else None."""
     if isinstance(value, str):
@@ -217,15 +228,16 @@ def decode(payload: bytes, kind: str | None = None) -> dict[str, Any]:
         The message as a dict.
 
     Raises:
-        MessageError: oversized, not UTF-8 JSON, a NaN or infinity anywhere, a NUL or lone surrogate in any
-            string or key, not an object, objects or lists nested deeper than :data:`MAX_DEPTH`, a missing or
+        MessageError: oversized, not UTF-8 JSON, a NaN or infinity anywhere, a key twice in one object, a NUL or
+            lone surrogate in any string or key, not an object, objects or lists nested deeper than :data:`MAX_DEPTH`, a missing or
             mistyped envelope field, or a schema that does not match ``kind``.
     """
     if len(payload) > MAX_PAYLOAD:
         raise MessageError(f"payload of {len(payload)} bytes is over the {MAX_PAYLOAD}-byte limit")
     try:
         text = payload.decode("utf-8")
-        message = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+        message = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float,
+                             object_pairs_hook=_unique_keys)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: also integers of 4,300+ digits
         if isinstance(exc, MessageError):
             raise

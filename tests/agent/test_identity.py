@@ -128,3 +128,16 @@ def test_verifying_a_deeply_nested_payload_answers_a_reason_at_every_depth_never
     for depth in range(1, 1100):
         why = identity.verify_published(keyring, "edgekit/v1/f/d1/telemetry", head + b"[" * depth + b"]" * depth + b"}")
         assert isinstance(why, str), depth
+
+
+def test_a_signed_message_with_a_key_added_twice_does_not_verify_as_its_device_s():
+    """Anyone who saw a signed record could put a second, earlier copy of a key in front of the real one: the
+    parser kept the last (the signed value), so the message verified and was stored with bytes that say
+    something else to a reader keeping the first."""
+    signer = Signer.generate()
+    keyring = Keyring({"d1": signer.public})
+    msg = messages.encode(signer.sign(messages.envelope("status", "f", "d1", 1, {"state": "online"})))
+    topic = "edgekit/v1/f/d1/status"
+    assert identity.verify_published(keyring, topic, msg) is None
+    why = identity.verify_published(keyring, topic, b'{"state":"offline",' + msg[1:])
+    assert why is not None and "twice" in why

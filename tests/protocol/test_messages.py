@@ -167,3 +167,13 @@ def test_objects_or_lists_nested_deeper_than_the_limit_are_refused_at_decode_wit
             assert messages.decode(raw)["x"]
     wide = {**m, "x": [[{"a": [1]}] for _ in range(500)]}  # many containers, shallow: taken
     assert messages.decode(messages.encode(wide))["x"][499] == [{"a": [1]}]
+
+
+def test_a_key_twice_in_one_object_is_refused_at_decode_naming_it():
+    """json.loads keeps the last of two equal keys; a reader of the stored bytes that keeps the first (SQLite's
+    json_extract, jq and others do) would read another value than the one verified. Such a payload is refused."""
+    m = messages.encode(messages.envelope("bench", "f", "d1", 1, {"variant": "int8", "key_id": "k", "sig": "s"}))
+    for raw in (b'{"variant":"fp32",' + m[1:], m[:-1] + b',"power":{"avg_w":1,"avg_w":2}}'):
+        with pytest.raises(messages.MessageError, match="key '(variant|avg_w)' twice"):
+            messages.decode(raw)
+    assert messages.decode(m)["variant"] == "int8"
