@@ -141,3 +141,18 @@ def test_a_signed_message_with_a_key_added_twice_does_not_verify_as_its_device_s
     assert identity.verify_published(keyring, topic, msg) is None
     why = identity.verify_published(keyring, topic, b'{"state":"offline",' + msg[1:])
     assert why is not None and "twice" in why
+
+
+def test_verify_published_answers_a_reason_when_checking_a_payload_fails_unexpectedly(monkeypatch):
+    """The monitor's verifying process ends on any exception verify_published raises: one payload that made the
+    check fail other than with a MessageError (as nesting near the recursion limit did) killed it for all."""
+    signer = Signer.generate()
+    keyring = Keyring({"d1": signer.public})
+    msg = messages.encode(signer.sign(messages.envelope("status", "f", "d1", 1, {"state": "online"})))
+
+    def broken(_message):
+        raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr(identity, "canonical", broken)
+    why = identity.verify_published(keyring, "edgekit/v1/f/d1/status", msg)
+    assert why is not None and "RecursionError" in why
