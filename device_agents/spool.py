@@ -27,6 +27,7 @@ from pathlib import Path
 
 log = logging.getLogger("edgekit.agent.spool")
 DROPPABLE = "telemetry"
+COUNT_EVERY_S = 1.0  # counters (count()) reach the disk at most this often: a flood of refusals is not a commit each
 HORIZON_S = 300.0  # how far behind the newest command's ts a command may still expire (commands sent in parallel)
 
 
@@ -60,6 +61,8 @@ class Spool:
         self._sync = ""
         self._undone: set[int] = set()  # acknowledged rows a full disk kept us from deleting
         self._unsaved: dict[str, int] = {}  # next_seq numbers a full disk kept us from writing
+        self._uncounted: dict[str, int] = {}  # count()s not on disk yet (at most COUNT_EVERY_S old)
+        self._counted_at = 0.0  # monotonic time counters last reached the disk
         if damaged is not None:
             with self._lock:
                 self._bump("damaged_spools")
@@ -94,12 +97,32 @@ class Spool:
 
     def _counter(self, name: str) -> int:
         row = self._db.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
-        return row[0] if row else 0
+        return (row[0] if row else 0) + self._uncounted.get(name, 0)
 
     def _bump(self, name: str, by: int = 1) -> int:
-        value = self._counter(name) + by
+        row = self._db.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
+        value = (row[0] if row else 0) + by
         self._db.execute("INSERT OR REPLACE INTO counters (name, value) VALUES (?, ?)", (name, value))
         return value
+
+    def _save_counts(self) -> None:
+        """Write the counts :meth:`count` holds to disk, in one transaction (caller holds the lock); returns nothing.
+        A failed write (a full disk) keeps them held for the next try."""
+        if not self._uncounted:
+            return
+        held, self._uncounted = self._uncounted, {}
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            for name, by in held.items():
+                self._bump(name, by)
+            self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            for name, by in held.items():
+                self._uncounted[name] = self._uncounted.get(name, 0) + by
+            raise
+        self._counted_at = time.monotonic()
 
     def next_seq(self, kind: str) -> int:
         """Return the next sequence number of ``kind`` for a message published without the outbox (a
@@ -193,9 +216,16 @@ class Spool:
                     "damaged_spools": self._counter("damaged_spools"), "max_records": self.max_records}
 
     def count(self, name: str) -> None:
-        """Add one to the persistent counter ``name``."""
+        """Add one to the persistent counter ``name``: on disk within :data:`COUNT_EVERY_S` (and at :meth:`close`), so
+        a flood of refused or replayed commands costs one commit a second, not one each; returns nothing.
+
+        Raises:
+            sqlite3.Error, OSError: the counts could not be written (a full disk); they stay held.
+        """
         with self._lock:
-            self._bump(name)
+            self._uncounted[name] = self._uncounted.get(name, 0) + 1
+            if time.monotonic() - self._counted_at >= COUNT_EVERY_S:
+                self._save_counts()
 
     def take(self, msg_id: str, payload: bytes, ts: float, expires: float) -> str | None:
         """Record a command as taken and keep it until the message answering it is spooled
@@ -258,6 +288,10 @@ class Spool:
             return [(row[0], bool(row[1])) for row in self._db.execute("SELECT payload, started FROM inbox ORDER BY n")]
 
     def close(self) -> None:
-        """Close the database (rows stay on disk for the next start)."""
+        """Close the database (rows and counts stay on disk for the next start)."""
         with self._lock:
+            try:
+                self._save_counts()
+            except (sqlite3.Error, OSError) as exc:
+                log.error("%s: counts not saved at close (%s)", self.path, exc)
             self._db.close()

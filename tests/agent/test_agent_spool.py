@@ -152,3 +152,19 @@ def test_a_damaged_spool_is_moved_aside_and_a_new_one_started_counted_with_its_h
     assert spool.take("new", b"{}", now, now + 3600) == "replayed"
     spool.close()
     assert Spool(path).stats()["damaged_spools"] == 1  # a sound spool is opened as it is
+
+
+def test_a_flood_of_refusals_is_counted_exactly_with_about_one_commit_a_second(tmp_path):
+    """Each refused (or replayed) command was one committed counter write: a flood of unsigned commands on the
+    device's topic was a transaction per message on its SD card. Counts now reach the disk at most once a
+    second (and at close), read back exactly meanwhile."""
+    spool = Spool(tmp_path / "spool.db")
+    commits = []
+    spool._db.set_trace_callback(lambda sql: commits.append(sql) if sql.startswith("INSERT OR REPLACE INTO counters") else None)
+    for _ in range(2_000):
+        spool.count("refused")
+    spool.count("replayed")
+    assert spool.stats()["refused_commands"] == 2_000 and spool.stats()["replayed_commands"] == 1
+    assert len(commits) <= 4  # the first count, and at most one more save within the second
+    spool.close()
+    assert Spool(tmp_path / "spool.db").stats()["refused_commands"] == 2_000  # held ones are saved at close
