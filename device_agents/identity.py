@@ -217,12 +217,15 @@ def receive(keyring: Keyring | None, topic: str, payload: bytes, received: float
 
 def verify_published(keyring: Keyring, topic: str, payload: bytes) -> str | None:
     """Return None when ``payload`` is signed by the registered key of the device ``topic`` names,
-    else why not: the signature half of :func:`receive`, for a verifying worker process."""
+    else why not: the signature half of :func:`receive`, for a verifying worker process. Never raises:
+    whatever a payload makes go wrong is its refusal (one message must not end the process verifying them all)."""
     try:
         _, device, _ = messages.parse_topic(topic)
         keyring.verify(messages.decode(payload), device)
     except EdgeKitError as exc:
         return str(exc)
+    except Exception as exc:  # noqa: BLE001 - e.g. RecursionError: refused with what went wrong, never raised
+        return f"checking its signature failed ({type(exc).__name__}); refused"
     return None
 
 

@@ -9,7 +9,9 @@ beside a command or a benchmark.
 
 What survives a restart: the last desired message taken and whether it converged
 (``<root>/desired.json``, written atomically before the broker is told it arrived) and the partial
-download (``<root>/incoming/<sha256>.partial``, resumed with a Range request). A desired state that
+download (``<root>/incoming/<sha256>.partial``, resumed with a Range request). The highest revision taken
+is kept a second time (``<root>/desired-revision.json``, with its ``msg_id``), so a ``desired.json`` lost
+or damaged does not let a replayed older desired state take the device back. A desired state that
 converged is not applied again after a restart (an operator may have moved the device since, by a
 push deploy); one that had not is resumed once the broker had a moment to deliver a newer one.
 A device is never left without a working model:
@@ -38,6 +40,7 @@ from edgekit_protocol.errors import EdgeKitError
 log = logging.getLogger("edgekit.agent.reconcile")
 MAX_RETRY_S = 900.0
 DESIRED = "desired.json"
+REVISION = "desired-revision.json"  # the highest revision taken and its msg_id: the floor a lost desired.json leaves
 CONNECT_GRACE_S = 2.0  # after a restart, how long the broker gets to deliver a newer desired state
 FLOOR_RATE = 8192.0  # bytes/s: a download slower than this on average (or half the cap) is given up and retried
 
@@ -97,6 +100,7 @@ class Reconciler:
         self._job: _Job | None = None
         self._resumed = False  # resumed from disk after a restart: wait for the broker's newer word first
         self._connected_at: float | None = None
+        self._floor: tuple[int, str | None] = (0, None)  # the highest revision taken, and its msg_id
         self._load()
 
     def _load(self) -> None:
@@ -107,8 +111,18 @@ class Reconciler:
         once the broker had a moment to deliver a newer one (:data:`CONNECT_GRACE_S` after connecting).
         """
         try:
+            floor = json.loads((self.root / REVISION).read_text())
+            if isinstance(floor.get("revision"), int) and isinstance(floor.get("msg_id"), str):
+                self._floor = (floor["revision"], floor["msg_id"])
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, AttributeError) as exc:
+            log.error("%s: unreadable (%s); the revision in desired.json is the floor", self.root / REVISION, exc)
+        try:
             saved = json.loads((self.root / DESIRED).read_text())
             self.desired, self._message = parse_desired(saved["message"]), saved["message"]
+            if self.desired.revision >= self._floor[0]:
+                self._floor = (self.desired.revision, self.desired.msg_id)
         except FileNotFoundError:
             return
         except (OSError, ValueError, KeyError, TypeError, EdgeKitError) as exc:
@@ -154,6 +168,10 @@ class Reconciler:
         """
         new = parse_desired(message)
         old = self.desired
+        if old is None and new.revision <= self._floor[0] and (new.revision, new.msg_id) != self._floor:
+            log.warning("refused desired revision %d of rollout %s: not above the revision %d taken before "
+                        "(desired.json was lost; a replay)", new.revision, new.rollout, self._floor[0])
+            return "stale"
         if old is not None and new.revision <= old.revision:
             if new.revision == old.revision and new.msg_id == old.msg_id:
                 self._resumed = False  # the broker's word is the one on disk: go on at once
@@ -164,6 +182,12 @@ class Reconciler:
                         "(a replay, or the operator's clock went back)", new.revision, new.rollout, old.revision)
             return "stale"
         self._save(converged=False, message=message, attempts=0)  # first: a failed write takes nothing
+        self._floor = (new.revision, new.msg_id)
+        try:  # the second copy: desired.json holds the revision already, so a failure here loses nothing yet
+            atomic_write(self.root / REVISION, json.dumps({"revision": new.revision, "msg_id": new.msg_id}).encode())
+        except OSError as exc:
+            log.error("%s: could not be written (%s); desired.json alone keeps revision %d",
+                      self.root / REVISION, exc, new.revision)
         self._message = message
         self.desired, self.attempt, self._resumed = new, 0, False
         if self._job is not None:

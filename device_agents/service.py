@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import logging.handlers
 import os
 import queue
 import signal
@@ -56,6 +57,9 @@ WRITES = ("install", "activate", "rollback", "bench", "operators")  # commands t
 # may run for minutes (a TensorRT engine is built at install; a shadow model loads in its child for up to
 # 120 s): the telemetry beat goes on meanwhile
 LONG = ("install", "shadow")
+# The log file (``--log-file``, what the supervisor's agent writes) is cut at this size and one older part kept:
+# every refused command is a line, and a flood of them on the broker must not fill the device's storage.
+LOG_MAX_BYTES = 5_000_000
 
 
 class Agent:
@@ -691,8 +695,16 @@ class Agent:
         self.spool.close()
 
 
+def log_to(log_file: Path | None) -> None:
+    """Send this process's log (INFO and up) to ``log_file``, at most :data:`LOG_MAX_BYTES` in it and as much in
+    ``<log_file>.1`` (the older part), or to stderr when None; returns nothing."""
+    handlers: list[logging.Handler] = [logging.StreamHandler()] if log_file is None else [
+        logging.handlers.RotatingFileHandler(log_file, maxBytes=LOG_MAX_BYTES, backupCount=1)]
+    logging.basicConfig(level=logging.INFO, handlers=handlers, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        force=True)
+
+
 def run_agent(cfg: AgentConfig, log_file: Path | None = None) -> None:
     """Run the agent in this process until SIGTERM/SIGINT."""
-    logging.basicConfig(level=logging.INFO, filename=log_file,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_to(log_file)
     Agent(cfg).run()

@@ -9,6 +9,11 @@ which is what keeps the spool fast enough for a chatty telemetry interval.
 The spool is bounded by ``max_records``. When it is full the oldest telemetry row is dropped to
 make room; benchmark records are never dropped (the bound may be exceeded for them). Every drop
 is counted, persisted, and reported in telemetry and the ``state`` command.
+
+A spool that is not a database any more (a damaged file, a write cut by a power loss on a card that lies
+about fsync) is moved aside (``spool.db.damaged-<unix time>``, kept for a look) and a new one started, so
+the agent still starts; the new one counts it (``damaged_spools``) and starts its command horizon at this
+device's clock, so a command that expired by it is refused before it is taken.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from pathlib import Path
 
 log = logging.getLogger("edgekit.agent.spool")
 DROPPABLE = "telemetry"
+COUNT_EVERY_S = 1.0  # counters (count()) reach the disk at most this often: a flood of refusals is not a commit each
 HORIZON_S = 300.0  # how far behind the newest command's ts a command may still expire (commands sent in parallel)
 
 
@@ -35,6 +41,40 @@ class Spool:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.max_records = max_records
         self._lock = threading.Lock()
+        try:
+            self._open()
+            damaged = None
+        except sqlite3.DatabaseError as exc:
+            if isinstance(exc, sqlite3.OperationalError):  # locked, read-only, no space: not damage
+                raise
+            if getattr(self, "_db", None) is not None:
+                self._db.close()
+            damaged = self.path.with_name(f"{self.path.name}.damaged-{int(time.time())}")
+            for suffix in ("", "-wal", "-shm"):
+                src = self.path.with_name(self.path.name + suffix)
+                if src.exists():
+                    src.rename(damaged.with_name(damaged.name + suffix))
+            log.error("%s: not a database (%s); moved to %s and a new spool started (records not yet sent "
+                      "are in the old one)", self.path, exc, damaged.name)
+            self._open()
+        self._count = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+        self._sync = ""
+        self._undone: set[int] = set()  # acknowledged rows a full disk kept us from deleting
+        self._unsaved: dict[str, int] = {}  # next_seq numbers a full disk kept us from writing
+        self._uncounted: dict[str, int] = {}  # count()s not on disk yet (at most COUNT_EVERY_S old)
+        self._counted_at = 0.0  # monotonic time counters last reached the disk
+        if damaged is not None:
+            with self._lock:
+                self._bump("damaged_spools")
+                horizon = int((time.time() - HORIZON_S) * 1000)  # the ids taken before are gone: this clock's word
+                self._db.execute("INSERT OR REPLACE INTO counters (name, value) VALUES ('horizon_ms', ?)", (horizon,))
+
+    def _open(self) -> None:
+        """Open the database and create its tables (returns nothing).
+
+        Raises:
+            sqlite3.DatabaseError: the file is not a database (damaged), or cannot be opened.
+        """
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, "
@@ -46,10 +86,6 @@ class Spool:
             self._db.execute(f"ALTER TABLE seen ADD COLUMN expires REAL NOT NULL DEFAULT {time.time() + 86400:.0f}")
         self._db.execute("CREATE TABLE IF NOT EXISTS inbox (id TEXT PRIMARY KEY, n INTEGER NOT NULL, payload BLOB NOT NULL, "
                          "started INTEGER NOT NULL DEFAULT 0)")
-        self._count = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
-        self._sync = ""
-        self._undone: set[int] = set()  # acknowledged rows a full disk kept us from deleting
-        self._unsaved: dict[str, int] = {}  # next_seq numbers a full disk kept us from writing
 
     def _synchronous(self, sync: str) -> None:
         """Set how the next commits reach the disk (caller holds the lock): ``FULL`` fsyncs each commit
@@ -61,12 +97,32 @@ class Spool:
 
     def _counter(self, name: str) -> int:
         row = self._db.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
-        return row[0] if row else 0
+        return (row[0] if row else 0) + self._uncounted.get(name, 0)
 
     def _bump(self, name: str, by: int = 1) -> int:
-        value = self._counter(name) + by
+        row = self._db.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
+        value = (row[0] if row else 0) + by
         self._db.execute("INSERT OR REPLACE INTO counters (name, value) VALUES (?, ?)", (name, value))
         return value
+
+    def _save_counts(self) -> None:
+        """Write the counts :meth:`count` holds to disk, in one transaction (caller holds the lock); returns nothing.
+        A failed write (a full disk) keeps them held for the next try."""
+        if not self._uncounted:
+            return
+        held, self._uncounted = self._uncounted, {}
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            for name, by in held.items():
+                self._bump(name, by)
+            self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            for name, by in held.items():
+                self._uncounted[name] = self._uncounted.get(name, 0) + by
+            raise
+        self._counted_at = time.monotonic()
 
     def next_seq(self, kind: str) -> int:
         """Return the next sequence number of ``kind`` for a message published without the outbox (a
@@ -150,18 +206,26 @@ class Spool:
         whose id was taken before: redelivered or replayed, not run), ``expired_commands`` (expired
         before the newest command's horizon, not run), ``stale_desired`` (desired states whose revision was not
         above the one taken before: replays, never applied), ``failed_pulls`` (tries to reach a desired state
-        that failed: store down, hash mismatch, disk full, smoke test...) and ``max_records``."""
+        that failed: store down, hash mismatch, disk full, smoke test...), ``damaged_spools`` (spools found
+        damaged and replaced at start) and ``max_records``."""
         with self._lock:
             return {"pending": self._count, "dropped_telemetry": self._counter("dropped." + DROPPABLE),
                     "refused_commands": self._counter("refused"), "replayed_commands": self._counter("replayed"),
                     "expired_commands": self._counter("expired"),
                     "stale_desired": self._counter("stale_desired"), "failed_pulls": self._counter("failed_pulls"),
-                    "max_records": self.max_records}
+                    "damaged_spools": self._counter("damaged_spools"), "max_records": self.max_records}
 
     def count(self, name: str) -> None:
-        """Add one to the persistent counter ``name``."""
+        """Add one to the persistent counter ``name``: on disk within :data:`COUNT_EVERY_S` (and at :meth:`close`), so
+        a flood of refused or replayed commands costs one commit a second, not one each; returns nothing.
+
+        Raises:
+            sqlite3.Error, OSError: the counts could not be written (a full disk); they stay held.
+        """
         with self._lock:
-            self._bump(name)
+            self._uncounted[name] = self._uncounted.get(name, 0) + 1
+            if time.monotonic() - self._counted_at >= COUNT_EVERY_S:
+                self._save_counts()
 
     def take(self, msg_id: str, payload: bytes, ts: float, expires: float) -> str | None:
         """Record a command as taken and keep it until the message answering it is spooled
@@ -224,6 +288,10 @@ class Spool:
             return [(row[0], bool(row[1])) for row in self._db.execute("SELECT payload, started FROM inbox ORDER BY n")]
 
     def close(self) -> None:
-        """Close the database (rows stay on disk for the next start)."""
+        """Close the database (rows and counts stay on disk for the next start)."""
         with self._lock:
+            try:
+                self._save_counts()
+            except (sqlite3.Error, OSError) as exc:
+                log.error("%s: counts not saved at close (%s)", self.path, exc)
             self._db.close()

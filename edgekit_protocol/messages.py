@@ -44,6 +44,10 @@ _ENVELOPE_TYPES: dict[str, type | tuple[type, ...]] = {
     "schema": str, "device": str, "fleet": str, "seq": int, "ts": (int, float), "msg_id": str,
     "key_id": str, "sig": str,
 }
+# How deep objects and lists may nest (a real message nests 5 levels). Deeper ones are refused at decode: near
+# Python's recursion limit a payload parses but cannot be encoded again (RecursionError while signing or
+# verifying its canonical form, depending on how deep the caller's stack already is).
+MAX_DEPTH = 32
 MAX_SKEW_S = 300.0  # how far ahead of the receiver's clock a sender's ts may be
 _MSG_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # the dedup key, shown and logged: no controls, no markup
 # A NUL or a lone UTF-16 surrogate in a decoded string can only come from a ``\\u0000`` or ``\\udXXX`` escape
@@ -173,6 +177,17 @@ def _finite_float(text: str) -> float:
     return value
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Return the object of ``pairs``; raise MessageError when a key appears twice (the parser would keep the
+    last, another reader of the stored bytes the first: what was verified must be what every reader sees)."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise MessageError(f"payload holds the key {twice[:40]!r} twice in one object; keys must be unique")
+    return obj
+
+
 def _odd_string(value: Any, where: str = "payload") -> str | None:
     """Return where in ``value`` (a decoded JSON value) a string or key holds a NUL or a lone surrogate, else None."""
     if isinstance(value, str):
@@ -193,6 +208,19 @@ def _odd_string(value: Any, where: str = "payload") -> str | None:
     return None
 
 
+def _nested_deeper(value: Any, limit: int) -> bool:
+    """Return whether objects and lists nest more than ``limit`` levels in ``value`` (a decoded JSON value);
+    walks with a list, not recursion, so it never raises RecursionError."""
+    todo = [(value, 1)]
+    while todo:
+        item, depth = todo.pop()
+        if depth > limit:
+            return True
+        children = item.values() if isinstance(item, dict) else item
+        todo.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
+
+
 def decode(payload: bytes, kind: str | None = None) -> dict[str, Any]:
     """Parse and check a payload's envelope (and, with ``kind``, that its schema fits the topic).
 
@@ -200,20 +228,24 @@ def decode(payload: bytes, kind: str | None = None) -> dict[str, Any]:
         The message as a dict.
 
     Raises:
-        MessageError: oversized, not UTF-8 JSON, a NaN or infinity anywhere, a NUL or lone surrogate in any
-            string or key, not an object, a missing or mistyped envelope field, or a schema that does not match ``kind``.
+        MessageError: oversized, not UTF-8 JSON, a NaN or infinity anywhere, a key twice in one object, a NUL or
+            lone surrogate in any string or key, not an object, objects or lists nested deeper than :data:`MAX_DEPTH`, a missing or
+            mistyped envelope field, or a schema that does not match ``kind``.
     """
     if len(payload) > MAX_PAYLOAD:
         raise MessageError(f"payload of {len(payload)} bytes is over the {MAX_PAYLOAD}-byte limit")
     try:
         text = payload.decode("utf-8")
-        message = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+        message = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float,
+                             object_pairs_hook=_unique_keys)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: also integers of 4,300+ digits
         if isinstance(exc, MessageError):
             raise
         raise MessageError(f"payload is not UTF-8 JSON ({type(exc).__name__})") from None
     if not isinstance(message, dict):
         raise MessageError(f"payload is a JSON {type(message).__name__}, expected an object")
+    if text.count("[") + text.count("{") > MAX_DEPTH and _nested_deeper(message, MAX_DEPTH):  # the walk only when it may be
+        raise MessageError(f"payload nests objects or lists deeper than {MAX_DEPTH} levels; refused")
     try:  # the walk only when an escape may hold one
         where = _odd_string(message) if _ODD_ESCAPE.search(text) else None
     except RecursionError:

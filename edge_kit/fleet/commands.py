@@ -7,7 +7,10 @@ answer cannot slip past.
 Every command is signed with the operator key and carries an expiry. An answer counts only when it
 verifies as the addressed device's (the registered key of the device the topic names, which must
 also be the device the command went to), is well formed, and is not dated ahead of this host's
-clock; anything else is refused and counted in :attr:`FleetClient.rejected`, never taken.
+clock; anything else is refused and counted in :attr:`FleetClient.rejected_count` (the newest
+:data:`MAX_REJECTED` reasons in :attr:`FleetClient.rejected`), never taken. What the client keeps is
+bounded however long it runs and whatever is published: at most :data:`MAX_STATUS` statuses per device
+and :data:`MAX_RECORDS` bench records (the newest).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections import OrderedDict, deque
 from typing import Any, Callable
 
 from device_agents.identity import Keyring, Signer, receive, verify_published
@@ -25,6 +29,9 @@ from edgekit_protocol.config import BrokerConfig
 from edgekit_protocol.desired import Desired
 
 CONNECT_TIMEOUT_S = 10.0
+MAX_REJECTED = 1000  # reasons of refused messages kept (the newest); all are counted in ``rejected_count``
+MAX_STATUS = 64  # statuses kept per device (the newest): wait_online looks at the recent ones
+MAX_RECORDS = 10_000  # bench records (and refusals of signed ones) kept, the newest: a request waits seconds for its own
 
 
 def broker_unreachable(broker: BrokerConfig, exc: OSError) -> AgentError:
@@ -33,6 +40,21 @@ def broker_unreachable(broker: BrokerConfig, exc: OSError) -> AgentError:
     return AgentError(f"cannot reach the MQTT broker at {broker.host}:{broker.port} ({exc.strerror or exc}); "
                       "check broker.host/port in the fleet file and that the broker runs")
 COMMAND_TTL_S = 3600.0  # a command nobody waits for expires after this, so it cannot be replayed later
+
+
+def _started(status: dict[str, Any]) -> float:
+    """Return a status's ``started`` (the agent's start, its clock) when it is a number, else -inf."""
+    started = status.get("started")
+    return float(started) if messages.in_range(started) else float("-inf")
+
+
+def _keep_newest(kept: OrderedDict[str, Any], key: str, value: Any) -> None:
+    """Put ``value`` under ``key`` in ``kept`` as its newest entry, dropping the oldest beyond
+    :data:`MAX_RECORDS`; returns nothing."""
+    kept[key] = value
+    kept.move_to_end(key)
+    while len(kept) > MAX_RECORDS:
+        kept.popitem(last=False)
 
 
 class FleetClient:
@@ -57,12 +79,18 @@ class FleetClient:
         self.client = transport or make_client(broker, f"edgekit-host-{uuid.uuid4().hex[:8]}", password=password)
         self._cond = threading.Condition()
         self.sent: dict[str, str] = {}  # command id -> the device it went to
-        self.rejected: list[str] = []  # why each refused message was refused (forged, misaddressed, ...)
+        # why the newest refused messages were refused (forged, misaddressed, ...); all are counted
+        self.rejected: deque[str] = deque(maxlen=MAX_REJECTED)
+        self.rejected_count = 0
         self.acks: dict[str, dict[str, Any]] = {}
-        self.records: dict[str, dict[str, Any]] = {}
+        self.records: OrderedDict[str, dict[str, Any]] = OrderedDict()
         # bench records their device did sign whose content the checks refused (msg_id -> why): tune says so at once
-        self.refused_records: dict[str, str] = {}
-        self.status: dict[str, list[tuple[float, dict[str, Any]]]] = {}  # device -> (received, message)
+        self.refused_records: OrderedDict[str, str] = OrderedDict()
+        # device -> (received, message), the newest MAX_STATUS
+        self.status: dict[str, deque[tuple[float, dict[str, Any]]]] = {}
+        # device -> (received, highest seq, latest `started`) each time a status raised either: what a status
+        # must beat to prove a new start (a replayed old one raises neither, so it never adds a row)
+        self._status_peaks: dict[str, deque[tuple[float, int, float]]] = {}
         self._connected = threading.Event()
         self._refused: str | None = None
         self.client.on_connect = self._on_connect
@@ -99,8 +127,9 @@ class FleetClient:
             genuine = self._genuine_bench_id(message.topic, message.payload)
             with self._cond:
                 self.rejected.append(f"{message.topic}: {exc}"[:300])
+                self.rejected_count += 1
                 if genuine is not None:
-                    self.refused_records[genuine] = str(exc)[:300]
+                    _keep_newest(self.refused_records, genuine, str(exc)[:300])
                     self._cond.notify_all()
             return
         if kind == "reported":
@@ -111,9 +140,14 @@ class FleetClient:
             if kind == "cmd/ack":
                 self.acks[msg["cmd_id"]] = msg
             elif kind == "bench":
-                self.records[msg["msg_id"]] = msg
-            elif kind == "status":
-                self.status.setdefault(msg["device"], []).append((time.time(), msg))
+                _keep_newest(self.records, msg["msg_id"], msg)
+            elif kind == "status":  # verified: one of the registered devices
+                now = time.time()
+                self.status.setdefault(device, deque(maxlen=MAX_STATUS)).append((now, msg))
+                peaks = self._status_peaks.setdefault(device, deque(maxlen=MAX_STATUS))
+                seq, started = msg["seq"], _started(msg)
+                if not peaks or seq > peaks[-1][1] or started > peaks[-1][2]:
+                    peaks.append((now, max(seq, peaks[-1][1] if peaks else seq), max(started, peaks[-1][2] if peaks else started)))
             self._cond.notify_all()
 
     def _genuine_bench_id(self, topic: str, payload: bytes) -> str | None:
@@ -191,9 +225,14 @@ class FleetClient:
             return [m for msgs in self.status.values() for _, m in msgs]
 
     def wait_online(self, device: str, since: float, timeout: float) -> dict[str, Any] | None:
-        """Return the first ``online`` status of ``device`` received after ``since`` (host clock), or None."""
+        """Return the first ``online`` status of ``device`` received after ``since`` (host clock) that is newer than
+        every status received before it (a higher ``seq``, or a later ``started``: a new start, not a replay of
+        an old one, which anyone holding the device's broker password could publish), or None."""
         def fresh() -> dict[str, Any] | None:
-            return next((m for t, m in self.status.get(device, []) if t >= since and m.get("state") == "online"), None)
+            before = [p for p in self._status_peaks.get(device, ()) if p[0] < since]
+            _, seq, started = before[-1] if before else (0.0, -1, float("-inf"))
+            return next((m for t, m in self.status.get(device, []) if t >= since and m.get("state") == "online"
+                         and (m["seq"] > seq or _started(m) > started)), None)
 
         with self._cond:
             self._cond.wait_for(lambda: fresh() is not None, timeout)

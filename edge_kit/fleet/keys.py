@@ -15,6 +15,7 @@ a reader never sees half a registry.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from pathlib import Path
@@ -31,24 +32,56 @@ from device_agents.identity import (
 from edge_kit.errors import ConfigError
 from edge_kit.fsutil import atomic_write_text
 
+log = logging.getLogger("edgekit.keys")
 _lock = threading.Lock()  # deploys run per device in threads; registry updates are read-modify-write
 
 
+UNKNOWN_REREAD_S = 1.0  # a message from an unregistered device re-reads an unchanged registry at most this often
+
+
 class _RegistryKeyring(Keyring):
+    """The registry as receivers see it: re-read when the file is replaced, and kept as last read
+    while a replacement cannot be read (a damaged registry must not turn every device's messages away)."""
+
     def __init__(self, keys: FleetKeys):
         super().__init__({}, [keys.operator.public])
         self._keys = keys
-        self._stamp: int | None = -1
+        self._stamp: tuple[int, ...] | None = (-1,)
+        self._read_at = 0.0  # monotonic time of the last read
+        self._loaded = False  # read whole at least once
+        self._damaged: tuple[int, ...] | None = None  # the stamp of an unreadable registry already logged
+
+    def _file_stamp(self) -> tuple[int, ...] | None:
+        """Return what tells one registry file from another: inode, size, mtime and ctime (a rewrite is a
+        rename, so a new inode even within one tick of the file clock); None when there is no file."""
+        try:
+            st = self._keys.registry.stat()
+        except FileNotFoundError:
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
     def keys_of(self, signer: str) -> tuple[bytes, ...]:
-        try:
-            stamp: int | None = self._keys.registry.stat().st_mtime_ns
-        except FileNotFoundError:
-            stamp = None
-        # Re-read when the file changed, or when the signer is unknown (two registrations within one
-        # tick of the file clock leave the same mtime).
-        if stamp != self._stamp or (signer != OPERATOR and signer not in self.devices):
-            self.devices, self._stamp = self._keys.devices(), stamp
+        """Return the keys that may sign as ``signer``.
+
+        Raises:
+            ConfigError: the registry cannot be read and never could be by this receiver.
+        """
+        stamp = self._file_stamp()
+        now = time.monotonic()
+        # Re-read when the file was replaced; for an unknown signer also when it was not, but at most once
+        # a second (a flood of messages from made-up device names must not parse the registry each time).
+        unknown = signer != OPERATOR and signer not in self.devices and now - self._read_at >= UNKNOWN_REREAD_S
+        if stamp != self._stamp or unknown:
+            self._read_at = now
+            try:
+                self.devices, self._stamp, self._loaded = self._keys.devices(), stamp, True
+            except ConfigError as exc:
+                if not self._loaded:
+                    raise
+                self._stamp = stamp  # read again when it is replaced, not on every message
+                if stamp != self._damaged:
+                    self._damaged = stamp
+                    log.error("%s; verifying against the registry as last read until it is", exc)
         return super().keys_of(signer)
 
 

@@ -355,7 +355,8 @@ class Rollout:
         self._dirty: set[str] = set()
         self._last_rev = 0
         self.ignored = 0  # reported messages of other rollouts or older revisions
-        self.refused: list[str] = []  # reported messages refused (forged, malformed, from the future), with why
+        self.refused: list[str] = []  # the newest reported messages refused (forged, malformed, from the future), with why
+        self.refused_count = 0  # all of them
         self._device_rev: dict[str, int] = {}  # the newest revision each device reported (any rollout)
 
     # --- history ---------------------------------------------------------------------------------
@@ -562,6 +563,7 @@ class Rollout:
                     if state != "done":
                         break
             self.refused = list(getattr(client, "rejected", []))
+            self.refused_count = getattr(client, "rejected_count", len(self.refused))
         self._take_reports()
         self._flush()
         summary = self.summary(plan, state, reason)
@@ -821,7 +823,7 @@ class Rollout:
                 f"{device}: reported revision {self._device_rev.get(device, 0)}, the largest a desired state can "
                 "carry, so no desired state can go above it (a device never reports more than it was sent: check "
                 "it, its key may be compromised); clear its retained reported message on the broker and desired.json "
-                "in its agent root, then start a rollout for it")})
+                "and desired-revision.json in its agent root, then start a rollout for it")})
             return None
         desired = desired_for(plan, device, rev)
         self._set(device, wave=max(wave, self.rows[device]["wave"]), state="sent", revision=rev,
@@ -866,4 +868,4 @@ class Rollout:
                          "seconds": d.get("seconds"), "download": d.get("download"), "abort": d.get("abort")})
         return {"id": self.rid, "state": state, "reason": reason, "gate": plan.get("gated"), "counts": self._counts(),
                 "ignored": self.ignored,
-                "refused_messages": len(self.refused), "refused_examples": self.refused[:5], "devices": rows}
+                "refused_messages": self.refused_count, "refused_examples": self.refused[:5], "devices": rows}

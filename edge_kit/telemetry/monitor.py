@@ -83,6 +83,7 @@ MAX_INVALID_ROWS = 100_000  # refused messages stored per run (4 KiB of the firs
 # many a device flooding at QoS 0 (every agent publishes at QoS 1) is dropped and counted, not queued without end.
 MAX_QUEUED = 20_000
 MAX_REASON = 500  # characters of a refusal's reason kept (in the alert and the invalid row): it may quote a device
+MAX_TOPIC = 256  # characters of a refused message's topic kept (a real one has under 160; the broker allows 64 KiB)
 MAX_ALERT_CHARS = 1000  # characters of an alert kept: its text may hold a device's variant name (any length)
 
 
@@ -319,10 +320,11 @@ class Monitor:
         return good, raw, received
 
     def _refuse(self, topic: str, payload: bytes, why: str) -> None:
-        """Count a refused message, alert, and keep it as invalid (the first :data:`MAX_INVALID_ROWS` of a run).
-        Raises HistoryError."""
+        """Count a refused message, alert, and keep it as invalid (the first :data:`MAX_INVALID_ROWS` of a run), its
+        topic cut to :data:`MAX_TOPIC` characters (the sender chose it). Raises HistoryError."""
         self.stats.invalid += 1
         reason = clip(why, MAX_REASON)
+        topic = clip(topic, MAX_TOPIC)
         self._alert(Alert(topic, "refused", f"refused a message on {topic}: {reason}"))
         if self.stats.invalid <= MAX_INVALID_ROWS:  # a flood of them is counted, never the history's size
             self.store.add_invalid(topic, reason, payload[:4096 if self.stats.invalid <= 1000 else 256])

@@ -47,7 +47,8 @@ def test_when_full_the_oldest_telemetry_goes_first_and_bench_records_never(tmp_p
     row, payload = add(spool, "telemetry")  # full of bench records: this telemetry is dropped, and counted
     assert row is None and payload is None
     assert spool.stats() == {"pending": 4, "dropped_telemetry": 3, "refused_commands": 0, "replayed_commands": 0,
-                             "expired_commands": 0, "stale_desired": 0, "failed_pulls": 0, "max_records": 3}
+                             "expired_commands": 0, "stale_desired": 0, "failed_pulls": 0, "damaged_spools": 0,
+                             "max_records": 3}
 
 
 def test_command_ids_are_kept_until_their_command_expired_by_the_senders_clock(tmp_path):
@@ -131,3 +132,39 @@ def test_a_command_is_marked_started_with_fsync_even_right_after_telemetry(tmp_p
     assert spool._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL: the commit was fsynced
     assert traced.index("PRAGMA synchronous=FULL") < next(i for i, t in enumerate(traced) if t.startswith("UPDATE inbox"))
     assert spool.pending_commands() == [(b"{}", True)]
+
+
+def test_a_damaged_spool_is_moved_aside_and_a_new_one_started_counted_with_its_horizon_at_this_clock(tmp_path):
+    """A spool.db that was no database any more (a fault) raised DatabaseError at every start: the agent crashed
+    in a loop and the device was lost until someone logged in. Now it is moved aside (kept) and a new one
+    started, counted; with the ids taken before gone, commands that expired by this clock are refused."""
+    import time
+
+    path = tmp_path / "spool.db"
+    path.write_bytes(b"not a database, " * 512)
+    spool = Spool(path)
+    kept = list(tmp_path.glob("spool.db.damaged-*"))
+    assert len(kept) == 1 and kept[0].read_bytes().startswith(b"not a database")
+    assert spool.stats()["damaged_spools"] == 1 and spool.stats()["pending"] == 0
+    now = time.time()
+    assert spool.take("old", b"{}", now - 7200, now - 3600) == "expired"  # a captured command replayed
+    assert spool.take("new", b"{}", now, now + 3600) is None
+    assert spool.take("new", b"{}", now, now + 3600) == "replayed"
+    spool.close()
+    assert Spool(path).stats()["damaged_spools"] == 1  # a sound spool is opened as it is
+
+
+def test_a_flood_of_refusals_is_counted_exactly_with_about_one_commit_a_second(tmp_path):
+    """Each refused (or replayed) command was one committed counter write: a flood of unsigned commands on the
+    device's topic was a transaction per message on its SD card. Counts now reach the disk at most once a
+    second (and at close), read back exactly meanwhile."""
+    spool = Spool(tmp_path / "spool.db")
+    commits = []
+    spool._db.set_trace_callback(lambda sql: commits.append(sql) if sql.startswith("INSERT OR REPLACE INTO counters") else None)
+    for _ in range(2_000):
+        spool.count("refused")
+    spool.count("replayed")
+    assert spool.stats()["refused_commands"] == 2_000 and spool.stats()["replayed_commands"] == 1
+    assert len(commits) <= 4  # the first count, and at most one more save within the second
+    spool.close()
+    assert Spool(tmp_path / "spool.db").stats()["refused_commands"] == 2_000  # held ones are saved at close

@@ -114,3 +114,45 @@ def test_a_signed_record_with_negative_power_is_refused_naming_the_figure(field)
     assert receive(messages.encode(record(power=power)))["power"] == power
     with pytest.raises(MessageError, match=rf"power\.{field} is not a non-negative number"):
         receive(messages.encode(record(power={**power, field: -3.0})))
+
+
+def test_verifying_a_deeply_nested_payload_answers_a_reason_at_every_depth_never_raises():
+    """A payload nested just under the parser's recursion limit decoded, then canonical() raised RecursionError
+    inside verify_published, which must never raise on a message: the monitor's verifying process died on it
+    (restarted, its batch checked again one message at a time) and a flood of them stalled the monitor."""
+    signer = Signer.generate()
+    keyring = Keyring({"d1": signer.public})
+    m = messages.envelope("telemetry", "f", "d1", 1, {"conditions": {}, "spool": {}, "key_id": signer.key_id,
+                                                       "sig": "AAAA"})
+    head = messages.encode(m)[:-1] + b',"x":'
+    for depth in range(1, 1100):
+        why = identity.verify_published(keyring, "edgekit/v1/f/d1/telemetry", head + b"[" * depth + b"]" * depth + b"}")
+        assert isinstance(why, str), depth
+
+
+def test_a_signed_message_with_a_key_added_twice_does_not_verify_as_its_device_s():
+    """Anyone who saw a signed record could put a second, earlier copy of a key in front of the real one: the
+    parser kept the last (the signed value), so the message verified and was stored with bytes that say
+    something else to a reader keeping the first."""
+    signer = Signer.generate()
+    keyring = Keyring({"d1": signer.public})
+    msg = messages.encode(signer.sign(messages.envelope("status", "f", "d1", 1, {"state": "online"})))
+    topic = "edgekit/v1/f/d1/status"
+    assert identity.verify_published(keyring, topic, msg) is None
+    why = identity.verify_published(keyring, topic, b'{"state":"offline",' + msg[1:])
+    assert why is not None and "twice" in why
+
+
+def test_verify_published_answers_a_reason_when_checking_a_payload_fails_unexpectedly(monkeypatch):
+    """The monitor's verifying process ends on any exception verify_published raises: one payload that made the
+    check fail other than with a MessageError (as nesting near the recursion limit did) killed it for all."""
+    signer = Signer.generate()
+    keyring = Keyring({"d1": signer.public})
+    msg = messages.encode(signer.sign(messages.envelope("status", "f", "d1", 1, {"state": "online"})))
+
+    def broken(_message):
+        raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr(identity, "canonical", broken)
+    why = identity.verify_published(keyring, "edgekit/v1/f/d1/status", msg)
+    assert why is not None and "RecursionError" in why

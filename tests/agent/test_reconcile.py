@@ -333,3 +333,25 @@ def test_a_hold_cancels_a_download_in_flight_keeps_the_model_and_survives_a_rest
     assert again.take(desired(1)) == "stale"  # the candidate, delivered again from the session: refused
     with pytest.raises(MessageError, match="a hold is"):
         again.take({"msg_id": "h3", "rollout": "r1", "revision": 3, "hold": "yes"})
+
+
+@pytest.mark.parametrize("damage", ["truncated", "removed"])
+def test_a_lost_desired_json_does_not_let_a_replayed_older_desired_state_take_the_device_back(rig, tmp_path, damage):
+    """The only record of the revision taken was desired.json: truncated by a fault or removed, the agent took
+    any validly signed desired state again, so an old one replayed on its topic rolled the device back to an
+    old model. The highest revision is kept a second time; the one taken before (same msg_id) is still taken."""
+    make, store, clock, reports, fetched, activated, fail = rig
+    rec = make()
+    rec.take(desired(5))
+    run(rec)
+    if damage == "truncated":
+        (tmp_path / DESIRED).write_text("")
+    else:
+        (tmp_path / DESIRED).unlink()
+    again = make()
+    assert again.desired is None
+    assert again.take(desired(4, sha=B)) == "stale" and again.take(desired(5, sha=B, msg_id="other")) == "stale"
+    assert again.desired is None and not again.due()
+    assert again.take(desired(5)) is None  # the broker's retained one, as taken before: resumed
+    assert again.take(desired(6, sha=B)) is None and again.desired.revision == 6
+    assert make().take(desired(5)) == "stale"

@@ -234,3 +234,59 @@ def test_monitor_without_json_ends_with_what_it_stored(tmp_path, run_cli, monkey
     assert out.endswith("\n") and " ".join(out.split()).endswith(
         f"stored 6 of 9 messages received (2 duplicates, 1 refused, 1 sequence gaps, 3 alerts) in "
         f"{tmp_path.resolve() / 'edgekit-history.db'}")
+
+
+def test_what_a_flood_publishes_is_counted_but_kept_in_bounded_memory(monkeypatch):
+    """Every refused message's reason, every status and every bench record was kept in lists for the whole
+    session: a rollout or tune running for hours under a flood of garbage (or a compromised device's
+    signed chatter) grew without end. The newest are kept, refusals all counted."""
+    from edge_kit.fleet import commands as fleet_commands
+
+    with client(agent()) as c:
+        transport = c.client
+        for i in range(fleet_commands.MAX_REJECTED + 500):
+            transport.deliver(messages.topic(FLEET, f"x{i}", "cmd/ack"), b'{"garbage": %d}' % i)
+        assert c.rejected_count == fleet_commands.MAX_REJECTED + 500
+        assert len(c.rejected) == fleet_commands.MAX_REJECTED and "x1499/" in c.rejected[-1]
+        for i in range(fleet_commands.MAX_STATUS * 3):
+            msg = DEVICES["d1"].sign(messages.envelope("status", FLEET, "d1", i, {"state": "online"}))
+            transport.deliver(messages.topic(FLEET, "d1", "status"), messages.encode(msg))
+        assert len(c.statuses()) == fleet_commands.MAX_STATUS and c.statuses()[-1]["seq"] == i
+        assert c.wait_online("d1", 0.0, 0.1)["state"] == "online"
+        assert c.request("d2", "bench", {"sha256": "a" * 64}, timeout=2)["record"]["device"] == "d2"
+        monkeypatch.setattr(fleet_commands, "MAX_RECORDS", 20)
+        sent = []
+        for i in range(50):  # bench records nobody asked for, signed by their device
+            msg = DEVICES["d3"].sign(messages.envelope("bench", FLEET, "d3", i, {
+                "variant": "int8", "sha256": "b" * 64, "latency_ms": LATENCY, "runs": 10,
+                "power": {"measured": False}, "simulated": True}))
+            transport.deliver(messages.topic(FLEET, "d3", "bench"), messages.encode(msg))
+            sent.append(msg["msg_id"])
+        assert list(c.records) == sent[-20:]
+
+
+def test_a_replayed_old_online_status_is_not_taken_for_a_restarted_agent():
+    """wait_online took any online status received after the restart as the new agent's: an old signed one,
+    replayed by anyone holding the device's broker password, hid an agent that never came back (the deploy
+    reported it healthy). Now it must beat every status seen before: a higher seq or a later start."""
+    import time as _time
+
+    def status(seq: int, started: float) -> bytes:
+        msg = DEVICES["d1"].sign(messages.envelope("status", FLEET, "d1", seq, {"state": "online", "started": started}))
+        return messages.encode(msg)
+
+    with client(agent()) as c:
+        topic = messages.topic(FLEET, "d1", "status")
+        old = [status(3, 1000.0), status(4, 1000.0)]
+        for payload in old:
+            c.client.deliver(topic, payload)  # the retained one, at subscribe time
+        since = _time.time()
+        _time.sleep(0.01)
+        c.client.deliver(topic, old[0])  # replayed after the restart
+        assert c.wait_online("d1", since, 0.05) is None
+        c.client.deliver(topic, status(5, 1000.0))  # the restarted agent (same clock reading: seq is higher)
+        assert c.wait_online("d1", since, 1)["seq"] == 5
+        since = _time.time()
+        _time.sleep(0.01)
+        c.client.deliver(topic, status(1, 2000.0))  # a re-imaged device: its seq starts again, its start is later
+        assert c.wait_online("d1", since, 1)["seq"] == 1

@@ -52,3 +52,73 @@ def test_a_damaged_registry_is_a_config_error_naming_it_when_read_and_when_regis
         with pytest.raises(ConfigError, match="devices.json"):
             attempt()
     assert (tmp_path / "keys" / "devices.json").read_text() == content  # left for the operator to restore
+
+
+def _signed(signer: Signer, device: str) -> dict:
+    from edgekit_protocol import messages
+
+    return signer.sign(messages.envelope("status", "f", device, 0, {"state": "online"}))
+
+
+def test_a_reprovisioned_device_s_old_key_is_refused_even_within_one_tick_of_the_file_clock(tmp_path):
+    """The keyring re-read the registry only when its mtime changed: a device re-provisioned within the
+    same tick of the file clock (or with its mtime restored by a backup tool) kept its old, revoked key
+    trusted until the next change. A rewrite is a rename, so the new inode is noticed now."""
+    import os
+
+    from edgekit_protocol.errors import MessageError
+
+    keys = FleetKeys(tmp_path / "keys")
+    old, new = Signer.generate(), Signer.generate()
+    keys.register("d1", old.public)
+    keyring = keys.keyring()
+    keyring.verify(_signed(old, "d1"), "d1")
+    before = keys.registry.stat()
+    keys.register("d1", new.public)
+    os.utime(keys.registry, ns=(before.st_atime_ns, before.st_mtime_ns))  # the same tick
+    with pytest.raises(MessageError, match="not d1's registered key"):
+        keyring.verify(_signed(old, "d1"), "d1")
+    keyring.verify(_signed(new, "d1"), "d1")
+
+
+@pytest.mark.parametrize("damage", ["", '{"d1": {"key": "trunc', "[]"])
+def test_a_registry_damaged_while_receivers_run_keeps_the_keys_last_read_and_says_so(tmp_path, damage, caplog):
+    """A registry truncated or damaged under a running monitor made every device's message unverifiable:
+    all were refused (kept as invalid, acknowledged, lost from the history). The keys last read stay
+    in force, one error names the file; a registry unreadable from the start is still refused."""
+    from edgekit_protocol.errors import MessageError
+
+    keys = FleetKeys(tmp_path / "keys")
+    d1 = Signer.generate()
+    keys.register("d1", d1.public)
+    keyring = keys.keyring()
+    keyring.verify(_signed(d1, "d1"), "d1")
+    keys.registry.write_text(damage)
+    for _ in range(3):
+        keyring.verify(_signed(d1, "d1"), "d1")
+    errors = [r for r in caplog.records if "devices.json" in r.getMessage()]
+    assert len(errors) == 1 and "as last read" in errors[0].getMessage()
+    with pytest.raises(MessageError, match="no key is registered for d2"):
+        keyring.verify(_signed(Signer.generate(), "d2"), "d2")  # nobody gains a key from the damage
+    with pytest.raises(ConfigError, match="devices.json"):
+        keys.keyring().verify(_signed(d1, "d1"), "d1")  # never read whole: refused, naming the file
+
+def test_messages_from_unregistered_device_names_do_not_reread_the_registry_each_time(tmp_path, monkeypatch):
+    """Every message naming an unregistered device re-read and parsed the whole registry: a flood of made-up
+    device names cost a registry parse per message. Now at most once a second while the file is unchanged."""
+    from edgekit_protocol.errors import MessageError
+
+    keys = FleetKeys(tmp_path / "keys")
+    keys.register_many({f"d{i}": _public(i) for i in range(50)})
+    keyring = keys.keyring()
+    reads = []
+    real = FleetKeys.devices
+    monkeypatch.setattr(FleetKeys, "devices", lambda self: reads.append(1) or real(self))
+    stranger = Signer.generate()
+    for i in range(200):
+        with pytest.raises(MessageError, match="no key is registered"):
+            keyring.verify(_signed(stranger, f"x{i}"), f"x{i}")
+    assert len(reads) <= 2
+    late = Signer.generate()
+    keys.register("late", late.public)  # a device registered now is known at once (the file changed)
+    keyring.verify(_signed(late, "late"), "late")

@@ -522,3 +522,22 @@ def test_a_failed_pull_is_counted_where_telemetry_and_state_carry_the_device_cou
     finally:
         sender.disconnect()
         sender.loop_stop()
+
+
+def test_an_agent_whose_spool_was_damaged_starts_with_a_new_one_and_says_so(agents, mosquitto, monitor):
+    """A spool.db that was no database any more made every start of the agent crash (a loop under its
+    supervisor, the device lost until someone logged in). It comes online with a new spool, keeps the
+    damaged one, counts it and answers commands."""
+    agent = agents("dev1")
+    assert monitor.wait_for(online("dev1"), 30)
+    agent.stop()
+    for leftover in agent.root.glob("spool.db-*"):
+        leftover.unlink()
+    (agent.root / "spool.db").write_bytes(b"\x00damaged by a power cut " * 4096)
+    agent.start()
+    assert wait_until(lambda: [s["state"] for s in monitor.messages["status"] if s["device"] == "dev1"][-1:] == ["online"]
+                      and len(monitor.messages["status"]) >= 3, 30), agent.log.read_text()[-2000:]
+    with client_for(mosquitto) as client:
+        state = client.request("dev1", "state", timeout=30)["result"]
+    assert state["spool"]["damaged_spools"] == 1 and agent.alive()
+    assert len(list(agent.root.glob("spool.db.damaged-*"))) == 1

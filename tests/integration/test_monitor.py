@@ -293,3 +293,21 @@ def test_a_bug_on_one_message_loses_none_of_the_others_in_its_batch(fleet, tmp_p
     ((reason,),) = store._rows("SELECT reason FROM invalid")
     assert reason == "checking it failed: RuntimeError: a bug"
     assert any("checked one at a time" in a.text for a in mon.alerts)
+
+
+def test_a_refused_message_s_topic_is_kept_short_in_alerts_and_the_invalid_table(fleet, tmp_path):
+    """The topic of a refused message was kept whole as the alert's device, in its text and in the invalid
+    table: a sender's device level may be 64 KiB long (one '+' matches it), so 10,000 alerts held 640 MB and
+    each stored refusal 64 KiB, whatever the payload cut. Now the topic is cut like the reason."""
+    from edge_kit.telemetry import monitor as monitor_module
+
+    store = Store(tmp_path / "h.db")
+    mon = Monitor(fleet, store, verify_in_child=False)
+    topic = messages.topic(FLEET, "x" * 60_000, "bench")
+    mon._store([(topic, messages.encode(bench("d1", 2)), time.time())] * 20)
+    assert mon.stats.invalid == 20 and len(mon.alerts) == 20
+    limit = 300  # the cut (MAX_TOPIC) and how long it was
+    assert all(len(a.device) <= limit and len(a.text) <= monitor_module.MAX_ALERT_CHARS + 40 for a in mon.alerts)
+    assert "60," in mon.alerts[0].device  # says how long it was
+    topics = [t for (t,) in store._rows("SELECT topic FROM invalid")]
+    assert len(topics) == 20 and max(map(len, topics)) <= limit

@@ -152,3 +152,28 @@ def test_escapes_that_are_valid_text_are_kept():
     payload = good[:-1] + rb',"a": "\ud83d\ude00", "b": "\\u0000", "c": "\u00e9"}'
     message = messages.decode(payload)
     assert (message["a"], message["b"], message["c"]) == ("\U0001f600", "\\u0000", "\u00e9")
+
+
+def test_objects_or_lists_nested_deeper_than_the_limit_are_refused_at_decode_with_the_reason():
+    """Nesting was bounded only by the parser's recursion limit, so a payload nested ~990 deep parsed and then
+    broke every later step that encodes it again (signing, verifying its canonical form)."""
+    m = messages.envelope("telemetry", "f", "d1", 1, {"conditions": {}, "spool": {}, "key_id": "k", "sig": "s"})
+    for depth, refused in ((messages.MAX_DEPTH - 1, False), (messages.MAX_DEPTH, True), (900, True)):
+        raw = messages.encode(m)[:-1] + b',"x":' + b"[" * depth + b"]" * depth + b"}"
+        if refused:
+            with pytest.raises(messages.MessageError, match=f"deeper than {messages.MAX_DEPTH} levels"):
+                messages.decode(raw)
+        else:
+            assert messages.decode(raw)["x"]
+    wide = {**m, "x": [[{"a": [1]}] for _ in range(500)]}  # many containers, shallow: taken
+    assert messages.decode(messages.encode(wide))["x"][499] == [{"a": [1]}]
+
+
+def test_a_key_twice_in_one_object_is_refused_at_decode_naming_it():
+    """json.loads keeps the last of two equal keys; a reader of the stored bytes that keeps the first (SQLite's
+    json_extract, jq and others do) would read another value than the one verified. Such a payload is refused."""
+    m = messages.encode(messages.envelope("bench", "f", "d1", 1, {"variant": "int8", "key_id": "k", "sig": "s"}))
+    for raw in (b'{"variant":"fp32",' + m[1:], m[:-1] + b',"power":{"avg_w":1,"avg_w":2}}'):
+        with pytest.raises(messages.MessageError, match="key '(variant|avg_w)' twice"):
+            messages.decode(raw)
+    assert messages.decode(m)["variant"] == "int8"

@@ -1,0 +1,30 @@
+"""The agent's log file stays bounded whatever is published at it."""
+
+from __future__ import annotations
+
+import logging
+
+from device_agents import service
+
+
+def test_a_flood_of_refused_commands_cannot_grow_the_agent_log_without_bound(tmp_path, monkeypatch):
+    """Every refused command is a warning line in ``<root>/agent.log`` (the supervisor's --log-file), which was a
+    plain file: a flood of garbage on the device's cmd topic filled its storage line by line. It is now cut at
+    LOG_MAX_BYTES with one older part kept, and the newest lines are in the file."""
+    monkeypatch.setattr(service, "LOG_MAX_BYTES", 50_000)
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        service.log_to(tmp_path / "agent.log")
+        for i in range(5_000):
+            service.log.warning("refused a command: the signature does not verify as operator's; refused %d", i)
+        for handler in root.handlers:
+            handler.flush()
+    finally:
+        for handler in root.handlers:
+            handler.close()
+        root.handlers[:], root.level = saved[0], saved[1]
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["agent.log", "agent.log.1"]
+    assert all((tmp_path / f).stat().st_size <= 50_000 for f in files)
+    assert (tmp_path / "agent.log").read_text().rstrip().endswith("refused 4999")
