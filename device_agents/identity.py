@@ -183,9 +183,12 @@ class Keyring:
         key = next((k for k in keys if key_id(k) == kid), None)
         if key is None:
             raise MessageError(f"signed with key {str(kid)[:20]!r}, not {signer}'s registered key; refused")
+        text = str(message.get("sig", ""))
         try:
-            sig = base64.b64decode(str(message.get("sig", "")), validate=True)
-            good = verify_ed25519(key, sig, canonical(message))
+            sig = base64.b64decode(text, validate=True)
+            # one spelling per signature: base64 ignores the last character's spare bits ("Ag==" and "Ah=="
+            # decode alike), which would let anyone make a second message from a signed one
+            good = base64.b64encode(sig).decode() == text and verify_ed25519(key, sig, canonical(message))
         except ValueError:
             good = False
         if not good:

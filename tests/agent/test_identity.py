@@ -130,6 +130,25 @@ def test_verifying_a_deeply_nested_payload_answers_a_reason_at_every_depth_never
         assert isinstance(why, str), depth
 
 
+def test_a_signature_spelled_another_way_in_base64_is_refused():
+    """The decoder fuzz found it: base64 ignores the spare bits of a signature's last character, so "...Ag=="
+    and "...Ah==" are the same 64 bytes and both verified: anyone could make a second, different message
+    (other bytes, other hash) from a signed one. One spelling is taken: the one that encodes the bytes."""
+    import base64
+
+    good = record()
+    raw = base64.b64decode(good["sig"])
+    last = good["sig"].rstrip("=")[-1]
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    twins = [c for c in alphabet if c != last
+             and base64.b64decode(good["sig"].rstrip("=")[:-1] + c + "==") == raw]
+    assert twins  # 64 bytes: the last character carries 2 bits and 4 spare
+    for c in twins:
+        with pytest.raises(MessageError, match="signature does not verify"):
+            receive(messages.encode({**good, "sig": good["sig"].rstrip("=")[:-1] + c + "=="}))
+    assert receive(messages.encode(good)) == good
+
+
 def test_a_signed_message_with_a_key_added_twice_does_not_verify_as_its_device_s():
     """Anyone who saw a signed record could put a second, earlier copy of a key in front of the real one: the
     parser kept the last (the signed value), so the message verified and was stored with bytes that say
