@@ -321,3 +321,20 @@ def test_tune_decides_without_the_variants_a_device_has_no_runtime_for(monkeypat
     report = tn.tune(SimpleNamespace(), [dev], tn.TuneOptions(tmp_path), store)
     d = report.final["d1"]
     assert d.chosen == "int8" and d.unmeasured == [] and "onnx-fp32" not in {r["variant"] for r in d.table}
+
+
+NO_ACC = Constraints(max_latency_p90_ms=10, max_power_w=5, max_model_mb=2)
+
+
+def test_a_reason_never_shows_an_accuracy_nothing_measured_as_zero():
+    # int8's eval set had no labels (or its metric failed): its accuracy is unknown, not 0 %
+    cands = [cand("fp16", 6, 0.99, 3.0), cand("int8", 3, None, 1.0)]
+    d = choose("d", cands, NO_ACC, fp32_accuracy=0.99, current_sha=None)
+    assert d.chosen == "fp16" and "highest accuracy" in d.reason
+    assert "99.00% vs not measured for int8" in d.reason and "0.00" not in d.reason
+
+
+def test_a_reason_shows_a_user_metric_on_its_own_scale_not_as_a_percentage():
+    cands = [cand("fp16", 6, 37.5, 3.0), cand("int8", 3, 12.25, 1.0)]
+    d = choose("d", cands, NO_ACC, fp32_accuracy=37.5, current_sha=None)
+    assert d.chosen == "fp16" and "(37.5 vs 12.25 for int8)" in d.reason
