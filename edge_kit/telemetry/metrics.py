@@ -95,8 +95,11 @@ class FleetMetrics:
                 and _number(live["requests"], 0) is not None:
             variant = self._bounded(device, "variant", live["model"].get("variant"))
             self.live_requests.labels(device, variant).set(live["requests"])
-            self.live_errors.labels(device, variant).set(_number(live.get("errors"), 0) or 0)
-            self.live_queue.labels(device).set(_number(live.get("queue_depth"), 0) or 0)
+            # an error count or queue depth the device did not send as a count is left out, never exported as 0
+            for gauge, labels, value in ((self.live_errors, (device, variant), live.get("errors")),
+                                         (self.live_queue, (device,), live.get("queue_depth"))):
+                if _number(value, 0) is not None:
+                    gauge.labels(*labels).set(value)
             for q in ("p50", "p90", "p99"):
                 v = _number(field_at(live, "latency_ms", q), 0)
                 if v is not None:

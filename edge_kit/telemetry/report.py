@@ -182,7 +182,7 @@ def _live_cell(live: Any) -> str:
         return format(v, fmt) if in_range(v) else "?"
 
     model = live.get("model") if isinstance(live.get("model"), dict) else {}
-    return html.escape(f"{num(lat.get('p50', 0), '.3g')}/{num(lat.get('p99', 0), '.3g')} ({num(live.get('requests', 0), ',')}, "
+    return html.escape(f"{num(lat.get('p50'), '.3g')}/{num(lat.get('p99'), '.3g')} ({num(live.get('requests'), ',')}, "
                        f"{clip(str(model.get('variant')), MAX_NAME_CHARS)})")
 
 

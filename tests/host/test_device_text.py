@@ -111,7 +111,7 @@ def test_metrics_take_live_figures_of_any_shape_and_keep_what_is_a_number():
     text = generate_latest(metrics.registry).decode()
     assert 'edgekit_live_latency_ms{device="d1",quantile="p99",variant="int8"} 2.5' in text
     assert 'quantile="p50"' not in text and 'quantile="p90"' not in text
-    assert 'edgekit_live_errors{device="d1",variant="int8"} 0.0' in text
+    assert "edgekit_live_errors{" not in text and "edgekit_live_queue_depth{" not in text  # no count came: no 0
     assert 'snr' in text and "41.0" in text
 
 
@@ -172,7 +172,7 @@ def test_figures_no_float_can_hold_or_negative_bytes_are_left_out_of_metrics_nev
     assert 'edgekit_live_latency_ms{device="d1",quantile="p99",variant="int8"} 2.0' in text
     assert 'quantile="p50"' not in text and 'quantile="p90"' not in text and "edgekit_live_shadow_snr_db{" not in text
     assert 'edgekit_live_requests{device="d1",variant="int8"} 5.0' in text  # a live block with no count is left out
-    assert 'edgekit_live_errors{device="d1",variant="int8"} 0.0' in text
+    assert "edgekit_live_errors{" not in text  # an error count no float can hold is no figure: left out, not 0
     assert "edgekit_device_disk_free_bytes{" not in text
     assert 'edgekit_device_online{device="d2"} 1.0' in text
 
@@ -330,6 +330,30 @@ def test_a_drifting_devices_live_block_of_any_shape_raises_the_alert_and_updates
     assert 'edgekit_device_last_seen_seconds{device="d1"}' in generate_latest(metrics.registry).decode()
 
 
+def test_live_counts_a_device_did_not_send_are_left_out_of_metrics_never_exported_as_zero():
+    """An agent whose live block lacks an error count or a queue depth measured neither: a dashboard showing
+    0 errors would say the served model never failed. What it sent is exported as it sent it."""
+    metrics = FleetMetrics()
+    metrics.observe("telemetry", {"device": "d1", "ts": 1.0, "live": {"model": {"variant": "int8"}, "requests": 5}})
+    metrics.observe("telemetry", {"device": "d2", "ts": 1.0, "live": {"model": {"variant": "int8"}, "requests": 5,
+                                                                       "errors": 2, "queue_depth": 0}})
+    text = generate_latest(metrics.registry).decode()
+    assert 'edgekit_live_requests{device="d1",variant="int8"} 5.0' in text
+    assert not [ln for ln in text.splitlines() if ln.startswith(("edgekit_live_errors{", "edgekit_live_queue_depth{"))
+                and 'device="d1"' in ln]
+    assert 'edgekit_live_errors{device="d2",variant="int8"} 2.0' in text and 'edgekit_live_queue_depth{device="d2"} 0.0' in text
+
+
+def test_the_report_shows_a_live_figure_the_device_did_not_send_as_unknown_not_zero(fleet_file, run_cli, tmp_path):
+    live = messages.envelope("telemetry", "sim", "d1", 4, {"conditions": {}, "spool": {}, "live": {
+        "latency_ms": {"p99": 1.0}, "model": {"variant": "int8"}}})
+    _history(fleet_file, ("telemetry", live))
+    report = tmp_path / "report.html"
+    code, out, err = run_cli("report", "--fleet", fleet_file, "--out", report, "--json")
+    assert code == 0, err
+    assert "<td>?/1 (?, int8)</td>" in report.read_text()
+
+
 def test_live_counts_and_service_times_below_zero_are_left_out_of_metrics():
     """A negative request count, error count, queue depth or service time is no figure: it was exported as
     is. A shadow SNR may be below 0 dB and is kept."""
@@ -339,7 +363,7 @@ def test_live_counts_and_service_times_below_zero_are_left_out_of_metrics():
     metrics.observe("telemetry", {"device": "d1", "ts": 1.0, "live": live})
     metrics.observe("telemetry", {"device": "d2", "ts": 1.0, "live": {**live, "requests": -5}})
     text = generate_latest(metrics.registry).decode()
-    assert 'edgekit_live_errors{device="d1",variant="int8"} 0.0' in text and 'edgekit_live_queue_depth{device="d1"} 0.0' in text
+    assert "edgekit_live_errors{" not in text and "edgekit_live_queue_depth{" not in text
     assert 'quantile="p50"' not in text and 'edgekit_live_latency_ms{device="d1",quantile="p99",variant="int8"} 2.0' in text
     assert 'edgekit_live_shadow_snr_db{device="d1",shadow="fp32",variant="int8"} -4.0' in text
     assert not [ln for ln in text.splitlines() if ln.startswith("edgekit_live_") and 'device="d2"' in ln]  # no count
