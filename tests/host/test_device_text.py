@@ -471,3 +471,17 @@ def test_the_accuracy_series_names_its_metric_a_detection_map_is_not_called_top1
     assert 'edgekit_accuracy{device="d1",metric="mAP50",variant="int8"} 0.41' in text
     assert 'edgekit_accuracy{device="d1",metric="wer_pct",variant="fp32"} 37.5' in text
     assert 'edgekit_accuracy{device="d1",metric="unnamed",variant="fp16"} 0.9' in text
+
+
+def test_metrics_say_which_devices_figures_a_simulating_machine_measured():
+    """A simulated device's latency and power series read exactly as a real Pi's: a dashboard could not tell
+    this host's timings from the hardware's. edgekit_device_simulated says which device is which."""
+    metrics = FleetMetrics()
+    metrics.observe("bench", {**_bench("int8", 1), "simulated": True})
+    metrics.observe("bench", {**_bench("int8", 1), "device": "d2"})  # _bench: simulated False
+    metrics.observe("status", {"device": "d3", "ts": 1.0, "state": "online", "simulated": True})
+    metrics.observe("status", {"device": "d4", "ts": 1.0, "state": "online"})  # an agent that does not say
+    lines = [ln for ln in generate_latest(metrics.registry).decode().splitlines()
+             if ln.startswith("edgekit_device_simulated{")]
+    assert sorted(lines) == ['edgekit_device_simulated{device="d1"} 1.0', 'edgekit_device_simulated{device="d2"} 0.0',
+                             'edgekit_device_simulated{device="d3"} 1.0']
