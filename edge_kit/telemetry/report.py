@@ -153,8 +153,16 @@ def _fleet_rows(store: HistoryStore) -> tuple[list[str], list[list[str]]]:
                      _accuracy_cell(rec),
                      f"{rec['power']['energy_per_inference_mj']:.4g}" if rec and rec["power"].get("energy_per_inference_mj") is not None else "-",
                      html.escape(_power_source(rec)) if rec else "-", _live_cell((tele.get(device) or {}).get("live")),
-                     "yes" if rec and rec.get("simulated") else "no"])
+                     _simulated_cell(rec, st)])
     return head, rows
+
+
+def _simulated_cell(rec: dict[str, Any] | None, status: dict[str, Any]) -> str:
+    """Return the fleet table's "simulated" cell: what the benchmark record, else the device's latest status, says
+    (``yes``/``no``), or "-" when neither says (a device never heard from is not called real)."""
+    said = (rec or {}).get("simulated")
+    said = status.get("simulated") if not isinstance(said, bool) else said
+    return "-" if not isinstance(said, bool) else ("yes" if said else "no")
 
 
 def _verdict(dec: dict[str, Any] | None) -> str:

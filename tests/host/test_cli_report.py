@@ -257,3 +257,24 @@ def test_the_demo_table_says_where_every_column_came_from(capsys):
     print_demo(DemoResult(Path("/tmp/d"), False, TuneReport(GroupResult([])), [*rows, coral]))
     text = " ".join(capsys.readouterr().out.split())
     assert "no accelerator on this machine: c ran int8 on xnnpack (the CPU)" in text  # the Coral's int8 ran on the CPU
+
+
+def test_the_fleet_tables_simulated_column_says_what_the_device_said_and_no_more(tmp_path, run_cli):
+    """The column said "no" for any device without a benchmark of its current model: a simulated device that had
+    only reported its status, or one never heard from, read as real hardware."""
+    from edge_kit.telemetry.store import Store
+    from edgekit_protocol import messages
+
+    history = tmp_path / "edgekit-history.db"
+    store = Store(history)
+    store.add_many([("bench", _bench("rpi4-1", "fp32", 0.31, 0.99, 1)),
+                    ("status", messages.envelope("status", "sim", "rpi4-2", 1, {"state": "online", "simulated": True})),
+                    ("status", messages.envelope("status", "sim", "rpi4-3", 1, {"state": "online", "simulated": False}))])
+    store.add_decision({"device": "rpi4-4", "chosen": None, "chosen_sha256": None, "current": None, "feasible": False,
+                        "switch": False, "reason": "not measured yet on this device: int8", "violates": []})
+    store.close()
+    code, out, err = run_cli("report", "--history", history, "--out", tmp_path / "r.html")
+    assert code == 0, err
+    rows = {r.split("</td>")[0]: r for r in (tmp_path / "r.html").read_text().split("<h2>Fleet</h2>")[1].split("<tr><td>")[1:]}
+    assert rows["rpi4-2"].split("<td>")[-1].startswith("yes") and rows["rpi4-3"].split("<td>")[-1].startswith("no")
+    assert rows["rpi4-4"].split("<td>")[-1].startswith("-")
