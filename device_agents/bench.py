@@ -200,8 +200,9 @@ def run_bench(model: Path, settings: BenchSettings = BenchSettings(), *, eval_fi
     return record
 
 
-def thin_tail(runs: int) -> str:
-    """Return what a latency line must add when ``runs`` samples are too few for its upper percentiles, else "".
+def thin_tail(runs: int, unit: str = "timed run(s)") -> str:
+    """Return what a latency line must add when ``runs`` samples (``unit``: what they are) are too few for its
+    upper percentiles, else "".
 
     A q-th percentile needs 100 / (100 - q) samples for one to lie beyond it (p90: 10, p99: 100); over fewer,
     numpy interpolates between the slowest runs, a figure with more decimals than it has meaning.
@@ -209,8 +210,8 @@ def thin_tail(runs: int) -> str:
     short = [q for q, need in (("p90", 10), ("p99", 100)) if runs < need]
     if not short:
         return ""
-    return (f"; only {runs} timed run(s): {' and '.join(short)} lie between the slowest runs, not true percentiles "
-            f"({'100' if 'p99' in short else '10'}+ runs give one)")
+    return (f"; only {runs} {unit}: {' and '.join(short)} lie between the slowest samples, not true percentiles "
+            f"({'100' if 'p99' in short else '10'}+ give one)")
 
 
 def _engine_text(e: dict[str, Any]) -> str:

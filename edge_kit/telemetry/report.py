@@ -16,6 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from device_agents.bench import thin_tail
 from edge_kit.errors import InputError
 from edge_kit.fsutil import atomic_write_text
 from edge_kit.profiles import Profile, bundled_profiles, load_profile
@@ -190,8 +191,10 @@ def _live_cell(live: Any) -> str:
         return format(v, fmt) if in_range(v) else "?"
 
     model = live.get("model") if isinstance(live.get("model"), dict) else {}
+    window = live.get("window")  # the requests the percentiles were taken over (the agent's last 2,048 at most)
+    thin = thin_tail(window, "request(s) in the window") if isinstance(window, int) and in_range(window) else ""
     return html.escape(f"{num(lat.get('p50'), '.3g')}/{num(lat.get('p99'), '.3g')} ({num(live.get('requests'), ',')}, "
-                       f"{clip(str(model.get('variant')), MAX_NAME_CHARS)})")
+                       f"{clip(str(model.get('variant')), MAX_NAME_CHARS)}{thin})")
 
 
 def _gate_rows(store: HistoryStore) -> list[list[str]]:

@@ -103,7 +103,7 @@ def test_a_bench_summary_says_when_too_few_runs_make_its_upper_percentiles_the_s
     if short is None:
         assert "only" not in line and "not true percentiles" not in line
     else:
-        assert f"only {runs} timed run(s): {short} lie between the slowest runs, not true percentiles" in line
+        assert f"only {runs} timed run(s): {short} lie between the slowest samples, not true percentiles" in line
 
 
 def test_store_keeps_the_format_and_activates_after_a_smoke_run(onnx_model, digits_artifacts, tmp_path):

@@ -501,3 +501,19 @@ def test_a_constraint_alert_names_the_figure_that_broke_it_and_where_it_came_fro
     (alert,) = mon.alerts
     assert alert.text == ("d1 int8: breaks p90 <= 50 ms (80 ms p90, the device's clock), power <= 6.5 W "
                           "(6.9 W, estimated); a simulated device: this machine's figures")
+
+
+def test_the_reports_live_cell_says_when_its_p99_rests_on_too_few_requests(fleet_file, run_cli, tmp_path):
+    """A p99 over the 12 requests an agent had served was shown as one; it is their slowest, interpolated."""
+    def live(seq, window):
+        return ("telemetry", messages.envelope("telemetry", "sim", "d1", seq, {"conditions": {}, "spool": {}, "live": {
+            "latency_ms": {"p50": 0.8, "p99": 1.25}, "requests": 40, "window": window, "model": {"variant": "int8"}}}))
+
+    for seq, window, cell in ((4, 12, "<td>0.8/1.25 (40, int8; only 12 request(s) in the window: p99 lie between the "
+                                      "slowest samples, not true percentiles (100+ give one))</td>"),
+                              (5, 2048, "<td>0.8/1.25 (40, int8)</td>")):
+        _history(fleet_file, live(seq, window))
+        report = tmp_path / "report.html"
+        code, out, err = run_cli("report", "--fleet", fleet_file, "--out", report, "--json")
+        assert code == 0, err
+        assert cell in report.read_text()
