@@ -187,6 +187,12 @@ def test_fleet_status_says_where_its_figures_come_from_and_which_devices_are_sim
     note = " ".join(out.split("figures:")[1].split())
     assert note.startswith("p90 and top-1 measured by each device's own agent")
     assert "simulated devices (rpi4-1): measured on this machine" in note and "rpi4-2" not in note
+    # --json said nothing of it: a script read the simulated device's p90 as its hardware's
+    code, out, err = run_cli("fleet", "status", "--fleet", fleet_file, "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["simulated"] == ["rpi4-1"] and data["figures"].startswith("figures: p90 and top-1 measured by each")
+    assert "simulated devices (rpi4-1): measured on this machine" in data["figures"]
 
 
 def test_an_output_folder_that_cannot_be_written_is_one_line_naming_it(tmp_path, run_cli):
