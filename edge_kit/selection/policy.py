@@ -370,7 +370,10 @@ def _why(best: Candidate, runner_up: Candidate | None, margin: float) -> str:
         return (f"highest accuracy among feasible variants ({_accuracy(m.accuracy)} vs {_accuracy(r.accuracy)} "
                 f"for {runner_up.variant})")
     if _differs(*np.array([m.energy_mj, r.energy_mj], dtype=float), margin):
-        return f"same accuracy, least energy per inference ({_mj(m.energy_mj)} vs {_mj(r.energy_mj)} mJ for {runner_up.variant})"
+        # where the energies came from: an estimate from CPU use ranks variants by a model, not by a meter
+        power = m.power_source if m.power_source == r.power_source else f"{m.power_source} vs {r.power_source}"
+        return (f"same accuracy, least energy per inference ({_mj(m.energy_mj)} vs {_mj(r.energy_mj)} mJ for "
+                f"{runner_up.variant}; power: {power})")
     return f"same accuracy and energy within {margin:.0%}, lowest p90 ({m.p90_ms:.4g} vs {r.p90_ms:.4g} ms for {runner_up.variant})"
 
 

@@ -338,3 +338,14 @@ def test_a_reason_shows_a_user_metric_on_its_own_scale_not_as_a_percentage():
     cands = [cand("fp16", 6, 37.5, 3.0), cand("int8", 3, 12.25, 1.0)]
     d = choose("d", cands, NO_ACC, fp32_accuracy=37.5, current_sha=None)
     assert d.chosen == "fp16" and "(37.5 vs 12.25 for int8)" in d.reason
+
+
+def test_a_reason_resting_on_energy_says_where_the_energy_came_from():
+    """"least energy per inference" read as metered when both figures were estimated from CPU use."""
+    est = [Candidate(v, v * 4, 10**6, (Measured(v, p90, 3.0, mj, "estimated", 0.99, 1.0),))
+           for v, p90, mj in (("fp16", 6, 3.0), ("int8", 3, 1.0))]
+    d = choose("d", est, C, fp32_accuracy=0.99, current_sha=None)
+    assert d.chosen == "int8" and d.reason.endswith("(1 vs 3 mJ for fp16; power: estimated)")
+    mixed = [cand("fp16", 6, 0.99, 3.0), est[1]]
+    d = choose("d", mixed, C, fp32_accuracy=0.99, current_sha=None)
+    assert d.chosen == "int8" and d.reason.endswith("(1 vs 3 mJ for fp16; power: estimated vs ina219)")
