@@ -120,11 +120,16 @@ def _profile_figures(profile: Profile, records: list[dict[str, Any]], chosen: di
                           height=460, margin={"t": 60})
     bars = go.Figure()
     variants = sorted(v for v, recs in by_variant.items() if any((r.get("power") or {}).get("energy_per_inference_mj") is not None for r in recs))
-    for source in sorted({_label(_power_source(r)) for r in records}):
+    # one series per source, and simulated devices apart: their figures (this machine's CPU use) never
+    # average into a real device's of the same source
+    def series(r: dict[str, Any]) -> str:
+        return _label(_power_source(r)) + (", simulated devices" if r.get("simulated") is True else "")
+
+    for source in sorted({series(r) for r in records}):
         ys, texts = [], []
         for v in variants:
             vals = [r["power"]["energy_per_inference_mj"] for r in by_variant[v]
-                    if _label(_power_source(r)) == source and r["power"].get("energy_per_inference_mj") is not None]
+                    if series(r) == source and r["power"].get("energy_per_inference_mj") is not None]
             ys.append(sum(vals) / len(vals) if vals else None)
             texts.append(f"{len(vals)} device(s)")
         bars.add_trace(go.Bar(x=variants, y=ys, name=f"{source}", text=texts,

@@ -284,3 +284,15 @@ def test_the_fleet_tables_simulated_column_says_what_the_device_said_and_no_more
     rows = {r.split("</td>")[0]: r for r in (tmp_path / "r.html").read_text().split("<h2>Fleet</h2>")[1].split("<tr><td>")[1:]}
     assert rows["rpi4-2"].split("<td>")[-1].startswith("yes") and rows["rpi4-3"].split("<td>")[-1].startswith("no")
     assert rows["rpi4-4"].split("<td>")[-1].startswith("-")
+
+
+def test_energy_bars_never_average_a_simulated_devices_figure_into_a_real_ones():
+    """A real rpi4 and a simulated one, both estimated, made one bar: their mean, half of it this machine's."""
+    from edge_kit.profiles import load_profile
+    from edge_kit.telemetry.report import _profile_figures
+
+    real = {**_bench("rpi4-1", "int8", 0.2, 0.99, 1), "simulated": False,
+            "power": {"estimated": True, "method": "estimated", "energy_per_inference_mj": 0.5}}
+    sim = {**_bench("rpi4-2", "int8", 0.2, 0.99, 2), "power": {**real["power"], "energy_per_inference_mj": 0.1}}
+    _scatter, bars = _profile_figures(load_profile("rpi4"), [real, sim], {})
+    assert {t.name: list(t.y) for t in bars.data} == {"estimated": [0.5], "estimated, simulated devices": [0.1]}
