@@ -349,3 +349,19 @@ def test_a_reason_resting_on_energy_says_where_the_energy_came_from():
     mixed = [cand("fp16", 6, 0.99, 3.0), est[1]]
     d = choose("d", mixed, C, fp32_accuracy=0.99, current_sha=None)
     assert d.chosen == "int8" and d.reason.endswith("(1 vs 3 mJ for fp16; power: estimated vs ina219)")
+
+
+def test_the_decision_table_says_an_infeasible_power_figure_was_estimated():
+    """"NO: power <= 5 W" read as a meter's verdict when the watts were estimated from CPU use."""
+    from rich.console import Console
+
+    from edge_kit.cli.loop import decision_table
+
+    hot = [Candidate(v, v * 4, 10**6, (Measured(v, p90, w, 1.0, src, 0.99, 1.0),))
+           for v, p90, w, src in (("fp16", 6, 5.5, "estimated"), ("int8", 3, 6.0, "estimated"))]
+    d = choose("d", hot, C, fp32_accuracy=0.99, current_sha=None)
+    assert d.chosen == "fp16" and not d.feasible and d.violates == ["power <= 5 W"]
+    console = Console(width=200, record=True)
+    for item in decision_table({"d": d}, explain=False):
+        console.print(item)
+    assert "NO: power <= 5 W (estimated)" in console.export_text()
