@@ -34,7 +34,9 @@ class FleetMetrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.latency = Gauge("edgekit_latency_ms", "Latest benchmark latency percentile (ms, perf_counter_ns around invoke)",
+        self.latency = Gauge("edgekit_latency_ms", "Latest benchmark latency percentile (ms; the device's perf_counter_ns around one "
+                             "inference: invoke() on LiteRT, session.run() on ONNX Runtime and TensorRT, host copies "
+                             "included; the bench record's latency_method says which)",
                              ["device", "variant", "quantile"], registry=r)
         self.power = Gauge("edgekit_power_watts", "Average power during the latest benchmark (W)",
                            ["device", "variant", "source"], registry=r)

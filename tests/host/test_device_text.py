@@ -517,3 +517,13 @@ def test_the_reports_live_cell_says_when_its_p99_rests_on_too_few_requests(fleet
         code, out, err = run_cli("report", "--fleet", fleet_file, "--out", report, "--json")
         assert code == 0, err
         assert cell in report.read_text()
+
+
+def test_the_latency_series_help_names_the_call_each_runtime_times():
+    """The help said "perf_counter_ns around invoke" for every series: an ONNX Runtime or TensorRT latency (session.run,
+    host copies included) read as an interpreter's invoke()."""
+    metrics = FleetMetrics()
+    metrics.observe("bench", _bench("int8", 1))
+    (help_line,) = [ln for ln in generate_latest(metrics.registry).decode().splitlines()
+                    if ln.startswith("# HELP edgekit_latency_ms ")]
+    assert "invoke() on LiteRT" in help_line and "session.run() on ONNX Runtime and TensorRT" in help_line
