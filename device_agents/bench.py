@@ -200,6 +200,20 @@ def run_bench(model: Path, settings: BenchSettings = BenchSettings(), *, eval_fi
     return record
 
 
+def thin_tail(runs: int, unit: str = "timed run(s)") -> str:
+    """Return what a latency line must add when ``runs`` samples (``unit``: what they are) are too few for its
+    upper percentiles, else "".
+
+    A q-th percentile needs 100 / (100 - q) samples for one to lie beyond it (p90: 10, p99: 100); over fewer,
+    numpy interpolates between the slowest runs, a figure with more decimals than it has meaning.
+    """
+    short = [q for q, need in (("p90", 10), ("p99", 100)) if runs < need]
+    if not short:
+        return ""
+    return (f"; only {runs} {unit}: {' and '.join(short)} lie between the slowest samples, not true percentiles "
+            f"({'100' if 'p99' in short else '10'}+ give one)")
+
+
 def _engine_text(e: dict[str, Any]) -> str:
     """Return one line on a TensorRT engine build record (:func:`device_agents.runtimes.tensorrt.build_engine`)."""
     how = "loaded from the cache" if e.get("cached") else "built"
@@ -219,7 +233,7 @@ def summary_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
                     f"{'provider' if r['runtime'] in ('onnxruntime', 'tensorrt') else 'delegate'} {r['delegate']}, {r['threads']} thread(s)"),
         ("runs", f"{r['runs']} timed after {r['warmup_runs']} warm-up in {r['duration_s']} s; inputs: {r['inputs']}"),
         ("latency p50/p90/p99", f"{lat['p50']:.3f} / {lat['p90']:.3f} / {lat['p99']:.3f} ms ({r['latency_method']}; "
-                                "p90 is the headline figure)"),
+                                f"p90 is the headline figure{thin_tail(r['runs'])})"),
         *([("TensorRT engine", _engine_text(r["engine"]))] if r.get("engine") else []),
         *([("GPU compute p50/p90/p99", (f"{g['p50']:.3f} / {g['p90']:.3f} / {g['p99']:.3f} ms ({r['gpu_compute_method']})"
                                         if (g := r.get("gpu_compute_ms")) else r["gpu_compute_method"]))]

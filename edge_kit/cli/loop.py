@@ -40,7 +40,7 @@ def decision_table(decisions: dict[str, Any], explain: bool) -> list[Any]:
     out_items: list[Any] = []
     t = Table("device", "chosen", "feasible", "switch", "why", box=box.SIMPLE_HEAD, pad_edge=False)
     for name, d in decisions.items():
-        feasible = "-" if d.chosen is None else ("yes" if d.feasible else "[red]NO[/]: " + safe(", ".join(d.violates)))
+        feasible = "-" if d.chosen is None else ("yes" if d.feasible else "[red]NO[/]: " + safe(_violated(d)))
         t.add_row(safe(name), safe(d.chosen or "-"), feasible, "yes" if d.switch else "no", safe(d.reason))
     out_items.append(t)
     if explain:
@@ -62,6 +62,14 @@ def decision_table(decisions: dict[str, Any], explain: bool) -> list[Any]:
                 e.add_row(safe(variant), "-", "-", "-", "-", "0", "-", "[red]left out[/]: " + safe(why), "")
             out_items.append(e)
     return out_items
+
+
+def _violated(d: Any) -> str:
+    """Return the bounds decision ``d``'s chosen variant breaks, in words, a power bound with the source of the
+    figure that broke it (``power <= 5 W (estimated)``): an estimate from CPU use is no meter's reading."""
+    row = next((r for r in getattr(d, "table", None) or [] if r.get("chosen")), {})
+    source = row.get("power_source")
+    return ", ".join(f"{v} ({source})" if v.startswith("power") and source else v for v in d.violates)
 
 
 def _source(row: dict[str, Any]) -> str:
@@ -528,7 +536,8 @@ def fleet_status_cmd(fleet_file: FleetOpt, history: HistoryOpt = None, as_json: 
     flagged = flagged_devices(db.latest_decisions((FLEET_KIND,)))
     if as_json:
         emit_json({"status": db.latest_status(), "telemetry": db.latest_telemetry(),
-                    "bench": {f"{d}/{s}": r for (d, s), r in db.latest_bench().items()}, "flagged": flagged})
+                    "bench": {f"{d}/{s}": r for (d, s), r in db.latest_bench().items()}, "flagged": flagged,
+                    "simulated": [d.name for d in fleet.devices if d.simulated], "figures": figures_text(fleet.devices)})
         return
     out.print(_fleet_view(db, fleet))
     if flagged:

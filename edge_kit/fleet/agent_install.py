@@ -194,7 +194,9 @@ def agent_config(fleet: Fleet, dev: Device) -> tuple[str, bytes | None]:
                             if broker.tls and broker.tls.ca else broker.tls),
         bench=BenchSettings(threads=profile.runtime.threads, delegate=delegate, runtime=profile.runtime.engine,
                             delegate_options=dict(profile.runtime.options) if delegate == profile.runtime.delegate else {}),
-        power=PowerConfig(sensors=tuple(profile.power.sensors), idle_w=profile.power.idle_w,
+        # a simulated device probes no sensor: this machine's (a CPU package's RAPL, a GPU's hwmon) measures the whole
+        # host, not the device it simulates; the profile's idle/busy estimate is per device and says it is one
+        power=PowerConfig(sensors=() if dev.simulated else tuple(profile.power.sensors), idle_w=profile.power.idle_w,
                           busy_w=profile.power.busy_w, cores=profile.hardware.cores),
         store=StoreConfig(max_store_mb=storage.max_store_mb),
         serve=ServeConfig(**dev.serve.model_dump()) if dev.serve else ServeConfig(),

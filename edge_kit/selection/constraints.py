@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from edge_kit.profiles import Constraints
-from edgekit_protocol.labels import power_source
+from edgekit_protocol.labels import accuracy_text, power_source
 
 
 def effective_constraints(profile_constraints: Constraints, override: Constraints | None) -> Constraints:
@@ -40,8 +40,8 @@ class Measured:
     snr_db: float | None = None  # worst output's fidelity SNR against fp32, when measured
 
     @classmethod
-    def from_record(cls, record: dict[str, Any], model_bytes: int) -> Measured:
-        """Return the selection view of an ``edgekit.bench/1`` record."""
+    def from_record(cls, record: dict[str, Any], model_bytes: float) -> Measured:
+        """Return the selection view of an ``edgekit.bench/1`` record (``model_bytes`` NaN: size not known)."""
         power = record.get("power") or {}
         acc = record.get("accuracy") or {}
         fid = record.get("fidelity") or {}
@@ -115,3 +115,20 @@ def describe(name: str, c: Constraints) -> str:
     return {"max_latency_p90_ms": f"p90 <= {bound:g} ms", "max_power_w": f"power <= {bound:g} W",
             "max_model_mb": f"model <= {bound:g} MB", "min_accuracy_ratio": f"accuracy >= {bound:g} x fp32",
             "min_fidelity_snr_db": f"fidelity SNR >= {bound:g} dB"}[name]
+
+
+def measured_text(name: str, m: Measured) -> str:
+    """Return the figure of ``m`` that constraint ``name`` judges, with its unit and where it came from, e.g.
+    ``6.9 W, estimated`` or ``80 ms p90, the device's clock``; the accuracy one as a share or on its own scale.
+
+    Raises:
+        KeyError: ``name`` is not a constraint.
+    """
+    def num(x: float | None) -> str:
+        return "none" if x is None or math.isnan(x) else f"{x:.4g}"
+
+    return {"max_latency_p90_ms": f"{num(m.p90_ms)} ms p90, the device's clock",
+            "max_power_w": f"{num(m.avg_w)} W, {m.power_source}",
+            "max_model_mb": f"{num(m.model_mb)} MB, the artifact's size",
+            "min_accuracy_ratio": f"{accuracy_text(m.accuracy)} on the eval set",
+            "min_fidelity_snr_db": f"{num(m.snr_db)} dB worst output"}[name]

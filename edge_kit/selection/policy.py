@@ -29,6 +29,7 @@ table behind it and the reason, for ``--explain`` and for the record; :func:`cho
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -42,6 +43,7 @@ from edge_kit.selection.constraints import (
     unjudged,
     violations,
 )
+from edgekit_protocol.labels import accuracy_text
 
 DEFAULT_MARGIN = 0.1
 
@@ -365,10 +367,20 @@ def _why(best: Candidate, runner_up: Candidate | None, margin: float) -> str:
     r = runner_up.measured
     accuracy = _ranked_accuracy(np.array([m.accuracy, r.accuracy], dtype=float))
     if accuracy[0] != accuracy[1]:
-        return f"highest accuracy among feasible variants ({100 * (m.accuracy or 0):.2f} % vs {100 * (r.accuracy or 0):.2f} % for {runner_up.variant})"
+        return (f"highest accuracy among feasible variants ({_accuracy(m.accuracy)} vs {_accuracy(r.accuracy)} "
+                f"for {runner_up.variant})")
     if _differs(*np.array([m.energy_mj, r.energy_mj], dtype=float), margin):
-        return f"same accuracy, least energy per inference ({_mj(m.energy_mj)} vs {_mj(r.energy_mj)} mJ for {runner_up.variant})"
+        # where the energies came from: an estimate from CPU use ranks variants by a model, not by a meter
+        power = m.power_source if m.power_source == r.power_source else f"{m.power_source} vs {r.power_source}"
+        return (f"same accuracy, least energy per inference ({_mj(m.energy_mj)} vs {_mj(r.energy_mj)} mJ for "
+                f"{runner_up.variant}; power: {power})")
     return f"same accuracy and energy within {margin:.0%}, lowest p90 ({m.p90_ms:.4g} vs {r.p90_ms:.4g} ms for {runner_up.variant})"
+
+
+def _accuracy(value: float | None) -> str:
+    """Return an accuracy for a reason: :func:`~edgekit_protocol.labels.accuracy_text` (a share as a percentage, a
+    user metric on its own scale), or "not measured" when nothing scored it (never a 0 nothing measured)."""
+    return "not measured" if value is None or math.isnan(value) else accuracy_text(value)
 
 
 def _mj(energy: float | None) -> str:

@@ -1,7 +1,8 @@
 """Prometheus metrics for the fleet, from what the monitor stores (prometheus-client).
 
 Per device and variant: latency quantiles, power, energy per inference and accuracy of the latest
-benchmark; per device: online state and when it was last heard. Every power series carries a
+benchmark; per device: online state, whether it is simulated (its figures are then the simulating
+machine's) and when it was last heard. Every power series carries a
 ``source`` label (the sensor's key, ``estimated`` or ``not measured``: :func:`~edgekit_protocol.labels.power_source`), so a dashboard can tell a
 measured watt from an estimated one. Plus the monitor's own counters.
 """
@@ -33,7 +34,9 @@ class FleetMetrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.latency = Gauge("edgekit_latency_ms", "Latest benchmark latency percentile (ms, perf_counter_ns around invoke)",
+        self.latency = Gauge("edgekit_latency_ms", "Latest benchmark latency percentile (ms; the device's perf_counter_ns around one "
+                             "inference: invoke() on LiteRT, session.run() on ONNX Runtime and TensorRT, host copies "
+                             "included; the bench record's latency_method says which)",
                              ["device", "variant", "quantile"], registry=r)
         self.power = Gauge("edgekit_power_watts", "Average power during the latest benchmark (W)",
                            ["device", "variant", "source"], registry=r)
@@ -42,6 +45,10 @@ class FleetMetrics:
         self.accuracy = Gauge("edgekit_accuracy", "Accuracy of the latest benchmark on the shipped eval set, by the "
                               "metric its label names (top1 and every built-in task's: a share, 0-1; a user metric "
                               "on its own scale)", ["device", "variant", "metric"], registry=r)
+        self.simulated = Gauge("edgekit_device_simulated", "1 when the device is simulated: its latency, power, energy and "
+                               "accuracy series are measurements of the machine simulating it, not of its profile's "
+                               "hardware (its latest status or benchmark says so); 0 when it says it is not",
+                               ["device"], registry=r)
         self.online = Gauge("edgekit_device_online", "1 when the device's last status says online", ["device"], registry=r)
         self.last_seen = Gauge("edgekit_device_last_seen_seconds", "Unix time (this host's clock) the monitor last stored a message of the device",
                                ["device"], registry=r)
@@ -95,8 +102,11 @@ class FleetMetrics:
                 and _number(live["requests"], 0) is not None:
             variant = self._bounded(device, "variant", live["model"].get("variant"))
             self.live_requests.labels(device, variant).set(live["requests"])
-            self.live_errors.labels(device, variant).set(_number(live.get("errors"), 0) or 0)
-            self.live_queue.labels(device).set(_number(live.get("queue_depth"), 0) or 0)
+            # an error count or queue depth the device did not send as a count is left out, never exported as 0
+            for gauge, labels, value in ((self.live_errors, (device, variant), live.get("errors")),
+                                         (self.live_queue, (device,), live.get("queue_depth"))):
+                if _number(value, 0) is not None:
+                    gauge.labels(*labels).set(value)
             for q in ("p50", "p90", "p99"):
                 v = _number(field_at(live, "latency_ms", q), 0)
                 if v is not None:
@@ -105,6 +115,8 @@ class FleetMetrics:
             if snr is not None:
                 shadow_variant = self._bounded(device, "shadow", field_at(live, "shadow", "model", "variant"))
                 self.live_shadow_snr.labels(device, variant, shadow_variant).set(snr)
+        if kind in ("status", "bench") and isinstance(msg.get("simulated"), bool):
+            self.simulated.labels(device).set(1 if msg["simulated"] else 0)
         if kind == "status":
             self.online.labels(device).set(1 if msg["state"] == "online" else 0)
         elif kind == "bench":

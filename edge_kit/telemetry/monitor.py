@@ -22,6 +22,7 @@ device silent for longer than ``silence_s``.
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -44,6 +45,7 @@ from edge_kit.selection.constraints import (
     Measured,
     describe,
     effective_constraints,
+    measured_text,
     violations,
 )
 from edge_kit.telemetry.store import HistoryStore
@@ -454,10 +456,14 @@ class Monitor:
             self._alert(Alert(device, "offline", f"{device} went offline"))
         elif kind == "bench" and device in self.constraints:
             c = self.constraints[device]
-            broken = violations(c, Measured.from_record(msg, msg.get("model_bytes") or 0), None)
-            if broken:
+            # a record without the model's size does not judge the size bound (it is no 0 MB model)
+            size = msg.get("model_bytes")
+            m = Measured.from_record(msg, size if size is not None else math.nan)
+            broken = violations(c, m, None)
+            if broken:  # each bound with the figure that broke it and where that came from
                 self._alert(Alert(device, "constraints", f"{device} {msg['variant']}: breaks "
-                                                                f"{', '.join(describe(k, c) for k in broken)}"))
+                                  + ", ".join(f"{describe(k, c)} ({measured_text(k, m)})" for k in broken)
+                                  + ("; a simulated device: this machine's figures" if msg.get("simulated") else "")))
 
     def _check_silence(self) -> None:
         now = time.time()

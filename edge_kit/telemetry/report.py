@@ -16,6 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from device_agents.bench import thin_tail
 from edge_kit.errors import InputError
 from edge_kit.fsutil import atomic_write_text
 from edge_kit.profiles import Profile, bundled_profiles, load_profile
@@ -119,11 +120,16 @@ def _profile_figures(profile: Profile, records: list[dict[str, Any]], chosen: di
                           height=460, margin={"t": 60})
     bars = go.Figure()
     variants = sorted(v for v, recs in by_variant.items() if any((r.get("power") or {}).get("energy_per_inference_mj") is not None for r in recs))
-    for source in sorted({_label(_power_source(r)) for r in records}):
+    # one series per source, and simulated devices apart: their figures (this machine's CPU use) never
+    # average into a real device's of the same source
+    def series(r: dict[str, Any]) -> str:
+        return _label(_power_source(r)) + (", simulated devices" if r.get("simulated") is True else "")
+
+    for source in sorted({series(r) for r in records}):
         ys, texts = [], []
         for v in variants:
             vals = [r["power"]["energy_per_inference_mj"] for r in by_variant[v]
-                    if _label(_power_source(r)) == source and r["power"].get("energy_per_inference_mj") is not None]
+                    if series(r) == source and r["power"].get("energy_per_inference_mj") is not None]
             ys.append(sum(vals) / len(vals) if vals else None)
             texts.append(f"{len(vals)} device(s)")
         bars.add_trace(go.Bar(x=variants, y=ys, name=f"{source}", text=texts,
@@ -153,8 +159,16 @@ def _fleet_rows(store: HistoryStore) -> tuple[list[str], list[list[str]]]:
                      _accuracy_cell(rec),
                      f"{rec['power']['energy_per_inference_mj']:.4g}" if rec and rec["power"].get("energy_per_inference_mj") is not None else "-",
                      html.escape(_power_source(rec)) if rec else "-", _live_cell((tele.get(device) or {}).get("live")),
-                     "yes" if rec and rec.get("simulated") else "no"])
+                     _simulated_cell(rec, st)])
     return head, rows
+
+
+def _simulated_cell(rec: dict[str, Any] | None, status: dict[str, Any]) -> str:
+    """Return the fleet table's "simulated" cell: what the benchmark record, else the device's latest status, says
+    (``yes``/``no``), or "-" when neither says (a device never heard from is not called real)."""
+    said = (rec or {}).get("simulated")
+    said = status.get("simulated") if not isinstance(said, bool) else said
+    return "-" if not isinstance(said, bool) else ("yes" if said else "no")
 
 
 def _verdict(dec: dict[str, Any] | None) -> str:
@@ -182,8 +196,10 @@ def _live_cell(live: Any) -> str:
         return format(v, fmt) if in_range(v) else "?"
 
     model = live.get("model") if isinstance(live.get("model"), dict) else {}
-    return html.escape(f"{num(lat.get('p50', 0), '.3g')}/{num(lat.get('p99', 0), '.3g')} ({num(live.get('requests', 0), ',')}, "
-                       f"{clip(str(model.get('variant')), MAX_NAME_CHARS)})")
+    window = live.get("window")  # the requests the percentiles were taken over (the agent's last 2,048 at most)
+    thin = thin_tail(window, "request(s) in the window") if isinstance(window, int) and in_range(window) else ""
+    return html.escape(f"{num(lat.get('p50'), '.3g')}/{num(lat.get('p99'), '.3g')} ({num(live.get('requests'), ',')}, "
+                       f"{clip(str(model.get('variant')), MAX_NAME_CHARS)}{thin})")
 
 
 def _gate_rows(store: HistoryStore) -> list[list[str]]:

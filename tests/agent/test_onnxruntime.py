@@ -15,7 +15,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from device_agents.bench import run_bench
+from device_agents.bench import run_bench, summary_rows
 from device_agents.errors import RuntimeUnavailable, StoreError
 from device_agents.formats import model_format
 from device_agents.inference import ModelRunner
@@ -92,6 +92,18 @@ def test_bench_records_onnxruntime_with_accuracy_and_fidelity(onnx_model, pages,
     expected = float(np.mean(np.argmax(reference, 1) == pages["y"]))
     assert record["accuracy"]["value"] == pytest.approx(expected) and record["accuracy"]["samples"] == 8
     assert record["fidelity"]["snr_db"] >= 100 and record["fidelity"]["top1_agreement"] == 1.0
+
+
+@pytest.mark.parametrize("runs, short", [(5, "p90 and p99"), (50, "p99"), (100, None)])
+def test_a_bench_summary_says_when_too_few_runs_make_its_upper_percentiles_the_slowest_runs(onnx_model, runs, short):
+    """p99 over 50 runs was printed to the microsecond as if it were one; it is the slowest runs interpolated."""
+    record = run_bench(onnx_model, BenchSettings(warmup=1, min_runs=runs, max_runs=runs, min_seconds=0.0))
+    assert record["runs"] == runs
+    line = dict(summary_rows(record))["latency p50/p90/p99"]
+    if short is None:
+        assert "only" not in line and "not true percentiles" not in line
+    else:
+        assert f"only {runs} timed run(s): {short} lie between the slowest samples, not true percentiles" in line
 
 
 def test_store_keeps_the_format_and_activates_after_a_smoke_run(onnx_model, digits_artifacts, tmp_path):

@@ -187,6 +187,12 @@ def test_fleet_status_says_where_its_figures_come_from_and_which_devices_are_sim
     note = " ".join(out.split("figures:")[1].split())
     assert note.startswith("p90 and top-1 measured by each device's own agent")
     assert "simulated devices (rpi4-1): measured on this machine" in note and "rpi4-2" not in note
+    # --json said nothing of it: a script read the simulated device's p90 as its hardware's
+    code, out, err = run_cli("fleet", "status", "--fleet", fleet_file, "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["simulated"] == ["rpi4-1"] and data["figures"].startswith("figures: p90 and top-1 measured by each")
+    assert "simulated devices (rpi4-1): measured on this machine" in data["figures"]
 
 
 def test_an_output_folder_that_cannot_be_written_is_one_line_naming_it(tmp_path, run_cli):
@@ -257,3 +263,36 @@ def test_the_demo_table_says_where_every_column_came_from(capsys):
     print_demo(DemoResult(Path("/tmp/d"), False, TuneReport(GroupResult([])), [*rows, coral]))
     text = " ".join(capsys.readouterr().out.split())
     assert "no accelerator on this machine: c ran int8 on xnnpack (the CPU)" in text  # the Coral's int8 ran on the CPU
+
+
+def test_the_fleet_tables_simulated_column_says_what_the_device_said_and_no_more(tmp_path, run_cli):
+    """The column said "no" for any device without a benchmark of its current model: a simulated device that had
+    only reported its status, or one never heard from, read as real hardware."""
+    from edge_kit.telemetry.store import Store
+    from edgekit_protocol import messages
+
+    history = tmp_path / "edgekit-history.db"
+    store = Store(history)
+    store.add_many([("bench", _bench("rpi4-1", "fp32", 0.31, 0.99, 1)),
+                    ("status", messages.envelope("status", "sim", "rpi4-2", 1, {"state": "online", "simulated": True})),
+                    ("status", messages.envelope("status", "sim", "rpi4-3", 1, {"state": "online", "simulated": False}))])
+    store.add_decision({"device": "rpi4-4", "chosen": None, "chosen_sha256": None, "current": None, "feasible": False,
+                        "switch": False, "reason": "not measured yet on this device: int8", "violates": []})
+    store.close()
+    code, out, err = run_cli("report", "--history", history, "--out", tmp_path / "r.html")
+    assert code == 0, err
+    rows = {r.split("</td>")[0]: r for r in (tmp_path / "r.html").read_text().split("<h2>Fleet</h2>")[1].split("<tr><td>")[1:]}
+    assert rows["rpi4-2"].split("<td>")[-1].startswith("yes") and rows["rpi4-3"].split("<td>")[-1].startswith("no")
+    assert rows["rpi4-4"].split("<td>")[-1].startswith("-")
+
+
+def test_energy_bars_never_average_a_simulated_devices_figure_into_a_real_ones():
+    """A real rpi4 and a simulated one, both estimated, made one bar: their mean, half of it this machine's."""
+    from edge_kit.profiles import load_profile
+    from edge_kit.telemetry.report import _profile_figures
+
+    real = {**_bench("rpi4-1", "int8", 0.2, 0.99, 1), "simulated": False,
+            "power": {"estimated": True, "method": "estimated", "energy_per_inference_mj": 0.5}}
+    sim = {**_bench("rpi4-2", "int8", 0.2, 0.99, 2), "power": {**real["power"], "energy_per_inference_mj": 0.1}}
+    _scatter, bars = _profile_figures(load_profile("rpi4"), [real, sim], {})
+    assert {t.name: list(t.y) for t in bars.data} == {"estimated": [0.5], "estimated, simulated devices": [0.1]}

@@ -148,3 +148,18 @@ def test_relative_paths_are_taken_from_the_fleet_files_folder_not_the_current_on
     text, password = agent_config(fleet, fleet.device("pi-2"))
     assert password == b"pi-2-secret\n"
     assert fleet.key_store().folder == conf / "keys"
+
+
+def test_a_simulated_devices_agent_estimates_its_power_from_its_profile_never_from_this_hosts_sensors(tmp_path):
+    """A simulated rpi4's agent probed this host's sensors: a laptop's hwmon power meter or a GPU's power1_average
+    was recorded as the Pi's measured watts and judged against its 6.5 W bound. It now estimates from the profile."""
+    import yaml
+
+    from edge_kit.fleet.agent_install import agent_config
+
+    fleet = load_fleet(write(tmp_path, "fleet.yaml", FLEET.replace(
+        "{name: pi-2, host: 10.0.0.2, tags: [pi, canary]}", "{name: pi-2, host: 10.0.0.2, simulated: true}")))
+    real = yaml.safe_load(agent_config(fleet, fleet.device("pi-1"))[0])["power"]
+    sim = yaml.safe_load(agent_config(fleet, fleet.device("pi-2"))[0])["power"]
+    assert real["sensors"] == ["ina219", "hwmon"] and sim["sensors"] == []
+    assert (sim["idle_w"], sim["busy_w"]) == (real["idle_w"], real["busy_w"]) == (2.7, 6.4)

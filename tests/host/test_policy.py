@@ -321,3 +321,47 @@ def test_tune_decides_without_the_variants_a_device_has_no_runtime_for(monkeypat
     report = tn.tune(SimpleNamespace(), [dev], tn.TuneOptions(tmp_path), store)
     d = report.final["d1"]
     assert d.chosen == "int8" and d.unmeasured == [] and "onnx-fp32" not in {r["variant"] for r in d.table}
+
+
+NO_ACC = Constraints(max_latency_p90_ms=10, max_power_w=5, max_model_mb=2)
+
+
+def test_a_reason_never_shows_an_accuracy_nothing_measured_as_zero():
+    # int8's eval set had no labels (or its metric failed): its accuracy is unknown, not 0 %
+    cands = [cand("fp16", 6, 0.99, 3.0), cand("int8", 3, None, 1.0)]
+    d = choose("d", cands, NO_ACC, fp32_accuracy=0.99, current_sha=None)
+    assert d.chosen == "fp16" and "highest accuracy" in d.reason
+    assert "99.00% vs not measured for int8" in d.reason and "0.00" not in d.reason
+
+
+def test_a_reason_shows_a_user_metric_on_its_own_scale_not_as_a_percentage():
+    cands = [cand("fp16", 6, 37.5, 3.0), cand("int8", 3, 12.25, 1.0)]
+    d = choose("d", cands, NO_ACC, fp32_accuracy=37.5, current_sha=None)
+    assert d.chosen == "fp16" and "(37.5 vs 12.25 for int8)" in d.reason
+
+
+def test_a_reason_resting_on_energy_says_where_the_energy_came_from():
+    """"least energy per inference" read as metered when both figures were estimated from CPU use."""
+    est = [Candidate(v, v * 4, 10**6, (Measured(v, p90, 3.0, mj, "estimated", 0.99, 1.0),))
+           for v, p90, mj in (("fp16", 6, 3.0), ("int8", 3, 1.0))]
+    d = choose("d", est, C, fp32_accuracy=0.99, current_sha=None)
+    assert d.chosen == "int8" and d.reason.endswith("(1 vs 3 mJ for fp16; power: estimated)")
+    mixed = [cand("fp16", 6, 0.99, 3.0), est[1]]
+    d = choose("d", mixed, C, fp32_accuracy=0.99, current_sha=None)
+    assert d.chosen == "int8" and d.reason.endswith("(1 vs 3 mJ for fp16; power: estimated vs ina219)")
+
+
+def test_the_decision_table_says_an_infeasible_power_figure_was_estimated():
+    """"NO: power <= 5 W" read as a meter's verdict when the watts were estimated from CPU use."""
+    from rich.console import Console
+
+    from edge_kit.cli.loop import decision_table
+
+    hot = [Candidate(v, v * 4, 10**6, (Measured(v, p90, w, 1.0, src, 0.99, 1.0),))
+           for v, p90, w, src in (("fp16", 6, 5.5, "estimated"), ("int8", 3, 6.0, "estimated"))]
+    d = choose("d", hot, C, fp32_accuracy=0.99, current_sha=None)
+    assert d.chosen == "fp16" and not d.feasible and d.violates == ["power <= 5 W"]
+    console = Console(width=200, record=True)
+    for item in decision_table({"d": d}, explain=False):
+        console.print(item)
+    assert "NO: power <= 5 W (estimated)" in console.export_text()
