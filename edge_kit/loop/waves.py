@@ -480,6 +480,11 @@ class Rollout:
         finally:
             self._release()
 
+    def _note_refused(self, client: Any) -> None:
+        """Take from ``client`` the reported messages it refused: the newest with why, and how many in all."""
+        self.refused = list(getattr(client, "rejected", []))
+        self.refused_count = getattr(client, "rejected_count", len(self.refused))
+
     def _release(self) -> None:
         """Store the rows and let go of the rollout's claim (never raises: the claim goes stale by itself)."""
         try:
@@ -562,8 +567,7 @@ class Rollout:
                     state, reason = self._gate(plan, order, ends[0], client)
                     if state != "done":
                         break
-            self.refused = list(getattr(client, "rejected", []))
-            self.refused_count = getattr(client, "rejected_count", len(self.refused))
+            self._note_refused(client)
         self._take_reports()
         self._flush()
         summary = self.summary(plan, state, reason)
@@ -793,7 +797,7 @@ class Rollout:
                 if self.rows[name]["state"] == "rolling back":
                     self._set(name, detail={"abort": self.rows[name]["detail"]["abort"] + "; no answer yet (it goes "
                                                      "back when it connects; run abort again to check)"})
-            self.refused = list(getattr(client, "rejected", []))
+            self._note_refused(client)
         self._flush()
         sent_back = {n for n, d in back if not d.hold}
         kept = {n for n, d in back if d.hold} - sent_back

@@ -515,7 +515,11 @@ def test_abort_waits_for_a_live_driver_and_says_when_it_did_not_stop(tmp_path):
         Rollout(history, "r", FakeBroker()).abort(driver_wait_s=0.3)
     assert history.rollout("r")["state"] == "aborting"  # the driver's next heartbeat stops it
     history.release_rollout("r", "other-host:1")
-    assert Rollout(history, "r", FakeBroker()).abort(wait_s=0)["state"] == "aborted"
+    broker = FakeBroker()
+    broker.rejected, broker.rejected_count = ["d0: forged"], 7  # the client keeps the newest refusals, counts all
+    aborted = Rollout(history, "r", broker).abort(wait_s=0)
+    assert aborted["state"] == "aborted"
+    assert aborted["refused_messages"] == 7 and aborted["refused_examples"] == ["d0: forged"]  # abort counted 0 before
     history.save_rollout("d", "done", history.rollout("r")["body"])
     with pytest.raises(RolloutError, match="rollout d is done already; nothing to abort"):
         Rollout(history, "d", FakeBroker()).abort()
