@@ -230,6 +230,7 @@ def test_the_serving_docs_application_counts_faces_on_real_photos(wheels, tmp_pa
     import re
 
     from device_agents.runtimes import get_runtime
+    from device_agents.serving import Client
     from device_agents.serving.server import Server
     from device_agents.store import ModelStore
 
@@ -245,6 +246,13 @@ def test_the_serving_docs_application_counts_faces_on_real_photos(wheels, tmp_pa
     try:
         faces = realmodels.face_samples(wheels, 12, seed=3, size=128, mosaic_share=0.0, negative_share=0.5)
         counts = app["count_faces"](list(faces["x"]), root=store.root)
+        with Client(store.root) as plain, Client(store.root, busy_poll_us=600) as in_place:
+            x = in_place.shared(faces["x"][0])  # written in place, predicted with no copy, a polling window
+            for photo in faces["x"][:4]:
+                np.copyto(x, photo)
+                want, got = plain.predict(photo), in_place.predict(x)
+                assert want.keys() == got.keys() and all(np.array_equal(want[k], got[k]) for k in want)
+            assert len(in_place._round_trips) == 4
     finally:
         server.close()
     has_face = (faces["y.classes"] == 0).any(axis=1)
