@@ -2,7 +2,8 @@
 
 :func:`power_meter` tries the configured sensor keys in order (see :data:`SENSORS`); the first that
 answers is used. Without one, and with the profile's idle and busy watts, the meter estimates
-``idle_w + (busy_w - idle_w) x CPU use`` from the agent's own CPU time, and says so.
+``idle_w + (busy_w - idle_w) x CPU use`` from the benchmark's own CPU time (its threads, not the
+agent's serving or messaging), and says so.
 """
 
 from __future__ import annotations
@@ -79,26 +80,78 @@ class SensorMeter:
                 "samples": samples, "seconds": round(seconds, 3)}
 
 
+def _thread_clock(tid: int) -> int:
+    """Return the CPU-time clock id of thread ``tid`` of this process (Linux's encoding, the one
+    ``pthread_getcpuclockid`` returns: the thread's scheduler clock)."""
+    return (~tid << 3) | 6
+
+
+def _thread_cpu_ns(tids: set[int]) -> dict[int, int]:
+    """Return the CPU time (ns) of each of ``tids`` still running in this process (never raises)."""
+    spent = {}
+    for tid in tids:
+        try:
+            spent[tid] = time.clock_gettime_ns(_thread_clock(tid))
+        except (OSError, OverflowError):  # ended meanwhile
+            pass
+    return spent
+
+
+def _task_ids() -> set[int] | None:
+    """Return the ids of this process's threads, or None where ``/proc/self/task`` cannot be read."""
+    try:
+        return {int(name) for name in os.listdir("/proc/self/task")}
+    except (OSError, ValueError):
+        return None
+
+
 @dataclass
 class EstimateMeter:
-    """Estimates watts from the profile's idle/busy figures and the agent process's CPU use."""
+    """Estimates watts from the profile's idle/busy figures and the CPU use of the benchmark.
+
+    The benchmark's CPU is that of the thread that calls :meth:`start` and of the threads started
+    since this meter was made that are not Python threads (the runtime's worker pools for the model
+    under test): the agent's other work (serving, MQTT, telemetry, other models' pools) is left out.
+    Where threads cannot be told apart (no ``/proc/self/task``), the whole process's CPU time is
+    used, and the method says so.
+    """
 
     idle_w: float
     busy_w: float
     cores: int
     profile: str = "?"
 
+    def __post_init__(self) -> None:
+        self._before = _task_ids()  # threads that exist before the model under test is loaded
+
+    def _own(self) -> set[int] | None:
+        """Return the ids of the benchmark's threads (see the class), or None where unknown."""
+        now = _task_ids()
+        if now is None or self._before is None:
+            return None
+        others = {t.native_id for t in threading.enumerate() if t is not threading.current_thread()}
+        return {threading.get_native_id()} | (now - self._before - others)
+
     def start(self) -> None:
-        """Begin measuring (call right before the timed runs)."""
-        self._wall, self._cpu = time.perf_counter(), time.process_time()
+        """Begin measuring (call right before the timed runs, from the thread that runs them)."""
+        self._wall = time.perf_counter()
+        own = self._own()
+        self._cpu = _thread_cpu_ns(own) if own is not None else time.process_time_ns()
 
     def stop(self, runs: int) -> dict[str, Any]:
         """End measuring; return the ``power`` part of a bench record, marked estimated."""
         seconds = time.perf_counter() - self._wall
-        use = min(1.0, max(0.0, (time.process_time() - self._cpu) / (seconds * self.cores))) if seconds > 0 else 0.0
+        if isinstance(self._cpu, dict):
+            now = _thread_cpu_ns(set(self._cpu) | (self._own() or set()))
+            cpu_s = sum(ns - self._cpu.get(tid, 0) for tid, ns in now.items()) / 1e9
+            whose = f"CPU time of the benchmark's {len(now)} thread(s)"
+        else:
+            cpu_s = (time.process_time_ns() - self._cpu) / 1e9
+            whose = "the whole process's CPU time (threads not told apart here)"
+        use = min(1.0, max(0.0, cpu_s / (seconds * self.cores))) if seconds > 0 else 0.0
         watts = self.idle_w + (self.busy_w - self.idle_w) * use
         model = (f"idle_w + (busy_w - idle_w) x CPU use, profile {self.profile}: idle {self.idle_w} W, "
-                 f"busy {self.busy_w} W, CPU use {use:.3f} (process CPU time / wall time / {self.cores} cores)")
+                 f"busy {self.busy_w} W, CPU use {use:.3f} ({whose} / wall time / {self.cores} cores)")
         return {"measured": False, "estimated": True, "sensor": None, "method": f"estimated: {model}",
                 "avg_w": round(watts, 4), "energy_per_inference_mj": round(watts * seconds / max(runs, 1) * 1000, 4),
                 "cpu_use": round(use, 4), "seconds": round(seconds, 3)}

@@ -127,3 +127,49 @@ def test_without_a_sensor_the_estimate_is_labelled_with_its_model(tmp_path):
     assert rec["method"].startswith("estimated: idle_w + (busy_w - idle_w) x CPU use, profile rpi4")
     assert 2.0 < rec["avg_w"] <= 6.0 and rec["cpu_use"] > 0.5
     assert power_meter(["hwmon"], SensorEnv(tmp_path)) is None  # no sensor, no figures: nothing to estimate from
+
+
+def test_the_estimate_counts_the_benchmarks_threads_not_the_agents_other_work():
+    """The agent serves and publishes while it benchmarks: a busy thread started before the meter (a
+    serving thread, a served model's worker pool) is not the benchmark's CPU; a worker thread the
+    runtime starts after the meter was made (the pool of the model under test) is."""
+    import _thread
+    import hashlib
+    import threading
+
+    stop = threading.Event()
+    block = bytes(1 << 20)
+    spent = {}  # CPU seconds each spinning thread has used so far, by its name
+
+    def spin(name, seconds=1e9):
+        end = time.monotonic() + seconds
+        while not stop.is_set() and time.monotonic() < end:
+            hashlib.sha256(block).digest()  # CPU without the GIL, as a runtime's worker does
+            spent[name] = time.thread_time()
+
+    def cpu_s(rec):  # the CPU seconds the estimate counted
+        return rec["cpu_use"] * rec["seconds"] * 2
+
+    threading.Thread(target=spin, args=("serving",), daemon=True).start()
+    _thread.start_new_thread(spin, ("other pool",))  # a native pool of another model: no threading.Thread
+    try:
+        meter = EstimateMeter(2.0, 6.0, cores=2)
+        time.sleep(0.05)
+        others = sum(spent.values())
+        meter.start()
+        time.sleep(0.3)  # the benchmark's thread idle: only the others are busy
+        idle = meter.stop(runs=1)
+        assert sum(spent.values()) - others > 0.03  # they did work meanwhile
+        assert cpu_s(idle) < 0.01, idle["method"]
+        assert "CPU time of the benchmark's 1 thread(s)" in idle["method"]
+
+        meter = EstimateMeter(2.0, 6.0, cores=2)
+        _thread.start_new_thread(spin, ("pool",))  # the pool of the model under test, started after the meter
+        meter.start()
+        time.sleep(0.3)
+        pool = meter.stop(runs=1)
+        assert spent["pool"] > 0.03
+        assert cpu_s(pool) == pytest.approx(spent["pool"], abs=0.02), pool["method"]
+        assert "benchmark's 2 thread(s)" in pool["method"]
+    finally:
+        stop.set()
