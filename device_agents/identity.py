@@ -36,6 +36,9 @@ from edgekit_protocol.errors import ConfigError, EdgeKitError, MessageError
 from edgekit_protocol.messages import canonical
 
 OPERATOR = "operator"  # the signer name of commands and desired states
+# Written by the deploy that gives a device its key (a first deploy, or one after the root was wiped):
+# the operator host's clock at that moment, the floor of the agent's command horizon (see Spool.take).
+PROVISIONED = "provisioned.json"
 
 try:  # optional: libsodium's Ed25519 verification (see the module's docstring)
     from nacl.bindings import crypto_sign_open as _sodium_open
@@ -230,6 +233,16 @@ def verify_published(keyring: Keyring, topic: str, payload: bytes) -> str | None
     except Exception as exc:  # noqa: BLE001 - e.g. RecursionError: refused with what went wrong, never raised
         return f"checking its signature failed ({type(exc).__name__}); refused"
     return None
+
+
+def provisioned_at(folder: Path) -> float:
+    """Return the unix time in ``<folder>/provisioned.json`` (the operator's clock when the deploy
+    gave this device its key), or 0.0 when there is none or it is not a finite time (never raises)."""
+    try:
+        at = json.loads((folder / PROVISIONED).read_text()).get("at")
+    except (OSError, ValueError, AttributeError):
+        return 0.0
+    return float(at) if messages.in_range(at) else 0.0
 
 
 def read_operators(path: Path) -> tuple[bytes, ...]:

@@ -36,6 +36,7 @@ from device_agents.identity import (
     decode_key,
     encode_key,
     key_id,
+    provisioned_at,
     read_operators,
 )
 from device_agents.mqtt import SpooledPublisher, make_client
@@ -79,7 +80,8 @@ class Agent:
         self.disk = Disk(self.store.root, reserve_bytes=int(cfg.store.reserve_mb * 1e6),
                          min_free_bytes=int(cfg.store.min_free_mb * 1e6))
         self.disk.refresh()  # the reserve that lets the agent answer "disk full" when the disk is full
-        self.spool = Spool(self.store.root / "spool.db", cfg.spool_max_records)
+        self.spool = Spool(self.store.root / "spool.db", cfg.spool_max_records,
+                           horizon_floor=provisioned_at(self.identity))
         # A persistent session: commands sent while the agent reconnects wait for it on the broker.
         # A persistent session, and the broker hears that a command arrived only once it is on disk.
         self.client = make_client(cfg.broker, f"edgekit-agent-{cfg.fleet}-{cfg.device}", password=cfg.password(),

@@ -13,7 +13,8 @@ is counted, persisted, and reported in telemetry and the ``state`` command.
 A spool that is not a database any more (a damaged file, a write cut by a power loss on a card that lies
 about fsync) is moved aside (``spool.db.damaged-<unix time>``, kept for a look) and a new one started, so
 the agent still starts; the new one counts it (``damaged_spools``) and starts its command horizon at this
-device's clock, so a command that expired by it is refused before it is taken.
+device's clock, so a command that expired by it is refused before it is taken. A new spool's horizon
+starts no earlier than the device's provisioning (``horizon_floor``).
 """
 
 from __future__ import annotations
@@ -34,7 +35,16 @@ HORIZON_S = 300.0  # how far behind the newest command's ts a command may still 
 class Spool:
     """A bounded, persistent FIFO of ``(kind, topic, payload)`` rows. Thread-safe."""
 
-    def __init__(self, path: Path, max_records: int = 10_000):
+    def __init__(self, path: Path, max_records: int = 10_000, *, horizon_floor: float = 0.0):
+        """Open (or create) the spool at ``path``. ``horizon_floor`` is a unix time no command taken here
+        can be older than by more than :data:`HORIZON_S` (when the device was provisioned, by the
+        operator's clock): the command horizon starts there, so a command captured before a device's
+        root was wiped is not run again, whatever the device's clock says.
+
+        Raises:
+            ValueError: ``max_records`` is below 1.
+            sqlite3.OperationalError: the file cannot be opened (locked, read-only, no space).
+        """
         if max_records < 1:
             raise ValueError("spool max_records must be at least 1")
         self.path = Path(path)
@@ -63,10 +73,13 @@ class Spool:
         self._unsaved: dict[str, int] = {}  # next_seq numbers a full disk kept us from writing
         self._uncounted: dict[str, int] = {}  # count()s not on disk yet (at most COUNT_EVERY_S old)
         self._counted_at = 0.0  # monotonic time counters last reached the disk
-        if damaged is not None:
-            with self._lock:
+        with self._lock:
+            if damaged is not None:
                 self._bump("damaged_spools")
-                horizon = int((time.time() - HORIZON_S) * 1000)  # the ids taken before are gone: this clock's word
+            # the ids taken before a damage are gone: this clock's word; at least the provisioning's
+            at = max(horizon_floor, time.time() if damaged is not None else 0.0)
+            horizon = int((at - HORIZON_S) * 1000)
+            if horizon > self._counter("horizon_ms"):  # never moves back
                 self._db.execute("INSERT OR REPLACE INTO counters (name, value) VALUES ('horizon_ms', ?)", (horizon,))
 
     def _open(self) -> None:

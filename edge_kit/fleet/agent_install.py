@@ -35,6 +35,7 @@ import edgekit_protocol
 from device_agents import codecheck
 from device_agents.identity import (
     OPERATOR,
+    PROVISIONED,
     Keyring,
     Signer,
     decode_key,
@@ -325,6 +326,8 @@ def _ensure_identity(shell: DeviceShell, fleet: Fleet, before_change: Callable[[
         before_change()
         shell.put(signer.pem(), f"{root}/identity/device.key", mode=0o600)
         shell.put((encode_key(signer.public) + "\n").encode(), f"{root}/identity/device.pub")
+        # the floor of its command horizon: a command captured before its root was wiped is never run again
+        shell.put(json.dumps({"at": time.time()}).encode(), f"{root}/identity/{PROVISIONED}")
         public = signer.public
         changed.append(f"device key {key_id(public)} provisioned")
     if keys.register(shell.dev.name, public) and not changed:

@@ -168,3 +168,39 @@ def test_a_flood_of_refusals_is_counted_exactly_with_about_one_commit_a_second(t
     assert len(commits) <= 4  # the first count, and at most one more save within the second
     spool.close()
     assert Spool(tmp_path / "spool.db").stats()["refused_commands"] == 2_000  # held ones are saved at close
+
+
+def test_a_new_spools_horizon_starts_at_the_devices_provisioning_by_the_operators_clock(tmp_path):
+    """A device whose root was wiped (re-imaged, a new card) has a new spool that remembers no command id,
+    and a Pi without a real-time clock may boot with yesterday's time: a command captured before, still
+    unexpired by that clock, ran again. The deploy that gives the device its key writes the operator's
+    time (identity/provisioned.json); the horizon starts there and never moves back."""
+    import json
+
+    from device_agents.config import load_agent_config
+    from device_agents.identity import PROVISIONED, provisioned_at
+    from device_agents.service import Agent
+    from device_agents.spool import HORIZON_S
+
+    t1 = 1_800_000_000.0  # the re-provisioning, by the operator's clock
+    spool = Spool(tmp_path / "s.db", horizon_floor=t1)
+    assert spool.take("captured", b"{}", ts=t1 - 7200, expires=t1 - 3600) == "expired"
+    assert spool.take("sent just before", b"{}", ts=t1 - 60, expires=t1 - HORIZON_S + 1) is None
+    spool.close()
+    again = Spool(tmp_path / "s.db", horizon_floor=t1 - 86_400)  # an older floor never moves it back
+    assert again.take("captured 2", b"{}", ts=t1 - 7200, expires=t1 - 3600) == "expired"
+    again.close()
+
+    root = tmp_path / "root"
+    (root / "identity").mkdir(parents=True)
+    for text in ("", "{not json", '{"at": "yesterday"}', '{"at": 1e400}', "[1]"):
+        (root / "identity" / PROVISIONED).write_text(text)
+        assert provisioned_at(root / "identity") == 0.0, text  # unreadable: no floor, never a crash
+    (root / "identity" / PROVISIONED).write_text(json.dumps({"at": t1}))
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text(f"device: pi-1\nfleet: f\nroot: {root}\nserve: {{enabled: false}}\n")
+    agent = Agent(load_agent_config(cfg))
+    try:
+        assert agent.spool.take("captured", b"{}", ts=t1 - 7200, expires=t1 - 3600) == "expired"
+    finally:
+        agent.spool.close()

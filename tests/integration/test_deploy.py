@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 from harness import CuttingProxy
 
+from device_agents.identity import provisioned_at
 from device_agents.store import ModelStore
 from edge_kit.fleet.deploy import DeployOptions, deploy
 from edge_kit.fleet.inventory import load_fleet
@@ -42,6 +44,8 @@ def test_deploy_to_four_devices_in_parallel_then_redeploy_skips_them_all(sim, di
         assert "uploaded fp32 (0.8 MB)" in r["actions"] and "activated int8" in r["actions"]
         assert r["activation"]["current"] == int8 and r["activation"]["smoke"]["outputs"] == {"output_0": [1, 10]}
         assert {m["variant"] for m in ModelStore(Path(dev.root)).installed()} == {"fp32", "dynamic-int8", "int8"}
+        # given its key (by `sim up`'s deploy): the floor of its command horizon is that deploy's clock
+        assert time.time() - 600 < provisioned_at(Path(dev.root) / "identity") <= time.time()
     code, out, err = run_cli("deploy", "--fleet", simfleet.fleet_file, "--artifacts", digits_artifacts, "--json")
     again = json.loads(out)
     assert code == 0 and again["counts"] == {"succeeded": 0, "skipped": 4, "failed": 0}
