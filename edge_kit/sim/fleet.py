@@ -143,7 +143,11 @@ class SimFleet:
                 step(f"starting the SSH server for {name}")
                 folder = self.workdir / "devices" / name
                 where = {"host": links.address(i), "port": 22, "wrap": links.wrap(i)} if links else {}
-                ssh = SshEndpoint(folder / "ssh", public, embedded=embedded_ssh, **where).start()
+                # a home of its own: a device's shell does not run this host user's start-up files (bash
+                # sources ~/.bashrc for every SSH command; a pyenv or conda init there costs 100 ms a command)
+                (folder / "home").mkdir(parents=True, exist_ok=True)
+                ssh = SshEndpoint(folder / "ssh", public, embedded=embedded_ssh, settings=(f'SetEnv "HOME={folder / "home"}"',),
+                                  **where).start()
                 state["devices"].append({"name": name, "profile": profile, "sshd_pid": ssh.proc.pid,
                                          "sshd_started": started_at(ssh.proc.pid), "port": ssh.port,
                                          "ssh": ssh.kind, "root": str(folder / "root")})
