@@ -1,8 +1,8 @@
 """`edgekit-agent`: the on-device command. Needs only numpy, PyYAML, paho-mqtt and a LiteRT interpreter.
 
-    edgekit-agent bench model.tflite [--eval eval.npz] [--threads N] [--delegate edgetpu] [--json]
+    edgekit-agent bench model.tflite|model.onnx [--eval eval.npz] [--threads N] [--delegate edgetpu] [--json]
     edgekit-agent run --config agent.yaml           # the service: MQTT, commands, telemetry
-    edgekit-agent install model.tflite --variant ID --model NAME [--sha256 S] [--eval eval.npz] [--root R]
+    edgekit-agent install model.tflite --variant ID --model-name NAME [--sha256 S] [--eval eval.npz] [--root R]
     edgekit-agent activate (--sha256 S | --variant ID) [--root R]
     edgekit-agent rollback [--root R]
     edgekit-agent state [--root R]
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of the `edgekit-agent` console script."""
     parser = argparse.ArgumentParser(prog="edgekit-agent", description="edge-kit on-device agent")
     sub = parser.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("bench", help="benchmark a .tflite model once and print the result")
+    b = sub.add_parser("bench", help="benchmark a model (.tflite or .onnx) once and print the result")
     b.add_argument("model", type=Path)
     b.add_argument("--eval", type=Path, help=".npz with x (real inputs) and optionally y (labels: top-1 accuracy)")
     b.add_argument("--threads", type=int, default=1)
