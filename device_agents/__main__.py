@@ -1,8 +1,8 @@
 """`edgekit-agent`: the on-device command. Needs only numpy, PyYAML, paho-mqtt and a LiteRT interpreter.
 
-    edgekit-agent bench model.tflite [--eval eval.npz] [--threads N] [--delegate edgetpu] [--json]
+    edgekit-agent bench model.tflite|model.onnx [--eval eval.npz] [--threads N] [--delegate edgetpu] [--json]
     edgekit-agent run --config agent.yaml           # the service: MQTT, commands, telemetry
-    edgekit-agent install model.tflite --variant ID --model NAME [--sha256 S] [--eval eval.npz] [--root R]
+    edgekit-agent install model.tflite --variant ID --model-name NAME [--sha256 S] [--eval eval.npz] [--root R]
     edgekit-agent activate (--sha256 S | --variant ID) [--root R]
     edgekit-agent rollback [--root R]
     edgekit-agent state [--root R]
@@ -10,8 +10,10 @@
     edgekit-agent supervise --config agent.yaml --pidfile P   # the service where there is no systemd
 
 ``install``, ``activate``, ``rollback`` and ``state`` work on the model store (see
-:mod:`device_agents.store`) and print JSON. Every error edge-kit raises on purpose is mapped here,
-once: one line (``edgekit-agent: error: ...``) and its ``exit_code`` (2).
+:mod:`device_agents.store`) and print JSON (``--json`` is accepted, and makes an error a JSON document
+on stdout too, as with ``bench --json``); ``run``, ``supervise`` and ``unit`` are the service and its unit.
+Every error edge-kit raises on purpose is mapped here, once: one line (``edgekit-agent: error: ...``)
+and its ``exit_code`` (2).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of the `edgekit-agent` console script."""
     parser = argparse.ArgumentParser(prog="edgekit-agent", description="edge-kit on-device agent")
     sub = parser.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("bench", help="benchmark a .tflite model once and print the result")
+    b = sub.add_parser("bench", help="benchmark a model (.tflite or .onnx) once and print the result")
     b.add_argument("model", type=Path)
     b.add_argument("--eval", type=Path, help=".npz with x (real inputs) and optionally y (labels: top-1 accuracy)")
     b.add_argument("--threads", type=int, default=1)
@@ -84,10 +86,13 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("state", help="print what is installed, current and previous")
     for p in (i, a, *[sub.choices[n] for n in ("rollback", "state")]):
         p.add_argument("--root", type=Path, default=None, help=root_help)
+        p.add_argument("--json", action="store_true", help="the result is JSON either way; an error is one JSON document too")
     args = parser.parse_args(argv)
     try:
         _dispatch(args)
     except EdgeKitError as exc:
+        if getattr(args, "json", False):  # as the host's CLI does: stdout always holds one JSON document
+            print(json.dumps({"error": str(exc), "exit_code": exc.exit_code}, indent=2))
         sys.stderr.write(f"edgekit-agent: error: {exc}\n")
         sys.exit(exc.exit_code)
 

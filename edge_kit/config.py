@@ -137,5 +137,5 @@ def load_yaml_model(path: Path, model: type[M], *, defaults: dict[str, Any] | No
         errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
         err = errors[0]
         line, _ = _line_of(node, err["loc"])
-        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''} in the file)" if len(errors) > 1 else ""
         raise ConfigError(f"{path}:{line}: {format_loc(err['loc'])}: {_describe(err, model)}{more}") from None

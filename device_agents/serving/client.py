@@ -308,9 +308,9 @@ class Client:
 class CurrentModel:
     """The active model in this process: ``predict`` reloads it when ``<root>/current`` has moved."""
 
-    def __init__(self, root: str | os.PathLike, *, runtime: str | None = None, threads: int = 1,
+    def __init__(self, root: str | os.PathLike | None = None, *, runtime: str | None = None, threads: int = 1,
                  delegate: str = "xnnpack"):
-        self.root = Path(root).expanduser()
+        self.root = Path(root).expanduser() if root else default_root()  # as Client: the agent's own default
         self.runtime, self.threads, self.delegate = runtime, threads, delegate
         self._lock = threading.Lock()
         self._sha: str | None = None
@@ -354,6 +354,11 @@ class CurrentModel:
             return runner.results()
 
 
-def open_current(root: str | os.PathLike, **kwargs: Any) -> CurrentModel:
-    """Return the active model of the agent store at ``root``, run in this process (see :class:`CurrentModel`)."""
+def open_current(root: str | os.PathLike | None = None, **kwargs: Any) -> CurrentModel:
+    """Return the active model of the agent store at ``root``, run in this process (see :class:`CurrentModel`).
+
+    ``root`` left out is the agent's own default, as for :class:`Client` (``/opt/edgekit`` as root, else
+    ``~/.edgekit``). Nothing is loaded until the first ``predict``, which raises what
+    :meth:`CurrentModel.predict` raises.
+    """
     return CurrentModel(root, **kwargs)

@@ -72,3 +72,41 @@ def test_a_scalar_output_is_refused_when_the_runner_is_made():
 
     with pytest.raises(ValueError, match=r"output 'total' is a scalar \(0-d\); the agent returns each output with a batch axis"):
         ModelRunner(Interp())
+
+
+def test_a_timed_run_is_the_invoke_alone_not_setting_its_eval_sample(digits_artifacts, monkeypatch):
+    """The record says "time.perf_counter_ns around interpreter.invoke()" (docs/agent.md: each run is one invoke());
+    with an eval set of several samples, each timed run also set that sample's input tensors."""
+    import time
+
+    from device_agents import bench
+    from edgekit_protocol.config import BenchSettings
+
+    real = bench.get_runtime
+
+    class SlowToSet:  # the real interpreter, whose set_tensor takes 5 ms
+        def __init__(self, inner):
+            self._inner = inner
+
+        def set_tensor(self, index, value):
+            time.sleep(0.005)
+            self._inner.set_tensor(index, value)
+
+        def __getattr__(self, name):
+            return getattr(self._inner, name)
+
+    class Runtime:
+        def __init__(self, inner):
+            self.inner, self.key = inner, inner.key
+
+        def version(self):
+            return self.inner.version()
+
+        def interpreter(self, *args, **kwargs):
+            return SlowToSet(self.inner.interpreter(*args, **kwargs))
+
+    monkeypatch.setattr(bench, "get_runtime", lambda *a, **k: Runtime(real(*a, **k)))
+    record = bench.run_bench(digits_artifacts / "fp32.tflite", BenchSettings(warmup=0, min_runs=9, max_runs=9, min_seconds=0),
+                             eval_file=digits_artifacts / "eval.npz")
+    assert record["inputs"] == "eval set" and record["runs"] == 9
+    assert record["latency_ms"]["p50"] < 5, record["latency_ms"]

@@ -171,6 +171,16 @@ def test_an_agent_without_onnxruntime_says_in_one_line_how_to_install_it(onnx_mo
     assert proc.returncode == 0 and json.loads(proc.stdout)["runtime"] == "litert", proc.stderr
 
 
+def test_the_agents_help_says_bench_takes_an_onnx_model_too(capsys):
+    """`edgekit-agent bench model.onnx` runs on ONNX Runtime (docs/agent.md): its help must not say .tflite only."""
+    from device_agents.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    bench = next(line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("bench "))
+    assert ".onnx" in bench and ".tflite" in bench, bench
+
+
 def test_models_the_agent_cannot_serve_are_refused_at_load_in_one_line(tmp_path):
     """A scalar or shapeless tensor, no outputs, an opset this onnxruntime lacks: a ValueError naming the
     file and what to do at load, never an IndexError at the first request."""

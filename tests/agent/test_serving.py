@@ -655,3 +655,18 @@ def test_a_client_without_root_looks_where_the_agent_keeps_its_root(tmp_path, mo
     assert Client().path == Path("/opt/edgekit/serve.sock")
     assert Client("~/agent").path == tmp_path / "agent" / "serve.sock"
     assert Client(path=tmp_path / "s.sock").path == tmp_path / "s.sock"
+
+
+def test_open_current_without_root_looks_where_the_agent_keeps_its_root(tmp_path, monkeypatch):
+    """docs/serving.md: left out, root is the agent's default for both ways in; open_current() raised TypeError
+    (Path(None)), so the page's application, with its root=None default, crashed in-process."""
+    import os
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert open_current().root == open_current(None).root == tmp_path / ".edgekit"
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    assert open_current().root == Path("/opt/edgekit")
+    assert open_current("~/agent").root == tmp_path / "agent"
+    with pytest.raises(ServingError, match="no model is active under"):
+        open_current(tmp_path / "empty").predict(np.zeros(3, np.float32))

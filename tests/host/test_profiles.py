@@ -58,6 +58,15 @@ def test_misspelled_top_level_key(tmp_path):
         load_profile(path)
 
 
+def test_the_count_of_further_problems_is_not_read_as_more_valid_keys(tmp_path):
+    """'valid keys: a, b (and 5 more)' read as five more valid keys; it counts the file's other problems."""
+    path = write(tmp_path, "name: x\nbogus: 1\n")
+    with pytest.raises(ConfigError) as exc:
+        load_profile(path)
+    assert str(exc.value).startswith(f"{path}:2: bogus: unknown key") and str(exc.value).endswith(
+        "(and 5 more problems in the file)"), exc.value
+
+
 def test_unknown_variant_suggests_the_closest(tmp_path):
     path = write(tmp_path, GOOD.replace("[fp32, int8]", "[fp32, int-8]"))
     with pytest.raises(ConfigError, match=r"mine.yaml:8: variants: unknown variant 'int-8'; did you mean 'int8'\?"):
