@@ -186,6 +186,22 @@ def _round_trip_us(cpu_here: int, cpu_there: int, work_s: float, n: int = 2000) 
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to compare other core with same core")
+def _idle_driver() -> str:
+    """Return how this machine's idle CPUs wait (cpuidle driver; a virtual machine's guest halt polling),
+    which sets what waking one costs."""
+    def read(path: str) -> str | None:
+        try:
+            return Path(path).read_text().strip()
+        except OSError:
+            return None
+
+    driver = read("/sys/devices/system/cpu/cpuidle/current_driver") or "unknown"
+    poll = read("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
+    return (f"cpuidle driver {driver}" + (f", guest_halt_poll_ns={poll} (an idle virtual CPU "
+            + ("halts at once: waking it is a VM exit)" if poll == "0" else "polls that long before it halts)")
+            if poll is not None else ""))
+
+
 def test_ipc_round_trip_floor(figure):
     """What any out-of-process API pays on this machine before it does anything: a one-byte round trip
     to another process, the other process on the other core or on this one."""
@@ -197,7 +213,7 @@ def test_ipc_round_trip_floor(figure):
            f"{other:.0f} us / {same:.0f} us", "info",
            "median of 3 x 2,000, perf_counter_ns, both processes pinned (sched_setaffinity); 0.6 ms of busy work "
            "before each, as a client waits for an inference: the other core has gone idle meanwhile and is woken; "
-           "the serving API pays this once per request on top of its framing")
+           f"the serving API pays this once per request on top of its framing; {_idle_driver()}")
 
 
 def test_framing_cost_of_a_640x640x3_input(figure):
