@@ -9,13 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from device_agents.power.sensors import SENSORS
 from device_agents.targets import TARGETS
 from edge_kit.config import StrictModel, closest, load_yaml_model
 from edge_kit.errors import ConfigError, EdgeKitError
-from edge_kit.variants import parse_variant
+from edge_kit.variants import TARGET_NAMES, parse_variant
 
 # Keys of the device agent's power-sensor plugins (the agent's registry is the one source).
 POWER_SENSORS = tuple(SENSORS)
@@ -33,7 +33,7 @@ def _one_of(value: str, valid: tuple[str, ...], what: str) -> str:
 
 class Hardware(StrictModel):
     arch: Literal["aarch64", "armv7l", "x86_64"]
-    cpu: str
+    cpu: str | None = None  # the CPU's name (cortex-a72), for people: nothing reads it
     cores: int = Field(gt=0)
     ram_mb: int = Field(gt=0)
     accelerator: str = "none"  # one of ACCELERATORS
@@ -112,8 +112,11 @@ class Profile(StrictModel):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
     description: str
     hardware: Hardware
-    runtime: Runtime
+    runtime: Runtime = Runtime()
     variants: list[str] = Field(min_length=1)
+    # the targets that run its variants, most preferred first: what selection prefers when two variants'
+    # figures tie; left out, the order in which ``variants`` first names each (see target_order)
+    targets: list[str] | None = None
     constraints: Constraints = Constraints()
     storage: Storage = Storage()
     power: Power
@@ -126,6 +129,33 @@ class Profile(StrictModel):
         if len(set(variants)) != len(variants):
             raise ValueError(f"variants listed twice: {sorted({v for v in variants if variants.count(v) > 1})}")
         return variants
+
+    @field_validator("targets")
+    @classmethod
+    def _known_targets(cls, targets: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        if targets is None:
+            return None
+        for t in targets:
+            _one_of(t, TARGET_NAMES, "target")
+        if len(set(targets)) != len(targets):
+            raise ValueError(f"listed twice: {sorted({t for t in targets if targets.count(t) > 1})}")
+        for variant in info.data.get("variants", ()):  # checked before (declared first); absent when invalid
+            target = parse_variant(variant).target
+            if target not in targets:
+                raise ValueError(f"variant '{variant}' runs on {target}, which is not listed")
+        return targets
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return the profile as plain data, ``targets`` as it is in effect (:attr:`target_order`)."""
+        return {**self.model_dump(), "targets": list(self.target_order)}
+
+    @property
+    def target_order(self) -> tuple[str, ...]:
+        """Return the targets most preferred first: ``targets``, or, left out, the order in which
+        ``variants`` first names each."""
+        if self.targets is not None:
+            return tuple(self.targets)
+        return tuple(dict.fromkeys(parse_variant(v).target for v in self.variants))
 
     @model_validator(mode="after")
     def _accelerator_matches(self) -> Profile:

@@ -57,6 +57,12 @@ class VariantSpec:
         """Return the artifact's file name (``<id>.tflite`` or ``<id>.onnx``)."""
         return f"{self.id}.{self.format}"
 
+    @property
+    def target(self) -> str:
+        """Return the target that runs it, as a profile's ``targets`` names it: ``edgetpu`` for the
+        Edge TPU variant (LiteRT with that delegate), else its runtime (one of :data:`TARGET_NAMES`)."""
+        return "edgetpu" if self.accelerator == "edgetpu" else self.runtime
+
 
 FIXED: dict[str, VariantSpec] = {
     v.id: v
@@ -84,6 +90,8 @@ FIXED: dict[str, VariantSpec] = {
                     summary="the onnx-fp32 model + a calibration table from --calib; TensorRT int8 engine built on the device"),
     )
 }
+# What a profile's ``targets`` may list: every variant's VariantSpec.target.
+TARGET_NAMES = ("tensorrt", "onnxruntime", "edgetpu", "litert")
 _PRUNED = re.compile(r"^int8-pruned-(ch)?(\d{1,2})$")
 EXAMPLES = [*FIXED, "int8-pruned-50", "int8-pruned-ch50"]
 

@@ -180,7 +180,7 @@ def profiles_list(as_json: JsonOpt = False) -> None:
 
     profiles = [load_profile(n) for n in bundled_profiles()]
     if as_json:
-        emit_json([p.model_dump() for p in profiles])
+        emit_json([p.as_dict() for p in profiles])
         return
     t = Table("name", "accelerator", "delegate", "variants", "description")
     for p in profiles:
@@ -197,9 +197,9 @@ def profiles_show(name: Annotated[str, typer.Argument(help="A bundled profile's 
 
     p = load_profile(name)
     if as_json:
-        emit_json(p.model_dump())
+        emit_json(p.as_dict())
     else:
-        out.print_json(data=p.model_dump())
+        out.print_json(data=p.as_dict())
 
 
 @profiles_app.command("check")

@@ -81,7 +81,13 @@ import numpy as np
 
 from edge_kit.profiles import Constraints
 from edge_kit.selection.constraints import Measured, describe, overshoot, unjudged
-from edge_kit.selection.policy import DEFAULT_MARGIN, Decision, Group, choose_group
+from edge_kit.selection.policy import (
+    DEFAULT_MARGIN,
+    Decision,
+    Group,
+    choose_group,
+    target_ranks,
+)
 from edgekit_protocol.labels import power_source
 
 LOG_METRICS = ("p90_ms", "energy_mj", "avg_w")
@@ -138,6 +144,7 @@ class FleetSpec:
     current: np.ndarray
     flagged: np.ndarray | None = None
     flagged_why: dict[int, str] | None = None  # why each was flagged before (kept while nothing newer says why)
+    targets: tuple[tuple[str, ...], ...] | None = None  # per profile, its targets most preferred first (ties)
 
     def __post_init__(self) -> None:
         """Check the shapes agree.
@@ -690,8 +697,11 @@ def _decide(model: FleetModel, values: dict[str, np.ndarray], devices: np.ndarra
             g_cols: np.ndarray, constraints: Constraints, current: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Return (chosen variant index into the spec's variants, feasible) for ``devices`` of one group."""
     spec = model.spec
-    group = Group(tuple(spec.variants[c] for c in g_cols), values["p90_ms"], values["energy_mj"], values["avg_w"],
-                  values["accuracy"], spec.model_mb[spec.profile[devices]][:, g_cols], values["snr_db"])
+    names = tuple(spec.variants[c] for c in g_cols)
+    targets = spec.targets[spec.profile[devices[0]]] if spec.targets and len(devices) else ()
+    group = Group(names, values["p90_ms"], values["energy_mj"], values["avg_w"], values["accuracy"],
+                  spec.model_mb[spec.profile[devices]][:, g_cols], values["snr_db"],
+                  target_ranks(names, targets) if targets else None)
     cur = np.full(len(devices), -1, dtype=np.intp)
     at = current[:, None] == g_cols[None, :]
     cur[at.any(axis=1)] = at.argmax(axis=1)[at.any(axis=1)]
@@ -793,7 +803,11 @@ def plan_measurements(spec: FleetSpec, m: Measurements, *, budget: float, cost: 
     feasible = np.zeros(D, bool)
     confidence = np.ones(D)
     pick = np.full(D, -1, dtype=np.intp)  # the unmeasured variant the draws choose most often
-    keys = np.unique(np.c_[np.packbits(cand, axis=1), spec.constraint_group], axis=0, return_inverse=True)[1].ravel()
+    orders = list(dict.fromkeys(spec.targets or ()))  # devices decided together share their targets' order too
+    prefers = np.array([orders.index(spec.targets[p]) for p in spec.profile] if spec.targets else np.zeros(D),
+                       dtype=np.intp)
+    keys = np.unique(np.c_[np.packbits(cand, axis=1), spec.constraint_group, prefers], axis=0,
+                     return_inverse=True)[1].ravel()
     nan_mu = np.isnan(model.fits["p90_ms"].mu)
     for g in np.unique(keys):
         devs = np.flatnonzero((keys == g) & ~no_model[spec.profile])

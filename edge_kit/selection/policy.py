@@ -7,8 +7,9 @@ Per device, among the variants built for its profile:
 2. *Feasible* variants meet every constraint (:mod:`edge_kit.selection.constraints`), judged on
    their newest measurement.
 3. Among feasible ones: highest top-1 accuracy; among those, the variants whose energy per inference
-   is within ``margin`` (default 10 %) of the least; among those, the lowest p90. The result does not
-   depend on the order of the candidates.
+   is within ``margin`` (default 10 %) of the least; among those, the lowest p90; where figures tie,
+   the target the profile prefers (its ``targets``), then the variant id. The result does not depend
+   on the order of the candidates.
 4. No flapping: a variant *beats* another only when it is better beyond the margin in every recent
    measurement of the two (its worst against the other's best: accuracy, then energy, then p90).
    A device stays on its current variant while that is feasible and nothing beats it; otherwise it
@@ -43,6 +44,7 @@ from edge_kit.selection.constraints import (
     unjudged,
     violations,
 )
+from edge_kit.variants import parse_variant
 from edgekit_protocol.labels import accuracy_text
 
 DEFAULT_MARGIN = 0.1
@@ -99,10 +101,14 @@ class Group:
     accuracy: np.ndarray
     model_mb: np.ndarray
     snr_db: np.ndarray | None = None  # same shape as the figures; None: no fidelity measured
+    # per variant, the rank of its target in the profile's order of preference (lower first): what breaks
+    # a tie before the variant id; None: no preference
+    preference: tuple[int, ...] | None = None
 
     @classmethod
-    def of(cls, devices: list[list[Candidate]]) -> Group:
-        """Return the group of ``devices``, each given as its candidates.
+    def of(cls, devices: list[list[Candidate]], targets: tuple[str, ...] = ()) -> Group:
+        """Return the group of ``devices``, each given as its candidates; ``targets`` is the profile's
+        order of preference (:attr:`edge_kit.profiles.Profile.target_order`), () for none.
 
         Raises:
             ValueError: a device lists other variants, or in another order, than the first.
@@ -119,7 +125,8 @@ class Group:
 
         model_mb = [[c.measured.model_mb if c.measured else None for c in cands] for cands in devices]
         return cls(variants, figures("p90_ms"), figures("energy_mj"), figures("avg_w"), figures("accuracy"),
-                   np.array(model_mb, dtype=float).reshape(len(devices), len(variants)), figures("snr_db"))
+                   np.array(model_mb, dtype=float).reshape(len(devices), len(variants)), figures("snr_db"),
+                   target_ranks(variants, targets) if targets else None)
 
 
 @dataclass(frozen=True)
@@ -174,7 +181,7 @@ def choose_group(group: Group, constraints: Constraints, *, fp32_accuracy: np.nd
     unbeaten = ok & ~beats.any(axis=1)
 
     # rule 3 among the unbeaten: the preferred feasible variant that nothing beats
-    names = np.broadcast_to(np.unique(np.array(group.variants), return_inverse=True)[1], shape)  # rank of each id
+    names = np.broadcast_to(_tie_ranks(group), shape)
     order = _preference(ok, group.p90_ms[:, :, 0], group.energy_mj[:, :, 0], _ranked_accuracy(group.accuracy[:, :, 0]),
                         names, margin)
     best = _first(unbeaten, order)
@@ -196,6 +203,27 @@ def choose_group(group: Group, constraints: Constraints, *, fp32_accuracy: np.nd
     chosen = np.where(ready, np.where(stays, current, np.where(feasible, best, least)), -1)
     return Choices(chosen, ready & feasible, ready & (chosen != current), stays,
                    np.where(ready & feasible, runner_up, -1))
+
+
+def target_ranks(variants: tuple[str, ...], targets: tuple[str, ...]) -> tuple[int, ...]:
+    """Return, per variant, the place of its target in ``targets`` (one past the end where it is not
+    listed, or the id is no variant this version knows)."""
+    def rank(variant: str) -> int:
+        try:
+            target = parse_variant(variant).target
+        except ValueError:
+            return len(targets)
+        return targets.index(target) if target in targets else len(targets)
+
+    return tuple(rank(v) for v in variants)
+
+
+def _tie_ranks(group: Group) -> np.ndarray:
+    """Return each variant's rank when its figures tie with another's: by its target's preference
+    (``group.preference``), then by variant id; a total order, whatever order the variants came in."""
+    ids = np.unique(np.array(group.variants), return_inverse=True)[1]
+    preference = np.zeros(len(ids)) if group.preference is None else np.asarray(group.preference)
+    return np.lexsort((ids, preference)).argsort()
 
 
 def _spread(figures: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -247,11 +275,11 @@ def _preference(ok: np.ndarray, p90: np.ndarray, energy: np.ndarray, accuracy: n
                 margin: float) -> np.ndarray:
     """Return the order of each device's variants, best first, feasible (``ok``) ones before the rest.
 
-    On the newest figures (``accuracy`` as :func:`_ranked_accuracy` gives it, ``names`` the rank of
-    each variant id): highest accuracy first; among equals, those whose energy is within the margin
-    of the least energy of the most accurate feasible ones, by p90, then the others by energy; ties
-    by p90, then variant id. A total order, so the result does not depend on the order the variants
-    came in.
+    On the newest figures (``accuracy`` as :func:`_ranked_accuracy` gives it, ``names`` each variant's
+    rank in a tie, :func:`_tie_ranks`): highest accuracy first; among equals, those whose energy is
+    within the margin of the least energy of the most accurate feasible ones, by p90, then the others
+    by energy; ties by p90, then the profile's preferred target, then variant id. A total order, so
+    the result does not depend on the order the variants came in.
     """
     top = np.where(ok, accuracy, -np.inf).max(axis=1, keepdims=True)
     least = np.fmin.reduce(np.where(ok & (accuracy == top), energy, np.nan), axis=1, keepdims=True)  # NaN: none
@@ -276,12 +304,13 @@ class Request:
     constraints: Constraints
     fp32_accuracy: float | None
     current_sha: str | None
+    targets: tuple[str, ...] = ()  # its profile's targets, most preferred first (ties); () for none
 
 
 def choose(device: str, candidates: list[Candidate], constraints: Constraints, *, fp32_accuracy: float | None,
-           current_sha: str | None, margin: float = DEFAULT_MARGIN) -> Decision:
+           current_sha: str | None, margin: float = DEFAULT_MARGIN, targets: tuple[str, ...] = ()) -> Decision:
     """Return the decision for one device, with its table and reason (see the module docstring for the rules)."""
-    return choose_all([Request(device, candidates, constraints, fp32_accuracy, current_sha)], margin)[0]
+    return choose_all([Request(device, candidates, constraints, fp32_accuracy, current_sha, targets)], margin)[0]
 
 
 def choose_all(requests: list[Request], margin: float = DEFAULT_MARGIN) -> list[Decision]:
@@ -291,18 +320,18 @@ def choose_all(requests: list[Request], margin: float = DEFAULT_MARGIN) -> list[
     :func:`choose_group` call; only the table and the reason are built per device.
     """
     decisions: list[Decision | None] = [None] * len(requests)
-    groups: dict[tuple[tuple[str, ...], Constraints], list[int]] = {}
+    groups: dict[tuple[tuple[str, ...], Constraints, tuple[str, ...]], list[int]] = {}
     for i, r in enumerate(requests):
         if r.candidates and all(c.measured for c in r.candidates):
-            groups.setdefault((tuple(c.variant for c in r.candidates), r.constraints), []).append(i)
+            groups.setdefault((tuple(c.variant for c in r.candidates), r.constraints, r.targets), []).append(i)
         else:
             decisions[i] = _decision(r, None, 0, margin)
-    for (_, constraints), members in groups.items():
+    for (_, constraints, targets), members in groups.items():
         batch = [requests[i] for i in members]
         fp32 = np.array([np.nan if r.fp32_accuracy is None else r.fp32_accuracy for r in batch], dtype=float)
         current = np.array([next((k for k, c in enumerate(r.candidates) if c.sha256 == r.current_sha), -1)
                             for r in batch])
-        got = choose_group(Group.of([r.candidates for r in batch]), constraints, fp32_accuracy=fp32,
+        got = choose_group(Group.of([r.candidates for r in batch], targets), constraints, fp32_accuracy=fp32,
                            current=current, margin=margin)
         for row, i in enumerate(members):
             decisions[i] = _decision(requests[i], got, row, margin)

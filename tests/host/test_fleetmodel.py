@@ -487,3 +487,19 @@ def test_an_inferred_energy_says_whether_it_was_pooled_from_sensors_or_estimates
     for item in decision_table({decision.device: decision}, explain=True):
         console.print(item)
     assert "inferred (power from estimated)" in console.export_text()
+
+
+def test_the_fleet_decision_breaks_a_tie_by_the_profiles_targets_as_the_policy_does():
+    from edge_kit.profiles import Constraints
+    from edge_kit.selection.fleetmodel import FleetSpec
+
+    variants = ("fp32", "onnx-fp32", "int8")
+    spec = FleetSpec(("a", "b"), ("rpi4",), variants, np.zeros(2, dtype=np.intp), np.ones((2, 3), bool),
+                     (Constraints(),), np.zeros(2, dtype=np.intp), np.ones((1, 3)), np.full(2, 0.9),
+                     np.full(2, -1, dtype=np.intp))
+    rows = [{"device": d, "variant": v, "p90_ms": 4.0 if v < 2 else 9.0, "energy_mj": 2.0, "avg_w": 3.0,
+             "accuracy": 0.9, "order": float(d * 3 + v)} for d in range(2) for v in range(3)]
+    m = Measurements.of(rows)
+    assert [variants[c] for c in plan_measurements(spec, m, budget=0).chosen] == ["fp32", "fp32"]  # by id
+    preferred = replace(spec, targets=(("onnxruntime", "litert"),))
+    assert [variants[c] for c in plan_measurements(preferred, m, budget=0).chosen] == ["onnx-fp32", "onnx-fp32"]

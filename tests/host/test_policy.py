@@ -365,3 +365,18 @@ def test_the_decision_table_says_an_infeasible_power_figure_was_estimated():
     for item in decision_table({"d": d}, explain=False):
         console.print(item)
     assert "NO: power <= 5 W (estimated)" in console.export_text()
+
+
+def test_where_figures_tie_the_profiles_preferred_target_wins_then_the_variant_id():
+    """DESIGN's profile lists `targets` "in order of preference for ties": two variants whose every figure
+    is the same (a coarse clock, a simulated device) go to the preferred target, in any candidate order."""
+    tie = [cand("fp32", 4.0, 0.99, 2.0), cand("onnx-fp32", 4.0, 0.99, 2.0), cand("trt-fp16", 4.0, 0.99, 2.0)]
+    for cands in (tie, tie[::-1]):
+        assert choose("d", cands, C, fp32_accuracy=0.99, current_sha=None).chosen == "fp32"  # no preference: the id
+        for targets, best in ((("tensorrt", "onnxruntime", "litert"), "trt-fp16"),
+                              (("onnxruntime", "litert", "tensorrt"), "onnx-fp32"), (("litert",), "fp32")):
+            d = choose("d", cands, C, fp32_accuracy=0.99, current_sha=None, targets=targets)
+            assert d.chosen == best, (targets, d.reason)
+    faster = [cand("fp32", 3.0, 0.99, 2.0), *tie[1:]]  # not a tie: the figures decide, whatever the preference
+    assert choose("d", faster, C, fp32_accuracy=0.99, current_sha=None,
+                  targets=("tensorrt", "onnxruntime", "litert")).chosen == "fp32"

@@ -64,7 +64,7 @@ def test_the_count_of_further_problems_is_not_read_as_more_valid_keys(tmp_path):
     with pytest.raises(ConfigError) as exc:
         load_profile(path)
     assert str(exc.value).startswith(f"{path}:2: bogus: unknown key") and str(exc.value).endswith(
-        "(and 5 more problems in the file)"), exc.value
+        "(and 4 more problems in the file)"), exc.value
 
 
 def test_unknown_variant_suggests_the_closest(tmp_path):
@@ -129,3 +129,36 @@ def test_profiles_list_json(run_cli):
     code, out, _ = run_cli("profiles", "list", "--json")
     assert code == 0
     assert {p["name"] for p in json.loads(out)} >= {"rpi4", "coral-usb"}
+
+
+DESIGN_EXAMPLE = """\
+name: jetson-orin-nano
+description: NVIDIA Jetson Orin Nano 8GB, JetPack 6
+hardware: {arch: aarch64, cores: 6, ram_mb: 8192, accelerator: gpu}
+targets: [tensorrt, onnxruntime, litert]          # in order of preference for ties
+variants: [trt-fp16, trt-int8, onnx-fp32, onnx-int8, fp32, int8]
+constraints: {max_latency_p90_ms: 20, max_power_w: 15, min_accuracy_ratio: 0.99,
+              min_fidelity_snr_db: 20, max_model_mb: 256}
+storage: {max_store_mb: 512}
+power: {sensors: [ina3221, hwmon], idle_w: 5.0, busy_w: 12.0}
+"""
+
+
+def test_the_design_documents_profile_loads_with_its_targets(tmp_path):
+    """The profile contract's own example (targets, no runtime section, no cpu name) was refused:
+    'targets: unknown key'."""
+    p = load_profile(write(tmp_path, DESIGN_EXAMPLE))
+    assert p.target_order == ("tensorrt", "onnxruntime", "litert") and p.constraints.min_fidelity_snr_db == 20
+    assert p.runtime.engine == "litert" and p.hardware.cpu is None
+    assert load_profile(write(tmp_path, GOOD)).target_order == ("litert",)  # left out: as the variants name them
+    assert load_profile("coral-usb").target_order[0] == "edgetpu"
+
+
+@pytest.mark.parametrize("targets, error", [
+    ("[tensorrt, onnxruntime]", r"mine.yaml:4: targets: variant 'fp32' runs on litert, which is not listed"),
+    ("[tensorrt, onnxruntime, litert, tensorrt]", r"mine.yaml:4: targets: listed twice: \['tensorrt'\]"),
+    ("[tensorrt, onnxruntime, litrt]", r"mine.yaml:4: targets: unknown target 'litrt'; did you mean 'litert'\?"),
+])
+def test_targets_that_miss_a_variant_repeat_or_are_unknown_are_refused(tmp_path, targets, error):
+    with pytest.raises(ConfigError, match=error):
+        load_profile(write(tmp_path, DESIGN_EXAMPLE.replace("[tensorrt, onnxruntime, litert]", targets)))
