@@ -127,12 +127,27 @@ class Signer:
         """
         path = Path(path)
         if path.exists():
-            if path.stat().st_mode & 0o077:
-                raise ConfigError(f"{path}: a private key readable by others; chmod 600 it (or remove it for a new one)")
-            return cls.from_pem(path.read_bytes(), str(path)), False
+            return cls.load(path), False
         signer = cls.generate()
         signer.save(path)
         return signer, True
+
+    @classmethod
+    def load(cls, path: Path) -> Signer:
+        """Return the key at ``path``.
+
+        Raises:
+            ConfigError: no such file, it cannot be read, is not a key, or is readable by others than its owner.
+        """
+        path = Path(path)
+        try:
+            if path.stat().st_mode & 0o077:
+                raise ConfigError(f"{path}: a private key readable by others; chmod 600 it (or remove it for a new one)")
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"{path}: {exc.strerror or exc}; give an Ed25519 private key in PEM (e.g. the fleet's "
+                              "keys/operator.key)") from None
+        return cls.from_pem(data, str(path))
 
     def pem(self) -> bytes:
         """Return the private key as unencrypted PKCS#8 PEM (to write once, mode 600)."""

@@ -9,12 +9,19 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+)
 
-from edge_kit.errors import InputError
+from edge_kit.errors import EdgeKitError, InputError
 
 SCHEMA = "edgekit.manifest/2"
 Status = Literal["built", "not-built", "failed"]
@@ -115,6 +122,10 @@ class Manifest(_Record):
     versions: dict[str, str | None]
     profiles: dict[str, dict[str, Any]]
     artifacts: list[Artifact]
+    # Ed25519 signature (edgekit sign, compile --sign-key) over every other field, as messages are signed
+    key_id: str | None = None
+    sig: str | None = None
+    _signature: str = PrivateAttr(default="not checked")  # what read_manifest found (see ArtifactTrust)
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -128,20 +139,74 @@ class Manifest(_Record):
         """Return the artifact with this variant id, or None."""
         return next((a for a in self.artifacts if a.id == variant_id), None)
 
-    def to_json(self) -> str:
-        """Return the manifest as indented JSON (``schema`` spelled without the trailing underscore)."""
+    @property
+    def signature(self) -> str:
+        """Return what :func:`read_manifest` found of its signature: who signed it and whether that key
+        is trusted, ``unsigned``, or ``not checked`` (read without an :class:`ArtifactTrust`)."""
+        return self._signature
+
+    def to_json(self, signer: Any = None) -> str:
+        """Return the manifest as indented JSON (``schema`` spelled without the trailing underscore),
+        signed by ``signer`` (a :class:`device_agents.identity.Signer`) when given, else as it is."""
         data = self.model_dump(mode="json", by_alias=True)
         data = {"schema": data.pop("schema_"), **data}
+        for key in ("key_id", "sig"):
+            if data[key] is None or signer is not None:
+                data.pop(key)
+        if signer is not None:
+            signer.sign(data)
         return json.dumps(data, indent=2) + "\n"
 
 
-def read_manifest(folder: Path) -> Manifest:
+@dataclass(frozen=True)
+class ArtifactTrust:
+    """The keys whose manifest signatures a fleet trusts, and whether it takes only signed manifests
+    (``required``: its fleet file lists ``artifact_keys``)."""
+
+    keys: tuple[bytes, ...] = ()
+    required: bool = False
+
+    def check(self, data: dict[str, Any], path: Path) -> str:
+        """Return who signed the manifest ``data`` (as read from ``path``): ``signed by key K (trusted)``,
+        ``unsigned``, or, when nothing is required, ``signed by key K, not checked`` for a key not trusted.
+
+        Raises:
+            InputError: unsigned or signed by a key not trusted where signatures are required, or a
+                signature by a trusted key that does not verify (the manifest changed since).
+        """
+        from device_agents.identity import OPERATOR, Keyring, key_id
+
+        kid = data.get("key_id")
+        known = ", ".join(key_id(k) for k in self.keys) or "none"
+        how = f"sign it with a trusted key: edgekit sign {path.parent} --key KEY"
+        if kid is None and data.get("sig") is None:
+            if self.required:
+                raise InputError(f"{path}: not signed, and this fleet takes only signed manifests (keys it trusts: "
+                                 f"{known}, its artifact_keys and operator key); {how}")
+            return "unsigned"
+        key = next((k for k in self.keys if key_id(k) == kid), None)
+        if key is None:
+            if self.required:
+                raise InputError(f"{path}: signed by key {str(kid)[:20]!r}, which this fleet does not trust (it "
+                                 f"trusts {known}); add its public key to artifact_keys, or {how}")
+            return f"signed by key {str(kid)[:20]}, not checked (not a key this fleet trusts)"
+        try:
+            Keyring(operators=[key]).verify(data, OPERATOR)
+        except EdgeKitError:
+            raise InputError(f"{path}: its signature by key {kid} does not verify: the manifest changed after it "
+                             "was signed; compile or sign it again") from None
+        return f"signed by key {kid} (trusted)"
+
+
+def read_manifest(folder: Path, trust: ArtifactTrust | None = None) -> Manifest:
     """Return the manifest in ``<folder>/manifest.json``, ``folder`` being one compiled model's folder
-    (``OUT/<model>``, what ``edgekit compile`` writes).
+    (``OUT/<model>``, what ``edgekit compile`` writes); with ``trust``, its signature checked on the
+    very bytes parsed (:attr:`Manifest.signature` says what was found).
 
     Raises:
         InputError: no such folder, or not a folder; no manifest (the folder is not a finished compile, or it
-            is the ``--out`` folder holding compiled models, which are named); or it does not validate.
+            is the ``--out`` folder holding compiled models, which are named); it does not validate; or its
+            signature fails ``trust`` (:meth:`ArtifactTrust.check`).
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -158,11 +223,30 @@ def read_manifest(folder: Path) -> Manifest:
         raise InputError(f"{path}: no manifest; run `edgekit compile` into {folder} first") from None
     except (OSError, json.JSONDecodeError) as exc:
         raise InputError(f"{path}: unreadable manifest ({exc})") from None
-    if data.get("schema") != SCHEMA:
-        raise InputError(f"{path}: schema is {data.get('schema')!r}, expected {SCHEMA!r}; compile the model again with this edge-kit")
-    data["schema_"] = data.pop("schema")
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        found = data.get("schema") if isinstance(data, dict) else None
+        raise InputError(f"{path}: schema is {found!r}, expected {SCHEMA!r}; compile the model again with this edge-kit")
+    signature = trust.check(data, path) if trust is not None else "not checked"
+    data = {**data, "schema_": data["schema"]}
+    del data["schema"]
     try:
-        return Manifest.model_validate(data)
+        manifest = Manifest.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
         raise InputError(f"{path}: {'.'.join(map(str, err['loc']))}: {err['msg'].removeprefix('Value error, ')}") from None
+    manifest._signature = signature
+    return manifest
+
+
+def sign_manifest(folder: Path, signer: Any) -> Manifest:
+    """Sign ``<folder>/manifest.json`` with ``signer`` (a :class:`device_agents.identity.Signer`) in place,
+    replacing any signature it had; return the manifest read back.
+
+    Raises:
+        InputError: as :func:`read_manifest` (nothing is written then); OSError: it cannot be written.
+    """
+    from edge_kit.fsutil import atomic_write_text
+
+    manifest = read_manifest(folder)
+    atomic_write_text(Path(folder) / "manifest.json", manifest.to_json(signer))
+    return read_manifest(folder, ArtifactTrust((signer.public,)))

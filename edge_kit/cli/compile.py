@@ -114,15 +114,18 @@ def compile_cmd(
     metric: Annotated[Optional[str], typer.Option(help="module.py:function scoring outputs against labels itself (shipped to devices).")] = None,
     decode: Annotated[Optional[str], typer.Option(help="module.py:function turning detection outputs into boxes, scores, classes.")] = None,
     input_shape: Annotated[list[str], typer.Option("--input-shape", help="NAME=1xHxWxC pins an input's dynamic dimensions (ONNX: its own layout, e.g. 1x3x224x224); repeatable.")] = [],
+    sign_key: Annotated[Optional[Path], typer.Option("--sign-key", help="Ed25519 private key (PEM, e.g. a fleet's keys/operator.key) that signs manifest.json.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Build every variant the profiles ask for (each once), measure it, and write manifest.json."""
+    from device_agents.identity import Signer
     from edge_kit.compiler.pipeline import CompileRequest, compile_model, plan_steps
     from edge_kit.compiler.sources import parse_input_shapes
     from edge_kit.errors import InputError
     from edge_kit.profiles import load_profile
 
     profiles = [load_profile(p) for p in profile]
+    signer = Signer.load(sign_key) if sign_key is not None else None  # before the compile: a bad key fails at once
     options = {}
     for item in task_option:
         key, sep, value = item.partition("=")
@@ -131,25 +134,50 @@ def compile_cmd(
         options[key] = value  # each task converts and checks its own options
     req = CompileRequest(model=model, profiles=profiles, out=out_dir, calib=calib, eval=eval, train=train,
                          epochs=epochs, task=task, task_options=options, metric=metric, decode=decode,
-                         input_shapes=parse_input_shapes(input_shape))
+                         input_shapes=parse_input_shapes(input_shape), signer=signer)
     with progress_bar(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                       TimeElapsedColumn(), as_json=as_json) as bar:
         task = bar.add_task("compiling", total=plan_steps(req))
         manifest = compile_model(req, progress=lambda msg: bar.update(task, advance=1, description=msg))
     target = out_dir / manifest.model["name"]
     if as_json:
-        sys.stdout.write(manifest.to_json())
+        sys.stdout.write((target / "manifest.json").read_text())  # as written: signed when --sign-key was given
     else:
         table, notes = _compile_report(manifest)
         out.print(table)
         for line in notes:
             out.print(line, highlight=False)
-        out.print(f"wrote {target}/manifest.json")
+        out.print(f"wrote {target}/manifest.json" + (f", signed by key {signer.key_id}" if signer else ""))
     failed = [a.id for a in manifest.artifacts if a.status == "failed"]
     if failed:
         sys.stderr.write(f"edgekit: error: {len(failed)} variant(s) failed: {', '.join(failed)} "
                          "(reasons in the table and the manifest; the built ones were written)\n")
         raise typer.Exit(3)
+
+
+@app.command("sign")
+def sign_cmd(
+    artifacts: Annotated[Path, typer.Argument(help="A compiled model's folder (with manifest.json).")],
+    key: Annotated[Path, typer.Option("--key", help="Ed25519 private key in PEM (e.g. a fleet's keys/operator.key).")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Sign a compiled model's manifest.json, replacing any signature.
+
+    A fleet whose artifact_keys list this key's public half deploys and rolls out only manifests it
+    signed, unchanged since.
+    """
+    from device_agents.identity import Signer, encode_key
+    from edge_kit.manifest import sign_manifest
+
+    signer = Signer.load(key)
+    manifest = sign_manifest(artifacts, signer)
+    result = {"manifest": str(Path(artifacts) / "manifest.json"), "key_id": signer.key_id,
+              "public_key": encode_key(signer.public), "artifacts": len(manifest.artifacts)}
+    if as_json:
+        emit_json(result)
+    else:
+        out.print(f"signed {result['manifest']} with key {signer.key_id}; trust it in a fleet file with\n"
+                  f"artifact_keys: [{result['public_key']}]", highlight=False)
 
 
 @app.command("example")

@@ -231,7 +231,7 @@ def deploy_cmd(
 
     fleet = load_fleet(fleet_file)
     targets = fleet.select(devices)
-    read_manifest(artifacts)  # a missing or broken manifest stops here, before any device is touched
+    read_manifest(artifacts, fleet.artifact_trust())  # a missing, broken or untrusted manifest stops here
     opts = DeployOptions(artifacts=artifacts, variant=variant, parallel=parallel, trust_new_hosts=trust_new_hosts,
                          health_timeout=health_timeout, repair=repair)
     canary_share = parse_share(canary, "--canary") if canary is not None else None
@@ -265,6 +265,7 @@ def deploy_cmd(
         emit_json(group.as_dict())
     else:
         out.print(results_table(group))
+        out.print(f"manifest: {group.signature}", highlight=False)
         if group.stopped:
             out.print(f"[red]rollout stopped:[/] {safe(group.stopped)}")
         if judged:

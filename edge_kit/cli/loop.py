@@ -315,7 +315,8 @@ def print_demo(result: Any) -> None:
     if result.report.deploy.failed:
         out.print(results_table(result.report.deploy))
     switched = result.report.switched
-    out.print(f"tune: {len(result.report.rounds)} round(s), switched {', '.join(switched) or 'nothing'}")
+    out.print(f"manifest: {result.report.deploy.signature}; tune: {len(result.report.rounds)} round(s), "
+              f"switched {', '.join(switched) or 'nothing'}", highlight=False)
     if result.kept:
         out.print(f"files kept in {result.workdir}; the devices are stopped, their history stays beside the fleet file:")
         out.print(f"  edgekit report --fleet {result.fleet_file} --out report.html", highlight=False)

@@ -183,7 +183,8 @@ def start_cmd(
     db.save_rollout(rid, "running", plan)
     if not as_json:
         err.print(f"rollout {rid}: {len(plan['targets'])} devices in {len(settings.waves)} waves"
-                  + (f", {len(plan['refused'])} refused" if plan["refused"] else ""))
+                  + (f", {len(plan['refused'])} refused" if plan["refused"] else "") + f"; manifest {plan['signature']}",
+                  highlight=False)
     summary = _drive(fleet_file, db, rid, as_json)
     emit_json(summary) if as_json else _print(summary)
     _exit(summary)

@@ -81,6 +81,7 @@ class CompileRequest:
     metric: str | None = None  # module:function scoring the outputs itself
     decode: str | None = None  # module:function decoding detections
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # pinned dynamic dimensions
+    signer: Any = None  # a device_agents.identity.Signer that signs manifest.json (None: unsigned)
 
 
 @dataclass
@@ -623,7 +624,7 @@ def compile_model(req: CompileRequest, progress: Progress | None = None) -> Mani
     for plan in plans.values():
         if plan.data is not None:
             extra.update(plan.extra.get("files", {}))
-    _publish(out / source.name, plans, manifest, extra)
+    _publish(out / source.name, plans, manifest, extra, req.signer)
     return manifest
 
 
@@ -644,8 +645,9 @@ def _eval_bundle(evalset: Dataset, reference: dict[str, np.ndarray] | None, metr
     return buf.getvalue()
 
 
-def _publish(target: Path, plans: dict[str, _Plan], manifest: Manifest, extra: dict[str, bytes]) -> None:
-    """Write artifacts, ``extra`` files and the manifest into a staging folder, then swap it in for ``target``.
+def _publish(target: Path, plans: dict[str, _Plan], manifest: Manifest, extra: dict[str, bytes], signer: Any = None) -> None:
+    """Write artifacts, ``extra`` files and the manifest (signed by ``signer`` when given) into a staging
+    folder, then swap it in for ``target``.
 
     Raises:
         CompileError: a write or rename failed; the previous result is left in place. An interrupt
@@ -660,7 +662,7 @@ def _publish(target: Path, plans: dict[str, _Plan], manifest: Manifest, extra: d
                 atomic_write_bytes(staging / plan.spec.file, plan.data)
         for name, data in extra.items():
             atomic_write_bytes(staging / name, data)
-        atomic_write_text(staging / "manifest.json", manifest.to_json())
+        atomic_write_text(staging / "manifest.json", manifest.to_json(signer))
         if target.exists():
             old = target.parent / f".{target.name}.old-{os.getpid()}"
             os.replace(target, old)

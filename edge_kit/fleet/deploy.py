@@ -108,6 +108,7 @@ class GroupResult:
 
     results: list[DeviceResult]
     stopped: str | None = None  # why a rollout stopped before every device
+    signature: str = "not checked"  # the manifest's signature, as the fleet's artifact_keys judged it
 
     @property
     def succeeded(self) -> list[DeviceResult]:
@@ -125,8 +126,9 @@ class GroupResult:
         return [r for r in self.results if r.status == "failed"]
 
     def as_dict(self) -> dict[str, Any]:
-        """Return the results as plain data (for ``--json``): ``stopped``, ``devices`` and ``counts`` per status."""
-        return {"stopped": self.stopped, "devices": [r.as_dict() for r in self.results],
+        """Return the results as plain data (for ``--json``): ``stopped``, ``signature`` (the manifest's),
+        ``devices`` and ``counts`` per status."""
+        return {"stopped": self.stopped, "signature": self.signature, "devices": [r.as_dict() for r in self.results],
                 "counts": {s: len([r for r in self.results if r.status == s]) for s in ("succeeded", "skipped", "failed")}}
 
 
@@ -212,11 +214,11 @@ def reported_runtimes(status: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 class _Deployer:
-    def __init__(self, fleet: Fleet, opts: DeployOptions, client: FleetClient | None,
+    def __init__(self, fleet: Fleet, opts: DeployOptions, manifest: Manifest, client: FleetClient | None,
                  progress: Callable[[str, str], None] | None):
         self.fleet = fleet
         self.opts = opts
-        self.manifest = read_manifest(opts.artifacts)
+        self.manifest = manifest
         self.eval_sha256 = self._eval_sha256()
         self.client = client
         self.progress = progress or (lambda _d, _m: None)
@@ -420,21 +422,22 @@ def deploy(fleet: Fleet, devices: list[Device], opts: DeployOptions,
         One result per device, in the order given (never raises for a single device).
 
     Raises:
-        InputError: the artifact folder has no (valid) manifest, or a variant asked for is not in it
-            (no device is touched).
+        InputError: the artifact folder has no (valid) manifest, its signature fails the fleet's
+            ``artifact_keys``, or a variant asked for is not in it (no device is touched).
         NotBuiltFor: it was not compiled for a device's profile (no device is touched).
         AgentError: health checks are on and the fleet's broker cannot be reached.
         ConfigError: two devices of the fleet share one agent folder (nothing is touched).
     """
     fleet.check_agent_folders()
+    manifest = read_manifest(opts.artifacts, fleet.artifact_trust())  # what is uploaded is what was checked
     check_built_for(opts.artifacts, devices, [opts.variant, *opts.variants.values()])
     client = FleetClient.of(fleet) if opts.health else None
     if client is not None:
         client.__enter__()
     try:
-        deployer = _Deployer(fleet, opts, client, progress)
+        deployer = _Deployer(fleet, opts, manifest, client, progress)
         with ThreadPoolExecutor(max_workers=max(1, min(opts.parallel, len(devices)))) as pool:
-            return GroupResult(list(pool.map(deployer.one, devices)))
+            return GroupResult(list(pool.map(deployer.one, devices)), signature=manifest.signature)
     finally:
         if client is not None:
             client.close()

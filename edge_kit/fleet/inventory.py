@@ -38,6 +38,7 @@ from edge_kit.config import StrictModel, closest, load_yaml_model
 from edge_kit.errors import ConfigError
 from edge_kit.fleet.broker_setup import OPERATOR_USER
 from edge_kit.fleet.keys import FleetKeys
+from edge_kit.manifest import ArtifactTrust
 from edge_kit.profiles import Constraints, Storage
 from edgekit_protocol.config import BrokerConfig
 
@@ -183,6 +184,9 @@ class Fleet(StrictModel):
     keys: Path = Path("keys")  # the operator key and the device key registry; relative: to this file's folder
     defaults: DeviceDefaults = DeviceDefaults()
     devices: list[Device] = Field(min_length=1)
+    # Ed25519 public keys (base64, as in a device.pub, or a file holding one) whose signed manifests this
+    # fleet takes; listing any makes a signature by one of them (or the operator key) required
+    artifact_keys: list[str] = []
     _source: Path | None = PrivateAttr(default=None)  # the fleet file it was read from
 
     @model_validator(mode="before")
@@ -252,6 +256,30 @@ class Fleet(StrictModel):
         """Return the fleet's keys (see :mod:`edge_kit.fleet.keys`): the ``keys`` folder, by default
         ``keys/`` next to the fleet file."""
         return FleetKeys(self.source.resolve().parent / self.keys.expanduser())
+
+    def artifact_trust(self) -> ArtifactTrust:
+        """Return the manifest signatures this fleet trusts (:class:`edge_kit.manifest.ArtifactTrust`): its
+        ``artifact_keys`` (a file's path relative to the fleet file's folder) and its operator key where
+        it has one; a signature is required when ``artifact_keys`` lists any.
+
+        Raises:
+            ConfigError: an entry is neither a key nor a readable file holding one (names the entry).
+        """
+        from device_agents.identity import decode_key
+
+        base = self._source.resolve().parent if self._source is not None else Path.cwd()
+        keys = []
+        for i, entry in enumerate(self.artifact_keys):
+            where = f"{self._source or 'fleet file'}: artifact_keys[{i}]"
+            path = _at(Path(entry), base)
+            try:
+                text = path.read_text().strip() if path is not None and path.is_file() else entry
+            except OSError as exc:
+                raise ConfigError(f"{where}: {path}: {exc.strerror}") from None
+            keys.append(decode_key(text, where))
+        if self._source is not None and (self.key_store().folder / "operator.key").is_file():
+            keys.append(self.key_store().operator.public)
+        return ArtifactTrust(tuple(keys), bool(self.artifact_keys))
 
     def device(self, name: str) -> Device:
         """Return the device called ``name``.

@@ -21,6 +21,7 @@ from typing import Any
 from edge_kit.compiler.pipeline import CompileRequest, compile_model
 from edge_kit.examples import digits
 from edge_kit.loop.tune import TuneOptions, TuneReport, tune
+from edge_kit.manifest import sign_manifest
 from edge_kit.profiles import load_profile
 from edge_kit.sim.broker import find_mosquitto
 from edge_kit.sim.fleet import SimFleet
@@ -114,6 +115,7 @@ def run_demo(devices: int = 3, profiles: tuple[str, ...] = ("rpi4", "rpi5", "cor
         if embedded_broker:  # the embedded broker cannot enforce a wall: say so rather than pretend
             step(f"{STEPS[2]}: Mosquitto not found, so an embedded broker, anonymous and plain (--insecure)")
         fleet = sim.up(devices, list(profiles), embedded_broker=embedded_broker, insecure=embedded_broker)
+        sign_manifest(artifacts, fleet.key_store().operator)  # as a release step would: deploys check it
         step(STEPS[3])
         history = history_path(sim.fleet_file)  # the embedded SQLite file the next commands find
         store = open_history(history)

@@ -218,7 +218,8 @@ def rollout(fleet: Fleet, devices: list[Device], opts: DeployOptions, canary: fl
     first_ids = {id(d) for d in canaries}
     rest = [d for d in devices if id(d) not in first_ids]
     check_built_for(opts.artifacts, devices)  # the rest too: never canaries first, then a refusal
-    first = deploy(fleet, canaries, replace(opts, health_bench=dict(CANARY_BENCH)), progress).results
+    canary_group = deploy(fleet, canaries, replace(opts, health_bench=dict(CANARY_BENCH)), progress)
+    first, signature = canary_group.results, canary_group.signature
     manifest = read_manifest(opts.artifacts)
     by_name = {d.name: d for d in canaries}
     broken = {r.device: b for r in first if r.ok and (b := broken_constraints(manifest, by_name[r.device], r))}
@@ -245,12 +246,14 @@ def rollout(fleet: Fleet, devices: list[Device], opts: DeployOptions, canary: fl
                 "rollout stopped by the live gate"
             skipped = [DeviceResult(d.name, "skipped", reason=held) for d in rest]
             return GroupResult(sorted(first + skipped, key=lambda r: order[r.device]),
-                               stopped=f"live gate: {decision.action}: {decision.reason}")
+                               stopped=f"live gate: {decision.action}: {decision.reason}", signature=signature)
     if verdict.proceed:
-        return GroupResult(sorted(first + deploy(fleet, rest, opts, progress).results, key=lambda r: order[r.device]))
+        return GroupResult(sorted(first + deploy(fleet, rest, opts, progress).results, key=lambda r: order[r.device]),
+                           signature=signature)
     roll_back(fleet, [by_name[d] for d in verdict.roll_back], opts, first, "rolled back: the canary rollout stopped")
     skipped = [DeviceResult(d.name, "skipped", reason="rollout stopped after the canaries") for d in rest]
-    return GroupResult(sorted(first + skipped, key=lambda r: order[r.device]), stopped=verdict.reason)
+    return GroupResult(sorted(first + skipped, key=lambda r: order[r.device]), stopped=verdict.reason,
+                       signature=signature)
 
 
 def _gate(fleet: Fleet, canaries: list[Device], rest: list[Device], first: list[DeviceResult], gate: LiveGate,

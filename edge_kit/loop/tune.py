@@ -228,11 +228,11 @@ def tune(fleet: Fleet, devices: list[Device], opts: TuneOptions, store: HistoryS
     """Run the loop on ``devices``; return what happened (never raises for a single device).
 
     Raises:
-        InputError: no manifest in ``opts.artifacts``.
+        InputError: no manifest in ``opts.artifacts``, or its signature fails the fleet's ``artifact_keys``.
         AgentError: the broker cannot be reached.
     """
     step = progress or (lambda _m: None)
-    manifest = read_manifest(opts.artifacts)
+    manifest = read_manifest(opts.artifacts, fleet.artifact_trust())
     step("deploying candidate variants")
     deployed = deploy(fleet, devices, DeployOptions(opts.artifacts, parallel=opts.parallel, health_timeout=opts.timeout,
                                                     trust_new_hosts=opts.trust_new_hosts))

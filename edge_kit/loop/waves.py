@@ -194,13 +194,14 @@ def plan_rollout(rid: str, artifacts: Path, fleet: Fleet, devices: list[Device],
     ``choices``: a variant per device (:func:`selected_variants`), over ``variant``.
 
     Raises:
-        RolloutError: no manifest in ``artifacts``, the store URL is not http(s), or no device gets anything.
+        RolloutError: the store URL is not http(s), or no device gets anything.
+        InputError: no manifest in ``artifacts``, or its signature fails the fleet's ``artifact_keys``.
         ConfigError: a device would refuse its desired state (:func:`~edgekit_protocol.desired.parse_desired`:
             an id over 512 characters, an artifact over 1 TiB, ...), named with the rule.
     """
     if not store_url.startswith(("http://", "https://")):
         raise RolloutError(f"--store {store_url}: devices fetch over HTTP(S); give the store's http:// or https:// URL")
-    manifest = read_manifest(Path(artifacts))
+    manifest = read_manifest(Path(artifacts), fleet.artifact_trust())  # desired states sign what was checked
     evalset = manifest.eval or {}
     eval_file = Path(artifacts) / "eval.npz"
     eval_ref = ({"eval_sha256": evalset["sha256"], "eval_bytes": eval_file.stat().st_size}
@@ -230,7 +231,7 @@ def plan_rollout(rid: str, artifacts: Path, fleet: Fleet, devices: list[Device],
     if not targets:
         raise RolloutError(f"rollout {rid}: no device gets an artifact: {'; '.join(list(refused.values())[:3])}")
     plan = {"id": rid, "fleet": fleet.fleet, "model": manifest.model.get("name"), "store": store_url.rstrip("/"),
-            "variant": variant, "artifacts": str(Path(artifacts).resolve()),
+            "variant": variant, "artifacts": str(Path(artifacts).resolve()), "signature": manifest.signature,
             "settings": {**asdict(settings), "waves": list(settings.waves)},
             "gate": asdict(gate) if gate is not None else None,
             "order": _order(rid, list(targets), {n: t["profile"] for n, t in targets.items()}), "targets": targets, "refused": refused}

@@ -293,7 +293,7 @@ def test_tune_decides_without_the_variants_a_device_has_no_runtime_for(monkeypat
     from edge_kit.fleet.deploy import DeviceResult, GroupResult
     from edge_kit.fleet.inventory import Device
     from edge_kit.loop import tune as tn
-    from edge_kit.manifest import Artifact, Manifest
+    from edge_kit.manifest import Artifact, ArtifactTrust, Manifest
     from edge_kit.telemetry.store import Store
     from edgekit_protocol import messages
 
@@ -312,13 +312,13 @@ def test_tune_decides_without_the_variants_a_device_has_no_runtime_for(monkeypat
     deployed = DeviceResult("d1", "succeeded", variant="fp32", sha256="fp32" * 4)
     deployed.refused = {"onnx-fp32": "d1: onnx-fp32 needs ONNX Runtime: pip install 'edge-kit[agent-onnx]'"}
 
-    monkeypatch.setattr(tn, "read_manifest", lambda _a: manifest)
+    monkeypatch.setattr(tn, "read_manifest", lambda *_a: manifest)
     monkeypatch.setattr(tn, "deploy", lambda *_a, **_k: GroupResult([deployed]))
     monkeypatch.setattr(tn, "_measure", lambda _c, _s, wanted, *_a: (0, {}) if not any(wanted.values())
                         else pytest.fail(f"asked to measure {wanted}"))
     monkeypatch.setattr(tn, "_activate", lambda _f, devs, switch, _o, _s, current: current.update(
         {d: v * 4 for d, v in switch.items()}) or GroupResult([]))
-    report = tn.tune(SimpleNamespace(), [dev], tn.TuneOptions(tmp_path), store)
+    report = tn.tune(SimpleNamespace(artifact_trust=ArtifactTrust), [dev], tn.TuneOptions(tmp_path), store)
     d = report.final["d1"]
     assert d.chosen == "int8" and d.unmeasured == [] and "onnx-fp32" not in {r["variant"] for r in d.table}
 

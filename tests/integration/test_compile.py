@@ -137,9 +137,18 @@ def test_compile_json_and_table(digits_files, tmp_path, run_cli):
     assert {a["id"]: a["status"] for a in data["artifacts"]} == {
         "fp32": "built", "int8": "built", "int8-pruned-ch50": "built", "edgetpu": "not-built"}
     assert data["artifacts"][0]["accuracy"]["method"] == "not measured: no --eval data"
+    assert "key_id" not in data and "sig" not in data  # unsigned without --sign-key
+    from device_agents.identity import Signer
+    from edge_kit.manifest import ArtifactTrust, read_manifest
+
+    signer = Signer.generate()
+    signer.save(tmp_path / "release.key")
     code, out, _ = run_cli("compile", digits_files.model, "-p", "coral-usb", "--calib", digits_files.calib,
-                           "--out", tmp_path)
+                           "--out", tmp_path, "--sign-key", tmp_path / "release.key")
     assert code == 0 and "int8-pruned-ch50" in out and "edgetpu_compiler not found" in out
+    assert f"signed by key {signer.key_id}" in out
+    trusted = read_manifest(tmp_path / "digits", ArtifactTrust((signer.public,), required=True))
+    assert trusted.signature == f"signed by key {signer.key_id} (trusted)"
 
 
 def test_missing_calibration_leaves_int8_variants_not_built(digits_files, tmp_path):

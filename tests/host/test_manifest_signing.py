@@ -1,0 +1,101 @@
+"""Signed manifests: `edgekit sign` / `compile --sign-key`, and the fleet's `artifact_keys` checked by
+deploy, tune and rollouts before any device is touched."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from device_agents.identity import Signer, encode_key
+from edge_kit.errors import ConfigError, InputError
+from edge_kit.fleet.inventory import load_fleet
+from edge_kit.loop.waves import RolloutSettings, plan_rollout
+from edge_kit.manifest import Artifact, ArtifactTrust, Manifest, read_manifest, sign_manifest
+
+
+def compiled(tmp_path: Path) -> Path:
+    """Write an artifacts folder with one built int8 artifact and an unsigned manifest; return it."""
+    folder = tmp_path / "art"
+    folder.mkdir(parents=True)
+    (folder / "int8.tflite").write_bytes(b"model")
+    arts = [Artifact(id="int8", status="built", profiles=["rpi4"], summary="int8", precision="int8", file="int8.tflite",
+                     sha256=hashlib.sha256(b"model").hexdigest(), bytes=5)]
+    (folder / "manifest.json").write_text(Manifest(created="2026-11-29T00:00:00+00:00", model={"name": "m"},
+                                                   versions={}, profiles={"rpi4": {}}, artifacts=arts).to_json())
+    return folder
+
+
+def fleet_file(tmp_path: Path, keys: list[str] | None) -> Path:
+    """Write a fleet file of one rpi4 device nothing listens for, ``artifact_keys`` when given; return it."""
+    path = tmp_path / "fleet.yaml"
+    path.write_text("fleet: f\nbroker: {host: 127.0.0.1, port: 1}\ndefaults: {user: u, profile: rpi4}\n"
+                    "devices:\n  - {name: a, host: 127.0.0.1, port: 1}\n"
+                    + (f"artifact_keys: {json.dumps(keys)}\n" if keys is not None else ""))
+    return path
+
+
+def test_a_signed_manifest_verifies_and_any_change_after_signing_is_refused(tmp_path):
+    folder, signer = compiled(tmp_path), Signer.generate()
+    unsigned = (folder / "manifest.json").read_text()
+    assert '"key_id"' not in unsigned and '"sig"' not in unsigned  # an unsigned manifest carries no empty fields
+    assert read_manifest(folder, ArtifactTrust()).signature == "unsigned"
+    signed = sign_manifest(folder, signer)
+    assert signed.key_id == signer.key_id and signed.signature == f"signed by key {signer.key_id} (trusted)"
+    trust = ArtifactTrust((signer.public,), required=True)
+    assert read_manifest(folder, trust).signature.endswith("(trusted)")
+    # a signature by a key nobody listed is no guarantee: said, and refused where signatures are required
+    assert "not checked" in read_manifest(folder, ArtifactTrust()).signature
+    with pytest.raises(InputError, match=f"signed by key '{signer.key_id}', which this fleet does not trust"):
+        read_manifest(folder, ArtifactTrust((Signer.generate().public,), required=True))
+    path = folder / "manifest.json"
+    for change in (lambda d: d["artifacts"][0].update(sha256="0" * 64),  # another model under the same name
+                   lambda d: d["model"].update(name="n"), lambda d: d.update(sig=d["sig"][:-4] + "AAA=")):
+        doc = json.loads(signed_text := path.read_text())
+        change(doc)
+        path.write_text(json.dumps(doc))
+        with pytest.raises(InputError, match="does not verify: the manifest changed after it was signed"):
+            read_manifest(folder, ArtifactTrust((signer.public,)))  # trusted key: checked even when not required
+        path.write_text(signed_text)
+    path.write_text(unsigned)
+    with pytest.raises(InputError, match=r"not signed, and this fleet takes only signed manifests .*edgekit sign"):
+        read_manifest(folder, trust)
+
+
+def test_deploy_and_rollouts_refuse_what_the_fleets_artifact_keys_do_not_vouch_for(tmp_path, run_cli):
+    folder, signer = compiled(tmp_path), Signer.generate()
+    (tmp_path / "release.pub").write_text(encode_key(signer.public) + "\n")
+    fleet = load_fleet(fleet_file(tmp_path, ["release.pub"]))  # a file beside the fleet file, or the key itself
+    assert fleet.artifact_trust().keys == (signer.public,) and fleet.artifact_trust().required
+    code, out, err = run_cli("deploy", "--fleet", str(fleet_file(tmp_path, ["release.pub"])), "--artifacts", str(folder))
+    assert code == 2 and "manifest.json: not signed" in err and len(err.strip().splitlines()) == 1, err
+    with pytest.raises(InputError, match="not signed"):
+        plan_rollout("r", folder, fleet, fleet.devices, "http://s", None, RolloutSettings())
+    key = tmp_path / "release.key"
+    signer.save(key)
+    code, out, err = run_cli("sign", str(folder), "--key", str(key), "--json")
+    assert code == 0 and json.loads(out)["key_id"] == signer.key_id
+    plan = plan_rollout("r", folder, fleet, fleet.devices, "http://s", None, RolloutSettings())
+    assert plan["signature"] == f"signed by key {signer.key_id} (trusted)"  # recorded with the rollout
+    # without artifact_keys an unsigned manifest is taken, and says so
+    assert plan_rollout("r", compiled(tmp_path / "x"), load_fleet(fleet_file(tmp_path, None)), fleet.devices,
+                        "http://s", None, RolloutSettings())["signature"] == "unsigned"
+
+
+def test_bad_artifact_keys_and_signing_keys_are_one_line_errors(tmp_path, run_cli):
+    with pytest.raises(ConfigError, match=r"fleet.yaml: artifact_keys\[0\]: not an Ed25519 public key"):
+        load_fleet(fleet_file(tmp_path, ["not-a-key"])).artifact_trust()
+    folder = compiled(tmp_path)
+    before = (folder / "manifest.json").read_bytes()
+    loose = tmp_path / "loose.key"
+    Signer.generate().save(loose)
+    loose.chmod(0o644)
+    for key, why in ((tmp_path / "none.key", "No such file"), (loose, "readable by others"),
+                     (folder / "int8.tflite", "not an unencrypted Ed25519 private key")):
+        if key.name == "int8.tflite":
+            key.chmod(0o600)
+        code, out, err = run_cli("sign", str(folder), "--key", str(key))
+        assert code == 2 and why in err and len(err.strip().splitlines()) == 1, err
+    assert (folder / "manifest.json").read_bytes() == before  # nothing written
