@@ -88,6 +88,8 @@ def test_demo_runs_the_whole_loop_and_cleans_up(run_cli):
     assert code == 0, err
     result = json.loads(out)
     assert [r["device"] for r in result["devices"]] == ["rpi4-1", "coral-usb-1"]
+    assert result["tune"]["deploy"]["signature"].startswith("signed by key ")  # the release step it shows
+    assert result["tune"]["deploy"]["signature"].endswith("(trusted)")
     for row in result["devices"]:
         assert row["variant"] and row["feasible"] and row["simulated"] is True and row["p90_ms"] > 0
         assert row["accuracy"] > 0.9 and row["power_method"].startswith("estimated:")
