@@ -141,7 +141,8 @@ def read_manifest(folder: Path) -> Manifest:
 
     Raises:
         InputError: no such folder, or not a folder; no manifest (the folder is not a finished compile, or it
-            is the ``--out`` folder holding compiled models, which are named); or it does not validate.
+            is the ``--out`` folder holding compiled models, which are named); it is not UTF-8 JSON, or not a JSON
+            object; or it does not validate.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -156,8 +157,12 @@ def read_manifest(folder: Path) -> Manifest:
             raise InputError(f"{path}: no manifest; {folder} holds compiled models ({', '.join(models)}): give one "
                              f"model's folder, e.g. {folder / models[0]}") from None
         raise InputError(f"{path}: no manifest; run `edgekit compile` into {folder} first") from None
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: not JSON (JSONDecodeError), or not UTF-8 text
         raise InputError(f"{path}: unreadable manifest ({exc})") from None
+    if not isinstance(data, dict):
+        kind = {list: "an array", str: "a string", bool: "true or false", type(None): "null"}.get(type(data), "a number")
+        raise InputError(f"{path}: not a manifest (its JSON is {kind}, not an object); compile the model again with "
+                         "`edgekit compile`")
     if data.get("schema") != SCHEMA:
         raise InputError(f"{path}: schema is {data.get('schema')!r}, expected {SCHEMA!r}; compile the model again with this edge-kit")
     data["schema_"] = data.pop("schema")
