@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from edge_kit.errors import EdgeKitError
+from edge_kit.errors import ConfigError, EdgeKitError
 from edge_kit.fleet.agent_install import ensure_agent
 from edge_kit.fleet.broker_setup import (
     OPERATOR_USER,
@@ -72,11 +72,25 @@ class SimFleet:
         self.fleet_file = self.workdir / "fleet.yaml"
 
     def state(self) -> dict[str, Any] | None:
-        """Return what ``up`` recorded, or None when nothing is up here."""
+        """Return what ``up`` recorded, or None when nothing is up here (no ``sim.json``).
+
+        Raises:
+            ConfigError: ``sim.json`` is there but unreadable, not JSON or not what ``up`` writes: what it started
+                cannot be told, so nothing may be started over it nor be said to be down.
+        """
         try:
-            return json.loads(self.state_file.read_text())
-        except (OSError, ValueError):
+            state = json.loads(self.state_file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
             return None
+        except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8
+            state, why = None, str(exc)
+        else:
+            why = "not what `edgekit sim up` writes"
+        if not (isinstance(state, dict) and isinstance(state.get("devices"), list)
+                and all(isinstance(d, dict) for d in state["devices"])):
+            raise ConfigError(f"{self.state_file}: unreadable ({why}), so what `edgekit sim up` started here cannot be "
+                              "told: stop its broker, sshd and agent processes by hand, then remove the file")
+        return state
 
     def up(self, count: int, profiles: list[str], *, embedded_broker: bool | None = None,
            embedded_ssh: bool | None = None, link_rate: int | None = None, insecure: bool = False,
@@ -92,7 +106,7 @@ class SimFleet:
         ``sim.json`` under ``store``.
 
         Raises:
-            ConfigError: an unknown profile.
+            ConfigError: an unknown profile; a ``sim.json`` here that cannot be read (:meth:`state`).
             EdgeKitError: already up here, the embedded broker asked for without ``insecure``, the
                 links could not be made, or a service did not start (nothing is left running).
         """
@@ -214,7 +228,11 @@ class SimFleet:
         """Stop the agents, the sshds and the broker this fleet started; return what was stopped.
 
         Ctrl-C does not cut it short (it often comes while a run cleans up): it is raised as
-        KeyboardInterrupt once everything is stopped."""
+        KeyboardInterrupt once everything is stopped.
+
+        Raises:
+            ConfigError: ``sim.json`` cannot be read (:meth:`state`); nothing is stopped.
+        """
         with interrupts_deferred():
             return self._down()
 

@@ -3,6 +3,7 @@ cleans up), so nothing is left running; the interrupt is raised after."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -80,3 +81,23 @@ def test_started_at_tells_a_running_process_from_none():
 
     assert isinstance(started_at(os.getpid()), int) and started_at(os.getpid()) == started_at(os.getpid())
     assert started_at(None) is None and started_at(2 ** 22 + 12345) is None
+
+
+@pytest.mark.parametrize("content", [b"", b"[1]", b'{"devices": [1]}', b"\x82\xff not text"])
+def test_a_damaged_sim_json_is_one_line_not_nothing_is_up(tmp_path, run_cli, content):
+    """`sim down` on a sim.json holding `[1]` raised TypeError (a traceback); on an empty or garbled one it said
+    "nothing is up" and exited 0 while the processes it had recorded kept running (and `sim up` started a
+    second fleet over it). Now both say which file cannot be read and what to do, exit 2, and stop nothing."""
+    (tmp_path / "sim.json").write_bytes(content)
+    for command in (["sim", "down"], ["sim", "up", "--devices", "1"]):
+        code, out, err = run_cli(*command, "--dir", tmp_path, "--json")
+        assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+        assert json.loads(out)["error"].startswith(f"{tmp_path}/sim.json: unreadable (")
+        assert "stop its broker, sshd and agent processes by hand" in err
+    assert (tmp_path / "sim.json").read_bytes() == content
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sim.json"]
+
+
+def test_sim_down_where_nothing_was_started_says_so(tmp_path, run_cli):
+    code, out, err = run_cli("sim", "down", "--dir", tmp_path / "none", "--json")
+    assert code == 0 and json.loads(out) == {"stopped": []}
