@@ -23,6 +23,7 @@ from rich.markup import escape
 from rich.progress import Progress, ProgressColumn
 from rich.table import Table
 
+from edgekit_protocol.commands import MAX_TTL_S, bounds
 from edgekit_protocol.labels import printable  # one rule for the CLI and /metrics
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -66,6 +67,15 @@ ProfilesOpt = Annotated[str, typer.Option("--profiles", help="Comma-separated pr
 ParallelOpt = Annotated[int, typer.Option(min=1, max=256, help="Devices at a time.")]
 TrustNewHostsOpt = Annotated[bool, typer.Option("--trust-new-hosts", help="Accept and record SSH host keys seen for the "
                                                                          "first time (a changed key is always refused).")]
+
+
+# A wait on the devices (--timeout, --health-timeout, --wave-timeout, --gate-window, --wait) lasts a day at most: a
+# command sent with it must expire within the protocol's MAX_TTL_S (the agent refuses a later expiry), and a longer
+# wait broke the thread's wait (OverflowError) after the command was sent.
+WAIT_MAX_S = MAX_TTL_S
+# A benchmark's length: the bounds the agent checks its bench command against (edgekit_protocol.commands).
+BENCH_RUNS_MIN, BENCH_RUNS_MAX = bounds("bench", "min_runs")
+BENCH_SECONDS_MIN, BENCH_SECONDS_MAX = bounds("bench", "min_seconds")
 
 
 def profile_names(text: str) -> list[str]:
@@ -134,7 +144,7 @@ def finite(value: float | None) -> float | None:
 # The live gate (deploy --canary --gate live, rollout start --gate live): edge_kit.selection.gate.judge_live.
 GateOpt = Annotated[Optional[str], typer.Option(help="'live': judge the first devices (canaries) on production traffic "
                                                      "against the devices of their profiles still on the current model.")]
-GateWindowOpt = Annotated[float, typer.Option(callback=finite, min=1, help="Live gate: seconds to collect at most.")]
+GateWindowOpt = Annotated[float, typer.Option(callback=finite, min=1, max=WAIT_MAX_S, help="Live gate: seconds to collect at most.")]
 GateRequestsOpt = Annotated[int, typer.Option(min=10, help="Live gate: requests each canary must answer.")]
 GateAlphaOpt = Annotated[float, typer.Option(min=1e-6, max=0.5, help="Live gate: the latency test's significance.")]
 GateSlowdownOpt = Annotated[float, typer.Option(callback=finite, min=0, help="Live gate: roll back only when the "

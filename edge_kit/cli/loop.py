@@ -11,6 +11,10 @@ from rich import box
 from rich.table import Column, Table
 
 from edge_kit.cli.app import (
+    BENCH_RUNS_MAX,
+    BENCH_RUNS_MIN,
+    BENCH_SECONDS_MAX,
+    BENCH_SECONDS_MIN,
     DevicesOpt,
     FleetOpt,
     HistoryOpt,
@@ -18,6 +22,7 @@ from edge_kit.cli.app import (
     ParallelOpt,
     ProfilesOpt,
     TrustNewHostsOpt,
+    WAIT_MAX_S,
     app,
     emit_json,
     finite,
@@ -216,9 +221,9 @@ def tune_cmd(
     rounds: Annotated[int, typer.Option(min=1, max=10, help="Rounds of measure, select and switch at most; stops "
                                                             "earlier when a round switches nothing.")] = 2,
     margin: MarginOpt = DEFAULT_MARGIN,
-    min_runs: Annotated[int, typer.Option(min=1, help="Timed runs per measurement at least.")] = 200,
-    min_seconds: Annotated[float, typer.Option(callback=finite, min=0, help="Timed seconds per measurement at least.")] = 2.0,
-    timeout: Annotated[float, typer.Option(callback=finite, min=1, help="Seconds per round for all measurements to arrive.")] = 300.0,
+    min_runs: Annotated[int, typer.Option(min=BENCH_RUNS_MIN, max=BENCH_RUNS_MAX, help="Timed runs per measurement at least.")] = 200,
+    min_seconds: Annotated[float, typer.Option(callback=finite, min=BENCH_SECONDS_MIN, max=BENCH_SECONDS_MAX, help="Timed seconds per measurement at least.")] = 2.0,
+    timeout: Annotated[float, typer.Option(callback=finite, min=1, max=WAIT_MAX_S, help="Seconds per round for all measurements to arrive.")] = 300.0,
     parallel: ParallelOpt = 8,
     trust_new_hosts: TrustNewHostsOpt = False,
     budget: Annotated[Optional[float], typer.Option(callback=finite, min=0, help="Measure only what the fleet model "

@@ -23,6 +23,7 @@ from edge_kit.cli.app import (
     GateWindowOpt,
     HistoryOpt,
     JsonOpt,
+    WAIT_MAX_S,
     app,
     emit_json,
     err,
@@ -122,7 +123,7 @@ def start_cmd(
     wave: Annotated[str, typer.Option(help="Cumulative wave sizes.")] = "1%,10%,100%",
     rate: Annotated[Optional[str], typer.Option(help="Desired states sent per time, e.g. 200/min (default: no limit).")] = None,
     max_failed: Annotated[str, typer.Option("--max-failed", help="Stop when more than this share of the devices sent so far failed.")] = "0%",
-    wave_timeout: Annotated[float, typer.Option(callback=finite, min=1, help="Seconds a wave waits for its devices' answers.")] = 600.0,
+    wave_timeout: Annotated[float, typer.Option(callback=finite, min=1, max=WAIT_MAX_S, help="Seconds a wave waits for its devices' answers.")] = 600.0,
     bandwidth: Annotated[Optional[str], typer.Option(help="Download cap per device, e.g. 2MB/s (default: none).")] = None,
     start_delay: Annotated[float, typer.Option(min=0, max=3600, help="Longest random delay (s) before a device starts its download.")] = 0.0,
     rid: Annotated[Optional[str], typer.Option("--id", help="The rollout's id (default: <model>-<time>).")] = None,
@@ -209,7 +210,7 @@ def resume_cmd(fleet_file: FleetOpt, rid: IdArg, history: HistoryOpt = None, as_
 @rollout_app.command("abort")
 def abort_cmd(
     fleet_file: FleetOpt, rid: IdArg, history: HistoryOpt = None,
-    wait: Annotated[float, typer.Option(callback=finite, min=0, help="Seconds to wait for the devices sent back "
+    wait: Annotated[float, typer.Option(callback=finite, min=0, max=WAIT_MAX_S, help="Seconds to wait for the devices sent back "
                                                                       "to confirm.")] = 120.0,
     as_json: JsonOpt = False,
 ) -> None:
