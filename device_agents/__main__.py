@@ -24,7 +24,7 @@ from pathlib import Path
 from device_agents.errors import StoreError, UsageError
 from device_agents.runtimes import RUNTIMES
 from device_agents.store import ModelStore, default_root
-from edgekit_protocol.config import BenchSettings
+from edgekit_protocol.config import BenchSettings, PowerConfig
 from edgekit_protocol.errors import EdgeKitError
 
 
@@ -186,17 +186,24 @@ def _options(args: argparse.Namespace) -> dict[str, str]:
     return dict(o.split("=", 1) for o in args.delegate_option)
 
 
+_BENCH_KEYS = ("warmup", "min_runs", "min_seconds", "threads")  # BenchSettings' checked keys, options of `bench`
+
+
 def _bench(args: argparse.Namespace) -> None:
     from device_agents.bench import run_bench
     from device_agents.power import power_meter
 
     if not args.model.is_file():
         raise UsageError(f"{args.model}: model not found")
-    if args.threads < 1 or args.min_runs < 1 or args.warmup < 0 or args.min_seconds < 0:
-        raise UsageError("--threads and --min-runs must be at least 1; --warmup and --min-seconds not negative")
-    settings = BenchSettings(warmup=args.warmup, min_runs=args.min_runs, min_seconds=args.min_seconds,
-                             threads=args.threads, delegate=args.delegate, runtime=args.runtime,
-                             delegate_options=_options(args))
+    try:  # the rules agent.yaml's bench and power blocks follow
+        settings = BenchSettings(warmup=args.warmup, min_runs=args.min_runs, min_seconds=args.min_seconds,
+                                 threads=args.threads, delegate=args.delegate, runtime=args.runtime,
+                                 delegate_options=_options(args))
+        PowerConfig(idle_w=args.idle_w, busy_w=args.busy_w)
+    except ValueError as exc:
+        key = str(exc).split()[0]  # the settings' key: its option is spelled with dashes
+        raise UsageError(f"--{key.replace('_', '-')}: {str(exc).removeprefix(key + ' ')}" if key in _BENCH_KEYS
+                         else f"{exc} (--idle-w, --busy-w)") from None
     from device_agents.errors import SmokeFailed
     from device_agents.runtimes import is_tensorrt
     from device_agents.smoke import SmokePool

@@ -41,6 +41,43 @@ def test_agent_config_errors_name_file_line_and_key(tmp_path, text, message):
         load_agent_config(path)
 
 
+@pytest.mark.parametrize("block, message", [
+    ("bench: {min_seconds: 601}", "a.yaml:3: bench: min_seconds 601.0 is not between 0 and 600"),
+    ("bench: {threads: 1000}", "a.yaml:3: bench: threads 1000 is not between 1 and 64"),
+    ("bench: {min_seconds: -1}", "a.yaml:3: bench: min_seconds -1.0 is not between 0 and 600"),
+    ("power: {idle_w: 2.7}", "a.yaml:3: power: give both idle_w and busy_w"),
+    ("power: {idle_w: -2.7, busy_w: 5}", "a.yaml:3: power: idle_w -2.7 and busy_w 5.0 must be positive finite watts"),
+    ("power: {idle_w: 6, busy_w: 2}", "a.yaml:3: power: busy_w (2.0) must be at least idle_w (6.0)"),
+])
+def test_bench_and_power_blocks_follow_the_bench_commands_and_the_profiles_rules(tmp_path, block, message):
+    """agent.yaml took bench.min_seconds -1, 1000 threads, an idle_w alone (no estimate, silently) or a busy_w below
+    idle_w (an estimate that falls as the CPU works)."""
+    path = write(tmp_path, "a.yaml", f"device: pi-1\nfleet: f\n{block}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_agent_config(path)
+    assert str(caught.value).startswith(str(tmp_path / message))
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--min-seconds", "nan"], "--min-seconds: nan is not between 0 and 600"),
+    (["--min-seconds", "inf"], "--min-seconds: inf is not between 0 and 600"),
+    (["--threads", "100000"], "--threads: 100000 is not between 1 and 64"),
+    (["--idle-w", "nan", "--busy-w", "5"], "idle_w nan and busy_w 5.0 must be positive finite watts (--idle-w, --busy-w)"),
+    (["--idle-w", "5", "--busy-w", "2"], "busy_w (2.0) must be at least idle_w (5.0) (--idle-w, --busy-w)"),
+    (["--idle-w", "5"], "give both idle_w and busy_w (the power estimate needs both), or neither (--idle-w, --busy-w)"),
+])
+def test_agent_bench_refuses_what_would_print_a_figure_nothing_measured(tmp_path, capsys, options, message):
+    """`edgekit-agent bench --idle-w nan --busy-w 5` printed "nan W, nan mJ per inference; estimated"; --min-seconds nan
+    was ignored and inf capped silently; --idle-w alone gave "no idle_w/busy_w to estimate from"."""
+    from device_agents.__main__ import main
+
+    model = write(tmp_path, "m.tflite", "not read: the options are refused first")
+    with pytest.raises(SystemExit) as caught:
+        main(["bench", str(model), *options])
+    assert caught.value.code == 2
+    assert capsys.readouterr().err == f"edgekit-agent: error: {message}\n"
+
+
 def test_the_systemd_unit_runs_the_agent_with_its_config(tmp_path):
     from device_agents.unit import render_unit
 
