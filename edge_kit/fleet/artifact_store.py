@@ -90,6 +90,8 @@ def object_path(store: Path, sha256: str) -> Path:
 
 def _store_folder(store: str | Path) -> Path:
     text = str(store)
+    if not text.strip():  # Path("") is the current folder: a store would be written all over it
+        raise InputError("--store '': give the store folder, e.g. --store store")
     if "://" in text:
         raise InputError(f"--store {text}: only a local folder is written; publish to a folder, then sync it to the "
                          "bucket or CDN origin (e.g. `aws s3 sync DIR s3://bucket/prefix`, see docs/artifact-store.md)")

@@ -440,3 +440,14 @@ def test_a_store_trickling_its_answer_cannot_hold_rollout_start(published, trick
     with pytest.raises(DeployError, match=r"did not answer .* within 3 s") as exc:
         check_published(trickling_http, {sha: 600_000}, timeout_s=1.0)
     assert time.monotonic() - t0 < 6 and "\n" not in str(exc.value)
+
+
+def test_an_empty_store_option_is_refused_not_the_current_folder(tmp_path, run_cli, monkeypatch):
+    """`publish FOLDER --store ""` (an unset shell variable) wrote sha256/ and manifests/ into the current folder."""
+    folder = compiled_folder(tmp_path / "artifacts", {"int8": 1000})
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    code, out, err = run_cli("publish", folder, "--store", "", "--json")
+    assert code == 2 and err == "edgekit: error: --store '': give the store folder, e.g. --store store\n"
+    assert json.loads(out)["exit_code"] == 2 and list(cwd.iterdir()) == []
