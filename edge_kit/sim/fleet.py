@@ -34,7 +34,7 @@ from edge_kit.fleet.broker_setup import (
 from edge_kit.fleet.commands import FleetClient
 from edge_kit.fleet.inventory import Fleet, load_fleet
 from edge_kit.fleet.ssh import DeviceShell
-from edge_kit.fsutil import atomic_write_text
+from edge_kit.fsutil import atomic_write_text, writable_folder
 from edge_kit.profiles import load_profile
 from edge_kit.sim.broker import MosquittoBroker, find_mosquitto, free_port, wait_port
 from edge_kit.sim.links import Links, create_links, remove_links
@@ -80,7 +80,7 @@ class SimFleet:
         """
         try:
             state = json.loads(self.state_file.read_text(encoding="utf-8"))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # no sim.json, or no such folder: nothing is up here
             return None
         except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8
             state, why = None, str(exc)
@@ -107,6 +107,7 @@ class SimFleet:
 
         Raises:
             ConfigError: an unknown profile; a ``sim.json`` here that cannot be read (:meth:`state`).
+            InputError: the folder cannot be created or written (nothing is started).
             EdgeKitError: already up here, the embedded broker asked for without ``insecure``, the
                 links could not be made, or a service did not start (nothing is left running).
         """
@@ -123,7 +124,7 @@ class SimFleet:
             raise EdgeKitError("the embedded broker has no credentials, ACL or TLS: install Mosquitto "
                                "(apt install mosquitto), or pass --insecure to run it anonymous and plain")
         names = device_names(count, profiles)
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        writable_folder(self.workdir, "--dir")
         state: dict[str, Any] = {"broker": None, "devices": [], "links": None, "fleet_file": str(self.fleet_file)}
         try:
             links = None

@@ -101,3 +101,14 @@ def test_a_damaged_sim_json_is_one_line_not_nothing_is_up(tmp_path, run_cli, con
 def test_sim_down_where_nothing_was_started_says_so(tmp_path, run_cli):
     code, out, err = run_cli("sim", "down", "--dir", tmp_path / "none", "--json")
     assert code == 0 and json.loads(out) == {"stopped": []}
+
+
+@pytest.mark.parametrize("command", [["sim", "up", "--devices", "1"], ["demo", "--devices", "1"]])
+def test_a_dir_that_is_a_file_or_cannot_be_made_is_one_line_and_starts_nothing(tmp_path, run_cli, command):
+    """`sim up --dir /no/such/x` and `demo --dir FILE` raised FileNotFoundError / FileExistsError (tracebacks)."""
+    (tmp_path / "a-file").write_text("mine")
+    for folder in (tmp_path / "a-file", tmp_path / "a-file" / "sim"):
+        code, out, err = run_cli(*command, "--dir", folder, "--json")
+        assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+        assert json.loads(out)["error"].endswith("; choose another with --dir")
+    assert [p.name for p in tmp_path.iterdir()] == ["a-file"] and (tmp_path / "a-file").read_text() == "mine"
