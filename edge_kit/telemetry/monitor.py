@@ -124,7 +124,7 @@ class Monitor:
         # Each QoS 1 message is acknowledged to the broker only once it is stored (or refused and kept as
         # invalid): what a failed history did not store stays with the broker, which sends it again to
         # the next run of a persistent session (and the msg_id keeps it once).
-        self.client = make_client(fleet.broker, cid, password=fleet.broker.password("fleet file"),
+        self.client = make_client(fleet.broker, cid, password=fleet.broker_password(),
                                   v5=share is not None, clean=not persistent, manual_ack=True)
         self.client.on_connect = self._on_connect
         self.keyring = fleet.key_store().keyring()

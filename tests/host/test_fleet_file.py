@@ -163,3 +163,16 @@ def test_a_simulated_devices_agent_estimates_its_power_from_its_profile_never_fr
     sim = yaml.safe_load(agent_config(fleet, fleet.device("pi-2"))[0])["power"]
     assert real["sensors"] == ["ina219", "hwmon"] and sim["sensors"] == []
     assert (sim["idle_w"], sim["busy_w"]) == (real["idle_w"], real["busy_w"]) == (2.7, 6.4)
+
+
+def test_a_missing_broker_password_file_names_the_fleet_file(tmp_path, run_cli):
+    """`bench` with a broker.password_file that is not there said "fleet file: broker.password_file ...", not
+    which fleet file."""
+    fleet_file = tmp_path / "plant.yaml"
+    fleet_file.write_text("fleet: f\nbroker: {host: 127.0.0.1, port: 1, password_file: nope.pass}\n"
+                          "devices: [{name: a, host: h, user: u, profile: rpi4}]\n")
+    with pytest.raises(ConfigError) as caught:
+        load_fleet(fleet_file).broker_password()
+    assert str(caught.value) == f"{fleet_file}: broker.password_file {tmp_path}/nope.pass: No such file or directory"
+    code, out, err = run_cli("bench", "--fleet", fleet_file, "--device", "a", "--json")
+    assert code == 2 and json.loads(out)["error"] == str(caught.value)
