@@ -130,11 +130,11 @@ def open_fleet_history(fleet_file: Path | None, history: str | None, must_exist:
 
 
 def finite(value: float | None) -> float | None:
-    """Return ``value``, an option's number (the ``callback`` of every float option bounded only from below).
+    """Return ``value``, an option's number (the ``callback`` of every float option not bounded on both sides).
 
     Raises:
-        typer.BadParameter: it is infinite (``inf`` passes a lower bound, and breaks the waits it sets; ``nan``
-            fails every bound already).
+        typer.BadParameter: it is infinite or NaN (``inf`` passes a lower bound, and breaks the waits it sets;
+            ``nan`` fails every bound, but an option without one took it: a threshold nothing is below).
     """
     if value is not None and not math.isfinite(value):
         raise typer.BadParameter(f"{value}: give a finite number")
@@ -152,7 +152,8 @@ GateSlowdownOpt = Annotated[float, typer.Option(callback=finite, min=0, help="Li
                                                                              "the controls' (0.1: 10 %).")]
 GateShadowOpt = Annotated[float, typer.Option(min=0, max=1, help="Live gate: share of canary requests also run through "
                                                                   "the fp32 reference (0: none).")]
-GateSnrOpt = Annotated[Optional[float], typer.Option(help="Live gate: roll back below this live fidelity (needs --gate-shadow).")]
+GateSnrOpt = Annotated[Optional[float], typer.Option(callback=finite, help="Live gate: roll back below this live fidelity "
+                                                                          "(needs --gate-shadow).")]
 
 
 def gate_lines(gate: dict[str, Any], promoted: bool) -> str:

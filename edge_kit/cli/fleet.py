@@ -240,6 +240,9 @@ def deploy_cmd(
     opts = DeployOptions(artifacts=artifacts, variant=variant, parallel=parallel, trust_new_hosts=trust_new_hosts,
                          health_timeout=health_timeout, repair=repair)
     canary_share = parse_share(canary, "--canary") if canary is not None else None
+    if canary_share == 0:  # no canary stage at all: everything would go at once, which --canary asks not to do
+        raise InputError(f"--canary {canary}: give a share above 0 (e.g. 10%), or leave --canary out to deploy "
+                         "to every device at once")
     failed_share = parse_share(max_failed, "--max-failed")
     gated = live_gate(gate, gate_window, gate_min_requests, gate_alpha, gate_min_slowdown, gate_shadow, gate_min_snr_db)
     if gated is not None and not canary_share:

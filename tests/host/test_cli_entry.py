@@ -212,3 +212,23 @@ def test_a_number_beyond_what_the_agent_or_a_wait_takes_is_refused_before_anythi
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     error = json.loads(result.stdout)["error"]
     assert f"'{option}'" in error and f"less than or equal to {bound}" in error
+
+
+@pytest.mark.parametrize("args, error", [
+    (["--canary", "0%"], "--canary 0%: give a share above 0 (e.g. 10%), or leave --canary out to deploy to every "
+                         "device at once"),
+    (["--canary", "10%", "--gate", "live", "--gate-shadow", "0.5", "--gate-min-snr-db", "nan"],
+     "Invalid value for '--gate-min-snr-db': nan: give a finite number (see `edgekit deploy --help`)")])
+def test_a_canary_of_nothing_or_a_nan_fidelity_bound_is_refused(tmp_path, args, error):
+    """`deploy --canary 0%` deployed to every device at once (a share of 0 read as no --canary), and
+    `--gate-min-snr-db nan` was taken: a bound no live SNR is ever below, so fidelity never rolled back."""
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text("fleet: f\ndevices: [{name: a, host: h, user: u, profile: rpi4}]\n")
+    from edge_kit.manifest import Manifest
+
+    (tmp_path / "art").mkdir()
+    (tmp_path / "art" / "manifest.json").write_text(Manifest(created="2026-11-29T00:00:00+00:00", model={"name": "m"},
+                                                             versions={}, profiles={}, artifacts=[]).to_json())
+    result = run_edgekit("pass", "deploy", "--fleet", str(fleet_file), "--artifacts", str(tmp_path / "art"), *args, "--json")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert json.loads(result.stdout)["error"] == error
