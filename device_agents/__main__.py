@@ -103,8 +103,10 @@ def _dispatch(args: argparse.Namespace) -> None:
         check_own_code(cfg.root, cfg.verify_code)  # tampered code is never started, nor restarted
         sys.exit(supervise(args.config, args.pidfile, args.log_file))
     elif args.command == "unit":
+        from device_agents.config import load_agent_config
         from device_agents.unit import render_unit
 
+        load_agent_config(args.config)  # a unit for a config that does not load would only fail at every boot
         print(render_unit(args.config, user=args.user), end="")
     elif args.command == "bench":
         _bench(args)

@@ -32,7 +32,7 @@ def load_agent_config(path: Path) -> AgentConfig:
         The config, with defaults filled in.
 
     Raises:
-        ConfigError: unreadable file, bad YAML, unknown key, wrong type, invalid value or an
+        ConfigError: unreadable file, not UTF-8, bad YAML, unknown key, wrong type, invalid value or an
             unknown power sensor; the message names the file, line and key.
     """
     path = Path(path)
@@ -40,6 +40,8 @@ def load_agent_config(path: Path) -> AgentConfig:
         node = yaml.compose(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the agent config ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: the agent config is not UTF-8 text (byte {exc.start}); write it as YAML") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         raise ConfigError(f"{path}:{mark.line + 1 if mark else '?'}: not valid YAML") from None

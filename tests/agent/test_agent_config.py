@@ -78,6 +78,30 @@ def test_agent_bench_refuses_what_would_print_a_figure_nothing_measured(tmp_path
     assert capsys.readouterr().err == f"edgekit-agent: error: {message}\n"
 
 
+def test_a_config_that_is_not_text_is_one_line(tmp_path):
+    """`edgekit-agent run --config` on a binary file raised UnicodeDecodeError (a traceback)."""
+    path = tmp_path / "a.yaml"
+    path.write_bytes(b"device: pi-1\n\xfc\x80 fleet")
+    with pytest.raises(ConfigError) as caught:
+        load_agent_config(path)
+    assert str(caught.value) == f"{path}: the agent config is not UTF-8 text (byte 13); write it as YAML"
+
+
+def test_the_unit_command_refuses_a_config_that_does_not_load(tmp_path, capsys):
+    """`edgekit-agent unit --config nope.yaml` printed a unit (exit 0) whose service could only fail at every boot."""
+    from device_agents.__main__ import main
+
+    for config in (tmp_path / "nope.yaml", tmp_path):
+        with pytest.raises(SystemExit) as caught:
+            main(["unit", "--config", str(config)])
+        assert caught.value.code == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err.startswith(f"edgekit-agent: error: {config}: cannot read the agent config")
+    good = write(tmp_path, "agent.yaml", "device: pi-1\nfleet: f\n")
+    main(["unit", "--config", str(good)])
+    assert f"--config {good}\n" in capsys.readouterr().out
+
+
 def test_the_systemd_unit_runs_the_agent_with_its_config(tmp_path):
     from device_agents.unit import render_unit
 
