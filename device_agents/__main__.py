@@ -11,7 +11,8 @@
 
 ``install``, ``activate``, ``rollback`` and ``state`` work on the model store (see
 :mod:`device_agents.store`) and print JSON. Every error edge-kit raises on purpose is mapped here,
-once: one line (``edgekit-agent: error: ...``) and its ``exit_code`` (2).
+once: one line (``edgekit-agent: error: ...``) and its ``exit_code`` (2); with ``--json`` (every command
+that prints a result takes it) also ``{"error", "exit_code"}`` on stdout, as ``edgekit --json`` does.
 """
 
 from __future__ import annotations
@@ -84,10 +85,13 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("state", help="print what is installed, current and previous")
     for p in (i, a, *[sub.choices[n] for n in ("rollback", "state")]):
         p.add_argument("--root", type=Path, default=None, help=root_help)
+        p.add_argument("--json", action="store_true", help="the result is JSON already; an error is JSON on stdout too")
     args = parser.parse_args(argv)
     try:
         _dispatch(args)
     except EdgeKitError as exc:
+        if getattr(args, "json", False):  # as `edgekit --json`: one document on stdout, the line on stderr
+            print(json.dumps({"error": str(exc), "exit_code": exc.exit_code}, indent=2))
         sys.stderr.write(f"edgekit-agent: error: {exc}\n")
         sys.exit(exc.exit_code)
 

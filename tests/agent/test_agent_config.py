@@ -102,6 +102,21 @@ def test_the_unit_command_refuses_a_config_that_does_not_load(tmp_path, capsys):
     assert f"--config {good}\n" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("args", [["state"], ["rollback"], ["activate", "--variant", "int8"], ["bench", "nope.tflite"]])
+def test_agent_commands_take_json_and_then_say_an_error_in_json_too(tmp_path, capsys, args):
+    """`edgekit-agent state --json` was a usage error (only bench took --json), and `bench --json` said its errors
+    on stderr alone: a JSON reader of stdout got nothing to parse."""
+    from device_agents.__main__ import main
+
+    root = [] if args[0] == "bench" else ["--root", str(tmp_path / "nowhere")]
+    with pytest.raises(SystemExit) as caught:
+        main([*args, *root, "--json"])
+    captured = capsys.readouterr()
+    assert caught.value.code == 2 and captured.err.count("\n") == 1
+    assert json.loads(captured.out) == {"error": captured.err.removeprefix("edgekit-agent: error: ").rstrip("\n"),
+                                        "exit_code": 2}
+
+
 def test_the_systemd_unit_runs_the_agent_with_its_config(tmp_path):
     from device_agents.unit import render_unit
 
