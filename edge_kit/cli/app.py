@@ -93,16 +93,19 @@ def profile_names(text: str) -> list[str]:
     return names
 
 
-def open_fleet_history(fleet_file: Path | None, history: str | None, must_exist: bool = False) -> Any:
+def open_fleet_history(fleet_file: Path | None, history: str | None, must_exist: bool = False,
+                       read_only: bool = False) -> Any:
     """Return the open :class:`~edge_kit.telemetry.store.HistoryStore` that ``--history`` names, or the fleet's
     default file (``edgekit-history.db`` beside the fleet file; in the current folder without one). A SQLite
     file is created when missing, unless ``must_exist`` (a command that only reads it, and may read it beside a
-    fleet file since removed).
+    fleet file since removed), or ``read_only`` and ``--history`` names it (a command that only reads: a mistyped
+    ``--history`` must not become a new, empty history that reads as "nothing happened"; the default file beside
+    a fleet file is still created, as the fleet's history that nothing wrote yet).
 
     Raises:
         ConfigError: no ``--history`` and no fleet file at ``fleet_file`` (nor, with ``must_exist``, a history
             beside it): a mistyped path must not get a new, empty history beside it.
-        InputError: ``must_exist`` and there is no such SQLite file.
+        InputError: ``must_exist`` (or ``read_only`` with ``--history``) and there is no such SQLite file.
         HistoryError: the database cannot be opened or reached.
     """
     from edge_kit.errors import InputError
@@ -124,8 +127,10 @@ def open_fleet_history(fleet_file: Path | None, history: str | None, must_exist:
             check_fleet_file(fleet_file)
     else:
         path = Path(HISTORY_NAME)
-    if must_exist and not path.is_file():
-        raise InputError(f"{path}: no history store; run `edgekit monitor` or `edgekit tune` first, or pass --history")
+    if (must_exist or (read_only and history)) and not path.is_file():
+        raise InputError(f"{path}: no history store; " + ("check --history (`edgekit monitor` and `edgekit tune` "
+                                                          "write one)" if history else
+                                                          "run `edgekit monitor` or `edgekit tune` first, or pass --history"))
     return open_history(path)
 
 

@@ -145,7 +145,7 @@ def select_cmd(
     from edge_kit.manifest import read_manifest
 
     fleet = load_fleet(fleet_file)
-    db = open_fleet_history(fleet_file, history)
+    db = open_fleet_history(fleet_file, history, read_only=True)
     if artifacts is None:
         artifacts = last_artifacts(db)
         if artifacts is None:
@@ -537,7 +537,7 @@ def fleet_status_cmd(fleet_file: FleetOpt, history: HistoryOpt = None, as_json: 
     from edge_kit.telemetry.report import FLEET_KIND, flagged_devices
 
     fleet = load_fleet(fleet_file)
-    db = open_fleet_history(fleet_file, history)
+    db = open_fleet_history(fleet_file, history, read_only=True)
     flagged = flagged_devices(db.latest_decisions((FLEET_KIND,)))
     if as_json:
         emit_json({"status": db.latest_status(), "telemetry": db.latest_telemetry(),

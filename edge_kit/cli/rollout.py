@@ -46,13 +46,17 @@ STYLE = {"converged": "green", "failed": "red", "refused": "red", "rolled back":
          "superseded": "dim", "left the fleet": "dim", "sent": "yellow", "fetching": "yellow", "planned": "dim"}
 
 
-def _history(fleet_file: Path, history: str | None) -> Any:
+def _history(fleet_file: Path, history: str | None, read_only: bool = True) -> Any:
     """Return the open history ``--history`` names (a file or a postgresql:// URL), or the fleet's default file.
 
+    ``read_only``: every command but ``start`` works on rollouts already in it, so a ``--history`` file that
+    does not exist is a mistyped path, not a new history (see :func:`~edge_kit.cli.app.open_fleet_history`).
+
     Raises:
+        InputError: ``read_only`` and ``--history`` names no such file.
         HistoryError: the database cannot be opened or reached.
     """
-    return open_fleet_history(fleet_file, history)
+    return open_fleet_history(fleet_file, history, read_only=read_only)
 
 
 def _drive(fleet_file: Path, db: Any, rid: str, as_json: bool) -> dict[str, Any]:
@@ -164,7 +168,7 @@ def start_cmd(
                                max_failed=parse_share(max_failed, "--max-failed"), wave_timeout_s=wave_timeout,
                                fetch=Fetch(parse_bandwidth(bandwidth) if bandwidth else None, start_delay))
     rid = rid or f"{read_manifest(artifacts).model.get('name', 'model')}-{time.strftime('%Y%m%d-%H%M%S')}"
-    db = _history(fleet_file, history)
+    db = _history(fleet_file, history, read_only=False)  # a new rollout: a new history is fine
     if db.rollout(rid) is not None:
         raise RolloutError(f"rollout {rid} exists already; `edgekit rollout resume {rid}`, or give another --id")
     gated = live_gate(gate, gate_window, gate_min_requests, gate_alpha, gate_min_slowdown, gate_shadow, gate_min_snr_db)

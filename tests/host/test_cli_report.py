@@ -233,6 +233,23 @@ def test_a_report_from_a_fleet_without_a_history_yet_says_what_to_run(tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fleet.yaml"]
 
 
+@pytest.mark.parametrize("command", [["fleet", "status"], ["select"], ["rollout", "list"], ["rollout", "status", "r1"],
+                                     ["rollout", "resume", "r1"], ["rollout", "abort", "r1"],
+                                     ["report", "--out", "{tmp}/r.html"]])
+def test_a_mistyped_history_file_is_named_and_not_made_into_a_new_empty_one(tmp_path, run_cli, command):
+    """`fleet status --history histroy.db` made a new, empty database there and showed every device "never seen",
+    exit 0; `rollout list` printed no rollouts; `select` said no tune had run. A command that only reads now
+    refuses a --history file that is not there."""
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text("fleet: f\ndevices: [{name: a, host: h, user: u, profile: rpi4}]\n")
+    typo = tmp_path / "histroy.db"
+    code, out, err = run_cli(*[a.format(tmp=tmp_path) for a in command], "--fleet", fleet_file, "--history", typo, "--json")
+    assert code == 2 and err.count("\n") == 1, err
+    assert json.loads(out)["error"] == (f"{typo}: no history store; check --history (`edgekit monitor` and "
+                                        "`edgekit tune` write one)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fleet.yaml"]
+
+
 def test_the_demo_table_says_where_every_column_came_from(capsys):
     """The demo's footer named the latency clock (as LiteRT's, whatever ran) and the energy method, but not where
     top-1 or the application's top-1 came from; now every column's source is named from the records."""
