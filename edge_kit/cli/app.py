@@ -105,7 +105,8 @@ def open_fleet_history(fleet_file: Path | None, history: str | None, must_exist:
     Raises:
         ConfigError: no ``--history`` and no fleet file at ``fleet_file`` (nor, with ``must_exist``, a history
             beside it): a mistyped path must not get a new, empty history beside it.
-        InputError: ``must_exist`` (or ``read_only`` with ``--history``) and there is no such SQLite file.
+        InputError: ``must_exist`` (or ``read_only`` with ``--history``) and there is no such SQLite file, or an
+            empty one (a read would write a new history's tables into it).
         HistoryError: the database cannot be opened or reached.
     """
     from edge_kit.errors import InputError
@@ -127,7 +128,10 @@ def open_fleet_history(fleet_file: Path | None, history: str | None, must_exist:
             check_fleet_file(fleet_file)
     else:
         path = Path(HISTORY_NAME)
-    if (must_exist or (read_only and history)) and not path.is_file():
+    only_reads = must_exist or (read_only and history)
+    if only_reads and path.is_file() and path.stat().st_size == 0:  # SQLite would write its tables into it
+        raise InputError(f"{path}: an empty file, not a history store; check --history")
+    if only_reads and not path.is_file():
         raise InputError(f"{path}: no history store; " + ("check --history (`edgekit monitor` and `edgekit tune` "
                                                           "write one)" if history else
                                                           "run `edgekit monitor` or `edgekit tune` first, or pass --history"))

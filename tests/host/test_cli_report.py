@@ -250,6 +250,17 @@ def test_a_mistyped_history_file_is_named_and_not_made_into_a_new_empty_one(tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fleet.yaml"]
 
 
+@pytest.mark.parametrize("command", [["report", "--out", "{tmp}/r.html"], ["fleet", "status", "--fleet", "{tmp}/fleet.yaml"]])
+def test_a_read_of_an_empty_file_as_the_history_leaves_it_empty(tmp_path, run_cli, command):
+    """`report --history notes.txt` (an empty file) wrote a new history's tables into it and reported nothing, exit 0."""
+    (tmp_path / "fleet.yaml").write_text("fleet: f\ndevices: [{name: a, host: h, user: u, profile: rpi4}]\n")
+    empty = tmp_path / "notes.txt"
+    empty.write_bytes(b"")
+    code, out, err = run_cli(*[a.format(tmp=tmp_path) for a in command], "--history", empty, "--json")
+    assert code == 2 and json.loads(out)["error"] == f"{empty}: an empty file, not a history store; check --history"
+    assert empty.read_bytes() == b"" and not (tmp_path / "r.html").exists()
+
+
 def test_the_demo_table_says_where_every_column_came_from(capsys):
     """The demo's footer named the latency clock (as LiteRT's, whatever ran) and the energy method, but not where
     top-1 or the application's top-1 came from; now every column's source is named from the records."""
