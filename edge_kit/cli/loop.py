@@ -185,6 +185,14 @@ def tune_options(artifacts: Path, rounds: int, margin: float, min_runs: int, min
                        budget_unit=budget_unit)
 
 
+def rounds_text(report: Any) -> str:
+    """Return how many rounds of measure, select and switch a :class:`~edge_kit.loop.tune.TuneReport` ran (what
+    ``--rounds`` bounds), and whether a verify decision on the last switches' health benchmarks followed."""
+    rounds = sum(1 for r in report.rounds if not r.get("verify"))
+    verified = any(r.get("verify") for r in report.rounds)
+    return f"{rounds} round(s)" + (" and a verify decision on the switches' health benchmarks" if verified else "")
+
+
 def print_tune(report: Any) -> None:
     """Print a :class:`~edge_kit.loop.tune.TuneReport` for a person: the decisions, failed deploys, silent
     devices, the rounds, the budget spent and the notes (device text escaped); return nothing."""
@@ -195,7 +203,7 @@ def print_tune(report: Any) -> None:
     for device, what in report.silent.items():
         out.print(f"[red]{device} did not answer:[/] {safe(', '.join(what))}")
     switched = report.switched
-    out.print(f"{len(report.rounds)} round(s); switched: {', '.join(switched) or 'nothing'}")
+    out.print(f"{rounds_text(report)}; switched: {', '.join(switched) or 'nothing'}")
     if report.budget is not None:
         b = report.budget
         out.print(f"budget: {b['spent']:g} of {b['budget']:g} {b['unit']} spent on {b['measured']} measurement(s); "
@@ -320,7 +328,7 @@ def print_demo(result: Any) -> None:
     if result.report.deploy.failed:
         out.print(results_table(result.report.deploy))
     switched = result.report.switched
-    out.print(f"tune: {len(result.report.rounds)} round(s), switched {', '.join(switched) or 'nothing'}")
+    out.print(f"tune: {rounds_text(result.report)}; switched {', '.join(switched) or 'nothing'}")
     if result.kept:
         out.print(f"files kept in {result.workdir}; the devices are stopped, their history stays beside the fleet file:")
         out.print(f"  edgekit report --fleet {result.fleet_file} --out report.html", highlight=False)

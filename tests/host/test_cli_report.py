@@ -324,3 +324,22 @@ def test_energy_bars_never_average_a_simulated_devices_figure_into_a_real_ones()
     sim = {**_bench("rpi4-2", "int8", 0.2, 0.99, 2), "power": {**real["power"], "energy_per_inference_mj": 0.1}}
     _scatter, bars = _profile_figures(load_profile("rpi4"), [real, sim], {})
     assert {t.name: list(t.y) for t in bars.data} == {"estimated": [0.5], "estimated, simulated devices": [0.1]}
+
+
+def test_tune_counts_the_rounds_its_option_bounds_and_names_the_verify_decision_apart(capsys):
+    """`tune --rounds 1` printed "2 round(s)": the verify decision on the last switches' health benchmarks was
+    counted as a round."""
+    from edge_kit.cli.loop import print_tune
+    from edge_kit.fleet.deploy import GroupResult
+    from edge_kit.loop.tune import TuneReport
+
+    report = TuneReport(GroupResult([]))
+    report.rounds = [{"round": 1, "measured": 3, "silent": {}, "switched": ["a"], "verify": False},
+                     {"round": 2, "measured": 0, "silent": {}, "switched": [], "verify": True}]
+    print_tune(report)
+    text = " ".join(capsys.readouterr().out.split())
+    assert "1 round(s) and a verify decision on the switches' health benchmarks; switched: a" in text
+    report.rounds = report.rounds[:1]
+    report.rounds[0]["switched"] = []
+    print_tune(report)
+    assert "1 round(s); switched: nothing" in " ".join(capsys.readouterr().out.split())
