@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from edge_kit.errors import ConfigError, EdgeKitError
+from edge_kit.errors import ConfigError, EdgeKitError, InputError
 from edge_kit.fleet.agent_install import ensure_agent
 from edge_kit.fleet.broker_setup import (
     OPERATOR_USER,
@@ -45,7 +45,7 @@ from edge_kit.sim.process import (
     terminate_pid,
 )
 from edge_kit.sim.ssh import SshEndpoint, known_hosts_line, write_keypair
-from edge_kit.sim.store_server import start_store_server
+from edge_kit.sim.store_server import start_store_server, store_folder
 
 STATE = "sim.json"
 FLEET_NAME = "sim"
@@ -107,9 +107,10 @@ class SimFleet:
 
         Raises:
             ConfigError: an unknown profile; a ``sim.json`` here that cannot be read (:meth:`state`).
-            InputError: the folder cannot be created or written (nothing is started).
-            EdgeKitError: already up here, the embedded broker asked for without ``insecure``, the
-                links could not be made, or a service did not start (nothing is left running).
+            InputError: the folder cannot be created or written, ``store`` is not a folder, or the embedded
+                broker is asked for without ``insecure`` (nothing is started).
+            EdgeKitError: already up here, the links could not be made, or a service did not start (nothing
+                is left running).
         """
         step = progress or (lambda _m: None)
         if count < 1:
@@ -121,8 +122,10 @@ class SimFleet:
         if embedded_broker is None:
             embedded_broker = find_mosquitto() is None
         if embedded_broker and not insecure:
-            raise EdgeKitError("the embedded broker has no credentials, ACL or TLS: install Mosquitto "
-                               "(apt install mosquitto), or pass --insecure to run it anonymous and plain")
+            raise InputError("the embedded broker has no credentials, ACL or TLS: install Mosquitto "
+                             "(apt install mosquitto), or pass --insecure to run it anonymous and plain")
+        if store is not None:
+            store_folder(store)  # before anything starts: a mistyped --store leaves no broker files behind
         names = device_names(count, profiles)
         writable_folder(self.workdir, "--dir")
         state: dict[str, Any] = {"broker": None, "devices": [], "links": None, "fleet_file": str(self.fleet_file)}

@@ -112,3 +112,18 @@ def test_a_dir_that_is_a_file_or_cannot_be_made_is_one_line_and_starts_nothing(t
         assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
         assert json.loads(out)["error"].endswith("; choose another with --dir")
     assert [p.name for p in tmp_path.iterdir()] == ["a-file"] and (tmp_path / "a-file").read_text() == "mine"
+
+
+@pytest.mark.parametrize("options, error", [
+    (["--store", "{tmp}/nope"], "{tmp}/nope: no such store folder; run `edgekit publish ARTIFACTS --store {tmp}/nope` first"),
+    (["--store", "{tmp}/a-file"], "{tmp}/a-file: not a folder; run `edgekit publish ARTIFACTS --store {tmp}/a-file` first"),
+    (["--embedded-broker"], "the embedded broker has no credentials, ACL or TLS: install Mosquitto (apt install "
+                            "mosquitto), or pass --insecure to run it anonymous and plain")])
+def test_sim_up_refuses_a_bad_store_or_broker_choice_before_starting_anything(tmp_path, run_cli, options, error):
+    """`sim up --store nope` started the broker, then failed, leaving broker/ and broker-wall/ (its secrets) in
+    --dir; `--embedded-broker` without --insecure (a bad choice of options) exited 1, not 2."""
+    (tmp_path / "a-file").write_text("x")
+    code, out, err = run_cli("sim", "up", "--devices", "1", "--dir", tmp_path / "sim",
+                             *[o.format(tmp=tmp_path) for o in options], "--json")
+    assert code == 2 and json.loads(out)["error"] == error.format(tmp=tmp_path), err
+    assert not (tmp_path / "sim").exists()
