@@ -150,6 +150,7 @@ def start_cmd(
     """
     from edge_kit.fleet.inventory import load_fleet
     from edge_kit.loop.waves import (
+        UNFINISHED,
         RolloutError,
         RolloutSettings,
         check_no_overlap,
@@ -169,8 +170,11 @@ def start_cmd(
                                fetch=Fetch(parse_bandwidth(bandwidth) if bandwidth else None, start_delay))
     rid = rid or f"{read_manifest(artifacts).model.get('name', 'model')}-{time.strftime('%Y%m%d-%H%M%S')}"
     db = _history(fleet_file, history, read_only=False)  # a new rollout: a new history is fine
-    if db.rollout(rid) is not None:
-        raise RolloutError(f"rollout {rid} exists already; `edgekit rollout resume {rid}`, or give another --id")
+    existing = db.rollout(rid)
+    if existing is not None:  # resume goes on only with an unfinished one: do not send a user there in vain
+        advice = (f"`edgekit rollout resume {rid}`, or give another --id" if existing["state"] in UNFINISHED
+                  else "give another --id")
+        raise RolloutError(f"rollout {rid} exists already ({existing['state']}); {advice}")
     gated = live_gate(gate, gate_window, gate_min_requests, gate_alpha, gate_min_slowdown, gate_shadow, gate_min_snr_db)
     if gated is not None and len(settings.waves) < 2:
         raise RolloutError("--gate live judges the first wave before the others: give at least two waves (--wave)")

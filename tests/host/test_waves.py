@@ -538,3 +538,15 @@ def test_a_store_url_or_variant_that_cannot_be_rolled_out_is_bad_input_exit_2_li
     assert code == 2, err
     assert json.loads(out)["error"] == error and err.count("\n") == 1
     assert Store(tmp_path / "edgekit-history.db").rollout("r") is None
+
+
+@pytest.mark.parametrize("state, advice", [("done", "give another --id"),
+                                           ("stopped", "`edgekit rollout resume r`, or give another --id")])
+def test_starting_an_existing_rollout_id_sends_the_user_to_resume_only_when_it_can_go_on(tmp_path, run_cli, state, advice):
+    """`rollout start --id r1` on a finished r1 said "`edgekit rollout resume r1`", which answered "r1 is done;
+    start a new one"."""
+    fleet_file, folder = one_artifact_plan(tmp_path, devices="a")
+    Store(tmp_path / "edgekit-history.db").save_rollout("r", state, {"id": "r", "targets": {}})
+    code, out, err = run_cli("rollout", "start", "--fleet", fleet_file, folder, "--store", "http://127.0.0.1:1",
+                             "--id", "r", "--json")
+    assert code == 4 and json.loads(out)["error"] == f"rollout r exists already ({state}); {advice}"
