@@ -176,3 +176,18 @@ def test_a_missing_broker_password_file_names_the_fleet_file(tmp_path, run_cli):
     assert str(caught.value) == f"{fleet_file}: broker.password_file {tmp_path}/nope.pass: No such file or directory"
     code, out, err = run_cli("bench", "--fleet", fleet_file, "--device", "a", "--json")
     assert code == 2 and json.loads(out)["error"] == str(caught.value)
+
+
+@pytest.mark.parametrize("ca, error", [("nope.pem", "broker.tls.ca {tmp}/nope.pem: no such file"),
+                                       ("notpem.pem", "broker.tls (ca {tmp}/notpem.pem): not a PEM certificate or key (")])
+def test_a_broker_ca_that_is_missing_or_no_certificate_is_one_line(tmp_path, run_cli, ca, error):
+    """`bench` or `monitor` with a fleet file whose broker.tls.ca is missing raised FileNotFoundError from paho's
+    tls_set (a traceback, nothing on stdout with --json); the agent with such an agent.yaml did the same."""
+    (tmp_path / "notpem.pem").write_text("not a certificate\n")
+    fleet_file = tmp_path / "plant.yaml"
+    fleet_file.write_text(f"fleet: f\nbroker: {{host: 127.0.0.1, port: 1, tls: {{ca: {ca}}}}}\n"
+                          "devices: [{name: a, host: h, user: u, profile: rpi4}]\n")
+    for command in (["bench", "--device", "a"], ["monitor", "--duration", "1"]):
+        code, out, err = run_cli(*command, "--fleet", fleet_file, "--json")
+        assert code == 2 and err.count("\n") == 1, err
+        assert json.loads(out)["error"].startswith(error.format(tmp=tmp_path))
