@@ -302,7 +302,7 @@ def _dataclass(cls: type, node: Node, file: Path | str, key: str) -> Any:
         dotted = f"{key}.{name}" if key else name
         if name not in names:
             near = closest(name, names)
-            hint = f"; did you mean '{near}'?" if near else f" (valid: {', '.join(names)})"
+            hint = f"; did you mean '{near}'?" if near else (f" (valid: {', '.join(names)})" if names else " (it takes none)")
             raise ConfigError(f"{_where(file, node.key_lines.get(name, node.line), dotted)}: unknown key{hint}")
         values[name] = _convert(hints[name], value_node, file, dotted)
     missing = [f.name for f in dataclasses.fields(cls) if f.name not in values

@@ -117,6 +117,22 @@ def test_agent_commands_take_json_and_then_say_an_error_in_json_too(tmp_path, ca
                                         "exit_code": 2}
 
 
+@pytest.mark.parametrize("delegate, option, why", [
+    ("xnnpack", "bogus=1", "runtime.options: options.bogus: unknown key (it takes none)"),
+    ("edgetpu", "devic=usb", "runtime.options: options.devic: unknown key; did you mean 'device'?")])
+def test_a_delegate_option_its_target_does_not_take_is_named_not_a_crash(tmp_path, delegate, option, why):
+    """`edgekit-agent bench --delegate-option bogus=1` said "the interpreter crashed (exit 1)": the target's
+    ConfigError escaped the smoke child; an activation with such options was reported the same way."""
+    from device_agents.errors import SmokeFailed
+    from device_agents.smoke import SmokePool
+
+    model = write(tmp_path, "m.tflite", "the options are checked before the file is read")
+    key, value = option.split("=")
+    with pytest.raises(SmokeFailed) as caught:
+        SmokePool()(model, delegate=delegate, options={key: value})
+    assert str(caught.value) == why
+
+
 def test_the_systemd_unit_runs_the_agent_with_its_config(tmp_path):
     from device_agents.unit import render_unit
 
