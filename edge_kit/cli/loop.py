@@ -301,6 +301,7 @@ def print_demo(result: Any) -> None:
     """Print a :class:`~edge_kit.loop.demo.DemoResult`: one row per device, then where each column's figures
     came from (the clocks and runtimes its records name, the eval set, the power method, the application)."""
     from edge_kit.loop.demo import APP_REQUESTS
+    from edge_kit.telemetry.report import latency_clocks
 
     t = Table(Column("device", no_wrap=True), Column("profile", no_wrap=True), Column("variant", no_wrap=True), "p90 ms", "top-1",
               "mJ/inference", "feasible", "live p50/p99 ms", "app top-1", box=box.SIMPLE_HEAD,
@@ -313,8 +314,7 @@ def print_demo(result: Any) -> None:
                   *_live_cells(r.get("live")))
     out.print(t)
     rows = [r for r in result.rows if r.get("p90_ms") is not None]
-    clocks = sorted({f"{r.get('latency_method') or 'clock not named'} ({r.get('runtime') or 'runtime not named'})"
-                     for r in rows})
+    clocks = latency_clocks(rows)
     samples = sorted({str(r["accuracy_samples"]) for r in rows if r.get("accuracy_samples")})
     methods = sorted({r["power_method"].split(",")[0] for r in result.rows if r["power_method"]})
     out.print(safe(f"p90: {'; '.join(clocks) or 'not measured'}, on this machine; top-1: the agent, on the eval set "

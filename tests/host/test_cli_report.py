@@ -343,3 +343,20 @@ def test_tune_counts_the_rounds_its_option_bounds_and_names_the_verify_decision_
     report.rounds[0]["switched"] = []
     print_tune(report)
     assert "1 round(s); switched: nothing" in " ".join(capsys.readouterr().out.split())
+
+
+def test_the_report_names_each_clock_its_records_were_timed_with(tmp_path):
+    """The report said "perf_counter_ns around interpreter.invoke()" for every record, though the onnx-* variants
+    were timed around session.run() (their records say so)."""
+    from edge_kit.telemetry.report import build_report
+    from edge_kit.telemetry.store import Store
+
+    store = Store(tmp_path / "h.db")
+    litert, onnx = _bench("rpi4-1", "int8", 0.2, 0.99, 1), _bench("rpi4-1", "onnx-int8", 0.3, 0.99, 2)
+    litert.update(latency_method="time.perf_counter_ns around interpreter.invoke()", runtime="litert")
+    onnx.update(latency_method="time.perf_counter_ns around session.run()", runtime="onnxruntime")
+    store.add_many([("bench", litert), ("bench", onnx)])
+    build_report(store, tmp_path / "r.html")
+    page = (tmp_path / "r.html").read_text()
+    assert ("Latency is measured on each device with time.perf_counter_ns around interpreter.invoke() (litert); "
+            "time.perf_counter_ns around session.run() (onnxruntime);") in page
