@@ -133,6 +133,17 @@ def test_a_delegate_option_its_target_does_not_take_is_named_not_a_crash(tmp_pat
     assert str(caught.value) == why
 
 
+@pytest.mark.parametrize("text, message", [
+    ("device: pi-1\nfleet: f\ndevice: pi-2\n", "a.yaml:3: device: given twice"),
+    ("device: pi-1\nfleet: f\nbench: {threads: 4, threads: 1}\n", "a.yaml:3: bench.threads: given twice"),
+])
+def test_a_key_given_twice_is_refused_not_silently_the_last(tmp_path, text, message):
+    """PyYAML keeps the last of two equal keys: agent.yaml with two `device:` lines ran as the second."""
+    with pytest.raises(ConfigError) as caught:
+        load_agent_config(write(tmp_path, "a.yaml", text))
+    assert str(caught.value) == f"{tmp_path / message} (YAML would keep only the last); remove one"
+
+
 def test_the_systemd_unit_runs_the_agent_with_its_config(tmp_path):
     from device_agents.unit import render_unit
 
