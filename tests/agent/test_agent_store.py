@@ -253,3 +253,13 @@ def test_installing_a_folder_or_a_missing_file_says_which_and_makes_no_store(tmp
             store.install(src, variant="int8", model="m")
         assert str(caught.value) == f"{src}: {why}; give the model file to install"
     assert not (tmp_path / "root").exists()
+
+
+@pytest.mark.parametrize("variant, model", [("", "m"), ("int8", ""), ("a\nb", "m"), ("  ", "m")])
+def test_an_empty_or_unprintable_variant_or_model_name_is_refused(store, tmp_path, variant, model):
+    """`edgekit-agent install m.tflite --variant ''` installed a model no `activate --variant` could name, shown
+    as a blank in `state`."""
+    path, _ = model_file(tmp_path, b"model")
+    with pytest.raises(StoreError, match="give a name of printable characters"):
+        store.install(path, variant=variant, model=model)
+    assert not store.root.exists()
