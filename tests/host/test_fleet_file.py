@@ -191,3 +191,15 @@ def test_a_broker_ca_that_is_missing_or_no_certificate_is_one_line(tmp_path, run
         code, out, err = run_cli(*command, "--fleet", fleet_file, "--json")
         assert code == 2 and err.count("\n") == 1, err
         assert json.loads(out)["error"].startswith(error.format(tmp=tmp_path))
+
+
+def test_a_keys_folder_that_is_a_file_is_one_line(tmp_path, run_cli):
+    """A fleet file whose `keys:` named a file made `edgekit bench` (any command that signs) raise FileExistsError
+    from mkdir: a traceback, nothing on stdout with --json."""
+    (tmp_path / "afile").write_text("x")
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text("fleet: f\nkeys: afile\nbroker: {host: 127.0.0.1, port: 1}\n"
+                          "devices: [{name: a, host: h, user: u, profile: rpi4}]\n")
+    code, out, err = run_cli("bench", "--fleet", fleet_file, "--device", "a", "--json")
+    assert code == 2 and err.count("\n") == 1
+    assert json.loads(out)["error"].startswith(f"{tmp_path}/afile/operator.key: cannot write a new key there")
