@@ -260,15 +260,32 @@ def _fleet_selection_rows(newest: dict[str, dict[str, Any]]) -> list[list[str]]:
     return rows
 
 
+def _check_replaceable(out: Path) -> None:
+    """Raise InputError when ``out`` is an existing file that is not an HTML page (``--out`` naming the history
+    database or the fleet file would have replaced it with the report); return nothing otherwise."""
+    try:
+        with open(out, "rb") as f:
+            head = f.read(64).lstrip().lower()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return  # nothing there to lose (a folder is refused when the report is written)
+    except OSError:
+        return  # unreadable: the write says why
+    if head and not head.startswith((b"<!doctype html", b"<html")):
+        raise InputError(f"{out}: exists and is not an HTML report (a history, a fleet file?); a report never "
+                         "replaces it: choose another --out")
+
+
 def build_report(store: HistoryStore, out: Path, title: str = "edge-kit fleet report") -> dict[str, Any]:
     """Write the report to ``out`` (atomically); return what it holds (profiles, devices, plots).
 
     Raises:
-        InputError: ``out`` cannot be written (its folder is missing or read-only, the disk is full).
+        InputError: ``out`` is a file other than an HTML page (the history itself, the fleet file: a report
+            never replaces them), or cannot be written (its folder is missing or read-only, the disk is full).
         HistoryError: the history cannot be read.
     """
     import plotly.offline
 
+    _check_replaceable(Path(out))
     latest = list(store.latest_bench().values())
     decisions = {dev: d.get("chosen_sha256") for dev, d in store.latest_decisions().items()}
     status = store.latest_status()

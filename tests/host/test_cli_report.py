@@ -360,3 +360,26 @@ def test_the_report_names_each_clock_its_records_were_timed_with(tmp_path):
     page = (tmp_path / "r.html").read_text()
     assert ("Latency is measured on each device with time.perf_counter_ns around interpreter.invoke() (litert); "
             "time.perf_counter_ns around session.run() (onnxruntime);") in page
+
+
+def test_the_report_never_replaces_the_history_or_the_fleet_file(tmp_path, run_cli):
+    """`report --fleet sim/fleet.yaml --out sim/edgekit-history.db` replaced the whole history with the HTML page,
+    exit 0; `--out fleet.yaml` would have replaced the fleet file. A report replaces only an HTML page."""
+    from edge_kit.telemetry.store import Store
+
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text("fleet: sim\ndevices: [{name: rpi4-1, host: h, user: u, profile: rpi4}]\n")
+    history = tmp_path / "edgekit-history.db"
+    store = Store(history)
+    store.add_many([("bench", _bench("rpi4-1", "int8", 0.2, 0.99, 1))])
+    store.close()
+    before = {p: p.read_bytes() for p in (fleet_file, history)}
+    for out in before:
+        code, stdout, err = run_cli("report", "--fleet", fleet_file, "--out", out, "--json")
+        assert code == 2 and json.loads(stdout)["error"] == (f"{out}: exists and is not an HTML report (a history, a "
+                                                             "fleet file?); a report never replaces it: choose another --out")
+    assert {p: p.read_bytes() for p in before} == before
+    page = tmp_path / "r.html"
+    for _ in range(2):  # an earlier report is replaced
+        code, _, err = run_cli("report", "--fleet", fleet_file, "--out", page)
+        assert code == 0, err
