@@ -107,8 +107,9 @@ class SimFleet:
 
         Raises:
             ConfigError: an unknown profile; a ``sim.json`` here that cannot be read (:meth:`state`).
-            InputError: the folder cannot be created or written, ``store`` is not a folder, or the embedded
-                broker is asked for without ``insecure`` (nothing is started).
+            InputError: the folder cannot be created or written, holds a fleet file a simulated fleet did not
+                write, ``store`` is not a folder, or the embedded broker is asked for without ``insecure``
+                (nothing is started).
             EdgeKitError: already up here, the links could not be made, or a service did not start (nothing
                 is left running).
         """
@@ -126,6 +127,7 @@ class SimFleet:
                              "(apt install mosquitto), or pass --insecure to run it anonymous and plain")
         if store is not None:
             store_folder(store)  # before anything starts: a mistyped --store leaves no broker files behind
+        self._check_own_fleet_file()
         names = device_names(count, profiles)
         writable_folder(self.workdir, "--dir")
         state: dict[str, Any] = {"broker": None, "devices": [], "links": None, "fleet_file": str(self.fleet_file)}
@@ -224,6 +226,21 @@ class SimFleet:
             raise EdgeKitError(f"the embedded MQTT broker did not start; see {self.workdir / 'embedded-broker.log'}")
         return {"kind": "embedded (amqtt, anonymous)", "host": host, "port": port, "pid": proc.pid,
                 "started": started_at(proc.pid)}
+
+    def _check_own_fleet_file(self) -> None:
+        """Raise InputError when ``fleet.yaml`` here is not one a simulated fleet wrote (``up`` replaces it, with
+        ``known_hosts`` and the SSH key beside it): ``--dir`` naming a real fleet's folder must not lose its
+        fleet file. Return nothing otherwise."""
+        try:
+            data = yaml.safe_load(self.fleet_file.read_text(encoding="utf-8"))
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        except (OSError, ValueError, yaml.YAMLError):
+            data = None
+        defaults = data.get("defaults") if isinstance(data, dict) else None
+        if not (isinstance(defaults, dict) and defaults.get("simulated") is True):
+            raise InputError(f"{self.fleet_file}: a fleet file `edgekit sim up` did not write (not simulated), which "
+                             "it would replace; choose another --dir")
 
     def _save(self, state: dict[str, Any]) -> None:
         atomic_write_text(self.state_file, json.dumps(state, indent=2))

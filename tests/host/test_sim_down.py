@@ -127,3 +127,14 @@ def test_sim_up_refuses_a_bad_store_or_broker_choice_before_starting_anything(tm
                              *[o.format(tmp=tmp_path) for o in options], "--json")
     assert code == 2 and json.loads(out)["error"] == error.format(tmp=tmp_path), err
     assert not (tmp_path / "sim").exists()
+
+
+def test_sim_up_never_replaces_a_fleet_file_it_did_not_write(tmp_path, run_cli):
+    """`sim up --dir .` in a real fleet's folder replaced its fleet.yaml (and known_hosts) with the simulated
+    fleet's; now a fleet file that is not a simulated one is refused before anything starts."""
+    real = "fleet: plant\ndevices: [{name: a, host: h, user: u, profile: rpi4}]\n"
+    (tmp_path / "fleet.yaml").write_text(real)
+    code, out, err = run_cli("sim", "up", "--devices", "1", "--dir", tmp_path, "--json")
+    assert code == 2 and json.loads(out)["error"] == (f"{tmp_path}/fleet.yaml: a fleet file `edgekit sim up` did not "
+                                                      "write (not simulated), which it would replace; choose another --dir")
+    assert (tmp_path / "fleet.yaml").read_text() == real and [p.name for p in tmp_path.iterdir()] == ["fleet.yaml"]
