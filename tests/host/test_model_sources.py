@@ -67,10 +67,13 @@ def test_a_manifest_that_is_json_but_no_object_or_not_text_is_one_line(tmp_path,
     assert json.loads(out)["error"].startswith(f"{tmp_path}/manifest.json: {why}")
 
 
-def test_a_mistyped_example_name_gets_the_closest_one(run_cli):
+def test_a_mistyped_example_name_gets_the_closest_one_and_leaves_no_folder(run_cli, tmp_path, monkeypatch):
+    """... and it no longer leaves an empty examples/ folder behind (the folder was made before the name was checked)."""
+    monkeypatch.chdir(tmp_path)
     code, out, err = run_cli("example", "digit", "--json")
     assert code == 2 and err.count("\n") == 1
     assert json.loads(out)["error"] == "unknown example 'digit'; did you mean 'digits'? (choose from: digits, mobilenet, mobilenetv2)"
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_the_input_shape_hint_names_each_dynamic_dimension_apart():
