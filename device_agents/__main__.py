@@ -10,10 +10,9 @@
     edgekit-agent supervise --config agent.yaml --pidfile P   # the service where there is no systemd
 
 ``install``, ``activate``, ``rollback`` and ``state`` work on the model store (see
-:mod:`device_agents.store`) and print JSON (``--json`` is accepted, and makes an error a JSON document
-on stdout too, as with ``bench --json``); ``run``, ``supervise`` and ``unit`` are the service and its unit.
-Every error edge-kit raises on purpose is mapped here, once: one line (``edgekit-agent: error: ...``)
-and its ``exit_code`` (2).
+:mod:`device_agents.store`) and print JSON. Every error edge-kit raises on purpose is mapped here,
+once: one line (``edgekit-agent: error: ...``) and its ``exit_code`` (2); with ``--json`` (every command
+that prints a result takes it) also ``{"error", "exit_code"}`` on stdout, as ``edgekit --json`` does.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ from pathlib import Path
 from device_agents.errors import StoreError, UsageError
 from device_agents.runtimes import RUNTIMES
 from device_agents.store import ModelStore, default_root
-from edgekit_protocol.config import BenchSettings
+from edgekit_protocol.config import BenchSettings, PowerConfig
 from edgekit_protocol.errors import EdgeKitError
 
 
@@ -86,12 +85,12 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("state", help="print what is installed, current and previous")
     for p in (i, a, *[sub.choices[n] for n in ("rollback", "state")]):
         p.add_argument("--root", type=Path, default=None, help=root_help)
-        p.add_argument("--json", action="store_true", help="the result is JSON either way; an error is one JSON document too")
+        p.add_argument("--json", action="store_true", help="the result is JSON already; an error is JSON on stdout too")
     args = parser.parse_args(argv)
     try:
         _dispatch(args)
     except EdgeKitError as exc:
-        if getattr(args, "json", False):  # as the host's CLI does: stdout always holds one JSON document
+        if getattr(args, "json", False):  # as `edgekit --json`: one document on stdout, the line on stderr
             print(json.dumps({"error": str(exc), "exit_code": exc.exit_code}, indent=2))
         sys.stderr.write(f"edgekit-agent: error: {exc}\n")
         sys.exit(exc.exit_code)
@@ -108,8 +107,10 @@ def _dispatch(args: argparse.Namespace) -> None:
         check_own_code(cfg.root, cfg.verify_code)  # tampered code is never started, nor restarted
         sys.exit(supervise(args.config, args.pidfile, args.log_file))
     elif args.command == "unit":
+        from device_agents.config import load_agent_config
         from device_agents.unit import render_unit
 
+        load_agent_config(args.config)  # a unit for a config that does not load would only fail at every boot
         print(render_unit(args.config, user=args.user), end="")
     elif args.command == "bench":
         _bench(args)
@@ -191,17 +192,24 @@ def _options(args: argparse.Namespace) -> dict[str, str]:
     return dict(o.split("=", 1) for o in args.delegate_option)
 
 
+_BENCH_KEYS = ("warmup", "min_runs", "min_seconds", "threads")  # BenchSettings' checked keys, options of `bench`
+
+
 def _bench(args: argparse.Namespace) -> None:
     from device_agents.bench import run_bench
     from device_agents.power import power_meter
 
     if not args.model.is_file():
         raise UsageError(f"{args.model}: model not found")
-    if args.threads < 1 or args.min_runs < 1 or args.warmup < 0 or args.min_seconds < 0:
-        raise UsageError("--threads and --min-runs must be at least 1; --warmup and --min-seconds not negative")
-    settings = BenchSettings(warmup=args.warmup, min_runs=args.min_runs, min_seconds=args.min_seconds,
-                             threads=args.threads, delegate=args.delegate, runtime=args.runtime,
-                             delegate_options=_options(args))
+    try:  # the rules agent.yaml's bench and power blocks follow
+        settings = BenchSettings(warmup=args.warmup, min_runs=args.min_runs, min_seconds=args.min_seconds,
+                                 threads=args.threads, delegate=args.delegate, runtime=args.runtime,
+                                 delegate_options=_options(args))
+        PowerConfig(idle_w=args.idle_w, busy_w=args.busy_w)
+    except ValueError as exc:
+        key = str(exc).split()[0]  # the settings' key: its option is spelled with dashes
+        raise UsageError(f"--{key.replace('_', '-')}: {str(exc).removeprefix(key + ' ')}" if key in _BENCH_KEYS
+                         else f"{exc} (--idle-w, --busy-w)") from None
     from device_agents.errors import SmokeFailed
     from device_agents.runtimes import is_tensorrt
     from device_agents.smoke import SmokePool

@@ -25,6 +25,34 @@ def _tree(node: yaml.Node) -> Node:
     return Node(yaml.safe_load(yaml.serialize(node)), line)
 
 
+def duplicate_key(node: yaml.Node | None, where: str = "", _seen: set[int] | None = None) -> tuple[int, str] | None:
+    """Return ``(1-based line, dotted key)`` of the first key a YAML mapping in ``node`` gives twice, or None.
+
+    PyYAML keeps the last of two equal keys without a word, so a second ``constraints:`` block (or a pasted
+    ``device:``) would silently replace the first: every config file edge-kit reads refuses one instead.
+    """
+    seen = _seen if _seen is not None else set()
+    if node is None or id(node) in seen:  # an anchor used twice is one node: checked once
+        return None
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        keys: set[str] = set()
+        for key, value in node.value:
+            name = f"{where}.{key.value}" if where else str(key.value)
+            if key.value in keys:
+                return key.start_mark.line + 1, name
+            keys.add(key.value)
+            found = duplicate_key(value, name, seen)
+            if found:
+                return found
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            found = duplicate_key(item, f"{where}[{i}]", seen)
+            if found:
+                return found
+    return None
+
+
 def load_agent_config(path: Path) -> AgentConfig:
     """Read and check an agent config file.
 
@@ -32,7 +60,7 @@ def load_agent_config(path: Path) -> AgentConfig:
         The config, with defaults filled in.
 
     Raises:
-        ConfigError: unreadable file, bad YAML, unknown key, wrong type, invalid value or an
+        ConfigError: unreadable file, not UTF-8, bad YAML, a key given twice, unknown key, wrong type, invalid value or an
             unknown power sensor; the message names the file, line and key.
     """
     path = Path(path)
@@ -40,11 +68,16 @@ def load_agent_config(path: Path) -> AgentConfig:
         node = yaml.compose(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the agent config ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: the agent config is not UTF-8 text (byte {exc.start}); write it as YAML") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         raise ConfigError(f"{path}:{mark.line + 1 if mark else '?'}: not valid YAML") from None
     if node is None:
         raise ConfigError(f"{path}: the agent config is empty; it needs at least device and fleet")
+    twice = duplicate_key(node)
+    if twice:
+        raise ConfigError(f"{path}:{twice[0]}: {twice[1]}: given twice (YAML would keep only the last); remove one")
     cfg = build(_tree(node), path)
     bad = [s for s in cfg.power.sensors if s not in SENSORS]
     if bad:

@@ -123,13 +123,18 @@ class Signer:
         """Return the key at ``path``, creating it (mode 600) when there is none; and whether it was created.
 
         Raises:
-            ConfigError: the file is there but is not a key, or is readable by others than its owner.
+            ConfigError: the file is there but is not a key, or is readable by others than its owner; or there
+                is none and one cannot be written there (its folder is a file, or not writable).
         """
         path = Path(path)
         if path.exists():
             return cls.load(path), False
         signer = cls.generate()
-        signer.save(path)
+        try:
+            signer.save(path)
+        except OSError as exc:  # e.g. the fleet file's keys: names a file
+            raise ConfigError(f"{path}: cannot write a new key there ({exc.strerror or exc}); check that "
+                              f"{path.parent} is a writable folder (the fleet file's keys:, or the agent's root)") from None
         return signer, True
 
     @classmethod

@@ -11,6 +11,7 @@ import logging
 import socket
 import ssl
 import threading
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -18,6 +19,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from device_agents.spool import Spool
 from edgekit_protocol.config import BrokerConfig
+from edgekit_protocol.errors import ConfigError
 
 log = logging.getLogger("edgekit.agent.mqtt")
 
@@ -29,6 +31,9 @@ def make_client(broker: BrokerConfig, client_id: str, *, password: str | None = 
     ``v5`` selects MQTT 5 (needed for shared subscriptions); ``clean`` False keeps the session
     (subscriptions and queued QoS 1 messages) on the broker across disconnects; ``manual_ack`` leaves
     the PUBACK of each received QoS 1 message to ``client.ack`` (the agent persists a command first).
+
+    Raises:
+        ConfigError: a TLS file (``broker.tls.ca``, ``cert``, ``key``) is missing or not PEM.
     """
     if v5:
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5,
@@ -39,10 +44,17 @@ def make_client(broker: BrokerConfig, client_id: str, *, password: str | None = 
     if broker.username:
         client.username_pw_set(broker.username, password)
     if broker.tls is not None:
-        client.tls_set(ca_certs=str(broker.tls.ca) if broker.tls.ca else None,
-                       certfile=str(broker.tls.cert) if broker.tls.cert else None,
-                       keyfile=str(broker.tls.key) if broker.tls.key else None,
-                       cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        files = {k: getattr(broker.tls, k) for k in ("ca", "cert", "key") if getattr(broker.tls, k)}
+        try:
+            client.tls_set(ca_certs=str(files["ca"]) if "ca" in files else None,
+                           certfile=str(files["cert"]) if "cert" in files else None,
+                           keyfile=str(files["key"]) if "key" in files else None,
+                           cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        except (OSError, ssl.SSLError) as exc:  # a path that is wrong, or a file that is no PEM certificate or key
+            bad = next((f"{k} {v}" for k, v in files.items() if not Path(v).expanduser().is_file()), None)
+            what = f"broker.tls.{bad}: no such file" if bad else \
+                f"broker.tls ({', '.join(f'{k} {v}' for k, v in files.items())}): not a PEM certificate or key ({exc})"
+            raise ConfigError(f"{what}; fix the path in the fleet file or agent config") from None
     client.on_socket_open = _send_at_once
     client.reconnect_delay_set(min_delay=0.1, max_delay=max(0.1, broker.reconnect_max_s))
     client.max_inflight_messages_set(200)

@@ -17,6 +17,7 @@ import numpy as np
 
 from device_agents.errors import SmokeCrashed, SmokeFailed
 from device_agents.runtimes import RUNTIMES, RuntimeUnavailable, get_runtime
+from edgekit_protocol.errors import ConfigError
 
 
 def smoke(model: Path, runtime: str | None = None, delegate: str = "xnnpack",
@@ -28,7 +29,8 @@ def smoke(model: Path, runtime: str | None = None, delegate: str = "xnnpack",
         Input and output shapes and the milliseconds it took.
 
     Raises:
-        SmokeFailed: it did not load, did not run, or gave NaN/infinite float outputs.
+        SmokeFailed: it did not load (options its target does not take included), did not run, or gave
+            NaN/infinite float outputs.
     """
     from device_agents.inference import ModelRunner
 
@@ -38,7 +40,7 @@ def smoke(model: Path, runtime: str | None = None, delegate: str = "xnnpack",
                                                                                      delegate=delegate, options=options))
         runner.invoke_raw([np.zeros(p.shape, dtype=p.dtype) for p in runner.inputs])
         outs = [runner.interpreter.get_tensor(p.index) for p in runner.outputs]
-    except (ValueError, RuntimeError, RuntimeUnavailable, OSError) as exc:
+    except (ValueError, RuntimeError, RuntimeUnavailable, OSError, ConfigError) as exc:  # ConfigError: the target's options
         raise SmokeFailed((str(exc).strip().splitlines() or [type(exc).__name__])[0]) from None
     for port, out in zip(runner.outputs, outs):
         if np.issubdtype(out.dtype, np.floating) and not np.all(np.isfinite(out)):

@@ -177,13 +177,18 @@ class ModelStore:
             The installed model; ``fresh`` is False when the same sha256 was already installed.
 
         Raises:
-            StoreError: ``src`` is missing, its sha256 (or the eval set's) differs from what was
+            StoreError: ``variant`` or ``model`` is empty or holds control characters, ``src`` is missing or not a
+                file (then no store is made), its sha256 (or the eval set's) differs from what was
                 expected, or the copy failed (disk full, permissions); nothing is left behind in ``models/``.
         """
-        self.ensure()
         src = Path(src)
-        if not src.is_file():
-            raise StoreError(f"{src}: no such model file")
+        for name, value in (("variant", variant), ("model", model)):  # an empty one could never be named again
+            if not value.strip() or not value.isprintable():
+                raise StoreError(f"{name} {value!r}: give a name of printable characters, e.g. int8 (variant) or "
+                                 "digits (model)")
+        if not src.is_file():  # before the store is made: a mistyped path leaves no empty store behind
+            raise StoreError(f"{src}: {'not a file' if src.exists() else 'no such file'}; give the model file to install")
+        self.ensure()
         digest = sha256_of(src)
         if expect_sha256 and digest != expect_sha256:
             raise StoreError(f"{src}: sha256 is {digest[:12]}..., expected {expect_sha256[:12]}... (corrupt or truncated upload)")

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from device_agents.config import duplicate_key
 from edge_kit.errors import ConfigError
 from edgekit_protocol.config import closest
 
@@ -104,8 +105,8 @@ def load_yaml_model(path: Path, model: type[M], *, defaults: dict[str, Any] | No
         The validated model instance.
 
     Raises:
-        ConfigError: the file is missing or unreadable, is not YAML, is not a mapping, or fails
-            validation. The message names the file, the line and the key, and the closest valid
+        ConfigError: the file is missing or unreadable, is not YAML, is not a mapping, gives a key twice,
+            or fails validation. The message names the file, the line and the key, and the closest valid
             key for a misspelling. Only the first problem is reported, so fixes are one at a time.
     """
     path = Path(path)
@@ -128,6 +129,9 @@ def load_yaml_model(path: Path, model: type[M], *, defaults: dict[str, Any] | No
         loader.dispose()
     if not isinstance(data, dict):
         raise ConfigError(f"{path}:1: expected a mapping of keys to values, got {type(data).__name__}")
+    twice = duplicate_key(node)
+    if twice:
+        raise ConfigError(f"{path}:{twice[0]}: {twice[1]}: given twice (YAML would keep only the last); remove one")
     if defaults:
         data = {**defaults, **data}
     try:

@@ -213,16 +213,16 @@ def make_example(name: str, out: Path, **kwargs: Any) -> ExampleFiles:
     """Build the named example into ``out`` and return its files (``kwargs`` go to that example's builder).
 
     Raises:
-        InputError: unknown example name.
+        InputError: unknown example name, or ``out`` cannot be created or written (checked in that order:
+            a mistyped name leaves no empty folder behind).
     """
-    if name == "digits":
-        return digits(Path(out), **kwargs)
-    if name == "mobilenet":
-        return mobilenet(Path(out), **kwargs)
-    if name == "mobilenetv2":
-        return mobilenetv2(Path(out), **kwargs)
-    from edge_kit.config import closest
+    builders = {"digits": digits, "mobilenet": mobilenet, "mobilenetv2": mobilenetv2}
+    if name not in builders:
+        from edge_kit.config import closest
 
-    hint = closest(name, EXAMPLES)
-    raise InputError(f"unknown example '{name}'" + (f"; did you mean '{hint}'?" if hint else "")
-                     + f" (choose from: {', '.join(EXAMPLES)})")
+        hint = closest(name, EXAMPLES)
+        raise InputError(f"unknown example '{name}'" + (f"; did you mean '{hint}'?" if hint else "")
+                         + f" (choose from: {', '.join(EXAMPLES)})")
+    from edge_kit.fsutil import writable_folder
+
+    return builders[name](writable_folder(Path(out)), **kwargs)

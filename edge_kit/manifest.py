@@ -205,8 +205,8 @@ def read_manifest(folder: Path, trust: ArtifactTrust | None = None) -> Manifest:
 
     Raises:
         InputError: no such folder, or not a folder; no manifest (the folder is not a finished compile, or it
-            is the ``--out`` folder holding compiled models, which are named); it does not validate; or its
-            signature fails ``trust`` (:meth:`ArtifactTrust.check`).
+            is the ``--out`` folder holding compiled models, which are named); it is not UTF-8 JSON, or not a JSON
+            object; it does not validate; or its signature fails ``trust`` (:meth:`ArtifactTrust.check`).
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -221,11 +221,14 @@ def read_manifest(folder: Path, trust: ArtifactTrust | None = None) -> Manifest:
             raise InputError(f"{path}: no manifest; {folder} holds compiled models ({', '.join(models)}): give one "
                              f"model's folder, e.g. {folder / models[0]}") from None
         raise InputError(f"{path}: no manifest; run `edgekit compile` into {folder} first") from None
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: not JSON (JSONDecodeError), or not UTF-8 text
         raise InputError(f"{path}: unreadable manifest ({exc})") from None
-    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
-        found = data.get("schema") if isinstance(data, dict) else None
-        raise InputError(f"{path}: schema is {found!r}, expected {SCHEMA!r}; compile the model again with this edge-kit")
+    if not isinstance(data, dict):
+        kind = {list: "an array", str: "a string", bool: "true or false", type(None): "null"}.get(type(data), "a number")
+        raise InputError(f"{path}: not a manifest (its JSON is {kind}, not an object); compile the model again with "
+                         "`edgekit compile`")
+    if data.get("schema") != SCHEMA:
+        raise InputError(f"{path}: schema is {data.get('schema')!r}, expected {SCHEMA!r}; compile the model again with this edge-kit")
     signature = trust.check(data, path) if trust is not None else "not checked"
     data = {**data, "schema_": data["schema"]}
     del data["schema"]

@@ -54,6 +54,17 @@ _ARGS: dict[str, dict[str, tuple[tuple[type, ...], float | None, float | None]]]
                "max_per_s": (_NUM, 0, 1000), "off": ((bool,), None, None)},
 }
 COMMANDS = tuple(_ARGS)
+
+
+def bounds(name: str, key: str) -> tuple[float | None, float | None]:
+    """Return the ``(minimum, maximum)`` the agent accepts for argument ``key`` of command ``name`` (a list's: its
+    length; ``(None, None)`` for a string), so an option that feeds it can refuse what the agent would.
+
+    Raises:
+        KeyError: no such command or argument.
+    """
+    _types, low, high = _ARGS[name][key]
+    return low, high
 MAX_TTL_S = 86_400.0  # a command may stay valid for a day at most (the agent remembers its id until it expired)
 
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgekit_protocol.commands import bounds
 from edgekit_protocol.errors import ConfigError
 from edgekit_protocol.messages import check_name
 
@@ -105,6 +106,14 @@ class BenchSettings:
     delegate_options: dict = field(default_factory=dict)  # checked by the target's own Options model
     runtime: str | None = None  # None: the first installed of litert, tflite-runtime
 
+    def __post_init__(self) -> None:
+        """Raises ValueError: a length or thread count outside what the ``bench`` command takes
+        (:func:`edgekit_protocol.commands.bounds`), NaN included."""
+        for key in ("warmup", "min_runs", "min_seconds", "threads"):
+            low, high = bounds("bench", key)
+            if not low <= getattr(self, key) <= high:
+                raise ValueError(f"{key} {getattr(self, key)} is not between {low} and {high}")
+
 
 @dataclass(frozen=True)
 class PowerConfig:
@@ -114,6 +123,17 @@ class PowerConfig:
     cores: int | None = None
     sys_root: Path = Path("/")
     vcgencmd: str = "vcgencmd"
+
+    def __post_init__(self) -> None:
+        """Raises ValueError: only one of ``idle_w`` and ``busy_w`` (the estimate needs both), one not a positive
+        finite number, or ``busy_w`` below ``idle_w`` (the profile's rules): an estimate from them is no figure."""
+        given = [v for v in (self.idle_w, self.busy_w) if v is not None]
+        if len(given) == 1:
+            raise ValueError("give both idle_w and busy_w (the power estimate needs both), or neither")
+        if given and not all(0 < v < math.inf for v in given):
+            raise ValueError(f"idle_w {self.idle_w} and busy_w {self.busy_w} must be positive finite watts")
+        if given and self.busy_w < self.idle_w:
+            raise ValueError(f"busy_w ({self.busy_w}) must be at least idle_w ({self.idle_w})")
 
 
 @dataclass(frozen=True)
@@ -282,7 +302,7 @@ def _dataclass(cls: type, node: Node, file: Path | str, key: str) -> Any:
         dotted = f"{key}.{name}" if key else name
         if name not in names:
             near = closest(name, names)
-            hint = f"; did you mean '{near}'?" if near else f" (valid: {', '.join(names)})"
+            hint = f"; did you mean '{near}'?" if near else (f" (valid: {', '.join(names)})" if names else " (it takes none)")
             raise ConfigError(f"{_where(file, node.key_lines.get(name, node.line), dotted)}: unknown key{hint}")
         values[name] = _convert(hints[name], value_node, file, dotted)
     missing = [f.name for f in dataclasses.fields(cls) if f.name not in values

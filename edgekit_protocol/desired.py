@@ -36,6 +36,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from typing import Any
+from urllib.parse import urlsplit
 
 from edgekit_protocol.errors import MessageError
 from edgekit_protocol.messages import in_range
@@ -104,6 +105,17 @@ class Desired:
                                                    "timeout_s": self.fetch.timeout_s}}
 
 
+def _has_host(url: str) -> bool:
+    """Return whether ``url`` parses with a host and a valid port (urllib raised ValueError in the fetch for an
+    unclosed IPv6 bracket or a port over 65535)."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - parsed on access: raises ValueError when out of range
+    except ValueError:
+        return False
+    return bool(parts.hostname)
+
+
 def parse_desired(message: dict[str, Any]) -> Desired:
     """Return the desired state a decoded, verified ``desired`` message states.
 
@@ -123,7 +135,7 @@ def parse_desired(message: dict[str, Any]) -> Desired:
     for name in ("rollout", "store", "model", "variant"):
         if not isinstance(m.get(name), str) or not m[name] or len(m[name]) > MAX_NAME_CHARS:
             raise MessageError(f"desired: field '{name}' is missing or not a string of 1-{MAX_NAME_CHARS} characters")
-    if not m["store"].startswith(("http://", "https://")):
+    if not m["store"].startswith(("http://", "https://")) or not _has_host(m["store"]):
         raise MessageError(f"desired: store {m['store'][:80]!r} is not an http:// or https:// URL")
     if "/" in m["model"] or "/" in m["variant"] or m["model"].startswith("."):
         raise MessageError("desired: model and variant must not hold '/' or start with '.'")

@@ -18,12 +18,12 @@ from device_agents.errors import MetricError
 from device_agents.metrics.base import Labels, Outputs, Task, finite_figures
 from device_agents.metrics.classification import Classification
 from device_agents.metrics.detection import Detection
-from device_agents.metrics.keypoints import Keypoints
+from device_agents.metrics.keypoints import Keypoints, Regression
 from device_agents.metrics.segmentation import Segmentation
 from device_agents.metrics.user import load_function, read_source
 
-TASKS: dict[str, type[Task]] = {cls.key: cls for cls in (Classification, Detection, Segmentation, Keypoints)}
-TASKS["regression"] = Keypoints  # same figures: mean error and PCK over points
+# regression: the keypoints figures (mean error and PCK over points)
+TASKS: dict[str, type[Task]] = {cls.key: cls for cls in (Classification, Detection, Segmentation, Keypoints, Regression)}
 CUSTOM = "custom"  # the task name when a user metric does all the scoring
 
 

@@ -48,7 +48,7 @@ class Keypoints(Task):
         pred = out.reshape(n, k, -1)[..., :d].astype(np.float64)
         visible = np.asarray(labels.get("visible", np.ones((n, k)))) > 0
         if not visible.any():
-            raise MetricError("--task keypoints: y.visible marks no point as labelled")
+            raise MetricError(f"--task {self.key}: y.visible marks no point as labelled")
         dist = np.linalg.norm(pred - points, axis=2)
         span = np.where(visible[..., None], points, np.nan)
         size = np.nanmax(np.nanmax(span, axis=1) - np.nanmin(span, axis=1), axis=1)
@@ -56,3 +56,9 @@ class Keypoints(Task):
         alpha = positive_option(self.options, "alpha", 0.1, self.key)
         hit = dist <= alpha * size[:, None]
         return {"pck": float(hit[visible].mean()), "mean_error": float(dist[visible].mean())}
+
+
+class Regression(Keypoints):
+    """``--task regression``: the keypoints figures, under the task name the user gave (so its errors name it)."""
+
+    key = "regression"

@@ -23,6 +23,7 @@ from rich.markup import escape
 from rich.progress import Progress, ProgressColumn
 from rich.table import Table
 
+from edgekit_protocol.commands import MAX_TTL_S, bounds
 from edgekit_protocol.labels import printable  # one rule for the CLI and /metrics
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -68,6 +69,15 @@ TrustNewHostsOpt = Annotated[bool, typer.Option("--trust-new-hosts", help="Accep
                                                                          "first time (a changed key is always refused).")]
 
 
+# A wait on the devices (--timeout, --health-timeout, --wave-timeout, --gate-window, --wait) lasts a day at most: a
+# command sent with it must expire within the protocol's MAX_TTL_S (the agent refuses a later expiry), and a longer
+# wait broke the thread's wait (OverflowError) after the command was sent.
+WAIT_MAX_S = MAX_TTL_S
+# A benchmark's length: the bounds the agent checks its bench command against (edgekit_protocol.commands).
+BENCH_RUNS_MIN, BENCH_RUNS_MAX = bounds("bench", "min_runs")
+BENCH_SECONDS_MIN, BENCH_SECONDS_MAX = bounds("bench", "min_seconds")
+
+
 def profile_names(text: str) -> list[str]:
     """Return the profile names of a comma-separated ``--profiles`` value, in order.
 
@@ -83,16 +93,20 @@ def profile_names(text: str) -> list[str]:
     return names
 
 
-def open_fleet_history(fleet_file: Path | None, history: str | None, must_exist: bool = False) -> Any:
+def open_fleet_history(fleet_file: Path | None, history: str | None, must_exist: bool = False,
+                       read_only: bool = False) -> Any:
     """Return the open :class:`~edge_kit.telemetry.store.HistoryStore` that ``--history`` names, or the fleet's
     default file (``edgekit-history.db`` beside the fleet file; in the current folder without one). A SQLite
     file is created when missing, unless ``must_exist`` (a command that only reads it, and may read it beside a
-    fleet file since removed).
+    fleet file since removed), or ``read_only`` and ``--history`` names it (a command that only reads: a mistyped
+    ``--history`` must not become a new, empty history that reads as "nothing happened"; the default file beside
+    a fleet file is still created, as the fleet's history that nothing wrote yet).
 
     Raises:
         ConfigError: no ``--history`` and no fleet file at ``fleet_file`` (nor, with ``must_exist``, a history
             beside it): a mistyped path must not get a new, empty history beside it.
-        InputError: ``must_exist`` and there is no such SQLite file.
+        InputError: ``must_exist`` (or ``read_only`` with ``--history``) and there is no such SQLite file, or an
+            empty one (a read would write a new history's tables into it).
         HistoryError: the database cannot be opened or reached.
     """
     from edge_kit.errors import InputError
@@ -114,17 +128,22 @@ def open_fleet_history(fleet_file: Path | None, history: str | None, must_exist:
             check_fleet_file(fleet_file)
     else:
         path = Path(HISTORY_NAME)
-    if must_exist and not path.is_file():
-        raise InputError(f"{path}: no history store; run `edgekit monitor` or `edgekit tune` first, or pass --history")
+    only_reads = must_exist or (read_only and history)
+    if only_reads and path.is_file() and path.stat().st_size == 0:  # SQLite would write its tables into it
+        raise InputError(f"{path}: an empty file, not a history store; check --history")
+    if only_reads and not path.is_file():
+        raise InputError(f"{path}: no history store; " + ("check --history (`edgekit monitor` and `edgekit tune` "
+                                                          "write one)" if history else
+                                                          "run `edgekit monitor` or `edgekit tune` first, or pass --history"))
     return open_history(path)
 
 
 def finite(value: float | None) -> float | None:
-    """Return ``value``, an option's number (the ``callback`` of every float option bounded only from below).
+    """Return ``value``, an option's number (the ``callback`` of every float option not bounded on both sides).
 
     Raises:
-        typer.BadParameter: it is infinite (``inf`` passes a lower bound, and breaks the waits it sets; ``nan``
-            fails every bound already).
+        typer.BadParameter: it is infinite or NaN (``inf`` passes a lower bound, and breaks the waits it sets;
+            ``nan`` fails every bound, but an option without one took it: a threshold nothing is below).
     """
     if value is not None and not math.isfinite(value):
         raise typer.BadParameter(f"{value}: give a finite number")
@@ -134,7 +153,7 @@ def finite(value: float | None) -> float | None:
 # The live gate (deploy --canary --gate live, rollout start --gate live): edge_kit.selection.gate.judge_live.
 GateOpt = Annotated[Optional[str], typer.Option(help="'live': judge the first devices (canaries) on production traffic "
                                                      "against the devices of their profiles still on the current model.")]
-GateWindowOpt = Annotated[float, typer.Option(callback=finite, min=1, help="Live gate: seconds to collect at most.")]
+GateWindowOpt = Annotated[float, typer.Option(callback=finite, min=1, max=WAIT_MAX_S, help="Live gate: seconds to collect at most.")]
 GateRequestsOpt = Annotated[int, typer.Option(min=10, help="Live gate: requests each canary must answer.")]
 GateAlphaOpt = Annotated[float, typer.Option(min=1e-6, max=0.5, help="Live gate: the latency test's significance.")]
 GateSlowdownOpt = Annotated[float, typer.Option(callback=finite, min=0, help="Live gate: roll back only when the "
@@ -142,7 +161,8 @@ GateSlowdownOpt = Annotated[float, typer.Option(callback=finite, min=0, help="Li
                                                                              "the controls' (0.1: 10 %).")]
 GateShadowOpt = Annotated[float, typer.Option(min=0, max=1, help="Live gate: share of canary requests also run through "
                                                                   "the fp32 reference (0: none).")]
-GateSnrOpt = Annotated[Optional[float], typer.Option(help="Live gate: roll back below this live fidelity (needs --gate-shadow).")]
+GateSnrOpt = Annotated[Optional[float], typer.Option(callback=finite, help="Live gate: roll back below this live fidelity "
+                                                                          "(needs --gate-shadow).")]
 
 
 def gate_lines(gate: dict[str, Any], promoted: bool) -> str:

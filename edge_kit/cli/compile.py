@@ -189,9 +189,7 @@ def example_cmd(
 ) -> None:
     """Write a bundled example model and its data files (no download needed)."""
     from edge_kit.examples import make_example
-    from edge_kit.fsutil import writable_folder
 
-    writable_folder(out_dir)
     with spinner(f"building example '{name}'", as_json):
         files = make_example(name, out_dir)
     if as_json:

@@ -10,6 +10,10 @@ from rich import box
 from rich.table import Table
 
 from edge_kit.cli.app import (
+    BENCH_RUNS_MAX,
+    BENCH_RUNS_MIN,
+    BENCH_SECONDS_MAX,
+    BENCH_SECONDS_MIN,
     DevicesOpt,
     FleetOpt,
     GateAlphaOpt,
@@ -24,6 +28,7 @@ from edge_kit.cli.app import (
     ParallelOpt,
     ProfilesOpt,
     TrustNewHostsOpt,
+    WAIT_MAX_S,
     app,
     emit_json,
     finite,
@@ -64,9 +69,9 @@ def bench_cmd(
     fleet_file: FleetOpt,
     device: Annotated[str, typer.Option(help="Device name from the fleet file.")],
     variant: Annotated[Optional[str], typer.Option(help="Variant id installed on the device (default: its current model).")] = None,
-    min_runs: Annotated[Optional[int], typer.Option(min=1, help="Timed runs at least (default: the agent's config).")] = None,
-    min_seconds: Annotated[Optional[float], typer.Option(callback=finite, min=0, help="Timed seconds at least.")] = None,
-    timeout: Annotated[float, typer.Option(callback=finite, min=1, help="Seconds to wait for the record.")] = 300.0,
+    min_runs: Annotated[Optional[int], typer.Option(min=BENCH_RUNS_MIN, max=BENCH_RUNS_MAX, help="Timed runs at least (default: the agent's config).")] = None,
+    min_seconds: Annotated[Optional[float], typer.Option(callback=finite, min=BENCH_SECONDS_MIN, max=BENCH_SECONDS_MAX, help="Timed seconds at least.")] = None,
+    timeout: Annotated[float, typer.Option(callback=finite, min=1, max=WAIT_MAX_S, help="Seconds to wait for the record.")] = 300.0,
     as_json: JsonOpt = False,
 ) -> None:
     """Ask a running agent for a benchmark over MQTT and print the record when it arrives."""
@@ -130,7 +135,7 @@ app.add_typer(keys_app, name="keys")
 @keys_app.command("rotate")
 def keys_rotate_cmd(
     fleet_file: FleetOpt,
-    timeout: Annotated[float, typer.Option(callback=finite, min=1, help="Seconds to wait for each step's answers.")] = 30.0,
+    timeout: Annotated[float, typer.Option(callback=finite, min=1, max=WAIT_MAX_S, help="Seconds to wait for each step's answers.")] = 30.0,
     force: Annotated[bool, typer.Option("--force", help="Switch even when a device missed the new key (deploy to it after).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -201,7 +206,7 @@ def deploy_cmd(
     canary: Annotated[Optional[str], typer.Option(help="Deploy to this share first, e.g. 10%; stop if too many fail.")] = None,
     max_failed: Annotated[str, typer.Option(help="Share of canaries allowed to fail, e.g. 0% or 20%.")] = "0%",
     trust_new_hosts: TrustNewHostsOpt = False,
-    health_timeout: Annotated[float, typer.Option(callback=finite, min=1, help="Seconds to wait for each device's health check.")] = 120.0,
+    health_timeout: Annotated[float, typer.Option(callback=finite, min=1, max=WAIT_MAX_S, help="Seconds to wait for each device's health check.")] = 120.0,
     repair: Annotated[bool, typer.Option("--repair/--no-repair", help="Have each agent hash its stored models and "
                                                                       "upload damaged ones again.")] = True,
     gate: GateOpt = None,
@@ -235,6 +240,9 @@ def deploy_cmd(
     opts = DeployOptions(artifacts=artifacts, variant=variant, parallel=parallel, trust_new_hosts=trust_new_hosts,
                          health_timeout=health_timeout, repair=repair)
     canary_share = parse_share(canary, "--canary") if canary is not None else None
+    if canary_share == 0:  # no canary stage at all: everything would go at once, which --canary asks not to do
+        raise InputError(f"--canary {canary}: give a share above 0 (e.g. 10%), or leave --canary out to deploy "
+                         "to every device at once")
     failed_share = parse_share(max_failed, "--max-failed")
     gated = live_gate(gate, gate_window, gate_min_requests, gate_alpha, gate_min_slowdown, gate_shadow, gate_min_snr_db)
     if gated is not None and not canary_share:

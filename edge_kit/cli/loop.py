@@ -11,6 +11,10 @@ from rich import box
 from rich.table import Column, Table
 
 from edge_kit.cli.app import (
+    BENCH_RUNS_MAX,
+    BENCH_RUNS_MIN,
+    BENCH_SECONDS_MAX,
+    BENCH_SECONDS_MIN,
     DevicesOpt,
     FleetOpt,
     HistoryOpt,
@@ -18,6 +22,7 @@ from edge_kit.cli.app import (
     ParallelOpt,
     ProfilesOpt,
     TrustNewHostsOpt,
+    WAIT_MAX_S,
     app,
     emit_json,
     finite,
@@ -140,7 +145,7 @@ def select_cmd(
     from edge_kit.manifest import read_manifest
 
     fleet = load_fleet(fleet_file)
-    db = open_fleet_history(fleet_file, history)
+    db = open_fleet_history(fleet_file, history, read_only=True)
     if artifacts is None:
         artifacts = last_artifacts(db)
         if artifacts is None:
@@ -180,6 +185,14 @@ def tune_options(artifacts: Path, rounds: int, margin: float, min_runs: int, min
                        budget_unit=budget_unit)
 
 
+def rounds_text(report: Any) -> str:
+    """Return how many rounds of measure, select and switch a :class:`~edge_kit.loop.tune.TuneReport` ran (what
+    ``--rounds`` bounds), and whether a verify decision on the last switches' health benchmarks followed."""
+    rounds = sum(1 for r in report.rounds if not r.get("verify"))
+    verified = any(r.get("verify") for r in report.rounds)
+    return f"{rounds} round(s)" + (" and a verify decision on the switches' health benchmarks" if verified else "")
+
+
 def print_tune(report: Any) -> None:
     """Print a :class:`~edge_kit.loop.tune.TuneReport` for a person: the decisions, failed deploys, silent
     devices, the rounds, the budget spent and the notes (device text escaped); return nothing."""
@@ -190,7 +203,7 @@ def print_tune(report: Any) -> None:
     for device, what in report.silent.items():
         out.print(f"[red]{device} did not answer:[/] {safe(', '.join(what))}")
     switched = report.switched
-    out.print(f"{len(report.rounds)} round(s); switched: {', '.join(switched) or 'nothing'}")
+    out.print(f"{rounds_text(report)}; switched: {', '.join(switched) or 'nothing'}")
     if report.budget is not None:
         b = report.budget
         out.print(f"budget: {b['spent']:g} of {b['budget']:g} {b['unit']} spent on {b['measured']} measurement(s); "
@@ -216,9 +229,9 @@ def tune_cmd(
     rounds: Annotated[int, typer.Option(min=1, max=10, help="Rounds of measure, select and switch at most; stops "
                                                             "earlier when a round switches nothing.")] = 2,
     margin: MarginOpt = DEFAULT_MARGIN,
-    min_runs: Annotated[int, typer.Option(min=1, help="Timed runs per measurement at least.")] = 200,
-    min_seconds: Annotated[float, typer.Option(callback=finite, min=0, help="Timed seconds per measurement at least.")] = 2.0,
-    timeout: Annotated[float, typer.Option(callback=finite, min=1, help="Seconds per round for all measurements to arrive.")] = 300.0,
+    min_runs: Annotated[int, typer.Option(min=BENCH_RUNS_MIN, max=BENCH_RUNS_MAX, help="Timed runs per measurement at least.")] = 200,
+    min_seconds: Annotated[float, typer.Option(callback=finite, min=BENCH_SECONDS_MIN, max=BENCH_SECONDS_MAX, help="Timed seconds per measurement at least.")] = 2.0,
+    timeout: Annotated[float, typer.Option(callback=finite, min=1, max=WAIT_MAX_S, help="Seconds per round for all measurements to arrive.")] = 300.0,
     parallel: ParallelOpt = 8,
     trust_new_hosts: TrustNewHostsOpt = False,
     budget: Annotated[Optional[float], typer.Option(callback=finite, min=0, help="Measure only what the fleet model "
@@ -288,6 +301,7 @@ def print_demo(result: Any) -> None:
     """Print a :class:`~edge_kit.loop.demo.DemoResult`: one row per device, then where each column's figures
     came from (the clocks and runtimes its records name, the eval set, the power method, the application)."""
     from edge_kit.loop.demo import APP_REQUESTS
+    from edge_kit.telemetry.report import latency_clocks
 
     t = Table(Column("device", no_wrap=True), Column("profile", no_wrap=True), Column("variant", no_wrap=True), "p90 ms", "top-1",
               "mJ/inference", "feasible", "live p50/p99 ms", "app top-1", box=box.SIMPLE_HEAD,
@@ -300,8 +314,7 @@ def print_demo(result: Any) -> None:
                   *_live_cells(r.get("live")))
     out.print(t)
     rows = [r for r in result.rows if r.get("p90_ms") is not None]
-    clocks = sorted({f"{r.get('latency_method') or 'clock not named'} ({r.get('runtime') or 'runtime not named'})"
-                     for r in rows})
+    clocks = latency_clocks(rows)
     samples = sorted({str(r["accuracy_samples"]) for r in rows if r.get("accuracy_samples")})
     methods = sorted({r["power_method"].split(",")[0] for r in result.rows if r["power_method"]})
     out.print(safe(f"p90: {'; '.join(clocks) or 'not measured'}, on this machine; top-1: the agent, on the eval set "
@@ -315,7 +328,7 @@ def print_demo(result: Any) -> None:
     if result.report.deploy.failed:
         out.print(results_table(result.report.deploy))
     switched = result.report.switched
-    out.print(f"manifest: {result.report.deploy.signature}; tune: {len(result.report.rounds)} round(s), "
+    out.print(f"manifest: {result.report.deploy.signature}; tune: {rounds_text(result.report)}; "
               f"switched {', '.join(switched) or 'nothing'}", highlight=False)
     if result.kept:
         out.print(f"files kept in {result.workdir}; the devices are stopped, their history stays beside the fleet file:")
@@ -533,7 +546,7 @@ def fleet_status_cmd(fleet_file: FleetOpt, history: HistoryOpt = None, as_json: 
     from edge_kit.telemetry.report import FLEET_KIND, flagged_devices
 
     fleet = load_fleet(fleet_file)
-    db = open_fleet_history(fleet_file, history)
+    db = open_fleet_history(fleet_file, history, read_only=True)
     flagged = flagged_devices(db.latest_decisions((FLEET_KIND,)))
     if as_json:
         emit_json({"status": db.latest_status(), "telemetry": db.latest_telemetry(),

@@ -23,6 +23,7 @@ from edge_kit.cli.app import (
     GateWindowOpt,
     HistoryOpt,
     JsonOpt,
+    WAIT_MAX_S,
     app,
     emit_json,
     err,
@@ -45,13 +46,17 @@ STYLE = {"converged": "green", "failed": "red", "refused": "red", "rolled back":
          "superseded": "dim", "left the fleet": "dim", "sent": "yellow", "fetching": "yellow", "planned": "dim"}
 
 
-def _history(fleet_file: Path, history: str | None) -> Any:
+def _history(fleet_file: Path, history: str | None, read_only: bool = True) -> Any:
     """Return the open history ``--history`` names (a file or a postgresql:// URL), or the fleet's default file.
 
+    ``read_only``: every command but ``start`` works on rollouts already in it, so a ``--history`` file that
+    does not exist is a mistyped path, not a new history (see :func:`~edge_kit.cli.app.open_fleet_history`).
+
     Raises:
+        InputError: ``read_only`` and ``--history`` names no such file.
         HistoryError: the database cannot be opened or reached.
     """
-    return open_fleet_history(fleet_file, history)
+    return open_fleet_history(fleet_file, history, read_only=read_only)
 
 
 def _drive(fleet_file: Path, db: Any, rid: str, as_json: bool) -> dict[str, Any]:
@@ -122,7 +127,7 @@ def start_cmd(
     wave: Annotated[str, typer.Option(help="Cumulative wave sizes.")] = "1%,10%,100%",
     rate: Annotated[Optional[str], typer.Option(help="Desired states sent per time, e.g. 200/min (default: no limit).")] = None,
     max_failed: Annotated[str, typer.Option("--max-failed", help="Stop when more than this share of the devices sent so far failed.")] = "0%",
-    wave_timeout: Annotated[float, typer.Option(callback=finite, min=1, help="Seconds a wave waits for its devices' answers.")] = 600.0,
+    wave_timeout: Annotated[float, typer.Option(callback=finite, min=1, max=WAIT_MAX_S, help="Seconds a wave waits for its devices' answers.")] = 600.0,
     bandwidth: Annotated[Optional[str], typer.Option(help="Download cap per device, e.g. 2MB/s (default: none).")] = None,
     start_delay: Annotated[float, typer.Option(min=0, max=3600, help="Longest random delay (s) before a device starts its download.")] = 0.0,
     rid: Annotated[Optional[str], typer.Option("--id", help="The rollout's id (default: <model>-<time>).")] = None,
@@ -145,6 +150,7 @@ def start_cmd(
     """
     from edge_kit.fleet.inventory import load_fleet
     from edge_kit.loop.waves import (
+        UNFINISHED,
         RolloutError,
         RolloutSettings,
         check_no_overlap,
@@ -163,9 +169,12 @@ def start_cmd(
                                max_failed=parse_share(max_failed, "--max-failed"), wave_timeout_s=wave_timeout,
                                fetch=Fetch(parse_bandwidth(bandwidth) if bandwidth else None, start_delay))
     rid = rid or f"{read_manifest(artifacts).model.get('name', 'model')}-{time.strftime('%Y%m%d-%H%M%S')}"
-    db = _history(fleet_file, history)
-    if db.rollout(rid) is not None:
-        raise RolloutError(f"rollout {rid} exists already; `edgekit rollout resume {rid}`, or give another --id")
+    db = _history(fleet_file, history, read_only=False)  # a new rollout: a new history is fine
+    existing = db.rollout(rid)
+    if existing is not None:  # resume goes on only with an unfinished one: do not send a user there in vain
+        advice = (f"`edgekit rollout resume {rid}`, or give another --id" if existing["state"] in UNFINISHED
+                  else "give another --id")
+        raise RolloutError(f"rollout {rid} exists already ({existing['state']}); {advice}")
     gated = live_gate(gate, gate_window, gate_min_requests, gate_alpha, gate_min_slowdown, gate_shadow, gate_min_snr_db)
     if gated is not None and len(settings.waves) < 2:
         raise RolloutError("--gate live judges the first wave before the others: give at least two waves (--wave)")
@@ -210,7 +219,7 @@ def resume_cmd(fleet_file: FleetOpt, rid: IdArg, history: HistoryOpt = None, as_
 @rollout_app.command("abort")
 def abort_cmd(
     fleet_file: FleetOpt, rid: IdArg, history: HistoryOpt = None,
-    wait: Annotated[float, typer.Option(callback=finite, min=0, help="Seconds to wait for the devices sent back "
+    wait: Annotated[float, typer.Option(callback=finite, min=0, max=WAIT_MAX_S, help="Seconds to wait for the devices sent back "
                                                                       "to confirm.")] = 120.0,
     as_json: JsonOpt = False,
 ) -> None:

@@ -452,13 +452,26 @@ def compile_model(req: CompileRequest, progress: Progress | None = None) -> Mani
     Raises:
         InputError: the model, a data file or the output folder is unusable, ``<out>/<model>`` holds
             something that is not an earlier compile's result, an ONNX model does not convert
-            or converts to something else (SNR below 0 dB against ONNX Runtime); nothing is written.
+            or converts to something else (SNR below 0 dB against ONNX Runtime); nothing is written (an
+            ``out`` folder this compile made is removed again).
         ConfigError: two profiles have the same name.
         MetricError: unknown task, labels in the wrong format for it, a user metric that does not load,
             or a metric that cannot score the fp32 variant's outputs (a user function that raises or
             returns a non-number, class labels outside the scored output); nothing is written.
         CompileError: writing the result failed (the previous result, if any, is left intact).
     """
+    out = Path(req.out)
+    made = not out.exists()  # a folder this compile makes is removed again when it fails before writing in it
+    try:
+        return _compile_model(req, progress)
+    except BaseException:
+        if made and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
+def _compile_model(req: CompileRequest, progress: Progress | None) -> Manifest:
+    """:func:`compile_model`, but a failure may leave ``req.out`` made and empty."""
     step = progress or (lambda _msg: None)
     from device_agents.inference import ModelRunner
     from device_agents.runtimes import get_runtime

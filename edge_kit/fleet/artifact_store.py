@@ -90,6 +90,8 @@ def object_path(store: Path, sha256: str) -> Path:
 
 def _store_folder(store: str | Path) -> Path:
     text = str(store)
+    if not text.strip():  # Path("") is the current folder: a store would be written all over it
+        raise InputError("--store '': give the store folder, e.g. --store store")
     if "://" in text:
         raise InputError(f"--store {text}: only a local folder is written; publish to a folder, then sync it to the "
                          "bucket or CDN origin (e.g. `aws s3 sync DIR s3://bucket/prefix`, see docs/artifact-store.md)")
@@ -143,7 +145,7 @@ def publish(artifacts: Path, store: str | Path) -> PublishResult:
     Raises:
         InputError: no folder or no valid manifest there (not a finished compile), a file the
             manifest lists is missing or has other bytes, a file in the folder is a link to one outside it, an S3/HTTP URL given as the store (only
-            folders are written), or the store folder cannot be written.
+            folders are written), a store inside the artifacts folder, or the store folder cannot be written.
     """
     artifacts = Path(artifacts)
     manifest = read_manifest(artifacts)
@@ -152,6 +154,11 @@ def publish(artifacts: Path, store: str | Path) -> PublishResult:
         raise InputError(f"{artifacts}/manifest.json: model name {model!r} cannot name a store folder; compile it "
                          "from a file whose name is letters, digits, '.', '_' or '-'")
     own = _own_files(artifacts)
+    if "://" not in str(store) and str(store).strip():
+        where = Path(str(store)).expanduser().resolve()
+        if where == artifacts.resolve() or artifacts.resolve() in where.parents:
+            raise InputError(f"--store {store}: inside the artifacts folder {artifacts}, which the next compile "
+                             "replaces (the store with it); choose a folder outside it")
     folder = _store_folder(store)
     files: list[StoredFile] = []
     listed: set[str] = {"manifest.json"}

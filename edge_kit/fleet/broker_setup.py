@@ -186,12 +186,15 @@ def write_fleet_wall(folder: Path, fleet: str, devices: list[str], hosts: list[s
     Raises:
         FileExistsError: ``folder`` already holds a wall (never overwritten: devices may use it).
         InputError: a host is not a host name or an IP address (non-ASCII names in their ``xn--``
-            form), or the first is too long for a certificate's name (nothing is written).
-        OSError: ``folder``'s parent cannot be written (nothing is left behind).
+            form), or the first is too long for a certificate's name; ``folder`` is a file, or its parent
+            cannot be created or written (nothing is written).
+        OSError: writing failed midway (nothing is left behind).
     """
     from edge_kit.fleet.inventory import check_host
 
     folder = Path(folder).resolve()
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{folder}: a file, not a folder; choose another --out for the broker's files")
     if folder.exists() and any(folder.iterdir()):
         raise FileExistsError(folder)
     for i, host in enumerate(hosts):
@@ -205,8 +208,12 @@ def write_fleet_wall(folder: Path, fleet: str, devices: list[str], hosts: list[s
             raise InputError(f"--broker-host {host!r}: give the name or address devices reach the broker at "
                              "(an IP address or an ASCII DNS name, a non-ASCII one in its xn-- form; the first, "
                              "the certificate's name, at most 64 characters)")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
+    except OSError as exc:
+        raise InputError(f"{folder.parent}: cannot write the broker's files there ({exc.strerror or exc}); "
+                         "choose another --out") from None
     try:
         wall = build_wall(work, fleet, devices, hosts)
         (work / "data").mkdir(mode=0o700)

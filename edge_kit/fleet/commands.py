@@ -112,7 +112,7 @@ class FleetClient:
             ConfigError: the broker password file or the fleet's keys cannot be read.
         """
         keys = fleet.key_store()
-        return cls(fleet.broker, fleet.fleet, fleet.broker.password("fleet file"), signer=keys.operator,
+        return cls(fleet.broker, fleet.fleet, fleet.broker_password(), signer=keys.operator,
                    keyring=keys.keyring(), transport=transport, **kw)
 
     def _on_message(self, _c: Any, _u: Any, message: Any) -> None:

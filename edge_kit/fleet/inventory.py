@@ -252,6 +252,14 @@ class Fleet(StrictModel):
             raise ConfigError(f"fleet {self.fleet} was not read from a file; load it with load_fleet")
         return self._source
 
+    def broker_password(self) -> str | None:
+        """Return the operator's broker password (``broker.password_file``), or None when none is set.
+
+        Raises:
+            ConfigError: the file cannot be read; the message names the fleet file and the key.
+        """
+        return self.broker.password(str(self._source or "fleet file"))
+
     def key_store(self) -> FleetKeys:
         """Return the fleet's keys (see :mod:`edge_kit.fleet.keys`): the ``keys`` folder, by default
         ``keys/`` next to the fleet file."""

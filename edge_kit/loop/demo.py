@@ -20,6 +20,7 @@ from typing import Any
 
 from edge_kit.compiler.pipeline import CompileRequest, compile_model
 from edge_kit.examples import digits
+from edge_kit.fsutil import writable_folder
 from edge_kit.loop.tune import TuneOptions, TuneReport, tune
 from edge_kit.manifest import sign_manifest
 from edge_kit.profiles import load_profile
@@ -92,14 +93,14 @@ def run_demo(devices: int = 3, profiles: tuple[str, ...] = ("rpi4", "rpi5", "cor
     """Run the loop once; return each device's final variant with its measurement.
 
     Raises:
+        InputError: ``workdir`` cannot be created or written (nothing is started).
         EdgeKitError: a step failed (everything started is stopped; the folder is kept to inspect).
     """
     step = progress or (lambda _m: None)
     for p in profiles:
         load_profile(p)
     own = workdir is None
-    folder = Path(tempfile.mkdtemp(prefix="edgekit-demo-")) if own else Path(workdir)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix="edgekit-demo-")) if own else writable_folder(Path(workdir), "--dir")
     sim = SimFleet(folder / "sim")
     ok = False
     try:

@@ -40,6 +40,7 @@ from edge_kit.errors import (
     ConfigError,
     EdgeKitError,
     HistoryError,
+    InputError,
     NotBuiltFor,
 )
 from edge_kit.fleet.deploy import candidates_for
@@ -194,13 +195,15 @@ def plan_rollout(rid: str, artifacts: Path, fleet: Fleet, devices: list[Device],
     ``choices``: a variant per device (:func:`selected_variants`), over ``variant``.
 
     Raises:
-        RolloutError: the store URL is not http(s), or no device gets anything.
-        InputError: no manifest in ``artifacts``, or its signature fails the fleet's ``artifact_keys``.
+        InputError: no manifest in ``artifacts``, its signature fails the fleet's ``artifact_keys``, or the
+            store URL is not http(s) (bad input, exit 2).
+        NotBuiltFor: no device gets anything (none of their profiles has the variant asked for; exit 2, as
+            ``deploy --variant``).
         ConfigError: a device would refuse its desired state (:func:`~edgekit_protocol.desired.parse_desired`:
             an id over 512 characters, an artifact over 1 TiB, ...), named with the rule.
     """
     if not store_url.startswith(("http://", "https://")):
-        raise RolloutError(f"--store {store_url}: devices fetch over HTTP(S); give the store's http:// or https:// URL")
+        raise InputError(f"--store {store_url}: devices fetch over HTTP(S); give the store's http:// or https:// URL")
     manifest = read_manifest(Path(artifacts), fleet.artifact_trust())  # desired states sign what was checked
     evalset = manifest.eval or {}
     eval_file = Path(artifacts) / "eval.npz"
@@ -229,7 +232,7 @@ def plan_rollout(rid: str, artifacts: Path, fleet: Fleet, devices: list[Device],
                              "why": "selected" if (choices or {}).get(dev.name) else ("asked" if variant else "profile's first"),
                              "keep": [a.sha256 for a in wanted if a.sha256 != pick.sha256], **eval_ref}
     if not targets:
-        raise RolloutError(f"rollout {rid}: no device gets an artifact: {'; '.join(list(refused.values())[:3])}")
+        raise NotBuiltFor(f"rollout {rid}: no device gets an artifact: {'; '.join(list(refused.values())[:3])}")
     plan = {"id": rid, "fleet": fleet.fleet, "model": manifest.model.get("name"), "store": store_url.rstrip("/"),
             "variant": variant, "artifacts": str(Path(artifacts).resolve()), "signature": manifest.signature,
             "settings": {**asdict(settings), "waves": list(settings.waves)},

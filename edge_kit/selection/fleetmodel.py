@@ -660,7 +660,8 @@ class Plan:
         for v in np.flatnonzero(spec.candidates[d]):
             own = bool(f.measured[d, v])
             row: dict[str, Any] = {"variant": spec.variants[v], "source": "measured" if own else "inferred",
-                                   "chosen": int(self.chosen[d]) == v, "current": int(spec.current[d]) == v}
+                                   # plain bools: numpy's were written "False" by json.dumps(default=str) (truthy)
+                                   "chosen": bool(self.chosen[d] == v), "current": bool(spec.current[d] == v)}
             for k in METRICS:
                 value = f.values[k][d, v, 0]
                 row[k] = None if np.isnan(value) else float(value)

@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from edge_kit.errors import EdgeKitError
+from edge_kit.errors import ConfigError, EdgeKitError, InputError
 from edge_kit.fleet.agent_install import ensure_agent
 from edge_kit.fleet.broker_setup import (
     OPERATOR_USER,
@@ -34,7 +34,7 @@ from edge_kit.fleet.broker_setup import (
 from edge_kit.fleet.commands import FleetClient
 from edge_kit.fleet.inventory import Fleet, load_fleet
 from edge_kit.fleet.ssh import DeviceShell
-from edge_kit.fsutil import atomic_write_text
+from edge_kit.fsutil import atomic_write_text, writable_folder
 from edge_kit.profiles import load_profile
 from edge_kit.sim.broker import MosquittoBroker, find_mosquitto, free_port, wait_port
 from edge_kit.sim.links import Links, create_links, remove_links
@@ -45,7 +45,7 @@ from edge_kit.sim.process import (
     terminate_pid,
 )
 from edge_kit.sim.ssh import SshEndpoint, known_hosts_line, write_keypair
-from edge_kit.sim.store_server import start_store_server
+from edge_kit.sim.store_server import start_store_server, store_folder
 
 STATE = "sim.json"
 FLEET_NAME = "sim"
@@ -72,11 +72,25 @@ class SimFleet:
         self.fleet_file = self.workdir / "fleet.yaml"
 
     def state(self) -> dict[str, Any] | None:
-        """Return what ``up`` recorded, or None when nothing is up here."""
+        """Return what ``up`` recorded, or None when nothing is up here (no ``sim.json``).
+
+        Raises:
+            ConfigError: ``sim.json`` is there but unreadable, not JSON or not what ``up`` writes: what it started
+                cannot be told, so nothing may be started over it nor be said to be down.
+        """
         try:
-            return json.loads(self.state_file.read_text())
-        except (OSError, ValueError):
+            state = json.loads(self.state_file.read_text(encoding="utf-8"))
+        except (FileNotFoundError, NotADirectoryError):  # no sim.json, or no such folder: nothing is up here
             return None
+        except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8
+            state, why = None, str(exc)
+        else:
+            why = "not what `edgekit sim up` writes"
+        if not (isinstance(state, dict) and isinstance(state.get("devices"), list)
+                and all(isinstance(d, dict) for d in state["devices"])):
+            raise ConfigError(f"{self.state_file}: unreadable ({why}), so what `edgekit sim up` started here cannot be "
+                              "told: stop its broker, sshd and agent processes by hand, then remove the file")
+        return state
 
     def up(self, count: int, profiles: list[str], *, embedded_broker: bool | None = None,
            embedded_ssh: bool | None = None, link_rate: int | None = None, insecure: bool = False,
@@ -92,9 +106,12 @@ class SimFleet:
         ``sim.json`` under ``store``.
 
         Raises:
-            ConfigError: an unknown profile.
-            EdgeKitError: already up here, the embedded broker asked for without ``insecure``, the
-                links could not be made, or a service did not start (nothing is left running).
+            ConfigError: an unknown profile; a ``sim.json`` here that cannot be read (:meth:`state`).
+            InputError: the folder cannot be created or written, holds a fleet file a simulated fleet did not
+                write, ``store`` is not a folder, or the embedded broker is asked for without ``insecure``
+                (nothing is started).
+            EdgeKitError: already up here, the links could not be made, or a service did not start (nothing
+                is left running).
         """
         step = progress or (lambda _m: None)
         if count < 1:
@@ -106,10 +123,13 @@ class SimFleet:
         if embedded_broker is None:
             embedded_broker = find_mosquitto() is None
         if embedded_broker and not insecure:
-            raise EdgeKitError("the embedded broker has no credentials, ACL or TLS: install Mosquitto "
-                               "(apt install mosquitto), or pass --insecure to run it anonymous and plain")
+            raise InputError("the embedded broker has no credentials, ACL or TLS: install Mosquitto "
+                             "(apt install mosquitto), or pass --insecure to run it anonymous and plain")
+        if store is not None:
+            store_folder(store)  # before anything starts: a mistyped --store leaves no broker files behind
+        self._check_own_fleet_file()
         names = device_names(count, profiles)
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        writable_folder(self.workdir, "--dir")
         state: dict[str, Any] = {"broker": None, "devices": [], "links": None, "fleet_file": str(self.fleet_file)}
         try:
             links = None
@@ -211,6 +231,21 @@ class SimFleet:
         return {"kind": "embedded (amqtt, anonymous)", "host": host, "port": port, "pid": proc.pid,
                 "started": started_at(proc.pid)}
 
+    def _check_own_fleet_file(self) -> None:
+        """Raise InputError when ``fleet.yaml`` here is not one a simulated fleet wrote (``up`` replaces it, with
+        ``known_hosts`` and the SSH key beside it): ``--dir`` naming a real fleet's folder must not lose its
+        fleet file. Return nothing otherwise."""
+        try:
+            data = yaml.safe_load(self.fleet_file.read_text(encoding="utf-8"))
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        except (OSError, ValueError, yaml.YAMLError):
+            data = None
+        defaults = data.get("defaults") if isinstance(data, dict) else None
+        if not (isinstance(defaults, dict) and defaults.get("simulated") is True):
+            raise InputError(f"{self.fleet_file}: a fleet file `edgekit sim up` did not write (not simulated), which "
+                             "it would replace; choose another --dir")
+
     def _save(self, state: dict[str, Any]) -> None:
         atomic_write_text(self.state_file, json.dumps(state, indent=2))
 
@@ -218,7 +253,11 @@ class SimFleet:
         """Stop the agents, the sshds and the broker this fleet started; return what was stopped.
 
         Ctrl-C does not cut it short (it often comes while a run cleans up): it is raised as
-        KeyboardInterrupt once everything is stopped."""
+        KeyboardInterrupt once everything is stopped.
+
+        Raises:
+            ConfigError: ``sim.json`` cannot be read (:meth:`state`); nothing is stopped.
+        """
         with interrupts_deferred():
             return self._down()
 

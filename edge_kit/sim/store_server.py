@@ -257,6 +257,19 @@ def _handler(server: EmbeddedStoreServer, root: Path, ignore_range: bool,
     return Handler
 
 
+def store_folder(folder: Path | str) -> Path:
+    """Return ``folder`` resolved, a published store folder to serve.
+
+    Raises:
+        InputError: it is not a folder (missing, or a file).
+    """
+    folder = Path(folder).resolve()
+    if not folder.is_dir():
+        why = "not a folder" if folder.exists() else "no such store folder"
+        raise InputError(f"{folder}: {why}; run `edgekit publish ARTIFACTS --store {folder}` first")
+    return folder
+
+
 def start_store_server(folder: Path, port: int | None = None, *, host: str = "127.0.0.1",
                        workdir: Path | None = None, embedded: bool | None = None, ignore_range: bool = False,
                        sndbuf: int | None = None, workers: int = 1, wrap: tuple[str, ...] = (),
@@ -282,9 +295,7 @@ def start_store_server(folder: Path, port: int | None = None, *, host: str = "12
         EdgeKitError: nginx was asked for and is missing, the port is in use, or the server did not
             start (the error log's last line says why).
     """
-    folder = Path(folder).resolve()
-    if not folder.is_dir():
-        raise InputError(f"{folder}: no such store folder; run `edgekit publish ARTIFACTS --store {folder}` first")
+    folder = store_folder(folder)
     temporary = workdir is None
     workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="edgekit-store-"))
     workdir.mkdir(parents=True, exist_ok=True)

@@ -130,7 +130,7 @@ class VirtualFleet:
         self._work: queue.Queue[tuple[str, dict[str, Any]] | None] = queue.Queue()
         self._threads = [threading.Thread(target=self._worker, daemon=True, name=f"virtual-{i}") for i in range(workers)]
         self.client = make_client(self.fleet.broker, f"edgekit-virtual-{os.getpid()}",
-                                  password=self.fleet.broker.password("fleet file"))
+                                  password=self.fleet.broker_password())
         self._subscribed = threading.Event()
         self.client.on_connect = lambda c, *_: c.subscribe(messages.subscription(self.fleet.fleet, "desired"), qos=1)
         self.client.on_subscribe = lambda *_: self._subscribed.set()

@@ -37,7 +37,7 @@ from paho.mqtt.properties import Properties
 
 from device_agents.identity import receive, verify_published
 from device_agents.mqtt import make_client
-from edge_kit.errors import AgentError, HistoryError
+from edge_kit.errors import AgentError, HistoryError, InputError
 from edge_kit.fleet.commands import broker_unreachable
 from edge_kit.fleet.inventory import Fleet
 from edge_kit.profiles import load_profile
@@ -89,12 +89,22 @@ MAX_TOPIC = 256  # characters of a refused message's topic kept (a real one has 
 MAX_ALERT_CHARS = 1000  # characters of an alert kept: its text may hold a device's variant name (any length)
 
 
+MAX_CLIENT_ID_BYTES = 65_535  # MQTT encodes a client id's length in 16 bits
+
+
 class Monitor:
     """One monitor worker. ``start()``, then ``stop()``; ``stats`` and ``alerts`` are live."""
 
     def __init__(self, fleet: Fleet, store: HistoryStore, *, share: str | None = None, silence_s: float = 180.0,
                  on_message: Callable[[str, dict[str, Any]], None] | None = None, client_id: str | None = None,
                  persistent: bool = False, min_free_mb: float = 32.0, verify_in_child: bool = True):
+        """Raises InputError: ``share`` is not a shared-subscription group name (empty, or with '/', '+' or '#':
+        the subscription would name another topic and receive nothing), or ``client_id`` is empty (a random
+        one would lose the persistent session) or longer than MQTT carries."""
+        if share is not None and (not share or any(c in share for c in "/+#")):
+            raise InputError(f"--share {share!r}: give a group name without '/', '+' or '#' (e.g. monitors)")
+        if client_id is not None and not 0 < len(client_id.encode()) <= MAX_CLIENT_ID_BYTES:
+            raise InputError(f"--client-id: give 1 to {MAX_CLIENT_ID_BYTES:,} bytes (got {len(client_id.encode()):,})")
         self.fleet = fleet
         self.store = store
         self.share = share
@@ -124,7 +134,7 @@ class Monitor:
         # Each QoS 1 message is acknowledged to the broker only once it is stored (or refused and kept as
         # invalid): what a failed history did not store stays with the broker, which sends it again to
         # the next run of a persistent session (and the msg_id keeps it once).
-        self.client = make_client(fleet.broker, cid, password=fleet.broker.password("fleet file"),
+        self.client = make_client(fleet.broker, cid, password=fleet.broker_password(),
                                   v5=share is not None, clean=not persistent, manual_ack=True)
         self.client.on_connect = self._on_connect
         self.keyring = fleet.key_store().keyring()

@@ -22,7 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 
-from edge_kit.errors import HistoryError
+from edge_kit.errors import HistoryError, InputError
 from edge_kit.telemetry.store import _SCHEMA, HistoryStore
 
 CONNECT_TIMEOUT_S = 10
@@ -33,14 +33,24 @@ _SCHEMA_LOCK = 0x6564676B  # "edgk": one advisory lock, so workers creating the 
 
 
 def redact(url: str) -> str:
-    """Return ``url`` without its password (``postgresql://user@host:port/db``), for messages and logs."""
-    parts = urlsplit(url)
+    """Return ``url`` without its password (``postgresql://user@host:port/db``), for messages and logs.
+
+    Raises:
+        InputError: it is not a URL (an unclosed ``[`` of an IPv6 host, a port out of range); the message does
+            not repeat it, since it may hold a password.
+    """
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise InputError(f"--history: not a valid PostgreSQL URL ({exc}); give "
+                         "postgresql://user:password@host:port/db") from None
     if parts.password is None:
         return url
     netloc = f"{parts.username}@" if parts.username else ""
     netloc += parts.hostname or ""
-    if parts.port:
-        netloc += f":{parts.port}"
+    if port:
+        netloc += f":{port}"
     return urlunsplit(parts._replace(netloc=netloc))
 
 
@@ -53,6 +63,7 @@ class PostgresStore(HistoryStore):
         """Connect to ``url`` and create the tables it lacks.
 
         Raises:
+            InputError: ``url`` is not a valid URL (:func:`redact`).
             HistoryError: the server cannot be reached, refuses the login, or the database does not exist.
         """
         self.url = url

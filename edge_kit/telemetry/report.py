@@ -32,6 +32,14 @@ td.num{text-align:right;font-variant-numeric:tabular-nums}.bad{color:#b00}.note{
 """
 
 
+def latency_clocks(records: list[dict[str, Any]]) -> list[str]:
+    """Return how the bench ``records`` timed their latency, each ``"<latency_method> (<runtime>)"`` once, sorted
+    (e.g. ``time.perf_counter_ns around session.run() (onnxruntime)``): every clock that measured them, never one
+    assumed for all."""
+    return sorted({f"{r.get('latency_method') or 'clock not named'} ({r.get('runtime') or 'runtime not named'})"
+                   for r in records})
+
+
 def _power_source(rec: dict[str, Any]) -> str:
     """Return the power label of a bench record (see :func:`edgekit_protocol.labels.power_source`)."""
     return power_source(rec.get("power") or {})
@@ -115,7 +123,7 @@ def _profile_figures(profile: Profile, records: list[dict[str, Any]], chosen: di
         scatter.add_hline(y=floor, line_dash="dash", line_color="#b00",
                           annotation_text=f"min accuracy {c.min_accuracy_ratio:g} x fp32 = {floor:.4g}{unit}")
     scatter.update_layout(title=f"{profile.name}: latency vs accuracy (latest benchmark per device and variant)",
-                          xaxis_title="p90 latency (ms, log scale), perf_counter_ns around invoke()",
+                          xaxis_title="p90 latency (ms, log scale), measured on each device (clock: see the note above)",
                           yaxis_title=f"{metric} ({'%' if scale == 100 else 'on its own scale'})", xaxis=xaxis,
                           height=460, margin={"t": 60})
     bars = go.Figure()
@@ -252,15 +260,32 @@ def _fleet_selection_rows(newest: dict[str, dict[str, Any]]) -> list[list[str]]:
     return rows
 
 
+def _check_replaceable(out: Path) -> None:
+    """Raise InputError when ``out`` is an existing file that is not an HTML page (``--out`` naming the history
+    database or the fleet file would have replaced it with the report); return nothing otherwise."""
+    try:
+        with open(out, "rb") as f:
+            head = f.read(64).lstrip().lower()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return  # nothing there to lose (a folder is refused when the report is written)
+    except OSError:
+        return  # unreadable: the write says why
+    if head and not head.startswith((b"<!doctype html", b"<html")):
+        raise InputError(f"{out}: exists and is not an HTML report (a history, a fleet file?); a report never "
+                         "replaces it: choose another --out")
+
+
 def build_report(store: HistoryStore, out: Path, title: str = "edge-kit fleet report") -> dict[str, Any]:
     """Write the report to ``out`` (atomically); return what it holds (profiles, devices, plots).
 
     Raises:
-        InputError: ``out`` cannot be written (its folder is missing or read-only, the disk is full).
+        InputError: ``out`` is a file other than an HTML page (the history itself, the fleet file: a report
+            never replaces them), or cannot be written (its folder is missing or read-only, the disk is full).
         HistoryError: the history cannot be read.
     """
     import plotly.offline
 
+    _check_replaceable(Path(out))
     latest = list(store.latest_bench().values())
     decisions = {dev: d.get("chosen_sha256") for dev, d in store.latest_decisions().items()}
     status = store.latest_status()
@@ -316,8 +341,9 @@ def build_report(store: HistoryStore, out: Path, title: str = "edge-kit fleet re
     page = (f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title)}</title><style>{_CSS}</style>"
             f"<script>{plotly.offline.get_plotlyjs()}</script></head><body><h1>{html.escape(title)}</h1>"
             f"<p class=note>Generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')} from {html.escape(store.where)}: "
-            f"{len(latest)} latest benchmark records. Latency is measured on each device with perf_counter_ns around "
-            "interpreter.invoke(); accuracy on the eval set shipped with the artifacts; energy per inference comes from "
+            f"{len(latest)} latest benchmark records. Latency is measured on each device with "
+            f"{html.escape('; '.join(latency_clocks(latest)) or 'no clock (no records)')}; accuracy on the eval set "
+            "shipped with the artifacts; energy per inference comes from "
             "the power sensor named in the legend, or is an estimate from the profile's idle/busy watts and CPU use."
             + (" Some devices are simulated: their figures are measurements of the simulating machine." if simulated else "")
             + "</p>" + "".join(sections) + f"<h2>Fleet</h2>{table}</body></html>")

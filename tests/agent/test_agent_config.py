@@ -41,6 +41,109 @@ def test_agent_config_errors_name_file_line_and_key(tmp_path, text, message):
         load_agent_config(path)
 
 
+@pytest.mark.parametrize("block, message", [
+    ("bench: {min_seconds: 601}", "a.yaml:3: bench: min_seconds 601.0 is not between 0 and 600"),
+    ("bench: {threads: 1000}", "a.yaml:3: bench: threads 1000 is not between 1 and 64"),
+    ("bench: {min_seconds: -1}", "a.yaml:3: bench: min_seconds -1.0 is not between 0 and 600"),
+    ("power: {idle_w: 2.7}", "a.yaml:3: power: give both idle_w and busy_w"),
+    ("power: {idle_w: -2.7, busy_w: 5}", "a.yaml:3: power: idle_w -2.7 and busy_w 5.0 must be positive finite watts"),
+    ("power: {idle_w: 6, busy_w: 2}", "a.yaml:3: power: busy_w (2.0) must be at least idle_w (6.0)"),
+])
+def test_bench_and_power_blocks_follow_the_bench_commands_and_the_profiles_rules(tmp_path, block, message):
+    """agent.yaml took bench.min_seconds -1, 1000 threads, an idle_w alone (no estimate, silently) or a busy_w below
+    idle_w (an estimate that falls as the CPU works)."""
+    path = write(tmp_path, "a.yaml", f"device: pi-1\nfleet: f\n{block}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_agent_config(path)
+    assert str(caught.value).startswith(str(tmp_path / message))
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--min-seconds", "nan"], "--min-seconds: nan is not between 0 and 600"),
+    (["--min-seconds", "inf"], "--min-seconds: inf is not between 0 and 600"),
+    (["--threads", "100000"], "--threads: 100000 is not between 1 and 64"),
+    (["--idle-w", "nan", "--busy-w", "5"], "idle_w nan and busy_w 5.0 must be positive finite watts (--idle-w, --busy-w)"),
+    (["--idle-w", "5", "--busy-w", "2"], "busy_w (2.0) must be at least idle_w (5.0) (--idle-w, --busy-w)"),
+    (["--idle-w", "5"], "give both idle_w and busy_w (the power estimate needs both), or neither (--idle-w, --busy-w)"),
+])
+def test_agent_bench_refuses_what_would_print_a_figure_nothing_measured(tmp_path, capsys, options, message):
+    """`edgekit-agent bench --idle-w nan --busy-w 5` printed "nan W, nan mJ per inference; estimated"; --min-seconds nan
+    was ignored and inf capped silently; --idle-w alone gave "no idle_w/busy_w to estimate from"."""
+    from device_agents.__main__ import main
+
+    model = write(tmp_path, "m.tflite", "not read: the options are refused first")
+    with pytest.raises(SystemExit) as caught:
+        main(["bench", str(model), *options])
+    assert caught.value.code == 2
+    assert capsys.readouterr().err == f"edgekit-agent: error: {message}\n"
+
+
+def test_a_config_that_is_not_text_is_one_line(tmp_path):
+    """`edgekit-agent run --config` on a binary file raised UnicodeDecodeError (a traceback)."""
+    path = tmp_path / "a.yaml"
+    path.write_bytes(b"device: pi-1\n\xfc\x80 fleet")
+    with pytest.raises(ConfigError) as caught:
+        load_agent_config(path)
+    assert str(caught.value) == f"{path}: the agent config is not UTF-8 text (byte 13); write it as YAML"
+
+
+def test_the_unit_command_refuses_a_config_that_does_not_load(tmp_path, capsys):
+    """`edgekit-agent unit --config nope.yaml` printed a unit (exit 0) whose service could only fail at every boot."""
+    from device_agents.__main__ import main
+
+    for config in (tmp_path / "nope.yaml", tmp_path):
+        with pytest.raises(SystemExit) as caught:
+            main(["unit", "--config", str(config)])
+        assert caught.value.code == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err.startswith(f"edgekit-agent: error: {config}: cannot read the agent config")
+    good = write(tmp_path, "agent.yaml", "device: pi-1\nfleet: f\n")
+    main(["unit", "--config", str(good)])
+    assert f"--config {good}\n" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args", [["state"], ["rollback"], ["activate", "--variant", "int8"], ["bench", "nope.tflite"]])
+def test_agent_commands_take_json_and_then_say_an_error_in_json_too(tmp_path, capsys, args):
+    """`edgekit-agent state --json` was a usage error (only bench took --json), and `bench --json` said its errors
+    on stderr alone: a JSON reader of stdout got nothing to parse."""
+    from device_agents.__main__ import main
+
+    root = [] if args[0] == "bench" else ["--root", str(tmp_path / "nowhere")]
+    with pytest.raises(SystemExit) as caught:
+        main([*args, *root, "--json"])
+    captured = capsys.readouterr()
+    assert caught.value.code == 2 and captured.err.count("\n") == 1
+    assert json.loads(captured.out) == {"error": captured.err.removeprefix("edgekit-agent: error: ").rstrip("\n"),
+                                        "exit_code": 2}
+
+
+@pytest.mark.parametrize("delegate, option, why", [
+    ("xnnpack", "bogus=1", "runtime.options: options.bogus: unknown key (it takes none)"),
+    ("edgetpu", "devic=usb", "runtime.options: options.devic: unknown key; did you mean 'device'?")])
+def test_a_delegate_option_its_target_does_not_take_is_named_not_a_crash(tmp_path, delegate, option, why):
+    """`edgekit-agent bench --delegate-option bogus=1` said "the interpreter crashed (exit 1)": the target's
+    ConfigError escaped the smoke child; an activation with such options was reported the same way."""
+    from device_agents.errors import SmokeFailed
+    from device_agents.smoke import SmokePool
+
+    model = write(tmp_path, "m.tflite", "the options are checked before the file is read")
+    key, value = option.split("=")
+    with pytest.raises(SmokeFailed) as caught:
+        SmokePool()(model, delegate=delegate, options={key: value})
+    assert str(caught.value) == why
+
+
+@pytest.mark.parametrize("text, message", [
+    ("device: pi-1\nfleet: f\ndevice: pi-2\n", "a.yaml:3: device: given twice"),
+    ("device: pi-1\nfleet: f\nbench: {threads: 4, threads: 1}\n", "a.yaml:3: bench.threads: given twice"),
+])
+def test_a_key_given_twice_is_refused_not_silently_the_last(tmp_path, text, message):
+    """PyYAML keeps the last of two equal keys: agent.yaml with two `device:` lines ran as the second."""
+    with pytest.raises(ConfigError) as caught:
+        load_agent_config(write(tmp_path, "a.yaml", text))
+    assert str(caught.value) == f"{tmp_path / message} (YAML would keep only the last); remove one"
+
+
 def test_the_systemd_unit_runs_the_agent_with_its_config(tmp_path):
     from device_agents.unit import render_unit
 

@@ -241,3 +241,25 @@ def test_a_store_left_with_previous_equal_to_current_has_no_previous(store, tmp_
         store.rollback()
     store.ensure()
     assert not (store.root / "previous").is_symlink() and store.current() == sha
+
+
+def test_installing_a_folder_or_a_missing_file_says_which_and_makes_no_store(tmp_path):
+    """`edgekit-agent install FOLDER` said "FOLDER: no such model file" (it exists), and a missing file left an
+    empty store (models/, incoming/) under --root."""
+    store = ModelStore(tmp_path / "root")
+    (tmp_path / "folder").mkdir()
+    for src, why in ((tmp_path / "folder", "not a file"), (tmp_path / "none.tflite", "no such file")):
+        with pytest.raises(StoreError) as caught:
+            store.install(src, variant="int8", model="m")
+        assert str(caught.value) == f"{src}: {why}; give the model file to install"
+    assert not (tmp_path / "root").exists()
+
+
+@pytest.mark.parametrize("variant, model", [("", "m"), ("int8", ""), ("a\nb", "m"), ("  ", "m")])
+def test_an_empty_or_unprintable_variant_or_model_name_is_refused(store, tmp_path, variant, model):
+    """`edgekit-agent install m.tflite --variant ''` installed a model no `activate --variant` could name, shown
+    as a blank in `state`."""
+    path, _ = model_file(tmp_path, b"model")
+    with pytest.raises(StoreError, match="give a name of printable characters"):
+        store.install(path, variant=variant, model=model)
+    assert not store.root.exists()

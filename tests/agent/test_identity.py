@@ -89,6 +89,14 @@ def test_a_device_key_is_created_private_and_a_readable_one_is_refused(tmp_path)
         Signer.load_or_create(tmp_path / "identity" / "device.key")
 
 
+def test_a_key_whose_folder_is_a_file_is_one_line_naming_it(tmp_path):
+    """A key folder that is a file (a fleet file's `keys:`) raised FileExistsError from mkdir: a traceback."""
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match=r"afile/operator.key: cannot write a new key there \(File exists\); check "
+                                          r"that .*afile is a writable folder"):
+        Signer.load_or_create(tmp_path / "afile" / "operator.key")
+
+
 GOOD = messages.encode(record())
 
 

@@ -197,6 +197,18 @@ def test_keypoints_pck_and_mean_error():
     assert got["figures"]["pck"] == pytest.approx(2 / 3) and got["figures"]["mean_error"] == pytest.approx(3.5 / 3)
 
 
+def test_regression_scores_as_keypoints_and_its_errors_name_regression():
+    """`compile --task regression` with classification labels said "--task keypoints needs labels 'y.points'"."""
+    from device_agents.errors import MetricError
+
+    points = np.array([[[0.0, 0.0], [10.0, 0.0], [10.0, 10.0]]])
+    scorer = MetricSpec.build("regression", {"alpha": 0.1}).scorer()
+    assert scorer.score({"lm": points.reshape(1, -1)}, {"points": points})["figures"]["pck"] == 1.0
+    with pytest.raises(MetricError) as caught:
+        scorer.check({"y": np.zeros(1, dtype=np.int64)}, 1, "eval.npz")
+    assert str(caught.value).startswith("eval.npz: --task regression needs labels 'y.points' (found: y)")
+
+
 @pytest.mark.parametrize("label", [-1, 10, 10**12])
 def test_a_class_label_the_output_does_not_have_is_an_error_not_a_top1_of_zero(label):
     y = np.array([3, label, 1])

@@ -24,6 +24,23 @@ def test_a_bad_broker_host_is_one_line_and_leaves_nothing_behind(tmp_path, run_c
     assert code == 0, err
 
 
+def test_an_out_that_is_a_file_or_cannot_be_made_is_one_line(tmp_path, run_cli):
+    """`fleet init --out FILE` raised NotADirectoryError, and an --out under a folder that cannot be created
+    FileNotFoundError: tracebacks, nothing on stdout with --json."""
+    import json
+
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text(yaml.safe_dump(FLEET))
+    (tmp_path / "a-file").write_text("mine")
+    for out_dir, why in ((tmp_path / "a-file", f"{tmp_path}/a-file: a file, not a folder; choose another --out"),
+                         (tmp_path / "a-file" / "wall", f"{tmp_path}/a-file: cannot write the broker's files there (")):
+        code, out, err = run_cli("fleet", "init", "--fleet", fleet_file, "--broker-host", "h", "--out", out_dir, "--json")
+        assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+        assert json.loads(out)["error"].startswith(why)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "fleet.yaml"]
+    assert (tmp_path / "a-file").read_text() == "mine"
+
+
 def test_an_interrupted_init_leaves_no_wall_and_the_next_one_writes_it_with_private_modes(tmp_path, monkeypatch):
     def interrupted(*_args, **_kwargs):
         raise KeyboardInterrupt

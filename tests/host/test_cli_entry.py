@@ -189,5 +189,46 @@ def test_an_infinite_number_is_refused_like_any_bad_value(args):
     """`inf` passes a lower bound; a wait on it was an OverflowError traceback after the command was sent."""
     result = run_edgekit("pass", *args, "--fleet", "fleet.yaml", "--json")
     assert result.returncode == 2
-    assert ": inf: give a finite number (see `edgekit " in json.loads(result.stdout)["error"]
+    error = json.loads(result.stdout)["error"]  # an option bounded above too says its bound
+    assert ": inf: give a finite number (see `edgekit " in error or "less than or equal to 86400 (see `edgekit " in error
     assert result.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("args, option, bound", [
+    (["bench", "--device", "d1", "--timeout", "1e300"], "--timeout", "86400"),
+    (["bench", "--device", "d1", "--min-seconds", "601"], "--min-seconds", "600"),
+    (["bench", "--device", "d1", "--min-runs", "99999999999"], "--min-runs", "1000000"),
+    (["tune", "--artifacts", "a", "--min-seconds", "1e9"], "--min-seconds", "600"),
+    (["tune", "--artifacts", "a", "--timeout", "1e12"], "--timeout", "86400"),
+    (["deploy", "--artifacts", "a", "--health-timeout", "90000"], "--health-timeout", "86400"),
+    (["keys", "rotate", "--timeout", "1e300"], "--timeout", "86400"),
+    (["rollout", "start", "a", "--store", "http://s", "--wave-timeout", "1e300"], "--wave-timeout", "86400"),
+    (["deploy", "--artifacts", "a", "--gate", "live", "--gate-window", "1e300"], "--gate-window", "86400")])
+def test_a_number_beyond_what_the_agent_or_a_wait_takes_is_refused_before_anything_is_sent(args, option, bound):
+    """`bench --timeout 1e300` sent the command, then died in its wait (OverflowError traceback); `bench
+    --min-seconds 601` was the agent's refusal, exit 1, naming its argument 'min_seconds' instead of the option;
+    `deploy --health-timeout 90000` failed every device (its activation expired beyond the day the agent takes)."""
+    result = run_edgekit("pass", *args, "--fleet", "fleet.yaml", "--json")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    error = json.loads(result.stdout)["error"]
+    assert f"'{option}'" in error and f"less than or equal to {bound}" in error
+
+
+@pytest.mark.parametrize("args, error", [
+    (["--canary", "0%"], "--canary 0%: give a share above 0 (e.g. 10%), or leave --canary out to deploy to every "
+                         "device at once"),
+    (["--canary", "10%", "--gate", "live", "--gate-shadow", "0.5", "--gate-min-snr-db", "nan"],
+     "Invalid value for '--gate-min-snr-db': nan: give a finite number (see `edgekit deploy --help`)")])
+def test_a_canary_of_nothing_or_a_nan_fidelity_bound_is_refused(tmp_path, args, error):
+    """`deploy --canary 0%` deployed to every device at once (a share of 0 read as no --canary), and
+    `--gate-min-snr-db nan` was taken: a bound no live SNR is ever below, so fidelity never rolled back."""
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text("fleet: f\ndevices: [{name: a, host: h, user: u, profile: rpi4}]\n")
+    from edge_kit.manifest import Manifest
+
+    (tmp_path / "art").mkdir()
+    (tmp_path / "art" / "manifest.json").write_text(Manifest(created="2026-11-29T00:00:00+00:00", model={"name": "m"},
+                                                             versions={}, profiles={}, artifacts=[]).to_json())
+    result = run_edgekit("pass", "deploy", "--fleet", str(fleet_file), "--artifacts", str(tmp_path / "art"), *args, "--json")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert json.loads(result.stdout)["error"] == error

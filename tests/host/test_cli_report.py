@@ -233,6 +233,34 @@ def test_a_report_from_a_fleet_without_a_history_yet_says_what_to_run(tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fleet.yaml"]
 
 
+@pytest.mark.parametrize("command", [["fleet", "status"], ["select"], ["rollout", "list"], ["rollout", "status", "r1"],
+                                     ["rollout", "resume", "r1"], ["rollout", "abort", "r1"],
+                                     ["report", "--out", "{tmp}/r.html"]])
+def test_a_mistyped_history_file_is_named_and_not_made_into_a_new_empty_one(tmp_path, run_cli, command):
+    """`fleet status --history histroy.db` made a new, empty database there and showed every device "never seen",
+    exit 0; `rollout list` printed no rollouts; `select` said no tune had run. A command that only reads now
+    refuses a --history file that is not there."""
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text("fleet: f\ndevices: [{name: a, host: h, user: u, profile: rpi4}]\n")
+    typo = tmp_path / "histroy.db"
+    code, out, err = run_cli(*[a.format(tmp=tmp_path) for a in command], "--fleet", fleet_file, "--history", typo, "--json")
+    assert code == 2 and err.count("\n") == 1, err
+    assert json.loads(out)["error"] == (f"{typo}: no history store; check --history (`edgekit monitor` and "
+                                        "`edgekit tune` write one)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fleet.yaml"]
+
+
+@pytest.mark.parametrize("command", [["report", "--out", "{tmp}/r.html"], ["fleet", "status", "--fleet", "{tmp}/fleet.yaml"]])
+def test_a_read_of_an_empty_file_as_the_history_leaves_it_empty(tmp_path, run_cli, command):
+    """`report --history notes.txt` (an empty file) wrote a new history's tables into it and reported nothing, exit 0."""
+    (tmp_path / "fleet.yaml").write_text("fleet: f\ndevices: [{name: a, host: h, user: u, profile: rpi4}]\n")
+    empty = tmp_path / "notes.txt"
+    empty.write_bytes(b"")
+    code, out, err = run_cli(*[a.format(tmp=tmp_path) for a in command], "--history", empty, "--json")
+    assert code == 2 and json.loads(out)["error"] == f"{empty}: an empty file, not a history store; check --history"
+    assert empty.read_bytes() == b"" and not (tmp_path / "r.html").exists()
+
+
 def test_the_demo_table_says_where_every_column_came_from(capsys):
     """The demo's footer named the latency clock (as LiteRT's, whatever ran) and the energy method, but not where
     top-1 or the application's top-1 came from; now every column's source is named from the records."""
@@ -296,3 +324,62 @@ def test_energy_bars_never_average_a_simulated_devices_figure_into_a_real_ones()
     sim = {**_bench("rpi4-2", "int8", 0.2, 0.99, 2), "power": {**real["power"], "energy_per_inference_mj": 0.1}}
     _scatter, bars = _profile_figures(load_profile("rpi4"), [real, sim], {})
     assert {t.name: list(t.y) for t in bars.data} == {"estimated": [0.5], "estimated, simulated devices": [0.1]}
+
+
+def test_tune_counts_the_rounds_its_option_bounds_and_names_the_verify_decision_apart(capsys):
+    """`tune --rounds 1` printed "2 round(s)": the verify decision on the last switches' health benchmarks was
+    counted as a round."""
+    from edge_kit.cli.loop import print_tune
+    from edge_kit.fleet.deploy import GroupResult
+    from edge_kit.loop.tune import TuneReport
+
+    report = TuneReport(GroupResult([]))
+    report.rounds = [{"round": 1, "measured": 3, "silent": {}, "switched": ["a"], "verify": False},
+                     {"round": 2, "measured": 0, "silent": {}, "switched": [], "verify": True}]
+    print_tune(report)
+    text = " ".join(capsys.readouterr().out.split())
+    assert "1 round(s) and a verify decision on the switches' health benchmarks; switched: a" in text
+    report.rounds = report.rounds[:1]
+    report.rounds[0]["switched"] = []
+    print_tune(report)
+    assert "1 round(s); switched: nothing" in " ".join(capsys.readouterr().out.split())
+
+
+def test_the_report_names_each_clock_its_records_were_timed_with(tmp_path):
+    """The report said "perf_counter_ns around interpreter.invoke()" for every record, though the onnx-* variants
+    were timed around session.run() (their records say so)."""
+    from edge_kit.telemetry.report import build_report
+    from edge_kit.telemetry.store import Store
+
+    store = Store(tmp_path / "h.db")
+    litert, onnx = _bench("rpi4-1", "int8", 0.2, 0.99, 1), _bench("rpi4-1", "onnx-int8", 0.3, 0.99, 2)
+    litert.update(latency_method="time.perf_counter_ns around interpreter.invoke()", runtime="litert")
+    onnx.update(latency_method="time.perf_counter_ns around session.run()", runtime="onnxruntime")
+    store.add_many([("bench", litert), ("bench", onnx)])
+    build_report(store, tmp_path / "r.html")
+    page = (tmp_path / "r.html").read_text()
+    assert ("Latency is measured on each device with time.perf_counter_ns around interpreter.invoke() (litert); "
+            "time.perf_counter_ns around session.run() (onnxruntime);") in page
+
+
+def test_the_report_never_replaces_the_history_or_the_fleet_file(tmp_path, run_cli):
+    """`report --fleet sim/fleet.yaml --out sim/edgekit-history.db` replaced the whole history with the HTML page,
+    exit 0; `--out fleet.yaml` would have replaced the fleet file. A report replaces only an HTML page."""
+    from edge_kit.telemetry.store import Store
+
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text("fleet: sim\ndevices: [{name: rpi4-1, host: h, user: u, profile: rpi4}]\n")
+    history = tmp_path / "edgekit-history.db"
+    store = Store(history)
+    store.add_many([("bench", _bench("rpi4-1", "int8", 0.2, 0.99, 1))])
+    store.close()
+    before = {p: p.read_bytes() for p in (fleet_file, history)}
+    for out in before:
+        code, stdout, err = run_cli("report", "--fleet", fleet_file, "--out", out, "--json")
+        assert code == 2 and json.loads(stdout)["error"] == (f"{out}: exists and is not an HTML report (a history, a "
+                                                             "fleet file?); a report never replaces it: choose another --out")
+    assert {p: p.read_bytes() for p in before} == before
+    page = tmp_path / "r.html"
+    for _ in range(2):  # an earlier report is replaced
+        code, _, err = run_cli("report", "--fleet", fleet_file, "--out", page)
+        assert code == 0, err

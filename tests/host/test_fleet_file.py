@@ -163,3 +163,43 @@ def test_a_simulated_devices_agent_estimates_its_power_from_its_profile_never_fr
     sim = yaml.safe_load(agent_config(fleet, fleet.device("pi-2"))[0])["power"]
     assert real["sensors"] == ["ina219", "hwmon"] and sim["sensors"] == []
     assert (sim["idle_w"], sim["busy_w"]) == (real["idle_w"], real["busy_w"]) == (2.7, 6.4)
+
+
+def test_a_missing_broker_password_file_names_the_fleet_file(tmp_path, run_cli):
+    """`bench` with a broker.password_file that is not there said "fleet file: broker.password_file ...", not
+    which fleet file."""
+    fleet_file = tmp_path / "plant.yaml"
+    fleet_file.write_text("fleet: f\nbroker: {host: 127.0.0.1, port: 1, password_file: nope.pass}\n"
+                          "devices: [{name: a, host: h, user: u, profile: rpi4}]\n")
+    with pytest.raises(ConfigError) as caught:
+        load_fleet(fleet_file).broker_password()
+    assert str(caught.value) == f"{fleet_file}: broker.password_file {tmp_path}/nope.pass: No such file or directory"
+    code, out, err = run_cli("bench", "--fleet", fleet_file, "--device", "a", "--json")
+    assert code == 2 and json.loads(out)["error"] == str(caught.value)
+
+
+@pytest.mark.parametrize("ca, error", [("nope.pem", "broker.tls.ca {tmp}/nope.pem: no such file"),
+                                       ("notpem.pem", "broker.tls (ca {tmp}/notpem.pem): not a PEM certificate or key (")])
+def test_a_broker_ca_that_is_missing_or_no_certificate_is_one_line(tmp_path, run_cli, ca, error):
+    """`bench` or `monitor` with a fleet file whose broker.tls.ca is missing raised FileNotFoundError from paho's
+    tls_set (a traceback, nothing on stdout with --json); the agent with such an agent.yaml did the same."""
+    (tmp_path / "notpem.pem").write_text("not a certificate\n")
+    fleet_file = tmp_path / "plant.yaml"
+    fleet_file.write_text(f"fleet: f\nbroker: {{host: 127.0.0.1, port: 1, tls: {{ca: {ca}}}}}\n"
+                          "devices: [{name: a, host: h, user: u, profile: rpi4}]\n")
+    for command in (["bench", "--device", "a"], ["monitor", "--duration", "1"]):
+        code, out, err = run_cli(*command, "--fleet", fleet_file, "--json")
+        assert code == 2 and err.count("\n") == 1, err
+        assert json.loads(out)["error"].startswith(error.format(tmp=tmp_path))
+
+
+def test_a_keys_folder_that_is_a_file_is_one_line(tmp_path, run_cli):
+    """A fleet file whose `keys:` named a file made `edgekit bench` (any command that signs) raise FileExistsError
+    from mkdir: a traceback, nothing on stdout with --json."""
+    (tmp_path / "afile").write_text("x")
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text("fleet: f\nkeys: afile\nbroker: {host: 127.0.0.1, port: 1}\n"
+                          "devices: [{name: a, host: h, user: u, profile: rpi4}]\n")
+    code, out, err = run_cli("bench", "--fleet", fleet_file, "--device", "a", "--json")
+    assert code == 2 and err.count("\n") == 1
+    assert json.loads(out)["error"].startswith(f"{tmp_path}/afile/operator.key: cannot write a new key there")

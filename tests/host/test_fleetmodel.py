@@ -185,6 +185,25 @@ def test_decisions_mark_each_figure_measured_or_inferred_with_an_interval():
     assert decision.as_dict()["kind"] == "fleet selection"
 
 
+def test_a_decisions_table_marks_chosen_and_current_with_json_booleans(tmp_path):
+    """`tune --budget ... --json` printed "chosen": "False" and "current": "True" in each row (numpy booleans that
+    json.dumps(default=str) spelled as strings), and the history kept them so: the string "False" is true."""
+    import json
+
+    from edge_kit.telemetry.store import Store
+
+    fleet = make_fleet(60, noise=0.05, outliers=0.0, seed=12)
+    plan = plan_measurements(fleet.spec, _sample_all(fleet, range(60)), budget=0)
+    decision = decisions_of(plan, {x: f"sha-{x}" for x in fleet.spec.variants}, [5])[0]
+    rows = json.loads(json.dumps(decision.as_dict(), default=str))["table"]
+    assert all(type(r["chosen"]) is bool and type(r["current"]) is bool for r in rows)
+    assert [r["variant"] for r in rows if r["chosen"]] == [decision.chosen]
+    store = Store(tmp_path / "h.db")
+    store.add_decision(decision.as_dict())
+    kept = store.latest_decisions((decision.as_dict()["kind"],))[decision.device]
+    assert [r["variant"] for r in kept["table"] if r["chosen"]] == [decision.chosen]
+
+
 def test_with_every_candidate_measured_the_fleet_decision_is_the_policys():
     fleet = make_fleet(60, noise=0.05, outliers=0.0, seed=11)
     spec = fleet.spec

@@ -48,10 +48,32 @@ def test_an_artifacts_path_that_is_not_one_compiled_model_says_what_to_give(tmp_
         assert str(caught.value) == message
 
 
-def test_a_mistyped_example_name_gets_the_closest_one(run_cli):
+@pytest.mark.parametrize("content, why", [(b"[]", "not a manifest (its JSON is an array, not an object)"),
+                                          (b"null", "not a manifest (its JSON is null, not an object)"),
+                                          (b"\x82\xffPK garbage", "unreadable manifest ('utf-8' codec can't decode")])
+def test_a_manifest_that_is_json_but_no_object_or_not_text_is_one_line(tmp_path, run_cli, content, why):
+    """`select --artifacts` on a manifest.json holding `[]` raised AttributeError, and on binary garbage
+    UnicodeDecodeError, both with a traceback and nothing on stdout for --json."""
+    from edge_kit.errors import InputError
+    from edge_kit.manifest import read_manifest
+
+    (tmp_path / "manifest.json").write_bytes(content)
+    with pytest.raises(InputError) as caught:
+        read_manifest(tmp_path)
+    assert str(caught.value).startswith(f"{tmp_path}/manifest.json: {why}")
+    (tmp_path / "fleet.yaml").write_text("fleet: f\ndevices: [{name: d1, host: 127.0.0.1, user: pi, profile: rpi4}]\n")
+    code, out, err = run_cli("select", "--fleet", tmp_path / "fleet.yaml", "--artifacts", tmp_path, "--json")
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert json.loads(out)["error"].startswith(f"{tmp_path}/manifest.json: {why}")
+
+
+def test_a_mistyped_example_name_gets_the_closest_one_and_leaves_no_folder(run_cli, tmp_path, monkeypatch):
+    """... and it no longer leaves an empty examples/ folder behind (the folder was made before the name was checked)."""
+    monkeypatch.chdir(tmp_path)
     code, out, err = run_cli("example", "digit", "--json")
     assert code == 2 and err.count("\n") == 1
     assert json.loads(out)["error"] == "unknown example 'digit'; did you mean 'digits'? (choose from: digits, mobilenet, mobilenetv2)"
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_the_input_shape_hint_names_each_dynamic_dimension_apart():

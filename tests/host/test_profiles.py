@@ -52,6 +52,20 @@ def test_misspelled_key_names_file_line_key_and_closest_valid_name(tmp_path):
     assert str(exc.value) == f"{path}:6: runtime.delegat: unknown key; did you mean 'delegate'?"
 
 
+@pytest.mark.parametrize("extra, line, key", [("constraints: {max_latency_p90_ms: 5000}\n", 11, "constraints"),
+                                             ("", 8, "runtime.threads")])
+def test_a_key_given_twice_is_refused_not_silently_the_last(tmp_path, run_cli, extra, line, key):
+    """A profile with a second `constraints:` line (a pasted block) loaded with the second alone: PyYAML keeps
+    the last of two equal keys without a word, so a 50 ms bound became 5000 ms; fleet files read the same way."""
+    text = GOOD + extra if extra else GOOD.replace("  threads: 2", "  threads: 2\n  threads: 4")
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as exc:
+        load_profile(path)
+    assert str(exc.value) == f"{path}:{line}: {key}: given twice (YAML would keep only the last); remove one"
+    code, out, err = run_cli("profiles", "check", path, "--json")
+    assert code == 2 and err == f"edgekit: error: {exc.value}\n"
+
+
 def test_misspelled_top_level_key(tmp_path):
     path = write(tmp_path, GOOD.replace("constraints:", "constraint:"))
     with pytest.raises(ConfigError, match=r"mine.yaml:9: constraint: unknown key; did you mean 'constraints'\?"):

@@ -3,6 +3,7 @@ cleans up), so nothing is left running; the interrupt is raised after."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -80,3 +81,60 @@ def test_started_at_tells_a_running_process_from_none():
 
     assert isinstance(started_at(os.getpid()), int) and started_at(os.getpid()) == started_at(os.getpid())
     assert started_at(None) is None and started_at(2 ** 22 + 12345) is None
+
+
+@pytest.mark.parametrize("content", [b"", b"[1]", b'{"devices": [1]}', b"\x82\xff not text"])
+def test_a_damaged_sim_json_is_one_line_not_nothing_is_up(tmp_path, run_cli, content):
+    """`sim down` on a sim.json holding `[1]` raised TypeError (a traceback); on an empty or garbled one it said
+    "nothing is up" and exited 0 while the processes it had recorded kept running (and `sim up` started a
+    second fleet over it). Now both say which file cannot be read and what to do, exit 2, and stop nothing."""
+    (tmp_path / "sim.json").write_bytes(content)
+    for command in (["sim", "down"], ["sim", "up", "--devices", "1"]):
+        code, out, err = run_cli(*command, "--dir", tmp_path, "--json")
+        assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+        assert json.loads(out)["error"].startswith(f"{tmp_path}/sim.json: unreadable (")
+        assert "stop its broker, sshd and agent processes by hand" in err
+    assert (tmp_path / "sim.json").read_bytes() == content
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sim.json"]
+
+
+def test_sim_down_where_nothing_was_started_says_so(tmp_path, run_cli):
+    code, out, err = run_cli("sim", "down", "--dir", tmp_path / "none", "--json")
+    assert code == 0 and json.loads(out) == {"stopped": []}
+
+
+@pytest.mark.parametrize("command", [["sim", "up", "--devices", "1"], ["demo", "--devices", "1"]])
+def test_a_dir_that_is_a_file_or_cannot_be_made_is_one_line_and_starts_nothing(tmp_path, run_cli, command):
+    """`sim up --dir /no/such/x` and `demo --dir FILE` raised FileNotFoundError / FileExistsError (tracebacks)."""
+    (tmp_path / "a-file").write_text("mine")
+    for folder in (tmp_path / "a-file", tmp_path / "a-file" / "sim"):
+        code, out, err = run_cli(*command, "--dir", folder, "--json")
+        assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+        assert json.loads(out)["error"].endswith("; choose another with --dir")
+    assert [p.name for p in tmp_path.iterdir()] == ["a-file"] and (tmp_path / "a-file").read_text() == "mine"
+
+
+@pytest.mark.parametrize("options, error", [
+    (["--store", "{tmp}/nope"], "{tmp}/nope: no such store folder; run `edgekit publish ARTIFACTS --store {tmp}/nope` first"),
+    (["--store", "{tmp}/a-file"], "{tmp}/a-file: not a folder; run `edgekit publish ARTIFACTS --store {tmp}/a-file` first"),
+    (["--embedded-broker"], "the embedded broker has no credentials, ACL or TLS: install Mosquitto (apt install "
+                            "mosquitto), or pass --insecure to run it anonymous and plain")])
+def test_sim_up_refuses_a_bad_store_or_broker_choice_before_starting_anything(tmp_path, run_cli, options, error):
+    """`sim up --store nope` started the broker, then failed, leaving broker/ and broker-wall/ (its secrets) in
+    --dir; `--embedded-broker` without --insecure (a bad choice of options) exited 1, not 2."""
+    (tmp_path / "a-file").write_text("x")
+    code, out, err = run_cli("sim", "up", "--devices", "1", "--dir", tmp_path / "sim",
+                             *[o.format(tmp=tmp_path) for o in options], "--json")
+    assert code == 2 and json.loads(out)["error"] == error.format(tmp=tmp_path), err
+    assert not (tmp_path / "sim").exists()
+
+
+def test_sim_up_never_replaces_a_fleet_file_it_did_not_write(tmp_path, run_cli):
+    """`sim up --dir .` in a real fleet's folder replaced its fleet.yaml (and known_hosts) with the simulated
+    fleet's; now a fleet file that is not a simulated one is refused before anything starts."""
+    real = "fleet: plant\ndevices: [{name: a, host: h, user: u, profile: rpi4}]\n"
+    (tmp_path / "fleet.yaml").write_text(real)
+    code, out, err = run_cli("sim", "up", "--devices", "1", "--dir", tmp_path, "--json")
+    assert code == 2 and json.loads(out)["error"] == (f"{tmp_path}/fleet.yaml: a fleet file `edgekit sim up` did not "
+                                                      "write (not simulated), which it would replace; choose another --dir")
+    assert (tmp_path / "fleet.yaml").read_text() == real and [p.name for p in tmp_path.iterdir()] == ["fleet.yaml"]

@@ -523,3 +523,30 @@ def test_abort_waits_for_a_live_driver_and_says_when_it_did_not_stop(tmp_path):
     history.save_rollout("d", "done", history.rollout("r")["body"])
     with pytest.raises(RolloutError, match="rollout d is done already; nothing to abort"):
         Rollout(history, "d", FakeBroker()).abort()
+
+
+@pytest.mark.parametrize("options, error", [
+    (["--store", "ftp://127.0.0.1/s"], "--store ftp://127.0.0.1/s: devices fetch over HTTP(S); give the store's http:// "
+                                       "or https:// URL"),
+    (["--store", "http://127.0.0.1:1", "--variant", "fp16"], "rollout r: no device gets an artifact: a: variant fp16 "
+                                                             "is not built for profile rpi4 (built: int8)")])
+def test_a_store_url_or_variant_that_cannot_be_rolled_out_is_bad_input_exit_2_like_deploy(tmp_path, run_cli, options, error):
+    """`rollout start --store ftp://...` and `--variant <not built>` exited 4 (a rollout that failed) where
+    `deploy --variant <not built>` exits 2 (bad input); nothing is recorded or sent in either case."""
+    fleet_file, folder = one_artifact_plan(tmp_path, devices="a")
+    code, out, err = run_cli("rollout", "start", "--fleet", fleet_file, folder, *options, "--id", "r", "--json")
+    assert code == 2, err
+    assert json.loads(out)["error"] == error and err.count("\n") == 1
+    assert Store(tmp_path / "edgekit-history.db").rollout("r") is None
+
+
+@pytest.mark.parametrize("state, advice", [("done", "give another --id"),
+                                           ("stopped", "`edgekit rollout resume r`, or give another --id")])
+def test_starting_an_existing_rollout_id_sends_the_user_to_resume_only_when_it_can_go_on(tmp_path, run_cli, state, advice):
+    """`rollout start --id r1` on a finished r1 said "`edgekit rollout resume r1`", which answered "r1 is done;
+    start a new one"."""
+    fleet_file, folder = one_artifact_plan(tmp_path, devices="a")
+    Store(tmp_path / "edgekit-history.db").save_rollout("r", state, {"id": "r", "targets": {}})
+    code, out, err = run_cli("rollout", "start", "--fleet", fleet_file, folder, "--store", "http://127.0.0.1:1",
+                             "--id", "r", "--json")
+    assert code == 4 and json.loads(out)["error"] == f"rollout r exists already ({state}); {advice}"

@@ -440,3 +440,26 @@ def test_a_store_trickling_its_answer_cannot_hold_rollout_start(published, trick
     with pytest.raises(DeployError, match=r"did not answer .* within 3 s") as exc:
         check_published(trickling_http, {sha: 600_000}, timeout_s=1.0)
     assert time.monotonic() - t0 < 6 and "\n" not in str(exc.value)
+
+
+def test_an_empty_store_option_is_refused_not_the_current_folder(tmp_path, run_cli, monkeypatch):
+    """`publish FOLDER --store ""` (an unset shell variable) wrote sha256/ and manifests/ into the current folder."""
+    folder = compiled_folder(tmp_path / "artifacts", {"int8": 1000})
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    code, out, err = run_cli("publish", folder, "--store", "", "--json")
+    assert code == 2 and err == "edgekit: error: --store '': give the store folder, e.g. --store store\n"
+    assert json.loads(out)["exit_code"] == 2 and list(cwd.iterdir()) == []
+
+
+def test_a_store_inside_the_artifacts_folder_is_refused(tmp_path):
+    """`publish artifacts/digits --store artifacts/digits/store` wrote the store into the compile's folder, which
+    the next compile of that model replaces whole: the store devices fetch from would go with it."""
+    folder = compiled_folder(tmp_path / "artifacts", {"int8": 1000})
+    before = sorted(p.name for p in folder.iterdir())
+    for store in (folder, folder / "store"):
+        with pytest.raises(InputError, match="inside the artifacts folder .*choose a folder outside it"):
+            publish(folder, store)
+    assert sorted(p.name for p in folder.iterdir()) == before
+    assert publish(folder, tmp_path / "store").model == "tiny"

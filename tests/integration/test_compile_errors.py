@@ -165,7 +165,12 @@ def test_a_metric_that_cannot_score_the_reference_is_one_line_and_writes_nothing
     code, _, err = run_cli("compile", digits_files.model, "-p", "coral-devboard", "--eval", tmp_path / "e.npz",
                            "--out", tmp_path / "o")
     assert "labels 'y' hold class 10 at sample" in one_line_error(code, err)
-    assert not (tmp_path / "o" / "digits").exists()
+    # "nothing was written": not even the --out folder the compile made (it was left behind, empty)
+    assert not (tmp_path / "o").exists()
+    (tmp_path / "kept").mkdir()
+    code, _, err = run_cli("compile", digits_files.model, "-p", "coral-devboard", "--eval", tmp_path / "e.npz",
+                           "--out", tmp_path / "kept")
+    assert code == 2 and (tmp_path / "kept").is_dir()  # a folder that was there stays
 
 
 def test_a_profile_name_given_twice_is_refused(digits_files, tmp_path, run_cli):

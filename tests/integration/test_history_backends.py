@@ -367,3 +367,17 @@ def test_a_server_restarted_while_the_store_was_idle_costs_no_call():
         server.start()
         assert store.count("bench") == 3 and len(store.decisions()) == 1
         store.close()
+
+
+@pytest.mark.parametrize("url, why", [("postgresql://edgekit:secret@[::1/edgekit", "Invalid IPv6 URL"),
+                                      ("postgresql://edgekit:secret@h:99999/edgekit", "Port out of range 0-65535")])
+def test_a_history_url_that_does_not_parse_is_bad_input_without_its_password(url, why, run_cli, tmp_path):
+    """`--history postgresql://u:pw@[::1/db` (or a port over 65535) raised ValueError from urllib (a traceback)."""
+    from edge_kit.errors import InputError
+
+    with pytest.raises(InputError) as info:
+        open_history(url)
+    assert str(info.value) == (f"--history: not a valid PostgreSQL URL ({why}); give "
+                               "postgresql://user:password@host:port/db")
+    code, out, err = run_cli("report", "--history", url, "--out", tmp_path / "r.html")
+    assert code == 2 and err == f"edgekit: error: {info.value}\n" and "secret" not in err

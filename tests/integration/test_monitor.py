@@ -311,3 +311,15 @@ def test_a_refused_message_s_topic_is_kept_short_in_alerts_and_the_invalid_table
     assert "60," in mon.alerts[0].device  # says how long it was
     topics = [t for (t,) in store._rows("SELECT topic FROM invalid")]
     assert len(topics) == 20 and max(map(len, topics)) <= limit
+
+
+@pytest.mark.parametrize("option, value, error", [
+    ("--share", "a/b", "--share 'a/b': give a group name without '/', '+' or '#' (e.g. monitors)"),
+    ("--share", "", "--share '': give a group name without '/', '+' or '#' (e.g. monitors)"),
+    ("--client-id", "", "--client-id: give 1 to 65,535 bytes (got 0)"),
+    ("--client-id", "x" * 70_000, "--client-id: give 1 to 65,535 bytes (got 70,000)")])
+def test_a_share_group_or_client_id_mqtt_cannot_carry_is_refused(fleet, tmp_path, run_cli, option, value, error):
+    """`monitor --share a/b` subscribed to `$share/a/b/edgekit/...` (group a, another topic) and stored nothing,
+    exit 0; `--client-id ''` got a random id (no persistent session); a 70,000-byte one a struct.error traceback."""
+    code, out, err = run_cli("monitor", "--fleet", fleet.source, "--duration", "1", option, value, "--json")
+    assert code == 2 and json.loads(out)["error"] == error and err.count("\n") == 1

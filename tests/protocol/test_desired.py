@@ -31,6 +31,15 @@ def test_a_desired_body_round_trips_and_bad_fields_are_named():
             parse_desired({**good(), **change})
 
 
+@pytest.mark.parametrize("store", ["http://[::1", "http://s.example:99999", "http://", "https:///path"])
+def test_a_store_url_with_no_host_or_that_does_not_parse_is_refused(store):
+    """`rollout start --store http://[::1` raised urllib's ValueError (a traceback) on the host, and a device given
+    such a store would have failed in its fetch: both sides refuse it here."""
+    with pytest.raises(MessageError, match="is not an http:// or https:// URL"):
+        parse_desired({**good(), "store": store})
+    assert parse_desired({**good(), "store": "http://[::1]:8080/store"}).store == "http://[::1]:8080/store"
+
+
 def test_a_reported_body_with_nonsense_inside_is_refused():
     ok = reported_body(parse_desired(good()), "converged", {"sha256": SHA, "variant": "int8", "model": "digits", "bytes": 10},
                        download={"bytes": 10, "resumed": False, "seconds": 0.5})
