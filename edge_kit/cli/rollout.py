@@ -12,6 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsed
 from rich.table import Table
 
 from edge_kit.cli.app import (
+    WAIT_MAX_S,
     DevicesOpt,
     FleetOpt,
     GateAlphaOpt,
@@ -23,7 +24,6 @@ from edge_kit.cli.app import (
     GateWindowOpt,
     HistoryOpt,
     JsonOpt,
-    WAIT_MAX_S,
     app,
     emit_json,
     err,

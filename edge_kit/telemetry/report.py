@@ -35,9 +35,11 @@ td.num{text-align:right;font-variant-numeric:tabular-nums}.bad{color:#b00}.note{
 def latency_clocks(records: list[dict[str, Any]]) -> list[str]:
     """Return how the bench ``records`` timed their latency, each ``"<latency_method> (<runtime>)"`` once, sorted
     (e.g. ``time.perf_counter_ns around session.run() (onnxruntime)``): every clock that measured them, never one
-    assumed for all."""
-    return sorted({f"{r.get('latency_method') or 'clock not named'} ({r.get('runtime') or 'runtime not named'})"
-                   for r in records})
+    assumed for all. A device's words are cut (:func:`~edgekit_protocol.labels.clip`), and past 8 clocks the
+    rest are counted."""
+    clocks = sorted({f"{clip(str(r.get('latency_method') or 'clock not named'), 120)} "
+                     f"({clip(str(r.get('runtime') or 'runtime not named'), 40)})" for r in records})
+    return clocks if len(clocks) <= 8 else [*clocks[:8], f"{len(clocks) - 8} other clocks"]
 
 
 def _power_source(rec: dict[str, Any]) -> str:

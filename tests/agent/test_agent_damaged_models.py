@@ -132,12 +132,3 @@ def test_a_root_without_a_store_is_named_not_shown_as_an_empty_one(tmp_path, com
     line = error_line(agent_cli(*command, "--root", typo))
     assert f"no model store at {typo} (no models/ folder): give the agent's root with --root" in line
     assert not typo.exists()
-
-
-@pytest.mark.parametrize("command", [["state"], ["rollback"], ["activate", "--variant", "fp32"]])
-def test_the_store_commands_take_json_and_answer_an_error_as_one_json_document(tmp_path, command):
-    """Every command takes --json (README): `edgekit-agent state --json` was 'unrecognized arguments'."""
-    typo = tmp_path / "edgkit"
-    done = agent_cli(*command, "--root", typo, "--json")
-    line = error_line(done)
-    assert json.loads(done.stdout) == {"error": line.removeprefix("edgekit-agent: error: "), "exit_code": 2}

@@ -13,7 +13,13 @@ from device_agents.identity import Signer, encode_key
 from edge_kit.errors import ConfigError, InputError
 from edge_kit.fleet.inventory import load_fleet
 from edge_kit.loop.waves import RolloutSettings, plan_rollout
-from edge_kit.manifest import Artifact, ArtifactTrust, Manifest, read_manifest, sign_manifest
+from edge_kit.manifest import (
+    Artifact,
+    ArtifactTrust,
+    Manifest,
+    read_manifest,
+    sign_manifest,
+)
 
 
 def compiled(tmp_path: Path) -> Path:
