@@ -60,6 +60,8 @@ class ModelStats:
     weights_nonzero: int
     inputs: list[dict[str, Any]] = field(default_factory=list)  # name, shape, shape_signature, dtype, quantization
     outputs: list[dict[str, Any]] = field(default_factory=list)
+    input_tensors: list[int] = field(default_factory=list)  # tensor index of each of ``inputs``, in order
+    output_tensors: list[int] = field(default_factory=list)  # likewise for ``outputs``
 
     @property
     def sparsity(self) -> float:
@@ -72,13 +74,15 @@ def gzip_size(data: bytes) -> int:
     return len(gzip.compress(data, compresslevel=9, mtime=0))
 
 
-def _io(interp: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Return the manifest entries of the model's inputs and outputs, named as the agent names them."""
+def _io(interp: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[int], list[int]]:
+    """Return the manifest entries of the model's inputs and outputs, named as the agent names them,
+    then the tensor index of each input and of each output."""
     signature = {int(d["index"]): [int(x) for x in d.get("shape_signature", d["shape"])]
                  for d in [*interp.get_input_details(), *interp.get_output_details()]}
     ins, outs = ports(interp)
     return ([{**p.record(), "shape_signature": signature[p.index]} for p in ins],
-            [{**p.record(), "shape_signature": signature[p.index]} for p in outs])
+            [{**p.record(), "shape_signature": signature[p.index]} for p in outs],
+            [p.index for p in ins], [p.index for p in outs])
 
 
 def _names(enum: Any) -> dict[int, str]:
@@ -228,7 +232,7 @@ def analyse(data: bytes) -> ModelStats:
         weights += int(w.size)
         weights_nonzero += nnz
 
-    inputs, outputs = _io(interp)
+    inputs, outputs, input_tensors, output_tensors = _io(interp)
     return ModelStats(
         bytes=len(data),
         gzip_bytes=gzip_size(data),
@@ -242,6 +246,8 @@ def analyse(data: bytes) -> ModelStats:
         weights_nonzero=weights_nonzero,
         inputs=inputs,
         outputs=outputs,
+        input_tensors=input_tensors,
+        output_tensors=output_tensors,
     )
 
 

@@ -269,10 +269,7 @@ def _load_tflite(path: Path, name: str, digest: str, pinned: dict[str, tuple[int
         stats = analyse(data)
     except (ValueError, RuntimeError) as exc:
         raise InputError(f"{path}: not a loadable .tflite model ({str(exc).splitlines()[0][:200]})") from None
-    scalar = [p["name"] for p in stats.outputs if not p["shape"]]
-    if scalar:  # the runner returns every output along a batch axis, which a 0-d tensor has not
-        raise InputError(f"{path}: output '{scalar[0]}' is a scalar (0-d); devices return each output with a batch "
-                         "axis: export the model with it shaped [1] (e.g. keepdims=True, or tf.reshape(y, [1]))")
+    _check_tflite_ports(path, stats)
     _unknown_pins(path, pinned, [p["name"] for p in stats.inputs])
     inputs = {p["name"]: _static(path, p["name"], p["shape_signature"], pinned) for p in stats.inputs}
     if pinned:  # written into the file: every variant, and the source variant itself, is static
@@ -286,3 +283,44 @@ def _load_tflite(path: Path, name: str, digest: str, pinned: dict[str, tuple[int
                              f"({str(exc).strip().splitlines()[0][:200]})") from None
     return Source(path, "tflite", digest, name, inputs, [p["name"] for p in stats.outputs],
                   tflite=data, tflite_precision=stats.precision)
+
+
+def _check_tflite_ports(path: Path, stats: Any) -> None:
+    """Refuse a ``.tflite`` whose inputs and outputs a device cannot serve one sample at a time (the
+    ``.tflite`` counterpart of the ONNX graph check in :mod:`edge_kit.compiler.onnx_source`).
+
+    ``stats`` is the file's :class:`edge_kit.compiler.analysis.ModelStats`. Returns nothing.
+
+    Raises:
+        InputError: no inputs, no outputs, two inputs or outputs of one name (data files and results
+            are keyed by name), an output that is an input tensor (passed through unchanged), an output
+            no op computes (a stored constant, or memory never written), or a scalar (0-d) output.
+    """
+    if not stats.inputs:
+        raise InputError(f"{path}: the model has no inputs, so it computes the same output for every request; "
+                         "export it with its real inputs")
+    if not stats.outputs:
+        raise InputError(f"{path}: the model declares no outputs; export it again with its outputs")
+    produced = {t for op in stats.ops for t in op.outputs}
+    for port, tensor in zip(stats.outputs, stats.output_tensors):
+        if tensor in stats.input_tensors:
+            raise InputError(f"{path}: output '{port['name']}' is also an input (passed through unchanged); remove "
+                             "it from the outputs, or compute it with an op (tf.identity), and export again")
+        if tensor not in produced:
+            raise InputError(f"{path}: output '{port['name']}' is computed by no op (a stored constant, or a tensor "
+                             "nothing writes), so it says nothing about the input; export the model again with the "
+                             "outputs it computes")
+    names = [p["name"] for p in stats.inputs]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise InputError(f"{path}: input '{twice[0]}' has the name of another input; data files are keyed by input "
+                         "name, so export the model with a name of its own for each")
+    for port in stats.outputs:
+        if port["name"] in names:
+            raise InputError(f"{path}: output '{port['name']}' has the name of another input or output; data files "
+                             "and results are keyed by name, so export the model with a name of its own for each")
+        names.append(port["name"])
+    scalar = [p["name"] for p in stats.outputs if not p["shape"]]
+    if scalar:  # the runner returns every output along a batch axis, which a 0-d tensor has not
+        raise InputError(f"{path}: output '{scalar[0]}' is a scalar (0-d); devices return each output with a batch "
+                         "axis: export the model with it shaped [1] (e.g. keepdims=True, or tf.reshape(y, [1]))")

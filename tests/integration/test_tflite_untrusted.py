@@ -1,6 +1,7 @@
-"""A ``.tflite`` a user did not make, with a scalar (0-d) output: ``edgekit compile`` refuses it in one
-line (it used to be taken in, and every run of it failed with numpy's IndexError). The model is made
-here with TensorFlow's converter."""
+"""A ``.tflite`` a user did not make, whose inputs or outputs a device cannot serve (a scalar output, no
+inputs, no outputs, names given twice, an output no op computes): ``edgekit compile`` refuses it in
+one line (they used to be taken in). The models are made here with TensorFlow's converter, then
+edited with LiteRT's flatbuffer schema."""
 
 from __future__ import annotations
 
@@ -31,4 +32,65 @@ def test_a_scalar_output_is_refused_in_one_line(tmp_path, run_cli):
     assert code == 2
     (line,) = err.strip().splitlines()
     assert f"{model}: output '" in line and "is a scalar (0-d); devices return each output with a batch axis" in line
+    assert not (tmp_path / "o").exists()
+
+
+def _edited(path: Path, edit) -> Path:
+    """Write a small float model (x [1, 4] -> FULLY_CONNECTED -> 'Identity' [1, 4]) to ``path`` with
+    ``edit(model, subgraph)`` applied to its flatbuffer (LiteRT's schema object API)."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as schema
+
+    from edge_kit.compiler.tf_quiet import tensorflow
+
+    tf = tensorflow()
+
+    @tf.function(input_signature=[tf.TensorSpec([1, 4], tf.float32, name="x")])
+    def model(x):
+        return {"y": tf.matmul(x, tf.constant([[1.0, 2.0, 3.0, 4.0]] * 4)) + 1.0}
+
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([model.get_concrete_function()], model)
+    flat = schema.ModelT.InitFromObj(schema.Model.GetRootAs(converter.convert(), 0))
+    edit(flat, flat.subgraphs[0])
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(flat.Pack(builder), file_identifier=b"TFL3")
+    path.write_bytes(bytes(builder.Output()))
+    return path
+
+
+def _no_outputs(model, graph):
+    graph.outputs = []
+
+
+def _no_inputs(model, graph):
+    graph.inputs = []
+
+
+def _output_named_as_input(model, graph):
+    graph.tensors[graph.outputs[0]].name = graph.tensors[graph.inputs[0]].name
+
+
+def _output_is_input(model, graph):
+    graph.outputs = [graph.inputs[0]]
+
+
+def _output_computed_by_no_op(model, graph):
+    graph.operators = []
+
+
+@pytest.mark.parametrize("edit, says", [
+    (_no_outputs, "the model declares no outputs"),
+    (_no_inputs, "the model has no inputs, so it computes the same output for every request"),
+    (_output_named_as_input, "output 'x' has the name of another input or output"),
+    (_output_is_input, "output 'x' is also an input (passed through unchanged)"),
+    (_output_computed_by_no_op, "output 'Identity' is computed by no op"),
+])
+def test_a_tflite_whose_inputs_or_outputs_a_device_cannot_serve_is_refused_in_one_line(tmp_path, run_cli, edit, says):
+    """Each of these compiled (exit 0, or 3 with failed variants) before; an ONNX graph of the same kind
+    was already refused."""
+    model = _edited(tmp_path / "odd.tflite", edit)
+    code, _, err = run_cli("compile", model, "-p", "rpi4", "--out", tmp_path / "o")
+    assert code == 2, err
+    (line,) = err.strip().splitlines()
+    assert line.startswith(f"edgekit: error: {model}: {says}"), line
     assert not (tmp_path / "o").exists()
