@@ -93,7 +93,9 @@ def export_graph(function: Any, inputs: dict[str, tuple[int, ...]], outputs: lis
     outputs); the ONNX model keeps those names.
 
     Raises:
-        CompileError: tf2onnx failed, or the export lost an input or output name.
+        CompileError: tf2onnx failed, the export lost an input or output name, or ONNX Runtime cannot
+            load it (tf2onnx passes a TensorFlow op it cannot convert, such as ``ReadFile``, through
+            as is; loaded in a child first, so a crash is this error too).
     """
     import tensorflow as tf
     import tf2onnx
@@ -109,7 +111,18 @@ def export_graph(function: Any, inputs: dict[str, tuple[int, ...]], outputs: lis
     if set(got_in) != set(inputs) or set(got_out) != set(outputs):
         raise CompileError(f"onnx-fp32: tf2onnx's export names inputs {got_in} and outputs {got_out}, the model "
                            f"{list(inputs)} and {outputs}; export the model to ONNX yourself and compile the .onnx")
-    return model.SerializeToString(), f"tf2onnx {tf2onnx.__version__} from_function export (opset {OPSET}) of the TensorFlow graph"
+    data = model.SerializeToString()
+    from device_agents.runtimes import get_runtime
+    from edge_kit.compiler.analysis import probe_in_child
+
+    try:
+        probe_in_child(data, fmt="onnx")
+        get_runtime("onnxruntime").interpreter(data)
+    except (ValueError, RuntimeError) as exc:
+        raise CompileError(f"onnx-fp32: ONNX Runtime cannot load the tf2onnx export "
+                           f"({(str(exc).strip().splitlines() or [''])[0][:300]}); export the model to ONNX with ops "
+                           "ONNX Runtime runs and compile the .onnx") from None
+    return data, f"tf2onnx {tf2onnx.__version__} from_function export (opset {OPSET}) of the TensorFlow graph"
 
 
 def refusal(source_kind: str, needs_calibration: bool, calib: Any) -> str | None:

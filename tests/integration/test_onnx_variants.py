@@ -190,3 +190,26 @@ def test_a_paddle_export_with_constant_weights_and_an_old_opset_is_quantized(whe
     fid = fidelity(out["int8"], out["fp32"], classes=set(_outputs))
     # measured 22.2 dB and 21/24 agreeing (skipping the graph optimisation gave 13.6 dB): a weak 2-class model
     assert fid["snr_db"] >= 18 and fid["top1_agreement"] >= 0.8, fid
+
+
+def test_a_tf2onnx_export_onnx_runtime_cannot_load_is_a_failed_variant_not_a_traceback(tmp_path):
+    """A SavedModel with a TensorFlow op tf2onnx passes through as is (ReadFile) once stopped the compile
+    in the measuring step with ONNX Runtime's ValueError (exit 1, a traceback) after everything was built."""
+    from edge_kit.compiler.tf_quiet import tensorflow
+
+    tf = tensorflow()
+    side = tmp_path / "side.bin"
+    side.write_bytes(bytes(range(4)))
+
+    class Reads(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([1, 4], tf.float32, name="x")])
+        def serve(self, x):
+            raw = tf.io.decode_raw(tf.io.read_file(str(side)), tf.uint8)
+            return {"y": x + tf.reshape(tf.cast(raw, tf.float32), [1, 4])}
+
+    module = Reads()
+    tf.saved_model.save(module, str(tmp_path / "reads"), signatures={"serving_default": module.serve})
+    manifest = compile_model(CompileRequest(tmp_path / "reads", [profile("onnx-fp32", "onnx-fp16")], tmp_path / "o"))
+    onnx_fp32 = manifest.artifact("onnx-fp32")
+    assert onnx_fp32.status == "failed" and "ONNX Runtime cannot load the tf2onnx export" in onnx_fp32.reason
+    assert "ReadFile" in onnx_fp32.reason and manifest.artifact("onnx-fp16").reason == onnx_fp32.reason
