@@ -172,6 +172,9 @@ def load_onnx(path: Path, pinned: dict[str, tuple[int, ...]]) -> tuple[bytes, di
     return data, inputs, [o.name for o in model.graph.output]
 
 
+MAX_ONNX_BYTES = 2**31  # protobuf's limit on one message: an ONNX file's weights included
+
+
 def _external_tensors(model: Any) -> list[Any]:
     """Return the model's tensors whose data is kept in an external file (initializers and attributes, subgraphs too)."""
     from onnx.external_data_helper import _get_all_tensors, uses_external_data
@@ -183,14 +186,18 @@ def _with_external_data(path: Path, model: Any) -> Any:
     """Return ``model`` with the data of its external tensors read in from files in ``path``'s folder.
 
     Every location is checked before anything is opened: relative, inside the folder once links
-    are resolved, a regular file, and long enough for the offset and length recorded.
+    are resolved, a regular file, and long enough for the offset and length recorded; and the bytes
+    the tensors claim (one file may be claimed by any number of them) must add up to less than one
+    ONNX file holds (:data:`MAX_ONNX_BYTES`), before any is read into memory.
 
     Raises:
-        InputError: a location outside the folder, a missing or short file (the tensor and location named).
+        InputError: a location outside the folder, a missing or short file (the tensor and location
+            named), or claims adding up to :data:`MAX_ONNX_BYTES` or more.
     """
     from onnx.external_data_helper import ExternalDataInfo, load_external_data_for_model
 
     folder = path.resolve().parent
+    claimed = 0
     for tensor in _external_tensors(model):
         info = ExternalDataInfo(tensor)
         location = str(info.location)
@@ -206,6 +213,10 @@ def _with_external_data(path: Path, model: Any) -> Any:
         if end > size:
             raise InputError(f"{path}: tensor '{tensor.name}' needs bytes up to {end} of '{location}', which has "
                              f"{size}; the external data file is truncated or belongs to another model")
+        claimed += int(info.length) if info.length else size - int(info.offset or 0)
+    if claimed >= MAX_ONNX_BYTES:
+        raise InputError(f"{path}: its tensors' external data add up to {claimed:,} bytes, more than one ONNX file "
+                         "holds (2 GB); edge-kit compiles models below 2 GB")
     try:
         load_external_data_for_model(model, str(folder))
     except Exception as exc:  # noqa: BLE001 - onnx raises ValueError / OSError for a bad external file

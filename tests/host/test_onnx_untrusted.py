@@ -183,3 +183,30 @@ def test_a_model_that_crashes_onnx_runtime_crashes_a_child_not_the_compiler(tmp_
     refused(relu(tmp_path / "hostile.onnx"),
             r"not a loadable ONNX model \(ONNX Runtime crashed \(SIGSEGV\) loading it: a damaged or hostile file\)")
     assert calls == [(".onnx", "onnxruntime")]
+
+
+def test_external_data_adding_up_past_2_gb_is_refused_before_any_is_read(tmp_path, monkeypatch):
+    """Three tensors claiming 1 GiB each of one sparse file beside the model: every byte was read into
+    memory (any number of times the same file) before the 2 GB limit of one ONNX file refused it."""
+    model = add_weight(tmp_path / "big.onnx", np.zeros((1, 64), np.float32), save_as_external_data=True,
+                       location="w.data", size_threshold=0)
+    with open(tmp_path / "w.data", "r+b") as fh:
+        fh.truncate(2**30)  # sparse: costs no disk
+    proto = onnx.load(model, load_external_data=False)
+    first = proto.graph.initializer[0]
+    for i in range(3):
+        tensor = proto.graph.initializer.add()
+        tensor.CopyFrom(first)
+        tensor.name = f"w{i}"
+        for entry in tensor.external_data:
+            if entry.key == "length":
+                entry.value = str(2**30)
+    onnx.save(proto, model)
+    import onnx.external_data_helper as helpers
+
+    def no_read(*args, **kwargs):
+        raise AssertionError("external data was read before its total size was checked")
+
+    monkeypatch.setattr(helpers, "load_external_data_for_model", no_read)
+    message = refused(model, "external data add up to 3,221,225,728 bytes")
+    assert "edge-kit compiles models below 2 GB" in message
