@@ -155,16 +155,17 @@ _PROBED = {"tflite": ("model.tflite", "litert", "the LiteRT interpreter"),
            "onnx": ("model.onnx", "onnxruntime", "ONNX Runtime")}  # format: (file name, runtime, its name in words)
 
 
-def probe_in_child(data: bytes, timeout: float = PROBE_TIMEOUT_S, *, fmt: str = "tflite") -> None:
+def probe_in_child(data: bytes, timeout: float = PROBE_TIMEOUT_S, *, fmt: str = "tflite", refusals: bool = False) -> None:
     """Load ``data`` (a ``.tflite`` flatbuffer, or an ONNX model with ``fmt="onnx"``) with the runtime the
     devices use and run it once on zeros in a child process first (the agent's smoke check,
     :class:`device_agents.smoke.SmokePool`): a file that crashes the native code (a damaged or hostile
     file passes its verifier) takes down the child, not the compiler. Errors the runtime reports are
     left to the caller's own load (:func:`analyse`, :func:`edge_kit.compiler.onnx_source.load_onnx`),
-    which words them.
+    which words them, unless ``refusals``: then they raise too (a built variant every device would refuse).
 
     Raises:
-        ValueError: the child crashed (the signal named), was killed (out of memory) or ran out of time.
+        ValueError: the child crashed (the signal named), was killed (out of memory) or ran out of time;
+            with ``refusals``, also the smoke check's refusal (``the devices' smoke check refuses it: ...``).
     """
     import tempfile
 
@@ -180,8 +181,9 @@ def probe_in_child(data: bytes, timeout: float = PROBE_TIMEOUT_S, *, fmt: str = 
             SmokePool()(model, runtime=runtime, timeout=timeout)
         except SmokeCrashed as exc:
             raise ValueError(f"{words} {exc.how} loading it: a damaged or hostile file") from None
-        except SmokeFailed:
-            pass
+        except SmokeFailed as exc:
+            if refusals:
+                raise ValueError(f"the devices' smoke check refuses it: {exc}") from None
 
 
 def analyse(data: bytes) -> ModelStats:

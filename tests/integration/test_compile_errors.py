@@ -285,3 +285,50 @@ def test_an_error_inside_the_progress_bar_is_the_only_line_on_stderr(digits_file
     code, out, err = run_cli("compile", digits_files.model, "-p", "rpi4", "--calib", tmp_path / "nope.npz")
     assert code == 2 and out == ""
     assert err == f"edgekit: error: {tmp_path / 'nope.npz'}: --calib file not found\n"
+
+
+@pytest.mark.parametrize("data", [False, True])
+def test_a_variant_the_devices_smoke_check_refuses_is_failed_not_a_traceback(tmp_path, run_cli, data):
+    """A SavedModel with a lookup table converts into a .tflite that no device serves (its output lost
+    its shape, and HASHTABLE_FIND fails at the first invoke: the converter leaves the table empty):
+    without data it was written as built, though every device refuses it at install; with --calib the
+    compile stopped with the agent runner's traceback (exit 1)."""
+    from edge_kit.compiler.tf_quiet import tensorflow
+
+    tf = tensorflow()
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("alpha\nbeta\n")
+
+    class Lookup(tf.Module):
+        def __init__(self):
+            init = tf.lookup.TextFileInitializer(str(vocab), tf.string, tf.lookup.TextFileIndex.WHOLE_LINE,
+                                                 tf.int64, tf.lookup.TextFileIndex.LINE_NUMBER)
+            self.table = tf.lookup.StaticHashTable(init, -1)
+
+        @tf.function(input_signature=[tf.TensorSpec([1, 4], tf.float32, name="x")])
+        def serve(self, x):
+            return {"y": x + tf.cast(self.table.lookup(tf.constant(["beta"])), tf.float32)}
+
+    module = Lookup()
+    tf.saved_model.save(module, str(tmp_path / "lookup"), signatures={"serving_default": module.serve})
+    profile = tmp_path / "p.yaml"
+    from edge_kit.profiles import load_profile
+
+    import yaml
+
+    profile.write_text(yaml.safe_dump({**load_profile("rpi4").model_dump(mode="json", exclude_none=True),
+                                       "name": "p", "variants": ["fp32", "fp16"]}))
+    np.savez(tmp_path / "c.npz", x=np.random.default_rng(0).random((12, 4), dtype=np.float32))
+    extra = ["--calib", tmp_path / "c.npz"] if data else []
+    code, out, err = run_cli("compile", tmp_path / "lookup", "-p", profile, "--out", tmp_path / "o", *extra)
+    assert "Traceback" not in err
+    err = "\n".join(line for line in err.splitlines() if not line.startswith("edgekit: warning:"))
+    assert one_line_error(code, err, 3).endswith("2 variant(s) failed: fp32, fp16 (reasons in the table and the "
+                                                 "manifest; the built ones were written)")
+    from edge_kit.manifest import read_manifest
+
+    manifest = read_manifest(tmp_path / "o" / "lookup")
+    reason = manifest.artifact("fp32").reason
+    assert manifest.artifact("fp32").status == "failed" and "the devices' smoke check refuses it" in reason
+    assert "output 'y' is a scalar (0-d)" in reason
+    assert not (tmp_path / "o" / "lookup" / "fp32.tflite").exists()
