@@ -148,6 +148,30 @@ def _read_table(data: bytes) -> tuple[list[OpInfo], dict[int, TensorInfo], dict[
 _NUMPY = {"float32": "<f4", "float16": "<f2", "int8": "i1", "uint8": "u1", "int16": "<i2", "int32": "<i4", "int64": "<i8"}
 
 
+MAX_TENSOR_BYTES = 2**31  # one tensor of 2 GiB: no device has the memory to run more, nor should the host try
+_ITEM_BYTES = {"float64": 8, "int64": 8, "uint64": 8, "complex64": 8, "complex128": 16, "float32": 4, "int32": 4,
+               "uint32": 4, "float16": 2, "int16": 2, "uint16": 2}  # any other type (int8, bool, int4...): 1
+
+
+def oversized_tensor(data: bytes) -> str | None:
+    """Return, for the first tensor of the flatbuffer's main graph that would take more than
+    :data:`MAX_TENSOR_BYTES`, ``tensor 'NAME' (shape AxB, dtype) would take N bytes``; None when every
+    tensor fits. Read from the shapes the file declares (a dynamic dimension counted as 1), before
+    any runtime allocates them: a file of a few bytes can declare a tensor of any size.
+
+    Raises:
+        ValueError: ``data`` is not a ``.tflite`` flatbuffer, or a damaged one (as :func:`_table`).
+    """
+    _, tensors, _ = _table(data)
+    for t in tensors.values():
+        size = _ITEM_BYTES.get(t.dtype, 1)
+        for d in t.shape:
+            size *= max(int(d), 1)
+        if size > MAX_TENSOR_BYTES:
+            return (f"tensor '{t.name}' (shape {'x'.join(map(str, t.shape))}, {t.dtype}) would take {size:,} bytes")
+    return None
+
+
 PROBE_TIMEOUT_S = 600.0  # loading (and packing the weights of) a large model takes seconds, not minutes
 
 

@@ -270,8 +270,9 @@ def _check_graph(path: Path, model: Any) -> None:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
+    from edge_kit.errors import first_line
+
+    return first_line(exc)
 
 
 def _rename(graph: Any, old: str, new: str) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from edge_kit.compiler.tf_quiet import captured_output, tensorflow
-from edge_kit.errors import InputError
+from edge_kit.errors import InputError, first_line
 from edge_kit.fsutil import sha256_file
 
 SourceKind = Literal["keras", "savedmodel", "tflite", "onnx"]
@@ -252,7 +252,7 @@ def _load_savedmodel(path: Path, name: str, digest: str, pinned: dict[str, tuple
     except KeyError:
         raise InputError(f"{path}: the SavedModel has no 'serving_default' signature") from None
     except Exception as exc:  # noqa: BLE001 - TF raises assorted errors for damaged SavedModels
-        raise InputError(f"{path}: not a loadable SavedModel ({str(exc).splitlines()[0][:200]})") from None
+        raise InputError(f"{path}: not a loadable SavedModel ({first_line(exc)})") from None
     specs = sig.structured_input_signature[1]
     _unknown_pins(path, pinned, list(specs))
     inputs = {n: _static(path, n, spec.shape, pinned) for n, spec in specs.items()}
@@ -265,24 +265,42 @@ def _load_tflite(path: Path, name: str, digest: str, pinned: dict[str, tuple[int
 
     data = path.read_bytes()
     try:
+        _check_tensor_sizes(path, data)
         probe_in_child(data)  # a file that crashes the interpreter crashes a child, never this process
         stats = analyse(data)
     except (ValueError, RuntimeError) as exc:
-        raise InputError(f"{path}: not a loadable .tflite model ({str(exc).splitlines()[0][:200]})") from None
+        raise InputError(f"{path}: not a loadable .tflite model ({first_line(exc)})") from None
     _check_tflite_ports(path, stats)
     _unknown_pins(path, pinned, [p["name"] for p in stats.inputs])
     inputs = {p["name"]: _static(path, p["name"], p["shape_signature"], pinned) for p in stats.inputs}
     if pinned:  # written into the file: every variant, and the source variant itself, is static
+        check_sample_sizes(path, inputs)  # before the interpreter that pins them allocates that much
         try:
             data = pin_inputs(data, {n: (1, *inputs[n]) for n in pinned})
+            _check_tensor_sizes(path, data)
             probe_in_child(data)
             stats = analyse(data)
         except (ValueError, RuntimeError) as exc:
             shapes = ", ".join(f"{n}=1x{'x'.join(map(str, inputs[n]))}" for n in pinned)
-            raise InputError(f"{path}: the model does not run with --input-shape {shapes} "
-                             f"({str(exc).strip().splitlines()[0][:200]})") from None
+            raise InputError(f"{path}: the model does not run with --input-shape {shapes} ({first_line(exc)})") from None
     return Source(path, "tflite", digest, name, inputs, [p["name"] for p in stats.outputs],
                   tflite=data, tflite_precision=stats.precision)
+
+
+def _check_tensor_sizes(path: Path, data: bytes) -> None:
+    """Refuse a ``.tflite`` declaring a tensor larger than
+    :data:`~edge_kit.compiler.analysis.MAX_TENSOR_BYTES`, before any runtime allocates it. Returns nothing.
+
+    Raises:
+        InputError: the first such tensor, named with its shape and size.
+        ValueError: not a ``.tflite`` flatbuffer, or a damaged one (the caller words it).
+    """
+    from edge_kit.compiler.analysis import MAX_TENSOR_BYTES, oversized_tensor
+
+    too_big = oversized_tensor(data)
+    if too_big:
+        raise InputError(f"{path}: {too_big}; edge-kit takes models whose tensors each fit in {MAX_TENSOR_BYTES:,} "
+                         "bytes (no device has the memory for more): export the model for a smaller input")
 
 
 def _check_tflite_ports(path: Path, stats: Any) -> None:

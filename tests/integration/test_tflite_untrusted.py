@@ -94,3 +94,45 @@ def test_a_tflite_whose_inputs_or_outputs_a_device_cannot_serve_is_refused_in_on
     (line,) = err.strip().splitlines()
     assert line.startswith(f"edgekit: error: {model}: {says}"), line
     assert not (tmp_path / "o").exists()
+
+
+def test_a_tflite_whose_tensor_would_take_gigabytes_is_refused_before_any_runtime_loads_it(tmp_path, run_cli,
+                                                                                           monkeypatch):
+    """1.3 KB of flatbuffer whose BROADCAST_TO makes a 14.4 GB tensor from a [1, 4] input: the smoke child
+    (and then the compiler itself) had LiteRT allocate it; with the memory capped, the compile stopped on
+    an IndexError traceback (LiteRT's allocation error has no text)."""
+    from edge_kit.compiler import analysis
+    from edge_kit.compiler.tf_quiet import tensorflow
+
+    tf = tensorflow()
+    fn = tf.function(lambda x: {"y": tf.reduce_sum(tf.broadcast_to(tf.reshape(x, [1, 4, 1, 1]), [1, 4, 30000, 30000]),
+                                                   axis=[2, 3])},
+                     input_signature=[tf.TensorSpec([1, 4], tf.float32, name="x")])
+    model = tmp_path / "bomb.tflite"
+    model.write_bytes(tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], fn).convert())
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before its tensor sizes were checked")
+
+    monkeypatch.setattr(analysis, "probe_in_child", no_load)
+    monkeypatch.setattr(analysis, "analyse", no_load)
+    code, _, err = run_cli("compile", model, "-p", "rpi4", "--out", tmp_path / "o")
+    assert code == 2, err
+    (line,) = err.strip().splitlines()
+    assert line == (f"edgekit: error: {model}: tensor 'BroadcastTo' (shape 1x4x30000x30000, float32) would take "
+                    "14,400,000,000 bytes; edge-kit takes models whose tensors each fit in 2,147,483,648 bytes (no "
+                    "device has the memory for more): export the model for a smaller input")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_runtime_error_without_text_is_named_by_its_type_not_an_index_error(tmp_path, run_cli, monkeypatch):
+    from edge_kit.compiler import analysis
+
+    model = _edited(tmp_path / "m.tflite", lambda model, graph: None)
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("")
+
+    monkeypatch.setattr(analysis, "analyse", fails)
+    code, _, err = run_cli("compile", model, "-p", "rpi4", "--out", tmp_path / "o")
+    assert code == 2 and err.strip() == f"edgekit: error: {model}: not a loadable .tflite model (RuntimeError)", err
