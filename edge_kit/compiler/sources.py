@@ -225,6 +225,20 @@ def _load_keras(path: Path, name: str, digest: str, pinned: dict[str, tuple[int,
     if path.suffix.lower() == ".keras" and not zipfile.is_zipfile(path):  # Keras itself says "File not found"
         raise InputError(f"{path}: not a loadable Keras model (not a zip archive, as every .keras file is: damaged, "
                          "cut short, or another format named .keras); save it again with model.save('name.keras')")
+    if zipfile.is_zipfile(path):  # Keras reads its members whole: the sizes the zip declares bound that
+        from edgekit_protocol.datafile import memory_available
+
+        try:
+            with zipfile.ZipFile(path) as zf:
+                size = sum(info.file_size for info in zf.infolist())
+        except (OSError, zipfile.BadZipFile) as exc:
+            raise InputError(f"{path}: not a loadable Keras model (a damaged zip archive: {first_line(exc)}); save it "
+                             "again with model.save('name.keras')") from None
+        free = memory_available()
+        if free is not None and size > free // 2:
+            raise InputError(f"{path}: not a loadable Keras model (its zip archive holds {size / 1e6:,.0f} MB once "
+                             f"decompressed, more than half of the {free / 1e6:,.0f} MB of memory available here: a "
+                             "damaged or hostile file); save it again with model.save('name.keras')")
     tensorflow()
     import keras
 

@@ -24,6 +24,34 @@ def test_a_keras_file_that_is_not_a_zip_archive_says_so_not_file_not_found(tmp_p
     assert caught.value.exit_code == 2
 
 
+
+def test_a_keras_archive_that_expands_past_half_the_memory_is_refused_before_keras_reads_it(tmp_path, monkeypatch):
+    """A .keras is a zip: 60 KB of it can declare a config.json of 64 MB (or, likewise, gigabytes), which
+    Keras read whole into memory; the declared sizes bound what reading decompresses, as for data files."""
+    import zipfile
+
+    import edgekit_protocol.datafile as datafile
+    from edge_kit.compiler.sources import load_source
+    from edge_kit.errors import InputError
+
+    bomb = tmp_path / "bomb.keras"
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("metadata.json", json.dumps({"keras_version": "3.15.0"}))
+        zf.writestr("config.json", "{}" + " " * (64 << 20))
+    assert bomb.stat().st_size < 1 << 20
+    monkeypatch.setattr(datafile, "memory_available", lambda: 100 << 20)
+    import keras
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("Keras read the archive before its sizes were checked")
+
+    monkeypatch.setattr(keras.models, "load_model", no_load)
+    with pytest.raises(InputError) as caught:
+        load_source(bomb)
+    assert str(caught.value) == (f"{bomb}: not a loadable Keras model (its zip archive holds 67 MB once "
+                                 "decompressed, more than half of the 105 MB of memory available here: a damaged or "
+                                 "hostile file); save it again with model.save('name.keras')")
+
 def test_an_artifacts_path_that_is_not_one_compiled_model_says_what_to_give(tmp_path):
     """`compile --out artifacts` then `deploy --artifacts artifacts` was told to "run `edgekit compile` into
     artifacts first", which the user had just done; a file was "unreadable manifest ([Errno 20] ...)"."""
