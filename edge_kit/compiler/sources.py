@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -197,7 +198,11 @@ def check_sample_sizes(path: Path, inputs: Shapes) -> None:
 
 def _load_kind(path: Path, pinned: dict[str, tuple[int, ...]]) -> Source:
     """Return the :class:`Source` of ``path`` by its kind (:func:`load_source` checks the rest). Raises InputError."""
-    name = path.stem if path.is_file() else path.name
+    # the name OUT/<name> takes: '.' or 'x/..' name the folder they mean (links are not followed), never '' or '..'
+    name = path.stem if path.is_file() else Path(os.path.abspath(path)).name
+    if not name or name in (".", ".."):
+        raise InputError(f"{path}: the model has no name to give its folder of artifacts (OUT/<name>); give a "
+                         "model file or a SavedModel folder with a name")
     digest = sha256_file(path)
     if path.is_dir():
         return _load_savedmodel(path, name, digest, pinned)

@@ -332,3 +332,29 @@ def test_a_variant_the_devices_smoke_check_refuses_is_failed_not_a_traceback(tmp
     assert manifest.artifact("fp32").status == "failed" and "the devices' smoke check refuses it" in reason
     assert "output 'y' is a scalar (0-d)" in reason
     assert not (tmp_path / "o" / "lookup" / "fp32.tflite").exists()
+
+
+def test_a_savedmodel_given_as_dot_is_named_by_its_folder_and_never_replaces_the_out_folder(tmp_path, run_cli,
+                                                                                           monkeypatch):
+    """`edgekit compile .` from inside a SavedModel took the name '' and wrote into OUT itself, replacing
+    OUT with everything in it: another model's compile result in OUT/<other> was deleted."""
+    from edge_kit.compiler.tf_quiet import tensorflow
+
+    tf = tensorflow()
+
+    class Double(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([1, 4], tf.float32, name="x")])
+        def serve(self, x):
+            return {"y": x * 2.0}
+
+    module = Double()
+    tf.saved_model.save(module, str(tmp_path / "double"), signatures={"serving_default": module.serve})
+    out = tmp_path / "o"
+    (out / "other").mkdir(parents=True)
+    (out / "other" / "manifest.json").write_text("{}")  # another model's result, kept whatever happens
+    monkeypatch.chdir(tmp_path / "double")
+    for given in (".", "../double/."):
+        code, _, err = run_cli("compile", given, "-p", "rpi4", "--out", out)
+        assert code == 0, err
+        assert (out / "double" / "manifest.json").is_file() and (out / "other" / "manifest.json").is_file()
+        assert not (out / "manifest.json").exists()
