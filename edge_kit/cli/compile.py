@@ -144,7 +144,7 @@ def compile_cmd(
         out.print(table)
         for line in notes:
             out.print(line, highlight=False)
-        out.print(f"wrote {target}/manifest.json")
+        out.print(f"wrote {safe(str(target))}/manifest.json")
     failed = [a.id for a in manifest.artifacts if a.status == "failed"]
     if failed:
         sys.stderr.write(f"edgekit: error: {len(failed)} variant(s) failed: {', '.join(failed)} "

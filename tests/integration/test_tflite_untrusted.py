@@ -136,3 +136,11 @@ def test_a_runtime_error_without_text_is_named_by_its_type_not_an_index_error(tm
     monkeypatch.setattr(analysis, "analyse", fails)
     code, _, err = run_cli("compile", model, "-p", "rpi4", "--out", tmp_path / "o")
     assert code == 2 and err.strip() == f"edgekit: error: {model}: not a loadable .tflite model (RuntimeError)", err
+
+
+def test_a_model_file_named_with_terminal_controls_is_shown_escaped(tmp_path, run_cli):
+    """The table's title escaped the name; the closing 'wrote OUT/<name>/manifest.json' printed it raw."""
+    model = _edited(tmp_path / "m\x1b[2Jx.tflite", lambda model, graph: None)
+    code, out, err = run_cli("compile", model, "-p", "rpi4", "--out", tmp_path / "o")
+    assert code == 0, err
+    assert "\x1b" not in out and f"wrote {tmp_path / 'o'}/m\\x1b[2Jx/manifest.json" in out
