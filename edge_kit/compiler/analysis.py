@@ -110,6 +110,8 @@ def _table(data: bytes) -> tuple[list[OpInfo], dict[int, TensorInfo], dict[int, 
         raise ValueError("not a .tflite flatbuffer (no TFL3 identifier)")
     try:
         return _read_table(data)
+    except UnicodeDecodeError:
+        raise ValueError("a tensor or op name that is not UTF-8 text: a damaged or hostile file") from None
     except ValueError:
         raise
     except Exception as exc:  # noqa: BLE001 - struct.error, IndexError, TypeError... from a damaged file

@@ -144,3 +144,14 @@ def test_a_model_file_named_with_terminal_controls_is_shown_escaped(tmp_path, ru
     code, out, err = run_cli("compile", model, "-p", "rpi4", "--out", tmp_path / "o")
     assert code == 0, err
     assert "\x1b" not in out and f"wrote {tmp_path / 'o'}/m\\x1b[2Jx/manifest.json" in out
+
+
+def test_a_tensor_name_that_is_not_utf8_is_named_as_such(tmp_path, run_cli):
+    """Once Python's bare "'utf-8' codec can't decode byte 0xff in position 0: invalid start byte"."""
+    def garble(model, graph):
+        graph.tensors[graph.inputs[0]].name = b"\xff\xfex"
+
+    model = _edited(tmp_path / "garbled.tflite", garble)
+    code, _, err = run_cli("compile", model, "-p", "rpi4", "--out", tmp_path / "o")
+    assert code == 2 and err.strip() == (f"edgekit: error: {model}: not a loadable .tflite model (a tensor or op name "
+                                         "that is not UTF-8 text: a damaged or hostile file)"), err
