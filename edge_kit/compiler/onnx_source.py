@@ -155,10 +155,16 @@ def load_onnx(path: Path, pinned: dict[str, tuple[int, ...]]) -> tuple[bytes, di
     from edge_kit.compiler.sources import check_sample_sizes
 
     check_sample_sizes(path, inputs)  # before anything runs the model on a sample of that size
-    try:
-        from edge_kit.compiler.analysis import probe_in_child
+    from edge_kit.compiler.analysis import probe_in_child
+    from edge_kit.compiler.onnx_variants import pinned
+    from edge_kit.errors import CompileError
 
-        probe_in_child(data, fmt="onnx")  # a file that crashes ONNX Runtime crashes a child, never this process
+    try:  # run at the shapes every later step runs it at (a dynamic dimension leaves the child no shape to run)
+        probed = pinned(data, inputs)
+    except CompileError:
+        probed = data  # ONNX Runtime's load says what is wrong, below
+    try:
+        probe_in_child(probed, fmt="onnx")  # a file that crashes ONNX Runtime crashes a child, never this process
     except ValueError as exc:
         raise InputError(f"{path}: not a loadable ONNX model ({exc})") from None
     try:

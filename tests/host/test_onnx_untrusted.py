@@ -210,3 +210,23 @@ def test_external_data_adding_up_past_2_gb_is_refused_before_any_is_read(tmp_pat
     monkeypatch.setattr(helpers, "load_external_data_for_model", no_read)
     message = refused(model, "external data add up to 3,221,225,728 bytes")
     assert "edge-kit compiles models below 2 GB" in message
+
+
+def test_the_child_runs_a_model_with_dynamic_dimensions_at_the_pinned_shape(tmp_path, monkeypatch):
+    """The smoke child got the file as exported: a dynamic dimension gave it no shape to run zeros at, so
+    it only loaded the model, and the first run at a real shape (the conversion check) was in the
+    compiler's own process."""
+    from device_agents import smoke
+
+    seen = []
+    real = smoke.SmokePool.__call__
+
+    def record(self, model, **kwargs):
+        proto = onnx.load(model)
+        seen.append([[d.dim_value if d.HasField("dim_value") else d.dim_param for d in v.type.tensor_type.shape.dim]
+                     for v in proto.graph.input])
+        return real(self, model, **kwargs)
+
+    monkeypatch.setattr(smoke.SmokePool, "__call__", record)
+    source = load_source(relu(tmp_path / "dyn.onnx", shape=("N", "C")), {"x": (4,)})
+    assert source.inputs == {"x": (4,)} and seen == [[[1, 4]]]
