@@ -91,7 +91,8 @@ def load_onnx(path: Path, pinned: dict[str, tuple[int, ...]]) -> tuple[bytes, di
         layout}; output names).
 
     Raises:
-        InputError: not an ONNX model (or truncated), external data outside the model's folder or
+        InputError: not an ONNX model (or truncated), metadata of edge-kit's own artifacts
+            (``edgekit.*`` keys), external data outside the model's folder or
             missing, a graph :func:`_check_graph` refuses, a scalar (0-d) input, a non-float32 input,
             a batch fixed above 1, an input with a dynamic dimension besides the batch, a pin that
             names no input or does not fit the declared shape, an input too large for one sample
@@ -106,6 +107,13 @@ def load_onnx(path: Path, pinned: dict[str, tuple[int, ...]]) -> tuple[bytes, di
         raise InputError(f"{path}: not an ONNX model ({_first_line(exc)}); export it again (torch.onnx.export, paddle2onnx)") from None
     if not model.graph.node or not model.opset_import:
         raise InputError(f"{path}: not an ONNX model (no graph nodes or opset); export it again (torch.onnx.export, paddle2onnx)")
+    from device_agents.formats import META_PREFIX
+
+    ours = sorted(p.key for p in model.metadata_props if p.key.startswith(META_PREFIX))
+    if ours:  # they tell devices how to run an artifact (edgekit.runtime=tensorrt): never taken from a source
+        raise InputError(f"{path}: the model carries metadata '{ours[0]}', which tells devices how to run an edge-kit "
+                         "artifact and only edgekit compile writes it; give the model exported by its framework, "
+                         "not a compiled artifact or a file edited to look like one")
     if _external_tensors(model):
         model = _with_external_data(Path(path), model)
         try:

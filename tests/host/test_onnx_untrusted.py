@@ -230,3 +230,22 @@ def test_the_child_runs_a_model_with_dynamic_dimensions_at_the_pinned_shape(tmp_
     monkeypatch.setattr(smoke.SmokePool, "__call__", record)
     source = load_source(relu(tmp_path / "dyn.onnx", shape=("N", "C")), {"x": (4,)})
     assert source.inputs == {"x": (4,)} and seen == [[[1, 4]]]
+
+
+@pytest.mark.parametrize("key", ["edgekit.runtime", "edgekit.trt_calibration_table", "edgekit.variant"])
+def test_a_source_carrying_edge_kits_own_artifact_metadata_is_refused(tmp_path, key):
+    """Those keys tell a device how to run an artifact (edgekit.runtime=tensorrt sends it to TensorRT, with
+    the calibration table they carry). Carried from a source into onnx-fp32 and the other variants, they made
+    every device take an onnx-* artifact for a TensorRT one, with a table of the file's choosing."""
+    from device_agents.runtimes import is_tensorrt
+
+    model = relu(tmp_path / "tagged.onnx")
+    proto = onnx.load(model)
+    helper.set_model_props(proto, {key: "tensorrt", "author": "someone"})
+    onnx.save(proto, model)
+    assert is_tensorrt(model) == (key == "edgekit.runtime")
+    message = refused(model, f"metadata '{key}'")
+    assert "only edgekit compile writes it" in message
+    helper.set_model_props(proto, {"author": "someone", "edgekit_like": "x"})  # anyone else's metadata is fine
+    onnx.save(proto, model)
+    assert load_source(model).outputs == ["y"]
