@@ -174,6 +174,22 @@ def oversized_tensor(data: bytes) -> str | None:
     return None
 
 
+def nan_constant(data: bytes) -> tuple[str, int] | None:
+    """Return (name, flat index of the first NaN) of the first float constant of the flatbuffer's main
+    graph holding NaN, or None (``-inf``, as attention masks store it, is fine).
+
+    Raises:
+        ValueError: ``data`` is not a ``.tflite`` flatbuffer, or a damaged one (as :func:`_table`).
+    """
+    _, tensors, values = _table(data)
+    for idx, value in values.items():
+        if value.dtype.kind == "f":
+            bad = np.isnan(value.ravel())
+            if bad.any():
+                return tensors[idx].name, int(np.argmax(bad))
+    return None
+
+
 PROBE_TIMEOUT_S = 600.0  # loading (and packing the weights of) a large model takes seconds, not minutes
 
 

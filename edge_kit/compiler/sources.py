@@ -284,7 +284,7 @@ def _load_tflite(path: Path, name: str, digest: str, pinned: dict[str, tuple[int
 
     data = path.read_bytes()
     try:
-        _check_tensor_sizes(path, data)
+        _check_tensors(path, data)
         probe_in_child(data)  # a file that crashes the interpreter crashes a child, never this process
         stats = analyse(data)
     except (ValueError, RuntimeError) as exc:
@@ -296,7 +296,7 @@ def _load_tflite(path: Path, name: str, digest: str, pinned: dict[str, tuple[int
         check_sample_sizes(path, inputs)  # before the interpreter that pins them allocates that much
         try:
             data = pin_inputs(data, {n: (1, *inputs[n]) for n in pinned})
-            _check_tensor_sizes(path, data)
+            _check_tensors(path, data)
             probe_in_child(data)
             stats = analyse(data)
         except (ValueError, RuntimeError) as exc:
@@ -306,20 +306,25 @@ def _load_tflite(path: Path, name: str, digest: str, pinned: dict[str, tuple[int
                   tflite=data, tflite_precision=stats.precision)
 
 
-def _check_tensor_sizes(path: Path, data: bytes) -> None:
+def _check_tensors(path: Path, data: bytes) -> None:
     """Refuse a ``.tflite`` declaring a tensor larger than
-    :data:`~edge_kit.compiler.analysis.MAX_TENSOR_BYTES`, before any runtime allocates it. Returns nothing.
+    :data:`~edge_kit.compiler.analysis.MAX_TENSOR_BYTES` (before any runtime allocates it), or holding
+    NaN in a float constant (as an ONNX initializer holding NaN is). Returns nothing.
 
     Raises:
-        InputError: the first such tensor, named with its shape and size.
+        InputError: the first such tensor, named with its shape and size, or with its first NaN's index.
         ValueError: not a ``.tflite`` flatbuffer, or a damaged one (the caller words it).
     """
-    from edge_kit.compiler.analysis import MAX_TENSOR_BYTES, oversized_tensor
+    from edge_kit.compiler.analysis import MAX_TENSOR_BYTES, nan_constant, oversized_tensor
 
     too_big = oversized_tensor(data)
     if too_big:
         raise InputError(f"{path}: {too_big}; edge-kit takes models whose tensors each fit in {MAX_TENSOR_BYTES:,} "
                          "bytes (no device has the memory for more): export the model for a smaller input")
+    nan = nan_constant(data)
+    if nan:
+        raise InputError(f"{path}: constant tensor '{nan[0]}' holds NaN at flat index {nan[1]}, so the model computes "
+                         "NaN; export it again from weights without NaN")
 
 
 def _check_tflite_ports(path: Path, stats: Any) -> None:

@@ -155,3 +155,23 @@ def test_a_tensor_name_that_is_not_utf8_is_named_as_such(tmp_path, run_cli):
     code, _, err = run_cli("compile", model, "-p", "rpi4", "--out", tmp_path / "o")
     assert code == 2 and err.strip() == (f"edgekit: error: {model}: not a loadable .tflite model (a tensor or op name "
                                          "that is not UTF-8 text: a damaged or hostile file)"), err
+
+
+def test_a_tflite_with_a_nan_weight_is_refused_with_its_tensor_as_an_onnx_initializer_is(tmp_path, run_cli):
+    """Its float variants failed (exit 3) while int8 was built from it, with no reference to measure against."""
+    import numpy as np
+
+    def poison(model, graph):
+        for buffer in model.buffers:
+            if buffer.data is not None and len(buffer.data) == 64:  # the [4, 4] float32 weight
+                values = np.frombuffer(bytes(buffer.data), "<f4").copy()
+                values[2] = np.nan
+                buffer.data = np.frombuffer(values.tobytes(), np.uint8)
+
+    model = _edited(tmp_path / "nan.tflite", poison)
+    code, _, err = run_cli("compile", model, "-p", "rpi4", "--out", tmp_path / "o")
+    assert code == 2, err
+    (line,) = err.strip().splitlines()
+    assert line.startswith(f"edgekit: error: {model}: constant tensor '") and line.endswith(
+        "' holds NaN at flat index 2, so the model computes NaN; export it again from weights without NaN"), line
+    assert not (tmp_path / "o").exists()
