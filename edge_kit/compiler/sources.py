@@ -265,6 +265,7 @@ def _load_savedmodel(path: Path, name: str, digest: str, pinned: dict[str, tuple
     if not (path / "saved_model.pb").is_file():
         raise InputError(f"{path}: a folder model must be a SavedModel (saved_model.pb not found)")
     tf = tensorflow()
+    _check_assets(path)
     try:
         obj = tf.saved_model.load(str(path))
         sig = obj.signatures["serving_default"]
@@ -276,6 +277,35 @@ def _load_savedmodel(path: Path, name: str, digest: str, pinned: dict[str, tuple
     _unknown_pins(path, pinned, list(specs))
     inputs = {n: _static(path, n, spec.shape, pinned) for n, spec in specs.items()}
     return Source(path, "savedmodel", digest, name, inputs, list(sig.structured_outputs), saved_model=(obj, sig))
+
+
+def _check_assets(path: Path) -> None:
+    """Refuse a SavedModel whose assets lie outside its ``assets`` folder. Returns nothing.
+
+    TensorFlow joins each asset's recorded file name to ``<path>/assets`` and reads the file while
+    loading (a lookup table is initialized from it): ``..``, an absolute name or a link leading out
+    would read any file of this machine into the model. A ``saved_model.pb`` TensorFlow cannot parse is
+    left to its own load, which words the error.
+
+    Raises:
+        InputError: the first asset outside the folder, named.
+    """
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    proto = saved_model_pb2.SavedModel()
+    try:
+        proto.ParseFromString((path / "saved_model.pb").read_bytes())
+    except Exception:  # noqa: BLE001 - DecodeError and friends: tf.saved_model.load says what is wrong
+        return
+    assets = (path / "assets").resolve()
+    for graph in proto.meta_graphs:
+        for asset in graph.asset_file_def:
+            name = asset.filename
+            target = (assets / name).resolve()
+            if not name or Path(name).is_absolute() or assets not in target.parents:
+                raise InputError(f"{path}: asset '{name}' lies outside the SavedModel's assets folder, and TensorFlow "
+                                 "would read it from this machine while loading the model; save the model again "
+                                 "with its assets inside it")
 
 
 def _load_tflite(path: Path, name: str, digest: str, pinned: dict[str, tuple[int, ...]]) -> Source:

@@ -358,3 +358,55 @@ def test_a_savedmodel_given_as_dot_is_named_by_its_folder_and_never_replaces_the
         assert code == 0, err
         assert (out / "double" / "manifest.json").is_file() and (out / "other" / "manifest.json").is_file()
         assert not (out / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("where", ["../secret.txt", "/abs", "link"])
+def test_a_savedmodel_asset_outside_its_assets_folder_is_refused_and_never_read(tmp_path, where, monkeypatch):
+    """TensorFlow joins an asset's recorded file name to <model>/assets: '../..' or an absolute path (or a link
+    there leading out) made loading the SavedModel read any file of this machine into the model (a lookup
+    table initialized from it), in the compiler's process."""
+    from edge_kit.compiler.sources import load_source
+    from edge_kit.compiler.tf_quiet import tensorflow
+    from edge_kit.errors import InputError
+
+    tf = tensorflow()
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("alpha\nbeta\n")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("SECRET\n")
+
+    class Lookup(tf.Module):
+        def __init__(self):
+            init = tf.lookup.TextFileInitializer(str(vocab), tf.string, tf.lookup.TextFileIndex.WHOLE_LINE,
+                                                 tf.int64, tf.lookup.TextFileIndex.LINE_NUMBER)
+            self.table = tf.lookup.StaticHashTable(init, -1)
+
+        @tf.function(input_signature=[tf.TensorSpec([1, 4], tf.float32, name="x")])
+        def serve(self, x):
+            return {"y": x + tf.cast(self.table.lookup(tf.constant(["beta"])), tf.float32)}
+
+    module = Lookup()
+    model = tmp_path / "lookup"
+    tf.saved_model.save(module, str(model), signatures={"serving_default": module.serve})
+    proto = saved_model_pb2.SavedModel()
+    proto.ParseFromString((model / "saved_model.pb").read_bytes())
+    (asset,) = proto.meta_graphs[0].asset_file_def
+    if where == "link":
+        (model / "assets" / asset.filename).unlink()
+        (model / "assets" / asset.filename).symlink_to(secret)
+        name = asset.filename
+    else:
+        name = asset.filename = str(secret) if where == "/abs" else "../../secret.txt"
+        (model / "saved_model.pb").write_bytes(proto.SerializeToString())
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("TensorFlow loaded the SavedModel before its assets were checked")
+
+    monkeypatch.setattr(tf.saved_model, "load", no_load)
+    with pytest.raises(InputError) as caught:
+        load_source(model)
+    assert str(caught.value) == (f"{model}: asset '{name}' lies outside the SavedModel's assets folder, and "
+                                 "TensorFlow would read it from this machine while loading the model; save the "
+                                 "model again with its assets inside it")
