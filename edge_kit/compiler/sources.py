@@ -265,7 +265,7 @@ def _load_savedmodel(path: Path, name: str, digest: str, pinned: dict[str, tuple
     if not (path / "saved_model.pb").is_file():
         raise InputError(f"{path}: a folder model must be a SavedModel (saved_model.pb not found)")
     tf = tensorflow()
-    _check_assets(path)
+    _check_savedmodel(path)
     try:
         obj = tf.saved_model.load(str(path))
         sig = obj.signatures["serving_default"]
@@ -279,16 +279,39 @@ def _load_savedmodel(path: Path, name: str, digest: str, pinned: dict[str, tuple
     return Source(path, "savedmodel", digest, name, inputs, list(sig.structured_outputs), saved_model=(obj, sig))
 
 
-def _check_assets(path: Path) -> None:
-    """Refuse a SavedModel whose assets lie outside its ``assets`` folder. Returns nothing.
+# TensorFlow ops that read or write files of the machine running them (or map them: ImmutableConst). A
+# SavedModel's initializers run while it loads, so one of these there reads or writes any file of this
+# host. Checkpoint ops are allowed only in the SavedModel's own save/restore functions (its saver_def).
+FILE_OPS = frozenset({
+    "ReadFile", "WriteFile", "MatchingFiles", "ImmutableConst", "CreateSummaryFileWriter", "CreateSummaryDbWriter",
+    "DebugIdentity", "DebugIdentityV2", "DebugIdentityV3", "DebugNanCount", "DebugNumericSummary",
+    "DebugNumericSummaryV2", "InitializeTableFromTextFile", "InitializeTableFromTextFileV2",
+    "TextLineDataset", "TFRecordDataset", "TFRecordDatasetV2", "FixedLengthRecordDataset",
+    "FixedLengthRecordDatasetV2", "CSVDataset", "CSVDatasetV2", "ExperimentalCSVDataset", "SaveDataset",
+    "SaveDatasetV2", "LoadDataset", "SnapshotDataset", "SnapshotDatasetV2", "ExperimentalSqlDataset", "SqlDataset",
+    "TextLineReader", "TextLineReaderV2", "TFRecordReader", "TFRecordReaderV2", "FixedLengthRecordReader",
+    "FixedLengthRecordReaderV2", "WholeFileReader", "WholeFileReaderV2", "LMDBReader", "LMDBDataset",
+    "LoadAndRemapMatrix"})
+CHECKPOINT_OPS = frozenset({"Save", "SaveSlices", "SaveV2", "Restore", "RestoreSlice", "RestoreV2",
+                            "MergeV2Checkpoints"})
 
-    TensorFlow joins each asset's recorded file name to ``<path>/assets`` and reads the file while
-    loading (a lookup table is initialized from it): ``..``, an absolute name or a link leading out
-    would read any file of this machine into the model. A ``saved_model.pb`` TensorFlow cannot parse is
-    left to its own load, which words the error.
+
+def _check_savedmodel(path: Path) -> None:
+    """Refuse a SavedModel that would touch this machine's files while loading. Returns nothing.
+
+    - Assets: TensorFlow joins each asset's recorded file name to ``<path>/assets`` and reads the file
+      while loading (a lookup table is initialized from it): ``..``, an absolute name or a link leading
+      out would read any file of this machine into the model.
+    - Ops: a resource's initializer runs while the model loads, whatever ops it holds (a ``WriteFile``
+      there writes any file of this host). A function holding an op of :data:`FILE_OPS`, a ``PrintV2``
+      to a ``file://`` stream or a ``DecodeProtoV2`` reading its descriptors from a file (a table
+      initialized from a text file is fine when that file is one of its assets, as TensorFlow saves
+      it), or a checkpoint op outside the SavedModel's own save and restore functions, is refused.
+
+    A ``saved_model.pb`` TensorFlow cannot parse is left to its own load, which words the error.
 
     Raises:
-        InputError: the first asset outside the folder, named.
+        InputError: the first asset outside the folder, or the first such op, named with its function.
     """
     from tensorflow.core.protobuf import saved_model_pb2
 
@@ -306,6 +329,41 @@ def _check_assets(path: Path) -> None:
                 raise InputError(f"{path}: asset '{name}' lies outside the SavedModel's assets folder, and TensorFlow "
                                  "would read it from this machine while loading the model; save the model again "
                                  "with its assets inside it")
+    for graph in proto.meta_graphs:
+        functions = {f.signature.name: f for f in graph.graph_def.library.function}
+        saver = {graph.saver_def.save_tensor_name.split(":")[0], graph.saver_def.restore_op_name.split(":")[0]}
+        checkpointing = _called(functions, [n for n in graph.graph_def.node if n.name in saver])
+        bodies = [("the main graph", list(graph.graph_def.node))] + [(name, list(f.node_def)) for name, f in functions.items()]
+        for where, nodes in bodies:
+            for node in nodes:
+                textfile_asset = node.op.startswith("InitializeTableFromTextFile") and where in functions and \
+                    _is_argument(functions[where], node.input[1] if len(node.input) > 1 else "")
+                to_file = (node.op == "PrintV2" and node.attr["output_stream"].s.startswith(b"file://")) or \
+                    (node.op == "DecodeProtoV2" and node.attr["descriptor_source"].s not in (b"", b"local://"))
+                bad = to_file or (node.op in FILE_OPS and not textfile_asset) or \
+                    (node.op in CHECKPOINT_OPS and where not in checkpointing)
+                if bad:
+                    raise InputError(f"{path}: the SavedModel's function '{where}' holds a {node.op} op, which reads "
+                                     "or writes files of the machine that runs it (TensorFlow runs initializers while "
+                                     "loading the model); export the model without it")
+
+
+def _called(functions: dict[str, Any], nodes: list[Any]) -> set[str]:
+    """Return the names of the functions ``nodes`` call (their ``f`` attribute), and those they call in turn."""
+    seen: set[str] = set()
+    todo = [n.attr["f"].func.name for n in nodes if "f" in n.attr]
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in functions:
+            continue
+        seen.add(name)
+        todo += [n.attr["f"].func.name for n in functions[name].node_def if "f" in n.attr]
+    return seen
+
+
+def _is_argument(function: Any, tensor: str) -> bool:
+    """Return True when ``tensor`` (a node input, ``name:0`` or ``name``) is an argument of ``function``."""
+    return tensor.split(":")[0] in {arg.name for arg in function.signature.input_arg}
 
 
 def _load_tflite(path: Path, name: str, digest: str, pinned: dict[str, tuple[int, ...]]) -> Source:

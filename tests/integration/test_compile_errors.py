@@ -410,3 +410,36 @@ def test_a_savedmodel_asset_outside_its_assets_folder_is_refused_and_never_read(
     assert str(caught.value) == (f"{model}: asset '{name}' lies outside the SavedModel's assets folder, and "
                                  "TensorFlow would read it from this machine while loading the model; save the "
                                  "model again with its assets inside it")
+
+
+def test_a_savedmodel_whose_initializer_writes_a_file_is_refused_before_it_loads(tmp_path, run_cli):
+    """A resource's initializer runs while TensorFlow loads the SavedModel: its WriteFile wrote any file of
+    this host (here a marker) before the compile had looked at anything."""
+    from edge_kit.compiler.tf_quiet import tensorflow
+
+    tf = tensorflow()
+    marker = tmp_path / "written-while-loading"
+
+    class Writes(tf.saved_model.experimental.TrackableResource):
+        def _create_resource(self):
+            return tf.raw_ops.VarHandleOp(dtype=tf.float32, shape=[], shared_name="")
+
+        def _initialize(self):
+            tf.io.write_file(str(marker), "anything")
+            tf.raw_ops.AssignVariableOp(resource=self.resource_handle, value=tf.constant(1.0))
+
+    class Model(tf.Module):
+        def __init__(self):
+            self.resource = Writes()
+
+        @tf.function(input_signature=[tf.TensorSpec([1, 4], tf.float32, name="x")])
+        def serve(self, x):
+            return {"y": x * 2.0}
+
+    module = Model()
+    tf.saved_model.save(module, str(tmp_path / "writes"), signatures={"serving_default": module.serve})
+    marker.unlink(missing_ok=True)
+    code, _, err = run_cli("compile", tmp_path / "writes", "-p", "rpi4", "--out", tmp_path / "o")
+    line = one_line_error(code, err)
+    assert "holds a WriteFile op, which reads or writes files of the machine that runs it" in line, line
+    assert not marker.exists() and not (tmp_path / "o").exists()
