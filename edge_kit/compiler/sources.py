@@ -23,6 +23,7 @@ from edge_kit.errors import InputError, first_line
 from edge_kit.fsutil import sha256_file
 
 SourceKind = Literal["keras", "savedmodel", "tflite", "onnx"]
+KERAS_SAFE_MODE = (3, 14)  # the first Keras without a known way around safe_mode (TFSMLayer: CVE-2026-1462)
 MAX_SAMPLE_VALUES = 2**27  # per input and sample: 512 MiB of float32 (a 4K RGB frame is 25M values)
 Shapes = dict[str, tuple[int, ...]]  # input name -> shape of one sample (no batch axis)
 
@@ -247,9 +248,15 @@ def _load_keras(path: Path, name: str, digest: str, pinned: dict[str, tuple[int,
     tensorflow()
     import keras
 
+    version = str(getattr(keras, "__version__", "0"))
+    if tuple(int(p) if p.isdigit() else 0 for p in version.split(".")[:2]) < KERAS_SAFE_MODE:
+        raise InputError(f"{path}: Keras {version} is installed, whose safe mode a crafted file can get around to run "
+                         "code while it loads (CVE-2025-1550, CVE-2025-9906, CVE-2026-1462); edge-kit loads Keras files "
+                         f"with Keras {'.'.join(map(str, KERAS_SAFE_MODE))} or later: pip install "
+                         f"'keras>={'.'.join(map(str, KERAS_SAFE_MODE))}'")
     try:
         with captured_output():
-            model = keras.models.load_model(path, compile=False)
+            model = keras.models.load_model(path, compile=False)  # safe_mode (the default): no code from the file
     except Exception as exc:  # Keras raises many types for a bad file; all mean the same to the user
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"{path}: not a loadable Keras model ({first[:200]}); if it has custom layers or Lambda "

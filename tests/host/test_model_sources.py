@@ -105,3 +105,31 @@ def test_the_face_data_command_writes_enough_calibration_samples_and_says_errors
     assert realmodels.main(["--wheels", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == 2
     out, err = capsys.readouterr()
     assert not out and err.startswith("python -m edge_kit.realmodels: error: ")
+
+
+@pytest.mark.parametrize("version", ["3.10.0", "3.13.2", "2.15.0"])
+def test_a_keras_with_known_safe_mode_bypasses_is_not_used_to_load_a_keras_file(tmp_path, monkeypatch, version):
+    """safe_mode is what keeps a .keras file from running code while it loads; Keras before 3.14 lets a crafted
+    archive get around it (CVE-2025-1550, CVE-2025-9906, CVE-2026-1462 through TFSMLayer), and nothing kept
+    edge-kit from loading with one."""
+    import zipfile
+
+    import keras
+
+    from edge_kit.compiler.sources import load_source
+    from edge_kit.errors import InputError
+
+    model = tmp_path / "m.keras"
+    with zipfile.ZipFile(model, "w") as zf:
+        zf.writestr("config.json", "{}")
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("loaded with a Keras whose safe mode can be bypassed")
+
+    monkeypatch.setattr(keras, "__version__", version)
+    monkeypatch.setattr(keras.models, "load_model", no_load)
+    with pytest.raises(InputError) as caught:
+        load_source(model)
+    assert str(caught.value) == (f"{model}: Keras {version} is installed, whose safe mode a crafted file can get around "
+                                 "to run code while it loads (CVE-2025-1550, CVE-2025-9906, CVE-2026-1462); edge-kit "
+                                 "loads Keras files with Keras 3.14 or later: pip install 'keras>=3.14'")
