@@ -249,3 +249,16 @@ def test_a_source_carrying_edge_kits_own_artifact_metadata_is_refused(tmp_path, 
     helper.set_model_props(proto, {"author": "someone", "edgekit_like": "x"})  # anyone else's metadata is fine
     onnx.save(proto, model)
     assert load_source(model).outputs == ["y"]
+
+
+def test_an_error_without_text_while_pinning_is_a_compile_error_naming_its_type(monkeypatch):
+    """`str(exc).splitlines()[0]` of an exception without text raised IndexError out of the handler."""
+    from edge_kit.compiler import onnx_variants
+    from edge_kit.errors import CompileError
+
+    def fails(data):
+        raise ValueError("")
+
+    monkeypatch.setattr(onnx, "load_from_string", fails)
+    with pytest.raises(CompileError, match=r"^onnx-fp32: could not pin the input shapes \(ValueError\)$"):
+        onnx_variants.pinned(b"x", {"x": (4,)})
