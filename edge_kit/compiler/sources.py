@@ -24,6 +24,7 @@ from edge_kit.fsutil import sha256_file
 
 SourceKind = Literal["keras", "savedmodel", "tflite", "onnx"]
 KERAS_SAFE_MODE = (3, 14)  # the first Keras without a known way around safe_mode (TFSMLayer: CVE-2026-1462)
+MAX_NAME_CHARS = 256  # per input or output name: devices' messages name each (64 KiB per message)
 MAX_SAMPLE_VALUES = 2**27  # per input and sample: 512 MiB of float32 (a 4K RGB frame is 25M values)
 Shapes = dict[str, tuple[int, ...]]  # input name -> shape of one sample (no batch axis)
 
@@ -169,7 +170,8 @@ def load_source(path: Path, input_shapes: dict[str, tuple[int, ...]] | None = No
             with a dynamic dimension, or a pinned shape naming no input, not fitting it, or (for a
             ``.tflite``, whose file is rewritten to the pinned shapes) one the model cannot run at, or an
             input of more than :data:`MAX_SAMPLE_VALUES` values per sample (a hostile or mistaken shape
-            would take the host's memory in the first random sample or conversion).
+            would take the host's memory in the first random sample or conversion), or an input or
+            output name longer than :data:`MAX_NAME_CHARS`.
     """
     pinned = dict(input_shapes or {})
     path = Path(path)
@@ -179,7 +181,24 @@ def load_source(path: Path, input_shapes: dict[str, tuple[int, ...]] | None = No
         raise InputError(f"{path}: not a regular file or folder (a pipe or device); give the model file or SavedModel folder")
     source = _load_kind(path, pinned)
     check_sample_sizes(path, source.inputs)
+    _check_names(path, source)
     return source
+
+
+def _check_names(path: Path, source: Source) -> None:
+    """Refuse an input or output name longer than :data:`MAX_NAME_CHARS`. Returns nothing.
+
+    Raises:
+        InputError: the first such name, shown cut.
+    """
+    from edgekit_protocol.labels import clip
+
+    for kind, names in (("input", list(source.inputs)), ("output", source.outputs)):
+        for name in names:
+            if len(name) > MAX_NAME_CHARS:
+                raise InputError(f"{path}: {kind} '{clip(name, 60)}' has a name longer than {MAX_NAME_CHARS} characters; "
+                                 "devices send every input's and output's name in their bench records, which "
+                                 "receivers take up to 64 KiB: export the model with a shorter name")
 
 
 def check_sample_sizes(path: Path, inputs: Shapes) -> None:

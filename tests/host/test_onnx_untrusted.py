@@ -262,3 +262,16 @@ def test_an_error_without_text_while_pinning_is_a_compile_error_naming_its_type(
     monkeypatch.setattr(onnx, "load_from_string", fails)
     with pytest.raises(CompileError, match=r"^onnx-fp32: could not pin the input shapes \(ValueError\)$"):
         onnx_variants.pinned(b"x", {"x": (4,)})
+
+
+@pytest.mark.parametrize("which", ["input", "output"])
+def test_a_name_too_long_for_a_devices_messages_is_refused(tmp_path, which):
+    """A device names every input and output in its bench records, which a receiver takes up to 64 KiB (the
+    broker cuts the connection of a client sending more): a model whose names alone fill that was compiled,
+    and every record a device would send about it was lost."""
+    long = "n" * 40_000
+    names = {"input": (long, "y"), "output": ("x", long)}[which]
+    model = save(tmp_path / "long.onnx", [helper.make_node("Relu", [names[0]], [names[1]])], [vec(names[0])],
+                 [vec(names[1])])
+    message = refused(model, f"{which} 'n{{60}}\\.\\.\\. \\(40,000 characters\\)' has a name longer than 256 characters")
+    assert "export the model with a shorter name" in message
