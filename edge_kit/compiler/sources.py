@@ -171,7 +171,7 @@ def load_source(path: Path, input_shapes: dict[str, tuple[int, ...]] | None = No
             ``.tflite``, whose file is rewritten to the pinned shapes) one the model cannot run at, or an
             input of more than :data:`MAX_SAMPLE_VALUES` values per sample (a hostile or mistaken shape
             would take the host's memory in the first random sample or conversion), or an input or
-            output name longer than :data:`MAX_NAME_CHARS`.
+            output name longer than :data:`MAX_NAME_CHARS` or holding a control character.
     """
     pinned = dict(input_shapes or {})
     path = Path(path)
@@ -186,15 +186,21 @@ def load_source(path: Path, input_shapes: dict[str, tuple[int, ...]] | None = No
 
 
 def _check_names(path: Path, source: Source) -> None:
-    """Refuse an input or output name longer than :data:`MAX_NAME_CHARS`. Returns nothing.
+    """Refuse an input or output name longer than :data:`MAX_NAME_CHARS` or holding a control character
+    (names key data files and ``eval.npz``, whose zip reader cuts a member's name at NUL, and reach
+    logs and terminals). Returns nothing.
 
     Raises:
-        InputError: the first such name, shown cut.
+        InputError: the first such name, shown cut and escaped.
     """
-    from edgekit_protocol.labels import clip
+    from edgekit_protocol.labels import clip, printable
 
     for kind, names in (("input", list(source.inputs)), ("output", source.outputs)):
         for name in names:
+            if printable(name) != name:
+                raise InputError(f"{path}: {kind} '{printable(clip(name, 60))}' has a control character in its name; "
+                                 "data files and devices' messages are keyed by name: export the model with a plain "
+                                 "name")
             if len(name) > MAX_NAME_CHARS:
                 raise InputError(f"{path}: {kind} '{clip(name, 60)}' has a name longer than {MAX_NAME_CHARS} characters; "
                                  "devices send every input's and output's name in their bench records, which "

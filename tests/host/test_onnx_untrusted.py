@@ -275,3 +275,14 @@ def test_a_name_too_long_for_a_devices_messages_is_refused(tmp_path, which):
                  [vec(names[1])])
     message = refused(model, f"{which} 'n{{60}}\\.\\.\\. \\(40,000 characters\\)' has a name longer than 256 characters")
     assert "export the model with a shorter name" in message
+
+
+@pytest.mark.parametrize("name", ["a\x00b", "x\n2026 INFO forged", "\x1b[31mred"])
+def test_a_name_with_a_control_character_is_refused_shown_escaped(tmp_path, name):
+    """Names key the data files and eval.npz, whose zip reader cuts a member's name at NUL (the device then
+    finds no array for that input), and reach logs and terminals: no model names a tensor so."""
+    from edgekit_protocol.labels import printable
+
+    model = save(tmp_path / "ctl.onnx", [helper.make_node("Relu", [name], ["y"])], [vec(name)], [vec("y")])
+    message = refused(model, "has a control character in its name")
+    assert f"input '{printable(name)}'" in message and "\x1b" not in message and "\x00" not in message
