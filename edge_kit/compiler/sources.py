@@ -354,7 +354,7 @@ def _check_savedmodel(path: Path) -> None:
         return
     assets = (path / "assets").resolve()
     for graph in proto.meta_graphs:
-        for asset in graph.asset_file_def:
+        for asset in _asset_defs(graph):
             name = asset.filename
             target = (assets / name).resolve()
             if not name or Path(name).is_absolute() or assets not in target.parents:
@@ -365,11 +365,13 @@ def _check_savedmodel(path: Path) -> None:
         functions = {f.signature.name: f for f in graph.graph_def.library.function}
         saver = {graph.saver_def.save_tensor_name.split(":")[0], graph.saver_def.restore_op_name.split(":")[0]}
         checkpointing = _called(functions, [n for n in graph.graph_def.node if n.name in saver])
+        asset_tensors = {a.tensor_info.name.split(":")[0] for a in _asset_defs(graph)}  # TF1: the loader sets them
         bodies = [("the main graph", list(graph.graph_def.node))] + [(name, list(f.node_def)) for name, f in functions.items()]
         for where, nodes in bodies:
             for node in nodes:
-                textfile_asset = node.op.startswith("InitializeTableFromTextFile") and where in functions and \
-                    _is_argument(functions[where], node.input[1] if len(node.input) > 1 else "")
+                source = node.input[1].split(":")[0] if len(node.input) > 1 else ""  # the file name's tensor
+                textfile_asset = node.op.startswith("InitializeTableFromTextFile") and (
+                    source in asset_tensors if where not in functions else _is_argument(functions[where], source))
                 to_file = (node.op == "PrintV2" and node.attr["output_stream"].s.startswith(b"file://")) or \
                     (node.op == "DecodeProtoV2" and node.attr["descriptor_source"].s not in (b"", b"local://"))
                 bad = to_file or (node.op in FILE_OPS and not textfile_asset) or \
@@ -378,6 +380,20 @@ def _check_savedmodel(path: Path) -> None:
                     raise InputError(f"{path}: the SavedModel's function '{where}' holds a {node.op} op, which reads "
                                      "or writes files of the machine that runs it (TensorFlow runs initializers while "
                                      "loading the model); export the model without it")
+
+
+def _asset_defs(graph: Any) -> list[Any]:
+    """Return a MetaGraphDef's AssetFileDefs: its ``asset_file_def`` (TF2) and those a TF1 SavedModel keeps
+    in the ``saved_model_assets`` collection."""
+    from tensorflow.core.protobuf import meta_graph_pb2
+
+    defs = list(graph.asset_file_def)
+    if "saved_model_assets" in graph.collection_def:
+        for packed in graph.collection_def["saved_model_assets"].any_list.value:
+            asset = meta_graph_pb2.AssetFileDef()
+            if packed.Unpack(asset):
+                defs.append(asset)
+    return defs
 
 
 def _called(functions: dict[str, Any], nodes: list[Any]) -> set[str]:
@@ -394,8 +410,8 @@ def _called(functions: dict[str, Any], nodes: list[Any]) -> set[str]:
 
 
 def _is_argument(function: Any, tensor: str) -> bool:
-    """Return True when ``tensor`` (a node input, ``name:0`` or ``name``) is an argument of ``function``."""
-    return tensor.split(":")[0] in {arg.name for arg in function.signature.input_arg}
+    """Return True when ``tensor`` (a node's name) is an argument of ``function`` (a captured asset's path)."""
+    return tensor in {arg.name for arg in function.signature.input_arg}
 
 
 def _load_tflite(path: Path, name: str, digest: str, pinned: dict[str, tuple[int, ...]]) -> Source:

@@ -443,3 +443,47 @@ def test_a_savedmodel_whose_initializer_writes_a_file_is_refused_before_it_loads
     line = one_line_error(code, err)
     assert "holds a WriteFile op, which reads or writes files of the machine that runs it" in line, line
     assert not marker.exists() and not (tmp_path / "o").exists()
+
+
+def test_a_tf1_savedmodel_keeps_its_vocabulary_and_its_asset_paths_are_checked_too(tmp_path):
+    """A TF1 SavedModel records its assets in the 'saved_model_assets' collection, not asset_file_def: its
+    table initializer in the main graph was refused as a file op, and a '..' asset name there was not seen."""
+    from edge_kit.compiler.sources import load_source
+    from edge_kit.compiler.tf_quiet import tensorflow
+    from edge_kit.errors import InputError
+
+    tf = tensorflow()
+    from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("alpha\nbeta\n")
+    (tmp_path / "secret.txt").write_text("SECRET\n")
+    model = tmp_path / "tf1"
+    graph = tf.Graph()
+    with graph.as_default():
+        x = tf.compat.v1.placeholder(tf.float32, [1, 4], name="x")
+        path = tf.constant(str(vocab), name="vocab_path")
+        tf.compat.v1.add_to_collection(tf.compat.v1.GraphKeys.ASSET_FILEPATHS, path)
+        table = tf.lookup.StaticHashTable(tf.lookup.TextFileInitializer(
+            path, tf.string, tf.lookup.TextFileIndex.WHOLE_LINE, tf.int64, tf.lookup.TextFileIndex.LINE_NUMBER), -1)
+        y = tf.identity(x + tf.cast(table.lookup(tf.constant(["beta"])), tf.float32), name="y")
+        with tf.compat.v1.Session() as sess:
+            sess.run(tf.compat.v1.tables_initializer())
+            builder = tf.compat.v1.saved_model.Builder(str(model))
+            builder.add_meta_graph_and_variables(
+                sess, ["serve"], signature_def_map={"serving_default": tf.compat.v1.saved_model.predict_signature_def(
+                    {"x": x}, {"y": y})},
+                assets_collection=tf.compat.v1.get_collection(tf.compat.v1.GraphKeys.ASSET_FILEPATHS),
+                main_op=tf.compat.v1.tables_initializer())
+            builder.save()
+    assert load_source(model).outputs == ["y"]
+    proto = saved_model_pb2.SavedModel()
+    proto.ParseFromString((model / "saved_model.pb").read_bytes())
+    for packed in proto.meta_graphs[0].collection_def["saved_model_assets"].any_list.value:
+        asset = meta_graph_pb2.AssetFileDef()
+        packed.Unpack(asset)
+        asset.filename = "../../secret.txt"
+        packed.Pack(asset)
+    (model / "saved_model.pb").write_bytes(proto.SerializeToString())
+    with pytest.raises(InputError, match=r"asset '\.\./\.\./secret\.txt' lies outside the SavedModel's assets folder"):
+        load_source(model)
