@@ -229,9 +229,10 @@ def _load_kind(path: Path, pinned: dict[str, tuple[int, ...]]) -> Source:
     if not name or name in (".", ".."):
         raise InputError(f"{path}: the model has no name to give its folder of artifacts (OUT/<name>); give a "
                          "model file or a SavedModel folder with a name")
-    digest = sha256_file(path)
     if path.is_dir():
-        return _load_savedmodel(path, name, digest, pinned)
+        _check_links(path)  # before hashing or loading reads through them
+        return _load_savedmodel(path, name, sha256_file(path), pinned)
+    digest = sha256_file(path)
     suffix = path.suffix.lower()
     if suffix == ".tflite":
         return _load_tflite(path, name, digest, pinned)
@@ -291,6 +292,28 @@ def _load_keras(path: Path, name: str, digest: str, pinned: dict[str, tuple[int,
     _unknown_pins(path, pinned, names)
     inputs = {n: _static(path, n, t.shape, pinned) for n, t in zip(names, model.inputs)}
     return Source(path, "keras", digest, name, inputs, _keras_outputs(model), keras_model=model)
+
+
+def _check_links(folder: Path) -> None:
+    """Refuse a model folder holding a link (to a file or a folder) that leads out of it. Returns nothing.
+
+    Hashing the folder and TensorFlow's load read through links: one leading out would take in any file
+    of this machine, or block on one that never ends (``/proc/kmsg``).
+
+    Raises:
+        InputError: the first such link, named with where it leads.
+    """
+    root = folder.resolve()
+    for top, dirs, files in os.walk(folder):  # links to folders are listed in dirs and not followed
+        for entry in sorted([*dirs, *files]):
+            link = Path(top) / entry
+            if not link.is_symlink():
+                continue
+            target = link.resolve()
+            if target != root and root not in target.parents:
+                raise InputError(f"{folder}: '{link.relative_to(folder)}' is a link leading out of the SavedModel's "
+                                 f"folder (to {target}); edge-kit reads a model's files only from inside it: copy the "
+                                 "file in place of the link")
 
 
 def _load_savedmodel(path: Path, name: str, digest: str, pinned: dict[str, tuple[int, ...]]) -> Source:

@@ -407,6 +407,9 @@ def test_a_savedmodel_asset_outside_its_assets_folder_is_refused_and_never_read(
     monkeypatch.setattr(tf.saved_model, "load", no_load)
     with pytest.raises(InputError) as caught:
         load_source(model)
+    if where == "link":  # any link leading out of the folder is refused first, assets or not
+        assert str(caught.value).startswith(f"{model}: 'assets/{name}' is a link leading out of the SavedModel's folder")
+        return
     assert str(caught.value) == (f"{model}: asset '{name}' lies outside the SavedModel's assets folder, and "
                                  "TensorFlow would read it from this machine while loading the model; save the "
                                  "model again with its assets inside it")
@@ -487,3 +490,40 @@ def test_a_tf1_savedmodel_keeps_its_vocabulary_and_its_asset_paths_are_checked_t
     (model / "saved_model.pb").write_bytes(proto.SerializeToString())
     with pytest.raises(InputError, match=r"asset '\.\./\.\./secret\.txt' lies outside the SavedModel's assets folder"):
         load_source(model)
+
+
+@pytest.mark.parametrize("link", ["variables/extra", "assets", "fingerprint.pb"])
+def test_a_savedmodel_folder_with_a_link_leading_out_is_refused_before_anything_reads_it(tmp_path, link):
+    """The folder was hashed and loaded through its links: one leading out made the compile read (and
+    TensorFlow take in) any file of this machine, or block on one that never ends (/proc/kmsg)."""
+    import shutil
+
+    from edge_kit.compiler import sources
+    from edge_kit.compiler.tf_quiet import tensorflow
+    from edge_kit.errors import InputError
+
+    tf = tensorflow()
+
+    class Double(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([1, 4], tf.float32, name="x")])
+        def serve(self, x):
+            return {"y": x * 2.0}
+
+    module = Double()
+    model = tmp_path / "double"
+    tf.saved_model.save(module, str(model), signatures={"serving_default": module.serve})
+    assert sources.load_source(model).outputs == ["y"]
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "file").write_text("not the model's")
+    target = model / link
+    if target.is_dir():
+        shutil.rmtree(target)
+    else:
+        target.unlink(missing_ok=True)
+    target.symlink_to(outside if link == "assets" else outside / "file")
+    with pytest.raises(InputError) as caught:
+        sources.load_source(model)
+    assert str(caught.value) == (f"{model}: '{link}' is a link leading out of the SavedModel's folder (to "
+                                 f"{outside if link == 'assets' else outside / 'file'}); edge-kit reads a model's "
+                                 "files only from inside it: copy the file in place of the link")
