@@ -225,7 +225,8 @@ def _bench(args: argparse.Namespace) -> None:
         record = run_bench(args.model, settings, eval_file=args.eval,
                            power=power_meter(idle_w=args.idle_w, busy_w=args.busy_w))
     except ValueError as exc:
-        raise UsageError(f"{args.model}: cannot load or run the model ({str(exc).splitlines()[0]})") from None
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]  # an error may have no text
+        raise UsageError(f"{args.model}: cannot load or run the model ({first})") from None
     if args.json:
         print(json.dumps({"model": str(args.model), **record}, indent=2))
     else:

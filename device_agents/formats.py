@@ -34,6 +34,8 @@ def model_format(model: Path | bytes) -> str:
 
 
 # Keys edgekit compile writes into an ONNX artifact's metadata_props (ModelProto field 14), read here on the device.
+# Each starts with META_PREFIX, which only edgekit compile writes: an ONNX source carrying one is refused.
+META_PREFIX = "edgekit."
 META_RUNTIME = "edgekit.runtime"  # "tensorrt" on the trt-* variants: the agent builds an engine from the model
 META_VARIANT = "edgekit.variant"  # the variant id, which also makes trt-fp16's bytes differ from onnx-fp32's
 META_CALIB = "edgekit.trt_calibration_table"  # trt-int8: the host's calibration table (base64 of ORT's flatbuffers file)

@@ -697,13 +697,28 @@ class Agent:
         self.spool.close()
 
 
+class OneLineFormatter(logging.Formatter):
+    """The agent's log format, with every control character of a message shown as ``\\xNN``
+    (:func:`edgekit_protocol.labels.printable`): text a message, a command or a model file carries (a
+    tensor name) is quoted in log lines, and its newlines would forge lines and its escapes drive the
+    terminal reading the log. A traceback after the line keeps its lines."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """Return the formatted line (and any traceback) of ``record``, its message escaped."""
+        from edgekit_protocol.labels import printable
+
+        record = logging.makeLogRecord({**record.__dict__, "msg": printable(record.getMessage()), "args": None})
+        return super().format(record)
+
+
 def log_to(log_file: Path | None) -> None:
     """Send this process's log (INFO and up) to ``log_file``, at most :data:`LOG_MAX_BYTES` in it and as much in
-    ``<log_file>.1`` (the older part), or to stderr when None; returns nothing."""
-    handlers: list[logging.Handler] = [logging.StreamHandler()] if log_file is None else [
-        logging.handlers.RotatingFileHandler(log_file, maxBytes=LOG_MAX_BYTES, backupCount=1)]
-    logging.basicConfig(level=logging.INFO, handlers=handlers, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        force=True)
+    ``<log_file>.1`` (the older part), or to stderr when None, one line per message (:class:`OneLineFormatter`);
+    returns nothing."""
+    handler: logging.Handler = logging.StreamHandler() if log_file is None else \
+        logging.handlers.RotatingFileHandler(log_file, maxBytes=LOG_MAX_BYTES, backupCount=1)
+    handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
 
 
 def run_agent(cfg: AgentConfig, log_file: Path | None = None) -> None:

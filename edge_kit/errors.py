@@ -52,3 +52,10 @@ class HistoryError(EdgeKitError):
 
 __all__ = ["AgentError", "AgentTimeout", "CommandError", "CompileError", "ConfigError", "DataFileError",
            "DeployError", "EdgeKitError", "HistoryError", "InputError", "MessageError", "NotBuiltFor"]
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """Return the first line of ``exc``'s text cut to ``limit`` characters, or its type's name when it
+    has no text (LiteRT raises ``RuntimeError('')`` when it cannot allocate its tensors)."""
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:limit]

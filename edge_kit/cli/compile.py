@@ -147,7 +147,7 @@ def compile_cmd(
         out.print(table)
         for line in notes:
             out.print(line, highlight=False)
-        out.print(f"wrote {target}/manifest.json" + (f", signed by key {signer.key_id}" if signer else ""))
+        out.print(f"wrote {safe(str(target))}/manifest.json" + (f", signed by key {signer.key_id}" if signer else ""))
     failed = [a.id for a in manifest.artifacts if a.status == "failed"]
     if failed:
         sys.stderr.write(f"edgekit: error: {len(failed)} variant(s) failed: {', '.join(failed)} "

@@ -60,6 +60,8 @@ class ModelStats:
     weights_nonzero: int
     inputs: list[dict[str, Any]] = field(default_factory=list)  # name, shape, shape_signature, dtype, quantization
     outputs: list[dict[str, Any]] = field(default_factory=list)
+    input_tensors: list[int] = field(default_factory=list)  # tensor index of each of ``inputs``, in order
+    output_tensors: list[int] = field(default_factory=list)  # likewise for ``outputs``
 
     @property
     def sparsity(self) -> float:
@@ -72,13 +74,15 @@ def gzip_size(data: bytes) -> int:
     return len(gzip.compress(data, compresslevel=9, mtime=0))
 
 
-def _io(interp: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Return the manifest entries of the model's inputs and outputs, named as the agent names them."""
+def _io(interp: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[int], list[int]]:
+    """Return the manifest entries of the model's inputs and outputs, named as the agent names them,
+    then the tensor index of each input and of each output."""
     signature = {int(d["index"]): [int(x) for x in d.get("shape_signature", d["shape"])]
                  for d in [*interp.get_input_details(), *interp.get_output_details()]}
     ins, outs = ports(interp)
     return ([{**p.record(), "shape_signature": signature[p.index]} for p in ins],
-            [{**p.record(), "shape_signature": signature[p.index]} for p in outs])
+            [{**p.record(), "shape_signature": signature[p.index]} for p in outs],
+            [p.index for p in ins], [p.index for p in outs])
 
 
 def _names(enum: Any) -> dict[int, str]:
@@ -106,6 +110,8 @@ def _table(data: bytes) -> tuple[list[OpInfo], dict[int, TensorInfo], dict[int, 
         raise ValueError("not a .tflite flatbuffer (no TFL3 identifier)")
     try:
         return _read_table(data)
+    except UnicodeDecodeError:
+        raise ValueError("a tensor or op name that is not UTF-8 text: a damaged or hostile file") from None
     except ValueError:
         raise
     except Exception as exc:  # noqa: BLE001 - struct.error, IndexError, TypeError... from a damaged file
@@ -144,6 +150,46 @@ def _read_table(data: bytes) -> tuple[list[OpInfo], dict[int, TensorInfo], dict[
 _NUMPY = {"float32": "<f4", "float16": "<f2", "int8": "i1", "uint8": "u1", "int16": "<i2", "int32": "<i4", "int64": "<i8"}
 
 
+MAX_TENSOR_BYTES = 2**31  # one tensor of 2 GiB: no device has the memory to run more, nor should the host try
+_ITEM_BYTES = {"float64": 8, "int64": 8, "uint64": 8, "complex64": 8, "complex128": 16, "float32": 4, "int32": 4,
+               "uint32": 4, "float16": 2, "int16": 2, "uint16": 2}  # any other type (int8, bool, int4...): 1
+
+
+def oversized_tensor(data: bytes) -> str | None:
+    """Return, for the first tensor of the flatbuffer's main graph that would take more than
+    :data:`MAX_TENSOR_BYTES`, ``tensor 'NAME' (shape AxB, dtype) would take N bytes``; None when every
+    tensor fits. Read from the shapes the file declares (a dynamic dimension counted as 1), before
+    any runtime allocates them: a file of a few bytes can declare a tensor of any size.
+
+    Raises:
+        ValueError: ``data`` is not a ``.tflite`` flatbuffer, or a damaged one (as :func:`_table`).
+    """
+    _, tensors, _ = _table(data)
+    for t in tensors.values():
+        size = _ITEM_BYTES.get(t.dtype, 1)
+        for d in t.shape:
+            size *= max(int(d), 1)
+        if size > MAX_TENSOR_BYTES:
+            return (f"tensor '{t.name}' (shape {'x'.join(map(str, t.shape))}, {t.dtype}) would take {size:,} bytes")
+    return None
+
+
+def nan_constant(data: bytes) -> tuple[str, int] | None:
+    """Return (name, flat index of the first NaN) of the first float constant of the flatbuffer's main
+    graph holding NaN, or None (``-inf``, as attention masks store it, is fine).
+
+    Raises:
+        ValueError: ``data`` is not a ``.tflite`` flatbuffer, or a damaged one (as :func:`_table`).
+    """
+    _, tensors, values = _table(data)
+    for idx, value in values.items():
+        if value.dtype.kind == "f":
+            bad = np.isnan(value.ravel())
+            if bad.any():
+                return tensors[idx].name, int(np.argmax(bad))
+    return None
+
+
 PROBE_TIMEOUT_S = 600.0  # loading (and packing the weights of) a large model takes seconds, not minutes
 
 
@@ -151,16 +197,17 @@ _PROBED = {"tflite": ("model.tflite", "litert", "the LiteRT interpreter"),
            "onnx": ("model.onnx", "onnxruntime", "ONNX Runtime")}  # format: (file name, runtime, its name in words)
 
 
-def probe_in_child(data: bytes, timeout: float = PROBE_TIMEOUT_S, *, fmt: str = "tflite") -> None:
+def probe_in_child(data: bytes, timeout: float = PROBE_TIMEOUT_S, *, fmt: str = "tflite", refusals: bool = False) -> None:
     """Load ``data`` (a ``.tflite`` flatbuffer, or an ONNX model with ``fmt="onnx"``) with the runtime the
     devices use and run it once on zeros in a child process first (the agent's smoke check,
     :class:`device_agents.smoke.SmokePool`): a file that crashes the native code (a damaged or hostile
     file passes its verifier) takes down the child, not the compiler. Errors the runtime reports are
     left to the caller's own load (:func:`analyse`, :func:`edge_kit.compiler.onnx_source.load_onnx`),
-    which words them.
+    which words them, unless ``refusals``: then they raise too (a built variant every device would refuse).
 
     Raises:
-        ValueError: the child crashed (the signal named), was killed (out of memory) or ran out of time.
+        ValueError: the child crashed (the signal named), was killed (out of memory) or ran out of time;
+            with ``refusals``, also the smoke check's refusal (``the devices' smoke check refuses it: ...``).
     """
     import tempfile
 
@@ -176,8 +223,9 @@ def probe_in_child(data: bytes, timeout: float = PROBE_TIMEOUT_S, *, fmt: str = 
             SmokePool()(model, runtime=runtime, timeout=timeout)
         except SmokeCrashed as exc:
             raise ValueError(f"{words} {exc.how} loading it: a damaged or hostile file") from None
-        except SmokeFailed:
-            pass
+        except SmokeFailed as exc:
+            if refusals:
+                raise ValueError(f"the devices' smoke check refuses it: {exc}") from None
 
 
 def analyse(data: bytes) -> ModelStats:
@@ -228,7 +276,7 @@ def analyse(data: bytes) -> ModelStats:
         weights += int(w.size)
         weights_nonzero += nnz
 
-    inputs, outputs = _io(interp)
+    inputs, outputs, input_tensors, output_tensors = _io(interp)
     return ModelStats(
         bytes=len(data),
         gzip_bytes=gzip_size(data),
@@ -242,6 +290,8 @@ def analyse(data: bytes) -> ModelStats:
         weights_nonzero=weights_nonzero,
         inputs=inputs,
         outputs=outputs,
+        input_tensors=input_tensors,
+        output_tensors=output_tensors,
     )
 
 

@@ -91,7 +91,8 @@ def load_onnx(path: Path, pinned: dict[str, tuple[int, ...]]) -> tuple[bytes, di
         layout}; output names).
 
     Raises:
-        InputError: not an ONNX model (or truncated), external data outside the model's folder or
+        InputError: not an ONNX model (or truncated), metadata of edge-kit's own artifacts
+            (``edgekit.*`` keys), external data outside the model's folder or
             missing, a graph :func:`_check_graph` refuses, a scalar (0-d) input, a non-float32 input,
             a batch fixed above 1, an input with a dynamic dimension besides the batch, a pin that
             names no input or does not fit the declared shape, an input too large for one sample
@@ -106,6 +107,13 @@ def load_onnx(path: Path, pinned: dict[str, tuple[int, ...]]) -> tuple[bytes, di
         raise InputError(f"{path}: not an ONNX model ({_first_line(exc)}); export it again (torch.onnx.export, paddle2onnx)") from None
     if not model.graph.node or not model.opset_import:
         raise InputError(f"{path}: not an ONNX model (no graph nodes or opset); export it again (torch.onnx.export, paddle2onnx)")
+    from device_agents.formats import META_PREFIX
+
+    ours = sorted(p.key for p in model.metadata_props if p.key.startswith(META_PREFIX))
+    if ours:  # they tell devices how to run an artifact (edgekit.runtime=tensorrt): never taken from a source
+        raise InputError(f"{path}: the model carries metadata '{ours[0]}', which tells devices how to run an edge-kit "
+                         "artifact and only edgekit compile writes it; give the model exported by its framework, "
+                         "not a compiled artifact or a file edited to look like one")
     if _external_tensors(model):
         model = _with_external_data(Path(path), model)
         try:
@@ -155,10 +163,16 @@ def load_onnx(path: Path, pinned: dict[str, tuple[int, ...]]) -> tuple[bytes, di
     from edge_kit.compiler.sources import check_sample_sizes
 
     check_sample_sizes(path, inputs)  # before anything runs the model on a sample of that size
-    try:
-        from edge_kit.compiler.analysis import probe_in_child
+    from edge_kit.compiler.analysis import probe_in_child
+    from edge_kit.compiler.onnx_variants import pinned
+    from edge_kit.errors import CompileError
 
-        probe_in_child(data, fmt="onnx")  # a file that crashes ONNX Runtime crashes a child, never this process
+    try:  # run at the shapes every later step runs it at (a dynamic dimension leaves the child no shape to run)
+        probed = pinned(data, inputs)
+    except CompileError:
+        probed = data  # ONNX Runtime's load says what is wrong, below
+    try:
+        probe_in_child(probed, fmt="onnx")  # a file that crashes ONNX Runtime crashes a child, never this process
     except ValueError as exc:
         raise InputError(f"{path}: not a loadable ONNX model ({exc})") from None
     try:
@@ -172,6 +186,9 @@ def load_onnx(path: Path, pinned: dict[str, tuple[int, ...]]) -> tuple[bytes, di
     return data, inputs, [o.name for o in model.graph.output]
 
 
+MAX_ONNX_BYTES = 2**31  # protobuf's limit on one message: an ONNX file's weights included
+
+
 def _external_tensors(model: Any) -> list[Any]:
     """Return the model's tensors whose data is kept in an external file (initializers and attributes, subgraphs too)."""
     from onnx.external_data_helper import _get_all_tensors, uses_external_data
@@ -183,14 +200,18 @@ def _with_external_data(path: Path, model: Any) -> Any:
     """Return ``model`` with the data of its external tensors read in from files in ``path``'s folder.
 
     Every location is checked before anything is opened: relative, inside the folder once links
-    are resolved, a regular file, and long enough for the offset and length recorded.
+    are resolved, a regular file, and long enough for the offset and length recorded; and the bytes
+    the tensors claim (one file may be claimed by any number of them) must add up to less than one
+    ONNX file holds (:data:`MAX_ONNX_BYTES`), before any is read into memory.
 
     Raises:
-        InputError: a location outside the folder, a missing or short file (the tensor and location named).
+        InputError: a location outside the folder, a missing or short file (the tensor and location
+            named), or claims adding up to :data:`MAX_ONNX_BYTES` or more.
     """
     from onnx.external_data_helper import ExternalDataInfo, load_external_data_for_model
 
     folder = path.resolve().parent
+    claimed = 0
     for tensor in _external_tensors(model):
         info = ExternalDataInfo(tensor)
         location = str(info.location)
@@ -206,6 +227,10 @@ def _with_external_data(path: Path, model: Any) -> Any:
         if end > size:
             raise InputError(f"{path}: tensor '{tensor.name}' needs bytes up to {end} of '{location}', which has "
                              f"{size}; the external data file is truncated or belongs to another model")
+        claimed += int(info.length) if info.length else size - int(info.offset or 0)
+    if claimed >= MAX_ONNX_BYTES:
+        raise InputError(f"{path}: its tensors' external data add up to {claimed:,} bytes, more than one ONNX file "
+                         "holds (2 GB); edge-kit compiles models below 2 GB")
     try:
         load_external_data_for_model(model, str(folder))
     except Exception as exc:  # noqa: BLE001 - onnx raises ValueError / OSError for a bad external file
@@ -259,8 +284,9 @@ def _check_graph(path: Path, model: Any) -> None:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
+    from edge_kit.errors import first_line
+
+    return first_line(exc)
 
 
 def _rename(graph: Any, old: str, new: str) -> None:

@@ -40,7 +40,7 @@ import numpy as np
 
 from edge_kit.compiler.analysis import ModelStats
 from edge_kit.compiler.onnx_source import _constants_as_initializers
-from edge_kit.errors import CompileError
+from edge_kit.errors import CompileError, first_line
 
 NOT_FROM_TFLITE = ("ONNX variants are built from an ONNX, Keras or SavedModel source: nothing here converts a .tflite "
                    "back to ONNX; compile the model it came from")
@@ -93,7 +93,9 @@ def export_graph(function: Any, inputs: dict[str, tuple[int, ...]], outputs: lis
     outputs); the ONNX model keeps those names.
 
     Raises:
-        CompileError: tf2onnx failed, or the export lost an input or output name.
+        CompileError: tf2onnx failed, the export lost an input or output name, or ONNX Runtime cannot
+            load it (tf2onnx passes a TensorFlow op it cannot convert, such as ``ReadFile``, through
+            as is; loaded in a child first, so a crash is this error too).
     """
     import tensorflow as tf
     import tf2onnx
@@ -104,12 +106,23 @@ def export_graph(function: Any, inputs: dict[str, tuple[int, ...]], outputs: lis
                                                  input_signature=specs, opset=OPSET)
     except Exception as exc:  # noqa: BLE001 - tf2onnx raises assorted types
         raise CompileError(f"onnx-fp32: tf2onnx {tf2onnx.__version__} could not export the model "
-                           f"({str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__})") from None
+                           f"({first_line(exc, 300)})") from None
     got_in, got_out = [i.name for i in model.graph.input], [o.name for o in model.graph.output]
     if set(got_in) != set(inputs) or set(got_out) != set(outputs):
         raise CompileError(f"onnx-fp32: tf2onnx's export names inputs {got_in} and outputs {got_out}, the model "
                            f"{list(inputs)} and {outputs}; export the model to ONNX yourself and compile the .onnx")
-    return model.SerializeToString(), f"tf2onnx {tf2onnx.__version__} from_function export (opset {OPSET}) of the TensorFlow graph"
+    data = model.SerializeToString()
+    from device_agents.runtimes import get_runtime
+    from edge_kit.compiler.analysis import probe_in_child
+
+    try:
+        probe_in_child(data, fmt="onnx")
+        get_runtime("onnxruntime").interpreter(data)
+    except (ValueError, RuntimeError) as exc:
+        raise CompileError(f"onnx-fp32: ONNX Runtime cannot load the tf2onnx export "
+                           f"({first_line(exc, 300)}); export the model to ONNX with ops "
+                           "ONNX Runtime runs and compile the .onnx") from None
+    return data, f"tf2onnx {tf2onnx.__version__} from_function export (opset {OPSET}) of the TensorFlow graph"
 
 
 def refusal(source_kind: str, needs_calibration: bool, calib: Any) -> str | None:
@@ -151,7 +164,7 @@ def pinned(data: bytes, inputs: dict[str, tuple[int, ...]]) -> bytes:
             pass
         return model.SerializeToString()
     except Exception as exc:  # noqa: BLE001 - protobuf and onnx raise assorted types
-        raise CompileError(f"onnx-fp32: could not pin the input shapes ({str(exc).strip().splitlines()[0]})") from None
+        raise CompileError(f"onnx-fp32: could not pin the input shapes ({first_line(exc, 400)})") from None
 
 
 def to_fp16(fp32: bytes) -> bytes:
@@ -169,7 +182,7 @@ def to_fp16(fp32: bytes) -> bytes:
         onnx.checker.check_model(model)
         return model.SerializeToString()
     except Exception as exc:  # noqa: BLE001 - the converter raises assorted types
-        raise CompileError(f"onnx-fp16: float16 conversion failed ({str(exc).strip().splitlines()[0]})") from None
+        raise CompileError(f"onnx-fp16: float16 conversion failed ({first_line(exc, 400)})") from None
 
 
 def _toposort(graph: Any) -> None:
@@ -228,7 +241,7 @@ def to_int8(fp32: bytes, calib_x: dict[str, np.ndarray]) -> tuple[bytes, str]:
             fp32 = onnx.version_converter.convert_version(model, QDQ_OPSET).SerializeToString()
         except Exception as exc:  # noqa: BLE001 - the converter raises assorted types
             raise CompileError(f"onnx-int8: the model's opset {old} is below the {QDQ_OPSET} per-channel QDQ needs, and "
-                               f"onnx's version converter failed ({str(exc).strip().splitlines()[0][:300]}); "
+                               f"onnx's version converter failed ({first_line(exc, 300)}); "
                                f"export the model with opset {QDQ_OPSET} or later") from None
         note = f"; opset raised from {old} to {QDQ_OPSET} by onnx.version_converter first"
     with tempfile.TemporaryDirectory(prefix="edgekit-ort-q-") as tmp:
@@ -250,11 +263,11 @@ def to_int8(fp32: bytes, calib_x: dict[str, np.ndarray]) -> tuple[bytes, str]:
                 except Exception as exc:  # noqa: BLE001 - the quantizer and ONNX Runtime raise assorted types
                     if skip:
                         raise
-                    first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+                    first = first_line(exc, 200)
             if first is not None:
                 note += f"; quant_pre_process's graph optimisation skipped (with it: {first})"
         except Exception as exc:  # noqa: BLE001 - the quantizer and ONNX Runtime raise assorted types
-            raise CompileError(f"onnx-int8: ONNX Runtime quantization failed ({str(exc).strip().splitlines()[0][:600]})") from None
+            raise CompileError(f"onnx-int8: ONNX Runtime quantization failed ({first_line(exc, 600)})") from None
         finally:
             ort.set_default_logger_severity(2)
         return out.read_bytes(), note

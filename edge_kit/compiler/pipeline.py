@@ -26,7 +26,7 @@ import numpy as np
 import edge_kit
 from device_agents.metrics import MetricSpec
 from device_agents.targets import TARGETS, compiler_of
-from edge_kit.compiler.analysis import analyse, float_ops
+from edge_kit.compiler.analysis import analyse, float_ops, probe_in_child
 from edge_kit.compiler.convert import (
     INT8_TFLITE_METHOD,
     converter_version,
@@ -543,11 +543,17 @@ def _compile_model(req: CompileRequest, progress: Progress | None) -> Manifest:
             continue
         started = time.perf_counter()
         try:
-            plan.data, how = _build(plan, source, graph, req, calib, train, built, shared)
+            data, how = _build(plan, source, graph, req, calib, train, built, shared)
+            if compiler_of(plan.spec.id) is None and not plan.spec.built_on_device:  # runs on this host's runtime
+                try:  # what every device's smoke check at install would say, said here
+                    probe_in_child(data, fmt="onnx" if plan.spec.format == "onnx" else "tflite", refusals=True)
+                except ValueError as exc:
+                    raise CompileError(f"variant {plan.spec.id}: {exc}") from None
         except CompileError as exc:
             plan.refusal = str(exc)
             plan.extra["failed"] = True
             continue
+        plan.data = data
         plan.extra["how"] = how
         plan.extra["seconds"] = time.perf_counter() - started
         built[plan.spec.id] = plan

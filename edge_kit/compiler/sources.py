@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from edge_kit.compiler.tf_quiet import captured_output, tensorflow
-from edge_kit.errors import InputError
+from edge_kit.errors import InputError, first_line
 from edge_kit.fsutil import sha256_file
 
 SourceKind = Literal["keras", "savedmodel", "tflite", "onnx"]
+KERAS_SAFE_MODE = (3, 14)  # the first Keras without a known way around safe_mode (TFSMLayer: CVE-2026-1462)
+MAX_NAME_CHARS = 256  # per input or output name: devices' messages name each (64 KiB per message)
 MAX_SAMPLE_VALUES = 2**27  # per input and sample: 512 MiB of float32 (a 4K RGB frame is 25M values)
 Shapes = dict[str, tuple[int, ...]]  # input name -> shape of one sample (no batch axis)
 
@@ -167,7 +170,8 @@ def load_source(path: Path, input_shapes: dict[str, tuple[int, ...]] | None = No
             with a dynamic dimension, or a pinned shape naming no input, not fitting it, or (for a
             ``.tflite``, whose file is rewritten to the pinned shapes) one the model cannot run at, or an
             input of more than :data:`MAX_SAMPLE_VALUES` values per sample (a hostile or mistaken shape
-            would take the host's memory in the first random sample or conversion).
+            would take the host's memory in the first random sample or conversion), or an input or
+            output name longer than :data:`MAX_NAME_CHARS` or holding a control character.
     """
     pinned = dict(input_shapes or {})
     path = Path(path)
@@ -177,7 +181,30 @@ def load_source(path: Path, input_shapes: dict[str, tuple[int, ...]] | None = No
         raise InputError(f"{path}: not a regular file or folder (a pipe or device); give the model file or SavedModel folder")
     source = _load_kind(path, pinned)
     check_sample_sizes(path, source.inputs)
+    _check_names(path, source)
     return source
+
+
+def _check_names(path: Path, source: Source) -> None:
+    """Refuse an input or output name longer than :data:`MAX_NAME_CHARS` or holding a control character
+    (names key data files and ``eval.npz``, whose zip reader cuts a member's name at NUL, and reach
+    logs and terminals). Returns nothing.
+
+    Raises:
+        InputError: the first such name, shown cut and escaped.
+    """
+    from edgekit_protocol.labels import clip, printable
+
+    for kind, names in (("input", list(source.inputs)), ("output", source.outputs)):
+        for name in names:
+            if printable(name) != name:
+                raise InputError(f"{path}: {kind} '{printable(clip(name, 60))}' has a control character in its name; "
+                                 "data files and devices' messages are keyed by name: export the model with a plain "
+                                 "name")
+            if len(name) > MAX_NAME_CHARS:
+                raise InputError(f"{path}: {kind} '{clip(name, 60)}' has a name longer than {MAX_NAME_CHARS} characters; "
+                                 "devices send every input's and output's name in their bench records, which "
+                                 "receivers take up to 64 KiB: export the model with a shorter name")
 
 
 def check_sample_sizes(path: Path, inputs: Shapes) -> None:
@@ -197,10 +224,15 @@ def check_sample_sizes(path: Path, inputs: Shapes) -> None:
 
 def _load_kind(path: Path, pinned: dict[str, tuple[int, ...]]) -> Source:
     """Return the :class:`Source` of ``path`` by its kind (:func:`load_source` checks the rest). Raises InputError."""
-    name = path.stem if path.is_file() else path.name
-    digest = sha256_file(path)
+    # the name OUT/<name> takes: '.' or 'x/..' name the folder they mean (links are not followed), never '' or '..'
+    name = path.stem if path.is_file() else Path(os.path.abspath(path)).name
+    if not name or name in (".", ".."):
+        raise InputError(f"{path}: the model has no name to give its folder of artifacts (OUT/<name>); give a "
+                         "model file or a SavedModel folder with a name")
     if path.is_dir():
-        return _load_savedmodel(path, name, digest, pinned)
+        _check_links(path)  # before hashing or loading reads through them
+        return _load_savedmodel(path, name, sha256_file(path), pinned)
+    digest = sha256_file(path)
     suffix = path.suffix.lower()
     if suffix == ".tflite":
         return _load_tflite(path, name, digest, pinned)
@@ -225,12 +257,32 @@ def _load_keras(path: Path, name: str, digest: str, pinned: dict[str, tuple[int,
     if path.suffix.lower() == ".keras" and not zipfile.is_zipfile(path):  # Keras itself says "File not found"
         raise InputError(f"{path}: not a loadable Keras model (not a zip archive, as every .keras file is: damaged, "
                          "cut short, or another format named .keras); save it again with model.save('name.keras')")
+    if zipfile.is_zipfile(path):  # Keras reads its members whole: the sizes the zip declares bound that
+        from edgekit_protocol.datafile import memory_available
+
+        try:
+            with zipfile.ZipFile(path) as zf:
+                size = sum(info.file_size for info in zf.infolist())
+        except (OSError, zipfile.BadZipFile) as exc:
+            raise InputError(f"{path}: not a loadable Keras model (a damaged zip archive: {first_line(exc)}); save it "
+                             "again with model.save('name.keras')") from None
+        free = memory_available()
+        if free is not None and size > free // 2:
+            raise InputError(f"{path}: not a loadable Keras model (its zip archive holds {size / 1e6:,.0f} MB once "
+                             f"decompressed, more than half of the {free / 1e6:,.0f} MB of memory available here: a "
+                             "damaged or hostile file); save it again with model.save('name.keras')")
     tensorflow()
     import keras
 
+    version = str(getattr(keras, "__version__", "0"))
+    if tuple(int(p) if p.isdigit() else 0 for p in version.split(".")[:2]) < KERAS_SAFE_MODE:
+        raise InputError(f"{path}: Keras {version} is installed, whose safe mode a crafted file can get around to run "
+                         "code while it loads (CVE-2025-1550, CVE-2025-9906, CVE-2026-1462); edge-kit loads Keras files "
+                         f"with Keras {'.'.join(map(str, KERAS_SAFE_MODE))} or later: pip install "
+                         f"'keras>={'.'.join(map(str, KERAS_SAFE_MODE))}'")
     try:
         with captured_output():
-            model = keras.models.load_model(path, compile=False)
+            model = keras.models.load_model(path, compile=False)  # safe_mode (the default): no code from the file
     except Exception as exc:  # Keras raises many types for a bad file; all mean the same to the user
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"{path}: not a loadable Keras model ({first[:200]}); if it has custom layers or Lambda "
@@ -242,21 +294,147 @@ def _load_keras(path: Path, name: str, digest: str, pinned: dict[str, tuple[int,
     return Source(path, "keras", digest, name, inputs, _keras_outputs(model), keras_model=model)
 
 
+def _check_links(folder: Path) -> None:
+    """Refuse a model folder holding a link (to a file or a folder) that leads out of it. Returns nothing.
+
+    Hashing the folder and TensorFlow's load read through links: one leading out would take in any file
+    of this machine, or block on one that never ends (``/proc/kmsg``).
+
+    Raises:
+        InputError: the first such link, named with where it leads.
+    """
+    root = folder.resolve()
+    for top, dirs, files in os.walk(folder):  # links to folders are listed in dirs and not followed
+        for entry in sorted([*dirs, *files]):
+            link = Path(top) / entry
+            if not link.is_symlink():
+                continue
+            target = link.resolve()
+            if target != root and root not in target.parents:
+                raise InputError(f"{folder}: '{link.relative_to(folder)}' is a link leading out of the SavedModel's "
+                                 f"folder (to {target}); edge-kit reads a model's files only from inside it: copy the "
+                                 "file in place of the link")
+
+
 def _load_savedmodel(path: Path, name: str, digest: str, pinned: dict[str, tuple[int, ...]]) -> Source:
     if not (path / "saved_model.pb").is_file():
         raise InputError(f"{path}: a folder model must be a SavedModel (saved_model.pb not found)")
     tf = tensorflow()
+    _check_savedmodel(path)
     try:
         obj = tf.saved_model.load(str(path))
         sig = obj.signatures["serving_default"]
     except KeyError:
         raise InputError(f"{path}: the SavedModel has no 'serving_default' signature") from None
     except Exception as exc:  # noqa: BLE001 - TF raises assorted errors for damaged SavedModels
-        raise InputError(f"{path}: not a loadable SavedModel ({str(exc).splitlines()[0][:200]})") from None
+        raise InputError(f"{path}: not a loadable SavedModel ({first_line(exc)})") from None
     specs = sig.structured_input_signature[1]
     _unknown_pins(path, pinned, list(specs))
     inputs = {n: _static(path, n, spec.shape, pinned) for n, spec in specs.items()}
     return Source(path, "savedmodel", digest, name, inputs, list(sig.structured_outputs), saved_model=(obj, sig))
+
+
+# TensorFlow ops that read or write files of the machine running them (or map them: ImmutableConst). A
+# SavedModel's initializers run while it loads, so one of these there reads or writes any file of this
+# host. Checkpoint ops are allowed only in the SavedModel's own save/restore functions (its saver_def).
+FILE_OPS = frozenset({
+    "ReadFile", "WriteFile", "MatchingFiles", "ImmutableConst", "CreateSummaryFileWriter", "CreateSummaryDbWriter",
+    "DebugIdentity", "DebugIdentityV2", "DebugIdentityV3", "DebugNanCount", "DebugNumericSummary",
+    "DebugNumericSummaryV2", "InitializeTableFromTextFile", "InitializeTableFromTextFileV2",
+    "TextLineDataset", "TFRecordDataset", "TFRecordDatasetV2", "FixedLengthRecordDataset",
+    "FixedLengthRecordDatasetV2", "CSVDataset", "CSVDatasetV2", "ExperimentalCSVDataset", "SaveDataset",
+    "SaveDatasetV2", "LoadDataset", "SnapshotDataset", "SnapshotDatasetV2", "ExperimentalSqlDataset", "SqlDataset",
+    "TextLineReader", "TextLineReaderV2", "TFRecordReader", "TFRecordReaderV2", "FixedLengthRecordReader",
+    "FixedLengthRecordReaderV2", "WholeFileReader", "WholeFileReaderV2", "LMDBReader", "LMDBDataset",
+    "LoadAndRemapMatrix"})
+CHECKPOINT_OPS = frozenset({"Save", "SaveSlices", "SaveV2", "Restore", "RestoreSlice", "RestoreV2",
+                            "MergeV2Checkpoints"})
+
+
+def _check_savedmodel(path: Path) -> None:
+    """Refuse a SavedModel that would touch this machine's files while loading. Returns nothing.
+
+    - Assets: TensorFlow joins each asset's recorded file name to ``<path>/assets`` and reads the file
+      while loading (a lookup table is initialized from it): ``..``, an absolute name or a link leading
+      out would read any file of this machine into the model.
+    - Ops: a resource's initializer runs while the model loads, whatever ops it holds (a ``WriteFile``
+      there writes any file of this host). A function holding an op of :data:`FILE_OPS`, a ``PrintV2``
+      to a ``file://`` stream or a ``DecodeProtoV2`` reading its descriptors from a file (a table
+      initialized from a text file is fine when that file is one of its assets, as TensorFlow saves
+      it), or a checkpoint op outside the SavedModel's own save and restore functions, is refused.
+
+    A ``saved_model.pb`` TensorFlow cannot parse is left to its own load, which words the error.
+
+    Raises:
+        InputError: the first asset outside the folder, or the first such op, named with its function.
+    """
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    proto = saved_model_pb2.SavedModel()
+    try:
+        proto.ParseFromString((path / "saved_model.pb").read_bytes())
+    except Exception:  # noqa: BLE001 - DecodeError and friends: tf.saved_model.load says what is wrong
+        return
+    assets = (path / "assets").resolve()
+    for graph in proto.meta_graphs:
+        for asset in _asset_defs(graph):
+            name = asset.filename
+            target = (assets / name).resolve()
+            if not name or Path(name).is_absolute() or assets not in target.parents:
+                raise InputError(f"{path}: asset '{name}' lies outside the SavedModel's assets folder, and TensorFlow "
+                                 "would read it from this machine while loading the model; save the model again "
+                                 "with its assets inside it")
+    for graph in proto.meta_graphs:
+        functions = {f.signature.name: f for f in graph.graph_def.library.function}
+        saver = {graph.saver_def.save_tensor_name.split(":")[0], graph.saver_def.restore_op_name.split(":")[0]}
+        checkpointing = _called(functions, [n for n in graph.graph_def.node if n.name in saver])
+        asset_tensors = {a.tensor_info.name.split(":")[0] for a in _asset_defs(graph)}  # TF1: the loader sets them
+        bodies = [("the main graph", list(graph.graph_def.node))] + [(name, list(f.node_def)) for name, f in functions.items()]
+        for where, nodes in bodies:
+            for node in nodes:
+                source = node.input[1].split(":")[0] if len(node.input) > 1 else ""  # the file name's tensor
+                textfile_asset = node.op.startswith("InitializeTableFromTextFile") and (
+                    source in asset_tensors if where not in functions else _is_argument(functions[where], source))
+                to_file = (node.op == "PrintV2" and node.attr["output_stream"].s.startswith(b"file://")) or \
+                    (node.op == "DecodeProtoV2" and node.attr["descriptor_source"].s not in (b"", b"local://"))
+                bad = to_file or (node.op in FILE_OPS and not textfile_asset) or \
+                    (node.op in CHECKPOINT_OPS and where not in checkpointing)
+                if bad:
+                    raise InputError(f"{path}: the SavedModel's function '{where}' holds a {node.op} op, which reads "
+                                     "or writes files of the machine that runs it (TensorFlow runs initializers while "
+                                     "loading the model); export the model without it")
+
+
+def _asset_defs(graph: Any) -> list[Any]:
+    """Return a MetaGraphDef's AssetFileDefs: its ``asset_file_def`` (TF2) and those a TF1 SavedModel keeps
+    in the ``saved_model_assets`` collection."""
+    from tensorflow.core.protobuf import meta_graph_pb2
+
+    defs = list(graph.asset_file_def)
+    if "saved_model_assets" in graph.collection_def:
+        for packed in graph.collection_def["saved_model_assets"].any_list.value:
+            asset = meta_graph_pb2.AssetFileDef()
+            if packed.Unpack(asset):
+                defs.append(asset)
+    return defs
+
+
+def _called(functions: dict[str, Any], nodes: list[Any]) -> set[str]:
+    """Return the names of the functions ``nodes`` call (their ``f`` attribute), and those they call in turn."""
+    seen: set[str] = set()
+    todo = [n.attr["f"].func.name for n in nodes if "f" in n.attr]
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in functions:
+            continue
+        seen.add(name)
+        todo += [n.attr["f"].func.name for n in functions[name].node_def if "f" in n.attr]
+    return seen
+
+
+def _is_argument(function: Any, tensor: str) -> bool:
+    """Return True when ``tensor`` (a node's name) is an argument of ``function`` (a captured asset's path)."""
+    return tensor in {arg.name for arg in function.signature.input_arg}
 
 
 def _load_tflite(path: Path, name: str, digest: str, pinned: dict[str, tuple[int, ...]]) -> Source:
@@ -265,24 +443,85 @@ def _load_tflite(path: Path, name: str, digest: str, pinned: dict[str, tuple[int
 
     data = path.read_bytes()
     try:
+        _check_tensors(path, data)
         probe_in_child(data)  # a file that crashes the interpreter crashes a child, never this process
         stats = analyse(data)
     except (ValueError, RuntimeError) as exc:
-        raise InputError(f"{path}: not a loadable .tflite model ({str(exc).splitlines()[0][:200]})") from None
-    scalar = [p["name"] for p in stats.outputs if not p["shape"]]
-    if scalar:  # the runner returns every output along a batch axis, which a 0-d tensor has not
-        raise InputError(f"{path}: output '{scalar[0]}' is a scalar (0-d); devices return each output with a batch "
-                         "axis: export the model with it shaped [1] (e.g. keepdims=True, or tf.reshape(y, [1]))")
+        raise InputError(f"{path}: not a loadable .tflite model ({first_line(exc)})") from None
+    _check_tflite_ports(path, stats)
     _unknown_pins(path, pinned, [p["name"] for p in stats.inputs])
     inputs = {p["name"]: _static(path, p["name"], p["shape_signature"], pinned) for p in stats.inputs}
     if pinned:  # written into the file: every variant, and the source variant itself, is static
+        check_sample_sizes(path, inputs)  # before the interpreter that pins them allocates that much
         try:
             data = pin_inputs(data, {n: (1, *inputs[n]) for n in pinned})
+            _check_tensors(path, data)
             probe_in_child(data)
             stats = analyse(data)
         except (ValueError, RuntimeError) as exc:
             shapes = ", ".join(f"{n}=1x{'x'.join(map(str, inputs[n]))}" for n in pinned)
-            raise InputError(f"{path}: the model does not run with --input-shape {shapes} "
-                             f"({str(exc).strip().splitlines()[0][:200]})") from None
+            raise InputError(f"{path}: the model does not run with --input-shape {shapes} ({first_line(exc)})") from None
     return Source(path, "tflite", digest, name, inputs, [p["name"] for p in stats.outputs],
                   tflite=data, tflite_precision=stats.precision)
+
+
+def _check_tensors(path: Path, data: bytes) -> None:
+    """Refuse a ``.tflite`` declaring a tensor larger than
+    :data:`~edge_kit.compiler.analysis.MAX_TENSOR_BYTES` (before any runtime allocates it), or holding
+    NaN in a float constant (as an ONNX initializer holding NaN is). Returns nothing.
+
+    Raises:
+        InputError: the first such tensor, named with its shape and size, or with its first NaN's index.
+        ValueError: not a ``.tflite`` flatbuffer, or a damaged one (the caller words it).
+    """
+    from edge_kit.compiler.analysis import MAX_TENSOR_BYTES, nan_constant, oversized_tensor
+
+    too_big = oversized_tensor(data)
+    if too_big:
+        raise InputError(f"{path}: {too_big}; edge-kit takes models whose tensors each fit in {MAX_TENSOR_BYTES:,} "
+                         "bytes (no device has the memory for more): export the model for a smaller input")
+    nan = nan_constant(data)
+    if nan:
+        raise InputError(f"{path}: constant tensor '{nan[0]}' holds NaN at flat index {nan[1]}, so the model computes "
+                         "NaN; export it again from weights without NaN")
+
+
+def _check_tflite_ports(path: Path, stats: Any) -> None:
+    """Refuse a ``.tflite`` whose inputs and outputs a device cannot serve one sample at a time (the
+    ``.tflite`` counterpart of the ONNX graph check in :mod:`edge_kit.compiler.onnx_source`).
+
+    ``stats`` is the file's :class:`edge_kit.compiler.analysis.ModelStats`. Returns nothing.
+
+    Raises:
+        InputError: no inputs, no outputs, two inputs or outputs of one name (data files and results
+            are keyed by name), an output that is an input tensor (passed through unchanged), an output
+            no op computes (a stored constant, or memory never written), or a scalar (0-d) output.
+    """
+    if not stats.inputs:
+        raise InputError(f"{path}: the model has no inputs, so it computes the same output for every request; "
+                         "export it with its real inputs")
+    if not stats.outputs:
+        raise InputError(f"{path}: the model declares no outputs; export it again with its outputs")
+    produced = {t for op in stats.ops for t in op.outputs}
+    for port, tensor in zip(stats.outputs, stats.output_tensors):
+        if tensor in stats.input_tensors:
+            raise InputError(f"{path}: output '{port['name']}' is also an input (passed through unchanged); remove "
+                             "it from the outputs, or compute it with an op (tf.identity), and export again")
+        if tensor not in produced:
+            raise InputError(f"{path}: output '{port['name']}' is computed by no op (a stored constant, or a tensor "
+                             "nothing writes), so it says nothing about the input; export the model again with the "
+                             "outputs it computes")
+    names = [p["name"] for p in stats.inputs]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise InputError(f"{path}: input '{twice[0]}' has the name of another input; data files are keyed by input "
+                         "name, so export the model with a name of its own for each")
+    for port in stats.outputs:
+        if port["name"] in names:
+            raise InputError(f"{path}: output '{port['name']}' has the name of another input or output; data files "
+                             "and results are keyed by name, so export the model with a name of its own for each")
+        names.append(port["name"])
+    scalar = [p["name"] for p in stats.outputs if not p["shape"]]
+    if scalar:  # the runner returns every output along a batch axis, which a 0-d tensor has not
+        raise InputError(f"{path}: output '{scalar[0]}' is a scalar (0-d); devices return each output with a batch "
+                         "axis: export the model with it shaped [1] (e.g. keepdims=True, or tf.reshape(y, [1]))")

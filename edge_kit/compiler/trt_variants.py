@@ -36,7 +36,7 @@ from device_agents.formats import (
     META_VARIANT,
 )
 from edge_kit.compiler.onnx_variants import calibration_reader
-from edge_kit.errors import CompileError
+from edge_kit.errors import CompileError, first_line
 
 CALIB_SUFFIX = ".calib"  # trt-int8.calib beside trt-int8.onnx
 CALIB_METHOD = ("onnxruntime.quantization.create_calibrator (MinMax, symmetric) on --calib, "
@@ -69,7 +69,7 @@ def calibration_table(fp32: bytes, calib_x: dict[str, np.ndarray]) -> bytes:
             calibrator.collect_data(calibration_reader(calib_x))
             write_calibration_table(calibrator.compute_data(), dir=tmp)
         except Exception as exc:  # noqa: BLE001 - the calibrator raises assorted types
-            raise CompileError(f"trt-int8: ONNX Runtime's calibrator failed ({str(exc).strip().splitlines()[0][:400]})") from None
+            raise CompileError(f"trt-int8: ONNX Runtime's calibrator failed ({first_line(exc, 400)})") from None
         return (Path(tmp) / "calibration.flatbuffers").read_bytes()
 
 

@@ -28,3 +28,21 @@ def test_a_flood_of_refused_commands_cannot_grow_the_agent_log_without_bound(tmp
     assert files == ["agent.log", "agent.log.1"]
     assert all((tmp_path / f).stat().st_size <= 50_000 for f in files)
     assert (tmp_path / "agent.log").read_text().rstrip().endswith("refused 4999")
+
+
+def test_text_from_a_model_or_a_message_cannot_forge_or_colour_a_log_line(tmp_path):
+    """A model's tensor name (or a refused payload) quoted in a log line wrote its newlines and escape
+    sequences as they were: one line could pass for several, e.g. a forged 'activated' entry."""
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        service.log_to(tmp_path / "agent.log")
+        service.log.error("%s", "smoke check failed: input x\n2026-01-01 00:00:00,000 INFO edgekit: activated \x1b[2J")
+        for handler in root.handlers:
+            handler.flush()
+    finally:
+        for handler in root.handlers:
+            handler.close()
+        root.handlers[:], root.level = saved[0], saved[1]
+    text = (tmp_path / "agent.log").read_text()
+    assert text.count("\n") == 1 and "\x1b" not in text and "INFO edgekit: activated \\x1b[2J" in text

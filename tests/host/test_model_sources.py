@@ -24,6 +24,34 @@ def test_a_keras_file_that_is_not_a_zip_archive_says_so_not_file_not_found(tmp_p
     assert caught.value.exit_code == 2
 
 
+
+def test_a_keras_archive_that_expands_past_half_the_memory_is_refused_before_keras_reads_it(tmp_path, monkeypatch):
+    """A .keras is a zip: 60 KB of it can declare a config.json of 64 MB (or, likewise, gigabytes), which
+    Keras read whole into memory; the declared sizes bound what reading decompresses, as for data files."""
+    import zipfile
+
+    import edgekit_protocol.datafile as datafile
+    from edge_kit.compiler.sources import load_source
+    from edge_kit.errors import InputError
+
+    bomb = tmp_path / "bomb.keras"
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("metadata.json", json.dumps({"keras_version": "3.15.0"}))
+        zf.writestr("config.json", "{}" + " " * (64 << 20))
+    assert bomb.stat().st_size < 1 << 20
+    monkeypatch.setattr(datafile, "memory_available", lambda: 100 << 20)
+    import keras
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("Keras read the archive before its sizes were checked")
+
+    monkeypatch.setattr(keras.models, "load_model", no_load)
+    with pytest.raises(InputError) as caught:
+        load_source(bomb)
+    assert str(caught.value) == (f"{bomb}: not a loadable Keras model (its zip archive holds 67 MB once "
+                                 "decompressed, more than half of the 105 MB of memory available here: a damaged or "
+                                 "hostile file); save it again with model.save('name.keras')")
+
 def test_an_artifacts_path_that_is_not_one_compiled_model_says_what_to_give(tmp_path):
     """`compile --out artifacts` then `deploy --artifacts artifacts` was told to "run `edgekit compile` into
     artifacts first", which the user had just done; a file was "unreadable manifest ([Errno 20] ...)"."""
@@ -99,3 +127,31 @@ def test_the_face_data_command_writes_enough_calibration_samples_and_says_errors
     assert realmodels.main(["--wheels", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == 2
     out, err = capsys.readouterr()
     assert not out and err.startswith("python -m edge_kit.realmodels: error: ")
+
+
+@pytest.mark.parametrize("version", ["3.10.0", "3.13.2", "2.15.0"])
+def test_a_keras_with_known_safe_mode_bypasses_is_not_used_to_load_a_keras_file(tmp_path, monkeypatch, version):
+    """safe_mode is what keeps a .keras file from running code while it loads; Keras before 3.14 lets a crafted
+    archive get around it (CVE-2025-1550, CVE-2025-9906, CVE-2026-1462 through TFSMLayer), and nothing kept
+    edge-kit from loading with one."""
+    import zipfile
+
+    import keras
+
+    from edge_kit.compiler.sources import load_source
+    from edge_kit.errors import InputError
+
+    model = tmp_path / "m.keras"
+    with zipfile.ZipFile(model, "w") as zf:
+        zf.writestr("config.json", "{}")
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("loaded with a Keras whose safe mode can be bypassed")
+
+    monkeypatch.setattr(keras, "__version__", version)
+    monkeypatch.setattr(keras.models, "load_model", no_load)
+    with pytest.raises(InputError) as caught:
+        load_source(model)
+    assert str(caught.value) == (f"{model}: Keras {version} is installed, whose safe mode a crafted file can get around "
+                                 "to run code while it loads (CVE-2025-1550, CVE-2025-9906, CVE-2026-1462); edge-kit "
+                                 "loads Keras files with Keras 3.14 or later: pip install 'keras>=3.14'")

@@ -183,3 +183,106 @@ def test_a_model_that_crashes_onnx_runtime_crashes_a_child_not_the_compiler(tmp_
     refused(relu(tmp_path / "hostile.onnx"),
             r"not a loadable ONNX model \(ONNX Runtime crashed \(SIGSEGV\) loading it: a damaged or hostile file\)")
     assert calls == [(".onnx", "onnxruntime")]
+
+
+def test_external_data_adding_up_past_2_gb_is_refused_before_any_is_read(tmp_path, monkeypatch):
+    """Three tensors claiming 1 GiB each of one sparse file beside the model: every byte was read into
+    memory (any number of times the same file) before the 2 GB limit of one ONNX file refused it."""
+    model = add_weight(tmp_path / "big.onnx", np.zeros((1, 64), np.float32), save_as_external_data=True,
+                       location="w.data", size_threshold=0)
+    with open(tmp_path / "w.data", "r+b") as fh:
+        fh.truncate(2**30)  # sparse: costs no disk
+    proto = onnx.load(model, load_external_data=False)
+    first = proto.graph.initializer[0]
+    for i in range(3):
+        tensor = proto.graph.initializer.add()
+        tensor.CopyFrom(first)
+        tensor.name = f"w{i}"
+        for entry in tensor.external_data:
+            if entry.key == "length":
+                entry.value = str(2**30)
+    onnx.save(proto, model)
+    import onnx.external_data_helper as helpers
+
+    def no_read(*args, **kwargs):
+        raise AssertionError("external data was read before its total size was checked")
+
+    monkeypatch.setattr(helpers, "load_external_data_for_model", no_read)
+    message = refused(model, "external data add up to 3,221,225,728 bytes")
+    assert "edge-kit compiles models below 2 GB" in message
+
+
+def test_the_child_runs_a_model_with_dynamic_dimensions_at_the_pinned_shape(tmp_path, monkeypatch):
+    """The smoke child got the file as exported: a dynamic dimension gave it no shape to run zeros at, so
+    it only loaded the model, and the first run at a real shape (the conversion check) was in the
+    compiler's own process."""
+    from device_agents import smoke
+
+    seen = []
+    real = smoke.SmokePool.__call__
+
+    def record(self, model, **kwargs):
+        proto = onnx.load(model)
+        seen.append([[d.dim_value if d.HasField("dim_value") else d.dim_param for d in v.type.tensor_type.shape.dim]
+                     for v in proto.graph.input])
+        return real(self, model, **kwargs)
+
+    monkeypatch.setattr(smoke.SmokePool, "__call__", record)
+    source = load_source(relu(tmp_path / "dyn.onnx", shape=("N", "C")), {"x": (4,)})
+    assert source.inputs == {"x": (4,)} and seen == [[[1, 4]]]
+
+
+@pytest.mark.parametrize("key", ["edgekit.runtime", "edgekit.trt_calibration_table", "edgekit.variant"])
+def test_a_source_carrying_edge_kits_own_artifact_metadata_is_refused(tmp_path, key):
+    """Those keys tell a device how to run an artifact (edgekit.runtime=tensorrt sends it to TensorRT, with
+    the calibration table they carry). Carried from a source into onnx-fp32 and the other variants, they made
+    every device take an onnx-* artifact for a TensorRT one, with a table of the file's choosing."""
+    from device_agents.runtimes import is_tensorrt
+
+    model = relu(tmp_path / "tagged.onnx")
+    proto = onnx.load(model)
+    helper.set_model_props(proto, {key: "tensorrt", "author": "someone"})
+    onnx.save(proto, model)
+    assert is_tensorrt(model) == (key == "edgekit.runtime")
+    message = refused(model, f"metadata '{key}'")
+    assert "only edgekit compile writes it" in message
+    helper.set_model_props(proto, {"author": "someone", "edgekit_like": "x"})  # anyone else's metadata is fine
+    onnx.save(proto, model)
+    assert load_source(model).outputs == ["y"]
+
+
+def test_an_error_without_text_while_pinning_is_a_compile_error_naming_its_type(monkeypatch):
+    """`str(exc).splitlines()[0]` of an exception without text raised IndexError out of the handler."""
+    from edge_kit.compiler import onnx_variants
+    from edge_kit.errors import CompileError
+
+    def fails(data):
+        raise ValueError("")
+
+    monkeypatch.setattr(onnx, "load_from_string", fails)
+    with pytest.raises(CompileError, match=r"^onnx-fp32: could not pin the input shapes \(ValueError\)$"):
+        onnx_variants.pinned(b"x", {"x": (4,)})
+
+
+@pytest.mark.parametrize("which", ["input", "output"])
+def test_a_name_too_long_for_a_devices_messages_is_refused(tmp_path, which):
+    """A device names every input and output in its bench records, which a receiver takes up to 64 KiB (the
+    broker cuts the connection of a client sending more): a model whose names alone fill that was compiled,
+    and every record a device would send about it was lost."""
+    long = "n" * 40_000
+    names = {"input": (long, "y"), "output": ("x", long)}[which]
+    model = save(tmp_path / "long.onnx", [helper.make_node("Relu", [names[0]], [names[1]])], [vec(names[0])],
+                 [vec(names[1])])
+    message = refused(model, f"{which} 'n{{60}}\\.\\.\\. \\(40,000 characters\\)' has a name longer than 256 characters")
+    assert "export the model with a shorter name" in message
+
+
+@pytest.mark.parametrize("name", ["a\x00b", "x\n2026 INFO forged", "\x1b[31mred"])
+def test_a_name_with_a_control_character_is_refused_shown_escaped(tmp_path, name):
+    """Names key the data files and eval.npz, whose zip reader cuts a member's name at NUL (the device then
+    finds no array for that input), and reach logs and terminals: no model names a tensor so."""
+    from edgekit_protocol.labels import printable
+
+    model = save(tmp_path / "ctl.onnx", [helper.make_node("Relu", [name], ["y"])], [vec(name)], [vec("y")])
+    message = refused(model, "has a control character in its name")
+    assert f"input '{printable(name)}'" in message and "\x1b" not in message and "\x00" not in message

@@ -290,3 +290,245 @@ def test_an_error_inside_the_progress_bar_is_the_only_line_on_stderr(digits_file
     code, out, err = run_cli("compile", digits_files.model, "-p", "rpi4", "--calib", tmp_path / "nope.npz")
     assert code == 2 and out == ""
     assert err == f"edgekit: error: {tmp_path / 'nope.npz'}: --calib file not found\n"
+
+
+@pytest.mark.parametrize("data", [False, True])
+def test_a_variant_the_devices_smoke_check_refuses_is_failed_not_a_traceback(tmp_path, run_cli, data):
+    """A SavedModel with a lookup table converts into a .tflite that no device serves (its output lost
+    its shape, and HASHTABLE_FIND fails at the first invoke: the converter leaves the table empty):
+    without data it was written as built, though every device refuses it at install; with --calib the
+    compile stopped with the agent runner's traceback (exit 1)."""
+    from edge_kit.compiler.tf_quiet import tensorflow
+
+    tf = tensorflow()
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("alpha\nbeta\n")
+
+    class Lookup(tf.Module):
+        def __init__(self):
+            init = tf.lookup.TextFileInitializer(str(vocab), tf.string, tf.lookup.TextFileIndex.WHOLE_LINE,
+                                                 tf.int64, tf.lookup.TextFileIndex.LINE_NUMBER)
+            self.table = tf.lookup.StaticHashTable(init, -1)
+
+        @tf.function(input_signature=[tf.TensorSpec([1, 4], tf.float32, name="x")])
+        def serve(self, x):
+            return {"y": x + tf.cast(self.table.lookup(tf.constant(["beta"])), tf.float32)}
+
+    module = Lookup()
+    tf.saved_model.save(module, str(tmp_path / "lookup"), signatures={"serving_default": module.serve})
+    profile = tmp_path / "p.yaml"
+    from edge_kit.profiles import load_profile
+
+    import yaml
+
+    profile.write_text(yaml.safe_dump({**load_profile("rpi4").model_dump(mode="json", exclude_none=True),
+                                       "name": "p", "variants": ["fp32", "fp16"]}))
+    np.savez(tmp_path / "c.npz", x=np.random.default_rng(0).random((12, 4), dtype=np.float32))
+    extra = ["--calib", tmp_path / "c.npz"] if data else []
+    code, out, err = run_cli("compile", tmp_path / "lookup", "-p", profile, "--out", tmp_path / "o", *extra)
+    assert "Traceback" not in err
+    err = "\n".join(line for line in err.splitlines() if not line.startswith("edgekit: warning:"))
+    assert one_line_error(code, err, 3).endswith("2 variant(s) failed: fp32, fp16 (reasons in the table and the "
+                                                 "manifest; the built ones were written)")
+    from edge_kit.manifest import read_manifest
+
+    manifest = read_manifest(tmp_path / "o" / "lookup")
+    reason = manifest.artifact("fp32").reason
+    assert manifest.artifact("fp32").status == "failed" and "the devices' smoke check refuses it" in reason
+    assert "output 'y' is a scalar (0-d)" in reason
+    assert not (tmp_path / "o" / "lookup" / "fp32.tflite").exists()
+
+
+def test_a_savedmodel_given_as_dot_is_named_by_its_folder_and_never_replaces_the_out_folder(tmp_path, run_cli,
+                                                                                           monkeypatch):
+    """`edgekit compile .` from inside a SavedModel took the name '' and wrote into OUT itself, replacing
+    OUT with everything in it: another model's compile result in OUT/<other> was deleted."""
+    from edge_kit.compiler.tf_quiet import tensorflow
+
+    tf = tensorflow()
+
+    class Double(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([1, 4], tf.float32, name="x")])
+        def serve(self, x):
+            return {"y": x * 2.0}
+
+    module = Double()
+    tf.saved_model.save(module, str(tmp_path / "double"), signatures={"serving_default": module.serve})
+    out = tmp_path / "o"
+    (out / "other").mkdir(parents=True)
+    (out / "other" / "manifest.json").write_text("{}")  # another model's result, kept whatever happens
+    monkeypatch.chdir(tmp_path / "double")
+    for given in (".", "../double/."):
+        code, _, err = run_cli("compile", given, "-p", "rpi4", "--out", out)
+        assert code == 0, err
+        assert (out / "double" / "manifest.json").is_file() and (out / "other" / "manifest.json").is_file()
+        assert not (out / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("where", ["../secret.txt", "/abs", "link"])
+def test_a_savedmodel_asset_outside_its_assets_folder_is_refused_and_never_read(tmp_path, where, monkeypatch):
+    """TensorFlow joins an asset's recorded file name to <model>/assets: '../..' or an absolute path (or a link
+    there leading out) made loading the SavedModel read any file of this machine into the model (a lookup
+    table initialized from it), in the compiler's process."""
+    from edge_kit.compiler.sources import load_source
+    from edge_kit.compiler.tf_quiet import tensorflow
+    from edge_kit.errors import InputError
+
+    tf = tensorflow()
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("alpha\nbeta\n")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("SECRET\n")
+
+    class Lookup(tf.Module):
+        def __init__(self):
+            init = tf.lookup.TextFileInitializer(str(vocab), tf.string, tf.lookup.TextFileIndex.WHOLE_LINE,
+                                                 tf.int64, tf.lookup.TextFileIndex.LINE_NUMBER)
+            self.table = tf.lookup.StaticHashTable(init, -1)
+
+        @tf.function(input_signature=[tf.TensorSpec([1, 4], tf.float32, name="x")])
+        def serve(self, x):
+            return {"y": x + tf.cast(self.table.lookup(tf.constant(["beta"])), tf.float32)}
+
+    module = Lookup()
+    model = tmp_path / "lookup"
+    tf.saved_model.save(module, str(model), signatures={"serving_default": module.serve})
+    proto = saved_model_pb2.SavedModel()
+    proto.ParseFromString((model / "saved_model.pb").read_bytes())
+    (asset,) = proto.meta_graphs[0].asset_file_def
+    if where == "link":
+        (model / "assets" / asset.filename).unlink()
+        (model / "assets" / asset.filename).symlink_to(secret)
+        name = asset.filename
+    else:
+        name = asset.filename = str(secret) if where == "/abs" else "../../secret.txt"
+        (model / "saved_model.pb").write_bytes(proto.SerializeToString())
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("TensorFlow loaded the SavedModel before its assets were checked")
+
+    monkeypatch.setattr(tf.saved_model, "load", no_load)
+    with pytest.raises(InputError) as caught:
+        load_source(model)
+    if where == "link":  # any link leading out of the folder is refused first, assets or not
+        assert str(caught.value).startswith(f"{model}: 'assets/{name}' is a link leading out of the SavedModel's folder")
+        return
+    assert str(caught.value) == (f"{model}: asset '{name}' lies outside the SavedModel's assets folder, and "
+                                 "TensorFlow would read it from this machine while loading the model; save the "
+                                 "model again with its assets inside it")
+
+
+def test_a_savedmodel_whose_initializer_writes_a_file_is_refused_before_it_loads(tmp_path, run_cli):
+    """A resource's initializer runs while TensorFlow loads the SavedModel: its WriteFile wrote any file of
+    this host (here a marker) before the compile had looked at anything."""
+    from edge_kit.compiler.tf_quiet import tensorflow
+
+    tf = tensorflow()
+    marker = tmp_path / "written-while-loading"
+
+    class Writes(tf.saved_model.experimental.TrackableResource):
+        def _create_resource(self):
+            return tf.raw_ops.VarHandleOp(dtype=tf.float32, shape=[], shared_name="")
+
+        def _initialize(self):
+            tf.io.write_file(str(marker), "anything")
+            tf.raw_ops.AssignVariableOp(resource=self.resource_handle, value=tf.constant(1.0))
+
+    class Model(tf.Module):
+        def __init__(self):
+            self.resource = Writes()
+
+        @tf.function(input_signature=[tf.TensorSpec([1, 4], tf.float32, name="x")])
+        def serve(self, x):
+            return {"y": x * 2.0}
+
+    module = Model()
+    tf.saved_model.save(module, str(tmp_path / "writes"), signatures={"serving_default": module.serve})
+    marker.unlink(missing_ok=True)
+    code, _, err = run_cli("compile", tmp_path / "writes", "-p", "rpi4", "--out", tmp_path / "o")
+    line = one_line_error(code, err)
+    assert "holds a WriteFile op, which reads or writes files of the machine that runs it" in line, line
+    assert not marker.exists() and not (tmp_path / "o").exists()
+
+
+def test_a_tf1_savedmodel_keeps_its_vocabulary_and_its_asset_paths_are_checked_too(tmp_path):
+    """A TF1 SavedModel records its assets in the 'saved_model_assets' collection, not asset_file_def: its
+    table initializer in the main graph was refused as a file op, and a '..' asset name there was not seen."""
+    from edge_kit.compiler.sources import load_source
+    from edge_kit.compiler.tf_quiet import tensorflow
+    from edge_kit.errors import InputError
+
+    tf = tensorflow()
+    from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("alpha\nbeta\n")
+    (tmp_path / "secret.txt").write_text("SECRET\n")
+    model = tmp_path / "tf1"
+    graph = tf.Graph()
+    with graph.as_default():
+        x = tf.compat.v1.placeholder(tf.float32, [1, 4], name="x")
+        path = tf.constant(str(vocab), name="vocab_path")
+        tf.compat.v1.add_to_collection(tf.compat.v1.GraphKeys.ASSET_FILEPATHS, path)
+        table = tf.lookup.StaticHashTable(tf.lookup.TextFileInitializer(
+            path, tf.string, tf.lookup.TextFileIndex.WHOLE_LINE, tf.int64, tf.lookup.TextFileIndex.LINE_NUMBER), -1)
+        y = tf.identity(x + tf.cast(table.lookup(tf.constant(["beta"])), tf.float32), name="y")
+        with tf.compat.v1.Session() as sess:
+            sess.run(tf.compat.v1.tables_initializer())
+            builder = tf.compat.v1.saved_model.Builder(str(model))
+            builder.add_meta_graph_and_variables(
+                sess, ["serve"], signature_def_map={"serving_default": tf.compat.v1.saved_model.predict_signature_def(
+                    {"x": x}, {"y": y})},
+                assets_collection=tf.compat.v1.get_collection(tf.compat.v1.GraphKeys.ASSET_FILEPATHS),
+                main_op=tf.compat.v1.tables_initializer())
+            builder.save()
+    assert load_source(model).outputs == ["y"]
+    proto = saved_model_pb2.SavedModel()
+    proto.ParseFromString((model / "saved_model.pb").read_bytes())
+    for packed in proto.meta_graphs[0].collection_def["saved_model_assets"].any_list.value:
+        asset = meta_graph_pb2.AssetFileDef()
+        packed.Unpack(asset)
+        asset.filename = "../../secret.txt"
+        packed.Pack(asset)
+    (model / "saved_model.pb").write_bytes(proto.SerializeToString())
+    with pytest.raises(InputError, match=r"asset '\.\./\.\./secret\.txt' lies outside the SavedModel's assets folder"):
+        load_source(model)
+
+
+@pytest.mark.parametrize("link", ["variables/extra", "assets", "fingerprint.pb"])
+def test_a_savedmodel_folder_with_a_link_leading_out_is_refused_before_anything_reads_it(tmp_path, link):
+    """The folder was hashed and loaded through its links: one leading out made the compile read (and
+    TensorFlow take in) any file of this machine, or block on one that never ends (/proc/kmsg)."""
+    import shutil
+
+    from edge_kit.compiler import sources
+    from edge_kit.compiler.tf_quiet import tensorflow
+    from edge_kit.errors import InputError
+
+    tf = tensorflow()
+
+    class Double(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([1, 4], tf.float32, name="x")])
+        def serve(self, x):
+            return {"y": x * 2.0}
+
+    module = Double()
+    model = tmp_path / "double"
+    tf.saved_model.save(module, str(model), signatures={"serving_default": module.serve})
+    assert sources.load_source(model).outputs == ["y"]
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "file").write_text("not the model's")
+    target = model / link
+    if target.is_dir():
+        shutil.rmtree(target)
+    else:
+        target.unlink(missing_ok=True)
+    target.symlink_to(outside if link == "assets" else outside / "file")
+    with pytest.raises(InputError) as caught:
+        sources.load_source(model)
+    assert str(caught.value) == (f"{model}: '{link}' is a link leading out of the SavedModel's folder (to "
+                                 f"{outside if link == 'assets' else outside / 'file'}); edge-kit reads a model's "
+                                 "files only from inside it: copy the file in place of the link")

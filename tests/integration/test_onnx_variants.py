@@ -190,3 +190,23 @@ def test_a_paddle_export_with_constant_weights_and_an_old_opset_is_quantized(whe
     fid = fidelity(out["int8"], out["fp32"], classes=set(_outputs))
     # measured 22.2 dB and 21/24 agreeing (skipping the graph optimisation gave 13.6 dB): a weak 2-class model
     assert fid["snr_db"] >= 18 and fid["top1_agreement"] >= 0.8, fid
+
+
+def test_a_tf2onnx_export_onnx_runtime_cannot_load_is_a_failed_variant_not_a_traceback(tmp_path):
+    """A SavedModel with a TensorFlow op tf2onnx passes through as is (AsString) once stopped the compile
+    in the measuring step with ONNX Runtime's ValueError (exit 1, a traceback) after everything was built."""
+    from edge_kit.compiler.tf_quiet import tensorflow
+
+    tf = tensorflow()
+
+    class Raw(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([1, 4], tf.float32, name="x")])
+        def serve(self, x):
+            return {"y": x + tf.cast(tf.strings.length(tf.strings.as_string(x)), tf.float32)}
+
+    module = Raw()
+    tf.saved_model.save(module, str(tmp_path / "raw"), signatures={"serving_default": module.serve})
+    manifest = compile_model(CompileRequest(tmp_path / "raw", [profile("onnx-fp32", "onnx-fp16")], tmp_path / "o"))
+    onnx_fp32 = manifest.artifact("onnx-fp32")
+    assert onnx_fp32.status == "failed" and "ONNX Runtime cannot load the tf2onnx export" in onnx_fp32.reason, onnx_fp32
+    assert "AsString" in onnx_fp32.reason and manifest.artifact("onnx-fp16").reason == onnx_fp32.reason
