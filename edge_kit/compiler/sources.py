@@ -474,7 +474,11 @@ def _check_tensors(path: Path, data: bytes) -> None:
         InputError: the first such tensor, named with its shape and size, or with its first NaN's index.
         ValueError: not a ``.tflite`` flatbuffer, or a damaged one (the caller words it).
     """
-    from edge_kit.compiler.analysis import MAX_TENSOR_BYTES, nan_constant, oversized_tensor
+    from edge_kit.compiler.analysis import (
+        MAX_TENSOR_BYTES,
+        nan_constant,
+        oversized_tensor,
+    )
 
     too_big = oversized_tensor(data)
     if too_big:

@@ -1,10 +1,28 @@
-"""The agent's log file stays bounded whatever is published at it."""
+"""The agent's log file stays bounded whatever is published at it, and quoted text cannot forge its lines."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 from device_agents import service
+
+
+@contextlib.contextmanager
+def agent_log(path):
+    """Log to ``path`` as the agent does (``service.log_to``) for the block; flush, close and put the root
+    logger's handlers back after."""
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        service.log_to(path)
+        yield
+        for handler in root.handlers:
+            handler.flush()
+    finally:
+        for handler in root.handlers:
+            handler.close()
+        root.handlers[:], root.level = saved[0], saved[1]
 
 
 def test_a_flood_of_refused_commands_cannot_grow_the_agent_log_without_bound(tmp_path, monkeypatch):
@@ -12,18 +30,9 @@ def test_a_flood_of_refused_commands_cannot_grow_the_agent_log_without_bound(tmp
     plain file: a flood of garbage on the device's cmd topic filled its storage line by line. It is now cut at
     LOG_MAX_BYTES with one older part kept, and the newest lines are in the file."""
     monkeypatch.setattr(service, "LOG_MAX_BYTES", 50_000)
-    root = logging.getLogger()
-    saved = root.handlers[:], root.level
-    try:
-        service.log_to(tmp_path / "agent.log")
+    with agent_log(tmp_path / "agent.log"):
         for i in range(5_000):
             service.log.warning("refused a command: the signature does not verify as operator's; refused %d", i)
-        for handler in root.handlers:
-            handler.flush()
-    finally:
-        for handler in root.handlers:
-            handler.close()
-        root.handlers[:], root.level = saved[0], saved[1]
     files = sorted(p.name for p in tmp_path.iterdir())
     assert files == ["agent.log", "agent.log.1"]
     assert all((tmp_path / f).stat().st_size <= 50_000 for f in files)
@@ -33,16 +42,7 @@ def test_a_flood_of_refused_commands_cannot_grow_the_agent_log_without_bound(tmp
 def test_text_from_a_model_or_a_message_cannot_forge_or_colour_a_log_line(tmp_path):
     """A model's tensor name (or a refused payload) quoted in a log line wrote its newlines and escape
     sequences as they were: one line could pass for several, e.g. a forged 'activated' entry."""
-    root = logging.getLogger()
-    saved = root.handlers[:], root.level
-    try:
-        service.log_to(tmp_path / "agent.log")
+    with agent_log(tmp_path / "agent.log"):
         service.log.error("%s", "smoke check failed: input x\n2026-01-01 00:00:00,000 INFO edgekit: activated \x1b[2J")
-        for handler in root.handlers:
-            handler.flush()
-    finally:
-        for handler in root.handlers:
-            handler.close()
-        root.handlers[:], root.level = saved[0], saved[1]
     text = (tmp_path / "agent.log").read_text()
     assert text.count("\n") == 1 and "\x1b" not in text and "INFO edgekit: activated \\x1b[2J" in text

@@ -292,12 +292,9 @@ def test_an_error_inside_the_progress_bar_is_the_only_line_on_stderr(digits_file
     assert err == f"edgekit: error: {tmp_path / 'nope.npz'}: --calib file not found\n"
 
 
-@pytest.mark.parametrize("data", [False, True])
-def test_a_variant_the_devices_smoke_check_refuses_is_failed_not_a_traceback(tmp_path, run_cli, data):
-    """A SavedModel with a lookup table converts into a .tflite that no device serves (its output lost
-    its shape, and HASHTABLE_FIND fails at the first invoke: the converter leaves the table empty):
-    without data it was written as built, though every device refuses it at install; with --calib the
-    compile stopped with the agent runner's traceback (exit 1)."""
+def lookup_savedmodel(tmp_path):
+    """Save a SavedModel whose output adds a lookup table's value (initialized from ``tmp_path/vocab.txt``,
+    an asset of the model) to its input ``x`` (1x4); return its folder."""
     from edge_kit.compiler.tf_quiet import tensorflow
 
     tf = tensorflow()
@@ -316,10 +313,20 @@ def test_a_variant_the_devices_smoke_check_refuses_is_failed_not_a_traceback(tmp
 
     module = Lookup()
     tf.saved_model.save(module, str(tmp_path / "lookup"), signatures={"serving_default": module.serve})
-    profile = tmp_path / "p.yaml"
-    from edge_kit.profiles import load_profile
+    return tmp_path / "lookup"
 
+
+@pytest.mark.parametrize("data", [False, True])
+def test_a_variant_the_devices_smoke_check_refuses_is_failed_not_a_traceback(tmp_path, run_cli, data):
+    """A SavedModel with a lookup table converts into a .tflite that no device serves (its output lost
+    its shape, and HASHTABLE_FIND fails at the first invoke: the converter leaves the table empty):
+    without data it was written as built, though every device refuses it at install; with --calib the
+    compile stopped with the agent runner's traceback (exit 1)."""
+    lookup_savedmodel(tmp_path)
+    profile = tmp_path / "p.yaml"
     import yaml
+
+    from edge_kit.profiles import load_profile
 
     profile.write_text(yaml.safe_dump({**load_profile("rpi4").model_dump(mode="json", exclude_none=True),
                                        "name": "p", "variants": ["fp32", "fp16"]}))
@@ -377,24 +384,9 @@ def test_a_savedmodel_asset_outside_its_assets_folder_is_refused_and_never_read(
     tf = tensorflow()
     from tensorflow.core.protobuf import saved_model_pb2
 
-    vocab = tmp_path / "vocab.txt"
-    vocab.write_text("alpha\nbeta\n")
     secret = tmp_path / "secret.txt"
     secret.write_text("SECRET\n")
-
-    class Lookup(tf.Module):
-        def __init__(self):
-            init = tf.lookup.TextFileInitializer(str(vocab), tf.string, tf.lookup.TextFileIndex.WHOLE_LINE,
-                                                 tf.int64, tf.lookup.TextFileIndex.LINE_NUMBER)
-            self.table = tf.lookup.StaticHashTable(init, -1)
-
-        @tf.function(input_signature=[tf.TensorSpec([1, 4], tf.float32, name="x")])
-        def serve(self, x):
-            return {"y": x + tf.cast(self.table.lookup(tf.constant(["beta"])), tf.float32)}
-
-    module = Lookup()
-    model = tmp_path / "lookup"
-    tf.saved_model.save(module, str(model), signatures={"serving_default": module.serve})
+    model = lookup_savedmodel(tmp_path)
     proto = saved_model_pb2.SavedModel()
     proto.ParseFromString((model / "saved_model.pb").read_bytes())
     (asset,) = proto.meta_graphs[0].asset_file_def
