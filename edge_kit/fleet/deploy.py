@@ -162,16 +162,18 @@ def candidates_for(manifest: Manifest, dev: Device) -> list[Artifact]:
     return wanted
 
 
-def check_built_for(artifacts: Path, devices: list[Device], variants: Iterable[str | None] = ()) -> None:
+def check_built_for(artifacts: Path, devices: list[Device], variants: Iterable[str | None] = (),
+                    manifest: Manifest | None = None) -> None:
     """Return None when the compiled folder ``artifacts`` has built variants for every device's profile
     and holds each variant asked for (``variants``, None for none): a deploy checks it before it
-    touches any device, as ``select`` and ``tune`` do.
+    touches any device, as ``select`` and ``tune`` do. ``manifest``: the folder's, as the caller read
+    it (None: read here).
 
     Raises:
         InputError: the folder has no (valid) manifest, or a variant asked for is not in it (a typo).
         NotBuiltFor: the first device whose profile was not compiled, or got no built variant.
     """
-    manifest = read_manifest(artifacts)
+    manifest = manifest if manifest is not None else read_manifest(artifacts)
     built = [a.id for a in manifest.artifacts if a.status == "built"]
     for variant in variants:
         if variant is not None and manifest.artifact(variant) is None:
@@ -224,17 +226,20 @@ class _Deployer:
         self.progress = progress or (lambda _d, _m: None)
 
     def _eval_sha256(self) -> str | None:
-        """Return the sha256 of the artifacts' eval set (None without one), checked against the manifest.
+        """Return the sha256 of the eval set to ship with the artifacts: the one the manifest records
+        (its signature covers it), checked against ``eval.npz``; None when the manifest records none
+        (an ``eval.npz`` it does not list is not shipped: nothing vouches for the metric code it
+        carries) or the file is not there.
 
         Raises:
-            DeployError: it differs from the sha256 the compile recorded (changed since).
+            DeployError: the file differs from the sha256 the compile recorded (changed since).
         """
         path = self.opts.artifacts / "eval.npz"
-        if not path.is_file():
+        recorded = (self.manifest.eval or {}).get("sha256")
+        if not recorded or not path.is_file():
             return None
         digest = sha256_file(path)
-        recorded = (self.manifest.eval or {}).get("sha256")
-        if recorded and recorded != digest:
+        if recorded != digest:
             raise DeployError(f"{path}: sha256 {digest[:12]}... differs from the manifest's {recorded[:12]}... "
                               "(changed since the compile); compile again")
         return digest
@@ -306,7 +311,7 @@ class _Deployer:
                     continue
                 self.progress(dev.name, f"upload {art.id}")
                 part = shell.put(self.opts.artifacts / art.file, f"{shell.root}/incoming/{art.sha256}{Path(art.file).suffix}", rename=False)
-                if eval_remote is None and eval_file.is_file():
+                if eval_remote is None and self.eval_sha256 is not None:  # only the eval set the manifest lists
                     eval_remote = shell.put(eval_file, f"{shell.root}/incoming/eval.npz")
                 self._install(shell, art, part, eval_remote)
                 result.actions.append(f"uploaded {art.id} ({art.bytes / 1e6:.1f} MB)")
@@ -415,8 +420,12 @@ class _Deployer:
 
 
 def deploy(fleet: Fleet, devices: list[Device], opts: DeployOptions,
-           progress: Callable[[str, str], None] | None = None) -> GroupResult:
+           progress: Callable[[str, str], None] | None = None, manifest: Manifest | None = None) -> GroupResult:
     """Deploy to ``devices``, ``opts.parallel`` at a time.
+
+    ``manifest``: the one in ``opts.artifacts`` as the caller read and checked it against the fleet's
+    ``artifact_keys`` (a rollout's canaries and the rest, a tune's rounds: one release throughout, not a
+    manifest replaced in between); None reads and checks it here.
 
     Returns:
         One result per device, in the order given (never raises for a single device).
@@ -429,8 +438,9 @@ def deploy(fleet: Fleet, devices: list[Device], opts: DeployOptions,
         ConfigError: two devices of the fleet share one agent folder (nothing is touched).
     """
     fleet.check_agent_folders()
-    manifest = read_manifest(opts.artifacts, fleet.artifact_trust())  # what is uploaded is what was checked
-    check_built_for(opts.artifacts, devices, [opts.variant, *opts.variants.values()])
+    if manifest is None:
+        manifest = read_manifest(opts.artifacts, fleet.artifact_trust())  # what is uploaded is what was checked
+    check_built_for(opts.artifacts, devices, [opts.variant, *opts.variants.values()], manifest)
     client = FleetClient.of(fleet) if opts.health else None
     if client is not None:
         client.__enter__()

@@ -206,7 +206,7 @@ def rollout(fleet: Fleet, devices: list[Device], opts: DeployOptions, canary: fl
     put back on their previous model before the interruption goes on: none is left on an unvetted candidate.
 
     Raises:
-        InputError: the artifact folder has no (valid) manifest.
+        InputError: the artifact folder has no (valid) manifest, or its signature fails the fleet's ``artifact_keys``.
         NotBuiltFor: it was not compiled for a device's profile (checked for every device before the canaries).
         AgentError: the fleet's broker cannot be reached (during the gate: after the canaries were rolled back).
         HistoryError: ``record`` failed; the gate's decision was acted on for the canaries first (rolled
@@ -217,10 +217,11 @@ def rollout(fleet: Fleet, devices: list[Device], opts: DeployOptions, canary: fl
     canaries = pick_canaries(devices, canary)
     first_ids = {id(d) for d in canaries}
     rest = [d for d in devices if id(d) not in first_ids]
-    check_built_for(opts.artifacts, devices)  # the rest too: never canaries first, then a refusal
-    canary_group = deploy(fleet, canaries, replace(opts, health_bench=dict(CANARY_BENCH)), progress)
+    # read and checked once: the rest gets the release the canaries were judged on, not a manifest replaced since
+    manifest = read_manifest(opts.artifacts, fleet.artifact_trust())
+    check_built_for(opts.artifacts, devices, (), manifest)  # the rest too: never canaries first, then a refusal
+    canary_group = deploy(fleet, canaries, replace(opts, health_bench=dict(CANARY_BENCH)), progress, manifest)
     first, signature = canary_group.results, canary_group.signature
-    manifest = read_manifest(opts.artifacts)
     by_name = {d.name: d for d in canaries}
     broken = {r.device: b for r in first if r.ok and (b := broken_constraints(manifest, by_name[r.device], r))}
     for r in first:
@@ -248,7 +249,7 @@ def rollout(fleet: Fleet, devices: list[Device], opts: DeployOptions, canary: fl
             return GroupResult(sorted(first + skipped, key=lambda r: order[r.device]),
                                stopped=f"live gate: {decision.action}: {decision.reason}", signature=signature)
     if verdict.proceed:
-        return GroupResult(sorted(first + deploy(fleet, rest, opts, progress).results, key=lambda r: order[r.device]),
+        return GroupResult(sorted(first + deploy(fleet, rest, opts, progress, manifest).results, key=lambda r: order[r.device]),
                            signature=signature)
     roll_back(fleet, [by_name[d] for d in verdict.roll_back], opts, first, "rolled back: the canary rollout stopped")
     skipped = [DeviceResult(d.name, "skipped", reason="rollout stopped after the canaries") for d in rest]

@@ -235,7 +235,7 @@ def tune(fleet: Fleet, devices: list[Device], opts: TuneOptions, store: HistoryS
     manifest = read_manifest(opts.artifacts, fleet.artifact_trust())
     step("deploying candidate variants")
     deployed = deploy(fleet, devices, DeployOptions(opts.artifacts, parallel=opts.parallel, health_timeout=opts.timeout,
-                                                    trust_new_hosts=opts.trust_new_hosts))
+                                                    trust_new_hosts=opts.trust_new_hosts), manifest=manifest)
     report = TuneReport(deployed)
     current = {r.device: r.sha256 for r in deployed.results if r.ok}
     refused = {r.device: dict(r.refused) for r in deployed.results}  # not sent: the device lacks their runtime
@@ -274,7 +274,7 @@ def tune(fleet: Fleet, devices: list[Device], opts: TuneOptions, store: HistoryS
                 break
             step(f"round {number}: activating on {len(switch)} device(s)")
             entry["activation"] = _activate(fleet, [d for d in live if d.name in switch], switch, opts, store,
-                                            current).as_dict()
+                                            current, manifest).as_dict()
         time.sleep(0.2)  # let the agents' status updates after an activation arrive
         store.add_many([("status", m) for m in client.statuses()])
     return report
@@ -287,16 +287,17 @@ def pending_note(devices: list[str]) -> str:
 
 
 def _activate(fleet: Fleet, devices: list[Device], switch: dict[str, str], opts: TuneOptions, store: HistoryStore,
-              current: dict[str, str | None]) -> GroupResult:
+              current: dict[str, str | None], manifest: Manifest) -> GroupResult:
     """Activate each device's chosen variant with a health benchmark; store those benchmarks (the fresh
-    measurement of the activated variant) and note what each device now runs in ``current``.
+    measurement of the activated variant) and note what each device now runs in ``current``. ``manifest``:
+    the one the tune checked and decided on (a manifest replaced since is not deployed).
 
     Returns:
         The deploy's per-device results.
     """
     group = deploy(fleet, devices, DeployOptions(opts.artifacts, variants=switch, parallel=opts.parallel,
                                                  trust_new_hosts=opts.trust_new_hosts, health_bench=dict(opts.bench),
-                                                 health_timeout=opts.timeout))
+                                                 health_timeout=opts.timeout), manifest=manifest)
     for r in group.results:
         if r.health is not None:
             store.add("bench", r.health)
@@ -453,7 +454,7 @@ def _tune_budget(fleet: Fleet, live: list[Device], manifest: Manifest, opts: Tun
                 info["messages"] = [*plan.messages, pending_note(sorted(switch))]
                 break
             step(f"round {number}: activating on {len(switch)} device(s), each with a health benchmark")
-            group = _activate(fleet, [by_name[n] for n in switch], switch, opts, store, current)
+            group = _activate(fleet, [by_name[n] for n in switch], switch, opts, store, current, manifest)
             entry["activation"] = group.as_dict()
             info["health"] += sum(r.health is not None for r in group.results)
         time.sleep(0.2)

@@ -105,3 +105,48 @@ def test_bad_artifact_keys_and_signing_keys_are_one_line_errors(tmp_path, run_cl
         code, out, err = run_cli("sign", str(folder), "--key", str(key))
         assert code == 2 and why in err and len(err.strip().splitlines()) == 1, err
     assert (folder / "manifest.json").read_bytes() == before  # nothing written
+
+
+def test_deploy_ships_only_the_eval_set_the_signed_manifest_lists(tmp_path):
+    """An eval.npz dropped beside a manifest that lists none carries metric code nothing vouches for: before,
+    the deploy uploaded it with its own sha256 as the expected one; now it is not shipped."""
+    from edge_kit.fleet.deploy import DeployOptions, _Deployer
+
+    folder, signer = compiled(tmp_path), Signer.generate()
+    (folder / "eval.npz").write_bytes(b"someone else's metric")
+    trust = ArtifactTrust((signer.public,), required=True)
+    manifest = read_manifest(sign_manifest(folder, signer) and folder, trust)
+    assert manifest.eval is None
+    assert _Deployer(None, DeployOptions(folder), manifest, None, None).eval_sha256 is None
+    # the eval set the manifest lists is shipped, under the sha256 the signature covers
+    manifest = manifest.model_copy(update={"eval": {"file": "eval.npz",
+                                                    "sha256": hashlib.sha256(b"someone else's metric").hexdigest()}})
+    assert _Deployer(None, DeployOptions(folder), manifest, None, None).eval_sha256 == manifest.eval["sha256"]
+
+
+def test_a_canary_rollout_deploys_the_one_manifest_it_checked(tmp_path, monkeypatch):
+    """The manifest replaced by another one the fleet trusts while the canaries run: before, the rest got
+    the new release (each deploy read the folder again), not the one the canaries were judged on."""
+    from edge_kit.fleet.deploy import DeployOptions, DeviceResult, GroupResult
+    from edge_kit.fleet.inventory import Device
+    from edge_kit.loop import rollout as ro
+
+    folder, signer = compiled(tmp_path), Signer.generate()
+    (tmp_path / "release.pub").write_text(encode_key(signer.public) + "\n")
+    fleet = load_fleet(fleet_file(tmp_path, ["release.pub"]))
+    sign_manifest(folder, signer)
+    devices = [Device(name=n, host="127.0.0.1", user="u", profile="rpi4") for n in ("a", "b")]
+    shipped = []
+
+    def fake_deploy(_fleet, targets, _opts, _progress=None, manifest=None):
+        shipped.append(manifest and manifest.artifacts[0].sha256)
+        doc = json.loads((folder / "manifest.json").read_text())  # another release, signed by the same key
+        doc["artifacts"][0]["sha256"] = "0" * 64
+        (folder / "manifest.json").write_text(json.dumps(doc))
+        sign_manifest(folder, signer)
+        return GroupResult([DeviceResult(d.name, "succeeded", activated=True, variant="int8") for d in targets])
+
+    monkeypatch.setattr(ro, "deploy", fake_deploy)
+    monkeypatch.setattr(ro, "broken_constraints", lambda *_a: None)
+    ro.rollout(fleet, devices, DeployOptions(folder), canary=0.5)
+    assert shipped == [hashlib.sha256(b"model").hexdigest()] * 2

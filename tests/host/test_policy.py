@@ -316,7 +316,7 @@ def test_tune_decides_without_the_variants_a_device_has_no_runtime_for(monkeypat
     monkeypatch.setattr(tn, "deploy", lambda *_a, **_k: GroupResult([deployed]))
     monkeypatch.setattr(tn, "_measure", lambda _c, _s, wanted, *_a: (0, {}) if not any(wanted.values())
                         else pytest.fail(f"asked to measure {wanted}"))
-    monkeypatch.setattr(tn, "_activate", lambda _f, devs, switch, _o, _s, current: current.update(
+    monkeypatch.setattr(tn, "_activate", lambda _f, devs, switch, _o, _s, current, _m: current.update(
         {d: v * 4 for d, v in switch.items()}) or GroupResult([]))
     report = tn.tune(SimpleNamespace(artifact_trust=ArtifactTrust), [dev], tn.TuneOptions(tmp_path), store)
     d = report.final["d1"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 from edge_kit.fleet.deploy import DeviceResult
 from edge_kit.loop.rollout import judge_canaries
 
@@ -70,12 +72,12 @@ def test_a_history_that_fails_to_record_the_gate_does_not_leave_a_rolled_back_ca
     devices = [Device(name=n, host="127.0.0.1", user="edgekit", profile="rpi4") for n in ("c1", "r1", "r2")]
     deployed, rolled = [], []
 
-    def fake_deploy(_fleet, targets, _opts, _progress=None):
+    def fake_deploy(_fleet, targets, _opts, _progress=None, _manifest=None):
         deployed.extend(d.name for d in targets)
         return GroupResult([DeviceResult(d.name, "succeeded", activated=True, variant="int8") for d in targets])
 
     monkeypatch.setattr(ro, "deploy", fake_deploy)
-    monkeypatch.setattr(ro, "read_manifest", lambda _a: None)
+    monkeypatch.setattr(ro, "read_manifest", lambda *_a: None)
     monkeypatch.setattr(ro, "check_built_for", lambda *_a: None)  # no artifacts folder: deploy is faked too
     monkeypatch.setattr(ro, "broken_constraints", lambda *_a: None)
     monkeypatch.setattr(ro, "collect_live", lambda *_a: ([], []))
@@ -86,7 +88,7 @@ def test_a_history_that_fails_to_record_the_gate_does_not_leave_a_rolled_back_ca
         raise HistoryError("the history database postgresql://edgekit@db/edgekit failed (gone)")
 
     with pytest.raises(HistoryError):
-        ro.rollout(None, devices, DeployOptions(tmp_path), canary=0.3, gate=ro.LiveGate(), record=failing_record)
+        ro.rollout(SimpleNamespace(artifact_trust=lambda: None), devices, DeployOptions(tmp_path), canary=0.3, gate=ro.LiveGate(), record=failing_record)
     assert rolled == ["c1"] and deployed == ["c1"]
 
 
@@ -172,7 +174,7 @@ def test_an_interrupted_gate_puts_the_canaries_back(monkeypatch, tmp_path):
     devices = [Device(name=n, host="127.0.0.1", user="edgekit", profile="rpi4") for n in ("c1", "r1", "r2")]
     deployed, rolled, why = [], [], []
 
-    def fake_deploy(_fleet, targets, _opts, _progress=None):
+    def fake_deploy(_fleet, targets, _opts, _progress=None, _manifest=None):
         deployed.extend(d.name for d in targets)
         return GroupResult([DeviceResult(d.name, "succeeded", activated=True, variant="int8") for d in targets])
 
@@ -180,13 +182,13 @@ def test_an_interrupted_gate_puts_the_canaries_back(monkeypatch, tmp_path):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(ro, "deploy", fake_deploy)
-    monkeypatch.setattr(ro, "read_manifest", lambda _a: None)
+    monkeypatch.setattr(ro, "read_manifest", lambda *_a: None)
     monkeypatch.setattr(ro, "check_built_for", lambda *_a: None)  # no artifacts folder: deploy is faked too
     monkeypatch.setattr(ro, "broken_constraints", lambda *_a: None)
     monkeypatch.setattr(ro, "collect_live", interrupted)
     monkeypatch.setattr(ro, "roll_back", lambda _f, devs, _o, _r, w: (rolled.extend(d.name for d in devs), why.append(w)))
     with pytest.raises(KeyboardInterrupt):
-        ro.rollout(None, devices, DeployOptions(tmp_path), canary=0.3, gate=ro.LiveGate(), record=lambda _d: None)
+        ro.rollout(SimpleNamespace(artifact_trust=lambda: None), devices, DeployOptions(tmp_path), canary=0.3, gate=ro.LiveGate(), record=lambda _d: None)
     assert rolled == ["c1"] and deployed == ["c1"] and "the live gate was interrupted (KeyboardInterrupt)" in why[0]
 
 
