@@ -8,6 +8,7 @@ file, measured with the LiteRT interpreter on the host, or reported by ``edgetpu
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -246,10 +247,27 @@ def sign_manifest(folder: Path, signer: Any) -> Manifest:
     replacing any signature it had; return the manifest read back.
 
     Raises:
-        InputError: as :func:`read_manifest` (nothing is written then); OSError: it cannot be written.
+        InputError: as :func:`read_manifest`, or it holds NaN or an infinity (no JSON form a signature
+            can cover; the field named): nothing is written then. OSError: it cannot be written.
     """
     from edge_kit.fsutil import atomic_write_text
 
     manifest = read_manifest(folder)
+    bad = _non_finite(manifest.model_dump(mode="json", by_alias=True))
+    if bad is not None:
+        raise InputError(f"{Path(folder) / 'manifest.json'}: {bad} is NaN or an infinity, which a signature cannot "
+                         "cover (JSON has no such number); compile the model again")
     atomic_write_text(Path(folder) / "manifest.json", manifest.to_json(signer))
     return read_manifest(folder, ArtifactTrust((signer.public,)))
+
+
+def _non_finite(value: Any, where: str = "") -> str | None:
+    """Return the dotted path of the first NaN or infinity in the JSON-ready ``value``, or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return where or "a value"
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _non_finite(item, f"{where}.{key}" if where else str(key))
+        if found is not None:
+            return found
+    return None

@@ -150,3 +150,19 @@ def test_a_canary_rollout_deploys_the_one_manifest_it_checked(tmp_path, monkeypa
     monkeypatch.setattr(ro, "broken_constraints", lambda *_a: None)
     ro.rollout(fleet, devices, DeployOptions(folder), canary=0.5)
     assert shipped == [hashlib.sha256(b"model").hexdigest()] * 2
+
+
+def test_signing_a_manifest_holding_nan_is_a_one_line_error(tmp_path, run_cli):
+    """JSON from elsewhere may hold NaN or Infinity, which the signature's canonical JSON has no form for:
+    before, `edgekit sign` ended in a ValueError traceback; now one line names the file and the field."""
+    folder, key = compiled(tmp_path), tmp_path / "release.key"
+    Signer.generate().save(key)
+    path = folder / "manifest.json"
+    doc = json.loads(path.read_text())
+    doc["artifacts"][0]["build_seconds"] = float("inf")
+    path.write_text(json.dumps(doc))
+    before = path.read_bytes()
+    code, out, err = run_cli("sign", str(folder), "--key", str(key))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "manifest.json: artifacts.0.build_seconds is NaN or an infinity" in err
+    assert path.read_bytes() == before
