@@ -271,7 +271,8 @@ class Fleet(StrictModel):
         it has one; a signature is required when ``artifact_keys`` lists any.
 
         Raises:
-            ConfigError: an entry is neither a key nor a readable file holding one (names the entry).
+            ConfigError: an entry is neither a key nor a readable file holding one (names the entry, and
+                the file: missing, a folder, not text, or a private key where its public half belongs).
         """
         from device_agents.identity import decode_key
 
@@ -280,11 +281,22 @@ class Fleet(StrictModel):
         for i, entry in enumerate(self.artifact_keys):
             where = f"{self._source or 'fleet file'}: artifact_keys[{i}]"
             path = _at(Path(entry), base)
+            if path is None or not path.is_file():
+                if entry.strip() and ("." in entry or path.is_dir()):  # base64 has no '.': a file name (a pasted key is never echoed)
+                    raise ConfigError(f"{where}: {path}: {'a folder' if path.is_dir() else 'no such file'}; give a "
+                                      "file holding an Ed25519 public key (base64, as `edgekit sign` prints it), or the key")
+                keys.append(decode_key(entry, where))
+                continue
             try:
-                text = path.read_text().strip() if path is not None and path.is_file() else entry
+                text = path.read_bytes()[:4096].decode().strip()
             except OSError as exc:
                 raise ConfigError(f"{where}: {path}: {exc.strerror}") from None
-            keys.append(decode_key(text, where))
+            except UnicodeDecodeError:
+                text = ""  # a binary file (a DER key, anything else): not a key in base64
+            if "PRIVATE KEY" in text:
+                raise ConfigError(f"{where}: {path} is a private key; list its public half (base64, as `edgekit sign` "
+                                  "prints it, or a file holding that), and keep the private key off the fleet file")
+            keys.append(decode_key(text, f"{where}: {path}"))
         if self._source is not None and (self.key_store().folder / "operator.key").is_file():
             keys.append(self.key_store().operator.public)
         return ArtifactTrust(tuple(keys), bool(self.artifact_keys))

@@ -166,3 +166,17 @@ def test_signing_a_manifest_holding_nan_is_a_one_line_error(tmp_path, run_cli):
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "manifest.json: artifacts.0.build_seconds is NaN or an infinity" in err
     assert path.read_bytes() == before
+
+
+def test_an_artifact_keys_file_that_holds_no_public_key_is_named_with_what_it_is(tmp_path):
+    """Before, a binary file (a DER key) ended in a UnicodeDecodeError traceback, and a private key, a folder or
+    a mistyped file name all said only "not an Ed25519 public key", naming neither the file nor the mistake."""
+    Signer.generate().save(tmp_path / "release.key")
+    (tmp_path / "release.der").write_bytes(bytes(range(256)))
+    (tmp_path / "keys.d").mkdir()
+    for entry, why in (("release.key", r"release.key is a private key; list its public half"),
+                       ("release.der", r"release.der: not an Ed25519 public key"),
+                       ("keys.d", r"keys.d: a folder; give a file holding an Ed25519 public key"),
+                       ("relase.pub", r"relase.pub: no such file")):
+        with pytest.raises(ConfigError, match=r"fleet.yaml: artifact_keys\[0\]: .*" + why):
+            load_fleet(fleet_file(tmp_path, [entry])).artifact_trust()
