@@ -26,6 +26,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from edgekit_protocol.messages import MAX_SKEW_S
+
 log = logging.getLogger("edgekit.agent.spool")
 DROPPABLE = "telemetry"
 COUNT_EVERY_S = 1.0  # counters (count()) reach the disk at most this often: a flood of refusals is not a commit each
@@ -39,7 +41,10 @@ class Spool:
         """Open (or create) the spool at ``path``. ``horizon_floor`` is a unix time no command taken here
         can be older than by more than :data:`HORIZON_S` (when the device was provisioned, by the
         operator's clock): the command horizon starts there, so a command captured before a device's
-        root was wiped is not run again, whatever the device's clock says.
+        root was wiped is not run again, whatever the device's clock says. A floor ahead of this
+        device's clock by more than the skew a command's ``ts`` may have (``MAX_SKEW_S``) counts only up to
+        there: like a command from the future, it must not push the horizon, which never moves back, past
+        every command the operator will send (an operator clock set years ahead, a hostile file).
 
         Raises:
             ValueError: ``max_records`` is below 1.
@@ -77,7 +82,8 @@ class Spool:
             if damaged is not None:
                 self._bump("damaged_spools")
             # the ids taken before a damage are gone: this clock's word; at least the provisioning's
-            at = max(horizon_floor, time.time() if damaged is not None else 0.0)
+            now = time.time()
+            at = max(min(horizon_floor, now + MAX_SKEW_S), now if damaged is not None else 0.0)
             horizon = int((at - HORIZON_S) * 1000)
             if horizon > self._counter("horizon_ms"):  # never moves back
                 self._db.execute("INSERT OR REPLACE INTO counters (name, value) VALUES ('horizon_ms', ?)", (horizon,))

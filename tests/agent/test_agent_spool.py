@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 
 from device_agents.spool import Spool
 
@@ -182,7 +183,7 @@ def test_a_new_spools_horizon_starts_at_the_devices_provisioning_by_the_operator
     from device_agents.service import Agent
     from device_agents.spool import HORIZON_S
 
-    t1 = 1_800_000_000.0  # the re-provisioning, by the operator's clock
+    t1 = time.time() - 600  # the re-provisioning, by the operator's clock
     spool = Spool(tmp_path / "s.db", horizon_floor=t1)
     assert spool.take("captured", b"{}", ts=t1 - 7200, expires=t1 - 3600) == "expired"
     assert spool.take("sent just before", b"{}", ts=t1 - 60, expires=t1 - HORIZON_S + 1) is None
@@ -204,3 +205,13 @@ def test_a_new_spools_horizon_starts_at_the_devices_provisioning_by_the_operator
         assert agent.spool.take("captured", b"{}", ts=t1 - 7200, expires=t1 - 3600) == "expired"
     finally:
         agent.spool.close()
+
+
+def test_a_provisioning_time_from_the_future_does_not_lock_out_every_command(tmp_path):
+    """identity/provisioned.json holding a time years ahead (an operator host whose clock was wrong, a hostile
+    file): before, the horizon, which never moves back, was put there and every command the operator sent for
+    years was refused as expired. Now the floor counts only up to this clock plus the skew a command may have."""
+    now = time.time()
+    spool = Spool(tmp_path / "s.db", horizon_floor=now + 10 * 365 * 86400)
+    assert spool.take("today's", b"{}", ts=now, expires=now + 60) is None
+    spool.close()
