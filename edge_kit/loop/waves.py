@@ -867,13 +867,16 @@ class Rollout:
         device state, ``ignored`` (reports of other rollouts or revisions), ``refused_messages`` (reports
         that failed their signature or checks; up to five with why), and one row per device (``device, wave,
         state, variant, error, seconds, download, abort``: what an abort did to it, or None); ``gate``: the live gate's decision with its numbers
-        (``GateDecision.as_dict()``), None when the rollout has not been judged."""
+        (``GateDecision.as_dict()``), None when the rollout has not been judged; ``signature``: what the plan
+        found of the manifest's signature (:attr:`~edge_kit.manifest.Manifest.signature`; None for a plan
+        made before manifests were signed)."""
         rows = []
         for name, row in self.rows.items():
             d = row.get("detail") or {}
             rows.append({"device": name, "wave": row["wave"] + 1 if row["wave"] >= 0 else None, "state": row["state"],
                          "variant": plan["targets"].get(name, {}).get("variant"), "error": d.get("error"),
                          "seconds": d.get("seconds"), "download": d.get("download"), "abort": d.get("abort")})
-        return {"id": self.rid, "state": state, "reason": reason, "gate": plan.get("gated"), "counts": self._counts(),
+        return {"id": self.rid, "state": state, "reason": reason, "gate": plan.get("gated"), "signature": plan.get("signature"),
+                "counts": self._counts(),
                 "ignored": self.ignored,
                 "refused_messages": self.refused_count, "refused_examples": self.refused[:5], "devices": rows}

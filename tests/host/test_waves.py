@@ -88,6 +88,7 @@ def planned(history, n=20, **settings):
     gate = settings.pop("gate", None)
     s = RolloutSettings(**{"waves": (0.1, 0.5, 1.0), "wave_timeout_s": 2.0, **settings})
     plan = {"gate": gate, "id": "r", "fleet": "f", "model": "m", "store": "http://127.0.0.1:9", "variant": "int8", "artifacts": "/x",
+            "signature": "signed by key 0123456789abcdef (trusted)",
             "settings": {"waves": list(s.waves), "rate_per_s": s.rate_per_s, "max_failed": s.max_failed,
                          "wave_timeout_s": s.wave_timeout_s,
                          "fetch": {"max_bytes_s": None, "start_delay_s": 0.0, "timeout_s": 30.0}},
@@ -520,6 +521,7 @@ def test_abort_waits_for_a_live_driver_and_says_when_it_did_not_stop(tmp_path):
     aborted = Rollout(history, "r", broker).abort(wait_s=0)
     assert aborted["state"] == "aborted"
     assert aborted["refused_messages"] == 7 and aborted["refused_examples"] == ["d0: forged"]  # abort counted 0 before
+    assert aborted["signature"] == "signed by key 0123456789abcdef (trusted)"  # --json had it only on stderr, as text
     history.save_rollout("d", "done", history.rollout("r")["body"])
     with pytest.raises(RolloutError, match="rollout d is done already; nothing to abort"):
         Rollout(history, "d", FakeBroker()).abort()
