@@ -324,10 +324,12 @@ def _ensure_identity(shell: DeviceShell, fleet: Fleet, before_change: Callable[[
     if public is None:
         signer = Signer.generate()
         before_change()
+        # the floor of its command horizon: a command captured before its root was wiped is never run again;
+        # written before the key, as a later deploy writes it only with a new key (one cut off after the key
+        # would leave a device that has a key and no floor, for good)
+        shell.put(json.dumps({"at": time.time()}).encode(), f"{root}/identity/{PROVISIONED}")
         shell.put(signer.pem(), f"{root}/identity/device.key", mode=0o600)
         shell.put((encode_key(signer.public) + "\n").encode(), f"{root}/identity/device.pub")
-        # the floor of its command horizon: a command captured before its root was wiped is never run again
-        shell.put(json.dumps({"at": time.time()}).encode(), f"{root}/identity/{PROVISIONED}")
         public = signer.public
         changed.append(f"device key {key_id(public)} provisioned")
     if keys.register(shell.dev.name, public) and not changed:

@@ -122,3 +122,33 @@ def test_messages_from_unregistered_device_names_do_not_reread_the_registry_each
     late = Signer.generate()
     keys.register("late", late.public)  # a device registered now is known at once (the file changed)
     keyring.verify(_signed(late, "late"), "late")
+
+
+def test_a_deploy_cut_off_while_giving_a_device_its_key_never_leaves_it_without_a_provisioning_floor(tmp_path):
+    """provisioned.json is written only with a new key. It was written after the key: a deploy cut off between
+    them left a device with a key and no floor, and every later deploy, seeing the key, never wrote one."""
+    from types import SimpleNamespace
+
+    from device_agents.identity import PROVISIONED
+    from edge_kit.errors import DeployError
+    from edge_kit.fleet.agent_install import _ensure_identity
+
+    fleet = SimpleNamespace(key_store=lambda: FleetKeys(tmp_path / "keys"))
+    for cut in ("device.key", "device.pub", PROVISIONED):
+        written: dict[str, bytes] = {}
+
+        def put(data, path, mode=None, cut=cut):
+            if written.get("cut") is None and path.endswith(cut):
+                written["cut"] = b""
+                raise DeployError(f"{path}: connection lost")
+            written[path.rsplit("/", 1)[1]] = data
+
+        for _deploy in range(2):
+            info = {"device_pub": written.get("device.pub", b"").decode().strip() or None,
+                    "has_device_key": "device.key" in written, "operators_sha256": None}
+            shell = SimpleNamespace(info=info, root="/r", dev=SimpleNamespace(name=f"d-{cut}"), put=put)
+            try:
+                _ensure_identity(shell, fleet, lambda: None)
+            except DeployError:
+                pass
+        assert {"device.key", PROVISIONED} <= set(written), cut
