@@ -28,6 +28,7 @@ SCHEMA = "edgekit.manifest/2"
 Status = Literal["built", "not-built", "failed"]
 
 
+MAX_DEPTH = 64  # how deep a manifest's arrays and objects may nest (a compile's go about 8 deep)
 _FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # what the compiler writes: <id>.tflite, eval.npz
 
 
@@ -206,14 +207,15 @@ def read_manifest(folder: Path, trust: ArtifactTrust | None = None) -> Manifest:
 
     Raises:
         InputError: no such folder, or not a folder; no manifest (the folder is not a finished compile, or it
-            is the ``--out`` folder holding compiled models, which are named); it is not UTF-8 JSON, or not a JSON
-            object; it does not validate; or its signature fails ``trust`` (:meth:`ArtifactTrust.check`).
+            is the ``--out`` folder holding compiled models, which are named); it is not UTF-8 JSON (or nested too
+            deeply to read), or not a JSON object; it does not validate; or its signature fails ``trust`` (:meth:`ArtifactTrust.check`).
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"{folder}: {'not a folder' if folder.exists() else 'no such folder'}; give the compiled "
                          "model's folder (artifacts/<model>)")
     path = folder / "manifest.json"
+    deep = False
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -224,6 +226,11 @@ def read_manifest(folder: Path, trust: ArtifactTrust | None = None) -> Manifest:
         raise InputError(f"{path}: no manifest; run `edgekit compile` into {folder} first") from None
     except (OSError, ValueError) as exc:  # ValueError: not JSON (JSONDecodeError), or not UTF-8 text
         raise InputError(f"{path}: unreadable manifest ({exc})") from None
+    except RecursionError:  # arrays or objects nested thousands deep: valid JSON, no manifest
+        deep = True
+    if deep or _too_deep(data):  # hundreds deep would still end signing, checking or validating in a RecursionError
+        raise InputError(f"{path}: unreadable manifest (nested more than {MAX_DEPTH} deep); compile the model again "
+                         "with `edgekit compile`") from None
     if not isinstance(data, dict):
         kind = {list: "an array", str: "a string", bool: "true or false", type(None): "null"}.get(type(data), "a number")
         raise InputError(f"{path}: not a manifest (its JSON is {kind}, not an object); compile the model again with "
@@ -271,3 +278,15 @@ def _non_finite(value: Any, where: str = "") -> str | None:
         if found is not None:
             return found
     return None
+
+
+def _too_deep(value: Any) -> bool:
+    """Return whether ``value`` (parsed JSON) nests arrays and objects more than :data:`MAX_DEPTH` deep
+    (walked without recursion)."""
+    level = [value]
+    for _ in range(MAX_DEPTH + 1):
+        level = [v for item in level for v in (item.values() if isinstance(item, dict) else
+                                               item if isinstance(item, list) else ())]
+        if not level:
+            return False
+    return True

@@ -180,3 +180,20 @@ def test_an_artifact_keys_file_that_holds_no_public_key_is_named_with_what_it_is
                        ("relase.pub", r"relase.pub: no such file")):
         with pytest.raises(ConfigError, match=r"fleet.yaml: artifact_keys\[0\]: .*" + why):
             load_fleet(fleet_file(tmp_path, [entry])).artifact_trust()
+
+
+def test_a_manifest_nested_deep_is_a_one_line_error_not_a_recursion_error(tmp_path, run_cli):
+    """Valid JSON nested hundreds or thousands deep ended `edgekit sign` (and deploy's signature check, and
+    publish) in a RecursionError or ValueError traceback; now it is refused as unreadable, naming the file."""
+    folder, key = compiled(tmp_path), tmp_path / "release.key"
+    signer = Signer.generate()
+    signer.save(key)
+    path = folder / "manifest.json"
+    good = json.loads(path.read_text())
+    for depth in (900, 100_000):
+        path.write_text(json.dumps({**good, "key_id": signer.key_id, "sig": "AAAA"})
+                        .replace('"name": "m"', '"name": "m", "x": ' + "[" * depth + "]" * depth))
+        with pytest.raises(InputError, match="manifest.json: unreadable manifest .nested more than 64 deep"):
+            read_manifest(folder, ArtifactTrust((signer.public,)))
+        code, out, err = run_cli("sign", str(folder), "--key", str(key))
+        assert code == 2 and "unreadable manifest (nested more than 64 deep)" in err and len(err.strip().splitlines()) == 1
