@@ -170,10 +170,11 @@ class ArtifactTrust:
 
     def check(self, data: dict[str, Any], path: Path) -> str:
         """Return who signed the manifest ``data`` (as read from ``path``): ``signed by key K (trusted)``,
-        ``unsigned``, or, when nothing is required, ``signed by key K, not checked`` for a key not trusted.
+        ``unsigned``, or, when nothing is required, ``signed by key K, not checked`` for a key not trusted
+        (``signed without a key_id, not checked`` for a sig naming no key).
 
         Raises:
-            InputError: unsigned or signed by a key not trusted where signatures are required, or a
+            InputError: unsigned, signed by a key not trusted or by none named where signatures are required, or a
                 signature by a trusted key that does not verify (the manifest changed since).
         """
         from device_agents.identity import OPERATOR, Keyring, key_id
@@ -186,6 +187,11 @@ class ArtifactTrust:
                 raise InputError(f"{path}: not signed, and this fleet takes only signed manifests (keys it trusts: "
                                  f"{known}, its artifact_keys and operator key); {how}")
             return "unsigned"
+        if kid is None:  # a sig that names no key: whose it is cannot even be said
+            if self.required:
+                raise InputError(f"{path}: its sig names no key (no key_id), and this fleet takes only manifests "
+                                 f"signed by a key it trusts ({known}); {how}")
+            return "signed without a key_id, not checked"
         key = next((k for k in self.keys if key_id(k) == kid), None)
         if key is None:
             if self.required:

@@ -197,3 +197,17 @@ def test_a_manifest_nested_deep_is_a_one_line_error_not_a_recursion_error(tmp_pa
             read_manifest(folder, ArtifactTrust((signer.public,)))
         code, out, err = run_cli("sign", str(folder), "--key", str(key))
         assert code == 2 and "unreadable manifest (nested more than 64 deep)" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_sig_that_names_no_key_is_said_so(tmp_path):
+    """A manifest with a sig and no key_id was reported as "signed by key None" (and, where signatures are
+    required, refused as signed by a key 'None' the fleet does not trust)."""
+    folder, signer = compiled(tmp_path), Signer.generate()
+    sign_manifest(folder, signer)
+    path = folder / "manifest.json"
+    doc = json.loads(path.read_text())
+    del doc["key_id"]
+    path.write_text(json.dumps(doc))
+    assert read_manifest(folder, ArtifactTrust()).signature == "signed without a key_id, not checked"
+    with pytest.raises(InputError, match=r"manifest.json: its sig names no key \(no key_id\), and this fleet takes only"):
+        read_manifest(folder, ArtifactTrust((signer.public,), required=True))
