@@ -28,7 +28,7 @@ SCHEMA = "edgekit.manifest/2"
 Status = Literal["built", "not-built", "failed"]
 
 
-MAX_DEPTH = 64  # how deep a manifest's arrays and objects may nest (a compile's go about 8 deep)
+MAX_DEPTH = 64  # how deep a manifest's arrays and objects may nest (a compile's nest 6 deep)
 _FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # what the compiler writes: <id>.tflite, eval.npz
 
 

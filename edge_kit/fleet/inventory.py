@@ -280,8 +280,8 @@ class Fleet(StrictModel):
         keys = []
         for i, entry in enumerate(self.artifact_keys):
             where = f"{self._source or 'fleet file'}: artifact_keys[{i}]"
-            path = _at(Path(entry), base)
-            if path is None or not path.is_file():
+            path = base / Path(entry).expanduser()  # an absolute one stays as it is
+            if not path.is_file():
                 if entry.strip() and ("." in entry or path.is_dir()):  # base64 has no '.': a file name (a pasted key is never echoed)
                     raise ConfigError(f"{where}: {path}: {'a folder' if path.is_dir() else 'no such file'}; give a "
                                       "file holding an Ed25519 public key (base64, as `edgekit sign` prints it), or the key")

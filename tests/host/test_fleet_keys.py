@@ -137,7 +137,7 @@ def test_a_deploy_cut_off_while_giving_a_device_its_key_never_leaves_it_without_
     for cut in ("device.key", "device.pub", PROVISIONED):
         written: dict[str, bytes] = {}
 
-        def put(data, path, mode=None, cut=cut):
+        def put(data, path, mode=None, cut=cut, written=written):
             if written.get("cut") is None and path.endswith(cut):
                 written["cut"] = b""
                 raise DeployError(f"{path}: connection lost")

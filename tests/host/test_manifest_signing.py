@@ -162,7 +162,7 @@ def test_signing_a_manifest_holding_nan_is_a_one_line_error(tmp_path, run_cli):
     doc["artifacts"][0]["build_seconds"] = float("inf")
     path.write_text(json.dumps(doc))
     before = path.read_bytes()
-    code, out, err = run_cli("sign", str(folder), "--key", str(key))
+    code, _out, err = run_cli("sign", str(folder), "--key", str(key))
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "manifest.json: artifacts.0.build_seconds is NaN or an infinity" in err
     assert path.read_bytes() == before
@@ -195,7 +195,7 @@ def test_a_manifest_nested_deep_is_a_one_line_error_not_a_recursion_error(tmp_pa
                         .replace('"name": "m"', '"name": "m", "x": ' + "[" * depth + "]" * depth))
         with pytest.raises(InputError, match="manifest.json: unreadable manifest .nested more than 64 deep"):
             read_manifest(folder, ArtifactTrust((signer.public,)))
-        code, out, err = run_cli("sign", str(folder), "--key", str(key))
+        code, _out, err = run_cli("sign", str(folder), "--key", str(key))
         assert code == 2 and "unreadable manifest (nested more than 64 deep)" in err and len(err.strip().splitlines()) == 1
 
 
