@@ -170,7 +170,9 @@ def check_built_for(artifacts: Path, devices: list[Device], variants: Iterable[s
     it (None: read here).
 
     Raises:
-        InputError: the folder has no (valid) manifest, or a variant asked for is not in it (a typo).
+        InputError: the folder has no (valid) manifest, a variant asked for is not in it (a typo), or a
+            built variant a device would get names no file or no sha256 (then nothing, neither this host
+            nor the device, could check the bytes installed against what the manifest vouches for).
         NotBuiltFor: the first device whose profile was not compiled, or got no built variant.
     """
     manifest = manifest if manifest is not None else read_manifest(artifacts)
@@ -181,7 +183,11 @@ def check_built_for(artifacts: Path, devices: list[Device], variants: Iterable[s
             raise InputError(f"--variant {variant}: {artifacts / 'manifest.json'} has no such variant"
                              + (f"; did you mean {close[0]!r}?" if close else "") + f" (built: {', '.join(built)})")
     for dev in devices:
-        candidates_for(manifest, dev)
+        for art in candidates_for(manifest, dev):
+            if not art.file or not art.sha256:
+                raise InputError(f"{artifacts / 'manifest.json'}: {art.id} is built but names no "
+                                 f"{'file' if not art.file else 'sha256'}, so nothing could check what a device "
+                                 "installs; compile the model again")
 
 
 # How long an install of a built_on_device artifact (trt-*) may take: the agent builds its TensorRT engine

@@ -211,3 +211,16 @@ def test_a_sig_that_names_no_key_is_said_so(tmp_path):
     assert read_manifest(folder, ArtifactTrust()).signature == "signed without a key_id, not checked"
     with pytest.raises(InputError, match=r"manifest.json: its sig names no key \(no key_id\), and this fleet takes only"):
         read_manifest(folder, ArtifactTrust((signer.public,), required=True))
+
+
+def test_a_built_artifact_without_a_sha256_is_not_deployed(tmp_path, run_cli):
+    """A manifest whose built artifact has no sha256 (edited, or from elsewhere) was deployed: the device checks
+    the upload only against the sha256 it is given, so any bytes were installed. Now the deploy stops first."""
+    folder = compiled(tmp_path)
+    path = folder / "manifest.json"
+    doc = json.loads(path.read_text())
+    doc["artifacts"][0]["sha256"] = None
+    path.write_text(json.dumps(doc))
+    code, _out, err = run_cli("deploy", "--fleet", str(fleet_file(tmp_path, None)), "--artifacts", str(folder))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "manifest.json: int8 is built but names no sha256, so nothing could check what a device installs" in err
