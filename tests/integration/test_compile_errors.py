@@ -292,6 +292,22 @@ def test_an_error_inside_the_progress_bar_is_the_only_line_on_stderr(digits_file
     assert err == f"edgekit: error: {tmp_path / 'nope.npz'}: --calib file not found\n"
 
 
+def double_savedmodel(tmp_path):
+    """Save a SavedModel whose output ``y`` is twice its input ``x`` (1x4) at ``tmp_path/double``; return it."""
+    from edge_kit.compiler.tf_quiet import tensorflow
+
+    tf = tensorflow()
+
+    class Double(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([1, 4], tf.float32, name="x")])
+        def serve(self, x):
+            return {"y": x * 2.0}
+
+    module = Double()
+    tf.saved_model.save(module, str(tmp_path / "double"), signatures={"serving_default": module.serve})
+    return tmp_path / "double"
+
+
 def lookup_savedmodel(tmp_path):
     """Save a SavedModel whose output adds a lookup table's value (initialized from ``tmp_path/vocab.txt``,
     an asset of the model) to its input ``x`` (1x4); return its folder."""
@@ -350,17 +366,7 @@ def test_a_savedmodel_given_as_dot_is_named_by_its_folder_and_never_replaces_the
                                                                                            monkeypatch):
     """`edgekit compile .` from inside a SavedModel took the name '' and wrote into OUT itself, replacing
     OUT with everything in it: another model's compile result in OUT/<other> was deleted."""
-    from edge_kit.compiler.tf_quiet import tensorflow
-
-    tf = tensorflow()
-
-    class Double(tf.Module):
-        @tf.function(input_signature=[tf.TensorSpec([1, 4], tf.float32, name="x")])
-        def serve(self, x):
-            return {"y": x * 2.0}
-
-    module = Double()
-    tf.saved_model.save(module, str(tmp_path / "double"), signatures={"serving_default": module.serve})
+    double_savedmodel(tmp_path)
     out = tmp_path / "o"
     (out / "other").mkdir(parents=True)
     (out / "other" / "manifest.json").write_text("{}")  # another model's result, kept whatever happens
@@ -496,19 +502,9 @@ def test_a_savedmodel_folder_with_a_link_leading_out_is_refused_before_anything_
     import shutil
 
     from edge_kit.compiler import sources
-    from edge_kit.compiler.tf_quiet import tensorflow
     from edge_kit.errors import InputError
 
-    tf = tensorflow()
-
-    class Double(tf.Module):
-        @tf.function(input_signature=[tf.TensorSpec([1, 4], tf.float32, name="x")])
-        def serve(self, x):
-            return {"y": x * 2.0}
-
-    module = Double()
-    model = tmp_path / "double"
-    tf.saved_model.save(module, str(model), signatures={"serving_default": module.serve})
+    model = double_savedmodel(tmp_path)
     assert sources.load_source(model).outputs == ["y"]
     outside = tmp_path / "outside"
     outside.mkdir()
