@@ -83,7 +83,8 @@ def bench_cmd(
     args = {k: v for k, v in {"variant": variant, "min_runs": min_runs, "min_seconds": min_seconds}.items() if v is not None}
     with FleetClient.of(fleet) as client:
         with spinner(f"benchmarking {variant or 'the current model'} on {dev.name}", as_json):
-            record = client.request(dev.name, "bench", args, timeout=timeout)["record"]
+            # void once this gives up: a benchmark queued behind others never starts when nobody waits for it
+            record = client.request(dev.name, "bench", args, timeout=timeout, expire=True)["record"]
     if as_json:
         emit_json(record)
         return

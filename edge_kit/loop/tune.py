@@ -201,9 +201,10 @@ def _measure(client: FleetClient, store: HistoryStore, wanted: dict[str, list[tu
         (records stored, {device: variants that got no answer in time}).
     """
     sent: dict[str, tuple[str, str]] = {}  # cmd id -> (device, variant)
+    expires = time.time() + timeout  # a benchmark not started when the round gives up is asked again next round
     for device, items in wanted.items():
         for variant, sha in items:
-            sent[client.send(device, "bench", {"sha256": sha, **bench})] = (device, variant)
+            sent[client.send(device, "bench", {"sha256": sha, **bench}, expires)] = (device, variant)
     deadline = time.monotonic() + timeout
     stored, silent = 0, {}
     for cmd_id, (device, variant) in sent.items():

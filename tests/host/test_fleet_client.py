@@ -7,6 +7,7 @@ with what a real agent sends (an ack, and for ``bench`` a record), or stays sile
 from __future__ import annotations
 
 import json
+import time
 from types import SimpleNamespace
 from typing import Any, Callable
 
@@ -77,7 +78,7 @@ def agent(silent: tuple[str, ...] = (), refuse: tuple[str, ...] = ()):
         if cmd["command"] != "bench":
             return [("cmd/ack", {"cmd_id": cmd["msg_id"], "command": cmd["command"], "ok": True, "result": {"x": 1}})]
         record = messages.envelope("bench", FLEET, device, 1, {
-            "variant": "int8", "sha256": cmd["args"]["sha256"], "latency_ms": LATENCY, "runs": 10,
+            "variant": "int8", "sha256": cmd["args"].get("sha256") or "c" * 64, "latency_ms": LATENCY, "runs": 10,
             "power": {"measured": False}, "simulated": True})
         return [("cmd/ack", {"cmd_id": cmd["msg_id"], "command": "bench", "ok": True,
                              "result": {"bench_msg_id": record["msg_id"]}}), ("bench", {k: v for k, v in record.items()
@@ -106,6 +107,23 @@ def test_a_bench_request_waits_for_the_record_the_ack_announces():
         assert ack["record"]["sha256"] == "ab" * 32 and ack["record"]["device"] == "d1"
 
 
+def test_edgekit_bench_voids_its_command_when_it_stops_waiting(tmp_path, run_cli, monkeypatch):
+    """`edgekit bench --timeout 1` gave up, but its command kept the default hour's expiry: queued behind
+    other work, the benchmark still ran long after, for nobody."""
+    from edge_kit.fleet import commands
+
+    fake = client(agent())
+    monkeypatch.setattr(commands.FleetClient, "of", classmethod(lambda cls, fleet, **kw: fake))
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text(f"fleet: {FLEET}\nbroker: {{host: 127.0.0.1, port: 1}}\ndefaults: {{user: edgekit, profile: rpi4}}\n"
+                          "devices:\n  - {name: d1, host: 127.0.0.1}\n")
+    sent = time.time()
+    code, out, err = run_cli("bench", "--fleet", fleet_file, "--device", "d1", "--timeout", "30", "--json")
+    assert code == 0, err
+    (cmd,) = fake.client.published
+    assert cmd["command"] == "bench" and sent + 30 <= cmd["expires"] <= time.time() + 30
+
+
 def test_a_command_the_agent_would_refuse_is_never_sent():
     transport = FakeTransport(agent())
     with FleetClient(BrokerConfig(), FLEET, transport=transport, signer=OPERATOR, keyring=Keyring()) as c:
@@ -118,7 +136,10 @@ def test_a_measuring_round_stores_what_came_back_and_names_who_did_not_answer(tm
     store = Store(tmp_path / "history.db")
     wanted = {"d1": [("int8", "a" * 64), ("fp32", "b" * 64)], "d2": [("int8", "c" * 64)], "d3": [("int8", "d" * 64)]}
     with client(agent(silent=("d2",), refuse=("d3",))) as c:
+        sent = time.time()
         stored, silent = _measure(c, store, wanted, {"min_runs": 10}, timeout=0.2)
+    # void once the round gives up (not the default hour): a benchmark queued behind others never runs late
+    assert all(sent < cmd["expires"] <= time.time() + 0.2 for cmd in c.client.published)
     assert stored == 2
     assert silent == {"d2": ["int8 (no answer)"], "d3": ["int8 (disk full)"]}
     assert sorted(sha for _, sha in store.latest_bench("d1")) == ["a" * 64, "b" * 64]
