@@ -53,6 +53,17 @@ def duplicate_key(node: yaml.Node | None, where: str = "", _seen: set[int] | Non
     return None
 
 
+def refuse_duplicate_key(node: yaml.Node | None, path: Path) -> None:
+    """Return None when no YAML mapping in ``node`` (the composed file at ``path``) gives a key twice.
+
+    Raises:
+        ConfigError: one does (file, line and dotted key: YAML would keep only the last).
+    """
+    twice = duplicate_key(node)
+    if twice:
+        raise ConfigError(f"{path}:{twice[0]}: {twice[1]}: given twice (YAML would keep only the last); remove one")
+
+
 def load_agent_config(path: Path) -> AgentConfig:
     """Read and check an agent config file.
 
@@ -75,9 +86,7 @@ def load_agent_config(path: Path) -> AgentConfig:
         raise ConfigError(f"{path}:{mark.line + 1 if mark else '?'}: not valid YAML") from None
     if node is None:
         raise ConfigError(f"{path}: the agent config is empty; it needs at least device and fleet")
-    twice = duplicate_key(node)
-    if twice:
-        raise ConfigError(f"{path}:{twice[0]}: {twice[1]}: given twice (YAML would keep only the last); remove one")
+    refuse_duplicate_key(node, path)
     cfg = build(_tree(node), path)
     bad = [s for s in cfg.power.sensors if s not in SENSORS]
     if bad:

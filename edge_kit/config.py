@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from device_agents.config import duplicate_key
+from device_agents.config import refuse_duplicate_key
 from edge_kit.errors import ConfigError
 from edgekit_protocol.config import closest
 
@@ -129,9 +129,7 @@ def load_yaml_model(path: Path, model: type[M], *, defaults: dict[str, Any] | No
         loader.dispose()
     if not isinstance(data, dict):
         raise ConfigError(f"{path}:1: expected a mapping of keys to values, got {type(data).__name__}")
-    twice = duplicate_key(node)
-    if twice:
-        raise ConfigError(f"{path}:{twice[0]}: {twice[1]}: given twice (YAML would keep only the last); remove one")
+    refuse_duplicate_key(node, path)
     if defaults:
         data = {**defaults, **data}
     try:

@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from edge_kit.errors import EdgeKitError, InputError
+from edgekit_protocol.messages import nested_deeper
 
 SCHEMA = "edgekit.manifest/2"
 Status = Literal["built", "not-built", "failed"]
@@ -234,7 +235,7 @@ def read_manifest(folder: Path, trust: ArtifactTrust | None = None) -> Manifest:
         raise InputError(f"{path}: unreadable manifest ({exc})") from None
     except RecursionError:  # arrays or objects nested thousands deep: valid JSON, no manifest
         deep = True
-    if deep or _too_deep(data):  # hundreds deep would still end signing, checking or validating in a RecursionError
+    if deep or (isinstance(data, (dict, list)) and nested_deeper(data, MAX_DEPTH)):  # hundreds deep would still end signing, checking or validating in a RecursionError
         raise InputError(f"{path}: unreadable manifest (nested more than {MAX_DEPTH} deep); compile the model again "
                          "with `edgekit compile`") from None
     if not isinstance(data, dict):
@@ -285,14 +286,3 @@ def _non_finite(value: Any, where: str = "") -> str | None:
             return found
     return None
 
-
-def _too_deep(value: Any) -> bool:
-    """Return whether ``value`` (parsed JSON) nests arrays and objects more than :data:`MAX_DEPTH` deep
-    (walked without recursion)."""
-    level = [value]
-    for _ in range(MAX_DEPTH + 1):
-        level = [v for item in level for v in (item.values() if isinstance(item, dict) else
-                                               item if isinstance(item, list) else ())]
-        if not level:
-            return False
-    return True

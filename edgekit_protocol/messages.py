@@ -208,7 +208,7 @@ def _odd_string(value: Any, where: str = "payload") -> str | None:
     return None
 
 
-def _nested_deeper(value: Any, limit: int) -> bool:
+def nested_deeper(value: Any, limit: int) -> bool:
     """Return whether objects and lists nest more than ``limit`` levels in ``value`` (a decoded JSON value);
     walks with a list, not recursion, so it never raises RecursionError."""
     todo = [(value, 1)]
@@ -244,7 +244,7 @@ def decode(payload: bytes, kind: str | None = None) -> dict[str, Any]:
         raise MessageError(f"payload is not UTF-8 JSON ({type(exc).__name__})") from None
     if not isinstance(message, dict):
         raise MessageError(f"payload is a JSON {type(message).__name__}, expected an object")
-    if text.count("[") + text.count("{") > MAX_DEPTH and _nested_deeper(message, MAX_DEPTH):  # the walk only when it may be
+    if text.count("[") + text.count("{") > MAX_DEPTH and nested_deeper(message, MAX_DEPTH):  # the walk only when it may be
         raise MessageError(f"payload nests objects or lists deeper than {MAX_DEPTH} levels; refused")
     try:  # the walk only when an escape may hold one
         where = _odd_string(message) if _ODD_ESCAPE.search(text) else None
