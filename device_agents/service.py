@@ -2,7 +2,9 @@
 
 Threads: paho's network loop (receives commands, checks them, acks bad ones at once), the spooled
 publisher (moves records to the broker), and the main thread, which runs accepted commands one at
-a time (benchmarks must not overlap) and sends telemetry every ``telemetry_interval_s``.
+a time (benchmarks must not overlap) and sends telemetry every ``telemetry_interval_s``, with, while
+the serving API serves a model, its ``live`` figures and (when there are new ones) its ``shadow``
+comparison, each on its own topic.
 
 Everything the agent says is spooled first (see :mod:`device_agents.spool`) except its retained
 ``status``, which is re-sent on every connect and replaced by the broker with the last will
@@ -97,7 +99,8 @@ class Agent:
         self._stop = threading.Event()
         self._unservable: str | None = None  # a current model the serving API could not load (logged once)
         self._untaken: list[Any] = []  # commands a full disk kept from being taken: taken when space returns
-        self.dropped_on_full_disk = 0  # telemetry not written for lack of space (the spool counts the rest)
+        self.dropped_on_full_disk = 0  # telemetry, live and shadow messages not written for lack of space (the spool counts the rest)
+        self._shadow_sent: tuple[Any, ...] | None = None  # the counts of the last shadow comparison spooled
         self._announced: str | None = None  # the current model as the last status said
         self.started = time.time()
         self._next_telemetry = time.monotonic() + cfg.telemetry_interval_s
@@ -160,7 +163,11 @@ class Agent:
         it answers, which leaves the inbox in the same transaction.
 
         Returns:
-            The message, or None when it was telemetry dropped because the spool is full.
+            The message, or None when it was of a droppable kind (telemetry, live, shadow) dropped because
+            the spool is full.
+
+        Raises:
+            DiskFull: it could not be written even after the reserve was freed.
         """
         built: dict[str, Any] = {}
 
@@ -603,19 +610,45 @@ class Agent:
             self.publisher.publish(self._topic("status"), messages.encode(self._status("online")), retain=True)
 
     def telemetry(self) -> None:
-        """Spool one telemetry message (droppable: on a disk too full to write it, it is dropped and counted)."""
-        try:
-            self._telemetry()
-        except DiskFull as exc:
-            self.dropped_on_full_disk += 1
-            log.warning("telemetry dropped: %s", exc)
+        """Spool the periodic messages: one telemetry message, then :meth:`served` (each droppable: on a disk
+        too full to write it, it is dropped and counted in ``disk.dropped_telemetry``); returns nothing."""
+        for kind, body in [("telemetry", self._telemetry()), *self.served()]:
+            try:
+                self.emit(kind, body)
+            except DiskFull as exc:
+                self.dropped_on_full_disk += 1
+                log.warning("%s dropped: %s", kind, exc)
+                continue
+            if kind == "shadow":
+                self._shadow_sent = self._shadow_counts(body)
 
-    def _telemetry(self) -> None:
-        self.emit("telemetry", {"conditions": conditions.snapshot(), "spool": self.spool.stats(),
-                                "current": self._model_ref(self.store.current()), "simulated": self.cfg.simulated,
-                                "uptime_s": round(time.time() - self.started, 1),
-                                "disk": {**self.disk.usage(), "dropped_telemetry": self.dropped_on_full_disk},
-                                **({"live": self.server.snapshot()} if self.server else {})})
+    def _telemetry(self) -> dict[str, Any]:
+        """Return the body of a telemetry message: conditions, spool, current model, disk."""
+        return {"conditions": conditions.snapshot(), "spool": self.spool.stats(),
+                "current": self._model_ref(self.store.current()), "simulated": self.cfg.simulated,
+                "uptime_s": round(time.time() - self.started, 1),
+                "disk": {**self.disk.usage(), "dropped_telemetry": self.dropped_on_full_disk}}
+
+    def served(self) -> list[tuple[str, dict[str, Any]]]:
+        """Return the serving API's periodic messages as ``(kind, body)``: none while nothing is served; else
+        ``live`` (the served model's figures, :meth:`Server.snapshot` without its shadow) and, when a shadow run's
+        counts changed since the last one spooled, ``shadow`` (its comparison, with the ``serving`` model)."""
+        if self.server is None:
+            return []
+        live = self.server.snapshot()
+        shadow = live.pop("shadow", None)
+        if live["model"] is None:
+            return []
+        out = [("live", live)]
+        if shadow is not None and self._shadow_counts(shadow) != self._shadow_sent:
+            out.append(("shadow", {**shadow, "serving": live["model"]}))
+        return out
+
+    @staticmethod
+    def _shadow_counts(shadow: dict[str, Any]) -> tuple[Any, ...]:
+        """Return what tells one shadow comparison from the next: its model, counts and end."""
+        return (shadow["model"]["sha256"], shadow["compared"], shadow["errors"], shadow["dropped_queue_full"],
+                shadow["skipped_rate"], shadow["skipped_busy_cpu"], shadow.get("ended"))
 
     # --- life cycle ----------------------------------------------------------------------------
 

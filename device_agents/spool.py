@@ -3,12 +3,14 @@
 SQLite (standard library) in WAL mode: one row per message, plus the per-kind ``seq`` counters,
 so a record and its sequence number are committed together and survive an agent restart.
 Benchmark records are committed with ``synchronous=FULL`` (fsync, survive power loss);
-telemetry with ``NORMAL`` (survives a crash of the agent, may lose the last rows on power loss),
-which is what keeps the spool fast enough for a chatty telemetry interval.
+the periodic kinds (telemetry, live, shadow) with ``NORMAL`` (survives a crash of the agent, may
+lose the last rows on power loss), which is what keeps the spool fast enough for a chatty telemetry
+interval.
 
-The spool is bounded by ``max_records``. When it is full the oldest telemetry row is dropped to
-make room; benchmark records are never dropped (the bound may be exceeded for them). Every drop
-is counted, persisted, and reported in telemetry and the ``state`` command.
+The spool is bounded by ``max_records``. When it is full the oldest periodic row (:data:`DROPPABLE`:
+telemetry, live figures, shadow comparisons; each is superseded by the next) is dropped to make room;
+benchmark records are never dropped (the bound may be exceeded for them). Every drop is counted per
+kind, persisted, and reported in telemetry and the ``state`` command.
 
 A spool that is not a database any more (a damaged file, a write cut by a power loss on a card that lies
 about fsync) is moved aside (``spool.db.damaged-<unix time>``, kept for a look) and a new one started, so
@@ -29,7 +31,7 @@ from pathlib import Path
 from edgekit_protocol.messages import MAX_SKEW_S
 
 log = logging.getLogger("edgekit.agent.spool")
-DROPPABLE = "telemetry"
+DROPPABLE = ("telemetry", "live", "shadow")  # the periodic kinds: the next message of each supersedes the last
 COUNT_EVERY_S = 1.0  # counters (count()) reach the disk at most this often: a flood of refusals is not a commit each
 HORIZON_S = 300.0  # how far behind the newest command's ts a command may still expire (commands sent in parallel)
 
@@ -167,21 +169,21 @@ class Spool:
 
         Returns:
             ``(row id, payload)``; ``(None, None)`` when the spool is full of undroppable rows and
-            this telemetry row was dropped instead (counted).
+            this row, of a :data:`DROPPABLE` kind, was dropped instead (counted).
         """
         with self._lock:
-            self._synchronous("NORMAL" if kind == DROPPABLE else "FULL")
+            self._synchronous("NORMAL" if kind in DROPPABLE else "FULL")
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 if self._count >= self.max_records:
-                    oldest = self._db.execute("SELECT id FROM outbox WHERE kind = ? ORDER BY id LIMIT 1",
-                                              (DROPPABLE,)).fetchone()
+                    oldest = self._db.execute(f"SELECT id, kind FROM outbox WHERE kind IN ({', '.join('?' * len(DROPPABLE))}) "
+                                              "ORDER BY id LIMIT 1", DROPPABLE).fetchone()
                     if oldest is not None:
-                        self._db.execute("DELETE FROM outbox WHERE id = ?", oldest)
+                        self._db.execute("DELETE FROM outbox WHERE id = ?", oldest[:1])
                         self._count -= 1
-                        self._bump("dropped." + DROPPABLE)
-                    elif kind == DROPPABLE:
-                        self._bump("dropped." + DROPPABLE)
+                        self._bump("dropped." + oldest[1])
+                    elif kind in DROPPABLE:
+                        self._bump("dropped." + kind)
                         self._db.execute("COMMIT")
                         return None, None
                 payload = build(self._bump("seq." + kind))
@@ -220,7 +222,8 @@ class Spool:
                                     (after, limit)).fetchall()
 
     def stats(self) -> dict[str, int]:
-        """Return ``pending`` (rows waiting), ``dropped_telemetry`` (ever dropped), ``refused_commands``
+        """Return ``pending`` (rows waiting), ``dropped_telemetry``, ``dropped_live`` and ``dropped_shadow`` (rows of
+        each :data:`DROPPABLE` kind dropped for a full spool, ever), ``refused_commands``
         (forged, future-dated or malformed commands refused, ever), ``replayed_commands`` (commands
         whose id was taken before: redelivered or replayed, not run), ``expired_commands`` (expired
         before the newest command's horizon, not run), ``stale_desired`` (desired states whose revision was not
@@ -228,7 +231,7 @@ class Spool:
         that failed: store down, hash mismatch, disk full, smoke test...), ``damaged_spools`` (spools found
         damaged and replaced at start) and ``max_records``."""
         with self._lock:
-            return {"pending": self._count, "dropped_telemetry": self._counter("dropped." + DROPPABLE),
+            return {"pending": self._count, **{f"dropped_{k}": self._counter("dropped." + k) for k in DROPPABLE},
                     "refused_commands": self._counter("refused"), "replayed_commands": self._counter("replayed"),
                     "expired_commands": self._counter("expired"),
                     "stale_desired": self._counter("stale_desired"), "failed_pulls": self._counter("failed_pulls"),

@@ -27,12 +27,14 @@ from typing import Any
 from edgekit_protocol.errors import MessageError
 
 ROOT = "edgekit/v1"
-KINDS = ("status", "bench", "telemetry", "cmd", "cmd/ack", "desired", "reported")
+KINDS = ("status", "bench", "telemetry", "live", "shadow", "cmd", "cmd/ack", "desired", "reported")
 OPERATOR_KINDS = ("cmd", "desired")  # what the operator publishes; everything else is a device's
 SCHEMAS = {
     "status": "edgekit.status/1",
     "bench": "edgekit.bench/1",
     "telemetry": "edgekit.telemetry/1",
+    "live": "edgekit.live/1",
+    "shadow": "edgekit.shadow/1",
     "cmd": "edgekit.cmd/1",
     "cmd/ack": "edgekit.ack/1",
     "desired": "edgekit.desired/1",
@@ -275,20 +277,77 @@ _BODY: dict[str, dict[str, type | tuple[type, ...]]] = {
     "status": {"state": str},
     "bench": {"variant": str, "sha256": str, "latency_ms": dict, "runs": int, "power": dict, "simulated": bool},
     "telemetry": {"conditions": dict, "spool": dict},
+    "live": {"model": dict, "requests": int, "errors": int, "window": int},
+    "shadow": {"model": dict, "serving": dict, "compared": int, "window": int},
     "cmd": {"command": str},
     "cmd/ack": {"ok": bool, "cmd_id": str, "result": dict},
     "desired": {"rollout": str, "revision": int},
     "reported": {"state": str, "revision": int},
 }
 _LATENCY = ("p50", "p90", "p99", "mean", "std", "min", "max")
+# Counts a live or shadow message carries (required ones in _BODY, the others when present): whole numbers >= 0.
+_COUNTS = {"live": ("requests", "errors", "window", "queue_depth", "clients", "http_clients", "swaps"),
+           "shadow": ("compared", "window", "errors", "skipped_rate", "skipped_busy_cpu", "dropped_queue_full")}
+
+
+def _model_ref(kind: str, message: dict[str, Any], field: str) -> None:
+    """Check that ``message[field]`` is an object with text (or null) ``variant`` and ``sha256``; return nothing.
+
+    Raises:
+        MessageError: it is not (every reader takes them as text).
+    """
+    ref = message.get(field)
+    if not isinstance(ref, dict) or any(not isinstance(ref.get(f), (str, type(None))) for f in ("variant", "sha256")):
+        raise MessageError(f"{kind}: {field} is not an object with text variant and sha256")
+
+
+def _figures(kind: str, block: str, part: Any, names: tuple[str, ...], non_negative: tuple[str, ...]) -> None:
+    """Check an optional block of figures (null, or an object whose ``names`` present are numbers, those of
+    ``non_negative`` not below 0); return nothing.
+
+    Raises:
+        MessageError: the block is not an object, or a figure in it is not such a number (named).
+    """
+    if part is None:
+        return
+    if not isinstance(part, dict):
+        raise MessageError(f"{kind}: {block} is {type(part).__name__}, not an object")
+    for name in names:
+        v = part.get(name)
+        if v is not None and (not in_range(v) or (name in non_negative and v < 0)):
+            raise MessageError(f"{kind}: {block}.{name} is not a {'non-negative ' if name in non_negative else ''}number")
+
+
+def _check_served(kind: str, message: dict[str, Any]) -> None:
+    """Check the figures of a ``live`` or ``shadow`` body (see :func:`check_body`); return nothing.
+
+    Raises:
+        MessageError: a model reference, a count, a latency or a fidelity figure is not what it must be (named).
+    """
+    for field in ("model", "serving") if kind == "shadow" else ("model",):
+        _model_ref(kind, message, field)
+    for name in _COUNTS[kind]:
+        v = message.get(name)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 2 ** 63):
+            raise MessageError(f"{kind}: {name} is not a whole number from 0 to 2**63 - 1")
+    if kind == "live":
+        _figures(kind, "latency_ms", message.get("latency_ms"), ("p50", "p90", "p99"), ("p50", "p90", "p99"))
+        return
+    share = message.get("share")
+    if share is not None and not (in_range(share) and 0 <= share <= 1):
+        raise MessageError("shadow: share is not a number from 0 to 1")
+    errors = ("max_abs_error", "mean_abs_error")
+    _figures(kind, "fidelity", message.get("fidelity"), ("snr_db", "cosine", *errors), errors)
 
 
 def check_body(kind: str, message: dict[str, Any]) -> dict[str, Any]:
     """Return ``message`` when its body has the fields ``kind`` requires, with the right types.
 
     Raises:
-        MessageError: a field is missing or mistyped (named), a latency or power figure is not a
-            non-negative number, or another figure is not a number.
+        MessageError: a field is missing or mistyped (named), a latency, power, count or error figure is
+            not a non-negative number, or another figure is not a number (``live`` and ``shadow``: a
+            model reference is not an object with text ``variant`` and ``sha256``, a shadow's
+            ``share`` is not from 0 to 1).
     """
     for name, types in _BODY[kind].items():
         value = message.get(name)
@@ -305,22 +364,17 @@ def check_body(kind: str, message: dict[str, Any]) -> dict[str, Any]:
         if current is not None and (not isinstance(current, dict) or any(
                 not isinstance(current.get(f), (str, type(None))) for f in ("variant", "sha256"))):
             raise MessageError("status: current is not an object with text variant and sha256")
+    if kind in _COUNTS:
+        _check_served(kind, message)
     if kind == "bench":
         for q in _LATENCY:
             v = message["latency_ms"].get(q)
             if not in_range(v) or v < 0:
                 raise MessageError(f"bench: latency_ms.{q} is not a non-negative number")
-        for block, fields in (("power", ("avg_w", "energy_per_inference_mj")), ("accuracy", ("value",)),
-                              ("fidelity", ("snr_db", "cosine"))):
-            part = message.get(block)
-            if part is not None and not isinstance(part, dict):
-                raise MessageError(f"bench: {block} is {type(part).__name__}, not an object")
-            for name in fields:
-                v = (part or {}).get(name)
-                if v is not None and not in_range(v):
-                    raise MessageError(f"bench: {block}.{name} is not a number")
-                if block == "power" and v is not None and v < 0:  # consumption: a sensor wired backwards reads below 0
-                    raise MessageError(f"bench: {block}.{name} is not a non-negative number")
+        power = ("avg_w", "energy_per_inference_mj")  # consumption: a sensor wired backwards reads below 0
+        for block, fields, non_negative in (("power", power, power), ("accuracy", ("value",), ()),
+                                            ("fidelity", ("snr_db", "cosine"), ())):
+            _figures(kind, block, message.get(block), fields, non_negative)
         if message.get("model_bytes") is not None and not (in_range(message["model_bytes"]) and message["model_bytes"] >= 0):
             raise MessageError("bench: model_bytes is not a non-negative number")
         if not 0 <= message["runs"] < 2 ** 63:

@@ -11,7 +11,8 @@ answered, so requests in flight finish on the old model, new ones go to the new 
 interpreters are released when the last of them is done. A model that cannot be loaded is never
 served (the old one keeps serving); the agent only serves what passed its activation smoke test.
 
-Live figures (:meth:`Server.snapshot`, in the agent's telemetry as ``live``): per served model,
+Live figures (:meth:`Server.snapshot`, what the agent publishes on its ``live`` topic, the shadow
+comparison apart on ``shadow``): per served model,
 requests, errors, service time p50/p90/p99 over the last :data:`WINDOW` requests (perf_counter_ns
 from a request read to its answer ready, queueing for an interpreter included), queue depth and
 connected clients, plus what was turned away (busy, malformed, oversized, timed out).

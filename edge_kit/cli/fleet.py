@@ -108,7 +108,7 @@ def shadow_cmd(
 ) -> None:
     """Run an installed variant beside the served one on the device's live inputs, and compare them.
 
-    Only the comparison leaves the device (in its telemetry's live.shadow); the inputs never do."""
+    Only the comparison leaves the device (on its shadow topic, stored by the monitor); the inputs never do."""
     from edge_kit.errors import InputError
     from edge_kit.fleet.commands import FleetClient
     from edge_kit.fleet.inventory import load_fleet
@@ -126,7 +126,7 @@ def shadow_cmd(
         out.print(f"{dev.name}: shadow run stopped")
     else:
         out.print(f"{dev.name}: {safe(result['shadow']['variant'])} runs beside {safe(result['serving']['variant'])} on "
-                  f"{share:.0%} of live requests (at most {max_per_s:g}/s, idle CPU only); see its telemetry's live.shadow")
+                  f"{share:.0%} of live requests (at most {max_per_s:g}/s, idle CPU only); its comparison comes on its shadow topic")
 
 
 keys_app = typer.Typer(no_args_is_help=True, help="The fleet's keys: the operator key devices pin.")

@@ -549,7 +549,8 @@ def fleet_status_cmd(fleet_file: FleetOpt, history: HistoryOpt = None, as_json: 
     db = open_fleet_history(fleet_file, history, read_only=True)
     flagged = flagged_devices(db.latest_decisions((FLEET_KIND,)))
     if as_json:
-        emit_json({"status": db.latest_status(), "telemetry": db.latest_telemetry(),
+        emit_json({"status": db.latest_status(), "telemetry": db.latest_telemetry(), "live": db.latest_live(),
+                    "shadow": db.latest_shadow(),
                     "bench": {f"{d}/{s}": r for (d, s), r in db.latest_bench().items()}, "flagged": flagged,
                     "simulated": [d.name for d in fleet.devices if d.simulated], "figures": figures_text(fleet.devices)})
         return

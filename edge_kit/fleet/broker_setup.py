@@ -6,8 +6,9 @@ strangers from publishing at all, keeps a compromised device from reading anothe
 writing under another's name, and keeps the traffic private. What it generates:
 
 - a password per device and one for the operator (``<folder>/secrets/<user>.pass``, mode 600);
-- the ACL: a device may publish only its own ``status``, ``bench``, ``telemetry`` and ``cmd/ack``
-  and read only its own ``cmd``; only the operator user publishes commands and reads the fleet;
+- the ACL: a device may publish only its own ``status``, ``bench``, ``telemetry``, ``live``,
+  ``shadow``, ``cmd/ack`` and ``reported`` (:data:`DEVICE_TOPICS_WRITE`) and read only its own ``cmd``
+  and ``desired``; only the operator user publishes commands and reads the fleet;
 - a CA and a server certificate for the broker's addresses (``<folder>/tls/``), EC P-256.
 
 The simulated fleet, the demo and the tests run with all of it unless told ``--insecure``; the
@@ -33,7 +34,7 @@ from edgekit_protocol.messages import MAX_PAYLOAD, OPERATOR_KINDS, ROOT
 
 OPERATOR_USER = "operator"
 MAX_PACKET = MAX_PAYLOAD + 4096  # a message at the protocol's limit, its topic and the MQTT header
-DEVICE_TOPICS_WRITE = ("status", "bench", "telemetry", "cmd/ack", "reported")
+DEVICE_TOPICS_WRITE = ("status", "bench", "telemetry", "live", "shadow", "cmd/ack", "reported")
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,11 @@ Per device and variant: latency quantiles, power, energy per inference and accur
 benchmark; per device: online state, whether it is simulated (its figures are then the simulating
 machine's) and when it was last heard. Every power series carries a
 ``source`` label (the sensor's key, ``estimated`` or ``not measured``: :func:`~edgekit_protocol.labels.power_source`), so a dashboard can tell a
-measured watt from an estimated one. Plus the monitor's own counters.
+measured watt from an estimated one. From the latest ``live`` message: the serving API's requests,
+errors, service-time percentiles and queue depth; from the latest ``shadow`` message: the served
+outputs' SNR against the shadow model's. :meth:`FleetMetrics.observe` takes messages the monitor
+stored, so checked by the protocol (:func:`~edgekit_protocol.messages.check_body`). Plus the monitor's
+own counters.
 """
 
 from __future__ import annotations
@@ -96,25 +100,21 @@ class FleetMetrics:
         if disk_free_bytes(disk) is not None:
             self.disk_free.labels(device).set(disk_free_bytes(disk))
             self.disk_full.labels(device).set(1 if disk.get("full") else 0)
-        live = msg.get("live") if kind == "telemetry" else None
-        # counts and service times are never below 0: a figure that is (the device's word) is left out
-        if isinstance(live, dict) and isinstance(live.get("model"), dict) and isinstance(live.get("requests"), int) \
-                and _number(live["requests"], 0) is not None:
-            variant = self._bounded(device, "variant", live["model"].get("variant"))
-            self.live_requests.labels(device, variant).set(live["requests"])
-            # an error count or queue depth the device did not send as a count is left out, never exported as 0
-            for gauge, labels, value in ((self.live_errors, (device, variant), live.get("errors")),
-                                         (self.live_queue, (device,), live.get("queue_depth"))):
-                if _number(value, 0) is not None:
-                    gauge.labels(*labels).set(value)
+        if kind == "live":  # the protocol checked the model reference (text or null) and the counts (whole, >= 0)
+            variant = self._bounded(device, "variant", msg["model"].get("variant"))
+            self.live_requests.labels(device, variant).set(msg["requests"])
+            self.live_errors.labels(device, variant).set(msg["errors"])
+            if msg.get("queue_depth") is not None:
+                self.live_queue.labels(device).set(msg["queue_depth"])
             for q in ("p50", "p90", "p99"):
-                v = _number(field_at(live, "latency_ms", q), 0)
+                v = field_at(msg, "latency_ms", q)
                 if v is not None:
                     self.live_latency.labels(device, variant, q).set(v)
-            snr = _number(field_at(live, "shadow", "fidelity", "snr_db"))
+        elif kind == "shadow":
+            snr = field_at(msg, "fidelity", "snr_db")
             if snr is not None:
-                shadow_variant = self._bounded(device, "shadow", field_at(live, "shadow", "model", "variant"))
-                self.live_shadow_snr.labels(device, variant, shadow_variant).set(snr)
+                self.live_shadow_snr.labels(device, self._bounded(device, "variant", msg["serving"].get("variant")),
+                                            self._bounded(device, "shadow", msg["model"].get("variant"))).set(snr)
         if kind in ("status", "bench") and isinstance(msg.get("simulated"), bool):
             self.simulated.labels(device).set(1 if msg["simulated"] else 0)
         if kind == "status":

@@ -15,8 +15,9 @@ Several workers can share the load: with ``share="group"`` each worker subscribe
 each message to one member of the group; all of them write the same store. Sequence gaps are then
 judged from the store rather than per worker.
 
-Alerts: a device whose status says offline, a benchmark that breaks the device's constraints, and a
-device silent for longer than ``silence_s``.
+Alerts: a device whose status says offline, a benchmark that breaks the device's constraints, a
+shadow comparison whose fidelity is under the device's ``min_fidelity_snr_db`` (drift), and a device
+silent for longer than ``silence_s``.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ from edgekit_protocol.labels import clip
 from edgekit_protocol.messages import disk_free_bytes
 
 log = logging.getLogger("edgekit.monitor")
-STORED_KINDS = ("status", "bench", "telemetry")
+STORED_KINDS = ("status", "bench", "telemetry", "live", "shadow")
 BATCH = 500
 
 
@@ -428,17 +429,17 @@ class Monitor:
         if last is None or msg["seq"] > last:
             self._seq[key] = msg["seq"]
 
-    def _check_drift(self, device: str, live: Any) -> None:
-        """Alert (once per episode) when the served model's live outputs drift from its shadow reference
-        below the device's ``min_fidelity_snr_db``."""
+    def _check_drift(self, device: str, shadow: dict[str, Any]) -> None:
+        """Alert (once per episode) when a ``shadow`` message says the served model's live outputs drift from
+        its shadow reference below the device's ``min_fidelity_snr_db``."""
         c = self.constraints.get(device)
-        snr = messages.field_at(live, "shadow", "fidelity", "snr_db")  # the device's word: any shape
+        snr = messages.field_at(shadow, "fidelity", "snr_db")
         if c is None or c.min_fidelity_snr_db is None or not messages.in_range(snr):
             return
         if snr < c.min_fidelity_snr_db and device not in self._drifting:
             self._drifting.add(device)
-            served, ref, window = (messages.field_at(live, *path) for path in
-                                   (("model", "variant"), ("shadow", "model", "variant"), ("shadow", "window")))
+            served, ref, window = (messages.field_at(shadow, *path) for path in
+                                   (("serving", "variant"), ("model", "variant"), ("window",)))
             named = (lambda v: v if isinstance(v, str) else "an unnamed model")
             self._alert(Alert(device, "drift", f"{device}: live outputs of {named(served)} are {snr:.1f} dB from "
                                                       f"{named(ref)} (shadow, {window if messages.in_range(window) else '?'} "
@@ -448,8 +449,8 @@ class Monitor:
 
     def _check_alerts(self, kind: str, msg: dict[str, Any]) -> None:
         device = msg["device"]
-        if kind == "telemetry":
-            self._check_drift(device, msg.get("live"))
+        if kind == "shadow":
+            self._check_drift(device, msg)
         disk = msg.get("disk") if kind in ("status", "telemetry") else None
         free = disk_free_bytes(disk)  # None: no figure, or one that is no byte count (negative, 400 digits)
         if isinstance(disk, dict) and (free is not None or disk.get("full")):

@@ -150,7 +150,7 @@ def _profile_figures(profile: Profile, records: list[dict[str, Any]], chosen: di
 
 
 def _fleet_rows(store: HistoryStore) -> tuple[list[str], list[list[str]]]:
-    status, latest, tele = store.latest_status(), store.latest_bench(), store.latest_telemetry()
+    status, latest, live = store.latest_status(), store.latest_bench(), store.latest_live()
     decisions = store.latest_decisions()
     head = ["device", "profile", "state", "running", "runtime", "decision", "p90 ms", "accuracy", "mJ/inference", "power source",
             "live p50/p99 ms (requests)", "simulated"]
@@ -168,7 +168,7 @@ def _fleet_rows(store: HistoryStore) -> tuple[list[str], list[list[str]]]:
                      f"{rec['latency_ms']['p90']:.4g}" if rec else "-",
                      _accuracy_cell(rec),
                      f"{rec['power']['energy_per_inference_mj']:.4g}" if rec and rec["power"].get("energy_per_inference_mj") is not None else "-",
-                     html.escape(_power_source(rec)) if rec else "-", _live_cell((tele.get(device) or {}).get("live")),
+                     html.escape(_power_source(rec)) if rec else "-", _live_cell(live.get(device)),
                      _simulated_cell(rec, st)])
     return head, rows
 
@@ -197,7 +197,7 @@ def _verdict(dec: dict[str, Any] | None) -> str:
 
 
 def _live_cell(live: Any) -> str:
-    """Return the serving API's live figures of a device's latest telemetry, or "-"."""
+    """Return the serving API's figures of a device's latest ``live`` message, or "-"."""
     if not isinstance(live, dict) or not isinstance(live.get("latency_ms"), dict):
         return "-"
     lat = live["latency_ms"]

@@ -6,7 +6,7 @@ embedded default, a file in WAL mode) and PostgreSQL (:class:`edge_kit.telemetry
 psycopg 3) differ only in how they connect, run a statement and spell four column types.
 :func:`open_history` picks one from what the user passed: a ``postgresql://`` URL or a file path.
 
-Tables: ``status``, ``bench``, ``telemetry`` (the message JSON plus indexed columns), ``decisions``
+Tables: ``status``, ``bench``, ``telemetry``, ``live``, ``shadow`` (the message JSON plus indexed columns), ``decisions``
 (what selection chose for a device and why), ``rollouts`` and ``rollout_devices`` (a pull
 rollout's settings, state and owner, and each device's state in it: what lets a rollout resume
 after the host restarts), ``invalid`` (payloads that failed validation, kept
@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from edge_kit.errors import HistoryError
+from edgekit_protocol.messages import field_at
 
-KINDS = ("status", "bench", "telemetry")
+KINDS = ("status", "bench", "telemetry", "live", "shadow")
 TABLES = (*KINDS, "decisions", "invalid", "gaps", "rollouts", "rollout_devices")
 HISTORY_NAME = "edgekit-history.db"
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
@@ -77,6 +78,10 @@ CREATE TABLE IF NOT EXISTS status (msg_id TEXT PRIMARY KEY, device TEXT, ts {rea
 CREATE TABLE IF NOT EXISTS bench (msg_id TEXT PRIMARY KEY, device TEXT, ts {real}, seq {int}, variant TEXT,
                                   sha256 TEXT, p90_ms {real}, body TEXT);
 CREATE TABLE IF NOT EXISTS telemetry (msg_id TEXT PRIMARY KEY, device TEXT, ts {real}, seq {int}, body TEXT);
+CREATE TABLE IF NOT EXISTS live (msg_id TEXT PRIMARY KEY, device TEXT, ts {real}, seq {int}, variant TEXT,
+                                 sha256 TEXT, body TEXT);
+CREATE TABLE IF NOT EXISTS shadow (msg_id TEXT PRIMARY KEY, device TEXT, ts {real}, seq {int}, variant TEXT,
+                                   snr_db {real}, body TEXT);
 CREATE TABLE IF NOT EXISTS decisions (id {serial}, device TEXT, ts {real}, chosen TEXT,
                                       previous TEXT, feasible INTEGER, switched INTEGER, body TEXT, kind TEXT);
 CREATE TABLE IF NOT EXISTS invalid (id {serial}, ts {real}, topic TEXT, reason TEXT, payload {blob});
@@ -89,6 +94,8 @@ CREATE INDEX IF NOT EXISTS bench_device_sha ON bench (device, sha256, ts);
 CREATE INDEX IF NOT EXISTS bench_sha ON bench (sha256, ts);
 CREATE INDEX IF NOT EXISTS status_device ON status (device, ts);
 CREATE INDEX IF NOT EXISTS telemetry_device ON telemetry (device, ts);
+CREATE INDEX IF NOT EXISTS live_device ON live (device, ts);
+CREATE INDEX IF NOT EXISTS shadow_device ON shadow (device, ts);
 CREATE INDEX IF NOT EXISTS decisions_device ON decisions (device, id);
 """
 
@@ -109,6 +116,8 @@ _INSERT = {
     "status": "INSERT INTO status VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
     "bench": "INSERT INTO bench VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
     "telemetry": "INSERT INTO telemetry VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+    "live": "INSERT INTO live VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+    "shadow": "INSERT INTO shadow VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
 }
 
 
@@ -126,6 +135,10 @@ def message_row(kind: str, m: dict[str, Any], body: str | None, received: float)
         return (*head, m.get("state"), body)
     if kind == "telemetry":
         return (*head, body)
+    if kind == "live":  # the served model (the protocol checked its variant and sha256 are text or null)
+        return (*head, field_at(m, "model", "variant"), field_at(m, "model", "sha256"), body)
+    if kind == "shadow":  # the shadow model, and the served outputs' worst SNR against it (a number or null)
+        return (*head, field_at(m, "model", "variant"), field_at(m, "fidelity", "snr_db"), body)
     raise ValueError(f"the store keeps {', '.join(KINDS)}, not {kind!r}")
 
 
@@ -279,6 +292,14 @@ class HistoryStore(abc.ABC):
     def latest_telemetry(self) -> dict[str, dict[str, Any]]:
         """Return the newest telemetry message per device. Raises HistoryError."""
         return self._latest("telemetry")
+
+    def latest_live(self) -> dict[str, dict[str, Any]]:
+        """Return the newest ``live`` message (the serving API's figures) per device. Raises HistoryError."""
+        return self._latest("live")
+
+    def latest_shadow(self) -> dict[str, dict[str, Any]]:
+        """Return the newest ``shadow`` message (a shadow run's comparison) per device. Raises HistoryError."""
+        return self._latest("shadow")
 
     def last_received(self) -> dict[str, float]:
         """Return when this host last stored a status or telemetry message of each device (its receive time, unix

@@ -47,9 +47,24 @@ def test_when_full_the_oldest_telemetry_goes_first_and_bench_records_never(tmp_p
     assert kinds == [b"bench"] * 4
     row, payload = add(spool, "telemetry")  # full of bench records: this telemetry is dropped, and counted
     assert row is None and payload is None
-    assert spool.stats() == {"pending": 4, "dropped_telemetry": 3, "refused_commands": 0, "replayed_commands": 0,
-                             "expired_commands": 0, "stale_desired": 0, "failed_pulls": 0, "damaged_spools": 0,
-                             "max_records": 3}
+    assert spool.stats() == {"pending": 4, "dropped_telemetry": 3, "dropped_live": 0, "dropped_shadow": 0,
+                             "refused_commands": 0, "replayed_commands": 0, "expired_commands": 0, "stale_desired": 0,
+                             "failed_pulls": 0, "damaged_spools": 0, "max_records": 3}
+
+
+def test_live_and_shadow_rows_are_periodic_dropped_oldest_first_and_counted_per_kind_with_their_own_seq(tmp_path):
+    """Live figures and shadow comparisons have topics of their own: each is superseded by the next, so a full
+    spool drops them as it drops telemetry (never a bench record), each kind counted and numbered apart."""
+    spool = Spool(tmp_path / "s.db", max_records=3)
+    add(spool, "live", "old")
+    add(spool, "shadow", "old")
+    add(spool, "telemetry")
+    add(spool, "bench")  # full: the oldest periodic row goes, whatever its kind
+    add(spool, "bench")
+    assert [r[2] for r in spool.pending()] == [b"telemetry:1:x", b"bench:1:x", b"bench:2:x"]
+    assert add(spool, "live", "new")[1] == b"live:2:new"  # drops the telemetry row; its own seq goes on
+    stats = spool.stats()
+    assert (stats["dropped_live"], stats["dropped_shadow"], stats["dropped_telemetry"]) == (1, 1, 1)
 
 
 def test_command_ids_are_kept_until_their_command_expired_by_the_senders_clock(tmp_path):

@@ -97,21 +97,49 @@ def test_a_key_whose_folder_is_a_file_is_one_line_naming_it(tmp_path):
         Signer.load_or_create(tmp_path / "afile" / "operator.key")
 
 
-GOOD = messages.encode(record())
+LIVE = {"source": "live", "model": {"sha256": "a" * 64, "variant": "int8"}, "requests": 40, "errors": 0, "window": 40,
+        "queue_depth": 1, "latency_ms": {"p50": 0.8, "p90": 1.0, "p99": 1.25}}
+SHADOW = {"model": {"sha256": "b" * 64, "variant": "fp32"}, "serving": {"sha256": "a" * 64, "variant": "int8"},
+          "compared": 30, "window": 30, "share": 0.1, "fidelity": {"snr_db": 31.5, "cosine": 0.999, "max_abs_error": 0.02}}
+# One signed message of each kind a device publishes with figures in its body: what the fuzz mutates.
+GOODS = {"bench": messages.encode(record()),
+         "live": messages.encode(DEVICE.sign(messages.envelope("live", "f", "d1", 1, LIVE))),
+         "shadow": messages.encode(DEVICE.sign(messages.envelope("shadow", "f", "d1", 1, SHADOW)))}
 
 
 @settings(max_examples=10_000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.integers(min_value=0, max_value=len(GOOD) - 1), st.integers(min_value=0, max_value=255),
-       st.integers(min_value=0, max_value=len(GOOD)))
-def test_fuzz_one_byte_changed_or_the_message_cut_is_refused_or_means_the_same(index, value, cut):
-    """10,000 generated messages per run: a signed record with one byte changed, then cut short."""
-    original = receive(GOOD)
-    mutated = (GOOD[:index] + bytes([value]) + GOOD[index + 1:])[:cut or None]
+@given(st.sampled_from(sorted(GOODS)), st.integers(min_value=0, max_value=10 ** 6), st.integers(min_value=0, max_value=255),
+       st.integers(min_value=0, max_value=10 ** 6))
+def test_fuzz_one_byte_changed_or_the_message_cut_is_refused_or_means_the_same(kind, index, value, cut):
+    """10,000 generated messages per run: a signed bench record, live figures or shadow comparison with one
+    byte changed, then cut short."""
+    good = GOODS[kind]
+    index, cut = index % len(good), cut % (len(good) + 1)
+    original = receive(good, kind=kind)
+    mutated = (good[:index] + bytes([value]) + good[index + 1:])[:cut or None]
     try:
-        got = receive(mutated)
+        got = receive(mutated, kind=kind)
     except EdgeKitError:
         return  # refused: the outcome for anything but the original
     assert got == original  # accepted only when it decodes to exactly what was signed (e.g. 1.5 written 15e-1)
+
+
+@pytest.mark.parametrize("kind, body", [("live", LIVE), ("shadow", SHADOW)])
+def test_live_figures_and_shadow_comparisons_verify_only_as_their_devices_on_its_own_topic(kind, body):
+    """Live and shadow messages are verified like every device message: the registered key of the device the
+    topic names; forged, altered, another device's topic or another kind's topic are refused."""
+    good = DEVICE.sign(messages.envelope(kind, "f", "d1", 1, body))
+    assert receive(messages.encode(good), kind=kind) == good
+    stranger = Signer.generate()
+    for payload, device, on, why in [
+        (stranger.sign(messages.envelope(kind, "f", "d1", 1, body)), "d1", kind, "not d1's registered key"),
+        ({**good, "requests": 10 ** 6, "compared": 10 ** 6}, "d1", kind, "signature does not verify"),
+        (good, "d2", kind, "names f/d1 but came on"),
+        (good, "d1", "telemetry", f"schema 'edgekit.{kind}/1' does not belong on 'telemetry'"),
+        (DEVICE.sign({**messages.envelope(kind, "f", "d1", 1, body), "ts": time.time() + 3600}), "d1", kind, "ahead"),
+    ]:
+        with pytest.raises(MessageError, match=why):
+            receive(messages.encode(payload), device=device, kind=on)
 
 
 @pytest.mark.parametrize("field", ["avg_w", "energy_per_inference_mj"])

@@ -295,6 +295,62 @@ def test_the_agent_wires_http_port_and_runs_its_shadow_in_a_child(wait, store, t
         agent.spool.close()
 
 
+def test_the_agent_publishes_live_figures_and_new_shadow_comparisons_on_their_own_topics_signed(wait, store, tmp_path):
+    """Each telemetry beat spools, beside telemetry (which no longer carries them), the served model's figures
+    on ``live`` and, when a shadow run has new counts, its comparison on ``shadow``: each signed by the device,
+    numbered per kind, and what every receiver accepts on that topic; an unchanged comparison is not sent again."""
+    from device_agents.identity import Keyring, receive
+    from device_agents.service import Agent
+    from edgekit_protocol import messages
+    from edgekit_protocol.commands import Command
+
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text(f"device: pi-1\nfleet: f\nroot: {store.root}\n")
+    agent = Agent(load_agent_config(cfg))
+    agent.server.start()
+    keyring = Keyring({"pi-1": agent.signer.public})
+
+    def beat() -> dict[str, list[dict]]:
+        """Spool one beat; return what it spooled by kind, each checked as a receiver does on its topic."""
+        after = max((r[0] for r in agent.spool.pending()), default=0)
+        agent.telemetry()
+        out: dict[str, list[dict]] = {}
+        for _, topic, payload in agent.spool.pending(after=after):
+            kind, msg = receive(keyring, topic, payload, time.time())
+            out.setdefault(kind, []).append(msg)
+        return out
+
+    try:
+        assert set(beat()) == {"telemetry"}  # nothing served yet: no live figures
+        agent.follow_current()
+        with Client(store.root) as app:
+            for s in samples(3):
+                app.predict({"image": s})
+            agent._cmd_shadow(Command("m1", "shadow", {"variant": "fp32", "share": 1.0}))
+            for s in samples(3):
+                app.predict({"image": s})
+
+        def offered() -> int:  # compared, or skipped: this shared machine's load average may be high
+            s = agent.server.snapshot()["shadow"]
+            return s["compared"] + s["skipped_busy_cpu"] + s["skipped_rate"] + s["errors"]
+
+        assert wait(lambda: offered() >= 3), agent.server.snapshot()["shadow"]
+        first = beat()
+        assert sorted(first) == ["live", "shadow", "telemetry"] and "live" not in first["telemetry"][0]
+        (live,), (shadow,) = first["live"], first["shadow"]
+        assert live["model"] == {"sha256": store.shas["int8"], "variant": "int8"} and live["requests"] == 6
+        assert live["latency_ms"]["p50"] > 0 and "shadow" not in live and "perf_counter_ns" in live["clock"]
+        assert shadow["model"]["variant"] == "fp32" and shadow["serving"] == live["model"] and shadow["key_id"] == agent.signer.key_id
+        again = beat()
+        assert sorted(again) == ["live", "telemetry"]  # the same comparison: not sent twice
+        assert (first["telemetry"][0]["seq"], live["seq"], shadow["seq"]) == (2, 1, 1)  # one count per kind
+        assert again["live"][0]["seq"] == 2
+        assert messages.topic("f", "pi-1", "shadow") in {r[1] for r in agent.spool.pending()}
+    finally:
+        agent.server.close()
+        agent.spool.close()
+
+
 def test_the_new_serve_limits_are_read_from_agent_yaml_and_checked(store, tmp_path):
     from device_agents.service import Agent
 

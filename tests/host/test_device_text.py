@@ -34,6 +34,11 @@ def fleet_file(tmp_path):
     return path
 
 
+def _live(seq, **body):
+    """A ``live`` message of d1 as a history may hold it (stored without the monitor's checks: any shape)."""
+    return ("live", messages.envelope("live", "sim", "d1", seq, body))
+
+
 def _history(fleet_file, *extra):
     store = Store(history_path(fleet_file))
     store.add_many([("bench", _bench(EVIL, 1, sensor="ina" + OSC52 + "[blink]")), ("bench", _bench(TAG, 2)),
@@ -53,9 +58,10 @@ def test_fleet_status_shows_device_text_without_obeying_it(fleet_file, run_cli):
 
 
 def test_report_and_status_take_any_shape_a_device_sends(fleet_file, run_cli, tmp_path):
-    odd_live = messages.envelope("telemetry", "sim", "d1", 4, {"conditions": {}, "spool": {}, "live": {
-        "latency_ms": {"p50": "fast", "p99": 1.0}, "requests": "many", "model": "int8"}})
-    _history(fleet_file, ("telemetry", odd_live))
+    odd_live = _live(4, latency_ms={"p50": "fast", "p99": 1.0}, requests="many", model="int8")
+    with pytest.raises(MessageError):  # the monitor refuses it; a history written otherwise may hold it
+        messages.check_body("live", odd_live[1])
+    _history(fleet_file, odd_live)
     report = tmp_path / "report.html"
     code, out, err = run_cli("report", "--fleet", fleet_file, "--out", report, "--json")
     assert code == 0, err
@@ -97,22 +103,29 @@ def test_metrics_keep_a_bounded_number_of_label_values_per_device_and_count_the_
     assert 'edgekit_latency_ms{device="d1",quantile="p90",variant="v1"} 5.0' in generate_latest(metrics.registry).decode()
 
 
-def test_metrics_take_live_figures_of_any_shape_and_keep_what_is_a_number():
-    """Live figures as a broken or hostile agent may send them: strings, lists, NaN, booleans where
-    numbers go. Nothing raises; what is a finite number is exported, the rest is left out."""
-    metrics = FleetMetrics()
-    base = {"device": "d1", "ts": 1.0, "live": {"model": {"variant": "int8"}, "requests": 5}}
-    odd = [{"errors": "many", "queue_depth": [1], "latency_ms": ["p50"], "shadow": "on"},
-           {"errors": True, "latency_ms": {"p50": "1", "p90": float("nan"), "p99": 2.5},
-            "shadow": {"fidelity": {"snr_db": 41.0}, "model": "fp32"}},
-           {"latency_ms": None, "shadow": {"fidelity": [40], "model": {"variant": 7}}}]
-    for extra in odd:
-        metrics.observe("telemetry", {**base, "live": {**base["live"], **extra}})
-    text = generate_latest(metrics.registry).decode()
-    assert 'edgekit_live_latency_ms{device="d1",quantile="p99",variant="int8"} 2.5' in text
-    assert 'quantile="p50"' not in text and 'quantile="p90"' not in text
-    assert "edgekit_live_errors{" not in text and "edgekit_live_queue_depth{" not in text  # no count came: no 0
-    assert 'snr' in text and "41.0" in text
+HUGE = 10 ** 400  # valid JSON; float() of it overflows
+LIVE = {"model": {"variant": "int8", "sha256": "a" * 64}, "requests": 5, "errors": 0, "window": 5}
+SHADOW = {"model": {"variant": "fp32", "sha256": "b" * 64}, "serving": {"variant": "int8", "sha256": "a" * 64},
+          "compared": 3, "window": 3, "fidelity": {"snr_db": 41.0, "cosine": 0.99, "max_abs_error": 0.1}}
+
+
+@pytest.mark.parametrize("kind, odd", [
+    ("live", {"errors": "many"}), ("live", {"queue_depth": [1]}), ("live", {"latency_ms": ["p50"]}),
+    ("live", {"errors": True}), ("live", {"latency_ms": {"p50": "1", "p99": 2.5}}), ("live", {"model": "int8"}),
+    ("live", {"model": {"variant": 7}}), ("live", {"errors": None}), ("live", {"requests": -5}),
+    ("live", {"queue_depth": -1}), ("live", {"latency_ms": {"p50": -1.0}}), ("live", {"errors": HUGE}),
+    ("live", {"latency_ms": {"p99": HUGE}}), ("shadow", {"fidelity": [40]}), ("shadow", {"model": "fp32"}),
+    ("shadow", {"serving": {"variant": 7}}), ("shadow", {"fidelity": {"snr_db": -HUGE}}), ("shadow", {"window": [1]}),
+    ("shadow", {"fidelity": {"max_abs_error": -0.1}}), ("shadow", {"share": 2.0}), ("shadow", {"compared": 1.5})])
+def test_live_and_shadow_figures_of_any_other_shape_are_refused_at_the_monitors_check(kind, odd):
+    """Live figures and shadow comparisons as a broken or hostile agent may send them: strings, lists, booleans,
+    negatives or numbers no float can hold where figures go. They travelled unchecked inside telemetry; on their
+    own topics the protocol refuses them (the monitor counts and keeps the refusal), so metrics, the drift alert
+    and the report only ever see figures."""
+    good = messages.envelope(kind, "sim", "d1", 1, LIVE if kind == "live" else SHADOW)
+    assert messages.check_body(kind, good) == good
+    with pytest.raises(MessageError, match=f"{kind}: (field ')?{next(iter(odd))}"):  # names what is wrong
+        messages.check_body(kind, {**good, **odd})
 
 
 def test_a_profile_a_record_names_is_a_bundled_name_never_a_path_on_this_host(fleet_file, run_cli, tmp_path):
@@ -155,24 +168,14 @@ def test_last_heard_is_this_hosts_clock_not_the_devices():
     assert before <= value <= time.time()
 
 
-HUGE = 10 ** 400  # valid JSON; float() of it overflows
-
-
 def test_figures_no_float_can_hold_or_negative_bytes_are_left_out_of_metrics_never_raised():
-    """Telemetry's figures are not checked at decode: an integer of 400 digits raised OverflowError in
-    observe (the gauges of that message were never set), a negative free space was exported as is."""
+    """Telemetry's disk figures are not checked at decode: an integer of 400 digits raised OverflowError in
+    observe (the gauges of that message were never set), a negative free space was exported as is. (Live
+    figures no float can hold are refused at decode: see the test above.)"""
     metrics = FleetMetrics()
-    live = {"model": {"variant": "int8"}, "requests": 5, "errors": HUGE, "queue_depth": HUGE,
-            "latency_ms": {"p50": HUGE, "p90": -HUGE, "p99": 2.0},
-            "shadow": {"fidelity": {"snr_db": -HUGE}, "model": {"variant": "fp32"}}}
-    metrics.observe("telemetry", {"device": "d1", "ts": 1.0, "disk": {"free_bytes": HUGE}, "live": live})
-    metrics.observe("telemetry", {"device": "d1", "ts": 1.0, "live": {**live, "requests": HUGE, "latency_ms": {"p99": 3.0}}})
+    metrics.observe("telemetry", {"device": "d1", "ts": 1.0, "disk": {"free_bytes": HUGE}})
     metrics.observe("status", {"device": "d2", "ts": 1.0, "state": "online", "disk": {"free_bytes": -5}})
     text = generate_latest(metrics.registry).decode()
-    assert 'edgekit_live_latency_ms{device="d1",quantile="p99",variant="int8"} 2.0' in text
-    assert 'quantile="p50"' not in text and 'quantile="p90"' not in text and "edgekit_live_shadow_snr_db{" not in text
-    assert 'edgekit_live_requests{device="d1",variant="int8"} 5.0' in text  # a live block with no count is left out
-    assert "edgekit_live_errors{" not in text  # an error count no float can hold is no figure: left out, not 0
     assert "edgekit_device_disk_free_bytes{" not in text
     assert 'edgekit_device_online{device="d2"} 1.0' in text
 
@@ -187,18 +190,16 @@ def test_the_monitors_alerts_take_figures_no_float_can_hold(fleet_file, tmp_path
     fleet_file.write_text(fleet_file.read_text().replace("{name: d1, host: 127.0.0.1}",
                                                          "{name: d1, host: 127.0.0.1, constraints: {min_fidelity_snr_db: 20}}"))
     mon = Monitor(load_fleet(fleet_file), Store(tmp_path / "h.db"), verify_in_child=False)
-    live = {"model": {"variant": "int8"}, "requests": 1, "shadow": {"fidelity": {"snr_db": -HUGE}, "model": {"variant": "fp32"}}}
     for free in (HUGE, -HUGE, -5):
-        mon._check_alerts("telemetry", {"device": "d1", "disk": {"free_bytes": free}, "live": live})
+        mon._check_alerts("telemetry", {"device": "d1", "disk": {"free_bytes": free}})
+    mon._check_alerts("shadow", {**SHADOW, "device": "d1", "fidelity": {"snr_db": -HUGE}})
     assert list(mon.alerts) == []
     mon._check_alerts("status", {"device": "d1", "state": "online", "disk": {"free_bytes": HUGE, "full": True}})
     assert [a.text for a in mon.alerts] == ["d1: disk full (installs, activations and benches refused)"]
 
 
 def test_the_report_shows_a_live_figure_no_float_can_hold_as_unknown(fleet_file, run_cli, tmp_path):
-    live = messages.envelope("telemetry", "sim", "d1", 4, {"conditions": {}, "spool": {}, "live": {
-        "latency_ms": {"p50": HUGE, "p99": 1.0}, "requests": HUGE, "model": {"variant": "int8"}}})
-    _history(fleet_file, ("telemetry", live))
+    _history(fleet_file, _live(4, latency_ms={"p50": HUGE, "p99": 1.0}, requests=HUGE, model={"variant": "int8"}))
     report = tmp_path / "report.html"
     code, out, err = run_cli("report", "--fleet", fleet_file, "--out", report, "--json")
     assert code == 0, err
@@ -311,10 +312,11 @@ def test_an_alert_or_a_status_cell_quoting_a_devices_huge_variant_is_kept_short(
     assert "characters)" in out  # and says how long it was
 
 
-def test_a_drifting_devices_live_block_of_any_shape_raises_the_alert_and_updates_the_metrics(fleet_file, tmp_path):
+def test_a_drifting_devices_shadow_comparison_raises_the_alert_and_updates_the_metrics(fleet_file, tmp_path):
     """The drift alert read live.model.variant and shadow.model.variant as objects: a device sending them as
     text raised AttributeError after storing (a traceback on the operator's terminal) and skipped the alert
-    and the message's metrics."""
+    and the message's metrics. The comparison comes on its own ``shadow`` topic now, its models objects with
+    text or null names (checked at decode); unnamed ones are said so."""
     from edge_kit.fleet.inventory import load_fleet
     from edge_kit.telemetry.monitor import Monitor
 
@@ -322,51 +324,50 @@ def test_a_drifting_devices_live_block_of_any_shape_raises_the_alert_and_updates
                                                          "{name: d1, host: 127.0.0.1, constraints: {min_fidelity_snr_db: 20}}"))
     metrics = FleetMetrics()
     mon = Monitor(load_fleet(fleet_file), Store(tmp_path / "h.db"), verify_in_child=False, on_message=metrics.observe)
-    live = {"model": "int8", "requests": 3, "shadow": {"fidelity": {"snr_db": 5.0}, "model": "fp32", "window": [1]}}
-    msg = messages.envelope("telemetry", "sim", "d1", 1, {"conditions": {}, "spool": {}, "live": live})
-    mon._after_store("telemetry", msg)
+    msg = messages.envelope("shadow", "sim", "d1", 1, {**SHADOW, "model": {"variant": None, "sha256": None},
+                                                       "serving": {}, "fidelity": {"snr_db": 5.0}})
+    mon._after_store("shadow", messages.check_body("shadow", msg))
     assert [a.text for a in mon.alerts] == ["d1: live outputs of an unnamed model are 5.0 dB from an unnamed model "
-                                            "(shadow, ? inputs), below 20 dB"]
-    assert 'edgekit_device_last_seen_seconds{device="d1"}' in generate_latest(metrics.registry).decode()
+                                            "(shadow, 3 inputs), below 20 dB"]
+    text = generate_latest(metrics.registry).decode()
+    assert 'edgekit_device_last_seen_seconds{device="d1"}' in text
+    assert 'edgekit_live_shadow_snr_db{device="d1",shadow="None",variant="None"} 5.0' in text
 
 
 def test_live_counts_a_device_did_not_send_are_left_out_of_metrics_never_exported_as_zero():
-    """An agent whose live block lacks an error count or a queue depth measured neither: a dashboard showing
-    0 errors would say the served model never failed. What it sent is exported as it sent it."""
+    """An agent whose live figures lack a queue depth did not measure it: a dashboard showing 0 would say no
+    request ever waited. What it sent is exported as it sent it; a live message without an error count is
+    refused (it is required: 0 errors must be said, never assumed)."""
     metrics = FleetMetrics()
-    metrics.observe("telemetry", {"device": "d1", "ts": 1.0, "live": {"model": {"variant": "int8"}, "requests": 5}})
-    metrics.observe("telemetry", {"device": "d2", "ts": 1.0, "live": {"model": {"variant": "int8"}, "requests": 5,
-                                                                       "errors": 2, "queue_depth": 0}})
+    metrics.observe("live", {**LIVE, "device": "d1", "ts": 1.0})
+    metrics.observe("live", {**LIVE, "device": "d2", "ts": 1.0, "errors": 2, "queue_depth": 0})
     text = generate_latest(metrics.registry).decode()
     assert 'edgekit_live_requests{device="d1",variant="int8"} 5.0' in text
-    assert not [ln for ln in text.splitlines() if ln.startswith(("edgekit_live_errors{", "edgekit_live_queue_depth{"))
-                and 'device="d1"' in ln]
+    assert not [ln for ln in text.splitlines() if ln.startswith("edgekit_live_queue_depth{") and 'device="d1"' in ln]
     assert 'edgekit_live_errors{device="d2",variant="int8"} 2.0' in text and 'edgekit_live_queue_depth{device="d2"} 0.0' in text
+    with pytest.raises(MessageError, match="live: field 'errors' is missing"):
+        messages.check_body("live", messages.envelope("live", "sim", "d1", 1, {k: v for k, v in LIVE.items() if k != "errors"}))
 
 
 def test_the_report_shows_a_live_figure_the_device_did_not_send_as_unknown_not_zero(fleet_file, run_cli, tmp_path):
-    live = messages.envelope("telemetry", "sim", "d1", 4, {"conditions": {}, "spool": {}, "live": {
-        "latency_ms": {"p99": 1.0}, "model": {"variant": "int8"}}})
-    _history(fleet_file, ("telemetry", live))
+    _history(fleet_file, _live(4, latency_ms={"p99": 1.0}, model={"variant": "int8"}))
     report = tmp_path / "report.html"
     code, out, err = run_cli("report", "--fleet", fleet_file, "--out", report, "--json")
     assert code == 0, err
     assert "<td>?/1 (?, int8)</td>" in report.read_text()
 
 
-def test_live_counts_and_service_times_below_zero_are_left_out_of_metrics():
-    """A negative request count, error count, queue depth or service time is no figure: it was exported as
-    is. A shadow SNR may be below 0 dB and is kept."""
+def test_a_shadow_snr_below_zero_is_a_figure_kept_in_metrics():
+    """A negative request count, error count, queue depth or service time is no figure (refused at decode: see
+    above); a shadow SNR may be below 0 dB and is kept, as is a live p99 the device sent without a p50."""
     metrics = FleetMetrics()
-    live = {"model": {"variant": "int8"}, "requests": 5, "errors": -3, "queue_depth": -1,
-            "latency_ms": {"p50": -1.0, "p99": 2.0}, "shadow": {"fidelity": {"snr_db": -4.0}, "model": {"variant": "fp32"}}}
-    metrics.observe("telemetry", {"device": "d1", "ts": 1.0, "live": live})
-    metrics.observe("telemetry", {"device": "d2", "ts": 1.0, "live": {**live, "requests": -5}})
+    shadow = {**SHADOW, "fidelity": {"snr_db": -4.0}}
+    assert messages.check_body("shadow", messages.envelope("shadow", "sim", "d1", 1, shadow))
+    metrics.observe("shadow", {**shadow, "device": "d1", "ts": 1.0})
+    metrics.observe("live", {**LIVE, "device": "d1", "ts": 1.0, "latency_ms": {"p99": 2.0}})
     text = generate_latest(metrics.registry).decode()
-    assert "edgekit_live_errors{" not in text and "edgekit_live_queue_depth{" not in text
     assert 'quantile="p50"' not in text and 'edgekit_live_latency_ms{device="d1",quantile="p99",variant="int8"} 2.0' in text
     assert 'edgekit_live_shadow_snr_db{device="d1",shadow="fp32",variant="int8"} -4.0' in text
-    assert not [ln for ln in text.splitlines() if ln.startswith("edgekit_live_") and 'device="d2"' in ln]  # no count
 
 
 @pytest.mark.parametrize("odd", [{}, {"runtime": "litert", "runtime_version": [1], "conditions": "hot"},
@@ -450,8 +451,7 @@ def test_the_report_cuts_a_devices_60_kb_variant_runtime_or_profile_name(fleet_f
     store.add_many([("bench", {**_bench(huge, 1), "runtime": "r" * 60_000}),
                     ("status", messages.envelope("status", "sim", "d1", 2, {
                         "state": "online", "profile": "p" * 60_000, "current": {"variant": huge, "sha256": "a" * 64}})),
-                    ("telemetry", messages.envelope("telemetry", "sim", "d1", 3, {"conditions": {}, "spool": {}, "live": {
-                        "latency_ms": {"p50": 1.0, "p99": 2.0}, "requests": 5, "model": {"variant": "w" * 60_000}}}))])
+                    _live(3, latency_ms={"p50": 1.0, "p99": 2.0}, requests=5, model={"variant": "w" * 60_000})])
     store.close()
     code, out, err = run_cli("report", "--fleet", fleet_file, "--out", tmp_path / "r.html", "--json")
     assert code == 0, err
@@ -506,8 +506,7 @@ def test_a_constraint_alert_names_the_figure_that_broke_it_and_where_it_came_fro
 def test_the_reports_live_cell_says_when_its_p99_rests_on_too_few_requests(fleet_file, run_cli, tmp_path):
     """A p99 over the 12 requests an agent had served was shown as one; it is their slowest, interpolated."""
     def live(seq, window):
-        return ("telemetry", messages.envelope("telemetry", "sim", "d1", seq, {"conditions": {}, "spool": {}, "live": {
-            "latency_ms": {"p50": 0.8, "p99": 1.25}, "requests": 40, "window": window, "model": {"variant": "int8"}}}))
+        return _live(seq, latency_ms={"p50": 0.8, "p99": 1.25}, requests=40, window=window, model={"variant": "int8"})
 
     for seq, window, cell in ((4, 12, "<td>0.8/1.25 (40, int8; only 12 request(s) in the window: p99 lie between the "
                                       "slowest samples, not true percentiles (100+ give one))</td>"),

@@ -177,3 +177,53 @@ def test_a_key_twice_in_one_object_is_refused_at_decode_naming_it():
         with pytest.raises(messages.MessageError, match="key '(variant|avg_w)' twice"):
             messages.decode(raw)
     assert messages.decode(m)["variant"] == "int8"
+
+
+LIVE = {"source": "live", "model": {"sha256": "a" * 64, "variant": "int8"}, "requests": 40, "errors": 1, "window": 40,
+        "queue_depth": 0, "latency_ms": {"p50": 0.8, "p90": 1.0, "p99": 1.25}, "clock": "perf_counter_ns"}
+SHADOW = {"model": {"sha256": "b" * 64, "variant": "fp32"}, "serving": {"sha256": "a" * 64, "variant": "int8"},
+          "share": 0.1, "compared": 30, "window": 30, "errors": 0, "dropped_queue_full": 2,
+          "fidelity": {"snr_db": -3.5, "cosine": 0.9, "max_abs_error": 0.2, "mean_abs_error": 0.01}}
+
+
+@pytest.mark.parametrize("kind, body", [("live", LIVE), ("shadow", SHADOW), ("live", {**LIVE, "latency_ms": None}),
+                                        ("shadow", {**SHADOW, "fidelity": None})])
+def test_live_and_shadow_have_topics_schemas_and_checked_bodies(kind, body):
+    """The serving API's figures and a shadow run's comparison travel on their own topics (DESIGN's contract),
+    each with its schema; a body that fits passes the check every receiver runs."""
+    t = messages.topic("f1", "d1", kind)
+    assert t == f"edgekit/v1/f1/d1/{kind}" and messages.parse_topic(t) == ("f1", "d1", kind)
+    msg = {**messages.envelope(kind, "f1", "d1", 3, body), **SIGNED}
+    assert msg["schema"] == f"edgekit.{kind}/1"
+    assert messages.check_body(kind, messages.decode(messages.encode(msg), kind)) == msg
+    with pytest.raises(messages.MessageError, match=f"does not belong on '{kind}'"):
+        messages.decode(messages.encode({**msg, "schema": "edgekit.telemetry/1"}), kind)
+
+
+@pytest.mark.parametrize("kind, field, text", [
+    ("live", "latency_ms", '{"p50": NaN}'), ("live", "latency_ms", '{"p99": Infinity}'), ("live", "requests", "1e999"),
+    ("shadow", "fidelity", '{"snr_db": -Infinity}'), ("shadow", "share", "NaN")])
+def test_a_non_finite_live_or_shadow_figure_is_refused_at_parse_time(kind, field, text):
+    msg = {**messages.envelope(kind, "f1", "d1", 3, LIVE if kind == "live" else SHADOW), **SIGNED}
+    raw = messages.encode({**msg, field: "X"}).replace(b'"X"', text.encode())
+    with pytest.raises(messages.MessageError, match="non-finite number|overflows to infinity"):
+        messages.decode(raw, kind)
+
+
+@pytest.mark.parametrize("kind, over, why", [
+    ("live", {"requests": -1}, "live: requests is not a whole number"),
+    ("live", {"window": 2 ** 63}, "live: window is not a whole number"),
+    ("live", {"latency_ms": {"p90": -0.5}}, r"live: latency_ms.p90 is not a non-negative number"),
+    ("live", {"latency_ms": {"p99": 10 ** 13}}, r"live: latency_ms.p99 is not a non-negative number"),
+    ("live", {"model": None}, "live: field 'model' is missing"),
+    ("live", {"model": {"sha256": 5}}, "live: model is not an object with text variant and sha256"),
+    ("shadow", {"serving": []}, "shadow: field 'serving' is list"),
+    ("shadow", {"fidelity": {"cosine": "high"}}, r"shadow: fidelity.cosine is not a number"),
+    ("shadow", {"fidelity": {"mean_abs_error": -1e-3}}, r"shadow: fidelity.mean_abs_error is not a non-negative number"),
+    ("shadow", {"share": -0.1}, "shadow: share is not a number from 0 to 1"),
+    ("shadow", {"dropped_queue_full": True}, "shadow: dropped_queue_full is not a whole number"),
+])
+def test_a_live_or_shadow_figure_out_of_range_is_refused_naming_it(kind, over, why):
+    msg = messages.envelope(kind, "f1", "d1", 3, {**(LIVE if kind == "live" else SHADOW), **over})
+    with pytest.raises(messages.MessageError, match=why):
+        messages.check_body(kind, msg)
