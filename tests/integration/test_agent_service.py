@@ -416,12 +416,14 @@ def test_a_full_disk_is_answered_reported_and_recovered_from(tmp_path, mosquitto
         subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
-def test_the_serving_api_follows_every_activation_and_telemetry_carries_live_figures(agents, mosquitto, monitor):
+def test_the_serving_api_follows_every_activation_and_live_figures_come_on_their_own_topic(agents, mosquitto, monitor):
     """An application on the device keeps calling predict() while the operator activates another
-    variant: the agent serves the new one before it answers the activation, and its telemetry reports
-    the live figures (requests, service-time percentiles) of the served model."""
+    variant: the agent serves the new one before it answers the activation, and reports the live
+    figures (requests, service-time percentiles) of the served model on its ``live`` topic, signed by
+    the device, numbered apart from telemetry (which no longer carries them)."""
     import numpy as np
 
+    from device_agents.identity import Keyring
     from device_agents.serving import Client
 
     agent = agents("dev1", telemetry_interval_s=1.0)
@@ -440,11 +442,16 @@ def test_the_serving_api_follows_every_activation_and_telemetry_carries_live_fig
     app.close()
 
     def live(m):
-        return [t["live"] for t in m["telemetry"] if t["device"] == "dev1" and (t.get("live") or {}).get("requests")]
+        return [x for x in m["live"] if x["device"] == "dev1" and x["requests"]]
     assert monitor.wait_for(lambda m: any(x["model"]["variant"] == "fp32" and x["requests"] >= 20 for x in live(m)), 15)
     figures = [x for x in live(monitor.messages) if x["model"]["variant"] == "fp32"][-1]
     assert figures["source"] == "live" and figures["errors"] == 0 and figures["latency_ms"]["p50"] > 0
     assert "perf_counter_ns" in figures["clock"]
+    Keyring({"dev1": agent.signer.public}).verify(figures, "dev1")  # the device's own word
+    assert messages.check_body("live", figures) == figures
+    seqs = [x["seq"] for x in monitor.messages["live"] if x["device"] == "dev1"]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    assert not [t for t in monitor.messages["telemetry"] if "live" in t]
 
 
 def test_desired_states_that_are_forged_or_replayed_never_move_the_device(agents, mosquitto, monitor):

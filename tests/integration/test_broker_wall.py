@@ -171,10 +171,11 @@ def test_fleet_init_writes_a_wall_that_a_real_mosquitto_enforces(tmp_path, run_c
         time.sleep(0.3)
         cam1, how = connect(broker, "cam-1", secret["cam-1"], tls_ca=ca)
         assert how == "ok"
-        cam1.publish(messages.topic("plant", "cam-1", "bench"), b"{}", qos=1).wait_for_publish(5)
-        cam1.publish(messages.topic("plant", "cam-2", "bench"), b"{}", qos=1).wait_for_publish(5)  # not its own: dropped
+        for kind in ("bench", "live", "shadow"):
+            cam1.publish(messages.topic("plant", "cam-1", kind), b"{}", qos=1).wait_for_publish(5)
+            cam1.publish(messages.topic("plant", "cam-2", kind), b"{}", qos=1).wait_for_publish(5)  # not its own: dropped
         time.sleep(0.5)
-        assert seen == [messages.topic("plant", "cam-1", "bench")]
+        assert seen == [messages.topic("plant", "cam-1", kind) for kind in ("bench", "live", "shadow")]
         for c in (operator, cam1):
             c.disconnect()
             c.loop_stop()

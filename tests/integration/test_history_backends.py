@@ -109,7 +109,7 @@ def test_raw_payloads_are_stored_as_received(history):
     assert history.bench_records() == [{**m, "as": "received"}]
 
 
-def test_status_telemetry_invalid_gaps_and_counts(history):
+def test_status_telemetry_live_shadow_invalid_gaps_and_counts(history):
     history.add("status", messages.envelope("status", "f", "d1", 1, {"state": "online"}))
     history.add("status", messages.envelope("status", "f", "d1", 2, {"state": "offline"}))
     history.add("status", messages.envelope("status", "f", "d2", 1, {"state": "online"}))
@@ -117,16 +117,28 @@ def test_status_telemetry_invalid_gaps_and_counts(history):
     history.add("telemetry", messages.envelope("telemetry", "f", "d1", 2, {"conditions": {"temp_c": 41}}))
     assert {d: m["state"] for d, m in history.latest_status().items()} == {"d1": "offline", "d2": "online"}
     assert history.latest_telemetry()["d1"]["conditions"] == {"temp_c": 41}
+    served = {"sha256": "a" * 64, "variant": "int8"}
+    for seq, requests in ((1, 10), (2, 25)):
+        history.add("live", messages.envelope("live", "f", "d1", seq, {"model": served, "requests": requests,
+                                                                        "errors": 0, "window": requests}))
+    history.add("shadow", messages.envelope("shadow", "f", "d1", 1, {
+        "model": {"sha256": "b" * 64, "variant": "fp32"}, "serving": served, "compared": 9, "window": 9,
+        "fidelity": {"snr_db": 2 ** 40 + 0.5}}))  # the indexed snr_db column holds what a double holds
+    assert history.latest_live()["d1"]["requests"] == 25 and history.latest_shadow()["d1"]["compared"] == 9
+    assert history._rows("SELECT variant, sha256 FROM live WHERE seq = 2") == [("int8", "a" * 64)]
+    assert history._rows("SELECT variant, snr_db FROM shadow") == [("fp32", 2 ** 40 + 0.5)]
     history.add_invalid("edgekit/v1/f/d1/bench", "not JSON", b"\xff\x00" * 3000)
     history.add_gap("d1", "bench", 3, 7)
-    assert [history.count(t) for t in TABLES] == [3, 0, 2, 0, 1, 1, 0, 0]
+    assert dict(zip(TABLES, (history.count(t) for t in TABLES))) == {
+        "status": 3, "bench": 0, "telemetry": 2, "live": 2, "shadow": 1, "decisions": 0, "invalid": 1, "gaps": 1,
+        "rollouts": 0, "rollout_devices": 0}
     with pytest.raises(ValueError):
         history.count("sqlite_master")
 
 
 def test_a_batch_with_a_bad_kind_stores_nothing(history):
-    with pytest.raises(ValueError, match="not 'shadow'"):
-        history.add_many([("bench", bench("d1", "s1", 1.0, 1)), ("shadow", bench("d1", "s1", 1.0, 2))])
+    with pytest.raises(ValueError, match="not 'cmd/ack'"):
+        history.add_many([("bench", bench("d1", "s1", 1.0, 1)), ("cmd/ack", bench("d1", "s1", 1.0, 2))])
     assert history.count("bench") == 0
 
 

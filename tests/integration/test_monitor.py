@@ -102,11 +102,10 @@ def test_alerts_for_offline_broken_constraints_and_silence(fleet, publisher, tmp
         send(publisher, "telemetry", messages.envelope("telemetry", FLEET, "d1", 3, {**low, "disk": {"free_bytes": 5e9}}))
         send(publisher, "status", messages.envelope("status", FLEET, "d1", 1, {
             "state": "online", "disk": {"free_bytes": 1e6, "total_bytes": 3e10, "full": True}}))
-        def shadow_snr(seq, snr):  # d2's telemetry: its served int8 against an fp32 shadow on live inputs
-            live = {"source": "live", "model": {"sha256": "a", "variant": "int8"}, "requests": 50,
-                    "shadow": {"model": {"sha256": "b", "variant": "fp32"}, "window": 40, "fidelity": {"snr_db": snr}}}
-            send(publisher, "telemetry", messages.envelope("telemetry", FLEET, "d2", seq,
-                                                           {"conditions": {}, "spool": {}, "live": live}), device="d2")
+        def shadow_snr(seq, snr):  # d2's shadow comparison: its served int8 against an fp32 shadow on live inputs
+            send(publisher, "shadow", messages.envelope("shadow", FLEET, "d2", seq, {
+                "model": {"sha256": "b", "variant": "fp32"}, "serving": {"sha256": "a", "variant": "int8"},
+                "compared": 40 + seq, "window": 40, "fidelity": {"snr_db": snr}}), device="d2")
         for seq, snr in enumerate((31.0, 12.5, 11.0, 30.0, 9.0), start=1):  # drifts, stays low, recovers, drifts
             shadow_snr(seq, snr)
         assert wait_until(lambda: {a.kind for a in mon.alerts} >= {"offline", "constraints", "silent"}, 10), mon.alerts
@@ -123,8 +122,11 @@ def test_alerts_for_offline_broken_constraints_and_silence(fleet, publisher, tmp
 
 
 def test_prometheus_endpoint_exports_per_device_and_variant_series(fleet, publisher, tmp_path):
+    """Benchmarks, status, and the serving API's figures and shadow comparisons from their own topics: each
+    verified as its device's (a forged one is refused and counted), stored in its table, gaps found per kind."""
     metrics = FleetMetrics()
-    mon = Monitor(fleet, Store(tmp_path / "h.db"), on_message=metrics.observe)
+    store = Store(tmp_path / "h.db")
+    mon = Monitor(fleet, store, on_message=metrics.observe)
     metrics.watch(mon)
     port = free_port()
     server = metrics.serve(port)
@@ -133,15 +135,27 @@ def test_prometheus_endpoint_exports_per_device_and_variant_series(fleet, publis
         send(publisher, "bench", bench("d1", 1, p90=7.5))
         send(publisher, "status", messages.envelope("status", FLEET, "d1", 1, {
             "state": "online", "disk": {"free_bytes": 123456789, "total_bytes": 3e10, "full": False}}))
-        send(publisher, "telemetry", messages.envelope("telemetry", FLEET, "d1", 1, {
-            "conditions": {}, "spool": {}, "live": {"source": "live", "model": {"sha256": "ab", "variant": "int8"},
-                                                    "requests": 42, "errors": 1, "queue_depth": 0,
-                                                    "latency_ms": {"p50": 0.4, "p90": 0.6, "p99": 0.9}}}))
-        assert wait_until(lambda: mon.stats.stored == 3, 10)
+        live = {"source": "live", "model": {"sha256": "ab", "variant": "int8"}, "requests": 42, "errors": 1,
+                "window": 42, "queue_depth": 0, "latency_ms": {"p50": 0.4, "p90": 0.6, "p99": 0.9}}
+        send(publisher, "live", messages.envelope("live", FLEET, "d1", 1, {**live, "requests": 40}))
+        send(publisher, "live", messages.envelope("live", FLEET, "d1", 3, live))  # seq 2 never comes: a gap
+        send(publisher, "shadow", messages.envelope("shadow", FLEET, "d1", 1, {
+            "model": {"sha256": "cd", "variant": "fp32"}, "serving": live["model"], "compared": 30, "window": 30,
+            "fidelity": {"snr_db": 33.5, "cosine": 0.99}}))
+        forged = DEVICE_KEYS["d2"].sign(messages.envelope("live", FLEET, "d1", 4, {**live, "requests": 10 ** 6}))
+        send(publisher, "live", messages.encode(forged))  # d2's key, on d1's topic in d1's name
+        send(publisher, "live", messages.encode(signed(messages.envelope("live", FLEET, "d1", 5, {
+            **live, "latency_ms": {"p99": 1}})))[:-40])  # cut short
+        assert wait_until(lambda: mon.stats.stored == 5 and mon.stats.invalid == 2, 10), mon.stats
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     finally:
         mon.stop()
         server.shutdown()
+    assert store.count("live") == 2 and store.count("shadow") == 1 and store.count("invalid") == 2
+    assert store.latest_live()["d1"]["requests"] == 42 and store.latest_shadow()["d1"]["fidelity"]["snr_db"] == 33.5
+    assert mon.stats.gaps == 1 and store._rows("SELECT kind, first_missing FROM gaps") == [("live", 2)]
+    refused = [a.text for a in mon.alerts if a.kind == "refused"]
+    assert len(refused) == 2 and any("/d1/live" in t and "not d1's registered key" in t for t in refused), refused
     assert 'edgekit_latency_ms{device="d1",quantile="p90",variant="int8"} 7.5' in text
     assert 'edgekit_power_watts{device="d1",source="ina219",variant="int8"} 4.2' in text
     assert 'edgekit_accuracy{device="d1",metric="top1",variant="int8"} 0.99' in text
@@ -150,7 +164,9 @@ def test_prometheus_endpoint_exports_per_device_and_variant_series(fleet, publis
     assert 'edgekit_device_disk_full{device="d1"} 0.0' in text
     assert 'edgekit_live_requests{device="d1",variant="int8"} 42.0' in text
     assert 'edgekit_live_latency_ms{device="d1",quantile="p99",variant="int8"} 0.9' in text
-    assert 'edgekit_monitor_messages_total{outcome="stored"} 3.0' in text
+    assert 'edgekit_live_shadow_snr_db{device="d1",shadow="fp32",variant="int8"} 33.5' in text
+    assert 'edgekit_monitor_messages_total{outcome="stored"} 5.0' in text
+    assert 'edgekit_monitor_messages_total{outcome="invalid"} 2.0' in text
 
 
 def test_two_workers_on_a_shared_subscription_split_the_stream_with_nothing_lost_or_doubled(fleet, publisher, tmp_path):

@@ -151,15 +151,15 @@ def test_a_nul_or_a_lone_surrogate_from_a_device_is_refused_and_counted_and_the_
         send(publisher, "bench", bench("d1", 2, variant="int8\x00"))  # signed by d1's own key
         lone = messages.encode(signed(bench("d1", 3))).replace(b'"variant":"int8"', b'"variant":"\\ud800"')
         send(publisher, "bench", lone)
-        send(publisher, "telemetry", messages.envelope("telemetry", FLEET, "d1", 4, {
-            "conditions": {}, "spool": {}, "live": {"model": {"variant": "\x00"}, "requests": 1}}))
+        send(publisher, "live", messages.envelope("live", FLEET, "d1", 4, {
+            "model": {"variant": "\x00", "sha256": "a"}, "requests": 1, "errors": 0, "window": 1}))
         send(publisher, "bench", bench("d1", 5))
         assert wait_until(lambda: mon.stats.received == 5, 15), (mon.stats, mon.failed, list(mon.alerts))
     finally:
         mon.stop()
     assert mon.failed is None
     assert sorted(r["seq"] for r in store.bench_records("d1")) == [1, 5]
-    assert mon.stats.invalid == 3 == store.count("invalid") and store.count("telemetry") == 0
+    assert mon.stats.invalid == 3 == store.count("invalid") and store.count("live") == 0
     reasons = [a.text for a in mon.alerts if a.kind == "refused"]
     assert len(reasons) == 3 and all("holds a NUL character or a lone UTF-16 surrogate" in r for r in reasons), reasons
     store.close()
