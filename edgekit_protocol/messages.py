@@ -359,11 +359,8 @@ def check_body(kind: str, message: dict[str, Any]) -> dict[str, Any]:
         check_reported(message)
     if kind == "status" and message["state"] not in ("online", "offline"):
         raise MessageError(f"status: state {message['state']!r} is neither online nor offline")
-    if kind == "status":  # every reader takes current.variant and current.sha256 as text
-        current = message.get("current")
-        if current is not None and (not isinstance(current, dict) or any(
-                not isinstance(current.get(f), (str, type(None))) for f in ("variant", "sha256"))):
-            raise MessageError("status: current is not an object with text variant and sha256")
+    if kind == "status" and message.get("current") is not None:  # every reader takes its variant and sha256 as text
+        _model_ref(kind, message, "current")
     if kind in _COUNTS:
         _check_served(kind, message)
     if kind == "bench":

@@ -49,7 +49,7 @@ from edge_kit.selection.constraints import (
     measured_text,
     violations,
 )
-from edge_kit.telemetry.store import HistoryStore
+from edge_kit.telemetry.store import KINDS, HistoryStore
 from edge_kit.telemetry.verifier import Verifier
 from edgekit_protocol import messages
 from edgekit_protocol.errors import MessageError
@@ -57,7 +57,7 @@ from edgekit_protocol.labels import clip
 from edgekit_protocol.messages import disk_free_bytes
 
 log = logging.getLogger("edgekit.monitor")
-STORED_KINDS = ("status", "bench", "telemetry", "live", "shadow")
+STORED_KINDS = KINDS  # the monitor subscribes to what the history keeps
 BATCH = 500
 
 
