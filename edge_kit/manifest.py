@@ -23,7 +23,7 @@ from pydantic import (
 )
 
 from edge_kit.errors import EdgeKitError, InputError
-from edgekit_protocol.messages import nested_deeper
+from edgekit_protocol.messages import check_model_name, nested_deeper
 
 SCHEMA = "edgekit.manifest/2"
 Status = Literal["built", "not-built", "failed"]
@@ -131,6 +131,21 @@ class Manifest(_Record):
     _signature: str = PrivateAttr(default="not checked")  # what read_manifest found (see ArtifactTrust)
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @field_validator("model")
+    @classmethod
+    def _model_name(cls, value: dict[str, Any]) -> dict[str, Any]:
+        """Return ``value`` when its ``name`` is a model name (every reader names folders, store paths and desired
+        states with it).
+
+        Raises:
+            ValueError: no name, or not a model name (:func:`edgekit_protocol.messages.check_model_name`).
+        """
+        try:
+            check_model_name(value.get("name"))
+        except ValueError as exc:
+            raise ValueError(f"{exc}; compile the model again with --name NAME") from None
+        return value
 
     @field_validator("eval")
     @classmethod

@@ -39,13 +39,13 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from edgekit_protocol.errors import MessageError
-from edgekit_protocol.messages import in_range
+from edgekit_protocol.messages import check_model_name, in_range
 
 STATES = ("fetching", "converged", "failed")
 MAX_REVISION = 2 ** 63 - 1  # the largest revision a desired state carries (a signed 64-bit integer: SQLite's too)
 MAX_START_DELAY_S = 3600.0
 MAX_ERROR_CHARS = 2000  # a reported error's length: the agent cuts its own, a receiver refuses longer
-MAX_NAME_CHARS = 512  # a rollout id, model or variant name, store URL
+MAX_NAME_CHARS = 512  # a rollout id, variant name, store URL (a model's name: messages.check_model_name)
 MIN_BYTES_S = 1000.0  # the lowest bandwidth cap (1 kB/s): a lower one would hold a 14 MB model's download for days
 _SHA = frozenset("0123456789abcdef")
 
@@ -137,8 +137,12 @@ def parse_desired(message: dict[str, Any]) -> Desired:
             raise MessageError(f"desired: field '{name}' is missing or not a string of 1-{MAX_NAME_CHARS} characters")
     if not m["store"].startswith(("http://", "https://")) or not _has_host(m["store"]):
         raise MessageError(f"desired: store {m['store'][:80]!r} is not an http:// or https:// URL")
-    if "/" in m["model"] or "/" in m["variant"] or m["model"].startswith("."):
-        raise MessageError("desired: model and variant must not hold '/' or start with '.'")
+    if "/" in m["variant"]:
+        raise MessageError("desired: variant must not hold '/'")
+    try:
+        check_model_name(m["model"])
+    except ValueError as exc:
+        raise MessageError(f"desired: field 'model': {exc}") from None
     rev = m.get("revision")
     if not isinstance(rev, int) or isinstance(rev, bool) or not 0 < rev <= MAX_REVISION:
         raise MessageError("desired: field 'revision' is not a positive integer")

@@ -108,6 +108,9 @@ def compile_cmd(
     eval: Annotated[Optional[Path], typer.Option("--eval", help=".npz with inputs and labels (y / y.<key>, per --task): accuracy and fidelity.")] = None,
     train: Annotated[Optional[Path], typer.Option(help=".npz with x and y: fine-tune after pruning.")] = None,
     out_dir: Annotated[Path, typer.Option("--out", help="Artifacts go to OUT/<model name>/.")] = Path("artifacts"),
+    name: Annotated[Optional[str], typer.Option("--name", help="The model's name (OUT/<name>, the store's manifests/<name>/): "
+                                                 "1-128 letters, digits, '_', '.', '-'. Default: the model file's name "
+                                                 "without its suffix.")] = None,
     epochs: Annotated[int, typer.Option(min=0, help="Fine-tuning epochs after pruning (with --train).")] = 3,
     task: Annotated[Optional[str], typer.Option(help="Accuracy metric: classification (default), detection, segmentation, keypoints, regression.")] = None,
     task_option: Annotated[list[str], typer.Option("--task-option", help="KEY=VALUE for the task metric, e.g. output=scores or alpha=0.05; repeatable.")] = [],
@@ -134,7 +137,7 @@ def compile_cmd(
         options[key] = value  # each task converts and checks its own options
     req = CompileRequest(model=model, profiles=profiles, out=out_dir, calib=calib, eval=eval, train=train,
                          epochs=epochs, task=task, task_options=options, metric=metric, decode=decode,
-                         input_shapes=parse_input_shapes(input_shape), signer=signer)
+                         input_shapes=parse_input_shapes(input_shape), signer=signer, name=name)
     with progress_bar(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                       TimeElapsedColumn(), as_json=as_json) as bar:
         task = bar.add_task("compiling", total=plan_steps(req))

@@ -82,6 +82,7 @@ class CompileRequest:
     decode: str | None = None  # module:function decoding detections
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # pinned dynamic dimensions
     signer: Any = None  # a device_agents.identity.Signer that signs manifest.json (None: unsigned)
+    name: str | None = None  # the model's name (OUT/<name>); None: the model file's (sources.model_name)
 
 
 @dataclass
@@ -483,7 +484,7 @@ def _compile_model(req: CompileRequest, progress: Progress | None) -> Manifest:
     if twice := next((n for n in names if names.count(n) > 1), None):  # the manifest keys profiles by name
         raise ConfigError(f"profile '{twice}' is given twice (-p); give each once (a profile file is named by its "
                           "name: key, else its file name)")
-    source = load_source(req.model, req.input_shapes)
+    source = load_source(req.model, req.input_shapes, req.name)
     _check_target(out / source.name, source.path)
     calib = load_dataset(req.calib, "calib", source.inputs, labels=False) if req.calib else None
     evalset = load_dataset(req.eval, "eval", source.inputs, labels=True) if req.eval else None

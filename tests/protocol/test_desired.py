@@ -31,6 +31,15 @@ def test_a_desired_body_round_trips_and_bad_fields_are_named():
             parse_desired({**good(), **change})
 
 
+@pytest.mark.parametrize("model", ["my model", "../x", ".hidden", "a/b", "x" * 129, "caf\u00e9"])
+def test_a_desired_model_name_outside_the_one_rule_is_refused(model):
+    """A desired state took any model name of up to 512 characters without '/' or a leading '.': 'my model', which
+    compile, publish and the device's store refuse, passed. Now the one rule (check_model_name) applies."""
+    with pytest.raises(MessageError, match="desired: field 'model': model name .* must be 1-128 letters"):
+        parse_desired({**good(), "model": model})
+    assert parse_desired({**good(), "model": "m" * 128}).model == "m" * 128
+
+
 @pytest.mark.parametrize("store", ["http://[::1", "http://s.example:99999", "http://", "https:///path"])
 def test_a_store_url_with_no_host_or_that_does_not_parse_is_refused(store):
     """`rollout start --store http://[::1` raised urllib's ValueError (a traceback) on the host, and a device given
