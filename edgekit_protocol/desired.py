@@ -50,6 +50,19 @@ MIN_BYTES_S = 1000.0  # the lowest bandwidth cap (1 kB/s): a lower one would hol
 _SHA = frozenset("0123456789abcdef")
 
 
+def check_revision(value: Any, kind: str = "desired", lowest: int = 1) -> int:
+    """Return ``value`` when a ``kind`` message (``desired``, ``reported``) may carry it as its revision: an integer
+    from ``lowest`` (1 in a desired state; 0 in a report, a device that took none yet) to :data:`MAX_REVISION`.
+    The one bound on revisions: a host that cannot go above a device's report asks it here too.
+
+    Raises:
+        MessageError: anything else (a bool, a float, a string, out of range).
+    """
+    if not isinstance(value, int) or isinstance(value, bool) or not lowest <= value <= MAX_REVISION:
+        raise MessageError(f"{kind}: field 'revision' is not an integer from {lowest} to {MAX_REVISION} (2**63 - 1)")
+    return value
+
+
 def _sha(value: Any, where: str) -> str:
     if not isinstance(value, str) or len(value) != 64 or not set(value) <= _SHA:
         raise MessageError(f"desired: {where} is not a sha256 (64 lowercase hex digits)")
@@ -128,10 +141,7 @@ def parse_desired(message: dict[str, Any]) -> Desired:
         if (m["hold"] is not True or not isinstance(m.get("rollout"), str) or not m["rollout"]
                 or len(m["rollout"]) > MAX_NAME_CHARS):
             raise MessageError("desired: a hold is {rollout, revision, hold: true}")
-        rev = m.get("revision")
-        if not isinstance(rev, int) or isinstance(rev, bool) or not 0 < rev <= MAX_REVISION:
-            raise MessageError("desired: field 'revision' is not a positive integer")
-        return replace(Desired.holding(m["rollout"], rev), msg_id=m["msg_id"])
+        return replace(Desired.holding(m["rollout"], check_revision(m.get("revision"))), msg_id=m["msg_id"])
     for name in ("rollout", "store", "model", "variant"):
         if not isinstance(m.get(name), str) or not m[name] or len(m[name]) > MAX_NAME_CHARS:
             raise MessageError(f"desired: field '{name}' is missing or not a string of 1-{MAX_NAME_CHARS} characters")
@@ -143,9 +153,7 @@ def parse_desired(message: dict[str, Any]) -> Desired:
         check_model_name(m["model"])
     except ValueError as exc:
         raise MessageError(f"desired: field 'model': {exc}") from None
-    rev = m.get("revision")
-    if not isinstance(rev, int) or isinstance(rev, bool) or not 0 < rev <= MAX_REVISION:
-        raise MessageError("desired: field 'revision' is not a positive integer")
+    rev = check_revision(m.get("revision"))
     ev = m.get("eval")
     if ev is not None and not isinstance(ev, dict):
         raise MessageError("desired: field 'eval' is neither an object nor null")
@@ -199,9 +207,7 @@ def check_reported(message: dict[str, Any]) -> dict[str, Any]:
     m = message
     if m.get("state") not in STATES:
         raise MessageError(f"reported: state {str(m.get('state'))[:20]!r} is not one of {', '.join(STATES)}")
-    rev = m.get("revision")
-    if not isinstance(rev, int) or isinstance(rev, bool) or not 0 <= rev <= MAX_REVISION:
-        raise MessageError("reported: field 'revision' is not a non-negative integer")
+    check_revision(m.get("revision"), "reported", lowest=0)
     for name, types in (("rollout", str), ("error", str), ("current", dict), ("previous", dict), ("download", dict)):
         if m.get(name) is not None and not isinstance(m[name], types):
             raise MessageError(f"reported: field '{name}' is {type(m[name]).__name__}")

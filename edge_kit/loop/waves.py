@@ -55,6 +55,7 @@ from edgekit_protocol.desired import (
     MIN_BYTES_S,
     Desired,
     Fetch,
+    check_revision,
     parse_desired,
 )
 from edgekit_protocol.errors import MessageError
@@ -392,18 +393,29 @@ class Rollout:
 
     # --- the run ---------------------------------------------------------------------------------
 
-    def _revision(self, device: str) -> int:
+    def _revision(self, device: str) -> int | None:
         """Return a revision for ``device``: above every one this driver sent, above the one this rollout
         sent ``device`` before and above the last one ``device`` reported (a host whose clock is behind
-        another's, or was set back, still goes up); may be over :data:`MAX_REVISION` (:meth:`_prepare`
-        refuses the device then).
+        another's, or was set back, still goes up); None when that would be over :data:`MAX_REVISION`
+        (:func:`~edgekit_protocol.desired.check_revision`): nothing can be sent to it, and
+        :meth:`_no_revision` says why.
 
         A device's own floor (its report, a device's word) raises its revision alone, never the
         driver's counter: one device reporting a huge revision cannot push the others' out of range.
         """
         self._last_rev = max(self._last_rev + 1, time.time_ns() // 1000)
         floor = max(self.rows.get(device, {}).get("revision") or 0, self._device_rev.get(device, 0)) + 1
-        return max(self._last_rev, floor)
+        try:
+            return check_revision(max(self._last_rev, floor))
+        except MessageError:
+            return None
+
+    def _no_revision(self, device: str) -> str:
+        """Return why nothing can be sent to ``device`` when :meth:`_revision` found no revision left, and what to do."""
+        return (f"{device} reported revision {self._device_rev.get(device, 0)}, the largest a desired state can carry "
+                f"({MAX_REVISION}), so no desired state can go above it (a device never reports more than it was sent: "
+                "check it, its key may be compromised); clear its retained reported message on the broker and "
+                "desired.json and desired-revision.json in its agent root, then start a rollout for it")
 
     def _take_reports(self) -> None:
         while True:
@@ -660,9 +672,8 @@ class Rollout:
         a new revision; return the desired state to publish (after a :meth:`_flush`), or None when no
         revision is left above what it reported (its row's error says so)."""
         rev = self._revision(device)
-        if rev > MAX_REVISION:
-            self._set(device, detail={"error": f"{why}; kept on the candidate: it reported the largest revision a "
-                                               "desired state can carry"})
+        if rev is None:
+            self._set(device, detail={"error": f"{why}; kept on the candidate: {self._no_revision(device)}"})
             return None
         self._set(device, state="rolling back", revision=rev, detail={"error": why, "back_to": model, "hold": False})
         return Desired(msg_id="", rollout=self.rid, revision=rev, store=plan["store"],
@@ -757,17 +768,15 @@ class Rollout:
                         back.append((name, desired))
                         self._set(name, detail={"abort": f"sent back to {_named(model)}"})
                     elif _model_ref(model):
-                        self._set(name, detail={"abort": "kept on the candidate: it reported the largest revision a "
-                                                         "desired state can carry"})
+                        self._set(name, detail={"abort": f"kept on the candidate: {self._no_revision(name)}"})
                     else:
                         self._set(name, detail={"abort": "kept on the candidate: it reported no previous model to "
                                                          "go back to (put it back with a rollout of the old model)"})
                 elif state in ("sent", "fetching", "failed") or held:
                     # not on the candidate (yet): the device holds on to what it runs, whatever the host knows of it
                     rev = self._revision(name)
-                    if rev > MAX_REVISION:
-                        self._set(name, detail={"abort": "nothing sent: it reported the largest revision a desired "
-                                                         "state can carry"})
+                    if rev is None:
+                        self._set(name, detail={"abort": f"nothing sent: {self._no_revision(name)}"})
                         continue
                     back.append((name, Desired.holding(self.rid, rev)))
                     self._set(name, state="rolling back", revision=rev, detail={
@@ -826,12 +835,9 @@ class Rollout:
         """Return ``device`` and its desired state, marked sent; None when no revision is left above
         what it reported (it is marked refused, with why)."""
         rev = self._revision(device)
-        if rev > MAX_REVISION:
-            self._set(device, wave=max(wave, self.rows[device]["wave"]), state="refused", detail={"error": (
-                f"{device}: reported revision {self._device_rev.get(device, 0)}, the largest a desired state can "
-                "carry, so no desired state can go above it (a device never reports more than it was sent: check "
-                "it, its key may be compromised); clear its retained reported message on the broker and desired.json "
-                "and desired-revision.json in its agent root, then start a rollout for it")})
+        if rev is None:
+            self._set(device, wave=max(wave, self.rows[device]["wave"]), state="refused",
+                      detail={"error": self._no_revision(device)})
             return None
         desired = desired_for(plan, device, rev)
         self._set(device, wave=max(wave, self.rows[device]["wave"]), state="sent", revision=rev,
