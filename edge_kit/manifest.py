@@ -104,6 +104,10 @@ class Artifact(_Record):
     fidelity: Fidelity | None = None
     fine_tuned: dict[str, Any] | None = None
     build_seconds: float | None = None  # wall clock on the host (time.perf_counter)
+    # how each figure above that has no method of its own was obtained, keyed by field: bytes, gzip_bytes, precision,
+    # op_histogram, weights, sparsity, macs, macs_nonzero, build_seconds (absent in a manifest from before it was
+    # recorded: readers say "not recorded")
+    methods: dict[str, str] | None = None
     warnings: list[str] = []  # e.g. fidelity below a profile's min_fidelity_snr_db
 
     _file = field_validator("file")(_file_name)

@@ -90,7 +90,8 @@ def _compile_report(manifest: Any) -> tuple[Table, list[str]]:
         notes.append(f"    ONNX source: {conv['converter']} {conv['converter_version']} made fp32; worst output "
                      f"{conv['snr_db']:.1f} dB from {conv['reference']} {conv['reference_version']} (max abs error "
                      f"{conv['max_abs_error']:.3g}) on {conv['inputs']}")
-    notes.append(f"    × = ratio to fp32; sizes, sparsity and MACs counted from each file; {metric} (on --eval) and SNR against fp32 "
+    notes.append(f"    × = ratio to fp32; sizes, sparsity and MACs counted from each file (which ops, what is left out: "
+                 f"each artifact's `methods` in manifest.json); {metric} (on --eval) and SNR against fp32 "
                  "(worst output) "
                  f"measured on this host with each variant's runtime (LiteRT {manifest.versions.get('ai_edge_litert')}"
                  + (f", ONNX Runtime {manifest.versions['onnxruntime']}" if manifest.versions.get("onnxruntime")

@@ -66,6 +66,11 @@ Progress = Callable[[str], None]
 EVAL_FILE = "eval.npz"  # shipped next to the artifacts: inputs, labels, fp32 outputs and metric, for on-device accuracy
 
 
+BUILD_SECONDS_METHOD = ("measured: this host's wall clock (time.perf_counter) around the variant's build (conversion, "
+                        "quantization, pruning and fine-tuning, compiling; a step several variants share, such as the "
+                        "ONNX export, counts for the first) and, when this host can run it, the devices' smoke check")
+
+
 @dataclass
 class CompileRequest:
     model: Path
@@ -618,6 +623,7 @@ def _compile_model(req: CompileRequest, progress: Progress | None) -> Manifest:
             weights=stats.weights, op_histogram=stats.op_histogram, inputs=stats.inputs, outputs=stats.outputs,
             accelerators=support, accuracy=accuracy, fidelity=fidelity, fine_tuned=plan.extra.get("fine_tuned"),
             build_seconds=round(plan.extra["seconds"], 3), **{**common, "precision": stats.precision},
+            methods={**stats.methods, "build_seconds": BUILD_SECONDS_METHOD},
         )
         plan.artifact.warnings = (conversion_warnings if spec.id == "fp32" else []) + _fidelity_warnings(plan.artifact, req.profiles)
         for warning in plan.artifact.warnings:
