@@ -199,8 +199,10 @@ def example_cmd(
     if as_json:
         emit_json(files.record())
         return
-    for key, value in files.record().items():
-        out.print(f"{key:>20}: {value}")
+    record = files.record()
+    methods = record.pop("methods")
+    for key, value in record.items():
+        out.print(f"{key:>20}: {value}" + (f" ({methods[key]})" if key in methods else ""), highlight=False)
 
 
 @profiles_app.command("list")

@@ -64,6 +64,9 @@ from edgekit_protocol.messages import field_at
 FINAL = ("converged", "failed", "refused", "rolled back", "superseded", "left the fleet")
 SETTLED = ("converged", "refused", "rolled back", "superseded", "left the fleet")  # rows no later report changes
 STALE_OWNER_S = 30.0  # a driver whose heartbeat is older than this is gone: another may resume
+
+SECONDS_METHOD = ("measured: this host's wall clock (time.time) from sending the device its desired state to receiving "
+                  "its final report (converged or failed): download, install, activation and the broker's delivery")
 FLUSH_S = 0.5  # how often device states are written to the history
 
 
@@ -875,7 +878,7 @@ class Rollout:
         state, variant, error, seconds, download, abort``: what an abort did to it, or None); ``gate``: the live gate's decision with its numbers
         (``GateDecision.as_dict()``), None when the rollout has not been judged; ``signature``: what the plan
         found of the manifest's signature (:attr:`~edge_kit.manifest.Manifest.signature`; None for a plan
-        made before manifests were signed)."""
+        made before manifests were signed); ``methods``: how each row's ``seconds`` was measured."""
         rows = []
         for name, row in self.rows.items():
             d = row.get("detail") or {}
@@ -885,4 +888,5 @@ class Rollout:
         return {"id": self.rid, "state": state, "reason": reason, "gate": plan.get("gated"), "signature": plan.get("signature"),
                 "counts": self._counts(),
                 "ignored": self.ignored,
-                "refused_messages": self.refused_count, "refused_examples": self.refused[:5], "devices": rows}
+                "refused_messages": self.refused_count, "refused_examples": self.refused[:5], "devices": rows,
+                "methods": {"seconds": SECONDS_METHOD}}
