@@ -59,7 +59,7 @@ from edgekit_protocol.desired import (
     parse_desired,
 )
 from edgekit_protocol.errors import MessageError
-from edgekit_protocol.messages import field_at
+from edgekit_protocol.messages import check_model_name, field_at
 
 FINAL = ("converged", "failed", "refused", "rolled back", "superseded", "left the fleet")
 SETTLED = ("converged", "refused", "rolled back", "superseded", "left the fleet")  # rows no later report changes
@@ -679,8 +679,12 @@ class Rollout:
             self._set(device, detail={"error": f"{why}; kept on the candidate: {self._no_revision(device)}"})
             return None
         self._set(device, state="rolling back", revision=rev, detail={"error": why, "back_to": model, "hold": False})
+        try:  # the device's word for its previous model's name, which an older agent took in any form: a label only
+            name = check_model_name(model.get("model"))
+        except ValueError:
+            name = plan["model"]
         return Desired(msg_id="", rollout=self.rid, revision=rev, store=plan["store"],
-                       model=model.get("model") or plan["model"], variant=model.get("variant") or "previous",
+                       model=name, variant=model.get("variant") or "previous",
                        sha256=model["sha256"], bytes=model["bytes"], fetch=Fetch(**plan["settings"]["fetch"]))
 
     def _publish_back(self, back: list[tuple[str, Desired]], client: Any, wait_s: float) -> None:
