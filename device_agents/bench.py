@@ -107,6 +107,20 @@ def _peak_rss() -> dict[str, Any]:
             "peak_rss_method": "getrusage(RUSAGE_SELF).ru_maxrss: the whole process"}
 
 
+# How each figure of a bench record that has no ``*_method`` of its own was obtained (the record's ``methods``).
+METHODS = {
+    "init_ms": "time.perf_counter_ns around loading the model into the runtime's interpreter (delegate included)",
+    "first_inference_ms": "time.perf_counter_ns around the first invoke, before the warm-up runs",
+    "duration_s": "time.perf_counter over the timed runs",
+    "accuracy": "scored by this agent on the device's own outputs for the eval set's inputs, with the metric and "
+                "labels shipped in it",
+    "fidelity": "this agent's outputs against the fp32 reference outputs shipped in the eval set, per output",
+    "conditions": "cpufreq governor and clock of cpu0 and the hottest /sys/class/thermal zone before and after, "
+                  "the 1-minute load average (os.getloadavg) at the start, vcgencmd and nvpmodel/jetson_clocks where "
+                  "present; null where the device does not expose one",
+}
+
+
 def run_bench(model: Path, settings: BenchSettings = BenchSettings(), *, eval_file: Path | None = None,
               reference: dict[str, np.ndarray] | None = None, power: Any = None) -> dict[str, Any]:
     """Benchmark ``model`` and return the measurement part of an ``edgekit.bench/1`` record.
@@ -179,6 +193,7 @@ def run_bench(model: Path, settings: BenchSettings = BenchSettings(), *, eval_fi
         "conditions": {"start": before, "end": after},
         "accuracy": None, "fidelity": None,
         "power": power_record,
+        "methods": dict(METHODS),
     }
     if hasattr(interp, "engine"):  # TensorRT: the engine build, host latency as trtexec's, the engine's compute time
         record["engine"] = interp.engine
@@ -226,10 +241,18 @@ def summary_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
     Shared by ``edgekit-agent bench`` and the host's ``edgekit bench --device``.
     """
     lat, power = r["latency_ms"], r["power"]
+    methods = r.get("methods") if isinstance(r.get("methods"), dict) else {}  # an older agent's record has none
+
+    def how(*keys: str) -> str:
+        """Return `` (method)`` for the figures ``keys`` (``; ``-joined), or "" for a record without them."""
+        said = [methods[k] for k in keys if isinstance(methods.get(k), str)]
+        return f" ({'; '.join(said)})" if said else ""
+
     rows = [
         ("runtime", f"{r['runtime']} {r['runtime_version']}, "
                     f"{'provider' if r['runtime'] in ('onnxruntime', 'tensorrt') else 'delegate'} {r['delegate']}, {r['threads']} thread(s)"),
-        ("runs", f"{r['runs']} timed after {r['warmup_runs']} warm-up in {r['duration_s']} s; inputs: {r['inputs']}"),
+        ("runs", f"{r['runs']} timed after {r['warmup_runs']} warm-up in {r['duration_s']} s{how('duration_s')}; "
+                 f"inputs: {r['inputs']}"),
         ("latency p50/p90/p99", f"{lat['p50']:.3f} / {lat['p90']:.3f} / {lat['p99']:.3f} ms ({r['latency_method']}; "
                                 f"p90 is the headline figure{thin_tail(r['runs'])})"),
         *([("TensorRT engine", _engine_text(r["engine"]))] if r.get("engine") else []),
@@ -237,7 +260,7 @@ def summary_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
                                         if (g := r.get("gpu_compute_ms")) else r["gpu_compute_method"]))]
           if "gpu_compute_method" in r else []),
         ("latency mean ± std", f"{lat['mean']:.3f} ± {lat['std']:.3f} ms (min {lat['min']:.3f}, max {lat['max']:.3f})"),
-        ("init / first inference", f"{r['init_ms']:.1f} / {r['first_inference_ms']:.2f} ms"),
+        ("init / first inference", f"{r['init_ms']:.1f} / {r['first_inference_ms']:.2f} ms{how('init_ms', 'first_inference_ms')}"),
         ("peak RSS", f"{r['peak_rss_mb']} MB ({r['peak_rss_method']})"),
         ("power", (f"{power['avg_w']:.3f} W, {power['energy_per_inference_mj']:.3f} mJ per inference; "
                    if power.get("avg_w") is not None else "") + power["method"]),
@@ -246,12 +269,13 @@ def summary_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
     if acc:
         rows.append(("accuracy", f"not scored: {acc['error']}" if "error" in acc else
                      f"{acc.get('task', 'classification')} " + ", ".join(f"{k} {v:.4g}" for k, v in acc.get("figures", {acc["metric"]: acc["value"]}).items())
-                     + f" on {acc['samples']} eval samples"))
+                     + f" on {acc['samples']} eval samples{how('accuracy')}"))
     fid = r.get("fidelity")
     if fid:
         rows.append(("fidelity vs fp32", f"not measured: {fid['error']}" if "error" in fid else
                      f"worst output SNR {fid['snr_db']:.1f} dB, cosine {fid['cosine']:.4f}, max |err| {fid['max_abs_error']:.4g}"
-                     + (f", top-1 agreement {100 * fid['top1_agreement']:.2f} %" if "top1_agreement" in fid else "")))
+                     + (f", top-1 agreement {100 * fid['top1_agreement']:.2f} %" if "top1_agreement" in fid else "")
+                     + how("fidelity")))
     start, end = r["conditions"]["start"], r["conditions"]["end"]
 
     def na(v: object, unit: str = "") -> str:
@@ -262,5 +286,5 @@ def summary_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
                                f"load {start['load_1m']}"
                                + (f", Jetson power mode {start['power_mode']['name']}, jetson_clocks "
                                   f"{ {True: 'on', False: 'off', None: 'unknown'}[start.get('jetson_clocks')] }"
-                                  if start.get("power_mode") else "")))
+                                  if start.get("power_mode") else "") + how("conditions")))
     return rows

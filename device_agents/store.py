@@ -62,6 +62,7 @@ from device_agents.disk import (
 )
 from device_agents.errors import SmokeFailed, StoreError
 from device_agents.formats import SUFFIX, model_format
+from edgekit_protocol.messages import check_model_name
 
 log = logging.getLogger("edgekit.agent.store")
 SMOKE_TIMEOUT_S = 120.0
@@ -177,15 +178,18 @@ class ModelStore:
             The installed model; ``fresh`` is False when the same sha256 was already installed.
 
         Raises:
-            StoreError: ``variant`` or ``model`` is empty or holds control characters, ``src`` is missing or not a
+            StoreError: ``variant`` is empty or holds control characters, ``model`` is not a model name
+                (:func:`edgekit_protocol.messages.check_model_name`), ``src`` is missing or not a
                 file (then no store is made), its sha256 (or the eval set's) differs from what was
                 expected, or the copy failed (disk full, permissions); nothing is left behind in ``models/``.
         """
         src = Path(src)
-        for name, value in (("variant", variant), ("model", model)):  # an empty one could never be named again
-            if not value.strip() or not value.isprintable():
-                raise StoreError(f"{name} {value!r}: give a name of printable characters, e.g. int8 (variant) or "
-                                 "digits (model)")
+        if not variant.strip() or not variant.isprintable():  # an empty one could never be named again
+            raise StoreError(f"variant {variant!r}: give a name of printable characters, e.g. int8")
+        try:
+            check_model_name(model)
+        except ValueError as exc:
+            raise StoreError(f"{exc}, e.g. digits (the name the manifest gives it)") from None
         if not src.is_file():  # before the store is made: a mistyped path leaves no empty store behind
             raise StoreError(f"{src}: {'not a file' if src.exists() else 'no such file'}; give the model file to install")
         self.ensure()

@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +31,17 @@ class ExampleFiles:
     eval: Path | None
     train: Path | None
     facts: dict[str, Any]
+    methods: dict[str, str] = field(default_factory=dict)  # how each figure of ``facts`` was obtained, by key
 
     def record(self) -> dict[str, Any]:
-        """Return the files (as text paths; None where absent) and the example's facts, for ``--json``."""
+        """Return the files (as text paths; None where absent), the example's facts and ``methods`` (how each
+        figure among them was obtained, keyed as the facts are), for ``--json``."""
         return {"model": str(self.model), "calib": str(self.calib),
                 "eval": str(self.eval) if self.eval else None,
-                "train": str(self.train) if self.train else None, **self.facts}
+                "train": str(self.train) if self.train else None, **self.facts, "methods": dict(self.methods)}
+
+
+PARAMS_METHOD = "counted: Keras Model.count_params() of the model as written"
 
 
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:
@@ -92,7 +97,10 @@ def _train_and_write(model: Any, name: str, out: Path, split: tuple[np.ndarray, 
     files = ExampleFiles(out / f"{name}.keras", out / f"{name}-calib.npz", out / f"{name}-eval.npz",
                          out / f"{name}-train.npz",
                          {"example": name, **facts, "keras_eval_accuracy": round(float(acc), 4),
-                          "train_samples": len(xtr), "eval_samples": len(xev)})
+                          "train_samples": len(xtr), "eval_samples": len(xev)},
+                         {"keras_eval_accuracy": f"measured on this host: Keras model.evaluate (top-1 accuracy) of the "
+                                                 f"trained float model on the {len(xev)} samples of {name}-eval.npz",
+                          **({"params": PARAMS_METHOD} if "params" in facts else {})})
     _save_npz(files.train, x=xtr, y=ytr)
     _save_npz(files.eval, x=xev, y=yev)
     _save_npz(files.calib, x=xtr[:300])
@@ -157,7 +165,8 @@ def mobilenet(out: Path, *, size: int = 96, alpha: float = 0.5, seed: int = 0) -
     out.mkdir(parents=True, exist_ok=True)
     files = ExampleFiles(out / "mobilenet.keras", out / "mobilenet-calib.npz", None, None,
                          {"example": "mobilenet", "size": size, "alpha": alpha, "params": int(model.count_params()),
-                          "weights": "random (size and speed only; accuracy is meaningless)"})
+                          "weights": "random (size and speed only; accuracy is meaningless)"},
+                         {"params": PARAMS_METHOD})
     rng = np.random.default_rng(seed)
     _save_npz(files.calib, x=rng.uniform(0, 1, (100, size, size, 3)).astype(np.float32))
     _save_model(model, files.model)

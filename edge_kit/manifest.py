@@ -23,7 +23,7 @@ from pydantic import (
 )
 
 from edge_kit.errors import EdgeKitError, InputError
-from edgekit_protocol.messages import nested_deeper
+from edgekit_protocol.messages import check_model_name, nested_deeper
 
 SCHEMA = "edgekit.manifest/2"
 Status = Literal["built", "not-built", "failed"]
@@ -104,6 +104,10 @@ class Artifact(_Record):
     fidelity: Fidelity | None = None
     fine_tuned: dict[str, Any] | None = None
     build_seconds: float | None = None  # wall clock on the host (time.perf_counter)
+    # how each figure above that has no method of its own was obtained, keyed by field: bytes, gzip_bytes, precision,
+    # op_histogram, weights, sparsity, macs, macs_nonzero, build_seconds (absent in a manifest from before it was
+    # recorded: readers say "not recorded")
+    methods: dict[str, str] | None = None
     warnings: list[str] = []  # e.g. fidelity below a profile's min_fidelity_snr_db
 
     _file = field_validator("file")(_file_name)
@@ -131,6 +135,21 @@ class Manifest(_Record):
     _signature: str = PrivateAttr(default="not checked")  # what read_manifest found (see ArtifactTrust)
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @field_validator("model")
+    @classmethod
+    def _model_name(cls, value: dict[str, Any]) -> dict[str, Any]:
+        """Return ``value`` when its ``name`` is a model name (every reader names folders, store paths and desired
+        states with it).
+
+        Raises:
+            ValueError: no name, or not a model name (:func:`edgekit_protocol.messages.check_model_name`).
+        """
+        try:
+            check_model_name(value.get("name"))
+        except ValueError as exc:
+            raise ValueError(f"{exc}; compile the model again with --name NAME") from None
+        return value
 
     @field_validator("eval")
     @classmethod

@@ -39,15 +39,28 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from edgekit_protocol.errors import MessageError
-from edgekit_protocol.messages import in_range
+from edgekit_protocol.messages import check_model_name, in_range
 
 STATES = ("fetching", "converged", "failed")
 MAX_REVISION = 2 ** 63 - 1  # the largest revision a desired state carries (a signed 64-bit integer: SQLite's too)
 MAX_START_DELAY_S = 3600.0
 MAX_ERROR_CHARS = 2000  # a reported error's length: the agent cuts its own, a receiver refuses longer
-MAX_NAME_CHARS = 512  # a rollout id, model or variant name, store URL
+MAX_NAME_CHARS = 512  # a rollout id, variant name, store URL (a model's name: messages.check_model_name)
 MIN_BYTES_S = 1000.0  # the lowest bandwidth cap (1 kB/s): a lower one would hold a 14 MB model's download for days
 _SHA = frozenset("0123456789abcdef")
+
+
+def check_revision(value: Any, kind: str = "desired", lowest: int = 1) -> int:
+    """Return ``value`` when a ``kind`` message (``desired``, ``reported``) may carry it as its revision: an integer
+    from ``lowest`` (1 in a desired state; 0 in a report, a device that took none yet) to :data:`MAX_REVISION`.
+    The one bound on revisions: a host that cannot go above a device's report asks it here too.
+
+    Raises:
+        MessageError: anything else (a bool, a float, a string, out of range).
+    """
+    if not isinstance(value, int) or isinstance(value, bool) or not lowest <= value <= MAX_REVISION:
+        raise MessageError(f"{kind}: field 'revision' is not an integer from {lowest} to {MAX_REVISION} (2**63 - 1)")
+    return value
 
 
 def _sha(value: Any, where: str) -> str:
@@ -128,20 +141,19 @@ def parse_desired(message: dict[str, Any]) -> Desired:
         if (m["hold"] is not True or not isinstance(m.get("rollout"), str) or not m["rollout"]
                 or len(m["rollout"]) > MAX_NAME_CHARS):
             raise MessageError("desired: a hold is {rollout, revision, hold: true}")
-        rev = m.get("revision")
-        if not isinstance(rev, int) or isinstance(rev, bool) or not 0 < rev <= MAX_REVISION:
-            raise MessageError("desired: field 'revision' is not a positive integer")
-        return replace(Desired.holding(m["rollout"], rev), msg_id=m["msg_id"])
+        return replace(Desired.holding(m["rollout"], check_revision(m.get("revision"))), msg_id=m["msg_id"])
     for name in ("rollout", "store", "model", "variant"):
         if not isinstance(m.get(name), str) or not m[name] or len(m[name]) > MAX_NAME_CHARS:
             raise MessageError(f"desired: field '{name}' is missing or not a string of 1-{MAX_NAME_CHARS} characters")
     if not m["store"].startswith(("http://", "https://")) or not _has_host(m["store"]):
         raise MessageError(f"desired: store {m['store'][:80]!r} is not an http:// or https:// URL")
-    if "/" in m["model"] or "/" in m["variant"] or m["model"].startswith("."):
-        raise MessageError("desired: model and variant must not hold '/' or start with '.'")
-    rev = m.get("revision")
-    if not isinstance(rev, int) or isinstance(rev, bool) or not 0 < rev <= MAX_REVISION:
-        raise MessageError("desired: field 'revision' is not a positive integer")
+    if "/" in m["variant"]:
+        raise MessageError("desired: variant must not hold '/'")
+    try:
+        check_model_name(m["model"])
+    except ValueError as exc:
+        raise MessageError(f"desired: field 'model': {exc}") from None
+    rev = check_revision(m.get("revision"))
     ev = m.get("eval")
     if ev is not None and not isinstance(ev, dict):
         raise MessageError("desired: field 'eval' is neither an object nor null")
@@ -195,9 +207,7 @@ def check_reported(message: dict[str, Any]) -> dict[str, Any]:
     m = message
     if m.get("state") not in STATES:
         raise MessageError(f"reported: state {str(m.get('state'))[:20]!r} is not one of {', '.join(STATES)}")
-    rev = m.get("revision")
-    if not isinstance(rev, int) or isinstance(rev, bool) or not 0 <= rev <= MAX_REVISION:
-        raise MessageError("reported: field 'revision' is not a non-negative integer")
+    check_revision(m.get("revision"), "reported", lowest=0)
     for name, types in (("rollout", str), ("error", str), ("current", dict), ("previous", dict), ("download", dict)):
         if m.get(name) is not None and not isinstance(m[name], types):
             raise MessageError(f"reported: field '{name}' is {type(m[name]).__name__}")

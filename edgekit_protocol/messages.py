@@ -42,6 +42,8 @@ SCHEMAS = {
 }
 MAX_PAYLOAD = 64 * 1024  # bytes; larger commands are refused unread
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+MAX_MODEL_NAME_CHARS = 128  # a model's name: a folder on the host and in the artifact store, a field of messages
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,%d}$" % (MAX_MODEL_NAME_CHARS - 1))
 _ENVELOPE_TYPES: dict[str, type | tuple[type, ...]] = {
     "schema": str, "device": str, "fleet": str, "seq": int, "ts": (int, float), "msg_id": str,
     "key_id": str, "sig": str,
@@ -69,6 +71,29 @@ def check_name(value: str, what: str) -> str:
     if not isinstance(value, str) or not _NAME.match(value):
         raise ValueError(f"{what} {value!r} must be 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit")
     return value
+
+
+def check_model_name(value: str) -> str:
+    """Return ``value`` when it can be a model's name: the one rule for every place that takes one (compile names
+    ``OUT/<model>`` with it, publish ``manifests/<model>/`` in the store; manifests, desired states and a device's
+    store carry it).
+
+    Raises:
+        ValueError: not a string of 1-:data:`MAX_MODEL_NAME_CHARS` letters, digits, ``_ . -`` starting with a
+            letter or digit (no spaces, no ``/``, never hidden); the message states the rule, callers add what to do.
+    """
+    if not isinstance(value, str) or not _MODEL_NAME.match(value):
+        shown = repr(value[:80] + "…" if len(value) > 80 else value) if isinstance(value, str) else repr(value)
+        raise ValueError(f"model name {shown} must be 1-{MAX_MODEL_NAME_CHARS} letters, digits, '_', '.' or '-', "
+                         "starting with a letter or digit")
+    return value
+
+
+def model_name_like(text: str) -> str:
+    """Return a name :func:`check_model_name` takes, made from ``text`` (runs of other characters become ``_``,
+    cut to :data:`MAX_MODEL_NAME_CHARS`; ``model`` when nothing is left): what an error suggests instead."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", text).lstrip("_.-")[:MAX_MODEL_NAME_CHARS]
+    return name or "model"
 
 
 def topic(fleet: str, device: str, kind: str) -> str:

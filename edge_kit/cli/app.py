@@ -208,8 +208,12 @@ def emit_json(data: Any) -> None:
 
 
 def results_table(group: Any) -> Table:
-    """Return the per-device results table of a deploy, tune or rollout (a ``GroupResult``)."""
-    t = Table("device", "result", "variant", "what happened", "seconds", box=box.SIMPLE_HEAD, pad_edge=False)
+    """Return the per-device results table of a deploy, tune or rollout (a ``GroupResult``), its caption saying
+    how ``seconds`` was measured."""
+    from edge_kit.fleet.deploy import SECONDS_METHOD
+
+    t = Table("device", "result", "variant", "what happened", "seconds", box=box.SIMPLE_HEAD, pad_edge=False,
+              caption=f"seconds: {SECONDS_METHOD}", caption_justify="left")
     style = {"succeeded": "green", "skipped": "dim", "failed": "red"}
     for r in group.results:
         text = "; ".join(r.actions) if r.status != "failed" else (r.reason or "")

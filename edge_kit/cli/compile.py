@@ -90,7 +90,8 @@ def _compile_report(manifest: Any) -> tuple[Table, list[str]]:
         notes.append(f"    ONNX source: {conv['converter']} {conv['converter_version']} made fp32; worst output "
                      f"{conv['snr_db']:.1f} dB from {conv['reference']} {conv['reference_version']} (max abs error "
                      f"{conv['max_abs_error']:.3g}) on {conv['inputs']}")
-    notes.append(f"    × = ratio to fp32; sizes, sparsity and MACs counted from each file; {metric} (on --eval) and SNR against fp32 "
+    notes.append(f"    × = ratio to fp32; sizes, sparsity and MACs counted from each file (which ops, what is left out: "
+                 f"each artifact's `methods` in manifest.json); {metric} (on --eval) and SNR against fp32 "
                  "(worst output) "
                  f"measured on this host with each variant's runtime (LiteRT {manifest.versions.get('ai_edge_litert')}"
                  + (f", ONNX Runtime {manifest.versions['onnxruntime']}" if manifest.versions.get("onnxruntime")
@@ -108,6 +109,9 @@ def compile_cmd(
     eval: Annotated[Optional[Path], typer.Option("--eval", help=".npz with inputs and labels (y / y.<key>, per --task): accuracy and fidelity.")] = None,
     train: Annotated[Optional[Path], typer.Option(help=".npz with x and y: fine-tune after pruning.")] = None,
     out_dir: Annotated[Path, typer.Option("--out", help="Artifacts go to OUT/<model name>/.")] = Path("artifacts"),
+    name: Annotated[Optional[str], typer.Option("--name", help="The model's name (OUT/<name>, the store's manifests/<name>/): "
+                                                 "1-128 letters, digits, '_', '.', '-'. Default: the model file's name "
+                                                 "without its suffix.")] = None,
     epochs: Annotated[int, typer.Option(min=0, help="Fine-tuning epochs after pruning (with --train).")] = 3,
     task: Annotated[Optional[str], typer.Option(help="Accuracy metric: classification (default), detection, segmentation, keypoints, regression.")] = None,
     task_option: Annotated[list[str], typer.Option("--task-option", help="KEY=VALUE for the task metric, e.g. output=scores or alpha=0.05; repeatable.")] = [],
@@ -134,7 +138,7 @@ def compile_cmd(
         options[key] = value  # each task converts and checks its own options
     req = CompileRequest(model=model, profiles=profiles, out=out_dir, calib=calib, eval=eval, train=train,
                          epochs=epochs, task=task, task_options=options, metric=metric, decode=decode,
-                         input_shapes=parse_input_shapes(input_shape), signer=signer)
+                         input_shapes=parse_input_shapes(input_shape), signer=signer, name=name)
     with progress_bar(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                       TimeElapsedColumn(), as_json=as_json) as bar:
         task = bar.add_task("compiling", total=plan_steps(req))
@@ -195,8 +199,10 @@ def example_cmd(
     if as_json:
         emit_json(files.record())
         return
-    for key, value in files.record().items():
-        out.print(f"{key:>20}: {value}")
+    record = files.record()
+    methods = record.pop("methods")
+    for key, value in record.items():
+        out.print(f"{key:>20}: {value}" + (f" ({methods[key]})" if key in methods else ""), highlight=False)
 
 
 @profiles_app.command("list")

@@ -88,20 +88,23 @@ def _source(row: dict[str, Any]) -> str:
     return row.get("source") or "-"
 
 
-def figures_note(devices: Any, inferred: bool = False) -> str:
-    """Return the line printed under a table of the devices' figures (select --explain, fleet status), markup
-    escaped: :func:`figures_text`."""
-    return safe(figures_text(devices, inferred))
+def figures_note(devices: Any, inferred: bool = False, *, table: str = "select") -> str:
+    """Return the line printed under a table of the devices' figures (``table``: ``select`` for select --explain,
+    ``fleet`` for fleet status and the monitor), markup escaped: :func:`figures_text`."""
+    return safe(figures_text(devices, inferred, table=table))
 
 
-def figures_text(devices: Any, inferred: bool = False) -> str:
-    """Return where each figure of the devices' table comes from (plain text, as ``--json`` gives it), ``~``
-    figures when ``inferred``, and which of ``devices`` (fleet :class:`~edge_kit.fleet.inventory.Device`) are
-    simulated, so measured on this machine."""
+def figures_text(devices: Any, inferred: bool = False, *, table: str = "select") -> str:
+    """Return where each figure of the devices' table comes from (plain text, as ``--json`` gives it): the select
+    table's MB, or the fleet table's last heard (``table``); ``~`` figures and confidence when ``inferred``, and which
+    of ``devices`` (fleet :class:`~edge_kit.fleet.inventory.Device`) are simulated, so measured on this machine."""
     text = ("figures: p90 and top-1 measured by each device's own agent (`edgekit bench` names the clock), top-1 on "
-            "the eval set shipped with the artifacts; W and mJ from the power source shown (a sensor, or estimated)")
+            "the eval set shipped with the artifacts; W and mJ from the power source shown (a sensor, or estimated); "
+            + ("MB: the artifact's size, counted from its file by `edgekit compile` (the manifest's bytes)"
+               if table == "select" else "last heard: by this host's clock, since it received the device's last message"))
     if inferred:
-        text += "; ~ inferred by the fleet model from other devices of the profile, [90 % interval]"
+        text += ("; ~ inferred by the fleet model from other devices of the profile, [90 % interval]; confidence: the "
+                 "share of the fleet model's posterior draws that pick the same variant")
     simulated = [d.name for d in devices if d.simulated]
     if simulated:
         text += f"; simulated devices ({', '.join(simulated)}): measured on this machine, not their profile's hardware"
@@ -388,7 +391,7 @@ def _fleet_view(store: Any, fleet: Any) -> Any:
     from rich.console import Group
     from rich.text import Text
 
-    return Group(_fleet_table(store, fleet), Text.from_markup(figures_note(fleet.devices)))
+    return Group(_fleet_table(store, fleet), Text.from_markup(figures_note(fleet.devices, table="fleet")))
 
 
 MAX_REFUSED_SHOWN = 5  # refused-message alerts printed per refresh of the live table; the rest summed in one line
@@ -552,7 +555,7 @@ def fleet_status_cmd(fleet_file: FleetOpt, history: HistoryOpt = None, as_json: 
         emit_json({"status": db.latest_status(), "telemetry": db.latest_telemetry(), "live": db.latest_live(),
                     "shadow": db.latest_shadow(),
                     "bench": {f"{d}/{s}": r for (d, s), r in db.latest_bench().items()}, "flagged": flagged,
-                    "simulated": [d.name for d in fleet.devices if d.simulated], "figures": figures_text(fleet.devices)})
+                    "simulated": [d.name for d in fleet.devices if d.simulated], "figures": figures_text(fleet.devices, table="fleet")})
         return
     out.print(_fleet_view(db, fleet))
     if flagged:

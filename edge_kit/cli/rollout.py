@@ -89,7 +89,9 @@ def _drive(fleet_file: Path, db: Any, rid: str, as_json: bool) -> dict[str, Any]
 
 
 def _print(summary: dict[str, Any]) -> None:
-    t = Table("device", "wave", "state", "variant", "what happened", "seconds", box=box.SIMPLE_HEAD, pad_edge=False)
+    t = Table("device", "wave", "state", "variant", "what happened", "seconds", box=box.SIMPLE_HEAD, pad_edge=False,
+              caption=f"seconds: {summary['methods']['seconds']}" if summary.get("methods") else None,
+              caption_justify="left")
     rows = sorted(summary["devices"], key=lambda r: (r["wave"] or 1e9, r["device"]))
     for r in rows[:200]:
         dl = r.get("download") or {}

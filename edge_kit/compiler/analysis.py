@@ -25,6 +25,37 @@ from device_agents.runtimes import get_runtime
 MAC_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV")
 
 
+def count_methods(where: str, weights: str, macs: str, macs_nonzero: str, precision: str, ops: str) -> dict[str, str]:
+    """Return the manifest's ``methods`` for the figures counted from one file (``where``: ``the .tflite
+    flatbuffer``, ``the ONNX graph``), keyed by the artifact's field: bytes, gzip_bytes, precision, op_histogram,
+    weights, sparsity, macs, macs_nonzero. ``weights`` says which tensors are the weights, ``macs`` how the MACs
+    are counted and what is left out, the others likewise for their figure."""
+    return {
+        "bytes": "counted: the file's size",
+        "gzip_bytes": "counted: the file's size gzip-compressed at level 9 (Python's gzip, mtime 0): what a download "
+                      "of it costs, and how far zeroed weights really shrink it",
+        "precision": f"read from {where}: {precision}",
+        "op_histogram": f"counted from {where}: {ops}",
+        "weights": f"counted from {where}: the elements of {weights}",
+        "sparsity": f"counted from {where}: the share of zeros among those weights",
+        "macs": f"counted from {where}, for one inference (batch 1): {macs}",
+        "macs_nonzero": f"counted from {where}: {macs_nonzero}",
+    }
+
+
+TFLITE_METHODS = count_methods(
+    "the .tflite flatbuffer", weights=f"the constant weight tensor of each {', '.join(MAC_OPS)} op of the main "
+    "graph (read through a DEQUANTIZE op where the weights are stored compressed)",
+    macs="each of those ops' weight elements times the positions it is applied at (output pixels; FULLY_CONNECTED: "
+         "output rows; TRANSPOSE_CONV: input pixels), from the file's tensor shapes; element-wise, pooling, activation and custom ops, and MAC ops without a constant weight, are "
+         "not counted",
+    macs_nonzero="as macs, counting only the non-zero weights (what a sparsity-aware kernel would compute)",
+    precision="int8 when every MAC op's weight is int8 and none outputs float32; else float16 or dynamic-int8 by "
+              "the constants' types; else float32",
+    ops="the main graph's operators by op code")
+"""How each figure :func:`analyse` gives is obtained, as the manifest records it (``Artifact.methods``)."""
+
+
 @dataclass
 class OpInfo:
     index: int
@@ -62,6 +93,7 @@ class ModelStats:
     outputs: list[dict[str, Any]] = field(default_factory=list)
     input_tensors: list[int] = field(default_factory=list)  # tensor index of each of ``inputs``, in order
     output_tensors: list[int] = field(default_factory=list)  # likewise for ``outputs``
+    methods: dict[str, str] = field(default_factory=dict)  # how each figure was counted (TFLITE_METHODS, ...)
 
     @property
     def sparsity(self) -> float:
@@ -292,6 +324,7 @@ def analyse(data: bytes) -> ModelStats:
         outputs=outputs,
         input_tensors=input_tensors,
         output_tensors=output_tensors,
+        methods=TFLITE_METHODS,
     )
 
 

@@ -30,7 +30,6 @@ Each artifact is read back with ``onnx`` for its op histogram, weights, sparsity
 
 from __future__ import annotations
 
-import gzip
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -38,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_kit.compiler.analysis import ModelStats
+from edge_kit.compiler.analysis import ModelStats, count_methods, gzip_size
 from edge_kit.compiler.onnx_source import _constants_as_initializers
 from edge_kit.errors import CompileError, first_line
 
@@ -50,6 +49,17 @@ FP16_METHOD = "onnxruntime.transformers.float16.convert_float_to_float16 (keep_i
 INT8_METHOD = ("onnxruntime.quantization.quantize_static, QDQ, MinMax calibration on --calib, activations uint8, "
                "weights int8 per channel, after quant_pre_process")
 MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+ONNX_METHODS = count_methods(
+    "the ONNX graph", weights=f"the initializer feeding each {', '.join(MAC_OPS)} node as its weight (read through "
+    "a DequantizeLinear in a QDQ model)",
+    macs="per such node, its output elements times the weight's reduction size (input channels / group x kernel; "
+         "ConvTranspose: input elements x output channels / group x kernel), shapes from ONNX shape inference; a "
+         "node whose shapes inference cannot give, a MatMul of two activations (attention), element-wise and other "
+         "nodes are not counted",
+    macs_nonzero="each counted node's MACs times its weight's share of non-zeros",
+    precision="the stored type of most MAC weight elements (int8 or uint8: int8; float16; else float32)",
+    ops="the graph's node types (QuantizeLinear / DequantizeLinear included)")
+"""How each figure :func:`analyse_onnx` gives is obtained, as the manifest records it (``Artifact.methods``)."""
 
 
 
@@ -360,7 +370,7 @@ def analyse_onnx(data: bytes) -> ModelStats:
     ins, outs = ports(interp)
     inputs = [{**p.record(), "shape_signature": list(p.shape)} for p in ins]
     outputs = [{**p.record(), "shape_signature": list(p.shape)} for p in outs]
-    return ModelStats(bytes=len(data), gzip_bytes=len(gzip.compress(data, compresslevel=9, mtime=0)),
+    return ModelStats(bytes=len(data), gzip_bytes=gzip_size(data),
                       precision=precision, ops=[], tensors={}, op_histogram=dict(sorted(histogram.items())),
                       macs=macs, macs_nonzero=macs_nonzero, weights=weights, weights_nonzero=weights_nonzero,
-                      inputs=inputs, outputs=outputs)
+                      inputs=inputs, outputs=outputs, methods=ONNX_METHODS)

@@ -66,6 +66,11 @@ Progress = Callable[[str], None]
 EVAL_FILE = "eval.npz"  # shipped next to the artifacts: inputs, labels, fp32 outputs and metric, for on-device accuracy
 
 
+BUILD_SECONDS_METHOD = ("measured: this host's wall clock (time.perf_counter) around the variant's build (conversion, "
+                        "quantization, pruning and fine-tuning, compiling; a step several variants share, such as the "
+                        "ONNX export, counts for the first) and, when this host can run it, the devices' smoke check")
+
+
 @dataclass
 class CompileRequest:
     model: Path
@@ -82,6 +87,7 @@ class CompileRequest:
     decode: str | None = None  # module:function decoding detections
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # pinned dynamic dimensions
     signer: Any = None  # a device_agents.identity.Signer that signs manifest.json (None: unsigned)
+    name: str | None = None  # the model's name (OUT/<name>); None: the model file's (sources.model_name)
 
 
 @dataclass
@@ -483,7 +489,7 @@ def _compile_model(req: CompileRequest, progress: Progress | None) -> Manifest:
     if twice := next((n for n in names if names.count(n) > 1), None):  # the manifest keys profiles by name
         raise ConfigError(f"profile '{twice}' is given twice (-p); give each once (a profile file is named by its "
                           "name: key, else its file name)")
-    source = load_source(req.model, req.input_shapes)
+    source = load_source(req.model, req.input_shapes, req.name)
     _check_target(out / source.name, source.path)
     calib = load_dataset(req.calib, "calib", source.inputs, labels=False) if req.calib else None
     evalset = load_dataset(req.eval, "eval", source.inputs, labels=True) if req.eval else None
@@ -617,6 +623,7 @@ def _compile_model(req: CompileRequest, progress: Progress | None) -> Manifest:
             weights=stats.weights, op_histogram=stats.op_histogram, inputs=stats.inputs, outputs=stats.outputs,
             accelerators=support, accuracy=accuracy, fidelity=fidelity, fine_tuned=plan.extra.get("fine_tuned"),
             build_seconds=round(plan.extra["seconds"], 3), **{**common, "precision": stats.precision},
+            methods={**stats.methods, "build_seconds": BUILD_SECONDS_METHOD},
         )
         plan.artifact.warnings = (conversion_warnings if spec.id == "fp32" else []) + _fidelity_warnings(plan.artifact, req.profiles)
         for warning in plan.artifact.warnings:

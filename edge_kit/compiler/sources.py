@@ -158,14 +158,17 @@ def _unknown_pins(path: Path, pinned: dict[str, tuple[int, ...]], inputs: list[s
         raise InputError(f"{path}: --input-shape names '{extra[0]}', which is not an input (inputs: {', '.join(inputs)})")
 
 
-def load_source(path: Path, input_shapes: dict[str, tuple[int, ...]] | None = None) -> Source:
-    """Load a model file or folder; ``input_shapes`` pins dynamic dimensions (see :func:`parse_input_shapes`).
+def load_source(path: Path, input_shapes: dict[str, tuple[int, ...]] | None = None, name: str | None = None) -> Source:
+    """Load a model file or folder; ``input_shapes`` pins dynamic dimensions (see :func:`parse_input_shapes`),
+    ``name`` names the model (``compile --name``; default: the file's name without its suffix, or the folder's).
 
     Returns:
         A :class:`Source` with its hash, kind, named inputs (with their shapes) and outputs.
 
     Raises:
-        InputError: missing, unreadable or corrupt model, a path that is neither a regular file nor a
+        InputError: ``name`` (or, without one, the file's or folder's name) is not a model name
+            (:func:`edgekit_protocol.messages.check_model_name`; the error suggests one), a
+            missing, unreadable or corrupt model, a path that is neither a regular file nor a
             folder (a pipe), an unsupported format (a TensorRT engine said as such), an input left
             with a dynamic dimension, or a pinned shape naming no input, not fitting it, or (for a
             ``.tflite``, whose file is rewritten to the pinned shapes) one the model cannot run at, or an
@@ -179,7 +182,7 @@ def load_source(path: Path, input_shapes: dict[str, tuple[int, ...]] | None = No
         raise InputError(f"{path}: model not found")
     if not (path.is_file() or path.is_dir()):  # a pipe or device: hashing it would block or never end
         raise InputError(f"{path}: not a regular file or folder (a pipe or device); give the model file or SavedModel folder")
-    source = _load_kind(path, pinned)
+    source = _load_kind(path, pinned, model_name(path, name))
     check_sample_sizes(path, source.inputs)
     _check_names(path, source)
     return source
@@ -222,13 +225,31 @@ def check_sample_sizes(path: Path, inputs: Shapes) -> None:
                              f"--input-shape {input_name}=1x... or export the model with a smaller input")
 
 
-def _load_kind(path: Path, pinned: dict[str, tuple[int, ...]]) -> Source:
-    """Return the :class:`Source` of ``path`` by its kind (:func:`load_source` checks the rest). Raises InputError."""
-    # the name OUT/<name> takes: '.' or 'x/..' name the folder they mean (links are not followed), never '' or '..'
-    name = path.stem if path.is_file() else Path(os.path.abspath(path)).name
-    if not name or name in (".", ".."):
-        raise InputError(f"{path}: the model has no name to give its folder of artifacts (OUT/<name>); give a "
-                         "model file or a SavedModel folder with a name")
+def model_name(path: Path, name: str | None = None) -> str:
+    """Return the model's name: ``name`` (``compile --name``) when given, else the file's name without its suffix
+    (a folder's name: ``.`` or ``x/..`` name the folder they mean; links are not followed).
+
+    Raises:
+        InputError: the name is not a model name (:func:`edgekit_protocol.messages.check_model_name`), saying
+            what to give instead.
+    """
+    from edgekit_protocol.messages import check_model_name, model_name_like
+
+    given = name is not None
+    if name is None:
+        name = path.stem if path.is_file() else Path(os.path.abspath(path)).name
+    try:
+        return check_model_name(name)
+    except ValueError as exc:
+        if given:
+            raise InputError(f"--name: {exc}; e.g. --name {model_name_like(name)}") from None
+        raise InputError(f"{path}: the model takes its file's name, and {exc} (it names OUT/<model> and the store's "
+                         f"manifests/<model>/); give --name {model_name_like(name)} or rename the file") from None
+
+
+def _load_kind(path: Path, pinned: dict[str, tuple[int, ...]], name: str) -> Source:
+    """Return the :class:`Source` of ``path`` by its kind, named ``name`` (:func:`load_source` checks the rest).
+    Raises InputError."""
     if path.is_dir():
         _check_links(path)  # before hashing or loading reads through them
         return _load_savedmodel(path, name, sha256_file(path), pinned)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,8 +36,6 @@ from device_agents.disk import fsync_dir
 from edge_kit.errors import InputError
 from edge_kit.fsutil import atomic_write_bytes, sha256_file
 from edge_kit.manifest import read_manifest
-
-_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 @dataclass(frozen=True)
@@ -149,10 +146,7 @@ def publish(artifacts: Path, store: str | Path) -> PublishResult:
     """
     artifacts = Path(artifacts)
     manifest = read_manifest(artifacts)
-    model = str(manifest.model.get("name") or artifacts.name)
-    if not _MODEL_NAME.match(model):
-        raise InputError(f"{artifacts}/manifest.json: model name {model!r} cannot name a store folder; compile it "
-                         "from a file whose name is letters, digits, '.', '_' or '-'")
+    model = manifest.model["name"]  # a model name: read_manifest checked it
     own = _own_files(artifacts)
     if "://" not in str(store) and str(store).strip():
         where = Path(str(store)).expanduser().resolve()

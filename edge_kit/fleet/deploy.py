@@ -54,6 +54,10 @@ from edge_kit.profiles import load_profile
 Status = Literal["succeeded", "skipped", "failed"]
 
 
+SECONDS_METHOD = ("measured: this host's wall clock (time.perf_counter) per device, from the start of its deploy "
+                  "(connecting, uploading, installing, activating, the health benchmark) to its result")
+
+
 @dataclass
 class DeviceResult:
     """The outcome on one device: typed fields to decide on, ``actions`` and ``reason`` to read.
@@ -68,7 +72,7 @@ class DeviceResult:
     actions: list[str] = field(default_factory=list)
     variant: str | None = None  # active after the deploy
     sha256: str | None = None
-    seconds: float = 0.0
+    seconds: float = 0.0  # SECONDS_METHOD
     activated: bool = False  # this deploy switched the device's current model
     rolled_back: bool = False  # and it was switched back to its previous model since
     refused: dict[str, str] = field(default_factory=dict)  # variant -> why it was not sent (no runtime for it)
@@ -127,9 +131,10 @@ class GroupResult:
 
     def as_dict(self) -> dict[str, Any]:
         """Return the results as plain data (for ``--json``): ``stopped``, ``signature`` (the manifest's),
-        ``devices`` and ``counts`` per status."""
+        ``devices``, ``counts`` per status and ``methods`` (how each device's ``seconds`` was measured)."""
         return {"stopped": self.stopped, "signature": self.signature, "devices": [r.as_dict() for r in self.results],
-                "counts": {s: len([r for r in self.results if r.status == s]) for s in ("succeeded", "skipped", "failed")}}
+                "counts": {s: len([r for r in self.results if r.status == s]) for s in ("succeeded", "skipped", "failed")},
+                "methods": {"seconds": SECONDS_METHOD}}
 
 
 @dataclass

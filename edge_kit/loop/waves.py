@@ -55,14 +55,18 @@ from edgekit_protocol.desired import (
     MIN_BYTES_S,
     Desired,
     Fetch,
+    check_revision,
     parse_desired,
 )
 from edgekit_protocol.errors import MessageError
-from edgekit_protocol.messages import field_at
+from edgekit_protocol.messages import check_model_name, field_at
 
 FINAL = ("converged", "failed", "refused", "rolled back", "superseded", "left the fleet")
 SETTLED = ("converged", "refused", "rolled back", "superseded", "left the fleet")  # rows no later report changes
 STALE_OWNER_S = 30.0  # a driver whose heartbeat is older than this is gone: another may resume
+
+SECONDS_METHOD = ("measured: this host's wall clock (time.time) from sending the device its desired state to receiving "
+                  "its final report (converged or failed): download, install, activation and the broker's delivery")
 FLUSH_S = 0.5  # how often device states are written to the history
 
 
@@ -392,18 +396,29 @@ class Rollout:
 
     # --- the run ---------------------------------------------------------------------------------
 
-    def _revision(self, device: str) -> int:
+    def _revision(self, device: str) -> int | None:
         """Return a revision for ``device``: above every one this driver sent, above the one this rollout
         sent ``device`` before and above the last one ``device`` reported (a host whose clock is behind
-        another's, or was set back, still goes up); may be over :data:`MAX_REVISION` (:meth:`_prepare`
-        refuses the device then).
+        another's, or was set back, still goes up); None when that would be over :data:`MAX_REVISION`
+        (:func:`~edgekit_protocol.desired.check_revision`): nothing can be sent to it, and
+        :meth:`_no_revision` says why.
 
         A device's own floor (its report, a device's word) raises its revision alone, never the
         driver's counter: one device reporting a huge revision cannot push the others' out of range.
         """
         self._last_rev = max(self._last_rev + 1, time.time_ns() // 1000)
         floor = max(self.rows.get(device, {}).get("revision") or 0, self._device_rev.get(device, 0)) + 1
-        return max(self._last_rev, floor)
+        try:
+            return check_revision(max(self._last_rev, floor))
+        except MessageError:
+            return None
+
+    def _no_revision(self, device: str) -> str:
+        """Return why nothing can be sent to ``device`` when :meth:`_revision` found no revision left, and what to do."""
+        return (f"{device} reported revision {self._device_rev.get(device, 0)}, the largest a desired state can carry "
+                f"({MAX_REVISION}), so no desired state can go above it (a device never reports more than it was sent: "
+                "check it, its key may be compromised); clear its retained reported message on the broker and "
+                "desired.json and desired-revision.json in its agent root, then start a rollout for it")
 
     def _take_reports(self) -> None:
         while True:
@@ -660,13 +675,16 @@ class Rollout:
         a new revision; return the desired state to publish (after a :meth:`_flush`), or None when no
         revision is left above what it reported (its row's error says so)."""
         rev = self._revision(device)
-        if rev > MAX_REVISION:
-            self._set(device, detail={"error": f"{why}; kept on the candidate: it reported the largest revision a "
-                                               "desired state can carry"})
+        if rev is None:
+            self._set(device, detail={"error": f"{why}; kept on the candidate: {self._no_revision(device)}"})
             return None
         self._set(device, state="rolling back", revision=rev, detail={"error": why, "back_to": model, "hold": False})
+        try:  # the device's word for its previous model's name, which an older agent took in any form: a label only
+            name = check_model_name(model.get("model"))
+        except ValueError:
+            name = plan["model"]
         return Desired(msg_id="", rollout=self.rid, revision=rev, store=plan["store"],
-                       model=model.get("model") or plan["model"], variant=model.get("variant") or "previous",
+                       model=name, variant=model.get("variant") or "previous",
                        sha256=model["sha256"], bytes=model["bytes"], fetch=Fetch(**plan["settings"]["fetch"]))
 
     def _publish_back(self, back: list[tuple[str, Desired]], client: Any, wait_s: float) -> None:
@@ -757,17 +775,15 @@ class Rollout:
                         back.append((name, desired))
                         self._set(name, detail={"abort": f"sent back to {_named(model)}"})
                     elif _model_ref(model):
-                        self._set(name, detail={"abort": "kept on the candidate: it reported the largest revision a "
-                                                         "desired state can carry"})
+                        self._set(name, detail={"abort": f"kept on the candidate: {self._no_revision(name)}"})
                     else:
                         self._set(name, detail={"abort": "kept on the candidate: it reported no previous model to "
                                                          "go back to (put it back with a rollout of the old model)"})
                 elif state in ("sent", "fetching", "failed") or held:
                     # not on the candidate (yet): the device holds on to what it runs, whatever the host knows of it
                     rev = self._revision(name)
-                    if rev > MAX_REVISION:
-                        self._set(name, detail={"abort": "nothing sent: it reported the largest revision a desired "
-                                                         "state can carry"})
+                    if rev is None:
+                        self._set(name, detail={"abort": f"nothing sent: {self._no_revision(name)}"})
                         continue
                     back.append((name, Desired.holding(self.rid, rev)))
                     self._set(name, state="rolling back", revision=rev, detail={
@@ -826,12 +842,9 @@ class Rollout:
         """Return ``device`` and its desired state, marked sent; None when no revision is left above
         what it reported (it is marked refused, with why)."""
         rev = self._revision(device)
-        if rev > MAX_REVISION:
-            self._set(device, wave=max(wave, self.rows[device]["wave"]), state="refused", detail={"error": (
-                f"{device}: reported revision {self._device_rev.get(device, 0)}, the largest a desired state can "
-                "carry, so no desired state can go above it (a device never reports more than it was sent: check "
-                "it, its key may be compromised); clear its retained reported message on the broker and desired.json "
-                "and desired-revision.json in its agent root, then start a rollout for it")})
+        if rev is None:
+            self._set(device, wave=max(wave, self.rows[device]["wave"]), state="refused",
+                      detail={"error": self._no_revision(device)})
             return None
         desired = desired_for(plan, device, rev)
         self._set(device, wave=max(wave, self.rows[device]["wave"]), state="sent", revision=rev,
@@ -869,7 +882,7 @@ class Rollout:
         state, variant, error, seconds, download, abort``: what an abort did to it, or None); ``gate``: the live gate's decision with its numbers
         (``GateDecision.as_dict()``), None when the rollout has not been judged; ``signature``: what the plan
         found of the manifest's signature (:attr:`~edge_kit.manifest.Manifest.signature`; None for a plan
-        made before manifests were signed)."""
+        made before manifests were signed); ``methods``: how each row's ``seconds`` was measured."""
         rows = []
         for name, row in self.rows.items():
             d = row.get("detail") or {}
@@ -879,4 +892,5 @@ class Rollout:
         return {"id": self.rid, "state": state, "reason": reason, "gate": plan.get("gated"), "signature": plan.get("signature"),
                 "counts": self._counts(),
                 "ignored": self.ignored,
-                "refused_messages": self.refused_count, "refused_examples": self.refused[:5], "devices": rows}
+                "refused_messages": self.refused_count, "refused_examples": self.refused[:5], "devices": rows,
+                "methods": {"seconds": SECONDS_METHOD}}

@@ -42,6 +42,15 @@ def latency_clocks(records: list[dict[str, Any]]) -> list[str]:
     return clocks if len(clocks) <= 8 else [*clocks[:8], f"{len(clocks) - 8} other clocks"]
 
 
+def live_clocks(telemetry: dict[str, Any]) -> list[str]:
+    """Return how the devices' serving APIs timed the live figures of their latest ``telemetry`` (device ->
+    record), each ``clock`` they name once, sorted (cut as :func:`latency_clocks` cuts); empty when none has live
+    figures."""
+    lives = [t.get("live") for t in telemetry.values() if isinstance(t, dict)]
+    return sorted({clip(str(live.get("clock") or "clock not named"), 120) for live in lives
+                   if isinstance(live, dict) and isinstance(live.get("latency_ms"), dict)})
+
+
 def _power_source(rec: dict[str, Any]) -> str:
     """Return the power label of a bench record (see :func:`edgekit_protocol.labels.power_source`)."""
     return power_source(rec.get("power") or {})
@@ -340,6 +349,7 @@ def build_report(store: HistoryStore, out: Path, title: str = "edge-kit fleet re
                   "<table><tr>" + "".join(f"<th>{h}</th>" for h in fleet_head) + "</tr>"
                   + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in fleet_rows) + "</table>")
     simulated = any(r.get("simulated") for r in latest)
+    served = live_clocks(store.latest_telemetry())
     page = (f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title)}</title><style>{_CSS}</style>"
             f"<script>{plotly.offline.get_plotlyjs()}</script></head><body><h1>{html.escape(title)}</h1>"
             f"<p class=note>Generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')} from {html.escape(store.where)}: "
@@ -347,6 +357,8 @@ def build_report(store: HistoryStore, out: Path, title: str = "edge-kit fleet re
             f"{html.escape('; '.join(latency_clocks(latest)) or 'no clock (no records)')}; accuracy on the eval set "
             "shipped with the artifacts; energy per inference comes from "
             "the power sensor named in the legend, or is an estimate from the profile's idle/busy watts and CPU use."
+            + (f" Live p50/p99 are each device's serving API's service times over its last requests, measured there "
+               f"with {html.escape('; '.join(served))}." if served else "")
             + (" Some devices are simulated: their figures are measurements of the simulating machine." if simulated else "")
             + "</p>" + "".join(sections) + f"<h2>Fleet</h2>{table}</body></html>")
     # A lone surrogate has no UTF-8 form (decode refuses them; a history row may still hold one): shown as \udXXX.

@@ -255,11 +255,21 @@ def test_installing_a_folder_or_a_missing_file_says_which_and_makes_no_store(tmp
     assert not (tmp_path / "root").exists()
 
 
-@pytest.mark.parametrize("variant, model", [("", "m"), ("int8", ""), ("a\nb", "m"), ("  ", "m")])
-def test_an_empty_or_unprintable_variant_or_model_name_is_refused(store, tmp_path, variant, model):
+@pytest.mark.parametrize("variant, model", [("", "m"), ("a\nb", "m"), ("  ", "m")])
+def test_an_empty_or_unprintable_variant_name_is_refused(store, tmp_path, variant, model):
     """`edgekit-agent install m.tflite --variant ''` installed a model no `activate --variant` could name, shown
     as a blank in `state`."""
     path, _ = model_file(tmp_path, b"model")
     with pytest.raises(StoreError, match="give a name of printable characters"):
         store.install(path, variant=variant, model=model)
+    assert not store.root.exists()
+
+
+@pytest.mark.parametrize("model", ["", "my model", "a\nb", ".hidden", "x" * 129])
+def test_a_model_name_outside_the_one_rule_is_refused(store, tmp_path, model):
+    """`edgekit-agent install m.tflite --model-name 'my model'` installed a model under a name that compile's
+    OUT/<model>, publish's store folder and desired states refuse (the one rule: check_model_name)."""
+    path, _ = model_file(tmp_path, b"model")
+    with pytest.raises(StoreError, match="must be 1-128 letters, digits"):
+        store.install(path, variant="int8", model=model)
     assert not store.root.exists()

@@ -94,6 +94,27 @@ def test_bench_records_onnxruntime_with_accuracy_and_fidelity(onnx_model, pages,
     assert record["fidelity"]["snr_db"] >= 100 and record["fidelity"]["top1_agreement"] == 1.0
 
 
+def test_every_figure_of_a_bench_summary_says_how_it_was_measured(onnx_model, pages, tmp_path):
+    """`edgekit bench` printed init / first-inference times, the timed duration, accuracy, fidelity and the load
+    average with no clock, method or source (latency, peak RSS and power had theirs); --json had none either."""
+    session = bare_session(onnx_model)
+    eval_file = tmp_path / "eval.npz"
+    np.savez(eval_file, x=pages["x"], y=pages["y"],
+             reference=np.concatenate([session.run(None, {"x": x[None]})[0] for x in pages["x"]]))
+    record = run_bench(onnx_model, BenchSettings(warmup=1, min_runs=5, min_seconds=0.0), eval_file=eval_file)
+    assert set(record["methods"]) == {"init_ms", "first_inference_ms", "duration_s", "accuracy", "fidelity", "conditions"}
+    rows = dict(summary_rows(record))
+    assert "(time.perf_counter_ns around loading the model into the runtime's interpreter" in rows["init / first inference"]
+    assert "; time.perf_counter_ns around the first invoke, before the warm-up runs)" in rows["init / first inference"]
+    assert "s (time.perf_counter over the timed runs); inputs: eval set" in rows["runs"]
+    assert rows["accuracy"].endswith("on 8 eval samples (scored by this agent on the device's own outputs for the eval "
+                                     "set's inputs, with the metric and labels shipped in it)")
+    assert "against the fp32 reference outputs shipped in the eval set" in rows["fidelity vs fp32"]
+    assert "1-minute load average (os.getloadavg)" in rows["conditions"]
+    older = {k: v for k, v in record.items() if k != "methods"}  # an older agent's record: shown, without them
+    assert "perf_counter" not in dict(summary_rows(older))["init / first inference"]
+
+
 @pytest.mark.parametrize("runs, short", [(5, "p90 and p99"), (50, "p99"), (100, None)])
 def test_a_bench_summary_says_when_too_few_runs_make_its_upper_percentiles_the_slowest_runs(onnx_model, runs, short):
     """p99 over 50 runs was printed to the microsecond as if it were one; it is the slowest runs interpolated."""

@@ -552,3 +552,31 @@ def test_starting_an_existing_rollout_id_sends_the_user_to_resume_only_when_it_c
     code, out, err = run_cli("rollout", "start", "--fleet", fleet_file, folder, "--store", "http://127.0.0.1:1",
                              "--id", "r", "--json")
     assert code == 4 and json.loads(out)["error"] == f"rollout r exists already ({state}); {advice}"
+
+
+def test_a_rollback_to_a_model_an_older_agent_named_outside_the_rule_names_the_plans_model(tmp_path):
+    """A device reports its previous model as an older agent installed it, any printable name ('my model', as deploy
+    took before the one model-name rule); a rollback naming it would be refused by every agent now. The name is a
+    label (the device has that sha256 installed), so the rollout's own model name goes instead."""
+    from edge_kit.selection.gate import GateDecision
+    from edgekit_protocol.desired import parse_desired
+
+    class Older(FakeBroker):
+        def __call__(self, callback):
+            def older(msg):  # the previous model as an older agent installed it
+                callback({**msg, "previous": {**msg["previous"], "model": "my model"}} if msg.get("previous") else msg)
+            self.cb = older
+            return self
+
+    history = Store(tmp_path / "h.db")
+    names = planned(history, n=20, gate={"window_s": 1}, wave_timeout_s=0.5)
+    broker = Older()
+    held = Rollout(history, "r", broker, judge=lambda c, k: GateDecision("hold", "too few samples")).run()
+    canaries = [d for d, _ in broker.sent]
+    assert held["state"] == "held" and canaries == names[:2]
+    out = Rollout(history, "r", broker).abort(wait_s=2)
+    assert out["counts"]["rolled back"] == 2
+    for name in canaries:
+        desired = broker.desired[name]
+        assert (desired.sha256, desired.model) == ("0" * 64, "m")
+        assert parse_desired({"msg_id": "x", **desired.body()}).model == "m"  # what the device takes

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -520,3 +521,26 @@ def test_a_savedmodel_folder_with_a_link_leading_out_is_refused_before_anything_
     assert str(caught.value) == (f"{model}: '{link}' is a link leading out of the SavedModel's folder (to "
                                  f"{outside if link == 'assets' else outside / 'file'}); edge-kit reads a model's "
                                  "files only from inside it: copy the file in place of the link")
+
+
+def test_a_model_file_whose_name_no_store_takes_is_refused_and_name_gives_it_one(digits_artifacts, tmp_path, run_cli):
+    """`edgekit compile "my model.tflite"` named the model 'my model', which `edgekit publish` then refused: one
+    rule (check_model_name) now refuses it at compile, saying what to give, and `--name` names the model."""
+    model = tmp_path / "my model.tflite"
+    model.write_bytes((digits_artifacts / "fp32.tflite").read_bytes())
+    profile = tmp_path / "cpu.yaml"
+    profile.write_text("name: cpu\ndescription: fp32 only\nhardware: {arch: x86_64, cores: 2, ram_mb: 1024, accelerator: none}\n"
+                       "variants: [fp32]\npower: {idle_w: 1, busy_w: 2}\n")
+    out = tmp_path / "o"
+    code, _, err = run_cli("compile", model, "-p", profile, "--out", out)
+    line = one_line_error(code, err)
+    assert ("my model.tflite: the model takes its file's name, and model name 'my model' must be 1-128 letters, "
+            "digits, '_', '.' or '-', starting with a letter or digit") in line
+    assert "give --name my_model or rename the file" in line and not out.exists()
+    code, _, err = run_cli("compile", model, "-p", profile, "--out", out, "--name", "my/model")
+    assert "--name: model name 'my/model' must be 1-128" in one_line_error(code, err) and "e.g. --name my_model" in err
+    code, _, err = run_cli("compile", model, "-p", profile, "--out", out, "--name", "my_model", "--json")
+    assert code == 0, err
+    assert json.loads((out / "my_model" / "manifest.json").read_text())["model"]["name"] == "my_model"
+    code, _, err = run_cli("publish", out / "my_model", "--store", tmp_path / "store")
+    assert code == 0 and (tmp_path / "store" / "manifests" / "my_model" / "latest.json").is_file(), err

@@ -31,6 +31,15 @@ def test_a_desired_body_round_trips_and_bad_fields_are_named():
             parse_desired({**good(), **change})
 
 
+@pytest.mark.parametrize("model", ["my model", "../x", ".hidden", "a/b", "x" * 129, "caf\u00e9"])
+def test_a_desired_model_name_outside_the_one_rule_is_refused(model):
+    """A desired state took any model name of up to 512 characters without '/' or a leading '.': 'my model', which
+    compile, publish and the device's store refuse, passed. Now the one rule (check_model_name) applies."""
+    with pytest.raises(MessageError, match="desired: field 'model': model name .* must be 1-128 letters"):
+        parse_desired({**good(), "model": model})
+    assert parse_desired({**good(), "model": "m" * 128}).model == "m" * 128
+
+
 @pytest.mark.parametrize("store", ["http://[::1", "http://s.example:99999", "http://", "https:///path"])
 def test_a_store_url_with_no_host_or_that_does_not_parse_is_refused(store):
     """`rollout start --store http://[::1` raised urllib's ValueError (a traceback) on the host, and a device given
@@ -76,3 +85,25 @@ def test_a_hold_round_trips_and_nothing_else_passes_for_one():
     for bad in ({"hold": False}, {"hold": 1}, {"rollout": ""}, {"revision": 0}):
         with pytest.raises(MessageError, match="hold is|revision"):
             parse_desired({"msg_id": "h", **Desired.holding("r", 7).body(), **bad})
+
+
+def test_every_revision_is_bounded_by_one_check_with_one_text():
+    """The revision bound was written out three times in this module (desired, hold, reported) and three more in
+    the rollout driver, each with its own text. One function now: desired states and holds take 1..MAX_REVISION,
+    a report 0..MAX_REVISION (0: it took none yet), and what is refused reads the same."""
+    from edgekit_protocol.desired import MAX_REVISION, check_revision
+
+    assert check_revision(MAX_REVISION) == MAX_REVISION and check_revision(0, "reported", lowest=0) == 0
+    text = f"field 'revision' is not an integer from 1 to {MAX_REVISION} (2**63 - 1)"
+    hold = {"msg_id": "h", **Desired.holding("r", 7).body()}
+    ok = reported_body(parse_desired(good()), "converged", {"sha256": SHA})
+    for bad in (0, -1, MAX_REVISION + 1, True, 1.0, "5", None):
+        for parse, body in ((parse_desired, good()), (parse_desired, hold)):
+            with pytest.raises(MessageError) as caught:
+                parse({**body, "revision": bad})
+            assert str(caught.value) == f"desired: {text}"
+        if bad != 0:
+            with pytest.raises(MessageError) as caught:
+                check_reported({**ok, "revision": bad})
+            assert str(caught.value) == f"reported: {text.replace('from 1', 'from 0')}"
+    assert check_reported({**ok, "revision": 0})["revision"] == 0
