@@ -42,13 +42,11 @@ def latency_clocks(records: list[dict[str, Any]]) -> list[str]:
     return clocks if len(clocks) <= 8 else [*clocks[:8], f"{len(clocks) - 8} other clocks"]
 
 
-def live_clocks(telemetry: dict[str, Any]) -> list[str]:
-    """Return how the devices' serving APIs timed the live figures of their latest ``telemetry`` (device ->
-    record), each ``clock`` they name once, sorted (cut as :func:`latency_clocks` cuts); empty when none has live
-    figures."""
-    lives = [t.get("live") for t in telemetry.values() if isinstance(t, dict)]
-    return sorted({clip(str(live.get("clock") or "clock not named"), 120) for live in lives
-                   if isinstance(live, dict) and isinstance(live.get("latency_ms"), dict)})
+def live_clocks(live: dict[str, Any]) -> list[str]:
+    """Return how the devices' serving APIs timed their latest ``live`` figures (device -> message), each
+    ``clock`` they name once, sorted (cut as :func:`latency_clocks` cuts); empty when none has latency figures."""
+    return sorted({clip(str(m.get("clock") or "clock not named"), 120) for m in live.values()
+                   if isinstance(m, dict) and isinstance(m.get("latency_ms"), dict)})
 
 
 def _power_source(rec: dict[str, Any]) -> str:
@@ -349,7 +347,7 @@ def build_report(store: HistoryStore, out: Path, title: str = "edge-kit fleet re
                   "<table><tr>" + "".join(f"<th>{h}</th>" for h in fleet_head) + "</tr>"
                   + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in fleet_rows) + "</table>")
     simulated = any(r.get("simulated") for r in latest)
-    served = live_clocks(store.latest_telemetry())
+    served = live_clocks(store.latest_live())
     page = (f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title)}</title><style>{_CSS}</style>"
             f"<script>{plotly.offline.get_plotlyjs()}</script></head><body><h1>{html.escape(title)}</h1>"
             f"<p class=note>Generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')} from {html.escape(store.where)}: "

@@ -88,9 +88,10 @@ def test_the_reports_live_figures_name_the_serving_apis_clock(tmp_path, run_cli)
             "profile": "rpi4", "variant": "int8", "sha256": "a" * 64, "runs": 100, "simulated": False,
             "latency_ms": {"p90": 0.2}, "latency_method": "time.perf_counter_ns around interpreter.invoke()",
             "runtime": "litert", "power": {}, "accuracy": {"value": 0.99}})),
-        ("telemetry", messages.envelope("telemetry", "sim", "d1", 2, {"live": {
-            "model": {"variant": "int8"}, "requests": 40, "window": 40, "latency_ms": {"p50": 0.5, "p90": 0.8, "p99": 1.5},
-            "clock": "perf_counter_ns from a request read to its answer ready (queueing included)"}}))])
+        ("live", messages.envelope("live", "sim", "d1", 2, {
+            "model": {"variant": "int8", "sha256": "a" * 64}, "requests": 40, "errors": 0, "window": 40,
+            "latency_ms": {"p50": 0.5, "p90": 0.8, "p99": 1.5},
+            "clock": "perf_counter_ns from a request read to its answer ready (queueing included)"}))])
     store.close()
     code, out, err = run_cli("report", "--fleet", fleet, "--out", tmp_path / "r.html")
     assert code == 0, err
