@@ -18,7 +18,8 @@ and int8, ``edgetpu_compiler`` the Edge TPU model). The steps, each checked:
    folder first (no network).
 3. :func:`conversion_fidelity` runs the ONNX model with ONNX Runtime (CPUExecutionProvider) and the
    ``.tflite`` with the LiteRT interpreter the devices use on the same inputs, one sample at a
-   time, and returns per-output SNR, cosine and errors (:func:`device_agents.inference.fidelity`).
+   time, each in a child process with a deadline, and returns per-output SNR, cosine and errors
+   (:func:`device_agents.inference.fidelity`).
 """
 
 from __future__ import annotations
@@ -499,42 +500,40 @@ def _check_inputs(path: Path, tflite: bytes, inputs: dict[str, tuple[int, ...]])
                            "edge-kit feeds the same data to both, so it cannot use this conversion")
 
 
-def reference_outputs(data: bytes, xs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Return ONNX Runtime's outputs on ``xs`` ({input name: samples}), one sample at a time, stacked per output."""
-    session = _session(data)
-    names = [o.name for o in session.get_outputs()]
-    rows: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    for i in range(len(next(iter(xs.values())))):
-        feed = {name: np.asarray(x[i:i + 1], np.float32) for name, x in xs.items()}
-        for name, y in zip(names, session.run(names, feed)):
-            rows[name].append(np.asarray(y, np.float32)[0])
-    return {n: np.stack(r) for n, r in rows.items()}
+def conversion_fidelity(path: Path, data: bytes, tflite: bytes, runner: Any) -> dict[str, Any]:
+    """Compare the converted model with ONNX Runtime on the same inputs.
 
-
-def conversion_fidelity(path: Path, data: bytes, tflite: bytes, xs: dict[str, np.ndarray], runner: Any) -> dict[str, Any]:
-    """Compare the converted model with ONNX Runtime on the same inputs ``xs``.
-
-    ``runner`` turns (flatbuffer, inputs) into {output name: outputs} with the LiteRT interpreter.
+    ``data`` is the ONNX model with its input shapes pinned (:func:`edge_kit.compiler.onnx_variants.pinned`);
+    ``runner`` turns a model's bytes into {output name: outputs} on the inputs it holds, ONNX Runtime
+    for ONNX and LiteRT for the flatbuffer (:class:`edge_kit.compiler.analysis.ChildInference`: each
+    run in a child with a deadline).
 
     Returns:
         :func:`device_agents.inference.fidelity`'s figures: ``outputs`` per output name, and the
         worst ``snr_db``, ``cosine``, ``max_abs_error``, ``mean_abs_error`` over outputs.
 
     Raises:
-        InputError: ONNX Runtime's outputs hold NaN or infinity (the model computes nothing to compare with).
+        InputError: ONNX Runtime's outputs hold NaN or infinity (the model computes nothing to compare
+            with), or either run crashed, did not finish in time or failed (``runner``'s ValueError).
         CompileError: the two models' outputs differ in names or shapes, or the converted model's hold
             NaN or infinity where ONNX Runtime's do not.
     """
     from device_agents.inference import fidelity
 
-    reference = reference_outputs(data, xs)
+    try:
+        reference = runner(data)
+    except ValueError as exc:
+        raise InputError(f"{path}: running the ONNX model to check its conversion: {exc}") from None
     for name, y in reference.items():
         finite = np.isfinite(y.reshape(len(y), -1)).all(axis=1)
         if not finite.all():
             raise InputError(f"{path}: output '{name}' is NaN or infinity on sample {int(np.argmin(finite))} of the "
                              "conversion check (ONNX Runtime, the model itself); fix the model (weights, a division "
                              "by zero, a log of zero) and export it again")
-    got = runner(tflite, xs)
+    try:
+        got = runner(tflite)
+    except ValueError as exc:
+        raise InputError(f"{path}: running its {CONVERTER} float32 conversion: {exc}") from None
     try:
         return fidelity(got, reference)
     except ValueError as exc:
