@@ -25,6 +25,11 @@ from device_agents.runtimes import RUNTIMES, RuntimeUnavailable, get_runtime
 from edgekit_protocol.errors import ConfigError
 
 
+def _first_line(exc: BaseException) -> str:
+    """Return the first line of ``exc``'s text, or its type's name when it has none."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 def smoke(model: Path, runtime: str | None = None, delegate: str = "xnnpack",
           options: dict[str, Any] | None = None, threads: int = 1) -> dict[str, Any]:
     """Load ``model`` and run one inference on zeros, with the runtime, delegate, options and threads
@@ -46,7 +51,7 @@ def smoke(model: Path, runtime: str | None = None, delegate: str = "xnnpack",
         runner.invoke_raw([np.zeros(p.shape, dtype=p.dtype) for p in runner.inputs])
         outs = [runner.interpreter.get_tensor(p.index) for p in runner.outputs]
     except (ValueError, RuntimeError, RuntimeUnavailable, OSError, ConfigError) as exc:  # ConfigError: the target's options
-        raise SmokeFailed((str(exc).strip().splitlines() or [type(exc).__name__])[0]) from None
+        raise SmokeFailed(_first_line(exc)) from None
     for port, out in zip(runner.outputs, outs):
         if np.issubdtype(out.dtype, np.floating) and not np.all(np.isfinite(out)):
             raise SmokeFailed(f"output '{port.name}' holds NaN or infinity")
@@ -107,7 +112,7 @@ def predict_saved(model: str, runtime: str | None, threads: int, inputs: str, ou
         for i, y in enumerate(got.values()):
             np.save(Path(outputs) / f"out{i}.npy", y, allow_pickle=False)
     except (ValueError, RuntimeError, RuntimeUnavailable, ConfigError, KeyError, OSError) as exc:
-        raise SmokeFailed((str(exc).strip().splitlines() or [type(exc).__name__])[0]) from None
+        raise SmokeFailed(_first_line(exc)) from None
     return list(got)
 
 
@@ -130,7 +135,8 @@ def _preload() -> None:
 
 
 class SmokePool:
-    """Runs :func:`smoke` in children of a forkserver that has the interpreter imported."""
+    """Runs :func:`smoke`, :func:`predict_saved` or any module-level function in children of a forkserver
+    that has the interpreter imported, each with a deadline."""
 
     def __init__(self) -> None:
         self.ctx = multiprocessing.get_context("forkserver")
