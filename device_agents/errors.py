@@ -36,6 +36,10 @@ class SmokeCrashed(SmokeFailed):
         self.how = how
 
 
+class SmokeTimedOut(SmokeCrashed):
+    """The child ran past its deadline and was killed (``how``: ``did not finish within N s``)."""
+
+
 class UsageError(DeviceError):
     """``edgekit-agent`` was given options that cannot work together."""
 

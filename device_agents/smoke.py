@@ -1,23 +1,33 @@
-"""The check a model passes before it becomes current: load it, run one inference, in another process.
+"""Run a model in another process, with a deadline: the smoke check a model passes before it becomes
+current (load it, run one inference on zeros), and a run over a whole set of inputs.
 
-:class:`SmokePool` runs it in children forked from a ``forkserver`` that has numpy and the
+:class:`SmokePool` runs them in children forked from a ``forkserver`` that has numpy and the
 interpreter already imported: the running agent keeps one, so a check costs a model load, not a
-Python start. A model that crashes the interpreter kills only the child.
+Python start. A model that crashes the interpreter kills only the child, and one that runs past
+the deadline (a loop whose trip count comes from the input) is killed with it.
 """
 
 from __future__ import annotations
 
+import json
 import multiprocessing
+import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from device_agents.errors import SmokeCrashed, SmokeFailed
+from device_agents.errors import SmokeCrashed, SmokeFailed, SmokeTimedOut
 from device_agents.runtimes import RUNTIMES, RuntimeUnavailable, get_runtime
 from edgekit_protocol.errors import ConfigError
+
+
+def _first_line(exc: BaseException) -> str:
+    """Return the first line of ``exc``'s text, or its type's name when it has none."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def smoke(model: Path, runtime: str | None = None, delegate: str = "xnnpack",
@@ -41,7 +51,7 @@ def smoke(model: Path, runtime: str | None = None, delegate: str = "xnnpack",
         runner.invoke_raw([np.zeros(p.shape, dtype=p.dtype) for p in runner.inputs])
         outs = [runner.interpreter.get_tensor(p.index) for p in runner.outputs]
     except (ValueError, RuntimeError, RuntimeUnavailable, OSError, ConfigError) as exc:  # ConfigError: the target's options
-        raise SmokeFailed((str(exc).strip().splitlines() or [type(exc).__name__])[0]) from None
+        raise SmokeFailed(_first_line(exc)) from None
     for port, out in zip(runner.outputs, outs):
         if np.issubdtype(out.dtype, np.floating) and not np.all(np.isfinite(out)):
             raise SmokeFailed(f"output '{port.name}' holds NaN or infinity")
@@ -50,16 +60,70 @@ def smoke(model: Path, runtime: str | None = None, delegate: str = "xnnpack",
             "ms": round((time.perf_counter() - t0) * 1000, 3)}
 
 
-def _child(model: str, runtime: str | None, delegate: str, options: dict[str, Any] | None, threads: int,
-           conn: Any) -> None:
+def _smoke_quietly(model: str, runtime: str | None, delegate: str, options: dict[str, Any] | None,
+                   threads: int) -> dict[str, Any]:
+    """Return :func:`smoke`'s result, the child's own first interpreter banner dropped. Raises SmokeFailed."""
     from device_agents.runtimes.banner import runtime_banner_dropped
 
+    with runtime_banner_dropped():  # the child's own first interpreter: its INFO line, nothing else
+        return smoke(Path(model), runtime, delegate, options, threads)
+
+
+def save_inputs(inputs: dict[str, np.ndarray], folder: Path) -> Path:
+    """Write ``inputs`` ({input name: samples}) into ``folder`` (made if missing), one ``.npy`` file per
+    input, for :meth:`SmokePool.predict` children to map rather than receive through a pipe.
+
+    Returns:
+        ``folder``.
+
+    Raises:
+        OSError: the folder or a file could not be written.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, x in enumerate(inputs.values()):
+        np.save(folder / f"in{i}.npy", np.asarray(x), allow_pickle=False)
+    (folder / "names.json").write_text(json.dumps(list(inputs)), encoding="utf-8")
+    return folder
+
+
+def predict_saved(model: str, runtime: str | None, threads: int, inputs: str, outputs: str) -> list[str]:
+    """Run ``model`` one sample at a time (:meth:`device_agents.inference.ModelRunner.predict`) over the
+    inputs :func:`save_inputs` wrote into the folder ``inputs``, and write output ``i`` to
+    ``outputs/out<i>.npy`` (the folder is made).
+
+    Returns:
+        The output names, in the order of the ``out<i>.npy`` files.
+
+    Raises:
+        SmokeFailed: the model did not load or run, or the inputs do not fit it (the first line said).
+    """
+    from device_agents.inference import ModelRunner
+    from device_agents.runtimes.banner import runtime_banner_dropped
+
+    folder = Path(inputs)
     try:
-        with runtime_banner_dropped():  # the child's own first interpreter: its INFO line, nothing else
-            result = smoke(Path(model), runtime, delegate, options, threads)
-        conn.send(("ok", result))
+        names = json.loads((folder / "names.json").read_text(encoding="utf-8"))
+        xs = {name: np.load(folder / f"in{i}.npy", mmap_mode="r", allow_pickle=False) for i, name in enumerate(names)}
+        with runtime_banner_dropped():
+            interp = get_runtime(runtime, model=Path(model)).interpreter(Path(model), threads=threads)
+        got = ModelRunner(interp).predict(xs)
+        os.makedirs(outputs, exist_ok=True)
+        for i, y in enumerate(got.values()):
+            np.save(Path(outputs) / f"out{i}.npy", y, allow_pickle=False)
+    except (ValueError, RuntimeError, RuntimeUnavailable, ConfigError, KeyError, OSError) as exc:
+        raise SmokeFailed(_first_line(exc)) from None
+    return list(got)
+
+
+def _child(fn: Callable[..., Any], args: tuple[Any, ...], conn: Any) -> None:
+    """Send ``("ok", fn(*args))`` or ``("failed", why)`` for a :class:`SmokeFailed`; anything else kills
+    the child with its traceback on stderr (a bug, which the parent reports as a crash)."""
+    try:
+        result = ("ok", fn(*args))
     except SmokeFailed as exc:
-        conn.send(("failed", str(exc)))
+        result = ("failed", str(exc))
+    conn.send(result)
     conn.close()
 
 
@@ -71,7 +135,8 @@ def _preload() -> None:
 
 
 class SmokePool:
-    """Runs :func:`smoke` in children of a forkserver that has the interpreter imported."""
+    """Runs :func:`smoke`, :func:`predict_saved` or any module-level function in children of a forkserver
+    that has the interpreter imported, each with a deadline."""
 
     def __init__(self) -> None:
         self.ctx = multiprocessing.get_context("forkserver")
@@ -83,24 +148,25 @@ class SmokePool:
 
         forkserver.ensure_running()
 
-    def __call__(self, model: Path, *, runtime: str | None = None, delegate: str = "xnnpack",
-                 options: dict[str, Any] | None = None, threads: int = 1,
-                 timeout: float = 120.0) -> dict[str, Any]:
-        """Return what :func:`smoke` returned in the child.
+    def run(self, fn: Callable[..., Any], *args: Any, timeout: float, what: str) -> Any:
+        """Return ``fn(*args)`` computed in a child (``fn`` a module-level function, its arguments and
+        result picklable), which is killed once ``timeout`` seconds have passed.
 
         Raises:
-            SmokeCrashed: the child crashed (signal named in ``how``), was killed or timed out.
-            SmokeFailed: the model did not load or run, or gave NaN or infinity.
+            SmokeTimedOut: the child did not finish in time (the message: ``the <what> did not finish
+                within N s``); it was killed.
+            SmokeCrashed: the child crashed (signal named in ``how``) or was killed.
+            SmokeFailed: ``fn`` raised it (its text).
         """
         receive, send = self.ctx.Pipe(duplex=False)
-        child = self.ctx.Process(target=_child, args=(str(model), runtime, delegate, options, threads, send), daemon=True)
+        child = self.ctx.Process(target=_child, args=(fn, args, send), daemon=True)
         child.start()
         send.close()
         try:
             if not receive.poll(timeout):
                 child.kill()
-                raise SmokeCrashed(f"the smoke inference did not finish within {timeout:.0f} s",
-                                   f"did not finish within {timeout:.0f} s")
+                raise SmokeTimedOut(f"the {what} did not finish within {timeout:.0f} s",
+                                    f"did not finish within {timeout:.0f} s")
             try:
                 status, value = receive.recv()
             except EOFError:
@@ -115,6 +181,35 @@ class SmokePool:
         if status != "ok":
             raise SmokeFailed(value)
         return value
+
+    def __call__(self, model: Path, *, runtime: str | None = None, delegate: str = "xnnpack",
+                 options: dict[str, Any] | None = None, threads: int = 1,
+                 timeout: float = 120.0) -> dict[str, Any]:
+        """Return what :func:`smoke` returned in the child.
+
+        Raises:
+            SmokeCrashed: the child crashed (signal named in ``how``), was killed or timed out.
+            SmokeFailed: the model did not load or run, or gave NaN or infinity.
+        """
+        return self.run(_smoke_quietly, str(model), runtime, delegate, options, threads, timeout=timeout,
+                        what="smoke inference")
+
+    def predict(self, model: Path, inputs: Path, *, runtime: str | None = None, threads: int = 1,
+                timeout: float) -> dict[str, np.ndarray]:
+        """Return ``model``'s outputs ({output name: outputs stacked over the samples}) on the inputs
+        :func:`save_inputs` wrote into the folder ``inputs``, computed in a child (:func:`predict_saved`).
+
+        Raises:
+            SmokeCrashed: the child crashed (signal named in ``how``), was killed, or did not finish
+                within ``timeout`` seconds.
+            SmokeFailed: the model did not load or run on these inputs.
+        """
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="edgekit-outputs-", dir=Path(inputs).parent) as out:
+            names = self.run(predict_saved, str(model), runtime, threads, str(inputs), out, timeout=timeout,
+                             what="inference")
+            return {name: np.load(Path(out) / f"out{i}.npy", allow_pickle=False) for i, name in enumerate(names)}
 
 
 _preload()

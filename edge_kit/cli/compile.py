@@ -11,7 +11,16 @@ from rich import box
 from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from edge_kit.cli.app import JsonOpt, app, emit_json, out, progress_bar, safe, spinner
+from edge_kit.cli.app import (
+    JsonOpt,
+    app,
+    emit_json,
+    finite,
+    out,
+    progress_bar,
+    safe,
+    spinner,
+)
 from edgekit_protocol.labels import accuracy_text
 
 profiles_app = typer.Typer(no_args_is_help=True, help="List, show and check device profiles.")
@@ -119,6 +128,7 @@ def compile_cmd(
     decode: Annotated[Optional[str], typer.Option(help="module.py:function turning detection outputs into boxes, scores, classes.")] = None,
     input_shape: Annotated[list[str], typer.Option("--input-shape", help="NAME=1xHxWxC pins an input's dynamic dimensions (ONNX: its own layout, e.g. 1x3x224x224); repeatable.")] = [],
     sign_key: Annotated[Optional[Path], typer.Option("--sign-key", help="Ed25519 private key (PEM, e.g. a fleet's keys/operator.key) that signs manifest.json.")] = None,
+    timeout: Annotated[Optional[float], typer.Option(callback=finite, min=1, max=86400, help="Seconds each run of a model over the --eval (else --calib) inputs may take; it runs in a child process, killed then (default: 120 + 1 per sample).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Build every variant the profiles ask for (each once), measure it, and write manifest.json."""
@@ -138,7 +148,7 @@ def compile_cmd(
         options[key] = value  # each task converts and checks its own options
     req = CompileRequest(model=model, profiles=profiles, out=out_dir, calib=calib, eval=eval, train=train,
                          epochs=epochs, task=task, task_options=options, metric=metric, decode=decode,
-                         input_shapes=parse_input_shapes(input_shape), signer=signer, name=name)
+                         input_shapes=parse_input_shapes(input_shape), signer=signer, name=name, timeout=timeout)
     with progress_bar(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                       TimeElapsedColumn(), as_json=as_json) as bar:
         task = bar.add_task("compiling", total=plan_steps(req))

@@ -260,6 +260,67 @@ def probe_in_child(data: bytes, timeout: float = PROBE_TIMEOUT_S, *, fmt: str = 
                 raise ValueError(f"the devices' smoke check refuses it: {exc}") from None
 
 
+INFERENCE_FLOOR_S = 120.0  # loading the model (packing its weights) and starting the child
+INFERENCE_PER_SAMPLE_S = 1.0  # one sample on the host: a large detector takes tens of ms; 1 s is a loop, not a model
+
+
+def inference_deadline(samples: int, timeout: float | None = None) -> float:
+    """Return how many seconds one run of a model over ``samples`` inputs may take: ``timeout`` when
+    given (``edgekit compile --timeout``), else :data:`INFERENCE_FLOOR_S` plus
+    :data:`INFERENCE_PER_SAMPLE_S` per sample."""
+    return float(timeout) if timeout is not None else INFERENCE_FLOOR_S + INFERENCE_PER_SAMPLE_S * samples
+
+
+class ChildInference:
+    """Runs models over one set of inputs, each run in a child of :class:`device_agents.smoke.SmokePool`
+    with a deadline: a model that crashes the runtime on real inputs, or loops on them (a trip count
+    read from the input: it passes the smoke check on zeros), costs the compiler one child, not itself.
+
+    The inputs are written once into ``folder`` (:func:`device_agents.smoke.save_inputs`); every run maps them.
+    """
+
+    def __init__(self, inputs: dict[str, np.ndarray], folder: Any, where: str, *, timeout: float, threads: int = 1):
+        """Save ``inputs`` ({input name: samples}) into ``folder``; ``where`` names them in errors
+        (``eval.npz``), ``timeout`` is each run's deadline in seconds.
+
+        Raises:
+            OSError: the inputs could not be written.
+        """
+        from device_agents.smoke import SmokePool, save_inputs
+
+        self.folder = save_inputs(inputs, folder)
+        self.where, self.timeout, self.threads = where, timeout, threads
+        self.pool = SmokePool()
+
+    def __call__(self, data: bytes) -> dict[str, np.ndarray]:
+        """Return {output name: outputs stacked over the samples} of ``data`` (a ``.tflite`` flatbuffer
+        or an ONNX model, run with LiteRT or ONNX Runtime as the devices run it).
+
+        Raises:
+            ValueError: one line: the run did not finish within the deadline, the child crashed (signal
+                named) or was killed, or the runtime refused the model or the inputs (its first line).
+        """
+        import tempfile
+
+        from device_agents.errors import SmokeCrashed, SmokeFailed, SmokeTimedOut
+        from device_agents.formats import model_format
+
+        file_name, runtime, words = _PROBED[model_format(data)]
+        with tempfile.TemporaryDirectory(prefix="edgekit-model-", dir=self.folder.parent) as tmp:
+            model = os.path.join(tmp, file_name)
+            with open(model, "wb") as f:
+                f.write(data)
+            try:
+                return self.pool.predict(model, self.folder, runtime=runtime, threads=self.threads, timeout=self.timeout)
+            except SmokeTimedOut as exc:
+                raise ValueError(f"the inference on {self.where} {exc.how}: a model that loops on real inputs? "
+                                 "(edgekit compile --timeout sets the limit)") from None
+            except SmokeCrashed as exc:
+                raise ValueError(f"{words} {exc.how} running it on {self.where}") from None
+            except SmokeFailed as exc:
+                raise ValueError(f"{words} failed running it on {self.where}: {exc}") from None
+
+
 def analyse(data: bytes) -> ModelStats:
     """Return the :class:`ModelStats` of a flatbuffer.
 

@@ -18,7 +18,8 @@ and int8, ``edgetpu_compiler`` the Edge TPU model). The steps, each checked:
    folder first (no network).
 3. :func:`conversion_fidelity` runs the ONNX model with ONNX Runtime (CPUExecutionProvider) and the
    ``.tflite`` with the LiteRT interpreter the devices use on the same inputs, one sample at a
-   time, and returns per-output SNR, cosine and errors (:func:`device_agents.inference.fidelity`).
+   time, each in a child process with a deadline, and returns per-output SNR, cosine and errors
+   (:func:`device_agents.inference.fidelity`).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ CONVERSION_WARN_SNR_DB = 40.0  # a float32 conversion that computes the same thi
 CONVERSION_REFUSE_SNR_DB = 0.0  # error energy above the signal's: the converted model computes something else
 FIDELITY_SAMPLES = 64  # inputs the conversion is checked on (the first of --eval, else --calib)
 RANDOM_SAMPLES = 4  # without --eval or --calib: this many uniform [0, 1) inputs, said so in the manifest
+GRAPH_TIMEOUT_S = 600.0  # onnx's checker, shape inference and onnxsim take seconds on a large detector
 _SAFE_NODE = re.compile(r"[^A-Za-z0-9_./-]")  # TensorFlow refuses '@', ':' and the like in op names
 # onnx2tf reads this file from its working folder for 3-channel NHWC inputs, else downloads it
 _ONNX2TF_SAMPLES = "calibration_image_sample_data_20x128x128x3_float32.npy"
@@ -73,6 +75,58 @@ def _session(data: bytes) -> Any:
     return ort.InferenceSession(data, sess_options=options, providers=["CPUExecutionProvider"])
 
 
+def _in_child(path: Path, what: str, fn: Any, *args: Any) -> Any:
+    """Return ``fn(*args)`` computed in a child of :class:`device_agents.smoke.SmokePool` (``fn`` raises
+    :class:`~device_agents.errors.SmokeFailed` for what it refuses): onnx's checker, its shape inference
+    and onnxsim are native code reading a file the user did not necessarily make, and onnxsim runs
+    the model's constant parts with ONNX Runtime.
+
+    Raises:
+        InputError: the child crashed, was killed (out of memory) or did not finish within
+            :data:`GRAPH_TIMEOUT_S` (``what`` named: a damaged or hostile file).
+        SmokeFailed: ``fn`` refused (the caller words it).
+    """
+    from device_agents.errors import SmokeCrashed
+    from device_agents.smoke import SmokePool
+
+    try:
+        return SmokePool().run(fn, *args, timeout=GRAPH_TIMEOUT_S, what=what)
+    except SmokeCrashed as exc:
+        raise InputError(f"{path}: {what} {exc.how} on the model: a damaged or hostile file") from None
+
+
+def _checked(data: bytes) -> None:
+    """Run onnx's checker on the model's bytes (in a child: :func:`_in_child`). Raises SmokeFailed: its first line."""
+    from device_agents.errors import SmokeFailed
+
+    try:
+        _onnx().checker.check_model(data)
+    except Exception as exc:  # noqa: BLE001 - ValidationError, or a protobuf error on a damaged file
+        raise SmokeFailed(_first_line(exc)) from None
+
+
+def _pinned(data: bytes, inputs: dict[str, tuple[int, ...]]) -> bytes:
+    """Return :func:`edge_kit.compiler.onnx_variants.pinned` (in a child: :func:`_in_child`). Raises SmokeFailed: why not."""
+    from device_agents.errors import SmokeFailed
+    from edge_kit.compiler.onnx_variants import pinned
+
+    try:
+        return pinned(data, inputs)
+    except CompileError as exc:
+        raise SmokeFailed(str(exc)) from None
+
+
+def _prepared(data: bytes, inputs: dict[str, tuple[int, ...]]
+              ) -> tuple[bytes, dict[str, str], dict[str, str], dict[str, tuple[int, ...]]]:
+    """Return :func:`prepared_model` (in a child: :func:`_in_child`). Raises SmokeFailed: its first line."""
+    from device_agents.errors import SmokeFailed
+
+    try:
+        return prepared_model(data, inputs)
+    except Exception as exc:  # noqa: BLE001 - protobuf and onnx raise assorted types
+        raise SmokeFailed(_first_line(exc)) from None
+
+
 def _dims(value_info: Any) -> list[int | None]:
     """Return the declared dimensions of a graph input or output, None where dynamic."""
     shape = value_info.type.tensor_type.shape
@@ -97,7 +151,8 @@ def load_onnx(path: Path, pinned: dict[str, tuple[int, ...]]) -> tuple[bytes, di
             a batch fixed above 1, an input with a dynamic dimension besides the batch, a pin that
             names no input or does not fit the declared shape, an input too large for one sample
             (:func:`~edge_kit.compiler.sources.check_sample_sizes`), or a model that crashes ONNX
-            Runtime (in a child process) or that it cannot open.
+            Runtime or that it cannot open; onnx's checker and shape inference run in a child process
+            too (:func:`_in_child`): one that crashes or hangs them is refused the same way.
     """
     onnx = _onnx()
     data = Path(path).read_bytes()
@@ -121,10 +176,12 @@ def load_onnx(path: Path, pinned: dict[str, tuple[int, ...]]) -> tuple[bytes, di
         except Exception as exc:  # noqa: BLE001 - protobuf refuses a message above 2 GB
             raise InputError(f"{path}: the model with its external data does not fit in one ONNX file "
                              f"({_first_line(exc)}); edge-kit compiles models below 2 GB") from None
+    from device_agents.errors import SmokeFailed
+
     try:
-        onnx.checker.check_model(model)
-    except Exception as exc:  # noqa: BLE001 - ValidationError, or a protobuf error on a damaged file
-        raise InputError(f"{path}: not a valid ONNX model ({_first_line(exc)})") from None
+        _in_child(Path(path), "onnx's checker", _checked, data)
+    except SmokeFailed as exc:
+        raise InputError(f"{path}: not a valid ONNX model ({exc})") from None
     _check_graph(Path(path), model)
     initializers = {i.name for i in model.graph.initializer}
     graph_inputs = [i for i in model.graph.input if i.name not in initializers]
@@ -164,12 +221,10 @@ def load_onnx(path: Path, pinned: dict[str, tuple[int, ...]]) -> tuple[bytes, di
 
     check_sample_sizes(path, inputs)  # before anything runs the model on a sample of that size
     from edge_kit.compiler.analysis import probe_in_child
-    from edge_kit.compiler.onnx_variants import pinned
-    from edge_kit.errors import CompileError
 
     try:  # run at the shapes every later step runs it at (a dynamic dimension leaves the child no shape to run)
-        probed = pinned(data, inputs)
-    except CompileError:
+        probed = _in_child(Path(path), "onnx's shape inference", _pinned, data, inputs)
+    except SmokeFailed:
         probed = data  # ONNX Runtime's load says what is wrong, below
     try:
         probe_in_child(probed, fmt="onnx")  # a file that crashes ONNX Runtime crashes a child, never this process
@@ -439,14 +494,21 @@ def convert(path: Path, data: bytes, inputs: dict[str, tuple[int, ...]], outputs
         InputError: onnx2tf is not installed, cannot convert an op (the message names it), or made
             TensorFlow ops LiteRT does not run (named).
         CompileError: onnx2tf ran past its timeout, or its output lacks an input or output, or has
-            one in a layout that is not the ONNX one nor its channels-last form.
+            one in a layout that is not the ONNX one nor its channels-last form, or the shapes could
+            not be written into the graph (:func:`prepared_model`, run in a child process: one that
+            crashes or hangs it is an InputError, :func:`_in_child`).
     """
     from edge_kit.compiler.tflite_edit import rename_signature, restore_layouts
 
     if version("onnx2tf") is None:
         raise InputError(f"{path}: converting ONNX needs onnx2tf, which .ci/setup installs with --no-deps "
                          "(pip install --no-deps onnx2tf==1.29.24 tf_keras~=2.21.0; see docs/compile.md)")
-    ready, ins, outs, out_shapes = prepared_model(data, inputs)
+    from device_agents.errors import SmokeFailed
+
+    try:
+        ready, ins, outs, out_shapes = _in_child(Path(path), "onnx's shape inference and onnxsim", _prepared, data, inputs)
+    except SmokeFailed as exc:
+        raise CompileError(f"{path}: could not write the pinned shapes into the graph for {CONVERTER} ({exc})") from None
     with tempfile.TemporaryDirectory(prefix="edgekit-onnx2tf-") as tmp:
         work = Path(tmp)
         (work / "model.onnx").write_bytes(ready)
@@ -499,42 +561,40 @@ def _check_inputs(path: Path, tflite: bytes, inputs: dict[str, tuple[int, ...]])
                            "edge-kit feeds the same data to both, so it cannot use this conversion")
 
 
-def reference_outputs(data: bytes, xs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Return ONNX Runtime's outputs on ``xs`` ({input name: samples}), one sample at a time, stacked per output."""
-    session = _session(data)
-    names = [o.name for o in session.get_outputs()]
-    rows: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    for i in range(len(next(iter(xs.values())))):
-        feed = {name: np.asarray(x[i:i + 1], np.float32) for name, x in xs.items()}
-        for name, y in zip(names, session.run(names, feed)):
-            rows[name].append(np.asarray(y, np.float32)[0])
-    return {n: np.stack(r) for n, r in rows.items()}
+def conversion_fidelity(path: Path, data: bytes, tflite: bytes, runner: Any) -> dict[str, Any]:
+    """Compare the converted model with ONNX Runtime on the same inputs.
 
-
-def conversion_fidelity(path: Path, data: bytes, tflite: bytes, xs: dict[str, np.ndarray], runner: Any) -> dict[str, Any]:
-    """Compare the converted model with ONNX Runtime on the same inputs ``xs``.
-
-    ``runner`` turns (flatbuffer, inputs) into {output name: outputs} with the LiteRT interpreter.
+    ``data`` is the ONNX model with its input shapes pinned (:func:`edge_kit.compiler.onnx_variants.pinned`);
+    ``runner`` turns a model's bytes into {output name: outputs} on the inputs it holds, ONNX Runtime
+    for ONNX and LiteRT for the flatbuffer (:class:`edge_kit.compiler.analysis.ChildInference`: each
+    run in a child with a deadline).
 
     Returns:
         :func:`device_agents.inference.fidelity`'s figures: ``outputs`` per output name, and the
         worst ``snr_db``, ``cosine``, ``max_abs_error``, ``mean_abs_error`` over outputs.
 
     Raises:
-        InputError: ONNX Runtime's outputs hold NaN or infinity (the model computes nothing to compare with).
+        InputError: ONNX Runtime's outputs hold NaN or infinity (the model computes nothing to compare
+            with), or either run crashed, did not finish in time or failed (``runner``'s ValueError).
         CompileError: the two models' outputs differ in names or shapes, or the converted model's hold
             NaN or infinity where ONNX Runtime's do not.
     """
     from device_agents.inference import fidelity
 
-    reference = reference_outputs(data, xs)
+    try:
+        reference = runner(data)
+    except ValueError as exc:
+        raise InputError(f"{path}: running the ONNX model to check its conversion: {exc}") from None
     for name, y in reference.items():
         finite = np.isfinite(y.reshape(len(y), -1)).all(axis=1)
         if not finite.all():
             raise InputError(f"{path}: output '{name}' is NaN or infinity on sample {int(np.argmin(finite))} of the "
                              "conversion check (ONNX Runtime, the model itself); fix the model (weights, a division "
                              "by zero, a log of zero) and export it again")
-    got = runner(tflite, xs)
+    try:
+        got = runner(tflite)
+    except ValueError as exc:
+        raise InputError(f"{path}: running its {CONVERTER} float32 conversion: {exc}") from None
     try:
         return fidelity(got, reference)
     except ValueError as exc:

@@ -26,7 +26,13 @@ import numpy as np
 import edge_kit
 from device_agents.metrics import MetricSpec
 from device_agents.targets import TARGETS, compiler_of
-from edge_kit.compiler.analysis import analyse, float_ops, probe_in_child
+from edge_kit.compiler.analysis import (
+    ChildInference,
+    analyse,
+    float_ops,
+    inference_deadline,
+    probe_in_child,
+)
 from edge_kit.compiler.convert import (
     INT8_TFLITE_METHOD,
     converter_version,
@@ -88,6 +94,7 @@ class CompileRequest:
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # pinned dynamic dimensions
     signer: Any = None  # a device_agents.identity.Signer that signs manifest.json (None: unsigned)
     name: str | None = None  # the model's name (OUT/<name>); None: the model file's (sources.model_name)
+    timeout: float | None = None  # seconds each run of a model over --eval/--calib may take (None: by sample count)
 
 
 @dataclass
@@ -374,12 +381,14 @@ def _onnx_versions() -> dict[str, str | None]:
 
 
 def _convert_onnx(source: Source, data: Dataset | None, profiles: list[Profile],
-                  outputs_of: Callable[[bytes, dict[str, np.ndarray]], dict[str, np.ndarray]], litert: str) -> list[str]:
+                  runner: Callable[[dict[str, np.ndarray], str, str], ChildInference], litert: str) -> list[str]:
     """Convert an ONNX source to float32 once and measure the conversion against ONNX Runtime.
 
     Sets ``source.tflite`` (every variant is made from it) and ``source.conversion`` (the manifest's
     ``model.conversion``). The inputs are the first :data:`~edge_kit.compiler.onnx_source.FIDELITY_SAMPLES`
-    of ``data`` (``--eval``, else ``--calib``), or a few uniform [0, 1) samples when there is none.
+    of ``data`` (``--eval``, else ``--calib``), or a few uniform [0, 1) samples when there is none;
+    ``runner(inputs, folder name, where)`` gives what runs both models on them, each in a child with
+    a deadline.
 
     Returns:
         The warnings (printed and recorded on the fp32 artifact): one when the worst output is below
@@ -389,8 +398,8 @@ def _convert_onnx(source: Source, data: Dataset | None, profiles: list[Profile],
     Raises:
         InputError: onnx2tf cannot convert the model (names the op), or the conversion is
             catastrophic: an output below :data:`~edge_kit.compiler.onnx_source.CONVERSION_REFUSE_SNR_DB`
-            (the error outweighs the signal), or ONNX Runtime's own outputs hold NaN or infinity;
-            nothing is written.
+            (the error outweighs the signal), or ONNX Runtime's own outputs hold NaN or infinity, or
+            either model crashes, loops past the deadline or fails on those inputs; nothing is written.
         CompileError: the converter timed out or lost an input or output.
     """
     from edge_kit.compiler import onnx_source as ox
@@ -406,7 +415,10 @@ def _convert_onnx(source: Source, data: Dataset | None, profiles: list[Profile],
         rng = np.random.default_rng(0)
         xs = {name: rng.uniform(0, 1, (ox.RANDOM_SAMPLES, *shape)).astype(np.float32) for name, shape in source.inputs.items()}
         where = f"{ox.RANDOM_SAMPLES} uniform [0, 1) samples (no --eval or --calib given)"
-    fid = ox.conversion_fidelity(source.path, source.onnx or b"", source.tflite, xs, outputs_of)
+    from edge_kit.compiler.onnx_variants import pinned
+
+    fid = ox.conversion_fidelity(source.path, pinned(source.onnx or b"", source.inputs), source.tflite,
+                                 runner(xs, "conversion", where))
     floor = max([ox.CONVERSION_WARN_SNR_DB, *(p.constraints.min_fidelity_snr_db for p in profiles
                                                if p.constraints.min_fidelity_snr_db is not None)])
     ort = ox.version("onnxruntime")
@@ -469,19 +481,18 @@ def compile_model(req: CompileRequest, progress: Progress | None = None) -> Mani
     out = Path(req.out)
     made = not out.exists()  # a folder this compile makes is removed again when it fails before writing in it
     try:
-        return _compile_model(req, progress)
+        with tempfile.TemporaryDirectory(prefix="edgekit-compile-") as work:  # inputs the children map, models they run
+            return _compile_model(req, progress, Path(work))
     except BaseException:
         if made and out.is_dir() and not any(out.iterdir()):
             out.rmdir()
         raise
 
 
-def _compile_model(req: CompileRequest, progress: Progress | None) -> Manifest:
-    """:func:`compile_model`, but a failure may leave ``req.out`` made and empty."""
+def _compile_model(req: CompileRequest, progress: Progress | None, work: Path) -> Manifest:
+    """:func:`compile_model`, but a failure may leave ``req.out`` made and empty; ``work`` is a scratch folder."""
     step = progress or (lambda _msg: None)
-    from device_agents.inference import ModelRunner
     from device_agents.runtimes import get_runtime
-    from edge_kit.compiler.tf_quiet import runtime_banner_dropped
 
     out = Path(req.out)
     step("checking inputs")
@@ -521,15 +532,24 @@ def _compile_model(req: CompileRequest, progress: Progress | None) -> Manifest:
         ort = get_runtime("onnxruntime")
         return f"measured on host with ONNX Runtime {ort.version()} (CPUExecutionProvider, {req.threads} thread(s))"
 
-    def outputs_of(data: bytes, xs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        with runtime_banner_dropped():  # LiteRT's "INFO: Created ... XNNPACK delegate" line, nothing else
-            interp = get_runtime("litert", model=data).interpreter(data, threads=req.threads)  # ONNX: onnxruntime
-        return ModelRunner(interp).predict(xs)
+    def runner(xs: dict[str, np.ndarray], name: str, where: str) -> ChildInference:
+        """Return what runs a model over ``xs`` in a child, with the deadline for that many samples.
+
+        Raises:
+            CompileError: the inputs could not be written into the scratch folder.
+        """
+        samples = len(next(iter(xs.values()))) if xs else 0
+        try:
+            return ChildInference(xs, work / name, where, timeout=inference_deadline(samples, req.timeout),
+                                  threads=req.threads)
+        except OSError as exc:
+            raise CompileError(f"{work}: could not write the {where} inputs the runs of the model read "
+                               f"({exc.strerror or exc}); free space in the temporary folder (TMPDIR)") from None
 
     conversion_warnings: list[str] = []
     if source.kind == "onnx":
         step("converting ONNX")
-        conversion_warnings = _convert_onnx(source, evalset or calib, req.profiles, outputs_of, runtime.version())
+        conversion_warnings = _convert_onnx(source, evalset or calib, req.profiles, runner, runtime.version())
     writable_folder(out)
 
     wanted = _wanted(req.profiles)
@@ -567,9 +587,17 @@ def _compile_model(req: CompileRequest, progress: Progress | None) -> Manifest:
     fid_inputs = evalset or calib
     outputs: dict[str, dict[str, np.ndarray]] = {}
     if fid_inputs is not None:
-        for vid, plan in built.items():
+        outputs_of = runner(fid_inputs.x, "fidelity", fid_inputs.path.name)
+        for vid, plan in sorted(built.items(), key=lambda kv: kv[0] != "fp32"):  # the reference first
             if compiler_of(vid) is None and not plan.spec.built_on_device:  # a target-compiled model needs its hardware
-                outputs[vid] = outputs_of(plan.data or b"", fid_inputs.x)
+                try:
+                    outputs[vid] = outputs_of(plan.data or b"")
+                except ValueError as exc:  # crashed, looped past the deadline, or refused the real inputs
+                    if vid == "fp32":  # the source model itself: every variant is made from it
+                        raise InputError(f"{req.model}: variant fp32: {exc}; nothing was written (every variant is "
+                                         "made from this model)") from None
+                    plan = built.pop(vid)
+                    plan.data, plan.refusal, plan.extra["failed"] = None, f"variant {vid}: {exc}", True
     reference = outputs.get("fp32")
     for vid, why in broken_outputs(outputs, fid_inputs).items():  # a variant computing NaN is not deployable
         plan = built.pop(vid)

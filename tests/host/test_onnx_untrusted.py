@@ -286,3 +286,31 @@ def test_a_name_with_a_control_character_is_refused_shown_escaped(tmp_path, name
     model = save(tmp_path / "ctl.onnx", [helper.make_node("Relu", [name], ["y"])], [vec(name)], [vec("y")])
     message = refused(model, "has a control character in its name")
     assert f"input '{printable(name)}'" in message and "\x1b" not in message and "\x00" not in message
+
+
+def test_onnxs_checker_and_shape_inference_run_in_a_child_not_the_compiler(tmp_path, monkeypatch):
+    """Both are native code reading the hostile file: a crash or a hang there was the compiler's own.
+    Here they are made to fail in this process: the source still loads, so neither ran here."""
+    import onnx.checker
+    import onnx.shape_inference
+
+    def in_process(*args, **kwargs):
+        raise AssertionError("ran in the compiler's own process")
+
+    monkeypatch.setattr(onnx.checker, "check_model", in_process)
+    monkeypatch.setattr(onnx.shape_inference, "infer_shapes", in_process)
+    source = load_source(relu(tmp_path / "m.onnx", shape=(None, 4)))
+    assert source.inputs == {"x": (4,)} and source.outputs == ["y"]
+
+
+def test_a_model_that_crashes_onnxs_checker_crashes_a_child_not_the_compiler(tmp_path, monkeypatch):
+    """The child's death is played by the pool (a real crasher for onnx 1.23's checker is not at hand)."""
+    from device_agents import smoke
+    from device_agents.errors import SmokeCrashed
+
+    def crash(self, fn, *args, timeout, what):
+        raise SmokeCrashed("the interpreter crashed (exit -11)", "crashed (SIGSEGV)")
+
+    monkeypatch.setattr(smoke.SmokePool, "run", crash)
+    refused(relu(tmp_path / "hostile.onnx"),
+            r"hostile\.onnx: onnx's checker crashed \(SIGSEGV\) on the model: a damaged or hostile file$")

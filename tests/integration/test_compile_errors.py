@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -544,3 +545,82 @@ def test_a_model_file_whose_name_no_store_takes_is_refused_and_name_gives_it_one
     assert json.loads((out / "my_model" / "manifest.json").read_text())["model"]["name"] == "my_model"
     code, _, err = run_cli("publish", out / "my_model", "--store", tmp_path / "store")
     assert code == 0 and (tmp_path / "store" / "manifests" / "my_model" / "latest.json").is_file(), err
+
+
+THRESHOLD = np.float32(1.0001)  # float16 holds 1.0: what the fp16 variant compares with
+NEAR = np.float32(1.00005)  # above 1.0 and below THRESHOLD: the fp32 model stops, its fp16 variant does not
+
+
+@pytest.fixture(scope="module")
+def looping_savedmodel(tmp_path_factory):
+    """A SavedModel (x [1, 2048] -> y = 2x) with a ``tf.while_loop`` that spins, forever, while any input
+    value is above a threshold: it stops at once on the smoke check's zeros and loops on real inputs."""
+    from edge_kit.compiler.tf_quiet import tensorflow
+
+    tf = tensorflow()
+
+    class Loop(tf.Module):
+        def __init__(self):
+            self.threshold = tf.Variable(np.full([1, 2048], THRESHOLD, np.float32))
+
+        @tf.function(input_signature=[tf.TensorSpec([1, 2048], tf.float32, name="x")])
+        def serve(self, x):
+            above = tf.reduce_max(x - self.threshold)
+            spins = tf.while_loop(lambda i: above > 0.0, lambda i: i + 1.0, [tf.constant(0.0)])[0]
+            return {"y": x * 2.0 + tf.minimum(spins, 0.0)}
+
+    folder = tmp_path_factory.mktemp("looping") / "loop"
+    module = Loop()
+    tf.saved_model.save(module, str(folder), signatures={"serving_default": module.serve})
+    return folder
+
+
+def loop_profile(tmp_path):
+    import yaml
+
+    from edge_kit.profiles import load_profile
+
+    profile = tmp_path / "p.yaml"
+    profile.write_text(yaml.safe_dump({**load_profile("rpi4").model_dump(mode="json", exclude_none=True),
+                                       "name": "p", "variants": ["fp32", "fp16", "dynamic-int8"]}))
+    return profile
+
+
+def test_a_model_that_loops_on_real_inputs_is_one_line_within_the_deadline_and_writes_nothing(
+        looping_savedmodel, tmp_path, run_cli):
+    """It passes the smoke check (zeros), then spun forever in the compiler's own process while the
+    fp32 variant ran over --calib: `edgekit compile` never returned."""
+    np.savez(tmp_path / "real.npz", x=np.full((120, 2048), 2.0, np.float32))
+    started = time.monotonic()
+    code, _, err = run_cli("compile", looping_savedmodel, "-p", loop_profile(tmp_path), "--calib",
+                           tmp_path / "real.npz", "--out", tmp_path / "o", "--timeout", "5")
+    assert time.monotonic() - started < 120
+    assert one_line_error(code, err) == (
+        f"edgekit: error: {looping_savedmodel}: variant fp32: the inference on real.npz did not finish within 5 s: a "
+        "model that loops on real inputs? (edgekit compile --timeout sets the limit); nothing was written (every "
+        "variant is made from this model)")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_variant_that_loops_where_fp32_stops_is_failed_and_the_others_are_written(looping_savedmodel, tmp_path,
+                                                                                    run_cli):
+    """The fp16 variant rounds the threshold to 1.0, so inputs of 1.00005 spin it forever; fp32 and
+    dynamic-int8 (the threshold kept float32) stop. The loop costs that variant, not the compile."""
+    np.savez(tmp_path / "near.npz", x=np.full((120, 2048), NEAR, np.float32))
+    started = time.monotonic()
+    code, _, err = run_cli("compile", looping_savedmodel, "-p", loop_profile(tmp_path), "--calib",
+                           tmp_path / "near.npz", "--out", tmp_path / "o", "--timeout", "5")
+    assert time.monotonic() - started < 120
+    assert one_line_error(code, err, 3).endswith("1 variant(s) failed: fp16 (reasons in the table and the manifest; "
+                                                 "the built ones were written)")
+    from edge_kit.manifest import read_manifest
+
+    manifest = read_manifest(tmp_path / "o" / "loop")
+    assert manifest.artifact("fp16").status == "failed"
+    assert manifest.artifact("fp16").reason == ("variant fp16: the inference on near.npz did not finish within 5 s: "
+                                                "a model that loops on real inputs? (edgekit compile --timeout sets "
+                                                "the limit)")
+    assert [a.id for a in manifest.artifacts if a.status == "built"] == ["fp32", "dynamic-int8"]
+    assert manifest.artifact("dynamic-int8").fidelity.measured
+    assert sorted(p.name for p in (tmp_path / "o" / "loop").iterdir()) == ["dynamic-int8.tflite", "fp32.tflite",
+                                                                          "manifest.json"]

