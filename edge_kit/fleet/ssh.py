@@ -9,7 +9,7 @@ that differs from the recorded one is always refused.
 from __future__ import annotations
 
 import functools
-import hashlib
+import inspect
 import json
 import re
 import shlex
@@ -22,6 +22,8 @@ import paramiko
 from fabric import Connection
 from invoke.exceptions import CommandTimedOut
 
+from device_agents import codecheck
+from device_agents.supervise import is_supervisor
 from edge_kit.errors import DeployError
 from edge_kit.fleet.inventory import Device
 
@@ -51,6 +53,93 @@ runtimes = {"onnxruntime": ort is not None,  # optional: the onnx-* variants; tr
 print(json.dumps({"free": shutil.disk_usage(probe).free, "python": sys.executable, "missing": missing,
                   "runtimes": runtimes, "version": list(sys.version_info[:3])}))
 """
+
+
+# What the deploy reads of a device, in one command: this runs after the source of
+# device_agents.codecheck's tree() (DeviceShell._probe), as `python -I -S -B -c`: standard library only,
+# and nothing of the device's working folder, PYTHONPATH or site-packages is imported before the check.
+# A file that exists but cannot be read is an error naming it, a missing one is null. It imports no more
+# than it needs and writes its JSON itself: json (through re and enum), pathlib and typing took most of
+# its time here (python -X importtime), and a device's CPU is slower still. The host interprets what it
+# prints.
+_DEVICE_STATE = r"""
+root, pending = os.path.expanduser(sys.argv[1]).rstrip("/"), sys.argv[2]
+
+def read(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        sys.exit("cannot read %s (%s)" % (path, exc.strerror or exc))
+
+def text(path):
+    data = read(path)
+    return None if data is None else data.decode("utf-8", "replace")
+
+def exists(path):
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError:  # there, though not ours to look into
+        return True
+    return True
+
+def digest(name):
+    data = read(os.path.join(root, name))
+    return None if data is None else hashlib.sha256(data).hexdigest()
+
+try:
+    names = sorted(n for n in os.listdir(os.path.join(root, "models")) if len(n) == 64)
+except (FileNotFoundError, NotADirectoryError):
+    names = []
+except OSError as exc:
+    sys.exit("cannot list %s/models (%s)" % (root, exc.strerror or exc))
+try:
+    current = os.path.basename(os.readlink(os.path.join(root, "current"))) or None
+except OSError:
+    current = None
+pid = (text(os.path.join(root, "agent.pid")) or "").strip()
+cmdline = read("/proc/%s/cmdline" % pid) if pid.isdigit() else None
+code = os.path.join(root, "agent")
+_ESCAPES = {**{i: "\\u%04x" % i for i in range(32)}, ord('"'): '\\"', ord("\\"): "\\\\"}
+
+def dump(value):
+    if isinstance(value, dict):
+        return "{" + ",".join(dump(k) + ":" + dump(v) for k, v in value.items()) + "}"
+    if isinstance(value, str):  # UTF-8 on the wire: JSON allows it, and it spares a pass over every character
+        return '"' + value.translate(_ESCAPES) + '"'
+    return {None: "null", True: "true", False: "false"}[value]
+
+sys.stdout.buffer.write(dump({
+    "root": root,
+    "digests": {"config_sha256": digest("agent.yaml"), "password_sha256": digest("mqtt.pass"),
+                "operators_sha256": digest("identity/operators.json"),
+                "broker_ca_sha256": digest("identity/broker-ca.pem")},
+    "device_pub": (text(os.path.join(root, "identity", "device.pub")) or "").strip() or None,
+    "has_device_key": exists(os.path.join(root, "identity", "device.key")),
+    "pid": pid if pid.isdigit() else None, "cmdline": None if cmdline is None else cmdline.decode("latin-1"),
+    "restart_pending": exists(os.path.join(root, pending)), "systemd": exists("/run/systemd/system"),
+    "models": {n: text(os.path.join(root, "models", n, "meta.json")) for n in names}, "current": current,
+    "code": {"files": tree(code) if os.path.isdir(code) else None, "manifest": text(os.path.join(code, MANIFEST))},
+}).encode("utf-8", "backslashreplace") + b"\n")  # a lone surrogate (an undecodable file name): \udcXX
+"""
+
+
+@functools.cache
+def _probe_script() -> str:
+    """Return the probe's script: :data:`_DEVICE_STATE` after :func:`device_agents.codecheck.tree`'s source
+    (read once: ``inspect`` tokenizes the module for it)."""
+    return (f"from __future__ import annotations\nimport hashlib, os, sys\nMANIFEST = {codecheck.MANIFEST!r}\n"
+            + inspect.getsource(codecheck.tree) + _DEVICE_STATE)
+
+
+def probe_argv(python: str, root: str) -> list[str]:
+    """Return the argv that prints, as JSON, the state of the device root ``root`` (``~`` expanded there)
+    with the device's ``python``: the probe's script in isolated mode without ``site``."""
+    return [python, "-I", "-S", "-B", "-c", _probe_script(), root, RESTART_PENDING]
 
 
 # What a dropped or refused connection raises, from the socket, paramiko's transport or its SFTP reader.
@@ -178,7 +267,8 @@ class DeviceShell:
 
     Raises (on enter):
         HostKeyError: the host key is not in known_hosts (and ``trust_new`` is off) or has changed.
-        DeployError: unreachable host, refused key, timeout.
+        DeployError: unreachable host, refused key, timeout; or the probe of the device's state failed
+            (its ``python`` not found, a file there unreadable: see :meth:`_probe`).
     """
 
     def __init__(self, dev: Device, known_hosts: Path, trust_new: bool = False):
@@ -248,73 +338,39 @@ class DeviceShell:
             raise DeployError(f"{where}: the connection closed during the SSH handshake ({_why(exc)})") from None
 
     def _probe(self) -> dict[str, Any]:
-        """Return what of the agent and its models is on the device, read over SFTP alone.
+        """Return what of the agent and its models is on the device, read by one command.
 
-        No command runs, so a device with nothing to change costs one SSH handshake: the absolute
-        root, the agent bundle's sha256, hashes of its config and password file, whether its
+        One Python process on the device (:data:`_DEVICE_STATE` after :func:`device_agents.codecheck.tree`'s
+        source, sent from this host, in isolated mode without ``site``) returns: the absolute root, the
+        agent code's tree of sha256s and its signed manifest (``code``, for
+        :func:`edge_kit.fleet.agent_install.ensure_agent`), hashes of its config, password, operator
+        keys and broker CA, the device's public key and whether its private key is there, whether its
         supervisor runs (the pid file's process, recognised by its command line), whether systemd
         runs, whether a deploy left a restart pending, the installed models and the current one (the
-        layout of :mod:`device_agents.store`).
+        layout of :mod:`device_agents.store`). No SFTP session is opened: a device with nothing to
+        change costs one SSH handshake and this one command.
 
         Raises:
-            OSError, paramiko.SSHException, EOFError: the connection failed (the caller words it).
+            DeployError: the device's Python is missing or failed (named), a file exists but cannot be
+                read, or the connection was lost.
         """
-        sftp = self.conn.sftp()
-        home = sftp.normalize(".")
-        root = (home + self.dev.root[1:] if self.dev.root.startswith("~") else self.dev.root).rstrip("/")
-
-        def exists(path: str) -> bool:
-            try:
-                sftp.stat(path)
-            except FileNotFoundError:
-                return False
-            except PermissionError:
-                return True
-            return True
-
-        def digest(name: str) -> str | None:
-            data = self.read(f"{root}/{name}")
-            return None if data is None else hashlib.sha256(data).hexdigest()
-
-        pid = (self.read(f"{root}/agent.pid") or b"").decode().strip()
+        found = self.run_json(probe_argv(self.dev.python, self.dev.root), "the device state probe")
+        root = found["root"]
         installed = []
-        try:
-            names = sftp.listdir(f"{root}/models")
-        except FileNotFoundError:
-            names = []
-        for name in sorted(names):
-            meta = self.read(f"{root}/models/{name}/meta.json") if len(name) == 64 else None
+        for name, meta in sorted(found["models"].items()):
             try:
                 record = json.loads(meta) if meta else None
             except ValueError:
                 record = None  # damaged: not counted as installed, so the deploy uploads it again
             if isinstance(record, dict) and record.get("sha256") == name:
                 installed.append(record)
-        try:
-            current: str | None = Path(sftp.readlink(f"{root}/current") or "").name or None
-        except (FileNotFoundError, OSError):
-            current = None
-        return {"root": root,
-                "config_sha256": digest("agent.yaml"), "password_sha256": digest("mqtt.pass"),
-                "device_pub": (self.read(f"{root}/identity/device.pub") or b"").decode().strip() or None,
-                "has_device_key": exists(f"{root}/identity/device.key"),
-                "operators_sha256": digest("identity/operators.json"),
-                "broker_ca_sha256": digest("identity/broker-ca.pem"),
-                "agent_pid": int(pid) if pid.isdigit() and self._is_supervisor(pid, root) else None,
-                "restart_pending": exists(f"{root}/{RESTART_PENDING}"),
-                "systemd": exists("/run/systemd/system"), "installed": installed, "current": current}
-
-    def _is_supervisor(self, pid: str, root: str) -> bool:
-        """Return whether process ``pid`` is this root's agent supervisor (its command line, read from
-        ``/proc``, names ``supervise`` and ``<root>/agent.pid``): a pid file left by a reboot or a crash may
-        name a process that is now something else, which must be neither trusted nor stopped.
-
-        Raises:
-            DeployError: the connection failed.
-        """
-        from device_agents.supervise import is_supervisor
-
-        return is_supervisor(self.read(f"/proc/{pid}/cmdline") or b"", root)
+        pid, cmdline = found["pid"], found["cmdline"]
+        return {"root": root, **found["digests"], "code": found["code"],
+                "device_pub": found["device_pub"], "has_device_key": found["has_device_key"],
+                "agent_pid": int(pid) if pid and cmdline is not None
+                and is_supervisor(cmdline.encode("latin-1"), root) else None,
+                "restart_pending": found["restart_pending"], "systemd": found["systemd"],
+                "installed": installed, "current": found["current"]}
 
     @functools.cached_property
     def python_facts(self) -> dict[str, Any]:

@@ -58,6 +58,37 @@ def test_deploy_to_four_devices_in_parallel_then_redeploy_skips_them_all(sim, di
         assert link.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
 
 
+def test_an_unchanged_redeploy_costs_each_device_one_ssh_command_and_one_mqtt_request(sim, digits_artifacts,
+                                                                                       monkeypatch):
+    """What a device with nothing to change costs, pinned: one SSH session running one command (the
+    probe: facts, the agent code's hashes, identity, models and `current`, in one isolated Python), no
+    SFTP session, and one MQTT request (the agent's `state` with its stored models hashed). It used to
+    take an SFTP session of some twenty reads plus a second command for the code check."""
+    import paramiko
+
+    from edge_kit.fleet.commands import FleetClient
+
+    _, fleet = sim(2)
+    assert not deploy(fleet, fleet.devices, DeployOptions(digits_artifacts, variant="int8")).failed
+    commands: list[str] = []
+    subsystems: list[str] = []
+    requests: list[tuple[str, str]] = []
+    exec_command, invoke_subsystem, request = (paramiko.Channel.exec_command, paramiko.Channel.invoke_subsystem,
+                                               FleetClient.request)
+    monkeypatch.setattr(paramiko.Channel, "exec_command",
+                        lambda self, command: (commands.append(command), exec_command(self, command))[1])
+    monkeypatch.setattr(paramiko.Channel, "invoke_subsystem",
+                        lambda self, name: (subsystems.append(name), invoke_subsystem(self, name))[1])
+    monkeypatch.setattr(FleetClient, "request",
+                        lambda self, device, name, *a, **k: (requests.append((device, name)),
+                                                             request(self, device, name, *a, **k))[1])
+    group = deploy(fleet, fleet.devices, DeployOptions(digits_artifacts))
+    assert [r.status for r in group.results] == ["skipped", "skipped"], [r.reason for r in group.results]
+    assert subsystems == []
+    assert len(commands) == 2 and all(" -I -S -B -c " in c for c in commands), [c[:80] for c in commands]
+    assert sorted(requests) == [(d.name, "state") for d in fleet.devices]
+
+
 def through_proxy(simfleet, fleet, index: int, proxy: CuttingProxy, tmp_path: Path):
     """Return the fleet with device ``index`` reached through ``proxy`` (its host key known there too)."""
     dev = fleet.devices[index]
@@ -242,8 +273,9 @@ exec {sys.executable} "$@"
         data["devices"][0]["python"] = python
         (tmp_path / "fleet.yaml").write_text(yaml.safe_dump(data))
         changed = load_fleet(tmp_path / "fleet.yaml")
-        with DeviceShell(changed.devices[0], changed.known_hosts) as shell, pytest.raises(DeployError) as caught:
-            ensure_agent(shell, changed)
+        with pytest.raises(DeployError) as caught:  # no interpreter: the probe itself says so
+            with DeviceShell(changed.devices[0], changed.known_hosts) as shell:
+                ensure_agent(shell, changed)
         assert str(caught.value).startswith("rpi4-1: ") and message in str(caught.value), caught.value
         assert (root / "agent").resolve() == code and (root / "agent.pid").is_file()  # untouched, still running
 
