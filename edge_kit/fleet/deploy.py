@@ -27,6 +27,7 @@ orchestration and live in :mod:`edge_kit.loop.rollout`.
 from __future__ import annotations
 
 import difflib
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable
@@ -230,6 +231,8 @@ class _Deployer:
         self.eval_sha256 = self._eval_sha256()
         self.client = client
         self.progress = progress or (lambda _d, _m: None)
+        # set on Ctrl-C: a device still connecting gives up at once (nothing changed there); one past that finishes
+        self.cancel = threading.Event()
 
     def _eval_sha256(self) -> str | None:
         """Return the sha256 of the eval set to ship with the artifacts: the one the manifest records
@@ -272,7 +275,7 @@ class _Deployer:
         if variant and variant not in by_id:
             raise DeployError(f"{dev.name}: variant {variant} was not built for profile {dev.profile} "
                               f"(built: {', '.join(by_id)})")
-        with DeviceShell(dev, self.fleet.known_hosts, self.opts.trust_new_hosts) as shell:
+        with DeviceShell(dev, self.fleet.known_hosts, self.opts.trust_new_hosts, cancel=self.cancel) as shell:
             self.progress(dev.name, "agent")
             agent = ensure_agent(shell, self.fleet)
             result.actions += agent.changed
@@ -453,7 +456,11 @@ def deploy(fleet: Fleet, devices: list[Device], opts: DeployOptions,
     try:
         deployer = _Deployer(fleet, opts, manifest, client, progress)
         with ThreadPoolExecutor(max_workers=max(1, min(opts.parallel, len(devices)))) as pool:
-            return GroupResult(list(pool.map(deployer.one, devices)), signature=manifest.signature)
+            try:
+                return GroupResult(list(pool.map(deployer.one, devices)), signature=manifest.signature)
+            except BaseException:  # Ctrl-C: the devices not started are cancelled (map), those connecting give up
+                deployer.cancel.set()
+                raise
     finally:
         if client is not None:
             client.close()

@@ -8,13 +8,18 @@ that differs from the recorded one is always refused.
 
 from __future__ import annotations
 
+import errno
 import functools
 import inspect
 import json
+import os
 import re
+import selectors
 import shlex
 import socket
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -184,17 +189,97 @@ class _PromptAckSocket(socket.socket):
         return data
 
 
-def open_socket(host: str, port: int, timeout: float = CONNECT_TIMEOUT_S) -> socket.socket:
-    """Return a TCP connection to ``host:port`` for SSH: no Nagle, prompt acknowledgements.
+class Cancelled(DeployError):
+    """The operation was cancelled (Ctrl-C on a deploy) before it reached the device: nothing changed there."""
+
+
+CANCEL_POLL_S = 0.05  # how often a connect or a name lookup in progress looks at its cancel event
+
+
+def _wait(done: Callable[[float], bool], deadline: float, cancel: threading.Event | None, what: str) -> None:
+    """Return once ``done(seconds)`` (wait at most that long; True when finished) says so.
 
     Raises:
-        OSError: unreachable, refused or timed out.
+        Cancelled: ``cancel`` was set meanwhile (looked at every :data:`CANCEL_POLL_S`).
+        TimeoutError: ``deadline`` (monotonic) passed first; ``what`` names the step.
     """
-    plain = socket.create_connection((host, port), timeout=timeout)
-    sock = _PromptAckSocket(fileno=plain.detach())
-    sock.settimeout(timeout)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
+    while True:
+        if cancel is not None and cancel.is_set():
+            raise Cancelled(f"cancelled during the {what}; nothing was changed on the device")
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"{what} timed out")
+        if done(min(left, CANCEL_POLL_S) if cancel is not None else left):
+            return
+
+
+def _resolve(host: str, port: int, deadline: float, cancel: threading.Event | None) -> list[tuple[Any, ...]]:
+    """Return ``getaddrinfo`` for a TCP connection to ``host:port``. A literal address is taken at once; a
+    name is looked up in a daemon thread, given up (left to finish on its own) at ``deadline`` or on ``cancel``,
+    since the resolver itself takes neither.
+
+    Raises:
+        OSError (socket.gaierror): the name does not resolve. TimeoutError, Cancelled: see :func:`_wait`.
+    """
+    try:
+        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
+    except socket.gaierror:
+        pass  # a name, not an address
+    found: list[Any] = []
+    ready = threading.Event()
+
+    def lookup() -> None:
+        try:
+            found.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        except OSError as exc:
+            found.append(exc)
+        ready.set()
+
+    threading.Thread(target=lookup, name=f"resolve {host}", daemon=True).start()
+    _wait(ready.wait, deadline, cancel, f"name lookup of {host}")
+    if isinstance(found[0], OSError):
+        raise found[0]
+    return found[0]
+
+
+def open_socket(host: str, port: int, timeout: float = CONNECT_TIMEOUT_S,
+                cancel: threading.Event | None = None) -> socket.socket:
+    """Return a TCP connection to ``host:port`` for SSH: no Nagle, prompt acknowledgements.
+
+    The name lookup and the connect share ``timeout``; both give up within :data:`CANCEL_POLL_S` of
+    ``cancel`` being set (a connect is made non-blocking and polled, a lookup runs in a thread).
+    Each address the name has is tried in turn, as :func:`socket.create_connection` does.
+
+    Raises:
+        Cancelled: ``cancel`` was set first.
+        OSError: unreachable, refused, not resolved or timed out (TimeoutError).
+    """
+    deadline = time.monotonic() + timeout
+    error: OSError | None = None
+    for family, kind, proto, _name, address in _resolve(host, port, deadline, cancel):
+        plain = socket.socket(family, kind, proto)
+        try:
+            plain.setblocking(False)
+            code = plain.connect_ex(address)
+            if code in (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN):
+                with selectors.DefaultSelector() as sel:
+                    sel.register(plain, selectors.EVENT_WRITE)
+                    _wait(lambda s: bool(sel.select(s)), deadline, cancel, f"connect to {host}:{port}")
+                code = plain.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if code:
+                raise OSError(code, os.strerror(code))
+        except OSError as exc:  # TimeoutError is one: the next address gets what is left (nothing, then)
+            plain.close()
+            error = exc
+            continue
+        except BaseException:
+            plain.close()
+            raise
+        sock = _PromptAckSocket(fileno=plain.detach())
+        sock.settimeout(timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+    raise error if error is not None else OSError(f"{host} has no address")
 
 
 class HostKeyError(DeployError):
@@ -267,12 +352,14 @@ class DeviceShell:
 
     Raises (on enter):
         HostKeyError: the host key is not in known_hosts (and ``trust_new`` is off) or has changed.
+        Cancelled: ``cancel`` was set while connecting (or looking the name up).
         DeployError: unreachable host, refused key, timeout; or the probe of the device's state failed
             (its ``python`` not found, a file there unreadable: see :meth:`_probe`).
     """
 
-    def __init__(self, dev: Device, known_hosts: Path, trust_new: bool = False):
+    def __init__(self, dev: Device, known_hosts: Path, trust_new: bool = False, cancel: threading.Event | None = None):
         self.dev = dev
+        self.cancel = cancel  # set: a connect (or name lookup) still under way gives up at once (Cancelled)
         self.known_hosts = Path(known_hosts).expanduser()
         self.trust_new = trust_new
         kwargs: dict[str, Any] = {"allow_agent": dev.key is None, "look_for_keys": dev.key is None,
@@ -318,8 +405,10 @@ class DeviceShell:
                                   "in the fleet file to its private key file") from None
         name = known_hosts_name(self.dev.host, self.dev.port)
         try:
-            self.conn.connect_kwargs["sock"] = open_socket(self.dev.host, self.dev.port)
+            self.conn.connect_kwargs["sock"] = open_socket(self.dev.host, self.dev.port, cancel=self.cancel)
             self.conn.open()
+        except Cancelled as exc:
+            raise Cancelled(f"{where}: {exc}") from None
         except paramiko.BadHostKeyException:
             raise HostKeyError(f"{where}: host key differs from the one in {self.known_hosts}; refusing (someone may be "
                                "impersonating the device; if it was reinstalled, remove the old key: "

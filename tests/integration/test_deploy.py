@@ -370,6 +370,23 @@ def test_ctrl_c_during_a_deploy_leaves_the_devices_not_yet_started_alone(sim, di
     assert [current(d) for d in fleet.devices[1:]] == [None, None]
 
 
+def test_ctrl_c_while_a_device_is_still_connecting_returns_at_once(sim, digits_artifacts, silent_port):
+    """A device that does not answer (here a loopback port whose accept queue is full) held a Ctrl-C'd deploy
+    for the whole connect timeout (10 s): nothing had been changed on it, so now its connect gives up at once."""
+    import signal
+    import threading
+
+    _, fleet = sim(1)
+    silent = fleet.devices[0].model_copy(update={"port": silent_port})
+    timer = threading.Timer(0.5, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
+    started = time.monotonic()
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        deploy(fleet, [silent], DeployOptions(digits_artifacts, variant="int8", health=False))
+    assert time.monotonic() - started < 3.0  # not CONNECT_TIMEOUT_S
+    assert current(fleet.devices[0]) is None
+
+
 def test_an_agent_install_on_a_full_disk_is_named_and_leaves_nothing_behind(sim, tmp_path):
     """On a root with room for the bundle but not for its files, the install used to fail with the last
     line of a traceback and leave the half-unpacked folder and the upload, filling the disk for the next try."""
