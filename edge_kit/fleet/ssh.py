@@ -25,9 +25,9 @@ from typing import Any
 
 import paramiko
 from fabric import Connection
-from invoke.exceptions import CommandTimedOut
 
 from device_agents import codecheck
+from device_agents.store import damage
 from device_agents.supervise import is_supervisor
 from edge_kit.errors import DeployError
 from edge_kit.fleet.inventory import Device
@@ -68,7 +68,7 @@ print(json.dumps({"free": shutil.disk_usage(probe).free, "python": sys.executabl
 # its time here (python -X importtime), and a device's CPU is slower still. The host interprets what it
 # prints.
 _DEVICE_STATE = r"""
-root, pending = os.path.expanduser(sys.argv[1]).rstrip("/"), sys.argv[2]
+root, pending, verify = os.path.expanduser(sys.argv[1]).rstrip("/"), sys.argv[2], sys.argv[3:]
 
 def read(path):
     try:
@@ -95,6 +95,21 @@ def exists(path):
 def digest(name):
     data = read(os.path.join(root, name))
     return None if data is None else hashlib.sha256(data).hexdigest()
+
+def file_hashes(folder):  # the files a stored model's check needs (device_agents.store.damage), by name
+    out = {}
+    for name in ("model.tflite", "model.onnx", "eval.npz"):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            h = hashlib.sha256()
+            try:
+                with open(path, "rb") as f:
+                    for block in iter(lambda: f.read(1 << 20), b""):
+                        h.update(block)
+            except OSError as exc:
+                sys.exit("cannot read %s (%s)" % (path, exc.strerror or exc))
+            out[name] = h.hexdigest()
+    return out
 
 try:
     names = sorted(n for n in os.listdir(os.path.join(root, "models")) if len(n) == 64)
@@ -128,6 +143,7 @@ sys.stdout.buffer.write(dump({
     "pid": pid if pid.isdigit() else None, "cmdline": None if cmdline is None else cmdline.decode("latin-1"),
     "restart_pending": exists(os.path.join(root, pending)), "systemd": exists("/run/systemd/system"),
     "models": {n: text(os.path.join(root, "models", n, "meta.json")) for n in names}, "current": current,
+    "hashes": {n: file_hashes(os.path.join(root, "models", n)) for n in verify if n in names},
     "code": {"files": tree(code) if os.path.isdir(code) else None, "manifest": text(os.path.join(code, MANIFEST))},
 }).encode("utf-8", "backslashreplace") + b"\n")  # a lone surrogate (an undecodable file name): \udcXX
 """
@@ -141,10 +157,11 @@ def _probe_script() -> str:
             + inspect.getsource(codecheck.tree) + _DEVICE_STATE)
 
 
-def probe_argv(python: str, root: str) -> list[str]:
+def probe_argv(python: str, root: str, verify: tuple[str, ...] = ()) -> list[str]:
     """Return the argv that prints, as JSON, the state of the device root ``root`` (``~`` expanded there)
-    with the device's ``python``: the probe's script in isolated mode without ``site``."""
-    return [python, "-I", "-S", "-B", "-c", _probe_script(), root, RESTART_PENDING]
+    with the device's ``python``: the probe's script in isolated mode without ``site``. The stored models
+    named in ``verify`` (sha256s) also get their files hashed (``hashes``)."""
+    return [python, "-I", "-S", "-B", "-c", _probe_script(), root, RESTART_PENDING, *verify]
 
 
 # What a dropped or refused connection raises, from the socket, paramiko's transport or its SFTP reader.
@@ -357,8 +374,10 @@ class DeviceShell:
             (its ``python`` not found, a file there unreadable: see :meth:`_probe`).
     """
 
-    def __init__(self, dev: Device, known_hosts: Path, trust_new: bool = False, cancel: threading.Event | None = None):
+    def __init__(self, dev: Device, known_hosts: Path, trust_new: bool = False, cancel: threading.Event | None = None,
+                 verify: tuple[str, ...] = ()):
         self.dev = dev
+        self.verify = verify  # sha256s of stored models the probe checks (``info["damaged"]``)
         self.cancel = cancel  # set: a connect (or name lookup) still under way gives up at once (Cancelled)
         self.known_hosts = Path(known_hosts).expanduser()
         self.trust_new = trust_new
@@ -436,30 +455,35 @@ class DeviceShell:
         keys and broker CA, the device's public key and whether its private key is there, whether its
         supervisor runs (the pid file's process, recognised by its command line), whether systemd
         runs, whether a deploy left a restart pending, the installed models and the current one (the
-        layout of :mod:`device_agents.store`). No SFTP session is opened: a device with nothing to
+        layout of :mod:`device_agents.store`), and ``damaged``: ``{sha256: why}`` for the stored models named
+        in ``verify`` that fail :func:`device_agents.store.damage` (their files hashed on the device). No SFTP
+        session is opened: a device with nothing to
         change costs one SSH handshake and this one command.
 
         Raises:
             DeployError: the device's Python is missing or failed (named), a file exists but cannot be
                 read, or the connection was lost.
         """
-        found = self.run_json(probe_argv(self.dev.python, self.dev.root), "the device state probe")
+        found = self.run_json(probe_argv(self.dev.python, self.dev.root, self.verify), "the device state probe")
         root = found["root"]
-        installed = []
+        installed, metas = [], {}
         for name, meta in sorted(found["models"].items()):
             try:
                 record = json.loads(meta) if meta else None
             except ValueError:
-                record = None  # damaged: not counted as installed, so the deploy uploads it again
+                record = None
+            metas[name] = record if isinstance(record, dict) else None  # as the agent's store reads it
             if isinstance(record, dict) and record.get("sha256") == name:
-                installed.append(record)
+                installed.append(record)  # else damaged: not counted as installed, so the deploy uploads it again
+        damaged = {name: why for name, hashes in found["hashes"].items()
+                   if (why := damage(metas.get(name), name, hashes)) is not None}
         pid, cmdline = found["pid"], found["cmdline"]
         return {"root": root, **found["digests"], "code": found["code"],
                 "device_pub": found["device_pub"], "has_device_key": found["has_device_key"],
                 "agent_pid": int(pid) if pid and cmdline is not None
                 and is_supervisor(cmdline.encode("latin-1"), root) else None,
                 "restart_pending": found["restart_pending"], "systemd": found["systemd"],
-                "installed": installed, "current": found["current"]}
+                "installed": installed, "current": found["current"], "damaged": damaged}
 
     @functools.cached_property
     def python_facts(self) -> dict[str, Any]:
@@ -497,19 +521,63 @@ class DeviceShell:
         if cwd:
             command = f"cd {shlex.quote(cwd)} && {command}"
         try:
-            result = self.conn.run(command, hide=True, warn=True, timeout=timeout, in_stream=False)
-        except CommandTimedOut:
+            exited, stdout, stderr = self._exec(command, timeout)
+        except TimeoutError:
             raise DeployError(f"{self.dev.name}: `{argv[-1] if argv else ''}` took longer than {timeout:.0f} s") from None
         except _LINK_ERRORS as exc:
             raise DeployError(f"{self.dev.name}: SSH connection lost ({_why(exc)})") from None
-        if result.exited == 127:  # POSIX shells and env: command not found
+        if exited == 127:  # POSIX shells and env: command not found
             raise DeployError(f"{self.dev.name}: {program!r} is not found on the device"
                               + (f"; install Python {'.'.join(map(str, MIN_PYTHON))} or newer there, or set `python:` "
                                  "for the device in the fleet file to its interpreter" if program == self.dev.python else ""))
-        if result.exited != 0:
-            lines = [ln for ln in result.stderr.splitlines() if ln.strip() and not ln.startswith("INFO:")]
-            raise DeployError(f"{self.dev.name}: {lines[-1] if lines else f'exit code {result.exited}'}")
-        return result.stdout
+        if exited != 0:
+            lines = [ln for ln in stderr.splitlines() if ln.strip() and not ln.startswith("INFO:")]
+            raise DeployError(f"{self.dev.name}: {lines[-1] if lines else f'exit code {exited}'}")
+        return stdout
+
+    def _exec(self, command: str, timeout: float) -> tuple[int, str, str]:
+        """Return the exit code, stdout and stderr (UTF-8, undecodable bytes replaced) of ``command``, run by the
+        device user's shell on a session channel of its own, with no input (end of file at once).
+
+        Read straight from the channel (stdout and stderr as they come, so neither fills the window while the
+        other is awaited), it returns as soon as the command exits: Fabric's runner polled for the exit every
+        10 ms in threads of its own (10 to 20 ms more per command, ``benchmarks/test_fleet_figures.py``).
+
+        Raises:
+            TimeoutError: not finished within ``timeout`` seconds (the channel is closed).
+            EOFError, OSError, paramiko.SSHException: the connection was lost (no exit status came).
+        """
+        transport = self.conn.client.get_transport()
+        if transport is None or not transport.is_active():
+            raise EOFError("connection closed")
+        deadline = time.monotonic() + timeout
+        chan = transport.open_session(timeout=timeout)
+        try:
+            chan.exec_command(command)
+            chan.shutdown_write()
+            out, err = bytearray(), bytearray()
+            with selectors.DefaultSelector() as sel:
+                sel.register(chan, selectors.EVENT_READ)  # its pipe is set by stdout and stderr data, and by the end
+                while True:
+                    while chan.recv_ready():
+                        out += chan.recv(1 << 16)
+                    while chan.recv_stderr_ready():
+                        err += chan.recv_stderr(1 << 16)
+                    if chan.eof_received or chan.closed:
+                        break
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError(command)
+                    sel.select(left)
+            if not chan.status_event.wait(max(0.0, deadline - time.monotonic())):
+                raise TimeoutError(command)
+            out += b"".join(iter(lambda: chan.recv(1 << 16) if chan.recv_ready() else b"", b""))
+            err += b"".join(iter(lambda: chan.recv_stderr(1 << 16) if chan.recv_stderr_ready() else b"", b""))
+            if chan.exit_status == -1:  # closed without one: the link went down
+                raise EOFError("connection closed before the command's exit status came")
+            return chan.exit_status, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
+        finally:
+            chan.close()
 
     def agent(self, *args: str, timeout: float = COMMAND_TIMEOUT_S) -> dict[str, Any]:
         """Run ``python -m device_agents ARGS --root ROOT`` from the deployed agent; return its JSON.

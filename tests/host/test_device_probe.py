@@ -14,8 +14,8 @@ from device_agents import codecheck
 from edge_kit.fleet.ssh import probe_argv
 
 
-def probe(root) -> dict:
-    out = subprocess.run(probe_argv(sys.executable, str(root)), capture_output=True, timeout=60, check=True).stdout
+def probe(root, verify=()) -> dict:
+    out = subprocess.run(probe_argv(sys.executable, str(root), verify), capture_output=True, timeout=60, check=True).stdout
     return json.loads(out)
 
 
@@ -52,3 +52,23 @@ def test_an_empty_root_is_reported_as_nothing_installed(tmp_path):
     found = probe(tmp_path / "nothing-here")
     assert found["code"] == {"files": None, "manifest": None} and found["models"] == {} and found["current"] is None
     assert found["pid"] is None and found["cmdline"] is None
+
+
+def test_the_probe_hashes_the_files_of_the_stored_models_it_is_asked_to_verify(tmp_path):
+    from device_agents.store import damage
+
+    data = b"\x00tflite bytes"
+    sha = hashlib.sha256(data).hexdigest()
+    folder = tmp_path / "models" / sha
+    folder.mkdir(parents=True)
+    (folder / "model.tflite").write_bytes(data)
+    (folder / "eval.npz").write_bytes(b"eval")
+    other = tmp_path / "models" / ("c" * 64)
+    other.mkdir()
+    (other / "model.tflite").write_bytes(b"x")
+    found = probe(tmp_path, (sha, "d" * 64))  # a model not there is left out; one not asked for is not hashed
+    assert found["hashes"] == {sha: {"model.tflite": sha, "eval.npz": hashlib.sha256(b"eval").hexdigest()}}
+    meta = {"sha256": sha, "eval_sha256": hashlib.sha256(b"eval").hexdigest()}
+    assert damage(meta, sha, found["hashes"][sha]) is None
+    (folder / "model.tflite").write_bytes(data + b"!")
+    assert damage(meta, sha, probe(tmp_path, (sha,))["hashes"][sha]) == "the artifact no longer hashes to its sha256"

@@ -58,12 +58,12 @@ def test_deploy_to_four_devices_in_parallel_then_redeploy_skips_them_all(sim, di
         assert link.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
 
 
-def test_an_unchanged_redeploy_costs_each_device_one_ssh_command_and_one_mqtt_request(sim, digits_artifacts,
-                                                                                       monkeypatch):
-    """What a device with nothing to change costs, pinned: one SSH session running one command (the
-    probe: facts, the agent code's hashes, identity, models and `current`, in one isolated Python), no
-    SFTP session, and one MQTT request (the agent's `state` with its stored models hashed). It used to
-    take an SFTP session of some twenty reads plus a second command for the code check."""
+def test_an_unchanged_redeploy_costs_each_device_one_ssh_command_and_nothing_else(sim, digits_artifacts, monkeypatch):
+    """What a device with nothing to change costs, pinned: one SSH session running one command (the probe:
+    the agent code's hashes, identity, models, `current`, and the hashes of the stored candidates for the
+    repair check, in one isolated Python), no SFTP session and no MQTT request. It used to take an SFTP
+    session of some twenty reads, a second command for the code check and a `state` request over MQTT
+    (the agent hashing its models)."""
     import paramiko
 
     from edge_kit.fleet.commands import FleetClient
@@ -73,20 +73,19 @@ def test_an_unchanged_redeploy_costs_each_device_one_ssh_command_and_one_mqtt_re
     commands: list[str] = []
     subsystems: list[str] = []
     requests: list[tuple[str, str]] = []
-    exec_command, invoke_subsystem, request = (paramiko.Channel.exec_command, paramiko.Channel.invoke_subsystem,
-                                               FleetClient.request)
+    exec_command, invoke_subsystem, send = (paramiko.Channel.exec_command, paramiko.Channel.invoke_subsystem,
+                                            FleetClient.send)
     monkeypatch.setattr(paramiko.Channel, "exec_command",
                         lambda self, command: (commands.append(command), exec_command(self, command))[1])
     monkeypatch.setattr(paramiko.Channel, "invoke_subsystem",
                         lambda self, name: (subsystems.append(name), invoke_subsystem(self, name))[1])
-    monkeypatch.setattr(FleetClient, "request",
+    monkeypatch.setattr(FleetClient, "send",
                         lambda self, device, name, *a, **k: (requests.append((device, name)),
-                                                             request(self, device, name, *a, **k))[1])
+                                                             send(self, device, name, *a, **k))[1])
     group = deploy(fleet, fleet.devices, DeployOptions(digits_artifacts))
     assert [r.status for r in group.results] == ["skipped", "skipped"], [r.reason for r in group.results]
-    assert subsystems == []
+    assert subsystems == [] and requests == []
     assert len(commands) == 2 and all(" -I -S -B -c " in c for c in commands), [c[:80] for c in commands]
-    assert sorted(requests) == [(d.name, "state") for d in fleet.devices]
 
 
 def through_proxy(simfleet, fleet, index: int, proxy: CuttingProxy, tmp_path: Path):
