@@ -567,13 +567,16 @@ def fleet_init_cmd(
 
 @fleet_app.command("status")
 def fleet_status_cmd(fleet_file: FleetOpt, history: HistoryOpt = None, as_json: JsonOpt = False,
-                     broker: Annotated[bool, typer.Option(
-                         "--broker/--no-broker",
-                         help="Ask the broker for each agent's retained status (its last word, or its last will).")] = True,
+                     history_only: Annotated[bool, typer.Option(
+                         "--history-only",
+                         help="Do not ask the broker for each agent's retained status (its last word, or its last "
+                              "will); take the states from the history.")] = False,
                      ) -> None:
-    """Per device: state, current variant and its latest benchmark. The state is the status each agent left
-    retained on the broker (verified as the device's), else the history's newest, shown stale when the device
-    has been silent for more than a few telemetry intervals."""
+    """Per device: state (and where it came from), current variant and its latest benchmark.
+
+    The state is the status each agent left retained on the broker (verified as the device's), else the
+    history's newest, shown stale when the device has been silent for more than a few telemetry intervals.
+    """
     from edge_kit.fleet.commands import broker_statuses
     from edge_kit.fleet.inventory import load_fleet
     from edge_kit.telemetry.report import (
@@ -585,7 +588,7 @@ def fleet_status_cmd(fleet_file: FleetOpt, history: HistoryOpt = None, as_json: 
 
     fleet = load_fleet(fleet_file)
     db = open_fleet_history(fleet_file, history, read_only=True)
-    retained, said = broker_statuses(fleet) if broker else ({}, "broker not asked (--no-broker)")
+    retained, said = ({}, "broker not asked (--history-only)") if history_only else broker_statuses(fleet)
     where = (f"state: {said}; otherwise the history's newest status, 'stale' when the device has been silent for more "
              f"than {STALE_INTERVALS} telemetry intervals ({STALE_INTERVALS * TELEMETRY_INTERVAL_S:.0f} s)")
     flagged = flagged_devices(db.latest_decisions((FLEET_KIND,)))

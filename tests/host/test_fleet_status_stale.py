@@ -24,12 +24,12 @@ def test_a_device_silent_for_longer_than_a_few_telemetry_intervals_is_stale_not_
                     ("status", messages.envelope("status", "sim", "gone", 1, {"state": "offline"}))],
                    received=[now - after - 60, now - 5, now - after - 60])
     store.close()
-    code, out, err = run_cli("fleet", "status", "--fleet", fleet_file, "--no-broker")
+    code, out, err = run_cli("fleet", "status", "--fleet", fleet_file, "--history-only")
     assert code == 0, err
     rows = {line.split()[0]: line for line in out.splitlines() if line.split()[:1] in (["quiet"], ["chatty"], ["gone"], ["new"])}
     assert f"stale (history: online, silent > {after:.0f} s)" in rows["quiet"], rows["quiet"]
     assert "online (history)" in rows["chatty"] and "offline (history)" in rows["gone"] and "never seen" in rows["new"]
-    assert "broker not asked (--no-broker)" in out and f"more than {STALE_INTERVALS} telemetry intervals" in out
+    assert "broker not asked (--history-only)" in out and f"more than {STALE_INTERVALS} telemetry intervals" in out
     code, out, err = run_cli("fleet", "status", "--fleet", fleet_file, "--json")  # asked, but no key is registered
     state = json.loads(out)
     assert state["state"]["quiet"]["state"] == "stale" and state["state"]["quiet"]["said"] == "online"
