@@ -7,15 +7,17 @@ and ``supervise``), :func:`verify_code` hashes every file of the version it runs
 start (exit 2, one line naming the first file that differs) when a file was changed, added
 (a stray ``.pyc`` too: the agent runs with ``-B`` and writes none) or removed, or when the signature
 does not verify under the operator keys pinned in ``<root>/identity/operators.json``. The deploy
-runs this module's :func:`tree` on the device as a script of its own (sent from the host, so it
-does not rely on the device's code) and re-installs the agent when the tree differs.
+sends this module's source (with its own probe appended, :data:`edge_kit.fleet.ssh._DEVICE_STATE`) as
+the script it runs on the device, so it does not rely on the device's code, and re-installs the agent
+when the tree differs.
 
 What this does not do: someone who can write the agent's folder can also rewrite this check; the
 deploy's check, run from the host, is the one that such a change cannot hide from. Protecting a
 device from its own root user takes a verified boot chain, which is outside edge-kit.
 
-This module is also run as a standalone script (stdlib only above the ``verify`` part): keep
-:func:`tree` free of imports beyond the standard library.
+This module's source is also run as a script on the device (stdlib only above the ``verify`` part,
+without ``site``): keep :func:`tree` free of imports beyond the standard library, and the module
+free of top-level code that does anything but define.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -112,14 +113,3 @@ def verify_code(folder: Path, operators: Path) -> dict[str, Any]:
                            "not started: run `edgekit deploy` to reinstall it")
     return doc
 
-
-if __name__ == "__main__":  # the deploy's check, sent from the host: print the tree of <root>/agent
-    root = os.path.expanduser(sys.argv[1])
-    folder = os.path.join(root, "agent")
-    manifest = None
-    try:
-        with open(os.path.join(folder, MANIFEST), "rb") as f:
-            manifest = f.read().decode("utf-8", "replace")
-    except OSError:
-        pass
-    print(json.dumps({"files": tree(folder) if os.path.isdir(folder) else None, "manifest": manifest}))

@@ -92,6 +92,24 @@ class Installed:
     fresh: bool = True
 
 
+def damage(meta: dict | None, sha256: str, hashes: dict[str, str]) -> str | None:
+    """Return what is wrong with the stored model ``sha256``, or None when it is intact: ``meta`` is its
+    ``meta.json`` (None: missing or unreadable), ``hashes`` the sha256 of each file its folder holds, by name
+    (``model.tflite``, ``model.onnx``, ``eval.npz``; a file that is not there is left out). The one rule for
+    the agent's own check (:meth:`ModelStore.damaged`) and the deploy's, which hashes on the device with a
+    script of its own (``edge_kit.fleet.ssh``)."""
+    if meta is None:
+        return "meta.json is missing or unreadable"
+    fmt = meta.get("format")
+    if hashes.get("model" + SUFFIX[fmt if fmt in SUFFIX else "tflite"]) != sha256:
+        return "the artifact no longer hashes to its sha256"
+    if "eval.npz" in hashes and not meta.get("eval_sha256"):
+        return "the eval set has no recorded sha256 (installed by an older agent)"
+    if meta.get("eval_sha256") and hashes.get("eval.npz") != meta["eval_sha256"]:
+        return "the eval set no longer hashes to its sha256"
+    return None
+
+
 class ModelStore:
     """The on-device model folder. Every method is safe to call from a separate process too."""
 
@@ -359,17 +377,8 @@ class ModelStore:
         """Return what is wrong with a stored model (metadata, artifact or eval set), or None when intact."""
         folder = self.models / sha256
         meta = self._meta(sha256)
-        if meta is None:
-            return "meta.json is missing or unreadable"
-        artifact = self.model_path(sha256)
-        if not artifact.is_file() or sha256_of(artifact) != sha256:
-            return "the artifact no longer hashes to its sha256"
-        if (folder / "eval.npz").is_file() and not meta.get("eval_sha256"):
-            return "the eval set has no recorded sha256 (installed by an older agent)"
-        if meta.get("eval_sha256") and (not (folder / "eval.npz").is_file()
-                                        or sha256_of(folder / "eval.npz") != meta["eval_sha256"]):
-            return "the eval set no longer hashes to its sha256"
-        return None
+        names = ["model" + suffix for suffix in SUFFIX.values()] + ["eval.npz"]
+        return damage(meta, sha256, {n: sha256_of(folder / n) for n in names if (folder / n).is_file()})
 
     def _intact(self, sha256: str) -> bool:
         """Return True when the model's metadata reads and its artifact and eval set still hash as recorded."""

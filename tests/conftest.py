@@ -139,3 +139,30 @@ def trickling_http():
     yield f"http://127.0.0.1:{listener.getsockname()[1]}"
     stop.set()
     listener.close()
+
+
+@pytest.fixture
+def silent_port():
+    """A loopback port that takes no connection and refuses none: a listener whose accept queue is full, so
+    Linux drops each new SYN and a connect hangs until its timeout (as to a host that does not answer)."""
+    import socket
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    port = server.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(16):
+            try:
+                probe = socket.create_connection(("127.0.0.1", port), timeout=0.3)
+            except TimeoutError:
+                break  # the queue is full: this connect hung
+            fillers.append(probe)
+        else:
+            pytest.fail("could not fill the listener's accept queue")
+        yield port
+    finally:
+        for s in fillers:
+            s.close()
+        server.close()

@@ -208,8 +208,8 @@ def deploy_cmd(
     max_failed: Annotated[str, typer.Option(help="Share of canaries allowed to fail, e.g. 0% or 20%.")] = "0%",
     trust_new_hosts: TrustNewHostsOpt = False,
     health_timeout: Annotated[float, typer.Option(callback=finite, min=1, max=WAIT_MAX_S, help="Seconds to wait for each device's health check.")] = 120.0,
-    repair: Annotated[bool, typer.Option("--repair/--no-repair", help="Have each agent hash its stored models and "
-                                                                      "upload damaged ones again.")] = True,
+    repair: Annotated[bool, typer.Option("--repair/--no-repair", help="Hash each device's stored copies of the "
+                                                                      "variants to deploy; upload damaged ones again.")] = True,
     gate: GateOpt = None,
     gate_window: GateWindowOpt = 60.0,
     gate_min_requests: GateRequestsOpt = 200,

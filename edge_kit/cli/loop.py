@@ -367,31 +367,57 @@ def _live_cells(live: dict[str, Any] | None) -> tuple[str, str]:
     return f"{_num(live.get('p50_ms'))}/{_num(live.get('p99_ms'))}", f"{100 * live['top1']:.1f}%"
 
 
-def _fleet_table(store: Any, fleet: Any) -> Table:
-    """Per device: state, current variant, latest benchmark of it, last message."""
+def _state_cell(state: dict[str, Any]) -> str:
+    """Return the table's state cell for :func:`~edge_kit.telemetry.report.device_state`'s answer, saying where it came from."""
+    if state["source"] is None:
+        return "never seen"
+    if state["state"] == "stale":
+        return f"stale (history: {safe(clip(str(state['said']), 32))}, silent > {state['stale_after_s']:.0f} s)"
+    return f"{safe(clip(str(state['state']), 32))} ({state['source']})"
+
+
+def _fleet_states(store: Any, fleet: Any, retained: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+    """Return :func:`~edge_kit.telemetry.report.device_state` for every device of ``fleet``: from ``retained`` (the
+    broker's statuses, verified) where it has one, else from the history ``store``."""
+    import time as _time
+
+    from edge_kit.telemetry.report import device_state
+
+    status, received, now = store.latest_status(), store.last_received(), _time.time()
+    return {d.name: device_state(status.get(d.name), received.get(d.name), (retained or {}).get(d.name), now)
+            for d in fleet.devices}
+
+
+def _fleet_table(store: Any, fleet: Any, retained: dict[str, dict[str, Any]] | None = None) -> Table:
+    """Per device: state (from the broker's ``retained`` statuses where given, else the history; see
+    :func:`_fleet_states`), current variant, latest benchmark of it, last message."""
     import time as _time
 
     status, bench, received = store.latest_status(), store.latest_bench(), store.last_received()
+    states = _fleet_states(store, fleet, retained)
     t = Table("device", "profile", "state", "current", "p90 ms", "W (source)", "last heard", box=box.SIMPLE_HEAD, pad_edge=False)
     for dev in fleet.devices:
         st = status.get(dev.name) or {}
+        live = (retained or {}).get(dev.name) or {}
+        if live.get("state") == "online":  # the agent's word on connecting (and on each switch since): fresher
+            st = live
         cur = st.get("current") if isinstance(st.get("current"), dict) else {}  # a device's own word: any shape
         rec = bench.get((dev.name, cur.get("sha256"))) if cur else None
         heard = received.get(dev.name)  # this host's clock: a device's ts may say 1970 (no RTC, before NTP)
         power = (rec or {}).get("power") or {}
         watts = "-" if power.get("avg_w") is None else f"{power['avg_w']:.2f} ({safe(power_source(power))})"
-        t.add_row(safe(dev.name), safe(dev.profile), safe(st.get("state", "never seen")), safe(clip(cur.get("variant") or "-", 128)),
+        t.add_row(safe(dev.name), safe(dev.profile), _state_cell(states[dev.name]), safe(clip(cur.get("variant") or "-", 128)),
                   _num(rec["latency_ms"]["p90"]) if rec else "-", watts,
                   f"{_time.time() - heard:.0f} s ago" if heard else "-")
     return t
 
 
-def _fleet_view(store: Any, fleet: Any) -> Any:
+def _fleet_view(store: Any, fleet: Any, retained: dict[str, dict[str, Any]] | None = None) -> Any:
     """Return the monitor's live view: :func:`_fleet_table` and the :func:`figures_note` under it."""
     from rich.console import Group
     from rich.text import Text
 
-    return Group(_fleet_table(store, fleet), Text.from_markup(figures_note(fleet.devices, table="fleet")))
+    return Group(_fleet_table(store, fleet, retained), Text.from_markup(figures_note(fleet.devices, table="fleet")))
 
 
 MAX_REFUSED_SHOWN = 5  # refused-message alerts printed per refresh of the live table; the rest summed in one line
@@ -543,21 +569,41 @@ def fleet_init_cmd(
 
 
 @fleet_app.command("status")
-def fleet_status_cmd(fleet_file: FleetOpt, history: HistoryOpt = None, as_json: JsonOpt = False) -> None:
-    """Per device: last status, current variant and its latest benchmark, from the history store."""
+def fleet_status_cmd(fleet_file: FleetOpt, history: HistoryOpt = None, as_json: JsonOpt = False,
+                     history_only: Annotated[bool, typer.Option(
+                         "--history-only",
+                         help="Do not ask the broker for each agent's retained status (its last word, or its last "
+                              "will); take the states from the history.")] = False,
+                     ) -> None:
+    """Per device: state (and where it came from), current variant and its latest benchmark.
+
+    The state is the status each agent left retained on the broker (verified as the device's), else the
+    history's newest, shown stale when the device has been silent for more than a few telemetry intervals.
+    """
+    from edge_kit.fleet.commands import broker_statuses
     from edge_kit.fleet.inventory import load_fleet
-    from edge_kit.telemetry.report import FLEET_KIND, flagged_devices
+    from edge_kit.telemetry.report import (
+        FLEET_KIND,
+        STALE_INTERVALS,
+        TELEMETRY_INTERVAL_S,
+        flagged_devices,
+    )
 
     fleet = load_fleet(fleet_file)
     db = open_fleet_history(fleet_file, history, read_only=True)
+    retained, said = ({}, "broker not asked (--history-only)") if history_only else broker_statuses(fleet)
+    where = (f"state: {said}; otherwise the history's newest status, 'stale' when the device has been silent for more "
+             f"than {STALE_INTERVALS} telemetry intervals ({STALE_INTERVALS * TELEMETRY_INTERVAL_S:.0f} s)")
     flagged = flagged_devices(db.latest_decisions((FLEET_KIND,)))
     if as_json:
-        emit_json({"status": db.latest_status(), "telemetry": db.latest_telemetry(), "live": db.latest_live(),
-                    "shadow": db.latest_shadow(),
-                    "bench": {f"{d}/{s}": r for (d, s), r in db.latest_bench().items()}, "flagged": flagged,
-                    "simulated": [d.name for d in fleet.devices if d.simulated], "figures": figures_text(fleet.devices, table="fleet")})
+        emit_json({"state": _fleet_states(db, fleet, retained), "state_source": where, "retained": retained,
+                   "status": db.latest_status(), "telemetry": db.latest_telemetry(), "live": db.latest_live(),
+                   "shadow": db.latest_shadow(),
+                   "bench": {f"{d}/{s}": r for (d, s), r in db.latest_bench().items()}, "flagged": flagged,
+                   "simulated": [d.name for d in fleet.devices if d.simulated], "figures": figures_text(fleet.devices, table="fleet")})
         return
-    out.print(_fleet_view(db, fleet))
+    out.print(_fleet_view(db, fleet, retained))
+    out.print(safe(where))
     if flagged:
         t = Table("device", "differs from its profile (measured individually)", box=box.SIMPLE_HEAD, pad_edge=False,
                   title="devices that differ", title_justify="left")

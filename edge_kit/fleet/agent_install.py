@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
-import inspect
 import io
 import json
 import tarfile
@@ -145,13 +144,12 @@ def agent_bundle() -> tuple[bytes, str, dict[str, str]]:
 def _code_state(shell: DeviceShell, operator: Keyring) -> str | None:
     """Return why the device's ``<root>/agent`` is not the signed current bundle, or None when it is.
 
-    The check runs :mod:`device_agents.codecheck` as a script sent from this host (it does not trust
-    the device's copy of the code it checks): every file's sha256, and the signed manifest.
+    What the device holds comes from the shell's probe (:meth:`DeviceShell._probe`), which runs
+    :mod:`device_agents.codecheck` as a script sent from this host (it does not trust the device's copy
+    of the code it checks): every file's sha256, and the signed manifest.
     """
     _, sha, files = agent_bundle()
-    # -I: isolated (no working directory, PYTHONPATH or user site on sys.path): stdlib only, as the script needs
-    found = shell.run_json([shell.dev.python, "-I", "-B", "-c", inspect.getsource(codecheck), shell.root],
-                           "the agent code check")
+    found = shell.info["code"]
     if found["files"] is None:
         return "not installed"
     diff = codecheck.differences(files, found["files"])

@@ -39,6 +39,8 @@ def broker_unreachable(broker: BrokerConfig, exc: OSError) -> AgentError:
     commands, rollouts, the monitor), naming the address and what to check."""
     return AgentError(f"cannot reach the MQTT broker at {broker.host}:{broker.port} ({exc.strerror or exc}); "
                       "check broker.host/port in the fleet file and that the broker runs")
+RETAINED_QUIET_S = 0.5  # retained statuses: done when none arrived for this long (or every device has one) ...
+RETAINED_WAIT_S = 5.0  # ... or after this long
 COMMAND_TTL_S = 3600.0  # a command nobody waits for expires after this, so it cannot be replayed later
 
 
@@ -88,6 +90,10 @@ class FleetClient:
         self.refused_records: OrderedDict[str, str] = OrderedDict()
         # device -> (received, message), the newest MAX_STATUS
         self.status: dict[str, deque[tuple[float, dict[str, Any]]]] = {}
+        # device -> the status the broker held retained for it when this client subscribed (verified), and
+        # when the last such status arrived (host monotonic clock)
+        self.retained: dict[str, dict[str, Any]] = {}
+        self._retained_at = 0.0
         # device -> (received, highest seq, latest `started`) each time a status raised either: what a status
         # must beat to prove a new start (a replayed old one raises neither, so it never adds a row)
         self._status_peaks: dict[str, deque[tuple[float, int, float]]] = {}
@@ -143,6 +149,8 @@ class FleetClient:
                 _keep_newest(self.records, msg["msg_id"], msg)
             elif kind == "status":  # verified: one of the registered devices
                 now = time.time()
+                if getattr(message, "retain", False):  # sent because we subscribed: what the broker holds now
+                    self.retained[device], self._retained_at = msg, time.monotonic()
                 self.status.setdefault(device, deque(maxlen=MAX_STATUS)).append((now, msg))
                 peaks = self._status_peaks.setdefault(device, deque(maxlen=MAX_STATUS))
                 seq, started = msg["seq"], _started(msg)
@@ -224,6 +232,27 @@ class FleetClient:
         with self._cond:
             return [m for msgs in self.status.values() for _, m in msgs]
 
+    def retained_statuses(self, devices: list[str], quiet_s: float = RETAINED_QUIET_S,
+                          timeout: float = RETAINED_WAIT_S) -> dict[str, dict[str, Any]]:
+        """Return the status the broker holds retained for each device that has one, as verified on arrival
+        (a forged or misaddressed one is refused and counted in :attr:`rejected_count`, never returned).
+
+        The broker holds what each agent said last: ``online`` when it connected, ``offline`` when it
+        stopped cleanly, and its signed last will (``offline``) when its connection died. The broker
+        sends them right after the subscription; this waits until every device in ``devices`` has
+        one, or none arrived for ``quiet_s``, at most ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            self._retained_at = max(self._retained_at, time.monotonic())  # the quiet time counts from now at the earliest
+            while not set(devices) <= set(self.retained):
+                now = time.monotonic()
+                left = min(deadline, self._retained_at + quiet_s) - now
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            return {d: m for d, m in self.retained.items() if d in devices}
+
     def wait_online(self, device: str, since: float, timeout: float) -> dict[str, Any] | None:
         """Return the first ``online`` status of ``device`` received after ``since`` (host clock) that is newer than
         every status received before it (a higher ``seq``, or a later ``started``: a new start, not a replay of
@@ -262,3 +291,25 @@ class FleetClient:
                 raise AgentTimeout(f"{device}: the bench record announced in the ack did not arrive within {timeout:.0f} s")
             ack = {**ack, "record": record}
         return ack
+
+
+def broker_statuses(fleet: Any) -> tuple[dict[str, dict[str, Any]], str]:
+    """Return the status each device of ``fleet`` left retained on its broker (verified as that device's;
+    see :meth:`FleetClient.retained_statuses`) and one line saying where the states came from: the
+    broker, with how many retained statuses were refused, or why it was not asked (no device key
+    registered yet, or the broker could not be reached: then the states come from the history).
+
+    Raises:
+        ConfigError: the broker password file or the fleet's keys cannot be read.
+    """
+    keys = fleet.key_store()
+    if not keys.devices():
+        return {}, f"broker not asked: no device key is registered in {keys.registry} yet (deploy first)"
+    try:
+        with FleetClient.of(fleet, kinds=("status",)) as client:
+            found = client.retained_statuses([d.name for d in fleet.devices])
+            refused = client.rejected_count
+    except AgentError as exc:
+        return {}, f"broker not asked ({exc})"
+    return found, (f"broker {fleet.broker.host}:{fleet.broker.port}: {len(found)} retained status(es), verified"
+                   + (f"; {refused} refused (not signed by the device its topic names)" if refused else ""))

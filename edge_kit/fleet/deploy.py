@@ -15,9 +15,10 @@ Per device, over one SSH connection (Fabric) with its host key verified:
 4. with ``health_bench`` (canaries, tune), a fresh benchmark of the activated model too; failing
    that also rolls the device back.
 
-Before uploading, the running agent hashes every model it stores (``repair``, on by default): a
-model whose artifact no longer matches its sha256, or whose ``meta.json`` is unreadable, is uploaded
-again and replaces the damaged copy.
+Before uploading, the deploy's probe hashes the device's stored copies of the variants it would deploy
+(``repair``, on by default; the rule is :func:`device_agents.store.damage`, the agent's own): a model
+whose artifact or eval set no longer matches its sha256, or whose ``meta.json`` is unreadable, is
+uploaded again and replaces the damaged copy.
 
 Devices run in parallel (``parallel`` at a time); one device's failure never stops the others.
 Canary rollouts, which judge the health benchmarks against each device's constraints, are
@@ -27,6 +28,7 @@ orchestration and live in :mod:`edge_kit.loop.rollout`.
 from __future__ import annotations
 
 import difflib
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable
@@ -147,7 +149,7 @@ class DeployOptions:
     health_timeout: float = 120.0
     health: bool = True  # activate through the agent over MQTT and take its ack as the health report
     health_bench: dict[str, Any] | None = None  # also benchmark the activated model (canaries, tune)
-    repair: bool = True  # the agent hashes its stored models; damaged ones are uploaded again
+    repair: bool = True  # the probe hashes the stored copies of the candidates; damaged ones are uploaded again
 
 
 def candidates_for(manifest: Manifest, dev: Device) -> list[Artifact]:
@@ -235,6 +237,8 @@ class _Deployer:
         self.eval_sha256 = self._eval_sha256()
         self.client = client
         self.progress = progress or (lambda _d, _m: None)
+        # set on Ctrl-C: a device still connecting gives up at once (nothing changed there); one past that finishes
+        self.cancel = threading.Event()
 
     def _eval_sha256(self) -> str | None:
         """Return the sha256 of the eval set to ship with the artifacts: the one the manifest records
@@ -277,7 +281,8 @@ class _Deployer:
         if variant and variant not in by_id:
             raise DeployError(f"{dev.name}: variant {variant} was not built for profile {dev.profile} "
                               f"(built: {', '.join(by_id)})")
-        with DeviceShell(dev, self.fleet.known_hosts, self.opts.trust_new_hosts) as shell:
+        with DeviceShell(dev, self.fleet.known_hosts, self.opts.trust_new_hosts, cancel=self.cancel,
+                         verify=tuple(a.sha256 for a in wanted) if self.opts.repair else ()) as shell:
             self.progress(dev.name, "agent")
             agent = ensure_agent(shell, self.fleet)
             result.actions += agent.changed
@@ -292,19 +297,16 @@ class _Deployer:
             if agent.restarted_at is not None and self.client is not None:
                 self._wait_online(dev, agent.restarted_at)
             have = {m["sha256"] for m in shell.info["installed"]}
-            state = None
-            if self.client is not None and self.opts.repair:  # the agent hashes every stored model
-                state = self._request(dev, "state", {"verify": True})
-                damaged = {d["sha256"]: d["damaged"] for d in state.get("damaged", [])}
-                for art in wanted:
-                    if art.sha256 in damaged:
-                        have.discard(art.sha256)
-                        result.actions.append(f"repair {art.id} ({damaged[art.sha256]})")
+            damaged = shell.info["damaged"]  # the probe hashed the stored copies of these candidates (repair)
+            for art in wanted:
+                if art.sha256 in damaged:
+                    have.discard(art.sha256)
+                    result.actions.append(f"repair {art.id} ({damaged[art.sha256]})")
             need = sum(a.bytes or 0 for a in wanted if a.sha256 not in have)
             free = 0
             if need:  # free space: from the running agent (above the floor it keeps), else the device's Python
                 if self.client is not None:
-                    disk = (state or self._request(dev, "state", {}))["disk"]
+                    disk = self._request(dev, "state", {})["disk"]
                     free = disk["free_bytes"] - disk["min_free_bytes"]
                 else:
                     free = shell.python_facts["free"]
@@ -458,7 +460,11 @@ def deploy(fleet: Fleet, devices: list[Device], opts: DeployOptions,
     try:
         deployer = _Deployer(fleet, opts, manifest, client, progress)
         with ThreadPoolExecutor(max_workers=max(1, min(opts.parallel, len(devices)))) as pool:
-            return GroupResult(list(pool.map(deployer.one, devices)), signature=manifest.signature)
+            try:
+                return GroupResult(list(pool.map(deployer.one, devices)), signature=manifest.signature)
+            except BaseException:  # Ctrl-C: the devices not started are cancelled (map), those connecting give up
+                deployer.cancel.set()
+                raise
     finally:
         if client is not None:
             client.close()

@@ -21,6 +21,7 @@ from edge_kit.errors import InputError
 from edge_kit.fsutil import atomic_write_text
 from edge_kit.profiles import Profile, bundled_profiles, load_profile
 from edge_kit.telemetry.store import HistoryStore
+from edgekit_protocol.config import AgentConfig
 from edgekit_protocol.labels import accuracy_text, clip, power_source
 from edgekit_protocol.messages import in_range
 
@@ -235,6 +236,36 @@ def _gate_rows(store: HistoryStore) -> list[list[str]]:
                      num(g.get("p_value"), ".2g") + (f" on {html.escape(str(g['unit']))}" if g.get("unit") else ""),
                      num(g.get("worst_snr_db"), ".1f"), html.escape(", ".join(g.get("controls") or []))])
     return rows
+
+
+# A device whose history says online but that has sent nothing for this many telemetry intervals is shown
+# "stale" (its agent may have stopped while no monitor ran): the interval is the one a deploy gives every
+# agent (the protocol's default; the fleet file does not change it).
+STALE_INTERVALS = 3
+TELEMETRY_INTERVAL_S = AgentConfig.telemetry_interval_s
+
+
+def device_state(status: dict[str, Any] | None, heard: float | None, retained: dict[str, Any] | None,
+                 now: float) -> dict[str, Any]:
+    """Return what is known of one device's state: ``state`` (its status's word, ``stale`` or ``never seen``),
+    ``source`` (``broker``: the status its broker holds retained, verified as the device's; ``history``:
+    the newest one stored; None), ``said`` (the history's word), ``silent_s`` (since this host last stored
+    one of its messages, by its own clock) and ``stale_after_s``.
+
+    The broker's retained status is what the agent said last, or its last will once its connection died,
+    so it wins. From the history alone, an ``online`` older than :data:`STALE_INTERVALS` telemetry
+    intervals is ``stale``: nothing proves the agent still runs.
+    """
+    said = (status or {}).get("state")
+    silent = None if heard is None else max(0.0, now - heard)
+    after = STALE_INTERVALS * TELEMETRY_INTERVAL_S
+    base = {"said": said, "silent_s": silent, "stale_after_s": after}
+    if retained is not None:
+        return {**base, "state": retained.get("state"), "source": "broker"}
+    if status is None:
+        return {**base, "state": "never seen", "source": None}
+    stale = said == "online" and (silent is None or silent > after)
+    return {**base, "state": "stale" if stale else said, "source": "history"}
 
 
 FLEET_KIND = "fleet selection"  # edge_kit.selection.fleetmodel.KIND (telemetry does not import selection)

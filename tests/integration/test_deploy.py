@@ -58,6 +58,36 @@ def test_deploy_to_four_devices_in_parallel_then_redeploy_skips_them_all(sim, di
         assert link.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
 
 
+def test_an_unchanged_redeploy_costs_each_device_one_ssh_command_and_nothing_else(sim, digits_artifacts, monkeypatch):
+    """What a device with nothing to change costs, pinned: one SSH session running one command (the probe:
+    the agent code's hashes, identity, models, `current`, and the hashes of the stored candidates for the
+    repair check, in one isolated Python), no SFTP session and no MQTT request. It used to take an SFTP
+    session of some twenty reads, a second command for the code check and a `state` request over MQTT
+    (the agent hashing its models)."""
+    import paramiko
+
+    from edge_kit.fleet.commands import FleetClient
+
+    _, fleet = sim(2)
+    assert not deploy(fleet, fleet.devices, DeployOptions(digits_artifacts, variant="int8")).failed
+    commands: list[str] = []
+    subsystems: list[str] = []
+    requests: list[tuple[str, str]] = []
+    exec_command, invoke_subsystem, send = (paramiko.Channel.exec_command, paramiko.Channel.invoke_subsystem,
+                                            FleetClient.send)
+    monkeypatch.setattr(paramiko.Channel, "exec_command",
+                        lambda self, command: (commands.append(command), exec_command(self, command))[1])
+    monkeypatch.setattr(paramiko.Channel, "invoke_subsystem",
+                        lambda self, name: (subsystems.append(name), invoke_subsystem(self, name))[1])
+    monkeypatch.setattr(FleetClient, "send",
+                        lambda self, device, name, *a, **k: (requests.append((device, name)),
+                                                             send(self, device, name, *a, **k))[1])
+    group = deploy(fleet, fleet.devices, DeployOptions(digits_artifacts))
+    assert [r.status for r in group.results] == ["skipped", "skipped"], [r.reason for r in group.results]
+    assert subsystems == [] and requests == []
+    assert len(commands) == 2 and all(" -I -S -B -c " in c for c in commands), [c[:80] for c in commands]
+
+
 def through_proxy(simfleet, fleet, index: int, proxy: CuttingProxy, tmp_path: Path):
     """Return the fleet with device ``index`` reached through ``proxy`` (its host key known there too)."""
     dev = fleet.devices[index]
@@ -242,8 +272,9 @@ exec {sys.executable} "$@"
         data["devices"][0]["python"] = python
         (tmp_path / "fleet.yaml").write_text(yaml.safe_dump(data))
         changed = load_fleet(tmp_path / "fleet.yaml")
-        with DeviceShell(changed.devices[0], changed.known_hosts) as shell, pytest.raises(DeployError) as caught:
-            ensure_agent(shell, changed)
+        with pytest.raises(DeployError) as caught:  # no interpreter: the probe itself says so
+            with DeviceShell(changed.devices[0], changed.known_hosts) as shell:
+                ensure_agent(shell, changed)
         assert str(caught.value).startswith("rpi4-1: ") and message in str(caught.value), caught.value
         assert (root / "agent").resolve() == code and (root / "agent.pid").is_file()  # untouched, still running
 
@@ -336,6 +367,23 @@ def test_ctrl_c_during_a_deploy_leaves_the_devices_not_yet_started_alone(sim, di
     assert {d for d, _ in seen} == {"rpi4-1"} and seen[-1] == ("rpi4-1", "succeeded")  # it finished its deploy
     assert current(fleet.devices[0]) == manifest_sha(digits_artifacts, "int8")
     assert [current(d) for d in fleet.devices[1:]] == [None, None]
+
+
+def test_ctrl_c_while_a_device_is_still_connecting_returns_at_once(sim, digits_artifacts, silent_port):
+    """A device that does not answer (here a loopback port whose accept queue is full) held a Ctrl-C'd deploy
+    for the whole connect timeout (10 s): nothing had been changed on it, so now its connect gives up at once."""
+    import signal
+    import threading
+
+    _, fleet = sim(1)
+    silent = fleet.devices[0].model_copy(update={"port": silent_port})
+    timer = threading.Timer(0.5, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
+    started = time.monotonic()
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        deploy(fleet, [silent], DeployOptions(digits_artifacts, variant="int8", health=False))
+    assert time.monotonic() - started < 3.0  # not CONNECT_TIMEOUT_S
+    assert current(fleet.devices[0]) is None
 
 
 def test_an_agent_install_on_a_full_disk_is_named_and_leaves_nothing_behind(sim, tmp_path):

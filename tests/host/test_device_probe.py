@@ -1,0 +1,74 @@
+"""The deploy's one probe of a device (edge_kit.fleet.ssh.probe_argv), run by this machine's Python on a
+device root laid out as a deploy leaves it: it writes its JSON itself, so what it prints must parse
+whatever the names and contents hold."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+from device_agents import codecheck
+from edge_kit.fleet.ssh import probe_argv
+
+
+def probe(root, verify=()) -> dict:
+    out = subprocess.run(probe_argv(sys.executable, str(root), verify), capture_output=True, timeout=60, check=True).stdout
+    return json.loads(out)
+
+
+def test_the_probe_reports_a_root_as_it_is_whatever_its_names_and_contents_hold(tmp_path):
+    root = tmp_path / "root"
+    code = root / "agent-0123456789ab-1"
+    (code / "device_agents").mkdir(parents=True)
+    (code / "device_agents" / "a.py").write_bytes(b"print('\\u00e9')\n")
+    weird = os.fsencode(code / "device_agents") + b"/caf\xe9-\x01\"\\.py"  # not UTF-8, a control char, a quote
+    with open(weird, "wb") as f:
+        f.write(b"x")
+    (code / codecheck.MANIFEST).write_text('{"sig": "s\\\\", "note": "\u00e9\U0001F600\t"}')
+    (root / "agent").symlink_to(code.name)
+    sha = "a" * 64
+    (root / "models" / sha).mkdir(parents=True)
+    (root / "models" / sha / "meta.json").write_text(json.dumps({"sha256": sha, "variant": "\u00e9\U0001F600"}, ensure_ascii=False))
+    (root / "models" / ("b" * 64)).mkdir()  # no meta.json: null
+    (root / "current").symlink_to(f"models/{sha}")
+    (root / "agent.yaml").write_bytes(b"device: x\n")
+    (root / "agent.pid").write_text(f"{os.getpid()}\n")
+    found = probe(root)
+    assert found["root"] == str(root) and found["current"] == sha
+    assert found["code"]["files"] == codecheck.tree(root / "agent")  # the lone surrogate survives the trip
+    assert found["code"]["manifest"] == (code / codecheck.MANIFEST).read_text()
+    assert found["models"] == {sha: (root / "models" / sha / "meta.json").read_text(), "b" * 64: None}
+    assert found["digests"]["config_sha256"] == hashlib.sha256(b"device: x\n").hexdigest()
+    assert found["digests"]["password_sha256"] is None and found["device_pub"] is None
+    with open(f"/proc/{os.getpid()}/cmdline", "rb") as f:  # read back byte for byte (the host checks it)
+        assert found["pid"] == str(os.getpid()) and found["cmdline"].encode("latin-1") == f.read()
+    assert found["has_device_key"] is False and found["restart_pending"] is False
+
+
+def test_an_empty_root_is_reported_as_nothing_installed(tmp_path):
+    found = probe(tmp_path / "nothing-here")
+    assert found["code"] == {"files": None, "manifest": None} and found["models"] == {} and found["current"] is None
+    assert found["pid"] is None and found["cmdline"] is None
+
+
+def test_the_probe_hashes_the_files_of_the_stored_models_it_is_asked_to_verify(tmp_path):
+    from device_agents.store import damage
+
+    data = b"\x00tflite bytes"
+    sha = hashlib.sha256(data).hexdigest()
+    folder = tmp_path / "models" / sha
+    folder.mkdir(parents=True)
+    (folder / "model.tflite").write_bytes(data)
+    (folder / "eval.npz").write_bytes(b"eval")
+    other = tmp_path / "models" / ("c" * 64)
+    other.mkdir()
+    (other / "model.tflite").write_bytes(b"x")
+    found = probe(tmp_path, (sha, "d" * 64))  # a model not there is left out; one not asked for is not hashed
+    assert found["hashes"] == {sha: {"model.tflite": sha, "eval.npz": hashlib.sha256(b"eval").hexdigest()}}
+    meta = {"sha256": sha, "eval_sha256": hashlib.sha256(b"eval").hexdigest()}
+    assert damage(meta, sha, found["hashes"][sha]) is None
+    (folder / "model.tflite").write_bytes(data + b"!")
+    assert damage(meta, sha, probe(tmp_path, (sha,))["hashes"][sha]) == "the artifact no longer hashes to its sha256"

@@ -1,0 +1,37 @@
+"""`edgekit fleet status` from the history alone (no broker asked): a device whose last word was online but that
+has been silent for more than STALE_INTERVALS telemetry intervals is shown stale, saying so, not online."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from edge_kit.telemetry.report import STALE_INTERVALS, TELEMETRY_INTERVAL_S
+from edge_kit.telemetry.store import Store, history_path
+from edgekit_protocol import messages
+
+
+def test_a_device_silent_for_longer_than_a_few_telemetry_intervals_is_stale_not_online(tmp_path, run_cli):
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text("fleet: sim\nbroker: {host: 127.0.0.1, port: 1}\ndefaults: {user: edgekit, profile: rpi4}\n"
+                          "devices:\n  - {name: quiet, host: 127.0.0.1}\n  - {name: chatty, host: 127.0.0.1}\n"
+                          "  - {name: gone, host: 127.0.0.1}\n  - {name: new, host: 127.0.0.1}\n")
+    after = STALE_INTERVALS * TELEMETRY_INTERVAL_S
+    now = time.time()
+    store = Store(history_path(fleet_file))
+    store.add_many([("status", messages.envelope("status", "sim", "quiet", 1, {"state": "online"})),
+                    ("status", messages.envelope("status", "sim", "chatty", 1, {"state": "online"})),
+                    ("status", messages.envelope("status", "sim", "gone", 1, {"state": "offline"}))],
+                   received=[now - after - 60, now - 5, now - after - 60])
+    store.close()
+    code, out, err = run_cli("fleet", "status", "--fleet", fleet_file, "--history-only")
+    assert code == 0, err
+    rows = {line.split()[0]: line for line in out.splitlines() if line.split()[:1] in (["quiet"], ["chatty"], ["gone"], ["new"])}
+    assert f"stale (history: online, silent > {after:.0f} s)" in rows["quiet"], rows["quiet"]
+    assert "online (history)" in rows["chatty"] and "offline (history)" in rows["gone"] and "never seen" in rows["new"]
+    assert "broker not asked (--history-only)" in out and f"more than {STALE_INTERVALS} telemetry intervals" in out
+    code, out, err = run_cli("fleet", "status", "--fleet", fleet_file, "--json")  # asked, but no key is registered
+    state = json.loads(out)
+    assert state["state"]["quiet"]["state"] == "stale" and state["state"]["quiet"]["said"] == "online"
+    assert state["state"]["quiet"]["source"] == "history" and state["state"]["quiet"]["silent_s"] > after
+    assert state["state_source"].startswith("state: broker not asked: no device key is registered")
