@@ -139,11 +139,12 @@ def test_a_runtime_error_without_text_is_named_by_its_type_not_an_index_error(tm
 
 
 def test_a_model_file_named_with_terminal_controls_is_shown_escaped(tmp_path, run_cli):
-    """The table's title escaped the name; the closing 'wrote OUT/<name>/manifest.json' printed it raw."""
+    """The closing 'wrote OUT/<name>/manifest.json' once printed the name raw; now the model-name rule refuses it,
+    and the refusal shows it escaped, with a name to give instead."""
     model = _edited(tmp_path / "m\x1b[2Jx.tflite", lambda model, graph: None)
     code, out, err = run_cli("compile", model, "-p", "rpi4", "--out", tmp_path / "o")
-    assert code == 0, err
-    assert "\x1b" not in out and f"wrote {tmp_path / 'o'}/m\\x1b[2Jx/manifest.json" in out
+    assert code == 2 and "\x1b" not in out + err and "m\\x1b[2Jx.tflite: the model takes its file's name" in err, err
+    assert "give --name m_2Jx or rename the file" in err and not (tmp_path / "o").exists()
 
 
 def test_a_tensor_name_that_is_not_utf8_is_named_as_such(tmp_path, run_cli):
