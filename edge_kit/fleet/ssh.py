@@ -206,6 +206,13 @@ class _PromptAckSocket(socket.socket):
         return data
 
 
+MAX_OUTPUT_BYTES = 64 << 20  # what one command may print (stdout and stderr): the probe's JSON is a few kB per model
+
+
+class OutputTooLarge(Exception):
+    """A command on the device printed more than :data:`MAX_OUTPUT_BYTES`."""
+
+
 class Cancelled(DeployError):
     """The operation was cancelled (Ctrl-C on a deploy) before it reached the device: nothing changed there."""
 
@@ -510,7 +517,8 @@ class DeviceShell:
         (the deployed agent always runs from ``<root>/agent``, so ``python -m`` finds only checked code).
 
         Raises:
-            DeployError: non-zero exit (with the last line of stderr), a timeout or a lost connection.
+            DeployError: non-zero exit (with the last line of stderr), a timeout, more output than
+                :data:`MAX_OUTPUT_BYTES` or a lost connection.
         """
         program = argv[0] if argv else ""
         if env:
@@ -524,6 +532,9 @@ class DeviceShell:
             exited, stdout, stderr = self._exec(command, timeout)
         except TimeoutError:
             raise DeployError(f"{self.dev.name}: `{argv[-1] if argv else ''}` took longer than {timeout:.0f} s") from None
+        except OutputTooLarge as exc:
+            raise DeployError(f"{self.dev.name}: {program!r} {exc}; refused (a command the deploy runs prints a few kB: "
+                              "check the device)") from None
         except _LINK_ERRORS as exc:
             raise DeployError(f"{self.dev.name}: SSH connection lost ({_why(exc)})") from None
         if exited == 127:  # POSIX shells and env: command not found
@@ -544,7 +555,9 @@ class DeviceShell:
         10 ms in threads of its own (10 to 20 ms more per command, ``benchmarks/test_fleet_figures.py``).
 
         Raises:
-            TimeoutError: not finished within ``timeout`` seconds (the channel is closed).
+            TimeoutError: not finished within ``timeout`` seconds, the exec request's answer included (the
+                channel is closed).
+            OutputTooLarge: it printed more than :data:`MAX_OUTPUT_BYTES` (the channel is closed).
             EOFError, OSError, paramiko.SSHException: the connection was lost (no exit status came).
         """
         transport = self.conn.client.get_transport()
@@ -552,6 +565,15 @@ class DeviceShell:
             raise EOFError("connection closed")
         deadline = time.monotonic() + timeout
         chan = transport.open_session(timeout=timeout)
+        expired = threading.Event()
+
+        def expire() -> None:  # paramiko waits for the answer to the exec request without a timeout
+            expired.set()
+            chan.close()
+
+        watchdog = threading.Timer(timeout, expire)
+        watchdog.daemon = True
+        watchdog.start()
         try:
             chan.exec_command(command)
             chan.shutdown_write()
@@ -563,6 +585,8 @@ class DeviceShell:
                         out += chan.recv(1 << 16)
                     while chan.recv_stderr_ready():
                         err += chan.recv_stderr(1 << 16)
+                    if len(out) + len(err) > MAX_OUTPUT_BYTES:
+                        raise OutputTooLarge(f"printed more than {MAX_OUTPUT_BYTES >> 20} MiB")
                     if chan.eof_received or chan.closed:
                         break
                     left = deadline - time.monotonic()
@@ -573,10 +597,17 @@ class DeviceShell:
                 raise TimeoutError(command)
             out += b"".join(iter(lambda: chan.recv(1 << 16) if chan.recv_ready() else b"", b""))
             err += b"".join(iter(lambda: chan.recv_stderr(1 << 16) if chan.recv_stderr_ready() else b"", b""))
-            if chan.exit_status == -1:  # closed without one: the link went down
+            if len(out) + len(err) > MAX_OUTPUT_BYTES:
+                raise OutputTooLarge(f"printed more than {MAX_OUTPUT_BYTES >> 20} MiB")
+            if chan.exit_status == -1:  # closed without one: the link went down (or the watchdog closed it)
                 raise EOFError("connection closed before the command's exit status came")
             return chan.exit_status, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
+        except _LINK_ERRORS:
+            if expired.is_set():
+                raise TimeoutError(command) from None
+            raise
         finally:
+            watchdog.cancel()
             chan.close()
 
     def agent(self, *args: str, timeout: float = COMMAND_TIMEOUT_S) -> dict[str, Any]:
