@@ -149,6 +149,38 @@ sys.stdout.buffer.write(dump({
 """
 
 
+def _probe_shape(found: Any) -> None:
+    """Check that ``found`` has the shape :data:`_DEVICE_STATE` prints (the types of its fields, down to the
+    texts in its maps); return nothing. What the host then reads of it cannot raise anything but a refusal.
+
+    Raises:
+        ValueError: it does not; the text names the first field that differs.
+    """
+    maybe = (str, type(None))
+    if not isinstance(found, dict):
+        raise ValueError(f"a JSON {type(found).__name__}")
+    for name, kinds in (("root", str), ("device_pub", maybe), ("has_device_key", bool), ("pid", maybe),
+                        ("cmdline", maybe), ("restart_pending", bool), ("systemd", bool), ("current", maybe),
+                        ("digests", dict), ("models", dict), ("hashes", dict), ("code", dict)):
+        if not isinstance(found.get(name), kinds):
+            raise ValueError(f"a field '{name}' of type {type(found.get(name)).__name__}")
+    if found["pid"] is not None and not (found["pid"].isascii() and found["pid"].isdigit()):
+        raise ValueError("a field 'pid' that is not a process id")
+    if found["cmdline"] is not None and not all(ord(c) < 256 for c in found["cmdline"]):
+        raise ValueError("a field 'cmdline' that is not bytes as latin-1")
+    for name, value in found["digests"].items():
+        if not isinstance(value, maybe):
+            raise ValueError(f"a field 'digests.{name}' of type {type(value).__name__}")
+    if any(not isinstance(meta, maybe) for meta in found["models"].values()):
+        raise ValueError("a field 'models' whose values are not all text or null")
+    for files in found["hashes"].values():
+        if not isinstance(files, dict) or any(not isinstance(h, str) for h in files.values()):
+            raise ValueError("a field 'hashes' that is not sha256s by file name")
+    code = found["code"]
+    if not isinstance(code.get("files"), (dict, type(None))) or not isinstance(code.get("manifest"), maybe):
+        raise ValueError("a field 'code' that is not {files: object or null, manifest: text or null}")
+
+
 @functools.cache
 def _probe_script() -> str:
     """Return the probe's script: :data:`_DEVICE_STATE` after :func:`device_agents.codecheck.tree`'s source
@@ -472,12 +504,17 @@ class DeviceShell:
                 read, or the connection was lost.
         """
         found = self.run_json(probe_argv(self.dev.python, self.dev.root, self.verify), "the device state probe")
+        try:
+            _probe_shape(found)
+        except ValueError as exc:
+            raise DeployError(f"{self.dev.name}: the device state probe printed {exc}, not what the probe prints; check "
+                              "the device's Python (`python:` in the fleet file) and that the device is yours") from None
         root = found["root"]
         installed, metas = [], {}
         for name, meta in sorted(found["models"].items()):
             try:
                 record = json.loads(meta) if meta else None
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
                 record = None
             metas[name] = record if isinstance(record, dict) else None  # as the agent's store reads it
             if isinstance(record, dict) and record.get("sha256") == name:
@@ -636,7 +673,7 @@ class DeviceShell:
         for start in starts:
             try:
                 return json.loads(out[start:])
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
                 continue
         raise DeployError(f"{self.dev.name}: unexpected output from {what}: {out.strip()[:200]!r}; if the device's "
                           "shell prints it, make its .bashrc or profile quiet for non-interactive sessions")
