@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import functools
 import inspect
+import itertools
 import json
 import os
 import re
@@ -238,6 +239,7 @@ class _PromptAckSocket(socket.socket):
         return data
 
 
+MAX_JSON_STARTS = 64  # the lines run_json tries a document from: a shell's greeting is a few lines
 MAX_OUTPUT_BYTES = 64 << 20  # what one command may print (stdout and stderr): the probe's JSON is a few kB per model
 
 
@@ -662,19 +664,25 @@ class DeviceShell:
 
         Text the device's shell prints before it (a ``.bashrc``, ``BASH_ENV`` or profile that echoes in
         non-interactive sessions too) is skipped: the document is the output from the first line that
-        starts one and parses to the end.
+        starts one and parses to the end (of the first :data:`MAX_JSON_STARTS` such lines).
 
         Raises:
             DeployError: as :meth:`run`, or no JSON document in the output (``what`` printed it; the start
                 of the output is given).
         """
         out = self.run(argv, **kwargs)
-        starts = [0] + [m.start() + 1 for m in re.finditer(r"\n(?=[{\[])", out)]
+        # Each try costs up to the output's length (a failed one counts the lines before it): at most
+        # MAX_JSON_STARTS of them, so a device printing a million lines that start with `{` cannot hold the host.
+        lines = itertools.islice(re.finditer(r"\n(?=[{\[])", out), MAX_JSON_STARTS - 1)
+        starts = [len(out) - len(out.lstrip())] + [m.start() + 1 for m in lines]
+        decoder = json.JSONDecoder()
         for start in starts:
             try:
-                return json.loads(out[start:])
+                doc, end = decoder.raw_decode(out, start)
             except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
                 continue
+            if not out[end:].strip():
+                return doc
         raise DeployError(f"{self.dev.name}: unexpected output from {what}: {out.strip()[:200]!r}; if the device's "
                           "shell prints it, make its .bashrc or profile quiet for non-interactive sessions")
 

@@ -126,3 +126,17 @@ def test_a_stored_model_whose_meta_names_an_odd_format_is_judged_not_raised():
     from device_agents.store import damage
 
     assert damage({"format": ["onnx"]}, "a" * 64, {}) == "the artifact no longer hashes to its sha256"
+
+
+def test_an_output_of_many_lines_that_start_a_document_is_refused_in_linear_time():
+    """Each line starting with `{` was tried with a copy of the rest of the output: 2 MB of them took 20 s."""
+    import time
+
+    from edge_kit.errors import DeployError
+
+    shell = _shell_printing("\n{" * 1_000_000)
+    started = time.monotonic()
+    with pytest.raises(DeployError, match="unexpected output"):
+        shell.run_json(["python3"], "the device state probe")
+    assert time.monotonic() - started < 5
+    assert _shell_printing('Welcome!\n[not json\n{"a": [1]}\n').run_json(["python3"], "x") == {"a": [1]}
