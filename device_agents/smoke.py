@@ -157,11 +157,14 @@ class SmokePool:
                 within N s``); it was killed.
             SmokeCrashed: the child crashed (signal named in ``how``) or was killed.
             SmokeFailed: ``fn`` raised it (its text).
+
+        Anything else raised meanwhile (KeyboardInterrupt) kills the child before it propagates.
         """
         receive, send = self.ctx.Pipe(duplex=False)
         child = self.ctx.Process(target=_child, args=(fn, args, send), daemon=True)
         child.start()
         send.close()
+        answered = False
         try:
             if not receive.poll(timeout):
                 child.kill()
@@ -169,6 +172,7 @@ class SmokePool:
                                     f"did not finish within {timeout:.0f} s")
             try:
                 status, value = receive.recv()
+                answered = True
             except EOFError:
                 child.join(5)
                 code = child.exitcode or 0
@@ -177,6 +181,8 @@ class SmokePool:
                 raise SmokeCrashed(f"the interpreter crashed (exit {code})", how) from None
         finally:
             receive.close()
+            if not answered and child.is_alive():  # interrupted (Ctrl-C): it must not outlive its caller's clean-up
+                child.kill()
             child.join(5)
         if status != "ok":
             raise SmokeFailed(value)

@@ -101,7 +101,7 @@ def damage(meta: dict | None, sha256: str, hashes: dict[str, str]) -> str | None
     if meta is None:
         return "meta.json is missing or unreadable"
     fmt = meta.get("format")
-    if hashes.get("model" + SUFFIX[fmt if fmt in SUFFIX else "tflite"]) != sha256:
+    if hashes.get("model" + SUFFIX[fmt if isinstance(fmt, str) and fmt in SUFFIX else "tflite"]) != sha256:
         return "the artifact no longer hashes to its sha256"
     if "eval.npz" in hashes and not meta.get("eval_sha256"):
         return "the eval set has no recorded sha256 (installed by an older agent)"

@@ -42,7 +42,7 @@ def _file_name(value: Any) -> Any:
     Raises:
         ValueError: a path, an absolute path, a hidden name or one with other characters.
     """
-    if value is not None and not (isinstance(value, str) and _FILE_NAME.match(value)):
+    if value is not None and not (isinstance(value, str) and _FILE_NAME.fullmatch(value)):
         raise ValueError(f"file {value!r} is not a file name inside the artifacts folder (letters, digits, '.', '_', "
                          "'-'; no path); compile again")
     return value

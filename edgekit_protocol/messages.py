@@ -68,7 +68,7 @@ def check_name(value: str, what: str) -> str:
         ValueError: empty, too long, or holds characters other than letters, digits, ``_ . -``
             (MQTT wildcards and ``/`` would break topic routing).
     """
-    if not isinstance(value, str) or not _NAME.match(value):
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
         raise ValueError(f"{what} {value!r} must be 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit")
     return value
 
@@ -82,7 +82,7 @@ def check_model_name(value: str) -> str:
         ValueError: not a string of 1-:data:`MAX_MODEL_NAME_CHARS` letters, digits, ``_ . -`` starting with a
             letter or digit (no spaces, no ``/``, never hidden); the message states the rule, callers add what to do.
     """
-    if not isinstance(value, str) or not _MODEL_NAME.match(value):
+    if not isinstance(value, str) or not _MODEL_NAME.fullmatch(value):
         shown = repr(value[:80] + "…" if len(value) > 80 else value) if isinstance(value, str) else repr(value)
         raise ValueError(f"model name {shown} must be 1-{MAX_MODEL_NAME_CHARS} letters, digits, '_', '.' or '-', "
                          "starting with a letter or digit")

@@ -299,26 +299,32 @@ class ChildInference:
         Raises:
             ValueError: one line: the run did not finish within the deadline, the child crashed (signal
                 named) or was killed, or the runtime refused the model or the inputs (its first line).
+            CompileError: the model or its outputs could not be written into or read from the scratch
+                folder (disk full, the folder removed): no fault of the model.
         """
         import tempfile
 
         from device_agents.errors import SmokeCrashed, SmokeFailed, SmokeTimedOut
         from device_agents.formats import model_format
+        from edge_kit.errors import CompileError
 
         file_name, runtime, words = _PROBED[model_format(data)]
-        with tempfile.TemporaryDirectory(prefix="edgekit-model-", dir=self.folder.parent) as tmp:
-            model = os.path.join(tmp, file_name)
-            with open(model, "wb") as f:
-                f.write(data)
-            try:
+        try:
+            with tempfile.TemporaryDirectory(prefix="edgekit-model-", dir=self.folder.parent) as tmp:
+                model = os.path.join(tmp, file_name)
+                with open(model, "wb") as f:
+                    f.write(data)
                 return self.pool.predict(model, self.folder, runtime=runtime, threads=self.threads, timeout=self.timeout)
-            except SmokeTimedOut as exc:
-                raise ValueError(f"the inference on {self.where} {exc.how}: a model that loops on real inputs? "
-                                 "(edgekit compile --timeout sets the limit)") from None
-            except SmokeCrashed as exc:
-                raise ValueError(f"{words} {exc.how} running it on {self.where}") from None
-            except SmokeFailed as exc:
-                raise ValueError(f"{words} failed running it on {self.where}: {exc}") from None
+        except OSError as exc:
+            raise CompileError(f"{self.folder.parent}: could not write or read a model's run on {self.where} there "
+                               f"({exc.strerror or exc}); free space in the temporary folder (TMPDIR)") from None
+        except SmokeTimedOut as exc:
+            raise ValueError(f"the inference on {self.where} {exc.how}: a model that loops on real inputs? "
+                             "(edgekit compile --timeout sets the limit)") from None
+        except SmokeCrashed as exc:
+            raise ValueError(f"{words} {exc.how} running it on {self.where}") from None
+        except SmokeFailed as exc:
+            raise ValueError(f"{words} failed running it on {self.where}: {exc}") from None
 
 
 def analyse(data: bytes) -> ModelStats:

@@ -157,8 +157,10 @@ def _code_state(shell: DeviceShell, operator: Keyring) -> str | None:
         return "code differs: " + ", ".join(diff[:3]) + (f" and {len(diff) - 3} more" if len(diff) > 3 else "")
     try:
         doc = json.loads(found["manifest"] or "")
+        if not isinstance(doc, dict):
+            raise ValueError("not an object")
         operator.verify(doc, OPERATOR)
-    except (ValueError, EdgeKitError):
+    except (ValueError, RecursionError, EdgeKitError):  # RecursionError: nested deeper than the parser goes
         return "its signed manifest is missing or not this operator's"
     if doc.get("bundle") != sha or doc.get("files") != files:
         return "its signed manifest is for other code"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import functools
 import inspect
+import itertools
 import json
 import os
 import re
@@ -149,6 +150,38 @@ sys.stdout.buffer.write(dump({
 """
 
 
+def _probe_shape(found: Any) -> None:
+    """Check that ``found`` has the shape :data:`_DEVICE_STATE` prints (the types of its fields, down to the
+    texts in its maps); return nothing. What the host then reads of it cannot raise anything but a refusal.
+
+    Raises:
+        ValueError: it does not; the text names the first field that differs.
+    """
+    maybe = (str, type(None))
+    if not isinstance(found, dict):
+        raise ValueError(f"a JSON {type(found).__name__}")
+    for name, kinds in (("root", str), ("device_pub", maybe), ("has_device_key", bool), ("pid", maybe),
+                        ("cmdline", maybe), ("restart_pending", bool), ("systemd", bool), ("current", maybe),
+                        ("digests", dict), ("models", dict), ("hashes", dict), ("code", dict)):
+        if not isinstance(found.get(name), kinds):
+            raise ValueError(f"a field '{name}' of type {type(found.get(name)).__name__}")
+    if found["pid"] is not None and not (found["pid"].isascii() and found["pid"].isdigit()):
+        raise ValueError("a field 'pid' that is not a process id")
+    if found["cmdline"] is not None and not all(ord(c) < 256 for c in found["cmdline"]):
+        raise ValueError("a field 'cmdline' that is not bytes as latin-1")
+    for name, value in found["digests"].items():
+        if not isinstance(value, maybe):
+            raise ValueError(f"a field 'digests.{name}' of type {type(value).__name__}")
+    if any(not isinstance(meta, maybe) for meta in found["models"].values()):
+        raise ValueError("a field 'models' whose values are not all text or null")
+    for files in found["hashes"].values():
+        if not isinstance(files, dict) or any(not isinstance(h, str) for h in files.values()):
+            raise ValueError("a field 'hashes' that is not sha256s by file name")
+    code = found["code"]
+    if not isinstance(code.get("files"), (dict, type(None))) or not isinstance(code.get("manifest"), maybe):
+        raise ValueError("a field 'code' that is not {files: object or null, manifest: text or null}")
+
+
 @functools.cache
 def _probe_script() -> str:
     """Return the probe's script: :data:`_DEVICE_STATE` after :func:`device_agents.codecheck.tree`'s source
@@ -204,6 +237,14 @@ class _PromptAckSocket(socket.socket):
         if _QUICKACK is not None:
             self.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
         return data
+
+
+MAX_JSON_STARTS = 64  # the lines run_json tries a document from: a shell's greeting is a few lines
+MAX_OUTPUT_BYTES = 64 << 20  # what one command may print (stdout and stderr): the probe's JSON is a few kB per model
+
+
+class OutputTooLarge(Exception):
+    """A command on the device printed more than :data:`MAX_OUTPUT_BYTES`."""
 
 
 class Cancelled(DeployError):
@@ -465,12 +506,17 @@ class DeviceShell:
                 read, or the connection was lost.
         """
         found = self.run_json(probe_argv(self.dev.python, self.dev.root, self.verify), "the device state probe")
+        try:
+            _probe_shape(found)
+        except ValueError as exc:
+            raise DeployError(f"{self.dev.name}: the device state probe printed {exc}, not what the probe prints; check "
+                              "the device's Python (`python:` in the fleet file) and that the device is yours") from None
         root = found["root"]
         installed, metas = [], {}
         for name, meta in sorted(found["models"].items()):
             try:
                 record = json.loads(meta) if meta else None
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
                 record = None
             metas[name] = record if isinstance(record, dict) else None  # as the agent's store reads it
             if isinstance(record, dict) and record.get("sha256") == name:
@@ -510,7 +556,8 @@ class DeviceShell:
         (the deployed agent always runs from ``<root>/agent``, so ``python -m`` finds only checked code).
 
         Raises:
-            DeployError: non-zero exit (with the last line of stderr), a timeout or a lost connection.
+            DeployError: non-zero exit (with the last line of stderr), a timeout, more output than
+                :data:`MAX_OUTPUT_BYTES` or a lost connection.
         """
         program = argv[0] if argv else ""
         if env:
@@ -524,6 +571,9 @@ class DeviceShell:
             exited, stdout, stderr = self._exec(command, timeout)
         except TimeoutError:
             raise DeployError(f"{self.dev.name}: `{argv[-1] if argv else ''}` took longer than {timeout:.0f} s") from None
+        except OutputTooLarge as exc:
+            raise DeployError(f"{self.dev.name}: {program!r} {exc}; refused (a command the deploy runs prints a few kB: "
+                              "check the device)") from None
         except _LINK_ERRORS as exc:
             raise DeployError(f"{self.dev.name}: SSH connection lost ({_why(exc)})") from None
         if exited == 127:  # POSIX shells and env: command not found
@@ -544,7 +594,9 @@ class DeviceShell:
         10 ms in threads of its own (10 to 20 ms more per command, ``benchmarks/test_fleet_figures.py``).
 
         Raises:
-            TimeoutError: not finished within ``timeout`` seconds (the channel is closed).
+            TimeoutError: not finished within ``timeout`` seconds, the exec request's answer included (the
+                channel is closed).
+            OutputTooLarge: it printed more than :data:`MAX_OUTPUT_BYTES` (the channel is closed).
             EOFError, OSError, paramiko.SSHException: the connection was lost (no exit status came).
         """
         transport = self.conn.client.get_transport()
@@ -552,6 +604,15 @@ class DeviceShell:
             raise EOFError("connection closed")
         deadline = time.monotonic() + timeout
         chan = transport.open_session(timeout=timeout)
+        expired = threading.Event()
+
+        def expire() -> None:  # paramiko waits for the answer to the exec request without a timeout
+            expired.set()
+            chan.close()
+
+        watchdog = threading.Timer(timeout, expire)
+        watchdog.daemon = True
+        watchdog.start()
         try:
             chan.exec_command(command)
             chan.shutdown_write()
@@ -563,6 +624,8 @@ class DeviceShell:
                         out += chan.recv(1 << 16)
                     while chan.recv_stderr_ready():
                         err += chan.recv_stderr(1 << 16)
+                    if len(out) + len(err) > MAX_OUTPUT_BYTES:
+                        raise OutputTooLarge(f"printed more than {MAX_OUTPUT_BYTES >> 20} MiB")
                     if chan.eof_received or chan.closed:
                         break
                     left = deadline - time.monotonic()
@@ -573,10 +636,17 @@ class DeviceShell:
                 raise TimeoutError(command)
             out += b"".join(iter(lambda: chan.recv(1 << 16) if chan.recv_ready() else b"", b""))
             err += b"".join(iter(lambda: chan.recv_stderr(1 << 16) if chan.recv_stderr_ready() else b"", b""))
-            if chan.exit_status == -1:  # closed without one: the link went down
+            if len(out) + len(err) > MAX_OUTPUT_BYTES:
+                raise OutputTooLarge(f"printed more than {MAX_OUTPUT_BYTES >> 20} MiB")
+            if chan.exit_status == -1:  # closed without one: the link went down (or the watchdog closed it)
                 raise EOFError("connection closed before the command's exit status came")
             return chan.exit_status, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
+        except _LINK_ERRORS:
+            if expired.is_set():
+                raise TimeoutError(command) from None
+            raise
         finally:
+            watchdog.cancel()
             chan.close()
 
     def agent(self, *args: str, timeout: float = COMMAND_TIMEOUT_S) -> dict[str, Any]:
@@ -594,19 +664,25 @@ class DeviceShell:
 
         Text the device's shell prints before it (a ``.bashrc``, ``BASH_ENV`` or profile that echoes in
         non-interactive sessions too) is skipped: the document is the output from the first line that
-        starts one and parses to the end.
+        starts one and parses to the end (of the first :data:`MAX_JSON_STARTS` such lines).
 
         Raises:
             DeployError: as :meth:`run`, or no JSON document in the output (``what`` printed it; the start
                 of the output is given).
         """
         out = self.run(argv, **kwargs)
-        starts = [0] + [m.start() + 1 for m in re.finditer(r"\n(?=[{\[])", out)]
+        # Each try costs up to the output's length (a failed one counts the lines before it): at most
+        # MAX_JSON_STARTS of them, so a device printing a million lines that start with `{` cannot hold the host.
+        lines = itertools.islice(re.finditer(r"\n(?=[{\[])", out), MAX_JSON_STARTS - 1)
+        starts = [len(out) - len(out.lstrip())] + [m.start() + 1 for m in lines]
+        decoder = json.JSONDecoder()
         for start in starts:
             try:
-                return json.loads(out[start:])
-            except ValueError:
+                doc, end = decoder.raw_decode(out, start)
+            except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
                 continue
+            if not out[end:].strip():
+                return doc
         raise DeployError(f"{self.dev.name}: unexpected output from {what}: {out.strip()[:200]!r}; if the device's "
                           "shell prints it, make its .bashrc or profile quiet for non-interactive sessions")
 

@@ -57,3 +57,30 @@ def test_predict_on_a_model_that_crashes_the_interpreter_is_a_crash_not_the_call
     with pytest.raises(SmokeCrashed) as caught:
         SmokePool().predict(tmp_path / "flipped.tflite", folder, timeout=120)
     assert caught.value.how == "crashed (SIGSEGV)"
+
+
+def test_an_interrupted_run_kills_its_child_at_once():
+    """Ctrl-C while a child runs: the child must not outlive the caller's clean-up of the folders it writes to."""
+    import multiprocessing
+    import signal
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(*_):
+        raise Interrupted
+
+    old = signal.signal(signal.SIGALRM, interrupt)
+    pool = SmokePool()
+    pool.run(time.sleep, 0, timeout=60, what="nap")  # the forkserver started: the interruption lands in the wait
+    others = set(multiprocessing.active_children())  # children earlier tests left are not this run's
+    started = time.monotonic()
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.5)
+        with pytest.raises(Interrupted):
+            pool.run(time.sleep, 600, timeout=600, what="nap")
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert time.monotonic() - started < 4
+    assert set(multiprocessing.active_children()) - others == set()

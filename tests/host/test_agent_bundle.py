@@ -31,3 +31,14 @@ def test_the_bundle_holds_the_agent_and_the_protocol_package_only_and_runs_witho
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().startswith(str(tmp_path))
+
+
+def test_a_device_manifest_nested_past_the_parser_or_not_an_object_is_not_this_operators():
+    import types
+
+    from edge_kit.fleet.agent_install import _code_state
+
+    _, _, files = agent_bundle()
+    for manifest in ("[" * 100_000, "[1]"):
+        shell = types.SimpleNamespace(info={"code": {"files": files, "manifest": manifest}})
+        assert _code_state(shell, None) == "its signed manifest is missing or not this operator's"

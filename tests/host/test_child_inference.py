@@ -65,3 +65,14 @@ def test_the_deadline_grows_with_the_samples_and_timeout_overrides_it():
     assert inference_deadline(0) == INFERENCE_FLOOR_S
     assert inference_deadline(1000) > inference_deadline(10) > INFERENCE_FLOOR_S
     assert inference_deadline(1000, 7) == 7.0
+
+
+def test_a_scratch_folder_that_is_gone_is_the_compilers_one_line_not_the_models_fault(tmp_path):
+    import shutil
+
+    from edge_kit.errors import CompileError
+
+    run = ChildInference({"x": np.ones((2, 4), np.float32)}, tmp_path / "work" / "fidelity", "eval.npz", timeout=120)
+    shutil.rmtree(tmp_path / "work")  # a temporary-files cleaner, or a full disk: no model's run can be written
+    with pytest.raises(CompileError, match=r"could not write or read a model's run on eval\.npz there .*TMPDIR"):
+        run(relu_onnx())

@@ -10,6 +10,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from device_agents import codecheck
 from edge_kit.fleet.ssh import probe_argv
 
@@ -72,3 +74,69 @@ def test_the_probe_hashes_the_files_of_the_stored_models_it_is_asked_to_verify(t
     assert damage(meta, sha, found["hashes"][sha]) is None
     (folder / "model.tflite").write_bytes(data + b"!")
     assert damage(meta, sha, probe(tmp_path, (sha,))["hashes"][sha]) == "the artifact no longer hashes to its sha256"
+
+
+def _shell_printing(text):
+    """A DeviceShell (not connected) whose commands print ``text``: what a device's own Python may print instead."""
+    import types
+
+    from edge_kit.fleet.ssh import DeviceShell
+
+    shell = DeviceShell.__new__(DeviceShell)
+    shell.dev = types.SimpleNamespace(name="pi-1", python="python3", root="~/edgekit")
+    shell.verify = ("a" * 64,)
+    shell.run = lambda argv, **_: text
+    return shell
+
+
+def _good(tmp_path) -> dict:
+    return probe(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("change", [
+    lambda d: [d],
+    lambda d: {**d, "root": 1},
+    lambda d: {**d, "models": ["a" * 64]},
+    lambda d: {**d, "models": {"a" * 64: {"sha256": "a" * 64}}},
+    lambda d: {**d, "hashes": {"a" * 64: ["x"]}},
+    lambda d: {**d, "digests": {"config_sha256": 5}},
+    lambda d: {**d, "pid": "\u00b2", "cmdline": "supervise"},  # a digit int() refuses
+    lambda d: {**d, "pid": "1", "cmdline": "\u0100"},  # not bytes read as latin-1
+    lambda d: {**d, "code": {"files": [], "manifest": None}},
+    lambda d: {**d, "has_device_key": "yes"},
+])
+def test_a_probe_document_of_another_shape_is_one_line_naming_the_device(tmp_path, change):
+    from edge_kit.errors import DeployError
+
+    with pytest.raises(DeployError, match=r"^pi-1: the device state probe printed .*, not what the probe prints"):
+        _shell_printing(json.dumps(change(_good(tmp_path))))._probe()
+
+
+def test_a_probe_output_nested_past_the_parser_is_refused_not_raised(tmp_path):
+    from edge_kit.errors import DeployError
+
+    with pytest.raises(DeployError, match="unexpected output"):
+        _shell_printing("[" * 100_000)._probe()
+    deep = {**_good(tmp_path), "models": {"a" * 64: "[" * 100_000}, "hashes": {"a" * 64: {}}}
+    found = _shell_printing(json.dumps(deep))._probe()  # an unreadable meta.json: not installed, damaged
+    assert found["installed"] == [] and found["damaged"] == {"a" * 64: "meta.json is missing or unreadable"}
+
+
+def test_a_stored_model_whose_meta_names_an_odd_format_is_judged_not_raised():
+    from device_agents.store import damage
+
+    assert damage({"format": ["onnx"]}, "a" * 64, {}) == "the artifact no longer hashes to its sha256"
+
+
+def test_an_output_of_many_lines_that_start_a_document_is_refused_in_linear_time():
+    """Each line starting with `{` was tried with a copy of the rest of the output: 2 MB of them took 20 s."""
+    import time
+
+    from edge_kit.errors import DeployError
+
+    shell = _shell_printing("\n{" * 1_000_000)
+    started = time.monotonic()
+    with pytest.raises(DeployError, match="unexpected output"):
+        shell.run_json(["python3"], "the device state probe")
+    assert time.monotonic() - started < 5
+    assert _shell_printing('Welcome!\n[not json\n{"a": [1]}\n').run_json(["python3"], "x") == {"a": [1]}

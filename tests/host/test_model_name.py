@@ -56,3 +56,10 @@ def test_the_longest_model_name_the_rule_takes_is_published(tmp_path, run_cli):
     assert code == 0 and json.loads(out)["model"] == "m" * 128, err
     code, _out, err = run_cli("publish", compiled(tmp_path / "x", "m" * 129), "--store", tmp_path / "store")
     assert code == 2 and "model name 'mmm" in err and "must be 1-128" in err
+
+
+def test_a_manifest_file_name_ending_in_a_newline_is_refused():
+    from edge_kit.manifest import _file_name
+
+    with pytest.raises(ValueError):
+        _file_name("fp32.tflite\n")

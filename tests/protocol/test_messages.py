@@ -227,3 +227,13 @@ def test_a_live_or_shadow_figure_out_of_range_is_refused_naming_it(kind, over, w
     msg = messages.envelope(kind, "f1", "d1", 3, {**(LIVE if kind == "live" else SHADOW), **over})
     with pytest.raises(messages.MessageError, match=why):
         messages.check_body(kind, msg)
+
+
+
+@pytest.mark.parametrize("name", ["model\n", "m" * 63 + "\n"])
+def test_a_name_ending_in_a_newline_is_no_model_device_or_fleet_name(name):
+    # `$` matches before a final newline: such a name would make a folder, a store path and an ACL line apart
+    with pytest.raises(ValueError):
+        messages.check_model_name(name)
+    with pytest.raises(ValueError):
+        messages.check_name(name, "device")
