@@ -143,7 +143,7 @@ def partial_path(dest: Path) -> Path:
 
 def _checked_sha(sha256: str, url: str) -> str:
     digest = str(sha256).strip().lower()
-    if not _SHA.match(digest):
+    if not _SHA.fullmatch(digest):
         raise FetchError(f"{url}: expected sha256 {sha256!r} is not 64 hex digits; check the desired state")
     return digest
 

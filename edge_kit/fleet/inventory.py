@@ -60,7 +60,7 @@ def check_host(host: str) -> str:
         return host
     except ValueError:
         pass
-    if len(host) > 253 or not _HOST.match(host):
+    if len(host) > 253 or not _HOST.fullmatch(host):
         raise ValueError(f"{host!r} is not a host name or an IP address; give the device's address "
                          "(e.g. 10.0.0.21 or pi-01.local; the port goes in 'port', the login in 'user')")
     return host
@@ -72,7 +72,7 @@ def _check_login(user: str) -> str:
     Raises:
         ValueError: anything else (shell characters, spaces, an option).
     """
-    if not _LOGIN.match(user):
+    if not _LOGIN.fullmatch(user):
         raise ValueError(f"{user!r} is not a login name (letters, digits, '_', '.' and '-', at most 32, "
                          "not starting with '-' or '.')")
     return user

@@ -57,7 +57,9 @@ def test_fleet_errors_name_the_line_and_the_key(tmp_path, change, message):
     (("host: 10.0.0.1,", "host: 'evil@10.0.0.1',"), "devices[0].host: 'evil@10.0.0.1' is not a host name"),
     (("host: 10.0.0.1,", "host: '10.0.0.1:2222',"), "the port goes in 'port'"),
     (("host: 10.0.0.1,", "host: 'pi 1',"), "devices[0].host: 'pi 1' is not a host name"),
+    (("host: 10.0.0.1,", 'host: "pi-1\\n",'), "devices[0].host: 'pi-1\\n' is not a host name"),  # '$' matched before it
     (("user: mendel", "user: 'mendel;reboot'"), "devices[2].user: 'mendel;reboot' is not a login name"),
+    (("user: mendel", 'user: "mendel\\n"'), "devices[2].user: 'mendel\\n' is not a login name"),
     (("user: edgekit,", "user: '-oProxyCommand=x',"), "defaults.user: '-oProxyCommand=x' is not a login name"),
     (("tags: [pi]}", "tags: [pi], root: edgekit}"), "devices[0].root: 'edgekit': give an absolute folder"),
     (("tags: [pi]}", "tags: [pi], root: '~other/x'}"), "devices[0].root: '~other/x': give an absolute folder"),
