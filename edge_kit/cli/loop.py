@@ -511,6 +511,8 @@ def monitor_cmd(
                     "gaps": s.gaps, "dropped": s.dropped, "alerts": [vars(a) for a in mon.alerts], "alerts_raised": mon.alerts_raised,
                    "store": db.where})
     else:
+        if not out.is_terminal:  # rich ends its last frame with a newline on a terminal only: a log got "...hardwarestored"
+            out.line()
         out.print(safe(f"stored {s.stored:,} of {s.received:,} messages received ({s.duplicates:,} duplicates, "
                        f"{s.invalid:,} refused, {s.gaps:,} sequence gaps, {mon.alerts_raised:,} alerts) in {db.where}"),
                   highlight=False)
