@@ -98,10 +98,14 @@ def figures_text(devices: Any, inferred: bool = False, *, table: str = "select")
     """Return where each figure of the devices' table comes from (plain text, as ``--json`` gives it): the select
     table's MB, or the fleet table's last heard (``table``); ``~`` figures and confidence when ``inferred``, and which
     of ``devices`` (fleet :class:`~edge_kit.fleet.inventory.Device`) are simulated, so measured on this machine."""
-    text = ("figures: p90 and top-1 measured by each device's own agent (`edgekit bench` names the clock), top-1 on "
-            "the eval set shipped with the artifacts; W and mJ from the power source shown (a sensor, or estimated); "
-            + ("MB: the artifact's size, counted from its file by `edgekit compile` (the manifest's bytes)"
-               if table == "select" else "last heard: by this host's clock, since it received the device's last message"))
+    if table == "select":
+        text = ("figures: p90 and top-1 measured by each device's own agent (`edgekit bench` names the clock), top-1 on "
+                "the eval set shipped with the artifacts; W and mJ from the power source shown (a sensor, or estimated); "
+                "MB: the artifact's size, counted from its file by `edgekit compile` (the manifest's bytes)")
+    else:  # the fleet table shows p90, W and last heard (HistoryStore.last_received: status and telemetry only)
+        text = ("figures: p90 measured by each device's own agent (`edgekit bench` names the clock), of the current "
+                "variant's latest benchmark; W from the power source shown (a sensor, or estimated); last heard: by this "
+                "host's clock, when it stored the device's last status or telemetry message")
     if inferred:
         text += ("; ~ inferred by the fleet model from other devices of the profile, [90 % interval]; confidence: the "
                  "share of the fleet model's posterior draws that pick the same variant")
@@ -511,6 +515,8 @@ def monitor_cmd(
                     "gaps": s.gaps, "dropped": s.dropped, "alerts": [vars(a) for a in mon.alerts], "alerts_raised": mon.alerts_raised,
                    "store": db.where})
     else:
+        if not out.is_terminal:  # rich ends its last frame with a newline on a terminal only: a log got "...hardwarestored"
+            out.line()
         out.print(safe(f"stored {s.stored:,} of {s.received:,} messages received ({s.duplicates:,} duplicates, "
                        f"{s.invalid:,} refused, {s.gaps:,} sequence gaps, {mon.alerts_raised:,} alerts) in {db.where}"),
                   highlight=False)
@@ -591,9 +597,12 @@ def fleet_status_cmd(fleet_file: FleetOpt, history: HistoryOpt = None, as_json: 
 
     fleet = load_fleet(fleet_file)
     db = open_fleet_history(fleet_file, history, read_only=True)
-    retained, said = ({}, "broker not asked (--history-only)") if history_only else broker_statuses(fleet)
-    where = (f"state: {said}; otherwise the history's newest status, 'stale' when the device has been silent for more "
-             f"than {STALE_INTERVALS} telemetry intervals ({STALE_INTERVALS * TELEMETRY_INTERVAL_S:.0f} s)")
+    retained, said = (None, "broker not asked (--history-only)") if history_only else broker_statuses(fleet)
+    history_rule = (f"the history's newest status, 'stale' when the device has been silent for more than "
+                    f"{STALE_INTERVALS} telemetry intervals ({STALE_INTERVALS * TELEMETRY_INTERVAL_S:.0f} s)")
+    # every state from the history when the broker was not asked or reached: say that first, not as an "otherwise"
+    where = f"state: {history_rule}; {said}" if retained is None else f"state: {said}; a device without one: {history_rule}"
+    retained = retained or {}
     flagged = flagged_devices(db.latest_decisions((FLEET_KIND,)))
     if as_json:
         emit_json({"state": _fleet_states(db, fleet, retained), "state_source": where, "retained": retained,

@@ -563,7 +563,25 @@ def _compile_model(req: CompileRequest, progress: Progress | None, work: Path) -
     graph = functools.cache(lambda: _prepared(source))  # made once, shared by every precision
     built: dict[str, _Plan] = {}
     shared: dict[str, Any] = {}  # made once for several variants (the ONNX export of a Keras/SavedModel source)
-    for plan in plans.values():
+    fid_inputs = evalset or calib
+    outputs: dict[str, dict[str, np.ndarray]] = {}
+    outputs_of = runner(fid_inputs.x, "fidelity", fid_inputs.path.name) if fid_inputs is not None else None
+
+    def reference_run(data: bytes) -> dict[str, np.ndarray]:
+        """Return the fp32 variant's outputs over the data, run in a child with the deadline.
+
+        Raises:
+            InputError: the run crashed, looped past the deadline or refused the inputs; nothing is written.
+        """
+        try:
+            return outputs_of(data)
+        except ValueError as exc:  # the source model itself: every variant is made from it
+            raise InputError(f"{req.model}: variant fp32: {exc}; nothing was written (every variant is "
+                             "made from this model)") from None
+
+    # fp32 first, and run over the data at once: the int8 calibration that follows runs the model over --calib in
+    # this process, where a model that loops on real inputs would hang the compile instead of failing it
+    for plan in sorted(plans.values(), key=lambda p: p.spec.id != "fp32"):
         step(f"building {plan.spec.id}")
         if plan.refusal:
             continue
@@ -583,19 +601,17 @@ def _compile_model(req: CompileRequest, progress: Progress | None, work: Path) -
         plan.extra["how"] = how
         plan.extra["seconds"] = time.perf_counter() - started
         built[plan.spec.id] = plan
+        if plan.spec.id == "fp32" and outputs_of is not None:
+            outputs["fp32"] = reference_run(data)
 
-    fid_inputs = evalset or calib
-    outputs: dict[str, dict[str, np.ndarray]] = {}
-    if fid_inputs is not None:
-        outputs_of = runner(fid_inputs.x, "fidelity", fid_inputs.path.name)
-        for vid, plan in sorted(built.items(), key=lambda kv: kv[0] != "fp32"):  # the reference first
+    if outputs_of is not None:
+        for vid, plan in list(built.items()):
+            if vid in outputs:  # the reference, run as soon as it was built
+                continue
             if compiler_of(vid) is None and not plan.spec.built_on_device:  # a target-compiled model needs its hardware
                 try:
                     outputs[vid] = outputs_of(plan.data or b"")
                 except ValueError as exc:  # crashed, looped past the deadline, or refused the real inputs
-                    if vid == "fp32":  # the source model itself: every variant is made from it
-                        raise InputError(f"{req.model}: variant fp32: {exc}; nothing was written (every variant is "
-                                         "made from this model)") from None
                     plan = built.pop(vid)
                     plan.data, plan.refusal, plan.extra["failed"] = None, f"variant {vid}: {exc}", True
     reference = outputs.get("fp32")

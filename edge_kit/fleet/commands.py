@@ -293,23 +293,23 @@ class FleetClient:
         return ack
 
 
-def broker_statuses(fleet: Any) -> tuple[dict[str, dict[str, Any]], str]:
+def broker_statuses(fleet: Any) -> tuple[dict[str, dict[str, Any]] | None, str]:
     """Return the status each device of ``fleet`` left retained on its broker (verified as that device's;
-    see :meth:`FleetClient.retained_statuses`) and one line saying where the states came from: the
-    broker, with how many retained statuses were refused, or why it was not asked (no device key
-    registered yet, or the broker could not be reached: then the states come from the history).
+    see :meth:`FleetClient.retained_statuses`), or None when the broker was not asked (no device key
+    registered yet) or could not be reached (then the states come from the history), and one line saying
+    which: the broker, with how many retained statuses were refused, or why it was not asked or reached.
 
     Raises:
         ConfigError: the broker password file or the fleet's keys cannot be read.
     """
     keys = fleet.key_store()
     if not keys.devices():
-        return {}, f"broker not asked: no device key is registered in {keys.registry} yet (deploy first)"
+        return None, f"broker not asked: no device key is registered in {keys.registry} yet (deploy first)"
     try:
         with FleetClient.of(fleet, kinds=("status",)) as client:
             found = client.retained_statuses([d.name for d in fleet.devices])
             refused = client.rejected_count
     except AgentError as exc:
-        return {}, f"broker not asked ({exc})"
+        return None, f"broker not reached: {exc}"
     return found, (f"broker {fleet.broker.host}:{fleet.broker.port}: {len(found)} retained status(es), verified"
                    + (f"; {refused} refused (not signed by the device its topic names)" if refused else ""))

@@ -13,6 +13,7 @@ import functools
 import inspect
 import itertools
 import json
+import logging
 import os
 import re
 import selectors
@@ -40,6 +41,9 @@ _known_hosts_lock = threading.Lock()
 # restarted the agent: a deploy cut off in between leaves it, and the next one restarts the agent.
 RESTART_PENDING = "restart.pending"
 MIN_PYTHON = (3, 10)  # the agent's (pyproject's requires-python)
+# paramiko's transport thread logs a failed handshake's traceback (a port with no sshd behind it); each device's
+# failure is already one line in the results, and with no handler Python's last resort printed it on stderr
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
 
 # What only the device's Python can say: free space under the root, and which of the agent's

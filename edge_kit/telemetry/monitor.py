@@ -389,10 +389,16 @@ class Monitor:
             good, raw, received = [good[i] for i in fresh], [raw[i] for i in fresh], [received[i] for i in fresh]
         if not good:
             return
+        # a status is retained: the broker sends each device's again on every subscribe, so a new run of the monitor
+        # got the one an earlier run stored and alerted ("went offline") as news; the history knows it already
+        old = self.store.stored_ids("status", [m["msg_id"] for k, m in good if k == "status"])
         new = self.store.add_many(good, raw, received)
         self.stats.duplicates += len(good) - new
         self.stats.stored += new
         for kind, msg in good:
+            if kind == "status" and msg["msg_id"] in old:
+                self._recent[msg["msg_id"]] = None
+                continue
             try:
                 self._after_store(kind, msg)
             except Exception:  # noqa: BLE001 - a hook or an odd figure must not stop the writer

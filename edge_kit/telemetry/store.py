@@ -216,6 +216,17 @@ class HistoryStore(abc.ABC):
                 statements.append((_INSERT[kind], sorted(first.values(), key=lambda r: r[0])))
         return self._write_batch(statements) if statements else 0
 
+    def stored_ids(self, kind: str, msg_ids: list[str]) -> set[str]:
+        """Return which of ``msg_ids`` the ``kind`` table (one of ``KINDS``) already holds. Raises HistoryError."""
+        if kind not in KINDS:
+            raise ValueError(f"the history keeps no {kind!r} messages")
+        found: set[str] = set()
+        for i in range(0, len(msg_ids), 500):  # bounded statements; a batch of retained statuses is small
+            part = msg_ids[i:i + 500]
+            found.update(r[0] for r in self._rows(f"SELECT msg_id FROM {kind} WHERE msg_id IN ({', '.join('?' * len(part))})",
+                                                  tuple(part)))
+        return found
+
     def add(self, kind: str, message: dict[str, Any]) -> bool:
         """Store one message; return False when its ``msg_id`` was already there.
 

@@ -67,3 +67,41 @@ def test_a_reachable_address_still_connects_and_a_refused_one_says_so():
         server.close()
     with pytest.raises(ConnectionRefusedError):
         open_socket("127.0.0.1", port)
+
+
+def test_a_port_that_closes_without_an_ssh_banner_fails_the_device_in_one_line_without_a_traceback(tmp_path):
+    """A host whose port accepts and closes at once (no sshd there: another service, a firewall, a NAT) failed the
+    device with one line, but paramiko's transport thread also logged its traceback, which Python's last-resort
+    handler printed on stderr (no handler configured). A separate process: pytest's own log handlers hide it."""
+    import subprocess
+    import sys
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+
+    def close_each():
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            conn.close()
+
+    threading.Thread(target=close_each, daemon=True).start()
+    (tmp_path / "known_hosts").write_text("")
+    script = ("import sys\n"
+              "from edge_kit.errors import DeployError\n"
+              "from edge_kit.fleet.inventory import Device\n"
+              "from edge_kit.fleet.ssh import DeviceShell\n"
+              f"dev = Device(name='pi-1', host='127.0.0.1', port={server.getsockname()[1]}, user='pi', profile='rpi4')\n"
+              "try:\n"
+              f"    DeviceShell(dev, {str(tmp_path / 'known_hosts')!r}).__enter__()\n"
+              "except DeployError as exc:\n"
+              "    print(exc)\n")
+    try:
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    finally:
+        server.close()
+    assert done.returncode == 0 and done.stdout.startswith("pi-1 (pi@127.0.0.1:"), done
+    assert done.stderr == "", done.stderr

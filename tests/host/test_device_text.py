@@ -526,3 +526,26 @@ def test_the_latency_series_help_names_the_call_each_runtime_times():
     (help_line,) = [ln for ln in generate_latest(metrics.registry).decode().splitlines()
                     if ln.startswith("# HELP edgekit_latency_ms ")]
     assert "invoke() on LiteRT" in help_line and "session.run() on ONNX Runtime and TensorRT" in help_line
+
+
+def test_a_status_an_earlier_monitor_run_stored_is_not_alerted_again(fleet_file, tmp_path):
+    """The broker sends each device's retained status again on every subscribe: each new run of `edgekit monitor`
+    counted it a duplicate, yet alerted "d1 went offline" again for a device that went offline runs ago."""
+    import json
+    import time
+
+    from edge_kit.fleet.inventory import load_fleet
+    from edge_kit.telemetry.monitor import Monitor
+    from edgekit_protocol import messages
+
+    offline = messages.envelope("status", "sim", "d1", 1, {"state": "offline"})
+    store = Store(tmp_path / "h.db")
+    first = Monitor(load_fleet(fleet_file), store, verify_in_child=False)
+    first._keep([("status", offline)], [json.dumps(offline).encode()], [time.time()])
+    assert [a.text for a in first.alerts] == ["d1 went offline"] and first.stats.stored == 1
+    later = Monitor(load_fleet(fleet_file), store, verify_in_child=False)  # the next run, the same retained status
+    later._keep([("status", offline)], [json.dumps(offline).encode()], [time.time()])
+    assert list(later.alerts) == [] and later.stats.duplicates == 1 and later.stats.stored == 0
+    again = messages.envelope("status", "sim", "d1", 2, {"state": "offline"})  # a new word from the device: news
+    later._keep([("status", again)], [json.dumps(again).encode()], [time.time()])
+    assert [a.text for a in later.alerts] == ["d1 went offline"]

@@ -252,6 +252,7 @@ def test_monitor_without_json_ends_with_what_it_stored(tmp_path, run_cli, monkey
                           "devices:\n  - {name: d1, host: 127.0.0.1}\n")
     code, out, err = run_cli("monitor", "--fleet", fleet_file, "--duration", "0")
     assert code == 0, err
+    assert "\nstored 6 of 9 messages" in out, out  # on a line of its own, not glued to the table's last line in a log
     assert out.endswith("\n") and " ".join(out.split()).endswith(
         f"stored 6 of 9 messages received (2 duplicates, 1 refused, 1 sequence gaps, 3 alerts) in "
         f"{tmp_path.resolve() / 'edgekit-history.db'}")

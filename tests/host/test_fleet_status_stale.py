@@ -30,8 +30,12 @@ def test_a_device_silent_for_longer_than_a_few_telemetry_intervals_is_stale_not_
     assert f"stale (history: online, silent > {after:.0f} s)" in rows["quiet"], rows["quiet"]
     assert "online (history)" in rows["chatty"] and "offline (history)" in rows["gone"] and "never seen" in rows["new"]
     assert "broker not asked (--history-only)" in out and f"more than {STALE_INTERVALS} telemetry intervals" in out
+    # every state came from the history: the line said the broker's and "otherwise the history's"
+    assert " ".join(out.split()).count("state: the history's newest status, 'stale' when") == 1 and "otherwise" not in out
     code, out, err = run_cli("fleet", "status", "--fleet", fleet_file, "--json")  # asked, but no key is registered
     state = json.loads(out)
     assert state["state"]["quiet"]["state"] == "stale" and state["state"]["quiet"]["said"] == "online"
     assert state["state"]["quiet"]["source"] == "history" and state["state"]["quiet"]["silent_s"] > after
-    assert state["state_source"].startswith("state: broker not asked: no device key is registered")
+    assert state["state_source"].startswith("state: the history's newest status")
+    assert state["state_source"].endswith("; broker not asked: no device key is registered in "
+                                          f"{tmp_path / 'keys' / 'devices.json'} yet (deploy first)"), state["state_source"]

@@ -602,6 +602,28 @@ def test_a_model_that_loops_on_real_inputs_is_one_line_within_the_deadline_and_w
     assert not (tmp_path / "o").exists()
 
 
+def test_a_model_that_loops_on_real_inputs_fails_before_a_bundled_profiles_int8_calibration_runs_it(
+        looping_savedmodel, tmp_path):
+    """With a bundled profile (rpi4, int8 among its variants) the compile hung for good: the int8 calibration ran
+    the model over --calib in the compiler's own process before the fp32 run over the data, the one in a child with
+    a deadline. (A separate process, so the hang it was fails this test instead of hanging the suite.)"""
+    import subprocess
+    import sys
+
+    np.savez(tmp_path / "real.npz", x=np.full((120, 2048), 2.0, np.float32))
+    try:
+        proc = subprocess.run([sys.executable, "-m", "edge_kit", "compile", str(looping_savedmodel), "-p", "rpi4",
+                               "--calib", str(tmp_path / "real.npz"), "--out", str(tmp_path / "o"), "--timeout", "5"],
+                              capture_output=True, text=True, timeout=150)
+    except subprocess.TimeoutExpired:
+        pytest.fail("edgekit compile -p rpi4 still ran after 150 s: the int8 calibration spun on the looping model")
+    assert one_line_error(proc.returncode, proc.stderr) == (
+        f"edgekit: error: {looping_savedmodel}: variant fp32: the inference on real.npz did not finish within 5 s: a "
+        "model that loops on real inputs? (edgekit compile --timeout sets the limit); nothing was written (every "
+        "variant is made from this model)")
+    assert not (tmp_path / "o").exists()
+
+
 def test_a_variant_that_loops_where_fp32_stops_is_failed_and_the_others_are_written(looping_savedmodel, tmp_path,
                                                                                     run_cli):
     """The fp16 variant rounds the threshold to 1.0, so inputs of 1.00005 spin it forever; fp32 and
