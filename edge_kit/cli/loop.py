@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -490,6 +491,7 @@ def monitor_cmd(
     mon.start()
     end = _time.monotonic() + duration if duration is not None else None
     shown = 0
+    stopped = _stop_on_sigterm()
     try:
         with Live(_fleet_view(db, fleet), console=out, refresh_per_second=1, transient=False) if not as_json else nullcontext() as live:
             while (end is None or _time.monotonic() < end) and mon.failed is None:
@@ -504,6 +506,7 @@ def monitor_cmd(
     except KeyboardInterrupt:
         pass
     finally:
+        stopped()
         mon.stop()
         if server is not None:
             server.shutdown()
@@ -520,6 +523,22 @@ def monitor_cmd(
         out.print(safe(f"stored {s.stored:,} of {s.received:,} messages received ({s.duplicates:,} duplicates, "
                        f"{s.invalid:,} refused, {s.gaps:,} sequence gaps, {mon.alerts_raised:,} alerts) in {db.where}"),
                   highlight=False)
+
+
+def _stop_on_sigterm() -> Callable[[], None]:
+    """Make SIGTERM (systemd's stop, ``kill``) end the monitor as Ctrl-C does, with its summary, where this runs in
+    the main thread (the only one a signal handler can be set from). Returns what puts the previous handler back."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def interrupt(_signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    return lambda: signal.signal(signal.SIGTERM, previous)
 
 
 fleet_app = typer.Typer(no_args_is_help=True, help="The fleet: its broker's wall, and what the history store knows.")

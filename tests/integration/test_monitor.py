@@ -339,3 +339,40 @@ def test_a_share_group_or_client_id_mqtt_cannot_carry_is_refused(fleet, tmp_path
     exit 0; `--client-id ''` got a random id (no persistent session); a 70,000-byte one a struct.error traceback."""
     code, out, err = run_cli("monitor", "--fleet", fleet.source, "--duration", "1", option, value, "--json")
     assert code == 2 and json.loads(out)["error"] == error and err.count("\n") == 1
+
+
+def test_a_monitor_stopped_by_sigterm_prints_its_summary_as_after_ctrl_c(fleet, publisher, tmp_path):
+    """systemd stops a service with SIGTERM: the monitor once died of it without a word, no summary, no --json."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    fleet_file = tmp_path / "fleet.yaml"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-m", "edge_kit", "monitor", "--fleet", str(fleet_file), "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        def stored() -> int:
+            if not (tmp_path / "edgekit-history.db").exists():
+                return 0
+            with Store(tmp_path / "edgekit-history.db") as store:
+                return store.count("bench")
+
+        seq = 0
+
+        def one_stored() -> bool:  # the monitor subscribes some time after it starts: send until one is stored
+            nonlocal seq
+            seq += 1
+            send(publisher, "bench", bench("d1", seq))
+            return stored() >= 1
+
+        assert wait_until(one_stored, 60, step=0.5), proc.stderr.read() if proc.poll() is not None else "not stored"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    summary = json.loads(out)
+    assert summary["stored"] >= 1 and summary["invalid"] == 0, summary
