@@ -28,9 +28,12 @@ def wait():
 
 
 @pytest.fixture
-def run_cli(capsys):
-    """Run `edgekit ARGS...` in-process; return (exit code, stdout, stderr)."""
+def run_cli(capsys, monkeypatch):
+    """Run `edgekit ARGS...` in-process (a compile too: no worker process); return (exit code, stdout, stderr)."""
     from edge_kit.cli import main
+    from edge_kit.cli.worker import WORKER_ENV
+
+    monkeypatch.setenv(WORKER_ENV, "")
 
     def run(*args: str) -> tuple[int, str, str]:
         argv = sys.argv

@@ -37,9 +37,17 @@ def fail(message: str, exit_code: int, as_json: bool) -> NoReturn:
 def main() -> None:
     """Console-script entry point: run the app, map toolkit errors, usage errors and Ctrl-C to one line and
     an exit code (2 for usage and bad input, 130 for Ctrl-C, else the error's ``exit_code``)."""
+    from edge_kit.cli.worker import run_worker, supervised
     from edge_kit.errors import EdgeKitError
 
     as_json = "--json" in sys.argv[1:]
+    if supervised(sys.argv[1:]):  # a compile runs in a worker: a native crash in it is one line here
+        code, said = run_worker(sys.argv[1:])
+        if said:
+            from edgekit_protocol.labels import printable
+
+            fail(printable(said), code, as_json)
+        sys.exit(code)
     try:
         import typer
 

@@ -133,6 +133,7 @@ def compile_cmd(
 ) -> None:
     """Build every variant the profiles ask for (each once), measure it, and write manifest.json."""
     from device_agents.identity import Signer
+    from edge_kit.cli.worker import note
     from edge_kit.compiler.pipeline import CompileRequest, compile_model, plan_steps
     from edge_kit.compiler.sources import parse_input_shapes
     from edge_kit.errors import InputError
@@ -152,7 +153,13 @@ def compile_cmd(
     with progress_bar(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                       TimeElapsedColumn(), as_json=as_json) as bar:
         task = bar.add_task("compiling", total=plan_steps(req))
-        manifest = compile_model(req, progress=lambda msg: bar.update(task, advance=1, description=msg))
+        note(model=str(model), out=str(out_dir), made=not out_dir.exists())  # for the edgekit process, should this worker crash
+
+        def step(msg: str) -> None:
+            note(step=msg)
+            bar.update(task, advance=1, description=msg)
+
+        manifest = compile_model(req, progress=step)
     target = out_dir / manifest.model["name"]
     if as_json:
         sys.stdout.write((target / "manifest.json").read_text())  # as written: signed when --sign-key was given

@@ -646,3 +646,30 @@ def test_a_variant_that_loops_where_fp32_stops_is_failed_and_the_others_are_writ
     assert manifest.artifact("dynamic-int8").fidelity.measured
     assert sorted(p.name for p in (tmp_path / "o" / "loop").iterdir()) == ["dynamic-int8.tflite", "fp32.tflite",
                                                                           "manifest.json"]
+
+
+def test_a_converter_that_crashes_on_the_model_is_one_line_naming_the_step_not_a_dead_command(looping_savedmodel,
+                                                                                               tmp_path):
+    """TensorFlow's int8 calibrator dies of SIGSEGV on this model with inputs just above its threshold (in
+    MinMax::Update): the compile once died with it, without a word, leaving its output folder and temporary files.
+    Now the edgekit process runs the compile as a worker and says which signal at which step."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    np.savez(tmp_path / "near.npz", x=np.full((120, 2048), NEAR, np.float32))
+    scratch = Path(tempfile.mkdtemp(prefix="ek"))  # short: a socket path is made in it
+    proc = subprocess.run([sys.executable, "-m", "edge_kit", "compile", str(looping_savedmodel), "-p", "rpi4",
+                           "--calib", str(tmp_path / "near.npz"), "--out", str(tmp_path / "o"), "--timeout", "5",
+                           "--json"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TMPDIR": str(scratch)})
+    said = (f"{looping_savedmodel}: the compile died of SIGSEGV while 'building int8': native code that runs the model "
+            "in the compiling process (TensorFlow's converter or calibrator, a quantizer) crashed on it: a damaged or "
+            "hostile model, or a converter bug; leave that variant out (a profile without it) and compile again; "
+            f"nothing was written ({tmp_path / 'o'}, which it made, was removed)")
+    assert one_line_error(proc.returncode, proc.stderr, 3) == f"edgekit: error: {said}"
+    assert json.loads(proc.stdout) == {"error": said, "exit_code": 3}
+    left = list(scratch.iterdir())
+    shutil.rmtree(scratch)
+    assert not (tmp_path / "o").exists() and left == [], left

@@ -1,0 +1,110 @@
+"""`edgekit compile` in a worker process, so a crash in native code is one line, not a dead command.
+
+Every run of a model over the data happens in a child with a deadline (:mod:`device_agents.smoke`), but
+TensorFlow's converter and calibrator, ai-edge-quantizer and ONNX Runtime's quantizer still run the
+user's model inside the compiling process (docs/compile.md): a damaged or hostile
+model, or a converter bug, can kill it with SIGSEGV, and Python prints nothing. So the ``edgekit``
+process runs the compile as a worker: ``python -m edge_kit compile ...``, same arguments, same
+terminal (progress bars and ``--json`` pass through). The worker notes each step and its output
+folder in a file (:data:`WORKER_ENV` names it). When the worker dies of a signal, this process says
+which signal at which step in one line (exit 3, and ``--json`` gives it as the error) and removes what
+the worker left: its temporary files (its ``TMPDIR`` is a folder made here) and an output folder it
+made and left empty. Its own exit code otherwise passes through unchanged.
+
+Ctrl-C reaches the worker from the terminal (same process group) and this process waits for it to
+finish cleaning up; a SIGTERM sent here is passed on to the worker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+WORKER_ENV = "EDGEKIT_COMPILE_WORKER"  # set: this process is the worker (its value: where it notes steps, or '')
+
+
+def supervised(argv: list[str]) -> bool:
+    """Return True when ``argv`` (``edgekit``'s arguments) is a compile this process should hand to a worker: not
+    when it is a worker itself, or runs in-process (tests set :data:`WORKER_ENV` empty)."""
+    return bool(argv) and argv[0] == "compile" and WORKER_ENV not in os.environ
+
+
+def note(**fields: Any) -> None:
+    """Append ``fields`` as one JSON line to the worker's notes (the current step; the output folder, and whether
+    this compile made it), when this process is a worker; else do nothing. Returns nothing, never raises."""
+    path = os.environ.get(WORKER_ENV)
+    if not path:
+        return
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(fields) + "\n")
+    except OSError:
+        pass  # the notes only word a crash; a compile never fails for them
+
+
+def _notes(path: Path) -> dict[str, Any]:
+    """Return the worker's notes folded into one dict (later lines win); empty when there are none."""
+    folded: dict[str, Any] = {}
+    try:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                folded.update(json.loads(line))
+            except ValueError:
+                continue  # a line cut by the crash
+    except OSError:
+        pass
+    return folded
+
+
+def run_worker(argv: list[str]) -> tuple[int, str | None]:
+    """Run ``edgekit ARGV`` (a compile) in a worker process and wait for it.
+
+    Returns:
+        ``(exit code, None)`` as the worker exited; or, when it died of a signal, ``(3, one line saying which
+        signal, at which step, and what was cleaned up)`` for the caller to print. Ctrl-C: ``(130, None)``.
+
+    Raises:
+        OSError: the worker could not be started.
+    """
+    scratch = Path(tempfile.mkdtemp(prefix="edgekit-"))  # short: the worker's forkserver puts a socket path in it
+    notes = scratch / "notes.jsonl"
+    env = {**os.environ, WORKER_ENV: str(notes), "TMPDIR": str(scratch)}
+    proc = None
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal's Ctrl-C reaches the worker, which cleans up
+        proc = subprocess.Popen([sys.executable, "-m", "edge_kit", *argv], env=env)
+        signal.signal(signal.SIGTERM, lambda signum, _frame: proc.send_signal(signum))
+        code = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        said = _notes(notes)
+        shutil.rmtree(scratch, ignore_errors=True)
+    if code >= 0:
+        return code, None
+    if -code in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, or a SIGTERM passed on: stopped, not crashed
+        return 128 - code, None
+    out, model = said.get("out"), said.get("model") or "edgekit compile"
+    cleaned = "nothing was written; an earlier result in the output folder is left as it was"
+    if out and said.get("made") and Path(out).is_dir() and not any(Path(out).iterdir()):
+        Path(out).rmdir()
+        cleaned = f"nothing was written ({out}, which it made, was removed)"
+    name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else f"signal {-code}"
+    step = said.get("step") or "starting"
+    if -code == signal.SIGKILL:
+        return 3, (f"{model}: the compile was killed (SIGKILL) while {step!r}: most likely by the kernel for want of "
+                   f"memory (see dmesg); try a machine with more memory, or fewer variants or samples; {cleaned}")
+    return 3, (f"{model}: the compile died of {name} while {step!r}: native code that runs the model in the compiling "
+               "process (TensorFlow's converter or calibrator, a quantizer) crashed on it: a damaged or hostile model, "
+               f"or a converter bug; leave that variant out (a profile without it) and compile again; {cleaned}")
