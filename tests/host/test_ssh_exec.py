@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 import types
 
 import paramiko
@@ -83,6 +84,7 @@ def test_a_command_printing_without_end_is_cut_at_the_output_limit(device, monke
 
     def flood(channel):
         def send():
+            time.sleep(0.2)  # after the exec request's answer: a flood racing it made exec_command see a closed channel
             try:
                 while True:
                     channel.sendall(b"x" * 65536)
