@@ -163,7 +163,7 @@ def test_connection_and_command_latency(tmp_path, figure, benchmark, monkeypatch
         tuned, plain = [], []
         for _ in range(15):  # interleaved: this shared machine's speed drifts
             tuned.append(connect(tuned_socket))
-            plain.append(connect(lambda host, port: socket_module.create_connection((host, port), ssh.CONNECT_TIMEOUT_S)))
+            plain.append(connect(lambda host, port, cancel=None: socket_module.create_connection((host, port), ssh.CONNECT_TIMEOUT_S)))
         monkeypatch.undo()
         with FleetClient.of(fleet) as client:
             assert client.wait_online(dev.name, 0, 30) is not None
