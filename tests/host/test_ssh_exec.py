@@ -51,6 +51,8 @@ def device():
     yield start
     for t in made:
         t.close()
+    for t in made:  # their threads gone before the next test makes sockets (a late close once hit a reused fd)
+        t.join(10)
 
 
 def _exec_in_thread(shell, timeout):
