@@ -381,14 +381,16 @@ def _state_cell(state: dict[str, Any]) -> str:
     return f"{safe(clip(str(state['state']), 32))} ({state['source']})"
 
 
-def _fleet_states(store: Any, fleet: Any, retained: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+def _fleet_states(fleet: Any, status: dict[str, dict[str, Any]], received: dict[str, float],
+                  retained: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
     """Return :func:`~edge_kit.telemetry.report.device_state` for every device of ``fleet``: from ``retained`` (the
-    broker's statuses, verified) where it has one, else from the history ``store``."""
+    broker's statuses, verified) where it has one, else from the history's newest ``status`` and when this host last
+    ``received`` from the device (the store's latest_status and last_received, read once by the caller)."""
     import time as _time
 
     from edge_kit.telemetry.report import device_state
 
-    status, received, now = store.latest_status(), store.last_received(), _time.time()
+    now = _time.time()
     return {d.name: device_state(status.get(d.name), received.get(d.name), (retained or {}).get(d.name), now)
             for d in fleet.devices}
 
@@ -399,7 +401,7 @@ def _fleet_table(store: Any, fleet: Any, retained: dict[str, dict[str, Any]] | N
     import time as _time
 
     status, bench, received = store.latest_status(), store.latest_bench(), store.last_received()
-    states = _fleet_states(store, fleet, retained)
+    states = _fleet_states(fleet, status, received, retained)
     t = Table("device", "profile", "state", "current", "p90 ms", "W (source)", "last heard", box=box.SIMPLE_HEAD, pad_edge=False)
     for dev in fleet.devices:
         st = status.get(dev.name) or {}
@@ -624,8 +626,9 @@ def fleet_status_cmd(fleet_file: FleetOpt, history: HistoryOpt = None, as_json: 
     retained = retained or {}
     flagged = flagged_devices(db.latest_decisions((FLEET_KIND,)))
     if as_json:
-        emit_json({"state": _fleet_states(db, fleet, retained), "state_source": where, "retained": retained,
-                   "status": db.latest_status(), "telemetry": db.latest_telemetry(), "live": db.latest_live(),
+        status = db.latest_status()
+        emit_json({"state": _fleet_states(fleet, status, db.last_received(), retained), "state_source": where,
+                   "retained": retained, "status": status, "telemetry": db.latest_telemetry(), "live": db.latest_live(),
                    "shadow": db.latest_shadow(),
                    "bench": {f"{d}/{s}": r for (d, s), r in db.latest_bench().items()}, "flagged": flagged,
                    "simulated": [d.name for d in fleet.devices if d.simulated], "figures": figures_text(fleet.devices, table="fleet")})

@@ -100,7 +100,10 @@ def run_worker(argv: list[str]) -> tuple[int, str | None]:
     if out and said.get("made") and Path(out).is_dir() and not any(Path(out).iterdir()):
         Path(out).rmdir()
         cleaned = f"nothing was written ({out}, which it made, was removed)"
-    name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else f"signal {-code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:  # a real-time signal has no name
+        name = f"signal {-code}"
     step = said.get("step") or "starting"
     if -code == signal.SIGKILL:
         return 3, (f"{model}: the compile was killed (SIGKILL) while {step!r}: most likely by the kernel for want of "
