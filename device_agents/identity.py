@@ -184,6 +184,13 @@ class Keyring:
     def __init__(self, devices: dict[str, bytes] | None = None, operators: list[bytes] | tuple[bytes, ...] = ()):
         self.devices = dict(devices or {})
         self.operators = tuple(operators)
+        self._ids: dict[bytes, str] = {}
+
+    def _id(self, key: bytes) -> str:
+        """Return :func:`key_id` of ``key``, computed once per key (it is asked once per message)."""
+        if key not in self._ids:
+            self._ids[key] = key_id(key)
+        return self._ids[key]
 
     def keys_of(self, signer: str) -> tuple[bytes, ...]:
         """Return the keys that may sign as ``signer`` (a device name, or :data:`OPERATOR`)."""
@@ -203,7 +210,7 @@ class Keyring:
         if not keys:
             raise MessageError(f"no key is registered for {signer}; refused (deploy to it, or `edgekit keys` it)")
         kid = message.get("key_id")
-        key = next((k for k in keys if key_id(k) == kid), None)
+        key = next((k for k in keys if self._id(k) == kid), None)
         if key is None:
             raise MessageError(f"signed with key {str(kid)[:20]!r}, not {signer}'s registered key; refused")
         text = str(message.get("sig", ""))
@@ -241,13 +248,20 @@ def receive(keyring: Keyring | None, topic: str, payload: bytes, received: float
     return kind, msg
 
 
-def verify_published(keyring: Keyring, topic: str, payload: bytes) -> str | None:
+def verify_published(keyring: Keyring, topic: str, payload: bytes, *, decoded_elsewhere: bool = False) -> str | None:
     """Return None when ``payload`` is signed by the registered key of the device ``topic`` names,
     else why not: the signature half of :func:`receive`, for a verifying worker process. Never raises:
-    whatever a payload makes go wrong is its refusal (one message must not end the process verifying them all)."""
+    whatever a payload makes go wrong is its refusal (one message must not end the process verifying them all).
+
+    ``decoded_elsewhere`` is for a caller that takes the verdict only for a payload that
+    :func:`edgekit_protocol.messages.decode` also accepted (the monitor: :func:`receive` without a
+    keyring on the same bytes). The payload is then read by the plain C JSON parser, at half
+    ``decode``'s cost: for every payload ``decode`` accepts (unique keys, finite numbers) the two
+    return the same object, so the verdict is about the message that is stored; for any other,
+    ``decode``'s refusal stands whatever this returns."""
     try:
         _, device, _ = messages.parse_topic(topic)
-        keyring.verify(messages.decode(payload), device)
+        keyring.verify(json.loads(payload) if decoded_elsewhere else messages.decode(payload), device)
     except EdgeKitError as exc:
         return str(exc)
     except Exception as exc:  # noqa: BLE001 - e.g. RecursionError: refused with what went wrong, never raised

@@ -367,7 +367,7 @@ class Monitor:
                     checked.append(exc)
             verdicts = self.verifier.result() if elsewhere else None
             if elsewhere and (verdicts is None or len(verdicts) != len(pairs)):  # the child died: verify here
-                verdicts = [verify_published(self.keyring, topic, payload) for topic, payload in pairs]
+                verdicts = [verify_published(self.keyring, topic, payload, decoded_elsewhere=True) for topic, payload in pairs]
         for i, (topic, payload, at, *_) in enumerate(batch):
             self.stats.received += 1
             outcome = checked[i]

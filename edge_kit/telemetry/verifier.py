@@ -22,7 +22,8 @@ log = logging.getLogger("edgekit.monitor")
 
 def _serve(conn: Any, keys_folder: str) -> None:
     """The child: answer each list of ``(topic, payload)`` with a list of None (signed by the topic's
-    device) or the reason it is not; stop at end of input. Never raises on a message (verify_published
+    device) or the reason it is not; stop at end of input. The monitor checks the same payloads with
+    the strict decoder and takes a verdict only for those it accepted (``decoded_elsewhere``). Never raises on a message (verify_published
     turns every failure into a reason); anything else ends the child, which the monitor notices."""
     from device_agents.identity import verify_published
     from edge_kit.fleet.keys import FleetKeys
@@ -33,7 +34,7 @@ def _serve(conn: Any, keys_folder: str) -> None:
             batch = conn.recv()
         except (EOFError, OSError):
             return
-        conn.send([verify_published(keyring, topic, payload) for topic, payload in batch])
+        conn.send([verify_published(keyring, topic, payload, decoded_elsewhere=True) for topic, payload in batch])
 
 
 class Verifier:

@@ -1,0 +1,73 @@
+"""The monitor's verifying child reads payloads with the plain JSON parser (half the strict decoder's cost):
+its verdict must agree with the strict path wherever the monitor takes it, and a payload only the strict
+decoder refuses (a key twice, the parsers keep different copies) is refused all the same."""
+
+from __future__ import annotations
+
+import time
+
+from device_agents import identity
+from device_agents.identity import Keyring, Signer
+from edge_kit.fleet.inventory import load_fleet
+from edge_kit.telemetry.monitor import Monitor
+from edge_kit.telemetry.store import Store
+from edgekit_protocol import messages
+
+TOPIC = messages.topic("sim", "d1", "status")
+
+
+def _fleet(tmp_path, signer):
+    path = tmp_path / "fleet.yaml"
+    path.write_text("fleet: sim\nbroker: {host: 127.0.0.1, port: 1}\ndefaults: {user: edgekit, profile: rpi4}\n"
+                    "devices:\n  - {name: d1, host: 127.0.0.1}\n")
+    fleet = load_fleet(path)
+    fleet.key_store().register("d1", signer.public)
+    return fleet
+
+
+def _signed(signer, seq=1, state="online"):
+    return messages.encode(signer.sign(messages.envelope("status", "sim", "d1", seq, {"state": state})))
+
+
+def test_the_lenient_verdict_is_the_strict_one_for_signed_altered_and_foreign_payloads():
+    signer, other = Signer.generate(), Signer.generate()
+    keyring = Keyring({"d1": signer.public})
+    good = _signed(signer)
+    cases = [good, good.replace(b'"online"', b'"offline"'), _signed(other), good[:-5], b"[]", b'{"sig": 1}']
+    for payload in cases:
+        strict = identity.verify_published(keyring, TOPIC, payload)
+        lenient = identity.verify_published(keyring, TOPIC, payload, decoded_elsewhere=True)
+        assert (strict is None) == (lenient is None), payload
+    assert identity.verify_published(keyring, TOPIC, good, decoded_elsewhere=True) is None
+
+
+def test_a_key_added_twice_to_a_signed_message_is_refused_by_the_monitor_verifying_in_its_child(tmp_path):
+    signer = Signer.generate()
+    fleet = _fleet(tmp_path, signer)
+    store = Store(tmp_path / "h.db")
+    mon = Monitor(fleet, store, verify_in_child=True)
+    mon.verifier.start()
+    try:
+        good = _signed(signer, 1)
+        forged = b'{"state":"offline",' + _signed(signer, 2)[1:]
+        # what the child alone says of the forgery: its parser keeps the last (signed) copy
+        assert identity.verify_published(fleet.key_store().keyring(), TOPIC, forged, decoded_elsewhere=True) is None
+        mon._store([(TOPIC, good, time.time(), None), (TOPIC, forged, time.time(), None)])
+    finally:
+        mon.verifier.stop()
+    assert mon.stats.invalid == 1 == store.count("invalid")
+    (reason,) = store._rows("SELECT reason FROM invalid")[0]
+    assert "twice" in reason
+
+
+def test_a_forgery_the_child_refuses_is_refused_though_it_decodes(tmp_path):
+    signer, other = Signer.generate(), Signer.generate()
+    fleet = _fleet(tmp_path, signer)
+    store = Store(tmp_path / "h.db")
+    mon = Monitor(fleet, store, verify_in_child=True)
+    mon.verifier.start()
+    try:
+        mon._store([(TOPIC, _signed(other, 1), time.time(), None), (TOPIC, _signed(signer, 2), time.time(), None)])
+    finally:
+        mon.verifier.stop()
+    assert mon.stats.invalid == 1 and mon.stats.received == 2
