@@ -230,6 +230,25 @@ def test_a_live_or_shadow_figure_out_of_range_is_refused_naming_it(kind, over, w
 
 
 
+@pytest.mark.parametrize("error", [3.4e38, 2e12, 10 ** 300])
+def test_a_shadow_error_figure_of_any_finite_size_is_taken(error):
+    """A model with huge outputs, or a served variant far off its reference, measures an error above 1e12: it was
+    refused as out of range, so the drift alert never saw the device it exists for. Error figures take any
+    number a float holds; NaN and the infinities are still refused at parse time, a whole number too big for a
+    float and a negative error at the body check."""
+    body = {**SHADOW, "fidelity": {"snr_db": -40.0, "cosine": 0.1, "max_abs_error": error, "mean_abs_error": error}}
+    msg = {**messages.envelope("shadow", "f1", "d1", 3, body), **SIGNED}
+    assert messages.check_body("shadow", messages.decode(messages.encode(msg), "shadow"))["fidelity"]["max_abs_error"] == error
+    for text in (b"NaN", b"Infinity", b"1e999"):
+        with pytest.raises(messages.MessageError, match="finite"):
+            messages.decode(messages.encode(msg).replace(str(error).encode(), text, 1))
+    for bad in (10 ** 400, -error, float("inf")):
+        with pytest.raises(messages.MessageError, match="fidelity.max_abs_error is not a non-negative number"):
+            messages.check_body("shadow", {**msg, "fidelity": {"max_abs_error": bad}})
+    with pytest.raises(messages.MessageError, match="fidelity.snr_db is not a number"):  # other figures keep the limit
+        messages.check_body("shadow", {**msg, "fidelity": {"snr_db": 2e12}})
+
+
 @pytest.mark.parametrize("name", ["model\n", "m" * 63 + "\n"])
 def test_a_name_ending_in_a_newline_is_no_model_device_or_fleet_name(name):
     # `$` matches before a final newline: such a name would make a folder, a store path and an ACL line apart
