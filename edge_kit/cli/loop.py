@@ -25,8 +25,8 @@ from edge_kit.cli.app import (
     ProfilesOpt,
     TrustNewHostsOpt,
     app,
+    bounded,
     emit_json,
-    finite,
     open_fleet_history,
     out,
     profile_names,
@@ -39,7 +39,7 @@ from edge_kit.selection.policy import DEFAULT_MARGIN
 from edgekit_protocol.labels import accuracy_text, clip, power_source
 
 CandidatesOpt = Annotated[Path, typer.Option("--artifacts", help="The compiled model's folder: its variants are the candidates.")]
-MarginOpt = Annotated[float, typer.Option(min=0, max=1, help="Relative gain needed to switch (no flapping).")]
+MarginOpt = Annotated[float, typer.Option(**bounded("Relative gain needed to switch (no flapping).", 0, 1))]
 
 def decision_table(decisions: dict[str, Any], explain: bool) -> list[Any]:
     """Return rich renderables: one summary table, and with ``explain`` the table behind each choice."""
@@ -238,14 +238,14 @@ def tune_cmd(
                                                             "earlier when a round switches nothing.")] = 2,
     margin: MarginOpt = DEFAULT_MARGIN,
     min_runs: Annotated[int, typer.Option(min=BENCH_RUNS_MIN, max=BENCH_RUNS_MAX, help="Timed runs per measurement at least.")] = 200,
-    min_seconds: Annotated[float, typer.Option(callback=finite, min=BENCH_SECONDS_MIN, max=BENCH_SECONDS_MAX, help="Timed seconds per measurement at least.")] = 2.0,
-    timeout: Annotated[float, typer.Option(callback=finite, min=1, max=WAIT_MAX_S, help="Seconds per round for all measurements to arrive.")] = 300.0,
+    min_seconds: Annotated[float, typer.Option(**bounded("Timed seconds per measurement at least.", BENCH_SECONDS_MIN, BENCH_SECONDS_MAX))] = 2.0,
+    timeout: Annotated[float, typer.Option(**bounded("Seconds per round for all measurements to arrive.", 1, WAIT_MAX_S))] = 300.0,
     parallel: ParallelOpt = 8,
     trust_new_hosts: TrustNewHostsOpt = False,
-    budget: Annotated[Optional[float], typer.Option(callback=finite, min=0, help="Measure only what the fleet model "
-                                                                                 "plans, within this many benchmark runs "
-                                                                                 "(or device-seconds, --budget-unit); "
-                                                                                 "default: every candidate on every device.")] = None,
+    budget: Annotated[Optional[float], typer.Option(**bounded("Measure only what the fleet model "
+                                                              "plans, within this many benchmark runs "
+                                                              "(or device-seconds, --budget-unit); "
+                                                              "default: every candidate on every device.", 0))] = None,
     budget_unit: Annotated[str, typer.Option(help="runs | seconds")] = "runs",
     as_json: JsonOpt = False,
 ) -> None:
@@ -453,10 +453,10 @@ def monitor_cmd(
     metrics_port: Annotated[Optional[int], typer.Option(min=1, max=65535, help="Serve Prometheus metrics on this port.")] = None,
     metrics_addr: Annotated[str, typer.Option(help="Address for the metrics endpoint.")] = "127.0.0.1",
     share: Annotated[Optional[str], typer.Option(help="Join this MQTT 5 shared-subscription group (several workers).")] = None,
-    silence_s: Annotated[float, typer.Option(callback=finite, min=1, help="Alert when a device is silent this long.")] = 180.0,
-    min_free_mb: Annotated[float, typer.Option(callback=finite, min=0, help="Alert when a device reports less free disk space "
-                                                          "(its agent refuses writes below its own store.min_free_mb).")] = 32.0,
-    duration: Annotated[Optional[float], typer.Option(callback=finite, min=0, help="Stop after this many seconds (default: until Ctrl-C).")] = None,
+    silence_s: Annotated[float, typer.Option(**bounded("Alert when a device is silent this long.", 1))] = 180.0,
+    min_free_mb: Annotated[float, typer.Option(**bounded("Alert when a device reports less free disk space "
+                                                         "(its agent refuses writes below its own store.min_free_mb).", 0))] = 32.0,
+    duration: Annotated[Optional[float], typer.Option(**bounded("Stop after this many seconds (default: until Ctrl-C).", 0))] = None,
     client_id: Annotated[Optional[str], typer.Option(help="MQTT client id of this worker's persistent session (default: "
                                                           "from the fleet, the store and, with --share, this host); "
                                                           "give each worker on one host its own.")] = None,
