@@ -258,3 +258,14 @@ def test_a_canary_of_nothing_or_a_nan_fidelity_bound_is_refused(tmp_path, args, 
     result = run_edgekit("pass", "deploy", "--fleet", str(fleet_file), "--artifacts", str(tmp_path / "art"), *args, "--json")
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert json.loads(result.stdout)["error"] == error
+
+
+def test_a_renamed_option_names_its_new_spelling():
+    """`fleet status --no-broker` (renamed --history-only) said only "No such option": a script's author was left
+    guessing. The old spelling is refused (exit 2, one line) naming the new one; elsewhere it is unknown as before."""
+    result = run_edgekit("pass", "fleet", "status", "--fleet", "fleet.yaml", "--no-broker", "--json")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert json.loads(result.stdout)["error"] == ("--no-broker was renamed --history-only; give --history-only instead "
+                                                  "(see `edgekit fleet status --help`)")
+    other = run_edgekit("pass", "monitor", "--fleet", "fleet.yaml", "--no-broker", "--json")
+    assert json.loads(other.stdout)["error"] == "No such option: --no-broker (see `edgekit monitor --help`)"
