@@ -334,8 +334,13 @@ def sim_down(workdir: SimDirOpt = Path(".edgekit-sim"), as_json: JsonOpt = False
     """Stop everything `edgekit sim up` started in DIR."""
     from edge_kit.sim.fleet import SimFleet
 
-    stopped = SimFleet(workdir).down()
+    down = SimFleet(workdir).down()
     if as_json:
-        emit_json({"stopped": stopped})
-    else:
-        out.print(f"stopped: {', '.join(stopped)}" if stopped else f"nothing is up in {workdir}")
+        emit_json({"stopped": down.stopped, "not_running": down.not_running})
+        return
+    if down.stopped:
+        out.print(f"stopped: {', '.join(down.stopped)}")
+    if down.not_running:
+        out.print(f"not running (had already ended; its record cleaned up): {', '.join(down.not_running)}")
+    if not (down.stopped or down.not_running):
+        out.print(f"nothing is up in {workdir}")
