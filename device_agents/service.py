@@ -623,8 +623,9 @@ class Agent:
                 self._shadow_sent = self._shadow_counts(body)
 
     def _telemetry(self) -> dict[str, Any]:
-        """Return the body of a telemetry message: conditions, spool, current model, disk."""
-        return {"conditions": conditions.snapshot(), "spool": self.spool.stats(),
+        """Return the body of a telemetry message: conditions, spool, current model, disk, and the interval it is
+        sent at (``interval_s``: how long a silence means the agent has stopped)."""
+        return {"conditions": conditions.snapshot(), "spool": self.spool.stats(), "interval_s": self.cfg.telemetry_interval_s,
                 "current": self._model_ref(self.store.current()), "simulated": self.cfg.simulated,
                 "uptime_s": round(time.time() - self.started, 1),
                 "disk": {**self.disk.usage(), "dropped_telemetry": self.dropped_on_full_disk}}

@@ -325,6 +325,17 @@ _COUNTS = {"live": ("requests", "errors", "window", "queue_depth", "clients", "h
                       "non_finite")}
 
 
+MAX_TELEMETRY_INTERVAL_S = 86400.0  # an agent's telemetry_interval_s at most (a day); its config refuses more
+
+
+def telemetry_interval(message: Any) -> float | None:
+    """Return the ``interval_s`` a telemetry message says its agent sends telemetry at (seconds, above 0 and at most
+    :data:`MAX_TELEMETRY_INTERVAL_S`), or None when it says none (an older agent) or one that is no such number (a
+    history holds what a device sent, checked or not)."""
+    value = message.get("interval_s") if isinstance(message, dict) else None
+    return float(value) if in_range(value) and 0 < value <= MAX_TELEMETRY_INTERVAL_S else None
+
+
 def _model_ref(kind: str, message: dict[str, Any], field: str) -> None:
     """Check that ``message[field]`` is an object with text (or null) ``variant`` and ``sha256``; return nothing.
 
@@ -386,7 +397,8 @@ def check_body(kind: str, message: dict[str, Any]) -> dict[str, Any]:
         MessageError: a field is missing or mistyped (named), a latency, power, count or error figure is
             not a non-negative number, or another figure is not a number (``live`` and ``shadow``: a
             model reference is not an object with text ``variant`` and ``sha256``, a shadow's
-            ``share`` is not from 0 to 1).
+            ``share`` is not from 0 to 1; a telemetry ``interval_s``, when present, is not a number of seconds
+            above 0 and at most :data:`MAX_TELEMETRY_INTERVAL_S`).
     """
     for name, types in _BODY[kind].items():
         value = message.get(name)
@@ -402,6 +414,9 @@ def check_body(kind: str, message: dict[str, Any]) -> dict[str, Any]:
         _model_ref(kind, message, "current")
     if kind in _COUNTS:
         _check_served(kind, message)
+    if kind == "telemetry" and message.get("interval_s") is not None and telemetry_interval(message) is None:
+        raise MessageError(f"telemetry: interval_s is not a number of seconds above 0 and at most "
+                           f"{MAX_TELEMETRY_INTERVAL_S:.0f}")
     if kind == "bench":
         for q in _LATENCY:
             v = message["latency_ms"].get(q)

@@ -382,16 +382,19 @@ def _state_cell(state: dict[str, Any]) -> str:
 
 
 def _fleet_states(fleet: Any, status: dict[str, dict[str, Any]], received: dict[str, float],
-                  retained: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+                  retained: dict[str, dict[str, Any]] | None = None,
+                  intervals: dict[str, float] | None = None) -> dict[str, dict[str, Any]]:
     """Return :func:`~edge_kit.telemetry.report.device_state` for every device of ``fleet``: from ``retained`` (the
-    broker's statuses, verified) where it has one, else from the history's newest ``status`` and when this host last
-    ``received`` from the device (the store's latest_status and last_received, read once by the caller)."""
+    broker's statuses, verified) where it has one, else from the history's newest ``status``, when this host last
+    ``received`` from the device and the telemetry interval its agent says (the store's latest_status,
+    last_received and telemetry_intervals, read once by the caller)."""
     import time as _time
 
     from edge_kit.telemetry.report import device_state
 
     now = _time.time()
-    return {d.name: device_state(status.get(d.name), received.get(d.name), (retained or {}).get(d.name), now)
+    return {d.name: device_state(status.get(d.name), received.get(d.name), (retained or {}).get(d.name), now,
+                                 (intervals or {}).get(d.name))
             for d in fleet.devices}
 
 
@@ -401,7 +404,7 @@ def _fleet_table(store: Any, fleet: Any, retained: dict[str, dict[str, Any]] | N
     import time as _time
 
     status, bench, received = store.latest_status(), store.latest_bench(), store.last_received()
-    states = _fleet_states(fleet, status, received, retained)
+    states = _fleet_states(fleet, status, received, retained, store.telemetry_intervals())
     t = Table("device", "profile", "state", "current", "p90 ms", "W (source)", "last heard", box=box.SIMPLE_HEAD, pad_edge=False)
     for dev in fleet.devices:
         st = status.get(dev.name) or {}
@@ -620,15 +623,19 @@ def fleet_status_cmd(fleet_file: FleetOpt, history: HistoryOpt = None, as_json: 
     db = open_fleet_history(fleet_file, history, read_only=True)
     retained, said = (None, "broker not asked (--history-only)") if history_only else broker_statuses(fleet)
     history_rule = (f"the history's newest status, 'stale' when the device has been silent for more than "
-                    f"{STALE_INTERVALS} telemetry intervals ({STALE_INTERVALS * TELEMETRY_INTERVAL_S:.0f} s)")
+                    f"{STALE_INTERVALS} telemetry intervals (each device's own, as its newest telemetry says; "
+                    f"{TELEMETRY_INTERVAL_S:.0f} s, so {STALE_INTERVALS * TELEMETRY_INTERVAL_S:.0f} s, for an agent "
+                    "that does not say)")
     # every state from the history when the broker was not asked or reached: say that first, not as an "otherwise"
     where = f"state: {history_rule}; {said}" if retained is None else f"state: {said}; a device without one: {history_rule}"
     retained = retained or {}
     flagged = flagged_devices(db.latest_decisions((FLEET_KIND,)))
     if as_json:
         status = db.latest_status()
-        emit_json({"state": _fleet_states(fleet, status, db.last_received(), retained), "state_source": where,
-                   "retained": retained, "status": status, "telemetry": db.latest_telemetry(), "live": db.latest_live(),
+        telemetry = db.latest_telemetry()
+        emit_json({"state": _fleet_states(fleet, status, db.last_received(), retained, db.telemetry_intervals(telemetry)),
+                   "state_source": where,
+                   "retained": retained, "status": status, "telemetry": telemetry, "live": db.latest_live(),
                    "shadow": db.latest_shadow(),
                    "bench": {f"{d}/{s}": r for (d, s), r in db.latest_bench().items()}, "flagged": flagged,
                    "simulated": [d.name for d in fleet.devices if d.simulated], "figures": figures_text(fleet.devices, table="fleet")})

@@ -256,3 +256,20 @@ def test_a_name_ending_in_a_newline_is_no_model_device_or_fleet_name(name):
         messages.check_model_name(name)
     with pytest.raises(ValueError):
         messages.check_name(name, "device")
+
+
+@pytest.mark.parametrize("interval, ok", [(30.0, True), (0.2, True), (86400, True), (None, True), (0, False),
+                                          (-5.0, False), (86401, False), (1e300, False), ("30", False), (True, False)])
+def test_a_telemetry_interval_is_optional_and_seconds_above_0_up_to_a_day(interval, ok):
+    """An agent says the interval it sends telemetry at (how long a silence means it stopped); an older one says
+    none. One that says something else is refused, naming the field."""
+    body = {"conditions": {}, "spool": {}, **({"interval_s": interval} if interval is not None else {})}
+    msg = {**messages.envelope("telemetry", "f1", "d1", 3, body), **SIGNED}
+    if ok:
+        assert messages.check_body("telemetry", messages.decode(messages.encode(msg), "telemetry")) == msg
+        assert messages.telemetry_interval(msg) == interval
+    else:
+        with pytest.raises(messages.MessageError, match="telemetry: interval_s is not a number of seconds above 0 "
+                                                        "and at most 86400"):
+            messages.check_body("telemetry", msg)
+        assert messages.telemetry_interval(msg) is None
