@@ -649,7 +649,7 @@ class Agent:
     def _shadow_counts(shadow: dict[str, Any]) -> tuple[Any, ...]:
         """Return what tells one shadow comparison from the next: its model, counts and end."""
         return (shadow["model"]["sha256"], shadow["compared"], shadow["errors"], shadow["dropped_queue_full"],
-                shadow["skipped_rate"], shadow["skipped_busy_cpu"], shadow.get("ended"))
+                shadow["skipped_rate"], shadow["skipped_busy_cpu"], shadow.get("non_finite"), shadow.get("ended"))
 
     # --- life cycle ----------------------------------------------------------------------------
 

@@ -76,3 +76,11 @@ def test_the_telemetry_message_says_the_interval_it_is_sent_at(tmp_path):
         assert kind == "telemetry" and msg["interval_s"] == 0.2
     finally:
         agent.spool.close()
+
+
+def test_a_shadow_run_whose_new_answers_all_held_nan_is_sent_again():
+    """A shadow comparison is sent when its counts change: one whose new answers all held NaN or infinity changed
+    only ``non_finite``, so it was never sent again and the monitor's drift alert never heard of them."""
+    base = {"model": {"sha256": "b" * 64}, "compared": 3, "errors": 0, "dropped_queue_full": 0, "skipped_rate": 0,
+            "skipped_busy_cpu": 0, "non_finite": 0}
+    assert Agent._shadow_counts(base) != Agent._shadow_counts({**base, "non_finite": 2})
