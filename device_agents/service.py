@@ -623,8 +623,9 @@ class Agent:
                 self._shadow_sent = self._shadow_counts(body)
 
     def _telemetry(self) -> dict[str, Any]:
-        """Return the body of a telemetry message: conditions, spool, current model, disk."""
-        return {"conditions": conditions.snapshot(), "spool": self.spool.stats(),
+        """Return the body of a telemetry message: conditions, spool, current model, disk, and the interval it is
+        sent at (``interval_s``: how long a silence means the agent has stopped)."""
+        return {"conditions": conditions.snapshot(), "spool": self.spool.stats(), "interval_s": self.cfg.telemetry_interval_s,
                 "current": self._model_ref(self.store.current()), "simulated": self.cfg.simulated,
                 "uptime_s": round(time.time() - self.started, 1),
                 "disk": {**self.disk.usage(), "dropped_telemetry": self.dropped_on_full_disk}}
@@ -648,7 +649,7 @@ class Agent:
     def _shadow_counts(shadow: dict[str, Any]) -> tuple[Any, ...]:
         """Return what tells one shadow comparison from the next: its model, counts and end."""
         return (shadow["model"]["sha256"], shadow["compared"], shadow["errors"], shadow["dropped_queue_full"],
-                shadow["skipped_rate"], shadow["skipped_busy_cpu"], shadow.get("ended"))
+                shadow["skipped_rate"], shadow["skipped_busy_cpu"], shadow.get("non_finite"), shadow.get("ended"))
 
     # --- life cycle ----------------------------------------------------------------------------
 

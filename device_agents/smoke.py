@@ -155,7 +155,8 @@ class SmokePool:
         Raises:
             SmokeTimedOut: the child did not finish in time (the message: ``the <what> did not finish
                 within N s``); it was killed.
-            SmokeCrashed: the child crashed (signal named in ``how``) or was killed.
+            SmokeCrashed: the child crashed (signal named in ``how``) or was killed, before or while sending its
+                result (a result cut short is a crash, never the pipe's OSError).
             SmokeFailed: ``fn`` raised it (its text).
 
         Anything else raised meanwhile (KeyboardInterrupt) kills the child before it propagates.
@@ -173,8 +174,11 @@ class SmokePool:
             try:
                 status, value = receive.recv()
                 answered = True
-            except EOFError:
+            except (EOFError, OSError):  # OSError: it died partway through sending ("got end of file during message")
                 child.join(5)
+                if child.is_alive():  # a pipe that failed under a live child: it is of no more use
+                    child.kill()
+                    child.join(5)
                 code = child.exitcode or 0
                 name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else f"exit {code}"
                 how = "was killed (out of memory?)" if name == "SIGKILL" else f"crashed ({name})"

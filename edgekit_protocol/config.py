@@ -34,7 +34,7 @@ from typing import Any
 
 from edgekit_protocol.commands import bounds
 from edgekit_protocol.errors import ConfigError
-from edgekit_protocol.messages import check_name
+from edgekit_protocol.messages import MAX_TELEMETRY_INTERVAL_S, check_name
 
 # Pydantic (on the host) honours this on stdlib dataclasses used as fields: unknown keys are errors.
 _FORBID = {"extra": "forbid"}
@@ -331,6 +331,9 @@ def build(node: Node, file: Path | str) -> AgentConfig:
         raise ConfigError(f"{file}: {exc}") from None
     if cfg.telemetry_interval_s <= 0 or cfg.spool_max_records < 1 or cfg.bench.min_runs < 1 or cfg.bench.threads < 1:
         raise ConfigError(f"{file}: telemetry_interval_s, spool_max_records, bench.min_runs and bench.threads must be positive")
+    if cfg.telemetry_interval_s > MAX_TELEMETRY_INTERVAL_S:  # its telemetry says it: receivers refuse more
+        raise ConfigError(f"{file}: telemetry_interval_s is {cfg.telemetry_interval_s:g}; at most "
+                          f"{MAX_TELEMETRY_INTERVAL_S:.0f} s (a day)")
     if cfg.store.max_store_mb is not None and cfg.store.max_store_mb <= 0:
         raise ConfigError(f"{file}: store.max_store_mb must be positive (or left out for no budget)")
     if not (1 <= cfg.serve.max_clients <= 10_000 and 1 <= cfg.serve.workers <= 64 and 0 < cfg.serve.max_payload_mb <= 4096):

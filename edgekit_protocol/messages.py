@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 import time
 import uuid
 from typing import Any
@@ -176,6 +177,14 @@ def in_range(value: Any, limit: float = 1e12) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and -limit < value < limit
 
 
+def is_float(value: Any) -> bool:
+    """Return True for a real number (not a bool) of any size a float holds: finite, and a whole number no larger
+    than the largest float (a 400-digit integer is valid JSON, and has no float form)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return isinstance(value, int) and not isinstance(value, bool) and abs(value) <= sys.float_info.max
+
+
 def field_at(doc: Any, *path: str) -> Any:
     """Return ``doc[path[0]][path[1]]...``, or None where a step is missing or not an object (what a
     device sends beyond the checked fields is never trusted to have the shape it should)."""
@@ -312,7 +321,19 @@ _BODY: dict[str, dict[str, type | tuple[type, ...]]] = {
 _LATENCY = ("p50", "p90", "p99", "mean", "std", "min", "max")
 # Counts a live or shadow message carries (required ones in _BODY, the others when present): whole numbers >= 0.
 _COUNTS = {"live": ("requests", "errors", "window", "queue_depth", "clients", "http_clients", "swaps"),
-           "shadow": ("compared", "window", "errors", "skipped_rate", "skipped_busy_cpu", "dropped_queue_full")}
+           "shadow": ("compared", "window", "errors", "skipped_rate", "skipped_busy_cpu", "dropped_queue_full",
+                      "non_finite")}
+
+
+MAX_TELEMETRY_INTERVAL_S = 86400.0  # an agent's telemetry_interval_s at most (a day); its config refuses more
+
+
+def telemetry_interval(message: Any) -> float | None:
+    """Return the ``interval_s`` a telemetry message says its agent sends telemetry at (seconds, above 0 and at most
+    :data:`MAX_TELEMETRY_INTERVAL_S`), or None when it says none (an older agent) or one that is no such number (a
+    history holds what a device sent, checked or not)."""
+    value = message.get("interval_s") if isinstance(message, dict) else None
+    return float(value) if in_range(value) and 0 < value <= MAX_TELEMETRY_INTERVAL_S else None
 
 
 def _model_ref(kind: str, message: dict[str, Any], field: str) -> None:
@@ -326,9 +347,12 @@ def _model_ref(kind: str, message: dict[str, Any], field: str) -> None:
         raise MessageError(f"{kind}: {field} is not an object with text variant and sha256")
 
 
-def _figures(kind: str, block: str, part: Any, names: tuple[str, ...], non_negative: tuple[str, ...]) -> None:
+def _figures(kind: str, block: str, part: Any, names: tuple[str, ...], non_negative: tuple[str, ...],
+             unbounded: tuple[str, ...] = ()) -> None:
     """Check an optional block of figures (null, or an object whose ``names`` present are numbers, those of
-    ``non_negative`` not below 0); return nothing.
+    ``non_negative`` not below 0); return nothing. A figure is within +-1e12 (:func:`in_range`'s default), one of
+    ``unbounded`` any finite number a float holds (:func:`is_float`): an error measured on huge or diverged outputs
+    is an honest figure, and the one a drift alert exists for.
 
     Raises:
         MessageError: the block is not an object, or a figure in it is not such a number (named).
@@ -339,7 +363,8 @@ def _figures(kind: str, block: str, part: Any, names: tuple[str, ...], non_negat
         raise MessageError(f"{kind}: {block} is {type(part).__name__}, not an object")
     for name in names:
         v = part.get(name)
-        if v is not None and (not in_range(v) or (name in non_negative and v < 0)):
+        ok = is_float(v) if name in unbounded else in_range(v)
+        if v is not None and (not ok or (name in non_negative and v < 0)):
             raise MessageError(f"{kind}: {block}.{name} is not a {'non-negative ' if name in non_negative else ''}number")
 
 
@@ -362,7 +387,7 @@ def _check_served(kind: str, message: dict[str, Any]) -> None:
     if share is not None and not (in_range(share) and 0 <= share <= 1):
         raise MessageError("shadow: share is not a number from 0 to 1")
     errors = ("max_abs_error", "mean_abs_error")
-    _figures(kind, "fidelity", message.get("fidelity"), ("snr_db", "cosine", *errors), errors)
+    _figures(kind, "fidelity", message.get("fidelity"), ("snr_db", "cosine", *errors), errors, unbounded=errors)
 
 
 def check_body(kind: str, message: dict[str, Any]) -> dict[str, Any]:
@@ -372,7 +397,8 @@ def check_body(kind: str, message: dict[str, Any]) -> dict[str, Any]:
         MessageError: a field is missing or mistyped (named), a latency, power, count or error figure is
             not a non-negative number, or another figure is not a number (``live`` and ``shadow``: a
             model reference is not an object with text ``variant`` and ``sha256``, a shadow's
-            ``share`` is not from 0 to 1).
+            ``share`` is not from 0 to 1; a telemetry ``interval_s``, when present, is not a number of seconds
+            above 0 and at most :data:`MAX_TELEMETRY_INTERVAL_S`).
     """
     for name, types in _BODY[kind].items():
         value = message.get(name)
@@ -388,6 +414,9 @@ def check_body(kind: str, message: dict[str, Any]) -> dict[str, Any]:
         _model_ref(kind, message, "current")
     if kind in _COUNTS:
         _check_served(kind, message)
+    if kind == "telemetry" and message.get("interval_s") is not None and telemetry_interval(message) is None:
+        raise MessageError(f"telemetry: interval_s is not a number of seconds above 0 and at most "
+                           f"{MAX_TELEMETRY_INTERVAL_S:.0f}")
     if kind == "bench":
         for q in _LATENCY:
             v = message["latency_ms"].get(q)

@@ -8,7 +8,8 @@ competes with the served model for Python's GIL, and never for a core the device
 The agent hands it inputs through a small ring of slots in a shared-memory file (one copy of the
 input, as float32, into a free slot; a few bytes through a pipe name the slot); the child writes
 the shadow model's outputs into the same slot and names them, and the agent pairs them with the
-served answer of the same request.
+served answer of the same request. A pair where either answer holds NaN or an infinity is counted
+(``non_finite``) and kept out of the comparison, which the finite pairs still measure.
 When every slot is taken (the child is behind: no idle CPU, or a slow model) the input is dropped
 and counted (``dropped_queue_full``); nothing ever waits for the child. Only the comparison is kept:
 per-output fidelity over the last :data:`SHADOW_WINDOW` pairs (the compiler's metrics); the slots
@@ -152,6 +153,11 @@ def _child(make: Any, model: str, ring: str, slot_bytes: int, in_bytes: int, con
             return
 
 
+def _finite(outputs: Any) -> bool:
+    """Return whether ``outputs`` (one answer: ``{name: array}``) holds no NaN and no infinity."""
+    return isinstance(outputs, dict) and all(bool(np.isfinite(a).all()) for a in outputs.values())
+
+
 def _ring_file(size: int) -> Path:
     """Return a new file of ``size`` zero bytes (mode 600) under /dev/shm, or the temporary folder.
 
@@ -190,7 +196,8 @@ class Shadow:
         self.share, self.max_per_s = share, max_per_s
         self.max_load = 0.8 * (os.cpu_count() or 1) if max_load is None else max_load  # 1-minute load average
         self.pairs: deque = deque(maxlen=SHADOW_WINDOW)
-        self.counts = {"compared": 0, "skipped_rate": 0, "skipped_busy_cpu": 0, "dropped_queue_full": 0, "errors": 0}
+        self.counts = {"compared": 0, "skipped_rate": 0, "skipped_busy_cpu": 0, "dropped_queue_full": 0, "errors": 0,
+                       "non_finite": 0}
         self.ended: str | None = None  # why the child is gone, when it is
         self._tokens, self._last = max_per_s, time.monotonic()
         self._lock = threading.Lock()
@@ -317,6 +324,8 @@ class Shadow:
                 self._free.append(slot)
                 if error is not None or ours is None:
                     self.counts["errors"] += 1
+                elif not _finite(ours) or not _finite(theirs):  # kept out of the window: no figure means anything on it
+                    self.counts["non_finite"] += 1
                 else:
                     self.pairs.append((ours, theirs))
                     self.counts["compared"] += 1

@@ -1,7 +1,7 @@
 """The `edgekit` command line. Every command has ``--json`` (machine-readable result on stdout).
 
-Errors from the toolkit (:class:`~edge_kit.errors.EdgeKitError`), usage errors (an unknown option, a
-bad value) and Ctrl-C become one line on stderr and an exit code, here and nowhere else; with
+Errors from the toolkit (:class:`~edge_kit.errors.EdgeKitError`), usage errors (an unknown option, or a renamed
+one: :data:`RENAMED_OPTIONS`; a bad value) and Ctrl-C become one line on stderr and an exit code, here and nowhere else; with
 ``--json`` the same line is also the ``error`` of one JSON document on stdout. A traceback means a
 bug. Without the ``host`` extra the command says in one line what to install.
 """
@@ -14,6 +14,9 @@ import warnings
 from typing import Any, NoReturn
 
 INTERRUPTED = 130  # what a shell reports for a process stopped by SIGINT
+# Options given a new name: (command path, old spelling) -> the new one. The old one is refused (exit 2) with a line
+# naming the new one, never taken silently: "No such option" alone left a script's author guessing.
+RENAMED_OPTIONS = {("edgekit fleet status", "--no-broker"): "--history-only"}
 
 
 def _warning_line(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
@@ -67,6 +70,10 @@ def main() -> None:
             sys.exit(exc.exit_code)
         ctx = getattr(exc, "ctx", None)
         where = ctx.command_path if ctx is not None else "edgekit"
+        renamed = RENAMED_OPTIONS.get((where, getattr(exc, "option_name", None)))  # only an unknown option has a name
+        if renamed:
+            fail(f"{exc.option_name} was renamed {renamed}; give {renamed} instead (see `{where} --help`)",
+                 exc.exit_code, as_json)
         fail(f"{printable(exc.format_message().rstrip('.'))} (see `{where} --help`)", exc.exit_code, as_json)
     except (typer.Abort, KeyboardInterrupt):
         code = INTERRUPTED

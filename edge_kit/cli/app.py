@@ -139,7 +139,8 @@ def open_fleet_history(fleet_file: Path | None, history: str | None, must_exist:
 
 
 def finite(value: float | None) -> float | None:
-    """Return ``value``, an option's number (the ``callback`` of every float option not bounded on both sides).
+    """Return ``value``, an option's number (the ``callback`` of a float option without bounds; :func:`bounded`
+    calls it first for the others).
 
     Raises:
         typer.BadParameter: it is infinite or NaN (``inf`` passes a lower bound, and breaks the waits it sets;
@@ -150,17 +151,38 @@ def finite(value: float | None) -> float | None:
     return value
 
 
+def bounded(help: str, low: float | None = None, high: float | None = None) -> dict[str, Any]:
+    """Return the ``typer.Option`` keywords (``callback``, ``help``) of a float option bounded by ``low`` and/or
+    ``high`` (inclusive): NaN and infinities get :func:`finite`'s message, then a value out of range is refused
+    naming the bound; the help ends with the range, as typer's own ``min``/``max`` would show it.
+
+    Typer's ``min``/``max`` are not used for floats: typer checks them before any callback, so ``nan`` (which fails
+    every comparison) was refused as "should be <= 86400" or ">= 0", never as what it is.
+    """
+    def check(value: float | None) -> float | None:
+        """Return ``value``. Raises typer.BadParameter: NaN, an infinity, or outside the option's range."""
+        finite(value)
+        if value is not None and low is not None and value < low:
+            raise typer.BadParameter(f"{value:g}: give a number greater than or equal to {low:g}")
+        if value is not None and high is not None and value > high:
+            raise typer.BadParameter(f"{value:g}: give a number less than or equal to {high:g}")
+        return value
+
+    span = "<=".join([*([f"{low:g}"] if low is not None else []), "x", *([f"{high:g}"] if high is not None else [])])
+    return {"callback": check, "help": f"{help} [{span}]"}
+
+
 # The live gate (deploy --canary --gate live, rollout start --gate live): edge_kit.selection.gate.judge_live.
 GateOpt = Annotated[Optional[str], typer.Option(help="'live': judge the first devices (canaries) on production traffic "
                                                      "against the devices of their profiles still on the current model.")]
-GateWindowOpt = Annotated[float, typer.Option(callback=finite, min=1, max=WAIT_MAX_S, help="Live gate: seconds to collect at most.")]
+GateWindowOpt = Annotated[float, typer.Option(**bounded("Live gate: seconds to collect at most.", 1, WAIT_MAX_S))]
 GateRequestsOpt = Annotated[int, typer.Option(min=10, help="Live gate: requests each canary must answer.")]
-GateAlphaOpt = Annotated[float, typer.Option(min=1e-6, max=0.5, help="Live gate: the latency test's significance.")]
-GateSlowdownOpt = Annotated[float, typer.Option(callback=finite, min=0, help="Live gate: roll back only when the "
-                                                                             "canaries' median is also this share above "
-                                                                             "the controls' (0.1: 10 %).")]
-GateShadowOpt = Annotated[float, typer.Option(min=0, max=1, help="Live gate: share of canary requests also run through "
-                                                                  "the fp32 reference (0: none).")]
+GateAlphaOpt = Annotated[float, typer.Option(**bounded("Live gate: the latency test's significance.", 1e-6, 0.5))]
+GateSlowdownOpt = Annotated[float, typer.Option(**bounded("Live gate: roll back only when the "
+                                                          "canaries' median is also this share above "
+                                                          "the controls' (0.1: 10 %).", 0))]
+GateShadowOpt = Annotated[float, typer.Option(**bounded("Live gate: share of canary requests also run through "
+                                                        "the fp32 reference (0: none).", 0, 1))]
 GateSnrOpt = Annotated[Optional[float], typer.Option(callback=finite, help="Live gate: roll back below this live fidelity "
                                                                           "(needs --gate-shadow).")]
 

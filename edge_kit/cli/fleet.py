@@ -30,8 +30,8 @@ from edge_kit.cli.app import (
     ProfilesOpt,
     TrustNewHostsOpt,
     app,
+    bounded,
     emit_json,
-    finite,
     gate_lines,
     live_gate,
     open_fleet_history,
@@ -70,8 +70,8 @@ def bench_cmd(
     device: Annotated[str, typer.Option(help="Device name from the fleet file.")],
     variant: Annotated[Optional[str], typer.Option(help="Variant id installed on the device (default: its current model).")] = None,
     min_runs: Annotated[Optional[int], typer.Option(min=BENCH_RUNS_MIN, max=BENCH_RUNS_MAX, help="Timed runs at least (default: the agent's config).")] = None,
-    min_seconds: Annotated[Optional[float], typer.Option(callback=finite, min=BENCH_SECONDS_MIN, max=BENCH_SECONDS_MAX, help="Timed seconds at least.")] = None,
-    timeout: Annotated[float, typer.Option(callback=finite, min=1, max=WAIT_MAX_S, help="Seconds to wait for the record.")] = 300.0,
+    min_seconds: Annotated[Optional[float], typer.Option(**bounded("Timed seconds at least.", BENCH_SECONDS_MIN, BENCH_SECONDS_MAX))] = None,
+    timeout: Annotated[float, typer.Option(**bounded("Seconds to wait for the record.", 1, WAIT_MAX_S))] = 300.0,
     as_json: JsonOpt = False,
 ) -> None:
     """Ask a running agent for a benchmark over MQTT and print the record when it arrives."""
@@ -101,8 +101,8 @@ def shadow_cmd(
     device: Annotated[str, typer.Option(help="Device name from the fleet file.")],
     variant: Annotated[Optional[str], typer.Option(help="Installed variant to run beside the served one "
                                                         "(fp32: how far the served model is from the reference).")] = None,
-    share: Annotated[float, typer.Option(min=0, max=1, help="Share of live requests also run through it.")] = 0.1,
-    max_per_s: Annotated[float, typer.Option(min=0, max=1000, help="At most this many shadow runs a second.")] = 5.0,
+    share: Annotated[float, typer.Option(**bounded("Share of live requests also run through it.", 0, 1))] = 0.1,
+    max_per_s: Annotated[float, typer.Option(**bounded("At most this many shadow runs a second.", 0, 1000))] = 5.0,
     off: Annotated[bool, typer.Option("--off", help="Stop the device's shadow run.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -136,7 +136,7 @@ app.add_typer(keys_app, name="keys")
 @keys_app.command("rotate")
 def keys_rotate_cmd(
     fleet_file: FleetOpt,
-    timeout: Annotated[float, typer.Option(callback=finite, min=1, max=WAIT_MAX_S, help="Seconds to wait for each step's answers.")] = 30.0,
+    timeout: Annotated[float, typer.Option(**bounded("Seconds to wait for each step's answers.", 1, WAIT_MAX_S))] = 30.0,
     force: Annotated[bool, typer.Option("--force", help="Switch even when a device missed the new key (deploy to it after).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -207,7 +207,7 @@ def deploy_cmd(
     canary: Annotated[Optional[str], typer.Option(help="Deploy to this share first, e.g. 10%; stop if too many fail.")] = None,
     max_failed: Annotated[str, typer.Option(help="Share of canaries allowed to fail, e.g. 0% or 20%.")] = "0%",
     trust_new_hosts: TrustNewHostsOpt = False,
-    health_timeout: Annotated[float, typer.Option(callback=finite, min=1, max=WAIT_MAX_S, help="Seconds to wait for each device's health check.")] = 120.0,
+    health_timeout: Annotated[float, typer.Option(**bounded("Seconds to wait for each device's health check.", 1, WAIT_MAX_S))] = 120.0,
     repair: Annotated[bool, typer.Option("--repair/--no-repair", help="Hash each device's stored copies of the "
                                                                       "variants to deploy; upload damaged ones again.")] = True,
     gate: GateOpt = None,
@@ -334,8 +334,13 @@ def sim_down(workdir: SimDirOpt = Path(".edgekit-sim"), as_json: JsonOpt = False
     """Stop everything `edgekit sim up` started in DIR."""
     from edge_kit.sim.fleet import SimFleet
 
-    stopped = SimFleet(workdir).down()
+    down = SimFleet(workdir).down()
     if as_json:
-        emit_json({"stopped": stopped})
-    else:
-        out.print(f"stopped: {', '.join(stopped)}" if stopped else f"nothing is up in {workdir}")
+        emit_json({"stopped": down.stopped, "not_running": down.not_running})
+        return
+    if down.stopped:
+        out.print(f"stopped: {', '.join(down.stopped)}")
+    if down.not_running:
+        out.print(f"not running (had already ended; its record cleaned up): {', '.join(down.not_running)}")
+    if not (down.stopped or down.not_running):
+        out.print(f"nothing is up in {workdir}")

@@ -25,8 +25,8 @@ from edge_kit.cli.app import (
     ProfilesOpt,
     TrustNewHostsOpt,
     app,
+    bounded,
     emit_json,
-    finite,
     open_fleet_history,
     out,
     profile_names,
@@ -39,7 +39,7 @@ from edge_kit.selection.policy import DEFAULT_MARGIN
 from edgekit_protocol.labels import accuracy_text, clip, power_source
 
 CandidatesOpt = Annotated[Path, typer.Option("--artifacts", help="The compiled model's folder: its variants are the candidates.")]
-MarginOpt = Annotated[float, typer.Option(min=0, max=1, help="Relative gain needed to switch (no flapping).")]
+MarginOpt = Annotated[float, typer.Option(**bounded("Relative gain needed to switch (no flapping).", 0, 1))]
 
 def decision_table(decisions: dict[str, Any], explain: bool) -> list[Any]:
     """Return rich renderables: one summary table, and with ``explain`` the table behind each choice."""
@@ -238,14 +238,14 @@ def tune_cmd(
                                                             "earlier when a round switches nothing.")] = 2,
     margin: MarginOpt = DEFAULT_MARGIN,
     min_runs: Annotated[int, typer.Option(min=BENCH_RUNS_MIN, max=BENCH_RUNS_MAX, help="Timed runs per measurement at least.")] = 200,
-    min_seconds: Annotated[float, typer.Option(callback=finite, min=BENCH_SECONDS_MIN, max=BENCH_SECONDS_MAX, help="Timed seconds per measurement at least.")] = 2.0,
-    timeout: Annotated[float, typer.Option(callback=finite, min=1, max=WAIT_MAX_S, help="Seconds per round for all measurements to arrive.")] = 300.0,
+    min_seconds: Annotated[float, typer.Option(**bounded("Timed seconds per measurement at least.", BENCH_SECONDS_MIN, BENCH_SECONDS_MAX))] = 2.0,
+    timeout: Annotated[float, typer.Option(**bounded("Seconds per round for all measurements to arrive.", 1, WAIT_MAX_S))] = 300.0,
     parallel: ParallelOpt = 8,
     trust_new_hosts: TrustNewHostsOpt = False,
-    budget: Annotated[Optional[float], typer.Option(callback=finite, min=0, help="Measure only what the fleet model "
-                                                                                 "plans, within this many benchmark runs "
-                                                                                 "(or device-seconds, --budget-unit); "
-                                                                                 "default: every candidate on every device.")] = None,
+    budget: Annotated[Optional[float], typer.Option(**bounded("Measure only what the fleet model "
+                                                              "plans, within this many benchmark runs "
+                                                              "(or device-seconds, --budget-unit); "
+                                                              "default: every candidate on every device.", 0))] = None,
     budget_unit: Annotated[str, typer.Option(help="runs | seconds")] = "runs",
     as_json: JsonOpt = False,
 ) -> None:
@@ -382,16 +382,19 @@ def _state_cell(state: dict[str, Any]) -> str:
 
 
 def _fleet_states(fleet: Any, status: dict[str, dict[str, Any]], received: dict[str, float],
-                  retained: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+                  retained: dict[str, dict[str, Any]] | None = None,
+                  intervals: dict[str, float] | None = None) -> dict[str, dict[str, Any]]:
     """Return :func:`~edge_kit.telemetry.report.device_state` for every device of ``fleet``: from ``retained`` (the
-    broker's statuses, verified) where it has one, else from the history's newest ``status`` and when this host last
-    ``received`` from the device (the store's latest_status and last_received, read once by the caller)."""
+    broker's statuses, verified) where it has one, else from the history's newest ``status``, when this host last
+    ``received`` from the device and the telemetry interval its agent says (the store's latest_status,
+    last_received and telemetry_intervals, read once by the caller)."""
     import time as _time
 
     from edge_kit.telemetry.report import device_state
 
     now = _time.time()
-    return {d.name: device_state(status.get(d.name), received.get(d.name), (retained or {}).get(d.name), now)
+    return {d.name: device_state(status.get(d.name), received.get(d.name), (retained or {}).get(d.name), now,
+                                 (intervals or {}).get(d.name))
             for d in fleet.devices}
 
 
@@ -401,7 +404,7 @@ def _fleet_table(store: Any, fleet: Any, retained: dict[str, dict[str, Any]] | N
     import time as _time
 
     status, bench, received = store.latest_status(), store.latest_bench(), store.last_received()
-    states = _fleet_states(fleet, status, received, retained)
+    states = _fleet_states(fleet, status, received, retained, store.telemetry_intervals())
     t = Table("device", "profile", "state", "current", "p90 ms", "W (source)", "last heard", box=box.SIMPLE_HEAD, pad_edge=False)
     for dev in fleet.devices:
         st = status.get(dev.name) or {}
@@ -453,10 +456,10 @@ def monitor_cmd(
     metrics_port: Annotated[Optional[int], typer.Option(min=1, max=65535, help="Serve Prometheus metrics on this port.")] = None,
     metrics_addr: Annotated[str, typer.Option(help="Address for the metrics endpoint.")] = "127.0.0.1",
     share: Annotated[Optional[str], typer.Option(help="Join this MQTT 5 shared-subscription group (several workers).")] = None,
-    silence_s: Annotated[float, typer.Option(callback=finite, min=1, help="Alert when a device is silent this long.")] = 180.0,
-    min_free_mb: Annotated[float, typer.Option(callback=finite, min=0, help="Alert when a device reports less free disk space "
-                                                          "(its agent refuses writes below its own store.min_free_mb).")] = 32.0,
-    duration: Annotated[Optional[float], typer.Option(callback=finite, min=0, help="Stop after this many seconds (default: until Ctrl-C).")] = None,
+    silence_s: Annotated[float, typer.Option(**bounded("Alert when a device is silent this long.", 1))] = 180.0,
+    min_free_mb: Annotated[float, typer.Option(**bounded("Alert when a device reports less free disk space "
+                                                         "(its agent refuses writes below its own store.min_free_mb).", 0))] = 32.0,
+    duration: Annotated[Optional[float], typer.Option(**bounded("Stop after this many seconds (default: until Ctrl-C).", 0))] = None,
     client_id: Annotated[Optional[str], typer.Option(help="MQTT client id of this worker's persistent session (default: "
                                                           "from the fleet, the store and, with --share, this host); "
                                                           "give each worker on one host its own.")] = None,
@@ -620,15 +623,19 @@ def fleet_status_cmd(fleet_file: FleetOpt, history: HistoryOpt = None, as_json: 
     db = open_fleet_history(fleet_file, history, read_only=True)
     retained, said = (None, "broker not asked (--history-only)") if history_only else broker_statuses(fleet)
     history_rule = (f"the history's newest status, 'stale' when the device has been silent for more than "
-                    f"{STALE_INTERVALS} telemetry intervals ({STALE_INTERVALS * TELEMETRY_INTERVAL_S:.0f} s)")
+                    f"{STALE_INTERVALS} telemetry intervals (each device's own, as its newest telemetry says; "
+                    f"{TELEMETRY_INTERVAL_S:.0f} s, so {STALE_INTERVALS * TELEMETRY_INTERVAL_S:.0f} s, for an agent "
+                    "that does not say)")
     # every state from the history when the broker was not asked or reached: say that first, not as an "otherwise"
     where = f"state: {history_rule}; {said}" if retained is None else f"state: {said}; a device without one: {history_rule}"
     retained = retained or {}
     flagged = flagged_devices(db.latest_decisions((FLEET_KIND,)))
     if as_json:
         status = db.latest_status()
-        emit_json({"state": _fleet_states(fleet, status, db.last_received(), retained), "state_source": where,
-                   "retained": retained, "status": status, "telemetry": db.latest_telemetry(), "live": db.latest_live(),
+        telemetry = db.latest_telemetry()
+        emit_json({"state": _fleet_states(fleet, status, db.last_received(), retained, db.telemetry_intervals(telemetry)),
+                   "state_source": where,
+                   "retained": retained, "status": status, "telemetry": telemetry, "live": db.latest_live(),
                    "shadow": db.latest_shadow(),
                    "bench": {f"{d}/{s}": r for (d, s), r in db.latest_bench().items()}, "flagged": flagged,
                    "simulated": [d.name for d in fleet.devices if d.simulated], "figures": figures_text(fleet.devices, table="fleet")})

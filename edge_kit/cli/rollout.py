@@ -25,9 +25,9 @@ from edge_kit.cli.app import (
     HistoryOpt,
     JsonOpt,
     app,
+    bounded,
     emit_json,
     err,
-    finite,
     gate_lines,
     live_gate,
     open_fleet_history,
@@ -129,9 +129,9 @@ def start_cmd(
     wave: Annotated[str, typer.Option(help="Cumulative wave sizes.")] = "1%,10%,100%",
     rate: Annotated[Optional[str], typer.Option(help="Desired states sent per time, e.g. 200/min (default: no limit).")] = None,
     max_failed: Annotated[str, typer.Option("--max-failed", help="Stop when more than this share of the devices sent so far failed.")] = "0%",
-    wave_timeout: Annotated[float, typer.Option(callback=finite, min=1, max=WAIT_MAX_S, help="Seconds a wave waits for its devices' answers.")] = 600.0,
+    wave_timeout: Annotated[float, typer.Option(**bounded("Seconds a wave waits for its devices' answers.", 1, WAIT_MAX_S))] = 600.0,
     bandwidth: Annotated[Optional[str], typer.Option(help="Download cap per device, e.g. 2MB/s (default: none).")] = None,
-    start_delay: Annotated[float, typer.Option(min=0, max=3600, help="Longest random delay (s) before a device starts its download.")] = 0.0,
+    start_delay: Annotated[float, typer.Option(**bounded("Longest random delay (s) before a device starts its download.", 0, 3600))] = 0.0,
     rid: Annotated[Optional[str], typer.Option("--id", help="The rollout's id (default: <model>-<time>).")] = None,
     gate: GateOpt = None,
     gate_window: GateWindowOpt = 60.0,
@@ -221,8 +221,8 @@ def resume_cmd(fleet_file: FleetOpt, rid: IdArg, history: HistoryOpt = None, as_
 @rollout_app.command("abort")
 def abort_cmd(
     fleet_file: FleetOpt, rid: IdArg, history: HistoryOpt = None,
-    wait: Annotated[float, typer.Option(callback=finite, min=0, max=WAIT_MAX_S, help="Seconds to wait for the devices sent back "
-                                                                      "to confirm.")] = 120.0,
+    wait: Annotated[float, typer.Option(**bounded("Seconds to wait for the devices sent back "
+                                                  "to confirm.", 0, WAIT_MAX_S))] = 120.0,
     as_json: JsonOpt = False,
 ) -> None:
     """Stop a rollout and put back every device it moved.

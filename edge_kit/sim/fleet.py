@@ -18,6 +18,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,16 @@ def device_names(count: int, profiles: list[str]) -> list[tuple[str, str]]:
         seen[profile] = seen.get(profile, 0) + 1
         out.append((f"{profile}-{seen[profile]}", profile))
     return out
+
+
+@dataclass
+class Down:
+    """What :meth:`SimFleet.down` did: ``stopped`` (running, now stopped or removed) and ``not_running`` (already
+    ended, or its pid now another process's: left alone, its record removed), each a list of names such as
+    ``broker (mosquitto)`` or ``sshd d0``."""
+
+    stopped: list[str] = field(default_factory=list)
+    not_running: list[str] = field(default_factory=list)
 
 
 class SimFleet:
@@ -249,8 +260,9 @@ class SimFleet:
     def _save(self, state: dict[str, Any]) -> None:
         atomic_write_text(self.state_file, json.dumps(state, indent=2))
 
-    def down(self) -> list[str]:
-        """Stop the agents, the sshds and the broker this fleet started; return what was stopped.
+    def down(self) -> Down:
+        """Stop the agents, the sshds and the broker this fleet started; return what was stopped and what had
+        already ended (its record is cleaned up all the same).
 
         Ctrl-C does not cut it short (it often comes while a run cleans up): it is raised as
         KeyboardInterrupt once everything is stopped.
@@ -261,34 +273,34 @@ class SimFleet:
         with interrupts_deferred():
             return self._down()
 
-    def _down(self) -> list[str]:
+    def _down(self) -> Down:
         from device_agents.supervise import is_supervisor
 
+        result = Down()
         state = self.state()
         if state is None:
-            return []
-        stopped = []
+            return result
+
+        def stop(what: str, pid: int | None, started: int | None) -> None:
+            # each pid only while it is still the process `sim up` started (its start time, recorded then)
+            (result.stopped if terminate_pid(pid, started=started) else result.not_running).append(what)
+
         for dev in state["devices"]:
             # every supervisor of this root, found by its command line: not agent.pid, which after a reboot may
             # name another process and is written only after a deploy that has just restarted the agent returned
             supervisors = processes(lambda cmdline: is_supervisor(cmdline, dev["root"]))
             for pid in supervisors:
                 terminate_pid(pid)
-            if supervisors:
-                stopped.append(f"agent {dev['name']}")
-        # each pid only while it is still the process `sim up` started (its start time, recorded then)
+            (result.stopped if supervisors else result.not_running).append(f"agent {dev['name']}")
         for dev in state["devices"]:
-            terminate_pid(dev["sshd_pid"], started=dev.get("sshd_started"))
-            stopped.append(f"sshd {dev['name']}")
+            stop(f"sshd {dev['name']}", dev["sshd_pid"], dev.get("sshd_started"))
         if state.get("store") and state["store"].get("pid"):
-            terminate_pid(state["store"]["pid"], started=state["store"].get("started"))
-            stopped.append(f"store server ({state['store']['kind']})")
+            stop(f"store server ({state['store']['kind']})", state["store"]["pid"], state["store"].get("started"))
         if state.get("broker"):
-            terminate_pid(state["broker"]["pid"], started=state["broker"].get("started"))
-            stopped.append(f"broker ({state['broker']['kind']})")
+            stop(f"broker ({state['broker']['kind']})", state["broker"]["pid"], state["broker"].get("started"))
         if state.get("links"):
             remove_links(Links(**state["links"]))
-            stopped.append("emulated links")
+            result.stopped.append("emulated links")
         self.state_file.unlink(missing_ok=True)
-        return stopped
+        return result
 

@@ -65,13 +65,18 @@ def started_at(pid: int | None) -> int | None:
         return None
 
 
-def terminate_pid(pid: int | None, timeout: float = 15.0, started: int | None = None) -> None:
+def terminate_pid(pid: int | None, timeout: float = 15.0, started: int | None = None) -> bool:
     """SIGTERM ``pid`` (started by another process, e.g. `sim up`) and wait; SIGKILL after ``timeout``.
 
     ``started`` (:func:`started_at` when it was started): the pid is left alone unless it is still that
-    process. After a reboot, or once it has exited, the pid may belong to something else."""
+    process. After a reboot, or once it has exited, the pid may belong to something else.
+
+    Returns:
+        True when the process was running and has been stopped; False when there was none to stop (no pid, gone
+        already, or the pid now names another process).
+    """
     if not pid or not alive(pid) or (started is not None and started_at(pid) != started):
-        return
+        return False
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while alive(pid) and time.monotonic() < deadline:
@@ -81,7 +86,11 @@ def terminate_pid(pid: int | None, timeout: float = 15.0, started: int | None = 
             pass
         time.sleep(0.05)
     if alive(pid):
-        os.kill(pid, signal.SIGKILL)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:  # ended between the check and the kill
+            pass
+    return True
 
 
 @contextmanager

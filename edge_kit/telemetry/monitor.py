@@ -437,20 +437,27 @@ class Monitor:
 
     def _check_drift(self, device: str, shadow: dict[str, Any]) -> None:
         """Alert (once per episode) when a ``shadow`` message says the served model's live outputs drift from
-        its shadow reference below the device's ``min_fidelity_snr_db``."""
+        its shadow reference below the device's ``min_fidelity_snr_db``, or that an answer of either held NaN or
+        an infinity in this shadow run (``non_finite``, kept out of the fidelity); return nothing."""
         c = self.constraints.get(device)
         snr = messages.field_at(shadow, "fidelity", "snr_db")
-        if c is None or c.min_fidelity_snr_db is None or not messages.in_range(snr):
+        bad = shadow.get("non_finite") or 0  # the protocol checked it: a whole number >= 0 when present
+        if c is None or c.min_fidelity_snr_db is None or not (messages.in_range(snr) or bad):
             return
-        if snr < c.min_fidelity_snr_db and device not in self._drifting:
+        low = bool(bad) or snr < c.min_fidelity_snr_db
+        if low and device not in self._drifting:
             self._drifting.add(device)
             served, ref, window = (messages.field_at(shadow, *path) for path in
                                    (("serving", "variant"), ("model", "variant"), ("window",)))
             named = (lambda v: v if isinstance(v, str) else "an unnamed model")
-            self._alert(Alert(device, "drift", f"{device}: live outputs of {named(served)} are {snr:.1f} dB from "
-                                                      f"{named(ref)} (shadow, {window if messages.in_range(window) else '?'} "
-                                                      f"inputs), below {c.min_fidelity_snr_db:g} dB"))
-        elif snr >= c.min_fidelity_snr_db:
+            if bad:
+                text = (f"{device}: {bad:,} live answers of {named(served)} or of its shadow {named(ref)} held NaN or "
+                        "infinity (shadow run's non_finite count)")
+            else:
+                text = (f"{device}: live outputs of {named(served)} are {snr:.1f} dB from {named(ref)} (shadow, "
+                        f"{window if messages.in_range(window) else '?'} inputs), below {c.min_fidelity_snr_db:g} dB")
+            self._alert(Alert(device, "drift", text))
+        elif not low:
             self._drifting.discard(device)
 
     def _check_alerts(self, kind: str, msg: dict[str, Any]) -> None:

@@ -239,18 +239,20 @@ def _gate_rows(store: HistoryStore) -> list[list[str]]:
 
 
 # A device whose history says online but that has sent nothing for this many telemetry intervals is shown
-# "stale" (its agent may have stopped while no monitor ran): the interval is the one a deploy gives every
-# agent (the protocol's default; the fleet file does not change it).
+# "stale" (its agent may have stopped while no monitor ran): the interval is the one its newest telemetry says
+# (``interval_s``), else the one a deploy gives every agent (the protocol's default) for an agent that does not say.
 STALE_INTERVALS = 3
 TELEMETRY_INTERVAL_S = AgentConfig.telemetry_interval_s
 
 
 def device_state(status: dict[str, Any] | None, heard: float | None, retained: dict[str, Any] | None,
-                 now: float) -> dict[str, Any]:
+                 now: float, interval_s: float | None = None) -> dict[str, Any]:
     """Return what is known of one device's state: ``state`` (its status's word, ``stale`` or ``never seen``),
     ``source`` (``broker``: the status its broker holds retained, verified as the device's; ``history``:
     the newest one stored; None), ``said`` (the history's word), ``silent_s`` (since this host last stored
-    one of its messages, by its own clock) and ``stale_after_s``.
+    one of its messages, by its own clock), ``stale_after_s``, ``interval_s`` (the telemetry interval that
+    rule used) and ``interval_source`` (``device``: ``interval_s`` as its newest telemetry says it; ``default``:
+    :data:`TELEMETRY_INTERVAL_S`, for an agent that does not say).
 
     The broker's retained status is what the agent said last, or its last will once its connection died,
     so it wins. From the history alone, an ``online`` older than :data:`STALE_INTERVALS` telemetry
@@ -258,8 +260,9 @@ def device_state(status: dict[str, Any] | None, heard: float | None, retained: d
     """
     said = (status or {}).get("state")
     silent = None if heard is None else max(0.0, now - heard)
-    after = STALE_INTERVALS * TELEMETRY_INTERVAL_S
-    base = {"said": said, "silent_s": silent, "stale_after_s": after}
+    interval, source = (interval_s, "device") if interval_s is not None else (TELEMETRY_INTERVAL_S, "default")
+    after = STALE_INTERVALS * interval
+    base = {"said": said, "silent_s": silent, "stale_after_s": after, "interval_s": interval, "interval_source": source}
     if retained is not None:
         return {**base, "state": retained.get("state"), "source": "broker"}
     if status is None:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_kit.errors import HistoryError
-from edgekit_protocol.messages import field_at
+from edgekit_protocol.messages import field_at, telemetry_interval
 
 KINDS = ("status", "bench", "telemetry", "live", "shadow")
 TABLES = (*KINDS, "decisions", "invalid", "gaps", "rollouts", "rollout_devices")
@@ -303,6 +303,14 @@ class HistoryStore(abc.ABC):
     def latest_telemetry(self) -> dict[str, dict[str, Any]]:
         """Return the newest telemetry message per device. Raises HistoryError."""
         return self._latest("telemetry")
+
+    def telemetry_intervals(self, latest: dict[str, dict[str, Any]] | None = None) -> dict[str, float]:
+        """Return the telemetry interval (seconds) each device's newest telemetry message says its agent sends at
+        (:func:`~edgekit_protocol.messages.telemetry_interval`), by device; a device whose newest says none (an older
+        agent) is left out. ``latest``: :meth:`latest_telemetry`'s answer when the caller has read it already.
+        Raises HistoryError."""
+        said = {device: telemetry_interval(m) for device, m in (latest or self.latest_telemetry()).items()}
+        return {device: v for device, v in said.items() if v is not None}
 
     def latest_live(self) -> dict[str, dict[str, Any]]:
         """Return the newest ``live`` message (the serving API's figures) per device. Raises HistoryError."""

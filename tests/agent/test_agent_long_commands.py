@@ -61,3 +61,26 @@ def test_a_benchmark_is_not_interrupted_by_telemetry(tmp_path):
         assert [kind for kind, _ in _sent(agent)] == ["ack"]
     finally:
         agent.spool.close()
+
+
+def test_the_telemetry_message_says_the_interval_it_is_sent_at(tmp_path):
+    """The host judged every device stale after 3 x 30 s, the default interval, whatever its agent's own
+    ``telemetry_interval_s``: the message says it now (``interval_s``), and passes every receiver's check."""
+    from device_agents.identity import Keyring, receive
+
+    agent = _agent(tmp_path)
+    try:
+        agent.telemetry()
+        ((_, topic, payload),) = agent.spool.pending()
+        kind, msg = receive(Keyring({"pi-1": agent.signer.public}), topic, payload, time.time())
+        assert kind == "telemetry" and msg["interval_s"] == 0.2
+    finally:
+        agent.spool.close()
+
+
+def test_a_shadow_run_whose_new_answers_all_held_nan_is_sent_again():
+    """A shadow comparison is sent when its counts change: one whose new answers all held NaN or infinity changed
+    only ``non_finite``, so it was never sent again and the monitor's drift alert never heard of them."""
+    base = {"model": {"sha256": "b" * 64}, "compared": 3, "errors": 0, "dropped_queue_full": 0, "skipped_rate": 0,
+            "skipped_busy_cpu": 0, "non_finite": 0}
+    assert Agent._shadow_counts(base) != Agent._shadow_counts({**base, "non_finite": 2})

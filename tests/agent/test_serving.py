@@ -367,6 +367,30 @@ def test_a_shadow_model_is_compared_on_live_inputs_and_only_the_comparison_is_ke
         server.set_shadow(store.model_path(store.shas["dynamic-int8"]), store.shas["dynamic-int8"], "dynamic-int8")
 
 
+def test_a_nan_answer_in_a_shadow_run_is_counted_and_the_finite_pairs_still_measured(wait, store, server, digits_artifacts):
+    """An input that makes the fp32 shadow answer NaN (the int8 served model saturates it to something finite)
+    used to leave every comparison of the window unmeasured (fidelity null, an error text) for the next 256
+    inputs: a device sending NaN never reached the drift alert. The pair is counted as ``non_finite`` now, kept
+    out of the window, and the message that carries it passes the receivers' check."""
+    with np.load(digits_artifacts / "eval.npz") as data:
+        x = data[next(k for k in data.files if k.startswith("x"))][:4].astype(np.float32)
+    bad = np.full_like(x[0], 3e38)  # finite, but the fp32 model overflows on it
+    server.set_shadow(store.model_path(store.shas["fp32"]), store.shas["fp32"], "fp32", share=1.0, max_per_s=1000,
+                      max_load=1e9)
+    with Client(store.root) as client:
+        for i, s in enumerate([x[0], bad, *x[1:]]):  # paced, so the child keeps up
+            client.predict({"image": s})
+            assert wait(lambda: sum(server.snapshot()["shadow"][k] for k in ("compared", "non_finite")) == i + 1)
+    shadow = server.snapshot()["shadow"]
+    assert shadow["non_finite"] == 1 and shadow["compared"] == 4 and shadow["window"] == 4
+    assert shadow["fidelity"]["snr_db"] > 5 and "fidelity_error" not in shadow
+    from edgekit_protocol import messages
+
+    body = {**shadow, "serving": server.snapshot()["model"]}
+    msg = messages.decode(messages.encode(messages.envelope("shadow", "f", "d1", 1, {**body, "key_id": "k", "sig": "s"})))
+    assert messages.check_body("shadow", msg)["non_finite"] == 1
+
+
 def test_shared_memory_inputs_answer_the_same_and_bad_ones_are_refused(store, server, tmp_path):
     """Inputs of 64 kB or more go through a sealed memory file passed over the socket (checked: sealed,
     every tensor inside it); the answer is the same as over the socket, a new connection gets the file

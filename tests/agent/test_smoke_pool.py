@@ -84,3 +84,49 @@ def test_an_interrupted_run_kills_its_child_at_once():
         signal.signal(signal.SIGALRM, old)
     assert time.monotonic() - started < 4
     assert set(multiprocessing.active_children()) - others == set()
+
+
+def test_a_child_killed_while_sending_its_result_is_a_crash_not_the_pipes_error():
+    """A child that died partway through sending a result (out of memory while writing a large one) left the parent an
+    OSError ("got end of file during message"): a traceback, or in compile a wrong "free space in TMPDIR". It is
+    the crash report now. The child is killed once its result no longer fits in the pipe (it waits, half sent)."""
+    import fcntl
+    import multiprocessing
+    import os
+    import signal
+    import struct
+    import termios
+
+    def waiting(fd):  # bytes in the pipe, not yet read
+        return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+
+    pool = SmokePool()
+    pool.run(time.sleep, 0, timeout=60, what="nap")  # the forkserver started
+    real_pipe = pool.ctx.Pipe
+    others = set(multiprocessing.active_children())  # children earlier tests left are not this run's
+
+    class KilledMidSend:
+        def __init__(self, conn):
+            self.conn = conn
+
+        def poll(self, timeout):
+            ready = self.conn.poll(timeout)
+            deadline = time.monotonic() + 10
+            while waiting(self.conn.fileno()) <= 4 and time.monotonic() < deadline:  # the length, then some of the data
+                time.sleep(0.01)
+            (child,) = set(multiprocessing.active_children()) - others
+            os.kill(child.pid, signal.SIGKILL)
+            child.join(10)
+            return ready
+
+        def __getattr__(self, name):
+            return getattr(self.conn, name)
+
+    def pipe(duplex):
+        receive, send = real_pipe(duplex=duplex)
+        return KilledMidSend(receive), send
+
+    pool.ctx.Pipe = pipe
+    with pytest.raises(SmokeCrashed) as caught:
+        pool.run(np.zeros, 4_000_000, timeout=60, what="inference")  # 32 MB: far more than a pipe holds
+    assert caught.value.how == "was killed (out of memory?)" and str(caught.value) == "the interpreter crashed (exit -9)"

@@ -334,6 +334,27 @@ def test_a_drifting_devices_shadow_comparison_raises_the_alert_and_updates_the_m
     assert 'edgekit_live_shadow_snr_db{device="d1",shadow="None",variant="None"} 5.0' in text
 
 
+def test_a_shadow_run_far_off_or_answering_nan_raises_the_drift_alert(fleet_file, tmp_path):
+    """A served variant whose outputs are huge or diverged measures an error above 1e12: the message was refused
+    at the body check, so the drift alert never fired for the device it exists for. A shadow run that met NaN
+    or infinity in an answer (counted as ``non_finite``) is drift too, whatever the finite pairs say."""
+    from edge_kit.fleet.inventory import load_fleet
+    from edge_kit.telemetry.monitor import Monitor
+
+    fleet_file.write_text(fleet_file.read_text().replace(
+        "{name: d1, host: 127.0.0.1}", "{name: d1, host: 127.0.0.1, constraints: {min_fidelity_snr_db: 20}}\n"
+        "  - {name: d2, host: 127.0.0.2, constraints: {min_fidelity_snr_db: 20}}"))
+    mon = Monitor(load_fleet(fleet_file), Store(tmp_path / "h.db"), verify_in_child=False)
+    far = {"snr_db": -12.0, "cosine": 0.2, "max_abs_error": 3.1e37, "mean_abs_error": 4e21}
+    for device, seq, body in (("d1", 1, {"fidelity": far}), ("d2", 1, {"non_finite": 3, "fidelity": None}),
+                              ("d2", 2, {"non_finite": 3, "fidelity": {"snr_db": 40.0}})):
+        msg = messages.envelope("shadow", "sim", device, seq, {**SHADOW, **body, "key_id": "k", "sig": "s"})
+        mon._after_store("shadow", messages.check_body("shadow", messages.decode(messages.encode(msg), "shadow")))
+    assert [a.text for a in mon.alerts if a.kind == "drift"] == [
+        "d1: live outputs of int8 are -12.0 dB from fp32 (shadow, 3 inputs), below 20 dB",
+        "d2: 3 live answers of int8 or of its shadow fp32 held NaN or infinity (shadow run's non_finite count)"]
+
+
 def test_live_counts_a_device_did_not_send_are_left_out_of_metrics_never_exported_as_zero():
     """An agent whose live figures lack a queue depth did not measure it: a dashboard showing 0 would say no
     request ever waited. What it sent is exported as it sent it; a live message without an error count is

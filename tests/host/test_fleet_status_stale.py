@@ -39,3 +39,35 @@ def test_a_device_silent_for_longer_than_a_few_telemetry_intervals_is_stale_not_
     assert state["state_source"].startswith("state: the history's newest status")
     assert state["state_source"].endswith("; broker not asked: no device key is registered in "
                                           f"{tmp_path / 'keys' / 'devices.json'} yet (deploy first)"), state["state_source"]
+
+
+def test_each_device_is_judged_stale_by_its_own_telemetry_interval(tmp_path, run_cli):
+    """The stale rule took the default 30 s interval for every device: an agent sending every 10 minutes was
+    called stale between its beats, one sending every 5 s only after 90 s of silence. Each device's newest
+    telemetry says its interval now; an agent that does not say gets the default."""
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text("fleet: sim\nbroker: {host: 127.0.0.1, port: 1}\ndefaults: {user: edgekit, profile: rpi4}\n"
+                          "devices:\n  - {name: slow, host: 127.0.0.1}\n  - {name: fast, host: 127.0.0.1}\n"
+                          "  - {name: old, host: 127.0.0.1}\n")
+    now = time.time()
+    beat = {"conditions": {}, "spool": {}}
+    rows = []
+    for device, interval in (("slow", 600.0), ("fast", 5.0), ("old", None)):
+        said = {**beat, "interval_s": interval} if interval else beat
+        rows += [("status", messages.envelope("status", "sim", device, 1, {"state": "online"})),
+                 ("telemetry", messages.envelope("telemetry", "sim", device, 1, said))]
+    store = Store(history_path(fleet_file))
+    store.add_many(rows, received=[now - 200] * len(rows))  # each silent for 200 s
+    store.close()
+    code, out, err = run_cli("fleet", "status", "--fleet", fleet_file, "--history-only", "--json")
+    assert code == 0, err
+    state = json.loads(out)["state"]
+    assert state["slow"]["state"] == "online" and state["slow"]["stale_after_s"] == 1800
+    assert (state["slow"]["interval_s"], state["slow"]["interval_source"]) == (600, "device")
+    assert state["fast"]["state"] == "stale" and state["fast"]["stale_after_s"] == 15
+    assert state["old"]["state"] == "stale" and state["old"]["stale_after_s"] == STALE_INTERVALS * TELEMETRY_INTERVAL_S
+    assert state["old"]["interval_source"] == "default"
+    code, out, err = run_cli("fleet", "status", "--fleet", fleet_file, "--history-only")
+    lines = {line.split()[0]: line for line in out.splitlines() if line.split()[:1] in (["slow"], ["fast"], ["old"])}
+    assert "online (history)" in lines["slow"] and "stale (history: online, silent > 15 s)" in lines["fast"]
+    assert "each device's own, as its newest telemetry says" in " ".join(out.split())

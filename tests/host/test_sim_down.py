@@ -100,7 +100,30 @@ def test_a_damaged_sim_json_is_one_line_not_nothing_is_up(tmp_path, run_cli, con
 
 def test_sim_down_where_nothing_was_started_says_so(tmp_path, run_cli):
     code, out, err = run_cli("sim", "down", "--dir", tmp_path / "none", "--json")
-    assert code == 0 and json.loads(out) == {"stopped": []}
+    assert code == 0 and json.loads(out) == {"stopped": [], "not_running": []}
+
+
+def test_sim_down_says_a_broker_that_had_already_died_was_not_running_and_still_cleans_up(tmp_path, run_cli):
+    """A broker that had crashed was listed as "stopped" by `sim down`; now what had already ended is said so,
+    and the rest is stopped and the record removed all the same."""
+    from edge_kit.sim.process import started_at
+
+    dead, sshd = subprocess.Popen(["sleep", "60"]), subprocess.Popen(["sleep", "60"])
+    dead_started = started_at(dead.pid)
+    dead.kill()
+    dead.wait()
+    sim = simfleet.SimFleet(tmp_path)
+    sim._save({"broker": {"kind": "mosquitto", "pid": dead.pid, "started": dead_started}, "links": None,
+               "devices": [{"name": "d0", "root": str(tmp_path / "d0"), "sshd_pid": sshd.pid,
+                            "sshd_started": started_at(sshd.pid)}]})
+    try:
+        code, out, err = run_cli("sim", "down", "--dir", tmp_path, "--json")
+        assert code == 0, err
+        assert json.loads(out) == {"stopped": ["sshd d0"], "not_running": ["agent d0", "broker (mosquitto)"]}
+        assert sshd.wait(timeout=10) is not None and sim.state() is None
+    finally:
+        sshd.kill()
+        sshd.wait()
 
 
 @pytest.mark.parametrize("command", [["sim", "up", "--devices", "1"], ["demo", "--devices", "1"]])

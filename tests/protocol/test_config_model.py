@@ -27,6 +27,7 @@ def test_what_the_host_writes_the_agent_reads_back_unchanged():
 @pytest.mark.parametrize("plain, message", [
     ({"device": "d", "fleet": "f", "broker": {"port": 70000}}, "agent.yaml: broker: port 70000 is not between 1 and 65535"),
     ({"device": "d", "fleet": "f", "telemetry_interval_s": float("nan")}, "telemetry_interval_s: expected a finite number"),
+    ({"device": "d", "fleet": "f", "telemetry_interval_s": 90000}, "telemetry_interval_s is 90000; at most 86400 s"),
     ({"device": "d", "fleet": "f", "store": {"max_store_mb": -1}}, "store.max_store_mb must be positive"),
     ({"device": "d", "fleet": "f", "stor": {}}, "stor: unknown key; did you mean 'store'?"),
 ])

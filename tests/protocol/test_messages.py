@@ -230,6 +230,25 @@ def test_a_live_or_shadow_figure_out_of_range_is_refused_naming_it(kind, over, w
 
 
 
+@pytest.mark.parametrize("error", [3.4e38, 2e12, 10 ** 300])
+def test_a_shadow_error_figure_of_any_finite_size_is_taken(error):
+    """A model with huge outputs, or a served variant far off its reference, measures an error above 1e12: it was
+    refused as out of range, so the drift alert never saw the device it exists for. Error figures take any
+    number a float holds; NaN and the infinities are still refused at parse time, a whole number too big for a
+    float and a negative error at the body check."""
+    body = {**SHADOW, "fidelity": {"snr_db": -40.0, "cosine": 0.1, "max_abs_error": error, "mean_abs_error": error}}
+    msg = {**messages.envelope("shadow", "f1", "d1", 3, body), **SIGNED}
+    assert messages.check_body("shadow", messages.decode(messages.encode(msg), "shadow"))["fidelity"]["max_abs_error"] == error
+    for text in (b"NaN", b"Infinity", b"1e999"):
+        with pytest.raises(messages.MessageError, match="finite"):
+            messages.decode(messages.encode(msg).replace(str(error).encode(), text, 1))
+    for bad in (10 ** 400, -error, float("inf")):
+        with pytest.raises(messages.MessageError, match="fidelity.max_abs_error is not a non-negative number"):
+            messages.check_body("shadow", {**msg, "fidelity": {"max_abs_error": bad}})
+    with pytest.raises(messages.MessageError, match="fidelity.snr_db is not a number"):  # other figures keep the limit
+        messages.check_body("shadow", {**msg, "fidelity": {"snr_db": 2e12}})
+
+
 @pytest.mark.parametrize("name", ["model\n", "m" * 63 + "\n"])
 def test_a_name_ending_in_a_newline_is_no_model_device_or_fleet_name(name):
     # `$` matches before a final newline: such a name would make a folder, a store path and an ACL line apart
@@ -237,3 +256,20 @@ def test_a_name_ending_in_a_newline_is_no_model_device_or_fleet_name(name):
         messages.check_model_name(name)
     with pytest.raises(ValueError):
         messages.check_name(name, "device")
+
+
+@pytest.mark.parametrize("interval, ok", [(30.0, True), (0.2, True), (86400, True), (None, True), (0, False),
+                                          (-5.0, False), (86401, False), (1e300, False), ("30", False), (True, False)])
+def test_a_telemetry_interval_is_optional_and_seconds_above_0_up_to_a_day(interval, ok):
+    """An agent says the interval it sends telemetry at (how long a silence means it stopped); an older one says
+    none. One that says something else is refused, naming the field."""
+    body = {"conditions": {}, "spool": {}, **({"interval_s": interval} if interval is not None else {})}
+    msg = {**messages.envelope("telemetry", "f1", "d1", 3, body), **SIGNED}
+    if ok:
+        assert messages.check_body("telemetry", messages.decode(messages.encode(msg), "telemetry")) == msg
+        assert messages.telemetry_interval(msg) == interval
+    else:
+        with pytest.raises(messages.MessageError, match="telemetry: interval_s is not a number of seconds above 0 "
+                                                        "and at most 86400"):
+            messages.check_body("telemetry", msg)
+        assert messages.telemetry_interval(msg) is None
