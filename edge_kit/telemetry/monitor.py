@@ -128,6 +128,7 @@ class Monitor:
         self.min_free_bytes = min_free_mb * 1e6  # a device reporting less free space is alerted on (once per episode)
         self._low_disk: set[str] = set()
         self._drifting: set[str] = set()
+        self._non_finite: dict[str, int] = {}  # each device's last shadow non_finite count
         # The history's first failure to connect or write (a database gone away): from then on this
         # worker stores nothing more, and whoever runs it stops and says so (`edgekit monitor` exits 6).
         self.failed: HistoryError | None = None
@@ -189,6 +190,11 @@ class Monitor:
             AgentError: the broker cannot be reached or refuses the connection.
         """
         b = self.fleet.broker
+        try:  # a device's non-finite answers counted before this monitor started are not new to it
+            self._non_finite = {d: m["non_finite"] for d, m in self.store.latest_shadow().items()
+                                if type(m.get("non_finite")) is int and m["non_finite"] >= 0}
+        except HistoryError:
+            pass  # the writer meets it too, and says so
         if self.verifier is not None:
             self.verifier.start()
         self._checker.start()
@@ -437,14 +443,17 @@ class Monitor:
 
     def _check_drift(self, device: str, shadow: dict[str, Any]) -> None:
         """Alert (once per episode) when a ``shadow`` message says the served model's live outputs drift from
-        its shadow reference below the device's ``min_fidelity_snr_db``, or that an answer of either held NaN or
-        an infinity in this shadow run (``non_finite``, kept out of the fidelity); return nothing."""
+        its shadow reference below the device's ``min_fidelity_snr_db``, or that answers of either held NaN or
+        an infinity since the device's last shadow message (its ``non_finite`` count rose; such answers are
+        kept out of the fidelity): that one with or without a fidelity bound. Return nothing."""
         c = self.constraints.get(device)
+        bound = c.min_fidelity_snr_db if c is not None else None
         snr = messages.field_at(shadow, "fidelity", "snr_db")
-        bad = shadow.get("non_finite") or 0  # the protocol checked it: a whole number >= 0 when present
-        if c is None or c.min_fidelity_snr_db is None or not (messages.in_range(snr) or bad):
-            return
-        low = bool(bad) or snr < c.min_fidelity_snr_db
+        count = shadow.get("non_finite") or 0  # the protocol checked it: a whole number >= 0 when present
+        before = self._non_finite.get(device, 0)
+        self._non_finite[device] = count
+        bad = count - before if count >= before else count  # a lower count: the agent started again
+        low = bool(bad) or (bound is not None and messages.in_range(snr) and snr < bound)
         if low and device not in self._drifting:
             self._drifting.add(device)
             served, ref, window = (messages.field_at(shadow, *path) for path in
@@ -455,7 +464,7 @@ class Monitor:
                         "infinity (shadow run's non_finite count)")
             else:
                 text = (f"{device}: live outputs of {named(served)} are {snr:.1f} dB from {named(ref)} (shadow, "
-                        f"{window if messages.in_range(window) else '?'} inputs), below {c.min_fidelity_snr_db:g} dB")
+                        f"{window if messages.in_range(window) else '?'} inputs), below {bound:g} dB")
             self._alert(Alert(device, "drift", text))
         elif not low:
             self._drifting.discard(device)

@@ -570,3 +570,37 @@ def test_a_status_an_earlier_monitor_run_stored_is_not_alerted_again(fleet_file,
     again = messages.envelope("status", "sim", "d1", 2, {"state": "offline"})  # a new word from the device: news
     later._keep([("status", again)], [json.dumps(again).encode()], [time.time()])
     assert [a.text for a in later.alerts] == ["d1 went offline"]
+
+
+def test_new_non_finite_answers_alert_once_with_or_without_a_fidelity_bound_and_not_again_after_a_restart(
+        fleet_file, tmp_path):
+    """``non_finite`` counts since the agent started: a device whose model once answered NaN stayed 'drifting'
+    for good, a device without ``min_fidelity_snr_db`` was never told of NaN answers at all, and a new monitor
+    would alert on answers counted long before it started."""
+    from edge_kit.fleet.inventory import load_fleet
+    from edge_kit.telemetry.monitor import Monitor
+
+    store = Store(tmp_path / "h.db")
+    mon = Monitor(load_fleet(fleet_file), store, verify_in_child=False)  # d1: no fidelity bound
+
+    def shadow(seq, non_finite, m=mon):
+        msg = messages.envelope("shadow", "sim", "d1", seq, {**SHADOW, "non_finite": non_finite, "key_id": "k", "sig": "s"})
+        m._after_store("shadow", messages.check_body("shadow", messages.decode(messages.encode(msg), "shadow")))
+        return msg
+
+    shadow(1, 0)
+    shadow(2, 2)  # two new: alert
+    shadow(3, 2)  # none new: the episode ends
+    shadow(4, 5)  # three new: a second episode
+    assert [a.text for a in mon.alerts if a.kind == "drift"] == [
+        "d1: 2 live answers of int8 or of its shadow fp32 held NaN or infinity (shadow run's non_finite count)",
+        "d1: 3 live answers of int8 or of its shadow fp32 held NaN or infinity (shadow run's non_finite count)"]
+
+    store.add("shadow", shadow(5, 5))  # what the history holds when a new monitor starts
+    later = Monitor(load_fleet(fleet_file), store, verify_in_child=False)
+    try:
+        later.start(timeout=0.5)  # no broker on port 1: it reads the history, then fails to connect
+    except Exception:  # noqa: BLE001 - AgentError: only the history's part matters here
+        pass
+    shadow(6, 5, later)
+    assert not [a for a in later.alerts if a.kind == "drift"]
