@@ -430,7 +430,7 @@ def build_in_child(model: Path, root: Path, *, threads: int = 1, timeout: float 
         if not parent.poll(timeout):
             raise EngineBuildError(f"{Path(model).name}: TensorRT engine build took more than {timeout:.0f} s; killed")
         status, value = parent.recv()
-    except EOFError:
+    except (EOFError, OSError):  # OSError: it died partway through sending ("got end of file during message")
         proc.join(5)
         raise EngineBuildError(f"{Path(model).name}: the engine build process died (exit code {proc.exitcode})") from None
     finally:

@@ -393,3 +393,18 @@ def test_an_engine_in_this_devices_folder_but_not_built_here_is_rebuilt(fake: Fa
                                   if not record else f"{cache.name} ({why})"]
     assert [p.name for p in cache.glob("*.engine")] == ["TensorrtExecutionProvider_TRTKernel_graph_g_1_0_0_sm87.engine"]
     assert trt._cached_record(fp16, root)["cached"] is True
+
+
+def _dies_mid_send(model: str, root: str, threads: int, conn) -> None:
+    """A build child that dies partway through sending its answer: a length header, 3 of its 1,000 bytes."""
+    import os
+    import struct
+
+    os.write(conn.fileno(), struct.pack("!i", 1000) + b"abc")
+    os._exit(9)
+
+
+def test_a_build_child_dying_partway_through_its_answer_is_a_one_line_build_error(tmp_path: Path) -> None:
+    """The pipe says "got end of file during message" (OSError), which escaped as a traceback."""
+    with pytest.raises(trt.EngineBuildError, match=r"the engine build process died \(exit code 9\)"):
+        trt.build_in_child(tmp_path / "m.onnx", tmp_path, timeout=60, target=_dies_mid_send)
