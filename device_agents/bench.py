@@ -323,8 +323,8 @@ def bench_in_child(pool: Any, model: Path, settings: BenchSettings, *, eval_file
     ``named(key)`` spells a setting in the texts (agent.yaml's ``bench.<key>`` by default).
 
     Raises:
-        BenchFailed: the child was killed (the step and limit named), crashed (the signal and step named), or
-            the runtime could not load or run the model (the step and the runtime's first line).
+        BenchFailed: the child was killed (the step and limit named) or crashed (the signal and step named), both
+            with ``ended`` set; or the runtime could not load or run the model (the step and the runtime's first line).
         DataFileError: ``eval_file`` is missing, unreadable or does not fit the model.
         RuntimeUnavailable: the runtime or delegate is not installed here.
     """
@@ -345,9 +345,9 @@ def bench_in_child(pool: Any, model: Path, settings: BenchSettings, *, eval_file
         kind, value = pool.run(bench_child, str(model), settings, str(eval_file) if eval_file else None, meter_args,
                                what="benchmark", watchdog=watch)
     except SmokeTimedOut as exc:
-        raise BenchFailed(f"{exc}; the benchmark's child was killed") from None
+        raise BenchFailed(f"{exc}; the benchmark's child was killed", ended=True) from None
     except SmokeCrashed as exc:
-        raise BenchFailed(f"the benchmark's child {exc.how} at {watch.step() or 'its start'}") from None
+        raise BenchFailed(f"the benchmark's child {exc.how} at {watch.step() or 'its start'}", ended=True) from None
     except SmokeFailed as exc:  # not raised by bench_child: kept for a pool that raises it
         raise BenchFailed(f"the benchmark failed at {watch.step() or 'its start'}: {exc}") from None
     if kind == "data":

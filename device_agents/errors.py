@@ -42,7 +42,12 @@ class SmokeTimedOut(SmokeCrashed):
 
 class BenchFailed(DeviceError):
     """A benchmark's child gave no record: the model failed, crashed or made no progress in time at one
-    step (loading, first inference, timed run N, scoring sample N...); the text says which and how."""
+    step (loading, first inference, timed run N, scoring sample N...); the text says which and how.
+    ``ended``: the child crashed or was killed by its watchdog (not a failure the runtime reported)."""
+
+    def __init__(self, message: str, ended: bool = False):
+        super().__init__(message)
+        self.ended = ended
 
 
 class UsageError(DeviceError):

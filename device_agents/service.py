@@ -420,6 +420,11 @@ class Agent:
             measured = bench_in_child(self.smoke, path, settings, eval_file=self.store.eval_path(sha),
                                       meter_args=self._meter_args)
         except BenchFailed as exc:
+            if exc.ended:  # a model that loops or crashes on real inputs: counted, as hostile input is
+                try:
+                    self._on_disk(lambda: self.spool.count("ended_benches"))
+                except DiskFull as full:  # the answer goes out; only the count is lost
+                    log.error("could not count the ended benchmark: %s", full)
             raise BenchFailed(f"bench of model {sha[:12]}: {exc}; nothing recorded, the agent runs on") from None
         meta = self.store.describe(sha) or {}
         record = self.emit("bench", {

@@ -116,9 +116,37 @@ def predict_saved(model: str, runtime: str | None, threads: int, inputs: str, ou
     return list(got)
 
 
+def _die_with_caller(conn: Any) -> None:
+    """Start a thread that SIGKILLs this child once the process that started it is gone (its end of ``conn``,
+    the pipe the answer goes back on, closed: Linux reports an error on the writing end); returns nothing.
+
+    A killed agent takes its watchdog along: without this, a child spinning in a model's loop (the runtime
+    releases the GIL while it runs the model) would spin on, orphaned. Where ``poll`` is missing it does nothing.
+    """
+    import select
+    import threading
+
+    if not hasattr(select, "poll"):
+        return
+
+    def watch() -> None:
+        poller = select.poll()
+        poller.register(conn.fileno(), 0)  # no events asked: POLLERR and POLLHUP are always reported
+        while True:
+            for _, ev in poller.poll():
+                if ev & select.POLLNVAL:  # closed here, the answer sent: nothing left to watch
+                    return
+                if ev & (select.POLLERR | select.POLLHUP):
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, daemon=True, name="caller-watch").start()
+
+
 def _child(fn: Callable[..., Any], args: tuple[Any, ...], conn: Any) -> None:
     """Send ``("ok", fn(*args))`` or ``("failed", why)`` for a :class:`SmokeFailed`; anything else kills
-    the child with its traceback on stderr (a bug, which the parent reports as a crash)."""
+    the child with its traceback on stderr (a bug, which the parent reports as a crash). The child dies with
+    its caller (:func:`_die_with_caller`)."""
+    _die_with_caller(conn)
     try:
         result = ("ok", fn(*args))
     except SmokeFailed as exc:

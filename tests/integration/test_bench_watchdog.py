@@ -106,6 +106,7 @@ def test_a_bench_of_a_model_that_loops_on_an_eval_sample_fails_in_bounded_time_a
         agent.run_command(Command("s1", "state", {}))
         state = acks(agent)[-1]
         assert (state["cmd_id"], state["ok"], state["result"]["current"]["sha256"]) == ("s1", True, sha)
+        assert state["result"]["spool"]["ended_benches"] == 1  # counted, as hostile input is
         assert set(multiprocessing.active_children()) - others == set()  # the looping child is gone
     finally:
         stop.set()
@@ -176,3 +177,46 @@ def test_the_watchdogs_progress_is_written_outside_the_timed_invoke(looping_tfli
                        eval_file=eval_set(tmp_path / "z.npz", 4, looping=None), progress=progress)
     assert [n for step, n in told if step == TIMED] == list(range(1, 11))
     assert record["duration_s"] >= 0.2 and record["latency_ms"]["max"] < 10
+
+
+def _children(pid: int) -> set[int]:
+    """Return the ids of the processes whose parent is ``pid`` (from /proc)."""
+    found = set()
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.add(int(entry))
+    return found
+
+
+def _state(pid: int) -> str:
+    """Return the state letter of process ``pid`` (``R``: running), or "" when it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return ""
+
+
+def test_a_child_spinning_in_the_model_dies_with_a_killed_caller(looping_tflite, tmp_path):
+    """The watchdog lives in the caller: killed (SIGKILL, an OOM kill) while its child spins in the model's loop,
+    it took the watchdog along, and the child spun on, orphaned, a core at 100 % until the next reboot."""
+    caller = subprocess.Popen([sys.executable, "-m", "device_agents", "bench", looping_tflite, "--eval",
+                               eval_set(tmp_path / "e.npz", 4, looping=0)],
+                              env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=subprocess.DEVNULL)
+    try:
+        deadline, spinning = time.monotonic() + 60, set()
+        while not spinning and time.monotonic() < deadline:  # the caller's forkserver's child, in its first inference
+            running = {c for server in _children(caller.pid) for c in _children(server) if _state(c) == "R"}
+            time.sleep(1)  # still running a second later: not the smoke check's child, done in milliseconds
+            spinning = {c for c in running if _state(c) == "R"}
+        assert spinning, "no child spun"
+    finally:
+        caller.kill()
+        caller.wait()
+    deadline = time.monotonic() + 10
+    while any(_state(pid) for pid in spinning) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_state(pid) for pid in spinning)
