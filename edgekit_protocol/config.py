@@ -109,7 +109,7 @@ class BenchSettings:
     delegate_options: dict = field(default_factory=dict)  # checked by the target's own Options model
     runtime: str | None = None  # None: the first installed of litert, tflite-runtime
     # The benchmark runs in a child the agent ends when it makes no progress (device_agents.bench.bench_in_child):
-    step_timeout_s: float = 120.0  # loading (model, eval set), the first inference, the metric: each at most this
+    step_timeout_s: float = 120.0  # loading (model, eval set), the first inference, conditions, the metric: each
     inference_timeout_s: float = 30.0  # any later inference: this, or INFERENCE_TIMEOUT_FACTOR x the first if longer
     total_timeout_s: float = 3600.0  # the whole benchmark
 
