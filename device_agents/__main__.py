@@ -25,7 +25,7 @@ from pathlib import Path
 from device_agents.errors import StoreError, UsageError
 from device_agents.runtimes import RUNTIMES
 from device_agents.store import ModelStore, default_root
-from edgekit_protocol.config import BenchSettings, PowerConfig
+from edgekit_protocol.config import INFERENCE_TIMEOUT_FACTOR, BenchSettings, PowerConfig
 from edgekit_protocol.errors import EdgeKitError
 
 
@@ -53,6 +53,12 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--warmup", type=int, default=BenchSettings.warmup)
     b.add_argument("--min-runs", type=int, default=BenchSettings.min_runs)
     b.add_argument("--min-seconds", type=float, default=BenchSettings.min_seconds)
+    b.add_argument("--step-timeout-s", type=float, default=BenchSettings.step_timeout_s,
+                   help="end the benchmark when loading, the first inference or the metric takes longer")
+    b.add_argument("--inference-timeout-s", type=float, default=BenchSettings.inference_timeout_s,
+                   help=f"end it when a later inference takes longer (or {INFERENCE_TIMEOUT_FACTOR}x the first, if longer)")
+    b.add_argument("--total-timeout-s", type=float, default=BenchSettings.total_timeout_s,
+                   help="end it when the whole benchmark takes longer")
     b.add_argument("--idle-w", type=float, help="device idle watts, for an estimate when no power sensor answers")
     b.add_argument("--busy-w", type=float, help="device busy watts (all cores), for the estimate")
     b.add_argument("--json", action="store_true", help="print the record as JSON")
@@ -192,41 +198,43 @@ def _options(args: argparse.Namespace) -> dict[str, str]:
     return dict(o.split("=", 1) for o in args.delegate_option)
 
 
-_BENCH_KEYS = ("warmup", "min_runs", "min_seconds", "threads")  # BenchSettings' checked keys, options of `bench`
+# BenchSettings' checked keys, options of `bench`
+_BENCH_KEYS = ("warmup", "min_runs", "min_seconds", "threads", "step_timeout_s", "inference_timeout_s", "total_timeout_s")
 
 
 def _bench(args: argparse.Namespace) -> None:
-    from device_agents.bench import run_bench
-    from device_agents.power import power_meter
+    from device_agents.bench import bench_in_child
 
     if not args.model.is_file():
         raise UsageError(f"{args.model}: model not found")
     try:  # the rules agent.yaml's bench and power blocks follow
         settings = BenchSettings(warmup=args.warmup, min_runs=args.min_runs, min_seconds=args.min_seconds,
                                  threads=args.threads, delegate=args.delegate, runtime=args.runtime,
-                                 delegate_options=_options(args))
+                                 delegate_options=_options(args), step_timeout_s=args.step_timeout_s,
+                                 inference_timeout_s=args.inference_timeout_s, total_timeout_s=args.total_timeout_s)
         PowerConfig(idle_w=args.idle_w, busy_w=args.busy_w)
     except ValueError as exc:
         key = str(exc).split()[0]  # the settings' key: its option is spelled with dashes
         raise UsageError(f"--{key.replace('_', '-')}: {str(exc).removeprefix(key + ' ')}" if key in _BENCH_KEYS
                          else f"{exc} (--idle-w, --busy-w)") from None
-    from device_agents.errors import SmokeFailed
+    from device_agents.errors import BenchFailed, SmokeFailed
     from device_agents.runtimes import is_tensorrt
     from device_agents.smoke import SmokePool
 
+    pool = SmokePool()
     try:  # loaded in a child first: a file that crashes the interpreter crashes the child, not this command
         if not is_tensorrt(args.model):  # a TensorRT variant's engine was built, so loaded, in a child at install
-            SmokePool()(args.model, runtime=args.runtime, delegate=args.delegate, options=settings.delegate_options)
+            pool(args.model, runtime=args.runtime, delegate=args.delegate, options=settings.delegate_options)
     except SmokeFailed as exc:
         raise UsageError(f"{args.model}: cannot load or run the model ({exc})") from None
     except OSError as exc:
         raise UsageError(f"{args.model}: cannot read it ({exc.strerror or exc})") from None
-    try:
-        record = run_bench(args.model, settings, eval_file=args.eval,
-                           power=power_meter(idle_w=args.idle_w, busy_w=args.busy_w))
-    except ValueError as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]  # an error may have no text
-        raise UsageError(f"{args.model}: cannot load or run the model ({first})") from None
+    try:  # the benchmark too: a model that loops or crashes on the eval samples is ended, named, exit 2
+        record = bench_in_child(pool, args.model, settings, eval_file=args.eval,
+                                meter_args={"idle_w": args.idle_w, "busy_w": args.busy_w},
+                                named=lambda key: "--" + key.replace("_", "-"))
+    except BenchFailed as exc:
+        raise BenchFailed(f"{args.model}: {exc}") from None
     if args.json:
         print(json.dumps({"model": str(args.model), **record}, indent=2))
     else:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import platform
 import resource
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from device_agents.errors import MetricError
 from device_agents.inference import Batch, ModelRunner, fidelity
 from device_agents.power import not_measured
 from device_agents.runtimes import get_runtime
-from edgekit_protocol.config import BenchSettings
+from edgekit_protocol.config import INFERENCE_TIMEOUT_FACTOR, BenchSettings
 from edgekit_protocol.datafile import Array, read_arrays, read_data, read_reference
 
 
@@ -56,15 +57,18 @@ def _inputs(runner: ModelRunner, eval_x: Batch | None, seed: int = 0) -> tuple[l
 
 
 def _scored(runner: ModelRunner, eval_x: Batch, arrays: dict[str, Array], eval_file: Path,
-            reference: dict[str, np.ndarray] | None) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-    """Return the (accuracy, fidelity) blocks of a bench record for the eval set's inputs.
+            reference: dict[str, np.ndarray] | None,
+            mark: Callable[..., None]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """Return the (accuracy, fidelity) blocks of a bench record for the eval set's inputs, telling ``mark``
+    (``mark(step, n)``) each sample before it runs, then the metric.
 
     Accuracy is scored as the ``metric`` spec shipped in the eval set says (top-1 when there is
     none); a metric that fails is an ``error`` in the accuracy block, never a failed benchmark.
     """
     from device_agents.metrics import MetricSpec, labels_of
 
-    outputs = runner.predict(eval_x)
+    outputs = runner.predict(eval_x, progress=lambda i: mark(SCORING, i))
+    mark(METRIC)
     samples = len(next(iter(outputs.values()))) if outputs else 0
     accuracy = fid = None
     labels = labels_of(arrays)
@@ -90,8 +94,8 @@ def _scored(runner: ModelRunner, eval_x: Batch, arrays: dict[str, Array], eval_f
     return accuracy, fid
 
 
-def _peak_rss() -> dict[str, Any]:
-    """Return the process's peak resident memory and how it was read.
+def _peak_rss(whose: str = "the whole process") -> dict[str, Any]:
+    """Return the process's peak resident memory and how it was read (``whose``: what the process is).
 
     Linux's ``VmHWM`` belongs to the current program image; ``ru_maxrss`` survives ``exec`` and so
     can report the parent's peak (e.g. a large launcher), hence it is only the fallback.
@@ -100,11 +104,48 @@ def _peak_rss() -> dict[str, Any]:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
                 return {"peak_rss_mb": round(int(line.split()[1]) / 1024, 1),
-                        "peak_rss_method": "VmHWM in /proc/self/status: the whole process"}
+                        "peak_rss_method": f"VmHWM in /proc/self/status: {whose}"}
     except OSError:
         pass
     return {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "peak_rss_method": "getrusage(RUSAGE_SELF).ru_maxrss: the whole process"}
+            "peak_rss_method": f"getrusage(RUSAGE_SELF).ru_maxrss: {whose}"}
+
+
+# The steps of a benchmark, as its child reports them to the watchdog (bench_in_child): (name, numbered, limit),
+# the limit being "step" (BenchSettings.step_timeout_s) or "inference" (inference_timeout_s, or
+# INFERENCE_TIMEOUT_FACTOR x the first inference when longer; GPU compute runs: that per run).
+LOADING, FIRST, WARMUP, TIMED, GPU, SCORING, METRIC, CONDITIONS = range(8)
+STEPS = (("loading", False, "step"), ("first inference", False, "step"), ("warm-up run", True, "inference"),
+         ("timed run", True, "inference"), ("GPU compute runs", False, "inference"),
+         ("scoring sample", True, "inference"), ("scoring the metric", False, "step"),
+         ("reading the conditions", False, "step"))
+
+
+def step_name(progress: tuple[int, ...]) -> str:
+    """Return the name of the step a benchmark child reported as ``(step, n, first inference µs)``: ``timed run 4``."""
+    name, numbered, _ = STEPS[progress[0]] if 0 <= progress[0] < len(STEPS) else (f"step {progress[0]}", False, "")
+    return f"{name} {progress[1]}" if numbered else name
+
+
+def agent_yaml_key(key: str) -> str:
+    """Return how agent.yaml names the bench setting ``key``: ``bench.<key>``."""
+    return f"bench.{key}"
+
+
+def step_limit(settings: BenchSettings, progress: tuple[int, ...],
+               named: Callable[[str], str] = agent_yaml_key) -> tuple[float, str]:
+    """Return how long the step ``progress`` (``(step, n, first inference µs)``) of a benchmark may last, in
+    seconds, and which settings say so (the text of a timeout; ``named(key)`` spells a setting's key)."""
+    step = progress[0] if 0 <= progress[0] < len(STEPS) else LOADING
+    if STEPS[step][2] == "step":
+        return settings.step_timeout_s, named("step_timeout_s")
+    first_s = progress[2] / 1e6
+    per_run = max(settings.inference_timeout_s, INFERENCE_TIMEOUT_FACTOR * first_s)
+    why = (f"{named('inference_timeout_s')}, or {INFERENCE_TIMEOUT_FACTOR}x the first inference's "
+           f"{first_s * 1000:.3g} ms when longer")
+    if step == GPU:  # one step over up to 200 runs
+        return per_run * max(1, progress[1]), f"{why}, per run"
+    return per_run, why
 
 
 # How each figure of a bench record that has no ``*_method`` of its own was obtained (the record's ``methods``).
@@ -119,10 +160,15 @@ METHODS = {
                   "the 1-minute load average (os.getloadavg) at the start, vcgencmd and nvpmodel/jetson_clocks where "
                   "present; null where the device does not expose one",
 }
+# What a record made in a benchmark's child (bench_in_child) adds to its ``methods``.
+IN_CHILD = ("the whole benchmark (loading, runs, scoring, power meter) ran in a child process forked from a "
+            "forkserver that has numpy and the runtime imported; the parent watched its progress, which the child "
+            "writes (three integers) before each run's clock starts, never inside the timed invoke()")
 
 
 def run_bench(model: Path, settings: BenchSettings = BenchSettings(), *, eval_file: Path | None = None,
-              reference: dict[str, np.ndarray] | None = None, power: Any = None) -> dict[str, Any]:
+              reference: dict[str, np.ndarray] | None = None, power: Any = None,
+              progress: Callable[[int, int, int], None] | None = None) -> dict[str, Any]:
     """Benchmark ``model`` and return the measurement part of an ``edgekit.bench/1`` record.
 
     ``eval_file`` is an ``.npz`` (see :mod:`edgekit_protocol.datafile`), checked against the model's
@@ -130,19 +176,31 @@ def run_bench(model: Path, settings: BenchSettings = BenchSettings(), *, eval_fi
     the file names (top-1 when it names none). ``reference`` holds the fp32 model's outputs by
     output name (for per-output fidelity); when None, the eval file's references are used. ``power`` is a meter from
     :func:`device_agents.power.power_meter` (started and stopped around the timed runs); None
-    records power as not measured.
+    records power as not measured. ``progress(step, n, first_us)`` is told each step (:data:`STEPS`) before
+    it starts, outside the timed region: its number ``n`` (1-based; 0 when not numbered) and the first
+    inference's microseconds (0 until known); :func:`bench_in_child` watches them.
 
     Raises:
         RuntimeUnavailable: the runtime or delegate is not installed here.
         DataFileError: ``eval_file`` is missing, unreadable or does not fit the model.
         ValueError: the model cannot be loaded or run.
     """
+    from device_agents.runtimes.banner import runtime_banner_dropped
+
+    first_us = 0
+
+    def mark(step: int, n: int = 0) -> None:
+        if progress is not None:
+            progress(step, n, first_us)
+
+    mark(LOADING)
     runtime = get_runtime(settings.runtime, model=Path(model))  # by the model's format: LiteRT or ONNX Runtime
     before = conditions.snapshot()
-    t0 = time.perf_counter_ns()
-    interp = runtime.interpreter(Path(model), threads=settings.threads, delegate=settings.delegate,
-                                 options=settings.delegate_options)
-    init_ms = (time.perf_counter_ns() - t0) / 1e6
+    with runtime_banner_dropped():  # its INFO line, nothing else; its own cost is outside the clock
+        t0 = time.perf_counter_ns()
+        interp = runtime.interpreter(Path(model), threads=settings.threads, delegate=settings.delegate,
+                                     options=settings.delegate_options)
+        init_ms = (time.perf_counter_ns() - t0) / 1e6
     runner = ModelRunner(interp)
     eval_x = arrays = None
     if eval_file is not None:
@@ -151,10 +209,13 @@ def run_bench(model: Path, settings: BenchSettings = BenchSettings(), *, eval_fi
         eval_x = {name: np.asarray(a, dtype=np.float32) for name, a in data.x.items()}
     inputs, input_source = _inputs(runner, eval_x)
 
+    mark(FIRST)
     t0 = time.perf_counter_ns()
     runner.invoke_raw(inputs[0])
     first_ms = (time.perf_counter_ns() - t0) / 1e6
+    first_us = max(1, min(2**31 - 1, round(first_ms * 1000)))
     for i in range(settings.warmup):
+        mark(WARMUP, i + 1)
         runner.invoke_raw(inputs[i % len(inputs)])
 
     if len(inputs) == 1:  # random data: set once, as benchmark_model does; eval samples are set per run, untimed
@@ -170,10 +231,12 @@ def run_bench(model: Path, settings: BenchSettings = BenchSettings(), *, eval_fi
         if n > 1:  # the run's eval sample is set before the clock starts: what is timed is invoke() alone
             for port, tensor in zip(runner.inputs, inputs[len(times) % n]):
                 runner.interpreter.set_tensor(port.index, tensor)
+        mark(TIMED, len(times) + 1)  # before the clock starts: the watchdog's cost is never timed
         t = time.perf_counter_ns()
         runner.interpreter.invoke()
         times.append(time.perf_counter_ns() - t)
     duration = time.perf_counter() - started
+    mark(CONDITIONS)
     power_record = power.stop(len(times)) if power is not None else not_measured()
     after = conditions.snapshot()
 
@@ -201,6 +264,7 @@ def run_bench(model: Path, settings: BenchSettings = BenchSettings(), *, eval_fi
                                     "host-to-device and device-to-host copies included (trtexec's 'Latency')")
         for port, tensor in zip(runner.inputs, inputs[0]):
             runner.interpreter.set_tensor(port.index, tensor)
+        mark(GPU, min(len(times), 200))
         try:
             compute, method = interp.compute_times_ms(min(len(times), 200))
             record["gpu_compute_ms"] = _percentiles(np.asarray(compute, dtype=np.float64) * 1e6)
@@ -209,8 +273,90 @@ def run_bench(model: Path, settings: BenchSettings = BenchSettings(), *, eval_fi
             record["gpu_compute_ms"] = None
             record["gpu_compute_method"] = f"not measured: {exc}"
     if eval_x is not None and arrays is not None and eval_file is not None:
-        record["accuracy"], record["fidelity"] = _scored(runner, eval_x, arrays, eval_file, reference)
+        record["accuracy"], record["fidelity"] = _scored(runner, eval_x, arrays, eval_file, reference, mark)
     return record
+
+
+def bench_child(model: str, settings: BenchSettings, eval_file: str | None, meter_args: dict[str, Any] | None,
+                slots: Any) -> tuple[str, Any]:
+    """Run :func:`run_bench` in a benchmark's child (see :func:`bench_in_child`), its progress written into the
+    shared int array ``slots`` (step, n, first inference µs), its power meter made here from ``meter_args``
+    (:func:`device_agents.power.power_meter`'s; None: no meter).
+
+    Returns:
+        ``("ok", record)``, or ``(kind, text)`` for what the model or its inputs refused: ``"data"`` (a
+        DataFileError's text), ``"runtime"`` (RuntimeUnavailable's) or ``"failed"`` (the first line of
+        anything else the runtime raised).
+    """
+    from device_agents.errors import RuntimeUnavailable
+    from device_agents.power import DEFAULT_SENSORS, power_meter
+    from edgekit_protocol.errors import DataFileError, EdgeKitError
+
+    def progress(step: int, n: int, first_us: int) -> None:
+        slots[2], slots[1], slots[0] = first_us, n, step
+
+    try:
+        meter = power_meter(**meter_args) if meter_args is not None else None
+        record = run_bench(Path(model), settings, eval_file=Path(eval_file) if eval_file else None, power=meter,
+                           progress=progress)
+    except DataFileError as exc:
+        return "data", str(exc)
+    except RuntimeUnavailable as exc:
+        return "runtime", str(exc)
+    except (EdgeKitError, ValueError, RuntimeError, OSError) as exc:
+        return "failed", (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if meter is None:
+        record["power"] = not_measured((meter_args or {}).get("keys", DEFAULT_SENSORS))
+    record.update(_peak_rss("the benchmark's child process, scoring included"))
+    record["methods"]["process"] = IN_CHILD
+    return "ok", record
+
+
+def bench_in_child(pool: Any, model: Path, settings: BenchSettings, *, eval_file: Path | None = None,
+                   meter_args: dict[str, Any] | None = None,
+                   named: Callable[[str], str] = agent_yaml_key) -> dict[str, Any]:
+    """Return :func:`run_bench`'s record for ``model``, the whole benchmark run in a child of ``pool`` (a
+    :class:`device_agents.smoke.SmokePool`) that is killed when a step makes no progress within its limit
+    (:func:`step_limit`: ``settings.step_timeout_s`` for loading, the first inference and the metric;
+    ``inference_timeout_s``, or :data:`INFERENCE_TIMEOUT_FACTOR` times the first inference, for each later inference)
+    or the whole run exceeds ``settings.total_timeout_s``. A model that loops or crashes costs the child.
+    ``named(key)`` spells a setting in the texts (agent.yaml's ``bench.<key>`` by default).
+
+    Raises:
+        BenchFailed: the child was killed (the step and limit named) or crashed (the signal and step named), both
+            with ``ended`` set; or the runtime could not load or run the model (the step and the runtime's first line).
+        DataFileError: ``eval_file`` is missing, unreadable or does not fit the model.
+        RuntimeUnavailable: the runtime or delegate is not installed here.
+    """
+    from device_agents.errors import (
+        BenchFailed,
+        RuntimeUnavailable,
+        SmokeCrashed,
+        SmokeFailed,
+        SmokeTimedOut,
+    )
+    from device_agents.smoke import Watchdog
+    from edgekit_protocol.errors import DataFileError
+
+    get_runtime(settings.runtime, model=Path(model))  # one missing here is said at once, without a child's start
+    watch = Watchdog("benchmark", settings.total_timeout_s, slots=3, limit=lambda p: step_limit(settings, p, named),
+                     step=step_name, total_why=named("total_timeout_s"))
+    try:
+        kind, value = pool.run(bench_child, str(model), settings, str(eval_file) if eval_file else None, meter_args,
+                               what="benchmark", watchdog=watch)
+    except SmokeTimedOut as exc:
+        raise BenchFailed(f"{exc}; the benchmark's child was killed", ended=True) from None
+    except SmokeCrashed as exc:
+        raise BenchFailed(f"the benchmark's child {exc.how} at {watch.step() or 'its start'}", ended=True) from None
+    except SmokeFailed as exc:  # not raised by bench_child: kept for a pool that raises it
+        raise BenchFailed(f"the benchmark failed at {watch.step() or 'its start'}: {exc}") from None
+    if kind == "data":
+        raise DataFileError(value)
+    if kind == "runtime":
+        raise RuntimeUnavailable(value)
+    if kind != "ok":
+        raise BenchFailed(f"cannot load or run the model at {watch.step() or 'its start'} ({value})")
+    return value
 
 
 def thin_tail(runs: int, unit: str = "timed run(s)") -> str:
@@ -251,7 +397,7 @@ def summary_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
     rows = [
         ("runtime", f"{r['runtime']} {r['runtime_version']}, "
                     f"{'provider' if r['runtime'] in ('onnxruntime', 'tensorrt') else 'delegate'} {r['delegate']}, {r['threads']} thread(s)"),
-        ("runs", f"{r['runs']} timed after {r['warmup_runs']} warm-up in {r['duration_s']} s{how('duration_s')}; "
+        ("runs", f"{r['runs']} timed after {r['warmup_runs']} warm-up in {r['duration_s']} s{how('duration_s', 'process')}; "
                  f"inputs: {r['inputs']}"),
         ("latency p50/p90/p99", f"{lat['p50']:.3f} / {lat['p90']:.3f} / {lat['p99']:.3f} ms ({r['latency_method']}; "
                                 f"p90 is the headline figure{thin_tail(r['runs'])})"),

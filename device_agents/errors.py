@@ -40,6 +40,16 @@ class SmokeTimedOut(SmokeCrashed):
     """The child ran past its deadline and was killed (``how``: ``did not finish within N s``)."""
 
 
+class BenchFailed(DeviceError):
+    """A benchmark's child gave no record: the model failed, crashed or made no progress in time at one
+    step (loading, first inference, timed run N, scoring sample N...); the text says which and how.
+    ``ended``: the child crashed or was killed by its watchdog (not a failure the runtime reported)."""
+
+    def __init__(self, message: str, ended: bool = False):
+        super().__init__(message)
+        self.ended = ended
+
+
 class UsageError(DeviceError):
     """``edgekit-agent`` was given options that cannot work together."""
 

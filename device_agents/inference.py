@@ -12,7 +12,7 @@ order the converter gave the tensors.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -209,17 +209,19 @@ class ModelRunner:
         """Return the last run's outputs as float32 by output name, without the batch axis."""
         return {p.name: dequantize(p, self.interpreter.get_tensor(p.index))[0] for p in self.outputs}
 
-    def predict(self, batch: Batch | np.ndarray) -> dict[str, np.ndarray]:
+    def predict(self, batch: Batch | np.ndarray, progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
         """Return {output name: outputs stacked over the samples of ``batch``}.
 
         ``batch`` maps input names to arrays (first axis = samples); a bare array stands for the
-        only input of a single-input model.
+        only input of a single-input model. ``progress(i)`` is called before sample ``i`` (1-based) runs.
         """
         if not isinstance(batch, dict):
             batch = {self.inputs[0].name: batch}
         samples = len(next(iter(batch.values()))) if batch else 0
         rows: dict[str, list[np.ndarray]] = {p.name: [] for p in self.outputs}
         for i in range(samples):
+            if progress is not None:
+                progress(i + 1)
             self.invoke_raw(self.tensors(batch, i))
             for name, y in self.results().items():
                 rows[name].append(y)

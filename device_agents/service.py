@@ -28,9 +28,15 @@ from typing import Any
 
 import edgekit_protocol
 from device_agents import codecheck, conditions
-from device_agents.bench import run_bench
+from device_agents.bench import bench_in_child
 from device_agents.disk import Disk, atomic_write, is_out_of_space
-from device_agents.errors import CodeTampered, DeviceError, DiskFull, SmokeFailed
+from device_agents.errors import (
+    BenchFailed,
+    CodeTampered,
+    DeviceError,
+    DiskFull,
+    SmokeFailed,
+)
 from device_agents.identity import (
     OPERATOR,
     Keyring,
@@ -42,7 +48,7 @@ from device_agents.identity import (
     read_operators,
 )
 from device_agents.mqtt import SpooledPublisher, make_client
-from device_agents.power import SensorEnv, SensorMeter, not_measured, power_meter
+from device_agents.power import SensorEnv, SensorMeter, power_meter
 from device_agents.reconcile import Reconciler
 from device_agents.runtimes import RUNTIMES, prepare_installed
 from device_agents.serving.client import SOCKET
@@ -58,8 +64,8 @@ from edgekit_protocol.errors import EdgeKitError
 log = logging.getLogger("edgekit.agent")
 WRITES = ("install", "activate", "rollback", "bench", "operators")  # commands that write a model, a link or a record
 # may run for minutes (a TensorRT engine is built at install; a shadow model loads in its child for up to
-# 120 s): the telemetry beat goes on meanwhile
-LONG = ("install", "shadow")
+# 120 s; a benchmark runs in its watched child up to bench.total_timeout_s): the telemetry beat goes on meanwhile
+LONG = ("install", "shadow", "bench")
 # The log file (``--log-file``, what the supervisor's agent writes) is cut at this size and one older part kept:
 # every refused command is a line, and a flood of them on the broker must not fill the device's storage.
 LOG_MAX_BYTES = 5_000_000
@@ -378,8 +384,8 @@ class Agent:
     def run_command(self, cmd: Command) -> None:
         """Run one command (:meth:`handle`); commands run one at a time, in order. One of :data:`LONG`
         runs in a worker thread while this thread keeps sending telemetry when it is due, so a device
-        building a TensorRT engine for minutes is not taken for a silent one; a benchmark is never
-        interrupted so (its figures would carry the telemetry's work)."""
+        building a TensorRT engine for minutes, or benchmarking (in a child process: the telemetry's work is
+        this process's, not the timed runs'), is not taken for a silent one."""
         if cmd.name not in LONG:
             self.handle(cmd)
             return
@@ -396,16 +402,30 @@ class Agent:
             self.telemetry()
 
     def _cmd_bench(self, cmd: Command) -> dict[str, Any]:
+        """Benchmark an installed model (:func:`device_agents.bench.bench_in_child`) and spool its record; return
+        the ack's result.
+
+        Raises:
+            StoreError: not installed, damaged, or it failed its smoke inference. BenchFailed: the benchmark's child
+                failed, crashed or was killed by its watchdog (the model's sha256, the step and the reason said).
+            DataFileError: the eval set does not fit the model. RuntimeUnavailable: no runtime for it here.
+        """
         a = cmd.args
         sha = self.store.resolve(sha256=a.get("sha256"), variant=a.get("variant"))
         path = self.store.verify(sha)
         overrides = {k: a[k] for k in ("warmup", "min_runs", "min_seconds", "threads") if k in a}
         settings = dataclasses.replace(self.cfg.bench, **overrides)
-        self._loads_in_child(path, sha, settings)  # this process loads it next: never a model that crashes it
-        meter = power_meter(**self._meter_args)
-        measured = run_bench(path, settings, eval_file=self.store.eval_path(sha), power=meter)
-        if meter is None:
-            measured["power"] = not_measured(self.cfg.power.sensors)
+        self._loads_in_child(path, sha, settings)  # a model that fails on zeros is named so, as at activation
+        try:  # in a child, watched: a model that loops or crashes on the eval samples costs the child, not the agent
+            measured = bench_in_child(self.smoke, path, settings, eval_file=self.store.eval_path(sha),
+                                      meter_args=self._meter_args)
+        except BenchFailed as exc:
+            if exc.ended:  # a model that loops or crashes on real inputs: counted, as hostile input is
+                try:
+                    self._on_disk(lambda: self.spool.count("ended_benches"))
+                except DiskFull as full:  # the answer goes out; only the count is lost
+                    log.error("could not count the ended benchmark: %s", full)
+            raise BenchFailed(f"bench of model {sha[:12]}: {exc}; nothing recorded, the agent runs on") from None
         meta = self.store.describe(sha) or {}
         record = self.emit("bench", {
             "variant": meta.get("variant"), "sha256": sha, "model": meta.get("model"), "model_bytes": meta.get("bytes"),

@@ -116,9 +116,37 @@ def predict_saved(model: str, runtime: str | None, threads: int, inputs: str, ou
     return list(got)
 
 
+def _die_with_caller(conn: Any) -> None:
+    """Start a thread that SIGKILLs this child once the process that started it is gone (its end of ``conn``,
+    the pipe the answer goes back on, closed: Linux reports an error on the writing end); returns nothing.
+
+    A killed agent takes its watchdog along: without this, a child spinning in a model's loop (the runtime
+    releases the GIL while it runs the model) would spin on, orphaned. Where ``poll`` is missing it does nothing.
+    """
+    import select
+    import threading
+
+    if not hasattr(select, "poll"):
+        return
+
+    def watch() -> None:
+        poller = select.poll()
+        poller.register(conn.fileno(), 0)  # no events asked: POLLERR and POLLHUP are always reported
+        while True:
+            for _, ev in poller.poll():
+                if ev & select.POLLNVAL:  # closed here, the answer sent: nothing left to watch
+                    return
+                if ev & (select.POLLERR | select.POLLHUP):
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, daemon=True, name="caller-watch").start()
+
+
 def _child(fn: Callable[..., Any], args: tuple[Any, ...], conn: Any) -> None:
     """Send ``("ok", fn(*args))`` or ``("failed", why)`` for a :class:`SmokeFailed`; anything else kills
-    the child with its traceback on stderr (a bug, which the parent reports as a crash)."""
+    the child with its traceback on stderr (a bug, which the parent reports as a crash). The child dies with
+    its caller (:func:`_die_with_caller`)."""
+    _die_with_caller(conn)
     try:
         result = ("ok", fn(*args))
     except SmokeFailed as exc:
@@ -134,13 +162,75 @@ def _preload() -> None:
             break
 
 
+def seconds(s: float) -> str:
+    """Return ``s`` seconds as a timeout's text says them: three significant digits, whole seconds from 1000 on."""
+    return f"{s:.3g}" if s < 1000 else f"{s:.0f}"
+
+
+class Watchdog:
+    """Decides when a child must be ended: once ``total_s`` have passed since it started, or, with ``limit``,
+    once its progress (the ``slots`` ints it writes into a shared array) has stayed the same longer than
+    ``limit(progress)`` allows.
+
+    ``limit(progress)`` returns ``(seconds, why)``: how long the step ``progress`` stands for may last and the
+    setting that says so; ``step(progress)`` names that step (``timed run 4``). The parent reads the array
+    between its waits, so the child's cost is a few integer writes where it chooses (outside anything it times).
+    """
+
+    TICK_S = 0.25  # the parent looks at the child's progress at least this often
+
+    def __init__(self, what: str, total_s: float, *, slots: int = 0,
+                 limit: Callable[[tuple[int, ...]], tuple[float, str]] | None = None,
+                 step: Callable[[tuple[int, ...]], str] | None = None, total_why: str = ""):
+        self.what, self.total_s, self.slots, self.limit, self.step_of, self.total_why = \
+            what, total_s, slots, limit, step, total_why
+        self._started: float | None = None
+        self._seen: tuple[int, ...] | None = None
+        self._since = 0.0
+
+    def step(self) -> str:
+        """Return the name of the step the child last reported ("" when there are no steps, or none seen yet)."""
+        return self.step_of(self._seen) if self.step_of is not None and self._seen is not None else ""
+
+    def see(self, progress: tuple[int, ...], now: float) -> None:
+        """Take the child's ``progress`` at monotonic time ``now`` (the first call starts the clocks); returns nothing."""
+        if self._started is None:
+            self._started = self._since = now
+        if progress != self._seen:
+            self._seen, self._since = progress, now
+
+    def check(self, progress: tuple[int, ...], now: float) -> float:
+        """Take the child's ``progress`` at monotonic time ``now``; return how long the parent may wait before
+        the next check (at most :attr:`TICK_S` when there are steps to watch).
+
+        Raises:
+            SmokeTimedOut: the whole run or the current step has lasted too long (the message names the
+                step, its limit and the setting behind it); the caller kills the child.
+        """
+        self.see(progress, now)
+        total_left = self._started + self.total_s - now
+        if total_left <= 0:
+            why = f" ({self.total_why})" if self.total_why else ""
+            at = f"; it was at {self.step()}" if self.step() else ""
+            raise SmokeTimedOut(f"the {self.what} did not finish within {seconds(self.total_s)} s{why}{at}",
+                                f"did not finish within {seconds(self.total_s)} s")
+        if self.limit is None:
+            return total_left
+        limit_s, why = self.limit(progress)
+        step_left = self._since + limit_s - now
+        if step_left <= 0:
+            raise SmokeTimedOut(f"{self.step()} did not finish within {seconds(limit_s)} s ({why})",
+                                f"made no progress for {seconds(limit_s)} s at {self.step()}")
+        return min(total_left, step_left, self.TICK_S)
+
+
 class SmokePool:
     """Runs :func:`smoke`, :func:`predict_saved` or any module-level function in children of a forkserver
-    that has the interpreter imported, each with a deadline."""
+    that has the interpreter imported, each with a deadline (or a :class:`Watchdog`)."""
 
     def __init__(self) -> None:
         self.ctx = multiprocessing.get_context("forkserver")
-        self.ctx.set_forkserver_preload(["device_agents.smoke"])
+        self.ctx.set_forkserver_preload(["device_agents.smoke", "device_agents.bench"])
 
     def warm(self) -> None:
         """Start the forkserver now (it imports numpy and the interpreter once), not at the first activation."""
@@ -148,41 +238,53 @@ class SmokePool:
 
         forkserver.ensure_running()
 
-    def run(self, fn: Callable[..., Any], *args: Any, timeout: float, what: str) -> Any:
+    def run(self, fn: Callable[..., Any], *args: Any, timeout: float = 0.0, what: str,
+            watchdog: Watchdog | None = None) -> Any:
         """Return ``fn(*args)`` computed in a child (``fn`` a module-level function, its arguments and
-        result picklable), which is killed once ``timeout`` seconds have passed.
+        result picklable), which is killed once ``timeout`` seconds have passed, or when ``watchdog`` says
+        so: then ``fn`` gets one more argument, the shared array of ``watchdog.slots`` ints it writes its
+        progress into.
 
         Raises:
             SmokeTimedOut: the child did not finish in time (the message: ``the <what> did not finish
-                within N s``); it was killed.
+                within N s``, or the watchdog's); it was killed.
             SmokeCrashed: the child crashed (signal named in ``how``) or was killed, before or while sending its
-                result (a result cut short is a crash, never the pipe's OSError).
+                result (a result cut short is a crash, never the pipe's OSError); with a watchdog's steps, the
+                message ends ``at <step>``.
             SmokeFailed: ``fn`` raised it (its text).
 
         Anything else raised meanwhile (KeyboardInterrupt) kills the child before it propagates.
         """
+        watch = watchdog or Watchdog(what, timeout)
+        slots = self.ctx.RawArray("i", watch.slots) if watch.slots else None
         receive, send = self.ctx.Pipe(duplex=False)
-        child = self.ctx.Process(target=_child, args=(fn, args, send), daemon=True)
+        child = self.ctx.Process(target=_child, args=(fn, (*args, slots) if slots is not None else args, send),
+                                 daemon=True)
         child.start()
         send.close()
         answered = False
         try:
-            if not receive.poll(timeout):
+            try:
+                while not receive.poll(watch.check(tuple(slots or ()), time.monotonic())):
+                    pass
+            except SmokeTimedOut:
                 child.kill()
-                raise SmokeTimedOut(f"the {what} did not finish within {timeout:.0f} s",
-                                    f"did not finish within {timeout:.0f} s")
+                raise
             try:
                 status, value = receive.recv()
                 answered = True
+                watch.see(tuple(slots or ()), time.monotonic())  # the step it ended at (a failure names it)
             except (EOFError, OSError):  # OSError: it died partway through sending ("got end of file during message")
                 child.join(5)
                 if child.is_alive():  # a pipe that failed under a live child: it is of no more use
                     child.kill()
                     child.join(5)
+                watch.see(tuple(slots or ()), time.monotonic())  # the step it died at, as it left it
                 code = child.exitcode or 0
                 name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else f"exit {code}"
                 how = "was killed (out of memory?)" if name == "SIGKILL" else f"crashed ({name})"
-                raise SmokeCrashed(f"the interpreter crashed (exit {code})", how) from None
+                at = f" at {watch.step()}" if watch.step() else ""
+                raise SmokeCrashed(f"the interpreter crashed (exit {code}){at}", how) from None
         finally:
             receive.close()
             if not answered and child.is_alive():  # interrupted (Ctrl-C): it must not outlive its caller's clean-up

@@ -93,6 +93,9 @@ class BrokerConfig:
             raise ConfigError(f"{prefix}broker.password_file {self.password_file}: {exc.strerror}") from None
 
 
+INFERENCE_TIMEOUT_FACTOR = 20  # a benchmark's inference may last this many times its first (if over inference_timeout_s)
+
+
 @dataclass(frozen=True)
 class BenchSettings:
     """How the agent benchmarks a model (the ``bench`` block, and ``edgekit-agent bench``'s options)."""
@@ -105,14 +108,21 @@ class BenchSettings:
     delegate: str = "xnnpack"  # a target plugin's key (device_agents.targets)
     delegate_options: dict = field(default_factory=dict)  # checked by the target's own Options model
     runtime: str | None = None  # None: the first installed of litert, tflite-runtime
+    # The benchmark runs in a child the agent ends when it makes no progress (device_agents.bench.bench_in_child):
+    step_timeout_s: float = 120.0  # loading (model, eval set), the first inference, conditions, the metric: each
+    inference_timeout_s: float = 30.0  # any later inference: this, or INFERENCE_TIMEOUT_FACTOR x the first if longer
+    total_timeout_s: float = 3600.0  # the whole benchmark
 
     def __post_init__(self) -> None:
         """Raises ValueError: a length or thread count outside what the ``bench`` command takes
-        (:func:`edgekit_protocol.commands.bounds`), NaN included."""
+        (:func:`edgekit_protocol.commands.bounds`), or a timeout not above 0 and at most a day, NaN included."""
         for key in ("warmup", "min_runs", "min_seconds", "threads"):
             low, high = bounds("bench", key)
             if not low <= getattr(self, key) <= high:
                 raise ValueError(f"{key} {getattr(self, key)} is not between {low} and {high}")
+        for key in ("step_timeout_s", "inference_timeout_s", "total_timeout_s"):
+            if not 0 < getattr(self, key) <= 86_400:
+                raise ValueError(f"{key} {getattr(self, key)} is not above 0 and at most 86400 seconds")
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from device_agents import __main__ as agent_cli
+from device_agents import smoke
 from device_agents.bench import run_bench, summary_rows
 from device_agents.errors import RuntimeUnavailable, StoreError
 from device_agents.formats import META_CALIB_SHA256, onnx_metadata
@@ -270,8 +271,16 @@ def test_get_runtime_picks_tensorrt_for_a_trt_variant(fp16: Path, monkeypatch: p
     assert get_runtime("litert", model=fp16).key == "tensorrt"
 
 
+class InlinePool:
+    """Runs what a :class:`device_agents.smoke.SmokePool` would run in a child in this process, unwatched."""
+
+    def run(self, fn, *args, what, timeout=0.0, watchdog=None):
+        return fn(*args, [0] * watchdog.slots) if watchdog is not None and watchdog.slots else fn(*args)
+
+
 def test_bench_reports_the_build_host_latency_and_trt_compute_time(fake: FakeOrt, fp16: Path, tmp_path: Path,
-                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+                                                                   capsys: pytest.CaptureFixture[str],
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     settings = BenchSettings(warmup=2, min_runs=20, min_seconds=0.0, delegate_options={"engine_root": str(tmp_path / "r")})
     rec = run_bench(fp16, settings)
     assert rec["runtime"] == "tensorrt" and rec["delegate"] == trt.PROVIDER
@@ -282,6 +291,7 @@ def test_bench_reports_the_build_host_latency_and_trt_compute_time(fake: FakeOrt
     labels = dict(summary_rows(rec))
     assert "built in" in labels["TensorRT engine"] and "peak RSS 1.5 MB" in labels["TensorRT engine"]
     assert "GPU compute p50/p90/p99" in labels
+    monkeypatch.setattr(smoke, "SmokePool", InlinePool)  # the fake provider is this process's: no child sees it
     agent_cli.main(["bench", str(fp16), "--min-runs", "10", "--min-seconds", "0",
                     "--delegate-option", f"engine_root={tmp_path / 'r'}"])
     out = capsys.readouterr().out

@@ -1,0 +1,110 @@
+"""The watchdog of a benchmark's child: a step that makes no progress within its limit, or a run past its total,
+ends the child with a line naming the step, the limit and the setting; a crash names the signal and the step.
+The decisions are tested on a fake clock; the ending of a real child with stand-in functions (the real model
+that loops on real inputs: tests/integration/test_bench_watchdog.py)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from device_agents.bench import (
+    FIRST,
+    GPU,
+    LOADING,
+    METRIC,
+    SCORING,
+    TIMED,
+    WARMUP,
+    step_limit,
+    step_name,
+)
+from device_agents.errors import SmokeCrashed, SmokeTimedOut
+from device_agents.smoke import SmokePool, Watchdog
+from edgekit_protocol.config import BenchSettings
+
+SETTINGS = BenchSettings(step_timeout_s=120, inference_timeout_s=30, total_timeout_s=3600)
+
+
+def bench_watchdog(settings: BenchSettings = SETTINGS) -> Watchdog:
+    return Watchdog("benchmark", settings.total_timeout_s, slots=3, limit=lambda p: step_limit(settings, p),
+                    step=step_name, total_why="bench.total_timeout_s")
+
+
+def test_the_steps_are_named_as_the_child_reports_them():
+    assert [step_name((s, n, 0)) for s, n in ((LOADING, 0), (FIRST, 0), (WARMUP, 2), (TIMED, 4), (SCORING, 7),
+                                              (METRIC, 0), (GPU, 200))] == [
+        "loading", "first inference", "warm-up run 2", "timed run 4", "scoring sample 7", "scoring the metric",
+        "GPU compute runs"]
+    assert step_name((99, 1, 0)) == "step 99"  # never an IndexError from what a child wrote
+
+
+def test_each_inference_may_take_the_floor_or_twenty_times_the_first_and_set_up_steps_their_own_limit():
+    assert step_limit(SETTINGS, (LOADING, 0, 0)) == (120, "bench.step_timeout_s")
+    assert step_limit(SETTINGS, (FIRST, 0, 0)) == (120, "bench.step_timeout_s")
+    assert step_limit(SETTINGS, (METRIC, 0, 5_000_000)) == (120, "bench.step_timeout_s")
+    fast = step_limit(SETTINGS, (TIMED, 9, 2_000))  # a 2 ms first inference: the 30 s floor
+    assert fast == (30, "bench.inference_timeout_s, or 20x the first inference's 2 ms when longer")
+    assert step_limit(SETTINGS, (SCORING, 3, 4_000_000))[0] == 80  # a 4 s first inference: 20x it
+    assert step_limit(SETTINGS, (GPU, 200, 2_000))[0] == 30 * 200  # one step over 200 runs
+    named = step_limit(SETTINGS, (LOADING, 0, 0), lambda k: "--" + k.replace("_", "-"))
+    assert named == (120, "--step-timeout-s")
+
+
+def test_progress_resets_the_step_clock_and_a_stalled_step_is_named_with_its_limit():
+    watch = bench_watchdog()
+    assert watch.check((LOADING, 0, 0), 1000.0) == Watchdog.TICK_S
+    watch.check((FIRST, 0, 0), 1100.0)  # loading took 100 s of its 120
+    watch.check((TIMED, 1, 1_000), 1200.0)
+    for i in range(2, 100):  # each run well within its 30 s: never ended, whatever the sum
+        watch.check((TIMED, i, 1_000), 1200.0 + 20 * i)
+    with pytest.raises(SmokeTimedOut) as caught:
+        watch.check((TIMED, 99, 1_000), 1200.0 + 20 * 99 + 30)
+    assert str(caught.value) == ("timed run 99 did not finish within 30 s (bench.inference_timeout_s, or 20x the first "
+                                 "inference's 1 ms when longer)")
+    assert caught.value.how == "made no progress for 30 s at timed run 99"
+
+
+def test_the_whole_run_has_its_own_limit_however_steady_the_progress():
+    watch = bench_watchdog(BenchSettings(total_timeout_s=100))
+    for i in range(1, 100):
+        assert 0 < watch.check((TIMED, i, 1_000), float(i)) <= Watchdog.TICK_S
+    with pytest.raises(SmokeTimedOut, match=r"^the benchmark did not finish within 100 s \(bench.total_timeout_s\); "
+                                            r"it was at timed run 101$"):
+        watch.check((TIMED, 101, 1_000), 101.0)
+
+
+def test_a_plain_deadline_is_the_smoke_checks_as_before():
+    watch = Watchdog("smoke inference", 120)
+    assert watch.check((), 0.0) == 120
+    with pytest.raises(SmokeTimedOut, match=r"^the smoke inference did not finish within 120 s$"):
+        watch.check((), 120.0)
+
+
+def report_then_hang(step: int, n: int, slots) -> None:
+    """A child that reports ``(step, n)`` and then makes no progress (a model looping in native code)."""
+    slots[2], slots[1], slots[0] = 1_000, n, step
+    time.sleep(600)
+
+
+def report_then_crash(step: int, n: int, slots) -> None:
+    """A child that reports ``(step, n)`` and then dies of SIGSEGV (a model crashing the interpreter)."""
+    slots[2], slots[1], slots[0] = 1_000, n, step
+    os.kill(os.getpid(), signal.SIGSEGV)
+
+
+def test_a_child_that_stops_making_progress_is_killed_within_its_step_limit():
+    started = time.monotonic()
+    with pytest.raises(SmokeTimedOut, match=r"^scoring sample 7 did not finish within 1 s \(bench.inference_timeout_s"):
+        SmokePool().run(report_then_hang, SCORING, 7, what="benchmark",
+                        watchdog=bench_watchdog(BenchSettings(inference_timeout_s=1)))
+    assert time.monotonic() - started < 15  # a second of limit, the forkserver's start, and the kill
+
+
+def test_a_child_that_crashes_is_named_with_its_signal_and_step():
+    with pytest.raises(SmokeCrashed, match=r"^the interpreter crashed \(exit -11\) at timed run 3$") as caught:
+        SmokePool().run(report_then_crash, TIMED, 3, what="benchmark", watchdog=bench_watchdog())
+    assert caught.value.how == "crashed (SIGSEGV)"
