@@ -86,7 +86,7 @@ def test_an_interrupted_run_kills_its_child_at_once():
     assert set(multiprocessing.active_children()) - others == set()
 
 
-def test_a_child_killed_while_sending_its_result_is_a_crash_not_the_pipes_error():
+def test_a_child_killed_while_sending_its_result_is_a_crash_not_the_pipes_error(monkeypatch):
     """A child that died partway through sending a result (out of memory while writing a large one) left the parent an
     OSError ("got end of file during message"): a traceback, or in compile a wrong "free space in TMPDIR". It is
     the crash report now. The child is killed once its result no longer fits in the pipe (it waits, half sent)."""
@@ -126,7 +126,7 @@ def test_a_child_killed_while_sending_its_result_is_a_crash_not_the_pipes_error(
         receive, send = real_pipe(duplex=duplex)
         return KilledMidSend(receive), send
 
-    pool.ctx.Pipe = pipe
+    monkeypatch.setattr(pool.ctx, "Pipe", pipe)  # the context is the process's one: undone after the test
     with pytest.raises(SmokeCrashed) as caught:
         pool.run(np.zeros, 4_000_000, timeout=60, what="inference")  # 32 MB: far more than a pipe holds
     assert caught.value.how == "was killed (out of memory?)" and str(caught.value) == "the interpreter crashed (exit -9)"
