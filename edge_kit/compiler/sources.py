@@ -624,7 +624,6 @@ def _is_argument(function: Any, tensor: str) -> bool:
 
 def _load_tflite(path: Path, name: str, digest: str, pinned: dict[str, tuple[int, ...]]) -> Source:
     from edge_kit.compiler.analysis import analyse, probe_in_child
-    from edge_kit.compiler.tflite_edit import pin_inputs
 
     data = path.read_bytes()
     try:
@@ -638,16 +637,44 @@ def _load_tflite(path: Path, name: str, digest: str, pinned: dict[str, tuple[int
     inputs = {p["name"]: _static(path, p["name"], p["shape_signature"], pinned) for p in stats.inputs}
     if pinned:  # written into the file: every variant, and the source variant itself, is static
         check_sample_sizes(path, inputs)  # before the interpreter that pins them allocates that much
+        from device_agents.errors import SmokeCrashed, SmokeFailed
+        from device_agents.smoke import SmokePool
+        from edge_kit.compiler.analysis import PROBE_TIMEOUT_S
+
+        shapes = ", ".join(f"{n}=1x{'x'.join(map(str, inputs[n]))}" for n in pinned)
+        try:  # the interpreter resizes and allocates the file at the new shapes: first in a child, as it loads it
+            data = SmokePool().run(_pin_tflite, data, {n: (1, *inputs[n]) for n in pinned}, timeout=PROBE_TIMEOUT_S,
+                                   what="pinning of the input shapes")
+        except SmokeCrashed as exc:
+            raise InputError(f"{path}: not a loadable .tflite model (the LiteRT interpreter {exc.how} resizing it to "
+                             f"--input-shape {shapes}: a damaged or hostile file)") from None
+        except SmokeFailed as exc:
+            raise InputError(f"{path}: the model does not run with --input-shape {shapes} ({exc})") from None
         try:
-            data = pin_inputs(data, {n: (1, *inputs[n]) for n in pinned})
             _check_tensors(path, data)
             probe_in_child(data)
             stats = analyse(data)
         except (ValueError, RuntimeError) as exc:
-            shapes = ", ".join(f"{n}=1x{'x'.join(map(str, inputs[n]))}" for n in pinned)
             raise InputError(f"{path}: the model does not run with --input-shape {shapes} ({first_line(exc)})") from None
     return Source(path, "tflite", digest, name, inputs, [p["name"] for p in stats.outputs],
                   tflite=data, tflite_precision=stats.precision)
+
+
+def _pin_tflite(data: bytes, shapes: Shapes) -> bytes:
+    """Return :func:`~edge_kit.compiler.tflite_edit.pin_inputs` of the model at ``shapes`` (full shapes, batch
+    included), run in a child of :class:`device_agents.smoke.SmokePool` by :func:`_load_tflite`: the LiteRT
+    interpreter resizes and allocates the user's file there, so a crash or a hang is the child's.
+
+    Raises:
+        SmokeFailed: the interpreter refuses the shapes (its first line).
+    """
+    from device_agents.errors import SmokeFailed
+    from edge_kit.compiler.tflite_edit import pin_inputs
+
+    try:
+        return pin_inputs(data, shapes)
+    except (KeyError, ValueError, RuntimeError) as exc:
+        raise SmokeFailed(first_line(exc)) from None
 
 
 def _check_tensors(path: Path, data: bytes) -> None:
