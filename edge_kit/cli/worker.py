@@ -11,6 +11,12 @@ which signal at which step in one line (exit 3, and ``--json`` gives it as the e
 the worker left: its temporary files (its ``TMPDIR`` is a folder made here) and an output folder it
 made and left empty. Its own exit code otherwise passes through unchanged.
 
+The work that runs the user's model inside the worker (TensorFlow's loading of a Keras or SavedModel source,
+the int8 calibrations, fine-tuning) is noted with a deadline (:func:`edge_kit.compiler.watch.watched`), derived
+from ``--timeout`` as the model-run children's: this process reads the notes every :data:`POLL_S` seconds and,
+when one runs past it, stops the worker (SIGTERM, SIGKILL :data:`STOP_GRACE_S` later), says which step in one
+line (exit 2, as a model run over the data that does not finish in time) and cleans up as for a crash.
+
 Ctrl-C reaches the worker from the terminal (same process group) and this process waits for it to
 finish cleaning up; a SIGTERM sent here is passed on to the worker.
 """
@@ -24,29 +30,20 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
-WORKER_ENV = "EDGEKIT_COMPILE_WORKER"  # set: this process is the worker (its value: where it notes steps, or '')
+from edge_kit.compiler.watch import WORKER_ENV
+
+POLL_S = 0.5  # how often the notes are read for a deadline
+STOP_GRACE_S = 5.0  # after SIGTERM, how long an overdue worker has before SIGKILL
 
 
 def supervised(argv: list[str]) -> bool:
     """Return True when ``argv`` (``edgekit``'s arguments) is a compile this process should hand to a worker: not
     when it is a worker itself, or runs in-process (tests set :data:`WORKER_ENV` empty)."""
     return bool(argv) and argv[0] == "compile" and WORKER_ENV not in os.environ
-
-
-def note(**fields: Any) -> None:
-    """Append ``fields`` as one JSON line to the worker's notes (the current step; the output folder, and whether
-    this compile made it), when this process is a worker; else do nothing. Returns nothing, never raises."""
-    path = os.environ.get(WORKER_ENV)
-    if not path:
-        return
-    try:
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(fields) + "\n")
-    except OSError:
-        pass  # the notes only word a crash; a compile never fails for them
 
 
 def _notes(path: Path) -> dict[str, Any]:
@@ -64,25 +61,42 @@ def _notes(path: Path) -> dict[str, Any]:
 
 
 def run_worker(argv: list[str]) -> tuple[int, str | None]:
-    """Run ``edgekit ARGV`` (a compile) in a worker process and wait for it.
+    """Run ``edgekit ARGV`` (a compile) in a worker process and wait for it, stopping it when a step that runs the
+    model in the worker outlives the deadline the worker noted for it (:func:`edge_kit.compiler.watch.watched`).
 
     Returns:
-        ``(exit code, None)`` as the worker exited; or, when it died of a signal, ``(3, one line saying which
-        signal, at which step, and what was cleaned up)`` for the caller to print. Ctrl-C: ``(130, None)``.
+        ``(exit code, None)`` as the worker exited; or ``(code, one line for the caller to print)``: when it died
+        of a signal, ``3`` and which signal at which step; when a step ran past its deadline, ``2`` (as a run of the
+        model over the data that does not finish in time) and which step, what to do. Either line says what was
+        cleaned up. Ctrl-C: ``(130, None)``.
 
     Raises:
         OSError: the worker could not be started.
     """
+    from edge_kit.sim.process import stop_process
+
     scratch = Path(tempfile.mkdtemp(prefix="edgekit-"))  # short: the worker's forkserver puts a socket path in it
     notes = scratch / "notes.jsonl"
     env = {**os.environ, WORKER_ENV: str(notes), "TMPDIR": str(scratch)}
     proc = None
+    overdue: dict[str, Any] | None = None
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal's Ctrl-C reaches the worker, which cleans up
         proc = subprocess.Popen([sys.executable, "-m", "edge_kit", *argv], env=env)
         signal.signal(signal.SIGTERM, lambda signum, _frame: proc.send_signal(signum))
-        code = proc.wait()
+        while True:
+            try:
+                code = proc.wait(timeout=POLL_S)
+                break
+            except subprocess.TimeoutExpired:
+                said = _notes(notes)
+                until = said.get("until")
+                if isinstance(until, (int, float)) and time.monotonic() > until:
+                    overdue = said
+                    stop_process(proc, STOP_GRACE_S)  # SIGTERM, then SIGKILL
+                    code = proc.wait()
+                    break
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -91,23 +105,36 @@ def run_worker(argv: list[str]) -> tuple[int, str | None]:
             proc.wait()
         said = _notes(notes)
         shutil.rmtree(scratch, ignore_errors=True)
+    model = said.get("model") or "edgekit compile"
+    step = said.get("step") or "starting"
+    if overdue is not None:
+        return 2, (f"{model}: {overdue.get('doing') or 'a step'} did not finish within {overdue.get('seconds', 0):g} s "
+                   f"while {step!r}: a model that loops on real inputs? (edgekit compile --timeout sets the limit); "
+                   f"the compile was stopped; {_cleaned(said)}")
     if code >= 0:
         return code, None
     if -code in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, or a SIGTERM passed on: stopped, not crashed
         return 128 - code, None
-    out, model = said.get("out"), said.get("model") or "edgekit compile"
-    cleaned = "nothing was written; an earlier result in the output folder is left as it was"
-    if out and said.get("made") and Path(out).is_dir() and not any(Path(out).iterdir()):
-        Path(out).rmdir()
-        cleaned = f"nothing was written ({out}, which it made, was removed)"
     try:
         name = signal.Signals(-code).name
     except ValueError:  # a real-time signal has no name
         name = f"signal {-code}"
-    step = said.get("step") or "starting"
     if -code == signal.SIGKILL:
         return 3, (f"{model}: the compile was killed (SIGKILL) while {step!r}: most likely by the kernel for want of "
-                   f"memory (see dmesg); try a machine with more memory, or fewer variants or samples; {cleaned}")
+                   f"memory (see dmesg); try a machine with more memory, or fewer variants or samples; {_cleaned(said)}")
     return 3, (f"{model}: the compile died of {name} while {step!r}: native code that runs the model in the compiling "
                "process (TensorFlow's converter or calibrator, a quantizer) crashed on it: a damaged or hostile model, "
-               f"or a converter bug; leave that variant out (a profile without it) and compile again; {cleaned}")
+               f"or a converter bug; leave that variant out (a profile without it) and compile again; {_cleaned(said)}")
+
+
+def _cleaned(said: dict[str, Any]) -> str:
+    """Remove the output folder the worker noted (``said``: its folded notes) when it made it and left it empty.
+
+    Returns:
+        What was cleaned up, in words, for the end of the line that reports the worker's end.
+    """
+    out = said.get("out")
+    if out and said.get("made") and Path(out).is_dir() and not any(Path(out).iterdir()):
+        Path(out).rmdir()
+        return f"nothing was written ({out}, which it made, was removed)"
+    return "nothing was written; an earlier result in the output folder is left as it was"

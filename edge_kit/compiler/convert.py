@@ -6,7 +6,7 @@ and checks what comes out (see :mod:`edge_kit.compiler.analysis`).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -25,11 +25,13 @@ def converter_version() -> str:
     return tensorflow().__version__
 
 
-def to_tflite(graph: Graph, precision: str, calib: dict[str, np.ndarray] | None = None, *, variant: str = "") -> bytes:
+def to_tflite(graph: Graph, precision: str, calib: dict[str, np.ndarray] | None = None, *, variant: str = "",
+              calibrating: Callable[[], None] | None = None) -> bytes:
     """Convert ``graph`` at ``precision`` (float32, float16, dynamic-int8 or int8).
 
     int8 is full-integer: every op int8, input and output int8, activation ranges calibrated on
     ``calib`` ({input name: samples}; one sample per step, at most :data:`MAX_CALIBRATION_SAMPLES`).
+    ``calibrating`` (when given) is called as the calibrator takes its first sample (the compile's deadline for the calibration starts there: :func:`edge_kit.compiler.watch.watched`).
 
     Returns:
         The flatbuffer bytes.
@@ -51,6 +53,8 @@ def to_tflite(graph: Graph, precision: str, calib: dict[str, np.ndarray] | None 
         def representative() -> Iterator[dict[str, np.ndarray]]:
             # keyed by input name: the converter orders a list by its own rules, not the signature's
             for i in range(count):
+                if calibrating is not None:
+                    calibrating()
                 yield {name: np.asarray(calib[name][i:i + 1], dtype=np.float32) for name in graph.inputs}
 
         conv.representative_dataset = representative
@@ -68,7 +72,7 @@ def to_tflite(graph: Graph, precision: str, calib: dict[str, np.ndarray] | None 
 
 
 def quantize_tflite(data: bytes, precision: str, calib: dict[str, np.ndarray] | None = None, *,
-                   variant: str = "") -> bytes:
+                   variant: str = "", calibrating: Callable[[], None] | None = None) -> bytes:
     """Make a variant of a float ``.tflite`` with ai-edge-quantizer (no TensorFlow graph needed).
 
     ``data`` is the model already rewritten to plain float32 by
@@ -77,6 +81,7 @@ def quantize_tflite(data: bytes, precision: str, calib: dict[str, np.ndarray] | 
     ``dynamic_wi8_afp32`` recipe and ``int8`` the static ``static_wi8_ai8`` recipe (int8 weights
     per channel and int8 activations per tensor for every op it takes, int8 input and output)
     calibrated on ``calib`` ({input name: samples}, at most :data:`MAX_CALIBRATION_SAMPLES`).
+    ``calibrating`` (when given) is called as the calibrator takes its first sample (the compile's deadline for the calibration starts there: :func:`edge_kit.compiler.watch.watched`).
 
     Each activation's range is the minimum and maximum it takes over *all* calibration samples,
     as the TFLite converter calibrates. ai-edge-quantizer's default instead keeps an exponential
@@ -134,6 +139,8 @@ def quantize_tflite(data: bytes, precision: str, calib: dict[str, np.ndarray] | 
             manager = recipe_manager.RecipeManager()
             manager.load_quantization_recipe(static)
             cal = calibrator.Calibrator(fp32, num_threads=1, qsv_update_func=qsv_utils.min_max_update)
+            if calibrating is not None:
+                calibrating()
             cal.calibrate({signature_key(fp32): samples}, manager)
             return repoint_signature(bytes(qt.quantize(cal.get_model_qsvs()).quantized_model))  # see repoint_signature
     except CompileError:

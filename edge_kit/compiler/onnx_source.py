@@ -133,7 +133,8 @@ def _dims(value_info: Any) -> list[int | None]:
     return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in shape.dim]
 
 
-def load_onnx(path: Path, pinned: dict[str, tuple[int, ...]]) -> tuple[bytes, dict[str, tuple[int, ...]], list[str]]:
+def load_onnx(path: Path, pinned: dict[str, tuple[int, ...]]
+              ) -> tuple[bytes, dict[str, tuple[int, ...]], list[str], bytes | str]:
     """Read and check an ONNX model; ``pinned`` holds ``--input-shape`` sample shapes (batch dropped).
 
     Tensors kept in external-data files beside the model (``onnx.save(..., save_as_external_data=True)``)
@@ -142,7 +143,9 @@ def load_onnx(path: Path, pinned: dict[str, tuple[int, ...]]) -> tuple[bytes, di
 
     Returns:
         (the model's bytes, external data included; {input name: shape of one sample in the ONNX
-        layout}; output names).
+        layout}; output names; the model with those shapes pinned, as
+        :func:`edge_kit.compiler.onnx_variants.pinned` makes it in a child, or why it could not be: every
+        later step takes it from here, so onnx's shape inference never runs on the file in this process).
 
     Raises:
         InputError: not an ONNX model (or truncated), metadata of edge-kit's own artifacts
@@ -222,10 +225,11 @@ def load_onnx(path: Path, pinned: dict[str, tuple[int, ...]]) -> tuple[bytes, di
     check_sample_sizes(path, inputs)  # before anything runs the model on a sample of that size
     from edge_kit.compiler.analysis import probe_in_child
 
+    fixed: bytes | str
     try:  # run at the shapes every later step runs it at (a dynamic dimension leaves the child no shape to run)
-        probed = _in_child(Path(path), "onnx's shape inference", _pinned, data, inputs)
-    except SmokeFailed:
-        probed = data  # ONNX Runtime's load says what is wrong, below
+        probed = fixed = _in_child(Path(path), "onnx's shape inference", _pinned, data, inputs)
+    except SmokeFailed as exc:
+        probed, fixed = data, str(exc)  # ONNX Runtime's load says what is wrong, below; else each onnx-* variant
     try:
         probe_in_child(probed, fmt="onnx")  # a file that crashes ONNX Runtime crashes a child, never this process
     except ValueError as exc:
@@ -238,7 +242,7 @@ def load_onnx(path: Path, pinned: dict[str, tuple[int, ...]]) -> tuple[bytes, di
         from device_agents.runtimes.onnxruntime import ort_error
 
         raise InputError(f"{path}: ONNX Runtime cannot load the model ({ort_error(exc)})") from None
-    return data, inputs, [o.name for o in model.graph.output]
+    return data, inputs, [o.name for o in model.graph.output], fixed
 
 
 MAX_ONNX_BYTES = 2**31  # protobuf's limit on one message: an ONNX file's weights included

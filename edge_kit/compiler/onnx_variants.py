@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import tempfile
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,9 +64,11 @@ ONNX_METHODS = count_methods(
 
 
 
-def calibration_reader(xs: dict[str, np.ndarray]) -> Any:
+def calibration_reader(xs: dict[str, np.ndarray], calibrating: Callable[[], None] | None = None) -> Any:
     """Return an ONNX Runtime ``CalibrationDataReader`` over the calibration samples ``xs`` (input name
-    to array), one sample per batch, the first :data:`CALIB_SAMPLES` (static int8 and TensorRT tables)."""
+    to array), one sample per batch, the first :data:`CALIB_SAMPLES` (static int8 and TensorRT tables).
+    ``calibrating`` (when given) is called as the calibrator reads each sample (the compile's deadline for
+    the calibration starts at the first: :func:`edge_kit.compiler.watch.watched`)."""
     from onnxruntime.quantization import CalibrationDataReader
 
     class Reader(CalibrationDataReader):
@@ -75,6 +78,8 @@ def calibration_reader(xs: dict[str, np.ndarray]) -> Any:
                               for i in range(n)])
 
         def get_next(self) -> dict[str, np.ndarray] | None:
+            if calibrating is not None:
+                calibrating()
             return next(self.rows, None)
 
     return Reader()
@@ -226,8 +231,10 @@ def _opset(model: Any) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
-def to_int8(fp32: bytes, calib_x: dict[str, np.ndarray]) -> tuple[bytes, str]:
-    """Return ``fp32`` quantized to QDQ static int8, calibrated on ``calib_x`` (:data:`INT8_METHOD`), and
+def to_int8(fp32: bytes, calib_x: dict[str, np.ndarray], calibrating: Callable[[], None] | None = None
+            ) -> tuple[bytes, str]:
+    """Return ``fp32`` quantized to QDQ static int8, calibrated on ``calib_x`` (:data:`INT8_METHOD`;
+    ``calibrating``: see :func:`calibration_reader`), and
     a note on the opset when it had to be raised: per-channel ``DequantizeLinear`` needs opset 13, so an
     older model is converted with ``onnx.version_converter`` first (the note says from which opset).
 
@@ -266,7 +273,7 @@ def to_int8(fp32: bytes, calib_x: dict[str, np.ndarray]) -> tuple[bytes, str]:
             for skip in (False, True):
                 try:
                     quant_pre_process(str(src), str(pre), skip_symbolic_shape=True, skip_optimization=skip)
-                    quantize_static(str(pre), str(out), calibration_reader(calib_x), quant_format=QuantFormat.QDQ,
+                    quantize_static(str(pre), str(out), calibration_reader(calib_x, calibrating), quant_format=QuantFormat.QDQ,
                                     per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
                     ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])  # the device must load it
                     break
@@ -284,15 +291,18 @@ def to_int8(fp32: bytes, calib_x: dict[str, np.ndarray]) -> tuple[bytes, str]:
 
 
 def build(variant: str, data: bytes, inputs: dict[str, tuple[int, ...]],
-          calib_x: dict[str, np.ndarray] | None) -> tuple[bytes, str]:
+          calib_x: dict[str, np.ndarray] | None, calibrating: Callable[[], None] | None = None, *,
+          fp32: bytes | None = None) -> tuple[bytes, str]:
     """Return (the ONNX artifact, how it was made) for ``onnx-fp32``, ``onnx-fp16`` or ``onnx-int8``.
 
-    ``data`` is the ONNX source's bytes, ``inputs`` its sample shapes (batch dropped).
+    ``data`` is the ONNX source's bytes, ``inputs`` its sample shapes (batch dropped); ``calibrating``: see
+    :func:`calibration_reader`; ``fp32``: ``data`` already pinned (:func:`pinned`; an ONNX source's, made in a
+    child at load), else it is pinned here.
 
     Raises:
         CompileError: a step failed, or ``variant`` is not an ONNX variant.
     """
-    fp32 = pinned(data, inputs)
+    fp32 = pinned(data, inputs) if fp32 is None else fp32
     if variant == "onnx-fp32":
         return fp32, "the ONNX source with its input shapes pinned (batch 1), onnx shape inference"
     if variant == "onnx-fp16":
@@ -300,7 +310,7 @@ def build(variant: str, data: bytes, inputs: dict[str, tuple[int, ...]],
     if variant == "onnx-int8":
         if calib_x is None:
             raise CompileError("onnx-int8: needs --calib")
-        data, note = to_int8(fp32, calib_x)
+        data, note = to_int8(fp32, calib_x, calibrating)
         return data, INT8_METHOD + note
     raise CompileError(f"{variant}: not an ONNX variant")
 

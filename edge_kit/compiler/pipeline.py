@@ -8,6 +8,7 @@ folder in for ``<out>/<model>`` so readers see the old complete folder or the ne
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import os
@@ -56,6 +57,7 @@ from edge_kit.compiler.sources import (
     source_graph,
 )
 from edge_kit.compiler.tflite_edit import as_float32
+from edge_kit.compiler.watch import watched
 from edge_kit.errors import CompileError, ConfigError, InputError
 from edge_kit.fsutil import (
     atomic_write_bytes,
@@ -241,6 +243,15 @@ def _build(plan: _Plan, source: Source, graph: Callable[[], Graph | bytes], req:
     spec = plan.spec
     calib_x = calib.x if calib is not None else None
     built_extra = {} if built_extra is None else built_extra  # shared between variants: the ONNX export
+
+    def calibration(calibrator: str, by: str) -> Any:
+        """Return the context that gives this variant's calibration its deadline (:func:`watched`), the clock
+        started by the calibrator's first sample: a calibrator runs the model over --calib in this process."""
+        if calib is None or not spec.needs_calibration:
+            return contextlib.nullcontext(None)
+        used = _calibration_used(len(calib))[calibrator]
+        return watched(f"the int8 calibration of {spec.id} on {calib.path.name} ({by}, {used} samples)",
+                       inference_deadline(used, req.timeout), at_once=False)
     if spec.runtime in ("onnxruntime", "tensorrt"):
         from edge_kit.compiler.onnx_variants import build, export_graph
 
@@ -260,16 +271,19 @@ def _build(plan: _Plan, source: Source, graph: Callable[[], Graph | bytes], req:
             exported = how + "; then "
         else:
             data = source.onnx or b""
+        fixed = source.pinned_onnx() if source.kind == "onnx" else None  # not shape-inferred again in this process
         if spec.runtime == "tensorrt":  # the engine is built on the device; the host ships its input
             from edge_kit.compiler import trt_variants
 
             if "onnx_fp32" not in built_extra:  # once for trt-fp16 and trt-int8
-                built_extra["onnx_fp32"] = build("onnx-fp32", data, source.inputs, calib_x)[0]
+                built_extra["onnx_fp32"] = build("onnx-fp32", data, source.inputs, calib_x, fp32=fixed)[0]
             fp32 = built_extra["onnx_fp32"]
-            artifact, how, files = trt_variants.build(spec.id, fp32, calib_x)
+            with calibration("tensorrt", "ONNX Runtime's calibrator") as calibrating:
+                artifact, how, files = trt_variants.build(spec.id, fp32, calib_x, calibrating)
             plan.extra["files"] = files
             return artifact, exported + how
-        artifact, how = build(spec.id, data, source.inputs, calib_x)
+        with calibration("onnxruntime", "ONNX Runtime's quantize_static") as calibrating:
+            artifact, how = build(spec.id, data, source.inputs, calib_x, calibrating, fp32=fixed)
         return artifact, exported + how
     target = compiler_of(spec.id)
     if target is not None:
@@ -291,7 +305,9 @@ def _build(plan: _Plan, source: Source, graph: Callable[[], Graph | bytes], req:
                "float16": "ai-edge-quantizer float16 weight casting",
                "dynamic-int8": "ai-edge-quantizer dynamic_wi8_afp32",
                "int8": INT8_TFLITE_METHOD}[spec.precision]
-        data = quantize_tflite(graph(), spec.precision, calib_x, variant=spec.id)
+        prepared = graph()
+        with calibration("litert", "ai-edge-quantizer") as calibrating:
+            data = quantize_tflite(prepared, spec.precision, calib_x, variant=spec.id, calibrating=calibrating)
         if spec.precision == "int8" and (left := float_ops(data)):  # e.g. a custom op the quantizer cannot take
             how += "; left float by the quantizer: " + ", ".join(f"{n} x{c}" for n, c in left.items())
         return data, how
@@ -300,13 +316,20 @@ def _build(plan: _Plan, source: Source, graph: Callable[[], Graph | bytes], req:
 
         train_xy = (next(iter(train.x.values())), train.labels["y"].reshape(-1)) if train is not None else None
         prune = pruning.magnitude_prune if spec.pruning == "magnitude" else pruning.channel_prune
-        model = prune(source.keras_model, spec.sparsity, train_xy, epochs=req.epochs)
+        tuning = contextlib.nullcontext() if train is None else watched(
+            f"the fine-tuning of {spec.id} on {train.path.name} ({req.epochs} epoch(s) of {len(train)} samples)",
+            max(1, req.epochs) * inference_deadline(len(train), req.timeout))  # --timeout: per pass over the data
+        with tuning:
+            model = prune(source.keras_model, spec.sparsity, train_xy, epochs=req.epochs)
         if train is not None:
             plan.extra["fine_tuned"] = {"epochs": req.epochs, "samples": len(train), "data_sha256": train.sha256}
         graph = keras_graph(model, source.inputs, source.outputs)
         how = f"{spec.pruning} pruning{' + fine-tuning' if train is not None else ' (no fine-tuning: no --train)'}, TFLite converter"
-        return to_tflite(graph, "int8", calib_x, variant=spec.id), how
-    return to_tflite(graph(), spec.precision, calib_x, variant=spec.id), "TFLite converter"
+        with calibration("litert", "TensorFlow's converter") as calibrating:
+            return to_tflite(graph, "int8", calib_x, variant=spec.id, calibrating=calibrating), how
+    prepared = graph()
+    with calibration("litert", "TensorFlow's converter") as calibrating:
+        return to_tflite(prepared, spec.precision, calib_x, variant=spec.id, calibrating=calibrating), "TFLite converter"
 
 
 def broken_outputs(outputs: dict[str, dict[str, np.ndarray]], inputs: Dataset | None) -> dict[str, str]:
@@ -400,7 +423,8 @@ def _convert_onnx(source: Source, data: Dataset | None, profiles: list[Profile],
             catastrophic: an output below :data:`~edge_kit.compiler.onnx_source.CONVERSION_REFUSE_SNR_DB`
             (the error outweighs the signal), or ONNX Runtime's own outputs hold NaN or infinity, or
             either model crashes, loops past the deadline or fails on those inputs; nothing is written.
-        CompileError: the converter timed out or lost an input or output.
+        CompileError: the converter timed out or lost an input or output, or the child that pinned the input
+            shapes at load could not (:meth:`~edge_kit.compiler.sources.Source.pinned_onnx`).
     """
     from edge_kit.compiler import onnx_source as ox
 
@@ -415,10 +439,7 @@ def _convert_onnx(source: Source, data: Dataset | None, profiles: list[Profile],
         rng = np.random.default_rng(0)
         xs = {name: rng.uniform(0, 1, (ox.RANDOM_SAMPLES, *shape)).astype(np.float32) for name, shape in source.inputs.items()}
         where = f"{ox.RANDOM_SAMPLES} uniform [0, 1) samples (no --eval or --calib given)"
-    from edge_kit.compiler.onnx_variants import pinned
-
-    fid = ox.conversion_fidelity(source.path, pinned(source.onnx or b"", source.inputs), source.tflite,
-                                 runner(xs, "conversion", where))
+    fid = ox.conversion_fidelity(source.path, source.pinned_onnx(), source.tflite, runner(xs, "conversion", where))
     floor = max([ox.CONVERSION_WARN_SNR_DB, *(p.constraints.min_fidelity_snr_db for p in profiles
                                                if p.constraints.min_fidelity_snr_db is not None)])
     ort = ox.version("onnxruntime")
@@ -500,7 +521,7 @@ def _compile_model(req: CompileRequest, progress: Progress | None, work: Path) -
     if twice := next((n for n in names if names.count(n) > 1), None):  # the manifest keys profiles by name
         raise ConfigError(f"profile '{twice}' is given twice (-p); give each once (a profile file is named by its "
                           "name: key, else its file name)")
-    source = load_source(req.model, req.input_shapes, req.name)
+    source = load_source(req.model, req.input_shapes, req.name, load_seconds=inference_deadline(0, req.timeout))
     _check_target(out / source.name, source.path)
     calib = load_dataset(req.calib, "calib", source.inputs, labels=False) if req.calib else None
     evalset = load_dataset(req.eval, "eval", source.inputs, labels=True) if req.eval else None
@@ -580,7 +601,8 @@ def _compile_model(req: CompileRequest, progress: Progress | None, work: Path) -
                              "made from this model)") from None
 
     # fp32 first, and run over the data at once: the int8 calibration that follows runs the model over --calib in
-    # this process, where a model that loops on real inputs would hang the compile instead of failing it
+    # this process, where a model that loops on real inputs stops the whole compile at the calibration's deadline
+    # (kept by the edgekit process, edge_kit.cli.worker) instead of failing the one variant
     for plan in sorted(plans.values(), key=lambda p: p.spec.id != "fp32"):
         step(f"building {plan.spec.id}")
         if plan.refusal:

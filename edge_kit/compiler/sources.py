@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from edge_kit.compiler.tf_quiet import captured_output, tensorflow
-from edge_kit.errors import InputError, first_line
+from edge_kit.compiler.watch import watched
+from edge_kit.errors import CompileError, InputError, first_line
 from edge_kit.fsutil import sha256_file
 
 SourceKind = Literal["keras", "savedmodel", "tflite", "onnx"]
@@ -51,7 +52,20 @@ class Source:
     tflite: bytes | None = None
     tflite_precision: str | None = None
     onnx: bytes | None = None  # an ONNX source's file; ``tflite`` is its float32 conversion once converted
+    onnx_pinned: bytes | None = None  # that file with its input shapes pinned, made in a child at load
+    onnx_pin_error: str | None = None  # why the child could not pin them (onnx_pinned is None)
     conversion: dict[str, Any] | None = None  # an ONNX source's conversion: converter, reference, fidelity
+
+    def pinned_onnx(self) -> bytes:
+        """Return an ONNX source's model with its input shapes pinned, as the child made it at load (onnx's shape
+        inference is native code reading the user's file: it does not run on it again in this process).
+
+        Raises:
+            CompileError: the child could not pin them (its reason), or this is not an ONNX source.
+        """
+        if self.onnx_pinned is None:
+            raise CompileError(self.onnx_pin_error or f"{self.path}: not an ONNX source")
+        return self.onnx_pinned
 
     def record(self) -> dict[str, Any]:
         """Return the manifest entry for the source model (with ``conversion`` for an ONNX source)."""
@@ -158,9 +172,13 @@ def _unknown_pins(path: Path, pinned: dict[str, tuple[int, ...]], inputs: list[s
         raise InputError(f"{path}: --input-shape names '{extra[0]}', which is not an input (inputs: {', '.join(inputs)})")
 
 
-def load_source(path: Path, input_shapes: dict[str, tuple[int, ...]] | None = None, name: str | None = None) -> Source:
+def load_source(path: Path, input_shapes: dict[str, tuple[int, ...]] | None = None, name: str | None = None, *,
+                load_seconds: float | None = None) -> Source:
     """Load a model file or folder; ``input_shapes`` pins dynamic dimensions (see :func:`parse_input_shapes`),
     ``name`` names the model (``compile --name``; default: the file's name without its suffix, or the folder's).
+    ``load_seconds`` is how long TensorFlow's loading of a Keras or SavedModel source may take in this process
+    (:func:`edge_kit.compiler.watch.watched`; default: :func:`~edge_kit.compiler.analysis.inference_deadline` of no
+    samples, the floor the model-run children get for loading).
 
     Returns:
         A :class:`Source` with its hash, kind, named inputs (with their shapes) and outputs.
@@ -174,7 +192,8 @@ def load_source(path: Path, input_shapes: dict[str, tuple[int, ...]] | None = No
             ``.tflite``, whose file is rewritten to the pinned shapes) one the model cannot run at, or an
             input of more than :data:`MAX_SAMPLE_VALUES` values per sample (a hostile or mistaken shape
             would take the host's memory in the first random sample or conversion), or an input or
-            output name longer than :data:`MAX_NAME_CHARS` or holding a control character.
+            output name longer than :data:`MAX_NAME_CHARS` or holding a control character, or a Keras file whose
+            config declares a layer larger than edge-kit takes (:func:`_check_keras_config`).
     """
     pinned = dict(input_shapes or {})
     path = Path(path)
@@ -182,7 +201,11 @@ def load_source(path: Path, input_shapes: dict[str, tuple[int, ...]] | None = No
         raise InputError(f"{path}: model not found")
     if not (path.is_file() or path.is_dir()):  # a pipe or device: hashing it would block or never end
         raise InputError(f"{path}: not a regular file or folder (a pipe or device); give the model file or SavedModel folder")
-    source = _load_kind(path, pinned, model_name(path, name))
+    if load_seconds is None:
+        from edge_kit.compiler.analysis import inference_deadline
+
+        load_seconds = inference_deadline(0)
+    source = _load_kind(path, pinned, model_name(path, name), load_seconds)
     check_sample_sizes(path, source.inputs)
     _check_names(path, source)
     return source
@@ -247,24 +270,26 @@ def model_name(path: Path, name: str | None = None) -> str:
                          f"manifests/<model>/); give --name {model_name_like(name)} or rename the file") from None
 
 
-def _load_kind(path: Path, pinned: dict[str, tuple[int, ...]], name: str) -> Source:
-    """Return the :class:`Source` of ``path`` by its kind, named ``name`` (:func:`load_source` checks the rest).
-    Raises InputError."""
+def _load_kind(path: Path, pinned: dict[str, tuple[int, ...]], name: str, load_seconds: float) -> Source:
+    """Return the :class:`Source` of ``path`` by its kind, named ``name``, TensorFlow's loading watched with a
+    deadline of ``load_seconds`` (:func:`load_source` checks the rest). Raises InputError."""
     if path.is_dir():
         _check_links(path)  # before hashing or loading reads through them
-        return _load_savedmodel(path, name, sha256_file(path), pinned)
+        return _load_savedmodel(path, name, sha256_file(path), pinned, load_seconds)
     digest = sha256_file(path)
     suffix = path.suffix.lower()
     if suffix == ".tflite":
         return _load_tflite(path, name, digest, pinned)
     if suffix in (".keras", ".h5", ".hdf5"):
-        return _load_keras(path, name, digest, pinned)
+        return _load_keras(path, name, digest, pinned, load_seconds)
     if suffix == ".onnx":
         from edge_kit.compiler.onnx_source import load_onnx
 
-        data, inputs, outputs = load_onnx(path, pinned)
+        data, inputs, outputs, fixed = load_onnx(path, pinned)
         # the model as compiled: with external data read in, its weights are in the hash too (else the file's own)
-        return Source(path, "onnx", hashlib.sha256(data).hexdigest(), name, inputs, outputs, onnx=data)
+        return Source(path, "onnx", hashlib.sha256(data).hexdigest(), name, inputs, outputs, onnx=data,
+                      onnx_pinned=fixed if isinstance(fixed, bytes) else None,
+                      onnx_pin_error=fixed if isinstance(fixed, str) else None)
     if suffix in (".engine", ".plan", ".trt"):
         raise InputError(f"{path}: a TensorRT engine runs only on the GPU and TensorRT version that built it, so edge-kit "
                          "does not take one: give the .onnx model it was built from (the trt-* variants build the "
@@ -272,7 +297,7 @@ def _load_kind(path: Path, pinned: dict[str, tuple[int, ...]], name: str) -> Sou
     raise InputError(f"{path}: unknown model format '{suffix}'; give a .keras, .h5, .tflite, .onnx file or a SavedModel folder")
 
 
-def _load_keras(path: Path, name: str, digest: str, pinned: dict[str, tuple[int, ...]]) -> Source:
+def _load_keras(path: Path, name: str, digest: str, pinned: dict[str, tuple[int, ...]], load_seconds: float) -> Source:
     import zipfile
 
     if path.suffix.lower() == ".keras" and not zipfile.is_zipfile(path):  # Keras itself says "File not found"
@@ -292,6 +317,7 @@ def _load_keras(path: Path, name: str, digest: str, pinned: dict[str, tuple[int,
             raise InputError(f"{path}: not a loadable Keras model (its zip archive holds {size / 1e6:,.0f} MB once "
                              f"decompressed, more than half of the {free / 1e6:,.0f} MB of memory available here: a "
                              "damaged or hostile file); save it again with model.save('name.keras')")
+    _check_keras_config(path)  # before Keras builds the layers it declares
     tensorflow()
     import keras
 
@@ -302,7 +328,7 @@ def _load_keras(path: Path, name: str, digest: str, pinned: dict[str, tuple[int,
                          f"with Keras {'.'.join(map(str, KERAS_SAFE_MODE))} or later: pip install "
                          f"'keras>={'.'.join(map(str, KERAS_SAFE_MODE))}'")
     try:
-        with captured_output():
+        with captured_output(), watched("Keras's loading of the model", load_seconds):
             model = keras.models.load_model(path, compile=False)  # safe_mode (the default): no code from the file
     except Exception as exc:  # Keras raises many types for a bad file; all mean the same to the user
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -313,6 +339,142 @@ def _load_keras(path: Path, name: str, digest: str, pinned: dict[str, tuple[int,
     _unknown_pins(path, pinned, names)
     inputs = {n: _static(path, n, t.shape, pinned) for n, t in zip(names, model.inputs)}
     return Source(path, "keras", digest, name, inputs, _keras_outputs(model), keras_model=model)
+
+
+def _keras_config(path: Path) -> Any:
+    """Return the model config a Keras file declares (``config.json`` in a ``.keras`` zip, the ``model_config``
+    attribute of an ``.h5``), parsed, without TensorFlow; None when there is none to read (Keras's own load then
+    says what is wrong).
+
+    Raises:
+        InputError: the config is not JSON Python can parse (nested past the interpreter's limit).
+    """
+    import json
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                text: Any = zf.read("config.json")
+        else:
+            import h5py
+
+            with h5py.File(path, "r") as f:
+                text = f.attrs.get("model_config")
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile, ImportError):
+        return None
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise InputError(f"{path}: not a loadable Keras model (its config is nested too deep to read: a damaged or "
+                         "hostile file); save it again with model.save('name.keras')") from None
+    except ValueError:
+        return None
+
+
+def _declared_int(value: Any) -> int | None:
+    """Return ``value`` when it is a positive integer (not a bool), else None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _declared_shape(layer: dict[str, Any]) -> list[Any] | None:
+    """Return the input shape a layer entry of a Keras config declares: its ``build_config`` (what Keras builds it
+    at), else the shape of the first tensor of its first call (``inbound_nodes``); None when it declares none."""
+    shape = (layer.get("build_config") or {}).get("input_shape") if isinstance(layer.get("build_config"), dict) else None
+    if isinstance(shape, list) and shape and isinstance(shape[0], list):  # several inputs: the first
+        shape = shape[0]
+    if isinstance(shape, list):
+        return shape
+    nodes = layer.get("inbound_nodes")
+    try:
+        tensor = nodes[0]["args"][0]
+        tensor = tensor[0] if isinstance(tensor, list) else tensor
+        shape = tensor["config"]["shape"]
+    except (TypeError, KeyError, IndexError):
+        return None
+    return shape if isinstance(shape, list) else None
+
+
+def _layer_weights(config: dict[str, Any], channels: int) -> int:
+    """Return about how many weights a layer of this ``config`` allocates when built on inputs of ``channels``
+    channels (the last axis): its kernel (units or filters x kernel area x channels, four gates' worth for a
+    recurrent layer), an embedding table, a depthwise kernel, attention's projections, or one per channel."""
+    kernel = config.get("kernel_size")
+    area = math.prod(_declared_int(k) or 1 for k in kernel) if isinstance(kernel, list) else _declared_int(kernel) or 1
+    width = _declared_int(config.get("units")) or _declared_int(config.get("filters")) or 0
+    weights = area * channels * width + width
+    if width and "recurrent_initializer" in config:  # LSTM (4 gates), GRU (3), SimpleRNN (1): bound by four
+        weights = 4 * (channels + width + 1) * width
+    if (rows := _declared_int(config.get("input_dim"))) and (cols := _declared_int(config.get("output_dim"))):
+        weights = max(weights, rows * cols)  # an embedding table
+    if multiplier := _declared_int(config.get("depth_multiplier")):
+        weights = max(weights, area * channels * multiplier)
+    if heads := _declared_int(config.get("num_heads")):
+        size = max(_declared_int(config.get("key_dim")) or 1, _declared_int(config.get("value_dim")) or 1)
+        weights = max(weights, 4 * heads * size * channels)  # query, key, value and output projections
+    return max(weights, channels)  # a normalisation's scale and offset per channel, at least
+
+
+def _check_keras_config(path: Path) -> None:
+    """Refuse a Keras file whose config declares a layer TensorFlow would allocate more weights for than
+    :data:`~edge_kit.compiler.analysis.MAX_TENSOR_BYTES` of float32 (``Dense(units=10**9)``), or layers adding up
+    to more than half the memory available, before Keras builds anything. Returns nothing.
+
+    The sizes are read from what the config declares: each layer's ``units``, ``filters``, ``kernel_size``,
+    ``input_dim`` x ``output_dim``, ``depth_multiplier``, ``num_heads`` x ``key_dim``, and the input shape it is
+    built at (its ``build_config``, else its first call's, else the width of the layer before it), nested models
+    and wrapped layers included. That is an estimate from the file, not a sandbox: a layer Keras sizes some other
+    way is not counted.
+
+    Raises:
+        InputError: the largest such layer, named with its class and size, and what to do.
+    """
+    from edge_kit.compiler.analysis import MAX_TENSOR_BYTES
+    from edgekit_protocol.datafile import memory_available
+
+    config = _keras_config(path)
+    sizes: list[tuple[int, str, str]] = []  # (weights, layer name, class)
+
+    def walk(layers: list[Any], width: int) -> None:
+        for layer in layers:
+            if not isinstance(layer, dict) or not isinstance(layer.get("config"), dict):
+                continue
+            inner = layer["config"]
+            shape = _declared_shape(layer)
+            channels = _declared_int(shape[-1]) if shape else None
+            if channels is None and "batch_shape" in inner and isinstance(inner["batch_shape"], list) and inner["batch_shape"]:
+                channels = _declared_int(inner["batch_shape"][-1])  # an InputLayer
+            channels = channels or width
+            name = str(inner.get("name") or layer.get("name") or "?")
+            sizes.append((_layer_weights(inner, channels), name, str(layer.get("class_name") or "?")))
+            if isinstance(inner.get("layers"), list):  # a nested model
+                walk(inner["layers"], channels)
+            walk([inner[k] for k in ("layer", "forward_layer", "backward_layer", "cell") if isinstance(inner.get(k), dict)],
+                 channels)  # TimeDistributed, Bidirectional, RNN wrappers
+            width = _declared_int(inner.get("units")) or _declared_int(inner.get("filters")) or \
+                _declared_int(inner.get("output_dim")) or channels
+
+    if isinstance(config, dict) and isinstance(config.get("config"), dict):
+        inner = config["config"]
+        walk(inner["layers"] if isinstance(inner.get("layers"), list) else [config], 1)
+    if not sizes:
+        return
+    weights, name, kind = max(sizes)
+    free = memory_available()
+    total = sum(w for w, _, _ in sizes) * 4
+    if weights * 4 > MAX_TENSOR_BYTES or (free is not None and total > free // 2):
+        why = (f"more than the {MAX_TENSOR_BYTES:,} bytes edge-kit takes per layer (no device has the memory for more)"
+               if weights * 4 > MAX_TENSOR_BYTES else
+               f"and its layers {total / 1e6:,.0f} MB in all, more than half of the {(free or 0) / 1e6:,.0f} MB of "
+               "memory available here")
+        from edgekit_protocol.labels import clip, printable
+
+        raise InputError(f"{path}: layer '{printable(clip(name, 60))}' ({printable(clip(kind, 40))}) declares about "
+                         f"{weights:,} weights ({weights * 4 / 1e6:,.0f} MB of float32) in the model's config, {why}; "
+                         "TensorFlow would allocate them on this host while loading it: a damaged or hostile file, or "
+                         "a model too large for edge devices; export a smaller model")
 
 
 def _check_links(folder: Path) -> None:
@@ -337,13 +499,15 @@ def _check_links(folder: Path) -> None:
                                  "file in place of the link")
 
 
-def _load_savedmodel(path: Path, name: str, digest: str, pinned: dict[str, tuple[int, ...]]) -> Source:
+def _load_savedmodel(path: Path, name: str, digest: str, pinned: dict[str, tuple[int, ...]],
+                     load_seconds: float) -> Source:
     if not (path / "saved_model.pb").is_file():
         raise InputError(f"{path}: a folder model must be a SavedModel (saved_model.pb not found)")
     tf = tensorflow()
     _check_savedmodel(path)
     try:
-        obj = tf.saved_model.load(str(path))
+        with watched("TensorFlow's loading of the SavedModel", load_seconds):
+            obj = tf.saved_model.load(str(path))
         sig = obj.signatures["serving_default"]
     except KeyError:
         raise InputError(f"{path}: the SavedModel has no 'serving_default' signature") from None
@@ -460,7 +624,6 @@ def _is_argument(function: Any, tensor: str) -> bool:
 
 def _load_tflite(path: Path, name: str, digest: str, pinned: dict[str, tuple[int, ...]]) -> Source:
     from edge_kit.compiler.analysis import analyse, probe_in_child
-    from edge_kit.compiler.tflite_edit import pin_inputs
 
     data = path.read_bytes()
     try:
@@ -474,16 +637,44 @@ def _load_tflite(path: Path, name: str, digest: str, pinned: dict[str, tuple[int
     inputs = {p["name"]: _static(path, p["name"], p["shape_signature"], pinned) for p in stats.inputs}
     if pinned:  # written into the file: every variant, and the source variant itself, is static
         check_sample_sizes(path, inputs)  # before the interpreter that pins them allocates that much
+        from device_agents.errors import SmokeCrashed, SmokeFailed
+        from device_agents.smoke import SmokePool
+        from edge_kit.compiler.analysis import PROBE_TIMEOUT_S
+
+        shapes = ", ".join(f"{n}=1x{'x'.join(map(str, inputs[n]))}" for n in pinned)
+        try:  # the interpreter resizes and allocates the file at the new shapes: first in a child, as it loads it
+            data = SmokePool().run(_pin_tflite, data, {n: (1, *inputs[n]) for n in pinned}, timeout=PROBE_TIMEOUT_S,
+                                   what="pinning of the input shapes")
+        except SmokeCrashed as exc:
+            raise InputError(f"{path}: not a loadable .tflite model (the LiteRT interpreter {exc.how} resizing it to "
+                             f"--input-shape {shapes}: a damaged or hostile file)") from None
+        except SmokeFailed as exc:
+            raise InputError(f"{path}: the model does not run with --input-shape {shapes} ({exc})") from None
         try:
-            data = pin_inputs(data, {n: (1, *inputs[n]) for n in pinned})
             _check_tensors(path, data)
             probe_in_child(data)
             stats = analyse(data)
         except (ValueError, RuntimeError) as exc:
-            shapes = ", ".join(f"{n}=1x{'x'.join(map(str, inputs[n]))}" for n in pinned)
             raise InputError(f"{path}: the model does not run with --input-shape {shapes} ({first_line(exc)})") from None
     return Source(path, "tflite", digest, name, inputs, [p["name"] for p in stats.outputs],
                   tflite=data, tflite_precision=stats.precision)
+
+
+def _pin_tflite(data: bytes, shapes: Shapes) -> bytes:
+    """Return :func:`~edge_kit.compiler.tflite_edit.pin_inputs` of the model at ``shapes`` (full shapes, batch
+    included), run in a child of :class:`device_agents.smoke.SmokePool` by :func:`_load_tflite`: the LiteRT
+    interpreter resizes and allocates the user's file there, so a crash or a hang is the child's.
+
+    Raises:
+        SmokeFailed: the interpreter refuses the shapes (its first line).
+    """
+    from device_agents.errors import SmokeFailed
+    from edge_kit.compiler.tflite_edit import pin_inputs
+
+    try:
+        return pin_inputs(data, shapes)
+    except (KeyError, ValueError, RuntimeError) as exc:
+        raise SmokeFailed(first_line(exc)) from None
 
 
 def _check_tensors(path: Path, data: bytes) -> None:

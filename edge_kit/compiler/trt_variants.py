@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +46,10 @@ NOT_MEASURED = ("not measured on host: the TensorRT engine is built on the devic
                 "measured there by the agent (edgekit-agent bench, tune)")
 
 
-def calibration_table(fp32: bytes, calib_x: dict[str, np.ndarray]) -> bytes:
-    """Return the TensorRT calibration table (ONNX Runtime's flatbuffers format) of ``fp32`` on ``calib_x``.
+def calibration_table(fp32: bytes, calib_x: dict[str, np.ndarray], calibrating: Callable[[], None] | None = None
+                      ) -> bytes:
+    """Return the TensorRT calibration table (ONNX Runtime's flatbuffers format) of ``fp32`` on ``calib_x``
+    (``calibrating``: see :func:`~edge_kit.compiler.onnx_variants.calibration_reader`).
 
     Raises:
         CompileError: ONNX Runtime's calibrator failed (its first line).
@@ -66,7 +69,7 @@ def calibration_table(fp32: bytes, calib_x: dict[str, np.ndarray]) -> bytes:
                                            calibrate_method=CalibrationMethod.MinMax,
                                            extra_options={"symmetric": True})
             calibrator.execution_providers = ["CPUExecutionProvider"]
-            calibrator.collect_data(calibration_reader(calib_x))
+            calibrator.collect_data(calibration_reader(calib_x, calibrating))
             write_calibration_table(calibrator.compute_data(), dir=tmp)
         except Exception as exc:  # noqa: BLE001 - the calibrator raises assorted types
             raise CompileError(f"trt-int8: ONNX Runtime's calibrator failed ({first_line(exc, 400)})") from None
@@ -94,10 +97,12 @@ def tagged(fp32: bytes, variant: str, table: bytes | None = None) -> bytes:
     return model.SerializeToString()
 
 
-def build(variant: str, fp32: bytes, calib_x: dict[str, np.ndarray] | None) -> tuple[bytes, str, dict[str, Any]]:
+def build(variant: str, fp32: bytes, calib_x: dict[str, np.ndarray] | None,
+          calibrating: Callable[[], None] | None = None) -> tuple[bytes, str, dict[str, Any]]:
     """Return (artifact, how it was made, extra files {name: bytes}) for ``trt-fp16`` or ``trt-int8``.
 
     ``fp32`` is the ``onnx-fp32`` model (shapes pinned). The extra files hold ``trt-int8.calib``.
+    ``calibrating``: see :func:`~edge_kit.compiler.onnx_variants.calibration_reader`.
 
     Raises:
         CompileError: ``trt-int8`` without calibration data, the calibrator failed, or not a TensorRT variant.
@@ -108,7 +113,7 @@ def build(variant: str, fp32: bytes, calib_x: dict[str, np.ndarray] | None) -> t
     if variant == "trt-int8":
         if calib_x is None:
             raise CompileError("trt-int8: needs --calib (the calibration table is computed on the host)")
-        table = calibration_table(fp32, calib_x)
+        table = calibration_table(fp32, calib_x, calibrating)
         return (tagged(fp32, variant, table), how + f" (trt_int8_enable; calibration table: {CALIB_METHOD})",
                 {variant + CALIB_SUFFIX: table})
     raise CompileError(f"{variant}: not a TensorRT variant")

@@ -271,6 +271,24 @@ def test_a_tflite_with_dynamic_dimensions_is_pinned_by_input_shape(dynamic_tflit
         assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_a_tflites_input_shapes_are_pinned_in_a_child_first_not_in_the_compilers_process(dynamic_tflite, monkeypatch):
+    """Pinning resizes and allocates the user's file in the LiteRT interpreter at shapes no child had run it at:
+    that ran in the compiler's own process, before the smoke check of the result. Made to fail here, it must not
+    run here (the child imports its own)."""
+    from edge_kit.compiler import tflite_edit
+    from edge_kit.compiler.sources import load_source
+
+    def in_process(*args, **kwargs):
+        raise AssertionError("pin_inputs ran in the compiler's own process")
+
+    monkeypatch.setattr(tflite_edit, "pin_inputs", in_process)
+    source = load_source(dynamic_tflite, {"image": (32, 32, 3)})
+    assert source.inputs == {"image": (32, 32, 3)}
+    from edge_kit.compiler.analysis import analyse
+
+    assert analyse(source.tflite).inputs[0]["shape_signature"] == [1, 32, 32, 3]
+
+
 def test_savedmodel_and_h5_inputs(digits_files, tmp_path):
     import keras
 

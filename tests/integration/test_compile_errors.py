@@ -673,3 +673,92 @@ def test_a_converter_that_crashes_on_the_model_is_one_line_naming_the_step_not_a
     left = list(scratch.iterdir())
     shutil.rmtree(scratch)
     assert not (tmp_path / "o").exists() and left == [], left
+
+
+def test_an_int8_calibration_that_loops_is_stopped_at_its_deadline_in_one_line_and_cleaned_up(looping_savedmodel,
+                                                                                              tmp_path):
+    """--eval stays below the model's threshold, so the fp32 run over it (in a child) finishes; --calib goes above
+    it, so TensorFlow's int8 calibration, which runs the model over --calib in the compiling process, spun forever
+    and `edgekit compile` never returned. The edgekit process now stops the worker when the calibration outlives
+    its deadline (--timeout), says which step, exits 2 and removes what the worker left."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+
+    rng = np.random.default_rng(0)
+    calib = np.linspace(0.5, 2.0, 2048, dtype=np.float32) + rng.uniform(0, 1e-3, (120, 2048)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=calib)  # every sample reaches above the threshold: the loop never stops
+    evalx = np.linspace(0.5, 0.9, 2048, dtype=np.float32) + rng.uniform(0, 1e-3, (40, 2048)).astype(np.float32)
+    np.savez(tmp_path / "eval.npz", x=evalx, y=np.full(40, 2047))  # below it: fp32 finishes, top-1 = the last value
+    profile = tmp_path / "p.yaml"
+    profile.write_text("name: p\ndescription: fp32 and int8\nhardware: {arch: x86_64, cores: 2, ram_mb: 1024, "
+                       "accelerator: none}\nvariants: [fp32, int8]\npower: {idle_w: 1, busy_w: 2}\n")
+    scratch = Path(tempfile.mkdtemp(prefix="ek"))  # short: a socket path is made in it
+    started = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-m", "edge_kit", "compile", str(looping_savedmodel), "-p", str(profile),
+                             "--calib", str(tmp_path / "calib.npz"), "--eval", str(tmp_path / "eval.npz"),
+                             "--out", str(tmp_path / "o"), "--timeout", "5", "--json"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "TMPDIR": str(scratch)},
+                            start_new_session=True)  # its own group: a hung worker is killed with it
+    try:
+        out, err = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        shutil.rmtree(scratch)
+        pytest.fail("edgekit compile still ran after 240 s: the int8 calibration spun on the looping model")
+    said = (f"{looping_savedmodel}: the int8 calibration of int8 on calib.npz (TensorFlow's converter, 120 samples) did "
+            "not finish within 5 s while 'building int8': a model that loops on real inputs? (edgekit compile "
+            f"--timeout sets the limit); the compile was stopped; nothing was written ({tmp_path / 'o'}, which it "
+            "made, was removed)")
+    assert one_line_error(proc.returncode, err, 2) == f"edgekit: error: {said}"
+    assert json.loads(out) == {"error": said, "exit_code": 2}
+    assert time.monotonic() - started < 200
+    left = list(scratch.iterdir())
+    shutil.rmtree(scratch)
+    assert not (tmp_path / "o").exists() and left == [], left
+
+
+@pytest.mark.parametrize("suffix", [".keras", ".h5"])
+def test_a_keras_config_declaring_a_huge_layer_is_refused_before_tensorflow_builds_it(tmp_path, run_cli, suffix):
+    """A 30 KB Keras file whose config declares Dense(units=10**9) after a 144-wide input: Keras built the layer
+    in the compiling process, asking TensorFlow for 580 GB (a size that fits in memory is taken, then the kernel
+    kills the compile). The sizes the config declares are checked first: one line naming the file and layer."""
+    import zipfile
+
+    import h5py
+
+    from edge_kit.compiler.tf_quiet import tensorflow
+
+    tensorflow()
+    import keras
+
+    inputs = keras.Input((8, 8, 3), name="img")
+    outputs = keras.layers.Dense(10, name="head")(keras.layers.Flatten()(keras.layers.Conv2D(4, 3)(inputs)))
+    model = tmp_path / f"huge{suffix}"
+    keras.Model(inputs, outputs).save(model)
+
+    def widened(config):
+        for layer in config["config"]["layers"]:
+            if layer["class_name"] == "Dense":
+                layer["config"]["units"] = 10**9
+        return json.dumps(config)
+
+    if suffix == ".keras":
+        with zipfile.ZipFile(model) as zf:
+            members = {name: zf.read(name) for name in zf.namelist()}
+        with zipfile.ZipFile(model, "w") as zf:
+            for name, data in members.items():
+                zf.writestr(name, widened(json.loads(data)) if name == "config.json" else data)
+    else:
+        with h5py.File(model, "r+") as f:
+            f.attrs["model_config"] = widened(json.loads(f.attrs["model_config"]))
+    code, _, err = run_cli("compile", model, "-p", "rpi4", "--out", tmp_path / "o")
+    assert one_line_error(code, err) == (
+        f"edgekit: error: {model}: layer 'head' (Dense) declares about 145,000,000,000 weights (580,000 MB of float32) "
+        "in the model's config, more than the 2,147,483,648 bytes edge-kit takes per layer (no device has the memory "
+        "for more); TensorFlow would allocate them on this host while loading it: a damaged or hostile file, or a "
+        "model too large for edge devices; export a smaller model")
+    assert not (tmp_path / "o").exists()

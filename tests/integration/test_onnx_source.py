@@ -377,3 +377,34 @@ def test_a_model_computing_nan_is_refused_not_reported_as_a_perfect_conversion(t
     (line,) = err.strip().splitlines()
     assert "lognan.onnx: output 'y' is NaN or infinity on sample 0 of the conversion check" in line
     assert not (tmp_path / "o").exists()
+
+
+def test_the_onnx_sources_shapes_are_pinned_once_in_a_child_never_again_in_the_compilers_process(tmp_path,
+                                                                                                monkeypatch):
+    """onnx's shape inference (native code reading the user's file) pins the inputs in a child at load; the
+    conversion check and every onnx-* variant then ran it again on the same bytes in the compiler's own process.
+    They take the child's result now: the same bytes, made once."""
+    import yaml
+
+    from edge_kit.compiler import onnx_variants
+
+    model = two_input_model(tmp_path / "two.onnx")
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "calib.npz", **{"x.image": rng.uniform(0, 1, (12, 3, 16, 16)).astype(np.float32),
+                                        "x.meta": rng.uniform(-1, 1, (12, 2)).astype(np.float32)})
+    profile = tmp_path / "onnx.yaml"
+    profile.write_text(yaml.safe_dump({**load_profile("rpi4").model_dump(mode="json", exclude_none=True),
+                                       "name": "onnx", "variants": ["fp32", "onnx-fp32", "onnx-int8"]}))
+    original, here = onnx_variants.pinned, []
+
+    def recorded(data, inputs):
+        here.append(len(data))
+        return original(data, inputs)
+
+    monkeypatch.setattr(onnx_variants, "pinned", recorded)  # the children import their own, unpatched
+    manifest = compile_model(CompileRequest(model, [load_profile(profile)], tmp_path / "o", calib=tmp_path / "calib.npz"))
+    assert here == []
+    assert {a.id for a in manifest.artifacts if a.status == "built"} == {"fp32", "onnx-fp32", "onnx-int8"}
+    assert manifest.model["conversion"]["snr_db"] > 100
+    assert (tmp_path / "o" / "two" / "onnx-fp32.onnx").read_bytes() == original(model.read_bytes(),
+                                                                               {"image": (3, 16, 16), "meta": (2,)})
