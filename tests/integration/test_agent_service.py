@@ -378,11 +378,10 @@ def test_a_full_disk_is_answered_reported_and_recovered_from(tmp_path, mosquitto
         birth = [m for m in monitor.messages["status"] if m["device"] == "dev1"][-1]
         assert birth["disk"]["full"] is False and birth["disk"]["reserve_bytes"] == 1_000_000
         def fill(path):
-            with open(path, "wb") as f:  # every last block
+            with open(path, "wb", buffering=0) as f:  # every last block; unbuffered: nothing left to flush at close
                 try:
                     while True:
                         f.write(bytes(1 << 16))
-                        f.flush()
                 except OSError:
                     pass
 
