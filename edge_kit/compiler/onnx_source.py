@@ -69,7 +69,9 @@ def _session(data: bytes) -> Any:
     """Return an ONNX Runtime CPU session on the model bytes. Raises ImportError, or ORT's error."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
+    from device_agents.runtimes.onnxruntime import precise_int8
+
+    options = precise_int8(ort.SessionOptions())  # a source quantized already: its own answers, not AVX2's
     options.log_severity_level = 3
     options.intra_op_num_threads = 1
     return ort.InferenceSession(data, sess_options=options, providers=["CPUExecutionProvider"])

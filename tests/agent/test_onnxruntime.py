@@ -267,3 +267,21 @@ def test_integer_and_boolean_inputs_are_taken_exactly_or_refused(tmp_path):
     ]:
         with pytest.raises(ValueError, match=match):
             runner.sample_tensors({**good, name: value})
+
+
+def test_int8_sessions_ask_for_x86_precision_on_x86_only(monkeypatch):
+    """On an AVX2 host without VNNI, ONNX Runtime's uint8 x int8 kernels saturate: PP-OCR's classifier measured
+    7.6 dB from fp32 instead of its 22.2 dB. Every session the runtime opens on x86-64 asks for the exact path."""
+    from device_agents.runtimes import onnxruntime as plugin
+
+    class Options:
+        def __init__(self):
+            self.entries = {}
+
+        def add_session_config_entry(self, key, value):
+            self.entries[key] = value
+
+    for machine, expected in (("x86_64", {"session.x64quantprecision": "1"}), ("AMD64", {"session.x64quantprecision": "1"}),
+                              ("aarch64", {}), ("armv7l", {})):
+        monkeypatch.setattr(plugin.platform, "machine", lambda m=machine: m)
+        assert plugin.precise_int8(Options()).entries == expected, machine
