@@ -13,6 +13,7 @@ import json
 import multiprocessing
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +24,9 @@ import numpy as np
 from device_agents.errors import SmokeCrashed, SmokeFailed, SmokeTimedOut
 from device_agents.runtimes import RUNTIMES, RuntimeUnavailable, get_runtime
 from edgekit_protocol.errors import ConfigError
+
+# once a child has begun its answer, how long it may take to finish it at the least (else the run's deadline)
+SEND_GRACE_S = 10.0
 
 
 def _first_line(exc: BaseException) -> str:
@@ -188,6 +192,10 @@ class Watchdog:
         self._seen: tuple[int, ...] | None = None
         self._since = 0.0
 
+    def left(self, now: float) -> float:
+        """Return the seconds left of the whole run at monotonic time ``now`` (all of ``total_s`` before the first look)."""
+        return self.total_s if self._started is None else self._started + self.total_s - now
+
     def step(self) -> str:
         """Return the name of the step the child last reported ("" when there are no steps, or none seen yet)."""
         return self.step_of(self._seen) if self.step_of is not None and self._seen is not None else ""
@@ -270,6 +278,13 @@ class SmokePool:
             except SmokeTimedOut:
                 child.kill()
                 raise
+            # the answer has begun: a child that stops halfway through it (stopped, or blocked) is ended at
+            # the run's deadline (at least SEND_GRACE_S from now), not waited for without end
+            stalled = threading.Event()
+            ender = threading.Timer(max(watch.left(time.monotonic()), SEND_GRACE_S),
+                                    lambda: (stalled.set(), child.kill()))
+            ender.daemon = True
+            ender.start()
             try:
                 status, value = receive.recv()
                 answered = True
@@ -280,11 +295,16 @@ class SmokePool:
                     child.kill()
                     child.join(5)
                 watch.see(tuple(slots or ()), time.monotonic())  # the step it died at, as it left it
+                if stalled.is_set():
+                    raise SmokeTimedOut(f"the {what} stopped partway through sending its result; killed at its "
+                                        "deadline", "stopped while sending its result") from None
                 code = child.exitcode or 0
                 name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else f"exit {code}"
                 how = "was killed (out of memory?)" if name == "SIGKILL" else f"crashed ({name})"
                 at = f" at {watch.step()}" if watch.step() else ""
                 raise SmokeCrashed(f"the interpreter crashed (exit {code}){at}", how) from None
+            finally:
+                ender.cancel()
         finally:
             receive.close()
             if not answered and child.is_alive():  # interrupted (Ctrl-C): it must not outlive its caller's clean-up

@@ -130,3 +130,48 @@ def test_a_child_killed_while_sending_its_result_is_a_crash_not_the_pipes_error(
     with pytest.raises(SmokeCrashed) as caught:
         pool.run(np.zeros, 4_000_000, timeout=60, what="inference")  # 32 MB: far more than a pipe holds
     assert caught.value.how == "was killed (out of memory?)" and str(caught.value) == "the interpreter crashed (exit -9)"
+
+
+def test_a_child_that_stops_partway_through_its_result_is_ended_at_its_deadline(monkeypatch):
+    """Once the first bytes of an answer had come, the parent read the rest with no deadline: a child stopped
+    (SIGSTOP, or blocked) halfway through a large result held it for ever."""
+    import multiprocessing
+    import os
+    import signal
+
+    from device_agents import smoke
+
+    monkeypatch.setattr(smoke, "SEND_GRACE_S", 0.5)
+    pool = SmokePool()
+    pool.run(time.sleep, 0, timeout=60, what="nap")  # the forkserver started
+    real_pipe = pool.ctx.Pipe
+    others = set(multiprocessing.active_children())
+    stopped = []
+
+    class StoppedMidSend:
+        def __init__(self, conn):
+            self.conn = conn
+
+        def poll(self, timeout):
+            ready = self.conn.poll(timeout)
+            if ready and not stopped:
+                time.sleep(0.2)  # some of the 32 MB is in the pipe, the child blocked writing the rest
+                (child,) = set(multiprocessing.active_children()) - others
+                os.kill(child.pid, signal.SIGSTOP)
+                stopped.append(child)
+            return ready
+
+        def __getattr__(self, name):
+            return getattr(self.conn, name)
+
+    monkeypatch.setattr(pool.ctx, "Pipe", lambda duplex: _wrapped(real_pipe, duplex, StoppedMidSend))
+    started = time.monotonic()
+    with pytest.raises(SmokeTimedOut, match="stopped partway through sending its result"):
+        pool.run(np.zeros, 4_000_000, timeout=1, what="inference")
+    assert time.monotonic() - started < 10
+    assert stopped and not stopped[0].is_alive()
+
+
+def _wrapped(real_pipe, duplex, wrapper):
+    receive, send = real_pipe(duplex=duplex)
+    return wrapper(receive), send
