@@ -314,17 +314,19 @@ def bench_child(model: str, settings: BenchSettings, eval_file: str | None, mete
 
 def bench_in_child(pool: Any, model: Path, settings: BenchSettings, *, eval_file: Path | None = None,
                    meter_args: dict[str, Any] | None = None,
-                   named: Callable[[str], str] = agent_yaml_key) -> dict[str, Any]:
+                   named: Callable[[str], str] = agent_yaml_key, cancel: Any = None) -> dict[str, Any]:
     """Return :func:`run_bench`'s record for ``model``, the whole benchmark run in a child of ``pool`` (a
     :class:`device_agents.smoke.SmokePool`) that is killed when a step makes no progress within its limit
     (:func:`step_limit`: ``settings.step_timeout_s`` for loading, the first inference and the metric;
     ``inference_timeout_s``, or :data:`INFERENCE_TIMEOUT_FACTOR` times the first inference, for each later inference)
     or the whole run exceeds ``settings.total_timeout_s``. A model that loops or crashes costs the child.
-    ``named(key)`` spells a setting in the texts (agent.yaml's ``bench.<key>`` by default).
+    ``named(key)`` spells a setting in the texts (agent.yaml's ``bench.<key>`` by default). ``cancel``: a
+    ``threading.Event`` whose setting ends the child within a quarter of a second (the agent is stopping).
 
     Raises:
         BenchFailed: the child was killed (the step and limit named) or crashed (the signal and step named), both
-            with ``ended`` set; or the runtime could not load or run the model (the step and the runtime's first line).
+            with ``ended`` set; it was stopped by ``cancel``; or the runtime could not load or run the model (the step
+            and the runtime's first line).
         DataFileError: ``eval_file`` is missing, unreadable or does not fit the model.
         RuntimeUnavailable: the runtime or delegate is not installed here.
     """
@@ -340,11 +342,13 @@ def bench_in_child(pool: Any, model: Path, settings: BenchSettings, *, eval_file
 
     get_runtime(settings.runtime, model=Path(model))  # one missing here is said at once, without a child's start
     watch = Watchdog("benchmark", settings.total_timeout_s, slots=3, limit=lambda p: step_limit(settings, p, named),
-                     step=step_name, total_why=named("total_timeout_s"))
+                     step=step_name, total_why=named("total_timeout_s"), cancel=cancel)
     try:
         kind, value = pool.run(bench_child, str(model), settings, str(eval_file) if eval_file else None, meter_args,
                                what="benchmark", watchdog=watch)
     except SmokeTimedOut as exc:
+        if watch.cancelled:  # not the model's doing: not counted as one that ended
+            raise BenchFailed(f"{exc}: the agent is stopping") from None
         raise BenchFailed(f"{exc}; the benchmark's child was killed", ended=True) from None
     except SmokeCrashed as exc:
         raise BenchFailed(f"the benchmark's child {exc.how} at {watch.step() or 'its start'}", ended=True) from None

@@ -418,14 +418,15 @@ class Agent:
         self._loads_in_child(path, sha, settings)  # a model that fails on zeros is named so, as at activation
         try:  # in a child, watched: a model that loops or crashes on the eval samples costs the child, not the agent
             measured = bench_in_child(self.smoke, path, settings, eval_file=self.store.eval_path(sha),
-                                      meter_args=self._meter_args)
+                                      meter_args=self._meter_args, cancel=self._stop)
         except BenchFailed as exc:
             if exc.ended:  # a model that loops or crashes on real inputs: counted, as hostile input is
                 try:
                     self._on_disk(lambda: self.spool.count("ended_benches"))
                 except DiskFull as full:  # the answer goes out; only the count is lost
                     log.error("could not count the ended benchmark: %s", full)
-            raise BenchFailed(f"bench of model {sha[:12]}: {exc}; nothing recorded, the agent runs on") from None
+            goes_on = "" if self._stop.is_set() else ", the agent runs on"
+            raise BenchFailed(f"bench of model {sha[:12]}: {exc}; nothing recorded{goes_on}") from None
         meta = self.store.describe(sha) or {}
         record = self.emit("bench", {
             "variant": meta.get("variant"), "sha256": sha, "model": meta.get("model"), "model_bytes": meta.get("bytes"),

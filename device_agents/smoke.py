@@ -185,9 +185,12 @@ class Watchdog:
 
     def __init__(self, what: str, total_s: float, *, slots: int = 0,
                  limit: Callable[[tuple[int, ...]], tuple[float, str]] | None = None,
-                 step: Callable[[tuple[int, ...]], str] | None = None, total_why: str = ""):
+                 step: Callable[[tuple[int, ...]], str] | None = None, total_why: str = "",
+                 cancel: threading.Event | None = None):
         self.what, self.total_s, self.slots, self.limit, self.step_of, self.total_why = \
             what, total_s, slots, limit, step, total_why
+        self.cancel = cancel  # set (the agent is stopping): the child is ended at the next look
+        self.cancelled = False
         self._started: float | None = None
         self._seen: tuple[int, ...] | None = None
         self._since = 0.0
@@ -213,9 +216,14 @@ class Watchdog:
 
         Raises:
             SmokeTimedOut: the whole run or the current step has lasted too long (the message names the
-                step, its limit and the setting behind it); the caller kills the child.
+                step, its limit and the setting behind it), or ``cancel`` is set (:attr:`cancelled` then, and
+                ``how`` is ``stopped``); the caller kills the child.
         """
         self.see(progress, now)
+        if self.cancel is not None and self.cancel.is_set():
+            self.cancelled = True
+            at = f" at {self.step()}" if self.step() else ""
+            raise SmokeTimedOut(f"the {self.what} was stopped{at}", "stopped")
         total_left = self._started + self.total_s - now
         if total_left <= 0:
             why = f" ({self.total_why})" if self.total_why else ""
@@ -223,7 +231,7 @@ class Watchdog:
             raise SmokeTimedOut(f"the {self.what} did not finish within {seconds(self.total_s)} s{why}{at}",
                                 f"did not finish within {seconds(self.total_s)} s")
         if self.limit is None:
-            return total_left
+            return total_left if self.cancel is None else min(total_left, self.TICK_S)
         limit_s, why = self.limit(progress)
         step_left = self._since + limit_s - now
         if step_left <= 0:

@@ -220,3 +220,23 @@ def test_a_child_spinning_in_the_model_dies_with_a_killed_caller(looping_tflite,
     while any(_state(pid) for pid in spinning) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(_state(pid) for pid in spinning)
+
+
+def test_a_bench_spinning_in_the_model_ends_at_once_when_the_agent_stops(looping_tflite, tmp_path):
+    """SIGTERM set the agent's stop while its bench spun: the agent waited for the child until the bench's total
+    limit (an hour by default), past systemd's 30 s stop timeout and its SIGKILL. The stop now ends the child."""
+    import threading
+
+    from device_agents.bench import bench_in_child
+    from device_agents.errors import BenchFailed
+    from device_agents.smoke import SmokePool
+    from edgekit_protocol.config import BenchSettings
+
+    stop = threading.Event()
+    threading.Timer(1.0, stop.set).start()
+    started = time.monotonic()
+    with pytest.raises(BenchFailed, match=r"^the benchmark was stopped at warm-up run \d+: the agent is stopping$") as caught:
+        bench_in_child(SmokePool(), looping_tflite, BenchSettings(min_runs=2, min_seconds=0),
+                       eval_file=eval_set(tmp_path / "e.npz", 3, looping=2), cancel=stop)
+    assert time.monotonic() - started < 10
+    assert not caught.value.ended  # the agent's doing, not the model's: not counted as a benchmark that ended
