@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -18,6 +21,21 @@ def one_line_error(code, err, expected_code=2):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("edgekit: error:"), err
     return lines[0]
+
+
+def edgekit_in_group(args: list, timeout: float, why: str, **kw) -> subprocess.CompletedProcess:
+    """Run ``python -m edge_kit *args`` in a session of its own and return it finished; past ``timeout`` seconds
+    the whole group is killed (the command and its compile worker: a worker spinning in a model would outlive a
+    plain kill of its parent and slow the rest of the suite) and the test fails with ``why``."""
+    proc = subprocess.Popen([sys.executable, "-m", "edge_kit", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, **kw)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(why)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def test_missing_model(tmp_path, run_cli):
@@ -607,16 +625,10 @@ def test_a_model_that_loops_on_real_inputs_fails_before_a_bundled_profiles_int8_
     """With a bundled profile (rpi4, int8 among its variants) the compile hung for good: the int8 calibration ran
     the model over --calib in the compiler's own process before the fp32 run over the data, the one in a child with
     a deadline. (A separate process, so the hang it was fails this test instead of hanging the suite.)"""
-    import subprocess
-    import sys
-
     np.savez(tmp_path / "real.npz", x=np.full((120, 2048), 2.0, np.float32))
-    try:
-        proc = subprocess.run([sys.executable, "-m", "edge_kit", "compile", str(looping_savedmodel), "-p", "rpi4",
-                               "--calib", str(tmp_path / "real.npz"), "--out", str(tmp_path / "o"), "--timeout", "5"],
-                              capture_output=True, text=True, timeout=150)
-    except subprocess.TimeoutExpired:
-        pytest.fail("edgekit compile -p rpi4 still ran after 150 s: the int8 calibration spun on the looping model")
+    proc = edgekit_in_group(["compile", looping_savedmodel, "-p", "rpi4", "--calib", tmp_path / "real.npz",
+                             "--out", tmp_path / "o", "--timeout", "5"], 150,
+                            "edgekit compile -p rpi4 still ran after 150 s: the int8 calibration spun on the looping model")
     assert one_line_error(proc.returncode, proc.stderr) == (
         f"edgekit: error: {looping_savedmodel}: variant fp32: the inference on real.npz did not finish within 5 s: a "
         "model that loops on real inputs? (edgekit compile --timeout sets the limit); nothing was written (every "
@@ -654,16 +666,13 @@ def test_a_converter_that_crashes_on_the_model_is_one_line_naming_the_step_not_a
     MinMax::Update): the compile once died with it, without a word, leaving its output folder and temporary files.
     Now the edgekit process runs the compile as a worker and says which signal at which step."""
     import shutil
-    import subprocess
-    import sys
     import tempfile
 
     np.savez(tmp_path / "near.npz", x=np.full((120, 2048), NEAR, np.float32))
     scratch = Path(tempfile.mkdtemp(prefix="ek"))  # short: a socket path is made in it
-    proc = subprocess.run([sys.executable, "-m", "edge_kit", "compile", str(looping_savedmodel), "-p", "rpi4",
-                           "--calib", str(tmp_path / "near.npz"), "--out", str(tmp_path / "o"), "--timeout", "5",
-                           "--json"], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "TMPDIR": str(scratch)})
+    proc = edgekit_in_group(["compile", looping_savedmodel, "-p", "rpi4", "--calib", tmp_path / "near.npz",
+                             "--out", tmp_path / "o", "--timeout", "5", "--json"], 300,
+                            "edgekit compile still ran after 300 s", env={**os.environ, "TMPDIR": str(scratch)})
     said = (f"{looping_savedmodel}: the compile died of SIGSEGV while 'building int8': native code that runs the model "
             "in the compiling process (TensorFlow's converter or calibrator, a quantizer) crashed on it: a damaged or "
             "hostile model, or a converter bug; leave that variant out (a profile without it) and compile again; "
@@ -682,9 +691,6 @@ def test_an_int8_calibration_that_loops_is_stopped_at_its_deadline_in_one_line_a
     and `edgekit compile` never returned. The edgekit process now stops the worker when the calibration outlives
     its deadline (--timeout), says which step, exits 2 and removes what the worker left."""
     import shutil
-    import signal
-    import subprocess
-    import sys
     import tempfile
 
     rng = np.random.default_rng(0)
@@ -697,18 +703,11 @@ def test_an_int8_calibration_that_loops_is_stopped_at_its_deadline_in_one_line_a
                        "accelerator: none}\nvariants: [fp32, int8]\npower: {idle_w: 1, busy_w: 2}\n")
     scratch = Path(tempfile.mkdtemp(prefix="ek"))  # short: a socket path is made in it
     started = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "edge_kit", "compile", str(looping_savedmodel), "-p", str(profile),
-                             "--calib", str(tmp_path / "calib.npz"), "--eval", str(tmp_path / "eval.npz"),
-                             "--out", str(tmp_path / "o"), "--timeout", "5", "--json"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "TMPDIR": str(scratch)},
-                            start_new_session=True)  # its own group: a hung worker is killed with it
-    try:
-        out, err = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        shutil.rmtree(scratch)
-        pytest.fail("edgekit compile still ran after 240 s: the int8 calibration spun on the looping model")
+    proc = edgekit_in_group(["compile", looping_savedmodel, "-p", profile, "--calib", tmp_path / "calib.npz",
+                             "--eval", tmp_path / "eval.npz", "--out", tmp_path / "o", "--timeout", "5", "--json"],
+                            240, "edgekit compile still ran after 240 s: the int8 calibration spun on the looping model",
+                            env={**os.environ, "TMPDIR": str(scratch)})
+    out, err = proc.stdout, proc.stderr
     said = (f"{looping_savedmodel}: the int8 calibration of int8 on calib.npz (TensorFlow's converter, 120 samples) did "
             "not finish within 5 s while 'building int8': a model that loops on real inputs? (edgekit compile "
             f"--timeout sets the limit); the compile was stopped; nothing was written ({tmp_path / 'o'}, which it "
