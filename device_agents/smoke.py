@@ -345,15 +345,18 @@ class SmokePool:
 
     def __call__(self, model: Path, *, runtime: str | None = None, delegate: str = "xnnpack",
                  options: dict[str, Any] | None = None, threads: int = 1,
-                 timeout: float = 120.0) -> dict[str, Any]:
-        """Return what :func:`smoke` returned in the child.
+                 timeout: float = 120.0, cancel: threading.Event | None = None) -> dict[str, Any]:
+        """Return what :func:`smoke` returned in the child; ``cancel``: a ``threading.Event`` whose setting ends
+        the child within a quarter of a second (the caller is stopping).
 
         Raises:
-            SmokeCrashed: the child crashed (signal named in ``how``), was killed or timed out.
+            SmokeCrashed: the child crashed (signal named in ``how``), was killed or timed out, or was ended by
+                ``cancel`` (a :class:`SmokeTimedOut` whose ``how`` is ``stopped``).
             SmokeFailed: the model did not load or run, or gave NaN or infinity.
         """
+        watch = Watchdog("smoke inference", timeout, cancel=cancel) if cancel is not None else None
         return self.run(_smoke_quietly, str(model), runtime, delegate, options, threads, timeout=timeout,
-                        what="smoke inference")
+                        what="smoke inference", watchdog=watch)
 
     def predict(self, model: Path, inputs: Path, *, runtime: str | None = None, threads: int = 1,
                 timeout: float) -> dict[str, np.ndarray]:
