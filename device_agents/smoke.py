@@ -167,8 +167,9 @@ def _preload() -> None:
 
 
 def seconds(s: float) -> str:
-    """Return ``s`` seconds as a timeout's text says them: three significant digits, whole seconds from 1000 on."""
-    return f"{s:.3g}" if s < 1000 else f"{s:.0f}"
+    """Return ``s`` seconds as a timeout's text says them: three significant digits, whole seconds from 1000 on
+    (from 999.5: three significant digits of those would be ``1e+03``)."""
+    return f"{s:.3g}" if s < 999.5 else f"{s:.0f}"
 
 
 class Watchdog:
