@@ -363,7 +363,7 @@ def _keras_config(path: Path) -> Any:
                 text = f.attrs.get("model_config")
     except (OSError, KeyError, ValueError, zipfile.BadZipFile, ImportError):
         return None
-    if text is None:
+    if not isinstance(text, (str, bytes, bytearray)):  # none, or a number or array in its place (an .h5 attribute)
         return None
     try:
         return json.loads(text)

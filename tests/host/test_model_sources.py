@@ -185,3 +185,21 @@ def test_a_keras_config_declaring_sizes_no_float_holds_is_refused_in_one_line(tm
     assert str(caught.value).startswith(f"{model}: layer 'head' (Dense) declares more than {DECLARED_CAP:,} weights "
                                         f"({DECLARED_CAP * 4 / 1e6:,.0f} MB of float32) in the model's config, more "
                                         "than the 2,147,483,648 bytes edge-kit takes per layer")
+
+
+@pytest.mark.parametrize("attribute", [[1, 2, 3], 7, 2.5], ids=["array", "int", "float"])
+def test_an_h5_whose_model_config_is_no_text_is_one_line_not_a_type_error(tmp_path, attribute):
+    """The config size check passed an .h5's ``model_config`` attribute to json.loads whatever it held: an array or a
+    number there raised TypeError (a traceback) before Keras could say the file is not a model it loads."""
+    import h5py
+
+    from edge_kit.compiler.sources import _check_keras_config, load_source
+    from edge_kit.errors import InputError
+
+    model = tmp_path / "odd.h5"
+    with h5py.File(model, "w") as f:
+        f.attrs["model_config"] = attribute
+    assert _check_keras_config(model) is None  # nothing declared to size: Keras's own load says what is wrong
+    with pytest.raises(InputError) as caught:
+        load_source(model)
+    assert str(caught.value).startswith(f"{model}: ") and "\n" not in str(caught.value)
