@@ -410,12 +410,17 @@ class Agent:
             StoreError: not installed, damaged, or it failed its smoke inference. BenchFailed: the benchmark's child
                 failed, crashed or was killed by its watchdog (the model's sha256, the step and the reason said).
             DataFileError: the eval set does not fit the model. RuntimeUnavailable: no runtime for it here.
+            CommandError: its ``min_seconds`` is not below this agent's ``bench.total_timeout_s``.
         """
         a = cmd.args
+        overrides = {k: a[k] for k in ("warmup", "min_runs", "min_seconds", "threads") if k in a}
+        try:  # the command's lengths are in bounds (parse_command); min_seconds may still pass this agent's total
+            settings = dataclasses.replace(self.cfg.bench, **overrides)
+        except ValueError as exc:
+            raise CommandError(f"bench: {exc} (this device's agent.yaml bench.total_timeout_s); ask for fewer "
+                               "min_seconds", cmd.msg_id, "bench") from None
         sha = self.store.resolve(sha256=a.get("sha256"), variant=a.get("variant"))
         path = self.store.verify(sha)
-        overrides = {k: a[k] for k in ("warmup", "min_runs", "min_seconds", "threads") if k in a}
-        settings = dataclasses.replace(self.cfg.bench, **overrides)
         # a model that fails on zeros is named so, as at activation; stopping the agent ends that child too
         self._loads_in_child(path, sha, settings, cancel=self._stop)
         try:  # in a child, watched: a model that loops or crashes on the eval samples costs the child, not the agent
