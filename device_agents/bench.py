@@ -139,10 +139,12 @@ def step_limit(settings: BenchSettings, progress: tuple[int, ...],
     step = progress[0] if 0 <= progress[0] < len(STEPS) else LOADING
     if STEPS[step][2] == "step":
         return settings.step_timeout_s, named("step_timeout_s")
+    from device_agents.smoke import seconds
+
     first_s = progress[2] / 1e6
     per_run = max(settings.inference_timeout_s, INFERENCE_TIMEOUT_FACTOR * first_s)
     why = (f"{named('inference_timeout_s')}, or {INFERENCE_TIMEOUT_FACTOR}x the first inference's "
-           f"{first_s * 1000:.3g} ms when longer")
+           f"{seconds(first_s * 1000)} ms when longer")  # as its seconds: 12500 ms, never 1.25e+04
     if step == GPU:  # one step over up to 200 runs
         return per_run * max(1, progress[1]), f"{why}, per run"
     return per_run, why

@@ -36,6 +36,7 @@ from device_agents.errors import (
     DeviceError,
     DiskFull,
     SmokeFailed,
+    SmokeTimedOut,
 )
 from device_agents.identity import (
     OPERATOR,
@@ -409,13 +410,19 @@ class Agent:
             StoreError: not installed, damaged, or it failed its smoke inference. BenchFailed: the benchmark's child
                 failed, crashed or was killed by its watchdog (the model's sha256, the step and the reason said).
             DataFileError: the eval set does not fit the model. RuntimeUnavailable: no runtime for it here.
+            CommandError: its ``min_seconds`` is not below this agent's ``bench.total_timeout_s``.
         """
         a = cmd.args
+        overrides = {k: a[k] for k in ("warmup", "min_runs", "min_seconds", "threads") if k in a}
+        try:  # the command's lengths are in bounds (parse_command); min_seconds may still pass this agent's total
+            settings = dataclasses.replace(self.cfg.bench, **overrides)
+        except ValueError as exc:
+            raise CommandError(f"bench: {exc} (this device's agent.yaml bench.total_timeout_s); ask for fewer "
+                               "min_seconds", cmd.msg_id, "bench") from None
         sha = self.store.resolve(sha256=a.get("sha256"), variant=a.get("variant"))
         path = self.store.verify(sha)
-        overrides = {k: a[k] for k in ("warmup", "min_runs", "min_seconds", "threads") if k in a}
-        settings = dataclasses.replace(self.cfg.bench, **overrides)
-        self._loads_in_child(path, sha, settings)  # a model that fails on zeros is named so, as at activation
+        # a model that fails on zeros is named so, as at activation; stopping the agent ends that child too
+        self._loads_in_child(path, sha, settings, cancel=self._stop)
         try:  # in a child, watched: a model that loops or crashes on the eval samples costs the child, not the agent
             measured = bench_in_child(self.smoke, path, settings, eval_file=self.store.eval_path(sha),
                                       meter_args=self._meter_args, cancel=self._stop)
@@ -437,23 +444,27 @@ class Agent:
         return {"bench_msg_id": record["msg_id"], "variant": meta.get("variant"), "sha256": sha,
                 "latency_p90_ms": lat["p90"], "runs": measured["runs"]}
 
-    def _loads_in_child(self, path: Path, sha: str, settings: Any) -> None:
+    def _loads_in_child(self, path: Path, sha: str, settings: Any, cancel: threading.Event | None = None) -> None:
         """Check that model ``sha`` loads and runs once in a child process (the smoke check, with the
         runtime, delegate, options and threads of ``settings``) before this process loads it: a
         benchmarked candidate need not have been activated, a model switched over SSH was checked with
         that command's settings, and a damaged or hostile file that crashes the interpreter must crash
-        the child, not the agent. A pass is remembered per model and settings for the agent's life.
+        the child, not the agent. A pass is remembered per model and settings for the agent's life. ``cancel``
+        set (the agent is stopping) ends the child at once.
 
         Raises:
-            StoreError: the smoke inference failed or crashed (the agent runs on; nothing was loaded).
+            StoreError: the smoke inference failed or crashed (the agent runs on; nothing was loaded), or was
+                stopped by ``cancel``.
         """
         key = self._smoke_key(sha, settings)
         if key in self._smoked:
             return
         try:
             self.smoke(path, runtime=settings.runtime, delegate=settings.delegate, options=settings.delegate_options,
-                       threads=settings.threads)
+                       threads=settings.threads, cancel=cancel)
         except SmokeFailed as exc:
+            if isinstance(exc, SmokeTimedOut) and exc.how == "stopped":  # not the model's doing
+                raise StoreError(f"model {sha[:12]}: its smoke inference was stopped: the agent is stopping") from None
             raise StoreError(f"model {sha[:12]} failed its smoke inference: {exc}; not loaded here") from None
         self._smoked.add(key)
 

@@ -167,8 +167,9 @@ def _preload() -> None:
 
 
 def seconds(s: float) -> str:
-    """Return ``s`` seconds as a timeout's text says them: three significant digits, whole seconds from 1000 on."""
-    return f"{s:.3g}" if s < 1000 else f"{s:.0f}"
+    """Return ``s`` seconds as a timeout's text says them: three significant digits, whole seconds from 1000 on
+    (from 999.5: three significant digits of those would be ``1e+03``)."""
+    return f"{s:.3g}" if s < 999.5 else f"{s:.0f}"
 
 
 class Watchdog:
@@ -240,6 +241,21 @@ class Watchdog:
         return min(total_left, step_left, self.TICK_S)
 
 
+def _end_stalled(watch: Watchdog, child: Any, stalled: threading.Event, received: threading.Event,
+                 seconds: float) -> None:
+    """Kill ``child`` (and set ``stalled``) unless ``received`` is set within ``seconds``, or as soon as the
+    watchdog's ``cancel`` is set (its ``cancelled`` then set too): the answer it began to send never ends, or the
+    caller is stopping. Returns nothing."""
+    until = time.monotonic() + seconds
+    while not received.wait(max(0.0, min(Watchdog.TICK_S, until - time.monotonic()))):
+        cancelled = watch.cancel is not None and watch.cancel.is_set()
+        if cancelled or time.monotonic() >= until:
+            watch.cancelled = watch.cancelled or cancelled
+            stalled.set()
+            child.kill()
+            return
+
+
 class SmokePool:
     """Runs :func:`smoke`, :func:`predict_saved` or any module-level function in children of a forkserver
     that has the interpreter imported, each with a deadline (or a :class:`Watchdog`)."""
@@ -287,11 +303,12 @@ class SmokePool:
                 child.kill()
                 raise
             # the answer has begun: a child that stops halfway through it (stopped, or blocked) is ended at
-            # the run's deadline (at least SEND_GRACE_S from now), not waited for without end
-            stalled = threading.Event()
-            ender = threading.Timer(max(watch.left(time.monotonic()), SEND_GRACE_S),
-                                    lambda: (stalled.set(), child.kill()))
-            ender.daemon = True
+            # the run's deadline (at least SEND_GRACE_S from now), or when the watchdog's cancel is set, not
+            # waited for without end
+            stalled, received = threading.Event(), threading.Event()
+            ender = threading.Thread(target=_end_stalled, args=(watch, child, stalled, received,
+                                                                max(watch.left(time.monotonic()), SEND_GRACE_S)),
+                                     daemon=True, name="stalled-send")
             ender.start()
             try:
                 status, value = receive.recv()
@@ -303,6 +320,10 @@ class SmokePool:
                     child.kill()
                     child.join(5)
                 watch.see(tuple(slots or ()), time.monotonic())  # the step it died at, as it left it
+                if stalled.is_set() and watch.cancelled:
+                    at = f" at {watch.step()}" if watch.step() else ""
+                    raise SmokeTimedOut(f"the {what} was stopped{at}, partway through sending its result",
+                                        "stopped") from None
                 if stalled.is_set():
                     raise SmokeTimedOut(f"the {what} stopped partway through sending its result; killed at its "
                                         "deadline", "stopped while sending its result") from None
@@ -312,7 +333,8 @@ class SmokePool:
                 at = f" at {watch.step()}" if watch.step() else ""
                 raise SmokeCrashed(f"the interpreter crashed (exit {code}){at}", how) from None
             finally:
-                ender.cancel()
+                received.set()
+                ender.join()
         finally:
             receive.close()
             if not answered and child.is_alive():  # interrupted (Ctrl-C): it must not outlive its caller's clean-up
@@ -324,15 +346,18 @@ class SmokePool:
 
     def __call__(self, model: Path, *, runtime: str | None = None, delegate: str = "xnnpack",
                  options: dict[str, Any] | None = None, threads: int = 1,
-                 timeout: float = 120.0) -> dict[str, Any]:
-        """Return what :func:`smoke` returned in the child.
+                 timeout: float = 120.0, cancel: threading.Event | None = None) -> dict[str, Any]:
+        """Return what :func:`smoke` returned in the child; ``cancel``: a ``threading.Event`` whose setting ends
+        the child within a quarter of a second (the caller is stopping).
 
         Raises:
-            SmokeCrashed: the child crashed (signal named in ``how``), was killed or timed out.
+            SmokeCrashed: the child crashed (signal named in ``how``), was killed or timed out, or was ended by
+                ``cancel`` (a :class:`SmokeTimedOut` whose ``how`` is ``stopped``).
             SmokeFailed: the model did not load or run, or gave NaN or infinity.
         """
+        watch = Watchdog("smoke inference", timeout, cancel=cancel) if cancel is not None else None
         return self.run(_smoke_quietly, str(model), runtime, delegate, options, threads, timeout=timeout,
-                        what="smoke inference")
+                        what="smoke inference", watchdog=watch)
 
     def predict(self, model: Path, inputs: Path, *, runtime: str | None = None, threads: int = 1,
                 timeout: float) -> dict[str, np.ndarray]:

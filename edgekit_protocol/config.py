@@ -115,7 +115,9 @@ class BenchSettings:
 
     def __post_init__(self) -> None:
         """Raises ValueError: a length or thread count outside what the ``bench`` command takes
-        (:func:`edgekit_protocol.commands.bounds`), or a timeout not above 0 and at most a day, NaN included."""
+        (:func:`edgekit_protocol.commands.bounds`), or a timeout not above 0 and at most a day, NaN included, or a
+        ``total_timeout_s`` not above ``min_seconds`` (the timed runs alone last that long: every benchmark would be
+        ended at it, and counted as one whose model looped)."""
         for key in ("warmup", "min_runs", "min_seconds", "threads"):
             low, high = bounds("bench", key)
             if not low <= getattr(self, key) <= high:
@@ -123,6 +125,9 @@ class BenchSettings:
         for key in ("step_timeout_s", "inference_timeout_s", "total_timeout_s"):
             if not 0 < getattr(self, key) <= 86_400:
                 raise ValueError(f"{key} {getattr(self, key)} is not above 0 and at most 86400 seconds")
+        if self.total_timeout_s <= self.min_seconds:
+            raise ValueError(f"total_timeout_s {self.total_timeout_s:g} is not above min_seconds {self.min_seconds:g}: "
+                             "the timed runs alone last that long, so every benchmark would be ended at it")
 
 
 @dataclass(frozen=True)

@@ -421,19 +421,37 @@ def build_in_child(model: Path, root: Path, *, threads: int = 1, timeout: float 
     Raises:
         EngineBuildError: the build failed, the child died, or it took longer than ``timeout`` seconds.
     """
+    import threading
+
+    from device_agents import smoke
+
     ctx = multiprocessing.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=target, args=(str(model), str(root), threads, child), daemon=True)
+    deadline = time.monotonic() + timeout
     proc.start()
     child.close()
+    stalled = threading.Event()
+    ender = None
     try:
         if not parent.poll(timeout):
             raise EngineBuildError(f"{Path(model).name}: TensorRT engine build took more than {timeout:.0f} s; killed")
+        # the answer has begun: a child that stops halfway through it is ended at the build's deadline (at least
+        # smoke.SEND_GRACE_S from now), as SmokePool.run does, not waited for without end
+        ender = threading.Timer(max(deadline - time.monotonic(), smoke.SEND_GRACE_S),
+                                lambda: (stalled.set(), proc.kill()))
+        ender.daemon = True
+        ender.start()
         status, value = parent.recv()
     except (EOFError, OSError):  # OSError: it died partway through sending ("got end of file during message")
         proc.join(5)
+        if stalled.is_set():
+            raise EngineBuildError(f"{Path(model).name}: the engine build process stopped partway through sending "
+                                   "its result; killed at the build's deadline") from None
         raise EngineBuildError(f"{Path(model).name}: the engine build process died (exit code {proc.exitcode})") from None
     finally:
+        if ender is not None:
+            ender.cancel()
         if proc.is_alive():
             proc.kill()
         proc.join(5)

@@ -456,7 +456,7 @@ def monitor_cmd(
     metrics_port: Annotated[Optional[int], typer.Option(min=1, max=65535, help="Serve Prometheus metrics on this port.")] = None,
     metrics_addr: Annotated[str, typer.Option(help="Address for the metrics endpoint.")] = "127.0.0.1",
     share: Annotated[Optional[str], typer.Option(help="Join this MQTT 5 shared-subscription group (several workers).")] = None,
-    silence_s: Annotated[float, typer.Option(**bounded("Alert when a device is silent this long.", 1))] = 180.0,
+    silence_s: Annotated[float, typer.Option(**bounded("Alert when a device is silent this long (or 3 of its own telemetry intervals, when longer).", 1))] = 180.0,
     min_free_mb: Annotated[float, typer.Option(**bounded("Alert when a device reports less free disk space "
                                                          "(its agent refuses writes below its own store.min_free_mb).", 0))] = 32.0,
     duration: Annotated[Optional[float], typer.Option(**bounded("Stop after this many seconds (default: until Ctrl-C).", 0))] = None,

@@ -363,7 +363,7 @@ def _keras_config(path: Path) -> Any:
                 text = f.attrs.get("model_config")
     except (OSError, KeyError, ValueError, zipfile.BadZipFile, ImportError):
         return None
-    if text is None:
+    if not isinstance(text, (str, bytes, bytearray)):  # none, or a number or array in its place (an .h5 attribute)
         return None
     try:
         return json.loads(text)
@@ -374,9 +374,23 @@ def _keras_config(path: Path) -> Any:
         return None
 
 
+# A Keras config's sizes are the file's to choose: JSON takes integers of 4,000 digits (no float holds one) and lists
+# of any length. Each declared size and each layer's count of weights is taken at most this (far past any limit),
+# so the check's arithmetic stays small and its message's figures stay printable.
+DECLARED_CAP = 2**50
+
+
 def _declared_int(value: Any) -> int | None:
-    """Return ``value`` when it is a positive integer (not a bool), else None."""
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+    """Return ``value`` when it is a positive integer (not a bool), else None; at most :data:`DECLARED_CAP`."""
+    return min(value, DECLARED_CAP) if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _capped_prod(values: Any) -> int:
+    """Return the product of the positive integers ``values``, at most :data:`DECLARED_CAP` (taken as it goes)."""
+    product = 1
+    for value in values:
+        product = min(product * value, DECLARED_CAP)
+    return product
 
 
 def _declared_shape(layer: dict[str, Any]) -> list[Any] | None:
@@ -402,7 +416,7 @@ def _layer_weights(config: dict[str, Any], channels: int) -> int:
     channels (the last axis): its kernel (units or filters x kernel area x channels, four gates' worth for a
     recurrent layer), an embedding table, a depthwise kernel, attention's projections, or one per channel."""
     kernel = config.get("kernel_size")
-    area = math.prod(_declared_int(k) or 1 for k in kernel) if isinstance(kernel, list) else _declared_int(kernel) or 1
+    area = _capped_prod(_declared_int(k) or 1 for k in kernel) if isinstance(kernel, list) else _declared_int(kernel) or 1
     width = _declared_int(config.get("units")) or _declared_int(config.get("filters")) or 0
     weights = area * channels * width + width
     if width and "recurrent_initializer" in config:  # LSTM (4 gates), GRU (3), SimpleRNN (1): bound by four
@@ -414,7 +428,7 @@ def _layer_weights(config: dict[str, Any], channels: int) -> int:
     if heads := _declared_int(config.get("num_heads")):
         size = max(_declared_int(config.get("key_dim")) or 1, _declared_int(config.get("value_dim")) or 1)
         weights = max(weights, 4 * heads * size * channels)  # query, key, value and output projections
-    return max(weights, channels)  # a normalisation's scale and offset per channel, at least
+    return min(max(weights, channels), DECLARED_CAP)  # a normalisation's scale and offset per channel, at least
 
 
 def _check_keras_config(path: Path) -> None:
@@ -471,7 +485,8 @@ def _check_keras_config(path: Path) -> None:
                "memory available here")
         from edgekit_protocol.labels import clip, printable
 
-        raise InputError(f"{path}: layer '{printable(clip(name, 60))}' ({printable(clip(kind, 40))}) declares about "
+        about = "about" if weights < DECLARED_CAP else "more than"  # a size past the cap: the cap's figure
+        raise InputError(f"{path}: layer '{printable(clip(name, 60))}' ({printable(clip(kind, 40))}) declares {about} "
                          f"{weights:,} weights ({weights * 4 / 1e6:,.0f} MB of float32) in the model's config, {why}; "
                          "TensorFlow would allocate them on this host while loading it: a damaged or hostile file, or "
                          "a model too large for edge devices; export a smaller model")

@@ -17,7 +17,8 @@ judged from the store rather than per worker.
 
 Alerts: a device whose status says offline, a benchmark that breaks the device's constraints, a
 shadow comparison whose fidelity is under the device's ``min_fidelity_snr_db`` (drift), and a device
-silent for longer than ``silence_s``.
+silent for longer than ``silence_s``, or than :data:`SILENT_INTERVALS` of its own telemetry interval when that is
+longer (the ``interval_s`` its telemetry says: an agent set to report every 10 minutes is not silent after 3).
 """
 
 from __future__ import annotations
@@ -54,7 +55,11 @@ from edge_kit.telemetry.verifier import Verifier
 from edgekit_protocol import messages
 from edgekit_protocol.errors import MessageError
 from edgekit_protocol.labels import clip
-from edgekit_protocol.messages import disk_free_bytes
+from edgekit_protocol.messages import disk_free_bytes, telemetry_interval
+
+# A device is silent once it sent nothing for this many of its telemetry intervals (as `fleet status` judges it
+# stale: edge_kit.telemetry.report.STALE_INTERVALS), or ``silence_s`` when that is longer.
+SILENT_INTERVALS = 3
 
 log = logging.getLogger("edgekit.monitor")
 STORED_KINDS = KINDS  # the monitor subscribes to what the history keeps
@@ -129,6 +134,7 @@ class Monitor:
         self._low_disk: set[str] = set()
         self._drifting: set[str] = set()
         self._non_finite: dict[str, int] = {}  # each device's last shadow non_finite count
+        self._intervals: dict[str, float] = {}  # each device's telemetry interval, as its newest telemetry says it
         # The history's first failure to connect or write (a database gone away): from then on this
         # worker stores nothing more, and whoever runs it stops and says so (`edgekit monitor` exits 6).
         self.failed: HistoryError | None = None
@@ -193,6 +199,7 @@ class Monitor:
         try:  # a device's non-finite answers counted before this monitor started are not new to it
             self._non_finite = {d: m["non_finite"] for d, m in self.store.latest_shadow().items()
                                 if type(m.get("non_finite")) is int and m["non_finite"] >= 0}
+            self._intervals = self.store.telemetry_intervals()  # until its next telemetry says otherwise
         except HistoryError:
             pass  # the writer meets it too, and says so
         if self.verifier is not None:
@@ -473,6 +480,12 @@ class Monitor:
         device = msg["device"]
         if kind == "shadow":
             self._check_drift(device, msg)
+        if kind == "telemetry":  # an older agent says no interval: the default silence for it
+            interval = telemetry_interval(msg)
+            if interval is None:
+                self._intervals.pop(device, None)
+            else:
+                self._intervals[device] = interval
         disk = msg.get("disk") if kind in ("status", "telemetry") else None
         free = disk_free_bytes(disk)  # None: no figure, or one that is no byte count (negative, 400 digits)
         if isinstance(disk, dict) and (free is not None or disk.get("full")):
@@ -501,6 +514,8 @@ class Monitor:
     def _check_silence(self) -> None:
         now = time.time()
         for device, seen in list(self.last_seen.items()):
-            if now - seen > self.silence_s and device not in self._silent_alerted:
+            interval = self._intervals.get(device)
+            limit = max(self.silence_s, SILENT_INTERVALS * interval) if interval is not None else self.silence_s
+            if now - seen > limit and device not in self._silent_alerted:
                 self._silent_alerted.add(device)
                 self._alert(Alert(device, "silent", f"{device} silent for {now - seen:.0f} s"))

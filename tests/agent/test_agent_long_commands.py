@@ -76,3 +76,22 @@ def test_a_shadow_run_whose_new_answers_all_held_nan_is_sent_again():
     base = {"model": {"sha256": "b" * 64}, "compared": 3, "errors": 0, "dropped_queue_full": 0, "skipped_rate": 0,
             "skipped_busy_cpu": 0, "non_finite": 0}
     assert Agent._shadow_counts(base) != Agent._shadow_counts({**base, "non_finite": 2})
+
+
+def test_a_bench_asking_for_more_seconds_than_the_agents_total_is_refused_in_one_line(tmp_path):
+    """A bench command's min_seconds (up to 600) above the agent's bench.total_timeout_s ran a benchmark that was
+    always ended at its total, and counted as one whose model looped (ended_benches); it is refused first now."""
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text(f"device: pi-1\nfleet: f\nroot: {tmp_path / 'root'}\nserve: {{enabled: false}}\n"
+                   "bench: {total_timeout_s: 300}\n")
+    agent = Agent(load_agent_config(cfg))
+    try:
+        agent.run_command(Command("b1", "bench", {"min_seconds": 600}))
+        ((kind, ack),) = _sent(agent)
+        assert kind == "ack" and not ack["ok"]
+        assert ack["error"] == ("bench: total_timeout_s 300 is not above min_seconds 600: the timed runs alone last "
+                                "that long, so every benchmark would be ended at it (this device's agent.yaml "
+                                "bench.total_timeout_s); ask for fewer min_seconds")
+        assert agent.spool.stats()["ended_benches"] == 0
+    finally:
+        agent.spool.close()

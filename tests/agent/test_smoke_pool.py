@@ -175,3 +175,49 @@ def test_a_child_that_stops_partway_through_its_result_is_ended_at_its_deadline(
 def _wrapped(real_pipe, duplex, wrapper):
     receive, send = real_pipe(duplex=duplex)
     return wrapper(receive), send
+
+
+def test_a_child_stopped_partway_through_its_result_is_ended_when_the_caller_cancels(monkeypatch):
+    """The cancel a watchdog carries (the agent is stopping) was looked at only while the child had not begun its
+    answer: one that stopped halfway through a result held the agent's stop until the run's deadline (a benchmark's
+    bench.total_timeout_s, an hour by default). It is ended at once now, said as stopped, not as the child's fault."""
+    import multiprocessing
+    import os
+    import signal
+    import threading
+
+    from device_agents.smoke import Watchdog
+
+    pool = SmokePool()
+    pool.run(time.sleep, 0, timeout=60, what="nap")  # the forkserver started
+    real_pipe = pool.ctx.Pipe
+    others = set(multiprocessing.active_children())
+    stopped = []
+    cancel = threading.Event()
+
+    class StoppedMidSend:
+        def __init__(self, conn):
+            self.conn = conn
+
+        def poll(self, timeout):
+            ready = self.conn.poll(timeout)
+            if ready and not stopped:
+                time.sleep(0.2)  # some of the 32 MB is in the pipe, the child blocked writing the rest
+                (child,) = set(multiprocessing.active_children()) - others
+                os.kill(child.pid, signal.SIGSTOP)
+                stopped.append(child)
+                threading.Timer(0.5, cancel.set).start()  # the agent is told to stop meanwhile
+            return ready
+
+        def __getattr__(self, name):
+            return getattr(self.conn, name)
+
+    monkeypatch.setattr(pool.ctx, "Pipe", lambda duplex: _wrapped(real_pipe, duplex, StoppedMidSend))
+    watch = Watchdog("inference", 120, cancel=cancel)
+    started = time.monotonic()
+    with pytest.raises(SmokeTimedOut) as caught:
+        pool.run(np.zeros, 4_000_000, what="inference", watchdog=watch)
+    assert time.monotonic() - started < 8
+    assert str(caught.value) == "the inference was stopped, partway through sending its result"
+    assert caught.value.how == "stopped" and watch.cancelled
+    assert stopped and not stopped[0].is_alive()

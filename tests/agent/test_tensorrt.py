@@ -418,3 +418,29 @@ def test_a_build_child_dying_partway_through_its_answer_is_a_one_line_build_erro
     """The pipe says "got end of file during message" (OSError), which escaped as a traceback."""
     with pytest.raises(trt.EngineBuildError, match=r"the engine build process died \(exit code 9\)"):
         trt.build_in_child(tmp_path / "m.onnx", tmp_path, timeout=60, target=_dies_mid_send)
+
+
+def _stalls_mid_send(model: str, root: str, threads: int, conn) -> None:
+    """A build child that stops partway through sending its answer: a length header, 3 of its 1,000 bytes, then
+    nothing more (stopped, or blocked), alive."""
+    import os
+    import struct
+    import time
+
+    os.write(conn.fileno(), struct.pack("!i", 1000) + b"abc")
+    time.sleep(3600)
+
+
+def test_a_build_child_stopping_partway_through_its_answer_is_ended_at_the_deadline(tmp_path: Path,
+                                                                                      monkeypatch) -> None:
+    """Once the first bytes of its answer had come, the agent read the rest with no deadline (SmokePool.run had
+    got one, the engine build had not): a build child stopped halfway held the install command, and the agent's
+    stop, for ever."""
+    import time
+
+    monkeypatch.setattr(smoke, "SEND_GRACE_S", 0.5)
+    started = time.monotonic()
+    with pytest.raises(trt.EngineBuildError, match="stopped partway through sending its result; killed at the "
+                                                   "build's deadline"):
+        trt.build_in_child(tmp_path / "m.onnx", tmp_path, timeout=2, target=_stalls_mid_send)
+    assert time.monotonic() - started < 30

@@ -108,3 +108,16 @@ def test_a_child_that_crashes_is_named_with_its_signal_and_step():
     with pytest.raises(SmokeCrashed, match=r"^the interpreter crashed \(exit -11\) at timed run 3$") as caught:
         SmokePool().run(report_then_crash, TIMED, 3, what="benchmark", watchdog=bench_watchdog())
     assert caught.value.how == "crashed (SIGSEGV)"
+
+
+def test_limits_and_first_inferences_near_or_past_a_thousand_are_whole_numbers_not_exponents():
+    """Three significant digits turned a 999.6 s limit into "1e+03 s" and a 12.5 s first inference into
+    "1.25e+04 ms" in the line that ends a benchmark."""
+    slow = BenchSettings(step_timeout_s=999.6, inference_timeout_s=30, total_timeout_s=3600)
+    watch = bench_watchdog(slow)
+    watch.check((LOADING, 0, 0), 0.0)
+    with pytest.raises(SmokeTimedOut) as caught:
+        watch.check((LOADING, 0, 0), 1000.0)
+    assert str(caught.value) == "loading did not finish within 1000 s (bench.step_timeout_s)"
+    assert step_limit(SETTINGS, (TIMED, 2, 12_500_000)) == (
+        250, "bench.inference_timeout_s, or 20x the first inference's 12500 ms when longer")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -155,3 +156,50 @@ def test_a_keras_with_known_safe_mode_bypasses_is_not_used_to_load_a_keras_file(
     assert str(caught.value) == (f"{model}: Keras {version} is installed, whose safe mode a crafted file can get around "
                                  "to run code while it loads (CVE-2025-1550, CVE-2025-9906, CVE-2026-1462); edge-kit "
                                  "loads Keras files with Keras 3.14 or later: pip install 'keras>=3.14'")
+
+
+@pytest.mark.parametrize("declared", [
+    {"units": 10**400},  # a JSON integer no float holds
+    {"units": 8, "kernel_size": [10**4000] * 3},  # area: 12,000 digits
+    {"units": 8, "kernel_size": [2**40] * 200_000},  # a long list: its product grew for minutes
+], ids=["huge-units", "huge-kernel", "long-kernel"])
+def test_a_keras_config_declaring_sizes_no_float_holds_is_refused_in_one_line(tmp_path, declared):
+    """The config size check computed each layer's weights exactly and printed them as MB through a float: a
+    config declaring Dense(units=10**400) raised OverflowError (int too large to convert to float), a traceback
+    instead of the refusal, and a kernel_size list of 200,000 large entries multiplied for minutes."""
+    import zipfile
+
+    from edge_kit.compiler.sources import DECLARED_CAP, _check_keras_config
+    from edge_kit.errors import InputError
+
+    model = tmp_path / "forged.keras"
+    config = {"class_name": "Functional", "config": {"layers": [
+        {"class_name": "InputLayer", "config": {"name": "in", "batch_shape": [None, 8, 8, 3]}},
+        {"class_name": "Dense", "config": {"name": "head", **declared}}]}}
+    with zipfile.ZipFile(model, "w") as zf:
+        zf.writestr("config.json", json.dumps(config))
+    started = time.monotonic()
+    with pytest.raises(InputError) as caught:
+        _check_keras_config(model)
+    assert time.monotonic() - started < 10
+    assert str(caught.value).startswith(f"{model}: layer 'head' (Dense) declares more than {DECLARED_CAP:,} weights "
+                                        f"({DECLARED_CAP * 4 / 1e6:,.0f} MB of float32) in the model's config, more "
+                                        "than the 2,147,483,648 bytes edge-kit takes per layer")
+
+
+@pytest.mark.parametrize("attribute", [[1, 2, 3], 7, 2.5], ids=["array", "int", "float"])
+def test_an_h5_whose_model_config_is_no_text_is_one_line_not_a_type_error(tmp_path, attribute):
+    """The config size check passed an .h5's ``model_config`` attribute to json.loads whatever it held: an array or a
+    number there raised TypeError (a traceback) before Keras could say the file is not a model it loads."""
+    import h5py
+
+    from edge_kit.compiler.sources import _check_keras_config, load_source
+    from edge_kit.errors import InputError
+
+    model = tmp_path / "odd.h5"
+    with h5py.File(model, "w") as f:
+        f.attrs["model_config"] = attribute
+    assert _check_keras_config(model) is None  # nothing declared to size: Keras's own load says what is wrong
+    with pytest.raises(InputError) as caught:
+        load_source(model)
+    assert str(caught.value).startswith(f"{model}: ") and "\n" not in str(caught.value)

@@ -156,7 +156,7 @@ def test_the_bench_command_line_ends_a_model_looping_in_scoring_or_past_its_tota
                            "(--inference-timeout-s, or 20x the first inference's ")
     assert line.endswith(" ms when longer); the benchmark's child was killed")
     line = one_line(agent_cli("bench", looping_tflite, "--eval", eval_set(tmp_path / "z.npz", 4, looping=None),
-                              "--min-seconds", "60", "--total-timeout-s", "0.5"))  # 100,000 runs take longer
+                              "--min-runs", "1000000", "--min-seconds", "0", "--total-timeout-s", "0.5"))
     assert line.startswith(f"edgekit-agent: error: {looping_tflite}: the benchmark did not finish within 0.5 s "
                            "(--total-timeout-s); it was at timed run ")
     assert one_line(agent_cli("bench", looping_tflite, "--inference-timeout-s", "nan")) == (
@@ -240,3 +240,39 @@ def test_a_bench_spinning_in_the_model_ends_at_once_when_the_agent_stops(looping
                        eval_file=eval_set(tmp_path / "e.npz", 3, looping=2), cancel=stop)
     assert time.monotonic() - started < 10
     assert not caught.value.ended  # the agent's doing, not the model's: not counted as a benchmark that ended
+
+
+def test_a_bench_whose_smoke_inference_spins_ends_at_once_when_the_agent_stops(tmp_path):
+    """Before its watched child, a bench checks the model in a smoke child (zeros, up to 120 s), which did not look
+    at the agent's stop: a model spinning on zeros held SIGTERM for two minutes, past systemd's stop timeout. The stop
+    ends that child too, and the command says the agent is stopping, not that the model failed."""
+    from edge_kit.compiler.tf_quiet import tensorflow
+
+    tf = tensorflow()
+
+    @tf.function(input_signature=[tf.TensorSpec([1, 8], tf.float32, name="x")])
+    def model(x):  # spins while every input value is at most 1: on the smoke check's zeros
+        below = 1.0 - tf.reduce_max(x)
+        spins = tf.while_loop(lambda i: below >= 0.0, lambda i: i + 1.0, [tf.constant(0.0)])[0]
+        return {"y": x * 2.0 + tf.minimum(spins, 0.0)}
+
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([model.get_concrete_function()], model)
+    spinning = tmp_path / "zeros-loop.tflite"
+    spinning.write_bytes(converter.convert())
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text(f"device: pi-1\nfleet: f\nroot: {tmp_path / 'root'}\ntelemetry_interval_s: 0.2\n")
+    agent = Agent(load_agent_config(cfg))
+    others = set(multiprocessing.active_children())
+    try:
+        sha = agent.store.install(spinning, variant="fp32", model="loop").sha256
+        assert agent.spool.take("b1", b"{}", time.time(), time.time() + 60) is None
+        threading.Timer(2.0, agent.stop).start()  # SIGTERM's handler
+        started = time.monotonic()
+        agent.run_command(Command("b1", "bench", {"sha256": sha, "min_runs": 2, "warmup": 0, "min_seconds": 0}))
+        assert time.monotonic() - started < 15
+        (ack,) = acks(agent)
+        assert (ack["ok"], ack["error"]) == (False, f"model {sha[:12]}: its smoke inference was stopped: the agent "
+                                                    "is stopping")
+        assert set(multiprocessing.active_children()) - others == set()
+    finally:
+        agent.spool.close()

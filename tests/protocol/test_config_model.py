@@ -30,6 +30,9 @@ def test_what_the_host_writes_the_agent_reads_back_unchanged():
     ({"device": "d", "fleet": "f", "telemetry_interval_s": 90000}, "telemetry_interval_s is 90000; at most 86400 s"),
     ({"device": "d", "fleet": "f", "store": {"max_store_mb": -1}}, "store.max_store_mb must be positive"),
     ({"device": "d", "fleet": "f", "stor": {}}, "stor: unknown key; did you mean 'store'?"),
+    # every benchmark would be ended at its total (and counted as a model that looped): the timed runs last longer
+    ({"device": "d", "fleet": "f", "bench": {"total_timeout_s": 5}},
+     "bench: total_timeout_s 5 is not above min_seconds 10: the timed runs alone last that long"),
 ])
 def test_bad_values_name_the_key(plain, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("?", r"\?")):
