@@ -62,6 +62,8 @@ from edgekit_protocol.messages import disk_free_bytes, telemetry_interval
 SILENT_INTERVALS = 3
 
 log = logging.getLogger("edgekit.monitor")
+# kinds whose copy the history holds already raise no alert and are not handed on again (see _keep)
+NOT_NEWS_AGAIN = ("status", "shadow")
 STORED_KINDS = KINDS  # the monitor subscribes to what the history keeps
 BATCH = 500
 
@@ -403,13 +405,16 @@ class Monitor:
         if not good:
             return
         # a status is retained: the broker sends each device's again on every subscribe, so a new run of the monitor
-        # got the one an earlier run stored and alerted ("went offline") as news; the history knows it already
-        old = self.store.stored_ids("status", [m["msg_id"] for k, m in good if k == "status"])
+        # got the one an earlier run stored and alerted ("went offline") as news; the history knows it already. A
+        # shadow comparison an agent sends again after its restart is no news either (its older non_finite count
+        # read as an agent started again: a false drift alert)
+        old = set().union(*(self.store.stored_ids(kind, [m["msg_id"] for k, m in good if k == kind])
+                            for kind in NOT_NEWS_AGAIN))
         new = self.store.add_many(good, raw, received)
         self.stats.duplicates += len(good) - new
         self.stats.stored += new
         for kind, msg in good:
-            if kind == "status" and msg["msg_id"] in old:
+            if kind in NOT_NEWS_AGAIN and msg["msg_id"] in old:
                 self._recent[msg["msg_id"]] = None
                 continue
             try:

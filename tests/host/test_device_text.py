@@ -5,6 +5,7 @@ its label values cannot grow the monitor's metrics without bound."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from prometheus_client import generate_latest
@@ -604,3 +605,25 @@ def test_new_non_finite_answers_alert_once_with_or_without_a_fidelity_bound_and_
         pass
     shadow(6, 5, later)
     assert not [a for a in later.alerts if a.kind == "drift"]
+
+
+def test_a_shadow_message_the_history_holds_already_raises_no_drift_alert_when_it_comes_again(fleet_file, tmp_path):
+    """An agent restarted before its broker took a spooled shadow message sends it again: with an older, lower
+    non_finite count than the newest one, it read as an agent started again, and its count as new NaN answers."""
+    from edge_kit.fleet.inventory import load_fleet
+    from edge_kit.telemetry.monitor import Monitor
+
+    store = Store(tmp_path / "h.db")
+    mon = Monitor(load_fleet(fleet_file), store, verify_in_child=False)
+
+    def shadow(seq, non_finite):
+        msg = messages.envelope("shadow", "sim", "d1", seq, {**SHADOW, "non_finite": non_finite, "key_id": "k", "sig": "s"})
+        return ("shadow", messages.check_body("shadow", messages.decode(messages.encode(msg), "shadow")))
+
+    older = shadow(1, 3)
+    for kind_msg in (older, shadow(2, 5), shadow(3, 5)):  # the last: nothing new, the episode ends
+        mon._keep([kind_msg], [messages.encode(kind_msg[1])], [time.time()])
+    assert len([a for a in mon.alerts if a.kind == "drift"]) == 1  # 3 new, then 2 more within the same episode
+    mon._recent.clear()  # as after a restart of the monitor's worker: only the history remembers it
+    mon._keep([older], [messages.encode(older[1])], [time.time()])
+    assert len([a for a in mon.alerts if a.kind == "drift"]) == 1
