@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("edgekit.monitor")
+# a batch of 500 signatures takes the child about 50 ms: one that has not answered in this long is hung
+RESULT_TIMEOUT_S = 30.0
 
 
 def _serve(conn: Any, keys_folder: str) -> None:
@@ -74,12 +76,17 @@ class Verifier:
                     return False
         return False
 
-    def result(self) -> list[str | None] | None:
-        """Return the answers to the last batch submitted, or None when the child died meanwhile."""
+    def result(self, timeout: float = RESULT_TIMEOUT_S) -> list[str | None] | None:
+        """Return the answers to the last batch submitted, or None when the child died meanwhile or gave no answer
+        within ``timeout`` seconds (it is stopped then, and started again with the next batch)."""
         try:
-            return self._conn.recv()
+            if self._conn.poll(timeout):
+                return self._conn.recv()
         except (EOFError, OSError):
             return None
+        log.warning("the verifying process gave no answer in %.0f s; stopping it (this batch is verified here)", timeout)
+        self.stop()
+        return None
 
     def stop(self) -> None:
         """Close the pipe and end the child (it stops at end of input)."""
@@ -88,6 +95,7 @@ class Verifier:
             self._conn = None
         if self._proc is not None:
             self._proc.join(timeout=5)
-            if self._proc.is_alive():
-                self._proc.terminate()
+            if self._proc.is_alive():  # hung, or stopped (SIGSTOP): a SIGTERM would wait for it to go on
+                self._proc.kill()
+                self._proc.join(timeout=5)
             self._proc = None

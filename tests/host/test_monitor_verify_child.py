@@ -11,6 +11,7 @@ from device_agents.identity import Keyring, Signer
 from edge_kit.fleet.inventory import load_fleet
 from edge_kit.telemetry.monitor import Monitor
 from edge_kit.telemetry.store import Store
+from edge_kit.telemetry.verifier import Verifier
 from edgekit_protocol import messages
 
 TOPIC = messages.topic("sim", "d1", "status")
@@ -71,3 +72,26 @@ def test_a_forgery_the_child_refuses_is_refused_though_it_decodes(tmp_path):
     finally:
         mon.verifier.stop()
     assert mon.stats.invalid == 1 and mon.stats.received == 2
+
+
+def test_a_verifying_child_that_gives_no_answer_is_replaced_and_its_batch_verified_here(tmp_path):
+    """The monitor's checker thread waited on the child's answer without end: a hung (here stopped) child held
+    every record after it. Now it is stopped after a timeout; the batch is checked in the monitor, the next
+    batch goes to a new child."""
+    import os
+    import signal
+
+    signer = Signer.generate()
+    fleet = _fleet(tmp_path, signer)
+    verifier = Verifier(fleet.key_store().folder).start()
+    try:
+        assert verifier.submit([(TOPIC, _signed(signer, 1))]) and verifier.result() == [None]
+        hung = verifier._proc
+        os.kill(hung.pid, signal.SIGSTOP)
+        assert verifier.submit([(TOPIC, _signed(signer, 2))])
+        started = time.monotonic()
+        assert verifier.result(timeout=1.0) is None
+        assert time.monotonic() - started < 10 and not hung.is_alive()
+        assert verifier.submit([(TOPIC, _signed(signer, 3))]) and verifier.result() == [None]  # a new child
+    finally:
+        verifier.stop()
