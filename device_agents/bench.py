@@ -305,6 +305,8 @@ def bench_child(model: str, settings: BenchSettings, eval_file: str | None, mete
         return "data", str(exc)
     except RuntimeUnavailable as exc:
         return "runtime", str(exc)
+    except MemoryError:  # the model's buffers do not fit: said so, not taken for a crash (or a bug's traceback)
+        return "failed", "out of memory (MemoryError) running the model"
     except (EdgeKitError, ValueError, RuntimeError, OSError) as exc:
         return "failed", (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     if meter is None:

@@ -121,3 +121,16 @@ def test_limits_and_first_inferences_near_or_past_a_thousand_are_whole_numbers_n
     assert str(caught.value) == "loading did not finish within 1000 s (bench.step_timeout_s)"
     assert step_limit(SETTINGS, (TIMED, 2, 12_500_000)) == (
         250, "bench.inference_timeout_s, or 20x the first inference's 12500 ms when longer")
+
+
+def test_a_benchmark_child_out_of_memory_is_a_failure_said_so_not_a_crash(monkeypatch, tmp_path):
+    """A MemoryError in the child was no failure the child sent: it died with a traceback on the agent's stderr and
+    was counted as a model that crashed."""
+    from device_agents import bench
+
+    def short_of_memory(*_args, **_kw):
+        raise MemoryError
+
+    monkeypatch.setattr(bench, "run_bench", short_of_memory)
+    assert bench.bench_child(str(tmp_path / "m.tflite"), SETTINGS, None, None, [0, 0, 0]) == (
+        "failed", "out of memory (MemoryError) running the model")
