@@ -132,17 +132,13 @@ def test_a_child_killed_while_sending_its_result_is_a_crash_not_the_pipes_error(
     assert caught.value.how == "was killed (out of memory?)" and str(caught.value) == "the interpreter crashed (exit -9)"
 
 
-def test_a_child_that_stops_partway_through_its_result_is_ended_at_its_deadline(monkeypatch):
-    """Once the first bytes of an answer had come, the parent read the rest with no deadline: a child stopped
-    (SIGSTOP, or blocked) halfway through a large result held it for ever."""
+def _stop_mid_send(pool, monkeypatch, then=None) -> list:
+    """Make the next child of ``pool`` stop (SIGSTOP) once part of its answer is in the pipe, with a 32 MB result
+    blocked writing the rest; ``then()`` runs after. Return the list the stopped child is put in."""
     import multiprocessing
     import os
     import signal
 
-    from device_agents import smoke
-
-    monkeypatch.setattr(smoke, "SEND_GRACE_S", 0.5)
-    pool = SmokePool()
     pool.run(time.sleep, 0, timeout=60, what="nap")  # the forkserver started
     real_pipe = pool.ctx.Pipe
     others = set(multiprocessing.active_children())
@@ -159,12 +155,29 @@ def test_a_child_that_stops_partway_through_its_result_is_ended_at_its_deadline(
                 (child,) = set(multiprocessing.active_children()) - others
                 os.kill(child.pid, signal.SIGSTOP)
                 stopped.append(child)
+                if then is not None:
+                    then()
             return ready
 
         def __getattr__(self, name):
             return getattr(self.conn, name)
 
-    monkeypatch.setattr(pool.ctx, "Pipe", lambda duplex: _wrapped(real_pipe, duplex, StoppedMidSend))
+    def pipe(duplex):
+        receive, send = real_pipe(duplex=duplex)
+        return StoppedMidSend(receive), send
+
+    monkeypatch.setattr(pool.ctx, "Pipe", pipe)  # the context is the process's one: undone after the test
+    return stopped
+
+
+def test_a_child_that_stops_partway_through_its_result_is_ended_at_its_deadline(monkeypatch):
+    """Once the first bytes of an answer had come, the parent read the rest with no deadline: a child stopped
+    (SIGSTOP, or blocked) halfway through a large result held it for ever."""
+    from device_agents import smoke
+
+    monkeypatch.setattr(smoke, "SEND_GRACE_S", 0.5)
+    pool = SmokePool()
+    stopped = _stop_mid_send(pool, monkeypatch)
     started = time.monotonic()
     with pytest.raises(SmokeTimedOut, match="stopped partway through sending its result"):
         pool.run(np.zeros, 4_000_000, timeout=1, what="inference")
@@ -172,47 +185,17 @@ def test_a_child_that_stops_partway_through_its_result_is_ended_at_its_deadline(
     assert stopped and not stopped[0].is_alive()
 
 
-def _wrapped(real_pipe, duplex, wrapper):
-    receive, send = real_pipe(duplex=duplex)
-    return wrapper(receive), send
-
-
 def test_a_child_stopped_partway_through_its_result_is_ended_when_the_caller_cancels(monkeypatch):
     """The cancel a watchdog carries (the agent is stopping) was looked at only while the child had not begun its
     answer: one that stopped halfway through a result held the agent's stop until the run's deadline (a benchmark's
     bench.total_timeout_s, an hour by default). It is ended at once now, said as stopped, not as the child's fault."""
-    import multiprocessing
-    import os
-    import signal
     import threading
 
     from device_agents.smoke import Watchdog
 
     pool = SmokePool()
-    pool.run(time.sleep, 0, timeout=60, what="nap")  # the forkserver started
-    real_pipe = pool.ctx.Pipe
-    others = set(multiprocessing.active_children())
-    stopped = []
     cancel = threading.Event()
-
-    class StoppedMidSend:
-        def __init__(self, conn):
-            self.conn = conn
-
-        def poll(self, timeout):
-            ready = self.conn.poll(timeout)
-            if ready and not stopped:
-                time.sleep(0.2)  # some of the 32 MB is in the pipe, the child blocked writing the rest
-                (child,) = set(multiprocessing.active_children()) - others
-                os.kill(child.pid, signal.SIGSTOP)
-                stopped.append(child)
-                threading.Timer(0.5, cancel.set).start()  # the agent is told to stop meanwhile
-            return ready
-
-        def __getattr__(self, name):
-            return getattr(self.conn, name)
-
-    monkeypatch.setattr(pool.ctx, "Pipe", lambda duplex: _wrapped(real_pipe, duplex, StoppedMidSend))
+    stopped = _stop_mid_send(pool, monkeypatch, then=lambda: threading.Timer(0.5, cancel.set).start())  # told to stop
     watch = Watchdog("inference", 120, cancel=cancel)
     started = time.monotonic()
     with pytest.raises(SmokeTimedOut) as caught:
