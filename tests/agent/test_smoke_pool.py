@@ -90,6 +90,18 @@ def test_a_child_killed_while_sending_its_result_is_a_crash_not_the_pipes_error(
     """A child that died partway through sending a result (out of memory while writing a large one) left the parent an
     OSError ("got end of file during message"): a traceback, or in compile a wrong "free space in TMPDIR". It is
     the crash report now. The child is killed once its result no longer fits in the pipe (it waits, half sent)."""
+    import signal
+
+    pool = SmokePool()
+    _stop_mid_send(pool, monkeypatch, sig=signal.SIGKILL)
+    with pytest.raises(SmokeCrashed) as caught:
+        pool.run(np.zeros, 4_000_000, timeout=60, what="inference")  # 32 MB: far more than a pipe holds
+    assert caught.value.how == "was killed (out of memory?)" and str(caught.value) == "the interpreter crashed (exit -9)"
+
+
+def _stop_mid_send(pool, monkeypatch, then=None, sig=None) -> list:
+    """Make the next child of ``pool`` get ``sig`` (SIGSTOP by default) once part of its answer is in the pipe, with
+    a 32 MB result blocked writing the rest; ``then()`` runs after. Return the list the signalled child is put in."""
     import fcntl
     import multiprocessing
     import os
@@ -100,48 +112,9 @@ def test_a_child_killed_while_sending_its_result_is_a_crash_not_the_pipes_error(
     def waiting(fd):  # bytes in the pipe, not yet read
         return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
 
-    pool = SmokePool()
     pool.run(time.sleep, 0, timeout=60, what="nap")  # the forkserver started
     real_pipe = pool.ctx.Pipe
     others = set(multiprocessing.active_children())  # children earlier tests left are not this run's
-
-    class KilledMidSend:
-        def __init__(self, conn):
-            self.conn = conn
-
-        def poll(self, timeout):
-            ready = self.conn.poll(timeout)
-            deadline = time.monotonic() + 10
-            while waiting(self.conn.fileno()) <= 4 and time.monotonic() < deadline:  # the length, then some of the data
-                time.sleep(0.01)
-            (child,) = set(multiprocessing.active_children()) - others
-            os.kill(child.pid, signal.SIGKILL)
-            child.join(10)
-            return ready
-
-        def __getattr__(self, name):
-            return getattr(self.conn, name)
-
-    def pipe(duplex):
-        receive, send = real_pipe(duplex=duplex)
-        return KilledMidSend(receive), send
-
-    monkeypatch.setattr(pool.ctx, "Pipe", pipe)  # the context is the process's one: undone after the test
-    with pytest.raises(SmokeCrashed) as caught:
-        pool.run(np.zeros, 4_000_000, timeout=60, what="inference")  # 32 MB: far more than a pipe holds
-    assert caught.value.how == "was killed (out of memory?)" and str(caught.value) == "the interpreter crashed (exit -9)"
-
-
-def _stop_mid_send(pool, monkeypatch, then=None) -> list:
-    """Make the next child of ``pool`` stop (SIGSTOP) once part of its answer is in the pipe, with a 32 MB result
-    blocked writing the rest; ``then()`` runs after. Return the list the stopped child is put in."""
-    import multiprocessing
-    import os
-    import signal
-
-    pool.run(time.sleep, 0, timeout=60, what="nap")  # the forkserver started
-    real_pipe = pool.ctx.Pipe
-    others = set(multiprocessing.active_children())
     stopped = []
 
     class StoppedMidSend:
@@ -151,9 +124,13 @@ def _stop_mid_send(pool, monkeypatch, then=None) -> list:
         def poll(self, timeout):
             ready = self.conn.poll(timeout)
             if ready and not stopped:
-                time.sleep(0.2)  # some of the 32 MB is in the pipe, the child blocked writing the rest
+                deadline = time.monotonic() + 10
+                while waiting(self.conn.fileno()) <= 4 and time.monotonic() < deadline:  # the length, then some data
+                    time.sleep(0.01)
                 (child,) = set(multiprocessing.active_children()) - others
-                os.kill(child.pid, signal.SIGSTOP)
+                os.kill(child.pid, sig or signal.SIGSTOP)
+                if sig == signal.SIGKILL:
+                    child.join(10)
                 stopped.append(child)
                 if then is not None:
                     then()
