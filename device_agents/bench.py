@@ -288,7 +288,9 @@ def bench_child(model: str, settings: BenchSettings, eval_file: str | None, mete
     Returns:
         ``("ok", record)``, or ``(kind, text)`` for what the model or its inputs refused: ``"data"`` (a
         DataFileError's text), ``"runtime"`` (RuntimeUnavailable's) or ``"failed"`` (the first line of
-        anything else the runtime raised).
+        an EdgeKitError, ValueError, RuntimeError or OSError the runtime raised, or of a MemoryError); for any
+        other Python exception (a binding's TypeError or KeyError, an IndexError on a malformed output: a failure
+        of this child, never a crash of it), ``("raised", (type name, first line of its text, its traceback))``.
     """
     from device_agents.errors import RuntimeUnavailable
     from device_agents.power import DEFAULT_SENSORS, power_meter
@@ -309,6 +311,10 @@ def bench_child(model: str, settings: BenchSettings, eval_file: str | None, mete
         return "failed", "out of memory (MemoryError) running the model"
     except (EdgeKitError, ValueError, RuntimeError, OSError) as exc:
         return "failed", (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    except Exception as exc:  # noqa: BLE001 - any other exception: said in one line, its traceback for the log
+        import traceback
+
+        return "raised", (type(exc).__name__, (str(exc).strip().splitlines() or [""])[0], traceback.format_exc())
     if meter is None:
         record["power"] = not_measured((meter_args or {}).get("keys", DEFAULT_SENSORS))
     record.update(_peak_rss("the benchmark's child process, scoring included"))
@@ -329,8 +335,9 @@ def bench_in_child(pool: Any, model: Path, settings: BenchSettings, *, eval_file
 
     Raises:
         BenchFailed: the child was killed (the step and limit named) or crashed (the signal and step named), both
-            with ``ended`` set; it was stopped by ``cancel``; or the runtime could not load or run the model (the step
-            and the runtime's first line).
+            with ``ended`` set; it was stopped by ``cancel``; the runtime could not load or run the model (the step
+            and the runtime's first line); or the child raised another Python exception (the step, the exception's
+            type and first line; its traceback in ``detail``, for the caller's log).
         DataFileError: ``eval_file`` is missing, unreadable or does not fit the model.
         RuntimeUnavailable: the runtime or delegate is not installed here.
     """
@@ -362,6 +369,10 @@ def bench_in_child(pool: Any, model: Path, settings: BenchSettings, *, eval_file
         raise DataFileError(value)
     if kind == "runtime":
         raise RuntimeUnavailable(value)
+    if kind == "raised":  # a Python exception in the child: a failure at its step, not a crash of the child
+        name, text, trace = value
+        raise BenchFailed(f"the benchmark raised {name} at {watch.step() or 'its start'}" + (f": {text}" if text else ""),
+                          detail=trace)
     if kind != "ok":
         raise BenchFailed(f"cannot load or run the model at {watch.step() or 'its start'} ({value})")
     return value

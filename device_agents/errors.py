@@ -43,11 +43,13 @@ class SmokeTimedOut(SmokeCrashed):
 class BenchFailed(DeviceError):
     """A benchmark's child gave no record: the model failed, crashed or made no progress in time at one
     step (loading, first inference, timed run N, scoring sample N...); the text says which and how.
-    ``ended``: the child crashed or was killed by its watchdog (not a failure the runtime reported)."""
+    ``ended``: the child crashed or was killed by its watchdog (not a failure the runtime reported). ``detail``: the
+    traceback of a Python exception the child raised ("" for none), for a log, never for the one-line answer."""
 
-    def __init__(self, message: str, ended: bool = False):
+    def __init__(self, message: str, ended: bool = False, detail: str = ""):
         super().__init__(message)
         self.ended = ended
+        self.detail = detail
 
 
 class UsageError(DeviceError):

@@ -432,6 +432,8 @@ class Agent:
                     self._on_disk(lambda: self.spool.count("ended_benches"))
                 except DiskFull as full:  # the answer goes out; only the count is lost
                     log.error("could not count the ended benchmark: %s", full)
+            if exc.detail:  # a Python exception in the child: its traceback here (escaped, one line), not in the ack
+                log.warning("bench of model %s: %s; the child's traceback: %s", sha[:12], exc, exc.detail.strip())
             goes_on = "" if self._stop.is_set() else ", the agent runs on"
             raise BenchFailed(f"bench of model {sha[:12]}: {exc}; nothing recorded{goes_on}") from None
         meta = self.store.describe(sha) or {}

