@@ -325,6 +325,10 @@ _COUNTS = {"live": ("requests", "errors", "window", "queue_depth", "clients", "h
                       "non_finite")}
 
 
+# A shadow message's ``run``: the id of the shadow run whose counts it carries (new at each run, and so at each
+# agent start); within one run the counts only rise. Text of at most this many characters.
+MAX_RUN_ID = 64
+
 MAX_TELEMETRY_INTERVAL_S = 86400.0  # an agent's telemetry_interval_s at most (a day); its config refuses more
 
 
@@ -386,6 +390,9 @@ def _check_served(kind: str, message: dict[str, Any]) -> None:
     share = message.get("share")
     if share is not None and not (in_range(share) and 0 <= share <= 1):
         raise MessageError("shadow: share is not a number from 0 to 1")
+    run = message.get("run")  # an older agent sends none
+    if run is not None and not (isinstance(run, str) and 0 < len(run) <= MAX_RUN_ID):
+        raise MessageError(f"shadow: run is not a text of 1 to {MAX_RUN_ID} characters")
     errors = ("max_abs_error", "mean_abs_error")
     _figures(kind, "fidelity", message.get("fidelity"), ("snr_db", "cosine", *errors), errors, unbounded=errors)
 
@@ -397,7 +404,8 @@ def check_body(kind: str, message: dict[str, Any]) -> dict[str, Any]:
         MessageError: a field is missing or mistyped (named), a latency, power, count or error figure is
             not a non-negative number, or another figure is not a number (``live`` and ``shadow``: a
             model reference is not an object with text ``variant`` and ``sha256``, a shadow's
-            ``share`` is not from 0 to 1; a telemetry ``interval_s``, when present, is not a number of seconds
+            ``share`` is not from 0 to 1, or its ``run``, when present, no text of 1 to :data:`MAX_RUN_ID`
+            characters; a telemetry ``interval_s``, when present, is not a number of seconds
             above 0 and at most :data:`MAX_TELEMETRY_INTERVAL_S`).
     """
     for name, types in _BODY[kind].items():

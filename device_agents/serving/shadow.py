@@ -199,6 +199,9 @@ class Shadow:
         self.counts = {"compared": 0, "skipped_rate": 0, "skipped_busy_cpu": 0, "dropped_queue_full": 0, "errors": 0,
                        "non_finite": 0}
         self.ended: str | None = None  # why the child is gone, when it is
+        # this run's id, in each of its messages: its counts only rise within it, and a new id (a new shadow run, an
+        # agent started again) tells the monitor that they started again from 0 (edgekit_protocol.messages)
+        self.run = os.urandom(8).hex()
         self._tokens, self._last = max_per_s, time.monotonic()
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()
@@ -362,11 +365,12 @@ class Shadow:
     # --- figures ----------------------------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
-        """Return the comparison: the shadow model, the counts and the served outputs' fidelity against it."""
+        """Return the comparison: the shadow model, this run's id (``run``), the counts and the served outputs'
+        fidelity against it."""
         with self._lock:
             pairs = list(self.pairs)
             counts = dict(self.counts)
-        out: dict[str, Any] = {"model": self.model.ref(), "share": self.share, "max_per_s": self.max_per_s,
+        out: dict[str, Any] = {"model": self.model.ref(), "run": self.run, "share": self.share, "max_per_s": self.max_per_s,
                                "window": len(pairs), **counts, "fidelity": None,
                                "runs_in": f"child process ({self.priority})"}
         if self.ended and self.ended != "stopped":

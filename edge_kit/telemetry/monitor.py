@@ -100,6 +100,15 @@ MAX_ALERT_CHARS = 1000  # characters of an alert kept: its text may hold a devic
 MAX_CLIENT_ID_BYTES = 65_535  # MQTT encodes a client id's length in 16 bits
 
 
+def _shadow_mark(shadow: dict[str, Any]) -> tuple[int | None, str | None, int]:
+    """Return what the drift check keeps of a ``shadow`` message: its ``seq`` (None when it has no whole number
+    there: a history row holds what a device sent, checked or not), its ``run`` (None from an older agent) and its
+    ``non_finite`` count (0 when it says none)."""
+    seq, run, count = shadow.get("seq"), shadow.get("run"), shadow.get("non_finite")
+    return (seq if type(seq) is int else None, run if isinstance(run, str) else None,
+            count if type(count) is int and count >= 0 else 0)
+
+
 class Monitor:
     """One monitor worker. ``start()``, then ``stop()``; ``stats`` and ``alerts`` are live."""
 
@@ -135,7 +144,8 @@ class Monitor:
         self.min_free_bytes = min_free_mb * 1e6  # a device reporting less free space is alerted on (once per episode)
         self._low_disk: set[str] = set()
         self._drifting: set[str] = set()
-        self._non_finite: dict[str, int] = {}  # each device's last shadow non_finite count
+        # each device's newest shadow message taken, by seq: (seq, run or None, its non_finite count)
+        self._last_shadow: dict[str, tuple[int | None, str | None, int]] = {}
         self._intervals: dict[str, float] = {}  # each device's telemetry interval, as its newest telemetry says it
         # The history's first failure to connect or write (a database gone away): from then on this
         # worker stores nothing more, and whoever runs it stops and says so (`edgekit monitor` exits 6).
@@ -199,8 +209,7 @@ class Monitor:
         """
         b = self.fleet.broker
         try:  # a device's non-finite answers counted before this monitor started are not new to it
-            self._non_finite = {d: m["non_finite"] for d, m in self.store.latest_shadow().items()
-                                if type(m.get("non_finite")) is int and m["non_finite"] >= 0}
+            self._last_shadow = {d: _shadow_mark(m) for d, m in self.store.latest_shadow().items()}
             self._intervals = self.store.telemetry_intervals()  # until its next telemetry says otherwise
         except HistoryError:
             pass  # the writer meets it too, and says so
@@ -406,8 +415,8 @@ class Monitor:
             return
         # a status is retained: the broker sends each device's again on every subscribe, so a new run of the monitor
         # got the one an earlier run stored and alerted ("went offline") as news; the history knows it already. A
-        # shadow comparison an agent sends again after its restart is no news either (its older non_finite count
-        # read as an agent started again: a false drift alert)
+        # shadow comparison an agent sends again after its restart is no news either, and not handed on again (the
+        # drift check orders shadow messages by seq itself: an older one never stored before is no news to it either)
         old = set().union(*(self.store.stored_ids(kind, [m["msg_id"] for k, m in good if k == kind])
                             for kind in NOT_NEWS_AGAIN))
         new = self.store.add_many(good, raw, received)
@@ -457,14 +466,23 @@ class Monitor:
         """Alert (once per episode) when a ``shadow`` message says the served model's live outputs drift from
         its shadow reference below the device's ``min_fidelity_snr_db``, or that answers of either held NaN or
         an infinity since the device's last shadow message (its ``non_finite`` count rose; such answers are
-        kept out of the fidelity): that one with or without a fidelity bound. Return nothing."""
+        kept out of the fidelity): that one with or without a fidelity bound. Return nothing.
+
+        Messages are taken in ``seq`` order (the agent's spool keeps it rising across its restarts): one not newer
+        than the newest taken for the device (queued, handed to another worker, replayed) is no news, neither
+        alerted on nor taken as the count. A newer one whose ``run`` differs from the last one's is a new shadow
+        run (a new ``shadow`` command, the agent started again), whose count started from 0; from an older agent,
+        without ``run``, a count lower than the last is the only sign of it."""
+        seq, run, count = _shadow_mark(shadow)
+        last = self._last_shadow.get(device)
+        if last is not None and seq is not None and last[0] is not None and seq <= last[0]:
+            return
+        self._last_shadow[device] = (seq, run, count)
+        before = 0 if last is None or (run is not None and last[1] is not None and run != last[1]) else last[2]
+        bad = count - before if count >= before else count  # a lower count: the agent started again
         c = self.constraints.get(device)
         bound = c.min_fidelity_snr_db if c is not None else None
         snr = messages.field_at(shadow, "fidelity", "snr_db")
-        count = shadow.get("non_finite") or 0  # the protocol checked it: a whole number >= 0 when present
-        before = self._non_finite.get(device, 0)
-        self._non_finite[device] = count
-        bad = count - before if count >= before else count  # a lower count: the agent started again
         low = bool(bad) or (bound is not None and messages.in_range(snr) and snr < bound)
         if low and device not in self._drifting:
             self._drifting.add(device)

@@ -389,6 +389,13 @@ def test_a_nan_answer_in_a_shadow_run_is_counted_and_the_finite_pairs_still_meas
     body = {**shadow, "serving": server.snapshot()["model"]}
     msg = messages.decode(messages.encode(messages.envelope("shadow", "f", "d1", 1, {**body, "key_id": "k", "sig": "s"})))
     assert messages.check_body("shadow", msg)["non_finite"] == 1
+    # the count is this shadow run's: a new run (a new shadow command, an agent started again) counts from 0 under a
+    # new id, by which the monitor tells it from a count that went down
+    assert isinstance(msg["run"], str) and msg["run"] == shadow["run"]
+    server.set_shadow(store.model_path(store.shas["fp32"]), store.shas["fp32"], "fp32", share=1.0, max_per_s=1000,
+                      max_load=1e9)
+    again = server.snapshot()["shadow"]
+    assert again["non_finite"] == 0 and again["run"] != shadow["run"]
 
 
 def test_shared_memory_inputs_answer_the_same_and_bad_ones_are_refused(store, server, tmp_path):

@@ -117,7 +117,8 @@ SHADOW = {"model": {"variant": "fp32", "sha256": "b" * 64}, "serving": {"variant
     ("live", {"queue_depth": -1}), ("live", {"latency_ms": {"p50": -1.0}}), ("live", {"errors": HUGE}),
     ("live", {"latency_ms": {"p99": HUGE}}), ("shadow", {"fidelity": [40]}), ("shadow", {"model": "fp32"}),
     ("shadow", {"serving": {"variant": 7}}), ("shadow", {"fidelity": {"snr_db": -HUGE}}), ("shadow", {"window": [1]}),
-    ("shadow", {"fidelity": {"max_abs_error": -0.1}}), ("shadow", {"share": 2.0}), ("shadow", {"compared": 1.5})])
+    ("shadow", {"fidelity": {"max_abs_error": -0.1}}), ("shadow", {"share": 2.0}), ("shadow", {"compared": 1.5}),
+    ("shadow", {"run": 7}), ("shadow", {"run": ""}), ("shadow", {"run": "r" * 65})])
 def test_live_and_shadow_figures_of_any_other_shape_are_refused_at_the_monitors_check(kind, odd):
     """Live figures and shadow comparisons as a broken or hostile agent may send them: strings, lists, booleans,
     negatives or numbers no float can hold where figures go. They travelled unchecked inside telemetry; on their
@@ -627,3 +628,73 @@ def test_a_shadow_message_the_history_holds_already_raises_no_drift_alert_when_i
     mon._recent.clear()  # as after a restart of the monitor's worker: only the history remembers it
     mon._keep([older], [messages.encode(older[1])], [time.time()])
     assert len([a for a in mon.alerts if a.kind == "drift"]) == 1
+
+
+def _drift_monitor(fleet_file, store):
+    from edge_kit.fleet.inventory import load_fleet
+    from edge_kit.telemetry.monitor import Monitor
+
+    return Monitor(load_fleet(fleet_file), store, verify_in_child=False)  # d1: no fidelity bound
+
+
+def _shadow(mon, seq: int, non_finite: int, run: str | None = None) -> dict:
+    """Take the shadow message ``seq`` of d1 (``run``: its shadow run, None from an older agent) as stored; return it."""
+    body = {**SHADOW, "non_finite": non_finite, "key_id": "k", "sig": "s", **({"run": run} if run else {})}
+    msg = messages.check_body("shadow", messages.decode(messages.encode(messages.envelope("shadow", "sim", "d1", seq, body)),
+                                                        "shadow"))
+    mon._after_store("shadow", msg)
+    return msg
+
+
+def _nan_alerts(mon) -> list[int]:
+    """Return the numbers of new NaN answers the drift alerts raised so far said."""
+    return [int(a.text.split(": ")[1].split()[0].replace(",", "")) for a in mon.alerts if a.kind == "drift"]
+
+
+@pytest.mark.parametrize("run", [None, "r1"])
+def test_an_older_shadow_message_arriving_late_raises_no_drift_alert_and_keeps_the_count(fleet_file, tmp_path, run):
+    """Shadow messages arrive out of order (a queued stream after a monitor outage, workers of a shared subscription):
+    one older by seq with a lower non_finite count read as an agent started again, its count as new NaN answers (a
+    false alert), and it replaced the count, so the next message's old answers were alerted on again."""
+    mon = _drift_monitor(fleet_file, Store(tmp_path / "h.db"))
+    _shadow(mon, 1, 0, run)
+    _shadow(mon, 3, 4, run)  # four new: alert
+    _shadow(mon, 4, 4, run)  # none new: the episode ends
+    _shadow(mon, 2, 1, run)  # late: older than seq 4
+    assert _nan_alerts(mon) == [4]
+    _shadow(mon, 5, 6, run)  # two new since seq 4
+    assert _nan_alerts(mon) == [4, 2]
+
+
+def test_a_new_shadow_run_counts_from_zero_however_its_first_count_compares(fleet_file, tmp_path):
+    """An agent started again (or a new shadow command) counts from 0: once recognised only by a lower count, so a
+    new run that met as many or more NaN answers before its first message than the last run's count was alerted on
+    for the difference, or not at all. The message's ``run`` says which shadow run counted."""
+    mon = _drift_monitor(fleet_file, Store(tmp_path / "h.db"))
+    _shadow(mon, 1, 3, "a")
+    _shadow(mon, 2, 3, "a")  # the episode ends
+    _shadow(mon, 3, 5, "b")  # the agent started again: five new, not two
+    _shadow(mon, 4, 5, "b")
+    _shadow(mon, 5, 0, "c")  # and again: none yet
+    _shadow(mon, 6, 2, "c")  # then two new
+    _shadow(mon, 7, 2, "c")
+    _shadow(mon, 8, 1)  # an older agent's restart (no run): a lower count, all of it new
+    assert _nan_alerts(mon) == [3, 5, 2, 1]
+
+
+def test_a_monitor_started_again_takes_the_historys_newest_shadow_message_as_known(fleet_file, tmp_path):
+    """A new monitor reads each device's newest shadow message from the history: an older one arriving then (queued
+    while it was down, never stored) is no news, and the next message of that run alerts on its new answers only."""
+    store = Store(tmp_path / "h.db")
+    first = _drift_monitor(fleet_file, store)
+    store.add("shadow", _shadow(first, 5, 4, "a"))
+    later = _drift_monitor(fleet_file, store)
+    try:
+        later.start(timeout=0.5)  # no broker on port 1: it reads the history, then fails to connect
+    except Exception:  # noqa: BLE001 - AgentError: only the history's part matters here
+        pass
+    _shadow(later, 3, 1, "a")  # older, never stored before: no alert, and the count stays 4
+    _shadow(later, 6, 7, "a")
+    _shadow(later, 7, 7, "a")
+    _shadow(later, 8, 2, "b")  # the agent started again after the monitor did
+    assert _nan_alerts(later) == [3, 2]
