@@ -285,7 +285,8 @@ class SmokePool:
                 message ends ``at <step>``.
             SmokeFailed: ``fn`` raised it (its text).
 
-        Anything else raised meanwhile (KeyboardInterrupt) kills the child before it propagates.
+        Anything else raised meanwhile (KeyboardInterrupt) kills the child before it propagates. No child outlives
+        its run: one that answered but has not exited 5 s later (a thread it left running) is killed.
         """
         watch = watchdog or Watchdog(what, timeout)
         slots = self.ctx.RawArray("i", watch.slots) if watch.slots else None
@@ -340,6 +341,9 @@ class SmokePool:
             if not answered and child.is_alive():  # interrupted (Ctrl-C): it must not outlive its caller's clean-up
                 child.kill()
             child.join(5)
+            if child.is_alive():  # answered, yet not gone (a thread it left keeps its interpreter from exiting, or
+                child.kill()  # it is stopped): it would idle for the caller's life; no child outlives its run
+                child.join(5)
         if status != "ok":
             raise SmokeFailed(value)
         return value

@@ -3,6 +3,7 @@ costs the child, never the caller; a run over a set of inputs gives what an in-p
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -181,3 +182,30 @@ def test_a_child_stopped_partway_through_its_result_is_ended_when_the_caller_can
     assert str(caught.value) == "the inference was stopped, partway through sending its result"
     assert caught.value.how == "stopped" and watch.cancelled
     assert stopped and not stopped[0].is_alive()
+
+
+def answer_then_linger(x):
+    """Answer ``x``, leaving a thread that keeps this child from exiting (a user metric's or a binding's non-daemon
+    thread: the child's interpreter waits for it at exit)."""
+    import threading
+
+    threading.Thread(target=time.sleep, args=(600,), daemon=False).start()
+    return x
+
+
+def test_a_child_that_answered_but_does_not_exit_is_ended_with_its_run():
+    """A child that sent its answer and then did not exit was waited for 5 s and left: idle, a child of the forkserver,
+    for as long as its thread ran (for ever), and after the caller's end too (its caller-watch had stopped with the
+    answer sent). No child of a run outlives the run now."""
+    import multiprocessing
+
+    import psutil
+
+    pool = SmokePool()
+    pool.run(time.sleep, 0, timeout=60, what="nap")  # the forkserver started
+    server = psutil.Process(os.getpid()).children()  # this process's forkserver (and resource tracker)
+    before = {c.pid for s in server for c in s.children(recursive=True)}
+    others = set(multiprocessing.active_children())
+    assert pool.run(answer_then_linger, 7, timeout=60, what="answer") == 7
+    assert set(multiprocessing.active_children()) - others == set()
+    assert {c.pid for s in server for c in s.children(recursive=True) if c.is_running()} - before == set()
