@@ -681,9 +681,10 @@ class Agent:
 
     @staticmethod
     def _shadow_counts(shadow: dict[str, Any]) -> tuple[Any, ...]:
-        """Return what tells one shadow comparison from the next: its model, counts and end."""
-        return (shadow["model"]["sha256"], shadow["compared"], shadow["errors"], shadow["dropped_queue_full"],
-                shadow["skipped_rate"], shadow["skipped_busy_cpu"], shadow.get("non_finite"), shadow.get("ended"))
+        """Return what tells one shadow comparison from the next: its model, run, counts and end."""
+        return (shadow["model"]["sha256"], shadow.get("run"), shadow["compared"], shadow["errors"],
+                shadow["dropped_queue_full"], shadow["skipped_rate"], shadow["skipped_busy_cpu"], shadow.get("non_finite"),
+                shadow.get("ended"))
 
     # --- life cycle ----------------------------------------------------------------------------
 

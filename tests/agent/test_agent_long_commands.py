@@ -78,6 +78,14 @@ def test_a_shadow_run_whose_new_answers_all_held_nan_is_sent_again():
     assert Agent._shadow_counts(base) != Agent._shadow_counts({**base, "non_finite": 2})
 
 
+def test_a_new_shadow_run_whose_counts_match_the_last_ones_sent_is_sent():
+    """A new shadow run (a new shadow command, of the same model) that reached the very counts of the last message
+    sent was not sent: the monitor heard of its NaN answers only at its next change of counts."""
+    base = {"model": {"sha256": "b" * 64}, "run": "a" * 16, "compared": 3, "errors": 0, "dropped_queue_full": 0,
+            "skipped_rate": 0, "skipped_busy_cpu": 0, "non_finite": 2}
+    assert Agent._shadow_counts(base) != Agent._shadow_counts({**base, "run": "c" * 16})
+
+
 def test_a_bench_asking_for_more_seconds_than_the_agents_total_is_refused_in_one_line(tmp_path):
     """A bench command's min_seconds (up to 600) above the agent's bench.total_timeout_s ran a benchmark that was
     always ended at its total, and counted as one whose model looped (ended_benches); it is refused first now."""
