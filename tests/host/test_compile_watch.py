@@ -102,3 +102,39 @@ def test_a_conversion_gets_five_loading_budgets_plus_a_second_per_mib_of_the_mod
     assert conversion_deadline(0, 2) == 10.0  # --timeout 2
     assert conversion_deadline(300 * 2**20, 2) == 310.0  # a 300 MiB model converts for longer
     assert conversion_deadline(1000, 2) == 11.0  # rounded up to a whole second, as the one line says it
+
+
+def test_onnx_int8s_conversion_steps_each_note_a_deadline_and_the_calibration_nests_in_quantize_static(tmp_path,
+                                                                                                       monkeypatch):
+    """onnx's version converter and ONNX Runtime's quant_pre_process ran in the compiling process before the
+    calibration's clock started, without a deadline. Each now notes its own, named (tool and variant), and the
+    calibration's, started inside quantize_static, is in force until it ends; then none."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edge_kit.compiler.analysis import CONVERSION_CAUSE
+    from edge_kit.compiler.onnx_variants import to_int8
+
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.normal(size=(8, 4)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])  # below 13: converted first
+    model.ir_version = 7
+    notes = tmp_path / "notes.jsonl"
+    monkeypatch.setenv(WORKER_ENV, str(notes))
+    with watched("the int8 calibration of onnx-int8 on calib.npz", 30.0, at_once=False) as calibrating:
+        data, how = to_int8(model.SerializeToString(), {"x": rng.normal(size=(20, 8)).astype(np.float32)},
+                            calibrating, seconds=12.0)
+    onnx.load_from_string(data)
+    assert "opset raised from 11 to 13" in how
+    said = _lines(notes)
+    doing = [line["doing"] for line in said]
+    assert doing == ["onnx's version converter on onnx-int8 (opset 11 to 13)", None,
+                     "ONNX Runtime's quant_pre_process of onnx-int8 (with graph optimisation)", None,
+                     "ONNX Runtime's quantize_static of onnx-int8", "the int8 calibration of onnx-int8 on calib.npz",
+                     None], said
+    assert all(line["seconds"] == 12.0 and line["cause"] == CONVERSION_CAUSE for line in said[:5:2])
+    assert said[5]["seconds"] == 30.0 and said[5]["cause"] == LOOP_CAUSE
