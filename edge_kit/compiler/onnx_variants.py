@@ -211,7 +211,8 @@ def to_fp16(fp32: bytes, *, seconds: float | None = None) -> bytes:
     try:
         with _converting("ONNX Runtime's float16 conversion of onnx-fp16", fp32, seconds):
             model = convert_float_to_float16(onnx.load_from_string(fp32), keep_io_types=True)
-            _toposort(model.graph)  # the converter appends the input Casts last: ONNX Runtime runs that, the checker refuses it
+            _toposort(model.graph)  # the converter appends the input Casts last: ONNX Runtime runs that, onnx's
+            # checker refuses it
             onnx.checker.check_model(model)
             return model.SerializeToString()
     except Exception as exc:  # noqa: BLE001 - the converter raises assorted types

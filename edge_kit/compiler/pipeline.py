@@ -297,7 +297,8 @@ def _build(plan: _Plan, source: Source, graph: Callable[[], Graph | bytes], req:
             plan.extra["files"] = files
             return artifact, exported + how
         with calibration("onnxruntime", "ONNX Runtime's quantize_static") as calibrating:
-            artifact, how = build(spec.id, data, source.inputs, calib_x, calibrating, fp32=fixed, seconds=convert_seconds)
+            artifact, how = build(spec.id, data, source.inputs, calib_x, calibrating, fp32=fixed,
+                                  seconds=convert_seconds)
         return artifact, exported + how
     target = compiler_of(spec.id)
     if target is not None:
