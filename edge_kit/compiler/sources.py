@@ -194,7 +194,8 @@ def load_source(path: Path, input_shapes: dict[str, tuple[int, ...]] | None = No
             input of more than :data:`MAX_SAMPLE_VALUES` values per sample (a hostile or mistaken shape
             would take the host's memory in the first random sample or conversion), or an input or
             output name longer than :data:`MAX_NAME_CHARS` or holding a control character, or a Keras file whose
-            config declares a layer larger than edge-kit takes (:func:`_check_keras_config`).
+            config declares a layer larger than edge-kit takes (:func:`_check_keras_config`), or a SavedModel whose
+            ``saved_model.pb`` declares such a tensor (:func:`_oversized_declaration`).
     """
     pinned = dict(input_shapes or {})
     path = Path(path)
