@@ -128,7 +128,7 @@ def compile_cmd(
     decode: Annotated[Optional[str], typer.Option(help="module.py:function turning detection outputs into boxes, scores, classes.")] = None,
     input_shape: Annotated[list[str], typer.Option("--input-shape", help="NAME=1xHxWxC pins an input's dynamic dimensions (ONNX: its own layout, e.g. 1x3x224x224); repeatable.")] = [],
     sign_key: Annotated[Optional[Path], typer.Option("--sign-key", help="Ed25519 private key (PEM, e.g. a fleet's keys/operator.key) that signs manifest.json.")] = None,
-    timeout: Annotated[Optional[float], typer.Option(**bounded("Seconds each run of a model over the --eval (else --calib) inputs may take; it runs in a child process, killed then (default: 120 + 1 per sample). Also the deadline of each int8 calibration, of each fine-tuning epoch and of TensorFlow's loading of the model, which stop the compile (exit 2).", 1, 86400))] = None,
+    timeout: Annotated[Optional[float], typer.Option(**bounded("Seconds each run of a model over the --eval (else --calib) inputs may take; it runs in a child process, killed then (default: 120 + 1 per sample). Also the deadline of each int8 calibration, of each fine-tuning epoch and of TensorFlow's loading of the model, and, 5 times it plus 1 s per MiB of the model, of each conversion step in the compiling process; these stop the compile (exit 2).", 1, 86400))] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Build every variant the profiles ask for (each once), measure it, and write manifest.json."""

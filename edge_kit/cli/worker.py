@@ -11,11 +11,13 @@ which signal at which step in one line (exit 3, and ``--json`` gives it as the e
 the worker left: its temporary files (its ``TMPDIR`` is a folder made here) and an output folder it
 made and left empty. Its own exit code otherwise passes through unchanged.
 
-The work that runs the user's model inside the worker (TensorFlow's loading of a Keras or SavedModel source,
-the int8 calibrations, fine-tuning) is noted with a deadline (:func:`edge_kit.compiler.watch.watched`), derived
-from ``--timeout`` as the model-run children's: this process reads the notes every :data:`POLL_S` seconds and,
-when one runs past it, stops the worker (SIGTERM, SIGKILL :data:`STOP_GRACE_S` later), says which step in one
-line (exit 2, as a model run over the data that does not finish in time) and cleans up as for a crash.
+The work that runs the user's model inside the worker (TensorFlow's loading, tracing and conversion of a Keras or
+SavedModel source, tf2onnx's export, the in-process ONNX and ai-edge-quantizer conversions, the int8 calibrations,
+fine-tuning) is noted with a deadline (:func:`edge_kit.compiler.watch.watched`), derived from ``--timeout`` as the
+model-run children's (a conversion's: :func:`edge_kit.compiler.analysis.conversion_deadline`): this process reads
+the notes every :data:`POLL_S` seconds and, when one runs past it, stops the worker (SIGTERM, SIGKILL
+:data:`STOP_GRACE_S` later), says which step in one line (exit 2, as a model run over the data that does not finish
+in time) and cleans up as for a crash.
 
 Ctrl-C reaches the worker from the terminal (same process group) and this process waits for it to
 finish cleaning up; a SIGTERM sent here is passed on to the worker.
@@ -34,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edge_kit.compiler.watch import WORKER_ENV
+from edge_kit.compiler.watch import LOOP_CAUSE, WORKER_ENV
 
 POLL_S = 0.5  # how often the notes are read for a deadline
 STOP_GRACE_S = 5.0  # after SIGTERM, how long an overdue worker has before SIGKILL
@@ -109,8 +111,7 @@ def run_worker(argv: list[str]) -> tuple[int, str | None]:
     step = said.get("step") or "starting"
     if overdue is not None:
         return 2, (f"{model}: {overdue.get('doing') or 'a step'} did not finish within {overdue.get('seconds', 0):g} s "
-                   f"while {step!r}: a model that loops on real inputs? (edgekit compile --timeout sets the limit); "
-                   f"the compile was stopped; {_cleaned(said)}")
+                   f"while {step!r}: {overdue.get('cause') or LOOP_CAUSE}; the compile was stopped; {_cleaned(said)}")
     if code >= 0:
         return code, None
     if -code in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, or a SIGTERM passed on: stopped, not crashed

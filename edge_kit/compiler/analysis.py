@@ -12,6 +12,7 @@ those whose weight is non-zero, i.e. what a sparsity-aware kernel would need.
 from __future__ import annotations
 
 import gzip
+import math
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -184,7 +185,7 @@ _NUMPY = {"float32": "<f4", "float16": "<f2", "int8": "i1", "uint8": "u1", "int1
 
 MAX_TENSOR_BYTES = 2**31  # one tensor of 2 GiB: no device has the memory to run more, nor should the host try
 _ITEM_BYTES = {"float64": 8, "int64": 8, "uint64": 8, "complex64": 8, "complex128": 16, "float32": 4, "int32": 4,
-               "uint32": 4, "float16": 2, "int16": 2, "uint16": 2}  # any other type (int8, bool, int4...): 1
+               "uint32": 4, "float16": 2, "bfloat16": 2, "int16": 2, "uint16": 2}  # any other (int8, bool, int4...): 1
 
 
 def oversized_tensor(data: bytes) -> str | None:
@@ -269,6 +270,25 @@ def inference_deadline(samples: int, timeout: float | None = None) -> float:
     given (``edgekit compile --timeout``), else :data:`INFERENCE_FLOOR_S` plus
     :data:`INFERENCE_PER_SAMPLE_S` per sample."""
     return float(timeout) if timeout is not None else INFERENCE_FLOOR_S + INFERENCE_PER_SAMPLE_S * samples
+
+
+CONVERSION_LOADS = 5  # a conversion step may take this many loading budgets (inference_deadline of no samples)
+CONVERSION_PER_MIB_S = 1.0  # plus this per MiB of the model on disk: a large model's conversion takes longer
+CONVERSION_CAUSE = ("a model too large to convert, or whose constants fold into too much work? (edgekit compile "
+                    f"--timeout sets the limit: {CONVERSION_LOADS} times it, plus {CONVERSION_PER_MIB_S:g} s per MiB "
+                    "of the model)")  # what the compile's one line suggests when a conversion outlives its deadline
+
+
+def conversion_deadline(model_bytes: int, timeout: float | None = None) -> float:
+    """Return how many seconds one conversion step in the compiling process may take for a model of ``model_bytes``
+    bytes on disk (TensorFlow's tracing and converter, tf2onnx's export, ONNX Runtime's and onnx's converters,
+    ai-edge-quantizer's without calibration): :data:`CONVERSION_LOADS` times the loading budget (``timeout``,
+    ``edgekit compile --timeout``, when given, else :data:`INFERENCE_FLOOR_S`: 600 s by default) plus
+    :data:`CONVERSION_PER_MIB_S` per MiB of the model. A conversion does not run the model over the data, so the
+    samples do not count; it is generous, as it only has to catch a conversion that does not end. Rounded up to a
+    whole second (the compile's one line names it)."""
+    return float(math.ceil(CONVERSION_LOADS * inference_deadline(0, timeout)
+                           + CONVERSION_PER_MIB_S * max(0, model_bytes) / 2**20))
 
 
 class ChildInference:

@@ -38,8 +38,15 @@ from typing import Any
 
 import numpy as np
 
-from edge_kit.compiler.analysis import ModelStats, count_methods, gzip_size
+from edge_kit.compiler.analysis import (
+    CONVERSION_CAUSE,
+    ModelStats,
+    conversion_deadline,
+    count_methods,
+    gzip_size,
+)
 from edge_kit.compiler.onnx_source import _constants_as_initializers
+from edge_kit.compiler.watch import watched
 from edge_kit.errors import CompileError, first_line
 
 NOT_FROM_TFLITE = ("ONNX variants are built from an ONNX, Keras or SavedModel source: nothing here converts a .tflite "
@@ -83,6 +90,13 @@ def calibration_reader(xs: dict[str, np.ndarray], calibrating: Callable[[], None
             return next(self.rows, None)
 
     return Reader()
+
+def _converting(doing: str, data: bytes, seconds: float | None) -> Any:
+    """Return the context that gives a conversion step of the model ``data`` (``doing``: a noun phrase naming the
+    tool and the variant) its deadline in a compile worker (:func:`edge_kit.compiler.watch.watched`): ``seconds``,
+    else :func:`~edge_kit.compiler.analysis.conversion_deadline` of the model's size."""
+    return watched(doing, conversion_deadline(len(data)) if seconds is None else seconds, cause=CONVERSION_CAUSE)
+
 
 def _onnx() -> Any:
     try:
@@ -151,8 +165,9 @@ def refusal(source_kind: str, needs_calibration: bool, calib: Any) -> str | None
     return None
 
 
-def pinned(data: bytes, inputs: dict[str, tuple[int, ...]]) -> bytes:
-    """Return the ONNX model with every input's shape written in (batch 1 + the sample shape), shapes inferred.
+def pinned(data: bytes, inputs: dict[str, tuple[int, ...]], *, seconds: float | None = None) -> bytes:
+    """Return the ONNX model with every input's shape written in (batch 1 + the sample shape), shapes inferred
+    (onnx's shape inference with a deadline of ``seconds``: see :func:`_converting`).
 
     Raises:
         CompileError: the model cannot be parsed or its shapes not written.
@@ -174,7 +189,8 @@ def pinned(data: bytes, inputs: dict[str, tuple[int, ...]]) -> bytes:
         del model.graph.value_info[:]  # exporters store intermediate shapes with dynamic dims; inference keeps them
         _constants_as_initializers(model.graph)  # Paddle exports hold weights in Constant nodes: the quantizer skips those
         try:
-            model = onnx.shape_inference.infer_shapes(model)
+            with _converting("onnx's shape inference of onnx-fp32 (its input shapes pinned)", data, seconds):
+                model = onnx.shape_inference.infer_shapes(model)
         except Exception:  # noqa: BLE001 - ONNX Runtime infers shapes itself; the pinned inputs are what matter
             pass
         return model.SerializeToString()
@@ -182,8 +198,9 @@ def pinned(data: bytes, inputs: dict[str, tuple[int, ...]]) -> bytes:
         raise CompileError(f"onnx-fp32: could not pin the input shapes ({first_line(exc, 400)})") from None
 
 
-def to_fp16(fp32: bytes) -> bytes:
-    """Return ``fp32`` with float16 weights and activations, float32 inputs and outputs (:data:`FP16_METHOD`).
+def to_fp16(fp32: bytes, *, seconds: float | None = None) -> bytes:
+    """Return ``fp32`` with float16 weights and activations, float32 inputs and outputs (:data:`FP16_METHOD`), the
+    conversion with a deadline of ``seconds`` (see :func:`_converting`).
 
     Raises:
         CompileError: the converter failed (its first line).
@@ -192,10 +209,12 @@ def to_fp16(fp32: bytes) -> bytes:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     try:
-        model = convert_float_to_float16(onnx.load_from_string(fp32), keep_io_types=True)
-        _toposort(model.graph)  # the converter appends the input Casts last: ONNX Runtime runs that, onnx's checker refuses it
-        onnx.checker.check_model(model)
-        return model.SerializeToString()
+        with _converting("ONNX Runtime's float16 conversion of onnx-fp16", fp32, seconds):
+            model = convert_float_to_float16(onnx.load_from_string(fp32), keep_io_types=True)
+            _toposort(model.graph)  # the converter appends the input Casts last: ONNX Runtime runs that, onnx's
+            # checker refuses it
+            onnx.checker.check_model(model)
+            return model.SerializeToString()
     except Exception as exc:  # noqa: BLE001 - the converter raises assorted types
         raise CompileError(f"onnx-fp16: float16 conversion failed ({first_line(exc, 400)})") from None
 
@@ -231,12 +250,15 @@ def _opset(model: Any) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
-def to_int8(fp32: bytes, calib_x: dict[str, np.ndarray], calibrating: Callable[[], None] | None = None
-            ) -> tuple[bytes, str]:
+def to_int8(fp32: bytes, calib_x: dict[str, np.ndarray], calibrating: Callable[[], None] | None = None, *,
+            seconds: float | None = None) -> tuple[bytes, str]:
     """Return ``fp32`` quantized to QDQ static int8, calibrated on ``calib_x`` (:data:`INT8_METHOD`;
     ``calibrating``: see :func:`calibration_reader`), and
     a note on the opset when it had to be raised: per-channel ``DequantizeLinear`` needs opset 13, so an
     older model is converted with ``onnx.version_converter`` first (the note says from which opset).
+    The version converter, ``quant_pre_process`` and ``quantize_static`` each have a deadline of ``seconds`` (see
+    :func:`_converting`); the calibration inside ``quantize_static`` its own (``calibrating``'s), that clock standing
+    still meanwhile.
 
     Raises:
         CompileError: pre-processing or quantization failed (its first line).
@@ -255,7 +277,8 @@ def to_int8(fp32: bytes, calib_x: dict[str, np.ndarray], calibrating: Callable[[
     model = onnx.load_from_string(fp32)
     if (old := _opset(model)) < QDQ_OPSET:
         try:
-            fp32 = onnx.version_converter.convert_version(model, QDQ_OPSET).SerializeToString()
+            with _converting(f"onnx's version converter on onnx-int8 (opset {old} to {QDQ_OPSET})", fp32, seconds):
+                fp32 = onnx.version_converter.convert_version(model, QDQ_OPSET).SerializeToString()
         except Exception as exc:  # noqa: BLE001 - the converter raises assorted types
             raise CompileError(f"onnx-int8: the model's opset {old} is below the {QDQ_OPSET} per-channel QDQ needs, and "
                                f"onnx's version converter failed ({first_line(exc, 300)}); "
@@ -272,9 +295,14 @@ def to_int8(fp32: bytes, calib_x: dict[str, np.ndarray], calibrating: Callable[[
             # quantize into a model ONNX Runtime loads, the quantization runs again without it, and says so.
             for skip in (False, True):
                 try:
-                    quant_pre_process(str(src), str(pre), skip_symbolic_shape=True, skip_optimization=skip)
-                    quantize_static(str(pre), str(out), calibration_reader(calib_x, calibrating), quant_format=QuantFormat.QDQ,
-                                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                    optimised = "without" if skip else "with"
+                    with _converting(f"ONNX Runtime's quant_pre_process of onnx-int8 ({optimised} graph optimisation)",
+                                     fp32, seconds):
+                        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True, skip_optimization=skip)
+                    with _converting("ONNX Runtime's quantize_static of onnx-int8", fp32, seconds):
+                        quantize_static(str(pre), str(out), calibration_reader(calib_x, calibrating),
+                                        quant_format=QuantFormat.QDQ, per_channel=True,
+                                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
                     ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])  # the device must load it
                     break
                 except Exception as exc:  # noqa: BLE001 - the quantizer and ONNX Runtime raise assorted types
@@ -292,25 +320,25 @@ def to_int8(fp32: bytes, calib_x: dict[str, np.ndarray], calibrating: Callable[[
 
 def build(variant: str, data: bytes, inputs: dict[str, tuple[int, ...]],
           calib_x: dict[str, np.ndarray] | None, calibrating: Callable[[], None] | None = None, *,
-          fp32: bytes | None = None) -> tuple[bytes, str]:
+          fp32: bytes | None = None, seconds: float | None = None) -> tuple[bytes, str]:
     """Return (the ONNX artifact, how it was made) for ``onnx-fp32``, ``onnx-fp16`` or ``onnx-int8``.
 
     ``data`` is the ONNX source's bytes, ``inputs`` its sample shapes (batch dropped); ``calibrating``: see
     :func:`calibration_reader`; ``fp32``: ``data`` already pinned (:func:`pinned`; an ONNX source's, made in a
-    child at load), else it is pinned here.
+    child at load), else it is pinned here; ``seconds``: each conversion step's deadline (see :func:`_converting`).
 
     Raises:
         CompileError: a step failed, or ``variant`` is not an ONNX variant.
     """
-    fp32 = pinned(data, inputs) if fp32 is None else fp32
+    fp32 = pinned(data, inputs, seconds=seconds) if fp32 is None else fp32
     if variant == "onnx-fp32":
         return fp32, "the ONNX source with its input shapes pinned (batch 1), onnx shape inference"
     if variant == "onnx-fp16":
-        return to_fp16(fp32), FP16_METHOD
+        return to_fp16(fp32, seconds=seconds), FP16_METHOD
     if variant == "onnx-int8":
         if calib_x is None:
             raise CompileError("onnx-int8: needs --calib")
-        data, note = to_int8(fp32, calib_x, calibrating)
+        data, note = to_int8(fp32, calib_x, calibrating, seconds=seconds)
         return data, INT8_METHOD + note
     raise CompileError(f"{variant}: not an ONNX variant")
 

@@ -28,8 +28,10 @@ import edge_kit
 from device_agents.metrics import MetricSpec
 from device_agents.targets import TARGETS, compiler_of
 from edge_kit.compiler.analysis import (
+    CONVERSION_CAUSE,
     ChildInference,
     analyse,
+    conversion_deadline,
     float_ops,
     inference_deadline,
     probe_in_child,
@@ -218,15 +220,18 @@ def _check_train(train: Dataset, source: Source) -> None:
                          f"model's output has {classes} classes (0..{classes - 1}); give class indices of that output")
 
 
-def _prepared(source: Source) -> Graph | bytes:
-    """Return what every variant of ``source`` is made from: its TensorFlow graph, or for a
-    ``.tflite`` its float32 rewrite (:func:`~edge_kit.compiler.tflite_edit.as_float32`).
+def _prepared(source: Source, seconds: float) -> Graph | bytes:
+    """Return what every variant of ``source`` is made from: its TensorFlow graph, traced with a deadline of
+    ``seconds`` (:func:`watched`: TensorFlow calls the Keras model or the SavedModel's signature in this process to
+    trace it), or for a ``.tflite`` its float32 rewrite (:func:`~edge_kit.compiler.tflite_edit.as_float32`).
 
     Raises:
         CompileError: the flatbuffer could not be rewritten.
     """
     if source.kind not in ("tflite", "onnx"):
-        return source_graph(source)
+        what = "the Keras model" if source.kind == "keras" else "the SavedModel's serving_default signature"
+        with watched(f"TensorFlow's tracing of {what} to a concrete function", seconds, cause=CONVERSION_CAUSE):
+            return source_graph(source)
     try:
         return as_float32(source.tflite or b"")[0]
     except Exception as exc:  # noqa: BLE001 - flatbuffer parsing raises assorted types on odd files
@@ -238,9 +243,16 @@ def _build(plan: _Plan, source: Source, graph: Callable[[], Graph | bytes], req:
     """Return (flatbuffer, how it was made) for one planned variant. Raises CompileError.
 
     ``graph`` gives the source's TensorFlow graph, or for a ``.tflite`` source its float32 rewrite;
-    either is made once and shared by every variant.
+    either is made once and shared by every variant. Each conversion step that runs in this process has a deadline
+    (:func:`watched`; :func:`~edge_kit.compiler.analysis.conversion_deadline` of the source's size and
+    ``req.timeout``), and a calibration inside it its own (its clock standing still meanwhile).
     """
     spec = plan.spec
+    convert_seconds = conversion_deadline(source.size, req.timeout)
+
+    def conversion(doing: str) -> Any:
+        """Return the context that gives a conversion step (``doing``, naming the tool and variant) its deadline."""
+        return watched(doing, convert_seconds, cause=CONVERSION_CAUSE)
     calib_x = calib.x if calib is not None else None
     built_extra = {} if built_extra is None else built_extra  # shared between variants: the ONNX export
 
@@ -262,7 +274,8 @@ def _build(plan: _Plan, source: Source, graph: Callable[[], Graph | bytes], req:
                 try:
                     if not isinstance(graph_of, Graph):
                         raise CompileError(f"{spec.id}: no TensorFlow graph to export")
-                    built_extra["onnx_export"] = export_graph(graph_of.function, source.inputs, source.outputs)
+                    with conversion(f"tf2onnx's export of the model to ONNX (for {spec.id})"):
+                        built_extra["onnx_export"] = export_graph(graph_of.function, source.inputs, source.outputs)
                 except CompileError as exc:
                     built_extra["onnx_export"] = exc  # every onnx-* variant fails with the same reason, exported once
             if isinstance(built_extra["onnx_export"], CompileError):
@@ -276,14 +289,16 @@ def _build(plan: _Plan, source: Source, graph: Callable[[], Graph | bytes], req:
             from edge_kit.compiler import trt_variants
 
             if "onnx_fp32" not in built_extra:  # once for trt-fp16 and trt-int8
-                built_extra["onnx_fp32"] = build("onnx-fp32", data, source.inputs, calib_x, fp32=fixed)[0]
+                built_extra["onnx_fp32"] = build("onnx-fp32", data, source.inputs, calib_x, fp32=fixed,
+                                                 seconds=convert_seconds)[0]
             fp32 = built_extra["onnx_fp32"]
             with calibration("tensorrt", "ONNX Runtime's calibrator") as calibrating:
                 artifact, how, files = trt_variants.build(spec.id, fp32, calib_x, calibrating)
             plan.extra["files"] = files
             return artifact, exported + how
         with calibration("onnxruntime", "ONNX Runtime's quantize_static") as calibrating:
-            artifact, how = build(spec.id, data, source.inputs, calib_x, calibrating, fp32=fixed)
+            artifact, how = build(spec.id, data, source.inputs, calib_x, calibrating, fp32=fixed,
+                                  seconds=convert_seconds)
         return artifact, exported + how
     target = compiler_of(spec.id)
     if target is not None:
@@ -306,7 +321,8 @@ def _build(plan: _Plan, source: Source, graph: Callable[[], Graph | bytes], req:
                "dynamic-int8": "ai-edge-quantizer dynamic_wi8_afp32",
                "int8": INT8_TFLITE_METHOD}[spec.precision]
         prepared = graph()
-        with calibration("litert", "ai-edge-quantizer") as calibrating:
+        with conversion(f"ai-edge-quantizer's {spec.precision} quantization of {spec.id}"), \
+                calibration("litert", "ai-edge-quantizer") as calibrating:
             data = quantize_tflite(prepared, spec.precision, calib_x, variant=spec.id, calibrating=calibrating)
         if spec.precision == "int8" and (left := float_ops(data)):  # e.g. a custom op the quantizer cannot take
             how += "; left float by the quantizer: " + ", ".join(f"{n} x{c}" for n, c in left.items())
@@ -323,12 +339,15 @@ def _build(plan: _Plan, source: Source, graph: Callable[[], Graph | bytes], req:
             model = prune(source.keras_model, spec.sparsity, train_xy, epochs=req.epochs)
         if train is not None:
             plan.extra["fine_tuned"] = {"epochs": req.epochs, "samples": len(train), "data_sha256": train.sha256}
-        graph = keras_graph(model, source.inputs, source.outputs)
+        with conversion(f"TensorFlow's tracing of the pruned model of {spec.id} to a concrete function"):
+            graph = keras_graph(model, source.inputs, source.outputs)
         how = f"{spec.pruning} pruning{' + fine-tuning' if train is not None else ' (no fine-tuning: no --train)'}, TFLite converter"
-        with calibration("litert", "TensorFlow's converter") as calibrating:
+        with conversion(f"the TFLite converter's int8 conversion of {spec.id}"), \
+                calibration("litert", "TensorFlow's converter") as calibrating:
             return to_tflite(graph, "int8", calib_x, variant=spec.id, calibrating=calibrating), how
     prepared = graph()
-    with calibration("litert", "TensorFlow's converter") as calibrating:
+    with conversion(f"the TFLite converter's {spec.precision} conversion of {spec.id}"), \
+            calibration("litert", "TensorFlow's converter") as calibrating:
         return to_tflite(prepared, spec.precision, calib_x, variant=spec.id, calibrating=calibrating), "TFLite converter"
 
 
@@ -581,7 +600,8 @@ def _compile_model(req: CompileRequest, progress: Progress | None, work: Path) -
     targets_of = {v: sorted({t.key for p in req.profiles if v in p.variants for t in TARGETS.values()
                              if t.accelerator == p.hardware.accelerator != "none"}) for v in plans}
 
-    graph = functools.cache(lambda: _prepared(source))  # made once, shared by every precision
+    # made once, shared by every precision
+    graph = functools.cache(lambda: _prepared(source, conversion_deadline(source.size, req.timeout)))
     built: dict[str, _Plan] = {}
     shared: dict[str, Any] = {}  # made once for several variants (the ONNX export of a Keras/SavedModel source)
     fid_inputs = evalset or calib

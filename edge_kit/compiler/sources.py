@@ -55,6 +55,7 @@ class Source:
     onnx_pinned: bytes | None = None  # that file with its input shapes pinned, made in a child at load
     onnx_pin_error: str | None = None  # why the child could not pin them (onnx_pinned is None)
     conversion: dict[str, Any] | None = None  # an ONNX source's conversion: converter, reference, fidelity
+    size: int = 0  # bytes of the file, or of a SavedModel folder's files: what a conversion's deadline scales with
 
     def pinned_onnx(self) -> bytes:
         """Return an ONNX source's model with its input shapes pinned, as the child made it at load (onnx's shape
@@ -193,7 +194,8 @@ def load_source(path: Path, input_shapes: dict[str, tuple[int, ...]] | None = No
             input of more than :data:`MAX_SAMPLE_VALUES` values per sample (a hostile or mistaken shape
             would take the host's memory in the first random sample or conversion), or an input or
             output name longer than :data:`MAX_NAME_CHARS` or holding a control character, or a Keras file whose
-            config declares a layer larger than edge-kit takes (:func:`_check_keras_config`).
+            config declares a layer larger than edge-kit takes (:func:`_check_keras_config`), or a SavedModel whose
+            ``saved_model.pb`` declares such a tensor (:func:`_oversized_declaration`).
     """
     pinned = dict(input_shapes or {})
     path = Path(path)
@@ -206,9 +208,20 @@ def load_source(path: Path, input_shapes: dict[str, tuple[int, ...]] | None = No
 
         load_seconds = inference_deadline(0)
     source = _load_kind(path, pinned, model_name(path, name), load_seconds)
+    source.size = _disk_bytes(path)
     check_sample_sizes(path, source.inputs)
     _check_names(path, source)
     return source
+
+
+def _disk_bytes(path: Path) -> int:
+    """Return the size in bytes of the file ``path``, or of the files in the folder ``path`` (0 for one unreadable)."""
+    try:
+        if path.is_file():
+            return path.stat().st_size
+        return sum((Path(top) / f).stat().st_size for top, _, files in os.walk(path) for f in files)
+    except OSError:
+        return 0
 
 
 def _check_names(path: Path, source: Source) -> None:
@@ -562,11 +575,14 @@ def _check_savedmodel(path: Path) -> None:
       to a ``file://`` stream or a ``DecodeProtoV2`` reading its descriptors from a file (a table
       initialized from a text file is fine when that file is one of its assets, as TensorFlow saves
       it), or a checkpoint op outside the SavedModel's own save and restore functions, is refused.
+    - Sizes: a variable, constant or shape-taking op declaring a tensor larger than edge-kit takes
+      (:func:`_oversized_declaration`), before TensorFlow allocates it.
 
     A ``saved_model.pb`` TensorFlow cannot parse is left to its own load, which words the error.
 
     Raises:
-        InputError: the first asset outside the folder, or the first such op, named with its function.
+        InputError: the first asset outside the folder, or the first such op, named with its function, or the first
+            tensor too large, named with what declares it and its shape.
     """
     from tensorflow.core.protobuf import saved_model_pb2
 
@@ -603,6 +619,108 @@ def _check_savedmodel(path: Path) -> None:
                     raise InputError(f"{path}: the SavedModel's function '{where}' holds a {node.op} op, which reads "
                                      "or writes files of the machine that runs it (TensorFlow runs initializers while "
                                      "loading the model); export the model without it")
+    too_big = _oversized_declaration(proto)
+    if too_big:
+        from edge_kit.compiler.analysis import MAX_TENSOR_BYTES
+
+        raise InputError(f"{path}: saved_model.pb declares {too_big}, more than the {MAX_TENSOR_BYTES:,} bytes edge-kit "
+                         "takes per tensor (no device has the memory for more); TensorFlow would allocate it on this "
+                         "host while loading or converting the model: a damaged or hostile file, or a model too large "
+                         "for edge devices; export a smaller model")
+
+
+# Ops that allocate a tensor of the shape one of their inputs gives (by index): Fill (tf.fill, tf.ones, tf.zeros of a
+# shape), BroadcastTo, Empty, the random ops. With that input a constant, TensorFlow's constant folding at conversion
+# (or the op at load, in an initializer) materialises the tensor whatever the file's size.
+SHAPE_INPUT_OPS = {"Fill": 0, "BroadcastTo": 1, "Empty": 0, "RandomUniform": 0, "RandomStandardNormal": 0,
+                   "TruncatedNormal": 0, "RandomUniformInt": 0, "StatelessRandomUniform": 0,
+                   "StatelessRandomNormal": 0, "StatelessTruncatedNormal": 0, "StatelessRandomUniformV2": 0,
+                   "StatelessRandomNormalV2": 0, "StatelessTruncatedNormalV2": 0}
+MAX_SHAPE_RANK = 254  # TensorFlow's own limit: a longer shape constant is no shape
+
+
+def _oversized_declaration(proto: Any) -> str | None:
+    """Return, for the first tensor a SavedModel's ``proto`` (its parsed ``saved_model.pb``) declares that would take
+    more than :data:`~edge_kit.compiler.analysis.MAX_TENSOR_BYTES`, what declares it and its shape, dtype and size
+    (``variable 'dense/kernel' of shape 1000000000x10 (float32, 40,000,000,000 bytes)``); None when every one fits.
+
+    Read from the proto alone, nothing allocated: the variables the object graph and the graphs (``VarHandleOp``,
+    ``VariableV2``) declare, each ``Const`` (its declared shape: TensorFlow fills a large shape from one stored value),
+    and each op of :data:`SHAPE_INPUT_OPS` whose shape input is a ``Const`` of the same graph or function. Sizes are
+    taken at most :data:`DECLARED_CAP` (a dynamic dimension counted as 1), as for a Keras config. Never raises."""
+    from tensorflow.core.framework import types_pb2
+
+    from edge_kit.compiler.analysis import _ITEM_BYTES, MAX_TENSOR_BYTES
+
+    tf = tensorflow()
+
+    def described(kind: str, name: str, where: str, dims: list[int], dtype: int) -> str | None:
+        try:
+            dtype_name = tf.dtypes.as_dtype(dtype).base_dtype.name  # float32, bfloat16... (a _ref type: its base)
+        except TypeError:
+            dtype_name = f"type {dtype}"
+        item = _ITEM_BYTES.get(dtype_name, 1)
+        size = min(_capped_prod(max(int(d), 1) for d in dims) * item, DECLARED_CAP)
+        if size <= MAX_TENSOR_BYTES:
+            return None
+        from edgekit_protocol.labels import clip, printable
+
+        about = f"{size:,}" if size < DECLARED_CAP else f"more than {DECLARED_CAP:,}"
+        shape = "x".join(str(int(d)) for d in dims[:8]) + ("x..." if len(dims) > 8 else "")
+        return (f"{kind} '{printable(clip(name, 60))}'{where} of shape {shape} ({dtype_name}, {about} bytes)")
+
+    for graph in proto.meta_graphs:
+        for node in graph.object_graph_def.nodes:
+            if node.WhichOneof("kind") == "variable":
+                var = node.variable
+                said = described("variable", var.name, "", [d.size for d in var.shape.dim], var.dtype)
+                if said:
+                    return said
+        functions = [("", list(graph.graph_def.node))] + \
+            [(f" in function '{f.signature.name}'", list(f.node_def)) for f in graph.graph_def.library.function]
+        for where, nodes in functions:
+            consts = {n.name: n for n in nodes if n.op == "Const"}
+            for node in nodes:
+                said = None
+                if node.op in ("VarHandleOp", "VariableV2", "Variable") and "shape" in node.attr:
+                    said = described("variable", node.name, where, [d.size for d in node.attr["shape"].shape.dim],
+                                     node.attr["dtype"].type)
+                elif node.op == "Const":
+                    tensor = node.attr["value"].tensor
+                    said = described("constant", node.name, where, [d.size for d in tensor.tensor_shape.dim],
+                                     tensor.dtype)
+                elif node.op in SHAPE_INPUT_OPS and len(node.input) > SHAPE_INPUT_OPS[node.op]:
+                    shape_node = consts.get(node.input[SHAPE_INPUT_OPS[node.op]].lstrip("^").split(":")[0])
+                    dims = _shape_constant(shape_node) if shape_node is not None else None
+                    dtype = next((node.attr[k].type for k in ("dtype", "T") if k in node.attr), types_pb2.DT_FLOAT)
+                    if dims is not None:
+                        said = described(f"{node.op} op", node.name, where, dims, dtype)
+                if said:
+                    return said
+    return None
+
+
+def _shape_constant(node: Any) -> list[int] | None:
+    """Return the integers a ``Const`` node holding a shape stores (a vector of at most :data:`MAX_SHAPE_RANK`
+    int32 or int64; TensorFlow repeats the last stored value to its declared length), read from the proto without
+    TensorFlow; None for anything else."""
+    import numpy as np
+    from tensorflow.core.framework import types_pb2
+
+    tensor = node.attr["value"].tensor
+    dims = [d.size for d in tensor.tensor_shape.dim]
+    if len(dims) != 1 or not 0 <= dims[0] <= MAX_SHAPE_RANK or tensor.dtype not in (types_pb2.DT_INT32,
+                                                                                      types_pb2.DT_INT64):
+        return None
+    if tensor.tensor_content:
+        width = np.dtype("<i4" if tensor.dtype == types_pb2.DT_INT32 else "<i8")
+        if len(tensor.tensor_content) != dims[0] * width.itemsize:
+            return None
+        return [int(v) for v in np.frombuffer(tensor.tensor_content, width)]
+    stored = list(tensor.int_val if tensor.dtype == types_pb2.DT_INT32 else tensor.int64_val)[:dims[0]]
+    if not stored:
+        return [0] * dims[0]
+    return stored + [stored[-1]] * (dims[0] - len(stored))
 
 
 def _asset_defs(graph: Any) -> list[Any]:

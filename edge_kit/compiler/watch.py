@@ -2,9 +2,10 @@
 
 ``edgekit compile`` runs the compile as a worker process; :data:`WORKER_ENV` names a file where the worker
 appends one JSON line per note: the model and output folder, each step it enters, and, around the work that
-runs the user's model in this process (TensorFlow's loading of a Keras or SavedModel source, the int8
-calibrations, fine-tuning), what it does and until when it may take (:func:`watched`). The watching process
-reads the notes to word a crash and stops a step that runs past its deadline. Outside a worker (a test, or
+runs the user's model in this process (TensorFlow's loading, tracing and conversion of a Keras or SavedModel
+source, tf2onnx's export, ONNX Runtime's and ai-edge-quantizer's conversions, the int8 calibrations,
+fine-tuning), what it does and until when it may take (:func:`watched`). The watching process reads the notes to
+word a crash and stops a step that runs past its deadline. Outside a worker (a test, or
 :func:`~edge_kit.compiler.pipeline.compile_model` called from Python) the notes go nowhere and nothing is enforced.
 """
 
@@ -15,9 +16,11 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 WORKER_ENV = "EDGEKIT_COMPILE_WORKER"  # set: this process is the worker (its value: where it notes steps, or '')
+LOOP_CAUSE = "a model that loops on real inputs? (edgekit compile --timeout sets the limit)"  # a run over the data
 
 
 def note(**fields: Any) -> None:
@@ -33,29 +36,69 @@ def note(**fields: Any) -> None:
         pass  # the notes only word a crash or a deadline; a compile never fails for them
 
 
+@dataclass(eq=False)  # told apart by identity: two steps may say the same
+class _Deadline:
+    doing: str
+    seconds: float
+    cause: str
+    until: float
+    paused: float | None = None  # when a step inside it started: its clock stands still meanwhile
+
+    def said(self) -> None:
+        note(doing=self.doing, seconds=self.seconds, until=self.until, cause=self.cause)
+
+
+_running: list[_Deadline] = []  # the started deadlines, the innermost (the one in force) last
+
+
 @contextmanager
-def watched(doing: str, seconds: float, *, at_once: bool = True) -> Iterator[Callable[[], None]]:
+def watched(doing: str, seconds: float, *, at_once: bool = True, cause: str = LOOP_CAUSE
+            ) -> Iterator[Callable[[], None]]:
     """Note that this process is ``doing`` something (a noun phrase: ``the int8 calibration on calib.npz``) that
     runs the user's model here and may take ``seconds``; the watching process stops the compile when it runs
-    longer. The clock starts on entry, or with ``at_once=False`` when the returned function is first called (a
-    calibrator calls it as it takes its first sample, so the conversion before does not count). On exit the
-    deadline is lifted.
+    longer, saying ``cause`` (what to suspect and do). The clock starts on entry, or with ``at_once=False`` when
+    the returned function is first called (a calibrator calls it as it takes its first sample, so the conversion
+    before does not count).
+
+    Steps nest (a calibration inside the conversion that runs it): the innermost started one is in force, and the
+    clock of the one around it stands still meanwhile, so each counts only its own time. When the inner one ends,
+    the outer one's deadline is noted again (moved on by the time the inner one took); when the last one ends,
+    the deadline is lifted.
 
     Yields:
         The function that starts the clock (idempotent; a no-op once started).
     """
-    started = False
+    mine: list[_Deadline] = []
 
     def start() -> None:
-        nonlocal started
-        if not started:
-            started = True
-            note(doing=doing, seconds=seconds, until=time.monotonic() + seconds)  # CLOCK_MONOTONIC: system-wide
+        if not mine:
+            now = time.monotonic()  # CLOCK_MONOTONIC: system-wide, as the watching process reads it
+            if _running and _running[-1].paused is None:
+                _running[-1].paused = now
+            mine.append(_Deadline(doing, seconds, cause, now + seconds))
+            _running.append(mine[0])
+            mine[0].said()
 
     if at_once:
         start()
     try:
         yield start
     finally:
-        if started:
-            note(doing=None, seconds=None, until=None)
+        if mine:
+            _end(mine[0])
+
+
+def _end(deadline: _Deadline) -> None:
+    """Take ``deadline`` off the running ones and note the one now in force (its clock going again), or none."""
+    innermost = _running and _running[-1] is deadline
+    _running.remove(deadline)
+    if not innermost:
+        return  # one inside it, started later, is still in force
+    if not _running:
+        note(doing=None, seconds=None, until=None)
+        return
+    outer = _running[-1]
+    if outer.paused is not None:
+        outer.until += time.monotonic() - outer.paused
+        outer.paused = None
+    outer.said()

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from edge_kit.compiler.watch import WORKER_ENV, watched
+from edge_kit.compiler.watch import LOOP_CAUSE, WORKER_ENV, watched
 
 
 def _lines(path):
@@ -24,6 +24,7 @@ def test_a_watched_step_notes_its_deadline_from_its_first_sample_and_lifts_it_on
         start()  # once per step, whatever the calibrator calls it for each sample
     first, last = _lines(notes)
     assert first["doing"] == "the int8 calibration of int8 on calib.npz" and first["seconds"] == 7.0
+    assert first["cause"] == LOOP_CAUSE
     assert before + 7.0 <= first["until"] <= time.monotonic() + 7.0
     assert last == {"doing": None, "seconds": None, "until": None}
 
@@ -45,3 +46,95 @@ def test_outside_a_worker_nothing_is_noted(tmp_path, monkeypatch):
     with watched("TensorFlow's loading of the SavedModel", 3.0):
         pass
     assert list(tmp_path.iterdir()) == []
+
+
+def _folded(path):
+    """The notes as the watching process reads them (edge_kit.cli.worker._notes: later lines win)."""
+    from edge_kit.cli.worker import _notes
+
+    return _notes(path)
+
+
+def test_a_step_inside_another_restores_the_outer_deadline_when_it_ends_its_time_not_counted(tmp_path, monkeypatch):
+    """A calibration runs inside the TFLite conversion that calls it: when it ended, the deadline was lifted, so the
+    rest of the conversion ran without one. Now the outer one is in force again, moved on by the inner one's time
+    (each counts only its own), and only the outermost's end lifts it."""
+    notes = tmp_path / "notes.jsonl"
+    monkeypatch.setenv(WORKER_ENV, str(notes))
+    with watched("the TFLite converter's int8 conversion of int8", 60.0, cause="conversion?"):
+        outer = _folded(notes)
+        assert outer["doing"] == "the TFLite converter's int8 conversion of int8" and outer["cause"] == "conversion?"
+        with watched("the int8 calibration of int8 on calib.npz", 5.0, at_once=False) as start:
+            assert _folded(notes)["doing"] == outer["doing"]  # not started: the conversion's deadline holds
+            start()
+            inner = _folded(notes)
+            assert inner["doing"] == "the int8 calibration of int8 on calib.npz" and inner["seconds"] == 5.0
+            assert inner["cause"] == LOOP_CAUSE and inner["until"] < outer["until"]
+            time.sleep(0.3)
+        after = _folded(notes)
+        assert {k: after[k] for k in ("doing", "seconds", "cause")} == {
+            "doing": "the TFLite converter's int8 conversion of int8", "seconds": 60.0, "cause": "conversion?"}
+        assert after["until"] >= outer["until"] + 0.3  # the calibration's time is not the conversion's
+        assert after["until"] <= time.monotonic() + 60.0
+    assert _folded(notes)["until"] is None and _lines(notes)[-1] == {"doing": None, "seconds": None, "until": None}
+
+
+def test_an_outer_step_that_ends_first_leaves_the_inner_deadline_in_force(tmp_path, monkeypatch):
+    """A calibration started inside quantize_static's step outlives it (its context is the caller's): the step's
+    end notes nothing, the calibration's deadline holds until it ends, and then none."""
+    notes = tmp_path / "notes.jsonl"
+    monkeypatch.setenv(WORKER_ENV, str(notes))
+    with watched("the int8 calibration", 5.0, at_once=False) as start:
+        with watched("ONNX Runtime's quantize_static of onnx-int8", 60.0):
+            start()
+        assert _folded(notes)["doing"] == "the int8 calibration"
+        assert _lines(notes)[-1]["doing"] == "the int8 calibration"
+    assert _lines(notes)[-1] == {"doing": None, "seconds": None, "until": None}
+    with watched("a later step", 1.0):  # nothing left behind: a fresh step is the only one
+        assert _folded(notes)["doing"] == "a later step"
+    assert _folded(notes)["until"] is None
+
+
+def test_a_conversion_gets_five_loading_budgets_plus_a_second_per_mib_of_the_model():
+    from edge_kit.compiler.analysis import INFERENCE_FLOOR_S, conversion_deadline
+
+    assert conversion_deadline(0) == 5 * INFERENCE_FLOOR_S  # 600 s by default
+    assert conversion_deadline(0, 2) == 10.0  # --timeout 2
+    assert conversion_deadline(300 * 2**20, 2) == 310.0  # a 300 MiB model converts for longer
+    assert conversion_deadline(1000, 2) == 11.0  # rounded up to a whole second, as the one line says it
+
+
+def test_onnx_int8s_conversion_steps_each_note_a_deadline_and_the_calibration_nests_in_quantize_static(tmp_path,
+                                                                                                       monkeypatch):
+    """onnx's version converter and ONNX Runtime's quant_pre_process ran in the compiling process before the
+    calibration's clock started, without a deadline. Each now notes its own, named (tool and variant), and the
+    calibration's, started inside quantize_static, is in force until it ends; then none."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edge_kit.compiler.analysis import CONVERSION_CAUSE
+    from edge_kit.compiler.onnx_variants import to_int8
+
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.normal(size=(8, 4)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])  # below 13: converted first
+    model.ir_version = 7
+    notes = tmp_path / "notes.jsonl"
+    monkeypatch.setenv(WORKER_ENV, str(notes))
+    with watched("the int8 calibration of onnx-int8 on calib.npz", 30.0, at_once=False) as calibrating:
+        data, how = to_int8(model.SerializeToString(), {"x": rng.normal(size=(20, 8)).astype(np.float32)},
+                            calibrating, seconds=12.0)
+    onnx.load_from_string(data)
+    assert "opset raised from 11 to 13" in how
+    said = _lines(notes)
+    doing = [line["doing"] for line in said]
+    assert doing == ["onnx's version converter on onnx-int8 (opset 11 to 13)", None,
+                     "ONNX Runtime's quant_pre_process of onnx-int8 (with graph optimisation)", None,
+                     "ONNX Runtime's quantize_static of onnx-int8", "the int8 calibration of onnx-int8 on calib.npz",
+                     None], said
+    assert all(line["seconds"] == 12.0 and line["cause"] == CONVERSION_CAUSE for line in said[:5:2])
+    assert said[5]["seconds"] == 30.0 and said[5]["cause"] == LOOP_CAUSE

@@ -720,6 +720,119 @@ def test_an_int8_calibration_that_loops_is_stopped_at_its_deadline_in_one_line_a
     assert not (tmp_path / "o").exists() and left == [], left
 
 
+@pytest.fixture(scope="module")
+def folding_savedmodel(tmp_path_factory):
+    """A 50 KB SavedModel (x [1, 8] -> y = 2x + c) whose constant c is 300 chained products of a 1500x1500 matrix of
+    ones: it loads at once, but the TFLite converter folds the constants, about a second per ten products here."""
+    from edge_kit.compiler.tf_quiet import tensorflow
+
+    tf = tensorflow()
+
+    class Folding(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([1, 8], tf.float32, name="x")])
+        def serve(self, x):
+            c = tf.ones([1500, 1500])
+            for _ in range(300):
+                c = tf.matmul(c, c) * 1e-3
+            return {"y": x * 2.0 + tf.reduce_sum(c[:1, :8])}
+
+    folder = tmp_path_factory.mktemp("folding") / "fold"
+    module = Folding()
+    tf.saved_model.save(module, str(folder), signatures={"serving_default": module.serve})
+    return folder
+
+
+def test_a_conversion_that_outlives_its_deadline_is_stopped_in_one_line_naming_it_and_cleaned_up(folding_savedmodel,
+                                                                                                  tmp_path):
+    """TensorFlow's conversion of a Keras or SavedModel source ran in the compiling process without a deadline: a
+    small model whose constants fold into minutes of work (or never end) held `edgekit compile` that long. It now
+    has one (5 x --timeout plus 1 s per MiB of the model, rounded up: 11 s here), kept as the calibration's is."""
+    import shutil
+    import tempfile
+
+    profile = tmp_path / "p.yaml"
+    profile.write_text("name: p\ndescription: fp32\nhardware: {arch: x86_64, cores: 2, ram_mb: 1024, "
+                       "accelerator: none}\nvariants: [fp32]\npower: {idle_w: 1, busy_w: 2}\n")
+    scratch = Path(tempfile.mkdtemp(prefix="ek"))  # short: a socket path is made in it
+    started = time.monotonic()
+    proc = edgekit_in_group(["compile", folding_savedmodel, "-p", profile, "--out", tmp_path / "o", "--timeout", "2",
+                             "--json"], 240, "edgekit compile still ran after 240 s: the conversion had no deadline",
+                            env={**os.environ, "TMPDIR": str(scratch)})
+    elapsed = time.monotonic() - started
+    said = (f"{folding_savedmodel}: the TFLite converter's float32 conversion of fp32 did not finish within 11 s while "
+            "'building fp32': a model too large to convert, or whose constants fold into too much work? (edgekit "
+            "compile --timeout sets the limit: 5 times it, plus 1 s per MiB of the model); the compile was stopped; "
+            f"nothing was written ({tmp_path / 'o'}, which it made, was removed)")
+    assert one_line_error(proc.returncode, proc.stderr, 2) == f"edgekit: error: {said}"
+    assert json.loads(proc.stdout) == {"error": said, "exit_code": 2}
+    assert elapsed < 90, elapsed  # the converter alone takes longer
+    left = list(scratch.iterdir())
+    shutil.rmtree(scratch)
+    assert not (tmp_path / "o").exists() and left == [], left
+
+
+def _huge_savedmodel(folder, kind):
+    """Save a 10 KB SavedModel (x [1, 4] -> y) declaring a huge tensor: ``fill``, a tf.fill([10**6, 10**6]) in a
+    branch its inputs never take (traced, never run: the smoke check passes it); ``variable``, a [2, 4] variable
+    whose declared shape is then edited to [10**5, 10**5] in saved_model.pb (object graph and VarHandleOp)."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    from edge_kit.compiler.tf_quiet import tensorflow
+
+    tf = tensorflow()
+
+    class Huge(tf.Module):
+        def __init__(self):
+            self.v = tf.Variable(np.ones([2, 4], np.float32), name="big")
+
+        @tf.function(input_signature=[tf.TensorSpec([1, 4], tf.float32, name="x")])
+        def serve(self, x):
+            if kind == "fill":
+                huge = tf.cond(tf.reduce_max(x) > 1e30, lambda: tf.reduce_sum(tf.fill([10**6, 10**6], 1.0)),
+                               lambda: 0.0)
+                return {"y": x * 2.0 + huge}
+            return {"y": x * self.v[:1]}
+
+    module = Huge()
+    tf.saved_model.save(module, str(folder), signatures={"serving_default": module.serve})
+    if kind == "variable":
+        proto = saved_model_pb2.SavedModel()
+        proto.ParseFromString((folder / "saved_model.pb").read_bytes())
+        graph = proto.meta_graphs[0]
+        shapes = [n.variable.shape for n in graph.object_graph_def.nodes if n.WhichOneof("kind") == "variable"]
+        shapes += [n.attr["shape"].shape for n in graph.graph_def.node if n.op == "VarHandleOp"]
+        assert len(shapes) == 2
+        for shape in shapes:
+            for dim in shape.dim:
+                dim.size = 10**5
+        (folder / "saved_model.pb").write_bytes(proto.SerializeToString())
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["fill", "variable"])
+def test_a_savedmodel_declaring_a_huge_tensor_is_refused_before_tensorflow_allocates_it(tmp_path, run_cli, kind):
+    """A 10 KB SavedModel can declare a variable of shape [10**5, 10**5] or a tf.fill([10**6, 10**6]) that constant
+    folding would materialise: TensorFlow took them in the compiling process (a fill in a branch the smoke check's
+    zeros never take compiled and was published). The shapes saved_model.pb declares are now read first, as a
+    Keras config's are: one line naming the file, what declares the tensor and its shape, before TensorFlow loads."""
+    import re
+
+    model = _huge_savedmodel(tmp_path / "huge", kind)
+    started = time.monotonic()
+    code, _, err = run_cli("compile", model, "-p", "rpi4", "--out", tmp_path / "o")
+    elapsed = time.monotonic() - started
+    what = (r"Fill op 'cond/Fill' in function 'cond_true_\d+' of shape 1000000x1000000 \(float32, "
+            r"4,000,000,000,000 bytes\)" if kind == "fill" else
+            r"variable 'big' of shape 100000x100000 \(float32, 40,000,000,000 bytes\)")
+    assert re.fullmatch(
+        rf"edgekit: error: {re.escape(str(model))}: saved_model.pb declares {what}, more than the 2,147,483,648 bytes "
+        r"edge-kit takes per tensor \(no device has the memory for more\); TensorFlow would allocate it on this host "
+        r"while loading or converting the model: a damaged or hostile file, or a model too large for edge devices; "
+        r"export a smaller model", one_line_error(code, err)), err
+    assert elapsed < 10, elapsed  # read from the proto: no load, conversion or smoke check
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("suffix", [".keras", ".h5"])
 def test_a_keras_config_declaring_a_huge_layer_is_refused_before_tensorflow_builds_it(tmp_path, run_cli, suffix):
     """A 30 KB Keras file whose config declares Dense(units=10**9) after a 144-wide input: Keras built the layer
