@@ -519,15 +519,14 @@ def convert(path: Path, data: bytes, inputs: dict[str, tuple[int, ...]], outputs
         work = Path(tmp)
         (work / "model.onnx").write_bytes(ready)
         _sample_images(work)
-        argv = [sys.executable, "-m", "onnx2tf", "-i", "model.onnx", "-o", "out", "-coion", "-osd", "-n",
-                "-kat", *ins]
+        argv = [sys.executable, str(Path(__file__).with_name("onnx2tf_run.py")), "model.onnx", "model.tflite", *ins]
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "TF_ENABLE_ONEDNN_OPTS": "0", "CUDA_VISIBLE_DEVICES": ""}
         try:
             done = subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True, errors="replace",
                                   timeout=CONVERT_TIMEOUT_S, check=False)
         except subprocess.TimeoutExpired:
             raise CompileError(f"{path}: {CONVERTER} did not finish within {CONVERT_TIMEOUT_S} s") from None
-        result = work / "out" / "model_float32.tflite"
+        result = work / "model.tflite"
         if done.returncode != 0 or not result.is_file():
             raise InputError(_failure(path, done.stdout + "\n" + done.stderr, ready))
         tflite = result.read_bytes()

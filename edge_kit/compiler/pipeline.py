@@ -464,7 +464,7 @@ def _convert_onnx(source: Source, data: Dataset | None, profiles: list[Profile],
     ort = ox.version("onnxruntime")
     source.conversion = {
         "converter": ox.CONVERTER, "converter_version": ox.version("onnx2tf"),
-        "options": "-kat (every input keeps its ONNX layout) -coion -osd; float32 only, no quantization by the converter",
+        "options": "-kat (every input keeps its ONNX layout); its Keras model converted once, float32 only, no quantization by the converter",
         "reference": "onnxruntime", "reference_version": ort, "reference_provider": "CPUExecutionProvider",
         "inputs": where, "samples": len(next(iter(xs.values()))),
         **{k: fid[k] for k in ("snr_db", "cosine", "max_abs_error", "mean_abs_error") if k in fid},

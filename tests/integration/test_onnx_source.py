@@ -12,6 +12,7 @@ Inputs are crops of scikit-image's scanned page and photos: real pixels, NCHW as
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -339,6 +340,42 @@ def test_several_named_inputs_and_outputs(tmp_path, run_cli):
     renamed = rename_signature(fp32_bytes, {"image": "a", "meta": "b"}, {"scores": "c", "features/pool": "d"})
     assert {p.name for p in ModelRunner(get_runtime("litert").interpreter(renamed)).outputs} == {"c", "d"}
     assert json.loads((tmp_path / "o" / "two" / "manifest.json").read_text())["model"]["conversion"]["converter"] == "onnx2tf"
+
+
+def test_the_conversion_child_computes_what_onnx2tfs_command_line_does(tmp_path):
+    """The child converts onnx2tf's Keras model once (edge_kit/compiler/onnx2tf_run.py), not as onnx2tf's command
+    line does (three saves, two precisions): the same inputs in their ONNX layout and the same outputs, and
+    nothing but the float32 file is written."""
+    import subprocess
+    import sys
+
+    from ai_edge_litert.interpreter import Interpreter
+
+    from edge_kit.compiler import onnx_source
+
+    ready, ins, _, _ = onnx_source.prepared_model(two_input_model(tmp_path / "two.onnx").read_bytes(),
+                                                  {"image": (3, 16, 16), "meta": (2,)})
+    (tmp_path / "model.onnx").write_bytes(ready)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+    child = Path(onnx_source.__file__).with_name("onnx2tf_run.py")
+    for argv in ([child, "model.onnx", "child.tflite", *ins],
+                 ["-m", "onnx2tf", "-i", "model.onnx", "-o", "cli", "-n", "-kat", *ins]):
+        done = subprocess.run([sys.executable, *map(str, argv)], cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["child.tflite", "model.onnx", "two.onnx"]
+    answers = []
+    for path in (tmp_path / "child.tflite", tmp_path / "cli" / "model_float32.tflite"):
+        it = Interpreter(model_path=str(path))
+        it.allocate_tensors()
+        shapes = sorted(tuple(d["shape"]) for d in it.get_input_details())
+        assert shapes == [(1, 2), (1, 3, 16, 16)], path  # -kat: the ONNX layout
+        for d in sorted(it.get_input_details(), key=lambda d: len(d["shape"])):
+            it.set_tensor(d["index"], np.random.default_rng(len(d["shape"])).uniform(0, 1, d["shape"]).astype(np.float32))
+        it.invoke()
+        answers.append(sorted((it.get_tensor(d["index"]) for d in it.get_output_details()), key=lambda a: a.shape))
+    for a, b in zip(*answers):
+        assert a.shape == b.shape and np.abs(a).max() > 0
+        np.testing.assert_array_equal(a, b)
 
 
 def test_load_errors_are_input_errors(tmp_path):
