@@ -151,7 +151,10 @@ def durable_replace(src: Path, dst: Path) -> None:
 
 
 def pid_alive(pid: int) -> bool:
-    """Return True when a process ``pid`` runs (this one included): what a leftover named by its pid waits for."""
+    """Return True when a process ``pid`` runs (this one included): what a leftover named by its pid waits for,
+    and what stopping a process waits for. A zombie (it has exited; its parent, or the init that inherited it,
+    has not reaped it yet) does not run: an init that reaps orphans only now and then (a container's, a VM's)
+    would otherwise hold every wait for a stopped process until it gets round to it."""
     if pid == os.getpid():
         return True
     try:
@@ -160,7 +163,12 @@ def pid_alive(pid: int) -> bool:
         return False
     except OSError:  # EPERM: it runs, as another user
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:  # no /proc here, or it was reaped meanwhile: the signal said it was there
+        return True
+    return stat[stat.rfind(b")") + 2:][:1] not in (b"Z", b"X")  # the state after "pid (name) "
 
 
 _TMP = re.compile(r"^\..+\.(\d+)\.tmp$")

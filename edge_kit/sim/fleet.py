@@ -44,6 +44,7 @@ from edge_kit.sim.process import (
     processes,
     started_at,
     terminate_pid,
+    terminate_pids,
 )
 from edge_kit.sim.ssh import SshEndpoint, known_hosts_line, write_keypair
 from edge_kit.sim.store_server import start_store_server, store_folder
@@ -285,13 +286,14 @@ class SimFleet:
             # each pid only while it is still the process `sim up` started (its start time, recorded then)
             (result.stopped if terminate_pid(pid, started=started) else result.not_running).append(what)
 
-        for dev in state["devices"]:
-            # every supervisor of this root, found by its command line: not agent.pid, which after a reboot may
-            # name another process and is written only after a deploy that has just restarted the agent returned
-            supervisors = processes(lambda cmdline: is_supervisor(cmdline, dev["root"]))
-            for pid in supervisors:
-                terminate_pid(pid)
-            (result.stopped if supervisors else result.not_running).append(f"agent {dev['name']}")
+        # every supervisor of a device's root, found by its command line: not agent.pid, which after a reboot may
+        # name another process and is written only after a deploy that has just restarted the agent returned. All
+        # are stopped together (each agent takes a moment to say offline).
+        supervisors = {dev["name"]: processes(lambda cmdline, root=dev["root"]: is_supervisor(cmdline, root))
+                       for dev in state["devices"]}
+        terminate_pids([(pid, None) for pids in supervisors.values() for pid in pids])
+        for name, pids in supervisors.items():
+            (result.stopped if pids else result.not_running).append(f"agent {name}")
         for dev in state["devices"]:
             stop(f"sshd {dev['name']}", dev["sshd_pid"], dev.get("sshd_started"))
         if state.get("store") and state["store"].get("pid"):

@@ -10,6 +10,8 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+from device_agents.disk import pid_alive
+
 
 def stop_process(proc: subprocess.Popen | None, timeout: float = 10.0) -> None:
     """SIGTERM a child and wait for it; SIGKILL after ``timeout``. No-op when it has exited."""
@@ -23,15 +25,7 @@ def stop_process(proc: subprocess.Popen | None, timeout: float = 10.0) -> None:
         proc.wait()
 
 
-def alive(pid: int) -> bool:
-    """Return True while a process with ``pid`` exists."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+alive = pid_alive  # True while ``pid`` runs (a zombie does not)
 
 
 def processes(match: Callable[[bytes], bool]) -> list[int]:
@@ -75,22 +69,41 @@ def terminate_pid(pid: int | None, timeout: float = 15.0, started: int | None = 
         True when the process was running and has been stopped; False when there was none to stop (no pid, gone
         already, or the pid now names another process).
     """
-    if not pid or not alive(pid) or (started is not None and started_at(pid) != started):
-        return False
-    os.kill(pid, signal.SIGTERM)
+    return terminate_pids([(pid, started)], timeout)[0]
+
+
+def terminate_pids(pids: list[tuple[int | None, int | None]], timeout: float = 15.0) -> list[bool]:
+    """:func:`terminate_pid` for several processes at once, each ``(pid, started)``: every one is sent SIGTERM
+    first, then all are waited for together (their shutdowns overlap), and SIGKILLed ``timeout`` s after.
+
+    Returns:
+        For each, in order, whether it was running and has been stopped (see :func:`terminate_pid`).
+    """
+    running = [bool(pid) and alive(pid) and (started is None or started_at(pid) == started) for pid, started in pids]
+    for (pid, _), sent in zip(pids, running):
+        if sent:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:  # ended since the check: stopped all the same
+                pass
+    waiting = {pid for (pid, _), sent in zip(pids, running) if sent}
     deadline = time.monotonic() + timeout
-    while alive(pid) and time.monotonic() < deadline:
-        try:
-            os.waitpid(pid, os.WNOHANG)  # reap it when it is our own child
-        except ChildProcessError:
-            pass
-        time.sleep(0.05)
-    if alive(pid):
+    while waiting and time.monotonic() < deadline:
+        for pid in list(waiting):
+            try:
+                os.waitpid(pid, os.WNOHANG)  # reap it when it is our own child
+            except ChildProcessError:
+                pass
+            if not alive(pid):
+                waiting.discard(pid)
+        if waiting:
+            time.sleep(0.05)
+    for pid in waiting:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:  # ended between the check and the kill
             pass
-    return True
+    return running
 
 
 @contextmanager

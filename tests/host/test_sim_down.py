@@ -76,6 +76,61 @@ def test_sim_down_stops_only_the_processes_sim_up_started_not_others_given_their
             p.wait()
 
 
+def test_a_process_that_exited_but_is_not_reaped_yet_is_not_waited_for():
+    """A stopped process's pid lingers as a zombie until its parent, or the init that inherited it, reaps it; an
+    init that reaps now and then (a container's, a VM's) held every supervisor `sim down` stopped for 1.5 s more."""
+    import time
+
+    from device_agents.disk import pid_alive
+    from edge_kit.sim.process import terminate_pid
+
+    done = subprocess.Popen(["true"])
+    try:
+        for _ in range(200):  # exited: a zombie until reaped (this process does not reap it yet)
+            stat = open(f"/proc/{done.pid}/stat", "rb").read()
+            if stat[stat.rfind(b")") + 2:][:1] == b"Z":
+                break
+            time.sleep(0.01)
+        else:
+            pytest.fail("the process did not exit")
+        assert not pid_alive(done.pid)
+        assert terminate_pid(done.pid) is False  # nothing to stop, nothing waited for
+        assert pid_alive(os.getpid())
+    finally:
+        done.wait()
+
+
+def test_the_agents_of_a_simulated_fleet_are_stopped_together(tmp_path):
+    """Each agent takes a moment to say offline when stopped: three supervisors that each take 2 s are stopped in
+    about 2 s, not 6."""
+    import sys
+    import time
+
+    slow = ("import signal, sys, time\n"
+            "signal.signal(signal.SIGTERM, lambda *_: (time.sleep(2), sys.exit(0)))\n"
+            "print('ready', flush=True)\ntime.sleep(60)\n")
+    roots = [tmp_path / f"d{i}" for i in range(3)]
+    supervisors = [subprocess.Popen([sys.executable, "-c", slow, "supervise", "--pidfile", f"{root}/agent.pid"],
+                                    stdout=subprocess.PIPE, text=True) for root in roots]
+    try:
+        for p in supervisors:
+            assert p.stdout.readline().strip() == "ready"  # its SIGTERM handler is in place
+        (tmp_path / "sim").mkdir()
+        sim = simfleet.SimFleet(tmp_path / "sim")
+        sim._save({"broker": None, "links": None,
+                   "devices": [{"name": r.name, "root": str(r), "sshd_pid": None} for r in roots]})
+        started = time.monotonic()
+        down = sim.down()
+        took = time.monotonic() - started
+        assert all(p.wait(timeout=10) == 0 for p in supervisors)  # each ended by its own handler, not killed
+        assert sorted(down.stopped) == ["agent d0", "agent d1", "agent d2"]
+        assert 2 <= took < 4.5, took
+    finally:
+        for p in supervisors:
+            p.kill()
+            p.wait()
+
+
 def test_started_at_tells_a_running_process_from_none():
     from edge_kit.sim.process import started_at
 
