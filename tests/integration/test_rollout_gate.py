@@ -93,7 +93,7 @@ def test_the_live_gate_rolls_back_a_slower_candidate_and_promotes_a_good_one(
     # Three simulated devices share two cores (with the tests' other processes): the same model's service
     # times can differ between them by a factor, so this test's effect-size guard is 2x (a real fleet's
     # default is 1.1x); the slowed candidate is several times slower than that.
-    gate = LiveGate(window_s=60, min_samples=150, alpha=0.01, min_slowdown=1.0)
+    gate = LiveGate(window_s=180, min_samples=150, alpha=0.01, min_slowdown=1.0)  # at most: ends at 150 answers
     decisions: list[dict] = []
     with Traffic(fleet.devices, digits_files.eval) as traffic:
         slow = rollout(fleet, fleet.devices, DeployOptions(slowed_artifacts, variant="fp32"), canary=0.3,
