@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from edge_kit.compiler.tf_quiet import captured_output, tensorflow
-from edge_kit.compiler.watch import watched
+from edge_kit.compiler.watch import LOAD_CAUSE, watched
 from edge_kit.errors import CompileError, InputError, first_line
 from edge_kit.fsutil import sha256_file
 
@@ -341,7 +341,7 @@ def _load_keras(path: Path, name: str, digest: str, pinned: dict[str, tuple[int,
                          f"with Keras {'.'.join(map(str, KERAS_SAFE_MODE))} or later: pip install "
                          f"'keras>={'.'.join(map(str, KERAS_SAFE_MODE))}'")
     try:
-        with captured_output(), watched("Keras's loading of the model", load_seconds):
+        with captured_output(), watched("Keras's loading of the model", load_seconds, cause=LOAD_CAUSE):
             model = keras.models.load_model(path, compile=False)  # safe_mode (the default): no code from the file
     except Exception as exc:  # Keras raises many types for a bad file; all mean the same to the user
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -534,7 +534,7 @@ def _load_savedmodel(path: Path, name: str, digest: str, pinned: dict[str, tuple
     tf = tensorflow()
     _check_savedmodel(path)
     try:
-        with watched("TensorFlow's loading of the SavedModel", load_seconds):
+        with watched("TensorFlow's loading of the SavedModel", load_seconds, cause=LOAD_CAUSE):
             obj = tf.saved_model.load(str(path))
         sig = obj.signatures["serving_default"]
     except KeyError:

@@ -36,7 +36,9 @@ from device_agents.formats import (
     META_RUNTIME,
     META_VARIANT,
 )
+from edge_kit.compiler.analysis import CONVERSION_CAUSE, conversion_deadline
 from edge_kit.compiler.onnx_variants import calibration_reader
+from edge_kit.compiler.watch import watched
 from edge_kit.errors import CompileError, first_line
 
 CALIB_SUFFIX = ".calib"  # trt-int8.calib beside trt-int8.onnx
@@ -65,9 +67,11 @@ def calibration_table(fp32: bytes, calib_x: dict[str, np.ndarray], calibrating: 
         src = Path(tmp) / "fp32.onnx"
         src.write_bytes(fp32)
         try:
-            calibrator = create_calibrator(str(src), [], augmented_model_path=str(Path(tmp) / "augmented.onnx"),
-                                           calibrate_method=CalibrationMethod.MinMax,
-                                           extra_options={"symmetric": True})
+            with watched("ONNX Runtime's create_calibrator on trt-int8 (the model augmented to output every tensor)",
+                         conversion_deadline(len(fp32)), cause=CONVERSION_CAUSE):  # before the calibration's clock
+                calibrator = create_calibrator(str(src), [], augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+                                               calibrate_method=CalibrationMethod.MinMax,
+                                               extra_options={"symmetric": True})
             calibrator.execution_providers = ["CPUExecutionProvider"]
             calibrator.collect_data(calibration_reader(calib_x, calibrating))
             write_calibration_table(calibrator.compute_data(), dir=tmp)

@@ -21,6 +21,8 @@ from typing import Any
 
 WORKER_ENV = "EDGEKIT_COMPILE_WORKER"  # set: this process is the worker (its value: where it notes steps, or '')
 LOOP_CAUSE = "a model that loops on real inputs? (edgekit compile --timeout sets the limit)"  # a run over the data
+LOAD_CAUSE = ("a model too large to load, or whose file makes TensorFlow loop? (edgekit compile --timeout sets "
+              "the limit)")  # TensorFlow's loading of a Keras or SavedModel: it runs no inputs
 
 
 def note(**fields: Any) -> None:

@@ -138,3 +138,34 @@ def test_onnx_int8s_conversion_steps_each_note_a_deadline_and_the_calibration_ne
                      None], said
     assert all(line["seconds"] == 12.0 and line["cause"] == CONVERSION_CAUSE for line in said[:5:2])
     assert said[5]["seconds"] == 30.0 and said[5]["cause"] == LOOP_CAUSE
+
+
+def test_trt_int8s_calibrator_notes_a_deadline_while_it_augments_the_model_before_the_calibrations_clock(
+        tmp_path, monkeypatch):
+    """ONNX Runtime's create_calibrator rewrites the model (every tensor made an output) in the compiling process
+    before the first sample starts the calibration's clock: it has a conversion deadline of its own, then the
+    calibration's is in force until it ends."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edge_kit.compiler.analysis import CONVERSION_CAUSE, conversion_deadline
+    from edge_kit.compiler.trt_variants import calibration_table
+
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.normal(size=(8, 4)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    data = model.SerializeToString()
+    notes = tmp_path / "notes.jsonl"
+    monkeypatch.setenv(WORKER_ENV, str(notes))
+    with watched("the int8 calibration of trt-int8 on calib.npz", 30.0, at_once=False) as calibrating:
+        assert calibration_table(data, {"x": rng.normal(size=(20, 8)).astype(np.float32)}, calibrating)
+    said = _lines(notes)
+    assert [line["doing"] for line in said] == [
+        "ONNX Runtime's create_calibrator on trt-int8 (the model augmented to output every tensor)", None,
+        "the int8 calibration of trt-int8 on calib.npz", None], said
+    assert said[0]["seconds"] == conversion_deadline(len(data)) and said[0]["cause"] == CONVERSION_CAUSE
+    assert said[2]["seconds"] == 30.0 and said[2]["cause"] == LOOP_CAUSE
