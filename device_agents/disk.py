@@ -161,8 +161,8 @@ def pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except OSError:  # EPERM: it runs, as another user
-        return True
+    except OSError:  # EPERM: it is there, as another user's (or its zombie: read on)
+        pass
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()

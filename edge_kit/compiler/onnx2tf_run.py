@@ -12,7 +12,8 @@ host, for files edge-kit never reads (the SavedModel, the float16 ``.tflite``). 
 (``disable_model_save``); one SavedModel of a plain ``tf.Module`` holding the model's variables and its call as
 the ``serving_default`` signature is written and converted with onnx2tf's own converter settings (TFLite builtins
 and select TensorFlow ops, batch matmuls not unfolded), which is what ``from_keras_model`` does after its
-serialisation: the same graph, in 22 s for YOLOv8n.
+serialisation: the same graph, in 22 s for YOLOv8n. Where that SavedModel cannot be written or converted, the traced
+call is converted as a concrete function, as onnx2tf falls back to when ``from_keras_model`` fails.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import os
 import sys
 import tempfile
 
-if __name__ == "__main__" and sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+if __name__ == "__main__" and sys.path and os.path.realpath(sys.path[0]) == os.path.dirname(os.path.realpath(__file__)):
     del sys.path[0]  # run by path: this folder's modules (convert.py, watch.py...) must not shadow what TF imports
 
 
@@ -44,14 +45,24 @@ def main(argv: list[str]) -> int:
         # Keras layers' weights); no Keras layer is serialised
         module.weights = list({id(v): v for v in [*model.variables, *traced.variables]}.values())
         saved = f"{work}/saved_model"
-        tf.saved_model.save(module, saved, signatures={"serving_default": traced})
-        converter = tf.lite.TFLiteConverter.from_saved_model(saved)
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS, tf.lite.OpsSet.SELECT_TF_OPS]
-        converter.unfold_batchmatmul = False  # onnx2tf's default (no --enable_batchmatmul_unfold)
-        flatbuffer = converter.convert()
+        try:
+            tf.saved_model.save(module, saved, signatures={"serving_default": traced})
+            flatbuffer = _converted(tf, tf.lite.TFLiteConverter.from_saved_model(saved))
+        except Exception as exc:  # noqa: BLE001 - as onnx2tf does when its SavedModel route fails: the traced call
+            print(f"edgekit: the SavedModel route failed ({type(exc).__name__}: {exc}); converting the traced "
+                  "function instead", file=sys.stderr)
+            flatbuffer = _converted(tf, tf.lite.TFLiteConverter.from_concrete_functions([traced], module))
     with open(target, "wb") as f:
         f.write(flatbuffer)
     return 0
+
+
+def _converted(tf, converter):  # noqa: ANN001, ANN202 - TensorFlow's module and converter
+    """Return ``converter``'s flatbuffer with onnx2tf's own settings: TFLite builtins and select TensorFlow ops,
+    batch matmuls not unfolded (no ``--enable_batchmatmul_unfold``). Raises what the converter raises."""
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS, tf.lite.OpsSet.SELECT_TF_OPS]
+    converter.unfold_batchmatmul = False
+    return converter.convert()
 
 
 if __name__ == "__main__":

@@ -215,11 +215,18 @@ def load_source(path: Path, input_shapes: dict[str, tuple[int, ...]] | None = No
 
 
 def _disk_bytes(path: Path) -> int:
-    """Return the size in bytes of the file ``path``, or of the files in the folder ``path`` (0 for one unreadable)."""
+    """Return the size in bytes of the file ``path``, or of the files in the folder ``path`` (0 for one unreadable),
+    each counted at most at what it takes on disk: a sparse file (``truncate -s 1T``) takes next to nothing, and must
+    not buy a conversion a deadline of days (:func:`~edge_kit.compiler.analysis.conversion_deadline`)."""
+
+    def size(file: Path) -> int:
+        st = file.stat()
+        return min(st.st_size, st.st_blocks * 512) if hasattr(st, "st_blocks") else st.st_size
+
     try:
         if path.is_file():
-            return path.stat().st_size
-        return sum((Path(top) / f).stat().st_size for top, _, files in os.walk(path) for f in files)
+            return size(path)
+        return sum(size(Path(top) / f) for top, _, files in os.walk(path) for f in files)
     except OSError:
         return 0
 

@@ -90,12 +90,12 @@ def terminate_pids(pids: list[tuple[int | None, int | None]], timeout: float = 1
     deadline = time.monotonic() + timeout
     while waiting and time.monotonic() < deadline:
         for pid in list(waiting):
-            try:
-                os.waitpid(pid, os.WNOHANG)  # reap it when it is our own child
-            except ChildProcessError:
-                pass
             if not alive(pid):
                 waiting.discard(pid)
+            try:
+                os.waitpid(pid, os.WNOHANG)  # reap it when it is our own child (after the check: never left a zombie)
+            except ChildProcessError:
+                pass
         if waiting:
             time.sleep(0.05)
     for pid in waiting:

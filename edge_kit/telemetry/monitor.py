@@ -100,6 +100,9 @@ MAX_ALERT_CHARS = 1000  # characters of an alert kept: its text may hold a devic
 MAX_CLIENT_ID_BYTES = 65_535  # MQTT encodes a client id's length in 16 bits
 
 
+MAX_OLD_RUNS = 64  # a device's ended shadow runs remembered: a late message of one is no news
+
+
 def _shadow_mark(shadow: dict[str, Any]) -> tuple[int | None, str | None, int]:
     """Return what the drift check keeps of a ``shadow`` message: its ``seq`` (None when it has no whole number
     there: a history row holds what a device sent, checked or not), its ``run`` (None from an older agent) and its
@@ -146,6 +149,7 @@ class Monitor:
         self._drifting: set[str] = set()
         # each device's newest shadow message taken, by seq: (seq, run or None, its non_finite count)
         self._last_shadow: dict[str, tuple[int | None, str | None, int]] = {}
+        self._old_runs: dict[str, deque[str]] = {}  # each device's runs taken before its newest one
         self._intervals: dict[str, float] = {}  # each device's telemetry interval, as its newest telemetry says it
         # The history's first failure to connect or write (a database gone away): from then on this
         # worker stores nothing more, and whoever runs it stops and says so (`edgekit monitor` exits 6).
@@ -468,17 +472,25 @@ class Monitor:
         an infinity since the device's last shadow message (its ``non_finite`` count rose; such answers are
         kept out of the fidelity): that one with or without a fidelity bound. Return nothing.
 
-        Messages are taken in ``seq`` order (the agent's spool keeps it rising across its restarts): one not newer
-        than the newest taken for the device (queued, handed to another worker, replayed) is no news, neither
-        alerted on nor taken as the count. A newer one whose ``run`` differs from the last one's is a new shadow
-        run (a new ``shadow`` command, the agent started again), whose count started from 0; from an older agent,
-        without ``run``, a count lower than the last is the only sign of it."""
+        Messages are taken in ``seq`` order (the agent's spool keeps it rising across its restarts): one of the same
+        run (or without ``run``) not newer than the newest taken for the device (queued, handed to another worker,
+        replayed), or one of a run taken before the newest, is no news, neither alerted on nor taken as the count.
+        One whose ``run`` was not seen before is a new shadow run (a new ``shadow`` command, the agent started
+        again), whose count started from 0, whatever its ``seq``: a device whose spool started again (a damaged one
+        moved aside, a device provisioned again) numbers from 1 again. From an older agent, without ``run``, a
+        count lower than the last is the only sign of a new run."""
         seq, run, count = _shadow_mark(shadow)
         last = self._last_shadow.get(device)
-        if last is not None and seq is not None and last[0] is not None and seq <= last[0]:
+        old_runs = self._old_runs.setdefault(device, deque(maxlen=MAX_OLD_RUNS))
+        new_run = run is not None and last is not None and last[1] is not None and run != last[1]
+        if new_run and run in old_runs:
+            return  # a late message of a run that has ended
+        if last is not None and not new_run and seq is not None and last[0] is not None and seq <= last[0]:
             return
+        if new_run:
+            old_runs.append(last[1])
         self._last_shadow[device] = (seq, run, count)
-        before = 0 if last is None or (run is not None and last[1] is not None and run != last[1]) else last[2]
+        before = 0 if last is None or new_run else last[2]
         bad = count - before if count >= before else count  # a lower count: the agent started again
         c = self.constraints.get(device)
         bound = c.min_fidelity_snr_db if c is not None else None

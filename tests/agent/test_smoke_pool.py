@@ -105,7 +105,6 @@ def _stop_mid_send(pool, monkeypatch, then=None, sig=None) -> list:
     a 32 MB result blocked writing the rest; ``then()`` runs after. Return the list the signalled child is put in."""
     import fcntl
     import multiprocessing
-    import os
     import signal
     import struct
     import termios
@@ -198,14 +197,16 @@ def test_a_child_that_answered_but_does_not_exit_is_ended_with_its_run():
     for as long as its thread ran (for ever), and after the caller's end too (its caller-watch had stopped with the
     answer sent). No child of a run outlives the run now."""
     import multiprocessing
+    from multiprocessing import forkserver
 
     import psutil
 
     pool = SmokePool()
     pool.run(time.sleep, 0, timeout=60, what="nap")  # the forkserver started
-    server = psutil.Process(os.getpid()).children()  # this process's forkserver (and resource tracker)
-    before = {c.pid for s in server for c in s.children(recursive=True)}
+    # the pool's forkserver only: another fixture's server (PostgreSQL) forks children of its own meanwhile
+    server = psutil.Process(forkserver._forkserver._forkserver_pid)
+    before = {c.pid for c in server.children(recursive=True)}
     others = set(multiprocessing.active_children())
     assert pool.run(answer_then_linger, 7, timeout=60, what="answer") == 7
     assert set(multiprocessing.active_children()) - others == set()
-    assert {c.pid for s in server for c in s.children(recursive=True) if c.is_running()} - before == set()
+    assert {c.pid for c in server.children(recursive=True) if c.is_running()} - before == set()

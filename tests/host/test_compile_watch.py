@@ -169,3 +169,21 @@ def test_trt_int8s_calibrator_notes_a_deadline_while_it_augments_the_model_befor
         "the int8 calibration of trt-int8 on calib.npz", None], said
     assert said[0]["seconds"] == conversion_deadline(len(data)) and said[0]["cause"] == CONVERSION_CAUSE
     assert said[2]["seconds"] == 30.0 and said[2]["cause"] == LOOP_CAUSE
+
+
+def test_a_sparse_file_in_a_model_folder_does_not_stretch_its_conversion_deadline(tmp_path):
+    """The deadline grows with the model's size: counted by apparent size, a 1 TiB sparse file (4 KiB on disk) in a
+    SavedModel folder bought every conversion step twelve days."""
+    import os
+
+    from edge_kit.compiler.analysis import conversion_deadline
+    from edge_kit.compiler.sources import _disk_bytes
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "saved_model.pb").write_bytes(b"x" * 3000)
+    with open(folder / "pad.bin", "wb") as f:
+        f.truncate(2**40)
+    assert os.stat(folder / "pad.bin").st_size == 2**40
+    assert _disk_bytes(folder) < 2**20 and _disk_bytes(folder / "saved_model.pb") == 3000
+    assert conversion_deadline(_disk_bytes(folder)) == conversion_deadline(0) + 1

@@ -698,3 +698,20 @@ def test_a_monitor_started_again_takes_the_historys_newest_shadow_message_as_kno
     _shadow(later, 7, 7, "a")
     _shadow(later, 8, 2, "b")  # the agent started again after the monitor did
     assert _nan_alerts(later) == [3, 2]
+
+
+def test_a_device_whose_seq_started_again_with_a_new_run_is_still_heard_and_a_late_message_of_an_ended_run_is_not(
+        fleet_file, tmp_path):
+    """A device whose spool started again (a damaged one moved aside, the device provisioned again) numbers its
+    messages from 1: every shadow message it sent was taken as older than the last one and dropped, its NaN answers
+    never alerted on (until its seq passed the old one). A new run is news whatever its seq; a late message of a run
+    that has ended is not."""
+    mon = _drift_monitor(fleet_file, Store(tmp_path / "h.db"))
+    _shadow(mon, 500, 0, "old")  # a long-running agent
+    _shadow(mon, 1, 0, "new")  # a new spool: seq starts again, a new run
+    _shadow(mon, 2, 9, "new")  # nine NaN answers
+    assert _nan_alerts(mon) == [9]
+    _shadow(mon, 3, 9, "new")  # the episode ends
+    _shadow(mon, 499, 7, "old")  # late, from the run that has ended: no news
+    _shadow(mon, 4, 10, "new")  # one new since seq 3
+    assert _nan_alerts(mon) == [9, 1]

@@ -378,6 +378,37 @@ def test_the_conversion_child_computes_what_onnx2tfs_command_line_does(tmp_path)
         np.testing.assert_array_equal(a, b)
 
 
+def test_where_the_savedmodel_route_fails_the_traced_call_is_converted(tmp_path, monkeypatch, capsys):
+    """onnx2tf's own command line carried on when its SavedModel could not be written (an op's untracked resource):
+    from_keras_model fell back to the traced function. The conversion child does the same, with the same result."""
+    import tensorflow as tf
+    from ai_edge_litert.interpreter import Interpreter
+
+    from edge_kit.compiler import onnx2tf_run, onnx_source
+
+    ready, ins, _, _ = onnx_source.prepared_model(two_input_model(tmp_path / "two.onnx").read_bytes(),
+                                                  {"image": (3, 16, 16), "meta": (2,)})
+    (tmp_path / "model.onnx").write_bytes(ready)
+    assert onnx2tf_run.main([str(tmp_path / "model.onnx"), str(tmp_path / "saved.tflite"), *ins]) == 0
+
+    def untracked(*_args, **_kwargs):
+        raise AssertionError("Tried to export a function which references an 'untracked' resource")
+
+    monkeypatch.setattr(tf.saved_model, "save", untracked)
+    assert onnx2tf_run.main([str(tmp_path / "model.onnx"), str(tmp_path / "traced.tflite"), *ins]) == 0
+    assert "the SavedModel route failed (AssertionError" in capsys.readouterr().err
+    answers = []
+    for name in ("saved.tflite", "traced.tflite"):
+        it = Interpreter(model_path=str(tmp_path / name))
+        it.allocate_tensors()
+        for d in it.get_input_details():
+            it.set_tensor(d["index"], np.random.default_rng(len(d["shape"])).uniform(0, 1, d["shape"]).astype(np.float32))
+        it.invoke()
+        answers.append(sorted((it.get_tensor(d["index"]) for d in it.get_output_details()), key=lambda a: a.shape))
+    for a, b in zip(*answers):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
 def test_load_errors_are_input_errors(tmp_path):
     """A pin naming no input, and one not fitting the declared shape: one line each, before any conversion."""
     from edge_kit.compiler.sources import load_source
