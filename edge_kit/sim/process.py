@@ -25,8 +25,6 @@ def stop_process(proc: subprocess.Popen | None, timeout: float = 10.0) -> None:
         proc.wait()
 
 
-alive = pid_alive  # True while ``pid`` runs (a zombie does not)
-
 
 def processes(match: Callable[[bytes], bool]) -> list[int]:
     """Return the pids of the running processes whose command line (``/proc/<pid>/cmdline``, arguments
@@ -79,7 +77,7 @@ def terminate_pids(pids: list[tuple[int | None, int | None]], timeout: float = 1
     Returns:
         For each, in order, whether it was running and has been stopped (see :func:`terminate_pid`).
     """
-    running = [bool(pid) and alive(pid) and (started is None or started_at(pid) == started) for pid, started in pids]
+    running = [bool(pid) and pid_alive(pid) and (started is None or started_at(pid) == started) for pid, started in pids]
     for (pid, _), sent in zip(pids, running):
         if sent:
             try:
@@ -90,7 +88,7 @@ def terminate_pids(pids: list[tuple[int | None, int | None]], timeout: float = 1
     deadline = time.monotonic() + timeout
     while waiting and time.monotonic() < deadline:
         for pid in list(waiting):
-            if not alive(pid):
+            if not pid_alive(pid):  # a zombie (exited, not reaped yet) does not run
                 waiting.discard(pid)
             try:
                 os.waitpid(pid, os.WNOHANG)  # reap it when it is our own child (after the check: never left a zombie)

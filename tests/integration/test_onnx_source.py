@@ -342,6 +342,31 @@ def test_several_named_inputs_and_outputs(tmp_path, run_cli):
     assert json.loads((tmp_path / "o" / "two" / "manifest.json").read_text())["model"]["conversion"]["converter"] == "onnx2tf"
 
 
+def _prepared_two_inputs(folder: Path) -> list[str]:
+    """Write :func:`two_input_model` as the conversion child takes it (``folder/model.onnx``, shapes pinned);
+    return its input names there."""
+    from edge_kit.compiler import onnx_source
+
+    ready, ins, _, _ = onnx_source.prepared_model(two_input_model(folder / "two.onnx").read_bytes(),
+                                                  {"image": (3, 16, 16), "meta": (2,)})
+    (folder / "model.onnx").write_bytes(ready)
+    return list(ins)
+
+
+def _litert_answers(path: Path) -> tuple[list[tuple[int, ...]], list[np.ndarray]]:
+    """Run the ``.tflite`` at ``path`` in LiteRT once on fixed inputs (the same for the same input shapes); return its
+    input shapes and its outputs, each list sorted by shape."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_path=str(path))
+    it.allocate_tensors()
+    for d in it.get_input_details():
+        it.set_tensor(d["index"], np.random.default_rng(len(d["shape"])).uniform(0, 1, d["shape"]).astype(np.float32))
+    it.invoke()
+    return (sorted(tuple(d["shape"]) for d in it.get_input_details()),
+            sorted((it.get_tensor(d["index"]) for d in it.get_output_details()), key=lambda a: a.shape))
+
+
 def test_the_conversion_child_computes_what_onnx2tfs_command_line_does(tmp_path):
     """The child converts onnx2tf's Keras model once (edge_kit/compiler/onnx2tf_run.py), not as onnx2tf's command
     line does (three saves, two precisions): the same inputs in their ONNX layout and the same outputs, and
@@ -349,13 +374,9 @@ def test_the_conversion_child_computes_what_onnx2tfs_command_line_does(tmp_path)
     import subprocess
     import sys
 
-    from ai_edge_litert.interpreter import Interpreter
-
     from edge_kit.compiler import onnx_source
 
-    ready, ins, _, _ = onnx_source.prepared_model(two_input_model(tmp_path / "two.onnx").read_bytes(),
-                                                  {"image": (3, 16, 16), "meta": (2,)})
-    (tmp_path / "model.onnx").write_bytes(ready)
+    ins = _prepared_two_inputs(tmp_path)
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
     child = Path(onnx_source.__file__).with_name("onnx2tf_run.py")
     for argv in ([child, "model.onnx", "child.tflite", *ins],
@@ -365,14 +386,9 @@ def test_the_conversion_child_computes_what_onnx2tfs_command_line_does(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["child.tflite", "model.onnx", "two.onnx"]
     answers = []
     for path in (tmp_path / "child.tflite", tmp_path / "cli" / "model_float32.tflite"):
-        it = Interpreter(model_path=str(path))
-        it.allocate_tensors()
-        shapes = sorted(tuple(d["shape"]) for d in it.get_input_details())
+        shapes, outputs = _litert_answers(path)
         assert shapes == [(1, 2), (1, 3, 16, 16)], path  # -kat: the ONNX layout
-        for d in sorted(it.get_input_details(), key=lambda d: len(d["shape"])):
-            it.set_tensor(d["index"], np.random.default_rng(len(d["shape"])).uniform(0, 1, d["shape"]).astype(np.float32))
-        it.invoke()
-        answers.append(sorted((it.get_tensor(d["index"]) for d in it.get_output_details()), key=lambda a: a.shape))
+        answers.append(outputs)
     for a, b in zip(*answers):
         assert a.shape == b.shape and np.abs(a).max() > 0
         np.testing.assert_array_equal(a, b)
@@ -382,13 +398,10 @@ def test_where_the_savedmodel_route_fails_the_traced_call_is_converted(tmp_path,
     """onnx2tf's own command line carried on when its SavedModel could not be written (an op's untracked resource):
     from_keras_model fell back to the traced function. The conversion child does the same, with the same result."""
     import tensorflow as tf
-    from ai_edge_litert.interpreter import Interpreter
 
-    from edge_kit.compiler import onnx2tf_run, onnx_source
+    from edge_kit.compiler import onnx2tf_run
 
-    ready, ins, _, _ = onnx_source.prepared_model(two_input_model(tmp_path / "two.onnx").read_bytes(),
-                                                  {"image": (3, 16, 16), "meta": (2,)})
-    (tmp_path / "model.onnx").write_bytes(ready)
+    ins = _prepared_two_inputs(tmp_path)
     assert onnx2tf_run.main([str(tmp_path / "model.onnx"), str(tmp_path / "saved.tflite"), *ins]) == 0
 
     def untracked(*_args, **_kwargs):
@@ -397,15 +410,7 @@ def test_where_the_savedmodel_route_fails_the_traced_call_is_converted(tmp_path,
     monkeypatch.setattr(tf.saved_model, "save", untracked)
     assert onnx2tf_run.main([str(tmp_path / "model.onnx"), str(tmp_path / "traced.tflite"), *ins]) == 0
     assert "the SavedModel route failed (AssertionError" in capsys.readouterr().err
-    answers = []
-    for name in ("saved.tflite", "traced.tflite"):
-        it = Interpreter(model_path=str(tmp_path / name))
-        it.allocate_tensors()
-        for d in it.get_input_details():
-            it.set_tensor(d["index"], np.random.default_rng(len(d["shape"])).uniform(0, 1, d["shape"]).astype(np.float32))
-        it.invoke()
-        answers.append(sorted((it.get_tensor(d["index"]) for d in it.get_output_details()), key=lambda a: a.shape))
-    for a, b in zip(*answers):
+    for a, b in zip(_litert_answers(tmp_path / "saved.tflite")[1], _litert_answers(tmp_path / "traced.tflite")[1]):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
