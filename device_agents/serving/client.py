@@ -28,6 +28,7 @@ from device_agents.serving.frames import (
     encode_head,
     set_timeout,
     shared_memory_available,
+    socket_address,
     socket_buffers,
     write_frame,
 )
@@ -99,7 +100,8 @@ class Client:
         socket_buffers(sock)
         sock.settimeout(self.timeout)  # the connect; then the kernel's timeouts: no poll() before every call
         try:
-            sock.connect(str(self.path))
+            with socket_address(self.path) as address:  # a deep root's path is longer than a socket's
+                sock.connect(address)
         except OSError as exc:
             sock.close()
             raise ServingError(f"serving API at {self.path}: {exc.strerror or exc}; is the agent running?") from None

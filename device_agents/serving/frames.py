@@ -28,10 +28,14 @@ from __future__ import annotations
 import array
 import json
 import math
+import os
 import re
 import socket
 import struct
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -40,6 +44,29 @@ MAGIC = b"EKS1"
 MAX_HEADER = 64 * 1024
 DTYPES = ("float32", "float16", "float64", "uint8", "int8", "int16", "int32", "int64", "bool")
 MAX_DIMS = 8
+
+
+MAX_SOCKET_PATH = 107  # bytes of a Unix socket's path (sun_path, 108 with its NUL)
+
+
+@contextmanager
+def socket_address(path: Path) -> Iterator[str]:
+    """Yield an address for binding or connecting a Unix socket at ``path`` whatever its length: the path itself when
+    it fits :data:`MAX_SOCKET_PATH`, else the same file reached through its folder opened here
+    (``/proc/self/fd/N/serve.sock``, valid while the block runs: a bound or connected socket keeps its file). A
+    device root deeper than about 95 characters put ``serve.sock`` past the limit: the agent served nothing.
+
+    Raises:
+        OSError: the folder cannot be opened (missing, no permission).
+    """
+    if len(os.fsencode(str(path))) <= MAX_SOCKET_PATH or not hasattr(os, "O_PATH"):
+        yield str(path)  # short, or no /proc/self/fd here: the OS says what is wrong with a long one
+        return
+    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield f"/proc/self/fd/{fd}/{path.name}"
+    finally:
+        os.close(fd)
 
 
 def socket_buffers(sock: Any, size: int = 4 << 20) -> None:

@@ -55,6 +55,7 @@ from device_agents.serving.frames import (
     describe,
     encode_head,
     set_timeout,
+    socket_address,
     socket_buffers,
     write_frame,
 )
@@ -228,7 +229,8 @@ class Server:
             raise DeviceError(f"serving API: {self.path} exists and is not a socket; not replaced (check serve.socket)")
         self.path.unlink(missing_ok=True)  # a stale socket of an earlier run
         try:
-            self._server = Listener(str(self.path), Handler)
+            with socket_address(self.path) as address:  # a deep root's path is longer than a socket's
+                self._server = Listener(address, Handler)
             os.chmod(self.path, 0o660)
         except OSError as exc:
             raise DeviceError(f"serving API: cannot listen on {self.path}: {exc.strerror or exc}") from None

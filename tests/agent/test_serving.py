@@ -701,3 +701,22 @@ def test_open_current_without_root_looks_where_the_agent_keeps_its_root(tmp_path
     assert open_current("~/agent").root == tmp_path / "agent"
     with pytest.raises(ServingError, match="no model is active under"):
         open_current(tmp_path / "empty").predict(np.zeros(3, np.float32))
+
+
+def test_a_root_deeper_than_a_unix_sockets_path_still_serves(tmp_path, digits_artifacts):
+    """``<root>/serve.sock`` longer than a Unix socket's 107 bytes (a deep device root, or pytest-xdist's
+    ``popen-gwN/``): the agent said "the serving API is off" and no application could reach the model."""
+    root = tmp_path / ("deep-" * 12) / "root"
+    store = ModelStore(root)
+    sha = store.install(digits_artifacts / "int8.tflite", variant="int8", model="digits").sha256
+    store.activate(sha)
+    assert len(str(root / "serve.sock").encode()) > 107
+    srv = Server(root / "serve.sock", make_interpreter=make).start()
+    try:
+        srv.serve_model(store.model_path(sha), sha, "int8")
+        assert (root / "serve.sock").is_socket()
+        with Client(root) as client:
+            assert client.predict({"image": samples(1)[0]})["output_0"].shape == (10,)
+    finally:
+        srv.close()
+    assert not (root / "serve.sock").exists()
