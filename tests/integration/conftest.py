@@ -62,29 +62,17 @@ def monitor(mosquitto):
 
 
 @pytest.fixture
-def sim():
-    """Factory: a simulated fleet of rpi4 devices (real sshd, broker and agents); torn down after.
-
-    Each fleet lives in a short folder of its own under /tmp, not under ``tmp_path``: a device's serving socket
-    (``<root>/serve.sock``) must fit a Unix socket's 107 bytes, and pytest-xdist's ``popen-gwN/`` plus a long test
-    name took it to 108 (the agent then serves no application)."""
-    import shutil
-    import tempfile
-    from pathlib import Path
-
+def sim(tmp_path):
+    """Factory: a simulated fleet of rpi4 devices (real sshd, broker and agents); torn down after."""
     from edge_kit.sim.fleet import SimFleet
 
     fleets: list[SimFleet] = []
-    folders: list[Path] = []
 
     def up(count: int, profiles: tuple[str, ...] = ("rpi4",), **options):
-        folders.append(Path(tempfile.mkdtemp(prefix="eksim-")))
-        fleet_dir = SimFleet(folders[-1] / "sim")
+        fleet_dir = SimFleet(tmp_path / f"sim{len(fleets)}")
         fleets.append(fleet_dir)
         return fleet_dir, fleet_dir.up(count, list(profiles), **options)
 
     yield up
     for f in fleets:
         f.down()
-    for folder in folders:
-        shutil.rmtree(folder, ignore_errors=True)
