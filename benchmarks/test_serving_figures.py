@@ -185,7 +185,6 @@ def _round_trip_us(cpu_here: int, cpu_there: int, work_s: float, n: int = 2000) 
     return float(np.median(times)) / 1e3
 
 
-@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to compare other core with same core")
 def _idle_driver() -> str:
     """Return how this machine's idle CPUs wait (cpuidle driver; a virtual machine's guest halt polling),
     which sets what waking one costs."""
@@ -202,6 +201,7 @@ def _idle_driver() -> str:
             if poll is not None else ""))
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to compare other core with same core")
 def test_ipc_round_trip_floor(figure):
     """What any out-of-process API pays on this machine before it does anything: a one-byte round trip
     to another process, the other process on the other core or on this one."""

@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--idle-w", type=float, help="device idle watts, for an estimate when no power sensor answers")
     b.add_argument("--busy-w", type=float, help="device busy watts (all cores), for the estimate")
     b.add_argument("--json", action="store_true", help="print the record as JSON")
+    b.add_argument("--verbose", action="store_true",
+                   help="on a Python exception in the benchmark's child, print its traceback after the one-line error")
     r = sub.add_parser("run", help="run the agent service (MQTT) until SIGTERM")
     r.add_argument("--config", type=Path, required=True, help="agent.yaml")
     r.add_argument("--log-file", type=Path)
@@ -233,8 +235,11 @@ def _bench(args: argparse.Namespace) -> None:
         record = bench_in_child(pool, args.model, settings, eval_file=args.eval,
                                 meter_args={"idle_w": args.idle_w, "busy_w": args.busy_w},
                                 named=lambda key: "--" + key.replace("_", "-"))
-    except BenchFailed as exc:
-        raise BenchFailed(f"{args.model}: {exc}") from None
+    except BenchFailed as exc:  # the child's traceback, if it raised, on request: the agent's log has it as a service
+        if exc.detail and args.verbose:
+            sys.stderr.write(exc.detail.rstrip() + "\n")
+        hint = "; --verbose prints the child's traceback" if exc.detail and not args.verbose else ""
+        raise BenchFailed(f"{args.model}: {exc}{hint}") from None
     if args.json:
         print(json.dumps({"model": str(args.model), **record}, indent=2))
     else:

