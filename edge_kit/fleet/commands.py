@@ -11,6 +11,10 @@ clock; anything else is refused and counted in :attr:`FleetClient.rejected_count
 :data:`MAX_REJECTED` reasons in :attr:`FleetClient.rejected`), never taken. What the client keeps is
 bounded however long it runs and whatever is published: at most :data:`MAX_STATUS` statuses per device
 and :data:`MAX_RECORDS` bench records (the newest).
+
+A device's answer is its own word about itself only: the bench record an ack announces is taken only when that
+same device published it (a compromised device naming another's record gets no one's), and the error text of an
+ack is cut to :data:`~edgekit_protocol.desired.MAX_ERROR_CHARS` as it arrives, before any caller quotes it.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from device_agents.mqtt import make_client
 from edge_kit.errors import AgentError, AgentTimeout
 from edgekit_protocol import commands, messages
 from edgekit_protocol.config import BrokerConfig
-from edgekit_protocol.desired import Desired
+from edgekit_protocol.desired import MAX_ERROR_CHARS, Desired
+from edgekit_protocol.labels import clip
 
 CONNECT_TIMEOUT_S = 10.0
 MAX_REJECTED = 1000  # reasons of refused messages kept (the newest); all are counted in ``rejected_count``
@@ -50,7 +55,7 @@ def _started(status: dict[str, Any]) -> float:
     return float(started) if messages.in_range(started) else float("-inf")
 
 
-def _keep_newest(kept: OrderedDict[str, Any], key: str, value: Any) -> None:
+def _keep_newest(kept: OrderedDict[Any, Any], key: Any, value: Any) -> None:
     """Put ``value`` under ``key`` in ``kept`` as its newest entry, dropping the oldest beyond
     :data:`MAX_RECORDS`; returns nothing."""
     kept[key] = value
@@ -85,9 +90,11 @@ class FleetClient:
         self.rejected: deque[str] = deque(maxlen=MAX_REJECTED)
         self.rejected_count = 0
         self.acks: dict[str, dict[str, Any]] = {}
-        self.records: OrderedDict[str, dict[str, Any]] = OrderedDict()
-        # bench records their device did sign whose content the checks refused (msg_id -> why): tune says so at once
-        self.refused_records: OrderedDict[str, str] = OrderedDict()
+        # bench records by (device, msg_id): an ack names a record of the device that sent the ack, never another's
+        self.records: OrderedDict[tuple[str, str], dict[str, Any]] = OrderedDict()
+        # bench records their device did sign whose content the checks refused ((device, msg_id) -> why): tune
+        # says so at once
+        self.refused_records: OrderedDict[tuple[str, str], str] = OrderedDict()
         # device -> (received, message), the newest MAX_STATUS
         self.status: dict[str, deque[tuple[float, dict[str, Any]]]] = {}
         # device -> the status the broker held retained for it when this client subscribed (verified), and
@@ -135,7 +142,7 @@ class FleetClient:
                 self.rejected.append(f"{message.topic}: {exc}"[:300])
                 self.rejected_count += 1
                 if genuine is not None:
-                    _keep_newest(self.refused_records, genuine, str(exc)[:300])
+                    _keep_newest(self.refused_records, genuine, clip(str(exc), 300))
                     self._cond.notify_all()
             return
         if kind == "reported":
@@ -144,9 +151,11 @@ class FleetClient:
             return
         with self._cond:
             if kind == "cmd/ack":
+                if not msg["ok"]:  # quoted by every caller (a device may send 64 KiB of it, or no text at all)
+                    msg["error"] = clip(str(msg.get("error")), MAX_ERROR_CHARS)
                 self.acks[msg["cmd_id"]] = msg
             elif kind == "bench":
-                _keep_newest(self.records, msg["msg_id"], msg)
+                _keep_newest(self.records, (device, msg["msg_id"]), msg)
             elif kind == "status":  # verified: one of the registered devices
                 now = time.time()
                 if getattr(message, "retain", False):  # sent because we subscribed: what the broker holds now
@@ -158,16 +167,17 @@ class FleetClient:
                     peaks.append((now, max(seq, peaks[-1][1] if peaks else seq), max(started, peaks[-1][2] if peaks else started)))
             self._cond.notify_all()
 
-    def _genuine_bench_id(self, topic: str, payload: bytes) -> str | None:
-        """Return the msg_id of a refused bench record that its device did sign (so the refusal is its
-        device's word, not a forger's), else None."""
+    def _genuine_bench_id(self, topic: str, payload: bytes) -> tuple[str, str] | None:
+        """Return ``(device, msg_id)`` of a refused bench record that its device (the one its topic names) did sign
+        (so the refusal is its device's word, not a forger's), else None."""
         try:
-            if messages.parse_topic(topic)[2] != "bench" or verify_published(self.keyring, topic, payload) is not None:
+            _, device, kind = messages.parse_topic(topic)
+            if kind != "bench" or verify_published(self.keyring, topic, payload) is not None:
                 return None
             msg_id = messages.decode(payload).get("msg_id")
         except Exception:  # noqa: BLE001 - not even a signed message: nothing to say about it
             return None
-        return msg_id if isinstance(msg_id, str) else None
+        return (device, msg_id) if isinstance(msg_id, str) else None
 
     def __enter__(self) -> FleetClient:
         b = self.broker
@@ -220,12 +230,14 @@ class FleetClient:
             self._cond.wait_for(lambda: cmd_id in self.acks, timeout)
             return self.acks.get(cmd_id)
 
-    def wait_record(self, msg_id: str, timeout: float) -> dict[str, Any] | None:
-        """Return the bench record ``msg_id``, or None when it did not come within ``timeout`` seconds or
-        came signed by its device and was refused (then :attr:`refused_records` says why)."""
+    def wait_record(self, device: str, msg_id: str, timeout: float) -> dict[str, Any] | None:
+        """Return the bench record ``msg_id`` that ``device`` published, or None when it did not come within
+        ``timeout`` seconds or came signed by it and was refused (then :attr:`refused_records` says why under
+        ``(device, msg_id)``). A record of another device with that id is not ``device``'s: never returned."""
+        key = (device, msg_id)
         with self._cond:
-            self._cond.wait_for(lambda: msg_id in self.records or msg_id in self.refused_records, timeout)
-            return self.records.get(msg_id)
+            self._cond.wait_for(lambda: key in self.records or key in self.refused_records, timeout)
+            return self.records.get(key)
 
     def statuses(self) -> list[dict[str, Any]]:
         """Return every status message received so far, oldest first."""
@@ -276,7 +288,8 @@ class FleetClient:
 
         Raises:
             AgentTimeout: no ack (or record) within ``timeout``; the device is named.
-            AgentError: the agent refused it (its reason is given).
+            AgentError: the agent refused it (its reason is given), or its ``bench`` ack names no record (no text
+                ``bench_msg_id``), or a record that device signed but the checks refuse.
         """
         deadline = time.monotonic() + timeout
         ack = self.wait_ack(self.send(device, name, args, time.time() + timeout if expire else None), timeout)
@@ -286,8 +299,16 @@ class FleetClient:
         if not ack["ok"]:
             raise AgentError(f"{device}: {name} refused: {ack['error']}")
         if name == "bench":
-            record = self.wait_record(ack["result"]["bench_msg_id"], max(1.0, deadline - time.monotonic()))
+            mid = ack["result"].get("bench_msg_id")
+            if not isinstance(mid, str):
+                raise AgentError(f"{device}: its answer to 'bench' names no record (bench_msg_id is "
+                                 f"{type(mid).__name__}, not text); check that the device runs edge-kit's agent")
+            record = self.wait_record(device, mid, max(1.0, deadline - time.monotonic()))
             if record is None:
+                with self._cond:
+                    refused = self.refused_records.get((device, mid))
+                if refused is not None:
+                    raise AgentError(f"{device}: its bench record was refused: {refused}")
                 raise AgentTimeout(f"{device}: the bench record announced in the ack did not arrive within {timeout:.0f} s")
             ack = {**ack, "record": record}
         return ack

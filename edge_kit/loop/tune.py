@@ -212,9 +212,9 @@ def _measure(client: FleetClient, store: HistoryStore, wanted: dict[str, list[tu
         record = None
         mid = ack["result"].get("bench_msg_id") if ack is not None and ack["ok"] else None
         if isinstance(mid, str):
-            record = client.wait_record(mid, max(0.0, deadline - time.monotonic()))
+            record = client.wait_record(device, mid, max(0.0, deadline - time.monotonic()))
         if record is None:
-            refused = client.refused_records.get(mid) if isinstance(mid, str) else None
+            refused = client.refused_records.get((device, mid)) if isinstance(mid, str) else None
             why = "no answer" if ack is None else (ack.get("error") or (f"record refused: {refused}" if refused
                                                                         else "record did not arrive"))
             silent.setdefault(device, []).append(f"{variant} ({why})")

@@ -197,7 +197,7 @@ def test_a_record_its_device_signed_but_the_checks_refuse_is_said_at_once_not_wa
             "variant": "int8", "sha256": "b" * 64, "latency_ms": LATENCY, "runs": 10, "simulated": True,
             "power": {"avg_w": -1.0}}))
         c.client.deliver(messages.topic(FLEET, "d1", "bench"), messages.encode(forged))
-        assert c.wait_record(forged["msg_id"], 0.2) is None and forged["msg_id"] not in c.refused_records
+        assert c.wait_record("d1", forged["msg_id"], 0.2) is None and ("d1", forged["msg_id"]) not in c.refused_records
 
 
 @pytest.mark.parametrize("command", [["monitor", "--duration", "1"], ["bench", "--device", "d1"]])
@@ -284,7 +284,7 @@ def test_what_a_flood_publishes_is_counted_but_kept_in_bounded_memory(monkeypatc
                 "power": {"measured": False}, "simulated": True}))
             transport.deliver(messages.topic(FLEET, "d3", "bench"), messages.encode(msg))
             sent.append(msg["msg_id"])
-        assert list(c.records) == sent[-20:]
+        assert list(c.records) == [("d3", m) for m in sent[-20:]]
 
 
 def test_a_replayed_old_online_status_is_not_taken_for_a_restarted_agent():
@@ -312,3 +312,67 @@ def test_a_replayed_old_online_status_is_not_taken_for_a_restarted_agent():
         _time.sleep(0.01)
         c.client.deliver(topic, status(1, 2000.0))  # a re-imaged device: its seq starts again, its start is later
         assert c.wait_online("d1", since, 1)["seq"] == 1
+
+
+def _acks_with(result: dict[str, Any], **ack: Any):
+    """Return an ``answer``: a compromised d1 whose every ack is ok with ``result`` (and ``ack``'s fields), others
+    healthy agents."""
+    def answer(device: str, cmd: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+        if device != "d1":
+            return agent()(device, cmd)
+        return [("cmd/ack", {"cmd_id": cmd["msg_id"], "command": cmd["command"], "ok": True, "result": result, **ack})]
+    return answer
+
+
+@pytest.mark.parametrize("result", [{}, {"bench_msg_id": ["x"]}, {"bench_msg_id": 7}, {"bench_msg_id": None}])
+def test_a_bench_ack_that_names_no_record_is_the_devices_error_not_a_crash(result, tmp_path, run_cli, monkeypatch):
+    """A device signs whatever it likes: an ack ``ok`` whose result lacks ``bench_msg_id`` (or holds a list there)
+    raised KeyError or TypeError in the client, a traceback from `edgekit bench` and a "please report it" failure
+    in a deploy's health check. Now it is one line naming the device, exit 5."""
+    from edge_kit.fleet import commands as fleet_commands
+
+    with client(_acks_with(result)) as c:
+        with pytest.raises(AgentError, match="d1: its answer to 'bench' names no record"):
+            c.request("d1", "bench", {}, timeout=1)
+    fake = client(_acks_with(result))
+    monkeypatch.setattr(fleet_commands.FleetClient, "of", classmethod(lambda cls, fleet, **kw: fake))
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text(f"fleet: {FLEET}\nbroker: {{host: 127.0.0.1, port: 1}}\ndefaults: {{user: edgekit, profile: rpi4}}\n"
+                          "devices:\n  - {name: d1, host: 127.0.0.1}\n")
+    code, out, err = run_cli("bench", "--fleet", fleet_file, "--device", "d1", "--timeout", "5")
+    assert code == AgentError.exit_code and "Traceback" not in err
+    assert err.strip().splitlines() == [f"edgekit: error: d1: its answer to 'bench' names no record (bench_msg_id is "
+                                        f"{type(result.get('bench_msg_id')).__name__}, not text); check that the device "
+                                        "runs edge-kit's agent"]
+
+
+def test_a_device_whose_ack_names_another_devices_record_gets_no_record(tmp_path):
+    """A compromised d1 answers a benchmark with the msg_id of d2's genuine record (seen on the broker, or guessed):
+    that record was taken as d1's, passing d1's health check with d2's figures and storing them in d1's round.
+    A record counts only when the device that acked published it."""
+    store = Store(tmp_path / "h.db")
+    with client(agent()) as c:
+        theirs = c.request("d2", "bench", {"sha256": "a" * 64})["record"]
+        c.client.answer = _acks_with({"bench_msg_id": theirs["msg_id"]})
+        with pytest.raises(AgentTimeout, match="d1: the bench record announced in the ack did not arrive"):
+            c.request("d1", "bench", {"sha256": "a" * 64}, timeout=0.3)
+        stored, silent = _measure(c, store, {"d1": [("int8", "a" * 64)]}, {"min_runs": 10}, timeout=0.3)
+    assert stored == 0 and silent == {"d1": ["int8 (record did not arrive)"]}
+    assert store.latest_bench("d1") == {}
+
+
+def test_a_refused_ack_error_is_cut_before_anyone_quotes_it():
+    """An ack's ``error`` is the device's text, up to the payload's 64 KiB (or not text at all): it reached a
+    deploy's table cell, a rollout's history and the error line whole. It is cut as it arrives."""
+    from edgekit_protocol.desired import MAX_ERROR_CHARS
+
+    def shouting(device: str, cmd: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+        return [("cmd/ack", {"cmd_id": cmd["msg_id"], "command": cmd["command"], "ok": False, "error": "E" * 60_000,
+                             "result": {}})]
+
+    with client(shouting) as c:
+        with pytest.raises(AgentError) as caught:
+            c.request("d1", "state")
+    said = str(caught.value)
+    assert said.startswith("d1: state refused: EEE") and said.endswith("... (60,000 characters)")
+    assert len(said) < MAX_ERROR_CHARS + 60
