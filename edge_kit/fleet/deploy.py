@@ -52,6 +52,7 @@ from edge_kit.fleet.ssh import DeviceShell
 from edge_kit.fsutil import sha256_file
 from edge_kit.manifest import Artifact, Manifest, read_manifest
 from edge_kit.profiles import load_profile
+from edgekit_protocol.messages import disk_free_bytes, field_at, in_range
 
 Status = Literal["succeeded", "skipped", "failed"]
 
@@ -228,6 +229,17 @@ def reported_runtimes(status: dict[str, Any] | None) -> dict[str, Any] | None:
     return runtimes if isinstance(runtimes, dict) else None
 
 
+def removed_text(activation: dict[str, Any]) -> str | None:
+    """Return what an activation's answer says the device's store removed for its budget (``removed``: the agent's
+    list of models, each with its ``bytes``), e.g. ``removed 2 old model(s), 3.1 MB, for the store budget``; None
+    when it removed nothing. The answer is the device's word: only a list counts, and only byte counts add up."""
+    removed = activation.get("removed")
+    if not isinstance(removed, list) or not removed:
+        return None
+    freed = sum(m["bytes"] for m in removed if isinstance(m, dict) and in_range(m.get("bytes"), 1e18))
+    return f"removed {len(removed)} old model(s), {freed / 1e6:.1f} MB, for the store budget"
+
+
 class _Deployer:
     def __init__(self, fleet: Fleet, opts: DeployOptions, manifest: Manifest, client: FleetClient | None,
                  progress: Callable[[str, str], None] | None):
@@ -303,13 +315,7 @@ class _Deployer:
                     have.discard(art.sha256)
                     result.actions.append(f"repair {art.id} ({damaged[art.sha256]})")
             need = sum(a.bytes or 0 for a in wanted if a.sha256 not in have)
-            free = 0
-            if need:  # free space: from the running agent (above the floor it keeps), else the device's Python
-                if self.client is not None:
-                    disk = self._request(dev, "state", {})["disk"]
-                    free = disk["free_bytes"] - disk["min_free_bytes"]
-                else:
-                    free = shell.python_facts["free"]
+            free = self._free(shell) if need else 0
             if need > free:
                 raise DeployError(f"{dev.name}: not enough space under {shell.root}: the new variants need "
                                   f"{need / 1e6:.1f} MB, {max(free, 0) / 1e6:.1f} MB free (above the agent's "
@@ -334,10 +340,9 @@ class _Deployer:
                 result.activation = self._activate(shell, target, keep=[a.sha256 for a in wanted])
                 result.activated = True
                 result.actions.append(f"activated {target.id}")
-                removed = result.activation.get("removed") or []
+                removed = removed_text(result.activation)
                 if removed:
-                    result.actions.append(f"removed {len(removed)} old model(s), "
-                                          f"{sum(m['bytes'] for m in removed) / 1e6:.1f} MB, for the store budget")
+                    result.actions.append(removed)
             if not result.actions:
                 result.reason = "already current: same agent, same artifacts, same active variant"
                 return
@@ -352,6 +357,23 @@ class _Deployer:
                         result.roll_back_noted()
                         raise DeployError(f"{exc}; rolled back to the previous model") from None
                     raise
+
+    def _free(self, shell: DeviceShell) -> float:
+        """Return the bytes the device can take: what its running agent's ``state`` says is free above the floor it
+        keeps (``disk.free_bytes - disk.min_free_bytes``), else what its Python says is free under the root.
+
+        Raises:
+            DeployError: the agent's answer holds no such byte counts (a broken or hostile device; named).
+            AgentError: the agent refused ``state``; AgentTimeout: no answer.
+        """
+        if self.client is None:
+            return shell.python_facts["free"]
+        disk = field_at(self._request(shell.dev, "state", {}), "disk")
+        free, floor = disk_free_bytes(disk), field_at(disk, "min_free_bytes")
+        if free is None or not in_range(floor, 1e18) or floor < 0:
+            raise DeployError(f"{shell.dev.name}: its agent's answer to 'state' holds no byte counts disk.free_bytes "
+                              "and disk.min_free_bytes; check that the device runs edge-kit's agent")
+        return free - floor
 
     def _wait_online(self, dev: Device, since: float) -> None:
         assert self.client is not None
@@ -408,7 +430,7 @@ class _Deployer:
             return self._request(shell.dev, "activate", {"sha256": target.sha256, "keep": keep})
         except AgentTimeout as exc:
             probe = shell.agent("state")  # no ack: did it switch anyway?
-            if (probe.get("current") or {}).get("sha256") == target.sha256:
+            if field_at(probe, "current", "sha256") == target.sha256:
                 shell.agent("rollback")
                 raise DeployError(f"{exc}; it had switched, so it was rolled back to the previous model") from None
             raise DeployError(f"{exc}; it still runs its previous model") from None

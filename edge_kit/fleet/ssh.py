@@ -33,6 +33,7 @@ from device_agents.store import damage
 from device_agents.supervise import is_supervisor
 from edge_kit.errors import DeployError
 from edge_kit.fleet.inventory import Device
+from edgekit_protocol.labels import clip, printable
 
 CONNECT_TIMEOUT_S = 10
 COMMAND_TIMEOUT_S = 300
@@ -184,6 +185,27 @@ def _probe_shape(found: Any) -> None:
     code = found["code"]
     if not isinstance(code.get("files"), (dict, type(None))) or not isinstance(code.get("manifest"), maybe):
         raise ValueError("a field 'code' that is not {files: object or null, manifest: text or null}")
+
+
+def _facts_shape(found: Any) -> None:
+    """Check that ``found`` has the shape :data:`_PYTHON_FACTS` prints: ``free`` a byte count, ``python`` text,
+    ``missing`` a list of texts, ``runtimes`` an object, ``version`` a list of at least two whole numbers; return
+    nothing. What the deploy then compares, joins and formats of it cannot raise.
+
+    Raises:
+        ValueError: it does not; the text names the first field that differs.
+    """
+    if not isinstance(found, dict):
+        raise ValueError(f"a JSON {type(found).__name__}")
+    free, version, missing = found.get("free"), found.get("version"), found.get("missing")
+    if type(free) is not int or free < 0:
+        raise ValueError(f"a field 'free' of {type(free).__name__} {clip(repr(free), 40)}, not a byte count")
+    if not isinstance(found.get("python"), str) or not isinstance(found.get("runtimes"), dict):
+        raise ValueError("no text 'python' and object 'runtimes'")
+    if not isinstance(missing, list) or any(not isinstance(m, str) for m in missing):
+        raise ValueError("a field 'missing' that is not a list of module names")
+    if not isinstance(version, list) or len(version) < 2 or any(type(v) is not int for v in version):
+        raise ValueError("a field 'version' that is not [major, minor, micro]")
 
 
 @functools.cache
@@ -542,9 +564,17 @@ class DeviceShell:
         ``{"onnxruntime": bool, "tensorrt": bool}``).
 
         Raises:
-            DeployError: the interpreter is missing or failed, or the connection was lost.
+            DeployError: the interpreter is missing or failed, the connection was lost, or it printed a document
+                of another shape (a hostile or broken device; the field is named).
         """
-        return self.run_json([self.dev.python, "-c", _PYTHON_FACTS, self.root], "the device's Python")
+        found = self.run_json([self.dev.python, "-c", _PYTHON_FACTS, self.root], "the device's Python")
+        try:
+            _facts_shape(found)
+        except ValueError as exc:
+            raise DeployError(f"{self.dev.name}: the device's Python printed {printable(exc)}, not what the facts "
+                              "script prints; check the device's Python (`python:` in the fleet file) and that the "
+                              "device is yours") from None
+        return found
 
     def __exit__(self, *_: object) -> None:
         try:
@@ -657,11 +687,16 @@ class DeviceShell:
         """Run ``python -m device_agents ARGS --root ROOT`` from the deployed agent; return its JSON.
 
         Raises:
-            DeployError: the agent command failed (its one-line error is the reason).
+            DeployError: the agent command failed (its one-line error is the reason), or printed JSON that is not
+                an object (every agent command prints one).
         """
         root = self.root
-        return self.run_json([self.dev.python, "-B", "-m", "device_agents", *args, "--root", root], "the agent",
-                             env={"PYTHONPATH": f"{root}/agent"}, timeout=timeout, cwd=f"{root}/agent")
+        found = self.run_json([self.dev.python, "-B", "-m", "device_agents", *args, "--root", root], "the agent",
+                              env={"PYTHONPATH": f"{root}/agent"}, timeout=timeout, cwd=f"{root}/agent")
+        if not isinstance(found, dict):
+            raise DeployError(f"{self.dev.name}: the agent's `{args[0] if args else ''}` printed a JSON "
+                              f"{type(found).__name__}, not an object; check that the device runs edge-kit's agent")
+        return found
 
     def run_json(self, argv: list[str], what: str, **kwargs: Any) -> Any:
         """Run ``argv`` as :meth:`run` does and return the JSON document it printed.

@@ -140,3 +140,72 @@ def test_an_output_of_many_lines_that_start_a_document_is_refused_in_linear_time
         shell.run_json(["python3"], "the device state probe")
     assert time.monotonic() - started < 5
     assert _shell_printing('Welcome!\n[not json\n{"a": [1]}\n').run_json(["python3"], "x") == {"a": [1]}
+
+
+GOOD_FACTS = {"free": 10 ** 9, "python": "/usr/bin/python3", "missing": [], "runtimes": {"onnxruntime": False},
+              "version": [3, 11, 2]}
+
+
+@pytest.mark.parametrize("facts", [
+    [GOOD_FACTS], {**GOOD_FACTS, "free": "lots"}, {**GOOD_FACTS, "free": True}, {**GOOD_FACTS, "free": -1},
+    {**GOOD_FACTS, "free": 1.5}, {**GOOD_FACTS, "version": 3}, {**GOOD_FACTS, "version": ["3", "11"]},
+    {**GOOD_FACTS, "missing": "numpy"}, {**GOOD_FACTS, "runtimes": ["onnxruntime"]},
+    {k: v for k, v in GOOD_FACTS.items() if k != "python"}])
+def test_what_the_devices_python_says_of_itself_is_checked_before_the_deploy_reads_it(facts):
+    """The facts a deploy asks the device's Python for (free space, version, missing modules, runtimes) were read
+    as printed: a string for ``free`` or an int for ``version`` raised TypeError in the deploy, reported as
+    "unexpected TypeError ... please report it". A device printing another shape is one line naming it."""
+    from edge_kit.errors import DeployError
+
+    shell = _shell_printing(json.dumps(facts))
+    shell.root = "/opt/edgekit"
+    with pytest.raises(DeployError, match=r"^pi-1: the device's Python printed .*, not what the facts script prints"):
+        shell.python_facts  # noqa: B018 - the property runs the script
+    good = _shell_printing(json.dumps(GOOD_FACTS))
+    good.root = "/opt/edgekit"
+    assert good.python_facts == GOOD_FACTS
+
+
+def test_an_agent_command_that_prints_no_object_is_one_line_naming_the_device():
+    """`state`, `activate` and `rollback` over SSH print an object; a list from a hostile device raised
+    AttributeError where the deploy read a field of it (after an activation that timed out, for one)."""
+    from edge_kit.errors import DeployError
+
+    shell = _shell_printing("[1, 2]")
+    shell.root = "/opt/edgekit"
+    with pytest.raises(DeployError, match=r"^pi-1: the agent's `state` printed a JSON list, not an object"):
+        shell.agent("state")
+
+
+@pytest.mark.parametrize("answer", [{}, {"disk": "full"}, {"disk": {"free_bytes": "1e9", "min_free_bytes": 0}},
+                                    {"disk": {"free_bytes": 10 ** 9}}, {"disk": {"free_bytes": 10 ** 9, "min_free_bytes": [4]}},
+                                    {"disk": {"free_bytes": 10 ** 400, "min_free_bytes": 0}}])
+def test_a_state_answer_without_byte_counts_fails_that_device_in_one_line(answer):
+    """Before uploading, a deploy asks the running agent how much it can take: an answer without ``disk``, or
+    with text where byte counts go, raised KeyError or TypeError ("unexpected ... please report it")."""
+    import types
+
+    from edge_kit.errors import DeployError
+    from edge_kit.fleet.deploy import _Deployer
+
+    deployer = _Deployer.__new__(_Deployer)
+    deployer.opts = types.SimpleNamespace(health_timeout=1.0)
+    deployer.client = types.SimpleNamespace(request=lambda device, name, args, **_: {"result": answer})
+    shell = _shell_printing("")
+    with pytest.raises(DeployError, match=r"^pi-1: its agent's answer to 'state' holds no byte counts"):
+        deployer._free(shell)
+    deployer.client = types.SimpleNamespace(request=lambda device, name, args, **_: {
+        "result": {"disk": {"free_bytes": 10 ** 9, "min_free_bytes": 4 << 20}}})
+    assert deployer._free(shell) == 10 ** 9 - (4 << 20)
+
+
+def test_what_an_activation_says_it_removed_is_counted_only_as_far_as_it_is_byte_counts():
+    """The agent's ``removed`` list (models its store budget removed) was summed as given: a device answering
+    ``removed: 5`` or models without ``bytes`` raised TypeError after a successful activation."""
+    from edge_kit.fleet.deploy import removed_text
+
+    assert removed_text({"removed": [{"bytes": 2_000_000}, {"bytes": 1_100_000}]}) == \
+        "removed 2 old model(s), 3.1 MB, for the store budget"
+    assert removed_text({}) is None and removed_text({"removed": 5}) is None and removed_text({"removed": []}) is None
+    assert removed_text({"removed": [{"bytes": "x"}, "y", {"bytes": 10 ** 400}, {"bytes": 1_000_000}]}) == \
+        "removed 4 old model(s), 1.0 MB, for the store budget"
