@@ -43,6 +43,7 @@ from edge_kit.cli.app import (
     spinner,
 )
 from edgekit_protocol.labels import clip
+from edgekit_protocol.messages import field_at
 
 _ENVELOPE = ("schema", "device", "fleet", "seq", "ts", "msg_id", "key_id", "sig", "variant", "sha256", "profile")
 
@@ -125,7 +126,8 @@ def shadow_cmd(
     elif off:
         out.print(f"{dev.name}: shadow run stopped")
     else:
-        out.print(f"{dev.name}: {safe(result['shadow']['variant'])} runs beside {safe(result['serving']['variant'])} on "
+        named = (lambda *path: safe(field_at(result, *path) or "?"))  # the device's answer: any shape
+        out.print(f"{dev.name}: {named('shadow', 'variant')} runs beside {named('serving', 'variant')} on "
                   f"{share:.0%} of live requests (at most {max_per_s:g}/s, idle CPU only); its comparison comes on its shadow topic")
 
 

@@ -50,12 +50,17 @@ def _answers(client: FleetClient, sent: dict[str, str], timeout: float) -> dict[
 
 
 def _resigned(state: dict | str, old: Signer, new: Signer) -> dict | str | None:
-    """Return the device's code manifest re-signed with ``new`` (None: not a deployed agent), or why not."""
+    """Return the device's code manifest re-signed with ``new`` (None: not a deployed agent), or why not (its
+    answer is the device's word: a ``code`` that is no object is a reason, never an exception that would stop
+    the rotation of every other device)."""
     if isinstance(state, str):
         return state
     doc = state.get("code")
     if doc is None:
         return None
+    if not isinstance(doc, dict):
+        return (f"its answer to 'state' holds a {type(doc).__name__} where its code manifest goes, not an object; "
+                "check that it runs edge-kit's agent (deploy to it)")
     try:
         Keyring(operators=[old.public, new.public]).verify(doc, OPERATOR)  # new: a resumed rotation's step 2
     except EdgeKitError as exc:

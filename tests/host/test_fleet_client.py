@@ -376,3 +376,39 @@ def test_a_refused_ack_error_is_cut_before_anyone_quotes_it():
     said = str(caught.value)
     assert said.startswith("d1: state refused: EEE") and said.endswith("... (60,000 characters)")
     assert len(said) < MAX_ERROR_CHARS + 60
+
+
+def test_a_device_answering_state_with_an_odd_code_manifest_misses_the_rotation_alone(tmp_path, monkeypatch):
+    """`edgekit keys rotate` asks every device for its code manifest to re-sign it. A compromised device answering
+    ``code: "x"`` raised AttributeError in the host: the rotation stopped for the whole fleet, every time it ran.
+    That device now misses it with the reason; the others take its first step."""
+    from edge_kit.fleet import commands as fleet_commands
+    from edge_kit.fleet.inventory import load_fleet
+    from edge_kit.fleet.rotate import rotate_operator_key
+
+    def answer(device: str, cmd: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+        result = {"code": "x"} if device == "d1" and cmd["command"] == "state" else {"code": None}
+        return [("cmd/ack", {"cmd_id": cmd["msg_id"], "command": cmd["command"], "ok": True, "result": result})]
+
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text(f"fleet: {FLEET}\nbroker: {{host: 127.0.0.1, port: 1}}\ndefaults: {{user: edgekit, profile: rpi4}}\n"
+                          "devices:\n  - {name: d1, host: 127.0.0.1}\n  - {name: d2, host: 127.0.0.2}\n")
+    monkeypatch.setattr(fleet_commands.FleetClient, "of", classmethod(lambda cls, fleet, **kw: client(answer)))
+    _, _, switched, out = rotate_operator_key(load_fleet(fleet_file), timeout=2)
+    assert not switched and [(r.device, r.outcome) for r in out] == [("d1", "missed"), ("d2", "both")]
+    assert out[0].reason.startswith("its answer to 'state' holds a str where its code manifest goes, not an object")
+
+
+@pytest.mark.parametrize("result", [{"x": 1}, {"shadow": "fp32", "serving": ["int8"]}])
+def test_edgekit_shadow_shows_an_answer_of_another_shape_without_a_traceback(result, tmp_path, run_cli, monkeypatch):
+    """`edgekit shadow` printed ``result['shadow']['variant']`` of the device's ack: an ok answer of another shape
+    was a KeyError or TypeError traceback. What the device did not name is shown as ``?``."""
+    from edge_kit.fleet import commands as fleet_commands
+
+    monkeypatch.setattr(fleet_commands.FleetClient, "of", classmethod(lambda cls, fleet, **kw: client(_acks_with(result))))
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text(f"fleet: {FLEET}\nbroker: {{host: 127.0.0.1, port: 1}}\ndefaults: {{user: edgekit, profile: rpi4}}\n"
+                          "devices:\n  - {name: d1, host: 127.0.0.1}\n")
+    code, out, err = run_cli("shadow", "--fleet", fleet_file, "--device", "d1", "--variant", "fp32")
+    assert code == 0, err
+    assert out.startswith("d1: ? runs beside ? on 10% of live requests")
