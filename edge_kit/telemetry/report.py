@@ -1,7 +1,8 @@
 """`edgekit report`: one self-contained HTML file a person reads (plotly.js inlined, no network).
 
-Per device profile: latency p90 against accuracy (the eval metric) for every variant measured on every device
-of that profile, with the profile's constraint lines (max p90; min accuracy as a share of the fp32
+Per device profile (the fleet file's for the devices it names: a record's ``profile`` is only its device's word,
+and one device claiming another profile must not land among that profile's devices): latency p90 against
+accuracy (the eval metric) for every variant measured on every device of that profile, with the profile's constraint lines (max p90; min accuracy as a share of the fp32
 variant's) and each device's chosen variant marked; energy per inference per variant, each bar
 saying whether its figure was measured (sensor name) or estimated. Then the fleet table. Every
 figure is the latest benchmark record in the history store; simulated devices are labelled.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import html
 import math
+import statistics
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -148,16 +150,19 @@ def _profile_figures(profile: Profile, records: list[dict[str, Any]], chosen: di
         for v in variants:
             vals = [r["power"]["energy_per_inference_mj"] for r in by_variant[v]
                     if series(r) == source and r["power"].get("energy_per_inference_mj") is not None]
-            ys.append(sum(vals) / len(vals) if vals else None)
+            ys.append(statistics.median(vals) if vals else None)  # one device's outlandish figure moves no bar
             texts.append(f"{len(vals)} device(s)")
         bars.add_trace(go.Bar(x=variants, y=ys, name=f"{source}", text=texts,
                               hovertemplate="%{x}: %{y:.4g} mJ<br>%{text}<extra>" + source + "</extra>"))
-    bars.update_layout(title=f"{profile.name}: energy per inference (mean over devices; legend: how it was obtained)",
+    bars.update_layout(title=f"{profile.name}: energy per inference (median over devices; legend: how it was obtained)",
                        yaxis_title="mJ per inference", barmode="group", height=380, margin={"t": 60})
     return [scatter, bars]
 
 
-def _fleet_rows(store: HistoryStore) -> tuple[list[str], list[list[str]]]:
+def _fleet_rows(store: HistoryStore, profiles: dict[str, str] | None = None) -> tuple[list[str], list[list[str]]]:
+    """Return the fleet table's head and rows (HTML cells), one row per device; ``profiles``: the fleet file's
+    profile of each device it names, shown rather than what the device's records say."""
+    profiles = profiles or {}
     status, latest, live = store.latest_status(), store.latest_bench(), store.latest_live()
     decisions = store.latest_decisions()
     head = ["device", "profile", "state", "running", "runtime", "decision", "p90 ms", "accuracy", "mJ/inference", "power source",
@@ -169,7 +174,8 @@ def _fleet_rows(store: HistoryStore) -> tuple[list[str], list[list[str]]]:
         rec = latest.get((device, cur.get("sha256"))) if cur else None
         dec = decisions.get(device)
         verdict = _verdict(dec)
-        rows.append([html.escape(device), _cell((rec or {}).get("profile") or st.get("profile") or "-"),
+        claimed = (rec or {}).get("profile") or st.get("profile") or "-"
+        rows.append([html.escape(device), _cell(profiles.get(device) or claimed),
                      _cell(st.get("state", "never seen")), _cell(cur.get("variant") or "-"),
                      _cell((rec or {}).get("runtime") or "-"),  # litert / onnxruntime / tensorrt, as measured
                      verdict,
@@ -318,8 +324,12 @@ def _check_replaceable(out: Path) -> None:
                          "replaces it: choose another --out")
 
 
-def build_report(store: HistoryStore, out: Path, title: str = "edge-kit fleet report") -> dict[str, Any]:
+def build_report(store: HistoryStore, out: Path, title: str = "edge-kit fleet report",
+                 profiles: dict[str, str] | None = None) -> dict[str, Any]:
     """Write the report to ``out`` (atomically); return what it holds (profiles, devices, plots).
+
+    ``profiles``: the fleet file's profile of each device it names (``{device: profile}``), which places that
+    device's records; a device it does not name is placed by what its records say.
 
     Raises:
         InputError: ``out`` is a file other than an HTML page (the history itself, the fleet file: a report
@@ -335,8 +345,9 @@ def build_report(store: HistoryStore, out: Path, title: str = "edge-kit fleet re
     running = {dev: m["current"].get("sha256") for dev, m in status.items() if isinstance(m.get("current"), dict)}
     chosen = {dev: decisions.get(dev) or running.get(dev) for dev in {r["device"] for r in latest}}
     by_profile: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    profiles = profiles or {}
     for r in latest:
-        profile = r.get("profile")  # the device's word, any JSON: only text names a profile
+        profile = profiles.get(r["device"]) or r.get("profile")  # else the device's word, any JSON: only text names one
         by_profile[profile if isinstance(profile, str) and profile else "unknown"].append(r)
     sections, plots = [], 0
     known = set(bundled_profiles())
@@ -355,7 +366,7 @@ def build_report(store: HistoryStore, out: Path, title: str = "edge-kit fleet re
         sections.append(f"<h2>{html.escape(name)}</h2><p class=note>{html.escape(profile.description)}; devices: "
                         f"{html.escape(', '.join(devices))}</p>"
                         + "".join(f.to_html(full_html=False, include_plotlyjs=False, config={"displaylogo": False}) for f in figs))
-    head, rows = _fleet_rows(store)
+    head, rows = _fleet_rows(store, profiles)
     table = ("<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"
              + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows) + "</table>")
     gate_rows = _gate_rows(store)
