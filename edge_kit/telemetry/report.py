@@ -86,6 +86,26 @@ def _cell(value: Any) -> str:
     return html.escape(clip(str(value), MAX_NAME_CHARS))
 
 
+MAX_VARIANTS_PER_DEVICE = 32  # a device's distinct variant names plotted (its newest); as many as /metrics keeps
+
+
+def bounded_variants(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Return the bench ``records`` (newest first, as the history gives them) to plot: each device's records of its
+    :data:`MAX_VARIANTS_PER_DEVICE` newest distinct variant names, and ``{device: records left out}`` for a device
+    that named more. A device inventing thousands of names would otherwise flood every plot's legend (and the
+    page) with traces; real devices name a handful."""
+    names: dict[str, set[str]] = defaultdict(set)
+    kept, left_out = [], defaultdict(int)
+    for r in records:
+        seen, label = names[r["device"]], _label(r["variant"])
+        if label not in seen and len(seen) >= MAX_VARIANTS_PER_DEVICE:
+            left_out[r["device"]] += 1
+            continue
+        seen.add(label)
+        kept.append(r)
+    return kept, dict(left_out)
+
+
 def _profile_figures(profile: Profile, records: list[dict[str, Any]], chosen: dict[str, str | None]) -> list[Any]:
     import plotly.graph_objects as go
 
@@ -326,7 +346,9 @@ def _check_replaceable(out: Path) -> None:
 
 def build_report(store: HistoryStore, out: Path, title: str = "edge-kit fleet report",
                  profiles: dict[str, str] | None = None) -> dict[str, Any]:
-    """Write the report to ``out`` (atomically); return what it holds (profiles, devices, plots).
+    """Write the report to ``out`` (atomically); return what it holds (profiles, devices, plots, records plotted,
+    flagged devices, and ``not_plotted``: ``{device: records}`` of devices naming more variants than
+    :data:`MAX_VARIANTS_PER_DEVICE`).
 
     ``profiles``: the fleet file's profile of each device it names (``{device: profile}``), which places that
     device's records; a device it does not name is placed by what its records say.
@@ -339,7 +361,7 @@ def build_report(store: HistoryStore, out: Path, title: str = "edge-kit fleet re
     import plotly.offline
 
     _check_replaceable(Path(out))
-    latest = list(store.latest_bench().values())
+    latest, left_out = bounded_variants(list(store.latest_bench().values()))
     decisions = {dev: d.get("chosen_sha256") for dev, d in store.latest_decisions().items()}
     status = store.latest_status()
     running = {dev: m["current"].get("sha256") for dev, m in status.items() if isinstance(m.get("current"), dict)}
@@ -403,6 +425,8 @@ def build_report(store: HistoryStore, out: Path, title: str = "edge-kit fleet re
             + (f" Live p50/p99 are each device's serving API's service times over its last requests, measured there "
                f"with {html.escape('; '.join(served))}." if served else "")
             + (" Some devices are simulated: their figures are measurements of the simulating machine." if simulated else "")
+            + "".join(f" {html.escape(device)}: {n:,} benchmark record(s) of more than {MAX_VARIANTS_PER_DEVICE} variant "
+                      "names not plotted (its newest names are)." for device, n in sorted(left_out.items()))
             + "</p>" + "".join(sections) + f"<h2>Fleet</h2>{table}</body></html>")
     # A lone surrogate has no UTF-8 form (decode refuses them; a history row may still hold one): shown as \udXXX.
     page = page.encode("utf-8", "backslashreplace").decode("utf-8")
@@ -412,4 +436,4 @@ def build_report(store: HistoryStore, out: Path, title: str = "edge-kit fleet re
         raise InputError(f"{out}: cannot write the report there ({exc.strerror or exc}); "
                          "pass --out a file in a writable folder") from None
     return {"out": str(out), "profiles": sorted(by_profile), "devices": len(rows), "plots": plots, "records": len(latest),
-            "flagged": flagged}
+            "flagged": flagged, "not_plotted": left_out}

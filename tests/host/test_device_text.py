@@ -746,3 +746,24 @@ def test_a_device_claiming_another_profile_is_reported_under_its_fleet_profile(t
     assert "devices: d1</p>" in rpi4 and "devices: d2, d3, d4</p>" in rpi5
     assert '"y":[0.7]' in rpi5.split("energy per inference")[0] and "median over devices" in rpi5
     assert "<tr><td>d1</td><td>rpi4</td>" in page
+
+
+def test_a_device_inventing_variant_names_cannot_flood_the_reports_plots(fleet_file, run_cli, tmp_path):
+    """A device signing records of thousands of invented variant names had each plotted as a trace of its own:
+    the legend of its profile's plots (shared with every other device of the profile) held thousands of entries,
+    the page grew with them. Each device's newest MAX_VARIANTS_PER_DEVICE (32) names are plotted, the rest counted."""
+    MAX_VARIANTS_PER_DEVICE = 32
+    store = Store(history_path(fleet_file))
+    store.add_many([("bench", {**_bench(f"v{i}", i), "sha256": f"{i:064x}"}) for i in range(MAX_VARIANTS_PER_DEVICE + 40)])
+    store.close()
+    code, out, err = run_cli("report", "--fleet", fleet_file, "--out", tmp_path / "r.html", "--json")
+    assert code == 0, err
+    info = json.loads(out)
+    assert info["records"] == MAX_VARIANTS_PER_DEVICE and info["not_plotted"] == {"d1": 40}
+    page = (tmp_path / "r.html").read_text()
+    assert f"d1: 40 benchmark record(s) of more than {MAX_VARIANTS_PER_DEVICE} variant names not plotted" in page
+    newest = MAX_VARIANTS_PER_DEVICE + 39
+    assert f'"name":"v{newest} (' in page and '"name":"v0 (' not in page
+    from edge_kit.telemetry.report import MAX_VARIANTS_PER_DEVICE as limit
+
+    assert limit == MAX_VARIANTS_PER_DEVICE
