@@ -33,6 +33,7 @@ from device_agents.store import damage
 from device_agents.supervise import is_supervisor
 from edge_kit.errors import DeployError
 from edge_kit.fleet.inventory import Device
+from edgekit_protocol.desired import MAX_ERROR_CHARS
 from edgekit_protocol.labels import clip, printable
 
 CONNECT_TIMEOUT_S = 10
@@ -616,7 +617,8 @@ class DeviceShell:
                                  "for the device in the fleet file to its interpreter" if program == self.dev.python else ""))
         if exited != 0:
             lines = [ln for ln in stderr.splitlines() if ln.strip() and not ln.startswith("INFO:")]
-            raise DeployError(f"{self.dev.name}: {lines[-1] if lines else f'exit code {exited}'}")
+            # the device's text, up to the output limit: cut as a reported error is (a table cell, a rollout's row)
+            raise DeployError(f"{self.dev.name}: {clip(lines[-1], MAX_ERROR_CHARS) if lines else f'exit code {exited}'}")
         return stdout
 
     def _exec(self, command: str, timeout: float) -> tuple[int, str, str]:

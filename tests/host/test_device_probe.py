@@ -209,3 +209,20 @@ def test_what_an_activation_says_it_removed_is_counted_only_as_far_as_it_is_byte
     assert removed_text({}) is None and removed_text({"removed": 5}) is None and removed_text({"removed": []}) is None
     assert removed_text({"removed": [{"bytes": "x"}, "y", {"bytes": 10 ** 400}, {"bytes": 1_000_000}]}) == \
         "removed 4 old model(s), 1.0 MB, for the store budget"
+
+
+def test_a_failing_commands_error_line_is_cut_whatever_the_device_prints():
+    """A failing command's last line of stderr is the device's text: one line of 20 MB (under the output limit)
+    became the whole DeployError, the deploy table's cell and a rollout's stored row. It is cut as a reported
+    error is, saying how long it was."""
+    from edge_kit.errors import DeployError
+    from edgekit_protocol.desired import MAX_ERROR_CHARS
+
+    shell = _shell_printing("")
+    del shell.run  # the real run(), over a channel that prints one huge line to stderr and exits 1
+    shell._exec = lambda command, timeout: (1, "", "INFO: starting\n" + "E" * 20_000_000 + "\n")
+    with pytest.raises(DeployError) as caught:
+        shell.run(["python3", "-c", "x"])
+    said = str(caught.value)
+    assert said.startswith("pi-1: EEE") and said.endswith("... (20,000,000 characters)")
+    assert len(said) < MAX_ERROR_CHARS + 40
