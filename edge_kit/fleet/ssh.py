@@ -48,16 +48,23 @@ MIN_PYTHON = (3, 10)  # the agent's (pyproject's requires-python)
 logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
 
+# The agent's dependencies the facts below look for, and how a missing LiteRT is named: all that ``missing`` can
+# hold (the deploy quotes it, so a device's answer is checked against this list).
+AGENT_MODULES = ("numpy", "yaml", "paho", "cryptography")
+LITERT_MISSING = "ai_edge_litert or tflite_runtime"
+FACT_MODULES = (*AGENT_MODULES, LITERT_MISSING)
+PATH_MAX = 4096  # Linux's longest path: the device Python's path is one
+
 # What only the device's Python can say: free space under the root, and which of the agent's
 # dependencies it lacks. Standard library only (the agent may not be there yet).
-_PYTHON_FACTS = r"""
+_PYTHON_FACTS = f"AGENT_MODULES, LITERT_MISSING = {AGENT_MODULES!r}, {LITERT_MISSING!r}\n" + r"""
 import importlib.util, json, os, pathlib, shutil, sys
 probe = sys.argv[1]
 while not os.path.exists(probe):
     probe = os.path.dirname(probe)
-missing = [m for m in ("numpy", "yaml", "paho", "cryptography") if importlib.util.find_spec(m) is None]
+missing = [m for m in AGENT_MODULES if importlib.util.find_spec(m) is None]
 if not any(importlib.util.find_spec(m) for m in ("ai_edge_litert", "tflite_runtime")):
-    missing.append("ai_edge_litert or tflite_runtime")
+    missing.append(LITERT_MISSING)
 ort = importlib.util.find_spec("onnxruntime")
 runtimes = {"onnxruntime": ort is not None,  # optional: the onnx-* variants; trt-*: onnxruntime-gpu's TensorRT provider
             "tensorrt": any(any(pathlib.Path(p, "capi").glob("libonnxruntime_providers_tensorrt*"))
@@ -189,8 +196,8 @@ def _probe_shape(found: Any) -> None:
 
 
 def _facts_shape(found: Any) -> None:
-    """Check that ``found`` has the shape :data:`_PYTHON_FACTS` prints: ``free`` a byte count, ``python`` text,
-    ``missing`` a list of texts, ``runtimes`` an object, ``version`` a list of at least two whole numbers; return
+    """Check that ``found`` has the shape :data:`_PYTHON_FACTS` prints: ``free`` a byte count, ``python`` a path
+    (text of at most :data:`PATH_MAX` characters), ``missing`` a list of :data:`FACT_MODULES`, ``runtimes`` an object, ``version`` a list of at least two whole numbers; return
     nothing. What the deploy then compares, joins and formats of it cannot raise.
 
     Raises:
@@ -201,10 +208,11 @@ def _facts_shape(found: Any) -> None:
     free, version, missing = found.get("free"), found.get("version"), found.get("missing")
     if type(free) is not int or free < 0:
         raise ValueError(f"a field 'free' of {type(free).__name__} {clip(repr(free), 40)}, not a byte count")
-    if not isinstance(found.get("python"), str) or not isinstance(found.get("runtimes"), dict):
-        raise ValueError("no text 'python' and object 'runtimes'")
-    if not isinstance(missing, list) or any(not isinstance(m, str) for m in missing):
-        raise ValueError("a field 'missing' that is not a list of module names")
+    python = found.get("python")
+    if not isinstance(python, str) or len(python) > PATH_MAX or not isinstance(found.get("runtimes"), dict):
+        raise ValueError(f"no 'python' path (text of at most {PATH_MAX} characters) and object 'runtimes'")
+    if not isinstance(missing, list) or any(m not in FACT_MODULES for m in missing):
+        raise ValueError("a field 'missing' that is not a list of the modules the script looks for")
     if not isinstance(version, list) or len(version) < 2 or any(type(v) is not int for v in version):
         raise ValueError("a field 'version' that is not [major, minor, micro]")
 

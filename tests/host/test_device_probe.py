@@ -226,3 +226,29 @@ def test_a_failing_commands_error_line_is_cut_whatever_the_device_prints():
     said = str(caught.value)
     assert said.startswith("pi-1: EEE") and said.endswith("... (20,000,000 characters)")
     assert len(said) < MAX_ERROR_CHARS + 40
+
+
+@pytest.mark.parametrize("facts", [{**GOOD_FACTS, "missing": ["numpy\x1b[2J" + "x" * 10_000]},
+                                   {**GOOD_FACTS, "python": "/usr/bin/" + "p" * 10_000_000}])
+def test_the_facts_quoted_in_a_deploys_error_are_what_the_script_can_print(facts):
+    """The deploy quotes the device Python's path and missing modules in its error: a device answering a 10 MB
+    path or made-up module names had them in the error line whole. ``missing`` holds only the modules the script
+    looks for, ``python`` a path's length at most."""
+    from edge_kit.errors import DeployError
+
+    shell = _shell_printing(json.dumps(facts))
+    shell.root = "/opt/edgekit"
+    with pytest.raises(DeployError, match=r"^pi-1: the device's Python printed ") as caught:
+        shell.python_facts  # noqa: B018 - the property runs the script
+    assert len(str(caught.value)) < 400
+
+
+def test_the_facts_script_prints_what_the_deploy_takes():
+    """The facts script, run by this machine's Python, prints a document of the shape the deploy checks."""
+    import subprocess
+
+    from edge_kit.fleet.ssh import _PYTHON_FACTS, _facts_shape
+
+    out = subprocess.run([sys.executable, "-c", _PYTHON_FACTS, "/nonexistent/root"], capture_output=True, timeout=60,
+                         check=True).stdout
+    _facts_shape(json.loads(out))
