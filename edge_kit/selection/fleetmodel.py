@@ -51,11 +51,12 @@ measures every variant that could still be its choice.
 Drift
 -----
 Each measurement may carry its software (runtime and version). Where the newest software of a
-(profile, variant) differs from older measurements', the newer ones are compared with the older:
-a shift beyond ``drift_z`` standard errors and ``drift_min_ratio`` (x1.10) marks the older ones
-*stale* (left out of the model and of the devices' measured figures, so those pairs are measured
-again), and every affected decision says why. Fewer than 2 measurements with the new software: a
-drift check measures the pair on up to 3 devices.
+(profile, variant) differs from older measurements', each device's median on the newer one is compared
+with the older measurements' median, one shift per device: their median (with 2 devices, the smaller shift
+when both point the same way) beyond ``drift_z`` standard errors and ``drift_min_ratio`` (x1.10) marks the older ones *stale* (left out of the
+model and of the devices' measured figures, so those pairs are measured again), and every affected decision
+says why. New software on fewer than 2 devices (however many records one device sends: a compromised one's
+are its word alone): a drift check measures the pair on up to 3 devices.
 
 Planning
 --------
@@ -282,7 +283,7 @@ class FleetModel:
     x_device: np.ndarray  # (devices, covariates) each device's newest conditions as covariates (0: unknown/typical)
     has_conditions: np.ndarray  # (devices,)
     drift: dict[tuple[int, int], str]  # (profile, variant) -> why its older measurements are stale
-    drift_check: list[tuple[int, int]]  # pairs with new software but too few measurements to judge
+    drift_check: list[tuple[int, int]]  # pairs with new software on too few devices to judge
     contradictory: dict[tuple[int, int], str]  # (device, variant) -> what disagrees
     messages: list[str]
 
@@ -434,17 +435,27 @@ def _drift(spec: FleetSpec, m: Measurements, s: Settings) -> tuple[np.ndarray, d
             continue
         p, v = divmod(int(key), V)
         name = m.softwares[newest]
-        if new.sum() < 2:
+        on_new = np.unique(m.device[new])
+        if len(on_new) < 2:  # one device's records are its word alone, however many it sends
             check.append((p, v))
             continue
-        # the newer measurements' median against the older ones' (both over the profile's devices)
-        shift = float(np.median(y[new]) - np.median(y[old]))
+        # each device's median on the new software against the older measurements' (over the profile's devices),
+        # one figure per device; their median, or with 2 devices the smaller shift when both point the same way
+        # (none otherwise): one device (a compromised one) can neither invent a shift nor make the others'
+        # measurements stale
+        before = float(np.median(y[old]))
+        shifts = [float(np.median(y[new & (m.device == d)])) - before for d in on_new]
+        if len(shifts) > 2:
+            shift = float(np.median(shifts))
+        else:
+            shift = min(shifts, key=abs) if shifts[0] * shifts[1] > 0 else 0.0
         spread = max(float(np.std(y[old])) if old.sum() > 2 else s.tau_prior, s.sigma_prior)
         se = 1.2533 * spread * math.sqrt(1 / new.sum() + 1 / old.sum())
         if abs(shift) > max(s.drift_z * se, math.log(s.drift_min_ratio)):
             stale |= old
             why[(p, v)] = (f"{spec.profiles[p]}/{spec.variants[v]}: p90 x{math.exp(shift):.2f} since {name} "
-                           f"({int(new.sum())} measurements vs {int(old.sum())} before): measured again")
+                           f"({int(new.sum())} measurements on {len(on_new)} devices vs {int(old.sum())} before): "
+                           "measured again")
     return stale, why, check
 
 
@@ -507,7 +518,7 @@ def fit(spec: FleetSpec, m: Measurements, settings: Settings | None = None) -> F
                         f"mode), e.g. {', '.join(names)}: their figures are inferred without covariates, and a "
                         "deviation is flagged without an explanation")
     for (p, v) in check:
-        messages.append(f"{spec.profiles[p]}/{spec.variants[v]}: new software with fewer than 2 measurements: "
+        messages.append(f"{spec.profiles[p]}/{spec.variants[v]}: new software measured on fewer than 2 devices: "
                         "measured on up to 3 devices to check for a shift")
     return FleetModel(spec, s, fits, stale, flagged, why, x_device, has_conditions, drift, check, contradictory, messages)
 

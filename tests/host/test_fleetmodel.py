@@ -161,7 +161,7 @@ def test_a_runtime_update_that_shifts_a_profile_makes_its_pairs_stale_and_measur
     m1.software[len(old):] = 1
     plan = plan_measurements(spec, m1, budget=500)
     assert any("drift check" == w for _d, _v, w in plan.measure)
-    assert any("fewer than 2 measurements" in t for t in plan.messages)
+    assert any("fewer than 2 devices" in t for t in plan.messages)
 
 
 def test_decisions_mark_each_figure_measured_or_inferred_with_an_interval():
@@ -522,3 +522,43 @@ def test_the_fleet_decision_breaks_a_tie_by_the_profiles_targets_as_the_policy_d
     assert [variants[c] for c in plan_measurements(spec, m, budget=0).chosen] == ["fp32", "fp32"]  # by id
     preferred = replace(spec, targets=(("onnxruntime", "litert"),))
     assert [variants[c] for c in plan_measurements(preferred, m, budget=0).chosen] == ["onnx-fp32", "onnx-fp32"]
+
+
+def _with_software(old: Measurements, new: Measurements, names: tuple[str, ...]) -> Measurements:
+    """Return ``old`` then ``new`` as one table, ``new``'s rows running the second of ``names``."""
+    m = Measurements(*(np.concatenate([getattr(old, k), getattr(new, k)]) for k in (
+        "device", "variant", "p90_ms", "energy_mj", "avg_w", "accuracy", "snr_db", "order", "throttled",
+        "temperature_c", "power_mode", "software", "health")), old.power_modes, names)
+    m.software[len(old):] = 1
+    return m
+
+
+def test_one_device_claiming_new_software_cannot_make_the_profiles_measurements_stale():
+    """Drift was judged on measurements, not devices: one compromised device sending three records that say
+    "litert 9.9" with a p90 ten times its profile's marked every other device's measurements of that variant
+    stale (left out of the model and of their measured figures), so its own figures became the profile's.
+    New software is judged once at least two devices ran it, each device's shift counted once (their median; two
+    devices must agree on a shift for it to be drift); with one device it is a drift check (measured on others)."""
+    fleet = make_fleet(400, noise=0.05, outliers=0.0, seed=9)
+    spec = fleet.spec
+    fleet.software = "litert 1.2"
+    old = _sample_all(fleet, range(80))
+    p = 0
+    devs = [d for d in range(80, 400) if spec.profile[d] == p][:6]
+    v = int(np.flatnonzero(spec.candidates[devs[0]])[2])
+    liar = fleet.bench([(devs[0], v)] * 3)
+    liar.p90_ms[:] *= 10
+    model = fit(spec, _with_software(old, liar, ("litert 1.2", "litert 9.9")))
+    assert (p, v) not in model.drift and not model.stale.any() and (p, v) in model.drift_check
+    honest = fleet.bench([(devs[1], v)])  # a second device on the new software, its figures as before
+    both = Measurements(*(np.concatenate([getattr(liar, k), getattr(honest, k)]) for k in (
+        "device", "variant", "p90_ms", "energy_mj", "avg_w", "accuracy", "snr_db", "order", "throttled",
+        "temperature_c", "power_mode", "software", "health")), liar.power_modes, liar.softwares)
+    model = fit(spec, _with_software(old, both, ("litert 1.2", "litert 9.9")))
+    assert (p, v) not in model.drift and not model.stale.any()
+    more = fleet.bench([(devs[2], v)])  # and a third: the median of the three devices' shifts is an honest one's
+    three = Measurements(*(np.concatenate([getattr(both, k), getattr(more, k)]) for k in (
+        "device", "variant", "p90_ms", "energy_mj", "avg_w", "accuracy", "snr_db", "order", "throttled",
+        "temperature_c", "power_mode", "software", "health")), liar.power_modes, liar.softwares)
+    model = fit(spec, _with_software(old, three, ("litert 1.2", "litert 9.9")))
+    assert (p, v) not in model.drift and not model.stale.any()
