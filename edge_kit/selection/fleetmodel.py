@@ -20,7 +20,8 @@ For a profile ``p``, a variant ``v`` and a device ``d`` of that profile, each lo
 - ``e``: measurement noise and the device-by-variant interaction.
 
 Hierarchical, fitted by empirical Bayes (no sampler): ``mu`` is the median over the profile's
-measurements (robust to devices that differ), ``sigma`` the robust (MAD) spread of each device's
+devices of each device's median (robust to devices that differ, and a device counts once however many
+records it sends: one compromised device cannot set its profile's figures), ``sigma`` the robust (MAD) spread of each device's
 measurements around its own mean, ``tau`` the robust spread of the device means less the part
 noise explains. The offset is the posterior mean, shrunk toward 0:
 
@@ -302,23 +303,36 @@ def _median_by(keys: np.ndarray, values: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
+def _device_median_by(keys: np.ndarray, devices: np.ndarray, values: np.ndarray, size: int) -> np.ndarray:
+    """Return, per key in ``range(size)``, the median over devices of each device's median of ``values`` (NaN where
+    a key has none): a device counts once however many rows it has, so one device sending many records (a
+    compromised one) weighs no more in a profile's figure than any other."""
+    if len(keys) == 0:
+        return np.full(size, np.nan)
+    width = int(devices.max()) + 1
+    pairs, which = np.unique(keys.astype(np.int64) * width + devices, return_inverse=True)
+    return _median_by(pairs // width, _median_by(which, values, len(pairs)), size)
+
+
 def _covariates(spec: FleetSpec, m: Measurements) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
     """Return (x per row, the profiles' typical conditions: ``temperature``, ``power_mode``, ``clock``, row has
     conditions)."""
     P = len(spec.profiles)
     prof = spec.profile[m.device] if len(m) else np.zeros(0, dtype=np.intp)
-    temp_ref = _median_by(prof[~np.isnan(m.temperature_c)], m.temperature_c[~np.isnan(m.temperature_c)], P)
+    hot = ~np.isnan(m.temperature_c)
+    temp_ref = _device_median_by(prof[hot], m.device[hot], m.temperature_c[hot], P)
     mode_ref = np.full(P, -1, dtype=np.intp)
     for p in range(P):
-        modes = m.power_mode[(prof == p) & (m.power_mode >= 0)]
-        if len(modes):
-            mode_ref[p] = np.bincount(modes).argmax()
+        said = (prof == p) & (m.power_mode >= 0)
+        if said.any():  # the mode most devices report (each device once per mode)
+            pairs = np.unique(np.stack([m.device[said], m.power_mode[said]]), axis=1)
+            mode_ref[p] = np.bincount(pairs[1]).argmax()
     x = np.zeros((len(m), len(COVARIATES)))
     x[:, 0] = np.nan_to_num(m.throttled, nan=0.0)
     x[:, 1] = np.nan_to_num((m.temperature_c - temp_ref[prof]) / 10.0, nan=0.0)
     x[:, 2] = (m.power_mode >= 0) & (m.power_mode != mode_ref[prof])
     clock = m.clock
-    clock_ref = _median_by(prof[clock > 0], clock[clock > 0], P)
+    clock_ref = _device_median_by(prof[clock > 0], m.device[clock > 0], clock[clock > 0], P)
     with np.errstate(divide="ignore", invalid="ignore"):
         x[:, 3] = np.nan_to_num(np.log(clock / clock_ref[prof]), nan=0.0, posinf=0.0, neginf=0.0)
     has = ~np.isnan(m.throttled) | ~np.isnan(m.temperature_c) | (m.power_mode >= 0) | (clock > 0)
@@ -337,8 +351,8 @@ def _fit_metric(spec: FleetSpec, m: Measurements, metric: str, use: np.ndarray, 
     prof = spec.profile[m.device]
     pv = prof * V + m.variant
     pool = ok & ~excluded[m.device]
-    mu = _median_by(pv[pool], y[pool], P * V)
-    mu = np.where(np.isnan(mu), _median_by(pv[ok], y[ok], P * V), mu)  # only flagged devices measured it
+    mu = _device_median_by(pv[pool], m.device[pool], y[pool], P * V)
+    mu = np.where(np.isnan(mu), _device_median_by(pv[ok], m.device[ok], y[ok], P * V), mu)  # only flagged devices measured it
     beta = np.zeros((P, len(COVARIATES)))
     r = y - mu[pv]
     for p in range(P):
@@ -359,7 +373,8 @@ def _fit_metric(spec: FleetSpec, m: Measurements, metric: str, use: np.ndarray, 
         rows = pool & (prof == p) & (n[m.device] >= 2)
         if rows.sum() >= 8:
             e = np.abs(r2[rows] - mean[m.device[rows]]) * np.sqrt(n[m.device[rows]] / (n[m.device[rows]] - 1))
-            sigma2[p] = max((1.4826 * np.median(e)) ** 2, 1e-6)
+            typical = _device_median_by(np.zeros(len(e), dtype=np.intp), m.device[rows], e, 1)[0]  # each device once
+            sigma2[p] = max((1.4826 * typical) ** 2, 1e-6)
         devs = (spec.profile == p) & (n > 0) & ~excluded
         if devs.sum() >= 5:
             md = mean[devs]
@@ -374,7 +389,7 @@ def _fit_metric(spec: FleetSpec, m: Measurements, metric: str, use: np.ndarray, 
     extra_var = np.where(excluded, s.flagged_spread ** 2, 0.0)  # per variant: a flagged device may differ on each
     # refit the profile figures on the offset-corrected figures, robustly
     corrected = y - offset[m.device] - (x * beta[prof]).sum(axis=1)
-    mu2 = _median_by(pv[pool], corrected[pool], P * V)
+    mu2 = _device_median_by(pv[pool], m.device[pool], corrected[pool], P * V)
     mu = np.where(np.isnan(mu2), mu, mu2)
     count = np.bincount(pv[ok], minlength=P * V).astype(float)
     mu_var = np.where(count > 0, (sigma2.repeat(V) + tau2.repeat(V)) / np.maximum(count, 1), np.nan)
@@ -398,15 +413,15 @@ def _flat_fit(spec: FleetSpec, m: Measurements, metric: str, use: np.ndarray, ex
     ok = use & np.isfinite(y)
     pv = spec.profile[m.device] * V + m.variant
     pool = ok & ~excluded[m.device]
-    mu = _median_by(pv[pool], y[pool], P * V)
-    mu = np.where(np.isnan(mu), _median_by(pv[ok], y[ok], P * V), mu)
+    mu = _device_median_by(pv[pool], m.device[pool], y[pool], P * V)
+    mu = np.where(np.isnan(mu), _device_median_by(pv[ok], m.device[ok], y[ok], P * V), mu)
     dev = np.where(ok, np.abs(y - mu[pv]), 0.0)
     worst = np.zeros(D)
     np.maximum.at(worst, m.device, np.nan_to_num(dev))
     count = np.bincount(pv[ok], minlength=P * V)
     spread = np.zeros(P * V)
     if ok.any():
-        spread = np.sqrt(np.maximum(_median_by(pv[pool], (y[pool] - mu[pv[pool]]) ** 2, P * V), 0))
+        spread = np.sqrt(np.maximum(_device_median_by(pv[pool], m.device[pool], (y[pool] - mu[pv[pool]]) ** 2, P * V), 0))
     mu_var = np.where(count > 0, np.nan_to_num(spread) ** 2 + 1e-8, np.nan)
     return MetricFit(metric, mu.reshape(P, V), mu_var.reshape(P, V), np.zeros(P), np.zeros(P),
                      np.zeros((P, len(COVARIATES))), np.zeros(D), np.zeros(D), worst, np.ones(D))
@@ -443,7 +458,7 @@ def _drift(spec: FleetSpec, m: Measurements, s: Settings) -> tuple[np.ndarray, d
         # one figure per device; their median, or with 2 devices the smaller shift when both point the same way
         # (none otherwise): one device (a compromised one) can neither invent a shift nor make the others'
         # measurements stale
-        before = float(np.median(y[old]))
+        before = float(_device_median_by(np.zeros(int(old.sum()), dtype=np.intp), m.device[old], y[old], 1)[0])
         shifts = [float(np.median(y[new & (m.device == d)])) - before for d in on_new]
         if len(shifts) > 2:
             shift = float(np.median(shifts))

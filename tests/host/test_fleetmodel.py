@@ -562,3 +562,25 @@ def test_one_device_claiming_new_software_cannot_make_the_profiles_measurements_
         "temperature_c", "power_mode", "software", "health")), liar.power_modes, liar.softwares)
     model = fit(spec, _with_software(old, three, ("litert 1.2", "litert 9.9")))
     assert (p, v) not in model.drift and not model.stale.any()
+
+
+def test_one_device_sending_many_records_counts_once_in_its_profiles_figures():
+    """A profile's figure was the median over its measurements: a compromised device publishing 60 benchmark
+    records (every one is stored) of a variant at ten times the p90 and 0.1 accuracy, against three honest devices'
+    one each, set the profile's p90 and accuracy, flagged the honest devices as the ones that differ, and gave
+    every unmeasured device of the profile its figures. Each device now counts once (its own median)."""
+    fleet = make_fleet(200, noise=0.05, outliers=0.0, seed=11)
+    spec = fleet.spec
+    p = 0
+    devs = [d for d in range(len(spec.devices)) if spec.profile[d] == p][:4]
+    v = int(np.flatnonzero(spec.candidates[devs[0]])[0])
+    honest = fleet.bench([(d, v) for d in devs[1:]])
+    liar = fleet.bench([(devs[0], v)] * 60)
+    liar.p90_ms[:] *= 10
+    liar.accuracy[:] = 0.1
+    m = honest.concat(liar)
+    model = fit(spec, m)
+    mu = model.fits["p90_ms"].mu[p, v]
+    assert abs(mu - np.median(np.log(honest.p90_ms))) < 0.1
+    assert abs(model.fits["accuracy"].mu[p, v] - np.median(honest.accuracy)) < 1e-9
+    assert model.flagged[devs[0]] and not model.flagged[devs[1:]].any()
