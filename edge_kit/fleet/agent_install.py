@@ -61,6 +61,7 @@ from edgekit_protocol.config import (
     to_plain,
 )
 from edgekit_protocol.errors import EdgeKitError
+from edgekit_protocol.labels import clip
 
 STOP_TIMEOUT_S = 30.0
 BROKER_CA = "identity/broker-ca.pem"  # where the deploy puts the broker's CA on the device
@@ -141,6 +142,9 @@ def agent_bundle() -> tuple[bytes, str, dict[str, str]]:
     return data, hashlib.sha256(data).hexdigest(), dict(sorted(files.items()))
 
 
+MAX_SHOWN_PATH = 200  # characters of a file name the device reports, as a deploy's result quotes it
+
+
 def _code_state(shell: DeviceShell, operator: Keyring) -> str | None:
     """Return why the device's ``<root>/agent`` is not the signed current bundle, or None when it is.
 
@@ -154,7 +158,9 @@ def _code_state(shell: DeviceShell, operator: Keyring) -> str | None:
         return "not installed"
     diff = codecheck.differences(files, found["files"])
     if diff:
-        return "code differs: " + ", ".join(diff[:3]) + (f" and {len(diff) - 3} more" if len(diff) > 3 else "")
+        # the device's file names are its word, any length (a deploy's table shows them): each cut
+        return ("code differs: " + ", ".join(clip(d, MAX_SHOWN_PATH) for d in diff[:3])
+                + (f" and {len(diff) - 3} more" if len(diff) > 3 else ""))
     try:
         doc = json.loads(found["manifest"] or "")
         if not isinstance(doc, dict):

@@ -42,3 +42,17 @@ def test_a_device_manifest_nested_past_the_parser_or_not_an_object_is_not_this_o
     for manifest in ("[" * 100_000, "[1]"):
         shell = types.SimpleNamespace(info={"code": {"files": files, "manifest": manifest}})
         assert _code_state(shell, None) == "its signed manifest is missing or not this operator's"
+
+
+def test_the_file_names_a_device_reports_are_cut_in_the_reason_a_deploy_quotes():
+    """Why a deploy reinstalls the agent quotes the first differing files by the names the device's probe printed:
+    a device reporting a file of a 1 MB name put it whole in the deploy's table cell and `--json`."""
+    import types
+
+    from edge_kit.fleet.agent_install import _code_state
+
+    _, _, files = agent_bundle()
+    shell = types.SimpleNamespace(info={"code": {"files": {**files, "x" * 1_000_000: "a" * 64}, "manifest": None}})
+    why = _code_state(shell, None)
+    assert why.startswith("code differs: added xxx") and why.endswith("... (1,000,006 characters)")
+    assert len(why) < 300  # MAX_SHOWN_PATH (200) and the words around it
