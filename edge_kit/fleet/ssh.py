@@ -178,6 +178,8 @@ def _probe_shape(found: Any) -> None:
                         ("digests", dict), ("models", dict), ("hashes", dict), ("code", dict)):
         if not isinstance(found.get(name), kinds):
             raise ValueError(f"a field '{name}' of type {type(found.get(name)).__name__}")
+    if len(found["root"]) > PATH_MAX:  # a path: the deploy's uploads go under it and its errors name it
+        raise ValueError(f"a field 'root' of {len(found['root']):,} characters, longer than a path")
     if found["pid"] is not None and not (found["pid"].isascii() and found["pid"].isdigit()):
         raise ValueError("a field 'pid' that is not a process id")
     if found["cmdline"] is not None and not all(ord(c) < 256 for c in found["cmdline"]):

@@ -104,6 +104,7 @@ def _good(tmp_path) -> dict:
     lambda d: {**d, "pid": "1", "cmdline": "\u0100"},  # not bytes read as latin-1
     lambda d: {**d, "code": {"files": [], "manifest": None}},
     lambda d: {**d, "has_device_key": "yes"},
+    lambda d: {**d, "root": "/" + "r" * 5000},  # longer than a path: quoted in errors, uploads go under it
 ])
 def test_a_probe_document_of_another_shape_is_one_line_naming_the_device(tmp_path, change):
     from edge_kit.errors import DeployError
