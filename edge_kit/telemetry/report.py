@@ -2,10 +2,12 @@
 
 Per device profile (the fleet file's for the devices it names: a record's ``profile`` is only its device's word,
 and one device claiming another profile must not land among that profile's devices): latency p90 against
-accuracy (the eval metric) for every variant measured on every device of that profile, with the profile's constraint lines (max p90; min accuracy as a share of the fp32
-variant's) and each device's chosen variant marked; energy per inference per variant, each bar
-saying whether its figure was measured (sensor name) or estimated. Then the fleet table. Every
-figure is the latest benchmark record in the history store; simulated devices are labelled.
+accuracy (the eval metric) for every variant measured on every device of that profile, with the profile's
+constraint lines (max p90; min accuracy as a share of the fp32 variant's, its median over the devices) and
+each device's chosen variant marked; energy per inference per variant (the median over devices), each bar
+saying whether its figure was measured (sensor name) or estimated. Then the fleet table. Every figure is
+the latest benchmark record in the history store; simulated devices are labelled. One device's figures move
+no line and no bar: each is a median over the devices.
 """
 
 from __future__ import annotations
@@ -150,8 +152,9 @@ def _profile_figures(profile: Profile, records: list[dict[str, Any]], chosen: di
         if c.max_latency_p90_ms > 0:  # annotations on a log axis take the decade, not the value
             scatter.add_annotation(x=math.log10(c.max_latency_p90_ms), xref="x", y=1, yref="y domain", yanchor="bottom",
                                    xanchor="right", showarrow=False, text=f"max p90 {c.max_latency_p90_ms:g} ms")
-    if c.min_accuracy_ratio is not None and fp32 and sum(fp32) > 0:  # no ratio to a figure of 0 or less
-        floor = scale * c.min_accuracy_ratio * sum(fp32) / len(fp32)
+    reference = statistics.median(fp32) if fp32 else None  # the devices' fp32: one device's figure moves no line
+    if c.min_accuracy_ratio is not None and reference is not None and reference > 0:  # no ratio to 0 or less
+        floor = scale * c.min_accuracy_ratio * reference
         scatter.add_hline(y=floor, line_dash="dash", line_color="#b00",
                           annotation_text=f"min accuracy {c.min_accuracy_ratio:g} x fp32 = {floor:.4g}{unit}")
     scatter.update_layout(title=f"{profile.name}: latency vs accuracy (latest benchmark per device and variant)",

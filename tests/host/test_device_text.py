@@ -767,3 +767,18 @@ def test_a_device_inventing_variant_names_cannot_flood_the_reports_plots(fleet_f
     from edge_kit.telemetry.report import MAX_VARIANTS_PER_DEVICE as limit
 
     assert limit == MAX_VARIANTS_PER_DEVICE
+
+
+def test_one_devices_fp32_accuracy_does_not_move_its_profiles_accuracy_floor(fleet_file, run_cli, tmp_path):
+    """The plot's min-accuracy line is the profile's ratio times the devices' fp32 accuracy: the mean, so one device
+    reporting fp32 at 0 % moved the line every other device of the profile is judged against on the page
+    (0.99 x 60 % instead of 0.99 x 90 %). It is the median over the devices."""
+    fleet_file.write_text(fleet_file.read_text() + "  - {name: d2, host: 127.0.0.2}\n  - {name: d3, host: 127.0.0.3}\n")
+    store = Store(history_path(fleet_file))
+    store.add_many([("bench", {**_bench("fp32", i), "device": d, "accuracy": {"value": acc}})
+                    for i, (d, acc) in enumerate((("d1", 0.0), ("d2", 0.9), ("d3", 0.9)), 1)])
+    store.close()
+    code, out, err = run_cli("report", "--fleet", fleet_file, "--out", tmp_path / "r.html", "--json")
+    assert code == 0, err
+    page = (tmp_path / "r.html").read_text()
+    assert "min accuracy 0.99 x fp32 = 89.1 %" in page and "x fp32 = 59.4 %" not in page
