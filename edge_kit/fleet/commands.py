@@ -151,8 +151,8 @@ class FleetClient:
             return
         with self._cond:
             if kind == "cmd/ack":
-                if not msg["ok"]:  # quoted by every caller (a device may send 64 KiB of it, or no text at all)
-                    msg["error"] = clip(str(msg.get("error")), MAX_ERROR_CHARS)
+                if msg.get("error") is not None:  # quoted by every caller (a device may send 64 KiB of it, or no text)
+                    msg["error"] = clip(str(msg["error"]), MAX_ERROR_CHARS)
                 self.acks[msg["cmd_id"]] = msg
             elif kind == "bench":
                 _keep_newest(self.records, (device, msg["msg_id"]), msg)
