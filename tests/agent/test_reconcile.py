@@ -355,3 +355,23 @@ def test_a_lost_desired_json_does_not_let_a_replayed_older_desired_state_take_th
     assert again.take(desired(5)) is None  # the broker's retained one, as taken before: resumed
     assert again.take(desired(6, sha=B)) is None and again.desired.revision == 6
     assert make().take(desired(5)) == "stale"
+
+
+@pytest.mark.parametrize("then", ["hold", "rollback"])
+def test_an_aborted_candidates_partial_download_is_dropped_by_a_hold_or_a_rollback(rig, tmp_path, then):
+    """A download cut (the store died, the agent was killed) left incoming/<sha>.partial; only the start of another
+    download dropped it. `rollout abort` (a hold) or a rollback to a model the device has installed starts none, so
+    the aborted candidate's bytes, up to the model's size, held the device's disk until some later rollout."""
+    make, store, clock, reports, fetched, activated, fail = rig
+    store.models[B] = {"sha256": B, "variant": "fp32", "model": "digits"}
+    store.cur = B
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    (incoming / f"{A}.partial").write_bytes(b"x" * 1000)  # the candidate's download, cut
+    (incoming / A).write_bytes(b"y" * 10)  # or whole, the power gone before the install
+    (incoming / f"{A}.tflite").write_bytes(b"z")  # a push deploy's upload: not the reconciler's
+    rec = make()
+    rec.take({"msg_id": "h2", "rollout": "r1", "revision": 2, "hold": True} if then == "hold" else desired(2, sha=B))
+    out = run(rec)
+    assert out["state"] == "converged" and store.cur == B and fetched == [] and activated == []
+    assert sorted(p.name for p in incoming.iterdir()) == [f"{A}.tflite"]
