@@ -264,10 +264,13 @@ def _parse_header(raw: bytes | memoryview) -> dict[str, Any]:
     """Return the header (a JSON object) of a frame.
 
     Raises:
-        FrameError: it is not JSON (NaN and infinity refused) or not an object.
+        FrameError: it is not JSON (NaN and infinity refused), is nested too deeply for the parser, or is not
+            an object.
     """
     try:
         header = json.loads(bytes(raw) or b"", parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
+    except RecursionError:  # a few thousand brackets fit in MAX_HEADER: a bad frame, never the connection's end
+        raise FrameError("the header is nested too deeply") from None
     except (ValueError, UnicodeDecodeError):
         raise FrameError("the header is not JSON") from None
     if not isinstance(header, dict):
