@@ -195,3 +195,18 @@ def test_the_last_will_and_the_statuses_of_one_connection_name_the_same_connecti
         assert agent._status("online")["connection"] == again["connection"]
     finally:
         agent.spool.close()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("device: pi-1\nfleet: f\nbench: {threads: 2024-13-45}\n", "a.yaml:3: bench.threads: YAML cannot read this value "
+                                                               "(month must be in 1..12)"),
+    ("device: pi-1\nfleet: f\nserve:\n  max_clients: " + "9" * 5000 + "\n",
+     "a.yaml:4: serve.max_clients: YAML cannot read this value (Exceeds the limit (4300 digits) for integer string "
+     "conversion: value has 5000 digits)"),
+])
+def test_a_value_yaml_cannot_read_is_one_line_not_a_crash(tmp_path, text, message):
+    """A date that does not exist or a 5000-digit number: PyYAML raised a bare ValueError, and the agent died at
+    start with a traceback naming neither the file nor the line."""
+    with pytest.raises(ConfigError) as caught:
+        load_agent_config(write(tmp_path, "a.yaml", text))
+    assert str(caught.value) == f"{tmp_path / message}; quote it if it is text, else give a valid one"
