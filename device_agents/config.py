@@ -100,6 +100,20 @@ def refuse_duplicate_key(node: yaml.Node | None, path: Path) -> None:
         raise ConfigError(f"{path}:{twice[0]}: {twice[1]}: given twice (YAML would keep only the last); remove one")
 
 
+MAX_VALUES = 100_000  # values in agent.yaml, aliases expanded (a real one holds under a hundred)
+
+
+def _expanded(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """Return how many values ``node`` stands for once its aliases are expanded (each shared node counted once
+    per use, computed once); over :data:`MAX_VALUES` for an alias used inside itself (endless)."""
+    if id(node) not in sizes:
+        sizes[id(node)] = MAX_VALUES + 1  # reached again while counting: an alias inside itself, endless
+        children = ([v for pair in node.value for v in pair] if isinstance(node, yaml.MappingNode)
+                    else node.value if isinstance(node, yaml.SequenceNode) else [])
+        sizes[id(node)] = 1 + sum(_expanded(child, sizes) for child in children)
+    return sizes[id(node)]
+
+
 def load_agent_config(path: Path) -> AgentConfig:
     """Read and check an agent config file.
 
@@ -107,12 +121,16 @@ def load_agent_config(path: Path) -> AgentConfig:
         The config, with defaults filled in.
 
     Raises:
-        ConfigError: unreadable file, not UTF-8, bad YAML, a value YAML cannot read, a key given twice, unknown key, wrong type, invalid value or an
-            unknown power sensor; the message names the file, line and key.
+        ConfigError: unreadable file, not UTF-8, bad YAML, nested too deeply, more than :data:`MAX_VALUES` values
+            once its aliases are expanded (an alias bomb), a value YAML cannot read, a key given twice, unknown key,
+            wrong type, invalid value or an unknown power sensor; the message names the file, line and key.
     """
     path = Path(path)
     try:
         node = yaml.compose(path.read_text(encoding="utf-8"))
+    except RecursionError:  # the composer recurses per level: a few thousand brackets
+        raise ConfigError(f"{path}: nested too deeply to be an agent config; write it as the deploy does "
+                          "(blocks of keys, a few levels deep)") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the agent config ({exc.strerror})") from None
     except UnicodeDecodeError as exc:
@@ -122,6 +140,9 @@ def load_agent_config(path: Path) -> AgentConfig:
         raise ConfigError(f"{path}:{mark.line + 1 if mark else '?'}: not valid YAML") from None
     if node is None:
         raise ConfigError(f"{path}: the agent config is empty; it needs at least device and fleet")
+    if _expanded(node, {}) > MAX_VALUES:  # read as a tree, each alias is a copy: 9 of 9 of 9 ... is billions
+        raise ConfigError(f"{path}: more than {MAX_VALUES} values once its aliases (*name) are expanded, or an alias "
+                          "used inside itself; write the agent config without nested aliases")
     refuse_duplicate_key(node, path)
     try:
         tree = _tree(node)
