@@ -104,6 +104,12 @@ def test_predict_and_model_answer_as_the_socket_api_does_and_count_in_the_live_f
     (b'{"inputs": {"image": [[1, 2], [3]]}}', 400, "not a rectangular array of numbers"),
     (b'{"inputs": {"image": [["a", "b"]]}}', 400, "not a rectangular array of numbers"),  # wrong dtype
     (b'{"inputs": {"image": [{"x": 1}]}}', 400, "not a rectangular array of numbers"),
+    # numbers as text, true/false and null were taken as numbers (1.5, 1.0, NaN): a client's bug answered
+    (json.dumps({"inputs": {"image": np.full((8, 8, 1), "1.5").tolist()}}).encode(), 400,
+     r"input 'image': not a rectangular array of numbers \(it holds text\)"),
+    (json.dumps({"inputs": {"image": np.full((8, 8, 1), True).tolist()}}).encode(), 400,
+     r"not a rectangular array of numbers \(it holds true or false\)"),
+    (b'{"inputs": {"image": [1, null]}}', 400, r"not a rectangular array of numbers \(it holds null"),
     (json.dumps({"inputs": {"image": np.zeros((8, 8)).tolist()}}).encode(), 400,
      r"input 'image': shape \[8, 8\], the model takes \[8, 8, 1\]"),  # the socket API's text
     (json.dumps({"inputs": {"image": np.zeros((8, 8, 1)).tolist(), "other": [1]}}).encode(), 400,
