@@ -25,6 +25,7 @@ Every error is a :class:`FetchError` with one line naming the URL and what to do
 from __future__ import annotations
 
 import http.client
+import ipaddress
 import os
 import re
 import socket
@@ -241,6 +242,17 @@ def _connect(url: str, timeout_s: float, ssl_context: ssl.SSLContext | None, rcv
     return conn
 
 
+def _scope(conn: http.client.HTTPConnection) -> str | None:
+    """Return ``"loopback"`` or ``"link-local"`` when ``conn`` is connected to the device itself or its link,
+    else None (judged by the address connected to: a name that resolves there counts)."""
+    try:
+        ip = ipaddress.ip_address(str(conn.sock.getpeername()[0]).split("%")[0])
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+    ip = getattr(ip, "ipv4_mapped", None) or ip
+    return "loopback" if ip.is_loopback else "link-local" if ip.is_link_local else None
+
+
 def _target(url: str) -> str:
     parts = urlsplit(url)
     return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
@@ -254,9 +266,11 @@ def _open(url: str, headers: dict[str, str], timeout_s: float, ssl_context: ssl.
 
     Raises:
         FetchError: the store does not answer, TLS failed, too many redirects, a redirect that is no
-            URL, or one from https:// to anything else (a downgrade).
+            URL, one from https:// to anything else (a downgrade), or one from a store off the device to
+            the device's own loopback or link-local addresses (its local services).
     """
-    for _ in range(MAX_REDIRECTS + 1):
+    first_url, first_scope = url, None
+    for hop in range(MAX_REDIRECTS + 1):
         if watchdog is not None and watchdog.due():
             return watchdog.due() or TOO_SLOW
         try:
@@ -269,6 +283,13 @@ def _open(url: str, headers: dict[str, str], timeout_s: float, ssl_context: ssl.
         except (OSError, http.client.HTTPException, ValueError, UnicodeError) as exc:
             raise FetchError(f"{url}: the store does not answer ({_reason(exc)}); check the store URL and that its "
                              "server runs, then fetch again") from None
+        scope = _scope(conn)
+        if hop == 0:
+            first_scope = scope
+        elif scope is not None and scope != first_scope:  # before any request: the local service sees none
+            conn.close()
+            raise FetchError(f"{first_url}: the store redirected the device to its own {scope} address "
+                             f"({url[:120]}), where its local services listen; fix the store's (or CDN's) redirect")
         if watchdog is not None:
             watchdog.watch(conn)
         try:
@@ -477,7 +498,8 @@ def fetch(url: str, sha256: str, dest: Path, *, max_bytes_s: float | None = None
         :class:`FetchResult` for the verified file at ``dest``.
 
     Raises:
-        FetchError: bad hash argument, store not answering, an HTTP error status, a file over
+        FetchError: bad hash argument, store not answering, a redirect refused (from https:// to
+            http://, or from a store off the device to its own loopback or link-local addresses), an HTTP error status, a file over
             ``max_bytes``, the device's disk refusing the write (a full one: the partial is deleted, giving
             the space back), a hash mismatch (the partial is
             deleted, ``dest`` untouched; after a resume, the whole file is fetched once more

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -341,3 +342,31 @@ def test_a_bad_partial_is_dropped_and_the_whole_file_fetched_once_more(store, tm
     assert dest.read_bytes() == DATA and not r.resumed
     assert r.bytes_downloaded == (len(DATA) - 100_000) + len(DATA)
     assert store.requests == ["bytes=100000-", None]
+
+
+def test_a_store_off_the_device_cannot_redirect_it_to_its_own_local_services(store, tmp_path, monkeypatch):
+    """A redirect was followed wherever it pointed: a store (or whoever is on the path of a plain-http one) could
+    make every device of the fleet send GETs to services listening on its own loopback (the serving API, any
+    local daemon's admin page). The store here stands for a remote one (its address seen as 203.0.113.5); a
+    service on the device's loopback must get no request at all. A loopback store may still redirect to itself."""
+    local = _Store()  # a local service on the device
+    threading.Thread(target=local.serve_forever, args=(0.05,), daemon=True).start()
+    real = socket.socket.getpeername
+    store_port = store.server_address[1]
+
+    def peer(sock):
+        address = real(sock)
+        return ("203.0.113.5", address[1]) if address[1] == store_port else address
+
+    try:
+        monkeypatch.setattr(socket.socket, "getpeername", peer)
+        store.location = f"http://localhost:{local.server_address[1]}/sha256/{SHA}"
+        with pytest.raises(FetchError, match=r"/moved: the store redirected the device to its own loopback address "
+                                             r"\(http://localhost:\d+/sha256/.*\), where its local services listen"):
+            fetch(f"{store.url}/moved", SHA, tmp_path / "a.bin", timeout_s=2)
+        assert local.requests == [] and not (tmp_path / "a.bin").exists()
+        monkeypatch.undo()
+        assert fetch(f"{store.url}/moved", SHA, tmp_path / "a.bin").bytes_downloaded == len(DATA)  # loopback to loopback
+    finally:
+        local.shutdown()
+        local.server_close()
