@@ -220,7 +220,7 @@ class Reconciler:
         if d.hold and self._job is None:  # stay on the model it runs: nothing to fetch or switch
             self.next_at, self._resumed, self.attempt = None, False, 0
             self._sweep(d)  # an aborted candidate's download is not resumed: its bytes go
-            self._save(converged=True)
+            self._save_converged()
             log.info("desired: hold on the current model (rollout %s, revision %d)", d.rollout, d.revision)
             return self._say("converged")
         download = None
@@ -250,8 +250,18 @@ class Reconciler:
         except Exception as exc:  # noqa: BLE001 - a failed activation leaves the current model: say why
             return self._failed(_line(exc))
         self.attempt = 0
-        self._save(converged=True)
+        self._save_converged()
         return self._say("converged", download=download)
+
+    def _save_converged(self) -> None:
+        """Mark the desired state converged on disk; a failed write (a full disk) is logged, never raised: the
+        switch is done and must be reported, and the ``converged: false`` left on disk is settled at once after a
+        restart (the desired model is current, or the hold is taken again)."""
+        try:
+            self._save(converged=True)
+        except OSError as exc:
+            log.error("could not record in %s that the desired state converged (%s); reported anyway",
+                      self.root / DESIRED, exc)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Cancel a download in flight and wait for its thread (at most ``timeout`` seconds)."""
