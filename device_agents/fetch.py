@@ -49,7 +49,10 @@ TOO_SLOW = "too slow"
 CUT_RCVBUF = 16 * 1024  # receive buffer of a connection told to stop early: little in flight when it closes
 USER_AGENT = "edgekit-agent-fetch/1"
 _SHA = re.compile(r"^[0-9a-f]{64}$")
-_CONTENT_RANGE = re.compile(r"^bytes\s+(\d+)-(\d+)/(\d+|\*)$")
+_D = "[0-9]{1,19}"  # a byte count a store may send: ASCII digits ("²" is a digit to str.isdigit), below 10**19
+_COUNT = re.compile(rf"^({_D})$")
+_CONTENT_RANGE = re.compile(rf"^bytes\s+({_D})-({_D})/({_D}|\*)$")
+_UNSATISFIED_RANGE = re.compile(rf"^bytes\s+\*/({_D})$")
 
 # Partials being written by this process (a second fetch of the same dest would corrupt it).
 _active: set[str] = set()
@@ -134,6 +137,13 @@ def artifact_url(store_url: str, sha256: str) -> str:
     """
     digest = _checked_sha(sha256, store_url)
     return f"{store_url.rstrip('/')}/sha256/{digest}"
+
+
+def byte_count(value: str | None) -> int | None:
+    """Return the byte count a ``Content-Length`` header states, or None when it states none: absent, or not ASCII
+    digits below 10**19 (int() takes "²" for no number and refuses over 4300 digits, with a bare ValueError)."""
+    m = _COUNT.match((value or "").strip())
+    return int(m.group(1)) if m else None
 
 
 def partial_path(dest: Path) -> Path:
@@ -331,8 +341,7 @@ def _reason(exc: BaseException) -> str:
 
 def _total_of(resp: http.client.HTTPResponse) -> tuple[int | None, int | None]:
     """Return (first byte of the body, size of the whole file) from a 200/206 response's headers."""
-    length = resp.getheader("Content-Length")
-    body = int(length) if length and length.strip().isdigit() else None
+    body = byte_count(resp.getheader("Content-Length"))  # None: unknown, read to the limit
     if resp.status == 206:
         m = _CONTENT_RANGE.match((resp.getheader("Content-Range") or "").strip())
         if not m:
@@ -391,7 +400,7 @@ def _receive(url: str, partial: Path, offset: int, conn: http.client.HTTPConnect
     try:
         if resp.status == 416:
             # The partial reaches (or passes) the end: complete if its size is the file's, else wrong.
-            m = re.match(r"^bytes\s+\*/(\d+)$", (resp.getheader("Content-Range") or "").strip())
+            m = _UNSATISFIED_RANGE.match((resp.getheader("Content-Range") or "").strip())
             total = int(m.group(1)) if m else None
             if total is not None and total == offset:
                 return Attempt(416, 0, offset, False, True, total)
@@ -406,7 +415,9 @@ def _receive(url: str, partial: Path, offset: int, conn: http.client.HTTPConnect
         start, total = _total_of(resp)
         if resp.status == 206 and start != offset:
             partial.unlink(missing_ok=True)  # a range we did not ask for: start over on the next attempt
-            return Attempt(206, 0, offset, False, False, total, cut=f"the store answered a range from byte {start}")
+            why = (f"the store answered a range from byte {start}" if start is not None
+                   else "the store answered 206 without a valid Content-Range")
+            return Attempt(206, 0, offset, False, False, total, cut=why)
         if max_bytes is not None and total is not None and total > max_bytes:
             partial.unlink(missing_ok=True)
             raise FetchError(f"{url}: {total} bytes, more than the {max_bytes} allowed; check the desired state's "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import socket
 import threading
 import time
@@ -370,3 +371,48 @@ def test_a_store_off_the_device_cannot_redirect_it_to_its_own_local_services(sto
     finally:
         local.shutdown()
         local.server_close()
+
+
+@pytest.fixture
+def raw_store():
+    """A loopback server answering every connection with the bytes in ``answer`` (set by the test), then closing."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    state = {"answer": b""}
+
+    def serve():
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            with conn:
+                try:
+                    conn.recv(65536)
+                    conn.sendall(state["answer"])
+                except OSError:
+                    pass
+
+    threading.Thread(target=serve, daemon=True).start()
+    state["url"] = f"http://127.0.0.1:{srv.getsockname()[1]}"
+    yield state
+    srv.close()
+
+
+@pytest.mark.parametrize("status, header, error", [
+    ("200 OK", "Content-Length: " + "9" * 5000, "sha256 mismatch"),  # read to the end: its bytes decide
+    ("200 OK", "Content-Length: \u00b2", "sha256 mismatch"),  # a digit to str.isdigit, not to int()
+    ("206 Partial Content", "Content-Range: bytes 0-5/" + "9" * 5000,
+     "download cut again (the store answered 206 without a valid Content-Range)"),
+    ("416 Range Not Satisfiable", "Content-Range: bytes */" + "9" * 5000, "download cut again"),
+])
+def test_a_byte_count_that_is_no_number_is_a_fetch_error_naming_the_url(raw_store, tmp_path, status, header, error):
+    """A Content-Length or Content-Range of 5000 digits (over int()'s 4300) or in a non-ASCII digit made fetch raise
+    a bare ValueError: no URL, no advice, against its one-line FetchError contract (the agent reported
+    "ValueError: Exceeds the limit (4300 digits) ..."). Such a count is now no count at all."""
+    raw_store["answer"] = f"HTTP/1.1 {status}\r\n{header}\r\nConnection: close\r\n\r\n".encode("latin-1") + b"x" * 100
+    dest = tmp_path / "a.bin"
+    if status.startswith("416"):
+        partial_path(dest).write_bytes(b"x" * 10)  # a Range request gets the 416
+    with pytest.raises(FetchError, match=re.escape(f"{raw_store['url']}/sha256/{SHA}: {error}")):
+        fetch(artifact_url(raw_store["url"], SHA), SHA, dest, max_bytes=1000, timeout_s=5)
+    assert not dest.exists()

@@ -344,7 +344,7 @@ def test_publish_refuses_a_link_to_a_file_outside_the_artifacts_folder(tmp_path)
 def test_a_store_failing_with_a_server_error_at_rollout_start_says_so_not_publish(published, tmp_path):
     """`rollout start` checks the store first; a store answering 500 (its disk, its proxy) was told to
     publish the artifacts, which are there. A 404 still says publish; any other status names the store's
-    server; a store that lies about the size says publish again."""
+    server; a store that lies about the size (or states no size a number can hold) says publish again."""
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -377,6 +377,10 @@ def test_a_store_failing_with_a_server_error_at_rollout_start_says_so_not_publis
         answer.update(status=200, length="5")
         with pytest.raises(DeployError, match="holds 5 bytes, the manifest says 600000; publish again"):
             check_published(url, {sha: 600_000})
+        for length in ("\u00b2", "9" * 5000):  # no count: int() raised a bare ValueError, no URL, no advice
+            answer["length"] = length
+            with pytest.raises(DeployError, match=f"holds {length[:40]} bytes, the manifest says 600000; publish again"):
+                check_published(url, {sha: 600_000})
         answer["length"] = "600000"
         check_published(url, {sha: 600_000})
     finally:
