@@ -7,6 +7,7 @@ runs the same code against nginx serving a published store.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import os
 import re
@@ -29,6 +30,7 @@ from device_agents.fetch import (
 
 DATA = os.urandom(300_000)
 SHA = hashlib.sha256(DATA).hexdigest()
+_BOMB = gzip.compress(bytes(30_000_000))  # 30 MB of zeros in ~30 kB
 
 
 class _Store(ThreadingHTTPServer):
@@ -416,3 +418,62 @@ def test_a_byte_count_that_is_no_number_is_a_fetch_error_naming_the_url(raw_stor
     with pytest.raises(FetchError, match=re.escape(f"{raw_store['url']}/sha256/{SHA}: {error}")):
         fetch(artifact_url(raw_store["url"], SHA), SHA, dest, max_bytes=1000, timeout_s=5)
     assert not dest.exists()
+
+
+def _endless(conn):
+    conn.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")
+    while True:
+        conn.sendall(b"x" * 65536)
+
+
+@pytest.mark.parametrize("answer, error, partial_kept", [
+    # a body larger than the size the desired state allows, said or not: refused, nothing kept
+    (lambda c: c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 900000\r\n\r\n" + DATA * 3),
+     "900000 bytes, more than the 300000 allowed", 0),
+    (_endless, "more than the 300000 bytes allowed", 0),
+    # a Content-Length shorter than the body: http.client stops at it; the hash refuses the bytes
+    (lambda c: c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + DATA), "sha256 mismatch", 0),
+    # longer than the body, then the store hangs up: a cut, the bytes kept for a resume
+    (lambda c: c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 299999\r\nConnection: close\r\n\r\n" + DATA[:1000]),
+     "download cut again (connection closed at 1000 of 299999 bytes)", 1000),
+    # a gzip bomb: no Content-Encoding is decoded, so 30 kB stay 30 kB, refused by their hash
+    (lambda c: c.sendall(b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n" % len(_BOMB) + _BOMB),
+     "sha256 mismatch", 0),
+    # a range nobody asked for, longer than the file: refused at the limit
+    (lambda c: c.sendall(b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-299999/300000\r\n\r\n" + DATA * 2),
+     "more than the 300000 bytes allowed", 0),
+    # a redirect to a file on the device
+    (lambda c: c.sendall(b"HTTP/1.1 302 Found\r\nLocation: file:///etc/passwd\r\nContent-Length: 0\r\n\r\n"),
+     "file:///etc/passwd: not an http:// or https:// URL", 0),
+])
+def test_a_hostile_store_is_refused_in_one_line_and_leaves_only_a_resumable_partial(tmp_path, answer, error,
+                                                                                    partial_kept):
+    """A real loopback server misbehaving on purpose: what it sends is refused in one FetchError naming the URL,
+    `dest` is never written, and only a cut (bytes that may be right) leaves a partial for the next call."""
+    srv = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            with conn:
+                try:
+                    conn.recv(65536)
+                    answer(conn)
+                except OSError:
+                    pass
+
+    threading.Thread(target=serve, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.getsockname()[1]}"
+    dest = tmp_path / "a.bin"
+    try:
+        with pytest.raises(FetchError, match=re.escape(error)) as caught:
+            fetch(artifact_url(url, SHA), SHA, dest, max_bytes=len(DATA), timeout_s=5, max_seconds=30)
+        assert "\n" not in str(caught.value) and (url in str(caught.value) or "file://" in str(caught.value))
+        assert not dest.exists()
+        partial = partial_path(dest)
+        assert (partial.stat().st_size if partial.exists() else 0) == partial_kept
+    finally:
+        srv.close()
