@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
+from device_agents.content_length import DIGITS, byte_count
 from device_agents.disk import durable_replace, is_out_of_space, sha256_of
 from device_agents.errors import DeviceError
 from edgekit_protocol.desired import MIN_BYTES_S
@@ -49,10 +50,8 @@ TOO_SLOW = "too slow"
 CUT_RCVBUF = 16 * 1024  # receive buffer of a connection told to stop early: little in flight when it closes
 USER_AGENT = "edgekit-agent-fetch/1"
 _SHA = re.compile(r"^[0-9a-f]{64}$")
-_D = "[0-9]{1,19}"  # a byte count a store may send: ASCII digits ("²" is a digit to str.isdigit), below 10**19
-_COUNT = re.compile(rf"^({_D})$")
-_CONTENT_RANGE = re.compile(rf"^bytes\s+({_D})-({_D})/({_D}|\*)$")
-_UNSATISFIED_RANGE = re.compile(rf"^bytes\s+\*/({_D})$")
+_CONTENT_RANGE = re.compile(rf"^bytes\s+({DIGITS})-({DIGITS})/({DIGITS}|\*)$")
+_UNSATISFIED_RANGE = re.compile(rf"^bytes\s+\*/({DIGITS})$")
 
 # Partials being written by this process (a second fetch of the same dest would corrupt it).
 _active: set[str] = set()
@@ -137,13 +136,6 @@ def artifact_url(store_url: str, sha256: str) -> str:
     """
     digest = _checked_sha(sha256, store_url)
     return f"{store_url.rstrip('/')}/sha256/{digest}"
-
-
-def byte_count(value: str | None) -> int | None:
-    """Return the byte count a ``Content-Length`` header states, or None when it states none: absent, or not ASCII
-    digits below 10**19 (int() takes "²" for no number and refuses over 4300 digits, with a bare ValueError)."""
-    m = _COUNT.match((value or "").strip())
-    return int(m.group(1)) if m else None
 
 
 def partial_path(dest: Path) -> Path:

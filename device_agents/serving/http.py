@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from device_agents.content_length import byte_count
 from device_agents.errors import DeviceError
 
 log = logging.getLogger("edgekit.agent.serve")
@@ -314,13 +315,15 @@ def listen(server: Any, port: int) -> ThreadingHTTPServer:
                 self._error(411, "malformed request: send the body with a Content-Length", close=True)
                 return
             limit, key = min((server.http_max_body, "serve.http_max_body_mb"), (server.max_payload, "serve.max_payload_mb"))
-            if int(length) > limit:
+            size = byte_count(length)  # None: 20 digits or more (int() would refuse over 4300, with a bare ValueError)
+            if size is None or size > limit:
                 server.malformed()
-                self._error(413, f"malformed request: a body of {int(length)} bytes is over the {limit}-byte "
-                                 f"limit ({key}); send large inputs over the Unix socket", close=True)
+                self._error(413, f"malformed request: a body of {'10**19 bytes or more' if size is None else f'{size} bytes'}"
+                                 f" is over the {limit}-byte limit ({key}); send large inputs over the Unix socket",
+                            close=True)
                 return
-            body = self.rfile.read(int(length))
-            if len(body) < int(length):
+            body = self.rfile.read(size)
+            if len(body) < size:
                 server.malformed()
                 self.close_connection = True  # the client went away mid-body: nobody to answer
                 return

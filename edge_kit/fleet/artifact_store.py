@@ -243,7 +243,8 @@ def check_published(store_url: str, files: dict[str, int], timeout_s: float = 10
     import urllib.error
     import urllib.request
 
-    from device_agents.fetch import artifact_url, byte_count
+    from device_agents.content_length import byte_count
+    from device_agents.fetch import artifact_url
     from edge_kit.errors import DeployError
 
     def head(url: str) -> str | None:

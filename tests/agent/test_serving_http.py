@@ -184,6 +184,18 @@ def test_a_content_length_in_non_ascii_digits_is_answered_411(store, server):
     assert call(server, "GET", "/v1/model")[0] == 200
 
 
+def test_a_content_length_of_thousands_of_digits_is_answered_413(store, server, capfd):
+    """5000 ASCII digits passed the check, then int() refused them (over 4300 digits): the request's thread died
+    with a traceback on the agent's stderr, the client got no answer and nothing was counted."""
+    request = b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n{}"
+    status, answer = raw_request(server, request)
+    assert status == 413 and answer["error"] == ("malformed request: a body of 10**19 bytes or more is over the "
+                                                 "65536-byte limit (serve.max_payload_mb); send large inputs over the "
+                                                 "Unix socket")
+    assert server.snapshot()["turned_away"]["malformed"] == 1 and "Traceback" not in capfd.readouterr().err
+    assert call(server, "GET", "/v1/model")[0] == 200
+
+
 def test_a_thousand_malformed_http_requests_leave_the_server_up_and_correct(store, server):
     rng = np.random.default_rng(3)
     bodies = [lambda: rng.bytes(int(rng.integers(1, 200))), lambda: b'{"inputs": {"image": [Infinity]}}',
