@@ -53,6 +53,42 @@ def duplicate_key(node: yaml.Node | None, where: str = "", _seen: set[int] | Non
     return None
 
 
+def unreadable_value(node: yaml.Node | None, where: str = "",
+                     _seen: set[int] | None = None) -> tuple[int, str, str] | None:
+    """Return ``(1-based line, dotted key, reason)`` of the first scalar in ``node`` that YAML types but cannot turn
+    into a value, or None: an integer of more digits than Python converts (4300), a date that does not exist
+    (``2024-13-45``, which YAML reads as a date, not text). PyYAML raises a bare ValueError for these, with no line."""
+    seen = _seen if _seen is not None else set()
+    if node is None or id(node) in seen:
+        return None
+    seen.add(id(node))
+    if isinstance(node, yaml.ScalarNode):
+        try:
+            yaml.safe_load(yaml.serialize(node))
+        except ValueError as exc:
+            return node.start_mark.line + 1, where or "<top level>", str(exc).split(";")[0]
+        return None
+    items = ([(f"{where}.{k.value}" if where else str(k.value), v) for k, v in node.value]
+             if isinstance(node, yaml.MappingNode) else [(f"{where}[{i}]", v) for i, v in enumerate(node.value)])
+    for name, value in items:
+        found = unreadable_value(value, name, seen)
+        if found:
+            return found
+    return None
+
+
+def refuse_unreadable_value(node: yaml.Node | None, path: Path) -> None:
+    """Return None when every scalar in ``node`` (the composed file at ``path``) can be read as a value.
+
+    Raises:
+        ConfigError: one cannot (file, line, dotted key and why; see :func:`unreadable_value`).
+    """
+    bad = unreadable_value(node)
+    if bad:
+        raise ConfigError(f"{path}:{bad[0]}: {bad[1]}: YAML cannot read this value ({bad[2]}); quote it if it is "
+                          "text, else give a valid one")
+
+
 def refuse_duplicate_key(node: yaml.Node | None, path: Path) -> None:
     """Return None when no YAML mapping in ``node`` (the composed file at ``path``) gives a key twice.
 
@@ -64,6 +100,20 @@ def refuse_duplicate_key(node: yaml.Node | None, path: Path) -> None:
         raise ConfigError(f"{path}:{twice[0]}: {twice[1]}: given twice (YAML would keep only the last); remove one")
 
 
+MAX_VALUES = 100_000  # values in agent.yaml, aliases expanded (a real one holds under a hundred)
+
+
+def _expanded(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """Return how many values ``node`` stands for once its aliases are expanded (each shared node counted once
+    per use, computed once); over :data:`MAX_VALUES` for an alias used inside itself (endless)."""
+    if id(node) not in sizes:
+        sizes[id(node)] = MAX_VALUES + 1  # reached again while counting: an alias inside itself, endless
+        children = ([v for pair in node.value for v in pair] if isinstance(node, yaml.MappingNode)
+                    else node.value if isinstance(node, yaml.SequenceNode) else [])
+        sizes[id(node)] = 1 + sum(_expanded(child, sizes) for child in children)
+    return sizes[id(node)]
+
+
 def load_agent_config(path: Path) -> AgentConfig:
     """Read and check an agent config file.
 
@@ -71,12 +121,16 @@ def load_agent_config(path: Path) -> AgentConfig:
         The config, with defaults filled in.
 
     Raises:
-        ConfigError: unreadable file, not UTF-8, bad YAML, a key given twice, unknown key, wrong type, invalid value or an
-            unknown power sensor; the message names the file, line and key.
+        ConfigError: unreadable file, not UTF-8, bad YAML, nested too deeply, more than :data:`MAX_VALUES` values
+            once its aliases are expanded (an alias bomb), a value YAML cannot read, a key given twice, unknown key,
+            wrong type, invalid value or an unknown power sensor; the message names the file, line and key.
     """
     path = Path(path)
     try:
         node = yaml.compose(path.read_text(encoding="utf-8"))
+    except RecursionError:  # the composer recurses per level: a few thousand brackets
+        raise ConfigError(f"{path}: nested too deeply to be an agent config; write it as the deploy does "
+                          "(blocks of keys, a few levels deep)") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the agent config ({exc.strerror})") from None
     except UnicodeDecodeError as exc:
@@ -86,8 +140,16 @@ def load_agent_config(path: Path) -> AgentConfig:
         raise ConfigError(f"{path}:{mark.line + 1 if mark else '?'}: not valid YAML") from None
     if node is None:
         raise ConfigError(f"{path}: the agent config is empty; it needs at least device and fleet")
+    if _expanded(node, {}) > MAX_VALUES:  # read as a tree, each alias is a copy: 9 of 9 of 9 ... is billions
+        raise ConfigError(f"{path}: more than {MAX_VALUES} values once its aliases (*name) are expanded, or an alias "
+                          "used inside itself; write the agent config without nested aliases")
     refuse_duplicate_key(node, path)
-    cfg = build(_tree(node), path)
+    try:
+        tree = _tree(node)
+    except ValueError:  # a scalar YAML cannot construct (a 5000-digit number, 2024-13-45): say where
+        refuse_unreadable_value(node, path)
+        raise
+    cfg = build(tree, path)
     bad = [s for s in cfg.power.sensors if s not in SENSORS]
     if bad:
         near = closest(bad[0], SENSORS)

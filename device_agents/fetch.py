@@ -25,6 +25,7 @@ Every error is a :class:`FetchError` with one line naming the URL and what to do
 from __future__ import annotations
 
 import http.client
+import ipaddress
 import os
 import re
 import socket
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
+from device_agents.content_length import DIGITS, byte_count
 from device_agents.disk import durable_replace, is_out_of_space, sha256_of
 from device_agents.errors import DeviceError
 from edgekit_protocol.desired import MIN_BYTES_S
@@ -48,7 +50,8 @@ TOO_SLOW = "too slow"
 CUT_RCVBUF = 16 * 1024  # receive buffer of a connection told to stop early: little in flight when it closes
 USER_AGENT = "edgekit-agent-fetch/1"
 _SHA = re.compile(r"^[0-9a-f]{64}$")
-_CONTENT_RANGE = re.compile(r"^bytes\s+(\d+)-(\d+)/(\d+|\*)$")
+_CONTENT_RANGE = re.compile(rf"^bytes\s+({DIGITS})-({DIGITS})/({DIGITS}|\*)$")
+_UNSATISFIED_RANGE = re.compile(rf"^bytes\s+\*/({DIGITS})$")
 
 # Partials being written by this process (a second fetch of the same dest would corrupt it).
 _active: set[str] = set()
@@ -241,6 +244,17 @@ def _connect(url: str, timeout_s: float, ssl_context: ssl.SSLContext | None, rcv
     return conn
 
 
+def _scope(conn: http.client.HTTPConnection) -> str | None:
+    """Return ``"loopback"`` or ``"link-local"`` when ``conn`` is connected to the device itself or its link,
+    else None (judged by the address connected to: a name that resolves there counts)."""
+    try:
+        ip = ipaddress.ip_address(str(conn.sock.getpeername()[0]).split("%")[0])
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+    ip = getattr(ip, "ipv4_mapped", None) or ip
+    return "loopback" if ip.is_loopback else "link-local" if ip.is_link_local else None
+
+
 def _target(url: str) -> str:
     parts = urlsplit(url)
     return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
@@ -254,9 +268,11 @@ def _open(url: str, headers: dict[str, str], timeout_s: float, ssl_context: ssl.
 
     Raises:
         FetchError: the store does not answer, TLS failed, too many redirects, a redirect that is no
-            URL, or one from https:// to anything else (a downgrade).
+            URL, one from https:// to anything else (a downgrade), or one from a store off the device to
+            the device's own loopback or link-local addresses (its local services).
     """
-    for _ in range(MAX_REDIRECTS + 1):
+    first_url, first_scope = url, None
+    for hop in range(MAX_REDIRECTS + 1):
         if watchdog is not None and watchdog.due():
             return watchdog.due() or TOO_SLOW
         try:
@@ -269,6 +285,13 @@ def _open(url: str, headers: dict[str, str], timeout_s: float, ssl_context: ssl.
         except (OSError, http.client.HTTPException, ValueError, UnicodeError) as exc:
             raise FetchError(f"{url}: the store does not answer ({_reason(exc)}); check the store URL and that its "
                              "server runs, then fetch again") from None
+        scope = _scope(conn)
+        if hop == 0:
+            first_scope = scope
+        elif scope is not None and scope != first_scope:  # before any request: the local service sees none
+            conn.close()
+            raise FetchError(f"{first_url}: the store redirected the device to its own {scope} address "
+                             f"({url[:120]}), where its local services listen; fix the store's (or CDN's) redirect")
         if watchdog is not None:
             watchdog.watch(conn)
         try:
@@ -310,8 +333,7 @@ def _reason(exc: BaseException) -> str:
 
 def _total_of(resp: http.client.HTTPResponse) -> tuple[int | None, int | None]:
     """Return (first byte of the body, size of the whole file) from a 200/206 response's headers."""
-    length = resp.getheader("Content-Length")
-    body = int(length) if length and length.strip().isdigit() else None
+    body = byte_count(resp.getheader("Content-Length"))  # None: unknown, read to the limit
     if resp.status == 206:
         m = _CONTENT_RANGE.match((resp.getheader("Content-Range") or "").strip())
         if not m:
@@ -370,7 +392,7 @@ def _receive(url: str, partial: Path, offset: int, conn: http.client.HTTPConnect
     try:
         if resp.status == 416:
             # The partial reaches (or passes) the end: complete if its size is the file's, else wrong.
-            m = re.match(r"^bytes\s+\*/(\d+)$", (resp.getheader("Content-Range") or "").strip())
+            m = _UNSATISFIED_RANGE.match((resp.getheader("Content-Range") or "").strip())
             total = int(m.group(1)) if m else None
             if total is not None and total == offset:
                 return Attempt(416, 0, offset, False, True, total)
@@ -385,7 +407,9 @@ def _receive(url: str, partial: Path, offset: int, conn: http.client.HTTPConnect
         start, total = _total_of(resp)
         if resp.status == 206 and start != offset:
             partial.unlink(missing_ok=True)  # a range we did not ask for: start over on the next attempt
-            return Attempt(206, 0, offset, False, False, total, cut=f"the store answered a range from byte {start}")
+            why = (f"the store answered a range from byte {start}" if start is not None
+                   else "the store answered 206 without a valid Content-Range")
+            return Attempt(206, 0, offset, False, False, total, cut=why)
         if max_bytes is not None and total is not None and total > max_bytes:
             partial.unlink(missing_ok=True)
             raise FetchError(f"{url}: {total} bytes, more than the {max_bytes} allowed; check the desired state's "
@@ -477,7 +501,8 @@ def fetch(url: str, sha256: str, dest: Path, *, max_bytes_s: float | None = None
         :class:`FetchResult` for the verified file at ``dest``.
 
     Raises:
-        FetchError: bad hash argument, store not answering, an HTTP error status, a file over
+        FetchError: bad hash argument, store not answering, a redirect refused (from https:// to
+            http://, or from a store off the device to its own loopback or link-local addresses), an HTTP error status, a file over
             ``max_bytes``, the device's disk refusing the write (a full one: the partial is deleted, giving
             the space back), a hash mismatch (the partial is
             deleted, ``dest`` untouched; after a resume, the whole file is fetched once more

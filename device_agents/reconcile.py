@@ -219,7 +219,8 @@ class Reconciler:
         assert d is not None, "step() without a desired state"
         if d.hold and self._job is None:  # stay on the model it runs: nothing to fetch or switch
             self.next_at, self._resumed, self.attempt = None, False, 0
-            self._save(converged=True)
+            self._sweep(d)  # an aborted candidate's download is not resumed: its bytes go
+            self._save_converged()
             log.info("desired: hold on the current model (rollout %s, revision %d)", d.rollout, d.revision)
             return self._say("converged")
         download = None
@@ -235,9 +236,10 @@ class Reconciler:
         else:
             self.next_at, self._resumed = None, False
             self.attempt += 1
+            have = self._sweep(d)  # also when nothing is fetched (a rollback to an installed model)
             if self.store.current() != d.sha256 and not self._installed(d.sha256):
                 try:
-                    self._start(d)
+                    self._start(d, have)
                 except Exception as exc:  # noqa: BLE001 - e.g. DiskFull: an answer, never the loop's end
                     return self._failed(_line(exc))
                 return self._say("fetching")
@@ -248,8 +250,18 @@ class Reconciler:
         except Exception as exc:  # noqa: BLE001 - a failed activation leaves the current model: say why
             return self._failed(_line(exc))
         self.attempt = 0
-        self._save(converged=True)
+        self._save_converged()
         return self._say("converged", download=download)
+
+    def _save_converged(self) -> None:
+        """Mark the desired state converged on disk; a failed write (a full disk) is logged, never raised: the
+        switch is done and must be reported, and the ``converged: false`` left on disk is settled at once after a
+        restart (the desired model is current, or the hold is taken again)."""
+        try:
+            self._save(converged=True)
+        except OSError as exc:
+            log.error("could not record in %s that the desired state converged (%s); reported anyway",
+                      self.root / DESIRED, exc)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Cancel a download in flight and wait for its thread (at most ``timeout`` seconds)."""
@@ -257,29 +269,45 @@ class Reconciler:
             self._job.cancel.set()
             self._job.thread.join(timeout)
 
-    def _start(self, d: Desired) -> None:
-        """Start the download and install of ``d`` in a worker thread, after dropping the downloads
-        no desired state names any more and checking the space the rest needs.
+    def _sweep(self, d: Desired) -> int:
+        """Drop the downloads ``d`` does not want; return the bytes the ones it wants hold already.
 
         A download is ``incoming/<sha256>.partial`` while it runs and ``incoming/<sha256>`` once
-        verified, until the install takes it; either is left behind when the power goes before the
-        install, and is dropped here unless ``d`` wants it (then it counts as space already used).
-        Other files in ``incoming/`` (a push deploy's uploads) are not the reconciler's and stay.
+        verified, until the install takes it; either is left behind when a download is cut, the agent
+        killed or the power gone before the install. Every step that starts no download for it (a hold,
+        a rollback to an installed model) drops it too, else an aborted candidate's bytes would hold the
+        disk until some later rollout. Other files in ``incoming/`` (a push deploy's uploads) are not
+        the reconciler's and stay. A file that cannot be removed is logged and left.
+        """
+        incoming = self.root / "incoming"
+        have = 0
+        try:
+            downloads = list(incoming.iterdir()) if incoming.is_dir() else []
+        except OSError as exc:
+            log.error("%s: cannot be listed (%s); downloads left there are not dropped", incoming, exc)
+            return 0
+        for download in downloads:
+            sha = download.name.removesuffix(".partial")
+            if not is_sha256(sha) or not download.is_file():
+                continue
+            try:
+                if not d.hold and sha in (d.sha256, d.eval_sha256):
+                    have += download.stat().st_size
+                else:
+                    download.unlink(missing_ok=True)  # a superseded desired state's download
+                    log.info("dropped %s: no desired state wants it any more", download)
+            except OSError as exc:
+                log.error("%s: cannot be dropped (%s)", download, exc)
+        return have
+
+    def _start(self, d: Desired, have: int) -> None:
+        """Start the download and install of ``d`` in a worker thread, after checking the space it needs
+        beyond the ``have`` bytes its downloads hold already (:meth:`_sweep` dropped the others).
 
         Raises:
             DiskFull: what is left to download does not fit.
         """
-        incoming = self.root / "incoming"
-        incoming.mkdir(parents=True, exist_ok=True)
-        have = 0
-        for download in incoming.iterdir():
-            sha = download.name.removesuffix(".partial")
-            if not is_sha256(sha) or not download.is_file():
-                continue
-            if sha in (d.sha256, d.eval_sha256):
-                have += download.stat().st_size
-            else:
-                download.unlink(missing_ok=True)  # a superseded desired state's download
+        (self.root / "incoming").mkdir(parents=True, exist_ok=True)
         self._check_disk(max(0, d.bytes + (d.eval_bytes or 0) - have))
         job = _Job(d.revision, threading.Thread(target=lambda: None), threading.Event())
 

@@ -134,7 +134,8 @@ def parse_desired(message: dict[str, Any]) -> Desired:
 
     Raises:
         MessageError: a field is missing, mistyped or out of range (named), the store is not an
-            http(s) URL, or a name holds characters that cannot be a file name.
+            http(s) URL, a name holds characters that cannot be a file name, or the eval set's sha256
+            is the model's.
     """
     m = message
     if m.get("hold") is not None:
@@ -170,10 +171,13 @@ def parse_desired(message: dict[str, Any]) -> Desired:
         raise MessageError(f"desired: fetch.start_delay_s is not 0-{MAX_START_DELAY_S:.0f} s")
     if not (in_range(timeout) and 0 < timeout <= 600):
         raise MessageError("desired: fetch.timeout_s is not 0-600 s")
+    sha = _sha(m.get("sha256"), "sha256")
+    eval_sha = _sha(ev.get("sha256"), "eval.sha256") if ev else None
+    if eval_sha == sha:  # one download cannot be installed as both (the install moves the model away)
+        raise MessageError("desired: eval.sha256 is the model's own sha256; give the eval set's (or null)")
     return Desired(msg_id=m["msg_id"], rollout=m["rollout"], revision=rev, store=m["store"].rstrip("/"),
-                   model=m["model"], variant=m["variant"], sha256=_sha(m.get("sha256"), "sha256"),
-                   bytes=_size(m.get("bytes"), "bytes"),
-                   eval_sha256=_sha(ev.get("sha256"), "eval.sha256") if ev else None,
+                   model=m["model"], variant=m["variant"], sha256=sha, bytes=_size(m.get("bytes"), "bytes"),
+                   eval_sha256=eval_sha,
                    eval_bytes=_size(ev.get("bytes"), "eval.bytes") if ev else None,
                    keep=tuple(_sha(k, f"keep[{i}]") for i, k in enumerate(keep)),
                    fetch=Fetch(float(cap) if cap is not None else None, float(delay), float(timeout)))

@@ -217,7 +217,8 @@ def attach_shared(fd: int, max_payload: int) -> memoryview:
     Raises:
         FrameError: it is not a memory file sealed against shrinking (``memfd_create`` with
             ``MFD_ALLOW_SEALING``, then ``F_SEAL_SHRINK``), it is a huge-page one (a page the system
-            cannot supply would kill the reader), or it is empty or larger than ``max_payload``.
+            cannot supply would kill the reader), it is empty or larger than ``max_payload``, or it cannot be
+            mapped for reading (a descriptor reopened write-only).
     """
     import fcntl
     import mmap
@@ -239,7 +240,11 @@ def attach_shared(fd: int, max_payload: int) -> memoryview:
             raise FrameError("shm: a huge-page memory file is refused (use a plain memfd)")
         if not 0 < st.st_size <= max_payload:
             raise FrameError(f"shm: the memory file has {st.st_size} bytes (1 to {max_payload})")
-        return memoryview(mmap.mmap(fd, st.st_size, prot=mmap.PROT_READ))
+        try:
+            return memoryview(mmap.mmap(fd, st.st_size, prot=mmap.PROT_READ))
+        except (OSError, ValueError) as exc:  # e.g. reopened write-only: else taken for the client going away
+            raise FrameError(f"shm: the memory file cannot be mapped for reading ({getattr(exc, 'strerror', None) or exc}); "
+                             "pass the descriptor memfd_create returned") from None
     finally:
         os.close(fd)
 
@@ -264,10 +269,13 @@ def _parse_header(raw: bytes | memoryview) -> dict[str, Any]:
     """Return the header (a JSON object) of a frame.
 
     Raises:
-        FrameError: it is not JSON (NaN and infinity refused) or not an object.
+        FrameError: it is not JSON (NaN and infinity refused), is nested too deeply for the parser, or is not
+            an object.
     """
     try:
         header = json.loads(bytes(raw) or b"", parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
+    except RecursionError:  # a few thousand brackets fit in MAX_HEADER: a bad frame, never the connection's end
+        raise FrameError("the header is nested too deeply") from None
     except (ValueError, UnicodeDecodeError):
         raise FrameError("the header is not JSON") from None
     if not isinstance(header, dict):

@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from device_agents.content_length import byte_count
 from device_agents.errors import DeviceError
 
 log = logging.getLogger("edgekit.agent.serve")
@@ -83,13 +84,17 @@ def _loopback_origin(value: str) -> bool:
     return bool(sep) and scheme.lower() in ("http", "https") and "/" not in rest and _loopback_host(rest)
 
 
+_FOUND = {"U": "text", "S": "text", "b": "true or false"}  # what a JSON array that is not numbers holds, by dtype kind
+
+
 def parse_inputs(body: bytes, max_payload: int) -> dict[str, np.ndarray]:
     """Return the float arrays by input name of a ``/v1/predict`` body.
 
     Raises:
         _BadRequest: (400) the body is not JSON, holds NaN or infinity (also as a number too large
             for a float), is not ``{"inputs": {name: nested lists}}``, an input is not a
-            rectangular array of numbers, or the arrays are over ``max_payload`` bytes as float32.
+            rectangular array of numbers (text such as ``"1.5"``, ``true``, ``null`` are not numbers), or the
+            arrays are over ``max_payload`` bytes as float32.
     """
     try:
         doc = json.loads(body, parse_constant=_refuse_constant)
@@ -103,9 +108,13 @@ def parse_inputs(body: bytes, max_payload: int) -> dict[str, np.ndarray]:
     arrays, total = {}, 0
     for name, value in inputs.items():
         try:
-            a = np.asarray(value, dtype=np.float64)
+            a = np.asarray(value)  # typed by what the JSON holds: a float64 one would turn "1.5" and true into numbers
         except (ValueError, TypeError, OverflowError, RecursionError):
             raise _BadRequest(400, f"input {name!r}: not a rectangular array of numbers") from None
+        if a.dtype.kind not in "iuf":
+            found = _FOUND.get(a.dtype.kind, "null, objects or integers beyond 64 bits")
+            raise _BadRequest(400, f"input {name!r}: not a rectangular array of numbers (it holds {found})")
+        a = a.astype(np.float64, copy=False)
         if a.ndim > 8:
             raise _BadRequest(400, f"input {name!r}: {a.ndim} dimensions, at most 8")
         if a.size and not np.isfinite(a).all():
@@ -306,13 +315,15 @@ def listen(server: Any, port: int) -> ThreadingHTTPServer:
                 self._error(411, "malformed request: send the body with a Content-Length", close=True)
                 return
             limit, key = min((server.http_max_body, "serve.http_max_body_mb"), (server.max_payload, "serve.max_payload_mb"))
-            if int(length) > limit:
+            size = byte_count(length)  # None: 20 digits or more (int() would refuse over 4300, with a bare ValueError)
+            if size is None or size > limit:
                 server.malformed()
-                self._error(413, f"malformed request: a body of {int(length)} bytes is over the {limit}-byte "
-                                 f"limit ({key}); send large inputs over the Unix socket", close=True)
+                self._error(413, f"malformed request: a body of {'10**19 bytes or more' if size is None else f'{size} bytes'}"
+                                 f" is over the {limit}-byte limit ({key}); send large inputs over the Unix socket",
+                            close=True)
                 return
-            body = self.rfile.read(int(length))
-            if len(body) < int(length):
+            body = self.rfile.read(size)
+            if len(body) < size:
                 server.malformed()
                 self.close_connection = True  # the client went away mid-body: nobody to answer
                 return

@@ -243,6 +243,7 @@ def check_published(store_url: str, files: dict[str, int], timeout_s: float = 10
     import urllib.error
     import urllib.request
 
+    from device_agents.content_length import byte_count
     from device_agents.fetch import artifact_url
     from edge_kit.errors import DeployError
 
@@ -283,5 +284,5 @@ def check_published(store_url: str, files: dict[str, int], timeout_s: float = 10
                                   "if the store's certificate is from a private CA (the devices' pull.ca_file), "
                                   "let this host trust it: SSL_CERT_FILE=<the CA's PEM> edgekit rollout ...") from None
             raise DeployError(f"{store_url}: the artifact store does not answer ({reason}); start it or fix --store") from None
-        if length is not None and (not length.strip().isdigit() or int(length) != size):
-            raise DeployError(f"{url}: the store holds {length} bytes, the manifest says {size}; publish again")
+        if length is not None and byte_count(length) != size:
+            raise DeployError(f"{url}: the store holds {length[:40]} bytes, the manifest says {size}; publish again")

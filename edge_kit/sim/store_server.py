@@ -27,6 +27,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from device_agents.content_length import DIGITS
 from edge_kit.errors import EdgeKitError, InputError
 from edge_kit.fleet.broker_setup import BrokerTls
 from edge_kit.sim.broker import free_port, wait_port
@@ -35,6 +36,7 @@ from edge_kit.sim.process import stop_process
 START_TIMEOUT_S = 10.0
 LOG_FORMAT = '$status $body_bytes_sent "$http_range" $request_uri'
 _LOG_LINE = re.compile(r'^(\d{3}) (\d+) "([^"]*)" (\S+)$')
+_RANGE = re.compile(rf"^bytes=({DIGITS})-({DIGITS})?$")  # one range, byte counts as the agent reads them
 
 
 def find_nginx() -> str | None:
@@ -217,7 +219,7 @@ def _handler(server: EmbeddedStoreServer, root: Path, ignore_range: bool,
                     return
                 size = path.stat().st_size
                 start, end = 0, size - 1
-                m = re.match(r"^bytes=(\d+)-(\d*)$", rng or "")
+                m = _RANGE.match(rng or "")  # anything else (20 digits and more too): the whole file
                 if m and not ignore_range:
                     start = int(m.group(1))
                     end = min(int(m.group(2)), size - 1) if m.group(2) else size - 1

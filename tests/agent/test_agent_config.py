@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import time
 
 import pytest
 
@@ -195,3 +197,37 @@ def test_the_last_will_and_the_statuses_of_one_connection_name_the_same_connecti
         assert agent._status("online")["connection"] == again["connection"]
     finally:
         agent.spool.close()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("device: pi-1\nfleet: f\nbench: {threads: 2024-13-45}\n", "a.yaml:3: bench.threads: YAML cannot read this value "
+                                                               "(month must be in 1..12)"),
+    ("device: pi-1\nfleet: f\nserve:\n  max_clients: " + "9" * 5000 + "\n",
+     "a.yaml:4: serve.max_clients: YAML cannot read this value (Exceeds the limit (4300 digits) for integer string "
+     "conversion: value has 5000 digits)"),
+])
+def test_a_value_yaml_cannot_read_is_one_line_not_a_crash(tmp_path, text, message):
+    """A date that does not exist or a 5000-digit number: PyYAML raised a bare ValueError, and the agent died at
+    start with a traceback naming neither the file nor the line."""
+    with pytest.raises(ConfigError) as caught:
+        load_agent_config(write(tmp_path, "a.yaml", text))
+    assert str(caught.value) == f"{tmp_path / message}; quote it if it is text, else give a valid one"
+
+
+def test_an_alias_bomb_a_recursive_alias_or_deep_nesting_is_one_line_at_once(tmp_path):
+    """agent.yaml is read as a tree in which each alias is a copy: six levels of nine aliases took 80 s on this
+    machine (nine levels: hours and gigabytes), an alias inside itself and a few thousand nested brackets raised
+    RecursionError; the agent did not start and said nothing of the file."""
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi"))
+    for text, message in [
+        (bomb, "more than 100000 values once its aliases (*name) are expanded, or an alias used inside itself"),
+        ("bench: {delegate_options: {x: &r [*r]}}\n", "more than 100000 values once its aliases"),
+        ("x: " + "[" * 3000 + "]" * 3000 + "\n", "nested too deeply to be an agent config"),
+    ]:
+        started = time.monotonic()
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_agent_config(write(tmp_path, "a.yaml", "device: pi-1\nfleet: f\n" + text))
+        assert time.monotonic() - started < 10
+    shared = "device: pi-1\nfleet: f\nbench: &b {threads: 2}\n"  # an alias used as intended still loads
+    assert load_agent_config(write(tmp_path, "a.yaml", shared)).bench.threads == 2

@@ -7,8 +7,11 @@ runs the same code against nginx serving a published store.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import os
+import re
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -27,6 +30,7 @@ from device_agents.fetch import (
 
 DATA = os.urandom(300_000)
 SHA = hashlib.sha256(DATA).hexdigest()
+_BOMB = gzip.compress(bytes(30_000_000))  # 30 MB of zeros in ~30 kB
 
 
 class _Store(ThreadingHTTPServer):
@@ -341,3 +345,135 @@ def test_a_bad_partial_is_dropped_and_the_whole_file_fetched_once_more(store, tm
     assert dest.read_bytes() == DATA and not r.resumed
     assert r.bytes_downloaded == (len(DATA) - 100_000) + len(DATA)
     assert store.requests == ["bytes=100000-", None]
+
+
+def test_a_store_off_the_device_cannot_redirect_it_to_its_own_local_services(store, tmp_path, monkeypatch):
+    """A redirect was followed wherever it pointed: a store (or whoever is on the path of a plain-http one) could
+    make every device of the fleet send GETs to services listening on its own loopback (the serving API, any
+    local daemon's admin page). The store here stands for a remote one (its address seen as 203.0.113.5); a
+    service on the device's loopback must get no request at all. A loopback store may still redirect to itself."""
+    local = _Store()  # a local service on the device
+    threading.Thread(target=local.serve_forever, args=(0.05,), daemon=True).start()
+    real = socket.socket.getpeername
+    store_port = store.server_address[1]
+
+    def peer(sock):
+        address = real(sock)
+        return ("203.0.113.5", address[1]) if address[1] == store_port else address
+
+    try:
+        monkeypatch.setattr(socket.socket, "getpeername", peer)
+        store.location = f"http://localhost:{local.server_address[1]}/sha256/{SHA}"
+        with pytest.raises(FetchError, match=r"/moved: the store redirected the device to its own loopback address "
+                                             r"\(http://localhost:\d+/sha256/.*\), where its local services listen"):
+            fetch(f"{store.url}/moved", SHA, tmp_path / "a.bin", timeout_s=2)
+        assert local.requests == [] and not (tmp_path / "a.bin").exists()
+        monkeypatch.undo()
+        assert fetch(f"{store.url}/moved", SHA, tmp_path / "a.bin").bytes_downloaded == len(DATA)  # loopback to loopback
+    finally:
+        local.shutdown()
+        local.server_close()
+
+
+@pytest.fixture
+def raw_store():
+    """A loopback server answering every connection with the bytes in ``answer`` (set by the test), then closing."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    state = {"answer": b""}
+
+    def serve():
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            with conn:
+                try:
+                    conn.recv(65536)
+                    conn.sendall(state["answer"])
+                except OSError:
+                    pass
+
+    threading.Thread(target=serve, daemon=True).start()
+    state["url"] = f"http://127.0.0.1:{srv.getsockname()[1]}"
+    yield state
+    srv.close()
+
+
+@pytest.mark.parametrize("status, header, error", [
+    ("200 OK", "Content-Length: " + "9" * 5000, "sha256 mismatch"),  # read to the end: its bytes decide
+    ("200 OK", "Content-Length: \u00b2", "sha256 mismatch"),  # a digit to str.isdigit, not to int()
+    ("206 Partial Content", "Content-Range: bytes 0-5/" + "9" * 5000,
+     "download cut again (the store answered 206 without a valid Content-Range)"),
+    ("416 Range Not Satisfiable", "Content-Range: bytes */" + "9" * 5000, "download cut again"),
+])
+def test_a_byte_count_that_is_no_number_is_a_fetch_error_naming_the_url(raw_store, tmp_path, status, header, error):
+    """A Content-Length or Content-Range of 5000 digits (over int()'s 4300) or in a non-ASCII digit made fetch raise
+    a bare ValueError: no URL, no advice, against its one-line FetchError contract (the agent reported
+    "ValueError: Exceeds the limit (4300 digits) ..."). Such a count is now no count at all."""
+    raw_store["answer"] = f"HTTP/1.1 {status}\r\n{header}\r\nConnection: close\r\n\r\n".encode("latin-1") + b"x" * 100
+    dest = tmp_path / "a.bin"
+    if status.startswith("416"):
+        partial_path(dest).write_bytes(b"x" * 10)  # a Range request gets the 416
+    with pytest.raises(FetchError, match=re.escape(f"{raw_store['url']}/sha256/{SHA}: {error}")):
+        fetch(artifact_url(raw_store["url"], SHA), SHA, dest, max_bytes=1000, timeout_s=5)
+    assert not dest.exists()
+
+
+def _endless(conn):
+    conn.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")
+    while True:
+        conn.sendall(b"x" * 65536)
+
+
+@pytest.mark.parametrize("answer, error, partial_kept", [
+    # a body larger than the size the desired state allows, said or not: refused, nothing kept
+    (lambda c: c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 900000\r\n\r\n" + DATA * 3),
+     "900000 bytes, more than the 300000 allowed", 0),
+    (_endless, "more than the 300000 bytes allowed", 0),
+    # a Content-Length shorter than the body: http.client stops at it; the hash refuses the bytes
+    (lambda c: c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + DATA), "sha256 mismatch", 0),
+    # longer than the body, then the store hangs up: a cut, the bytes kept for a resume
+    (lambda c: c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 299999\r\nConnection: close\r\n\r\n" + DATA[:1000]),
+     "download cut again (connection closed at 1000 of 299999 bytes)", 1000),
+    # a gzip bomb: no Content-Encoding is decoded, so 30 kB stay 30 kB, refused by their hash
+    (lambda c: c.sendall(b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n" % len(_BOMB) + _BOMB),
+     "sha256 mismatch", 0),
+    # a range nobody asked for, longer than the file: refused at the limit
+    (lambda c: c.sendall(b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-299999/300000\r\n\r\n" + DATA * 2),
+     "more than the 300000 bytes allowed", 0),
+    # a redirect to a file on the device
+    (lambda c: c.sendall(b"HTTP/1.1 302 Found\r\nLocation: file:///etc/passwd\r\nContent-Length: 0\r\n\r\n"),
+     "file:///etc/passwd: not an http:// or https:// URL", 0),
+])
+def test_a_hostile_store_is_refused_in_one_line_and_leaves_only_a_resumable_partial(tmp_path, answer, error,
+                                                                                    partial_kept):
+    """A real loopback server misbehaving on purpose: what it sends is refused in one FetchError naming the URL,
+    `dest` is never written, and only a cut (bytes that may be right) leaves a partial for the next call."""
+    srv = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            with conn:
+                try:
+                    conn.recv(65536)
+                    answer(conn)
+                except OSError:
+                    pass
+
+    threading.Thread(target=serve, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.getsockname()[1]}"
+    dest = tmp_path / "a.bin"
+    try:
+        with pytest.raises(FetchError, match=re.escape(error)) as caught:
+            fetch(artifact_url(url, SHA), SHA, dest, max_bytes=len(DATA), timeout_s=5, max_seconds=30)
+        assert "\n" not in str(caught.value) and (url in str(caught.value) or "file://" in str(caught.value))
+        assert not dest.exists()
+        partial = partial_path(dest)
+        assert (partial.stat().st_size if partial.exists() else 0) == partial_kept
+    finally:
+        srv.close()

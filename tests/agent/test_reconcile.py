@@ -355,3 +355,56 @@ def test_a_lost_desired_json_does_not_let_a_replayed_older_desired_state_take_th
     assert again.take(desired(5)) is None  # the broker's retained one, as taken before: resumed
     assert again.take(desired(6, sha=B)) is None and again.desired.revision == 6
     assert make().take(desired(5)) == "stale"
+
+
+@pytest.mark.parametrize("then", ["hold", "rollback"])
+def test_an_aborted_candidates_partial_download_is_dropped_by_a_hold_or_a_rollback(rig, tmp_path, then):
+    """A download cut (the store died, the agent was killed) left incoming/<sha>.partial; only the start of another
+    download dropped it. `rollout abort` (a hold) or a rollback to a model the device has installed starts none, so
+    the aborted candidate's bytes, up to the model's size, held the device's disk until some later rollout."""
+    make, store, clock, reports, fetched, activated, fail = rig
+    store.models[B] = {"sha256": B, "variant": "fp32", "model": "digits"}
+    store.cur = B
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    (incoming / f"{A}.partial").write_bytes(b"x" * 1000)  # the candidate's download, cut
+    (incoming / A).write_bytes(b"y" * 10)  # or whole, the power gone before the install
+    (incoming / f"{A}.tflite").write_bytes(b"z")  # a push deploy's upload: not the reconciler's
+    rec = make()
+    rec.take({"msg_id": "h2", "rollout": "r1", "revision": 2, "hold": True} if then == "hold" else desired(2, sha=B))
+    out = run(rec)
+    assert out["state"] == "converged" and store.cur == B and fetched == [] and activated == []
+    assert sorted(p.name for p in incoming.iterdir()) == [f"{A}.tflite"]
+
+
+@pytest.mark.parametrize("then", ["download", "hold"])
+def test_a_full_disk_after_the_switch_still_reports_converged(rig, tmp_path, monkeypatch, then):
+    """The model was switched (or the hold taken), then desired.json could not be marked converged (the disk
+    filled): step raised, the service loop logged it and went on, and the device stayed on the new model while
+    its last report said `fetching` for ever; nothing was due any more, so the rollout waited on it until a
+    restart. The report goes out now; desired.json keeps `converged: false`, which a restart settles at once
+    (the desired model is current)."""
+    import errno
+
+    from device_agents import reconcile
+
+    make, store, clock, reports, fetched, activated, fail = rig
+    store.models[B] = {"sha256": B, "variant": "fp32", "model": "digits"}
+    store.cur = B
+    rec = make()
+    rec.take(desired(1) if then == "download" else {"msg_id": "h1", "rollout": "r1", "revision": 1, "hold": True})
+    real = reconcile.atomic_write
+
+    def full(path, data, *a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(reconcile, "atomic_write", full)
+    out = run(rec)
+    assert out["state"] == "converged" and reports[-1] is out and store.cur == (A if then == "download" else B)
+    assert not rec.due()
+    monkeypatch.setattr(reconcile, "atomic_write", real)
+    assert json.loads((tmp_path / DESIRED).read_text())["converged"] is False
+    again = make()  # a restart: resumed once the broker had its say, then converged without a second switch
+    again.on_connect()
+    clock.t += 5
+    assert again.due() and run(again)["state"] == "converged" and activated == ([A] if then == "download" else [])

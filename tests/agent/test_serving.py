@@ -720,3 +720,20 @@ def test_a_root_deeper_than_a_unix_sockets_path_still_serves(tmp_path, digits_ar
     finally:
         srv.close()
     assert not (root / "serve.sock").exists()
+
+
+def test_a_header_nested_too_deeply_is_answered_counted_and_the_server_keeps_serving(store, server, capfd):
+    """A frame header of a few thousand nested brackets (well within MAX_HEADER) made json raise RecursionError,
+    which no handler took: the connection thread died with a traceback on the agent's stderr (one per frame, from
+    any client in the socket's group), the client got no answer and nothing was counted as malformed."""
+    for deep in (b"[" * 5000 + b"]" * 5000, b'{"a":' * 5000 + b"1" + b"}" * 5000):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(5)
+            sock.connect(str(store.root / "serve.sock"))
+            answer = raw(sock, MAGIC + struct.pack("<I", len(deep)) + deep)
+        assert answer is not None and answer["ok"] is False
+        assert answer["error"] == "malformed request: the header is nested too deeply"
+    assert server.snapshot()["turned_away"]["malformed"] == 2
+    assert "Traceback" not in capfd.readouterr().err
+    with Client(store.root) as client:
+        assert client.predict({"image": samples(1)[0]})["output_0"].shape == (10,)

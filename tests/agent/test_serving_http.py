@@ -104,6 +104,12 @@ def test_predict_and_model_answer_as_the_socket_api_does_and_count_in_the_live_f
     (b'{"inputs": {"image": [[1, 2], [3]]}}', 400, "not a rectangular array of numbers"),
     (b'{"inputs": {"image": [["a", "b"]]}}', 400, "not a rectangular array of numbers"),  # wrong dtype
     (b'{"inputs": {"image": [{"x": 1}]}}', 400, "not a rectangular array of numbers"),
+    # numbers as text, true/false and null were taken as numbers (1.5, 1.0, NaN): a client's bug answered
+    (json.dumps({"inputs": {"image": np.full((8, 8, 1), "1.5").tolist()}}).encode(), 400,
+     r"input 'image': not a rectangular array of numbers \(it holds text\)"),
+    (json.dumps({"inputs": {"image": np.full((8, 8, 1), True).tolist()}}).encode(), 400,
+     r"not a rectangular array of numbers \(it holds true or false\)"),
+    (b'{"inputs": {"image": [1, null]}}', 400, r"not a rectangular array of numbers \(it holds null"),
     (json.dumps({"inputs": {"image": np.zeros((8, 8)).tolist()}}).encode(), 400,
      r"input 'image': shape \[8, 8\], the model takes \[8, 8, 1\]"),  # the socket API's text
     (json.dumps({"inputs": {"image": np.zeros((8, 8, 1)).tolist(), "other": [1]}}).encode(), 400,
@@ -175,6 +181,18 @@ def test_a_content_length_in_non_ascii_digits_is_answered_411(store, server):
     that is not ASCII digits, not a traceback and a dropped connection."""
     status, answer = raw_request(server, b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: \xb2\r\n\r\n{}")
     assert status == 411 and "Content-Length" in answer["error"]
+    assert call(server, "GET", "/v1/model")[0] == 200
+
+
+def test_a_content_length_of_thousands_of_digits_is_answered_413(store, server, capfd):
+    """5000 ASCII digits passed the check, then int() refused them (over 4300 digits): the request's thread died
+    with a traceback on the agent's stderr, the client got no answer and nothing was counted."""
+    request = b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n{}"
+    status, answer = raw_request(server, request)
+    assert status == 413 and answer["error"] == ("malformed request: a body of 10**19 bytes or more is over the "
+                                                 "65536-byte limit (serve.max_payload_mb); send large inputs over the "
+                                                 "Unix socket")
+    assert server.snapshot()["turned_away"]["malformed"] == 1 and "Traceback" not in capfd.readouterr().err
     assert call(server, "GET", "/v1/model")[0] == 200
 
 

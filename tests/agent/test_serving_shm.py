@@ -145,3 +145,20 @@ def test_a_mapped_file_outlives_the_clients_own_mapping_and_descriptor():
         receiver.close()
         a.close()
         b.close()
+
+
+def test_a_memory_file_passed_write_only_is_refused_in_one_line():
+    """A sealed memfd reopened write-only (/proc/self/fd/N, O_WRONLY) passed every check, then mmap raised
+    PermissionError: the server took it for the client going away and hung up with no answer, uncounted."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    receiver = Receiver(b, reuse=True, shared=True)
+    fd = _memfd(np.arange(12, dtype=np.float32).tobytes())
+    write_only = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        write_frame(a, _header([12]), fds=[write_only])
+        assert _read(receiver) == ("shm: the memory file cannot be mapped for reading (Permission denied); pass the "
+                                   "descriptor memfd_create returned")
+    finally:
+        receiver.close()
+        for f in (fd, write_only, a, b):
+            os.close(f) if isinstance(f, int) else f.close()

@@ -205,3 +205,20 @@ def test_a_keys_folder_that_is_a_file_is_one_line(tmp_path, run_cli):
     code, out, err = run_cli("bench", "--fleet", fleet_file, "--device", "a", "--json")
     assert code == 2 and err.count("\n") == 1
     assert json.loads(out)["error"].startswith(f"{tmp_path}/afile/operator.key: cannot write a new key there")
+
+
+
+@pytest.mark.parametrize("tags, key, why", [
+    ("[2024-13-45]", "devices[0].tags[0]", "month must be in 1..12"),  # a date-like tag: YAML reads a date
+    ("[pi], port: " + "9" * 5000, "devices[0].port", "Exceeds the limit (4300 digits) for integer string conversion"),
+])
+def test_a_value_yaml_cannot_read_is_one_line_naming_the_line_and_key(tmp_path, run_cli, tags, key, why):
+    """A tag such as 2024-13-45 (YAML types it as a date that does not exist) or a 5000-digit number made PyYAML
+    raise a bare ValueError: `edgekit` printed a Python traceback naming neither the file nor the line."""
+    path = write(tmp_path, "fleet.yaml", FLEET.replace("tags: [pi]}", f"tags: {tags}}}"))
+    with pytest.raises(ConfigError) as caught:
+        load_fleet(path)
+    assert str(caught.value).startswith(f"{path}:5: {key}: YAML cannot read this value ({why}")
+    assert str(caught.value).endswith("); quote it if it is text, else give a valid one")
+    code, out, err = run_cli("fleet", "status", "--fleet", str(path))
+    assert code != 0 and "Traceback" not in out + err and f"fleet.yaml:5: {key}: YAML cannot read this value" in err

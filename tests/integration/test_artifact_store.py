@@ -245,6 +245,10 @@ def test_embedded_fallback_serves_ranges_too(published, tmp_path):
         r = fetch(url, sha, dest)
         assert r.resumed and r.bytes_downloaded == 1_000_000
         assert next(q for q in server.wait_requests(2) if q["range"])["bytes"] == 1_000_000
+        # a Range of 5000 digits (over int()'s 4300): the handler died, no answer; now no Range: the whole file
+        request = urllib.request.Request(url, headers={"Range": "bytes=" + "9" * 5000 + "-"})
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            assert answer.status == 200 and len(answer.read()) == dest.stat().st_size
 
 
 def test_store_server_errors_are_one_line(tmp_path):
@@ -344,7 +348,7 @@ def test_publish_refuses_a_link_to_a_file_outside_the_artifacts_folder(tmp_path)
 def test_a_store_failing_with_a_server_error_at_rollout_start_says_so_not_publish(published, tmp_path):
     """`rollout start` checks the store first; a store answering 500 (its disk, its proxy) was told to
     publish the artifacts, which are there. A 404 still says publish; any other status names the store's
-    server; a store that lies about the size says publish again."""
+    server; a store that lies about the size (or states no size a number can hold) says publish again."""
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -377,6 +381,10 @@ def test_a_store_failing_with_a_server_error_at_rollout_start_says_so_not_publis
         answer.update(status=200, length="5")
         with pytest.raises(DeployError, match="holds 5 bytes, the manifest says 600000; publish again"):
             check_published(url, {sha: 600_000})
+        for length in ("\u00b2", "9" * 5000):  # no count: int() raised a bare ValueError, no URL, no advice
+            answer["length"] = length
+            with pytest.raises(DeployError, match=f"holds {length[:40]} bytes, the manifest says 600000; publish again"):
+                check_published(url, {sha: 600_000})
         answer["length"] = "600000"
         check_published(url, {sha: 600_000})
     finally:

@@ -107,3 +107,12 @@ def test_every_revision_is_bounded_by_one_check_with_one_text():
                 check_reported({**ok, "revision": bad})
             assert str(caught.value) == f"reported: {text.replace('from 1', 'from 0')}"
     assert check_reported({**ok, "revision": 0})["revision"] == 0
+
+
+def test_a_desired_state_naming_the_model_as_its_own_eval_set_is_refused_at_once():
+    """eval.sha256 equal to sha256 passed: the agent downloaded one file for both, the install moved it away as the
+    model and then could not copy it as the eval set, and the device failed every retry with "cannot install ...:
+    No such file or directory", naming neither the field nor what to do."""
+    with pytest.raises(MessageError, match="desired: eval.sha256 is the model's own sha256"):
+        parse_desired({**good(), "eval": {"sha256": SHA, "bytes": 10}})
+    assert parse_desired({**good(), "eval": {"sha256": "b" * 64, "bytes": 10}}).eval_sha256 == "b" * 64
