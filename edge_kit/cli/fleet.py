@@ -72,19 +72,25 @@ def bench_cmd(
     min_runs: Annotated[Optional[int], typer.Option(min=BENCH_RUNS_MIN, max=BENCH_RUNS_MAX, help="Timed runs at least (default: the agent's config).")] = None,
     min_seconds: Annotated[Optional[float], typer.Option(**bounded("Timed seconds at least.", BENCH_SECONDS_MIN, BENCH_SECONDS_MAX))] = None,
     timeout: Annotated[float, typer.Option(**bounded("Seconds to wait for the record.", 1, WAIT_MAX_S))] = 300.0,
+    history: HistoryOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Ask a running agent for a benchmark over MQTT and print the record when it arrives."""
+    """Ask a running agent for a benchmark over MQTT, store the record in the fleet's history (where `select`,
+    `fleet status` and `report` read it) and print it when it arrives."""
     from edge_kit.fleet.commands import FleetClient
     from edge_kit.fleet.inventory import load_fleet
 
     fleet = load_fleet(fleet_file)
     dev = fleet.device(device)
     args = {k: v for k, v in {"variant": variant, "min_runs": min_runs, "min_seconds": min_seconds}.items() if v is not None}
-    with FleetClient.of(fleet) as client:
-        with spinner(f"benchmarking {variant or 'the current model'} on {dev.name}", as_json):
-            # void once this gives up: a benchmark queued behind others never starts when nobody waits for it
-            record = client.request(dev.name, "bench", args, timeout=timeout, expire=True)["record"]
+    # opened before the device is asked: a history that cannot be written stops here, not after the measurement
+    with open_fleet_history(fleet_file, history) as db:
+        with FleetClient.of(fleet) as client:
+            with spinner(f"benchmarking {variant or 'the current model'} on {dev.name}", as_json):
+                # void once this gives up: a benchmark queued behind others never starts when nobody waits for it
+                record = client.request(dev.name, "bench", args, timeout=timeout, expire=True)["record"]
+        db.add("bench", record)  # once: a monitor that stored it too has the same msg_id
+        where = db.where
     if as_json:
         emit_json(record)
         return
@@ -92,6 +98,7 @@ def bench_cmd(
     for label, text in bench_rows(record):
         t.add_row(label, safe(text))
     out.print(t)
+    out.print(f"stored in {safe(where)}", highlight=False)
 
 
 
