@@ -88,17 +88,26 @@ def _drive(fleet_file: Path, db: Any, rid: str, as_json: bool) -> dict[str, Any]
         return Rollout(db, rid, connect, progress=show, judge=judge, members=members).run()
 
 
+def what_happened(row: dict[str, Any]) -> str:
+    """Return the "what happened" cell of a rollout summary's device row: what an abort did, the device's error,
+    what it fetched, or, for a device that converged without fetching a byte, that the model was on it already
+    (its agent reports no download then); empty for a device still on its way."""
+    dl = row.get("download") or {}
+    if row.get("abort") or row.get("error"):
+        return str(row.get("abort") or row.get("error"))
+    if isinstance(dl.get("bytes"), (int, float)) and dl["bytes"]:
+        return f"fetched {dl['bytes'] / 1e6:.2f} MB{' (resumed)' if dl.get('resumed') else ''}"
+    return "nothing fetched: the model was on the device already" if row.get("state") == "converged" else ""
+
+
 def _print(summary: dict[str, Any]) -> None:
     t = Table("device", "wave", "state", "variant", "what happened", "seconds", box=box.SIMPLE_HEAD, pad_edge=False,
               caption=f"seconds: {summary['methods']['seconds']}" if summary.get("methods") else None,
               caption_justify="left")
     rows = sorted(summary["devices"], key=lambda r: (r["wave"] or 1e9, r["device"]))
     for r in rows[:200]:
-        dl = r.get("download") or {}
-        what = r.get("abort") or r["error"] or (f"fetched {dl['bytes'] / 1e6:.2f} MB{' (resumed)' if dl.get('resumed') else ''}"
-                              if isinstance(dl.get("bytes"), (int, float)) and dl["bytes"] else "")
         t.add_row(safe(r["device"]), str(r["wave"] or "-"), f"[{STYLE.get(r['state'], '')}]{safe(r['state'])}[/]",
-                  safe(r["variant"] or "-"), safe(what or ""), "-" if r["seconds"] is None else f"{r['seconds']:.1f}")
+                  safe(r["variant"] or "-"), safe(what_happened(r)), "-" if r["seconds"] is None else f"{r['seconds']:.1f}")
     out.print(t)
     if len(rows) > 200:
         out.print(f"... and {len(rows) - 200} more devices (--json lists them all)")

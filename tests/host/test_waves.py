@@ -580,3 +580,20 @@ def test_a_rollback_to_a_model_an_older_agent_named_outside_the_rule_names_the_p
         desired = broker.desired[name]
         assert (desired.sha256, desired.model) == ("0" * 64, "m")
         assert parse_desired({"msg_id": "x", **desired.body()}).model == "m"  # what the device takes
+
+
+def test_the_rollout_table_says_what_each_device_did_a_converged_device_that_fetched_nothing_included(capsys):
+    from edge_kit.cli.rollout import _print
+
+    def row(device, state, **kw):
+        return {"device": device, "wave": 1, "state": state, "variant": "int8", "error": None, "seconds": 0.2,
+                "download": None, "abort": None, **kw}
+
+    _print({"id": "r", "state": "done", "reason": None, "gate": None, "counts": {"converged": 3}, "refused_messages": 0,
+            "devices": [row("a", "converged", download={"bytes": 2_000_000, "resumed": True}),
+                        row("b", "converged"),  # its agent found the model installed: it reports no download
+                        row("c", "failed", error="fetch: TLS failed"), row("d", "fetching")]})
+    lines = {ln.split()[0]: " ".join(ln.split()) for ln in capsys.readouterr().out.splitlines() if ln.strip()}
+    assert "fetched 2.00 MB (resumed)" in lines["a"]
+    assert "nothing fetched: the model was on the device already" in lines["b"]
+    assert "fetch: TLS failed" in lines["c"] and "nothing fetched" not in lines["d"] + lines["c"]
