@@ -60,7 +60,8 @@ def _compile_report(manifest: Any) -> tuple[Table, list[str]]:
     base_macs = fp32.macs if fp32 and fp32.macs else None
     t = Table(title=f"{safe(manifest.model['name'])}: one row per distinct variant", title_justify="left",
               box=box.SIMPLE_HEAD, pad_edge=False)
-    metric = next((a.accuracy.metric for a in manifest.artifacts if a.accuracy and a.accuracy.measured), None) or "accuracy"
+    scored = next((a.accuracy.metric for a in manifest.artifacts if a.accuracy and a.accuracy.measured), None)
+    metric = scored or "accuracy"
     for col in ("variant", "runtime", "KiB", "gzip×", "sparse", "MACs×", metric, "SNR dB", "accelerator ops"):
         t.add_column(col, justify="left" if col in ("variant", "runtime", "accelerator ops") else "right",
                     no_wrap=col != "accelerator ops")
@@ -93,15 +94,17 @@ def _compile_report(manifest: Any) -> tuple[Table, list[str]]:
         )
         for warning in a.warnings:
             footnote(f"[yellow]{safe(warning)}[/]")
-    notes = [f"    profile {name} ({p['accelerator']}): {', '.join(p['variants'])}" for name, p in manifest.profiles.items()]
+    notes = [f"    profile {name} (accelerator: {p['accelerator']}): {', '.join(p['variants'])}"
+             for name, p in manifest.profiles.items()]
     conv = manifest.model.get("conversion")
     if conv:
         notes.append(f"    ONNX source: {conv['converter']} {conv['converter_version']} made fp32; worst output "
                      f"{conv['snr_db']:.1f} dB from {conv['reference']} {conv['reference_version']} (max abs error "
                      f"{conv['max_abs_error']:.3g}) on {conv['inputs']}")
-    notes.append(f"    × = ratio to fp32; sizes, sparsity and MACs counted from each file (which ops, what is left out: "
-                 f"each artifact's `methods` in manifest.json); {metric} (on --eval) and SNR against fp32 "
-                 "(worst output) "
+    notes.append("    × = ratio to fp32; sizes, sparsity and MACs counted from each file (which ops, what is left out: "
+                 "each artifact's `methods` in manifest.json); "
+                 + (f"{metric} (on --eval) and SNR" if scored else "accuracy not measured (no --eval scored a variant); SNR")
+                 + " against fp32 (worst output) "
                  f"measured on this host with each variant's runtime (LiteRT {manifest.versions.get('ai_edge_litert')}"
                  + (f", ONNX Runtime {manifest.versions['onnxruntime']}" if manifest.versions.get("onnxruntime")
                     and any(a.runtime == "onnxruntime" and a.status == "built" for a in manifest.artifacts) else "")

@@ -13,7 +13,7 @@ import pytest
 from rich.console import Console
 
 from edge_kit.cli.compile import _compile_report
-from edge_kit.manifest import Artifact, Manifest
+from edge_kit.manifest import Accuracy, Artifact, Manifest
 
 
 def built(vid, **kw):
@@ -48,6 +48,20 @@ def test_the_note_names_onnx_runtime_only_when_it_measured_something():
     m.versions["onnxruntime"] = "1.32.0"
     m.artifacts[1] = built("onnx-fp32", runtime="onnxruntime")
     assert "(LiteRT 2.3.0, ONNX Runtime 1.32.0)" in _compile_report(m)[1][-1]
+
+
+def test_the_notes_name_each_profiles_accelerator_and_say_when_nothing_measured_accuracy():
+    """'profile rpi4 (none): ...' did not say what was none, and without --eval the note said the accuracy column
+    was measured on --eval while every row showed '-'."""
+    profiles = {"rpi4": {"accelerator": "none", "variants": ["fp32"]},
+                "coral-usb": {"accelerator": "edgetpu", "variants": ["int8"]}}
+    m = Manifest(created="now", model={"name": "m"}, versions={"ai_edge_litert": "2.3.0"}, profiles=profiles,
+                 artifacts=[built("fp32")])
+    lines = _compile_report(m)[1]
+    assert "    profile rpi4 (accelerator: none): fp32" in lines and "    profile coral-usb (accelerator: edgetpu): int8" in lines
+    assert "accuracy not measured (no --eval scored a variant); SNR against fp32" in lines[-1]
+    m.artifacts[0] = built("fp32", accuracy=Accuracy(measured=True, value=0.9, metric="top1", method="eval"))
+    assert "top1 (on --eval) and SNR against fp32" in _compile_report(m)[1][-1]
 
 
 def test_piped_output_is_wide_enough_for_the_tables_unless_columns_says_otherwise():
