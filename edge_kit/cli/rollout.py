@@ -276,14 +276,20 @@ def status_cmd(
 
 
 @rollout_app.command("list")
-def list_cmd(fleet_file: FleetOpt, history: HistoryOpt = None, as_json: JsonOpt = False) -> None:
-    """List the rollouts in the history, newest first."""
+def list_cmd(fleet_file: FleetOpt, history: HistoryOpt = None,
+             limit: Annotated[int, typer.Option(min=1, max=100_000, help="List at most this many, newest first.")] = 20,
+             as_json: JsonOpt = False) -> None:
+    """List the rollouts in the history, newest first (the 20 newest unless --limit says otherwise)."""
     db = _history(fleet_file, history)
+    found = db.rollouts(limit=limit + 1)  # one more than shown: whether older ones were left out
     rows = [{"id": r["id"], "state": r["state"], "created": r["created"], "owner": r["owner"],
              "devices": len(r["body"].get("targets", {})), "variant": r["body"].get("variant"),
-             "outcome": r["body"].get("outcome")} for r in db.rollouts()]
+             "outcome": r["body"].get("outcome")} for r in found[:limit]]
     if as_json:
         emit_json(rows)
+        return
+    if not rows:
+        out.print(f"no rollout in {safe(db.where)} yet (`edgekit rollout start` makes one)", highlight=False)
         return
     t = Table("id", "state", "started", "devices", "variant", "outcome", box=box.SIMPLE_HEAD, pad_edge=False)
     for r in rows:
@@ -291,3 +297,5 @@ def list_cmd(fleet_file: FleetOpt, history: HistoryOpt = None, as_json: JsonOpt 
         t.add_row(safe(r["id"]), safe(r["state"]), time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created"])), str(r["devices"]),
                   safe(r["variant"] or "per profile"), ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "-")
     out.print(t)
+    if len(found) > limit:
+        out.print(f"the {limit} newest; older ones are in {safe(db.where)} (--limit N lists more)", highlight=False)

@@ -597,3 +597,25 @@ def test_the_rollout_table_says_what_each_device_did_a_converged_device_that_fet
     assert "fetched 2.00 MB (resumed)" in lines["a"]
     assert "nothing fetched: the model was on the device already" in lines["b"]
     assert "fetch: TLS failed" in lines["c"] and "nothing fetched" not in lines["d"] + lines["c"]
+
+
+def test_rollout_list_says_when_there_is_none_and_when_older_ones_were_left_out(tmp_path, run_cli):
+    """An empty history printed a table of headers alone, and past 20 rollouts the older ones were left out
+    without a word."""
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text("fleet: sim\nbroker: {host: 127.0.0.1, port: 1}\ndefaults: {user: edgekit, profile: rpi4}\n"
+                          "devices:\n  - {name: d1, host: 127.0.0.1}\n")
+    history = tmp_path / "edgekit-history.db"
+    code, out, err = run_cli("rollout", "list", "--fleet", fleet_file)
+    assert code == 0 and " ".join(out.split()) == (f"no rollout in {history} yet (`edgekit rollout start` makes one)")
+    with Store(history) as db:
+        for i in range(3):
+            db.save_rollout(f"r{i}", "done", {"targets": {"d1": {}}, "variant": "int8"})
+    code, out, err = run_cli("rollout", "list", "--fleet", fleet_file, "--limit", "2")
+    text = " ".join(out.split())
+    assert code == 0 and text.endswith(f"the 2 newest; older ones are in {history} (--limit N lists more)"), out
+    assert text.count(" done ") == 2
+    code, out, err = run_cli("rollout", "list", "--fleet", fleet_file)
+    assert "older ones" not in out and out.count(" done ") == 3
+    code, out, err = run_cli("rollout", "list", "--fleet", fleet_file, "--limit", "2", "--json")
+    assert len(json.loads(out)) == 2
