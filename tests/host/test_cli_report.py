@@ -248,6 +248,19 @@ def test_a_report_from_a_fleet_without_a_history_yet_says_what_to_run(tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fleet.yaml"]
 
 
+def test_a_report_from_a_history_without_benchmarks_says_so_and_what_to_run(tmp_path, run_cli):
+    """It printed 'wrote r.html: 0 plots for no profile, 0 devices' and nothing else."""
+    from edge_kit.telemetry.store import Store
+
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text("fleet: f\ndevices: []\n")
+    Store(tmp_path / "edgekit-history.db").close()  # a history nothing has benchmarked into
+    code, out, err = run_cli("report", "--fleet", fleet_file, "--out", tmp_path / "r.html")
+    assert code == 0, err
+    assert (f"note {tmp_path.resolve() / 'edgekit-history.db'} holds no benchmark record yet: run `edgekit tune` (or "
+            "`edgekit bench`, or `edgekit monitor` while devices benchmark) first") in " ".join(out.split())
+
+
 @pytest.mark.parametrize("command", [["fleet", "status"], ["select"], ["rollout", "list"], ["rollout", "status", "r1"],
                                      ["rollout", "resume", "r1"], ["rollout", "abort", "r1"],
                                      ["report", "--out", "{tmp}/r.html"]])
