@@ -21,7 +21,7 @@ from edge_kit.cli.app import (
     safe,
     spinner,
 )
-from edgekit_protocol.labels import accuracy_text
+from edgekit_protocol.labels import accuracy_text, printable
 
 profiles_app = typer.Typer(no_args_is_help=True, help="List, show and check device profiles.")
 app.add_typer(profiles_app, name="profiles")
@@ -113,6 +113,15 @@ def _compile_report(manifest: Any) -> tuple[Table, list[str]]:
     return t, footnotes + notes
 
 
+def unserved_profiles(manifest: Any) -> list[str]:
+    """Return one warning per profile of ``manifest`` none of whose variants was built (not-built or failed: e.g.
+    coral-usb without --calib), naming the variants; its devices get nothing from this compile. Raises nothing."""
+    built = {a.id for a in manifest.artifacts if a.status == "built"}
+    return [f"profile {name}: none of its variants was built ({', '.join(p['variants'])}: each one's reason is under "
+            "the table and in manifest.json); deploy, tune and rollouts give its devices nothing from this compile"
+            for name, p in manifest.profiles.items() if p.get("variants") and not built & set(p["variants"])]
+
+
 @app.command("compile")
 def compile_cmd(
     model: Annotated[Path, typer.Argument(help="Keras .keras/.h5 file, SavedModel folder, .tflite or .onnx file.")],
@@ -172,6 +181,8 @@ def compile_cmd(
         for line in notes:
             out.print(line, highlight=False)
         out.print(f"wrote {safe(str(target))}/manifest.json" + (f", signed by key {signer.key_id}" if signer else ""))
+    for line in unserved_profiles(manifest):  # stderr, as every warning: --json's stdout stays the manifest alone
+        sys.stderr.write(f"edgekit: warning: {printable(line)}\n")
     failed = [a.id for a in manifest.artifacts if a.status == "failed"]
     if failed:
         sys.stderr.write(f"edgekit: error: {len(failed)} variant(s) failed: {', '.join(failed)} "

@@ -411,3 +411,23 @@ def test_the_report_never_replaces_the_history_or_the_fleet_file(tmp_path, run_c
     for _ in range(2):  # an earlier report is replaced
         code, _, err = run_cli("report", "--fleet", fleet_file, "--out", page)
         assert code == 0, err
+
+
+def test_a_profile_none_of_whose_variants_was_built_is_warned_about():
+    """coral-usb without --calib: int8, int8-pruned-ch50 and edgetpu not-built, fp32 (the reference) built; the
+    compile printed 'wrote .../manifest.json', exit 0, and the deploy then found nothing for its devices."""
+    from edge_kit.cli.compile import unserved_profiles
+
+    no_calib = "full-integer int8 needs calibration data: pass --calib FILE.npz"
+    m = Manifest(created="now", model={"name": "m"}, versions={},
+                 profiles={"coral-usb": {"accelerator": "edgetpu", "variants": ["int8", "edgetpu"]},
+                           "rpi4": {"accelerator": "none", "variants": ["fp32", "int8"]}},
+                 artifacts=[built("fp32"), Artifact(id="int8", status="not-built", reason=no_calib, profiles=["p"],
+                                                    summary="", precision="int8"),
+                            Artifact(id="edgetpu", status="failed", reason=no_calib, profiles=["p"], summary="",
+                                     precision="int8")])
+    assert unserved_profiles(m) == [
+        "profile coral-usb: none of its variants was built (int8, edgetpu: each one's reason is under the table and in "
+        "manifest.json); deploy, tune and rollouts give its devices nothing from this compile"]
+    m.artifacts[1] = built("int8")
+    assert unserved_profiles(m) == []
