@@ -255,9 +255,10 @@ def deploy_cmd(
     gated = live_gate(gate, gate_window, gate_min_requests, gate_alpha, gate_min_slowdown, gate_shadow, gate_min_snr_db)
     if gated is not None and not canary_share:
         raise InputError("--gate live judges canaries: give --canary too")
-    # The gate's decisions go to the history (opened before any device is touched: a database that
-    # cannot be reached stops the deploy here).
-    history = open_fleet_history(fleet_file, history_spec) if gated is not None else None
+    # The canaries' health benchmarks and the gate's decisions go to the history (opened before any device is
+    # touched: a database that cannot be reached stops the deploy here), where select, fleet status and report
+    # read them.
+    history = open_fleet_history(fleet_file, history_spec) if canary_share else None
     with progress_bar(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} devices"),
                       TimeElapsedColumn(), as_json=as_json) as bar:
         task = bar.add_task("deploying", total=len(targets))
@@ -273,15 +274,22 @@ def deploy_cmd(
             judged.append(entry)
 
         group = (rollout(fleet, targets, opts, canary_share, failed_share, progress, gate=gated,
-                         record=record if history else None) if canary_share
+                         record=record if gated is not None else None) if canary_share
                  else deploy(fleet, targets, opts, progress))
+    stored = 0
     if history is not None:
-        history.close()
+        try:  # each once: a monitor that stored a record too has the same msg_id
+            stored = history.add_many([("bench", r.health) for r in group.results if r.health])
+            where = history.where
+        finally:
+            history.close()
     if as_json:
         emit_json(group.as_dict())
     else:
         out.print(results_table(group))
         out.print(f"manifest: {group.signature}", highlight=False)
+        if stored:
+            out.print(f"canary health benchmarks: {stored} stored in {safe(where)}", highlight=False)
         if group.stopped:
             out.print(f"[red]rollout stopped:[/] {safe(group.stopped)}")
         if judged:
