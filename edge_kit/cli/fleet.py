@@ -75,8 +75,9 @@ def bench_cmd(
     history: HistoryOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Ask a running agent for a benchmark over MQTT, store the record in the fleet's history (where `select`,
-    `fleet status` and `report` read it) and print it when it arrives."""
+    """Ask a running agent for a benchmark over MQTT; store the record in the history and print it.
+
+    The history is the fleet's (beside its file) or --history: where select, fleet status and report read it."""
     from edge_kit.fleet.commands import FleetClient
     from edge_kit.fleet.inventory import load_fleet
 
