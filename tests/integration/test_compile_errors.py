@@ -58,7 +58,8 @@ def stopped_compile(args: list, timeout: float, why: str, said: str, code: int, 
 
 def test_missing_model(tmp_path, run_cli):
     code, _, err = run_cli("compile", tmp_path / "nope.keras", "-p", "rpi4", "--out", tmp_path / "o")
-    assert "nope.keras: model not found" in one_line_error(code, err)
+    assert one_line_error(code, err) == (f"edgekit: error: {tmp_path / 'nope.keras'}: model not found; check the path "
+                                         "(a .keras or .h5 file, a SavedModel folder, a .tflite or an .onnx file)")
     assert not (tmp_path / "o").exists()
 
 
