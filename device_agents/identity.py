@@ -127,8 +127,8 @@ class Signer:
                 is none and one cannot be written there (its folder is a file, or not writable).
         """
         path = Path(path)
-        if path.exists():
-            return cls.load(path), False
+        if path.exists():  # a key made here may be made again: removing it is a remedy (never for one given to sign)
+            return cls.load(path, "chmod 600 it (or remove it for a new one)"), False
         signer = cls.generate()
         try:
             signer.save(path)
@@ -138,8 +138,9 @@ class Signer:
         return signer, True
 
     @classmethod
-    def load(cls, path: Path) -> Signer:
-        """Return the key at ``path``.
+    def load(cls, path: Path, loose_remedy: str = "chmod 600 it") -> Signer:
+        """Return the key at ``path``; ``loose_remedy`` is what the error for a key readable by others tells
+        the user to do.
 
         Raises:
             ConfigError: no such file, it cannot be read, is not a key, or is readable by others than its owner.
@@ -147,7 +148,7 @@ class Signer:
         path = Path(path)
         try:
             if path.stat().st_mode & 0o077:
-                raise ConfigError(f"{path}: a private key readable by others; chmod 600 it (or remove it for a new one)")
+                raise ConfigError(f"{path}: a private key readable by others; {loose_remedy}")
             data = path.read_bytes()
         except OSError as exc:
             raise ConfigError(f"{path}: {exc.strerror or exc}; give an Ed25519 private key in PEM (e.g. the fleet's "

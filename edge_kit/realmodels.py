@@ -93,14 +93,19 @@ def wheel(wheels: Path, key: str) -> Path:
     return found[0]
 
 
+def default_wheels() -> Path:
+    """Return where the pinned wheels are looked for: ``$EDGEKIT_WHEELS``, else ``.cache/wheels`` of this
+    checkout (where ``.ci/setup`` puts them), whatever the current folder. Raises nothing."""
+    return Path(os.environ.get("EDGEKIT_WHEELS", Path(__file__).resolve().parents[1] / ".cache" / "wheels"))
+
+
 def wheels_folder() -> Path:
-    """Return the folder of pinned wheels (``$EDGEKIT_WHEELS``, else ``.cache/wheels`` of this checkout)
-    once every wheel of :data:`WHEELS` is in it.
+    """Return the folder of pinned wheels (:func:`default_wheels`) once every wheel of :data:`WHEELS` is in it.
 
     Raises:
         MissingWheel: one or more are not there (all named, with how to fetch them).
     """
-    folder = Path(os.environ.get("EDGEKIT_WHEELS", Path(__file__).resolve().parents[1] / ".cache" / "wheels"))
+    folder = default_wheels()
     missing = [k for k in WHEELS if not list(folder.glob(f"{WHEELS[k][0]}*.whl"))]
     if missing:
         raise MissingWheel(f"{folder}: no wheel of {', '.join(WHEELS[k][0] for k in missing)}; {SETUP_HINT}")
@@ -389,7 +394,8 @@ def write_face_data(wheels: Path, out: Path, *, calib: int = 64, eval_samples: i
 def main(argv: list[str] | None = None) -> int:
     """Command line: write the face detector and its data files. Returns the exit code."""
     parser = argparse.ArgumentParser(prog="python -m edge_kit.realmodels", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--wheels", type=Path, default=Path(".cache/wheels"), help="folder holding the wheels")
+    parser.add_argument("--wheels", type=Path, default=default_wheels(),
+                        help="folder holding the wheels (default: $EDGEKIT_WHEELS, else this checkout's .cache/wheels)")
     parser.add_argument("--out", type=Path, default=Path("faces"), help="folder to write into")
     parser.add_argument("--calib", type=int, default=128, help="calibration samples (compile warns below 100)")
     parser.add_argument("--eval", type=int, default=48, help="eval samples")

@@ -21,7 +21,7 @@ from edge_kit.cli.app import (
     safe,
     spinner,
 )
-from edgekit_protocol.labels import accuracy_text
+from edgekit_protocol.labels import accuracy_text, printable
 
 profiles_app = typer.Typer(no_args_is_help=True, help="List, show and check device profiles.")
 app.add_typer(profiles_app, name="profiles")
@@ -60,7 +60,8 @@ def _compile_report(manifest: Any) -> tuple[Table, list[str]]:
     base_macs = fp32.macs if fp32 and fp32.macs else None
     t = Table(title=f"{safe(manifest.model['name'])}: one row per distinct variant", title_justify="left",
               box=box.SIMPLE_HEAD, pad_edge=False)
-    metric = next((a.accuracy.metric for a in manifest.artifacts if a.accuracy and a.accuracy.measured), None) or "accuracy"
+    scored = next((a.accuracy.metric for a in manifest.artifacts if a.accuracy and a.accuracy.measured), None)
+    metric = scored or "accuracy"
     for col in ("variant", "runtime", "KiB", "gzip×", "sparse", "MACs×", metric, "SNR dB", "accelerator ops"):
         t.add_column(col, justify="left" if col in ("variant", "runtime", "accelerator ops") else "right",
                     no_wrap=col != "accelerator ops")
@@ -93,21 +94,32 @@ def _compile_report(manifest: Any) -> tuple[Table, list[str]]:
         )
         for warning in a.warnings:
             footnote(f"[yellow]{safe(warning)}[/]")
-    notes = [f"    profile {name} ({p['accelerator']}): {', '.join(p['variants'])}" for name, p in manifest.profiles.items()]
+    notes = [f"    profile {name} (accelerator: {p['accelerator']}): {', '.join(p['variants'])}"
+             for name, p in manifest.profiles.items()]
     conv = manifest.model.get("conversion")
     if conv:
         notes.append(f"    ONNX source: {conv['converter']} {conv['converter_version']} made fp32; worst output "
                      f"{conv['snr_db']:.1f} dB from {conv['reference']} {conv['reference_version']} (max abs error "
                      f"{conv['max_abs_error']:.3g}) on {conv['inputs']}")
-    notes.append(f"    × = ratio to fp32; sizes, sparsity and MACs counted from each file (which ops, what is left out: "
-                 f"each artifact's `methods` in manifest.json); {metric} (on --eval) and SNR against fp32 "
-                 "(worst output) "
+    notes.append("    × = ratio to fp32; sizes, sparsity and MACs counted from each file (which ops, what is left out: "
+                 "each artifact's `methods` in manifest.json); "
+                 + (f"{metric} (on --eval) and SNR" if scored else "accuracy not measured (no --eval scored a variant); SNR")
+                 + " against fp32 (worst output) "
                  f"measured on this host with each variant's runtime (LiteRT {manifest.versions.get('ai_edge_litert')}"
                  + (f", ONNX Runtime {manifest.versions['onnxruntime']}" if manifest.versions.get("onnxruntime")
                     and any(a.runtime == "onnxruntime" and a.status == "built" for a in manifest.artifacts) else "")
                  + "); accel ops = ops "
                  "the profile's accelerator takes by its documented rules (tpu* = edgetpu_compiler's own count)")
     return t, footnotes + notes
+
+
+def unserved_profiles(manifest: Any) -> list[str]:
+    """Return one warning per profile of ``manifest`` none of whose variants was built (not-built or failed: e.g.
+    coral-usb without --calib), naming the variants; its devices get nothing from this compile. Raises nothing."""
+    built = {a.id for a in manifest.artifacts if a.status == "built"}
+    return [f"profile {name}: none of its variants was built ({', '.join(p['variants'])}: each one's reason is under "
+            "the table and in manifest.json); deploy, tune and rollouts give its devices nothing from this compile"
+            for name, p in manifest.profiles.items() if p.get("variants") and not built & set(p["variants"])]
 
 
 @app.command("compile")
@@ -169,6 +181,8 @@ def compile_cmd(
         for line in notes:
             out.print(line, highlight=False)
         out.print(f"wrote {safe(str(target))}/manifest.json" + (f", signed by key {signer.key_id}" if signer else ""))
+    for line in unserved_profiles(manifest):  # stderr, as every warning: --json's stdout stays the manifest alone
+        sys.stderr.write(f"edgekit: warning: {printable(line)}\n")
     failed = [a.id for a in manifest.artifacts if a.status == "failed"]
     if failed:
         sys.stderr.write(f"edgekit: error: {len(failed)} variant(s) failed: {', '.join(failed)} "

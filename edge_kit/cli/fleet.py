@@ -73,19 +73,26 @@ def bench_cmd(
     min_runs: Annotated[Optional[int], typer.Option(min=BENCH_RUNS_MIN, max=BENCH_RUNS_MAX, help="Timed runs at least (default: the agent's config).")] = None,
     min_seconds: Annotated[Optional[float], typer.Option(**bounded("Timed seconds at least.", BENCH_SECONDS_MIN, BENCH_SECONDS_MAX))] = None,
     timeout: Annotated[float, typer.Option(**bounded("Seconds to wait for the record.", 1, WAIT_MAX_S))] = 300.0,
+    history: HistoryOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Ask a running agent for a benchmark over MQTT and print the record when it arrives."""
+    """Ask a running agent for a benchmark over MQTT; store the record in the history and print it.
+
+    The history is the fleet's (beside its file) or --history: where select, fleet status and report read it."""
     from edge_kit.fleet.commands import FleetClient
     from edge_kit.fleet.inventory import load_fleet
 
     fleet = load_fleet(fleet_file)
     dev = fleet.device(device)
     args = {k: v for k, v in {"variant": variant, "min_runs": min_runs, "min_seconds": min_seconds}.items() if v is not None}
-    with FleetClient.of(fleet) as client:
-        with spinner(f"benchmarking {variant or 'the current model'} on {dev.name}", as_json):
-            # void once this gives up: a benchmark queued behind others never starts when nobody waits for it
-            record = client.request(dev.name, "bench", args, timeout=timeout, expire=True)["record"]
+    # opened before the device is asked: a history that cannot be written stops here, not after the measurement
+    with open_fleet_history(fleet_file, history) as db:
+        with FleetClient.of(fleet) as client:
+            with spinner(f"benchmarking {variant or 'the current model'} on {dev.name}", as_json):
+                # void once this gives up: a benchmark queued behind others never starts when nobody waits for it
+                record = client.request(dev.name, "bench", args, timeout=timeout, expire=True)["record"]
+        db.add("bench", record)  # once: a monitor that stored it too has the same msg_id
+        where = db.where
     if as_json:
         emit_json(record)
         return
@@ -93,6 +100,7 @@ def bench_cmd(
     for label, text in bench_rows(record):
         t.add_row(label, safe(text))
     out.print(t)
+    out.print(f"stored in {safe(where)}", highlight=False)
 
 
 
@@ -250,9 +258,10 @@ def deploy_cmd(
     gated = live_gate(gate, gate_window, gate_min_requests, gate_alpha, gate_min_slowdown, gate_shadow, gate_min_snr_db)
     if gated is not None and not canary_share:
         raise InputError("--gate live judges canaries: give --canary too")
-    # The gate's decisions go to the history (opened before any device is touched: a database that
-    # cannot be reached stops the deploy here).
-    history = open_fleet_history(fleet_file, history_spec) if gated is not None else None
+    # The canaries' health benchmarks and the gate's decisions go to the history (opened before any device is
+    # touched: a database that cannot be reached stops the deploy here), where select, fleet status and report
+    # read them.
+    history = open_fleet_history(fleet_file, history_spec) if canary_share else None
     with progress_bar(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} devices"),
                       TimeElapsedColumn(), as_json=as_json) as bar:
         task = bar.add_task("deploying", total=len(targets))
@@ -268,15 +277,22 @@ def deploy_cmd(
             judged.append(entry)
 
         group = (rollout(fleet, targets, opts, canary_share, failed_share, progress, gate=gated,
-                         record=record if history else None) if canary_share
+                         record=record if gated is not None else None) if canary_share
                  else deploy(fleet, targets, opts, progress))
+    stored = 0
     if history is not None:
-        history.close()
+        try:  # each once: a monitor that stored a record too has the same msg_id
+            stored = history.add_many([("bench", r.health) for r in group.results if r.health])
+            where = history.where
+        finally:
+            history.close()
     if as_json:
         emit_json(group.as_dict())
     else:
         out.print(results_table(group))
         out.print(f"manifest: {group.signature}", highlight=False)
+        if stored:
+            out.print(f"canary health benchmarks: {stored} stored in {safe(where)}", highlight=False)
         if group.stopped:
             out.print(f"[red]rollout stopped:[/] {safe(group.stopped)}")
         if judged:

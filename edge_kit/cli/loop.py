@@ -678,3 +678,6 @@ def report_cmd(
     else:
         out.print(f"wrote {safe(out_file)}: {info['plots']} plots for {safe(', '.join(info['profiles']) or 'no profile')}, "
                   f"{info['devices']} devices")
+        if not info["records"]:  # an empty report is not a fleet that measured nothing worth drawing
+            out.print(f"[yellow]note[/] {safe(db.where)} holds no benchmark record yet: run `edgekit tune` (or "
+                      "`edgekit bench`, or `edgekit monitor` while devices benchmark) first")

@@ -88,17 +88,26 @@ def _drive(fleet_file: Path, db: Any, rid: str, as_json: bool) -> dict[str, Any]
         return Rollout(db, rid, connect, progress=show, judge=judge, members=members).run()
 
 
+def what_happened(row: dict[str, Any]) -> str:
+    """Return the "what happened" cell of a rollout summary's device row: what an abort did, the device's error,
+    what it fetched, or, for a device that converged without fetching a byte, that the model was on it already
+    (its agent reports no download then); empty for a device still on its way."""
+    dl = row.get("download") or {}
+    if row.get("abort") or row.get("error"):
+        return str(row.get("abort") or row.get("error"))
+    if isinstance(dl.get("bytes"), (int, float)) and dl["bytes"]:
+        return f"fetched {dl['bytes'] / 1e6:.2f} MB{' (resumed)' if dl.get('resumed') else ''}"
+    return "nothing fetched: the model was on the device already" if row.get("state") == "converged" else ""
+
+
 def _print(summary: dict[str, Any]) -> None:
     t = Table("device", "wave", "state", "variant", "what happened", "seconds", box=box.SIMPLE_HEAD, pad_edge=False,
               caption=f"seconds: {summary['methods']['seconds']}" if summary.get("methods") else None,
               caption_justify="left")
     rows = sorted(summary["devices"], key=lambda r: (r["wave"] or 1e9, r["device"]))
     for r in rows[:200]:
-        dl = r.get("download") or {}
-        what = r.get("abort") or r["error"] or (f"fetched {dl['bytes'] / 1e6:.2f} MB{' (resumed)' if dl.get('resumed') else ''}"
-                              if isinstance(dl.get("bytes"), (int, float)) and dl["bytes"] else "")
         t.add_row(safe(r["device"]), str(r["wave"] or "-"), f"[{STYLE.get(r['state'], '')}]{safe(r['state'])}[/]",
-                  safe(r["variant"] or "-"), safe(what or ""), "-" if r["seconds"] is None else f"{r['seconds']:.1f}")
+                  safe(r["variant"] or "-"), safe(what_happened(r)), "-" if r["seconds"] is None else f"{r['seconds']:.1f}")
     out.print(t)
     if len(rows) > 200:
         out.print(f"... and {len(rows) - 200} more devices (--json lists them all)")
@@ -267,14 +276,20 @@ def status_cmd(
 
 
 @rollout_app.command("list")
-def list_cmd(fleet_file: FleetOpt, history: HistoryOpt = None, as_json: JsonOpt = False) -> None:
-    """List the rollouts in the history, newest first."""
+def list_cmd(fleet_file: FleetOpt, history: HistoryOpt = None,
+             limit: Annotated[int, typer.Option(min=1, max=100_000, help="List at most this many, newest first.")] = 20,
+             as_json: JsonOpt = False) -> None:
+    """List the rollouts in the history, newest first (the 20 newest unless --limit says otherwise)."""
     db = _history(fleet_file, history)
+    found = db.rollouts(limit=limit + 1)  # one more than shown: whether older ones were left out
     rows = [{"id": r["id"], "state": r["state"], "created": r["created"], "owner": r["owner"],
              "devices": len(r["body"].get("targets", {})), "variant": r["body"].get("variant"),
-             "outcome": r["body"].get("outcome")} for r in db.rollouts()]
+             "outcome": r["body"].get("outcome")} for r in found[:limit]]
     if as_json:
         emit_json(rows)
+        return
+    if not rows:
+        out.print(f"no rollout in {safe(db.where)} yet (`edgekit rollout start` makes one)", highlight=False)
         return
     t = Table("id", "state", "started", "devices", "variant", "outcome", box=box.SIMPLE_HEAD, pad_edge=False)
     for r in rows:
@@ -282,3 +297,5 @@ def list_cmd(fleet_file: FleetOpt, history: HistoryOpt = None, as_json: JsonOpt 
         t.add_row(safe(r["id"]), safe(r["state"]), time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created"])), str(r["devices"]),
                   safe(r["variant"] or "per profile"), ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "-")
     out.print(t)
+    if len(found) > limit:
+        out.print(f"the {limit} newest; older ones are in {safe(db.where)} (--limit N lists more)", highlight=False)

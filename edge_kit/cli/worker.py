@@ -20,7 +20,10 @@ the notes every :data:`POLL_S` seconds and, when one runs past it, stops the wor
 in time) and cleans up as for a crash.
 
 Ctrl-C reaches the worker from the terminal (same process group) and this process waits for it to
-finish cleaning up; a SIGTERM sent here is passed on to the worker.
+finish cleaning up (exit 130). This process does not ignore SIGINT (an ignored signal is inherited by the
+worker, whose Ctrl-C then did nothing: the compile ran on and replaced the previous result); it notes it, and
+a worker still running :data:`INTERRUPT_GRACE_S` seconds after it (native code running the model, which
+Python cannot interrupt) is stopped as an overdue one is. A SIGTERM sent here is passed on to the worker.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from edge_kit.compiler.watch import LOOP_CAUSE, WORKER_ENV
 
 POLL_S = 0.5  # how often the notes are read for a deadline
 STOP_GRACE_S = 5.0  # after SIGTERM, how long an overdue worker has before SIGKILL
+INTERRUPT_GRACE_S = 10.0  # after Ctrl-C, how long the worker has to stop on its own before it is stopped
 
 
 def supervised(argv: list[str]) -> bool:
@@ -70,7 +74,8 @@ def run_worker(argv: list[str]) -> tuple[int, str | None]:
         ``(exit code, None)`` as the worker exited; or ``(code, one line for the caller to print)``: when it died
         of a signal, ``3`` and which signal at which step; when a step ran past its deadline, ``2`` (as a run of the
         model over the data that does not finish in time) and which step, what to do. Either line says what was
-        cleaned up. Ctrl-C: ``(130, None)``.
+        cleaned up. Ctrl-C: ``(130, None)`` when the worker stopped on its own (it said so), ``(130, line)`` when it
+        had to be stopped.
 
     Raises:
         OSError: the worker could not be started.
@@ -82,9 +87,13 @@ def run_worker(argv: list[str]) -> tuple[int, str | None]:
     env = {**os.environ, WORKER_ENV: str(notes), "TMPDIR": str(scratch)}
     proc = None
     overdue: dict[str, Any] | None = None
+    interrupted: list[float] = []  # when Ctrl-C came
+    stopped_after_interrupt = False
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal's Ctrl-C reaches the worker, which cleans up
+        # noted, not ignored: a handler, unlike SIG_IGN, is not inherited, so the terminal's Ctrl-C interrupts the
+        # worker, which cleans up
+        signal.signal(signal.SIGINT, lambda _signum, _frame: interrupted.append(time.monotonic()))
         proc = subprocess.Popen([sys.executable, "-m", "edge_kit", *argv], env=env)
         signal.signal(signal.SIGTERM, lambda signum, _frame: proc.send_signal(signum))
         while True:
@@ -94,6 +103,11 @@ def run_worker(argv: list[str]) -> tuple[int, str | None]:
             except subprocess.TimeoutExpired:
                 said = _notes(notes)
                 until = said.get("until")
+                if interrupted and time.monotonic() > interrupted[0] + INTERRUPT_GRACE_S:
+                    stopped_after_interrupt = True
+                    stop_process(proc, STOP_GRACE_S)  # SIGTERM, then SIGKILL
+                    code = proc.wait()
+                    break
                 if isinstance(until, (int, float)) and time.monotonic() > until:
                     overdue = said
                     stop_process(proc, STOP_GRACE_S)  # SIGTERM, then SIGKILL
@@ -109,6 +123,9 @@ def run_worker(argv: list[str]) -> tuple[int, str | None]:
         shutil.rmtree(scratch, ignore_errors=True)
     model = said.get("model") or "edgekit compile"
     step = said.get("step") or "starting"
+    if stopped_after_interrupt:
+        return 130, (f"interrupted: {model} did not stop on its own within {INTERRUPT_GRACE_S:g} s of Ctrl-C while "
+                     f"{step!r}, so it was stopped; {_cleaned(said)}")
     if overdue is not None:
         return 2, (f"{model}: {overdue.get('doing') or 'a step'} did not finish within {overdue.get('seconds', 0):g} s "
                    f"while {step!r}: {overdue.get('cause') or LOOP_CAUSE}; the compile was stopped; {_cleaned(said)}")

@@ -200,7 +200,8 @@ def load_source(path: Path, input_shapes: dict[str, tuple[int, ...]] | None = No
     pinned = dict(input_shapes or {})
     path = Path(path)
     if not path.exists():
-        raise InputError(f"{path}: model not found")
+        raise InputError(f"{path}: model not found; check the path (a .keras or .h5 file, a SavedModel folder, a "
+                         ".tflite or an .onnx file)")
     if not (path.is_file() or path.is_dir()):  # a pipe or device: hashing it would block or never end
         raise InputError(f"{path}: not a regular file or folder (a pipe or device); give the model file or SavedModel folder")
     if load_seconds is None:

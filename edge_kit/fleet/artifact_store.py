@@ -95,6 +95,11 @@ def _store_folder(store: str | Path) -> Path:
     folder = Path(text).expanduser()
     if folder.exists() and not folder.is_dir():
         raise InputError(f"--store {folder}: not a folder")
+    for inner in (folder.resolve(), *folder.resolve().parents):  # e.g. --store store/sha256: a store in a store
+        root = inner.parent
+        if inner.name in ("sha256", "manifests") and (root / "sha256").is_dir() and (root / "manifests").is_dir():
+            raise InputError(f"--store {text}: inside the store {root} (its {inner.name}/ folder), where a second "
+                             f"store's folders would sit among its objects; give --store {root}")
     try:
         (folder / "sha256").mkdir(parents=True, exist_ok=True)
         (folder / "manifests").mkdir(parents=True, exist_ok=True)

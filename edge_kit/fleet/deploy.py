@@ -162,7 +162,8 @@ def candidates_for(manifest: Manifest, dev: Device) -> list[Artifact]:
     profile = load_profile(dev.profile)
     if dev.profile not in manifest.profiles:
         raise NotBuiltFor(f"{dev.name}: the artifacts were not compiled for profile {dev.profile} "
-                          f"(compiled for: {', '.join(manifest.profiles)}); recompile with -p {dev.profile}")
+                          f"(compiled for: {', '.join(manifest.profiles)}); recompile with -p {dev.profile}, "
+                          f"or leave its devices out with --devices")
     built = {a.id: a for a in manifest.artifacts if a.status == "built" and dev.profile in a.profiles}
     wanted = [built[v] for v in profile.variants if v in built]
     if not wanted:

@@ -85,7 +85,7 @@ def test_a_device_key_is_created_private_and_a_readable_one_is_refused(tmp_path)
     again, created = Signer.load_or_create(tmp_path / "identity" / "device.key")
     assert not created and again.public == signer.public
     os.chmod(tmp_path / "identity" / "device.key", 0o644)
-    with pytest.raises(ConfigError, match="readable by others; chmod 600"):
+    with pytest.raises(ConfigError, match=r"readable by others; chmod 600 it \(or remove it for a new one\)$"):
         Signer.load_or_create(tmp_path / "identity" / "device.key")
 
 

@@ -13,7 +13,7 @@ import pytest
 from rich.console import Console
 
 from edge_kit.cli.compile import _compile_report
-from edge_kit.manifest import Artifact, Manifest
+from edge_kit.manifest import Accuracy, Artifact, Manifest
 
 
 def built(vid, **kw):
@@ -48,6 +48,20 @@ def test_the_note_names_onnx_runtime_only_when_it_measured_something():
     m.versions["onnxruntime"] = "1.32.0"
     m.artifacts[1] = built("onnx-fp32", runtime="onnxruntime")
     assert "(LiteRT 2.3.0, ONNX Runtime 1.32.0)" in _compile_report(m)[1][-1]
+
+
+def test_the_notes_name_each_profiles_accelerator_and_say_when_nothing_measured_accuracy():
+    """'profile rpi4 (none): ...' did not say what was none, and without --eval the note said the accuracy column
+    was measured on --eval while every row showed '-'."""
+    profiles = {"rpi4": {"accelerator": "none", "variants": ["fp32"]},
+                "coral-usb": {"accelerator": "edgetpu", "variants": ["int8"]}}
+    m = Manifest(created="now", model={"name": "m"}, versions={"ai_edge_litert": "2.3.0"}, profiles=profiles,
+                 artifacts=[built("fp32")])
+    lines = _compile_report(m)[1]
+    assert "    profile rpi4 (accelerator: none): fp32" in lines and "    profile coral-usb (accelerator: edgetpu): int8" in lines
+    assert "accuracy not measured (no --eval scored a variant); SNR against fp32" in lines[-1]
+    m.artifacts[0] = built("fp32", accuracy=Accuracy(measured=True, value=0.9, metric="top1", method="eval"))
+    assert "top1 (on --eval) and SNR against fp32" in _compile_report(m)[1][-1]
 
 
 def test_piped_output_is_wide_enough_for_the_tables_unless_columns_says_otherwise():
@@ -234,6 +248,19 @@ def test_a_report_from_a_fleet_without_a_history_yet_says_what_to_run(tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fleet.yaml"]
 
 
+def test_a_report_from_a_history_without_benchmarks_says_so_and_what_to_run(tmp_path, run_cli):
+    """It printed 'wrote r.html: 0 plots for no profile, 0 devices' and nothing else."""
+    from edge_kit.telemetry.store import Store
+
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text("fleet: f\ndevices: []\n")
+    Store(tmp_path / "edgekit-history.db").close()  # a history nothing has benchmarked into
+    code, out, err = run_cli("report", "--fleet", fleet_file, "--out", tmp_path / "r.html")
+    assert code == 0, err
+    assert (f"note {tmp_path.resolve() / 'edgekit-history.db'} holds no benchmark record yet: run `edgekit tune` (or "
+            "`edgekit bench`, or `edgekit monitor` while devices benchmark) first") in " ".join(out.split())
+
+
 @pytest.mark.parametrize("command", [["fleet", "status"], ["select"], ["rollout", "list"], ["rollout", "status", "r1"],
                                      ["rollout", "resume", "r1"], ["rollout", "abort", "r1"],
                                      ["report", "--out", "{tmp}/r.html"]])
@@ -384,3 +411,23 @@ def test_the_report_never_replaces_the_history_or_the_fleet_file(tmp_path, run_c
     for _ in range(2):  # an earlier report is replaced
         code, _, err = run_cli("report", "--fleet", fleet_file, "--out", page)
         assert code == 0, err
+
+
+def test_a_profile_none_of_whose_variants_was_built_is_warned_about():
+    """coral-usb without --calib: int8, int8-pruned-ch50 and edgetpu not-built, fp32 (the reference) built; the
+    compile printed 'wrote .../manifest.json', exit 0, and the deploy then found nothing for its devices."""
+    from edge_kit.cli.compile import unserved_profiles
+
+    no_calib = "full-integer int8 needs calibration data: pass --calib FILE.npz"
+    m = Manifest(created="now", model={"name": "m"}, versions={},
+                 profiles={"coral-usb": {"accelerator": "edgetpu", "variants": ["int8", "edgetpu"]},
+                           "rpi4": {"accelerator": "none", "variants": ["fp32", "int8"]}},
+                 artifacts=[built("fp32"), Artifact(id="int8", status="not-built", reason=no_calib, profiles=["p"],
+                                                    summary="", precision="int8"),
+                            Artifact(id="edgetpu", status="failed", reason=no_calib, profiles=["p"], summary="",
+                                     precision="int8")])
+    assert unserved_profiles(m) == [
+        "profile coral-usb: none of its variants was built (int8, edgetpu: each one's reason is under the table and in "
+        "manifest.json); deploy, tune and rollouts give its devices nothing from this compile"]
+    m.artifacts[1] = built("int8")
+    assert unserved_profiles(m) == []

@@ -104,6 +104,8 @@ def test_bad_artifact_keys_and_signing_keys_are_one_line_errors(tmp_path, run_cl
             key.chmod(0o600)
         code, out, err = run_cli("sign", str(folder), "--key", str(key))
         assert code == 2 and why in err and len(err.strip().splitlines()) == 1, err
+        # a release key given to sign is never to be removed "for a new one": nothing makes one here
+        assert "remove it" not in err, err
     assert (folder / "manifest.json").read_bytes() == before  # nothing written
 
 

@@ -130,6 +130,17 @@ def test_the_face_data_command_writes_enough_calibration_samples_and_says_errors
     assert not out and err.startswith("python -m edge_kit.realmodels: error: ")
 
 
+def test_the_face_data_command_finds_the_wheels_without_wheels_from_any_folder(wheels, tmp_path, monkeypatch, capsys):
+    """Without --wheels it looked in ./.cache/wheels of the current folder only, ignoring $EDGEKIT_WHEELS (which
+    the tests and wheels_folder() honour): run anywhere but the checkout's root, it said the wheels were missing."""
+    from edge_kit import realmodels
+
+    monkeypatch.setenv("EDGEKIT_WHEELS", str(wheels))
+    monkeypatch.chdir(tmp_path)
+    assert realmodels.main(["--out", "faces", "--calib", "2", "--eval", "2"]) == 0, capsys.readouterr().err
+    assert (tmp_path / "faces" / "face_detection_full_range.tflite").is_file()
+
+
 @pytest.mark.parametrize("version", ["3.10.0", "3.13.2", "2.15.0"])
 def test_a_keras_with_known_safe_mode_bypasses_is_not_used_to_load_a_keras_file(tmp_path, monkeypatch, version):
     """safe_mode is what keeps a .keras file from running code while it loads; Keras before 3.14 lets a crafted

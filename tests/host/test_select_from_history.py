@@ -111,7 +111,7 @@ def test_artifacts_not_compiled_for_a_devices_profile_are_bad_input_exit_2(tmp_p
     code, out, err = run_cli("select", "--fleet", fleet, "--artifacts", folder, "--json")
     assert code == 2, err
     assert json.loads(out)["error"] == ("a: the artifacts were not compiled for profile rpi5 (compiled for: rpi4); "
-                                        "recompile with -p rpi5")
+                                        "recompile with -p rpi5, or leave its devices out with --devices")
 
 
 @pytest.mark.parametrize("canary", [[], ["--canary", "40%"]])
@@ -124,7 +124,8 @@ def test_deploy_refuses_artifacts_not_compiled_for_a_devices_profile_before_touc
     code, out, err = run_cli("deploy", "--fleet", fleet, "--artifacts", folder, *canary, "--json")
     assert code == 2, err
     assert json.loads(out) == {"error": "quiet: the artifacts were not compiled for profile rpi5 (compiled for: rpi4); "
-                                        "recompile with -p rpi5", "exit_code": 2}
+                                        "recompile with -p rpi5, or leave its devices out with --devices",
+                                        "exit_code": 2}
 
 
 def test_deploy_refuses_a_variant_the_artifacts_do_not_hold_before_touching_any_device(tmp_path, run_cli):

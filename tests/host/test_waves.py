@@ -580,3 +580,42 @@ def test_a_rollback_to_a_model_an_older_agent_named_outside_the_rule_names_the_p
         desired = broker.desired[name]
         assert (desired.sha256, desired.model) == ("0" * 64, "m")
         assert parse_desired({"msg_id": "x", **desired.body()}).model == "m"  # what the device takes
+
+
+def test_the_rollout_table_says_what_each_device_did_a_converged_device_that_fetched_nothing_included(capsys):
+    from edge_kit.cli.rollout import _print
+
+    def row(device, state, **kw):
+        return {"device": device, "wave": 1, "state": state, "variant": "int8", "error": None, "seconds": 0.2,
+                "download": None, "abort": None, **kw}
+
+    _print({"id": "r", "state": "done", "reason": None, "gate": None, "counts": {"converged": 3}, "refused_messages": 0,
+            "devices": [row("a", "converged", download={"bytes": 2_000_000, "resumed": True}),
+                        row("b", "converged"),  # its agent found the model installed: it reports no download
+                        row("c", "failed", error="fetch: TLS failed"), row("d", "fetching")]})
+    lines = {ln.split()[0]: " ".join(ln.split()) for ln in capsys.readouterr().out.splitlines() if ln.strip()}
+    assert "fetched 2.00 MB (resumed)" in lines["a"]
+    assert "nothing fetched: the model was on the device already" in lines["b"]
+    assert "fetch: TLS failed" in lines["c"] and "nothing fetched" not in lines["d"] + lines["c"]
+
+
+def test_rollout_list_says_when_there_is_none_and_when_older_ones_were_left_out(tmp_path, run_cli):
+    """An empty history printed a table of headers alone, and past 20 rollouts the older ones were left out
+    without a word."""
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text("fleet: sim\nbroker: {host: 127.0.0.1, port: 1}\ndefaults: {user: edgekit, profile: rpi4}\n"
+                          "devices:\n  - {name: d1, host: 127.0.0.1}\n")
+    history = tmp_path / "edgekit-history.db"
+    code, out, err = run_cli("rollout", "list", "--fleet", fleet_file)
+    assert code == 0 and " ".join(out.split()) == (f"no rollout in {history} yet (`edgekit rollout start` makes one)")
+    with Store(history) as db:
+        for i in range(3):
+            db.save_rollout(f"r{i}", "done", {"targets": {"d1": {}}, "variant": "int8"})
+    code, out, err = run_cli("rollout", "list", "--fleet", fleet_file, "--limit", "2")
+    text = " ".join(out.split())
+    assert code == 0 and text.endswith(f"the 2 newest; older ones are in {history} (--limit N lists more)"), out
+    assert text.count(" done ") == 2
+    code, out, err = run_cli("rollout", "list", "--fleet", fleet_file)
+    assert "older ones" not in out and out.count(" done ") == 3
+    code, out, err = run_cli("rollout", "list", "--fleet", fleet_file, "--limit", "2", "--json")
+    assert len(json.loads(out)) == 2

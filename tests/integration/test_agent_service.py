@@ -28,6 +28,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from edge_kit.errors import AgentError
 from edge_kit.fleet.commands import FleetClient
 from edge_kit.sim.broker import MosquittoBroker
+from edge_kit.telemetry.store import Store
 from edgekit_protocol import messages
 from edgekit_protocol.config import BrokerConfig as Broker
 from edgekit_protocol.config import TlsConfig
@@ -260,6 +261,14 @@ def test_edgekit_bench_cli_prints_the_record_and_names_a_silent_device(agents, m
     assert rec["variant"] == "fp32" and rec["runs"] >= 10 and rec["device"] == "dev1"
     code, out, err = run_cli("bench", "--fleet", fleet, "--device", "dev1", "--min-runs", "10")
     assert code == 0 and "latency p50/p90/p99" in out and "simulated" in out and "estimated" in out, out
+    # both records are in the fleet's history, where select, fleet status and report read them (they were printed
+    # and dropped before); the printed one says where it went
+    history = tmp_path / "edgekit-history.db"
+    assert f"stored in {history}" in " ".join(out.split()), out
+    with Store(history) as db:
+        stored = db.bench_records("dev1")
+    assert rec["msg_id"] in {r["msg_id"] for r in stored} and len(stored) == 2
+    assert {r["variant"] for r in stored} == {"fp32", "int8"}
     code, out, err = run_cli("bench", "--fleet", fleet, "--device", "dev2", "--timeout", "2")
     assert code == 5 and err.strip() == (f"edgekit: error: dev2: no answer to 'bench' within 2 s; is its agent running "
                                          f"and connected to 127.0.0.1:{mosquitto.port}?")

@@ -471,3 +471,17 @@ def test_a_store_inside_the_artifacts_folder_is_refused(tmp_path):
             publish(folder, store)
     assert sorted(p.name for p in folder.iterdir()) == before
     assert publish(folder, tmp_path / "store").model == "tiny"
+
+
+def test_a_store_inside_another_stores_folders_is_refused(published, tmp_path):
+    """`publish ... --store store/sha256` (the folder devices fetch objects from) wrote a second store there:
+    sha256/ and manifests/ folders among the first store's content-addressed objects."""
+    folder, store, _ = published
+    before = sorted(p.name for p in (store / "sha256").iterdir())
+    for inner in (store / "sha256", store / "manifests", store / "manifests" / "tiny"):
+        with pytest.raises(InputError, match=rf"--store {inner}: inside the store {store.resolve()} \(its "
+                                             rf"(sha256|manifests)/ folder\).*; give --store {store.resolve()}$"):
+            publish(folder, inner)
+    assert sorted(p.name for p in (store / "sha256").iterdir()) == before
+    assert not (store / "manifests" / "tiny" / "sha256").exists()
+    assert publish(folder, store).model == "tiny"  # the store itself, as before

@@ -58,7 +58,8 @@ def stopped_compile(args: list, timeout: float, why: str, said: str, code: int, 
 
 def test_missing_model(tmp_path, run_cli):
     code, _, err = run_cli("compile", tmp_path / "nope.keras", "-p", "rpi4", "--out", tmp_path / "o")
-    assert "nope.keras: model not found" in one_line_error(code, err)
+    assert one_line_error(code, err) == (f"edgekit: error: {tmp_path / 'nope.keras'}: model not found; check the path "
+                                         "(a .keras or .h5 file, a SavedModel folder, a .tflite or an .onnx file)")
     assert not (tmp_path / "o").exists()
 
 
@@ -861,3 +862,55 @@ def test_a_keras_config_declaring_a_huge_layer_is_refused_before_tensorflow_buil
         "for more); TensorFlow would allocate them on this host while loading it: a damaged or hostile file, or a "
         "model too large for edge devices; export a smaller model")
     assert not (tmp_path / "o").exists()
+
+
+def _interrupted_compile(digits_files, out: Path, to_group: bool) -> tuple[subprocess.CompletedProcess, float]:
+    """Start `edgekit compile` of the digits model into ``out`` in a session of its own, send SIGINT once its worker
+    notes that it builds the first pruned variant (fine-tuned for 60 epochs: long enough to outlast the grace after
+    Ctrl-C): to the whole group, as a terminal's Ctrl-C does, or to the edgekit process alone; return it finished
+    and the seconds from the signal to its end."""
+    scratch = Path(tempfile.mkdtemp(prefix="ek"))  # the edgekit process keeps the worker's notes in a folder here
+    proc = subprocess.Popen([sys.executable, "-m", "edge_kit", "compile", str(digits_files.model), "-p", "rpi4",
+                             "--calib", str(digits_files.calib), "--eval", str(digits_files.eval), "--train",
+                             str(digits_files.train), "--epochs", "60", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "TMPDIR": str(scratch)})
+    try:
+        deadline = time.monotonic() + 180
+        while proc.poll() is None and time.monotonic() < deadline and not any(
+                '"step": "building int8-pruned-50"' in n.read_text() for n in scratch.glob("edgekit-*/notes.jsonl")
+                if n.is_file()):
+            time.sleep(0.05)
+        assert proc.poll() is None, "the compile ended before it could be interrupted"
+        (os.killpg if to_group else os.kill)(proc.pid, signal.SIGINT)
+        sent = time.monotonic()
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+        shutil.rmtree(scratch, ignore_errors=True)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), time.monotonic() - sent
+
+
+def test_ctrl_c_stops_a_compile_at_once_and_writes_nothing(digits_files, tmp_path):
+    """The edgekit process ignored SIGINT while its compile worker ran, and an ignored signal is inherited: the
+    worker ignored the terminal's Ctrl-C too, so the compile ran on to its end and replaced the previous result."""
+    out = tmp_path / "o"
+    proc, took = _interrupted_compile(digits_files, out, to_group=True)
+    assert one_line_error(proc.returncode, proc.stderr, 130) == "edgekit: error: interrupted; nothing was half-written"
+    assert took < 30 and not (out / "digits").exists() and list(out.glob(".*")) == []
+
+
+def test_a_compile_worker_that_does_not_stop_after_ctrl_c_is_stopped_and_says_so(digits_files, tmp_path):
+    """A worker that goes on after Ctrl-C (native code that does not return to Python, or a SIGINT that reached only
+    the edgekit process, as here) is stopped INTERRUPT_GRACE_S later, in one line, exit 130, nothing written."""
+    from edge_kit.cli.worker import INTERRUPT_GRACE_S
+
+    out = tmp_path / "o"
+    proc, took = _interrupted_compile(digits_files, out, to_group=False)
+    line = one_line_error(proc.returncode, proc.stderr, 130)
+    assert line.startswith(f"edgekit: error: interrupted: {digits_files.model} did not stop on its own within "
+                           f"{INTERRUPT_GRACE_S:g} s of Ctrl-C while 'building int8-pruned-50', so it was stopped"), line
+    assert line.endswith(f", so it was stopped; nothing was written ({out}, which it made, was removed)"), line
+    assert INTERRUPT_GRACE_S <= took < INTERRUPT_GRACE_S + 20 and not (out / "digits").exists()

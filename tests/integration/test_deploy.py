@@ -18,6 +18,7 @@ from edge_kit.fleet.deploy import DeployOptions, deploy
 from edge_kit.fleet.inventory import load_fleet
 from edge_kit.fleet.ssh import DeviceShell
 from edge_kit.sim.ssh import known_hosts_line, write_keypair
+from edge_kit.telemetry.store import Store
 
 pytestmark = pytest.mark.integration
 
@@ -464,9 +465,15 @@ def test_a_canary_breaking_its_constraints_stops_the_rollout_and_is_rolled_back(
     assert statuses[1] == ("failed", "rolled back: the canary rollout stopped")
     assert statuses[2:] == [("skipped", "rollout stopped after the canaries")] * 2
     assert [current(d) for d in fleet.devices] == [old] * 4  # canaries back on the previous model, the rest untouched
+    # the canaries' health benchmarks (the figures the rollout was stopped on) are in the fleet's history, where
+    # select and report read them; they were judged and dropped before
+    health = {r["health"]["msg_id"] for r in result["devices"] if r.get("health")}
+    assert len(health) == 2
+    with Store(tmp_path / "edgekit-history.db") as db:
+        assert {r["msg_id"] for r in db.bench_records()} == health
     code, out, err = run_cli("deploy", "--fleet", simfleet.fleet_file, "--artifacts", digits_artifacts_v2,
-                             "--variant", "int8", "--canary", "25%", "--json")
-    assert code == 0 and json.loads(out)["counts"]["succeeded"] == 4
+                             "--variant", "int8", "--canary", "25%")
+    assert code == 0 and f"canary health benchmarks: 1 stored in {simfleet.fleet_file.parent.resolve()}" in out, out
     assert [current(d) for d in fleet.devices] == [new] * 4
 
 
