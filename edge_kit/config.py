@@ -96,6 +96,18 @@ def format_loc(loc: tuple[Any, ...]) -> str:
     return out or "<top level>"
 
 
+MAX_NAMED_PROBLEMS = 3  # further problems a config error names, after the one it explains
+
+
+def _named(errors: list[dict[str, Any]]) -> str:
+    """Return the first :data:`MAX_NAMED_PROBLEMS` of pydantic's ``errors`` named by key and kind (``variants
+    missing, constraints.max_power_w invalid``), and how many more, for the end of a one-line config error."""
+    kinds = {"missing": "missing", "extra_forbidden": "unknown key"}
+    named = [f"{format_loc(e['loc'])} {kinds.get(e['type'], 'invalid')}" for e in errors[:MAX_NAMED_PROBLEMS]]
+    rest = len(errors) - len(named)
+    return ", ".join(named) + (f" and {rest} more" if rest else "")
+
+
 def load_yaml_model(path: Path, model: type[M], *, defaults: dict[str, Any] | None = None) -> M:
     """Parse a YAML file and validate it as ``model``.
 
@@ -108,7 +120,7 @@ def load_yaml_model(path: Path, model: type[M], *, defaults: dict[str, Any] | No
         ConfigError: the file is missing or unreadable, is not YAML, holds a value YAML cannot read (a
             5000-digit number, a date that does not exist), is not a mapping, gives a key twice,
             or fails validation. The message names the file, the line and the key, and the closest valid
-            key for a misspelling. Only the first problem is reported, so fixes are one at a time.
+            key for a misspelling. The first problem is explained; the next few are named by key at the end of the line.
     """
     path = Path(path)
     try:
@@ -143,5 +155,6 @@ def load_yaml_model(path: Path, model: type[M], *, defaults: dict[str, Any] | No
         errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
         err = errors[0]
         line, _ = _line_of(node, err["loc"])
-        more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''} in the file)" if len(errors) > 1 else ""
+        more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''} in the file: " \
+            f"{_named(errors[1:])})" if len(errors) > 1 else ""
         raise ConfigError(f"{path}:{line}: {format_loc(err['loc'])}: {_describe(err, model)}{more}") from None

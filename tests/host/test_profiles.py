@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -78,7 +79,17 @@ def test_the_count_of_further_problems_is_not_read_as_more_valid_keys(tmp_path):
     with pytest.raises(ConfigError) as exc:
         load_profile(path)
     assert str(exc.value).startswith(f"{path}:2: bogus: unknown key") and str(exc.value).endswith(
-        "(and 4 more problems in the file)"), exc.value
+        "(and 4 more problems in the file: description missing, hardware missing, variants missing and 1 more)"), \
+        exc.value
+
+
+def test_the_further_problems_are_named_by_key(tmp_path):
+    """'(and 1 more problem in the file)' left the user to find it in another run: it is named."""
+    path = write(tmp_path, GOOD.replace("constraints:", "constraint:").replace("[fp32, int8]", "[fp32, int-8]"))
+    with pytest.raises(ConfigError) as exc:
+        load_profile(path)
+    assert re.search(r"did you mean 'constraints'\? \(and 1 more problem in the file: variants invalid\)$",
+                     str(exc.value)), exc.value
 
 
 def test_unknown_variant_suggests_the_closest(tmp_path):
