@@ -145,13 +145,37 @@ def run_worker(argv: list[str]) -> tuple[int, str | None]:
                f"or a converter bug; leave that variant out (a profile without it) and compile again; {_cleaned(said)}")
 
 
+def _ours(said: dict[str, Any], key: str, kind: str) -> Path | None:
+    """Return the folder the worker noted under ``key`` (``staging``, ``old``) when it is one the compile's result
+    swap makes beside the output folder (``.<out>.<kind>-...``, :func:`edge_kit.compiler.pipeline._publish`) and it
+    exists; else None: nothing else is ever moved or removed."""
+    out, path = said.get("out"), said.get(key)
+    if not (isinstance(out, str) and isinstance(path, str)):
+        return None
+    out_path, found = Path(out), Path(path)
+    ok = found.parent == out_path.parent and found.name.startswith(f".{out_path.name}.{kind}-")
+    return found if ok and found.is_dir() and not found.is_symlink() else None
+
+
 def _cleaned(said: dict[str, Any]) -> str:
-    """Remove the output folder the worker noted (``said``: its folded notes) when it made it and left it empty.
+    """Finish or undo the result swap the worker was in when it ended (``said``: its folded notes): after the new
+    result took the output folder's place, remove the previous result set aside; before, remove the staging folder
+    and put a previous result set aside back. Then remove the output folder it made when it is left empty.
 
     Returns:
         What was cleaned up, in words, for the end of the line that reports the worker's end.
     """
     out = said.get("out")
+    old = _ours(said, "old", "old")
+    if said.get("published"):
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return f"the new result had been written to {out} already"
+    staging = _ours(said, "staging", "staging")
+    if staging is not None:
+        shutil.rmtree(staging, ignore_errors=True)
+    if old is not None and not Path(out).exists():
+        os.replace(old, out)  # ended between the swap's two renames: the previous result comes back
     if out and said.get("made") and Path(out).is_dir() and not any(Path(out).iterdir()):
         Path(out).rmdir()
         return f"nothing was written ({out}, which it made, was removed)"

@@ -59,7 +59,7 @@ from edge_kit.compiler.sources import (
     source_graph,
 )
 from edge_kit.compiler.tflite_edit import as_float32
-from edge_kit.compiler.watch import watched
+from edge_kit.compiler.watch import note, watched
 from edge_kit.errors import CompileError, ConfigError, InputError
 from edge_kit.fsutil import (
     atomic_write_bytes,
@@ -766,6 +766,7 @@ def _publish(target: Path, plans: dict[str, _Plan], manifest: Manifest, extra: d
             (or any other exception) likewise puts the previous result back before it propagates.
     """
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.staging-"))
+    note(staging=str(staging))  # for the edgekit process, should this worker die while writing (edge_kit.cli.worker)
     old = None
     try:
         os.chmod(staging, 0o755)  # mkdtemp makes it private; the artifacts are shared (store, deploy) like their files
@@ -777,6 +778,7 @@ def _publish(target: Path, plans: dict[str, _Plan], manifest: Manifest, extra: d
         atomic_write_text(staging / "manifest.json", manifest.to_json(signer))
         if target.exists():
             old = target.parent / f".{target.name}.old-{os.getpid()}"
+            note(old=str(old))
             os.replace(target, old)
         try:
             os.replace(staging, target)
@@ -784,6 +786,7 @@ def _publish(target: Path, plans: dict[str, _Plan], manifest: Manifest, extra: d
             if old is not None:
                 os.replace(old, target)  # put the previous complete result back
             raise
+        note(published=True)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except OSError as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -187,3 +188,60 @@ def test_a_sparse_file_in_a_model_folder_does_not_stretch_its_conversion_deadlin
     assert os.stat(folder / "pad.bin").st_size == 2**40
     assert _disk_bytes(folder) < 2**20 and _disk_bytes(folder / "saved_model.pb") == 3000
     assert conversion_deadline(_disk_bytes(folder)) == conversion_deadline(0) + 1
+
+
+def _result(folder, text):
+    folder.mkdir()
+    (folder / "manifest.json").write_text(text)
+    return folder
+
+
+def test_the_result_swap_is_noted_and_a_worker_ended_inside_it_is_finished_or_undone(tmp_path, monkeypatch):
+    """A worker killed while swapping in its result (the kernel, for memory) was said to have written nothing and
+    left its staging folder; killed between the swap's two renames, the previous result was left in a hidden
+    `.out.old-PID` folder and the output folder was gone. The swap's steps are noted; the edgekit process finishes
+    the swap or undoes it, and says which."""
+    from edge_kit.cli.worker import _cleaned, _notes
+    from edge_kit.compiler.pipeline import _publish
+    from edge_kit.manifest import Manifest
+
+    notes = tmp_path / "notes.jsonl"
+    monkeypatch.setenv(WORKER_ENV, str(notes))
+    out = _result(tmp_path / "out", "previous")
+    manifest = Manifest.model_construct()
+    monkeypatch.setattr(Manifest, "to_json", lambda self, signer=None: "new", raising=False)
+    _publish(out, {}, manifest, {"eval.npz": b"x"})
+    said = _notes(notes)
+    assert said["published"] is True and (out / "manifest.json").read_text() == "new"
+    assert Path(said["staging"]).parent == Path(said["old"]).parent == tmp_path and not Path(said["old"]).exists()
+
+    # ended after the swap, before the previous result was removed: it is removed, the new one stays
+    old = _result(Path(said["old"]), "previous")
+    assert _cleaned({"out": str(out), **said}) == f"the new result had been written to {out} already"
+    assert not old.exists() and (out / "manifest.json").read_text() == "new"
+
+    # ended between the two renames: the previous result comes back, the staging folder goes
+    staging = _result(tmp_path / ".out.staging-abc", "half")
+    out.rename(old)
+    said = {"out": str(out), "staging": str(staging), "old": str(old)}
+    assert _cleaned(said) == "nothing was written; an earlier result in the output folder is left as it was"
+    assert (out / "manifest.json").read_text() == "new" and not old.exists() and not staging.exists()
+
+    # before the swap: only the staging folder goes
+    staging = _result(tmp_path / ".out.staging-def", "half")
+    assert _cleaned({"out": str(out), "staging": str(staging)}).startswith("nothing was written")
+    assert not staging.exists() and (out / "manifest.json").read_text() == "new"
+
+
+def test_a_noted_folder_that_is_not_the_swaps_own_is_never_moved_or_removed(tmp_path):
+    from edge_kit.cli.worker import _cleaned
+
+    out = tmp_path / "out"
+    keep = [_result(tmp_path / name, "keep") for name in ("precious", ".other.staging-x", ".out.old")]
+    link = tmp_path / ".out.staging-link"
+    link.symlink_to(keep[0])
+    for noted in (*keep, link, tmp_path / "sub"):
+        _cleaned({"out": str(out), "staging": str(noted), "old": str(noted)})
+        _cleaned({"out": str(out), "staging": str(noted), "old": str(noted), "published": True})
+    assert all((k / "manifest.json").read_text() == "keep" for k in keep) and link.is_symlink()
+    assert not out.exists()
