@@ -214,7 +214,8 @@ def print_tune(report: Any) -> None:
     out.print(f"{rounds_text(report)}; switched: {', '.join(switched) or 'nothing'}")
     if report.budget is not None:
         b = report.budget
-        out.print(f"budget: {b['spent']:g} of {b['budget']:g} {b['unit']} spent on {b['measured']} measurement(s); "
+        unit = "benchmark runs" if b["unit"] == "runs" else "device-seconds"  # not the runs inside a benchmark
+        out.print(f"budget: {b['spent']:g} of {b['budget']:g} {unit} spent on {b['measured']} measurement(s); "
                   f"{b['health']} health benchmark(s) of switched-to variants, counted apart")
         for text in b["messages"]:
             out.print(f"[yellow]note[/] {safe(text)}")

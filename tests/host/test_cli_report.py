@@ -373,6 +373,19 @@ def test_tune_counts_the_rounds_its_option_bounds_and_names_the_verify_decision_
     assert "1 round(s); switched: nothing" in " ".join(capsys.readouterr().out.split())
 
 
+
+@pytest.mark.parametrize(("unit", "said"), [("runs", "benchmark runs"), ("seconds", "device-seconds")])
+def test_tunes_budget_line_names_its_unit_as_the_option_means_it(capsys, unit, said):
+    """"budget: 9 of 9 runs spent" read as inference runs (a benchmark times hundreds); the unit is benchmarks."""
+    from edge_kit.cli.loop import print_tune
+    from edge_kit.fleet.deploy import GroupResult
+    from edge_kit.loop.tune import TuneReport
+
+    report = TuneReport(GroupResult([]), budget={"spent": 9, "budget": 9, "unit": unit, "measured": 9, "health": 1,
+                                                  "messages": []})
+    print_tune(report)
+    assert f"budget: 9 of 9 {said} spent on 9 measurement(s)" in " ".join(capsys.readouterr().out.split())
+
 def test_the_report_names_each_clock_its_records_were_timed_with(tmp_path):
     """The report said "perf_counter_ns around interpreter.invoke()" for every record, though the onnx-* variants
     were timed around session.run() (their records say so)."""
