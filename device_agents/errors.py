@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from edgekit_protocol.errors import EdgeKitError
 
+NO_ACTIVE_MODEL = ("no model is active on this device; deploy one (edgekit deploy on the host), or install and activate "
+                   "one here (edgekit-agent install, then edgekit-agent activate)")
+
 
 class DeviceError(EdgeKitError):
     """Something the agent was asked could not be done on this device; the text says why."""

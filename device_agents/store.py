@@ -60,7 +60,7 @@ from device_agents.disk import (
     sha256_of,
     sweep_tmp,
 )
-from device_agents.errors import SmokeFailed, StoreError
+from device_agents.errors import NO_ACTIVE_MODEL, SmokeFailed, StoreError
 from device_agents.formats import SUFFIX, model_format
 from edgekit_protocol.messages import check_model_name
 
@@ -443,7 +443,7 @@ class ModelStore:
             return (same or hits)[-1]["sha256"]
         cur = self.current()
         if cur is None:
-            raise StoreError("no model is active on this device; install and activate one first")
+            raise StoreError(NO_ACTIVE_MODEL)
         return cur
 
     def verify(self, sha256: str) -> Path:

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from device_agents.content_length import byte_count
-from device_agents.errors import DeviceError
+from device_agents.errors import NO_ACTIVE_MODEL, DeviceError
 
 log = logging.getLogger("edgekit.agent.serve")
 HOST = "127.0.0.1"
@@ -291,7 +291,7 @@ def listen(server: Any, port: int) -> ThreadingHTTPServer:
                 return
             served = server.current
             if served is None:
-                self._error(503, "no model is active on this device; activate one first")
+                self._error(503, NO_ACTIVE_MODEL)
                 return
             self._send(200, {"ok": True, "model": served.ref(), "inputs": served.inputs, "outputs": served.outputs})
 

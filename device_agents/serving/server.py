@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from device_agents.errors import DeviceError
+from device_agents.errors import NO_ACTIVE_MODEL, DeviceError
 from device_agents.inference import ModelRunner
 from device_agents.serving.frames import (
     MAGIC,
@@ -398,7 +398,7 @@ class Server:
         started = time.perf_counter_ns() if started_ns is None else started_ns
         served = self.current  # this request's model, whatever is activated meanwhile
         if served is None:
-            raise RequestError("no model is active on this device; activate one first", "no_model")
+            raise RequestError(NO_ACTIVE_MODEL, "no_model")
         try:
             outputs = served.predict(arrays)
         except ValueError as exc:
@@ -477,7 +477,7 @@ class Server:
                     continue
                 served = self.current
                 if served is None:
-                    answer = {"ok": False, "error": "no model is active on this device; activate one first"}
+                    answer = {"ok": False, "error": NO_ACTIVE_MODEL}
                 elif op == "info":
                     answer = {"ok": True, "model": served.ref(), "inputs": served.inputs, "outputs": served.outputs}
                 else:

@@ -69,8 +69,8 @@ def test_a_model_failing_its_smoke_inference_never_becomes_current(store, tmp_pa
 def test_rollback_needs_a_previous_model_and_resolve_names_what_is_there(store, tmp_path):
     with pytest.raises(StoreError, match="no previous model"):
         store.rollback()
-    with pytest.raises(StoreError, match="no model is active"):
-        store.resolve()
+    with pytest.raises(StoreError, match=r"no model is active on this device; deploy one \(edgekit deploy on the host\)"):
+        store.resolve()  # what to do, for the host's user and for one at the device
     path, sha = model_file(tmp_path, b"model-a")
     store.install(path, variant="int8", model="m")
     with pytest.raises(StoreError, match=r"variant 'fp16' is not installed on this device \(installed: int8\)"):
