@@ -131,14 +131,20 @@ def test_contradictory_measurements_are_measured_again_then_flag_the_device():
     assert plan.model.flagged[d] and "still disagree" in plan.model.flag_why[d]
 
 
-def test_a_runtime_update_that_shifts_a_profile_makes_its_pairs_stale_and_measured_again():
+def _measured_on_old_software():
+    """Return (fleet, its spec, every candidate of 80 devices measured on "litert 1.2", profile 0, six unmeasured
+    devices of that profile, a variant they can run): the drift tests' starting point."""
     fleet = make_fleet(400, noise=0.05, outliers=0.0, seed=9)
     spec = fleet.spec
     fleet.software = "litert 1.2"
     old = _sample_all(fleet, range(80))
     p = 0
     devs = [d for d in range(80, 400) if spec.profile[d] == p][:6]
-    v = int(np.flatnonzero(spec.candidates[devs[0]])[2])
+    return fleet, spec, old, p, devs, int(np.flatnonzero(spec.candidates[devs[0]])[2])
+
+
+def test_a_runtime_update_that_shifts_a_profile_makes_its_pairs_stale_and_measured_again():
+    fleet, spec, old, p, devs, v = _measured_on_old_software()
     fleet.true_log_p90[spec.profile == p, v] += np.log(1.4)  # the update slows this variant by 40 %
     fleet.software = "litert 1.3"
     new = fleet.bench([(d, v) for d in devs])
@@ -534,13 +540,7 @@ def test_one_device_claiming_new_software_cannot_make_the_profiles_measurements_
     stale (left out of the model and of their measured figures), so its own figures became the profile's.
     New software is judged once at least two devices ran it, each device's shift counted once (their median; two
     devices must agree on a shift for it to be drift); with one device it is a drift check (measured on others)."""
-    fleet = make_fleet(400, noise=0.05, outliers=0.0, seed=9)
-    spec = fleet.spec
-    fleet.software = "litert 1.2"
-    old = _sample_all(fleet, range(80))
-    p = 0
-    devs = [d for d in range(80, 400) if spec.profile[d] == p][:6]
-    v = int(np.flatnonzero(spec.candidates[devs[0]])[2])
+    fleet, spec, old, p, devs, v = _measured_on_old_software()
     liar = fleet.bench([(devs[0], v)] * 3)
     liar.p90_ms[:] *= 10
     model = fit(spec, _with_software(old, liar, ("litert 1.2", "litert 9.9")))
