@@ -53,11 +53,18 @@ def duplicate_key(node: yaml.Node | None, where: str = "", _seen: set[int] | Non
     return None
 
 
+# What PyYAML's safe constructors raise, with no line, for a scalar typed (by its look or an explicit tag) as what
+# its text is not: ValueError (a 5000-digit int, 2024-13-45, !!int abc), KeyError (!!bool maybe), AttributeError
+# (!!timestamp nope), and a ConstructorError (a YAMLError) for a tag they do not know (!foo).
+UNREADABLE = (ValueError, KeyError, AttributeError, TypeError, yaml.YAMLError)
+
+
 def unreadable_value(node: yaml.Node | None, where: str = "",
                      _seen: set[int] | None = None) -> tuple[int, str, str] | None:
     """Return ``(1-based line, dotted key, reason)`` of the first scalar in ``node`` that YAML types but cannot turn
     into a value, or None: an integer of more digits than Python converts (4300), a date that does not exist
-    (``2024-13-45``, which YAML reads as a date, not text). PyYAML raises a bare ValueError for these, with no line."""
+    (``2024-13-45``, which YAML reads as a date, not text), text under an explicit tag it is not (``!!bool maybe``)
+    or an unknown tag. PyYAML raises one of :data:`UNREADABLE` for these, with no line. Raises nothing."""
     seen = _seen if _seen is not None else set()
     if node is None or id(node) in seen:
         return None
@@ -67,6 +74,10 @@ def unreadable_value(node: yaml.Node | None, where: str = "",
             yaml.safe_load(yaml.serialize(node))
         except ValueError as exc:
             return node.start_mark.line + 1, where or "<top level>", str(exc).split(";")[0]
+        except UNREADABLE:
+            tag = node.tag.removeprefix("tag:yaml.org,2002:")
+            why = f"not a valid {tag}" if tag != node.tag else f"unknown tag {tag}"
+            return node.start_mark.line + 1, where or "<top level>", why
         return None
     items = ([(f"{where}.{k.value}" if where else str(k.value), v) for k, v in node.value]
              if isinstance(node, yaml.MappingNode) else [(f"{where}[{i}]", v) for i, v in enumerate(node.value)])
@@ -146,9 +157,9 @@ def load_agent_config(path: Path) -> AgentConfig:
     refuse_duplicate_key(node, path)
     try:
         tree = _tree(node)
-    except ValueError:  # a scalar YAML cannot construct (a 5000-digit number, 2024-13-45): say where
+    except UNREADABLE:  # a scalar YAML cannot construct (a 5000-digit number, 2024-13-45, !!bool maybe): say where
         refuse_unreadable_value(node, path)
-        raise
+        raise ConfigError(f"{path}: YAML cannot read a value; quote text, give valid values") from None
     cfg = build(tree, path)
     bad = [s for s in cfg.power.sensors if s not in SENSORS]
     if bad:

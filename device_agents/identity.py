@@ -119,16 +119,19 @@ class Signer:
         return cls(key)
 
     @classmethod
-    def load_or_create(cls, path: Path) -> tuple[Signer, bool]:
+    def load_or_create(cls, path: Path, loose_remedy: str = "chmod 600 it (or remove it for a new one)"
+                       ) -> tuple[Signer, bool]:
         """Return the key at ``path``, creating it (mode 600) when there is none; and whether it was created.
+        ``loose_remedy`` is what the error for a key readable by others tells the user to do: removal only where
+        a new key is harmless (a device's own, re-registered by the next deploy), never for a key others trust.
 
         Raises:
             ConfigError: the file is there but is not a key, or is readable by others than its owner; or there
                 is none and one cannot be written there (its folder is a file, or not writable).
         """
         path = Path(path)
-        if path.exists():  # a key made here may be made again: removing it is a remedy (never for one given to sign)
-            return cls.load(path, "chmod 600 it (or remove it for a new one)"), False
+        if path.exists():
+            return cls.load(path, loose_remedy), False
         signer = cls.generate()
         try:
             signer.save(path)

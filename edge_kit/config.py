@@ -16,7 +16,11 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from device_agents.config import refuse_duplicate_key, refuse_unreadable_value
+from device_agents.config import (
+    UNREADABLE,
+    refuse_duplicate_key,
+    refuse_unreadable_value,
+)
 from edge_kit.errors import ConfigError
 from edgekit_protocol.config import closest
 
@@ -118,7 +122,7 @@ def load_yaml_model(path: Path, model: type[M], *, defaults: dict[str, Any] | No
 
     Raises:
         ConfigError: the file is missing or unreadable, is not YAML, holds a value YAML cannot read (a
-            5000-digit number, a date that does not exist), is not a mapping, gives a key twice,
+            5000-digit number, a date that does not exist, ``!!bool maybe``), is not a mapping, gives a key twice,
             or fails validation. The message names the file, the line and the key, and the closest valid
             key for a misspelling. The first problem is explained; the next few are named by key at the end of the line.
     """
@@ -138,9 +142,9 @@ def load_yaml_model(path: Path, model: type[M], *, defaults: dict[str, Any] | No
         where = f":{mark.line + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{path}{where}: not valid YAML: {problem}") from None
-    except ValueError as exc:  # a scalar YAML types but cannot construct (a 5000-digit number, 2024-13-45)
+    except UNREADABLE:  # a scalar YAML types but cannot construct (a 5000-digit number, 2024-13-45, !!bool maybe)
         refuse_unreadable_value(node, path)
-        raise ConfigError(f"{path}: YAML cannot read a value ({str(exc).split(';')[0]})") from None
+        raise ConfigError(f"{path}: YAML cannot read a value; quote text, give valid values") from None
     finally:
         loader.dispose()
     if not isinstance(data, dict):

@@ -93,8 +93,8 @@ def parse_inputs(body: bytes, max_payload: int) -> dict[str, np.ndarray]:
     Raises:
         _BadRequest: (400) the body is not JSON, holds NaN or infinity (also as a number too large
             for a float), is not ``{"inputs": {name: nested lists}}``, an input is not a
-            rectangular array of numbers (text such as ``"1.5"``, ``true``, ``null`` are not numbers), or the
-            arrays are over ``max_payload`` bytes as float32.
+            rectangular array of numbers (text such as ``"1.5"``, ``true``, ``null`` are not numbers, also
+            among numbers; integers of any size are), or the arrays are over ``max_payload`` bytes as float32.
     """
     try:
         doc = json.loads(body, parse_constant=_refuse_constant)
@@ -111,8 +111,17 @@ def parse_inputs(body: bytes, max_payload: int) -> dict[str, np.ndarray]:
             a = np.asarray(value)  # typed by what the JSON holds: a float64 one would turn "1.5" and true into numbers
         except (ValueError, TypeError, OverflowError, RecursionError):
             raise _BadRequest(400, f"input {name!r}: not a rectangular array of numbers") from None
-        if a.dtype.kind not in "iuf":
-            found = _FOUND.get(a.dtype.kind, "null, objects or integers beyond 64 bits")
+        kind = a.dtype.kind
+        if kind == "O" and all(type(x) in (int, float) for x in a.flat):  # integers past 64 bits (JavaScript: 1e20)
+            try:
+                a, kind = np.asarray(value, dtype=np.float64), "f"
+            except OverflowError:
+                raise _BadRequest(400, f"input {name!r} holds a number too large for a float") from None
+        elif kind in "iuf" and (b"true" in body or b"false" in body) and any(
+                type(x) is bool for x in np.asarray(value, dtype=object).flat):  # numpy reads [1, true] as [1, 1]
+            kind = "b"
+        if kind not in "iuf":
+            found = _FOUND.get(kind, "null or objects")
             raise _BadRequest(400, f"input {name!r}: not a rectangular array of numbers (it holds {found})")
         a = a.astype(np.float64, copy=False)
         if a.ndim > 8:

@@ -308,7 +308,8 @@ class FleetClient:
                 with self._cond:
                     refused = self.refused_records.get((device, mid))
                 if refused is not None:
-                    raise AgentError(f"{device}: its bench record was refused: {refused}")
+                    raise AgentError(f"{device}: its bench record was refused: {refused}; check that the device runs "
+                                     "edge-kit's agent (edgekit deploy installs it) and that its sensors work")
                 raise AgentTimeout(f"{device}: the bench record announced in the ack did not arrive within {timeout:.0f} s")
             ack = {**ack, "record": record}
         return ack

@@ -85,6 +85,10 @@ class _RegistryKeyring(Keyring):
         return super().keys_of(signer)
 
 
+OPERATOR_KEY_REMEDY = ("chmod 600 it (do not remove it: every device trusts this key and would refuse a new one; "
+                       "`edgekit keys rotate` replaces it)")
+
+
 class FleetKeys:
     """The operator key and the device key registry of one fleet (a folder)."""
 
@@ -101,7 +105,8 @@ class FleetKeys:
             ConfigError: the key file is not a key or is readable by others.
         """
         if self._signer is None:
-            self._signer, _ = Signer.load_or_create(self.folder / "operator.key")
+            # every device pins it: a new one would lock the fleet out of commands and desired states
+            self._signer, _ = Signer.load_or_create(self.folder / "operator.key", OPERATOR_KEY_REMEDY)
         return self._signer
 
     def devices(self) -> dict[str, bytes]:

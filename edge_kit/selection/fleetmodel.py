@@ -57,7 +57,9 @@ with the older measurements' median, one shift per device: their median (with 2 
 when both point the same way) beyond ``drift_z`` standard errors and ``drift_min_ratio`` (x1.10) marks the older ones *stale* (left out of the
 model and of the devices' measured figures, so those pairs are measured again), and every affected decision
 says why. New software on fewer than 2 devices (however many records one device sends: a compromised one's
-are its word alone): a drift check measures the pair on up to 3 devices.
+are its word alone): a drift check measures the pair on up to 3 devices. A profile whose only device can run
+the variant is judged on that device's own measurements (2 at least on the new software): no second device
+will ever confirm it.
 
 Planning
 --------
@@ -451,7 +453,10 @@ def _drift(spec: FleetSpec, m: Measurements, s: Settings) -> tuple[np.ndarray, d
         p, v = divmod(int(key), V)
         name = m.softwares[newest]
         on_new = np.unique(m.device[new])
-        if len(on_new) < 2:  # one device's records are its word alone, however many it sends
+        # one device's records are its word alone, however many it sends: 2 devices must have run the new software,
+        # unless the profile has a single device that can run the variant (its word is the profile's: 2 records)
+        able = int(((spec.profile == p) & spec.candidates[:, v]).sum())
+        if len(on_new) < min(2, able) or new.sum() < 2:
             check.append((p, v))
             continue
         # each device's median on the new software against the older measurements' (over the profile's devices),
@@ -460,7 +465,7 @@ def _drift(spec: FleetSpec, m: Measurements, s: Settings) -> tuple[np.ndarray, d
         # measurements stale
         before = float(_device_median_by(np.zeros(int(old.sum()), dtype=np.intp), m.device[old], y[old], 1)[0])
         shifts = [float(np.median(y[new & (m.device == d)])) - before for d in on_new]
-        if len(shifts) > 2:
+        if len(shifts) != 2:
             shift = float(np.median(shifts))
         else:
             shift = min(shifts, key=abs) if shifts[0] * shifts[1] > 0 else 0.0
@@ -533,8 +538,8 @@ def fit(spec: FleetSpec, m: Measurements, settings: Settings | None = None) -> F
                         f"mode), e.g. {', '.join(names)}: their figures are inferred without covariates, and a "
                         "deviation is flagged without an explanation")
     for (p, v) in check:
-        messages.append(f"{spec.profiles[p]}/{spec.variants[v]}: new software measured on fewer than 2 devices: "
-                        "measured on up to 3 devices to check for a shift")
+        messages.append(f"{spec.profiles[p]}/{spec.variants[v]}: new software measured on fewer than 2 devices (a "
+                        "profile's only device: fewer than 2 times): measured on up to 3 devices to check for a shift")
     return FleetModel(spec, s, fits, stale, flagged, why, x_device, has_conditions, drift, check, contradictory, messages)
 
 

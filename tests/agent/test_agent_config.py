@@ -205,6 +205,13 @@ def test_the_last_will_and_the_statuses_of_one_connection_name_the_same_connecti
     ("device: pi-1\nfleet: f\nserve:\n  max_clients: " + "9" * 5000 + "\n",
      "a.yaml:4: serve.max_clients: YAML cannot read this value (Exceeds the limit (4300 digits) for integer string "
      "conversion: value has 5000 digits)"),
+    # text under an explicit tag it is not: PyYAML raised KeyError, AttributeError (a traceback at start)
+    ("device: pi-1\nfleet: f\nbench: {threads: !!bool maybe}\n", "a.yaml:3: bench.threads: YAML cannot read this "
+                                                                   "value (not a valid bool)"),
+    ("device: pi-1\nfleet: f\nbench:\n  threads: !!timestamp nope\n", "a.yaml:4: bench.threads: YAML cannot read "
+                                                                       "this value (not a valid timestamp)"),
+    ("device: pi-1\nfleet: f\nbench: {threads: !mine 2}\n", "a.yaml:3: bench.threads: YAML cannot read this value "
+                                                              "(unknown tag !mine)"),
 ])
 def test_a_value_yaml_cannot_read_is_one_line_not_a_crash(tmp_path, text, message):
     """A date that does not exist or a 5000-digit number: PyYAML raised a bare ValueError, and the agent died at

@@ -377,7 +377,8 @@ def test_a_store_off_the_device_cannot_redirect_it_to_its_own_local_services(sto
 
 @pytest.fixture
 def raw_store():
-    """A loopback server answering every connection with the bytes in ``answer`` (set by the test), then closing."""
+    """A loopback server answering every connection with ``answer`` (set by the test: bytes, or a function sending
+    on the connection), then closing."""
     srv = socket.create_server(("127.0.0.1", 0))
     state = {"answer": b""}
 
@@ -390,7 +391,8 @@ def raw_store():
             with conn:
                 try:
                     conn.recv(65536)
-                    conn.sendall(state["answer"])
+                    answer = state["answer"]
+                    answer(conn) if callable(answer) else conn.sendall(answer)
                 except OSError:
                     pass
 
@@ -446,34 +448,15 @@ def _endless(conn):
     (lambda c: c.sendall(b"HTTP/1.1 302 Found\r\nLocation: file:///etc/passwd\r\nContent-Length: 0\r\n\r\n"),
      "file:///etc/passwd: not an http:// or https:// URL", 0),
 ])
-def test_a_hostile_store_is_refused_in_one_line_and_leaves_only_a_resumable_partial(tmp_path, answer, error,
-                                                                                    partial_kept):
+def test_a_hostile_store_is_refused_in_one_line_and_leaves_only_a_resumable_partial(raw_store, tmp_path, answer,
+                                                                                    error, partial_kept):
     """A real loopback server misbehaving on purpose: what it sends is refused in one FetchError naming the URL,
     `dest` is never written, and only a cut (bytes that may be right) leaves a partial for the next call."""
-    srv = socket.create_server(("127.0.0.1", 0))
-
-    def serve():
-        while True:
-            try:
-                conn, _ = srv.accept()
-            except OSError:
-                return
-            with conn:
-                try:
-                    conn.recv(65536)
-                    answer(conn)
-                except OSError:
-                    pass
-
-    threading.Thread(target=serve, daemon=True).start()
-    url = f"http://127.0.0.1:{srv.getsockname()[1]}"
+    raw_store["answer"], url = answer, raw_store["url"]
     dest = tmp_path / "a.bin"
-    try:
-        with pytest.raises(FetchError, match=re.escape(error)) as caught:
-            fetch(artifact_url(url, SHA), SHA, dest, max_bytes=len(DATA), timeout_s=5, max_seconds=30)
-        assert "\n" not in str(caught.value) and (url in str(caught.value) or "file://" in str(caught.value))
-        assert not dest.exists()
-        partial = partial_path(dest)
-        assert (partial.stat().st_size if partial.exists() else 0) == partial_kept
-    finally:
-        srv.close()
+    with pytest.raises(FetchError, match=re.escape(error)) as caught:
+        fetch(artifact_url(url, SHA), SHA, dest, max_bytes=len(DATA), timeout_s=5, max_seconds=30)
+    assert "\n" not in str(caught.value) and (url in str(caught.value) or "file://" in str(caught.value))
+    assert not dest.exists()
+    partial = partial_path(dest)
+    assert (partial.stat().st_size if partial.exists() else 0) == partial_kept

@@ -12,6 +12,7 @@ import pytest
 
 from device_agents.config import load_agent_config
 from device_agents.serving import Client, ServingError
+from device_agents.serving.http import parse_inputs
 from device_agents.serving.server import Interpreters, Server
 from device_agents.store import ModelStore
 from edgekit_protocol.errors import ConfigError
@@ -110,6 +111,10 @@ def test_predict_and_model_answer_as_the_socket_api_does_and_count_in_the_live_f
     (json.dumps({"inputs": {"image": np.full((8, 8, 1), True).tolist()}}).encode(), 400,
      r"not a rectangular array of numbers \(it holds true or false\)"),
     (b'{"inputs": {"image": [1, null]}}', 400, r"not a rectangular array of numbers \(it holds null"),
+    # true or false among numbers: numpy reads [1, true] as [1, 1]
+    (b'{"inputs": {"image": [[[1], [true]], [[0.5], [2]]]}}', 400,
+     r"input 'image': not a rectangular array of numbers \(it holds true or false\)"),
+    (b'{"inputs": {"image": [1' + b"0" * 400 + b']}}', 400, "input 'image' holds a number too large for a float"),
     (json.dumps({"inputs": {"image": np.zeros((8, 8)).tolist()}}).encode(), 400,
      r"input 'image': shape \[8, 8\], the model takes \[8, 8, 1\]"),  # the socket API's text
     (json.dumps({"inputs": {"image": np.zeros((8, 8, 1)).tolist(), "other": [1]}}).encode(), 400,
@@ -540,3 +545,12 @@ def test_peak_memory_of_json_bodies_is_bounded_by_one_parse_at_a_time(wait, stor
     finally:
         child.kill()
         child.wait()
+
+
+def test_json_integers_past_64_bits_are_numbers_as_any_other():
+    """An integer JSON number past 64 bits (JavaScript's JSON.stringify(1e20) writes 100000000000000000000) was
+    refused as "null, objects or integers beyond 64 bits": numpy keeps such integers as Python objects. It is a
+    number: read as a float, as the input always was; an input name holding "true" changes nothing."""
+    body = json.dumps({"inputs": {"true": [[10**20, 1], [2.5, -3]]}}).encode()
+    got = parse_inputs(body, 1 << 20)["true"]
+    assert got.dtype == np.float32 and got.tolist() == np.float32([[1e20, 1.0], [2.5, -3.0]]).tolist()

@@ -200,6 +200,24 @@ def test_a_record_its_device_signed_but_the_checks_refuse_is_said_at_once_not_wa
         assert c.wait_record("d1", forged["msg_id"], 0.2) is None and ("d1", forged["msg_id"]) not in c.refused_records
 
 
+def test_a_bench_request_whose_record_its_device_signed_but_the_checks_refuse_says_why_at_once():
+    """`edgekit bench` and a deploy's health check wait in FleetClient.request: a record its device signed but the
+    checks refuse is that device's answer (why, and what to check), not a timeout after the whole wait."""
+    def bad_power(device: str, cmd: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+        answers = agent()(device, cmd)
+        if cmd["command"] == "bench":
+            answers[1][1]["power"] = {"sensor": "ina219", "avg_w": -2.0, "energy_per_inference_mj": -1.0}
+        return answers
+
+    with client(bad_power) as c:
+        with pytest.raises(AgentError) as caught:
+            c.request("d1", "bench", {"sha256": "a" * 64}, timeout=2)
+    assert not isinstance(caught.value, AgentTimeout)
+    assert str(caught.value) == ("d1: its bench record was refused: bench: power.avg_w is not a non-negative number; "
+                                 "check that the device runs edge-kit's agent (edgekit deploy installs it) and that its "
+                                 "sensors work")
+
+
 @pytest.mark.parametrize("command", [["monitor", "--duration", "1"], ["bench", "--device", "d1"]])
 def test_an_unreachable_broker_is_one_line_saying_what_to_check(tmp_path, run_cli, command):
     fleet_file = tmp_path / "fleet.yaml"

@@ -211,6 +211,8 @@ def test_a_keys_folder_that_is_a_file_is_one_line(tmp_path, run_cli):
 @pytest.mark.parametrize("tags, key, why", [
     ("[2024-13-45]", "devices[0].tags[0]", "month must be in 1..12"),  # a date-like tag: YAML reads a date
     ("[pi], port: " + "9" * 5000, "devices[0].port", "Exceeds the limit (4300 digits) for integer string conversion"),
+    ("[!!bool maybe]", "devices[0].tags[0]", "not a valid bool"),  # PyYAML: a bare KeyError
+    ("[!!timestamp nope]", "devices[0].tags[0]", "not a valid timestamp"),  # PyYAML: a bare AttributeError
 ])
 def test_a_value_yaml_cannot_read_is_one_line_naming_the_line_and_key(tmp_path, run_cli, tags, key, why):
     """A tag such as 2024-13-45 (YAML types it as a date that does not exist) or a 5000-digit number made PyYAML

@@ -152,3 +152,20 @@ def test_a_deploy_cut_off_while_giving_a_device_its_key_never_leaves_it_without_
             except DeployError:
                 pass
         assert {"device.key", PROVISIONED} <= set(written), cut
+
+
+def test_an_operator_key_readable_by_others_is_told_to_be_chmod_ed_never_removed(tmp_path):
+    """The fleet's operator key, readable by others, said 'chmod 600 it (or remove it for a new one)': removing it
+    made a new operator key that every device refuses (commands, desired states) until each is deployed again."""
+    keys = FleetKeys(tmp_path / "keys")
+    first = keys.operator
+    (tmp_path / "keys" / "operator.key").chmod(0o644)
+    with pytest.raises(ConfigError) as caught:
+        FleetKeys(tmp_path / "keys").operator
+    said = str(caught.value)
+    assert said == (f"{tmp_path / 'keys' / 'operator.key'}: a private key readable by others; chmod 600 it (do not "
+                    "remove it: every device trusts this key and would refuse a new one; `edgekit keys rotate` "
+                    "replaces it)")
+    assert "remove it for a new one" not in said and (tmp_path / "keys" / "operator.key").exists()
+    (tmp_path / "keys" / "operator.key").chmod(0o600)
+    assert FleetKeys(tmp_path / "keys").operator.public == first.public

@@ -131,21 +131,24 @@ def test_contradictory_measurements_are_measured_again_then_flag_the_device():
     assert plan.model.flagged[d] and "still disagree" in plan.model.flag_why[d]
 
 
-def test_a_runtime_update_that_shifts_a_profile_makes_its_pairs_stale_and_measured_again():
+def _measured_on_old_software():
+    """Return (fleet, its spec, every candidate of 80 devices measured on "litert 1.2", profile 0, six unmeasured
+    devices of that profile, a variant they can run): the drift tests' starting point."""
     fleet = make_fleet(400, noise=0.05, outliers=0.0, seed=9)
     spec = fleet.spec
     fleet.software = "litert 1.2"
     old = _sample_all(fleet, range(80))
     p = 0
     devs = [d for d in range(80, 400) if spec.profile[d] == p][:6]
-    v = int(np.flatnonzero(spec.candidates[devs[0]])[2])
+    return fleet, spec, old, p, devs, int(np.flatnonzero(spec.candidates[devs[0]])[2])
+
+
+def test_a_runtime_update_that_shifts_a_profile_makes_its_pairs_stale_and_measured_again():
+    fleet, spec, old, p, devs, v = _measured_on_old_software()
     fleet.true_log_p90[spec.profile == p, v] += np.log(1.4)  # the update slows this variant by 40 %
     fleet.software = "litert 1.3"
     new = fleet.bench([(d, v) for d in devs])
-    m = Measurements(*(np.concatenate([getattr(old, k), getattr(new, k)]) for k in (
-        "device", "variant", "p90_ms", "energy_mj", "avg_w", "accuracy", "snr_db", "order", "throttled",
-        "temperature_c", "power_mode", "software", "health")), old.power_modes, ("litert 1.2", "litert 1.3"))
-    m.software[len(old):] = 1
+    m = _with_software(old, new, ("litert 1.2", "litert 1.3"))
     model = fit(spec, m)
     assert (p, v) in model.drift and "x1.4" in model.drift[(p, v)] and "litert 1.3" in model.drift[(p, v)]
     stale = model.stale
@@ -155,10 +158,7 @@ def test_a_runtime_update_that_shifts_a_profile_makes_its_pairs_stale_and_measur
     assert re  # sampled devices measure the shifted variant again
     assert "drift" in plan.reason(devs[0]) and "litert 1.3" in plan.reason(devs[0])
     # a new software with a single measurement is checked, not trusted or ignored
-    m1 = Measurements(*(np.concatenate([getattr(old, k), getattr(new, k)[:1]]) for k in (
-        "device", "variant", "p90_ms", "energy_mj", "avg_w", "accuracy", "snr_db", "order", "throttled",
-        "temperature_c", "power_mode", "software", "health")), old.power_modes, ("litert 1.2", "litert 1.3"))
-    m1.software[len(old):] = 1
+    m1 = _with_software(old, new, ("litert 1.2", "litert 1.3"), first=1)
     plan = plan_measurements(spec, m1, budget=500)
     assert any("drift check" == w for _d, _v, w in plan.measure)
     assert any("fewer than 2 devices" in t for t in plan.messages)
@@ -524,9 +524,10 @@ def test_the_fleet_decision_breaks_a_tie_by_the_profiles_targets_as_the_policy_d
     assert [variants[c] for c in plan_measurements(preferred, m, budget=0).chosen] == ["onnx-fp32", "onnx-fp32"]
 
 
-def _with_software(old: Measurements, new: Measurements, names: tuple[str, ...]) -> Measurements:
-    """Return ``old`` then ``new`` as one table, ``new``'s rows running the second of ``names``."""
-    m = Measurements(*(np.concatenate([getattr(old, k), getattr(new, k)]) for k in (
+def _with_software(old: Measurements, new: Measurements, names: tuple[str, ...], first: int | None = None) -> Measurements:
+    """Return ``old`` then ``new`` (its ``first`` rows, default all) as one table, ``new``'s rows running the second
+    of ``names``."""
+    m = Measurements(*(np.concatenate([getattr(old, k), getattr(new, k)[:first]]) for k in (
         "device", "variant", "p90_ms", "energy_mj", "avg_w", "accuracy", "snr_db", "order", "throttled",
         "temperature_c", "power_mode", "software", "health")), old.power_modes, names)
     m.software[len(old):] = 1
@@ -539,27 +540,17 @@ def test_one_device_claiming_new_software_cannot_make_the_profiles_measurements_
     stale (left out of the model and of their measured figures), so its own figures became the profile's.
     New software is judged once at least two devices ran it, each device's shift counted once (their median; two
     devices must agree on a shift for it to be drift); with one device it is a drift check (measured on others)."""
-    fleet = make_fleet(400, noise=0.05, outliers=0.0, seed=9)
-    spec = fleet.spec
-    fleet.software = "litert 1.2"
-    old = _sample_all(fleet, range(80))
-    p = 0
-    devs = [d for d in range(80, 400) if spec.profile[d] == p][:6]
-    v = int(np.flatnonzero(spec.candidates[devs[0]])[2])
+    fleet, spec, old, p, devs, v = _measured_on_old_software()
     liar = fleet.bench([(devs[0], v)] * 3)
     liar.p90_ms[:] *= 10
     model = fit(spec, _with_software(old, liar, ("litert 1.2", "litert 9.9")))
     assert (p, v) not in model.drift and not model.stale.any() and (p, v) in model.drift_check
     honest = fleet.bench([(devs[1], v)])  # a second device on the new software, its figures as before
-    both = Measurements(*(np.concatenate([getattr(liar, k), getattr(honest, k)]) for k in (
-        "device", "variant", "p90_ms", "energy_mj", "avg_w", "accuracy", "snr_db", "order", "throttled",
-        "temperature_c", "power_mode", "software", "health")), liar.power_modes, liar.softwares)
+    both = liar.concat(honest)
     model = fit(spec, _with_software(old, both, ("litert 1.2", "litert 9.9")))
     assert (p, v) not in model.drift and not model.stale.any()
     more = fleet.bench([(devs[2], v)])  # and a third: the median of the three devices' shifts is an honest one's
-    three = Measurements(*(np.concatenate([getattr(both, k), getattr(more, k)]) for k in (
-        "device", "variant", "p90_ms", "energy_mj", "avg_w", "accuracy", "snr_db", "order", "throttled",
-        "temperature_c", "power_mode", "software", "health")), liar.power_modes, liar.softwares)
+    three = both.concat(more)
     model = fit(spec, _with_software(old, three, ("litert 1.2", "litert 9.9")))
     assert (p, v) not in model.drift and not model.stale.any()
 
@@ -584,3 +575,23 @@ def test_one_device_sending_many_records_counts_once_in_its_profiles_figures():
     assert abs(mu - np.median(np.log(honest.p90_ms))) < 0.1
     assert abs(model.fits["accuracy"].mu[p, v] - np.median(honest.accuracy)) < 1e-9
     assert model.flagged[devs[0]] and not model.flagged[devs[1:]].any()
+
+
+def test_a_profile_of_one_device_still_detects_a_runtime_update_that_shifts_its_p90():
+    """Drift needed 2 devices on the new software: a profile whose only device is the fleet's (one Jetson) got a
+    drift check every planning call, never a verdict, and its older, faster measurements kept deciding. A profile
+    whose only able device ran the new software twice is judged on it."""
+    fleet = make_fleet(1, noise=0.05, outliers=0.0, seed=5)
+    spec = fleet.spec
+    v = int(np.flatnonzero(spec.candidates[0])[0])
+    fleet.software = "litert 1.2"
+    old = fleet.bench([(0, v)] * 4)
+    fleet.true_log_p90[0, v] += np.log(1.6)  # the update slows this variant by 60 %
+    fleet.software = "litert 1.3"
+    once = _with_software(old, fleet.bench([(0, v)]), ("litert 1.2", "litert 1.3"))
+    model = fit(spec, once)
+    assert (0, v) in model.drift_check and (0, v) not in model.drift  # one record: checked, not concluded
+    twice = _with_software(old, fleet.bench([(0, v)] * 2), ("litert 1.2", "litert 1.3"))
+    model = fit(spec, twice)
+    assert (0, v) in model.drift and "x1.6" in model.drift[(0, v)] and (0, v) not in model.drift_check
+    assert model.stale[:len(old)].all() and not model.stale[len(old):].any()
