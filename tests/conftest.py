@@ -11,6 +11,17 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ["COLUMNS"] = "200"  # rich tables printed by the CLI stay on one line per row
 
 
+@pytest.fixture(autouse=True)
+def _python_recursion_limit_kept():
+    """Put Python's recursion limit back after each test. onnx2tf sets it to 2**31-1 when imported (a test runs the
+    conversion child's main() in-process): every later test in that worker then overflowed the C stack (a
+    segmentation fault that ended the worker) where deep nesting raises RecursionError, which the code under test
+    relies on."""
+    limit = sys.getrecursionlimit()
+    yield
+    sys.setrecursionlimit(limit)
+
+
 @pytest.fixture
 def wait():
     """``wait(predicate, timeout=10.0)``: poll ``predicate`` every 20 ms; return whether it held in time."""
