@@ -134,7 +134,8 @@ def shadow_cmd(
     elif off:
         out.print(f"{dev.name}: shadow run stopped")
     else:
-        named = (lambda *path: safe(field_at(result, *path) or "?"))  # the device's answer: any shape
+        # the device's answer: any shape, any length (a variant name is cut as in `fleet status`)
+        named = (lambda *path: safe(clip(str(field_at(result, *path) or "?"), 128)))
         out.print(f"{dev.name}: {named('shadow', 'variant')} runs beside {named('serving', 'variant')} on "
                   f"{share:.0%} of live requests (at most {max_per_s:g}/s, idle CPU only); its comparison comes on its shadow topic")
 

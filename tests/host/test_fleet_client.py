@@ -417,10 +417,12 @@ def test_a_device_answering_state_with_an_odd_code_manifest_misses_the_rotation_
     assert out[0].reason.startswith("its answer to 'state' holds a str where its code manifest goes, not an object")
 
 
-@pytest.mark.parametrize("result", [{"x": 1}, {"shadow": "fp32", "serving": ["int8"]}])
+@pytest.mark.parametrize("result", [{"x": 1}, {"shadow": "fp32", "serving": ["int8"]},
+                                    {"shadow": {"variant": "v" * 60_000}, "serving": {"variant": "int8"}}])
 def test_edgekit_shadow_shows_an_answer_of_another_shape_without_a_traceback(result, tmp_path, run_cli, monkeypatch):
     """`edgekit shadow` printed ``result['shadow']['variant']`` of the device's ack: an ok answer of another shape
-    was a KeyError or TypeError traceback. What the device did not name is shown as ``?``."""
+    was a KeyError or TypeError traceback. What the device did not name is shown as ``?``; a name of 60,000
+    characters was printed whole, and is cut as `fleet status` cuts it."""
     from edge_kit.fleet import commands as fleet_commands
 
     monkeypatch.setattr(fleet_commands.FleetClient, "of", classmethod(lambda cls, fleet, **kw: client(_acks_with(result))))
@@ -429,4 +431,7 @@ def test_edgekit_shadow_shows_an_answer_of_another_shape_without_a_traceback(res
                           "devices:\n  - {name: d1, host: 127.0.0.1}\n")
     code, out, err = run_cli("shadow", "--fleet", fleet_file, "--device", "d1", "--variant", "fp32")
     assert code == 0, err
+    if "variant" in result.get("shadow", {}):
+        assert out.startswith(f"d1: {'v' * 128}... (60,000 characters) runs beside int8 on 10% of live requests"), out
+        return
     assert out.startswith("d1: ? runs beside ? on 10% of live requests")
