@@ -6,6 +6,7 @@ the keys of its power-sensor plugins.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NoReturn
 
 import yaml
 
@@ -88,16 +89,19 @@ def unreadable_value(node: yaml.Node | None, where: str = "",
     return None
 
 
-def refuse_unreadable_value(node: yaml.Node | None, path: Path) -> None:
-    """Return None when every scalar in ``node`` (the composed file at ``path``) can be read as a value.
+def refuse_unreadable_value(node: yaml.Node | None, path: Path) -> NoReturn:
+    """Say which value of ``node`` (the composed file at ``path``) YAML could not construct, for a loader that caught
+    one of :data:`UNREADABLE` while constructing it. Returns never.
 
     Raises:
-        ConfigError: one cannot (file, line, dotted key and why; see :func:`unreadable_value`).
+        ConfigError: always: file, line, dotted key and why (see :func:`unreadable_value`), or the file alone when
+            no single scalar is to blame.
     """
     bad = unreadable_value(node)
     if bad:
         raise ConfigError(f"{path}:{bad[0]}: {bad[1]}: YAML cannot read this value ({bad[2]}); quote it if it is "
-                          "text, else give a valid one")
+                          "text, else give a valid one") from None  # not the constructor's line-less error
+    raise ConfigError(f"{path}: YAML cannot read a value; quote text, give valid values") from None
 
 
 def refuse_duplicate_key(node: yaml.Node | None, path: Path) -> None:
@@ -159,7 +163,6 @@ def load_agent_config(path: Path) -> AgentConfig:
         tree = _tree(node)
     except UNREADABLE:  # a scalar YAML cannot construct (a 5000-digit number, 2024-13-45, !!bool maybe): say where
         refuse_unreadable_value(node, path)
-        raise ConfigError(f"{path}: YAML cannot read a value; quote text, give valid values") from None
     cfg = build(tree, path)
     bad = [s for s in cfg.power.sensors if s not in SENSORS]
     if bad:

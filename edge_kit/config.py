@@ -144,7 +144,6 @@ def load_yaml_model(path: Path, model: type[M], *, defaults: dict[str, Any] | No
         raise ConfigError(f"{path}{where}: not valid YAML: {problem}") from None
     except UNREADABLE:  # a scalar YAML types but cannot construct (a 5000-digit number, 2024-13-45, !!bool maybe)
         refuse_unreadable_value(node, path)
-        raise ConfigError(f"{path}: YAML cannot read a value; quote text, give valid values") from None
     finally:
         loader.dispose()
     if not isinstance(data, dict):
