@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ["COLUMNS"] = "200"  # rich tables printed by the CLI stay on one line per row
+
+# A suite started in the background by a non-interactive shell (`cmd &`, nohup) inherits SIGINT ignored, and Python
+# then keeps it ignored: the Ctrl-C tests (which send SIGINT to this process or to CLI children it starts) would
+# test nothing. Ctrl-C is put back as a terminal gives it; xdist workers import this file too.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)
