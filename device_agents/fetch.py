@@ -279,14 +279,14 @@ def _resolve(host: str) -> list[str]:
         return []
 
 
-def _named(host: str, conn: http.client.HTTPConnection) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
-    """Return the addresses the store the operator named is on: the one ``conn`` (its first request) reached and,
-    when ``host`` is a name, every address it resolves to (``store.local`` on a LAN of Pis: an IPv4 address and
-    an IPv6 link-local one)."""
-    on = {_peer(conn)}
-    if _ip(host) is None:
-        on |= {_ip(a) for a in _resolve(host)}
-    return {ip for ip in on if ip is not None}
+def _is_on(ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None, host: str,
+           first: ipaddress.IPv4Address | ipaddress.IPv6Address | None) -> bool:
+    """Return whether ``ip`` is an address the store the operator named is on: ``first``, the address its first
+    request reached, or, when ``host`` is a name, any address it resolves to (``store.local`` on a LAN of Pis: an
+    IPv4 address and an IPv6 link-local one). Resolved only when a redirect asks."""
+    if ip is None or ip == first:
+        return ip is not None
+    return _ip(host) is None and ip in {_ip(a) for a in _resolve(host)}
 
 
 def _target(url: str) -> str:
@@ -306,7 +306,7 @@ def _open(url: str, headers: dict[str, str], timeout_s: float, ssl_context: ssl.
             link-local or private address that the store the operator named (the first URL's host, trusted
             as named) is not on: the device's own services, or its network's.
     """
-    first_url, first_host, named = url, None, set()
+    first_url, first_host, first_ip = url, "", None
     for hop in range(MAX_REDIRECTS + 1):
         if watchdog is not None and watchdog.due():
             return watchdog.due() or TOO_SLOW
@@ -322,11 +322,11 @@ def _open(url: str, headers: dict[str, str], timeout_s: float, ssl_context: ssl.
                              "server runs, then fetch again") from None
         host = (urlsplit(url).hostname or "").lower()
         if hop == 0:  # what the operator named is trusted as named, wherever it is
-            first_host, named = host, _named(host, conn)
+            first_host, first_ip = host, _peer(conn)
         elif host != first_host:  # a redirect elsewhere: never to a local address the named store is not on
             ip = _peer(conn)
             scope = _scope(ip)
-            if scope is not None and ip not in named:  # before any request: the local service sees none
+            if scope is not None and not _is_on(ip, first_host, first_ip):  # before any request: none sent
                 conn.close()
                 where = f"its own {scope} address" if scope != "private" else "a private address"
                 raise FetchError(f"{first_url}: the store redirected the device to {where} ({url[:120]} at {ip}), "
