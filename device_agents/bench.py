@@ -283,7 +283,7 @@ def bench_child(model: str, settings: BenchSettings, eval_file: str | None, mete
                 slots: Any) -> tuple[str, Any]:
     """Run :func:`run_bench` in a benchmark's child (see :func:`bench_in_child`), its progress written into the
     shared int array ``slots`` (step, n, first inference µs), its power meter made here from ``meter_args``
-    (:func:`device_agents.power.power_meter`'s; None: no meter).
+    (:func:`device_agents.power.power_meter`'s; None: no meter) for a benchmark of ``settings.threads`` threads.
 
     Returns:
         ``("ok", record)``, or ``(kind, text)`` for what the model or its inputs refused: ``"data"`` (a
@@ -300,7 +300,7 @@ def bench_child(model: str, settings: BenchSettings, eval_file: str | None, mete
         slots[2], slots[1], slots[0] = first_us, n, step
 
     try:
-        meter = power_meter(**meter_args) if meter_args is not None else None
+        meter = power_meter(**meter_args, threads=settings.threads) if meter_args is not None else None
         record = run_bench(Path(model), settings, eval_file=Path(eval_file) if eval_file else None, power=meter,
                            progress=progress)
     except DataFileError as exc:

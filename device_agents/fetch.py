@@ -244,15 +244,49 @@ def _connect(url: str, timeout_s: float, ssl_context: ssl.SSLContext | None, rcv
     return conn
 
 
-def _scope(conn: http.client.HTTPConnection) -> str | None:
-    """Return ``"loopback"`` or ``"link-local"`` when ``conn`` is connected to the device itself or its link,
-    else None (judged by the address connected to: a name that resolves there counts)."""
+def _ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """Return ``address`` as an IP address (an IPv4-mapped IPv6 address as its IPv4 one, without a ``%zone``), or None
+    when it is none."""
     try:
-        ip = ipaddress.ip_address(str(conn.sock.getpeername()[0]).split("%")[0])
-    except (OSError, ValueError, IndexError, AttributeError):
+        ip = ipaddress.ip_address(str(address).split("%")[0])
+    except ValueError:
         return None
-    ip = getattr(ip, "ipv4_mapped", None) or ip
-    return "loopback" if ip.is_loopback else "link-local" if ip.is_link_local else None
+    return getattr(ip, "ipv4_mapped", None) or ip
+
+
+def _peer(conn: http.client.HTTPConnection) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """Return the address ``conn`` is connected to (None when it cannot be told)."""
+    try:
+        return _ip(conn.sock.getpeername()[0])
+    except (OSError, IndexError, AttributeError):
+        return None
+
+
+def _scope(ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None) -> str | None:
+    """Return ``"loopback"`` (the device itself), ``"link-local"`` or ``"private"`` (its network) for such an
+    address, else None (a public address, or none known)."""
+    if ip is None:
+        return None
+    return ("loopback" if ip.is_loopback or ip.is_unspecified else "link-local" if ip.is_link_local
+            else "private" if ip.is_private else None)
+
+
+def _resolve(host: str) -> list[str]:
+    """Return the addresses ``host`` resolves to here (empty when it does not); a seam for the tests."""
+    try:
+        return [info[4][0] for info in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)]
+    except (OSError, UnicodeError, ValueError):
+        return []
+
+
+def _is_on(ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None, host: str,
+           first: ipaddress.IPv4Address | ipaddress.IPv6Address | None) -> bool:
+    """Return whether ``ip`` is an address the store the operator named is on: ``first``, the address its first
+    request reached, or, when ``host`` is a name, any address it resolves to (``store.local`` on a LAN of Pis: an
+    IPv4 address and an IPv6 link-local one). Resolved only when a redirect asks."""
+    if ip is None or ip == first:
+        return ip is not None
+    return _ip(host) is None and ip in {_ip(a) for a in _resolve(host)}
 
 
 def _target(url: str) -> str:
@@ -268,10 +302,11 @@ def _open(url: str, headers: dict[str, str], timeout_s: float, ssl_context: ssl.
 
     Raises:
         FetchError: the store does not answer, TLS failed, too many redirects, a redirect that is no
-            URL, one from https:// to anything else (a downgrade), or one from a store off the device to
-            the device's own loopback or link-local addresses (its local services).
+            URL, one from https:// to anything else (a downgrade), or one to another host on a loopback,
+            link-local or private address that the store the operator named (the first URL's host, trusted
+            as named) is not on: the device's own services, or its network's.
     """
-    first_url, first_scope = url, None
+    first_url, first_host, first_ip = url, "", None
     for hop in range(MAX_REDIRECTS + 1):
         if watchdog is not None and watchdog.due():
             return watchdog.due() or TOO_SLOW
@@ -285,13 +320,18 @@ def _open(url: str, headers: dict[str, str], timeout_s: float, ssl_context: ssl.
         except (OSError, http.client.HTTPException, ValueError, UnicodeError) as exc:
             raise FetchError(f"{url}: the store does not answer ({_reason(exc)}); check the store URL and that its "
                              "server runs, then fetch again") from None
-        scope = _scope(conn)
-        if hop == 0:
-            first_scope = scope
-        elif scope is not None and scope != first_scope:  # before any request: the local service sees none
-            conn.close()
-            raise FetchError(f"{first_url}: the store redirected the device to its own {scope} address "
-                             f"({url[:120]}), where its local services listen; fix the store's (or CDN's) redirect")
+        host = (urlsplit(url).hostname or "").lower()
+        if hop == 0:  # what the operator named is trusted as named, wherever it is
+            first_host, first_ip = host, _peer(conn)
+        elif host != first_host:  # a redirect elsewhere: never to a local address the named store is not on
+            ip = _peer(conn)
+            scope = _scope(ip)
+            if scope is not None and not _is_on(ip, first_host, first_ip):  # before any request: none sent
+                conn.close()
+                where = f"its own {scope} address" if scope != "private" else "a private address"
+                raise FetchError(f"{first_url}: the store redirected the device to {where} ({url[:120]} at {ip}), "
+                                 f"where local services listen and the store named ({first_host[:120]}) is not; fix "
+                                 "the store's (or CDN's) redirect, or name that host in the store URL")
         if watchdog is not None:
             watchdog.watch(conn)
         try:
@@ -502,7 +542,8 @@ def fetch(url: str, sha256: str, dest: Path, *, max_bytes_s: float | None = None
 
     Raises:
         FetchError: bad hash argument, store not answering, a redirect refused (from https:// to
-            http://, or from a store off the device to its own loopback or link-local addresses), an HTTP error status, a file over
+            http://, or to another host on a loopback, link-local or private address the named store is not on), an
+            HTTP error status, a file over
             ``max_bytes``, the device's disk refusing the write (a full one: the partial is deleted, giving
             the space back), a hash mismatch (the partial is
             deleted, ``dest`` untouched; after a resume, the whole file is fetched once more

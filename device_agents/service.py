@@ -70,6 +70,9 @@ LONG = ("install", "shadow", "bench")
 # The log file (``--log-file``, what the supervisor's agent writes) is cut at this size and one older part kept:
 # every refused command is a line, and a flood of them on the broker must not fill the device's storage.
 LOG_MAX_BYTES = 5_000_000
+# A retained ``reported`` body that could not be signed or handed to the broker connection is published again by the
+# main loop this often until it goes out (and on every connect): `rollout status` reads the newest one.
+REPORT_RETRY_S = 1.0
 
 
 class Agent:
@@ -102,6 +105,8 @@ class Agent:
                                      check_disk=lambda needs: self.disk.check("fetch", needs), settings=cfg.pull)
         self._desired_inbox: queue.Queue[Any] = queue.Queue()  # verified desired messages, taken by the main thread
         self._report_again = threading.Event()
+        self._report_retry_at: float | None = None  # monotonic time the newest reported body is tried again at
+        self._report_error: str | None = None  # why the last try to publish it failed (logged once per reason)
         self.commands: queue.Queue[Command] = queue.Queue(maxsize=cfg.max_queued_commands)
         self._stop = threading.Event()
         self._unservable: str | None = None  # a current model the serving API could not load (logged once)
@@ -161,9 +166,42 @@ class Agent:
             "started": self.started, "disk": self.disk.usage(), "connection": self._connection}))
 
     def _report(self, body: dict[str, Any]) -> None:
-        """Publish a ``reported`` body, signed and retained (the newest is what the operator reads)."""
-        msg = self.signer.sign(messages.envelope("reported", self.cfg.fleet, self.cfg.device, self.spool.next_seq("reported"), body))
-        self.publisher.publish(self._topic("reported"), messages.encode(msg), retain=True)
+        """Publish a ``reported`` body, signed and retained (the newest is what the operator reads); returns nothing.
+
+        Never raises (it runs inside a reconcile step, after the switch it reports): when the body cannot be signed
+        or handed to the broker connection, the failure is counted (``unsent_reports`` in the spool's counters:
+        ``state`` and telemetry), logged in one line (once per reason), and :meth:`_report_when_due` publishes the
+        newest reported body again :data:`REPORT_RETRY_S` later, until it goes out.
+        """
+        try:
+            msg = self.signer.sign(messages.envelope("reported", self.cfg.fleet, self.cfg.device,
+                                                     self.spool.next_seq("reported"), body))
+            self.publisher.publish(self._topic("reported"), messages.encode(msg), retain=True)
+        except Exception as exc:  # noqa: BLE001 - the state is kept and sent again, never dropped with the step
+            self._report_retry_at = time.monotonic() + REPORT_RETRY_S
+            why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            try:
+                self._on_disk(lambda: self.spool.count("unsent_reports"))
+            except (DiskFull, OSError, sqlite3.Error) as full:
+                log.error("could not count the unsent reported state: %s", full)
+            if why != self._report_error:
+                log.error("reported state %s of revision %s could not be published (%s); it is tried again every "
+                          "%g s until it goes out", body.get("state"), body.get("revision"), why, REPORT_RETRY_S)
+            self._report_error = why
+            return
+        if self._report_error is not None:
+            log.info("reported state %s of revision %s published after failed tries", body.get("state"),
+                     body.get("revision"))
+        self._report_retry_at, self._report_error = None, None
+
+    def _report_when_due(self) -> None:
+        """Publish the newest reported body again after a (re)connect, or once a failed try's
+        :data:`REPORT_RETRY_S` have passed; returns nothing (a failure is :meth:`_report`'s to count)."""
+        retry = self._report_retry_at is not None and time.monotonic() >= self._report_retry_at
+        if (self._report_again.is_set() or retry) and self.reconciler.last is not None:
+            self._report_again.clear()
+            self._report_retry_at = None
+            self._report(self.reconciler.last)
 
     def emit(self, kind: str, body: dict[str, Any], answers: str | None = None) -> dict[str, Any] | None:
         """Spool one message of ``kind`` (signed) and wake the publisher; ``answers``: the taken command
@@ -727,9 +765,7 @@ class Agent:
                     if cmd is not None:
                         self.run_command(cmd)
                     self._take_desired()
-                    if self._report_again.is_set() and self.reconciler.last is not None:
-                        self._report_again.clear()
-                        self._report(self.reconciler.last)
+                    self._report_when_due()
                     if self.reconciler.due():
                         self.reconcile()
                     if time.monotonic() >= next_disk:  # space came back (or went): reserve, state, status

@@ -105,6 +105,14 @@ def _task_ids() -> set[int] | None:
         return None
 
 
+def _cores_here() -> int:
+    """Return how many cores this process may run on (its CPU affinity; the machine's count where that is unknown)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 @dataclass
 class EstimateMeter:
     """Estimates watts from the profile's idle/busy figures and the CPU use of the benchmark.
@@ -114,12 +122,20 @@ class EstimateMeter:
     under test): the agent's other work (serving, MQTT, telemetry, other models' pools) is left out.
     Where threads cannot be told apart (no ``/proc/self/task``), the whole process's CPU time is
     used, and the method says so.
+
+    That CPU time is measured on the cores of the machine the benchmark runs on, which for a simulated device is the
+    host, not the profile's device. So the CPU use is the CPU time over the wall time and over the cores the
+    benchmark's threads could use here (the fewer of its ``threads`` and this process's cores), scaled to the share of
+    the profile's ``cores`` those threads use on the device. On the device itself this is CPU time / wall time /
+    ``cores``; on a host with fewer cores than the profile, a benchmark that kept every core it could use busy is
+    not read as a fraction of the device's.
     """
 
     idle_w: float
     busy_w: float
-    cores: int
+    cores: int  # the profile's: the device the figure is for
     profile: str = "?"
+    threads: int | None = None  # the benchmark's threads (bench.threads); None: as many as the profile's cores
 
     def __post_init__(self) -> None:
         self._before = _task_ids()  # threads that exist before the model under test is loaded
@@ -144,14 +160,20 @@ class EstimateMeter:
         if isinstance(self._cpu, dict):
             now = _thread_cpu_ns(set(self._cpu) | (self._own() or set()))
             cpu_s = sum(ns - self._cpu.get(tid, 0) for tid, ns in now.items()) / 1e9
-            whose = f"CPU time of the benchmark's {len(now)} thread(s)"
+            whose = f"CPU time of the benchmark's {len(now)} thread(s), per-thread CPU clocks of this machine"
         else:
             cpu_s = (time.process_time_ns() - self._cpu) / 1e9
-            whose = "the whole process's CPU time (threads not told apart here)"
-        use = min(1.0, max(0.0, cpu_s / (seconds * self.cores))) if seconds > 0 else 0.0
+            whose = "the whole process's CPU time (threads not told apart here), process CPU clock of this machine"
+        threads = self.threads or self.cores
+        here = _cores_here()
+        could, would = min(threads, here), min(threads, self.cores)  # cores its threads use here, and on the device
+        use = min(1.0, max(0.0, cpu_s / (seconds * could))) * would / self.cores if seconds > 0 else 0.0
+        over = (f"{self.cores} cores" if could == would else
+                f"{could} core(s) its {threads} thread(s) could use on this machine ({here} here) x {would} of the "
+                f"profile's {self.cores} cores they use on the device")
         watts = self.idle_w + (self.busy_w - self.idle_w) * use
         model = (f"idle_w + (busy_w - idle_w) x CPU use, profile {self.profile}: idle {self.idle_w} W, "
-                 f"busy {self.busy_w} W, CPU use {use:.3f} ({whose} / wall time / {self.cores} cores)")
+                 f"busy {self.busy_w} W, CPU use {use:.3f} ({whose} / wall time / {over})")
         return {"measured": False, "estimated": True, "sensor": None, "method": f"estimated: {model}",
                 "avg_w": round(watts, 4), "energy_per_inference_mj": round(watts * seconds / max(runs, 1) * 1000, 4),
                 "cpu_use": round(use, 4), "seconds": round(seconds, 3)}
@@ -159,8 +181,9 @@ class EstimateMeter:
 
 def power_meter(keys: tuple[str, ...] | list[str] = DEFAULT_SENSORS, env: SensorEnv = SensorEnv(), *,
                 idle_w: float | None = None, busy_w: float | None = None, cores: int | None = None,
-                profile: str = "?") -> SensorMeter | EstimateMeter | None:
-    """Return a meter for the first sensor that answers, else an estimator, else None.
+                profile: str = "?", threads: int | None = None) -> SensorMeter | EstimateMeter | None:
+    """Return a meter for the first sensor that answers, else an estimator (for the profile's ``cores``, this machine's
+    where None, and a benchmark of ``threads`` threads: :class:`EstimateMeter`), else None.
 
     Raises:
         ValueError: an unknown sensor key.
@@ -169,7 +192,7 @@ def power_meter(keys: tuple[str, ...] | list[str] = DEFAULT_SENSORS, env: Sensor
     if sensor is not None:
         return SensorMeter(sensor)
     if idle_w is not None and busy_w is not None:
-        return EstimateMeter(idle_w, busy_w, cores or os.cpu_count() or 1, profile)
+        return EstimateMeter(idle_w, busy_w, cores or os.cpu_count() or 1, profile, threads)
     return None
 
 

@@ -107,7 +107,8 @@ def open_fleet_history(fleet_file: Path | None, history: str | None, must_exist:
             beside it): a mistyped path must not get a new, empty history beside it.
         InputError: ``must_exist`` (or ``read_only`` with ``--history``) and there is no such SQLite file, or an
             empty one (a read would write a new history's tables into it).
-        HistoryError: the database cannot be opened or reached.
+        HistoryError: the database cannot be opened or reached, or (unless ``must_exist`` or ``read_only``) written;
+            for the default file, the text names its folder and --history as the way out.
     """
     from edge_kit.errors import InputError
     from edge_kit.fleet.inventory import check_fleet_file
@@ -135,7 +136,18 @@ def open_fleet_history(fleet_file: Path | None, history: str | None, must_exist:
         raise InputError(f"{path}: no history store; " + ("check --history (`edgekit monitor` and `edgekit tune` "
                                                           "write one)" if history else
                                                           "run `edgekit monitor` or `edgekit tune` first, or pass --history"))
-    return open_history(path)
+    # beside the fleet file: a read-only checkout or another user's folder must say where the way out is
+    hint = None if history or fleet_file is None else (
+        f"the fleet's history lives beside its fleet file, in {path.parent}: make that folder and the file writable "
+        "for you, or give --history with a file in a folder you can write (or a postgresql:// URL)")
+    db = open_history(path, hint=hint)
+    if not (must_exist or read_only):  # a command that writes: refused now, before any device work
+        try:
+            db.check_writable(hint)
+        except BaseException:
+            db.close()
+            raise
+    return db
 
 
 def finite(value: float | None) -> float | None:

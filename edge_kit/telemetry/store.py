@@ -49,8 +49,9 @@ def is_postgres(spec: str | Path) -> bool:
     return isinstance(spec, str) and spec.startswith(POSTGRES_SCHEMES)
 
 
-def open_history(spec: str | Path) -> HistoryStore:
+def open_history(spec: str | Path, hint: str | None = None) -> HistoryStore:
     """Return the history store ``spec`` names: PostgreSQL for a ``postgresql://`` URL, else a SQLite file.
+    ``hint``: what to do when the SQLite file cannot be opened (default: check the path and its permissions).
 
     Raises:
         HistoryError: the database cannot be opened or reached, or psycopg (the host extra) is missing.
@@ -66,7 +67,8 @@ def open_history(spec: str | Path) -> HistoryStore:
         return Store(Path(spec))
     except (sqlite3.Error, OSError) as exc:  # OSError: its folder cannot be made (a file there, no permission)
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-        raise HistoryError(f"cannot open the history file {spec} ({why}): check the path and its permissions") from None
+        raise HistoryError(f"cannot open the history file {spec} ({why}): "
+                           f"{hint or 'check the path and its permissions'}") from None
 
 
 # Every ts column is this host's clock when the row was received or written, never a sender's claim.
@@ -157,6 +159,19 @@ class HistoryStore(abc.ABC):
     #: The database's own clock in unix seconds, as SQL: rollout heartbeats are written and judged by it,
     #: so hosts with skewed clocks agree on whose heartbeat is stale.
     NOW_SQL: str
+
+    def check_writable(self, hint: str | None = None) -> None:
+        """Return nothing when this history takes writes; a command that will write asks before any device work, so a
+        history it cannot write stops it before a measurement, not after (its record thrown away). ``hint``: what to
+        do, for the error.
+
+        Raises:
+            HistoryError: it cannot be written (a read-only file or folder, a role without the grant).
+        """
+        try:
+            self._execute("INSERT INTO status SELECT * FROM status WHERE 1 = 0")  # a write that changes nothing
+        except HistoryError as exc:
+            raise HistoryError(f"{exc}{'; ' + hint if hint else ''}") from None
 
     # --- what a backend provides ------------------------------------------------------------------
 
@@ -531,6 +546,21 @@ class Store(HistoryStore):
         """Close the file; return nothing."""
         with self._lock:
             self._db.close()
+
+    def check_writable(self, hint: str | None = None) -> None:
+        """See :meth:`HistoryStore.check_writable` (SQLite opens a file it may not write read-only, and says so only at
+        the first write).
+
+        Raises:
+            HistoryError: the file, its folder (SQLite's ``-wal`` and ``-shm`` files live beside it) or the disk
+                refuses the write.
+        """
+        try:
+            with self._lock:
+                self._db.execute("INSERT INTO status SELECT * FROM status WHERE 1 = 0")  # a write that changes nothing
+        except sqlite3.Error as exc:
+            raise HistoryError(f"the history file {self.where} cannot be written ({exc}): "
+                               f"{hint or 'check the file, its folder and their permissions'}") from None
 
     def _failed(self, exc: sqlite3.Error) -> HistoryError:
         """Return the one-line error for a SQLite failure on this file."""

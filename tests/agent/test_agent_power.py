@@ -176,3 +176,55 @@ def test_the_estimate_counts_the_benchmarks_threads_not_the_agents_other_work():
         assert "benchmark's 2 thread(s)" in pool["method"]
     finally:
         stop.set()
+
+
+def test_the_estimate_divides_the_cpu_time_by_the_cores_it_ran_on_and_scales_to_the_profiles():
+    """A simulated rpi4 (4 cores) benchmarked on a host with fewer cores than the profile: its CPU use was the
+    CPU time of its threads, measured on the host's cores, divided by the profile's 4 cores, so a benchmark whose 2
+    threads kept every core it could use busy read as a quarter busy (the host's cores, not the device, were the
+    bound). Now it is divided by the cores its threads could use here, then scaled to the share of the profile's
+    cores those threads use on the device (2 of 4: half busy), and the method says both. Here the threads are
+    pinned to one core of this machine, which stands for a host smaller than the profile."""
+    import _thread
+    import hashlib
+    import os
+    import threading
+
+    stop = threading.Event()
+    block = bytes(1 << 20)
+    spent = {}  # CPU seconds each spinning thread has used so far
+
+    def spin(n):
+        while not stop.is_set():
+            hashlib.sha256(block).digest()  # CPU without the GIL, as a runtime's worker does
+            spent[n] = time.thread_time()
+
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(before)})  # this thread and the ones it starts: one core
+    try:
+        meter = EstimateMeter(2.0, 6.0, cores=4, profile="rpi4", threads=2)
+        for n in range(2):  # the runtime's pool for the model under test: 2 threads, as bench.threads says
+            _thread.start_new_thread(spin, (n,))
+        time.sleep(0.05)
+        meter.start()
+        at_start = sum(spent.values())
+        time.sleep(0.8)
+        rec = meter.stop(runs=1)
+        got = (sum(spent.values()) - at_start) / rec["seconds"]  # the share of its one core the pool got
+    finally:
+        stop.set()
+        os.sched_setaffinity(0, before)
+    assert got > 0.1  # the core was not taken by others all along (a shared machine)
+    # the cores it could use here were kept busy `got` of the time; on the device its 2 threads use 2 of 4 cores.
+    # Before, it was CPU time / wall time / the profile's 4 cores: got / 4, half of this.
+    assert rec["cpu_use"] == pytest.approx(got * 2 / 4, rel=0.25), rec["method"]
+    assert rec["avg_w"] == pytest.approx(2.0 + 4.0 * rec["cpu_use"], abs=1e-3)
+    assert ("/ wall time / 1 core(s) its 2 thread(s) could use on this machine (1 here) x 2 of the profile's 4 cores "
+            "they use on the device") in rec["method"], rec["method"]
+    assert "per-thread CPU clocks of this machine" in rec["method"], rec["method"]
+
+    meter = EstimateMeter(2.0, 6.0, cores=4, profile="rpi4", threads=1)  # one thread: one core here and there
+    meter.start()
+    time.sleep(0.05)
+    same = meter.stop(runs=1)
+    assert same["method"].endswith("per-thread CPU clocks of this machine / wall time / 4 cores)"), same["method"]

@@ -365,7 +365,8 @@ def test_a_store_off_the_device_cannot_redirect_it_to_its_own_local_services(sto
         monkeypatch.setattr(socket.socket, "getpeername", peer)
         store.location = f"http://localhost:{local.server_address[1]}/sha256/{SHA}"
         with pytest.raises(FetchError, match=r"/moved: the store redirected the device to its own loopback address "
-                                             r"\(http://localhost:\d+/sha256/.*\), where its local services listen"):
+                                             r"\(http://localhost:\d+/sha256/.* at 127.0.0.1\), where local services "
+                                             r"listen and the store named \(127.0.0.1\) is not"):
             fetch(f"{store.url}/moved", SHA, tmp_path / "a.bin", timeout_s=2)
         assert local.requests == [] and not (tmp_path / "a.bin").exists()
         monkeypatch.undo()
@@ -373,6 +374,87 @@ def test_a_store_off_the_device_cannot_redirect_it_to_its_own_local_services(sto
     finally:
         local.shutdown()
         local.server_close()
+
+
+@pytest.fixture
+def lan(store, monkeypatch):
+    """The store and a second server standing for hosts of a LAN of Pis: names resolve (``socket.getaddrinfo``) to
+    the loopback servers, and each server's address is presented (``getpeername``) as the LAN address it stands
+    for; ``names`` is what each name resolves to as the device's resolver (mDNS) would say (``fetch._resolve``).
+    Returns ``(other, seen_as, names)``: the second server, and the maps a test fills."""
+    from device_agents import fetch as fetching
+
+    other = _Store()
+    threading.Thread(target=other.serve_forever, args=(0.05,), daemon=True).start()
+    seen_as: dict[int, tuple] = {}  # server port -> the peer address it is seen at
+    names: dict[str, list[str]] = {}  # host name -> its addresses
+    real_peer, real_resolve = socket.socket.getpeername, socket.getaddrinfo
+
+    def peer(sock):
+        address = real_peer(sock)
+        return seen_as.get(address[1], address)
+
+    def resolve(host, port, *args, **kwargs):  # every name of the test reaches the loopback servers
+        return real_resolve("127.0.0.1" if host in names else host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket.socket, "getpeername", peer)
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    monkeypatch.setattr(fetching, "_resolve", lambda host: names.get(host, []), raising=False)
+    yield other, seen_as, names
+    other.shutdown()
+    other.server_close()
+
+
+def test_a_store_named_store_local_may_redirect_to_its_own_ipv6_link_local_address(store, lan, tmp_path):
+    """``store.local`` (mDNS on a LAN of Pis) answers on 192.168.1.10 and on its IPv6 link-local fe80::1. A redirect
+    from its IPv4 address to its IPv6 one (under its own name, or another name that is on fe80::1) was refused as
+    "its own link-local address": the first connection was on no local address, so any local one was refused,
+    although the operator named that store in the desired state."""
+    other, seen_as, names = lan
+    names.update({"store.local": ["192.168.1.10", "fe80::1%2"], "store-v6.local": ["fe80::1%2"]})
+    seen_as.update({store.server_address[1]: ("192.168.1.10", store.server_address[1]),
+                    other.server_address[1]: ("fe80::1", other.server_address[1], 0, 2)})
+    other.files = store.files
+    first = f"http://store.local:{store.server_address[1]}/moved"
+    for n, where in enumerate(["store.local", "store-v6.local"]):
+        store.location = f"http://{where}:{other.server_address[1]}/sha256/{SHA}"
+        assert fetch(first, SHA, tmp_path / f"{n}.bin", timeout_s=2).bytes_downloaded == len(DATA)
+    assert len(other.requests) == 2
+
+
+def test_a_store_on_a_link_local_address_is_trusted_as_named(store, lan, tmp_path):
+    """``store.local`` resolving to its IPv6 link-local address only: the operator named it, so it is fetched
+    from (and may redirect to itself) although the address is link-local."""
+    _other, seen_as, names = lan
+    names["store.local"] = ["fe80::1%2"]
+    seen_as[store.server_address[1]] = ("fe80::1", store.server_address[1], 0, 2)
+    assert fetch(f"http://store.local:{store.server_address[1]}/sha256/{SHA}", SHA, tmp_path / "a.bin",
+                 timeout_s=2).bytes_downloaded == len(DATA)
+    store.location = f"/sha256/{SHA}"
+    assert fetch(f"http://store.local:{store.server_address[1]}/moved", SHA, tmp_path / "b.bin",
+                 timeout_s=2).bytes_downloaded == len(DATA)
+
+
+@pytest.mark.parametrize("first, to, scope", [
+    ("203.0.113.5", ("192.168.1.1",), "a private address"),  # a CDN sending the device to the LAN's router
+    ("203.0.113.5", ("fe80::99", 0, 0, 2), "its own link-local address"),
+    ("192.168.1.10", ("192.168.1.11",), "a private address"),  # the LAN store sending it to another LAN host
+    ("192.168.1.10", ("fe80::99", 0, 0, 2), "its own link-local address"),  # not an address store.local is on
+])
+def test_a_redirect_to_a_local_address_the_named_store_is_not_on_is_refused(store, lan, tmp_path, first, to, scope):
+    """A redirect to another host on a private, link-local or loopback address that the store the operator named
+    is not on gets no request: before, only loopback and link-local were refused (a public store could send every
+    device to the LAN's router), and only when the store itself was on none."""
+    other, seen_as, names = lan
+    names.update({"store.local": [first], "router.local": [to[0]]})
+    seen_as.update({store.server_address[1]: (first, store.server_address[1]),
+                    other.server_address[1]: (to[0], other.server_address[1], *to[1:])})
+    store.location = f"http://router.local:{other.server_address[1]}/sha256/{SHA}"
+    with pytest.raises(FetchError, match=rf"store.local:\d+/moved: the store redirected the device to {scope} "
+                                         rf"\(http://router.local:\d+/sha256/\w+ at {to[0]}\), where local services "
+                                         r"listen and the store named \(store.local\) is not; fix the store's"):
+        fetch(f"http://store.local:{store.server_address[1]}/moved", SHA, tmp_path / "a.bin", timeout_s=2)
+    assert other.requests == [] and not (tmp_path / "a.bin").exists()
 
 
 @pytest.fixture
