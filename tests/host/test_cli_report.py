@@ -104,6 +104,37 @@ def test_one_history_rule_and_the_report_renders_from_the_history_alone(tmp_path
     assert json.loads(out)["profiles"] == ["rpi4"] and json.loads(out)["devices"] == 1 and html.is_file()
 
 
+def test_the_reports_json_lists_each_devices_figures_labelled_bench_or_live(tmp_path, run_cli):
+    """`report --json` said how many devices and plots, not which figures: a device's live ones (what a demo or the
+    monitor stored) could not be told from its benchmark's. Now one row per device and source, each naming its message."""
+    from edge_kit.telemetry.store import Store
+    from edgekit_protocol import messages
+
+    history = tmp_path / "edgekit-history.db"
+    store = Store(history)
+    live = messages.envelope("live", "sim", "rpi4-1", 5, {
+        "model": {"variant": "int8", "sha256": "int8" * 4}, "requests": 300, "errors": 0, "window": 300,
+        "latency_ms": {"p50": 0.4, "p90": 0.6, "p99": 1.2}, "clock": "perf_counter_ns from a request read to its answer ready"})
+    bench = [_bench("rpi4-1", v, p90, acc, i) for i, (v, p90, acc) in enumerate(DEMO_LIKE)]
+    store.add_many([*[("bench", b) for b in bench], ("live", live),
+                    ("status", messages.envelope("status", "sim", "rpi4-1", 9, {"state": "online", "current": {
+                        "variant": "int8", "sha256": "int8" * 4}})),
+                    ("bench", _bench("rpi4-2", "x" * 500, 0.3, 0.99, 1))])  # no status: nothing known to run
+    store.close()
+    code, out, err = run_cli("report", "--history", history, "--out", tmp_path / "r.html", "--json")
+    assert code == 0, err
+    rows = json.loads(out)["rows"]
+    assert [(r["device"], r["source"]) for r in rows] == [("rpi4-1", "bench"), ("rpi4-1", "live")]
+    chosen = next(b for b in bench if b["variant"] == "int8")
+    assert rows[0] == {"device": "rpi4-1", "source": "bench", "variant": "int8", "sha256": "int8" * 4, "p50_ms": None,
+                       "p90_ms": 0.19, "p99_ms": None, "clock": None, "runtime": None, "accuracy": 0.9944,
+                       "energy_mj": 0.05, "power_source": "estimated", "simulated": True,
+                       "msg_id": chosen["msg_id"], "seq": chosen["seq"]}
+    assert rows[1] == {"device": "rpi4-1", "source": "live", "variant": "int8", "sha256": "int8" * 4, "requests": 300,
+                       "errors": 0, "window": 300, "p50_ms": 0.4, "p90_ms": 0.6, "p99_ms": 1.2,
+                       "clock": "perf_counter_ns from a request read to its answer ready", "msg_id": live["msg_id"], "seq": 5}
+
+
 def test_latency_axis_is_logarithmic_and_holds_the_points_and_the_limit():
     from edge_kit.profiles import load_profile
     from edge_kit.telemetry.report import _profile_figures
