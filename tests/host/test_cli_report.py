@@ -352,6 +352,26 @@ def test_the_demo_table_says_where_every_column_came_from(capsys):
     assert "no accelerator on this machine: c ran int8 on xnnpack (the CPU)" in text  # the Coral's int8 ran on the CPU
 
 
+def test_the_demo_table_says_when_a_devices_live_figures_were_not_stored_and_why(capsys):
+    """The demo's live figures are the agent's stored, signed live message: when none arrived, the cell says so
+    (never figures from elsewhere) and a line under the table says why; the application's top-1 is still shown."""
+    from edge_kit.cli.loop import print_demo
+    from edge_kit.fleet.deploy import GroupResult
+    from edge_kit.loop.demo import APP_REQUESTS, DemoResult
+    from edge_kit.loop.tune import TuneReport
+
+    why = "no live message of its served model covering the application's requests within 70 s"
+    row = {"device": "a", "profile": "rpi4", "variant": "int8", "feasible": True, "violates": [], "p90_ms": 0.5,
+           "latency_method": "clock", "runtime": "litert", "accuracy": 0.99, "accuracy_samples": 360, "energy_mj": 0.1,
+           "power_method": "estimated", "live": {"requests": APP_REQUESTS, "top1": 0.98, "p50_ms": None, "p99_ms": None,
+                                                 "served": None, "record": None, "not_stored": why}}
+    print_demo(DemoResult(Path("/tmp/d"), False, TuneReport(GroupResult([])), [row]))
+    text = " ".join(capsys.readouterr().out.split())
+    assert "not stored" in text and "98.0%" in text and f"a: live figures not stored: {why}" in text
+    assert "from the signed live message it published (stored in the history, labelled live)" in text
+    assert "scored on this host (not stored)" in text
+
+
 def test_the_fleet_tables_simulated_column_says_what_the_device_said_and_no_more(tmp_path, run_cli):
     """The column said "no" for any device without a benchmark of its current model: a simulated device that had
     only reported its status, or one never heard from, read as real hardware."""
