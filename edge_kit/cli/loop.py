@@ -329,7 +329,12 @@ def print_demo(result: Any) -> None:
     out.print(safe(f"p90: {'; '.join(clocks) or 'not measured'}, on this machine; top-1: the agent, on the eval set "
                    f"shipped with the artifacts ({'/'.join(samples) or '?'} samples); energy: {'; '.join(methods) or 'not measured'}; "
                    "live: the agent's serving API answering a demo application's requests, its service time by "
-                   f"perf_counter_ns; app top-1: that application's own answers to {APP_REQUESTS} eval images"))
+                   "perf_counter_ns, from the signed live message it published (stored in the history, labelled live); "
+                   f"app top-1: that application's own answers to {APP_REQUESTS} eval images, scored on this host "
+                   "(not stored)"))
+    for r in result.rows:
+        if (r.get("live") or {}).get("not_stored"):
+            out.print("[red]" + safe(f"{r['device']}: live figures not stored: {r['live']['not_stored']}") + "[/]")
     on_cpu = [f"{r['device']} ran {r['variant']} on {r['delegate']}" for r in rows
               if _on_cpu(r.get("delegate")) and _accelerator(r["profile"]) not in (None, "none")]
     if on_cpu:  # a Coral or Jetson profile simulated here has no Edge TPU or GPU to run on
@@ -365,12 +370,14 @@ def _accelerator(profile: str) -> str | None:
 
 
 def _live_cells(live: dict[str, Any] | None) -> tuple[str, str]:
-    """Return the demo table's live cells: service-time p50/p99, and the application's own top-1."""
+    """Return the demo table's live cells: service-time p50/p99 (from the agent's stored live message; ``not
+    stored`` when none arrived, the reason printed under the table), and the application's own top-1."""
     if not live:
         return "-", "-"
     if "error" in live:
         return "[red]" + safe(str(live["error"])[:40]) + "[/]", "-"
-    return f"{_num(live.get('p50_ms'))}/{_num(live.get('p99_ms'))}", f"{100 * live['top1']:.1f}%"
+    served = "[red]not stored[/]" if live.get("not_stored") else f"{_num(live.get('p50_ms'))}/{_num(live.get('p99_ms'))}"
+    return served, f"{100 * live['top1']:.1f}%"
 
 
 def _state_cell(state: dict[str, Any]) -> str:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +28,18 @@ from edge_kit.manifest import sign_manifest
 from edge_kit.profiles import load_profile
 from edge_kit.sim.broker import find_mosquitto
 from edge_kit.sim.fleet import SimFleet
-from edge_kit.telemetry.store import history_path, open_history
+from edge_kit.telemetry.monitor import Monitor
+from edge_kit.telemetry.store import HistoryStore, history_path, open_history
+from edgekit_protocol.config import AgentConfig
+from edgekit_protocol.messages import field_at
 
 STEPS = ("building the example model", "compiling", "starting the simulated fleet", "tuning",
          "serving an application on every device", "cleaning up")
 APP_REQUESTS = 300  # per device: the demo's application classifies this many eval images through the serving API
+# An agent sends its live figures every telemetry interval (the protocol's default: a deploy sets no other): the
+# one covering the application's requests is due within one, and has a second one and some slack to arrive.
+LIVE_WAIT_S = 2 * AgentConfig.telemetry_interval_s + 10
+TOP1_SOURCE = "the demo application on this host, scoring the answers it got against the eval set's labels (not stored)"
 DEMO_BENCH = {"min_runs": 100, "min_seconds": 0.5}
 
 
@@ -49,13 +58,25 @@ class DemoResult:
                 "history": str(self.history), "devices": self.rows, "tune": self.report.as_dict()}
 
 
-def _serve_an_application(fleet: Any, eval_file: Path) -> dict[str, dict[str, Any]]:
+def _serve_an_application(fleet: Any, eval_file: Path, store: HistoryStore,
+                          step: Callable[[str], None]) -> dict[str, dict[str, Any]]:
     """Run a small application on every device: it classifies eval images through the agent's serving
-    API (``device_agents.serving.Client``, as an application on the device would) and scores them.
+    API (``device_agents.serving.Client``, as an application on the device would) and scores them, while
+    a :class:`~edge_kit.telemetry.monitor.Monitor` stores in ``store`` what the agents publish; then wait
+    (up to :data:`LIVE_WAIT_S`) until each device's signed ``live`` message covering those requests is stored.
+
+    The live figures stored, and shown, are the agent's own message, checked as the monitor checks every
+    message (signature against the device's registered key, schema, topic, time); the application's
+    ``top1`` is this host's scoring of the answers it got, never stored (it is no device's signed word).
 
     Returns:
-        Per device: ``requests``, ``top1`` of the application's own answers against the labels, and the
-        agent's live figures (``p50_ms``/``p99_ms``: its service time, perf_counter_ns), or ``error``.
+        Per device: ``requests``, ``top1`` of the application's own answers against the labels (with
+        ``top1_source``), and from the stored live message ``p50_ms``/``p99_ms`` (the agent's service time,
+        perf_counter_ns), ``served`` (its variant), ``requests_served`` and ``record`` (its ``msg_id``,
+        ``seq``); or ``not_stored`` (why no live message was stored: those figures are then None); or ``error``.
+
+    Raises:
+        AgentError: the broker cannot be reached. HistoryError: ``store`` cannot be written.
     """
     import numpy as np
 
@@ -65,25 +86,67 @@ def _serve_an_application(fleet: Any, eval_file: Path) -> dict[str, dict[str, An
     with np.load(eval_file) as data:
         x = data[next(k for k in data.files if k.startswith("x"))].astype(np.float32)
         y = data[next(k for k in data.files if k.startswith("y"))]
+    heard = threading.Condition()
+    lives: dict[str, list[dict[str, Any]]] = {}
+
+    def on_message(kind: str, msg: dict[str, Any]) -> None:  # the monitor's writer thread, once a message is stored
+        if kind == "live":
+            with heard:
+                lives.setdefault(msg["device"], []).append(msg)
+                heard.notify_all()
+
+    # started before the first request: every live message the agents send from now on is checked and stored
+    monitor = Monitor(fleet, store, on_message=on_message, verify_in_child=False).start()
     out: dict[str, dict[str, Any]] = {}
-    for dev in fleet.devices:
-        right = 0
-        try:
-            with Client(Path(dev.root)) as app:
-                for i in range(APP_REQUESTS):
-                    scores = next(iter(app.predict(x[i % len(x)]).values()))
-                    right += int(np.argmax(scores) == y[i % len(y)])
-        except ServingError as exc:
-            out[dev.name] = {"error": str(exc)}
-            continue
-        out[dev.name] = {"requests": APP_REQUESTS, "top1": right / APP_REQUESTS}
-    with FleetClient.of(fleet) as client:
+    try:
         for dev in fleet.devices:
-            if "error" in out[dev.name]:
+            right = 0
+            try:
+                with Client(Path(dev.root)) as app:
+                    for i in range(APP_REQUESTS):
+                        scores = next(iter(app.predict(x[i % len(x)]).values()))
+                        right += int(np.argmax(scores) == y[i % len(y)])
+            except ServingError as exc:
+                out[dev.name] = {"error": str(exc)}
                 continue
-            live = client.request(dev.name, "state", {"live": 0}, timeout=30)["result"]["live"] or {}
-            lat = live.get("latency_ms") or {}
-            out[dev.name].update(p50_ms=lat.get("p50"), p99_ms=lat.get("p99"), served=(live.get("model") or {}).get("variant"))
+            out[dev.name] = {"requests": APP_REQUESTS, "top1": right / APP_REQUESTS, "top1_source": TOP1_SOURCE}
+        # what each agent served and counted once the application was done: its next live message covers them
+        wanted: dict[str, tuple[Any, int]] = {}
+        with FleetClient.of(fleet) as client:
+            for dev in fleet.devices:
+                if "error" not in out[dev.name]:
+                    live = client.request(dev.name, "state", {"live": 0}, timeout=30)["result"]["live"]
+                    counted = field_at(live, "requests")  # the device's word: a count only when it is one
+                    wanted[dev.name] = (field_at(live, "model", "sha256"),
+                                        max(APP_REQUESTS, counted if type(counted) is int else 0))
+        step(f"{STEPS[4]}: waiting for each agent's signed live figures (sent every "
+             f"{AgentConfig.telemetry_interval_s:g} s)")
+
+        def covering(device: str) -> dict[str, Any] | None:
+            sha, counted = wanted[device]  # the protocol checked a live message's requests is a whole number
+            return next((m for m in reversed(lives.get(device, [])) if isinstance(sha, str)
+                         and field_at(m, "model", "sha256") == sha and m["requests"] >= counted), None)
+
+        deadline = time.monotonic() + LIVE_WAIT_S
+        with heard:  # woken by each live message stored; a failed history is seen within half a second
+            while not all(covering(d) for d in wanted) and monitor.failed is None and time.monotonic() < deadline:
+                heard.wait(min(0.5, max(0.0, deadline - time.monotonic())))
+            found = {d: covering(d) for d in wanted}
+    finally:
+        monitor.stop()
+    if monitor.failed is not None:
+        raise monitor.failed
+    refused = monitor.stats.invalid
+    for device, msg in found.items():
+        if msg is None:
+            why = (f"no live message of its served model covering the application's requests within {LIVE_WAIT_S:.0f} s"
+                   + (f"; {refused} message(s) refused (the history's invalid table says why)" if refused else
+                      f"; see {next(d.root for d in fleet.devices if d.name == device)}/agent.log"))
+            out[device].update(p50_ms=None, p99_ms=None, served=None, requests_served=None, record=None, not_stored=why)
+            continue
+        out[device].update(p50_ms=field_at(msg, "latency_ms", "p50"), p99_ms=field_at(msg, "latency_ms", "p99"),
+                           served=field_at(msg, "model", "variant"), requests_served=msg["requests"],
+                           record={"msg_id": msg["msg_id"], "seq": msg["seq"]})
     return out
 
 
@@ -123,7 +186,7 @@ def run_demo(devices: int = 3, profiles: tuple[str, ...] = ("rpi4", "rpi5", "cor
         report = tune(fleet, fleet.devices, TuneOptions(artifacts, bench=dict(DEMO_BENCH), timeout=180), store,
                       progress=lambda m: step(f"{STEPS[3]}: {m}"))
         step(STEPS[4])
-        live = _serve_an_application(fleet, files.eval)
+        live = _serve_an_application(fleet, files.eval, store, step)
         latest = store.latest_bench()
         rows = []
         for dev in fleet.devices:

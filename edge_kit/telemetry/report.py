@@ -27,7 +27,7 @@ from edge_kit.profiles import Profile, bundled_profiles, load_profile
 from edge_kit.telemetry.store import HistoryStore
 from edgekit_protocol.config import AgentConfig
 from edgekit_protocol.labels import accuracy_text, clip, power_source
-from edgekit_protocol.messages import in_range
+from edgekit_protocol.messages import field_at, in_range
 
 _CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
@@ -188,13 +188,12 @@ def _fleet_rows(store: HistoryStore, profiles: dict[str, str] | None = None) -> 
     profiles = profiles or {}
     status, latest, live = store.latest_status(), store.latest_bench(), store.latest_live()
     decisions = store.latest_decisions()
-    head = ["device", "profile", "state", "running", "runtime", "decision", "p90 ms", "accuracy", "mJ/inference", "power source",
+    head = ["device", "profile", "state", "running", "runtime", "decision", "bench p90 ms", "accuracy", "mJ/inference", "power source",
             "live p50/p99 ms (requests)", "simulated"]
     rows = []
     for device in sorted(set(status) | {d for d, _ in latest} | set(decisions)):
         st = status.get(device, {})
-        cur = st.get("current") if isinstance(st.get("current"), dict) else {}  # a device's own word: any shape
-        rec = latest.get((device, cur.get("sha256"))) if cur else None
+        cur, rec = _running(st, latest, device)
         dec = decisions.get(device)
         verdict = _verdict(dec)
         claimed = (rec or {}).get("profile") or st.get("profile") or "-"
@@ -208,6 +207,56 @@ def _fleet_rows(store: HistoryStore, profiles: dict[str, str] | None = None) -> 
                      html.escape(_power_source(rec)) if rec else "-", _live_cell(live.get(device)),
                      _simulated_cell(rec, st)])
     return head, rows
+
+
+def _running(status: dict[str, Any], latest: dict[tuple[str, str], dict[str, Any]],
+             device: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Return the model ``device``'s newest ``status`` says it runs (``{}`` when it names none) and the latest
+    bench record of that model among ``latest`` (None when it was not benchmarked)."""
+    cur = status.get("current") if isinstance(status.get("current"), dict) else {}  # a device's own word: any shape
+    return cur, latest.get((device, cur.get("sha256"))) if cur else None
+
+
+def _figure(value: Any) -> Any:
+    """Return a device's figure for ``--json``: the number when it is one (:func:`in_range`), else None."""
+    return value if in_range(value) else None
+
+
+def _text(value: Any) -> str | None:
+    """Return a device's text for ``--json``, cut to :data:`MAX_NAME_CHARS` (None when it sent none)."""
+    return None if value is None else clip(str(value), MAX_NAME_CHARS)
+
+
+def figure_rows(store: HistoryStore) -> list[dict[str, Any]]:
+    """Return the figures behind the fleet table, one row per device and source, labelled by ``source``:
+    ``bench`` (the latest benchmark record of the model the device's newest status says it runs: p50/p90/p99
+    by the clock it names, accuracy, energy and how it was obtained) and ``live`` (its newest ``live`` message:
+    the serving API's requests, errors and service-time p50/p90/p99 over its last ``window`` requests, for the
+    model it names). Each row names its message (``msg_id``, ``seq``): a record the device signed, as the
+    monitor (or tune) checked and stored it. What a device names is cut to :data:`MAX_NAME_CHARS`; a figure
+    that is no number is None. Sorted by device, ``bench`` before ``live``. Raises HistoryError."""
+    status, latest, live = store.latest_status(), store.latest_bench(), store.latest_live()
+    rows: list[dict[str, Any]] = []
+    for device in sorted(set(status) | {d for d, _ in latest} | set(live)):
+        _cur, rec = _running(status.get(device, {}), latest, device)
+        if rec is not None:
+            lat = rec.get("latency_ms") if isinstance(rec.get("latency_ms"), dict) else {}
+            power = rec.get("power") if isinstance(rec.get("power"), dict) else {}
+            rows.append({"device": device, "source": "bench", "variant": _text(rec.get("variant")),
+                         "sha256": _text(rec.get("sha256")), **{f"{q}_ms": _figure(lat.get(q)) for q in ("p50", "p90", "p99")},
+                         "clock": _text(rec.get("latency_method")), "runtime": _text(rec.get("runtime")),
+                         "accuracy": _accuracy(rec), "energy_mj": _figure(power.get("energy_per_inference_mj")),
+                         "power_source": _power_source(rec), "simulated": rec.get("simulated") if isinstance(rec.get("simulated"), bool) else None,
+                         "msg_id": rec["msg_id"], "seq": rec["seq"]})
+        m = live.get(device)
+        if m is not None:
+            lat = m.get("latency_ms") if isinstance(m.get("latency_ms"), dict) else {}
+            rows.append({"device": device, "source": "live", "variant": _text(field_at(m, "model", "variant")),
+                         "sha256": _text(field_at(m, "model", "sha256")), "requests": _figure(m.get("requests")),
+                         "errors": _figure(m.get("errors")), "window": _figure(m.get("window")),
+                         **{f"{q}_ms": _figure(lat.get(q)) for q in ("p50", "p90", "p99")},
+                         "clock": _text(m.get("clock")), "msg_id": m["msg_id"], "seq": m["seq"]})
+    return rows
 
 
 def _simulated_cell(rec: dict[str, Any] | None, status: dict[str, Any]) -> str:
@@ -350,8 +399,9 @@ def _check_replaceable(out: Path) -> None:
 def build_report(store: HistoryStore, out: Path, title: str = "edge-kit fleet report",
                  profiles: dict[str, str] | None = None) -> dict[str, Any]:
     """Write the report to ``out`` (atomically); return what it holds (profiles, devices, plots, records plotted,
-    flagged devices, and ``not_plotted``: ``{device: records}`` of devices naming more variants than
-    :data:`MAX_VARIANTS_PER_DEVICE`).
+    flagged devices, ``not_plotted``: ``{device: records}`` of devices naming more variants than
+    :data:`MAX_VARIANTS_PER_DEVICE`, and ``rows``: the fleet table's figures, labelled ``bench`` or ``live``,
+    :func:`figure_rows`).
 
     ``profiles``: the fleet file's profile of each device it names (``{device: profile}``), which places that
     device's records; a device it does not name is placed by what its records say.
@@ -439,4 +489,4 @@ def build_report(store: HistoryStore, out: Path, title: str = "edge-kit fleet re
         raise InputError(f"{out}: cannot write the report there ({exc.strerror or exc}); "
                          "pass --out a file in a writable folder") from None
     return {"out": str(out), "profiles": sorted(by_profile), "devices": len(rows), "plots": plots, "records": len(latest),
-            "flagged": flagged, "not_plotted": left_out}
+            "flagged": flagged, "not_plotted": left_out, "rows": figure_rows(store)}

@@ -104,6 +104,37 @@ def test_one_history_rule_and_the_report_renders_from_the_history_alone(tmp_path
     assert json.loads(out)["profiles"] == ["rpi4"] and json.loads(out)["devices"] == 1 and html.is_file()
 
 
+def test_the_reports_json_lists_each_devices_figures_labelled_bench_or_live(tmp_path, run_cli):
+    """`report --json` said how many devices and plots, not which figures: a device's live ones (what a demo or the
+    monitor stored) could not be told from its benchmark's. Now one row per device and source, each naming its message."""
+    from edge_kit.telemetry.store import Store
+    from edgekit_protocol import messages
+
+    history = tmp_path / "edgekit-history.db"
+    store = Store(history)
+    live = messages.envelope("live", "sim", "rpi4-1", 5, {
+        "model": {"variant": "int8", "sha256": "int8" * 4}, "requests": 300, "errors": 0, "window": 300,
+        "latency_ms": {"p50": 0.4, "p90": 0.6, "p99": 1.2}, "clock": "perf_counter_ns from a request read to its answer ready"})
+    bench = [_bench("rpi4-1", v, p90, acc, i) for i, (v, p90, acc) in enumerate(DEMO_LIKE)]
+    store.add_many([*[("bench", b) for b in bench], ("live", live),
+                    ("status", messages.envelope("status", "sim", "rpi4-1", 9, {"state": "online", "current": {
+                        "variant": "int8", "sha256": "int8" * 4}})),
+                    ("bench", _bench("rpi4-2", "x" * 500, 0.3, 0.99, 1))])  # no status: nothing known to run
+    store.close()
+    code, out, err = run_cli("report", "--history", history, "--out", tmp_path / "r.html", "--json")
+    assert code == 0, err
+    rows = json.loads(out)["rows"]
+    assert [(r["device"], r["source"]) for r in rows] == [("rpi4-1", "bench"), ("rpi4-1", "live")]
+    chosen = next(b for b in bench if b["variant"] == "int8")
+    assert rows[0] == {"device": "rpi4-1", "source": "bench", "variant": "int8", "sha256": "int8" * 4, "p50_ms": None,
+                       "p90_ms": 0.19, "p99_ms": None, "clock": None, "runtime": None, "accuracy": 0.9944,
+                       "energy_mj": 0.05, "power_source": "estimated", "simulated": True,
+                       "msg_id": chosen["msg_id"], "seq": chosen["seq"]}
+    assert rows[1] == {"device": "rpi4-1", "source": "live", "variant": "int8", "sha256": "int8" * 4, "requests": 300,
+                       "errors": 0, "window": 300, "p50_ms": 0.4, "p90_ms": 0.6, "p99_ms": 1.2,
+                       "clock": "perf_counter_ns from a request read to its answer ready", "msg_id": live["msg_id"], "seq": 5}
+
+
 def test_latency_axis_is_logarithmic_and_holds_the_points_and_the_limit():
     from edge_kit.profiles import load_profile
     from edge_kit.telemetry.report import _profile_figures
@@ -319,6 +350,26 @@ def test_the_demo_table_says_where_every_column_came_from(capsys):
     print_demo(DemoResult(Path("/tmp/d"), False, TuneReport(GroupResult([])), [*rows, coral]))
     text = " ".join(capsys.readouterr().out.split())
     assert "no accelerator on this machine: c ran int8 on xnnpack (the CPU)" in text  # the Coral's int8 ran on the CPU
+
+
+def test_the_demo_table_says_when_a_devices_live_figures_were_not_stored_and_why(capsys):
+    """The demo's live figures are the agent's stored, signed live message: when none arrived, the cell says so
+    (never figures from elsewhere) and a line under the table says why; the application's top-1 is still shown."""
+    from edge_kit.cli.loop import print_demo
+    from edge_kit.fleet.deploy import GroupResult
+    from edge_kit.loop.demo import APP_REQUESTS, DemoResult
+    from edge_kit.loop.tune import TuneReport
+
+    why = "no live message of its served model covering the application's requests within 70 s"
+    row = {"device": "a", "profile": "rpi4", "variant": "int8", "feasible": True, "violates": [], "p90_ms": 0.5,
+           "latency_method": "clock", "runtime": "litert", "accuracy": 0.99, "accuracy_samples": 360, "energy_mj": 0.1,
+           "power_method": "estimated", "live": {"requests": APP_REQUESTS, "top1": 0.98, "p50_ms": None, "p99_ms": None,
+                                                 "served": None, "record": None, "not_stored": why}}
+    print_demo(DemoResult(Path("/tmp/d"), False, TuneReport(GroupResult([])), [row]))
+    text = " ".join(capsys.readouterr().out.split())
+    assert "not stored" in text and "98.0%" in text and f"a: live figures not stored: {why}" in text
+    assert "from the signed live message it published (stored in the history, labelled live)" in text
+    assert "scored on this host (not stored)" in text
 
 
 def test_the_fleet_tables_simulated_column_says_what_the_device_said_and_no_more(tmp_path, run_cli):

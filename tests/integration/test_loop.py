@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import sqlite3
 import subprocess
 from pathlib import Path
 
@@ -83,24 +85,67 @@ def test_tune_leaves_every_device_feasible_or_flagged_and_a_second_run_changes_n
     assert 'data-unformatted="chosen"' in dom and "max p90 50 ms" in dom, tmp_path / "dom.html"
 
 
-def test_demo_runs_the_whole_loop_and_cleans_up(run_cli):
-    code, out, err = run_cli("demo", "--devices", "2", "--profiles", "rpi4,coral-usb", "--json")
+def test_demo_runs_the_whole_loop_keeps_its_live_figures_signed_and_cleans_up(run_cli, tmp_path):
+    """The demo printed its application's live figures but its history held none of them (the report's live column
+    said '-'): now the agents' signed live messages covering the application's requests are stored, as the monitor
+    stores them, and `edgekit report --json` lists them labelled live next to the bench ones."""
+    from device_agents.identity import key_id
+    from edge_kit.fleet.inventory import load_fleet
+
+    code, out, err = run_cli("demo", "--devices", "2", "--profiles", "rpi4,coral-usb", "--keep", "--json")
     assert code == 0, err
     result = json.loads(out)
-    assert [r["device"] for r in result["devices"]] == ["rpi4-1", "coral-usb-1"]
-    assert result["tune"]["deploy"]["signature"].startswith("signed by key ")  # the release step it shows
-    assert result["tune"]["deploy"]["signature"].endswith("(trusted)")
-    for row in result["devices"]:
-        assert row["variant"] and row["feasible"] and row["simulated"] is True and row["p90_ms"] > 0
-        assert row["accuracy"] > 0.9 and row["power_method"].startswith("estimated:")
-        live = row["live"]  # the demo's application, served by the agent: its own answers scored, the agent's figures
-        assert live["requests"] == 300 and live["top1"] > 0.9 and live["served"] == row["variant"]
-        assert 0 < live["p50_ms"] <= live["p99_ms"]
-    assert result["kept"] is False and not __import__("pathlib").Path(result["workdir"]).exists()
-    # the history was written where report/select/fleet status look for it: beside the fleet file
-    assert result["history"] == str(history_path(Path(result["fleet_file"])))
-    leftovers = subprocess.run(["pgrep", "-f", result["workdir"]], capture_output=True, text=True).stdout.split()
-    assert leftovers == []  # no sshd, broker or agent left behind
+    workdir = Path(result["workdir"])
+    try:
+        assert [r["device"] for r in result["devices"]] == ["rpi4-1", "coral-usb-1"]
+        assert result["tune"]["deploy"]["signature"].startswith("signed by key ")  # the release step it shows
+        assert result["tune"]["deploy"]["signature"].endswith("(trusted)")
+        for row in result["devices"]:
+            assert row["variant"] and row["feasible"] and row["simulated"] is True and row["p90_ms"] > 0
+            assert row["accuracy"] > 0.9 and row["power_method"].startswith("estimated:")
+            live = row["live"]  # the demo's application, served by the agent: its own answers scored, the agent's figures
+            assert "not_stored" not in live, live
+            assert live["requests"] == 300 and live["top1"] > 0.9 and live["served"] == row["variant"]
+            assert live["requests_served"] >= 300 and 0 < live["p50_ms"] <= live["p99_ms"]
+            assert live["top1_source"].startswith("the demo application on this host")
+        assert result["kept"] is True and workdir.is_dir()
+        # the history was written where report/select/fleet status look for it: beside the fleet file
+        fleet_file = Path(result["fleet_file"])
+        assert result["history"] == str(history_path(fleet_file))
+        leftovers = subprocess.run(["pgrep", "-f", result["workdir"]], capture_output=True, text=True).stdout.split()
+        assert leftovers == []  # no sshd, broker or agent left behind
+
+        # every live record stored is the device's own signed message: it verifies under that device's registered key
+        keyring = load_fleet(fleet_file).key_store().keyring()
+        with contextlib.closing(sqlite3.connect(result["history"])) as db:
+            stored = [json.loads(b) for (b,) in db.execute("SELECT body FROM live ORDER BY ts, seq")]
+        assert stored
+        for msg in stored:
+            keyring.verify(msg, msg["device"])  # raises MessageError on a forged or unsigned one
+            assert msg["key_id"] == key_id(keyring.devices[msg["device"]])
+        by_id = {m["msg_id"]: m for m in stored}
+        for row in result["devices"]:  # the figures the demo printed are those of a stored, signed message
+            msg = by_id[row["live"]["record"]["msg_id"]]
+            assert msg["device"] == row["device"] and msg["model"]["variant"] == row["variant"]
+            assert msg["requests"] >= 300 and msg["latency_ms"]["p50"] == row["live"]["p50_ms"]
+
+        code, out, err = run_cli("report", "--fleet", fleet_file, "--out", tmp_path / "report.html", "--json")
+        assert code == 0, err
+        rows = json.loads(out)["rows"]
+        for row in result["devices"]:
+            mine = {r["source"]: r for r in rows if r["device"] == row["device"]}
+            assert set(mine) == {"bench", "live"}, mine  # labelled live, next to its bench figures
+            assert mine["live"]["msg_id"] in by_id and mine["live"]["variant"] == row["variant"]
+            assert mine["live"]["requests"] >= 300 and mine["live"]["p50_ms"] > 0
+            assert mine["bench"]["variant"] == row["variant"] and mine["bench"]["p90_ms"] == row["p90_ms"]
+        page = (tmp_path / "report.html").read_text().split("<h2>Fleet</h2>")[1]
+        cells = {r.split("</td>")[0]: r for r in page.split("<tr><td>")[1:]}
+        assert "<th>bench p90 ms</th>" in page and "<th>live p50/p99 ms (requests)</th>" in page
+        for row in result["devices"]:  # the fleet table's live cell: p50/p99 (requests, variant)
+            live = next(r for r in rows if r["device"] == row["device"] and r["source"] == "live")
+            assert f"({live['requests']:,}, {row['variant']}" in cells[row["device"]]
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def test_tune_with_a_budget_measures_a_sample_infers_the_rest_and_switches_only_with_a_health_benchmark(
