@@ -203,6 +203,7 @@ def test_monitor_cli_json_summary_and_fleet_status(fleet, publisher, tmp_path, r
     assert code == 0, err
     summary = json.loads(out)
     assert summary["stored"] == 2 and summary["invalid"] == 1
+    assert summary["over_budget"] == 0 and summary["over_budget_by_device"] == {}  # two records: within any budget
     code, out, err = run_cli("fleet", "status", "--fleet", fleet_file)
     assert code == 0 and "d1" in out and "int8" in out and "3.25" in out and "never seen" in out
 
@@ -334,10 +335,15 @@ def test_a_refused_message_s_topic_is_kept_short_in_alerts_and_the_invalid_table
     ("--share", "a/b", "--share 'a/b': give a group name without '/', '+' or '#' (e.g. monitors)"),
     ("--share", "", "--share '': give a group name without '/', '+' or '#' (e.g. monitors)"),
     ("--client-id", "", "--client-id: give 1 to 65,535 bytes (got 0)"),
-    ("--client-id", "x" * 70_000, "--client-id: give 1 to 65,535 bytes (got 70,000)")])
-def test_a_share_group_or_client_id_mqtt_cannot_carry_is_refused(fleet, tmp_path, run_cli, option, value, error):
+    ("--client-id", "x" * 70_000, "--client-id: give 1 to 65,535 bytes (got 70,000)"),
+    ("--budget-rate", "0", "Invalid value for '--budget-rate': 0: give a number greater than or equal to 0.001 "
+                           "(see `edgekit monitor --help`)"),
+    ("--budget-burst", "nan", "Invalid value for '--budget-burst': nan: give a finite number (see `edgekit monitor --help`)")])
+def test_a_share_group_client_id_or_budget_the_monitor_cannot_use_is_refused(fleet, tmp_path, run_cli, option, value,
+                                                                             error):
     """`monitor --share a/b` subscribed to `$share/a/b/edgekit/...` (group a, another topic) and stored nothing,
-    exit 0; `--client-id ''` got a random id (no persistent session); a 70,000-byte one a struct.error traceback."""
+    exit 0; `--client-id ''` got a random id (no persistent session); a 70,000-byte one a struct.error traceback.
+    An ingest budget of 0 (every record refused) or NaN is one line too."""
     code, out, err = run_cli("monitor", "--fleet", fleet.source, "--duration", "1", option, value, "--json")
     assert code == 2 and json.loads(out)["error"] == error and err.count("\n") == 1
 
