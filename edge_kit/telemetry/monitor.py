@@ -78,7 +78,7 @@ BATCH = 500
 @dataclass
 class Alert:
     device: str
-    kind: str  # "offline", "constraints", "silent", "refused" (forged, unsigned, from the future), "store", "disk", "drift"
+    kind: str  # "offline", "constraints", "silent", "refused" (forged, unsigned, from the future, over budget), "store", "disk", "drift"
     text: str
     ts: float = field(default_factory=time.time)
 

@@ -482,7 +482,9 @@ def test_a_device_flooding_with_its_valid_key_is_held_to_its_budget_and_the_othe
     assert len(texts) == 2 and "over its ingest budget (50 records/s, burst 500)" in texts[0], texts
     assert texts[1].startswith(f"d2: {mon.over_budget['d2']:,} records refused over its ingest budget"), texts
     ((kind, first, last),) = store._rows("SELECT kind, first_missing, last_missing FROM gaps WHERE device = 'd2'")
-    assert kind == "telemetry" and burst < first <= burst + rate * elapsed + 1 and last == flood_n, (first, last)
+    # from the first refused (past the burst) to the last refused (the very last may have found a token again)
+    assert kind == "telemetry" and burst < first <= burst + rate * elapsed + 1, (first, last)
+    assert flood_n - rate * elapsed - 1 <= last <= flood_n, (first, last)
 
 
 def test_records_signed_by_another_key_on_a_device_s_topic_never_spend_its_budget(fleet, tmp_path):
