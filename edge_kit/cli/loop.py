@@ -36,6 +36,7 @@ from edge_kit.cli.app import (
     spinner,
 )
 from edge_kit.selection.policy import DEFAULT_MARGIN
+from edge_kit.telemetry.budget import DEFAULT_BURST, DEFAULT_RATE
 from edgekit_protocol.labels import accuracy_text, clip, power_source
 
 CandidatesOpt = Annotated[Path, typer.Option("--artifacts", help="The compiled model's folder: its variants are the candidates.")]
@@ -468,6 +469,12 @@ def monitor_cmd(
     min_free_mb: Annotated[float, typer.Option(**bounded("Alert when a device reports less free disk space "
                                                          "(its agent refuses writes below its own store.min_free_mb).", 0))] = 32.0,
     duration: Annotated[Optional[float], typer.Option(**bounded("Stop after this many seconds (default: until Ctrl-C).", 0))] = None,
+    budget_rate: Annotated[float, typer.Option(**bounded("Ingest budget: records a second each device may have stored; "
+                                                         "beyond it (and its burst) they are refused unchecked, counted "
+                                                         "and alerted.", 0.001))] = DEFAULT_RATE,
+    budget_burst: Annotated[float, typer.Option(**bounded("Ingest budget: records each device may send at once (at least "
+                                                          "its agent's spool_max_records, which it replays after an outage).",
+                                                          1))] = DEFAULT_BURST,
     client_id: Annotated[Optional[str], typer.Option(help="MQTT client id of this worker's persistent session (default: "
                                                           "from the fleet, the store and, with --share, this host); "
                                                           "give each worker on one host its own.")] = None,
@@ -498,7 +505,7 @@ def monitor_cmd(
         where = f"{ident}|{share}|{socket.gethostname()}" if share else ident
         client_id = f"edgekit-monitor-{fleet.fleet}-{hashlib.sha256(where.encode()).hexdigest()[:10]}"
     mon = Monitor(fleet, db, share=share, silence_s=silence_s, on_message=metrics.observe, client_id=client_id,
-                  persistent=True, min_free_mb=min_free_mb)
+                  persistent=True, min_free_mb=min_free_mb, budget_rate=budget_rate, budget_burst=budget_burst)
     metrics.watch(mon)
     server = metrics.serve(metrics_port, metrics_addr) if metrics_port else None
     mon.start()
@@ -528,13 +535,16 @@ def monitor_cmd(
     s = mon.stats
     if as_json:
         emit_json({"received": s.received, "stored": s.stored, "duplicates": s.duplicates, "invalid": s.invalid,
-                    "gaps": s.gaps, "dropped": s.dropped, "alerts": [vars(a) for a in mon.alerts], "alerts_raised": mon.alerts_raised,
+                    "gaps": s.gaps, "dropped": s.dropped, "over_budget": s.over_budget,
+                    "over_budget_by_device": dict(sorted(mon.over_budget.items())),
+                    "alerts": [vars(a) for a in mon.alerts], "alerts_raised": mon.alerts_raised,
                    "store": db.where})
     else:
         if not out.is_terminal:  # rich ends its last frame with a newline on a terminal only: a log got "...hardwarestored"
             out.line()
         out.print(safe(f"stored {s.stored:,} of {s.received:,} messages received ({s.duplicates:,} duplicates, "
-                       f"{s.invalid:,} refused, {s.gaps:,} sequence gaps, {mon.alerts_raised:,} alerts) in {db.where}"),
+                       f"{s.invalid:,} refused, {s.over_budget:,} over budget, {s.gaps:,} sequence gaps, "
+                       f"{mon.alerts_raised:,} alerts) in {db.where}"),
                   highlight=False)
 
 

@@ -34,6 +34,20 @@ from edgekit_protocol.messages import MAX_PAYLOAD, OPERATOR_KINDS, ROOT
 
 OPERATOR_USER = "operator"
 MAX_PACKET = MAX_PAYLOAD + 4096  # a message at the protocol's limit, its topic and the MQTT header
+# QoS 1 messages the broker sends one client (the monitor) before it acknowledges them: what waits in the monitor is
+# bounded by it (Mosquitto's default, 20, would hold the monitor to 20 records a transaction; 0 is no bound at all,
+# and a flooding device then fills the monitor's memory). Six of the monitor's batches of 500: the one being
+# checked, the four the writer may hold, one arriving.
+MAX_INFLIGHT = 3000
+MAX_QUEUED = 100_000  # QoS 1 messages queued per client beyond those in flight (an offline monitor's session)
+
+
+def broker_limits(queued: int = MAX_QUEUED) -> list[str]:
+    """Return the ``mosquitto.conf`` lines that bound what one client can make the broker hold: the largest packet
+    (a receiver refuses a message over the protocol's limit anyway), the messages in flight to a client and those
+    queued for it (``queued``). Mosquitto has no per-client publish rate: the monitor's ingest budget is that."""
+    return [f"max_packet_size {MAX_PACKET}", f"max_inflight_messages {MAX_INFLIGHT}",
+            f"max_queued_messages {queued}", "max_queued_bytes 0"]
 DEVICE_TOPICS_WRITE = ("status", "bench", "telemetry", "live", "shadow", "cmd/ack", "reported")
 
 
@@ -155,7 +169,7 @@ def mosquitto_password_line(user: str, password: str, iterations: int = 101) -> 
     return f"{user}:$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
 
 
-def hardened_conf(folder: Path, port: int = 8883, queued: int = 100_000, listen: str | None = None) -> str:
+def hardened_conf(folder: Path, port: int = 8883, queued: int = MAX_QUEUED, listen: str | None = None) -> str:
     """Return a ``mosquitto.conf`` for a real fleet whose wall files are in ``folder`` (as written by
     :func:`write_fleet_wall`): TLS only, no anonymous clients, the ACL, persistence, and queues sized
     so a monitor outage does not lose records (``queued`` messages per offline persistent client)."""
@@ -167,9 +181,10 @@ def hardened_conf(folder: Path, port: int = 8883, queued: int = 100_000, listen:
         f"listener {port}" + (f" {listen}" if listen else ""), "allow_anonymous false", f"password_file {folder / 'passwd'}", f"acl_file {folder / 'acl'}",
         f"cafile {folder / 'tls' / 'ca.pem'}", f"certfile {folder / 'tls' / 'server.pem'}",
         f"keyfile {folder / 'tls' / 'server.key'}", "tls_version tlsv1.2", "persistence true",
-        f"persistence_location {folder / 'data'}/", f"max_queued_messages {queued}", "max_queued_bytes 0",
-        f"# receivers refuse messages over {MAX_PAYLOAD} bytes anyway", f"max_packet_size {MAX_PACKET}",
-        "set_tcp_nodelay true", ""])
+        f"persistence_location {folder / 'data'}/",
+        f"# receivers refuse messages over {MAX_PAYLOAD} bytes anyway; {MAX_INFLIGHT} unacknowledged to a client "
+        "(the monitor); a queue per offline client sized for the outage to survive",
+        *broker_limits(queued), "set_tcp_nodelay true", ""])
 
 
 def write_fleet_wall(folder: Path, fleet: str, devices: list[str], hosts: list[str], port: int = 8883,

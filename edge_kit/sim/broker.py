@@ -18,6 +18,7 @@ from pathlib import Path
 from edge_kit.errors import EdgeKitError
 from edge_kit.fleet.broker_setup import (
     BrokerTls,
+    broker_limits,
     mosquitto_password_line,
     write_private,
 )
@@ -72,7 +73,7 @@ class MosquittoBroker:
         # As root, mosquitto switches to the `mosquitto` user unless told otherwise, and could then not
         # write its log and persistence file in our private folder.
         lines = [f"user {getpass.getuser()}", f"listener {self.port} {self.host}", f"log_dest file {self.log}", "log_type error",
-                 "log_type warning", "max_queued_messages 0", "max_inflight_messages 0", "set_tcp_nodelay true",
+                 "log_type warning", *broker_limits(), "set_tcp_nodelay true",
                  f"persistence {'true' if self.persistence else 'false'}", f"persistence_location {self.workdir}/"]
         if self.users:  # hashed here: `mosquitto_passwd -b` would show each password to `ps` on this machine
             pw = self.workdir / "passwd"

@@ -136,15 +136,22 @@ class FleetMetrics:
                 self.accuracy.labels(device, variant, metric).set(accuracy)
 
     def watch(self, monitor: Any) -> None:
-        """Also export the monitor's counters (received, stored, duplicates, invalid, gaps, dropped); return nothing."""
+        """Also export the monitor's counters (received, stored, duplicates, invalid, gaps, dropped, over_budget) and
+        the records refused over each device's ingest budget; return nothing."""
         stats = monitor.stats
 
         class _Counters:
             def collect(self) -> Any:
                 fam = CounterMetricFamily("edgekit_monitor_messages", "Messages seen by this monitor worker", labels=["outcome"])
-                for outcome in ("received", "stored", "duplicates", "invalid", "gaps", "dropped"):
+                for outcome in ("received", "stored", "duplicates", "invalid", "gaps", "dropped", "over_budget"):
                     fam.add_metric([outcome], getattr(stats, outcome))
                 yield fam
+                over = CounterMetricFamily("edgekit_monitor_over_budget", "Records of the device refused unchecked "
+                                           "because it sent more than its ingest budget (--budget-rate, --budget-burst)",
+                                           labels=["device"])
+                for device, count in sorted(dict(monitor.over_budget).items()):  # a copy: the checker adds devices
+                    over.add_metric([device], count)
+                yield over
 
         self.registry.register(_Counters())
 

@@ -15,6 +15,11 @@ Several workers can share the load: with ``share="group"`` each worker subscribe
 each message to one member of the group; all of them write the same store. Sequence gaps are then
 judged from the store rather than per worker.
 
+Ingest budget (:mod:`edge_kit.telemetry.budget`): each device of the fleet file may have so many records a
+second checked and stored; what a device sends beyond (a compromised one flooding with its valid key) is refused
+before it is decoded or verified, counted per device (``over_budget``), alerted once per episode, and the span it
+refused recorded as a sequence gap when the episode ends, so the other devices' records keep being stored promptly.
+
 Alerts: a device whose status says offline, a benchmark that breaks the device's constraints, a
 shadow comparison whose fidelity is under the device's ``min_fidelity_snr_db`` (drift), and a device
 silent for longer than ``silence_s``, or than :data:`SILENT_INTERVALS` of its own telemetry interval when that is
@@ -26,10 +31,11 @@ from __future__ import annotations
 import logging
 import math
 import queue
+import re
 import threading
 import time
 import uuid
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,6 +56,7 @@ from edge_kit.selection.constraints import (
     measured_text,
     violations,
 )
+from edge_kit.telemetry.budget import DEFAULT_BURST, DEFAULT_RATE, IngestBudget
 from edge_kit.telemetry.store import KINDS, HistoryStore
 from edge_kit.telemetry.verifier import Verifier
 from edgekit_protocol import messages
@@ -71,7 +78,7 @@ BATCH = 500
 @dataclass
 class Alert:
     device: str
-    kind: str  # "offline", "constraints", "silent", "refused" (forged, unsigned, from the future), "store", "disk", "drift"
+    kind: str  # "offline", "constraints", "silent", "refused" (forged, unsigned, from the future, over budget), "store", "disk", "drift"
     text: str
     ts: float = field(default_factory=time.time)
 
@@ -84,6 +91,27 @@ class MonitorStats:
     invalid: int = 0
     gaps: int = 0
     dropped: int = 0  # QoS 0 messages not taken while MAX_QUEUED wait to be checked (devices publish at QoS 1)
+    over_budget: int = 0  # records refused unchecked because their device was over its ingest budget
+
+
+# A device's episode over its ingest budget ends once none of its records was refused for this long: then its
+# refused span is recorded as sequence gaps and alerted with the count.
+FLOOD_QUIET_S = 5.0
+# The seq a refused record claims (unverified: it was refused before its signature was checked), found in its
+# first bytes (the envelope's fields come first) without decoding it.
+_CLAIMED_SEQ = re.compile(rb'"seq":(\d{1,18})[,}]')
+CLAIMED_SEQ_BYTES = 1024
+
+
+@dataclass
+class _Flood:
+    """One device's episode over its ingest budget: when it began and last refused, how many, and per topic kind
+    the lowest and highest ``seq`` the refused records claimed."""
+
+    first: float
+    last: float
+    count: int = 0
+    seqs: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 MAX_ALERTS = 10_000  # alerts kept in memory (the newest); all are counted
@@ -117,14 +145,18 @@ class Monitor:
 
     def __init__(self, fleet: Fleet, store: HistoryStore, *, share: str | None = None, silence_s: float = 180.0,
                  on_message: Callable[[str, dict[str, Any]], None] | None = None, client_id: str | None = None,
-                 persistent: bool = False, min_free_mb: float = 32.0, verify_in_child: bool = True):
-        """Raises InputError: ``share`` is not a shared-subscription group name (empty, or with '/', '+' or '#':
-        the subscription would name another topic and receive nothing), or ``client_id`` is empty (a random
-        one would lose the persistent session) or longer than MQTT carries."""
+                 persistent: bool = False, min_free_mb: float = 32.0, verify_in_child: bool = True,
+                 budget_rate: float = DEFAULT_RATE, budget_burst: float = DEFAULT_BURST):
+        """``budget_rate`` and ``budget_burst``: each device's ingest budget (records a second, and at once).
+
+        Raises InputError: ``share`` is not a shared-subscription group name (empty, or with '/', '+' or '#':
+        the subscription would name another topic and receive nothing), ``client_id`` is empty (a random
+        one would lose the persistent session) or longer than MQTT carries, or the budget is not above 0."""
         if share is not None and (not share or any(c in share for c in "/+#")):
             raise InputError(f"--share {share!r}: give a group name without '/', '+' or '#' (e.g. monitors)")
         if client_id is not None and not 0 < len(client_id.encode()) <= MAX_CLIENT_ID_BYTES:
             raise InputError(f"--client-id: give 1 to {MAX_CLIENT_ID_BYTES:,} bytes (got {len(client_id.encode()):,})")
+        self.budget = IngestBudget(budget_rate, budget_burst)
         self.fleet = fleet
         self.store = store
         self.share = share
@@ -135,6 +167,9 @@ class Monitor:
         self.alerts: deque[Alert] = deque(maxlen=MAX_ALERTS)  # the newest; ``alerts_raised`` counts them all
         self.alerts_raised = 0
         self.last_seen: dict[str, float] = {}
+        self.over_budget: dict[str, int] = {}  # per device of the fleet file: records refused over its budget
+        self._budgeted = {d.name for d in fleet.devices}  # devices named elsewhere are refused by their signature
+        self._floods: dict[str, _Flood] = {}  # devices over their budget now (episodes not ended)
         self.constraints = {d.name: effective_constraints(load_profile(d.profile).constraints, d.constraints)
                             for d in fleet.devices}
         self._queue: queue.Queue = queue.Queue()
@@ -266,6 +301,11 @@ class Monitor:
                 self._store(rest)
         except HistoryError as exc:
             self.failed = exc
+        if self.failed is None:
+            try:
+                self._end_floods(math.inf)  # what a device had refused when the monitor stops is a gap too
+            except HistoryError as exc:
+                self.failed = exc
         if self.verifier is not None:
             self.verifier.stop()
 
@@ -276,6 +316,7 @@ class Monitor:
             try:
                 first = self._queue.get(timeout=0.2)
             except queue.Empty:
+                self._end_floods_or_fail()
                 continue
             batch = [first]
             while len(batch) < BATCH:
@@ -286,6 +327,16 @@ class Monitor:
             self._checked.put(self._check_batch(batch))  # waits while the writer is behind (bounded)
             for _ in batch:
                 self._queue.task_done()
+            self._end_floods_or_fail()
+
+    def _end_floods_or_fail(self) -> None:
+        """:meth:`_end_floods` in the checker thread: a history that fails is kept in :attr:`failed` (whoever runs the
+        monitor stops and says so), not raised. Returns nothing."""
+        if self.failed is None and self._floods:
+            try:
+                self._end_floods()
+            except HistoryError as exc:
+                self.failed = exc
 
     def _check_batch(self, batch: list[tuple]) -> tuple[tuple[list, list, list], list[int | None]]:
         """Return what :meth:`_check` returns for ``batch`` and the message ids to acknowledge once it is
@@ -294,7 +345,7 @@ class Monitor:
         mids = [item[3] for item in batch]
         counted = (self.stats.received, self.stats.invalid)
         try:
-            return self._check(batch), mids
+            return self._check_within_budget(batch), mids
         except HistoryError as exc:  # keeping an invalid payload failed: the database went away
             self.failed = self.failed or exc
             return ([], [], []), []
@@ -336,7 +387,100 @@ class Monitor:
     def _store(self, batch: list[tuple]) -> None:
         """Check and store one batch of ``(topic, payload, receive time, mid)`` in this thread (unacknowledged);
         return nothing. Raises HistoryError."""
-        self._keep(*self._check(batch))
+        self._keep(*self._check_within_budget(batch))
+
+    def _budget_device(self, topic: str) -> str | None:
+        """Return the device of the fleet file that ``topic`` names (whose ingest budget its records spend), or None
+        (another topic or device: not budgeted, its records are refused by their signature)."""
+        try:
+            device = messages.parse_topic(topic)[1]
+        except MessageError:
+            return None
+        return device if device in self._budgeted else None
+
+    def _check_within_budget(self, batch: list[tuple],
+                             local: bool = False) -> tuple[list[tuple[str, dict[str, Any]]], list[bytes], list[float]]:
+        """Return what :meth:`_check` returns for the messages of ``batch`` its devices have ingest budget for; the
+        others are refused unchecked (:meth:`_refuse_over_budget`). Raises HistoryError.
+
+        Per device, no more messages than it has budget for are checked; only those that verify as the device's
+        spend it, so a message signed by anyone else (a forger on the device's topic) spends none: when some of the
+        checked ones were refused, the device's next ones are checked in their place."""
+        good: list[tuple[str, dict[str, Any]]] = []
+        raw: list[bytes] = []
+        received: list[float] = []
+        pending = batch
+        while pending:
+            admitted: list[tuple] = []
+            held: list[tuple] = []
+            room: dict[str, int] = {}
+            for item in pending:
+                device = self._budget_device(item[0])
+                if device is not None and device not in room:
+                    room[device] = self.budget.available(device)
+                if device is None or room[device] > 0:
+                    if device is not None:
+                        room[device] -= 1
+                    admitted.append(item)
+                else:
+                    held.append(item)
+            pending = held
+            if not admitted:
+                break
+            g, r, t = self._check(admitted, local)
+            for device, n in Counter(msg["device"] for _, msg in g).items():
+                self.budget.spend(device, n)
+            good += g
+            raw += r
+            received += t
+            if len(g) == len(admitted):  # every one checked spent its device's budget: the rest is over it
+                break
+        self._refuse_over_budget(pending)
+        return good, raw, received
+
+    def _refuse_over_budget(self, batch: list[tuple]) -> None:
+        """Count the messages of ``batch`` (of devices over their ingest budget) as received and refused, per device,
+        without decoding or verifying them; alert when a device's episode begins. Return nothing."""
+        for topic, payload, at, *_ in batch:
+            _, device, kind = messages.parse_topic(topic)  # _budget_device parsed it
+            self.stats.received += 1
+            self.stats.over_budget += 1
+            self.over_budget[device] = self.over_budget.get(device, 0) + 1
+            flood = self._floods.get(device)
+            if flood is None:
+                flood = self._floods[device] = _Flood(first=at, last=at)
+                self._alert(Alert(device, "refused", f"{device}: over its ingest budget ({self.budget.rate:g} records/s, "
+                                                     f"burst {self.budget.burst:,.0f}): its records are refused unchecked and "
+                                                     "counted (over_budget) until it slows down; the span refused is "
+                                                     "recorded as a sequence gap"))
+            flood.last = max(flood.last, at)
+            flood.count += 1
+            found = _CLAIMED_SEQ.search(payload, 0, CLAIMED_SEQ_BYTES)
+            if found is not None:
+                seq = int(found.group(1))
+                low, high = flood.seqs.get(kind, (seq, seq))
+                flood.seqs[kind] = (min(low, seq), max(high, seq))
+
+    def _end_floods(self, now: float | None = None) -> None:
+        """End the episodes over budget of devices none of whose records was refused for :data:`FLOOD_QUIET_S`
+        (every one when ``now`` is ``math.inf``: stopping): record each refused span as a sequence gap per topic kind
+        (the lowest to the highest ``seq`` its records claimed) and alert with the count. Return nothing.
+        Raises HistoryError."""
+        now = time.time() if now is None else now
+        for device, flood in list(self._floods.items()):
+            if now - flood.last < FLOOD_QUIET_S:
+                continue
+            del self._floods[device]
+            for kind, (low, high) in sorted(flood.seqs.items()):
+                self.stats.gaps += 1
+                self.store.add_gap(device, kind, low, high)
+                key = (device, kind)
+                self._seq[key] = max(self._seq.get(key, high), high)  # no second gap for the span when it sends again
+            spans = ", ".join(f"{kind} {low}-{high}" for kind, (low, high) in sorted(flood.seqs.items()))
+            self._alert(Alert(device, "refused", f"{device}: {flood.count:,} records refused over its ingest budget in "
+                                                 f"{flood.last - flood.first:.0f} s"
+                                                 + (f"; recorded as sequence gaps ({spans}: the seq they claim, unchecked)"
+                                                    if spans else "")))
 
     def _check_each(self, batch: list[tuple]) -> tuple[list[tuple[str, dict[str, Any]]], list[bytes], list[float]]:
         """Return what :meth:`_check` returns, checking ``batch`` one message at a time in this process
@@ -460,7 +604,8 @@ class Monitor:
             return  # retained and replaced, not a stream
         key = (msg["device"], kind)
         last = self._seq.get(key)
-        if last is not None and msg["seq"] > last + 1:
+        # while the device is over its budget, what it had refused is recorded as one gap when that ends
+        if last is not None and msg["seq"] > last + 1 and msg["device"] not in self._floods:
             self.stats.gaps += 1
             self.store.add_gap(msg["device"], kind, last + 1, msg["seq"] - 1)
         if last is None or msg["seq"] > last:

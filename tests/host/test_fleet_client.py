@@ -256,7 +256,7 @@ def test_monitor_without_json_ends_with_what_it_stored(tmp_path, run_cli, monkey
     class StoppedMonitor:  # a monitor that received nine messages while it ran: no broker here
         def __init__(self, *_args, **_kwargs):
             self.stats = monitor_module.MonitorStats(received=9, stored=6, duplicates=2, invalid=1, gaps=1)
-            self.alerts, self.alerts_raised, self.failed = [], 3, None
+            self.alerts, self.alerts_raised, self.failed, self.over_budget = [], 3, None, {}
 
         def start(self):
             pass
@@ -272,7 +272,7 @@ def test_monitor_without_json_ends_with_what_it_stored(tmp_path, run_cli, monkey
     assert code == 0, err
     assert "\nstored 6 of 9 messages" in out, out  # on a line of its own, not glued to the table's last line in a log
     assert out.endswith("\n") and " ".join(out.split()).endswith(
-        f"stored 6 of 9 messages received (2 duplicates, 1 refused, 1 sequence gaps, 3 alerts) in "
+        f"stored 6 of 9 messages received (2 duplicates, 1 refused, 0 over budget, 1 sequence gaps, 3 alerts) in "
         f"{tmp_path.resolve() / 'edgekit-history.db'}")
 
 

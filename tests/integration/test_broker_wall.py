@@ -176,9 +176,53 @@ def test_fleet_init_writes_a_wall_that_a_real_mosquitto_enforces(tmp_path, run_c
             cam1.publish(messages.topic("plant", "cam-2", kind), b"{}", qos=1).wait_for_publish(5)  # not its own: dropped
         time.sleep(0.5)
         assert seen == [messages.topic("plant", "cam-1", kind) for kind in ("bench", "live", "shadow")]
+        assert oversized_is_refused(cam1, messages.topic("plant", "cam-1", "bench"), seen)
         for c in (operator, cam1):
             c.disconnect()
             c.loop_stop()
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def oversized_is_refused(client: mqtt.Client, topic: str, seen: list) -> bool:
+    """Return True when a packet over the broker's max_packet_size from ``client`` on ``topic`` is refused: the broker
+    drops the client and no subscriber (whose topics ``seen`` collects) gets it."""
+    from edge_kit.fleet.broker_setup import MAX_PACKET
+
+    before = len(seen)
+    dropped = threading.Event()
+    client.on_disconnect = lambda *_: dropped.set()
+    client.publish(topic, b"x" * MAX_PACKET, qos=1)
+    return dropped.wait(5) and (time.sleep(0.3) or len(seen) == before)
+
+
+def test_the_simulated_broker_bounds_what_a_flooding_client_makes_it_hold(mosquitto):
+    """The simulated broker (and so `edgekit sim`, the demo and the tests) ran with max_inflight_messages and
+    max_queued_messages 0 (no bound) and Mosquitto's 256 MB packet limit: a device flooding the fleet made the broker
+    push every message to the monitor unacknowledged, whose queue then grew without end, and one packet could be
+    256 MB. Now a subscriber gets at most MAX_INFLIGHT messages it has not acknowledged, and a packet over the
+    protocol's limit drops its sender."""
+    from edge_kit.fleet.broker_setup import MAX_INFLIGHT
+
+    received: list[str] = []
+    slow = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="slow-monitor", manual_ack=True)  # never acknowledges
+    slow.on_message = lambda _c, _u, m: received.append(m.topic)
+    slow.connect(mosquitto.host, mosquitto.port)
+    slow.loop_start()
+    slow.subscribe(f"{messages.ROOT}/f/#", qos=1)
+    flooder, how = connect(mosquitto, None, None)
+    assert how == "ok"
+    time.sleep(0.3)
+    topic = messages.topic("f", "d9", "telemetry")
+    try:
+        infos = [flooder.publish(topic, b"{}", qos=1) for _ in range(MAX_INFLIGHT + 500)]
+        for info in infos:
+            info.wait_for_publish(10)
+        time.sleep(1.0)
+        assert len(received) == MAX_INFLIGHT
+        assert oversized_is_refused(flooder, topic, received)
+    finally:
+        for c in (slow, flooder):
+            c.disconnect()
+            c.loop_stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 import urllib.request
 
@@ -202,6 +203,7 @@ def test_monitor_cli_json_summary_and_fleet_status(fleet, publisher, tmp_path, r
     assert code == 0, err
     summary = json.loads(out)
     assert summary["stored"] == 2 and summary["invalid"] == 1
+    assert summary["over_budget"] == 0 and summary["over_budget_by_device"] == {}  # two records: within any budget
     code, out, err = run_cli("fleet", "status", "--fleet", fleet_file)
     assert code == 0 and "d1" in out and "int8" in out and "3.25" in out and "never seen" in out
 
@@ -333,10 +335,15 @@ def test_a_refused_message_s_topic_is_kept_short_in_alerts_and_the_invalid_table
     ("--share", "a/b", "--share 'a/b': give a group name without '/', '+' or '#' (e.g. monitors)"),
     ("--share", "", "--share '': give a group name without '/', '+' or '#' (e.g. monitors)"),
     ("--client-id", "", "--client-id: give 1 to 65,535 bytes (got 0)"),
-    ("--client-id", "x" * 70_000, "--client-id: give 1 to 65,535 bytes (got 70,000)")])
-def test_a_share_group_or_client_id_mqtt_cannot_carry_is_refused(fleet, tmp_path, run_cli, option, value, error):
+    ("--client-id", "x" * 70_000, "--client-id: give 1 to 65,535 bytes (got 70,000)"),
+    ("--budget-rate", "0", "Invalid value for '--budget-rate': 0: give a number greater than or equal to 0.001 "
+                           "(see `edgekit monitor --help`)"),
+    ("--budget-burst", "nan", "Invalid value for '--budget-burst': nan: give a finite number (see `edgekit monitor --help`)")])
+def test_a_share_group_client_id_or_budget_the_monitor_cannot_use_is_refused(fleet, tmp_path, run_cli, option, value,
+                                                                             error):
     """`monitor --share a/b` subscribed to `$share/a/b/edgekit/...` (group a, another topic) and stored nothing,
-    exit 0; `--client-id ''` got a random id (no persistent session); a 70,000-byte one a struct.error traceback."""
+    exit 0; `--client-id ''` got a random id (no persistent session); a 70,000-byte one a struct.error traceback.
+    An ingest budget of 0 (every record refused) or NaN is one line too."""
     code, out, err = run_cli("monitor", "--fleet", fleet.source, "--duration", "1", option, value, "--json")
     assert code == 2 and json.loads(out)["error"] == error and err.count("\n") == 1
 
@@ -376,3 +383,131 @@ def test_a_monitor_stopped_by_sigterm_prints_its_summary_as_after_ctrl_c(fleet, 
     assert proc.returncode == 0, err
     summary = json.loads(out)
     assert summary["stored"] >= 1 and summary["invalid"] == 0, summary
+
+
+def telemetry(device: str, seq: int) -> dict:
+    return messages.envelope("telemetry", FLEET, device, seq, {"conditions": {}, "spool": {}, "interval_s": 0.3})
+
+
+# Publishes each line of a file on one topic at QoS 1 as fast as the broker takes them; argv: host port topic file.
+FLOODER = """
+import sys, time
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+host, port, topic, path = sys.argv[1:]
+client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="flood-test-d2")
+client.max_inflight_messages_set(0)
+client.connect(host, int(port))
+client.loop_start()
+infos = [client.publish(topic, line, qos=1) for line in open(path, "rb").read().split(b"\\n")]
+for info in infos:
+    info.wait_for_publish(30)
+client.disconnect()
+client.loop_stop()
+"""
+
+
+def test_a_device_flooding_with_its_valid_key_is_held_to_its_budget_and_the_others_are_stored_promptly(
+        fleet, mosquitto, tmp_path):
+    """A compromised device (its own key: every record of it verifies) publishing as fast as it can. The monitor
+    verified and stored every one in turn: the other device's records waited behind the flood (seconds, growing
+    with it), the history took all of it and nothing was alerted. Now the flooder gets its ingest budget (rate and
+    burst) and what it sends beyond is refused unchecked, counted per device (and in /metrics), alerted and
+    recorded as a sequence gap; the normal device's records are all stored, each within a bound."""
+    import subprocess
+    import sys
+    import threading
+
+    from prometheus_client import generate_latest
+
+    rate, burst, flood_n, normal_every_s = 50.0, 500, 24_000, 0.1  # a normal device as an agent at a 0.3 s interval
+    flood = [messages.encode(signed(telemetry("d2", seq))) for seq in range(1, flood_n + 1)]
+    store = Store(tmp_path / "h.db")
+    stored_at: dict[int, float] = {}
+    metrics = FleetMetrics()
+    mon = Monitor(fleet, store, budget_rate=rate, budget_burst=burst,
+                  on_message=lambda kind, msg: stored_at.setdefault(msg["seq"], time.time()) if msg["device"] == "d1" else None)
+    metrics.watch(mon)
+    normal = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="flood-test-d1")
+    normal.connect(mosquitto.host, mosquitto.port)
+    normal.loop_start()
+    sent_at: dict[int, float] = {}
+    flooding = threading.Event()
+
+    def publish_normal() -> None:
+        seq = 0
+        while flooding.is_set() or seq < 10:
+            seq += 1
+            sent_at[seq] = time.time()
+            normal.publish(messages.topic(FLEET, "d1", "telemetry"), messages.encode(signed(telemetry("d1", seq))), qos=1)
+            time.sleep(normal_every_s)
+
+    # the flooder is a process of its own (another machine, in the field): here it would share the monitor's GIL
+    (tmp_path / "flood.jsonl").write_bytes(b"\n".join(flood))
+    flooder = [sys.executable, "-c", FLOODER, mosquitto.host, str(mosquitto.port),
+               messages.topic(FLEET, "d2", "telemetry"), str(tmp_path / "flood.jsonl")]
+    mon.start()
+    started = time.time()
+    try:
+        flooding.set()
+        thread = threading.Thread(target=publish_normal, daemon=True)
+        thread.start()
+        done = subprocess.run(flooder, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        time.sleep(1.0)
+        flooding.clear()
+        thread.join(10)
+        assert wait_until(lambda: mon.stats.received == flood_n + len(sent_at), 30), (mon.stats, len(sent_at))
+        assert wait_until(lambda: len(stored_at) == len(sent_at), 10), (sorted(stored_at), len(sent_at))
+        elapsed = time.time() - started
+        scraped = generate_latest(metrics.registry).decode()
+    finally:
+        mon.stop()
+        normal.disconnect()
+        normal.loop_stop()
+    # the normal device: every record stored, once, each within a bound of being sent, none refused
+    delays = {seq: stored_at[seq] - sent_at[seq] for seq in sent_at}
+    assert max(delays.values()) < 2.0, sorted(delays.items(), key=lambda kv: -kv[1])[:5]
+    assert store._rows("SELECT count(*) FROM telemetry WHERE device = 'd1'") == [(len(sent_at),)]
+    assert "d1" not in mon.over_budget and store._rows("SELECT * FROM gaps WHERE device = 'd1'") == []
+    # the flooder: held to its budget, the rest refused unchecked and counted, nothing kept as invalid
+    (flooder_stored,), = store._rows("SELECT count(*) FROM telemetry WHERE device = 'd2'")
+    assert burst <= flooder_stored <= burst + rate * elapsed + 1, (flooder_stored, elapsed)
+    assert mon.over_budget == {"d2": flood_n - flooder_stored} and mon.stats.over_budget == flood_n - flooder_stored
+    assert mon.stats.invalid == 0 and store.count("invalid") == 0
+    assert f'edgekit_monitor_over_budget_total{{device="d2"}} {float(mon.over_budget["d2"])}' in scraped
+    assert f'edgekit_monitor_messages_total{{outcome="over_budget"}} {float(mon.over_budget["d2"])}' in scraped
+    # alerted (once when it began, once with the count when it ended) and recorded as one gap
+    texts = [a.text for a in mon.alerts if a.kind == "refused" and a.device == "d2"]
+    assert len(texts) == 2 and "over its ingest budget (50 records/s, burst 500)" in texts[0], texts
+    assert texts[1].startswith(f"d2: {mon.over_budget['d2']:,} records refused over its ingest budget"), texts
+    ((kind, first, last),) = store._rows("SELECT kind, first_missing, last_missing FROM gaps WHERE device = 'd2'")
+    # from the first refused (past the burst) to the last refused (the very last may have found a token again)
+    assert kind == "telemetry" and burst < first <= burst + rate * elapsed + 1, (first, last)
+    assert flood_n - rate * elapsed - 1 <= last <= flood_n, (first, last)
+
+
+def test_records_signed_by_another_key_on_a_device_s_topic_never_spend_its_budget(fleet, tmp_path):
+    """The budget is keyed on the topic's device, so it is checked before the signature; without the fleet's ACL (an
+    --insecure broker) anyone may publish on d1's topic. Only records that verify as d1's spend its budget: a
+    forger's hundreds cannot get d1's real records refused, and are refused as forgeries (invalid), not counted as
+    d1's. d1 itself past its burst is refused unchecked, and the span recorded as a gap when the episode ends."""
+    store = Store(tmp_path / "h.db")
+    mon = Monitor(fleet, store, verify_in_child=False, budget_rate=0.001, budget_burst=5)
+    topic = messages.topic(FLEET, "d1", "telemetry")
+    intruder = Signer.generate()
+    now = time.time()
+    forged = [(topic, messages.encode(intruder.sign(telemetry("d1", seq))), now) for seq in range(100, 400)]
+    real = [(topic, messages.encode(signed(telemetry("d1", seq))), now) for seq in range(1, 9)]
+    mon._store(forged + real[:3])
+    mon._store(forged + real[3:5])  # the forger fills the batch before d1's last two within its burst
+    assert store._rows("SELECT seq FROM telemetry ORDER BY seq") == [(seq,) for seq in range(1, 6)]
+    assert mon.stats.invalid == 600 and mon.over_budget == {} and mon.stats.over_budget == 0
+    mon._store(real[5:] + forged[:10])  # d1 spent its burst: its own records (and whatever else is on its topic) wait
+    assert mon.over_budget == {"d1": 13} and mon.stats.invalid == 600 and store.count("telemetry") == 5
+    assert [a.text for a in mon.alerts if a.kind == "refused" and a.device == "d1"][0].startswith(
+        "d1: over its ingest budget (0.001 records/s, burst 5)")
+    mon._end_floods(math.inf)
+    assert store._rows("SELECT device, kind, first_missing, last_missing FROM gaps") == [("d1", "telemetry", 6, 109)]
+    assert mon.alerts[-1].text == ("d1: 13 records refused over its ingest budget in 0 s; recorded as sequence gaps "
+                                   "(telemetry 6-109: the seq they claim, unchecked)")
