@@ -35,6 +35,7 @@ from device_agents.errors import (
     CodeTampered,
     DeviceError,
     DiskFull,
+    MessageTooLarge,
     SmokeFailed,
     SmokeTimedOut,
 )
@@ -213,14 +214,28 @@ class Agent:
 
         Raises:
             DiskFull: it could not be written even after the reserve was freed.
+            MessageTooLarge: it would be over the protocol's payload limit (counted as ``oversize_messages``, not
+                spooled); an answer (``cmd/ack``) is then sent as a refusal saying so instead.
         """
         built: dict[str, Any] = {}
 
         def build(seq: int) -> bytes:
             built.update(self.signer.sign(messages.envelope(kind, self.cfg.fleet, self.cfg.device, seq, body)))
-            return messages.encode(built)
+            payload = messages.encode(built)
+            if len(payload) > messages.MAX_PAYLOAD:  # raised inside the spool's transaction: its seq is not taken
+                raise MessageTooLarge(f"a {kind} message of {len(payload):,} bytes is over the protocol's "
+                                      f"{messages.MAX_PAYLOAD:,}-byte limit: not sent")
+            return payload
 
-        row, _ = self._on_disk(lambda: self.spool.add(kind, self._topic(kind), build, answers=answers))
+        try:
+            row, _ = self._on_disk(lambda: self.spool.add(kind, self._topic(kind), build, answers=answers))
+        except MessageTooLarge as exc:
+            self._on_disk(lambda: self.spool.count("oversize"))
+            log.error("%s", exc)
+            if kind != "cmd/ack" or body.get("error") == str(exc):
+                raise
+            # the command still gets its answer: that it had one too large to send
+            return self.emit(kind, {**body, "ok": False, "error": str(exc), "result": {}}, answers)
         self.publisher.wake()
         return built if row is not None else None
 
@@ -690,6 +705,8 @@ class Agent:
             except DiskFull as exc:
                 self.dropped_on_full_disk += 1
                 log.warning("%s dropped: %s", kind, exc)
+            except MessageTooLarge:
+                pass  # counted and logged by emit
                 continue
             if kind == "shadow":
                 self._shadow_sent = self._shadow_counts(body)
