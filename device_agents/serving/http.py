@@ -118,6 +118,7 @@ def parse_inputs(body: bytes, max_payload: int) -> dict[str, np.ndarray]:
     if not isinstance(inputs, dict) or not inputs or not all(isinstance(k, str) for k in inputs):
         raise _BadRequest(400, 'malformed request: the body must be {"inputs": {name: nested lists of numbers}}')
     arrays, total = {}, 0
+    may_hold_bools = b"true" in body or b"false" in body  # once: per input, a body of many keys took minutes
     for name, value in inputs.items():
         try:
             a = np.asarray(value)  # typed by what the JSON holds: a float64 one would turn "1.5" and true into numbers
@@ -129,7 +130,7 @@ def parse_inputs(body: bytes, max_payload: int) -> dict[str, np.ndarray]:
                 a, kind = np.asarray(value, dtype=np.float64), "f"
             except OverflowError:
                 raise _BadRequest(400, f"input {name!r} holds a number too large for a float") from None
-        elif kind in "iuf" and (b"true" in body or b"false" in body) and any(
+        elif kind in "iuf" and may_hold_bools and any(
                 type(x) is bool for x in np.asarray(value, dtype=object).flat):  # numpy reads [1, true] as [1, 1]
             kind = "b"
         if kind not in "iuf":

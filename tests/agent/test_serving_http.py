@@ -713,7 +713,8 @@ def test_the_worst_json_bodies_the_served_model_allows_parse_in_under_a_megabyte
     """What docs/serving.md quotes: tracemalloc's peak while parse_inputs reads the worst bodies
     (32-34 bytes of Python objects per byte of [[],[],...] or [[0],[0],...]) of the largest size the
     digits model allows, 22,528 bytes: under 1 MB each, where 4 MB bodies (http_max_body_mb, the
-    only bound before) took 44-136 MB."""
+    only bound before) took 44-136 MB. A body of many keys is parsed in time linear in its size
+    (the check for true/false scanned the whole body once per key: minutes for 4 MB)."""
     import tracemalloc
 
     from device_agents.serving.http import json_body_limit
@@ -731,3 +732,6 @@ def test_the_worst_json_bodies_the_served_model_allows_parse_in_under_a_megabyte
         tracemalloc.stop()
     print({k: f"{v:.2f} MB" for k, v in peaks.items()})
     assert max(peaks.values()) < 1.0, peaks
+    t0 = time.process_time()
+    parse_inputs(worst_bodies(1_000_000)["many keys"], 64 << 20)  # ~140,000 inputs named "0", "1", ...
+    assert time.process_time() - t0 < 10, time.process_time() - t0
