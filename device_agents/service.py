@@ -134,7 +134,8 @@ class Agent:
                              max_clients=s.max_clients, max_payload=int(s.max_payload_mb * 1e6),
                              workers=s.workers, http_port=s.http_port, http_max_clients=s.http_max_clients,
                              http_max_body=int(s.http_max_body_mb * 1e6), request_timeout_s=s.request_timeout_s,
-                             send_timeout_s=s.send_timeout_s, busy_poll_us=s.busy_poll_us) if s.enabled else None
+                             http_header_timeout_s=s.http_header_timeout_s, send_timeout_s=s.send_timeout_s,
+                             busy_poll_us=s.busy_poll_us) if s.enabled else None
 
     # --- messages -----------------------------------------------------------------------------
 

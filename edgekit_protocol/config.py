@@ -173,6 +173,7 @@ class ServeConfig:
     http_max_clients: int = 4  # HTTP connections at once (any local user can reach 127.0.0.1): its own places
     http_max_body_mb: float = 4.0  # an HTTP request's JSON body, at most (parsing costs ~10x its size; one at a time)
     request_timeout_s: float = 30.0  # a started socket frame, or an HTTP request's headers and body, must arrive in it
+    http_header_timeout_s: float = 5.0  # an HTTP request's line and headers must arrive within it of its first byte
     send_timeout_s: float = 30.0  # a client that takes none of its answer for this long is cut off
     busy_poll_us: int = 0  # after an answer, wait this long on the CPU for the client's next request (one client only)
 
@@ -185,7 +186,7 @@ class ServeConfig:
             raise ValueError(f"http_max_clients {self.http_max_clients} is not at least 1")
         if not self.http_max_body_mb > 0:
             raise ValueError(f"http_max_body_mb {self.http_max_body_mb} is not above 0")
-        for key in ("request_timeout_s", "send_timeout_s"):
+        for key in ("request_timeout_s", "http_header_timeout_s", "send_timeout_s"):
             if not 0 < getattr(self, key) <= 3600:
                 raise ValueError(f"{key} {getattr(self, key)} is not between 0 and 3600 seconds")
         if not self.max_payload_mb > 0:

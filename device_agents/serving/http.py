@@ -8,10 +8,14 @@ included), the same error texts, counted in the same live figures and offered to
 
 Limits of its own, since any local user can reach the loopback and JSON costs several times its
 size in memory while it is parsed: ``http_max_clients`` connections (4; apart from the socket's
-``max_clients``), ``http_max_body_mb`` of body (4; large inputs belong on the socket), one body
-parsed at a time (a parse's peak once, not once per client), and a request's line, headers and body
-must arrive within ``request_timeout_s`` of its first byte (30; an idle keep-alive connection is
-closed after as long). Answers are sent within ``send_timeout_s``.
+``max_clients``; when all are taken, the keep-alive connection idle the longest is closed for a new
+one), a body of at most what the served model's inputs can take as JSON (:func:`json_body_limit`)
+and ``http_max_body_mb`` (4; large inputs belong on the socket), one body parsed at a time (a
+parse's peak once, not once per client), a request's line and headers within
+``http_header_timeout_s`` of its first byte (5), its body at :data:`BODY_MIN_RATE` or faster after
+as long again, and the whole request within ``request_timeout_s`` (30; an idle keep-alive
+connection is closed after as long). A request cut off is answered 408 and counted as
+``timed_out``. Answers are sent within ``send_timeout_s``.
 
 - ``POST /v1/predict`` with ``{"inputs": {name: nested lists of numbers}}`` answers
   ``{"ok": true, "outputs": {name: nested lists}, "model": {"sha256", "variant"}, "ms": ...}``.
@@ -20,8 +24,8 @@ closed after as long). Answers are sent within ``send_timeout_s``.
 Errors answer ``{"ok": false, "error": "..."}`` with 400 (malformed JSON, NaN or infinity, not a
 rectangular array of numbers, inputs that do not fit the model), 403 (a ``Host`` or ``Origin`` that
 is not the loopback: a web page in a browser on the device, see below), 404, 405, 411 (no
-Content-Length), 413 (body over ``http_max_body_mb`` or ``max_payload_mb``, refused before it is
-read), 500 (the interpreter failed, or its outputs hold NaN or infinity) or 503 (no model active; busy).
+Content-Length), 408 (the request came too slowly), 413 (body over ``http_max_body_mb``,
+``max_payload_mb`` or what the served model's inputs can take as JSON, refused before it is read), 500 (the interpreter failed, or its outputs hold NaN or infinity) or 503 (no model active; busy).
 
 A browser on the device can reach 127.0.0.1 too: any web page it shows may post to this endpoint
 (a "simple" cross-origin POST needs no preflight), and one whose name it re-resolves to 127.0.0.1
@@ -34,6 +38,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -46,6 +51,13 @@ from device_agents.errors import NO_ACTIVE_MODEL, DeviceError
 
 log = logging.getLogger("edgekit.agent.serve")
 HOST = "127.0.0.1"
+# a body must keep coming at this rate (bytes/s) once its first http_header_timeout_s are over: any
+# client on the loopback sends far faster; one sending a byte now and then holds a place no longer
+BODY_MIN_RATE = 65_536
+# a JSON number the served model's input can need, with its separator and any indentation: the
+# longest float64 a JSON encoder writes is 24 characters (-2.2250738585072014e-308)
+JSON_NUMBER_BYTES = 96
+JSON_SPARE_BYTES = 16_384  # {"inputs": ...}, the inputs' names, brackets and whitespace beyond the numbers'
 _ENCODE = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 
 
@@ -106,6 +118,7 @@ def parse_inputs(body: bytes, max_payload: int) -> dict[str, np.ndarray]:
     if not isinstance(inputs, dict) or not inputs or not all(isinstance(k, str) for k in inputs):
         raise _BadRequest(400, 'malformed request: the body must be {"inputs": {name: nested lists of numbers}}')
     arrays, total = {}, 0
+    may_hold_bools = b"true" in body or b"false" in body  # once: per input, a body of many keys took minutes
     for name, value in inputs.items():
         try:
             a = np.asarray(value)  # typed by what the JSON holds: a float64 one would turn "1.5" and true into numbers
@@ -117,7 +130,7 @@ def parse_inputs(body: bytes, max_payload: int) -> dict[str, np.ndarray]:
                 a, kind = np.asarray(value, dtype=np.float64), "f"
             except OverflowError:
                 raise _BadRequest(400, f"input {name!r} holds a number too large for a float") from None
-        elif kind in "iuf" and (b"true" in body or b"false" in body) and any(
+        elif kind in "iuf" and may_hold_bools and any(
                 type(x) is bool for x in np.asarray(value, dtype=object).flat):  # numpy reads [1, true] as [1, 1]
             kind = "b"
         if kind not in "iuf":
@@ -137,43 +150,91 @@ def parse_inputs(body: bytes, max_payload: int) -> dict[str, np.ndarray]:
     return arrays
 
 
-class _RequestReader(io.RawIOBase):
-    """An HTTP connection's incoming bytes, with a deadline: a request's line, headers and body must
-    arrive within ``limit_s`` of its first byte; waiting for a request's first byte (an idle keep-alive
-    connection) lasts ``limit_s`` too. Answers are sent with ``send_s`` as the socket's timeout."""
+def json_body_limit(input_shapes: list[tuple[str, tuple[int, ...]]]) -> tuple[int, int]:
+    """Return (the largest ``/v1/predict`` body the model with these inputs can need, its number of
+    elements): :data:`JSON_NUMBER_BYTES` per element plus :data:`JSON_SPARE_BYTES`. A larger body
+    cannot fit the model whatever it holds, and parsing it could cost tens of times its size."""
+    elements = sum(math.prod(shape) for _, shape in input_shapes)
+    return elements * JSON_NUMBER_BYTES + JSON_SPARE_BYTES, elements
 
-    def __init__(self, sock: Any, limit_s: float, send_s: float, on_timeout: Any):
+
+class _RequestReader(io.RawIOBase):
+    """An HTTP connection's incoming bytes, with deadlines counted from a request's first byte: its
+    line and headers within ``header_s``, the whole request within ``limit_s``, and, once
+    :meth:`body` is called, its body at :data:`BODY_MIN_RATE` or faster after a grace of ``header_s``
+    (each byte received moves the deadline on by ``1 / BODY_MIN_RATE`` s). Waiting for a request's
+    first byte (an idle keep-alive connection) lasts ``limit_s``. Answers are sent with ``send_s`` as
+    the socket's timeout.
+
+    ``idle_since``, ``evicted`` and ``sock`` are what :meth:`Server.admit` needs to close the idle
+    connection with the oldest ``idle_since`` for a new client."""
+
+    def __init__(self, sock: Any, limit_s: float, header_s: float, send_s: float, on_timeout: Any):
         super().__init__()
-        self.sock, self.limit_s, self.send_s, self.on_timeout = sock, limit_s, send_s, on_timeout
+        self.sock, self.limit_s, self.header_s, self.send_s = sock, limit_s, header_s, send_s
+        self.on_timeout = on_timeout
         self.deadline: float | None = None  # None: waiting for a request's first byte
+        self.end = 0.0  # the whole request's deadline (first byte + limit_s)
+        self.rate = 0  # bytes/s the body must keep up once body() is called (0: reading the headers)
+        self.idle_since = time.monotonic()  # waiting for a request's first byte since (0: a request is under way)
+        self.evicted = False  # closed by the server for a new client
+        self.cut = ""  # why the request under way was cut off (answered 408), "" while it was not
 
     def readable(self) -> bool:
         """Return True."""
         return True
 
+    def next_request(self) -> None:
+        """Wait for a new request: its deadlines start with its first byte."""
+        self.deadline, self.rate = None, 0
+
+    def body(self) -> None:
+        """Start the body's clock: it must keep coming at :data:`BODY_MIN_RATE` after ``header_s``."""
+        self.deadline, self.rate = min(self.end, time.monotonic() + self.header_s), BODY_MIN_RATE
+
+    def _why(self) -> str:
+        """Return the one-line reason the request under way was cut off, naming the setting."""
+        if self.deadline is not None and self.deadline >= self.end:
+            return f"timed out: a request must arrive within {self.limit_s:g} s of its first byte (serve.request_timeout_s)"
+        if self.rate:
+            return (f"timed out: the body came slower than {self.rate} bytes/s after its first "
+                    f"{self.header_s:g} s (serve.http_header_timeout_s); send it at once")
+        return (f"timed out: a request's line and headers must arrive within {self.header_s:g} s of its first "
+                "byte (serve.http_header_timeout_s)")
+
     def readinto(self, b: Any) -> int:
         """Receive into ``b``; return the byte count (0: the client closed).
 
         Raises:
-            TimeoutError: the request under way is not complete within ``limit_s`` of its first byte
-                (counted by ``on_timeout``), or an idle connection sent nothing for ``limit_s``.
+            TimeoutError: the request under way missed a deadline (counted by ``on_timeout``, its
+                reason in ``cut``), or an idle connection sent nothing for ``limit_s``.
             OSError: the client is gone.
         """
         started = self.deadline is not None
-        left = self.deadline - time.monotonic() if started else self.limit_s
+        if started:
+            left = self.deadline - time.monotonic()
+        else:
+            left = self.limit_s
+            if not self.idle_since:
+                self.idle_since = time.monotonic()
         try:
             if left <= 0:
-                raise TimeoutError(f"the request was not complete within {self.limit_s:g} s")
+                raise TimeoutError("the request did not arrive in time")
             self.sock.settimeout(left)
             got = self.sock.recv_into(b)
         except TimeoutError:
             if started:
+                self.cut = self._why()
                 self.on_timeout()
             raise
         finally:
             self.sock.settimeout(self.send_s)
         if not started:
-            self.deadline = time.monotonic() + self.limit_s
+            self.idle_since = 0.0
+            self.end = time.monotonic() + self.limit_s
+            self.deadline = min(self.end, self.end - self.limit_s + self.header_s)
+        elif self.rate:
+            self.deadline = min(self.end, self.deadline + got / self.rate)
         return got
 
 
@@ -199,30 +260,33 @@ def listen(server: Any, port: int) -> ThreadingHTTPServer:
             and answering with ``send_timeout_s`` as the socket's timeout."""
             super().setup()
             self.rfile.close()  # the standard one, unused: the socket itself stays open
-            self._reader = _RequestReader(self.connection, server.request_timeout_s, server.send_timeout_s,
-                                          server.timed_out)
+            self._reader = _RequestReader(self.connection, server.request_timeout_s, server.http_header_timeout_s,
+                                          server.send_timeout_s, server.timed_out)
             self.rfile = io.BufferedReader(self._reader, 65536)
 
         def handle(self) -> None:
-            """Serve one connection (its keep-alive requests) in an HTTP client place; answer 503 without one."""
-            if not server.admit(http=True):  # places of its own: the socket's are for the agent's group
+            """Serve one connection (its keep-alive requests) in an HTTP client place (the idle one's with
+            them all taken); answer 503 without one, 408 to a request cut off for coming too slowly."""
+            if not server.admit(self._reader, http=True):  # places of its own: the socket's are for the agent's group
                 self._raw_refusal(503, server.busy_message(http=True))
                 return
             try:
-                super().handle()
+                super().handle()  # the standard library ends the connection on a TimeoutError
             except OSError:  # the client went away or was too slow
                 pass
             finally:
-                server.leave(http=True)
+                server.leave(self._reader, http=True)
+            if self._reader.cut:
+                self._raw_refusal(408, self._reader.cut)
 
         def handle_one_request(self) -> None:
-            """Serve one request: its deadline starts with its first byte (one that has not come
+            """Serve one request: its deadlines start with its first byte (one that has not come
             within ``request_timeout_s`` ends the connection, uncounted: an idle keep-alive).
 
             Raises:
                 OSError: the client is gone (ends the connection).
             """
-            self._reader.deadline = None
+            self._reader.next_request()
             super().handle_one_request()
 
         def parse_request(self) -> bool:
@@ -324,13 +388,21 @@ def listen(server: Any, port: int) -> ThreadingHTTPServer:
                 self._error(411, "malformed request: send the body with a Content-Length", close=True)
                 return
             limit, key = min((server.http_max_body, "serve.http_max_body_mb"), (server.max_payload, "serve.max_payload_mb"))
+            advice = "send large inputs over the Unix socket"
+            served = server.current
+            if served is not None:  # what the model's inputs can need as JSON, whatever the settings allow
+                need, elements = json_body_limit(served.input_shapes)
+                if need < limit:
+                    limit, key = need, (f"the served model's {elements} input numbers as JSON, {JSON_NUMBER_BYTES} "
+                                        f"bytes each and {JSON_SPARE_BYTES} to spare")
+                    advice = "check the inputs' names and shapes (GET /v1/model)"
             size = byte_count(length)  # None: 20 digits or more (int() would refuse over 4300, with a bare ValueError)
             if size is None or size > limit:
                 server.malformed()
                 self._error(413, f"malformed request: a body of {'10**19 bytes or more' if size is None else f'{size} bytes'}"
-                                 f" is over the {limit}-byte limit ({key}); send large inputs over the Unix socket",
-                            close=True)
+                                 f" is over the {limit}-byte limit ({key}); {advice}", close=True)
                 return
+            self._reader.body()
             body = self.rfile.read(size)
             if len(body) < size:
                 server.malformed()
@@ -371,4 +443,5 @@ def listen(server: Any, port: int) -> ThreadingHTTPServer:
         raise DeviceError(f"serving API: cannot listen on http://{HOST}:{port}: {exc.strerror or exc}") from None
 
 
-__all__ = ["HOST", "listen", "parse_inputs"]
+__all__ = ["BODY_MIN_RATE", "HOST", "JSON_NUMBER_BYTES", "JSON_SPARE_BYTES", "json_body_limit", "listen",
+           "parse_inputs"]

@@ -18,10 +18,14 @@ from a request read to its answer ready, queueing for an interpreter included), 
 connected clients, plus what was turned away (busy, malformed, oversized, timed out).
 
 Limits: ``max_clients`` socket clients and, apart, ``http_max_clients`` HTTP connections (any local
-user can reach the loopback; the socket is the agent's group's). A frame that has started must be
-complete within ``request_timeout_s`` (a client may stay idle between frames as long as it likes),
+user can reach the loopback; the socket is the agent's group's). When all places are taken, a new
+client gets the place of the connection idle the longest (waiting for its next request, none in
+flight: closed, counted as ``evicted_idle`` and logged), as nginx reuses idle keep-alive
+connections; only when none is idle is it turned away (``busy``). A frame that has started must be
+complete within ``request_timeout_s`` (a client may stay idle between frames while places are free),
 and a client that takes none of its answer for ``send_timeout_s`` is cut off: both kernel timeouts
-on the connection (SO_RCVTIMEO, SO_SNDTIMEO), nothing added to a request that arrives in one piece.
+on the connection (SO_RCVTIMEO, SO_SNDTIMEO), nothing added to a request that arrives in one piece
+but one clock read (when its connection started waiting).
 
 Shadow runs (:meth:`Server.set_shadow`) run in a child process at idle priority
 (:mod:`device_agents.serving.shadow`). With ``http_port`` the same server also answers loopback
@@ -33,6 +37,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import select
 import socket
 import socketserver
 import stat
@@ -170,7 +175,7 @@ class Server:
     def __init__(self, path: Path, *, make_interpreter: Any, max_clients: int = 16,
                  max_payload: int = 64 * 1024 * 1024, workers: int = 1, http_port: int | None = None,
                  http_max_clients: int = 4, http_max_body: int = 4_000_000, request_timeout_s: float = 30.0,
-                 send_timeout_s: float = 30.0, busy_poll_us: int = 0):
+                 http_header_timeout_s: float = 5.0, send_timeout_s: float = 30.0, busy_poll_us: int = 0):
         self.path = Path(path)
         self.make_interpreter = make_interpreter  # path -> allocated interpreter (the agent's runtime and target)
         self.max_clients = max_clients  # socket clients
@@ -178,6 +183,7 @@ class Server:
         self.http_max_clients = http_max_clients  # HTTP connections: places of their own
         self.http_max_body = http_max_body  # bytes of an HTTP request's JSON body
         self.request_timeout_s = request_timeout_s  # a started frame / an HTTP request's headers and body
+        self.http_header_timeout_s = http_header_timeout_s  # an HTTP request's line and headers, from its first byte
         self.send_timeout_s = send_timeout_s  # a client that takes none of its answer for this long is cut off
         self.workers = workers
         # after an answer, the connection's thread waits this long on the CPU for the next request before
@@ -189,8 +195,11 @@ class Server:
         self.clients = 0  # socket clients connected
         self.http_clients = 0  # HTTP connections open
         # busy: socket and HTTP clients turned away for want of a place (busy_http: the HTTP ones among
-        # them); timed_out: cut off for a request or an answer not taken in time
-        self.turned_away = {"busy": 0, "malformed": 0, "busy_http": 0, "timed_out": 0}
+        # them); timed_out: cut off for a request or an answer not taken in time; evicted_idle: idle
+        # connections (socket or HTTP) closed to give their place to a new client
+        self.turned_away = {"busy": 0, "malformed": 0, "busy_http": 0, "timed_out": 0, "evicted_idle": 0}
+        # the connections holding a place (socket: False, HTTP: True): their ``idle_since`` says which wait
+        self._open: dict[bool, set[Any]] = {False: set(), True: set()}
         self.swaps = 0
         self.shadow: Shadow | None = None
         self._lock = threading.Lock()
@@ -343,24 +352,52 @@ class Server:
 
     # --- the request path, shared by the socket and HTTP ------------------------------------------
 
-    def admit(self, http: bool = False) -> bool:
-        """Take a socket client's place (an HTTP connection's with ``http``); return False, counted as
-        ``busy`` (and ``busy_http``), when ``max_clients`` (``http_max_clients``) are connected."""
-        with self._lock:
-            if http:
-                if self.http_clients < self.http_max_clients:
-                    self.http_clients += 1
-                    return True
-                self.turned_away["busy_http"] += 1
-            elif self.clients < self.max_clients:
-                self.clients += 1
-                return True
-            self.turned_away["busy"] += 1
-            return False
+    def admit(self, conn: Any, http: bool = False) -> bool:
+        """Take a place for ``conn`` (a socket client's, an HTTP connection's with ``http``); return
+        False, counted as ``busy`` (and ``busy_http``), when ``max_clients`` (``http_max_clients``) are
+        connected and none of them is idle.
 
-    def leave(self, http: bool = False) -> None:
-        """Give a socket client's place back (an HTTP connection's with ``http``)."""
+        ``conn`` is the connection's record: ``sock``, ``idle_since`` (the monotonic time it started
+        waiting for a request's first byte; 0 while a request is under way) and ``evicted``. When all
+        places are taken, the connection idle the longest gives its place: marked ``evicted``, its
+        reading side shut (its thread wakes and closes it), counted as ``evicted_idle`` and logged.
+        """
         with self._lock:
+            if (self.http_clients < self.http_max_clients) if http else (self.clients < self.max_clients):
+                if http:
+                    self.http_clients += 1
+                else:
+                    self.clients += 1
+                self._open[http].add(conn)
+                return True
+            idle = sorted((c for c in self._open[http] if c.idle_since and not c.evicted), key=lambda c: c.idle_since)
+            victim = next((c for c in idle if not _readable(c.sock)), None)  # readable: a request came, unread yet
+            if victim is None:
+                if http:
+                    self.turned_away["busy_http"] += 1
+                self.turned_away["busy"] += 1
+                return False
+            victim.evicted = True  # its place is conn's now: its leave() gives none back
+            self._open[http].discard(victim)
+            self._open[http].add(conn)
+            self.turned_away["evicted_idle"] += 1
+        idle_s = time.monotonic() - victim.idle_since
+        try:
+            victim.sock.shutdown(socket.SHUT_RD)  # its wait for a request ends (end of stream): its thread closes it
+        except OSError:
+            pass  # already gone
+        log.info("serving API: closed the %s connection idle for %.1f s to admit a new client (all %d of "
+                 "serve.%s taken)", "HTTP" if http else "socket", idle_s,
+                 self.http_max_clients if http else self.max_clients, "http_max_clients" if http else "max_clients")
+        return True
+
+    def leave(self, conn: Any, http: bool = False) -> None:
+        """Give ``conn``'s place back (a socket client's, an HTTP connection's with ``http``), unless
+        it was evicted (its place was given to a new client then)."""
+        with self._lock:
+            if conn.evicted:
+                return
+            self._open[http].discard(conn)
             if http:
                 self.http_clients -= 1
             else:
@@ -428,20 +465,23 @@ class Server:
         """Serve one connection until the client closes it, sends a malformed frame, takes longer than
         ``request_timeout_s`` over one or ``send_timeout_s`` to take an answer, or goes away."""
         _answer = self._answer
-        if not self.admit():
+        timed = _FrameTimer(conn, self.request_timeout_s)
+        if not self.admit(timed):
             _answer(conn, {"ok": False, "error": self.busy_message()})
             return
-        timed = _FrameTimer(conn, self.request_timeout_s)
         # arrays stay valid until the next read: answered (and offered) by then; memory files passed are taken
         receiver = Receiver(timed, reuse=True, shared=True)
         try:
             while True:
-                timed.started = False  # the next bytes start a frame: waiting for them may last
+                # the next bytes start a frame (waiting for them may last), unless some are in already
+                timed.started = receiver.pending > 0
                 if self.busy_poll_ns and self.clients == 1 and not self.http_clients and not receiver.pending:
                     busy_poll(conn, self.busy_poll_ns)
                 try:
                     frame = receiver.read(self.max_payload)
                 except FrameError as exc:  # the stream is out of step: answer, then hang up
+                    if timed.evicted:
+                        return  # closed for a new client as its first bytes came: counted as evicted_idle
                     self.malformed()
                     _answer(conn, {"ok": False, "error": f"malformed request: {exc}"})
                     return
@@ -486,7 +526,7 @@ class Server:
                     return
         finally:
             receiver.close()
-            self.leave()
+            self.leave(timed)
 
     def _answer(self, conn: Any, header: dict[str, Any] | bytes, arrays: dict[str, np.ndarray] | None = None) -> bool:
         """Send one answer (a header, or its encoded start for ``arrays``); return False when the client
@@ -504,6 +544,16 @@ class Server:
             return False
 
 
+def _readable(sock: Any) -> bool:
+    """Return whether ``sock`` has bytes (or its end) to read now, without reading (never raises)."""
+    try:
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(0))
+    except (OSError, ValueError):  # closed meanwhile
+        return False
+
+
 class _FrameTimer:
     """A socket connection as :class:`Receiver` reads it (``recv_into``, ``recvmsg_into``): once a
     frame's first bytes are in, the rest must come within ``limit_s``; waiting for a frame's first
@@ -511,17 +561,20 @@ class _FrameTimer:
 
     The socket's receive timeout (SO_RCVTIMEO, ``limit_s``) wakes a wait for a new frame now and then
     (the server waits again) and bounds each wait inside a frame, shortened to what is left of the
-    frame's time. A frame received in one piece costs two attribute reads and one set here: no clock,
-    no system call.
+    frame's time. A frame received in one piece costs one clock read (``idle_since``: when the wait
+    for its first byte began, what the server evicts the longest idle connection by) and a few
+    attribute reads and sets here: no system call.
     """
 
-    __slots__ = ("sock", "limit_s", "started", "deadline", "short")
+    __slots__ = ("sock", "limit_s", "started", "deadline", "short", "idle_since", "evicted")
 
     def __init__(self, sock: Any, limit_s: float):
         self.sock, self.limit_s = sock, limit_s
         self.started = False  # a frame's first bytes are in (the server clears it between frames)
         self.deadline = 0.0  # monotonic time the started frame must be complete by (set on its second receive)
         self.short = False  # SO_RCVTIMEO is shorter than limit_s (what was left of a frame's time)
+        self.idle_since = time.monotonic()  # waiting for a frame's first byte since (0: a frame is under way)
+        self.evicted = False  # closed by the server for a new client (Server.admit)
 
     def _arm(self) -> None:
         """Before a receive: between frames, give the socket back its full receive timeout; inside a
@@ -555,9 +608,11 @@ class _FrameTimer:
         """
         if self.started or self.short:
             self._arm()
+        if not self.started and not self.idle_since:
+            self.idle_since = time.monotonic()
         got = receive(*args)
         if not self.started:
-            self.started, self.deadline = True, 0.0
+            self.started, self.deadline, self.idle_since = True, 0.0, 0.0
         return got
 
     def recv_into(self, view: Any) -> int:

@@ -163,19 +163,69 @@ def test_a_thousand_malformed_requests_each_get_an_answer_or_a_hang_up_and_the_s
 
 
 def test_more_clients_than_allowed_are_told_busy_and_counted(wait, store, server):
+    """Six clients each in the middle of a request (half a frame sent): none is idle, so a seventh
+    is told busy, naming max_clients, and counted; nothing is evicted."""
     held = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(6)]
     for s in held:
         s.connect(str(store.root / "serve.sock"))
+        s.sendall(frame(PREDICT, samples(1)[0].tobytes())[:20])  # a request under way
     assert wait(lambda: server.snapshot()["clients"] == 6), server.snapshot()  # every one admitted
     try:
         with pytest.raises(ServingError, match=r"busy: 6 clients connected \(serve.max_clients\)"):
             Client(store.root).predict(samples(1)[0])
-        assert server.snapshot()["turned_away"]["busy"] >= 1
+        assert server.snapshot()["turned_away"]["busy"] >= 1 and server.snapshot()["turned_away"]["evicted_idle"] == 0
     finally:
         for s in held:
             s.close()
     assert wait(lambda: server.snapshot()["clients"] == 0), server.snapshot()  # their places given back
     assert Client(store.root).predict(samples(1)[0])["output_0"].shape == (10,)
+
+
+def test_when_all_places_are_taken_the_longest_idle_client_gives_its_place_to_a_new_one(wait, store, server, caplog):
+    """A local process opening max_clients connections and sending nothing locked every other
+    application out ("busy") for as long as it liked. Now a new client takes the place of the
+    connection idle the longest (closed, counted as evicted_idle, logged), never one with a request
+    under way even if it came first, and the others keep being answered; the Python client whose
+    connection was closed reconnects on its next request."""
+    x = samples(2)
+    sock = str(store.root / "serve.sock")
+    held = []
+    for i in range(6):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(10)
+        s.connect(sock)
+        held.append(s)
+        assert wait(lambda: server.snapshot()["clients"] == i + 1)
+        if i == 0:
+            s.sendall(frame(PREDICT, x[0].tobytes())[:20])  # the first: a request under way, never idle
+        elif i == 1:
+            assert raw(s, frame({"op": "info"}))["ok"] is True  # answered, then idle: the longest idle
+        time.sleep(0.05)
+    try:
+        caplog.set_level("INFO", logger="edgekit.agent.serve")
+        with Client(store.root) as client:  # a seventh: answered, not busy
+            assert client.predict(x[1])["output_0"].shape == (10,)
+            assert held[1].recv(64) == b""  # the longest idle was closed
+            live = server.snapshot()
+            assert live["clients"] == 6 and live["turned_away"]["evicted_idle"] == 1 and live["turned_away"]["busy"] == 0
+            assert "closed the socket connection idle for" in caplog.text and "serve.max_clients" in caplog.text
+            held[0].sendall(frame(PREDICT, x[0].tobytes())[20:])  # the one under way completes: answered
+            got = b""
+            while len(got) < 8:
+                got += held[0].recv(65536)
+            assert got.startswith(MAGIC)
+            assert raw(held[5], frame({"op": "info"}))["ok"] is True  # the other idle ones keep their places
+            with Client(store.root) as eighth:  # evicts the next longest idle (held[2]); client keeps going
+                assert eighth.predict(x[1])["output_0"].shape == (10,)
+            assert held[2].recv(64) == b""
+            assert wait(lambda: server.snapshot()["clients"] == 5)  # the eighth left: its place given back
+            assert client.predict(x[0])["output_0"].shape == (10,)
+    finally:
+        for s in held:
+            s.close()
+    assert wait(lambda: server.snapshot()["clients"] == 0), server.snapshot()
+    assert server.snapshot()["turned_away"] == {"busy": 0, "malformed": 0, "busy_http": 0, "timed_out": 0,
+                                                "evicted_idle": 2}
 
 
 def test_a_model_that_does_not_load_is_never_served_and_the_old_one_keeps_serving(store, server, tmp_path):

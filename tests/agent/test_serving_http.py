@@ -119,8 +119,9 @@ def test_predict_and_model_answer_as_the_socket_api_does_and_count_in_the_live_f
      r"input 'image': shape \[8, 8\], the model takes \[8, 8, 1\]"),  # the socket API's text
     (json.dumps({"inputs": {"image": np.zeros((8, 8, 1)).tolist(), "other": [1]}}).encode(), 400,
      "unknown input 'other'"),
-    (b"[" * 100_000 + b"]" * 100_000, 413, "over the 65536-byte limit"),  # refused before it is read
-    (json.dumps({"inputs": {"image": np.zeros((60, 60, 3)).tolist()}}).encode(), 400, "shape"),
+    # refused before it is read: over what the model's 64 inputs can need as JSON (under max_payload's 65536)
+    (b"[" * 100_000 + b"]" * 100_000, 413, r"over the 22528-byte limit \(the served model's 64 input numbers"),
+    (json.dumps({"inputs": {"image": np.zeros((10, 10, 1)).tolist()}}).encode(), 400, "shape"),
 ])
 def test_bad_requests_get_the_reason_and_the_server_keeps_answering(store, server, body, status, message):
     got, answer = call(server, "POST", "/v1/predict", body)
@@ -131,7 +132,7 @@ def test_bad_requests_get_the_reason_and_the_server_keeps_answering(store, serve
 
 
 def test_deep_nesting_missing_length_wrong_paths_and_methods(wait, store, server):
-    status, answer = call(server, "POST", "/v1/predict", b"[" * 30_000 + b"]" * 30_000)
+    status, answer = call(server, "POST", "/v1/predict", b"[" * 10_000 + b"]" * 10_000)
     assert status == 400 and "malformed request" in answer["error"]
     assert call(server, "GET", "/v1/nope")[0] == 404
     assert call(server, "GET", "/v1/predict")[0] == 405
@@ -195,8 +196,9 @@ def test_a_content_length_of_thousands_of_digits_is_answered_413(store, server, 
     request = b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n{}"
     status, answer = raw_request(server, request)
     assert status == 413 and answer["error"] == ("malformed request: a body of 10**19 bytes or more is over the "
-                                                 "65536-byte limit (serve.max_payload_mb); send large inputs over the "
-                                                 "Unix socket")
+                                                 "22528-byte limit (the served model's 64 input numbers as JSON, 96 "
+                                                 "bytes each and 16384 to spare); check the inputs' names and shapes "
+                                                 "(GET /v1/model)")
     assert server.snapshot()["turned_away"]["malformed"] == 1 and "Traceback" not in capfd.readouterr().err
     assert call(server, "GET", "/v1/model")[0] == 200
 
@@ -223,11 +225,14 @@ def test_a_thousand_malformed_http_requests_leave_the_server_up_and_correct(stor
 
 def test_http_connections_have_places_of_their_own_apart_from_the_socket_clients(wait, store, server):
     """Any local user can open TCP connections to 127.0.0.1; the socket is the agent's group's. Four
-    idle HTTP connections (serve.http_max_clients, default 4) leave the socket's places free, a fifth is
-    told busy naming http_max_clients, and socket clients holding all theirs leave HTTP answering.
+    HTTP connections in the middle of a request (serve.http_max_clients, default 4) leave the socket's
+    places free, a fifth is told busy naming http_max_clients (none of the four is idle), and socket
+    clients holding all theirs (each in the middle of a frame) leave HTTP answering.
     Before, HTTP and the socket shared max_clients: four idle TCP connections made a socket client busy."""
     assert server.http_max_clients == 4
     idle = [socket.create_connection(server.http_address, timeout=10) for _ in range(4)]
+    for s in idle:
+        s.sendall(b"GET /v1/mo")  # a request under way (its headers have 5 s)
     try:
         assert wait(lambda: server.snapshot()["http_clients"] == 4)
         with Client(store.root) as client:
@@ -244,12 +249,14 @@ def test_http_connections_have_places_of_their_own_apart_from_the_socket_clients
     held = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(4)]
     for s in held:
         s.connect(str(store.root / "serve.sock"))
+        s.sendall(b"EKS1")  # a frame under way
     try:
         assert wait(lambda: server.snapshot()["clients"] == 4)
         assert call(server, "GET", "/v1/model")[0] == 200
         with pytest.raises(ServingError, match=r"busy: 4 clients connected \(serve.max_clients\)"):
             Client(store.root).predict(samples(1)[0])
-        assert server.snapshot()["turned_away"] == {"busy": 2, "malformed": 0, "busy_http": 1, "timed_out": 0}
+        assert server.snapshot()["turned_away"] == {"busy": 2, "malformed": 0, "busy_http": 1, "timed_out": 0,
+                                                    "evicted_idle": 0}
     finally:
         for s in held:
             s.close()
@@ -380,19 +387,21 @@ def test_the_new_serve_limits_are_read_from_agent_yaml_and_checked(store, tmp_pa
     cfg = tmp_path / "a.yaml"
     cfg.write_text("device: pi-1\nfleet: f\n")
     s = load_agent_config(cfg).serve
-    assert (s.http_max_clients, s.http_max_body_mb, s.request_timeout_s, s.send_timeout_s) == (4, 4.0, 30.0, 30.0)
+    assert (s.http_max_clients, s.http_max_body_mb, s.request_timeout_s, s.http_header_timeout_s,
+            s.send_timeout_s) == (4, 4.0, 30.0, 5.0, 30.0)
     cfg.write_text(f"device: pi-1\nfleet: f\nroot: {store.root}\nserve: {{http_max_clients: 2, http_max_body_mb: 1.5, "
-                   "request_timeout_s: 5, send_timeout_s: 7, busy_poll_us: 300}\n")
+                   "request_timeout_s: 5, http_header_timeout_s: 2.5, send_timeout_s: 7, busy_poll_us: 300}\n")
     agent = Agent(load_agent_config(cfg))
     try:
         srv = agent.server
-        assert (srv.http_max_clients, srv.http_max_body, srv.request_timeout_s, srv.send_timeout_s,
-                srv.busy_poll_ns) == (2, 1_500_000, 5, 7, 300_000)
+        assert (srv.http_max_clients, srv.http_max_body, srv.request_timeout_s, srv.http_header_timeout_s,
+                srv.send_timeout_s, srv.busy_poll_ns) == (2, 1_500_000, 5, 2.5, 7, 300_000)
     finally:
         agent.spool.close()
     for bad, message in [("http_max_clients: 0", "http_max_clients 0 is not at least 1"),
                          ("http_max_body_mb: 0", r"serve: http_max_body_mb 0\.0 is not above 0"),
                          ("request_timeout_s: 0", r"request_timeout_s 0\.0 is not between 0 and 3600 seconds"),
+                         ("http_header_timeout_s: -1", r"http_header_timeout_s -1\.0 is not between 0 and 3600 seconds"),
                          ("send_timeout_s: 7200", r"send_timeout_s 7200\.0 is not between 0 and 3600 seconds"),
                          ("busy_poll_us: -1", r"busy_poll_us -1 is not between 0 and 100000 microseconds")]:
         cfg.write_text(f"device: pi-1\nfleet: f\nserve: {{{bad}}}\n")
@@ -445,6 +454,21 @@ def strict(store):
     srv.close()
 
 
+def _answer_then_closed(raw: socket.socket) -> tuple[int, dict | None]:
+    """Return the status and JSON body of what the server sends before it closes ``raw`` (0, None: nothing)."""
+    raw.settimeout(5)
+    got = b""
+    try:
+        while chunk := raw.recv(65536):
+            got += chunk
+    except ConnectionResetError:
+        pass
+    if not got:
+        return 0, None
+    head, _, body = got.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
 @pytest.mark.parametrize("where", ["headers", "body"])
 def test_a_request_trickling_in_is_cut_off_after_request_timeout_s(wait, store, strict, where):
     """One byte every 0.3 s keeps each read short, but the request's line, headers and body must
@@ -465,8 +489,9 @@ def test_a_request_trickling_in_is_cut_off_after_request_timeout_s(wait, store, 
             if strict.snapshot()["turned_away"]["timed_out"]:
                 break
         assert time.monotonic() - t0 < 3.0
-        raw.settimeout(3)
-        assert raw.recv(65536) == b""  # closed
+        status, answer = _answer_then_closed(raw)
+    assert status == 408 and answer["error"] == ("timed out: a request must arrive within 1 s of its first byte "
+                                                 "(serve.request_timeout_s)")
     assert wait(lambda: strict.snapshot()["turned_away"]["timed_out"] == 1 and strict.snapshot()["http_clients"] == 0)
     assert call(strict, "POST", "/v1/predict", {"inputs": {"image": samples(1)[0].tolist()}})[0] == 200
 
@@ -485,7 +510,6 @@ import sys, threading
 from pathlib import Path
 from device_agents.serving.server import Interpreters, Server
 srv = Server(Path(sys.argv[1]), make_interpreter=Interpreters(), max_payload=64 << 20, http_port=0).start()
-srv.serve_model(Path(sys.argv[2]), sys.argv[3], "int8")
 print(srv.http_address[1], flush=True)
 for line in sys.stdin:
     status = dict(l.split(":", 1) for l in Path("/proc/self/status").read_text().splitlines() if ":" in l)
@@ -493,16 +517,16 @@ for line in sys.stdin:
 """
 
 
-def test_peak_memory_of_json_bodies_is_bounded_by_one_parse_at_a_time(wait, store, tmp_path):
+def test_peak_memory_of_json_bodies_is_bounded_by_one_parse_at_a_time(wait, tmp_path):
     """In a child process serving HTTP with the default limits, four clients post a ~4 MB JSON body
-    each at once (under http_max_body_mb). JSON costs ~10x its size while parsed; one body is parsed
+    each at once (under http_max_body_mb; no model is served, so no model's inputs bound the body
+    further: each is parsed, then answered 503). JSON costs ~10x its size while parsed; one body is parsed
     at a time, so the peak (VmHWM) grows by about one parse plus the bodies held, not four parses.
     Before: bodies up to max_payload_mb (64 MB), all parsed at once; a 48 MB body alone took ~550 MB."""
     import subprocess
     import sys
 
-    sha = store.shas["int8"]
-    child = subprocess.Popen([sys.executable, "-c", RSS_CHILD, str(tmp_path / "rss.sock"), str(store.model_path(sha)), sha],
+    child = subprocess.Popen([sys.executable, "-c", RSS_CHILD, str(tmp_path / "rss.sock")],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         port = int(child.stdout.readline())
@@ -519,7 +543,7 @@ def test_peak_memory_of_json_bodies_is_bounded_by_one_parse_at_a_time(wait, stor
         start = peak_mb()
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         conn.request("POST", "/v1/predict", body=body)
-        assert conn.getresponse().status == 400  # the wrong shape for the model, found after the parse
+        assert conn.getresponse().status == 503  # no model, found after the parse
         conn.close()
         base = peak_mb()
         one = base - start  # what one parse costs at its peak
@@ -539,7 +563,7 @@ def test_peak_memory_of_json_bodies_is_bounded_by_one_parse_at_a_time(wait, stor
             statuses.append(int(answer.split()[1]))
             c.close()
         grew = peak_mb() - base
-        assert statuses == [400] * 4
+        assert statuses == [503] * 4
         print(f"one body: peak +{one} MB; then four at once: +{grew} MB more")
         assert one > 20 and grew < 40, (one, grew)
     finally:
@@ -554,3 +578,160 @@ def test_json_integers_past_64_bits_are_numbers_as_any_other():
     body = json.dumps({"inputs": {"true": [[10**20, 1], [2.5, -3]]}}).encode()
     got = parse_inputs(body, 1 << 20)["true"]
     assert got.dtype == np.float32 and got.tolist() == np.float32([[1e20, 1.0], [2.5, -3.0]]).tolist()
+
+
+@pytest.mark.parametrize("where", ["headers", "body"])
+def test_slowloris_is_cut_off_by_the_header_deadline_or_the_body_rate_not_request_timeout_s(wait, store, server, where):
+    """A byte of the request line and headers every 0.25 s, or a body at 4 bytes/s, under the default
+    limits: each read is quick, and before, the place was held for request_timeout_s (30 s) per
+    request: four such clients locked HTTP out. Now the line and headers must be in within
+    http_header_timeout_s (5 s) of the first byte and a body must keep coming at 64 kB/s after as long:
+    cut off at ~5 s, answered 408 naming the setting, counted as timed_out; others are answered meanwhile."""
+    assert server.request_timeout_s == 30.0  # and http_header_timeout_s its default, 5
+    body = json.dumps({"inputs": {"image": samples(1)[0].tolist()}}).encode()
+    data = f"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+    at = 0 if where == "headers" else data.index(b"\r\n\r\n") + 4
+    with socket.create_connection(server.http_address, timeout=10) as raw:
+        raw.sendall(data[:at])
+        t0 = time.monotonic()
+        for i in range(at, len(data)):
+            if time.monotonic() - t0 > 9:
+                break
+            try:
+                raw.sendall(data[i:i + 1])
+            except OSError:
+                break
+            if i == at + 4:
+                assert call(server, "GET", "/v1/model")[0] == 200  # everyone else is served meanwhile
+            time.sleep(0.25)
+            if server.snapshot()["turned_away"]["timed_out"]:
+                break
+        took = time.monotonic() - t0
+        status, answer = _answer_then_closed(raw)
+    assert 4.5 < took < 8.0, took
+    assert status == 408, (status, answer)
+    assert answer["error"] == ("timed out: a request's line and headers must arrive within 5 s of its first byte "
+                               "(serve.http_header_timeout_s)" if where == "headers" else
+                               "timed out: the body came slower than 65536 bytes/s after its first 5 s "
+                               "(serve.http_header_timeout_s); send it at once")
+    assert wait(lambda: server.snapshot()["turned_away"]["timed_out"] == 1 and server.snapshot()["http_clients"] == 0)
+    assert call(server, "POST", "/v1/predict", {"inputs": {"image": samples(1)[0].tolist()}})[0] == 200
+
+
+def test_when_all_http_places_are_taken_the_longest_idle_keep_alive_connection_is_closed(wait, store, server, caplog):
+    """Four idle connections (a keep-alive one that was answered, three that sent nothing) held every
+    HTTP place for request_timeout_s, and a fifth client was told busy. Now the one idle the longest
+    is closed for the new one (counted as evicted_idle, logged); one with a request under way is
+    never closed, even when it came first; only when none is idle is a client told busy."""
+    caplog.set_level("INFO", logger="edgekit.agent.serve")
+    first = socket.create_connection(server.http_address, timeout=10)
+    first.sendall(b"GET /v1/model HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # under way: its headers are not all in
+    assert wait(lambda: server.snapshot()["http_clients"] == 1)
+    keep = http.client.HTTPConnection(*server.http_address, timeout=10)
+    keep.request("GET", "/v1/model")
+    assert keep.getresponse().read()  # answered, then idle: the longest idle once the others come
+    others = []
+    for i in range(2):
+        time.sleep(0.05)
+        others.append(socket.create_connection(server.http_address, timeout=10))
+    try:
+        assert wait(lambda: server.snapshot()["http_clients"] == 4)
+        time.sleep(0.05)
+        status, answer = call(server, "POST", "/v1/predict", {"inputs": {"image": samples(1)[0].tolist()}})
+        assert status == 200, answer
+        live = server.snapshot()
+        assert live["turned_away"]["evicted_idle"] == 1 and live["turned_away"]["busy_http"] == 0
+        assert "closed the HTTP connection idle for" in caplog.text and "serve.http_max_clients" in caplog.text
+        assert keep.sock.recv(64) == b""  # the keep-alive connection was closed
+        first.sendall(b"\r\n")  # the request under way completes: answered
+        status, answer = _answer_then_closed_after_one(first)
+        assert status == 200 and answer["ok"] is True
+        for s in others + [first]:  # now every place has a request under way: busy
+            s.sendall(b"GET /v1/mo")
+        assert wait(lambda: server.snapshot()["http_clients"] == 3)  # the call's connection left
+        extra = socket.create_connection(server.http_address, timeout=10)
+        extra.sendall(b"GET /v1/mo")
+        assert wait(lambda: server.snapshot()["http_clients"] == 4)
+        status, answer = call(server, "GET", "/v1/model")
+        assert status == 503 and "serve.http_max_clients" in answer["error"]
+        assert server.snapshot()["turned_away"]["evicted_idle"] == 1
+        extra.close()
+    finally:
+        keep.close()
+        for s in others + [first]:
+            s.close()
+    assert wait(lambda: server.snapshot()["http_clients"] == 0)
+
+
+def _answer_then_closed_after_one(raw: socket.socket) -> tuple[int, dict]:
+    """Return the status and JSON body of one answer on a kept-alive ``raw`` (read by its Content-Length)."""
+    got = b""
+    while b"\r\n\r\n" not in got:
+        got += raw.recv(65536)
+    head, _, body = got.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    while len(body) < length:
+        body += raw.recv(65536)
+    return int(head.split()[1]), json.loads(body)
+
+
+def test_a_body_larger_than_the_models_inputs_can_need_is_refused_before_it_is_read(store, server):
+    """The digits model takes 64 numbers: no body of more than 64 x 96 + 16384 bytes can fit it,
+    whatever the settings allow (here 65536, max_payload_mb), yet such a body was read and parsed
+    (a 4 MB body of nested lists or keys cost ~100 MB to parse). Now it is refused with 413 before
+    it is read (the client sent only its headers), naming the limit, counted; a pretty-printed body
+    with the batch axis still fits, and the server keeps answering."""
+    with socket.create_connection(server.http_address, timeout=10) as raw:
+        raw.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 30000\r\n\r\n")
+        status, answer = _answer_then_closed(raw)
+    assert status == 413 and answer["error"] == (
+        "malformed request: a body of 30000 bytes is over the 22528-byte limit (the served model's 64 input "
+        "numbers as JSON, 96 bytes each and 16384 to spare); check the inputs' names and shapes (GET /v1/model)")
+    assert server.snapshot()["turned_away"]["malformed"] == 1
+    from device_agents.serving.http import json_body_limit
+
+    assert json_body_limit(server.current.input_shapes) == (64 * 96 + 16_384, 64)
+    x = np.random.default_rng(2).uniform(-1e-300, 1e-300, (1, 8, 8, 1))  # the longest numbers, indented
+    pretty = json.dumps({"inputs": {"image": x.tolist()}}, indent=4).encode()
+    assert len(pretty) < 22528
+    status, answer = call(server, "POST", "/v1/predict", pretty)
+    assert status == 200 and answer["ok"] is True
+
+
+def worst_bodies(size: int) -> dict[str, bytes]:
+    """Return /v1/predict bodies of about ``size`` bytes that cost the most memory to parse per byte."""
+    pre, post = b'{"inputs": {"image": [', b"]}}"
+    n = size - len(pre) - len(post)
+    keys = b",".join(b'"%x":0' % i for i in range(n // 7))[:n]
+    return {"empty lists": pre + (b"[]," * (n // 3))[:-1] + post,
+            "one-number lists": pre + (b"[0]," * (n // 4))[:-1] + post,
+            "floats": pre + (b"1.5," * (n // 4))[:-1] + post,
+            "many keys": b'{"inputs": {' + keys[:keys.rfind(b",")] + b"}}"}
+
+
+def test_the_worst_json_bodies_the_served_model_allows_parse_in_under_a_megabyte():
+    """What docs/serving.md quotes: tracemalloc's peak while parse_inputs reads the worst bodies
+    (32-34 bytes of Python objects per byte of [[],[],...] or [[0],[0],...]) of the largest size the
+    digits model allows, 22,528 bytes: under 1 MB each, where 4 MB bodies (http_max_body_mb, the
+    only bound before) took 44-136 MB. A body of many keys is parsed in time linear in its size
+    (the check for true/false scanned the whole body once per key: minutes for 4 MB)."""
+    import tracemalloc
+
+    from device_agents.serving.http import json_body_limit
+
+    limit, _ = json_body_limit([("image", (8, 8, 1))])
+    peaks = {}
+    for kind, body in worst_bodies(limit).items():
+        assert limit - 32 < len(body) <= limit
+        tracemalloc.start()
+        try:
+            parse_inputs(body, 64 << 20)
+        except ValueError:  # _BadRequest: none of them fits the model
+            pass
+        peaks[kind] = tracemalloc.get_traced_memory()[1] / 1e6
+        tracemalloc.stop()
+    print({k: f"{v:.2f} MB" for k, v in peaks.items()})
+    assert max(peaks.values()) < 1.0, peaks
+    t0 = time.process_time()
+    parse_inputs(worst_bodies(1_000_000)["many keys"], 64 << 20)  # ~140,000 inputs named "0", "1", ...
+    assert time.process_time() - t0 < 10, time.process_time() - t0
