@@ -163,3 +163,34 @@ def test_a_nul_or_a_lone_surrogate_from_a_device_is_refused_and_counted_and_the_
     reasons = [a.text for a in mon.alerts if a.kind == "refused"]
     assert len(reasons) == 3 and all("holds a NUL character or a lone UTF-16 surrogate" in r for r in reasons), reasons
     store.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_bench_sha256_too_long_for_an_index_is_refused_and_counted_and_the_rest_stored(fleet, publisher, tmp_path,
+                                                                                        request, backend):
+    """A device signs a bench record whose ``sha256`` is 8,000 random characters: PostgreSQL cannot index it (an index
+    row is at most 2,704 bytes), so the batch failed, the monitor stopped (``failed``, exit 6: "check that the server
+    is up") and the persistent session sent it again on every run, while SQLite stored it. Now it is refused at
+    decode on both, counted and kept as invalid; the records around it are stored."""
+    import secrets
+
+    from edge_kit.telemetry.monitor import Monitor
+
+    spec = str(tmp_path / "h.db") if backend == "sqlite" else request.getfixturevalue("postgres_url")
+    store = open_history(spec)
+    mon = Monitor(fleet, store).start()
+    try:
+        send(publisher, "bench", bench("d1", 1))
+        long = bench("d1", 2)
+        long["sha256"] = secrets.token_hex(4000)  # signed by d1's own key
+        send(publisher, "bench", long)
+        send(publisher, "bench", bench("d1", 3))
+        assert wait_until(lambda: mon.stats.received == 3, 15), (mon.stats, mon.failed, list(mon.alerts))
+    finally:
+        mon.stop()
+    assert mon.failed is None, mon.failed
+    assert sorted(r["seq"] for r in store.bench_records("d1")) == [1, 3]
+    assert mon.stats.invalid == 1 == store.count("invalid")
+    reasons = [a.text for a in mon.alerts if a.kind == "refused"]
+    assert len(reasons) == 1 and "bench: sha256 is not a text of 1 to 128 characters" in reasons[0], reasons
+    store.close()
