@@ -194,3 +194,38 @@ def test_a_bench_sha256_too_long_for_an_index_is_refused_and_counted_and_the_res
     reasons = [a.text for a in mon.alerts if a.kind == "refused"]
     assert len(reasons) == 1 and "bench: sha256 is not a text of 1 to 128 characters" in reasons[0], reasons
     store.close()
+
+
+def test_a_record_a_latin1_database_cannot_hold_is_refused_and_counted_and_its_batch_stored(fleet, publisher,
+                                                                                         postgres_url):
+    """A PostgreSQL database created with ENCODING 'LATIN1' (or SQL_ASCII) cannot hold every character a device may
+    sign (a variant named in Cyrillic): psycopg encoded the batch as LATIN1 in Python and raised UnicodeEncodeError,
+    which the writer took for a bug, so the whole batch was acknowledged and lost, nothing counted. Now the
+    connection speaks UTF-8, the server refuses that record (SQLSTATE 22P05), and the monitor stores the batch one
+    record at a time: that one is counted and kept as invalid, the others are stored. (SQLite is always UTF-8 and
+    stores it.)"""
+    import psycopg
+
+    from edge_kit.telemetry.monitor import Monitor
+
+    url = postgres_url.rsplit("/", 1)[0] + "/latin1_" + postgres_url.rsplit("/", 1)[1]
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {url.rsplit('/', 1)[1]} ENCODING 'LATIN1' TEMPLATE template0 "
+                     "LC_COLLATE 'C' LC_CTYPE 'C'")
+    store = open_history(url)
+    mon = Monitor(fleet, store).start()
+    try:
+        mon.client.loop_stop()  # the broker holds them meanwhile: delivered at once, they are checked as one batch
+        for m in (bench("d1", 1), bench("d1", 2, variant="модель"), bench("d1", 3)):
+            send(publisher, "bench", m)
+        mon.client.loop_start()
+        assert wait_until(lambda: mon.stats.received == 3 and mon.stats.stored + mon.stats.invalid == 3, 15), \
+            (mon.stats, mon.failed, list(mon.alerts))
+    finally:
+        mon.stop()
+    assert mon.failed is None, mon.failed
+    assert sorted(r["seq"] for r in store.bench_records("d1")) == [1, 3]
+    assert mon.stats.invalid == 1 == store.count("invalid") and mon.stats.stored == 2
+    reasons = [a.text for a in mon.alerts if a.kind == "refused"]
+    assert len(reasons) == 1 and "refused a record" in reasons[0] and "LATIN1" in reasons[0], reasons
+    store.close()
