@@ -229,3 +229,68 @@ def test_a_record_a_latin1_database_cannot_hold_is_refused_and_counted_and_its_b
     reasons = [a.text for a in mon.alerts if a.kind == "refused"]
     assert len(reasons) == 1 and "refused a record" in reasons[0] and "LATIN1" in reasons[0], reasons
     store.close()
+
+
+def _hostile() -> list[tuple[str, bytes, bool]]:
+    """Return ``(what, payload, stored)`` for content a compromised device (signed) or anyone (unsigned) may send on
+    d1's bench topic: ``stored`` when the history must keep it (as received), else it must be refused and counted."""
+    import secrets
+
+    def body(seq: int, **fields) -> dict:
+        return {**bench("d1", seq), **fields}
+
+    def nested(levels: int) -> list:  # lists ``levels`` deep (the message around them is one more level)
+        value: list = []
+        for _ in range(levels - 1):
+            value = [value]
+        return value
+
+    def raw(m: dict, old: bytes, new: bytes) -> bytes:  # signed, then altered: refused before or at its signature
+        return messages.encode(signed(m)).replace(old, new, 1)
+
+    return [
+        ("a 60 KB variant name", messages.encode(signed(body(1, variant="v" + secrets.token_hex(30_000)))), True),
+        ("a 400-digit integer outside the columns", messages.encode(signed(body(2, extra=10 ** 400))), True),
+        ("noncharacters and U+10FFFF", messages.encode(signed(body(3, variant="\uffff\ufffe\U0010ffff"))), True),
+        ("the text \\u0000, escaped", messages.encode(signed(body(4, note="\\u0000 \\ud800"))), True),
+        ("nesting 32 levels", messages.encode(signed(body(5, extra=nested(31)))), True),
+        ("a 4,000-character sha256", messages.encode(signed(body(6, sha256=secrets.token_hex(2000)))), False),
+        ("a NUL, signed", messages.encode(signed(body(7, variant="a\x00"))), False),
+        ("a lone surrogate", raw(body(8), b'"variant":"int8"', b'"variant":"\\udfff"'), False),
+        ("a key twice", raw(body(9), b'"variant":"int8"', b'"variant":"int8","variant":"fp32"'), False),
+        ("nesting 41 levels", messages.encode(signed(body(10, extra=nested(40)))), False),
+        ("a 5,000-digit integer", raw(body(11), b'"runs":100', b'"runs":' + b"9" * 5000), False),
+        ("a seq beyond 64 bits", raw(body(12), b'"seq":12', b'"seq":' + str(2 ** 64).encode()), False),
+        ("not UTF-8, unsigned", b'{"a":"\xff\x00"}', False),
+        ("a NUL, unsigned", b'{"schema":"edgekit.bench/1","device":"d1\\u0000"}', False),
+    ]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_hostile_content_is_stored_as_received_or_refused_and_counted_the_same_on_both_backends(fleet, publisher,
+                                                                                              tmp_path, request, backend):
+    """Every kind of hostile content, one after the other among good records: the monitor never fails, every message
+    is either stored (its body the payload's text, byte for byte) or refused, counted and kept as invalid, and the
+    good records after each are stored; which is which is the same on SQLite and PostgreSQL."""
+    from edge_kit.telemetry.monitor import Monitor
+
+    spec = str(tmp_path / "h.db") if backend == "sqlite" else request.getfixturevalue("postgres_url")
+    store = open_history(spec)
+    hostile = _hostile()
+    mon = Monitor(fleet, store).start()
+    try:
+        for i, (_, payload, _) in enumerate(hostile):
+            send(publisher, "bench", payload)
+            send(publisher, "bench", bench("d1", 100 + i))
+        assert wait_until(lambda: mon.stats.received == 2 * len(hostile), 30), (mon.stats, mon.failed, list(mon.alerts))
+    finally:
+        mon.stop()
+    assert mon.failed is None, mon.failed
+    kept = {json.loads(b)["seq"]: b for (b,) in store._rows("SELECT body FROM bench")}
+    want = {json.loads(p)["seq"]: p.decode() for _, p, ok in hostile if ok}
+    assert {s: b for s, b in kept.items() if s < 100} == want, [w for w, _, ok in hostile if ok]
+    assert sorted(s for s in kept if s >= 100) == list(range(100, 100 + len(hostile)))
+    refused = sum(not ok for _, _, ok in hostile)
+    assert mon.stats.invalid == refused == store.count("invalid"), [a.text for a in mon.alerts if a.kind == "refused"]
+    assert mon.stats.stored == len(kept) == 2 * len(hostile) - refused
+    store.close()
