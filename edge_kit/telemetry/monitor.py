@@ -44,7 +44,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from device_agents.identity import receive, verify_published
-from device_agents.mqtt import make_client
+from device_agents.mqtt import make_client, message_topic
 from edge_kit.errors import AgentError, HistoryError, HistoryRecordError, InputError
 from edge_kit.fleet.commands import broker_unreachable
 from edge_kit.fleet.inventory import Fleet
@@ -211,17 +211,20 @@ class Monitor:
 
     def _on_message(self, _c: Any, _u: Any, m: Any) -> None:
         """Queue ``(topic, payload, receive time, mid to acknowledge or None)``; nothing once stopping, and a QoS 0
-        message not while :data:`MAX_QUEUED` wait (counted in ``stats.dropped``, alerted once a run)."""
+        message not while :data:`MAX_QUEUED` wait (counted in ``stats.dropped``, alerted once a run). A topic that is
+        not UTF-8 is queued with its bad bytes as ``\\xNN`` (it names no device, so it is refused). Never raises:
+        paho's network thread calls it."""
         if self._closing.is_set():
             return
+        topic = message_topic(m)
         if not m.qos and self._queue.qsize() >= MAX_QUEUED:
             self.stats.dropped += 1
             if self.stats.dropped == 1:
-                self._alert(Alert("monitor", "refused", f"{m.topic}: QoS 0 messages arrive faster than they can be "
+                self._alert(Alert("monitor", "refused", f"{topic}: QoS 0 messages arrive faster than they can be "
                                                         f"checked ({MAX_QUEUED:,} waiting): dropped and counted (dropped); "
                                                         "agents publish at QoS 1"))
             return
-        self._queue.put((m.topic, m.payload, time.time(), m.mid if m.qos else None))
+        self._queue.put((topic, m.payload, time.time(), m.mid if m.qos else None))
 
     def _ack(self, mids: list[int | None]) -> None:
         """Acknowledge the QoS 1 messages ``mids`` to the broker, in the order received; return nothing."""
