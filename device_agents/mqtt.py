@@ -62,6 +62,19 @@ def make_client(broker: BrokerConfig, client_id: str, *, password: str | None = 
     return client
 
 
+def message_topic(message: mqtt.MQTTMessage) -> str:
+    """Return the topic ``message`` came on, its bytes that are not UTF-8 shown as ``\\xNN``. Never raises.
+
+    paho decodes a topic strictly when it is read, and an exception out of an ``on_message`` callback is raised again
+    in paho's network thread, which then ends: the client receives nothing more and says nothing. The MQTT spec has
+    a broker refuse such a topic (Mosquitto does), not every broker checks; with a wildcard subscription anyone
+    allowed to publish under it can send one. Shown so, it names no device and is refused like any other."""
+    try:
+        return message.topic
+    except UnicodeDecodeError:
+        return message._topic.decode("utf-8", "backslashreplace")  # paho keeps the bytes there, and offers no other way
+
+
 def _send_at_once(_client: mqtt.Client, _userdata: Any, sock: Any) -> None:
     """Switch Nagle off on the broker connection (paho leaves it on).
 

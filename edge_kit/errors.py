@@ -50,8 +50,15 @@ class HistoryError(EdgeKitError):
     exit_code = 6
 
 
+class HistoryRecordError(HistoryError):
+    """The history database refused a record for what it holds (a value no column, index or encoding of the
+    database takes), not because it is down or full: the record is at fault, and the other records of its batch
+    can be stored without it."""
+
+
 __all__ = ["AgentError", "AgentTimeout", "CommandError", "CompileError", "ConfigError", "DataFileError",
-           "DeployError", "EdgeKitError", "HistoryError", "InputError", "MessageError", "NotBuiltFor"]
+           "DeployError", "EdgeKitError", "HistoryError", "HistoryRecordError", "InputError", "MessageError",
+           "NotBuiltFor"]
 
 
 def first_line(exc: BaseException, limit: int = 200) -> str:

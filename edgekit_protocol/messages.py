@@ -329,6 +329,10 @@ _COUNTS = {"live": ("requests", "errors", "window", "queue_depth", "clients", "h
 # agent start); within one run the counts only rise. Text of at most this many characters.
 MAX_RUN_ID = 64
 
+# A bench record's ``sha256`` (the artifact's hash: 64 hex digits from an agent) is indexed in the history, and a
+# PostgreSQL index row holds at most 2,704 bytes: longer text is refused at decode, so both backends take the same.
+MAX_BENCH_SHA256 = 128
+
 MAX_TELEMETRY_INTERVAL_S = 86400.0  # an agent's telemetry_interval_s at most (a day); its config refuses more
 
 
@@ -405,7 +409,7 @@ def check_body(kind: str, message: dict[str, Any]) -> dict[str, Any]:
             not a non-negative number, or another figure is not a number (``live`` and ``shadow``: a
             model reference is not an object with text ``variant`` and ``sha256``, a shadow's
             ``share`` is not from 0 to 1, or its ``run``, when present, no text of 1 to :data:`MAX_RUN_ID`
-            characters; a telemetry ``interval_s``, when present, is not a number of seconds
+            characters; a bench ``sha256`` is no text of 1 to :data:`MAX_BENCH_SHA256` characters; a telemetry ``interval_s``, when present, is not a number of seconds
             above 0 and at most :data:`MAX_TELEMETRY_INTERVAL_S`).
     """
     for name, types in _BODY[kind].items():
@@ -426,6 +430,9 @@ def check_body(kind: str, message: dict[str, Any]) -> dict[str, Any]:
         raise MessageError(f"telemetry: interval_s is not a number of seconds above 0 and at most "
                            f"{MAX_TELEMETRY_INTERVAL_S:.0f}")
     if kind == "bench":
+        if not 0 < len(message["sha256"]) <= MAX_BENCH_SHA256:
+            raise MessageError(f"bench: sha256 is not a text of 1 to {MAX_BENCH_SHA256} characters "
+                               f"({len(message['sha256']):,}); an agent sends the artifact's 64 hex digits")
         for q in _LATENCY:
             v = message["latency_ms"].get(q)
             if not in_range(v) or v < 0:

@@ -26,7 +26,7 @@ from collections import OrderedDict, deque
 from typing import Any, Callable
 
 from device_agents.identity import Keyring, Signer, receive, verify_published
-from device_agents.mqtt import make_client
+from device_agents.mqtt import make_client, message_topic
 from edge_kit.errors import AgentError, AgentTimeout
 from edgekit_protocol import commands, messages
 from edgekit_protocol.config import BrokerConfig
@@ -129,17 +129,18 @@ class FleetClient:
                    keyring=keys.keyring(), transport=transport, **kw)
 
     def _on_message(self, _c: Any, _u: Any, message: Any) -> None:
+        topic = message_topic(message)  # a topic that is not UTF-8 read strictly would end paho's network thread
         try:
-            kind, msg = receive(self.keyring, message.topic, message.payload, time.time())
+            kind, msg = receive(self.keyring, topic, message.payload, time.time())
             device = msg["device"]
             if msg["fleet"] != self.fleet:
-                raise messages.MessageError(f"{message.topic}: not fleet {self.fleet}")
+                raise messages.MessageError(f"{topic}: not fleet {self.fleet}")
             if kind == "cmd/ack" and self.sent.get(msg.get("cmd_id")) != device:
                 raise messages.MessageError(f"an ack from {device} for a command not sent to it")
         except Exception as exc:  # noqa: BLE001 - EdgeKitError, or anything odd: refused, never the thread's end
-            genuine = self._genuine_bench_id(message.topic, message.payload)
+            genuine = self._genuine_bench_id(topic, message.payload)
             with self._cond:
-                self.rejected.append(f"{message.topic}: {exc}"[:300])
+                self.rejected.append(f"{topic}: {exc}"[:300])
                 self.rejected_count += 1
                 if genuine is not None:
                     _keep_newest(self.refused_records, genuine, clip(str(exc), 300))

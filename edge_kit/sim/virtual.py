@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from device_agents import fetch as fetching
 from device_agents.identity import OPERATOR, Keyring, Signer
-from device_agents.mqtt import make_client
+from device_agents.mqtt import make_client, message_topic
 from edge_kit.fleet.inventory import Fleet, load_fleet
 from edge_kit.fleet.keys import FleetKeys
 from edgekit_protocol import messages
@@ -172,7 +172,7 @@ class VirtualFleet:
 
     def _on_message(self, _c: Any, _u: Any, message: Any) -> None:
         try:
-            fleet, device, _ = messages.parse_topic(message.topic)
+            fleet, device, _ = messages.parse_topic(message_topic(message))
         except EdgeKitError:
             return
         self._work.put((device, {"payload": message.payload}))

@@ -44,8 +44,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from device_agents.identity import receive, verify_published
-from device_agents.mqtt import make_client
-from edge_kit.errors import AgentError, HistoryError, InputError
+from device_agents.mqtt import make_client, message_topic
+from edge_kit.errors import AgentError, HistoryError, HistoryRecordError, InputError
 from edge_kit.fleet.commands import broker_unreachable
 from edge_kit.fleet.inventory import Fleet
 from edge_kit.profiles import load_profile
@@ -211,17 +211,20 @@ class Monitor:
 
     def _on_message(self, _c: Any, _u: Any, m: Any) -> None:
         """Queue ``(topic, payload, receive time, mid to acknowledge or None)``; nothing once stopping, and a QoS 0
-        message not while :data:`MAX_QUEUED` wait (counted in ``stats.dropped``, alerted once a run)."""
+        message not while :data:`MAX_QUEUED` wait (counted in ``stats.dropped``, alerted once a run). A topic that is
+        not UTF-8 is queued with its bad bytes as ``\\xNN`` (it names no device, so it is refused). Never raises:
+        paho's network thread calls it."""
         if self._closing.is_set():
             return
+        topic = message_topic(m)
         if not m.qos and self._queue.qsize() >= MAX_QUEUED:
             self.stats.dropped += 1
             if self.stats.dropped == 1:
-                self._alert(Alert("monitor", "refused", f"{m.topic}: QoS 0 messages arrive faster than they can be "
+                self._alert(Alert("monitor", "refused", f"{topic}: QoS 0 messages arrive faster than they can be "
                                                         f"checked ({MAX_QUEUED:,} waiting): dropped and counted (dropped); "
                                                         "agents publish at QoS 1"))
             return
-        self._queue.put((m.topic, m.payload, time.time(), m.mid if m.qos else None))
+        self._queue.put((topic, m.payload, time.time(), m.mid if m.qos else None))
 
     def _ack(self, mids: list[int | None]) -> None:
         """Acknowledge the QoS 1 messages ``mids`` to the broker, in the order received; return nothing."""
@@ -567,7 +570,10 @@ class Monitor:
         # drift check orders shadow messages by seq itself: an older one never stored before is no news to it either)
         old = set().union(*(self.store.stored_ids(kind, [m["msg_id"] for k, m in good if k == kind])
                             for kind in NOT_NEWS_AGAIN))
-        new = self.store.add_many(good, raw, received)
+        try:
+            new = self.store.add_many(good, raw, received)
+        except HistoryRecordError:  # one record the database cannot hold: the others are stored without it
+            good, new = self._add_each(good, raw, received)
         self.stats.duplicates += len(good) - new
         self.stats.stored += new
         for kind, msg in good:
@@ -580,6 +586,23 @@ class Monitor:
                 log.exception("after storing %s %r", kind, msg.get("msg_id"))  # %r: a device's text, one line
         while len(self._recent) > 100_000:
             self._recent.popitem(last=False)
+
+    def _add_each(self, good: list[tuple[str, dict[str, Any]]], raw: list[bytes],
+                  received: list[float]) -> tuple[list[tuple[str, dict[str, Any]]], int]:
+        """Store checked messages one transaction each, after the history refused their batch for what one of them
+        holds (:class:`~edge_kit.errors.HistoryRecordError`): each it refuses again is counted, kept as invalid (its
+        payload as received) and alerted, like a message that failed its check. Return the messages stored or already
+        there (each of them verified) and how many were new. Raises HistoryError (the database, not a record)."""
+        kept: list[tuple[str, dict[str, Any]]] = []
+        new = 0
+        for i, (kind, msg) in enumerate(good):
+            try:
+                new += self.store.add_many([(kind, msg)], [raw[i]], [received[i]])
+            except HistoryRecordError as exc:
+                self._refuse(messages.topic(msg["fleet"], msg["device"], kind), raw[i], str(exc))
+                continue
+            kept.append((kind, msg))
+        return kept, new
 
     def _after_store(self, kind: str, msg: dict[str, Any]) -> None:
         """Remember, check the sequence and the alerts of, and hand on one stored message."""

@@ -22,13 +22,17 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 
-from edge_kit.errors import HistoryError, InputError
+from edge_kit.errors import HistoryError, HistoryRecordError, InputError
 from edge_kit.telemetry.store import _SCHEMA, HistoryStore
 
 CONNECT_TIMEOUT_S = 10
 # psycopg logs a warning when a failed batch's pipeline is torn down: the HistoryError raised for the
 # same failure already says it, once (and a CLI prints no second line).
 logging.getLogger("psycopg").setLevel(logging.ERROR)
+# What a refused record raises: SQLSTATE classes 22 (data exception: a NUL in text, a number out of range, a character
+# the database's encoding lacks) and 54 (program limit exceeded: an index row too long), and a string with no
+# UTF-8 form or an integer beyond the driver's (raised before anything is sent). Anything else is the database.
+_RECORD_SQLSTATES = ("22", "54")
 _SCHEMA_LOCK = 0x6564676B  # "edgk": one advisory lock, so workers creating the tables at once do not collide
 
 
@@ -97,8 +101,10 @@ class PostgresStore(HistoryStore):
                 return self._conn
             self._conn.close()
         try:
+            # UTF-8 on the wire whatever the database's encoding: the server, not Python, refuses a character
+            # a LATIN1 or SQL_ASCII database cannot hold (SQLSTATE 22P05), as one record's fault
             self._conn = psycopg.connect(self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S,
-                                         application_name="edgekit")
+                                         application_name="edgekit", client_encoding="UTF8")
         except psycopg.Error as exc:
             raise self._failed(exc) from None
         return self._conn
@@ -160,7 +166,9 @@ class PostgresStore(HistoryStore):
 
     def _write_batch(self, statements: list[tuple[str, list[tuple]]]) -> int:
         """Run every statement over its rows (pipelined ``executemany``) in one transaction; return the
-        summed row count. Raises HistoryError (the transaction is rolled back: nothing stored)."""
+        summed row count. Raises HistoryRecordError when the server refused a row for what it holds (a NUL in text,
+        a number out of range, a character the database's encoding lacks, an index row too long) or the driver could
+        not send it, else HistoryError (either way the transaction is rolled back: nothing stored)."""
         new = 0
         with self._lock:
             conn = self._connection()
@@ -169,6 +177,16 @@ class PostgresStore(HistoryStore):
                     for sql, rows in statements:
                         cur.executemany(self._sql(sql), rows)
                         new += cur.rowcount
+            except (psycopg.DataError, UnicodeEncodeError, OverflowError) as exc:
+                raise self._refused(exc) from exc
             except psycopg.Error as exc:
+                if (exc.sqlstate or "")[:2] in _RECORD_SQLSTATES:
+                    raise self._refused(exc) from exc
                 raise self._failed(exc) from exc
         return new
+
+    def _refused(self, exc: BaseException) -> HistoryRecordError:
+        """Return the one-line error for a row this database refused for what it holds."""
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        return HistoryRecordError(f"the history database {self.where} refused a record ({reason}): it cannot be stored "
+                                  "as it is; the others are")

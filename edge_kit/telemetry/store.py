@@ -26,7 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edge_kit.errors import HistoryError
+from edge_kit.errors import HistoryError, HistoryRecordError
+from edgekit_protocol.labels import printable
 from edgekit_protocol.messages import field_at, telemetry_interval
 
 KINDS = ("status", "bench", "telemetry", "live", "shadow")
@@ -199,7 +200,8 @@ class HistoryStore(abc.ABC):
     @abc.abstractmethod
     def _write_batch(self, statements: list[tuple[str, list[tuple]]]) -> int:
         """Run each ``(sql, rows)`` for all its rows, all in one transaction (all or nothing); return the
-        summed row count. Raises HistoryError (nothing of the batch is then stored)."""
+        summed row count. Raises HistoryRecordError when the database refused a row for what it holds, else
+        HistoryError (nothing of the batch is then stored)."""
 
     # --- the interface ----------------------------------------------------------------------------
 
@@ -213,6 +215,8 @@ class HistoryStore(abc.ABC):
 
         Raises:
             ValueError: a kind the store does not keep (nothing stored).
+            HistoryRecordError: the database refused a row for what it holds (a value no column, index or encoding
+                takes: nothing of the batch stored; stored one at a time, the others go in).
             HistoryError: the database cannot be written (nothing of the batch stored).
         """
         now = time.time()
@@ -251,9 +255,13 @@ class HistoryStore(abc.ABC):
         return self.add_many([(kind, message)]) == 1
 
     def add_invalid(self, topic: str, reason: str, payload: bytes) -> None:
-        """Keep a payload that failed validation (first 4 KiB), with the reason; return nothing. Raises HistoryError."""
+        """Keep a payload that failed validation (its first 4 KiB, as received), with its topic and the reason; return
+        nothing. The topic and the reason are stored with their control characters, a NUL and lone UTF-16 surrogates
+        shown as ``\\xNN`` / ``\\uNNNN`` (:func:`~edgekit_protocol.labels.printable`): a sender chose the topic and a
+        reason may quote it, and neither database takes every string (PostgreSQL refuses a NUL, both a surrogate),
+        so keeping a refusal never fails on what was refused. Raises HistoryError."""
         self._execute("INSERT INTO invalid (ts, topic, reason, payload) VALUES (?, ?, ?, ?)",
-                      (time.time(), topic, reason, bytes(payload[:4096])))
+                      (time.time(), printable(topic), printable(reason), bytes(payload[:4096])))
 
     def add_gap(self, device: str, kind: str, first: int, last: int) -> None:
         """Record that ``seq`` ``first..last`` of ``kind`` from ``device`` never arrived (so far); return nothing.
@@ -597,7 +605,8 @@ class Store(HistoryStore):
 
     def _write_batch(self, statements: list[tuple[str, list[tuple]]]) -> int:
         """Run every statement over its rows in one ``BEGIN IMMEDIATE`` transaction; return the summed row count.
-        Raises HistoryError (rolled back)."""
+        Raises HistoryRecordError (a value SQLite cannot hold: an integer beyond 64 bits, a string too big or with a
+        lone surrogate) or HistoryError (both rolled back)."""
         new = 0
         try:
             with self._lock:
@@ -610,6 +619,9 @@ class Store(HistoryStore):
                 except BaseException:
                     self._db.execute("ROLLBACK")
                     raise
+        except (sqlite3.DataError, OverflowError, UnicodeEncodeError) as exc:  # a value the file cannot hold
+            raise HistoryRecordError(f"the history file {self.where} refused a record ({exc}): it cannot be stored as it "
+                                     "is; the others are") from exc
         except sqlite3.Error as exc:
             raise self._failed(exc) from exc
         return new

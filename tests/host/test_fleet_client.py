@@ -435,3 +435,18 @@ def test_edgekit_shadow_shows_an_answer_of_another_shape_without_a_traceback(res
         assert out.startswith(f"d1: {'v' * 128}... (60,000 characters) runs beside int8 on 10% of live requests"), out
         return
     assert out.startswith("d1: ? runs beside ? on 10% of live requests")
+
+
+def test_a_topic_that_is_not_utf8_is_refused_and_counted_not_raised_in_the_network_thread():
+    """paho decodes a topic strictly when it is read; a broker that does not check topics (Mosquitto does) can hand
+    one that is not UTF-8 to the client's wildcard subscription, and the UnicodeDecodeError left the callback (its
+    handler read the topic again), which paho raises again in its network thread: that thread ended and the
+    command waited for answers that could no longer arrive. Now it is refused and counted, the bad byte shown."""
+    from paho.mqtt.client import MQTTMessage
+
+    with client(agent()) as c:
+        message = MQTTMessage(mid=1, topic=f"edgekit/v1/{FLEET}/d1\xff/status".encode("latin-1"))
+        message.payload = b"{}"
+        c._on_message(None, None, message)  # paho's network thread calls it
+        assert c.rejected_count == 1 and c.rejected[0].startswith(f"edgekit/v1/{FLEET}/d1\\xff/status: ")
+        assert c.request("d1", "state")["result"] == {"x": 1}

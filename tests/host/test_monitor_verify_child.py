@@ -95,3 +95,25 @@ def test_a_verifying_child_that_gives_no_answer_is_replaced_and_its_batch_verifi
         assert verifier.submit([(TOPIC, _signed(signer, 3))]) and verifier.result() == [None]  # a new child
     finally:
         verifier.stop()
+
+
+def test_a_topic_that_is_not_utf8_is_refused_and_counted_not_raised_in_the_network_thread(tmp_path):
+    """The MQTT spec has a broker refuse a topic that is not UTF-8 (Mosquitto does), but not every broker checks:
+    paho decodes the topic strictly when the monitor reads it, and the UnicodeDecodeError left the monitor's
+    callback, which paho raises again in its network thread: that thread ended, and the monitor received nothing
+    more, with nothing said. Now the topic is read with the bad bytes shown as ``\\xNN``, and the message is
+    refused, counted and kept as invalid like any other on a topic no device of the fleet owns."""
+    from paho.mqtt.client import MQTTMessage
+
+    signer = Signer.generate()
+    fleet = _fleet(tmp_path, signer)
+    store = Store(tmp_path / "h.db")
+    mon = Monitor(fleet, store, verify_in_child=False)
+    message = MQTTMessage(mid=7, topic=b"edgekit/v1/sim/d1\xff/status")
+    message.payload, message.qos = _signed(signer), 1
+    mon._on_message(None, None, message)  # paho's network thread calls it
+    (queued,) = [mon._queue.get_nowait()]
+    assert queued[0] == "edgekit/v1/sim/d1\\xff/status" and queued[3] == 7
+    mon._store([queued])
+    assert mon.stats.received == mon.stats.invalid == 1 == store.count("invalid") and store.count("status") == 0
+    assert store._rows("SELECT topic FROM invalid") == [("edgekit/v1/sim/d1\\xff/status",)]

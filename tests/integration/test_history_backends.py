@@ -393,3 +393,28 @@ def test_a_history_url_that_does_not_parse_is_bad_input_without_its_password(url
                                "postgresql://user:password@host:port/db")
     code, out, err = run_cli("report", "--history", url, "--out", tmp_path / "r.html")
     assert code == 2 and err == f"edgekit: error: {info.value}\n" and "secret" not in err
+
+
+def test_a_record_the_database_cannot_hold_is_refused_as_the_records_fault_and_the_store_goes_on(history):
+    """A row no column takes (a seq beyond 64 bits: the protocol refuses it at decode, a caller may not) failed as
+    the database's fault: SQLite raised a bare OverflowError (the monitor's writer acknowledged and lost its whole
+    batch), PostgreSQL a HistoryError that stopped the monitor ("check that the server is up"). Both now raise
+    HistoryRecordError, store nothing of that batch, and take the next one."""
+    from edge_kit.errors import HistoryRecordError
+
+    good, huge = bench("d1", "s1", 1.0, 1), bench("d1", "s1", 2.0, 2)
+    huge["seq"] = 2 ** 64
+    with pytest.raises(HistoryRecordError, match="refused a record"):
+        history.add_many([("bench", good), ("bench", huge)])
+    assert history.count("bench") == 0
+    assert history.add_many([("bench", good)]) == 1 and history.count("bench") == 1
+
+
+def test_a_refused_message_is_kept_whatever_its_topic_and_reason_hold(history):
+    """The topic of a refused message is the sender's, and a reason may quote it: a NUL (PostgreSQL's text refuses
+    it) or a lone surrogate (neither database takes one) failed the insert, so keeping the refusal failed (the
+    monitor stopped on PostgreSQL; on SQLite its batch was lost). Both are stored escaped, the payload as received."""
+    history.add_invalid("edgekit/v1/f/d\x00/bench", "why \ud800 \x1b[31m", b"\x00\xff{")
+    assert history.count("invalid") == 1
+    assert history._rows("SELECT topic, reason, payload FROM invalid") == [
+        ("edgekit/v1/f/d\\x00/bench", "why \\ud800 \\x1b[31m", b"\x00\xff{")]

@@ -163,3 +163,134 @@ def test_a_nul_or_a_lone_surrogate_from_a_device_is_refused_and_counted_and_the_
     reasons = [a.text for a in mon.alerts if a.kind == "refused"]
     assert len(reasons) == 3 and all("holds a NUL character or a lone UTF-16 surrogate" in r for r in reasons), reasons
     store.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_bench_sha256_too_long_for_an_index_is_refused_and_counted_and_the_rest_stored(fleet, publisher, tmp_path,
+                                                                                        request, backend):
+    """A device signs a bench record whose ``sha256`` is 8,000 random characters: PostgreSQL cannot index it (an index
+    row is at most 2,704 bytes), so the batch failed, the monitor stopped (``failed``, exit 6: "check that the server
+    is up") and the persistent session sent it again on every run, while SQLite stored it. Now it is refused at
+    decode on both, counted and kept as invalid; the records around it are stored."""
+    import secrets
+
+    from edge_kit.telemetry.monitor import Monitor
+
+    spec = str(tmp_path / "h.db") if backend == "sqlite" else request.getfixturevalue("postgres_url")
+    store = open_history(spec)
+    mon = Monitor(fleet, store).start()
+    try:
+        send(publisher, "bench", bench("d1", 1))
+        long = bench("d1", 2)
+        long["sha256"] = secrets.token_hex(4000)  # signed by d1's own key
+        send(publisher, "bench", long)
+        send(publisher, "bench", bench("d1", 3))
+        assert wait_until(lambda: mon.stats.received == 3, 15), (mon.stats, mon.failed, list(mon.alerts))
+    finally:
+        mon.stop()
+    assert mon.failed is None, mon.failed
+    assert sorted(r["seq"] for r in store.bench_records("d1")) == [1, 3]
+    assert mon.stats.invalid == 1 == store.count("invalid")
+    reasons = [a.text for a in mon.alerts if a.kind == "refused"]
+    assert len(reasons) == 1 and "bench: sha256 is not a text of 1 to 128 characters" in reasons[0], reasons
+    store.close()
+
+
+def test_a_record_a_latin1_database_cannot_hold_is_refused_and_counted_and_its_batch_stored(fleet, publisher,
+                                                                                         postgres_url):
+    """A PostgreSQL database created with ENCODING 'LATIN1' (or SQL_ASCII) cannot hold every character a device may
+    sign (a variant named in Cyrillic): psycopg encoded the batch as LATIN1 in Python and raised UnicodeEncodeError,
+    which the writer took for a bug, so the whole batch was acknowledged and lost, nothing counted. Now the
+    connection speaks UTF-8, the server refuses that record (SQLSTATE 22P05), and the monitor stores the batch one
+    record at a time: that one is counted and kept as invalid, the others are stored. (SQLite is always UTF-8 and
+    stores it.)"""
+    import psycopg
+
+    from edge_kit.telemetry.monitor import Monitor
+
+    url = postgres_url.rsplit("/", 1)[0] + "/latin1_" + postgres_url.rsplit("/", 1)[1]
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {url.rsplit('/', 1)[1]} ENCODING 'LATIN1' TEMPLATE template0 "
+                     "LC_COLLATE 'C' LC_CTYPE 'C'")
+    store = open_history(url)
+    mon = Monitor(fleet, store).start()
+    try:
+        mon.client.loop_stop()  # the broker holds them meanwhile: delivered at once, they are checked as one batch
+        for m in (bench("d1", 1), bench("d1", 2, variant="модель"), bench("d1", 3)):
+            send(publisher, "bench", m)
+        mon.client.loop_start()
+        assert wait_until(lambda: mon.stats.received == 3 and mon.stats.stored + mon.stats.invalid == 3, 15), \
+            (mon.stats, mon.failed, list(mon.alerts))
+    finally:
+        mon.stop()
+    assert mon.failed is None, mon.failed
+    assert sorted(r["seq"] for r in store.bench_records("d1")) == [1, 3]
+    assert mon.stats.invalid == 1 == store.count("invalid") and mon.stats.stored == 2
+    reasons = [a.text for a in mon.alerts if a.kind == "refused"]
+    assert len(reasons) == 1 and "refused a record" in reasons[0] and "LATIN1" in reasons[0], reasons
+    store.close()
+
+
+def _hostile() -> list[tuple[str, bytes, bool]]:
+    """Return ``(what, payload, stored)`` for content a compromised device (signed) or anyone (unsigned) may send on
+    d1's bench topic: ``stored`` when the history must keep it (as received), else it must be refused and counted."""
+    import secrets
+
+    def body(seq: int, **fields) -> dict:
+        return {**bench("d1", seq), **fields}
+
+    def nested(levels: int) -> list:  # lists ``levels`` deep (the message around them is one more level)
+        value: list = []
+        for _ in range(levels - 1):
+            value = [value]
+        return value
+
+    def raw(m: dict, old: bytes, new: bytes) -> bytes:  # signed, then altered: refused before or at its signature
+        return messages.encode(signed(m)).replace(old, new, 1)
+
+    return [
+        ("a 60 KB variant name", messages.encode(signed(body(1, variant="v" + secrets.token_hex(30_000)))), True),
+        ("a 400-digit integer outside the columns", messages.encode(signed(body(2, extra=10 ** 400))), True),
+        ("noncharacters and U+10FFFF", messages.encode(signed(body(3, variant="\uffff\ufffe\U0010ffff"))), True),
+        ("the text \\u0000, escaped", messages.encode(signed(body(4, note="\\u0000 \\ud800"))), True),
+        ("nesting 32 levels", messages.encode(signed(body(5, extra=nested(31)))), True),
+        ("a 4,000-character sha256", messages.encode(signed(body(6, sha256=secrets.token_hex(2000)))), False),
+        ("a NUL, signed", messages.encode(signed(body(7, variant="a\x00"))), False),
+        ("a lone surrogate", raw(body(8), b'"variant":"int8"', b'"variant":"\\udfff"'), False),
+        ("a key twice", raw(body(9), b'"variant":"int8"', b'"variant":"int8","variant":"fp32"'), False),
+        ("nesting 41 levels", messages.encode(signed(body(10, extra=nested(40)))), False),
+        ("a 5,000-digit integer", raw(body(11), b'"runs":100', b'"runs":' + b"9" * 5000), False),
+        ("a seq beyond 64 bits", raw(body(12), b'"seq":12', b'"seq":' + str(2 ** 64).encode()), False),
+        ("not UTF-8, unsigned", b'{"a":"\xff\x00"}', False),
+        ("a NUL, unsigned", b'{"schema":"edgekit.bench/1","device":"d1\\u0000"}', False),
+    ]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_hostile_content_is_stored_as_received_or_refused_and_counted_the_same_on_both_backends(fleet, publisher,
+                                                                                              tmp_path, request, backend):
+    """Every kind of hostile content, one after the other among good records: the monitor never fails, every message
+    is either stored (its body the payload's text, byte for byte) or refused, counted and kept as invalid, and the
+    good records after each are stored; which is which is the same on SQLite and PostgreSQL."""
+    from edge_kit.telemetry.monitor import Monitor
+
+    spec = str(tmp_path / "h.db") if backend == "sqlite" else request.getfixturevalue("postgres_url")
+    store = open_history(spec)
+    hostile = _hostile()
+    mon = Monitor(fleet, store).start()
+    try:
+        for i, (_, payload, _) in enumerate(hostile):
+            send(publisher, "bench", payload)
+            send(publisher, "bench", bench("d1", 100 + i))
+        assert wait_until(lambda: mon.stats.received == 2 * len(hostile), 30), (mon.stats, mon.failed, list(mon.alerts))
+    finally:
+        mon.stop()
+    assert mon.failed is None, mon.failed
+    kept = {json.loads(b)["seq"]: b for (b,) in store._rows("SELECT body FROM bench")}
+    want = {json.loads(p)["seq"]: p.decode() for _, p, ok in hostile if ok}
+    assert {s: b for s, b in kept.items() if s < 100} == want, [w for w, _, ok in hostile if ok]
+    assert sorted(s for s in kept if s >= 100) == list(range(100, 100 + len(hostile)))
+    refused = sum(not ok for _, _, ok in hostile)
+    assert mon.stats.invalid == refused == store.count("invalid"), [a.text for a in mon.alerts if a.kind == "refused"]
+    assert mon.stats.stored == len(kept) == 2 * len(hostile) - refused
+    store.close()
