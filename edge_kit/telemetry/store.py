@@ -172,7 +172,11 @@ class HistoryStore(abc.ABC):
         try:
             self._execute("INSERT INTO status SELECT * FROM status WHERE 1 = 0")  # a write that changes nothing
         except HistoryError as exc:
-            raise HistoryError(f"{exc}{'; ' + hint if hint else ''}") from None
+            raise HistoryError(self._unwritable(exc, hint)) from None
+
+    def _unwritable(self, exc: HistoryError, hint: str | None) -> str:
+        """Return the one-line error for :meth:`check_writable`'s failed write ``exc``, with ``hint`` (what to do)."""
+        return f"{exc}{'; ' + hint if hint else ''}"
 
     # --- what a backend provides ------------------------------------------------------------------
 
@@ -555,20 +559,12 @@ class Store(HistoryStore):
         with self._lock:
             self._db.close()
 
-    def check_writable(self, hint: str | None = None) -> None:
-        """See :meth:`HistoryStore.check_writable` (SQLite opens a file it may not write read-only, and says so only at
-        the first write).
-
-        Raises:
-            HistoryError: the file, its folder (SQLite's ``-wal`` and ``-shm`` files live beside it) or the disk
-                refuses the write.
-        """
-        try:
-            with self._lock:
-                self._db.execute("INSERT INTO status SELECT * FROM status WHERE 1 = 0")  # a write that changes nothing
-        except sqlite3.Error as exc:
-            raise HistoryError(f"the history file {self.where} cannot be written ({exc}): "
-                               f"{hint or 'check the file, its folder and their permissions'}") from None
+    def _unwritable(self, exc: HistoryError, hint: str | None) -> str:
+        """Return :meth:`HistoryStore.check_writable`'s error for this file (SQLite opens a file it may not write
+        read-only, and says so only at the first write): the file, its folder (SQLite's ``-wal`` and ``-shm`` files
+        live beside it) or the disk refused the write."""
+        return (f"the history file {self.where} cannot be written ({exc.__cause__ or exc}): "
+                f"{hint or 'check the file, its folder and their permissions'}")
 
     def _failed(self, exc: sqlite3.Error) -> HistoryError:
         """Return the one-line error for a SQLite failure on this file."""
