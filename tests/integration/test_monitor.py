@@ -56,6 +56,26 @@ def bench(device: str, seq: int, p90: float = 5.0, variant: str = "int8") -> dic
                   "method": "ina219"}, "accuracy": {"metric": "top1", "value": 0.99, "samples": 360}, "simulated": False})
 
 
+def monitor_session(fleet, client_id: str) -> str:
+    """Open the persistent session that a monitor run with ``--client-id client_id`` takes over, subscribed as the
+    monitor subscribes, and return ``client_id``: what is published from now on waits for that run at the broker,
+    however long the CLI takes to start (a test that slept 1 s first lost its records on a busy machine)."""
+    import threading
+
+    from edge_kit.telemetry.monitor import STORED_KINDS
+
+    subscribed = threading.Event()
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False)
+    client.on_subscribe = lambda *_: subscribed.set()
+    client.connect(fleet.broker.host, fleet.broker.port)
+    client.loop_start()
+    client.subscribe([(messages.subscription(FLEET, k), 1) for k in STORED_KINDS])
+    assert subscribed.wait(10), "the broker did not confirm the monitor's subscriptions"
+    client.disconnect()
+    client.loop_stop()
+    return client_id
+
+
 def signed(message: dict) -> dict:
     """Return the message signed by the key registered for the device it names."""
     return DEVICE_KEYS[message["device"]].sign(message)
@@ -191,15 +211,16 @@ def test_monitor_cli_json_summary_and_fleet_status(fleet, publisher, tmp_path, r
     fleet_file = tmp_path / "fleet.yaml"
     import threading
 
+    cid = monitor_session(fleet, "cli-summary")
+
     def feed():
-        time.sleep(1.0)
         send(publisher, "status", messages.envelope("status", FLEET, "d1", 1, {"state": "online",
                                                                            "current": {"variant": "int8", "sha256": "a" * 64}}))
         send(publisher, "bench", bench("d1", 1, p90=3.25))
         send(publisher, "bench", b"garbage")
 
     threading.Thread(target=feed, daemon=True).start()
-    code, out, err = run_cli("monitor", "--fleet", fleet_file, "--duration", "3", "--json")
+    code, out, err = run_cli("monitor", "--fleet", fleet_file, "--client-id", cid, "--duration", "3", "--json")
     assert code == 0, err
     summary = json.loads(out)
     assert summary["stored"] == 2 and summary["invalid"] == 1

@@ -12,7 +12,7 @@ import time
 import pytest
 import test_monitor
 from harness import wait_until
-from test_monitor import FLEET, bench, send, signed
+from test_monitor import FLEET, bench, monitor_session, send, signed
 
 from edge_kit.sim.postgres import PostgresServer
 from edge_kit.telemetry.store import open_history
@@ -70,15 +70,17 @@ def test_two_worker_processes_on_a_shared_subscription_store_each_record_once_in
 def test_cli_commands_take_a_postgresql_history(fleet, publisher, postgres_url, tmp_path, run_cli):
     fleet_file = tmp_path / "fleet.yaml"
 
+    cid = monitor_session(fleet, "cli-postgres")
+
     def feed():
-        time.sleep(1.0)
         send(publisher, "status", messages.envelope("status", FLEET, "d1", 1, {
             "state": "online", "current": {"variant": "int8", "sha256": "a" * 64}}))
         send(publisher, "bench", bench("d1", 1, p90=3.25))
         send(publisher, "bench", b"garbage")
 
     threading.Thread(target=feed, daemon=True).start()
-    code, out, err = run_cli("monitor", "--fleet", fleet_file, "--history", postgres_url, "--duration", "3", "--json")
+    code, out, err = run_cli("monitor", "--fleet", fleet_file, "--history", postgres_url, "--client-id", cid,
+                             "--duration", "3", "--json")
     assert code == 0, err
     summary = json.loads(out)
     assert summary["stored"] == 2 and summary["invalid"] == 1
@@ -105,8 +107,9 @@ def test_a_database_stopped_mid_run_stops_the_monitor_with_one_line_and_loses_no
         url = server.url
         stored_before = threading.Event()
 
+        cid = monitor_session(fleet, "stopped-mid-run")
+
         def feed():
-            time.sleep(1.0)
             for seq in range(1, 51):
                 send(publisher, "bench", bench("d1", seq))
             stored_before.set() if wait_until(lambda: count(url) == 50, 20) else None
@@ -116,7 +119,8 @@ def test_a_database_stopped_mid_run_stops_the_monitor_with_one_line_and_loses_no
 
         threading.Thread(target=feed, daemon=True).start()
         started = time.monotonic()
-        code, out, err = run_cli("monitor", "--fleet", fleet_file, "--history", url, "--duration", "40", "--json")
+        code, out, err = run_cli("monitor", "--fleet", fleet_file, "--history", url, "--client-id", cid, "--duration", "40",
+                                 "--json")
         took = time.monotonic() - started
         assert stored_before.is_set()
         assert code == 6 and took < 30, (code, took, err)
@@ -128,7 +132,8 @@ def test_a_database_stopped_mid_run_stops_the_monitor_with_one_line_and_loses_no
         assert count(url) == 50  # what was stored before is whole; nothing half-written
         # What the monitor got but could not store was never acknowledged: the broker kept it for the
         # persistent session, and the next run stores it, once.
-        code, out, err = run_cli("monitor", "--fleet", fleet_file, "--history", url, "--duration", "3", "--json")
+        code, out, err = run_cli("monitor", "--fleet", fleet_file, "--history", url, "--client-id", cid, "--duration", "3",
+                                 "--json")
         summary = json.loads(out)
         assert code == 0 and summary["stored"] == 10 and summary["gaps"] == 0, (summary, err)
         assert count(url) == 60
