@@ -208,18 +208,22 @@ def test_the_simulated_broker_bounds_what_a_flooding_client_makes_it_hold(mosqui
     received: list[str] = []
     slow = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="slow-monitor", manual_ack=True)  # never acknowledges
     slow.on_message = lambda _c, _u, m: received.append(m.topic)
+    subscribed = threading.Event()
+    slow.on_subscribe = lambda *_: subscribed.set()
     slow.connect(mosquitto.host, mosquitto.port)
     slow.loop_start()
     slow.subscribe(f"{messages.ROOT}/f/#", qos=1)
     flooder, how = connect(mosquitto, None, None)
-    assert how == "ok"
-    time.sleep(0.3)
+    assert how == "ok" and subscribed.wait(10)
     topic = messages.topic("f", "d9", "telemetry")
     try:
         infos = [flooder.publish(topic, b"{}", qos=1) for _ in range(MAX_INFLIGHT + 500)]
         for info in infos:
             info.wait_for_publish(10)
-        time.sleep(1.0)
+        deadline = time.monotonic() + 20  # however busy the machine: until the broker stops sending
+        while len(received) < MAX_INFLIGHT and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.0)  # room for any message past the bound to arrive
         assert len(received) == MAX_INFLIGHT
         assert oversized_is_refused(flooder, topic, received)
     finally:
