@@ -194,8 +194,9 @@ def load_source(path: Path, input_shapes: dict[str, tuple[int, ...]] | None = No
             input of more than :data:`MAX_SAMPLE_VALUES` values per sample (a hostile or mistaken shape
             would take the host's memory in the first random sample or conversion), or an input or
             output name longer than :data:`MAX_NAME_CHARS` or holding a control character, or a Keras file whose
-            config declares a layer larger than edge-kit takes (:func:`_check_keras_config`), or a SavedModel whose
-            ``saved_model.pb`` declares such a tensor (:func:`_oversized_declaration`).
+            config declares a ``Lambda`` layer or a layer larger than edge-kit takes (:func:`_check_keras_config`), or a
+            SavedModel whose ``saved_model.pb`` declares such a tensor (:func:`_oversized_declaration`) or that has no
+            ``serving_default`` signature (the ones it has are named).
     """
     pinned = dict(input_shapes or {})
     path = Path(path)
@@ -350,7 +351,9 @@ def _load_keras(path: Path, name: str, digest: str, pinned: dict[str, tuple[int,
                          f"'keras>={'.'.join(map(str, KERAS_SAFE_MODE))}'")
     try:
         with captured_output(), watched("Keras's loading of the model", load_seconds, cause=LOAD_CAUSE):
-            model = keras.models.load_model(path, compile=False)  # safe_mode (the default): no code from the file
+            # safe_mode said, not left to the default: keras.config.enable_unsafe_deserialization() elsewhere in
+            # this process (a notebook, a plugin) would otherwise let the file's code run
+            model = keras.models.load_model(path, compile=False, safe_mode=True)
     except Exception as exc:  # Keras raises many types for a bad file; all mean the same to the user
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"{path}: not a loadable Keras model ({first[:200]}); if it has custom layers or Lambda "
@@ -360,6 +363,23 @@ def _load_keras(path: Path, name: str, digest: str, pinned: dict[str, tuple[int,
     _unknown_pins(path, pinned, names)
     inputs = {n: _static(path, n, t.shape, pinned) for n, t in zip(names, model.inputs)}
     return Source(path, "keras", digest, name, inputs, _keras_outputs(model), keras_model=model)
+
+
+def _lambda_layer(config: Any) -> str | None:
+    """Return the name of the first ``Lambda`` layer anywhere in a parsed Keras ``config`` (nested models and wrapped
+    layers included; ``'?'`` when it has no name), or None when there is none."""
+    todo = [config]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, list):
+            todo.extend(reversed(item))
+        elif isinstance(item, dict):
+            if item.get("class_name") == "Lambda":
+                inner = item.get("config")
+                name = inner.get("name") if isinstance(inner, dict) else None
+                return str(name or item.get("name") or "?")
+            todo.extend(reversed(list(item.values())))
+    return None
 
 
 def _keras_config(path: Path) -> Any:
@@ -453,7 +473,8 @@ def _layer_weights(config: dict[str, Any], channels: int) -> int:
 
 
 def _check_keras_config(path: Path) -> None:
-    """Refuse a Keras file whose config declares a layer TensorFlow would allocate more weights for than
+    """Refuse a Keras file whose config declares a ``Lambda`` layer (Python code stored in the file, which safe mode
+    would refuse in words cut short), or a layer TensorFlow would allocate more weights for than
     :data:`~edge_kit.compiler.analysis.MAX_TENSOR_BYTES` of float32 (``Dense(units=10**9)``), or layers adding up
     to more than half the memory available, before Keras builds anything. Returns nothing.
 
@@ -464,12 +485,21 @@ def _check_keras_config(path: Path) -> None:
     way is not counted.
 
     Raises:
-        InputError: the largest such layer, named with its class and size, and what to do.
+        InputError: the first Lambda layer, by name, or the largest layer too large, named with its class and size;
+            each with what to do.
     """
     from edge_kit.compiler.analysis import MAX_TENSOR_BYTES
     from edgekit_protocol.datafile import memory_available
 
     config = _keras_config(path)
+    lambda_layer = _lambda_layer(config)
+    if lambda_layer is not None:  # Keras' own refusal was cut mid-sentence, before its advice, and named no layer
+        from edgekit_protocol.labels import clip, printable
+
+        raise InputError(f"{path}: layer '{printable(clip(lambda_layer, 60))}' is a Lambda layer, whose function is "
+                         "Python code stored in the file, which edge-kit does not run (Keras safe mode); export the "
+                         "model where that code is (model.export(folder) for a SavedModel, or to .onnx) and compile "
+                         "that")
     sizes: list[tuple[int, str, str]] = []  # (weights, layer name, class)
 
     def walk(layers: list[Any], width: int) -> None:
@@ -544,15 +574,29 @@ def _load_savedmodel(path: Path, name: str, digest: str, pinned: dict[str, tuple
     try:
         with watched("TensorFlow's loading of the SavedModel", load_seconds, cause=LOAD_CAUSE):
             obj = tf.saved_model.load(str(path))
-        sig = obj.signatures["serving_default"]
-    except KeyError:
-        raise InputError(f"{path}: the SavedModel has no 'serving_default' signature") from None
+        signatures = obj.signatures
     except Exception as exc:  # noqa: BLE001 - TF raises assorted errors for damaged SavedModels
         raise InputError(f"{path}: not a loadable SavedModel ({first_line(exc)})") from None
+    if "serving_default" not in signatures:
+        raise InputError(f"{path}: {_no_serving_default(list(signatures))}")
+    sig = signatures["serving_default"]
     specs = sig.structured_input_signature[1]
     _unknown_pins(path, pinned, list(specs))
     inputs = {n: _static(path, n, spec.shape, pinned) for n, spec in specs.items()}
     return Source(path, "savedmodel", digest, name, inputs, list(sig.structured_outputs), saved_model=(obj, sig))
+
+
+def _no_serving_default(names: list[str]) -> str:
+    """Return why a SavedModel whose signatures are ``names`` (none of them ``serving_default``) is refused, and what
+    to do: edge-kit compiles that one signature, and does not guess which of several is the model."""
+    from edgekit_protocol.labels import clip, printable
+
+    if not names:
+        return ("the SavedModel has no signatures, so nothing says which function is the model; save it again with "
+                "tf.saved_model.save(obj, folder, signatures={'serving_default': fn}) (Keras: model.export(folder))")
+    shown = ", ".join(f"'{printable(clip(n, 60))}'" for n in sorted(names)[:8]) + (", ..." if len(names) > 8 else "")
+    return (f"the SavedModel has no 'serving_default' signature (it has {shown}), the one edge-kit compiles; save it "
+            "again with signatures={'serving_default': <the function to compile>, ...}")
 
 
 # TensorFlow ops that read or write files of the machine running them (or map them: ImmutableConst). A

@@ -1,0 +1,134 @@
+"""Model files a user did not make, refused by ``edgekit compile`` in one line naming the file and what to do (exit 2,
+nothing written): a ``.tflite`` whose flatbuffer offsets point past its end or whose constant declares a shape its
+buffer does not hold, a Keras file with a ``Lambda`` layer, a SavedModel without the ``serving_default`` signature.
+The ONNX counterparts are in ``test_onnx_untrusted.py``. The models are built here with TensorFlow, then edited with
+LiteRT's flatbuffer schema or by patching bytes."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+
+def dense_tflite(path: Path) -> Path:
+    """Write a float ``.tflite`` of one fully connected layer (x: [1, 4] -> y: [1, 3]) to ``path``; return it."""
+    from edge_kit.compiler.tf_quiet import tensorflow
+
+    tf = tensorflow()
+    w = tf.constant([[1.0, 2.0, 3.0]] * 4)
+
+    @tf.function(input_signature=[tf.TensorSpec([1, 4], tf.float32, name="x")])
+    def model(x):
+        return {"y": tf.matmul(x, w)}
+
+    path.write_bytes(tf.lite.TFLiteConverter.from_concrete_functions([model.get_concrete_function()], model).convert())
+    return path
+
+
+def refused_by_compile(run_cli, model: Path, out: Path) -> str:
+    code, _, err = run_cli("compile", model, "-p", "rpi4", "--out", out)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"edgekit: error: {model}: "), err
+    assert "Traceback" not in err and not out.exists()
+    return lines[0]
+
+
+def test_a_tflite_whose_offsets_point_past_its_end_says_so_in_words(tmp_path, run_cli):
+    """The flatbuffer reader's struct.error ("unpack_from requires a buffer of at least 2147483422 bytes for
+    unpacking 2 bytes at offset 2147483420 (actual buffer siz") was the reason, cut mid-word at 200 characters."""
+    data = dense_tflite(tmp_path / "dense.tflite").read_bytes()
+    root = struct.unpack_from("<I", data, 0)[0]
+    crafted = {"root.tflite": struct.pack("<I", len(data) + 1000) + data[4:],  # the root table past the end
+               "vtable.tflite": data[:root] + struct.pack("<i", -0x7FFFFF00) + data[root + 4:],  # its vtable too
+               "cut.tflite": data[:len(data) // 2]}
+    for name, content in crafted.items():
+        (tmp_path / name).write_bytes(content)
+        line = refused_by_compile(run_cli, tmp_path / name, tmp_path / "o")
+        assert line.endswith(f"not a loadable .tflite model (damaged .tflite flatbuffer: an offset in it points past "
+                             f"the end of its {len(content):,} bytes (a file cut short, or a damaged or hostile one); "
+                             "download or export it again)"), line
+
+
+def test_a_tflite_constant_declaring_more_than_its_buffer_holds_is_named(tmp_path, run_cli):
+    """A weight of 12 floats declaring shape 46341x46341 (2**31 elements): numpy's "cannot reshape array of size 12
+    into shape (46341,46341)" was the reason, naming neither the tensor nor what was wrong with the file."""
+    from edge_kit.compiler.tflite_edit import _dump, _load
+
+    data = dense_tflite(tmp_path / "dense.tflite").read_bytes()
+    model = _load(data)
+    graph = model.subgraphs[0]
+    weight = next(i for i, t in enumerate(graph.tensors)
+                  if i not in graph.inputs and model.buffers[t.buffer].data is not None
+                  and len(model.buffers[t.buffer].data))
+    graph.tensors[weight].shape = [46341, 46341]
+    name = graph.tensors[weight].name.decode()
+    (tmp_path / "big.tflite").write_bytes(_dump(model))
+    line = refused_by_compile(run_cli, tmp_path / "big.tflite", tmp_path / "o")
+    assert line.endswith(f"not a loadable .tflite model (constant tensor '{name}' declares shape 46341x46341 "
+                         "(float32) but its buffer holds 48 bytes: a damaged or hostile file; download or export it "
+                         "again)"), line
+
+
+def test_a_keras_lambda_layer_is_refused_by_name_before_keras_reads_the_file(tmp_path, run_cli, monkeypatch):
+    """Keras' safe mode refused it, in words cut at 200 characters mid-sentence ("If you trust the );"), naming no
+    layer; the config names it, and Keras does not open the file at all."""
+    import keras
+
+    inner_in = keras.Input((4,))
+    inner = keras.Model(inner_in, keras.layers.Lambda(lambda t: t * 2.0, name="double")(inner_in), name="block")
+    inp = keras.Input((4,), name="x")
+    keras.Model(inp, keras.layers.Dense(2, name="y")(inner(inp))).save(tmp_path / "nested.keras")
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("Keras read a file holding a Lambda layer")
+
+    monkeypatch.setattr(keras.models, "load_model", no_load)
+    line = refused_by_compile(run_cli, tmp_path / "nested.keras", tmp_path / "o")
+    assert line.endswith("nested.keras: layer 'double' is a Lambda layer, whose function is Python code stored in the "
+                         "file, which edge-kit does not run (Keras safe mode); export the model where that code is "
+                         "(model.export(folder) for a SavedModel, or to .onnx) and compile that"), line
+
+
+def test_keras_files_load_in_safe_mode_whatever_this_process_enabled(tmp_path, monkeypatch):
+    """safe_mode was left to Keras' default, which keras.config.enable_unsafe_deserialization() anywhere in the
+    process (a notebook, a plugin importing edge-kit) turns off for every later load."""
+    import keras
+
+    from edge_kit.compiler.sources import load_source
+
+    inp = keras.Input((4,), name="x")
+    keras.Model(inp, keras.layers.Dense(2, name="y")(inp)).save(tmp_path / "dense.keras")
+    real, seen = keras.models.load_model, []
+
+    def record(*args, **kwargs):
+        seen.append(kwargs.get("safe_mode"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(keras.models, "load_model", record)
+    assert load_source(tmp_path / "dense.keras").inputs == {"x": (4,)}
+    assert seen == [True]
+
+
+def test_a_savedmodel_without_serving_default_names_its_signatures_and_what_to_do(tmp_path, run_cli):
+    """It said "the SavedModel has no 'serving_default' signature": not which it has, nor what to do."""
+    from edge_kit.compiler.tf_quiet import tensorflow
+
+    tf = tensorflow()
+    module = tf.Module()
+    module.w = tf.Variable(tf.ones((4, 3)))
+    spec = [tf.TensorSpec([None, 4], tf.float32)]
+    predict = tf.function(lambda x: {"y": tf.matmul(x, module.w)}, input_signature=spec)
+    other = tf.function(lambda x: {"z": 2.0 * tf.matmul(x, module.w)}, input_signature=spec)
+    tf.saved_model.save(module, str(tmp_path / "multi"), signatures={"predict": predict.get_concrete_function(),
+                                                                    "other": other.get_concrete_function()})
+    line = refused_by_compile(run_cli, tmp_path / "multi", tmp_path / "o")
+    assert line.endswith("multi: the SavedModel has no 'serving_default' signature (it has 'other', 'predict'), the one "
+                         "edge-kit compiles; save it again with signatures={'serving_default': <the function to "
+                         "compile>, ...}"), line
+    # several signatures, serving_default among them: that one is compiled, with its own names
+    from edge_kit.compiler.sources import load_source
+
+    tf.saved_model.save(module, str(tmp_path / "both"), signatures={"serving_default": predict.get_concrete_function(),
+                                                                   "other": other.get_concrete_function()})
+    source = load_source(tmp_path / "both")
+    assert list(source.inputs.values()) == [(4,)] and source.outputs == ["y"]
