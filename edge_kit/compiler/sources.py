@@ -146,7 +146,9 @@ def source_graph(source: Source) -> Graph:
         tf = tensorflow()
         obj, sig = source.saved_model
         names = list(source.inputs)
-        fn = tf.function(lambda *args: dict(sig(**dict(zip(names, args)))),
+        # float32 in, as for a Keras source; an integer or boolean input (token ids) cast to what the signature takes
+        dtypes = {n: spec.dtype for n, spec in sig.structured_input_signature[1].items()}
+        fn = tf.function(lambda *args: dict(sig(**{n: tf.cast(a, dtypes[n]) for n, a in zip(names, args)})),
                          input_signature=[tf.TensorSpec([1, *shape], tf.float32, name=n) for n, shape in source.inputs.items()])
         return Graph(fn.get_concrete_function(), obj, names)
     raise ValueError(f"{source.path}: a .tflite source has no TensorFlow graph")
@@ -165,6 +167,23 @@ def _static(path: Path, name: str, shape: Any, pinned: dict[str, tuple[int, ...]
         raise InputError(f"{path}: input '{name}' has shape {tuple(shape)} with a dynamic dimension besides the batch; "
                          f"pin it with --input-shape {name}={pin_hint([None if d is None or int(d) < 0 else int(d) for d in dims])}")
     return tuple(int(d) for d in dims)
+
+
+def _check_input_dtype(path: Path, name: str, dtype: str) -> None:
+    """Refuse a Keras or SavedModel input of a type that is not a number (``string``, ``resource``, ``variant``):
+    variants are traced with float32 inputs, cast to an integer or boolean input's own type (token ids), which a
+    string cannot be (every variant failed in the converter, and a manifest of failures was written). Returns nothing.
+
+    Raises:
+        InputError: naming the input, its type and what to do.
+    """
+    if dtype == "bool" or dtype.startswith(("float", "bfloat", "int", "uint")):
+        return
+    from edgekit_protocol.labels import clip, printable
+
+    raise InputError(f"{path}: input '{printable(clip(name, 60))}' is {printable(clip(dtype, 40))}; edge-kit feeds "
+                     "float32 data files (cast to an integer or boolean input's type), so export the model with "
+                     "numeric inputs (parse or tokenize strings before the model)")
 
 
 def _unknown_pins(path: Path, pinned: dict[str, tuple[int, ...]], inputs: list[str]) -> None:
@@ -196,7 +215,8 @@ def load_source(path: Path, input_shapes: dict[str, tuple[int, ...]] | None = No
             output name longer than :data:`MAX_NAME_CHARS` or holding a control character, or a Keras file whose
             config declares a ``Lambda`` layer or a layer larger than edge-kit takes (:func:`_check_keras_config`), or a
             SavedModel whose ``saved_model.pb`` declares such a tensor (:func:`_oversized_declaration`) or that has no
-            ``serving_default`` signature (the ones it has are named).
+            ``serving_default`` signature (the ones it has are named), or a Keras or SavedModel input that is not a
+            number (:func:`_check_input_dtype`).
     """
     pinned = dict(input_shapes or {})
     path = Path(path)
@@ -360,6 +380,8 @@ def _load_keras(path: Path, name: str, digest: str, pinned: dict[str, tuple[int,
                          "functions, export it where their code is (model.export(folder) for a SavedModel, or "
                          "to .onnx) and compile that") from None
     names = [t.name for t in model.inputs]
+    for input_name, tensor in zip(names, model.inputs):
+        _check_input_dtype(path, input_name, str(getattr(tensor.dtype, "name", tensor.dtype)))
     _unknown_pins(path, pinned, names)
     inputs = {n: _static(path, n, t.shape, pinned) for n, t in zip(names, model.inputs)}
     return Source(path, "keras", digest, name, inputs, _keras_outputs(model), keras_model=model)
@@ -581,6 +603,8 @@ def _load_savedmodel(path: Path, name: str, digest: str, pinned: dict[str, tuple
         raise InputError(f"{path}: {_no_serving_default(list(signatures))}")
     sig = signatures["serving_default"]
     specs = sig.structured_input_signature[1]
+    for input_name, spec in specs.items():
+        _check_input_dtype(path, input_name, spec.dtype.name)
     _unknown_pins(path, pinned, list(specs))
     inputs = {n: _static(path, n, spec.shape, pinned) for n, spec in specs.items()}
     return Source(path, "savedmodel", digest, name, inputs, list(sig.structured_outputs), saved_model=(obj, sig))

@@ -132,3 +132,56 @@ def test_a_savedmodel_without_serving_default_names_its_signatures_and_what_to_d
                                                                    "other": other.get_concrete_function()})
     source = load_source(tmp_path / "both")
     assert list(source.inputs.values()) == [(4,)] and source.outputs == ["y"]
+
+
+def test_a_savedmodel_taking_token_ids_compiles_and_one_taking_strings_is_refused(tmp_path, run_cli):
+    """Variants are traced with float32 inputs: an int64 input was handed float32 tensors and every variant failed in
+    the converter (exit 3, a manifest of failures written); a string input likewise. The ids are now cast to the
+    signature's type, as a Keras source's are; a string input is refused at load."""
+    import json
+
+    from edge_kit.compiler.tf_quiet import tensorflow
+
+    tf = tensorflow()
+    module = tf.Module()
+    module.table = tf.Variable(tf.reshape(tf.range(80, dtype=tf.float32), (10, 8)))
+    ids = tf.function(lambda ids: {"y": tf.reshape(tf.gather(module.table, ids), [-1, 32])},
+                      input_signature=[tf.TensorSpec([None, 4], tf.int64, name="ids")])
+    tf.saved_model.save(module, str(tmp_path / "ids"), signatures={"serving_default": ids.get_concrete_function()})
+    code, _, err = run_cli("compile", tmp_path / "ids", "-p", "rpi4", "--out", tmp_path / "o")
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "o" / "ids" / "manifest.json").read_text())
+    fp32 = next(a for a in manifest["artifacts"] if a["id"] == "fp32")
+    assert fp32["status"] == "built" and fp32["inputs"][0]["name"] == "ids"
+    import numpy as np
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(tmp_path / "o" / "ids" / "fp32.tflite"))
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], np.array([[3, 0, 9, 1]], np.float32))
+    interpreter.invoke()
+    out = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+    assert out.reshape(4, 8)[:, 0].tolist() == [24.0, 0.0, 72.0, 8.0]  # rows 3, 0, 9, 1 of the table
+
+    words = tf.function(lambda s: {"y": tf.strings.to_number(s)[:, None] * tf.ones((1, 4))},
+                        input_signature=[tf.TensorSpec([None], tf.string, name="s")])
+    tf.saved_model.save(tf.Module(), str(tmp_path / "words"), signatures={"serving_default": words.get_concrete_function()})
+    line = refused_by_compile(run_cli, tmp_path / "words", tmp_path / "o2")
+    assert line.endswith("words: input 's' is string; edge-kit feeds float32 data files (cast to an integer or "
+                         "boolean input's type), so export the model with numeric inputs (parse or tokenize strings "
+                         "before the model)"), line
+
+
+def test_a_keras_model_taking_strings_is_refused_at_load(tmp_path, run_cli):
+    """Its variants were traced with a float32 input where the model takes strings, and each failed in the
+    converter (exit 3, a manifest of failures written)."""
+    import keras
+
+    inp = keras.Input((1,), dtype="string", name="word")
+    ids = keras.layers.StringLookup(vocabulary=["a", "b", "c"], name="lookup")(inp)
+    out = keras.layers.Embedding(5, 2, name="y")(ids)
+    keras.Model(inp, out).save(tmp_path / "words.keras")
+    line = refused_by_compile(run_cli, tmp_path / "words.keras", tmp_path / "o")
+    assert line.endswith("words.keras: input 'word' is string; edge-kit feeds float32 data files (cast to an integer "
+                         "or boolean input's type), so export the model with numeric inputs (parse or tokenize strings "
+                         "before the model)"), line
