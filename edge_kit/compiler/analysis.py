@@ -229,6 +229,15 @@ def oversized_tensor(data: bytes) -> str | None:
     return None
 
 
+def flex_ops(data: bytes) -> list[str]:
+    """Return the sorted names of the TensorFlow ("Flex", Select TF) ops of the flatbuffer's main graph, which the
+    LiteRT runtime devices run does not have; empty when there are none or the file cannot be read. Never raises."""
+    try:
+        return sorted({op.name for op in _table(data)[0] if op.name.startswith("Flex")})
+    except ValueError:
+        return []
+
+
 def nan_constant(data: bytes) -> tuple[str, int] | None:
     """Return (name, flat index of the first NaN) of the first float constant of the flatbuffer's main
     graph holding NaN, or None (``-inf``, as attention masks store it, is fine).

@@ -832,7 +832,7 @@ def _is_argument(function: Any, tensor: str) -> bool:
 
 
 def _load_tflite(path: Path, name: str, digest: str, pinned: dict[str, tuple[int, ...]]) -> Source:
-    from edge_kit.compiler.analysis import analyse, probe_in_child
+    from edge_kit.compiler.analysis import analyse, flex_ops, probe_in_child
 
     data = path.read_bytes()
     try:
@@ -840,6 +840,15 @@ def _load_tflite(path: Path, name: str, digest: str, pinned: dict[str, tuple[int
         probe_in_child(data)  # a file that crashes the interpreter crashes a child, never this process
         stats = analyse(data)
     except (ValueError, RuntimeError) as exc:
+        flex = flex_ops(data)
+        if flex:  # LiteRT's own words ran past 200 characters into advice for Android builds
+            from edgekit_protocol.labels import clip, printable
+
+            names = printable(clip(", ".join(flex), 120))
+            raise InputError(f"{path}: not a loadable .tflite model (it holds TensorFlow ops, {names}, which the "
+                             "LiteRT runtime on devices does not run); convert it again with builtin ops only "
+                             "(supported_ops=[tf.lite.OpsSet.TFLITE_BUILTINS]), or compile the model it came from") \
+                from None
         raise InputError(f"{path}: not a loadable .tflite model ({first_line(exc)})") from None
     _check_tflite_ports(path, stats)
     _unknown_pins(path, pinned, [p["name"] for p in stats.inputs])

@@ -185,3 +185,23 @@ def test_a_keras_model_taking_strings_is_refused_at_load(tmp_path, run_cli):
     assert line.endswith("words.keras: input 'word' is string; edge-kit feeds float32 data files (cast to an integer "
                          "or boolean input's type), so export the model with numeric inputs (parse or tokenize strings "
                          "before the model)"), line
+
+
+def test_a_tflite_holding_tensorflow_flex_ops_names_them_and_how_to_convert_it(tmp_path, run_cli):
+    """LiteRT's "Select TensorFlow op(s), included in the given model, is(are) not supported by this interpreter...
+    For the Android, it can be resolved by add" was the reason, cut at 200 characters, naming no op."""
+    from edge_kit.compiler.tf_quiet import tensorflow
+
+    tf = tensorflow()
+
+    @tf.function(input_signature=[tf.TensorSpec([1, 3, 3], tf.float32, name="m")])
+    def det(m):
+        return {"d": tf.reshape(tf.linalg.det(m), [1, 1])}
+
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([det.get_concrete_function()], det)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS, tf.lite.OpsSet.SELECT_TF_OPS]
+    (tmp_path / "det.tflite").write_bytes(converter.convert())
+    line = refused_by_compile(run_cli, tmp_path / "det.tflite", tmp_path / "o")
+    assert line.endswith("det.tflite: not a loadable .tflite model (it holds TensorFlow ops, FlexMatrixDeterminant, "
+                         "which the LiteRT runtime on devices does not run); convert it again with builtin ops only "
+                         "(supported_ops=[tf.lite.OpsSet.TFLITE_BUILTINS]), or compile the model it came from"), line
