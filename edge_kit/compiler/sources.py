@@ -345,6 +345,17 @@ def _load_keras(path: Path, name: str, digest: str, pinned: dict[str, tuple[int,
     if path.suffix.lower() == ".keras" and not zipfile.is_zipfile(path):  # Keras itself says "File not found"
         raise InputError(f"{path}: not a loadable Keras model (not a zip archive, as every .keras file is: damaged, "
                          "cut short, or another format named .keras); save it again with model.save('name.keras')")
+    if not zipfile.is_zipfile(path):  # an .h5: Keras' refusal of a damaged one came with advice about custom layers
+        try:
+            import h5py
+
+            with h5py.File(path, "r"):
+                pass
+        except ImportError:
+            pass
+        except OSError as exc:
+            raise InputError(f"{path}: not a loadable Keras model (not an HDF5 file, or one cut short or damaged: "
+                             f"{first_line(exc, 120)}); save it again with model.save('name.keras')") from None
     if zipfile.is_zipfile(path):  # Keras reads its members whole: the sizes the zip declares bound that
         from edgekit_protocol.datafile import memory_available
 
@@ -598,7 +609,9 @@ def _load_savedmodel(path: Path, name: str, digest: str, pinned: dict[str, tuple
             obj = tf.saved_model.load(str(path))
         signatures = obj.signatures
     except Exception as exc:  # noqa: BLE001 - TF raises assorted errors for damaged SavedModels
-        raise InputError(f"{path}: not a loadable SavedModel ({first_line(exc)})") from None
+        raise InputError(f"{path}: not a loadable SavedModel ({first_line(exc)}); save it again whole, saved_model.pb "
+                         "with its variables folder (tf.saved_model.save(obj, folder), Keras: model.export(folder))") \
+            from None
     if "serving_default" not in signatures:
         raise InputError(f"{path}: {_no_serving_default(list(signatures))}")
     sig = signatures["serving_default"]

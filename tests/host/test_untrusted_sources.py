@@ -205,3 +205,39 @@ def test_a_tflite_holding_tensorflow_flex_ops_names_them_and_how_to_convert_it(t
     assert line.endswith("det.tflite: not a loadable .tflite model (it holds TensorFlow ops, FlexMatrixDeterminant, "
                          "which the LiteRT runtime on devices does not run); convert it again with builtin ops only "
                          "(supported_ops=[tf.lite.OpsSet.TFLITE_BUILTINS]), or compile the model it came from"), line
+
+
+def test_a_savedmodel_cut_short_or_without_its_variables_says_how_to_save_it_again(tmp_path, run_cli):
+    """TensorFlow's reason alone ("Unsuccessful TensorSliceReader constructor: Failed to find any matching files for
+    .../variables/variables") said nothing of what to do."""
+    import shutil
+
+    from edge_kit.compiler.tf_quiet import tensorflow
+
+    tf = tensorflow()
+    module = tf.Module()
+    module.w = tf.Variable(tf.ones((4, 3)))
+    serve = tf.function(lambda x: {"y": tf.matmul(x, module.w)}, input_signature=[tf.TensorSpec([None, 4], tf.float32)])
+    tf.saved_model.save(module, str(tmp_path / "novars"), signatures={"serving_default": serve.get_concrete_function()})
+    shutil.copytree(tmp_path / "novars", tmp_path / "cut")
+    shutil.rmtree(tmp_path / "novars" / "variables")
+    pb = (tmp_path / "cut" / "saved_model.pb").read_bytes()
+    (tmp_path / "cut" / "saved_model.pb").write_bytes(pb[:len(pb) // 2])
+    for name in ("novars", "cut"):
+        line = refused_by_compile(run_cli, tmp_path / name, tmp_path / "o")
+        assert f"{name}: not a loadable SavedModel (" in line and line.endswith(
+            "); save it again whole, saved_model.pb with its variables folder (tf.saved_model.save(obj, folder), "
+            "Keras: model.export(folder))"), line
+
+
+def test_an_h5_cut_short_says_so_not_to_export_custom_layers(tmp_path, run_cli):
+    """h5py's "truncated file" came with the advice for custom layers and Lambda functions, which it has none of."""
+    import keras
+
+    inp = keras.Input((4,), name="x")
+    keras.Model(inp, keras.layers.Dense(3, name="y")(inp)).save(tmp_path / "whole.h5")
+    data = (tmp_path / "whole.h5").read_bytes()
+    (tmp_path / "cut.h5").write_bytes(data[:len(data) // 2])
+    line = refused_by_compile(run_cli, tmp_path / "cut.h5", tmp_path / "o")
+    assert "cut.h5: not a loadable Keras model (not an HDF5 file, or one cut short or damaged: " in line, line
+    assert line.endswith("; save it again with model.save('name.keras')") and "custom layers" not in line, line
