@@ -213,8 +213,8 @@ def load_source(path: Path, input_shapes: dict[str, tuple[int, ...]] | None = No
             input of more than :data:`MAX_SAMPLE_VALUES` values per sample (a hostile or mistaken shape
             would take the host's memory in the first random sample or conversion), or an input or
             output name longer than :data:`MAX_NAME_CHARS` or holding a control character, or a Keras file whose
-            config declares a ``Lambda`` layer or a layer larger than edge-kit takes (:func:`_check_keras_config`), or a
-            SavedModel whose ``saved_model.pb`` declares such a tensor (:func:`_oversized_declaration`) or that has no
+            config holds a Python lambda (a ``Lambda`` layer's code) or a layer larger than edge-kit takes
+            (:func:`_check_keras_config`), or a SavedModel whose ``saved_model.pb`` declares such a tensor (:func:`_oversized_declaration`) or that has no
             ``serving_default`` signature (the ones it has are named), or a Keras or SavedModel input that is not a
             number (:func:`_check_input_dtype`).
     """
@@ -399,19 +399,22 @@ def _load_keras(path: Path, name: str, digest: str, pinned: dict[str, tuple[int,
 
 
 def _lambda_layer(config: Any) -> str | None:
-    """Return the name of the first ``Lambda`` layer anywhere in a parsed Keras ``config`` (nested models and wrapped
-    layers included; ``'?'`` when it has no name), or None when there is none."""
-    todo = [config]
+    """Return the name of the first layer of a parsed Keras ``config`` holding a Python lambda (a ``__lambda__``
+    entry: the function's bytecode, which a ``Lambda`` layer stores), nested models and wrapped layers included
+    (``'?'`` when that layer has no name), or None when there is none. A ``Lambda`` layer naming a function
+    (``keras.activations.relu``) stores no code and is left to Keras' safe mode, which loads it."""
+    todo: list[tuple[Any, str]] = [(config, "?")]
     while todo:
-        item = todo.pop()
+        item, layer = todo.pop()
         if isinstance(item, list):
-            todo.extend(reversed(item))
+            todo.extend((v, layer) for v in reversed(item))
         elif isinstance(item, dict):
-            if item.get("class_name") == "Lambda":
-                inner = item.get("config")
-                name = inner.get("name") if isinstance(inner, dict) else None
-                return str(name or item.get("name") or "?")
-            todo.extend(reversed(list(item.values())))
+            if item.get("class_name") == "__lambda__":
+                return layer
+            inner = item.get("config")
+            if "class_name" in item and isinstance(inner, dict) and isinstance(inner.get("name"), str):
+                layer = inner["name"]
+            todo.extend((v, layer) for v in reversed(list(item.values())))
     return None
 
 
@@ -506,8 +509,8 @@ def _layer_weights(config: dict[str, Any], channels: int) -> int:
 
 
 def _check_keras_config(path: Path) -> None:
-    """Refuse a Keras file whose config declares a ``Lambda`` layer (Python code stored in the file, which safe mode
-    would refuse in words cut short), or a layer TensorFlow would allocate more weights for than
+    """Refuse a Keras file whose config holds a Python lambda (a ``Lambda`` layer's code stored in the file, which safe
+    mode would refuse in words cut short), or a layer TensorFlow would allocate more weights for than
     :data:`~edge_kit.compiler.analysis.MAX_TENSOR_BYTES` of float32 (``Dense(units=10**9)``), or layers adding up
     to more than half the memory available, before Keras builds anything. Returns nothing.
 
@@ -518,7 +521,7 @@ def _check_keras_config(path: Path) -> None:
     way is not counted.
 
     Raises:
-        InputError: the first Lambda layer, by name, or the largest layer too large, named with its class and size;
+        InputError: the first layer holding a Python lambda, by name, or the largest layer too large, named with its class and size;
             each with what to do.
     """
     from edge_kit.compiler.analysis import MAX_TENSOR_BYTES

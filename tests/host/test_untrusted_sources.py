@@ -89,6 +89,19 @@ def test_a_keras_lambda_layer_is_refused_by_name_before_keras_reads_the_file(tmp
                          "(model.export(folder) for a SavedModel, or to .onnx) and compile that"), line
 
 
+def test_a_keras_lambda_layer_naming_a_function_stores_no_code_and_still_loads(tmp_path):
+    """Lambda(keras.activations.relu) stores the function's name, not its code: Keras' safe mode loads it, and so
+    must edge-kit's check of the config (the refusal above is for a Python lambda's bytecode)."""
+    import keras
+
+    from edge_kit.compiler.sources import load_source
+
+    inp = keras.Input((4,), name="x")
+    keras.Model(inp, keras.layers.Lambda(keras.activations.relu, name="act")(inp)).save(tmp_path / "named.keras")
+    source = load_source(tmp_path / "named.keras")
+    assert source.inputs == {"x": (4,)} and len(source.outputs) == 1
+
+
 def test_keras_files_load_in_safe_mode_whatever_this_process_enabled(tmp_path, monkeypatch):
     """safe_mode was left to Keras' default, which keras.config.enable_unsafe_deserialization() anywhere in the
     process (a notebook, a plugin importing edge-kit) turns off for every later load."""
