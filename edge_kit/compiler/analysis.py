@@ -14,6 +14,7 @@ from __future__ import annotations
 import gzip
 import math
 import os
+import struct
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,8 @@ import numpy as np
 
 from device_agents.inference import ports
 from device_agents.runtimes import get_runtime
+from edge_kit.errors import first_line
+from edgekit_protocol.labels import clip, printable
 
 MAC_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV")
 
@@ -147,7 +150,15 @@ def _table(data: bytes) -> tuple[list[OpInfo], dict[int, TensorInfo], dict[int, 
         raise ValueError("a tensor or op name that is not UTF-8 text: a damaged or hostile file") from None
     except ValueError:
         raise
-    except Exception as exc:  # noqa: BLE001 - struct.error, IndexError, TypeError... from a damaged file
+    except struct.error as exc:
+        if "requires a buffer of at least" not in str(exc):
+            raise ValueError(f"damaged .tflite flatbuffer (truncated or corrupt: struct.error: {first_line(exc, 120)})") \
+                from None
+        # the reader's own words ("unpack_from requires a buffer of at least 2147483422 bytes for unpacking...")
+        # ran past the 200 characters an error line keeps, cut mid-word, and said nothing a user can act on
+        raise ValueError(f"damaged .tflite flatbuffer: an offset in it points past the end of its {len(data):,} "
+                         "bytes (a file cut short, or a damaged or hostile one); download or export it again") from None
+    except Exception as exc:  # noqa: BLE001 - IndexError, TypeError... from a damaged file
         raise ValueError(f"damaged .tflite flatbuffer (truncated or corrupt: {type(exc).__name__}: "
                          f"{(str(exc).strip().splitlines() or [''])[0][:120]})") from None
 
@@ -176,8 +187,19 @@ def _read_table(data: bytes) -> tuple[list[OpInfo], dict[int, TensorInfo], dict[
                                   tuple(int(d) for d in t.shapeSignature) if t.shapeSignature is not None else shape,
                                   dtype, q is not None and q.scale is not None and len(q.scale) > 0, constant)
         if constant and dtype in _NUMPY:
-            values[idx] = np.frombuffer(bytes(raw), dtype=_NUMPY[dtype]).reshape(shape)
+            try:
+                values[idx] = np.frombuffer(bytes(raw), dtype=_NUMPY[dtype]).reshape(shape)
+            except ValueError:  # numpy's "cannot reshape array of size 12 into shape (46341,46341)"
+                stored, declared = _clipped_shape(shape), tensors[idx].name
+                raise ValueError(f"constant tensor '{printable(clip(declared, 60))}' declares shape {stored} "
+                                 f"({dtype}) but its buffer holds {len(raw):,} bytes: a damaged or hostile file; "
+                                 "download or export it again") from None
     return ops, tensors, values
+
+
+def _clipped_shape(shape: tuple[int, ...]) -> str:
+    """Return ``shape`` as ``AxBxC``, its first 8 dimensions only (``x...`` after them): a file declares any rank."""
+    return "x".join(map(str, shape[:8])) + ("x..." if len(shape) > 8 else "") if shape else "() (a scalar)"
 
 
 _NUMPY = {"float32": "<f4", "float16": "<f2", "int8": "i1", "uint8": "u1", "int16": "<i2", "int32": "<i4", "int64": "<i8"}
@@ -205,6 +227,15 @@ def oversized_tensor(data: bytes) -> str | None:
         if size > MAX_TENSOR_BYTES:
             return (f"tensor '{t.name}' (shape {'x'.join(map(str, t.shape))}, {t.dtype}) would take {size:,} bytes")
     return None
+
+
+def flex_ops(data: bytes) -> list[str]:
+    """Return the sorted names of the TensorFlow ("Flex", Select TF) ops of the flatbuffer's main graph, which the
+    LiteRT runtime devices run does not have; empty when there are none or the file cannot be read. Never raises."""
+    try:
+        return sorted({op.name for op in _table(data)[0] if op.name.startswith("Flex")})
+    except ValueError:
+        return []
 
 
 def nan_constant(data: bytes) -> tuple[str, int] | None:

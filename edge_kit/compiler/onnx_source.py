@@ -547,14 +547,14 @@ def _check_inputs(path: Path, tflite: bytes, inputs: dict[str, tuple[int, ...]])
     """
     from device_agents.inference import ports
     from device_agents.runtimes import get_runtime
-    from edge_kit.compiler.analysis import _table
+    from edge_kit.compiler.analysis import flex_ops
     from edge_kit.compiler.tf_quiet import runtime_banner_dropped
 
     try:
         with runtime_banner_dropped():
             got = {p.name: p.shape for p in ports(get_runtime("litert").interpreter(tflite))[0]}
     except (RuntimeError, ValueError) as exc:
-        custom = sorted({op.name for op in _table(tflite)[0] if op.name.startswith("Flex")})
+        custom = flex_ops(tflite)
         if custom:
             raise InputError(f"{path}: {CONVERTER} converted some ops to TensorFlow ops that LiteRT does not run on "
                              f"devices ({', '.join(custom)}); replace the ONNX op(s) behind them in the exported model "

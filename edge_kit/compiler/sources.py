@@ -146,7 +146,9 @@ def source_graph(source: Source) -> Graph:
         tf = tensorflow()
         obj, sig = source.saved_model
         names = list(source.inputs)
-        fn = tf.function(lambda *args: dict(sig(**dict(zip(names, args)))),
+        # float32 in, as for a Keras source; an integer or boolean input (token ids) cast to what the signature takes
+        dtypes = {n: spec.dtype for n, spec in sig.structured_input_signature[1].items()}
+        fn = tf.function(lambda *args: dict(sig(**{n: tf.cast(a, dtypes[n]) for n, a in zip(names, args)})),
                          input_signature=[tf.TensorSpec([1, *shape], tf.float32, name=n) for n, shape in source.inputs.items()])
         return Graph(fn.get_concrete_function(), obj, names)
     raise ValueError(f"{source.path}: a .tflite source has no TensorFlow graph")
@@ -165,6 +167,23 @@ def _static(path: Path, name: str, shape: Any, pinned: dict[str, tuple[int, ...]
         raise InputError(f"{path}: input '{name}' has shape {tuple(shape)} with a dynamic dimension besides the batch; "
                          f"pin it with --input-shape {name}={pin_hint([None if d is None or int(d) < 0 else int(d) for d in dims])}")
     return tuple(int(d) for d in dims)
+
+
+def _check_input_dtype(path: Path, name: str, dtype: str) -> None:
+    """Refuse a Keras or SavedModel input of a type that is not a number (``string``, ``resource``, ``variant``):
+    variants are traced with float32 inputs, cast to an integer or boolean input's own type (token ids), which a
+    string cannot be (every variant failed in the converter, and a manifest of failures was written). Returns nothing.
+
+    Raises:
+        InputError: naming the input, its type and what to do.
+    """
+    if dtype == "bool" or dtype.startswith(("float", "bfloat", "int", "uint")):
+        return
+    from edgekit_protocol.labels import clip, printable
+
+    raise InputError(f"{path}: input '{printable(clip(name, 60))}' is {printable(clip(dtype, 40))}; edge-kit feeds "
+                     "float32 data files (cast to an integer or boolean input's type), so export the model with "
+                     "numeric inputs (parse or tokenize strings before the model)")
 
 
 def _unknown_pins(path: Path, pinned: dict[str, tuple[int, ...]], inputs: list[str]) -> None:
@@ -194,8 +213,10 @@ def load_source(path: Path, input_shapes: dict[str, tuple[int, ...]] | None = No
             input of more than :data:`MAX_SAMPLE_VALUES` values per sample (a hostile or mistaken shape
             would take the host's memory in the first random sample or conversion), or an input or
             output name longer than :data:`MAX_NAME_CHARS` or holding a control character, or a Keras file whose
-            config declares a layer larger than edge-kit takes (:func:`_check_keras_config`), or a SavedModel whose
-            ``saved_model.pb`` declares such a tensor (:func:`_oversized_declaration`).
+            config holds a Python lambda (a ``Lambda`` layer's code) or a layer larger than edge-kit takes
+            (:func:`_check_keras_config`), or a SavedModel whose ``saved_model.pb`` declares such a tensor (:func:`_oversized_declaration`) or that has no
+            ``serving_default`` signature (the ones it has are named), or a Keras or SavedModel input that is not a
+            number (:func:`_check_input_dtype`).
     """
     pinned = dict(input_shapes or {})
     path = Path(path)
@@ -324,6 +345,17 @@ def _load_keras(path: Path, name: str, digest: str, pinned: dict[str, tuple[int,
     if path.suffix.lower() == ".keras" and not zipfile.is_zipfile(path):  # Keras itself says "File not found"
         raise InputError(f"{path}: not a loadable Keras model (not a zip archive, as every .keras file is: damaged, "
                          "cut short, or another format named .keras); save it again with model.save('name.keras')")
+    if not zipfile.is_zipfile(path):  # an .h5: Keras' refusal of a damaged one came with advice about custom layers
+        try:
+            import h5py
+
+            with h5py.File(path, "r"):
+                pass
+        except ImportError:
+            pass
+        except OSError as exc:
+            raise InputError(f"{path}: not a loadable Keras model (not an HDF5 file, or one cut short or damaged: "
+                             f"{first_line(exc, 120)}); save it again with model.save('name.keras')") from None
     if zipfile.is_zipfile(path):  # Keras reads its members whole: the sizes the zip declares bound that
         from edgekit_protocol.datafile import memory_available
 
@@ -350,16 +382,40 @@ def _load_keras(path: Path, name: str, digest: str, pinned: dict[str, tuple[int,
                          f"'keras>={'.'.join(map(str, KERAS_SAFE_MODE))}'")
     try:
         with captured_output(), watched("Keras's loading of the model", load_seconds, cause=LOAD_CAUSE):
-            model = keras.models.load_model(path, compile=False)  # safe_mode (the default): no code from the file
+            # safe_mode said, not left to the default: keras.config.enable_unsafe_deserialization() elsewhere in
+            # this process (a notebook, a plugin) would otherwise let the file's code run
+            model = keras.models.load_model(path, compile=False, safe_mode=True)
     except Exception as exc:  # Keras raises many types for a bad file; all mean the same to the user
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"{path}: not a loadable Keras model ({first[:200]}); if it has custom layers or Lambda "
                          "functions, export it where their code is (model.export(folder) for a SavedModel, or "
                          "to .onnx) and compile that") from None
     names = [t.name for t in model.inputs]
+    for input_name, tensor in zip(names, model.inputs):
+        _check_input_dtype(path, input_name, str(getattr(tensor.dtype, "name", tensor.dtype)))
     _unknown_pins(path, pinned, names)
     inputs = {n: _static(path, n, t.shape, pinned) for n, t in zip(names, model.inputs)}
     return Source(path, "keras", digest, name, inputs, _keras_outputs(model), keras_model=model)
+
+
+def _lambda_layer(config: Any) -> str | None:
+    """Return the name of the first layer of a parsed Keras ``config`` holding a Python lambda (a ``__lambda__``
+    entry: the function's bytecode, which a ``Lambda`` layer stores), nested models and wrapped layers included
+    (``'?'`` when that layer has no name), or None when there is none. A ``Lambda`` layer naming a function
+    (``keras.activations.relu``) stores no code and is left to Keras' safe mode, which loads it."""
+    todo: list[tuple[Any, str]] = [(config, "?")]
+    while todo:
+        item, layer = todo.pop()
+        if isinstance(item, list):
+            todo.extend((v, layer) for v in reversed(item))
+        elif isinstance(item, dict):
+            if item.get("class_name") == "__lambda__":
+                return layer
+            inner = item.get("config")
+            if "class_name" in item and isinstance(inner, dict) and isinstance(inner.get("name"), str):
+                layer = inner["name"]
+            todo.extend((v, layer) for v in reversed(list(item.values())))
+    return None
 
 
 def _keras_config(path: Path) -> Any:
@@ -453,7 +509,8 @@ def _layer_weights(config: dict[str, Any], channels: int) -> int:
 
 
 def _check_keras_config(path: Path) -> None:
-    """Refuse a Keras file whose config declares a layer TensorFlow would allocate more weights for than
+    """Refuse a Keras file whose config holds a Python lambda (a ``Lambda`` layer's code stored in the file, which safe
+    mode would refuse in words cut short), or a layer TensorFlow would allocate more weights for than
     :data:`~edge_kit.compiler.analysis.MAX_TENSOR_BYTES` of float32 (``Dense(units=10**9)``), or layers adding up
     to more than half the memory available, before Keras builds anything. Returns nothing.
 
@@ -464,12 +521,21 @@ def _check_keras_config(path: Path) -> None:
     way is not counted.
 
     Raises:
-        InputError: the largest such layer, named with its class and size, and what to do.
+        InputError: the first layer holding a Python lambda, by name, or the largest layer too large, named with its class and size;
+            each with what to do.
     """
     from edge_kit.compiler.analysis import MAX_TENSOR_BYTES
     from edgekit_protocol.datafile import memory_available
 
     config = _keras_config(path)
+    lambda_layer = _lambda_layer(config)
+    if lambda_layer is not None:  # Keras' own refusal was cut mid-sentence, before its advice, and named no layer
+        from edgekit_protocol.labels import clip, printable
+
+        raise InputError(f"{path}: layer '{printable(clip(lambda_layer, 60))}' is a Lambda layer, whose function is "
+                         "Python code stored in the file, which edge-kit does not run (Keras safe mode); export the "
+                         "model where that code is (model.export(folder) for a SavedModel, or to .onnx) and compile "
+                         "that")
     sizes: list[tuple[int, str, str]] = []  # (weights, layer name, class)
 
     def walk(layers: list[Any], width: int) -> None:
@@ -544,15 +610,33 @@ def _load_savedmodel(path: Path, name: str, digest: str, pinned: dict[str, tuple
     try:
         with watched("TensorFlow's loading of the SavedModel", load_seconds, cause=LOAD_CAUSE):
             obj = tf.saved_model.load(str(path))
-        sig = obj.signatures["serving_default"]
-    except KeyError:
-        raise InputError(f"{path}: the SavedModel has no 'serving_default' signature") from None
+        signatures = obj.signatures
     except Exception as exc:  # noqa: BLE001 - TF raises assorted errors for damaged SavedModels
-        raise InputError(f"{path}: not a loadable SavedModel ({first_line(exc)})") from None
+        raise InputError(f"{path}: not a loadable SavedModel ({first_line(exc)}); save it again whole, saved_model.pb "
+                         "with its variables folder (tf.saved_model.save(obj, folder), Keras: model.export(folder))") \
+            from None
+    if "serving_default" not in signatures:
+        raise InputError(f"{path}: {_no_serving_default(list(signatures))}")
+    sig = signatures["serving_default"]
     specs = sig.structured_input_signature[1]
+    for input_name, spec in specs.items():
+        _check_input_dtype(path, input_name, spec.dtype.name)
     _unknown_pins(path, pinned, list(specs))
     inputs = {n: _static(path, n, spec.shape, pinned) for n, spec in specs.items()}
     return Source(path, "savedmodel", digest, name, inputs, list(sig.structured_outputs), saved_model=(obj, sig))
+
+
+def _no_serving_default(names: list[str]) -> str:
+    """Return why a SavedModel whose signatures are ``names`` (none of them ``serving_default``) is refused, and what
+    to do: edge-kit compiles that one signature, and does not guess which of several is the model."""
+    from edgekit_protocol.labels import clip, printable
+
+    if not names:
+        return ("the SavedModel has no signatures, so nothing says which function is the model; save it again with "
+                "tf.saved_model.save(obj, folder, signatures={'serving_default': fn}) (Keras: model.export(folder))")
+    shown = ", ".join(f"'{printable(clip(n, 60))}'" for n in sorted(names)[:8]) + (", ..." if len(names) > 8 else "")
+    return (f"the SavedModel has no 'serving_default' signature (it has {shown}), the one edge-kit compiles; save it "
+            "again with signatures={'serving_default': <the function to compile>, ...}")
 
 
 # TensorFlow ops that read or write files of the machine running them (or map them: ImmutableConst). A
@@ -764,7 +848,7 @@ def _is_argument(function: Any, tensor: str) -> bool:
 
 
 def _load_tflite(path: Path, name: str, digest: str, pinned: dict[str, tuple[int, ...]]) -> Source:
-    from edge_kit.compiler.analysis import analyse, probe_in_child
+    from edge_kit.compiler.analysis import analyse, flex_ops, probe_in_child
 
     data = path.read_bytes()
     try:
@@ -772,6 +856,15 @@ def _load_tflite(path: Path, name: str, digest: str, pinned: dict[str, tuple[int
         probe_in_child(data)  # a file that crashes the interpreter crashes a child, never this process
         stats = analyse(data)
     except (ValueError, RuntimeError) as exc:
+        flex = flex_ops(data)
+        if flex:  # LiteRT's own words ran past 200 characters into advice for Android builds
+            from edgekit_protocol.labels import clip, printable
+
+            names = printable(clip(", ".join(flex), 120))
+            raise InputError(f"{path}: not a loadable .tflite model (it holds TensorFlow ops, {names}, which the "
+                             "LiteRT runtime on devices does not run); convert it again with builtin ops only "
+                             "(supported_ops=[tf.lite.OpsSet.TFLITE_BUILTINS]), or compile the model it came from") \
+                from None
         raise InputError(f"{path}: not a loadable .tflite model ({first_line(exc)})") from None
     _check_tflite_ports(path, stats)
     _unknown_pins(path, pinned, [p["name"] for p in stats.inputs])

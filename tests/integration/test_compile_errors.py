@@ -77,21 +77,22 @@ def test_corrupt_model(tmp_path, run_cli):
 @pytest.mark.parametrize("suffix", [".keras", ".h5"])
 def test_a_keras_model_with_custom_code_is_one_line_saying_what_to_do_and_runs_nothing(tmp_path, run_cli, suffix,
                                                                                       monkeypatch):
-    """Keras' own message was cut at 200 characters, before its advice; its safe mode must stay on."""
+    """Keras' own message was cut at 200 characters, before its advice; its safe mode must stay on (the Lambda layer is
+    now refused from the file's config, before Keras reads it: tests/host/test_untrusted_sources.py)."""
     import keras
 
     ran = tmp_path / "ran"
     monkeypatch.setenv("EDGEKIT_TEST_RAN", str(ran))
     inp = keras.Input((4,), name="x")
     out = keras.layers.Lambda(lambda t: (__import__("pathlib").Path(__import__("os").environ["EDGEKIT_TEST_RAN"])
-                                         .write_text("code ran"), t * 2)[1])(inp)
+                                         .write_text("code ran"), t * 2)[1], name="lam")(inp)
     ran.unlink(missing_ok=True)
     keras.Model(inp, out).save(tmp_path / f"lam{suffix}")
     ran.unlink(missing_ok=True)
     code, _, err = run_cli("compile", tmp_path / f"lam{suffix}", "-p", "rpi4", "--out", tmp_path / "o")
     line = one_line_error(code, err)
-    assert f"lam{suffix}: not a loadable Keras model (Requested the deserialization of a `Lambda` layer" in line
-    assert "export it where their code is (model.export(folder) for a SavedModel, or to .onnx)" in line
+    assert f"lam{suffix}: layer 'lam' is a Lambda layer, whose function is Python code stored in the file" in line
+    assert "export the model where that code is (model.export(folder) for a SavedModel, or to .onnx)" in line
     assert not ran.exists() and not (tmp_path / "o").exists()
 
 
