@@ -210,6 +210,7 @@ def agent_config(fleet: Fleet, dev: Device) -> tuple[str, bytes | None]:
         pull=PullConfig(**{**dev.pull.model_dump(), "ca_file": Path(dev.pull.ca_file) if dev.pull.ca_file else None})
         if dev.pull else PullConfig(),
         simulated=dev.simulated,
+        **({"telemetry_interval_s": dev.telemetry_interval_s} if dev.telemetry_interval_s is not None else {}),
         verify_code=True,  # deployed: the agent refuses to start from anywhere but its signed <root>/agent
     )
     plain = to_plain(cfg)

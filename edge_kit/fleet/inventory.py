@@ -41,6 +41,7 @@ from edge_kit.fleet.keys import FleetKeys
 from edge_kit.manifest import ArtifactTrust
 from edge_kit.profiles import Constraints, Storage
 from edgekit_protocol.config import BrokerConfig
+from edgekit_protocol.messages import MAX_TELEMETRY_INTERVAL_S
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 # A DNS name: dot-separated labels of letters, digits, '-' and '_', none starting or ending with '-'.
@@ -109,6 +110,8 @@ Host = Annotated[str, AfterValidator(check_host)]
 Login = Annotated[str, AfterValidator(_check_login)]
 Root = Annotated[str, AfterValidator(_check_root)]
 Python = Annotated[str, AfterValidator(_check_python)]
+# what an agent's own config takes (and its telemetry says): receivers refuse more than a day
+TelemetryInterval = Annotated[float, Field(gt=0, le=MAX_TELEMETRY_INTERVAL_S)]
 
 
 class Serving(StrictModel):
@@ -142,6 +145,7 @@ class DeviceDefaults(StrictModel):
     storage: Storage | None = None
     serve: Serving | None = None
     pull: Pulling | None = None
+    telemetry_interval_s: TelemetryInterval | None = None
 
 
 class Device(StrictModel):
@@ -166,6 +170,8 @@ class Device(StrictModel):
     storage: Storage | None = None  # overrides the profile's store budget
     serve: Serving | None = None  # the serving API's settings (default: the agent's)
     pull: Pulling | None = None  # pull rollouts' settings (default: the agent's)
+    # seconds between the agent's telemetry, live and shadow messages (default: the agent's, 30)
+    telemetry_interval_s: TelemetryInterval | None = None
     agent_broker: BrokerConfig | None = None  # what the agent on this device connects with; default: the fleet's
 
     def matches(self, selector: str) -> bool:

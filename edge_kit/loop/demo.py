@@ -30,15 +30,16 @@ from edge_kit.sim.broker import find_mosquitto
 from edge_kit.sim.fleet import SimFleet
 from edge_kit.telemetry.monitor import Monitor
 from edge_kit.telemetry.store import HistoryStore, history_path, open_history
-from edgekit_protocol.config import AgentConfig
 from edgekit_protocol.messages import field_at
 
 STEPS = ("building the example model", "compiling", "starting the simulated fleet", "tuning",
          "serving an application on every device", "cleaning up")
 APP_REQUESTS = 300  # per device: the demo's application classifies this many eval images through the serving API
-# An agent sends its live figures every telemetry interval (the protocol's default: a deploy sets no other): the
-# one covering the application's requests is due within one, and has a second one and some slack to arrive.
-LIVE_WAIT_S = 2 * AgentConfig.telemetry_interval_s + 10
+# The demo's agents send telemetry and live figures every 5 s (the fleet file's telemetry_interval_s; an agent's own
+# default is 30 s): the live message covering the application's requests is due within one interval, and has a
+# second one and some slack to arrive.
+TELEMETRY_INTERVAL_S = 5.0
+LIVE_WAIT_S = 2 * TELEMETRY_INTERVAL_S + 10
 TOP1_SOURCE = "the demo application on this host, scoring the answers it got against the eval set's labels (not stored)"
 DEMO_BENCH = {"min_runs": 100, "min_seconds": 0.5}
 
@@ -120,7 +121,7 @@ def _serve_an_application(fleet: Any, eval_file: Path, store: HistoryStore,
                     wanted[dev.name] = (field_at(live, "model", "sha256"),
                                         max(APP_REQUESTS, counted if type(counted) is int else 0))
         step(f"{STEPS[4]}: waiting for each agent's signed live figures (sent every "
-             f"{AgentConfig.telemetry_interval_s:g} s)")
+             f"{TELEMETRY_INTERVAL_S:g} s)")
 
         def covering(device: str) -> dict[str, Any] | None:
             sha, counted = wanted[device]  # the protocol checked a live message's requests is a whole number
@@ -178,7 +179,8 @@ def run_demo(devices: int = 3, profiles: tuple[str, ...] = ("rpi4", "rpi5", "cor
             embedded_broker = find_mosquitto() is None
         if embedded_broker:  # the embedded broker cannot enforce a wall: say so rather than pretend
             step(f"{STEPS[2]}: Mosquitto not found, so an embedded broker, anonymous and plain (--insecure)")
-        fleet = sim.up(devices, list(profiles), embedded_broker=embedded_broker, insecure=embedded_broker)
+        fleet = sim.up(devices, list(profiles), embedded_broker=embedded_broker, insecure=embedded_broker,
+                       telemetry_interval_s=TELEMETRY_INTERVAL_S)
         sign_manifest(artifacts, fleet.key_store().operator)  # as a release step would: deploys check it
         step(STEPS[3])
         history = history_path(sim.fleet_file)  # the embedded SQLite file the next commands find

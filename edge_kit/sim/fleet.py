@@ -106,7 +106,8 @@ class SimFleet:
 
     def up(self, count: int, profiles: list[str], *, embedded_broker: bool | None = None,
            embedded_ssh: bool | None = None, link_rate: int | None = None, insecure: bool = False,
-           store: Path | None = None, progress: Callable[[str], None] | None = None) -> Fleet:
+           store: Path | None = None, telemetry_interval_s: float | None = None,
+           progress: Callable[[str], None] | None = None) -> Fleet:
         """Start the broker, ``count`` devices and their agents; return the fleet.
 
         ``link_rate`` (bit/s) puts each device behind an emulated link of that rate; None: loopback.
@@ -115,7 +116,8 @@ class SimFleet:
         instead (the embedded broker, used where Mosquitto is missing, is always that).
         ``store``: a published store folder served over HTTP next to the broker (nginx, or the
         embedded server where nginx is missing; :mod:`edge_kit.sim.store_server`), its URL in
-        ``sim.json`` under ``store``.
+        ``sim.json`` under ``store``. ``telemetry_interval_s``: the agents' (the fleet file's default;
+        None: the agent's own, 30 s).
 
         Raises:
             ConfigError: an unknown profile; a ``sim.json`` here that cannot be read (:meth:`state`).
@@ -193,7 +195,8 @@ class SimFleet:
                 "fleet": FLEET_NAME,
                 "broker": self._broker_entry(state, wall, OPERATOR_USER),
                 "known_hosts": str(self.workdir / "known_hosts"), "keys": str(self.workdir / "keys"),
-                "defaults": {"user": getpass.getuser(), "key": str(key), "python": sys.executable, "simulated": True},
+                "defaults": {"user": getpass.getuser(), "key": str(key), "python": sys.executable, "simulated": True,
+                             **({"telemetry_interval_s": telemetry_interval_s} if telemetry_interval_s else {})},
                 "devices": devices,
             }, sort_keys=False))
             fleet = load_fleet(self.fleet_file)

@@ -109,6 +109,28 @@ def test_serve_and_pull_settings_reach_the_agents_config(tmp_path):
         load_fleet(write(tmp_path, "bad.yaml", text.replace("http_port: 8089", "http_port: 70000")))
 
 
+def test_the_telemetry_interval_is_set_from_the_fleet_file_per_device_or_in_defaults(tmp_path):
+    """The agent's telemetry_interval_s could only be set in its agent.yaml, which every deploy writes again from the
+    fleet file: an operator could not change it. Now the fleet file sets it, checked as the agent checks it."""
+    from device_agents.config import load_agent_config
+    from edge_kit.fleet.agent_install import agent_config
+
+    text = FLEET.replace("defaults: {user: edgekit, profile: rpi4}",
+                         "defaults: {user: edgekit, profile: rpi4, telemetry_interval_s: 5}").replace(
+        "{name: pi-2, host: 10.0.0.2, tags: [pi, canary]}", "{name: pi-2, host: 10.0.0.2, telemetry_interval_s: 0.5}")
+    fleet = load_fleet(write(tmp_path, "fleet.yaml", text))
+    for name, seconds in (("pi-1", 5.0), ("pi-2", 0.5), ("coral-1", 5.0)):
+        config, _ = agent_config(fleet, fleet.device(name))
+        (tmp_path / f"{name}.yaml").write_text(config)
+        assert load_agent_config(tmp_path / f"{name}.yaml").telemetry_interval_s == seconds
+    plain = load_fleet(write(tmp_path, "plain.yaml", FLEET))  # none set: the agent's default
+    (tmp_path / "default.yaml").write_text(agent_config(plain, plain.device("pi-1"))[0])
+    assert load_agent_config(tmp_path / "default.yaml").telemetry_interval_s == 30.0
+    for bad in ("0", "-1", ".nan", ".inf", "86401", "soon"):
+        with pytest.raises(ConfigError, match=r"fleet.yaml.*telemetry_interval_s"):
+            load_fleet(write(tmp_path, "fleet.yaml", text.replace("telemetry_interval_s: 5", f"telemetry_interval_s: {bad}")))
+
+
 def test_a_missing_fleet_file_says_how_to_get_one(tmp_path, run_cli):
     code, out, err = run_cli("fleet", "status", "--fleet", tmp_path / "fleet.yaml", "--json")
     assert code == 2
