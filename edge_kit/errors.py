@@ -62,7 +62,12 @@ __all__ = ["AgentError", "AgentTimeout", "CommandError", "CompileError", "Config
 
 
 def first_line(exc: BaseException, limit: int = 200) -> str:
-    """Return the first line of ``exc``'s text cut to ``limit`` characters, or its type's name when it
-    has no text (LiteRT raises ``RuntimeError('')`` when it cannot allocate its tensors)."""
+    """Return the first line of ``exc``'s text, or its type's name when it has no text (LiteRT raises
+    ``RuntimeError('')`` when it cannot allocate its tensors); a line over ``limit`` characters is cut at
+    the last word that fits, ending in "...", never mid-word."""
     text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:limit]
+    line = text.splitlines()[0] if text else type(exc).__name__
+    if len(line) <= limit:
+        return line
+    cut = line[:max(limit - 3, 1)]
+    return (cut.rsplit(" ", 1)[0] if " " in cut[limit // 2:] else cut).rstrip(" ,;:(") + "..."

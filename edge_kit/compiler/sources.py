@@ -386,8 +386,7 @@ def _load_keras(path: Path, name: str, digest: str, pinned: dict[str, tuple[int,
             # this process (a notebook, a plugin) would otherwise let the file's code run
             model = keras.models.load_model(path, compile=False, safe_mode=True)
     except Exception as exc:  # Keras raises many types for a bad file; all mean the same to the user
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"{path}: not a loadable Keras model ({first[:200]}); if it has custom layers or Lambda "
+        raise InputError(f"{path}: not a loadable Keras model ({first_line(exc)}); if it has custom layers or Lambda "
                          "functions, export it where their code is (model.export(folder) for a SavedModel, or "
                          "to .onnx) and compile that") from None
     names = [t.name for t in model.inputs]

@@ -214,3 +214,16 @@ def test_an_h5_whose_model_config_is_no_text_is_one_line_not_a_type_error(tmp_pa
     with pytest.raises(InputError) as caught:
         load_source(model)
     assert str(caught.value).startswith(f"{model}: ") and "\n" not in str(caught.value)
+
+
+def test_a_long_library_error_is_cut_at_a_word_and_says_it_was_cut():
+    """Keras's and LiteRT's own texts were cut at 200 characters mid-word ("If you trust the );")."""
+    from edge_kit.errors import first_line
+
+    keras = ("Requested the deserialization of a Lambda layer whose function is a Python lambda. This carries a potential "
+             "risk of arbitrary code execution and thus it is disallowed by default. If you trust the source of the "
+             "artifact, you can override this error")
+    cut = first_line(ValueError(keras + "\nsecond line"))
+    assert len(cut) <= 200 and cut.endswith("the...") and keras.startswith(cut[:-3])
+    assert first_line(ValueError("x" * 300)) == "x" * 197 + "..."  # no word to cut at: cut where it must
+    assert first_line(ValueError("short\nsecond")) == "short" and first_line(RuntimeError("")) == "RuntimeError"
