@@ -152,3 +152,26 @@ def test_the_measured_tables_take_their_figures_from_figures_json(page, heading)
     assert rows
     typed = [row for row in rows if "<!-- figure:" not in row]
     assert not typed, "rows with figures typed by hand:\n" + "\n".join(typed)
+
+
+def test_every_test_the_docs_name_exists():
+    """A page that backs a claim with `tests/...py::test_name` (or `-k words`) names a test that is there: a renamed
+    or removed test left the claim backed by nothing."""
+    defined = {path.relative_to(ROOT).as_posix(): set(re.findall(r"def (test_\w+)", path.read_text()))
+               for folder in ("tests", "benchmarks") for path in (ROOT / folder).rglob("*.py")}
+    missing = []
+    for page in PAGES:
+        text = page.read_text()
+        last = None
+        for m in re.finditer(r"((?:tests|benchmarks)/[\w/]+\.py)|::(test_\w+)|`(test_\w+)`", text):
+            path, after, bare = m.groups()
+            if path:
+                last = path
+                if path not in defined:
+                    missing.append(f"{page.relative_to(ROOT)}: {path}")
+                continue
+            name = after or bare
+            where = [last] if after and last in defined else list(defined)
+            if not any(n.startswith(name) for w in where for n in defined[w]):
+                missing.append(f"{page.relative_to(ROOT)}: {name}")
+    assert not missing, "\n".join(missing)
