@@ -184,3 +184,33 @@ def test_the_monitors_cost_argument_quotes_no_typed_timings():
     paragraph = text[text.index("**What checking costs.**"):text.index("**A database that goes away**")]
     assert "<!-- figure: sign / verify one bench record (us) -->" in paragraph
     assert not re.findall(r"\d+ ?µs", _FIGURE.sub("", paragraph))
+
+
+def documented_fields(kind: str) -> set[str]:
+    """Return the top-level fields protocol.md's Bodies table gives ``kind`` (required and "also sent"): the
+    backquoted names outside parentheses, which describe a field's inside."""
+    text = (DOCS / "protocol.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith(f"| `{kind}` |") and "required" not in line
+               and line.count("|") == 4)
+    flat = row
+    while re.search(r"\([^()]*\)", flat):
+        flat = re.sub(r"\([^()]*\)", "", flat)
+    names = set(re.findall(r"`([a-z_]+)`", flat)) - {kind}
+    return names - {"online", "offline"}
+
+
+def test_the_status_and_telemetry_fields_protocol_md_lists_are_what_the_agent_sends(tmp_path):
+    """protocol.md listed `profile` among the fields of a telemetry message; the agent never sent it (the profile
+    is in its status). Each field the table lists for status and telemetry is one the agent sends, and back."""
+    from device_agents.config import load_agent_config
+    from device_agents.service import Agent
+
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text(f"device: pi-1\nfleet: f\nprofile: rpi4\nroot: {tmp_path / 'root'}\nserve: {{enabled: false}}\n")
+    agent = Agent(load_agent_config(cfg))
+    try:
+        envelope = {"schema", "device", "fleet", "seq", "ts", "msg_id", "key_id", "sig"}
+        assert set(agent._status("online")) - envelope == documented_fields("status")
+        assert set(agent._telemetry()) == documented_fields("telemetry")
+    finally:
+        agent.spool.close()
