@@ -230,3 +230,19 @@ def test_compile_md_compares_int8_and_fp32_per_runtime_as_the_figures_notes_say(
     text = " ".join((DOCS / "compile.md").read_text().split())
     assert "each runtime's int8 is slower than its fp32, LiteRT's by far the most" in text
     assert litert_int8 > litert_fp32 and ort_int8 > ort_fp32 and litert_int8 / litert_fp32 > ort_int8 / ort_fp32
+
+
+def exit_code_clause(code: int) -> str:
+    """Return what index.md's "Errors and exit codes" says exit ``code`` means (up to the next code's clause)."""
+    text = " ".join((DOCS / "index.md").read_text().split())
+    codes = [0, 1, 2, 3, 4, 5, 6, 130]
+    start = text.index(f"; {code} ")
+    return text[start:text.index(f"; {codes[codes.index(code) + 1]} ", start)]
+
+
+def test_index_md_gives_sim_up_with_the_embedded_broker_and_no_insecure_the_exit_code_it_has(tmp_path, run_cli):
+    """index.md listed `the embedded broker without --insecure` under exit 1; since it is refused before anything
+    starts as a bad choice of options, it exits 2, as the page now says."""
+    code, out, err = run_cli("sim", "up", "--devices", "1", "--embedded-broker", "--dir", tmp_path / "sim", "--json")
+    assert code == 2 and json.loads(out)["exit_code"] == 2, err
+    assert "--embedded-broker" in exit_code_clause(2) and "--insecure" not in exit_code_clause(1)
