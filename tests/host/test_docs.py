@@ -246,3 +246,29 @@ def test_index_md_gives_sim_up_with_the_embedded_broker_and_no_insecure_the_exit
     code, out, err = run_cli("sim", "up", "--devices", "1", "--embedded-broker", "--dir", tmp_path / "sim", "--json")
     assert code == 2 and json.loads(out)["exit_code"] == 2, err
     assert "--embedded-broker" in exit_code_clause(2) and "--insecure" not in exit_code_clause(1)
+
+
+def test_the_message_sizes_rollouts_md_gives_are_what_the_protocol_package_encodes():
+    """rollouts.md gave a desired state as 802 bytes and a reported one as 615-661 with no word of what was sized;
+    it now names the example, and these are the bytes the protocol package signs and encodes for it."""
+    from device_agents.identity import Signer
+    from edgekit_protocol import messages
+    from edgekit_protocol.desired import Desired, Fetch, reported_body
+
+    signer = Signer.generate()
+    desired = Desired(msg_id="", rollout="digits-20261130-092600", revision=3, store="http://127.0.0.1:8080",
+                      model="digits", variant="int8-pruned-ch50", sha256="a" * 64, bytes=54912, eval_sha256="b" * 64,
+                      eval_bytes=123456, keep=("c" * 64, "d" * 64), fetch=Fetch())
+
+    def size(kind: str, body: dict) -> int:
+        message = messages.envelope(kind, "factory-a", "pi-kitchen-01", 9, body)
+        message["ts"] = 1764494880.123456  # a time with all six decimals: a trailing 0 would be a byte shorter
+        return len(messages.encode(signer.sign(message)))
+
+    current = {"sha256": "a" * 64, "variant": "int8-pruned-ch50", "model": "digits"}
+    fetching = size("reported", reported_body(desired, "fetching", current))
+    converged = size("reported", reported_body(desired, "converged", current,
+                                               download={"bytes": 54912, "resumed": False, "seconds": 0.412}))
+    text = " ".join((DOCS / "rollouts.md").read_text().split())
+    assert (f"two spared candidates is {size('desired', desired.body())} bytes; a reported state {fetching} "
+            f"(`fetching`) to {converged} bytes") in text
