@@ -272,3 +272,24 @@ def test_the_message_sizes_rollouts_md_gives_are_what_the_protocol_package_encod
     text = " ".join((DOCS / "rollouts.md").read_text().split())
     assert (f"two spared candidates is {size('desired', desired.body())} bytes; a reported state {fetching} "
             f"(`fetching`) to {converged} bytes") in text
+
+
+def test_packaging_md_names_every_dependency_of_each_extra():
+    """packaging.md's table left out pytest-xdist (dev: the command CI runs needs it) and Keras (host). Each row now
+    names every dependency its extra declares in pyproject.toml."""
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    spelled = {"tensorflow-cpu": "tensorflow", "ai-edge-litert": "litert", "psycopg": "psycopg 3"}
+    rows = {m.group(1): m.group(0).lower() for m in re.finditer(r"^\| `pip install 'edge-kit\[([a-z-]+)\]'`.*$",
+                                                                 (DOCS / "packaging.md").read_text(), re.M)}
+    assert set(rows) == set(extras), "a row per extra"
+    missing = []
+    for extra, deps in extras.items():
+        for dep in deps:
+            name = re.match(r"[A-Za-z0-9_.-]+", dep).group(0).lower()
+            if name in ("onnx-graphsurgeon", "sng4onnx", "sne4onnx", "psutil") and "what onnx2tf imports" in rows[extra]:
+                continue  # onnx2tf's own imports, named as such
+            if spelled.get(name, name) not in rows[extra]:
+                missing.append(f"{extra}: {name}")
+    assert not missing, missing
