@@ -1,5 +1,6 @@
-"""The docs against the code: every option a page names exists on its command, the YAML examples load with the real
-loaders, and every figure a page quotes as measured comes from docs/figures.json (the docs audit's checks)."""
+"""The docs against the code (the docs audit's checks): every option a page gives a command is one it takes, the YAML
+examples load with the real loaders, every figure a page quotes as measured comes from docs/figures.json, every test a
+page names exists, and the fields, exit codes, sizes and extras the pages state are what the code does."""
 
 from __future__ import annotations
 
