@@ -40,7 +40,7 @@ from edge_kit.fleet.broker_setup import OPERATOR_USER
 from edge_kit.fleet.keys import FleetKeys
 from edge_kit.manifest import ArtifactTrust
 from edge_kit.profiles import Constraints, Storage
-from edgekit_protocol.config import BrokerConfig
+from edgekit_protocol.config import BrokerConfig, ServeConfig
 from edgekit_protocol.messages import MAX_TELEMETRY_INTERVAL_S
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -124,6 +124,10 @@ class Serving(StrictModel):
     http_max_clients: int = Field(default=4, ge=1, le=1000)  # HTTP connections, places of their own
     http_max_body_mb: float = Field(default=4.0, gt=0, le=4096)
     busy_poll_us: int = Field(default=0, ge=0, le=100_000)  # the server waits on the CPU for a lone client's next request
+    # How long a request may take to arrive, its headers on HTTP, and a client to take its answer (the agent's bounds)
+    request_timeout_s: float = Field(default=ServeConfig.request_timeout_s, gt=0, le=3600)
+    http_header_timeout_s: float = Field(default=ServeConfig.http_header_timeout_s, gt=0, le=3600)
+    send_timeout_s: float = Field(default=ServeConfig.send_timeout_s, gt=0, le=3600)
 
 
 class Pulling(StrictModel):

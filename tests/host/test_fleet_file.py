@@ -131,6 +131,22 @@ def test_the_telemetry_interval_is_set_from_the_fleet_file_per_device_or_in_defa
             load_fleet(write(tmp_path, "fleet.yaml", text.replace("telemetry_interval_s: 5", f"telemetry_interval_s: {bad}")))
 
 
+def test_the_serving_timeouts_docs_name_are_fleet_file_keys_and_reach_the_agent(tmp_path):
+    """docs/serving.md says the fleet file's `serve` takes request_timeout_s, http_header_timeout_s and send_timeout_s;
+    the fleet file refused them as unknown keys, so a deployed agent could only keep the defaults (the deploy
+    writes its agent.yaml). Now they reach the agent's config, checked against the agent's bounds."""
+    from edge_kit.fleet.agent_install import agent_config
+
+    serve = "serve: {http_port: 8089, request_timeout_s: 12, http_header_timeout_s: 2.5, send_timeout_s: 7}"
+    text = FLEET.replace("defaults: {user: edgekit, profile: rpi4}", "defaults: {user: edgekit, profile: rpi4, "
+                         + serve + "}")
+    fleet = load_fleet(write(tmp_path, "fleet.yaml", text))
+    plain, _ = agent_config(fleet, fleet.device("pi-1"))
+    assert "request_timeout_s: 12" in plain and "http_header_timeout_s: 2.5" in plain and "send_timeout_s: 7" in plain
+    with pytest.raises(ConfigError, match=r"fleet.yaml:3: defaults.serve.send_timeout_s"):
+        load_fleet(write(tmp_path, "fleet.yaml", text.replace("send_timeout_s: 7", "send_timeout_s: 3601")))
+
+
 def test_a_missing_fleet_file_says_how_to_get_one(tmp_path, run_cli):
     code, out, err = run_cli("fleet", "status", "--fleet", tmp_path / "fleet.yaml", "--json")
     assert code == 2
