@@ -574,3 +574,56 @@ def test_a_canary_deploy_stores_the_health_benchmarks_the_history_takes_and_name
     assert len(_invalid(db)) == 1
     code, out, err = run_cli("deploy", "--fleet", _fleet_file(tmp_path), "--artifacts", tmp_path / "art", "--canary", "50%")
     assert code == 4 and "d1: history refused bench int8 (refused by the history: " in " ".join(out.split()), (out, err)
+
+
+def test_a_command_over_the_payload_limit_is_refused_in_one_line_and_nothing_is_sent():
+    """A command over the 64 KiB every agent takes (`edgekit bench --variant` of 70,000 characters) was published: the
+    broker (max_packet_size) cut the host off, paho reconnected and sent it again, for ever, and the command waited
+    out its timeout to say 'no answer'. Now it is refused before it is published, naming the device, the command,
+    the size and the limit."""
+    from edgekit_protocol.errors import PayloadTooLarge
+
+    with client(agent()) as c:
+        with pytest.raises(PayloadTooLarge, match=r"^d1: the bench command of 70,[0-9]{3} bytes is over the protocol's "
+                                                  r"65,536-byte limit: not sent; shorten its arguments$"):
+            c.request("d1", "bench", {"variant": "x" * 70_000}, timeout=30)
+        assert c.client.published == [] and c.sent == {}
+        assert c.request("d1", "bench", {"variant": "int8"})["record"]["device"] == "d1"  # the session goes on
+
+
+def test_every_desired_state_the_rules_allow_fits_the_payload_limit_and_a_larger_one_is_not_published():
+    """A desired state within parse_desired's rules (names of 512 characters at most, a model's 128, 256 sha256s to keep) is at
+    most ~21 KB signed: a rollout cannot meet the limit. publish_desired checks all the same, before publishing."""
+    from edgekit_protocol.desired import (
+        MAX_NAME_CHARS,
+        MAX_REVISION,
+        Desired,
+        parse_desired,
+    )
+    from edgekit_protocol.errors import PayloadTooLarge
+
+    long = "x" * MAX_NAME_CHARS
+    most = Desired(msg_id="", rollout=long, revision=MAX_REVISION, store="http://" + "s" * (MAX_NAME_CHARS - 7),
+                   model="m" * 128, variant=long, sha256="a" * 64, bytes=2 ** 40 - 1, eval_sha256="b" * 64,
+                   eval_bytes=2 ** 40 - 1, keep=tuple(f"{i:064x}" for i in range(256)))
+    published = []
+    with client(agent()) as c:
+        c.client.publish = lambda topic, payload, qos=0, retain=False: published.append(payload)
+        parse_desired({**c.publish_desired(most, "d1"), "msg_id": "m"})  # the agent takes it
+        assert len(published[0]) < messages.MAX_PAYLOAD // 3
+        too_big = Desired(**{**vars(most), "keep": most.keep * 4})  # past the rules: only a bug could build it
+        with pytest.raises(PayloadTooLarge, match=r"^d1: the desired state of rollout x{60} of [0-9,]+ bytes is over"):
+            c.publish_desired(too_big, "d1")
+    assert len(published) == 1
+
+
+def test_edgekit_bench_with_a_command_over_the_payload_limit_stops_in_one_line_exit_2(tmp_path, run_cli, monkeypatch):
+    from edge_kit.fleet import commands
+
+    fake = client(agent())
+    monkeypatch.setattr(commands.FleetClient, "of", classmethod(lambda cls, fleet, **kw: fake))
+    code, out, err = run_cli("bench", "--fleet", _fleet_file(tmp_path), "--device", "d1", "--variant", "x" * 70_000,
+                             "--timeout", "30")
+    assert code == 2 and err.count("\n") == 1, (out, err)
+    assert "d1: the bench command of 70," in err and "65,536-byte limit: not sent" in err
+    assert fake.client.published == []
