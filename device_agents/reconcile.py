@@ -11,7 +11,9 @@ What survives a restart: the last desired message taken and whether it converged
 (``<root>/desired.json``, written atomically before the broker is told it arrived) and the partial
 download (``<root>/incoming/<sha256>.partial``, resumed with a Range request). The highest revision taken
 is kept a second time (``<root>/desired-revision.json``, with its ``msg_id``), so a ``desired.json`` lost
-or damaged does not let a replayed older desired state take the device back. A desired state that
+or damaged does not let a replayed older desired state take the device back. The last ``reported`` body is kept
+too (``<root>/reported.json``, written atomically): a restarted agent publishes it once it connects, so a report
+whose publishing failed before the restart is not lost until the next state change. A desired state that
 converged is not applied again after a restart (an operator may have moved the device since, by a
 push deploy); one that had not is resumed once the broker had a moment to deliver a newer one.
 A device is never left without a working model:
@@ -41,6 +43,7 @@ log = logging.getLogger("edgekit.agent.reconcile")
 MAX_RETRY_S = 900.0
 DESIRED = "desired.json"
 REVISION = "desired-revision.json"  # the highest revision taken and its msg_id: the floor a lost desired.json leaves
+REPORTED = "reported.json"  # the last reported body: published again once a restarted agent connects
 CONNECT_GRACE_S = 2.0  # after a restart, how long the broker gets to deliver a newer desired state
 FLOOR_RATE = 8192.0  # bytes/s: a download slower than this on average (or half the cap) is given up and retried
 
@@ -128,10 +131,26 @@ class Reconciler:
         except (OSError, ValueError, KeyError, TypeError, EdgeKitError) as exc:
             log.error("%s: unreadable desired state (%s); waiting for the operator's next one", self.root / DESIRED, exc)
             return
+        self.last = self._load_reported()
         attempts = saved.get("attempts")
         self.attempt = attempts if isinstance(attempts, int) and not isinstance(attempts, bool) and attempts >= 0 else 0
         if not saved.get("converged") and self.attempt < self.settings.max_attempts:
             self.next_at, self._resumed = self.clock(), True  # no second start delay: it was served before
+
+    def _load_reported(self) -> dict[str, Any] | None:
+        """Return the reported body persisted before a restart when it is about the desired state taken (same
+        rollout and revision), else None (none, damaged: logged, or about another desired state)."""
+        try:
+            body = json.loads((self.root / REPORTED).read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            log.error("%s: unreadable (%s); the next reconcile step reports again", self.root / REPORTED, exc)
+            return None
+        d = self.desired
+        if not isinstance(body, dict) or d is None or (body.get("rollout"), body.get("revision")) != (d.rollout, d.revision):
+            return None
+        return body
 
     def _save(self, converged: bool, message: dict[str, Any] | None = None, attempts: int | None = None) -> None:
         """Persist the desired message (``message``, else the one taken), whether it converged and the tries
@@ -393,6 +412,11 @@ class Reconciler:
 
         self.last = {**reported_body(self.desired, state, ref(self.store.current()), attempt=self.attempt, **extra),
                      "previous": ref(self.store.previous())}  # what a rollback by desired state goes back to
+        try:  # before publishing: a restart before it goes out still has it to publish on connecting
+            atomic_write(self.root / REPORTED, json.dumps(self.last).encode())
+        except (OSError, TypeError, ValueError) as exc:
+            log.error("could not keep the reported state in %s (%s); it is published all the same",
+                      self.root / REPORTED, exc)
         self._report(self.last)
         return self.last
 

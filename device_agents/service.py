@@ -61,7 +61,7 @@ from device_agents.store import ModelStore, StoreError, default_root
 from edgekit_protocol import messages
 from edgekit_protocol.commands import MAX_TTL_S, Command, CommandError, parse_command
 from edgekit_protocol.config import AgentConfig
-from edgekit_protocol.errors import EdgeKitError
+from edgekit_protocol.errors import EdgeKitError, PayloadTooLarge
 
 log = logging.getLogger("edgekit.agent")
 WRITES = ("install", "activate", "rollback", "bench", "operators")  # commands that write a model, a link or a record
@@ -222,11 +222,10 @@ class Agent:
 
         def build(seq: int) -> bytes:
             built.update(self.signer.sign(messages.envelope(kind, self.cfg.fleet, self.cfg.device, seq, body)))
-            payload = messages.encode(built)
-            if len(payload) > messages.MAX_PAYLOAD:  # raised inside the spool's transaction: its seq is not taken
-                raise MessageTooLarge(f"a {kind} message of {len(payload):,} bytes is over the protocol's "
-                                      f"{messages.MAX_PAYLOAD:,}-byte limit: not sent")
-            return payload
+            try:  # raised inside the spool's transaction: its seq is not taken
+                return messages.encode_within_limit(built, f"a {kind} message")
+            except PayloadTooLarge as exc:
+                raise MessageTooLarge(str(exc)) from None
 
         try:
             row, _ = self._on_disk(lambda: self.spool.add(kind, self._topic(kind), build, answers=answers))

@@ -38,6 +38,15 @@ class MessageError(EdgeKitError, ValueError):
     """A payload that is not a valid edge-kit message; the text says which field is wrong."""
 
 
+class PayloadTooLarge(MessageError):
+    """A message its sender built is over the protocol's payload limit (``messages.MAX_PAYLOAD``): never published.
+    Every receiver refuses it, and a broker with ``max_packet_size`` cuts off the client that sends it, which sends it
+    again (QoS 1) at every reconnect. The text names the message (its device, command or kind), its size and the
+    limit; exit 2 (what was given is too big: shorten it)."""
+
+    exit_code = 2
+
+
 class CommandError(MessageError):
     """A command that cannot be run; ``cmd_id`` and ``name`` are set when they could be read."""
 

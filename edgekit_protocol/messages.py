@@ -25,7 +25,7 @@ import time
 import uuid
 from typing import Any
 
-from edgekit_protocol.errors import MessageError
+from edgekit_protocol.errors import MessageError, PayloadTooLarge
 
 ROOT = "edgekit/v1"
 KINDS = ("status", "bench", "telemetry", "live", "shadow", "cmd", "cmd/ack", "desired", "reported")
@@ -147,6 +147,21 @@ def envelope(kind: str, fleet: str, device: str, seq: int, body: dict[str, Any])
 def encode(message: dict[str, Any]) -> bytes:
     """Return the compact UTF-8 JSON form of a message."""
     return json.dumps(message, separators=(",", ":"), allow_nan=False).encode()
+
+
+def encode_within_limit(message: dict[str, Any], what: str, hint: str = "") -> bytes:
+    """Return :func:`encode` of ``message`` when it is within :data:`MAX_PAYLOAD`, the size every receiver takes:
+    what each sender (the host's commands and desired states, the agent's messages) checks before publishing.
+    ``what`` names the message in the error (``"the bench command to pi-1"``), ``hint`` says what to do.
+
+    Raises:
+        PayloadTooLarge: it is over the limit (nothing is published); the text gives ``what``, its size and the limit.
+    """
+    payload = encode(message)
+    if len(payload) > MAX_PAYLOAD:
+        raise PayloadTooLarge(f"{what} of {len(payload):,} bytes is over the protocol's {MAX_PAYLOAD:,}-byte limit: "
+                              "not sent" + (f"; {hint}" if hint else ""))
+    return payload
 
 
 def canonical(message: dict[str, Any]) -> bytes:

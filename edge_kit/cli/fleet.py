@@ -81,6 +81,7 @@ def bench_cmd(
     The history is the fleet's (beside its file) or --history: where select, fleet status and report read it."""
     from edge_kit.fleet.commands import FleetClient
     from edge_kit.fleet.inventory import load_fleet
+    from edge_kit.loop.tune import store_each
 
     fleet = load_fleet(fleet_file)
     dev = fleet.device(device)
@@ -91,16 +92,21 @@ def bench_cmd(
             with spinner(f"benchmarking {variant or 'the current model'} on {dev.name}", as_json):
                 # void once this gives up: a benchmark queued behind others never starts when nobody waits for it
                 record = client.request(dev.name, "bench", args, timeout=timeout, expire=True)["record"]
-        db.add("bench", record)  # once: a monitor that stored it too has the same msg_id
+        # once: a monitor that stored it too has the same msg_id; one the history refuses for what it holds is
+        # kept as invalid, shown and said (exit 4), never a traceback that loses the measurement
+        _, refused = store_each(db, "bench", [record])
         where = db.where
     if as_json:
-        emit_json(record)
-        return
-    t = Table(show_header=False, box=box.SIMPLE, pad_edge=False)
-    for label, text in bench_rows(record):
-        t.add_row(label, safe(text))
-    out.print(t)
-    out.print(f"stored in {safe(where)}", highlight=False)
+        emit_json(record if not refused else {**record, "history_refused": refused})
+    else:
+        t = Table(show_header=False, box=box.SIMPLE, pad_edge=False)
+        for label, text in bench_rows(record):
+            t.add_row(label, safe(text))
+        out.print(t)
+        out.print(f"stored in {safe(where)}" if not refused else
+                  f"[red]{safe(dev.name)}: not stored:[/] {safe('; '.join(refused[dev.name]))}", highlight=False)
+    if refused:
+        raise typer.Exit(4)
 
 
 
@@ -243,6 +249,7 @@ def deploy_cmd(
     from edge_kit.fleet.deploy import DeployOptions, deploy
     from edge_kit.fleet.inventory import load_fleet
     from edge_kit.loop.rollout import rollout
+    from edge_kit.loop.tune import refused_note, store_each
     from edge_kit.loop.waves import parse_share
     from edge_kit.manifest import read_manifest
 
@@ -280,25 +287,30 @@ def deploy_cmd(
         group = (rollout(fleet, targets, opts, canary_share, failed_share, progress, gate=gated,
                          record=record if gated is not None else None) if canary_share
                  else deploy(fleet, targets, opts, progress))
-    stored = 0
+    stored, refused = 0, {}
     if history is not None:
-        try:  # each once: a monitor that stored a record too has the same msg_id
-            stored = history.add_many([("bench", r.health) for r in group.results if r.health])
+        try:  # each once: a monitor that stored a record too has the same msg_id; one the history refuses for what
+            # it holds is refused alone (kept as invalid), the others stored
+            stored, refused = store_each(history, "bench", [r.health for r in group.results if r.health])
             where = history.where
         finally:
             history.close()
     if as_json:
-        emit_json(group.as_dict())
+        emit_json({**group.as_dict(), "history_refused": refused} if history is not None else group.as_dict())
     else:
         out.print(results_table(group))
         out.print(f"manifest: {group.signature}", highlight=False)
         if stored:
             out.print(f"canary health benchmarks: {stored} stored in {safe(where)}", highlight=False)
+        for name, what in refused.items():
+            out.print(f"[red]{safe(name)}: history refused[/] {safe('; '.join(what))}", highlight=False)
+        if refused:
+            out.print(f"[yellow]note[/] {safe(refused_note(refused))}", highlight=False)
         if group.stopped:
             out.print(f"[red]rollout stopped:[/] {safe(group.stopped)}")
         if judged:
             out.print(gate_lines(judged[0]["gate"], promoted=not group.stopped), highlight=False)
-    if group.failed or group.stopped:
+    if group.failed or group.stopped or refused:
         raise typer.Exit(4)
 
 

@@ -211,6 +211,12 @@ def print_tune(report: Any) -> None:
         out.print(results_table(report.deploy))
     for device, what in report.silent.items():
         out.print(f"[red]{device} did not answer:[/] {safe(', '.join(what))}")
+    for device, what in report.refused.items():
+        out.print(f"[red]{safe(device)}: history refused[/] {safe('; '.join(what))}")
+    if report.refused:
+        from edge_kit.loop.tune import refused_note
+
+        out.print(f"[yellow]note[/] {safe(refused_note(report.refused))}")
     switched = report.switched
     out.print(f"{rounds_text(report)}; switched: {', '.join(switched) or 'nothing'}")
     if report.budget is not None:
@@ -271,7 +277,7 @@ def tune_cmd(
         emit_json(report.as_dict())
     else:
         print_tune(report)
-    if report.deploy.failed or report.silent:
+    if report.deploy.failed or report.silent or report.refused:
         raise typer.Exit(4)
 
 

@@ -209,20 +209,29 @@ class FleetClient:
 
         Raises:
             CommandError: the command or its arguments break the spec the agent enforces; nothing is sent.
+            PayloadTooLarge: the signed command is over the protocol's payload limit (the agent would refuse it, and
+                the broker cut this client off at every reconnect); nothing is sent.
         """
         msg = commands.command(self.fleet, device, name, args,
                                expires=expires if expires is not None else time.time() + COMMAND_TTL_S)
         self.signer.sign(msg)
+        payload = messages.encode_within_limit(msg, f"{device}: the {name} command", "shorten its arguments")
         with self._cond:
             self.sent[msg["msg_id"]] = device
-        self.client.publish(messages.topic(self.fleet, device, "cmd"), messages.encode(msg), qos=1)
+        self.client.publish(messages.topic(self.fleet, device, "cmd"), payload, qos=1)
         return msg["msg_id"]
 
     def publish_desired(self, desired: Desired, device: str) -> dict[str, Any]:
         """Publish ``desired`` as ``device``'s desired state (signed, retained: the device takes it on
-        its next connect if it is offline now); return the message sent."""
+        its next connect if it is offline now); return the message sent.
+
+        Raises:
+            PayloadTooLarge: the signed desired state is over the protocol's payload limit; nothing is sent.
+        """
         msg = self.signer.sign(messages.envelope("desired", self.fleet, device, 0, desired.body()))
-        self.client.publish(messages.topic(self.fleet, device, "desired"), messages.encode(msg), qos=1, retain=True)
+        payload = messages.encode_within_limit(msg, f"{device}: the desired state of rollout {desired.rollout[:60]}",
+                                               "shorten the rollout id, store URL or model name")
+        self.client.publish(messages.topic(self.fleet, device, "desired"), payload, qos=1, retain=True)
         return msg
 
     def wait_ack(self, cmd_id: str, timeout: float) -> dict[str, Any] | None:

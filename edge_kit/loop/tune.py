@@ -90,6 +90,9 @@ class TuneReport:
     rounds: list[dict[str, Any]] = field(default_factory=list)  # per round: measured, decisions, switched, silent
     final: dict[str, Decision] = field(default_factory=dict)
     silent: dict[str, list[str]] = field(default_factory=dict)  # device -> variants it did not answer for
+    # device -> its records the history refused for what they hold (kept as invalid, not stored): measurements,
+    # health benchmarks, statuses
+    refused: dict[str, list[str]] = field(default_factory=dict)
     budget: dict[str, Any] | None = None  # with a budget: spent, left, unit, messages, health benchmarks
 
     @property
@@ -99,7 +102,7 @@ class TuneReport:
 
     def as_dict(self) -> dict[str, Any]:
         """Return the report as plain data (for ``--json``); ``budget`` only when the tune had one."""
-        out = {"deploy": self.deploy.as_dict(), "rounds": self.rounds, "silent": self.silent,
+        out = {"deploy": self.deploy.as_dict(), "rounds": self.rounds, "silent": self.silent, "refused": self.refused,
                "final": {k: v.as_dict() for k, v in self.final.items()}}
         if self.budget is not None:
             out["budget"] = self.budget
@@ -193,12 +196,47 @@ def decide(manifest: Manifest, devices: list[Device], store: HistoryStore, curre
     return note_runtimes({r.device: d for r, d in zip(requests, choose_all(requests, margin))}, refused)
 
 
-def _measure(client: FleetClient, store: HistoryStore, wanted: dict[str, list[tuple[str, str]]], bench: dict[str, Any],
-             timeout: float) -> tuple[int, dict[str, list[str]]]:
-    """Ask every device for its unmeasured variants at once; store what comes back.
+def store_each(store: HistoryStore, kind: str, records: list[dict[str, Any]],
+               refused: dict[str, list[str]] | None = None) -> tuple[int, dict[str, list[str]]]:
+    """Store devices' ``kind`` records (signed messages as received); a record the history refuses for what it holds
+    is refused alone (kept in the history's ``invalid`` table, not stored) and the others are stored
+    (:meth:`~edge_kit.telemetry.store.HistoryStore.add_each`).
 
     Returns:
-        (records stored, {device: variants that got no answer in time}).
+        (how many were new; ``refused``, or a new dict, with each refused record added under its device as
+        ``"<variant or kind> (refused by the history: <why>)"``).
+
+    Raises:
+        HistoryError: the history cannot be written (not a record's fault).
+    """
+    refused = {} if refused is None else refused
+    new, why = store.add_each([(kind, r) for r in records])
+    for i, reason in why.items():
+        r = records[i]
+        label = f"{kind} {r['variant']}" if kind == "bench" and isinstance(r.get("variant"), str) else kind
+        refused.setdefault(str(r.get("device")), []).append(f"{label} (refused by the history: {reason})")
+    return new, refused
+
+
+def refused_note(refused: dict[str, list[str]]) -> str:
+    """Return the one line that says how many records the history refused, of which devices (``refused``: as
+    :func:`store_each` fills it)."""
+    count = sum(len(v) for v in refused.values())
+    return (f"{count} record(s) refused by the history for what they hold ({', '.join(sorted(refused))}): kept in "
+            "its invalid table, not stored; the other records are stored")
+
+
+def _measure(client: FleetClient, store: HistoryStore, wanted: dict[str, list[tuple[str, str]]], bench: dict[str, Any],
+             timeout: float) -> tuple[int, dict[str, list[str]], dict[str, list[str]]]:
+    """Ask every device for its unmeasured variants at once; store what comes back (a record the history refuses
+    for what it holds is refused alone, the others are stored: :func:`store_each`).
+
+    Returns:
+        (records stored, {device: variants that got no answer in time}, {device: its measurements the history
+        refused, with why}).
+
+    Raises:
+        HistoryError: the history cannot be written (not a record's fault).
     """
     sent: dict[str, tuple[str, str]] = {}  # cmd id -> (device, variant)
     expires = time.time() + timeout  # a benchmark not started when the round gives up is asked again next round
@@ -206,7 +244,7 @@ def _measure(client: FleetClient, store: HistoryStore, wanted: dict[str, list[tu
         for variant, sha in items:
             sent[client.send(device, "bench", {"sha256": sha, **bench}, expires)] = (device, variant)
     deadline = time.monotonic() + timeout
-    stored, silent = 0, {}
+    stored, silent, refused = 0, {}, {}
     for cmd_id, (device, variant) in sent.items():
         ack = client.wait_ack(cmd_id, max(0.0, deadline - time.monotonic()))
         record = None
@@ -219,9 +257,11 @@ def _measure(client: FleetClient, store: HistoryStore, wanted: dict[str, list[tu
                                                                         else "record did not arrive"))
             silent.setdefault(device, []).append(f"{variant} ({why})")
             continue
-        store.add("bench", record)
-        stored += 1
-    return stored, silent
+        _, why = store_each(store, "bench", [record])  # as each arrives: a history failing later keeps these
+        for name, texts in why.items():
+            refused.setdefault(name, []).extend(texts)
+        stored += not why
+    return stored, silent, refused
 
 
 def tune(fleet: Fleet, devices: list[Device], opts: TuneOptions, store: HistoryStore,
@@ -255,18 +295,23 @@ def tune(fleet: Fleet, devices: list[Device], opts: TuneOptions, store: HistoryS
             count = sum(len(v) for v in wanted.values())
             step(f"round {number}: " + ("deciding on the health benchmarks" if verify else
                                         f"measuring {count} variant(s) on {len([w for w in wanted.values() if w])} device(s)"))
-            stored, silent = _measure(client, store, {k: v for k, v in wanted.items() if v}, opts.bench, opts.timeout)
+            stored, silent, unstored = _measure(client, store, {k: v for k, v in wanted.items() if v}, opts.bench,
+                                                opts.timeout)
             for device, what in silent.items():
                 report.silent.setdefault(device, []).extend(what)
+            for device, what in unstored.items():
+                report.refused.setdefault(device, []).extend(what)
             step(f"round {number}: selecting")
-            decisions = decide(manifest, [d for d in live if d.name not in silent], store, current, opts.margin, refused)
+            # a device that did not answer, or whose measurement the history refused, is left out of this round
+            decisions = decide(manifest, [d for d in live if d.name not in silent and d.name not in unstored], store,
+                               current, opts.margin, refused)
             for d in decisions.values():
                 store.add_decision({**d.as_dict(), "round": number, "artifacts": str(opts.artifacts.resolve()),
                                     "verify": verify})
             switch = {name: d.chosen for name, d in decisions.items() if d.switch and d.chosen}
             report.final.update(decisions)
-            entry = {"round": number, "measured": stored, "silent": silent, "switched": sorted(switch), "verify": verify,
-                     "decisions": {k: v.as_dict() for k, v in decisions.items()}}
+            entry = {"round": number, "measured": stored, "silent": silent, "refused": unstored, "switched": sorted(switch),
+                     "verify": verify, "decisions": {k: v.as_dict() for k, v in decisions.items()}}
             report.rounds.append(entry)
             if not switch:
                 break
@@ -275,9 +320,9 @@ def tune(fleet: Fleet, devices: list[Device], opts: TuneOptions, store: HistoryS
                 break
             step(f"round {number}: activating on {len(switch)} device(s)")
             entry["activation"] = _activate(fleet, [d for d in live if d.name in switch], switch, opts, store,
-                                            current, manifest).as_dict()
+                                            current, manifest, report.refused).as_dict()
         time.sleep(0.2)  # let the agents' status updates after an activation arrive
-        store.add_many([("status", m) for m in client.statuses()])
+        store_each(store, "status", client.statuses(), report.refused)
     return report
 
 
@@ -288,20 +333,23 @@ def pending_note(devices: list[str]) -> str:
 
 
 def _activate(fleet: Fleet, devices: list[Device], switch: dict[str, str], opts: TuneOptions, store: HistoryStore,
-              current: dict[str, str | None], manifest: Manifest) -> GroupResult:
+              current: dict[str, str | None], manifest: Manifest, unstored: dict[str, list[str]]) -> GroupResult:
     """Activate each device's chosen variant with a health benchmark; store those benchmarks (the fresh
-    measurement of the activated variant) and note what each device now runs in ``current``. ``manifest``:
-    the one the tune checked and decided on (a manifest replaced since is not deployed).
+    measurement of the activated variant; one the history refuses for what it holds is added to ``unstored`` under
+    its device, the others stored: :func:`store_each`) and note what each device now runs in ``current``.
+    ``manifest``: the one the tune checked and decided on (a manifest replaced since is not deployed).
 
     Returns:
         The deploy's per-device results.
+
+    Raises:
+        HistoryError: the history cannot be written (not a record's fault).
     """
     group = deploy(fleet, devices, DeployOptions(opts.artifacts, variants=switch, parallel=opts.parallel,
                                                  trust_new_hosts=opts.trust_new_hosts, health_bench=dict(opts.bench),
                                                  health_timeout=opts.timeout), manifest=manifest)
+    store_each(store, "bench", [r.health for r in group.results if r.health is not None], unstored)
     for r in group.results:
-        if r.health is not None:
-            store.add("bench", r.health)
         if r.ok and r.sha256:
             current[r.device] = r.sha256
     return group
@@ -407,10 +455,11 @@ def _tune_budget(fleet: Fleet, live: list[Device], manifest: Manifest, opts: Tun
     with FleetClient.of(fleet) as client:
         for number in range(1, opts.rounds + 2):
             verify = number > opts.rounds  # after the last round's switches: decide on their health benchmarks only
-            measured, silent, planned = 0, {}, []
+            measured, silent, unstored, planned = 0, {}, {}, []
             stale = False  # the plan in hand predates measurements stored since
             for batch in range(1, 1 + (1 if verify else opts.plans_per_round)):
-                spec, m, shas, records = fleet_inputs(manifest, [d for d in live if d.name not in silent], store,
+                spec, m, shas, records = fleet_inputs(manifest, [d for d in live if d.name not in silent
+                                                                 and d.name not in unstored], store,
                                                       current, refused, flagged)
                 plan = plan_measurements(spec, m, budget=0 if verify else left, cost=_cost(spec, records, opts),
                                          settings=settings)
@@ -425,15 +474,19 @@ def _tune_budget(fleet: Fleet, live: list[Device], manifest: Manifest, opts: Tun
                     planned.append((spec.devices[d], spec.variants[v], why))
                     wanted.setdefault(spec.devices[d], []).append((spec.variants[v], shas[spec.variants[v]]))
                 step(f"round {number}.{batch}: measuring {len(plan.measure)} planned pair(s) on {len(wanted)} device(s)")
-                stored, missing = _measure(client, store, wanted, opts.bench, opts.timeout)
+                stored, missing, refused_now = _measure(client, store, wanted, opts.bench, opts.timeout)
                 measured += stored
                 left -= plan.cost
                 info["spent"] += plan.cost
                 for device, what in missing.items():
                     silent.setdefault(device, []).extend(what)
                     report.silent.setdefault(device, []).extend(what)
-            if silent or stale:  # decide on every measurement stored, without the devices that did not answer
-                spec, m, shas, records = fleet_inputs(manifest, [d for d in live if d.name not in silent], store,
+                for device, what in refused_now.items():  # left out of this round, as a silent device
+                    unstored.setdefault(device, []).extend(what)
+                    report.refused.setdefault(device, []).extend(what)
+            if silent or unstored or stale:  # decide on every measurement stored, without the devices that did not answer
+                spec, m, shas, records = fleet_inputs(manifest, [d for d in live if d.name not in silent
+                                                                 and d.name not in unstored], store,
                                                       current, refused, flagged)
                 plan = plan_measurements(spec, m, budget=0, settings=settings)
             info["measured"] += measured
@@ -444,7 +497,7 @@ def _tune_budget(fleet: Fleet, live: list[Device], manifest: Manifest, opts: Tun
                                     "budget": {k: info[k] for k in ("unit", "budget", "spent")}, "verify": verify})
             switch = {name: d.chosen for name, d in decisions.items() if d.switch and d.chosen}
             report.final.update(decisions)
-            entry = {"round": number, "measured": measured, "silent": silent, "switched": sorted(switch),
+            entry = {"round": number, "measured": measured, "silent": silent, "refused": unstored, "switched": sorted(switch),
                      "verify": verify, "planned": planned,
                      "messages": plan.messages, "decisions": {k: v.as_dict() for k, v in decisions.items()}}
             report.rounds.append(entry)
@@ -455,11 +508,11 @@ def _tune_budget(fleet: Fleet, live: list[Device], manifest: Manifest, opts: Tun
                 info["messages"] = [*plan.messages, pending_note(sorted(switch))]
                 break
             step(f"round {number}: activating on {len(switch)} device(s), each with a health benchmark")
-            group = _activate(fleet, [by_name[n] for n in switch], switch, opts, store, current, manifest)
+            group = _activate(fleet, [by_name[n] for n in switch], switch, opts, store, current, manifest, report.refused)
             entry["activation"] = group.as_dict()
             info["health"] += sum(r.health is not None for r in group.results)
         time.sleep(0.2)
-        store.add_many([("status", m) for m in client.statuses()])
+        store_each(store, "status", client.statuses(), report.refused)
 
 
 def decide_fleet(manifest: Manifest, devices: list[Device], store: HistoryStore, current: dict[str, str | None],

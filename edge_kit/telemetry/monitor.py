@@ -45,7 +45,7 @@ from paho.mqtt.properties import Properties
 
 from device_agents.identity import receive, verify_published
 from device_agents.mqtt import make_client, message_topic
-from edge_kit.errors import AgentError, HistoryError, HistoryRecordError, InputError
+from edge_kit.errors import AgentError, HistoryError, InputError
 from edge_kit.fleet.commands import broker_unreachable
 from edge_kit.fleet.inventory import Fleet
 from edge_kit.profiles import load_profile
@@ -570,10 +570,12 @@ class Monitor:
         # drift check orders shadow messages by seq itself: an older one never stored before is no news to it either)
         old = set().union(*(self.store.stored_ids(kind, [m["msg_id"] for k, m in good if k == kind])
                             for kind in NOT_NEWS_AGAIN))
-        try:
-            new = self.store.add_many(good, raw, received)
-        except HistoryRecordError:  # one record the database cannot hold: the others are stored without it
-            good, new = self._add_each(good, raw, received)
+        # one record the database cannot hold is refused alone: the others are stored without it
+        new, refused = self.store.add_each(good, raw, received, keep_refused=False)
+        for i, why in refused.items():  # counted, kept as invalid (its payload as received) and alerted
+            self._refuse(messages.topic(good[i][1]["fleet"], good[i][1]["device"], good[i][0]), raw[i], why)
+        if refused:
+            good = [g for i, g in enumerate(good) if i not in refused]
         self.stats.duplicates += len(good) - new
         self.stats.stored += new
         for kind, msg in good:
@@ -586,23 +588,6 @@ class Monitor:
                 log.exception("after storing %s %r", kind, msg.get("msg_id"))  # %r: a device's text, one line
         while len(self._recent) > 100_000:
             self._recent.popitem(last=False)
-
-    def _add_each(self, good: list[tuple[str, dict[str, Any]]], raw: list[bytes],
-                  received: list[float]) -> tuple[list[tuple[str, dict[str, Any]]], int]:
-        """Store checked messages one transaction each, after the history refused their batch for what one of them
-        holds (:class:`~edge_kit.errors.HistoryRecordError`): each it refuses again is counted, kept as invalid (its
-        payload as received) and alerted, like a message that failed its check. Return the messages stored or already
-        there (each of them verified) and how many were new. Raises HistoryError (the database, not a record)."""
-        kept: list[tuple[str, dict[str, Any]]] = []
-        new = 0
-        for i, (kind, msg) in enumerate(good):
-            try:
-                new += self.store.add_many([(kind, msg)], [raw[i]], [received[i]])
-            except HistoryRecordError as exc:
-                self._refuse(messages.topic(msg["fleet"], msg["device"], kind), raw[i], str(exc))
-                continue
-            kept.append((kind, msg))
-        return kept, new
 
     def _after_store(self, kind: str, msg: dict[str, Any]) -> None:
         """Remember, check the sequence and the alerts of, and hand on one stored message."""

@@ -28,7 +28,7 @@ from typing import Any
 
 from edge_kit.errors import HistoryError, HistoryRecordError
 from edgekit_protocol.labels import printable
-from edgekit_protocol.messages import field_at, telemetry_interval
+from edgekit_protocol.messages import field_at, telemetry_interval, topic
 
 KINDS = ("status", "bench", "telemetry", "live", "shadow")
 TABLES = (*KINDS, "decisions", "invalid", "gaps", "rollouts", "rollout_devices")
@@ -249,6 +249,36 @@ class HistoryStore(abc.ABC):
             found.update(r[0] for r in self._rows(f"SELECT msg_id FROM {kind} WHERE msg_id IN ({', '.join('?' * len(part))})",
                                                   tuple(part)))
         return found
+
+    def add_each(self, messages: list[tuple[str, dict[str, Any]]], raw: list[bytes] | None = None,
+                 received: list[float] | None = None, *, keep_refused: bool = True) -> tuple[int, dict[int, str]]:
+        """Store ``(kind, message)`` pairs as :meth:`add_many` does, but a record the database refuses for what it
+        holds (:class:`~edge_kit.errors.HistoryRecordError`) is refused alone: the batch is then stored one message
+        per transaction and the others go in. With ``keep_refused``, each refused message is kept in the ``invalid``
+        table (its JSON, with the topic it came on and why), so nothing is lost; without, the caller keeps it.
+
+        Returns:
+            (how many were new, not duplicates; {index in ``messages``: why the database refused it}).
+
+        Raises:
+            ValueError: a kind the store does not keep (nothing stored).
+            HistoryError: the database cannot be written (the records not stored yet are not).
+        """
+        try:
+            return self.add_many(messages, raw, received), {}
+        except HistoryRecordError:
+            pass
+        new, refused = 0, {}
+        for i, (kind, m) in enumerate(messages):
+            try:
+                new += self.add_many([(kind, m)], [raw[i]] if raw is not None else None,
+                                     [received[i]] if received is not None else None)
+            except HistoryRecordError as exc:
+                refused[i] = str(exc)
+                if keep_refused:
+                    payload = raw[i] if raw is not None else json.dumps(m, separators=(",", ":"), default=str).encode()
+                    self.add_invalid(topic(m.get("fleet", "?"), m.get("device", "?"), kind), str(exc), payload)
+        return new, refused
 
     def add(self, kind: str, message: dict[str, Any]) -> bool:
         """Store one message; return False when its ``msg_id`` was already there.

@@ -85,3 +85,80 @@ def test_a_reported_state_that_failed_once_is_counted_and_published_on_the_next_
         assert again.spool.stats()["unsent_reports"] == 1
     finally:
         again.spool.close()
+
+
+class _Connected:
+    is_failure = False
+
+
+class _Client:
+    def subscribe(self, *_a, **_k):
+        return (0, 1)
+
+
+def _run_until(agent: Agent, done, timeout: float = 20.0) -> None:
+    """Run the agent's loop for real until ``done()`` holds (or ``timeout``), then stop it."""
+    runner = threading.Thread(target=agent.run, daemon=True)
+    runner.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while not done() and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        agent.stop()
+        runner.join(10)
+
+
+def test_a_reported_state_never_published_before_a_restart_is_published_once_the_started_agent_connects(
+        tmp_path, monkeypatch):
+    """The desired state converged, its report could not be published, and the agent restarted: the restarted agent
+    has nothing to reconcile (converged), and the broker's redelivered desired state is the one on disk; it publishes
+    the persisted reported state as soon as it connects, not the rollout's next state change."""
+    agent = _agent(tmp_path)
+    tried: list[dict] = []
+
+    def unreachable(topic, payload, *, retain=False, row=None):
+        if topic.endswith("/reported"):
+            tried.append(json.loads(payload))
+            raise OSError("the broker connection is gone")
+        return None
+
+    monkeypatch.setattr(agent.publisher, "publish", unreachable)
+    agent._desired_inbox.put(({"msg_id": "m1", "rollout": "r1", "revision": 1, "hold": True}, 1, 1))
+    _run_until(agent, lambda: bool(tried))
+    assert tried and tried[0]["state"] == "converged", "the first agent never tried to report"
+    agent.spool.close()
+
+    again = Agent(agent.cfg)
+    published: list[tuple[str, dict, bool]] = []
+
+    def publish(topic, payload, *, retain=False, row=None):
+        if topic.endswith("/reported"):
+            published.append((topic, json.loads(payload), retain))
+        return None
+
+    monkeypatch.setattr(again.publisher, "publish", publish)
+    again._on_connect(_Client(), None, None, _Connected(), None)  # what paho's network thread calls on connecting
+    _run_until(again, lambda: bool(published))
+    assert len(published) == 1, "the restarted agent did not publish its reported state on connecting"
+    topic, msg, retain = published[0]
+    assert topic == "edgekit/v1/f/pi-1/reported" and retain
+    assert (msg["state"], msg["rollout"], msg["revision"]) == ("converged", "r1", 1)
+    Keyring(devices={"pi-1": again.signer.public}).verify(msg, "pi-1")
+    assert msg["seq"] > tried[0]["seq"], "published under a fresh seq, not a replay of the failed try's"
+
+
+def test_a_persisted_reported_state_of_another_desired_state_is_not_taken(tmp_path):
+    """A reported.json left from a desired state other than desired.json's (a write that failed in between) is not
+    published: it would say the device stands where it does not."""
+    agent = _agent(tmp_path)
+    root = agent.cfg.root
+    agent.spool.close()
+    (root / "desired.json").write_text(json.dumps({"message": {"msg_id": "m2", "rollout": "r2", "revision": 2,
+                                                               "hold": True}, "converged": True, "attempts": 0}))
+    (root / "reported.json").write_text(json.dumps({"rollout": "r1", "revision": 1, "state": "converged"}))
+    again = Agent(agent.cfg)
+    try:
+        assert again.reconciler.last is None
+    finally:
+        again.spool.close()

@@ -137,7 +137,7 @@ def test_a_measuring_round_stores_what_came_back_and_names_who_did_not_answer(tm
     wanted = {"d1": [("int8", "a" * 64), ("fp32", "b" * 64)], "d2": [("int8", "c" * 64)], "d3": [("int8", "d" * 64)]}
     with client(agent(silent=("d2",), refuse=("d3",))) as c:
         sent = time.time()
-        stored, silent = _measure(c, store, wanted, {"min_runs": 10}, timeout=0.2)
+        stored, silent, _ = _measure(c, store, wanted, {"min_runs": 10}, timeout=0.2)
     # void once the round gives up (not the default hour): a benchmark queued behind others never runs late
     assert all(sent < cmd["expires"] <= time.time() + 0.2 for cmd in c.client.published)
     assert stored == 2
@@ -190,7 +190,7 @@ def test_a_record_its_device_signed_but_the_checks_refuse_is_said_at_once_not_wa
     store = Store(tmp_path / "h.db")
     with client(bad_power) as c:
         started = time.monotonic()
-        stored, silent = _measure(c, store, {"d1": [("int8", "a" * 64)]}, {"min_runs": 10}, timeout=30)
+        stored, silent, _ = _measure(c, store, {"d1": [("int8", "a" * 64)]}, {"min_runs": 10}, timeout=30)
         assert time.monotonic() - started < 5
         assert stored == 0 and silent == {"d1": ["int8 (record refused: bench: power.avg_w is not a non-negative number)"]}
         forged = DEVICES["d2"].sign(messages.envelope("bench", FLEET, "d1", 9, {
@@ -374,7 +374,7 @@ def test_a_device_whose_ack_names_another_devices_record_gets_no_record(tmp_path
         c.client.answer = _acks_with({"bench_msg_id": theirs["msg_id"]})
         with pytest.raises(AgentTimeout, match="d1: the bench record announced in the ack did not arrive"):
             c.request("d1", "bench", {"sha256": "a" * 64}, timeout=0.3)
-        stored, silent = _measure(c, store, {"d1": [("int8", "a" * 64)]}, {"min_runs": 10}, timeout=0.3)
+        stored, silent, _ = _measure(c, store, {"d1": [("int8", "a" * 64)]}, {"min_runs": 10}, timeout=0.3)
     assert stored == 0 and silent == {"d1": ["int8 (record did not arrive)"]}
     assert store.latest_bench("d1") == {}
 
@@ -450,3 +450,180 @@ def test_a_topic_that_is_not_utf8_is_refused_and_counted_not_raised_in_the_netwo
         c._on_message(None, None, message)  # paho's network thread calls it
         assert c.rejected_count == 1 and c.rejected[0].startswith(f"edgekit/v1/{FLEET}/d1\\xff/status: ")
         assert c.request("d1", "state")["result"] == {"x": 1}
+
+
+BAD_SHA = "e" * 64  # the record the fake history below refuses for what it holds
+_SQLITE_WRITE = Store._write_batch
+
+
+def _refuse_bad_sha(self, statements):
+    """A history that refuses, for what it holds, any batch with a bench record of :data:`BAD_SHA` (what SQLite does
+    with an integer beyond 64 bits, PostgreSQL with a NUL, a LATIN1 database with a character it lacks)."""
+    from edge_kit.errors import HistoryRecordError
+
+    if any(BAD_SHA in row for _sql, rows in statements for row in rows):
+        raise HistoryRecordError(f"the history file {self.where} refused a record (a value it cannot hold): it cannot "
+                                 "be stored as it is; the others are")
+    return _SQLITE_WRITE(self, statements)
+
+
+class RefusingStore(Store):
+    """The SQLite history, refusing the records of :data:`BAD_SHA` (see :func:`_refuse_bad_sha`)."""
+
+    _write_batch = _refuse_bad_sha
+
+
+def _invalid(store: Store) -> list[tuple[str, str, bytes]]:
+    return [(t, r, bytes(p)) for t, r, p in store._rows("SELECT topic, reason, payload FROM invalid")]
+
+
+def test_a_measurement_the_history_refuses_is_refused_alone_and_the_round_goes_on(tmp_path):
+    """The history refused d1's int8 record for what it holds: tune stopped with exit 6, d2 and d3 unmeasured and
+    d1's fp32 record unstored. Now that record is refused (kept as invalid, said under d1) and the rest stored."""
+    store = RefusingStore(tmp_path / "history.db")
+    wanted = {"d1": [("int8", BAD_SHA), ("fp32", "b" * 64)], "d2": [("int8", "c" * 64)], "d3": [("int8", "d" * 64)]}
+    with client(agent()) as c:
+        stored, silent, refused = _measure(c, store, wanted, {"min_runs": 10}, timeout=5)
+    assert stored == 3 and silent == {}
+    assert list(refused) == ["d1"] and len(refused["d1"]) == 1
+    assert refused["d1"][0].startswith("bench int8 (refused by the history: ") and "refused a record" in refused["d1"][0]
+    assert sorted(sha for _, sha in store.latest_bench("d1")) == ["b" * 64]
+    assert [sha for _, sha in store.latest_bench("d2")] == ["c" * 64] and store.latest_bench("d3")
+    ((topic, reason, payload),) = _invalid(store)  # nothing lost: kept as received, with why
+    assert topic == "edgekit/v1/f1/d1/bench" and "refused a record" in reason and json.loads(payload)["sha256"] == BAD_SHA
+
+
+def test_a_health_benchmark_the_history_refuses_is_refused_alone_and_the_others_stored(tmp_path, monkeypatch):
+    """tune's activation stored each health benchmark with ``store.add``: one the history refused stopped tune, the
+    other devices' health benchmarks and the statuses unstored."""
+    from edge_kit.fleet.deploy import DeviceResult, GroupResult
+    from edge_kit.loop import tune as tn
+
+    def health(device: str, sha: str) -> dict[str, Any]:
+        return DEVICES[device].sign(messages.envelope("bench", FLEET, device, 1, {
+            "variant": "int8", "sha256": sha, "latency_ms": LATENCY, "runs": 10, "simulated": True}))
+
+    results = [DeviceResult(device="d1", status="succeeded", sha256=BAD_SHA, health=health("d1", BAD_SHA)),
+               DeviceResult(device="d2", status="succeeded", sha256="c" * 64, health=health("d2", "c" * 64))]
+    monkeypatch.setattr(tn, "deploy", lambda *_a, **_k: GroupResult(results))
+    store = RefusingStore(tmp_path / "history.db")
+    current: dict[str, str | None] = {}
+    unstored: dict[str, list[str]] = {}
+    opts = tn.TuneOptions(tmp_path)
+    tn._activate(None, [], {"d1": "int8", "d2": "int8"}, opts, store, current, None, unstored)
+    assert list(unstored) == ["d1"] and unstored["d1"][0].startswith("bench int8 (refused by the history: ")
+    assert [sha for _, sha in store.latest_bench("d2")] == ["c" * 64] and store.latest_bench("d1") == {}
+    assert current == {"d1": BAD_SHA, "d2": "c" * 64} and len(_invalid(store)) == 1
+
+
+def _fleet_file(tmp_path):
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text(f"fleet: {FLEET}\nbroker: {{host: 127.0.0.1, port: 1}}\ndefaults: {{user: edgekit, profile: rpi4}}\n"
+                          "devices:\n  - {name: d1, host: 127.0.0.1}\n  - {name: d2, host: 127.0.0.1}\n")
+    return fleet_file
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_edgekit_bench_says_the_history_refused_its_record_and_keeps_it(tmp_path, run_cli, monkeypatch, as_json):
+    """`edgekit bench` stopped with exit 6 and the measurement was gone. Now the record is shown, kept as invalid, the
+    refusal said in one line naming the device (--json: ``history_refused``), exit 4."""
+    from edge_kit.fleet import commands
+
+    fake = client(lambda device, cmd: agent()(device, {**cmd, "args": {**cmd["args"], "sha256": BAD_SHA}}))
+    monkeypatch.setattr(commands.FleetClient, "of", classmethod(lambda cls, fleet, **kw: fake))
+    monkeypatch.setattr(Store, "_write_batch", _refuse_bad_sha)
+    fleet_file = _fleet_file(tmp_path)
+    code, out, err = run_cli("bench", "--fleet", fleet_file, "--device", "d1", "--variant", "int8", *(["--json"] * as_json))
+    assert code == 4, (out, err)
+    assert "Traceback" not in err
+    if as_json:
+        data = json.loads(out)
+        assert data["sha256"] == BAD_SHA and "refused a record" in data["history_refused"]["d1"][0]
+    else:
+        assert "d1: not stored: bench int8 (refused by the history: " in " ".join(out.split())
+    db = Store(tmp_path / "edgekit-history.db")
+    assert any(json.loads(p).get("sha256") == BAD_SHA for _t, _r, p in _invalid(db))
+
+
+def test_a_canary_deploy_stores_the_health_benchmarks_the_history_takes_and_names_the_refused_one(tmp_path, run_cli,
+                                                                                                monkeypatch):
+    """`deploy --canary` stored the canaries' health benchmarks in one batch: one the history refused lost them all
+    and ended the deploy with exit 6 after its table. Now that one is refused alone (kept as invalid, said under its
+    device, in --json ``history_refused``), the others stored, exit 4."""
+    from edge_kit import manifest
+    from edge_kit.fleet.deploy import DeviceResult, GroupResult
+    from edge_kit.loop import rollout
+
+    def health(device: str, sha: str) -> dict[str, Any]:
+        return DEVICES[device].sign(messages.envelope("bench", FLEET, device, 1, {
+            "variant": "int8", "sha256": sha, "latency_ms": LATENCY, "runs": 10, "simulated": True}))
+
+    group = GroupResult([DeviceResult(device="d1", status="succeeded", health=health("d1", BAD_SHA)),
+                         DeviceResult(device="d2", status="succeeded", health=health("d2", "c" * 64))])
+    monkeypatch.setattr(manifest, "read_manifest", lambda *_a, **_k: None)
+    monkeypatch.setattr(rollout, "rollout", lambda *_a, **_k: group)
+    monkeypatch.setattr(Store, "_write_batch", _refuse_bad_sha)
+    (tmp_path / "art").mkdir()
+    code, out, err = run_cli("deploy", "--fleet", _fleet_file(tmp_path), "--artifacts", tmp_path / "art", "--canary", "50%",
+                             "--json")
+    assert code == 4, (out, err)
+    data = json.loads(out)
+    assert list(data["history_refused"]) == ["d1"] and "refused a record" in data["history_refused"]["d1"][0]
+    db = Store(tmp_path / "edgekit-history.db")
+    assert [sha for _, sha in db.latest_bench("d2")] == ["c" * 64] and db.latest_bench("d1") == {}
+    assert len(_invalid(db)) == 1
+    code, out, err = run_cli("deploy", "--fleet", _fleet_file(tmp_path), "--artifacts", tmp_path / "art", "--canary", "50%")
+    assert code == 4 and "d1: history refused bench int8 (refused by the history: " in " ".join(out.split()), (out, err)
+
+
+def test_a_command_over_the_payload_limit_is_refused_in_one_line_and_nothing_is_sent():
+    """A command over the 64 KiB every agent takes (`edgekit bench --variant` of 70,000 characters) was published: the
+    broker (max_packet_size) cut the host off, paho reconnected and sent it again, for ever, and the command waited
+    out its timeout to say 'no answer'. Now it is refused before it is published, naming the device, the command,
+    the size and the limit."""
+    from edgekit_protocol.errors import PayloadTooLarge
+
+    with client(agent()) as c:
+        with pytest.raises(PayloadTooLarge, match=r"^d1: the bench command of 70,[0-9]{3} bytes is over the protocol's "
+                                                  r"65,536-byte limit: not sent; shorten its arguments$"):
+            c.request("d1", "bench", {"variant": "x" * 70_000}, timeout=30)
+        assert c.client.published == [] and c.sent == {}
+        assert c.request("d1", "bench", {"variant": "int8"})["record"]["device"] == "d1"  # the session goes on
+
+
+def test_every_desired_state_the_rules_allow_fits_the_payload_limit_and_a_larger_one_is_not_published():
+    """A desired state within parse_desired's rules (names of 512 characters at most, a model's 128, 256 sha256s to keep) is at
+    most ~21 KB signed: a rollout cannot meet the limit. publish_desired checks all the same, before publishing."""
+    from edgekit_protocol.desired import (
+        MAX_NAME_CHARS,
+        MAX_REVISION,
+        Desired,
+        parse_desired,
+    )
+    from edgekit_protocol.errors import PayloadTooLarge
+
+    long = "x" * MAX_NAME_CHARS
+    most = Desired(msg_id="", rollout=long, revision=MAX_REVISION, store="http://" + "s" * (MAX_NAME_CHARS - 7),
+                   model="m" * 128, variant=long, sha256="a" * 64, bytes=2 ** 40 - 1, eval_sha256="b" * 64,
+                   eval_bytes=2 ** 40 - 1, keep=tuple(f"{i:064x}" for i in range(256)))
+    published = []
+    with client(agent()) as c:
+        c.client.publish = lambda topic, payload, qos=0, retain=False: published.append(payload)
+        parse_desired({**c.publish_desired(most, "d1"), "msg_id": "m"})  # the agent takes it
+        assert len(published[0]) < messages.MAX_PAYLOAD // 3
+        too_big = Desired(**{**vars(most), "keep": most.keep * 4})  # past the rules: only a bug could build it
+        with pytest.raises(PayloadTooLarge, match=r"^d1: the desired state of rollout x{60} of [0-9,]+ bytes is over"):
+            c.publish_desired(too_big, "d1")
+    assert len(published) == 1
+
+
+def test_edgekit_bench_with_a_command_over_the_payload_limit_stops_in_one_line_exit_2(tmp_path, run_cli, monkeypatch):
+    from edge_kit.fleet import commands
+
+    fake = client(agent())
+    monkeypatch.setattr(commands.FleetClient, "of", classmethod(lambda cls, fleet, **kw: fake))
+    code, out, err = run_cli("bench", "--fleet", _fleet_file(tmp_path), "--device", "d1", "--variant", "x" * 70_000,
+                             "--timeout", "30")
+    assert code == 2 and err.count("\n") == 1, (out, err)
+    assert "d1: the bench command of 70," in err and "65,536-byte limit: not sent" in err
+    assert fake.client.published == []

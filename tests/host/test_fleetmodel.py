@@ -430,7 +430,7 @@ def test_tune_with_a_budget_decides_on_a_plan_that_includes_its_last_measurement
 
     def fake_measure(_client, _store, wanted, *_a):
         stored.append(wanted)
-        return 1, {}
+        return 1, {}, {}
 
     decided_on = []
     monkeypatch.setattr(tn, "fleet_inputs", fake_inputs)

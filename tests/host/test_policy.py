@@ -314,13 +314,52 @@ def test_tune_decides_without_the_variants_a_device_has_no_runtime_for(monkeypat
 
     monkeypatch.setattr(tn, "read_manifest", lambda *_a: manifest)
     monkeypatch.setattr(tn, "deploy", lambda *_a, **_k: GroupResult([deployed]))
-    monkeypatch.setattr(tn, "_measure", lambda _c, _s, wanted, *_a: (0, {}) if not any(wanted.values())
+    monkeypatch.setattr(tn, "_measure", lambda _c, _s, wanted, *_a: (0, {}, {}) if not any(wanted.values())
                         else pytest.fail(f"asked to measure {wanted}"))
-    monkeypatch.setattr(tn, "_activate", lambda _f, devs, switch, _o, _s, current, _m: current.update(
+    monkeypatch.setattr(tn, "_activate", lambda _f, devs, switch, _o, _s, current, _m, _u: current.update(
         {d: v * 4 for d, v in switch.items()}) or GroupResult([]))
     report = tn.tune(SimpleNamespace(artifact_trust=ArtifactTrust), [dev], tn.TuneOptions(tmp_path), store)
     d = report.final["d1"]
     assert d.chosen == "int8" and d.unmeasured == [] and "onnx-fp32" not in {r["variant"] for r in d.table}
+
+
+def test_tune_leaves_a_device_whose_measurement_the_history_refused_out_of_the_round_and_says_so(
+        monkeypatch, tmp_path, tune_offline, run_cli):
+    """The history refused d1's measurement for what it holds: tune stopped with exit 6 and decided nothing for
+    anyone. Now d1 is left out of the round (its decision would lack that variant) with the refusal in the report
+    (``refused``, per device, and in the round), d2 is decided, and `edgekit tune` exits 4."""
+    from types import SimpleNamespace
+
+    from edge_kit.fleet.deploy import DeviceResult, GroupResult
+    from edge_kit.fleet.inventory import Device
+    from edge_kit.loop import tune as tn
+    from edge_kit.manifest import Artifact, ArtifactTrust, Manifest
+    from edge_kit.telemetry.store import Store
+
+    art = Artifact(id="fp32", status="built", profiles=["rpi4"], summary="", precision="fp32", bytes=100,
+                   gzip_bytes=90, sparsity=0.0, macs=10, sha256="f" * 64)
+    manifest = Manifest(created="now", model={"name": "m"}, versions={}, profiles={"rpi4": {}}, artifacts=[art])
+    devs = [Device(name=n, host="127.0.0.1", user="edgekit", profile="rpi4") for n in ("d1", "d2")]
+    why = "bench fp32 (refused by the history: the history file h.db refused a record (integer overflow))"
+    monkeypatch.setattr(tn, "read_manifest", lambda *_a: manifest)
+    monkeypatch.setattr(tn, "deploy", lambda *_a, **_k: GroupResult(
+        [DeviceResult(d.name, "succeeded", variant="fp32", sha256="f" * 64) for d in devs]))
+    monkeypatch.setattr(tn, "_measure", lambda _c, _s, wanted, *_a: (1, {}, {"d1": [why]}))
+    report = tn.tune(SimpleNamespace(artifact_trust=ArtifactTrust), devs, tn.TuneOptions(tmp_path, rounds=1),
+                     Store(tmp_path / "h.db"))
+    assert report.refused == {"d1": [why]} and report.rounds[0]["refused"] == {"d1": [why]}
+    assert sorted(report.final) == ["d2"] and report.as_dict()["refused"] == {"d1": [why]}
+
+    from edge_kit.cli import loop as cli_loop
+    from edge_kit.fleet import inventory
+
+    monkeypatch.setattr(inventory, "load_fleet", lambda _p: SimpleNamespace(select=lambda _s: devs))
+    monkeypatch.setattr(tn, "tune", lambda *_a, **_k: report)
+    monkeypatch.setattr(cli_loop, "open_fleet_history", lambda *_a: Store(tmp_path / "h.db"))
+    code, out, err = run_cli("tune", "--fleet", tmp_path / "fleet.yaml", "--artifacts", tmp_path)
+    text = " ".join(out.split())
+    assert code == 4 and "d1: history refused bench fp32 (refused by the history:" in text, (out, err)
+    assert "1 record(s) refused by the history" in text
 
 
 NO_ACC = Constraints(max_latency_p90_ms=10, max_power_w=5, max_model_mb=2)

@@ -273,3 +273,20 @@ def test_a_telemetry_interval_is_optional_and_seconds_above_0_up_to_a_day(interv
                                                         "and at most 86400"):
             messages.check_body("telemetry", msg)
         assert messages.telemetry_interval(msg) is None
+
+
+def test_a_message_is_encoded_for_sending_up_to_the_payload_limit_and_refused_past_it():
+    """The one size check every sender makes (the host's commands and desired states, the agent's messages): at the
+    limit it is the encoded payload; one byte over, PayloadTooLarge naming the message, its size and the limit."""
+    from edgekit_protocol.errors import PayloadTooLarge
+
+    base = len(messages.encode({"x": ""}))
+    fits = {"x": "a" * (messages.MAX_PAYLOAD - base)}
+    assert messages.encode_within_limit(fits, "m") == messages.encode(fits)
+    assert len(messages.encode_within_limit(fits, "m")) == messages.MAX_PAYLOAD
+    with pytest.raises(PayloadTooLarge) as info:
+        messages.encode_within_limit({"x": "a" * (messages.MAX_PAYLOAD - base + 1)}, "pi-1: the bench command",
+                                     "shorten its arguments")
+    assert str(info.value) == ("pi-1: the bench command of 65,537 bytes is over the protocol's 65,536-byte limit: "
+                               "not sent; shorten its arguments")
+    assert info.value.exit_code == 2
