@@ -706,9 +706,9 @@ class Agent:
             except DiskFull as exc:
                 self.dropped_on_full_disk += 1
                 log.warning("%s dropped: %s", kind, exc)
+                continue  # not spooled: a shadow comparison is offered again at the next interval
             except MessageTooLarge:
-                pass  # counted and logged by emit
-                continue
+                continue  # counted and logged by emit
             if kind == "shadow":
                 self._shadow_sent = self._shadow_counts(body)
 
