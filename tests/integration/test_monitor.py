@@ -531,6 +531,32 @@ def test_records_signed_by_another_key_on_a_device_s_topic_never_spend_its_budge
     assert [a.text for a in mon.alerts if a.kind == "refused" and a.device == "d1"][0].startswith(
         "d1: over its ingest budget (0.001 records/s, burst 5)")
     mon._end_floods(math.inf)
-    assert store._rows("SELECT device, kind, first_missing, last_missing FROM gaps") == [("d1", "telemetry", 6, 109)]
-    assert mon.alerts[-1].text == ("d1: 13 records refused over its ingest budget in 0 s; recorded as sequence gaps "
-                                   "(telemetry 6-109: the seq they claim, unchecked)")
+    # nothing of d1 verified beyond 5: the forger's claims (100-109) make no gap; d1's next record records 6-8
+    assert store._rows("SELECT device, kind, first_missing, last_missing FROM gaps") == []
+    assert mon.alerts[-1].text == "d1: 13 records refused over its ingest budget in 0 s"
+    mon.budget = type(mon.budget)(rate=1000, burst=1000)
+    mon._store([(topic, messages.encode(signed(telemetry("d1", 9))), now)])
+    assert store._rows("SELECT device, kind, first_missing, last_missing FROM gaps") == [("d1", "telemetry", 6, 8)]
+
+
+def test_seq_numbers_claimed_by_records_refused_over_budget_never_hide_a_device_s_later_gaps(fleet, tmp_path):
+    """Records refused over budget are not verified, and on a broker without the fleet's ACL anyone may publish on
+    the topic of a device over its budget: the span they claim was recorded as a gap whatever it said, and its top
+    taken as the device's newest seq. A forger's seq 10**15 then hid every later gap of the real device, and its seq
+    1 claimed a gap over records long stored. Now the span stays within the device's verified numbers: above its
+    newest verified seq when refused, at most its newest verified seq when the episode ends; the rest is recorded by
+    the sequence check from the records that verify."""
+    store = Store(tmp_path / "h.db")
+    mon = Monitor(fleet, store, verify_in_child=False, budget_rate=0.001, budget_burst=5)
+    topic = messages.topic(FLEET, "d1", "telemetry")
+    intruder = Signer.generate()
+    now = time.time()
+    real = [(topic, messages.encode(signed(telemetry("d1", seq))), now) for seq in range(1, 30)]
+    mon._store(real[:5])  # d1's burst: 1-5 stored
+    forged = [(topic, messages.encode(intruder.sign(telemetry("d1", seq))), now) for seq in (1, 10**15)]
+    mon._store(real[5:8] + forged)  # over budget: 6-8 and the forger's claims refused unchecked
+    mon._end_floods(math.inf)
+    assert store._rows("SELECT first_missing, last_missing FROM gaps") == []  # nothing verified beyond 5 yet
+    mon.budget = type(mon.budget)(rate=1000, burst=1000)
+    mon._store(real[8:20] + real[25:])  # d1 again, within budget: 9-20 and 26-29 (21-25 lost on the way)
+    assert store._rows("SELECT first_missing, last_missing FROM gaps ORDER BY first_missing") == [(6, 8), (21, 25)]
