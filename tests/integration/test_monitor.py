@@ -560,3 +560,32 @@ def test_seq_numbers_claimed_by_records_refused_over_budget_never_hide_a_device_
     mon.budget = type(mon.budget)(rate=1000, burst=1000)
     mon._store(real[8:20] + real[25:])  # d1 again, within budget: 9-20 and 26-29 (21-25 lost on the way)
     assert store._rows("SELECT first_missing, last_missing FROM gaps ORDER BY first_missing") == [(6, 8), (21, 25)]
+
+
+def test_a_record_the_history_refuses_costs_its_batch_a_few_transactions_not_one_per_record(fleet, tmp_path,
+                                                                                             monkeypatch):
+    """A record the database cannot hold (a character a LATIN1 PostgreSQL lacks, a value beyond a column) fails its
+    whole batch. Its batch was then stored one transaction per record: 501 for a batch of 500, for every such record
+    a compromised device sent (100 a second within its budget), which held the monitor far behind everyone's records.
+    Now the batch is halved until the refused record stands alone; the others are stored once each, in order."""
+    from edge_kit.errors import HistoryRecordError
+
+    store = Store(tmp_path / "h.db")
+    mon = Monitor(fleet, store, verify_in_child=False)
+    topic = messages.topic(FLEET, "d1", "bench")
+    now = time.time()
+    batch = [(topic, messages.encode(signed(bench("d1", seq, variant="poison" if seq == 321 else "int8"))), now)
+             for seq in range(1, 501)]
+    real_add, calls = store.add_many, []
+
+    def add_many(good, raw=None, received=None):
+        calls.append(len(good))
+        if any(m["variant"] == "poison" for _, m in good):
+            raise HistoryRecordError("the history file refused a record (a test's): it cannot be stored as it is")
+        return real_add(good, raw, received)
+
+    monkeypatch.setattr(store, "add_many", add_many)
+    mon._store(batch)
+    assert sorted(r["seq"] for r in store.bench_records("d1")) == [s for s in range(1, 501) if s != 321]
+    assert mon.stats.stored == 499 and mon.stats.invalid == 1 == store.count("invalid")
+    assert len(calls) <= 2 + 2 * math.ceil(math.log2(500)), calls
