@@ -474,7 +474,8 @@ class Monitor:
         verified ``seq`` of the kind: the claims are unchecked (anyone may publish on the topic of a device over its
         budget when the broker has no ACL), and a claim of 10**18 taken as the newest would have hidden every later
         gap of the device. What was refused after its newest verified record is recorded by the sequence check,
-        from verified numbers, when its next record is stored."""
+        from verified numbers, when its next record is stored. With ``share`` no sequence is followed (no verified
+        numbers here), so no gap is recorded, as for any other gap when sharing."""
         now = time.time() if now is None else now
         for device, flood in list(self._floods.items()):
             if now - flood.last < FLOOD_QUIET_S:
