@@ -94,3 +94,30 @@ def test_a_shadow_comparison_dropped_on_a_full_disk_is_spooled_again_at_the_next
     monkeypatch.setattr(agent, "emit", real_emit)
     agent.telemetry()
     assert [m["compared"] for k, m in _spooled(agent) if k == "shadow"] == [3]
+
+
+def test_a_message_too_large_is_counted_once_when_the_count_meets_a_full_disk(agent, monkeypatch):
+    """The count went through the disk-full retry (free the reserve, write again), and count() adds before it
+    writes: a first write refused for lack of space counted the message twice, and a second one raised DiskFull
+    in place of MessageTooLarge, so a command's answer too large to send was never answered. The count is held
+    until it can be written (Spool.count), once; the message is refused as too large whatever the disk says."""
+    import sqlite3
+
+    from device_agents import spool as spool_module
+
+    real, failures = agent.spool._save_counts, [2]
+
+    def full_then_room():
+        if failures[0]:
+            failures[0] -= 1
+            held, agent.spool._uncounted = agent.spool._uncounted, {}
+            for name, by in held.items():  # kept, as the real one keeps them on a failed write
+                agent.spool._uncounted[name] = agent.spool._uncounted.get(name, 0) + by
+            raise sqlite3.OperationalError("database or disk is full")
+        real()
+
+    monkeypatch.setattr(agent.spool, "_save_counts", full_then_room)
+    monkeypatch.setattr(spool_module, "COUNT_EVERY_S", 0.0)
+    with pytest.raises(MessageTooLarge):
+        agent.emit("live", {"models": [{"note": "x" * messages.MAX_PAYLOAD}]})
+    assert agent.spool.stats()["oversize_messages"] == 1
