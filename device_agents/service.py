@@ -230,7 +230,10 @@ class Agent:
         try:
             row, _ = self._on_disk(lambda: self.spool.add(kind, self._topic(kind), build, answers=answers))
         except MessageTooLarge as exc:
-            self._on_disk(lambda: self.spool.count("oversize"))
+            try:  # held until it can be written; not through _on_disk, whose second try would count it again
+                self.spool.count("oversize")
+            except (OSError, sqlite3.Error) as full:
+                log.warning("the oversize message's count is not on disk yet: %s", full)
             log.error("%s", exc)
             if kind != "cmd/ack" or body.get("error") == str(exc):
                 raise
@@ -705,9 +708,9 @@ class Agent:
             except DiskFull as exc:
                 self.dropped_on_full_disk += 1
                 log.warning("%s dropped: %s", kind, exc)
+                continue  # not spooled: a shadow comparison is offered again at the next interval
             except MessageTooLarge:
-                pass  # counted and logged by emit
-                continue
+                continue  # counted and logged by emit
             if kind == "shadow":
                 self._shadow_sent = self._shadow_counts(body)
 

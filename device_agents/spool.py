@@ -170,17 +170,23 @@ class Spool:
         Returns:
             ``(row id, payload)``; ``(None, None)`` when the spool is full of undroppable rows and
             this row, of a :data:`DROPPABLE` kind, was dropped instead (counted).
+
+        Raises:
+            Exception: what ``build`` raises (``MessageTooLarge``...): the transaction is rolled back, so no
+                sequence number is taken, no older row dropped and the inbox is as it was.
+            sqlite3.Error: the spool cannot be written (a full disk), rolled back likewise.
         """
         with self._lock:
             self._synchronous("NORMAL" if kind in DROPPABLE else "FULL")
             self._db.execute("BEGIN IMMEDIATE")
+            dropped = 0  # rows this transaction deletes: counted once it commits (a failed build rolls them back)
             try:
                 if self._count >= self.max_records:
                     oldest = self._db.execute(f"SELECT id, kind FROM outbox WHERE kind IN ({', '.join('?' * len(DROPPABLE))}) "
                                               "ORDER BY id LIMIT 1", DROPPABLE).fetchone()
                     if oldest is not None:
                         self._db.execute("DELETE FROM outbox WHERE id = ?", oldest[:1])
-                        self._count -= 1
+                        dropped = 1
                         self._bump("dropped." + oldest[1])
                     elif kind in DROPPABLE:
                         self._bump("dropped." + kind)
@@ -195,7 +201,7 @@ class Spool:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-            self._count += 1
+            self._count += 1 - dropped
             return row, payload
 
     def done(self, row_id: int) -> None:

@@ -9,7 +9,7 @@ included), the same error texts, counted in the same live figures and offered to
 Limits of its own, since any local user can reach the loopback and JSON costs several times its
 size in memory while it is parsed: ``http_max_clients`` connections (4; apart from the socket's
 ``max_clients``; when all are taken, the keep-alive connection idle the longest is closed for a new
-one), a body of at most what the served model's inputs can take as JSON (:func:`json_body_limit`)
+one, after ``EVICT_GRACE_S`` once it had a request), a body of at most what the served model's inputs can take as JSON (:func:`json_body_limit`)
 and ``http_max_body_mb`` (4; large inputs belong on the socket), one body parsed at a time (a
 parse's peak once, not once per client), a request's line and headers within
 ``http_header_timeout_s`` of its first byte (5), its body at :data:`BODY_MIN_RATE` or faster after
@@ -166,7 +166,7 @@ class _RequestReader(io.RawIOBase):
     first byte (an idle keep-alive connection) lasts ``limit_s``. Answers are sent with ``send_s`` as
     the socket's timeout.
 
-    ``idle_since``, ``evicted`` and ``sock`` are what :meth:`Server.admit` needs to close the idle
+    ``idle_since``, ``served``, ``evicted`` and ``sock`` are what :meth:`Server.admit` needs to close the idle
     connection with the oldest ``idle_since`` for a new client."""
 
     def __init__(self, sock: Any, limit_s: float, header_s: float, send_s: float, on_timeout: Any):
@@ -178,6 +178,7 @@ class _RequestReader(io.RawIOBase):
         self.rate = 0  # bytes/s the body must keep up once body() is called (0: reading the headers)
         self.idle_since = time.monotonic()  # waiting for a request's first byte since (0: a request is under way)
         self.evicted = False  # closed by the server for a new client
+        self.served = False  # a request came on it (Server.admit gives it EVICT_GRACE_S between requests)
         self.cut = ""  # why the request under way was cut off (answered 408), "" while it was not
 
     def readable(self) -> bool:
@@ -230,7 +231,7 @@ class _RequestReader(io.RawIOBase):
         finally:
             self.sock.settimeout(self.send_s)
         if not started:
-            self.idle_since = 0.0
+            self.idle_since, self.served = 0.0, True
             self.end = time.monotonic() + self.limit_s
             self.deadline = min(self.end, self.end - self.limit_s + self.header_s)
         elif self.rate:

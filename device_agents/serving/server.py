@@ -20,7 +20,7 @@ connected clients, plus what was turned away (busy, malformed, oversized, timed 
 Limits: ``max_clients`` socket clients and, apart, ``http_max_clients`` HTTP connections (any local
 user can reach the loopback; the socket is the agent's group's). When all places are taken, a new
 client gets the place of the connection idle the longest (waiting for its next request, none in
-flight: closed, counted as ``evicted_idle`` and logged), as nginx reuses idle keep-alive
+flight, and for :data:`EVICT_GRACE_S` at least when it had one: closed, counted as ``evicted_idle`` and logged), as nginx reuses idle keep-alive
 connections; only when none is idle is it turned away (``busy``). A frame that has started must be
 complete within ``request_timeout_s`` (a client may stay idle between frames while places are free),
 and a client that takes none of its answer for ``send_timeout_s`` is cut off: both kernel timeouts
@@ -71,6 +71,11 @@ __all__ = ["Interpreters", "RequestError", "Server"]
 log = logging.getLogger("edgekit.agent.serve")
 WINDOW = 2048  # requests the live percentiles are taken over
 WARMUP = 3  # inferences on zeros a new model runs before it is served
+# A connection that has had a request gives its place to a new client only once it has waited this long for its next
+# one: a client sending requests back to back waits a fraction of a millisecond between its answer and its next
+# request, and closing it then fails that request without an answer. One that never sent a byte gets no grace, or
+# connecting again and again would lock every other client out.
+EVICT_GRACE_S = 0.5
 
 
 class RequestError(DeviceError):
@@ -358,10 +363,13 @@ class Server:
         connected and none of them is idle.
 
         ``conn`` is the connection's record: ``sock``, ``idle_since`` (the monotonic time it started
-        waiting for a request's first byte; 0 while a request is under way) and ``evicted``. When all
-        places are taken, the connection idle the longest gives its place: marked ``evicted``, its
-        reading side shut (its thread wakes and closes it), counted as ``evicted_idle`` and logged.
+        waiting for a request's first byte; 0 while a request is under way), ``served`` (it had a request)
+        and ``evicted``. When all places are taken, the connection idle the longest gives its place (one
+        that had a request only once it has waited :data:`EVICT_GRACE_S`, none with a request's bytes
+        unread): marked ``evicted``, its reading side shut (its thread wakes and closes it), counted as
+        ``evicted_idle`` and logged.
         """
+        now = time.monotonic()
         with self._lock:
             if (self.http_clients < self.http_max_clients) if http else (self.clients < self.max_clients):
                 if http:
@@ -370,7 +378,8 @@ class Server:
                     self.clients += 1
                 self._open[http].add(conn)
                 return True
-            idle = sorted((c for c in self._open[http] if c.idle_since and not c.evicted), key=lambda c: c.idle_since)
+            idle = sorted((c for c in self._open[http] if c.idle_since and not c.evicted
+                           and not (c.served and now - c.idle_since < EVICT_GRACE_S)), key=lambda c: c.idle_since)
             victim = next((c for c in idle if not _readable(c.sock)), None)  # readable: a request came, unread yet
             if victim is None:
                 if http:
@@ -566,7 +575,7 @@ class _FrameTimer:
     attribute reads and sets here: no system call.
     """
 
-    __slots__ = ("sock", "limit_s", "started", "deadline", "short", "idle_since", "evicted")
+    __slots__ = ("sock", "limit_s", "started", "deadline", "short", "idle_since", "evicted", "served")
 
     def __init__(self, sock: Any, limit_s: float):
         self.sock, self.limit_s = sock, limit_s
@@ -575,6 +584,7 @@ class _FrameTimer:
         self.short = False  # SO_RCVTIMEO is shorter than limit_s (what was left of a frame's time)
         self.idle_since = time.monotonic()  # waiting for a frame's first byte since (0: a frame is under way)
         self.evicted = False  # closed by the server for a new client (Server.admit)
+        self.served = False  # a frame came on it (Server.admit gives it EVICT_GRACE_S between frames)
 
     def _arm(self) -> None:
         """Before a receive: between frames, give the socket back its full receive timeout; inside a
@@ -612,7 +622,7 @@ class _FrameTimer:
             self.idle_since = time.monotonic()
         got = receive(*args)
         if not self.started:
-            self.started, self.deadline, self.idle_since = True, 0.0, 0.0
+            self.started, self.deadline, self.idle_since, self.served = True, 0.0, 0.0, True
         return got
 
     def recv_into(self, view: Any) -> int:

@@ -18,7 +18,7 @@ judged from the store rather than per worker.
 Ingest budget (:mod:`edge_kit.telemetry.budget`): each device of the fleet file may have so many records a
 second checked and stored; what a device sends beyond (a compromised one flooding with its valid key) is refused
 before it is decoded or verified, counted per device (``over_budget``), alerted once per episode, and the span it
-refused recorded as a sequence gap when the episode ends, so the other devices' records keep being stored promptly.
+refused recorded as a sequence gap when the episode ends (within the device's verified seq numbers), so the other devices' records keep being stored promptly.
 
 Alerts: a device whose status says offline, a benchmark that breaks the device's constraints, a
 shadow comparison whose fidelity is under the device's ``min_fidelity_snr_db`` (drift), and a device
@@ -106,7 +106,8 @@ CLAIMED_SEQ_BYTES = 1024
 @dataclass
 class _Flood:
     """One device's episode over its ingest budget: when it began and last refused, how many, and per topic kind
-    the lowest and highest ``seq`` the refused records claimed."""
+    the lowest and highest ``seq`` the refused records claimed above the device's newest verified one of that kind
+    when each was refused (a claim at or below it is no news, or a forger's)."""
 
     first: float
     last: float
@@ -459,7 +460,7 @@ class Monitor:
             flood.last = max(flood.last, at)
             flood.count += 1
             found = _CLAIMED_SEQ.search(payload, 0, CLAIMED_SEQ_BYTES)
-            if found is not None:
+            if found is not None and int(found.group(1)) > self._seq.get((device, kind), -1):
                 seq = int(found.group(1))
                 low, high = flood.seqs.get(kind, (seq, seq))
                 flood.seqs[kind] = (min(low, seq), max(high, seq))
@@ -467,19 +468,27 @@ class Monitor:
     def _end_floods(self, now: float | None = None) -> None:
         """End the episodes over budget of devices none of whose records was refused for :data:`FLOOD_QUIET_S`
         (every one when ``now`` is ``math.inf``: stopping): record each refused span as a sequence gap per topic kind
-        (the lowest to the highest ``seq`` its records claimed) and alert with the count. Return nothing.
-        Raises HistoryError."""
+        and alert with the count. Return nothing. Raises HistoryError.
+
+        A span runs from the lowest to the highest ``seq`` its records claimed, but never past the device's newest
+        verified ``seq`` of the kind: the claims are unchecked (anyone may publish on the topic of a device over its
+        budget when the broker has no ACL), and a claim of 10**18 taken as the newest would have hidden every later
+        gap of the device. What was refused after its newest verified record is recorded by the sequence check,
+        from verified numbers, when its next record is stored. With ``share`` no sequence is followed (no verified
+        numbers here), so no gap is recorded, as for any other gap when sharing."""
         now = time.time() if now is None else now
         for device, flood in list(self._floods.items()):
             if now - flood.last < FLOOD_QUIET_S:
                 continue
             del self._floods[device]
+            recorded = []
             for kind, (low, high) in sorted(flood.seqs.items()):
-                self.stats.gaps += 1
-                self.store.add_gap(device, kind, low, high)
-                key = (device, kind)
-                self._seq[key] = max(self._seq.get(key, high), high)  # no second gap for the span when it sends again
-            spans = ", ".join(f"{kind} {low}-{high}" for kind, (low, high) in sorted(flood.seqs.items()))
+                high = min(high, self._seq.get((device, kind), -1))  # the sequence check records what is beyond
+                if low <= high:
+                    self.stats.gaps += 1
+                    self.store.add_gap(device, kind, low, high)
+                    recorded.append(f"{kind} {low}-{high}")
+            spans = ", ".join(recorded)
             self._alert(Alert(device, "refused", f"{device}: {flood.count:,} records refused over its ingest budget in "
                                                  f"{flood.last - flood.first:.0f} s"
                                                  + (f"; recorded as sequence gaps ({spans}: the seq they claim, unchecked)"

@@ -51,3 +51,73 @@ def test_other_messages_too_large_are_refused_counted_and_take_no_sequence_numbe
     assert [m["seq"] for k, m in _spooled(agent)] == before and agent.spool.stats()["oversize_messages"] == 1
     small = agent.emit("live", {"models": []})
     assert small is not None and small["seq"] == 1  # the refused one left no gap
+
+
+def test_a_message_too_large_for_a_full_spool_leaves_its_bound_and_pending_count_as_they_were(tmp_path):
+    """On a full spool, the oldest periodic row is dropped in the same transaction as the new one is built: a
+    build refused as too large rolls both back, and the spool's count of pending rows must not move either (it did:
+    the spool then held one row beyond its bound, and said one fewer was pending)."""
+    from device_agents.spool import Spool
+    spool = Spool(tmp_path / "s.db", max_records=2)
+    for kind in ("telemetry", "bench"):
+        spool.add(kind, f"t/{kind}", lambda seq, kind=kind: f"{kind}:{seq}".encode())
+
+    def too_large(seq):
+        raise MessageTooLarge("a bench message of 70,000 bytes is over the protocol's limit: not sent")
+
+    with pytest.raises(MessageTooLarge):
+        spool.add("bench", "t/bench", too_large)
+    assert spool.stats()["pending"] == len(spool.pending()) == 2
+    spool.add("bench", "t/bench", lambda seq: f"bench:{seq}".encode())  # full: drops the telemetry row
+    assert [p for _, _, p in spool.pending()] == [b"bench:1", b"bench:2"]
+    assert spool.stats()["pending"] == 2 and spool.stats()["dropped_telemetry"] == 1
+    spool.close()
+
+
+def test_a_shadow_comparison_dropped_on_a_full_disk_is_spooled_again_at_the_next_interval(agent, monkeypatch):
+    """A shadow message is spooled only when its counts changed since the last one spooled: one dropped on a full
+    disk was taken for spooled, and the comparison never reached the monitor once the disk had room again."""
+    from device_agents.errors import DiskFull
+    shadow = {"model": {"variant": "v", "sha256": "a" * 64}, "compared": 3, "errors": 0, "dropped_queue_full": 0,
+              "skipped_rate": 0, "skipped_busy_cpu": 0}
+    monkeypatch.setattr(agent, "served", lambda: [("shadow", {**shadow, "serving": shadow["model"]})])
+    real_emit = agent.emit
+
+    def full(kind, body, answers=None):
+        if kind == "shadow":
+            raise DiskFull("no room")
+        return real_emit(kind, body, answers)
+
+    monkeypatch.setattr(agent, "emit", full)
+    agent.telemetry()
+    assert agent._shadow_sent is None  # dropped: not sent
+    monkeypatch.setattr(agent, "emit", real_emit)
+    agent.telemetry()
+    assert [m["compared"] for k, m in _spooled(agent) if k == "shadow"] == [3]
+
+
+def test_a_message_too_large_is_counted_once_when_the_count_meets_a_full_disk(agent, monkeypatch):
+    """The count went through the disk-full retry (free the reserve, write again), and count() adds before it
+    writes: a first write refused for lack of space counted the message twice, and a second one raised DiskFull
+    in place of MessageTooLarge, so a command's answer too large to send was never answered. The count is held
+    until it can be written (Spool.count), once; the message is refused as too large whatever the disk says."""
+    import sqlite3
+
+    from device_agents import spool as spool_module
+
+    real, failures = agent.spool._save_counts, [2]
+
+    def full_then_room():
+        if failures[0]:
+            failures[0] -= 1
+            held, agent.spool._uncounted = agent.spool._uncounted, {}
+            for name, by in held.items():  # kept, as the real one keeps them on a failed write
+                agent.spool._uncounted[name] = agent.spool._uncounted.get(name, 0) + by
+            raise sqlite3.OperationalError("database or disk is full")
+        real()
+
+    monkeypatch.setattr(agent.spool, "_save_counts", full_then_room)
+    monkeypatch.setattr(spool_module, "COUNT_EVERY_S", 0.0)
+    with pytest.raises(MessageTooLarge):
+        agent.emit("live", {"models": [{"note": "x" * messages.MAX_PAYLOAD}]})
+    assert agent.spool.stats()["oversize_messages"] == 1

@@ -623,6 +623,8 @@ def test_when_all_http_places_are_taken_the_longest_idle_keep_alive_connection_i
     HTTP place for request_timeout_s, and a fifth client was told busy. Now the one idle the longest
     is closed for the new one (counted as evicted_idle, logged); one with a request under way is
     never closed, even when it came first; only when none is idle is a client told busy."""
+    from device_agents.serving.server import EVICT_GRACE_S
+
     caplog.set_level("INFO", logger="edgekit.agent.serve")
     first = socket.create_connection(server.http_address, timeout=10)
     first.sendall(b"GET /v1/model HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # under way: its headers are not all in
@@ -636,7 +638,7 @@ def test_when_all_http_places_are_taken_the_longest_idle_keep_alive_connection_i
         others.append(socket.create_connection(server.http_address, timeout=10))
     try:
         assert wait(lambda: server.snapshot()["http_clients"] == 4)
-        time.sleep(0.05)
+        time.sleep(EVICT_GRACE_S)  # the answered one has waited out its grace: the longest idle
         status, answer = call(server, "POST", "/v1/predict", {"inputs": {"image": samples(1)[0].tolist()}})
         assert status == 200, answer
         live = server.snapshot()
@@ -735,3 +737,48 @@ def test_the_worst_json_bodies_the_served_model_allows_parse_in_under_a_megabyte
     t0 = time.process_time()
     parse_inputs(worst_bodies(1_000_000)["many keys"], 64 << 20)  # ~140,000 inputs named "0", "1", ...
     assert time.process_time() - t0 < 10, time.process_time() - t0
+
+
+def test_keep_alive_clients_busy_with_requests_are_not_closed_between_two_of_them(wait, store, server):
+    """Eviction took any connection waiting for its next request: a client sending requests back to back waits
+    between its answer and its next request (a fraction of a millisecond), and a new client arriving then closed
+    it, so its next request failed without an answer instead of the newcomer being told busy. A connection that
+    had a request is now closed for a new client only once it has waited EVICT_GRACE_S; one that never sent a
+    byte still gives its place at once (it cannot lock the others out by connecting again and again)."""
+    import threading
+
+    stop, errors, answered = threading.Event(), [], [0]
+
+    def busy():
+        conn = http.client.HTTPConnection(*server.http_address, timeout=10)
+        try:
+            while not stop.is_set():
+                conn.request("GET", "/v1/model")
+                assert conn.getresponse().read()
+                answered[0] += 1
+        except Exception as exc:  # noqa: BLE001 - what the busy client saw
+            errors.append(repr(exc))
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=busy) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        assert wait(lambda: answered[0] >= 40)
+        statuses = [call(server, "GET", "/v1/model")[0] for _ in range(100)]
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+    assert errors == [], errors
+    assert set(statuses) <= {200, 503}, statuses  # the newcomer: told busy when every place is busy
+    assert server.snapshot()["turned_away"]["evicted_idle"] == 0
+    silent = [socket.create_connection(server.http_address, timeout=10) for _ in range(4)]  # never sent a byte
+    try:
+        assert wait(lambda: server.snapshot()["http_clients"] == 4)
+        assert call(server, "GET", "/v1/model")[0] == 200  # one of them gave its place at once
+        assert server.snapshot()["turned_away"]["evicted_idle"] == 1
+    finally:
+        for s in silent:
+            s.close()

@@ -531,6 +531,61 @@ def test_records_signed_by_another_key_on_a_device_s_topic_never_spend_its_budge
     assert [a.text for a in mon.alerts if a.kind == "refused" and a.device == "d1"][0].startswith(
         "d1: over its ingest budget (0.001 records/s, burst 5)")
     mon._end_floods(math.inf)
-    assert store._rows("SELECT device, kind, first_missing, last_missing FROM gaps") == [("d1", "telemetry", 6, 109)]
-    assert mon.alerts[-1].text == ("d1: 13 records refused over its ingest budget in 0 s; recorded as sequence gaps "
-                                   "(telemetry 6-109: the seq they claim, unchecked)")
+    # nothing of d1 verified beyond 5: the forger's claims (100-109) make no gap; d1's next record records 6-8
+    assert store._rows("SELECT device, kind, first_missing, last_missing FROM gaps") == []
+    assert mon.alerts[-1].text == "d1: 13 records refused over its ingest budget in 0 s"
+    mon.budget = type(mon.budget)(rate=1000, burst=1000)
+    mon._store([(topic, messages.encode(signed(telemetry("d1", 9))), now)])
+    assert store._rows("SELECT device, kind, first_missing, last_missing FROM gaps") == [("d1", "telemetry", 6, 8)]
+
+
+def test_seq_numbers_claimed_by_records_refused_over_budget_never_hide_a_device_s_later_gaps(fleet, tmp_path):
+    """Records refused over budget are not verified, and on a broker without the fleet's ACL anyone may publish on
+    the topic of a device over its budget: the span they claim was recorded as a gap whatever it said, and its top
+    taken as the device's newest seq. A forger's seq 10**15 then hid every later gap of the real device, and its seq
+    1 claimed a gap over records long stored. Now the span stays within the device's verified numbers: above its
+    newest verified seq when refused, at most its newest verified seq when the episode ends; the rest is recorded by
+    the sequence check from the records that verify."""
+    store = Store(tmp_path / "h.db")
+    mon = Monitor(fleet, store, verify_in_child=False, budget_rate=0.001, budget_burst=5)
+    topic = messages.topic(FLEET, "d1", "telemetry")
+    intruder = Signer.generate()
+    now = time.time()
+    real = [(topic, messages.encode(signed(telemetry("d1", seq))), now) for seq in range(1, 30)]
+    mon._store(real[:5])  # d1's burst: 1-5 stored
+    forged = [(topic, messages.encode(intruder.sign(telemetry("d1", seq))), now) for seq in (1, 10**15)]
+    mon._store(real[5:8] + forged)  # over budget: 6-8 and the forger's claims refused unchecked
+    mon._end_floods(math.inf)
+    assert store._rows("SELECT first_missing, last_missing FROM gaps") == []  # nothing verified beyond 5 yet
+    mon.budget = type(mon.budget)(rate=1000, burst=1000)
+    mon._store(real[8:20] + real[25:])  # d1 again, within budget: 9-20 and 26-29 (21-25 lost on the way)
+    assert store._rows("SELECT first_missing, last_missing FROM gaps ORDER BY first_missing") == [(6, 8), (21, 25)]
+
+
+def test_a_record_the_history_refuses_costs_its_batch_a_few_transactions_not_one_per_record(fleet, tmp_path,
+                                                                                             monkeypatch):
+    """A record the database cannot hold (a character a LATIN1 PostgreSQL lacks, a value beyond a column) fails its
+    whole batch. Its batch was then stored one transaction per record: 501 for a batch of 500, for every such record
+    a compromised device sent (100 a second within its budget), which held the monitor far behind everyone's records.
+    Now the batch is halved until the refused record stands alone; the others are stored once each, in order."""
+    from edge_kit.errors import HistoryRecordError
+
+    store = Store(tmp_path / "h.db")
+    mon = Monitor(fleet, store, verify_in_child=False)
+    topic = messages.topic(FLEET, "d1", "bench")
+    now = time.time()
+    batch = [(topic, messages.encode(signed(bench("d1", seq, variant="poison" if seq == 321 else "int8"))), now)
+             for seq in range(1, 501)]
+    real_add, calls = store.add_many, []
+
+    def add_many(good, raw=None, received=None):
+        calls.append(len(good))
+        if any(m["variant"] == "poison" for _, m in good):
+            raise HistoryRecordError("the history file refused a record (a test's): it cannot be stored as it is")
+        return real_add(good, raw, received)
+
+    monkeypatch.setattr(store, "add_many", add_many)
+    mon._store(batch)
+    assert sorted(r["seq"] for r in store.bench_records("d1")) == [s for s in range(1, 501) if s != 321]
+    assert mon.stats.stored == 499 and mon.stats.invalid == 1 == store.count("invalid")
+    assert len(calls) <= 2 + 2 * math.ceil(math.log2(500)), calls
