@@ -179,7 +179,7 @@ def _fuzz_payloads(n: int, rng: random.Random) -> list[bytes]:
         lambda: json.dumps(envelope(schema="edgekit.bench/1")).encode(),
         lambda: json.dumps(envelope(command="rollback")).encode(),
         lambda: json.dumps(envelope()).encode(),
-        lambda: b'{"pad": "' + b"a" * 70_000 + b'"}',
+        lambda: b'{"pad": "' + b"a" * messages.MAX_PAYLOAD + b'"}',
         lambda: json.dumps(envelope()).encode().replace(b'"expires": ', b'"expires": 1' + b"0" * 400 + b', "x": '),
         lambda: b'{"seq": 1' + b"0" * 5000 + b"}",
         lambda: json.dumps(envelope()).encode()[: rng.randint(1, 60)],

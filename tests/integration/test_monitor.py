@@ -168,7 +168,15 @@ def test_prometheus_endpoint_exports_per_device_and_variant_series(fleet, publis
         send(publisher, "live", messages.encode(signed(messages.envelope("live", FLEET, "d1", 5, {
             **live, "latency_ms": {"p99": 1}})))[:-40])  # cut short
         assert wait_until(lambda: mon.stats.stored == 5 and mon.stats.invalid == 2, 10), mon.stats
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        scraped = {"text": ""}
+
+        def scrape() -> str:  # the metrics follow each stored message from the writer thread, just after it counts
+            scraped["text"] = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+            return scraped["text"]
+
+        wait_until(lambda: 'edgekit_live_requests{device="d1",variant="int8"} 42.0' in scrape()
+                   and "edgekit_live_shadow_snr_db" in scraped["text"], 10)
+        text = scraped["text"]
     finally:
         mon.stop()
         server.shutdown()
