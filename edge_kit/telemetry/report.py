@@ -400,8 +400,9 @@ def build_report(store: HistoryStore, out: Path, title: str = "edge-kit fleet re
                  profiles: dict[str, str] | None = None) -> dict[str, Any]:
     """Write the report to ``out`` (atomically); return what it holds (profiles, devices, plots, records plotted,
     flagged devices, ``not_plotted``: ``{device: records}`` of devices naming more variants than
-    :data:`MAX_VARIANTS_PER_DEVICE`, and ``rows``: the fleet table's figures, labelled ``bench`` or ``live``,
-    :func:`figure_rows`).
+    :data:`MAX_VARIANTS_PER_DEVICE`, ``rows``: the fleet table's figures, labelled ``bench`` or ``live``,
+    :func:`figure_rows`, and ``refused`` and ``gaps``: the messages the monitor refused and the sequence gaps it
+    recorded, which no figure shows).
 
     ``profiles``: the fleet file's profile of each device it names (``{device: profile}``), which places that
     device's records; a device it does not name is placed by what its records say.
@@ -468,6 +469,7 @@ def build_report(store: HistoryStore, out: Path, title: str = "edge-kit fleet re
                   + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in fleet_rows) + "</table>")
     simulated = any(r.get("simulated") for r in latest)
     served = live_clocks(store.latest_live())
+    refused, gaps = store.count("invalid"), store.count("gaps")  # what the figures above do not show
     page = (f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title)}</title><style>{_CSS}</style>"
             f"<script>{plotly.offline.get_plotlyjs()}</script></head><body><h1>{html.escape(title)}</h1>"
             f"<p class=note>Generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')} from {html.escape(store.where)}: "
@@ -480,6 +482,9 @@ def build_report(store: HistoryStore, out: Path, title: str = "edge-kit fleet re
             + (" Some devices are simulated: their figures are measurements of the simulating machine." if simulated else "")
             + "".join(f" {html.escape(device)}: {n:,} benchmark record(s) of more than {MAX_VARIANTS_PER_DEVICE} variant "
                       "names not plotted (its newest names are)." for device, n in sorted(left_out.items()))
+            + (f" Not in these figures: {refused:,} message(s) the monitor refused (forged, malformed or over a limit; "
+               f"kept in the history's invalid table) and {gaps:,} sequence gap(s) (records a device numbered that "
+               "never arrived; its gaps table)." if refused or gaps else "")
             + "</p>" + "".join(sections) + f"<h2>Fleet</h2>{table}</body></html>")
     # A lone surrogate has no UTF-8 form (decode refuses them; a history row may still hold one): shown as \udXXX.
     page = page.encode("utf-8", "backslashreplace").decode("utf-8")
@@ -489,4 +494,4 @@ def build_report(store: HistoryStore, out: Path, title: str = "edge-kit fleet re
         raise InputError(f"{out}: cannot write the report there ({exc.strerror or exc}); "
                          "pass --out a file in a writable folder") from None
     return {"out": str(out), "profiles": sorted(by_profile), "devices": len(rows), "plots": plots, "records": len(latest),
-            "flagged": flagged, "not_plotted": left_out, "rows": figure_rows(store)}
+            "flagged": flagged, "not_plotted": left_out, "rows": figure_rows(store), "refused": refused, "gaps": gaps}

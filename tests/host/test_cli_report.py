@@ -123,6 +123,17 @@ def test_the_reports_json_lists_each_devices_figures_labelled_bench_or_live(tmp_
     store.close()
     code, out, err = run_cli("report", "--history", history, "--out", tmp_path / "r.html", "--json")
     assert code == 0, err
+    assert json.loads(out)["refused"] == json.loads(out)["gaps"] == 0
+    assert "Not in these figures" not in (tmp_path / "r.html").read_text()
+    store = Store(history)  # what the monitor refused and the seq numbers that never came: said, never silent
+    store.add_invalid("edgekit/v1/sim/rpi4-1/bench", "signed by a key that is not rpi4-1's registered key", b"{}")
+    store.add_gap("rpi4-1", "live", 2, 4)
+    store.close()
+    code, out, err = run_cli("report", "--history", history, "--out", tmp_path / "r.html", "--json")
+    assert code == 0, err
+    assert (json.loads(out)["refused"], json.loads(out)["gaps"]) == (1, 1)
+    assert ("Not in these figures: 1 message(s) the monitor refused (forged, malformed or over a limit; kept in the "
+            "history's invalid table) and 1 sequence gap(s)") in (tmp_path / "r.html").read_text()
     rows = json.loads(out)["rows"]
     assert [(r["device"], r["source"]) for r in rows] == [("rpi4-1", "bench"), ("rpi4-1", "live")]
     chosen = next(b for b in bench if b["variant"] == "int8")
