@@ -36,8 +36,14 @@ from typing import Any, Callable
 from device_agents.disk import atomic_write
 from device_agents.store import is_sha256
 from edgekit_protocol.config import PullConfig
-from edgekit_protocol.desired import Desired, parse_desired, reported_body
-from edgekit_protocol.errors import EdgeKitError
+from edgekit_protocol.desired import (
+    Desired,
+    check_reported,
+    parse_desired,
+    reported_body,
+)
+from edgekit_protocol.errors import EdgeKitError, MessageError
+from edgekit_protocol.messages import MAX_PAYLOAD, encode
 
 log = logging.getLogger("edgekit.agent.reconcile")
 MAX_RETRY_S = 900.0
@@ -139,16 +145,25 @@ class Reconciler:
 
     def _load_reported(self) -> dict[str, Any] | None:
         """Return the reported body persisted before a restart when it is about the desired state taken (same
-        rollout and revision), else None (none, damaged: logged, or about another desired state)."""
+        rollout and revision), else None (none; damaged, over the payload limit, non-finite or not a reported body
+        as the protocol checks one: logged; or about another desired state)."""
+        path = self.root / REPORTED
         try:
-            body = json.loads((self.root / REPORTED).read_text())
+            with path.open("rb") as f:
+                data = f.read(MAX_PAYLOAD + 1)
+            if len(data) > MAX_PAYLOAD:
+                raise MessageError(f"over the {MAX_PAYLOAD}-byte payload limit")
+            body = json.loads(data)
+            if not isinstance(body, dict):
+                raise MessageError(f"a JSON {type(body).__name__}, not a reported body")
+            encode(check_reported(body))  # the receivers' checks; encode refuses NaN and infinity (a ValueError)
         except FileNotFoundError:
             return None
-        except (OSError, ValueError) as exc:
-            log.error("%s: unreadable (%s); the next reconcile step reports again", self.root / REPORTED, exc)
+        except (OSError, ValueError) as exc:  # MessageError is a ValueError
+            log.error("%s: unreadable (%s); the next reconcile step reports again", path, exc)
             return None
         d = self.desired
-        if not isinstance(body, dict) or d is None or (body.get("rollout"), body.get("revision")) != (d.rollout, d.revision):
+        if d is None or (body.get("rollout"), body.get("revision")) != (d.rollout, d.revision):
             return None
         return body
 

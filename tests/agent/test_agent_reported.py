@@ -162,3 +162,30 @@ def test_a_persisted_reported_state_of_another_desired_state_is_not_taken(tmp_pa
         assert again.reconciler.last is None
     finally:
         again.spool.close()
+
+
+@pytest.mark.parametrize("content", [b'{"rollout": "r2", "revision": 2, "state": "converged", "x": NaN}',
+                                     b'{"rollout": "r2", "revision": 2, "state": "owned"}',
+                                     b'{"rollout": "r2", "revision": 2, "state": "converged"',
+                                     b"[1, 2]", b'{"rollout": "r2", "revision": 2, "state": "converged", "pad": "'
+                                     + b"a" * 70_000 + b'"}'])
+def test_a_damaged_persisted_reported_state_is_not_taken(tmp_path, content):
+    """reported.json is read back at start and published signed: a non-finite number, a state the protocol does not
+    know, a truncated or oversized file is not taken (logged); the next reconcile step reports afresh."""
+    agent = _agent(tmp_path)
+    root = agent.cfg.root
+    agent.spool.close()
+    (root / "desired.json").write_text(json.dumps({"message": {"msg_id": "m2", "rollout": "r2", "revision": 2,
+                                                               "hold": True}, "converged": True, "attempts": 0}))
+    (root / "reported.json").write_bytes(content)
+    again = Agent(agent.cfg)
+    try:
+        assert again.reconciler.last is None
+    finally:
+        again.spool.close()
+    (root / "reported.json").write_bytes(b'{"rollout": "r2", "revision": 2, "state": "converged"}')
+    sound = Agent(agent.cfg)  # the same file, sound: taken
+    try:
+        assert sound.reconciler.last == {"rollout": "r2", "revision": 2, "state": "converged"}
+    finally:
+        sound.spool.close()
