@@ -160,7 +160,7 @@ def _table(data: bytes) -> tuple[list[OpInfo], dict[int, TensorInfo], dict[int, 
                          "bytes (a file cut short, or a damaged or hostile one); download or export it again") from None
     except Exception as exc:  # noqa: BLE001 - IndexError, TypeError... from a damaged file
         raise ValueError(f"damaged .tflite flatbuffer (truncated or corrupt: {type(exc).__name__}: "
-                         f"{(str(exc).strip().splitlines() or [''])[0][:120]})") from None
+                         f"{first_line(exc, 120)})") from None
 
 
 def _read_table(data: bytes) -> tuple[list[OpInfo], dict[int, TensorInfo], dict[int, np.ndarray]]:

@@ -342,10 +342,11 @@ def _load_kind(path: Path, pinned: dict[str, tuple[int, ...]], name: str, load_s
 def _load_keras(path: Path, name: str, digest: str, pinned: dict[str, tuple[int, ...]], load_seconds: float) -> Source:
     import zipfile
 
-    if path.suffix.lower() == ".keras" and not zipfile.is_zipfile(path):  # Keras itself says "File not found"
+    is_zip = zipfile.is_zipfile(path)
+    if path.suffix.lower() == ".keras" and not is_zip:  # Keras itself says "File not found"
         raise InputError(f"{path}: not a loadable Keras model (not a zip archive, as every .keras file is: damaged, "
                          "cut short, or another format named .keras); save it again with model.save('name.keras')")
-    if not zipfile.is_zipfile(path):  # an .h5: Keras' refusal of a damaged one came with advice about custom layers
+    if not is_zip:  # an .h5: Keras' refusal of a damaged one came with advice about custom layers
         try:
             import h5py
 
@@ -356,7 +357,7 @@ def _load_keras(path: Path, name: str, digest: str, pinned: dict[str, tuple[int,
         except OSError as exc:
             raise InputError(f"{path}: not a loadable Keras model (not an HDF5 file, or one cut short or damaged: "
                              f"{first_line(exc, 120)}); save it again with model.save('name.keras')") from None
-    if zipfile.is_zipfile(path):  # Keras reads its members whole: the sizes the zip declares bound that
+    if is_zip:  # Keras reads its members whole: the sizes the zip declares bound that
         from edgekit_protocol.datafile import memory_available
 
         try:

@@ -142,7 +142,7 @@ def _serve_an_application(fleet: Any, eval_file: Path, store: HistoryStore,
         if msg is None:
             why = (f"no live message of its served model covering the application's requests within {LIVE_WAIT_S:.0f} s"
                    + (f"; {refused} message(s) refused (the history's invalid table says why)" if refused else
-                      f"; see {next(d.root for d in fleet.devices if d.name == device)}/agent.log"))
+                      f"; see {fleet.device(device).root}/agent.log"))
             out[device].update(p50_ms=None, p99_ms=None, served=None, requests_served=None, record=None, not_stored=why)
             continue
         out[device].update(p50_ms=field_at(msg, "latency_ms", "p50"), p99_ms=field_at(msg, "latency_ms", "p99"),

@@ -252,15 +252,14 @@ def _measure(client: FleetClient, store: HistoryStore, wanted: dict[str, list[tu
         if isinstance(mid, str):
             record = client.wait_record(device, mid, max(0.0, deadline - time.monotonic()))
         if record is None:
-            refused = client.refused_records.get((device, mid)) if isinstance(mid, str) else None
-            why = "no answer" if ack is None else (ack.get("error") or (f"record refused: {refused}" if refused
+            rejected = client.refused_records.get((device, mid)) if isinstance(mid, str) else None
+            why = "no answer" if ack is None else (ack.get("error") or (f"record refused: {rejected}" if rejected
                                                                         else "record did not arrive"))
             silent.setdefault(device, []).append(f"{variant} ({why})")
             continue
-        _, why = store_each(store, "bench", [record])  # as each arrives: a history failing later keeps these
-        for name, texts in why.items():
-            refused.setdefault(name, []).extend(texts)
-        stored += not why
+        before = len(refused.get(device, []))
+        store_each(store, "bench", [record], refused)  # as each arrives: a history failing later keeps these
+        stored += len(refused.get(device, [])) == before
     return stored, silent, refused
 
 

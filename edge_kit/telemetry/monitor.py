@@ -169,7 +169,6 @@ class Monitor:
         self.alerts_raised = 0
         self.last_seen: dict[str, float] = {}
         self.over_budget: dict[str, int] = {}  # per device of the fleet file: records refused over its budget
-        self._budgeted = {d.name for d in fleet.devices}  # devices named elsewhere are refused by their signature
         self._floods: dict[str, _Flood] = {}  # devices over their budget now (episodes not ended)
         self.constraints = {d.name: effective_constraints(load_profile(d.profile).constraints, d.constraints)
                             for d in fleet.devices}
@@ -400,7 +399,7 @@ class Monitor:
             device = messages.parse_topic(topic)[1]
         except MessageError:
             return None
-        return device if device in self._budgeted else None
+        return device if device in self.constraints else None  # the fleet file's devices
 
     def _check_within_budget(self, batch: list[tuple],
                              local: bool = False) -> tuple[list[tuple[str, dict[str, Any]]], list[bytes], list[float]]:

@@ -177,6 +177,7 @@ class PostgresStore(HistoryStore):
                     for sql, rows in statements:
                         cur.executemany(self._sql(sql), rows)
                         new += cur.rowcount
+            # DataError also when psycopg itself refuses a value before sending it (a NUL in text: no SQLSTATE)
             except (psycopg.DataError, UnicodeEncodeError, OverflowError) as exc:
                 raise self._refused(exc) from exc
             except psycopg.Error as exc:
