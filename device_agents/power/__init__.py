@@ -192,7 +192,7 @@ def power_meter(keys: tuple[str, ...] | list[str] = DEFAULT_SENSORS, env: Sensor
     if sensor is not None:
         return SensorMeter(sensor)
     if idle_w is not None and busy_w is not None:
-        return EstimateMeter(idle_w, busy_w, cores or os.cpu_count() or 1, profile, threads)
+        return EstimateMeter(idle_w, busy_w, cores or _cores_here(), profile, threads)  # unknown: the cores it may use
     return None
 
 

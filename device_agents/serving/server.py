@@ -482,8 +482,9 @@ class Server:
         receiver = Receiver(timed, reuse=True, shared=True)
         try:
             while True:
-                # the next bytes start a frame (waiting for them may last), unless some are in already
-                timed.started = receiver.pending > 0
+                # the next bytes start a frame (waiting for them may last), unless some are in already; either way
+                # its clock is its own (a pipelined frame's starts at its next receive, not the last frame's)
+                timed.started, timed.deadline = receiver.pending > 0, 0.0
                 if self.busy_poll_ns and self.clients == 1 and not self.http_clients and not receiver.pending:
                     busy_poll(conn, self.busy_poll_ns)
                 try:
@@ -579,7 +580,7 @@ class _FrameTimer:
 
     def __init__(self, sock: Any, limit_s: float):
         self.sock, self.limit_s = sock, limit_s
-        self.started = False  # a frame's first bytes are in (the server clears it between frames)
+        self.started = False  # a frame's first bytes are in (the server sets it between frames)
         self.deadline = 0.0  # monotonic time the started frame must be complete by (set on its second receive)
         self.short = False  # SO_RCVTIMEO is shorter than limit_s (what was left of a frame's time)
         self.idle_since = time.monotonic()  # waiting for a frame's first byte since (0: a frame is under way)

@@ -228,3 +228,17 @@ def test_the_estimate_divides_the_cpu_time_by_the_cores_it_ran_on_and_scales_to_
     time.sleep(0.05)
     same = meter.stop(runs=1)
     assert same["method"].endswith("per-thread CPU clocks of this machine / wall time / 4 cores)"), same["method"]
+
+
+def test_without_the_profiles_core_count_the_estimate_is_over_the_cores_the_agent_may_use(monkeypatch):
+    """The fallback was the machine's core count while the CPU use is measured over the cores the process may use:
+    an agent limited to 1 of 8 cores (taskset, a cgroup cpuset) read a fully busy core as 1/8 busy."""
+    import os
+
+    from device_agents import power
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    meter = power.power_meter((), idle_w=2.0, busy_w=6.0, cores=None)
+    assert isinstance(meter, power.EstimateMeter) and meter.cores == 1
+    assert power.power_meter((), idle_w=2.0, busy_w=6.0, cores=4).cores == 4  # the profile's, when it says

@@ -687,6 +687,24 @@ def test_a_frame_that_has_started_must_be_complete_within_request_timeout_s(wait
     assert strict.snapshot()["turned_away"]["malformed"] == 0
 
 
+def test_a_pipelined_frame_gets_its_own_request_timeout_s_not_what_the_frame_before_it_had_left(store, strict):
+    """A frame whose first bytes came in with the end of the one before (pipelined) kept that frame's deadline when the
+    frame before took several receives: here the first frame's clock started at t=0.05 s, so the second, started at
+    0.9 s and complete at 1.3 s, was cut off at 1.05 s, well within its own request_timeout_s (1 s)."""
+    first = second = frame({"op": "info"})  # 22 bytes; answered with a header alone
+    with _connect(strict) as sock:
+        sock.sendall(first[:10])
+        time.sleep(0.05)
+        sock.sendall(first[10:20])  # the first frame's clock starts here
+        time.sleep(0.85)
+        sock.sendall(first[20:] + second[:5])  # the first completes; the second has started, half its header in
+        assert raw(sock, b"")["ok"] is True
+        time.sleep(0.4)
+        sock.sendall(second[5:])
+        assert raw(sock, b"")["ok"] is True
+    assert strict.snapshot()["turned_away"]["timed_out"] == 0
+
+
 def test_an_idle_client_between_frames_keeps_its_connection(store, strict):
     """Waiting for a frame's first byte has no limit: a client may keep its connection idle (here 2.5
     times request_timeout_s) and be answered on it, and nothing is counted as timed out."""
