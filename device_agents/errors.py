@@ -68,11 +68,5 @@ class DiskFull(StoreError):
     """The device's disk has no room for what was asked; the text says how much is free and what to free."""
 
 
-class MessageTooLarge(DeviceError):
-    """A message the agent built is over the protocol's payload limit: never spooled (every receiver refuses it, and a
-    broker with ``max_packet_size`` cuts off a client that sends it, at every reconnect); the text names its kind and
-    size."""
-
-
 class CodeTampered(DeviceError):
     """The agent's own code differs from what the operator signed (or is unsigned): it does not start."""

@@ -35,7 +35,6 @@ from device_agents.errors import (
     CodeTampered,
     DeviceError,
     DiskFull,
-    MessageTooLarge,
     SmokeFailed,
     SmokeTimedOut,
 )
@@ -215,21 +214,19 @@ class Agent:
 
         Raises:
             DiskFull: it could not be written even after the reserve was freed.
-            MessageTooLarge: it would be over the protocol's payload limit (counted as ``oversize_messages``, not
+            PayloadTooLarge: it would be over the protocol's payload limit (counted as ``oversize_messages``, not
                 spooled); an answer (``cmd/ack``) is then sent as a refusal saying so instead.
         """
         built: dict[str, Any] = {}
 
         def build(seq: int) -> bytes:
             built.update(self.signer.sign(messages.envelope(kind, self.cfg.fleet, self.cfg.device, seq, body)))
-            try:  # raised inside the spool's transaction: its seq is not taken
-                return messages.encode_within_limit(built, f"a {kind} message")
-            except PayloadTooLarge as exc:
-                raise MessageTooLarge(str(exc)) from None
+            # raised inside the spool's transaction: its seq is not taken
+            return messages.encode_within_limit(built, f"a {kind} message")
 
         try:
             row, _ = self._on_disk(lambda: self.spool.add(kind, self._topic(kind), build, answers=answers))
-        except MessageTooLarge as exc:
+        except PayloadTooLarge as exc:
             try:  # held until it can be written; not through _on_disk, whose second try would count it again
                 self.spool.count("oversize")
             except (OSError, sqlite3.Error) as full:
@@ -709,7 +706,7 @@ class Agent:
                 self.dropped_on_full_disk += 1
                 log.warning("%s dropped: %s", kind, exc)
                 continue  # not spooled: a shadow comparison is offered again at the next interval
-            except MessageTooLarge:
+            except PayloadTooLarge:
                 continue  # counted and logged by emit
             if kind == "shadow":
                 self._shadow_sent = self._shadow_counts(body)

@@ -172,7 +172,7 @@ class Spool:
             this row, of a :data:`DROPPABLE` kind, was dropped instead (counted).
 
         Raises:
-            Exception: what ``build`` raises (``MessageTooLarge``...): the transaction is rolled back, so no
+            Exception: what ``build`` raises (``PayloadTooLarge``...): the transaction is rolled back, so no
                 sequence number is taken, no older row dropped and the inbox is as it was.
             sqlite3.Error: the spool cannot be written (a full disk), rolled back likewise.
         """

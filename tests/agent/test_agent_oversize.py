@@ -13,10 +13,10 @@ import time
 import pytest
 
 from device_agents.config import load_agent_config
-from device_agents.errors import MessageTooLarge
 from device_agents.service import Agent
 from edgekit_protocol import messages
 from edgekit_protocol.commands import Command
+from edgekit_protocol.errors import PayloadTooLarge
 
 
 @pytest.fixture
@@ -46,7 +46,7 @@ def test_an_answer_too_large_to_send_is_sent_as_a_refusal_saying_so(agent, monke
 
 def test_other_messages_too_large_are_refused_counted_and_take_no_sequence_number(agent):
     before = [m["seq"] for k, m in _spooled(agent)]
-    with pytest.raises(MessageTooLarge, match="a live message of [0-9,]+ bytes is over"):
+    with pytest.raises(PayloadTooLarge, match="a live message of [0-9,]+ bytes is over"):
         agent.emit("live", {"models": [{"note": "x" * messages.MAX_PAYLOAD}]})
     assert [m["seq"] for k, m in _spooled(agent)] == before and agent.spool.stats()["oversize_messages"] == 1
     small = agent.emit("live", {"models": []})
@@ -63,9 +63,9 @@ def test_a_message_too_large_for_a_full_spool_leaves_its_bound_and_pending_count
         spool.add(kind, f"t/{kind}", lambda seq, kind=kind: f"{kind}:{seq}".encode())
 
     def too_large(seq):
-        raise MessageTooLarge("a bench message of 70,000 bytes is over the protocol's limit: not sent")
+        raise PayloadTooLarge("a bench message of 70,000 bytes is over the protocol's limit: not sent")
 
-    with pytest.raises(MessageTooLarge):
+    with pytest.raises(PayloadTooLarge):
         spool.add("bench", "t/bench", too_large)
     assert spool.stats()["pending"] == len(spool.pending()) == 2
     spool.add("bench", "t/bench", lambda seq: f"bench:{seq}".encode())  # full: drops the telemetry row
@@ -99,7 +99,7 @@ def test_a_shadow_comparison_dropped_on_a_full_disk_is_spooled_again_at_the_next
 def test_a_message_too_large_is_counted_once_when_the_count_meets_a_full_disk(agent, monkeypatch):
     """The count went through the disk-full retry (free the reserve, write again), and count() adds before it
     writes: a first write refused for lack of space counted the message twice, and a second one raised DiskFull
-    in place of MessageTooLarge, so a command's answer too large to send was never answered. The count is held
+    in place of PayloadTooLarge, so a command's answer too large to send was never answered. The count is held
     until it can be written (Spool.count), once; the message is refused as too large whatever the disk says."""
     import sqlite3
 
@@ -118,6 +118,6 @@ def test_a_message_too_large_is_counted_once_when_the_count_meets_a_full_disk(ag
 
     monkeypatch.setattr(agent.spool, "_save_counts", full_then_room)
     monkeypatch.setattr(spool_module, "COUNT_EVERY_S", 0.0)
-    with pytest.raises(MessageTooLarge):
+    with pytest.raises(PayloadTooLarge):
         agent.emit("live", {"models": [{"note": "x" * messages.MAX_PAYLOAD}]})
     assert agent.spool.stats()["oversize_messages"] == 1
