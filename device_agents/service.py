@@ -172,12 +172,21 @@ class Agent:
         Never raises (it runs inside a reconcile step, after the switch it reports): when the body cannot be signed
         or handed to the broker connection, the failure is counted (``unsent_reports`` in the spool's counters:
         ``state`` and telemetry), logged in one line (once per reason), and :meth:`_report_when_due` publishes the
-        newest reported body again :data:`REPORT_RETRY_S` later, until it goes out.
+        newest reported body again :data:`REPORT_RETRY_S` later, until it goes out. Its ``seq`` is taken only once it
+        went out (:meth:`Spool.upcoming_seq`), so failed tries leave no gap in the ``reported`` sequence. A body over
+        the protocol's payload limit is not published (every receiver and the broker refuse it) nor tried again:
+        counted as ``oversize_messages`` and logged (:meth:`_oversize`).
         """
         try:
-            msg = self.signer.sign(messages.envelope("reported", self.cfg.fleet, self.cfg.device,
-                                                     self.spool.next_seq("reported"), body))
-            self.publisher.publish(self._topic("reported"), messages.encode(msg), retain=True)
+            seq = self.spool.upcoming_seq("reported")  # taken once it went out: a failed try leaves no gap
+            msg = self.signer.sign(messages.envelope("reported", self.cfg.fleet, self.cfg.device, seq, body))
+            payload = messages.encode_within_limit(msg, "a reported message")
+            self.publisher.publish(self._topic("reported"), payload, retain=True)
+            self.spool.took_seq("reported", seq)
+        except PayloadTooLarge as exc:  # would never go out: counted, not tried again until a connect or a new body
+            self._oversize(exc)
+            self._report_retry_at, self._report_error = None, None
+            return
         except Exception as exc:  # noqa: BLE001 - the state is kept and sent again, never dropped with the step
             self._report_retry_at = time.monotonic() + REPORT_RETRY_S
             why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
@@ -227,17 +236,22 @@ class Agent:
         try:
             row, _ = self._on_disk(lambda: self.spool.add(kind, self._topic(kind), build, answers=answers))
         except PayloadTooLarge as exc:
-            try:  # held until it can be written; not through _on_disk, whose second try would count it again
-                self.spool.count("oversize")
-            except (OSError, sqlite3.Error) as full:
-                log.warning("the oversize message's count is not on disk yet: %s", full)
-            log.error("%s", exc)
+            self._oversize(exc)
             if kind != "cmd/ack" or body.get("error") == str(exc):
                 raise
             # the command still gets its answer: that it had one too large to send
             return self.emit(kind, {**body, "ok": False, "error": str(exc), "result": {}}, answers)
         self.publisher.wake()
         return built if row is not None else None
+
+    def _oversize(self, exc: PayloadTooLarge) -> None:
+        """Count (``oversize_messages``) and log one message refused as over the protocol's payload limit; returns
+        nothing, never raises (a count a full disk keeps back is held by the spool until it can be written)."""
+        try:  # not through _on_disk, whose second try would count it again
+            self.spool.count("oversize")
+        except (OSError, sqlite3.Error) as full:
+            log.warning("the oversize message's count is not on disk yet: %s", full)
+        log.error("%s", exc)
 
     def _on_disk(self, write: Any) -> Any:
         """Return ``write()``; when it fails for lack of space, free the reserve and try once more.

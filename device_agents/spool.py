@@ -147,18 +147,40 @@ class Spool:
 
     def next_seq(self, kind: str) -> int:
         """Return the next sequence number of ``kind`` for a message published without the outbox (a
-        retained ``status`` or ``reported``), persisted so it keeps rising across restarts. Never
+        retained ``status``), taken at once and persisted so it keeps rising across restarts. Never
         raises: when the disk is too full to write it, the number is kept in memory until it can be."""
-        name = "seq." + kind
         with self._lock:
-            value = max(self._counter(name), self._unsaved.get(name, 0)) + 1
-            try:
-                self._db.execute("INSERT OR REPLACE INTO counters (name, value) VALUES (?, ?)", (name, value))
-                self._unsaved.pop(name, None)
-            except sqlite3.OperationalError as exc:  # "database or disk is full"
-                self._unsaved[name] = value
-                log.warning("spool: %s = %d not persisted yet: %s", name, value, exc)
+            value = self._upcoming("seq." + kind)
+            self._save_seq("seq." + kind, value)
             return value
+
+    def upcoming_seq(self, kind: str) -> int:
+        """Return the number :meth:`next_seq` would return for ``kind``, without taking it: a message that must number
+        only what went out (the retained ``reported``, tried again until it does) takes it with :meth:`took_seq`
+        once it was handed to the broker connection, so a failed try leaves no gap in its sequence. One thread
+        numbers such a kind (the agent's main thread). Never raises."""
+        with self._lock:
+            return self._upcoming("seq." + kind)
+
+    def took_seq(self, kind: str, seq: int) -> None:
+        """Record that a message of ``kind`` went out numbered ``seq`` (:meth:`upcoming_seq`): the counter rises to
+        it, never back, persisted as :meth:`next_seq` persists it; returns nothing, never raises."""
+        with self._lock:
+            self._save_seq("seq." + kind, max(seq, self._upcoming("seq." + kind) - 1))
+
+    def _upcoming(self, name: str) -> int:
+        """Return the number after the counter ``name`` (on disk or held in memory); caller holds the lock."""
+        return max(self._counter(name), self._unsaved.get(name, 0)) + 1
+
+    def _save_seq(self, name: str, value: int) -> None:
+        """Write the counter ``name`` as ``value``, or hold it in memory when the disk is too full (caller holds the
+        lock); returns nothing."""
+        try:
+            self._db.execute("INSERT OR REPLACE INTO counters (name, value) VALUES (?, ?)", (name, value))
+            self._unsaved.pop(name, None)
+        except sqlite3.OperationalError as exc:  # "database or disk is full"
+            self._unsaved[name] = value
+            log.warning("spool: %s = %d not persisted yet: %s", name, value, exc)
 
     def add(self, kind: str, topic: str, build: Callable[[int], bytes],
             answers: str | None = None) -> tuple[int | None, bytes | None]:

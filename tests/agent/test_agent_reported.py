@@ -20,7 +20,7 @@ from device_agents import service
 from device_agents.config import load_agent_config
 from device_agents.identity import Keyring
 from device_agents.service import Agent
-from edgekit_protocol.messages import SCHEMAS
+from edgekit_protocol.messages import MAX_PAYLOAD, SCHEMAS
 
 
 def _free_port() -> int:
@@ -145,7 +145,9 @@ def test_a_reported_state_never_published_before_a_restart_is_published_once_the
     assert topic == "edgekit/v1/f/pi-1/reported" and retain
     assert (msg["state"], msg["rollout"], msg["revision"]) == ("converged", "r1", 1)
     Keyring(devices={"pi-1": again.signer.public}).verify(msg, "pi-1")
-    assert msg["seq"] > tried[0]["seq"], "published under a fresh seq, not a replay of the failed try's"
+    assert msg["msg_id"] != tried[0]["msg_id"], "a new message, not a replay of the failed try's"
+    # the failed try never went out: the one that did has its number, so no receiver sees a gap
+    assert msg["seq"] == tried[0]["seq"] == 1
 
 
 def test_a_persisted_reported_state_of_another_desired_state_is_not_taken(tmp_path):
@@ -189,3 +191,75 @@ def test_a_damaged_persisted_reported_state_is_not_taken(tmp_path, content):
         assert sound.reconciler.last == {"rollout": "r2", "revision": 2, "state": "converged"}
     finally:
         sound.spool.close()
+
+
+def _recording(agent: Agent, monkeypatch, fail: dict[str, int]) -> tuple[list[dict], list[dict]]:
+    """Replace the agent's publisher by one that raises for the next ``fail["left"]`` reported messages; return the
+    reported messages tried and the ones that went out (verified as a receiver verifies them)."""
+    tried: list[dict] = []
+    sent: list[dict] = []
+    keyring = Keyring(devices={"pi-1": agent.signer.public})
+
+    def publish(topic, payload, *, retain=False, row=None):
+        if topic.endswith("/reported"):
+            msg = json.loads(payload)
+            tried.append(msg)
+            if fail["left"]:
+                fail["left"] -= 1
+                raise OSError("the broker connection is gone")
+            assert len(payload) <= MAX_PAYLOAD, "a payload over the protocol's limit was handed to the broker"
+            keyring.verify(msg, "pi-1")  # signed, as every message
+            sent.append(msg)
+        return None
+
+    monkeypatch.setattr(agent.publisher, "publish", publish)
+    return tried, sent
+
+
+def test_failed_tries_of_a_reported_state_take_no_sequence_number(tmp_path, monkeypatch):
+    """Each failed try took a new seq: a broker outage of N tries numbered N messages that never existed, and a
+    receiver checking the sequence saw a gap for each (a false alarm). The number is taken once it goes out: the
+    reported messages that went out are numbered 1, 2, 3 whatever failed in between, across a restart too."""
+    agent = _agent(tmp_path)
+    fail = {"left": 3}
+    tried, sent = _recording(agent, monkeypatch, fail)
+    body = {"rollout": "r1", "revision": 1, "state": "fetching"}
+    agent._report(body)
+    while agent._report_retry_at is not None:  # what _report_when_due does, without its wait
+        agent._report(body)
+    agent._report({**body, "state": "converged"})
+    assert [m["seq"] for m in tried] == [1, 1, 1, 1, 2]
+    assert [(m["seq"], m["state"]) for m in sent] == [(1, "fetching"), (2, "converged")]
+    assert agent.spool.stats()["unsent_reports"] == 3
+    fail["left"] = 2
+    agent._report({**body, "revision": 2, "state": "fetching"})  # fails: a newer body comes before it went out
+    agent._report({**body, "revision": 2, "state": "failed", "error": "hash mismatch"})  # fails
+    agent.spool.close()
+    again = Agent(agent.cfg)  # restarted during the outage
+    try:
+        _, sent_again = _recording(again, monkeypatch, {"left": 0})
+        again._report({**body, "revision": 2, "state": "converged"})
+        assert [m["seq"] for m in sent + sent_again] == [1, 2, 3]
+    finally:
+        again.spool.close()
+
+
+def test_a_reported_state_over_the_payload_limit_is_counted_and_never_handed_to_the_broker(tmp_path, monkeypatch):
+    """The reported state was published without the payload check every other message has: one over the limit
+    (a model's metadata of many kilobytes in ``current``) went to the broker, which cuts off a client sending it,
+    at every reconnect (it is re-sent on each). Now it is refused before it is signed out: counted as
+    ``oversize_messages``, logged, not retried on every tick, nothing spooled; the agent goes on, and the next
+    reported state is published under the number the refused one did not take."""
+    agent = _agent(tmp_path)
+    try:
+        tried, sent = _recording(agent, monkeypatch, {"left": 0})
+        agent._report({"rollout": "r1", "revision": 1, "state": "converged",
+                       "current": {"sha256": "a" * 64, "variant": "v" * MAX_PAYLOAD}})
+        assert tried == [] and sent == []
+        stats = agent.spool.stats()
+        assert (stats["oversize_messages"], stats["unsent_reports"], stats["pending"]) == (1, 0, 0)
+        assert agent._report_retry_at is None  # not tried again: it would never go out
+        agent._report({"rollout": "r1", "revision": 2, "state": "converged"})
+        assert [(m["seq"], m["revision"]) for m in sent] == [(1, 2)]
+    finally:
+        agent.spool.close()
