@@ -62,6 +62,8 @@ from device_agents.disk import (
 )
 from device_agents.errors import NO_ACTIVE_MODEL, SmokeFailed, StoreError
 from device_agents.formats import SUFFIX, model_format
+from edgekit_protocol.desired import MAX_NAME_CHARS
+from edgekit_protocol.labels import clip
 from edgekit_protocol.messages import check_model_name
 
 log = logging.getLogger("edgekit.agent.store")
@@ -196,14 +198,18 @@ class ModelStore:
             The installed model; ``fresh`` is False when the same sha256 was already installed.
 
         Raises:
-            StoreError: ``variant`` is empty or holds control characters, ``model`` is not a model name
+            StoreError: ``variant`` is empty, longer than :data:`edgekit_protocol.desired.MAX_NAME_CHARS` or holds
+                control characters, ``model`` is not a model name
                 (:func:`edgekit_protocol.messages.check_model_name`), ``src`` is missing or not a
                 file (then no store is made), its sha256 (or the eval set's) differs from what was
                 expected, or the copy failed (disk full, permissions); nothing is left behind in ``models/``.
         """
         src = Path(src)
-        if not variant.strip() or not variant.isprintable():  # an empty one could never be named again
-            raise StoreError(f"variant {variant!r}: give a name of printable characters, e.g. int8")
+        # an empty one could never be named again; a longer one than a desired state may name is in every status,
+        # telemetry and reported message, which receivers (and, past 64 KiB, the broker) refuse
+        if not variant.strip() or not variant.isprintable() or len(variant) > MAX_NAME_CHARS:
+            raise StoreError(f"variant {clip(variant, 40)!r}: give a name of 1-{MAX_NAME_CHARS} printable characters, "
+                             "e.g. int8")
         try:
             check_model_name(model)
         except ValueError as exc:

@@ -255,14 +255,20 @@ def test_installing_a_folder_or_a_missing_file_says_which_and_makes_no_store(tmp
     assert not (tmp_path / "root").exists()
 
 
-@pytest.mark.parametrize("variant, model", [("", "m"), ("a\nb", "m"), ("  ", "m")])
-def test_an_empty_or_unprintable_variant_name_is_refused(store, tmp_path, variant, model):
+@pytest.mark.parametrize("variant, model", [("", "m"), ("a\nb", "m"), ("  ", "m"), ("v" * 513, "m"),
+                                            ("\n" * 70_000, "m")])
+def test_an_empty_unprintable_or_too_long_variant_name_is_refused(store, tmp_path, variant, model):
     """`edgekit-agent install m.tflite --variant ''` installed a model no `activate --variant` could name, shown
-    as a blank in `state`."""
+    as a blank in `state`. A variant name of any length was taken too: one of 70,000 characters made every status,
+    telemetry and reported message of the device over the 64 KiB payload limit (the retained status, sent on every
+    connect, made the broker cut the agent off each time), and one over 512 a reported state every receiver refuses
+    and no desired state can name. The error quotes the name cut short, so it fits one line and an ack."""
     path, _ = model_file(tmp_path, b"model")
-    with pytest.raises(StoreError, match="give a name of printable characters"):
+    with pytest.raises(StoreError, match="give a name of 1-512 printable characters") as caught:
         store.install(path, variant=variant, model=model)
+    assert len(str(caught.value)) < 200
     assert not store.root.exists()
+    assert store.install(path, variant="v" * 512, model="m").variant == "v" * 512  # the longest a desired state names
 
 
 @pytest.mark.parametrize("model", ["", "my model", "a\nb", ".hidden", "x" * 129])
