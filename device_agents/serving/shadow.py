@@ -37,6 +37,8 @@ import numpy as np
 
 from device_agents.errors import DeviceError
 from device_agents.inference import fidelity
+from edgekit_protocol.desired import MAX_ERROR_CHARS
+from edgekit_protocol.labels import clip
 
 log = logging.getLogger("edgekit.agent.serve")
 SHADOW_WINDOW = 256  # live input pairs the shadow comparison is taken over
@@ -366,7 +368,8 @@ class Shadow:
 
     def snapshot(self) -> dict[str, Any]:
         """Return the comparison: the shadow model, this run's id (``run``), the counts and the served outputs'
-        fidelity against it."""
+        fidelity against it (or ``fidelity_error``, why they cannot be compared, at most
+        :data:`edgekit_protocol.desired.MAX_ERROR_CHARS` characters and how long it was)."""
         with self._lock:
             pairs = list(self.pairs)
             counts = dict(self.counts)
@@ -382,6 +385,6 @@ class Shadow:
                 f = fidelity(served, shadow)
                 out["fidelity"] = {k: f[k] for k in ("snr_db", "cosine", "max_abs_error", "mean_abs_error") if k in f}
                 out["fidelity"]["of"] = "served outputs against the shadow model's, same live inputs"
-            except ValueError as exc:  # different outputs: not comparable
-                out["fidelity_error"] = str(exc)
+            except ValueError as exc:  # different outputs: not comparable (their names are the models': cut short, or
+                out["fidelity_error"] = clip(str(exc), MAX_ERROR_CHARS)  # the message is over the limit, never sent)
         return out

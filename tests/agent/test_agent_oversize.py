@@ -121,3 +121,34 @@ def test_a_message_too_large_is_counted_once_when_the_count_meets_a_full_disk(ag
     with pytest.raises(PayloadTooLarge):
         agent.emit("live", {"models": [{"note": "x" * messages.MAX_PAYLOAD}]})
     assert agent.spool.stats()["oversize_messages"] == 1
+
+
+def test_a_shadow_model_whose_outputs_do_not_match_is_reported_in_a_message_within_the_limit(agent, monkeypatch):
+    """A shadow model whose outputs are not the served model's has no fidelity: the comparison says why in
+    ``fidelity_error``, which listed every output name of both models (names a model file chooses). With many long
+    names the shadow message was over the 64 KiB limit: refused at every interval, so the operator never learnt the
+    two could not be compared. The reason is cut short now, and the message goes out."""
+    import threading
+
+    import numpy as np
+
+    from device_agents.serving.shadow import ModelRef, Shadow
+    from edgekit_protocol.desired import MAX_ERROR_CHARS
+
+    shadow = Shadow.__new__(Shadow)  # its figures only: no child process
+    served = {f"served_output_{i}_" + "s" * 200: np.zeros(2, np.float32) for i in range(300)}
+    other = {f"shadow_output_{i}_" + "o" * 200: np.zeros(2, np.float32) for i in range(300)}
+    shadow.pairs, shadow._lock, shadow.ended, shadow.run = [(served, other)], threading.Lock(), None, "r" * 16
+    shadow.counts = {"compared": 1, "skipped_rate": 0, "skipped_busy_cpu": 0, "dropped_queue_full": 0, "errors": 0,
+                     "non_finite": 0}
+    shadow.share, shadow.max_per_s, shadow.priority = 1.0, 5.0, "SCHED_IDLE"
+    shadow.model = ModelRef("b" * 64, "fp16", [], [])
+    comparison = shadow.snapshot()
+    assert comparison["fidelity"] is None and comparison["fidelity_error"].startswith("outputs [")
+    assert len(comparison["fidelity_error"]) <= MAX_ERROR_CHARS + 40
+    serving = {"sha256": "a" * 64, "variant": "int8"}
+    monkeypatch.setattr(agent, "served", lambda: [("shadow", {**comparison, "serving": serving})])
+    agent.telemetry()
+    spooled = [m for k, m in _spooled(agent) if k == "shadow"]
+    assert len(spooled) == 1 and agent.spool.stats()["oversize_messages"] == 0
+    assert messages.check_body("shadow", spooled[0])["fidelity_error"] == comparison["fidelity_error"]
