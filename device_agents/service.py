@@ -154,17 +154,40 @@ class Agent:
         connection carries the same ``connection``, so a host receiving the will after a switch takes
         ``current`` from the connection's newest status instead (the history's ``latest_status``)."""
         self._connection = os.urandom(6).hex()
-        client.will_set(self._topic("status"), messages.encode(self._status("offline")), qos=1, retain=True)
+        client.will_set(self._topic("status"), self._status_payload("offline"), qos=1, retain=True)
 
-    def _status(self, state: str) -> dict[str, Any]:
+    def _status(self, state: str, short: bool = False) -> dict[str, Any]:
+        """Return the signed status message ``state`` (``online``, ``offline``), noting the model and disk state it
+        announces. ``short``: the current model by its sha256 alone (variant null) and each runtime as ``available``
+        or ``unavailable``, without the texts of unbounded length (:meth:`_status_payload`)."""
         self._announced = self.store.current()
         self._announced_full = self.disk.full
         runtimes = {k: (cls.unavailable_reason() or "available") for k, cls in RUNTIMES.items()}
+        current = self._model_ref(self.store.current())
+        if short:
+            runtimes = {k: "available" if v == "available" else "unavailable" for k, v in runtimes.items()}
+            current = current and {"sha256": current.get("sha256"), "variant": None}
         return self.signer.sign(messages.envelope("status", self.cfg.fleet, self.cfg.device, self.spool.next_seq("status"), {
             "state": state, "agent_version": edgekit_protocol.__version__, "profile": self.cfg.profile,
-            "current": self._model_ref(self.store.current()), "runtimes": runtimes,
+            "current": current, "runtimes": runtimes,
             "power_source": self.power_source, "simulated": self.cfg.simulated, "pid": os.getpid(),
             "started": self.started, "disk": self.disk.usage(), "connection": self._connection}))
+
+    def _status_payload(self, state: str) -> bytes:
+        """Return the payload of the status ``state`` (the retained status and the last will), within the protocol's
+        payload limit. One over it (a model's metadata or a runtime's reason of many kilobytes, as an older agent's
+        store may hold) would make the broker cut the agent off at every connect: it is counted and logged
+        (:meth:`_oversize`) and the short status sent instead (:meth:`_status`), so the device still says it is
+        online and which model it runs.
+
+        Raises:
+            PayloadTooLarge: not even the short status is within the limit (its fields are bounded: never met).
+        """
+        try:
+            return messages.encode_within_limit(self._status(state), "a status message")
+        except PayloadTooLarge as exc:
+            self._oversize(exc)
+        return messages.encode_within_limit(self._status(state, short=True), "a short status message")
 
     def _report(self, body: dict[str, Any]) -> None:
         """Publish a ``reported`` body, signed and retained (the newest is what the operator reads); returns nothing.
@@ -312,7 +335,7 @@ class Agent:
             log.error("broker %s:%s refused the connection: %s", self.cfg.broker.host, self.cfg.broker.port, reason)
             return
         client.subscribe([(self._topic("cmd"), 1), (self._topic("desired"), 1)])
-        self.publisher.publish(self._topic("status"), messages.encode(self._status("online")), retain=True)
+        self.publisher.publish(self._topic("status"), self._status_payload("online"), retain=True)
         self.reconciler.on_connect()
         self._report_again.set()  # where this device stands, again (the broker may have lost it): main thread
         self.publisher.connected.set()
@@ -708,7 +731,7 @@ class Agent:
 
     def _publish_status(self) -> None:
         if self.publisher.connected.is_set():
-            self.publisher.publish(self._topic("status"), messages.encode(self._status("online")), retain=True)
+            self.publisher.publish(self._topic("status"), self._status_payload("online"), retain=True)
 
     def telemetry(self) -> None:
         """Spool the periodic messages: one telemetry message, then :meth:`served` (each droppable: on a disk
@@ -819,7 +842,7 @@ class Agent:
         while self.publisher.connected.is_set() and self.spool.stats()["pending"] and time.monotonic() < deadline:
             time.sleep(0.02)
         if self.publisher.connected.is_set():
-            info = self.client.publish(self._topic("status"), messages.encode(self._status("offline")), qos=1, retain=True)
+            info = self.client.publish(self._topic("status"), self._status_payload("offline"), qos=1, retain=True)
             try:
                 info.wait_for_publish(timeout=1.0)
             except RuntimeError:

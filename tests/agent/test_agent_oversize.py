@@ -152,3 +152,36 @@ def test_a_shadow_model_whose_outputs_do_not_match_is_reported_in_a_message_with
     spooled = [m for k, m in _spooled(agent) if k == "shadow"]
     assert len(spooled) == 1 and agent.spool.stats()["oversize_messages"] == 0
     assert messages.check_body("shadow", spooled[0])["fidelity_error"] == comparison["fidelity_error"]
+
+
+def test_a_status_over_the_limit_is_counted_and_sent_short_as_will_and_retained_status(agent, monkeypatch):
+    """The status (retained, sent on every connect, and the last will) was published without the payload check:
+    a model's metadata of many kilobytes (an older agent's store took any variant name) made it over the limit, and
+    the broker cut the agent off at every connect, so the device stayed offline for good. It is counted now, and the
+    short status (the model by its sha256, each runtime available or not) goes out in its place, signed and passing
+    the receivers' check."""
+    from device_agents.identity import Keyring
+
+    monkeypatch.setattr(agent, "_model_ref", lambda sha: {"sha256": "a" * 64, "variant": "v" * messages.MAX_PAYLOAD,
+                                                          "model": "m"})
+    sent: list[tuple[str, bytes]] = []
+
+    class Client:
+        def will_set(self, topic, payload, qos, retain):
+            sent.append((topic, payload))
+
+    def publish(topic, payload, *, retain=False, row=None):
+        sent.append((topic, payload))
+
+    monkeypatch.setattr(agent.publisher, "publish", publish)
+    agent._will(Client())
+    agent.publisher.connected.set()
+    agent._publish_status()
+    assert [t for t, _ in sent] == ["edgekit/v1/f/pi-1/status"] * 2
+    for (_, payload), state in zip(sent, ("offline", "online")):
+        assert len(payload) <= messages.MAX_PAYLOAD
+        msg = messages.decode(payload, "status")
+        Keyring(devices={"pi-1": agent.signer.public}).verify(msg, "pi-1")
+        assert msg["state"] == state and msg["current"] == {"sha256": "a" * 64, "variant": None}
+        assert set(msg["runtimes"].values()) <= {"available", "unavailable"}
+    assert agent.spool.stats()["oversize_messages"] == 2
