@@ -60,7 +60,9 @@ from device_agents.store import ModelStore, StoreError, default_root
 from edgekit_protocol import messages
 from edgekit_protocol.commands import MAX_TTL_S, Command, CommandError, parse_command
 from edgekit_protocol.config import AgentConfig
+from edgekit_protocol.desired import MAX_ERROR_CHARS
 from edgekit_protocol.errors import EdgeKitError, PayloadTooLarge
+from edgekit_protocol.labels import clip
 
 log = logging.getLogger("edgekit.agent")
 WRITES = ("install", "activate", "rollback", "bench", "operators")  # commands that write a model, a link or a record
@@ -317,13 +319,16 @@ class Agent:
 
     def ack(self, cmd_id: str | None, name: str | None, ok: bool, *, error: str | None = None,
             result: dict[str, Any] | None = None) -> None:
-        """Answer a command on ``cmd/ack``.
+        """Answer a command on ``cmd/ack``; returns nothing. ``error`` is cut to
+        :data:`~edgekit_protocol.desired.MAX_ERROR_CHARS` (and how long it was): a runtime's or a model's text may
+        be of any length, and an answer over the payload limit would say only that, not why the command failed.
 
         Never raises: an answer that cannot be written even after the reserve is freed is logged, and
         the command stays taken, so the next start answers it ("interrupted").
         """
         try:
-            self.emit("cmd/ack", {"cmd_id": cmd_id, "command": name, "ok": ok, "error": error,
+            self.emit("cmd/ack", {"cmd_id": cmd_id, "command": name, "ok": ok,
+                                  "error": clip(error, MAX_ERROR_CHARS) if error is not None else None,
                                   "result": result or {}}, answers=cmd_id)
         except DiskFull as exc:
             log.error("could not answer %s %s: %s", name, cmd_id, exc)

@@ -185,3 +185,24 @@ def test_a_status_over_the_limit_is_counted_and_sent_short_as_will_and_retained_
         assert msg["state"] == state and msg["current"] == {"sha256": "a" * 64, "variant": None}
         assert set(msg["runtimes"].values()) <= {"available", "unavailable"}
     assert agent.spool.stats()["oversize_messages"] == 2
+
+
+def test_a_failed_commands_error_of_any_length_is_answered_cut_short_not_as_too_large(agent, monkeypatch):
+    """A command's error is text from a runtime, a model file or the device (a converter's message listing every
+    tensor of a hostile model): one of 70,000 characters made the answer over the payload limit, so the operator was
+    told only that the answer was too large to send, never why the command failed. It is cut to 2,000 characters
+    (what the host cuts an error to anyway) and the answer goes out."""
+    from device_agents.errors import DeviceError
+    from edgekit_protocol.desired import MAX_ERROR_CHARS
+
+    def fails(cmd):
+        raise DeviceError("the runtime refused the model: " + "tensor_name " * 6_000)
+
+    monkeypatch.setattr(agent, "_cmd_state", fails)
+    assert agent.spool.take("c1", b"{}", time.time(), time.time() + 60) is None
+    agent.run_command(Command("c1", "state", {}))
+    (kind, ack), = [(k, m) for k, m in _spooled(agent) if k == "ack"]
+    assert ack["cmd_id"] == "c1" and ack["ok"] is False
+    assert ack["error"].startswith("the runtime refused the model: tensor_name") and "(72,031 characters)" in ack["error"]
+    assert len(ack["error"]) <= MAX_ERROR_CHARS + 40
+    assert agent.spool.stats()["oversize_messages"] == 0
