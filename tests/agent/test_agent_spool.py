@@ -230,3 +230,30 @@ def test_a_provisioning_time_from_the_future_does_not_lock_out_every_command(tmp
     spool = Spool(tmp_path / "s.db", horizon_floor=now + 10 * 365 * 86400)
     assert spool.take("today's", b"{}", ts=now, expires=now + 60) is None
     spool.close()
+
+
+def test_a_number_read_ahead_is_taken_only_when_the_message_went_out_and_never_moves_back(tmp_path):
+    """The retained reported state reads its number (upcoming_seq) and takes it (took_seq) once it went out: reading
+    takes nothing, however often; a number taken survives a restart and a full disk, and an older one never lowers
+    the counter."""
+    spool = Spool(tmp_path / "s.db")
+    assert [spool.upcoming_seq("reported") for _ in range(3)] == [1, 1, 1]
+    spool.took_seq("reported", 1)
+    assert spool.upcoming_seq("reported") == 2
+    spool.took_seq("reported", 1)  # taken again (a retry that did go out twice): no lower, no higher
+    assert spool.upcoming_seq("reported") == 2 and spool.upcoming_seq("status") == 1
+    real = spool._db
+
+    class Full:
+        def execute(self, sql, *args):
+            if sql.startswith("INSERT"):
+                raise sqlite3.OperationalError("database or disk is full")
+            return real.execute(sql, *args)
+
+    spool._db = Full()
+    spool.took_seq("reported", 2)  # held in memory, never raises
+    assert spool.upcoming_seq("reported") == 3
+    spool._db = real
+    spool.took_seq("reported", 3)
+    spool.close()
+    assert Spool(tmp_path / "s.db").upcoming_seq("reported") == 4
