@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -200,7 +201,7 @@ def test_prometheus_endpoint_exports_per_device_and_variant_series(fleet, publis
 
 def test_two_workers_on_a_shared_subscription_split_the_stream_with_nothing_lost_or_doubled(fleet, publisher, tmp_path):
     store_path = tmp_path / "h.db"
-    workers = [Monitor(fleet, Store(store_path), share="edgekit").start() for _ in range(2)]
+    workers = [Monitor(fleet, Store(store_path), share="edgekit", workers=2).start() for _ in range(2)]
     try:
         n = 400
         for i in range(1, n + 1):
@@ -363,6 +364,9 @@ def test_a_refused_message_s_topic_is_kept_short_in_alerts_and_the_invalid_table
 @pytest.mark.parametrize("option, value, error", [
     ("--share", "a/b", "--share 'a/b': give a group name without '/', '+' or '#' (e.g. monitors)"),
     ("--share", "", "--share '': give a group name without '/', '+' or '#' (e.g. monitors)"),
+    ("--share", "g", "--share g: give --workers N, how many monitor workers share the group (each holds 1/N of every "
+                     "device's ingest budget, so the budget holds for the whole monitor)"),
+    ("--workers", "2", "--workers 2: only with --share (the workers of one shared subscription)"),
     ("--client-id", "", "--client-id: give 1 to 65,535 bytes (got 0)"),
     ("--client-id", "x" * 70_000, "--client-id: give 1 to 65,535 bytes (got 70,000)"),
     ("--budget-rate", "0", "Invalid value for '--budget-rate': 0: give a number greater than or equal to 0.001 "
@@ -568,6 +572,62 @@ def test_seq_numbers_claimed_by_records_refused_over_budget_never_hide_a_device_
     mon.budget = type(mon.budget)(rate=1000, burst=1000)
     mon._store(real[8:20] + real[25:])  # d1 again, within budget: 9-20 and 26-29 (21-25 lost on the way)
     assert store._rows("SELECT first_missing, last_missing FROM gaps ORDER BY first_missing") == [(6, 8), (21, 25)]
+
+
+def test_a_monitor_started_again_gives_a_flooding_device_no_fresh_burst(fleet, tmp_path):
+    """Each run of the monitor started every device with a full bucket: a device flooding across restarts (or a
+    monitor restarted by systemd) got its burst stored again each time. Now the monitor charges each device, at start,
+    with what the history says it stored in the last burst/rate seconds (one query)."""
+    store = Store(tmp_path / "h.db")
+    topic = messages.topic(FLEET, "d1", "telemetry")
+    now = time.time()
+    real = [(topic, messages.encode(signed(telemetry("d1", seq))), now) for seq in range(1, 13)]
+    first = Monitor(fleet, store, verify_in_child=False, budget_rate=0.01, budget_burst=5)
+    first._store(real[:8])  # its burst stored, 3 refused over budget
+    assert store.count("telemetry") == 5 and first.over_budget == {"d1": 3}
+    again = Monitor(fleet, store, verify_in_child=False, budget_rate=0.01, budget_burst=5).start()
+    try:
+        d2 = [(messages.topic(FLEET, "d2", "telemetry"), messages.encode(signed(telemetry("d2", 1))), now)]
+        again._store(real[8:] + d2)
+    finally:
+        again.stop()
+    assert store.count("telemetry") == 6 and again.over_budget == {"d1": 4}  # d1 none: its burst was spent; d2 its own
+    assert again.stats.over_budget == 4 and "over_budget" not in {f.name for f in dataclasses.fields(again.stats)}
+
+
+def test_a_forger_on_the_topic_of_a_device_with_one_record_of_budget_left_costs_a_batch_few_verifier_calls(
+        fleet, tmp_path, monkeypatch):
+    """Only records that verify spend a device's budget, so when some checked ones were refused (forgeries), the next
+    ones were checked in their place, as many as the device had budget for: one record of budget left, and a forger
+    filling its topic made the monitor check a batch of 500 in 500 calls to the verifier, one record each. Now the
+    rounds admit a margin that doubles: a few calls, each record checked once, the real record still stored."""
+    from edge_kit.telemetry.monitor import MAX_CHECK_ROUNDS
+
+    store = Store(tmp_path / "h.db")
+    mon = Monitor(fleet, store, verify_in_child=False, budget_rate=0.001, budget_burst=1)
+    calls: list[int] = []
+    check = mon._check
+
+    def counted(batch, local=False):
+        calls.append(len(batch))
+        return check(batch, local)
+
+    monkeypatch.setattr(mon, "_check", counted)
+    topic = messages.topic(FLEET, "d1", "telemetry")
+    intruder = Signer.generate()
+    now = time.time()
+    forged = [(topic, messages.encode(intruder.sign(telemetry("d1", seq))), now) for seq in range(100, 599)]
+    mon._store(forged + [(topic, messages.encode(signed(telemetry("d1", 1))), now)])
+    assert store._rows("SELECT seq FROM telemetry") == [(1,)]
+    assert mon.stats.invalid == 499 and mon.over_budget == {} and mon.stats.received == 500
+    assert len(calls) <= MAX_CHECK_ROUNDS <= 11 and sum(calls) == 500, calls  # 500 calls before
+    # records that verify past the device's budget (admitted in the margin) are refused over budget, counted once
+    calls.clear()
+    mon.budget = type(mon.budget)(rate=0.001, burst=1)
+    mon._store(forged[:3] + [(topic, messages.encode(signed(telemetry("d1", seq))), now) for seq in range(2, 7)])
+    assert store._rows("SELECT seq FROM telemetry ORDER BY seq") == [(1,), (2,)]
+    assert mon.over_budget == {"d1": 4} and mon.stats.received == 508 and mon.stats.invalid == 502
+    assert sum(calls) <= 8 and len(calls) <= MAX_CHECK_ROUNDS, calls
 
 
 def test_a_record_the_history_refuses_costs_its_batch_a_few_transactions_not_one_per_record(fleet, tmp_path,
