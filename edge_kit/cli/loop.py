@@ -506,6 +506,8 @@ def monitor_cmd(
     fleet = load_fleet(fleet_file)
     db = open_fleet_history(fleet_file, history)
     metrics = FleetMetrics()
+    if metrics_port:  # what the history holds, before what arrives
+        metrics.seed(db, [d.name for d in fleet.devices])
     if client_id is None:
         import hashlib
         import socket

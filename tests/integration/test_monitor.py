@@ -199,6 +199,62 @@ def test_prometheus_endpoint_exports_per_device_and_variant_series(fleet, publis
     assert 'edgekit_monitor_messages_total{outcome="invalid"} 2.0' in text
 
 
+def test_a_monitor_started_over_a_kept_history_exports_its_figures_in_metrics_before_any_message(fleet, tmp_path):
+    """/metrics was built only from the messages a run received: a monitor started again (or `edgekit monitor` over a
+    kept demo) showed the fleet's figures in `edgekit report` but nothing in /metrics until each device spoke again.
+    Now the gauges start from the history (the fleet file's devices), then follow what arrives."""
+    import os
+    import subprocess
+    import sys
+
+    live = {"source": "live", "model": {"sha256": "ab", "variant": "int8"}, "requests": 42, "errors": 1,
+            "window": 42, "queue_depth": 0, "latency_ms": {"p50": 0.4, "p90": 0.6, "p99": 0.9}}
+    kept = [("bench", bench("d1", 1, p90=9.0)), ("bench", bench("d1", 2, p90=7.5)),  # the newest of int8 is 7.5
+            ("bench", {**bench("d1", 3, p90=3.0, variant="fp16"), "sha256": "b" * 64}),
+            ("status", messages.envelope("status", FLEET, "d1", 1, {
+                "state": "offline", "disk": {"free_bytes": 123456789, "total_bytes": 3e10, "full": False}})),
+            ("live", messages.envelope("live", FLEET, "d1", 1, live)),
+            ("shadow", messages.envelope("shadow", FLEET, "d2", 1, {
+                "model": {"sha256": "cd", "variant": "fp32"}, "serving": live["model"], "compared": 30, "window": 30,
+                "fidelity": {"snr_db": 12.5, "cosine": 0.9}})),  # under d2's min_fidelity_snr_db: drifting
+            ("bench", {**bench("d1", 4), "device": "gone"}),  # a device no longer in the fleet file
+            ("bench", {**bench("d2", 1), "latency_ms": None})]  # a row the gauges cannot read: left out, alone
+    with Store(tmp_path / "edgekit-history.db") as store:
+        for i, (kind, msg) in enumerate(kept):
+            store.add_many([(kind, msg)], received=[1_700_000_000.0 + i])
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-m", "edge_kit", "monitor", "--fleet", str(tmp_path / "fleet.yaml"),
+                             "--metrics-port", str(port), "--duration", "60", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    scraped = {"text": ""}
+
+    def scrape() -> bool:
+        try:
+            scraped["text"] = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        except OSError:
+            return False
+        return True
+
+    try:
+        assert wait_until(scrape, 60, step=0.5), proc.stderr.read() if proc.poll() is not None else "no /metrics"
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+    text = scraped["text"]
+    assert 'edgekit_latency_ms{device="d1",quantile="p90",variant="int8"} 7.5' in text
+    assert 'edgekit_latency_ms{device="d1",quantile="p90",variant="fp16"} 3.0' in text
+    assert 'edgekit_power_watts{device="d1",source="ina219",variant="int8"} 4.2' in text
+    assert 'edgekit_accuracy{device="d1",metric="top1",variant="int8"} 0.99' in text
+    assert 'edgekit_device_online{device="d1"} 0.0' in text
+    assert 'edgekit_device_disk_free_bytes{device="d1"} 1.23456789e+08' in text
+    assert 'edgekit_live_requests{device="d1",variant="int8"} 42.0' in text
+    assert 'edgekit_live_latency_ms{device="d1",quantile="p99",variant="int8"} 0.9' in text
+    assert 'edgekit_live_shadow_snr_db{device="d2",shadow="fp32",variant="int8"} 12.5' in text
+    assert 'edgekit_device_last_seen_seconds{device="d1"} 1.700000003e+09' in text  # when stored, not now
+    assert 'device="gone"' not in text and 'edgekit_latency_ms{device="d2"' not in text
+
+
 def test_two_workers_on_a_shared_subscription_split_the_stream_with_nothing_lost_or_doubled(fleet, publisher, tmp_path):
     store_path = tmp_path / "h.db"
     workers = [Monitor(fleet, Store(store_path), share="edgekit", workers=2).start() for _ in range(2)]
