@@ -16,9 +16,12 @@ each message to one member of the group; all of them write the same store. Seque
 judged from the store rather than per worker.
 
 Ingest budget (:mod:`edge_kit.telemetry.budget`): each device of the fleet file may have so many records a
-second checked and stored; what a device sends beyond (a compromised one flooding with its valid key) is refused
-before it is decoded or verified, counted per device (``over_budget``), alerted once per episode, and the span it
-refused recorded as a sequence gap when the episode ends (within the device's verified seq numbers), so the other devices' records keep being stored promptly.
+second checked and stored, for the whole monitor (with ``share``, each of ``workers`` workers holds its share) and
+across its restarts (charged at start with what the history stored lately); what a device sends beyond (a
+compromised one flooding with its valid key) is refused before it is decoded or verified (or, admitted in place of
+forgeries and verified past the budget, after: a few verifier calls a batch at most), counted per device
+(``stats.over_budget_by_device``), alerted once per episode, and the span it refused recorded as a sequence gap when
+the episode ends (within the device's verified seq numbers), so the other devices' records keep being stored promptly.
 
 Alerts: a device whose status says offline, a benchmark that breaks the device's constraints, a
 shadow comparison whose fidelity is under the device's ``min_fidelity_snr_db`` (drift), and a device
