@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from edge_kit.errors import InputError
 from edge_kit.telemetry.store import HistoryStore
@@ -181,8 +181,10 @@ class FleetMetrics:
                 self.accuracy.labels(device, variant, metric).set(accuracy)
 
     def watch(self, monitor: Any) -> None:
-        """Also export the monitor's counters (received, stored, duplicates, invalid, gaps, dropped, over_budget) and
-        the records refused over each device's ingest budget; return nothing."""
+        """Also export the monitor's counters (received, stored, duplicates, invalid, gaps, dropped, over_budget), the
+        records refused over each device's ingest budget and, per device of the fleet file, whether its drift alert
+        holds (from the history's newest shadow comparison when the monitor started, then from each new one);
+        return nothing."""
         stats = monitor.stats
 
         class _Counters:
@@ -197,6 +199,13 @@ class FleetMetrics:
                 for device, count in sorted(dict(monitor.over_budget).items()):  # a copy: the checker adds devices
                     over.add_metric([device], count)
                 yield over
+                drifting = monitor.drifting()
+                drift = GaugeMetricFamily("edgekit_device_drifting", "1 while the device's drift alert holds: its newest "
+                                          "shadow comparison is below its min_fidelity_snr_db, or its live answers held "
+                                          "NaN or infinity", labels=["device"])
+                for device in sorted(monitor.constraints):
+                    drift.add_metric([device], 1 if device in drifting else 0)
+                yield drift
 
         self.registry.register(_Counters())
 

@@ -233,6 +233,10 @@ class Monitor:
         """Return the records refused over each device's ingest budget, by device (``stats.over_budget_by_device``)."""
         return self.stats.over_budget_by_device
 
+    def drifting(self) -> frozenset[str]:
+        """Return the devices whose drift alert holds now (an episode not ended: see :meth:`_check_drift`)."""
+        return frozenset(self._drifting)  # a copy: the writer thread changes it
+
     def _on_message(self, _c: Any, _u: Any, m: Any) -> None:
         """Queue ``(topic, payload, receive time, mid to acknowledge or None)``; nothing once stopping, and a QoS 0
         message not while :data:`MAX_QUEUED` wait (counted in ``stats.dropped``, alerted once a run). A topic that is
@@ -275,7 +279,10 @@ class Monitor:
         """
         b = self.fleet.broker
         try:  # a device's non-finite answers counted before this monitor started are not new to it
-            self._last_shadow = {d: _shadow_mark(m) for d, m in self.store.latest_shadow().items()}
+            shadows = self.store.latest_shadow()
+            self._last_shadow = {d: _shadow_mark(m) for d, m in shadows.items()}
+            # a drift the history's newest comparison shows is an episode under way: exported, not alerted again
+            self._drifting = {d for d, m in shadows.items() if self._below_fidelity(d, m)}
             self._intervals = self.store.telemetry_intervals()  # until its next telemetry says otherwise
             # what each device stored lately spent its budget: a restart gives a flooding device no fresh burst
             recent = self.store.stored_since(time.time() - self.budget.window_s())
@@ -700,14 +707,12 @@ class Monitor:
         self._last_shadow[device] = (seq, run, count)
         before = 0 if last is None or new_run else last[2]
         bad = count - before if count >= before else count  # a lower count: the agent started again
-        c = self.constraints.get(device)
-        bound = c.min_fidelity_snr_db if c is not None else None
-        snr = messages.field_at(shadow, "fidelity", "snr_db")
-        low = bool(bad) or (bound is not None and messages.in_range(snr) and snr < bound)
+        low = bool(bad) or self._below_fidelity(device, shadow)
         if low and device not in self._drifting:
             self._drifting.add(device)
-            served, ref, window = (messages.field_at(shadow, *path) for path in
-                                   (("serving", "variant"), ("model", "variant"), ("window",)))
+            served, ref, window, snr = (messages.field_at(shadow, *path) for path in
+                                        (("serving", "variant"), ("model", "variant"), ("window",), ("fidelity", "snr_db")))
+            bound = self.constraints[device].min_fidelity_snr_db if not bad else None  # below it: _below_fidelity
             named = (lambda v: v if isinstance(v, str) else "an unnamed model")
             if bad:
                 text = (f"{device}: {bad:,} live answers of {named(served)} or of its shadow {named(ref)} held NaN or "
@@ -718,6 +723,14 @@ class Monitor:
             self._alert(Alert(device, "drift", text))
         elif not low:
             self._drifting.discard(device)
+
+    def _below_fidelity(self, device: str, shadow: dict[str, Any]) -> bool:
+        """Return True when ``shadow`` (a ``shadow`` message of ``device``) says the served model's outputs are below
+        the device's ``min_fidelity_snr_db`` (False for a device without that bound or not in the fleet file)."""
+        c = self.constraints.get(device)
+        bound = c.min_fidelity_snr_db if c is not None else None
+        snr = messages.field_at(shadow, "fidelity", "snr_db")
+        return bound is not None and messages.in_range(snr) and snr < bound
 
     def _check_alerts(self, kind: str, msg: dict[str, Any]) -> None:
         device = msg["device"]

@@ -225,7 +225,7 @@ def test_a_monitor_started_over_a_kept_history_exports_its_figures_in_metrics_be
     port = free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     proc = subprocess.Popen([sys.executable, "-m", "edge_kit", "monitor", "--fleet", str(tmp_path / "fleet.yaml"),
-                             "--metrics-port", str(port), "--duration", "60", "--json"],
+                             "--metrics-port", str(port), "--duration", "5", "--json"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     scraped = {"text": ""}
 
@@ -238,9 +238,12 @@ def test_a_monitor_started_over_a_kept_history_exports_its_figures_in_metrics_be
 
     try:
         assert wait_until(scrape, 60, step=0.5), proc.stderr.read() if proc.poll() is not None else "no /metrics"
+        out, err = proc.communicate(timeout=60)  # /metrics is served from before the monitor starts until it stops
     finally:
-        proc.terminate()
-        proc.communicate(timeout=30)
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert [a for a in json.loads(out)["alerts"] if a["kind"] == "drift"] == []  # an episode under way: not news
     text = scraped["text"]
     assert 'edgekit_latency_ms{device="d1",quantile="p90",variant="int8"} 7.5' in text
     assert 'edgekit_latency_ms{device="d1",quantile="p90",variant="fp16"} 3.0' in text
@@ -251,6 +254,7 @@ def test_a_monitor_started_over_a_kept_history_exports_its_figures_in_metrics_be
     assert 'edgekit_live_requests{device="d1",variant="int8"} 42.0' in text
     assert 'edgekit_live_latency_ms{device="d1",quantile="p99",variant="int8"} 0.9' in text
     assert 'edgekit_live_shadow_snr_db{device="d2",shadow="fp32",variant="int8"} 12.5' in text
+    assert 'edgekit_device_drifting{device="d2"} 1.0' in text and 'edgekit_device_drifting{device="d1"} 0.0' in text
     assert 'edgekit_device_last_seen_seconds{device="d1"} 1.700000003e+09' in text  # when stored, not now
     assert 'device="gone"' not in text and 'edgekit_latency_ms{device="d2"' not in text
 
