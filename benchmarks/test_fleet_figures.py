@@ -201,8 +201,9 @@ import sys, time
 from edge_kit.fleet.inventory import load_fleet
 from edge_kit.telemetry.monitor import Monitor
 from edge_kit.telemetry.store import open_history
-fleet_file, store, share, cid = sys.argv[1:5]
-mon = Monitor(load_fleet(fleet_file), open_history(store), share=share or None, client_id=cid, persistent=True).start()
+fleet_file, store, share, cid, workers = sys.argv[1:6]
+mon = Monitor(load_fleet(fleet_file), open_history(store), share=share or None, client_id=cid, persistent=True,
+              workers=int(workers) if share else None).start()
 time.sleep(0.5)
 mon.client.disconnect()  # offline, session kept: the broker queues the backlog for this worker
 mon.client.loop_stop()
@@ -241,7 +242,7 @@ def _ingest_rate(tmp_path, broker, n: int, workers: int, tag: str,
         FleetKeys(tmp_path / "keys").register(name, signer.public)
     store = history or str(tmp_path / f"{tag}.db")
     share = f"ingest-{tag}" if workers > 1 else ""  # a fresh group: earlier runs' sessions are still members
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(fleet_file), str(store), share, f"{tag}-{w}"],
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(fleet_file), str(store), share, f"{tag}-{w}", str(workers)],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for w in range(workers)]
     for p in procs:
         assert p.stdout.readline().strip() == "ready"

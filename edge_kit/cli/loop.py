@@ -470,7 +470,10 @@ def monitor_cmd(
     history: HistoryOpt = None,
     metrics_port: Annotated[Optional[int], typer.Option(min=1, max=65535, help="Serve Prometheus metrics on this port.")] = None,
     metrics_addr: Annotated[str, typer.Option(help="Address for the metrics endpoint.")] = "127.0.0.1",
-    share: Annotated[Optional[str], typer.Option(help="Join this MQTT 5 shared-subscription group (several workers).")] = None,
+    share: Annotated[Optional[str], typer.Option(help="Join this MQTT 5 shared-subscription group (several workers; "
+                                                      "give --workers too).")] = None,
+    workers: Annotated[Optional[int], typer.Option(min=1, help="With --share: how many monitor workers share the group; "
+                                                               "each holds 1/N of every device's ingest budget.")] = None,
     silence_s: Annotated[float, typer.Option(**bounded("Alert when a device is silent this long (or 3 of its own telemetry intervals, when longer).", 1))] = 180.0,
     min_free_mb: Annotated[float, typer.Option(**bounded("Alert when a device reports less free disk space "
                                                          "(its agent refuses writes below its own store.min_free_mb).", 0))] = 32.0,
@@ -503,6 +506,8 @@ def monitor_cmd(
     fleet = load_fleet(fleet_file)
     db = open_fleet_history(fleet_file, history)
     metrics = FleetMetrics()
+    if metrics_port:  # what the history holds, before what arrives
+        metrics.seed(db, [d.name for d in fleet.devices])
     if client_id is None:
         import hashlib
         import socket
@@ -511,7 +516,8 @@ def monitor_cmd(
         where = f"{ident}|{share}|{socket.gethostname()}" if share else ident
         client_id = f"edgekit-monitor-{fleet.fleet}-{hashlib.sha256(where.encode()).hexdigest()[:10]}"
     mon = Monitor(fleet, db, share=share, silence_s=silence_s, on_message=metrics.observe, client_id=client_id,
-                  persistent=True, min_free_mb=min_free_mb, budget_rate=budget_rate, budget_burst=budget_burst)
+                  persistent=True, min_free_mb=min_free_mb, budget_rate=budget_rate, budget_burst=budget_burst,
+                  workers=workers)
     metrics.watch(mon)
     server = metrics.serve(metrics_port, metrics_addr) if metrics_port else None
     mon.start()

@@ -17,8 +17,18 @@ interval agent) with a burst of :data:`DEFAULT_BURST` (a full default spool pass
 
 Only records whose signature verified as the topic's device spend its budget, so nobody else (a
 forger on a broker without the fleet's ACL) can spend a real device's budget into refusal; the
-monitor admits at most the records a device has budget for to the costly checks, so a device over
-its budget costs a topic split per record, not a signature check.
+monitor admits at most the records a device has budget for to the costly checks (in place of forgeries it refused,
+a margin doubling each round: a few verifier calls a batch), so a device over its budget costs a topic split per
+record, not a signature check.
+
+Several workers (``--share``): the broker hands each message to one worker of the group, spreading a device's
+records over them, so each of ``workers`` workers holds ``rate / workers`` and ``burst / workers``: together never
+more than the documented budget. Its limit: a device whose records the broker hands unevenly (or a group with fewer
+workers running than ``workers`` says) gets less than the whole budget, never more.
+
+A monitor that starts again charges each device's bucket with what the history says it stored in the last
+``burst / rate`` seconds (:meth:`IngestBudget.charge`), so restarting the monitor gives a flooding device no fresh
+burst.
 """
 
 from __future__ import annotations
@@ -33,17 +43,29 @@ DEFAULT_BURST = 10_000  # records a device may send at once (an agent's default 
 
 
 class IngestBudget:
-    """Token buckets, one per device, filled at ``rate`` tokens a second up to ``burst``; one token per record."""
+    """Token buckets, one per device, filled at ``rate / workers`` tokens a second up to ``burst / workers``; one
+    token per record. ``rate`` and ``burst`` stay the whole monitor's budget (what alerts and docs name)."""
 
     def __init__(self, rate: float = DEFAULT_RATE, burst: float = DEFAULT_BURST,
-                 clock: Callable[[], float] = time.monotonic):
-        """Raises InputError: ``rate`` or ``burst`` is not a number above 0 (``burst`` at least 1)."""
+                 clock: Callable[[], float] = time.monotonic, workers: int = 1):
+        """``workers``: how many monitor workers share the subscription (each holds its share of the budget).
+
+        Raises InputError: ``rate`` or ``burst`` is not a number above 0 (``burst`` at least 1), ``workers`` is not
+        a whole number of 1 or more, or ``burst / workers`` is under one record (a worker could never admit any)."""
         if not (isinstance(rate, (int, float)) and 0 < rate < float("inf")):
             raise InputError(f"--budget-rate {rate!r}: give the records a second each device may send, above 0")
         if not (isinstance(burst, (int, float)) and 1 <= burst < float("inf")):
             raise InputError(f"--budget-burst {burst!r}: give the records each device may send at once, 1 or more")
+        if type(workers) is not int or workers < 1:
+            raise InputError(f"--workers {workers!r}: give how many monitor workers share the group, 1 or more")
+        if burst / workers < 1:
+            raise InputError(f"--budget-burst {burst:g} over --workers {workers}: each worker holds burst/workers, "
+                             f"under one record; give a burst of {workers} or more")
         self.rate = float(rate)
         self.burst = float(burst)
+        self.workers = workers
+        self._rate = self.rate / workers  # this worker's share
+        self._burst = self.burst / workers
         self._clock = clock
         self._tokens: dict[str, tuple[float, float]] = {}  # device -> (tokens, when counted)
 
@@ -51,12 +73,23 @@ class IngestBudget:
         """Return how many records ``device`` may have checked and stored now (whole tokens in its bucket)."""
         return int(self._fill(device))
 
-    def spend(self, device: str, n: int = 1) -> None:
-        """Take ``n`` tokens from ``device``'s bucket (never below 0); return nothing."""
+    def spend(self, device: str, n: float = 1) -> None:
+        """Take ``n`` tokens (records) from ``device``'s bucket (never below 0); return nothing."""
         self._tokens[device] = (max(0.0, self._fill(device) - n), self._clock())
+
+    def window_s(self) -> float:
+        """Return the seconds a bucket takes to fill from empty (``burst / rate``): what a device stored that long
+        ago no longer counts against it."""
+        return self.burst / self.rate
+
+    def charge(self, stored: dict[str, int]) -> None:
+        """Take from each device's bucket its share (``1 / workers``) of the records ``stored`` says the whole monitor
+        stored for it in the last :meth:`window_s` (a monitor started again: no fresh burst); return nothing."""
+        for device, n in stored.items():
+            self.spend(device, n / self.workers)
 
     def _fill(self, device: str) -> float:
         """Return ``device``'s tokens now (a device not seen yet has a full bucket)."""
         now = self._clock()
-        tokens, then = self._tokens.get(device, (self.burst, now))
-        return min(self.burst, tokens + (now - then) * self.rate)
+        tokens, then = self._tokens.get(device, (self._burst, now))
+        return min(self._burst, tokens + (now - then) * self._rate)

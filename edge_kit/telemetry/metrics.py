@@ -9,19 +9,26 @@ errors, service-time percentiles and queue depth; from the latest ``shadow`` mes
 outputs' SNR against the shadow model's. :meth:`FleetMetrics.observe` takes messages the monitor
 stored, so checked by the protocol (:func:`~edgekit_protocol.messages.check_body`). Plus the monitor's
 own counters.
+
+A monitor that starts (again, or over a kept history) first sets the gauges from the history
+(:meth:`FleetMetrics.seed`): each device's newest benchmark per variant, status, telemetry, live and shadow
+figures, and when it was last heard; the messages it stores then update them as they arrive.
 """
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from edge_kit.errors import InputError
+from edge_kit.telemetry.store import HistoryStore
 from edgekit_protocol.labels import power_source, printable
-from edgekit_protocol.messages import disk_free_bytes, field_at, in_range
+from edgekit_protocol.messages import check_body, disk_free_bytes, field_at, in_range
 
 # Label values a device names (variant, power source, shadow variant) make series, and each series stays
 # in the monitor's memory and in every scrape: per device and label, the first MAX_LABEL_VALUES distinct
@@ -30,6 +37,8 @@ from edgekit_protocol.messages import disk_free_bytes, field_at, in_range
 MAX_LABEL_VALUES = 32
 MAX_LABEL_CHARS = 128
 OVERFLOW = "other"
+
+log = logging.getLogger("edgekit.metrics")
 
 
 class FleetMetrics:
@@ -91,11 +100,47 @@ class FleetMetrics:
         seen.add(text)
         return text
 
+    def seed(self, store: HistoryStore, devices: Iterable[str]) -> int:
+        """Set the gauges of ``devices`` (the fleet file's) from what ``store`` holds: per device, the newest bench
+        record of each variant, its newest status, telemetry, live and shadow messages (online state, disk, live
+        figures, shadow SNR: the drift alert's figure) and when this host last stored its status or telemetry. Each row
+        is checked by the protocol (:func:`~edgekit_protocol.messages.check_body`: a history row holds what was
+        stored, checked by the protocol of its day); one that fails is left out, said in the log. Return the
+        messages taken.
+
+        Raises:
+            HistoryError: the history cannot be read.
+        """
+        wanted = set(devices)
+        # oldest first, so each (device, variant) ends on its newest record (recent_bench ranks newest first)
+        rows = [("bench", m) for m in reversed(list(store.latest_bench().values()))]
+        for kind, latest in (("status", store.latest_status()), ("telemetry", store.latest_telemetry()),
+                             ("live", store.latest_live()), ("shadow", store.latest_shadow())):
+            rows += [(kind, m) for m in latest.values()]
+        taken = 0
+        for kind, msg in rows:
+            if msg.get("device") not in wanted:
+                continue
+            try:  # checked as the monitor checks what it stores: a gauge never half set by a row it cannot read
+                self._update(kind, check_body(kind, msg))
+                taken += 1
+            except Exception as exc:  # noqa: BLE001 - one odd row never keeps the others out of /metrics
+                log.warning("metrics: %s %s of %r left out (%s: %s)", kind, msg.get("msg_id"), msg.get("device"),
+                            type(exc).__name__, exc)
+        for device, heard in store.last_received().items():
+            if device in wanted:
+                self.last_seen.labels(device).set(heard)
+        return taken
+
     def observe(self, kind: str, msg: dict[str, Any]) -> None:
         """Update the gauges from one stored message (just stored: last heard is now, by this host's clock;
-        the device's ``ts`` may be decades behind, before NTP, or minutes ahead)."""
+        the device's ``ts`` may be decades behind, before NTP, or minutes ahead); return nothing."""
+        self.last_seen.labels(msg["device"]).set(time.time())
+        self._update(kind, msg)
+
+    def _update(self, kind: str, msg: dict[str, Any]) -> None:
+        """Update the figures' gauges (all but last heard) from one message; return nothing."""
         device = msg["device"]
-        self.last_seen.labels(device).set(time.time())
         disk = msg.get("disk") if kind in ("status", "telemetry") else None
         if disk_free_bytes(disk) is not None:
             self.disk_free.labels(device).set(disk_free_bytes(disk))
@@ -136,8 +181,10 @@ class FleetMetrics:
                 self.accuracy.labels(device, variant, metric).set(accuracy)
 
     def watch(self, monitor: Any) -> None:
-        """Also export the monitor's counters (received, stored, duplicates, invalid, gaps, dropped, over_budget) and
-        the records refused over each device's ingest budget; return nothing."""
+        """Also export the monitor's counters (received, stored, duplicates, invalid, gaps, dropped, over_budget), the
+        records refused over each device's ingest budget and, per device of the fleet file, whether its drift alert
+        holds (from the history's newest shadow comparison when the monitor started, then from each new one);
+        return nothing."""
         stats = monitor.stats
 
         class _Counters:
@@ -152,6 +199,13 @@ class FleetMetrics:
                 for device, count in sorted(dict(monitor.over_budget).items()):  # a copy: the checker adds devices
                     over.add_metric([device], count)
                 yield over
+                drifting = monitor.drifting()
+                drift = GaugeMetricFamily("edgekit_device_drifting", "1 while the device's drift alert holds: its newest "
+                                          "shadow comparison is below its min_fidelity_snr_db, or its live answers held "
+                                          "NaN or infinity", labels=["device"])
+                for device in sorted(monitor.constraints):
+                    drift.add_metric([device], 1 if device in drifting else 0)
+                yield drift
 
         self.registry.register(_Counters())
 

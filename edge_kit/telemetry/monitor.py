@@ -16,9 +16,12 @@ each message to one member of the group; all of them write the same store. Seque
 judged from the store rather than per worker.
 
 Ingest budget (:mod:`edge_kit.telemetry.budget`): each device of the fleet file may have so many records a
-second checked and stored; what a device sends beyond (a compromised one flooding with its valid key) is refused
-before it is decoded or verified, counted per device (``over_budget``), alerted once per episode, and the span it
-refused recorded as a sequence gap when the episode ends (within the device's verified seq numbers), so the other devices' records keep being stored promptly.
+second checked and stored, for the whole monitor (with ``share``, each of ``workers`` workers holds its share) and
+across its restarts (charged at start with what the history stored lately); what a device sends beyond (a
+compromised one flooding with its valid key) is refused before it is decoded or verified (or, admitted in place of
+forgeries and verified past the budget, after: a few verifier calls a batch at most), counted per device
+(``stats.over_budget_by_device``), alerted once per episode, and the span it refused recorded as a sequence gap when
+the episode ends (within the device's verified seq numbers), so the other devices' records keep being stored promptly.
 
 Alerts: a device whose status says offline, a benchmark that breaks the device's constraints, a
 shadow comparison whose fidelity is under the device's ``min_fidelity_snr_db`` (drift), and a device
@@ -35,7 +38,7 @@ import re
 import threading
 import time
 import uuid
-from collections import Counter, OrderedDict, deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -91,7 +94,13 @@ class MonitorStats:
     invalid: int = 0
     gaps: int = 0
     dropped: int = 0  # QoS 0 messages not taken while MAX_QUEUED wait to be checked (devices publish at QoS 1)
-    over_budget: int = 0  # records refused unchecked because their device was over its ingest budget
+    # per device of the fleet file: records refused because it was over its ingest budget
+    over_budget_by_device: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def over_budget(self) -> int:
+        """Return the records refused over their device's ingest budget, all devices together."""
+        return sum(dict(self.over_budget_by_device).values())  # a copy: the checker thread adds devices
 
 
 # A device's episode over its ingest budget ends once none of its records was refused for this long: then its
@@ -115,6 +124,9 @@ class _Flood:
     seqs: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
+# Verifier calls one batch may cost (see Monitor._check_within_budget): the first round, then rounds whose margin
+# doubles until it covers a whole batch.
+MAX_CHECK_ROUNDS = 2 + math.ceil(math.log2(BATCH))
 MAX_ALERTS = 10_000  # alerts kept in memory (the newest); all are counted
 MAX_INVALID_ROWS = 100_000  # refused messages stored per run (4 KiB of the first 1,000, 256 bytes of the rest)
 # Messages received and waiting to be checked. QoS 1 ones are bounded by the broker (it sends no more than its
@@ -147,17 +159,25 @@ class Monitor:
     def __init__(self, fleet: Fleet, store: HistoryStore, *, share: str | None = None, silence_s: float = 180.0,
                  on_message: Callable[[str, dict[str, Any]], None] | None = None, client_id: str | None = None,
                  persistent: bool = False, min_free_mb: float = 32.0, verify_in_child: bool = True,
-                 budget_rate: float = DEFAULT_RATE, budget_burst: float = DEFAULT_BURST):
-        """``budget_rate`` and ``budget_burst``: each device's ingest budget (records a second, and at once).
+                 budget_rate: float = DEFAULT_RATE, budget_burst: float = DEFAULT_BURST, workers: int | None = None):
+        """``budget_rate`` and ``budget_burst``: each device's ingest budget (records a second, and at once) for the
+        whole monitor; ``workers``: how many workers share the ``share`` group (each holds 1/workers of the budget;
+        required with ``share``, 1 without).
 
         Raises InputError: ``share`` is not a shared-subscription group name (empty, or with '/', '+' or '#':
-        the subscription would name another topic and receive nothing), ``client_id`` is empty (a random
-        one would lose the persistent session) or longer than MQTT carries, or the budget is not above 0."""
+        the subscription would name another topic and receive nothing), ``share`` without ``workers`` (or
+        ``workers`` above 1 without ``share``), ``client_id`` is empty (a random one would lose the persistent
+        session) or longer than MQTT carries, or the budget is not above 0."""
         if share is not None and (not share or any(c in share for c in "/+#")):
             raise InputError(f"--share {share!r}: give a group name without '/', '+' or '#' (e.g. monitors)")
+        if share is not None and workers is None:
+            raise InputError(f"--share {share}: give --workers N, how many monitor workers share the group (each "
+                             "holds 1/N of every device's ingest budget, so the budget holds for the whole monitor)")
+        if share is None and workers not in (None, 1):
+            raise InputError(f"--workers {workers}: only with --share (the workers of one shared subscription)")
         if client_id is not None and not 0 < len(client_id.encode()) <= MAX_CLIENT_ID_BYTES:
             raise InputError(f"--client-id: give 1 to {MAX_CLIENT_ID_BYTES:,} bytes (got {len(client_id.encode()):,})")
-        self.budget = IngestBudget(budget_rate, budget_burst)
+        self.budget = IngestBudget(budget_rate, budget_burst, workers=1 if workers is None else workers)
         self.fleet = fleet
         self.store = store
         self.share = share
@@ -168,7 +188,6 @@ class Monitor:
         self.alerts: deque[Alert] = deque(maxlen=MAX_ALERTS)  # the newest; ``alerts_raised`` counts them all
         self.alerts_raised = 0
         self.last_seen: dict[str, float] = {}
-        self.over_budget: dict[str, int] = {}  # per device of the fleet file: records refused over its budget
         self._floods: dict[str, _Flood] = {}  # devices over their budget now (episodes not ended)
         self.constraints = {d.name: effective_constraints(load_profile(d.profile).constraints, d.constraints)
                             for d in fleet.devices}
@@ -208,6 +227,15 @@ class Monitor:
         self._checked: queue.Queue = queue.Queue(maxsize=4)
         self._checker = threading.Thread(target=self._check_loop, daemon=True, name="monitor-checker")
         self._writer = threading.Thread(target=self._write_loop, daemon=True, name="monitor-writer")
+
+    @property
+    def over_budget(self) -> dict[str, int]:
+        """Return the records refused over each device's ingest budget, by device (``stats.over_budget_by_device``)."""
+        return self.stats.over_budget_by_device
+
+    def drifting(self) -> frozenset[str]:
+        """Return the devices whose drift alert holds now (an episode not ended: see :meth:`_check_drift`)."""
+        return frozenset(self._drifting)  # a copy: the writer thread changes it
 
     def _on_message(self, _c: Any, _u: Any, m: Any) -> None:
         """Queue ``(topic, payload, receive time, mid to acknowledge or None)``; nothing once stopping, and a QoS 0
@@ -251,8 +279,14 @@ class Monitor:
         """
         b = self.fleet.broker
         try:  # a device's non-finite answers counted before this monitor started are not new to it
-            self._last_shadow = {d: _shadow_mark(m) for d, m in self.store.latest_shadow().items()}
+            shadows = self.store.latest_shadow()
+            self._last_shadow = {d: _shadow_mark(m) for d, m in shadows.items()}
+            # a drift the history's newest comparison shows is an episode under way: exported, not alerted again
+            self._drifting = {d for d, m in shadows.items() if self._below_fidelity(d, m)}
             self._intervals = self.store.telemetry_intervals()  # until its next telemetry says otherwise
+            # what each device stored lately spent its budget: a restart gives a flooding device no fresh burst
+            recent = self.store.stored_since(time.time() - self.budget.window_s())
+            self.budget.charge({d: n for d, n in recent.items() if d in self.constraints})
         except HistoryError:
             pass  # the writer meets it too, and says so
         if self.verifier is not None:
@@ -404,15 +438,20 @@ class Monitor:
     def _check_within_budget(self, batch: list[tuple],
                              local: bool = False) -> tuple[list[tuple[str, dict[str, Any]]], list[bytes], list[float]]:
         """Return what :meth:`_check` returns for the messages of ``batch`` its devices have ingest budget for; the
-        others are refused unchecked (:meth:`_refuse_over_budget`). Raises HistoryError.
+        others are refused over budget (:meth:`_refuse_over_budget`). Raises HistoryError.
 
-        Per device, no more messages than it has budget for are checked; only those that verify as the device's
-        spend it, so a message signed by anyone else (a forger on the device's topic) spends none: when some of the
-        checked ones were refused, the device's next ones are checked in their place."""
+        Per device, no more messages than it has budget for are checked at first; only those that verify as the
+        device's spend it, so a message signed by anyone else (a forger on the device's topic) spends none: when some
+        of the checked ones were refused, the device's next ones are checked in their place, in rounds that admit up
+        to its budget or a margin that doubles each round (1, 2, 4, ...), whichever is more. So a batch costs at most
+        :data:`MAX_CHECK_ROUNDS` calls to the verifier whatever a forger sends (one a record, when a device had one
+        record of budget left and a forger filled its topic), and each message is checked at most once; messages that
+        verify beyond the device's budget (admitted in the margin) are refused over budget as the unchecked ones."""
         good: list[tuple[str, dict[str, Any]]] = []
         raw: list[bytes] = []
         received: list[float] = []
         pending = batch
+        margin = 0  # records admitted per device beyond its budget: none until a round's checks refuse some
         while pending:
             admitted: list[tuple] = []
             held: list[tuple] = []
@@ -420,7 +459,8 @@ class Monitor:
             for item in pending:
                 device = self._budget_device(item[0])
                 if device is not None and device not in room:
-                    room[device] = self.budget.available(device)
+                    available = self.budget.available(device)
+                    room[device] = max(available, margin) if available > 0 else 0
                 if device is None or room[device] > 0:
                     if device is not None:
                         room[device] -= 1
@@ -431,23 +471,37 @@ class Monitor:
             if not admitted:
                 break
             g, r, t = self._check(admitted, local)
-            for device, n in Counter(msg["device"] for _, msg in g).items():
-                self.budget.spend(device, n)
-            good += g
-            raw += r
-            received += t
-            if len(g) == len(admitted):  # every one checked spent its device's budget: the rest is over it
+            beyond: list[tuple] = []  # verified, but past the device's budget (admitted in the margin)
+            left: dict[str, int] = {}
+            for item in zip(g, r, t):
+                device = item[0][1]["device"]
+                if device in self.constraints:
+                    if device not in left:
+                        left[device] = self.budget.available(device)
+                    if left[device] <= 0:
+                        kind, msg = item[0]
+                        beyond.append((messages.topic(msg["fleet"], device, kind), item[1], item[2]))
+                        continue
+                    left[device] -= 1
+                    self.budget.spend(device)
+                good.append(item[0])
+                raw.append(item[1])
+                received.append(item[2])
+            self._refuse_over_budget(beyond, counted=True)
+            if len(g) == len(admitted):  # every one checked verified: the rest is over its device's budget
                 break
+            margin = max(1, 2 * margin)
         self._refuse_over_budget(pending)
         return good, raw, received
 
-    def _refuse_over_budget(self, batch: list[tuple]) -> None:
-        """Count the messages of ``batch`` (of devices over their ingest budget) as received and refused, per device,
-        without decoding or verifying them; alert when a device's episode begins. Return nothing."""
+    def _refuse_over_budget(self, batch: list[tuple], counted: bool = False) -> None:
+        """Count the messages of ``batch`` (of devices over their ingest budget) as received (unless ``counted``: the
+        check counted them) and refused, per device, without storing them; alert when a device's episode begins.
+        Return nothing."""
         for topic, payload, at, *_ in batch:
             _, device, kind = messages.parse_topic(topic)  # _budget_device parsed it
-            self.stats.received += 1
-            self.stats.over_budget += 1
+            if not counted:
+                self.stats.received += 1
             self.over_budget[device] = self.over_budget.get(device, 0) + 1
             flood = self._floods.get(device)
             if flood is None:
@@ -653,14 +707,12 @@ class Monitor:
         self._last_shadow[device] = (seq, run, count)
         before = 0 if last is None or new_run else last[2]
         bad = count - before if count >= before else count  # a lower count: the agent started again
-        c = self.constraints.get(device)
-        bound = c.min_fidelity_snr_db if c is not None else None
-        snr = messages.field_at(shadow, "fidelity", "snr_db")
-        low = bool(bad) or (bound is not None and messages.in_range(snr) and snr < bound)
+        low = bool(bad) or self._below_fidelity(device, shadow)
         if low and device not in self._drifting:
             self._drifting.add(device)
-            served, ref, window = (messages.field_at(shadow, *path) for path in
-                                   (("serving", "variant"), ("model", "variant"), ("window",)))
+            served, ref, window, snr = (messages.field_at(shadow, *path) for path in
+                                        (("serving", "variant"), ("model", "variant"), ("window",), ("fidelity", "snr_db")))
+            bound = self.constraints[device].min_fidelity_snr_db if not bad else None  # below it: _below_fidelity
             named = (lambda v: v if isinstance(v, str) else "an unnamed model")
             if bad:
                 text = (f"{device}: {bad:,} live answers of {named(served)} or of its shadow {named(ref)} held NaN or "
@@ -671,6 +723,14 @@ class Monitor:
             self._alert(Alert(device, "drift", text))
         elif not low:
             self._drifting.discard(device)
+
+    def _below_fidelity(self, device: str, shadow: dict[str, Any]) -> bool:
+        """Return True when ``shadow`` (a ``shadow`` message of ``device``) says the served model's outputs are below
+        the device's ``min_fidelity_snr_db`` (False for a device without that bound or not in the fleet file)."""
+        c = self.constraints.get(device)
+        bound = c.min_fidelity_snr_db if c is not None else None
+        snr = messages.field_at(shadow, "fidelity", "snr_db")
+        return bound is not None and messages.in_range(snr) and snr < bound
 
     def _check_alerts(self, kind: str, msg: dict[str, Any]) -> None:
         device = msg["device"]

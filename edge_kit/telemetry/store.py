@@ -393,6 +393,13 @@ class HistoryStore(abc.ABC):
                 heard[device] = max(ts, heard.get(device, ts))
         return heard
 
+    def stored_since(self, since: float) -> dict[str, int]:
+        """Return how many messages (of every kind the monitor stores) this host stored of each device with a receive
+        time at or after ``since`` (unix seconds, this host's clock), by device; one query. Raises HistoryError."""
+        union = " UNION ALL ".join(f"SELECT device FROM {kind} WHERE ts >= ?" for kind in KINDS)
+        return {device: n for device, n in self._rows(f"SELECT device, COUNT(*) FROM ({union}) AS s GROUP BY device",
+                                                      (since,) * len(KINDS))}
+
     def _latest(self, table: str) -> dict[str, dict[str, Any]]:
         """Return the newest message of ``table`` per device (by receive time, then ``seq``)."""
         rows = self._rows(f"SELECT t.body FROM {table} t JOIN (SELECT device, MAX(ts) AS ts FROM {table} GROUP BY device) l "

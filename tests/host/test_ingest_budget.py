@@ -50,3 +50,47 @@ def test_a_budget_that_is_no_rate_is_refused_in_one_line(rate, burst, error):
     with pytest.raises(InputError) as info:
         IngestBudget(rate, burst)
     assert str(info.value) == error
+
+
+def test_workers_of_one_shared_subscription_hold_the_budget_together_not_each():
+    """With --share the broker hands a device's records to the workers in turn; each worker held the whole budget, so
+    two workers let a device store twice its burst and twice its rate. Now each holds 1/workers of it."""
+    clock = Clock()
+    workers = [IngestBudget(rate=10, burst=50, clock=clock, workers=2) for _ in range(2)]
+
+    def flood(n: int) -> int:
+        admitted = 0
+        for i in range(n):
+            budget = workers[i % 2]
+            if budget.available("d1") >= 1:
+                budget.spend("d1")
+                admitted += 1
+        return admitted
+
+    assert flood(400) == 50  # the burst, for the whole monitor
+    clock.now += 1.0
+    assert flood(400) == 10  # then the rate
+    assert all(w.rate == 10 and w.burst == 50 for w in workers)  # what the alerts name: the whole monitor's budget
+
+
+def test_a_budget_charged_with_what_the_history_stored_lately_starts_from_what_is_left():
+    """A monitor started again charges each device with what it stored in the last burst/rate seconds."""
+    clock = Clock()
+    budget = IngestBudget(rate=10, burst=50, clock=clock)
+    assert budget.window_s() == 5.0
+    budget.charge({"d1": 45, "d2": 500})
+    assert budget.available("d1") == 5 and budget.available("d2") == 0 and budget.available("d3") == 50
+    shared = IngestBudget(rate=10, burst=50, clock=clock, workers=2)
+    shared.charge({"d1": 40})  # the whole monitor stored 40: each of two workers is charged 20 of its 25
+    assert shared.available("d1") == 5
+
+
+@pytest.mark.parametrize("burst, workers, error", [
+    (10, 0, "--workers 0: give how many monitor workers share the group, 1 or more"),
+    (10, 1.5, "--workers 1.5: give how many monitor workers share the group, 1 or more"),
+    (3, 4, "--budget-burst 3 over --workers 4: each worker holds burst/workers, under one record; give a burst of 4 "
+           "or more")])
+def test_a_worker_count_that_cannot_share_the_budget_is_refused_in_one_line(burst, workers, error):
+    with pytest.raises(InputError) as info:
+        IngestBudget(1, burst, workers=workers)
+    assert str(info.value) == error

@@ -230,3 +230,53 @@ def test_the_simulated_broker_bounds_what_a_flooding_client_makes_it_hold(mosqui
         for c in (slow, flooder):
             c.disconnect()
             c.loop_stop()
+
+
+def test_the_embedded_broker_refuses_a_packet_over_the_limit_mosquitto_sets_and_carries_the_rest():
+    """The embedded amqtt broker (the demo's, where Mosquitto is missing) had none of broker_limits(): a client's
+    packet of any size was read whole and passed on. amqtt's configuration takes no packet limit, so the broker reads
+    each client's bytes through the MQTT framing and drops a client whose packet header says it is over MAX_PACKET,
+    as Mosquitto's max_packet_size does; messages within it (the protocol's largest payload) still pass."""
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    from edge_kit.sim.broker import free_port, wait_port
+    from edge_kit.sim.process import terminate_pid
+
+    broker = SimpleNamespace(host="127.0.0.1", port=free_port())
+    proc = subprocess.Popen([sys.executable, "-W", "ignore", "-m", "edge_kit.sim.embedded_broker",
+                             "--host", broker.host, "--port", str(broker.port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    clients: list[mqtt.Client] = []
+    try:
+        assert wait_port(broker.host, broker.port, 30)
+        seen: list[bytes] = []
+        subscriber, how = connect(broker, None, None)
+        clients.append(subscriber)
+        subscribed = threading.Event()
+        subscriber.on_subscribe = lambda *_: subscribed.set()
+        subscriber.on_message = lambda _c, _u, m: seen.append(m.payload)
+        subscriber.subscribe(f"{messages.ROOT}/f/#", qos=1)
+        assert how == "ok" and subscribed.wait(10)
+        device, how = connect(broker, None, None)
+        clients.append(device)
+        topic = messages.topic("f", "d1", "bench")
+        device.publish(topic, b"y" * messages.MAX_PAYLOAD, qos=1).wait_for_publish(10)  # the largest a receiver takes
+        deadline = time.monotonic() + 10
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [len(p) for p in seen] == [messages.MAX_PAYLOAD]
+        assert oversized_is_refused(device, topic, seen)
+        later, how = connect(broker, None, None)  # the broker itself carries on
+        clients.append(later)
+        later.publish(topic, b"z", qos=1).wait_for_publish(10)
+        deadline = time.monotonic() + 10
+        while len(seen) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert how == "ok" and seen[1:] == [b"z"]
+    finally:
+        for c in clients:
+            c.disconnect()
+            c.loop_stop()
+        terminate_pid(proc.pid)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -198,9 +199,69 @@ def test_prometheus_endpoint_exports_per_device_and_variant_series(fleet, publis
     assert 'edgekit_monitor_messages_total{outcome="invalid"} 2.0' in text
 
 
+def test_a_monitor_started_over_a_kept_history_exports_its_figures_in_metrics_before_any_message(fleet, tmp_path):
+    """/metrics was built only from the messages a run received: a monitor started again (or `edgekit monitor` over a
+    kept demo) showed the fleet's figures in `edgekit report` but nothing in /metrics until each device spoke again.
+    Now the gauges start from the history (the fleet file's devices), then follow what arrives."""
+    import os
+    import subprocess
+    import sys
+
+    live = {"source": "live", "model": {"sha256": "ab", "variant": "int8"}, "requests": 42, "errors": 1,
+            "window": 42, "queue_depth": 0, "latency_ms": {"p50": 0.4, "p90": 0.6, "p99": 0.9}}
+    kept = [("bench", bench("d1", 1, p90=9.0)), ("bench", bench("d1", 2, p90=7.5)),  # the newest of int8 is 7.5
+            ("bench", {**bench("d1", 3, p90=3.0, variant="fp16"), "sha256": "b" * 64}),
+            ("status", messages.envelope("status", FLEET, "d1", 1, {
+                "state": "offline", "disk": {"free_bytes": 123456789, "total_bytes": 3e10, "full": False}})),
+            ("live", messages.envelope("live", FLEET, "d1", 1, live)),
+            ("shadow", messages.envelope("shadow", FLEET, "d2", 1, {
+                "model": {"sha256": "cd", "variant": "fp32"}, "serving": live["model"], "compared": 30, "window": 30,
+                "fidelity": {"snr_db": 12.5, "cosine": 0.9}})),  # under d2's min_fidelity_snr_db: drifting
+            ("bench", {**bench("d1", 4), "device": "gone"}),  # a device no longer in the fleet file
+            ("bench", {**bench("d2", 1), "latency_ms": None})]  # a row the gauges cannot read: left out, alone
+    with Store(tmp_path / "edgekit-history.db") as store:
+        for i, (kind, msg) in enumerate(kept):
+            store.add_many([(kind, msg)], received=[1_700_000_000.0 + i])
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-m", "edge_kit", "monitor", "--fleet", str(tmp_path / "fleet.yaml"),
+                             "--metrics-port", str(port), "--duration", "5", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    scraped = {"text": ""}
+
+    def scrape() -> bool:
+        try:
+            scraped["text"] = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        except OSError:
+            return False
+        return True
+
+    try:
+        assert wait_until(scrape, 60, step=0.5), proc.stderr.read() if proc.poll() is not None else "no /metrics"
+        out, err = proc.communicate(timeout=60)  # /metrics is served from before the monitor starts until it stops
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert [a for a in json.loads(out)["alerts"] if a["kind"] == "drift"] == []  # an episode under way: not news
+    text = scraped["text"]
+    assert 'edgekit_latency_ms{device="d1",quantile="p90",variant="int8"} 7.5' in text
+    assert 'edgekit_latency_ms{device="d1",quantile="p90",variant="fp16"} 3.0' in text
+    assert 'edgekit_power_watts{device="d1",source="ina219",variant="int8"} 4.2' in text
+    assert 'edgekit_accuracy{device="d1",metric="top1",variant="int8"} 0.99' in text
+    assert 'edgekit_device_online{device="d1"} 0.0' in text
+    assert 'edgekit_device_disk_free_bytes{device="d1"} 1.23456789e+08' in text
+    assert 'edgekit_live_requests{device="d1",variant="int8"} 42.0' in text
+    assert 'edgekit_live_latency_ms{device="d1",quantile="p99",variant="int8"} 0.9' in text
+    assert 'edgekit_live_shadow_snr_db{device="d2",shadow="fp32",variant="int8"} 12.5' in text
+    assert 'edgekit_device_drifting{device="d2"} 1.0' in text and 'edgekit_device_drifting{device="d1"} 0.0' in text
+    assert 'edgekit_device_last_seen_seconds{device="d1"} 1.700000003e+09' in text  # when stored, not now
+    assert 'device="gone"' not in text and 'edgekit_latency_ms{device="d2"' not in text
+
+
 def test_two_workers_on_a_shared_subscription_split_the_stream_with_nothing_lost_or_doubled(fleet, publisher, tmp_path):
     store_path = tmp_path / "h.db"
-    workers = [Monitor(fleet, Store(store_path), share="edgekit").start() for _ in range(2)]
+    workers = [Monitor(fleet, Store(store_path), share="edgekit", workers=2).start() for _ in range(2)]
     try:
         n = 400
         for i in range(1, n + 1):
@@ -363,6 +424,9 @@ def test_a_refused_message_s_topic_is_kept_short_in_alerts_and_the_invalid_table
 @pytest.mark.parametrize("option, value, error", [
     ("--share", "a/b", "--share 'a/b': give a group name without '/', '+' or '#' (e.g. monitors)"),
     ("--share", "", "--share '': give a group name without '/', '+' or '#' (e.g. monitors)"),
+    ("--share", "g", "--share g: give --workers N, how many monitor workers share the group (each holds 1/N of every "
+                     "device's ingest budget, so the budget holds for the whole monitor)"),
+    ("--workers", "2", "--workers 2: only with --share (the workers of one shared subscription)"),
     ("--client-id", "", "--client-id: give 1 to 65,535 bytes (got 0)"),
     ("--client-id", "x" * 70_000, "--client-id: give 1 to 65,535 bytes (got 70,000)"),
     ("--budget-rate", "0", "Invalid value for '--budget-rate': 0: give a number greater than or equal to 0.001 "
@@ -568,6 +632,62 @@ def test_seq_numbers_claimed_by_records_refused_over_budget_never_hide_a_device_
     mon.budget = type(mon.budget)(rate=1000, burst=1000)
     mon._store(real[8:20] + real[25:])  # d1 again, within budget: 9-20 and 26-29 (21-25 lost on the way)
     assert store._rows("SELECT first_missing, last_missing FROM gaps ORDER BY first_missing") == [(6, 8), (21, 25)]
+
+
+def test_a_monitor_started_again_gives_a_flooding_device_no_fresh_burst(fleet, tmp_path):
+    """Each run of the monitor started every device with a full bucket: a device flooding across restarts (or a
+    monitor restarted by systemd) got its burst stored again each time. Now the monitor charges each device, at start,
+    with what the history says it stored in the last burst/rate seconds (one query)."""
+    store = Store(tmp_path / "h.db")
+    topic = messages.topic(FLEET, "d1", "telemetry")
+    now = time.time()
+    real = [(topic, messages.encode(signed(telemetry("d1", seq))), now) for seq in range(1, 13)]
+    first = Monitor(fleet, store, verify_in_child=False, budget_rate=0.01, budget_burst=5)
+    first._store(real[:8])  # its burst stored, 3 refused over budget
+    assert store.count("telemetry") == 5 and first.over_budget == {"d1": 3}
+    again = Monitor(fleet, store, verify_in_child=False, budget_rate=0.01, budget_burst=5).start()
+    try:
+        d2 = [(messages.topic(FLEET, "d2", "telemetry"), messages.encode(signed(telemetry("d2", 1))), now)]
+        again._store(real[8:] + d2)
+    finally:
+        again.stop()
+    assert store.count("telemetry") == 6 and again.over_budget == {"d1": 4}  # d1 none: its burst was spent; d2 its own
+    assert again.stats.over_budget == 4 and "over_budget" not in {f.name for f in dataclasses.fields(again.stats)}
+
+
+def test_a_forger_on_the_topic_of_a_device_with_one_record_of_budget_left_costs_a_batch_few_verifier_calls(
+        fleet, tmp_path, monkeypatch):
+    """Only records that verify spend a device's budget, so when some checked ones were refused (forgeries), the next
+    ones were checked in their place, as many as the device had budget for: one record of budget left, and a forger
+    filling its topic made the monitor check a batch of 500 in 500 calls to the verifier, one record each. Now the
+    rounds admit a margin that doubles: a few calls, each record checked once, the real record still stored."""
+    from edge_kit.telemetry.monitor import MAX_CHECK_ROUNDS
+
+    store = Store(tmp_path / "h.db")
+    mon = Monitor(fleet, store, verify_in_child=False, budget_rate=0.001, budget_burst=1)
+    calls: list[int] = []
+    check = mon._check
+
+    def counted(batch, local=False):
+        calls.append(len(batch))
+        return check(batch, local)
+
+    monkeypatch.setattr(mon, "_check", counted)
+    topic = messages.topic(FLEET, "d1", "telemetry")
+    intruder = Signer.generate()
+    now = time.time()
+    forged = [(topic, messages.encode(intruder.sign(telemetry("d1", seq))), now) for seq in range(100, 599)]
+    mon._store(forged + [(topic, messages.encode(signed(telemetry("d1", 1))), now)])
+    assert store._rows("SELECT seq FROM telemetry") == [(1,)]
+    assert mon.stats.invalid == 499 and mon.over_budget == {} and mon.stats.received == 500
+    assert len(calls) <= MAX_CHECK_ROUNDS <= 11 and sum(calls) == 500, calls  # 500 calls before
+    # records that verify past the device's budget (admitted in the margin) are refused over budget, counted once
+    calls.clear()
+    mon.budget = type(mon.budget)(rate=0.001, burst=1)
+    mon._store(forged[:3] + [(topic, messages.encode(signed(telemetry("d1", seq))), now) for seq in range(2, 7)])
+    assert store._rows("SELECT seq FROM telemetry ORDER BY seq") == [(1,), (2,)]
+    assert mon.over_budget == {"d1": 4} and mon.stats.received == 508 and mon.stats.invalid == 502
+    assert sum(calls) <= 8 and len(calls) <= MAX_CHECK_ROUNDS, calls
 
 
 def test_a_record_the_history_refuses_costs_its_batch_a_few_transactions_not_one_per_record(fleet, tmp_path,

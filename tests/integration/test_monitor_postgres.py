@@ -26,7 +26,7 @@ import json, sys
 from edge_kit.fleet.inventory import load_fleet
 from edge_kit.telemetry.monitor import Monitor
 from edge_kit.telemetry.store import open_history
-mon = Monitor(load_fleet(sys.argv[1]), open_history(sys.argv[2]), share="edgekit").start()
+mon = Monitor(load_fleet(sys.argv[1]), open_history(sys.argv[2]), share="edgekit", workers=2).start()
 print("ready", flush=True)
 sys.stdin.readline()  # the test says stop
 mon.stop()
@@ -86,6 +86,8 @@ def test_cli_commands_take_a_postgresql_history(fleet, publisher, postgres_url, 
     assert summary["stored"] == 2 and summary["invalid"] == 1
     assert summary["store"].startswith("postgresql://edgekit@") and ":" not in summary["store"].split("@")[0][13:]
     assert count(postgres_url) == 1 and count(postgres_url, "invalid") == 1
+    with open_history(postgres_url) as store:  # what a monitor started again charges each device's ingest budget with
+        assert store.stored_since(time.time() - 600) == {"d1": 2} and store.stored_since(time.time() + 600) == {}  # status, bench
     assert not (tmp_path / "edgekit-history.db").exists()  # nothing went to the default SQLite file
     code, out, err = run_cli("fleet", "status", "--fleet", fleet_file, "--history", postgres_url)
     assert code == 0 and "d1" in out and "int8" in out and "3.25" in out and "never seen" in out, err
