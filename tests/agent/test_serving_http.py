@@ -782,3 +782,53 @@ def test_keep_alive_clients_busy_with_requests_are_not_closed_between_two_of_the
     finally:
         for s in silent:
             s.close()
+
+
+def test_a_keep_alive_connection_with_its_next_request_line_in_is_never_evicted(wait, store, server):
+    """A client that pipelines: its answered request and the line of its next one came in one write, then it
+    stalls past EVICT_GRACE_S (its headers not all in). The line sat in the server's read buffer, so the
+    connection counted as idle and was closed for a new client. Now it keeps its place: with every other place
+    under way too, the new client is told busy (503, counted), and the pipelined request is answered once its
+    headers complete."""
+    from device_agents.serving.server import EVICT_GRACE_S
+
+    piped = socket.create_connection(server.http_address, timeout=10)
+    piped.sendall(b"GET /v1/model HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\nGET /v1/model HTTP/1.1\r\n")
+    assert _answer_then_closed_after_one(piped)[0] == 200
+    others = [socket.create_connection(server.http_address, timeout=10) for _ in range(3)]
+    try:
+        for s in others:
+            s.sendall(b"GET /v1/mo")  # under way
+        assert wait(lambda: server.snapshot()["http_clients"] == 4)
+        time.sleep(EVICT_GRACE_S + 0.3)
+        status, answer = call(server, "GET", "/v1/model")
+        assert status == 503 and "serve.http_max_clients" in answer["error"]
+        live = server.snapshot()
+        assert live["turned_away"]["evicted_idle"] == 0 and live["turned_away"]["busy_http"] == 1
+        piped.sendall(b"Host: 127.0.0.1\r\n\r\n")
+        status, answer = _answer_then_closed_after_one(piped)
+        assert status == 200 and answer["ok"] is True
+    finally:
+        for s in [piped, *others]:
+            s.close()
+
+
+def test_a_connection_closed_before_its_first_request_is_answered_503_busy(wait, store, server):
+    """Four connections that sent nothing hold every HTTP place; a fifth client takes the place of the one idle
+    the longest, which was closed without an answer. It now gets the 503 a turned-away client gets (naming
+    serve.http_max_clients), then the connection is closed."""
+    silent = []
+    for i in range(4):
+        silent.append(socket.create_connection(server.http_address, timeout=10))
+        assert wait(lambda: server.snapshot()["http_clients"] == i + 1)
+        time.sleep(0.02)
+    try:
+        assert call(server, "GET", "/v1/model")[0] == 200
+        status, answer = _answer_then_closed(silent[0])
+        assert status == 503 and answer == {"ok": False, "error": "busy: 4 HTTP clients connected "
+                                                                  "(serve.http_max_clients); retry later"}
+        assert server.snapshot()["turned_away"]["evicted_idle"] == 1
+    finally:
+        for s in silent:
+            s.close()
+
