@@ -9,8 +9,10 @@ included), the same error texts, counted in the same live figures and offered to
 Limits of its own, since any local user can reach the loopback and JSON costs several times its
 size in memory while it is parsed: ``http_max_clients`` connections (4; apart from the socket's
 ``max_clients``; when all are taken, the keep-alive connection idle the longest is closed for a new
-one, after ``EVICT_GRACE_S`` once it had a request), a body of at most what the served model's inputs can take as JSON (:func:`json_body_limit`)
-and ``http_max_body_mb`` (4; large inputs belong on the socket), one body parsed at a time (a
+one, after ``EVICT_GRACE_S`` once it had a request, answered 503 busy if it had none; never one whose next
+request's first bytes are in, read into its buffer or not), a body of at most what the served model's inputs can take as JSON (:func:`json_body_limit`)
+and ``http_max_body_mb`` (1: JSON costs 4-34 times its size to parse; large inputs belong on the socket's
+binary frames), one body parsed at a time (a
 parse's peak once, not once per client), a request's line and headers within
 ``http_header_timeout_s`` of its first byte (5), its body at :data:`BODY_MIN_RATE` or faster after
 as long again, and the whole request within ``request_timeout_s`` (30; an idle keep-alive
@@ -48,6 +50,7 @@ import numpy as np
 
 from device_agents.content_length import byte_count
 from device_agents.errors import NO_ACTIVE_MODEL, DeviceError
+from device_agents.serving.server import EVICTED_NEW, Place, RequestError
 
 log = logging.getLogger("edgekit.agent.serve")
 HOST = "127.0.0.1"
@@ -158,7 +161,7 @@ def json_body_limit(input_shapes: list[tuple[str, tuple[int, ...]]]) -> tuple[in
     return elements * JSON_NUMBER_BYTES + JSON_SPARE_BYTES, elements
 
 
-class _RequestReader(io.RawIOBase):
+class _RequestReader(io.RawIOBase, Place):
     """An HTTP connection's incoming bytes, with deadlines counted from a request's first byte: its
     line and headers within ``header_s``, the whole request within ``limit_s``, and, once
     :meth:`body` is called, its body at :data:`BODY_MIN_RATE` or faster after a grace of ``header_s``
@@ -166,19 +169,18 @@ class _RequestReader(io.RawIOBase):
     first byte (an idle keep-alive connection) lasts ``limit_s``. Answers are sent with ``send_s`` as
     the socket's timeout.
 
-    ``idle_since``, ``served``, ``evicted`` and ``sock`` are what :meth:`Server.admit` needs to close the idle
-    connection with the oldest ``idle_since`` for a new client."""
+    It is the connection's :class:`~device_agents.serving.server.Place` (``sock``, ``idle_since``, ``served``,
+    ``evicted``): what :meth:`Server.admit` reads to close the idle connection with the oldest ``idle_since``
+    for a new client."""
 
     def __init__(self, sock: Any, limit_s: float, header_s: float, send_s: float, on_timeout: Any):
         super().__init__()
-        self.sock, self.limit_s, self.header_s, self.send_s = sock, limit_s, header_s, send_s
+        self._take_place(sock)
+        self.limit_s, self.header_s, self.send_s = limit_s, header_s, send_s
         self.on_timeout = on_timeout
         self.deadline: float | None = None  # None: waiting for a request's first byte
         self.end = 0.0  # the whole request's deadline (first byte + limit_s)
         self.rate = 0  # bytes/s the body must keep up once body() is called (0: reading the headers)
-        self.idle_since = time.monotonic()  # waiting for a request's first byte since (0: a request is under way)
-        self.evicted = False  # closed by the server for a new client
-        self.served = False  # a request came on it (Server.admit gives it EVICT_GRACE_S between requests)
         self.cut = ""  # why the request under way was cut off (answered 408), "" while it was not
 
     def readable(self) -> bool:
@@ -188,6 +190,13 @@ class _RequestReader(io.RawIOBase):
     def next_request(self) -> None:
         """Wait for a new request: its deadlines start with its first byte."""
         self.deadline, self.rate = None, 0
+
+    def begin(self) -> None:
+        """A request's first bytes are in (received now, or with the request before it): start its
+        deadlines; the connection is not idle until the next :meth:`next_request`."""
+        self.idle_since, self.served = 0.0, True
+        self.end = time.monotonic() + self.limit_s
+        self.deadline = min(self.end, self.end - self.limit_s + self.header_s)
 
     def body(self) -> None:
         """Start the body's clock: it must keep coming at :data:`BODY_MIN_RATE` after ``header_s``."""
@@ -231,9 +240,7 @@ class _RequestReader(io.RawIOBase):
         finally:
             self.sock.settimeout(self.send_s)
         if not started:
-            self.idle_since, self.served = 0.0, True
-            self.end = time.monotonic() + self.limit_s
-            self.deadline = min(self.end, self.end - self.limit_s + self.header_s)
+            self.begin()
         elif self.rate:
             self.deadline = min(self.end, self.deadline + got / self.rate)
         return got
@@ -246,8 +253,9 @@ def listen(server: Any, port: int) -> ThreadingHTTPServer:
     Raises:
         DeviceError: the port cannot be bound (taken, or below 1024 without the right).
     """
-    from device_agents.serving.server import RequestError
-
+    # the settings' bound on a JSON body, its key and what to do instead: JSON costs 4-34 times its size to parse
+    settings_limit = (*min((server.http_max_body, "serve.http_max_body_mb"), (server.max_payload, "serve.max_payload_mb")),
+                      "send large inputs over the Unix socket (binary frames: device_agents.serving.Client)")
     parse_lock = threading.Lock()  # one JSON body parsed at a time: its peak (several times the body) once, not per client
 
     class Handler(BaseHTTPRequestHandler):
@@ -279,6 +287,8 @@ def listen(server: Any, port: int) -> ThreadingHTTPServer:
                 server.leave(self._reader, http=True)
             if self._reader.cut:
                 self._raw_refusal(408, self._reader.cut)
+            elif self._reader.evicted == EVICTED_NEW:  # closed for a new client before any request: told why
+                self._raw_refusal(503, server.busy_message(http=True))
 
         def handle_one_request(self) -> None:
             """Serve one request: its deadlines start with its first byte (one that has not come
@@ -287,7 +297,16 @@ def listen(server: Any, port: int) -> ThreadingHTTPServer:
             Raises:
                 OSError: the client is gone (ends the connection).
             """
-            self._reader.next_request()
+            reader = self._reader
+            reader.next_request()
+            try:
+                # the wait for its first bytes, unless they came with the request before (pipelined, in
+                # rfile's buffer): then its deadlines start now, and it is under way, never idle
+                if self.rfile.peek(1) and reader.deadline is None:
+                    reader.begin()
+            except TimeoutError:  # idle for request_timeout_s: the connection ends, as the standard library's would
+                self.close_connection = True
+                return
             super().handle_one_request()
 
         def parse_request(self) -> bool:
@@ -388,17 +407,17 @@ def listen(server: Any, port: int) -> ThreadingHTTPServer:
                 server.malformed()
                 self._error(411, "malformed request: send the body with a Content-Length", close=True)
                 return
-            limit, key = min((server.http_max_body, "serve.http_max_body_mb"), (server.max_payload, "serve.max_payload_mb"))
-            advice = "send large inputs over the Unix socket"
-            served = server.current
-            if served is not None:  # what the model's inputs can need as JSON, whatever the settings allow
-                need, elements = json_body_limit(served.input_shapes)
-                if need < limit:
-                    limit, key = need, (f"the served model's {elements} input numbers as JSON, {JSON_NUMBER_BYTES} "
-                                        f"bytes each and {JSON_SPARE_BYTES} to spare")
-                    advice = "check the inputs' names and shapes (GET /v1/model)"
+            served = server.current  # what its inputs can need as JSON (served.json_body, from its activation) bounds it too
+            by_model = served is not None and served.json_body[0] < settings_limit[0]
+            limit = served.json_body[0] if by_model else settings_limit[0]
             size = byte_count(length)  # None: 20 digits or more (int() would refuse over 4300, with a bare ValueError)
             if size is None or size > limit:
+                if by_model:
+                    key = (f"the served model's {served.json_body[1]} input numbers as JSON, {JSON_NUMBER_BYTES} "
+                           f"bytes each and {JSON_SPARE_BYTES} to spare")
+                    advice = "check the inputs' names and shapes (GET /v1/model)"
+                else:
+                    _, key, advice = settings_limit
                 server.malformed()
                 self._error(413, f"malformed request: a body of {'10**19 bytes or more' if size is None else f'{size} bytes'}"
                                  f" is over the {limit}-byte limit ({key}); {advice}", close=True)

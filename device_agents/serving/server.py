@@ -20,8 +20,9 @@ connected clients, plus what was turned away (busy, malformed, oversized, timed 
 Limits: ``max_clients`` socket clients and, apart, ``http_max_clients`` HTTP connections (any local
 user can reach the loopback; the socket is the agent's group's). When all places are taken, a new
 client gets the place of the connection idle the longest (waiting for its next request, none in
-flight, and for :data:`EVICT_GRACE_S` at least when it had one: closed, counted as ``evicted_idle`` and logged), as nginx reuses idle keep-alive
-connections; only when none is idle is it turned away (``busy``). A frame that has started must be
+flight, no byte of the next one in, and for :data:`EVICT_GRACE_S` at least when it had one: closed, counted
+as ``evicted_idle`` and logged; one that had no request yet is answered ``busy`` first, as a client turned away
+is), as nginx reuses idle keep-alive connections; only when none is idle is it turned away (``busy``). A frame that has started must be
 complete within ``request_timeout_s`` (a client may stay idle between frames while places are free),
 and a client that takes none of its answer for ``send_timeout_s`` is cut off: both kernel timeouts
 on the connection (SO_RCVTIMEO, SO_SNDTIMEO), nothing added to a request that arrives in one piece
@@ -66,7 +67,7 @@ from device_agents.serving.frames import (
 )
 from device_agents.serving.shadow import Interpreters, Shadow
 
-__all__ = ["Interpreters", "RequestError", "Server"]
+__all__ = ["Interpreters", "Place", "RequestError", "Server"]
 
 log = logging.getLogger("edgekit.agent.serve")
 WINDOW = 2048  # requests the live percentiles are taken over
@@ -76,6 +77,25 @@ WARMUP = 3  # inferences on zeros a new model runs before it is served
 # request, and closing it then fails that request without an answer. One that never sent a byte gets no grace, or
 # connecting again and again would lock every other client out.
 EVICT_GRACE_S = 0.5
+
+
+EVICTED_IDLE = "idle"  # Place.evicted: it had requests; closed without a word (its next request would read one)
+EVICTED_NEW = "new"  # Place.evicted: it had none yet; answered as a client turned away (busy), then closed
+
+
+class Place:
+    """What :meth:`Server.admit` knows of a connection holding a place (the socket's :class:`_FrameTimer`,
+    HTTP's request reader), set by :meth:`_take_place`: ``sock``; ``idle_since``, the monotonic time it
+    began waiting for a request's first byte (0 while a request is under way, its first bytes in: never
+    evicted then); ``served``, whether a request came on it (it then gets :data:`EVICT_GRACE_S` between
+    requests); ``evicted``, False or why the server closed it for a new client (:data:`EVICTED_IDLE`,
+    :data:`EVICTED_NEW`). No slots of its own: a subclass declares them (or has a ``__dict__``)."""
+
+    __slots__ = ()
+
+    def _take_place(self, sock: Any) -> None:
+        """Set the record's fields for a new connection on ``sock``, waiting for its first request."""
+        self.sock, self.idle_since, self.served, self.evicted = sock, time.monotonic(), False, False
 
 
 class RequestError(DeviceError):
@@ -119,6 +139,11 @@ class _Served:
         self.outputs = [p.record() for p in probe.outputs]
         self.input_shapes = [(p.name, tuple(p.sample_shape)) for p in probe.inputs]
         self.output_shapes = [(p.name, tuple(p.sample_shape)) for p in probe.outputs]
+        from device_agents.serving.http import (
+            json_body_limit,  # (lazily: http imports this module)
+        )
+
+        self.json_body = json_body_limit(self.input_shapes)  # (an HTTP body's bytes, the inputs' numbers), at most
         self.stats = _Stats()
         self.waiting = 0
         self.lock = threading.Lock()  # the counters above, updated from every connection's thread
@@ -179,7 +204,7 @@ class Server:
 
     def __init__(self, path: Path, *, make_interpreter: Any, max_clients: int = 16,
                  max_payload: int = 64 * 1024 * 1024, workers: int = 1, http_port: int | None = None,
-                 http_max_clients: int = 4, http_max_body: int = 4_000_000, request_timeout_s: float = 30.0,
+                 http_max_clients: int = 4, http_max_body: int = 1_000_000, request_timeout_s: float = 30.0,
                  http_header_timeout_s: float = 5.0, send_timeout_s: float = 30.0, busy_poll_us: int = 0):
         self.path = Path(path)
         self.make_interpreter = make_interpreter  # path -> allocated interpreter (the agent's runtime and target)
@@ -197,14 +222,13 @@ class Server:
         self.http_port = http_port  # None: no HTTP; 0: a free port (tests); bound to 127.0.0.1 only
         self.http_address: tuple[str, int] | None = None  # where HTTP listens once started
         self.current: _Served | None = None
-        self.clients = 0  # socket clients connected
-        self.http_clients = 0  # HTTP connections open
         # busy: socket and HTTP clients turned away for want of a place (busy_http: the HTTP ones among
         # them); timed_out: cut off for a request or an answer not taken in time; evicted_idle: idle
         # connections (socket or HTTP) closed to give their place to a new client
         self.turned_away = {"busy": 0, "malformed": 0, "busy_http": 0, "timed_out": 0, "evicted_idle": 0}
-        # the connections holding a place (socket: False, HTTP: True): their ``idle_since`` says which wait
-        self._open: dict[bool, set[Any]] = {False: set(), True: set()}
+        # the connections holding a place (socket: False, HTTP: True; their Place records): how many are
+        # connected, and which is idle the longest
+        self._open: dict[bool, set[Place]] = {False: set(), True: set()}
         self.swaps = 0
         self.shadow: Shadow | None = None
         self._lock = threading.Lock()
@@ -212,6 +236,16 @@ class Server:
         self._http: Any = None
 
     # --- life cycle -------------------------------------------------------------------------------
+
+    @property
+    def clients(self) -> int:
+        """Return how many socket clients hold a place."""
+        return len(self._open[False])
+
+    @property
+    def http_clients(self) -> int:
+        """Return how many HTTP connections hold a place."""
+        return len(self._open[True])
 
     def start(self) -> Server:
         """Listen on the socket (a stale socket file is replaced), and on loopback HTTP when
@@ -357,28 +391,24 @@ class Server:
 
     # --- the request path, shared by the socket and HTTP ------------------------------------------
 
-    def admit(self, conn: Any, http: bool = False) -> bool:
+    def admit(self, conn: Place, http: bool = False) -> bool:
         """Take a place for ``conn`` (a socket client's, an HTTP connection's with ``http``); return
         False, counted as ``busy`` (and ``busy_http``), when ``max_clients`` (``http_max_clients``) are
         connected and none of them is idle.
 
-        ``conn`` is the connection's record: ``sock``, ``idle_since`` (the monotonic time it started
-        waiting for a request's first byte; 0 while a request is under way), ``served`` (it had a request)
-        and ``evicted``. When all places are taken, the connection idle the longest gives its place (one
-        that had a request only once it has waited :data:`EVICT_GRACE_S`, none with a request's bytes
-        unread): marked ``evicted``, its reading side shut (its thread wakes and closes it), counted as
+        When all places are taken, the connection idle the longest gives its place (one that had a
+        request only once it has waited :data:`EVICT_GRACE_S`, none with a request's bytes in, read or
+        not): marked ``evicted`` (:data:`EVICTED_NEW` when it had no request yet: its thread answers it
+        as a client turned away), its reading side shut (its thread wakes and closes it), counted as
         ``evicted_idle`` and logged.
         """
         now = time.monotonic()
+        places = self._open[http]
         with self._lock:
-            if (self.http_clients < self.http_max_clients) if http else (self.clients < self.max_clients):
-                if http:
-                    self.http_clients += 1
-                else:
-                    self.clients += 1
-                self._open[http].add(conn)
+            if len(places) < (self.http_max_clients if http else self.max_clients):
+                places.add(conn)
                 return True
-            idle = sorted((c for c in self._open[http] if c.idle_since and not c.evicted
+            idle = sorted((c for c in places if c.idle_since
                            and not (c.served and now - c.idle_since < EVICT_GRACE_S)), key=lambda c: c.idle_since)
             victim = next((c for c in idle if not _readable(c.sock)), None)  # readable: a request came, unread yet
             if victim is None:
@@ -386,9 +416,9 @@ class Server:
                     self.turned_away["busy_http"] += 1
                 self.turned_away["busy"] += 1
                 return False
-            victim.evicted = True  # its place is conn's now: its leave() gives none back
-            self._open[http].discard(victim)
-            self._open[http].add(conn)
+            victim.evicted = EVICTED_IDLE if victim.served else EVICTED_NEW  # its place is conn's now
+            places.discard(victim)
+            places.add(conn)
             self.turned_away["evicted_idle"] += 1
         idle_s = time.monotonic() - victim.idle_since
         try:
@@ -400,17 +430,11 @@ class Server:
                  self.http_max_clients if http else self.max_clients, "http_max_clients" if http else "max_clients")
         return True
 
-    def leave(self, conn: Any, http: bool = False) -> None:
-        """Give ``conn``'s place back (a socket client's, an HTTP connection's with ``http``), unless
+    def leave(self, conn: Place, http: bool = False) -> None:
+        """Give ``conn``'s place back (a socket client's, an HTTP connection's with ``http``); none when
         it was evicted (its place was given to a new client then)."""
         with self._lock:
-            if conn.evicted:
-                return
             self._open[http].discard(conn)
-            if http:
-                self.http_clients -= 1
-            else:
-                self.clients -= 1
 
     def timed_out(self) -> None:
         """Count one client cut off for a request or an answer not taken within its time limit."""
@@ -480,18 +504,19 @@ class Server:
             return
         # arrays stay valid until the next read: answered (and offered) by then; memory files passed are taken
         receiver = Receiver(timed, reuse=True, shared=True)
+        open_ = self._open
         try:
             while True:
                 # the next bytes start a frame (waiting for them may last), unless some are in already; either way
                 # its clock is its own (a pipelined frame's starts at its next receive, not the last frame's)
                 timed.started, timed.deadline = receiver.pending > 0, 0.0
-                if self.busy_poll_ns and self.clients == 1 and not self.http_clients and not receiver.pending:
+                if self.busy_poll_ns and len(open_[False]) == 1 and not open_[True] and not receiver.pending:
                     busy_poll(conn, self.busy_poll_ns)
                 try:
                     frame = receiver.read(self.max_payload)
                 except FrameError as exc:  # the stream is out of step: answer, then hang up
                     if timed.evicted:
-                        return  # closed for a new client as its first bytes came: counted as evicted_idle
+                        return  # closed for a new client as its first bytes came: counted as evicted_idle (below)
                     self.malformed()
                     _answer(conn, {"ok": False, "error": f"malformed request: {exc}"})
                     return
@@ -535,6 +560,8 @@ class Server:
                 if not _answer(conn, answer):
                     return
         finally:
+            if timed.evicted == EVICTED_NEW:  # closed for a new client before any request: told why, as if turned away
+                _answer(conn, {"ok": False, "error": self.busy_message()})
             receiver.close()
             self.leave(timed)
 
@@ -564,7 +591,7 @@ def _readable(sock: Any) -> bool:
         return False
 
 
-class _FrameTimer:
+class _FrameTimer(Place):
     """A socket connection as :class:`Receiver` reads it (``recv_into``, ``recvmsg_into``): once a
     frame's first bytes are in, the rest must come within ``limit_s``; waiting for a frame's first
     bytes may last.
@@ -576,16 +603,14 @@ class _FrameTimer:
     attribute reads and sets here: no system call.
     """
 
-    __slots__ = ("sock", "limit_s", "started", "deadline", "short", "idle_since", "evicted", "served")
+    __slots__ = ("sock", "idle_since", "served", "evicted", "limit_s", "started", "deadline", "short")
 
     def __init__(self, sock: Any, limit_s: float):
-        self.sock, self.limit_s = sock, limit_s
+        self._take_place(sock)  # sock, idle_since, served, evicted: what Server.admit reads (Place)
+        self.limit_s = limit_s
         self.started = False  # a frame's first bytes are in (the server sets it between frames)
         self.deadline = 0.0  # monotonic time the started frame must be complete by (set on its second receive)
         self.short = False  # SO_RCVTIMEO is shorter than limit_s (what was left of a frame's time)
-        self.idle_since = time.monotonic()  # waiting for a frame's first byte since (0: a frame is under way)
-        self.evicted = False  # closed by the server for a new client (Server.admit)
-        self.served = False  # a frame came on it (Server.admit gives it EVICT_GRACE_S between frames)
 
     def _arm(self) -> None:
         """Before a receive: between frames, give the socket back its full receive timeout; inside a

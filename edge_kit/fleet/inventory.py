@@ -122,7 +122,7 @@ class Serving(StrictModel):
     workers: int = Field(default=1, ge=1, le=64)
     max_clients: int = Field(default=16, ge=1, le=10_000)  # socket clients
     http_max_clients: int = Field(default=4, ge=1, le=1000)  # HTTP connections, places of their own
-    http_max_body_mb: float = Field(default=4.0, gt=0, le=4096)
+    http_max_body_mb: float = Field(default=ServeConfig.http_max_body_mb, gt=0, le=4096)
     busy_poll_us: int = Field(default=0, ge=0, le=100_000)  # the server waits on the CPU for a lone client's next request
     # How long a request may take to arrive, its headers on HTTP, and a client to take its answer (the agent's bounds)
     request_timeout_s: float = Field(default=ServeConfig.request_timeout_s, gt=0, le=3600)

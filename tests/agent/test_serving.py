@@ -220,6 +220,7 @@ def test_when_all_places_are_taken_the_longest_idle_client_gives_its_place_to_a_
             assert raw(held[5], frame({"op": "info"}))["ok"] is True  # the other idle ones keep their places
             with Client(store.root) as eighth:  # evicts the next longest idle (held[2]); client keeps going
                 assert eighth.predict(x[1])["output_0"].shape == (10,)
+            assert "busy" in _frame_header(held[2])["error"]  # it had no request: told why, as if turned away
             assert held[2].recv(64) == b""
             assert wait(lambda: server.snapshot()["clients"] == 5)  # the eighth left: its place given back
             assert client.predict(x[0])["output_0"].shape == (10,)
@@ -808,3 +809,67 @@ def test_a_header_nested_too_deeply_is_answered_counted_and_the_server_keeps_ser
     assert "Traceback" not in capfd.readouterr().err
     with Client(store.root) as client:
         assert client.predict({"image": samples(1)[0]})["output_0"].shape == (10,)
+
+
+def _frame_header(sock: socket.socket) -> dict:
+    """Return the header of the next frame the server sends on ``sock`` (its tensors left unread)."""
+    head = b""
+    while len(head) < 8:
+        chunk = sock.recv(8 - len(head))
+        assert chunk, "closed without an answer"
+        head += chunk
+    (n,) = struct.unpack("<I", head[4:])
+    body = b""
+    while len(body) < n:
+        body += sock.recv(n - len(body))
+    return json.loads(body)
+
+
+def test_a_connection_with_its_next_frame_half_in_is_never_evicted(wait, store, server):
+    """A client that pipelines: its answered frame and the first 20 bytes of its next one came in one write, then
+    it stalls past EVICT_GRACE_S. Every other place has a frame under way too, so none is idle: a new client is
+    told busy (counted), and the pipelined connection keeps its place and is answered once its frame completes."""
+    from device_agents.serving.server import EVICT_GRACE_S
+
+    x = samples(1)[0]
+    data = frame(PREDICT, x.tobytes())
+    piped = _connect(server)
+    piped.sendall(frame({"op": "info"}) + data[:20])
+    assert _frame_header(piped)["ok"] is True
+    others = [_connect(server) for _ in range(5)]
+    try:
+        for s in others:
+            s.sendall(data[:20])
+        assert wait(lambda: server.snapshot()["clients"] == 6)
+        time.sleep(EVICT_GRACE_S + 0.3)
+        with pytest.raises(ServingError, match=r"busy: 6 clients connected \(serve.max_clients\)"):
+            Client(store.root).predict(x)
+        live = server.snapshot()
+        assert live["turned_away"]["evicted_idle"] == 0 and live["turned_away"]["busy"] == 1
+        piped.sendall(data[20:])
+        assert _frame_header(piped)["ok"] is True
+    finally:
+        for s in [piped, *others]:
+            s.close()
+
+
+def test_a_connection_closed_before_its_first_request_is_told_busy_as_a_turned_away_client_is(wait, store, server):
+    """Six connections that sent nothing hold every place; a seventh client takes the place of the one idle the
+    longest. That one was closed without a word: its application could not tell a full server from a crash. It is
+    now sent the busy answer a turned-away client gets (naming serve.max_clients), then closed; the evicted
+    connection of a client that had requests is still closed without one (its next request would read it)."""
+    held = []
+    for i in range(6):
+        held.append(_connect(server))
+        assert wait(lambda: server.snapshot()["clients"] == i + 1)
+        time.sleep(0.02)
+    try:
+        with Client(store.root) as client:
+            assert client.predict(samples(1)[0])["output_0"].shape == (10,)
+        answer = _frame_header(held[0])
+        assert answer["ok"] is False and answer["error"] == "busy: 6 clients connected (serve.max_clients); retry later"
+        assert held[0].recv(64) == b""
+        assert server.snapshot()["turned_away"]["evicted_idle"] == 1
+    finally:
+        for s in held:
+            s.close()

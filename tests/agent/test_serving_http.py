@@ -388,7 +388,7 @@ def test_the_new_serve_limits_are_read_from_agent_yaml_and_checked(store, tmp_pa
     cfg.write_text("device: pi-1\nfleet: f\n")
     s = load_agent_config(cfg).serve
     assert (s.http_max_clients, s.http_max_body_mb, s.request_timeout_s, s.http_header_timeout_s,
-            s.send_timeout_s) == (4, 4.0, 30.0, 5.0, 30.0)
+            s.send_timeout_s) == (4, 1.0, 30.0, 5.0, 30.0)
     cfg.write_text(f"device: pi-1\nfleet: f\nroot: {store.root}\nserve: {{http_max_clients: 2, http_max_body_mb: 1.5, "
                    "request_timeout_s: 5, http_header_timeout_s: 2.5, send_timeout_s: 7, busy_poll_us: 300}\n")
     agent = Agent(load_agent_config(cfg))
@@ -409,24 +409,36 @@ def test_the_new_serve_limits_are_read_from_agent_yaml_and_checked(store, tmp_pa
             load_agent_config(cfg)
 
 
-def test_a_body_over_http_max_body_mb_is_refused_before_it_is_read(store):
-    """JSON costs ~10x its size while parsed: HTTP bodies have their own, smaller limit (4 MB by
-    default) under the socket's max_payload_mb (64 MB); over it, 413 before the body is read (the
-    client has sent only the headers), naming the key and pointing at the socket, and counted."""
+def test_a_body_over_http_max_body_mb_is_refused_before_it_is_read(store, tmp_path):
+    """JSON costs 4-34x its size while parsed: HTTP bodies have their own, smaller limit under the
+    socket's max_payload_mb (64 MB), 1 MB by default (it was 4 MB, and a model with large inputs let
+    4 MB bodies through: 44-136 MB to parse); over it, 413 before the body is read (the client has sent
+    only the headers), naming the key and pointing at the socket's binary frames, and counted. A body
+    under it is read and answered."""
     srv = Server(store.root / "big.sock", make_interpreter=make, max_payload=64 << 20, http_port=0).start()
     try:
-        with socket.create_connection(srv.http_address, timeout=10) as raw:
-            raw.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 8000000\r\n\r\n")
-            got = b""
-            while chunk := raw.recv(65536):  # answered and closed with no body sent
-                got += chunk
-        head, _, body = got.partition(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 413")
-        assert json.loads(body)["error"] == ("malformed request: a body of 8000000 bytes is over the 4000000-byte limit "
-                                             "(serve.http_max_body_mb); send large inputs over the Unix socket")
-        assert srv.snapshot()["turned_away"]["malformed"] == 1
+        for length in (4_000_000, 1_000_001):
+            with socket.create_connection(srv.http_address, timeout=10) as raw:
+                raw.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n" % length)
+                got = b""
+                while chunk := raw.recv(65536):  # answered and closed with no body sent
+                    got += chunk
+            head, _, body = got.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 413")
+            assert json.loads(body)["error"] == (
+                f"malformed request: a body of {length} bytes is over the 1000000-byte limit (serve.http_max_body_mb); "
+                "send large inputs over the Unix socket (binary frames: device_agents.serving.Client)")
+        assert srv.snapshot()["turned_away"]["malformed"] == 2
+        body = b'{"inputs": {"image": [' + b",".join([b"1.5"] * 249_990) + b"]}}"
+        assert 999_000 < len(body) <= 1_000_000
+        status, answer = call(srv, "POST", "/v1/predict", body)
+        assert status == 503 and answer["error"].startswith("no model is active")  # read and parsed: no model served
     finally:
         srv.close()
+    cfg = tmp_path / "a.yaml"
+    cfg.write_text("device: pi-1\nfleet: f\nserve: {http_max_body_mb: 0}\n")
+    with pytest.raises(ConfigError, match=r"a.yaml.*http_max_body_mb 0\.0 is not above 0"):
+        load_agent_config(cfg)
 
 
 def test_outputs_json_cannot_carry_are_counted_as_an_error_not_an_answer(store, server):
@@ -509,7 +521,8 @@ RSS_CHILD = r"""
 import sys, threading
 from pathlib import Path
 from device_agents.serving.server import Interpreters, Server
-srv = Server(Path(sys.argv[1]), make_interpreter=Interpreters(), max_payload=64 << 20, http_port=0).start()
+srv = Server(Path(sys.argv[1]), make_interpreter=Interpreters(), max_payload=64 << 20, http_max_body=4_000_000,
+             http_port=0).start()
 print(srv.http_address[1], flush=True)
 for line in sys.stdin:
     status = dict(l.split(":", 1) for l in Path("/proc/self/status").read_text().splitlines() if ":" in l)
@@ -518,7 +531,7 @@ for line in sys.stdin:
 
 
 def test_peak_memory_of_json_bodies_is_bounded_by_one_parse_at_a_time(wait, tmp_path):
-    """In a child process serving HTTP with the default limits, four clients post a ~4 MB JSON body
+    """In a child process serving HTTP with http_max_body_mb at 4, four clients post a ~4 MB JSON body
     each at once (under http_max_body_mb; no model is served, so no model's inputs bound the body
     further: each is parsed, then answered 503). JSON costs ~10x its size while parsed; one body is parsed
     at a time, so the peak (VmHWM) grows by about one parse plus the bodies held, not four parses.
@@ -782,3 +795,75 @@ def test_keep_alive_clients_busy_with_requests_are_not_closed_between_two_of_the
     finally:
         for s in silent:
             s.close()
+
+
+def test_a_keep_alive_connection_with_its_next_request_line_in_is_never_evicted(wait, store, server):
+    """A client that pipelines: its answered request and the line of its next one came in one write, then it
+    stalls past EVICT_GRACE_S (its headers not all in). The line sat in the server's read buffer, so the
+    connection counted as idle and was closed for a new client. Now it keeps its place: with every other place
+    under way too, the new client is told busy (503, counted), and the pipelined request is answered once its
+    headers complete."""
+    from device_agents.serving.server import EVICT_GRACE_S
+
+    piped = socket.create_connection(server.http_address, timeout=10)
+    piped.sendall(b"GET /v1/model HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\nGET /v1/model HTTP/1.1\r\n")
+    assert _answer_then_closed_after_one(piped)[0] == 200
+    others = [socket.create_connection(server.http_address, timeout=10) for _ in range(3)]
+    try:
+        for s in others:
+            s.sendall(b"GET /v1/mo")  # under way
+        assert wait(lambda: server.snapshot()["http_clients"] == 4)
+        time.sleep(EVICT_GRACE_S + 0.3)
+        status, answer = call(server, "GET", "/v1/model")
+        assert status == 503 and "serve.http_max_clients" in answer["error"]
+        live = server.snapshot()
+        assert live["turned_away"]["evicted_idle"] == 0 and live["turned_away"]["busy_http"] == 1
+        piped.sendall(b"Host: 127.0.0.1\r\n\r\n")
+        status, answer = _answer_then_closed_after_one(piped)
+        assert status == 200 and answer["ok"] is True
+    finally:
+        for s in [piped, *others]:
+            s.close()
+
+
+def test_a_connection_closed_before_its_first_request_is_answered_503_busy(wait, store, server):
+    """Four connections that sent nothing hold every HTTP place; a fifth client takes the place of the one idle
+    the longest, which was closed without an answer. It now gets the 503 a turned-away client gets (naming
+    serve.http_max_clients), then the connection is closed."""
+    silent = []
+    for i in range(4):
+        silent.append(socket.create_connection(server.http_address, timeout=10))
+        assert wait(lambda: server.snapshot()["http_clients"] == i + 1)
+        time.sleep(0.02)
+    try:
+        assert call(server, "GET", "/v1/model")[0] == 200
+        status, answer = _answer_then_closed(silent[0])
+        assert status == 503 and answer == {"ok": False, "error": "busy: 4 HTTP clients connected "
+                                                                  "(serve.http_max_clients); retry later"}
+        assert server.snapshot()["turned_away"]["evicted_idle"] == 1
+    finally:
+        for s in silent:
+            s.close()
+
+
+def test_the_worst_json_bodies_http_max_body_mb_allows_parse_in_under_40_megabytes():
+    """What docs/serving.md quotes for the default http_max_body_mb (1 MB; a model with large inputs
+    is bounded by it alone): tracemalloc's peak while parse_inputs reads the worst bodies of 1 MB is
+    11-34 MB, where the 4 MB allowed before took 44-136 MB."""
+    import tracemalloc
+
+    from edgekit_protocol.config import ServeConfig
+
+    size = int(ServeConfig.http_max_body_mb * 1e6)
+    assert size == 1_000_000
+    peaks = {}
+    for kind, body in worst_bodies(size).items():
+        tracemalloc.start()
+        try:
+            parse_inputs(body, 64 << 20)
+        except ValueError:  # _BadRequest (many keys: not numbers of one input)
+            pass
+        peaks[kind] = tracemalloc.get_traced_memory()[1] / 1e6
+        tracemalloc.stop()
+    print({k: f"{v:.1f} MB" for k, v in peaks.items()})
+    assert 10 < min(peaks.values()) and max(peaks.values()) < 40, peaks
