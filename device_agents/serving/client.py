@@ -47,6 +47,12 @@ def _named(inputs: dict[str, Any] | np.ndarray) -> dict[str, np.ndarray]:
     return {k: np.asarray(v) for k, v in inputs.items()} if isinstance(inputs, dict) else {"x": np.asarray(inputs)}
 
 
+def _address(a: np.ndarray) -> int:
+    """Return the address of ``a``'s first byte (``ndarray.ctypes`` builds an object: microseconds, so
+    the request path asks only for an array that lies in the client's memory file)."""
+    return a.ctypes.data
+
+
 def _told(receiver: Any, max_payload: int) -> dict[str, Any] | None:
     """Return the error answer a server sent before it closed the connection, or None (never raises)."""
     try:
@@ -83,6 +89,7 @@ class Client:
         self.busy_poll_ns = busy_poll_us * 1000
         self._round_trips: deque[int] = deque(maxlen=8)  # ns from a request sent to its answer in
         self._shm: Any = None  # (descriptor, mmap, its bytes as a uint8 array) of this client's memory file
+        self._shm_start = 0  # the address of its first byte
         self._shm_on: socket.socket | None = None  # the connection its descriptor was passed on
         self._sock: socket.socket | None = None
         self._receiver: Receiver | None = None
@@ -216,10 +223,7 @@ class Client:
 
     def _in_file(self, arrays: dict[str, np.ndarray]) -> bool:
         """Return whether any of ``arrays`` lies in this client's current memory file (from :meth:`shared`)."""
-        if self._shm is None:
-            return False
-        start = self._shm[2].ctypes.data
-        return any(start <= a.ctypes.data < start + len(self._shm[2]) for a in arrays.values())
+        return self._shm is not None and any(np.may_share_memory(a, self._shm[2]) for a in arrays.values())
 
     def _share(self, arrays: dict[str, np.ndarray], size: int) -> dict[str, Any]:
         """Copy ``arrays`` into this client's memory file (each that is not already in place there, see
@@ -243,27 +247,28 @@ class Client:
                 fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
                 buf = mmap.mmap(fd, size)
                 self._shm = (fd, buf, np.frombuffer(buf, np.uint8))
+                self._shm_start = _address(self._shm[2])
             except BaseException:
                 os.close(fd)
                 raise
         _, _, base = self._shm
-        start = base.ctypes.data
-        end = start + base.nbytes
         spec, at = [], 0
         for key, a in arrays.items():
             a = np.ascontiguousarray(a)
-            if a.nbytes and a.ctypes.data != start + at:  # not already in place (written there through shared())
-                if start <= a.ctypes.data < end:
+            # an array outside the file (the usual case) is told apart without its address (ctypes: microseconds)
+            inside = a.nbytes and np.may_share_memory(a, base)
+            if a.nbytes and not (inside and _address(a) == self._shm_start + at):  # not in place (shared())
+                if inside:
                     a = a.copy()  # elsewhere in the file: never copied onto itself
                 base[at:at + a.nbytes] = a.reshape(-1).view(np.uint8)
-            spec.append((key, a.dtype.name, a.shape, at))
+            spec.append((key, a.dtype, a.shape, at))  # the dtype itself: its .name costs microseconds
             at += a.nbytes
         cached = self._heads.get(("shm", *spec))
         if cached is None:  # the same inputs: the same header, encoded once
             if len(self._heads) > 64:
                 self._heads.clear()
             header = {"op": "predict", "shm": True,
-                      "tensors": [{"name": k, "dtype": d, "shape": list(s), "offset": o} for k, d, s, o in spec]}
+                      "tensors": [{"name": k, "dtype": d.name, "shape": list(s), "offset": o} for k, d, s, o in spec]}
             cached = self._heads[("shm", *spec)] = (header, encode_head(header))
         header, self._shm_head = cached
         return header

@@ -508,6 +508,30 @@ def test_inputs_written_in_place_in_shared_memory_are_sent_without_a_copy(store,
         np.testing.assert_array_equal(two["a"], x[1])  # the file holds the last request's inputs (as documented)
 
 
+def test_an_array_outside_the_memory_file_is_copied_in_without_taking_its_address(store, server, monkeypatch):
+    """Telling an input written in place (``Client.shared``) from a plain array costs no address of the
+    plain array (``ndarray.ctypes`` builds an object per call: tens of microseconds per request after
+    a wake-up, on the serving API's every call): only arrays lying in the memory file are located,
+    and both kinds are answered as the same sample sent plainly."""
+    import device_agents.serving.client as client_module
+
+    located = []
+    real = client_module._address
+    monkeypatch.setattr(client_module, "_address", lambda a: (located.append(a.nbytes), real(a))[1])
+    x = samples(3)
+    with Client(store.root, shared_memory=False) as plain, Client(store.root, shared_memory=True) as client:
+        want = [plain.predict({"image": s})["output_0"] for s in x]
+        client._share({"image": x[0]}, x[0].nbytes)  # the file made: its own address taken once
+        located.clear()
+        for i in (1, 2, 1):  # plain arrays, forced through the file: copied there, none located
+            header = client._share({"image": x[i]}, x[i].nbytes)
+            np.testing.assert_array_equal(client._call(header, head=client._shm_head)[1]["output_0"], want[i])
+        assert located == []
+        view = client.shared({"image": x[2]})["image"]  # in the file: located to know it is in place
+        np.testing.assert_array_equal(client.predict({"image": view})["output_0"], want[2])
+        assert located and all(n == view.nbytes for n in located)
+
+
 def test_a_client_parses_an_answer_header_once_and_only_its_ms_after(store, server):
     """The answer's header differs between requests only in ``ms``: the client parses it once and then
     takes ``ms`` from its place; an answer whose other bytes differ, or whose ``ms`` is not a finite
