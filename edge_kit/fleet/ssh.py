@@ -38,6 +38,9 @@ from edgekit_protocol.labels import clip, printable
 
 CONNECT_TIMEOUT_S = 10
 COMMAND_TIMEOUT_S = 300
+# How long one SFTP request (open, write, stat, rename...) waits for the device's answer: a device that stops
+# answering fails the upload after this, wherever it stops (paramiko's SFTP waits without a deadline).
+SFTP_STALL_S = 60
 _known_hosts_lock = threading.Lock()
 # Written (under the root) before a deploy changes what the agent runs (code, keys, config), removed once it
 # restarted the agent: a deploy cut off in between leaves it, and the next one restarts the agent.
@@ -456,6 +459,7 @@ class DeviceShell:
                  verify: tuple[str, ...] = ()):
         self.dev = dev
         self.verify = verify  # sha256s of stored models the probe checks (``info["damaged"]``)
+        self._sftp: paramiko.SFTPClient | None = None  # opened by the first upload (:meth:`sftp`)
         self.cancel = cancel  # set: a connect (or name lookup) still under way gives up at once (Cancelled)
         self.known_hosts = Path(known_hosts).expanduser()
         self.trust_new = trust_new
@@ -588,6 +592,7 @@ class DeviceShell:
         return found
 
     def __exit__(self, *_: object) -> None:
+        self._close_sftp()
         try:
             self.conn.close()
         except _LINK_ERRORS:  # the link is gone: raising would hide why
@@ -737,6 +742,61 @@ class DeviceShell:
         raise DeployError(f"{self.dev.name}: unexpected output from {what}: {out.strip()[:200]!r}; if the device's "
                           "shell prints it, make its .bashrc or profile quiet for non-interactive sessions")
 
+    def sftp(self) -> paramiko.SFTPClient:
+        """Return this connection's SFTP session, opened on first use, each request of which waits at most
+        :data:`SFTP_STALL_S` for the device's answer (Fabric's ``Connection.sftp`` waits without end: a device
+        whose SFTP server stops answering held the deploy forever).
+
+        Raises:
+            TimeoutError: the device did not answer the session's opening within :data:`SFTP_STALL_S`.
+            EOFError, OSError, paramiko.SSHException: the connection was lost, or the device refused SFTP.
+        """
+        if self._sftp is not None:
+            return self._sftp
+        transport = self.conn.client.get_transport()
+        if transport is None or not transport.is_active():
+            raise EOFError("connection closed")
+        chan = transport.open_session(timeout=SFTP_STALL_S)
+        chan.settimeout(SFTP_STALL_S)
+        expired = threading.Event()
+
+        def expire() -> None:  # paramiko waits for the answer to the subsystem request without a timeout
+            expired.set()
+            chan.close()
+
+        watchdog = threading.Timer(SFTP_STALL_S, expire)
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            chan.invoke_subsystem("sftp")
+            self._sftp = paramiko.SFTPClient(chan)  # its version exchange waits as every request does
+        except _LINK_ERRORS:
+            chan.close()
+            if expired.is_set():
+                raise TimeoutError("timed out") from None
+            raise
+        finally:
+            watchdog.cancel()
+        return self._sftp
+
+    def _close_sftp(self) -> None:
+        """Close the SFTP session (after a request timed out its answers no longer match; the next use opens a new
+        one); return nothing."""
+        sftp, self._sftp = self._sftp, None
+        if sftp is not None:
+            try:
+                sftp.close()
+            except _LINK_ERRORS:
+                pass
+
+    def _sftp_failed(self, exc: BaseException) -> str:
+        """Return what an SFTP step's error means for the operator, closing the session when the device stopped
+        answering (a later request on it would read the late answer to this one)."""
+        if isinstance(exc, TimeoutError):
+            self._close_sftp()
+            return f"the device did not answer within {SFTP_STALL_S:g} s"
+        return _why(exc)
+
     def put(self, local: Path | bytes, remote: str, mode: int = 0o644, *, rename: bool = True) -> str:
         """Upload a file (or bytes) to ``remote``, creating its folder; lands as ``.part`` then renamed.
 
@@ -746,13 +806,13 @@ class DeviceShell:
             Where the file is on the device.
 
         Raises:
-            DeployError: the transfer failed (disk full, connection lost); the ``.part`` is removed
-                where the connection still allows.
+            DeployError: the transfer failed (disk full, connection lost, the device stopped answering for
+                :data:`SFTP_STALL_S`); the ``.part`` is removed where the device still answers.
         """
         target = remote
         part = target + ".part"
         try:
-            sftp = self.conn.sftp()
+            sftp = self.sftp()
             self._makedirs(sftp, target.rsplit("/", 1)[0] if "/" in target else ".")
             if isinstance(local, bytes):  # the mode is set before a byte is written (private keys)
                 with sftp.open(part, "wb") as f:
@@ -770,39 +830,27 @@ class DeviceShell:
                 exc = OSError(f"the device stored only {sizes[1]} of {sizes[2]} bytes; is its disk full?")
             elif str(exc) == "Failure":  # SFTP v3 reports a failed write (ENOSPC among others) only as this
                 exc = OSError("the device could not write the file (SFTP 'Failure'); is its disk full or read-only?")
-            try:
-                self.conn.sftp().remove(part)
-            except _LINK_ERRORS:
-                pass
-            raise DeployError(f"{self.dev.name}: upload of {Path(remote).name} failed ({_why(exc)})") from None
+            why = self._sftp_failed(exc)
+            if not isinstance(exc, TimeoutError):  # a device that stopped answering would hold this as long again
+                try:
+                    self.sftp().remove(part)
+                except _LINK_ERRORS:
+                    pass
+            raise DeployError(f"{self.dev.name}: upload of {Path(remote).name} failed ({why})") from None
         return target if rename else part
 
     def remove(self, remote: str) -> None:
         """Remove a remote file (nothing when it does not exist).
 
         Raises:
-            DeployError: the connection failed or the device refused.
+            DeployError: the connection failed, the device refused or stopped answering for :data:`SFTP_STALL_S`.
         """
         try:
-            self.conn.sftp().remove(remote)
+            self.sftp().remove(remote)
         except FileNotFoundError:
             pass
         except _LINK_ERRORS as exc:
-            raise DeployError(f"{self.dev.name}: cannot remove {remote} ({_why(exc)})") from None
-
-    def read(self, remote: str) -> bytes | None:
-        """Return a remote file's content, or None when it does not exist.
-
-        Raises:
-            DeployError: the file exists but cannot be read, or the connection failed (the device is named).
-        """
-        try:
-            with self.conn.sftp().open(remote, "rb") as f:
-                return f.read()
-        except FileNotFoundError:
-            return None
-        except _LINK_ERRORS as exc:
-            raise DeployError(f"{self.dev.name}: cannot read {remote} ({_why(exc)})") from None
+            raise DeployError(f"{self.dev.name}: cannot remove {remote} ({self._sftp_failed(exc)})") from None
 
     @staticmethod
     def _makedirs(sftp: paramiko.SFTPClient, folder: str) -> None:

@@ -1,5 +1,6 @@
-"""DeviceShell._exec against a real paramiko server over a socket pair: a device whose SSH server never answers
-the exec request, or whose command prints without end, costs the deploy the command's timeout and a bounded
+"""DeviceShell._exec and its uploads against a real paramiko server over a socket pair: a device whose SSH server
+never answers the exec request, or whose command prints without end, or whose SFTP server stops answering (before
+its version, or in the middle of an upload), costs the deploy the command's timeout or SFTP_STALL_S and a bounded
 amount of memory, never a hang or the host's memory."""
 
 from __future__ import annotations
@@ -12,13 +13,15 @@ import types
 import paramiko
 import pytest
 
+from edge_kit.errors import DeployError
 from edge_kit.fleet import ssh
 from edge_kit.fleet.ssh import DeviceShell
 
 
 class _Server(paramiko.ServerInterface):
-    def __init__(self, on_exec):
+    def __init__(self, on_exec, on_subsystem=None):
         self.on_exec = on_exec
+        self.on_subsystem = on_subsystem
 
     def get_allowed_auths(self, username):
         return "none"
@@ -32,21 +35,30 @@ class _Server(paramiko.ServerInterface):
     def check_channel_exec_request(self, channel, command):
         return self.on_exec(channel)
 
+    def check_channel_subsystem_request(self, channel, name):
+        if self.on_subsystem is None:  # the handler the transport was given (an SFTP server), or a refusal
+            return super().check_channel_subsystem_request(channel, name)
+        return self.on_subsystem(channel, name)
+
 
 @pytest.fixture
 def device():
     made = []
 
-    def start(on_exec):
+    def start(on_exec, on_subsystem=None, sftp=None):
         a, b = socket.socketpair()
         server = paramiko.Transport(b)
         server.add_server_key(paramiko.ECDSAKey.generate())
-        server.start_server(threading.Event(), server=_Server(on_exec))  # negotiates in its thread
+        if sftp is not None:  # a real SFTP server, answering as the interface given does
+            server.set_subsystem_handler("sftp", paramiko.SFTPServer, sftp)
+        server.start_server(threading.Event(), server=_Server(on_exec, on_subsystem))  # negotiates in its thread
         client = paramiko.Transport(a)
         client.start_client(timeout=10)
         client.auth_none("device")
         made.extend([client, server])
-        return types.SimpleNamespace(conn=types.SimpleNamespace(client=types.SimpleNamespace(get_transport=lambda: client)))
+        return types.SimpleNamespace(conn=types.SimpleNamespace(  # Fabric's Connection, as DeviceShell uses it
+            client=types.SimpleNamespace(get_transport=lambda: client),
+            sftp=lambda: paramiko.SFTPClient.from_transport(client)))
 
     yield start
     for t in made:
@@ -97,3 +109,61 @@ def test_a_command_printing_without_end_is_cut_at_the_output_limit(device, monke
 
     got = _exec_in_thread(device(flood), 15.0)
     assert isinstance(got, ssh.OutputTooLarge), got
+
+
+class _StallingSftp(paramiko.SFTPServerInterface):
+    """An SFTP server that answers its version, then never answers opening a file (a hung disk, a stopped device)."""
+
+    release = threading.Event()
+
+    def open(self, path, flags, attr):
+        self.release.wait(30)
+        return paramiko.SFTP_FAILURE
+
+    def stat(self, path):
+        return paramiko.SFTPAttributes()  # every folder is there: the upload goes on to open its file
+
+
+def _shell(device):
+    """A DeviceShell on ``device``'s connection (no probe: the uploads are the point)."""
+    shell = DeviceShell.__new__(DeviceShell)
+    shell.conn, shell.dev, shell._sftp = device.conn, types.SimpleNamespace(name="pi-1"), None
+    return shell
+
+
+def _put_in_thread(shell):
+    """Upload a small file with ``shell`` in a thread; return what it raised (or returned) and how long it took, or
+    None when it had not ended within 20 s."""
+    got = []
+
+    def go():
+        started = time.monotonic()
+        try:
+            got.append((shell.put(b"key", "/opt/edgekit/identity/device.key", mode=0o600), 0.0))
+        except BaseException as exc:  # noqa: BLE001 - the test looks at it
+            got.append((exc, time.monotonic() - started))
+
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    t.join(20)
+    return got[0] if got else (None, None)
+
+
+@pytest.mark.parametrize("stall", ["subsystem request", "version", "open"])
+def test_an_sftp_server_that_stops_answering_fails_the_upload_after_sftp_stall_s(device, monkeypatch, stall):
+    monkeypatch.setattr(ssh, "SFTP_STALL_S", 1.0, raising=False)
+    release = threading.Event()
+    _StallingSftp.release = release
+    if stall == "subsystem request":  # the server's transport never replies to the request
+        shell = _shell(device(lambda channel: False, lambda channel, name: release.wait(30) or True))
+    elif stall == "version":  # accepted, then not a word of SFTP
+        shell = _shell(device(lambda channel: False, lambda channel, name: True))
+    else:
+        shell = _shell(device(lambda channel: False, sftp=_StallingSftp))
+    try:
+        got, seconds = _put_in_thread(shell)
+    finally:
+        release.set()
+    assert isinstance(got, DeployError), f"the upload hung or returned: {got!r}"
+    assert str(got) == "pi-1: upload of device.key failed (the device did not answer within 1 s)"
+    assert seconds < 5
