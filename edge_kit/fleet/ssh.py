@@ -671,9 +671,11 @@ class DeviceShell:
             with selectors.DefaultSelector() as sel:
                 sel.register(chan, selectors.EVENT_READ)  # its pipe is set by stdout and stderr data, and by the end
                 while True:
-                    while chan.recv_ready():
+                    # the limit is checked per read: a device printing as fast as this loop drains the channel keeps
+                    # it ready, and a check after draining came only when it paused
+                    while chan.recv_ready() and len(out) + len(err) <= MAX_OUTPUT_BYTES:
                         out += chan.recv(1 << 16)
-                    while chan.recv_stderr_ready():
+                    while chan.recv_stderr_ready() and len(out) + len(err) <= MAX_OUTPUT_BYTES:
                         err += chan.recv_stderr(1 << 16)
                     if len(out) + len(err) > MAX_OUTPUT_BYTES:
                         raise OutputTooLarge(f"printed more than {MAX_OUTPUT_BYTES >> 20} MiB")

@@ -5,6 +5,7 @@ amount of memory, never a hang or the host's memory."""
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -167,3 +168,52 @@ def test_an_sftp_server_that_stops_answering_fails_the_upload_after_sftp_stall_s
     assert isinstance(got, DeployError), f"the upload hung or returned: {got!r}"
     assert str(got) == "pi-1: upload of device.key failed (the device did not answer within 1 s)"
     assert seconds < 5
+
+
+class _EndlessChannel:
+    """A session channel whose stdout always has more ready: a device that prints as fast as the host reads (the
+    transport thread refills paramiko's buffer while _exec drains it). It counts what the host took."""
+
+    def __init__(self):
+        self.read_fd, self.write_fd = os.pipe()
+        os.write(self.write_fd, b"x")  # readable, as paramiko's channel pipe is while data waits
+        self.taken = 0
+        self.eof_received = self.closed = False
+        self.status_event = threading.Event()
+
+    def fileno(self):
+        return self.read_fd
+
+    def exec_command(self, command):
+        pass
+
+    def shutdown_write(self):
+        pass
+
+    def recv_ready(self):
+        return True
+
+    def recv(self, n):
+        self.taken += n
+        if self.taken > 64 * ssh.MAX_OUTPUT_BYTES:
+            raise RuntimeError(f"the host read {self.taken:,} bytes and went on reading")
+        return b"x" * n
+
+    def recv_stderr_ready(self):
+        return False
+
+    def close(self):
+        if not self.closed:
+            self.closed = True
+            os.close(self.read_fd)
+            os.close(self.write_fd)
+
+
+def test_a_device_printing_as_fast_as_the_host_reads_is_cut_at_the_output_limit(monkeypatch):
+    monkeypatch.setattr(ssh, "MAX_OUTPUT_BYTES", 1 << 20)
+    chan = _EndlessChannel()
+    transport = types.SimpleNamespace(is_active=lambda: True, open_session=lambda timeout: chan)
+    shell = types.SimpleNamespace(conn=types.SimpleNamespace(client=types.SimpleNamespace(get_transport=lambda: transport)))
+    with pytest.raises(ssh.OutputTooLarge):
+        DeviceShell._exec(shell, "cat /dev/zero", 10.0)
+    assert chan.taken <= ssh.MAX_OUTPUT_BYTES + (1 << 16)  # one read past the limit at most
