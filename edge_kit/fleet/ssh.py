@@ -283,6 +283,17 @@ MAX_JSON_STARTS = 64  # the lines run_json tries a document from: a shell's gree
 MAX_OUTPUT_BYTES = 64 << 20  # what one command may print (stdout and stderr): the probe's JSON is a few kB per model
 
 
+ERROR_TAIL_CHARS = 64 << 10  # how far back from its end a failing command's stderr is searched for its error line
+
+
+def _error_line(stderr: str) -> str | None:
+    """Return the last line of a failing command's ``stderr`` that says something (not blank, not an ``INFO:`` log
+    line), looked for in its last :data:`ERROR_TAIL_CHARS` characters; None when there is none. Splitting all of
+    it made a string of every line: 64 MiB of two-letter lines (within the output limit) cost the host 1.7 GB."""
+    tail = stderr[-ERROR_TAIL_CHARS:]
+    return next((ln for ln in reversed(tail.splitlines()) if ln.strip() and not ln.startswith("INFO:")), None)
+
+
 class OutputTooLarge(Exception):
     """A command on the device printed more than :data:`MAX_OUTPUT_BYTES`."""
 
@@ -631,9 +642,9 @@ class DeviceShell:
                               + (f"; install Python {'.'.join(map(str, MIN_PYTHON))} or newer there, or set `python:` "
                                  "for the device in the fleet file to its interpreter" if program == self.dev.python else ""))
         if exited != 0:
-            lines = [ln for ln in stderr.splitlines() if ln.strip() and not ln.startswith("INFO:")]
+            line = _error_line(stderr)
             # the device's text, up to the output limit: cut as a reported error is (a table cell, a rollout's row)
-            raise DeployError(f"{self.dev.name}: {clip(lines[-1], MAX_ERROR_CHARS) if lines else f'exit code {exited}'}")
+            raise DeployError(f"{self.dev.name}: {clip(line, MAX_ERROR_CHARS) if line else f'exit code {exited}'}")
         return stdout
 
     def _exec(self, command: str, timeout: float) -> tuple[int, str, str]:
@@ -764,21 +775,25 @@ class DeviceShell:
 
         def expire() -> None:  # paramiko waits for the answer to the subsystem request without a timeout
             expired.set()
-            chan.close()
+            try:
+                chan.close()
+            except _LINK_ERRORS:  # the link went down meanwhile: the request fails on its own
+                pass
 
         watchdog = threading.Timer(SFTP_STALL_S, expire)
         watchdog.daemon = True
         watchdog.start()
         try:
-            chan.invoke_subsystem("sftp")
+            try:
+                chan.invoke_subsystem("sftp")
+            finally:
+                watchdog.cancel()
             self._sftp = paramiko.SFTPClient(chan)  # its version exchange waits as every request does
         except _LINK_ERRORS:
             chan.close()
             if expired.is_set():
                 raise TimeoutError("timed out") from None
             raise
-        finally:
-            watchdog.cancel()
         return self._sftp
 
     def _close_sftp(self) -> None:

@@ -217,3 +217,24 @@ def test_a_device_printing_as_fast_as_the_host_reads_is_cut_at_the_output_limit(
     with pytest.raises(ssh.OutputTooLarge):
         DeviceShell._exec(shell, "cat /dev/zero", 10.0)
     assert chan.taken <= ssh.MAX_OUTPUT_BYTES + (1 << 16)  # one read past the limit at most
+
+
+def test_a_failing_command_printing_millions_of_lines_costs_the_host_no_more_than_its_output():
+    """Its error line is the last line of stderr that says something: every line was made a string of its own
+    first, so 64 MiB of two-letter lines (within the output limit) cost the host 1.7 GB."""
+    import tracemalloc
+
+    stderr = "ab\n" * (1 << 20) + "Traceback: the device's own error\n" + "\n" * 1000
+    shell = DeviceShell.__new__(DeviceShell)
+    shell.dev = types.SimpleNamespace(name="pi-1", python="python3")
+    shell._exec = lambda command, timeout: (1, "", stderr)
+    tracemalloc.start()
+    try:
+        with pytest.raises(DeployError) as failed:
+            shell.run(["false"])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert str(failed.value) == "pi-1: Traceback: the device's own error"
+    # what the last ERROR_TAIL_CHARS take, whatever the output's length (before: 70 MB for these 3 MB)
+    assert peak < 2 << 20, f"{peak:,} bytes for {len(stderr):,} characters of output"
