@@ -280,18 +280,30 @@ class _PromptAckSocket(socket.socket):
 
 
 MAX_JSON_STARTS = 64  # the lines run_json tries a document from: a shell's greeting is a few lines
+# What run_json parses at most: the probe prints a few hundred bytes per stored model (4 MiB: over 10,000 of them).
+# Parsed, JSON takes up to 25 times its size (`[{},{},...]`: a dict per 3 bytes), so the output limit alone let
+# one device's answer take 1.6 GB of the host's memory.
+MAX_JSON_BYTES = 4 << 20
 MAX_OUTPUT_BYTES = 64 << 20  # what one command may print (stdout and stderr): the probe's JSON is a few kB per model
 
 
-ERROR_TAIL_CHARS = 64 << 10  # how far back from its end a failing command's stderr is searched for its error line
+ERROR_TAIL_LINES = 10_000  # how many lines from its end a failing command's stderr is searched for its error line
 
 
 def _error_line(stderr: str) -> str | None:
     """Return the last line of a failing command's ``stderr`` that says something (not blank, not an ``INFO:`` log
-    line), looked for in its last :data:`ERROR_TAIL_CHARS` characters; None when there is none. Splitting all of
-    it made a string of every line: 64 MiB of two-letter lines (within the output limit) cost the host 1.7 GB."""
-    tail = stderr[-ERROR_TAIL_CHARS:]
-    return next((ln for ln in reversed(tail.splitlines()) if ln.strip() and not ln.startswith("INFO:")), None)
+    line), whole, looked for among its last :data:`ERROR_TAIL_LINES` lines; None when there is none. Splitting all
+    of it made a string of every line: 64 MiB of two-letter lines (within the output limit) cost the host 1.7 GB."""
+    end = len(stderr)
+    for _ in range(ERROR_TAIL_LINES):
+        if end <= 0:
+            break
+        start = stderr.rfind("\n", 0, end) + 1
+        line = stderr[start:end].rstrip("\r")
+        if line.strip() and not line.startswith("INFO:"):
+            return line
+        end = start - 1
+    return None
 
 
 class OutputTooLarge(Exception):
@@ -736,10 +748,13 @@ class DeviceShell:
         starts one and parses to the end (of the first :data:`MAX_JSON_STARTS` such lines).
 
         Raises:
-            DeployError: as :meth:`run`, or no JSON document in the output (``what`` printed it; the start
-                of the output is given).
+            DeployError: as :meth:`run`, more output than :data:`MAX_JSON_BYTES`, or no JSON document in the output
+                (``what`` printed it; the start of the output is given).
         """
         out = self.run(argv, **kwargs)
+        if len(out) > MAX_JSON_BYTES:  # characters: at least as many bytes
+            raise DeployError(f"{self.dev.name}: {what} printed {len(out):,} characters, more than the "
+                              f"{MAX_JSON_BYTES >> 20} MiB a JSON answer may take; refused (check the device)")
         # Each try costs up to the output's length (a failed one counts the lines before it): at most
         # MAX_JSON_STARTS of them, so a device printing a million lines that start with `{` cannot hold the host.
         lines = itertools.islice(re.finditer(r"\n(?=[{\[])", out), MAX_JSON_STARTS - 1)

@@ -224,7 +224,7 @@ def test_a_failing_command_printing_millions_of_lines_costs_the_host_no_more_tha
     first, so 64 MiB of two-letter lines (within the output limit) cost the host 1.7 GB."""
     import tracemalloc
 
-    stderr = "ab\n" * (1 << 20) + "Traceback: the device's own error\n" + "\n" * 1000
+    stderr = "ab\n" * (1 << 20) + "Traceback: the device's own error\r\n" + "INFO: stopped\n" * 100 + "\n" * 100
     shell = DeviceShell.__new__(DeviceShell)
     shell.dev = types.SimpleNamespace(name="pi-1", python="python3")
     shell._exec = lambda command, timeout: (1, "", stderr)
@@ -236,5 +236,25 @@ def test_a_failing_command_printing_millions_of_lines_costs_the_host_no_more_tha
     finally:
         tracemalloc.stop()
     assert str(failed.value) == "pi-1: Traceback: the device's own error"
-    # what the last ERROR_TAIL_CHARS take, whatever the output's length (before: 70 MB for these 3 MB)
+    # one line at a time, whatever the output's length (before: 62 MB for these 3 MB)
     assert peak < 2 << 20, f"{peak:,} bytes for {len(stderr):,} characters of output"
+
+
+def test_a_json_answer_of_millions_of_values_is_refused_before_it_is_parsed():
+    """What the host parses of a device is at most MAX_JSON_BYTES: 64 MiB (the output limit) of ``{},`` parsed to
+    22 million dicts, 1.6 GB on the operator's machine for one device; the probe prints a few kB."""
+    import tracemalloc
+
+    out = "[" + "{}," * ((ssh.MAX_JSON_BYTES if hasattr(ssh, "MAX_JSON_BYTES") else 4 << 20) // 3 + 100) + "{}]"
+    shell = DeviceShell.__new__(DeviceShell)
+    shell.dev = types.SimpleNamespace(name="pi-1", python="python3")
+    shell._exec = lambda command, timeout: (0, out, "")
+    tracemalloc.start()
+    try:
+        with pytest.raises(DeployError, match=r"^pi-1: the device state probe printed [0-9,]+ characters, more "
+                                              r"than the 4 MiB a JSON answer may take; refused \(check the device\)$"):
+            shell.run_json(["python3", "-c", "probe"], "the device state probe")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, f"{peak:,} bytes"
