@@ -306,6 +306,31 @@ def _error_line(stderr: str) -> str | None:
     return None
 
 
+def _close_quietly(chan: paramiko.Channel) -> None:
+    """Close ``chan``; return nothing. A link that went down meanwhile (closing then raises) is left alone: what
+    waits on the channel fails on its own, and the reason already on its way is not replaced by this one."""
+    try:
+        chan.close()
+    except _LINK_ERRORS:
+        pass
+
+
+def _watchdog(chan: paramiko.Channel, seconds: float) -> tuple[threading.Timer, threading.Event]:
+    """Return a started timer that closes ``chan`` after ``seconds`` (paramiko waits for the answer to an exec or a
+    subsystem request without a timeout; cancel the timer once it came) and the event it sets when it fired.
+    Closing a channel whose link went down raised in the timer's thread: a traceback on the operator's terminal."""
+    expired = threading.Event()
+
+    def expire() -> None:
+        expired.set()
+        _close_quietly(chan)
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
+    return timer, expired
+
+
 class OutputTooLarge(Exception):
     """A command on the device printed more than :data:`MAX_OUTPUT_BYTES`."""
 
@@ -678,15 +703,7 @@ class DeviceShell:
             raise EOFError("connection closed")
         deadline = time.monotonic() + timeout
         chan = transport.open_session(timeout=timeout)
-        expired = threading.Event()
-
-        def expire() -> None:  # paramiko waits for the answer to the exec request without a timeout
-            expired.set()
-            chan.close()
-
-        watchdog = threading.Timer(timeout, expire)
-        watchdog.daemon = True
-        watchdog.start()
+        watchdog, expired = _watchdog(chan, timeout)
         try:
             chan.exec_command(command)
             chan.shutdown_write()
@@ -723,7 +740,7 @@ class DeviceShell:
             raise
         finally:
             watchdog.cancel()
-            chan.close()
+            _close_quietly(chan)
 
     def agent(self, *args: str, timeout: float = COMMAND_TIMEOUT_S) -> dict[str, Any]:
         """Run ``python -m device_agents ARGS --root ROOT`` from the deployed agent; return its JSON.
@@ -786,18 +803,7 @@ class DeviceShell:
             raise EOFError("connection closed")
         chan = transport.open_session(timeout=SFTP_STALL_S)
         chan.settimeout(SFTP_STALL_S)
-        expired = threading.Event()
-
-        def expire() -> None:  # paramiko waits for the answer to the subsystem request without a timeout
-            expired.set()
-            try:
-                chan.close()
-            except _LINK_ERRORS:  # the link went down meanwhile: the request fails on its own
-                pass
-
-        watchdog = threading.Timer(SFTP_STALL_S, expire)
-        watchdog.daemon = True
-        watchdog.start()
+        watchdog, expired = _watchdog(chan, SFTP_STALL_S)
         try:
             try:
                 chan.invoke_subsystem("sftp")
@@ -805,7 +811,7 @@ class DeviceShell:
                 watchdog.cancel()
             self._sftp = paramiko.SFTPClient(chan)  # its version exchange waits as every request does
         except _LINK_ERRORS:
-            chan.close()
+            _close_quietly(chan)
             if expired.is_set():
                 raise TimeoutError("timed out") from None
             raise

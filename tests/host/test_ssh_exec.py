@@ -258,3 +258,32 @@ def test_a_json_answer_of_millions_of_values_is_refused_before_it_is_parsed():
     finally:
         tracemalloc.stop()
     assert peak < 1 << 20, f"{peak:,} bytes"
+
+
+class _DroppingChannel:
+    """A session channel whose exec request is never answered and whose link goes down as the deadline comes:
+    closing it raises (paramiko's packetizer is closed), and the waiting request then fails, as paramiko's does."""
+
+    def __init__(self):
+        self.gone = threading.Event()
+        self.closed = False
+
+    def exec_command(self, command):
+        self.gone.wait(20)
+        raise EOFError()
+
+    def close(self):
+        self.gone.set()
+        raise EOFError()
+
+
+def test_an_exec_deadline_meeting_a_dropped_link_is_one_timeout_not_a_traceback(monkeypatch):
+    crashed = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: crashed.append(args.exc_type))
+    chan = _DroppingChannel()
+    transport = types.SimpleNamespace(is_active=lambda: True, open_session=lambda timeout: chan)
+    shell = types.SimpleNamespace(conn=types.SimpleNamespace(client=types.SimpleNamespace(get_transport=lambda: transport)))
+    with pytest.raises(TimeoutError):
+        DeviceShell._exec(shell, "sleep 1000", 0.5)
+    time.sleep(0.2)
+    assert crashed == [], "the watchdog's thread raised (a traceback on the operator's terminal)"
