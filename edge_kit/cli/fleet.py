@@ -276,7 +276,8 @@ def deploy_cmd(
 
         def progress(device: str, what: str) -> None:
             done = what in ("succeeded", "skipped", "failed")
-            bar.update(task, advance=1 if done else 0, description=f"{device}: {what}")
+            # the live gate quotes a device's refusal here: rich reads a description as markup
+            bar.update(task, advance=1 if done else 0, description=safe(f"{device}: {what}"))
 
         judged: list[dict] = []  # the gate's decision, as recorded (one entry per canary, the same decision)
 

@@ -38,6 +38,9 @@ from edgekit_protocol.labels import clip, printable
 
 CONNECT_TIMEOUT_S = 10
 COMMAND_TIMEOUT_S = 300
+# How long one SFTP request (open, write, stat, rename...) waits for the device's answer: a device that stops
+# answering fails the upload after this, wherever it stops (paramiko's SFTP waits without a deadline).
+SFTP_STALL_S = 60
 _known_hosts_lock = threading.Lock()
 # Written (under the root) before a deploy changes what the agent runs (code, keys, config), removed once it
 # restarted the agent: a deploy cut off in between leaves it, and the next one restarts the agent.
@@ -277,7 +280,55 @@ class _PromptAckSocket(socket.socket):
 
 
 MAX_JSON_STARTS = 64  # the lines run_json tries a document from: a shell's greeting is a few lines
+# What run_json parses at most: the probe prints a few hundred bytes per stored model (4 MiB: over 10,000 of them).
+# Parsed, JSON takes up to 25 times its size (`[{},{},...]`: a dict per 3 bytes), so the output limit alone let
+# one device's answer take 1.6 GB of the host's memory.
+MAX_JSON_BYTES = 4 << 20
 MAX_OUTPUT_BYTES = 64 << 20  # what one command may print (stdout and stderr): the probe's JSON is a few kB per model
+
+
+ERROR_TAIL_LINES = 10_000  # how many lines from its end a failing command's stderr is searched for its error line
+
+
+def _error_line(stderr: str) -> str | None:
+    """Return the last line of a failing command's ``stderr`` that says something (not blank, not an ``INFO:`` log
+    line), whole, looked for among its last :data:`ERROR_TAIL_LINES` lines; None when there is none. Splitting all
+    of it made a string of every line: 64 MiB of two-letter lines (within the output limit) cost the host 1.7 GB."""
+    end = len(stderr)
+    for _ in range(ERROR_TAIL_LINES):
+        if end <= 0:
+            break
+        start = stderr.rfind("\n", 0, end) + 1
+        line = stderr[start:end].rstrip("\r")
+        if line.strip() and not line.startswith("INFO:"):
+            return line
+        end = start - 1
+    return None
+
+
+def _close_quietly(chan: paramiko.Channel) -> None:
+    """Close ``chan``; return nothing. A link that went down meanwhile (closing then raises) is left alone: what
+    waits on the channel fails on its own, and the reason already on its way is not replaced by this one."""
+    try:
+        chan.close()
+    except _LINK_ERRORS:
+        pass
+
+
+def _watchdog(chan: paramiko.Channel, seconds: float) -> tuple[threading.Timer, threading.Event]:
+    """Return a started timer that closes ``chan`` after ``seconds`` (paramiko waits for the answer to an exec or a
+    subsystem request without a timeout; cancel the timer once it came) and the event it sets when it fired.
+    Closing a channel whose link went down raised in the timer's thread: a traceback on the operator's terminal."""
+    expired = threading.Event()
+
+    def expire() -> None:
+        expired.set()
+        _close_quietly(chan)
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
+    return timer, expired
 
 
 class OutputTooLarge(Exception):
@@ -456,6 +507,7 @@ class DeviceShell:
                  verify: tuple[str, ...] = ()):
         self.dev = dev
         self.verify = verify  # sha256s of stored models the probe checks (``info["damaged"]``)
+        self._sftp: paramiko.SFTPClient | None = None  # opened by the first upload (:meth:`sftp`)
         self.cancel = cancel  # set: a connect (or name lookup) still under way gives up at once (Cancelled)
         self.known_hosts = Path(known_hosts).expanduser()
         self.trust_new = trust_new
@@ -588,6 +640,7 @@ class DeviceShell:
         return found
 
     def __exit__(self, *_: object) -> None:
+        self._close_sftp()
         try:
             self.conn.close()
         except _LINK_ERRORS:  # the link is gone: raising would hide why
@@ -626,9 +679,9 @@ class DeviceShell:
                               + (f"; install Python {'.'.join(map(str, MIN_PYTHON))} or newer there, or set `python:` "
                                  "for the device in the fleet file to its interpreter" if program == self.dev.python else ""))
         if exited != 0:
-            lines = [ln for ln in stderr.splitlines() if ln.strip() and not ln.startswith("INFO:")]
+            line = _error_line(stderr)
             # the device's text, up to the output limit: cut as a reported error is (a table cell, a rollout's row)
-            raise DeployError(f"{self.dev.name}: {clip(lines[-1], MAX_ERROR_CHARS) if lines else f'exit code {exited}'}")
+            raise DeployError(f"{self.dev.name}: {clip(line, MAX_ERROR_CHARS) if line else f'exit code {exited}'}")
         return stdout
 
     def _exec(self, command: str, timeout: float) -> tuple[int, str, str]:
@@ -650,15 +703,7 @@ class DeviceShell:
             raise EOFError("connection closed")
         deadline = time.monotonic() + timeout
         chan = transport.open_session(timeout=timeout)
-        expired = threading.Event()
-
-        def expire() -> None:  # paramiko waits for the answer to the exec request without a timeout
-            expired.set()
-            chan.close()
-
-        watchdog = threading.Timer(timeout, expire)
-        watchdog.daemon = True
-        watchdog.start()
+        watchdog, expired = _watchdog(chan, timeout)
         try:
             chan.exec_command(command)
             chan.shutdown_write()
@@ -666,9 +711,11 @@ class DeviceShell:
             with selectors.DefaultSelector() as sel:
                 sel.register(chan, selectors.EVENT_READ)  # its pipe is set by stdout and stderr data, and by the end
                 while True:
-                    while chan.recv_ready():
+                    # the limit is checked per read: a device printing as fast as this loop drains the channel keeps
+                    # it ready, and a check after draining came only when it paused
+                    while chan.recv_ready() and len(out) + len(err) <= MAX_OUTPUT_BYTES:
                         out += chan.recv(1 << 16)
-                    while chan.recv_stderr_ready():
+                    while chan.recv_stderr_ready() and len(out) + len(err) <= MAX_OUTPUT_BYTES:
                         err += chan.recv_stderr(1 << 16)
                     if len(out) + len(err) > MAX_OUTPUT_BYTES:
                         raise OutputTooLarge(f"printed more than {MAX_OUTPUT_BYTES >> 20} MiB")
@@ -693,7 +740,7 @@ class DeviceShell:
             raise
         finally:
             watchdog.cancel()
-            chan.close()
+            _close_quietly(chan)
 
     def agent(self, *args: str, timeout: float = COMMAND_TIMEOUT_S) -> dict[str, Any]:
         """Run ``python -m device_agents ARGS --root ROOT`` from the deployed agent; return its JSON.
@@ -718,10 +765,13 @@ class DeviceShell:
         starts one and parses to the end (of the first :data:`MAX_JSON_STARTS` such lines).
 
         Raises:
-            DeployError: as :meth:`run`, or no JSON document in the output (``what`` printed it; the start
-                of the output is given).
+            DeployError: as :meth:`run`, more output than :data:`MAX_JSON_BYTES`, or no JSON document in the output
+                (``what`` printed it; the start of the output is given).
         """
         out = self.run(argv, **kwargs)
+        if len(out) > MAX_JSON_BYTES:  # characters: at least as many bytes
+            raise DeployError(f"{self.dev.name}: {what} printed {len(out):,} characters, more than the "
+                              f"{MAX_JSON_BYTES >> 20} MiB a JSON answer may take; refused (check the device)")
         # Each try costs up to the output's length (a failed one counts the lines before it): at most
         # MAX_JSON_STARTS of them, so a device printing a million lines that start with `{` cannot hold the host.
         lines = itertools.islice(re.finditer(r"\n(?=[{\[])", out), MAX_JSON_STARTS - 1)
@@ -737,6 +787,54 @@ class DeviceShell:
         raise DeployError(f"{self.dev.name}: unexpected output from {what}: {out.strip()[:200]!r}; if the device's "
                           "shell prints it, make its .bashrc or profile quiet for non-interactive sessions")
 
+    def sftp(self) -> paramiko.SFTPClient:
+        """Return this connection's SFTP session, opened on first use, each request of which waits at most
+        :data:`SFTP_STALL_S` for the device's answer (Fabric's ``Connection.sftp`` waits without end: a device
+        whose SFTP server stops answering held the deploy forever).
+
+        Raises:
+            TimeoutError: the device did not answer the session's opening within :data:`SFTP_STALL_S`.
+            EOFError, OSError, paramiko.SSHException: the connection was lost, or the device refused SFTP.
+        """
+        if self._sftp is not None:
+            return self._sftp
+        transport = self.conn.client.get_transport()
+        if transport is None or not transport.is_active():
+            raise EOFError("connection closed")
+        chan = transport.open_session(timeout=SFTP_STALL_S)
+        chan.settimeout(SFTP_STALL_S)
+        watchdog, expired = _watchdog(chan, SFTP_STALL_S)
+        try:
+            try:
+                chan.invoke_subsystem("sftp")
+            finally:
+                watchdog.cancel()
+            self._sftp = paramiko.SFTPClient(chan)  # its version exchange waits as every request does
+        except _LINK_ERRORS:
+            _close_quietly(chan)
+            if expired.is_set():
+                raise TimeoutError("timed out") from None
+            raise
+        return self._sftp
+
+    def _close_sftp(self) -> None:
+        """Close the SFTP session (after a request timed out its answers no longer match; the next use opens a new
+        one); return nothing."""
+        sftp, self._sftp = self._sftp, None
+        if sftp is not None:
+            try:
+                sftp.close()
+            except _LINK_ERRORS:
+                pass
+
+    def _sftp_failed(self, exc: BaseException) -> str:
+        """Return what an SFTP step's error means for the operator, closing the session when the device stopped
+        answering (a later request on it would read the late answer to this one)."""
+        if isinstance(exc, TimeoutError):
+            self._close_sftp()
+            return f"the device did not answer within {SFTP_STALL_S:g} s"
+        return _why(exc)
+
     def put(self, local: Path | bytes, remote: str, mode: int = 0o644, *, rename: bool = True) -> str:
         """Upload a file (or bytes) to ``remote``, creating its folder; lands as ``.part`` then renamed.
 
@@ -746,13 +844,13 @@ class DeviceShell:
             Where the file is on the device.
 
         Raises:
-            DeployError: the transfer failed (disk full, connection lost); the ``.part`` is removed
-                where the connection still allows.
+            DeployError: the transfer failed (disk full, connection lost, the device stopped answering for
+                :data:`SFTP_STALL_S`); the ``.part`` is removed where the device still answers.
         """
         target = remote
         part = target + ".part"
         try:
-            sftp = self.conn.sftp()
+            sftp = self.sftp()
             self._makedirs(sftp, target.rsplit("/", 1)[0] if "/" in target else ".")
             if isinstance(local, bytes):  # the mode is set before a byte is written (private keys)
                 with sftp.open(part, "wb") as f:
@@ -770,39 +868,27 @@ class DeviceShell:
                 exc = OSError(f"the device stored only {sizes[1]} of {sizes[2]} bytes; is its disk full?")
             elif str(exc) == "Failure":  # SFTP v3 reports a failed write (ENOSPC among others) only as this
                 exc = OSError("the device could not write the file (SFTP 'Failure'); is its disk full or read-only?")
-            try:
-                self.conn.sftp().remove(part)
-            except _LINK_ERRORS:
-                pass
-            raise DeployError(f"{self.dev.name}: upload of {Path(remote).name} failed ({_why(exc)})") from None
+            why = self._sftp_failed(exc)
+            if not isinstance(exc, TimeoutError):  # a device that stopped answering would hold this as long again
+                try:
+                    self.sftp().remove(part)
+                except _LINK_ERRORS:
+                    pass
+            raise DeployError(f"{self.dev.name}: upload of {Path(remote).name} failed ({why})") from None
         return target if rename else part
 
     def remove(self, remote: str) -> None:
         """Remove a remote file (nothing when it does not exist).
 
         Raises:
-            DeployError: the connection failed or the device refused.
+            DeployError: the connection failed, the device refused or stopped answering for :data:`SFTP_STALL_S`.
         """
         try:
-            self.conn.sftp().remove(remote)
+            self.sftp().remove(remote)
         except FileNotFoundError:
             pass
         except _LINK_ERRORS as exc:
-            raise DeployError(f"{self.dev.name}: cannot remove {remote} ({_why(exc)})") from None
-
-    def read(self, remote: str) -> bytes | None:
-        """Return a remote file's content, or None when it does not exist.
-
-        Raises:
-            DeployError: the file exists but cannot be read, or the connection failed (the device is named).
-        """
-        try:
-            with self.conn.sftp().open(remote, "rb") as f:
-                return f.read()
-        except FileNotFoundError:
-            return None
-        except _LINK_ERRORS as exc:
-            raise DeployError(f"{self.dev.name}: cannot read {remote} ({_why(exc)})") from None
+            raise DeployError(f"{self.dev.name}: cannot remove {remote} ({self._sftp_failed(exc)})") from None
 
     @staticmethod
     def _makedirs(sftp: paramiko.SFTPClient, folder: str) -> None:

@@ -1,9 +1,11 @@
-"""DeviceShell._exec against a real paramiko server over a socket pair: a device whose SSH server never answers
-the exec request, or whose command prints without end, costs the deploy the command's timeout and a bounded
+"""DeviceShell._exec and its uploads against a real paramiko server over a socket pair: a device whose SSH server
+never answers the exec request, or whose command prints without end, or whose SFTP server stops answering (before
+its version, or in the middle of an upload), costs the deploy the command's timeout or SFTP_STALL_S and a bounded
 amount of memory, never a hang or the host's memory."""
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -12,13 +14,15 @@ import types
 import paramiko
 import pytest
 
+from edge_kit.errors import DeployError
 from edge_kit.fleet import ssh
 from edge_kit.fleet.ssh import DeviceShell
 
 
 class _Server(paramiko.ServerInterface):
-    def __init__(self, on_exec):
+    def __init__(self, on_exec, on_subsystem=None):
         self.on_exec = on_exec
+        self.on_subsystem = on_subsystem
 
     def get_allowed_auths(self, username):
         return "none"
@@ -32,21 +36,30 @@ class _Server(paramiko.ServerInterface):
     def check_channel_exec_request(self, channel, command):
         return self.on_exec(channel)
 
+    def check_channel_subsystem_request(self, channel, name):
+        if self.on_subsystem is None:  # the handler the transport was given (an SFTP server), or a refusal
+            return super().check_channel_subsystem_request(channel, name)
+        return self.on_subsystem(channel, name)
+
 
 @pytest.fixture
 def device():
     made = []
 
-    def start(on_exec):
+    def start(on_exec, on_subsystem=None, sftp=None):
         a, b = socket.socketpair()
         server = paramiko.Transport(b)
         server.add_server_key(paramiko.ECDSAKey.generate())
-        server.start_server(threading.Event(), server=_Server(on_exec))  # negotiates in its thread
+        if sftp is not None:  # a real SFTP server, answering as the interface given does
+            server.set_subsystem_handler("sftp", paramiko.SFTPServer, sftp)
+        server.start_server(threading.Event(), server=_Server(on_exec, on_subsystem))  # negotiates in its thread
         client = paramiko.Transport(a)
         client.start_client(timeout=10)
         client.auth_none("device")
         made.extend([client, server])
-        return types.SimpleNamespace(conn=types.SimpleNamespace(client=types.SimpleNamespace(get_transport=lambda: client)))
+        return types.SimpleNamespace(conn=types.SimpleNamespace(  # Fabric's Connection, as DeviceShell uses it
+            client=types.SimpleNamespace(get_transport=lambda: client),
+            sftp=lambda: paramiko.SFTPClient.from_transport(client)))
 
     yield start
     for t in made:
@@ -97,3 +110,180 @@ def test_a_command_printing_without_end_is_cut_at_the_output_limit(device, monke
 
     got = _exec_in_thread(device(flood), 15.0)
     assert isinstance(got, ssh.OutputTooLarge), got
+
+
+class _StallingSftp(paramiko.SFTPServerInterface):
+    """An SFTP server that answers its version, then never answers opening a file (a hung disk, a stopped device)."""
+
+    release = threading.Event()
+
+    def open(self, path, flags, attr):
+        self.release.wait(30)
+        return paramiko.SFTP_FAILURE
+
+    def stat(self, path):
+        return paramiko.SFTPAttributes()  # every folder is there: the upload goes on to open its file
+
+
+def _shell(device):
+    """A DeviceShell on ``device``'s connection (no probe: the uploads are the point)."""
+    shell = DeviceShell.__new__(DeviceShell)
+    shell.conn, shell.dev, shell._sftp = device.conn, types.SimpleNamespace(name="pi-1"), None
+    return shell
+
+
+def _put_in_thread(shell):
+    """Upload a small file with ``shell`` in a thread; return what it raised (or returned) and how long it took, or
+    None when it had not ended within 20 s."""
+    got = []
+
+    def go():
+        started = time.monotonic()
+        try:
+            got.append((shell.put(b"key", "/opt/edgekit/identity/device.key", mode=0o600), 0.0))
+        except BaseException as exc:  # noqa: BLE001 - the test looks at it
+            got.append((exc, time.monotonic() - started))
+
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    t.join(20)
+    return got[0] if got else (None, None)
+
+
+@pytest.mark.parametrize("stall", ["subsystem request", "version", "open"])
+def test_an_sftp_server_that_stops_answering_fails_the_upload_after_sftp_stall_s(device, monkeypatch, stall):
+    monkeypatch.setattr(ssh, "SFTP_STALL_S", 1.0, raising=False)
+    release = threading.Event()
+    _StallingSftp.release = release
+    if stall == "subsystem request":  # the server's transport never replies to the request
+        shell = _shell(device(lambda channel: False, lambda channel, name: release.wait(30) or True))
+    elif stall == "version":  # accepted, then not a word of SFTP
+        shell = _shell(device(lambda channel: False, lambda channel, name: True))
+    else:
+        shell = _shell(device(lambda channel: False, sftp=_StallingSftp))
+    try:
+        got, seconds = _put_in_thread(shell)
+    finally:
+        release.set()
+    assert isinstance(got, DeployError), f"the upload hung or returned: {got!r}"
+    assert str(got) == "pi-1: upload of device.key failed (the device did not answer within 1 s)"
+    assert seconds < 5
+
+
+class _EndlessChannel:
+    """A session channel whose stdout always has more ready: a device that prints as fast as the host reads (the
+    transport thread refills paramiko's buffer while _exec drains it). It counts what the host took."""
+
+    def __init__(self):
+        self.read_fd, self.write_fd = os.pipe()
+        os.write(self.write_fd, b"x")  # readable, as paramiko's channel pipe is while data waits
+        self.taken = 0
+        self.eof_received = self.closed = False
+        self.status_event = threading.Event()
+
+    def fileno(self):
+        return self.read_fd
+
+    def exec_command(self, command):
+        pass
+
+    def shutdown_write(self):
+        pass
+
+    def recv_ready(self):
+        return True
+
+    def recv(self, n):
+        self.taken += n
+        if self.taken > 64 * ssh.MAX_OUTPUT_BYTES:
+            raise RuntimeError(f"the host read {self.taken:,} bytes and went on reading")
+        return b"x" * n
+
+    def recv_stderr_ready(self):
+        return False
+
+    def close(self):
+        if not self.closed:
+            self.closed = True
+            os.close(self.read_fd)
+            os.close(self.write_fd)
+
+
+def test_a_device_printing_as_fast_as_the_host_reads_is_cut_at_the_output_limit(monkeypatch):
+    monkeypatch.setattr(ssh, "MAX_OUTPUT_BYTES", 1 << 20)
+    chan = _EndlessChannel()
+    transport = types.SimpleNamespace(is_active=lambda: True, open_session=lambda timeout: chan)
+    shell = types.SimpleNamespace(conn=types.SimpleNamespace(client=types.SimpleNamespace(get_transport=lambda: transport)))
+    with pytest.raises(ssh.OutputTooLarge):
+        DeviceShell._exec(shell, "cat /dev/zero", 10.0)
+    assert chan.taken <= ssh.MAX_OUTPUT_BYTES + (1 << 16)  # one read past the limit at most
+
+
+def test_a_failing_command_printing_millions_of_lines_costs_the_host_no_more_than_its_output():
+    """Its error line is the last line of stderr that says something: every line was made a string of its own
+    first, so 64 MiB of two-letter lines (within the output limit) cost the host 1.7 GB."""
+    import tracemalloc
+
+    stderr = "ab\n" * (1 << 20) + "Traceback: the device's own error\r\n" + "INFO: stopped\n" * 100 + "\n" * 100
+    shell = DeviceShell.__new__(DeviceShell)
+    shell.dev = types.SimpleNamespace(name="pi-1", python="python3")
+    shell._exec = lambda command, timeout: (1, "", stderr)
+    tracemalloc.start()
+    try:
+        with pytest.raises(DeployError) as failed:
+            shell.run(["false"])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert str(failed.value) == "pi-1: Traceback: the device's own error"
+    # one line at a time, whatever the output's length (before: 62 MB for these 3 MB)
+    assert peak < 2 << 20, f"{peak:,} bytes for {len(stderr):,} characters of output"
+
+
+def test_a_json_answer_of_millions_of_values_is_refused_before_it_is_parsed():
+    """What the host parses of a device is at most MAX_JSON_BYTES: 64 MiB (the output limit) of ``{},`` parsed to
+    22 million dicts, 1.6 GB on the operator's machine for one device; the probe prints a few kB."""
+    import tracemalloc
+
+    out = "[" + "{}," * ((ssh.MAX_JSON_BYTES if hasattr(ssh, "MAX_JSON_BYTES") else 4 << 20) // 3 + 100) + "{}]"
+    shell = DeviceShell.__new__(DeviceShell)
+    shell.dev = types.SimpleNamespace(name="pi-1", python="python3")
+    shell._exec = lambda command, timeout: (0, out, "")
+    tracemalloc.start()
+    try:
+        with pytest.raises(DeployError, match=r"^pi-1: the device state probe printed [0-9,]+ characters, more "
+                                              r"than the 4 MiB a JSON answer may take; refused \(check the device\)$"):
+            shell.run_json(["python3", "-c", "probe"], "the device state probe")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, f"{peak:,} bytes"
+
+
+class _DroppingChannel:
+    """A session channel whose exec request is never answered and whose link goes down as the deadline comes:
+    closing it raises (paramiko's packetizer is closed), and the waiting request then fails, as paramiko's does."""
+
+    def __init__(self):
+        self.gone = threading.Event()
+        self.closed = False
+
+    def exec_command(self, command):
+        self.gone.wait(20)
+        raise EOFError()
+
+    def close(self):
+        self.gone.set()
+        raise EOFError()
+
+
+def test_an_exec_deadline_meeting_a_dropped_link_is_one_timeout_not_a_traceback(monkeypatch):
+    crashed = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: crashed.append(args.exc_type))
+    chan = _DroppingChannel()
+    transport = types.SimpleNamespace(is_active=lambda: True, open_session=lambda timeout: chan)
+    shell = types.SimpleNamespace(conn=types.SimpleNamespace(client=types.SimpleNamespace(get_transport=lambda: transport)))
+    with pytest.raises(TimeoutError):
+        DeviceShell._exec(shell, "sleep 1000", 0.5)
+    time.sleep(0.2)
+    assert crashed == [], "the watchdog's thread raised (a traceback on the operator's terminal)"
