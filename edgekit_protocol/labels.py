@@ -47,9 +47,14 @@ def accuracy_text(value: float | None, decimals: int = 2) -> str:
 
 
 # C0 and C1 controls (ESC starts colour, OSC 8 hyperlinks, OSC 52 clipboard writes; CR and newlines
-# overwrite or forge lines), DEL, the bidirectional overrides that reorder what a line seems to say, and lone
-# UTF-16 surrogates (no UTF-8 form: writing one raises; decode refuses them, but text may come by another way).
-_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+# overwrite or forge lines), DEL, the bidirectional marks and overrides that reorder what a line seems to say,
+# the invisible characters that make one name look like another (soft hyphen, zero-width space and joiners,
+# word joiner and invisible operators, byte order mark, Mongolian vowel separator), and lone UTF-16
+# surrogates (no UTF-8 form: writing one raises; decode refuses them, but text may come by another way).
+_UNPRINTABLE = re.compile(
+    "[\x00-\x1f\x7f-\x9f\xad\u061c\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff"
+    "\ud800-\udfff]"
+)
 
 
 def printable(value: Any) -> str:

@@ -88,6 +88,16 @@ def test_error_lines_show_control_characters_escaped():
     assert safe("[/]x") == "\\[/]x"
 
 
+def test_a_name_with_invisible_characters_cannot_pass_for_another_devices():
+    """Zero-width spaces and joiners, the soft hyphen, the Arabic letter mark and the byte order mark show
+    nothing: 'rpi4-1' with one inside looked exactly like the real rpi4-1 in a table or an alert."""
+    from edge_kit.cli.app import printable
+
+    for invisible in ("\u200b", "\u200d", "\xad", "\u061c", "\u2060", "\ufeff", "\u180e"):
+        shown = printable(f"rpi4{invisible}-1")
+        assert shown != "rpi4-1" and invisible not in shown and shown.startswith("rpi4\\"), shown
+
+
 def test_metrics_keep_a_bounded_number_of_label_values_per_device_and_count_the_rest():
     metrics = FleetMetrics()
     for i in range(10 * MAX_LABEL_VALUES):
