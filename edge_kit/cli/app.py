@@ -95,7 +95,7 @@ def profile_names(text: str) -> list[str]:
 
 
 def open_fleet_history(fleet_file: Path | None, history: str | None, must_exist: bool = False,
-                       read_only: bool = False, upgrade: bool = False) -> Any:
+                       read_only: bool = False, upgrade: bool = False, writes: bool = False) -> Any:
     """Return the open :class:`~edge_kit.telemetry.store.HistoryStore` that ``--history`` names, or the fleet's
     default file (``edgekit-history.db`` beside the fleet file; in the current folder without one). A SQLite
     file is created when missing, unless ``must_exist`` (a command that only reads it, and may read it beside a
@@ -103,6 +103,8 @@ def open_fleet_history(fleet_file: Path | None, history: str | None, must_exist:
     ``--history`` must not become a new, empty history that reads as "nothing happened"; the default file beside
     a fleet file is still created, as the fleet's history that nothing wrote yet). ``upgrade``: a history that must
     exist, as with ``must_exist``, opened for writing (its schema brought up to date: ``edgekit history upgrade``).
+    ``writes``: with ``read_only``, a command that writes into the history it finds (a rollout's ``resume`` or
+    ``abort``): an older schema is upgraded, as for any writer, instead of refused as for a reader.
 
     Raises:
         ConfigError: no ``--history`` and no fleet file at ``fleet_file`` (nor, with ``must_exist``, a history
@@ -124,7 +126,7 @@ def open_fleet_history(fleet_file: Path | None, history: str | None, must_exist:
     )
 
     if history and is_postgres(history):  # a reader runs no schema change: a role with SELECT alone may read
-        return open_history(history, write=upgrade or not (must_exist or read_only))
+        return open_history(history, write=upgrade or writes or not (must_exist or read_only))
     if history:
         path = Path(history)
     elif fleet_file is not None:
@@ -144,7 +146,7 @@ def open_fleet_history(fleet_file: Path | None, history: str | None, must_exist:
     hint = None if history or fleet_file is None else (
         f"the fleet's history lives beside its fleet file, in {path.parent}: make that folder and the file writable "
         "for you, or give --history with a file in a folder you can write (or a postgresql:// URL)")
-    db = open_history(path, hint=hint, write=upgrade or not only_reads)
+    db = open_history(path, hint=hint, write=upgrade or writes or not only_reads)
     if not (must_exist or read_only) or upgrade:  # a command that writes: refused now, before any device work
         try:
             db.check_writable(hint)

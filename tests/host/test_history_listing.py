@@ -171,3 +171,17 @@ def test_history_upgrade_brings_an_older_history_up_to_date_and_fills_each_refus
                                                                               ("dev1", "edgekit/v1/f/dev1/bench")]
     code, out, err = run_cli("history", "upgrade", "--history", tmp_path / "missing.db")
     assert code == 2 and "missing.db: no history store" in err and not (tmp_path / "missing.db").exists()
+
+
+def test_rollout_status_and_list_only_read_but_resume_writes_and_so_upgrades(tmp_path, run_cli):
+    """`rollout resume` and `abort` write into the history they find: on an older schema they upgrade it (as a
+    writer does) rather than stop as a reader and ask for `edgekit history upgrade`; `status` and `list` only read."""
+    history = _old_history(tmp_path / "h.db")
+    (tmp_path / "fleet.yaml").write_text("fleet: f\ndefaults: {user: u, profile: rpi4}\ndevices:\n  - {name: a, host: h}\n")
+    code, _, err = run_cli("rollout", "list", "--fleet", tmp_path / "fleet.yaml", "--history", history)
+    assert code == 6 and "run `edgekit history upgrade --history <it>`" in err
+    assert "edgekit_schema" not in _schema(history)[0]
+    code, _, err = run_cli("rollout", "resume", "r1", "--fleet", tmp_path / "fleet.yaml", "--history", history)
+    assert "edgekit history upgrade" not in err and "edgekit_schema" in _schema(history)[0], err
+    code, _, err = run_cli("rollout", "list", "--fleet", tmp_path / "fleet.yaml", "--history", history)
+    assert code == 0, err
