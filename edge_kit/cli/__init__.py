@@ -54,7 +54,7 @@ def main() -> None:
     try:
         import typer
 
-        from edge_kit.cli import compile, fleet, loop, rollout  # noqa: F401  (each registers its commands)
+        from edge_kit.cli import compile, fleet, history, loop, rollout  # noqa: F401  (each registers its commands)
         from edge_kit.cli.app import app, printable
     except ModuleNotFoundError as exc:
         fail(f"the host commands need the host extra ({exc.name} is not installed): pip install 'edge-kit[host]'", 2,

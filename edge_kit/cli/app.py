@@ -11,6 +11,7 @@ import json
 import math
 import os
 import sys
+import time
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -94,13 +95,16 @@ def profile_names(text: str) -> list[str]:
 
 
 def open_fleet_history(fleet_file: Path | None, history: str | None, must_exist: bool = False,
-                       read_only: bool = False) -> Any:
+                       read_only: bool = False, upgrade: bool = False, writes: bool = False) -> Any:
     """Return the open :class:`~edge_kit.telemetry.store.HistoryStore` that ``--history`` names, or the fleet's
     default file (``edgekit-history.db`` beside the fleet file; in the current folder without one). A SQLite
     file is created when missing, unless ``must_exist`` (a command that only reads it, and may read it beside a
     fleet file since removed), or ``read_only`` and ``--history`` names it (a command that only reads: a mistyped
     ``--history`` must not become a new, empty history that reads as "nothing happened"; the default file beside
-    a fleet file is still created, as the fleet's history that nothing wrote yet).
+    a fleet file is still created, as the fleet's history that nothing wrote yet). ``upgrade``: a history that must
+    exist, as with ``must_exist``, opened for writing (its schema brought up to date: ``edgekit history upgrade``).
+    ``writes``: with ``read_only``, a command that writes into the history it finds (a rollout's ``resume`` or
+    ``abort``): an older schema is upgraded, as for any writer, instead of refused as for a reader.
 
     Raises:
         ConfigError: no ``--history`` and no fleet file at ``fleet_file`` (nor, with ``must_exist``, a history
@@ -108,7 +112,9 @@ def open_fleet_history(fleet_file: Path | None, history: str | None, must_exist:
         InputError: ``must_exist`` (or ``read_only`` with ``--history``) and there is no such SQLite file, or an
             empty one (a read would write a new history's tables into it).
         HistoryError: the database cannot be opened or reached, or (unless ``must_exist`` or ``read_only``) written;
-            for the default file, the text names its folder and --history as the way out.
+            for the default file, the text names its folder and --history as the way out. A command that only reads
+            changes no schema (:func:`~edge_kit.telemetry.store.open_history`): a history of an older schema, or a
+            PostgreSQL database without one, is one line naming what to run.
     """
     from edge_kit.errors import InputError
     from edge_kit.fleet.inventory import check_fleet_file
@@ -119,17 +125,17 @@ def open_fleet_history(fleet_file: Path | None, history: str | None, must_exist:
         open_history,
     )
 
-    if history and is_postgres(history):
-        return open_history(history)
+    if history and is_postgres(history):  # a reader runs no schema change: a role with SELECT alone may read
+        return open_history(history, write=upgrade or writes or not (must_exist or read_only))
     if history:
         path = Path(history)
     elif fleet_file is not None:
         path = history_path(fleet_file)
-        if not (must_exist and path.is_file()):  # a history is read alone, even beside a fleet file since removed
-            check_fleet_file(fleet_file)
+        if not ((must_exist or upgrade) and path.is_file()):  # a history is read alone, even beside a fleet file
+            check_fleet_file(fleet_file)  # since removed
     else:
         path = Path(HISTORY_NAME)
-    only_reads = must_exist or (read_only and history)
+    only_reads = must_exist or upgrade or (read_only and history)
     if only_reads and path.is_file() and path.stat().st_size == 0:  # SQLite would write its tables into it
         raise InputError(f"{path}: an empty file, not a history store; check --history")
     if only_reads and not path.is_file():
@@ -140,14 +146,43 @@ def open_fleet_history(fleet_file: Path | None, history: str | None, must_exist:
     hint = None if history or fleet_file is None else (
         f"the fleet's history lives beside its fleet file, in {path.parent}: make that folder and the file writable "
         "for you, or give --history with a file in a folder you can write (or a postgresql:// URL)")
-    db = open_history(path, hint=hint)
-    if not (must_exist or read_only):  # a command that writes: refused now, before any device work
+    db = open_history(path, hint=hint, write=upgrade or writes or not only_reads)
+    if not (must_exist or read_only) or upgrade:  # a command that writes: refused now, before any device work
         try:
             db.check_writable(hint)
         except BaseException:
             db.close()
             raise
     return db
+
+
+_SPANS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def time_bound(text: str | None, option: str, now: float | None = None) -> float | None:
+    """Return the unix time a ``--since`` / ``--until`` value names (None for None): a span back from ``now`` (a number
+    with ``s``, ``m``, ``h`` or ``d``: ``30m``, ``2h``, ``7d``) or an ISO 8601 date or date-time (``2026-11-30``,
+    ``2026-11-30T09:00``; local time unless it names its zone, ``Z`` or ``+01:00``).
+
+    Raises:
+        InputError: it is neither (one line naming ``option`` and both forms).
+    """
+    import datetime
+    import re
+
+    from edge_kit.errors import InputError
+
+    if text is None:
+        return None
+    span = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd])\s*", text)
+    if span:
+        return (time.time() if now is None else now) - float(span[1]) * _SPANS[span[2]]
+    try:
+        when = datetime.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise InputError(f"{option} {text!r}: give a span back from now (30m, 2h, 7d) or a date-time "
+                         "(2026-11-30T09:00, local time unless it names its zone)") from None
+    return when.timestamp()  # a naive one is local time
 
 
 def finite(value: float | None) -> float | None:

@@ -249,7 +249,7 @@ def deploy_cmd(
     from edge_kit.fleet.deploy import DeployOptions, deploy
     from edge_kit.fleet.inventory import load_fleet
     from edge_kit.loop.rollout import rollout
-    from edge_kit.loop.tune import refused_note, store_each
+    from edge_kit.loop.tune import refused_note, store_decision, store_each
     from edge_kit.loop.waves import parse_share
     from edge_kit.manifest import read_manifest
 
@@ -280,9 +280,10 @@ def deploy_cmd(
             bar.update(task, advance=1 if done else 0, description=safe(f"{device}: {what}"))
 
         judged: list[dict] = []  # the gate's decision, as recorded (one entry per canary, the same decision)
+        unrecorded: dict[str, list[str]] = {}  # a canary's decision the history refused for what it holds
 
         def record(entry: dict) -> None:
-            history.add_decision(entry)
+            store_decision(history, entry, unrecorded)
             judged.append(entry)
 
         group = (rollout(fleet, targets, opts, canary_share, failed_share, progress, gate=gated,
@@ -292,7 +293,7 @@ def deploy_cmd(
     if history is not None:
         try:  # each once: a monitor that stored a record too has the same msg_id; one the history refuses for what
             # it holds is refused alone (kept as invalid), the others stored
-            stored, refused = store_each(history, "bench", [r.health for r in group.results if r.health])
+            stored, refused = store_each(history, "bench", [r.health for r in group.results if r.health], unrecorded)
             where = history.where
         finally:
             history.close()

@@ -46,17 +46,19 @@ STYLE = {"converged": "green", "failed": "red", "refused": "red", "rolled back":
          "superseded": "dim", "left the fleet": "dim", "sent": "yellow", "fetching": "yellow", "planned": "dim"}
 
 
-def _history(fleet_file: Path, history: str | None, read_only: bool = True) -> Any:
+def _history(fleet_file: Path, history: str | None, read_only: bool = True, writes: bool = False) -> Any:
     """Return the open history ``--history`` names (a file or a postgresql:// URL), or the fleet's default file.
 
     ``read_only``: every command but ``start`` works on rollouts already in it, so a ``--history`` file that
     does not exist is a mistyped path, not a new history (see :func:`~edge_kit.cli.app.open_fleet_history`).
+    ``writes``: the command writes into it (``resume``, ``abort``), so an older schema is upgraded; ``status`` and
+    ``list`` only read, and change no schema.
 
     Raises:
         InputError: ``read_only`` and ``--history`` names no such file.
         HistoryError: the database cannot be opened or reached.
     """
-    return open_fleet_history(fleet_file, history, read_only=read_only)
+    return open_fleet_history(fleet_file, history, read_only=read_only, writes=writes)
 
 
 def _drive(fleet_file: Path, db: Any, rid: str, as_json: bool) -> dict[str, Any]:
@@ -222,7 +224,7 @@ def _files(plan: dict[str, Any]) -> dict[str, int]:
 @rollout_app.command("resume")
 def resume_cmd(fleet_file: FleetOpt, rid: IdArg, history: HistoryOpt = None, as_json: JsonOpt = False) -> None:
     """Go on with a rollout that stopped with its host (its plan and device states are in the history)."""
-    summary = _drive(fleet_file, _history(fleet_file, history), rid, as_json)
+    summary = _drive(fleet_file, _history(fleet_file, history, writes=True), rid, as_json)
     emit_json(summary) if as_json else _print(summary)
     _exit(summary)
 
@@ -243,7 +245,7 @@ def abort_cmd(
     from edge_kit.fleet.inventory import load_fleet
     from edge_kit.loop.waves import Rollout
 
-    db = _history(fleet_file, history)
+    db = _history(fleet_file, history, writes=True)
     fleet = load_fleet(fleet_file)
     summary = Rollout(db, rid, lambda cb: FleetClient.of(fleet, kinds=("reported",), on_reported=cb)).abort(wait_s=wait)
     if as_json:

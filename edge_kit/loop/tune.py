@@ -26,6 +26,7 @@ selection"``, their flags, confidence, inferred figures and drift.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from edge_kit.errors import HistoryRecordError
 from edge_kit.fleet.commands import FleetClient
 from edge_kit.fleet.deploy import (
     OPTIONAL_RUNTIMES,
@@ -91,7 +93,7 @@ class TuneReport:
     final: dict[str, Decision] = field(default_factory=dict)
     silent: dict[str, list[str]] = field(default_factory=dict)  # device -> variants it did not answer for
     # device -> its records the history refused for what they hold (kept as invalid, not stored): measurements,
-    # health benchmarks, statuses
+    # health benchmarks, statuses, decisions
     refused: dict[str, list[str]] = field(default_factory=dict)
     budget: dict[str, Any] | None = None  # with a budget: spent, left, unit, messages, health benchmarks
 
@@ -218,6 +220,29 @@ def store_each(store: HistoryStore, kind: str, records: list[dict[str, Any]],
     return new, refused
 
 
+def store_decision(store: HistoryStore, decision: dict[str, Any], refused: dict[str, list[str]]) -> bool:
+    """Record ``decision`` (:meth:`~edge_kit.telemetry.store.HistoryStore.add_decision`); one the history refuses for
+    what it holds (:class:`~edge_kit.errors.HistoryRecordError`: a NUL or a lone surrogate in a name it quotes) is
+    refused alone, as :func:`store_each` refuses a record: kept in the history's ``invalid`` table (its JSON, under
+    its device, topic ``decisions``) and added to ``refused`` under its device as ``"decision (refused by the history:
+    <why>)"``, so the command goes on with the other devices and exits 4.
+
+    Returns:
+        True when it was stored, False when it was refused.
+
+    Raises:
+        HistoryError: the history cannot be written (not the decision's fault).
+    """
+    try:
+        store.add_decision(decision)
+        return True
+    except HistoryRecordError as exc:
+        device = str(decision.get("device"))
+        store.add_invalid("decisions", str(exc), json.dumps(decision, default=str).encode(), device=device)
+        refused.setdefault(device, []).append(f"decision (refused by the history: {exc})")
+        return False
+
+
 def refused_note(refused: dict[str, list[str]]) -> str:
     """Return the one line that says how many records the history refused, of which devices (``refused``: as
     :func:`store_each` fills it)."""
@@ -305,8 +330,8 @@ def tune(fleet: Fleet, devices: list[Device], opts: TuneOptions, store: HistoryS
             decisions = decide(manifest, [d for d in live if d.name not in silent and d.name not in unstored], store,
                                current, opts.margin, refused)
             for d in decisions.values():
-                store.add_decision({**d.as_dict(), "round": number, "artifacts": str(opts.artifacts.resolve()),
-                                    "verify": verify})
+                store_decision(store, {**d.as_dict(), "round": number, "artifacts": str(opts.artifacts.resolve()),
+                                       "verify": verify}, report.refused)
             switch = {name: d.chosen for name, d in decisions.items() if d.switch and d.chosen}
             report.final.update(decisions)
             entry = {"round": number, "measured": stored, "silent": silent, "refused": unstored, "switched": sorted(switch),
@@ -492,8 +517,9 @@ def _tune_budget(fleet: Fleet, live: list[Device], manifest: Manifest, opts: Tun
             info["messages"] = plan.messages
             decisions = note_runtimes({d.device: d for d in decisions_of(plan, shas, records=records)}, refused)
             for d in decisions.values():
-                store.add_decision({**d.as_dict(), "round": number, "artifacts": str(opts.artifacts.resolve()),
-                                    "budget": {k: info[k] for k in ("unit", "budget", "spent")}, "verify": verify})
+                store_decision(store, {**d.as_dict(), "round": number, "artifacts": str(opts.artifacts.resolve()),
+                                       "budget": {k: info[k] for k in ("unit", "budget", "spent")}, "verify": verify},
+                               report.refused)
             switch = {name: d.chosen for name, d in decisions.items() if d.switch and d.chosen}
             report.final.update(decisions)
             entry = {"round": number, "measured": measured, "silent": silent, "refused": unstored, "switched": sorted(switch),

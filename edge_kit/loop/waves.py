@@ -46,6 +46,7 @@ from edge_kit.errors import (
 from edge_kit.fleet.deploy import candidates_for
 from edge_kit.fleet.inventory import Device, Fleet
 from edge_kit.loop.rollout import LiveGate, collect_live, pick_controls
+from edge_kit.loop.tune import store_decision
 from edge_kit.manifest import read_manifest
 from edge_kit.selection.fleetmodel import KIND as FLEET_KIND
 from edge_kit.selection.gate import GateDecision, judge_live
@@ -641,11 +642,14 @@ class Rollout:
         stop = self._heartbeat()
         if stop:
             return "aborted", stop
+        unrecorded: dict[str, list[str]] = {}  # a canary's decision the history refused for what it holds: kept as invalid
         for d in canaries:
-            self._db("recording the gate", lambda d=d: self.history.add_decision(
+            self._db("recording the gate", lambda d=d: store_decision(self.history,
                 {"device": d, "kind": "live gate", "rollout": self.rid, "chosen": targets[d]["variant"], "current": None,
                  "feasible": decision.action == "promote", "switch": decision.action == "promote",
-                 "reason": decision.reason, "gate": {**decision.as_dict(), "controls": controls}}))
+                 "reason": decision.reason, "gate": {**decision.as_dict(), "controls": controls}}, unrecorded))
+        for d, why in unrecorded.items():
+            self._set(d, detail={"history": "; ".join(why)})
         plan["gated"] = decision.as_dict()  # a resumed rollout does not judge again
         self._db("saving the gate", lambda: self.history.save_rollout(self.rid, "running", plan))
         if decision.action == "promote":

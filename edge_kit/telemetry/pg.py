@@ -23,7 +23,7 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 
 from edge_kit.errors import HistoryError, HistoryRecordError, InputError
-from edge_kit.telemetry.store import _SCHEMA, HistoryStore
+from edge_kit.telemetry.store import _SCHEMA, SCHEMA_VERSION, HistoryStore
 
 CONNECT_TIMEOUT_S = 10
 # psycopg logs a warning when a failed batch's pipeline is torn down: the HistoryError raised for the
@@ -63,17 +63,33 @@ class PostgresStore(HistoryStore):
 
     NOW_SQL = "extract(epoch from clock_timestamp())::double precision"
 
-    def __init__(self, url: str):
-        """Connect to ``url`` and create the tables it lacks.
+    def __init__(self, url: str, write: bool = True):
+        """Connect to ``url``; with ``write``, create the tables it lacks and upgrade an older schema (a reader runs
+        no CREATE or ALTER, so a role with SELECT alone reads: :meth:`HistoryStore._open_schema`).
 
         Raises:
             InputError: ``url`` is not a valid URL (:func:`redact`).
-            HistoryError: the server cannot be reached, refuses the login, or the database does not exist.
+            HistoryError: the server cannot be reached, refuses the login, or the database does not exist; a
+                reader, and it holds no history or one of an older schema.
         """
         self.url = url
         self.where = redact(url)
         self._lock = threading.Lock()
         self._conn: psycopg.Connection | None = None
+        try:
+            self._open_schema(write)
+        except BaseException:
+            self.close()
+            raise
+
+    def _tables(self) -> set[str]:
+        """Return the names of the tables of the connection's schema. Raises HistoryError."""
+        return {r[0] for r in self._rows("SELECT table_name FROM information_schema.tables "
+                                         "WHERE table_schema = current_schema()")}
+
+    def _upgrade(self) -> None:
+        """Create the tables the database lacks, migrate an older schema and record the version, under one advisory
+        lock (workers starting together take turns); return nothing. Raises HistoryError."""
         with self._lock:
             conn = self._connection()
             try:
@@ -88,7 +104,9 @@ class PostgresStore(HistoryStore):
         # Older databases: under the same lock (a session lock now), so workers migrating at once take turns.
         self._execute("SELECT pg_advisory_lock(?)", (_SCHEMA_LOCK,))
         try:
-            self._migrate()
+            if (self._schema_version() or 0) < SCHEMA_VERSION:  # another worker may have upgraded it while this one waited
+                self._migrate()
+                self._set_schema_version()
         finally:
             self._execute("SELECT pg_advisory_unlock(?)", (_SCHEMA_LOCK,))
 

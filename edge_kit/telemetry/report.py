@@ -17,6 +17,7 @@ import math
 import statistics
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -83,9 +84,9 @@ def _label(value: Any) -> str:
     return html.escape(clip(str(value), MAX_NAME_CHARS), quote=False)
 
 
-def _cell(value: Any) -> str:
-    """Return a device's text for a fleet-table cell: escaped, cut to :data:`MAX_NAME_CHARS`."""
-    return html.escape(clip(str(value), MAX_NAME_CHARS))
+def _cell(value: Any, chars: int = MAX_NAME_CHARS) -> str:
+    """Return a device's text for a table cell: escaped, cut to ``chars`` (:data:`MAX_NAME_CHARS`)."""
+    return html.escape(clip(str(value), chars))
 
 
 MAX_VARIANTS_PER_DEVICE = 32  # a device's distinct variant names plotted (its newest); as many as /metrics keeps
@@ -182,12 +183,28 @@ def _profile_figures(profile: Profile, records: list[dict[str, Any]], chosen: di
     return [scatter, bars]
 
 
-def _fleet_rows(store: HistoryStore, profiles: dict[str, str] | None = None) -> tuple[list[str], list[list[str]]]:
-    """Return the fleet table's head and rows (HTML cells), one row per device; ``profiles``: the fleet file's
-    profile of each device it names, shown rather than what the device's records say."""
+@dataclass(frozen=True)
+class Newest:
+    """What the report shows of the history's newest messages, read once (:meth:`read`) and passed to every part
+    of the page and of ``--json``: each device's newest ``status``, ``live`` message and decision (any kind), and
+    the newest ``bench`` record per ``(device, sha256)``."""
+
+    status: dict[str, dict[str, Any]]
+    bench: dict[tuple[str, str], dict[str, Any]]
+    live: dict[str, dict[str, Any]]
+    decisions: dict[str, dict[str, Any]]
+
+    @classmethod
+    def read(cls, store: HistoryStore) -> Newest:
+        """Return the newest messages of ``store``, one query each. Raises HistoryError."""
+        return cls(store.latest_status(), store.latest_bench(), store.latest_live(), store.latest_decisions())
+
+
+def _fleet_rows(newest: Newest, profiles: dict[str, str] | None = None) -> tuple[list[str], list[list[str]]]:
+    """Return the fleet table's head and rows (HTML cells), one row per device of ``newest``; ``profiles``: the fleet
+    file's profile of each device it names, shown rather than what the device's records say."""
     profiles = profiles or {}
-    status, latest, live = store.latest_status(), store.latest_bench(), store.latest_live()
-    decisions = store.latest_decisions()
+    status, latest, live, decisions = newest.status, newest.bench, newest.live, newest.decisions
     head = ["device", "profile", "state", "running", "runtime", "decision", "bench p90 ms", "accuracy", "mJ/inference", "power source",
             "live p50/p99 ms (requests)", "simulated"]
     rows = []
@@ -227,15 +244,15 @@ def _text(value: Any) -> str | None:
     return None if value is None else clip(str(value), MAX_NAME_CHARS)
 
 
-def figure_rows(store: HistoryStore) -> list[dict[str, Any]]:
+def figure_rows(newest: Newest) -> list[dict[str, Any]]:
     """Return the figures behind the fleet table, one row per device and source, labelled by ``source``:
     ``bench`` (the latest benchmark record of the model the device's newest status says it runs: p50/p90/p99
     by the clock it names, accuracy, energy and how it was obtained) and ``live`` (its newest ``live`` message:
     the serving API's requests, errors and service-time p50/p90/p99 over its last ``window`` requests, for the
     model it names). Each row names its message (``msg_id``, ``seq``): a record the device signed, as the
     monitor (or tune) checked and stored it. What a device names is cut to :data:`MAX_NAME_CHARS`; a figure
-    that is no number is None. Sorted by device, ``bench`` before ``live``. Raises HistoryError."""
-    status, latest, live = store.latest_status(), store.latest_bench(), store.latest_live()
+    that is no number is None. Sorted by device, ``bench`` before ``live``. ``newest``: :meth:`Newest.read`."""
+    status, latest, live = newest.status, newest.bench, newest.live
     rows: list[dict[str, Any]] = []
     for device in sorted(set(status) | {d for d, _ in latest} | set(live)):
         _cur, rec = _running(status.get(device, {}), latest, device)
@@ -306,7 +323,7 @@ def _gate_rows(store: HistoryStore) -> list[list[str]]:
         if d.get("kind") != "live gate" or not isinstance(g, dict):
             continue
         num = (lambda v, f: "-" if v is None else format(v, f))
-        rows.append([time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d["recorded"])), html.escape(d["device"]),
+        rows.append([local_time(d["recorded"]), html.escape(d["device"]),
                      html.escape(str(d.get("chosen"))), html.escape(g["action"]), html.escape(g["reason"]),
                      f"{num(g.get('canary_p50_ms'), '.3g')} / {num(g.get('control_p50_ms'), '.3g')}"
                      + (f" ({g['slowdown']:+.0%} within profiles)" if isinstance(g.get("slowdown"), (int, float)) else ""),
@@ -381,6 +398,43 @@ def _fleet_selection_rows(newest: dict[str, dict[str, Any]]) -> list[list[str]]:
     return rows
 
 
+UNSHOWN_ROWS = 10  # refused messages and sequence gaps the page lists (the newest); `edgekit history` lists more
+MAX_REASON_CHARS = 300  # of a refusal's reason on the page (it may quote the sender)
+
+
+def local_time(ts: Any) -> str:
+    """Return a history row's ``ts`` (this host's clock, unix seconds) as local time (``2026-11-30 09:00:00``), or "-"
+    when it is no number: how the report and ``edgekit history`` show when something was stored."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if in_range(ts) else "-"
+
+
+def _unshown_tables(store: HistoryStore, refused: int, gaps: int) -> str:
+    """Return the page's tables (HTML) of the :data:`UNSHOWN_ROWS` newest refused messages and sequence gaps, of
+    ``refused`` and ``gaps`` in all, or "" when there are none. Their topics and reasons are a sender's text (a
+    forger's): every cell is escaped and cut. Raises HistoryError."""
+    if not refused and not gaps:
+        return ""
+    part = ("<h2>Refused messages and sequence gaps</h2><p class=note>What no figure above shows, newest first: the "
+            f"messages the monitor (or tune, or a deploy) refused ({refused:,} in all) and the sequence numbers a device "
+            f"gave that never arrived ({gaps:,} gap(s) in all); the {UNSHOWN_ROWS} newest of each. "
+            "<code>edgekit history refused</code> and <code>edgekit history gaps</code> list them by device and time. "
+            "Times are this host's clock when it refused or recorded them; a refused message's device is the one its "
+            "topic names (its sender's word).</p>")
+    rows = store.refused_messages(limit=UNSHOWN_ROWS) if refused else []
+    if rows:
+        part += ("<table><tr><th>when</th><th>device (its topic's)</th><th>topic</th><th>why</th><th>bytes kept</th></tr>"
+                 + "".join(f"<tr><td>{local_time(r['ts'])}</td><td>{_cell(r['device'] or '-')}</td><td>{_cell(r['topic'], 256)}"
+                           f"</td><td>{_cell(r['reason'], MAX_REASON_CHARS)}</td><td class=num>{r['bytes']:,}</td></tr>"
+                           for r in rows) + "</table>")
+    rows = store.sequence_gaps(limit=UNSHOWN_ROWS) if gaps else []
+    if rows:
+        part += ("<table><tr><th>recorded</th><th>device</th><th>kind</th><th>seq missing</th><th>how many</th></tr>"
+                 + "".join(f"<tr><td>{local_time(r['ts'])}</td><td>{_cell(r['device'])}</td><td>{_cell(r['kind'])}</td>"
+                           f"<td>{_cell(r['first_missing'])}..{_cell(r['last_missing'])}</td>"
+                           f"<td class=num>{_cell(r['missing'])}</td></tr>" for r in rows) + "</table>")
+    return part
+
+
 def _check_replaceable(out: Path) -> None:
     """Raise InputError when ``out`` is an existing file that is not an HTML page (``--out`` naming the history
     database or the fleet file would have replaced it with the report); return nothing otherwise."""
@@ -402,7 +456,7 @@ def build_report(store: HistoryStore, out: Path, title: str = "edge-kit fleet re
     flagged devices, ``not_plotted``: ``{device: records}`` of devices naming more variants than
     :data:`MAX_VARIANTS_PER_DEVICE`, ``rows``: the fleet table's figures, labelled ``bench`` or ``live``,
     :func:`figure_rows`, and ``refused`` and ``gaps``: the messages the monitor refused and the sequence gaps it
-    recorded, which no figure shows).
+    recorded, which no figure shows: the page counts them and lists the :data:`UNSHOWN_ROWS` newest of each).
 
     ``profiles``: the fleet file's profile of each device it names (``{device: profile}``), which places that
     device's records; a device it does not name is placed by what its records say.
@@ -415,10 +469,10 @@ def build_report(store: HistoryStore, out: Path, title: str = "edge-kit fleet re
     import plotly.offline
 
     _check_replaceable(Path(out))
-    latest, left_out = bounded_variants(list(store.latest_bench().values()))
-    decisions = {dev: d.get("chosen_sha256") for dev, d in store.latest_decisions().items()}
-    status = store.latest_status()
-    running = {dev: m["current"].get("sha256") for dev, m in status.items() if isinstance(m.get("current"), dict)}
+    newest = Newest.read(store)  # once: the plots, the fleet table, the note and --json show the same messages
+    latest, left_out = bounded_variants(list(newest.bench.values()))
+    decisions = {dev: d.get("chosen_sha256") for dev, d in newest.decisions.items()}
+    running = {dev: m["current"].get("sha256") for dev, m in newest.status.items() if isinstance(m.get("current"), dict)}
     chosen = {dev: decisions.get(dev) or running.get(dev) for dev in {r["device"] for r in latest}}
     by_profile: dict[str, list[dict[str, Any]]] = defaultdict(list)
     profiles = profiles or {}
@@ -442,7 +496,7 @@ def build_report(store: HistoryStore, out: Path, title: str = "edge-kit fleet re
         sections.append(f"<h2>{html.escape(name)}</h2><p class=note>{html.escape(profile.description)}; devices: "
                         f"{html.escape(', '.join(devices))}</p>"
                         + "".join(f.to_html(full_html=False, include_plotlyjs=False, config={"displaylogo": False}) for f in figs))
-    head, rows = _fleet_rows(store, profiles)
+    head, rows = _fleet_rows(newest, profiles)
     table = ("<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"
              + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows) + "</table>")
     gate_rows = _gate_rows(store)
@@ -467,9 +521,10 @@ def build_report(store: HistoryStore, out: Path, title: str = "edge-kit fleet re
                   "health benchmark of the variant it switches to. Flagged devices are measured individually.</p>"
                   "<table><tr>" + "".join(f"<th>{h}</th>" for h in fleet_head) + "</tr>"
                   + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in fleet_rows) + "</table>")
-    simulated = any(r.get("simulated") for r in latest)
-    served = live_clocks(store.latest_live())
     refused, gaps = store.count("invalid"), store.count("gaps")  # what the figures above do not show
+    table += _unshown_tables(store, refused, gaps)
+    simulated = any(r.get("simulated") for r in latest)
+    served = live_clocks(newest.live)
     page = (f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title)}</title><style>{_CSS}</style>"
             f"<script>{plotly.offline.get_plotlyjs()}</script></head><body><h1>{html.escape(title)}</h1>"
             f"<p class=note>Generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')} from {html.escape(store.where)}: "
@@ -494,4 +549,4 @@ def build_report(store: HistoryStore, out: Path, title: str = "edge-kit fleet re
         raise InputError(f"{out}: cannot write the report there ({exc.strerror or exc}); "
                          "pass --out a file in a writable folder") from None
     return {"out": str(out), "profiles": sorted(by_profile), "devices": len(rows), "plots": plots, "records": len(latest),
-            "flagged": flagged, "not_plotted": left_out, "rows": figure_rows(store), "refused": refused, "gaps": gaps}
+            "flagged": flagged, "not_plotted": left_out, "rows": figure_rows(newest), "refused": refused, "gaps": gaps}

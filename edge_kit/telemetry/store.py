@@ -10,7 +10,8 @@ Tables: ``status``, ``bench``, ``telemetry``, ``live``, ``shadow`` (the message 
 (what selection chose for a device and why), ``rollouts`` and ``rollout_devices`` (a pull
 rollout's settings, state and owner, and each device's state in it: what lets a rollout resume
 after the host restarts), ``invalid`` (payloads that failed validation, kept
-for inspection) and ``gaps`` (missing ``seq`` ranges per device and kind). Several monitor
+for inspection, with the device their topic names) and ``gaps`` (missing ``seq`` ranges per device and kind);
+``edgekit_schema`` holds the schema's version (:data:`SCHEMA_VERSION`). Several monitor
 processes (on one host for SQLite, on several for PostgreSQL) may write one history:
 ``INSERT ... ON CONFLICT DO NOTHING`` on the message id keeps each record once, and a batch is
 one transaction, stored whole or not at all.
@@ -27,11 +28,15 @@ from pathlib import Path
 from typing import Any
 
 from edge_kit.errors import HistoryError, HistoryRecordError
+from edgekit_protocol.errors import MessageError
 from edgekit_protocol.labels import printable
-from edgekit_protocol.messages import field_at, telemetry_interval, topic
+from edgekit_protocol.messages import field_at, parse_topic, telemetry_interval, topic
 
 KINDS = ("status", "bench", "telemetry", "live", "shadow")
 TABLES = (*KINDS, "decisions", "invalid", "gaps", "rollouts", "rollout_devices")
+#: The schema this edge-kit reads and writes, kept in the ``edgekit_schema`` table (a history without that table
+#: was written before it: version 1). 2: ``decisions.kind``, ``invalid.device`` and their indexes.
+SCHEMA_VERSION = 2
 HISTORY_NAME = "edgekit-history.db"
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
@@ -50,12 +55,15 @@ def is_postgres(spec: str | Path) -> bool:
     return isinstance(spec, str) and spec.startswith(POSTGRES_SCHEMES)
 
 
-def open_history(spec: str | Path, hint: str | None = None) -> HistoryStore:
+def open_history(spec: str | Path, hint: str | None = None, write: bool = True) -> HistoryStore:
     """Return the history store ``spec`` names: PostgreSQL for a ``postgresql://`` URL, else a SQLite file.
     ``hint``: what to do when the SQLite file cannot be opened (default: check the path and its permissions).
+    ``write``: the caller may write; only then are missing tables created and an older schema upgraded. A reader
+    runs no schema change, so a PostgreSQL role with SELECT alone, or a file it may not write, can be read.
 
     Raises:
-        HistoryError: the database cannot be opened or reached, or psycopg (the host extra) is missing.
+        HistoryError: the database cannot be opened or reached, psycopg (the host extra) is missing, or (a reader)
+            it holds no history yet or one of an older schema (the line names what to run).
     """
     if is_postgres(spec):
         try:
@@ -63,9 +71,9 @@ def open_history(spec: str | Path, hint: str | None = None) -> HistoryStore:
         except ModuleNotFoundError as exc:
             raise HistoryError(f"a PostgreSQL history needs psycopg ({exc.name} is not installed): "
                                "pip install 'edge-kit[host]'") from None
-        return PostgresStore(str(spec))
+        return PostgresStore(str(spec), write=write)
     try:
-        return Store(Path(spec))
+        return Store(Path(spec), write=write)
     except (sqlite3.Error, OSError) as exc:  # OSError: its folder cannot be made (a file there, no permission)
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
         raise HistoryError(f"cannot open the history file {spec} ({why}): "
@@ -87,12 +95,13 @@ CREATE TABLE IF NOT EXISTS shadow (msg_id TEXT PRIMARY KEY, device TEXT, ts {rea
                                    snr_db {real}, body TEXT);
 CREATE TABLE IF NOT EXISTS decisions (id {serial}, device TEXT, ts {real}, chosen TEXT,
                                       previous TEXT, feasible INTEGER, switched INTEGER, body TEXT, kind TEXT);
-CREATE TABLE IF NOT EXISTS invalid (id {serial}, ts {real}, topic TEXT, reason TEXT, payload {blob});
+CREATE TABLE IF NOT EXISTS invalid (id {serial}, ts {real}, topic TEXT, reason TEXT, payload {blob}, device TEXT);
 CREATE TABLE IF NOT EXISTS gaps (device TEXT, kind TEXT, first_missing {int}, last_missing {int}, ts {real});
 CREATE TABLE IF NOT EXISTS rollouts (id TEXT PRIMARY KEY, created {real}, ts {real}, state TEXT, owner TEXT,
                                      heartbeat {real}, body TEXT);
 CREATE TABLE IF NOT EXISTS rollout_devices (rollout TEXT, device TEXT, wave {int}, state TEXT, revision {int},
                                             ts {real}, detail TEXT, PRIMARY KEY (rollout, device));
+CREATE TABLE IF NOT EXISTS edgekit_schema (name TEXT PRIMARY KEY, version {int});
 CREATE INDEX IF NOT EXISTS bench_device_sha ON bench (device, sha256, ts);
 CREATE INDEX IF NOT EXISTS bench_sha ON bench (sha256, ts);
 CREATE INDEX IF NOT EXISTS status_device ON status (device, ts);
@@ -106,6 +115,15 @@ CREATE INDEX IF NOT EXISTS decisions_device ON decisions (device, id);
 #: The others: ``fleet selection`` (the fleet model, :data:`edge_kit.selection.fleetmodel.KIND`) and ``live gate``.
 SELECTION_KIND = "selection"
 BATCH_ROWS = 5000  # rows per transaction when a migration fills a new column
+
+
+def topic_device(name: str) -> str | None:
+    """Return the device an edge-kit topic ``name`` names (``edgekit/v1/<fleet>/<device>/<kind>``), or None when it
+    is no such topic (a refused message's topic is its sender's choice)."""
+    try:
+        return parse_topic(name)[1]
+    except MessageError:
+        return None
 
 
 def decision_kind(decision: dict[str, Any]) -> str:
@@ -178,7 +196,52 @@ class HistoryStore(abc.ABC):
         """Return the one-line error for :meth:`check_writable`'s failed write ``exc``, with ``hint`` (what to do)."""
         return f"{exc}{'; ' + hint if hint else ''}"
 
+    def _open_schema(self, write: bool) -> None:
+        """Check the history's schema version first; a writer creates the tables or upgrades an older schema
+        (:meth:`_upgrade`) only when it is not :data:`SCHEMA_VERSION`; a reader never changes it. Return nothing.
+
+        Raises:
+            HistoryError: the database cannot be read, or the upgrade failed; a reader: it holds no history, or one
+                of an older schema (one line naming what to run).
+        """
+        version = self._schema_version()
+        if version is not None and version >= SCHEMA_VERSION:
+            return
+        if write:
+            self._upgrade()
+            return
+        if version is None:
+            raise HistoryError(f"{self.where} holds no edge-kit history yet (no tables) and this command only reads: "
+                               "run `edgekit monitor` or `edgekit tune` with it as --history first")
+        raise HistoryError(f"the history {self.where} was written by an older edge-kit (schema version {version}; this "
+                           f"one reads {SCHEMA_VERSION}) and this command only reads it: run `edgekit history upgrade "
+                           "--history <it>` once as a user (or PostgreSQL role) that owns its tables, then run again")
+
+    def _schema_version(self) -> int | None:
+        """Return the history's schema version: the ``edgekit_schema`` row, 1 for a history written before that
+        table, None for a database without edge-kit tables. Raises HistoryError."""
+        tables = self._tables()
+        if "edgekit_schema" in tables:
+            rows = self._rows("SELECT version FROM edgekit_schema WHERE name = ?", ("history",))
+            return rows[0][0] if rows else 1
+        return 1 if "status" in tables else None
+
+    def _set_schema_version(self) -> None:
+        """Record that the tables are at :data:`SCHEMA_VERSION` (after :meth:`_migrate`); return nothing.
+        Raises HistoryError."""
+        self._execute("INSERT INTO edgekit_schema (name, version) VALUES (?, ?) ON CONFLICT (name) DO UPDATE "
+                      "SET version = excluded.version", ("history", SCHEMA_VERSION))
+
     # --- what a backend provides ------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def _tables(self) -> set[str]:
+        """Return the names of the tables of the database (its current schema). Raises HistoryError."""
+
+    @abc.abstractmethod
+    def _upgrade(self) -> None:
+        """Create the tables it lacks and :meth:`_migrate` an older schema, then :meth:`_set_schema_version`, safe
+        while other processes open the same history; return nothing. Raises HistoryError."""
 
     @abc.abstractmethod
     def close(self) -> None:
@@ -295,14 +358,17 @@ class HistoryStore(abc.ABC):
         """
         return self.add_many([(kind, message)]) == 1
 
-    def add_invalid(self, topic: str, reason: str, payload: bytes) -> None:
-        """Keep a payload that failed validation (its first 4 KiB, as received), with its topic and the reason; return
-        nothing. The topic and the reason are stored with their control characters, a NUL and lone UTF-16 surrogates
+    def add_invalid(self, topic: str, reason: str, payload: bytes, device: str | None = None) -> None:
+        """Keep a payload that failed validation (its first 4 KiB, as received), with its topic, the reason and the
+        device (``device``, else the one the topic names: :func:`topic_device`); return nothing. The topic, the
+        reason and the device are stored with their control characters, a NUL and lone UTF-16 surrogates
         shown as ``\\xNN`` / ``\\uNNNN`` (:func:`~edgekit_protocol.labels.printable`): a sender chose the topic and a
         reason may quote it, and neither database takes every string (PostgreSQL refuses a NUL, both a surrogate),
         so keeping a refusal never fails on what was refused. Raises HistoryError."""
-        self._execute("INSERT INTO invalid (ts, topic, reason, payload) VALUES (?, ?, ?, ?)",
-                      (time.time(), printable(topic), printable(reason), bytes(payload[:4096])))
+        device = topic_device(topic) if device is None else device
+        self._execute("INSERT INTO invalid (ts, topic, reason, payload, device) VALUES (?, ?, ?, ?, ?)",
+                      (time.time(), printable(topic), printable(reason), bytes(payload[:4096]),
+                       None if device is None else printable(device)))
 
     def add_gap(self, device: str, kind: str, first: int, last: int) -> None:
         """Record that ``seq`` ``first..last`` of ``kind`` from ``device`` never arrived (so far); return nothing.
@@ -311,12 +377,53 @@ class HistoryStore(abc.ABC):
 
     def add_decision(self, decision: dict[str, Any]) -> None:
         """Record a selection decision (a dict with ``device``, ``chosen``, ``current``, ``feasible``, ``switch``);
-        return nothing. Raises HistoryError."""
-        self._execute("INSERT INTO decisions (device, ts, chosen, previous, feasible, switched, body, kind) "
-                      "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                      (decision["device"], time.time(), decision.get("chosen"), decision.get("current"),
-                       int(bool(decision.get("feasible"))), int(bool(decision.get("switch"))),
-                       json.dumps(decision, default=str), decision_kind(decision)))
+        return nothing.
+
+        Raises:
+            HistoryRecordError: the database refused it for what it holds (a NUL or a lone surrogate in a name it
+                quotes): nothing stored; the caller refuses that device's decision alone.
+            HistoryError: the database cannot be written.
+        """
+        self._write_batch([("INSERT INTO decisions (device, ts, chosen, previous, feasible, switched, body, kind) "
+                            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                            [(decision["device"], time.time(), decision.get("chosen"), decision.get("current"),
+                              int(bool(decision.get("feasible"))), int(bool(decision.get("switch"))),
+                              json.dumps(decision, default=str), decision_kind(decision))])])
+
+    def refused_messages(self, device: str | None = None, since: float | None = None, until: float | None = None,
+                         limit: int = 20) -> list[dict[str, Any]]:
+        """Return up to ``limit`` rows of the ``invalid`` table (what the monitor, tune or a deploy refused), newest
+        first: ``ts`` (this host's clock when it was refused), ``device`` (as its topic names it; None when it names
+        none), ``topic``, ``reason``, ``bytes`` (of the payload kept) and ``payload`` (as kept, its bytes that are
+        no UTF-8 shown as ``\\xNN``). ``device``, ``since`` and ``until`` (unix seconds, inclusive) narrow them.
+        Raises HistoryError."""
+        where, args = self._window(device, since, until)
+        rows = self._rows(f"SELECT ts, device, topic, reason, payload FROM invalid {where} ORDER BY id DESC LIMIT ?",
+                          (*args, limit))
+        return [{"ts": ts, "device": dev, "topic": t, "reason": why, "bytes": len(p or b""),
+                 "payload": bytes(p or b"").decode("utf-8", "backslashreplace")} for ts, dev, t, why, p in rows]
+
+    def sequence_gaps(self, device: str | None = None, since: float | None = None, until: float | None = None,
+                      limit: int = 20) -> list[dict[str, Any]]:
+        """Return up to ``limit`` rows of the ``gaps`` table, newest first: ``ts`` (when it was recorded, this host's
+        clock), ``device``, ``kind`` and the ``first_missing`` .. ``last_missing`` ``seq`` numbers that never arrived,
+        with how many (``missing``). ``device``, ``since`` and ``until`` (unix seconds, inclusive) narrow them.
+        Raises HistoryError."""
+        where, args = self._window(device, since, until)
+        rows = self._rows(f"SELECT ts, device, kind, first_missing, last_missing FROM gaps {where} "
+                          "ORDER BY ts DESC LIMIT ?", (*args, limit))
+        return [{"ts": ts, "device": dev, "kind": kind, "first_missing": lo, "last_missing": hi, "missing": hi - lo + 1}
+                for ts, dev, kind, lo, hi in rows]
+
+    def _window(self, device: str | None, since: float | None, until: float | None) -> tuple[str, tuple]:
+        """Return the WHERE clause (or "") and its arguments for rows of ``device`` (None: any) whose ``ts`` is
+        within ``since`` .. ``until`` (None: unbounded)."""
+        where, args = self._where(device, "", None)
+        for bound, op in ((since, ">="), (until, "<=")):
+            if bound is not None:
+                where += (" AND" if where else "WHERE") + f" ts {op} ?"
+                args = (*args, bound)
+        return where, args
 
     def count(self, table: str) -> int:
         """Return the number of rows in ``table``.
@@ -443,10 +550,26 @@ class HistoryStore(abc.ABC):
         """Bring a history an older edge-kit wrote up to this schema; return nothing. Idempotent, and safe while
         other processes open the same history. Raises HistoryError.
 
-        Since the first schema: ``decisions.kind`` (:func:`decision_kind` of the body; rows written before it
+        Since the first schema (version 1, :data:`SCHEMA_VERSION`): ``invalid.device`` (the device a refused message's
+        topic names, filled from the topics of older rows) and the indexes that list refused messages and gaps of
+        one device; ``decisions.kind`` (:func:`decision_kind` of the body; rows written before it
         are filled from their bodies, a batch per transaction) and its index, which answer "the newest decision
         per device of a kind" without reading every body.
         """
+        if "device" not in self._columns("invalid"):
+            self._add_column("invalid", "device", "TEXT")
+        self._execute("CREATE INDEX IF NOT EXISTS invalid_device ON invalid (device, id)")
+        self._execute("CREATE INDEX IF NOT EXISTS gaps_device ON gaps (device, ts)")
+        after = -1
+        while True:  # the device each older refused message's topic names (none: it stays NULL)
+            rows = self._rows("SELECT id, topic FROM invalid WHERE device IS NULL AND id > ? ORDER BY id LIMIT ?",
+                              (after, BATCH_ROWS))
+            if not rows:
+                break
+            after = rows[-1][0]
+            named = [(printable(dev), rid) for rid, dev in ((rid, topic_device(t)) for rid, t in rows) if dev is not None]
+            if named:
+                self._write_batch([("UPDATE invalid SET device = ? WHERE id = ?", named)])
         if "kind" not in self._columns("decisions"):
             self._add_column("decisions", "kind", "TEXT")
         self._execute("CREATE INDEX IF NOT EXISTS decisions_kind ON decisions (kind, device, id)")
@@ -571,12 +694,14 @@ class Store(HistoryStore):
 
     NOW_SQL = "((julianday('now') - 2440587.5) * 86400.0)"
 
-    def __init__(self, path: Path):
-        """Open (creating it and its tables when new) the history file at ``path``.
+    def __init__(self, path: Path, write: bool = True):
+        """Open the history file at ``path``; with ``write``, create it and its tables when new and upgrade an
+        older schema (a reader changes nothing: :meth:`HistoryStore._open_schema`).
 
         Raises:
             sqlite3.Error: the file cannot be opened or is not a SQLite database, or OSError: its folder
                 cannot be created (:func:`open_history` turns either into a HistoryError).
+            HistoryError: a reader, and the file holds no history or one of an older schema.
         """
         self.path = Path(path)
         self.where = str(self.path)
@@ -594,9 +719,27 @@ class Store(HistoryStore):
                     raise
                 time.sleep(0.05)
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA.format(real="REAL", int="INTEGER", blob="BLOB",
-                                              serial="INTEGER PRIMARY KEY AUTOINCREMENT"))
+        try:
+            self._open_schema(write)
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _tables(self) -> set[str]:
+        """Return the names of the file's tables. Raises HistoryError."""
+        return {name for (name,) in self._rows("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+    def _upgrade(self) -> None:
+        """Create the tables the file lacks, migrate an older schema, record the version; return nothing.
+        Raises HistoryError."""
+        try:
+            with self._lock:
+                self._db.executescript(_SCHEMA.format(real="REAL", int="INTEGER", blob="BLOB",
+                                                      serial="INTEGER PRIMARY KEY AUTOINCREMENT"))
+        except sqlite3.Error as exc:
+            raise self._failed(exc) from exc
         self._migrate()
+        self._set_schema_version()
 
     def close(self) -> None:
         """Close the file; return nothing."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import random
 from dataclasses import replace
@@ -360,6 +361,75 @@ def test_tune_leaves_a_device_whose_measurement_the_history_refused_out_of_the_r
     text = " ".join(out.split())
     assert code == 4 and "d1: history refused bench fp32 (refused by the history:" in text, (out, err)
     assert "1 record(s) refused by the history" in text
+
+
+
+def test_a_decision_the_history_refuses_for_what_it_holds_is_that_devices_error_and_tune_goes_on(
+        monkeypatch, tmp_path, tune_offline, run_cli):
+    """The history refused d1's decision for what it holds (as a LATIN1 PostgreSQL database refuses a device name
+    in another script; the store's own refusal is tested on both databases in test_history_backends.py): tune
+    stopped on it (exit 6 for a record's fault, or a traceback where the driver's error escaped), deciding nothing
+    more. Now that decision is refused alone (kept in the invalid table, under d1), d2's is stored, `edgekit tune`
+    exits 4 and says why; a history that is down still stops tune with its one line (exit 6)."""
+    from types import SimpleNamespace
+
+    from edge_kit.errors import HistoryError, HistoryRecordError
+    from edge_kit.fleet.deploy import DeviceResult, GroupResult
+    from edge_kit.fleet.inventory import Device
+    from edge_kit.loop import tune as tn
+    from edge_kit.manifest import Artifact, ArtifactTrust, Manifest
+    from edge_kit.telemetry.store import Store
+    from edgekit_protocol import messages
+
+    art = Artifact(id="fp32", status="built", profiles=["rpi4"], summary="", precision="fp32", bytes=100,
+                   gzip_bytes=90, sparsity=0.0, macs=10, sha256="f" * 64)
+    manifest = Manifest(created="now", model={"name": "m"}, versions={}, profiles={"rpi4": {}}, artifacts=[art])
+    devs = [Device(name=n, host="127.0.0.1", user="edgekit", profile="rpi4") for n in ("d1", "d2")]
+    store = Store(tmp_path / "h.db")
+    for seq, name in enumerate(("d1", "d2")):
+        store.add("bench", messages.envelope("bench", "f", name, seq, {
+            "variant": "fp32", "sha256": "f" * 64, "latency_ms": {"p90": 1.0}, "runs": 10, "simulated": False,
+            "power": {"estimated": True, "avg_w": 3.0, "energy_per_inference_mj": 1.0}, "accuracy": {"value": 0.99}}))
+    store.close()
+    why = "the history database postgresql://edgekit@db/edgekit refused a record (character with no equivalent in LATIN1)"
+    real = Store.add_decision
+
+    def add_decision(self, decision):
+        if decision["device"] == "d1":
+            raise HistoryRecordError(why)
+        real(self, decision)
+
+    monkeypatch.setattr(Store, "add_decision", add_decision)
+    monkeypatch.setattr(tn, "read_manifest", lambda *_a: manifest)
+    monkeypatch.setattr(tn, "deploy", lambda *_a, **_k: GroupResult(
+        [DeviceResult(d.name, "succeeded", variant="fp32", sha256="f" * 64) for d in devs]))
+    monkeypatch.setattr(tn, "_measure", lambda *_a: (0, {}, {}))
+    store = Store(tmp_path / "h.db")
+    report = tn.tune(SimpleNamespace(artifact_trust=ArtifactTrust), devs, tn.TuneOptions(tmp_path, rounds=1), store)
+    assert report.refused == {"d1": [f"decision (refused by the history: {why})"]}  # one round: no switch, no verify
+    assert sorted(report.final) == ["d1", "d2"]
+    assert {d["device"] for d in store.decisions()} == {"d2"}  # d2's decisions stored, d1's refused alone ...
+    kept = store.refused_messages()
+    assert [(r["device"], r["topic"], r["reason"]) for r in kept] == [("d1", "decisions", why)]  # ... kept
+    assert json.loads(kept[0]["payload"])["device"] == "d1" and json.loads(kept[0]["payload"])["chosen"] == "fp32"
+
+    from edge_kit.cli import loop as cli_loop
+    from edge_kit.fleet import inventory
+
+    monkeypatch.setattr(inventory, "load_fleet", lambda _p: SimpleNamespace(select=lambda _s: devs,
+                                                                       artifact_trust=ArtifactTrust))
+    monkeypatch.setattr(cli_loop, "open_fleet_history", lambda *_a: Store(tmp_path / "h.db"))
+    code, out, err = run_cli("tune", "--fleet", tmp_path / "fleet.yaml", "--artifacts", tmp_path, "--rounds", "1")
+    text = " ".join(out.split())
+    assert code == 4 and "d1: history refused decision (refused by the history:" in text, (out, err)
+
+    def down(_self, _decision):
+        raise HistoryError("the history database postgresql://edgekit@db/edgekit failed (server closed the connection)")
+
+    monkeypatch.setattr(Store, "add_decision", down)
+    code, out, err = run_cli("tune", "--fleet", tmp_path / "fleet.yaml", "--artifacts", tmp_path, "--rounds", "1")
+    assert code == 6 and err == ("edgekit: error: the history database postgresql://edgekit@db/edgekit failed (server "
+                                 "closed the connection)\n")
 
 
 NO_ACC = Constraints(max_latency_p90_ms=10, max_power_w=5, max_model_mb=2)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from edge_kit.telemetry.report import _fleet_rows
+from edge_kit.telemetry.report import Newest, _fleet_rows
 from edge_kit.telemetry.store import Store
 from edgekit_protocol import messages
 
@@ -20,7 +20,7 @@ def test_fleet_table_has_a_runtime_column(tmp_path):
         rows.append(("status", messages.envelope("status", "sim", device, i, {
             "state": "online", "current": {"sha256": sha, "variant": variant}})))
     store.add_many(rows)
-    head, table = _fleet_rows(store)
+    head, table = _fleet_rows(Newest.read(store))
     col = head.index("runtime")
     assert head[col - 1] == "running"
     assert {r[0]: r[col] for r in table} == {"a": "litert", "b": "onnxruntime", "c": "tensorrt"}

@@ -263,6 +263,46 @@ def test_deploy_prints_a_promoting_gate_decision_and_where_its_figures_came_from
     assert stored[0]["gate"]["source"].startswith("measured: service times")
 
 
+def test_deploy_names_a_gate_decision_the_history_refused_for_what_it_holds_and_exits_4(monkeypatch, tmp_path, run_cli):
+    """The gate's decision for canary a was refused by the history for what it holds: deploy stopped (exit 6) after
+    the wave was judged, printing nothing of it. Now it is a's error: kept in the invalid table, named, exit 4."""
+    from edge_kit.errors import HistoryRecordError
+    from edge_kit.fleet.deploy import GroupResult
+    from edge_kit.loop import rollout as ro
+    from edge_kit.manifest import Artifact, Manifest
+    from edge_kit.selection.gate import LiveEvidence, judge_live
+    from edge_kit.telemetry.store import Store
+
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text("fleet: f\ndefaults: {user: u, profile: rpi4}\ndevices:\n  - {name: a, host: h}\n"
+                          "  - {name: b, host: h}\n")
+    folder = tmp_path / "art"
+    folder.mkdir()
+    (folder / "manifest.json").write_text(Manifest(
+        created="2026-11-29T00:00:00+00:00", model={"name": "m"}, versions={}, profiles={"rpi4": {}},
+        artifacts=[Artifact(id="int8", status="built", profiles=["rpi4"], summary="int8", precision="int8",
+                            file="int8.tflite", sha256="c" * 64, bytes=3)]).to_json())
+    decision = judge_live([LiveEvidence("a", [1.0] * 300)], [LiveEvidence("b", [1.0] * 300)])
+
+    def fake_rollout(_fleet, targets, _opts, _canary, _failed, _progress, gate, record):
+        record({"device": "a", "kind": "live gate", "chosen": "int8", "current": None, "feasible": True,
+                "switch": True, "reason": decision.reason, "gate": decision.as_dict()})
+        return GroupResult([DeviceResult(d.name, "succeeded", activated=True, variant="int8") for d in targets])
+
+    def refuse(_self, _decision):
+        raise HistoryRecordError("the history file h.db refused a record (simulated)")
+
+    monkeypatch.setattr(ro, "rollout", fake_rollout)
+    monkeypatch.setattr(Store, "add_decision", refuse)
+    code, out, err = run_cli("deploy", "--fleet", fleet_file, "--artifacts", folder, "--canary", "50%", "--gate", "live")
+    text = " ".join(out.split())
+    assert code == 4, (out, err)
+    assert "a: history refused decision (refused by the history: the history file h.db refused a record" in text
+    assert "live gate: promote: canaries not slower" in text
+    kept = Store(tmp_path / "edgekit-history.db").refused_messages()
+    assert [(r["device"], r["topic"]) for r in kept] == [("a", "decisions")]
+
+
 def test_a_device_answering_more_samples_than_asked_gives_only_what_was_asked(monkeypatch):
     """A buggy or hostile agent claims a billion requests and sends 100,000 service times: before, all of them
     were kept (and tested) on every poll; now the newest LIVE_SAMPLES, as asked."""

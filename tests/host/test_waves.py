@@ -204,6 +204,32 @@ def test_the_live_gate_judges_the_first_wave_against_devices_not_yet_sent(tmp_pa
         Rollout(Store(tmp_path / "h2.db"), "r", FakeBroker()).run()
 
 
+def test_a_gate_decision_the_history_refuses_for_what_it_holds_is_noted_on_its_canary_and_the_rollout_goes_on(
+        tmp_path, monkeypatch):
+    """Recording the gate's decision for a canary went through add_decision outside the batch writer: a decision the
+    database refused for what it holds stopped the rollout ("the history went away: resume"), which resuming only
+    repeated. Now that canary's decision is kept in the invalid table, noted in its row, and the rollout goes on."""
+    from edge_kit.errors import HistoryRecordError
+    from edge_kit.selection.gate import GateDecision
+
+    history = Store(tmp_path / "h.db")
+    names = planned(history, gate={"window_s": 1})
+    real = Store.add_decision
+
+    def add_decision(self, decision):
+        if decision["device"] == names[0]:
+            raise HistoryRecordError("the history file h.db refused a record (simulated)")
+        real(self, decision)
+
+    monkeypatch.setattr(Store, "add_decision", add_decision)
+    out = Rollout(history, "r", FakeBroker(), judge=lambda *_a: GateDecision("promote", "simulated promote")).run()
+    assert out["state"] == "done" and out["counts"] == {"converged": 20, "refused": 1}
+    assert {d["device"] for d in history.decisions()} == {names[1]}
+    assert [(r["device"], r["topic"]) for r in history.refused_messages()] == [(names[0], "decisions")]
+    detail = history.rollout_devices("r")[names[0]]["detail"]
+    assert detail["history"] == "decision (refused by the history: the history file h.db refused a record (simulated))"
+
+
 def test_selected_variants_follow_the_last_feasible_choice_and_the_plan_takes_them(tmp_path):
     import hashlib
 

@@ -418,3 +418,59 @@ def test_a_refused_message_is_kept_whatever_its_topic_and_reason_hold(history):
     assert history.count("invalid") == 1
     assert history._rows("SELECT topic, reason, payload FROM invalid") == [
         ("edgekit/v1/f/d\\x00/bench", "why \\ud800 \\x1b[31m", b"\x00\xff{")]
+
+
+def test_a_decision_the_database_cannot_hold_is_refused_as_the_records_fault(history):
+    """A decision quoting a name no database takes (a lone surrogate, from a device's word) raised a bare
+    UnicodeEncodeError from both backends: tune stopped with a traceback. Now it is HistoryRecordError, nothing of
+    it stored, and the next decision goes in."""
+    from edge_kit.errors import HistoryRecordError
+
+    with pytest.raises(HistoryRecordError, match="refused a record"):
+        history.add_decision({"device": "d1", "chosen": "int8", "current": "\ud800", "feasible": True, "switch": True})
+    assert history.count("decisions") == 0
+    history.add_decision({"device": "d1", "chosen": "int8", "current": None, "feasible": True, "switch": True})
+    assert history.count("decisions") == 1
+
+
+def _psql(url: str, *statements: str) -> None:
+    """Run ``statements`` as the owner of the database ``url`` names (the server's superuser)."""
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        for statement in statements:
+            conn.execute(statement)
+
+
+def test_a_role_with_select_alone_reads_the_history_and_is_told_what_to_run_on_an_older_schema(postgres_url, run_cli,
+                                                                                                tmp_path):
+    """Opening the history ran CREATE TABLE / CREATE INDEX / ALTER TABLE every time: a role that may only read (a
+    dashboard's, an analyst's) could not even run `edgekit report`. A reader now checks the schema's version and
+    changes nothing; on an older schema it gets one line naming `edgekit history upgrade`, which the owner runs."""
+    import json
+    from urllib.parse import urlsplit
+
+    writer = open_history(postgres_url)
+    writer.add("bench", bench("d1", "s1", 1.0, 1))
+    writer.add_invalid("edgekit/v1/f/d1/bench", "forged", b"{}")
+    writer.close()
+    parts = urlsplit(postgres_url)
+    role = f"reader_{parts.path.lstrip('/')}"
+    _psql(postgres_url, f"CREATE ROLE {role} LOGIN PASSWORD 'readonly'", f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role}")
+    reader = parts._replace(netloc=f"{role}:readonly@{parts.hostname}:{parts.port}").geturl()
+
+    code, out, err = run_cli("report", "--history", reader, "--out", tmp_path / "r.html", "--json")
+    assert code == 0, err
+    assert json.loads(out)["records"] == 1 and json.loads(out)["refused"] == 1
+    code, out, err = run_cli("history", "refused", "--history", reader, "--json")
+    assert code == 0 and [r["device"] for r in json.loads(out)["refused"]] == ["d1"], err
+
+    _psql(postgres_url, "UPDATE edgekit_schema SET version = 1")  # as an older edge-kit left it
+    code, out, err = run_cli("report", "--history", reader, "--out", tmp_path / "r.html")
+    assert code == 6 and err.count("\n") == 1 and f"{role}:readonly" not in err
+    assert ("was written by an older edge-kit (schema version 1; this one reads 2) and this command only reads it: run "
+            "`edgekit history upgrade --history <it>` once as a user (or PostgreSQL role) that owns its tables") in err
+    code, out, err = run_cli("history", "upgrade", "--history", postgres_url)
+    assert code == 0, err
+    code, out, err = run_cli("report", "--history", reader, "--out", tmp_path / "r.html", "--json")
+    assert code == 0 and json.loads(out)["records"] == 1, err

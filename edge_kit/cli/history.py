@@ -1,0 +1,108 @@
+"""History commands of the `edgekit` CLI: list what the monitor refused and the sequence gaps it recorded (the rows
+`edgekit report` counts), and upgrade a history an older edge-kit wrote."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich import box
+from rich.table import Table
+
+from edge_kit.cli.app import (
+    HistoryOpt,
+    JsonOpt,
+    app,
+    emit_json,
+    open_fleet_history,
+    out,
+    safe,
+    time_bound,
+)
+
+history_app = typer.Typer(no_args_is_help=True, help="The history store: what it kept that no figure shows, its schema.")
+app.add_typer(history_app, name="history")
+
+ReadFleetOpt = Annotated[Optional[Path], typer.Option("--fleet", "-f", help="fleet.yaml (its history store is used).")]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="Only this device's rows.")]
+SinceOpt = Annotated[Optional[str], typer.Option("--since", help="Only rows from then on: a span back from now (30m, "
+                                                                 "2h, 7d) or a date-time (2026-11-30T09:00, local).")]
+UntilOpt = Annotated[Optional[str], typer.Option("--until", help="Only rows up to then (same forms as --since).")]
+LimitOpt = Annotated[int, typer.Option("--limit", min=1, max=100_000, help="The newest N rows at most.")]
+
+
+def _listing(kind: str, fleet_file: Path | None, history: str | None, device: str | None, since: str | None,
+             until: str | None, limit: int) -> tuple[str, list[dict[str, Any]], dict[str, Any]]:
+    """Return (the history's name, its newest ``kind`` rows: ``refused`` or ``gaps``, the filters as given, with
+    ``since_ts``/``until_ts``). Raises InputError (a bad --since/--until, no history) or HistoryError."""
+    low, high = time_bound(since, "--since"), time_bound(until, "--until")
+    filters = {"device": device, "since": since, "until": until, "since_ts": low, "until_ts": high, "limit": limit}
+    with open_fleet_history(fleet_file, history, must_exist=True) as db:
+        read = db.refused_messages if kind == "refused" else db.sequence_gaps
+        return db.where, read(device=device, since=low, until=high, limit=limit), filters
+
+
+def _footer(where: str, rows: list[dict[str, Any]], limit: int, what: str) -> str:
+    """Return the line under a listing: how many, from where, and whether --limit cut it."""
+    if not rows:
+        return f"no {what} in {safe(where)} for these filters"
+    more = f"; the {limit} newest: older ones with a larger --limit" if len(rows) == limit else ""
+    return f"{len(rows)} {what} from {safe(where)}, newest first (times: this host's clock){more}"
+
+
+@history_app.command("refused")
+def refused_cmd(fleet_file: ReadFleetOpt = None, history: HistoryOpt = None, device: DeviceOpt = None,
+                since: SinceOpt = None, until: UntilOpt = None, limit: LimitOpt = 20, as_json: JsonOpt = False) -> None:
+    """List the messages the monitor (or tune, or a deploy) refused, newest first.
+
+    Each row: when, the device its topic names, the topic, why, and how many bytes of the payload were kept
+    (--json gives the payload)."""
+    from edge_kit.telemetry.report import local_time
+
+    where, rows, filters = _listing("refused", fleet_file, history, device, since, until, limit)
+    if as_json:
+        emit_json({"history": where, "filters": filters, "refused": rows})
+        return
+    t = Table("when", "device (its topic's)", "topic", "why", "bytes kept", box=box.SIMPLE_HEAD, pad_edge=False)
+    for r in rows:  # a sender's topic and a reason quoting it: shown as text, never obeyed by the terminal
+        t.add_row(local_time(r["ts"]), safe(r["device"] or "-"), safe(r["topic"]), safe(r["reason"]), f"{r['bytes']:,}")
+    if rows:
+        out.print(t)
+    out.print(_footer(where, rows, limit, "refused message(s)"), highlight=False)
+
+
+@history_app.command("gaps")
+def gaps_cmd(fleet_file: ReadFleetOpt = None, history: HistoryOpt = None, device: DeviceOpt = None,
+             since: SinceOpt = None, until: UntilOpt = None, limit: LimitOpt = 20, as_json: JsonOpt = False) -> None:
+    """List the sequence gaps the monitor recorded, newest first.
+
+    Each row: when, device, kind of message and the seq numbers the device gave that never arrived."""
+    from edge_kit.telemetry.report import local_time
+
+    where, rows, filters = _listing("gaps", fleet_file, history, device, since, until, limit)
+    if as_json:
+        emit_json({"history": where, "filters": filters, "gaps": rows})
+        return
+    t = Table("recorded", "device", "kind", "seq missing", "how many", box=box.SIMPLE_HEAD, pad_edge=False)
+    for r in rows:
+        t.add_row(local_time(r["ts"]), safe(r["device"]), safe(r["kind"]), f"{r['first_missing']}..{r['last_missing']}",
+                  f"{r['missing']:,}")
+    if rows:
+        out.print(t)
+    out.print(_footer(where, rows, limit, "sequence gap(s)"), highlight=False)
+
+
+@history_app.command("upgrade")
+def upgrade_cmd(fleet_file: ReadFleetOpt = None, history: HistoryOpt = None, as_json: JsonOpt = False) -> None:
+    """Bring a history an older edge-kit wrote up to this one's schema, in place.
+
+    Run it as a user (or PostgreSQL role) that owns its tables; commands that only read never change the schema."""
+    from edge_kit.telemetry.store import SCHEMA_VERSION
+
+    with open_fleet_history(fleet_file, history, upgrade=True) as db:
+        where = db.where
+    if as_json:
+        emit_json({"history": where, "schema_version": SCHEMA_VERSION})
+        return
+    out.print(f"{safe(where)}: schema version {SCHEMA_VERSION}, up to date", highlight=False)

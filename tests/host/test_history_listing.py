@@ -1,0 +1,187 @@
+"""What the history kept that no figure shows, listed row by row (`edgekit history refused` / `gaps`, the report's
+table of the newest), the report reading the history's newest messages once, and a reader never changing the
+schema of a history (`edgekit history upgrade` does)."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+
+import pytest
+
+from edge_kit.telemetry.store import SCHEMA_VERSION, Store
+
+HOSTILE_DEVICE = "dev1<b onmouseover=alert(1)>[red]x"  # no / in a topic segment
+HOSTILE_TOPIC = f"edgekit/v1/f/{HOSTILE_DEVICE}/bench"
+NOW = time.time()
+
+
+def _history(path):
+    """A history with three refused messages and three gaps, 3 h, 2 h and 1 h ago (this host's clock)."""
+    store = Store(path)
+    store.add_invalid("edgekit/v1/f/dev1/status", "signed by a key that is not dev1's", b'{"seq": 1}')
+    store.add_invalid("edgekit/v1/f/dev2/bench", "malformed: seq is not an integer", b"\xff\xfe")
+    store.add_invalid(HOSTILE_TOPIC, "<img src=x onerror=alert(2)> \x1b[31mred", b"{}")
+    store.add_gap("dev1", "bench", 5, 9)
+    store.add_gap("dev2", "live", 1, 1)
+    store.add_gap("dev1", "status", 20, 21)
+    for table, key in (("invalid", "id"), ("gaps", "first_missing")):
+        rows = store._rows(f"SELECT {key} FROM {table} ORDER BY {key}" if table == "invalid" else
+                           "SELECT first_missing FROM gaps ORDER BY rowid")
+        for hours, (k,) in zip((3, 2, 1), rows):
+            store._execute(f"UPDATE {table} SET ts = ? WHERE {key} = ?", (NOW - hours * 3600, k))
+    store.close()
+    return path
+
+
+def test_refused_messages_are_listed_newest_first_by_device_and_time_window(tmp_path, run_cli):
+    history = _history(tmp_path / "h.db")
+    code, out, err = run_cli("history", "refused", "--history", history, "--json")
+    assert code == 0, err
+    rows = json.loads(out)["refused"]
+    assert [r["device"] for r in rows] == [HOSTILE_DEVICE, "dev2", "dev1"]  # the device each topic names, newest first
+    assert rows[0]["topic"] == HOSTILE_TOPIC and rows[0]["reason"] == "<img src=x onerror=alert(2)> \\x1b[31mred"
+    assert rows[1] == {"ts": pytest.approx(NOW - 7200), "device": "dev2", "topic": "edgekit/v1/f/dev2/bench",
+                       "reason": "malformed: seq is not an integer", "bytes": 2, "payload": "\\xff\\xfe"}
+    code, out, _ = run_cli("history", "refused", "--history", history, "--device", "dev1", "--json")
+    assert [r["topic"] for r in json.loads(out)["refused"]] == ["edgekit/v1/f/dev1/status"]
+    code, out, _ = run_cli("history", "refused", "--history", history, "--since", "150m", "--until", "90m", "--json")
+    assert [r["device"] for r in json.loads(out)["refused"]] == ["dev2"]
+    assert json.loads(out)["filters"]["since"] == "150m"
+    code, out, _ = run_cli("history", "refused", "--history", history, "--limit", "1", "--json")
+    assert [r["topic"] for r in json.loads(out)["refused"]] == [HOSTILE_TOPIC]
+
+    code, out, err = run_cli("history", "refused", "--history", history)
+    text = " ".join(out.split())
+    assert code == 0, err
+    assert "[red]x" in text and "\x1b" not in out  # a sender's markup shown as text, its escape codes escaped
+    assert "signed by a key that is not dev1's" in text and "3 refused message(s) from" in text
+    code, out, _ = run_cli("history", "refused", "--history", history, "--limit", "1")
+    assert "the 1 newest: older ones with a larger --limit" in " ".join(out.split())
+    code, out, _ = run_cli("history", "refused", "--history", history, "--device", "nobody")
+    assert code == 0 and "no refused message(s) in" in out
+
+
+def test_sequence_gaps_are_listed_newest_first_by_device_and_time_window(tmp_path, run_cli):
+    history = _history(tmp_path / "h.db")
+    code, out, err = run_cli("history", "gaps", "--history", history, "--json")
+    assert code == 0, err
+    rows = json.loads(out)["gaps"]
+    assert [(r["device"], r["kind"], r["first_missing"], r["last_missing"], r["missing"]) for r in rows] == [
+        ("dev1", "status", 20, 21, 2), ("dev2", "live", 1, 1, 1), ("dev1", "bench", 5, 9, 5)]
+    code, out, _ = run_cli("history", "gaps", "--history", history, "--device", "dev1", "--until", "90m", "--json")
+    assert [r["kind"] for r in json.loads(out)["gaps"]] == ["bench"]
+    code, out, err = run_cli("history", "gaps", "--history", history, "--device", "dev2")
+    text = " ".join(out.split())
+    assert code == 0 and "dev2 live 1..1 1" in text and "1 sequence gap(s) from" in text, err
+
+
+@pytest.mark.parametrize("option", ["--since", "--until"])
+def test_a_time_that_reads_as_neither_a_span_nor_a_date_is_one_line_naming_the_option(tmp_path, run_cli, option):
+    history = _history(tmp_path / "h.db")
+    code, out, err = run_cli("history", "gaps", "--history", history, option, "yesterday")
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert err.startswith(f"edgekit: error: {option} 'yesterday': give a span back from now (30m, 2h, 7d) or a date-time")
+
+
+def test_the_report_lists_the_newest_refused_messages_and_gaps_as_text_never_as_html(tmp_path, run_cli):
+    history = _history(tmp_path / "h.db")
+    code, out, err = run_cli("report", "--history", history, "--out", tmp_path / "r.html", "--json")
+    assert code == 0, err
+    page = (tmp_path / "r.html").read_text()
+    section = page[page.index("<h2>Refused messages and sequence gaps</h2>"):]
+    assert "<b onmouseover" not in section and "<img src=x" not in section  # a forger's topic and reason: text
+    assert "dev1&lt;b onmouseover=alert(1)&gt;[red]x" in section and "&lt;img src=x onerror=alert(2)&gt;" in section
+    assert "<td>dev1</td><td>status</td><td>20..21</td>" in section  # the newest gap first
+    assert section.index("edgekit/v1/f/dev2/bench") < section.index("edgekit/v1/f/dev1/status")  # newest first
+    assert (json.loads(out)["refused"], json.loads(out)["gaps"]) == (3, 3)
+
+
+def test_an_empty_history_has_no_refused_section(tmp_path, run_cli):
+    Store(tmp_path / "h.db").close()
+    code, _, err = run_cli("report", "--history", tmp_path / "h.db", "--out", tmp_path / "r.html")
+    assert code == 0, err
+    assert "Refused messages" not in (tmp_path / "r.html").read_text()
+
+
+def test_the_report_reads_each_of_the_historys_newest_views_once(tmp_path, monkeypatch):
+    """build_report read latest_status, latest_bench and latest_live three times each (plots, fleet table, --json
+    rows), and the newest decisions twice: a monitor writing meanwhile could give the parts different messages."""
+    from edge_kit.telemetry.report import build_report
+
+    store = Store(tmp_path / "h.db")
+    calls: dict[str, int] = {}
+    for name in ("latest_status", "latest_bench", "latest_live"):
+        real = getattr(store, name)
+        monkeypatch.setattr(store, name, lambda real=real, name=name, *a: calls.update({name: calls.get(name, 0) + 1})
+                            or real(*a))
+    real_decisions = store.latest_decisions
+    monkeypatch.setattr(store, "latest_decisions", lambda kinds=None, **k: calls.update(
+        {f"latest_decisions{kinds or ''}": calls.get(f"latest_decisions{kinds or ''}", 0) + 1}) or real_decisions(kinds, **k))
+    build_report(store, tmp_path / "r.html")
+    assert calls == {"latest_status": 1, "latest_bench": 1, "latest_live": 1, "latest_decisions": 1,
+                     "latest_decisions('fleet selection',)": 1}
+
+
+def _old_history(path):
+    """A history file as edge-kit wrote it before its schema had a version (invalid without its device column)."""
+    store = Store(path)
+    store.add_invalid("edgekit/v1/f/dev1/bench", "forged", b"{}")
+    store.add_invalid("not/a/topic", "unparsable topic", b"")
+    store.close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("DROP TABLE edgekit_schema")
+        conn.execute("DROP INDEX invalid_device")
+        conn.execute("ALTER TABLE invalid DROP COLUMN device")
+    conn.close()
+    return path
+
+
+def _schema(path):
+    with sqlite3.connect(path) as conn:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        columns = {r[1] for r in conn.execute("PRAGMA table_info(invalid)")}
+    conn.close()
+    return tables, columns
+
+
+@pytest.mark.parametrize("command", [("report", "--out", "r.html"), ("history", "refused"), ("history", "gaps")])
+def test_a_reader_changes_no_schema_and_names_the_upgrade_for_an_older_one(tmp_path, run_cli, monkeypatch, command):
+    monkeypatch.chdir(tmp_path)
+    history = _old_history(tmp_path / "h.db")
+    code, out, err = run_cli(*command, "--history", history)
+    assert code == 6 and out == "" and err.count("\n") == 1, err
+    assert (f"the history {history} was written by an older edge-kit (schema version 1; this one reads "
+            f"{SCHEMA_VERSION}) and this command only reads it: run `edgekit history upgrade --history <it>` once") in err
+    assert _schema(history) == ({"status", "bench", "telemetry", "live", "shadow", "decisions", "invalid", "gaps",
+                                 "rollouts", "rollout_devices", "sqlite_sequence"},
+                                {"id", "ts", "topic", "reason", "payload"})  # untouched
+
+
+def test_history_upgrade_brings_an_older_history_up_to_date_and_fills_each_refused_messages_device(tmp_path, run_cli):
+    history = _old_history(tmp_path / "h.db")
+    code, out, err = run_cli("history", "upgrade", "--history", history, "--json")
+    assert code == 0, err
+    assert json.loads(out) == {"history": str(history), "schema_version": SCHEMA_VERSION}
+    assert "edgekit_schema" in _schema(history)[0] and "device" in _schema(history)[1]
+    code, out, err = run_cli("history", "refused", "--history", history, "--json")
+    assert code == 0, err
+    assert [(r["device"], r["topic"]) for r in json.loads(out)["refused"]] == [(None, "not/a/topic"),
+                                                                              ("dev1", "edgekit/v1/f/dev1/bench")]
+    code, out, err = run_cli("history", "upgrade", "--history", tmp_path / "missing.db")
+    assert code == 2 and "missing.db: no history store" in err and not (tmp_path / "missing.db").exists()
+
+
+def test_rollout_status_and_list_only_read_but_resume_writes_and_so_upgrades(tmp_path, run_cli):
+    """`rollout resume` and `abort` write into the history they find: on an older schema they upgrade it (as a
+    writer does) rather than stop as a reader and ask for `edgekit history upgrade`; `status` and `list` only read."""
+    history = _old_history(tmp_path / "h.db")
+    (tmp_path / "fleet.yaml").write_text("fleet: f\ndefaults: {user: u, profile: rpi4}\ndevices:\n  - {name: a, host: h}\n")
+    code, _, err = run_cli("rollout", "list", "--fleet", tmp_path / "fleet.yaml", "--history", history)
+    assert code == 6 and "run `edgekit history upgrade --history <it>`" in err
+    assert "edgekit_schema" not in _schema(history)[0]
+    code, _, err = run_cli("rollout", "resume", "r1", "--fleet", tmp_path / "fleet.yaml", "--history", history)
+    assert "edgekit history upgrade" not in err and "edgekit_schema" in _schema(history)[0], err
+    code, _, err = run_cli("rollout", "list", "--fleet", tmp_path / "fleet.yaml", "--history", history)
+    assert code == 0, err
