@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
-from device_agents.disk import atomic_write
+from device_agents.disk import atomic_write, read_json
 from edgekit_protocol import messages
 from edgekit_protocol.errors import ConfigError, EdgeKitError, MessageError
 from edgekit_protocol.messages import canonical
@@ -277,7 +277,7 @@ def provisioned_at(folder: Path) -> float:
     """Return the unix time in ``<folder>/provisioned.json`` (the operator's clock when the deploy
     gave this device its key), or 0.0 when there is none or it is not a finite time (never raises)."""
     try:
-        at = json.loads((folder / PROVISIONED).read_text()).get("at")
+        at = read_json(folder / PROVISIONED).get("at")
     except (OSError, ValueError, AttributeError):
         return 0.0
     return float(at) if messages.in_range(at) else 0.0
@@ -287,14 +287,15 @@ def read_operators(path: Path) -> tuple[bytes, ...]:
     """Return the operator public keys pinned in ``operators.json`` (a JSON list of base64 keys).
 
     Raises:
-        ConfigError: the file is missing, not a JSON list, or holds something that is not a key.
+        ConfigError: the file is missing, over :data:`device_agents.disk.SMALL_FILE` bytes, not a JSON list, or holds
+            something that is not a key.
     """
     try:
-        keys = json.loads(Path(path).read_text())
+        keys = read_json(Path(path))
     except OSError as exc:
         raise ConfigError(f"{path}: no operator key is pinned ({exc.strerror}); deploy to this device") from None
-    except ValueError:
-        raise ConfigError(f"{path}: not JSON; deploy to this device again") from None
+    except ValueError as exc:  # not JSON, a NaN, or over the size bound (the text names the file)
+        raise ConfigError(f"{exc}; deploy to this device again") from None
     if not isinstance(keys, list) or not keys:
         raise ConfigError(f"{path}: expected a JSON list of operator public keys")
     return tuple(decode_key(k, f"{path}[{i}]") if isinstance(k, str) else decode_key("", f"{path}[{i}]")

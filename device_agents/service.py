@@ -29,7 +29,7 @@ from typing import Any
 import edgekit_protocol
 from device_agents import codecheck, conditions
 from device_agents.bench import bench_in_child
-from device_agents.disk import Disk, atomic_write, is_out_of_space
+from device_agents.disk import Disk, atomic_write, is_out_of_space, read_json
 from device_agents.errors import (
     BenchFailed,
     CodeTampered,
@@ -620,8 +620,12 @@ class Agent:
         if self.cfg.store.max_store_mb is None:
             return []
         try:
-            spared = set(json.loads((self.store.root / "candidates.json").read_text()))
-        except (OSError, ValueError, TypeError):
+            spared = set(read_json(self.store.root / "candidates.json"))
+        except FileNotFoundError:
+            spared = set()
+        except (OSError, ValueError, TypeError) as exc:  # damaged: the budget spares only what else it must
+            log.error("%s is unreadable (%s); the store budget spares no tune candidate", self.store.root / "candidates.json",
+                      exc)
             spared = set()
         spared |= self.reconciler.protected()  # the desired model may be installed and not yet active
         removed = self.store.prune(int(self.cfg.store.max_store_mb * 1e6), spared)
@@ -644,7 +648,7 @@ class Agent:
             state["live"] = ({**self.server.snapshot(), "latency_samples_ms": self.server.samples(cmd.args["live"])}
                              if self.server else None)
         if cmd.args.get("code"):  # the signed manifest of this agent's code (None when not run from <root>/agent)
-            state["code"] = json.loads((self._code_dir() / codecheck.MANIFEST).read_text()) if self._deployed() else None
+            state["code"] = codecheck.read_manifest(self._code_dir()) if self._deployed() else None
         return state
 
     def _code_dir(self) -> Path:
