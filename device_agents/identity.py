@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
-from device_agents.disk import atomic_write, read_json
+from device_agents.disk import SMALL_FILE, atomic_write, read_bounded, read_json
 from edgekit_protocol import messages
 from edgekit_protocol.errors import ConfigError, EdgeKitError, MessageError
 from edgekit_protocol.messages import canonical
@@ -146,16 +146,19 @@ class Signer:
         the user to do.
 
         Raises:
-            ConfigError: no such file, it cannot be read, is not a key, or is readable by others than its owner.
+            ConfigError: no such file, it cannot be read, is over :data:`device_agents.disk.SMALL_FILE` bytes, is not a
+                key, or is readable by others than its owner.
         """
         path = Path(path)
         try:
             if path.stat().st_mode & 0o077:
                 raise ConfigError(f"{path}: a private key readable by others; {loose_remedy}")
-            data = path.read_bytes()
+            data = read_bounded(path, SMALL_FILE)  # a PEM key is 119 bytes: a larger file is not read whole
         except OSError as exc:
             raise ConfigError(f"{path}: {exc.strerror or exc}; give an Ed25519 private key in PEM (e.g. the fleet's "
                               "keys/operator.key)") from None
+        except ValueError:
+            raise ConfigError(f"{path}: over {SMALL_FILE:,} bytes, not an Ed25519 private key in PEM") from None
         return cls.from_pem(data, str(path))
 
     def pem(self) -> bytes:
