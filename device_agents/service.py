@@ -250,6 +250,8 @@ class Agent:
             DiskFull: it could not be written even after the reserve was freed.
             PayloadTooLarge: it would be over the protocol's payload limit (counted as ``oversize_messages``, not
                 spooled); an answer (``cmd/ack``) is then sent as a refusal saying so instead.
+            ValueError: it holds a NaN or an infinity, which cannot be signed (not spooled); a successful answer
+                (``cmd/ack``) is then sent as a refusal saying so instead.
         """
         built: dict[str, Any] = {}
 
@@ -266,6 +268,12 @@ class Agent:
                 raise
             # the command still gets its answer: that it had one too large to send
             return self.emit(kind, {**body, "ok": False, "error": str(exc), "result": {}}, answers)
+        except ValueError as exc:  # signing's canonical form: a NaN or an infinity has no JSON form
+            if kind != "cmd/ack" or not body.get("ok"):
+                raise
+            log.error("the answer to %s holds a number that cannot be signed (%s); answered as an error", answers, exc)
+            return self.emit(kind, {**body, "ok": False, "error": f"the answer holds a NaN or an infinity ({exc}), which no "
+                                    "signed message can carry: not sent", "result": {}}, answers)
         self.publisher.wake()
         return built if row is not None else None
 
