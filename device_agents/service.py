@@ -61,7 +61,7 @@ from edgekit_protocol import messages
 from edgekit_protocol.commands import MAX_TTL_S, Command, CommandError, parse_command
 from edgekit_protocol.config import AgentConfig
 from edgekit_protocol.desired import MAX_ERROR_CHARS
-from edgekit_protocol.errors import EdgeKitError, PayloadTooLarge
+from edgekit_protocol.errors import EdgeKitError, MessageError, PayloadTooLarge
 from edgekit_protocol.labels import clip
 
 log = logging.getLogger("edgekit.agent")
@@ -388,8 +388,8 @@ class Agent:
             messages.check_time(msg, time.time())
         except EdgeKitError as exc:  # garbage, unsigned, forged, altered, or from the future
             self.refuse(str(exc))
-            if after_restart:  # taken before, refused now (the operator key changed): never again
-                self.spool.forget(json.loads(payload).get("msg_id", ""))
+            if after_restart:  # taken before, refused now (the operator key changed, or damaged in the spool): never again
+                self.spool.drop(payload)
             return
         if not after_restart:
             expires = msg.get("expires") if messages.in_range(msg.get("expires")) else msg["ts"] + MAX_TTL_S
@@ -809,7 +809,12 @@ class Agent:
         b = self.cfg.broker
         for payload, started in self.spool.pending_commands():  # taken before a crash, never answered
             if started:  # it may have taken effect: say so, never run it twice
-                msg = json.loads(payload)
+                try:  # verified when it was taken; the spool's file may be damaged since
+                    msg = messages.decode(payload, "cmd")
+                except MessageError as exc:
+                    self.refuse(f"a command taken before the restart no longer reads in the spool ({exc}); dropped")
+                    self.spool.drop(payload)
+                    continue
                 self.ack(msg["msg_id"], msg.get("command"), False, error="interrupted by an agent restart while "
                          "it ran; not run again (it may have taken effect: ask for the state)")
             else:

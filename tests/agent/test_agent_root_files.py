@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import threading
+import time
 
 import pytest
 
@@ -123,3 +125,26 @@ def test_a_code_manifest_holding_nan_is_an_answered_error_not_an_unsignable_answ
         assert "AGENT.json holds the non-finite number NaN" in ack["error"]
     finally:
         agent.spool.close()
+
+
+@pytest.mark.parametrize("started", [True, False])
+def test_a_taken_command_damaged_in_the_spool_is_refused_and_dropped_not_a_crash_at_every_start(tmp_path, started):
+    """A taken command is read back from spool.db at start: one whose payload no longer reads (the file damaged or
+    edited) raised JSONDecodeError out of run(), before the agent connected, at every start (it stayed in the
+    inbox). It is refused (counted, logged) and dropped now, and the agent runs."""
+    cfg = _config(tmp_path)
+    agent = Agent(cfg)
+    agent.spool.take("c1", b'{"msg_id": "c1", "command": "state", "seq": NaN', 1e9, 4e9)
+    if started:
+        agent.spool.start("c1")
+    runner = threading.Thread(target=agent.run, daemon=True)
+    runner.start()
+    time.sleep(1.5)
+    agent.stop()
+    runner.join(10)
+    again = Agent(cfg)
+    try:
+        assert again.spool.pending_commands() == []
+        assert again.spool.stats()["refused_commands"] == 1
+    finally:
+        again.spool.close()
