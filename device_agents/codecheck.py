@@ -23,13 +23,13 @@ free of top-level code that does anything but define.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 MANIFEST = "AGENT.json"
 SCHEMA = "edgekit.agent-code/1"
+MAX_MANIFEST_BYTES = 1 << 20  # a sha256 per file of the agent's code (a few hundred files at most)
 
 
 def tree(folder: str | os.PathLike) -> dict[str, str]:
@@ -83,6 +83,22 @@ def is_deployed(here: Path, root: Path) -> bool:
     return here == (root / "agent").resolve() or (here.parent == root and here.name.startswith("agent-"))
 
 
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """Return the agent code manifest in ``folder`` as it stands on disk (not verified: :func:`verify_code` does),
+    read with a size bound (:data:`MAX_MANIFEST_BYTES`) and strictly (no NaN or infinity: it goes into a signed
+    answer, ``state`` with ``code``).
+
+    Raises:
+        OSError: it cannot be read. ValueError: over the bound, not strict JSON, or not an agent code manifest.
+    """
+    from device_agents.disk import read_json
+
+    doc = read_json(Path(folder) / MANIFEST, MAX_MANIFEST_BYTES)
+    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA or not isinstance(doc.get("files"), dict):
+        raise ValueError("not an agent code manifest")
+    return doc
+
+
 def verify_code(folder: Path, operators: Path) -> dict[str, Any]:
     """Check the agent code under ``folder`` against its signed :data:`MANIFEST`.
 
@@ -99,9 +115,7 @@ def verify_code(folder: Path, operators: Path) -> dict[str, Any]:
 
     folder = Path(folder)
     try:
-        doc = json.loads((folder / MANIFEST).read_text())
-        if not isinstance(doc, dict) or doc.get("schema") != SCHEMA or not isinstance(doc.get("files"), dict):
-            raise ValueError("not an agent code manifest")
+        doc = read_manifest(folder)
         Keyring(operators=read_operators(operators)).verify(doc, OPERATOR)
     except (OSError, ValueError, EdgeKitError) as exc:
         raise CodeTampered(f"{folder / MANIFEST}: {getattr(exc, 'strerror', None) or exc}; the agent code cannot be "

@@ -10,6 +10,7 @@ from typing import NoReturn
 
 import yaml
 
+from device_agents.disk import read_bounded
 from device_agents.power import SENSORS
 from edgekit_protocol.config import AgentConfig, Node, build, closest
 from edgekit_protocol.errors import ConfigError
@@ -115,6 +116,7 @@ def refuse_duplicate_key(node: yaml.Node | None, path: Path) -> None:
         raise ConfigError(f"{path}:{twice[0]}: {twice[1]}: given twice (YAML would keep only the last); remove one")
 
 
+MAX_CONFIG_BYTES = 1 << 20  # agent.yaml: a real one holds a few kilobytes; a larger one is not read whole
 MAX_VALUES = 100_000  # values in agent.yaml, aliases expanded (a real one holds under a hundred)
 
 
@@ -136,18 +138,23 @@ def load_agent_config(path: Path) -> AgentConfig:
         The config, with defaults filled in.
 
     Raises:
-        ConfigError: unreadable file, not UTF-8, bad YAML, nested too deeply, more than :data:`MAX_VALUES` values
+        ConfigError: unreadable file, over :data:`MAX_CONFIG_BYTES`, not UTF-8, bad YAML, nested too deeply, more than :data:`MAX_VALUES` values
             once its aliases are expanded (an alias bomb), a value YAML cannot read, a key given twice, unknown key,
             wrong type, invalid value or an unknown power sensor; the message names the file, line and key.
     """
     path = Path(path)
     try:
-        node = yaml.compose(path.read_text(encoding="utf-8"))
+        data = read_bounded(path, MAX_CONFIG_BYTES)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the agent config ({exc.strerror})") from None
+    except ValueError:  # over the bound
+        raise ConfigError(f"{path}: over {MAX_CONFIG_BYTES:,} bytes, not an agent config (one holds a few kilobytes); "
+                          "write it as the deploy does") from None
+    try:
+        node = yaml.compose(data.decode("utf-8"))
     except RecursionError:  # the composer recurses per level: a few thousand brackets
         raise ConfigError(f"{path}: nested too deeply to be an agent config; write it as the deploy does "
                           "(blocks of keys, a few levels deep)") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the agent config ({exc.strerror})") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: the agent config is not UTF-8 text (byte {exc.start}); write it as YAML") from None
     except yaml.YAMLError as exc:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from device_agents.errors import DiskFull
+from edgekit_protocol.messages import strict_loads
 
 log = logging.getLogger("edgekit.agent")
 RESERVE = ".reserve"
@@ -219,3 +220,34 @@ def fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+SMALL_FILE = 64 * 1024  # what the agent's own small JSON files (desired state, keys list, records) may take
+
+
+def read_bounded(path: Path, limit: int) -> bytes:
+    """Return the bytes of ``path``, read no further than ``limit`` + 1: a file the agent keeps under its root may be
+    damaged or edited by hand, and one of gigabytes must not be read whole.
+
+    Raises:
+        OSError: it cannot be read (FileNotFoundError: there is none).
+        ValueError: it holds more than ``limit`` bytes (the text names it and the limit).
+    """
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"{path}: over the {limit:,} bytes such a file may take")
+    return data
+
+
+def read_json(path: Path, limit: int = SMALL_FILE) -> Any:
+    """Return the JSON value in the file ``path`` (at most ``limit`` bytes: :func:`read_bounded`), parsed as the
+    receivers parse a message (:func:`edgekit_protocol.messages.strict_loads`: no NaN or infinity, which no signed
+    message can carry, no key twice). For the agent's own files, which may be damaged or edited by hand.
+
+    Raises:
+        OSError: it cannot be read (FileNotFoundError: there is none).
+        ValueError: over ``limit``, not UTF-8 JSON, or a NaN, an infinity or a key twice (a MessageError), the path
+            named.
+    """
+    return strict_loads(read_bounded(path, limit), str(path))

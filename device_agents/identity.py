@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
-from device_agents.disk import atomic_write
+from device_agents.disk import SMALL_FILE, atomic_write, read_bounded, read_json
 from edgekit_protocol import messages
 from edgekit_protocol.errors import ConfigError, EdgeKitError, MessageError
 from edgekit_protocol.messages import canonical
@@ -146,16 +146,19 @@ class Signer:
         the user to do.
 
         Raises:
-            ConfigError: no such file, it cannot be read, is not a key, or is readable by others than its owner.
+            ConfigError: no such file, it cannot be read, is over :data:`device_agents.disk.SMALL_FILE` bytes, is not a
+                key, or is readable by others than its owner.
         """
         path = Path(path)
         try:
             if path.stat().st_mode & 0o077:
                 raise ConfigError(f"{path}: a private key readable by others; {loose_remedy}")
-            data = path.read_bytes()
+            data = read_bounded(path, SMALL_FILE)  # a PEM key is 119 bytes: a larger file is not read whole
         except OSError as exc:
             raise ConfigError(f"{path}: {exc.strerror or exc}; give an Ed25519 private key in PEM (e.g. the fleet's "
                               "keys/operator.key)") from None
+        except ValueError:
+            raise ConfigError(f"{path}: over {SMALL_FILE:,} bytes, not an Ed25519 private key in PEM") from None
         return cls.from_pem(data, str(path))
 
     def pem(self) -> bytes:
@@ -277,7 +280,7 @@ def provisioned_at(folder: Path) -> float:
     """Return the unix time in ``<folder>/provisioned.json`` (the operator's clock when the deploy
     gave this device its key), or 0.0 when there is none or it is not a finite time (never raises)."""
     try:
-        at = json.loads((folder / PROVISIONED).read_text()).get("at")
+        at = read_json(folder / PROVISIONED).get("at")
     except (OSError, ValueError, AttributeError):
         return 0.0
     return float(at) if messages.in_range(at) else 0.0
@@ -287,14 +290,15 @@ def read_operators(path: Path) -> tuple[bytes, ...]:
     """Return the operator public keys pinned in ``operators.json`` (a JSON list of base64 keys).
 
     Raises:
-        ConfigError: the file is missing, not a JSON list, or holds something that is not a key.
+        ConfigError: the file is missing, over :data:`device_agents.disk.SMALL_FILE` bytes, not a JSON list, or holds
+            something that is not a key.
     """
     try:
-        keys = json.loads(Path(path).read_text())
+        keys = read_json(Path(path))
     except OSError as exc:
         raise ConfigError(f"{path}: no operator key is pinned ({exc.strerror}); deploy to this device") from None
-    except ValueError:
-        raise ConfigError(f"{path}: not JSON; deploy to this device again") from None
+    except ValueError as exc:  # not JSON, a NaN, or over the size bound (the text names the file)
+        raise ConfigError(f"{exc}; deploy to this device again") from None
     if not isinstance(keys, list) or not keys:
         raise ConfigError(f"{path}: expected a JSON list of operator public keys")
     return tuple(decode_key(k, f"{path}[{i}]") if isinstance(k, str) else decode_key("", f"{path}[{i}]")

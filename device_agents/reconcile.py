@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from device_agents.disk import atomic_write
+from device_agents.disk import atomic_write, read_json
 from device_agents.store import is_sha256
 from edgekit_protocol.config import PullConfig
 from edgekit_protocol.desired import (
@@ -50,6 +50,9 @@ MAX_RETRY_S = 900.0
 DESIRED = "desired.json"
 REVISION = "desired-revision.json"  # the highest revision taken and its msg_id: the floor a lost desired.json leaves
 REPORTED = "reported.json"  # the last reported body: published again once a restarted agent connects
+# desired.json: a desired message (at most MAX_PAYLOAD bytes as sent; written with \u escapes, which take up to 3 times
+# the bytes of the UTF-8 they stand for) and two counts; a larger one is damaged, and not read whole
+DESIRED_FILE_BYTES = 4 * MAX_PAYLOAD
 CONNECT_GRACE_S = 2.0  # after a restart, how long the broker gets to deliver a newer desired state
 FLOOR_RATE = 8192.0  # bytes/s: a download slower than this on average (or half the cap) is given up and retried
 
@@ -120,7 +123,7 @@ class Reconciler:
         once the broker had a moment to deliver a newer one (:data:`CONNECT_GRACE_S` after connecting).
         """
         try:
-            floor = json.loads((self.root / REVISION).read_text())
+            floor = read_json(self.root / REVISION)
             if isinstance(floor.get("revision"), int) and isinstance(floor.get("msg_id"), str):
                 self._floor = (floor["revision"], floor["msg_id"])
         except FileNotFoundError:
@@ -128,7 +131,7 @@ class Reconciler:
         except (OSError, ValueError, AttributeError) as exc:
             log.error("%s: unreadable (%s); the revision in desired.json is the floor", self.root / REVISION, exc)
         try:
-            saved = json.loads((self.root / DESIRED).read_text())
+            saved = read_json(self.root / DESIRED, DESIRED_FILE_BYTES)
             self.desired, self._message = parse_desired(saved["message"]), saved["message"]
             if self.desired.revision >= self._floor[0]:
                 self._floor = (self.desired.revision, self.desired.msg_id)

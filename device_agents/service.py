@@ -29,7 +29,7 @@ from typing import Any
 import edgekit_protocol
 from device_agents import codecheck, conditions
 from device_agents.bench import bench_in_child
-from device_agents.disk import Disk, atomic_write, is_out_of_space
+from device_agents.disk import Disk, atomic_write, is_out_of_space, read_json
 from device_agents.errors import (
     BenchFailed,
     CodeTampered,
@@ -61,7 +61,7 @@ from edgekit_protocol import messages
 from edgekit_protocol.commands import MAX_TTL_S, Command, CommandError, parse_command
 from edgekit_protocol.config import AgentConfig
 from edgekit_protocol.desired import MAX_ERROR_CHARS
-from edgekit_protocol.errors import EdgeKitError, PayloadTooLarge
+from edgekit_protocol.errors import EdgeKitError, MessageError, PayloadTooLarge
 from edgekit_protocol.labels import clip
 
 log = logging.getLogger("edgekit.agent")
@@ -250,6 +250,8 @@ class Agent:
             DiskFull: it could not be written even after the reserve was freed.
             PayloadTooLarge: it would be over the protocol's payload limit (counted as ``oversize_messages``, not
                 spooled); an answer (``cmd/ack``) is then sent as a refusal saying so instead.
+            ValueError: it holds a NaN or an infinity, which cannot be signed (not spooled); a successful answer
+                (``cmd/ack``) is then sent as a refusal saying so instead.
         """
         built: dict[str, Any] = {}
 
@@ -266,6 +268,12 @@ class Agent:
                 raise
             # the command still gets its answer: that it had one too large to send
             return self.emit(kind, {**body, "ok": False, "error": str(exc), "result": {}}, answers)
+        except ValueError as exc:  # signing's canonical form: a NaN or an infinity has no JSON form
+            if kind != "cmd/ack" or not body.get("ok"):
+                raise
+            log.error("the answer to %s holds a number that cannot be signed (%s); answered as an error", answers, exc)
+            return self.emit(kind, {**body, "ok": False, "error": f"the answer holds a NaN or an infinity ({exc}), which no "
+                                    "signed message can carry: not sent", "result": {}}, answers)
         self.publisher.wake()
         return built if row is not None else None
 
@@ -380,8 +388,8 @@ class Agent:
             messages.check_time(msg, time.time())
         except EdgeKitError as exc:  # garbage, unsigned, forged, altered, or from the future
             self.refuse(str(exc))
-            if after_restart:  # taken before, refused now (the operator key changed): never again
-                self.spool.forget(json.loads(payload).get("msg_id", ""))
+            if after_restart:  # taken before, refused now (the operator key changed, or damaged in the spool): never again
+                self.spool.drop(payload)
             return
         if not after_restart:
             expires = msg.get("expires") if messages.in_range(msg.get("expires")) else msg["ts"] + MAX_TTL_S
@@ -620,8 +628,12 @@ class Agent:
         if self.cfg.store.max_store_mb is None:
             return []
         try:
-            spared = set(json.loads((self.store.root / "candidates.json").read_text()))
-        except (OSError, ValueError, TypeError):
+            spared = set(read_json(self.store.root / "candidates.json"))
+        except FileNotFoundError:
+            spared = set()
+        except (OSError, ValueError, TypeError) as exc:  # damaged: the budget spares only what else it must
+            log.error("%s is unreadable (%s); the store budget spares no tune candidate", self.store.root / "candidates.json",
+                      exc)
             spared = set()
         spared |= self.reconciler.protected()  # the desired model may be installed and not yet active
         removed = self.store.prune(int(self.cfg.store.max_store_mb * 1e6), spared)
@@ -644,7 +656,7 @@ class Agent:
             state["live"] = ({**self.server.snapshot(), "latency_samples_ms": self.server.samples(cmd.args["live"])}
                              if self.server else None)
         if cmd.args.get("code"):  # the signed manifest of this agent's code (None when not run from <root>/agent)
-            state["code"] = json.loads((self._code_dir() / codecheck.MANIFEST).read_text()) if self._deployed() else None
+            state["code"] = codecheck.read_manifest(self._code_dir()) if self._deployed() else None
         return state
 
     def _code_dir(self) -> Path:
@@ -797,7 +809,12 @@ class Agent:
         b = self.cfg.broker
         for payload, started in self.spool.pending_commands():  # taken before a crash, never answered
             if started:  # it may have taken effect: say so, never run it twice
-                msg = json.loads(payload)
+                try:  # verified when it was taken; the spool's file may be damaged since
+                    msg = messages.decode(payload, "cmd")
+                except MessageError as exc:
+                    self.refuse(f"a command taken before the restart no longer reads in the spool ({exc}); dropped")
+                    self.spool.drop(payload)
+                    continue
                 self.ack(msg["msg_id"], msg.get("command"), False, error="interrupted by an agent restart while "
                          "it ran; not run again (it may have taken effect: ask for the state)")
             else:

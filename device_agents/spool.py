@@ -284,7 +284,7 @@ class Spool:
 
     def take(self, msg_id: str, payload: bytes, ts: float, expires: float) -> str | None:
         """Record a command as taken and keep it until the message answering it is spooled
-        (``add(..., answers=msg_id)``) or :meth:`forget` drops it, in one transaction (fsync).
+        (``add(..., answers=msg_id)``) or :meth:`drop` drops it, in one transaction (fsync).
 
         Command ids are kept until their command has expired by the sender's clock: the spool keeps a
         horizon, the newest ``ts`` of any command taken minus :data:`HORIZON_S`, never moving back;
@@ -325,10 +325,11 @@ class Spool:
         with self._lock:
             return self._db.execute("SELECT COUNT(*) FROM seen").fetchone()[0]
 
-    def forget(self, msg_id: str) -> None:
-        """Drop a taken command that will not be answered (refused after a restart)."""
+    def drop(self, payload: bytes) -> None:
+        """Drop the taken commands whose payload is ``payload`` (one refused after a restart, or damaged in the spool:
+        its id cannot be told from a payload that no longer reads); returns nothing."""
         with self._lock:
-            self._db.execute("DELETE FROM inbox WHERE id = ?", (msg_id,))
+            self._db.execute("DELETE FROM inbox WHERE payload = ?", (payload,))
 
     def start(self, msg_id: str) -> None:
         """Mark a taken command as started, committed with fsync whatever was written before (telemetry

@@ -64,11 +64,14 @@ from device_agents.errors import NO_ACTIVE_MODEL, SmokeFailed, StoreError
 from device_agents.formats import SUFFIX, model_format
 from edgekit_protocol.desired import MAX_NAME_CHARS
 from edgekit_protocol.labels import clip
-from edgekit_protocol.messages import check_model_name
+from edgekit_protocol.messages import check_model_name, in_range, is_float, strict_loads
 
 log = logging.getLogger("edgekit.agent.store")
 SMOKE_TIMEOUT_S = 120.0
 SWITCH = "switch.json"  # the pair a switch goes to, while it runs
+META = "meta.json"
+MAX_META_BYTES = 64 * 1024  # a model's meta.json: install writes a few hundred bytes; a larger one is damaged, not read
+UNREADABLE_META = "meta.json is missing or unreadable"
 _LEFTOVER = re.compile(r"^\.[0-9a-f]{64}\.(staging|removing)-(\d+)$")  # in models/: an install's or a removal's
 
 
@@ -94,14 +97,76 @@ class Installed:
     fresh: bool = True
 
 
-def damage(meta: dict | None, sha256: str, hashes: dict[str, str]) -> str | None:
+def check_variant(value: Any) -> str:
+    """Return ``value`` when it can be a variant's name in the store: 1 to :data:`edgekit_protocol.desired.MAX_NAME_CHARS`
+    printable characters, not all blank (what a desired state may name). The one rule for :meth:`ModelStore.install`
+    and for reading ``meta.json`` (:func:`read_meta`): the name is in every status, telemetry, live and reported
+    message, which receivers (and, past 64 KiB, the broker) refuse when it is longer; an empty one could never be
+    named again.
+
+    Raises:
+        ValueError: it is not; the text quotes it cut short and states the rule.
+    """
+    if not isinstance(value, str) or not value.strip() or not value.isprintable() or len(value) > MAX_NAME_CHARS:
+        shown = repr(clip(value, 40)) if isinstance(value, str) else type(value).__name__
+        raise ValueError(f"variant {shown} is not a name of 1-{MAX_NAME_CHARS} printable characters")
+    return value
+
+
+def read_meta(data: str | bytes | None, sha256: str) -> dict[str, Any]:
+    """Return the metadata of the stored model ``sha256`` that ``data`` holds (its ``meta.json``, None: there is none),
+    checked against what :meth:`ModelStore.install` writes. The file is read from disk, where it may be damaged or
+    edited by hand, and its fields go into signed messages (a NaN cannot be signed, a long variant makes every message
+    too large): one that fails is a damaged ``meta.json``, a state the agent reports and a deploy repairs. The one rule
+    for the agent's store and the deploy's probe (``edge_kit.fleet.ssh``).
+
+    Raises:
+        ValueError: one line starting ``meta.json``: it is missing or not UTF-8 JSON (:data:`UNREADABLE_META`), over
+            :data:`MAX_META_BYTES`, holds a NaN, an infinity or a key twice, is not an object, or a field is out of
+            contract: ``sha256`` not the folder's name, ``variant`` (:func:`check_variant`), ``model``
+            (:func:`edgekit_protocol.messages.check_model_name`), ``bytes`` not a whole number from 0, ``installed``
+            not a finite number, ``format`` not a known one, ``eval_sha256`` not a sha256 (fields an older agent did not
+            write may be missing).
+    """
+    if data is None:
+        raise ValueError(UNREADABLE_META)
+    if len(data) > MAX_META_BYTES:
+        raise ValueError(f"{META} holds {len(data):,} bytes, over the {MAX_META_BYTES:,} a model's metadata may take")
+    try:
+        meta = strict_loads(data, META)
+    except ValueError as exc:  # MessageError is one; cut short or garbled: "unreadable", as ever
+        why = str(exc)
+        raise ValueError(UNREADABLE_META if why.startswith(f"{META} is not UTF-8 JSON") else why) from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{META} is a JSON {type(meta).__name__}, not an object")
+    if meta.get("sha256") != sha256:
+        raise ValueError(f"{META}: sha256 is not the model's ({sha256[:12]}...)")
+    try:
+        check_variant(meta.get("variant"))
+        check_model_name(meta.get("model"))
+    except ValueError as exc:
+        raise ValueError(f"{META}: {exc}") from None
+    size, installed, fmt, eval_sha = (meta.get(k) for k in ("bytes", "installed", "format", "eval_sha256"))
+    if size is not None and not (isinstance(size, int) and in_range(size, 1e18) and size >= 0):
+        raise ValueError(f"{META}: bytes is not a whole number from 0")
+    if installed is not None and not is_float(installed):
+        raise ValueError(f"{META}: installed is not a time (a finite number)")
+    if fmt is not None and fmt not in SUFFIX:
+        raise ValueError(f"{META}: format {clip(str(fmt), 20)!r} is not one of {', '.join(SUFFIX)}")
+    if eval_sha is not None and not is_sha256(eval_sha):
+        raise ValueError(f"{META}: eval_sha256 is not a sha256")
+    return meta
+
+
+def damage(meta: dict | None, sha256: str, hashes: dict[str, str], meta_error: str | None = None) -> str | None:
     """Return what is wrong with the stored model ``sha256``, or None when it is intact: ``meta`` is its
-    ``meta.json`` (None: missing or unreadable), ``hashes`` the sha256 of each file its folder holds, by name
+    ``meta.json`` as :func:`read_meta` returns it (None: missing, unreadable or out of contract, ``meta_error`` saying
+    why), ``hashes`` the sha256 of each file its folder holds, by name
     (``model.tflite``, ``model.onnx``, ``eval.npz``; a file that is not there is left out). The one rule for
     the agent's own check (:meth:`ModelStore.damaged`) and the deploy's, which hashes on the device with a
     script of its own (``edge_kit.fleet.ssh``)."""
     if meta is None:
-        return "meta.json is missing or unreadable"
+        return meta_error or UNREADABLE_META
     fmt = meta.get("format")
     if hashes.get("model" + SUFFIX[fmt if isinstance(fmt, str) and fmt in SUFFIX else "tflite"]) != sha256:
         return "the artifact no longer hashes to its sha256"
@@ -198,18 +263,18 @@ class ModelStore:
             The installed model; ``fresh`` is False when the same sha256 was already installed.
 
         Raises:
-            StoreError: ``variant`` is empty, longer than :data:`edgekit_protocol.desired.MAX_NAME_CHARS` or holds
-                control characters, ``model`` is not a model name
+            StoreError: ``variant`` is not a variant's name (:func:`check_variant`: empty, longer than
+                :data:`edgekit_protocol.desired.MAX_NAME_CHARS` or holding control characters), ``model`` is not a model name
                 (:func:`edgekit_protocol.messages.check_model_name`), ``src`` is missing or not a
                 file (then no store is made), its sha256 (or the eval set's) differs from what was
                 expected, or the copy failed (disk full, permissions); nothing is left behind in ``models/``.
         """
         src = Path(src)
-        # an empty one could never be named again; a longer one than a desired state may name is in every status,
-        # telemetry and reported message, which receivers (and, past 64 KiB, the broker) refuse
-        if not variant.strip() or not variant.isprintable() or len(variant) > MAX_NAME_CHARS:
+        try:
+            check_variant(variant)
+        except ValueError:
             raise StoreError(f"variant {clip(variant, 40)!r}: give a name of 1-{MAX_NAME_CHARS} printable characters, "
-                             "e.g. int8")
+                             "e.g. int8") from None
         try:
             check_model_name(model)
         except ValueError as exc:
@@ -250,7 +315,7 @@ class ModelStore:
             meta = {"sha256": digest, "variant": variant, "model": model, "bytes": size, "format": fmt,
                     "installed": time.time(), "eval": "eval.npz" if eval_file is not None else None,
                     "eval_sha256": eval_digest}
-            (staging / "meta.json").write_text(json.dumps(meta, indent=2))
+            (staging / META).write_text(json.dumps(meta, indent=2))
             for f in staging.iterdir():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
@@ -323,12 +388,22 @@ class ModelStore:
 
     # --- reading ------------------------------------------------------------------------------
 
-    def _meta(self, sha256: str) -> dict | None:
+    def _read_meta(self, sha256: str) -> tuple[dict | None, str | None]:
+        """Return ``(metadata, None)`` for a model whose ``meta.json`` passes :func:`read_meta`, else ``(None, why)``:
+        read with a size bound (a file over :data:`MAX_META_BYTES` is not read whole)."""
         try:
-            meta = json.loads((self.models / sha256 / "meta.json").read_text())
-        except (OSError, ValueError):
-            return None
-        return meta if isinstance(meta, dict) else None
+            with open(self.models / sha256 / META, "rb") as f:
+                data: bytes | None = f.read(MAX_META_BYTES + 1)
+        except OSError:
+            data = None
+        try:
+            return read_meta(data, sha256), None
+        except ValueError as exc:
+            return None, str(exc)
+
+    def _meta(self, sha256: str) -> dict | None:
+        """Return a model's metadata when its ``meta.json`` passes :func:`read_meta`, else None (damaged or missing)."""
+        return self._read_meta(sha256)[0]
 
     def _link(self, name: str) -> str | None:
         try:
@@ -370,21 +445,21 @@ class ModelStore:
 
     def describe(self, sha256: str | None) -> dict | None:
         """Return a model's metadata (``sha256``, ``variant``, ``model``, ``bytes``...); for a model
-        whose ``meta.json`` is unreadable, ``{"sha256", "damaged"}`` (a state to repair, not "no
-        model"); None when there is no such model."""
+        whose ``meta.json`` is missing, unreadable or out of contract (:func:`read_meta`), ``{"sha256", "damaged"}``
+        with why (a state to repair, not "no model"); None when there is no such model."""
         if sha256 is None:
             return None
-        meta = self._meta(sha256)
+        meta, why = self._read_meta(sha256)
         if meta is None and (self.models / sha256).is_dir():
-            return {"sha256": sha256, "damaged": "meta.json is missing or unreadable"}
+            return {"sha256": sha256, "damaged": why}
         return meta
 
     def _damage(self, sha256: str) -> str | None:
         """Return what is wrong with a stored model (metadata, artifact or eval set), or None when intact."""
         folder = self.models / sha256
-        meta = self._meta(sha256)
+        meta, why = self._read_meta(sha256)
         names = ["model" + suffix for suffix in SUFFIX.values()] + ["eval.npz"]
-        return damage(meta, sha256, {n: sha256_of(folder / n) for n in names if (folder / n).is_file()})
+        return damage(meta, sha256, {n: sha256_of(folder / n) for n in names if (folder / n).is_file()}, why)
 
     def _intact(self, sha256: str) -> bool:
         """Return True when the model's metadata reads and its artifact and eval set still hash as recorded."""
@@ -456,12 +531,15 @@ class ModelStore:
         """Return the model path after checking the file's sha256 against its name and metadata.
 
         Raises:
-            StoreError: the file is missing or its content does not match.
+            StoreError: the file is missing, its content does not match, or its ``meta.json`` is damaged
+                (:func:`read_meta`).
         """
         path = self.model_path(sha256)
-        meta = self._meta(sha256)
+        meta, why = self._read_meta(sha256)
+        if meta is None and path.is_file():
+            raise StoreError(f"model {sha256[:12]}: {why}; deploy it again to repair it")
         if meta is None or not path.is_file():
-            raise StoreError(f"model {sha256[:12]} is not installed (no {path.name} or meta.json)")
+            raise StoreError(f"model {sha256[:12]} is not installed (no {path.name} or {META})")
         actual = sha256_of(path)
         if actual != sha256 or meta.get("sha256") != sha256:
             raise StoreError(f"model {sha256[:12]}: file sha256 is {actual[:12]}..., manifest says {sha256[:12]}... "

@@ -217,26 +217,46 @@ def disk_free_bytes(disk: Any) -> float | None:
     return free if in_range(free, 1e18) and free >= 0 else None
 
 
-def _refuse_constant(name: str) -> float:
-    raise MessageError(f"payload holds the non-finite number {name}; numbers must be finite")
+def _refuse_constant(name: str, what: str = "payload") -> float:
+    raise MessageError(f"{what} holds the non-finite number {name}; numbers must be finite")
 
 
-def _finite_float(text: str) -> float:
+def _finite_float(text: str, what: str = "payload") -> float:
     value = float(text)
     if value in (math.inf, -math.inf):
-        raise MessageError(f"payload holds {text[:30]}, which overflows to infinity; numbers must be finite")
+        raise MessageError(f"{what} holds {text[:30]}, which overflows to infinity; numbers must be finite")
     return value
 
 
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+def _unique_keys(pairs: list[tuple[str, Any]], what: str = "payload") -> dict[str, Any]:
     """Return the object of ``pairs``; raise MessageError when a key appears twice (the parser would keep the
     last, another reader of the stored bytes the first: what was verified must be what every reader sees)."""
     obj = dict(pairs)
     if len(obj) != len(pairs):
         seen: set[str] = set()
         twice = next(k for k, _ in pairs if k in seen or seen.add(k))
-        raise MessageError(f"payload holds the key {twice[:40]!r} twice in one object; keys must be unique")
+        raise MessageError(f"{what} holds the key {twice[:40]!r} twice in one object; keys must be unique")
     return obj
+
+
+def strict_loads(data: str | bytes, what: str = "payload") -> Any:
+    """Return the JSON value ``data`` holds, parsed as receivers parse a payload: no NaN or infinity (Python's json
+    takes ``NaN``, ``Infinity`` and ``1e999``, which no JSON encoder gives back), no key twice in one object. For
+    any JSON a sender or the disk hands over (a file an agent wrote may be damaged or edited by hand).
+
+    Raises:
+        MessageError: ``data`` is not UTF-8 JSON, nests deeper than the parser goes, or holds a NaN, an infinity or a
+            key twice in one object; the text starts with ``what`` (what ``data`` is, e.g. a file name).
+    """
+    try:
+        text = data.decode("utf-8") if isinstance(data, bytes) else data
+        return json.loads(text, parse_constant=lambda name: _refuse_constant(name, what),
+                          parse_float=lambda text: _finite_float(text, what),
+                          object_pairs_hook=lambda pairs: _unique_keys(pairs, what))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: also integers of 4,300+ digits
+        if isinstance(exc, MessageError):
+            raise
+        raise MessageError(f"{what} is not UTF-8 JSON ({type(exc).__name__})") from None
 
 
 def _odd_string(value: Any, where: str = "payload") -> str | None:
@@ -287,12 +307,9 @@ def decode(payload: bytes, kind: str | None = None) -> dict[str, Any]:
         raise MessageError(f"payload of {len(payload)} bytes is over the {MAX_PAYLOAD}-byte limit")
     try:
         text = payload.decode("utf-8")
-        message = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float,
-                             object_pairs_hook=_unique_keys)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: also integers of 4,300+ digits
-        if isinstance(exc, MessageError):
-            raise
-        raise MessageError(f"payload is not UTF-8 JSON ({type(exc).__name__})") from None
+    except UnicodeDecodeError:
+        raise MessageError("payload is not UTF-8 JSON (UnicodeDecodeError)") from None
+    message = strict_loads(text)
     if not isinstance(message, dict):
         raise MessageError(f"payload is a JSON {type(message).__name__}, expected an object")
     if text.count("[") + text.count("{") > MAX_DEPTH and nested_deeper(message, MAX_DEPTH):  # the walk only when it may be

@@ -42,7 +42,7 @@ from typing import Any, Callable, ClassVar
 
 import numpy as np
 
-from device_agents.disk import sha256_of
+from device_agents.disk import read_json, sha256_of
 from device_agents.formats import (
     META_CALIB,
     META_CALIB_SHA256,
@@ -266,7 +266,7 @@ def _foreign(cache: Path, ident: Identity) -> str | None:
     if not _engines(cache):
         return None
     try:
-        record = json.loads((cache / BUILD_RECORD).read_text())
+        record = read_json(cache / BUILD_RECORD)
     except (OSError, ValueError):
         return "no build record says which TensorRT version and GPU built it"
     if not isinstance(record, dict):
@@ -534,7 +534,7 @@ def _cached_record(model: Path, root: Path) -> dict[str, Any] | None:
     cache = engine_dir(root, sha256_of(model), ident)
     if not _engines(cache) or _foreign(cache, ident):  # build_engine then removes a foreign engine and builds
         return None
-    record = json.loads((cache / BUILD_RECORD).read_text())
+    record = read_json(cache / BUILD_RECORD)  # _foreign read it just now
     if "provider_options" not in record:
         return None
     return {**record, "cached": True}

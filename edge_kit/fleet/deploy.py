@@ -17,7 +17,8 @@ Per device, over one SSH connection (Fabric) with its host key verified:
 
 Before uploading, the deploy's probe hashes the device's stored copies of the variants it would deploy
 (``repair``, on by default; the rule is :func:`device_agents.store.damage`, the agent's own): a model
-whose artifact or eval set no longer matches its sha256, or whose ``meta.json`` is unreadable, is
+whose artifact or eval set no longer matches its sha256, or whose ``meta.json`` is unreadable or out of contract
+(:func:`device_agents.store.read_meta`), is
 uploaded again and replaces the damaged copy.
 
 Devices run in parallel (``parallel`` at a time); one device's failure never stops the others.

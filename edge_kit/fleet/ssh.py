@@ -29,7 +29,7 @@ import paramiko
 from fabric import Connection
 
 from device_agents import codecheck
-from device_agents.store import damage
+from device_agents.store import damage, read_meta
 from device_agents.supervise import is_supervisor
 from edge_kit.errors import DeployError
 from edge_kit.fleet.inventory import Device
@@ -601,17 +601,16 @@ class DeviceShell:
             raise DeployError(f"{self.dev.name}: the device state probe printed {exc}, not what the probe prints; check "
                               "the device's Python (`python:` in the fleet file) and that the device is yours") from None
         root = found["root"]
-        installed, metas = [], {}
+        installed, metas, unread = [], {}, {}
         for name, meta in sorted(found["models"].items()):
-            try:
-                record = json.loads(meta) if meta else None
-            except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
-                record = None
-            metas[name] = record if isinstance(record, dict) else None  # as the agent's store reads it
-            if isinstance(record, dict) and record.get("sha256") == name:
-                installed.append(record)  # else damaged: not counted as installed, so the deploy uploads it again
+            try:  # as the agent's store reads it: strict JSON, within the contract install writes
+                metas[name] = read_meta(meta, name)
+            except ValueError as exc:  # damaged: not counted as installed, so the deploy uploads it again
+                unread[name] = str(exc)
+                continue
+            installed.append(metas[name])
         damaged = {name: why for name, hashes in found["hashes"].items()
-                   if (why := damage(metas.get(name), name, hashes)) is not None}
+                   if (why := damage(metas.get(name), name, hashes, unread.get(name))) is not None}
         pid, cmdline = found["pid"], found["cmdline"]
         return {"root": root, **found["digests"], "code": found["code"],
                 "device_pub": found["device_pub"], "has_device_key": found["has_device_key"],

@@ -238,3 +238,14 @@ def test_an_alias_bomb_a_recursive_alias_or_deep_nesting_is_one_line_at_once(tmp
         assert time.monotonic() - started < 10
     shared = "device: pi-1\nfleet: f\nbench: &b {threads: 2}\n"  # an alias used as intended still loads
     assert load_agent_config(write(tmp_path, "a.yaml", shared)).bench.threads == 2
+
+
+def test_a_config_over_its_size_bound_is_one_line_without_being_read_whole(tmp_path):
+    """agent.yaml was read whole whatever its size: one grown to gigabytes (damaged, or a log written over it) took
+    the agent's memory before any check. A real one holds a few kilobytes; one over 1 MiB is refused unread."""
+    path = write(tmp_path, "a.yaml", "device: pi-1\nfleet: f\n" + "# padding\n" * 110_000)
+    with pytest.raises(ConfigError) as caught:
+        load_agent_config(path)
+    assert str(caught.value) == (f"{path}: over 1,048,576 bytes, not an agent config (one holds a few kilobytes); "
+                                 "write it as the deploy does")
+    assert load_agent_config(write(tmp_path, "b.yaml", "device: pi-1\nfleet: f\n" + "# padding\n" * 1000)).device == "pi-1"

@@ -206,3 +206,15 @@ def test_a_failed_commands_error_of_any_length_is_answered_cut_short_not_as_too_
     assert ack["error"].startswith("the runtime refused the model: tensor_name") and "(72,031 characters)" in ack["error"]
     assert len(ack["error"]) <= MAX_ERROR_CHARS + 40
     assert agent.spool.stats()["oversize_messages"] == 0
+
+
+def test_an_answer_holding_a_nan_is_sent_as_a_refusal_saying_so(agent, monkeypatch):
+    """An answer with a NaN or an infinity (a figure from a runtime, a record read back from disk) could not be
+    signed: the ValueError left handle(), and the command was never answered. It is answered as an error now."""
+    monkeypatch.setattr(agent, "_cmd_state", lambda cmd: {"figure": float("nan")})
+    assert agent.spool.take("c1", b"{}", time.time(), time.time() + 60) is None
+    agent.run_command(Command("c1", "state", {}))
+    (ack,) = [m for k, m in _spooled(agent) if k == "ack"]
+    assert ack["cmd_id"] == "c1" and ack["ok"] is False and ack["result"] == {}
+    assert ack["error"].startswith("the answer holds a NaN or an infinity (") and ack["error"].endswith("not sent")
+    assert agent.spool.pending_commands() == []  # answered: it left the inbox

@@ -89,6 +89,16 @@ def test_a_device_key_is_created_private_and_a_readable_one_is_refused(tmp_path)
         Signer.load_or_create(tmp_path / "identity" / "device.key")
 
 
+def test_a_key_file_over_its_size_bound_is_refused_unread(tmp_path):
+    """A key file was read whole whatever its size (a PEM key is 119 bytes): one grown to gigabytes by damage took
+    the agent's memory at every start. One over 64 KiB is refused in one line, before it is read."""
+    path = tmp_path / "identity" / "device.key"
+    Signer.load_or_create(path)
+    path.write_bytes(path.read_bytes() + b"\n" * 70_000)
+    with pytest.raises(ConfigError, match=rf"^{path}: over 65,536 bytes, not an Ed25519 private key in PEM$"):
+        Signer.load_or_create(path)
+
+
 def test_a_key_whose_folder_is_a_file_is_one_line_naming_it(tmp_path):
     """A key folder that is a file (a fleet file's `keys:`) raised FileExistsError from mkdir: a traceback."""
     (tmp_path / "afile").write_text("x")

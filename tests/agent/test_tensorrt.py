@@ -446,3 +446,18 @@ def test_a_build_child_stopping_partway_through_its_answer_is_ended_at_the_deadl
         # machine too, or the build is killed before its answer starts ("took more than 2 s" in a CI run)
         trt.build_in_child(tmp_path / "m.onnx", tmp_path, timeout=6, target=_stalls_mid_send)
     assert time.monotonic() - started < 30
+
+
+def test_a_build_record_holding_nan_is_no_record_and_the_engine_is_rebuilt(fake: FakeOrt, fp16: Path, tmp_path: Path) -> None:
+    """The build record is read back into an install's answer (``engine``): one holding NaN (damaged or edited) made
+    that answer unsignable. It is read as the receivers parse a message: not a record, so the engine is built again."""
+    root = tmp_path / "root"
+    cache = trt.engine_dir(root, sha(fp16), IDENT)
+    cache.mkdir(parents=True)
+    (cache / "TensorrtExecutionProvider_TRTKernel_graph_g_1_0_0_sm87.engine").write_bytes(b"plan")
+    (cache / trt.BUILD_RECORD).write_text(json.dumps({"trt_version": IDENT.trt_version, "gpu": IDENT.gpu,
+                                                      "provider_options": {}, "build_s": float("nan")}))
+    assert trt._cached_record(fp16, root) is None
+    rec = trt.build_engine(fp16, root)
+    assert rec["cached"] is False and fake.builds == 1
+    assert trt._cached_record(fp16, root)["cached"] is True

@@ -118,9 +118,22 @@ def test_a_probe_output_nested_past_the_parser_is_refused_not_raised(tmp_path):
 
     with pytest.raises(DeployError, match="unexpected output"):
         _shell_printing("[" * 100_000)._probe()
-    deep = {**_good(tmp_path), "models": {"a" * 64: "[" * 100_000}, "hashes": {"a" * 64: {}}}
+    deep = {**_good(tmp_path), "models": {"a" * 64: "[" * 60_000}, "hashes": {"a" * 64: {}}}  # within the size bound
     found = _shell_printing(json.dumps(deep))._probe()  # an unreadable meta.json: not installed, damaged
     assert found["installed"] == [] and found["damaged"] == {"a" * 64: "meta.json is missing or unreadable"}
+
+
+@pytest.mark.parametrize("meta, why", [
+    ('{"sha256": "%s", "variant": "int8", "model": "m", "bytes": NaN}' % ("a" * 64),
+     "meta.json holds the non-finite number NaN"),
+    ('{"sha256": "%s", "variant": "%s", "model": "m"}' % ("a" * 64, "v" * 513), "is not a name of 1-512"),
+])
+def test_a_meta_json_the_agent_takes_as_damaged_is_damaged_for_the_deploy_too(tmp_path, meta, why):
+    """The deploy read the device's meta.json with Python's json (NaN taken) and no check of its fields: a model the
+    agent reports as damaged counted as installed and intact, so the deploy never uploaded it again."""
+    found = _shell_printing(json.dumps({**_good(tmp_path), "models": {"a" * 64: meta},
+                                        "hashes": {"a" * 64: {"model.tflite": "a" * 64}}}))._probe()
+    assert found["installed"] == [] and why in found["damaged"]["a" * 64]
 
 
 def test_a_stored_model_whose_meta_names_an_odd_format_is_judged_not_raised():

@@ -130,6 +130,18 @@ def test_non_finite_numbers_are_refused_at_parse_time(text):
         messages.decode(text.encode())
 
 
+@pytest.mark.parametrize("text, why", [('[NaN]', "meta.json holds the non-finite number NaN"),
+                                       ('{"a": 1e999}', "meta.json holds 1e999, which overflows to infinity"),
+                                       ('{"a": 1, "a": 2}', "meta.json holds the key 'a' twice"),
+                                       ('{"a": ', r"meta.json is not UTF-8 JSON \(JSONDecodeError\)"),
+                                       (b'"\xff"', r"meta.json is not UTF-8 JSON \(UnicodeDecodeError\)")])
+def test_strict_loads_refuses_what_no_encoder_gives_back_naming_what_it_read(text, why):
+    """The receivers' parsing, for any JSON an agent reads (a file on its disk may be damaged or edited by hand)."""
+    with pytest.raises(messages.MessageError, match=f"^{why}"):
+        messages.strict_loads(text, "meta.json")
+    assert messages.strict_loads(b'{"a": [1.5, "x"]}') == {"a": [1.5, "x"]}
+
+
 @pytest.mark.parametrize("text, where", [
     (r'"variant": "int8\u0000"', "field 'variant'"),
     (r'"variant": "\ud800"', "field 'variant'"),
