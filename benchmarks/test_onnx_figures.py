@@ -35,6 +35,9 @@ def _record(figure, label: str, model: Path, manifest, note: str, evalfile: Path
     back = f"; outputs transposed back to the ONNX layout: {conv['outputs_transposed_back']}" if conv["outputs_transposed_back"] else ""
     figure(f"{label}: conversion fidelity (onnx2tf vs ONNX Runtime)", f"{conv['snr_db']:.1f} dB", ">= 40 dB",
            f"{HOW_CONV}; max abs error {conv['max_abs_error']:.2g}; {conv['inputs']}{back}")
+    figure(f"{label}: onnx2tf conversion time", f"{conv['seconds']:.0f} s", "-",
+           "this host's wall clock (time.perf_counter) around the conversion: pinning, onnxsim and the onnx2tf child "
+           "(the manifest's model.conversion.seconds)")
     built = [a for a in manifest.artifacts if a.status == "built"]
     asked = [a for a in manifest.artifacts if "rpi4" in a.profiles or a.id == "fp32"]
     figure(f"{label}: variants built / asked (rpi4)", f"{len(built)}/{len(asked)}", "6/8",
@@ -123,7 +126,7 @@ def test_nudenet_without_the_constant_fix(wheels, tmp_path, figure, monkeypatch)
     # the graph steps run in a child, which this process's patch does not reach: run them here instead
     monkeypatch.setattr(ox, "_in_child", lambda path, what, fn, *args: fn(*args))
     model, calib = _nudenet(wheels, tmp_path)
-    data, inputs, outputs, _ = ox.load_onnx(model, {"images": (3, 320, 320)})
+    data, inputs, outputs, _, _ = ox.load_onnx(model, {"images": (3, 320, 320)})
     tflite, _ = ox.convert(model, data, inputs, outputs)
     with np.load(calib) as c:
         x = {"images": c["x"]}

@@ -37,11 +37,53 @@ class Dataset:
         return {"path": str(self.path), "sha256": self.sha256, "samples": len(self)}
 
 
-def load_dataset(path: Path, role: str, inputs: dict[str, tuple[int, ...]], *, labels: bool) -> Dataset:
+FLOAT32_EXACT = 2**24  # every whole number up to this is exact in float32; above it, ids sent as floats change
+
+
+def id_range(dtype: str) -> tuple[int, int] | None:
+    """Return the whole numbers ``(low, high)`` an input declared ``dtype`` (a numpy name) takes from float32 data
+    exactly: the type's own range within +-:data:`FLOAT32_EXACT` (``bool``: 0..1); None for a float type."""
+    try:
+        kind = np.dtype(dtype).kind
+    except TypeError:
+        return None
+    if kind == "b":
+        return 0, 1
+    if kind not in "iu":
+        return None
+    info = np.iinfo(dtype)
+    return max(int(info.min), -FLOAT32_EXACT), min(int(info.max), FLOAT32_EXACT)
+
+
+def check_ids(path: Path, role: str, name: str, key: str, x: np.ndarray, dtype: str) -> None:
+    """Refuse values of an integer or boolean input (token ids) that the cast inside the model would change: not
+    whole, or outside :func:`id_range` of its type. ``x`` holds the values as the file stores them (float32 would
+    already have changed 2^24 + 1). Returns nothing.
+
+    Raises:
+        InputError: naming the file, key, first bad index, the input's type and the range it takes.
+    """
+    span = id_range(dtype)
+    if span is None or not x.size:
+        return
+    low, high = span
+    x = x.astype(np.int8) if x.dtype.kind == "b" else x
+    bad = (x != np.round(x)) | (x < low) | (x > high)
+    if bad.any():
+        where = [int(i) for i in np.unravel_index(int(np.argmax(bad)), x.shape)]
+        raise InputError(f"{path}: --{role} key '{key}' holds {float(x[tuple(where)]):.9g} at index {where}, but input "
+                         f"'{name}' is {dtype} (ids, sent as float32 and cast inside the model): give whole numbers "
+                         f"in {low}..{high}")
+
+
+def load_dataset(path: Path, role: str, inputs: dict[str, tuple[int, ...]], *, labels: bool,
+                 types: dict[str, str] | None = None) -> Dataset:
     """Load and check a data file for one role (``calib``, ``eval``, ``train``).
 
     ``inputs`` are the model's inputs, ``{name: shape of one sample}``; the keys the file needs are
-    in :mod:`edgekit_protocol.datafile`. Inputs are cast to float32. With ``labels``, some ``y`` or
+    in :mod:`edgekit_protocol.datafile`. Inputs are cast to float32. ``types`` name the declared type
+    of inputs that are not float32 (:attr:`edge_kit.compiler.sources.Source.input_types`): an integer
+    or boolean one's values are checked by :func:`check_ids`. With ``labels``, some ``y`` or
     ``y.<key>`` must be there (which ones, the task's check says).
 
     Returns:
@@ -50,7 +92,8 @@ def load_dataset(path: Path, role: str, inputs: dict[str, tuple[int, ...]], *, l
     Raises:
         InputError: the file is missing or not an ``.npz``, lacks an input (or labels), has samples
             of the wrong shape, holds NaN or infinity (a ``DataFileError``) or an input value beyond
-            float32's range, has no samples, or (calibration) fewer than ten samples.
+            float32's range, an integer input's value that is not a whole number its type takes exactly from
+            float32 (:func:`check_ids`), has no samples, or (calibration) fewer than ten samples.
     """
     path = Path(path)
     data = read_data(path, f"--{role}", inputs, labels="required" if labels else "ignored")
@@ -62,6 +105,8 @@ def load_dataset(path: Path, role: str, inputs: dict[str, tuple[int, ...]], *, l
             bad = [int(i) for i in np.unravel_index(int(np.argmin(np.isfinite(x[name]))), x[name].shape)]
             raise InputError(f"{path}: --{role} key '{a.key}' holds {np.asarray(a)[tuple(bad)]:.3g} at index {bad}, "
                              "beyond float32's range (3.4e38), which the model takes; clean or drop that sample")
+        # the values as the file stores them: 2^24 + 1 is 2^24 once float32
+        check_ids(path, role, name, a.key, np.asarray(a), (types or {}).get(name, "float32"))
     if data.samples == 0:  # an empty set would pass for an absent one: no accuracy, no fidelity, no fine-tuning
         raise InputError(f"{path}: --{role} has no samples (the first axis of its arrays is 0); save at least one "
                          "sample per array, or leave the option out")
@@ -152,3 +197,37 @@ def range_warning(calib: Dataset, evalset: Dataset) -> str | None:
                     f"{calib.path.name} ({lo:.4g}..{hi:.4g}; --eval spans {float(e.min()):.4g}..{float(e.max()):.4g}): "
                     "int8 variants clip it to the calibrated range; preprocess both files the same way")
     return None
+
+
+RANDOM_SAMPLES = 4  # without --eval or --calib: this many random inputs check a conversion, said so in the manifest
+DEFAULT_ID_COUNT = 100  # an integer input indexing no table the model stores: ids 0..99
+
+
+def random_inputs(inputs: dict[str, tuple[int, ...]], types: dict[str, str],
+                  bounds: dict[str, tuple[int, str]] | None = None) -> tuple[dict[str, np.ndarray], str]:
+    """Return :data:`RANDOM_SAMPLES` random float32 samples per input (seeded: the same every compile) and what they
+    are, for the manifest: a float input uniform in [0, 1); an integer or boolean one (``types``) whole numbers
+    uniform over the ids it takes, which [0, 1) would make all 0: ``bounds[name]`` = (count, why) when the model
+    says how many (an embedding's rows), else ``uint8`` 0..255, ``bool`` 0..1, other types 0..:data:`DEFAULT_ID_COUNT`-1,
+    each within :func:`id_range` of its type."""
+    rng = np.random.default_rng(0)
+    xs: dict[str, np.ndarray] = {}
+    said: list[str] = []
+    for name, shape in inputs.items():
+        span = id_range(types.get(name, "float32"))
+        if span is None:
+            xs[name] = rng.uniform(0, 1, (RANDOM_SAMPLES, *shape)).astype(np.float32)
+            said.append(f"'{name}' uniform [0, 1)")
+            continue
+        dtype = types[name]
+        if bounds and name in bounds:
+            high, why = bounds[name][0] - 1, bounds[name][1]
+        elif dtype in ("uint8", "bool"):
+            high, why = span[1], f"the range of {dtype}"
+        else:
+            high, why = DEFAULT_ID_COUNT - 1, f"edge-kit's default for {dtype} ids; give --eval with real ones"
+        high = max(min(high, span[1]), span[0])
+        low = max(0, span[0]) if high >= 0 else span[0]
+        xs[name] = rng.integers(low, high, (RANDOM_SAMPLES, *shape), endpoint=True).astype(np.float32)
+        said.append(f"'{name}' whole numbers uniform in {low}..{high} ({why})")
+    return xs, f"{RANDOM_SAMPLES} random samples (no --eval or --calib given): {'; '.join(said)}"

@@ -5,7 +5,8 @@ Every LiteRT variant of an ONNX model is made from one float32 ``.tflite`` (then
 and int8, ``edgetpu_compiler`` the Edge TPU model). The steps, each checked:
 
 1. :func:`load_onnx` reads the file with ``onnx``, checks it, opens it with ONNX Runtime (which
-   proves it runs), and takes its named float inputs; the batch is pinned to 1, any other dynamic
+   proves it runs), and takes its named inputs (one of another numeric type than float32, token ids,
+   takes float32 and is cast inside the model: :func:`float_inputs`); the batch is pinned to 1, any other dynamic
    dimension must be pinned with ``--input-shape NAME=1x3x224x224`` (the ONNX layout).
 2. :func:`convert` writes those shapes into the graph (onnx's shape API, shape inference, onnxsim),
    gives node names TensorFlow accepts (Paddle exports use ``@``), the inputs and outputs
@@ -42,7 +43,6 @@ CONVERT_TIMEOUT_S = 1800  # a large detector takes minutes on two cores; a hung 
 CONVERSION_WARN_SNR_DB = 40.0  # a float32 conversion that computes the same thing measures 60-140 dB
 CONVERSION_REFUSE_SNR_DB = 0.0  # error energy above the signal's: the converted model computes something else
 FIDELITY_SAMPLES = 64  # inputs the conversion is checked on (the first of --eval, else --calib)
-RANDOM_SAMPLES = 4  # without --eval or --calib: this many uniform [0, 1) inputs, said so in the manifest
 GRAPH_TIMEOUT_S = 600.0  # onnx's checker, shape inference and onnxsim take seconds on a large detector
 _SAFE_NODE = re.compile(r"[^A-Za-z0-9_./-]")  # TensorFlow refuses '@', ':' and the like in op names
 # onnx2tf reads this file from its working folder for 3-channel NHWC inputs, else downloads it
@@ -136,7 +136,7 @@ def _dims(value_info: Any) -> list[int | None]:
 
 
 def load_onnx(path: Path, pinned: dict[str, tuple[int, ...]]
-              ) -> tuple[bytes, dict[str, tuple[int, ...]], list[str], bytes | str]:
+              ) -> tuple[bytes, dict[str, tuple[int, ...]], list[str], bytes | str, dict[str, str]]:
     """Read and check an ONNX model; ``pinned`` holds ``--input-shape`` sample shapes (batch dropped).
 
     Tensors kept in external-data files beside the model (``onnx.save(..., save_as_external_data=True)``)
@@ -147,12 +147,15 @@ def load_onnx(path: Path, pinned: dict[str, tuple[int, ...]]
         (the model's bytes, external data included; {input name: shape of one sample in the ONNX
         layout}; output names; the model with those shapes pinned, as
         :func:`edge_kit.compiler.onnx_variants.pinned` makes it in a child, or why it could not be: every
-        later step takes it from here, so onnx's shape inference never runs on the file in this process).
+        later step takes it from here, so onnx's shape inference never runs on the file in this process;
+        {input name: numpy name of its type} for each input not float32, which the returned model takes as float32
+        and casts inside (:func:`float_inputs`)).
 
     Raises:
         InputError: not an ONNX model (or truncated), metadata of edge-kit's own artifacts
             (``edgekit.*`` keys), external data outside the model's folder or
-            missing, a graph :func:`_check_graph` refuses, a scalar (0-d) input, a non-float32 input,
+            missing, a graph :func:`_check_graph` refuses, a scalar (0-d) input, an input that is not a number
+            (a string: :func:`~edge_kit.compiler.sources.check_input_dtype`),
             a batch fixed above 1, an input with a dynamic dimension besides the batch, a pin that
             names no input or does not fit the declared shape, an input too large for one sample
             (:func:`~edge_kit.compiler.sources.check_sample_sizes`), or a model that crashes ONNX
@@ -195,11 +198,13 @@ def load_onnx(path: Path, pinned: dict[str, tuple[int, ...]]
     if extra:
         raise InputError(f"{path}: --input-shape names '{extra[0]}', which is not an input (inputs: {', '.join(names)})")
     inputs: dict[str, tuple[int, ...]] = {}
+    types: dict[str, str] = {}
     for value in graph_inputs:
         if value.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
-            kind = onnx.TensorProto.DataType.Name(value.type.tensor_type.elem_type).lower()
-            raise InputError(f"{path}: input '{value.name}' is {kind}; edge-kit feeds float32 data files, so export "
-                             "the model with float32 inputs (cast inside the model)")
+            from edge_kit.compiler.sources import check_input_dtype
+
+            types[value.name] = _numpy_name(value.type.tensor_type.elem_type)
+            check_input_dtype(Path(path), value.name, types[value.name])  # a string: refused as a Keras one is
         dims = _dims(value)
         declared = tuple(-1 if d is None else d for d in dims)
         if dims and dims[0] is not None and dims[0] != 1:
@@ -225,6 +230,8 @@ def load_onnx(path: Path, pinned: dict[str, tuple[int, ...]]
     from edge_kit.compiler.sources import check_sample_sizes
 
     check_sample_sizes(path, inputs)  # before anything runs the model on a sample of that size
+    if types:  # float32 in, cast inside to the type the model takes, as a Keras or SavedModel source is compiled
+        data = float_inputs(model, types).SerializeToString()
     from edge_kit.compiler.analysis import probe_in_child
 
     fixed: bytes | str
@@ -244,7 +251,72 @@ def load_onnx(path: Path, pinned: dict[str, tuple[int, ...]]
         from device_agents.runtimes.onnxruntime import ort_error
 
         raise InputError(f"{path}: ONNX Runtime cannot load the model ({ort_error(exc)})") from None
-    return data, inputs, [o.name for o in model.graph.output], fixed
+    return data, inputs, [o.name for o in model.graph.output], fixed, types
+
+
+CAST_SUFFIX = "__edgekit_cast"  # the name of what the Cast of a non-float32 input gives the graph
+
+
+def _numpy_name(elem_type: int) -> str:
+    """Return the numpy name of an ONNX tensor type (``int64``, ``bool``, ``float64``; ``string`` for a string)."""
+    from onnx import TensorProto, helper
+
+    if elem_type == TensorProto.STRING:
+        return "string"
+    try:
+        return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)).name
+    except (KeyError, TypeError, ValueError):  # a type numpy has no name for: refused by its ONNX name
+        return TensorProto.DataType.Name(elem_type).lower()
+
+
+def float_inputs(model: Any, types: dict[str, str]) -> Any:
+    """Return ``model`` (changed in place) taking float32 at each input named in ``types``, a ``Cast`` to the input's
+    own ONNX type first in the graph, which the input's readers now read: edge-kit feeds float32 data files, and
+    Keras and SavedModel sources are compiled the same way (token ids sent as floats, exact up to 2^24)."""
+    from onnx import TensorProto, helper
+
+    graph = model.graph
+    casts = []
+    for value in graph.input:
+        if value.name not in types:
+            continue
+        cast = value.name + CAST_SUFFIX
+        for node in graph.node:
+            node.input[:] = [cast if n == value.name else n for n in node.input]
+        for out in graph.output:  # an output that is the input itself (refused earlier): kept consistent anyway
+            if out.name == value.name:
+                out.name = cast
+        casts.append(helper.make_node("Cast", [value.name], [cast], to=value.type.tensor_type.elem_type,
+                                      name=value.name + CAST_SUFFIX))
+        value.type.tensor_type.elem_type = TensorProto.FLOAT
+    if casts:  # first: ONNX wants a graph's nodes in topological order
+        nodes = [*casts, *graph.node]
+        del graph.node[:]
+        graph.node.extend(nodes)
+    return model
+
+
+def id_bounds(data: bytes, types: dict[str, str]) -> dict[str, tuple[int, str]]:
+    """Return, for an integer input of the model ``data`` (as :func:`float_inputs` made it) that indexes a stored
+    table (a ``Gather`` whose data is an initializer: an embedding), ``(rows of the smallest such table, what it
+    is)``: the ids it takes are ``0..rows-1``. Inputs indexing no stored table are left out."""
+    model = _onnx().load_from_string(data)
+    tables = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    out: dict[str, tuple[int, str]] = {}
+    for node in model.graph.node:
+        if node.op_type != "Gather" or len(node.input) < 2 or node.input[0] not in tables:
+            continue
+        name = node.input[1].removesuffix(CAST_SUFFIX)
+        if name not in types or node.input[1] != name + CAST_SUFFIX:
+            continue
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        dims = tables[node.input[0]]
+        if not -len(dims) <= axis < len(dims) or dims[axis] < 1:
+            continue
+        rows = int(dims[axis])
+        if name not in out or rows < out[name][0]:
+            out[name] = (rows, f"the {rows} rows of Gather table '{node.input[0]}'")
+    return out
 
 
 MAX_ONNX_BYTES = 2**31  # protobuf's limit on one message: an ONNX file's weights included

@@ -47,6 +47,7 @@ from edge_kit.compiler.data import (
     leak_warning,
     load_dataset,
     noise_warning,
+    random_inputs,
     range_warning,
     shared_samples,
 )
@@ -428,7 +429,8 @@ def _convert_onnx(source: Source, data: Dataset | None, profiles: list[Profile],
 
     Sets ``source.tflite`` (every variant is made from it) and ``source.conversion`` (the manifest's
     ``model.conversion``). The inputs are the first :data:`~edge_kit.compiler.onnx_source.FIDELITY_SAMPLES`
-    of ``data`` (``--eval``, else ``--calib``), or a few uniform [0, 1) samples when there is none;
+    of ``data`` (``--eval``, else ``--calib``), or a few random samples when there is none
+    (:func:`~edge_kit.compiler.data.random_inputs`: ids where the model takes integers);
     ``runner(inputs, folder name, where)`` gives what runs both models on them, each in a child with
     a deadline.
 
@@ -455,9 +457,7 @@ def _convert_onnx(source: Source, data: Dataset | None, profiles: list[Profile],
         xs = {name: x[: ox.FIDELITY_SAMPLES] for name, x in data.x.items()}
         where = f"{data.path.name} (first {len(next(iter(xs.values())))} samples)"
     else:
-        rng = np.random.default_rng(0)
-        xs = {name: rng.uniform(0, 1, (ox.RANDOM_SAMPLES, *shape)).astype(np.float32) for name, shape in source.inputs.items()}
-        where = f"{ox.RANDOM_SAMPLES} uniform [0, 1) samples (no --eval or --calib given)"
+        xs, where = random_inputs(source.inputs, source.input_types, ox.id_bounds(source.onnx or b"", source.input_types))
     fid = ox.conversion_fidelity(source.path, source.pinned_onnx(), source.tflite, runner(xs, "conversion", where))
     floor = max([ox.CONVERSION_WARN_SNR_DB, *(p.constraints.min_fidelity_snr_db for p in profiles
                                                if p.constraints.min_fidelity_snr_db is not None)])
@@ -542,9 +542,10 @@ def _compile_model(req: CompileRequest, progress: Progress | None, work: Path) -
                           "name: key, else its file name)")
     source = load_source(req.model, req.input_shapes, req.name, load_seconds=inference_deadline(0, req.timeout))
     _check_target(out / source.name, source.path)
-    calib = load_dataset(req.calib, "calib", source.inputs, labels=False) if req.calib else None
-    evalset = load_dataset(req.eval, "eval", source.inputs, labels=True) if req.eval else None
-    train = load_dataset(req.train, "train", source.inputs, labels=True) if req.train else None
+    types = source.input_types
+    calib = load_dataset(req.calib, "calib", source.inputs, labels=False, types=types) if req.calib else None
+    evalset = load_dataset(req.eval, "eval", source.inputs, labels=True, types=types) if req.eval else None
+    train = load_dataset(req.train, "train", source.inputs, labels=True, types=types) if req.train else None
     metric = MetricSpec.build(req.task, req.task_options, req.metric, req.decode)
     scorer = metric.scorer()
     if evalset is not None:

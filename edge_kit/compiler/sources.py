@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -56,6 +56,9 @@ class Source:
     onnx_pin_error: str | None = None  # why the child could not pin them (onnx_pinned is None)
     conversion: dict[str, Any] | None = None  # an ONNX source's conversion: converter, reference, fidelity
     size: int = 0  # bytes of the file, or of a SavedModel folder's files: what a conversion's deadline scales with
+    # input name -> the numpy name of its declared type, for an input the model takes as another type than float32
+    # (token ids: int64); a Keras, SavedModel or ONNX source takes float32 there and casts it inside every variant
+    input_types: dict[str, str] = field(default_factory=dict)
 
     def pinned_onnx(self) -> bytes:
         """Return an ONNX source's model with its input shapes pinned, as the child made it at load (onnx's shape
@@ -169,10 +172,11 @@ def _static(path: Path, name: str, shape: Any, pinned: dict[str, tuple[int, ...]
     return tuple(int(d) for d in dims)
 
 
-def _check_input_dtype(path: Path, name: str, dtype: str) -> None:
-    """Refuse a Keras or SavedModel input of a type that is not a number (``string``, ``resource``, ``variant``):
-    variants are traced with float32 inputs, cast to an integer or boolean input's own type (token ids), which a
-    string cannot be (every variant failed in the converter, and a manifest of failures was written). Returns nothing.
+def check_input_dtype(path: Path, name: str, dtype: str) -> None:
+    """Refuse a Keras, SavedModel or ONNX input of a type that is not a number (``string``, ``resource``,
+    ``variant``; ``dtype`` is the type's numpy name): variants take float32 inputs, cast to an integer or boolean
+    input's own type (token ids), which a string cannot be (every variant failed in the converter, and a manifest of
+    failures was written). Returns nothing.
 
     Raises:
         InputError: naming the input, its type and what to do.
@@ -216,7 +220,7 @@ def load_source(path: Path, input_shapes: dict[str, tuple[int, ...]] | None = No
             config holds a Python lambda (a ``Lambda`` layer's code) or a layer larger than edge-kit takes
             (:func:`_check_keras_config`), or a SavedModel whose ``saved_model.pb`` declares such a tensor (:func:`_oversized_declaration`) or that has no
             ``serving_default`` signature (the ones it has are named), or a Keras or SavedModel input that is not a
-            number (:func:`_check_input_dtype`).
+            number (:func:`check_input_dtype`).
     """
     pinned = dict(input_shapes or {})
     path = Path(path)
@@ -327,11 +331,11 @@ def _load_kind(path: Path, pinned: dict[str, tuple[int, ...]], name: str, load_s
     if suffix == ".onnx":
         from edge_kit.compiler.onnx_source import load_onnx
 
-        data, inputs, outputs, fixed = load_onnx(path, pinned)
+        data, inputs, outputs, fixed, types = load_onnx(path, pinned)
         # the model as compiled: with external data read in, its weights are in the hash too (else the file's own)
         return Source(path, "onnx", hashlib.sha256(data).hexdigest(), name, inputs, outputs, onnx=data,
                       onnx_pinned=fixed if isinstance(fixed, bytes) else None,
-                      onnx_pin_error=fixed if isinstance(fixed, str) else None)
+                      onnx_pin_error=fixed if isinstance(fixed, str) else None, input_types=types)
     if suffix in (".engine", ".plan", ".trt"):
         raise InputError(f"{path}: a TensorRT engine runs only on the GPU and TensorRT version that built it, so edge-kit "
                          "does not take one: give the .onnx model it was built from (the trt-* variants build the "
@@ -392,10 +396,12 @@ def _load_keras(path: Path, name: str, digest: str, pinned: dict[str, tuple[int,
                          "to .onnx) and compile that") from None
     names = [t.name for t in model.inputs]
     for input_name, tensor in zip(names, model.inputs):
-        _check_input_dtype(path, input_name, str(getattr(tensor.dtype, "name", tensor.dtype)))
+        check_input_dtype(path, input_name, str(getattr(tensor.dtype, "name", tensor.dtype)))
     _unknown_pins(path, pinned, names)
     inputs = {n: _static(path, n, t.shape, pinned) for n, t in zip(names, model.inputs)}
-    return Source(path, "keras", digest, name, inputs, _keras_outputs(model), keras_model=model)
+    types = {n: str(getattr(t.dtype, "name", t.dtype)) for n, t in zip(names, model.inputs)}
+    return Source(path, "keras", digest, name, inputs, _keras_outputs(model), keras_model=model,
+                  input_types={n: t for n, t in types.items() if t != "float32"})
 
 
 def _lambda_layer(config: Any) -> str | None:
@@ -620,10 +626,11 @@ def _load_savedmodel(path: Path, name: str, digest: str, pinned: dict[str, tuple
     sig = signatures["serving_default"]
     specs = sig.structured_input_signature[1]
     for input_name, spec in specs.items():
-        _check_input_dtype(path, input_name, spec.dtype.name)
+        check_input_dtype(path, input_name, spec.dtype.name)
     _unknown_pins(path, pinned, list(specs))
     inputs = {n: _static(path, n, spec.shape, pinned) for n, spec in specs.items()}
-    return Source(path, "savedmodel", digest, name, inputs, list(sig.structured_outputs), saved_model=(obj, sig))
+    return Source(path, "savedmodel", digest, name, inputs, list(sig.structured_outputs), saved_model=(obj, sig),
+                  input_types={n: spec.dtype.name for n, spec in specs.items() if spec.dtype.name != "float32"})
 
 
 def _no_serving_default(names: list[str]) -> str:
@@ -891,7 +898,8 @@ def _load_tflite(path: Path, name: str, digest: str, pinned: dict[str, tuple[int
         except (ValueError, RuntimeError) as exc:
             raise InputError(f"{path}: the model does not run with --input-shape {shapes} ({first_line(exc)})") from None
     return Source(path, "tflite", digest, name, inputs, [p["name"] for p in stats.outputs],
-                  tflite=data, tflite_precision=stats.precision)
+                  tflite=data, tflite_precision=stats.precision,  # a quantized input (a scale) takes real values
+                  input_types={p["name"]: p["dtype"] for p in stats.inputs if p["dtype"] != "float32" and not p["scale"]})
 
 
 def _pin_tflite(data: bytes, shapes: Shapes) -> bytes:

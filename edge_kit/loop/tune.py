@@ -288,6 +288,12 @@ def _measure(client: FleetClient, store: HistoryStore, wanted: dict[str, list[tu
     return stored, silent, refused
 
 
+def answered(live: list[Device], silent: dict[str, list[str]], unstored: dict[str, list[str]]) -> list[Device]:
+    """Return the devices of ``live`` a round decides on, in order: those neither ``silent`` (no answer in time) nor
+    ``unstored`` (a measurement the history refused for what it holds), which are left out of this round."""
+    return [d for d in live if d.name not in silent and d.name not in unstored]
+
+
 def tune(fleet: Fleet, devices: list[Device], opts: TuneOptions, store: HistoryStore,
          progress: Callable[[str], None] | None = None) -> TuneReport:
     """Run the loop on ``devices``; return what happened (never raises for a single device).
@@ -326,9 +332,7 @@ def tune(fleet: Fleet, devices: list[Device], opts: TuneOptions, store: HistoryS
             for device, what in unstored.items():
                 report.refused.setdefault(device, []).extend(what)
             step(f"round {number}: selecting")
-            # a device that did not answer, or whose measurement the history refused, is left out of this round
-            decisions = decide(manifest, [d for d in live if d.name not in silent and d.name not in unstored], store,
-                               current, opts.margin, refused)
+            decisions = decide(manifest, answered(live, silent, unstored), store, current, opts.margin, refused)
             for d in decisions.values():
                 store_decision(store, {**d.as_dict(), "round": number, "artifacts": str(opts.artifacts.resolve()),
                                        "verify": verify}, report.refused)
@@ -482,9 +486,8 @@ def _tune_budget(fleet: Fleet, live: list[Device], manifest: Manifest, opts: Tun
             measured, silent, unstored, planned = 0, {}, {}, []
             stale = False  # the plan in hand predates measurements stored since
             for batch in range(1, 1 + (1 if verify else opts.plans_per_round)):
-                spec, m, shas, records = fleet_inputs(manifest, [d for d in live if d.name not in silent
-                                                                 and d.name not in unstored], store,
-                                                      current, refused, flagged)
+                spec, m, shas, records = fleet_inputs(manifest, answered(live, silent, unstored), store, current,
+                                                      refused, flagged)
                 plan = plan_measurements(spec, m, budget=0 if verify else left, cost=_cost(spec, records, opts),
                                          settings=settings)
                 flagged = {spec.devices[d]: plan.model.flag_why.get(d, "differs from its profile")
@@ -509,9 +512,8 @@ def _tune_budget(fleet: Fleet, live: list[Device], manifest: Manifest, opts: Tun
                     unstored.setdefault(device, []).extend(what)
                     report.refused.setdefault(device, []).extend(what)
             if silent or unstored or stale:  # decide on every measurement stored, without the devices that did not answer
-                spec, m, shas, records = fleet_inputs(manifest, [d for d in live if d.name not in silent
-                                                                 and d.name not in unstored], store,
-                                                      current, refused, flagged)
+                spec, m, shas, records = fleet_inputs(manifest, answered(live, silent, unstored), store, current,
+                                                      refused, flagged)
                 plan = plan_measurements(spec, m, budget=0, settings=settings)
             info["measured"] += measured
             info["messages"] = plan.messages

@@ -138,3 +138,31 @@ def test_an_input_beyond_float32s_range_is_refused_not_turned_into_infinity(tmp_
     x[3, 2] = -1e39
     with pytest.raises(InputError, match=r"d.npz: --calib key 'x' holds -1e\+39 at index \[3, 2\], beyond float32's range"):
         load_dataset(save(tmp_path / "d.npz", x=x), "calib", {"x": (4,)}, labels=False)
+
+
+def test_random_check_inputs_of_an_integer_input_are_ids_not_all_zero():
+    """Without --eval or --calib a conversion was checked on uniform [0, 1) samples, which an integer input (token
+    ids, class ids, uint8 pixels) casts to all 0: a model that is wrong on any other id passed. Each input is now
+    sampled over what its type takes, and the manifest's sentence says which range and why."""
+    from edge_kit.compiler.data import DEFAULT_ID_COUNT, RANDOM_SAMPLES, random_inputs
+
+    xs, said = random_inputs({"ids": (16,), "classes": (16,), "pixels": (8, 8), "mask": (16,), "x": (4,)},
+                             {"ids": "int64", "classes": "int32", "pixels": "uint8", "mask": "bool"},
+                             {"ids": (10, "the 10 rows of Gather table 'emb'")})
+    for name, high in (("ids", 9), ("classes", DEFAULT_ID_COUNT - 1), ("pixels", 255), ("mask", 1)):
+        x = xs[name]
+        assert x.dtype == np.float32 and len(x) == RANDOM_SAMPLES and (x == np.round(x)).all(), name
+        assert x.min() >= 0 and x.max() <= high and x.any() and len(np.unique(x)) > 1, name
+    assert xs["pixels"].max() > 1 and 0 <= xs["x"].min() and xs["x"].max() < 1  # a float input keeps [0, 1)
+    assert said == (f"{RANDOM_SAMPLES} random samples (no --eval or --calib given): 'ids' whole numbers uniform in 0..9 "
+                    "(the 10 rows of Gather table 'emb'); 'classes' whole numbers uniform in 0..99 (edge-kit's default "
+                    "for int32 ids; give --eval with real ones); 'pixels' whole numbers uniform in 0..255 (the range of "
+                    "uint8); 'mask' whole numbers uniform in 0..1 (the range of bool); 'x' uniform [0, 1)")
+
+
+def test_ids_an_integer_input_cannot_take_from_float32_are_refused_with_file_key_and_index(tmp_path):
+    p = save(tmp_path / "c.npz", x=np.array([[1, 2], [3, 300]] * 6, np.float64))
+    assert load_dataset(p, "calib", {"x": (2,)}, labels=False, types={"x": "int16"}).x["x"].max() == 300
+    with pytest.raises(InputError, match=r"c.npz: --calib key 'x' holds 300 at index \[1, 1\], but input 'x' is uint8 "
+                                         r"\(ids, sent as float32 and cast inside the model\): give whole numbers in 0..255"):
+        load_dataset(p, "calib", {"x": (2,)}, labels=False, types={"x": "uint8"})

@@ -105,6 +105,19 @@ def test_the_fleet_model_reads_only_the_bench_records_of_the_builds_being_tuned(
     assert len(records) == 2 * 3 + 2  # a, b and c measured both; nojs and quiet fp32 only
 
 
+def test_a_round_decides_on_the_devices_that_answered_and_whose_records_were_stored(tmp_path):
+    """tune and tune --budget each wrote the filter of devices left out of a round (no answer in time, or a record
+    the history refused); it is one function now, which all three decisions call."""
+    from edge_kit.fleet.inventory import load_fleet
+    from edge_kit.loop.tune import answered
+
+    devices = load_fleet(write_fleet(tmp_path)[0]).devices
+    names = [d.name for d in devices]
+    assert [d.name for d in answered(devices, {}, {})] == names
+    kept = answered(devices, {names[0]: ["fp32 (no answer)"]}, {names[2]: ["bench: refused"]})
+    assert [d.name for d in kept] == [n for n in names if n not in (names[0], names[2])]
+
+
 def test_artifacts_not_compiled_for_a_devices_profile_are_bad_input_exit_2(tmp_path, run_cli):
     fleet, folder = write_fleet(tmp_path)
     fleet.write_text(fleet.read_text().replace("profile: rpi4", "profile: rpi5"))

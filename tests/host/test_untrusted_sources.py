@@ -254,3 +254,83 @@ def test_an_h5_cut_short_says_so_not_to_export_custom_layers(tmp_path, run_cli):
     line = refused_by_compile(run_cli, tmp_path / "cut.h5", tmp_path / "o")
     assert "cut.h5: not a loadable Keras model (not an HDF5 file, or one cut short or damaged: " in line, line
     assert line.endswith("; save it again with model.save('name.keras')") and "custom layers" not in line, line
+
+
+def token_onnx(path: Path) -> Path:
+    """Write an ONNX model taking int64 token ids ``ids`` [N, 4] into a stored 10x8 table (a Gather: an embedding),
+    ``y`` [N, 32] the four rows; return it."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    table = numpy_helper.from_array(np.arange(80, dtype=np.float32).reshape(10, 8), "table")
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["rows"], axis=0),
+             helper.make_node("Reshape", ["rows", "shape"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [None, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 32])],
+                              [table, numpy_helper.from_array(np.array([-1, 32], np.int64), "shape")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    return path
+
+
+def token_savedmodel(path: Path) -> Path:
+    """Write a SavedModel taking int64 token ids ``ids`` [N, 4] into a 10x8 table, as :func:`token_onnx`; return it."""
+    from edge_kit.compiler.tf_quiet import tensorflow
+
+    tf = tensorflow()
+    module = tf.Module()
+    module.table = tf.Variable(tf.reshape(tf.range(80, dtype=tf.float32), (10, 8)))
+    ids = tf.function(lambda ids: {"y": tf.reshape(tf.gather(module.table, ids), [-1, 32])},
+                      input_signature=[tf.TensorSpec([None, 4], tf.int64, name="ids")])
+    tf.saved_model.save(module, str(path), signatures={"serving_default": ids.get_concrete_function()})
+    return path
+
+
+def test_an_onnx_model_taking_int64_token_ids_compiles_as_a_savedmodel_does(tmp_path, run_cli):
+    """An int64 ONNX input was refused ("export the model with float32 inputs") where a SavedModel's int64 input was
+    compiled with a float32 input cast inside: PyTorch exports token ids as int64, so every such model was refused.
+    Both now take float32 ids, cast inside every variant. Without --eval or --calib, the conversion is checked on
+    ids drawn from the rows of the model's own embedding table, not on uniform [0, 1) samples (all id 0)."""
+    import json
+
+    import numpy as np
+    import onnxruntime as ort
+    from ai_edge_litert.interpreter import Interpreter
+
+    model = token_onnx(tmp_path / "ids.onnx")
+    code, _, err = run_cli("compile", model, "-p", "rpi4", "--out", tmp_path / "o")
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "o" / "ids" / "manifest.json").read_text())
+    assert manifest["model"]["conversion"]["inputs"] == (
+        "4 random samples (no --eval or --calib given): 'ids' whole numbers uniform in 0..9 (the 10 rows of Gather "
+        "table 'table')")
+    ids = np.array([[3, 0, 9, 1]], np.float32)
+    interpreter = Interpreter(model_path=str(tmp_path / "o" / "ids" / "fp32.tflite"))
+    interpreter.allocate_tensors()
+    assert interpreter.get_input_details()[0]["dtype"] == np.float32
+    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], ids)
+    interpreter.invoke()
+    out = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+    assert out.reshape(4, 8)[:, 0].tolist() == [24.0, 0.0, 72.0, 8.0]  # rows 3, 0, 9, 1 of the table
+    session = ort.InferenceSession(str(tmp_path / "o" / "ids" / "onnx-fp32.onnx"), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].type == "tensor(float)"
+    assert session.run(None, {"ids": ids})[0].reshape(4, 8)[:, 0].tolist() == [24.0, 0.0, 72.0, 8.0]
+
+
+def test_ids_float32_cannot_carry_are_refused_the_same_for_a_savedmodel_and_an_onnx_model(tmp_path, run_cli):
+    """Token ids travel as float32 and are cast inside the model: 2.5 became id 2, and 16777217 (2^24 + 1) id
+    16777216, with no word. Both sources now refuse such data in the same line, before anything is built."""
+    import numpy as np
+
+    for model in (token_onnx(tmp_path / "ids.onnx"), token_savedmodel(tmp_path / "ids")):
+        for value, shown in ((2.5, "2.5"), (2**24 + 1, "16777217")):
+            x = np.tile(np.array([[3, 0, 9, 1]], np.float64), (12, 1))
+            x[7, 2] = value
+            np.savez(tmp_path / "eval.npz", x=x, y=np.zeros(12, np.int64))
+            code, _, err = run_cli("compile", model, "-p", "rpi4", "--out", tmp_path / "o", "--eval", tmp_path / "eval.npz")
+            lines = err.strip().splitlines()
+            assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+            assert lines[0] == (f"edgekit: error: {tmp_path / 'eval.npz'}: --eval key 'x' holds {shown} at index [7, 2], "
+                                "but input 'ids' is int64 (ids, sent as float32 and cast inside the model): give whole "
+                                "numbers in -16777216..16777216"), lines[0]
+            assert not (tmp_path / "o").exists()
