@@ -210,8 +210,8 @@ class FleetMetrics:
                 for device, count in sorted(dict(monitor.over_budget).items()):  # a copy: the checker adds devices
                     over.add_metric([device], count)
                 yield over
-                holding = monitor.alert_states()
-                for kind, name, text in ALERT_GAUGES:
+                holding = monitor.alert_states()  # none until the monitor has read the history: no 0 it does not know
+                for kind, name, text in (g for g in ALERT_GAUGES if g[0] in holding):
                     gauge = GaugeMetricFamily(name, text, labels=["device"])
                     for device in sorted(monitor.constraints):
                         gauge.add_metric([device], 1 if device in holding[kind] else 0)

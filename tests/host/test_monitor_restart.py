@@ -127,3 +127,20 @@ def test_a_device_whose_queued_records_arrive_after_the_restart_is_not_alerted_s
     mon._judge_before_from = time.monotonic()  # SETTLE_S later
     mon._check_silence()
     assert [a.device for a in mon.alerts if a.kind == "silent"] == ["d2"]
+
+
+def test_the_alert_gauges_say_nothing_until_the_monitor_has_read_the_history(fleet_file, tmp_path):
+    """/metrics is served before the monitor starts: it exported edgekit_device_low_disk 0 (and drifting, silent) for a
+    device the history shows low on disk, until the monitor had read the history. Now no series until then."""
+    store = Store(tmp_path / "h.db")
+    store.add_many([_disk("d1", 1, 1.0)])
+    mon = Monitor(load_fleet(fleet_file), store, verify_in_child=False)
+    metrics = FleetMetrics()
+    metrics.watch(mon)
+    assert metrics.registry.get_sample_value("edgekit_device_low_disk", {"device": "d1"}) is None
+    try:
+        mon.start(timeout=0.5)
+    except Exception:  # noqa: BLE001 - AgentError: no broker on port 1; the history was read first
+        pass
+    assert metrics.registry.get_sample_value("edgekit_device_low_disk", {"device": "d1"}) == 1
+    assert metrics.registry.get_sample_value("edgekit_device_low_disk", {"device": "d2"}) == 0
