@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_serv
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from edge_kit.errors import InputError
-from edge_kit.telemetry.store import HistoryStore
+from edge_kit.telemetry.store import KINDS, HistoryStore
 from edgekit_protocol.labels import power_source, printable
 from edgekit_protocol.messages import check_body, disk_free_bytes, field_at, in_range
 
@@ -39,6 +39,17 @@ MAX_LABEL_CHARS = 128
 OVERFLOW = "other"
 
 log = logging.getLogger("edgekit.metrics")
+
+# The monitor's alerts that hold over an episode (Monitor.alert_states), exported per device of the fleet file:
+# (alert kind, gauge, its help).
+ALERT_GAUGES = (
+    ("drift", "edgekit_device_drifting", "1 while the device's drift alert holds: its newest shadow comparison is "
+                                         "below its min_fidelity_snr_db, or its live answers held NaN or infinity"),
+    ("disk", "edgekit_device_low_disk", "1 while the device's disk alert holds: its newest status or telemetry says "
+                                        "its disk is full or has less free than the monitor's --min-free-mb"),
+    ("silent", "edgekit_device_silent", "1 while the device's silence alert holds: nothing stored of it for longer "
+                                        "than --silence-s (longer for an agent whose telemetry interval is long)"),
+)
 
 
 class FleetMetrics:
@@ -103,7 +114,7 @@ class FleetMetrics:
     def seed(self, store: HistoryStore, devices: Iterable[str]) -> int:
         """Set the gauges of ``devices`` (the fleet file's) from what ``store`` holds: per device, the newest bench
         record of each variant, its newest status, telemetry, live and shadow messages (online state, disk, live
-        figures, shadow SNR: the drift alert's figure) and when this host last stored its status or telemetry. Each row
+        figures, shadow SNR: the drift alert's figure) and when this host last stored a message of it (any kind). Each row
         is checked by the protocol (:func:`~edgekit_protocol.messages.check_body`: a history row holds what was
         stored, checked by the protocol of its day); one that fails is left out, said in the log. Return the
         messages taken.
@@ -127,7 +138,7 @@ class FleetMetrics:
             except Exception as exc:  # noqa: BLE001 - one odd row never keeps the others out of /metrics
                 log.warning("metrics: %s %s of %r left out (%s: %s)", kind, msg.get("msg_id"), msg.get("device"),
                             type(exc).__name__, exc)
-        for device, heard in store.last_received().items():
+        for device, heard in store.last_received(KINDS).items():  # any kind stored, as observe() counts them
             if device in wanted:
                 self.last_seen.labels(device).set(heard)
         return taken
@@ -182,9 +193,9 @@ class FleetMetrics:
 
     def watch(self, monitor: Any) -> None:
         """Also export the monitor's counters (received, stored, duplicates, invalid, gaps, dropped, over_budget), the
-        records refused over each device's ingest budget and, per device of the fleet file, whether its drift alert
-        holds (from the history's newest shadow comparison when the monitor started, then from each new one);
-        return nothing."""
+        records refused over each device's ingest budget and, per device of the fleet file, whether its drift, low-disk
+        and silence alerts hold (:meth:`~edge_kit.telemetry.monitor.Monitor.alert_states`: from the history when the
+        monitor started, then from what arrives); return nothing."""
         stats = monitor.stats
 
         class _Counters:
@@ -199,13 +210,12 @@ class FleetMetrics:
                 for device, count in sorted(dict(monitor.over_budget).items()):  # a copy: the checker adds devices
                     over.add_metric([device], count)
                 yield over
-                drifting = monitor.drifting()
-                drift = GaugeMetricFamily("edgekit_device_drifting", "1 while the device's drift alert holds: its newest "
-                                          "shadow comparison is below its min_fidelity_snr_db, or its live answers held "
-                                          "NaN or infinity", labels=["device"])
-                for device in sorted(monitor.constraints):
-                    drift.add_metric([device], 1 if device in drifting else 0)
-                yield drift
+                holding = monitor.alert_states()  # none until the monitor has read the history: no 0 it does not know
+                for kind, name, text in (g for g in ALERT_GAUGES if g[0] in holding):
+                    gauge = GaugeMetricFamily(name, text, labels=["device"])
+                    for device in sorted(monitor.constraints):
+                        gauge.add_metric([device], 1 if device in holding[kind] else 0)
+                    yield gauge
 
         self.registry.register(_Counters())
 

@@ -27,6 +27,9 @@ Alerts: a device whose status says offline, a benchmark that breaks the device's
 shadow comparison whose fidelity is under the device's ``min_fidelity_snr_db`` (drift), and a device
 silent for longer than ``silence_s``, or than :data:`SILENT_INTERVALS` of its own telemetry interval when that is
 longer (the ``interval_s`` its telemetry says: an agent set to report every 10 minutes is not silent after 3).
+Drift, low disk and silence hold over an episode (alerted once, when it begins); a monitor that starts takes the
+episodes under way from the history (:meth:`Monitor._seed_alert_states`), and :meth:`Monitor.alert_states` says
+which hold (exported as gauges by :mod:`edge_kit.telemetry.metrics`).
 """
 
 from __future__ import annotations
@@ -70,6 +73,10 @@ from edgekit_protocol.messages import disk_free_bytes, telemetry_interval
 # A device is silent once it sent nothing for this many of its telemetry intervals (as `fleet status` judges it
 # stale: edge_kit.telemetry.report.STALE_INTERVALS), or ``silence_s`` when that is longer.
 SILENT_INTERVALS = 3
+# A device last heard in the history (before this monitor started) is judged silent only once the monitor has been
+# subscribed this long and has checked what it received: what the broker queued for its persistent session while it
+# was stopped arrives first, and a device that spoke meanwhile is not alerted as silent.
+SETTLE_S = 2.0
 
 log = logging.getLogger("edgekit.monitor")
 # kinds whose copy the history holds already raise no alert and are not handed on again (see _keep)
@@ -198,6 +205,9 @@ class Monitor:
         self._connected = threading.Event()
         self._refused: str | None = None
         self._silent_alerted: set[str] = set()
+        self._heard_before: set[str] = set()  # devices last heard in the history, not yet in this run
+        self._seeded = False  # the alert states were read from the history (start())
+        self._judge_before_from = 0.0  # time.monotonic() from which those are judged silent (start() sets it)
         self.min_free_bytes = min_free_mb * 1e6  # a device reporting less free space is alerted on (once per episode)
         self._low_disk: set[str] = set()
         self._drifting: set[str] = set()
@@ -233,9 +243,15 @@ class Monitor:
         """Return the records refused over each device's ingest budget, by device (``stats.over_budget_by_device``)."""
         return self.stats.over_budget_by_device
 
-    def drifting(self) -> frozenset[str]:
-        """Return the devices whose drift alert holds now (an episode not ended: see :meth:`_check_drift`)."""
-        return frozenset(self._drifting)  # a copy: the writer thread changes it
+    def alert_states(self) -> dict[str, frozenset[str]]:
+        """Return, per alert kind that holds over an episode (``drift``, ``disk``, ``silent``), the devices whose alert
+        holds now (raised, its episode not ended; from the history's newest records when the monitor started: see
+        :meth:`_seed_alert_states`); an empty dict until :meth:`start` has read the history (nothing is known yet)."""
+        if not self._seeded:
+            return {}
+        # copies: the writer thread changes them
+        return {"drift": frozenset(self._drifting), "disk": frozenset(self._low_disk),
+                "silent": frozenset(self._silent_alerted)}
 
     def _on_message(self, _c: Any, _u: Any, m: Any) -> None:
         """Queue ``(topic, payload, receive time, mid to acknowledge or None)``; nothing once stopping, and a QoS 0
@@ -278,15 +294,15 @@ class Monitor:
             AgentError: the broker cannot be reached or refuses the connection.
         """
         b = self.fleet.broker
+        self._judge_before_from = math.inf  # until subscribed and settled (SETTLE_S)
         try:  # a device's non-finite answers counted before this monitor started are not new to it
             shadows = self.store.latest_shadow()
             self._last_shadow = {d: _shadow_mark(m) for d, m in shadows.items()}
-            # a drift the history's newest comparison shows is an episode under way: exported, not alerted again
-            self._drifting = {d for d, m in shadows.items() if self._below_fidelity(d, m)}
             self._intervals = self.store.telemetry_intervals()  # until its next telemetry says otherwise
             # what each device stored lately spent its budget: a restart gives a flooding device no fresh burst
             recent = self.store.stored_since(time.time() - self.budget.window_s())
             self.budget.charge({d: n for d, n in recent.items() if d in self.constraints})
+            self._seed_alert_states(shadows)  # episodes under way: not alerted again, and silence counted from then
         except HistoryError:
             pass  # the writer meets it too, and says so
         if self.verifier is not None:
@@ -306,6 +322,7 @@ class Monitor:
         if not self._connected.wait(timeout) or self._refused:
             self.stop()
             raise AgentError(f"the MQTT broker at {b.host}:{b.port} refused the monitor ({self._refused or 'timeout'})")
+        self._judge_before_from = time.monotonic() + SETTLE_S
         return self
 
     def stop(self, drain_s: float = 2.0) -> None:
@@ -656,6 +673,7 @@ class Monitor:
         self._recent[msg["msg_id"]] = None
         self.last_seen[msg["device"]] = time.time()
         self._silent_alerted.discard(msg["device"])
+        self._heard_before.discard(msg["device"])
         if self.share is None:
             self._check_seq(kind, msg)
         self._check_alerts(kind, msg)
@@ -724,6 +742,49 @@ class Monitor:
         elif not low:
             self._drifting.discard(device)
 
+    def _seed_alert_states(self, shadows: dict[str, dict[str, Any]]) -> None:
+        """Start each alert episode the history shows under way, so a restarted monitor neither raises an alert again
+        nor misses one (``shadows``: the store's ``latest_shadow``, read by the caller); return nothing. Per device of
+        the fleet file, judged as the live checks judge a message that arrives:
+
+        - drift: its newest stored shadow comparison is below its bound (:meth:`_below_fidelity`), and low disk: its
+          newest stored status or telemetry with a disk figure says so (:meth:`_disk_low`). The monitor that stored
+          that record alerted on it: the episode holds, not alerted again.
+        - silent: last heard is the newest receive time of any kind stored (never the device's ``ts``), so a device
+          silent since before the restart is alerted once its limit passes, counted from then. One past its limit
+          already counts as alerted when the history holds a record received after the limit passed (a monitor
+          was storing the fleet's records then, and alerted it); else nobody was told, and it is alerted once the
+          monitor has been subscribed for :data:`SETTLE_S` and has checked what it received without hearing from it
+          (what the broker queued while the monitor was stopped comes first).
+
+        Raises:
+            HistoryError: the history cannot be read.
+        """
+        fleet = self.constraints
+        status, telemetry = self.store.latest_status(), self.store.latest_telemetry()
+        status_at, telemetry_at = self.store.last_received(("status",)), self.store.last_received(("telemetry",))
+        disk: dict[str, dict[str, Any]] = {}  # per device, its newest status or telemetry that judges the disk
+        for device in fleet:
+            said = sorted(((at.get(device, -math.inf), m[device]) for at, m in ((status_at, status),
+                                                                                  (telemetry_at, telemetry))
+                           if device in m), key=lambda pair: pair[0], reverse=True)
+            judged = next((m for _, m in said if self._disk_low(m) is not None), None)
+            if judged is not None:
+                disk[device] = judged
+        for state, newest, holds in ((self._drifting, shadows, self._below_fidelity),
+                                     (self._low_disk, disk, lambda _d, m: bool(self._disk_low(m)))):
+            state.update(d for d, m in newest.items() if d in fleet and holds(d, m))
+        heard = self.store.last_received(KINDS)
+        stored_until = max(heard.values(), default=-math.inf)  # a monitor was storing the fleet's records then
+        for device, seen in heard.items():
+            if device in fleet:
+                if device not in self.last_seen:  # a message this run stored already is newer
+                    self.last_seen[device] = seen
+                    self._heard_before.add(device)
+                if seen + self._silence_limit(device) <= stored_until:
+                    self._silent_alerted.add(device)
+        self._seeded = True
+
     def _below_fidelity(self, device: str, shadow: dict[str, Any]) -> bool:
         """Return True when ``shadow`` (a ``shadow`` message of ``device``) says the served model's outputs are below
         the device's ``min_fidelity_snr_db`` (False for a device without that bound or not in the fleet file)."""
@@ -731,6 +792,16 @@ class Monitor:
         bound = c.min_fidelity_snr_db if c is not None else None
         snr = messages.field_at(shadow, "fidelity", "snr_db")
         return bound is not None and messages.in_range(snr) and snr < bound
+
+    def _disk_low(self, msg: dict[str, Any]) -> bool | None:
+        """Return whether ``msg`` (a status or telemetry message) says its device's disk is full or has less than
+        ``min_free_bytes`` free; None when it says neither (no disk, or a figure that is no byte count: negative,
+        400 digits)."""
+        disk = msg.get("disk")
+        free = disk_free_bytes(disk)
+        if not isinstance(disk, dict) or (free is None and not disk.get("full")):
+            return None
+        return bool(disk.get("full")) or free < self.min_free_bytes
 
     def _check_alerts(self, kind: str, msg: dict[str, Any]) -> None:
         device = msg["device"]
@@ -742,10 +813,10 @@ class Monitor:
                 self._intervals.pop(device, None)
             else:
                 self._intervals[device] = interval
-        disk = msg.get("disk") if kind in ("status", "telemetry") else None
-        free = disk_free_bytes(disk)  # None: no figure, or one that is no byte count (negative, 400 digits)
-        if isinstance(disk, dict) and (free is not None or disk.get("full")):
-            low = bool(disk.get("full")) or free < self.min_free_bytes
+        low = self._disk_low(msg) if kind in ("status", "telemetry") else None
+        if low is not None:
+            disk = msg["disk"]
+            free = disk_free_bytes(disk)
             if low and device not in self._low_disk:
                 self._low_disk.add(device)
                 refused = "installs, activations and benches refused"
@@ -767,11 +838,22 @@ class Monitor:
                                   + ", ".join(f"{describe(k, c)} ({measured_text(k, m)})" for k in broken)
                                   + ("; a simulated device: this machine's figures" if msg.get("simulated") else "")))
 
+    def _silence_limit(self, device: str) -> float:
+        """Return how long ``device`` may send nothing before it is silent (seconds): ``silence_s``, or
+        :data:`SILENT_INTERVALS` of its telemetry interval when that is longer."""
+        interval = self._intervals.get(device)
+        return max(self.silence_s, SILENT_INTERVALS * interval) if interval is not None else self.silence_s
+
     def _check_silence(self) -> None:
+        """Alert (once per episode) each device not heard from for longer than its :meth:`_silence_limit`; one last
+        heard in the history only once the monitor has been subscribed for :data:`SETTLE_S` and has checked what it
+        received. Return nothing."""
         now = time.time()
+        # subscribed for SETTLE_S, and what arrived checked and stored: the broker's queue for this session is in
+        settled = time.monotonic() >= self._judge_before_from and not self._queue.unfinished_tasks
         for device, seen in list(self.last_seen.items()):
-            interval = self._intervals.get(device)
-            limit = max(self.silence_s, SILENT_INTERVALS * interval) if interval is not None else self.silence_s
-            if now - seen > limit and device not in self._silent_alerted:
+            limit = self._silence_limit(device)
+            judged = settled or device not in self._heard_before
+            if now - seen > limit and device not in self._silent_alerted and judged:
                 self._silent_alerted.add(device)
                 self._alert(Alert(device, "silent", f"{device} silent for {now - seen:.0f} s"))

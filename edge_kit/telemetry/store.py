@@ -491,11 +491,20 @@ class HistoryStore(abc.ABC):
         """Return the newest ``shadow`` message (a shadow run's comparison) per device. Raises HistoryError."""
         return self._latest("shadow")
 
-    def last_received(self) -> dict[str, float]:
-        """Return when this host last stored a status or telemetry message of each device (its receive time, unix
-        seconds by this host's clock; never the device's own ``ts``), by device. Raises HistoryError."""
+    def last_received(self, kinds: tuple[str, ...] = ("status", "telemetry")) -> dict[str, float]:
+        """Return when this host last stored a message of one of ``kinds`` (default: status or telemetry, the fleet
+        table's "last heard"; :data:`KINDS` for any message the monitor stores) of each device (its receive time, unix
+        seconds by this host's clock; never the device's own ``ts``), by device.
+
+        Raises:
+            ValueError: a kind the store does not keep.
+            HistoryError: the history cannot be read.
+        """
+        unknown = [k for k in kinds if k not in KINDS]
+        if unknown:
+            raise ValueError(f"the history keeps {', '.join(KINDS)}, not {unknown[0]!r}")
         heard: dict[str, float] = {}
-        for table in ("status", "telemetry"):  # each answered from its (device, ts) index
+        for table in kinds:  # each answered from its device index
             for device, ts in self._rows(f"SELECT device, MAX(ts) FROM {table} GROUP BY device"):
                 heard[device] = max(ts, heard.get(device, ts))
         return heard

@@ -202,7 +202,10 @@ def test_prometheus_endpoint_exports_per_device_and_variant_series(fleet, publis
 def test_a_monitor_started_over_a_kept_history_exports_its_figures_in_metrics_before_any_message(fleet, tmp_path):
     """/metrics was built only from the messages a run received: a monitor started again (or `edgekit monitor` over a
     kept demo) showed the fleet's figures in `edgekit report` but nothing in /metrics until each device spoke again.
-    Now the gauges start from the history (the fleet file's devices), then follow what arrives."""
+    Now the gauges start from the history (the fleet file's devices), then follow what arrives. So do the alerts that
+    hold over an episode: drift and low disk the history shows are not alerted again; a device silent since before the
+    restart is alerted (d1: the monitor that stored the last record was gone before d1's limit passed), one silent
+    past its limit while a monitor stored later records is not again (d2); last heard is any kind's receive time."""
     import os
     import subprocess
     import sys
@@ -213,15 +216,19 @@ def test_a_monitor_started_over_a_kept_history_exports_its_figures_in_metrics_be
             ("bench", {**bench("d1", 3, p90=3.0, variant="fp16"), "sha256": "b" * 64}),
             ("status", messages.envelope("status", FLEET, "d1", 1, {
                 "state": "offline", "disk": {"free_bytes": 123456789, "total_bytes": 3e10, "full": False}})),
-            ("live", messages.envelope("live", FLEET, "d1", 1, live)),
             ("shadow", messages.envelope("shadow", FLEET, "d2", 1, {
                 "model": {"sha256": "cd", "variant": "fp32"}, "serving": live["model"], "compared": 30, "window": 30,
                 "fidelity": {"snr_db": 12.5, "cosine": 0.9}})),  # under d2's min_fidelity_snr_db: drifting
             ("bench", {**bench("d1", 4), "device": "gone"}),  # a device no longer in the fleet file
-            ("bench", {**bench("d2", 1), "latency_ms": None})]  # a row the gauges cannot read: left out, alone
+            ("bench", {**bench("d2", 1), "latency_ms": None}),  # a row the gauges cannot read: left out, alone
+            ("status", messages.envelope("status", FLEET, "d2", 1, {  # 1 MB free, under --min-free-mb 32: low
+                "state": "online", "disk": {"free_bytes": 1_000_000, "total_bytes": 3e10, "full": False}}))]
     with Store(tmp_path / "edgekit-history.db") as store:
         for i, (kind, msg) in enumerate(kept):
             store.add_many([(kind, msg)], received=[1_700_000_000.0 + i])
+        # d1's newest record is a live one, 1,000 s later: last heard (not its status's time), and the last record
+        # stored (its silence limit passed after it; d2's, 180 s after its records, before it)
+        store.add_many([("live", messages.envelope("live", FLEET, "d1", 1, live))], received=[1_700_001_000.0])
     port = free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     proc = subprocess.Popen([sys.executable, "-m", "edge_kit", "monitor", "--fleet", str(tmp_path / "fleet.yaml"),
@@ -229,21 +236,23 @@ def test_a_monitor_started_over_a_kept_history_exports_its_figures_in_metrics_be
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     scraped = {"text": ""}
 
-    def scrape() -> bool:
+    def scrape() -> bool:  # once the monitor has started and checked the silence (within 0.2 s of starting)
         try:
             scraped["text"] = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
         except OSError:
             return False
-        return True
+        return 'edgekit_device_silent{device="d1"} 1.0' in scraped["text"]
 
     try:
-        assert wait_until(scrape, 60, step=0.5), proc.stderr.read() if proc.poll() is not None else "no /metrics"
+        assert wait_until(scrape, 30, step=0.5), scraped["text"] or "no /metrics"
         out, err = proc.communicate(timeout=60)  # /metrics is served from before the monitor starts until it stops
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, err
-    assert [a for a in json.loads(out)["alerts"] if a["kind"] == "drift"] == []  # an episode under way: not news
+    alerts = json.loads(out)["alerts"]
+    assert [a for a in alerts if a["kind"] in ("drift", "disk")] == []  # episodes under way: not news
+    assert [a["device"] for a in alerts if a["kind"] == "silent"] == ["d1"], alerts
     text = scraped["text"]
     assert 'edgekit_latency_ms{device="d1",quantile="p90",variant="int8"} 7.5' in text
     assert 'edgekit_latency_ms{device="d1",quantile="p90",variant="fp16"} 3.0' in text
@@ -255,7 +264,9 @@ def test_a_monitor_started_over_a_kept_history_exports_its_figures_in_metrics_be
     assert 'edgekit_live_latency_ms{device="d1",quantile="p99",variant="int8"} 0.9' in text
     assert 'edgekit_live_shadow_snr_db{device="d2",shadow="fp32",variant="int8"} 12.5' in text
     assert 'edgekit_device_drifting{device="d2"} 1.0' in text and 'edgekit_device_drifting{device="d1"} 0.0' in text
-    assert 'edgekit_device_last_seen_seconds{device="d1"} 1.700000003e+09' in text  # when stored, not now
+    assert 'edgekit_device_low_disk{device="d2"} 1.0' in text and 'edgekit_device_low_disk{device="d1"} 0.0' in text
+    assert 'edgekit_device_silent{device="d2"} 1.0' in text
+    assert 'edgekit_device_last_seen_seconds{device="d1"} 1.700001e+09' in text  # when stored (its live), not now
     assert 'device="gone"' not in text and 'edgekit_latency_ms{device="d2"' not in text
 
 
@@ -296,6 +307,27 @@ def test_monitor_cli_json_summary_and_fleet_status(fleet, publisher, tmp_path, r
     assert summary["over_budget"] == 0 and summary["over_budget_by_device"] == {}  # two records: within any budget
     code, out, err = run_cli("fleet", "status", "--fleet", fleet_file)
     assert code == 0 and "d1" in out and "int8" in out and "3.25" in out and "never seen" in out
+
+
+def test_after_an_outage_only_the_device_that_sent_nothing_meanwhile_is_alerted_silent(fleet, publisher, tmp_path, run_cli):
+    """A monitor started again counts silence from the history's records: d2, last stored 10 minutes ago (after the
+    monitor before it stopped), is alerted. d1 spoke while the monitor was stopped (the broker queued its spool for the
+    persistent session): judged from the history while its queued records were still being checked, it was alerted
+    too."""
+    now = time.time()
+    with Store(tmp_path / "edgekit-history.db") as store:  # what the run before stored, then it stopped
+        store.add_many([("bench", bench("d1", 1)), ("bench", bench("d2", 1))], received=[now - 600, now - 600])
+    cid = monitor_session(fleet, "cli-outage")
+    sent = [publisher.publish(messages.topic(FLEET, "d1", "bench"), messages.encode(signed(bench("d1", seq))), qos=1)
+            for seq in range(2, 3002)]  # queued by the broker for the stopped monitor
+    for info in sent:
+        info.wait_for_publish(30)
+    code, out, err = run_cli("monitor", "--fleet", tmp_path / "fleet.yaml", "--client-id", cid, "--duration", "8",
+                             "--json")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["stored"] == 3000, summary
+    assert [a["device"] for a in summary["alerts"] if a["kind"] == "silent"] == ["d2"], summary["alerts"]
 
 
 def test_a_flood_of_refused_messages_is_counted_without_bound_but_stored_and_kept_in_memory_within_one(
