@@ -165,7 +165,7 @@ def time_bound(text: str | None, option: str, now: float | None = None) -> float
     ``2026-11-30T09:00``; local time unless it names its zone, ``Z`` or ``+01:00``).
 
     Raises:
-        InputError: it is neither (one line naming ``option`` and both forms).
+        InputError: it is neither, or a date-time no unix time holds (one line naming ``option`` and both forms).
     """
     import datetime
     import re
@@ -177,12 +177,11 @@ def time_bound(text: str | None, option: str, now: float | None = None) -> float
     span = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd])\s*", text)
     if span:
         return (time.time() if now is None else now) - float(span[1]) * _SPANS[span[2]]
-    try:
-        when = datetime.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
-    except ValueError:
+    try:  # a naive one is local time; one a unix time cannot hold (0001-01-01 here, 9999-12-31 ahead) raises too
+        return datetime.datetime.fromisoformat(text.strip().replace("Z", "+00:00")).timestamp()
+    except (ValueError, OverflowError, OSError):
         raise InputError(f"{option} {text!r}: give a span back from now (30m, 2h, 7d) or a date-time "
                          "(2026-11-30T09:00, local time unless it names its zone)") from None
-    return when.timestamp()  # a naive one is local time
 
 
 def finite(value: float | None) -> float | None:

@@ -26,9 +26,10 @@ records over them, so each of ``workers`` workers holds ``rate / workers`` and `
 more than the documented budget. Its limit: a device whose records the broker hands unevenly (or a group with fewer
 workers running than ``workers`` says) gets less than the whole budget, never more.
 
-A monitor that starts again charges each device's bucket with what the history says it stored in the last
-``burst / rate`` seconds (:meth:`IngestBudget.charge`), so restarting the monitor gives a flooding device no fresh
-burst.
+A monitor that starts again rebuilds each device's bucket from when the history says it stored that device's
+records in the last ``burst / rate`` seconds (:meth:`IngestBudget.charge`), as a running monitor's would be: a
+flooding device gets no fresh burst, and a device that sent within its rate keeps its whole budget (the records the
+broker held for it while the monitor was down are stored).
 """
 
 from __future__ import annotations
@@ -82,11 +83,19 @@ class IngestBudget:
         ago no longer counts against it."""
         return self.burst / self.rate
 
-    def charge(self, stored: dict[str, int]) -> None:
-        """Take from each device's bucket its share (``1 / workers``) of the records ``stored`` says the whole monitor
-        stored for it in the last :meth:`window_s` (a monitor started again: no fresh burst); return nothing."""
-        for device, n in stored.items():
-            self.spend(device, n / self.workers)
+    def charge(self, stored: dict[str, list[tuple[float, int]]], now: float) -> None:
+        """Set each device's bucket to what it would hold had this monitor run through the last :meth:`window_s`:
+        full at its start, then ``stored[device]``'s ``(unix time, records)`` pairs (oldest first; the whole
+        monitor's records, of which this worker takes its ``1 / workers`` share) spent as they came and refilled at
+        the rate between them and up to ``now`` (unix time). A monitor started again gives a flooding device no fresh
+        burst, and takes from a device that sent within its rate nothing (what the broker held for it through the
+        restart is stored); return nothing."""
+        for device, seconds in stored.items():
+            tokens, then = self._burst, now - self.window_s()
+            for when, n in seconds:
+                tokens = max(0.0, min(self._burst, tokens + max(0.0, when - then) * self._rate) - n / self.workers)
+                then = max(then, when)
+            self._tokens[device] = (min(self._burst, tokens + max(0.0, now - then) * self._rate), self._clock())
 
     def _fill(self, device: str) -> float:
         """Return ``device``'s tokens now (a device not seen yet has a full bucket)."""

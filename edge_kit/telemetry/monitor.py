@@ -169,17 +169,17 @@ class Monitor:
                  budget_rate: float = DEFAULT_RATE, budget_burst: float = DEFAULT_BURST, workers: int | None = None):
         """``budget_rate`` and ``budget_burst``: each device's ingest budget (records a second, and at once) for the
         whole monitor; ``workers``: how many workers share the ``share`` group (each holds 1/workers of the budget;
-        required with ``share``, 1 without).
+        without it, each holds the whole budget, with a warning).
 
         Raises InputError: ``share`` is not a shared-subscription group name (empty, or with '/', '+' or '#':
-        the subscription would name another topic and receive nothing), ``share`` without ``workers`` (or
-        ``workers`` above 1 without ``share``), ``client_id`` is empty (a random one would lose the persistent
-        session) or longer than MQTT carries, or the budget is not above 0."""
+        the subscription would name another topic and receive nothing), ``workers`` above 1 without ``share``,
+        ``client_id`` is empty (a random one would lose the persistent session) or longer than MQTT carries, or the
+        budget is not above 0."""
         if share is not None and (not share or any(c in share for c in "/+#")):
             raise InputError(f"--share {share!r}: give a group name without '/', '+' or '#' (e.g. monitors)")
-        if share is not None and workers is None:
-            raise InputError(f"--share {share}: give --workers N, how many monitor workers share the group (each "
-                             "holds 1/N of every device's ingest budget, so the budget holds for the whole monitor)")
+        if share is not None and workers is None:  # as before --workers existed: a worker's budget is the whole one
+            log.warning("--share %s without --workers: each worker holds every device's whole ingest budget, so N "
+                        "workers let a device store N times it; give --workers N to share it", share)
         if share is None and workers not in (None, 1):
             raise InputError(f"--workers {workers}: only with --share (the workers of one shared subscription)")
         if client_id is not None and not 0 < len(client_id.encode()) <= MAX_CLIENT_ID_BYTES:
@@ -300,8 +300,9 @@ class Monitor:
             self._last_shadow = {d: _shadow_mark(m) for d, m in shadows.items()}
             self._intervals = self.store.telemetry_intervals()  # until its next telemetry says otherwise
             # what each device stored lately spent its budget: a restart gives a flooding device no fresh burst
-            recent = self.store.stored_since(time.time() - self.budget.window_s())
-            self.budget.charge({d: n for d, n in recent.items() if d in self.constraints})
+            now = time.time()
+            recent = self.store.stored_since(now - self.budget.window_s())
+            self.budget.charge({d: seconds for d, seconds in recent.items() if d in self.constraints}, now)
             self._seed_alert_states(shadows)  # episodes under way: not alerted again, and silence counted from then
         except HistoryError:
             pass  # the writer meets it too, and says so

@@ -509,12 +509,17 @@ class HistoryStore(abc.ABC):
                 heard[device] = max(ts, heard.get(device, ts))
         return heard
 
-    def stored_since(self, since: float) -> dict[str, int]:
-        """Return how many messages (of every kind the monitor stores) this host stored of each device with a receive
-        time at or after ``since`` (unix seconds, this host's clock), by device; one query. Raises HistoryError."""
-        union = " UNION ALL ".join(f"SELECT device FROM {kind} WHERE ts >= ?" for kind in KINDS)
-        return {device: n for device, n in self._rows(f"SELECT device, COUNT(*) FROM ({union}) AS s GROUP BY device",
-                                                      (since,) * len(KINDS))}
+    def stored_since(self, since: float) -> dict[str, list[tuple[int, int]]]:
+        """Return, by device, how many messages (of every kind the monitor stores) this host stored with a receive
+        time at or after ``since`` (unix seconds, this host's clock), a ``(second, count)`` pair per whole second
+        that holds any, oldest first: at most one row a second a device, however many it sent; one query.
+        Raises HistoryError."""
+        union = " UNION ALL ".join(f"SELECT device, CAST(ts AS BIGINT) AS sec FROM {kind} WHERE ts >= ?" for kind in KINDS)
+        out: dict[str, list[tuple[int, int]]] = {}
+        for device, sec, n in self._rows(f"SELECT device, sec, COUNT(*) FROM ({union}) AS s GROUP BY device, sec "
+                                         "ORDER BY device, sec", (since,) * len(KINDS)):
+            out.setdefault(device, []).append((int(sec), int(n)))
+        return out
 
     def _latest(self, table: str) -> dict[str, dict[str, Any]]:
         """Return the newest message of ``table`` per device (by receive time, then ``seq``)."""

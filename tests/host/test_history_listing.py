@@ -78,11 +78,12 @@ def test_sequence_gaps_are_listed_newest_first_by_device_and_time_window(tmp_pat
 
 
 @pytest.mark.parametrize("option", ["--since", "--until"])
-def test_a_time_that_reads_as_neither_a_span_nor_a_date_is_one_line_naming_the_option(tmp_path, run_cli, option):
+@pytest.mark.parametrize("value", ["yesterday", "0001-01-01"])  # the second a date no unix time holds here: a traceback
+def test_a_time_that_reads_as_neither_a_span_nor_a_date_is_one_line_naming_the_option(tmp_path, run_cli, option, value):
     history = _history(tmp_path / "h.db")
-    code, out, err = run_cli("history", "gaps", "--history", history, option, "yesterday")
+    code, out, err = run_cli("history", "gaps", "--history", history, option, value)
     assert code == 2 and out == "" and err.count("\n") == 1
-    assert err.startswith(f"edgekit: error: {option} 'yesterday': give a span back from now (30m, 2h, 7d) or a date-time")
+    assert err.startswith(f"edgekit: error: {option} '{value}': give a span back from now (30m, 2h, 7d) or a date-time")
 
 
 def test_the_report_lists_the_newest_refused_messages_and_gaps_as_text_never_as_html(tmp_path, run_cli):

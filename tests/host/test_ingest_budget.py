@@ -73,15 +73,20 @@ def test_workers_of_one_shared_subscription_hold_the_budget_together_not_each():
     assert all(w.rate == 10 and w.burst == 50 for w in workers)  # what the alerts name: the whole monitor's budget
 
 
-def test_a_budget_charged_with_what_the_history_stored_lately_starts_from_what_is_left():
-    """A monitor started again charges each device with what it stored in the last burst/rate seconds."""
+def test_a_budget_charged_with_what_the_history_stored_lately_is_what_a_running_monitor_would_hold():
+    """A monitor started again rebuilds each device's bucket from when the history says it stored its records in the
+    last burst/rate seconds: spent as they came, refilled at the rate between them and since."""
     clock = Clock()
     budget = IngestBudget(rate=10, burst=50, clock=clock)
     assert budget.window_s() == 5.0
-    budget.charge({"d1": 45, "d2": 500})
-    assert budget.available("d1") == 5 and budget.available("d2") == 0 and budget.available("d3") == 50
+    now = 1_000_000.0
+    budget.charge({"d1": [(now - 1, 45)], "d2": [(now - 1, 500)], "d4": [(now - 5 + s, 10) for s in range(5)]}, now)
+    assert budget.available("d1") == 15  # 5 left, then a second of refill
+    assert budget.available("d2") == 10  # none left (never below 0), then a second of refill
+    assert budget.available("d3") == 50  # nothing stored: a full bucket
+    assert budget.available("d4") == 50  # 10 a second, its rate, for the whole window: nothing taken
     shared = IngestBudget(rate=10, burst=50, clock=clock, workers=2)
-    shared.charge({"d1": 40})  # the whole monitor stored 40: each of two workers is charged 20 of its 25
+    shared.charge({"d1": [(now, 40)]}, now)  # the whole monitor stored 40: each of two workers is charged 20 of its 25
     assert shared.available("d1") == 5
 
 

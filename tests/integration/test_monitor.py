@@ -456,8 +456,6 @@ def test_a_refused_message_s_topic_is_kept_short_in_alerts_and_the_invalid_table
 @pytest.mark.parametrize("option, value, error", [
     ("--share", "a/b", "--share 'a/b': give a group name without '/', '+' or '#' (e.g. monitors)"),
     ("--share", "", "--share '': give a group name without '/', '+' or '#' (e.g. monitors)"),
-    ("--share", "g", "--share g: give --workers N, how many monitor workers share the group (each holds 1/N of every "
-                     "device's ingest budget, so the budget holds for the whole monitor)"),
     ("--workers", "2", "--workers 2: only with --share (the workers of one shared subscription)"),
     ("--client-id", "", "--client-id: give 1 to 65,535 bytes (got 0)"),
     ("--client-id", "x" * 70_000, "--client-id: give 1 to 65,535 bytes (got 70,000)"),
@@ -685,6 +683,34 @@ def test_a_monitor_started_again_gives_a_flooding_device_no_fresh_burst(fleet, t
         again.stop()
     assert store.count("telemetry") == 6 and again.over_budget == {"d1": 4}  # d1 none: its burst was spent; d2 its own
     assert again.stats.over_budget == 4 and "over_budget" not in {f.name for f in dataclasses.fields(again.stats)}
+
+
+def test_a_monitor_started_again_keeps_the_whole_budget_of_a_device_that_sent_within_its_rate(fleet, tmp_path):
+    """The restart charged each device with every record stored in the last burst/rate seconds, refill ignored: a
+    device sending at exactly its rate for that long started with an empty bucket, and all the broker had queued for
+    it during the restart was refused over budget. Its bucket is now rebuilt from when the records were stored."""
+    store = Store(tmp_path / "h.db")
+    now = time.time()
+    topic = messages.topic(FLEET, "d1", "telemetry")
+    steady = [(topic, messages.encode(signed(telemetry("d1", seq))), now - 100 + seq) for seq in range(1, 100)]
+    Monitor(fleet, store, verify_in_child=False)._store(steady)  # received 1 a second (this test stores them at once)
+    assert store.count("telemetry") == 99
+    again = Monitor(fleet, store, verify_in_child=False, budget_rate=1, budget_burst=10).start()
+    try:
+        backlog = [(topic, messages.encode(signed(telemetry("d1", seq))), time.time()) for seq in range(100, 110)]
+        again._store(backlog)  # what the broker held through the restart: within the burst
+    finally:
+        again.stop()
+    assert store.count("telemetry") == 109 and again.over_budget == {}
+
+
+def test_a_shared_monitor_without_workers_runs_with_the_whole_budget_and_says_so(fleet, tmp_path, caplog):
+    """`--share` became an error without `--workers`, which stopped every monitor unit written before; it runs as
+    before (each worker the whole budget) with a warning naming the option."""
+    with caplog.at_level("WARNING", logger="edgekit.monitor"):
+        mon = Monitor(fleet, Store(tmp_path / "h.db"), share="monitors", verify_in_child=False, budget_burst=10)
+    assert mon.budget.available("d1") == 10
+    assert any("--workers N" in r.getMessage() for r in caplog.records)
 
 
 def test_a_forger_on_the_topic_of_a_device_with_one_record_of_budget_left_costs_a_batch_few_verifier_calls(
