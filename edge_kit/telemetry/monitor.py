@@ -206,7 +206,7 @@ class Monitor:
         self._refused: str | None = None
         self._silent_alerted: set[str] = set()
         self._heard_before: set[str] = set()  # devices last heard in the history, not yet in this run
-        self._seeded = False  # the alert states were read from the history (start())
+        self._seeded = False  # start() read the alert states from the history, or failed to
         self._judge_before_from = 0.0  # time.monotonic() from which those are judged silent (start() sets it)
         self.min_free_bytes = min_free_mb * 1e6  # a device reporting less free space is alerted on (once per episode)
         self._low_disk: set[str] = set()
@@ -246,7 +246,8 @@ class Monitor:
     def alert_states(self) -> dict[str, frozenset[str]]:
         """Return, per alert kind that holds over an episode (``drift``, ``disk``, ``silent``), the devices whose alert
         holds now (raised, its episode not ended; from the history's newest records when the monitor started: see
-        :meth:`_seed_alert_states`); an empty dict until :meth:`start` has read the history (nothing is known yet)."""
+        :meth:`_seed_alert_states`); an empty dict until :meth:`start` has read the history (nothing is known yet), or
+        failed to (then what this run sees)."""
         if not self._seeded:
             return {}
         # copies: the writer thread changes them
@@ -305,7 +306,8 @@ class Monitor:
             self.budget.charge({d: seconds for d, seconds in recent.items() if d in self.constraints}, now)
             self._seed_alert_states(shadows)  # episodes under way: not alerted again, and silence counted from then
         except HistoryError:
-            pass  # the writer meets it too, and says so
+            pass  # the writer meets it too, and says so; the alert states are then what this run sees
+        self._seeded = True
         if self.verifier is not None:
             self.verifier.start()
         self._checker.start()
@@ -784,7 +786,6 @@ class Monitor:
                     self._heard_before.add(device)
                 if seen + self._silence_limit(device) <= stored_until:
                     self._silent_alerted.add(device)
-        self._seeded = True
 
     def _below_fidelity(self, device: str, shadow: dict[str, Any]) -> bool:
         """Return True when ``shadow`` (a ``shadow`` message of ``device``) says the served model's outputs are below

@@ -704,6 +704,25 @@ def test_a_monitor_started_again_keeps_the_whole_budget_of_a_device_that_sent_wi
     assert store.count("telemetry") == 109 and again.over_budget == {}
 
 
+def test_a_monitor_that_could_not_read_the_history_at_start_still_exports_its_alert_states(fleet, tmp_path,
+                                                                                          monkeypatch):
+    """A history read failing at start left the alert states unseeded for the whole run: /metrics never showed the
+    drift, low-disk or silence gauges, even for alerts the run itself raised."""
+    from edge_kit.telemetry.store import HistoryError
+
+    store = Store(tmp_path / "h.db")
+
+    def down() -> dict:
+        raise HistoryError("database is locked")
+
+    monkeypatch.setattr(store, "latest_shadow", down)
+    mon = Monitor(fleet, store, verify_in_child=False).start()
+    try:
+        assert mon.alert_states() == {"drift": frozenset(), "disk": frozenset(), "silent": frozenset()}
+    finally:
+        mon.stop()
+
+
 def test_a_shared_monitor_without_workers_runs_with_the_whole_budget_and_says_so(fleet, tmp_path, caplog):
     """`--share` became an error without `--workers`, which stopped every monitor unit written before; it runs as
     before (each worker the whole budget) with a warning naming the option."""
