@@ -171,7 +171,8 @@ class ServeConfig:
     workers: int = 1  # interpreters per served model (requests beyond wait: the live queue depth)
     http_port: int | None = None  # loopback HTTP/JSON for other languages, on 127.0.0.1 only; None: off
     http_max_clients: int = 4  # HTTP connections at once (any local user can reach 127.0.0.1): its own places
-    http_max_body_mb: float = 1.0  # an HTTP request's JSON body, at most (parsing costs 4-34x its size; one at a time)
+    http_max_body_mb: float = 4.0  # an HTTP request's JSON body, at most: a 224x224x3 float input is 3.2 MB of JSON
+    # (parsing costs 4-34x its size, one body at a time; 1 on a device short of memory, large inputs on the socket)
     request_timeout_s: float = 30.0  # a started socket frame, or an HTTP request's headers and body, must arrive in it
     http_header_timeout_s: float = 5.0  # an HTTP request's line and headers must arrive within it of its first byte
     send_timeout_s: float = 30.0  # a client that takes none of its answer for this long is cut off

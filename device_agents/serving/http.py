@@ -11,8 +11,8 @@ size in memory while it is parsed: ``http_max_clients`` connections (4; apart fr
 ``max_clients``; when all are taken, the keep-alive connection idle the longest is closed for a new
 one, after ``EVICT_GRACE_S`` once it had a request, answered 503 busy if it had none; never one whose next
 request's first bytes are in, read into its buffer or not), a body of at most what the served model's inputs can take as JSON (:func:`json_body_limit`)
-and ``http_max_body_mb`` (1: JSON costs 4-34 times its size to parse; large inputs belong on the socket's
-binary frames), one body parsed at a time (a
+and ``http_max_body_mb`` (4, which a 224x224x3 float input needs: JSON costs 4-34 times its size to parse; on a
+device short of memory lower it and send large inputs as the socket's binary frames), one body parsed at a time (a
 parse's peak once, not once per client), a request's line and headers within
 ``http_header_timeout_s`` of its first byte (5), its body at :data:`BODY_MIN_RATE` or faster after
 as long again, and the whole request within ``request_timeout_s`` (30; an idle keep-alive

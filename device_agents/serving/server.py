@@ -204,7 +204,7 @@ class Server:
 
     def __init__(self, path: Path, *, make_interpreter: Any, max_clients: int = 16,
                  max_payload: int = 64 * 1024 * 1024, workers: int = 1, http_port: int | None = None,
-                 http_max_clients: int = 4, http_max_body: int = 1_000_000, request_timeout_s: float = 30.0,
+                 http_max_clients: int = 4, http_max_body: int = 4_000_000, request_timeout_s: float = 30.0,
                  http_header_timeout_s: float = 5.0, send_timeout_s: float = 30.0, busy_poll_us: int = 0):
         self.path = Path(path)
         self.make_interpreter = make_interpreter  # path -> allocated interpreter (the agent's runtime and target)

@@ -388,7 +388,7 @@ def test_the_new_serve_limits_are_read_from_agent_yaml_and_checked(store, tmp_pa
     cfg.write_text("device: pi-1\nfleet: f\n")
     s = load_agent_config(cfg).serve
     assert (s.http_max_clients, s.http_max_body_mb, s.request_timeout_s, s.http_header_timeout_s,
-            s.send_timeout_s) == (4, 1.0, 30.0, 5.0, 30.0)
+            s.send_timeout_s) == (4, 4.0, 30.0, 5.0, 30.0)  # 4 MB: a 224x224x3 float input's JSON
     cfg.write_text(f"device: pi-1\nfleet: f\nroot: {store.root}\nserve: {{http_max_clients: 2, http_max_body_mb: 1.5, "
                    "request_timeout_s: 5, http_header_timeout_s: 2.5, send_timeout_s: 7, busy_poll_us: 300}\n")
     agent = Agent(load_agent_config(cfg))
@@ -411,11 +411,11 @@ def test_the_new_serve_limits_are_read_from_agent_yaml_and_checked(store, tmp_pa
 
 def test_a_body_over_http_max_body_mb_is_refused_before_it_is_read(store, tmp_path):
     """JSON costs 4-34x its size while parsed: HTTP bodies have their own, smaller limit under the
-    socket's max_payload_mb (64 MB), 1 MB by default (it was 4 MB, and a model with large inputs let
-    4 MB bodies through: 44-136 MB to parse); over it, 413 before the body is read (the client has sent
-    only the headers), naming the key and pointing at the socket's binary frames, and counted. A body
-    under it is read and answered."""
-    srv = Server(store.root / "big.sock", make_interpreter=make, max_payload=64 << 20, http_port=0).start()
+    socket's max_payload_mb (64 MB), http_max_body_mb (here 1 MB, as on a device short of memory); over
+    it, 413 before the body is read (the client has sent only the headers), naming the key and pointing
+    at the socket's binary frames, and counted. A body under it is read and answered."""
+    srv = Server(store.root / "big.sock", make_interpreter=make, max_payload=64 << 20, http_port=0,
+                 http_max_body=1_000_000).start()
     try:
         for length in (4_000_000, 1_000_001):
             with socket.create_connection(srv.http_address, timeout=10) as raw:
@@ -847,15 +847,12 @@ def test_a_connection_closed_before_its_first_request_is_answered_503_busy(wait,
 
 
 def test_the_worst_json_bodies_http_max_body_mb_allows_parse_in_under_40_megabytes():
-    """What docs/serving.md quotes for the default http_max_body_mb (1 MB; a model with large inputs
-    is bounded by it alone): tracemalloc's peak while parse_inputs reads the worst bodies of 1 MB is
-    11-34 MB, where the 4 MB allowed before took 44-136 MB."""
+    """What docs/serving.md quotes for http_max_body_mb at 1 MB (a model with large inputs is bounded by
+    it alone): tracemalloc's peak while parse_inputs reads the worst bodies of 1 MB is 11-34 MB (the
+    default 4 MB, which a 224x224x3 float input needs, takes 44-136 MB)."""
     import tracemalloc
 
-    from edgekit_protocol.config import ServeConfig
-
-    size = int(ServeConfig.http_max_body_mb * 1e6)
-    assert size == 1_000_000
+    size = 1_000_000
     peaks = {}
     for kind, body in worst_bodies(size).items():
         tracemalloc.start()
