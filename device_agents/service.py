@@ -508,7 +508,9 @@ class Agent:
         """Run one command (:meth:`handle`); commands run one at a time, in order. One of :data:`LONG`
         runs in a worker thread while this thread keeps sending telemetry when it is due, so a device
         building a TensorRT engine for minutes, or benchmarking (in a child process: the telemetry's work is
-        this process's, not the timed runs'), is not taken for a silent one."""
+        this process's, not the timed runs'), is not taken for a silent one. Returns once the command has ended:
+        a telemetry round that fails meanwhile is logged, never a return while the worker still runs (the next command
+        would run beside it)."""
         if cmd.name not in LONG:
             self.handle(cmd)
             return
@@ -516,7 +518,10 @@ class Agent:
         worker.start()
         while worker.is_alive():
             worker.join(0.2)
-            self._telemetry_when_due()
+            try:
+                self._telemetry_when_due()
+            except Exception as exc:  # noqa: BLE001 - as the service loop does; the round is tried at the next interval
+                log.error("telemetry during %s failed (%s: %s); the command goes on", cmd.name, type(exc).__name__, exc)
 
     def _telemetry_when_due(self) -> None:
         """Send telemetry if its interval has passed since the last."""

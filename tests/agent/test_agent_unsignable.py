@@ -103,3 +103,33 @@ def test_a_telemetry_refused_during_a_long_command_does_not_end_the_command_earl
     assert done.is_set(), "run_command returned while its command still ran"
     assert agent.spool.stats()["unsignable_messages"] == 1
     agent.spool.close()
+
+
+def test_a_telemetry_round_that_fails_otherwise_during_a_long_command_is_logged_and_the_command_waited_for(
+        agent, monkeypatch, caplog):
+    """Any other failure of a telemetry round (a database error, a sensor that raises) left run_command the same
+    way, with the command still running; it is logged in one line and the command waited for."""
+    def broken():
+        raise RuntimeError("the spool's database is locked")
+
+    monkeypatch.setattr(agent, "telemetry", broken)
+    agent._next_telemetry = 0.0
+    done = threading.Event()
+    monkeypatch.setattr(agent, "handle", lambda cmd: (time.sleep(0.6), done.set()))
+    agent.run_command(Command("c1", "install", {}))
+    assert done.is_set(), "run_command returned while its command still ran"
+    assert any("telemetry during install failed (RuntimeError: the spool's database is locked)" in r.getMessage()
+               for r in caplog.records)
+    agent.spool.close()
+
+
+def test_a_shadow_comparison_that_cannot_be_signed_is_refused_once_not_at_every_interval(agent, monkeypatch):
+    shadow = {"model": {"sha256": "b" * 64}, "run": 1, "compared": 3, "errors": 0, "dropped_queue_full": 0,
+              "skipped_rate": 0, "skipped_busy_cpu": 0, "max_abs_error": float("nan")}
+    monkeypatch.setattr(agent, "served", lambda: [("live", {"model": {"sha256": "a" * 64}, "p50_ms": 1.5})] + (
+        [("shadow", shadow)] if agent._shadow_counts(shadow) != agent._shadow_sent else []))
+    agent.telemetry()
+    agent.telemetry()
+    assert agent.spool.stats()["unsignable_messages"] == 1
+    assert [k for k, _ in _spooled(agent)] == ["telemetry", "live", "telemetry", "live"]
+    agent.spool.close()
