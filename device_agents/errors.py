@@ -70,3 +70,8 @@ class DiskFull(StoreError):
 
 class CodeTampered(DeviceError):
     """The agent's own code differs from what the operator signed (or is unsigned): it does not start."""
+
+
+class Unsignable(DeviceError, ValueError):
+    """A message the agent built cannot be signed: it holds a NaN, an infinity or a value with no JSON form (a
+    figure from a runtime or a sensor, a record read back from disk); the text names its kind and the value's error."""

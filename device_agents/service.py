@@ -37,6 +37,7 @@ from device_agents.errors import (
     DiskFull,
     SmokeFailed,
     SmokeTimedOut,
+    Unsignable,
 )
 from device_agents.identity import (
     OPERATOR,
@@ -250,15 +251,22 @@ class Agent:
             DiskFull: it could not be written even after the reserve was freed.
             PayloadTooLarge: it would be over the protocol's payload limit (counted as ``oversize_messages``, not
                 spooled); an answer (``cmd/ack``) is then sent as a refusal saying so instead.
-            ValueError: it holds a NaN or an infinity, which cannot be signed (not spooled); a successful answer
+            Unsignable: it holds a NaN, an infinity or a value with no JSON form, which cannot be signed (counted as
+                ``unsignable_messages`` and logged by :meth:`_unsignable`, not spooled); a successful answer
                 (``cmd/ack``) is then sent as a refusal saying so instead.
         """
         built: dict[str, Any] = {}
 
         def build(seq: int) -> bytes:
-            built.update(self.signer.sign(messages.envelope(kind, self.cfg.fleet, self.cfg.device, seq, body)))
             # raised inside the spool's transaction: its seq is not taken
-            return messages.encode_within_limit(built, f"a {kind} message")
+            try:
+                built.update(self.signer.sign(messages.envelope(kind, self.cfg.fleet, self.cfg.device, seq, body)))
+                return messages.encode_within_limit(built, f"a {kind} message")
+            except PayloadTooLarge:
+                raise
+            except (ValueError, TypeError) as exc:  # the canonical form: a NaN or an infinity has no JSON form
+                raise Unsignable(f"a {kind} message holds a NaN, an infinity or a value with no JSON form ({exc}), "
+                                 "which no signed message can carry: not sent") from exc
 
         try:
             row, _ = self._on_disk(lambda: self.spool.add(kind, self._topic(kind), build, answers=answers))
@@ -268,14 +276,25 @@ class Agent:
                 raise
             # the command still gets its answer: that it had one too large to send
             return self.emit(kind, {**body, "ok": False, "error": str(exc), "result": {}}, answers)
-        except ValueError as exc:  # signing's canonical form: a NaN or an infinity has no JSON form
+        except Unsignable as exc:
+            self._unsignable(exc)
             if kind != "cmd/ack" or not body.get("ok"):
                 raise
-            log.error("the answer to %s holds a number that cannot be signed (%s); answered as an error", answers, exc)
-            return self.emit(kind, {**body, "ok": False, "error": f"the answer holds a NaN or an infinity ({exc}), which no "
-                                    "signed message can carry: not sent", "result": {}}, answers)
+            # the command still gets its answer: that it had one that could not be signed
+            return self.emit(kind, {**body, "ok": False, "error": "the answer holds a NaN, an infinity or a value with no JSON "
+                                    f"form ({exc.__cause__}), which no signed message can carry: not sent", "result": {}},
+                             answers)
         self.publisher.wake()
         return built if row is not None else None
+
+    def _unsignable(self, exc: Unsignable) -> None:
+        """Count (``unsignable_messages``) and log one message refused as impossible to sign; returns nothing, never
+        raises (a count a full disk keeps back is held by the spool until it can be written)."""
+        try:  # not through _on_disk, whose second try would count it again
+            self.spool.count("unsignable")
+        except (OSError, sqlite3.Error) as full:
+            log.warning("the unsignable message's count is not on disk yet: %s", full)
+        log.error("%s", exc)
 
     def _oversize(self, exc: PayloadTooLarge) -> None:
         """Count (``oversize_messages``) and log one message refused as over the protocol's payload limit; returns
@@ -489,7 +508,9 @@ class Agent:
         """Run one command (:meth:`handle`); commands run one at a time, in order. One of :data:`LONG`
         runs in a worker thread while this thread keeps sending telemetry when it is due, so a device
         building a TensorRT engine for minutes, or benchmarking (in a child process: the telemetry's work is
-        this process's, not the timed runs'), is not taken for a silent one."""
+        this process's, not the timed runs'), is not taken for a silent one. Returns once the command has ended:
+        a telemetry round that fails meanwhile is logged, never a return while the worker still runs (the next command
+        would run beside it)."""
         if cmd.name not in LONG:
             self.handle(cmd)
             return
@@ -497,7 +518,10 @@ class Agent:
         worker.start()
         while worker.is_alive():
             worker.join(0.2)
-            self._telemetry_when_due()
+            try:
+                self._telemetry_when_due()
+            except Exception as exc:  # noqa: BLE001 - as the service loop does; the round is tried at the next interval
+                log.error("telemetry during %s failed (%s: %s); the command goes on", cmd.name, type(exc).__name__, exc)
 
     def _telemetry_when_due(self) -> None:
         """Send telemetry if its interval has passed since the last."""
@@ -762,7 +786,10 @@ class Agent:
                 continue  # not spooled: a shadow comparison is offered again at the next interval
             except PayloadTooLarge:
                 continue  # counted and logged by emit
-            if kind == "shadow":
+            except Unsignable:  # counted and logged by emit; the next interval's message goes out
+                if kind != "shadow":
+                    continue
+            if kind == "shadow":  # sent or refused: the same comparison is not offered again
                 self._shadow_sent = self._shadow_counts(body)
 
     def _telemetry(self) -> dict[str, Any]:

@@ -259,7 +259,8 @@ class Spool:
         that failed: store down, hash mismatch, disk full, smoke test...), ``ended_benches`` (benchmarks whose child
         crashed or was killed by its watchdog: a model that loops or crashes on its eval samples), ``unsent_reports``
         (tries to publish the retained ``reported`` state that failed: it is tried again until it goes out),
-        ``oversize_messages`` (messages over the protocol's payload limit, never sent), ``damaged_spools``
+        ``oversize_messages`` (messages over the protocol's payload limit, never sent), ``unsignable_messages``
+        (messages holding a NaN, an infinity or a value with no JSON form, which cannot be signed: never sent), ``damaged_spools``
         (spools found damaged and replaced at start) and ``max_records``."""
         with self._lock:
             return {"pending": self._count, **{f"dropped_{k}": self._counter("dropped." + k) for k in DROPPABLE},
@@ -268,6 +269,7 @@ class Spool:
                     "stale_desired": self._counter("stale_desired"), "failed_pulls": self._counter("failed_pulls"),
                     "ended_benches": self._counter("ended_benches"),
                     "unsent_reports": self._counter("unsent_reports"), "oversize_messages": self._counter("oversize"),
+                    "unsignable_messages": self._counter("unsignable"),
                     "damaged_spools": self._counter("damaged_spools"), "max_records": self.max_records}
 
     def count(self, name: str) -> None:

@@ -217,7 +217,14 @@ def disk_free_bytes(disk: Any) -> float | None:
     return free if in_range(free, 1e18) and free >= 0 else None
 
 
-def _refuse_constant(name: str, what: str = "payload") -> float:
+def refuse_constant(name: str, what: str = "payload") -> float:
+    """Refuse the JSON parser's ``NaN``, ``Infinity`` or ``-Infinity`` (``name``), read in ``what``: its
+    ``parse_constant`` for every JSON edge-kit reads (:func:`strict_loads`; the serving API's bodies, which check
+    their numbers themselves and parse no faster with more); returns nothing.
+
+    Raises:
+        MessageError: always; the text starts with ``what``.
+    """
     raise MessageError(f"{what} holds the non-finite number {name}; numbers must be finite")
 
 
@@ -245,15 +252,18 @@ def strict_loads(data: str | bytes, what: str = "payload") -> Any:
     any JSON a sender or the disk hands over (a file an agent wrote may be damaged or edited by hand).
 
     Raises:
-        MessageError: ``data`` is not UTF-8 JSON, nests deeper than the parser goes, or holds a NaN, an infinity or a
-            key twice in one object; the text starts with ``what`` (what ``data`` is, e.g. a file name).
+        MessageError: ``data`` is not UTF-8 JSON, nests deeper than the parser goes (``<what> is nested too
+            deeply``), or holds a NaN, an infinity or a key twice in one object; the text starts with ``what`` (what
+            ``data`` is, e.g. a file name).
     """
     try:
         text = data.decode("utf-8") if isinstance(data, bytes) else data
-        return json.loads(text, parse_constant=lambda name: _refuse_constant(name, what),
+        return json.loads(text, parse_constant=lambda name: refuse_constant(name, what),
                           parse_float=lambda text: _finite_float(text, what),
                           object_pairs_hook=lambda pairs: _unique_keys(pairs, what))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: also integers of 4,300+ digits
+    except RecursionError:
+        raise MessageError(f"{what} is nested too deeply") from None
+    except (UnicodeDecodeError, ValueError) as exc:  # ValueError: also integers of 4,300+ digits
         if isinstance(exc, MessageError):
             raise
         raise MessageError(f"{what} is not UTF-8 JSON ({type(exc).__name__})") from None

@@ -40,6 +40,9 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from edgekit_protocol.errors import MessageError
+from edgekit_protocol.messages import strict_loads
+
 MAGIC = b"EKS1"
 MAX_HEADER = 64 * 1024
 DTYPES = ("float32", "float16", "float64", "uint8", "int8", "int16", "int32", "int64", "bool")
@@ -269,15 +272,15 @@ def _parse_header(raw: bytes | memoryview) -> dict[str, Any]:
     """Return the header (a JSON object) of a frame.
 
     Raises:
-        FrameError: it is not JSON (NaN and infinity refused), is nested too deeply for the parser, or is not
-            an object.
+        FrameError: it is not UTF-8 JSON, holds a NaN, an infinity or a key twice, is nested too deeply for the
+            parser (a few thousand brackets fit in MAX_HEADER: a bad frame, never the connection's end), or is not
+            an object: :func:`edgekit_protocol.messages.strict_loads`'s rule and words. A header is parsed once
+            per distinct header (:class:`Receiver` keeps the parsed ones), so the rule costs no request.
     """
     try:
-        header = json.loads(bytes(raw) or b"", parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
-    except RecursionError:  # a few thousand brackets fit in MAX_HEADER: a bad frame, never the connection's end
-        raise FrameError("the header is nested too deeply") from None
-    except (ValueError, UnicodeDecodeError):
-        raise FrameError("the header is not JSON") from None
+        header = strict_loads(bytes(raw) or b"", "the header")
+    except MessageError as exc:
+        raise FrameError(str(exc)) from None
     if not isinstance(header, dict):
         raise FrameError("the header is not a JSON object")
     return header

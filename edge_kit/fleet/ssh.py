@@ -29,7 +29,7 @@ import paramiko
 from fabric import Connection
 
 from device_agents import codecheck
-from device_agents.store import damage, read_meta
+from device_agents.store import MAX_META_BYTES, damage, read_meta
 from device_agents.supervise import is_supervisor
 from edge_kit.errors import DeployError
 from edge_kit.fleet.inventory import Device
@@ -100,6 +100,15 @@ def text(path):
     data = read(path)
     return None if data is None else data.decode("utf-8", "replace")
 
+def meta(path):  # its first MAX_META + 1 bytes (more is damaged: read_meta says so by the length), byte for byte:
+    try:           # a byte that is not UTF-8 a lone surrogate, printed \udcXX (the host takes the bytes back)
+        with open(path, "rb") as f:
+            return f.read(MAX_META + 1).decode("utf-8", "surrogateescape")
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        sys.exit("cannot read %s (%s)" % (path, exc.strerror or exc))
+
 def exists(path):
     try:
         os.stat(path)
@@ -159,7 +168,7 @@ sys.stdout.buffer.write(dump({
     "has_device_key": exists(os.path.join(root, "identity", "device.key")),
     "pid": pid if pid.isdigit() else None, "cmdline": None if cmdline is None else cmdline.decode("latin-1"),
     "restart_pending": exists(os.path.join(root, pending)), "systemd": exists("/run/systemd/system"),
-    "models": {n: text(os.path.join(root, "models", n, "meta.json")) for n in names}, "current": current,
+    "models": {n: meta(os.path.join(root, "models", n, "meta.json")) for n in names}, "current": current,
     "hashes": {n: file_hashes(os.path.join(root, "models", n)) for n in verify if n in names},
     "code": {"files": tree(code) if os.path.isdir(code) else None, "manifest": text(os.path.join(code, MANIFEST))},
 }).encode("utf-8", "backslashreplace") + b"\n")  # a lone surrogate (an undecodable file name): \udcXX
@@ -200,6 +209,18 @@ def _probe_shape(found: Any) -> None:
         raise ValueError("a field 'code' that is not {files: object or null, manifest: text or null}")
 
 
+def _device_bytes(text: str | None) -> bytes | None:
+    """Return the bytes of a device file that :data:`_DEVICE_STATE` printed as text (decoded with
+    ``surrogateescape``: each byte that is not UTF-8 a lone surrogate), as the file holds them; None stays None.
+    A surrogate no byte gives (a device's own script) is kept as bytes that are not UTF-8 either."""
+    if text is None:
+        return None
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass")
+
+
 def _facts_shape(found: Any) -> None:
     """Check that ``found`` has the shape :data:`_PYTHON_FACTS` prints: ``free`` a byte count, ``python`` a path
     (text of at most :data:`PATH_MAX` characters), ``missing`` a list of :data:`FACT_MODULES`, ``runtimes`` an object, ``version`` a list of at least two whole numbers; return
@@ -227,6 +248,7 @@ def _probe_script() -> str:
     """Return the probe's script: :data:`_DEVICE_STATE` after :func:`device_agents.codecheck.tree`'s source
     (read once: ``inspect`` tokenizes the module for it)."""
     return (f"from __future__ import annotations\nimport hashlib, os, sys\nMANIFEST = {codecheck.MANIFEST!r}\n"
+            f"MAX_META = {MAX_META_BYTES!r}\n"
             + inspect.getsource(codecheck.tree) + _DEVICE_STATE)
 
 
@@ -603,8 +625,8 @@ class DeviceShell:
         root = found["root"]
         installed, metas, unread = [], {}, {}
         for name, meta in sorted(found["models"].items()):
-            try:  # as the agent's store reads it: strict JSON, within the contract install writes
-                metas[name] = read_meta(meta, name)
+            try:  # as the agent's store reads it, from the same bytes: strict JSON, within the contract install writes
+                metas[name] = read_meta(_device_bytes(meta), name)
             except ValueError as exc:  # damaged: not counted as installed, so the deploy uploads it again
                 unread[name] = str(exc)
                 continue

@@ -216,5 +216,6 @@ def test_an_answer_holding_a_nan_is_sent_as_a_refusal_saying_so(agent, monkeypat
     agent.run_command(Command("c1", "state", {}))
     (ack,) = [m for k, m in _spooled(agent) if k == "ack"]
     assert ack["cmd_id"] == "c1" and ack["ok"] is False and ack["result"] == {}
-    assert ack["error"].startswith("the answer holds a NaN or an infinity (") and ack["error"].endswith("not sent")
+    assert ack["error"].startswith("the answer holds a NaN, an infinity or a value with no JSON form (") and ack["error"].endswith("not sent")
     assert agent.spool.pending_commands() == []  # answered: it left the inbox
+    assert agent.spool.stats()["unsignable_messages"] == 1  # the answer that could not be signed, counted

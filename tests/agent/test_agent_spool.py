@@ -49,7 +49,7 @@ def test_when_full_the_oldest_telemetry_goes_first_and_bench_records_never(tmp_p
     assert row is None and payload is None
     assert spool.stats() == {"pending": 4, "dropped_telemetry": 3, "dropped_live": 0, "dropped_shadow": 0,
                              "refused_commands": 0, "replayed_commands": 0, "expired_commands": 0, "stale_desired": 0,
-                             "failed_pulls": 0, "ended_benches": 0, "unsent_reports": 0, "oversize_messages": 0, "damaged_spools": 0, "max_records": 3}
+                             "failed_pulls": 0, "ended_benches": 0, "unsent_reports": 0, "oversize_messages": 0, "unsignable_messages": 0, "damaged_spools": 0, "max_records": 3}
 
 
 def test_live_and_shadow_rows_are_periodic_dropped_oldest_first_and_counted_per_kind_with_their_own_seq(tmp_path):

@@ -898,3 +898,30 @@ def test_a_connection_closed_before_its_first_request_is_told_busy_as_a_turned_a
     finally:
         for s in held:
             s.close()
+
+
+@pytest.mark.parametrize("raw, said", [
+    (b'{"op": "predict", "tensors": [], "op": "ping"}', "the header holds the key 'op' twice in one object"),
+    (b'{"op": "predict", "deadline_ms": NaN}', "the header holds the non-finite number NaN"),
+    (b'{"op": "predict", "deadline_ms": 1e999}', "the header holds 1e999, which overflows to infinity"),
+    (b'{"op": ', "the header is not UTF-8 JSON"),
+    (b"[" * 5000, "the header is nested too deeply"),
+])
+def test_a_frame_header_is_read_by_the_protocols_rule_and_its_words(raw, said):
+    """The header is parsed by edgekit_protocol.messages.strict_loads, as every JSON the agent reads: a key twice (one
+    reader keeps the first, another the last) and a number that overflows to infinity are refused, saying which."""
+    from device_agents.serving.frames import FrameError, _parse_header
+
+    with pytest.raises(FrameError) as caught:
+        _parse_header(raw)
+    assert str(caught.value).startswith(said)
+    assert _parse_header(b'{"op": "predict", "tensors": []}') == {"op": "predict", "tensors": []}
+
+
+def test_an_http_body_holding_nan_is_refused_in_the_protocols_words():
+    from device_agents.serving.http import _BadRequest, parse_inputs
+
+    with pytest.raises(_BadRequest) as caught:
+        parse_inputs(b'{"inputs": {"image": [Infinity]}}', 1 << 20)
+    assert str(caught.value) == ("malformed request: the body is not JSON (the body holds the non-finite number "
+                                 "Infinity; numbers must be finite)")

@@ -266,3 +266,49 @@ def test_the_facts_script_prints_what_the_deploy_takes():
     out = subprocess.run([sys.executable, "-c", _PYTHON_FACTS, "/nonexistent/root"], capture_output=True, timeout=60,
                          check=True).stdout
     _facts_shape(json.loads(out))
+
+
+@pytest.mark.parametrize("content, why", [
+    # a byte that is not UTF-8 inside a string: decoded with "replace" on the device, it looked intact to the deploy
+    (lambda sha: b'{"sha256": "%s", "variant": "int8", "model": "m\xff"}' % sha.encode(), "meta.json is missing or unreadable"),
+    # 5 MB: it was printed whole (over the 4 MiB the host parses: the probe failed, so the deploy could not repair it)
+    (lambda sha: b'{"sha256": "%s", "pad": "%s"}' % (sha.encode(), b"\xff" * 5_000_000),
+     "meta.json holds 65,537 bytes, over the 65,536 a model's metadata may take"),
+])
+def test_the_deploy_and_the_agent_judge_a_stored_meta_json_alike_from_its_bytes(tmp_path, content, why):
+    """The probe ran on a device root, its output read by the host: the model the agent's store calls damaged is
+    damaged for the deploy too (so the deploy uploads it again), for the same reason; the probe prints at most the
+    bytes the check needs."""
+    from device_agents.store import ModelStore
+
+    data = b"tflite bytes"
+    sha = hashlib.sha256(data).hexdigest()
+    folder = tmp_path / "models" / sha
+    folder.mkdir(parents=True)
+    (folder / "model.tflite").write_bytes(data)
+    (folder / "meta.json").write_bytes(content(sha))
+    assert ModelStore(tmp_path).describe(sha) == {"sha256": sha, "damaged": why}  # the agent's own judgement
+    out = subprocess.run(probe_argv(sys.executable, str(tmp_path), (sha,)), capture_output=True, timeout=60,
+                         check=True).stdout
+    assert len(out) < 400_000  # bounded on the device: not the file whole
+    shell = _shell_printing(out.decode())
+    shell.verify = (sha,)
+    found = shell._probe()
+    assert found["installed"] == [] and found["damaged"] == {sha: why}
+
+
+def test_a_meta_json_whose_bytes_are_all_utf8_reads_the_same_through_the_probe(tmp_path):
+    """The bytes the host takes back are the file's: one in UTF-8 (accents, emoji) is intact for both sides."""
+    data = b"tflite bytes"
+    sha = hashlib.sha256(data).hexdigest()
+    folder = tmp_path / "models" / sha
+    folder.mkdir(parents=True)
+    (folder / "model.tflite").write_bytes(data)
+    (folder / "meta.json").write_text(json.dumps({"sha256": sha, "variant": "int8", "model": "m", "format": "tflite",
+                                                  "note": "caf\u00e9 \U0001F600"}, ensure_ascii=False), encoding="utf-8")
+    out = subprocess.run(probe_argv(sys.executable, str(tmp_path), (sha,)), capture_output=True, timeout=60,
+                         check=True).stdout
+    shell = _shell_printing(out.decode())
+    shell.verify = (sha,)
+    found = shell._probe()
+    assert found["damaged"] == {} and [m["note"] for m in found["installed"]] == ["caf\u00e9 \U0001F600"]

@@ -548,6 +548,28 @@ def test_a_tampered_model_and_a_truncated_meta_json_are_reported_and_repaired_by
     assert again.status == "skipped" and not any(a.startswith("repair") for a in again.actions)
 
 
+def test_a_meta_json_not_utf8_or_too_large_is_damaged_for_the_deploy_as_for_the_agent_and_repaired(sim, digits_artifacts):
+    """The probe decoded meta.json with errors="replace": a byte that is not UTF-8 inside a string looked intact to
+    the deploy while the agent called the model damaged, so no deploy repaired it. And it printed the file whole: one
+    of megabytes went over SSH and past what the host parses, failing the probe (and the deploy) of that device."""
+    simfleet, fleet = sim(1)
+    dev = fleet.devices[0]
+    assert len(deploy(fleet, [dev], DeployOptions(digits_artifacts, variant="int8")).succeeded) == 1
+    store = ModelStore(Path(dev.root))
+    int8, fp32 = manifest_sha(digits_artifacts, "int8"), manifest_sha(digits_artifacts, "fp32")
+    meta = store.models / int8 / "meta.json"  # the current model's: its model name holds a byte that is not UTF-8
+    meta.write_bytes(meta.read_bytes().replace(b'"model": "', b'"model": "\xff', 1))
+    assert store.describe(int8) == {"sha256": int8, "damaged": "meta.json is missing or unreadable"}
+    big = store.models / fp32 / "meta.json"
+    big.write_bytes(big.read_bytes()[:-1] + b', "pad": "' + b"x" * 6_000_000 + b'"}')
+    assert store.describe(fp32)["damaged"].startswith("meta.json holds 65,537 bytes")
+    r = deploy(fleet, [dev], DeployOptions(digits_artifacts, variant="int8")).results[0]
+    assert r.status == "succeeded", r.reason
+    assert "repair int8 (meta.json is missing or unreadable)" in r.actions
+    assert any(a.startswith("repair fp32 (meta.json holds 65,537 bytes") for a in r.actions), r.actions
+    assert store.damaged() == [] and store.describe(int8)["variant"] == "int8" and current(dev) == int8
+
+
 def test_tampered_agent_code_is_not_started_and_the_next_deploy_reinstalls_it(sim, digits_artifacts):
     """The deploy checks the agent's files against their sha256 with a script of its own (never a
     marker file); the agent checks them against the operator-signed manifest before it starts."""
