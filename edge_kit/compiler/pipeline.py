@@ -582,7 +582,7 @@ def _compile_model(req: CompileRequest, progress: Progress | None, work: Path) -
             checks[role]["eval_overlap"] = shared = shared_samples(data, evalset)
             checks[role]["eval_overlap_warning"] = leak_warning(data, role, evalset, shared)
     if calib is not None and evalset is not None:
-        checks["calib"]["eval_range_warning"] = range_warning(calib, evalset)
+        checks["calib"]["eval_range_warning"] = range_warning(calib, evalset, types)
     for said in (calib_noise, *(w for c in checks.values() for k, w in c.items() if k.endswith("warning"))):
         if said:
             warnings.warn(said, stacklevel=2)

@@ -206,3 +206,18 @@ def test_random_check_ids_follow_shape_only_ops_to_the_embedding_table():
     assert id_bounds(id_model(["Reshape", "Add"]), {"ids": "int64"}) == {}  # ids + 1: not the rows' range any more
     assert id_bounds(id_model(["Add", "Reshape"]), {"ids": "int64"}) == {}
     assert id_bounds(id_model(["Identity"] * 40), {"ids": "int64"}) == {}  # beyond the bounded walk: left at the default
+
+
+def test_eval_ids_beyond_the_calibration_ids_are_not_warned_as_clipped(tmp_path):
+    """Eval ids 0..299 against calibration ids 0..149 warned that "int8 variants clip it to the calibrated range",
+    which no variant does: every one takes an integer input's ids unquantized. A float input still warns."""
+    from edge_kit.compiler.data import range_warning
+
+    rng = np.random.default_rng(0)
+    calib = save(tmp_path / "c.npz", x=rng.integers(0, 150, (120, 8)))
+    evalset = save(tmp_path / "e.npz", x=rng.integers(0, 300, (30, 8)), y=np.zeros(30, np.int64))
+    types = {"x": "int64"}
+    ids = [load_dataset(calib, "calib", {"x": (8,)}, labels=False, types=types),
+           load_dataset(evalset, "eval", {"x": (8,)}, labels=True, types=types)]
+    assert range_warning(*ids, types) is None
+    assert "of --eval input 'x' lies outside the range of --calib c.npz" in range_warning(*ids, {})  # float: clipped
