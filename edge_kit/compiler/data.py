@@ -177,17 +177,20 @@ def leak_warning(data: Dataset, role: str, evalset: Dataset, shared: int) -> str
 OUT_OF_RANGE_SHARE = 0.01  # eval values outside the calibrated range, above which int8 inputs visibly clip
 
 
-def range_warning(calib: Dataset, evalset: Dataset) -> str | None:
+def range_warning(calib: Dataset, evalset: Dataset, types: dict[str, str] | None = None) -> str | None:
     """Return a warning when an input of ``evalset`` takes values outside the range ``calib`` spans, else None.
 
     A full-integer model quantizes its input with the scale and zero point fitted to ``calib``; an eval
     (or field) input beyond that range is clipped, e.g. eval images in 0..255 for a model calibrated
     on 0..1 (a preprocessing step applied to one file and not the other). More than
     :data:`OUT_OF_RANGE_SHARE` of an input's values beyond the range (plus 1 % of its width) warns.
+    An integer or boolean input (``types``, as :func:`load_dataset` takes them: token ids) is not judged: every
+    variant takes it unquantized (:func:`edge_kit.compiler.tflite_edit.float_id_inputs`), so nothing clips an id
+    the calibration did not hold.
     """
     for name, c in calib.x.items():
         e = evalset.x.get(name)
-        if e is None or not c.size or not e.size:
+        if e is None or not c.size or not e.size or id_range((types or {}).get(name, "float32")) is not None:
             continue
         lo, hi = float(c.min()), float(c.max())
         slack = 0.01 * (hi - lo)

@@ -296,18 +296,32 @@ def float_inputs(model: Any, types: dict[str, str]) -> Any:
     return model
 
 
+SHAPE_ONLY_OPS = ("Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity")  # move ids about, never change one
+MAX_SHAPE_HOPS = 16  # shape-only ops followed back from a Gather to the input's cast (a loop in a bad graph ends)
+
+
 def id_bounds(data: bytes, types: dict[str, str]) -> dict[str, tuple[int, str]]:
     """Return, for an integer input of the model ``data`` (as :func:`float_inputs` made it) that indexes a stored
     table (a ``Gather`` whose data is an initializer: an embedding), ``(rows of the smallest such table, what it
-    is)``: the ids it takes are ``0..rows-1``. Inputs indexing no stored table are left out."""
+    is)``: the ids it takes are ``0..rows-1``. The Gather's indices may reach it from the input's cast through up to
+    :data:`MAX_SHAPE_HOPS` of :data:`SHAPE_ONLY_OPS` (PyTorch exports ``ids.view(-1)`` or ``unsqueeze`` before an
+    embedding), which move ids without changing one. Inputs indexing no stored table are left out."""
     model = _onnx().load_from_string(data)
     tables = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    producer = {out: node for node in model.graph.node for out in node.output}
+    casts = {name + CAST_SUFFIX: name for name in types}
     out: dict[str, tuple[int, str]] = {}
     for node in model.graph.node:
         if node.op_type != "Gather" or len(node.input) < 2 or node.input[0] not in tables:
             continue
-        name = node.input[1].removesuffix(CAST_SUFFIX)
-        if name not in types or node.input[1] != name + CAST_SUFFIX:
+        source = node.input[1]
+        for _ in range(MAX_SHAPE_HOPS):
+            step = producer.get(source)
+            if source in casts or step is None or step.op_type not in SHAPE_ONLY_OPS or not step.input:
+                break
+            source = step.input[0]  # the data; a Reshape's shape or a Squeeze's axes are its other inputs
+        name = casts.get(source)
+        if name is None:
             continue
         axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
         dims = tables[node.input[0]]

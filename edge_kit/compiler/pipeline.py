@@ -352,6 +352,29 @@ def _build(plan: _Plan, source: Source, graph: Callable[[], Graph | bytes], req:
         return to_tflite(prepared, spec.precision, calib_x, variant=spec.id, calibrating=calibrating), "TFLite converter"
 
 
+def _exact_ids(spec: VariantSpec, source: Source, data: bytes, how: str) -> tuple[bytes, str]:
+    """Return a full-integer ``.tflite`` variant with its integer or boolean inputs (token ids, which every variant takes
+    as float32 and casts inside: :attr:`Source.input_types`) taking float32 again, as
+    :func:`~edge_kit.compiler.tflite_edit.float_id_inputs` makes it, and ``how`` it was made saying so. Quantized
+    with the scale of the calibration ids, id 298 reached the model as 297.
+
+    Raises:
+        CompileError: such an input was quantized in a way that cannot be undone (the variant fails with the reason).
+    """
+    from edge_kit.compiler.tflite_edit import float_id_inputs
+
+    if not source.input_types:
+        return data, how
+    try:
+        data, kept = float_id_inputs(data, list(source.input_types))
+    except ValueError as exc:
+        raise CompileError(f"variant {spec.id}: {exc}; leave {spec.id} out (the float variants take ids exactly)") from None
+    if kept:
+        how += ("; input " + ", ".join(f"'{n}'" for n in kept) + " kept float32 (ids, cast inside the model: "
+                "quantized with the calibration ids' scale, they would be rounded to other ids)")
+    return data, how
+
+
 def broken_outputs(outputs: dict[str, dict[str, np.ndarray]], inputs: Dataset | None) -> dict[str, str]:
     """Return, by variant id, why a variant other than fp32 fails: an output holding NaN or infinity
     on ``inputs`` (the first output and sample named) where the fp32 variant's are finite (a model
@@ -559,7 +582,7 @@ def _compile_model(req: CompileRequest, progress: Progress | None, work: Path) -
             checks[role]["eval_overlap"] = shared = shared_samples(data, evalset)
             checks[role]["eval_overlap_warning"] = leak_warning(data, role, evalset, shared)
     if calib is not None and evalset is not None:
-        checks["calib"]["eval_range_warning"] = range_warning(calib, evalset)
+        checks["calib"]["eval_range_warning"] = range_warning(calib, evalset, types)
     for said in (calib_noise, *(w for c in checks.values() for k, w in c.items() if k.endswith("warning"))):
         if said:
             warnings.warn(said, stacklevel=2)
@@ -631,6 +654,8 @@ def _compile_model(req: CompileRequest, progress: Progress | None, work: Path) -
         started = time.perf_counter()
         try:
             data, how = _build(plan, source, graph, req, calib, train, built, shared)
+            if plan.spec.format == "tflite" and plan.spec.precision == "int8" and compiler_of(plan.spec.id) is None:
+                data, how = _exact_ids(plan.spec, source, data, how)
             if compiler_of(plan.spec.id) is None and not plan.spec.built_on_device:  # runs on this host's runtime
                 try:  # what every device's smoke check at install would say, said here
                     probe_in_child(data, fmt="onnx" if plan.spec.format == "onnx" else "tflite", refusals=True)

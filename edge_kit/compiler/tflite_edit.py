@@ -393,3 +393,64 @@ def restore_layouts(data: bytes, shapes: dict[str, tuple[int, ...]]) -> tuple[by
         entry.tensorIndex = out_index
         fixed.append(name)
     return (_dump(model), fixed) if fixed else (data, [])
+
+
+def float_id_inputs(data: bytes, names: list[str]) -> tuple[bytes, list[str]]:
+    """Return the quantized model with each input named in ``names`` (token ids or flags: an integer or boolean input
+    the model takes as float32 and casts inside) taking float32 again, and the names of those changed.
+
+    A full-integer conversion (the TFLite converter's ``inference_input_type=int8``, ai-edge-quantizer's
+    ``static_wi8_ai8``) quantizes such an input like any other, with the scale its calibration ids span: ids 0..299
+    took a scale of 1.17, so id 298 reached the cast as 297, and a few ids in every sample hit other rows. Both write
+    the input followed by a DEQUANTIZE op that feeds the cast; that op's float32 result becomes the input here (it
+    takes the input's name and shape), so ids reach the cast exactly, and every other op stays as quantized. An input
+    the file does not quantize (a plain integer input, a float one) is left as it is.
+
+    Raises:
+        ValueError: such an input is quantized and read by an op other than DEQUANTIZE (nothing here could give that
+            op its ids exactly).
+    """
+    from edge_kit.compiler.analysis import _names
+
+    schema = _schema()
+    model = _load(data)
+    if not model.signatureDefs or not names:
+        return data, []
+    op_names = _names(schema.BuiltinOperator)
+    graph = model.subgraphs[model.signatureDefs[0].subgraphIndex]
+    codes = [max(c.builtinCode, c.deprecatedBuiltinCode) for c in model.operatorCodes or []]
+    wanted = dict.fromkeys(names, "")
+    changed: list[str] = []
+    for entry in model.signatureDefs[0].inputs or []:
+        index = int(entry.tensorIndex)
+        tensor = graph.tensors[index]
+        name = _placeholder(entry.name.decode(), wanted) or _placeholder((tensor.name or b"").decode(), wanted)
+        scale = tensor.quantization.scale if tensor.quantization is not None else None
+        if name is None or tensor.type == schema.TensorType.FLOAT32 or scale is None or not len(scale):
+            continue
+        readers = [op for op in graph.operators or [] if op.inputs is not None and index in [int(i) for i in op.inputs]]
+        others = sorted({op_names.get(codes[op.opcodeIndex], "an unknown op") for op in readers
+                         if codes[op.opcodeIndex] != schema.BuiltinOperator.DEQUANTIZE})
+        if others:
+            raise ValueError(f"input '{name}' (ids, cast inside the model) was quantized and is read by "
+                             f"{', '.join(others)}, not only by DEQUANTIZE, so it cannot take exact ids")
+        if not readers:  # an input nothing reads: nothing to give exact ids to
+            continue
+        kept = int(readers[0].outputs[0])
+        merged = {int(op.outputs[0]) for op in readers[1:]}  # several DEQUANTIZE of the one input: their readers share one
+        for op in graph.operators or []:
+            if op.inputs is not None:
+                op.inputs = np.asarray([kept if int(i) in merged else int(i) for i in op.inputs], dtype=np.int32)
+        graph.outputs = np.asarray([kept if int(o) in merged else int(o) for o in graph.outputs], dtype=np.int32)
+        graph.operators = [op for op in graph.operators if not any(op is r for r in readers)]
+        graph.inputs = np.asarray([kept if int(i) == index else int(i) for i in graph.inputs], dtype=np.int32)
+        entry.tensorIndex = kept
+        new = graph.tensors[kept]
+        new.name, new.shape, new.shapeSignature = tensor.name, tensor.shape, tensor.shapeSignature
+        tensor.name = (tensor.name or b"") + b"/quantized"  # dropped below: nothing reads it any more
+        changed.append(name)
+    if not changed:
+        return data, []
+    _drop_unread_tensors(model)
+    return _dump(model), changed
+

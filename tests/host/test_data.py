@@ -166,3 +166,58 @@ def test_ids_an_integer_input_cannot_take_from_float32_are_refused_with_file_key
     with pytest.raises(InputError, match=r"c.npz: --calib key 'x' holds 300 at index \[1, 1\], but input 'x' is uint8 "
                                          r"\(ids, sent as float32 and cast inside the model\): give whole numbers in 0..255"):
         load_dataset(p, "calib", {"x": (2,)}, labels=False, types={"x": "uint8"})
+
+
+def id_model(chain: list[str], rows: int = 300):
+    """Return an ONNX model (bytes, as ``float_inputs`` makes it: float32 ``ids`` cast to int64 first) whose ids
+    [N, 2, 3] pass through the ops ``chain`` (each of Reshape, Unsqueeze, Squeeze, Flatten, Identity, Add) before
+    indexing a stored ``rows`` x 4 table with a Gather, and the numpy reference of its output."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edge_kit.compiler.onnx_source import float_inputs
+
+    inits = [numpy_helper.from_array(np.zeros((rows, 4), np.float32), "table"),
+             numpy_helper.from_array(np.array([1, 6], np.int64), "flat"),
+             numpy_helper.from_array(np.array([0], np.int64), "axis0"),
+             numpy_helper.from_array(np.array(1, np.int64), "one")]
+    nodes, at = [], "ids"
+    for i, op in enumerate(chain):
+        extra = {"Reshape": ["flat"], "Unsqueeze": ["axis0"], "Squeeze": ["axis0"], "Add": ["one"]}.get(op, [])
+        nodes.append(helper.make_node(op, [at, *extra], [f"t{i}"]))
+        at = f"t{i}"
+    nodes.append(helper.make_node("Gather", ["table", at], ["y"], axis=0))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    return float_inputs(model, {"ids": "int64"}).SerializeToString()
+
+
+def test_random_check_ids_follow_shape_only_ops_to_the_embedding_table():
+    """The table lookup found a Gather only when fed straight by the input's cast: ids flattened first
+    (``ids.view(-1)`` in PyTorch: a Reshape, or Unsqueeze, Squeeze, Flatten, Identity) fell back to 0..99, so a
+    300-row embedding was checked on its first 100 rows only. Shape-only ops are now followed back (an op that changes
+    the ids, an Add, is not)."""
+    from edge_kit.compiler.onnx_source import id_bounds
+
+    found = (300, "the 300 rows of Gather table 'table'")
+    assert id_bounds(id_model([]), {"ids": "int64"}) == {"ids": found}
+    for chain in (["Reshape"], ["Unsqueeze", "Squeeze", "Flatten"], ["Identity", "Reshape", "Identity"]):
+        assert id_bounds(id_model(chain), {"ids": "int64"}) == {"ids": found}, chain
+    assert id_bounds(id_model(["Reshape", "Add"]), {"ids": "int64"}) == {}  # ids + 1: not the rows' range any more
+    assert id_bounds(id_model(["Add", "Reshape"]), {"ids": "int64"}) == {}
+    assert id_bounds(id_model(["Identity"] * 40), {"ids": "int64"}) == {}  # beyond the bounded walk: left at the default
+
+
+def test_eval_ids_beyond_the_calibration_ids_are_not_warned_as_clipped(tmp_path):
+    """Eval ids 0..299 against calibration ids 0..149 warned that "int8 variants clip it to the calibrated range",
+    which no variant does: every one takes an integer input's ids unquantized. A float input still warns."""
+    from edge_kit.compiler.data import range_warning
+
+    rng = np.random.default_rng(0)
+    calib = save(tmp_path / "c.npz", x=rng.integers(0, 150, (120, 8)))
+    evalset = save(tmp_path / "e.npz", x=rng.integers(0, 300, (30, 8)), y=np.zeros(30, np.int64))
+    types = {"x": "int64"}
+    ids = [load_dataset(calib, "calib", {"x": (8,)}, labels=False, types=types),
+           load_dataset(evalset, "eval", {"x": (8,)}, labels=True, types=types)]
+    assert range_warning(*ids, types) is None
+    assert "of --eval input 'x' lies outside the range of --calib c.npz" in range_warning(*ids, {})  # float: clipped
