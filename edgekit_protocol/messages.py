@@ -164,14 +164,17 @@ def encode_within_limit(message: dict[str, Any], what: str, hint: str = "") -> b
     return payload
 
 
+# The canonical form's encoder, built once (json.dumps given options builds one on every call).
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
 def canonical(message: dict[str, Any]) -> bytes:
     """Return the bytes a signature covers: every field but ``sig``, keys sorted, compact UTF-8 JSON.
 
     Raises:
         ValueError: the message holds NaN or an infinity (they have no JSON form).
     """
-    return json.dumps({k: v for k, v in message.items() if k != "sig"}, sort_keys=True, separators=(",", ":"),
-                      ensure_ascii=False, allow_nan=False).encode()
+    return _CANONICAL.encode({k: v for k, v in message.items() if k != "sig"}).encode()
 
 
 def check_time(message: dict[str, Any], received: float, max_skew_s: float = MAX_SKEW_S) -> dict[str, Any]:
@@ -239,6 +242,12 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
+# The strict parser, built once: json.loads given hooks builds a JSONDecoder and its scanner on every call, a
+# third of decoding a bench record. NaN and infinities are refused, keys must be unique. (Skipping the float hook
+# for a text without a long exponent or digit run was tried: the regex scan cost more than the hook's calls.)
+_STRICT = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float, object_pairs_hook=_unique_keys)
+
+
 def _odd_string(value: Any, where: str = "payload") -> str | None:
     """Return where in ``value`` (a decoded JSON value) a string or key holds a NUL or a lone surrogate, else None."""
     if isinstance(value, str):
@@ -287,8 +296,9 @@ def decode(payload: bytes, kind: str | None = None) -> dict[str, Any]:
         raise MessageError(f"payload of {len(payload)} bytes is over the {MAX_PAYLOAD}-byte limit")
     try:
         text = payload.decode("utf-8")
-        message = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float,
-                             object_pairs_hook=_unique_keys)
+        if text.startswith("\ufeff"):  # as json.loads: a byte order mark is no JSON
+            raise json.JSONDecodeError("Unexpected UTF-8 BOM", text, 0)
+        message = _STRICT.decode(text)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: also integers of 4,300+ digits
         if isinstance(exc, MessageError):
             raise
