@@ -17,6 +17,7 @@ clock skew (:func:`check_time`): a sender's clock never orders anything on its o
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -164,14 +165,17 @@ def encode_within_limit(message: dict[str, Any], what: str, hint: str = "") -> b
     return payload
 
 
+# The canonical form's encoder, built once (json.dumps given options builds one on every call).
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
 def canonical(message: dict[str, Any]) -> bytes:
     """Return the bytes a signature covers: every field but ``sig``, keys sorted, compact UTF-8 JSON.
 
     Raises:
         ValueError: the message holds NaN or an infinity (they have no JSON form).
     """
-    return json.dumps({k: v for k, v in message.items() if k != "sig"}, sort_keys=True, separators=(",", ":"),
-                      ensure_ascii=False, allow_nan=False).encode()
+    return _CANONICAL.encode({k: v for k, v in message.items() if k != "sig"}).encode()
 
 
 def check_time(message: dict[str, Any], received: float, max_skew_s: float = MAX_SKEW_S) -> dict[str, Any]:
@@ -246,21 +250,31 @@ def _unique_keys(pairs: list[tuple[str, Any]], what: str = "payload") -> dict[st
     return obj
 
 
+@functools.lru_cache(maxsize=64)
+def _strict_decoder(what: str) -> json.JSONDecoder:
+    """Return the strict parser for JSON read in ``what``, built once per ``what``: ``json.loads`` given hooks builds
+    a JSONDecoder and its scanner on every call, a third of decoding a bench record. (Skipping the float hook for a
+    text without a long exponent or digit run was tried: the regex scan cost more than the hook's calls.)"""
+    return json.JSONDecoder(parse_constant=functools.partial(refuse_constant, what=what),
+                            parse_float=functools.partial(_finite_float, what=what),
+                            object_pairs_hook=functools.partial(_unique_keys, what=what))
+
+
 def strict_loads(data: str | bytes, what: str = "payload") -> Any:
     """Return the JSON value ``data`` holds, parsed as receivers parse a payload: no NaN or infinity (Python's json
     takes ``NaN``, ``Infinity`` and ``1e999``, which no JSON encoder gives back), no key twice in one object. For
     any JSON a sender or the disk hands over (a file an agent wrote may be damaged or edited by hand).
 
     Raises:
-        MessageError: ``data`` is not UTF-8 JSON, nests deeper than the parser goes (``<what> is nested too
-            deeply``), or holds a NaN, an infinity or a key twice in one object; the text starts with ``what`` (what
-            ``data`` is, e.g. a file name).
+        MessageError: ``data`` is not UTF-8 JSON (a byte order mark, extra data after the value included), nests
+            deeper than the parser goes (``<what> is nested too deeply``), or holds a NaN, an infinity or a key twice
+            in one object; the text starts with ``what`` (what ``data`` is, e.g. a file name).
     """
     try:
         text = data.decode("utf-8") if isinstance(data, bytes) else data
-        return json.loads(text, parse_constant=lambda name: refuse_constant(name, what),
-                          parse_float=lambda text: _finite_float(text, what),
-                          object_pairs_hook=lambda pairs: _unique_keys(pairs, what))
+        if text.startswith("\ufeff"):  # as json.loads: a byte order mark is no JSON
+            raise json.JSONDecodeError("Unexpected UTF-8 BOM", text, 0)
+        return _strict_decoder(what).decode(text)
     except RecursionError:
         raise MessageError(f"{what} is nested too deeply") from None
     except (UnicodeDecodeError, ValueError) as exc:  # ValueError: also integers of 4,300+ digits

@@ -302,3 +302,27 @@ def test_a_message_is_encoded_for_sending_up_to_the_payload_limit_and_refused_pa
     assert str(info.value) == ("pi-1: the bench command of 65,537 bytes is over the protocol's 65,536-byte limit: "
                                "not sent; shorten its arguments")
     assert info.value.exit_code == 2
+
+
+def test_decoding_and_the_canonical_form_build_no_json_coder_per_message(monkeypatch):
+    """The monitor decodes every message and its verifier encodes every canonical form: json.loads and json.dumps
+    given options build a decoder (and its scanner) or an encoder on each call, a third of decoding a bench record.
+    The strict decoder and the canonical encoder are built once; what they refuse and produce is unchanged."""
+    msg = {**messages.envelope("bench", "f", "d", 1, {"variant": "int8", "latency_ms": {"p50": 1.5}}), "key_id": "k", "sig": "s"}
+    payload = messages.encode(msg)
+    form = json.dumps({k: v for k, v in msg.items() if k != "sig"}, sort_keys=True, separators=(",", ":")).encode()
+    built = []
+    for cls in (json.JSONDecoder, json.JSONEncoder):
+        init = cls.__init__
+        monkeypatch.setattr(cls, "__init__", (lambda init: lambda self, *a, **k: built.append(self) or init(self, *a, **k))(init))
+    for _ in range(10):
+        assert messages.decode(payload, "bench") == msg
+        assert messages.canonical(msg) == form
+    assert built == []
+
+
+@pytest.mark.parametrize("payload", [b'\xef\xbb\xbf{"schema": "edgekit.bench/1"}', b'{"a": 1} {"b": 2}', b'{"a": 1e400}',
+                                     b'{"a": ' + b"9" * 200 + b'e200}', b'{"a": -Infinity}', b'{"a": 1, "a": 2}'])
+def test_what_json_loads_refused_the_strict_decoder_refuses(payload):
+    with pytest.raises(messages.MessageError):
+        messages.decode(payload)
