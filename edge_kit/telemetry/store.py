@@ -202,20 +202,39 @@ class HistoryStore(abc.ABC):
 
         Raises:
             HistoryError: the database cannot be read, or the upgrade failed; a reader: it holds no history, or one
-                of an older schema (one line naming what to run).
+                of an older schema (one line naming what to run); a writer: the schema is older and its user does not
+                own the tables (one line naming their owner and the upgrade to run; nothing changed).
         """
         version = self._schema_version()
         if version is not None and version >= SCHEMA_VERSION:
             return
         if write:
+            if version is not None:
+                owners = self._not_owned()
+                if owners:
+                    raise HistoryError(self._upgrade_needed(
+                        version, f"needs an upgrade that only the owner of its tables can run (this role is not; "
+                                 f"they belong to {', '.join(owners)})", owners[0]))
             self._upgrade()
             return
         if version is None:
             raise HistoryError(f"{self.where} holds no edge-kit history yet (no tables) and this command only reads: "
                                "run `edgekit monitor` or `edgekit tune` with it as --history first")
-        raise HistoryError(f"the history {self.where} was written by an older edge-kit (schema version {version}; this "
-                           f"one reads {SCHEMA_VERSION}) and this command only reads it: run `edgekit history upgrade "
-                           "--history <it>` once as a user (or PostgreSQL role) that owns its tables, then run again")
+        raise HistoryError(self._upgrade_needed(version, "this command only reads it",
+                                                "a user (or PostgreSQL role) that owns its tables"))
+
+    def _upgrade_needed(self, version: int, why: str, who: str) -> str:
+        """Return the one-line error for a history of an older schema ``version`` that this command will not upgrade:
+        ``why`` it will not, and ``who`` must run ``edgekit history upgrade`` instead."""
+        return (f"the history {self.where} was written by an older edge-kit (schema version {version}; this one reads "
+                f"{SCHEMA_VERSION}) and {why}: run `edgekit history upgrade --history <it>` once as {who}, then run "
+                "again")
+
+    def _not_owned(self) -> list[str]:
+        """Return the owners of the history's tables when the connected user may not change them (the upgrade of an
+        older schema would fail), else an empty list. The embedded file has no owners: its permissions are checked
+        by the write itself. Raises HistoryError."""
+        return []
 
     def _schema_version(self) -> int | None:
         """Return the history's schema version: the ``edgekit_schema`` row, 1 for a history written before that

@@ -474,3 +474,46 @@ def test_a_role_with_select_alone_reads_the_history_and_is_told_what_to_run_on_a
     assert code == 0, err
     code, out, err = run_cli("report", "--history", reader, "--out", tmp_path / "r.html", "--json")
     assert code == 0 and json.loads(out)["records"] == 1, err
+
+
+def test_a_writer_role_that_does_not_own_the_tables_is_told_an_older_schema_needs_its_owner(postgres_url, run_cli):
+    """A role granted INSERT and SELECT (a monitor's, on a database its owner set up) meeting an older schema tried the
+    upgrade itself and stopped with the generic 'database failed (permission denied for schema public): check that
+    the server is up'. Now it changes nothing and gets one line: the history needs `edgekit history upgrade`, which
+    only its tables' owner can run; once the owner has, the same role writes."""
+    from urllib.parse import urlsplit
+
+    owner = open_history(postgres_url)
+    owner.add("bench", bench("d1", "s1", 1.0, 1))
+    owner.close()
+    parts = urlsplit(postgres_url)
+    role = f"writer_{parts.path.lstrip('/')}"
+    _psql(postgres_url, f"CREATE ROLE {role} LOGIN PASSWORD 'writes'",
+          f"GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA public TO {role}",
+          f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}")
+    writer = parts._replace(netloc=f"{role}:writes@{parts.hostname}:{parts.port}").geturl()
+    store = open_history(writer)  # the current schema: it writes
+    store.add("bench", bench("d1", "s1", 1.0, 2))
+    store.close()
+
+    _psql(postgres_url, "UPDATE edgekit_schema SET version = 1")  # as an older edge-kit left it
+    want = (f"the history postgresql://{role}@{parts.hostname}:{parts.port}{parts.path} was written by an older "
+            "edge-kit (schema version 1; this one reads 2) and needs an upgrade that only the owner of its tables can "
+            "run (this role is not; they belong to edgekit): run `edgekit history upgrade --history <it>` once as "
+            "edgekit, then run again")
+    with pytest.raises(HistoryError) as refused:
+        open_history(writer)
+    assert str(refused.value) == want
+    code, out, err = run_cli("history", "upgrade", "--history", writer)
+    assert code == 6 and err == f"edgekit: error: {want}\n" and out == ""
+    import psycopg
+
+    with psycopg.connect(postgres_url) as conn:  # nothing was changed: still the older version, no half upgrade
+        assert conn.execute("SELECT version FROM edgekit_schema").fetchall() == [(1,)]
+
+    code, out, err = run_cli("history", "upgrade", "--history", postgres_url)
+    assert code == 0, err
+    store = open_history(writer)
+    store.add("bench", bench("d1", "s1", 1.0, 3))
+    assert store.count("bench") == 3
+    store.close()
