@@ -30,7 +30,13 @@ from typing import Any
 from edge_kit.errors import HistoryError, HistoryRecordError
 from edgekit_protocol.errors import MessageError
 from edgekit_protocol.labels import printable
-from edgekit_protocol.messages import field_at, parse_topic, telemetry_interval, topic
+from edgekit_protocol.messages import (
+    ROOT,
+    field_at,
+    parse_topic,
+    telemetry_interval,
+    topic,
+)
 
 KINDS = ("status", "bench", "telemetry", "live", "shadow")
 TABLES = (*KINDS, "decisions", "invalid", "gaps", "rollouts", "rollout_devices")
@@ -124,6 +130,14 @@ def topic_device(name: str) -> str | None:
         return parse_topic(name)[1]
     except MessageError:
         return None
+
+
+def stored_topic_device(stored: str | None) -> str | None:
+    """Return the ``invalid.device`` value of a refused message kept under topic ``stored`` (as kept: printable): the
+    device the topic names, shown printable, or None when it is no edge-kit topic. The one rule for the migration that
+    fills the column and for readers of rows an older edge-kit wrote without it."""
+    device = topic_device(stored) if isinstance(stored, str) else None
+    return None if device is None else printable(device)
 
 
 def decision_kind(decision: dict[str, Any]) -> str:
@@ -415,12 +429,31 @@ class HistoryStore(abc.ABC):
         first: ``ts`` (this host's clock when it was refused), ``device`` (as its topic names it; None when it names
         none), ``topic``, ``reason``, ``bytes`` (of the payload kept) and ``payload`` (as kept, its bytes that are
         no UTF-8 shown as ``\\xNN``). ``device``, ``since`` and ``until`` (unix seconds, inclusive) narrow them.
+
+        A row an older edge-kit wrote after the upgrade has no ``device`` (it knew no such column): it is read as the
+        device its topic names (:func:`stored_topic_device`, as the upgrade fills older rows), for the filter too.
         Raises HistoryError."""
-        where, args = self._window(device, since, until)
-        rows = self._rows(f"SELECT ts, device, topic, reason, payload FROM invalid {where} ORDER BY id DESC LIMIT ?",
-                          (*args, limit))
-        return [{"ts": ts, "device": dev, "topic": t, "reason": why, "bytes": len(p or b""),
-                 "payload": bytes(p or b"").decode("utf-8", "backslashreplace")} for ts, dev, t, why, p in rows]
+        where, args = self._window(None, since, until)
+        if device:  # the column, or a row without one whose topic may name the device (checked exactly below)
+            pattern = ROOT + "/%/" + "".join("!" + c if c in "!%_" else c for c in device) + "/%"
+            where += (" AND" if where else "WHERE") + " (device = ? OR (device IS NULL AND topic LIKE ? ESCAPE '!'))"
+            args = (*args, device, pattern)
+        found: list[dict[str, Any]] = []
+        before = None  # paging down the ids: a row the pattern took that names another device is skipped
+        while len(found) < limit:
+            page = self._rows(f"SELECT id, ts, device, topic, reason, payload FROM invalid {where}"
+                              + ("" if before is None else (" AND" if where else " WHERE") + " id < ?")
+                              + " ORDER BY id DESC LIMIT ?", (*args, *(() if before is None else (before,)), limit))
+            for rid, ts, dev, t, why, p in page:
+                dev = stored_topic_device(t) if dev is None else dev
+                if device and dev != device:
+                    continue
+                found.append({"ts": ts, "device": dev, "topic": t, "reason": why, "bytes": len(p or b""),
+                              "payload": bytes(p or b"").decode("utf-8", "backslashreplace")})
+            if len(page) < limit:
+                break
+            before = page[-1][0]
+        return found[:limit]
 
     def sequence_gaps(self, device: str | None = None, since: float | None = None, until: float | None = None,
                       limit: int = 20) -> list[dict[str, Any]]:
@@ -586,7 +619,7 @@ class HistoryStore(abc.ABC):
             if not rows:
                 break
             after = rows[-1][0]
-            named = [(printable(dev), rid) for rid, dev in ((rid, topic_device(t)) for rid, t in rows) if dev is not None]
+            named = [(dev, rid) for rid, dev in ((rid, stored_topic_device(t)) for rid, t in rows) if dev is not None]
             if named:
                 self._write_batch([("UPDATE invalid SET device = ? WHERE id = ?", named)])
         if "kind" not in self._columns("decisions"):

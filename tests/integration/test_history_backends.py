@@ -420,6 +420,26 @@ def test_a_refused_message_is_kept_whatever_its_topic_and_reason_hold(history):
         ("edgekit/v1/f/d\\x00/bench", "why \\ud800 \\x1b[31m", b"\x00\xff{")]
 
 
+def test_a_refused_message_an_older_edge_kit_wrote_after_the_upgrade_is_read_under_its_topics_device(history):
+    """An older edge-kit still writing an upgraded history (a monitor not yet updated) inserts refused messages
+    without the device column: `history refused --device d_1` left them out and listed them under no device until
+    the next upgrade. The reader takes their device from their topic (the rule the upgrade fills older rows by), in
+    the filter too; a topic that only looks like it names the device (not an edge-kit topic) is not taken for it."""
+    history.add_invalid("edgekit/v1/f/d_1/bench", "new", b"{}")
+    old = "INSERT INTO invalid (ts, topic, reason, payload) VALUES (?, ?, ?, ?)"  # the older edge-kit's statement
+    for i, t in enumerate(("edgekit/v1/f/d_1/status", "edgekit/v1/f/dx1/status", "edgekit/v1/f/x/d_1/bench",
+                           "junk", "edgekit/v1/f/d\\x00/bench", "edgekit/v1/f/d_1/live")):
+        history._execute(old, (time.time() + i, t, f"old {i}", b"{}"))
+    assert history._rows("SELECT COUNT(*) FROM invalid WHERE device IS NULL") == [(6,)]
+    assert [(r["device"], r["reason"]) for r in history.refused_messages()] == [
+        ("d_1", "old 5"), ("d\\x00", "old 4"), (None, "old 3"), (None, "old 2"), ("dx1", "old 1"), ("d_1", "old 0"),
+        ("d_1", "new")]
+    assert [r["reason"] for r in history.refused_messages(device="d_1")] == ["old 5", "old 0", "new"]
+    assert [r["reason"] for r in history.refused_messages(device="d_1", limit=2)] == ["old 5", "old 0"]
+    assert [r["reason"] for r in history.refused_messages(device="d\\x00")] == ["old 4"]
+    assert history.refused_messages(device="x") == []
+
+
 def test_a_decision_the_database_cannot_hold_is_refused_as_the_records_fault(history):
     """A decision quoting a name no database takes (a lone surrogate, from a device's word) raised a bare
     UnicodeEncodeError from both backends: tune stopped with a traceback. Now it is HistoryRecordError, nothing of
