@@ -24,6 +24,7 @@ import json
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -438,18 +439,30 @@ class HistoryStore(abc.ABC):
             pattern = ROOT + "/%/" + "".join("!" + c if c in "!%_" else c for c in device) + "/%"
             where += (" AND" if where else "WHERE") + " (device = ? OR (device IS NULL AND topic LIKE ? ESCAPE '!'))"
             args = (*args, device, pattern)
-        found: list[dict[str, Any]] = []
-        before = None  # paging down the ids: a row the pattern took that names another device is skipped
+
+        def kept(row: tuple) -> dict[str, Any] | None:
+            ts, dev, t, why, p = row
+            dev = stored_topic_device(t) if dev is None else dev
+            if device and dev != device:
+                return None
+            return {"ts": ts, "device": dev, "topic": t, "reason": why, "bytes": len(p or b""),
+                    "payload": bytes(p or b"").decode("utf-8", "backslashreplace")}
+
+        return self._newest("ts, device, topic, reason, payload", "invalid", where, args, limit, kept)
+
+    def _newest(self, columns: str, table: str, where: str, args: tuple, limit: int,
+                keep: Callable[[tuple], Any]) -> list[Any]:
+        """Return up to ``limit`` of ``keep(row)`` for the rows of ``table`` that ``where`` takes, newest (largest
+        ``id``) first, leaving out the rows ``keep`` returns None for: the query takes a few rows more than wanted
+        (a row an older edge-kit wrote without a column, whose body or topic is checked here), so it pages down the
+        ids until ``limit`` are kept or none are left. Raises HistoryError."""
+        found: list[Any] = []
+        before = None
         while len(found) < limit:
-            page = self._rows(f"SELECT id, ts, device, topic, reason, payload FROM invalid {where}"
+            page = self._rows(f"SELECT id, {columns} FROM {table} {where}"
                               + ("" if before is None else (" AND" if where else " WHERE") + " id < ?")
                               + " ORDER BY id DESC LIMIT ?", (*args, *(() if before is None else (before,)), limit))
-            for rid, ts, dev, t, why, p in page:
-                dev = stored_topic_device(t) if dev is None else dev
-                if device and dev != device:
-                    continue
-                found.append({"ts": ts, "device": dev, "topic": t, "reason": why, "bytes": len(p or b""),
-                              "payload": bytes(p or b"").decode("utf-8", "backslashreplace")})
+            found.extend(v for v in (keep(row[1:]) for row in page) if v is not None)
             if len(page) < limit:
                 break
             before = page[-1][0]
@@ -568,22 +581,42 @@ class HistoryStore(abc.ABC):
     def decisions(self, device: str | None = None, limit: int = 100,
                   kinds: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
         """Return up to ``limit`` recorded decisions (of one device, or all; of the ``kinds`` given, see
-        :func:`decision_kind`, or any), newest first, each with ``recorded`` (this host's time).
+        :func:`decision_kind`, or any), newest first, each with ``recorded`` (this host's time). A decision an
+        older edge-kit wrote without the ``kind`` column (after the upgrade) is of the kind its body says.
         Raises HistoryError."""
-        where, args = self._where(device, "kind", kinds)
-        sql = f"SELECT body, ts FROM decisions {where} ORDER BY id DESC LIMIT ?"
-        return [{**json.loads(b), "recorded": ts} for b, ts in self._rows(sql, (*args, limit))]
+        where, args = self._where(device, "", None)
+        if kinds is not None:
+            where += (" AND" if where else "WHERE") + f" (kind IS NULL OR kind IN ({', '.join('?' * len(kinds)) or 'NULL'}))"
+            args = (*args, *kinds)
+
+        def kept(row: tuple) -> dict[str, Any] | None:
+            body, ts, kind = row
+            m = json.loads(body)
+            return {**m, "recorded": ts} if kinds is None or (kind or decision_kind(m)) in kinds else None
+
+        return self._newest("body, ts, kind", "decisions", where, args, limit, kept)
 
     def latest_decisions(self, kinds: tuple[str, ...] | None = None, feasible: bool = False) -> dict[str, dict[str, Any]]:
         """Return the newest recorded decision per device (of the ``kinds`` given, see :func:`decision_kind`, or of
         any; with ``feasible``, the newest that chose a feasible variant), each with ``recorded``. One indexed
-        query that reads one body per device, however long the history. Raises HistoryError."""
+        query that reads one body per device, however long the history, and one for the decisions an older edge-kit
+        wrote without the ``kind`` column after the upgrade (of the kind their body says). Raises HistoryError."""
         where, args = self._where(None, "kind", kinds)
-        if feasible:
-            where += (" AND" if where else "WHERE") + " feasible = 1 AND chosen IS NOT NULL"
-        rows = self._rows("SELECT d.body, d.ts FROM decisions d JOIN "
+        good = " feasible = 1 AND chosen IS NOT NULL" if feasible else ""
+        if good:
+            where += (" AND" if where else "WHERE") + good
+        rows = self._rows("SELECT d.id, d.body, d.ts FROM decisions d JOIN "
                           f"(SELECT MAX(id) AS id FROM decisions {where} GROUP BY device) l ON d.id = l.id", args)
-        return {m["device"]: {**m, "recorded": ts} for m, ts in ((json.loads(b), ts) for b, ts in rows)}
+        if kinds is not None:  # indexed (kind first): only the rows without a kind are read
+            rows += [(rid, b, ts) for rid, b, ts in self._rows(
+                f"SELECT id, body, ts FROM decisions WHERE kind IS NULL{' AND' + good if good else ''}")
+                if decision_kind(json.loads(b)) in kinds]
+        newest: dict[str, tuple[int, dict[str, Any]]] = {}
+        for rid, b, ts in rows:
+            m = json.loads(b)
+            if rid > newest.get(m["device"], (-1, {}))[0]:
+                newest[m["device"]] = (rid, {**m, "recorded": ts})
+        return {device: m for device, (_, m) in newest.items()}
 
     @staticmethod
     def _where(device: str | None, column: str, values: tuple[str, ...] | None) -> tuple[str, tuple]:

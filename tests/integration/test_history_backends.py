@@ -440,6 +440,34 @@ def test_a_refused_message_an_older_edge_kit_wrote_after_the_upgrade_is_read_und
     assert history.refused_messages(device="x") == []
 
 
+def test_a_decision_an_edge_kit_older_than_the_kind_column_wrote_after_the_upgrade_is_of_its_bodys_kind(history):
+    """An edge-kit from before decisions had a kind, still writing an upgraded history, leaves the column empty. The
+    docs said a newer edge-kit fills it when it next opens the history; since the schema has a version, a current one
+    is never migrated again, so those decisions stayed out of every read by kind (`rollout start --variant selected`
+    did not see an old tune's choice). They are now read as the kind their body says."""
+    import json
+
+    history.add_decision({"device": "d1", "chosen": "v1", "current": None, "feasible": True, "switch": True})
+    old = "INSERT INTO decisions (device, ts, chosen, previous, feasible, switched, body) VALUES (?, ?, ?, ?, ?, ?, ?)"
+    for device, chosen, feasible, extra in (("d1", "v2", 1, {"kind": "fleet selection"}), ("d2", "v3", 1, {}),
+                                            ("d1", "v4", 1, {"kind": "live gate"}), ("d3", "v5", 0, {})):
+        body = {"device": device, "chosen": chosen, "current": None, "feasible": bool(feasible), "switch": False, **extra}
+        history._execute(old, (device, time.time(), chosen, None, feasible, 0, json.dumps(body)))
+    assert history._rows("SELECT COUNT(*) FROM decisions WHERE kind IS NULL") == [(4,)]
+
+    def newest(*kinds, feasible=False):
+        return {d: m["chosen"] for d, m in history.latest_decisions(kinds, feasible=feasible).items()}
+
+    assert newest("selection", "fleet selection", feasible=True) == {"d1": "v2", "d2": "v3"}
+    assert newest("selection") == {"d1": "v1", "d2": "v3", "d3": "v5"}
+    assert newest("live gate") == {"d1": "v4"} and newest() == {}
+    assert {d: m["chosen"] for d, m in history.latest_decisions().items()} == {"d1": "v4", "d2": "v3", "d3": "v5"}
+    assert [d["chosen"] for d in history.decisions(kinds=("selection",))] == ["v5", "v3", "v1"]
+    assert [d["chosen"] for d in history.decisions(kinds=("selection",), limit=2)] == ["v5", "v3"]
+    assert [d["chosen"] for d in history.decisions("d1", kinds=("selection", "live gate"))] == ["v4", "v1"]
+    assert [d["chosen"] for d in history.decisions("d1")] == ["v4", "v2", "v1"] and history.decisions(kinds=()) == []
+
+
 def test_a_decision_the_database_cannot_hold_is_refused_as_the_records_fault(history):
     """A decision quoting a name no database takes (a lone surrogate, from a device's word) raised a bare
     UnicodeEncodeError from both backends: tune stopped with a traceback. Now it is HistoryRecordError, nothing of
