@@ -886,15 +886,21 @@ class Rollout:
         state, variant, error, seconds, download, abort``: what an abort did to it, or None); ``gate``: the live gate's decision with its numbers
         (``GateDecision.as_dict()``), None when the rollout has not been judged; ``signature``: what the plan
         found of the manifest's signature (:attr:`~edge_kit.manifest.Manifest.signature`; None for a plan
-        made before manifests were signed); ``methods``: how each row's ``seconds`` was measured."""
-        rows = []
+        made before manifests were signed); ``methods``: how each row's ``seconds`` was measured;
+        ``history_refused``: {device: [what the history refused of it]}, the canaries whose gate decision the history
+        refused for what it holds (kept in its ``invalid`` table, not recorded; each row's ``history`` says it too),
+        empty when every decision was recorded."""
+        rows, unrecorded = [], {}
         for name, row in self.rows.items():
             d = row.get("detail") or {}
             rows.append({"device": name, "wave": row["wave"] + 1 if row["wave"] >= 0 else None, "state": row["state"],
                          "variant": plan["targets"].get(name, {}).get("variant"), "error": d.get("error"),
-                         "seconds": d.get("seconds"), "download": d.get("download"), "abort": d.get("abort")})
+                         "seconds": d.get("seconds"), "download": d.get("download"), "abort": d.get("abort"),
+                         "history": d.get("history")})
+            if d.get("history"):
+                unrecorded[name] = [d["history"]]
         return {"id": self.rid, "state": state, "reason": reason, "gate": plan.get("gated"), "signature": plan.get("signature"),
-                "counts": self._counts(),
+                "counts": self._counts(), "history_refused": unrecorded,
                 "ignored": self.ignored,
                 "refused_messages": self.refused_count, "refused_examples": self.refused[:5], "devices": rows,
                 "methods": {"seconds": SECONDS_METHOD}}

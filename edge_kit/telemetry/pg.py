@@ -23,7 +23,7 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 
 from edge_kit.errors import HistoryError, HistoryRecordError, InputError
-from edge_kit.telemetry.store import _SCHEMA, SCHEMA_VERSION, HistoryStore
+from edge_kit.telemetry.store import _SCHEMA, SCHEMA_VERSION, TABLES, HistoryStore
 
 CONNECT_TIMEOUT_S = 10
 # psycopg logs a warning when a failed batch's pipeline is torn down: the HistoryError raised for the
@@ -86,6 +86,16 @@ class PostgresStore(HistoryStore):
         """Return the names of the tables of the connection's schema. Raises HistoryError."""
         return {r[0] for r in self._rows("SELECT table_name FROM information_schema.tables "
                                          "WHERE table_schema = current_schema()")}
+
+    def _not_owned(self) -> list[str]:
+        """Return the roles owning the history's tables when the connected role may not alter them (an upgrade adds
+        columns and indexes, which PostgreSQL lets only a table's owner, a member of its role or a superuser do),
+        else an empty list. Raises HistoryError."""
+        names = (*TABLES, "edgekit_schema")
+        return [r[0] for r in self._rows(
+            "SELECT DISTINCT pg_get_userbyid(c.relowner) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            f"WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p') AND c.relname IN ({', '.join('?' * len(names))}) "
+            "AND NOT pg_has_role(c.relowner, 'USAGE') ORDER BY 1", names)]
 
     def _upgrade(self) -> None:
         """Create the tables the database lacks, migrate an older schema and record the version, under one advisory

@@ -24,13 +24,20 @@ import json
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from edge_kit.errors import HistoryError, HistoryRecordError
 from edgekit_protocol.errors import MessageError
 from edgekit_protocol.labels import printable
-from edgekit_protocol.messages import field_at, parse_topic, telemetry_interval, topic
+from edgekit_protocol.messages import (
+    ROOT,
+    field_at,
+    parse_topic,
+    telemetry_interval,
+    topic,
+)
 
 KINDS = ("status", "bench", "telemetry", "live", "shadow")
 TABLES = (*KINDS, "decisions", "invalid", "gaps", "rollouts", "rollout_devices")
@@ -126,6 +133,14 @@ def topic_device(name: str) -> str | None:
         return None
 
 
+def stored_topic_device(stored: str | None) -> str | None:
+    """Return the ``invalid.device`` value of a refused message kept under topic ``stored`` (as kept: printable): the
+    device the topic names, shown printable, or None when it is no edge-kit topic. The one rule for the migration that
+    fills the column and for readers of rows an older edge-kit wrote without it."""
+    device = topic_device(stored) if isinstance(stored, str) else None
+    return None if device is None else printable(device)
+
+
 def decision_kind(decision: dict[str, Any]) -> str:
     """Return the ``kind`` column of a decision: its body's ``kind``, or :data:`SELECTION_KIND` when it names none."""
     kind = decision.get("kind")
@@ -202,20 +217,39 @@ class HistoryStore(abc.ABC):
 
         Raises:
             HistoryError: the database cannot be read, or the upgrade failed; a reader: it holds no history, or one
-                of an older schema (one line naming what to run).
+                of an older schema (one line naming what to run); a writer: the schema is older and its user does not
+                own the tables (one line naming their owner and the upgrade to run; nothing changed).
         """
         version = self._schema_version()
         if version is not None and version >= SCHEMA_VERSION:
             return
         if write:
+            if version is not None:
+                owners = self._not_owned()
+                if owners:
+                    raise HistoryError(self._upgrade_needed(
+                        version, f"needs an upgrade that only the owner of its tables can run (this role is not; "
+                                 f"they belong to {', '.join(owners)})", owners[0]))
             self._upgrade()
             return
         if version is None:
             raise HistoryError(f"{self.where} holds no edge-kit history yet (no tables) and this command only reads: "
                                "run `edgekit monitor` or `edgekit tune` with it as --history first")
-        raise HistoryError(f"the history {self.where} was written by an older edge-kit (schema version {version}; this "
-                           f"one reads {SCHEMA_VERSION}) and this command only reads it: run `edgekit history upgrade "
-                           "--history <it>` once as a user (or PostgreSQL role) that owns its tables, then run again")
+        raise HistoryError(self._upgrade_needed(version, "this command only reads it",
+                                                "a user (or PostgreSQL role) that owns its tables"))
+
+    def _upgrade_needed(self, version: int, why: str, who: str) -> str:
+        """Return the one-line error for a history of an older schema ``version`` that this command will not upgrade:
+        ``why`` it will not, and ``who`` must run ``edgekit history upgrade`` instead."""
+        return (f"the history {self.where} was written by an older edge-kit (schema version {version}; this one reads "
+                f"{SCHEMA_VERSION}) and {why}: run `edgekit history upgrade --history <it>` once as {who}, then run "
+                "again")
+
+    def _not_owned(self) -> list[str]:
+        """Return the owners of the history's tables when the connected user may not change them (the upgrade of an
+        older schema would fail), else an empty list. The embedded file has no owners: its permissions are checked
+        by the write itself. Raises HistoryError."""
+        return []
 
     def _schema_version(self) -> int | None:
         """Return the history's schema version: the ``edgekit_schema`` row, 1 for a history written before that
@@ -396,12 +430,43 @@ class HistoryStore(abc.ABC):
         first: ``ts`` (this host's clock when it was refused), ``device`` (as its topic names it; None when it names
         none), ``topic``, ``reason``, ``bytes`` (of the payload kept) and ``payload`` (as kept, its bytes that are
         no UTF-8 shown as ``\\xNN``). ``device``, ``since`` and ``until`` (unix seconds, inclusive) narrow them.
+
+        A row an older edge-kit wrote after the upgrade has no ``device`` (it knew no such column): it is read as the
+        device its topic names (:func:`stored_topic_device`, as the upgrade fills older rows), for the filter too.
         Raises HistoryError."""
-        where, args = self._window(device, since, until)
-        rows = self._rows(f"SELECT ts, device, topic, reason, payload FROM invalid {where} ORDER BY id DESC LIMIT ?",
-                          (*args, limit))
-        return [{"ts": ts, "device": dev, "topic": t, "reason": why, "bytes": len(p or b""),
-                 "payload": bytes(p or b"").decode("utf-8", "backslashreplace")} for ts, dev, t, why, p in rows]
+        where, args = self._window(None, since, until)
+        if device:  # the column, or a row without one whose topic may name the device (checked exactly below)
+            pattern = ROOT + "/%/" + "".join("!" + c if c in "!%_" else c for c in device) + "/%"
+            where += (" AND" if where else "WHERE") + " (device = ? OR (device IS NULL AND topic LIKE ? ESCAPE '!'))"
+            args = (*args, device, pattern)
+
+        def kept(row: tuple) -> dict[str, Any] | None:
+            ts, dev, t, why, p = row
+            dev = stored_topic_device(t) if dev is None else dev
+            if device and dev != device:
+                return None
+            return {"ts": ts, "device": dev, "topic": t, "reason": why, "bytes": len(p or b""),
+                    "payload": bytes(p or b"").decode("utf-8", "backslashreplace")}
+
+        return self._newest("ts, device, topic, reason, payload", "invalid", where, args, limit, kept)
+
+    def _newest(self, columns: str, table: str, where: str, args: tuple, limit: int,
+                keep: Callable[[tuple], Any]) -> list[Any]:
+        """Return up to ``limit`` of ``keep(row)`` for the rows of ``table`` that ``where`` takes, newest (largest
+        ``id``) first, leaving out the rows ``keep`` returns None for: the query takes a few rows more than wanted
+        (a row an older edge-kit wrote without a column, whose body or topic is checked here), so it pages down the
+        ids until ``limit`` are kept or none are left. Raises HistoryError."""
+        found: list[Any] = []
+        before = None
+        while len(found) < limit:
+            page = self._rows(f"SELECT id, {columns} FROM {table} {where}"
+                              + ("" if before is None else (" AND" if where else " WHERE") + " id < ?")
+                              + " ORDER BY id DESC LIMIT ?", (*args, *(() if before is None else (before,)), limit))
+            found.extend(v for v in (keep(row[1:]) for row in page) if v is not None)
+            if len(page) < limit:
+                break
+            before = page[-1][0]
+        return found[:limit]
 
     def sequence_gaps(self, device: str | None = None, since: float | None = None, until: float | None = None,
                       limit: int = 20) -> list[dict[str, Any]]:
@@ -530,22 +595,42 @@ class HistoryStore(abc.ABC):
     def decisions(self, device: str | None = None, limit: int = 100,
                   kinds: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
         """Return up to ``limit`` recorded decisions (of one device, or all; of the ``kinds`` given, see
-        :func:`decision_kind`, or any), newest first, each with ``recorded`` (this host's time).
+        :func:`decision_kind`, or any), newest first, each with ``recorded`` (this host's time). A decision an
+        older edge-kit wrote without the ``kind`` column (after the upgrade) is of the kind its body says.
         Raises HistoryError."""
-        where, args = self._where(device, "kind", kinds)
-        sql = f"SELECT body, ts FROM decisions {where} ORDER BY id DESC LIMIT ?"
-        return [{**json.loads(b), "recorded": ts} for b, ts in self._rows(sql, (*args, limit))]
+        where, args = self._where(device, "", None)
+        if kinds is not None:
+            where += (" AND" if where else "WHERE") + f" (kind IS NULL OR kind IN ({', '.join('?' * len(kinds)) or 'NULL'}))"
+            args = (*args, *kinds)
+
+        def kept(row: tuple) -> dict[str, Any] | None:
+            body, ts, kind = row
+            m = json.loads(body)
+            return {**m, "recorded": ts} if kinds is None or (kind or decision_kind(m)) in kinds else None
+
+        return self._newest("body, ts, kind", "decisions", where, args, limit, kept)
 
     def latest_decisions(self, kinds: tuple[str, ...] | None = None, feasible: bool = False) -> dict[str, dict[str, Any]]:
         """Return the newest recorded decision per device (of the ``kinds`` given, see :func:`decision_kind`, or of
         any; with ``feasible``, the newest that chose a feasible variant), each with ``recorded``. One indexed
-        query that reads one body per device, however long the history. Raises HistoryError."""
+        query that reads one body per device, however long the history, and one for the decisions an older edge-kit
+        wrote without the ``kind`` column after the upgrade (of the kind their body says). Raises HistoryError."""
         where, args = self._where(None, "kind", kinds)
-        if feasible:
-            where += (" AND" if where else "WHERE") + " feasible = 1 AND chosen IS NOT NULL"
-        rows = self._rows("SELECT d.body, d.ts FROM decisions d JOIN "
+        good = " feasible = 1 AND chosen IS NOT NULL" if feasible else ""
+        if good:
+            where += (" AND" if where else "WHERE") + good
+        rows = self._rows("SELECT d.id, d.body, d.ts FROM decisions d JOIN "
                           f"(SELECT MAX(id) AS id FROM decisions {where} GROUP BY device) l ON d.id = l.id", args)
-        return {m["device"]: {**m, "recorded": ts} for m, ts in ((json.loads(b), ts) for b, ts in rows)}
+        if kinds is not None:  # indexed (kind first): only the rows without a kind are read
+            rows += [(rid, b, ts) for rid, b, ts in self._rows(
+                f"SELECT id, body, ts FROM decisions WHERE kind IS NULL{' AND' + good if good else ''}")
+                if decision_kind(json.loads(b)) in kinds]
+        newest: dict[str, tuple[int, dict[str, Any]]] = {}
+        for rid, b, ts in rows:
+            m = json.loads(b)
+            if rid > newest.get(m["device"], (-1, {}))[0]:
+                newest[m["device"]] = (rid, {**m, "recorded": ts})
+        return {device: m for device, (_, m) in newest.items()}
 
     @staticmethod
     def _where(device: str | None, column: str, values: tuple[str, ...] | None) -> tuple[str, tuple]:
@@ -581,7 +666,7 @@ class HistoryStore(abc.ABC):
             if not rows:
                 break
             after = rows[-1][0]
-            named = [(printable(dev), rid) for rid, dev in ((rid, topic_device(t)) for rid, t in rows) if dev is not None]
+            named = [(dev, rid) for rid, dev in ((rid, stored_topic_device(t)) for rid, t in rows) if dev is not None]
             if named:
                 self._write_batch([("UPDATE invalid SET device = ? WHERE id = ?", named)])
         if "kind" not in self._columns("decisions"):

@@ -230,6 +230,51 @@ def test_a_gate_decision_the_history_refuses_for_what_it_holds_is_noted_on_its_c
     assert detail["history"] == "decision (refused by the history: the history file h.db refused a record (simulated))"
 
 
+def test_rollout_resume_exits_4_naming_the_canary_whose_gate_decision_the_history_refused(tmp_path, run_cli,
+                                                                                           monkeypatch):
+    """The driver noted a refused gate decision in the canary's row and went on, but `rollout start`/`resume` exited
+    0 and said nothing of it, as if every decision was recorded. Now the rollout still goes on to the end, and the
+    summary (`history_refused`, a line per device and a note) names the canary, exit 4 as tune and deploy --canary."""
+    from edge_kit.errors import HistoryRecordError
+    from edge_kit.fleet.commands import FleetClient
+    from edge_kit.loop import waves
+    from edge_kit.selection.gate import GateDecision
+
+    history = Store(tmp_path / "edgekit-history.db")
+    names = planned(history, gate={"window_s": 1})
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text("fleet: f\nbroker: {host: 127.0.0.1, port: 1}\ndefaults: {user: u, profile: rpi4}\n"
+                          "devices:\n" + "".join(f"  - {{name: {n}, host: h}}\n" for n in names))
+    real = Store.add_decision
+
+    def add_decision(self, decision):
+        if decision["device"] == names[0]:
+            raise HistoryRecordError("the history file h.db refused a record (simulated)")
+        real(self, decision)
+
+    broker = FakeBroker()
+    monkeypatch.setattr(Store, "add_decision", add_decision)
+    monkeypatch.setattr(FleetClient, "of", lambda *_a, on_reported, **_k: broker(on_reported))
+    monkeypatch.setattr(waves, "live_judge", lambda *_a: lambda *_b: GateDecision("promote", "simulated promote"))
+    code, out, err = run_cli("rollout", "resume", "--fleet", fleet_file, "r")
+    text = " ".join(out.split())
+    assert code == 4, (out, err)
+    assert "rollout r: done (converged 20, refused 1)" in text
+    assert f"{names[0]}: history refused decision (refused by the history: the history file h.db refused" in text
+    assert f"1 record(s) refused by the history for what they hold ({names[0]}): kept in its invalid table" in text
+    assert len(broker.sent) == 20  # the rollout went on to its last wave
+
+    code, out, err = run_cli("rollout", "status", "--fleet", fleet_file, "r", "--json")
+    summary = json.loads(out)
+    assert code == 0 and list(summary["history_refused"]) == [names[0]], err
+    assert {r["device"]: r["history"] for r in summary["devices"]}[names[0]].startswith("decision (refused by")
+    from edge_kit.cli.rollout import _exit
+
+    with pytest.raises(__import__("typer").Exit) as held:  # a rollout not done: exit 1 says more than 4
+        _exit({**summary, "state": "held"})
+    assert held.value.exit_code == 1
+
+
 def test_selected_variants_follow_the_last_feasible_choice_and_the_plan_takes_them(tmp_path):
     import hashlib
 

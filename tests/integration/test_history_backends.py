@@ -420,6 +420,54 @@ def test_a_refused_message_is_kept_whatever_its_topic_and_reason_hold(history):
         ("edgekit/v1/f/d\\x00/bench", "why \\ud800 \\x1b[31m", b"\x00\xff{")]
 
 
+def test_a_refused_message_an_older_edge_kit_wrote_after_the_upgrade_is_read_under_its_topics_device(history):
+    """An older edge-kit still writing an upgraded history (a monitor not yet updated) inserts refused messages
+    without the device column: `history refused --device d_1` left them out and listed them under no device until
+    the next upgrade. The reader takes their device from their topic (the rule the upgrade fills older rows by), in
+    the filter too; a topic that only looks like it names the device (not an edge-kit topic) is not taken for it."""
+    history.add_invalid("edgekit/v1/f/d_1/bench", "new", b"{}")
+    old = "INSERT INTO invalid (ts, topic, reason, payload) VALUES (?, ?, ?, ?)"  # the older edge-kit's statement
+    for i, t in enumerate(("edgekit/v1/f/d_1/status", "edgekit/v1/f/dx1/status", "edgekit/v1/f/x/d_1/bench",
+                           "junk", "edgekit/v1/f/d\\x00/bench", "edgekit/v1/f/d_1/live")):
+        history._execute(old, (time.time() + i, t, f"old {i}", b"{}"))
+    assert history._rows("SELECT COUNT(*) FROM invalid WHERE device IS NULL") == [(6,)]
+    assert [(r["device"], r["reason"]) for r in history.refused_messages()] == [
+        ("d_1", "old 5"), ("d\\x00", "old 4"), (None, "old 3"), (None, "old 2"), ("dx1", "old 1"), ("d_1", "old 0"),
+        ("d_1", "new")]
+    assert [r["reason"] for r in history.refused_messages(device="d_1")] == ["old 5", "old 0", "new"]
+    assert [r["reason"] for r in history.refused_messages(device="d_1", limit=2)] == ["old 5", "old 0"]
+    assert [r["reason"] for r in history.refused_messages(device="d\\x00")] == ["old 4"]
+    assert history.refused_messages(device="x") == []
+
+
+def test_a_decision_an_edge_kit_older_than_the_kind_column_wrote_after_the_upgrade_is_of_its_bodys_kind(history):
+    """An edge-kit from before decisions had a kind, still writing an upgraded history, leaves the column empty. The
+    docs said a newer edge-kit fills it when it next opens the history; since the schema has a version, a current one
+    is never migrated again, so those decisions stayed out of every read by kind (`rollout start --variant selected`
+    did not see an old tune's choice). They are now read as the kind their body says."""
+    import json
+
+    history.add_decision({"device": "d1", "chosen": "v1", "current": None, "feasible": True, "switch": True})
+    old = "INSERT INTO decisions (device, ts, chosen, previous, feasible, switched, body) VALUES (?, ?, ?, ?, ?, ?, ?)"
+    for device, chosen, feasible, extra in (("d1", "v2", 1, {"kind": "fleet selection"}), ("d2", "v3", 1, {}),
+                                            ("d1", "v4", 1, {"kind": "live gate"}), ("d3", "v5", 0, {})):
+        body = {"device": device, "chosen": chosen, "current": None, "feasible": bool(feasible), "switch": False, **extra}
+        history._execute(old, (device, time.time(), chosen, None, feasible, 0, json.dumps(body)))
+    assert history._rows("SELECT COUNT(*) FROM decisions WHERE kind IS NULL") == [(4,)]
+
+    def newest(*kinds, feasible=False):
+        return {d: m["chosen"] for d, m in history.latest_decisions(kinds, feasible=feasible).items()}
+
+    assert newest("selection", "fleet selection", feasible=True) == {"d1": "v2", "d2": "v3"}
+    assert newest("selection") == {"d1": "v1", "d2": "v3", "d3": "v5"}
+    assert newest("live gate") == {"d1": "v4"} and newest() == {}
+    assert {d: m["chosen"] for d, m in history.latest_decisions().items()} == {"d1": "v4", "d2": "v3", "d3": "v5"}
+    assert [d["chosen"] for d in history.decisions(kinds=("selection",))] == ["v5", "v3", "v1"]
+    assert [d["chosen"] for d in history.decisions(kinds=("selection",), limit=2)] == ["v5", "v3"]
+    assert [d["chosen"] for d in history.decisions("d1", kinds=("selection", "live gate"))] == ["v4", "v1"]
+    assert [d["chosen"] for d in history.decisions("d1")] == ["v4", "v2", "v1"] and history.decisions(kinds=()) == []
+
+
 def test_a_decision_the_database_cannot_hold_is_refused_as_the_records_fault(history):
     """A decision quoting a name no database takes (a lone surrogate, from a device's word) raised a bare
     UnicodeEncodeError from both backends: tune stopped with a traceback. Now it is HistoryRecordError, nothing of
@@ -474,3 +522,46 @@ def test_a_role_with_select_alone_reads_the_history_and_is_told_what_to_run_on_a
     assert code == 0, err
     code, out, err = run_cli("report", "--history", reader, "--out", tmp_path / "r.html", "--json")
     assert code == 0 and json.loads(out)["records"] == 1, err
+
+
+def test_a_writer_role_that_does_not_own_the_tables_is_told_an_older_schema_needs_its_owner(postgres_url, run_cli):
+    """A role granted INSERT and SELECT (a monitor's, on a database its owner set up) meeting an older schema tried the
+    upgrade itself and stopped with the generic 'database failed (permission denied for schema public): check that
+    the server is up'. Now it changes nothing and gets one line: the history needs `edgekit history upgrade`, which
+    only its tables' owner can run; once the owner has, the same role writes."""
+    from urllib.parse import urlsplit
+
+    owner = open_history(postgres_url)
+    owner.add("bench", bench("d1", "s1", 1.0, 1))
+    owner.close()
+    parts = urlsplit(postgres_url)
+    role = f"writer_{parts.path.lstrip('/')}"
+    _psql(postgres_url, f"CREATE ROLE {role} LOGIN PASSWORD 'writes'",
+          f"GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA public TO {role}",
+          f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}")
+    writer = parts._replace(netloc=f"{role}:writes@{parts.hostname}:{parts.port}").geturl()
+    store = open_history(writer)  # the current schema: it writes
+    store.add("bench", bench("d1", "s1", 1.0, 2))
+    store.close()
+
+    _psql(postgres_url, "UPDATE edgekit_schema SET version = 1")  # as an older edge-kit left it
+    want = (f"the history postgresql://{role}@{parts.hostname}:{parts.port}{parts.path} was written by an older "
+            "edge-kit (schema version 1; this one reads 2) and needs an upgrade that only the owner of its tables can "
+            "run (this role is not; they belong to edgekit): run `edgekit history upgrade --history <it>` once as "
+            "edgekit, then run again")
+    with pytest.raises(HistoryError) as refused:
+        open_history(writer)
+    assert str(refused.value) == want
+    code, out, err = run_cli("history", "upgrade", "--history", writer)
+    assert code == 6 and err == f"edgekit: error: {want}\n" and out == ""
+    import psycopg
+
+    with psycopg.connect(postgres_url) as conn:  # nothing was changed: still the older version, no half upgrade
+        assert conn.execute("SELECT version FROM edgekit_schema").fetchall() == [(1,)]
+
+    code, out, err = run_cli("history", "upgrade", "--history", postgres_url)
+    assert code == 0, err
+    store = open_history(writer)
+    store.add("bench", bench("d1", "s1", 1.0, 3))
+    assert store.count("bench") == 3
+    store.close()
