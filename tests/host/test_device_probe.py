@@ -273,7 +273,7 @@ def test_the_facts_script_prints_what_the_deploy_takes():
     (lambda sha: b'{"sha256": "%s", "variant": "int8", "model": "m\xff"}' % sha.encode(), "meta.json is missing or unreadable"),
     # 5 MB: it was printed whole (over the 4 MiB the host parses: the probe failed, so the deploy could not repair it)
     (lambda sha: b'{"sha256": "%s", "pad": "%s"}' % (sha.encode(), b"\xff" * 5_000_000),
-     "meta.json holds 65,537 bytes, over the 65,536 a model's metadata may take"),
+     "meta.json: over the 65,536 bytes such a file may take"),
 ])
 def test_the_deploy_and_the_agent_judge_a_stored_meta_json_alike_from_its_bytes(tmp_path, content, why):
     """The probe ran on a device root, its output read by the host: the model the agent's store calls damaged is
