@@ -108,6 +108,9 @@ class Agent:
                                      check_disk=lambda needs: self.disk.check("fetch", needs), settings=cfg.pull)
         self._desired_inbox: queue.Queue[Any] = queue.Queue()  # verified desired messages, taken by the main thread
         self._report_again = threading.Event()
+        # held from a reported message's seq taken to its seq kept: two threads reporting at once (a reconcile
+        # step, a redelivered desired state, a retry) would otherwise publish two messages under one seq
+        self._report_lock = threading.Lock()
         self._report_retry_at: float | None = None  # monotonic time the newest reported body is tried again at
         self._report_error: str | None = None  # why the last try to publish it failed (logged once per reason)
         self.commands: queue.Queue[Command] = queue.Queue(maxsize=cfg.max_queued_commands)
@@ -199,36 +202,38 @@ class Agent:
         or handed to the broker connection, the failure is counted (``unsent_reports`` in the spool's counters:
         ``state`` and telemetry), logged in one line (once per reason), and :meth:`_report_when_due` publishes the
         newest reported body again :data:`REPORT_RETRY_S` later, until it goes out. Its ``seq`` is taken only once it
-        went out (:meth:`Spool.upcoming_seq`), so failed tries leave no gap in the ``reported`` sequence. A body over
-        the protocol's payload limit is not published (every receiver and the broker refuse it) nor tried again:
-        counted as ``oversize_messages`` and logged (:meth:`_oversize`).
+        went out (:meth:`Spool.upcoming_seq`), so failed tries leave no gap in the ``reported`` sequence; any thread may
+        call it: taking the seq, publishing and keeping the seq happen under one lock, so two reports never go out
+        under one seq. A body over the protocol's payload limit is not published (every receiver and the broker refuse
+        it) nor tried again: counted as ``oversize_messages`` and logged (:meth:`_oversize`).
         """
-        try:
-            seq = self.spool.upcoming_seq("reported")  # taken once it went out: a failed try leaves no gap
-            msg = self.signer.sign(messages.envelope("reported", self.cfg.fleet, self.cfg.device, seq, body))
-            payload = messages.encode_within_limit(msg, "a reported message")
-            self.publisher.publish(self._topic("reported"), payload, retain=True)
-            self.spool.took_seq("reported", seq)
-        except PayloadTooLarge as exc:  # would never go out: counted, not tried again until a connect or a new body
-            self._oversize(exc)
-            self._report_retry_at, self._report_error = None, None
-            return
-        except Exception as exc:  # noqa: BLE001 - the state is kept and sent again, never dropped with the step
-            self._report_retry_at = time.monotonic() + REPORT_RETRY_S
-            why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        with self._report_lock:
             try:
-                self._on_disk(lambda: self.spool.count("unsent_reports"))
-            except (DiskFull, OSError, sqlite3.Error) as full:
-                log.error("could not count the unsent reported state: %s", full)
-            if why != self._report_error:
-                log.error("reported state %s of revision %s could not be published (%s); it is tried again every "
-                          "%g s until it goes out", body.get("state"), body.get("revision"), why, REPORT_RETRY_S)
-            self._report_error = why
-            return
-        if self._report_error is not None:
-            log.info("reported state %s of revision %s published after failed tries", body.get("state"),
-                     body.get("revision"))
-        self._report_retry_at, self._report_error = None, None
+                seq = self.spool.upcoming_seq("reported")  # taken once it went out: a failed try leaves no gap
+                msg = self.signer.sign(messages.envelope("reported", self.cfg.fleet, self.cfg.device, seq, body))
+                payload = messages.encode_within_limit(msg, "a reported message")
+                self.publisher.publish(self._topic("reported"), payload, retain=True)
+                self.spool.took_seq("reported", seq)
+            except PayloadTooLarge as exc:  # would never go out: counted, not tried again until a connect or a new body
+                self._oversize(exc)
+                self._report_retry_at, self._report_error = None, None
+                return
+            except Exception as exc:  # noqa: BLE001 - the state is kept and sent again, never dropped with the step
+                self._report_retry_at = time.monotonic() + REPORT_RETRY_S
+                why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                try:
+                    self._on_disk(lambda: self.spool.count("unsent_reports"))
+                except (DiskFull, OSError, sqlite3.Error) as full:
+                    log.error("could not count the unsent reported state: %s", full)
+                if why != self._report_error:
+                    log.error("reported state %s of revision %s could not be published (%s); it is tried again every "
+                              "%g s until it goes out", body.get("state"), body.get("revision"), why, REPORT_RETRY_S)
+                self._report_error = why
+                return
+            if self._report_error is not None:
+                log.info("reported state %s of revision %s published after failed tries", body.get("state"),
+                         body.get("revision"))
+            self._report_retry_at, self._report_error = None, None
 
     def _report_when_due(self) -> None:
         """Publish the newest reported body again after a (re)connect, or once a failed try's

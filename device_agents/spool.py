@@ -157,8 +157,9 @@ class Spool:
     def upcoming_seq(self, kind: str) -> int:
         """Return the number :meth:`next_seq` would return for ``kind``, without taking it: a message that must number
         only what went out (the retained ``reported``, tried again until it does) takes it with :meth:`took_seq`
-        once it was handed to the broker connection, so a failed try leaves no gap in its sequence. One thread
-        numbers such a kind (the agent's main thread). Never raises."""
+        once it was handed to the broker connection, so a failed try leaves no gap in its sequence. The caller holds
+        one lock of its own from this number to :meth:`took_seq` (the agent's ``_report``): two threads between the
+        two would send two messages under one number. Never raises."""
         with self._lock:
             return self._upcoming("seq." + kind)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import socket
+import sys
 import threading
 import time
 
@@ -263,3 +264,42 @@ def test_a_reported_state_over_the_payload_limit_is_counted_and_never_handed_to_
         assert [(m["seq"], m["revision"]) for m in sent] == [(1, 2)]
     finally:
         agent.spool.close()
+
+
+def test_two_threads_reporting_at_once_number_their_reported_messages_uniquely_and_consecutively(tmp_path, monkeypatch):
+    """``reported`` is numbered only once it went out (upcoming_seq, then took_seq): two threads reporting at once (a
+    reconcile step and a redelivered desired state, or a retry) both read the same upcoming number and published two
+    messages under one seq, which receivers order by (one of them taken for a replay)."""
+    agent = _agent(tmp_path)
+    seqs: list[int] = []
+
+    def publish(topic, payload, *, retain=False, row=None):
+        if topic.endswith("/reported"):
+            time.sleep(0)  # let the other thread run between the number taken and the number kept, as a broker may
+            seqs.append(json.loads(payload)["seq"])
+        return None
+
+    monkeypatch.setattr(agent.publisher, "publish", publish)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as a loaded 2-core device may
+    body = {"rollout": "r1", "revision": 1, "state": "converged", "want": None, "current": None, "attempt": 0,
+            "download": None, "error": None}
+    start = threading.Barrier(2)
+
+    def report_many() -> None:
+        start.wait()
+        for _ in range(300):
+            agent._report(body)
+
+    try:
+        threads = [threading.Thread(target=report_many) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        sys.setswitchinterval(interval)
+        agent.spool.close()
+    assert len(seqs) == 600
+    assert sorted(seqs) == list(range(seqs[0], seqs[0] + 600)), "two reported messages went out under one seq"
+    assert seqs == sorted(seqs)  # in the order they were numbered
