@@ -145,9 +145,18 @@ def envelope(kind: str, fleet: str, device: str, seq: int, body: dict[str, Any])
             "ts": round(time.time(), 6), "msg_id": new_msg_id(), **body}
 
 
+# The wire form's encoder, built once (json.dumps given options builds one on every call).
+_COMPACT = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
 def encode(message: dict[str, Any]) -> bytes:
-    """Return the compact UTF-8 JSON form of a message."""
-    return json.dumps(message, separators=(",", ":"), allow_nan=False).encode()
+    """Return the compact UTF-8 JSON form of a message.
+
+    Raises:
+        ValueError: the message holds NaN or an infinity (they have no JSON form).
+        TypeError: it holds a value JSON has no form for (a numpy number, bytes).
+    """
+    return _COMPACT.encode(message).encode()
 
 
 def encode_within_limit(message: dict[str, Any], what: str, hint: str = "") -> bytes:
@@ -165,7 +174,7 @@ def encode_within_limit(message: dict[str, Any], what: str, hint: str = "") -> b
     return payload
 
 
-# The canonical form's encoder, built once (json.dumps given options builds one on every call).
+# The canonical form's encoder, built once as the wire form's.
 _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
