@@ -44,6 +44,7 @@ from edge_kit.compiler.convert import (
 )
 from edge_kit.compiler.data import (
     Dataset,
+    id_range,
     leak_warning,
     load_dataset,
     noise_warning,
@@ -354,7 +355,8 @@ def _build(plan: _Plan, source: Source, graph: Callable[[], Graph | bytes], req:
 
 def _exact_ids(spec: VariantSpec, source: Source, data: bytes, how: str) -> tuple[bytes, str]:
     """Return a full-integer ``.tflite`` variant with its integer or boolean inputs (token ids, which every variant takes
-    as float32 and casts inside: :attr:`Source.input_types`) taking float32 again, as
+    as float32 and casts inside: :attr:`Source.input_types` of an :func:`id_range` type; a float64 or float16 input is
+    quantized as any float input) taking float32 again, as
     :func:`~edge_kit.compiler.tflite_edit.float_id_inputs` makes it, and ``how`` it was made saying so. Quantized
     with the scale of the calibration ids, id 298 reached the model as 297.
 
@@ -363,10 +365,11 @@ def _exact_ids(spec: VariantSpec, source: Source, data: bytes, how: str) -> tupl
     """
     from edge_kit.compiler.tflite_edit import float_id_inputs
 
-    if not source.input_types:
+    ids = [name for name, dtype in source.input_types.items() if id_range(dtype) is not None]  # not float64, float16
+    if not ids:
         return data, how
     try:
-        data, kept = float_id_inputs(data, list(source.input_types))
+        data, kept = float_id_inputs(data, ids)
     except ValueError as exc:
         raise CompileError(f"variant {spec.id}: {exc}; leave {spec.id} out (the float variants take ids exactly)") from None
     if kept:

@@ -84,6 +84,37 @@ def test_every_quantized_variant_of_an_onnx_embedding_model_takes_its_ids_exactl
     assert "input 'ids' kept float32" in artifacts["int8"]["derived_from"], artifacts["int8"]["derived_from"]
 
 
+def test_a_float64_input_is_quantized_as_any_float_input_not_kept_as_ids(tmp_path, run_cli):
+    """skl2onnx gives tabular models a DOUBLE input cast to float: it is no id. Taken for one, its int8 variant
+    failed ("input 'x' (ids, cast inside the model) was quantized and is read by FULLY_CONNECTED"), where it had
+    built before ids were kept float32."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 1, (8, 5)).astype(np.float32)
+    nodes = [helper.make_node("Cast", ["x"], ["xf"], to=TensorProto.FLOAT), helper.make_node("MatMul", ["xf", "w"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.DOUBLE, [None, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 5])],
+                              [numpy_helper.from_array(w, "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "tab.onnx")
+    np.savez(tmp_path / "calib.npz", x=rng.normal(0, 1, (100, 8)))
+    x = rng.normal(0, 1, (32, 8))
+    np.savez(tmp_path / "eval.npz", x=x, y=(x.astype(np.float32) @ w).argmax(1))
+    profile = tmp_path / "tab.yaml"
+    profile.write_text("name: tab\ndescription: test\nhardware: {arch: aarch64, cpu: cortex-a72, cores: 4, ram_mb: 4096, "
+                       "accelerator: none}\nruntime: {engine: litert, delegate: xnnpack, threads: 4}\n"
+                       "variants: [fp32, int8]\nconstraints: {max_latency_p90_ms: 50}\n"
+                       "power: {sensors: [], idle_w: 2.7, busy_w: 6.4}\n")
+    code, _, err = run_cli("compile", tmp_path / "tab.onnx", "-p", profile, "--calib", tmp_path / "calib.npz",
+                           "--eval", tmp_path / "eval.npz", "--out", tmp_path / "o")
+    assert code == 0, err
+    int8 = next(a for a in json.loads((tmp_path / "o" / "tab" / "manifest.json").read_text())["artifacts"]
+                if a["id"] == "int8")
+    assert int8["status"] == "built" and "kept float32" not in int8["derived_from"], int8
+    assert int8["fidelity"]["snr_db"] > 20, int8["fidelity"]
+
+
 def test_the_int8_and_pruned_int8_variants_of_a_keras_embedding_model_keep_the_ids_float(tmp_path, run_cli):
     """The TFLite converter's full-integer conversion (int8, and int8-pruned-S after pruning) quantized a Keras
     model's id input the same way (0.3 dB from fp32); the ids input now stays float32 there too."""
