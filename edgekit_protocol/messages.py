@@ -269,7 +269,7 @@ def _strict_decoder(what: str) -> json.JSONDecoder:
                             object_pairs_hook=functools.partial(_unique_keys, what=what))
 
 
-def strict_loads(data: str | bytes, what: str = "payload") -> Any:
+def strict_loads(data: str | bytes | bytearray | memoryview, what: str = "payload") -> Any:
     """Return the JSON value ``data`` holds, parsed as receivers parse a payload: no NaN or infinity (Python's json
     takes ``NaN``, ``Infinity`` and ``1e999``, which no JSON encoder gives back), no key twice in one object. For
     any JSON a sender or the disk hands over (a file an agent wrote may be damaged or edited by hand).
@@ -280,7 +280,7 @@ def strict_loads(data: str | bytes, what: str = "payload") -> Any:
             in one object; the text starts with ``what`` (what ``data`` is, e.g. a file name).
     """
     try:
-        text = data.decode("utf-8") if isinstance(data, bytes) else data
+        text = data if isinstance(data, str) else bytes(data).decode("utf-8")
         if text.startswith("\ufeff"):  # as json.loads: a byte order mark is no JSON
             raise json.JSONDecodeError("Unexpected UTF-8 BOM", text, 0)
         return _strict_decoder(what).decode(text)

@@ -579,7 +579,7 @@ class HistoryStore(abc.ABC):
         time at or after ``since`` (unix seconds, this host's clock), a ``(second, count)`` pair per whole second
         that holds any, oldest first: at most one row a second a device, however many it sent; one query.
         Raises HistoryError."""
-        union = " UNION ALL ".join(f"SELECT device, CAST(ts AS BIGINT) AS sec FROM {kind} WHERE ts >= ?" for kind in KINDS)
+        union = " UNION ALL ".join(f"SELECT device, FLOOR(ts) AS sec FROM {kind} WHERE ts >= ?" for kind in KINDS)  # both: SQLite 3.35+
         out: dict[str, list[tuple[int, int]]] = {}
         for device, sec, n in self._rows(f"SELECT device, sec, COUNT(*) FROM ({union}) AS s GROUP BY device, sec "
                                          "ORDER BY device, sec", (since,) * len(KINDS)):

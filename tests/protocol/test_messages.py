@@ -140,6 +140,8 @@ def test_strict_loads_refuses_what_no_encoder_gives_back_naming_what_it_read(tex
     with pytest.raises(messages.MessageError, match=f"^{why}"):
         messages.strict_loads(text, "meta.json")
     assert messages.strict_loads(b'{"a": [1.5, "x"]}') == {"a": [1.5, "x"]}
+    for held in (bytearray(b'{"a": 1}'), memoryview(b'{"a": 1}')):  # a receive buffer, as bytes are: no TypeError
+        assert messages.strict_loads(held) == {"a": 1}
 
 
 @pytest.mark.parametrize("text, where", [
