@@ -93,8 +93,14 @@ class PostgresStore(HistoryStore):
     def _cannot_upgrade(self) -> tuple[str, str] | None:
         """Return None when the connected role may upgrade the history's older schema, else why not and who may: an
         upgrade adds columns and indexes, which PostgreSQL lets only a table's owner, a member of its role or a
-        superuser do, and creates tables and indexes, which needs the CREATE privilege on the schema too. Changes
-        nothing. Raises HistoryError."""
+        superuser do, and creates tables and indexes, which needs the CREATE privilege on the schema too, in a session
+        that may write (not a standby's). Changes nothing. Raises HistoryError."""
+        ((schema, role, may_create, read_only),) = self._rows(
+            "SELECT current_schema(), current_user, has_schema_privilege(current_schema(), 'CREATE'), "
+            "current_setting('transaction_read_only') = 'on'")
+        if read_only:  # a hot standby, or a role or database with default_transaction_read_only
+            return ("needs an upgrade, and this session may not write (a read-only transaction: a standby server, or "
+                    "default_transaction_read_only)", "a role that owns its tables, on the primary server")
         names = (*TABLES, "edgekit_schema")
         owners = [r[0] for r in self._rows(
             "SELECT DISTINCT pg_get_userbyid(c.relowner) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
@@ -103,8 +109,6 @@ class PostgresStore(HistoryStore):
         if owners:
             return (f"needs an upgrade that only the owner of its tables can run (this role is not; they belong to "
                     f"{', '.join(owners)})", owners[0])
-        ((schema, role, may_create),) = self._rows("SELECT current_schema(), current_user, "
-                                                   "has_schema_privilege(current_schema(), 'CREATE')")
         if not may_create:  # CREATE TABLE (even IF NOT EXISTS) and CREATE INDEX check it before anything else
             return (f"needs an upgrade that creates tables and indexes in schema {schema}, where this role ({role}) may "
                     "not create", f"a role that owns its tables and may create in {schema} (or have the schema's owner "

@@ -668,3 +668,34 @@ def test_an_owner_of_the_tables_that_may_not_create_in_the_schema_is_told_what_t
         assert store.count("bench") == 2
     finally:
         store.close()
+
+
+def test_a_read_only_session_of_the_tables_owner_is_refused_the_upgrade_in_one_line(postgres_url, run_cli, tmp_path):
+    """A reader that owns the tables upgrades an older schema; in a session that may not write (a hot standby, a role
+    with default_transaction_read_only, a dashboard's usual setup) that upgrade failed with the generic 'failed (cannot
+    execute CREATE TABLE in a read-only transaction): check that the server is up'. It changes nothing: a reader gets
+    the readers' line, a writer the line naming the read-only session and the primary server."""
+    from urllib.parse import urlsplit
+
+    owner = open_history(postgres_url)
+    owner.add("bench", bench("d1", "s1", 1.0, 1))
+    owner.close()
+    _as_before_the_version(postgres_url)
+    parts = urlsplit(postgres_url)
+    role = f"replica_{parts.path.lstrip('/')}"
+    _psql(postgres_url, f"CREATE ROLE {role} LOGIN PASSWORD 'reads'", f"GRANT CREATE ON SCHEMA public TO {role}",
+          f"ALTER ROLE {role} SET default_transaction_read_only = on",
+          *(f"ALTER TABLE {t} OWNER TO {role}" for t in TABLES))
+    url = parts._replace(netloc=f"{role}:reads@{parts.hostname}:{parts.port}").geturl()
+    code, out, err = run_cli("report", "--history", url, "--out", tmp_path / "r.html")
+    assert code == 6 and err.count("\n") == 1 and "this command only reads it: run `edgekit history upgrade" in err, err
+    with pytest.raises(HistoryError) as refused:
+        open_history(url)
+    assert str(refused.value) == (
+        f"the history postgresql://{role}@{parts.hostname}:{parts.port}{parts.path} was written by an older edge-kit "
+        f"(schema version 1; this one reads {SCHEMA_VERSION}) and needs an upgrade, and this session may not write (a "
+        "read-only transaction: a standby server, or default_transaction_read_only): run `edgekit history upgrade "
+        "--history <it>` once as a role that owns its tables, on the primary server, then run again")
+    _psql(postgres_url, f"ALTER ROLE {role} RESET default_transaction_read_only")
+    code, out, err = run_cli("report", "--history", url, "--out", tmp_path / "r.html")  # now it may: it upgrades
+    assert code == 0, err
