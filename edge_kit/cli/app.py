@@ -113,8 +113,9 @@ def open_fleet_history(fleet_file: Path | None, history: str | None, must_exist:
             empty one (a read would write a new history's tables into it).
         HistoryError: the database cannot be opened or reached, or (unless ``must_exist`` or ``read_only``) written;
             for the default file, the text names its folder and --history as the way out. A command that only reads
-            changes no schema (:func:`~edge_kit.telemetry.store.open_history`): a history of an older schema, or a
-            PostgreSQL database without one, is one line naming what to run.
+            upgrades an older schema when its user may, else changes nothing
+            (:func:`~edge_kit.telemetry.store.open_history`): a history of an older schema it may not upgrade is one
+            line naming what to run; a PostgreSQL database without edge-kit tables reads as an empty history.
     """
     from edge_kit.errors import InputError
     from edge_kit.fleet.inventory import check_fleet_file
@@ -125,7 +126,7 @@ def open_fleet_history(fleet_file: Path | None, history: str | None, must_exist:
         open_history,
     )
 
-    if history and is_postgres(history):  # a reader runs no schema change: a role with SELECT alone may read
+    if history and is_postgres(history):  # a reader changes no schema it may not: a role with SELECT alone may read
         return open_history(history, write=upgrade or writes or not (must_exist or read_only))
     if history:
         path = Path(history)

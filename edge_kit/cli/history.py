@@ -97,7 +97,8 @@ def gaps_cmd(fleet_file: ReadFleetOpt = None, history: HistoryOpt = None, device
 def upgrade_cmd(fleet_file: ReadFleetOpt = None, history: HistoryOpt = None, as_json: JsonOpt = False) -> None:
     """Bring a history an older edge-kit wrote up to this one's schema, in place.
 
-    Run it as a user (or PostgreSQL role) that owns its tables; commands that only read never change the schema."""
+    Run it as a user (or PostgreSQL role) that owns its tables (and, on PostgreSQL, may create in their schema); any
+    command does the same when its user may, so this is for a history read by users who may not."""
     from edge_kit.telemetry.store import SCHEMA_VERSION
 
     with open_fleet_history(fleet_file, history, upgrade=True) as db:

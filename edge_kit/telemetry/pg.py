@@ -64,18 +64,21 @@ class PostgresStore(HistoryStore):
     NOW_SQL = "extract(epoch from clock_timestamp())::double precision"
 
     def __init__(self, url: str, write: bool = True):
-        """Connect to ``url``; with ``write``, create the tables it lacks and upgrade an older schema (a reader runs
-        no CREATE or ALTER, so a role with SELECT alone reads: :meth:`HistoryStore._open_schema`).
+        """Connect to ``url``; with ``write``, create the tables it lacks. An older schema is upgraded, reader or
+        writer, when the role may (it owns the tables and may create in the schema), else a reader runs no CREATE or
+        ALTER, so a role with SELECT alone reads; a reader of a database without edge-kit tables reads an empty history
+        (:meth:`HistoryStore._open_schema`).
 
         Raises:
             InputError: ``url`` is not a valid URL (:func:`redact`).
-            HistoryError: the server cannot be reached, refuses the login, or the database does not exist; a
-                reader, and it holds no history or one of an older schema.
+            HistoryError: the server cannot be reached, refuses the login, or the database does not exist; it is of
+                an older schema the role may not upgrade.
         """
         self.url = url
         self.where = redact(url)
         self._lock = threading.Lock()
         self._conn: psycopg.Connection | None = None
+        self._empty = False  # a reader of a database without edge-kit tables: nothing stored yet
         try:
             self._open_schema(write)
         except BaseException:
@@ -87,15 +90,35 @@ class PostgresStore(HistoryStore):
         return {r[0] for r in self._rows("SELECT table_name FROM information_schema.tables "
                                          "WHERE table_schema = current_schema()")}
 
-    def _not_owned(self) -> list[str]:
-        """Return the roles owning the history's tables when the connected role may not alter them (an upgrade adds
-        columns and indexes, which PostgreSQL lets only a table's owner, a member of its role or a superuser do),
-        else an empty list. Raises HistoryError."""
+    def _cannot_upgrade(self) -> tuple[str, str] | None:
+        """Return None when the connected role may upgrade the history's older schema, else why not and who may: an
+        upgrade adds columns and indexes, which PostgreSQL lets only a table's owner, a member of its role or a
+        superuser do, and creates tables and indexes, which needs the CREATE privilege on the schema too, in a session
+        that may write (not a standby's). Changes nothing. Raises HistoryError."""
+        ((schema, role, may_create, read_only),) = self._rows(
+            "SELECT current_schema(), current_user, has_schema_privilege(current_schema(), 'CREATE'), "
+            "current_setting('transaction_read_only') = 'on'")
+        if read_only:  # a hot standby, or a role or database with default_transaction_read_only
+            return ("needs an upgrade, and this session may not write (a read-only transaction: a standby server, or "
+                    "default_transaction_read_only)", "a role that owns its tables, on the primary server")
         names = (*TABLES, "edgekit_schema")
-        return [r[0] for r in self._rows(
+        owners = [r[0] for r in self._rows(
             "SELECT DISTINCT pg_get_userbyid(c.relowner) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
             f"WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p') AND c.relname IN ({', '.join('?' * len(names))}) "
             "AND NOT pg_has_role(c.relowner, 'USAGE') ORDER BY 1", names)]
+        if owners:
+            return (f"needs an upgrade that only the owner of its tables can run (this role is not; they belong to "
+                    f"{', '.join(owners)})", owners[0])
+        if not may_create:  # CREATE TABLE (even IF NOT EXISTS) and CREATE INDEX check it before anything else
+            return (f"needs an upgrade that creates tables and indexes in schema {schema}, where this role ({role}) may "
+                    "not create", f"a role that owns its tables and may create in {schema} (or have the schema's owner "
+                    f"run `GRANT CREATE ON SCHEMA {schema} TO {role}` first)")
+        return None
+
+    def _no_history(self) -> None:
+        """Read a database without edge-kit tables as an empty history (one made for the fleet before any monitor or
+        tune ran): every query answers no rows (:meth:`_rows`); return nothing."""
+        self._empty = True
 
     def _upgrade(self) -> None:
         """Create the tables the database lacks, migrate an older schema and record the version, under one advisory
@@ -175,7 +198,10 @@ class PostgresStore(HistoryStore):
                 raise self._failed(exc) from exc
 
     def _rows(self, sql: str, args: tuple = ()) -> list[tuple]:
-        """Run one query; return its rows. Raises HistoryError."""
+        """Run one query; return its rows (none, without asking, for a reader of a database without edge-kit tables:
+        :meth:`_no_history`). Raises HistoryError."""
+        if self._empty:
+            return []
         with self._lock:
             conn = self._connection()
             try:

@@ -45,6 +45,8 @@ TABLES = (*KINDS, "decisions", "invalid", "gaps", "rollouts", "rollout_devices")
 #: was written before it: version 1). 2: ``decisions.kind``, ``invalid.device`` and their indexes.
 SCHEMA_VERSION = 2
 HISTORY_NAME = "edgekit-history.db"
+#: A write that changes nothing: whether the history takes writes, asked without writing.
+NO_OP_WRITE = "INSERT INTO status SELECT * FROM status WHERE 1 = 0"
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
 
@@ -65,12 +67,15 @@ def is_postgres(spec: str | Path) -> bool:
 def open_history(spec: str | Path, hint: str | None = None, write: bool = True) -> HistoryStore:
     """Return the history store ``spec`` names: PostgreSQL for a ``postgresql://`` URL, else a SQLite file.
     ``hint``: what to do when the SQLite file cannot be opened (default: check the path and its permissions).
-    ``write``: the caller may write; only then are missing tables created and an older schema upgraded. A reader
-    runs no schema change, so a PostgreSQL role with SELECT alone, or a file it may not write, can be read.
+    ``write``: the caller may write; only then are missing tables created. An older schema is upgraded by a reader
+    too when its user may (a file it may write, a role that owns the tables), else a reader changes nothing, so a
+    PostgreSQL role with SELECT alone, or a file it may not write, can be read; a PostgreSQL database without
+    edge-kit tables reads as an empty history.
 
     Raises:
-        HistoryError: the database cannot be opened or reached, psycopg (the host extra) is missing, or (a reader)
-            it holds no history yet or one of an older schema (the line names what to run).
+        HistoryError: the database cannot be opened or reached, psycopg (the host extra) is missing, it is of an
+            older schema its user may not upgrade (the line names why, what to run and as whom), or (a reader) a SQLite
+            file holds no history.
     """
     if is_postgres(spec):
         try:
@@ -203,7 +208,7 @@ class HistoryStore(abc.ABC):
             HistoryError: it cannot be written (a read-only file or folder, a role without the grant).
         """
         try:
-            self._execute("INSERT INTO status SELECT * FROM status WHERE 1 = 0")  # a write that changes nothing
+            self._execute(NO_OP_WRITE)
         except HistoryError as exc:
             raise HistoryError(self._unwritable(exc, hint)) from None
 
@@ -212,44 +217,53 @@ class HistoryStore(abc.ABC):
         return f"{exc}{'; ' + hint if hint else ''}"
 
     def _open_schema(self, write: bool) -> None:
-        """Check the history's schema version first; a writer creates the tables or upgrades an older schema
-        (:meth:`_upgrade`) only when it is not :data:`SCHEMA_VERSION`; a reader never changes it. Return nothing.
+        """Check the history's schema version first; create the tables or upgrade an older schema (:meth:`_upgrade`)
+        only when it is not :data:`SCHEMA_VERSION`. A writer creates missing tables; an older schema is upgraded by
+        whoever opens it, reader or writer, when this connection may (:meth:`_cannot_upgrade`): a history the previous
+        edge-kit wrote reads as before. A reader of a database without edge-kit tables reads it as the backend says
+        (:meth:`_no_history`). Return nothing.
 
         Raises:
-            HistoryError: the database cannot be read, or the upgrade failed; a reader: it holds no history, or one
-                of an older schema (one line naming what to run); a writer: the schema is older and its user does not
-                own the tables (one line naming their owner and the upgrade to run; nothing changed).
+            HistoryError: the database cannot be read, or the upgrade failed; a reader: it holds no history (SQLite),
+                or one of an older schema this connection may not upgrade (one line naming what to run); a writer: an
+                older schema this connection may not upgrade (one line naming why, who may, and the upgrade to run;
+                nothing changed).
         """
         version = self._schema_version()
         if version is not None and version >= SCHEMA_VERSION:
             return
-        if write:
-            if version is not None:
-                owners = self._not_owned()
-                if owners:
-                    raise HistoryError(self._upgrade_needed(
-                        version, f"needs an upgrade that only the owner of its tables can run (this role is not; "
-                                 f"they belong to {', '.join(owners)})", owners[0]))
-            self._upgrade()
-            return
         if version is None:
-            raise HistoryError(f"{self.where} holds no edge-kit history yet (no tables) and this command only reads: "
-                               "run `edgekit monitor` or `edgekit tune` with it as --history first")
-        raise HistoryError(self._upgrade_needed(version, "this command only reads it",
-                                                "a user (or PostgreSQL role) that owns its tables"))
+            if write:
+                self._upgrade()
+            else:
+                self._no_history()
+            return
+        blocked = self._cannot_upgrade()
+        if blocked is None:
+            self._upgrade()
+        elif write:
+            raise HistoryError(self._upgrade_needed(version, *blocked))
+        else:
+            raise HistoryError(self._upgrade_needed(version, "this command only reads it",
+                                                    "a user (or PostgreSQL role) that owns its tables"))
+
+    def _no_history(self) -> None:
+        """Called for a reader of a database without edge-kit tables; return nothing (the backend reads it as an empty
+        history) or raise.
+
+        Raises:
+            HistoryError: it is no history (a SQLite file a reader was pointed at holds other tables, or none): one
+                line naming what to run first.
+        """
+        raise HistoryError(f"{self.where} holds no edge-kit history yet (no tables) and this command only reads: "
+                           "run `edgekit monitor` or `edgekit tune` with it as --history first")
 
     def _upgrade_needed(self, version: int, why: str, who: str) -> str:
-        """Return the one-line error for a history of an older schema ``version`` that this command will not upgrade:
-        ``why`` it will not, and ``who`` must run ``edgekit history upgrade`` instead."""
+        """Return the one-line error for a history of an older schema ``version`` that this command cannot upgrade:
+        ``why`` it cannot, and ``who`` must run ``edgekit history upgrade`` instead."""
         return (f"the history {self.where} was written by an older edge-kit (schema version {version}; this one reads "
                 f"{SCHEMA_VERSION}) and {why}: run `edgekit history upgrade --history <it>` once as {who}, then run "
                 "again")
-
-    def _not_owned(self) -> list[str]:
-        """Return the owners of the history's tables when the connected user may not change them (the upgrade of an
-        older schema would fail), else an empty list. The embedded file has no owners: its permissions are checked
-        by the write itself. Raises HistoryError."""
-        return []
 
     def _schema_version(self) -> int | None:
         """Return the history's schema version: the ``edgekit_schema`` row, 1 for a history written before that
@@ -271,6 +285,11 @@ class HistoryStore(abc.ABC):
     @abc.abstractmethod
     def _tables(self) -> set[str]:
         """Return the names of the tables of the database (its current schema). Raises HistoryError."""
+
+    @abc.abstractmethod
+    def _cannot_upgrade(self) -> tuple[str, str] | None:
+        """Return None when this connection may upgrade the history's older schema, else (why it may not, who may):
+        the two halves of :meth:`_upgrade_needed`'s line. Changes nothing. Raises HistoryError."""
 
     @abc.abstractmethod
     def _upgrade(self) -> None:
@@ -499,7 +518,8 @@ class HistoryStore(abc.ABC):
         """
         if table not in TABLES:
             raise ValueError(table)
-        return self._rows(f"SELECT COUNT(*) FROM {table}")[0][0]
+        rows = self._rows(f"SELECT COUNT(*) FROM {table}")
+        return rows[0][0] if rows else 0  # no row: a database without tables, read as an empty history
 
     def latest_bench(self, device: str | None = None) -> dict[tuple[str, str], dict[str, Any]]:
         """Return the newest bench record per ``(device, sha256)`` (of one device, or all). Raises HistoryError."""
@@ -794,13 +814,14 @@ class Store(HistoryStore):
     NOW_SQL = "((julianday('now') - 2440587.5) * 86400.0)"
 
     def __init__(self, path: Path, write: bool = True):
-        """Open the history file at ``path``; with ``write``, create it and its tables when new and upgrade an
-        older schema (a reader changes nothing: :meth:`HistoryStore._open_schema`).
+        """Open the history file at ``path``; with ``write``, create it and its tables when new; an older schema is
+        upgraded when this user may write the file, reader or writer (:meth:`HistoryStore._open_schema`).
 
         Raises:
             sqlite3.Error: the file cannot be opened or is not a SQLite database, or OSError: its folder
                 cannot be created (:func:`open_history` turns either into a HistoryError).
-            HistoryError: a reader, and the file holds no history or one of an older schema.
+            HistoryError: the file is of an older schema this user may not write (upgrade), or (a reader) it holds no
+                history.
         """
         self.path = Path(path)
         self.where = str(self.path)
@@ -827,6 +848,22 @@ class Store(HistoryStore):
     def _tables(self) -> set[str]:
         """Return the names of the file's tables. Raises HistoryError."""
         return {name for (name,) in self._rows("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+    def _cannot_upgrade(self) -> tuple[str, str] | None:
+        """Return None when this user may write the file, else why the upgrade cannot run and who may run it. SQLite
+        opens a file it may not write read-only and says so only at the first write: a write that changes nothing is
+        tried. Raises HistoryError (any other failure of the file)."""
+        try:
+            self._execute(NO_OP_WRITE)
+        except HistoryError as exc:
+            cause = exc.__cause__
+            name = getattr(cause, "sqlite_errorname", "")  # Python 3.11+; the text on 3.10
+            if not (name.startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN")) or
+                    any(w in str(cause) for w in ("readonly", "unable to open"))):
+                raise
+            return (f"needs an upgrade, which cannot write the file ({cause})",
+                    "a user that may write the file and its folder (its owner), or on a writable copy of it")
+        return None
 
     def _upgrade(self) -> None:
         """Create the tables the file lacks, migrate an older schema, record the version; return nothing.

@@ -103,3 +103,57 @@ def test_history_elsewhere_is_the_way_out(tmp_path, listener, command):
     assert "history file" not in json.loads(done.stdout or "{}").get("error", ""), done.stdout
     assert (elsewhere / "h.db").is_file()  # opened, written there; the device work went on (nothing answers here)
     listener.accept()[0].close()
+
+
+def _older_read_only_history(tmp_path: Path) -> Path:
+    """Write a history as the previous edge-kit left it (schema version 1: no ``edgekit_schema`` table), read-only."""
+    import sqlite3
+
+    path = tmp_path / "h.db"
+    Store(path).close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("DROP TABLE edgekit_schema")
+    conn.close()
+    path.chmod(0o444)
+    return path
+
+
+def _tables(path: Path) -> set[str]:
+    import sqlite3
+
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    finally:
+        conn.close()
+
+
+def test_a_reader_of_an_older_history_it_may_not_write_is_told_to_have_it_upgraded(tmp_path):
+    """A reader upgrades a history of an older schema when it may write the file; one that may not (another user's,
+    a read-only copy) changes nothing and is told, in one line, what to run and as whom."""
+    history = _older_read_only_history(tmp_path)
+    done = _as_another_user(["report", "--history", str(history), "--out", str(tmp_path / "r.html")], tmp_path)
+    assert done.returncode == 6 and done.stderr.count("\n") == 1 and done.stdout == "", done.stderr
+    assert done.stderr == (f"edgekit: error: the history {history} was written by an older edge-kit (schema version 1; "
+                           "this one reads 2) and this command only reads it: run `edgekit history upgrade --history "
+                           "<it>` once as a user (or PostgreSQL role) that owns its tables, then run again\n")
+    assert "edgekit_schema" not in _tables(history)
+
+
+def test_a_writer_of_an_older_history_it_may_not_write_is_told_the_upgrade_needs_a_user_that_may(tmp_path):
+    """A writer (here `edgekit history upgrade` itself) on a read-only file of an older schema got "cannot be written or
+    read (attempt to write a readonly database): check the disk and the file", which points at the disk. It is now the
+    same kind of line a PostgreSQL role that does not own the tables gets: the history needs an upgrade, and who can
+    run it (the file's owner, or anyone on a writable copy)."""
+    history = _older_read_only_history(tmp_path)
+    done = _as_another_user(["history", "upgrade", "--history", str(history)], tmp_path)
+    assert done.returncode == 6 and done.stderr.count("\n") == 1 and done.stdout == "", done.stderr
+    assert done.stderr == (f"edgekit: error: the history {history} was written by an older edge-kit (schema version 1; "
+                           "this one reads 2) and needs an upgrade, which cannot write the file (attempt to write a "
+                           "readonly database): run `edgekit history upgrade --history <it>` once as a user that may "
+                           "write the file and its folder (its owner), or on a writable copy of it, then run again\n")
+    assert "edgekit_schema" not in _tables(history)
+    copy = tmp_path / "copy.db"  # the way out the line names: a writable copy, upgraded
+    copy.write_bytes(history.read_bytes())
+    done = _as_another_user(["history", "upgrade", "--history", str(copy)], tmp_path)
+    assert done.returncode == 0 and "edgekit_schema" in _tables(copy), done.stderr

@@ -13,7 +13,13 @@ import time
 import pytest
 
 from edge_kit.errors import HistoryError
-from edge_kit.telemetry.store import TABLES, HistoryStore, Store, open_history
+from edge_kit.telemetry.store import (
+    SCHEMA_VERSION,
+    TABLES,
+    HistoryStore,
+    Store,
+    open_history,
+)
 from edgekit_protocol import messages
 
 pytestmark = pytest.mark.integration
@@ -565,3 +571,131 @@ def test_a_writer_role_that_does_not_own_the_tables_is_told_an_older_schema_need
     store.add("bench", bench("d1", "s1", 1.0, 3))
     assert store.count("bench") == 3
     store.close()
+
+
+def _as_before_the_version(spec: str) -> None:
+    """Leave the history ``spec`` names as the previous edge-kit did: schema version 1, no ``edgekit_schema`` table."""
+    if spec.startswith("postgresql://"):
+        _psql(spec, "DROP TABLE edgekit_schema")
+        return
+    import sqlite3
+
+    with sqlite3.connect(spec) as conn:
+        conn.execute("DROP TABLE edgekit_schema")
+    conn.close()
+
+
+def test_a_reader_of_a_history_the_previous_edge_kit_wrote_upgrades_it_when_it_may(history_spec, run_cli, tmp_path):
+    """Readers were made to change no schema, and so `report`, `history refused` and `fleet status` refused a history the
+    previous edge-kit wrote, a SQLite file their user may write or a database whose tables their role owns, where
+    opening it upgraded it before. A reader that may write upgrades it; one that may not is told what to run (a role
+    with SELECT alone: test_a_role_with_select_alone_...; a read-only file: tests/host/test_history_unwritable.py)."""
+    import json
+
+    writer = open_history(history_spec)
+    writer.add("bench", bench("d1", "s1", 1.0, 1))
+    writer.close()
+    _as_before_the_version(history_spec)
+    code, out, err = run_cli("report", "--history", history_spec, "--out", tmp_path / "r.html", "--json")
+    assert code == 0 and json.loads(out)["records"] == 1, err
+    reader = open_history(history_spec, write=False)  # upgraded: it opens as the current schema, nothing to do
+    try:
+        assert reader._schema_version() == SCHEMA_VERSION and "edgekit_schema" in reader._tables()
+    finally:
+        reader.close()
+
+
+def test_a_database_before_any_monitor_ran_reads_as_an_empty_fleet(postgres_url, run_cli, tmp_path):
+    """A PostgreSQL database made for the fleet, before any monitor or tune wrote to it: `fleet status` and `report`
+    said "holds no edge-kit history yet" (exit 6), where they showed an empty fleet before. No tables is nothing stored
+    yet; a reader reads it as an empty history and creates nothing."""
+    import json
+
+    reader = open_history(postgres_url, write=False)
+    try:
+        assert reader.count("bench") == 0 and reader.latest_status() == {} and reader.latest_bench() == {}
+        assert reader.refused_messages() == [] and reader.decisions() == [] and reader.rollouts() == []
+        assert reader.last_received() == {} and reader.latest_decisions() == {}
+    finally:
+        reader.close()
+    (tmp_path / "fleet.yaml").write_text("fleet: f\ndefaults: {user: u, profile: rpi4}\ndevices:\n  - {name: a, host: h}\n")
+    code, out, err = run_cli("fleet", "status", "--fleet", tmp_path / "fleet.yaml", "--history", postgres_url,
+                             "--history-only", "--json")
+    assert code == 0, err
+    shown = json.loads(out)
+    assert list(shown["state"]) == ["a"] and shown["status"] == {} and shown["bench"] == {}
+    code, out, err = run_cli("report", "--history", postgres_url, "--out", tmp_path / "r.html", "--json")
+    assert code == 0 and json.loads(out)["records"] == 0, err
+    import psycopg
+
+    with psycopg.connect(postgres_url) as conn:  # a reader created nothing
+        assert conn.execute("SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = 'public'").fetchone() == (0,)
+
+
+def test_an_owner_of_the_tables_that_may_not_create_in_the_schema_is_told_what_the_upgrade_needs(postgres_url, run_cli):
+    """A role that owns the tables of an older schema (version 1 lacks `edgekit_schema`) but has no CREATE on the schema
+    tried the upgrade and got the generic 'failed (permission denied for schema public): check that the server is up'.
+    It now changes nothing and gets one line naming the privilege and the GRANT; once granted, it upgrades."""
+    from urllib.parse import urlsplit
+
+    owner = open_history(postgres_url)
+    owner.add("bench", bench("d1", "s1", 1.0, 1))
+    owner.close()
+    _as_before_the_version(postgres_url)
+    parts = urlsplit(postgres_url)
+    role = f"tables_{parts.path.lstrip('/')}"
+    _psql(postgres_url, f"CREATE ROLE {role} LOGIN PASSWORD 'owns'", "REVOKE CREATE ON SCHEMA public FROM PUBLIC",
+          *(f"ALTER TABLE {t} OWNER TO {role}" for t in TABLES))
+    url = parts._replace(netloc=f"{role}:owns@{parts.hostname}:{parts.port}").geturl()
+    want = (f"the history postgresql://{role}@{parts.hostname}:{parts.port}{parts.path} was written by an older "
+            f"edge-kit (schema version 1; this one reads {SCHEMA_VERSION}) and needs an upgrade that creates tables and "
+            f"indexes in schema public, where this role ({role}) may not create: run `edgekit history upgrade --history "
+            f"<it>` once as a role that owns its tables and may create in public (or have the schema's owner run "
+            f"`GRANT CREATE ON SCHEMA public TO {role}` first), then run again")
+    with pytest.raises(HistoryError) as refused:
+        open_history(url)
+    assert str(refused.value) == want
+    code, out, err = run_cli("history", "upgrade", "--history", url)
+    assert code == 6 and err == f"edgekit: error: {want}\n" and out == ""
+    code, out, err = run_cli("report", "--history", url, "--out", "/dev/null")  # a reader: the line for readers
+    assert code == 6 and "this command only reads it" in err and err.count("\n") == 1, err
+
+    _psql(postgres_url, f"GRANT CREATE ON SCHEMA public TO {role}")
+    store = open_history(url)  # the owner, now allowed to create: it upgrades and writes
+    try:
+        assert store._schema_version() == SCHEMA_VERSION
+        store.add("bench", bench("d1", "s1", 1.0, 2))
+        assert store.count("bench") == 2
+    finally:
+        store.close()
+
+
+def test_a_read_only_session_of_the_tables_owner_is_refused_the_upgrade_in_one_line(postgres_url, run_cli, tmp_path):
+    """A reader that owns the tables upgrades an older schema; in a session that may not write (a hot standby, a role
+    with default_transaction_read_only, a dashboard's usual setup) that upgrade failed with the generic 'failed (cannot
+    execute CREATE TABLE in a read-only transaction): check that the server is up'. It changes nothing: a reader gets
+    the readers' line, a writer the line naming the read-only session and the primary server."""
+    from urllib.parse import urlsplit
+
+    owner = open_history(postgres_url)
+    owner.add("bench", bench("d1", "s1", 1.0, 1))
+    owner.close()
+    _as_before_the_version(postgres_url)
+    parts = urlsplit(postgres_url)
+    role = f"replica_{parts.path.lstrip('/')}"
+    _psql(postgres_url, f"CREATE ROLE {role} LOGIN PASSWORD 'reads'", f"GRANT CREATE ON SCHEMA public TO {role}",
+          f"ALTER ROLE {role} SET default_transaction_read_only = on",
+          *(f"ALTER TABLE {t} OWNER TO {role}" for t in TABLES))
+    url = parts._replace(netloc=f"{role}:reads@{parts.hostname}:{parts.port}").geturl()
+    code, out, err = run_cli("report", "--history", url, "--out", tmp_path / "r.html")
+    assert code == 6 and err.count("\n") == 1 and "this command only reads it: run `edgekit history upgrade" in err, err
+    with pytest.raises(HistoryError) as refused:
+        open_history(url)
+    assert str(refused.value) == (
+        f"the history postgresql://{role}@{parts.hostname}:{parts.port}{parts.path} was written by an older edge-kit "
+        f"(schema version 1; this one reads {SCHEMA_VERSION}) and needs an upgrade, and this session may not write (a "
+        "read-only transaction: a standby server, or default_transaction_read_only): run `edgekit history upgrade "
+        "--history <it>` once as a role that owns its tables, on the primary server, then run again")
+    _psql(postgres_url, f"ALTER ROLE {role} RESET default_transaction_read_only")
+    code, out, err = run_cli("report", "--history", url, "--out", tmp_path / "r.html")  # now it may: it upgrades
+    assert code == 0, err
