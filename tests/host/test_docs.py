@@ -182,9 +182,11 @@ def test_the_monitors_cost_argument_quotes_no_typed_timings():
     """monitor.md argued the 0.8 goal was out of reach with timings typed by hand (verifying a signature "about
     40 µs" where the last run measured 123): the argument now takes the verify cost from figures.json."""
     text = (DOCS / "monitor.md").read_text()
-    paragraph = text[text.index("**What checking costs.**"):text.index("**A database that goes away**")]
+    paragraph = text[text.index("**What checking costs.**"):text.index("**Where a record's time goes.**")]
     assert "<!-- figure: sign / verify one bench record (us) -->" in paragraph
     assert not re.findall(r"\d+ ?µs", _FIGURE.sub("", paragraph))
+    breakdown = text[text.index("**Where a record's time goes.**"):text.index("**A database that goes away**")]
+    assert "Measured with a standalone script" in breakdown and "2026-11-30" in breakdown  # what measured it, when
 
 
 def documented_fields(kind: str) -> set[str]:
