@@ -281,8 +281,7 @@ def float_inputs(model: Any, types: dict[str, str]) -> Any:
         if value.name not in types:
             continue
         cast = value.name + CAST_SUFFIX
-        for node in graph.node:
-            node.input[:] = [cast if n == value.name else n for n in node.input]
+        _read_as(graph, value.name, cast)  # If/Loop/Scan bodies read it by name too
         for out in graph.output:  # an output that is the input itself (refused earlier): kept consistent anyway
             if out.name == value.name:
                 out.name = cast
@@ -436,9 +435,40 @@ def _first_line(exc: BaseException) -> str:
     return first_line(exc)
 
 
-def _rename(graph: Any, old: str, new: str) -> None:
+def _defines(graph: Any, name: str) -> bool:
+    """Return whether ``graph`` defines a value ``name`` of its own (an input, initializer or node output), which then
+    hides an outer scope's value of that name from it and its subgraphs."""
+    return (any(v.name == name for v in graph.input) or any(i.name == name for i in graph.initializer)
+            or any(i.values.name == name for i in graph.sparse_initializer)
+            or any(name in node.output for node in graph.node))
+
+
+def _read_as(graph: Any, old: str, new: str) -> None:
+    """Make every read of the value ``old`` in ``graph`` read ``new`` instead: node inputs, and in the subgraphs of its
+    nodes (``If`` branches, ``Loop`` and ``Scan`` bodies: ``GRAPH`` and ``GRAPHS`` attributes, at any depth), which read
+    an outer scope's values by name, their node inputs and outputs; a subgraph that defines ``old`` itself
+    (:func:`_defines`) reads its own and is left as it is. Changes ``graph`` in place; returns nothing."""
+    from onnx import AttributeProto
+
     for node in graph.node:
         node.input[:] = [new if n == old else n for n in node.input]
+        for attr in node.attribute:
+            subgraphs = [attr.g] if attr.type == AttributeProto.GRAPH else \
+                list(attr.graphs) if attr.type == AttributeProto.GRAPHS else []
+            for sub in subgraphs:
+                if _defines(sub, old):
+                    continue
+                _read_as(sub, old, new)
+                for value in sub.output:  # a branch may give back an outer value as it is
+                    if value.name == old:
+                        value.name = new
+
+
+def _rename(graph: Any, old: str, new: str) -> None:
+    """Rename the value ``old`` of ``graph`` (top level: where a node or the graph defines it) ``new``, and every read
+    of it, in subgraphs too (:func:`_read_as`). Changes ``graph`` in place; returns nothing."""
+    _read_as(graph, old, new)
+    for node in graph.node:
         node.output[:] = [new if n == old else n for n in node.output]
     for value in [*graph.input, *graph.output]:
         if value.name == old:
