@@ -1,7 +1,8 @@
 """ONNX models taking integer inputs (token ids): edge-kit gives such an input float32 and a ``Cast`` to the declared
 type first in the graph (``onnx_source.float_inputs``). Here: the subgraphs of ``If``/``Loop``/``Scan``, which read
-the outer graph's values by name, read the cast too, and the names the conversion gives the inputs. Models built
-with ``onnx.helper``, a few nodes each."""
+the outer graph's values by name, read the cast too, and the names the conversion gives the inputs; the source is
+named by the user's file's own sha256, not the rewritten model's. Models built with ``onnx.helper``, a few nodes
+each."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from edge_kit.compiler.sources import load_source
+from edge_kit.fsutil import sha256_file
 
 TABLE = np.arange(80, dtype=np.float32).reshape(10, 8)
 
@@ -124,3 +126,28 @@ def test_the_conversion_renames_an_input_read_in_a_branch_everywhere(tmp_path):
     assert ins == {"input_0": "x"} and outs == {"output_0": "y"}
     for x, y in (([[1, -2, 3, 4]], [[1, 0, 3, 4]]), ([[1, -2, -3, 0]], [[-1, 2, 3, 0]])):
         assert run(ready, {"input_0": np.array(x, np.float32)}).tolist() == y
+
+
+def test_the_source_is_named_by_the_users_files_own_sha256(tmp_path):
+    """Since integer inputs are cast inside, the source's sha256 (the manifest's model.sha256) was the hash of the
+    rewritten model, which no one can check against the file with sha256sum. It is the file's own again."""
+    path = embedding_model(tmp_path / "emb.onnx")
+    source = load_source(path)
+    assert source.input_types == {"ids": "int64"}
+    assert source.sha256 == sha256_file(path) == source.record()["sha256"]
+    assert source.onnx != path.read_bytes()  # the model compiled is the rewritten one; the name is the file's
+
+
+def embedding_model(path: Path) -> Path:
+    """Write a model taking int64 ``ids`` [N, 4]: Reshape to [N*4] -> Gather rows of a stored 10x8 table -> Relu ->
+    ``y`` [N, 32] (Reshape). Return it."""
+    nodes = [helper.make_node("Reshape", ["ids", "flat"], ["flat_ids"]),
+             helper.make_node("Gather", ["table", "flat_ids"], ["rows"], axis=0),
+             helper.make_node("Relu", ["rows"], ["act"]),
+             helper.make_node("Reshape", ["act", "shape"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [tensor("ids", TensorProto.INT64, [1, 4])],
+                              [tensor("y", TensorProto.FLOAT, [1, 32])],
+                              [numpy_helper.from_array(TABLE, "table"),
+                               numpy_helper.from_array(np.array([-1], np.int64), "flat"),
+                               numpy_helper.from_array(np.array([-1, 32], np.int64), "shape")])
+    return save(path, graph)
