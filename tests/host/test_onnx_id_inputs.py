@@ -1,8 +1,8 @@
 """ONNX models taking integer inputs (token ids): edge-kit gives such an input float32 and a ``Cast`` to the declared
 type first in the graph (``onnx_source.float_inputs``). Here: the subgraphs of ``If``/``Loop``/``Scan``, which read
 the outer graph's values by name, read the cast too, and the names the conversion gives the inputs; the source is
-named by the user's file's own sha256, not the rewritten model's. Models built with ``onnx.helper``, a few nodes
-each."""
+named by the user's file's own sha256, not the rewritten model's; ``trt-int8``'s calibration table gives the ids no
+int8 range. Models built with ``onnx.helper``, a few nodes each; no TensorRT runs here (no GPU)."""
 
 from __future__ import annotations
 
@@ -151,3 +151,44 @@ def embedding_model(path: Path) -> Path:
                                numpy_helper.from_array(np.array([-1], np.int64), "flat"),
                                numpy_helper.from_array(np.array([-1, 32], np.int64), "shape")])
     return save(path, graph)
+
+
+def table_ranges(blob: bytes) -> dict[str, float]:
+    """Return {tensor: range} of a calibration table in ONNX Runtime's TensorRT flatbuffers format."""
+    from onnxruntime.quantization.CalTableFlatBuffers import TrtTable
+
+    parsed = TrtTable.TrtTable.GetRootAsTrtTable(blob, 0)
+    return {parsed.Dict(i).Key().decode(): float(parsed.Dict(i).Value()) for i in range(parsed.DictLength())}
+
+
+def test_trt_int8s_calibration_table_gives_token_ids_no_range(tmp_path):
+    """The table held a range for the float32 ids input (every float tensor is calibrated: 'ids' at 9.0), so
+    TensorRT could run the ids and their Cast in int8 (steps of 9/127) and round ids to other ids. The ids, and what
+    only casts or reshapes them, have no range in the table written now (TensorRT keeps a tensor without one out of
+    int8); the embeddings keep theirs, and the artifact says what was left out. The manifest names the source by the
+    file's own sha256. Compiled for real for a Jetson profile (onnx2tf too: about 20 s); TensorRT itself runs on
+    the device only (no GPU here)."""
+    from edge_kit.compiler import trt_variants
+    from edge_kit.compiler.pipeline import CompileRequest, compile_model
+    from edge_kit.manifest import read_manifest
+    from edge_kit.profiles import load_profile
+
+    path = embedding_model(tmp_path / "emb.onnx")
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(0).integers(0, 10, (100, 4)))
+    jetson = load_profile("jetson-orin-nano").model_copy(update={"variants": ["onnx-fp32", "trt-int8"]})
+    compile_model(CompileRequest(path, [jetson], tmp_path / "out", calib=tmp_path / "calib.npz"))
+    manifest = read_manifest(tmp_path / "out" / "emb")
+    art = manifest.artifact("trt-int8")
+    assert art.status == "built", art.reason
+    ranges = table_ranges((tmp_path / "out" / "emb" / art.calibration_table["file"]).read_bytes())
+    assert not any(k.startswith("ids") or k == "flat_ids" for k in ranges), ranges
+    assert ranges["rows"] == ranges["act"] == ranges["y"] == 79.0  # the table's largest value
+    assert art.derived_from.endswith("; token-id input 'ids' and what only casts or reshapes it left out of the "
+                                     "table, so TensorRT keeps them out of int8)"), art.derived_from
+    assert manifest.model["sha256"] == sha256_file(path)
+
+    fp32 = (tmp_path / "out" / "emb" / "onnx-fp32.onnx").read_bytes()
+    assert trt_variants.id_tensors(fp32, ["ids"]) == ["flat_ids", "ids", "ids__edgekit_cast"]
+    calib = {"ids": np.arange(64, dtype=np.float32).reshape(16, 4) % 10}
+    _artifact, how, files = trt_variants.build("trt-int8", fp32, calib)  # no id inputs named: 'ids' is calibrated
+    assert table_ranges(files["trt-int8.calib"])["ids"] == 9.0 and "left out" not in how
