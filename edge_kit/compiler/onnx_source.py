@@ -32,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -135,8 +135,18 @@ def _dims(value_info: Any) -> list[int | None]:
     return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in shape.dim]
 
 
-def load_onnx(path: Path, pinned: dict[str, tuple[int, ...]]
-              ) -> tuple[bytes, dict[str, tuple[int, ...]], list[str], bytes | str, dict[str, str]]:
+class LoadedOnnx(NamedTuple):
+    """What :func:`load_onnx` returns."""
+
+    data: bytes  # the model every later step compiles: external data read in, integer inputs cast inside
+    inputs: dict[str, tuple[int, ...]]  # input name -> shape of one sample in the ONNX layout
+    outputs: list[str]
+    pinned: bytes | str  # ``data`` with those shapes pinned, or why it could not be
+    types: dict[str, str]  # input name -> numpy name of its declared type, for each input not float32
+    sha256: str  # of the user's model as read (the file's own, or with its external data read in), before any cast
+
+
+def load_onnx(path: Path, pinned: dict[str, tuple[int, ...]]) -> LoadedOnnx:
     """Read and check an ONNX model; ``pinned`` holds ``--input-shape`` sample shapes (batch dropped).
 
     Tensors kept in external-data files beside the model (``onnx.save(..., save_as_external_data=True)``)
@@ -144,12 +154,13 @@ def load_onnx(path: Path, pinned: dict[str, tuple[int, ...]]
     outside the model's folder (absolute, ``..``, a link leading out) is refused and never read.
 
     Returns:
-        (the model's bytes, external data included; {input name: shape of one sample in the ONNX
-        layout}; output names; the model with those shapes pinned, as
-        :func:`edge_kit.compiler.onnx_variants.pinned` makes it in a child, or why it could not be: every
-        later step takes it from here, so onnx's shape inference never runs on the file in this process;
-        {input name: numpy name of its type} for each input not float32, which the returned model takes as float32
-        and casts inside (:func:`float_inputs`)).
+        :class:`LoadedOnnx`: the model's bytes, external data included, each input not float32 taking float32
+        and cast inside (:func:`float_inputs`); {input name: shape of one sample in the ONNX layout}; output names;
+        the model with those shapes pinned, as :func:`edge_kit.compiler.onnx_variants.pinned` makes it in a child,
+        or why it could not be (every later step takes it from here, so onnx's shape inference never runs on the
+        file in this process); {input name: numpy name of its type} for each input not float32; and the sha256 of
+        the model as the user gave it, before the casts (the file's own, what ``sha256sum`` prints, unless its
+        external data was read in: then of the model holding it).
 
     Raises:
         InputError: not an ONNX model (or truncated), metadata of edge-kit's own artifacts
@@ -230,6 +241,9 @@ def load_onnx(path: Path, pinned: dict[str, tuple[int, ...]]
     from edge_kit.compiler.sources import check_sample_sizes
 
     check_sample_sizes(path, inputs)  # before anything runs the model on a sample of that size
+    from edge_kit.fsutil import sha256_bytes
+
+    digest = sha256_bytes(data)  # the user's model, not the casts edge-kit adds: what the manifest names it by
     if types:  # float32 in, cast inside to the type the model takes, as a Keras or SavedModel source is compiled
         data = float_inputs(model, types).SerializeToString()
     from edge_kit.compiler.analysis import probe_in_child
@@ -251,7 +265,7 @@ def load_onnx(path: Path, pinned: dict[str, tuple[int, ...]]
         from device_agents.runtimes.onnxruntime import ort_error
 
         raise InputError(f"{path}: ONNX Runtime cannot load the model ({ort_error(exc)})") from None
-    return data, inputs, [o.name for o in model.graph.output], fixed, types
+    return LoadedOnnx(data, inputs, [o.name for o in model.graph.output], fixed, types, digest)
 
 
 CAST_SUFFIX = "__edgekit_cast"  # the name of what the Cast of a non-float32 input gives the graph
@@ -281,8 +295,7 @@ def float_inputs(model: Any, types: dict[str, str]) -> Any:
         if value.name not in types:
             continue
         cast = value.name + CAST_SUFFIX
-        for node in graph.node:
-            node.input[:] = [cast if n == value.name else n for n in node.input]
+        _read_as(graph, value.name, cast)  # If/Loop/Scan bodies read it by name too
         for out in graph.output:  # an output that is the input itself (refused earlier): kept consistent anyway
             if out.name == value.name:
                 out.name = cast
@@ -436,9 +449,40 @@ def _first_line(exc: BaseException) -> str:
     return first_line(exc)
 
 
-def _rename(graph: Any, old: str, new: str) -> None:
+def _defines(graph: Any, name: str) -> bool:
+    """Return whether ``graph`` defines a value ``name`` of its own (an input, initializer or node output), which then
+    hides an outer scope's value of that name from it and its subgraphs."""
+    return (any(v.name == name for v in graph.input) or any(i.name == name for i in graph.initializer)
+            or any(i.values.name == name for i in graph.sparse_initializer)
+            or any(name in node.output for node in graph.node))
+
+
+def _read_as(graph: Any, old: str, new: str) -> None:
+    """Make every read of the value ``old`` in ``graph`` read ``new`` instead: node inputs, and in the subgraphs of its
+    nodes (``If`` branches, ``Loop`` and ``Scan`` bodies: ``GRAPH`` and ``GRAPHS`` attributes, at any depth), which read
+    an outer scope's values by name, their node inputs and outputs; a subgraph that defines ``old`` itself
+    (:func:`_defines`) reads its own and is left as it is. Changes ``graph`` in place; returns nothing."""
+    from onnx import AttributeProto
+
     for node in graph.node:
         node.input[:] = [new if n == old else n for n in node.input]
+        for attr in node.attribute:
+            subgraphs = [attr.g] if attr.type == AttributeProto.GRAPH else \
+                list(attr.graphs) if attr.type == AttributeProto.GRAPHS else []
+            for sub in subgraphs:
+                if _defines(sub, old):
+                    continue
+                _read_as(sub, old, new)
+                for value in sub.output:  # a branch may give back an outer value as it is
+                    if value.name == old:
+                        value.name = new
+
+
+def _rename(graph: Any, old: str, new: str) -> None:
+    """Rename the value ``old`` of ``graph`` (top level: where a node or the graph defines it) ``new``, and every read
+    of it, in subgraphs too (:func:`_read_as`). Changes ``graph`` in place; returns nothing."""
+    _read_as(graph, old, new)
+    for node in graph.node:
         node.output[:] = [new if n == old else n for n in node.output]
     for value in [*graph.input, *graph.output]:
         if value.name == old:

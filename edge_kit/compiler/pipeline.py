@@ -295,7 +295,8 @@ def _build(plan: _Plan, source: Source, graph: Callable[[], Graph | bytes], req:
                                                  seconds=convert_seconds)[0]
             fp32 = built_extra["onnx_fp32"]
             with calibration("tensorrt", "ONNX Runtime's calibrator") as calibrating:
-                artifact, how, files = trt_variants.build(spec.id, fp32, calib_x, calibrating)
+                artifact, how, files = trt_variants.build(spec.id, fp32, calib_x, calibrating,
+                                                          ids=list(source.input_types))  # token ids: no int8 range
             plan.extra["files"] = files
             return artifact, exported + how
         with calibration("onnxruntime", "ONNX Runtime's quantize_static") as calibrating:

@@ -11,7 +11,6 @@ load fails naming the input.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from dataclasses import dataclass, field
@@ -43,7 +42,7 @@ class Graph:
 class Source:
     path: Path
     kind: SourceKind
-    sha256: str
+    sha256: str  # the user's file as sha256sum gives it (a SavedModel: fsutil.sha256_file; ONNX: load_onnx's sha256)
     name: str
     inputs: Shapes
     outputs: list[str]
@@ -331,11 +330,13 @@ def _load_kind(path: Path, pinned: dict[str, tuple[int, ...]], name: str, load_s
     if suffix == ".onnx":
         from edge_kit.compiler.onnx_source import load_onnx
 
-        data, inputs, outputs, fixed, types = load_onnx(path, pinned)
-        # the model as compiled: with external data read in, its weights are in the hash too (else the file's own)
-        return Source(path, "onnx", hashlib.sha256(data).hexdigest(), name, inputs, outputs, onnx=data,
+        loaded = load_onnx(path, pinned)
+        fixed = loaded.pinned
+        # the user's model: the file's own hash; with external data read in, its weights are in the hash too.
+        # Never the model with integer inputs cast inside (loaded.data), which the user cannot check
+        return Source(path, "onnx", loaded.sha256, name, loaded.inputs, loaded.outputs, onnx=loaded.data,
                       onnx_pinned=fixed if isinstance(fixed, bytes) else None,
-                      onnx_pin_error=fixed if isinstance(fixed, str) else None, input_types=types)
+                      onnx_pin_error=fixed if isinstance(fixed, str) else None, input_types=loaded.types)
     if suffix in (".engine", ".plan", ".trt"):
         raise InputError(f"{path}: a TensorRT engine runs only on the GPU and TensorRT version that built it, so edge-kit "
                          "does not take one: give the .onnx model it was built from (the trt-* variants build the "

@@ -11,6 +11,10 @@ which also keeps ``trt-fp16``'s bytes, and so its sha256, apart from ``onnx-fp32
   symmetric ranges: TensorRT's dynamic ranges are symmetric) runs the fp32 model on the ``--calib``
   samples; ``write_calibration_table`` writes the table in the flatbuffers format that ONNX
   Runtime's TensorRT execution provider reads (``trt_int8_use_native_calibration_table`` false).
+  Token ids (an integer input the model takes as float32 and casts inside, and what ``Cast`` and shape-only ops
+  make of it: :func:`id_tensors`) get no range in the table: the provider sets TensorRT's dynamic range only for the
+  tensors the table names, and TensorRT runs a layer without one in a higher precision, so ids reach the model
+  exactly instead of rounded to the int8 steps of their range.
   The table is written beside the artifact as ``trt-int8.calib`` (its sha256 in the manifest) and
   embedded in the artifact's ``metadata_props`` (base64, with its sha256), so it reaches the device
   with the model by every transport (SSH deploy, store fetch) and cannot be paired with another model.
@@ -24,7 +28,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -48,10 +52,37 @@ NOT_MEASURED = ("not measured on host: the TensorRT engine is built on the devic
                 "measured there by the agent (edgekit-agent bench, tune)")
 
 
-def calibration_table(fp32: bytes, calib_x: dict[str, np.ndarray], calibrating: Callable[[], None] | None = None
-                      ) -> bytes:
+def id_tensors(fp32: bytes, ids: Iterable[str]) -> list[str]:
+    """Return the names of the tensors of the model ``fp32`` that hold token ids: the inputs named in ``ids`` (taken
+    as float32, cast inside: :func:`~edge_kit.compiler.onnx_source.float_inputs`), and every output of a ``Cast`` or
+    a shape-only op (:data:`~edge_kit.compiler.onnx_source.SHAPE_ONLY_OPS`) whose data is one of them, which moves
+    ids without computing anything from them. Sorted; none when ``ids`` is empty.
+
+    Raises:
+        CompileError: the model cannot be parsed.
+    """
+    import onnx
+
+    from edge_kit.compiler.onnx_source import SHAPE_ONLY_OPS
+
+    found = set(ids)
+    if not found:
+        return []
+    try:
+        graph = onnx.load_from_string(fp32).graph
+    except Exception as exc:  # noqa: BLE001 - protobuf raises assorted types
+        raise CompileError(f"trt-int8: the onnx-fp32 model cannot be parsed ({first_line(exc)})") from None
+    for node in graph.node:  # in topological order, as ONNX keeps a graph's nodes
+        if node.op_type in ("Cast", *SHAPE_ONLY_OPS) and node.input and node.input[0] in found:
+            found.update(o for o in node.output if o)
+    return sorted(found)
+
+
+def calibration_table(fp32: bytes, calib_x: dict[str, np.ndarray], calibrating: Callable[[], None] | None = None,
+                      left_out: Iterable[str] = ()) -> bytes:
     """Return the TensorRT calibration table (ONNX Runtime's flatbuffers format) of ``fp32`` on ``calib_x``
-    (``calibrating``: see :func:`~edge_kit.compiler.onnx_variants.calibration_reader`).
+    (``calibrating``: see :func:`~edge_kit.compiler.onnx_variants.calibration_reader`), with no range for the tensors
+    named in ``left_out`` (token ids: :func:`id_tensors`), which TensorRT then keeps out of int8.
 
     Raises:
         CompileError: ONNX Runtime's calibrator failed (its first line).
@@ -61,7 +92,9 @@ def calibration_table(fp32: bytes, calib_x: dict[str, np.ndarray], calibrating: 
         create_calibrator,
         write_calibration_table,
     )
+    from onnxruntime.quantization.calibrate import TensorsData
 
+    drop = set(left_out)
 
     with tempfile.TemporaryDirectory(prefix="edgekit-trt-calib-") as tmp:
         src = Path(tmp) / "fp32.onnx"
@@ -74,7 +107,9 @@ def calibration_table(fp32: bytes, calib_x: dict[str, np.ndarray], calibrating: 
                                                extra_options={"symmetric": True})
             calibrator.execution_providers = ["CPUExecutionProvider"]
             calibrator.collect_data(calibration_reader(calib_x, calibrating))
-            write_calibration_table(calibrator.compute_data(), dir=tmp)
+            ranges = calibrator.compute_data()
+            kept = TensorsData(ranges.calibration_method, {k: v for k, v in ranges.items() if k not in drop})
+            write_calibration_table(kept, dir=tmp)
         except Exception as exc:  # noqa: BLE001 - the calibrator raises assorted types
             raise CompileError(f"trt-int8: ONNX Runtime's calibrator failed ({first_line(exc, 400)})") from None
         return (Path(tmp) / "calibration.flatbuffers").read_bytes()
@@ -102,14 +137,17 @@ def tagged(fp32: bytes, variant: str, table: bytes | None = None) -> bytes:
 
 
 def build(variant: str, fp32: bytes, calib_x: dict[str, np.ndarray] | None,
-          calibrating: Callable[[], None] | None = None) -> tuple[bytes, str, dict[str, Any]]:
+          calibrating: Callable[[], None] | None = None, ids: Iterable[str] = ()) -> tuple[bytes, str, dict[str, Any]]:
     """Return (artifact, how it was made, extra files {name: bytes}) for ``trt-fp16`` or ``trt-int8``.
 
     ``fp32`` is the ``onnx-fp32`` model (shapes pinned). The extra files hold ``trt-int8.calib``.
-    ``calibrating``: see :func:`~edge_kit.compiler.onnx_variants.calibration_reader`.
+    ``calibrating``: see :func:`~edge_kit.compiler.onnx_variants.calibration_reader`. ``ids``: the inputs that carry
+    token ids (:attr:`~edge_kit.compiler.sources.Source.input_types`), left out of the table with what merely
+    casts or reshapes them (:func:`id_tensors`); ``how`` names them.
 
     Raises:
-        CompileError: ``trt-int8`` without calibration data, the calibrator failed, or not a TensorRT variant.
+        CompileError: ``trt-int8`` without calibration data, the calibrator failed, the model cannot be parsed,
+            or not a TensorRT variant.
     """
     how = "the onnx-fp32 model tagged for TensorRT; the engine is built on the device at install"
     if variant == "trt-fp16":
@@ -117,7 +155,10 @@ def build(variant: str, fp32: bytes, calib_x: dict[str, np.ndarray] | None,
     if variant == "trt-int8":
         if calib_x is None:
             raise CompileError("trt-int8: needs --calib (the calibration table is computed on the host)")
-        table = calibration_table(fp32, calib_x, calibrating)
-        return (tagged(fp32, variant, table), how + f" (trt_int8_enable; calibration table: {CALIB_METHOD})",
+        left_out = id_tensors(fp32, ids)
+        table = calibration_table(fp32, calib_x, calibrating, left_out)
+        kept = (f"; token-id input {', '.join(repr(n) for n in sorted(ids))} and what only casts or reshapes it left "
+                "out of the table, so TensorRT keeps them out of int8") if left_out else ""
+        return (tagged(fp32, variant, table), how + f" (trt_int8_enable; calibration table: {CALIB_METHOD}{kept})",
                 {variant + CALIB_SUFFIX: table})
     raise CompileError(f"{variant}: not a TensorRT variant")

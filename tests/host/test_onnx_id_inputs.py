@@ -1,0 +1,194 @@
+"""ONNX models taking integer inputs (token ids): edge-kit gives such an input float32 and a ``Cast`` to the declared
+type first in the graph (``onnx_source.float_inputs``). Here: the subgraphs of ``If``/``Loop``/``Scan``, which read
+the outer graph's values by name, read the cast too, and the names the conversion gives the inputs; the source is
+named by the user's file's own sha256, not the rewritten model's; ``trt-int8``'s calibration table gives the ids no
+int8 range. Models built with ``onnx.helper``, a few nodes each; no TensorRT runs here (no GPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from edge_kit.compiler.sources import load_source
+from edge_kit.fsutil import sha256_file
+
+TABLE = np.arange(80, dtype=np.float32).reshape(10, 8)
+
+
+def tensor(name: str, dtype: int, shape: list) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, dtype, shape)
+
+
+def save(path: Path, graph: onnx.GraphProto) -> Path:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+def if_model(path: Path) -> Path:
+    """Write a model taking int64 ``ids`` [N, 4] and float ``x`` [N, 1]: ``If`` x > 0, its then-branch gathers the
+    ids' rows of a stored 10x8 table, its else-branch their negation, both reading ``ids`` (and the table) from the
+    outer graph by name; ``y`` [N, 32]. Return it."""
+    shape = numpy_helper.from_array(np.array([-1, 32], np.int64), "shape")
+    then = helper.make_graph([helper.make_node("Gather", ["table", "ids"], ["t_rows"], axis=0),
+                              helper.make_node("Reshape", ["t_rows", "shape"], ["t_y"])],
+                             "then", [], [tensor("t_y", TensorProto.FLOAT, [None, 32])])
+    other = helper.make_graph([helper.make_node("Gather", ["table", "ids"], ["e_rows"], axis=0),
+                               helper.make_node("Neg", ["e_rows"], ["e_neg"]),
+                               helper.make_node("Reshape", ["e_neg", "shape"], ["e_y"])],
+                              "else", [], [tensor("e_y", TensorProto.FLOAT, [None, 32])])
+    zero = numpy_helper.from_array(np.zeros((1, 1), np.float32), "zero")
+    nodes = [helper.make_node("Greater", ["x", "zero"], ["positive"]),
+             helper.make_node("Reshape", ["positive", "one"], ["cond"]),
+             helper.make_node("If", ["cond"], ["y"], then_branch=then, else_branch=other)]
+    graph = helper.make_graph(nodes, "g",
+                              [tensor("ids", TensorProto.INT64, [None, 4]), tensor("x", TensorProto.FLOAT, [None, 1])],
+                              [tensor("y", TensorProto.FLOAT, [None, 32])],
+                              [numpy_helper.from_array(TABLE, "table"), shape, zero,
+                               numpy_helper.from_array(np.array([1], np.int64), "one")])
+    return save(path, graph)
+
+
+def run(model: bytes | str, feed: dict[str, np.ndarray]) -> np.ndarray:
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    return session.run(None, feed)[0]
+
+
+def test_an_if_branch_reading_an_integer_input_reads_its_cast(tmp_path):
+    """The Cast's output replaced the input only in the top-level graph: the branches still read ``ids``, now float32,
+    and a model ONNX Runtime runs was refused at load ("ONNX Runtime cannot load the model (... Type (tensor(int64))
+    ... does not match expected type (tensor(float)))"). Now both branches read the cast and give the model's own
+    answers for float32 ids."""
+    path = if_model(tmp_path / "branch.onnx")
+    ids = np.array([[3, 0, 9, 1]], np.int64)
+    for sign in (1.0, -1.0):
+        x = np.array([[sign]], np.float32)
+        assert run(str(path), {"ids": ids, "x": x}).reshape(4, 8)[:, 0].tolist() == [sign * v for v in (24, 0, 72, 8)]
+    source = load_source(path)
+    assert source.input_types == {"ids": "int64"}
+    for model in (source.onnx, source.pinned_onnx()):
+        session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+        assert {i.name: i.type for i in session.get_inputs()} == {"ids": "tensor(float)", "x": "tensor(float)"}
+        for sign in (1.0, -1.0):
+            got = session.run(None, {"ids": ids.astype(np.float32), "x": np.array([[sign]], np.float32)})[0]
+            assert got.reshape(4, 8)[:, 0].tolist() == [sign * v for v in (24, 0, 72, 8)]
+
+
+def test_a_subgraph_defining_the_inputs_name_itself_keeps_reading_its_own():
+    """A subgraph value of the same name as the outer input hides the input from that subgraph (and its own
+    subgraphs): its reads are its own value's, never the cast."""
+    from edge_kit.compiler.onnx_source import CAST_SUFFIX, float_inputs
+
+    inner = helper.make_graph([helper.make_node("Identity", ["ids"], ["i_y"])], "inner", [],
+                              [tensor("i_y", TensorProto.INT64, [1])])
+    seven = numpy_helper.from_array(np.array([7], np.int64))
+    own = helper.make_graph([helper.make_node("Constant", [], ["ids"], value=seven),
+                             helper.make_node("If", ["c"], ["o_y"], then_branch=inner, else_branch=inner)],
+                            "own", [], [tensor("o_y", TensorProto.INT64, [1])])
+    outer = helper.make_graph([helper.make_node("Identity", ["ids"], ["r_y"])], "outer", [],
+                              [tensor("ids", TensorProto.INT64, [1])])  # gives the outer input back as it is
+    graph = helper.make_graph([helper.make_node("If", ["c"], ["a"], then_branch=own, else_branch=outer)], "g",
+                              [tensor("ids", TensorProto.INT64, [1]), tensor("c", TensorProto.BOOL, [1])],
+                              [tensor("a", TensorProto.INT64, [1])])
+    model = float_inputs(helper.make_model(graph), {"ids": "int64"})
+    node = model.graph.node[1]
+    branches = {a.name: a.g for a in node.attribute}
+    then, other = branches["then_branch"], branches["else_branch"]
+    assert model.graph.node[0].op_type == "Cast" and model.graph.node[0].output[0] == "ids" + CAST_SUFFIX
+    assert then.node[0].output[0] == "ids"  # its own value, and what it and its branches read
+    assert [list(a.g.node[0].input) for a in then.node[1].attribute] == [["ids"], ["ids"]]
+    assert list(other.node[0].input) == ["ids" + CAST_SUFFIX] and other.output[0].name == "ids" + CAST_SUFFIX
+
+
+def test_the_conversion_renames_an_input_read_in_a_branch_everywhere(tmp_path):
+    """onnx2tf gets the inputs renamed input_0, input_1...: only the top-level graph's nodes were renamed, the branches
+    still read ``x`` by its old name, so shape inference and onnxsim failed (silently) and the model given to onnx2tf
+    did not load. The branches read the new name; the prepared model gives the model's answers."""
+    from edge_kit.compiler.onnx_source import prepared_model
+
+    then = helper.make_graph([helper.make_node("Relu", ["x"], ["t_y"])], "then", [],
+                             [tensor("t_y", TensorProto.FLOAT, [1, 4])])
+    other = helper.make_graph([helper.make_node("Neg", ["x"], ["e_y"])], "else", [],
+                              [tensor("e_y", TensorProto.FLOAT, [1, 4])])
+    nodes = [helper.make_node("ReduceSum", ["x"], ["sum"], keepdims=0),
+             helper.make_node("Greater", ["sum", "zero"], ["cond"]),
+             helper.make_node("If", ["cond"], ["y"], then_branch=then, else_branch=other)]
+    graph = helper.make_graph(nodes, "g", [tensor("x", TensorProto.FLOAT, [None, 4])],
+                              [tensor("y", TensorProto.FLOAT, [1, 4])],
+                              [numpy_helper.from_array(np.zeros((1,), np.float32), "zero")])
+    source = load_source(save(tmp_path / "branch.onnx", graph))
+    ready, ins, outs, _shapes = prepared_model(source.onnx, source.inputs)
+    assert ins == {"input_0": "x"} and outs == {"output_0": "y"}
+    for x, y in (([[1, -2, 3, 4]], [[1, 0, 3, 4]]), ([[1, -2, -3, 0]], [[-1, 2, 3, 0]])):
+        assert run(ready, {"input_0": np.array(x, np.float32)}).tolist() == y
+
+
+def test_the_source_is_named_by_the_users_files_own_sha256(tmp_path):
+    """Since integer inputs are cast inside, the source's sha256 (the manifest's model.sha256) was the hash of the
+    rewritten model, which no one can check against the file with sha256sum. It is the file's own again."""
+    path = embedding_model(tmp_path / "emb.onnx")
+    source = load_source(path)
+    assert source.input_types == {"ids": "int64"}
+    assert source.sha256 == sha256_file(path) == source.record()["sha256"]
+    assert source.onnx != path.read_bytes()  # the model compiled is the rewritten one; the name is the file's
+
+
+def embedding_model(path: Path) -> Path:
+    """Write a model taking int64 ``ids`` [N, 4]: Reshape to [N*4] -> Gather rows of a stored 10x8 table -> Relu ->
+    ``y`` [N, 32] (Reshape). Return it."""
+    nodes = [helper.make_node("Reshape", ["ids", "flat"], ["flat_ids"]),
+             helper.make_node("Gather", ["table", "flat_ids"], ["rows"], axis=0),
+             helper.make_node("Relu", ["rows"], ["act"]),
+             helper.make_node("Reshape", ["act", "shape"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [tensor("ids", TensorProto.INT64, [1, 4])],
+                              [tensor("y", TensorProto.FLOAT, [1, 32])],
+                              [numpy_helper.from_array(TABLE, "table"),
+                               numpy_helper.from_array(np.array([-1], np.int64), "flat"),
+                               numpy_helper.from_array(np.array([-1, 32], np.int64), "shape")])
+    return save(path, graph)
+
+
+def table_ranges(blob: bytes) -> dict[str, float]:
+    """Return {tensor: range} of a calibration table in ONNX Runtime's TensorRT flatbuffers format."""
+    from onnxruntime.quantization.CalTableFlatBuffers import TrtTable
+
+    parsed = TrtTable.TrtTable.GetRootAsTrtTable(blob, 0)
+    return {parsed.Dict(i).Key().decode(): float(parsed.Dict(i).Value()) for i in range(parsed.DictLength())}
+
+
+def test_trt_int8s_calibration_table_gives_token_ids_no_range(tmp_path):
+    """The table held a range for the float32 ids input (every float tensor is calibrated: 'ids' at 9.0), so
+    TensorRT could run the ids and their Cast in int8 (steps of 9/127) and round ids to other ids. The ids, and what
+    only casts or reshapes them, have no range in the table written now (TensorRT keeps a tensor without one out of
+    int8); the embeddings keep theirs, and the artifact says what was left out. The manifest names the source by the
+    file's own sha256. Compiled for real for a Jetson profile (onnx2tf too: about 20 s); TensorRT itself runs on
+    the device only (no GPU here)."""
+    from edge_kit.compiler import trt_variants
+    from edge_kit.compiler.pipeline import CompileRequest, compile_model
+    from edge_kit.manifest import read_manifest
+    from edge_kit.profiles import load_profile
+
+    path = embedding_model(tmp_path / "emb.onnx")
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(0).integers(0, 10, (100, 4)))
+    jetson = load_profile("jetson-orin-nano").model_copy(update={"variants": ["onnx-fp32", "trt-int8"]})
+    compile_model(CompileRequest(path, [jetson], tmp_path / "out", calib=tmp_path / "calib.npz"))
+    manifest = read_manifest(tmp_path / "out" / "emb")
+    art = manifest.artifact("trt-int8")
+    assert art.status == "built", art.reason
+    ranges = table_ranges((tmp_path / "out" / "emb" / art.calibration_table["file"]).read_bytes())
+    assert not any(k.startswith("ids") or k == "flat_ids" for k in ranges), ranges
+    assert ranges["rows"] == ranges["act"] == ranges["y"] == 79.0  # the table's largest value
+    assert art.derived_from.endswith("; token-id input 'ids' and what only casts or reshapes it left out of the "
+                                     "table, so TensorRT keeps them out of int8)"), art.derived_from
+    assert manifest.model["sha256"] == sha256_file(path)
+
+    fp32 = (tmp_path / "out" / "emb" / "onnx-fp32.onnx").read_bytes()
+    assert trt_variants.id_tensors(fp32, ["ids"]) == ["flat_ids", "ids", "ids__edgekit_cast"]
+    calib = {"ids": np.arange(64, dtype=np.float32).reshape(16, 4) % 10}
+    _artifact, how, files = trt_variants.build("trt-int8", fp32, calib)  # no id inputs named: 'ids' is calibrated
+    assert table_ranges(files["trt-int8.calib"])["ids"] == 9.0 and "left out" not in how
