@@ -55,6 +55,13 @@ def id_range(dtype: str) -> tuple[int, int] | None:
     return max(int(info.min), -FLOAT32_EXACT), min(int(info.max), FLOAT32_EXACT)
 
 
+def id_inputs(types: dict[str, str]) -> list[str]:
+    """Return the names of the inputs ``types`` (input name -> numpy type name, as
+    :attr:`edge_kit.compiler.sources.Source.input_types`) declares integer or boolean: token ids, which every variant
+    takes as float32 and must carry exactly (a float64 or float16 input is a float input like any other)."""
+    return [name for name, dtype in types.items() if id_range(dtype) is not None]
+
+
 def check_ids(path: Path, role: str, name: str, key: str, x: np.ndarray, dtype: str) -> None:
     """Refuse values of an integer or boolean input (token ids) that the cast inside the model would change: not
     whole, or outside :func:`id_range` of its type. ``x`` holds the values as the file stores them (float32 would

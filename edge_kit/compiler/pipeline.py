@@ -44,7 +44,7 @@ from edge_kit.compiler.convert import (
 )
 from edge_kit.compiler.data import (
     Dataset,
-    id_range,
+    id_inputs,
     leak_warning,
     load_dataset,
     noise_warning,
@@ -296,7 +296,7 @@ def _build(plan: _Plan, source: Source, graph: Callable[[], Graph | bytes], req:
             fp32 = built_extra["onnx_fp32"]
             with calibration("tensorrt", "ONNX Runtime's calibrator") as calibrating:
                 artifact, how, files = trt_variants.build(spec.id, fp32, calib_x, calibrating,
-                                                          ids=list(source.input_types))  # token ids: no int8 range
+                                                          ids=id_inputs(source.input_types))  # token ids: no int8 range
             plan.extra["files"] = files
             return artifact, exported + how
         with calibration("onnxruntime", "ONNX Runtime's quantize_static") as calibrating:
@@ -355,10 +355,9 @@ def _build(plan: _Plan, source: Source, graph: Callable[[], Graph | bytes], req:
 
 
 def _exact_ids(spec: VariantSpec, source: Source, data: bytes, how: str) -> tuple[bytes, str]:
-    """Return a full-integer ``.tflite`` variant with its integer or boolean inputs (token ids, which every variant takes
-    as float32 and casts inside: :attr:`Source.input_types` of an :func:`id_range` type; a float64 or float16 input is
-    quantized as any float input) taking float32 again, as
-    :func:`~edge_kit.compiler.tflite_edit.float_id_inputs` makes it, and ``how`` it was made saying so. Quantized
+    """Return a full-integer ``.tflite`` variant with its integer or boolean inputs (token ids, which every variant
+    takes as float32 and casts inside: :func:`id_inputs`; a float64 or float16 input is quantized as any float input)
+    taking float32 again, as :func:`~edge_kit.compiler.tflite_edit.float_id_inputs` makes it, and ``how`` it was made saying so. Quantized
     with the scale of the calibration ids, id 298 reached the model as 297.
 
     Raises:
@@ -366,7 +365,7 @@ def _exact_ids(spec: VariantSpec, source: Source, data: bytes, how: str) -> tupl
     """
     from edge_kit.compiler.tflite_edit import float_id_inputs
 
-    ids = [name for name, dtype in source.input_types.items() if id_range(dtype) is not None]  # not float64, float16
+    ids = id_inputs(source.input_types)
     if not ids:
         return data, how
     try:

@@ -142,7 +142,7 @@ def build(variant: str, fp32: bytes, calib_x: dict[str, np.ndarray] | None,
 
     ``fp32`` is the ``onnx-fp32`` model (shapes pinned). The extra files hold ``trt-int8.calib``.
     ``calibrating``: see :func:`~edge_kit.compiler.onnx_variants.calibration_reader`. ``ids``: the inputs that carry
-    token ids (:attr:`~edge_kit.compiler.sources.Source.input_types`), left out of the table with what merely
+    token ids (:func:`edge_kit.compiler.data.id_inputs`), left out of the table with what merely
     casts or reshapes them (:func:`id_tensors`); ``how`` names them.
 
     Raises:
