@@ -271,6 +271,33 @@ def safe(value: Any) -> str:
     return escape(printable(value))
 
 
+SHOWN_REFUSED = 10  # devices the history refused a record of, named in text; --json lists them all
+
+
+def refused_note(refused: dict[str, list[str]]) -> str:
+    """Return the one line that says how many records the history refused for what they hold, of which devices
+    (``refused``: {device: [what was refused]}, as :func:`edge_kit.loop.tune.store_each` fills it), naming the
+    first :data:`SHOWN_REFUSED` devices in sorted order and how many more."""
+    count = sum(len(v) for v in refused.values())
+    names = sorted(refused)
+    more = f", and {len(names) - SHOWN_REFUSED} more" if len(names) > SHOWN_REFUSED else ""
+    return (f"{count} record(s) refused by the history for what they hold ({', '.join(names[:SHOWN_REFUSED])}{more}): "
+            "kept in its invalid table, not stored; the other records are stored")
+
+
+def print_refused(refused: dict[str, list[str]], after: str = "") -> None:
+    """Print the records the history refused for what they hold (``refused``: {device: [what was refused]}): one
+    ``<device>: history refused ...`` line for each of the first :data:`SHOWN_REFUSED` devices, how many more
+    (``--json`` lists them all), then :func:`refused_note` followed by ``after``; device text escaped. Prints
+    nothing when ``refused`` is empty; returns nothing."""
+    for name, what in list(refused.items())[:SHOWN_REFUSED]:
+        out.print(f"[red]{safe(name)}: history refused[/] {safe('; '.join(what))}", highlight=False)
+    if len(refused) > SHOWN_REFUSED:
+        out.print(f"... and {len(refused) - SHOWN_REFUSED} more devices (--json lists them all)", highlight=False)
+    if refused:
+        out.print(f"[yellow]note[/] {safe(refused_note(refused) + after)}", highlight=False)
+
+
 def emit_json(data: Any) -> None:
     """Write ``data`` as indented JSON on stdout (``--json``)."""
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")

@@ -36,6 +36,7 @@ from edge_kit.cli.app import (
     live_gate,
     open_fleet_history,
     out,
+    print_refused,
     profile_names,
     progress_bar,
     results_table,
@@ -249,7 +250,7 @@ def deploy_cmd(
     from edge_kit.fleet.deploy import DeployOptions, deploy
     from edge_kit.fleet.inventory import load_fleet
     from edge_kit.loop.rollout import rollout
-    from edge_kit.loop.tune import refused_note, store_decision, store_each
+    from edge_kit.loop.tune import store_decision, store_each
     from edge_kit.loop.waves import parse_share
     from edge_kit.manifest import read_manifest
 
@@ -304,10 +305,7 @@ def deploy_cmd(
         out.print(f"manifest: {group.signature}", highlight=False)
         if stored:
             out.print(f"canary health benchmarks: {stored} stored in {safe(where)}", highlight=False)
-        for name, what in refused.items():
-            out.print(f"[red]{safe(name)}: history refused[/] {safe('; '.join(what))}", highlight=False)
-        if refused:
-            out.print(f"[yellow]note[/] {safe(refused_note(refused))}", highlight=False)
+        print_refused(refused)
         if group.stopped:
             out.print(f"[red]rollout stopped:[/] {safe(group.stopped)}")
         if judged:

@@ -29,6 +29,7 @@ from edge_kit.cli.app import (
     emit_json,
     open_fleet_history,
     out,
+    print_refused,
     profile_names,
     progress_bar,
     results_table,
@@ -211,12 +212,7 @@ def print_tune(report: Any) -> None:
         out.print(results_table(report.deploy))
     for device, what in report.silent.items():
         out.print(f"[red]{device} did not answer:[/] {safe(', '.join(what))}")
-    for device, what in report.refused.items():
-        out.print(f"[red]{safe(device)}: history refused[/] {safe('; '.join(what))}")
-    if report.refused:
-        from edge_kit.loop.tune import refused_note
-
-        out.print(f"[yellow]note[/] {safe(refused_note(report.refused))}")
+    print_refused(report.refused)
     switched = report.switched
     out.print(f"{rounds_text(report)}; switched: {', '.join(switched) or 'nothing'}")
     if report.budget is not None:

@@ -32,6 +32,7 @@ from edge_kit.cli.app import (
     live_gate,
     open_fleet_history,
     out,
+    print_refused,
     progress_bar,
     safe,
 )
@@ -41,7 +42,6 @@ rollout_app = typer.Typer(no_args_is_help=True, help="Pull rollouts in waves: de
 app.add_typer(rollout_app, name="rollout")
 
 ABORT_OK = ("rolled back", "planned", "refused", "superseded", "left the fleet")  # abort: exit 0
-SHOWN_REFUSED = 10  # devices whose unrecorded decision is named one per line; the note names them all
 IdArg = Annotated[str, typer.Argument(help="The rollout's id (see `edgekit rollout list`).")]
 STYLE = {"converged": "green", "failed": "red", "refused": "red", "rolled back": "red", "rolling back": "yellow",
          "superseded": "dim", "left the fleet": "dim", "sent": "yellow", "fetching": "yellow", "planned": "dim"}
@@ -119,15 +119,7 @@ def _print(summary: dict[str, Any]) -> None:
               + (f": {safe(summary['reason'])}" if summary.get("reason") else ""))
     if summary.get("gate"):
         out.print(gate_lines(summary["gate"], promoted=summary["gate"].get("action") == "promote"), highlight=False)
-    unrecorded = summary.get("history_refused") or {}
-    for name, what in list(unrecorded.items())[:SHOWN_REFUSED]:
-        out.print(f"[red]{safe(name)}: history refused[/] {safe('; '.join(what))}", highlight=False)
-    if len(unrecorded) > SHOWN_REFUSED:
-        out.print(f"... and {len(unrecorded) - SHOWN_REFUSED} more devices (--json lists them all)", highlight=False)
-    if unrecorded:
-        from edge_kit.loop.tune import refused_note
-
-        out.print(f"[yellow]note[/] {safe(refused_note(unrecorded))}; the rollout went on", highlight=False)
+    print_refused(summary.get("history_refused") or {}, after="; the rollout went on")
     if summary.get("refused_messages"):
         out.print(f"[red]{summary['refused_messages']} reported message(s) refused[/] (not the device's key, malformed "
                   f"or from the future), e.g. {safe(summary['refused_examples'][0])}")

@@ -243,14 +243,6 @@ def store_decision(store: HistoryStore, decision: dict[str, Any], refused: dict[
         return False
 
 
-def refused_note(refused: dict[str, list[str]]) -> str:
-    """Return the one line that says how many records the history refused, of which devices (``refused``: as
-    :func:`store_each` fills it)."""
-    count = sum(len(v) for v in refused.values())
-    return (f"{count} record(s) refused by the history for what they hold ({', '.join(sorted(refused))}): kept in "
-            "its invalid table, not stored; the other records are stored")
-
-
 def _measure(client: FleetClient, store: HistoryStore, wanted: dict[str, list[tuple[str, str]]], bench: dict[str, Any],
              timeout: float) -> tuple[int, dict[str, list[str]], dict[str, list[str]]]:
     """Ask every device for its unmeasured variants at once; store what comes back (a record the history refuses

@@ -303,6 +303,59 @@ def test_deploy_names_a_gate_decision_the_history_refused_for_what_it_holds_and_
     assert [(r["device"], r["topic"]) for r in kept] == [("a", "decisions")]
 
 
+def test_deploy_caps_the_devices_it_names_when_the_history_refused_thousands_of_decisions(monkeypatch, tmp_path,
+                                                                                          run_cli):
+    """deploy --canary printed a `history refused` line for every canary whose decision the history refused, and a
+    note naming every one of them: 10,000 canaries flooded the terminal with 10,000 lines and a note of 10,000
+    names (only `rollout` capped its lines, and not its note). Now the text names 10 (lines and note) and says how
+    many more; --json keeps every device."""
+    import json
+
+    from edge_kit.errors import HistoryRecordError
+    from edge_kit.fleet.deploy import GroupResult
+    from edge_kit.loop import rollout as ro
+    from edge_kit.manifest import Artifact, Manifest
+    from edge_kit.telemetry.store import Store
+
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text("fleet: f\ndefaults: {user: u, profile: rpi4}\ndevices:\n  - {name: a, host: h}\n"
+                          "  - {name: b, host: h}\n")
+    folder = tmp_path / "art"
+    folder.mkdir()
+    (folder / "manifest.json").write_text(Manifest(
+        created="2026-11-29T00:00:00+00:00", model={"name": "m"}, versions={}, profiles={"rpi4": {}},
+        artifacts=[Artifact(id="int8", status="built", profiles=["rpi4"], summary="int8", precision="int8",
+                            file="int8.tflite", sha256="c" * 64, bytes=3)]).to_json())
+    names = [f"c{i:05d}" for i in range(10_000)]
+
+    def fake_rollout(_fleet, targets, _opts, _canary, _failed, _progress, gate, record):
+        for name in names:  # the same decision recorded under each canary, as the gate does
+            record({"device": name, "kind": "live gate", "chosen": "int8", "current": None, "feasible": True,
+                    "switch": True, "reason": "simulated promote", "gate": {"action": "promote"}})
+        return GroupResult([DeviceResult(d.name, "succeeded", activated=True, variant="int8") for d in targets])
+
+    def refuse(_self, _decision):
+        raise HistoryRecordError("the history file h.db refused a record (simulated)")
+
+    monkeypatch.setattr(ro, "rollout", fake_rollout)
+    monkeypatch.setattr(Store, "add_decision", refuse)
+    monkeypatch.setattr(Store, "add_invalid", lambda *_a, **_k: None)  # kept: not what this test is about
+    args = ("deploy", "--fleet", fleet_file, "--artifacts", folder, "--canary", "50%", "--gate", "live")
+    code, out, err = run_cli(*args)
+    assert code == 4, (out, err)
+    lines = [line for line in out.splitlines() if ": history refused decision" in line]
+    assert [line.split(":")[0] for line in lines] == names[:10], out
+    text = " ".join(out.split())
+    assert "... and 9990 more devices (--json lists them all)" in text
+    assert (f"10000 record(s) refused by the history for what they hold ({', '.join(names[:10])}, and 9990 more): "
+            "kept in its invalid table") in text
+    assert len(out) < 5_000, len(out)
+
+    code, out, err = run_cli(*args, "--json")
+    assert code == 4, err
+    assert list(json.loads(out)["history_refused"]) == names
+
+
 def test_a_device_answering_more_samples_than_asked_gives_only_what_was_asked(monkeypatch):
     """A buggy or hostile agent claims a billion requests and sends 100,000 service times: before, all of them
     were kept (and tested) on every poll; now the newest LIVE_SAMPLES, as asked."""
