@@ -183,7 +183,7 @@ class Agent:
         """Return the payload of the status ``state`` (the retained status and the last will), within the protocol's
         payload limit. One over it (a model's metadata or a runtime's reason of many kilobytes, as an older agent's
         store may hold) would make the broker cut the agent off at every connect: it is counted and logged
-        (:meth:`_oversize`) and the short status sent instead (:meth:`_status`), so the device still says it is
+        (:meth:`_count_refused`) and the short status sent instead (:meth:`_status`), so the device still says it is
         online and which model it runs.
 
         Raises:
@@ -192,7 +192,7 @@ class Agent:
         try:
             return messages.encode_within_limit(self._status(state), "a status message")
         except PayloadTooLarge as exc:
-            self._oversize(exc)
+            self._count_refused("oversize", exc)
         return messages.encode_within_limit(self._status(state, short=True), "a short status message")
 
     def _report(self, body: dict[str, Any]) -> None:
@@ -205,7 +205,7 @@ class Agent:
         went out (:meth:`Spool.upcoming_seq`), so failed tries leave no gap in the ``reported`` sequence; any thread may
         call it: taking the seq, publishing and keeping the seq happen under one lock, so two reports never go out
         under one seq. A body over the protocol's payload limit is not published (every receiver and the broker refuse
-        it) nor tried again: counted as ``oversize_messages`` and logged (:meth:`_oversize`).
+        it) nor tried again: counted as ``oversize_messages`` and logged (:meth:`_count_refused`).
         """
         with self._report_lock:
             try:
@@ -215,7 +215,7 @@ class Agent:
                 self.publisher.publish(self._topic("reported"), payload, retain=True)
                 self.spool.took_seq("reported", seq)
             except PayloadTooLarge as exc:  # would never go out: counted, not tried again until a connect or a new body
-                self._oversize(exc)
+                self._count_refused("oversize", exc)
                 self._report_retry_at, self._report_error = None, None
                 return
             except Exception as exc:  # noqa: BLE001 - the state is kept and sent again, never dropped with the step
@@ -257,7 +257,7 @@ class Agent:
             PayloadTooLarge: it would be over the protocol's payload limit (counted as ``oversize_messages``, not
                 spooled); an answer (``cmd/ack``) is then sent as a refusal saying so instead.
             Unsignable: it holds a NaN, an infinity or a value with no JSON form, which cannot be signed (counted as
-                ``unsignable_messages`` and logged by :meth:`_unsignable`, not spooled); a successful answer
+                ``unsignable_messages`` and logged by :meth:`_count_refused`, not spooled); a successful answer
                 (``cmd/ack``) is then sent as a refusal saying so instead.
         """
         built: dict[str, Any] = {}
@@ -276,13 +276,13 @@ class Agent:
         try:
             row, _ = self._on_disk(lambda: self.spool.add(kind, self._topic(kind), build, answers=answers))
         except PayloadTooLarge as exc:
-            self._oversize(exc)
+            self._count_refused("oversize", exc)
             if kind != "cmd/ack" or body.get("error") == str(exc):
                 raise
             # the command still gets its answer: that it had one too large to send
             return self.emit(kind, {**body, "ok": False, "error": str(exc), "result": {}}, answers)
         except Unsignable as exc:
-            self._unsignable(exc)
+            self._count_refused("unsignable", exc)
             if kind != "cmd/ack" or not body.get("ok"):
                 raise
             # the command still gets its answer: that it had one that could not be signed
@@ -292,22 +292,15 @@ class Agent:
         self.publisher.wake()
         return built if row is not None else None
 
-    def _unsignable(self, exc: Unsignable) -> None:
-        """Count (``unsignable_messages``) and log one message refused as impossible to sign; returns nothing, never
-        raises (a count a full disk keeps back is held by the spool until it can be written)."""
+    def _count_refused(self, counter: str, exc: Exception) -> None:
+        """Count one message refused before it was spooled under the spool's ``counter`` (``oversize``: over the
+        protocol's payload limit, shown as ``oversize_messages``; ``unsignable``: impossible to sign, shown as
+        ``unsignable_messages``) and log ``exc`` in one line; returns nothing, never raises (a count a full disk keeps
+        back is held by the spool until it can be written)."""
         try:  # not through _on_disk, whose second try would count it again
-            self.spool.count("unsignable")
+            self.spool.count(counter)
         except (OSError, sqlite3.Error) as full:
-            log.warning("the unsignable message's count is not on disk yet: %s", full)
-        log.error("%s", exc)
-
-    def _oversize(self, exc: PayloadTooLarge) -> None:
-        """Count (``oversize_messages``) and log one message refused as over the protocol's payload limit; returns
-        nothing, never raises (a count a full disk keeps back is held by the spool until it can be written)."""
-        try:  # not through _on_disk, whose second try would count it again
-            self.spool.count("oversize")
-        except (OSError, sqlite3.Error) as full:
-            log.warning("the oversize message's count is not on disk yet: %s", full)
+            log.warning("the %s message's count is not on disk yet: %s", counter, full)
         log.error("%s", exc)
 
     def _on_disk(self, write: Any) -> Any:
