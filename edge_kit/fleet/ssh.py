@@ -87,10 +87,10 @@ print(json.dumps({"free": shutil.disk_usage(probe).free, "python": sys.executabl
 _DEVICE_STATE = r"""
 root, pending, verify = os.path.expanduser(sys.argv[1]).rstrip("/"), sys.argv[2], sys.argv[3:]
 
-def read(path):
+def read(path, limit=-1):  # its bytes, the first `limit` of them when one is given; None when it is missing
     try:
         with open(path, "rb") as f:
-            return f.read()
+            return f.read(limit)
     except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as exc:
@@ -101,13 +101,8 @@ def text(path):
     return None if data is None else data.decode("utf-8", "replace")
 
 def meta(path):  # its first MAX_META + 1 bytes (more is damaged: read_meta says so by the length), byte for byte:
-    try:           # a byte that is not UTF-8 a lone surrogate, printed \udcXX (the host takes the bytes back)
-        with open(path, "rb") as f:
-            return f.read(MAX_META + 1).decode("utf-8", "surrogateescape")
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except OSError as exc:
-        sys.exit("cannot read %s (%s)" % (path, exc.strerror or exc))
+    data = read(path, MAX_META + 1)  # a byte that is not UTF-8: a lone surrogate, printed \udcXX (the host takes
+    return None if data is None else data.decode("utf-8", "surrogateescape")  # the bytes back)
 
 def exists(path):
     try:
