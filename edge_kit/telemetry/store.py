@@ -632,25 +632,37 @@ class HistoryStore(abc.ABC):
 
     def latest_decisions(self, kinds: tuple[str, ...] | None = None, feasible: bool = False) -> dict[str, dict[str, Any]]:
         """Return the newest recorded decision per device (of the ``kinds`` given, see :func:`decision_kind`, or of
-        any; with ``feasible``, the newest that chose a feasible variant), each with ``recorded``. One indexed
-        query that reads one body per device, however long the history, and one for the decisions an older edge-kit
-        wrote without the ``kind`` column after the upgrade (of the kind their body says). Raises HistoryError."""
+        any; with ``feasible``, the newest that chose a feasible variant), each with ``recorded``. Raises
+        HistoryError.
+
+        Cost: one indexed query that reads one body per device, however long the history. With ``kinds``, a
+        decision an older edge-kit wrote without the ``kind`` column after the upgrade is of the kind its body says,
+        so a second indexed query reads the rows without a kind that are newer than their device's newest row of the
+        ``kinds`` (only those can replace it), and parses their bodies newest first, a device's only until one is of
+        the ``kinds``: at most the rows an older edge-kit wrote since the upgrade, never the history before it.
+        """
         where, args = self._where(None, "kind", kinds)
-        good = " feasible = 1 AND chosen IS NOT NULL" if feasible else ""
+        good = "feasible = 1 AND chosen IS NOT NULL" if feasible else ""
         if good:
-            where += (" AND" if where else "WHERE") + good
-        rows = self._rows("SELECT d.id, d.body, d.ts FROM decisions d JOIN "
-                          f"(SELECT MAX(id) AS id FROM decisions {where} GROUP BY device) l ON d.id = l.id", args)
-        if kinds is not None:  # indexed (kind first): only the rows without a kind are read
-            rows += [(rid, b, ts) for rid, b, ts in self._rows(
-                f"SELECT id, body, ts FROM decisions WHERE kind IS NULL{' AND' + good if good else ''}")
-                if decision_kind(json.loads(b)) in kinds]
-        newest: dict[str, tuple[int, dict[str, Any]]] = {}
-        for rid, b, ts in rows:
+            where += (" AND " if where else "WHERE ") + good
+        newest: dict[str, dict[str, Any]] = {}
+        for b, ts in self._rows("SELECT d.body, d.ts FROM decisions d JOIN "
+                                f"(SELECT MAX(id) AS id FROM decisions {where} GROUP BY device) l ON d.id = l.id", args):
             m = json.loads(b)
-            if rid > newest.get(m["device"], (-1, {}))[0]:
-                newest[m["device"]] = (rid, {**m, "recorded": ts})
-        return {device: m for device, (_, m) in newest.items()}
+            newest[m["device"]] = {**m, "recorded": ts}
+        if kinds:  # the subquery's unqualified columns are its own (k): the device's newest row of the kinds
+            settled: set[str] = set()
+            for device, b, ts in self._rows(
+                    f"SELECT device, body, ts FROM decisions u WHERE kind IS NULL{' AND ' + good if good else ''} AND "
+                    f"id > COALESCE((SELECT MAX(id) FROM decisions k {where} AND k.device = u.device), -1) "
+                    "ORDER BY id DESC", args):
+                if device in settled:  # a newer one of the kinds was found: the older ones are not parsed
+                    continue
+                m = json.loads(b)
+                if decision_kind(m) in kinds:
+                    settled.add(device)
+                    newest[m["device"]] = {**m, "recorded": ts}
+        return newest
 
     @staticmethod
     def _where(device: str | None, column: str, values: tuple[str, ...] | None) -> tuple[str, tuple]:

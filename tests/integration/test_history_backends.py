@@ -474,6 +474,35 @@ def test_a_decision_an_edge_kit_older_than_the_kind_column_wrote_after_the_upgra
     assert [d["chosen"] for d in history.decisions("d1")] == ["v4", "v2", "v1"] and history.decisions(kinds=()) == []
 
 
+def test_the_newest_decision_of_a_kind_parses_only_the_kindless_rows_newer_than_the_devices_newest_of_it(history,
+                                                                                                        monkeypatch):
+    """With kinds, latest_decisions read and parsed every decision an older edge-kit wrote without the kind column,
+    however old (its docstring promised one body per device, however long the history). Now it parses only the
+    kindless rows newer than the device's newest row of the kinds asked, newest first, until one is of them; the
+    answer is the same."""
+    import json
+
+    from edge_kit.telemetry import store as store_module
+
+    old = "INSERT INTO decisions (device, ts, chosen, previous, feasible, switched, body) VALUES (?, ?, ?, ?, ?, ?, ?)"
+
+    def kindless(device, chosen, **extra):
+        body = {"device": device, "chosen": chosen, "current": None, "feasible": True, "switch": False, **extra}
+        return (device, time.time(), chosen, None, 1, 0, json.dumps(body))
+
+    history._write_batch([(old, [kindless("d1", f"old{i}") for i in range(200)])])  # before a newer one wrote d1's
+    history.add_decision({"device": "d1", "chosen": "typed", "current": None, "feasible": True, "switch": True})
+    history._write_batch([(old, [kindless("d1", "after"), kindless("d1", "gate", kind="live gate"),
+                                 kindless("d2", "a"), kindless("d2", "b")])])
+    real, parsed = store_module.decision_kind, []
+    monkeypatch.setattr(store_module, "decision_kind", lambda m: parsed.append(m["chosen"]) or real(m))
+    assert {d: m["chosen"] for d, m in history.latest_decisions(("selection",)).items()} == {"d1": "after", "d2": "b"}
+    assert sorted(parsed) == ["after", "b", "gate"]  # d1's 200 older ones and d2's older one: not parsed
+    parsed.clear()
+    assert {d: m["chosen"] for d, m in history.latest_decisions(("live gate",)).items()} == {"d1": "gate"}
+    assert sorted(parsed) == ["a", "b", "gate"]  # d1 has no typed one: its newest kindless one is, the rest unparsed
+
+
 def test_a_decision_the_database_cannot_hold_is_refused_as_the_records_fault(history):
     """A decision quoting a name no database takes (a lone surrogate, from a device's word) raised a bare
     UnicodeEncodeError from both backends: tune stopped with a traceback. Now it is HistoryRecordError, nothing of
