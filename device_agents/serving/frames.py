@@ -274,8 +274,13 @@ def _parse_header(raw: bytes | memoryview) -> dict[str, Any]:
     Raises:
         FrameError: it is not UTF-8 JSON, holds a NaN, an infinity or a key twice, is nested too deeply for the
             parser (a few thousand brackets fit in MAX_HEADER: a bad frame, never the connection's end), or is not
-            an object: :func:`edgekit_protocol.messages.strict_loads`'s rule and words. A header is parsed once
-            per distinct header (:class:`Receiver` keeps the parsed ones), so the rule costs no request.
+            an object: :func:`edgekit_protocol.messages.strict_loads`'s rule and words.
+
+    What it costs: every header :func:`read_frame` reads is parsed. A :class:`Receiver` keeps what it parsed of up
+    to 16 distinct headers per connection (at a 17th it empties the cache and starts again): on the server, the
+    ``predict`` requests' headers; on the client, the answers' headers, told apart by all but their one ``"ms"``
+    value. A header repeated byte for byte (an answer's: but for its ``"ms"``) is not parsed again while it is kept;
+    every other header (another op, an answer without exactly one ``"ms"`` number) is parsed each time.
     """
     try:
         header = strict_loads(bytes(raw) or b"", "the header")
