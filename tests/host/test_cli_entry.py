@@ -268,4 +268,6 @@ def test_a_renamed_option_names_its_new_spelling():
     assert json.loads(result.stdout)["error"] == ("--no-broker was renamed --history-only; give --history-only instead "
                                                   "(see `edgekit fleet status --help`)")
     other = run_edgekit("pass", "monitor", "--fleet", "fleet.yaml", "--no-broker", "--json")
-    assert json.loads(other.stdout)["error"] == "No such option: --no-broker (see `edgekit monitor --help`)"
+    error = json.loads(other.stdout)["error"]  # click may add "(Possible options: ...)" from the options it has
+    assert error.startswith("No such option: --no-broker (") and error.endswith("(see `edgekit monitor --help`)")
+    assert "history-only" not in error

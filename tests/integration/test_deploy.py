@@ -562,11 +562,11 @@ def test_a_meta_json_not_utf8_or_too_large_is_damaged_for_the_deploy_as_for_the_
     assert store.describe(int8) == {"sha256": int8, "damaged": "meta.json is missing or unreadable"}
     big = store.models / fp32 / "meta.json"
     big.write_bytes(big.read_bytes()[:-1] + b', "pad": "' + b"x" * 6_000_000 + b'"}')
-    assert store.describe(fp32)["damaged"].startswith("meta.json holds 65,537 bytes")
+    assert store.describe(fp32)["damaged"].startswith("meta.json: over the 65,536 bytes")
     r = deploy(fleet, [dev], DeployOptions(digits_artifacts, variant="int8")).results[0]
     assert r.status == "succeeded", r.reason
     assert "repair int8 (meta.json is missing or unreadable)" in r.actions
-    assert any(a.startswith("repair fp32 (meta.json holds 65,537 bytes") for a in r.actions), r.actions
+    assert any(a.startswith("repair fp32 (meta.json: over the 65,536 bytes") for a in r.actions), r.actions
     assert store.damaged() == [] and store.describe(int8)["variant"] == "int8" and current(dev) == int8
 
 
