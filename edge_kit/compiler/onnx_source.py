@@ -268,7 +268,8 @@ def load_onnx(path: Path, pinned: dict[str, tuple[int, ...]]) -> LoadedOnnx:
     return LoadedOnnx(data, inputs, [o.name for o in model.graph.output], fixed, types, digest)
 
 
-CAST_SUFFIX = "__edgekit_cast"  # the name of what the Cast of a non-float32 input gives the graph
+CAST_SUFFIX = "__edgekit_cast"  # the name of what the Cast of a non-float32 input gives the graph (a number after
+# it when the model already has a value of that name)
 
 
 def _numpy_name(elem_type: int) -> str:
@@ -290,17 +291,19 @@ def float_inputs(model: Any, types: dict[str, str]) -> Any:
     from onnx import TensorProto, helper
 
     graph = model.graph
-    casts = []
+    casts, used = [], _names(graph)
     for value in graph.input:
         if value.name not in types:
             continue
-        cast = value.name + CAST_SUFFIX
+        cast, n = value.name + CAST_SUFFIX, 1
+        while cast in used:  # a name the model gives a value of its own: the cast would be read in its place
+            cast, n = f"{value.name}{CAST_SUFFIX}{n}", n + 1
+        used.add(cast)
         _read_as(graph, value.name, cast)  # If/Loop/Scan bodies read it by name too
         for out in graph.output:  # an output that is the input itself (refused earlier): kept consistent anyway
             if out.name == value.name:
                 out.name = cast
-        casts.append(helper.make_node("Cast", [value.name], [cast], to=value.type.tensor_type.elem_type,
-                                      name=value.name + CAST_SUFFIX))
+        casts.append(helper.make_node("Cast", [value.name], [cast], to=value.type.tensor_type.elem_type, name=cast))
         value.type.tensor_type.elem_type = TensorProto.FLOAT
     if casts:  # first: ONNX wants a graph's nodes in topological order
         nodes = [*casts, *graph.node]
@@ -322,7 +325,8 @@ def id_bounds(data: bytes, types: dict[str, str]) -> dict[str, tuple[int, str]]:
     model = _onnx().load_from_string(data)
     tables = {i.name: tuple(i.dims) for i in model.graph.initializer}
     producer = {out: node for node in model.graph.node for out in node.output}
-    casts = {name + CAST_SUFFIX: name for name in types}
+    casts = {node.output[0]: node.input[0] for node in model.graph.node  # float_inputs' own: the only readers left
+             if node.op_type == "Cast" and node.input and node.output and node.input[0] in types}
     out: dict[str, tuple[int, str]] = {}
     for node in model.graph.node:
         if node.op_type != "Gather" or len(node.input) < 2 or node.input[0] not in tables:
@@ -447,6 +451,22 @@ def _first_line(exc: BaseException) -> str:
     from edge_kit.errors import first_line
 
     return first_line(exc)
+
+
+def _names(graph: Any) -> set[str]:
+    """Return every value name ``graph`` and its subgraphs (at any depth) define or read: inputs, outputs,
+    initializers, node inputs and outputs, value infos."""
+    from onnx import AttributeProto
+
+    names = {v.name for v in [*graph.input, *graph.output, *graph.value_info]}
+    names |= {i.name for i in graph.initializer} | {i.values.name for i in graph.sparse_initializer}
+    for node in graph.node:
+        names.update(node.input, node.output)
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.type == AttributeProto.GRAPH else \
+                    list(attr.graphs) if attr.type == AttributeProto.GRAPHS else []:
+                names |= _names(sub)
+    return names
 
 
 def _defines(graph: Any, name: str) -> bool:

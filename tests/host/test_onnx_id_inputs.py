@@ -105,6 +105,28 @@ def test_a_subgraph_defining_the_inputs_name_itself_keeps_reading_its_own():
     assert list(other.node[0].input) == ["ids" + CAST_SUFFIX] and other.output[0].name == "ids" + CAST_SUFFIX
 
 
+def test_a_model_that_already_has_a_value_named_as_the_cast_keeps_it(tmp_path):
+    """The cast of ``ids`` was named ``ids__edgekit_cast`` whatever the model held: a model with a value of that name
+    (an output of its own here) had the inserted Cast give it a second producer, an invalid graph."""
+    from edge_kit.compiler.onnx_source import CAST_SUFFIX, float_inputs, id_bounds
+
+    taken = "ids" + CAST_SUFFIX
+    graph = helper.make_graph([helper.make_node("Identity", ["ids"], [taken]),
+                               helper.make_node("Gather", ["table", "ids"], ["rows"], axis=0)], "g",
+                              [tensor("ids", TensorProto.INT64, [None, 4])],
+                              [tensor("rows", TensorProto.FLOAT, [None, 4, 8]), tensor(taken, TensorProto.INT64, [None, 4])],
+                              [numpy_helper.from_array(TABLE, "table")])
+    model = float_inputs(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), {"ids": "int64"})
+    onnx.checker.check_model(model, full_check=True)
+    assert model.graph.node[0].output[0] == taken + "1" and list(model.graph.node[1].input) == [taken + "1"]
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    ids = np.array([[0, 3, 9, 2]], np.float32)
+    rows, own = session.run(None, {"ids": ids})
+    np.testing.assert_array_equal(rows, TABLE[ids.astype(np.int64)])
+    np.testing.assert_array_equal(own, ids.astype(np.int64))  # the model's own value, as it was
+    assert id_bounds(model.SerializeToString(), {"ids": "int64"})["ids"][0] == 10  # the table, found from the cast
+
+
 def test_the_conversion_renames_an_input_read_in_a_branch_everywhere(tmp_path):
     """onnx2tf gets the inputs renamed input_0, input_1...: only the top-level graph's nodes were renamed, the branches
     still read ``x`` by its old name, so shape inference and onnxsim failed (silently) and the model given to onnx2tf
