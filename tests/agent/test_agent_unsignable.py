@@ -13,30 +13,19 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import threading
 import time
 
 import pytest
 
 from device_agents import service
-from device_agents.config import load_agent_config
 from device_agents.service import Agent
 from edgekit_protocol.commands import Command
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def agent(tmp_path):
-    cfg = tmp_path / "agent.yaml"
-    cfg.write_text(f"device: pi-1\nfleet: f\nroot: {tmp_path / 'root'}\nserve: {{enabled: false}}\n"
-                   f"telemetry_interval_s: 0.1\nbroker: {{host: 127.0.0.1, port: {_free_port()}}}\n")
-    return Agent(load_agent_config(cfg))
+def agent(offline_config):
+    return Agent(offline_config("telemetry_interval_s: 0.1\n"))
 
 
 def _spooled(agent):
