@@ -268,6 +268,12 @@ def listen(server: Any, port: int) -> ThreadingHTTPServer:
             self._reader = _RequestReader(self.connection, server.request_timeout_s, server.http_header_timeout_s,
                                           server.send_timeout_s, server.timed_out)
             self.rfile = io.BufferedReader(self._reader, 65536)
+            self._answered = False  # a response went out on it (send_response): no 503 may follow it unasked
+
+        def send_response(self, code: int, message: str | None = None) -> None:
+            """Start a response (the standard library's), noting that this connection has had one."""
+            self._answered = True
+            super().send_response(code, message)
 
         def handle(self) -> None:
             """Serve one connection (its keep-alive requests) in an HTTP client place (the idle one's with
@@ -283,8 +289,8 @@ def listen(server: Any, port: int) -> ThreadingHTTPServer:
                 server.leave(self._reader, http=True)
             if self._reader.cut:
                 self._raw_refusal(408, self._reader.cut)
-            elif self._reader.evicted == EVICTED_NEW:  # closed for a new client before any request: told why
-                self._raw_refusal(503, server.busy_message(http=True))
+            elif self._reader.evicted == EVICTED_NEW and not self._answered:  # closed for a new client before any
+                self._raw_refusal(503, server.busy_message(http=True))  # request: told why (none answered since)
 
         def handle_one_request(self) -> None:
             """Serve one request: its deadlines start with its first byte (one that has not come

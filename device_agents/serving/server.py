@@ -505,6 +505,7 @@ class Server:
         # arrays stay valid until the next read: answered (and offered) by then; memory files passed are taken
         receiver = Receiver(timed, reuse=True, shared=True)
         open_ = self._open
+        took = False  # a request was read whole (and answered): an eviction's busy frame would follow its answer
         try:
             while True:
                 # the next bytes start a frame (waiting for them may last), unless some are in already; either way
@@ -533,6 +534,7 @@ class Server:
                 if frame is None:
                     return
                 header, arrays = frame
+                took = True
                 started = time.perf_counter_ns()
                 op = header.get("op")
                 if op == "predict":
@@ -560,7 +562,9 @@ class Server:
                 if not _answer(conn, answer):
                     return
         finally:
-            if timed.evicted == EVICTED_NEW:  # closed for a new client before any request: told why, as if turned away
+            # closed for a new client before any request: told why, as if turned away (unless its first request
+            # came in the moment it was chosen, and was answered: the client reads no answer it did not ask for)
+            if timed.evicted == EVICTED_NEW and not took:
                 _answer(conn, {"ok": False, "error": self.busy_message()})
             receiver.close()
             self.leave(timed)

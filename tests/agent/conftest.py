@@ -24,3 +24,37 @@ def offline_config(tmp_path):
         return load_agent_config(cfg)
 
     return make
+
+
+@pytest.fixture
+def request_as_evicted(monkeypatch):
+    """Return ``arm(send)``: the next time the serving server chooses a connection to evict for a new
+    client, ``send()`` runs after the choice and before the chosen connection's reading side is shut
+    (then 0.3 s pass, for its thread to read and answer what was sent): a microsecond race, made certain."""
+    import threading
+    import time
+
+    import device_agents.serving.server as server_module
+
+    looked, clock = server_module._readable, server_module.time
+    chose: list = []  # the thread that looked for unread bytes: its next clock read follows the choice
+    sends: list = []
+
+    def look(sock):
+        chose[:] = [threading.current_thread()]
+        return looked(sock)
+
+    class Clock:
+        def __getattr__(self, name):
+            return getattr(clock, name)
+
+        def monotonic(self):
+            if chose and sends and chose[0] is threading.current_thread():
+                chose.clear()
+                sends.pop()()
+                time.sleep(0.3)
+            return clock.monotonic()
+
+    monkeypatch.setattr(server_module, "_readable", look)
+    monkeypatch.setattr(server_module, "time", Clock())
+    return sends.append

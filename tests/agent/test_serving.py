@@ -925,3 +925,30 @@ def test_an_http_body_holding_nan_is_refused_in_the_protocols_words():
         parse_inputs(b'{"inputs": {"image": [Infinity]}}', 1 << 20)
     assert str(caught.value) == ("malformed request: the body is not JSON (the body holds the non-finite number "
                                  "Infinity; numbers must be finite)")
+
+
+def test_a_new_client_whose_first_request_comes_as_it_is_evicted_gets_its_answer_and_no_busy_frame(
+        wait, store, request_as_evicted):
+    """A connection with no request yet is chosen for eviction; its first request arrives in that moment
+    (after the server chose it, before it shut its reading side): it is answered, and then also got the
+    "busy" frame, an answer to nothing that the client would read as its next request's. Now a connection
+    answered once is closed without it."""
+    srv = Server(store.root / "one.sock", make_interpreter=make, max_clients=1, max_payload=1 << 20).start()
+    srv.serve_model(store.model_path(store.shas["int8"]), store.shas["int8"], "int8")
+    first = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    first.settimeout(10)
+    try:
+        first.connect(str(store.root / "one.sock"))
+        assert wait(lambda: srv.snapshot()["clients"] == 1)
+        request_as_evicted(lambda: first.sendall(frame({"op": "info"})))
+        second = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        second.settimeout(10)
+        second.connect(str(store.root / "one.sock"))
+        assert wait(lambda: srv.snapshot()["turned_away"]["evicted_idle"] == 1)
+        assert _frame_header(first)["ok"] is True  # its request: answered
+        assert first.recv(64) == b""  # then closed, with no busy frame after the answer
+        assert raw(second, frame({"op": "info"}))["ok"] is True  # the new client has the place
+        second.close()
+    finally:
+        first.close()
+        srv.close()

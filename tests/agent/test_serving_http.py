@@ -864,3 +864,25 @@ def test_the_worst_json_bodies_http_max_body_mb_allows_parse_in_under_40_megabyt
         tracemalloc.stop()
     print({k: f"{v:.1f} MB" for k, v in peaks.items()})
     assert 10 < min(peaks.values()) and max(peaks.values()) < 40, peaks
+
+
+def test_an_http_connection_whose_first_request_comes_as_it_is_evicted_gets_its_answer_and_no_503(
+        wait, store, request_as_evicted):
+    """The socket API's eviction race over HTTP: a connection with no request yet, chosen for a new
+    client's place as its first request came, was answered 200 and then sent an unasked 503, which a
+    keep-alive client would read as its next request's answer. Now it is closed after its answer."""
+    srv = Server(store.root / "one.sock", make_interpreter=make, http_port=0, http_max_clients=1).start()
+    srv.serve_model(store.model_path(store.shas["int8"]), store.shas["int8"], "int8")
+    first = socket.create_connection(srv.http_address, timeout=10)
+    try:
+        assert wait(lambda: srv.snapshot()["http_clients"] == 1)
+        request_as_evicted(lambda: first.sendall(b"GET /v1/model HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"))
+        status, answer = call(srv, "GET", "/v1/model")  # the new client: answered
+        assert status == 200 and answer["ok"] is True
+        assert srv.snapshot()["turned_away"]["evicted_idle"] == 1
+        status, answer = _answer_then_closed_after_one(first)  # the first one's request: answered
+        assert status == 200 and answer["ok"] is True
+        assert first.recv(64) == b""  # then closed, with no 503 after it
+    finally:
+        first.close()
+        srv.close()
