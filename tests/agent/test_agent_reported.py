@@ -10,7 +10,6 @@ broker port nobody listens on; only the signer or the publisher is made to fail 
 from __future__ import annotations
 
 import json
-import socket
 import sys
 import threading
 import time
@@ -18,29 +17,15 @@ import time
 import pytest
 
 from device_agents import service
-from device_agents.config import load_agent_config
 from device_agents.identity import Keyring
 from device_agents.service import Agent
 from edgekit_protocol.messages import MAX_PAYLOAD, SCHEMAS
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _agent(tmp_path) -> Agent:
-    cfg = tmp_path / "agent.yaml"
-    cfg.write_text(f"device: pi-1\nfleet: f\nroot: {tmp_path / 'root'}\nserve: {{enabled: false}}\n"
-                   f"broker: {{host: 127.0.0.1, port: {_free_port()}}}\n")
-    return Agent(load_agent_config(cfg))
-
-
 @pytest.mark.parametrize("fails", ["signer", "publisher"])
-def test_a_reported_state_that_failed_once_is_counted_and_published_on_the_next_tick(tmp_path, monkeypatch, fails):
+def test_a_reported_state_that_failed_once_is_counted_and_published_on_the_next_tick(offline_config, tmp_path, monkeypatch, fails):
     monkeypatch.setattr(service, "REPORT_RETRY_S", 0.3)
-    agent = _agent(tmp_path)
+    agent = Agent(offline_config())
     published: list[tuple[str, dict, bool]] = []
     failures = {"left": 1}
     real_sign, real_publish = agent.signer.sign, agent.publisher.publish
@@ -111,11 +96,11 @@ def _run_until(agent: Agent, done, timeout: float = 20.0) -> None:
 
 
 def test_a_reported_state_never_published_before_a_restart_is_published_once_the_started_agent_connects(
-        tmp_path, monkeypatch):
+        offline_config, tmp_path, monkeypatch):
     """The desired state converged, its report could not be published, and the agent restarted: the restarted agent
     has nothing to reconcile (converged), and the broker's redelivered desired state is the one on disk; it publishes
     the persisted reported state as soon as it connects, not the rollout's next state change."""
-    agent = _agent(tmp_path)
+    agent = Agent(offline_config())
     tried: list[dict] = []
 
     def unreachable(topic, payload, *, retain=False, row=None):
@@ -151,10 +136,10 @@ def test_a_reported_state_never_published_before_a_restart_is_published_once_the
     assert msg["seq"] == tried[0]["seq"] == 1
 
 
-def test_a_persisted_reported_state_of_another_desired_state_is_not_taken(tmp_path):
+def test_a_persisted_reported_state_of_another_desired_state_is_not_taken(offline_config, tmp_path):
     """A reported.json left from a desired state other than desired.json's (a write that failed in between) is not
     published: it would say the device stands where it does not."""
-    agent = _agent(tmp_path)
+    agent = Agent(offline_config())
     root = agent.cfg.root
     agent.spool.close()
     (root / "desired.json").write_text(json.dumps({"message": {"msg_id": "m2", "rollout": "r2", "revision": 2,
@@ -172,10 +157,10 @@ def test_a_persisted_reported_state_of_another_desired_state_is_not_taken(tmp_pa
                                      b'{"rollout": "r2", "revision": 2, "state": "converged"',
                                      b"[1, 2]", b'{"rollout": "r2", "revision": 2, "state": "converged", "pad": "'
                                      + b"a" * 70_000 + b'"}'])
-def test_a_damaged_persisted_reported_state_is_not_taken(tmp_path, content):
+def test_a_damaged_persisted_reported_state_is_not_taken(offline_config, tmp_path, content):
     """reported.json is read back at start and published signed: a non-finite number, a state the protocol does not
     know, a truncated or oversized file is not taken (logged); the next reconcile step reports afresh."""
-    agent = _agent(tmp_path)
+    agent = Agent(offline_config())
     root = agent.cfg.root
     agent.spool.close()
     (root / "desired.json").write_text(json.dumps({"message": {"msg_id": "m2", "rollout": "r2", "revision": 2,
@@ -217,11 +202,11 @@ def _recording(agent: Agent, monkeypatch, fail: dict[str, int]) -> tuple[list[di
     return tried, sent
 
 
-def test_failed_tries_of_a_reported_state_take_no_sequence_number(tmp_path, monkeypatch):
+def test_failed_tries_of_a_reported_state_take_no_sequence_number(offline_config, tmp_path, monkeypatch):
     """Each failed try took a new seq: a broker outage of N tries numbered N messages that never existed, and a
     receiver checking the sequence saw a gap for each (a false alarm). The number is taken once it goes out: the
     reported messages that went out are numbered 1, 2, 3 whatever failed in between, across a restart too."""
-    agent = _agent(tmp_path)
+    agent = Agent(offline_config())
     fail = {"left": 3}
     tried, sent = _recording(agent, monkeypatch, fail)
     body = {"rollout": "r1", "revision": 1, "state": "fetching"}
@@ -245,13 +230,13 @@ def test_failed_tries_of_a_reported_state_take_no_sequence_number(tmp_path, monk
         again.spool.close()
 
 
-def test_a_reported_state_over_the_payload_limit_is_counted_and_never_handed_to_the_broker(tmp_path, monkeypatch):
+def test_a_reported_state_over_the_payload_limit_is_counted_and_never_handed_to_the_broker(offline_config, tmp_path, monkeypatch):
     """The reported state was published without the payload check every other message has: one over the limit
     (a model's metadata of many kilobytes in ``current``) went to the broker, which cuts off a client sending it,
     at every reconnect (it is re-sent on each). Now it is refused before it is signed out: counted as
     ``oversize_messages``, logged, not retried on every tick, nothing spooled; the agent goes on, and the next
     reported state is published under the number the refused one did not take."""
-    agent = _agent(tmp_path)
+    agent = Agent(offline_config())
     try:
         tried, sent = _recording(agent, monkeypatch, {"left": 0})
         agent._report({"rollout": "r1", "revision": 1, "state": "converged",
@@ -266,11 +251,11 @@ def test_a_reported_state_over_the_payload_limit_is_counted_and_never_handed_to_
         agent.spool.close()
 
 
-def test_two_threads_reporting_at_once_number_their_reported_messages_uniquely_and_consecutively(tmp_path, monkeypatch):
+def test_two_threads_reporting_at_once_number_their_reported_messages_uniquely_and_consecutively(offline_config, tmp_path, monkeypatch):
     """``reported`` is numbered only once it went out (upcoming_seq, then took_seq): two threads reporting at once (a
     reconcile step and a redelivered desired state, or a retry) both read the same upcoming number and published two
     messages under one seq, which receivers order by (one of them taken for a replay)."""
-    agent = _agent(tmp_path)
+    agent = Agent(offline_config())
     seqs: list[int] = []
 
     def publish(topic, payload, *, retain=False, row=None):

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import threading
 import time
 
 import pytest
 
-from device_agents.config import load_agent_config
 from device_agents.disk import SMALL_FILE
 from device_agents.identity import (
     PROVISIONED,
@@ -30,26 +28,14 @@ from edgekit_protocol.errors import ConfigError
 PAD = "x" * (4 * 64 * 1024 + 1)  # over any bound the agent sets on its small files, valid JSON all the same
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _config(tmp_path, extra: str = ""):
-    cfg = tmp_path / "agent.yaml"
-    cfg.write_text(f"device: pi-1\nfleet: f\nroot: {tmp_path / 'root'}\nserve: {{enabled: false}}\n"
-                   f"broker: {{host: 127.0.0.1, port: {_free_port()}}}\n{extra}")
-    return load_agent_config(cfg)
-
 
 HOLD = {"msg_id": "m2", "rollout": "r2", "revision": 2, "hold": True}
 
 
 @pytest.mark.parametrize("saved", [{"message": {**HOLD, "note": float("nan")}, "converged": True, "attempts": 0},
                                    {"message": {**HOLD, "pad": PAD}, "converged": True, "attempts": 0}])
-def test_a_desired_json_with_a_nan_or_over_its_bound_is_not_taken(tmp_path, saved, caplog):
-    cfg = _config(tmp_path)
+def test_a_desired_json_with_a_nan_or_over_its_bound_is_not_taken(offline_config, tmp_path, saved, caplog):
+    cfg = offline_config()
     Agent(cfg).spool.close()
     (cfg.root / "desired.json").write_text(json.dumps(saved))
     with caplog.at_level(logging.ERROR):
@@ -67,8 +53,8 @@ def test_a_desired_json_with_a_nan_or_over_its_bound_is_not_taken(tmp_path, save
         sound.spool.close()
 
 
-def test_a_revision_floor_over_its_bound_is_not_read_whole(tmp_path, caplog):
-    cfg = _config(tmp_path)
+def test_a_revision_floor_over_its_bound_is_not_read_whole(offline_config, tmp_path, caplog):
+    cfg = offline_config()
     Agent(cfg).spool.close()
     (cfg.root / "desired-revision.json").write_text(json.dumps({"revision": 7, "msg_id": "m7", "pad": PAD}))
     with caplog.at_level(logging.ERROR):
@@ -97,8 +83,8 @@ def test_a_provisioning_time_over_its_bound_or_non_finite_is_no_floor(tmp_path):
         assert provisioned_at(tmp_path) == 0.0
 
 
-def test_a_damaged_candidates_list_is_logged_and_spares_nothing_else(tmp_path, caplog):
-    agent = Agent(_config(tmp_path, "store: {max_store_mb: 1}\n"))
+def test_a_damaged_candidates_list_is_logged_and_spares_nothing_else(offline_config, tmp_path, caplog):
+    agent = Agent(offline_config("store: {max_store_mb: 1}\n"))
     try:
         (agent.store.root / "candidates.json").write_text(json.dumps(["a" * 64, PAD]))
         with caplog.at_level(logging.ERROR):
@@ -108,10 +94,10 @@ def test_a_damaged_candidates_list_is_logged_and_spares_nothing_else(tmp_path, c
         agent.spool.close()
 
 
-def test_a_code_manifest_holding_nan_is_an_answered_error_not_an_unsignable_answer(tmp_path, monkeypatch):
+def test_a_code_manifest_holding_nan_is_an_answered_error_not_an_unsignable_answer(offline_config, tmp_path, monkeypatch):
     """``state`` with ``code`` put the manifest on disk into its answer: one holding NaN (a damaged or edited file;
     the agent verified it only at start) made the answer unsignable, and the command was never answered."""
-    agent = Agent(_config(tmp_path))
+    agent = Agent(offline_config())
     try:
         code = tmp_path / "agent"
         code.mkdir()
@@ -128,11 +114,11 @@ def test_a_code_manifest_holding_nan_is_an_answered_error_not_an_unsignable_answ
 
 
 @pytest.mark.parametrize("started", [True, False])
-def test_a_taken_command_damaged_in_the_spool_is_refused_and_dropped_not_a_crash_at_every_start(tmp_path, started):
+def test_a_taken_command_damaged_in_the_spool_is_refused_and_dropped_not_a_crash_at_every_start(offline_config, tmp_path, started):
     """A taken command is read back from spool.db at start: one whose payload no longer reads (the file damaged or
     edited) raised JSONDecodeError out of run(), before the agent connected, at every start (it stayed in the
     inbox). It is refused (counted, logged) and dropped now, and the agent runs."""
-    cfg = _config(tmp_path)
+    cfg = offline_config()
     agent = Agent(cfg)
     agent.spool.take("c1", b'{"msg_id": "c1", "command": "state", "seq": NaN', 1e9, 4e9)
     if started:
