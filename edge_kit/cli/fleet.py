@@ -32,6 +32,7 @@ from edge_kit.cli.app import (
     app,
     bounded,
     emit_json,
+    err,
     gate_lines,
     live_gate,
     open_fleet_history,
@@ -228,6 +229,14 @@ def deploy_cmd(
     health_timeout: Annotated[float, typer.Option(**bounded("Seconds to wait for each device's health check.", 1, WAIT_MAX_S))] = 120.0,
     repair: Annotated[bool, typer.Option("--repair/--no-repair", help="Hash each device's stored copies of the "
                                                                       "variants to deploy; upload damaged ones again.")] = True,
+    new_key: Annotated[bool, typer.Option("--new-key", help="Give each device a fresh key pair, generated on this host "
+                                                            "and written over SSH (mode 600), replacing the one it holds, "
+                                                            "and register it: the way back for a device whose key was "
+                                                            "revoked (edgekit fleet revoke).")] = False,
+    broker_dir: Annotated[Optional[Path], typer.Option(
+        "--broker-dir", help="With --new-key: the broker wall's folder (`edgekit fleet init --out`); a device whose "
+                             "user `fleet revoke` removed there gets it back with a fresh password. A simulated "
+                             "fleet's broker is found by itself.")] = None,
     gate: GateOpt = None,
     gate_window: GateWindowOpt = 60.0,
     gate_min_requests: GateRequestsOpt = 200,
@@ -257,8 +266,10 @@ def deploy_cmd(
     fleet = load_fleet(fleet_file)
     targets = fleet.select(devices)
     read_manifest(artifacts, fleet.artifact_trust())  # a missing, broken or untrusted manifest stops here
+    if broker_dir is not None and not new_key:
+        raise InputError("--broker-dir gives revoked devices their broker user back: it goes with --new-key")
     opts = DeployOptions(artifacts=artifacts, variant=variant, parallel=parallel, trust_new_hosts=trust_new_hosts,
-                         health_timeout=health_timeout, repair=repair)
+                         health_timeout=health_timeout, repair=repair, new_key=new_key)
     canary_share = parse_share(canary, "--canary") if canary is not None else None
     if canary_share == 0:  # no canary stage at all: everything would go at once, which --canary asks not to do
         raise InputError(f"--canary {canary}: give a share above 0 (e.g. 10%), or leave --canary out to deploy "
@@ -271,6 +282,11 @@ def deploy_cmd(
     # touched: a database that cannot be reached stops the deploy here), where select, fleet status and report
     # read them.
     history = open_fleet_history(fleet_file, history_spec) if canary_share else None
+    if new_key:  # the device's old broker password went with its old key: a fresh one where the wall removed it
+        from edge_kit.loop.revoke import readmit_broker_users
+
+        for line in readmit_broker_users(fleet, targets, broker_dir):
+            (err if as_json else out).print(safe(line), highlight=False)  # --json keeps stdout one document
     with progress_bar(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} devices"),
                       TimeElapsedColumn(), as_json=as_json) as bar:
         task = bar.add_task("deploying", total=len(targets))

@@ -385,6 +385,8 @@ def _live_cells(live: dict[str, Any] | None) -> tuple[str, str]:
 
 def _state_cell(state: dict[str, Any]) -> str:
     """Return the table's state cell for :func:`~edge_kit.telemetry.report.device_state`'s answer, saying where it came from."""
+    if state["state"] == "revoked":
+        return f"[red]revoked[/] ({state['revoked_on']})"
     if state["source"] is None:
         return "never seen"
     if state["state"] == "stale":
@@ -394,18 +396,27 @@ def _state_cell(state: dict[str, Any]) -> str:
 
 def _fleet_states(fleet: Any, status: dict[str, dict[str, Any]], received: dict[str, float],
                   retained: dict[str, dict[str, Any]] | None = None,
-                  intervals: dict[str, float] | None = None) -> dict[str, dict[str, Any]]:
-    """Return :func:`~edge_kit.telemetry.report.device_state` for every device of ``fleet``: from ``retained`` (the
-    broker's statuses, verified) where it has one, else from the history's newest ``status``, when this host last
-    ``received`` from the device and the telemetry interval its agent says (the store's latest_status,
-    last_received and telemetry_intervals, read once by the caller)."""
+                  intervals: dict[str, float] | None = None,
+                  revoked: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+    """Return :func:`~edge_kit.telemetry.report.device_state` for every device of ``fleet``: ``revoked`` for a device
+    in ``revoked`` (the fleet's revoked devices, :meth:`~edge_kit.fleet.keys.FleetKeys.revoked_devices`; None: read
+    here, none when the list cannot be read), else from ``retained`` (the broker's statuses, verified) where it has
+    one, else from the history's newest ``status``, when this host last ``received`` from the device and the
+    telemetry interval its agent says (the store's latest_status, last_received and telemetry_intervals, read once
+    by the caller)."""
     import time as _time
 
+    from edge_kit.errors import ConfigError
     from edge_kit.telemetry.report import device_state
 
+    if revoked is None:
+        try:
+            revoked = fleet.key_store().revoked_devices()
+        except ConfigError:  # the live view goes on; `fleet status` reads the list itself and says what is wrong
+            revoked = {}
     now = _time.time()
     return {d.name: device_state(status.get(d.name), received.get(d.name), (retained or {}).get(d.name), now,
-                                 (intervals or {}).get(d.name))
+                                 (intervals or {}).get(d.name), revoked.get(d.name))
             for d in fleet.devices}
 
 
@@ -572,7 +583,7 @@ def _stop_on_sigterm() -> Callable[[], None]:
     return lambda: signal.signal(signal.SIGTERM, previous)
 
 
-fleet_app = typer.Typer(no_args_is_help=True, help="The fleet: its broker's wall, and what the history store knows.")
+fleet_app = typer.Typer(no_args_is_help=True, help="The fleet: its broker's wall, revoking a device, and what the history store knows.")
 app.add_typer(fleet_app, name="fleet")
 
 
@@ -646,6 +657,7 @@ def fleet_status_cmd(fleet_file: FleetOpt, history: HistoryOpt = None, as_json: 
     )
 
     fleet = load_fleet(fleet_file)
+    revoked = fleet.key_store().revoked_devices()  # a damaged revoked list is one line naming it
     db = open_fleet_history(fleet_file, history, read_only=True)
     retained, said = (None, "broker not asked (--history-only)") if history_only else broker_statuses(fleet)
     history_rule = (f"the history's newest status, 'stale' when the device has been silent for more than "
@@ -659,7 +671,8 @@ def fleet_status_cmd(fleet_file: FleetOpt, history: HistoryOpt = None, as_json: 
     if as_json:
         status = db.latest_status()
         telemetry = db.latest_telemetry()
-        emit_json({"state": _fleet_states(fleet, status, db.last_received(), retained, db.telemetry_intervals(telemetry)),
+        emit_json({"state": _fleet_states(fleet, status, db.last_received(), retained, db.telemetry_intervals(telemetry),
+                                          revoked),
                    "state_source": where,
                    "retained": retained, "status": status, "telemetry": telemetry, "live": db.latest_live(),
                    "shadow": db.latest_shadow(),
@@ -674,6 +687,36 @@ def fleet_status_cmd(fleet_file: FleetOpt, history: HistoryOpt = None, as_json: 
         for name, why in flagged.items():
             t.add_row(safe(name), safe(why))
         out.print(t)
+
+
+@fleet_app.command("revoke")
+def fleet_revoke_cmd(
+    device: Annotated[str, typer.Argument(help="The device whose key to revoke (compromised, stolen or lost).")],
+    fleet_file: FleetOpt,
+    reason: Annotated[str, typer.Option("--reason", help="Why, kept in keys/revoked.json.")] = "",
+    broker_dir: Annotated[Optional[Path], typer.Option(
+        "--broker-dir", help="The broker wall's folder (`edgekit fleet init --out`): its user is removed from passwd "
+                             "there too. A simulated fleet's broker is found (and reloaded) by itself.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Revoke a device's key: every receiver refuses its messages from now on, no deploy registers that key again.
+
+    The key moves from keys/devices.json to keys/revoked.json. The way back: `edgekit deploy --new-key`."""
+    from edge_kit.fleet.inventory import load_fleet
+    from edge_kit.fleet.keys import revoked_on
+    from edge_kit.loop.revoke import revoke_device
+
+    done = revoke_device(load_fleet(fleet_file), device, reason, broker_dir)
+    if as_json:
+        emit_json(done.as_dict())
+        return
+    if done.newly:
+        out.print(f"{safe(device)}: key {done.entry['key_id']} revoked; receivers refuse its messages from now on "
+                  "(the way back: edgekit deploy --new-key)", highlight=False)
+    else:
+        out.print(f"{safe(device)}: already revoked on {revoked_on(done.entry)} (key {done.entry['key_id']}); nothing "
+                  "changed in the registry", highlight=False)
+    out.print(f"{safe(device)}: {safe(done.broker)}", highlight=False)
 
 
 @app.command("report")

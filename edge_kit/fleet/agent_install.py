@@ -45,6 +45,7 @@ from device_agents.unit import render_unit
 from edge_kit.errors import ConfigError, DeployError
 from edge_kit.fleet.broker_setup import OPERATOR_USER
 from edge_kit.fleet.inventory import Device, Fleet
+from edge_kit.fleet.keys import KeyRevoked, revoked_on
 from edge_kit.fleet.ssh import MIN_PYTHON, RESTART_PENDING, DeviceShell
 from edge_kit.profiles import load_profile
 from edgekit_protocol.config import (
@@ -227,17 +228,22 @@ class AgentState:
     restarted_at: float | None  # host clock, when the service was (re)started
 
 
-def ensure_agent(shell: DeviceShell, fleet: Fleet) -> AgentState:
-    """Make the device run the current agent code with its current config.
+def ensure_agent(shell: DeviceShell, fleet: Fleet, new_key: bool = False) -> AgentState:
+    """Make the device run the current agent code with its current config. ``new_key``: give the device a
+    fresh key pair, replacing the one it holds (the way back for a device whose key was revoked).
 
     Returns:
         What changed and, when the service was (re)started, when.
 
     Raises:
+        KeyRevoked: the device holds a revoked key and ``new_key`` is not given (checked before anything
+            is written to the device).
         DeployError: the device's Python lacks a dependency (with the pip command), an upload or a
             remote step failed.
     """
     dev, info = shell.dev, shell.info
+    if not new_key:
+        _check_not_revoked(shell, fleet)
     root = shell.root
     changed: list[str] = []
     marked = info["restart_pending"]
@@ -266,7 +272,7 @@ def ensure_agent(shell: DeviceShell, fleet: Fleet) -> AgentState:
         signed = json.dumps(operator.sign(codecheck.code_manifest(files, sha)), indent=1)
         shell.run([dev.python, "-c", _INSTALL_BUNDLE, part, sha, root, signed])
         changed.append(f"agent {edge_kit.__version__} ({sha[:12]})" + ("" if why == "not installed" else f", reinstalled: {why}"))
-    changed += _ensure_identity(shell, fleet, before_change)
+    changed += _ensure_identity(shell, fleet, before_change, new_key)
     broker = dev.agent_broker or fleet.broker
     if broker.tls and broker.tls.ca:  # the CA the agent checks the broker's certificate against
         try:
@@ -309,25 +315,49 @@ def ensure_agent(shell: DeviceShell, fleet: Fleet) -> AgentState:
     return AgentState(changed, started)
 
 
-def _ensure_identity(shell: DeviceShell, fleet: Fleet, before_change: Callable[[], None]) -> list[str]:
-    """Give the device its signing key (once) and the operator keys it accepts commands from;
-    ``before_change`` is called before the first write to the device.
+def _device_public(shell: DeviceShell) -> bytes | None:
+    """Return the public key the device holds (read over SSH by the probe), or None when it has no key or
+    the public half is unreadable (then it gets a new key)."""
+    info = shell.info
+    if info["device_pub"] and info["has_device_key"]:
+        try:
+            return decode_key(info["device_pub"], f"{shell.dev.name}: identity/device.pub")
+        except ConfigError:
+            return None
+    return None
 
-    A device without a key gets a fresh one, generated here, written over SSH (mode 600) and
-    registered; this host keeps no copy. A device that has one is registered with the public key it
-    holds (read over SSH, whose host key the deploy verified). Returns what changed.
+
+def _check_not_revoked(shell: DeviceShell, fleet: Fleet) -> None:
+    """Return None unless the key the device holds is in the fleet's revoked list.
 
     Raises:
-        DeployError: a write failed. ConfigError: the fleet's keys cannot be read.
+        KeyRevoked: it is (one line: the device, the key, when, and the way back).
+        ConfigError: the revoked list cannot be read.
+    """
+    public = _device_public(shell)
+    entry = fleet.key_store().revocation(public) if public is not None else None
+    if entry is not None:
+        raise KeyRevoked(f"{shell.dev.name}: its key {entry['key_id']} was revoked on {revoked_on(entry)}: re-image it "
+                         "or run deploy with --new-key to give it a fresh key pair")
+
+
+def _ensure_identity(shell: DeviceShell, fleet: Fleet, before_change: Callable[[], None],
+                     new_key: bool = False) -> list[str]:
+    """Give the device its signing key (once, or a fresh one with ``new_key``) and the operator keys it accepts
+    commands from; ``before_change`` is called before the first write to the device.
+
+    A device without a key (or with ``new_key``) gets a fresh one, generated here, written over SSH (mode 600
+    before a byte is written, replacing the old key) and registered; this host keeps no copy. A device that has
+    one is registered with the public key it holds (read over SSH, whose host key the deploy verified).
+    Returns what changed.
+
+    Raises:
+        DeployError: a write failed. KeyRevoked: the key it holds was revoked (without ``new_key``).
+        ConfigError: the fleet's keys cannot be read.
     """
     keys, info, root = fleet.key_store(), shell.info, shell.root
     changed = []
-    public = None
-    if info["device_pub"] and info["has_device_key"]:
-        try:
-            public = decode_key(info["device_pub"], f"{shell.dev.name}: identity/device.pub")
-        except ConfigError:
-            public = None  # unreadable: give it a new key below
+    public = None if new_key else _device_public(shell)  # None: unreadable or none, given a new key below
     if public is None:
         signer = Signer.generate()
         before_change()
@@ -338,7 +368,7 @@ def _ensure_identity(shell: DeviceShell, fleet: Fleet, before_change: Callable[[
         shell.put(signer.pem(), f"{root}/identity/device.key", mode=0o600)
         shell.put((encode_key(signer.public) + "\n").encode(), f"{root}/identity/device.pub")
         public = signer.public
-        changed.append(f"device key {key_id(public)} provisioned")
+        changed.append(f"device key {key_id(public)} provisioned" + (" (a fresh key pair: --new-key)" if new_key else ""))
     if keys.register(shell.dev.name, public) and not changed:
         changed.append(f"device key {key_id(public)} registered")
     pinned = keys.operators_json()

@@ -25,6 +25,7 @@ import os
 import secrets
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,60 @@ def write_private(path: Path, data: bytes) -> None:
     os.fchmod(fd, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
+
+
+def _rewrite_passwd(passwd: Path, change: Callable[[list[str]], list[str]]) -> bool:
+    """Apply ``change`` to the lines of the Mosquitto password file ``passwd`` and write the result atomically (a
+    temporary file, mode 600, renamed over it: the broker never reads half a file); return whether it changed.
+
+    Raises:
+        InputError: ``passwd`` cannot be read (names it; nothing is written).
+        OSError: it cannot be rewritten (it stays as it was).
+    """
+    try:
+        lines = passwd.read_text(encoding="utf-8").splitlines(keepends=True)
+    except (OSError, UnicodeError) as exc:
+        raise InputError(f"{passwd}: cannot read the broker's password file ({getattr(exc, 'strerror', None) or exc}); "
+                         "give --broker-dir the folder `edgekit fleet init --out` wrote") from None
+    new = change(lines)
+    if new == lines:
+        return False
+    tmp = passwd.with_name(f".{passwd.name}.{os.getpid()}.part")
+    try:
+        write_private(tmp, "".join(new).encode())
+        os.replace(tmp, passwd)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return True
+
+
+def remove_broker_user(passwd: Path, user: str) -> bool:
+    """Remove ``user``'s line from the Mosquitto password file ``passwd``, atomically; return whether it was there.
+    The broker goes on taking the user until it reloads the file (SIGHUP, ``systemctl reload mosquitto``).
+
+    Raises:
+        InputError: ``passwd`` cannot be read (names it; nothing is written).
+        OSError: it cannot be rewritten (it stays as it was).
+    """
+    return _rewrite_passwd(passwd, lambda lines: [line for line in lines if line.split(":", 1)[0] != user])
+
+
+def add_broker_user(passwd: Path, user: str, password: str) -> None:
+    """Set ``user``'s password in the Mosquitto password file ``passwd`` (hashed, its old line replaced),
+    atomically; returns nothing. The broker takes it once it reloads the file.
+
+    Raises:
+        InputError: ``passwd`` cannot be read (names it; nothing is written).
+        OSError: it cannot be rewritten (it stays as it was).
+    """
+    def change(lines: list[str]) -> list[str]:
+        kept = [x for x in lines if x.split(":", 1)[0] != user]
+        if kept and not kept[-1].endswith("\n"):
+            kept[-1] += "\n"
+        return [*kept, mosquitto_password_line(user, password) + "\n"]
+
+    _rewrite_passwd(passwd, change)
 
 
 def make_tls(folder: Path, hosts: list[str], days: int = 365) -> BrokerTls:

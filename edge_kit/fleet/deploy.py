@@ -152,6 +152,7 @@ class DeployOptions:
     health: bool = True  # activate through the agent over MQTT and take its ack as the health report
     health_bench: dict[str, Any] | None = None  # also benchmark the activated model (canaries, tune)
     repair: bool = True  # the probe hashes the stored copies of the candidates; damaged ones are uploaded again
+    new_key: bool = False  # give each device a fresh key pair (the way back after `edgekit fleet revoke`)
 
 
 def candidates_for(manifest: Manifest, dev: Device) -> list[Artifact]:
@@ -298,7 +299,7 @@ class _Deployer:
         with DeviceShell(dev, self.fleet.known_hosts, self.opts.trust_new_hosts, cancel=self.cancel,
                          verify=tuple(a.sha256 for a in wanted) if self.opts.repair else ()) as shell:
             self.progress(dev.name, "agent")
-            agent = ensure_agent(shell, self.fleet)
+            agent = ensure_agent(shell, self.fleet, self.opts.new_key)
             result.actions += agent.changed
             if any(a.runtime in OPTIONAL_RUNTIMES for a in wanted):  # one more command, only when it matters
                 result.refused = runtime_refusals(dev.name, wanted, shell.python_facts.get("runtimes") or {})

@@ -7,6 +7,9 @@
   SSH (whose host key the deploy verifies) and registered here; the host keeps no copy of the
   private key. Receivers (the monitor, the deploy, tune, ``edgekit bench``) verify every message a
   device publishes against this registry.
+- ``revoked.json``: the keys taken back (``edgekit fleet revoke``), a JSON list of ``{"device", "key",
+  "key_id", "registered", "revoked": unix time, "reason"}``, oldest first. A key listed there is never
+  trusted again, whatever the registry says, and never registered again (:class:`KeyRevoked`).
 
 Writes are atomic (:func:`~edge_kit.fsutil.atomic_write_text`: a fsynced temporary file, then a rename), so
 a reader never sees half a registry.
@@ -29,14 +32,29 @@ from device_agents.identity import (
     encode_key,
     key_id,
 )
-from edge_kit.errors import ConfigError
+from edge_kit.errors import ConfigError, DeployError, InputError
 from edge_kit.fsutil import atomic_write_text
+from edgekit_protocol.errors import MessageError
 
 log = logging.getLogger("edgekit.keys")
 _lock = threading.Lock()  # deploys run per device in threads; registry updates are read-modify-write
 
 
 UNKNOWN_REREAD_S = 1.0  # a message from an unregistered device re-reads an unchanged registry at most this often
+
+
+def revoked_on(entry: dict[str, Any]) -> str:
+    """Return when a revoked-list entry was revoked, as ``YYYY-MM-DD HH:MM UTC`` (``an unknown date`` when it
+    holds no time)."""
+    at = entry.get("revoked")
+    if not isinstance(at, (int, float)) or isinstance(at, bool):
+        return "an unknown date"
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(at))
+
+
+class KeyRevoked(DeployError):
+    """A device holds a key that was revoked: it is not registered again (re-image the device, or deploy with
+    ``--new-key``)."""
 
 
 class _RegistryKeyring(Keyring):
@@ -50,15 +68,39 @@ class _RegistryKeyring(Keyring):
         self._read_at = 0.0  # monotonic time of the last read
         self._loaded = False  # read whole at least once
         self._damaged: tuple[int, ...] | None = None  # the stamp of an unreadable registry already logged
+        # (device, key id) -> why it is refused, for every revoked key; device -> the same, for its newest one
+        self._revoked: dict[tuple[str, str], str] = {}
+        self._revoked_device: dict[str, str] = {}
 
     def _file_stamp(self) -> tuple[int, ...] | None:
-        """Return what tells one registry file from another: inode, size, mtime and ctime (a rewrite is a
-        rename, so a new inode even within one tick of the file clock); None when there is no file."""
-        try:
-            st = self._keys.registry.stat()
-        except FileNotFoundError:
-            return None
-        return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        """Return what tells one state of the registry and the revoked list from another: each file's inode, size,
+        mtime and ctime (a rewrite is a rename, so a new inode even within one tick of the file clock), -1 for a
+        missing file; None when neither file is there."""
+        stamp: list[int] = []
+        for path in (self._keys.registry, self._keys.revoked_file):
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                stamp.append(-1)
+                continue
+            stamp += [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+        return None if stamp == [-1, -1] else tuple(stamp)
+
+    def _read(self) -> None:
+        """Read the registry and the revoked list; a registered key that is also revoked (a revocation cut off
+        between its two writes) is not trusted.
+
+        Raises:
+            ConfigError: either file cannot be read (nothing read is taken).
+        """
+        devices, revoked = self._keys.devices(), self._keys.revoked()
+        why = {(e["device"], e["key_id"]): (f"{e['device']}'s key {e['key_id']} was revoked on {revoked_on(e)}"
+                                            + (f" ({e['reason']})" if e.get("reason") else "") + "; refused")
+               for e in revoked}
+        ids = {kid for _, kid in why}
+        self.devices = {name: key for name, key in devices.items() if key_id(key) not in ids}
+        self._revoked = why
+        self._revoked_device = {device: text for (device, _), text in why.items()}  # the newest entry wins
 
     def keys_of(self, signer: str) -> tuple[bytes, ...]:
         """Return the keys that may sign as ``signer``.
@@ -74,7 +116,8 @@ class _RegistryKeyring(Keyring):
         if stamp != self._stamp or unknown:
             self._read_at = now
             try:
-                self.devices, self._stamp, self._loaded = self._keys.devices(), stamp, True
+                self._read()
+                self._stamp, self._loaded = stamp, True
             except ConfigError as exc:
                 if not self._loaded:
                     raise
@@ -83,6 +126,24 @@ class _RegistryKeyring(Keyring):
                     self._damaged = stamp
                     log.error("%s; verifying against the registry as last read until it is", exc)
         return super().keys_of(signer)
+
+    def verify(self, message: dict[str, Any], signer: str) -> None:
+        """Check that ``message`` was signed by ``signer``'s registered key (see :meth:`Keyring.verify`).
+
+        Raises:
+            MessageError: as :meth:`Keyring.verify`; the reason says ``revoked`` (and when) for a message signed by a
+                revoked key of ``signer``, or naming a device whose key was revoked and none registered since.
+        """
+        try:
+            super().verify(message, signer)
+        except MessageError:
+            if signer != OPERATOR:
+                why = self._revoked.get((signer, str(message.get("key_id"))))
+                if why is None and signer not in self.devices:
+                    why = self._revoked_device.get(signer)
+                if why is not None:
+                    raise MessageError(why) from None
+            raise
 
 
 OPERATOR_KEY_REMEDY = ("chmod 600 it (do not remove it: every device trusts this key and would refuse a new one; "
@@ -95,6 +156,7 @@ class FleetKeys:
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         self.registry = self.folder / "devices.json"
+        self.revoked_file = self.folder / "revoked.json"
         self._signer: Signer | None = None
 
     @property
@@ -134,24 +196,115 @@ class FleetKeys:
             raise ConfigError(f"{self.registry}: expected an object of device keys")
         return data
 
+    def revoked(self) -> list[dict[str, Any]]:
+        """Return the revoked list as stored, oldest first (empty when nothing was revoked); each entry has
+        ``device``, ``key`` (base64), ``key_id``, ``registered``, ``revoked`` (unix time) and ``reason``.
+
+        Raises:
+            ConfigError: it cannot be read, is not valid JSON, or an entry is not of that shape (the file is named).
+        """
+        try:
+            data = json.loads(self.revoked_file.read_text())
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{self.revoked_file}: unreadable list of revoked keys ({exc}); restore it") from None
+        if not isinstance(data, list):
+            raise ConfigError(f"{self.revoked_file}: expected a list of revoked keys")
+        for i, entry in enumerate(data):
+            if not (isinstance(entry, dict) and isinstance(entry.get("device"), str)):
+                raise ConfigError(f"{self.revoked_file}: entry {i} is not a revoked key (device, key, ...); restore it")
+            public = decode_key(entry.get("key") if isinstance(entry.get("key"), str) else "", f"{self.revoked_file}: entry {i}")
+            entry["key_id"] = key_id(public)  # from the key itself, whatever the entry says
+        return data
+
+    def revocation(self, public: bytes) -> dict[str, Any] | None:
+        """Return the revoked-list entry of the key ``public`` (the newest, should it be listed twice), or None when it
+        was never revoked.
+
+        Raises:
+            ConfigError: the revoked list cannot be read (:meth:`revoked`).
+        """
+        kid = key_id(public)
+        return next((e for e in reversed(self.revoked()) if e["key_id"] == kid), None)
+
+    def revoked_devices(self) -> dict[str, dict[str, Any]]:
+        """Return, per device that has no trusted key any more, its newest revoked-list entry: revoked, and no key
+        registered since (one given a new key, ``deploy --new-key``, is not in it).
+
+        Raises:
+            ConfigError: the registry or the revoked list cannot be read.
+        """
+        revoked = self.revoked()
+        ids = {e["key_id"] for e in revoked}
+        trusted = {name for name, key in self.devices().items() if key_id(key) not in ids}
+        return {e["device"]: e for e in revoked if e["device"] not in trusted}
+
+    def revoke(self, device: str, reason: str = "") -> tuple[dict[str, Any], bool]:
+        """Take ``device``'s registered key back: move it from the registry to the revoked list.
+
+        Two atomic writes, the revoked list first, then the registry: a revocation cut off between them
+        leaves the key in both, and a key in the revoked list is never trusted nor registered again, so the
+        device is revoked from the first write on (revoking it again finishes the second).
+
+        Returns:
+            The revoked-list entry and whether this call revoked it (False: it was revoked already; its
+            entry is the newest one).
+
+        Raises:
+            InputError: no key is registered for ``device`` and none ever was revoked (names the registry).
+            ConfigError: the registry or the revoked list is damaged (left as they are).
+            OSError: a file cannot be written (each stays whole).
+        """
+        with _lock:
+            data = self._entries()
+            revoked = self.revoked()
+            entry = data.get(device)
+            if entry is None:
+                done = [e for e in revoked if e["device"] == device]
+                if done:
+                    return done[-1], False
+                known = ", ".join(sorted(data)[:10]) or "none"
+                raise InputError(f"{device}: no key is registered for it in {self.registry} and none was revoked; "
+                                 f"check the device name (registered: {known})")
+            public = decode_key(entry.get("key", "") if isinstance(entry, dict) else "", f"{self.registry}: {device}")
+            listed = next((e for e in revoked if e["key_id"] == key_id(public)), None)
+            if listed is None:
+                listed = {"device": device, "key": encode_key(public), "key_id": key_id(public),
+                          "registered": entry.get("registered"), "revoked": round(time.time(), 3), "reason": reason}
+                atomic_write_text(self.revoked_file, json.dumps([*revoked, listed], indent=1))
+            del data[device]
+            atomic_write_text(self.registry, json.dumps(data, indent=1, sort_keys=True))
+            return listed, True
+
     def keyring(self) -> Keyring:
         """Return what receivers verify against: the registered devices (re-read whenever the registry
         file changes, so a device a deploy registers is known at once) and this operator."""
         return _RegistryKeyring(self)
 
     def register(self, device: str, public: bytes) -> bool:
-        """Record ``public`` as ``device``'s key; return True when that changed the registry."""
+        """Record ``public`` as ``device``'s key; return True when that changed the registry.
+
+        Raises:
+            KeyRevoked, ConfigError, OSError: as :meth:`register_many`.
+        """
         return self.register_many({device: public}) == 1
 
     def register_many(self, keys: dict[str, bytes]) -> int:
         """Record each ``{device: public key}`` in one rewrite of the registry; return how many changed.
 
         Raises:
-            ConfigError: the registry is damaged (left as it is; the message names it).
+            KeyRevoked: a key is in the revoked list (nothing is written; the message names the device and when).
+            ConfigError: the registry or the revoked list is damaged (left as it is; the message names it).
             OSError: it cannot be written (the previous registry stays whole).
         """
         with _lock:
             data = self._entries()
+            revoked = {e["key_id"]: e for e in self.revoked()}
+            for device, public in keys.items():
+                if key_id(public) in revoked:
+                    raise KeyRevoked(f"{device}: its key {key_id(public)} was revoked on {revoked_on(revoked[key_id(public)])}: "
+                                     "re-image it or run deploy with --new-key to give it a fresh key pair")
             changed = 0
             for device, public in keys.items():
                 if isinstance(data.get(device), dict) and data[device].get("key") == encode_key(public):

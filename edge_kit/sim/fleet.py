@@ -207,6 +207,39 @@ class SimFleet:
             self.down()
             raise
 
+    def broker_passwd(self) -> Path | None:
+        """Return the password file of the broker ``up`` started here when it is Mosquitto with credentials (the
+        fleet's broker wall); None when nothing is up here or the broker takes anyone (``--insecure``, embedded).
+
+        Raises:
+            ConfigError: ``sim.json`` cannot be read (:meth:`state`).
+        """
+        state = self.state()
+        broker = (state or {}).get("broker") or {}
+        if not str(broker.get("kind", "")).startswith("mosquitto (credentials"):
+            return None
+        return self.workdir / "broker" / "passwd"
+
+    def reload_broker(self) -> bool:
+        """Tell the Mosquitto ``up`` started here to read its password file and ACL again (SIGHUP); return whether
+        it was running (and is still the process ``up`` started) to be told.
+
+        Raises:
+            ConfigError: ``sim.json`` cannot be read (:meth:`state`).
+        """
+        import os
+        import signal
+
+        broker = (self.state() or {}).get("broker") or {}
+        pid = broker.get("pid")
+        if not isinstance(pid, int) or started_at(pid) is None or started_at(pid) != broker.get("started"):
+            return False
+        try:
+            os.kill(pid, signal.SIGHUP)
+        except ProcessLookupError:
+            return False
+        return True
+
     def start_agents(self, fleet: Fleet) -> None:
         """Deploy and start the agent on every device over SSH; wait until each is online.
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from device_agents.bench import thin_tail
 from edge_kit.errors import InputError
+from edge_kit.fleet.keys import revoked_on
 from edge_kit.fsutil import atomic_write_text
 from edge_kit.profiles import Profile, bundled_profiles, load_profile
 from edge_kit.telemetry.store import HistoryStore
@@ -341,7 +342,7 @@ TELEMETRY_INTERVAL_S = AgentConfig.telemetry_interval_s
 
 
 def device_state(status: dict[str, Any] | None, heard: float | None, retained: dict[str, Any] | None,
-                 now: float, interval_s: float | None = None) -> dict[str, Any]:
+                 now: float, interval_s: float | None = None, revoked: dict[str, Any] | None = None) -> dict[str, Any]:
     """Return what is known of one device's state: ``state`` (its status's word, ``stale`` or ``never seen``),
     ``source`` (``broker``: the status its broker holds retained, verified as the device's; ``history``:
     the newest one stored; None), ``said`` (the history's word), ``silent_s`` (since this host last stored
@@ -351,13 +352,17 @@ def device_state(status: dict[str, Any] | None, heard: float | None, retained: d
 
     The broker's retained status is what the agent said last, or its last will once its connection died,
     so it wins. From the history alone, an ``online`` older than :data:`STALE_INTERVALS` telemetry
-    intervals is ``stale``: nothing proves the agent still runs.
+    intervals is ``stale``: nothing proves the agent still runs. A device whose key was revoked (``revoked``: its
+    revoked-list entry, :meth:`~edge_kit.fleet.keys.FleetKeys.revoked_devices`) is ``revoked`` whatever it said
+    (source ``revoked list``, ``revoked_on`` when): nothing it signs is taken any more.
     """
     said = (status or {}).get("state")
     silent = None if heard is None else max(0.0, now - heard)
     interval, source = (interval_s, "device") if interval_s is not None else (TELEMETRY_INTERVAL_S, "default")
     after = STALE_INTERVALS * interval
     base = {"said": said, "silent_s": silent, "stale_after_s": after, "interval_s": interval, "interval_source": source}
+    if revoked is not None:
+        return {**base, "state": "revoked", "source": "revoked list", "revoked_on": revoked_on(revoked)}
     if retained is not None:
         return {**base, "state": retained.get("state"), "source": "broker"}
     if status is None:

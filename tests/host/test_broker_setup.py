@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import yaml
 
@@ -62,3 +64,44 @@ def test_an_interrupted_init_leaves_no_wall_and_the_next_one_writes_it_with_priv
     assert f"password_file {folder / 'passwd'}" in (folder / "mosquitto.conf").read_text()
     with pytest.raises(FileExistsError):
         broker_setup.write_fleet_wall(folder, "plant", ["cam-1"], ["127.0.0.1"])
+
+
+def test_fleet_revoke_with_broker_dir_removes_the_device_s_user_from_the_wall_written_by_fleet_init(tmp_path, run_cli):
+    """Stopping a compromised device at a real fleet's broker meant editing `passwd` by hand. `fleet revoke
+    --broker-dir` removes its line (atomically, mode 600 kept) and says the broker must reload it; a wrong folder is
+    one line and revokes nothing; without the folder the user is left and the line says what to do."""
+    from device_agents.identity import Signer
+    from edge_kit.fleet.inventory import load_fleet
+
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text(yaml.safe_dump({**FLEET, "devices": [*FLEET["devices"],
+                                                               {"name": "cam-2", "host": "10.0.0.3", "profile": "rpi4"}]}))
+    wall = tmp_path / "wall"
+    code, out, err = run_cli("fleet", "init", "--fleet", fleet_file, "--broker-host", "127.0.0.1", "--out", wall)
+    assert code == 0, err
+    settings = yaml.safe_load((wall / "fleet-broker.yaml").read_text())  # pasted into the fleet file, as it says
+    data = yaml.safe_load(fleet_file.read_text())
+    data["broker"] = settings["broker"]
+    for dev in data["devices"]:
+        dev["agent_broker"] = settings["agent_broker"][dev["name"]]
+    fleet_file.write_text(yaml.safe_dump(data))
+    keys = load_fleet(fleet_file).key_store()
+    keys.register_many({"cam-1": Signer.generate().public, "cam-2": Signer.generate().public})
+    code, out, err = run_cli("fleet", "revoke", "cam-1", "--fleet", fleet_file, "--broker-dir", tmp_path / "nowhere")
+    assert code == 2 and "no passwd file there" in err and len(err.strip().splitlines()) == 1, err
+    assert set(keys.devices()) == {"cam-1", "cam-2"}
+    before = (wall / "passwd").read_text().splitlines()
+    code, out, err = run_cli("fleet", "revoke", "cam-1", "--fleet", fleet_file, "--broker-dir", wall, "--json")
+    assert code == 0, err
+    done = json.loads(out)
+    assert done["newly_revoked"] and "removed its broker user 'cam-1'" in done["broker"]
+    assert "systemctl reload mosquitto" in done["broker"]
+    assert (wall / "passwd").read_text().splitlines() == [x for x in before if not x.startswith("cam-1:")]
+    assert (wall / "passwd").stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in wall.iterdir() if p.name.startswith(".")) == []  # no temporary file left
+    code, out, err = run_cli("fleet", "revoke", "cam-2", "--fleet", fleet_file)
+    assert code == 0 and "its broker user 'cam-2' is untouched: remove it at your broker" in " ".join(out.split()), out
+    assert any(x.startswith("cam-2:") for x in (wall / "passwd").read_text().splitlines())
+    broker_setup.add_broker_user(wall / "passwd", "cam-1", "fresh")  # the way back (deploy --new-key)
+    lines = (wall / "passwd").read_text().splitlines()
+    assert [x.split(":")[0] for x in lines].count("cam-1") == 1 and lines[-1].startswith("cam-1:$7$")

@@ -8,8 +8,8 @@ import threading
 import pytest
 
 from device_agents.identity import Signer, encode_key
-from edge_kit.errors import ConfigError
-from edge_kit.fleet.keys import FleetKeys
+from edge_kit.errors import ConfigError, InputError
+from edge_kit.fleet.keys import FleetKeys, KeyRevoked
 
 
 def _public(_seed: int) -> bytes:
@@ -169,3 +169,100 @@ def test_an_operator_key_readable_by_others_is_told_to_be_chmod_ed_never_removed
     assert "remove it for a new one" not in said and (tmp_path / "keys" / "operator.key").exists()
     (tmp_path / "keys" / "operator.key").chmod(0o600)
     assert FleetKeys(tmp_path / "keys").operator.public == first.public
+
+
+def test_a_revoked_key_moves_to_the_revoked_list_and_every_receiver_refuses_it_as_revoked(tmp_path):
+    """`Remove its key from keys/devices.json` was the only way to stop a compromised device, and the next deploy
+    registered the key it holds again. Revoking moves the key to keys/revoked.json: refused as revoked, at once."""
+    import os
+
+    from edgekit_protocol.errors import MessageError
+
+    keys = FleetKeys(tmp_path / "keys")
+    d1, d2 = Signer.generate(), Signer.generate()
+    keys.register_many({"d1": d1.public, "d2": d2.public})
+    keyring = keys.keyring()
+    keyring.verify(_signed(d1, "d1"), "d1")
+    entry, newly = keys.revoke("d1", "stolen from the warehouse")
+    assert newly and entry["device"] == "d1" and entry["key"] == encode_key(d1.public) and entry["reason"] == "stolen from the warehouse"
+    assert set(keys.devices()) == {"d2"}
+    assert [e["key_id"] for e in keys.revoked()] == [entry["key_id"]]
+    assert keys.revoked_file.stat().st_mode & 0o777 == keys.registry.stat().st_mode & 0o777
+    with pytest.raises(MessageError, match=r"d1's key [0-9a-f]{16} was revoked on \d{4}-\d\d-\d\d .*stolen.*refused"):
+        keyring.verify(_signed(d1, "d1"), "d1")  # the running receiver re-read it (the files were replaced)
+    with pytest.raises(MessageError, match="revoked"):
+        keys.keyring().verify(_signed(Signer.generate(), "d1"), "d1")  # any key on its topic: the device is revoked
+    keyring.verify(_signed(d2, "d2"), "d2")
+    assert keys.revoked_devices() == {"d1": keys.revoked()[0]}
+    again, newly = keys.revoke("d1", "again")  # idempotent: nothing rewritten
+    before = [os.stat(p).st_ino for p in (keys.registry, keys.revoked_file)]
+    again, newly = keys.revoke("d1", "again")
+    assert not newly and again["reason"] == "stolen from the warehouse"
+    assert [os.stat(p).st_ino for p in (keys.registry, keys.revoked_file)] == before
+    with pytest.raises(InputError, match=r"nope: no key is registered for it in .*devices.json and none was revoked"):
+        keys.revoke("nope")
+    assert len(keys.revoked()) == 1 and set(keys.devices()) == {"d2"}
+
+
+def test_a_revoked_key_is_never_registered_again_and_a_new_key_brings_the_device_back(tmp_path):
+    from edgekit_protocol.errors import MessageError
+
+    keys = FleetKeys(tmp_path / "keys")
+    old, new = Signer.generate(), Signer.generate()
+    keys.register("d1", old.public)
+    keys.revoke("d1")
+    with pytest.raises(KeyRevoked, match=r"^d1: its key [0-9a-f]{16} was revoked on \d{4}-\d\d-\d\d \d\d:\d\d UTC: "
+                                         "re-image it or run deploy with --new-key to give it a fresh key pair$"):
+        keys.register("d1", old.public)
+    with pytest.raises(KeyRevoked):
+        keys.register_many({"d2": Signer.generate().public, "d1": old.public})  # nothing of the batch is written
+    assert keys.devices() == {}
+    assert keys.register("d1", new.public)
+    keyring = keys.keyring()
+    keyring.verify(_signed(new, "d1"), "d1")
+    with pytest.raises(MessageError, match="revoked"):
+        keyring.verify(_signed(old, "d1"), "d1")  # the thief's key stays refused
+    assert keys.revoked_devices() == {} and len(keys.revoked()) == 1
+
+
+def test_a_revocation_cut_off_between_its_two_writes_already_refuses_the_key_and_revoking_again_finishes(tmp_path,
+                                                                                                         monkeypatch):
+    from edge_kit.fleet import keys as keys_module
+    from edgekit_protocol.errors import MessageError
+
+    keys = FleetKeys(tmp_path / "keys")
+    d1 = Signer.generate()
+    keys.register("d1", d1.public)
+    keyring = keys.keyring()
+    keyring.verify(_signed(d1, "d1"), "d1")
+    real = keys_module.atomic_write_text
+
+    def cut(path, text):
+        if path == keys.registry:
+            raise KeyboardInterrupt
+        real(path, text)
+
+    monkeypatch.setattr(keys_module, "atomic_write_text", cut)
+    with pytest.raises(KeyboardInterrupt):
+        keys.revoke("d1", "lost")
+    monkeypatch.setattr(keys_module, "atomic_write_text", real)
+    assert set(json.loads(keys.registry.read_text())) == {"d1"}  # still listed there ...
+    with pytest.raises(MessageError, match="revoked"):
+        keyring.verify(_signed(d1, "d1"), "d1")  # ... and refused all the same
+    with pytest.raises(KeyRevoked):
+        keys.register("d1", d1.public)
+    assert keys.revoked_devices().keys() == {"d1"}
+    entry, newly = keys.revoke("d1", "lost")
+    assert newly and keys.devices() == {} and len(keys.revoked()) == 1 and entry["reason"] == "lost"
+    assert sorted(p.name for p in (tmp_path / "keys").iterdir()) == ["devices.json", "operator.key", "revoked.json"]
+
+
+@pytest.mark.parametrize("content", ["{not json", "{}", '[{"device": "d1", "key": "short"}]'])
+def test_a_damaged_revoked_list_is_a_config_error_naming_it(tmp_path, content):
+    keys = FleetKeys(tmp_path / "keys")
+    keys.register("d1", Signer.generate().public)
+    keys.revoked_file.write_text(content)
+    for attempt in (keys.revoked, lambda: keys.revoke("d1"), lambda: keys.register("d2", _public(2))):
+        with pytest.raises(ConfigError, match="revoked.json"):
+            attempt()
+    assert keys.revoked_file.read_text() == content and set(keys.devices()) == {"d1"}

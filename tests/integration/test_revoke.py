@@ -1,0 +1,110 @@
+"""`edgekit fleet revoke` on a simulated fleet (real sshd, agent and Mosquitto with its wall), and the way back
+(`edgekit deploy --new-key`)."""
+
+from __future__ import annotations
+
+import json
+import ssl
+import threading
+import time
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+from harness import wait_until
+from paho.mqtt.enums import CallbackAPIVersion
+
+from device_agents.identity import Signer, key_id
+from edge_kit.fleet.commands import FleetClient
+from edge_kit.telemetry.monitor import Monitor
+from edge_kit.telemetry.store import Store
+from edgekit_protocol import messages
+
+pytestmark = pytest.mark.integration
+
+
+def connects(broker, user: str, password: str, ca: Path) -> str:
+    """Return how a fresh connection as ``user`` goes: "ok" or the broker's reason."""
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"revoke-{user}-{time.monotonic_ns()}")
+    client.username_pw_set(user, password)
+    client.tls_set(ca_certs=str(ca), cert_reqs=ssl.CERT_REQUIRED)
+    result, done = ["no answer"], threading.Event()
+
+    def on_connect(_c, _u, _f, reason, _p):
+        result[0] = "ok" if not reason.is_failure else str(reason)
+        done.set()
+
+    client.on_connect = on_connect
+    try:
+        client.connect(broker.host, broker.port)
+        client.loop_start()
+        done.wait(5)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return result[0]
+
+
+def test_a_revoked_device_is_refused_everywhere_until_deploy_new_key_gives_it_a_fresh_key(sim, digits_artifacts,
+                                                                                         run_cli, tmp_path):
+    """The only way to stop a stolen device was to edit keys/devices.json by hand, and the next deploy to it
+    registered the key it holds again (read over SSH). Now `fleet revoke` moves the key to the revoked list and
+    removes the device's broker user; its records are refused as revoked, a deploy refuses it in one line, and
+    `deploy --new-key` brings it back with a fresh key pair and broker password."""
+    simfleet, fleet = sim(1)
+    dev = fleet.devices[0]
+    wall = simfleet.workdir / "broker-wall"
+    ca = wall / "tls" / "ca.pem"
+    old_password = (wall / "secrets" / f"{dev.name}.pass").read_text().strip()
+    stolen = Signer.load(Path(dev.root) / "identity" / "device.key")  # what a thief holding the device has
+    store = Store(tmp_path / "h.db")
+    mon = Monitor(fleet, store).start()
+    try:
+        assert wait_until(lambda: dev.name in store.latest_status(), 30)  # its retained status, stored
+        code, out, err = run_cli("fleet", "revoke", dev.name, "--fleet", simfleet.fleet_file, "--reason", "stolen")
+        assert code == 0, err
+        assert f"key {stolen.key_id} revoked" in out and "the simulated broker read it again (SIGHUP)" in out, out
+        assert connects(fleet.broker, dev.name, old_password, ca) != "ok"  # its broker user is gone
+        code, out, err = run_cli("fleet", "revoke", dev.name, "--fleet", simfleet.fleet_file)
+        assert code == 0 and "already revoked on" in out, out
+        code, out, err = run_cli("fleet", "revoke", "rpi4-9", "--fleet", simfleet.fleet_file)
+        assert code == 2 and "rpi4-9: no key is registered for it" in err and len(err.strip().splitlines()) == 1, err
+
+        # the thief publishes a record signed with the stolen key (through any way onto the broker)
+        record = stolen.sign(messages.envelope("status", fleet.fleet, dev.name, 10**6, {"state": "online"}))
+        with FleetClient.of(fleet) as client:
+            client.client.publish(messages.topic(fleet.fleet, dev.name, "status"), messages.encode(record),
+                                  qos=1).wait_for_publish(10)
+        assert wait_until(lambda: any(r["payload"] and record["msg_id"] in r["payload"]
+                                      for r in store.refused_messages(dev.name, limit=100)), 20)
+        refused = next(r for r in store.refused_messages(dev.name, limit=100) if record["msg_id"] in r["payload"])
+        assert f"{dev.name}'s key {stolen.key_id} was revoked on" in refused["reason"] and "stolen" in refused["reason"]
+        assert record["msg_id"] not in json.dumps(store.latest_status())
+
+        code, out, err = run_cli("fleet", "status", "--fleet", simfleet.fleet_file, "--json")
+        assert code == 0, err
+        assert json.loads(out)["state"][dev.name]["state"] == "revoked"
+
+        # a deploy reads the stolen key over SSH: refused in one line, nothing registered, nothing written
+        code, out, err = run_cli("deploy", "--fleet", simfleet.fleet_file, "--artifacts", digits_artifacts, "--json")
+        assert code == 4, err
+        result = json.loads(out)["devices"][0]
+        assert result["status"] == "failed" and result["actions"] == []
+        assert result["reason"].startswith(f"{dev.name}: its key {stolen.key_id} was revoked on ") and result["reason"].endswith(
+            ": re-image it or run deploy with --new-key to give it a fresh key pair"), result["reason"]
+        assert fleet.key_store().devices() == {}
+
+        # the way back: a fresh key pair and a fresh broker password
+        code, out, err = run_cli("deploy", "--fleet", simfleet.fleet_file, "--artifacts", digits_artifacts, "--new-key")
+        assert code == 0, out + err
+        assert "added back" in out and "fresh key pair" in out, out
+        new = fleet.key_store().devices()[dev.name]
+        assert key_id(new) != stolen.key_id
+        assert (Path(dev.root) / "identity" / "device.key").stat().st_mode & 0o777 == 0o600
+        assert len(fleet.key_store().revoked()) == 1  # the stolen key stays revoked
+        assert connects(fleet.broker, dev.name, old_password, ca) != "ok"  # the old password stays out
+        assert wait_until(lambda: (store.latest_status().get(dev.name) or {}).get("key_id") == key_id(new), 30)
+        code, out, err = run_cli("fleet", "status", "--fleet", simfleet.fleet_file, "--json")
+        assert json.loads(out)["state"][dev.name]["state"] == "online", out
+    finally:
+        mon.stop()
