@@ -27,6 +27,7 @@ from edge_kit.cli.app import (
     app,
     bounded,
     emit_json,
+    err,
     open_fleet_history,
     out,
     print_refused,
@@ -709,13 +710,16 @@ def fleet_revoke_cmd(
     done = revoke_device(load_fleet(fleet_file), device, reason, broker_dir)
     if as_json:
         emit_json(done.as_dict())
-        return
+        raise typer.Exit(4 if done.broker_failed else 0)
     if done.newly:
         out.print(f"{safe(device)}: key {done.entry['key_id']} revoked; receivers refuse its messages from now on "
                   "(the way back: edgekit deploy --new-key)", highlight=False)
     else:
         out.print(f"{safe(device)}: already revoked on {revoked_on(done.entry)} (key {done.entry['key_id']}); nothing "
                   "changed in the registry", highlight=False)
+    if done.broker_failed:
+        err.print(f"{safe(device)}: {safe(done.broker)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(4)
     out.print(f"{safe(device)}: {safe(done.broker)}", highlight=False)
 
 

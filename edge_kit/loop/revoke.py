@@ -36,10 +36,12 @@ class Revocation:
     entry: dict[str, Any]
     newly: bool
     broker: str
+    broker_failed: bool = False  # the key is revoked, but its broker user could not be removed (``broker`` says why)
 
     def as_dict(self) -> dict[str, Any]:
         """Return it as plain data (for ``--json``)."""
         return {"device": self.device, "newly_revoked": self.newly, "broker": self.broker,
+                "broker_failed": self.broker_failed,
                 **{k: self.entry.get(k) for k in ("key_id", "key", "registered", "revoked", "reason")}}
 
 
@@ -97,7 +99,8 @@ def revoke_device(fleet: Fleet, device: str, reason: str = "", broker_dir: Path 
         InputError: ``broker_dir`` holds no readable ``passwd`` (checked before anything changes), or no key is
             registered for ``device`` and none was revoked.
         ConfigError: the registry or the revoked list is damaged (left as they are).
-        OSError: a file cannot be written (each stays whole).
+        OSError: the registry or the revoked list cannot be written (each stays whole; a ``passwd`` that cannot be
+            rewritten is ``broker_failed`` in the result instead: the key is revoked by then).
     """
     passwd, sim = _wall(fleet, broker_dir)
     user = _broker_user(fleet, device)
@@ -108,10 +111,15 @@ def revoke_device(fleet: Fleet, device: str, reason: str = "", broker_dir: Path 
     elif passwd is None:
         broker = (f"its broker user '{user}' is untouched: remove it at your broker (mosquitto_passwd -D passwd "
                   f"{user}) and {RELOAD_HINT}; or give --broker-dir, the folder `edgekit fleet init` wrote")
-    elif remove_broker_user(passwd, user):
-        broker = _reloaded(f"removed its broker user '{user}' from {passwd}", sim)
     else:
-        broker = f"no broker user '{user}' in {passwd} (removed already)"
+        try:
+            removed = remove_broker_user(passwd, user)
+        except OSError as exc:  # the key is revoked by now: say so, and what is left to do at the broker
+            return Revocation(device, entry, newly, f"its broker user '{user}' could not be removed from {passwd} "
+                              f"({exc.strerror or exc}): remove it there (mosquitto_passwd -D passwd {user}) and "
+                              f"{RELOAD_HINT}; or run this command again", broker_failed=True)
+        broker = (_reloaded(f"removed its broker user '{user}' from {passwd}", sim) if removed
+                  else f"no broker user '{user}' in {passwd} (removed already)")
     return Revocation(device, entry, newly, broker)
 
 

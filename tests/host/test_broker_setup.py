@@ -105,3 +105,36 @@ def test_fleet_revoke_with_broker_dir_removes_the_device_s_user_from_the_wall_wr
     broker_setup.add_broker_user(wall / "passwd", "cam-1", "fresh")  # the way back (deploy --new-key)
     lines = (wall / "passwd").read_text().splitlines()
     assert [x.split(":")[0] for x in lines].count("cam-1") == 1 and lines[-1].startswith("cam-1:$7$")
+
+
+def test_a_passwd_that_cannot_be_rewritten_leaves_the_key_revoked_and_says_what_is_left_in_one_line(
+        tmp_path, run_cli, monkeypatch):
+    """A `passwd` that could not be rewritten (a full disk, a read-only mount) after the key was revoked ended
+    `fleet revoke` in a traceback, leaving the operator unsure what was done. Now the key stays revoked and one
+    line says the broker user is left and what to do there, exit 4 (the command's "partly done")."""
+    from device_agents.identity import Signer
+    from edge_kit.fleet.inventory import load_fleet
+
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text(yaml.safe_dump(FLEET))
+    wall = tmp_path / "wall"
+    assert run_cli("fleet", "init", "--fleet", fleet_file, "--broker-host", "127.0.0.1", "--out", wall)[0] == 0
+    data = yaml.safe_load(fleet_file.read_text())
+    data["devices"][0]["agent_broker"] = yaml.safe_load((wall / "fleet-broker.yaml").read_text())["agent_broker"]["cam-1"]
+    fleet_file.write_text(yaml.safe_dump(data))
+    keys = load_fleet(fleet_file).key_store()
+    keys.register_many({"cam-1": Signer.generate().public})
+    before = (wall / "passwd").read_bytes()
+
+    def full(*_a, **_k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(broker_setup, "_rewrite_passwd", full)
+    code, out, err = run_cli("fleet", "revoke", "cam-1", "--fleet", fleet_file, "--broker-dir", wall)
+    assert code == 4 and len(err.strip().splitlines()) == 1, (out, err)
+    assert "its broker user 'cam-1' could not be removed" in err and "No space left on device" in err
+    assert "mosquitto_passwd -D passwd cam-1" in " ".join(err.split())
+    assert keys.devices() == {} and [e["device"] for e in keys.revoked()] == ["cam-1"]
+    assert (wall / "passwd").read_bytes() == before
+    code, out, _ = run_cli("fleet", "revoke", "cam-1", "--fleet", fleet_file, "--broker-dir", wall, "--json")
+    assert code == 4 and json.loads(out)["broker_failed"] is True

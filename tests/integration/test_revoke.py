@@ -65,6 +65,11 @@ def test_a_revoked_device_is_refused_everywhere_until_deploy_new_key_gives_it_a_
         assert code == 0, err
         assert f"key {stolen.key_id} revoked" in out and "the simulated broker read it again (SIGHUP)" in out, out
         assert connects(fleet.broker, dev.name, old_password, ca) != "ok"  # its broker user is gone
+        # and the connection its agent had open was closed at the reload (Mosquitto checks connected clients
+        # against the password file it read again): the agent is turned away when it connects again
+        agent_log = Path(dev.root) / "agent.log"
+        assert wait_until(lambda: "refused the connection: Not authorized" in agent_log.read_text(), 20), \
+            agent_log.read_text()[-2000:]
         code, out, err = run_cli("fleet", "revoke", dev.name, "--fleet", simfleet.fleet_file)
         assert code == 0 and "already revoked on" in out, out
         code, out, err = run_cli("fleet", "revoke", "rpi4-9", "--fleet", simfleet.fleet_file)
