@@ -41,6 +41,11 @@ COMMAND_TIMEOUT_S = 300
 # How long one SFTP request (open, write, stat, rename...) waits for the device's answer: a device that stops
 # answering fails the upload after this, wherever it stops (paramiko's SFTP waits without a deadline).
 SFTP_STALL_S = 60
+# The slowest an upload may go on average: it fails after 2 * SFTP_STALL_S + its size / SFTP_MIN_RATE seconds in all
+# (a 14 MB model: 5.6 min; one request's stall is the stall's failure, not this one), so a device answering each
+# request just in time cannot hold a deploy for a minute per chunk. 64 KiB/s is half a megabit: a Pi on a poor Wi-Fi
+# link does many times that.
+SFTP_MIN_RATE = 64 << 10
 _known_hosts_lock = threading.Lock()
 # Written (under the root) before a deploy changes what the agent runs (code, keys, config), removed once it
 # restarted the agent: a deploy cut off in between leaves it, and the next one restarts the agent.
@@ -321,6 +326,12 @@ def _error_line(stderr: str) -> str | None:
             return line
         end = start - 1
     return None
+
+
+def upload_deadline(size: int) -> float:
+    """Return how many seconds an upload of ``size`` bytes may take in all: twice :data:`SFTP_STALL_S` (so a device
+    that stops answering fails as that, after one request's wait) plus its size at :data:`SFTP_MIN_RATE`."""
+    return 2 * SFTP_STALL_S + size / SFTP_MIN_RATE
 
 
 def _close_quietly(chan: paramiko.Channel) -> None:
@@ -854,43 +865,65 @@ class DeviceShell:
     def put(self, local: Path | bytes, remote: str, mode: int = 0o644, *, rename: bool = True) -> str:
         """Upload a file (or bytes) to ``remote``, creating its folder; lands as ``.part`` then renamed.
 
-        ``rename`` False leaves it as ``.part`` (for a step that checks it and moves it itself).
+        ``rename`` False leaves it as ``.part`` (for a step that checks it and moves it itself). Each SFTP request
+        waits at most :data:`SFTP_STALL_S` for the device's answer, and the whole upload at most
+        :data:`SFTP_STALL_S` + its size / :data:`SFTP_MIN_RATE` (:func:`upload_deadline`).
 
         Returns:
             Where the file is on the device.
 
         Raises:
             DeployError: the transfer failed (disk full, connection lost, the device stopped answering for
-                :data:`SFTP_STALL_S`); the ``.part`` is removed where the device still answers.
+                :data:`SFTP_STALL_S`, or the upload went slower than :data:`SFTP_MIN_RATE`: the line names the
+                bytes sent and the rate required); the ``.part`` is removed where the device still answers.
+            OSError: ``local`` cannot be read.
         """
         target = remote
         part = target + ".part"
+        size = len(local) if isinstance(local, bytes) else Path(local).stat().st_size
+        allowed = upload_deadline(size)
+        sent = [0]
+        watchdog: threading.Timer | None = None
+        expired = threading.Event()
         try:
             sftp = self.sftp()
+            watchdog, expired = _watchdog(sftp.get_channel(), allowed)  # the channel closed: the waiting request ends
             self._makedirs(sftp, target.rsplit("/", 1)[0] if "/" in target else ".")
             if isinstance(local, bytes):  # the mode is set before a byte is written (private keys)
                 with sftp.open(part, "wb") as f:
                     f.chmod(mode)
                     f.set_pipelined(True)
-                    f.write(local)
+                    for start in range(0, len(local), f.MAX_REQUEST_SIZE):
+                        f.write(local[start:start + f.MAX_REQUEST_SIZE])
+                        sent[0] = min(start + f.MAX_REQUEST_SIZE, len(local))
             else:
-                sftp.put(str(local), part)
+                sftp.put(str(local), part, callback=lambda done, _total: sent.__setitem__(0, done))
                 sftp.chmod(part, mode)
             if rename:
                 sftp.posix_rename(part, target)
         except _LINK_ERRORS as exc:
             sizes = re.search(r"size mismatch.*?(\d+) != (\d+)", str(exc))
-            if sizes:  # paramiko's check after the transfer: the server kept fewer bytes than were sent
-                exc = OSError(f"the device stored only {sizes[1]} of {sizes[2]} bytes; is its disk full?")
-            elif str(exc) == "Failure":  # SFTP v3 reports a failed write (ENOSPC among others) only as this
-                exc = OSError("the device could not write the file (SFTP 'Failure'); is its disk full or read-only?")
-            why = self._sftp_failed(exc)
+            if expired.is_set():  # the device answered, each request in time, but too slowly for the whole
+                self._close_sftp()
+                why = (f"{sent[0]:,} of {size:,} bytes sent in {allowed:.0f} s; an upload must go at "
+                       f"{SFTP_MIN_RATE / 1024:g} KiB/s or more: check the device's link and load")
+            else:
+                if sizes:  # paramiko's check after the transfer: the server kept fewer bytes than were sent
+                    exc = OSError(f"the device stored only {sizes[1]} of {sizes[2]} bytes; is its disk full?")
+                elif str(exc) == "Failure":  # SFTP v3 reports a failed write (ENOSPC among others) only as this
+                    exc = OSError("the device could not write the file (SFTP 'Failure'); is its disk full or read-only?")
+                why = self._sftp_failed(exc)
             if not isinstance(exc, TimeoutError):  # a device that stopped answering would hold this as long again
                 try:
                     self.sftp().remove(part)
                 except _LINK_ERRORS:
                     pass
             raise DeployError(f"{self.dev.name}: upload of {Path(remote).name} failed ({why})") from None
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
+        if expired.is_set():  # it fired as the upload ended: the next request gets a session of its own
+            self._close_sftp()
         return target if rename else part
 
     def remove(self, remote: str) -> None:
