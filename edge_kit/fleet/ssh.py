@@ -29,7 +29,15 @@ import paramiko
 from fabric import Connection
 
 from device_agents import codecheck
-from device_agents.store import MAX_META_BYTES, damage, read_meta
+from device_agents.disk import within_limit
+from device_agents.store import (
+    MAX_META_BYTES,
+    META,
+    UNREADABLE_META,
+    damage,
+    meta_fault,
+    read_meta,
+)
 from device_agents.supervise import is_supervisor
 from edge_kit.errors import DeployError
 from edge_kit.fleet.inventory import Device
@@ -105,9 +113,22 @@ def text(path):
     data = read(path)
     return None if data is None else data.decode("utf-8", "replace")
 
-def meta(path):  # its first MAX_META + 1 bytes (more is damaged: read_meta says so by the length), byte for byte:
-    data = read(path, MAX_META + 1)  # a byte that is not UTF-8: a lone surrogate, printed \udcXX (the host takes
-    return None if data is None else data.decode("utf-8", "surrogateescape")  # the bytes back)
+spent = [0]  # what the meta.json texts printed so far take: at most META_BUDGET bytes in all
+
+def meta(path):  # its bytes as text (the host judges them: read_meta), or {"fault": why} when they are damaged
+    data = read(path, MAX_META_BYTES + 1)  # whatever they say (meta_fault: over the limit, not UTF-8), or when the
+    if data is None:  # texts before it took the budget (the candidates come first): at most META_BUDGET in all,
+        return None  # whatever the device holds (escaped, a file's bytes printed up to six times their length)
+    fault = meta_fault(data)
+    if fault is not None:
+        return {"fault": fault}
+    shown = data.decode("utf-8")
+    size = len(dump(shown).encode("utf-8"))
+    if spent[0] + size > META_BUDGET:
+        return {"fault": "%s not read: the device's meta.json files take more than the probe's %d bytes"
+                         % (META, META_BUDGET)}
+    spent[0] += size
+    return shown
 
 def exists(path):
     try:
@@ -143,6 +164,7 @@ except (FileNotFoundError, NotADirectoryError):
     names = []
 except OSError as exc:
     sys.exit("cannot list %s/models (%s)" % (root, exc.strerror or exc))
+ordered = [n for n in names if n in verify] + [n for n in names if n not in verify]  # the deploy's candidates first
 try:
     current = os.path.basename(os.readlink(os.path.join(root, "current"))) or None
 except OSError:
@@ -168,7 +190,7 @@ sys.stdout.buffer.write(dump({
     "has_device_key": exists(os.path.join(root, "identity", "device.key")),
     "pid": pid if pid.isdigit() else None, "cmdline": None if cmdline is None else cmdline.decode("latin-1"),
     "restart_pending": exists(os.path.join(root, pending)), "systemd": exists("/run/systemd/system"),
-    "models": {n: meta(os.path.join(root, "models", n, "meta.json")) for n in names}, "current": current,
+    "models": {n: meta(os.path.join(root, "models", n, META)) for n in ordered}, "current": current,
     "hashes": {n: file_hashes(os.path.join(root, "models", n)) for n in verify if n in names},
     "code": {"files": tree(code) if os.path.isdir(code) else None, "manifest": text(os.path.join(code, MANIFEST))},
 }).encode("utf-8", "backslashreplace") + b"\n")  # a lone surrogate (an undecodable file name): \udcXX
@@ -199,8 +221,9 @@ def _probe_shape(found: Any) -> None:
     for name, value in found["digests"].items():
         if not isinstance(value, maybe):
             raise ValueError(f"a field 'digests.{name}' of type {type(value).__name__}")
-    if any(not isinstance(meta, maybe) for meta in found["models"].values()):
-        raise ValueError("a field 'models' whose values are not all text or null")
+    if any(not isinstance(meta, maybe) and not (isinstance(meta, dict) and list(meta) == ["fault"] and isinstance(
+            meta["fault"], str) and len(meta["fault"]) <= MAX_FAULT_CHARS) for meta in found["models"].values()):
+        raise ValueError("a field 'models' whose values are not all text, null or {fault: a short text}")
     for files in found["hashes"].values():
         if not isinstance(files, dict) or any(not isinstance(h, str) for h in files.values()):
             raise ValueError("a field 'hashes' that is not sha256s by file name")
@@ -210,9 +233,9 @@ def _probe_shape(found: Any) -> None:
 
 
 def _device_bytes(text: str | None) -> bytes | None:
-    """Return the bytes of a device file that :data:`_DEVICE_STATE` printed as text (decoded with
-    ``surrogateescape``: each byte that is not UTF-8 a lone surrogate), as the file holds them; None stays None.
-    A surrogate no byte gives (a device's own script) is kept as bytes that are not UTF-8 either."""
+    """Return the bytes of a device file that :data:`_DEVICE_STATE` printed as text, as the file holds them (it
+    sends a file's text only when its bytes are UTF-8: :func:`device_agents.store.meta_fault`); None stays None. A
+    lone surrogate (a device's own script) is kept as bytes that are not UTF-8 either, which the rule then refuses."""
     if text is None:
         return None
     try:
@@ -245,11 +268,14 @@ def _facts_shape(found: Any) -> None:
 
 @functools.cache
 def _probe_script() -> str:
-    """Return the probe's script: :data:`_DEVICE_STATE` after :func:`device_agents.codecheck.tree`'s source
-    (read once: ``inspect`` tokenizes the module for it)."""
+    """Return the probe's script: :data:`_DEVICE_STATE` after the sources of :func:`device_agents.codecheck.tree`,
+    :func:`device_agents.disk.within_limit` and :func:`device_agents.store.meta_fault` (read once: ``inspect``
+    tokenizes the modules for it)."""
     return (f"from __future__ import annotations\nimport hashlib, os, sys\nMANIFEST = {codecheck.MANIFEST!r}\n"
-            f"MAX_META = {MAX_META_BYTES!r}\n"
-            + inspect.getsource(codecheck.tree) + _DEVICE_STATE)
+            f"META, MAX_META_BYTES, UNREADABLE_META = {META!r}, {MAX_META_BYTES!r}, {UNREADABLE_META!r}\n"
+            f"META_BUDGET = {META_BUDGET!r}\n"
+            + inspect.getsource(codecheck.tree) + inspect.getsource(within_limit) + inspect.getsource(meta_fault)
+            + _DEVICE_STATE)
 
 
 def probe_argv(python: str, root: str, verify: tuple[str, ...] = ()) -> list[str]:
@@ -307,6 +333,10 @@ MAX_JSON_STARTS = 64  # the lines run_json tries a document from: a shell's gree
 # one device's answer take 1.6 GB of the host's memory.
 MAX_JSON_BYTES = 4 << 20
 MAX_OUTPUT_BYTES = 64 << 20  # what one command may print (stdout and stderr): the probe's JSON is a few kB per model
+# What the probe prints of the device's meta.json files in all (their text, escaped): half of what the host parses.
+# Install writes a few hundred bytes (thousands of models fit); past it a file is sent as not read, damaged.
+META_BUDGET = MAX_JSON_BYTES // 2
+MAX_FAULT_CHARS = 200  # a meta.json's fault as the probe sends it (meta_fault's line, or the budget's)
 
 
 ERROR_TAIL_LINES = 10_000  # how many lines from its end a failing command's stderr is searched for its error line
@@ -613,7 +643,10 @@ class DeviceShell:
         keys and broker CA, the device's public key and whether its private key is there, whether its
         supervisor runs (the pid file's process, recognised by its command line), whether systemd
         runs, whether a deploy left a restart pending, the installed models and the current one (the
-        layout of :mod:`device_agents.store`), and ``damaged``: ``{sha256: why}`` for the stored models named
+        layout of :mod:`device_agents.store`; a ``meta.json`` is judged here from its bytes by
+        :func:`device_agents.store.read_meta`, or on the device already by :func:`device_agents.store.meta_fault`, and
+        once the probe printed :data:`META_BUDGET` of them, the rest, ``verify``'s first, count as damaged, not read),
+        and ``damaged``: ``{sha256: why}`` for the stored models named
         in ``verify`` that fail :func:`device_agents.store.damage` (their files hashed on the device). No SFTP
         session is opened: a device with nothing to
         change costs one SSH handshake and this one command.
@@ -631,6 +664,9 @@ class DeviceShell:
         root = found["root"]
         installed, metas, unread = [], {}, {}
         for name, meta in sorted(found["models"].items()):
+            if isinstance(meta, dict):  # damaged whatever its bytes say (meta_fault on the device), or not read
+                unread[name] = meta["fault"]
+                continue
             try:  # as the agent's store reads it, from the same bytes: strict JSON, within the contract install writes
                 metas[name] = read_meta(_device_bytes(meta), name)
             except ValueError as exc:  # damaged: not counted as installed, so the deploy uploads it again

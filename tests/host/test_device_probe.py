@@ -312,3 +312,66 @@ def test_a_meta_json_whose_bytes_are_all_utf8_reads_the_same_through_the_probe(t
     shell.verify = (sha,)
     found = shell._probe()
     assert found["damaged"] == {} and [m["note"] for m in found["installed"]] == ["caf\u00e9 \U0001F600"]
+
+
+def _stored(root, data: bytes, meta: bytes) -> str:
+    """Store a model holding ``data`` under ``root`` with ``meta`` as its meta.json; return its sha256."""
+    sha = hashlib.sha256(data).hexdigest()
+    folder = root / "models" / sha
+    folder.mkdir(parents=True)
+    (folder / "model.tflite").write_bytes(data)
+    (folder / "meta.json").write_bytes(meta)
+    return sha
+
+
+def test_fifty_oversized_meta_json_files_not_utf8_leave_the_probe_within_what_the_host_parses(tmp_path):
+    """Each meta.json was printed as up to 64 KiB + 1 bytes, a byte that is not UTF-8 as a six-character escape:
+    about ten such files put the probe's answer past the 4 MiB the host parses, so that device's deploy failed in one
+    line and no deploy could repair it (the repair needs the probe). Such bytes are judged on the device by the
+    agent's rule (meta_fault) and sent as its one line; the host takes it as the agent does."""
+    from device_agents.store import ModelStore
+    from edge_kit.fleet.ssh import MAX_JSON_BYTES
+
+    shas = [_stored(tmp_path, b"model %d" % i, b"\xff" * (64 * 1024 + 100)) for i in range(50)]
+    small = _stored(tmp_path, b"small", b'{"sha256": "x", "model": "\xff"}')  # within the limit, not UTF-8
+    out = subprocess.run(probe_argv(sys.executable, str(tmp_path), (*shas[:3], small)), capture_output=True,
+                         timeout=60, check=True).stdout
+    assert len(out) < 64 * 1024, f"{len(out):,} bytes printed"
+    shell = _shell_printing(out.decode())
+    shell.verify = (*shas[:3], small)
+    found = shell._probe()
+    assert found["installed"] == []
+    store = ModelStore(tmp_path)
+    assert found["damaged"] == {sha: store.describe(sha)["damaged"] for sha in (*shas[:3], small)}
+    assert found["damaged"][shas[0]] == "meta.json: over the 65,536 bytes such a file may take"
+    assert found["damaged"][small] == "meta.json is missing or unreadable"
+    assert MAX_JSON_BYTES > 4 * len(out)
+
+
+def test_what_the_probe_prints_of_meta_json_files_is_bounded_as_a_whole_the_candidates_first(tmp_path, monkeypatch):
+    """A meta.json within the limit and in UTF-8 is sent as text for the host to judge, escaped (a newline takes six
+    characters): past the probe's budget for them, the rest are sent as not read (a candidate is then uploaded
+    again, which replaces nothing that is intact), so no count of them takes the probe past what the host parses."""
+    from edge_kit.fleet import ssh
+
+    monkeypatch.setattr(ssh, "META_BUDGET", 400_000)  # one of them fits
+    ssh._probe_script.cache_clear()
+    try:
+        sha_of = {i: hashlib.sha256(b"m%d" % i).hexdigest() for i in range(12)}
+        for i, sha in sha_of.items():  # valid UTF-8, 60 KB: printed as 360 KB
+            _stored(tmp_path, b"m%d" % i, b'{"sha256": "%s", "variant": "int8", "model": "m"' % sha.encode()
+                    + b"\n" * 60_000 + b"}")
+        wanted = (sha_of[11],)  # the candidate sorts last: it still comes first
+        out = subprocess.run(probe_argv(sys.executable, str(tmp_path), wanted), capture_output=True, timeout=60,
+                             check=True).stdout
+    finally:
+        ssh._probe_script.cache_clear()
+    assert len(out) < 400_000 + 20_000, f"{len(out):,} bytes printed"
+    shell = _shell_printing(out.decode())
+    shell.verify = wanted
+    found = shell._probe()
+    assert found["damaged"] == {} and [m["sha256"] for m in found["installed"]] == [sha_of[11]]
+    assert shell._probe() == found
+    models = json.loads(out)["models"]
+    assert models[sha_of[0]] == {"fault": "meta.json not read: the device's meta.json files take more than the "
+                                          "probe's 400000 bytes"}
