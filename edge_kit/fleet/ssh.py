@@ -70,6 +70,9 @@ AGENT_MODULES = ("numpy", "yaml", "paho", "cryptography")
 LITERT_MISSING = "ai_edge_litert or tflite_runtime"
 FACT_MODULES = (*AGENT_MODULES, LITERT_MISSING)
 PATH_MAX = 4096  # Linux's longest path: the device Python's path is one
+# A process id has at most 7 digits (Linux's pid_max is at most 2^22); a pid file holding more names no process (and
+# int() refuses 4,300 or more: a ValueError the deploy reported as "unexpected", and a rollback raised)
+MAX_PID_DIGITS = 10
 
 # What only the device's Python can say: free space under the root, and which of the agent's
 # dependencies it lacks. Standard library only (the agent may not be there yet).
@@ -678,7 +681,7 @@ class DeviceShell:
         pid, cmdline = found["pid"], found["cmdline"]
         return {"root": root, **found["digests"], "code": found["code"],
                 "device_pub": found["device_pub"], "has_device_key": found["has_device_key"],
-                "agent_pid": int(pid) if pid and cmdline is not None
+                "agent_pid": int(pid) if pid and len(pid) <= MAX_PID_DIGITS and cmdline is not None
                 and is_supervisor(cmdline.encode("latin-1"), root) else None,
                 "restart_pending": found["restart_pending"], "systemd": found["systemd"],
                 "installed": installed, "current": found["current"], "damaged": damaged}

@@ -375,3 +375,15 @@ def test_what_the_probe_prints_of_meta_json_files_is_bounded_as_a_whole_the_cand
     models = json.loads(out)["models"]
     assert models[sha_of[0]] == {"fault": "meta.json not read: the device's meta.json files take more than the "
                                           "probe's 400000 bytes"}
+
+
+def test_a_pid_file_of_thousands_of_digits_names_no_running_agent(tmp_path):
+    """The probe's ``pid`` was taken to int() whole when its command line looked like the supervisor's: 5,000 digits
+    raised ValueError (int() refuses 4,300), "unexpected ValueError ... please report it" in a deploy, and a
+    traceback out of a rollback, which catches only edge-kit's errors. It names no process: no agent runs."""
+    supervisor = f"python\0-m\0device_agents\0supervise\0--pidfile\0{tmp_path}/agent.pid\0"
+    shell = _shell_printing(json.dumps({**_good(tmp_path), "root": str(tmp_path), "pid": "1" * 5000,
+                                        "cmdline": supervisor}))
+    assert shell._probe()["agent_pid"] is None
+    shell = _shell_printing(json.dumps({**_good(tmp_path), "root": str(tmp_path), "pid": "4242", "cmdline": supervisor}))
+    assert shell._probe()["agent_pid"] == 4242
