@@ -103,17 +103,44 @@ print(json.dumps({"free": shutil.disk_usage(probe).free, "python": sys.executabl
 _DEVICE_STATE = r"""
 root, pending, verify = os.path.expanduser(sys.argv[1]).rstrip("/"), sys.argv[2], sys.argv[3:]
 
-def read(path, limit=-1):  # its bytes, the first `limit` of them when one is given; None when it is missing
-    try:
-        with open(path, "rb") as f:
-            return f.read(limit)
+def opened(path):  # the file open for reading; None when it is missing or no regular file: a FIFO would hold the
+    try:  # probe (opened without waiting for a writer, never read), a link to /dev/zero fill the device's memory;
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # what the deploy writes there then replaces it
     except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as exc:
         sys.exit("cannot read %s (%s)" % (path, exc.strerror or exc))
+    f = os.fdopen(fd, "rb")
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        f.close()
+        return None
+    return f
 
-def text(path):
-    data = read(path)
+def read(path, limit=-1):  # its bytes, the first `limit` of them when one is given; None as opened() says
+    f = opened(path)
+    if f is None:
+        return None
+    with f:
+        try:
+            return f.read(limit)
+        except OSError as exc:
+            sys.exit("cannot read %s (%s)" % (path, exc.strerror or exc))
+
+def sha256(path):  # its sha256, read a block at a time (a file of gigabytes costs no memory); None as opened() says
+    f = opened(path)
+    if f is None:
+        return None
+    h = hashlib.sha256()
+    with f:
+        try:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        except OSError as exc:
+            sys.exit("cannot read %s (%s)" % (path, exc.strerror or exc))
+    return h.hexdigest()
+
+def text(path, limit):  # its first `limit` bytes as text: more is no key, pid or manifest (cut, it reads as none)
+    data = read(path, limit)
     return None if data is None else data.decode("utf-8", "replace")
 
 spent = [0]  # what the meta.json texts printed so far take: at most META_BUDGET bytes in all
@@ -143,23 +170,11 @@ def exists(path):
     return True
 
 def digest(name):
-    data = read(os.path.join(root, name))
-    return None if data is None else hashlib.sha256(data).hexdigest()
+    return sha256(os.path.join(root, name))
 
 def file_hashes(folder):  # the files a stored model's check needs (device_agents.store.damage), by name
-    out = {}
-    for name in ("model.tflite", "model.onnx", "eval.npz"):
-        path = os.path.join(folder, name)
-        if os.path.isfile(path):
-            h = hashlib.sha256()
-            try:
-                with open(path, "rb") as f:
-                    for block in iter(lambda: f.read(1 << 20), b""):
-                        h.update(block)
-            except OSError as exc:
-                sys.exit("cannot read %s (%s)" % (path, exc.strerror or exc))
-            out[name] = h.hexdigest()
-    return out
+    hashes = {name: sha256(os.path.join(folder, name)) for name in ("model.tflite", "model.onnx", "eval.npz")}
+    return {name: h for name, h in hashes.items() if h is not None}
 
 try:
     names = sorted(n for n in os.listdir(os.path.join(root, "models")) if len(n) == 64)
@@ -172,7 +187,7 @@ try:
     current = os.path.basename(os.readlink(os.path.join(root, "current"))) or None
 except OSError:
     current = None
-pid = (text(os.path.join(root, "agent.pid")) or "").strip()
+pid = (text(os.path.join(root, "agent.pid"), 64) or "").strip()
 cmdline = read("/proc/%s/cmdline" % pid) if pid.isdigit() else None
 code = os.path.join(root, "agent")
 _ESCAPES = {**{i: "\\u%04x" % i for i in range(32)}, ord('"'): '\\"', ord("\\"): "\\\\"}
@@ -189,13 +204,14 @@ sys.stdout.buffer.write(dump({
     "digests": {"config_sha256": digest("agent.yaml"), "password_sha256": digest("mqtt.pass"),
                 "operators_sha256": digest("identity/operators.json"),
                 "broker_ca_sha256": digest("identity/broker-ca.pem")},
-    "device_pub": (text(os.path.join(root, "identity", "device.pub")) or "").strip() or None,
+    "device_pub": (text(os.path.join(root, "identity", "device.pub"), 4096) or "").strip() or None,
     "has_device_key": exists(os.path.join(root, "identity", "device.key")),
     "pid": pid if pid.isdigit() else None, "cmdline": None if cmdline is None else cmdline.decode("latin-1"),
     "restart_pending": exists(os.path.join(root, pending)), "systemd": exists("/run/systemd/system"),
     "models": {n: meta(os.path.join(root, "models", n, META)) for n in ordered}, "current": current,
     "hashes": {n: file_hashes(os.path.join(root, "models", n)) for n in verify if n in names},
-    "code": {"files": tree(code) if os.path.isdir(code) else None, "manifest": text(os.path.join(code, MANIFEST))},
+    "code": {"files": tree(code) if os.path.isdir(code) else None,
+             "manifest": text(os.path.join(code, MANIFEST), MAX_MANIFEST_BYTES + 1)},
 }).encode("utf-8", "backslashreplace") + b"\n")  # a lone surrogate (an undecodable file name): \udcXX
 """
 
@@ -274,7 +290,8 @@ def _probe_script() -> str:
     """Return the probe's script: :data:`_DEVICE_STATE` after the sources of :func:`device_agents.codecheck.tree`,
     :func:`device_agents.disk.within_limit` and :func:`device_agents.store.meta_fault` (read once: ``inspect``
     tokenizes the modules for it)."""
-    return (f"from __future__ import annotations\nimport hashlib, os, sys\nMANIFEST = {codecheck.MANIFEST!r}\n"
+    return (f"from __future__ import annotations\nimport hashlib, os, stat, sys\nMANIFEST = {codecheck.MANIFEST!r}\n"
+            f"MAX_MANIFEST_BYTES = {codecheck.MAX_MANIFEST_BYTES!r}\n"
             f"META, MAX_META_BYTES, UNREADABLE_META = {META!r}, {MAX_META_BYTES!r}, {UNREADABLE_META!r}\n"
             f"META_BUDGET = {META_BUDGET!r}\n"
             + inspect.getsource(codecheck.tree) + inspect.getsource(within_limit) + inspect.getsource(meta_fault)

@@ -387,3 +387,34 @@ def test_a_pid_file_of_thousands_of_digits_names_no_running_agent(tmp_path):
     assert shell._probe()["agent_pid"] is None
     shell = _shell_printing(json.dumps({**_good(tmp_path), "root": str(tmp_path), "pid": "4242", "cmdline": supervisor}))
     assert shell._probe()["agent_pid"] == 4242
+
+
+def test_a_fifo_or_a_link_to_a_device_where_the_probe_reads_a_file_is_reported_as_no_file(tmp_path):
+    """The probe opened every file it reads as a file: a FIFO (at agent.yaml, a meta.json, in the agent's code) held
+    it until the command's deadline, every deploy of that device failed after 300 s and none could replace the file;
+    a link to /dev/zero (the device key's public half) was read until the device's memory ran out. Such a file is
+    none to the probe (the code's listing names it), so the deploy writes over it."""
+    data = b"tflite bytes"
+    sha = hashlib.sha256(data).hexdigest()
+    folder = tmp_path / "models" / sha
+    folder.mkdir(parents=True)
+    (folder / "model.tflite").write_bytes(data)
+    os.mkfifo(folder / "meta.json")
+    os.mkfifo(tmp_path / "agent.yaml")
+    (tmp_path / "identity").mkdir()
+    (tmp_path / "identity" / "device.pub").symlink_to("/dev/zero")
+    (tmp_path / "mqtt.pass").symlink_to("/dev/zero")
+    code = tmp_path / "agent-0123456789ab-1"
+    code.mkdir()
+    (tmp_path / "agent").symlink_to(code.name)
+    os.mkfifo(code / "fifo.py")
+    (code / "a.py").write_bytes(b"x")
+    out = subprocess.run(probe_argv(sys.executable, str(tmp_path), (sha,)), capture_output=True, timeout=20,
+                         check=True).stdout
+    found = json.loads(out)
+    assert found["digests"]["config_sha256"] is None and found["digests"]["password_sha256"] is None
+    assert found["device_pub"] is None and found["models"] == {sha: None}
+    assert found["code"]["files"] == {"a.py": hashlib.sha256(b"x").hexdigest(), "fifo.py": "not a regular file"}
+    shell = _shell_printing(out.decode())
+    shell.verify = (sha,)
+    assert shell._probe()["damaged"] == {sha: "meta.json is missing or unreadable"}
