@@ -143,22 +143,40 @@ def text(path, limit):  # its first `limit` bytes as text: more is no key, pid o
     data = read(path, limit)
     return None if data is None else data.decode("utf-8", "replace")
 
-spent = [0]  # what the meta.json texts printed so far take: at most META_BUDGET bytes in all
-
 def meta(path):  # its bytes as text (the host judges them: read_meta), or {"fault": why} when they are damaged
-    data = read(path, MAX_META_BYTES + 1)  # whatever they say (meta_fault: over the limit, not UTF-8), or when the
-    if data is None:  # texts before it took the budget (the candidates come first): at most META_BUDGET in all,
-        return None  # whatever the device holds (escaped, a file's bytes printed up to six times their length)
+    data = read(path, MAX_META_BYTES + 1)  # whatever they say (meta_fault: over the limit, not UTF-8): a byte that
+    if data is None:  # is not UTF-8 is printed as six characters
+        return None
     fault = meta_fault(data)
-    if fault is not None:
-        return {"fault": fault}
-    shown = data.decode("utf-8")
-    size = len(dump(shown).encode("utf-8"))
-    if spent[0] + size > META_BUDGET:
-        return {"fault": "%s not read: the device's meta.json files take more than the probe's %d bytes"
-                         % (META, META_BUDGET)}
-    spent[0] += size
-    return shown
+    return data.decode("utf-8") if fault is None else {"fault": fault}
+
+def printed(value):  # what dump(value) takes on the wire
+    return len(dump(value).encode("utf-8", "backslashreplace"))
+
+def listing():  # {name: meta}, the deploy's candidates first, in META_BUDGET bytes in all whatever the device holds:
+    out, spent = {}, 0  # past it, a candidate's meta.json is sent as not read, another model is left out (the
+    for n in ordered:  # deploy needs only the candidates')
+        value = meta(os.path.join(root, "models", n, META))
+        size = printed(n) + printed(value) + 2
+        if spent + size <= META_BUDGET:
+            spent += size
+        elif n in verify:
+            value = {"fault": "%s not read: the device's meta.json files take more than the probe's %d bytes"
+                              % (META, META_BUDGET)}
+        else:
+            continue
+        out[n] = value
+    return out
+
+def cut(files):  # the code's listing in CODE_BUDGET bytes: past it, cut, one entry saying so (it differs, so the
+    out, spent = {}, 0  # deploy installs the code again)
+    for rel, sha in files.items():
+        spent += printed(rel) + printed(sha) + 2
+        if spent > CODE_BUDGET:
+            out["... (the listing was cut at %d bytes)" % CODE_BUDGET] = "cut"
+            break
+        out[rel] = sha
+    return out
 
 def exists(path):
     try:
@@ -188,7 +206,8 @@ try:
 except OSError:
     current = None
 pid = (text(os.path.join(root, "agent.pid"), 64) or "").strip()
-cmdline = read("/proc/%s/cmdline" % pid) if pid.isdigit() else None
+cmdline = read("/proc/%s/cmdline" % pid, CMDLINE_BYTES) if pid.isdigit() else None  # cut: not the supervisor
+manifest = text(os.path.join(root, "agent", MANIFEST), MAX_MANIFEST_BYTES + 1)
 code = os.path.join(root, "agent")
 _ESCAPES = {**{i: "\\u%04x" % i for i in range(32)}, ord('"'): '\\"', ord("\\"): "\\\\"}
 
@@ -208,10 +227,10 @@ sys.stdout.buffer.write(dump({
     "has_device_key": exists(os.path.join(root, "identity", "device.key")),
     "pid": pid if pid.isdigit() else None, "cmdline": None if cmdline is None else cmdline.decode("latin-1"),
     "restart_pending": exists(os.path.join(root, pending)), "systemd": exists("/run/systemd/system"),
-    "models": {n: meta(os.path.join(root, "models", n, META)) for n in ordered}, "current": current,
+    "models": listing(), "current": current,
     "hashes": {n: file_hashes(os.path.join(root, "models", n)) for n in verify if n in names},
-    "code": {"files": tree(code) if os.path.isdir(code) else None,
-             "manifest": text(os.path.join(code, MANIFEST), MAX_MANIFEST_BYTES + 1)},
+    "code": {"files": cut(tree(code)) if os.path.isdir(code) else None,  # a manifest over the budget: none
+             "manifest": manifest if manifest is None or printed(manifest) <= CODE_BUDGET else None},
 }).encode("utf-8", "backslashreplace") + b"\n")  # a lone surrogate (an undecodable file name): \udcXX
 """
 
@@ -293,7 +312,7 @@ def _probe_script() -> str:
     return (f"from __future__ import annotations\nimport hashlib, os, stat, sys\nMANIFEST = {codecheck.MANIFEST!r}\n"
             f"MAX_MANIFEST_BYTES = {codecheck.MAX_MANIFEST_BYTES!r}\n"
             f"META, MAX_META_BYTES, UNREADABLE_META = {META!r}, {MAX_META_BYTES!r}, {UNREADABLE_META!r}\n"
-            f"META_BUDGET = {META_BUDGET!r}\n"
+            f"META_BUDGET, CODE_BUDGET, CMDLINE_BYTES = {META_BUDGET!r}, {CODE_BUDGET!r}, {CMDLINE_BYTES!r}\n"
             + inspect.getsource(codecheck.tree) + inspect.getsource(within_limit) + inspect.getsource(meta_fault)
             + _DEVICE_STATE)
 
@@ -354,8 +373,13 @@ MAX_JSON_STARTS = 64  # the lines run_json tries a document from: a shell's gree
 MAX_JSON_BYTES = 4 << 20
 MAX_OUTPUT_BYTES = 64 << 20  # what one command may print (stdout and stderr): the probe's JSON is a few kB per model
 # What the probe prints of the device's meta.json files in all (their text, escaped): half of what the host parses.
-# Install writes a few hundred bytes (thousands of models fit); past it a file is sent as not read, damaged.
+# Install writes a few hundred bytes (thousands of models fit); past it a candidate's is sent as not read, damaged,
+# and the other models are left out.
 META_BUDGET = MAX_JSON_BYTES // 2
+# What it prints of the agent's code listing, and of its signed manifest, each (the bundle's: about 10 kB); past it
+# the listing is cut and the manifest left out, so the deploy installs the code again instead of failing the probe.
+CODE_BUDGET = 512 << 10
+CMDLINE_BYTES = 8 * PATH_MAX  # what it reads of the pid file's process's command line (the supervisor's: 4 paths)
 MAX_FAULT_CHARS = 200  # a meta.json's fault as the probe sends it (meta_fault's line, or the budget's)
 
 
@@ -665,7 +689,9 @@ class DeviceShell:
         runs, whether a deploy left a restart pending, the installed models and the current one (the
         layout of :mod:`device_agents.store`; a ``meta.json`` is judged here from its bytes by
         :func:`device_agents.store.read_meta`, or on the device already by :func:`device_agents.store.meta_fault`, and
-        once the probe printed :data:`META_BUDGET` of them, the rest, ``verify``'s first, count as damaged, not read),
+        once the probe printed :data:`META_BUDGET` of them, a candidate in ``verify`` (they come first) counts as
+        damaged, not read, and the other models are left out; the code's listing and manifest take at most
+        :data:`CODE_BUDGET` each),
         and ``damaged``: ``{sha256: why}`` for the stored models named
         in ``verify`` that fail :func:`device_agents.store.damage` (their files hashed on the device). No SFTP
         session is opened: a device with nothing to

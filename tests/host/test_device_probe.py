@@ -350,8 +350,9 @@ def test_fifty_oversized_meta_json_files_not_utf8_leave_the_probe_within_what_th
 
 def test_what_the_probe_prints_of_meta_json_files_is_bounded_as_a_whole_the_candidates_first(tmp_path, monkeypatch):
     """A meta.json within the limit and in UTF-8 is sent as text for the host to judge, escaped (a newline takes six
-    characters): past the probe's budget for them, the rest are sent as not read (a candidate is then uploaded
-    again, which replaces nothing that is intact), so no count of them takes the probe past what the host parses."""
+    characters): past the probe's budget for them, a candidate's is sent as not read (uploaded again, which replaces
+    nothing that is intact) and the other models are left out (the deploy needs only the candidates'), so no count
+    of them takes the probe past what the host parses."""
     from edge_kit.fleet import ssh
 
     monkeypatch.setattr(ssh, "META_BUDGET", 400_000)  # one of them fits
@@ -361,7 +362,7 @@ def test_what_the_probe_prints_of_meta_json_files_is_bounded_as_a_whole_the_cand
         for i, sha in sha_of.items():  # valid UTF-8, 60 KB: printed as 360 KB
             _stored(tmp_path, b"m%d" % i, b'{"sha256": "%s", "variant": "int8", "model": "m"' % sha.encode()
                     + b"\n" * 60_000 + b"}")
-        wanted = (sha_of[11],)  # the candidate sorts last: it still comes first
+        wanted = tuple(sorted(sha_of.values())[-2:])  # the candidates sort last: they still come first
         out = subprocess.run(probe_argv(sys.executable, str(tmp_path), wanted), capture_output=True, timeout=60,
                              check=True).stdout
     finally:
@@ -370,11 +371,9 @@ def test_what_the_probe_prints_of_meta_json_files_is_bounded_as_a_whole_the_cand
     shell = _shell_printing(out.decode())
     shell.verify = wanted
     found = shell._probe()
-    assert found["damaged"] == {} and [m["sha256"] for m in found["installed"]] == [sha_of[11]]
-    assert shell._probe() == found
-    models = json.loads(out)["models"]
-    assert models[sha_of[0]] == {"fault": "meta.json not read: the device's meta.json files take more than the "
-                                          "probe's 400000 bytes"}
+    not_read = "meta.json not read: the device's meta.json files take more than the probe's 400000 bytes"
+    assert [m["sha256"] for m in found["installed"]] == [wanted[0]] and found["damaged"] == {wanted[1]: not_read}
+    assert sorted(json.loads(out)["models"]) == sorted(wanted)
 
 
 def test_a_pid_file_of_thousands_of_digits_names_no_running_agent(tmp_path):
@@ -418,3 +417,33 @@ def test_a_fifo_or_a_link_to_a_device_where_the_probe_reads_a_file_is_reported_a
     shell = _shell_printing(out.decode())
     shell.verify = (sha,)
     assert shell._probe()["damaged"] == {sha: "meta.json is missing or unreadable"}
+
+
+def test_the_code_listing_manifest_and_command_line_the_probe_prints_are_bounded(tmp_path, monkeypatch):
+    """The agent's code listing and manifest were printed whole: a folder of 60,000 files (a pip install into it, a
+    flood of cache files) or a manifest of 1 MiB of control characters (six escaped each) took the probe past what
+    the host parses, so no deploy could install the code again. Each is bounded; past it, the listing is cut (and
+    differs) and the manifest is none, which the deploy repairs."""
+    from edge_kit.fleet import ssh
+
+    code = tmp_path / "agent-0123456789ab-1"
+    code.mkdir()
+    (tmp_path / "agent").symlink_to(code.name)
+    for i in range(3000):
+        (code / f"f{i:05d}.py").write_bytes(b"")
+    (code / codecheck.MANIFEST).write_bytes(b"\x01" * 200_000)
+    monkeypatch.setattr(ssh, "CODE_BUDGET", 100_000, raising=False)
+    ssh._probe_script.cache_clear()
+    long = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "\x01" * 100_000])
+    try:  # the pid file names a process of a long command line: read up to CMDLINE_BYTES
+        (tmp_path / "agent.pid").write_text(f"{long.pid}\n")
+        found = probe(tmp_path)
+    finally:
+        long.kill()
+        long.wait()
+        ssh._probe_script.cache_clear()
+    files = found["code"]["files"]
+    assert 1000 < len(files) < 1400 and files["... (the listing was cut at 100000 bytes)"] == "cut"
+    assert found["code"]["manifest"] is None
+    assert len(found["cmdline"]) == 8 * 4096  # CMDLINE_BYTES
+    assert len(json.dumps(found)) < 2 * 100_000 + 6 * 8 * 4096 + 10_000
