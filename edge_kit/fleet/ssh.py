@@ -35,6 +35,7 @@ from device_agents.store import (
     META,
     UNREADABLE_META,
     damage,
+    is_sha256,
     meta_fault,
     read_meta,
 )
@@ -195,7 +196,7 @@ def file_hashes(folder):  # the files a stored model's check needs (device_agent
     return {name: h for name, h in hashes.items() if h is not None}
 
 try:
-    names = sorted(n for n in os.listdir(os.path.join(root, "models")) if len(n) == 64)
+    names = sorted(n for n in os.listdir(os.path.join(root, "models")) if len(n) == 64 and not n.strip(HEX))
 except (FileNotFoundError, NotADirectoryError):
     names = []
 except OSError as exc:
@@ -259,6 +260,10 @@ def _probe_shape(found: Any) -> None:
     for name, value in found["digests"].items():
         if not isinstance(value, maybe):
             raise ValueError(f"a field 'digests.{name}' of type {type(value).__name__}")
+    if not all(is_sha256(name) for name in itertools.chain(found["models"], found["hashes"])):
+        # what the probe lists are the store's folders, named by sha256: a device's made-up names (350,000 of one
+        # character each fit in what the host parses) each cost a judgement, seconds of the host's CPU in all
+        raise ValueError("a field 'models' or 'hashes' naming a model by other than a sha256")
     if any(not isinstance(meta, maybe) and not (isinstance(meta, dict) and list(meta) == ["fault"] and isinstance(
             meta["fault"], str) and len(meta["fault"]) <= MAX_FAULT_CHARS) for meta in found["models"].values()):
         raise ValueError("a field 'models' whose values are not all text, null or {fault: a short text}")
@@ -310,7 +315,7 @@ def _probe_script() -> str:
     :func:`device_agents.disk.within_limit` and :func:`device_agents.store.meta_fault` (read once: ``inspect``
     tokenizes the modules for it)."""
     return (f"from __future__ import annotations\nimport hashlib, os, stat, sys\nMANIFEST = {codecheck.MANIFEST!r}\n"
-            f"MAX_MANIFEST_BYTES = {codecheck.MAX_MANIFEST_BYTES!r}\n"
+            f"MAX_MANIFEST_BYTES, HEX = {codecheck.MAX_MANIFEST_BYTES!r}, '0123456789abcdef'\n"
             f"META, MAX_META_BYTES, UNREADABLE_META = {META!r}, {MAX_META_BYTES!r}, {UNREADABLE_META!r}\n"
             f"META_BUDGET, CODE_BUDGET, CMDLINE_BYTES = {META_BUDGET!r}, {CODE_BUDGET!r}, {CMDLINE_BYTES!r}\n"
             + inspect.getsource(codecheck.tree) + inspect.getsource(within_limit) + inspect.getsource(meta_fault)

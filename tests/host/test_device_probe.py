@@ -447,3 +447,23 @@ def test_the_code_listing_manifest_and_command_line_the_probe_prints_are_bounded
     assert found["code"]["manifest"] is None
     assert len(found["cmdline"]) == 8 * 4096  # CMDLINE_BYTES
     assert len(json.dumps(found)) < 2 * 100_000 + 6 * 8 * 4096 + 10_000
+
+
+@pytest.mark.parametrize("field", ["models", "hashes"])
+def test_a_probe_answer_naming_models_by_other_than_a_sha256_is_refused_before_each_is_judged(tmp_path, field):
+    """The store's folders are named by sha256, and the probe lists only those: a device answering with 350,000
+    made-up names of a few characters (within the 4 MiB the host parses) had each judged, 6 s of the host's CPU."""
+    from edge_kit.errors import DeployError
+
+    names = {str(i): ("" if field == "models" else {}) for i in range(350_000)}
+    answer = json.dumps({**_good(tmp_path), field: names}, separators=(",", ":"))
+    assert len(answer) < 4 << 20
+    with pytest.raises(DeployError, match=r"^pi-1: the device state probe printed a field 'models' or 'hashes' "
+                                          r"naming a model by other than a sha256, not what the probe prints"):
+        _shell_printing(answer)._probe()
+
+
+def test_the_probe_lists_only_the_stores_folders_named_by_a_sha256(tmp_path):
+    (tmp_path / "models" / ("Z" * 64)).mkdir(parents=True)  # not the store's: an honest device's stray folder
+    (tmp_path / "models" / ("a" * 64)).mkdir()
+    assert probe(tmp_path)["models"] == {"a" * 64: None}
