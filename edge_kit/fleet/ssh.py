@@ -962,17 +962,17 @@ class DeviceShell:
         Raises:
             DeployError: the transfer failed (disk full, connection lost, the device stopped answering for
                 :data:`SFTP_STALL_S`, or the upload went slower than :data:`SFTP_MIN_RATE`: the line names the
-                bytes sent and the rate required); the ``.part`` is removed where the device still answers.
-            OSError: ``local`` cannot be read.
+                bytes sent and the rate required), or ``local`` cannot be read; the ``.part`` is removed where the
+                device still answers.
         """
         target = remote
         part = target + ".part"
-        size = len(local) if isinstance(local, bytes) else Path(local).stat().st_size
-        allowed = upload_deadline(size)
-        sent = [0]
+        size, allowed, sent = 0, 0.0, [0]
         watchdog: threading.Timer | None = None
         expired = threading.Event()
         try:
+            size = len(local) if isinstance(local, bytes) else Path(local).stat().st_size  # unreadable: one line too
+            allowed = upload_deadline(size)
             sftp = self.sftp()
             watchdog, expired = _watchdog(sftp.get_channel(), allowed)  # the channel closed: the waiting request ends
             self._makedirs(sftp, target.rsplit("/", 1)[0] if "/" in target else ".")

@@ -342,3 +342,12 @@ def test_an_upload_answered_just_in_time_request_by_request_fails_at_its_overall
     assert " of 655,360 bytes sent in 3 s; an upload must go at 1024 KiB/s or more" in str(got[0]), str(got[0])
     assert _SlowSftp.removed == ["/opt/edgekit/incoming/model.tflite.part"]
     assert ssh.upload_deadline(14 << 20) == 2.0 + 14
+
+
+def test_an_upload_of_a_local_file_gone_meanwhile_is_one_line_naming_it(device, tmp_path):
+    """The upload's size is read before its deadline is set: a local file removed since the manifest was checked
+    raised FileNotFoundError out of put(), "unexpected ... please report it" in a deploy."""
+    _SlowSftp.removed = []
+    shell = _shell(device(lambda channel: False, sftp=_SlowSftp))
+    with pytest.raises(DeployError, match=r"^pi-1: upload of int8\.tflite failed \(.*No such file"):
+        shell.put(tmp_path / "gone.tflite", "/opt/edgekit/incoming/int8.tflite")
