@@ -315,7 +315,9 @@ class _SlowSftp(paramiko.SFTPServerInterface):
         return paramiko.SFTP_OK
 
 
-def test_an_upload_answered_just_in_time_request_by_request_fails_at_its_overall_deadline(device, monkeypatch):
+@pytest.mark.parametrize("source", ["bytes", "file"])
+def test_an_upload_answered_just_in_time_request_by_request_fails_at_its_overall_deadline(device, monkeypatch,
+                                                                                         tmp_path, source):
     """Every SFTP request waited at most SFTP_STALL_S, but a device answering each just in time stalled an upload of N
     chunks for N times that. The upload as a whole now has 2 * SFTP_STALL_S + its size at SFTP_MIN_RATE; past it, one
     line names the device, the file, the bytes sent and the rate required, and the .part is removed."""
@@ -324,11 +326,15 @@ def test_an_upload_answered_just_in_time_request_by_request_fails_at_its_overall
     _SlowSftp.removed = []
     shell = _shell(device(lambda channel: False, sftp=_SlowSftp))  # 20 writes of 32 KiB: 5 s at 0.25 s each
     got, seconds = [], []
+    local = b"m" * (640 << 10)
+    if source == "file":  # sftp.put, as a deploy uploads a model
+        (tmp_path / "model.tflite").write_bytes(local)
+        local = tmp_path / "model.tflite"
 
     def go():
         started = time.monotonic()
         try:
-            got.append(shell.put(b"m" * (640 << 10), "/opt/edgekit/incoming/model.tflite", rename=False))
+            got.append(shell.put(local, "/opt/edgekit/incoming/model.tflite", rename=False))
         except BaseException as exc:  # noqa: BLE001 - the test looks at it
             got.append(exc)
         seconds.append(time.monotonic() - started)
