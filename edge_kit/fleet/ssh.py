@@ -110,6 +110,8 @@ def opened(path):  # the file open for reading; None when it is missing or no re
     except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as exc:
+        if exc.errno == errno.ELOOP:  # a link leading to itself: no file either (an error held every deploy)
+            return None
         sys.exit("cannot read %s (%s)" % (path, exc.strerror or exc))
     f = os.fdopen(fd, "rb")
     if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -314,7 +316,7 @@ def _probe_script() -> str:
     """Return the probe's script: :data:`_DEVICE_STATE` after the sources of :func:`device_agents.codecheck.tree`,
     :func:`device_agents.disk.within_limit` and :func:`device_agents.store.meta_fault` (read once: ``inspect``
     tokenizes the modules for it)."""
-    return (f"from __future__ import annotations\nimport hashlib, os, stat, sys\nMANIFEST = {codecheck.MANIFEST!r}\n"
+    return (f"from __future__ import annotations\nimport errno, hashlib, os, stat, sys\nMANIFEST = {codecheck.MANIFEST!r}\n"
             f"MAX_MANIFEST_BYTES, HEX = {codecheck.MAX_MANIFEST_BYTES!r}, '0123456789abcdef'\n"
             f"META, MAX_META_BYTES, UNREADABLE_META = {META!r}, {MAX_META_BYTES!r}, {UNREADABLE_META!r}\n"
             f"META_BUDGET, CODE_BUDGET, CMDLINE_BYTES = {META_BUDGET!r}, {CODE_BUDGET!r}, {CMDLINE_BYTES!r}\n"

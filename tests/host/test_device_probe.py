@@ -467,3 +467,13 @@ def test_the_probe_lists_only_the_stores_folders_named_by_a_sha256(tmp_path):
     (tmp_path / "models" / ("Z" * 64)).mkdir(parents=True)  # not the store's: an honest device's stray folder
     (tmp_path / "models" / ("a" * 64)).mkdir()
     assert probe(tmp_path)["models"] == {"a" * 64: None}
+
+
+def test_a_link_leading_to_itself_where_the_probe_reads_a_file_is_no_file(tmp_path):
+    """A symlink loop at agent.yaml or the device's public key made the probe exit with "cannot read ... (Too many
+    levels of symbolic links)": every deploy of that device failed in that line, and none wrote over the link."""
+    (tmp_path / "agent.yaml").symlink_to("agent.yaml")
+    (tmp_path / "identity").mkdir()
+    (tmp_path / "identity" / "device.pub").symlink_to("device.pub")
+    found = probe(tmp_path)
+    assert found["digests"]["config_sha256"] is None and found["device_pub"] is None
