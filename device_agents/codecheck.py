@@ -35,7 +35,8 @@ MAX_MANIFEST_BYTES = 1 << 20  # a sha256 per file of the agent's code (a few hun
 def tree(folder: str | os.PathLike) -> dict[str, str]:
     """Return ``{relative path: sha256}`` of every file under ``folder`` but :data:`MANIFEST`, sorted.
 
-    Symlinks are listed by their target text (never followed), so a link cannot hide a file.
+    Symlinks are listed by their target text (never followed), so a link cannot hide a file; a FIFO, socket or
+    device as ``not a regular file`` (never opened: reading a FIFO waits for a writer).
     """
     out: dict[str, str] = {}
     base = os.fspath(folder)
@@ -48,6 +49,9 @@ def tree(folder: str | os.PathLike) -> dict[str, str]:
                 continue
             if os.path.islink(path):
                 out[rel] = "symlink:" + os.readlink(path)
+                continue
+            if not os.path.isfile(path):  # a FIFO or a device: never opened (a FIFO held the check, and the deploy's
+                out[rel] = "not a regular file"  # probe, until their deadline), listed so that it differs
                 continue
             h = hashlib.sha256()
             with open(path, "rb") as f:

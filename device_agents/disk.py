@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import sqlite3
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -232,9 +233,14 @@ def read_head(path: Path, limit: int) -> bytes:
     file's contract (a model's ``meta.json``: :func:`device_agents.store.read_meta`) takes these bytes.
 
     Raises:
-        OSError: it cannot be read (FileNotFoundError: there is none).
+        OSError: it cannot be read (FileNotFoundError: there is none), or it is no regular file: a FIFO (opened without
+            waiting for a writer, never read: open() waited for one, holding the agent) or a device such as /dev/zero
+            (which would never end), errno EINVAL.
     """
-    with open(path, "rb") as f:
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
         return f.read(limit + 1)
 
 

@@ -124,6 +124,22 @@ def check_variant(value: Any) -> str:
     return _printable_name(value, "variant")
 
 
+def meta_fault(data: bytes) -> str | None:
+    """Return why the bytes of a model's ``meta.json`` are damaged whatever they say, else None: over
+    :data:`MAX_META_BYTES` (:func:`device_agents.disk.within_limit`'s line) or not UTF-8 (:data:`UNREADABLE_META`, as
+    :func:`read_meta` says of them). The part of :func:`read_meta`'s rule that needs no JSON parser: the deploy's probe
+    runs this function's source on the device (with :func:`device_agents.disk.within_limit`'s), and sends this line
+    instead of such bytes, so what it prints stays bounded whatever a damaged file holds."""
+    try:
+        within_limit(data, MAX_META_BYTES, META)
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return UNREADABLE_META
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def read_meta(data: str | bytes | None, sha256: str) -> dict[str, Any]:
     """Return the metadata of the stored model ``sha256`` that ``data`` holds (its ``meta.json`` as
     :func:`device_agents.disk.read_head` reads it, at most :data:`MAX_META_BYTES` + 1 bytes; None: there is none),
@@ -138,7 +154,8 @@ def read_meta(data: str | bytes | None, sha256: str) -> dict[str, Any]:
 
     Raises:
         ValueError: one line starting ``meta.json``: it is missing or not UTF-8 JSON (:data:`UNREADABLE_META`), over
-            :data:`MAX_META_BYTES` (:func:`device_agents.disk.within_limit`), holds a NaN, an infinity or a key twice,
+            :data:`MAX_META_BYTES` (:func:`device_agents.disk.within_limit`; both checked by :func:`meta_fault` first for
+            bytes), holds a NaN, an infinity or a key twice,
             is not an object, or a field is out of contract: ``sha256`` not the folder's name, ``variant``
             (:func:`check_variant`), ``model`` not 1 to :data:`edgekit_protocol.desired.MAX_NAME_CHARS` printable
             characters, ``bytes`` not a whole number from 0, ``installed`` not a finite number, ``format`` not a known
@@ -146,6 +163,9 @@ def read_meta(data: str | bytes | None, sha256: str) -> dict[str, Any]:
     """
     if data is None:
         raise ValueError(UNREADABLE_META)
+    fault = meta_fault(data) if isinstance(data, bytes) else None
+    if fault is not None:
+        raise ValueError(fault)
     within_limit(data, MAX_META_BYTES, META)
     try:
         meta = strict_loads(data, META)

@@ -29,7 +29,16 @@ import paramiko
 from fabric import Connection
 
 from device_agents import codecheck
-from device_agents.store import MAX_META_BYTES, damage, read_meta
+from device_agents.disk import within_limit
+from device_agents.store import (
+    MAX_META_BYTES,
+    META,
+    UNREADABLE_META,
+    damage,
+    is_sha256,
+    meta_fault,
+    read_meta,
+)
 from device_agents.supervise import is_supervisor
 from edge_kit.errors import DeployError
 from edge_kit.fleet.inventory import Device
@@ -41,6 +50,11 @@ COMMAND_TIMEOUT_S = 300
 # How long one SFTP request (open, write, stat, rename...) waits for the device's answer: a device that stops
 # answering fails the upload after this, wherever it stops (paramiko's SFTP waits without a deadline).
 SFTP_STALL_S = 60
+# The slowest an upload may go on average: it fails after 2 * SFTP_STALL_S + its size / SFTP_MIN_RATE seconds in all
+# (a 14 MB model: 5.6 min; one request's stall is the stall's failure, not this one), so a device answering each
+# request just in time cannot hold a deploy for a minute per chunk. 64 KiB/s is half a megabit: a Pi on a poor Wi-Fi
+# link does many times that.
+SFTP_MIN_RATE = 64 << 10
 _known_hosts_lock = threading.Lock()
 # Written (under the root) before a deploy changes what the agent runs (code, keys, config), removed once it
 # restarted the agent: a deploy cut off in between leaves it, and the next one restarts the agent.
@@ -57,6 +71,9 @@ AGENT_MODULES = ("numpy", "yaml", "paho", "cryptography")
 LITERT_MISSING = "ai_edge_litert or tflite_runtime"
 FACT_MODULES = (*AGENT_MODULES, LITERT_MISSING)
 PATH_MAX = 4096  # Linux's longest path: the device Python's path is one
+# A process id has at most 7 digits (Linux's pid_max is at most 2^22); a pid file holding more names no process (and
+# int() refuses 4,300 or more: a ValueError the deploy reported as "unexpected", and a rollback raised)
+MAX_PID_DIGITS = 10
 
 # What only the device's Python can say: free space under the root, and which of the agent's
 # dependencies it lacks. Standard library only (the agent may not be there yet).
@@ -87,22 +104,82 @@ print(json.dumps({"free": shutil.disk_usage(probe).free, "python": sys.executabl
 _DEVICE_STATE = r"""
 root, pending, verify = os.path.expanduser(sys.argv[1]).rstrip("/"), sys.argv[2], sys.argv[3:]
 
-def read(path, limit=-1):  # its bytes, the first `limit` of them when one is given; None when it is missing
-    try:
-        with open(path, "rb") as f:
-            return f.read(limit)
+def opened(path):  # the file open for reading; None when it is missing or no regular file: a FIFO would hold the
+    try:  # probe (opened without waiting for a writer, never read), a link to /dev/zero fill the device's memory;
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # what the deploy writes there then replaces it
     except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as exc:
+        if exc.errno == errno.ELOOP:  # a link leading to itself: no file either (an error held every deploy)
+            return None
         sys.exit("cannot read %s (%s)" % (path, exc.strerror or exc))
+    f = os.fdopen(fd, "rb")
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        f.close()
+        return None
+    return f
 
-def text(path):
-    data = read(path)
+def read(path, limit=-1):  # its bytes, the first `limit` of them when one is given; None as opened() says
+    f = opened(path)
+    if f is None:
+        return None
+    with f:
+        try:
+            return f.read(limit)
+        except OSError as exc:
+            sys.exit("cannot read %s (%s)" % (path, exc.strerror or exc))
+
+def sha256(path):  # its sha256, read a block at a time (a file of gigabytes costs no memory); None as opened() says
+    f = opened(path)
+    if f is None:
+        return None
+    h = hashlib.sha256()
+    with f:
+        try:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        except OSError as exc:
+            sys.exit("cannot read %s (%s)" % (path, exc.strerror or exc))
+    return h.hexdigest()
+
+def text(path, limit):  # its first `limit` bytes as text: more is no key, pid or manifest (cut, it reads as none)
+    data = read(path, limit)
     return None if data is None else data.decode("utf-8", "replace")
 
-def meta(path):  # its first MAX_META + 1 bytes (more is damaged: read_meta says so by the length), byte for byte:
-    data = read(path, MAX_META + 1)  # a byte that is not UTF-8: a lone surrogate, printed \udcXX (the host takes
-    return None if data is None else data.decode("utf-8", "surrogateescape")  # the bytes back)
+def meta(path):  # its bytes as text (the host judges them: read_meta), or {"fault": why} when they are damaged
+    data = read(path, MAX_META_BYTES + 1)  # whatever they say (meta_fault: over the limit, not UTF-8): a byte that
+    if data is None:  # is not UTF-8 is printed as six characters
+        return None
+    fault = meta_fault(data)
+    return data.decode("utf-8") if fault is None else {"fault": fault}
+
+def printed(value):  # what dump(value) takes on the wire
+    return len(dump(value).encode("utf-8", "backslashreplace"))
+
+def listing():  # {name: meta}, the deploy's candidates first, in META_BUDGET bytes in all whatever the device holds:
+    out, spent = {}, 0  # past it, a candidate's meta.json is sent as not read, another model is left out (the
+    for n in ordered:  # deploy needs only the candidates')
+        value = meta(os.path.join(root, "models", n, META))
+        size = printed(n) + printed(value) + 2
+        if spent + size <= META_BUDGET:
+            spent += size
+        elif n in verify:
+            value = {"fault": "%s not read: the device's meta.json files take more than the probe's %d bytes"
+                              % (META, META_BUDGET)}
+        else:
+            continue
+        out[n] = value
+    return out
+
+def cut(files):  # the code's listing in CODE_BUDGET bytes: past it, cut, one entry saying so (it differs, so the
+    out, spent = {}, 0  # deploy installs the code again)
+    for rel, sha in files.items():
+        spent += printed(rel) + printed(sha) + 2
+        if spent > CODE_BUDGET:
+            out["... (the listing was cut at %d bytes)" % CODE_BUDGET] = "cut"
+            break
+        out[rel] = sha
+    return out
 
 def exists(path):
     try:
@@ -114,36 +191,26 @@ def exists(path):
     return True
 
 def digest(name):
-    data = read(os.path.join(root, name))
-    return None if data is None else hashlib.sha256(data).hexdigest()
+    return sha256(os.path.join(root, name))
 
 def file_hashes(folder):  # the files a stored model's check needs (device_agents.store.damage), by name
-    out = {}
-    for name in ("model.tflite", "model.onnx", "eval.npz"):
-        path = os.path.join(folder, name)
-        if os.path.isfile(path):
-            h = hashlib.sha256()
-            try:
-                with open(path, "rb") as f:
-                    for block in iter(lambda: f.read(1 << 20), b""):
-                        h.update(block)
-            except OSError as exc:
-                sys.exit("cannot read %s (%s)" % (path, exc.strerror or exc))
-            out[name] = h.hexdigest()
-    return out
+    hashes = {name: sha256(os.path.join(folder, name)) for name in ("model.tflite", "model.onnx", "eval.npz")}
+    return {name: h for name, h in hashes.items() if h is not None}
 
 try:
-    names = sorted(n for n in os.listdir(os.path.join(root, "models")) if len(n) == 64)
+    names = sorted(n for n in os.listdir(os.path.join(root, "models")) if len(n) == 64 and not n.strip(HEX))
 except (FileNotFoundError, NotADirectoryError):
     names = []
 except OSError as exc:
     sys.exit("cannot list %s/models (%s)" % (root, exc.strerror or exc))
+ordered = [n for n in names if n in verify] + [n for n in names if n not in verify]  # the deploy's candidates first
 try:
     current = os.path.basename(os.readlink(os.path.join(root, "current"))) or None
 except OSError:
     current = None
-pid = (text(os.path.join(root, "agent.pid")) or "").strip()
-cmdline = read("/proc/%s/cmdline" % pid) if pid.isdigit() else None
+pid = (text(os.path.join(root, "agent.pid"), 64) or "").strip()
+cmdline = read("/proc/%s/cmdline" % pid, CMDLINE_BYTES) if pid.isdigit() else None  # cut: not the supervisor
+manifest = text(os.path.join(root, "agent", MANIFEST), MAX_MANIFEST_BYTES + 1)
 code = os.path.join(root, "agent")
 _ESCAPES = {**{i: "\\u%04x" % i for i in range(32)}, ord('"'): '\\"', ord("\\"): "\\\\"}
 
@@ -159,13 +226,14 @@ sys.stdout.buffer.write(dump({
     "digests": {"config_sha256": digest("agent.yaml"), "password_sha256": digest("mqtt.pass"),
                 "operators_sha256": digest("identity/operators.json"),
                 "broker_ca_sha256": digest("identity/broker-ca.pem")},
-    "device_pub": (text(os.path.join(root, "identity", "device.pub")) or "").strip() or None,
+    "device_pub": (text(os.path.join(root, "identity", "device.pub"), 4096) or "").strip() or None,
     "has_device_key": exists(os.path.join(root, "identity", "device.key")),
     "pid": pid if pid.isdigit() else None, "cmdline": None if cmdline is None else cmdline.decode("latin-1"),
     "restart_pending": exists(os.path.join(root, pending)), "systemd": exists("/run/systemd/system"),
-    "models": {n: meta(os.path.join(root, "models", n, "meta.json")) for n in names}, "current": current,
+    "models": listing(), "current": current,
     "hashes": {n: file_hashes(os.path.join(root, "models", n)) for n in verify if n in names},
-    "code": {"files": tree(code) if os.path.isdir(code) else None, "manifest": text(os.path.join(code, MANIFEST))},
+    "code": {"files": cut(tree(code)) if os.path.isdir(code) else None,  # a manifest over the budget: none
+             "manifest": manifest if manifest is None or printed(manifest) <= CODE_BUDGET else None},
 }).encode("utf-8", "backslashreplace") + b"\n")  # a lone surrogate (an undecodable file name): \udcXX
 """
 
@@ -194,8 +262,13 @@ def _probe_shape(found: Any) -> None:
     for name, value in found["digests"].items():
         if not isinstance(value, maybe):
             raise ValueError(f"a field 'digests.{name}' of type {type(value).__name__}")
-    if any(not isinstance(meta, maybe) for meta in found["models"].values()):
-        raise ValueError("a field 'models' whose values are not all text or null")
+    if not all(is_sha256(name) for name in itertools.chain(found["models"], found["hashes"])):
+        # what the probe lists are the store's folders, named by sha256: a device's made-up names (350,000 of one
+        # character each fit in what the host parses) each cost a judgement, seconds of the host's CPU in all
+        raise ValueError("a field 'models' or 'hashes' naming a model by other than a sha256")
+    if any(not isinstance(meta, maybe) and not (isinstance(meta, dict) and list(meta) == ["fault"] and isinstance(
+            meta["fault"], str) and len(meta["fault"]) <= MAX_FAULT_CHARS) for meta in found["models"].values()):
+        raise ValueError("a field 'models' whose values are not all text, null or {fault: a short text}")
     for files in found["hashes"].values():
         if not isinstance(files, dict) or any(not isinstance(h, str) for h in files.values()):
             raise ValueError("a field 'hashes' that is not sha256s by file name")
@@ -205,9 +278,9 @@ def _probe_shape(found: Any) -> None:
 
 
 def _device_bytes(text: str | None) -> bytes | None:
-    """Return the bytes of a device file that :data:`_DEVICE_STATE` printed as text (decoded with
-    ``surrogateescape``: each byte that is not UTF-8 a lone surrogate), as the file holds them; None stays None.
-    A surrogate no byte gives (a device's own script) is kept as bytes that are not UTF-8 either."""
+    """Return the bytes of a device file that :data:`_DEVICE_STATE` printed as text, as the file holds them (it
+    sends a file's text only when its bytes are UTF-8: :func:`device_agents.store.meta_fault`); None stays None. A
+    lone surrogate (a device's own script) is kept as bytes that are not UTF-8 either, which the rule then refuses."""
     if text is None:
         return None
     try:
@@ -240,11 +313,15 @@ def _facts_shape(found: Any) -> None:
 
 @functools.cache
 def _probe_script() -> str:
-    """Return the probe's script: :data:`_DEVICE_STATE` after :func:`device_agents.codecheck.tree`'s source
-    (read once: ``inspect`` tokenizes the module for it)."""
-    return (f"from __future__ import annotations\nimport hashlib, os, sys\nMANIFEST = {codecheck.MANIFEST!r}\n"
-            f"MAX_META = {MAX_META_BYTES!r}\n"
-            + inspect.getsource(codecheck.tree) + _DEVICE_STATE)
+    """Return the probe's script: :data:`_DEVICE_STATE` after the sources of :func:`device_agents.codecheck.tree`,
+    :func:`device_agents.disk.within_limit` and :func:`device_agents.store.meta_fault` (read once: ``inspect``
+    tokenizes the modules for it)."""
+    return (f"from __future__ import annotations\nimport errno, hashlib, os, stat, sys\nMANIFEST = {codecheck.MANIFEST!r}\n"
+            f"MAX_MANIFEST_BYTES, HEX = {codecheck.MAX_MANIFEST_BYTES!r}, '0123456789abcdef'\n"
+            f"META, MAX_META_BYTES, UNREADABLE_META = {META!r}, {MAX_META_BYTES!r}, {UNREADABLE_META!r}\n"
+            f"META_BUDGET, CODE_BUDGET, CMDLINE_BYTES = {META_BUDGET!r}, {CODE_BUDGET!r}, {CMDLINE_BYTES!r}\n"
+            + inspect.getsource(codecheck.tree) + inspect.getsource(within_limit) + inspect.getsource(meta_fault)
+            + _DEVICE_STATE)
 
 
 def probe_argv(python: str, root: str, verify: tuple[str, ...] = ()) -> list[str]:
@@ -302,6 +379,15 @@ MAX_JSON_STARTS = 64  # the lines run_json tries a document from: a shell's gree
 # one device's answer take 1.6 GB of the host's memory.
 MAX_JSON_BYTES = 4 << 20
 MAX_OUTPUT_BYTES = 64 << 20  # what one command may print (stdout and stderr): the probe's JSON is a few kB per model
+# What the probe prints of the device's meta.json files in all (their text, escaped): half of what the host parses.
+# Install writes a few hundred bytes (thousands of models fit); past it a candidate's is sent as not read, damaged,
+# and the other models are left out.
+META_BUDGET = MAX_JSON_BYTES // 2
+# What it prints of the agent's code listing, and of its signed manifest, each (the bundle's: about 10 kB); past it
+# the listing is cut and the manifest left out, so the deploy installs the code again instead of failing the probe.
+CODE_BUDGET = 512 << 10
+CMDLINE_BYTES = 8 * PATH_MAX  # what it reads of the pid file's process's command line (the supervisor's: 4 paths)
+MAX_FAULT_CHARS = 200  # a meta.json's fault as the probe sends it (meta_fault's line, or the budget's)
 
 
 ERROR_TAIL_LINES = 10_000  # how many lines from its end a failing command's stderr is searched for its error line
@@ -321,6 +407,12 @@ def _error_line(stderr: str) -> str | None:
             return line
         end = start - 1
     return None
+
+
+def upload_deadline(size: int) -> float:
+    """Return how many seconds an upload of ``size`` bytes may take in all: twice :data:`SFTP_STALL_S` (so a device
+    that stops answering fails as that, after one request's wait) plus its size at :data:`SFTP_MIN_RATE`."""
+    return 2 * SFTP_STALL_S + size / SFTP_MIN_RATE
 
 
 def _close_quietly(chan: paramiko.Channel) -> None:
@@ -602,7 +694,12 @@ class DeviceShell:
         keys and broker CA, the device's public key and whether its private key is there, whether its
         supervisor runs (the pid file's process, recognised by its command line), whether systemd
         runs, whether a deploy left a restart pending, the installed models and the current one (the
-        layout of :mod:`device_agents.store`), and ``damaged``: ``{sha256: why}`` for the stored models named
+        layout of :mod:`device_agents.store`; a ``meta.json`` is judged here from its bytes by
+        :func:`device_agents.store.read_meta`, or on the device already by :func:`device_agents.store.meta_fault`, and
+        once the probe printed :data:`META_BUDGET` of them, a candidate in ``verify`` (they come first) counts as
+        damaged, not read, and the other models are left out; the code's listing and manifest take at most
+        :data:`CODE_BUDGET` each),
+        and ``damaged``: ``{sha256: why}`` for the stored models named
         in ``verify`` that fail :func:`device_agents.store.damage` (their files hashed on the device). No SFTP
         session is opened: a device with nothing to
         change costs one SSH handshake and this one command.
@@ -620,6 +717,9 @@ class DeviceShell:
         root = found["root"]
         installed, metas, unread = [], {}, {}
         for name, meta in sorted(found["models"].items()):
+            if isinstance(meta, dict):  # damaged whatever its bytes say (meta_fault on the device), or not read
+                unread[name] = meta["fault"]
+                continue
             try:  # as the agent's store reads it, from the same bytes: strict JSON, within the contract install writes
                 metas[name] = read_meta(_device_bytes(meta), name)
             except ValueError as exc:  # damaged: not counted as installed, so the deploy uploads it again
@@ -631,7 +731,7 @@ class DeviceShell:
         pid, cmdline = found["pid"], found["cmdline"]
         return {"root": root, **found["digests"], "code": found["code"],
                 "device_pub": found["device_pub"], "has_device_key": found["has_device_key"],
-                "agent_pid": int(pid) if pid and cmdline is not None
+                "agent_pid": int(pid) if pid and len(pid) <= MAX_PID_DIGITS and cmdline is not None
                 and is_supervisor(cmdline.encode("latin-1"), root) else None,
                 "restart_pending": found["restart_pending"], "systemd": found["systemd"],
                 "installed": installed, "current": found["current"], "damaged": damaged}
@@ -854,43 +954,65 @@ class DeviceShell:
     def put(self, local: Path | bytes, remote: str, mode: int = 0o644, *, rename: bool = True) -> str:
         """Upload a file (or bytes) to ``remote``, creating its folder; lands as ``.part`` then renamed.
 
-        ``rename`` False leaves it as ``.part`` (for a step that checks it and moves it itself).
+        ``rename`` False leaves it as ``.part`` (for a step that checks it and moves it itself). Each SFTP request
+        waits at most :data:`SFTP_STALL_S` for the device's answer, and the whole upload at most
+        :data:`SFTP_STALL_S` + its size / :data:`SFTP_MIN_RATE` (:func:`upload_deadline`).
 
         Returns:
             Where the file is on the device.
 
         Raises:
             DeployError: the transfer failed (disk full, connection lost, the device stopped answering for
-                :data:`SFTP_STALL_S`); the ``.part`` is removed where the device still answers.
+                :data:`SFTP_STALL_S`, or the upload went slower than :data:`SFTP_MIN_RATE`: the line names the
+                bytes sent and the rate required), or ``local`` cannot be read; the ``.part`` is removed where the
+                device still answers.
         """
         target = remote
         part = target + ".part"
+        size, allowed, sent = 0, 0.0, [0]
+        watchdog: threading.Timer | None = None
+        expired = threading.Event()
         try:
+            size = len(local) if isinstance(local, bytes) else Path(local).stat().st_size  # unreadable: one line too
+            allowed = upload_deadline(size)
             sftp = self.sftp()
+            watchdog, expired = _watchdog(sftp.get_channel(), allowed)  # the channel closed: the waiting request ends
             self._makedirs(sftp, target.rsplit("/", 1)[0] if "/" in target else ".")
             if isinstance(local, bytes):  # the mode is set before a byte is written (private keys)
                 with sftp.open(part, "wb") as f:
                     f.chmod(mode)
                     f.set_pipelined(True)
-                    f.write(local)
+                    for start in range(0, len(local), f.MAX_REQUEST_SIZE):
+                        f.write(local[start:start + f.MAX_REQUEST_SIZE])
+                        sent[0] = min(start + f.MAX_REQUEST_SIZE, len(local))
             else:
-                sftp.put(str(local), part)
+                sftp.put(str(local), part, callback=lambda done, _total: sent.__setitem__(0, done))
                 sftp.chmod(part, mode)
             if rename:
                 sftp.posix_rename(part, target)
         except _LINK_ERRORS as exc:
             sizes = re.search(r"size mismatch.*?(\d+) != (\d+)", str(exc))
-            if sizes:  # paramiko's check after the transfer: the server kept fewer bytes than were sent
-                exc = OSError(f"the device stored only {sizes[1]} of {sizes[2]} bytes; is its disk full?")
-            elif str(exc) == "Failure":  # SFTP v3 reports a failed write (ENOSPC among others) only as this
-                exc = OSError("the device could not write the file (SFTP 'Failure'); is its disk full or read-only?")
-            why = self._sftp_failed(exc)
+            if expired.is_set():  # the device answered, each request in time, but too slowly for the whole
+                self._close_sftp()
+                why = (f"{sent[0]:,} of {size:,} bytes sent in {allowed:.0f} s; an upload must go at "
+                       f"{SFTP_MIN_RATE / 1024:g} KiB/s or more: check the device's link and load")
+            else:
+                if sizes:  # paramiko's check after the transfer: the server kept fewer bytes than were sent
+                    exc = OSError(f"the device stored only {sizes[1]} of {sizes[2]} bytes; is its disk full?")
+                elif str(exc) == "Failure":  # SFTP v3 reports a failed write (ENOSPC among others) only as this
+                    exc = OSError("the device could not write the file (SFTP 'Failure'); is its disk full or read-only?")
+                why = self._sftp_failed(exc)
             if not isinstance(exc, TimeoutError):  # a device that stopped answering would hold this as long again
                 try:
                     self.sftp().remove(part)
                 except _LINK_ERRORS:
                     pass
             raise DeployError(f"{self.dev.name}: upload of {Path(remote).name} failed ({why})") from None
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
+        if expired.is_set():  # it fired as the upload ended: the next request gets a session of its own
+            self._close_sftp()
         return target if rename else part
 
     def remove(self, remote: str) -> None:

@@ -205,3 +205,22 @@ def test_the_current_model_an_older_agent_installed_is_served_and_reported_after
     assert len(sent) == 1 and sent[0]["state"] == "converged"
     assert sent[0]["current"] == {**named, "bytes": path.stat().st_size}
     Keyring(devices={"pi-1": agent.signer.public}).verify(sent[0], "pi-1")
+
+
+def test_a_meta_json_that_is_a_fifo_is_damaged_not_a_store_that_waits_for_a_writer(tmp_path):
+    """The store opened meta.json as a file: a FIFO there held every read of the store (state, status, activation)
+    waiting for a writer. It is no regular file: damaged, and the next install of the model repairs it."""
+    import os
+
+    store = ModelStore(tmp_path / "root")
+    sha = _install(store, tmp_path)
+    (store.models / sha / "meta.json").unlink()
+    os.mkfifo(store.models / sha / "meta.json")
+    got = []
+    t = threading.Thread(target=lambda: got.append(store.describe(sha)), daemon=True)
+    t.start()
+    t.join(10)
+    assert got == [{"sha256": sha, "damaged": "meta.json is missing or unreadable"}], "the store waited on the FIFO"
+    (tmp_path / "m.tflite").write_bytes(b"model-a")
+    store.install(tmp_path / "m.tflite", variant="int8", model="m")
+    assert store.describe(sha)["variant"] == "int8"

@@ -75,3 +75,26 @@ def test_a_deployed_config_refuses_to_run_code_from_anywhere_but_root_agent(tmp_
     check_own_code(tmp_path)  # not deployed, not required: runs from the source tree as before
     with pytest.raises(CodeTampered, match=r"runs from .*, not from the deployed .*agent; not started"):
         check_own_code(tmp_path, required=True)
+
+
+def test_a_fifo_in_the_code_is_an_added_file_not_a_check_that_waits_for_a_writer(deployed):
+    """tree() opened every file to hash it: a FIFO planted among the agent's code held the agent's start (and the
+    deploy's probe, which runs tree() on the device, until its deadline, so no deploy could reinstall the code)."""
+    import os
+    import threading
+
+    code, operators, _ = deployed
+    os.mkfifo(code / "pkg" / "c.py")
+    got = []
+
+    def check():
+        try:
+            codecheck.verify_code(code, operators)
+        except CodeTampered as exc:
+            got.append(str(exc))
+
+    t = threading.Thread(target=check, daemon=True)
+    t.start()
+    t.join(10)
+    assert got and "added pkg/c.py" in got[0], "the check waited on the FIFO"
+    assert codecheck.tree(code)["pkg/c.py"] == "not a regular file"

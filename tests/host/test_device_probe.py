@@ -312,3 +312,168 @@ def test_a_meta_json_whose_bytes_are_all_utf8_reads_the_same_through_the_probe(t
     shell.verify = (sha,)
     found = shell._probe()
     assert found["damaged"] == {} and [m["note"] for m in found["installed"]] == ["caf\u00e9 \U0001F600"]
+
+
+def _stored(root, data: bytes, meta: bytes) -> str:
+    """Store a model holding ``data`` under ``root`` with ``meta`` as its meta.json; return its sha256."""
+    sha = hashlib.sha256(data).hexdigest()
+    folder = root / "models" / sha
+    folder.mkdir(parents=True)
+    (folder / "model.tflite").write_bytes(data)
+    (folder / "meta.json").write_bytes(meta)
+    return sha
+
+
+def test_fifty_oversized_meta_json_files_not_utf8_leave_the_probe_within_what_the_host_parses(tmp_path):
+    """Each meta.json was printed as up to 64 KiB + 1 bytes, a byte that is not UTF-8 as a six-character escape:
+    about ten such files put the probe's answer past the 4 MiB the host parses, so that device's deploy failed in one
+    line and no deploy could repair it (the repair needs the probe). Such bytes are judged on the device by the
+    agent's rule (meta_fault) and sent as its one line; the host takes it as the agent does."""
+    from device_agents.store import ModelStore
+    from edge_kit.fleet.ssh import MAX_JSON_BYTES
+
+    shas = [_stored(tmp_path, b"model %d" % i, b"\xff" * (64 * 1024 + 100)) for i in range(50)]
+    small = _stored(tmp_path, b"small", b'{"sha256": "x", "model": "\xff"}')  # within the limit, not UTF-8
+    out = subprocess.run(probe_argv(sys.executable, str(tmp_path), (*shas[:3], small)), capture_output=True,
+                         timeout=60, check=True).stdout
+    assert len(out) < 64 * 1024, f"{len(out):,} bytes printed"
+    shell = _shell_printing(out.decode())
+    shell.verify = (*shas[:3], small)
+    found = shell._probe()
+    assert found["installed"] == []
+    store = ModelStore(tmp_path)
+    assert found["damaged"] == {sha: store.describe(sha)["damaged"] for sha in (*shas[:3], small)}
+    assert found["damaged"][shas[0]] == "meta.json: over the 65,536 bytes such a file may take"
+    assert found["damaged"][small] == "meta.json is missing or unreadable"
+    assert MAX_JSON_BYTES > 4 * len(out)
+
+
+def test_what_the_probe_prints_of_meta_json_files_is_bounded_as_a_whole_the_candidates_first(tmp_path, monkeypatch):
+    """A meta.json within the limit and in UTF-8 is sent as text for the host to judge, escaped (a newline takes six
+    characters): past the probe's budget for them, a candidate's is sent as not read (uploaded again, which replaces
+    nothing that is intact) and the other models are left out (the deploy needs only the candidates'), so no count
+    of them takes the probe past what the host parses."""
+    from edge_kit.fleet import ssh
+
+    monkeypatch.setattr(ssh, "META_BUDGET", 400_000)  # one of them fits
+    ssh._probe_script.cache_clear()
+    try:
+        sha_of = {i: hashlib.sha256(b"m%d" % i).hexdigest() for i in range(12)}
+        for i, sha in sha_of.items():  # valid UTF-8, 60 KB: printed as 360 KB
+            _stored(tmp_path, b"m%d" % i, b'{"sha256": "%s", "variant": "int8", "model": "m"' % sha.encode()
+                    + b"\n" * 60_000 + b"}")
+        wanted = tuple(sorted(sha_of.values())[-2:])  # the candidates sort last: they still come first
+        out = subprocess.run(probe_argv(sys.executable, str(tmp_path), wanted), capture_output=True, timeout=60,
+                             check=True).stdout
+    finally:
+        ssh._probe_script.cache_clear()
+    assert len(out) < 400_000 + 20_000, f"{len(out):,} bytes printed"
+    shell = _shell_printing(out.decode())
+    shell.verify = wanted
+    found = shell._probe()
+    not_read = "meta.json not read: the device's meta.json files take more than the probe's 400000 bytes"
+    assert [m["sha256"] for m in found["installed"]] == [wanted[0]] and found["damaged"] == {wanted[1]: not_read}
+    assert sorted(json.loads(out)["models"]) == sorted(wanted)
+
+
+def test_a_pid_file_of_thousands_of_digits_names_no_running_agent(tmp_path):
+    """The probe's ``pid`` was taken to int() whole when its command line looked like the supervisor's: 5,000 digits
+    raised ValueError (int() refuses 4,300), "unexpected ValueError ... please report it" in a deploy, and a
+    traceback out of a rollback, which catches only edge-kit's errors. It names no process: no agent runs."""
+    supervisor = f"python\0-m\0device_agents\0supervise\0--pidfile\0{tmp_path}/agent.pid\0"
+    shell = _shell_printing(json.dumps({**_good(tmp_path), "root": str(tmp_path), "pid": "1" * 5000,
+                                        "cmdline": supervisor}))
+    assert shell._probe()["agent_pid"] is None
+    shell = _shell_printing(json.dumps({**_good(tmp_path), "root": str(tmp_path), "pid": "4242", "cmdline": supervisor}))
+    assert shell._probe()["agent_pid"] == 4242
+
+
+def test_a_fifo_or_a_link_to_a_device_where_the_probe_reads_a_file_is_reported_as_no_file(tmp_path):
+    """The probe opened every file it reads as a file: a FIFO (at agent.yaml, a meta.json, in the agent's code) held
+    it until the command's deadline, every deploy of that device failed after 300 s and none could replace the file;
+    a link to /dev/zero (the device key's public half) was read until the device's memory ran out. Such a file is
+    none to the probe (the code's listing names it), so the deploy writes over it."""
+    data = b"tflite bytes"
+    sha = hashlib.sha256(data).hexdigest()
+    folder = tmp_path / "models" / sha
+    folder.mkdir(parents=True)
+    (folder / "model.tflite").write_bytes(data)
+    os.mkfifo(folder / "meta.json")
+    os.mkfifo(tmp_path / "agent.yaml")
+    (tmp_path / "identity").mkdir()
+    (tmp_path / "identity" / "device.pub").symlink_to("/dev/zero")
+    (tmp_path / "mqtt.pass").symlink_to("/dev/zero")
+    code = tmp_path / "agent-0123456789ab-1"
+    code.mkdir()
+    (tmp_path / "agent").symlink_to(code.name)
+    os.mkfifo(code / "fifo.py")
+    (code / "a.py").write_bytes(b"x")
+    out = subprocess.run(probe_argv(sys.executable, str(tmp_path), (sha,)), capture_output=True, timeout=20,
+                         check=True).stdout
+    found = json.loads(out)
+    assert found["digests"]["config_sha256"] is None and found["digests"]["password_sha256"] is None
+    assert found["device_pub"] is None and found["models"] == {sha: None}
+    assert found["code"]["files"] == {"a.py": hashlib.sha256(b"x").hexdigest(), "fifo.py": "not a regular file"}
+    shell = _shell_printing(out.decode())
+    shell.verify = (sha,)
+    assert shell._probe()["damaged"] == {sha: "meta.json is missing or unreadable"}
+
+
+def test_the_code_listing_manifest_and_command_line_the_probe_prints_are_bounded(tmp_path, monkeypatch):
+    """The agent's code listing and manifest were printed whole: a folder of 60,000 files (a pip install into it, a
+    flood of cache files) or a manifest of 1 MiB of control characters (six escaped each) took the probe past what
+    the host parses, so no deploy could install the code again. Each is bounded; past it, the listing is cut (and
+    differs) and the manifest is none, which the deploy repairs."""
+    from edge_kit.fleet import ssh
+
+    code = tmp_path / "agent-0123456789ab-1"
+    code.mkdir()
+    (tmp_path / "agent").symlink_to(code.name)
+    for i in range(3000):
+        (code / f"f{i:05d}.py").write_bytes(b"")
+    (code / codecheck.MANIFEST).write_bytes(b"\x01" * 200_000)
+    monkeypatch.setattr(ssh, "CODE_BUDGET", 100_000, raising=False)
+    ssh._probe_script.cache_clear()
+    long = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "\x01" * 100_000])
+    try:  # the pid file names a process of a long command line: read up to CMDLINE_BYTES
+        (tmp_path / "agent.pid").write_text(f"{long.pid}\n")
+        found = probe(tmp_path)
+    finally:
+        long.kill()
+        long.wait()
+        ssh._probe_script.cache_clear()
+    files = found["code"]["files"]
+    assert 1000 < len(files) < 1400 and files["... (the listing was cut at 100000 bytes)"] == "cut"
+    assert found["code"]["manifest"] is None
+    assert len(found["cmdline"]) == 8 * 4096  # CMDLINE_BYTES
+    assert len(json.dumps(found)) < 2 * 100_000 + 6 * 8 * 4096 + 10_000
+
+
+@pytest.mark.parametrize("field", ["models", "hashes"])
+def test_a_probe_answer_naming_models_by_other_than_a_sha256_is_refused_before_each_is_judged(tmp_path, field):
+    """The store's folders are named by sha256, and the probe lists only those: a device answering with 350,000
+    made-up names of a few characters (within the 4 MiB the host parses) had each judged, 6 s of the host's CPU."""
+    from edge_kit.errors import DeployError
+
+    names = {str(i): ("" if field == "models" else {}) for i in range(350_000)}
+    answer = json.dumps({**_good(tmp_path), field: names}, separators=(",", ":"))
+    assert len(answer) < 4 << 20
+    with pytest.raises(DeployError, match=r"^pi-1: the device state probe printed a field 'models' or 'hashes' "
+                                          r"naming a model by other than a sha256, not what the probe prints"):
+        _shell_printing(answer)._probe()
+
+
+def test_the_probe_lists_only_the_stores_folders_named_by_a_sha256(tmp_path):
+    (tmp_path / "models" / ("Z" * 64)).mkdir(parents=True)  # not the store's: an honest device's stray folder
+    (tmp_path / "models" / ("a" * 64)).mkdir()
+    assert probe(tmp_path)["models"] == {"a" * 64: None}
+
+
+def test_a_link_leading_to_itself_where_the_probe_reads_a_file_is_no_file(tmp_path):
+    """A symlink loop at agent.yaml or the device's public key made the probe exit with "cannot read ... (Too many
+    levels of symbolic links)": every deploy of that device failed in that line, and none wrote over the link."""
+    (tmp_path / "agent.yaml").symlink_to("agent.yaml")
+    (tmp_path / "identity").mkdir()
+    (tmp_path / "identity" / "device.pub").symlink_to("device.pub")
+    found = probe(tmp_path)
+    assert found["digests"]["config_sha256"] is None and found["device_pub"] is None

@@ -287,3 +287,73 @@ def test_an_exec_deadline_meeting_a_dropped_link_is_one_timeout_not_a_traceback(
         DeviceShell._exec(shell, "sleep 1000", 0.5)
     time.sleep(0.2)
     assert crashed == [], "the watchdog's thread raised (a traceback on the operator's terminal)"
+
+
+class _SlowSftp(paramiko.SFTPServerInterface):
+    """An SFTP server that answers every write, each well within SFTP_STALL_S, but late: a device that keeps an
+    upload of N chunks going for N times that. It records what was removed."""
+
+    delay = 0.25
+    removed: list[str] = []
+
+    class _Handle(paramiko.SFTPHandle):
+        def write(self, offset, data):
+            time.sleep(_SlowSftp.delay)
+            return paramiko.SFTP_OK
+
+        def chattr(self, attr):
+            return paramiko.SFTP_OK
+
+    def open(self, path, flags, attr):
+        return self._Handle(flags)
+
+    def stat(self, path):
+        return paramiko.SFTPAttributes()
+
+    def remove(self, path):
+        self.removed.append(path)
+        return paramiko.SFTP_OK
+
+
+@pytest.mark.parametrize("source", ["bytes", "file"])
+def test_an_upload_answered_just_in_time_request_by_request_fails_at_its_overall_deadline(device, monkeypatch,
+                                                                                         tmp_path, source):
+    """Every SFTP request waited at most SFTP_STALL_S, but a device answering each just in time stalled an upload of N
+    chunks for N times that. The upload as a whole now has 2 * SFTP_STALL_S + its size at SFTP_MIN_RATE; past it, one
+    line names the device, the file, the bytes sent and the rate required, and the .part is removed."""
+    monkeypatch.setattr(ssh, "SFTP_STALL_S", 1.0, raising=False)
+    monkeypatch.setattr(ssh, "SFTP_MIN_RATE", 1 << 20, raising=False)  # 2 + 0.6 s for the 640 KiB below
+    _SlowSftp.removed = []
+    shell = _shell(device(lambda channel: False, sftp=_SlowSftp))  # 20 writes of 32 KiB: 5 s at 0.25 s each
+    got, seconds = [], []
+    local = b"m" * (640 << 10)
+    if source == "file":  # sftp.put, as a deploy uploads a model
+        (tmp_path / "model.tflite").write_bytes(local)
+        local = tmp_path / "model.tflite"
+
+    def go():
+        started = time.monotonic()
+        try:
+            got.append(shell.put(local, "/opt/edgekit/incoming/model.tflite", rename=False))
+        except BaseException as exc:  # noqa: BLE001 - the test looks at it
+            got.append(exc)
+        seconds.append(time.monotonic() - started)
+
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    t.join(20)
+    assert got and isinstance(got[0], DeployError), f"the upload hung or went on to the end: {got!r}"
+    assert seconds[0] < 4.5, seconds
+    assert str(got[0]).startswith("pi-1: upload of model.tflite failed (")
+    assert " of 655,360 bytes sent in 3 s; an upload must go at 1024 KiB/s or more" in str(got[0]), str(got[0])
+    assert _SlowSftp.removed == ["/opt/edgekit/incoming/model.tflite.part"]
+    assert ssh.upload_deadline(14 << 20) == 2.0 + 14
+
+
+def test_an_upload_of_a_local_file_gone_meanwhile_is_one_line_naming_it(device, tmp_path):
+    """The upload's size is read before its deadline is set: a local file removed since the manifest was checked
+    raised FileNotFoundError out of put(), "unexpected ... please report it" in a deploy."""
+    _SlowSftp.removed = []
+    shell = _shell(device(lambda channel: False, sftp=_SlowSftp))
+    with pytest.raises(DeployError, match=r"^pi-1: upload of int8\.tflite failed \(.*No such file"):
+        shell.put(tmp_path / "gone.tflite", "/opt/edgekit/incoming/int8.tflite")

@@ -570,6 +570,32 @@ def test_a_meta_json_not_utf8_or_too_large_is_damaged_for_the_deploy_as_for_the_
     assert store.damaged() == [] and store.describe(int8)["variant"] == "int8" and current(dev) == int8
 
 
+def test_fifty_oversized_meta_json_files_not_utf8_are_probed_and_the_candidates_repaired(sim, digits_artifacts):
+    """Each meta.json went into the probe's answer as up to 64 KiB + 1 bytes, a byte that is not UTF-8 as a
+    six-character escape: about ten such files put it past the 4 MiB the host parses, the deploy of that device
+    failed in one line, and no deploy could repair it (the repair needs the probe)."""
+    import hashlib
+
+    simfleet, fleet = sim(1)
+    dev = fleet.devices[0]
+    assert len(deploy(fleet, [dev], DeployOptions(digits_artifacts, variant="int8")).succeeded) == 1
+    store = ModelStore(Path(dev.root))
+    installed = {m["variant"]: m["sha256"] for m in store.installed()}
+    junk = b"\xff" * (64 * 1024 + 100)
+    for sha in installed.values():
+        (store.models / sha / "meta.json").write_bytes(junk)
+    for i in range(50 - len(installed)):  # models of the past, their meta.json as damaged
+        folder = store.models / hashlib.sha256(b"old %d" % i).hexdigest()
+        folder.mkdir()
+        (folder / "meta.json").write_bytes(junk)
+    r = deploy(fleet, [dev], DeployOptions(digits_artifacts, variant="int8")).results[0]
+    assert r.status == "succeeded", r.reason
+    for variant in installed:
+        assert f"repair {variant} (meta.json: over the 65,536 bytes such a file may take)" in r.actions, r.actions
+    assert all(store.describe(sha).get("variant") == variant for variant, sha in installed.items())
+    assert current(dev) == installed["int8"]
+
+
 def test_tampered_agent_code_is_not_started_and_the_next_deploy_reinstalls_it(sim, digits_artifacts):
     """The deploy checks the agent's files against their sha256 with a script of its own (never a
     marker file); the agent checks them against the operator-signed manifest before it starts."""
