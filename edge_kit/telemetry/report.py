@@ -110,6 +110,11 @@ def bounded_variants(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]
 
 
 def _profile_figures(profile: Profile, records: list[dict[str, Any]], chosen: dict[str, str | None]) -> list[Any]:
+    """Return the profile's two figures (latency against accuracy, energy per inference) of its bench ``records``
+    (``chosen``: each device's chosen sha256, starred). A name a device gave (variant, metric, power source) goes into
+    a hover label as data (``text``, ``customdata``), never into a ``hovertemplate``: plotly reads ``%{...}`` in a
+    template as a placeholder, so a variant named ``%{y}`` would show another figure in its tooltip; a value
+    substituted for a placeholder is shown as it is."""
     import plotly.graph_objects as go
 
     by_variant: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -130,7 +135,10 @@ def _profile_figures(profile: Profile, records: list[dict[str, Any]], chosen: di
             x=[r["latency_ms"]["p90"] for r in pts], y=[scale * _accuracy(r) for r in pts], mode="markers",
             name=f"{variant} ({_label(pts[0].get('runtime') or 'litert')})", marker={"size": 10},  # the runtime that ran it
             text=[f"{r['device']}{' (simulated)' if r.get('simulated') else ''}, {_label(r.get('runtime') or 'litert')}" for r in pts],
-            hovertemplate=f"%{{text}}<br>p90 %{{x:.4g}} ms<br>{metric} %{{y:.4g}}{unit}<extra>{variant}</extra>"))
+            # names a device gave (the variant, the metric) as data, never in the template: it reads %{...}
+            customdata=[[variant, metric]] * len(pts),
+            hovertemplate=f"%{{text}}<br>p90 %{{x:.4g}} ms<br>%{{customdata[1]}} %{{y:.4g}}{unit}"
+                          "<extra>%{customdata[0]}</extra>"))
     picks = [r for r in records if chosen.get(r["device"]) == r["sha256"] and _accuracy(r) is not None]
     if picks:
         scatter.add_trace(go.Scatter(
@@ -176,8 +184,8 @@ def _profile_figures(profile: Profile, records: list[dict[str, Any]], chosen: di
                     if series(r) == source and r["power"].get("energy_per_inference_mj") is not None]
             ys.append(statistics.median(vals) if vals else None)  # one device's outlandish figure moves no bar
             texts.append(f"{len(vals)} device(s)")
-        bars.add_trace(go.Bar(x=variants, y=ys, name=f"{source}", text=texts,
-                              hovertemplate="%{x}: %{y:.4g} mJ<br>%{text}<extra>" + source + "</extra>"))
+        bars.add_trace(go.Bar(x=variants, y=ys, name=f"{source}", text=texts, customdata=[source] * len(variants),
+                              hovertemplate="%{x}: %{y:.4g} mJ<br>%{text}<extra>%{customdata}</extra>"))
     bars.update_layout(title=f"{profile.name}: energy per inference (median over devices; legend: how it was obtained)",
                        yaxis_title="mJ per inference", barmode="group", height=380, margin={"t": 60})
     return [scatter, bars]
