@@ -443,6 +443,31 @@ def _unshown_tables(store: HistoryStore, refused: int, gaps: int) -> str:
     return part
 
 
+MAX_OPEN_ALERTS = 100  # alerts that hold listed on the page (the newest); `edgekit history alerts --open` lists more
+
+
+def _alerts_table(store: HistoryStore) -> tuple[str, int]:
+    """Return the page's table (HTML) of the alerts that hold (the :data:`MAX_OPEN_ALERTS` newest) and the
+    :data:`UNSHOWN_ROWS` newest cleared ones, or "" when the history holds none, and how many hold. An alert's detail
+    may quote a device's text: every cell is escaped and cut. Raises HistoryError."""
+    held = store.alerts(holds=True, limit=MAX_OPEN_ALERTS)
+    cleared = store.alerts(holds=False, limit=UNSHOWN_ROWS)
+    if not held and not cleared:
+        return "", 0
+    part = ("<h2>Alerts</h2><p class=note>The monitor's alerts that hold over an episode (drift, low disk, silence, "
+            f"over its ingest budget): the {len(held):,} that hold now"
+            + (f" (the {MAX_OPEN_ALERTS} newest)" if len(held) == MAX_OPEN_ALERTS else "")
+            + f", then the {UNSHOWN_ROWS} newest cleared. <code>edgekit history alerts</code> lists them by device and "
+            "time. Times are this host's clock when the monitor raised and cleared them.</p>"
+            "<table><tr><th>raised</th><th>cleared</th><th>device</th><th>kind</th><th>detail</th></tr>"
+            + "".join(f"<tr><td>{local_time(r['raised_at'])}</td><td>"
+                      + ("<span class=bad>holds</span>" if r["cleared_at"] is None else local_time(r["cleared_at"]))
+                      + f"</td><td>{_cell(r['device'])}</td><td>{_cell(r['kind'])}</td>"
+                      f"<td>{_cell(r['detail'], MAX_REASON_CHARS)}</td></tr>" for r in held + cleared)
+            + "</table>")
+    return part, len(held)
+
+
 def _check_replaceable(out: Path) -> None:
     """Raise InputError when ``out`` is an existing file that is not an HTML page (``--out`` naming the history
     database or the fleet file would have replaced it with the report); return nothing otherwise."""
@@ -464,7 +489,8 @@ def build_report(store: HistoryStore, out: Path, title: str = "edge-kit fleet re
     flagged devices, ``not_plotted``: ``{device: records}`` of devices naming more variants than
     :data:`MAX_VARIANTS_PER_DEVICE`, ``rows``: the fleet table's figures, labelled ``bench`` or ``live``,
     :func:`figure_rows`, and ``refused`` and ``gaps``: the messages the monitor refused and the sequence gaps it
-    recorded, which no figure shows: the page counts them and lists the :data:`UNSHOWN_ROWS` newest of each).
+    recorded, which no figure shows: the page counts them and lists the :data:`UNSHOWN_ROWS` newest of each;
+    ``alerts_holding``: the monitor's alerts that hold, which the page lists with the newest cleared ones).
 
     ``profiles``: the fleet file's profile of each device it names (``{device: profile}``), which places that
     device's records; a device it does not name is placed by what its records say.
@@ -530,7 +556,8 @@ def build_report(store: HistoryStore, out: Path, title: str = "edge-kit fleet re
                   "<table><tr>" + "".join(f"<th>{h}</th>" for h in fleet_head) + "</tr>"
                   + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in fleet_rows) + "</table>")
     refused, gaps = store.count("invalid"), store.count("gaps")  # what the figures above do not show
-    table += _unshown_tables(store, refused, gaps)
+    alerts, holding = _alerts_table(store)
+    table += alerts + _unshown_tables(store, refused, gaps)
     simulated = any(r.get("simulated") for r in latest)
     served = live_clocks(newest.live)
     page = (f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title)}</title><style>{_CSS}</style>"
@@ -557,4 +584,5 @@ def build_report(store: HistoryStore, out: Path, title: str = "edge-kit fleet re
         raise InputError(f"{out}: cannot write the report there ({exc.strerror or exc}); "
                          "pass --out a file in a writable folder") from None
     return {"out": str(out), "profiles": sorted(by_profile), "devices": len(rows), "plots": plots, "records": len(latest),
-            "flagged": flagged, "not_plotted": left_out, "rows": figure_rows(newest), "refused": refused, "gaps": gaps}
+            "flagged": flagged, "not_plotted": left_out, "rows": figure_rows(newest), "refused": refused, "gaps": gaps,
+            "alerts_holding": holding}
