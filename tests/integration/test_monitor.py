@@ -635,7 +635,11 @@ def test_records_signed_by_another_key_on_a_device_s_topic_never_spend_its_budge
     assert mon.over_budget == {"d1": 13} and mon.stats.invalid == 600 and store.count("telemetry") == 5
     assert [a.text for a in mon.alerts if a.kind == "refused" and a.device == "d1"][0].startswith(
         "d1: over its ingest budget (0.001 records/s, burst 5)")
+    # the episode is kept in the history's alerts table while it holds (the forger's refusals are no episode)
+    assert [(a["device"], a["kind"], a["cleared_at"]) for a in store.alerts()] == [("d1", "over_budget", None)]
     mon._end_floods(math.inf)
+    ((ended,),) = store._rows("SELECT cleared_at FROM alerts WHERE kind = 'over_budget'")
+    assert ended == pytest.approx(time.time(), abs=30)
     # nothing of d1 verified beyond 5: the forger's claims (100-109) make no gap; d1's next record records 6-8
     assert store._rows("SELECT device, kind, first_missing, last_missing FROM gaps") == []
     assert mon.alerts[-1].text == "d1: 13 records refused over its ingest budget in 0 s"
