@@ -208,3 +208,14 @@ def test_a_monitor_started_again_takes_the_open_alerts_and_closes_them_when_thei
         ("d1", "silent", False), ("d2", "low_disk", False), ("d2", "low_disk", True)]
     assert rows[-1]["raised_at"] <= rows[-1]["cleared_at"] <= time.time()
     assert rows[0]["detail"] == "d2: 2.0 MB free (below 32 MB)"
+
+
+def test_an_over_budget_alert_a_crashed_monitor_left_open_is_closed_by_the_next_one_alone(fleet_file, tmp_path):
+    """A monitor that stops ends its floods and closes their alerts; one that crashed left the row open for good. The
+    next monitor without --share has no flood under way: it closes it. A --share worker leaves it to the group."""
+    store = Store(tmp_path / "h.db")
+    store.open_alert("d1", "over_budget", "d1: over its ingest budget", at=time.time() - 60)
+    _started(fleet_file, store, share="edgekit", workers=2).stop()
+    assert _rows(store) == [("d1", "over_budget", True)]
+    _started(fleet_file, store).stop()
+    assert _rows(store) == [("d1", "over_budget", False)]
