@@ -1,5 +1,5 @@
-"""History commands of the `edgekit` CLI: list what the monitor refused and the sequence gaps it recorded (the rows
-`edgekit report` counts), and upgrade a history an older edge-kit wrote."""
+"""History commands of the `edgekit` CLI: list what the monitor refused, the sequence gaps it recorded and the alerts
+it raised (the rows `edgekit report` counts and lists), and upgrade a history an older edge-kit wrote."""
 
 from __future__ import annotations
 
@@ -33,14 +33,16 @@ LimitOpt = Annotated[int, typer.Option("--limit", min=1, max=100_000, help="The 
 
 
 def _listing(kind: str, fleet_file: Path | None, history: str | None, device: str | None, since: str | None,
-             until: str | None, limit: int) -> tuple[str, list[dict[str, Any]], dict[str, Any]]:
-    """Return (the history's name, its newest ``kind`` rows: ``refused`` or ``gaps``, the filters as given, with
-    ``since_ts``/``until_ts``). Raises InputError (a bad --since/--until, no history) or HistoryError."""
+             until: str | None, limit: int, **more: Any) -> tuple[str, list[dict[str, Any]], dict[str, Any]]:
+    """Return (the history's name, its newest ``kind`` rows: ``refused``, ``gaps`` or ``alerts``, the filters as given,
+    with ``since_ts``/``until_ts``); ``more``: the reader's other filters (``holds`` of alerts). Raises InputError
+    (a bad --since/--until, no history) or HistoryError."""
     low, high = time_bound(since, "--since"), time_bound(until, "--until")
-    filters = {"device": device, "since": since, "until": until, "since_ts": low, "until_ts": high, "limit": limit}
+    filters = {"device": device, "since": since, "until": until, "since_ts": low, "until_ts": high, "limit": limit,
+               **more}
     with open_fleet_history(fleet_file, history, must_exist=True) as db:
-        read = db.refused_messages if kind == "refused" else db.sequence_gaps
-        return db.where, read(device=device, since=low, until=high, limit=limit), filters
+        read = {"refused": db.refused_messages, "gaps": db.sequence_gaps, "alerts": db.alerts}[kind]
+        return db.where, read(device=device, since=low, until=high, limit=limit, **more), filters
 
 
 def _footer(where: str, rows: list[dict[str, Any]], limit: int, what: str) -> str:
@@ -91,6 +93,32 @@ def gaps_cmd(fleet_file: ReadFleetOpt = None, history: HistoryOpt = None, device
     if rows:
         out.print(t)
     out.print(_footer(where, rows, limit, "sequence gap(s)"), highlight=False)
+
+
+@history_app.command("alerts")
+def alerts_cmd(fleet_file: ReadFleetOpt = None, history: HistoryOpt = None, device: DeviceOpt = None,
+               since: SinceOpt = None, until: UntilOpt = None,
+               open_only: Annotated[bool, typer.Option("--open", help="Only the alerts that hold (not cleared).")] = False,
+               limit: LimitOpt = 20, as_json: JsonOpt = False) -> None:
+    """List the alerts the monitor raised that hold over an episode (drift, low disk, silence, over budget), newest
+    first.
+
+    Each row: when it was raised, when it cleared (or that it holds), device, kind and what the alert said. --since and
+    --until bound when it was raised."""
+    from edge_kit.telemetry.report import local_time
+
+    where, rows, filters = _listing("alerts", fleet_file, history, device, since, until, limit,
+                                    holds=True if open_only else None)
+    if as_json:
+        emit_json({"history": where, "filters": filters, "alerts": rows})
+        return
+    t = Table("raised", "cleared", "device", "kind", "detail", box=box.SIMPLE_HEAD, pad_edge=False)
+    for r in rows:  # the detail may quote a device's text: shown as text, never obeyed by the terminal
+        t.add_row(local_time(r["raised_at"]), "holds" if r["cleared_at"] is None else local_time(r["cleared_at"]),
+                  safe(r["device"]), safe(r["kind"]), safe(r["detail"]))
+    if rows:
+        out.print(t)
+    out.print(_footer(where, rows, limit, "open alert(s)" if open_only else "alert(s)"), highlight=False)
 
 
 @history_app.command("upgrade")

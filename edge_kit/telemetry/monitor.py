@@ -27,9 +27,12 @@ Alerts: a device whose status says offline, a benchmark that breaks the device's
 shadow comparison whose fidelity is under the device's ``min_fidelity_snr_db`` (drift), and a device
 silent for longer than ``silence_s``, or than :data:`SILENT_INTERVALS` of its own telemetry interval when that is
 longer (the ``interval_s`` its telemetry says: an agent set to report every 10 minutes is not silent after 3).
-Drift, low disk and silence hold over an episode (alerted once, when it begins); a monitor that starts takes the
-episodes under way from the history (:meth:`Monitor._seed_alert_states`), and :meth:`Monitor.alert_states` says
-which hold (exported as gauges by :mod:`edge_kit.telemetry.metrics`).
+Drift, low disk, silence and an ingest budget overrun hold over an episode (alerted once, when it begins): each is
+opened in the history's ``alerts`` table when it begins and closed when it ends, written only then (never per
+record). The table keeps one open alert per device and kind, so of several ``share`` workers the one whose write
+opened it raises it, and the others neither keep, count nor print it. A monitor that starts takes the episodes under
+way from the table's open alerts (:meth:`Monitor._seed_alert_states`), and :meth:`Monitor.alert_states` says which
+hold (exported as gauges by :mod:`edge_kit.telemetry.metrics`).
 """
 
 from __future__ import annotations
@@ -89,6 +92,7 @@ BATCH = 500
 class Alert:
     device: str
     kind: str  # "offline", "constraints", "silent", "refused" (forged, unsigned, from the future, over budget), "store", "disk", "drift"
+    # (the history's alerts table keeps "drift", "disk" as low_disk, "silent" and an over-budget "refused" as over_budget)
     text: str
     ts: float = field(default_factory=time.time)
 
@@ -425,7 +429,13 @@ class Monitor:
             try:
                 checked, mids = self._checked.get(timeout=0.2)
             except queue.Empty:
-                self._check_silence()
+                if self.failed is None:
+                    try:
+                        self._check_silence()
+                    except HistoryError as exc:  # opening the alert failed: the database went away
+                        log.info("%s", exc)
+                        self.failed = exc
+                        self._alert(Alert("monitor", "store", str(exc)))
                 continue
             try:
                 if self.failed is None:
@@ -526,10 +536,11 @@ class Monitor:
             flood = self._floods.get(device)
             if flood is None:
                 flood = self._floods[device] = _Flood(first=at, last=at)
-                self._alert(Alert(device, "refused", f"{device}: over its ingest budget ({self.budget.rate:g} records/s, "
-                                                     f"burst {self.budget.burst:,.0f}): its records are refused unchecked and "
-                                                     "counted (over_budget) until it slows down; the span refused is "
-                                                     "recorded as a sequence gap"))
+                self._alert_held(Alert(device, "refused", f"{device}: over its ingest budget ({self.budget.rate:g} "
+                                                          f"records/s, burst {self.budget.burst:,.0f}): its records are "
+                                                          "refused unchecked and counted (over_budget) until it slows "
+                                                          "down; the span refused is recorded as a sequence gap"),
+                                 "over_budget")
             flood.last = max(flood.last, at)
             flood.count += 1
             found = _CLAIMED_SEQ.search(payload, 0, CLAIMED_SEQ_BYTES)
@@ -554,6 +565,7 @@ class Monitor:
             if now - flood.last < FLOOD_QUIET_S:
                 continue
             del self._floods[device]
+            self.store.close_alert(device, "over_budget")
             recorded = []
             for kind, (low, high) in sorted(flood.seqs.items()):
                 high = min(high, self._seq.get((device, kind), -1))  # the sequence check records what is beyond
@@ -666,6 +678,8 @@ class Monitor:
                 continue
             try:
                 self._after_store(kind, msg)
+            except HistoryError:  # an alert's row not written: the database went away (the writer says so)
+                raise
             except Exception:  # noqa: BLE001 - a hook or an odd figure must not stop the writer
                 log.exception("after storing %s %r", kind, msg.get("msg_id"))  # %r: a device's text, one line
         while len(self._recent) > 100_000:
@@ -675,7 +689,9 @@ class Monitor:
         """Remember, check the sequence and the alerts of, and hand on one stored message."""
         self._recent[msg["msg_id"]] = None
         self.last_seen[msg["device"]] = time.time()
-        self._silent_alerted.discard(msg["device"])
+        if msg["device"] in self._silent_alerted:  # a set lookup a record; the history is written only when it ends
+            self._silent_alerted.discard(msg["device"])
+            self.store.close_alert(msg["device"], "silent")
         self._heard_before.discard(msg["device"])
         if self.share is None:
             self._check_seq(kind, msg)
@@ -689,6 +705,14 @@ class Monitor:
         alert.text = clip(alert.text, MAX_ALERT_CHARS)
         self.alerts.append(alert)
         self.alerts_raised += 1
+
+    def _alert_held(self, alert: Alert, kind: str) -> None:
+        """Raise ``alert``, the start of an episode of ``kind`` (one of the history's
+        :data:`~edge_kit.telemetry.store.ALERT_KINDS`): opened in the history's ``alerts`` table, and raised here
+        (:meth:`_alert`: kept, counted, printed) only when this call opened it: another worker of the ``share`` group
+        that opened it first raised it. Return nothing. Raises HistoryError."""
+        if self.store.open_alert(alert.device, kind, alert.text, alert.ts):
+            self._alert(alert)
 
     def _check_seq(self, kind: str, msg: dict[str, Any]) -> None:
         if kind == "status":
@@ -741,28 +765,63 @@ class Monitor:
             else:
                 text = (f"{device}: live outputs of {named(served)} are {snr:.1f} dB from {named(ref)} (shadow, "
                         f"{window if messages.in_range(window) else '?'} inputs), below {bound:g} dB")
-            self._alert(Alert(device, "drift", text))
-        elif not low:
+            self._alert_held(Alert(device, "drift", text), "drift")
+        elif not low and device in self._drifting:
             self._drifting.discard(device)
+            self.store.close_alert(device, "drift")
 
     def _seed_alert_states(self, shadows: dict[str, dict[str, Any]]) -> None:
         """Start each alert episode the history shows under way, so a restarted monitor neither raises an alert again
-        nor misses one (``shadows``: the store's ``latest_shadow``, read by the caller); return nothing. Per device of
-        the fleet file, judged as the live checks judge a message that arrives:
+        nor misses one (``shadows``: the store's ``latest_shadow``, read by the caller); return nothing.
+
+        The history's ``alerts`` table says which hold: its open drift, low disk and silence alerts of the fleet
+        file's devices are the episodes under way (an open over-budget alert a monitor without ``share`` finds was
+        left by a run that did not stop: closed, as no episode is under way in this one). Each device is last heard
+        when this host stored its newest record of any kind (never the device's ``ts``): a device silent since before
+        the restart without an open silence alert is alerted once its limit passes, once the monitor has been
+        subscribed for :data:`SETTLE_S` and has checked what it received without hearing from it (what the broker
+        queued while the monitor was stopped comes first).
+
+        A history an older edge-kit wrote, whose alerts were not kept (:meth:`HistoryStore.alerts_kept`), is judged
+        from its records instead, per device of the fleet file, as the live checks judge a message that arrives; the
+        alerts so inferred are opened in the table, and from then on it holds them:
 
         - drift: its newest stored shadow comparison is below its bound (:meth:`_below_fidelity`), and low disk: its
           newest stored status or telemetry with a disk figure says so (:meth:`_disk_low`). The monitor that stored
           that record alerted on it: the episode holds, not alerted again.
-        - silent: last heard is the newest receive time of any kind stored (never the device's ``ts``), so a device
-          silent since before the restart is alerted once its limit passes, counted from then. One past its limit
-          already counts as alerted when the history holds a record received after the limit passed (a monitor
-          was storing the fleet's records then, and alerted it); else nobody was told, and it is alerted once the
-          monitor has been subscribed for :data:`SETTLE_S` and has checked what it received without hearing from it
-          (what the broker queued while the monitor was stopped comes first).
+        - silent: one past its limit already counts as alerted when the history holds a record received after the
+          limit passed (a monitor was storing the fleet's records then, and alerted it); else nobody was told, and it
+          is alerted as above.
 
         Raises:
-            HistoryError: the history cannot be read.
+            HistoryError: the history cannot be read or written.
         """
+        fleet = self.constraints
+        heard = self.store.last_received(KINDS)
+        for device, seen in heard.items():
+            if device in fleet and device not in self.last_seen:  # a message this run stored already is newer
+                self.last_seen[device] = seen
+                self._heard_before.add(device)
+        if self.store.alerts_kept():
+            held = self.store.open_alerts()
+            for state, kind in ((self._drifting, "drift"), (self._low_disk, "low_disk"),
+                                (self._silent_alerted, "silent")):
+                state.update(d for d in held.get(kind, ()) if d in fleet)
+            if self.share is None:
+                for device in held.get("over_budget", ()):
+                    self.store.close_alert(device, "over_budget")
+            return
+        self._infer_alert_states(shadows, heard)
+        for state, kind in ((self._drifting, "drift"), (self._low_disk, "low_disk"), (self._silent_alerted, "silent")):
+            for device in sorted(state):
+                self.store.open_alert(device, kind, f"{device}: {kind.replace('_', ' ')} (inferred from the records of "
+                                                    "a history kept before alerts were)")
+        self.store.keep_alerts()
+
+    def _infer_alert_states(self, shadows: dict[str, dict[str, Any]], heard: dict[str, float]) -> None:
+        """Start the alert episodes the records of a history an older edge-kit wrote show under way (see
+        :meth:`_seed_alert_states`; ``heard``: the store's ``last_received`` of every kind); return nothing.
+        Raises HistoryError (the history cannot be read)."""
         fleet = self.constraints
         status, telemetry = self.store.latest_status(), self.store.latest_telemetry()
         status_at, telemetry_at = self.store.last_received(("status",)), self.store.last_received(("telemetry",))
@@ -777,15 +836,10 @@ class Monitor:
         for state, newest, holds in ((self._drifting, shadows, self._below_fidelity),
                                      (self._low_disk, disk, lambda _d, m: bool(self._disk_low(m)))):
             state.update(d for d, m in newest.items() if d in fleet and holds(d, m))
-        heard = self.store.last_received(KINDS)
         stored_until = max(heard.values(), default=-math.inf)  # a monitor was storing the fleet's records then
         for device, seen in heard.items():
-            if device in fleet:
-                if device not in self.last_seen:  # a message this run stored already is newer
-                    self.last_seen[device] = seen
-                    self._heard_before.add(device)
-                if seen + self._silence_limit(device) <= stored_until:
-                    self._silent_alerted.add(device)
+            if device in fleet and seen + self._silence_limit(device) <= stored_until:
+                self._silent_alerted.add(device)
 
     def _below_fidelity(self, device: str, shadow: dict[str, Any]) -> bool:
         """Return True when ``shadow`` (a ``shadow`` message of ``device``) says the served model's outputs are below
@@ -822,11 +876,13 @@ class Monitor:
             if low and device not in self._low_disk:
                 self._low_disk.add(device)
                 refused = "installs, activations and benches refused"
-                self._alert(Alert(device, "disk", f"{device}: disk full ({refused})" if free is None else
-                                  f"{device}: {free / 1e6:.1f} MB free" + (f" (full: {refused})" if disk.get("full") else
-                                                                          f" (below {self.min_free_bytes / 1e6:.0f} MB)")))
-            elif not low:
+                self._alert_held(Alert(device, "disk", f"{device}: disk full ({refused})" if free is None else
+                                       f"{device}: {free / 1e6:.1f} MB free" + (f" (full: {refused})" if disk.get("full")
+                                                                               else f" (below {self.min_free_bytes / 1e6:.0f} MB)")),
+                                 "low_disk")
+            elif not low and device in self._low_disk:
                 self._low_disk.discard(device)
+                self.store.close_alert(device, "low_disk")
         if kind == "status" and msg["state"] == "offline":
             self._alert(Alert(device, "offline", f"{device} went offline"))
         elif kind == "bench" and device in self.constraints:
@@ -858,4 +914,4 @@ class Monitor:
             judged = settled or device not in self._heard_before
             if now - seen > limit and device not in self._silent_alerted and judged:
                 self._silent_alerted.add(device)
-                self._alert(Alert(device, "silent", f"{device} silent for {now - seen:.0f} s"))
+                self._alert_held(Alert(device, "silent", f"{device} silent for {now - seen:.0f} s"), "silent")

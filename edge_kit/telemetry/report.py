@@ -111,6 +111,11 @@ def bounded_variants(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]
 
 
 def _profile_figures(profile: Profile, records: list[dict[str, Any]], chosen: dict[str, str | None]) -> list[Any]:
+    """Return the profile's two figures (latency against accuracy, energy per inference) of its bench ``records``
+    (``chosen``: each device's chosen sha256, starred). A name a device gave (variant, metric, power source) goes into
+    a hover label as data (``text``, ``customdata``), never into a ``hovertemplate``: plotly reads ``%{...}`` in a
+    template as a placeholder, so a variant named ``%{y}`` would show another figure in its tooltip; a value
+    substituted for a placeholder is shown as it is."""
     import plotly.graph_objects as go
 
     by_variant: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -131,7 +136,10 @@ def _profile_figures(profile: Profile, records: list[dict[str, Any]], chosen: di
             x=[r["latency_ms"]["p90"] for r in pts], y=[scale * _accuracy(r) for r in pts], mode="markers",
             name=f"{variant} ({_label(pts[0].get('runtime') or 'litert')})", marker={"size": 10},  # the runtime that ran it
             text=[f"{r['device']}{' (simulated)' if r.get('simulated') else ''}, {_label(r.get('runtime') or 'litert')}" for r in pts],
-            hovertemplate=f"%{{text}}<br>p90 %{{x:.4g}} ms<br>{metric} %{{y:.4g}}{unit}<extra>{variant}</extra>"))
+            # names a device gave (the variant, the metric) as data, never in the template: it reads %{...}
+            customdata=[[variant, metric]] * len(pts),
+            hovertemplate=f"%{{text}}<br>p90 %{{x:.4g}} ms<br>%{{customdata[1]}} %{{y:.4g}}{unit}"
+                          "<extra>%{customdata[0]}</extra>"))
     picks = [r for r in records if chosen.get(r["device"]) == r["sha256"] and _accuracy(r) is not None]
     if picks:
         scatter.add_trace(go.Scatter(
@@ -177,8 +185,8 @@ def _profile_figures(profile: Profile, records: list[dict[str, Any]], chosen: di
                     if series(r) == source and r["power"].get("energy_per_inference_mj") is not None]
             ys.append(statistics.median(vals) if vals else None)  # one device's outlandish figure moves no bar
             texts.append(f"{len(vals)} device(s)")
-        bars.add_trace(go.Bar(x=variants, y=ys, name=f"{source}", text=texts,
-                              hovertemplate="%{x}: %{y:.4g} mJ<br>%{text}<extra>" + source + "</extra>"))
+        bars.add_trace(go.Bar(x=variants, y=ys, name=f"{source}", text=texts, customdata=[source] * len(variants),
+                              hovertemplate="%{x}: %{y:.4g} mJ<br>%{text}<extra>%{customdata}</extra>"))
     bars.update_layout(title=f"{profile.name}: energy per inference (median over devices; legend: how it was obtained)",
                        yaxis_title="mJ per inference", barmode="group", height=380, margin={"t": 60})
     return [scatter, bars]
@@ -440,6 +448,31 @@ def _unshown_tables(store: HistoryStore, refused: int, gaps: int) -> str:
     return part
 
 
+MAX_OPEN_ALERTS = 100  # alerts that hold listed on the page (the newest); `edgekit history alerts --open` lists more
+
+
+def _alerts_table(store: HistoryStore) -> tuple[str, int]:
+    """Return the page's table (HTML) of the alerts that hold (the :data:`MAX_OPEN_ALERTS` newest) and the
+    :data:`UNSHOWN_ROWS` newest cleared ones, or "" when the history holds none, and how many hold. An alert's detail
+    may quote a device's text: every cell is escaped and cut. Raises HistoryError."""
+    held = store.alerts(holds=True, limit=MAX_OPEN_ALERTS)
+    cleared = store.alerts(holds=False, limit=UNSHOWN_ROWS)
+    if not held and not cleared:
+        return "", 0
+    part = ("<h2>Alerts</h2><p class=note>The monitor's alerts that hold over an episode (drift, low disk, silence, "
+            f"over its ingest budget): the {len(held):,} that hold now"
+            + (f" (the {MAX_OPEN_ALERTS} newest)" if len(held) == MAX_OPEN_ALERTS else "")
+            + f", then the {UNSHOWN_ROWS} newest cleared. <code>edgekit history alerts</code> lists them by device and "
+            "time. Times are this host's clock when the monitor raised and cleared them.</p>"
+            "<table><tr><th>raised</th><th>cleared</th><th>device</th><th>kind</th><th>detail</th></tr>"
+            + "".join(f"<tr><td>{local_time(r['raised_at'])}</td><td>"
+                      + ("<span class=bad>holds</span>" if r["cleared_at"] is None else local_time(r["cleared_at"]))
+                      + f"</td><td>{_cell(r['device'])}</td><td>{_cell(r['kind'])}</td>"
+                      f"<td>{_cell(r['detail'], MAX_REASON_CHARS)}</td></tr>" for r in held + cleared)
+            + "</table>")
+    return part, len(held)
+
+
 def _check_replaceable(out: Path) -> None:
     """Raise InputError when ``out`` is an existing file that is not an HTML page (``--out`` naming the history
     database or the fleet file would have replaced it with the report); return nothing otherwise."""
@@ -461,7 +494,8 @@ def build_report(store: HistoryStore, out: Path, title: str = "edge-kit fleet re
     flagged devices, ``not_plotted``: ``{device: records}`` of devices naming more variants than
     :data:`MAX_VARIANTS_PER_DEVICE`, ``rows``: the fleet table's figures, labelled ``bench`` or ``live``,
     :func:`figure_rows`, and ``refused`` and ``gaps``: the messages the monitor refused and the sequence gaps it
-    recorded, which no figure shows: the page counts them and lists the :data:`UNSHOWN_ROWS` newest of each).
+    recorded, which no figure shows: the page counts them and lists the :data:`UNSHOWN_ROWS` newest of each;
+    ``alerts_holding``: the monitor's alerts that hold, which the page lists with the newest cleared ones).
 
     ``profiles``: the fleet file's profile of each device it names (``{device: profile}``), which places that
     device's records; a device it does not name is placed by what its records say.
@@ -527,7 +561,8 @@ def build_report(store: HistoryStore, out: Path, title: str = "edge-kit fleet re
                   "<table><tr>" + "".join(f"<th>{h}</th>" for h in fleet_head) + "</tr>"
                   + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in fleet_rows) + "</table>")
     refused, gaps = store.count("invalid"), store.count("gaps")  # what the figures above do not show
-    table += _unshown_tables(store, refused, gaps)
+    alerts, holding = _alerts_table(store)
+    table += alerts + _unshown_tables(store, refused, gaps)
     simulated = any(r.get("simulated") for r in latest)
     served = live_clocks(newest.live)
     page = (f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title)}</title><style>{_CSS}</style>"
@@ -554,4 +589,5 @@ def build_report(store: HistoryStore, out: Path, title: str = "edge-kit fleet re
         raise InputError(f"{out}: cannot write the report there ({exc.strerror or exc}); "
                          "pass --out a file in a writable folder") from None
     return {"out": str(out), "profiles": sorted(by_profile), "devices": len(rows), "plots": plots, "records": len(latest),
-            "flagged": flagged, "not_plotted": left_out, "rows": figure_rows(newest), "refused": refused, "gaps": gaps}
+            "flagged": flagged, "not_plotted": left_out, "rows": figure_rows(newest), "refused": refused, "gaps": gaps,
+            "alerts_holding": holding}

@@ -10,8 +10,10 @@ Tables: ``status``, ``bench``, ``telemetry``, ``live``, ``shadow`` (the message 
 (what selection chose for a device and why), ``rollouts`` and ``rollout_devices`` (a pull
 rollout's settings, state and owner, and each device's state in it: what lets a rollout resume
 after the host restarts), ``invalid`` (payloads that failed validation, kept
-for inspection, with the device their topic names) and ``gaps`` (missing ``seq`` ranges per device and kind);
-``edgekit_schema`` holds the schema's version (:data:`SCHEMA_VERSION`). Several monitor
+for inspection, with the device their topic names), ``gaps`` (missing ``seq`` ranges per device and kind) and
+``alerts`` (the monitor's alerts that hold over an episode: raised, and cleared when it ends; at most one open per
+device and kind, so several workers raise each once); ``edgekit_schema`` holds the schema's version
+(:data:`SCHEMA_VERSION`). Several monitor
 processes (on one host for SQLite, on several for PostgreSQL) may write one history:
 ``INSERT ... ON CONFLICT DO NOTHING`` on the message id keeps each record once, and a batch is
 one transaction, stored whole or not at all.
@@ -30,7 +32,7 @@ from typing import Any
 
 from edge_kit.errors import HistoryError, HistoryRecordError
 from edgekit_protocol.errors import MessageError
-from edgekit_protocol.labels import printable
+from edgekit_protocol.labels import clip, printable
 from edgekit_protocol.messages import (
     ROOT,
     field_at,
@@ -40,10 +42,18 @@ from edgekit_protocol.messages import (
 )
 
 KINDS = ("status", "bench", "telemetry", "live", "shadow")
-TABLES = (*KINDS, "decisions", "invalid", "gaps", "rollouts", "rollout_devices")
+TABLES = (*KINDS, "decisions", "invalid", "gaps", "rollouts", "rollout_devices", "alerts")
 #: The schema this edge-kit reads and writes, kept in the ``edgekit_schema`` table (a history without that table
-#: was written before it: version 1). 2: ``decisions.kind``, ``invalid.device`` and their indexes.
-SCHEMA_VERSION = 2
+#: was written before it: version 1). 2: ``decisions.kind``, ``invalid.device`` and their indexes. 3: the ``alerts``
+#: table.
+SCHEMA_VERSION = 3
+#: The kinds of alert the ``alerts`` table keeps: those that hold over an episode (raised once, cleared when it ends).
+ALERT_KINDS = ("drift", "low_disk", "silent", "over_budget")
+MAX_ALERT_DETAIL = 1000  # characters of an alert's detail kept (it may quote a device's variant name, any length)
+#: The ``edgekit_schema`` row that says the ``alerts`` table holds every alert raised on this history: written when
+#: the history is created, and by the first monitor that starts on a history an older edge-kit wrote (before it,
+#: which alerts were raised is inferred from the stored records: :meth:`Monitor._seed_alert_states`).
+ALERTS_KEPT = "alerts"
 HISTORY_NAME = "edgekit-history.db"
 #: A write that changes nothing: whether the history takes writes, asked without writing.
 NO_OP_WRITE = "INSERT INTO status SELECT * FROM status WHERE 1 = 0"
@@ -114,6 +124,9 @@ CREATE TABLE IF NOT EXISTS rollouts (id TEXT PRIMARY KEY, created {real}, ts {re
 CREATE TABLE IF NOT EXISTS rollout_devices (rollout TEXT, device TEXT, wave {int}, state TEXT, revision {int},
                                             ts {real}, detail TEXT, PRIMARY KEY (rollout, device));
 CREATE TABLE IF NOT EXISTS edgekit_schema (name TEXT PRIMARY KEY, version {int});
+CREATE TABLE IF NOT EXISTS alerts (id {serial}, device TEXT, kind TEXT, raised_at {real}, cleared_at {real}, detail TEXT);
+CREATE UNIQUE INDEX IF NOT EXISTS alerts_open ON alerts (device, kind) WHERE cleared_at IS NULL;
+CREATE INDEX IF NOT EXISTS alerts_device ON alerts (device, id);
 CREATE INDEX IF NOT EXISTS bench_device_sha ON bench (device, sha256, ts);
 CREATE INDEX IF NOT EXISTS bench_sha ON bench (sha256, ts);
 CREATE INDEX IF NOT EXISTS status_device ON status (device, ts);
@@ -235,6 +248,7 @@ class HistoryStore(abc.ABC):
         if version is None:
             if write:
                 self._upgrade()
+                self.keep_alerts()  # a new history: its alerts table holds every alert from the start
             else:
                 self._no_history()
             return
@@ -428,6 +442,70 @@ class HistoryStore(abc.ABC):
         Raises HistoryError."""
         self._execute("INSERT INTO gaps VALUES (?, ?, ?, ?, ?)", (device, kind, first, last, time.time()))
 
+    def open_alert(self, device: str, kind: str, detail: str, at: float | None = None) -> bool:
+        """Record that alert ``kind`` (one of :data:`ALERT_KINDS`) of ``device`` was raised at ``at`` (this host's
+        clock; default now), saying ``detail`` (cut to :data:`MAX_ALERT_DETAIL` characters, its control characters
+        shown as ``\\xNN``: it may quote a device's text), unless that alert is open already: one open alert per device
+        and kind (a unique index), so of several monitor workers raising it at once one opens it.
+
+        Returns:
+            True when this call opened it; False when it was open already (another worker, or a monitor before a
+            restart, raised it).
+
+        Raises:
+            ValueError: a kind the table does not keep.
+            HistoryError: the history cannot be written.
+        """
+        if kind not in ALERT_KINDS:
+            raise ValueError(f"the history keeps alerts of kind {', '.join(ALERT_KINDS)}, not {kind!r}")
+        return self._execute("INSERT INTO alerts (device, kind, raised_at, cleared_at, detail) VALUES (?, ?, ?, NULL, ?) "
+                             "ON CONFLICT DO NOTHING", (printable(device), kind, time.time() if at is None else at,
+                                                        printable(clip(detail, MAX_ALERT_DETAIL)))) == 1
+
+    def close_alert(self, device: str, kind: str, at: float | None = None) -> bool:
+        """Record that the open alert ``kind`` of ``device`` cleared at ``at`` (this host's clock; default now).
+
+        Returns:
+            True when an open alert was closed; False when none was open (another worker closed it).
+
+        Raises:
+            HistoryError: the history cannot be written.
+        """
+        return self._execute("UPDATE alerts SET cleared_at = ? WHERE device = ? AND kind = ? AND cleared_at IS NULL",
+                             (time.time() if at is None else at, printable(device), kind)) > 0
+
+    def open_alerts(self) -> dict[str, set[str]]:
+        """Return the devices whose alert holds (raised, not cleared), by kind of alert. Raises HistoryError."""
+        held: dict[str, set[str]] = {}
+        for kind, device in self._rows("SELECT kind, device FROM alerts WHERE cleared_at IS NULL"):
+            held.setdefault(kind, set()).add(device)
+        return held
+
+    def alerts_kept(self) -> bool:
+        """Return True when the ``alerts`` table holds every alert raised on this history (:data:`ALERTS_KEPT`);
+        False for a history an older edge-kit wrote that no monitor of this one has started on yet.
+        Raises HistoryError."""
+        return bool(self._rows("SELECT 1 FROM edgekit_schema WHERE name = ?", (ALERTS_KEPT,)))
+
+    def keep_alerts(self) -> None:
+        """Record that the ``alerts`` table holds every alert raised on this history from now on
+        (:data:`ALERTS_KEPT`); return nothing. Raises HistoryError."""
+        self._execute("INSERT INTO edgekit_schema (name, version) VALUES (?, 1) ON CONFLICT (name) DO NOTHING",
+                      (ALERTS_KEPT,))
+
+    def alerts(self, device: str | None = None, since: float | None = None, until: float | None = None,
+               holds: bool | None = None, limit: int = 20) -> list[dict[str, Any]]:
+        """Return up to ``limit`` rows of the ``alerts`` table, newest raised first: ``device``, ``kind``,
+        ``raised_at`` and ``cleared_at`` (this host's clock; ``cleared_at`` None while it holds) and ``detail`` (as
+        kept: cut, control characters shown as ``\\xNN``). ``device``, ``since`` and ``until`` (unix seconds,
+        inclusive, of ``raised_at``) and ``holds`` (True: only those that hold; False: only those cleared) narrow them.
+        Raises HistoryError."""
+        where, args = self._window(device, since, until, "raised_at")
+        if holds is not None:
+            where += (" AND" if where else "WHERE") + f" cleared_at IS {'' if holds else 'NOT '}NULL"
+        return self._newest("device, kind, raised_at, cleared_at, detail", "alerts", where, args, limit,
+                            lambda r: dict(zip(("device", "kind", "raised_at", "cleared_at", "detail"), r)))
+
     def add_decision(self, decision: dict[str, Any]) -> None:
         """Record a selection decision (a dict with ``device``, ``chosen``, ``current``, ``feasible``, ``switch``);
         return nothing.
@@ -499,13 +577,14 @@ class HistoryStore(abc.ABC):
         return [{"ts": ts, "device": dev, "kind": kind, "first_missing": lo, "last_missing": hi, "missing": hi - lo + 1}
                 for ts, dev, kind, lo, hi in rows]
 
-    def _window(self, device: str | None, since: float | None, until: float | None) -> tuple[str, tuple]:
-        """Return the WHERE clause (or "") and its arguments for rows of ``device`` (None: any) whose ``ts`` is
-        within ``since`` .. ``until`` (None: unbounded)."""
+    def _window(self, device: str | None, since: float | None, until: float | None,
+                column: str = "ts") -> tuple[str, tuple]:
+        """Return the WHERE clause (or "") and its arguments for rows of ``device`` (None: any) whose ``column`` (a
+        time) is within ``since`` .. ``until`` (None: unbounded)."""
         where, args = self._where(device, "", None)
         for bound, op in ((since, ">="), (until, "<=")):
             if bound is not None:
-                where += (" AND" if where else "WHERE") + f" ts {op} ?"
+                where += (" AND" if where else "WHERE") + f" {column} {op} ?"
                 args = (*args, bound)
         return where, args
 
@@ -685,7 +764,9 @@ class HistoryStore(abc.ABC):
         topic names, filled from the topics of older rows) and the indexes that list refused messages and gaps of
         one device; ``decisions.kind`` (:func:`decision_kind` of the body; rows written before it
         are filled from their bodies, a batch per transaction) and its index, which answer "the newest decision
-        per device of a kind" without reading every body.
+        per device of a kind" without reading every body. Version 3: the ``alerts`` table (created by the schema's
+        ``CREATE TABLE IF NOT EXISTS``, empty: the first monitor that starts infers the alerts under way from the
+        records, then keeps them there, :meth:`alerts_kept`).
         """
         if "device" not in self._columns("invalid"):
             self._add_column("invalid", "device", "TEXT")

@@ -506,3 +506,40 @@ def test_a_profile_none_of_whose_variants_was_built_is_warned_about():
         "manifest.json); deploy, tune and rollouts give its devices nothing from this compile"]
     m.artifacts[1] = built("int8")
     assert unserved_profiles(m) == []
+
+
+def _figures(page: str) -> list[dict]:
+    """Return the traces of every figure of a report page (the JSON its Plotly.newPlot calls hold)."""
+    decoder = json.JSONDecoder()
+    traces = []
+    for found in re.finditer(r'Plotly\.newPlot\(\s*"[^"]+",\s*', page):
+        data, _ = decoder.raw_decode(page, found.end())
+        traces += data
+    return traces
+
+
+def test_a_name_holding_a_plotly_placeholder_is_shown_as_it_is_in_the_tooltips(tmp_path, run_cli):
+    """A variant named ``%{y}`` (or a metric, a power source) was formatted into the traces' hovertemplate, so the
+    tooltip showed the point's accuracy where the name belonged (``%{customdata[0]}`` another field): names were
+    HTML-escaped, not placeholder-escaped. Now each name is data the template refers to, shown literally."""
+    from edge_kit.telemetry.store import Store
+
+    records = [{**_bench("rpi4-1", variant, p90, 0.99, i), "accuracy": {"value": 0.99, "metric": "%{x}"},
+                "power": {"sensor": "%{customdata[0]}", "energy_per_inference_mj": 0.05}}
+               for i, (variant, p90) in enumerate([("%{y}", 0.3), ("fp32", 0.2)])]
+    with Store(tmp_path / "h.db") as store:
+        store.add_many([("bench", r) for r in records])
+    code, _, err = run_cli("report", "--history", tmp_path / "h.db", "--out", tmp_path / "r.html")
+    assert code == 0, err
+    traces = _figures((tmp_path / "r.html").read_text())
+    assert traces and all(t.get("hovertemplate") for t in traces)
+    for t in traces:  # no name a device gave is part of a template
+        assert not any(name in t["hovertemplate"] for name in ("%{y}<", "%{x} ", "<extra>%{y}", "%{customdata[0]}<br>"))
+    scatter = next(t for t in traces if t["type"] == "scatter" and t["name"].startswith("%{y}"))
+    assert scatter["hovertemplate"] == ("%{text}<br>p90 %{x:.4g} ms<br>%{customdata[1]} %{y:.4g} %"
+                                        "<extra>%{customdata[0]}</extra>")
+    assert scatter["customdata"] == [["%{y}", "%{x}"]]  # shown where the template refers to them, as they are
+    bars = [t for t in traces if t["type"] == "bar"]
+    assert bars and all(t["hovertemplate"] == "%{x}: %{y:.4g} mJ<br>%{text}<extra>%{customdata}</extra>" for t in bars)
+    assert {c for t in bars for c in t["customdata"]} == {"%{customdata[0]}, simulated devices"}
+    assert "%{y}" in {x for t in bars for x in t["x"]}

@@ -701,7 +701,8 @@ def test_a_monitor_started_again_takes_the_historys_newest_shadow_message_as_kno
     while it was down, never stored) is no news, and the next message of that run alerts on its new answers only."""
     store = Store(tmp_path / "h.db")
     first = _drift_monitor(fleet_file, store)
-    store.add("shadow", _shadow(first, 5, 4, "a"))
+    _shadow(first, 4, 4, "a")
+    store.add("shadow", _shadow(first, 5, 4, "a"))  # no new answers: its episode ended (an open one would hold on)
     later = _drift_monitor(fleet_file, store)
     try:
         later.start(timeout=0.5)  # no broker on port 1: it reads the history, then fails to connect

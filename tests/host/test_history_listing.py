@@ -165,7 +165,7 @@ def test_a_reader_upgrades_an_older_history_it_may_write_and_reads_it(tmp_path, 
     assert code == 0 and "edgekit history upgrade" not in err, err
     assert "edgekit_schema" in _schema(history)[0] and "device" in _schema(history)[1]  # upgraded, as a writer would
     with sqlite3.connect(history) as conn:
-        assert conn.execute("SELECT version FROM edgekit_schema").fetchall() == [(SCHEMA_VERSION,)]
+        assert conn.execute("SELECT version FROM edgekit_schema WHERE name = 'history'").fetchall() == [(SCHEMA_VERSION,)]
     conn.close()
 
 
@@ -194,3 +194,61 @@ def test_rollout_list_and_resume_upgrade_an_older_history_they_may_write(tmp_pat
                                tmp_path / "fleet.yaml", "--history", history)
         assert "edgekit history upgrade" not in err and "edgekit_schema" in _schema(history)[0], err
         assert code == 0 or command == "resume", err  # resume: no rollout r1, said in its own line
+
+
+def _alerts_history(path):
+    """A history whose alerts table holds dev1's cleared silence (3 h ago), a hostile device's drift that holds (2 h
+    ago) and dev2's low disk that holds (1 h ago)."""
+    with Store(path) as store:
+        store.open_alert("dev1", "silent", "dev1 silent for 200 s", at=NOW - 3 * 3600)
+        store.close_alert("dev1", "silent", at=NOW - 3 * 3600 + 60)
+        store.open_alert(HOSTILE_DEVICE, "drift", "<img src=x onerror=alert(2)> \x1b[31mred", at=NOW - 2 * 3600)
+        store.open_alert("dev2", "low_disk", "dev2: 1.0 MB free (below 32 MB)", at=NOW - 3600)
+    return path
+
+
+def test_alerts_are_listed_newest_first_by_device_time_window_and_whether_they_hold(tmp_path, run_cli):
+    """The history kept no alerts: which had been raised, and when they cleared, was nowhere to read."""
+    history = _alerts_history(tmp_path / "h.db")
+    code, out, err = run_cli("history", "alerts", "--history", history, "--json")
+    assert code == 0, err
+    rows = json.loads(out)["alerts"]
+    assert [(r["device"], r["kind"], r["cleared_at"] is None) for r in rows] == [
+        ("dev2", "low_disk", True), (HOSTILE_DEVICE, "drift", True), ("dev1", "silent", False)]
+    assert rows[1]["detail"] == "<img src=x onerror=alert(2)> \\x1b[31mred"  # kept escaped
+    assert rows[2]["raised_at"] == pytest.approx(NOW - 3 * 3600) and rows[2]["cleared_at"] == pytest.approx(NOW - 10740)
+    code, out, _ = run_cli("history", "alerts", "--history", history, "--open", "--json")
+    assert [r["device"] for r in json.loads(out)["alerts"]] == ["dev2", HOSTILE_DEVICE]
+    assert json.loads(out)["filters"]["holds"] is True
+    code, out, _ = run_cli("history", "alerts", "--history", history, "--device", "dev1", "--json")
+    assert [r["kind"] for r in json.loads(out)["alerts"]] == ["silent"]
+    code, out, _ = run_cli("history", "alerts", "--history", history, "--since", "150m", "--until", "90m", "--json")
+    assert [r["kind"] for r in json.loads(out)["alerts"]] == ["drift"]
+    code, out, _ = run_cli("history", "alerts", "--history", history, "--limit", "1", "--json")
+    assert [r["device"] for r in json.loads(out)["alerts"]] == ["dev2"]
+
+    code, out, err = run_cli("history", "alerts", "--history", history)
+    text = " ".join(out.split())
+    assert code == 0, err
+    assert "[red]x" in text and "\x1b" not in out and "holds" in text and "3 alert(s) from" in text
+    code, out, _ = run_cli("history", "alerts", "--history", history, "--open", "--device", "dev1")
+    assert code == 0 and "no open alert(s) in" in out
+    code, out, err = run_cli("history", "alerts", "--history", history, "--since", "yesterday")
+    assert code == 2 and out == "" and err.startswith("edgekit: error: --since 'yesterday': give a span back from now")
+
+
+def test_the_report_lists_the_alerts_that_hold_and_the_newest_cleared_as_text_never_as_html(tmp_path, run_cli):
+    history = _alerts_history(tmp_path / "h.db")
+    code, out, err = run_cli("report", "--history", history, "--out", tmp_path / "r.html", "--json")
+    assert code == 0, err
+    assert json.loads(out)["alerts_holding"] == 2
+    page = (tmp_path / "r.html").read_text()
+    section = page[page.index("<h2>Alerts</h2>"):]
+    assert "<img src=x" not in section and "<b onmouseover" not in section  # a device's text: shown as text
+    assert "&lt;img src=x onerror=alert(2)&gt; \\x1b[31mred" in section
+    holding = section.index("dev2: 1.0 MB free"), section.index("onerror=alert(2)"), section.index("dev1 silent for")
+    assert list(holding) == sorted(holding)  # those that hold first, newest first, then the cleared ones
+    assert section.count("<span class=bad>holds</span>") == 2
+    Store(tmp_path / "empty.db").close()
+    code, _, err = run_cli("report", "--history", tmp_path / "empty.db", "--out", tmp_path / "e.html")
+    assert code == 0 and "<h2>Alerts</h2>" not in (tmp_path / "e.html").read_text(), err

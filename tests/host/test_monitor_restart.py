@@ -1,10 +1,12 @@
 """A monitor started again (an upgrade, a crash, a reboot of its host) takes the alert episodes under way from the
-history: low disk is not alerted again, a device silent since before the restart is alerted when its limit passes
-(counted from its last record of any kind, by this host's clock), and one already alerted by the monitor that stored
-the fleet's later records is not alerted again."""
+history's alerts table: an open one is not alerted again, a device silent since before the restart is alerted when its
+limit passes (counted from its last record of any kind, by this host's clock). On a history an older edge-kit wrote
+(no alerts kept) they are inferred from the records once: low disk is not alerted again, and a silence the monitor
+that stored the fleet's later records alerted is not alerted again."""
 
 from __future__ import annotations
 
+import sqlite3
 import time
 
 import pytest
@@ -46,13 +48,30 @@ def _live(device, seq):
     return ("live", messages.envelope("live", "sim", device, seq, {"requests": 1}))
 
 
+def _older(path, records, received=None) -> Store:
+    """Return the history at ``path`` holding ``records`` as the previous edge-kit left it (schema version 2: no alerts
+    table), opened by this one (upgraded)."""
+    with Store(path) as store:
+        store.add_many(records, received=received)
+    with sqlite3.connect(path) as conn:
+        conn.execute("DROP TABLE alerts")
+        conn.execute("DELETE FROM edgekit_schema WHERE name = 'alerts'")
+        conn.execute("UPDATE edgekit_schema SET version = 2")
+    conn.close()
+    return Store(path)
+
+
+def _rows(store) -> list[tuple]:
+    """Return the alerts table's rows as (device, kind, open?)."""
+    return [(a["device"], a["kind"], a["cleared_at"] is None) for a in reversed(store.alerts(limit=100))]
+
+
 def test_low_disk_the_history_shows_is_not_alerted_again_and_a_new_episode_still_is(fleet_file, tmp_path):
     """A monitor started again alerted "d1: 1.0 MB free" on d1's next telemetry: the monitor before it had already
     raised it (and /metrics had no sign of it)."""
-    store = Store(tmp_path / "h.db")
     now = time.time()
-    store.add_many([_disk("d1", 1, 1.0), _disk("d2", 1, 1.0), _disk("d2", 2, 500.0, kind="status"),
-                    _disk("d3", 1, 500.0), _disk("d3", 2, 1.0, kind="status"), _live("d3", 1)],
+    store = _older(tmp_path / "h.db", [_disk("d1", 1, 1.0), _disk("d2", 1, 1.0), _disk("d2", 2, 500.0, kind="status"),
+                                       _disk("d3", 1, 500.0), _disk("d3", 2, 1.0, kind="status"), _live("d3", 1)],
                    received=[now - 50, now - 50, now - 40, now - 50, now - 40, now - 30])
     mon = _started(fleet_file, store)
     for kind, msg in (_disk("d1", 2, 1.0), _disk("d2", 3, 1.0), _disk("d3", 3, 1.0)):
@@ -85,9 +104,8 @@ def test_a_device_silent_since_before_the_restart_is_alerted_once_its_limit_pass
 def test_a_silence_the_monitor_before_alerted_is_not_alerted_again_one_nobody_was_told_of_is(fleet_file, tmp_path):
     """d1's limit passed while a monitor stored d3's records (it alerted d1 then): not news. d2's passed after the
     last record any monitor stored (the monitor was down): nobody was told, so it is alerted now."""
-    store = Store(tmp_path / "h.db")
     now = time.time()
-    store.add_many([_live("d1", 1), _disk("d2", 1, 500.0), _disk("d3", 1, 500.0)],
+    store = _older(tmp_path / "h.db", [_live("d1", 1), _disk("d2", 1, 500.0), _disk("d3", 1, 500.0)],
                    received=[now - 2000, now - 1000, now - 900])
     mon = _started(fleet_file, store, silence_s=180)
     mon._check_silence()
@@ -95,6 +113,9 @@ def test_a_silence_the_monitor_before_alerted_is_not_alerted_again_one_nobody_wa
     assert mon.alert_states()["silent"] == {"d1", "d2", "d3"}
     mon._after_store(*_live("d1", 2))  # d1 speaks again: its episode ends
     assert mon.alert_states()["silent"] == {"d2", "d3"}
+    # what was inferred once is kept: d1's inferred silence opened and closed, d2's and d3's raised and open
+    assert _rows(store) == [("d1", "silent", False), ("d2", "silent", True), ("d3", "silent", True)]
+    assert store.alerts_kept()
 
 
 def test_metrics_last_heard_starts_from_any_kind_stored(fleet_file, tmp_path):
@@ -132,8 +153,7 @@ def test_a_device_whose_queued_records_arrive_after_the_restart_is_not_alerted_s
 def test_the_alert_gauges_say_nothing_until_the_monitor_has_read_the_history(fleet_file, tmp_path):
     """/metrics is served before the monitor starts: it exported edgekit_device_low_disk 0 (and drifting, silent) for a
     device the history shows low on disk, until the monitor had read the history. Now no series until then."""
-    store = Store(tmp_path / "h.db")
-    store.add_many([_disk("d1", 1, 1.0)])
+    store = _older(tmp_path / "h.db", [_disk("d1", 1, 1.0)])
     mon = Monitor(load_fleet(fleet_file), store, verify_in_child=False)
     metrics = FleetMetrics()
     metrics.watch(mon)
@@ -144,3 +164,58 @@ def test_the_alert_gauges_say_nothing_until_the_monitor_has_read_the_history(fle
         pass
     assert metrics.registry.get_sample_value("edgekit_device_low_disk", {"device": "d1"}) == 1
     assert metrics.registry.get_sample_value("edgekit_device_low_disk", {"device": "d2"}) == 0
+
+
+def test_records_stored_while_no_monitor_ran_are_no_sign_that_anyone_was_alerted(fleet_file, tmp_path):
+    """tune, bench and deploy store records with no monitor running: d3's record, stored after d1's silence limit
+    passed, made a restarted monitor take d1's silence as alerted, and d2's low disk (no monitor saw it) as well.
+    Nobody was told: the alerts table holds no open alert, so both are alerted now, once, and kept there."""
+    now = time.time()
+    store = Store(tmp_path / "h.db")
+    store.add_many([_live("d1", 1), _disk("d2", 1, 1.0), _disk("d3", 1, 500.0)],
+                   received=[now - 2000, now - 300, now - 10])
+    mon = _started(fleet_file, store, silence_s=180)
+    mon._check_silence()
+    mon._after_store(*_disk("d2", 2, 1.0))
+    mon._check_silence()
+    assert sorted((a.device, a.kind) for a in mon.alerts) == [("d1", "silent"), ("d2", "disk"), ("d2", "silent")]
+    assert sorted(_rows(store)) == [("d1", "silent", True), ("d2", "low_disk", True), ("d2", "silent", False)]
+
+
+def test_a_monitor_started_again_takes_the_open_alerts_and_closes_them_when_their_episode_ends(fleet_file, tmp_path):
+    """The alerts one run raised are the next run's "already alerted": not raised again while they hold; an episode
+    that ends is cleared in the table, and the next one is raised and kept as a new row."""
+    now = time.time()
+    store = Store(tmp_path / "h.db")
+    store.add_many([_live("d1", 1), _disk("d2", 1, 1.0)], received=[now - 2000, now - 10])
+    first = _started(fleet_file, store, silence_s=180)
+    first._check_silence()
+    first._after_store(*_disk("d2", 2, 1.0))
+    first.stop()
+    assert [(a.device, a.kind) for a in first.alerts] == [("d1", "silent"), ("d2", "disk")]
+    again = _started(fleet_file, store, silence_s=180)
+    assert again.alert_states() == {"drift": frozenset(), "disk": {"d2"}, "silent": {"d1"}}
+    again._check_silence()
+    again._after_store(*_disk("d2", 3, 1.0))
+    assert not again.alerts
+    again._after_store(*_disk("d2", 4, 500.0))  # d2's disk episode ends
+    again._after_store(*_live("d1", 2))  # d1 speaks: its silence ends
+    again._after_store(*_disk("d2", 5, 2.0))  # a new disk episode: news
+    assert [a.text for a in again.alerts] == ["d2: 2.0 MB free (below 32 MB)"]
+    again.stop()
+    rows = store.alerts(limit=10)
+    assert [(a["device"], a["kind"], a["cleared_at"] is None) for a in reversed(rows)] == [
+        ("d1", "silent", False), ("d2", "low_disk", False), ("d2", "low_disk", True)]
+    assert rows[-1]["raised_at"] <= rows[-1]["cleared_at"] <= time.time()
+    assert rows[0]["detail"] == "d2: 2.0 MB free (below 32 MB)"
+
+
+def test_an_over_budget_alert_a_crashed_monitor_left_open_is_closed_by_the_next_one_alone(fleet_file, tmp_path):
+    """A monitor that stops ends its floods and closes their alerts; one that crashed left the row open for good. The
+    next monitor without --share has no flood under way: it closes it. A --share worker leaves it to the group."""
+    store = Store(tmp_path / "h.db")
+    store.open_alert("d1", "over_budget", "d1: over its ingest budget", at=time.time() - 60)
+    _started(fleet_file, store, share="edgekit", workers=2).stop()
+    assert _rows(store) == [("d1", "over_budget", True)]
+    _started(fleet_file, store).stop()
+    assert _rows(store) == [("d1", "over_budget", False)]

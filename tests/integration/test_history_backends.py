@@ -137,7 +137,7 @@ def test_status_telemetry_live_shadow_invalid_gaps_and_counts(history):
     history.add_gap("d1", "bench", 3, 7)
     assert dict(zip(TABLES, (history.count(t) for t in TABLES))) == {
         "status": 3, "bench": 0, "telemetry": 2, "live": 2, "shadow": 1, "decisions": 0, "invalid": 1, "gaps": 1,
-        "rollouts": 0, "rollout_devices": 0}
+        "rollouts": 0, "rollout_devices": 0, "alerts": 0}
     with pytest.raises(ValueError):
         history.count("sqlite_master")
 
@@ -551,7 +551,7 @@ def test_a_role_with_select_alone_reads_the_history_and_is_told_what_to_run_on_a
     _psql(postgres_url, "UPDATE edgekit_schema SET version = 1")  # as an older edge-kit left it
     code, out, err = run_cli("report", "--history", reader, "--out", tmp_path / "r.html")
     assert code == 6 and err.count("\n") == 1 and f"{role}:readonly" not in err
-    assert ("was written by an older edge-kit (schema version 1; this one reads 2) and this command only reads it: run "
+    assert ("was written by an older edge-kit (schema version 1; this one reads 3) and this command only reads it: run "
             "`edgekit history upgrade --history <it>` once as a user (or PostgreSQL role) that owns its tables") in err
     code, out, err = run_cli("history", "upgrade", "--history", postgres_url)
     assert code == 0, err
@@ -581,7 +581,7 @@ def test_a_writer_role_that_does_not_own_the_tables_is_told_an_older_schema_need
 
     _psql(postgres_url, "UPDATE edgekit_schema SET version = 1")  # as an older edge-kit left it
     want = (f"the history postgresql://{role}@{parts.hostname}:{parts.port}{parts.path} was written by an older "
-            "edge-kit (schema version 1; this one reads 2) and needs an upgrade that only the owner of its tables can "
+            "edge-kit (schema version 1; this one reads 3) and needs an upgrade that only the owner of its tables can "
             "run (this role is not; they belong to edgekit): run `edgekit history upgrade --history <it>` once as "
             "edgekit, then run again")
     with pytest.raises(HistoryError) as refused:
@@ -592,7 +592,7 @@ def test_a_writer_role_that_does_not_own_the_tables_is_told_an_older_schema_need
     import psycopg
 
     with psycopg.connect(postgres_url) as conn:  # nothing was changed: still the older version, no half upgrade
-        assert conn.execute("SELECT version FROM edgekit_schema").fetchall() == [(1,)]
+        assert conn.execute("SELECT version FROM edgekit_schema WHERE name = 'history'").fetchall() == [(1,)]
 
     code, out, err = run_cli("history", "upgrade", "--history", postgres_url)
     assert code == 0, err
@@ -677,7 +677,7 @@ def test_an_owner_of_the_tables_that_may_not_create_in_the_schema_is_told_what_t
           *(f"ALTER TABLE {t} OWNER TO {role}" for t in TABLES))
     url = parts._replace(netloc=f"{role}:owns@{parts.hostname}:{parts.port}").geturl()
     want = (f"the history postgresql://{role}@{parts.hostname}:{parts.port}{parts.path} was written by an older "
-            f"edge-kit (schema version 1; this one reads {SCHEMA_VERSION}) and needs an upgrade that creates tables and "
+            f"edge-kit (schema version 1; this one reads 3) and needs an upgrade that creates tables and "
             f"indexes in schema public, where this role ({role}) may not create: run `edgekit history upgrade --history "
             f"<it>` once as a role that owns its tables and may create in public (or have the schema's owner run "
             f"`GRANT CREATE ON SCHEMA public TO {role}` first), then run again")
@@ -722,9 +722,59 @@ def test_a_read_only_session_of_the_tables_owner_is_refused_the_upgrade_in_one_l
         open_history(url)
     assert str(refused.value) == (
         f"the history postgresql://{role}@{parts.hostname}:{parts.port}{parts.path} was written by an older edge-kit "
-        f"(schema version 1; this one reads {SCHEMA_VERSION}) and needs an upgrade, and this session may not write (a "
+        f"(schema version 1; this one reads 3) and needs an upgrade, and this session may not write (a "
         "read-only transaction: a standby server, or default_transaction_read_only): run `edgekit history upgrade "
         "--history <it>` once as a role that owns its tables, on the primary server, then run again")
     _psql(postgres_url, f"ALTER ROLE {role} RESET default_transaction_read_only")
     code, out, err = run_cli("report", "--history", url, "--out", tmp_path / "r.html")  # now it may: it upgrades
     assert code == 0, err
+
+
+def _as_before_alerts(spec: str) -> None:
+    """Leave the history ``spec`` names as the previous edge-kit did: schema version 2, no ``alerts`` table."""
+    statements = ("DROP TABLE alerts", "DELETE FROM edgekit_schema WHERE name = 'alerts'",
+                  "UPDATE edgekit_schema SET version = 2")
+    if spec.startswith("postgresql://"):
+        _psql(spec, *statements)
+        return
+    import sqlite3
+
+    with sqlite3.connect(spec) as conn:
+        for statement in statements:
+            conn.execute(statement)
+    conn.close()
+
+
+def test_alerts_are_kept_one_open_per_device_and_kind_and_a_previous_history_gets_the_table(history_spec):
+    """There was no alerts table: whether an alert had been raised was inferred from the records. Now a history of the
+    previous schema gets an empty one on upgrade (its alerts not kept yet: the first monitor infers them once), a new
+    history keeps them from the start, and a second opening of an open alert (another worker's) is refused by the
+    database, whichever backend."""
+    with open_history(history_spec) as store:
+        assert store.alerts_kept() and store.alerts() == []
+        store.add("bench", bench("d1", "s1", 1.0, 1))
+    _as_before_alerts(history_spec)
+    with open_history(history_spec) as store:
+        assert store._schema_version() == SCHEMA_VERSION and store.count("bench") == 1
+        assert not store.alerts_kept()
+        store.keep_alerts()
+        store.keep_alerts()
+        assert store.alerts_kept()
+        assert store.open_alert("d1", "silent", "d1 silent for 200 s", at=100.0)
+        assert not store.open_alert("d1", "silent", "d1 silent for 201 s", at=101.0)  # another worker, later
+        assert store.open_alert("d2", "silent", "d2 silent\x1b[2J " + "x" * 2000, at=102.0)
+        assert store.open_alert("d1", "drift", "d1 drifts", at=103.0)
+        assert store.open_alerts() == {"silent": {"d1", "d2"}, "drift": {"d1"}}
+        assert store.close_alert("d1", "silent", at=110.0) and not store.close_alert("d1", "silent", at=111.0)
+        assert store.open_alert("d1", "silent", "d1 silent again", at=120.0)  # a new episode: a new row
+        rows = store.alerts()
+        assert [(r["device"], r["kind"], r["raised_at"], r["cleared_at"]) for r in rows] == [
+            ("d1", "silent", 120.0, None), ("d1", "drift", 103.0, None), ("d2", "silent", 102.0, None),
+            ("d1", "silent", 100.0, 110.0)]
+        assert rows[-1]["detail"] == "d1 silent for 200 s"
+        assert rows[2]["detail"].startswith("d2 silent\\x1b[2J xxx") and rows[2]["detail"].endswith("(2,014 characters)")
+        assert [r["raised_at"] for r in store.alerts(device="d1", since=101.0, until=119.0)] == [103.0]
+        assert [r["raised_at"] for r in store.alerts(holds=True, limit=2)] == [120.0, 103.0]
+        assert [r["raised_at"] for r in store.alerts(holds=False)] == [100.0]
+        with pytest.raises(ValueError, match="not 'offline'"):
+            store.open_alert("d1", "offline", "no")

@@ -203,9 +203,9 @@ def test_a_monitor_started_over_a_kept_history_exports_its_figures_in_metrics_be
     """/metrics was built only from the messages a run received: a monitor started again (or `edgekit monitor` over a
     kept demo) showed the fleet's figures in `edgekit report` but nothing in /metrics until each device spoke again.
     Now the gauges start from the history (the fleet file's devices), then follow what arrives. So do the alerts that
-    hold over an episode: drift and low disk the history shows are not alerted again; a device silent since before the
-    restart is alerted (d1: the monitor that stored the last record was gone before d1's limit passed), one silent
-    past its limit while a monitor stored later records is not again (d2); last heard is any kind's receive time."""
+    hold over an episode: the drift, low disk and silence the earlier monitor kept open in the alerts table are not
+    alerted again (d2); a device silent since before the restart without an open alert is alerted (d1: the monitor
+    that stored the last record was gone before d1's limit passed); last heard is any kind's receive time."""
     import os
     import subprocess
     import sys
@@ -229,6 +229,9 @@ def test_a_monitor_started_over_a_kept_history_exports_its_figures_in_metrics_be
         # d1's newest record is a live one, 1,000 s later: last heard (not its status's time), and the last record
         # stored (its silence limit passed after it; d2's, 180 s after its records, before it)
         store.add_many([("live", messages.envelope("live", FLEET, "d1", 1, live))], received=[1_700_001_000.0])
+        for kind, detail in (("drift", "d2: live outputs of int8 are 12.5 dB from fp32"),
+                             ("low_disk", "d2: 1.0 MB free (below 32 MB)"), ("silent", "d2 silent for 181 s")):
+            store.open_alert("d2", kind, detail, at=1_700_000_990.0)  # what the earlier monitor raised, kept open
     port = free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     proc = subprocess.Popen([sys.executable, "-m", "edge_kit", "monitor", "--fleet", str(tmp_path / "fleet.yaml"),
@@ -632,7 +635,11 @@ def test_records_signed_by_another_key_on_a_device_s_topic_never_spend_its_budge
     assert mon.over_budget == {"d1": 13} and mon.stats.invalid == 600 and store.count("telemetry") == 5
     assert [a.text for a in mon.alerts if a.kind == "refused" and a.device == "d1"][0].startswith(
         "d1: over its ingest budget (0.001 records/s, burst 5)")
+    # the episode is kept in the history's alerts table while it holds (the forger's refusals are no episode)
+    assert [(a["device"], a["kind"], a["cleared_at"]) for a in store.alerts()] == [("d1", "over_budget", None)]
     mon._end_floods(math.inf)
+    ((ended,),) = store._rows("SELECT cleared_at FROM alerts WHERE kind = 'over_budget'")
+    assert ended == pytest.approx(time.time(), abs=30)
     # nothing of d1 verified beyond 5: the forger's claims (100-109) make no gap; d1's next record records 6-8
     assert store._rows("SELECT device, kind, first_missing, last_missing FROM gaps") == []
     assert mon.alerts[-1].text == "d1: 13 records refused over its ingest budget in 0 s"

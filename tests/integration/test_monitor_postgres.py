@@ -304,3 +304,33 @@ def test_hostile_content_is_stored_as_received_or_refused_and_counted_the_same_o
     assert mon.stats.invalid == refused == store.count("invalid"), [a.text for a in mon.alerts if a.kind == "refused"]
     assert mon.stats.stored == len(kept) == 2 * len(hostile) - refused
     store.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_workers_of_a_shared_subscription_raise_a_silent_devices_alert_once(fleet, publisher, tmp_path, request, backend):
+    """`edgekit monitor --share NAME --workers N`: every worker judged the silence of each device the history holds,
+    so N workers raised (and printed) N copies of "d1 silent". Now one worker opens the alert in the history's alerts
+    table (one open alert per device and kind) and raises it; the others, finding it open, do not."""
+    from edge_kit.telemetry.monitor import Monitor
+
+    spec = str(tmp_path / "h.db") if backend == "sqlite" else request.getfixturevalue("postgres_url")
+    with open_history(spec) as store:  # d1 was heard 10 s ago, then fell silent
+        store.add_many([("bench", signed(bench("d1", 1)))], received=[time.time() - 10])
+    workers = [Monitor(fleet, open_history(spec), share="edgekit", workers=2, silence_s=1.0) for _ in range(2)]
+    try:
+        for mon in workers:
+            mon.start()
+        assert wait_until(lambda: any(a.kind == "silent" for mon in workers for a in mon.alerts), 15)
+        time.sleep(1.5)  # both workers have judged the silence many times since (every 0.2 s)
+        for mon in workers:
+            assert mon.alert_states()["silent"] == {"d1"}
+    finally:
+        for mon in workers:
+            mon.stop()
+            mon.store.close()
+    alerts = [a.text for mon in workers for a in mon.alerts]
+    assert len(alerts) == 1 and alerts[0].startswith("d1 silent for "), alerts
+    with open_history(spec) as store:
+        rows = store.alerts()
+    assert [(r["device"], r["kind"], r["cleared_at"]) for r in rows] == [("d1", "silent", None)]
+    assert rows[0]["detail"] == alerts[0]
