@@ -173,6 +173,10 @@ class PostgresStore(HistoryStore):
     def _failed(self, exc: BaseException) -> HistoryError:
         """Return the one-line error for a failure of this database: what happened and what to do."""
         reason = " ".join(str(exc).split()) or type(exc).__name__
+        if isinstance(exc, psycopg.errors.InsufficientPrivilege):  # up and named right: the role lacks a grant
+            return HistoryError(f"the history database {self.where} refused ({reason}): the role needs a grant on it, "
+                                "e.g. GRANT SELECT ON ALL TABLES IN SCHEMA public TO <role> (tables a newer edge-kit "
+                                "added, such as alerts, are not in grants given table by table), then run again")
         return HistoryError(f"the history database {self.where} failed ({reason}): check that the server is up and "
                             "--history names it, then run again")
 

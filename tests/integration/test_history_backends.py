@@ -558,6 +558,16 @@ def test_a_role_with_select_alone_reads_the_history_and_is_told_what_to_run_on_a
     code, out, err = run_cli("report", "--history", reader, "--out", tmp_path / "r.html", "--json")
     assert code == 0 and json.loads(out)["records"] == 1, err
 
+    # a history of version 2 upgraded by its owner gets a new table (alerts) the reader's table-by-table grant
+    # does not cover: one line naming the grant, not "check that the server is up"
+    _psql(postgres_url, "DROP TABLE alerts", "UPDATE edgekit_schema SET version = 2")
+    code, out, err = run_cli("history", "upgrade", "--history", postgres_url)
+    assert code == 0, err
+    code, out, err = run_cli("history", "alerts", "--history", reader)
+    assert code == 6 and err.count("\n") == 1 and "permission denied for table alerts" in err, err
+    assert "the role needs a grant on it, e.g. GRANT SELECT ON ALL TABLES IN SCHEMA public TO <role>" in err
+    assert "check that the server is up" not in err
+
 
 def test_a_writer_role_that_does_not_own_the_tables_is_told_an_older_schema_needs_its_owner(postgres_url, run_cli):
     """A role granted INSERT and SELECT (a monitor's, on a database its owner set up) meeting an older schema tried the
