@@ -312,42 +312,85 @@ def float_inputs(model: Any, types: dict[str, str]) -> Any:
     return model
 
 
-SHAPE_ONLY_OPS = ("Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity")  # move ids about, never change one
-MAX_SHAPE_HOPS = 16  # shape-only ops followed back from a Gather to the input's cast (a loop in a bad graph ends)
+SHAPE_ONLY_OPS = ("Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Transpose", "Expand", "Tile", "Slice",
+                  "Split", "Gather")  # move ids about, never change one (a Gather whose data, input 0, is the ids)
+ID_CASTS = ("int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64")  # a model's own Cast of ids to
+# one of these keeps every id a table of its range indexes
+MAX_SHAPE_HOPS = 16  # ops followed from the input's cast to a Gather (a loop in a bad graph ends)
 
 
 def id_bounds(data: bytes, types: dict[str, str]) -> dict[str, tuple[int, str]]:
     """Return, for an integer input of the model ``data`` (as :func:`float_inputs` made it) that indexes a stored
-    table (a ``Gather`` whose data is an initializer: an embedding), ``(rows of the smallest such table, what it
-    is)``: the ids it takes are ``0..rows-1``. The Gather's indices may reach it from the input's cast through up to
-    :data:`MAX_SHAPE_HOPS` of :data:`SHAPE_ONLY_OPS` (PyTorch exports ``ids.view(-1)`` or ``unsqueeze`` before an
-    embedding), which move ids without changing one. Inputs indexing no stored table are left out."""
+    table (a ``Gather`` whose data is an initializer or a ``Constant``: an embedding), ``(rows of the smallest such
+    table, what it is)``: the ids it takes are ``0..rows-1``. The ids may reach the Gather's indices from the input's
+    cast through up to :data:`MAX_SHAPE_HOPS` of :data:`SHAPE_ONLY_OPS` (PyTorch exports ``ids.view(-1)`` or
+    ``unsqueeze`` before an embedding) and the model's own ``Cast`` to an integer type (int32 ids cast to int64),
+    which move ids without changing one, in the top-level graph and in the ``If``/``Loop``/``Scan`` bodies that read
+    them by name (:func:`_readers`); a ``Concat`` of them with other ids too. Inputs indexing no stored table are left
+    out."""
     model = _onnx().load_from_string(data)
-    tables = {i.name: tuple(i.dims) for i in model.graph.initializer}
-    producer = {out: node for node in model.graph.node for out in node.output}
-    casts = {node.output[0]: node.input[0] for node in model.graph.node  # float_inputs' own: the only readers left
-             if node.op_type == "Cast" and node.input and node.output and node.input[0] in types}
     out: dict[str, tuple[int, str]] = {}
-    for node in model.graph.node:
-        if node.op_type != "Gather" or len(node.input) < 2 or node.input[0] not in tables:
+    for node in model.graph.node:  # float_inputs' own casts, first in the graph: the only readers of the inputs
+        if node.op_type != "Cast" or not node.input or node.input[0] not in types or not node.output:
             continue
-        source = node.input[1]
-        for _ in range(MAX_SHAPE_HOPS):
-            step = producer.get(source)
-            if source in casts or step is None or step.op_type not in SHAPE_ONLY_OPS or not step.input:
-                break
-            source = step.input[0]  # the data; a Reshape's shape or a Squeeze's axes are its other inputs
-        name = casts.get(source)
-        if name is None:
-            continue
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-        dims = tables[node.input[0]]
-        if not -len(dims) <= axis < len(dims) or dims[axis] < 1:
-            continue
-        rows = int(dims[axis])
-        if name not in out or rows < out[name][0]:
-            out[name] = (rows, f"the {rows} rows of Gather table '{node.input[0]}'")
+        name, seen = node.input[0], set()
+        frontier = [(node.output[0], model.graph, {})]  # a value, the graph it is read in, the stored tensors around it
+        for _ in range(MAX_SHAPE_HOPS + 1):
+            ahead = []
+            for value, scope, outer in frontier:
+                if value in seen:
+                    continue
+                seen.add(value)
+                for reader, at, graph, tables in _readers(scope, value, outer):
+                    kind = reader.op_type if reader.domain in ("", "ai.onnx") else ""
+                    if kind == "Gather" and at == 1 and reader.input[0] in tables:
+                        axis = next((a.i for a in reader.attribute if a.name == "axis"), 0)
+                        dims = tables[reader.input[0]]
+                        if -len(dims) <= axis < len(dims) and dims[axis] >= 1:
+                            rows = int(dims[axis])
+                            if name not in out or rows < out[name][0]:
+                                out[name] = (rows, f"the {rows} rows of Gather table '{reader.input[0]}'")
+                    elif kind == "Concat" or at == 0 and (kind in SHAPE_ONLY_OPS or kind == "Cast" and _cast_keeps_ids(reader)):
+                        ahead.extend((o, graph, tables) for o in reader.output if o)  # read in that graph, and below
+            frontier = ahead
     return out
+
+
+def _cast_keeps_ids(node: Any) -> bool:
+    """Return whether the ``Cast`` ``node`` casts to a type in :data:`ID_CASTS` (one that keeps a table's ids)."""
+    to = next((a.i for a in node.attribute if a.name == "to"), None)
+    return to is not None and _numpy_name(to) in ID_CASTS
+
+
+def _tables(graph: Any, outer: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """Return {name: dims} of the stored tensors ``graph`` sees: ``outer``'s (an enclosing graph's), less those a value
+    of its own hides, and its own initializers and ``Constant`` nodes' tensors."""
+    own = {k: v for k, v in outer.items() if not _defines(graph, k)}
+    own.update({i.name: tuple(i.dims) for i in graph.initializer})
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output and len(node.attribute) == 1 and node.attribute[0].name == "value":
+            own[node.output[0]] = tuple(node.attribute[0].t.dims)
+    return own
+
+
+def _readers(graph: Any, name: str, outer: dict[str, tuple[int, ...]]) -> Any:
+    """Yield ``(node, input position, the graph holding the node, the stored tensors that graph sees)`` for each node
+    reading the value ``name`` in ``graph`` and in the subgraphs of its nodes (``If`` branches, ``Loop`` and ``Scan``
+    bodies, at any depth) that read it from the outer scope by name (a subgraph defining ``name`` itself,
+    :func:`_defines`, reads its own); ``outer`` holds the stored tensors of the scopes enclosing ``graph``
+    (:func:`_tables`)."""
+    from onnx import AttributeProto
+
+    tables = _tables(graph, outer)
+    for node in graph.node:
+        for at, value in enumerate(node.input):
+            if value == name:
+                yield node, at, graph, tables
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.type == AttributeProto.GRAPH else \
+                    list(attr.graphs) if attr.type == AttributeProto.GRAPHS else []:
+                if not _defines(sub, name):
+                    yield from _readers(sub, name, tables)
 
 
 MAX_ONNX_BYTES = 2**31  # protobuf's limit on one message: an ONNX file's weights included
