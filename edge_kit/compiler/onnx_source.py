@@ -143,7 +143,8 @@ class LoadedOnnx(NamedTuple):
     outputs: list[str]
     pinned: bytes | str  # ``data`` with those shapes pinned, or why it could not be
     types: dict[str, str]  # input name -> numpy name of its declared type, for each input not float32
-    sha256: str  # of the user's model as read (the file's own, or with its external data read in), before any cast
+    sha256: str  # of the user's files as read, before any cast: the file's own, or with external data sha256_sums'
+    files: dict[str, str]  # with external data: {name in the model's folder: sha256} of the file and each data file
 
 
 def load_onnx(path: Path, pinned: dict[str, tuple[int, ...]]) -> LoadedOnnx:
@@ -158,9 +159,11 @@ def load_onnx(path: Path, pinned: dict[str, tuple[int, ...]]) -> LoadedOnnx:
         and cast inside (:func:`float_inputs`); {input name: shape of one sample in the ONNX layout}; output names;
         the model with those shapes pinned, as :func:`edge_kit.compiler.onnx_variants.pinned` makes it in a child,
         or why it could not be (every later step takes it from here, so onnx's shape inference never runs on the
-        file in this process); {input name: numpy name of its type} for each input not float32; and the sha256 of
-        the model as the user gave it, before the casts (the file's own, what ``sha256sum`` prints, unless its
-        external data was read in: then of the model holding it).
+        file in this process); {input name: numpy name of its type} for each input not float32; the sha256 of
+        the model as the user gave it, before the casts: the file's own, what ``sha256sum`` prints, or for a model
+        with external data that of ``sha256sum MODEL DATA...`` run in its folder (the model, then its data files in
+        name order: :func:`~edge_kit.fsutil.sha256_sums`), which covers the weights; and then {file name: sha256}
+        of those files (else empty).
 
     Raises:
         InputError: not an ONNX model (or truncated), metadata of edge-kit's own artifacts
@@ -188,8 +191,16 @@ def load_onnx(path: Path, pinned: dict[str, tuple[int, ...]]) -> LoadedOnnx:
         raise InputError(f"{path}: the model carries metadata '{ours[0]}', which tells devices how to run an edge-kit "
                          "artifact and only edgekit compile writes it; give the model exported by its framework, "
                          "not a compiled artifact or a file edited to look like one")
+    files: dict[str, str] = {}
     if _external_tensors(model):
-        model = _with_external_data(Path(path), model)
+        model, names = _with_external_data(Path(path), model)
+        from edge_kit.fsutil import sha256_sums
+
+        try:
+            real = Path(path).resolve()  # the folder its data was read from (the model may be a link to it)
+            digest, files = sha256_sums(real.parent, [real.name, *(n for n in names if n != real.name)])
+        except OSError as exc:
+            raise InputError(f"{path}: cannot read its external data again to hash it ({exc.strerror or exc})") from None
         try:
             data = model.SerializeToString()
         except Exception as exc:  # noqa: BLE001 - protobuf refuses a message above 2 GB
@@ -243,7 +254,8 @@ def load_onnx(path: Path, pinned: dict[str, tuple[int, ...]]) -> LoadedOnnx:
     check_sample_sizes(path, inputs)  # before anything runs the model on a sample of that size
     from edge_kit.fsutil import sha256_bytes
 
-    digest = sha256_bytes(data)  # the user's model, not the casts edge-kit adds: what the manifest names it by
+    if not files:
+        digest = sha256_bytes(data)  # the user's model, not the casts edge-kit adds: what the manifest names it by
     if types:  # float32 in, cast inside to the type the model takes, as a Keras or SavedModel source is compiled
         data = float_inputs(model, types).SerializeToString()
     from edge_kit.compiler.analysis import probe_in_child
@@ -265,7 +277,7 @@ def load_onnx(path: Path, pinned: dict[str, tuple[int, ...]]) -> LoadedOnnx:
         from device_agents.runtimes.onnxruntime import ort_error
 
         raise InputError(f"{path}: ONNX Runtime cannot load the model ({ort_error(exc)})") from None
-    return LoadedOnnx(data, inputs, [o.name for o in model.graph.output], fixed, types, digest)
+    return LoadedOnnx(data, inputs, [o.name for o in model.graph.output], fixed, types, digest, files)
 
 
 CAST_SUFFIX = "__edgekit_cast"  # the name of what the Cast of a non-float32 input gives the graph (a number after
@@ -403,8 +415,9 @@ def _external_tensors(model: Any) -> list[Any]:
     return [t for t in _get_all_tensors(model) if uses_external_data(t)]
 
 
-def _with_external_data(path: Path, model: Any) -> Any:
-    """Return ``model`` with the data of its external tensors read in from files in ``path``'s folder.
+def _with_external_data(path: Path, model: Any) -> tuple[Any, list[str]]:
+    """Return ``model`` with the data of its external tensors read in from files in ``path``'s folder, and the names
+    of those files (relative to the folder, normalised, each once, in name order).
 
     Every location is checked before anything is opened: relative, inside the folder once links
     are resolved, a regular file, and long enough for the offset and length recorded; and the bytes
@@ -418,7 +431,7 @@ def _with_external_data(path: Path, model: Any) -> Any:
     from onnx.external_data_helper import ExternalDataInfo, load_external_data_for_model
 
     folder = path.resolve().parent
-    claimed = 0
+    claimed, names = 0, set()
     for tensor in _external_tensors(model):
         info = ExternalDataInfo(tensor)
         location = str(info.location)
@@ -435,6 +448,7 @@ def _with_external_data(path: Path, model: Any) -> Any:
             raise InputError(f"{path}: tensor '{tensor.name}' needs bytes up to {end} of '{location}', which has "
                              f"{size}; the external data file is truncated or belongs to another model")
         claimed += int(info.length) if info.length else size - int(info.offset or 0)
+        names.add(os.path.normpath(location))
     if claimed >= MAX_ONNX_BYTES:
         raise InputError(f"{path}: its tensors' external data add up to {claimed:,} bytes, more than one ONNX file "
                          "holds (2 GB); edge-kit compiles models below 2 GB")
@@ -442,7 +456,7 @@ def _with_external_data(path: Path, model: Any) -> Any:
         load_external_data_for_model(model, str(folder))
     except Exception as exc:  # noqa: BLE001 - onnx raises ValueError / OSError for a bad external file
         raise InputError(f"{path}: cannot read its external data ({_first_line(exc)})") from None
-    return model
+    return model, sorted(names)
 
 
 def _check_graph(path: Path, model: Any) -> None:
