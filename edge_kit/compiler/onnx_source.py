@@ -663,6 +663,17 @@ def _sample_images(folder: Path) -> None:
     np.save(folder / _ONNX2TF_SAMPLES, images)
 
 
+# what to do about a control-flow op onnx2tf failed on (an If with a condition computed from the input converts:
+# docs/compile.md, "Control flow")
+CONTROL_FLOW_HINTS = {
+    "Loop": ("export the model with the loop unrolled (a loop of fixed count traced by torch.onnx.export unrolls; "
+             "torch.jit.script keeps a Loop, and onnxsim does not unroll one)"),
+    "Scan": "export the model with the scan unrolled (a recurrence traced over a fixed sequence length)",
+    "If": ("export the model traced, which keeps the branch taken (torch.onnx.export of a traced model; "
+           "torch.jit.script keeps an If), or each branch as its own model"),
+}
+
+
 def _failure(path: Path, log: str, model: bytes) -> str:
     """Return one line saying where onnx2tf stopped (the ONNX op and its type) from its log."""
     clean = re.sub(r"\x1b\[[0-9;]*m", "", log)
@@ -687,6 +698,9 @@ def _failure(path: Path, log: str, model: bytes) -> str:
             kind = kinds.get(op.group(1), "?")
         except Exception:  # noqa: BLE001 - the op type only decorates the message
             pass
+        if kind in CONTROL_FLOW_HINTS:  # onnx2tf's own error there (a TypeError of tf.function) tells a user nothing
+            return (f"{path}: {CONVERTER} {version(CONVERTER)} cannot convert the {kind} node '{op.group(1)}' to "
+                    f"TensorFlow Lite, so no variant is built; {CONTROL_FLOW_HINTS[kind]}, and compile again")
         return (f"{path}: {CONVERTER} cannot convert op '{op.group(1)}' ({kind}): {why}; simplify or replace that op "
                 "in the exported model (another opset, or export without it) and compile again")
     return f"{path}: {CONVERTER} failed: {why}"
