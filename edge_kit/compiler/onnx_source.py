@@ -280,6 +280,12 @@ def load_onnx(path: Path, pinned: dict[str, tuple[int, ...]]) -> LoadedOnnx:
     return LoadedOnnx(data, inputs, [o.name for o in model.graph.output], fixed, types, digest, files)
 
 
+class Unconvertible(InputError):
+    """onnx2tf cannot convert the model (an op it has no conversion for, or fails on: the message names it). No
+    LiteRT variant can be made; the ONNX Runtime ones need no conversion (:func:`edge_kit.compiler.pipeline.compile_model`
+    builds them alone)."""
+
+
 CAST_SUFFIX = "__edgekit_cast"  # the name of what the Cast of a non-float32 input gives the graph (a number after
 # it when the model already has a value of that name)
 
@@ -700,7 +706,8 @@ def _failure(path: Path, log: str, model: bytes) -> str:
             pass
         if kind in CONTROL_FLOW_HINTS:  # onnx2tf's own error there (a TypeError of tf.function) tells a user nothing
             return (f"{path}: {CONVERTER} {version(CONVERTER)} cannot convert the {kind} node '{op.group(1)}' to "
-                    f"TensorFlow Lite, so no variant is built; {CONTROL_FLOW_HINTS[kind]}, and compile again")
+                    f"TensorFlow Lite, so no LiteRT variant can be made; {CONTROL_FLOW_HINTS[kind]}, and compile "
+                    "again, or compile for ONNX Runtime variants only (a profile whose variants are onnx-*)")
         return (f"{path}: {CONVERTER} cannot convert op '{op.group(1)}' ({kind}): {why}; simplify or replace that op "
                 "in the exported model (another opset, or export without it) and compile again")
     return f"{path}: {CONVERTER} failed: {why}"
@@ -718,8 +725,8 @@ def convert(path: Path, data: bytes, inputs: dict[str, tuple[int, ...]], outputs
         every input and output in the ONNX shape; the names of the outputs transposed back).
 
     Raises:
-        InputError: onnx2tf is not installed, cannot convert an op (the message names it), or made
-            TensorFlow ops LiteRT does not run (named).
+        Unconvertible: onnx2tf cannot convert an op (the message names it).
+        InputError: onnx2tf is not installed, or made TensorFlow ops LiteRT does not run (named).
         CompileError: onnx2tf ran past its timeout, or its output lacks an input or output, or has
             one in a layout that is not the ONNX one nor its channels-last form, or the shapes could
             not be written into the graph (:func:`prepared_model`, run in a child process: one that
@@ -749,7 +756,7 @@ def convert(path: Path, data: bytes, inputs: dict[str, tuple[int, ...]], outputs
             raise CompileError(f"{path}: {CONVERTER} did not finish within {CONVERT_TIMEOUT_S} s") from None
         result = work / "model.tflite"
         if done.returncode != 0 or not result.is_file():
-            raise InputError(_failure(path, done.stdout + "\n" + done.stderr, ready))
+            raise Unconvertible(_failure(path, done.stdout + "\n" + done.stderr, ready))
         tflite = result.read_bytes()
     try:
         tflite, transposed = restore_layouts(rename_signature(tflite, ins, outs), out_shapes)
