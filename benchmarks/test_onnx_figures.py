@@ -126,7 +126,8 @@ def test_nudenet_without_the_constant_fix(wheels, tmp_path, figure, monkeypatch)
     # the graph steps run in a child, which this process's patch does not reach: run them here instead
     monkeypatch.setattr(ox, "_in_child", lambda path, what, fn, *args: fn(*args))
     model, calib = _nudenet(wheels, tmp_path)
-    data, inputs, outputs, _, _, _ = ox.load_onnx(model, {"images": (3, 320, 320)})
+    loaded = ox.load_onnx(model, {"images": (3, 320, 320)})
+    data, inputs, outputs = loaded.data, loaded.inputs, loaded.outputs
     tflite, _ = ox.convert(model, data, inputs, outputs)
     with np.load(calib) as c:
         x = {"images": c["x"]}

@@ -30,6 +30,18 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def sha256_sums(folder: Path, names: list[str]) -> tuple[str, dict[str, str]]:
+    """Return the sha256 of what ``sha256sum NAME...`` prints in ``folder`` for the files ``names`` (in that order;
+    ``cd folder && sha256sum a.onnx a.data | sha256sum`` gives it), and {name: that file's sha256}: one name for
+    several files, each of which can still be checked on its own.
+
+    Raises:
+        OSError: a file cannot be read.
+    """
+    sums = {name: sha256_file(Path(folder) / name) for name in names}
+    return sha256_bytes("".join(f"{sums[name]}  {name}\n" for name in names).encode()), sums
+
+
 def sha256_bytes(data: bytes) -> str:
     """Return the hex sha256 of ``data``."""
     return hashlib.sha256(data).hexdigest()

@@ -162,6 +162,23 @@ class Manifest(_Record):
         return next((a for a in self.artifacts if a.id == variant_id), None)
 
     @property
+    def reference_id(self) -> str:
+        """Return the id of the variant the others' fidelity is measured against, whose accuracy theirs is a ratio of
+        and whose outputs the eval set ships: ``eval.reference`` when recorded, else ``onnx-fp32`` for an ONNX source
+        whose fp32 was not built while onnx-fp32 was (onnx2tf could not convert it), else ``fp32``."""
+        if self.eval and self.eval.get("reference"):
+            return str(self.eval["reference"])
+        fp32, onnx = self.artifact("fp32"), self.artifact("onnx-fp32")
+        if self.model.get("format") == "onnx" and fp32 is not None and fp32.status != "built" \
+                and onnx is not None and onnx.status == "built":
+            return "onnx-fp32"
+        return "fp32"
+
+    def reference(self) -> Artifact | None:
+        """Return the artifact of :attr:`reference_id`, or None."""
+        return self.artifact(self.reference_id)
+
+    @property
     def signature(self) -> str:
         """Return what :func:`read_manifest` found of its signature: who signed it and whether that key
         is trusted, ``unsigned``, or ``not checked`` (read without an :class:`ArtifactTrust`)."""

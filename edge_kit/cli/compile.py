@@ -55,7 +55,7 @@ def _accel_cell(a: Any, footnote: Any) -> str:
 
 def _compile_report(manifest: Any) -> tuple[Table, list[str]]:
     """Return the variant table and the lines printed under it (numbered footnotes first)."""
-    fp32 = manifest.artifact("fp32")
+    fp32 = manifest.reference()  # fp32, or onnx-fp32 for an ONNX model onnx2tf could not convert
     base_gzip = fp32.gzip_bytes if fp32 and fp32.gzip_bytes else None
     base_macs = fp32.macs if fp32 and fp32.macs else None
     t = Table(title=f"{safe(manifest.model['name'])}: one row per distinct variant", title_justify="left",
@@ -101,10 +101,10 @@ def _compile_report(manifest: Any) -> tuple[Table, list[str]]:
         notes.append(f"    ONNX source: {conv['converter']} {conv['converter_version']} made fp32; worst output "
                      f"{conv['snr_db']:.1f} dB from {conv['reference']} {conv['reference_version']} (max abs error "
                      f"{conv['max_abs_error']:.3g}) on {conv['inputs']}")
-    notes.append("    × = ratio to fp32; sizes, sparsity and MACs counted from each file (which ops, what is left out: "
-                 "each artifact's `methods` in manifest.json); "
+    notes.append(f"    × = ratio to {manifest.reference_id}; sizes, sparsity and MACs counted from each file (which ops, "
+                 "what is left out: each artifact's `methods` in manifest.json); "
                  + (f"{metric} (on --eval) and SNR" if scored else "accuracy not measured (no --eval scored a variant); SNR")
-                 + " against fp32 (worst output) "
+                 + f" against {manifest.reference_id} (worst output) "
                  f"measured on this host with each variant's runtime (LiteRT {manifest.versions.get('ai_edge_litert')}"
                  + (f", ONNX Runtime {manifest.versions['onnxruntime']}" if manifest.versions.get("onnxruntime")
                     and any(a.runtime == "onnxruntime" and a.status == "built" for a in manifest.artifacts) else "")

@@ -143,7 +143,8 @@ class LoadedOnnx(NamedTuple):
     outputs: list[str]
     pinned: bytes | str  # ``data`` with those shapes pinned, or why it could not be
     types: dict[str, str]  # input name -> numpy name of its declared type, for each input not float32
-    sha256: str  # of the user's model as read (the file's own, or with its external data read in), before any cast
+    sha256: str  # of the user's files as read, before any cast: the file's own, or with external data sha256_sums'
+    files: dict[str, str]  # with external data: {name in the model's folder: sha256} of the file and each data file
 
 
 def load_onnx(path: Path, pinned: dict[str, tuple[int, ...]]) -> LoadedOnnx:
@@ -158,9 +159,11 @@ def load_onnx(path: Path, pinned: dict[str, tuple[int, ...]]) -> LoadedOnnx:
         and cast inside (:func:`float_inputs`); {input name: shape of one sample in the ONNX layout}; output names;
         the model with those shapes pinned, as :func:`edge_kit.compiler.onnx_variants.pinned` makes it in a child,
         or why it could not be (every later step takes it from here, so onnx's shape inference never runs on the
-        file in this process); {input name: numpy name of its type} for each input not float32; and the sha256 of
-        the model as the user gave it, before the casts (the file's own, what ``sha256sum`` prints, unless its
-        external data was read in: then of the model holding it).
+        file in this process); {input name: numpy name of its type} for each input not float32; the sha256 of
+        the model as the user gave it, before the casts: the file's own, what ``sha256sum`` prints, or for a model
+        with external data that of ``sha256sum MODEL DATA...`` run in its folder (the model, then its data files in
+        name order: :func:`~edge_kit.fsutil.sha256_sums`), which covers the weights; and then {file name: sha256}
+        of those files (else empty).
 
     Raises:
         InputError: not an ONNX model (or truncated), metadata of edge-kit's own artifacts
@@ -188,8 +191,16 @@ def load_onnx(path: Path, pinned: dict[str, tuple[int, ...]]) -> LoadedOnnx:
         raise InputError(f"{path}: the model carries metadata '{ours[0]}', which tells devices how to run an edge-kit "
                          "artifact and only edgekit compile writes it; give the model exported by its framework, "
                          "not a compiled artifact or a file edited to look like one")
+    files: dict[str, str] = {}
     if _external_tensors(model):
-        model = _with_external_data(Path(path), model)
+        model, names = _with_external_data(Path(path), model)
+        from edge_kit.fsutil import sha256_sums
+
+        try:
+            real = Path(path).resolve()  # the folder its data was read from (the model may be a link to it)
+            digest, files = sha256_sums(real.parent, [real.name, *(n for n in names if n != real.name)])
+        except OSError as exc:
+            raise InputError(f"{path}: cannot read its external data again to hash it ({exc.strerror or exc})") from None
         try:
             data = model.SerializeToString()
         except Exception as exc:  # noqa: BLE001 - protobuf refuses a message above 2 GB
@@ -243,7 +254,8 @@ def load_onnx(path: Path, pinned: dict[str, tuple[int, ...]]) -> LoadedOnnx:
     check_sample_sizes(path, inputs)  # before anything runs the model on a sample of that size
     from edge_kit.fsutil import sha256_bytes
 
-    digest = sha256_bytes(data)  # the user's model, not the casts edge-kit adds: what the manifest names it by
+    if not files:
+        digest = sha256_bytes(data)  # the user's model, not the casts edge-kit adds: what the manifest names it by
     if types:  # float32 in, cast inside to the type the model takes, as a Keras or SavedModel source is compiled
         data = float_inputs(model, types).SerializeToString()
     from edge_kit.compiler.analysis import probe_in_child
@@ -265,7 +277,13 @@ def load_onnx(path: Path, pinned: dict[str, tuple[int, ...]]) -> LoadedOnnx:
         from device_agents.runtimes.onnxruntime import ort_error
 
         raise InputError(f"{path}: ONNX Runtime cannot load the model ({ort_error(exc)})") from None
-    return LoadedOnnx(data, inputs, [o.name for o in model.graph.output], fixed, types, digest)
+    return LoadedOnnx(data, inputs, [o.name for o in model.graph.output], fixed, types, digest, files)
+
+
+class Unconvertible(InputError):
+    """onnx2tf cannot convert the model (an op it has no conversion for, or fails on: the message names it). No
+    LiteRT variant can be made; the ONNX Runtime ones need no conversion (:func:`edge_kit.compiler.pipeline.compile_model`
+    builds them alone)."""
 
 
 CAST_SUFFIX = "__edgekit_cast"  # the name of what the Cast of a non-float32 input gives the graph (a number after
@@ -312,42 +330,85 @@ def float_inputs(model: Any, types: dict[str, str]) -> Any:
     return model
 
 
-SHAPE_ONLY_OPS = ("Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity")  # move ids about, never change one
-MAX_SHAPE_HOPS = 16  # shape-only ops followed back from a Gather to the input's cast (a loop in a bad graph ends)
+SHAPE_ONLY_OPS = ("Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Transpose", "Expand", "Tile", "Slice",
+                  "Split", "Gather")  # move ids about, never change one (a Gather whose data, input 0, is the ids)
+ID_CASTS = ("int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64")  # a model's own Cast of ids to
+# one of these keeps every id a table of its range indexes
+MAX_SHAPE_HOPS = 16  # ops followed from the input's cast to a Gather (a loop in a bad graph ends)
 
 
 def id_bounds(data: bytes, types: dict[str, str]) -> dict[str, tuple[int, str]]:
     """Return, for an integer input of the model ``data`` (as :func:`float_inputs` made it) that indexes a stored
-    table (a ``Gather`` whose data is an initializer: an embedding), ``(rows of the smallest such table, what it
-    is)``: the ids it takes are ``0..rows-1``. The Gather's indices may reach it from the input's cast through up to
-    :data:`MAX_SHAPE_HOPS` of :data:`SHAPE_ONLY_OPS` (PyTorch exports ``ids.view(-1)`` or ``unsqueeze`` before an
-    embedding), which move ids without changing one. Inputs indexing no stored table are left out."""
+    table (a ``Gather`` whose data is an initializer or a ``Constant``: an embedding), ``(rows of the smallest such
+    table, what it is)``: the ids it takes are ``0..rows-1``. The ids may reach the Gather's indices from the input's
+    cast through up to :data:`MAX_SHAPE_HOPS` of :data:`SHAPE_ONLY_OPS` (PyTorch exports ``ids.view(-1)`` or
+    ``unsqueeze`` before an embedding) and the model's own ``Cast`` to an integer type (int32 ids cast to int64),
+    which move ids without changing one, in the top-level graph and in the ``If``/``Loop``/``Scan`` bodies that read
+    them by name (:func:`_readers`); a ``Concat`` of them with other ids too. Inputs indexing no stored table are left
+    out."""
     model = _onnx().load_from_string(data)
-    tables = {i.name: tuple(i.dims) for i in model.graph.initializer}
-    producer = {out: node for node in model.graph.node for out in node.output}
-    casts = {node.output[0]: node.input[0] for node in model.graph.node  # float_inputs' own: the only readers left
-             if node.op_type == "Cast" and node.input and node.output and node.input[0] in types}
     out: dict[str, tuple[int, str]] = {}
-    for node in model.graph.node:
-        if node.op_type != "Gather" or len(node.input) < 2 or node.input[0] not in tables:
+    for node in model.graph.node:  # float_inputs' own casts, first in the graph: the only readers of the inputs
+        if node.op_type != "Cast" or not node.input or node.input[0] not in types or not node.output:
             continue
-        source = node.input[1]
-        for _ in range(MAX_SHAPE_HOPS):
-            step = producer.get(source)
-            if source in casts or step is None or step.op_type not in SHAPE_ONLY_OPS or not step.input:
-                break
-            source = step.input[0]  # the data; a Reshape's shape or a Squeeze's axes are its other inputs
-        name = casts.get(source)
-        if name is None:
-            continue
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-        dims = tables[node.input[0]]
-        if not -len(dims) <= axis < len(dims) or dims[axis] < 1:
-            continue
-        rows = int(dims[axis])
-        if name not in out or rows < out[name][0]:
-            out[name] = (rows, f"the {rows} rows of Gather table '{node.input[0]}'")
+        name, seen = node.input[0], set()
+        frontier = [(node.output[0], model.graph, {})]  # a value, the graph it is read in, the stored tensors around it
+        for _ in range(MAX_SHAPE_HOPS + 1):
+            ahead = []
+            for value, scope, outer in frontier:
+                if value in seen:
+                    continue
+                seen.add(value)
+                for reader, at, graph, tables in _readers(scope, value, outer):
+                    kind = reader.op_type if reader.domain in ("", "ai.onnx") else ""
+                    if kind == "Gather" and at == 1 and reader.input[0] in tables:
+                        axis = next((a.i for a in reader.attribute if a.name == "axis"), 0)
+                        dims = tables[reader.input[0]]
+                        if -len(dims) <= axis < len(dims) and dims[axis] >= 1:
+                            rows = int(dims[axis])
+                            if name not in out or rows < out[name][0]:
+                                out[name] = (rows, f"the {rows} rows of Gather table '{reader.input[0]}'")
+                    elif kind == "Concat" or at == 0 and (kind in SHAPE_ONLY_OPS or kind == "Cast" and _cast_keeps_ids(reader)):
+                        ahead.extend((o, graph, tables) for o in reader.output if o)  # read in that graph, and below
+            frontier = ahead
     return out
+
+
+def _cast_keeps_ids(node: Any) -> bool:
+    """Return whether the ``Cast`` ``node`` casts to a type in :data:`ID_CASTS` (one that keeps a table's ids)."""
+    to = next((a.i for a in node.attribute if a.name == "to"), None)
+    return to is not None and _numpy_name(to) in ID_CASTS
+
+
+def _tables(graph: Any, outer: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """Return {name: dims} of the stored tensors ``graph`` sees: ``outer``'s (an enclosing graph's), less those a value
+    of its own hides, and its own initializers and ``Constant`` nodes' tensors."""
+    own = {k: v for k, v in outer.items() if not _defines(graph, k)}
+    own.update({i.name: tuple(i.dims) for i in graph.initializer})
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output and len(node.attribute) == 1 and node.attribute[0].name == "value":
+            own[node.output[0]] = tuple(node.attribute[0].t.dims)
+    return own
+
+
+def _readers(graph: Any, name: str, outer: dict[str, tuple[int, ...]]) -> Any:
+    """Yield ``(node, input position, the graph holding the node, the stored tensors that graph sees)`` for each node
+    reading the value ``name`` in ``graph`` and in the subgraphs of its nodes (``If`` branches, ``Loop`` and ``Scan``
+    bodies, at any depth) that read it from the outer scope by name (a subgraph defining ``name`` itself,
+    :func:`_defines`, reads its own); ``outer`` holds the stored tensors of the scopes enclosing ``graph``
+    (:func:`_tables`)."""
+    from onnx import AttributeProto
+
+    tables = _tables(graph, outer)
+    for node in graph.node:
+        for at, value in enumerate(node.input):
+            if value == name:
+                yield node, at, graph, tables
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.type == AttributeProto.GRAPH else \
+                    list(attr.graphs) if attr.type == AttributeProto.GRAPHS else []:
+                if not _defines(sub, name):
+                    yield from _readers(sub, name, tables)
 
 
 MAX_ONNX_BYTES = 2**31  # protobuf's limit on one message: an ONNX file's weights included
@@ -360,8 +421,9 @@ def _external_tensors(model: Any) -> list[Any]:
     return [t for t in _get_all_tensors(model) if uses_external_data(t)]
 
 
-def _with_external_data(path: Path, model: Any) -> Any:
-    """Return ``model`` with the data of its external tensors read in from files in ``path``'s folder.
+def _with_external_data(path: Path, model: Any) -> tuple[Any, list[str]]:
+    """Return ``model`` with the data of its external tensors read in from files in ``path``'s folder, and the names
+    of those files (relative to the folder, normalised, each once, in name order).
 
     Every location is checked before anything is opened: relative, inside the folder once links
     are resolved, a regular file, and long enough for the offset and length recorded; and the bytes
@@ -375,7 +437,7 @@ def _with_external_data(path: Path, model: Any) -> Any:
     from onnx.external_data_helper import ExternalDataInfo, load_external_data_for_model
 
     folder = path.resolve().parent
-    claimed = 0
+    claimed, names = 0, set()
     for tensor in _external_tensors(model):
         info = ExternalDataInfo(tensor)
         location = str(info.location)
@@ -392,6 +454,7 @@ def _with_external_data(path: Path, model: Any) -> Any:
             raise InputError(f"{path}: tensor '{tensor.name}' needs bytes up to {end} of '{location}', which has "
                              f"{size}; the external data file is truncated or belongs to another model")
         claimed += int(info.length) if info.length else size - int(info.offset or 0)
+        names.add(os.path.normpath(location))
     if claimed >= MAX_ONNX_BYTES:
         raise InputError(f"{path}: its tensors' external data add up to {claimed:,} bytes, more than one ONNX file "
                          "holds (2 GB); edge-kit compiles models below 2 GB")
@@ -399,7 +462,7 @@ def _with_external_data(path: Path, model: Any) -> Any:
         load_external_data_for_model(model, str(folder))
     except Exception as exc:  # noqa: BLE001 - onnx raises ValueError / OSError for a bad external file
         raise InputError(f"{path}: cannot read its external data ({_first_line(exc)})") from None
-    return model
+    return model, sorted(names)
 
 
 def _check_graph(path: Path, model: Any) -> None:
@@ -606,6 +669,17 @@ def _sample_images(folder: Path) -> None:
     np.save(folder / _ONNX2TF_SAMPLES, images)
 
 
+# what to do about a control-flow op onnx2tf failed on (an If with a condition computed from the input converts:
+# docs/compile.md, "Control flow")
+CONTROL_FLOW_HINTS = {
+    "Loop": ("export the model with the loop unrolled (a loop of fixed count traced by torch.onnx.export unrolls; "
+             "torch.jit.script keeps a Loop, and onnxsim does not unroll one)"),
+    "Scan": "export the model with the scan unrolled (a recurrence traced over a fixed sequence length)",
+    "If": ("export the model traced, which keeps the branch taken (torch.onnx.export of a traced model; "
+           "torch.jit.script keeps an If), or each branch as its own model"),
+}
+
+
 def _failure(path: Path, log: str, model: bytes) -> str:
     """Return one line saying where onnx2tf stopped (the ONNX op and its type) from its log."""
     clean = re.sub(r"\x1b\[[0-9;]*m", "", log)
@@ -630,6 +704,10 @@ def _failure(path: Path, log: str, model: bytes) -> str:
             kind = kinds.get(op.group(1), "?")
         except Exception:  # noqa: BLE001 - the op type only decorates the message
             pass
+        if kind in CONTROL_FLOW_HINTS:  # onnx2tf's own error there (a TypeError of tf.function) tells a user nothing
+            return (f"{path}: {CONVERTER} {version(CONVERTER)} cannot convert the {kind} node '{op.group(1)}' to "
+                    f"TensorFlow Lite, so no LiteRT variant can be made; {CONTROL_FLOW_HINTS[kind]}, and compile "
+                    "again, or compile for ONNX Runtime variants only (a profile whose variants are onnx-*)")
         return (f"{path}: {CONVERTER} cannot convert op '{op.group(1)}' ({kind}): {why}; simplify or replace that op "
                 "in the exported model (another opset, or export without it) and compile again")
     return f"{path}: {CONVERTER} failed: {why}"
@@ -647,8 +725,8 @@ def convert(path: Path, data: bytes, inputs: dict[str, tuple[int, ...]], outputs
         every input and output in the ONNX shape; the names of the outputs transposed back).
 
     Raises:
-        InputError: onnx2tf is not installed, cannot convert an op (the message names it), or made
-            TensorFlow ops LiteRT does not run (named).
+        Unconvertible: onnx2tf cannot convert an op (the message names it).
+        InputError: onnx2tf is not installed, or made TensorFlow ops LiteRT does not run (named).
         CompileError: onnx2tf ran past its timeout, or its output lacks an input or output, or has
             one in a layout that is not the ONNX one nor its channels-last form, or the shapes could
             not be written into the graph (:func:`prepared_model`, run in a child process: one that
@@ -678,7 +756,7 @@ def convert(path: Path, data: bytes, inputs: dict[str, tuple[int, ...]], outputs
             raise CompileError(f"{path}: {CONVERTER} did not finish within {CONVERT_TIMEOUT_S} s") from None
         result = work / "model.tflite"
         if done.returncode != 0 or not result.is_file():
-            raise InputError(_failure(path, done.stdout + "\n" + done.stderr, ready))
+            raise Unconvertible(_failure(path, done.stdout + "\n" + done.stderr, ready))
         tflite = result.read_bytes()
     try:
         tflite, transposed = restore_layouts(rename_signature(tflite, ins, outs), out_shapes)

@@ -378,28 +378,32 @@ def _exact_ids(spec: VariantSpec, source: Source, data: bytes, how: str) -> tupl
     return data, how
 
 
-def broken_outputs(outputs: dict[str, dict[str, np.ndarray]], inputs: Dataset | None) -> dict[str, str]:
-    """Return, by variant id, why a variant other than fp32 fails: an output holding NaN or infinity
-    on ``inputs`` (the first output and sample named) where the fp32 variant's are finite (a model
-    computing NaN itself is refused before; its variants are not judged here)."""
-    reference = outputs.get("fp32")
+def broken_outputs(outputs: dict[str, dict[str, np.ndarray]], inputs: Dataset | None,
+                   reference_id: str = "fp32") -> dict[str, str]:
+    """Return, by variant id, why a variant other than the reference (``reference_id``: fp32, or onnx-fp32 for an
+    ONNX source with no LiteRT conversion) fails: an output holding NaN or infinity on ``inputs`` (the first output
+    and sample named) where the reference's are finite (a model computing NaN itself is refused before; its variants
+    are not judged here)."""
+    reference = outputs.get(reference_id)
     if reference is not None and not all(np.isfinite(v).all() for v in reference.values()):
         return {}
     broken = {}
     for vid, outs in outputs.items():
-        for name, value in outs.items() if vid != "fp32" else ():
+        for name, value in outs.items() if vid != reference_id else ():
             bad = ~np.isfinite(value.reshape(len(value), -1)).all(axis=1)  # per sample (the batch axis first)
             if bad.any():
                 where = f" on {inputs.path.name}" if inputs is not None else ""
                 broken[vid] = (f"its output '{name}' holds NaN or infinity{where} (first at sample {int(np.argmax(bad))}) "
-                               "where the fp32 variant's outputs are finite: not deployable")
+                               f"where the {reference_id} variant's outputs are finite: not deployable")
                 break
     return broken
 
 
 def _evaluate(plan: _Plan, outputs: dict[str, np.ndarray] | None, evalset: Dataset | None, fid_inputs: Dataset | None,
-              reference: dict[str, np.ndarray] | None, method: str, scorer: Any) -> tuple[Accuracy, Fidelity]:
-    """Return accuracy on the eval set and per-output fidelity against the fp32 outputs for one artifact.
+              reference: dict[str, np.ndarray] | None, method: str, scorer: Any,
+              reference_id: str = "fp32") -> tuple[Accuracy, Fidelity]:
+    """Return accuracy on the eval set and per-output fidelity against the reference variant's outputs
+    (``reference``, of the variant ``reference_id``) for one artifact.
 
     ``outputs`` are the artifact's outputs on ``fid_inputs`` (None when it was not run); ``scorer``
     the task metric (:class:`device_agents.metrics.Scorer`). A metric that fails on these outputs is
@@ -429,11 +433,11 @@ def _evaluate(plan: _Plan, outputs: dict[str, np.ndarray] | None, evalset: Datas
         try:
             got = fid(outputs, reference, classes=scorer.class_outputs(reference))
             fidelity = Fidelity(measured=True, samples=len(fid_inputs), inputs=fid_inputs.path.name,
-                                method=f"{method}, against the fp32 variant's outputs", **got)
+                                method=f"{method}, against the {reference_id} variant's outputs", **got)
         except ValueError as exc:  # NaN or infinity in an output: a figure on it would be a lie
             fidelity = Fidelity(measured=False, method=f"not measured on {fid_inputs.path.name}: {exc}")
     elif outputs is not None:
-        fidelity = Fidelity(measured=False, method="not measured: no fp32 reference could be built")
+        fidelity = Fidelity(measured=False, method=f"not measured: no {reference_id} reference could be built")
     return accuracy, fidelity
 
 
@@ -466,7 +470,8 @@ def _convert_onnx(source: Source, data: Dataset | None, profiles: list[Profile],
         and the profiles' ``min_fidelity_snr_db``.
 
     Raises:
-        InputError: onnx2tf cannot convert the model (names the op), or the conversion is
+        Unconvertible: onnx2tf cannot convert the model (names the op).
+        InputError: onnx2tf is not installed or made ops LiteRT does not run, or the conversion is
             catastrophic: an output below :data:`~edge_kit.compiler.onnx_source.CONVERSION_REFUSE_SNR_DB`
             (the error outweighs the signal), or ONNX Runtime's own outputs hold NaN or infinity, or
             either model crashes, loops past the deadline or fails on those inputs; nothing is written.
@@ -536,7 +541,9 @@ def compile_model(req: CompileRequest, progress: Progress | None = None) -> Mani
     Raises:
         InputError: the model, a data file or the output folder is unusable, ``<out>/<model>`` holds
             something that is not an earlier compile's result, an ONNX model does not convert
-            or converts to something else (SNR below 0 dB against ONNX Runtime); nothing is written (an
+            (:class:`~edge_kit.compiler.onnx_source.Unconvertible`) and the profiles ask for no ONNX Runtime variant
+            (when they do, those are built alone, measured against onnx-fp32, and every LiteRT variant is
+            ``not-built`` with that line, also warned), or an ONNX model converts to something else (SNR below 0 dB against ONNX Runtime); nothing is written (an
             ``out`` folder this compile made is removed again).
         ConfigError: two profiles have the same name.
         MetricError: unknown task, labels in the wrong format for it, a user metric that does not load,
@@ -614,15 +621,26 @@ def _compile_model(req: CompileRequest, progress: Progress | None, work: Path) -
                                f"({exc.strerror or exc}); free space in the temporary folder (TMPDIR)") from None
 
     conversion_warnings: list[str] = []
+    unconverted = None  # why the ONNX source has no LiteRT conversion (its ONNX Runtime variants need none)
+    wanted = _wanted(req.profiles)
     if source.kind == "onnx":
         step("converting ONNX")
-        conversion_warnings = _convert_onnx(source, evalset or calib, req.profiles, runner, runtime.version())
+        from edge_kit.compiler.onnx_source import Unconvertible
+
+        try:
+            conversion_warnings = _convert_onnx(source, evalset or calib, req.profiles, runner, runtime.version())
+        except Unconvertible as exc:
+            if not any(parse_variant(v).format == "onnx" for v in wanted):  # nothing to build without it
+                raise
+            unconverted = str(exc)
+            warnings.warn(f"{exc}; only the ONNX Runtime variants are built, measured against onnx-fp32", stacklevel=2)
+            wanted.setdefault("onnx-fp32", [])  # the reference in fp32's place
+    reference_id = "onnx-fp32" if unconverted else "fp32"  # every variant's fidelity is measured against its outputs
     writable_folder(out)
 
-    wanted = _wanted(req.profiles)
     plans = {s.id: _Plan(s, wanted.get(s.id, [])) for s in build_order(list(wanted))}
     for plan in plans.values():
-        plan.refusal = _refusal(plan.spec, source, calib)
+        plan.refusal = unconverted if unconverted and plan.spec.format == "tflite" else _refusal(plan.spec, source, calib)
     # the targets whose op support each variant is checked against: those of the profiles that want it
     targets_of = {v: sorted({t.key for p in req.profiles if v in p.variants for t in TARGETS.values()
                              if t.accelerator == p.hardware.accelerator != "none"}) for v in plans}
@@ -636,7 +654,8 @@ def _compile_model(req: CompileRequest, progress: Progress | None, work: Path) -
     outputs_of = runner(fid_inputs.x, "fidelity", fid_inputs.path.name) if fid_inputs is not None else None
 
     def reference_run(data: bytes) -> dict[str, np.ndarray]:
-        """Return the fp32 variant's outputs over the data, run in a child with the deadline.
+        """Return the reference variant's outputs (fp32's, else onnx-fp32's) over the data, run in a child with the
+        deadline.
 
         Raises:
             InputError: the run crashed, looped past the deadline or refused the inputs; nothing is written.
@@ -644,13 +663,13 @@ def _compile_model(req: CompileRequest, progress: Progress | None, work: Path) -
         try:
             return outputs_of(data)
         except ValueError as exc:  # the source model itself: every variant is made from it
-            raise InputError(f"{req.model}: variant fp32: {exc}; nothing was written (every variant is "
+            raise InputError(f"{req.model}: variant {reference_id}: {exc}; nothing was written (every variant is "
                              "made from this model)") from None
 
     # fp32 first, and run over the data at once: the int8 calibration that follows runs the model over --calib in
     # this process, where a model that loops on real inputs stops the whole compile at the calibration's deadline
     # (kept by the edgekit process, edge_kit.cli.worker) instead of failing the one variant
-    for plan in sorted(plans.values(), key=lambda p: p.spec.id != "fp32"):
+    for plan in sorted(plans.values(), key=lambda p: p.spec.id != reference_id):
         step(f"building {plan.spec.id}")
         if plan.refusal:
             continue
@@ -672,8 +691,8 @@ def _compile_model(req: CompileRequest, progress: Progress | None, work: Path) -
         plan.extra["how"] = how
         plan.extra["seconds"] = time.perf_counter() - started
         built[plan.spec.id] = plan
-        if plan.spec.id == "fp32" and outputs_of is not None:
-            outputs["fp32"] = reference_run(data)
+        if plan.spec.id == reference_id and outputs_of is not None:
+            outputs[reference_id] = reference_run(data)
 
     if outputs_of is not None:
         for vid, plan in list(built.items()):
@@ -685,8 +704,8 @@ def _compile_model(req: CompileRequest, progress: Progress | None, work: Path) -
                 except ValueError as exc:  # crashed, looped past the deadline, or refused the real inputs
                     plan = built.pop(vid)
                     plan.data, plan.refusal, plan.extra["failed"] = None, f"variant {vid}: {exc}", True
-    reference = outputs.get("fp32")
-    for vid, why in broken_outputs(outputs, fid_inputs).items():  # a variant computing NaN is not deployable
+    reference = outputs.get(reference_id)
+    for vid, why in broken_outputs(outputs, fid_inputs, reference_id).items():  # a variant computing NaN is not deployable
         plan = built.pop(vid)
         plan.data, plan.refusal, plan.extra["failed"] = None, why, True
         outputs.pop(vid)
@@ -696,12 +715,14 @@ def _compile_model(req: CompileRequest, progress: Progress | None, work: Path) -
         try:
             scored = scorer.score(reference, evalset.labels)
         except MetricError as exc:
-            raise MetricError(f"{exc} (scoring the fp32 variant's outputs on {evalset.path.name}); nothing was written") from None
+            raise MetricError(f"{exc} (scoring the {reference_id} variant's outputs on {evalset.path.name}); nothing was "
+                              "written") from None
         if scored["value"] == 0:  # a model that scores nothing at all is far likelier fed mismatched labels
             checks["eval"]["warning"] = said = (
-                f"{evalset.path}: the fp32 variant scores {scored['metric']} 0 on it, so every variant will: the labels "
-                "probably do not match the outputs (class indices of another output, boxes in pixels for outputs in "
-                "0..1 or the other way round, another class numbering); check them against the fp32 outputs")
+                f"{evalset.path}: the {reference_id} variant scores {scored['metric']} 0 on it, so every variant will: "
+                "the labels probably do not match the outputs (class indices of another output, boxes in pixels for "
+                "outputs in 0..1 or the other way round, another class numbering); check them against the "
+                f"{reference_id} outputs")
             warnings.warn(said, stacklevel=2)
 
     for plan in plans.values():
@@ -723,7 +744,8 @@ def _compile_model(req: CompileRequest, progress: Progress | None, work: Path) -
             support = {key: check for key in targets_of[spec.id] if (check := TARGETS[key].rule_check(stats))}
         if "compiler_mapping" in plan.extra:
             support[plan.extra["compiler_mapping"]["method"]] = plan.extra["compiler_mapping"]
-        accuracy, fidelity = _evaluate(plan, outputs.get(spec.id), evalset, fid_inputs, reference, method_of(spec), scorer)
+        accuracy, fidelity = _evaluate(plan, outputs.get(spec.id), evalset, fid_inputs, reference, method_of(spec), scorer,
+                                       reference_id)
         calib_table = None
         for name, blob in plan.extra.get("files", {}).items():  # trt-int8's calibration table, shipped beside it
             from edge_kit.compiler.trt_variants import CALIB_METHOD
@@ -753,7 +775,7 @@ def _compile_model(req: CompileRequest, progress: Progress | None, work: Path) -
                      **checks["calib"]} if calib else None,
         eval={**evalset.record(), **metric.record(), "file": EVAL_FILE, "sha256": sha256_bytes(extra[EVAL_FILE]),
               "metric": scorer.task.headline if scorer.task is not None and scorer.user is None else None,
-              "reference": "fp32" if reference is not None else None, **checks["eval"]} if evalset else None,
+              "reference": reference_id if reference is not None else None, **checks["eval"]} if evalset else None,
         train={**train.record(), **checks["train"]} if train else None,
         versions={**_versions(), **(_onnx_versions() if source.kind == "onnx" or onnx_built else {}),
                   **({"tf2onnx": _version_of("tf2onnx")} if "onnx_export" in shared else {})},

@@ -58,6 +58,8 @@ class Source:
     # input name -> the numpy name of its declared type, for an input the model takes as another type than float32
     # (token ids: int64); a Keras, SavedModel or ONNX source takes float32 there and casts it inside every variant
     input_types: dict[str, str] = field(default_factory=dict)
+    # an ONNX model with external data: {name in the model's folder: sha256} of the model file and each data file
+    files: dict[str, str] = field(default_factory=dict)
 
     def pinned_onnx(self) -> bytes:
         """Return an ONNX source's model with its input shapes pinned, as the child made it at load (onnx's shape
@@ -74,6 +76,8 @@ class Source:
         """Return the manifest entry for the source model (with ``conversion`` for an ONNX source)."""
         entry = {"name": self.name, "path": str(self.path), "format": self.kind, "sha256": self.sha256,
                  "inputs": {k: list(v) for k, v in self.inputs.items()}, "outputs": list(self.outputs)}
+        if self.files:
+            entry["files"] = dict(self.files)
         if self.conversion is not None:
             entry["conversion"] = self.conversion
         return entry
@@ -233,7 +237,8 @@ def load_source(path: Path, input_shapes: dict[str, tuple[int, ...]] | None = No
 
         load_seconds = inference_deadline(0)
     source = _load_kind(path, pinned, model_name(path, name), load_seconds)
-    source.size = _disk_bytes(path)
+    folder = path.resolve().parent  # an ONNX model's external data files count: they hold its weights
+    source.size = sum(_disk_bytes(folder / name) for name in source.files) if source.files else _disk_bytes(path)
     check_sample_sizes(path, source.inputs)
     _check_names(path, source)
     return source
@@ -332,11 +337,12 @@ def _load_kind(path: Path, pinned: dict[str, tuple[int, ...]], name: str, load_s
 
         loaded = load_onnx(path, pinned)
         fixed = loaded.pinned
-        # the user's model: the file's own hash; with external data read in, its weights are in the hash too.
+        # the user's model: the file's own hash; with external data, that of the files' sha256sum (weights included).
         # Never the model with integer inputs cast inside (loaded.data), which the user cannot check
         return Source(path, "onnx", loaded.sha256, name, loaded.inputs, loaded.outputs, onnx=loaded.data,
                       onnx_pinned=fixed if isinstance(fixed, bytes) else None,
-                      onnx_pin_error=fixed if isinstance(fixed, str) else None, input_types=loaded.types)
+                      onnx_pin_error=fixed if isinstance(fixed, str) else None, input_types=loaded.types,
+                      files=loaded.files)
     if suffix in (".engine", ".plan", ".trt"):
         raise InputError(f"{path}: a TensorRT engine runs only on the GPU and TensorRT version that built it, so edge-kit "
                          "does not take one: give the .onnx model it was built from (the trt-* variants build the "

@@ -94,7 +94,7 @@ def broken_constraints(manifest: Manifest, dev: Device, result: DeviceResult) ->
         return None
     c = effective_constraints(load_profile(dev.profile).constraints, dev.constraints)
     art = manifest.artifact(result.variant or "")
-    fp32 = manifest.artifact("fp32")
+    fp32 = manifest.reference()
     broken = violations(c, Measured.from_record(result.health, art.bytes if art and art.bytes else 0),
                         fp32.accuracy.value if fp32 and fp32.accuracy else None)
     return ", ".join(describe(k, c) for k in broken) or None

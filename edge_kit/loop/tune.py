@@ -183,14 +183,15 @@ def decide(manifest: Manifest, devices: list[Device], store: HistoryStore, curre
     refused = refused or {}
     recent = store.recent_bench(devices[0].name if len(devices) == 1 else None,
                                 sha256s=tuple(a.sha256 for a in manifest.artifacts if a.sha256))
-    host_fp32 = manifest.artifact("fp32")
+    host_fp32 = manifest.reference()  # fp32, or onnx-fp32 where an ONNX model has no LiteRT conversion
     profiles: dict[str, Any] = {}
     requests = []
     for dev in devices:
         cands = [Candidate(a.id, a.sha256, a.bytes or 0,
                            tuple(Measured.from_record(r, a.bytes or 0) for r in recent.get((dev.name, a.sha256), ())))
                  for a in candidates_for(manifest, dev) if a.id not in refused.get(dev.name, ())]
-        fp32 = next((c for c in cands if c.variant == "fp32" and c.measured and c.measured.accuracy is not None), None)
+        fp32 = next((c for c in cands if c.variant == manifest.reference_id and c.measured
+                     and c.measured.accuracy is not None), None)
         fp32_acc = fp32.measured.accuracy if fp32 else (host_fp32.accuracy.value if host_fp32 and host_fp32.accuracy else None)
         profile = profiles.get(dev.profile) or profiles.setdefault(dev.profile, load_profile(dev.profile))
         requests.append(Request(dev.name, cands, effective_constraints(profile.constraints, dev.constraints),
@@ -404,7 +405,7 @@ def fleet_inputs(manifest: Manifest, devices: list[Device], store: HistoryStore,
     variants = tuple(dict.fromkeys(a.id for d in devices for a in cands[d.name]))
     profiles = tuple(dict.fromkeys(d.profile for d in devices))
     arts = {a.id: a for d in devices for a in cands[d.name]}
-    host_fp32 = manifest.artifact("fp32")
+    host_fp32 = manifest.reference()
     host_acc = host_fp32.accuracy.value if host_fp32 and host_fp32.accuracy else None
     loaded = {p: load_profile(p) for p in profiles}
     groups: list[Any] = []
@@ -423,8 +424,8 @@ def fleet_inputs(manifest: Manifest, devices: list[Device], store: HistoryStore,
                if r.get("device") in index]
     m = Measurements.of(rows_from_records(records, index, variant_of))
     fp32 = np.full(len(devices), np.nan if host_acc is None else host_acc)
-    if "fp32" in variants:  # measured on the device where it has been
-        got = (m.variant == variants.index("fp32")) & np.isfinite(m.accuracy)
+    if manifest.reference_id in variants:  # measured on the device where it has been
+        got = (m.variant == variants.index(manifest.reference_id)) & np.isfinite(m.accuracy)
         fp32[m.device[got]] = m.accuracy[got]
     by_sha = {a.sha256: variants.index(a.id) for a in arts.values()}
     spec = FleetSpec(tuple(d.name for d in devices), profiles, variants, np.array([profiles.index(d.profile) for d in devices]),

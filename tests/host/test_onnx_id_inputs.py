@@ -214,3 +214,79 @@ def test_trt_int8s_calibration_table_gives_token_ids_no_range(tmp_path):
     calib = {"ids": np.arange(64, dtype=np.float32).reshape(16, 4) % 10}
     _artifact, how, files = trt_variants.build("trt-int8", fp32, calib)  # no id inputs named: 'ids' is calibrated
     assert table_ranges(files["trt-int8.calib"])["ids"] == 9.0 and "left out" not in how
+
+
+def bounded_ids(path: Path) -> tuple[dict[str, np.ndarray], str]:
+    """Return the random check inputs ``edgekit compile`` makes for the model at ``path`` without --eval or --calib
+    (``random_inputs`` over the bounds ``id_bounds`` finds in the model as loaded), and their sentence."""
+    from edge_kit.compiler.data import random_inputs
+    from edge_kit.compiler.onnx_source import id_bounds
+
+    source = load_source(path)
+    return random_inputs(source.inputs, source.input_types, id_bounds(source.onnx, source.input_types))
+
+
+def test_random_check_ids_follow_the_models_own_cast_to_the_table(tmp_path):
+    """int32 ids cast to int64 by the model itself before the Gather (the Gather takes int32 or int64; exporters
+    often cast): the walk from the input's cast stopped at the model's Cast, so the ids were drawn from edge-kit's
+    default 0..99 and a 37-row embedding got ids it does not have (ONNX Runtime: "indices element out of data
+    bounds"). They are drawn from the table's 37 rows now."""
+    table = numpy_helper.from_array(np.ones((37, 2), np.float32), "emb")
+    nodes = [helper.make_node("Cast", ["ids"], ["ids64"], to=TensorProto.INT64),
+             helper.make_node("Unsqueeze", ["ids64", "axis"], ["ids3"]),
+             helper.make_node("Squeeze", ["ids3", "axis"], ["ids2"]),
+             helper.make_node("Gather", ["emb", "ids2"], ["y"], axis=0)]
+    graph = helper.make_graph(nodes, "g", [tensor("ids", TensorProto.INT32, [None, 6])],
+                              [tensor("y", TensorProto.FLOAT, [None, 6, 2])],
+                              [table, numpy_helper.from_array(np.array([0], np.int64), "axis")])
+    xs, said = bounded_ids(save(tmp_path / "cast.onnx", graph))
+    ids = xs["ids"]
+    assert ids.max() <= 36 and len(np.unique(ids)) > 10, ids
+    assert "0..36 (the 37 rows of Gather table 'emb')" in said
+    source = load_source(tmp_path / "cast.onnx")
+    assert run(source.onnx, {"ids": ids[:1]}).shape == (1, 6, 2)  # ids the model takes
+
+
+def test_random_check_ids_find_a_table_read_inside_an_if_branch(tmp_path):
+    """The Gather of the ids sits in an ``If`` branch, which reads the outer ``ids`` by name: only the top-level graph
+    was searched, so the 10-row table was missed and ids went up to 99. The branches are searched too."""
+    xs, said = bounded_ids(if_model(tmp_path / "branch.onnx"))
+    assert xs["ids"].max() <= 9 and "0..9 (the 10 rows of Gather table 'table')" in said
+
+    # a branch reshaping the ids first, into a table of its own (23 rows) the other branch does not index
+    own = numpy_helper.from_array(np.ones((23, 8), np.float32), "own")
+    then = helper.make_graph([helper.make_node("Flatten", ["ids"], ["flat"], axis=0),
+                              helper.make_node("Gather", ["own", "flat"], ["rows"], axis=0),
+                              helper.make_node("Reshape", ["rows", "shape"], ["t_y"])],
+                             "then", [], [tensor("t_y", TensorProto.FLOAT, [None, 32])], [own])
+    other = helper.make_graph([helper.make_node("Identity", ["zeros"], ["e_y"])], "else", [],
+                              [tensor("e_y", TensorProto.FLOAT, [None, 32])])
+    nodes = [helper.make_node("Greater", ["x", "zero"], ["positive"]),
+             helper.make_node("Reshape", ["positive", "one"], ["cond"]),
+             helper.make_node("If", ["cond"], ["y"], then_branch=then, else_branch=other)]
+    graph = helper.make_graph(nodes, "g", [tensor("ids", TensorProto.INT64, [None, 4]), tensor("x", TensorProto.FLOAT, [None, 1])],
+                              [tensor("y", TensorProto.FLOAT, [None, 32])],
+                              [numpy_helper.from_array(np.zeros((1, 32), np.float32), "zeros"),
+                               numpy_helper.from_array(np.array([-1, 32], np.int64), "shape"),
+                               numpy_helper.from_array(np.zeros((1, 1), np.float32), "zero"),
+                               numpy_helper.from_array(np.array([1], np.int64), "one")])
+    xs, said = bounded_ids(save(tmp_path / "own.onnx", graph))
+    assert xs["ids"].max() <= 22 and "0..22 (the 23 rows of Gather table 'own')" in said
+
+
+def test_random_check_ids_of_an_input_indexing_two_tables_fit_the_smaller(tmp_path):
+    """One input feeds two embeddings (token and position tables of 50 and 12 rows, one reached through a Reshape,
+    one straight): every id must index both, so the bound is the smaller table's."""
+    nodes = [helper.make_node("Gather", ["tokens", "ids"], ["a"], axis=0),
+             helper.make_node("Reshape", ["ids", "flat"], ["flat_ids"]),
+             helper.make_node("Gather", ["positions", "flat_ids"], ["b"], axis=0),
+             helper.make_node("Reshape", ["b", "back"], ["b4"]),
+             helper.make_node("Add", ["a", "b4"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [tensor("ids", TensorProto.INT64, [None, 4])],
+                              [tensor("y", TensorProto.FLOAT, [None, 4, 3])],
+                              [numpy_helper.from_array(np.ones((50, 3), np.float32), "tokens"),
+                               numpy_helper.from_array(np.ones((12, 3), np.float32), "positions"),
+                               numpy_helper.from_array(np.array([-1], np.int64), "flat"),
+                               numpy_helper.from_array(np.array([-1, 4, 3], np.int64), "back")])
+    xs, said = bounded_ids(save(tmp_path / "two.onnx", graph))
+    assert xs["ids"].max() <= 11 and "0..11 (the 12 rows of Gather table 'positions')" in said

@@ -64,6 +64,37 @@ def test_external_data_beside_the_model_is_read_in(tmp_path):
     np.testing.assert_array_equal(numpy_helper.to_array(embedded.graph.initializer[0]), weight)
 
 
+def test_a_model_with_external_data_is_named_by_the_sha256sum_of_its_files(tmp_path):
+    """The source's sha256 of a model with external data was the hash of the model re-serialised by onnx with its
+    data read in: no command a user runs on the files gives it, and another onnx or protobuf version may serialise
+    it otherwise. It is now the sha256 of what ``sha256sum MODEL DATA`` prints in the model's folder, the manifest
+    lists each file's own sha256, and the conversion deadline counts the data file's bytes (it counted the
+    600-byte model file only)."""
+    import hashlib
+    import subprocess
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    weight = np.arange(4096, dtype=np.float32).reshape(1, 4096)
+    model = add_weight(folder / "ext.onnx", weight, save_as_external_data=True, location="ext.data",
+                       size_threshold=0)
+    source = load_source(model)
+    listing = subprocess.run(["sha256sum", "ext.onnx", "ext.data"], cwd=folder, capture_output=True, check=True,
+                             timeout=60).stdout
+    assert source.sha256 == hashlib.sha256(listing).hexdigest()
+    files = {line.split()[1].decode(): line.split()[0].decode() for line in listing.splitlines()}
+    assert source.record()["files"] == files and source.record()["sha256"] == source.sha256
+    assert source.size == (folder / "ext.onnx").stat().st_size + (folder / "ext.data").stat().st_size
+    # other weights in the data file: another model, another name
+    np.full(4096, 2.0, np.float32).tofile(folder / "ext.data")
+    again = load_source(model)
+    assert again.sha256 != source.sha256 and again.files["ext.onnx"] == files["ext.onnx"]
+    # a model without external data keeps the file's own hash and lists no files
+    plain = add_weight(tmp_path / "plain.onnx", weight)
+    assert "files" not in load_source(plain).record() and load_source(plain).sha256 == hashlib.sha256(
+        plain.read_bytes()).hexdigest()
+
+
 @pytest.mark.parametrize("location", ["../secret.bin", "../../../../../../etc/passwd", "/etc/passwd", "link.data"])
 def test_external_data_outside_the_models_folder_is_refused_and_never_read(tmp_path, location, monkeypatch):
     folder = tmp_path / "model"

