@@ -91,20 +91,24 @@ def _source(row: dict[str, Any]) -> str:
     return row.get("source") or "-"
 
 
-def figures_note(devices: Any, inferred: bool = False, *, table: str = "select") -> str:
+def figures_note(devices: Any, inferred: bool = False, *, table: str = "select", metric: str | None = None) -> str:
     """Return the line printed under a table of the devices' figures (``table``: ``select`` for select --explain,
     ``fleet`` for fleet status and the monitor), markup escaped: :func:`figures_text`."""
-    return safe(figures_text(devices, inferred, table=table))
+    return safe(figures_text(devices, inferred, table=table, metric=metric))
 
 
-def figures_text(devices: Any, inferred: bool = False, *, table: str = "select") -> str:
+def figures_text(devices: Any, inferred: bool = False, *, table: str = "select", metric: str | None = None) -> str:
     """Return where each figure of the devices' table comes from (plain text, as ``--json`` gives it): the select
-    table's MB, or the fleet table's last heard (``table``); ``~`` figures and confidence when ``inferred``, and which
-    of ``devices`` (fleet :class:`~edge_kit.fleet.inventory.Device`) are simulated, so measured on this machine."""
+    table's accuracy, named by ``metric`` (the eval set's headline figure, e.g. ``top1``, ``map``; the manifest's
+    ``eval.metric``; ``accuracy`` when it names none) and MB, or the fleet table's last heard (``table``); ``~``
+    figures and confidence when ``inferred``, and which of ``devices`` (fleet
+    :class:`~edge_kit.fleet.inventory.Device`) are simulated, so measured on this machine."""
     if table == "select":
-        text = ("figures: p90 and top-1 measured by each device's own agent (`edgekit bench` names the clock), top-1 on "
-                "the eval set shipped with the artifacts; W and mJ from the power source shown (a sensor, or estimated); "
-                "MB: the artifact's size, counted from its file by `edgekit compile` (the manifest's bytes)")
+        named = f"accuracy ({metric})" if metric else "accuracy"  # a detector's accuracy is its mAP, never top-1
+        text = (f"figures: p90 and {named} measured by each device's own agent (`edgekit bench` names the clock), "
+                f"{metric or 'accuracy'} on the eval set shipped with the artifacts; W and mJ from the power source shown "
+                "(a sensor, or estimated); MB: the artifact's size, counted from its file by `edgekit compile` (the "
+                "manifest's bytes)")
     else:  # the fleet table shows p90, W and last heard (HistoryStore.last_received: status and telemetry only)
         text = ("figures: p90 measured by each device's own agent (`edgekit bench` names the clock), of the current "
                 "variant's latest benchmark; W from the power source shown (a sensor, or estimated); last heard: by this "
@@ -173,14 +177,15 @@ def select_cmd(
     if unknown:
         messages.append(unknown_runtimes_note(unknown))
     inferred = any(r.get("source") == "inferred" for d in decisions.values() for r in d.table)
+    metric = (manifest.eval or {}).get("metric")  # the accuracy column's figure: top1, map, miou, pck, a user's
     if as_json:
         emit_json({"devices": {k: v.as_dict() for k, v in decisions.items()}, "notes": messages,
-                   "figures": figures_text(chosen, inferred)})
+                   "figures": figures_text(chosen, inferred, metric=metric)})
         return
     for item in decision_table(decisions, explain):
         out.print(item)
     if explain:
-        out.print(figures_note(chosen, inferred), highlight=False)
+        out.print(figures_note(chosen, inferred, metric=metric), highlight=False)
     for text in messages:
         out.print(f"[yellow]note[/] {safe(text)}")
 

@@ -23,14 +23,15 @@ def sha(vid: str) -> str:
     return hashlib.sha256(vid.encode()).hexdigest()
 
 
-def write_fleet(tmp_path):
+def write_fleet(tmp_path, eval_set=None):
     folder = tmp_path / "art"
     folder.mkdir()
     arts = [Artifact(id=v, status="built", profiles=["rpi4"], summary=v, precision="float32", file=f"{v}.x",
                      runtime="onnxruntime" if v.startswith("onnx") else "litert", sha256=sha(v), bytes=1000)
             for v in FIGURES]
     (folder / "manifest.json").write_text(Manifest(created="2026-11-29T00:00:00+00:00", model={"name": "m"},
-                                                   versions={}, profiles={"rpi4": {}}, artifacts=arts).to_json())
+                                                   versions={}, profiles={"rpi4": {}}, artifacts=arts,
+                                                   eval=eval_set).to_json())
     fleet = tmp_path / "fleet.yaml"
     fleet.write_text("fleet: f\nbroker: {host: 127.0.0.1, port: 1}\ndefaults: {user: edgekit, profile: rpi4}\n"
                      "devices:\n" + "".join(f"  - {{name: {d}, host: 127.0.0.1, port: {i + 2}}}\n"  # each its own agent: nothing listens
@@ -83,8 +84,25 @@ def test_select_leaves_out_what_a_device_status_says_it_cannot_run(tmp_path, run
     for note, text in zip(whole["notes"], printed):
         assert text.startswith(" ".join(note.split())[:60]), (note, text)
     assert any("have not reported their runtimes" in n and "quiet" in n for n in whole["notes"])
-    assert whole["figures"].startswith("figures: p90 and top-1 measured by each device's own agent")
+    assert whole["figures"].startswith("figures: p90 and accuracy measured by each device's own agent")
     assert "~ inferred by the fleet model" in whole["figures"]
+
+
+@pytest.mark.parametrize("metric", ["map", "top1"])
+def test_select_names_the_eval_sets_metric_where_it_says_where_the_accuracy_came_from(tmp_path, run_cli, metric):
+    """A detector's accuracy column is its mAP: the line under select --explain (and --json's ``figures``) named it
+    top-1 whatever the eval set scored."""
+    fleet, folder = write_fleet(tmp_path, {"file": "eval.npz", "samples": 48, "metric": metric,
+                                         "task": "detection" if metric == "map" else "classification"})
+    code, out, err = run_cli("select", "--fleet", fleet, "--artifacts", folder, "--json")
+    assert code == 0, err
+    figures = json.loads(out)["figures"]
+    assert figures.startswith(f"figures: p90 and accuracy ({metric}) measured by each device's own agent"), figures
+    assert f"{metric} on the eval set shipped with the artifacts" in figures
+    assert ("top-1" in figures) is False
+    code, out, err = run_cli("select", "--fleet", fleet, "--artifacts", folder, "--explain")
+    assert code == 0, err
+    assert f"figures: p90 and accuracy ({metric}) measured" in " ".join(out.split()), out
 
 
 def test_the_fleet_model_reads_only_the_bench_records_of_the_builds_being_tuned(tmp_path):
