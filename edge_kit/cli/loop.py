@@ -54,7 +54,9 @@ def decision_table(decisions: dict[str, Any], explain: bool) -> list[Any]:
     if explain:
         for name, d in decisions.items():
             fleet = getattr(d, "kind", None) == "fleet selection"
-            title = safe(name) if not fleet else (f"{safe(name)} (confidence {d.confidence:.2f}"
+            # no choice (nothing to infer a candidate from): no confidence to give, the why column says what is missing
+            sure = "no choice yet" if d.chosen is None else f"confidence {getattr(d, 'confidence', 1.0):.2f}"
+            title = safe(name) if not fleet else (f"{safe(name)} ({sure}"
                                             + (f"; [red]flagged[/]: {safe(d.flagged)}" if d.flagged else "") + ")")
             e = Table(Column("variant", min_width=16, no_wrap=True), "p90 ms", "accuracy", "energy mJ/inf",
                       "source" if fleet else "power source", "runs", "MB", "violates", "",
@@ -127,8 +129,9 @@ def _num(x: float | None) -> str:
 
 
 def _cell(row: dict[str, Any], key: str, fmt: Any) -> str:
-    """Return a figure of an explain row; an inferred one as ``~value [lo-hi]`` (its 90 % interval)."""
-    if row.get("source") != "inferred":
+    """Return a figure of an explain row; an inferred one as ``~value [lo-hi]`` (its 90 % interval); ``-`` for none
+    (measured by nothing, or nothing to infer it from)."""
+    if row.get("source") != "inferred" or row.get(key) is None:
         return fmt(row.get(key))
     lo_hi = row.get(f"{key}_interval")
     return f"~{fmt(row.get(key))}" + (f" [{fmt(lo_hi[0])}-{fmt(lo_hi[1])}]" if lo_hi else "")

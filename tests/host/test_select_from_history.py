@@ -168,3 +168,41 @@ def test_deploy_refuses_a_variant_the_artifacts_do_not_hold_before_touching_any_
     assert code == 2, err
     error = json.loads(out)["error"]
     assert error.startswith(f"--variant fp23: {folder / 'manifest.json'} has no such variant; did you mean 'fp32'?"), error
+
+
+def test_select_explain_shows_no_figure_and_no_confidence_where_nothing_could_be_inferred(tmp_path, run_cli):
+    """A device whose profile measured fp32 only: int8 cannot be inferred and nothing is chosen yet. --explain
+    showed ``~-`` for each of int8's figures (an inferred figure that is none) and ``confidence 1.00`` over a device
+    with no choice."""
+    folder = tmp_path / "art"
+    folder.mkdir()
+    arts = [Artifact(id=v, status="built", profiles=["rpi4"], summary=v, precision="float32", file=f"{v}.x",
+                     runtime="litert", sha256=sha(v), bytes=1000) for v in ("fp32", "int8")]
+    (folder / "manifest.json").write_text(Manifest(created="2026-11-29T00:00:00+00:00", model={"name": "m"},
+                                                   versions={}, profiles={"rpi4": {}}, artifacts=arts).to_json())
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text("fleet: f\nbroker: {host: 127.0.0.1, port: 1}\ndefaults: {user: edgekit, profile: rpi4}\n"
+                     "devices:\n  - {name: a, host: 127.0.0.1, port: 2}\n")
+    store = Store(tmp_path / "edgekit-history.db")
+    store.add("bench", messages.envelope("bench", "f", "a", 1, {
+        "variant": "fp32", "sha256": sha("fp32"), "latency_ms": {"p90": 30.0}, "runs": 100, "simulated": False,
+        "power": {"estimated": True, "avg_w": 3.0, "energy_per_inference_mj": 12.0}, "accuracy": {"value": 0.98}}))
+    store.close()
+    code, out, err = run_cli("select", "--fleet", fleet, "--artifacts", folder, "--json")
+    assert code == 0, err
+    decision = json.loads(out)["devices"]["a"]
+    assert decision["chosen"] is None and "nothing to infer" in decision["reason"], decision
+    code, out, err = run_cli("select", "--fleet", fleet, "--artifacts", folder, "--explain")
+    assert code == 0, err
+    assert "~-" not in out, out
+    assert "confidence" not in out.split("figures:")[0] and "a (no choice yet)" in out, out
+    int8 = next(line for line in out.splitlines() if line.split()[:1] == ["int8"])
+    assert int8.split()[1:4] == ["-", "-", "-"] and "inferred" in int8, int8
+    store = Store(tmp_path / "edgekit-history.db")  # int8 measured too: a plain decision, with no confidence
+    store.add("bench", messages.envelope("bench", "f", "a", 2, {
+        "variant": "int8", "sha256": sha("int8"), "latency_ms": {"p90": 10.0}, "runs": 100, "simulated": False,
+        "power": {"estimated": True, "avg_w": 3.0, "energy_per_inference_mj": 4.0}, "accuracy": {"value": 0.98}}))
+    store.close()
+    code, out, err = run_cli("select", "--fleet", fleet, "--artifacts", folder, "--explain")
+    assert code == 0, err
+    assert "int8" in out.split("figures:")[0] and "confidence" not in out, out
