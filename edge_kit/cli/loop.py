@@ -211,6 +211,20 @@ def rounds_text(report: Any) -> str:
     return f"{rounds} round(s)" + (" and a verify decision on the switches' health benchmarks" if verified else "")
 
 
+def switches_text(report: Any) -> str:
+    """Return the switches a :class:`~edge_kit.loop.tune.TuneReport` made, in round order, each as ``device (from ->
+    to)`` (its round's decision: the variant it ran, the one chosen), then what the table above them is: the decision
+    after them (so a device switched here reads ``stays on ...``, ``switch: no``); ``nothing`` when none."""
+    moves = []
+    for r in report.rounds:
+        for device in r["switched"]:
+            d = (r.get("decisions") or {}).get(device) or {}
+            moves.append(f"{device} ({d.get('current') or 'none'} -> {d['chosen']})" if d.get("chosen") else device)
+    if not moves:
+        return "nothing"
+    return ", ".join(moves) + " (the table: the decision after these switches; its switch column says whether another is due)"
+
+
 def print_tune(report: Any) -> None:
     """Print a :class:`~edge_kit.loop.tune.TuneReport` for a person: the decisions, failed deploys, silent
     devices, the rounds, the budget spent and the notes (device text escaped); return nothing."""
@@ -221,8 +235,7 @@ def print_tune(report: Any) -> None:
     for device, what in report.silent.items():
         out.print(f"[red]{device} did not answer:[/] {safe(', '.join(what))}")
     print_refused(report.refused)
-    switched = report.switched
-    out.print(f"{rounds_text(report)}; switched: {', '.join(switched) or 'nothing'}")
+    out.print(f"{rounds_text(report)}; switched: {safe(switches_text(report))}", highlight=False)
     if report.budget is not None:
         b = report.budget
         unit = "benchmark runs" if b["unit"] == "runs" else "device-seconds"  # not the runs inside a benchmark

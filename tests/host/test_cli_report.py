@@ -435,6 +435,24 @@ def test_tune_counts_the_rounds_its_option_bounds_and_names_the_verify_decision_
     assert "1 round(s); switched: nothing" in " ".join(capsys.readouterr().out.split())
 
 
+def test_tune_says_from_what_to_what_it_switched_and_that_the_table_is_the_decision_after(capsys):
+    """A first tune printed a table where every device read "stays on int8 ... switch: no" above "switched: rpi4-1,
+    rpi5-1": the table is the verify decision taken after the switches, and nothing said so, or what it switched from."""
+    from edge_kit.cli.loop import print_tune
+    from edge_kit.fleet.deploy import GroupResult
+    from edge_kit.loop.tune import TuneReport
+
+    report = TuneReport(GroupResult([]))
+    report.rounds = [{"round": 1, "measured": 3, "silent": {}, "switched": ["a"], "verify": False,
+                      "decisions": {"a": {"device": "a", "current": "fp32", "chosen": "int8", "switch": True},
+                                    "b": {"device": "b", "current": "int8", "chosen": "int8", "switch": False}}},
+                     {"round": 2, "measured": 0, "silent": {}, "switched": [], "verify": True,
+                      "decisions": {"a": {"device": "a", "current": "int8", "chosen": "int8", "switch": False}}}]
+    print_tune(report)
+    text = " ".join(capsys.readouterr().out.split())
+    assert "switched: a (fp32 -> int8) (the table: the decision after these switches" in text, text
+
+
 
 @pytest.mark.parametrize(("unit", "said"), [("runs", "benchmark runs"), ("seconds", "device-seconds")])
 def test_tunes_budget_line_names_its_unit_as_the_option_means_it(capsys, unit, said):
