@@ -58,10 +58,23 @@ def test_the_notes_name_each_profiles_accelerator_and_say_when_nothing_measured_
     m = Manifest(created="now", model={"name": "m"}, versions={"ai_edge_litert": "2.3.0"}, profiles=profiles,
                  artifacts=[built("fp32")])
     lines = _compile_report(m)[1]
-    assert "    profile rpi4 (accelerator: none): fp32" in lines and "    profile coral-usb (accelerator: edgetpu): int8" in lines
+    assert "    profile rpi4 (accelerator: none): fp32" in lines
+    assert "    profile coral-usb (accelerator: edgetpu): nothing built; not built: int8" in lines
     assert "accuracy not measured (no --eval scored a variant); SNR against fp32" in lines[-1]
     m.artifacts[0] = built("fp32", accuracy=Accuracy(measured=True, value=0.9, metric="top1", method="eval"))
     assert "top1 (on --eval) and SNR against fp32" in _compile_report(m)[1][-1]
+
+
+def test_the_profile_notes_list_what_was_built_apart_from_what_was_not():
+    """A .tflite source for rpi4: the note under the table listed 'fp32, fp16, ..., onnx-fp32, onnx-int8', the
+    not-built onnx-* and pruned variants among them, as if its devices would get them."""
+    onnx = Artifact(id="onnx-fp32", status="not-built", reason="from a .tflite", profiles=["rpi4"], summary="",
+                    precision="float32", runtime="onnxruntime")
+    profiles = {"rpi4": {"accelerator": "none", "variants": ["fp32", "int8", "onnx-fp32"]}}
+    m = Manifest(created="now", model={"name": "m"}, versions={"ai_edge_litert": "2.3.0"}, profiles=profiles,
+                 artifacts=[built("fp32"), built("int8"), onnx])
+    lines = _compile_report(m)[1]
+    assert "    profile rpi4 (accelerator: none): fp32, int8; not built: onnx-fp32" in lines, lines
 
 
 def test_piped_output_is_wide_enough_for_the_tables_unless_columns_says_otherwise():
