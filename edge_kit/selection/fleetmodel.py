@@ -98,6 +98,8 @@ LOG_METRICS = ("p90_ms", "energy_mj", "avg_w")
 FLAT_METRICS = ("accuracy", "snr_db")
 METRICS = LOG_METRICS + FLAT_METRICS
 COVARIATES = ("throttled", "temperature", "power_mode", "clock")
+# what an undecided device's reason says to do: measure what nothing could be inferred from
+MEASURE_HINT = "`edgekit tune` measures it (or `edgekit bench --device DEVICE --variant VARIANT`, one at a time)"
 Z90 = 1.6448536269514722
 
 
@@ -818,7 +820,8 @@ def plan_measurements(spec: FleetSpec, m: Measurements, *, budget: float, cost: 
                         (f"sampling {len(set(sampled))} device(s) this round; its devices are decided once they are in"
                          if sampled else "the budget leaves none to sample it: its devices cannot be decided"))
         for d in np.flatnonzero(spec.profile == p):
-            undecided[int(d)] = f"profile {spec.profiles[p]} has no measurements yet: nothing to infer its figures from"
+            undecided[int(d)] = (f"profile {spec.profiles[p]} has no measurements yet: nothing to infer its figures from; "
+                                 f"{MEASURE_HINT}")
 
     # 2. drift checks and re-measures of contradictions
     for p, v in model.drift_check:
@@ -851,7 +854,7 @@ def plan_measurements(spec: FleetSpec, m: Measurements, *, budget: float, cost: 
         for d in devs[bad]:
             names = [spec.variants[c] for c in cols if nan_mu[spec.profile[d], c] and not fig.measured[d, c]]
             undecided[int(d)] = (f"no device of profile {spec.profiles[spec.profile[d]]} has measured "
-                                 f"{', '.join(names)} yet: nothing to infer it from")
+                                 f"{', '.join(names)} yet: nothing to infer it from; {MEASURE_HINT}")
         devs = devs[~bad]
         constraints = spec.constraints[spec.constraint_group[devs[0]]] if len(devs) else None
         for start in range(0, len(devs), s.chunk):

@@ -192,6 +192,8 @@ def test_select_explain_shows_no_figure_and_no_confidence_where_nothing_could_be
     assert code == 0, err
     decision = json.loads(out)["devices"]["a"]
     assert decision["chosen"] is None and "nothing to infer" in decision["reason"], decision
+    assert decision["reason"].endswith("`edgekit tune` measures it (or `edgekit bench --device DEVICE --variant "
+                                       "VARIANT`, one at a time)"), decision  # what to do about it
     code, out, err = run_cli("select", "--fleet", fleet, "--artifacts", folder, "--explain")
     assert code == 0, err
     assert "~-" not in out, out
