@@ -55,7 +55,8 @@ def decision_table(decisions: dict[str, Any], explain: bool) -> list[Any]:
         for name, d in decisions.items():
             fleet = getattr(d, "kind", None) == "fleet selection"
             # no choice (nothing to infer a candidate from): no confidence to give, the why column says what is missing
-            sure = "no choice yet" if d.chosen is None else f"confidence {getattr(d, 'confidence', 1.0):.2f}"
+            sure = getattr(d, "confidence", None)  # a plain decision (every candidate measured) has none
+            sure = "no choice yet" if sure is None else f"confidence {sure:.2f}"
             title = safe(name) if not fleet else (f"{safe(name)} ({sure}"
                                             + (f"; [red]flagged[/]: {safe(d.flagged)}" if d.flagged else "") + ")")
             e = Table(Column("variant", min_width=16, no_wrap=True), "p90 ms", "accuracy", "energy mJ/inf",

@@ -952,7 +952,7 @@ class FleetDecision(Decision):
     inferred figure its 90 % interval (``<figure>_interval``)."""
 
     kind: str = KIND
-    confidence: float = 1.0
+    confidence: float | None = 1.0  # None when nothing was chosen (undecided): no choice to be confident in
     flagged: str | None = None  # why the device differs from its profile; None: it does not
     inferred: list[str] = field(default_factory=list)  # variants whose figures are inferred
     drift: list[str] = field(default_factory=list)
@@ -1001,7 +1001,7 @@ def decisions_of(plan: Plan, sha256: dict[str, str], devices: list[int] | None =
             spec.devices[d], spec.variants[v] if v >= 0 else None, sha256.get(spec.variants[v]) if v >= 0 else None,
             spec.variants[current] if current >= 0 else None, feasible, bool(plan.switch[d]), reason,
             [spec.variants[c] for c in np.flatnonzero(spec.candidates[d]) if not plan.figures.measured[d, c]] if v < 0 else [],
-            [] if feasible or v < 0 else violated(plan, d), table, confidence=float(plan.confidence[d]),
+            [] if feasible or v < 0 else violated(plan, d), table, confidence=float(plan.confidence[d]) if v >= 0 else None,
             flagged=plan.model.flag_why.get(d, "differs from its profile") if plan.model.flagged[d] else None,
             unjudged=blind, inferred=[r["variant"] for r in table if r["source"] == "inferred"], drift=drift))
     return out

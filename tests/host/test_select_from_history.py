@@ -192,6 +192,7 @@ def test_select_explain_shows_no_figure_and_no_confidence_where_nothing_could_be
     assert code == 0, err
     decision = json.loads(out)["devices"]["a"]
     assert decision["chosen"] is None and "nothing to infer" in decision["reason"], decision
+    assert decision["confidence"] is None, decision  # was 1.0: certainty about a choice not made
     assert decision["reason"].endswith("`edgekit tune` measures it (or `edgekit bench --device DEVICE --variant "
                                        "VARIANT`, one at a time)"), decision  # what to do about it
     code, out, err = run_cli("select", "--fleet", fleet, "--artifacts", folder, "--explain")
@@ -208,3 +209,14 @@ def test_select_explain_shows_no_figure_and_no_confidence_where_nothing_could_be
     code, out, err = run_cli("select", "--fleet", fleet, "--artifacts", folder, "--explain")
     assert code == 0, err
     assert "int8" in out.split("figures:")[0] and "confidence" not in out, out
+
+
+def test_the_reports_fleet_selection_table_shows_no_confidence_for_an_undecided_device():
+    """An undecided device's stored fleet decision has no confidence (None): the report's table read 1.00 for it,
+    and a None must not stop the report."""
+    from edge_kit.telemetry.report import _fleet_selection_rows
+
+    rows = _fleet_selection_rows({"a": {"chosen": None, "confidence": None, "table": []},
+                                  "b": {"chosen": "int8", "confidence": 0.97, "table": []},
+                                  "c": {"chosen": None, "confidence": 1.0, "table": []}})  # stored by an older edge-kit
+    assert [r[2] for r in rows] == ["-", "0.97", "-"]
