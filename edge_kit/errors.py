@@ -29,6 +29,13 @@ class DeployError(EdgeKitError):
     exit_code = 4
 
 
+class DeployInterrupted(DeployError):
+    """Ctrl-C during a deploy: the devices not started were not touched, those under way finished; the text names
+    what each device ended as. Exit code 130, as for any interruption."""
+
+    exit_code = 130
+
+
 class NotBuiltFor(InputError):
     """The artifacts were not compiled for a device's profile, or none of its variants was built: the
     --artifacts folder given does not fit the fleet (bad input, exit 2)."""
@@ -57,7 +64,7 @@ class HistoryRecordError(HistoryError):
 
 
 __all__ = ["AgentError", "AgentTimeout", "CommandError", "CompileError", "ConfigError", "DataFileError",
-           "DeployError", "EdgeKitError", "HistoryError", "HistoryRecordError", "InputError", "MessageError",
+           "DeployError", "DeployInterrupted", "EdgeKitError", "HistoryError", "HistoryRecordError", "InputError", "MessageError",
            "NotBuiltFor"]
 
 

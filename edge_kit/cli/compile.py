@@ -94,8 +94,7 @@ def _compile_report(manifest: Any) -> tuple[Table, list[str]]:
         )
         for warning in a.warnings:
             footnote(f"[yellow]{safe(warning)}[/]")
-    notes = [f"    profile {name} (accelerator: {p['accelerator']}): {', '.join(p['variants'])}"
-             for name, p in manifest.profiles.items()]
+    notes = [_profile_note(name, p, manifest) for name, p in manifest.profiles.items()]
     conv = manifest.model.get("conversion")
     if conv:
         notes.append(f"    ONNX source: {conv['converter']} {conv['converter_version']} made fp32; worst output "
@@ -111,6 +110,17 @@ def _compile_report(manifest: Any) -> tuple[Table, list[str]]:
                  + "); accel ops = ops "
                  "the profile's accelerator takes by its documented rules (tpu* = edgetpu_compiler's own count)")
     return t, footnotes + notes
+
+
+def _profile_note(name: str, profile: dict[str, Any], manifest: Any) -> str:
+    """Return the line under the compile table for profile ``name``: its accelerator and the variants its devices get
+    (built), then those of its list this compile did not build (each one's reason is a footnote), so a variant listed
+    is never read as deployable when it was not built. Raises nothing."""
+    built = {a.id for a in manifest.artifacts if a.status == "built"}
+    got = [v for v in profile["variants"] if v in built]
+    missing = [v for v in profile["variants"] if v not in built]
+    text = f"    profile {name} (accelerator: {profile['accelerator']}): {', '.join(got) or 'nothing built'}"
+    return text + (f"; not built: {', '.join(missing)}" if missing else "")
 
 
 def unserved_profiles(manifest: Any) -> list[str]:

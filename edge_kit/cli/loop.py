@@ -55,7 +55,10 @@ def decision_table(decisions: dict[str, Any], explain: bool) -> list[Any]:
     if explain:
         for name, d in decisions.items():
             fleet = getattr(d, "kind", None) == "fleet selection"
-            title = safe(name) if not fleet else (f"{safe(name)} (confidence {d.confidence:.2f}"
+            # no choice (nothing to infer a candidate from): no confidence to give, the why column says what is missing
+            sure = getattr(d, "confidence", None)  # a plain decision (every candidate measured) has none
+            sure = "no choice yet" if sure is None else f"confidence {sure:.2f}"
+            title = safe(name) if not fleet else (f"{safe(name)} ({sure}"
                                             + (f"; [red]flagged[/]: {safe(d.flagged)}" if d.flagged else "") + ")")
             e = Table(Column("variant", min_width=16, no_wrap=True), "p90 ms", "accuracy", "energy mJ/inf",
                       "source" if fleet else "power source", "runs", "MB", "violates", "",
@@ -92,20 +95,24 @@ def _source(row: dict[str, Any]) -> str:
     return row.get("source") or "-"
 
 
-def figures_note(devices: Any, inferred: bool = False, *, table: str = "select") -> str:
+def figures_note(devices: Any, inferred: bool = False, *, table: str = "select", metric: str | None = None) -> str:
     """Return the line printed under a table of the devices' figures (``table``: ``select`` for select --explain,
     ``fleet`` for fleet status and the monitor), markup escaped: :func:`figures_text`."""
-    return safe(figures_text(devices, inferred, table=table))
+    return safe(figures_text(devices, inferred, table=table, metric=metric))
 
 
-def figures_text(devices: Any, inferred: bool = False, *, table: str = "select") -> str:
+def figures_text(devices: Any, inferred: bool = False, *, table: str = "select", metric: str | None = None) -> str:
     """Return where each figure of the devices' table comes from (plain text, as ``--json`` gives it): the select
-    table's MB, or the fleet table's last heard (``table``); ``~`` figures and confidence when ``inferred``, and which
-    of ``devices`` (fleet :class:`~edge_kit.fleet.inventory.Device`) are simulated, so measured on this machine."""
+    table's accuracy, named by ``metric`` (the eval set's headline figure, e.g. ``top1``, ``map``; the manifest's
+    ``eval.metric``; ``accuracy`` when it names none) and MB, or the fleet table's last heard (``table``); ``~``
+    figures and confidence when ``inferred``, and which of ``devices`` (fleet
+    :class:`~edge_kit.fleet.inventory.Device`) are simulated, so measured on this machine."""
     if table == "select":
-        text = ("figures: p90 and top-1 measured by each device's own agent (`edgekit bench` names the clock), top-1 on "
-                "the eval set shipped with the artifacts; W and mJ from the power source shown (a sensor, or estimated); "
-                "MB: the artifact's size, counted from its file by `edgekit compile` (the manifest's bytes)")
+        named = f"accuracy ({metric})" if metric else "accuracy"  # a detector's accuracy is its mAP, never top-1
+        text = (f"figures: p90 and {named} measured by each device's own agent (`edgekit bench` names the clock), "
+                f"{metric or 'accuracy'} on the eval set shipped with the artifacts; W and mJ from the power source shown "
+                "(a sensor, or estimated); MB: the artifact's size, counted from its file by `edgekit compile` (the "
+                "manifest's bytes)")
     else:  # the fleet table shows p90, W and last heard (HistoryStore.last_received: status and telemetry only)
         text = ("figures: p90 measured by each device's own agent (`edgekit bench` names the clock), of the current "
                 "variant's latest benchmark; W from the power source shown (a sensor, or estimated); last heard: by this "
@@ -124,8 +131,9 @@ def _num(x: float | None) -> str:
 
 
 def _cell(row: dict[str, Any], key: str, fmt: Any) -> str:
-    """Return a figure of an explain row; an inferred one as ``~value [lo-hi]`` (its 90 % interval)."""
-    if row.get("source") != "inferred":
+    """Return a figure of an explain row; an inferred one as ``~value [lo-hi]`` (its 90 % interval); ``-`` for none
+    (measured by nothing, or nothing to infer it from)."""
+    if row.get("source") != "inferred" or row.get(key) is None:
         return fmt(row.get(key))
     lo_hi = row.get(f"{key}_interval")
     return f"~{fmt(row.get(key))}" + (f" [{fmt(lo_hi[0])}-{fmt(lo_hi[1])}]" if lo_hi else "")
@@ -174,14 +182,15 @@ def select_cmd(
     if unknown:
         messages.append(unknown_runtimes_note(unknown))
     inferred = any(r.get("source") == "inferred" for d in decisions.values() for r in d.table)
+    metric = (manifest.eval or {}).get("metric")  # the accuracy column's figure: top1, map, miou, pck, a user's
     if as_json:
         emit_json({"devices": {k: v.as_dict() for k, v in decisions.items()}, "notes": messages,
-                   "figures": figures_text(chosen, inferred)})
+                   "figures": figures_text(chosen, inferred, metric=metric)})
         return
     for item in decision_table(decisions, explain):
         out.print(item)
     if explain:
-        out.print(figures_note(chosen, inferred), highlight=False)
+        out.print(figures_note(chosen, inferred, metric=metric), highlight=False)
     for text in messages:
         out.print(f"[yellow]note[/] {safe(text)}")
 
@@ -204,6 +213,20 @@ def rounds_text(report: Any) -> str:
     return f"{rounds} round(s)" + (" and a verify decision on the switches' health benchmarks" if verified else "")
 
 
+def switches_text(report: Any) -> str:
+    """Return the switches a :class:`~edge_kit.loop.tune.TuneReport` made, in round order, each as ``device (from ->
+    to)`` (its round's decision: the variant it ran, the one chosen), then what the table above them is: the decision
+    after them (so a device switched here reads ``stays on ...``, ``switch: no``); ``nothing`` when none."""
+    moves = []
+    for r in report.rounds:
+        for device in r["switched"]:
+            d = (r.get("decisions") or {}).get(device) or {}
+            moves.append(f"{device} ({d.get('current') or 'none'} -> {d['chosen']})" if d.get("chosen") else device)
+    if not moves:
+        return "nothing"
+    return ", ".join(moves) + " (the table: the decision after these switches; its switch column says whether another is due)"
+
+
 def print_tune(report: Any) -> None:
     """Print a :class:`~edge_kit.loop.tune.TuneReport` for a person: the decisions, failed deploys, silent
     devices, the rounds, the budget spent and the notes (device text escaped); return nothing."""
@@ -214,8 +237,7 @@ def print_tune(report: Any) -> None:
     for device, what in report.silent.items():
         out.print(f"[red]{device} did not answer:[/] {safe(', '.join(what))}")
     print_refused(report.refused)
-    switched = report.switched
-    out.print(f"{rounds_text(report)}; switched: {', '.join(switched) or 'nothing'}")
+    out.print(f"{rounds_text(report)}; switched: {safe(switches_text(report))}", highlight=False)
     if report.budget is not None:
         b = report.budget
         unit = "benchmark runs" if b["unit"] == "runs" else "device-seconds"  # not the runs inside a benchmark

@@ -33,7 +33,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -42,6 +42,7 @@ from edge_kit.errors import (
     AgentError,
     AgentTimeout,
     DeployError,
+    DeployInterrupted,
     EdgeKitError,
     InputError,
     NotBuiltFor,
@@ -49,7 +50,7 @@ from edge_kit.errors import (
 from edge_kit.fleet.agent_install import ensure_agent
 from edge_kit.fleet.commands import FleetClient
 from edge_kit.fleet.inventory import Device, Fleet
-from edge_kit.fleet.ssh import DeviceShell
+from edge_kit.fleet.ssh import Cancelled, DeviceShell
 from edge_kit.fsutil import sha256_file
 from edge_kit.manifest import Artifact, Manifest, read_manifest
 from edge_kit.profiles import load_profile
@@ -474,6 +475,8 @@ def deploy(fleet: Fleet, devices: list[Device], opts: DeployOptions,
         NotBuiltFor: it was not compiled for a device's profile (no device is touched).
         AgentError: health checks are on and the fleet's broker cannot be reached.
         ConfigError: two devices of the fleet share one agent folder (nothing is touched).
+        DeployInterrupted: Ctrl-C; raised once the devices under way have finished, naming what each device ended
+            as (:func:`interrupted_text`).
     """
     fleet.check_agent_folders()
     if manifest is None:
@@ -485,14 +488,40 @@ def deploy(fleet: Fleet, devices: list[Device], opts: DeployOptions,
     try:
         deployer = _Deployer(fleet, opts, manifest, client, progress)
         with ThreadPoolExecutor(max_workers=max(1, min(opts.parallel, len(devices)))) as pool:
+            futures: list[Future[DeviceResult]] = []
             try:
-                return GroupResult(list(pool.map(deployer.one, devices)), signature=manifest.signature)
-            except BaseException:  # Ctrl-C: the devices not started are cancelled (map), those connecting give up
+                for dev in devices:
+                    futures.append(pool.submit(deployer.one, dev))
+                return GroupResult([f.result() for f in futures], signature=manifest.signature)
+            except BaseException as exc:  # Ctrl-C: the devices not started are cancelled, those connecting give up
                 deployer.cancel.set()
-                raise
+                for f in futures:
+                    f.cancel()
+                if not isinstance(exc, KeyboardInterrupt):
+                    raise
+                wait(futures)  # a device past connecting finishes its deploy: say where each one ended
+                raise DeployInterrupted(interrupted_text(devices, futures)) from None
     finally:
         if client is not None:
             client.close()
+
+
+def interrupted_text(devices: list[Device], futures: list[Future[DeviceResult]]) -> str:
+    """Return the line a deploy stopped by Ctrl-C ends with: per device (``futures`` in the same order, all done; the
+    devices past its end were never submitted), what it ended as (``succeeded, fp32 active``, ``skipped``, ``failed:
+    why``) or ``not touched`` (never started, or gave up while connecting), and what to do. Raises nothing."""
+    ended = []
+    for i, dev in enumerate(devices):
+        f = futures[i] if i < len(futures) else None
+        r = None if f is None or f.cancelled() or f.exception() is not None else f.result()
+        if r is None or (r.status == "failed" and isinstance(r.error, Cancelled)):
+            ended.append(f"{dev.name} not touched")
+        elif r.status == "failed":
+            ended.append(f"{dev.name} failed: {r.reason}")
+        else:
+            ended.append(f"{dev.name} {r.status}" + (f", {r.variant} active" if r.variant else ""))
+    return ("interrupted: the devices under way finished their deploy, the others were not touched ("
+            + "; ".join(ended) + "); run the deploy again to reach the rest")
 
 
 def roll_back(fleet: Fleet, devices: list[Device], opts: DeployOptions, results: list[DeviceResult], why: str) -> None:

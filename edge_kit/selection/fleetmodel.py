@@ -98,6 +98,8 @@ LOG_METRICS = ("p90_ms", "energy_mj", "avg_w")
 FLAT_METRICS = ("accuracy", "snr_db")
 METRICS = LOG_METRICS + FLAT_METRICS
 COVARIATES = ("throttled", "temperature", "power_mode", "clock")
+# what an undecided device's reason says to do: measure what nothing could be inferred from
+MEASURE_HINT = "`edgekit tune` measures it (or `edgekit bench --device DEVICE --variant VARIANT`, one at a time)"
 Z90 = 1.6448536269514722
 
 
@@ -818,7 +820,8 @@ def plan_measurements(spec: FleetSpec, m: Measurements, *, budget: float, cost: 
                         (f"sampling {len(set(sampled))} device(s) this round; its devices are decided once they are in"
                          if sampled else "the budget leaves none to sample it: its devices cannot be decided"))
         for d in np.flatnonzero(spec.profile == p):
-            undecided[int(d)] = f"profile {spec.profiles[p]} has no measurements yet: nothing to infer its figures from"
+            undecided[int(d)] = (f"profile {spec.profiles[p]} has no measurements yet: nothing to infer its figures from; "
+                                 f"{MEASURE_HINT}")
 
     # 2. drift checks and re-measures of contradictions
     for p, v in model.drift_check:
@@ -851,7 +854,7 @@ def plan_measurements(spec: FleetSpec, m: Measurements, *, budget: float, cost: 
         for d in devs[bad]:
             names = [spec.variants[c] for c in cols if nan_mu[spec.profile[d], c] and not fig.measured[d, c]]
             undecided[int(d)] = (f"no device of profile {spec.profiles[spec.profile[d]]} has measured "
-                                 f"{', '.join(names)} yet: nothing to infer it from")
+                                 f"{', '.join(names)} yet: nothing to infer it from; {MEASURE_HINT}")
         devs = devs[~bad]
         constraints = spec.constraints[spec.constraint_group[devs[0]]] if len(devs) else None
         for start in range(0, len(devs), s.chunk):
@@ -949,7 +952,7 @@ class FleetDecision(Decision):
     inferred figure its 90 % interval (``<figure>_interval``)."""
 
     kind: str = KIND
-    confidence: float = 1.0
+    confidence: float | None = 1.0  # None when nothing was chosen (undecided): no choice to be confident in
     flagged: str | None = None  # why the device differs from its profile; None: it does not
     inferred: list[str] = field(default_factory=list)  # variants whose figures are inferred
     drift: list[str] = field(default_factory=list)
@@ -998,7 +1001,7 @@ def decisions_of(plan: Plan, sha256: dict[str, str], devices: list[int] | None =
             spec.devices[d], spec.variants[v] if v >= 0 else None, sha256.get(spec.variants[v]) if v >= 0 else None,
             spec.variants[current] if current >= 0 else None, feasible, bool(plan.switch[d]), reason,
             [spec.variants[c] for c in np.flatnonzero(spec.candidates[d]) if not plan.figures.measured[d, c]] if v < 0 else [],
-            [] if feasible or v < 0 else violated(plan, d), table, confidence=float(plan.confidence[d]),
+            [] if feasible or v < 0 else violated(plan, d), table, confidence=float(plan.confidence[d]) if v >= 0 else None,
             flagged=plan.model.flag_why.get(d, "differs from its profile") if plan.model.flagged[d] else None,
             unjudged=blind, inferred=[r["variant"] for r in table if r["source"] == "inferred"], drift=drift))
     return out

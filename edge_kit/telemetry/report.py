@@ -404,7 +404,9 @@ def _fleet_selection_rows(newest: dict[str, dict[str, Any]]) -> list[list[str]]:
             lo_hi = r.get("p90_ms_interval")
             inferred.append(f"{r['variant']} (p90 ~{r['p90_ms']:.3g} ms" + (f", 90 % {lo_hi[0]:.3g}-{lo_hi[1]:.3g})" if lo_hi else ")")
                             if r.get("p90_ms") is not None else r["variant"])
-        rows.append([html.escape(name), html.escape(str(d.get("chosen") or "-")), f"{d.get('confidence', 1.0):.2f}",
+        sure = d.get("confidence", 1.0)  # None: no choice was made (nothing to infer from), so no confidence in it
+        rows.append([html.escape(name), html.escape(str(d.get("chosen") or "-")),
+                     "-" if d.get("chosen") is None or not isinstance(sure, (int, float)) else f"{sure:.2f}",
                      html.escape(", ".join(measured) or "-"), html.escape("; ".join(inferred) or "-"),
                      f"<span class=bad>{html.escape(d['flagged'])}</span>" if d.get("flagged") else "-",
                      html.escape("; ".join(d.get("drift") or []) or "-")])

@@ -58,10 +58,23 @@ def test_the_notes_name_each_profiles_accelerator_and_say_when_nothing_measured_
     m = Manifest(created="now", model={"name": "m"}, versions={"ai_edge_litert": "2.3.0"}, profiles=profiles,
                  artifacts=[built("fp32")])
     lines = _compile_report(m)[1]
-    assert "    profile rpi4 (accelerator: none): fp32" in lines and "    profile coral-usb (accelerator: edgetpu): int8" in lines
+    assert "    profile rpi4 (accelerator: none): fp32" in lines
+    assert "    profile coral-usb (accelerator: edgetpu): nothing built; not built: int8" in lines
     assert "accuracy not measured (no --eval scored a variant); SNR against fp32" in lines[-1]
     m.artifacts[0] = built("fp32", accuracy=Accuracy(measured=True, value=0.9, metric="top1", method="eval"))
     assert "top1 (on --eval) and SNR against fp32" in _compile_report(m)[1][-1]
+
+
+def test_the_profile_notes_list_what_was_built_apart_from_what_was_not():
+    """A .tflite source for rpi4: the note under the table listed 'fp32, fp16, ..., onnx-fp32, onnx-int8', the
+    not-built onnx-* and pruned variants among them, as if its devices would get them."""
+    onnx = Artifact(id="onnx-fp32", status="not-built", reason="from a .tflite", profiles=["rpi4"], summary="",
+                    precision="float32", runtime="onnxruntime")
+    profiles = {"rpi4": {"accelerator": "none", "variants": ["fp32", "int8", "onnx-fp32"]}}
+    m = Manifest(created="now", model={"name": "m"}, versions={"ai_edge_litert": "2.3.0"}, profiles=profiles,
+                 artifacts=[built("fp32"), built("int8"), onnx])
+    lines = _compile_report(m)[1]
+    assert "    profile rpi4 (accelerator: none): fp32, int8; not built: onnx-fp32" in lines, lines
 
 
 def test_piped_output_is_wide_enough_for_the_tables_unless_columns_says_otherwise():
@@ -433,6 +446,24 @@ def test_tune_counts_the_rounds_its_option_bounds_and_names_the_verify_decision_
     report.rounds[0]["switched"] = []
     print_tune(report)
     assert "1 round(s); switched: nothing" in " ".join(capsys.readouterr().out.split())
+
+
+def test_tune_says_from_what_to_what_it_switched_and_that_the_table_is_the_decision_after(capsys):
+    """A first tune printed a table where every device read "stays on int8 ... switch: no" above "switched: rpi4-1,
+    rpi5-1": the table is the verify decision taken after the switches, and nothing said so, or what it switched from."""
+    from edge_kit.cli.loop import print_tune
+    from edge_kit.fleet.deploy import GroupResult
+    from edge_kit.loop.tune import TuneReport
+
+    report = TuneReport(GroupResult([]))
+    report.rounds = [{"round": 1, "measured": 3, "silent": {}, "switched": ["a"], "verify": False,
+                      "decisions": {"a": {"device": "a", "current": "fp32", "chosen": "int8", "switch": True},
+                                    "b": {"device": "b", "current": "int8", "chosen": "int8", "switch": False}}},
+                     {"round": 2, "measured": 0, "silent": {}, "switched": [], "verify": True,
+                      "decisions": {"a": {"device": "a", "current": "int8", "chosen": "int8", "switch": False}}}]
+    print_tune(report)
+    text = " ".join(capsys.readouterr().out.split())
+    assert "switched: a (fp32 -> int8) (the table: the decision after these switches" in text, text
 
 
 

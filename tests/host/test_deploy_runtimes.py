@@ -34,3 +34,51 @@ def test_trt_variants_are_refused_where_onnxruntime_has_no_tensorrt_provider():
     assert set(refused) == {"trt-fp16", "trt-int8"}
     assert all("\n" not in why and "onnxruntime-gpu" in why and why.startswith("jetson-1: trt-") for why in refused.values())
     assert runtime_refusals("jetson-1", wanted, {"onnxruntime": True, "tensorrt": True}) == {}
+
+
+def test_ctrl_c_during_a_deploy_names_where_each_device_ended(tmp_path, monkeypatch):
+    """Ctrl-C mid-deploy printed 'interrupted; nothing was half-written' alone, while a device past connecting had
+    finished its deploy and switched model: the user could not tell which devices now ran the new one."""
+    import signal
+    import threading
+
+    import pytest
+
+    from edge_kit.errors import DeployInterrupted
+    from edge_kit.fleet import deploy as dp
+    from edge_kit.fleet.inventory import load_fleet
+    from edge_kit.fleet.ssh import Cancelled
+    from edge_kit.manifest import Manifest
+
+    folder = tmp_path / "art"
+    folder.mkdir()
+    (folder / "manifest.json").write_text(Manifest(created="2026-11-29T00:00:00+00:00", model={"name": "m"}, versions={},
+                                                   profiles={"rpi4": {}}, artifacts=WANTED[:1]).to_json())
+    (tmp_path / "fleet.yaml").write_text(
+        "fleet: f\nbroker: {host: 127.0.0.1, port: 1}\ndefaults: {user: edgekit, profile: rpi4}\ndevices:\n"
+        + "".join(f"  - {{name: {d}, host: 127.0.0.1, port: {i + 2}}}\n" for i, d in enumerate("abcd")))
+    fleet = load_fleet(tmp_path / "fleet.yaml")
+    started = []
+
+    def one(self, dev):  # a done, b under way when Ctrl-C comes, c gives up connecting, d never started
+        started.append(dev.name)
+        if dev.name == "b":
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+            assert self.cancel.wait(10)  # the main thread saw Ctrl-C: b finishes all the same
+            return dp.DeviceResult("b", "succeeded", variant="fp32", activated=True)
+        if dev.name == "c":
+            result = dp.DeviceResult("c", "skipped")
+            result.fail(Cancelled("cancelled during the connect; nothing was changed on the device"))
+            return result
+        return dp.DeviceResult(dev.name, "skipped", variant="fp32")
+
+    monkeypatch.setattr(dp._Deployer, "one", one)
+    with pytest.raises(DeployInterrupted) as info:
+        dp.deploy(fleet, fleet.devices, dp.DeployOptions(folder, parallel=2, health=False))
+    text = str(info.value)
+    assert info.value.exit_code == 130 and "\n" not in text
+    assert "a skipped, fp32 active" in text and "b succeeded, fp32 active" in text, text
+    assert "d not touched" in text and "run the deploy again" in text, text
+    if "c" in started:
+        assert "c not touched" in text, text
+    assert "d" not in started

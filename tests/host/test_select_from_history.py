@@ -23,14 +23,15 @@ def sha(vid: str) -> str:
     return hashlib.sha256(vid.encode()).hexdigest()
 
 
-def write_fleet(tmp_path):
+def write_fleet(tmp_path, eval_set=None):
     folder = tmp_path / "art"
     folder.mkdir()
     arts = [Artifact(id=v, status="built", profiles=["rpi4"], summary=v, precision="float32", file=f"{v}.x",
                      runtime="onnxruntime" if v.startswith("onnx") else "litert", sha256=sha(v), bytes=1000)
             for v in FIGURES]
     (folder / "manifest.json").write_text(Manifest(created="2026-11-29T00:00:00+00:00", model={"name": "m"},
-                                                   versions={}, profiles={"rpi4": {}}, artifacts=arts).to_json())
+                                                   versions={}, profiles={"rpi4": {}}, artifacts=arts,
+                                                   eval=eval_set).to_json())
     fleet = tmp_path / "fleet.yaml"
     fleet.write_text("fleet: f\nbroker: {host: 127.0.0.1, port: 1}\ndefaults: {user: edgekit, profile: rpi4}\n"
                      "devices:\n" + "".join(f"  - {{name: {d}, host: 127.0.0.1, port: {i + 2}}}\n"  # each its own agent: nothing listens
@@ -83,8 +84,25 @@ def test_select_leaves_out_what_a_device_status_says_it_cannot_run(tmp_path, run
     for note, text in zip(whole["notes"], printed):
         assert text.startswith(" ".join(note.split())[:60]), (note, text)
     assert any("have not reported their runtimes" in n and "quiet" in n for n in whole["notes"])
-    assert whole["figures"].startswith("figures: p90 and top-1 measured by each device's own agent")
+    assert whole["figures"].startswith("figures: p90 and accuracy measured by each device's own agent")
     assert "~ inferred by the fleet model" in whole["figures"]
+
+
+@pytest.mark.parametrize("metric", ["map", "top1"])
+def test_select_names_the_eval_sets_metric_where_it_says_where_the_accuracy_came_from(tmp_path, run_cli, metric):
+    """A detector's accuracy column is its mAP: the line under select --explain (and --json's ``figures``) named it
+    top-1 whatever the eval set scored."""
+    fleet, folder = write_fleet(tmp_path, {"file": "eval.npz", "samples": 48, "metric": metric,
+                                         "task": "detection" if metric == "map" else "classification"})
+    code, out, err = run_cli("select", "--fleet", fleet, "--artifacts", folder, "--json")
+    assert code == 0, err
+    figures = json.loads(out)["figures"]
+    assert figures.startswith(f"figures: p90 and accuracy ({metric}) measured by each device's own agent"), figures
+    assert f"{metric} on the eval set shipped with the artifacts" in figures
+    assert ("top-1" in figures) is False
+    code, out, err = run_cli("select", "--fleet", fleet, "--artifacts", folder, "--explain")
+    assert code == 0, err
+    assert f"figures: p90 and accuracy ({metric}) measured" in " ".join(out.split()), out
 
 
 def test_the_fleet_model_reads_only_the_bench_records_of_the_builds_being_tuned(tmp_path):
@@ -150,3 +168,55 @@ def test_deploy_refuses_a_variant_the_artifacts_do_not_hold_before_touching_any_
     assert code == 2, err
     error = json.loads(out)["error"]
     assert error.startswith(f"--variant fp23: {folder / 'manifest.json'} has no such variant; did you mean 'fp32'?"), error
+
+
+def test_select_explain_shows_no_figure_and_no_confidence_where_nothing_could_be_inferred(tmp_path, run_cli):
+    """A device whose profile measured fp32 only: int8 cannot be inferred and nothing is chosen yet. --explain
+    showed ``~-`` for each of int8's figures (an inferred figure that is none) and ``confidence 1.00`` over a device
+    with no choice."""
+    folder = tmp_path / "art"
+    folder.mkdir()
+    arts = [Artifact(id=v, status="built", profiles=["rpi4"], summary=v, precision="float32", file=f"{v}.x",
+                     runtime="litert", sha256=sha(v), bytes=1000) for v in ("fp32", "int8")]
+    (folder / "manifest.json").write_text(Manifest(created="2026-11-29T00:00:00+00:00", model={"name": "m"},
+                                                   versions={}, profiles={"rpi4": {}}, artifacts=arts).to_json())
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text("fleet: f\nbroker: {host: 127.0.0.1, port: 1}\ndefaults: {user: edgekit, profile: rpi4}\n"
+                     "devices:\n  - {name: a, host: 127.0.0.1, port: 2}\n")
+    store = Store(tmp_path / "edgekit-history.db")
+    store.add("bench", messages.envelope("bench", "f", "a", 1, {
+        "variant": "fp32", "sha256": sha("fp32"), "latency_ms": {"p90": 30.0}, "runs": 100, "simulated": False,
+        "power": {"estimated": True, "avg_w": 3.0, "energy_per_inference_mj": 12.0}, "accuracy": {"value": 0.98}}))
+    store.close()
+    code, out, err = run_cli("select", "--fleet", fleet, "--artifacts", folder, "--json")
+    assert code == 0, err
+    decision = json.loads(out)["devices"]["a"]
+    assert decision["chosen"] is None and "nothing to infer" in decision["reason"], decision
+    assert decision["confidence"] is None, decision  # was 1.0: certainty about a choice not made
+    assert decision["reason"].endswith("`edgekit tune` measures it (or `edgekit bench --device DEVICE --variant "
+                                       "VARIANT`, one at a time)"), decision  # what to do about it
+    code, out, err = run_cli("select", "--fleet", fleet, "--artifacts", folder, "--explain")
+    assert code == 0, err
+    assert "~-" not in out, out
+    assert "confidence" not in out.split("figures:")[0] and "a (no choice yet)" in out, out
+    int8 = next(line for line in out.splitlines() if line.split()[:1] == ["int8"])
+    assert int8.split()[1:4] == ["-", "-", "-"] and "inferred" in int8, int8
+    store = Store(tmp_path / "edgekit-history.db")  # int8 measured too: a plain decision, with no confidence
+    store.add("bench", messages.envelope("bench", "f", "a", 2, {
+        "variant": "int8", "sha256": sha("int8"), "latency_ms": {"p90": 10.0}, "runs": 100, "simulated": False,
+        "power": {"estimated": True, "avg_w": 3.0, "energy_per_inference_mj": 4.0}, "accuracy": {"value": 0.98}}))
+    store.close()
+    code, out, err = run_cli("select", "--fleet", fleet, "--artifacts", folder, "--explain")
+    assert code == 0, err
+    assert "int8" in out.split("figures:")[0] and "confidence" not in out, out
+
+
+def test_the_reports_fleet_selection_table_shows_no_confidence_for_an_undecided_device():
+    """An undecided device's stored fleet decision has no confidence (None): the report's table read 1.00 for it,
+    and a None must not stop the report."""
+    from edge_kit.telemetry.report import _fleet_selection_rows
+
+    rows = _fleet_selection_rows({"a": {"chosen": None, "confidence": None, "table": []},
+                                  "b": {"chosen": "int8", "confidence": 0.97, "table": []},
+                                  "c": {"chosen": None, "confidence": 1.0, "table": []}})  # stored by an older edge-kit
+    assert [r[2] for r in rows] == ["-", "0.97", "-"]

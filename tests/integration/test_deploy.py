@@ -350,8 +350,8 @@ def test_a_missing_ssh_key_file_is_named_not_reported_as_an_unreachable_host(sim
 
 
 def test_ctrl_c_during_a_deploy_leaves_the_devices_not_yet_started_alone(sim, digits_artifacts):
-    """Ctrl-C: the devices not started yet are never touched (Executor.map cancels them), and the one
-    under way finishes its deploy, so none is left between two models."""
+    """Ctrl-C: the devices not started yet are never touched (their futures are cancelled), and the one
+    under way finishes its deploy, so none is left between two models; the error names where each ended."""
     import signal
     import threading
 
@@ -363,9 +363,14 @@ def test_ctrl_c_during_a_deploy_leaves_the_devices_not_yet_started_alone(sim, di
         if len(seen) == 1:
             signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # Ctrl-C while the first is under way
 
-    with pytest.raises(KeyboardInterrupt):
+    from edge_kit.errors import DeployInterrupted
+
+    with pytest.raises(DeployInterrupted) as caught:
         deploy(fleet, fleet.devices, DeployOptions(digits_artifacts, variant="int8", parallel=1), progress=progress)
     assert {d for d, _ in seen} == {"rpi4-1"} and seen[-1] == ("rpi4-1", "succeeded")  # it finished its deploy
+    # and the line says so: which device now runs what, which were not touched (exit 130, one line)
+    assert "(rpi4-1 succeeded, int8 active; rpi4-2 not touched; rpi4-3 not touched)" in str(caught.value), caught.value
+    assert caught.value.exit_code == 130
     assert current(fleet.devices[0]) == manifest_sha(digits_artifacts, "int8")
     assert [current(d) for d in fleet.devices[1:]] == [None, None]
 
@@ -381,7 +386,9 @@ def test_ctrl_c_while_a_device_is_still_connecting_returns_at_once(sim, digits_a
     timer = threading.Timer(0.5, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
     started = time.monotonic()
     timer.start()
-    with pytest.raises(KeyboardInterrupt):
+    from edge_kit.errors import DeployInterrupted
+
+    with pytest.raises(DeployInterrupted, match=f"[(]{silent.name} not touched[)]"):
         deploy(fleet, [silent], DeployOptions(digits_artifacts, variant="int8", health=False))
     assert time.monotonic() - started < 3.0  # not CONNECT_TIMEOUT_S
     assert current(fleet.devices[0]) is None
