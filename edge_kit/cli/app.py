@@ -244,8 +244,9 @@ def gate_lines(gate: dict[str, Any], promoted: bool) -> str:
 
 
 def live_gate(gate: str | None, window: float, min_requests: int, alpha: float, min_slowdown: float, shadow: float,
-              min_snr_db: float | None) -> Any:
-    """Return the :class:`~edge_kit.loop.rollout.LiveGate` the ``--gate*`` options describe, or None without ``--gate``.
+              min_snr_db: float | None, manifest: Any = None) -> Any:
+    """Return the :class:`~edge_kit.loop.rollout.LiveGate` the ``--gate*`` options describe, or None without ``--gate``;
+    its shadow runs compare with ``manifest``'s reference variant (``fp32`` without one).
 
     Raises:
         InputError: ``--gate`` is not ``live``, or ``--gate-min-snr-db`` is given without ``--gate-shadow``.
@@ -260,7 +261,8 @@ def live_gate(gate: str | None, window: float, min_requests: int, alpha: float, 
     if min_snr_db is not None and shadow <= 0:
         raise InputError("--gate-min-snr-db needs --gate-shadow (the share of requests compared with the reference)")
     return LiveGate(window_s=window, min_samples=min_requests, alpha=alpha, min_slowdown=min_slowdown,
-                    shadow_share=shadow, min_snr_db=min_snr_db)
+                    shadow_share=shadow, min_snr_db=min_snr_db,
+                    reference=manifest.reference_id if manifest is not None else "fp32")
 
 
 def safe(value: Any) -> str:

@@ -265,7 +265,7 @@ def deploy_cmd(
 
     fleet = load_fleet(fleet_file)
     targets = fleet.select(devices)
-    read_manifest(artifacts, fleet.artifact_trust())  # a missing, broken or untrusted manifest stops here
+    manifest = read_manifest(artifacts, fleet.artifact_trust())  # a missing, broken or untrusted manifest stops here
     if broker_dir is not None and not new_key:
         raise InputError("--broker-dir gives revoked devices their broker user back: it goes with --new-key")
     opts = DeployOptions(artifacts=artifacts, variant=variant, parallel=parallel, trust_new_hosts=trust_new_hosts,
@@ -275,7 +275,8 @@ def deploy_cmd(
         raise InputError(f"--canary {canary}: give a share above 0 (e.g. 10%), or leave --canary out to deploy "
                          "to every device at once")
     failed_share = parse_share(max_failed, "--max-failed")
-    gated = live_gate(gate, gate_window, gate_min_requests, gate_alpha, gate_min_slowdown, gate_shadow, gate_min_snr_db)
+    gated = live_gate(gate, gate_window, gate_min_requests, gate_alpha, gate_min_slowdown, gate_shadow, gate_min_snr_db,
+                      manifest)
     if gated is not None and not canary_share:
         raise InputError("--gate live judges canaries: give --canary too")
     # The canaries' health benchmarks and the gate's decisions go to the history (opened before any device is

@@ -192,14 +192,16 @@ def start_cmd(
     settings = RolloutSettings(waves=parse_waves(wave), rate_per_s=parse_rate(rate, "--rate") if rate else None,
                                max_failed=parse_share(max_failed, "--max-failed"), wave_timeout_s=wave_timeout,
                                fetch=Fetch(parse_bandwidth(bandwidth) if bandwidth else None, start_delay))
-    rid = rid or f"{read_manifest(artifacts).model.get('name', 'model')}-{time.strftime('%Y%m%d-%H%M%S')}"
+    manifest = read_manifest(artifacts)
+    rid = rid or f"{manifest.model.get('name', 'model')}-{time.strftime('%Y%m%d-%H%M%S')}"
     db = _history(fleet_file, history, read_only=False)  # a new rollout: a new history is fine
     existing = db.rollout(rid)
     if existing is not None:  # resume goes on only with an unfinished one: do not send a user there in vain
         advice = (f"`edgekit rollout resume {rid}`, or give another --id" if existing["state"] in UNFINISHED
                   else "give another --id")
         raise RolloutError(f"rollout {rid} exists already ({existing['state']}); {advice}")
-    gated = live_gate(gate, gate_window, gate_min_requests, gate_alpha, gate_min_slowdown, gate_shadow, gate_min_snr_db)
+    gated = live_gate(gate, gate_window, gate_min_requests, gate_alpha, gate_min_slowdown, gate_shadow, gate_min_snr_db,
+                      manifest)
     if gated is not None and len(settings.waves) < 2:
         raise RolloutError("--gate live judges the first wave before the others: give at least two waves (--wave)")
     targets = fleet.select(devices)

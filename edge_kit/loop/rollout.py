@@ -57,7 +57,8 @@ class LiveGate:
     min_samples: int = 200  # live requests each canary (and the pooled controls) must have answered
     alpha: float = 0.01
     min_slowdown: float = 0.10
-    shadow_share: float = 0.0  # > 0: the canaries also run the fp32 reference on this share of requests
+    shadow_share: float = 0.0  # > 0: the canaries also run the reference variant on this share of requests
+    reference: str = "fp32"  # that variant: the manifest's reference_id (onnx-fp32 where onnx2tf could not convert)
     min_snr_db: float | None = None  # the floor on the canaries' live fidelity against the reference
 
 
@@ -148,7 +149,8 @@ def collect_live(fleet: Fleet, canaries: list[str], controls: list[str], gate: L
         if gate.shadow_share > 0:
             for name in canaries:
                 try:
-                    client.request(name, "shadow", {"variant": "fp32", "share": gate.shadow_share}, timeout=60, expire=True)
+                    client.request(name, "shadow", {"variant": gate.reference, "share": gate.shadow_share}, timeout=60,
+                                   expire=True)
                 except EdgeKitError as exc:  # e.g. the candidate is fp32 itself: no comparison from this canary
                     progress(name, f"no shadow run: {exc}")
         first_round = True

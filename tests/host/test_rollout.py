@@ -366,3 +366,34 @@ def test_a_device_answering_more_samples_than_asked_gives_only_what_was_asked(mo
     fake_fleet(monkeypatch, lambda name: next(polls[name]))
     cans, ctrls = ro.collect_live(None, ["c1"], ["k1"], ro.LiveGate(window_s=60.0, min_samples=1), lambda *_: None)
     assert len(cans[0].samples_ms) == len(ctrls[0].samples_ms) == ro.LIVE_SAMPLES
+
+
+def test_the_gates_shadow_runs_compare_with_the_manifests_reference_variant(monkeypatch):
+    """A model onnx2tf could not convert has no fp32 variant: its reference is onnx-fp32, yet the gate's shadow runs
+    always asked the canaries for fp32, so no canary could compare and the fidelity floor judged nothing. Now the
+    gate asks for the manifest's reference variant (fp32 where there is no manifest, as before)."""
+    from types import SimpleNamespace
+
+    from edge_kit.cli.app import live_gate
+    from edge_kit.loop import rollout as ro
+
+    asked: list[tuple[str, str, dict]] = []
+
+    class Client:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *_):
+            return None
+
+        def request(self, name, command, args, **_k):
+            asked.append((name, command, args))
+            return {"result": {"live": {"requests": 0}}}
+
+    monkeypatch.setattr(ro.FleetClient, "of", staticmethod(lambda _fleet: Client()))
+    monkeypatch.setattr(ro.time, "sleep", lambda _s: None)
+    for manifest, reference in [(SimpleNamespace(reference_id="onnx-fp32"), "onnx-fp32"), (None, "fp32")]:
+        asked.clear()
+        gate = live_gate("live", 0.0, 1, 0.01, 0.1, 0.1, None, manifest)
+        ro.collect_live(None, ["c1"], ["k1"], gate, lambda *_: None)
+        assert ("c1", "shadow", {"variant": reference, "share": 0.1}) in asked, asked
