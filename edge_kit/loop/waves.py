@@ -455,6 +455,8 @@ class Rollout:
                       "previous": msg.get("previous"), "download": msg.get("download")}
             if msg["state"] in FINAL:
                 detail["seconds"] = round(time.time() - row.get("detail", {}).get("sent_at", time.time()), 3)
+            if msg.get("simulated") is True:  # a virtual device (edge_kit.sim.virtual): nothing of it ran on hardware
+                detail["simulated"] = True
             self._set(msg["device"], state=msg["state"], detail=detail)
 
     def _counts(self) -> dict[str, int]:
@@ -896,7 +898,7 @@ class Rollout:
             rows.append({"device": name, "wave": row["wave"] + 1 if row["wave"] >= 0 else None, "state": row["state"],
                          "variant": plan["targets"].get(name, {}).get("variant"), "error": d.get("error"),
                          "seconds": d.get("seconds"), "download": d.get("download"), "abort": d.get("abort"),
-                         "history": d.get("history")})
+                         "history": d.get("history"), "simulated": d.get("simulated") is True})
             if d.get("history"):
                 unrecorded[name] = [d["history"]]
         return {"id": self.rid, "state": state, "reason": reason, "gate": plan.get("gated"), "signature": plan.get("signature"),

@@ -21,7 +21,8 @@ pytestmark = pytest.mark.integration
 N = 200
 
 
-def test_a_rollout_to_virtual_devices_with_failures_cuts_and_offline_devices(tmp_path, mosquitto, digits_artifacts_v2):
+def test_a_rollout_to_virtual_devices_with_failures_cuts_and_offline_devices(tmp_path, mosquitto, digits_artifacts_v2,
+                                                                           capsys):
     store = tmp_path / "store"
     publish(digits_artifacts_v2, store)
     fleet_file = write_virtual_fleet(tmp_path / "fleet", N, ["rpi4"], BrokerConfig(host=mosquitto.host, port=mosquitto.port))
@@ -47,6 +48,12 @@ def test_a_rollout_to_virtual_devices_with_failures_cuts_and_offline_devices(tmp
         assert summary["counts"] == {"converged": N - len(offline) - len(failing), "failed": len(failing),
                                      "sent": len(offline)}, (vf.stats, clients[0].rejected[:3])
         assert {r["device"] for r in summary["devices"] if r["state"] == "failed"} == failing
+        # every device that reported said it is simulated, and the table says so (offline ones said nothing yet)
+        assert {r["device"] for r in summary["devices"] if r["simulated"]} == {d.name for d in fleet.devices} - offline
+        from edge_kit.cli.rollout import _print
+
+        _print(summary)
+        assert f"simulated: {N - len(offline)} of {N} devices said so in their reports" in capsys.readouterr().out
         # Each device that downloaded fetched the model and its eval set once; the cut ones resumed.
         downloads = N - len(offline) - len(share["fail_fetch"] - offline)
         size = object_path(store, plan["targets"]["v00000"]["sha256"]).stat().st_size + plan["targets"]["v00000"]["eval_bytes"]
