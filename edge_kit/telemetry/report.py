@@ -69,9 +69,11 @@ def _accuracy(rec: dict[str, Any]) -> float | None:
 
 
 def _accuracy_cell(rec: dict[str, Any] | None) -> str:
-    """Return the fleet table's accuracy cell: the figure, ``not scored`` when the metric failed, else ``-``."""
+    """Return the fleet table's accuracy cell (HTML): the figure and the eval metric it is of (``99.00% (top1)``;
+    the metric escaped and cut, as the device sent it), ``not scored`` when the metric failed, else ``-``."""
     if rec and _accuracy(rec) is not None:
-        return accuracy_text(_accuracy(rec))
+        metric = rec["accuracy"].get("metric")
+        return accuracy_text(_accuracy(rec)) + (f" ({_cell(metric, 32)})" if isinstance(metric, str) and metric else "")
     return "not scored" if rec and isinstance(rec.get("accuracy"), dict) and "error" in rec["accuracy"] else "-"
 
 

@@ -193,7 +193,9 @@ def test_a_user_metric_outside_0_to_1_is_shown_on_its_own_scale_and_shares_as_pe
             for i, (v, p90, acc) in enumerate([("fp32", 0.3, 37.5), ("int8", 0.2, 36.9)])]
     scatter, _ = _profile_figures(profile, user, {})
     assert sorted(y for t in scatter.data for y in t.y) == [36.9, 37.5] and scatter.layout.yaxis.title.text == "psnr (on its own scale)"
-    assert _accuracy_cell(user[0]) == "37.5"
+    assert _accuracy_cell(user[0]) == "37.5 (psnr)"  # the table says which metric, as the plots' axes do
+    cell = _accuracy_cell({**user[0], "accuracy": {"value": 1.0, "metric": "<b>" + "m" * 60}})
+    assert cell.startswith("100.00% (&lt;b&gt;mmm") and "<b>" not in cell and len(cell) < 70  # escaped, cut
     negative = [{**r, "accuracy": {"value": -r["accuracy"]["value"], "metric": "minus_mse"}} for r in user]
     scatter, _ = _profile_figures(profile, negative, {})
     assert not any(s.y0 == s.y1 for s in scatter.layout.shapes)  # no floor line: a ratio to -37.5 means nothing
