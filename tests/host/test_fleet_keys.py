@@ -266,3 +266,49 @@ def test_a_damaged_revoked_list_is_a_config_error_naming_it(tmp_path, content):
         with pytest.raises(ConfigError, match="revoked.json"):
             attempt()
     assert keys.revoked_file.read_text() == content and set(keys.devices()) == {"d1"}
+
+
+_SLOW_REVOKE = r"""
+import sys, time
+from pathlib import Path
+from edge_kit.fleet import keys as keys_module
+
+real = keys_module.atomic_write_text
+
+def slow(path, text):  # another command's revocation, between its read and its writes when the parent acts
+    print("read", flush=True)
+    time.sleep(1.5)
+    real(path, text)
+    keys_module.atomic_write_text = real
+
+keys_module.atomic_write_text = slow
+keys_module.FleetKeys(Path(sys.argv[1])).revoke("d1", "lost")
+"""
+
+
+def test_two_commands_revoking_two_devices_at_once_lose_neither_revocation(tmp_path):
+    """The registry and the revoked list were guarded by a thread lock only: two `edgekit fleet revoke` (or a revoke
+    and a deploy) at once each read both files, then each wrote its own update over the other's. Revoking d1 in one
+    process and d2 in another left revoked.json listing d1 alone and devices.json holding d2: d2 trusted again."""
+    import os
+    import subprocess
+    import sys
+
+    from edgekit_protocol.errors import MessageError
+
+    keys = FleetKeys(tmp_path / "keys")
+    d1, d2 = Signer.generate(), Signer.generate()
+    keys.register_many({"d1": d1.public, "d2": d2.public})
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    child = subprocess.Popen([sys.executable, "-c", _SLOW_REVOKE, str(keys.folder)], stdout=subprocess.PIPE, text=True,
+                             env=env)
+    try:
+        assert child.stdout.readline().strip() == "read"  # the other command has read both files, not yet written
+        keys.revoke("d2", "stolen")  # waits for the other one to finish, then reads what it wrote
+    finally:
+        assert child.wait(60) == 0
+    assert {e["device"] for e in keys.revoked()} == {"d1", "d2"} and keys.devices() == {}
+    keyring = keys.keyring()
+    for signer, name in ((d1, "d1"), (d2, "d2")):
+        with pytest.raises(MessageError, match="revoked"):
+            keyring.verify(_signed(signer, name), name)
