@@ -347,7 +347,8 @@ def _ensure_identity(shell: DeviceShell, fleet: Fleet, before_change: Callable[[
     commands from; ``before_change`` is called before the first write to the device.
 
     A device without a key (or with ``new_key``) gets a fresh one, generated here, written over SSH (mode 600
-    before a byte is written, replacing the old key) and registered; this host keeps no copy. A device that has
+    before a byte is written, replacing the old key; the old ``device.pub`` removed first, so a deploy cut off before
+    the new one is written leaves a device the next deploy gives a key again) and registered; this host keeps no copy. A device that has
     one is registered with the public key it holds (read over SSH, whose host key the deploy verified).
     Returns what changed.
 
@@ -365,7 +366,9 @@ def _ensure_identity(shell: DeviceShell, fleet: Fleet, before_change: Callable[[
         # written before the key, as a later deploy writes it only with a new key (one cut off after the key
         # would leave a device that has a key and no floor, for good)
         shell.put(json.dumps({"at": time.time()}).encode(), f"{root}/identity/{PROVISIONED}")
-        shell.put(signer.pem(), f"{root}/identity/device.key", mode=0o600)
+        if info["device_pub"]:  # the old public half goes first: a cut after the new private half leaves a device
+            shell.remove(f"{root}/identity/device.pub")  # with no public key, given a new pair next time (never the
+        shell.put(signer.pem(), f"{root}/identity/device.key", mode=0o600)  # old half registered beside the new key)
         shell.put((encode_key(signer.public) + "\n").encode(), f"{root}/identity/device.pub")
         public = signer.public
         changed.append(f"device key {key_id(public)} provisioned" + (" (a fresh key pair: --new-key)" if new_key else ""))

@@ -312,3 +312,40 @@ def test_two_commands_revoking_two_devices_at_once_lose_neither_revocation(tmp_p
     for signer, name in ((d1, "d1"), (d2, "d2")):
         with pytest.raises(MessageError, match="revoked"):
             keyring.verify(_signed(signer, name), name)
+
+
+def test_a_new_key_cut_off_between_its_private_and_public_halves_is_given_again_never_registered_stale(tmp_path):
+    """`deploy --new-key` wrote device.key, then device.pub: cut off in between, the device held the new private key
+    and the old public one. The next deploy (without --new-key: the old key was not revoked) registered the old public
+    key it read there, and every message the agent signed with the new key was refused as forged."""
+    from types import SimpleNamespace
+
+    from edge_kit.errors import DeployError
+    from edge_kit.fleet.agent_install import _ensure_identity
+
+    keys = FleetKeys(tmp_path / "keys")
+    old = Signer.generate()
+    keys.register("d1", old.public)
+    device = {"device.key": old.pem(), "device.pub": (encode_key(old.public) + "\n").encode()}
+    fleet = SimpleNamespace(key_store=lambda: keys)
+    cut = ["device.pub"]
+
+    def put(data, path, mode=None):
+        name = path.rsplit("/", 1)[1]
+        if cut and name == cut[0]:
+            cut.clear()
+            raise DeployError(f"{path}: connection lost")
+        device[name] = data
+
+    for new_key in (True, False):  # the cut-off `deploy --new-key`, then a plain deploy
+        info = {"device_pub": device.get("device.pub", b"").decode().strip() or None,
+                "has_device_key": "device.key" in device, "operators_sha256": None}
+        shell = SimpleNamespace(info=info, root="/r", dev=SimpleNamespace(name="d1"), put=put,
+                                remove=lambda path: device.pop(path.rsplit("/", 1)[1], None))
+        try:
+            _ensure_identity(shell, fleet, lambda: None, new_key)
+        except DeployError:
+            assert new_key
+    held = Signer.from_pem(device["device.key"], "device.key")
+    assert device["device.pub"].decode().strip() == encode_key(held.public)
+    assert keys.devices() == {"d1": held.public}  # what the agent signs with is what receivers trust
