@@ -236,8 +236,8 @@ def ensure_agent(shell: DeviceShell, fleet: Fleet, new_key: bool = False) -> Age
         What changed and, when the service was (re)started, when.
 
     Raises:
-        KeyRevoked: the device holds a revoked key and ``new_key`` is not given (checked before anything
-            is written to the device).
+        KeyRevoked: ``new_key`` is not given and the device holds a revoked key, or was revoked and has no key
+            registered since (whatever key it holds now); checked before anything is written to the device.
         DeployError: the device's Python lacks a dependency (with the pip command), an upload or a
             remote step failed.
     """
@@ -328,17 +328,25 @@ def _device_public(shell: DeviceShell) -> bytes | None:
 
 
 def _check_not_revoked(shell: DeviceShell, fleet: Fleet) -> None:
-    """Return None unless the key the device holds is in the fleet's revoked list.
+    """Return None unless the key the device holds is in the fleet's revoked list, or the device was revoked and no
+    key registered for it since, whatever key it holds now (a thief's device that made itself a new pair, or removed
+    its key for the deploy to provision one, is not let back in by a deploy without ``--new-key``).
 
     Raises:
         KeyRevoked: it is (one line: the device, the key, when, and the way back).
-        ConfigError: the revoked list cannot be read.
+        ConfigError: the registry or the revoked list cannot be read.
     """
+    keys, name = fleet.key_store(), shell.dev.name
     public = _device_public(shell)
-    entry = fleet.key_store().revocation(public) if public is not None else None
+    entry = keys.revocation(public) if public is not None else None
     if entry is not None:
-        raise KeyRevoked(f"{shell.dev.name}: its key {entry['key_id']} was revoked on {revoked_on(entry)}: re-image it "
+        raise KeyRevoked(f"{name}: its key {entry['key_id']} was revoked on {revoked_on(entry)}: re-image it "
                          "or run deploy with --new-key to give it a fresh key pair")
+    entry = keys.revoked_devices().get(name)
+    if entry is not None:
+        raise KeyRevoked(f"{name}: revoked on {revoked_on(entry)} (key {entry['key_id']}) and it now holds "
+                         f"{'another key' if public is not None else 'no key'}: a deploy gives a revoked device a key "
+                         "only with --new-key, once you trust it again (re-imaged)")
 
 
 def _ensure_identity(shell: DeviceShell, fleet: Fleet, before_change: Callable[[], None],

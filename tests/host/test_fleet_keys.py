@@ -349,3 +349,31 @@ def test_a_new_key_cut_off_between_its_private_and_public_halves_is_given_again_
     held = Signer.from_pem(device["device.key"], "device.key")
     assert device["device.pub"].decode().strip() == encode_key(held.public)
     assert keys.devices() == {"d1": held.public}  # what the agent signs with is what receivers trust
+
+
+@pytest.mark.parametrize("holds", ["a key of its own making", "no key"])
+def test_a_revoked_device_holding_another_key_or_none_is_not_let_back_in_by_a_deploy_without_new_key(tmp_path, holds):
+    """A deploy refused only a device whose key was the revoked one: a stolen device that made itself a fresh pair (or
+    removed its key) was given a key, or had its own registered, by the next routine `edgekit deploy` of the fleet,
+    and every receiver trusted it again. Only --new-key gives a revoked device a key."""
+    from types import SimpleNamespace
+
+    from edge_kit.fleet.agent_install import ensure_agent
+
+    keys = FleetKeys(tmp_path / "keys")
+    keys.register_many({"d1": Signer.generate().public, "d2": Signer.generate().public})
+    keys.revoke("d1", "stolen")
+    made = Signer.generate()
+    info = ({"device_pub": encode_key(made.public), "has_device_key": True} if holds != "no key"
+            else {"device_pub": None, "has_device_key": False})
+    fleet = SimpleNamespace(key_store=lambda: keys)
+
+    def shell(name):
+        return SimpleNamespace(dev=SimpleNamespace(name=name), info=info)
+
+    with pytest.raises(KeyRevoked, match=r"^d1: revoked on \d{4}-\d\d-\d\d \d\d:\d\d UTC \(key [0-9a-f]{16}\) and it "
+                                         rf"now holds {'another key' if info['device_pub'] else 'no key'}: .*--new-key"):
+        ensure_agent(shell("d1"), fleet)
+    assert set(keys.devices()) == {"d2"}
+    with pytest.raises(AttributeError, match="root"):  # d2 is not revoked: past the check, into the deploy (which the fake lacks)
+        ensure_agent(shell("d2"), fleet)
