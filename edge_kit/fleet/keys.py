@@ -20,10 +20,8 @@ never write one's update over the other's.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -39,7 +37,7 @@ from device_agents.identity import (
     key_id,
 )
 from edge_kit.errors import ConfigError, DeployError, InputError
-from edge_kit.fsutil import atomic_write_text
+from edge_kit.fsutil import atomic_write_text, folder_lock
 from edgekit_protocol.errors import MessageError
 
 log = logging.getLogger("edgekit.keys")
@@ -204,21 +202,17 @@ class FleetKeys:
 
     @contextlib.contextmanager
     def _updating(self) -> Iterator[None]:
-        """Hold this process's thread lock and an exclusive ``flock`` on the keys folder (created when missing) for a
-        read-modify-write of the registry and the revoked list: another command updating them waits (the lock goes
-        with the process, should it be killed). Yields nothing.
+        """Hold this process's thread lock and the keys folder's lock (:func:`~edge_kit.fsutil.folder_lock`; the folder
+        created when missing) for a read-modify-write of the registry and the revoked list: another command updating
+        them waits. Yields nothing.
 
         Raises:
             OSError: the folder cannot be created or opened.
         """
         with _lock:
             self.folder.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.folder, os.O_RDONLY)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
+            with folder_lock(self.folder):
                 yield
-            finally:
-                os.close(fd)  # releases the flock
 
     def revoked(self) -> list[dict[str, Any]]:
         """Return the revoked list as stored, oldest first (empty when nothing was revoked); each entry has

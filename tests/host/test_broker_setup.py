@@ -138,3 +138,41 @@ def test_a_passwd_that_cannot_be_rewritten_leaves_the_key_revoked_and_says_what_
     assert (wall / "passwd").read_bytes() == before
     code, out, _ = run_cli("fleet", "revoke", "cam-1", "--fleet", fleet_file, "--broker-dir", wall, "--json")
     assert code == 4 and json.loads(out)["broker_failed"] is True
+
+
+_SLOW_REMOVE = r"""
+import sys, time
+from pathlib import Path
+from edge_kit.fleet import broker_setup
+
+real = broker_setup.write_private
+
+def slow(path, data):  # another command removing a user, between its read of passwd and its write
+    print("read", flush=True)
+    time.sleep(1.5)
+    real(path, data)
+
+broker_setup.write_private = slow
+broker_setup.remove_broker_user(Path(sys.argv[1]), "pi-1")
+"""
+
+
+def test_two_commands_changing_the_broker_s_passwd_at_once_keep_both_changes(tmp_path):
+    """passwd was read, changed and renamed over without a lock: `fleet revoke pi-1` and `fleet revoke pi-2` (or a
+    `deploy --new-key` adding a user back) at once each wrote its change over the other's, and the user one of them
+    removed was in the broker's passwd again."""
+    import os
+    import subprocess
+    import sys
+
+    passwd = tmp_path / "passwd"
+    passwd.write_text("".join(broker_setup.mosquitto_password_line(u, "pw") + "\n" for u in ("pi-1", "pi-2", "pi-3")))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    child = subprocess.Popen([sys.executable, "-c", _SLOW_REMOVE, str(passwd)], stdout=subprocess.PIPE, text=True,
+                             env=env)
+    try:
+        assert child.stdout.readline().strip() == "read"  # the other command has read passwd, not yet written it
+        assert broker_setup.remove_broker_user(passwd, "pi-2")  # waits for it, then reads what it wrote
+    finally:
+        assert child.wait(60) == 0
+    assert [line.split(":", 1)[0] for line in passwd.read_text().splitlines()] == ["pi-3"]
