@@ -176,3 +176,30 @@ def test_two_commands_changing_the_broker_s_passwd_at_once_keep_both_changes(tmp
     finally:
         assert child.wait(60) == 0
     assert [line.split(":", 1)[0] for line in passwd.read_text().splitlines()] == ["pi-3"]
+
+
+def test_revoking_a_device_that_shares_its_agent_broker_user_with_another_leaves_that_user(tmp_path, run_cli):
+    """`fleet revoke` removed the revoked device's agent_broker user from passwd whenever it was not the fleet's own
+    broker user: two devices given one agent_broker username (a group's) lost it both, the one not revoked locked
+    out of the broker. A user other devices connect as is left, and the line names them."""
+    from device_agents.identity import Signer
+    from edge_kit.fleet.inventory import load_fleet
+
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text(yaml.safe_dump({**FLEET, "devices": [*FLEET["devices"],
+                                                               {"name": "cam-2", "host": "10.0.0.3", "profile": "rpi4"}]}))
+    wall = tmp_path / "wall"
+    assert run_cli("fleet", "init", "--fleet", fleet_file, "--broker-host", "127.0.0.1", "--out", wall)[0] == 0
+    settings = yaml.safe_load((wall / "fleet-broker.yaml").read_text())
+    data = yaml.safe_load(fleet_file.read_text())
+    data["broker"] = settings["broker"]
+    for dev in data["devices"]:
+        dev["agent_broker"] = settings["agent_broker"]["cam-1"]  # both connect as cam-1
+    fleet_file.write_text(yaml.safe_dump(data))
+    keys = load_fleet(fleet_file).key_store()
+    keys.register_many({"cam-1": Signer.generate().public, "cam-2": Signer.generate().public})
+    before = (wall / "passwd").read_text()
+    code, out, err = run_cli("fleet", "revoke", "cam-1", "--fleet", fleet_file, "--broker-dir", wall)
+    assert code == 0, err
+    assert "it connects as broker user 'cam-1', which other devices use too (cam-2): left in place" in " ".join(out.split()), out
+    assert (wall / "passwd").read_text() == before and set(keys.devices()) == {"cam-2"}
