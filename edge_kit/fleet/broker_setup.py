@@ -99,6 +99,28 @@ def write_private(path: Path, data: bytes) -> None:
         f.write(data)
 
 
+def _passwd_lines(passwd: Path) -> list[str]:
+    """Return the lines of the Mosquitto password file ``passwd``, each with its line end.
+
+    Raises:
+        InputError: it cannot be read, or is not UTF-8 text (names it).
+    """
+    try:
+        return passwd.read_text(encoding="utf-8").splitlines(keepends=True)
+    except (OSError, UnicodeError) as exc:
+        raise InputError(f"{passwd}: cannot read the broker's password file ({getattr(exc, 'strerror', None) or exc}); "
+                         "give --broker-dir the folder `edgekit fleet init --out` wrote") from None
+
+
+def broker_users(passwd: Path) -> set[str]:
+    """Return the users the Mosquitto password file ``passwd`` holds.
+
+    Raises:
+        InputError: it cannot be read, or is not UTF-8 text (names it).
+    """
+    return {line.split(":", 1)[0] for line in _passwd_lines(passwd) if line.strip()}
+
+
 def _rewrite_passwd(passwd: Path, change: Callable[[list[str]], list[str]]) -> bool:
     """Apply ``change`` to the lines of the Mosquitto password file ``passwd`` and write the result atomically (a
     temporary file, mode 600, renamed over it: the broker never reads half a file), holding its folder's lock
@@ -110,12 +132,7 @@ def _rewrite_passwd(passwd: Path, change: Callable[[list[str]], list[str]]) -> b
         OSError: it cannot be rewritten (it stays as it was).
     """
     with folder_lock(passwd.parent):
-        try:
-            lines = passwd.read_text(encoding="utf-8").splitlines(keepends=True)
-        except (OSError, UnicodeError) as exc:
-            raise InputError(f"{passwd}: cannot read the broker's password file "
-                             f"({getattr(exc, 'strerror', None) or exc}); give --broker-dir the folder "
-                             "`edgekit fleet init --out` wrote") from None
+        lines = _passwd_lines(passwd)
         new = change(lines)
         if new == lines:
             return False

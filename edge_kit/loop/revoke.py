@@ -17,6 +17,7 @@ from edge_kit.errors import ConfigError, InputError
 from edge_kit.fleet.broker_setup import (
     OPERATOR_USER,
     add_broker_user,
+    broker_users,
     remove_broker_user,
     write_private,
 )
@@ -148,7 +149,7 @@ def readmit_broker_users(fleet: Fleet, devices: list[Device], broker_dir: Path |
         the wall is not known).
 
     Raises:
-        InputError: ``broker_dir`` holds no ``passwd`` file.
+        InputError: ``broker_dir`` holds no ``passwd`` file, or it cannot be read or is not UTF-8 text (names it).
         ConfigError: a device to readmit has no ``agent_broker.password_file`` to write its password to.
         OSError: a file cannot be written.
     """
@@ -157,7 +158,7 @@ def readmit_broker_users(fleet: Fleet, devices: list[Device], broker_dir: Path |
     passwd, sim = _wall(fleet, broker_dir)
     if passwd is None:
         return []
-    present = {line.split(":", 1)[0] for line in passwd.read_text(encoding="utf-8").splitlines()}
+    present = broker_users(passwd)
     lines = []
     for dev in devices:
         user = _broker_user(fleet, dev.name)

@@ -203,3 +203,22 @@ def test_revoking_a_device_that_shares_its_agent_broker_user_with_another_leaves
     assert code == 0, err
     assert "it connects as broker user 'cam-1', which other devices use too (cam-2): left in place" in " ".join(out.split()), out
     assert (wall / "passwd").read_text() == before and set(keys.devices()) == {"cam-2"}
+
+
+def test_deploy_new_key_with_a_passwd_that_is_not_text_is_one_line_naming_it(tmp_path):
+    """readmit_broker_users (`deploy --new-key --broker-dir`) read passwd with its own read_text: a file that is not
+    UTF-8 ended the deploy in a UnicodeDecodeError traceback, where revoke said which file in one line."""
+    from edge_kit.errors import InputError
+    from edge_kit.fleet.inventory import load_fleet
+    from edge_kit.loop.revoke import readmit_broker_users
+
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text(yaml.safe_dump(FLEET))
+    wall = tmp_path / "wall"
+    wall.mkdir()
+    (wall / "passwd").write_bytes(b"cam-1:$7$\xff\n")
+    fleet = load_fleet(fleet_file)
+    with pytest.raises(InputError, match=r"^.*wall/passwd: cannot read the broker's password file \(.*utf-8.*\); give "
+                                         "--broker-dir"):
+        readmit_broker_users(fleet, fleet.devices, wall)
+    assert (wall / "passwd").read_bytes() == b"cam-1:$7$\xff\n"
