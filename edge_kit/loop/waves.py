@@ -45,6 +45,7 @@ from edge_kit.errors import (
 )
 from edge_kit.fleet.deploy import candidates_for
 from edge_kit.fleet.inventory import Device, Fleet
+from edge_kit.fleet.keys import revoked_on
 from edge_kit.loop.rollout import LiveGate, collect_live, pick_controls
 from edge_kit.loop.tune import store_decision
 from edge_kit.manifest import read_manifest
@@ -195,7 +196,9 @@ def plan_rollout(rid: str, artifacts: Path, fleet: Fleet, devices: list[Device],
     """Return the plan of a rollout (what the history keeps as its body).
 
     ``targets`` maps each device to the artifact it gets; ``refused`` each device that gets none to
-    why (its profile was not compiled, or ``variant`` is not among its profile's built variants).
+    why (its key was revoked, :meth:`~edge_kit.fleet.keys.FleetKeys.revoked_devices`: no desired state for a device
+    whose reports nobody takes; its profile was not compiled, or ``variant`` is not among its profile's built
+    variants).
     ``gate``: judge the first wave on live traffic before the others go (:func:`live_judge`).
     ``choices``: a variant per device (:func:`selected_variants`), over ``variant``.
 
@@ -205,7 +208,8 @@ def plan_rollout(rid: str, artifacts: Path, fleet: Fleet, devices: list[Device],
         NotBuiltFor: no device gets anything (none of their profiles has the variant asked for; exit 2, as
             ``deploy --variant``).
         ConfigError: a device would refuse its desired state (:func:`~edgekit_protocol.desired.parse_desired`:
-            an id over 512 characters, an artifact over 1 TiB, ...), named with the rule.
+            an id over 512 characters, an artifact over 1 TiB, ...), named with the rule; or the fleet's key registry
+            or revoked list cannot be read (named).
     """
     if not store_url.startswith(("http://", "https://")):
         raise InputError(f"--store {store_url}: devices fetch over HTTP(S); give the store's http:// or https:// URL")
@@ -217,7 +221,12 @@ def plan_rollout(rid: str, artifacts: Path, fleet: Fleet, devices: list[Device],
     targets: dict[str, dict[str, Any]] = {}
     refused: dict[str, str] = {}
     by_profile: dict[str, list[Any] | str] = {}  # each profile's candidates, or why it has none (once per profile)
+    revoked = fleet.key_store().revoked_devices()
     for dev in devices:
+        if dev.name in revoked:  # a stolen device would fetch the model; what it reports would be refused anyway
+            refused[dev.name] = (f"{dev.name}: its key was revoked on {revoked_on(revoked[dev.name])}; it gets no "
+                                 "desired state (`edgekit deploy --new-key` brings it back)")
+            continue
         if dev.profile not in by_profile:
             try:
                 by_profile[dev.profile] = candidates_for(manifest, dev)

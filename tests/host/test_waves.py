@@ -690,3 +690,22 @@ def test_rollout_list_says_when_there_is_none_and_when_older_ones_were_left_out(
     assert "older ones" not in out and out.count(" done ") == 3
     code, out, err = run_cli("rollout", "list", "--fleet", fleet_file, "--limit", "2", "--json")
     assert len(json.loads(out)) == 2
+
+
+def test_a_revoked_device_is_refused_by_the_plan_and_sent_no_desired_state(tmp_path):
+    """`rollout start` planned a revoked device like any other: its retained desired state (the store's URL, the
+    model) went to the broker for a device that may be in a thief's hands, and the rollout then waited for reports
+    every receiver refuses, until the wave timed out and counted it as failed."""
+    from device_agents.identity import Signer
+    from edge_kit.fleet.inventory import load_fleet
+    from edge_kit.loop.waves import plan_rollout
+
+    fleet_file, folder = one_artifact_plan(tmp_path, devices="ab")
+    fleet = load_fleet(fleet_file)
+    keys = fleet.key_store()
+    keys.register_many({"a": Signer.generate().public, "b": Signer.generate().public})
+    keys.revoke("b", "stolen")
+    plan = plan_rollout("r", folder, fleet, fleet.devices, "http://s", None, RolloutSettings())
+    assert set(plan["targets"]) == {"a"} and plan["order"] == ["a"]
+    assert plan["refused"]["b"].startswith("b: its key was revoked on ")
+    assert plan["refused"]["b"].endswith("; it gets no desired state (`edgekit deploy --new-key` brings it back)")
