@@ -179,7 +179,7 @@ def keys_rotate_cmd(
         for r in results:
             t.add_row(safe(r.device), safe(r.outcome), safe(r.reason or ""))
         out.print(t)
-    if any(r.outcome != "rotated" for r in results):
+    if any(r.outcome not in ("rotated", "revoked") for r in results):
         raise typer.Exit(4)
 
 
