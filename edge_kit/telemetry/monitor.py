@@ -789,9 +789,9 @@ class Monitor:
             return
         self._alerts_synced = now
         held = self.store.open_alerts()
-        for state, kind in ((self._drifting, "drift"), (self._low_disk, "low_disk")):
-            state.clear()
-            state.update(d for d in held.get(kind, ()) if d in self.constraints)
+        # rebound, not cleared and filled: /metrics (another thread) reads them whole (alert_states), never half
+        self._drifting = {d for d in held.get("drift", ()) if d in self.constraints}
+        self._low_disk = {d for d in held.get("low_disk", ()) if d in self.constraints}
 
     def _seed_alert_states(self, shadows: dict[str, dict[str, Any]]) -> None:
         """Start each alert episode the history shows under way, so a restarted monitor neither raises an alert again
