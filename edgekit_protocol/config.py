@@ -75,6 +75,12 @@ class BrokerConfig:
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
             raise ValueError(f"port {self.port} is not between 1 and 65535")
+        if self.username is not None and (not self.username or ":" in self.username
+                                          or any(ord(c) < 32 or ord(c) == 127 for c in self.username)):
+            # Mosquitto's password file holds one 'user:hash' line each: such a name could be neither added there
+            # nor removed (fleet revoke), and a line break in it would add a line of its own
+            raise ValueError(f"username {self.username!r} is not a broker user name: give one without ':' or control "
+                             "characters")
 
     def password(self, where: str = "") -> str | None:
         """Return the password read from ``password_file`` (stripped), or None when none is set.

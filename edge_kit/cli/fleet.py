@@ -179,7 +179,7 @@ def keys_rotate_cmd(
         for r in results:
             t.add_row(safe(r.device), safe(r.outcome), safe(r.reason or ""))
         out.print(t)
-    if any(r.outcome != "rotated" for r in results):
+    if any(r.outcome not in ("rotated", "revoked") for r in results):
         raise typer.Exit(4)
 
 
@@ -362,7 +362,8 @@ def sim_up(
     links = Links(**state["links"]).describe() if state["links"] else "loopback"
     info = {"fleet_file": str(sim.fleet_file), "broker": state["broker"], "links": links,
             "devices": [{"name": d.name, "profile": d.profile, "ssh": f"{d.host}:{d.port}", "ssh_server": kinds[d.name],
-                         "root": d.root} for d in fleet.devices], "store": state.get("store")}
+                         "root": d.root} for d in fleet.devices], "store": state.get("store"),
+            "revoked": state.get("revoked") or []}
     if as_json:
         emit_json(info)
         return
@@ -374,6 +375,11 @@ def sim_up(
               f"fleet file: {sim.fleet_file}")
     if info["store"]:
         out.print(f"artifact store: {info['store']['kind']} at {info['store']['url']} serving {safe(info['store']['folder'])}")
+    for name in info["revoked"]:
+        out.print(f"{safe(name)}: its key was revoked (edgekit fleet revoke): its agent was not started; "
+                  f"`edgekit deploy --new-key --fleet {sim.fleet_file} --artifacts <folder> --devices {safe(name)}` "
+                  "brings it back",
+                  highlight=False)
     out.print(f"measurements are this machine's, marked simulated; stop with: edgekit sim down --dir {workdir}")
 
 

@@ -66,19 +66,20 @@ def _drive(fleet_file: Path, db: Any, rid: str, as_json: bool) -> dict[str, Any]
     from edge_kit.fleet.commands import FleetClient
     from edge_kit.fleet.inventory import load_fleet
     from edge_kit.loop.rollout import LiveGate
-    from edge_kit.loop.waves import Rollout, live_judge
+    from edge_kit.loop.waves import Rollout, live_judge, revoked_devices
 
     fleet = load_fleet(fleet_file)
     record = db.rollout(rid)
     gate = (record or {}).get("body", {}).get("gate")
     judge = live_judge(fleet, LiveGate(**gate)) if gate else None
     members = {d.name for d in fleet.devices}
+    revoked = revoked_devices(fleet)  # since the plan: not sent again, not waited for
 
     def connect(on_reported: Any) -> Any:
         return FleetClient.of(fleet, kinds=("reported",), on_reported=on_reported)
 
     if as_json:
-        return Rollout(db, rid, connect, judge=judge, members=members).run()
+        return Rollout(db, rid, connect, judge=judge, members=members, revoked=revoked).run()
     with progress_bar(TextColumn("wave {task.fields[wave]}"), BarColumn(), MofNCompleteColumn(),
                       TextColumn("{task.fields[counts]}"), TimeElapsedColumn(), as_json=False, transient=False) as bar:
         task = bar.add_task("rollout", total=None, wave="-", counts="")
@@ -88,7 +89,7 @@ def _drive(fleet_file: Path, db: Any, rid: str, as_json: bool) -> dict[str, Any]
             bar.update(task, total=p.total, completed=done, wave=f"{p.wave}/{p.waves}",
                        counts=" ".join(f"{k} {v}" for k, v in sorted(p.counts.items())))
 
-        return Rollout(db, rid, connect, progress=show, judge=judge, members=members).run()
+        return Rollout(db, rid, connect, progress=show, judge=judge, members=members, revoked=revoked).run()
 
 
 def what_happened(row: dict[str, Any]) -> str:

@@ -236,8 +236,8 @@ def ensure_agent(shell: DeviceShell, fleet: Fleet, new_key: bool = False) -> Age
         What changed and, when the service was (re)started, when.
 
     Raises:
-        KeyRevoked: the device holds a revoked key and ``new_key`` is not given (checked before anything
-            is written to the device).
+        KeyRevoked: ``new_key`` is not given and the device holds a revoked key, or was revoked and has no key
+            registered since (whatever key it holds now); checked before anything is written to the device.
         DeployError: the device's Python lacks a dependency (with the pip command), an upload or a
             remote step failed.
     """
@@ -328,17 +328,25 @@ def _device_public(shell: DeviceShell) -> bytes | None:
 
 
 def _check_not_revoked(shell: DeviceShell, fleet: Fleet) -> None:
-    """Return None unless the key the device holds is in the fleet's revoked list.
+    """Return None unless the key the device holds is in the fleet's revoked list, or the device was revoked and no
+    key registered for it since, whatever key it holds now (a thief's device that made itself a new pair, or removed
+    its key for the deploy to provision one, is not let back in by a deploy without ``--new-key``).
 
     Raises:
         KeyRevoked: it is (one line: the device, the key, when, and the way back).
-        ConfigError: the revoked list cannot be read.
+        ConfigError: the registry or the revoked list cannot be read.
     """
+    keys, name = fleet.key_store(), shell.dev.name
     public = _device_public(shell)
-    entry = fleet.key_store().revocation(public) if public is not None else None
+    entry = keys.revocation(public) if public is not None else None
     if entry is not None:
-        raise KeyRevoked(f"{shell.dev.name}: its key {entry['key_id']} was revoked on {revoked_on(entry)}: re-image it "
+        raise KeyRevoked(f"{name}: its key {entry['key_id']} was revoked on {revoked_on(entry)}: re-image it "
                          "or run deploy with --new-key to give it a fresh key pair")
+    entry = keys.revoked_devices().get(name)
+    if entry is not None:
+        raise KeyRevoked(f"{name}: revoked on {revoked_on(entry)} (key {entry['key_id']}) and it now holds "
+                         f"{'another key' if public is not None else 'no key'}: a deploy gives a revoked device a key "
+                         "only with --new-key, once you trust it again (re-imaged)")
 
 
 def _ensure_identity(shell: DeviceShell, fleet: Fleet, before_change: Callable[[], None],
@@ -347,7 +355,8 @@ def _ensure_identity(shell: DeviceShell, fleet: Fleet, before_change: Callable[[
     commands from; ``before_change`` is called before the first write to the device.
 
     A device without a key (or with ``new_key``) gets a fresh one, generated here, written over SSH (mode 600
-    before a byte is written, replacing the old key) and registered; this host keeps no copy. A device that has
+    before a byte is written, replacing the old key; the old ``device.pub`` removed first, so a deploy cut off before
+    the new one is written leaves a device the next deploy gives a key again) and registered; this host keeps no copy. A device that has
     one is registered with the public key it holds (read over SSH, whose host key the deploy verified).
     Returns what changed.
 
@@ -365,7 +374,9 @@ def _ensure_identity(shell: DeviceShell, fleet: Fleet, before_change: Callable[[
         # written before the key, as a later deploy writes it only with a new key (one cut off after the key
         # would leave a device that has a key and no floor, for good)
         shell.put(json.dumps({"at": time.time()}).encode(), f"{root}/identity/{PROVISIONED}")
-        shell.put(signer.pem(), f"{root}/identity/device.key", mode=0o600)
+        if info["device_pub"]:  # the old public half goes first: a cut after the new private half leaves a device
+            shell.remove(f"{root}/identity/device.pub")  # with no public key, given a new pair next time (never the
+        shell.put(signer.pem(), f"{root}/identity/device.key", mode=0o600)  # old half registered beside the new key)
         shell.put((encode_key(signer.public) + "\n").encode(), f"{root}/identity/device.pub")
         public = signer.public
         changed.append(f"device key {key_id(public)} provisioned" + (" (a fresh key pair: --new-key)" if new_key else ""))

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_kit.errors import InputError
+from edge_kit.fsutil import folder_lock
 from edgekit_protocol.messages import MAX_PAYLOAD, OPERATOR_KINDS, ROOT
 
 OPERATOR_USER = "operator"
@@ -98,30 +99,51 @@ def write_private(path: Path, data: bytes) -> None:
         f.write(data)
 
 
+def _passwd_lines(passwd: Path) -> list[str]:
+    """Return the lines of the Mosquitto password file ``passwd``, each with its line end.
+
+    Raises:
+        InputError: it cannot be read, or is not UTF-8 text (names it).
+    """
+    try:
+        return passwd.read_text(encoding="utf-8").splitlines(keepends=True)
+    except (OSError, UnicodeError) as exc:
+        raise InputError(f"{passwd}: cannot read the broker's password file ({getattr(exc, 'strerror', None) or exc}); "
+                         "give --broker-dir the folder `edgekit fleet init --out` wrote") from None
+
+
+def broker_users(passwd: Path) -> set[str]:
+    """Return the users the Mosquitto password file ``passwd`` holds.
+
+    Raises:
+        InputError: it cannot be read, or is not UTF-8 text (names it).
+    """
+    return {line.split(":", 1)[0] for line in _passwd_lines(passwd) if line.strip()}
+
+
 def _rewrite_passwd(passwd: Path, change: Callable[[list[str]], list[str]]) -> bool:
     """Apply ``change`` to the lines of the Mosquitto password file ``passwd`` and write the result atomically (a
-    temporary file, mode 600, renamed over it: the broker never reads half a file); return whether it changed.
+    temporary file, mode 600, renamed over it: the broker never reads half a file), holding its folder's lock
+    (:func:`~edge_kit.fsutil.folder_lock`: a revoke and a ``deploy --new-key`` at once never write one's change over
+    the other's); return whether it changed.
 
     Raises:
         InputError: ``passwd`` cannot be read (names it; nothing is written).
         OSError: it cannot be rewritten (it stays as it was).
     """
-    try:
-        lines = passwd.read_text(encoding="utf-8").splitlines(keepends=True)
-    except (OSError, UnicodeError) as exc:
-        raise InputError(f"{passwd}: cannot read the broker's password file ({getattr(exc, 'strerror', None) or exc}); "
-                         "give --broker-dir the folder `edgekit fleet init --out` wrote") from None
-    new = change(lines)
-    if new == lines:
-        return False
-    tmp = passwd.with_name(f".{passwd.name}.{os.getpid()}.part")
-    try:
-        write_private(tmp, "".join(new).encode())
-        os.replace(tmp, passwd)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return True
+    with folder_lock(passwd.parent):
+        lines = _passwd_lines(passwd)
+        new = change(lines)
+        if new == lines:
+            return False
+        tmp = passwd.with_name(f".{passwd.name}.{os.getpid()}.part")
+        try:
+            write_private(tmp, "".join(new).encode())
+            os.replace(tmp, passwd)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return True
 
 
 def remove_broker_user(passwd: Path, user: str) -> bool:

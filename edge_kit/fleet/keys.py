@@ -12,15 +12,19 @@
   trusted again, whatever the registry says, and never registered again (:class:`KeyRevoked`).
 
 Writes are atomic (:func:`~edge_kit.fsutil.atomic_write_text`: a fsynced temporary file, then a rename), so
-a reader never sees half a registry.
+a reader never sees half a registry. Each update (register, revoke) reads and rewrites them holding a lock on the
+``keys/`` folder (``flock``) as well as a thread lock, so two commands at once (two deploys, a deploy and a revoke)
+never write one's update over the other's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +37,7 @@ from device_agents.identity import (
     key_id,
 )
 from edge_kit.errors import ConfigError, DeployError, InputError
-from edge_kit.fsutil import atomic_write_text
+from edge_kit.fsutil import atomic_write_text, folder_lock
 from edgekit_protocol.errors import MessageError
 
 log = logging.getLogger("edgekit.keys")
@@ -196,6 +200,20 @@ class FleetKeys:
             raise ConfigError(f"{self.registry}: expected an object of device keys")
         return data
 
+    @contextlib.contextmanager
+    def _updating(self) -> Iterator[None]:
+        """Hold this process's thread lock and the keys folder's lock (:func:`~edge_kit.fsutil.folder_lock`; the folder
+        created when missing) for a read-modify-write of the registry and the revoked list: another command updating
+        them waits. Yields nothing.
+
+        Raises:
+            OSError: the folder cannot be created or opened.
+        """
+        with _lock:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with folder_lock(self.folder):
+                yield
+
     def revoked(self) -> list[dict[str, Any]]:
         """Return the revoked list as stored, oldest first (empty when nothing was revoked); each entry has
         ``device``, ``key`` (base64), ``key_id``, ``registered``, ``revoked`` (unix time) and ``reason``.
@@ -256,7 +274,7 @@ class FleetKeys:
             ConfigError: the registry or the revoked list is damaged (left as they are).
             OSError: a file cannot be written (each stays whole).
         """
-        with _lock:
+        with self._updating():
             data = self._entries()
             revoked = self.revoked()
             entry = data.get(device)
@@ -298,7 +316,7 @@ class FleetKeys:
             ConfigError: the registry or the revoked list is damaged (left as it is; the message names it).
             OSError: it cannot be written (the previous registry stays whole).
         """
-        with _lock:
+        with self._updating():
             data = self._entries()
             revoked = {e["key_id"]: e for e in self.revoked()}
             for device, public in keys.items():
@@ -312,7 +330,6 @@ class FleetKeys:
                 data[device] = {"key": encode_key(public), "key_id": key_id(public), "registered": round(time.time(), 3)}
                 changed += 1
             if changed:
-                self.folder.mkdir(parents=True, exist_ok=True)
                 atomic_write_text(self.registry, json.dumps(data, indent=1, sort_keys=True))
             return changed
 

@@ -14,6 +14,10 @@ So no device is left pinning only a key the host stopped signing with, unless th
 it: a device that misses step 2 is listed (exit 4) and the key is not switched; run the rotation
 again when it is back (the same new key is used), or ``edgekit deploy`` to it. With ``force``, the
 devices that missed it still pin only the old key: a deploy over SSH pins the new one.
+
+A device whose key was revoked (``edgekit fleet revoke``, none registered since) is not asked: it could not answer (its
+answers are refused) and would hold the switch back; it is listed ``revoked`` and pins the old key until
+``edgekit deploy --new-key`` pins the current one.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from dataclasses import dataclass
 from device_agents.identity import OPERATOR, Keyring, Signer, encode_key, key_id
 from edge_kit.fleet.commands import FleetClient
 from edge_kit.fleet.inventory import Fleet
+from edge_kit.fleet.keys import revoked_on
 from edgekit_protocol.errors import EdgeKitError
 
 NEXT = "operator-next.key"
@@ -32,7 +37,8 @@ NEXT = "operator-next.key"
 @dataclass
 class Rotated:
     """One device's outcome: ``rotated`` (pins the new key only), ``both`` (accepts the old key too,
-    until the rotation is finished) or ``missed`` (pins the old key only); ``reason`` says why."""
+    until the rotation is finished), ``missed`` (pins the old key only) or ``revoked`` (its key was revoked: not
+    asked); ``reason`` says why."""
 
     device: str
     outcome: str
@@ -73,18 +79,21 @@ def rotate_operator_key(fleet: Fleet, timeout: float = 30.0, *, force: bool = Fa
 
     Returns:
         ``(old key id, new key id, switched, per-device outcomes)``; ``switched`` is False when a
-        device missed the first step and ``force`` was not given (the new key stays pending).
+        device missed the first step and ``force`` was not given (the new key stays pending). A revoked device is
+        not asked (outcome ``revoked``) and does not hold the switch back.
 
     Raises:
-        AgentError: the broker cannot be reached (nothing switched then). ConfigError: the keys cannot be read.
+        AgentError: the broker cannot be reached (nothing switched then). ConfigError: the keys (the registry, the
+            revoked list) cannot be read.
     """
     keys = fleet.key_store()
+    revoked = keys.revoked_devices()
     old = keys.operator
     new, _ = Signer.load_or_create(keys.folder / NEXT)  # saved before anything is sent
     if new.key_id == old.key_id:  # a rotation stopped between switching and removing its pending key
         (keys.folder / NEXT).unlink()
         new, _ = Signer.load_or_create(keys.folder / NEXT)
-    names = [d.name for d in fleet.devices]
+    names = [d.name for d in fleet.devices if d.name not in revoked]
     expires = time.time() + 3 * timeout  # never pinned later, behind the host's back
     with FleetClient.of(fleet) as client:
         states = _answers(client, {n: client.send(n, "state", {"code": True}, expires=expires) for n in names}, timeout)
@@ -104,7 +113,9 @@ def rotate_operator_key(fleet: Fleet, timeout: float = 30.0, *, force: bool = Fa
             second = _answers(client, {n: client.send(n, "operators", {
                 "keys": [encode_key(new.public)], **({"code": codes[n]} if isinstance(codes[n], dict) else {})},
                 expires=expires) for n in took}, timeout)
-    out = []
+    out = [Rotated(d.name, "revoked", f"its key was revoked on {revoked_on(revoked[d.name])}: not asked; it pins the "
+                   "old key until `edgekit deploy --new-key` pins the current one") for d in fleet.devices
+           if d.name in revoked]
     for n in names:
         if isinstance(first[n], str):
             out.append(Rotated(n, "missed", f"{first[n]}; it pins only the old key: " + (

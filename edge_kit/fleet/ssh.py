@@ -956,7 +956,7 @@ class DeviceShell:
 
         ``rename`` False leaves it as ``.part`` (for a step that checks it and moves it itself). Each SFTP request
         waits at most :data:`SFTP_STALL_S` for the device's answer, and the whole upload at most
-        :data:`SFTP_STALL_S` + its size / :data:`SFTP_MIN_RATE` (:func:`upload_deadline`).
+        2 x :data:`SFTP_STALL_S` + its size / :data:`SFTP_MIN_RATE` (:func:`upload_deadline`).
 
         Returns:
             Where the file is on the device.

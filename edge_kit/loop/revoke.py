@@ -17,6 +17,7 @@ from edge_kit.errors import ConfigError, InputError
 from edge_kit.fleet.broker_setup import (
     OPERATOR_USER,
     add_broker_user,
+    broker_users,
     remove_broker_user,
     write_private,
 )
@@ -65,15 +66,24 @@ def _wall(fleet: Fleet, broker_dir: Path | None) -> tuple[Path | None, SimFleet 
     return passwd, sim if passwd is not None else None
 
 
+def _users_of(fleet: Fleet, user: str) -> list[str]:
+    """Return the devices of ``fleet`` whose agent connects as the broker user ``user`` (their ``agent_broker``
+    username), in the fleet file's order."""
+    return [d.name for d in fleet.devices if d.agent_broker and d.agent_broker.username == user]
+
+
 def _broker_user(fleet: Fleet, device: str) -> str | None:
     """Return the broker user ``device``'s agent connects as: its ``agent_broker`` username (the device's name when
     it is not in the fleet file, as the wall names users); None when it shares the fleet's broker user (or would
-    connect as the operator), which is not the device's alone to lose."""
+    connect as the operator), or another device of the fleet connects as that user too: not the device's alone to
+    lose."""
     dev = next((d for d in fleet.devices if d.name == device), None)
     if dev is None:
-        return device
+        return device if not _users_of(fleet, device) else None
     user = dev.agent_broker.username if dev.agent_broker else None
-    return user if user and user != OPERATOR_USER and user != fleet.broker.username else None
+    if not user or user == OPERATOR_USER or user == fleet.broker.username or _users_of(fleet, user) != [device]:
+        return None
+    return user
 
 
 def _reloaded(said: str, sim: SimFleet | None) -> str:
@@ -106,8 +116,13 @@ def revoke_device(fleet: Fleet, device: str, reason: str = "", broker_dir: Path 
     user = _broker_user(fleet, device)
     entry, newly = fleet.key_store().revoke(device, reason)
     if user is None:
-        broker = ("it connects with the fleet's shared broker user, which was left in place (the others use it); "
-                  "give each device agent_broker credentials of its own (edgekit fleet init)")
+        dev = next((d for d in fleet.devices if d.name == device), None)
+        named = (dev.agent_broker.username if dev is not None and dev.agent_broker else None) or device
+        others = [d for d in _users_of(fleet, named) if d != device]
+        broker = ((f"it connects as broker user '{named}', which other devices use too ({', '.join(others[:5])}"
+                   f"{f' and {len(others) - 5} more' if len(others) > 5 else ''}): left in place"
+                   if others else "it connects with the fleet's shared broker user, which was left in place (the "
+                   "others use it)") + "; give each device agent_broker credentials of its own (edgekit fleet init)")
     elif passwd is None:
         broker = (f"its broker user '{user}' is untouched: remove it at your broker (mosquitto_passwd -D passwd "
                   f"{user}) and {RELOAD_HINT}; or give --broker-dir, the folder `edgekit fleet init` wrote")
@@ -134,7 +149,7 @@ def readmit_broker_users(fleet: Fleet, devices: list[Device], broker_dir: Path |
         the wall is not known).
 
     Raises:
-        InputError: ``broker_dir`` holds no ``passwd`` file.
+        InputError: ``broker_dir`` holds no ``passwd`` file, or it cannot be read or is not UTF-8 text (names it).
         ConfigError: a device to readmit has no ``agent_broker.password_file`` to write its password to.
         OSError: a file cannot be written.
     """
@@ -143,7 +158,7 @@ def readmit_broker_users(fleet: Fleet, devices: list[Device], broker_dir: Path |
     passwd, sim = _wall(fleet, broker_dir)
     if passwd is None:
         return []
-    present = {line.split(":", 1)[0] for line in passwd.read_text(encoding="utf-8").splitlines()}
+    present = broker_users(passwd)
     lines = []
     for dev in devices:
         user = _broker_user(fleet, dev.name)

@@ -45,6 +45,7 @@ from edge_kit.errors import (
 )
 from edge_kit.fleet.deploy import candidates_for
 from edge_kit.fleet.inventory import Device, Fleet
+from edge_kit.fleet.keys import revoked_on
 from edge_kit.loop.rollout import LiveGate, collect_live, pick_controls
 from edge_kit.loop.tune import store_decision
 from edge_kit.manifest import read_manifest
@@ -189,13 +190,26 @@ def selected_variants(history: Any, devices: list[Device]) -> dict[str, str]:
     return {d.name: newest[d.name]["chosen"] for d in devices if d.name in newest}
 
 
+def revoked_devices(fleet: Fleet) -> dict[str, str]:
+    """Return, per device of ``fleet``'s key registry that was revoked and has no key registered since
+    (:meth:`~edge_kit.fleet.keys.FleetKeys.revoked_devices`), the line a rollout says of it.
+
+    Raises:
+        ConfigError: the registry or the revoked list cannot be read (named).
+    """
+    return {name: f"{name}: its key was revoked on {revoked_on(entry)}; it gets no desired state (`edgekit deploy "
+                  "--new-key` brings it back)" for name, entry in fleet.key_store().revoked_devices().items()}
+
+
 def plan_rollout(rid: str, artifacts: Path, fleet: Fleet, devices: list[Device], store_url: str,
                  variant: str | None, settings: RolloutSettings, gate: LiveGate | None = None,
                  choices: dict[str, str] | None = None) -> dict[str, Any]:
     """Return the plan of a rollout (what the history keeps as its body).
 
     ``targets`` maps each device to the artifact it gets; ``refused`` each device that gets none to
-    why (its profile was not compiled, or ``variant`` is not among its profile's built variants).
+    why (its key was revoked, :meth:`~edge_kit.fleet.keys.FleetKeys.revoked_devices`: no desired state for a device
+    whose reports nobody takes; its profile was not compiled, or ``variant`` is not among its profile's built
+    variants).
     ``gate``: judge the first wave on live traffic before the others go (:func:`live_judge`).
     ``choices``: a variant per device (:func:`selected_variants`), over ``variant``.
 
@@ -205,7 +219,8 @@ def plan_rollout(rid: str, artifacts: Path, fleet: Fleet, devices: list[Device],
         NotBuiltFor: no device gets anything (none of their profiles has the variant asked for; exit 2, as
             ``deploy --variant``).
         ConfigError: a device would refuse its desired state (:func:`~edgekit_protocol.desired.parse_desired`:
-            an id over 512 characters, an artifact over 1 TiB, ...), named with the rule.
+            an id over 512 characters, an artifact over 1 TiB, ...), named with the rule; or the fleet's key registry
+            or revoked list cannot be read (named).
     """
     if not store_url.startswith(("http://", "https://")):
         raise InputError(f"--store {store_url}: devices fetch over HTTP(S); give the store's http:// or https:// URL")
@@ -217,7 +232,11 @@ def plan_rollout(rid: str, artifacts: Path, fleet: Fleet, devices: list[Device],
     targets: dict[str, dict[str, Any]] = {}
     refused: dict[str, str] = {}
     by_profile: dict[str, list[Any] | str] = {}  # each profile's candidates, or why it has none (once per profile)
+    revoked = revoked_devices(fleet)
     for dev in devices:
+        if dev.name in revoked:  # a stolen device would fetch the model; what it reports would be refused anyway
+            refused[dev.name] = revoked[dev.name]
+            continue
         if dev.profile not in by_profile:
             try:
                 by_profile[dev.profile] = candidates_for(manifest, dev)
@@ -347,14 +366,17 @@ class Rollout:
     ``on_reported`` with each verified message; ``progress`` is called with a :class:`Progress` at
     most every 0.2 s. ``members``: the devices the fleet file names now; a planned device no longer among
     them, not yet sent or still waiting, is not sent (again) and ends ``left the fleet`` (None: all stay).
+    ``revoked``: the devices whose key was revoked since the plan, each with why (:func:`revoked_devices`); such a
+    device, not yet sent or still waiting, is not sent (again) either and ends ``left the fleet`` with that line.
     """
 
     def __init__(self, history: Any, rid: str, connect: Callable[[Callable[[dict[str, Any]], None]], Any], *,
                  progress: Callable[[Progress], None] | None = None, owner: str | None = None,
                  judge: Callable[[list[str], list[str]], GateDecision] | None = None,
-                 members: set[str] | None = None):
+                 members: set[str] | None = None, revoked: dict[str, str] | None = None):
         self.history, self.rid = history, rid
         self.members = members
+        self.revoked = revoked or {}
         self.judge = judge  # the live gate on the first wave, when the plan asks for one
         self.connect = connect
         self.progress = progress
@@ -527,10 +549,15 @@ class Rollout:
             self.rows[name].pop("ts", None)
             self._dirty.add(name)
         self._last_rev = 0  # each device's floor is its own row and report (:meth:`_revision`)
-        for name in order:  # removed from the fleet file since the plan: never sent (again), never waited for
-            if self.members is not None and name not in self.members and self.rows[name]["state"] in ("planned", "sent"):
+        for name in order:  # removed from the fleet file, or revoked, since the plan: never sent (again), never waited for
+            if self.rows[name]["state"] not in ("planned", "sent"):
+                continue
+            again = " again" if self.rows[name]["state"] == "sent" else ""
+            if name in self.revoked:
+                self._set(name, state="left the fleet", detail={"error": f"{self.revoked[name]}; not sent{again}"})
+            elif self.members is not None and name not in self.members:
                 self._set(name, state="left the fleet", detail={"error": f"{name}: no longer in the fleet file; "
-                                                                         "not sent" + (" again" if self.rows[name]["state"] == "sent" else "")})
+                                                                         f"not sent{again}"})
         ends = wave_ends(len(order), settings.waves)
         state, reason = "done", None
         resumed = [d for d in order if self.rows[d]["state"] == "sent"]

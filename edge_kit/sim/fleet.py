@@ -201,7 +201,8 @@ class SimFleet:
             }, sort_keys=False))
             fleet = load_fleet(self.fleet_file)
             step("starting the agents")
-            self.start_agents(fleet)
+            state["revoked"] = self.start_agents(fleet)  # left out: `sim up` after `fleet revoke` in this folder
+            self._save(state)
             return fleet
         except BaseException:
             self.down()
@@ -240,12 +241,18 @@ class SimFleet:
             return False
         return True
 
-    def start_agents(self, fleet: Fleet) -> None:
-        """Deploy and start the agent on every device over SSH; wait until each is online.
+    def start_agents(self, fleet: Fleet) -> list[str]:
+        """Deploy and start the agent on every device over SSH whose key was not revoked; wait until each is online.
+
+        Returns:
+            The devices left out, in the fleet file's order: revoked (``edgekit fleet revoke``) and no key registered
+            since. A deploy would refuse each (and end ``up``); ``edgekit deploy --new-key`` brings one back.
 
         Raises:
             EdgeKitError: an agent could not be started or did not come online (names the device).
+            ConfigError: the fleet's key registry or revoked list cannot be read.
         """
+        revoked = fleet.key_store().revoked_devices()
         with FleetClient.of(fleet) as client:
             def one(dev: Any) -> None:
                 with DeviceShell(dev, fleet.known_hosts) as shell:
@@ -255,8 +262,9 @@ class SimFleet:
                                        f"see {dev.root}/agent.log")
 
             with ThreadPoolExecutor(max_workers=8) as pool:
-                for fut in [pool.submit(one, d) for d in fleet.devices]:
+                for fut in [pool.submit(one, d) for d in fleet.devices if d.name not in revoked]:
                     fut.result()
+        return [d.name for d in fleet.devices if d.name in revoked]
 
     @staticmethod
     def _broker_entry(state: dict[str, Any], wall: BrokerWall | None, user: str) -> dict[str, Any]:

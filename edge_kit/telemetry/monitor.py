@@ -30,7 +30,9 @@ longer (the ``interval_s`` its telemetry says: an agent set to report every 10 m
 Drift, low disk, silence and an ingest budget overrun hold over an episode (alerted once, when it begins): each is
 opened in the history's ``alerts`` table when it begins and closed when it ends, written only then (never per
 record). The table keeps one open alert per device and kind, so of several ``share`` workers the one whose write
-opened it raises it, and the others neither keep, count nor print it. A monitor that starts takes the episodes under
+opened it raises it, and the others neither keep, count nor print it; each worker takes the table's open drift and
+low-disk alerts as its own before a batch (:meth:`Monitor._sync_alert_states`), so whichever sees an episode end
+closes it (at most every :data:`ALERT_SYNC_S`, never a query a record). A monitor that starts takes the episodes under
 way from the table's open alerts (:meth:`Monitor._seed_alert_states`), and :meth:`Monitor.alert_states` says which
 hold (exported as gauges by :mod:`edge_kit.telemetry.metrics`).
 """
@@ -117,6 +119,9 @@ class MonitorStats:
 # A device's episode over its ingest budget ends once none of its records was refused for this long: then its
 # refused span is recorded as sequence gaps and alerted with the count.
 FLOOD_QUIET_S = 5.0
+#: With ``share``: how often (seconds, at most) a worker takes the history's open drift and low-disk alerts as the
+#: episodes under way (:meth:`Monitor._sync_alert_states`): its peers open and close them.
+ALERT_SYNC_S = 2.0
 # The seq a refused record claims (unverified: it was refused before its signature was checked), found in its
 # first bytes (the envelope's fields come first) without decoding it.
 _CLAIMED_SEQ = re.compile(rb'"seq":(\d{1,18})[,}]')
@@ -215,6 +220,7 @@ class Monitor:
         self.min_free_bytes = min_free_mb * 1e6  # a device reporting less free space is alerted on (once per episode)
         self._low_disk: set[str] = set()
         self._drifting: set[str] = set()
+        self._alerts_synced = -math.inf  # time.monotonic() of the last _sync_alert_states
         # each device's newest shadow message taken, by seq: (seq, run or None, its non_finite count)
         self._last_shadow: dict[str, tuple[int | None, str | None, int]] = {}
         self._old_runs: dict[str, deque[str]] = {}  # each device's runs taken before its newest one
@@ -651,7 +657,9 @@ class Monitor:
         return good, raw, received
 
     def _keep(self, good: list[tuple[str, dict[str, Any]]], raw: list[bytes], received: list[float]) -> None:
-        """Store checked messages once each; then sequence gaps, alerts and the ``on_message`` hook."""
+        """Store checked messages once each; then sequence gaps, alerts and the ``on_message`` hook. Return nothing.
+        Raises HistoryError."""
+        self._sync_alert_states()
         fresh = [i for i, (_, msg) in enumerate(good) if msg["msg_id"] not in self._recent]
         self.stats.duplicates += len(good) - len(fresh)
         if len(fresh) < len(good):
@@ -769,6 +777,21 @@ class Monitor:
         elif not low and device in self._drifting:
             self._drifting.discard(device)
             self.store.close_alert(device, "drift")
+
+    def _sync_alert_states(self) -> None:
+        """With ``share``, at most every :data:`ALERT_SYNC_S`: take the history's open drift and low-disk alerts of the
+        fleet file's devices as this worker's episodes under way; return nothing. The broker hands a device's records
+        to any worker, so the one that sees an episode end may not be the one that saw it begin (it closes the alert
+        only if it knows of it), and the one that saw it begin may not see it end (it would take the next episode for
+        the same one, and raise nothing). A query a batch at most, never one a record. Raises HistoryError."""
+        now = time.monotonic()
+        if self.share is None or now - self._alerts_synced < ALERT_SYNC_S:
+            return
+        self._alerts_synced = now
+        held = self.store.open_alerts()
+        # rebound, not cleared and filled: /metrics (another thread) reads them whole (alert_states), never half
+        self._drifting = {d for d in held.get("drift", ()) if d in self.constraints}
+        self._low_disk = {d for d in held.get("low_disk", ()) if d in self.constraints}
 
     def _seed_alert_states(self, shadows: dict[str, dict[str, Any]]) -> None:
         """Start each alert episode the history shows under way, so a restarted monitor neither raises an alert again

@@ -457,15 +457,17 @@ MAX_OPEN_ALERTS = 100  # alerts that hold listed on the page (the newest); `edge
 
 def _alerts_table(store: HistoryStore) -> tuple[str, int]:
     """Return the page's table (HTML) of the alerts that hold (the :data:`MAX_OPEN_ALERTS` newest) and the
-    :data:`UNSHOWN_ROWS` newest cleared ones, or "" when the history holds none, and how many hold. An alert's detail
+    :data:`UNSHOWN_ROWS` newest cleared ones, or "" when the history holds none, and how many hold (all of them,
+    however many are listed). An alert's detail
     may quote a device's text: every cell is escaped and cut. Raises HistoryError."""
     held = store.alerts(holds=True, limit=MAX_OPEN_ALERTS)
     cleared = store.alerts(holds=False, limit=UNSHOWN_ROWS)
     if not held and not cleared:
         return "", 0
+    holding = sum(len(devices) for devices in store.open_alerts().values())  # all of them, not only those listed
     part = ("<h2>Alerts</h2><p class=note>The monitor's alerts that hold over an episode (drift, low disk, silence, "
-            f"over its ingest budget): the {len(held):,} that hold now"
-            + (f" (the {MAX_OPEN_ALERTS} newest)" if len(held) == MAX_OPEN_ALERTS else "")
+            f"over its ingest budget): the {holding:,} that hold now"
+            + (f" (the {MAX_OPEN_ALERTS} newest listed)" if holding > len(held) else "")
             + f", then the {UNSHOWN_ROWS} newest cleared. <code>edgekit history alerts</code> lists them by device and "
             "time. Times are this host's clock when the monitor raised and cleared them.</p>"
             "<table><tr><th>raised</th><th>cleared</th><th>device</th><th>kind</th><th>detail</th></tr>"
@@ -474,7 +476,7 @@ def _alerts_table(store: HistoryStore) -> tuple[str, int]:
                       + f"</td><td>{_cell(r['device'])}</td><td>{_cell(r['kind'])}</td>"
                       f"<td>{_cell(r['detail'], MAX_REASON_CHARS)}</td></tr>" for r in held + cleared)
             + "</table>")
-    return part, len(held)
+    return part, holding
 
 
 def _check_replaceable(out: Path) -> None:

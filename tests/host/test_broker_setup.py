@@ -138,3 +138,87 @@ def test_a_passwd_that_cannot_be_rewritten_leaves_the_key_revoked_and_says_what_
     assert (wall / "passwd").read_bytes() == before
     code, out, _ = run_cli("fleet", "revoke", "cam-1", "--fleet", fleet_file, "--broker-dir", wall, "--json")
     assert code == 4 and json.loads(out)["broker_failed"] is True
+
+
+_SLOW_REMOVE = r"""
+import sys, time
+from pathlib import Path
+from edge_kit.fleet import broker_setup
+
+real = broker_setup.write_private
+
+def slow(path, data):  # another command removing a user, between its read of passwd and its write
+    print("read", flush=True)
+    time.sleep(1.5)
+    real(path, data)
+
+broker_setup.write_private = slow
+broker_setup.remove_broker_user(Path(sys.argv[1]), "pi-1")
+"""
+
+
+def test_two_commands_changing_the_broker_s_passwd_at_once_keep_both_changes(tmp_path):
+    """passwd was read, changed and renamed over without a lock: `fleet revoke pi-1` and `fleet revoke pi-2` (or a
+    `deploy --new-key` adding a user back) at once each wrote its change over the other's, and the user one of them
+    removed was in the broker's passwd again."""
+    import os
+    import subprocess
+    import sys
+
+    passwd = tmp_path / "passwd"
+    passwd.write_text("".join(broker_setup.mosquitto_password_line(u, "pw") + "\n" for u in ("pi-1", "pi-2", "pi-3")))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    child = subprocess.Popen([sys.executable, "-c", _SLOW_REMOVE, str(passwd)], stdout=subprocess.PIPE, text=True,
+                             env=env)
+    try:
+        assert child.stdout.readline().strip() == "read"  # the other command has read passwd, not yet written it
+        assert broker_setup.remove_broker_user(passwd, "pi-2")  # waits for it, then reads what it wrote
+    finally:
+        assert child.wait(60) == 0
+    assert [line.split(":", 1)[0] for line in passwd.read_text().splitlines()] == ["pi-3"]
+
+
+def test_revoking_a_device_that_shares_its_agent_broker_user_with_another_leaves_that_user(tmp_path, run_cli):
+    """`fleet revoke` removed the revoked device's agent_broker user from passwd whenever it was not the fleet's own
+    broker user: two devices given one agent_broker username (a group's) lost it both, the one not revoked locked
+    out of the broker. A user other devices connect as is left, and the line names them."""
+    from device_agents.identity import Signer
+    from edge_kit.fleet.inventory import load_fleet
+
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text(yaml.safe_dump({**FLEET, "devices": [*FLEET["devices"],
+                                                               {"name": "cam-2", "host": "10.0.0.3", "profile": "rpi4"}]}))
+    wall = tmp_path / "wall"
+    assert run_cli("fleet", "init", "--fleet", fleet_file, "--broker-host", "127.0.0.1", "--out", wall)[0] == 0
+    settings = yaml.safe_load((wall / "fleet-broker.yaml").read_text())
+    data = yaml.safe_load(fleet_file.read_text())
+    data["broker"] = settings["broker"]
+    for dev in data["devices"]:
+        dev["agent_broker"] = settings["agent_broker"]["cam-1"]  # both connect as cam-1
+    fleet_file.write_text(yaml.safe_dump(data))
+    keys = load_fleet(fleet_file).key_store()
+    keys.register_many({"cam-1": Signer.generate().public, "cam-2": Signer.generate().public})
+    before = (wall / "passwd").read_text()
+    code, out, err = run_cli("fleet", "revoke", "cam-1", "--fleet", fleet_file, "--broker-dir", wall)
+    assert code == 0, err
+    assert "it connects as broker user 'cam-1', which other devices use too (cam-2): left in place" in " ".join(out.split()), out
+    assert (wall / "passwd").read_text() == before and set(keys.devices()) == {"cam-2"}
+
+
+def test_deploy_new_key_with_a_passwd_that_is_not_text_is_one_line_naming_it(tmp_path):
+    """readmit_broker_users (`deploy --new-key --broker-dir`) read passwd with its own read_text: a file that is not
+    UTF-8 ended the deploy in a UnicodeDecodeError traceback, where revoke said which file in one line."""
+    from edge_kit.errors import InputError
+    from edge_kit.fleet.inventory import load_fleet
+    from edge_kit.loop.revoke import readmit_broker_users
+
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text(yaml.safe_dump(FLEET))
+    wall = tmp_path / "wall"
+    wall.mkdir()
+    (wall / "passwd").write_bytes(b"cam-1:$7$\xff\n")
+    fleet = load_fleet(fleet_file)
+    with pytest.raises(InputError, match=r"^.*wall/passwd: cannot read the broker's password file \(.*utf-8.*\); give "
+                                         "--broker-dir"):
+        readmit_broker_users(fleet, fleet.devices, wall)
+    assert (wall / "passwd").read_bytes() == b"cam-1:$7$\xff\n"

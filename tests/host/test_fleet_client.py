@@ -630,3 +630,31 @@ def test_edgekit_bench_with_a_command_over_the_payload_limit_stops_in_one_line_e
     assert code == 2 and err.count("\n") == 1, (out, err)
     assert "d1: the bench command of 70," in err and "65,536-byte limit: not sent" in err
     assert fake.client.published == []
+
+
+def test_keys_rotate_leaves_a_revoked_device_out_and_switches_without_it(tmp_path, monkeypatch, run_cli):
+    """`keys rotate` asked every device of the fleet file, a revoked one too: its answers are refused (or come from a
+    thief's device holding a key of its own), so it missed the first step and the switch waited for it for good,
+    unless --force; and the line said to deploy to it, which the deploy refuses. A revoked device is now not asked,
+    listed `revoked`, and the others switch."""
+    from edge_kit.fleet import commands as fleet_commands
+    from edge_kit.fleet.inventory import load_fleet
+
+    asked: list[str] = []
+
+    def answer(device: str, cmd: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+        asked.append(device)
+        return [("cmd/ack", {"cmd_id": cmd["msg_id"], "command": cmd["command"], "ok": True, "result": {"code": None}})]
+
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text(f"fleet: {FLEET}\nbroker: {{host: 127.0.0.1, port: 1}}\ndefaults: {{user: edgekit, profile: rpi4}}\n"
+                          "devices:\n  - {name: d1, host: 127.0.0.1}\n  - {name: d2, host: 127.0.0.2}\n")
+    keys = load_fleet(fleet_file).key_store()
+    keys.register_many({name: signer.public for name, signer in DEVICES.items() if name in ("d1", "d2")})
+    keys.revoke("d2", "stolen")
+    monkeypatch.setattr(fleet_commands.FleetClient, "of", classmethod(lambda cls, fleet, **kw: client(answer)))
+    code, out, err = run_cli("keys", "rotate", "--fleet", fleet_file, "--timeout", "2", "--json")
+    assert code == 0, (out, err)
+    done = json.loads(out)
+    assert done["switched"] and {d["device"]: d["outcome"] for d in done["devices"]} == {"d1": "rotated", "d2": "revoked"}
+    assert set(asked) == {"d1"}

@@ -266,3 +266,114 @@ def test_a_damaged_revoked_list_is_a_config_error_naming_it(tmp_path, content):
         with pytest.raises(ConfigError, match="revoked.json"):
             attempt()
     assert keys.revoked_file.read_text() == content and set(keys.devices()) == {"d1"}
+
+
+_SLOW_REVOKE = r"""
+import sys, time
+from pathlib import Path
+from edge_kit.fleet import keys as keys_module
+
+real = keys_module.atomic_write_text
+
+def slow(path, text):  # another command's revocation, between its read and its writes when the parent acts
+    print("read", flush=True)
+    time.sleep(1.5)
+    real(path, text)
+    keys_module.atomic_write_text = real
+
+keys_module.atomic_write_text = slow
+keys_module.FleetKeys(Path(sys.argv[1])).revoke("d1", "lost")
+"""
+
+
+def test_two_commands_revoking_two_devices_at_once_lose_neither_revocation(tmp_path):
+    """The registry and the revoked list were guarded by a thread lock only: two `edgekit fleet revoke` (or a revoke
+    and a deploy) at once each read both files, then each wrote its own update over the other's. Revoking d1 in one
+    process and d2 in another left revoked.json listing d1 alone and devices.json holding d2: d2 trusted again."""
+    import os
+    import subprocess
+    import sys
+
+    from edgekit_protocol.errors import MessageError
+
+    keys = FleetKeys(tmp_path / "keys")
+    d1, d2 = Signer.generate(), Signer.generate()
+    keys.register_many({"d1": d1.public, "d2": d2.public})
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    child = subprocess.Popen([sys.executable, "-c", _SLOW_REVOKE, str(keys.folder)], stdout=subprocess.PIPE, text=True,
+                             env=env)
+    try:
+        assert child.stdout.readline().strip() == "read"  # the other command has read both files, not yet written
+        keys.revoke("d2", "stolen")  # waits for the other one to finish, then reads what it wrote
+    finally:
+        assert child.wait(60) == 0
+    assert {e["device"] for e in keys.revoked()} == {"d1", "d2"} and keys.devices() == {}
+    keyring = keys.keyring()
+    for signer, name in ((d1, "d1"), (d2, "d2")):
+        with pytest.raises(MessageError, match="revoked"):
+            keyring.verify(_signed(signer, name), name)
+
+
+def test_a_new_key_cut_off_between_its_private_and_public_halves_is_given_again_never_registered_stale(tmp_path):
+    """`deploy --new-key` wrote device.key, then device.pub: cut off in between, the device held the new private key
+    and the old public one. The next deploy (without --new-key: the old key was not revoked) registered the old public
+    key it read there, and every message the agent signed with the new key was refused as forged."""
+    from types import SimpleNamespace
+
+    from edge_kit.errors import DeployError
+    from edge_kit.fleet.agent_install import _ensure_identity
+
+    keys = FleetKeys(tmp_path / "keys")
+    old = Signer.generate()
+    keys.register("d1", old.public)
+    device = {"device.key": old.pem(), "device.pub": (encode_key(old.public) + "\n").encode()}
+    fleet = SimpleNamespace(key_store=lambda: keys)
+    cut = ["device.pub"]
+
+    def put(data, path, mode=None):
+        name = path.rsplit("/", 1)[1]
+        if cut and name == cut[0]:
+            cut.clear()
+            raise DeployError(f"{path}: connection lost")
+        device[name] = data
+
+    for new_key in (True, False):  # the cut-off `deploy --new-key`, then a plain deploy
+        info = {"device_pub": device.get("device.pub", b"").decode().strip() or None,
+                "has_device_key": "device.key" in device, "operators_sha256": None}
+        shell = SimpleNamespace(info=info, root="/r", dev=SimpleNamespace(name="d1"), put=put,
+                                remove=lambda path: device.pop(path.rsplit("/", 1)[1], None))
+        try:
+            _ensure_identity(shell, fleet, lambda: None, new_key)
+        except DeployError:
+            assert new_key
+    held = Signer.from_pem(device["device.key"], "device.key")
+    assert device["device.pub"].decode().strip() == encode_key(held.public)
+    assert keys.devices() == {"d1": held.public}  # what the agent signs with is what receivers trust
+
+
+@pytest.mark.parametrize("holds", ["a key of its own making", "no key"])
+def test_a_revoked_device_holding_another_key_or_none_is_not_let_back_in_by_a_deploy_without_new_key(tmp_path, holds):
+    """A deploy refused only a device whose key was the revoked one: a stolen device that made itself a fresh pair (or
+    removed its key) was given a key, or had its own registered, by the next routine `edgekit deploy` of the fleet,
+    and every receiver trusted it again. Only --new-key gives a revoked device a key."""
+    from types import SimpleNamespace
+
+    from edge_kit.fleet.agent_install import ensure_agent
+
+    keys = FleetKeys(tmp_path / "keys")
+    keys.register_many({"d1": Signer.generate().public, "d2": Signer.generate().public})
+    keys.revoke("d1", "stolen")
+    made = Signer.generate()
+    info = ({"device_pub": encode_key(made.public), "has_device_key": True} if holds != "no key"
+            else {"device_pub": None, "has_device_key": False})
+    fleet = SimpleNamespace(key_store=lambda: keys)
+
+    def shell(name):
+        return SimpleNamespace(dev=SimpleNamespace(name=name), info=info)
+
+    with pytest.raises(KeyRevoked, match=r"^d1: revoked on \d{4}-\d\d-\d\d \d\d:\d\d UTC \(key [0-9a-f]{16}\) and it "
+                                         rf"now holds {'another key' if info['device_pub'] else 'no key'}: .*--new-key"):
+        ensure_agent(shell("d1"), fleet)
+    assert set(keys.devices()) == {"d2"}
+    with pytest.raises(AttributeError, match="root"):  # d2 is not revoked: past the check, into the deploy (which the fake lacks)
+        ensure_agent(shell("d2"), fleet)

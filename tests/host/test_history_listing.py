@@ -252,3 +252,20 @@ def test_the_report_lists_the_alerts_that_hold_and_the_newest_cleared_as_text_ne
     Store(tmp_path / "empty.db").close()
     code, _, err = run_cli("report", "--history", tmp_path / "empty.db", "--out", tmp_path / "e.html")
     assert code == 0 and "<h2>Alerts</h2>" not in (tmp_path / "e.html").read_text(), err
+
+
+def test_the_report_counts_every_alert_that_holds_not_only_the_hundred_it_lists(tmp_path, run_cli):
+    """The report's alerts section listed the 100 newest open alerts and counted those it listed: with 130 holding,
+    the page said "the 100 that hold now (the 100 newest)" and --json alerts_holding 100."""
+    from edge_kit.telemetry.report import MAX_OPEN_ALERTS
+
+    path = tmp_path / "h.db"
+    with Store(path) as store:
+        for i in range(MAX_OPEN_ALERTS + 30):
+            assert store.open_alert(f"dev{i}", "silent", f"dev{i} silent for 300 s", NOW - 3600 + i)
+    code, out, err = run_cli("report", "--history", path, "--out", tmp_path / "r.html", "--json")
+    assert code == 0, err
+    assert json.loads(out)["alerts_holding"] == MAX_OPEN_ALERTS + 30
+    section = (tmp_path / "r.html").read_text().split("<h2>Alerts</h2>", 1)[1]
+    assert f"the {MAX_OPEN_ALERTS + 30} that hold now (the {MAX_OPEN_ALERTS} newest listed)" in section
+    assert section.count("<span class=bad>holds</span>") == MAX_OPEN_ALERTS

@@ -219,3 +219,31 @@ def test_an_over_budget_alert_a_crashed_monitor_left_open_is_closed_by_the_next_
     assert _rows(store) == [("d1", "over_budget", True)]
     _started(fleet_file, store).stop()
     assert _rows(store) == [("d1", "over_budget", False)]
+
+
+def test_share_workers_close_and_raise_a_disk_episode_whichever_of_them_sees_its_end_and_the_next(fleet_file, tmp_path,
+                                                                                                   monkeypatch):
+    """With --share the broker hands a device's records to any worker. A worker closed a low-disk alert only if it had
+    seen the episode begin: worker A raised "d1: 1.0 MB free", B saw the disk freed (nothing closed: B knew of no
+    episode), then A saw d1 low again and raised nothing (it took it for the same episode), the history's alert open
+    all along. Each worker now takes the history's open drift and low-disk alerts as its own, once a batch at most."""
+    import json
+
+    from edge_kit.telemetry import monitor as monitor_module
+
+    monkeypatch.setattr(monitor_module, "ALERT_SYNC_S", 0.0, raising=False)  # as if seconds passed between batches
+    store = Store(tmp_path / "h.db")
+    a, b = (_started(fleet_file, store, share="edgekit", workers=2) for _ in range(2))
+
+    def batch(worker, seq, free_mb):
+        kind, msg = _disk("d1", seq, free_mb)
+        worker._keep([(kind, msg)], [json.dumps(msg).encode()], [time.time()])
+
+    batch(a, 1, 1.0)  # A: the episode begins
+    batch(b, 2, 500.0)  # B: it ends
+    batch(a, 3, 1.0)  # A: a new one begins
+    texts = [x.text for x in a.alerts + b.alerts if x.kind == "disk"]
+    assert texts == ["d1: 1.0 MB free (below 32 MB)"] * 2
+    assert _rows(store) == [("d1", "low_disk", False), ("d1", "low_disk", True)]
+    a.stop()
+    b.stop()

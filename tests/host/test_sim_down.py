@@ -217,3 +217,37 @@ def test_sim_up_never_replaces_a_fleet_file_it_did_not_write(tmp_path, run_cli):
     assert code == 2 and json.loads(out)["error"] == (f"{tmp_path}/fleet.yaml: a fleet file `edgekit sim up` did not "
                                                       "write (not simulated), which it would replace; choose another --dir")
     assert (tmp_path / "fleet.yaml").read_text() == real and [p.name for p in tmp_path.iterdir()] == ["fleet.yaml"]
+
+
+def test_sim_up_after_a_device_was_revoked_starts_the_others_and_leaves_it_out(tmp_path, monkeypatch):
+    """`sim down` keeps the folder's keys; after `fleet revoke` of a simulated device, `sim up` in that folder started
+    the agent on every device: the deploy refused the revoked one (its key is revoked) and the whole fleet was torn
+    down again, so no simulated fleet could be started there. It is now left out, and `up` says which."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from device_agents.identity import Signer
+    from edge_kit.fleet.inventory import load_fleet
+    from edge_kit.fleet.keys import KeyRevoked
+
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text("fleet: sim\nbroker: {host: 127.0.0.1, port: 1}\ndefaults: {user: u, profile: rpi4}\n"
+                          "devices:\n" + "".join(f"  - {{name: {d}, host: 127.0.0.1}}\n" for d in ("d1", "d2", "d3")))
+    fleet = load_fleet(fleet_file)
+    keys = fleet.key_store()
+    held = {d: Signer.generate() for d in ("d1", "d2", "d3")}
+    keys.register_many({d: s.public for d, s in held.items()})
+    keys.revoke("d2", "lost")
+    started = []
+
+    def ensure_agent(shell, fleet):  # the deploy's own check, then 'started' (no service is restarted)
+        if fleet.key_store().revocation(held[shell.dev.name].public) is not None:
+            raise KeyRevoked(f"{shell.dev.name}: its key was revoked")
+        started.append(shell.dev.name)
+        return SimpleNamespace(restarted_at=None)
+
+    monkeypatch.setattr(simfleet, "ensure_agent", ensure_agent)
+    monkeypatch.setattr(simfleet, "DeviceShell", lambda dev, *a, **k: contextlib.nullcontext(SimpleNamespace(dev=dev)))
+    monkeypatch.setattr(simfleet.FleetClient, "of", classmethod(lambda cls, fleet, **kw: contextlib.nullcontext()))
+    assert simfleet.SimFleet(tmp_path).start_agents(fleet) == ["d2"]
+    assert sorted(started) == ["d1", "d3"]

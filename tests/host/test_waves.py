@@ -690,3 +690,42 @@ def test_rollout_list_says_when_there_is_none_and_when_older_ones_were_left_out(
     assert "older ones" not in out and out.count(" done ") == 3
     code, out, err = run_cli("rollout", "list", "--fleet", fleet_file, "--limit", "2", "--json")
     assert len(json.loads(out)) == 2
+
+
+def test_a_revoked_device_is_refused_by_the_plan_and_sent_no_desired_state(tmp_path):
+    """`rollout start` planned a revoked device like any other: its retained desired state (the store's URL, the
+    model) went to the broker for a device that may be in a thief's hands, and the rollout then waited for reports
+    every receiver refuses, until the wave timed out and counted it as failed."""
+    from device_agents.identity import Signer
+    from edge_kit.fleet.inventory import load_fleet
+    from edge_kit.loop.waves import plan_rollout
+
+    fleet_file, folder = one_artifact_plan(tmp_path, devices="ab")
+    fleet = load_fleet(fleet_file)
+    keys = fleet.key_store()
+    keys.register_many({"a": Signer.generate().public, "b": Signer.generate().public})
+    keys.revoke("b", "stolen")
+    plan = plan_rollout("r", folder, fleet, fleet.devices, "http://s", None, RolloutSettings())
+    assert set(plan["targets"]) == {"a"} and plan["order"] == ["a"]
+    assert plan["refused"]["b"].startswith("b: its key was revoked on ")
+    assert plan["refused"]["b"].endswith("; it gets no desired state (`edgekit deploy --new-key` brings it back)")
+
+
+def test_a_device_revoked_after_the_plan_is_not_sent_again_on_resume_and_does_not_hold_the_rollout(tmp_path):
+    """A device revoked while its rollout ran (or stopped with its host) was sent its desired state again on resume
+    and waited for: its reports are refused, so it timed out as failed and could stop the rollout. It now ends `left
+    the fleet` with the revocation's line, not sent (again), not counted as sent by the failure threshold."""
+    history = Store(tmp_path / "h.db")
+    names = planned(history, max_failed=0.5)
+    broker = FakeBroker(crash_after=3)
+    with pytest.raises(RolloutInterrupted):
+        Rollout(history, "r", broker).run()
+    assert names[2] in {d for d, _ in broker.sent} and names[15] not in {d for d, _ in broker.sent}
+    broker.crash_after = None
+    revoked = {n: f"{n}: its key was revoked on 2026-11-30 10:00 UTC; it gets no desired state" for n in (names[2], names[15])}
+    out = Rollout(history, "r", broker, members=set(names), revoked=revoked).run()
+    assert out["state"] == "done" and out["counts"] == {"converged": 18, "left the fleet": 2, "refused": 1}
+    assert not set(revoked) & {d for d, _ in broker.sent[3:]}
+    rows = {r["device"]: r for r in out["devices"]}
+    assert rows[names[15]]["error"] == f"{revoked[names[15]]}; not sent"
+    assert rows[names[2]]["error"] == f"{revoked[names[2]]}; not sent again"

@@ -26,6 +26,12 @@ def test_what_the_host_writes_the_agent_reads_back_unchanged():
 
 @pytest.mark.parametrize("plain, message", [
     ({"device": "d", "fleet": "f", "broker": {"port": 70000}}, "agent.yaml: broker: port 70000 is not between 1 and 65535"),
+    # the broker's passwd is 'user:hash' lines: `fleet revoke` could not remove such a user (it said 'removed
+    # already' and left it), and a line break added a line of the name's own to the file
+    ({"device": "d", "fleet": "f", "broker": {"username": "pi:1"}}, "agent.yaml: broker: username 'pi:1' is not a broker "
+                                                                     "user name: give one without ':' or control characters"),
+    ({"device": "d", "fleet": "f", "broker": {"username": "pi\nops:$7$x"}}, r"broker: username 'pi\\nops:"),
+    ({"device": "d", "fleet": "f", "broker": {"username": ""}}, "broker: username '' is not a broker user name"),
     ({"device": "d", "fleet": "f", "telemetry_interval_s": float("nan")}, "telemetry_interval_s: expected a finite number"),
     ({"device": "d", "fleet": "f", "telemetry_interval_s": 90000}, "telemetry_interval_s is 90000; at most 86400 s"),
     ({"device": "d", "fleet": "f", "store": {"max_store_mb": -1}}, "store.max_store_mb must be positive"),
