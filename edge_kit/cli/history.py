@@ -100,10 +100,9 @@ def alerts_cmd(fleet_file: ReadFleetOpt = None, history: HistoryOpt = None, devi
                since: SinceOpt = None, until: UntilOpt = None,
                open_only: Annotated[bool, typer.Option("--open", help="Only the alerts that hold (not cleared).")] = False,
                limit: LimitOpt = 20, as_json: JsonOpt = False) -> None:
-    """List the alerts the monitor raised that hold over an episode (drift, low disk, silence, over budget), newest
-    first.
+    """List the alerts the monitor raised (drift, low disk, silence, over budget), newest first.
 
-    Each row: when it was raised, when it cleared (or that it holds), device, kind and what the alert said. --since and
+    Each alert holds over an episode. Each row: when it was raised, when it cleared (or that it holds), device, kind and what the alert said. --since and
     --until bound when it was raised."""
     from edge_kit.telemetry.report import local_time
 
