@@ -344,7 +344,8 @@ def id_bounds(data: bytes, types: dict[str, str]) -> dict[str, tuple[int, str]]:
     cast through up to :data:`MAX_SHAPE_HOPS` of :data:`SHAPE_ONLY_OPS` (PyTorch exports ``ids.view(-1)`` or
     ``unsqueeze`` before an embedding) and the model's own ``Cast`` to an integer type (int32 ids cast to int64),
     which move ids without changing one, in the top-level graph and in the ``If``/``Loop``/``Scan`` bodies that read
-    them by name (:func:`_readers`); a ``Concat`` of them with other ids too. Inputs indexing no stored table are left
+    them by name (:func:`_readers`) or take them as a ``Loop``'s loop-carried value or a ``Scan``'s state or scanned
+    sequence (:func:`_body_input`); a ``Concat`` of them with other ids too. Inputs indexing no stored table are left
     out."""
     model = _onnx().load_from_string(data)
     out: dict[str, tuple[int, str]] = {}
@@ -370,8 +371,24 @@ def id_bounds(data: bytes, types: dict[str, str]) -> dict[str, tuple[int, str]]:
                                 out[name] = (rows, f"the {rows} rows of Gather table '{reader.input[0]}'")
                     elif kind == "Concat" or at == 0 and (kind in SHAPE_ONLY_OPS or kind == "Cast" and _cast_keeps_ids(reader)):
                         ahead.extend((o, graph, tables) for o in reader.output if o)  # read in that graph, and below
+                    elif kind in ("Loop", "Scan") and (body := _body_input(reader, at)) is not None:
+                        ahead.append((body[1], body[0], tables))  # passed in: the body reads it under its own name
             frontier = ahead
     return out
+
+
+def _body_input(node: Any, at: int) -> tuple[Any, str] | None:
+    """Return ``(body graph, input name)`` under which the body of the ``Loop`` or ``Scan`` ``node`` reads the value
+    passed as the node's input ``at``: a Loop's inputs 2.. (its loop-carried values) are its body's inputs 2.. (after
+    the iteration number and condition); a Scan's inputs (its state variables, then the sequences it scans, a slice
+    of each per iteration) are its body's inputs of the same position. None for a Loop's trip count or condition, or
+    a body declaring fewer inputs (a malformed graph)."""
+    from onnx import AttributeProto
+
+    body = next((a.g for a in node.attribute if a.name == "body" and a.type == AttributeProto.GRAPH), None)
+    if body is None or node.op_type == "Loop" and at < 2 or at >= len(body.input):
+        return None
+    return body, body.input[at].name
 
 
 def _cast_keeps_ids(node: Any) -> bool:
