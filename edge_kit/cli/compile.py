@@ -177,9 +177,9 @@ def compile_cmd(
         task = bar.add_task("compiling", total=plan_steps(req))
         note(model=str(model), out=str(out_dir), made=not out_dir.exists())  # for the edgekit process, should this worker crash
 
-        def step(msg: str) -> None:
+        def step(msg: str, total: int) -> None:
             note(step=msg)
-            bar.update(task, advance=1, description=msg)
+            bar.update(task, advance=1, description=msg, total=total)
 
         manifest = compile_model(req, progress=step)
     target = out_dir / manifest.model["name"]

@@ -74,7 +74,8 @@ from edge_kit.profiles import Profile
 from edge_kit.variants import VariantSpec, build_order, parse_variant
 
 PRECISION_TO_VARIANT = {"float32": "fp32", "float16": "fp16", "dynamic-int8": "dynamic-int8", "int8": "int8"}
-Progress = Callable[[str], None]
+Progress = Callable[[str, int], None]  # (the step now entered, how many steps the compile has in all: plan_steps's
+# count, grown by two when onnx-fp32 is added as the reference of an ONNX model onnx2tf cannot convert)
 EVAL_FILE = "eval.npz"  # shipped next to the artifacts: inputs, labels, fp32 outputs and metric, for on-device accuracy
 
 
@@ -123,8 +124,15 @@ def _wanted(profiles: list[Profile]) -> dict[str, list[str]]:
 
 
 def plan_steps(req: CompileRequest) -> int:
-    """Return how many progress steps :func:`compile_model` reports (for a progress bar's total)."""
-    return 2 * len(build_order(list(_wanted(req.profiles)))) + 2 + (Path(req.model).suffix.lower() == ".onnx")
+    """Return how many progress steps :func:`compile_model` reports as planned (for a progress bar's total; the
+    compile reports a larger total with each step should onnx-fp32 be added as the reference, :data:`Progress`)."""
+    return _steps(_wanted(req.profiles), Path(req.model).suffix.lower() == ".onnx")
+
+
+def _steps(wanted: dict[str, list[str]], onnx: bool) -> int:
+    """Return how many progress steps a compile of the variants ``wanted`` takes: checking inputs, converting (an ONNX
+    source), building and measuring each variant to build, writing the result."""
+    return 2 * len(build_order(list(wanted))) + 2 + onnx
 
 
 def _versions() -> dict[str, str | None]:
@@ -532,7 +540,8 @@ def _fidelity_warnings(artifact: Artifact, profiles: list[Profile]) -> list[str]
 
 
 def compile_model(req: CompileRequest, progress: Progress | None = None) -> Manifest:
-    """Build, measure and record every variant the profiles in ``req`` ask for.
+    """Build, measure and record every variant the profiles in ``req`` ask for, calling ``progress`` (:data:`Progress`)
+    as each step starts.
 
     Returns:
         The manifest, already written to ``<out>/<model>/manifest.json``. Variants that cannot be
@@ -564,7 +573,12 @@ def compile_model(req: CompileRequest, progress: Progress | None = None) -> Mani
 
 def _compile_model(req: CompileRequest, progress: Progress | None, work: Path) -> Manifest:
     """:func:`compile_model`, but a failure may leave ``req.out`` made and empty; ``work`` is a scratch folder."""
-    step = progress or (lambda _msg: None)
+    total = plan_steps(req)
+
+    def step(msg: str) -> None:
+        if progress is not None:
+            progress(msg, total)
+
     from device_agents.runtimes import get_runtime
 
     out = Path(req.out)
@@ -635,6 +649,7 @@ def _compile_model(req: CompileRequest, progress: Progress | None, work: Path) -
             unconverted = str(exc)
             warnings.warn(f"{exc}; only the ONNX Runtime variants are built, measured against onnx-fp32", stacklevel=2)
             wanted.setdefault("onnx-fp32", [])  # the reference in fp32's place
+            total = _steps(wanted, onnx=True)  # its build and measuring steps, which the plan did not count
     reference_id = "onnx-fp32" if unconverted else "fp32"  # every variant's fidelity is measured against its outputs
     writable_folder(out)
 

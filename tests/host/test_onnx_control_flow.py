@@ -131,3 +131,25 @@ def test_the_onnx_runtime_variants_of_a_loop_onnx2tf_cannot_convert_are_built(tm
     assert manifest.artifact("onnx-fp32").fidelity.snr_db > 100  # itself
     assert manifest.artifact("onnx-int8").fidelity.snr_db > 20
     assert "conversion" not in manifest.model
+
+
+def test_the_progress_bar_of_a_loop_compile_ends_at_its_total(tmp_path, run_cli, monkeypatch):
+    """The onnx-fp32 variant added as the reference when onnx2tf cannot convert the Loop has its build and measure
+    steps, which the bar's total (planned before the conversion) did not count: the bar ended at 9/7. The compile
+    now reports its total with each step, and the bar ends full."""
+    from rich.progress import Progress
+
+    from edge_kit.cli import compile as compile_cli
+
+    bars: list[Progress] = []
+
+    def recording_bar(*columns, as_json, transient=True):
+        bars.append(Progress(*columns, disable=True))
+        return bars[-1]
+
+    monkeypatch.setattr(compile_cli, "progress_bar", recording_bar)
+    code, _out, err = run_cli("compile", loop_model(tmp_path / "loop.onnx"), "-p",
+                              profile_file(tmp_path, ["fp32", "onnx-fp16"]), "--out", tmp_path / "out")
+    assert code == 0, err
+    (task,) = bars[0].tasks
+    assert task.completed == task.total == 2 * 3 + 3, (task.completed, task.total)  # fp32, onnx-fp16, onnx-fp32
