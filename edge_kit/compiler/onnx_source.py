@@ -811,7 +811,7 @@ def _check_inputs(path: Path, tflite: bytes, inputs: dict[str, tuple[int, ...]])
                            "edge-kit feeds the same data to both, so it cannot use this conversion")
 
 
-def conversion_fidelity(path: Path, data: bytes, tflite: bytes, runner: Any) -> dict[str, Any]:
+def conversion_fidelity(path: Path, data: bytes, tflite: bytes, runner: Any, *, random: bool = False) -> dict[str, Any]:
     """Compare the converted model with ONNX Runtime on the same inputs.
 
     ``data`` is the ONNX model with its input shapes pinned (:func:`edge_kit.compiler.onnx_variants.pinned`);
@@ -819,13 +819,19 @@ def conversion_fidelity(path: Path, data: bytes, tflite: bytes, runner: Any) -> 
     for ONNX and LiteRT for the flatbuffer (:class:`edge_kit.compiler.analysis.ChildInference`: each
     run in a child with a deadline).
 
+    With ``random`` (the inputs are :func:`edge_kit.compiler.data.random_inputs`' samples, not the user's), a sample
+    on which ONNX Runtime's outputs hold NaN or infinity is left out, not refused: an input the model does not take
+    (the log or square root of a negative value).
+
     Returns:
         :func:`device_agents.inference.fidelity`'s figures: ``outputs`` per output name, and the
-        worst ``snr_db``, ``cosine``, ``max_abs_error``, ``mean_abs_error`` over outputs.
+        worst ``snr_db``, ``cosine``, ``max_abs_error``, ``mean_abs_error`` over outputs; ``left_out``, how many
+        random samples were left out.
 
     Raises:
         InputError: ONNX Runtime's outputs hold NaN or infinity (the model computes nothing to compare
-            with), or either run crashed, did not finish in time or failed (``runner``'s ValueError).
+            with; with ``random``: on every sample), or either run crashed, did not finish in time or failed
+            (``runner``'s ValueError).
         CompileError: the two models' outputs differ in names or shapes, or the converted model's hold
             NaN or infinity where ONNX Runtime's do not.
     """
@@ -835,17 +841,22 @@ def conversion_fidelity(path: Path, data: bytes, tflite: bytes, runner: Any) -> 
         reference = runner(data)
     except ValueError as exc:
         raise InputError(f"{path}: running the ONNX model to check its conversion: {exc}") from None
+    finite = np.logical_and.reduce([np.isfinite(y.reshape(len(y), -1)).all(axis=1) for y in reference.values()])
+    if random and finite.any():
+        reference = {name: y[finite] for name, y in reference.items()}
     for name, y in reference.items():
-        finite = np.isfinite(y.reshape(len(y), -1)).all(axis=1)
-        if not finite.all():
-            raise InputError(f"{path}: output '{name}' is NaN or infinity on sample {int(np.argmin(finite))} of the "
+        finite_here = np.isfinite(y.reshape(len(y), -1)).all(axis=1)
+        if not finite_here.all():
+            raise InputError(f"{path}: output '{name}' is NaN or infinity on sample {int(np.argmin(finite_here))} of the "
                              "conversion check (ONNX Runtime, the model itself); fix the model (weights, a division "
                              "by zero, a log of zero) and export it again")
     try:
         got = runner(tflite)
     except ValueError as exc:
         raise InputError(f"{path}: running its {CONVERTER} float32 conversion: {exc}") from None
+    if random:
+        got = {name: y[finite] if len(y) == len(finite) else y for name, y in got.items()}
     try:
-        return fidelity(got, reference)
+        return {**fidelity(got, reference), "left_out": int((~finite).sum()) if random else 0}
     except ValueError as exc:
         raise CompileError(f"{path}: the converted model's outputs do not match ONNX Runtime's ({exc})") from None

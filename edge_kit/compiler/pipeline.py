@@ -497,7 +497,12 @@ def _convert_onnx(source: Source, data: Dataset | None, profiles: list[Profile],
         where = f"{data.path.name} (first {len(next(iter(xs.values())))} samples)"
     else:
         xs, where = random_inputs(source.inputs, source.input_types, ox.id_bounds(source.onnx or b"", source.input_types))
-    fid = ox.conversion_fidelity(source.path, source.pinned_onnx(), source.tflite, runner(xs, "conversion", where))
+    fid = ox.conversion_fidelity(source.path, source.pinned_onnx(), source.tflite, runner(xs, "conversion", where),
+                                 random=data is None)
+    samples = len(next(iter(xs.values()))) - fid["left_out"]
+    if fid["left_out"]:
+        where += (f" ({fid['left_out']} left out: ONNX Runtime's outputs are NaN or infinity on them, inputs the model "
+                  "does not take)")
     floor = max([ox.CONVERSION_WARN_SNR_DB, *(p.constraints.min_fidelity_snr_db for p in profiles
                                                if p.constraints.min_fidelity_snr_db is not None)])
     ort = ox.version("onnxruntime")
@@ -505,7 +510,7 @@ def _convert_onnx(source: Source, data: Dataset | None, profiles: list[Profile],
         "converter": ox.CONVERTER, "converter_version": ox.version("onnx2tf"),
         "options": "-kat (every input keeps its ONNX layout); its Keras model converted once, float32 only, no quantization by the converter",
         "reference": "onnxruntime", "reference_version": ort, "reference_provider": "CPUExecutionProvider",
-        "inputs": where, "samples": len(next(iter(xs.values()))),
+        "inputs": where, "samples": samples,
         **{k: fid[k] for k in ("snr_db", "cosine", "max_abs_error", "mean_abs_error") if k in fid},
         "outputs": fid["outputs"], "outputs_transposed_back": transposed, "warn_below_snr_db": floor, "refuse_below_snr_db": ox.CONVERSION_REFUSE_SNR_DB,
         "seconds": round(seconds, 3),
