@@ -61,7 +61,7 @@ from edge_kit.compiler.sources import (
     source_graph,
 )
 from edge_kit.compiler.tflite_edit import as_float32
-from edge_kit.compiler.watch import note, watched
+from edge_kit.compiler.watch import interrupts_held, note, result_written, watched
 from edge_kit.errors import CompileError, ConfigError, InputError
 from edge_kit.fsutil import (
     atomic_write_bytes,
@@ -567,6 +567,7 @@ def compile_model(req: CompileRequest, progress: Progress | None = None) -> Mani
     """
     out = Path(req.out)
     made = not out.exists()  # a folder this compile makes is removed again when it fails before writing in it
+    result_written(False)
     try:
         with tempfile.TemporaryDirectory(prefix="edgekit-compile-") as work:  # inputs the children map, models they run
             return _compile_model(req, progress, Path(work))
@@ -834,7 +835,9 @@ def _publish(target: Path, plans: dict[str, _Plan], manifest: Manifest, extra: d
 
     Raises:
         CompileError: a write or rename failed; the previous result is left in place. An interrupt
-            (or any other exception) likewise puts the previous result back before it propagates.
+            (or any other exception) likewise puts the previous result back before it propagates. A Ctrl-C during
+            the swap is held until it is done (:func:`~edge_kit.compiler.watch.interrupts_held`): raised when it
+            failed, dropped once the new result is in place (complete: nothing to stop or undo).
     """
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.staging-"))
     note(staging=str(staging))  # for the edgekit process, should this worker die while writing (edge_kit.cli.worker)
@@ -847,19 +850,21 @@ def _publish(target: Path, plans: dict[str, _Plan], manifest: Manifest, extra: d
         for name, data in extra.items():
             atomic_write_bytes(staging / name, data)
         atomic_write_text(staging / "manifest.json", manifest.to_json(signer))
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{os.getpid()}"
-            note(old=str(old))
-            os.replace(target, old)
-        try:
-            os.replace(staging, target)
-        except OSError:
+        with interrupts_held():  # Ctrl-C during the swap: after it, raised unless the new result is in place
+            if target.exists():
+                old = target.parent / f".{target.name}.old-{os.getpid()}"
+                note(old=str(old))
+                os.replace(target, old)
+            try:
+                os.replace(staging, target)
+            except OSError:
+                if old is not None:
+                    os.replace(old, target)  # put the previous complete result back
+                raise
+            note(published=True)
+            result_written(True)
             if old is not None:
-                os.replace(old, target)  # put the previous complete result back
-            raise
-        note(published=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+                shutil.rmtree(old, ignore_errors=True)
     except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)
         raise CompileError(f"{target}: could not write the result ({exc.strerror or exc}); nothing was changed") from None
