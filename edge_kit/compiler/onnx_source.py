@@ -348,6 +348,7 @@ def id_bounds(data: bytes, types: dict[str, str]) -> dict[str, tuple[int, str]]:
     sequence (:func:`_body_input`); a ``Concat`` of them with other ids too. Inputs indexing no stored table are left
     out."""
     model = _onnx().load_from_string(data)
+    scan8 = any(o.domain in ("", "ai.onnx") and o.version < 9 for o in model.opset_import)  # Scan-8: sequence_lens first
     out: dict[str, tuple[int, str]] = {}
     for node in model.graph.node:  # float_inputs' own casts, first in the graph: the only readers of the inputs
         if node.op_type != "Cast" or not node.input or node.input[0] not in types or not node.output:
@@ -371,22 +372,25 @@ def id_bounds(data: bytes, types: dict[str, str]) -> dict[str, tuple[int, str]]:
                                 out[name] = (rows, f"the {rows} rows of Gather table '{reader.input[0]}'")
                     elif kind == "Concat" or at == 0 and (kind in SHAPE_ONLY_OPS or kind == "Cast" and _cast_keeps_ids(reader)):
                         ahead.extend((o, graph, tables) for o in reader.output if o)  # read in that graph, and below
-                    elif kind in ("Loop", "Scan") and (body := _body_input(reader, at)) is not None:
+                    elif kind in ("Loop", "Scan") and (body := _body_input(reader, at, scan8)) is not None:
                         ahead.append((body[1], body[0], tables))  # passed in: the body reads it under its own name
             frontier = ahead
     return out
 
 
-def _body_input(node: Any, at: int) -> tuple[Any, str] | None:
+def _body_input(node: Any, at: int, scan8: bool = False) -> tuple[Any, str] | None:
     """Return ``(body graph, input name)`` under which the body of the ``Loop`` or ``Scan`` ``node`` reads the value
     passed as the node's input ``at``: a Loop's inputs 2.. (its loop-carried values) are its body's inputs 2.. (after
     the iteration number and condition); a Scan's inputs (its state variables, then the sequences it scans, a slice
-    of each per iteration) are its body's inputs of the same position. None for a Loop's trip count or condition, or
-    a body declaring fewer inputs (a malformed graph)."""
+    of each per iteration) are its body's inputs of the same position, one before it with ``scan8`` (a model of opset
+    8, whose Scan takes ``sequence_lens`` first). None for a Loop's trip count or condition, Scan-8's
+    ``sequence_lens``, or a body declaring fewer inputs (a malformed graph)."""
     from onnx import AttributeProto
 
     body = next((a.g for a in node.attribute if a.name == "body" and a.type == AttributeProto.GRAPH), None)
-    if body is None or node.op_type == "Loop" and at < 2 or at >= len(body.input):
+    if scan8 and node.op_type == "Scan":
+        at -= 1
+    if body is None or node.op_type == "Loop" and at < 2 or not 0 <= at < len(body.input):
         return None
     return body, body.input[at].name
 

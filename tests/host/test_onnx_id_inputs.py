@@ -329,3 +329,23 @@ def test_random_check_ids_follow_ids_passed_into_a_loop_or_scan_body(tmp_path):
     assert xs["ids"].max() <= 18 and "0..18 (the 19 rows of Gather table 'emb')" in said, said
     source = load_source(tmp_path / "scan.onnx")
     assert run(source.onnx, {"ids": xs["ids"][:1]}).shape == (1, 4, 8)
+
+
+def test_random_check_ids_follow_ids_scanned_by_an_opset_8_scan(tmp_path):
+    """Scan of opset 8 takes ``sequence_lens`` (here left out, "") before its state variables: its inputs are its
+    body's inputs one position on, so the scanned ids are the body's 'step_ids', not its 'state'."""
+    table = numpy_helper.from_array(np.ones((19, 8), np.float32), "emb")
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["state"], ["state_out"]),
+         helper.make_node("Gather", ["emb", "step_ids"], ["step_rows"], axis=0)],
+        "scan_body", [tensor("state", TensorProto.FLOAT, [1]), tensor("step_ids", TensorProto.INT64, [4])],
+        [tensor("state_out", TensorProto.FLOAT, [1]), tensor("step_rows", TensorProto.FLOAT, [4, 8])])
+    graph = helper.make_graph(
+        [helper.make_node("Scan", ["", "start", "ids"], ["end", "y"], body=body, num_scan_inputs=1)], "g",
+        [tensor("ids", TensorProto.INT64, [1, 3, 4])], [tensor("y", TensorProto.FLOAT, [1, 3, 4, 8])],
+        [table, numpy_helper.from_array(np.zeros((1, 1), np.float32), "start")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 8)])
+    model.ir_version = 7
+    onnx.save(model, tmp_path / "scan8.onnx")
+    xs, said = bounded_ids(tmp_path / "scan8.onnx")
+    assert xs["ids"].max() <= 18 and "0..18 (the 19 rows of Gather table 'emb')" in said, said
