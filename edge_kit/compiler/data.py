@@ -220,9 +220,9 @@ def random_inputs(inputs: dict[str, tuple[int, ...]], types: dict[str, str],
     are, for the manifest: a float input :data:`RANDOM_UNIFORM` samples uniform in [0, 1) (pixels scaled to 0..1),
     then standard normal samples, each followed by its negation (inputs normalized to mean 0: negative values, and
     both signs of any weighted sum of the input, so both branches of an ``If`` on such a sign, are among them); an
-    integer or boolean one (``types``) whole numbers uniform over the ids it takes, which [0, 1) would make all 0: ``bounds[name]`` = (count, why) when the model
-    says how many (an embedding's rows), else ``uint8`` 0..255, ``bool`` 0..1, other types 0..:data:`DEFAULT_ID_COUNT`-1,
-    each within :func:`id_range` of its type."""
+    integer or boolean one (``types``) whole numbers uniform over the ids it takes, which [0, 1) would make all 0:
+    ``bounds[name]`` = (count, why) when the model says how many (an embedding's rows), else ``uint8`` 0..255,
+    ``bool`` 0..1, other types 0..:data:`DEFAULT_ID_COUNT`-1, each within :func:`id_range` of its type."""
     rng = np.random.default_rng(0)
     xs: dict[str, np.ndarray] = {}
     said: list[str] = []
