@@ -157,7 +157,7 @@ def compile_cmd(
     from device_agents.identity import Signer
     from edge_kit.compiler.pipeline import CompileRequest, compile_model, plan_steps
     from edge_kit.compiler.sources import parse_input_shapes
-    from edge_kit.compiler.watch import note
+    from edge_kit.compiler.watch import interrupts_after_result_ignored, note
     from edge_kit.errors import InputError
     from edge_kit.profiles import load_profile
 
@@ -172,32 +172,34 @@ def compile_cmd(
     req = CompileRequest(model=model, profiles=profiles, out=out_dir, calib=calib, eval=eval, train=train,
                          epochs=epochs, task=task, task_options=options, metric=metric, decode=decode,
                          input_shapes=parse_input_shapes(input_shape), signer=signer, name=name, timeout=timeout)
-    with progress_bar(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                      TimeElapsedColumn(), as_json=as_json) as bar:
-        task = bar.add_task("compiling", total=plan_steps(req))
-        note(model=str(model), out=str(out_dir), made=not out_dir.exists())  # for the edgekit process, should this worker crash
+    # a Ctrl-C once the result is written (manifest and all) stops and undoes nothing: the result is reported, exit 0
+    with interrupts_after_result_ignored():
+        with progress_bar(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                          TimeElapsedColumn(), as_json=as_json) as bar:
+            task = bar.add_task("compiling", total=plan_steps(req))
+            note(model=str(model), out=str(out_dir), made=not out_dir.exists())  # for the edgekit process, should this worker crash
 
-        def step(msg: str) -> None:
-            note(step=msg)
-            bar.update(task, advance=1, description=msg)
+            def step(msg: str, total: int) -> None:
+                note(step=msg)
+                bar.update(task, advance=1, description=msg, total=total)
 
-        manifest = compile_model(req, progress=step)
-    target = out_dir / manifest.model["name"]
-    if as_json:
-        sys.stdout.write((target / "manifest.json").read_text())  # as written: signed when --sign-key was given
-    else:
-        table, notes = _compile_report(manifest)
-        out.print(table)
-        for line in notes:
-            out.print(line, highlight=False)
-        out.print(f"wrote {safe(str(target))}/manifest.json" + (f", signed by key {signer.key_id}" if signer else ""))
-    for line in unserved_profiles(manifest):  # stderr, as every warning: --json's stdout stays the manifest alone
-        sys.stderr.write(f"edgekit: warning: {printable(line)}\n")
-    failed = [a.id for a in manifest.artifacts if a.status == "failed"]
-    if failed:
-        sys.stderr.write(f"edgekit: error: {len(failed)} variant(s) failed: {', '.join(failed)} "
-                         "(reasons in the table and the manifest; the built ones were written)\n")
-        raise typer.Exit(3)
+            manifest = compile_model(req, progress=step)
+        target = out_dir / manifest.model["name"]
+        if as_json:
+            sys.stdout.write((target / "manifest.json").read_text())  # as written: signed when --sign-key was given
+        else:
+            table, notes = _compile_report(manifest)
+            out.print(table)
+            for line in notes:
+                out.print(line, highlight=False)
+            out.print(f"wrote {safe(str(target))}/manifest.json" + (f", signed by key {signer.key_id}" if signer else ""))
+        for line in unserved_profiles(manifest):  # stderr, as every warning: --json's stdout stays the manifest alone
+            sys.stderr.write(f"edgekit: warning: {printable(line)}\n")
+        failed = [a.id for a in manifest.artifacts if a.status == "failed"]
+        if failed:
+            sys.stderr.write(f"edgekit: error: {len(failed)} variant(s) failed: {', '.join(failed)} "
+                             "(reasons in the table and the manifest; the built ones were written)\n")
+            raise typer.Exit(3)
 
 
 @app.command("sign")

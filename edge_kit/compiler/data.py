@@ -210,24 +210,30 @@ def range_warning(calib: Dataset, evalset: Dataset, types: dict[str, str] | None
 
 
 RANDOM_SAMPLES = 4  # without --eval or --calib: this many random inputs check a conversion, said so in the manifest
+RANDOM_UNIFORM = 2  # of them, for a float input: this many uniform in [0, 1), then standard normal ones in pairs z, -z
 DEFAULT_ID_COUNT = 100  # an integer input indexing no table the model stores: ids 0..99
 
 
 def random_inputs(inputs: dict[str, tuple[int, ...]], types: dict[str, str],
                   bounds: dict[str, tuple[int, str]] | None = None) -> tuple[dict[str, np.ndarray], str]:
     """Return :data:`RANDOM_SAMPLES` random float32 samples per input (seeded: the same every compile) and what they
-    are, for the manifest: a float input uniform in [0, 1); an integer or boolean one (``types``) whole numbers
-    uniform over the ids it takes, which [0, 1) would make all 0: ``bounds[name]`` = (count, why) when the model
-    says how many (an embedding's rows), else ``uint8`` 0..255, ``bool`` 0..1, other types 0..:data:`DEFAULT_ID_COUNT`-1,
-    each within :func:`id_range` of its type."""
+    are, for the manifest: a float input :data:`RANDOM_UNIFORM` samples uniform in [0, 1) (pixels scaled to 0..1),
+    then standard normal samples, each followed by its negation (inputs normalized to mean 0: negative values, and
+    both signs of any weighted sum of the input, so both branches of an ``If`` on such a sign, are among them); an
+    integer or boolean one (``types``) whole numbers uniform over the ids it takes, which [0, 1) would make all 0:
+    ``bounds[name]`` = (count, why) when the model says how many (an embedding's rows), else ``uint8`` 0..255,
+    ``bool`` 0..1, other types 0..:data:`DEFAULT_ID_COUNT`-1, each within :func:`id_range` of its type."""
     rng = np.random.default_rng(0)
     xs: dict[str, np.ndarray] = {}
     said: list[str] = []
     for name, shape in inputs.items():
         span = id_range(types.get(name, "float32"))
         if span is None:
-            xs[name] = rng.uniform(0, 1, (RANDOM_SAMPLES, *shape)).astype(np.float32)
-            said.append(f"'{name}' uniform [0, 1)")
+            normal = rng.standard_normal(((RANDOM_SAMPLES - RANDOM_UNIFORM) // 2, *shape))
+            signed = np.stack([normal, -normal], axis=1).reshape(-1, *shape)  # z1, -z1, z2, -z2, ...
+            xs[name] = np.concatenate([rng.uniform(0, 1, (RANDOM_UNIFORM, *shape)), signed]).astype(np.float32)
+            said.append(f"'{name}' {RANDOM_UNIFORM} uniform in [0, 1), then {len(signed) // 2} standard normal and "
+                        "its negation")
             continue
         dtype = types[name]
         if bounds and name in bounds:

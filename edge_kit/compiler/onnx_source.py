@@ -344,9 +344,11 @@ def id_bounds(data: bytes, types: dict[str, str]) -> dict[str, tuple[int, str]]:
     cast through up to :data:`MAX_SHAPE_HOPS` of :data:`SHAPE_ONLY_OPS` (PyTorch exports ``ids.view(-1)`` or
     ``unsqueeze`` before an embedding) and the model's own ``Cast`` to an integer type (int32 ids cast to int64),
     which move ids without changing one, in the top-level graph and in the ``If``/``Loop``/``Scan`` bodies that read
-    them by name (:func:`_readers`); a ``Concat`` of them with other ids too. Inputs indexing no stored table are left
+    them by name (:func:`_readers`) or take them as a ``Loop``'s loop-carried value or a ``Scan``'s state or scanned
+    sequence (:func:`_body_input`); a ``Concat`` of them with other ids too. Inputs indexing no stored table are left
     out."""
     model = _onnx().load_from_string(data)
+    scan8 = any(o.domain in ("", "ai.onnx") and o.version < 9 for o in model.opset_import)  # Scan-8: sequence_lens first
     out: dict[str, tuple[int, str]] = {}
     for node in model.graph.node:  # float_inputs' own casts, first in the graph: the only readers of the inputs
         if node.op_type != "Cast" or not node.input or node.input[0] not in types or not node.output:
@@ -370,8 +372,27 @@ def id_bounds(data: bytes, types: dict[str, str]) -> dict[str, tuple[int, str]]:
                                 out[name] = (rows, f"the {rows} rows of Gather table '{reader.input[0]}'")
                     elif kind == "Concat" or at == 0 and (kind in SHAPE_ONLY_OPS or kind == "Cast" and _cast_keeps_ids(reader)):
                         ahead.extend((o, graph, tables) for o in reader.output if o)  # read in that graph, and below
+                    elif kind in ("Loop", "Scan") and (body := _body_input(reader, at, scan8)) is not None:
+                        ahead.append((body[1], body[0], tables))  # passed in: the body reads it under its own name
             frontier = ahead
     return out
+
+
+def _body_input(node: Any, at: int, scan8: bool = False) -> tuple[Any, str] | None:
+    """Return ``(body graph, input name)`` under which the body of the ``Loop`` or ``Scan`` ``node`` reads the value
+    passed as the node's input ``at``: a Loop's inputs 2.. (its loop-carried values) are its body's inputs 2.. (after
+    the iteration number and condition); a Scan's inputs (its state variables, then the sequences it scans, a slice
+    of each per iteration) are its body's inputs of the same position, one before it with ``scan8`` (a model of opset
+    8, whose Scan takes ``sequence_lens`` first). None for a Loop's trip count or condition, Scan-8's
+    ``sequence_lens``, or a body declaring fewer inputs (a malformed graph)."""
+    from onnx import AttributeProto
+
+    body = next((a.g for a in node.attribute if a.name == "body" and a.type == AttributeProto.GRAPH), None)
+    if scan8 and node.op_type == "Scan":
+        at -= 1
+    if body is None or node.op_type == "Loop" and at < 2 or not 0 <= at < len(body.input):
+        return None
+    return body, body.input[at].name
 
 
 def _cast_keeps_ids(node: Any) -> bool:
@@ -794,7 +815,7 @@ def _check_inputs(path: Path, tflite: bytes, inputs: dict[str, tuple[int, ...]])
                            "edge-kit feeds the same data to both, so it cannot use this conversion")
 
 
-def conversion_fidelity(path: Path, data: bytes, tflite: bytes, runner: Any) -> dict[str, Any]:
+def conversion_fidelity(path: Path, data: bytes, tflite: bytes, runner: Any, *, random: bool = False) -> dict[str, Any]:
     """Compare the converted model with ONNX Runtime on the same inputs.
 
     ``data`` is the ONNX model with its input shapes pinned (:func:`edge_kit.compiler.onnx_variants.pinned`);
@@ -802,13 +823,19 @@ def conversion_fidelity(path: Path, data: bytes, tflite: bytes, runner: Any) -> 
     for ONNX and LiteRT for the flatbuffer (:class:`edge_kit.compiler.analysis.ChildInference`: each
     run in a child with a deadline).
 
+    With ``random`` (the inputs are :func:`edge_kit.compiler.data.random_inputs`' samples, not the user's), a sample
+    on which ONNX Runtime's outputs hold NaN or infinity is left out, not refused: an input the model does not take
+    (the log or square root of a negative value).
+
     Returns:
         :func:`device_agents.inference.fidelity`'s figures: ``outputs`` per output name, and the
-        worst ``snr_db``, ``cosine``, ``max_abs_error``, ``mean_abs_error`` over outputs.
+        worst ``snr_db``, ``cosine``, ``max_abs_error``, ``mean_abs_error`` over outputs; ``left_out``, how many
+        random samples were left out.
 
     Raises:
         InputError: ONNX Runtime's outputs hold NaN or infinity (the model computes nothing to compare
-            with), or either run crashed, did not finish in time or failed (``runner``'s ValueError).
+            with; with ``random``: on every sample), or either run crashed, did not finish in time or failed
+            (``runner``'s ValueError).
         CompileError: the two models' outputs differ in names or shapes, or the converted model's hold
             NaN or infinity where ONNX Runtime's do not.
     """
@@ -818,17 +845,22 @@ def conversion_fidelity(path: Path, data: bytes, tflite: bytes, runner: Any) -> 
         reference = runner(data)
     except ValueError as exc:
         raise InputError(f"{path}: running the ONNX model to check its conversion: {exc}") from None
+    finite = np.logical_and.reduce([np.isfinite(y.reshape(len(y), -1)).all(axis=1) for y in reference.values()])
+    if random and finite.any():
+        reference = {name: y[finite] for name, y in reference.items()}
     for name, y in reference.items():
-        finite = np.isfinite(y.reshape(len(y), -1)).all(axis=1)
-        if not finite.all():
-            raise InputError(f"{path}: output '{name}' is NaN or infinity on sample {int(np.argmin(finite))} of the "
+        finite_here = np.isfinite(y.reshape(len(y), -1)).all(axis=1)
+        if not finite_here.all():
+            raise InputError(f"{path}: output '{name}' is NaN or infinity on sample {int(np.argmin(finite_here))} of the "
                              "conversion check (ONNX Runtime, the model itself); fix the model (weights, a division "
                              "by zero, a log of zero) and export it again")
     try:
         got = runner(tflite)
     except ValueError as exc:
         raise InputError(f"{path}: running its {CONVERTER} float32 conversion: {exc}") from None
+    if random:
+        got = {name: y[finite] if len(y) == len(finite) else y for name, y in got.items()}
     try:
-        return fidelity(got, reference)
+        return {**fidelity(got, reference), "left_out": int((~finite).sum()) if random else 0}
     except ValueError as exc:
         raise CompileError(f"{path}: the converted model's outputs do not match ONNX Runtime's ({exc})") from None

@@ -61,7 +61,7 @@ from edge_kit.compiler.sources import (
     source_graph,
 )
 from edge_kit.compiler.tflite_edit import as_float32
-from edge_kit.compiler.watch import note, watched
+from edge_kit.compiler.watch import interrupts_held, note, result_written, watched
 from edge_kit.errors import CompileError, ConfigError, InputError
 from edge_kit.fsutil import (
     atomic_write_bytes,
@@ -74,7 +74,8 @@ from edge_kit.profiles import Profile
 from edge_kit.variants import VariantSpec, build_order, parse_variant
 
 PRECISION_TO_VARIANT = {"float32": "fp32", "float16": "fp16", "dynamic-int8": "dynamic-int8", "int8": "int8"}
-Progress = Callable[[str], None]
+Progress = Callable[[str, int], None]  # (the step now entered, how many steps the compile has in all: plan_steps's
+# count, grown by two when onnx-fp32 is added as the reference of an ONNX model onnx2tf cannot convert)
 EVAL_FILE = "eval.npz"  # shipped next to the artifacts: inputs, labels, fp32 outputs and metric, for on-device accuracy
 
 
@@ -123,8 +124,15 @@ def _wanted(profiles: list[Profile]) -> dict[str, list[str]]:
 
 
 def plan_steps(req: CompileRequest) -> int:
-    """Return how many progress steps :func:`compile_model` reports (for a progress bar's total)."""
-    return 2 * len(build_order(list(_wanted(req.profiles)))) + 2 + (Path(req.model).suffix.lower() == ".onnx")
+    """Return how many progress steps :func:`compile_model` reports as planned (for a progress bar's total; the
+    compile reports a larger total with each step should onnx-fp32 be added as the reference, :data:`Progress`)."""
+    return _steps(_wanted(req.profiles), Path(req.model).suffix.lower() == ".onnx")
+
+
+def _steps(wanted: dict[str, list[str]], onnx: bool) -> int:
+    """Return how many progress steps a compile of the variants ``wanted`` takes: checking inputs, converting (an ONNX
+    source), building and measuring each variant to build, writing the result."""
+    return 2 * len(build_order(list(wanted))) + 2 + onnx
 
 
 def _versions() -> dict[str, str | None]:
@@ -489,7 +497,12 @@ def _convert_onnx(source: Source, data: Dataset | None, profiles: list[Profile],
         where = f"{data.path.name} (first {len(next(iter(xs.values())))} samples)"
     else:
         xs, where = random_inputs(source.inputs, source.input_types, ox.id_bounds(source.onnx or b"", source.input_types))
-    fid = ox.conversion_fidelity(source.path, source.pinned_onnx(), source.tflite, runner(xs, "conversion", where))
+    fid = ox.conversion_fidelity(source.path, source.pinned_onnx(), source.tflite, runner(xs, "conversion", where),
+                                 random=data is None)
+    samples = len(next(iter(xs.values()))) - fid["left_out"]
+    if fid["left_out"]:
+        where += (f" ({fid['left_out']} left out: ONNX Runtime's outputs are NaN or infinity on them, inputs the model "
+                  "does not take)")
     floor = max([ox.CONVERSION_WARN_SNR_DB, *(p.constraints.min_fidelity_snr_db for p in profiles
                                                if p.constraints.min_fidelity_snr_db is not None)])
     ort = ox.version("onnxruntime")
@@ -497,7 +510,7 @@ def _convert_onnx(source: Source, data: Dataset | None, profiles: list[Profile],
         "converter": ox.CONVERTER, "converter_version": ox.version("onnx2tf"),
         "options": "-kat (every input keeps its ONNX layout); its Keras model converted once, float32 only, no quantization by the converter",
         "reference": "onnxruntime", "reference_version": ort, "reference_provider": "CPUExecutionProvider",
-        "inputs": where, "samples": len(next(iter(xs.values()))),
+        "inputs": where, "samples": samples,
         **{k: fid[k] for k in ("snr_db", "cosine", "max_abs_error", "mean_abs_error") if k in fid},
         "outputs": fid["outputs"], "outputs_transposed_back": transposed, "warn_below_snr_db": floor, "refuse_below_snr_db": ox.CONVERSION_REFUSE_SNR_DB,
         "seconds": round(seconds, 3),
@@ -532,7 +545,8 @@ def _fidelity_warnings(artifact: Artifact, profiles: list[Profile]) -> list[str]
 
 
 def compile_model(req: CompileRequest, progress: Progress | None = None) -> Manifest:
-    """Build, measure and record every variant the profiles in ``req`` ask for.
+    """Build, measure and record every variant the profiles in ``req`` ask for, calling ``progress`` (:data:`Progress`)
+    as each step starts.
 
     Returns:
         The manifest, already written to ``<out>/<model>/manifest.json``. Variants that cannot be
@@ -553,6 +567,7 @@ def compile_model(req: CompileRequest, progress: Progress | None = None) -> Mani
     """
     out = Path(req.out)
     made = not out.exists()  # a folder this compile makes is removed again when it fails before writing in it
+    result_written(False)
     try:
         with tempfile.TemporaryDirectory(prefix="edgekit-compile-") as work:  # inputs the children map, models they run
             return _compile_model(req, progress, Path(work))
@@ -564,7 +579,12 @@ def compile_model(req: CompileRequest, progress: Progress | None = None) -> Mani
 
 def _compile_model(req: CompileRequest, progress: Progress | None, work: Path) -> Manifest:
     """:func:`compile_model`, but a failure may leave ``req.out`` made and empty; ``work`` is a scratch folder."""
-    step = progress or (lambda _msg: None)
+    total = plan_steps(req)
+
+    def step(msg: str) -> None:
+        if progress is not None:
+            progress(msg, total)
+
     from device_agents.runtimes import get_runtime
 
     out = Path(req.out)
@@ -635,6 +655,7 @@ def _compile_model(req: CompileRequest, progress: Progress | None, work: Path) -
             unconverted = str(exc)
             warnings.warn(f"{exc}; only the ONNX Runtime variants are built, measured against onnx-fp32", stacklevel=2)
             wanted.setdefault("onnx-fp32", [])  # the reference in fp32's place
+            total = _steps(wanted, onnx=True)  # its build and measuring steps, which the plan did not count
     reference_id = "onnx-fp32" if unconverted else "fp32"  # every variant's fidelity is measured against its outputs
     writable_folder(out)
 
@@ -814,7 +835,9 @@ def _publish(target: Path, plans: dict[str, _Plan], manifest: Manifest, extra: d
 
     Raises:
         CompileError: a write or rename failed; the previous result is left in place. An interrupt
-            (or any other exception) likewise puts the previous result back before it propagates.
+            (or any other exception) likewise puts the previous result back before it propagates. A Ctrl-C during
+            the swap is held until it is done (:func:`~edge_kit.compiler.watch.interrupts_held`): raised when it
+            failed, dropped once the new result is in place (complete: nothing to stop or undo).
     """
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.staging-"))
     note(staging=str(staging))  # for the edgekit process, should this worker die while writing (edge_kit.cli.worker)
@@ -827,19 +850,21 @@ def _publish(target: Path, plans: dict[str, _Plan], manifest: Manifest, extra: d
         for name, data in extra.items():
             atomic_write_bytes(staging / name, data)
         atomic_write_text(staging / "manifest.json", manifest.to_json(signer))
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{os.getpid()}"
-            note(old=str(old))
-            os.replace(target, old)
-        try:
-            os.replace(staging, target)
-        except OSError:
+        with interrupts_held():  # Ctrl-C during the swap: after it, raised unless the new result is in place
+            if target.exists():
+                old = target.parent / f".{target.name}.old-{os.getpid()}"
+                note(old=str(old))
+                os.replace(target, old)
+            try:
+                os.replace(staging, target)
+            except OSError:
+                if old is not None:
+                    os.replace(old, target)  # put the previous complete result back
+                raise
+            note(published=True)
+            result_written(True)
             if old is not None:
-                os.replace(old, target)  # put the previous complete result back
-            raise
-        note(published=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+                shutil.rmtree(old, ignore_errors=True)
     except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)
         raise CompileError(f"{target}: could not write the result ({exc.strerror or exc}); nothing was changed") from None

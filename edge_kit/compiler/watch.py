@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -104,3 +106,59 @@ def _end(deadline: _Deadline) -> None:
         outer.until += time.monotonic() - outer.paused
         outer.paused = None
     outer.said()
+
+
+_written = [False]  # whether this process's compile has put its complete result in place (set by the result swap)
+
+
+def result_written(done: bool | None = None) -> bool:
+    """Return whether the compile running in this process has put its complete result (manifest included) in place;
+    with ``done``, first record it (the compile sets False as it starts, the result swap True once it is done)."""
+    if done is not None:
+        _written[0] = done
+    return _written[0]
+
+
+def _set_sigint(handler: Any) -> Any:
+    """Set ``handler`` for SIGINT and return the one it replaces (SIG_DFL for one not set from Python); None, and
+    nothing set, outside the main thread, where Python sets no signal handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    previous = signal.signal(signal.SIGINT, handler)
+    return signal.SIG_DFL if previous is None else previous
+
+
+@contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) while the block runs (the result swap, which must happen whole or not at all), then, on
+    leaving the block normally, raise a held one as KeyboardInterrupt unless the result was written meanwhile
+    (:func:`result_written`): a complete result is kept, and the interrupt that came as it was written is dropped.
+    Outside the main thread the block just runs."""
+    came: list[int] = []
+    previous = _set_sigint(lambda signum, _frame: came.append(signum))
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    if came and not result_written():
+        raise KeyboardInterrupt
+
+
+@contextmanager
+def interrupts_after_result_ignored() -> Iterator[None]:
+    """While the block runs, Ctrl-C (SIGINT) raises KeyboardInterrupt as usual until the compile's result is written
+    (:func:`result_written`), and is ignored afterwards: there is nothing left to stop or undo, so `edgekit compile`
+    reports its result and exits 0. The previous handler is back after the block. Outside the main thread the block
+    just runs."""
+
+    def on_sigint(_signum: int, _frame: Any) -> None:
+        if not result_written():
+            raise KeyboardInterrupt
+
+    previous = _set_sigint(on_sigint)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)

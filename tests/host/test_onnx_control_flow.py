@@ -131,3 +131,69 @@ def test_the_onnx_runtime_variants_of_a_loop_onnx2tf_cannot_convert_are_built(tm
     assert manifest.artifact("onnx-fp32").fidelity.snr_db > 100  # itself
     assert manifest.artifact("onnx-int8").fidelity.snr_db > 20
     assert "conversion" not in manifest.model
+
+
+def test_the_progress_bar_of_a_loop_compile_ends_at_its_total(tmp_path, run_cli, monkeypatch):
+    """The onnx-fp32 variant added as the reference when onnx2tf cannot convert the Loop has its build and measure
+    steps, which the bar's total (planned before the conversion) did not count: the bar ended at 9/7. The compile
+    now reports its total with each step, and the bar ends full."""
+    from rich.progress import Progress
+
+    from edge_kit.cli import compile as compile_cli
+
+    bars: list[Progress] = []
+
+    def recording_bar(*columns, as_json, transient=True):
+        bars.append(Progress(*columns, disable=True))
+        return bars[-1]
+
+    monkeypatch.setattr(compile_cli, "progress_bar", recording_bar)
+    code, _out, err = run_cli("compile", loop_model(tmp_path / "loop.onnx"), "-p",
+                              profile_file(tmp_path, ["fp32", "onnx-fp16"]), "--out", tmp_path / "out")
+    assert code == 0, err
+    (task,) = bars[0].tasks
+    assert task.completed == task.total == 2 * 3 + 3, (task.completed, task.total)  # fp32, onnx-fp16, onnx-fp32
+
+
+def test_without_data_the_conversion_check_samples_take_both_branches_of_an_if(tmp_path):
+    """Without --eval or --calib the conversion was checked on 4 samples uniform in [0, 1): an ``If`` taken for a
+    negative input sum never ran, so a conversion wrong on that branch would pass the check. The samples the
+    compile makes (two uniform, a standard normal one and its negation) now reach both branches: counted through
+    ONNX Runtime, whose outputs say which branch ran (x + 1000 or x - 1000)."""
+    import onnxruntime as ort
+
+    from edge_kit.compiler.data import random_inputs
+    from edge_kit.compiler.onnx_source import id_bounds
+    from edge_kit.compiler.sources import load_source
+
+    then = helper.make_graph([helper.make_node("Add", ["x", "thousand"], ["t_y"])], "then", [], [vec("t_y")])
+    other = helper.make_graph([helper.make_node("Sub", ["x", "thousand"], ["e_y"])], "else", [], [vec("e_y")])
+    nodes = [helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0),
+             helper.make_node("Less", ["total", "zero"], ["negative"]),
+             helper.make_node("If", ["negative"], ["y"], then_branch=then, else_branch=other, name="branch")]
+    model = save(tmp_path / "signs.onnx", nodes, [numpy_helper.from_array(np.zeros((1,), np.float32), "zero"),
+                                                  numpy_helper.from_array(np.array(1000, np.float32), "thousand")])
+    source = load_source(model)
+    xs, said = random_inputs(source.inputs, source.input_types, id_bounds(source.onnx, source.input_types))
+    again, _ = random_inputs(source.inputs, source.input_types, id_bounds(source.onnx, source.input_types))
+    assert (xs["x"] == again["x"]).all()  # seeded: every compile checks the same samples
+    session = ort.InferenceSession(source.pinned_onnx(), providers=["CPUExecutionProvider"])
+    ys = np.concatenate([session.run(None, {"x": x[None]})[0] for x in xs["x"]])
+    negative, positive = (ys > 500).all(axis=1).sum(), (ys < -500).all(axis=1).sum()
+    assert negative >= 1 and positive >= 1 and negative + positive == len(ys), ys
+    assert said == ("4 random samples (no --eval or --calib given): 'x' 2 uniform in [0, 1), then 1 standard normal "
+                    "and its negation")
+
+
+def test_without_data_a_model_taking_positive_inputs_only_is_checked_on_those_it_takes(tmp_path):
+    """The standard normal check samples hold negative values, on which a model computing ``sqrt(x)`` gives NaN in
+    ONNX Runtime: the compile refused it ("output 'y' is NaN or infinity ... fix the model") where [0, 1) samples
+    had passed. Random samples on which ONNX Runtime's own outputs are not finite are left out, and said so."""
+    model = save(tmp_path / "root.onnx", [helper.make_node("Sqrt", ["x"], ["y"])], [])
+    profile = load_profile("rpi4").model_copy(update={"variants": ["fp32"]})
+    manifest = compile_model(CompileRequest(model, [profile], tmp_path / "out"))
+    conversion = manifest.model["conversion"]
+    assert conversion["samples"] == 2 and conversion["snr_db"] > CONVERSION_WARN_SNR_DB, conversion
+    assert conversion["inputs"].endswith("(2 left out: ONNX Runtime's outputs are NaN or infinity on them, inputs the "
+                                         "model does not take)"), conversion["inputs"]
+    assert manifest.artifact("fp32").status == "built"

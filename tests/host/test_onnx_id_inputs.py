@@ -290,3 +290,62 @@ def test_random_check_ids_of_an_input_indexing_two_tables_fit_the_smaller(tmp_pa
                                numpy_helper.from_array(np.array([-1, 4, 3], np.int64), "back")])
     xs, said = bounded_ids(save(tmp_path / "two.onnx", graph))
     assert xs["ids"].max() <= 11 and "0..11 (the 12 rows of Gather table 'positions')" in said
+
+
+def test_random_check_ids_follow_ids_passed_into_a_loop_or_scan_body(tmp_path):
+    """The ids enter a ``Loop`` body as its loop-carried value, or a ``Scan`` body as the sequence it scans (after
+    a state variable), and the body reads them under its own input's name: only bodies reading the outer name were
+    searched, so the 19-row table gathered inside was missed and ids went up to 99 (ONNX Runtime: indices out of
+    data bounds). The outer value is followed to the body input it becomes."""
+    table = numpy_helper.from_array(np.ones((19, 8), np.float32), "emb")
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+         helper.make_node("Identity", ["carried"], ["carried_out"]),
+         helper.make_node("Gather", ["emb", "carried"], ["rows"], axis=0)],
+        "body", [tensor("i", TensorProto.INT64, []), tensor("cond_in", TensorProto.BOOL, []),
+                 tensor("carried", TensorProto.INT64, [None, 4])],
+        [tensor("cond_out", TensorProto.BOOL, []), tensor("carried_out", TensorProto.INT64, [None, 4]),
+         tensor("rows", TensorProto.FLOAT, [None, 4, 8])])
+    loop = helper.make_graph(
+        [helper.make_node("Loop", ["trips", "go", "ids"], ["last", "y"], body=body)], "g",
+        [tensor("ids", TensorProto.INT64, [None, 4])], [tensor("y", TensorProto.FLOAT, [3, None, 4, 8])],
+        [table, numpy_helper.from_array(np.array(3, np.int64), "trips"), numpy_helper.from_array(np.array(True), "go")])
+    xs, said = bounded_ids(save(tmp_path / "loop.onnx", loop))
+    assert xs["ids"].max() <= 18 and len(np.unique(xs["ids"])) > 10, xs["ids"]
+    assert "0..18 (the 19 rows of Gather table 'emb')" in said
+    source = load_source(tmp_path / "loop.onnx")
+    assert run(source.onnx, {"ids": xs["ids"][:1]}).shape == (3, 1, 4, 8)  # ids the model takes
+
+    scan_body = helper.make_graph(
+        [helper.make_node("Identity", ["state"], ["state_out"]),
+         helper.make_node("Gather", ["emb", "step_ids"], ["step_rows"], axis=0)],
+        "scan_body", [tensor("state", TensorProto.FLOAT, [1]), tensor("step_ids", TensorProto.INT64, [4])],
+        [tensor("state_out", TensorProto.FLOAT, [1]), tensor("step_rows", TensorProto.FLOAT, [4, 8])])
+    scan = helper.make_graph(
+        [helper.make_node("Scan", ["start", "ids"], ["end", "y"], body=scan_body, num_scan_inputs=1)], "g",
+        [tensor("ids", TensorProto.INT64, [None, 4])], [tensor("y", TensorProto.FLOAT, [None, 4, 8])],
+        [table, numpy_helper.from_array(np.zeros(1, np.float32), "start")])
+    xs, said = bounded_ids(save(tmp_path / "scan.onnx", scan))
+    assert xs["ids"].max() <= 18 and "0..18 (the 19 rows of Gather table 'emb')" in said, said
+    source = load_source(tmp_path / "scan.onnx")
+    assert run(source.onnx, {"ids": xs["ids"][:1]}).shape == (1, 4, 8)
+
+
+def test_random_check_ids_follow_ids_scanned_by_an_opset_8_scan(tmp_path):
+    """Scan of opset 8 takes ``sequence_lens`` (here left out, "") before its state variables: its inputs are its
+    body's inputs one position on, so the scanned ids are the body's 'step_ids', not its 'state'."""
+    table = numpy_helper.from_array(np.ones((19, 8), np.float32), "emb")
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["state"], ["state_out"]),
+         helper.make_node("Gather", ["emb", "step_ids"], ["step_rows"], axis=0)],
+        "scan_body", [tensor("state", TensorProto.FLOAT, [1]), tensor("step_ids", TensorProto.INT64, [4])],
+        [tensor("state_out", TensorProto.FLOAT, [1]), tensor("step_rows", TensorProto.FLOAT, [4, 8])])
+    graph = helper.make_graph(
+        [helper.make_node("Scan", ["", "start", "ids"], ["end", "y"], body=body, num_scan_inputs=1)], "g",
+        [tensor("ids", TensorProto.INT64, [1, 3, 4])], [tensor("y", TensorProto.FLOAT, [1, 3, 4, 8])],
+        [table, numpy_helper.from_array(np.zeros((1, 1), np.float32), "start")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 8)])
+    model.ir_version = 7
+    onnx.save(model, tmp_path / "scan8.onnx")
+    xs, said = bounded_ids(tmp_path / "scan8.onnx")
+    assert xs["ids"].max() <= 18 and "0..18 (the 19 rows of Gather table 'emb')" in said, said
