@@ -28,6 +28,7 @@ from typing import Any, Callable
 from device_agents.identity import Keyring, Signer, receive, verify_published
 from device_agents.mqtt import make_client, message_topic
 from edge_kit.errors import AgentError, AgentTimeout
+from edge_kit.fleet.keys import DeviceRevoked
 from edgekit_protocol import commands, messages
 from edgekit_protocol.config import BrokerConfig
 from edgekit_protocol.desired import MAX_ERROR_CHARS, Desired
@@ -76,8 +77,12 @@ class FleetClient:
 
     def __init__(self, broker: BrokerConfig, fleet: str, password: str | None = None, *, signer: Signer,
                  keyring: Keyring, transport: Any = None, kinds: tuple[str, ...] = ("cmd/ack", "bench", "status"),
-                 on_reported: Callable[[dict[str, Any]], None] | None = None):
+                 on_reported: Callable[[dict[str, Any]], None] | None = None,
+                 revoked: Callable[[str], dict[str, Any] | None] | None = None):
         self.broker = broker
+        # device -> its revoked-list entry when its key was revoked and none registered since (None: not revoked);
+        # :meth:`send` refuses such a device before anything is sent
+        self.revoked = revoked
         self.kinds = kinds  # what it subscribes to; a rollout takes ``reported`` only (one retained per device)
         self.on_reported = on_reported  # called (network thread) with each verified reported message
         self.fleet = fleet
@@ -125,8 +130,9 @@ class FleetClient:
             ConfigError: the broker password file or the fleet's keys cannot be read.
         """
         keys = fleet.key_store()
-        return cls(fleet.broker, fleet.fleet, fleet.broker_password(), signer=keys.operator,
-                   keyring=keys.keyring(), transport=transport, **kw)
+        keyring = keys.keyring()
+        return cls(fleet.broker, fleet.fleet, fleet.broker_password(), signer=keys.operator, keyring=keyring,
+                   transport=transport, revoked=keyring.device_revocation, **kw)
 
     def _on_message(self, _c: Any, _u: Any, message: Any) -> None:
         topic = message_topic(message)  # a topic that is not UTF-8 read strictly would end paho's network thread
@@ -208,10 +214,16 @@ class FleetClient:
         (default: in :data:`COMMAND_TTL_S`). The command is signed with the operator key.
 
         Raises:
+            DeviceRevoked: ``device``'s key was revoked and none registered since (its answers would be refused):
+                nothing is sent; the text says when and how to readmit it.
             CommandError: the command or its arguments break the spec the agent enforces; nothing is sent.
             PayloadTooLarge: the signed command is over the protocol's payload limit (the agent would refuse it, and
                 the broker cut this client off at every reconnect); nothing is sent.
+            ConfigError: the key registry or the revoked list cannot be read (and never could be by this client).
         """
+        entry = self.revoked(device) if self.revoked is not None else None
+        if entry is not None:
+            raise DeviceRevoked.of(device, entry, name)
         msg = commands.command(self.fleet, device, name, args,
                                expires=expires if expires is not None else time.time() + COMMAND_TTL_S)
         self.signer.sign(msg)
@@ -300,6 +312,7 @@ class FleetClient:
             AgentTimeout: no ack (or record) within ``timeout``; the device is named.
             AgentError: the agent refused it (its reason is given), or its ``bench`` ack names no record (no text
                 ``bench_msg_id``), or a record that device signed but the checks refuse.
+            DeviceRevoked: ``device``'s key was revoked (:meth:`send`): nothing sent, nothing waited for.
         """
         deadline = time.monotonic() + timeout
         ack = self.wait_ack(self.send(device, name, args, time.time() + timeout if expire else None), timeout)

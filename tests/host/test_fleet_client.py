@@ -658,3 +658,38 @@ def test_keys_rotate_leaves_a_revoked_device_out_and_switches_without_it(tmp_pat
     done = json.loads(out)
     assert done["switched"] and {d["device"]: d["outcome"] for d in done["devices"]} == {"d1": "rotated", "d2": "revoked"}
     assert set(asked) == {"d1"}
+
+
+def test_bench_and_shadow_to_a_revoked_device_are_refused_at_once_naming_when_and_the_way_back(tmp_path, monkeypatch,
+                                                                                              run_cli):
+    """`edgekit bench` and `shadow` to a device `fleet revoke` took back sent their command and waited their whole
+    timeout for an answer every receiver refuses (signed by the revoked key, or by a thief's own). FleetClient.send, the
+    one place every host command goes through, now refuses such a device before sending: one line naming it, when it
+    was revoked and how to readmit it, exit 2. A device re-keyed since (`deploy --new-key`) is asked again."""
+    from edge_kit.fleet import commands as fleet_commands
+    from edge_kit.fleet.inventory import load_fleet
+
+    stolen = Signer.generate()
+
+    class Silent(FakeTransport):  # whatever a revoked device answers is refused: none is played
+        def publish(self, topic: str, payload: bytes, qos: int = 0) -> None:
+            self.published.append(messages.decode(payload, "cmd"))
+
+    transport = Silent(agent())
+    monkeypatch.setattr(fleet_commands, "make_client", lambda *a, **k: transport)
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text(f"fleet: {FLEET}\nbroker: {{host: 127.0.0.1, port: 1}}\ndefaults: {{user: edgekit, profile: rpi4}}\n"
+                          "devices:\n  - {name: d1, host: 127.0.0.1}\n  - {name: d2, host: 127.0.0.2}\n")
+    keys = load_fleet(fleet_file).key_store()
+    keys.register_many({"d1": DEVICES["d1"].public, "d2": stolen.public})
+    keys.revoke("d2", "stolen")
+    started = time.monotonic()
+    for args in (("bench", "--device", "d2", "--timeout", "3"), ("shadow", "--device", "d2", "--variant", "fp32")):
+        code, out, err = run_cli(*args, "--fleet", fleet_file)
+        assert code == 2 and err.count("\n") == 1, (args, out, err)
+        assert err.startswith(f"edgekit: error: d2: its key {stolen.key_id} was revoked on ") and " (stolen): '" in err, err
+        assert "not sent" in err and "`edgekit deploy --new-key --devices d2` readmits it" in err, err
+    assert time.monotonic() - started < 2 and transport.published == []  # nothing sent, no timeout waited
+    keys.register("d2", DEVICES["d2"].public)  # readmitted with a fresh key: asked again
+    code, out, err = run_cli("bench", "--device", "d2", "--timeout", "1", "--fleet", fleet_file)
+    assert code == 5 and "d2: no answer to 'bench'" in err and [m["device"] for m in transport.published] == ["d2"], err
