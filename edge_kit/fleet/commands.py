@@ -119,6 +119,9 @@ class FleetClient:
             self._refused = str(reason)
             self._connected.set()
             return
+        if not self.kinds:  # a client that only publishes (clear_retained)
+            self._connected.set()
+            return
         client.subscribe([(messages.subscription(self.fleet, kind), 1) for kind in self.kinds])
         client.on_subscribe = lambda *_: self._connected.set()
 
@@ -135,6 +138,8 @@ class FleetClient:
                    transport=transport, revoked=keyring.device_revocation, **kw)
 
     def _on_message(self, _c: Any, _u: Any, message: Any) -> None:
+        if not message.payload:  # a retained message cleared (fleet revoke does): nothing to check, nothing said
+            return
         topic = message_topic(message)  # a topic that is not UTF-8 read strictly would end paho's network thread
         try:
             kind, msg = receive(self.keyring, topic, message.payload, time.time())
@@ -358,3 +363,40 @@ def broker_statuses(fleet: Any) -> tuple[dict[str, dict[str, Any]] | None, str]:
         return None, f"broker not reached: {exc}"
     return found, (f"broker {fleet.broker.host}:{fleet.broker.port}: {len(found)} retained status(es), verified"
                    + (f"; {refused} refused (not signed by the device its topic names)" if refused else ""))
+
+
+RETAINED_KINDS = ("status", "reported", "desired")  # what the broker keeps retained per device (its own, the operator's)
+CLEAR_TIMEOUT_S = 10.0  # the broker's acknowledgement of the clears, at most
+
+
+def clear_retained(fleet: Any, device: str, *, transport: Any = None) -> str:
+    """Clear what ``fleet``'s broker keeps retained for ``device`` (its ``status`` and ``reported``, the operator's
+    ``desired`` for it): publish an empty retained payload on each topic, as MQTT clears a retained message, with the
+    operator's credentials, and wait for the broker to acknowledge each (QoS 1). For ``edgekit fleet revoke``: what a
+    revoked device left there would be sent, and refused, to every receiver that subscribes.
+
+    Returns:
+        One line saying what was cleared, and where.
+
+    Raises:
+        AgentError: the broker cannot be reached, refuses the connection, or did not acknowledge the clears within
+            :data:`CLEAR_TIMEOUT_S` (names it).
+        ConfigError: the broker password file or the fleet's keys cannot be read.
+    """
+    b = fleet.broker
+    with FleetClient.of(fleet, kinds=(), transport=transport) as client:
+        deadline = time.monotonic() + CLEAR_TIMEOUT_S
+        try:
+            sent = [client.client.publish(messages.topic(fleet.fleet, device, kind), b"", qos=1, retain=True)
+                    for kind in RETAINED_KINDS]
+            for info in sent:
+                info.wait_for_publish(max(0.0, deadline - time.monotonic()))
+            done = all(info.is_published() for info in sent)
+        except (RuntimeError, ValueError) as exc:  # paho: the connection dropped, or its queue is full
+            raise AgentError(f"the MQTT broker at {b.host}:{b.port} took no clear of {device}'s retained messages "
+                             f"({exc}); check that it runs") from None
+        if not done:
+            raise AgentError(f"the MQTT broker at {b.host}:{b.port} did not acknowledge the clears of {device}'s "
+                             f"retained messages within {CLEAR_TIMEOUT_S:.0f} s; check that it runs")
+    return (f"its retained {', '.join(RETAINED_KINDS[:-1])} and {RETAINED_KINDS[-1]} messages cleared on the broker "
+            f"{b.host}:{b.port}")

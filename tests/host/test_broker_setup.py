@@ -13,6 +13,16 @@ FLEET = {"fleet": "plant", "broker": {"host": "127.0.0.1", "port": 8883}, "defau
          "devices": [{"name": "cam-1", "host": "10.0.0.2", "profile": "rpi4"}]}
 
 
+@pytest.fixture(autouse=True)
+def broker_cleared(monkeypatch):
+    """`fleet revoke` clears the device's retained messages at the fleet's broker, which these tests of the wall's
+    files do not run (tests/integration/test_revoke.py clears them on a real Mosquitto; test_fleet_client.py has the
+    broker that cannot be reached): said cleared."""
+    from edge_kit.loop import revoke
+
+    monkeypatch.setattr(revoke, "clear_retained", lambda fleet, device: "its retained messages cleared (no broker here)")
+
+
 def test_a_bad_broker_host_is_one_line_and_leaves_nothing_behind(tmp_path, run_cli):
     fleet_file = tmp_path / "fleet.yaml"
     fleet_file.write_text(yaml.safe_dump(FLEET))

@@ -693,3 +693,29 @@ def test_bench_and_shadow_to_a_revoked_device_are_refused_at_once_naming_when_an
     keys.register("d2", DEVICES["d2"].public)  # readmitted with a fresh key: asked again
     code, out, err = run_cli("bench", "--device", "d2", "--timeout", "1", "--fleet", fleet_file)
     assert code == 5 and "d2: no answer to 'bench'" in err and [m["device"] for m in transport.published] == ["d2"], err
+
+
+def test_fleet_revoke_with_the_broker_down_revokes_the_key_and_says_in_one_line_its_retained_messages_are_left(
+        tmp_path, run_cli):
+    """`fleet revoke` left a revoked device's retained status, reported and desired messages on the broker, sent to
+    (and refused by) every receiver that subscribes. It now clears them with the operator's credentials; a broker it
+    cannot reach leaves the revocation standing and one line says what is left and what to do, exit 4 as for the
+    other step at the broker that can fail (its passwd)."""
+    from edge_kit.fleet.inventory import load_fleet
+    from edge_kit.sim.broker import free_port
+
+    fleet_file = tmp_path / "fleet.yaml"
+    port = free_port()  # nothing listens there
+    fleet_file.write_text(f"fleet: {FLEET}\nbroker: {{host: 127.0.0.1, port: {port}}}\n"
+                          "defaults: {user: edgekit, profile: rpi4}\ndevices:\n  - {name: d1, host: 127.0.0.1}\n")
+    keys = load_fleet(fleet_file).key_store()
+    keys.register_many({"d1": DEVICES["d1"].public})
+    code, out, err = run_cli("fleet", "revoke", "d1", "--fleet", fleet_file, "--reason", "lost")
+    assert code == 4 and err.count("\n") == 1, (out, err)
+    assert err.startswith("d1: its retained status, reported and desired messages are left on the broker (cannot "
+                          f"reach the MQTT broker at 127.0.0.1:{port}"), err
+    assert err.rstrip().endswith("run this command again once the broker is up to clear them"), err
+    assert f"key {DEVICES['d1'].key_id} revoked" in out and keys.devices() == {}  # the revocation stands
+    code, out, err = run_cli("fleet", "revoke", "d1", "--fleet", fleet_file, "--json")
+    done = json.loads(out)
+    assert code == 4 and done["retained_failed"] is True and not done["newly_revoked"] and "left on the broker" in done["retained"]
