@@ -143,8 +143,16 @@ def test_a_revoked_device_is_refused_everywhere_until_deploy_new_key_gives_it_a_
             ": re-image it or run deploy with --new-key to give it a fresh key pair"), result["reason"]
         assert fleet.key_store().devices() == {}
 
+        # --new-key to every device does not readmit it: --devices must name it
+        code, out, err = run_cli("deploy", "--fleet", simfleet.fleet_file, "--artifacts", digits_artifacts, "--new-key",
+                                 "--json")
+        result = json.loads(out)["devices"][0]
+        assert code == 0 and result["status"] == "skipped" and "--devices does not name it" in result["reason"], out
+        assert fleet.key_store().devices() == {} and connects(fleet.broker, dev.name, old_password, ca) != "ok"
+
         # the way back: a fresh key pair and a fresh broker password
-        code, out, err = run_cli("deploy", "--fleet", simfleet.fleet_file, "--artifacts", digits_artifacts, "--new-key")
+        code, out, err = run_cli("deploy", "--fleet", simfleet.fleet_file, "--artifacts", digits_artifacts, "--new-key",
+                                 "--devices", dev.name)
         assert code == 0, out + err
         assert "added back" in out and "fresh key pair" in out, out
         new = fleet.key_store().devices()[dev.name]
