@@ -379,7 +379,8 @@ def sim_up(
     if info["store"]:
         out.print(f"artifact store: {info['store']['kind']} at {info['store']['url']} serving {safe(info['store']['folder'])}")
     for name in info["revoked"]:
-        out.print(f"{safe(name)}: its key was revoked (edgekit fleet revoke): its agent was not started; "
+        out.print(f"{safe(name)}: its key was revoked (edgekit fleet revoke): its agent was not started, nor its broker "
+                  "user let in; "
                   f"`edgekit deploy --new-key --fleet {sim.fleet_file} --artifacts <folder> --devices {safe(name)}` "
                   "brings it back",
                   highlight=False)
