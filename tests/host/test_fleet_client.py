@@ -719,3 +719,19 @@ def test_fleet_revoke_with_the_broker_down_revokes_the_key_and_says_in_one_line_
     code, out, err = run_cli("fleet", "revoke", "d1", "--fleet", fleet_file, "--json")
     done = json.loads(out)
     assert code == 4 and done["retained_failed"] is True and not done["newly_revoked"] and "left on the broker" in done["retained"]
+
+
+def test_a_measuring_round_does_not_ask_a_device_revoked_since_and_names_it_among_the_silent(tmp_path):
+    """tune's round sends every device its benchmarks at once: a device revoked since the round's deploy would have
+    ended the whole round on its refusal (FleetClient.send raises before sending). It is not asked, and named among
+    the devices that did not answer with the revocation's line; the others are measured."""
+    entry = {"device": "d2", "key_id": "k2", "revoked": 1_764_460_800.0, "reason": "stolen"}
+    transport = FakeTransport(agent())
+    c = FleetClient(BrokerConfig(), FLEET, transport=transport, signer=OPERATOR,
+                    keyring=Keyring({k: v.public for k, v in DEVICES.items()}, [OPERATOR.public]),
+                    revoked=lambda device: entry if device == "d2" else None)
+    with c:
+        stored, silent, _ = _measure(c, Store(tmp_path / "h.db"), {"d1": [("int8", "a" * 64)], "d2": [("int8", "b" * 64)]},
+                                     {"min_runs": 10}, timeout=2)
+    assert stored == 1 and [m["device"] for m in transport.published] == ["d1"]
+    assert list(silent) == ["d2"] and silent["d2"][0].startswith("int8 (not asked: d2: its key k2 was revoked on "), silent
