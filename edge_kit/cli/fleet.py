@@ -232,7 +232,8 @@ def deploy_cmd(
     new_key: Annotated[bool, typer.Option("--new-key", help="Give each device a fresh key pair, generated on this host "
                                                             "and written over SSH (mode 600), replacing the one it holds, "
                                                             "and register it: the way back for a device whose key was "
-                                                            "revoked (edgekit fleet revoke).")] = False,
+                                                            "revoked (edgekit fleet revoke), which --devices must name "
+                                                            "(a revoked device it does not name is skipped).")] = False,
     broker_dir: Annotated[Optional[Path], typer.Option(
         "--broker-dir", help="With --new-key: the broker wall's folder (`edgekit fleet init --out`); a device whose "
                              "user `fleet revoke` removed there gets it back with a fresh password. A simulated "
@@ -269,7 +270,7 @@ def deploy_cmd(
     if broker_dir is not None and not new_key:
         raise InputError("--broker-dir gives revoked devices their broker user back: it goes with --new-key")
     opts = DeployOptions(artifacts=artifacts, variant=variant, parallel=parallel, trust_new_hosts=trust_new_hosts,
-                         health_timeout=health_timeout, repair=repair, new_key=new_key)
+                         health_timeout=health_timeout, repair=repair, new_key=new_key, named=fleet.named(devices))
     canary_share = parse_share(canary, "--canary") if canary is not None else None
     if canary_share == 0:  # no canary stage at all: everything would go at once, which --canary asks not to do
         raise InputError(f"--canary {canary}: give a share above 0 (e.g. 10%), or leave --canary out to deploy "
@@ -284,9 +285,11 @@ def deploy_cmd(
     # read them.
     history = open_fleet_history(fleet_file, history_spec) if canary_share else None
     if new_key:  # the device's old broker password went with its old key: a fresh one where the wall removed it
+        from edge_kit.fleet.deploy import not_readmitted
         from edge_kit.loop.revoke import readmit_broker_users
 
-        for line in readmit_broker_users(fleet, targets, broker_dir):
+        left_out = not_readmitted(fleet, targets, opts)  # revoked, not named: no key, no broker user (skipped below)
+        for line in readmit_broker_users(fleet, [d for d in targets if d.name not in left_out], broker_dir):
             (err if as_json else out).print(safe(line), highlight=False)  # --json keeps stdout one document
     with progress_bar(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} devices"),
                       TimeElapsedColumn(), as_json=as_json) as bar:
@@ -376,7 +379,8 @@ def sim_up(
     if info["store"]:
         out.print(f"artifact store: {info['store']['kind']} at {info['store']['url']} serving {safe(info['store']['folder'])}")
     for name in info["revoked"]:
-        out.print(f"{safe(name)}: its key was revoked (edgekit fleet revoke): its agent was not started; "
+        out.print(f"{safe(name)}: its key was revoked (edgekit fleet revoke): its agent was not started, nor its broker "
+                  "user let in; "
                   f"`edgekit deploy --new-key --fleet {sim.fleet_file} --artifacts <folder> --devices {safe(name)}` "
                   "brings it back",
                   highlight=False)

@@ -724,7 +724,8 @@ def fleet_revoke_cmd(
 ) -> None:
     """Revoke a device's key: every receiver refuses its messages from now on, no deploy registers that key again.
 
-    The key moves from keys/devices.json to keys/revoked.json. The way back: `edgekit deploy --new-key`."""
+    The key moves from keys/devices.json to keys/revoked.json; what the broker keeps retained for the device is
+    cleared. The way back: `edgekit deploy --new-key --devices DEVICE`."""
     from edge_kit.fleet.inventory import load_fleet
     from edge_kit.fleet.keys import revoked_on
     from edge_kit.loop.revoke import revoke_device
@@ -732,17 +733,17 @@ def fleet_revoke_cmd(
     done = revoke_device(load_fleet(fleet_file), device, reason, broker_dir)
     if as_json:
         emit_json(done.as_dict())
-        raise typer.Exit(4 if done.broker_failed else 0)
+        raise typer.Exit(4 if done.partial else 0)
     if done.newly:
         out.print(f"{safe(device)}: key {done.entry['key_id']} revoked; receivers refuse its messages from now on "
-                  "(the way back: edgekit deploy --new-key)", highlight=False)
+                  f"(the way back: edgekit deploy --new-key --devices {safe(device)})", highlight=False)
     else:
         out.print(f"{safe(device)}: already revoked on {revoked_on(done.entry)} (key {done.entry['key_id']}); nothing "
                   "changed in the registry", highlight=False)
-    if done.broker_failed:
-        err.print(f"{safe(device)}: {safe(done.broker)}", highlight=False, soft_wrap=True)
+    for line, failed in ((done.broker, done.broker_failed), (done.retained, done.retained_failed)):
+        (err if failed else out).print(f"{safe(device)}: {safe(line)}", highlight=False, soft_wrap=failed)
+    if done.partial:  # the key is revoked; a step at the broker is left, which the line above says
         raise typer.Exit(4)
-    out.print(f"{safe(device)}: {safe(done.broker)}", highlight=False)
 
 
 @app.command("report")

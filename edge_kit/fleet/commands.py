@@ -28,6 +28,7 @@ from typing import Any, Callable
 from device_agents.identity import Keyring, Signer, receive, verify_published
 from device_agents.mqtt import make_client, message_topic
 from edge_kit.errors import AgentError, AgentTimeout
+from edge_kit.fleet.keys import DeviceRevoked
 from edgekit_protocol import commands, messages
 from edgekit_protocol.config import BrokerConfig
 from edgekit_protocol.desired import MAX_ERROR_CHARS, Desired
@@ -76,8 +77,12 @@ class FleetClient:
 
     def __init__(self, broker: BrokerConfig, fleet: str, password: str | None = None, *, signer: Signer,
                  keyring: Keyring, transport: Any = None, kinds: tuple[str, ...] = ("cmd/ack", "bench", "status"),
-                 on_reported: Callable[[dict[str, Any]], None] | None = None):
+                 on_reported: Callable[[dict[str, Any]], None] | None = None,
+                 revoked: Callable[[str], dict[str, Any] | None] | None = None):
         self.broker = broker
+        # device -> its revoked-list entry when its key was revoked and none registered since (None: not revoked);
+        # :meth:`send` refuses such a device before anything is sent
+        self.revoked = revoked
         self.kinds = kinds  # what it subscribes to; a rollout takes ``reported`` only (one retained per device)
         self.on_reported = on_reported  # called (network thread) with each verified reported message
         self.fleet = fleet
@@ -114,6 +119,9 @@ class FleetClient:
             self._refused = str(reason)
             self._connected.set()
             return
+        if not self.kinds:  # a client that only publishes (clear_retained)
+            self._connected.set()
+            return
         client.subscribe([(messages.subscription(self.fleet, kind), 1) for kind in self.kinds])
         client.on_subscribe = lambda *_: self._connected.set()
 
@@ -125,10 +133,13 @@ class FleetClient:
             ConfigError: the broker password file or the fleet's keys cannot be read.
         """
         keys = fleet.key_store()
-        return cls(fleet.broker, fleet.fleet, fleet.broker_password(), signer=keys.operator,
-                   keyring=keys.keyring(), transport=transport, **kw)
+        keyring = keys.keyring()
+        return cls(fleet.broker, fleet.fleet, fleet.broker_password(), signer=keys.operator, keyring=keyring,
+                   transport=transport, revoked=keyring.device_revocation, **kw)
 
     def _on_message(self, _c: Any, _u: Any, message: Any) -> None:
+        if not message.payload:  # a retained message cleared (fleet revoke does): nothing to check, nothing said
+            return
         topic = message_topic(message)  # a topic that is not UTF-8 read strictly would end paho's network thread
         try:
             kind, msg = receive(self.keyring, topic, message.payload, time.time())
@@ -208,10 +219,16 @@ class FleetClient:
         (default: in :data:`COMMAND_TTL_S`). The command is signed with the operator key.
 
         Raises:
+            DeviceRevoked: ``device``'s key was revoked and none registered since (its answers would be refused):
+                nothing is sent; the text says when and how to readmit it.
             CommandError: the command or its arguments break the spec the agent enforces; nothing is sent.
             PayloadTooLarge: the signed command is over the protocol's payload limit (the agent would refuse it, and
                 the broker cut this client off at every reconnect); nothing is sent.
+            ConfigError: the key registry or the revoked list cannot be read (and never could be by this client).
         """
+        entry = self.revoked(device) if self.revoked is not None else None
+        if entry is not None:
+            raise DeviceRevoked.of(device, entry, name)
         msg = commands.command(self.fleet, device, name, args,
                                expires=expires if expires is not None else time.time() + COMMAND_TTL_S)
         self.signer.sign(msg)
@@ -300,6 +317,7 @@ class FleetClient:
             AgentTimeout: no ack (or record) within ``timeout``; the device is named.
             AgentError: the agent refused it (its reason is given), or its ``bench`` ack names no record (no text
                 ``bench_msg_id``), or a record that device signed but the checks refuse.
+            DeviceRevoked: ``device``'s key was revoked (:meth:`send`): nothing sent, nothing waited for.
         """
         deadline = time.monotonic() + timeout
         ack = self.wait_ack(self.send(device, name, args, time.time() + timeout if expire else None), timeout)
@@ -345,3 +363,40 @@ def broker_statuses(fleet: Any) -> tuple[dict[str, dict[str, Any]] | None, str]:
         return None, f"broker not reached: {exc}"
     return found, (f"broker {fleet.broker.host}:{fleet.broker.port}: {len(found)} retained status(es), verified"
                    + (f"; {refused} refused (not signed by the device its topic names)" if refused else ""))
+
+
+RETAINED_KINDS = ("status", "reported", "desired")  # what the broker keeps retained per device (its own, the operator's)
+CLEAR_TIMEOUT_S = 10.0  # the broker's acknowledgement of the clears, at most
+
+
+def clear_retained(fleet: Any, device: str, *, transport: Any = None) -> str:
+    """Clear what ``fleet``'s broker keeps retained for ``device`` (its ``status`` and ``reported``, the operator's
+    ``desired`` for it): publish an empty retained payload on each topic, as MQTT clears a retained message, with the
+    operator's credentials, and wait for the broker to acknowledge each (QoS 1). For ``edgekit fleet revoke``: what a
+    revoked device left there would be sent, and refused, to every receiver that subscribes.
+
+    Returns:
+        One line saying what was cleared, and where.
+
+    Raises:
+        AgentError: the broker cannot be reached, refuses the connection, or did not acknowledge the clears within
+            :data:`CLEAR_TIMEOUT_S` (names it).
+        ConfigError: the broker password file or the fleet's keys cannot be read.
+    """
+    b = fleet.broker
+    with FleetClient.of(fleet, kinds=(), transport=transport) as client:
+        deadline = time.monotonic() + CLEAR_TIMEOUT_S
+        try:
+            sent = [client.client.publish(messages.topic(fleet.fleet, device, kind), b"", qos=1, retain=True)
+                    for kind in RETAINED_KINDS]
+            for info in sent:
+                info.wait_for_publish(max(0.0, deadline - time.monotonic()))
+            done = all(info.is_published() for info in sent)
+        except (RuntimeError, ValueError) as exc:  # paho: the connection dropped, or its queue is full
+            raise AgentError(f"the MQTT broker at {b.host}:{b.port} took no clear of {device}'s retained messages "
+                             f"({exc}); check that it runs") from None
+        if not done:
+            raise AgentError(f"the MQTT broker at {b.host}:{b.port} did not acknowledge the clears of {device}'s "
+                             f"retained messages within {CLEAR_TIMEOUT_S:.0f} s; check that it runs")
+    return (f"its retained {', '.join(RETAINED_KINDS[:-1])} and {RETAINED_KINDS[-1]} messages cleared on the broker "
+            f"{b.host}:{b.port}")

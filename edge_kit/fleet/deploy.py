@@ -50,6 +50,7 @@ from edge_kit.errors import (
 from edge_kit.fleet.agent_install import ensure_agent
 from edge_kit.fleet.commands import FleetClient
 from edge_kit.fleet.inventory import Device, Fleet
+from edge_kit.fleet.keys import readmit_hint, revoked_on
 from edge_kit.fleet.ssh import Cancelled, DeviceShell
 from edge_kit.fsutil import sha256_file
 from edge_kit.manifest import Artifact, Manifest, read_manifest
@@ -154,6 +155,25 @@ class DeployOptions:
     health_bench: dict[str, Any] | None = None  # also benchmark the activated model (canaries, tune)
     repair: bool = True  # the probe hashes the stored copies of the candidates; damaged ones are uploaded again
     new_key: bool = False  # give each device a fresh key pair (the way back after `edgekit fleet revoke`)
+    # with new_key, the devices named one by one (--devices NAME): the only revoked devices readmitted (given a key)
+    named: tuple[str, ...] = ()
+
+
+def not_readmitted(fleet: Fleet, devices: list[Device], opts: DeployOptions) -> dict[str, str]:
+    """Return the devices of ``devices`` a ``--new-key`` deploy leaves out, each with the line saying how to readmit
+    it: revoked (``edgekit fleet revoke``, no key registered since) and not named one by one in ``opts.named`` (a
+    stolen device still in the fleet file is not given a fresh key by a deploy to every device). Empty without
+    ``opts.new_key`` (a revoked device is then refused by the deploy itself).
+
+    Raises:
+        ConfigError: the fleet's key registry or revoked list cannot be read.
+    """
+    if not opts.new_key:
+        return {}
+    revoked = fleet.key_store().revoked_devices()
+    return {d.name: f"{d.name}: revoked on {revoked_on(revoked[d.name])} (key {revoked[d.name]['key_id']}), and "
+                    f"--devices does not name it: not readmitted; {readmit_hint(d.name)}"
+            for d in devices if d.name in revoked and d.name not in opts.named}
 
 
 def candidates_for(manifest: Manifest, dev: Device) -> list[Artifact]:
@@ -466,6 +486,9 @@ def deploy(fleet: Fleet, devices: list[Device], opts: DeployOptions,
     ``artifact_keys`` (a rollout's canaries and the rest, a tune's rounds: one release throughout, not a
     manifest replaced in between); None reads and checks it here.
 
+    With ``opts.new_key``, a revoked device ``opts.named`` does not name is ``skipped``, untouched, its reason saying
+    how to readmit it (:func:`not_readmitted`).
+
     Returns:
         One result per device, in the order given (never raises for a single device).
 
@@ -474,7 +497,8 @@ def deploy(fleet: Fleet, devices: list[Device], opts: DeployOptions,
             ``artifact_keys``, or a variant asked for is not in it (no device is touched).
         NotBuiltFor: it was not compiled for a device's profile (no device is touched).
         AgentError: health checks are on and the fleet's broker cannot be reached.
-        ConfigError: two devices of the fleet share one agent folder (nothing is touched).
+        ConfigError: two devices of the fleet share one agent folder (nothing is touched), or with ``opts.new_key``
+            the key registry or revoked list cannot be read.
         DeployInterrupted: Ctrl-C; raised once the devices under way have finished, naming what each device ended
             as (:func:`interrupted_text`).
     """
@@ -482,6 +506,7 @@ def deploy(fleet: Fleet, devices: list[Device], opts: DeployOptions,
     if manifest is None:
         manifest = read_manifest(opts.artifacts, fleet.artifact_trust())  # what is uploaded is what was checked
     check_built_for(opts.artifacts, devices, [opts.variant, *opts.variants.values()], manifest)
+    left_out = not_readmitted(fleet, devices, opts)
     client = FleetClient.of(fleet) if opts.health else None
     if client is not None:
         client.__enter__()
@@ -491,6 +516,11 @@ def deploy(fleet: Fleet, devices: list[Device], opts: DeployOptions,
             futures: list[Future[DeviceResult]] = []
             try:
                 for dev in devices:
+                    if dev.name in left_out:  # untouched: a done result in its place, in the order given
+                        futures.append(Future())
+                        futures[-1].set_result(DeviceResult(dev.name, "skipped", reason=left_out[dev.name]))
+                        deployer.progress(dev.name, "skipped")
+                        continue
                     futures.append(pool.submit(deployer.one, dev))
                 return GroupResult([f.result() for f in futures], signature=manifest.signature)
             except BaseException as exc:  # Ctrl-C: the devices not started are cancelled, those connecting give up

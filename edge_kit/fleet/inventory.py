@@ -251,6 +251,12 @@ class Fleet(StrictModel):
             picked.update({d.name: d for d in hits})
         return [d for d in self.devices if d.name in picked]
 
+    def named(self, selectors: list[str] | None) -> tuple[str, ...]:
+        """Return the devices ``selectors`` name one by one (their own name, not ``tag:<tag>`` or ``all``), in the
+        fleet file's order: what ``deploy --new-key`` readmits when revoked."""
+        given = set(selectors or ())
+        return tuple(d.name for d in self.devices if d.name in given)
+
     @property
     def source(self) -> Path:
         """Return the fleet file this fleet was read from.

@@ -61,6 +61,24 @@ class KeyRevoked(DeployError):
     ``--new-key``)."""
 
 
+def readmit_hint(device: str) -> str:
+    """Return how a revoked device is let back in: the ``deploy --new-key`` naming it (``--devices``)."""
+    return f"`edgekit deploy --new-key --devices {device}` readmits it once you trust it again (re-imaged)"
+
+
+class DeviceRevoked(InputError):
+    """A command for a device whose key was revoked and none registered since: refused before it is sent (its answers
+    would be refused, so the command would only wait for its timeout). The text names the device, when it was revoked
+    and the way back (exit 2: the device named cannot be commanded)."""
+
+    @classmethod
+    def of(cls, device: str, entry: dict[str, Any], command: str) -> DeviceRevoked:
+        """Return the error for ``command`` to ``device``, whose revoked-list entry is ``entry``."""
+        reason = f" ({entry['reason']})" if entry.get("reason") else ""
+        return cls(f"{device}: its key {entry.get('key_id')} was revoked on {revoked_on(entry)}{reason}: '{command}' not "
+                   f"sent (its answers would be refused); {readmit_hint(device)}")
+
+
 class _RegistryKeyring(Keyring):
     """The registry as receivers see it: re-read when the file is replaced, and kept as last read
     while a replacement cannot be read (a damaged registry must not turn every device's messages away)."""
@@ -75,6 +93,7 @@ class _RegistryKeyring(Keyring):
         # (device, key id) -> why it is refused, for every revoked key; device -> the same, for its newest one
         self._revoked: dict[tuple[str, str], str] = {}
         self._revoked_device: dict[str, str] = {}
+        self._revoked_entry: dict[str, dict[str, Any]] = {}  # device -> its newest revoked-list entry
 
     def _file_stamp(self) -> tuple[int, ...] | None:
         """Return what tells one state of the registry and the revoked list from another: each file's inode, size,
@@ -105,6 +124,7 @@ class _RegistryKeyring(Keyring):
         self.devices = {name: key for name, key in devices.items() if key_id(key) not in ids}
         self._revoked = why
         self._revoked_device = {device: text for (device, _), text in why.items()}  # the newest entry wins
+        self._revoked_entry = {e["device"]: e for e in revoked}
 
     def keys_of(self, signer: str) -> tuple[bytes, ...]:
         """Return the keys that may sign as ``signer``.
@@ -130,6 +150,16 @@ class _RegistryKeyring(Keyring):
                     self._damaged = stamp
                     log.error("%s; verifying against the registry as last read until it is", exc)
         return super().keys_of(signer)
+
+    def device_revocation(self, device: str) -> dict[str, Any] | None:
+        """Return the newest revoked-list entry of ``device`` when it has no trusted key (revoked, and none registered
+        since: :meth:`FleetKeys.revoked_devices`), else None; the files are re-read as :meth:`keys_of` does.
+
+        Raises:
+            ConfigError: the registry or the revoked list cannot be read and never could be by this receiver.
+        """
+        self.keys_of(device)
+        return None if device in self.devices else self._revoked_entry.get(device)
 
     def verify(self, message: dict[str, Any], signer: str) -> None:
         """Check that ``message`` was signed by ``signer``'s registered key (see :meth:`Keyring.verify`).

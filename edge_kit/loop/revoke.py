@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edge_kit.errors import ConfigError, InputError
+from edge_kit.errors import ConfigError, EdgeKitError, InputError
 from edge_kit.fleet.broker_setup import (
     OPERATOR_USER,
     add_broker_user,
@@ -21,6 +21,7 @@ from edge_kit.fleet.broker_setup import (
     remove_broker_user,
     write_private,
 )
+from edge_kit.fleet.commands import clear_retained
 from edge_kit.fleet.inventory import Device, Fleet
 from edge_kit.sim.fleet import SimFleet
 
@@ -38,11 +39,19 @@ class Revocation:
     newly: bool
     broker: str
     broker_failed: bool = False  # the key is revoked, but its broker user could not be removed (``broker`` says why)
+    retained: str = ""  # one line on what the broker kept retained for the device: cleared, or why not
+    retained_failed: bool = False  # the key is revoked, but the broker could not be reached to clear them
+
+    @property
+    def partial(self) -> bool:
+        """Return True when the key is revoked but a step at the broker failed (``broker`` or ``retained`` says
+        which, and what to do): ``fleet revoke`` exits 4."""
+        return self.broker_failed or self.retained_failed
 
     def as_dict(self) -> dict[str, Any]:
         """Return it as plain data (for ``--json``)."""
         return {"device": self.device, "newly_revoked": self.newly, "broker": self.broker,
-                "broker_failed": self.broker_failed,
+                "broker_failed": self.broker_failed, "retained": self.retained, "retained_failed": self.retained_failed,
                 **{k: self.entry.get(k) for k in ("key_id", "key", "registered", "revoked", "reason")}}
 
 
@@ -100,7 +109,9 @@ def revoke_device(fleet: Fleet, device: str, reason: str = "", broker_dir: Path 
     The broker's password file is ``broker_dir/passwd`` when given, else the simulated broker's when ``fleet``
     is a fleet ``edgekit sim up`` runs (that broker is reloaded here); without either the user is left and
     the result says what to do at the broker. A device already revoked is revoked again without change (its
-    broker user is still removed if it is there).
+    broker user is still removed if it is there). Then what the broker keeps retained for the device (its status and
+    reported state, the operator's desired state for it) is cleared (:func:`~edge_kit.fleet.commands.clear_retained`),
+    every time: a broker reloaded since publishes the device's last will, which running this again clears.
 
     Returns:
         What was done.
@@ -110,7 +121,8 @@ def revoke_device(fleet: Fleet, device: str, reason: str = "", broker_dir: Path 
             registered for ``device`` and none was revoked.
         ConfigError: the registry or the revoked list is damaged (left as they are).
         OSError: the registry or the revoked list cannot be written (each stays whole; a ``passwd`` that cannot be
-            rewritten is ``broker_failed`` in the result instead: the key is revoked by then).
+            rewritten is ``broker_failed`` in the result instead, a broker that cannot be reached ``retained_failed``:
+            the key is revoked by then).
     """
     passwd, sim = _wall(fleet, broker_dir)
     user = _broker_user(fleet, device)
@@ -130,12 +142,25 @@ def revoke_device(fleet: Fleet, device: str, reason: str = "", broker_dir: Path 
         try:
             removed = remove_broker_user(passwd, user)
         except OSError as exc:  # the key is revoked by now: say so, and what is left to do at the broker
-            return Revocation(device, entry, newly, f"its broker user '{user}' could not be removed from {passwd} "
+            done = Revocation(device, entry, newly, f"its broker user '{user}' could not be removed from {passwd} "
                               f"({exc.strerror or exc}): remove it there (mosquitto_passwd -D passwd {user}) and "
                               f"{RELOAD_HINT}; or run this command again", broker_failed=True)
+            return _cleared(fleet, done)
         broker = (_reloaded(f"removed its broker user '{user}' from {passwd}", sim) if removed
                   else f"no broker user '{user}' in {passwd} (removed already)")
-    return Revocation(device, entry, newly, broker)
+    return _cleared(fleet, Revocation(device, entry, newly, broker))
+
+
+def _cleared(fleet: Fleet, done: Revocation) -> Revocation:
+    """Return ``done`` once what the broker keeps retained for its device is cleared, with a line saying so, or why
+    not (``retained_failed``: the broker could not be reached; the revocation stands). Raises nothing more."""
+    try:
+        done.retained = clear_retained(fleet, done.device)
+    except EdgeKitError as exc:
+        done.retained = (f"its retained status, reported and desired messages are left on the broker ({exc}); "
+                         "receivers refuse them: run this command again once the broker is up to clear them")
+        done.retained_failed = True
+    return done
 
 
 def readmit_broker_users(fleet: Fleet, devices: list[Device], broker_dir: Path | None = None) -> list[str]:

@@ -47,6 +47,7 @@ from edge_kit.fleet.deploy import (
     runtime_refusals,
 )
 from edge_kit.fleet.inventory import Device, Fleet
+from edge_kit.fleet.keys import DeviceRevoked
 from edge_kit.manifest import Manifest, read_manifest
 from edge_kit.profiles import load_profile
 from edge_kit.selection.constraints import Measured, effective_constraints
@@ -258,11 +259,14 @@ def _measure(client: FleetClient, store: HistoryStore, wanted: dict[str, list[tu
     """
     sent: dict[str, tuple[str, str]] = {}  # cmd id -> (device, variant)
     expires = time.time() + timeout  # a benchmark not started when the round gives up is asked again next round
+    stored, silent, refused = 0, {}, {}
     for device, items in wanted.items():
         for variant, sha in items:
-            sent[client.send(device, "bench", {"sha256": sha, **bench}, expires)] = (device, variant)
+            try:
+                sent[client.send(device, "bench", {"sha256": sha, **bench}, expires)] = (device, variant)
+            except DeviceRevoked as exc:  # revoked since the round began: not asked, not waited for
+                silent.setdefault(device, []).append(f"{variant} (not asked: {exc})")
     deadline = time.monotonic() + timeout
-    stored, silent, refused = 0, {}, {}
     for cmd_id, (device, variant) in sent.items():
         ack = client.wait_ack(cmd_id, max(0.0, deadline - time.monotonic()))
         record = None

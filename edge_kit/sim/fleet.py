@@ -34,6 +34,7 @@ from edge_kit.fleet.broker_setup import (
 )
 from edge_kit.fleet.commands import FleetClient
 from edge_kit.fleet.inventory import Fleet, load_fleet
+from edge_kit.fleet.keys import FleetKeys
 from edge_kit.fleet.ssh import DeviceShell
 from edge_kit.fsutil import atomic_write_text, writable_folder
 from edge_kit.profiles import load_profile
@@ -82,6 +83,7 @@ class SimFleet:
         self.workdir = Path(workdir).resolve()
         self.state_file = self.workdir / STATE
         self.fleet_file = self.workdir / "fleet.yaml"
+        self.keys_folder = self.workdir / "keys"  # the fleet's keys, kept by `down`
 
     def state(self) -> dict[str, Any] | None:
         """Return what ``up`` recorded, or None when nothing is up here (no ``sim.json``).
@@ -155,8 +157,11 @@ class SimFleet:
             broker_host = links.host_address if links else "127.0.0.1"
             wall = None if insecure else build_wall(self.workdir / "broker-wall", FLEET_NAME, [n for n, _ in names],
                                                       [broker_host])
+            # a device revoked in this folder (`fleet revoke`, kept by `down`) gets no broker user: `deploy --new-key
+            # --devices NAME` adds it back with a fresh password
+            revoked = set(FleetKeys(self.keys_folder).revoked_devices())
             step("starting the MQTT broker")
-            state["broker"] = self._start_broker(embedded_broker, broker_host, wall)
+            state["broker"] = self._start_broker(embedded_broker, broker_host, wall, revoked)
             self._save(state)
             if store is not None:
                 step("starting the artifact store's HTTP server")
@@ -194,7 +199,7 @@ class SimFleet:
             self.fleet_file.write_text(yaml.safe_dump({
                 "fleet": FLEET_NAME,
                 "broker": self._broker_entry(state, wall, OPERATOR_USER),
-                "known_hosts": str(self.workdir / "known_hosts"), "keys": str(self.workdir / "keys"),
+                "known_hosts": str(self.workdir / "known_hosts"), "keys": str(self.keys_folder),
                 "defaults": {"user": getpass.getuser(), "key": str(key), "python": sys.executable, "simulated": True,
                              **({"telemetry_interval_s": telemetry_interval_s} if telemetry_interval_s else {})},
                 "devices": devices,
@@ -271,9 +276,16 @@ class SimFleet:
         """Return the fleet file's broker settings for ``user`` (the operator, or a device's agent)."""
         return broker_entry(state["broker"]["host"], state["broker"]["port"], wall, user)
 
-    def _start_broker(self, embedded: bool, host: str, wall: BrokerWall | None) -> dict[str, Any]:
+    def _start_broker(self, embedded: bool, host: str, wall: BrokerWall | None, left_out: set[str]) -> dict[str, Any]:
+        """Start the broker (Mosquitto with ``wall``'s users but those in ``left_out``, its ACL and TLS; anonymous
+        without a wall; the embedded one when ``embedded``); return what ``sim.json`` records of it.
+
+        Raises:
+            EdgeKitError: it did not start (its log is named).
+        """
         if not embedded:
-            broker = MosquittoBroker(self.workdir / "broker", host=host, users=wall.users if wall else None,
+            users = {u: p for u, p in wall.users.items() if u not in left_out} if wall else None
+            broker = MosquittoBroker(self.workdir / "broker", host=host, users=users,
                                      acl=wall.acl if wall else None, tls=wall.tls if wall else None).start()
             return {"kind": "mosquitto" + (" (credentials, ACL, TLS)" if wall else " (anonymous, --insecure)"),
                     "host": host, "port": broker.port, "pid": broker.proc.pid, "started": started_at(broker.proc.pid)}

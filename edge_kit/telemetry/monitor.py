@@ -265,11 +265,16 @@ class Monitor:
                 "silent": frozenset(self._silent_alerted)}
 
     def _on_message(self, _c: Any, _u: Any, m: Any) -> None:
-        """Queue ``(topic, payload, receive time, mid to acknowledge or None)``; nothing once stopping, and a QoS 0
+        """Queue ``(topic, payload, receive time, mid to acknowledge or None)``; nothing once stopping, nor an empty
+        payload (how MQTT clears a retained message: acknowledged, no message to store), and a QoS 0
         message not while :data:`MAX_QUEUED` wait (counted in ``stats.dropped``, alerted once a run). A topic that is
         not UTF-8 is queued with its bad bytes as ``\\xNN`` (it names no device, so it is refused). Never raises:
         paho's network thread calls it."""
         if self._closing.is_set():
+            return
+        if not m.payload:  # a retained message cleared (`fleet revoke` does): no message, nothing to check or store
+            if m.qos:
+                self._ack([m.mid])
             return
         topic = message_topic(m)
         if not m.qos and self._queue.qsize() >= MAX_QUEUED:

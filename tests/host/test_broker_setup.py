@@ -13,6 +13,16 @@ FLEET = {"fleet": "plant", "broker": {"host": "127.0.0.1", "port": 8883}, "defau
          "devices": [{"name": "cam-1", "host": "10.0.0.2", "profile": "rpi4"}]}
 
 
+@pytest.fixture(autouse=True)
+def broker_cleared(monkeypatch):
+    """`fleet revoke` clears the device's retained messages at the fleet's broker, which these tests of the wall's
+    files do not run (tests/integration/test_revoke.py clears them on a real Mosquitto; test_fleet_client.py has the
+    broker that cannot be reached): said cleared."""
+    from edge_kit.loop import revoke
+
+    monkeypatch.setattr(revoke, "clear_retained", lambda fleet, device: "its retained messages cleared (no broker here)")
+
+
 def test_a_bad_broker_host_is_one_line_and_leaves_nothing_behind(tmp_path, run_cli):
     fleet_file = tmp_path / "fleet.yaml"
     fleet_file.write_text(yaml.safe_dump(FLEET))
@@ -222,3 +232,64 @@ def test_deploy_new_key_with_a_passwd_that_is_not_text_is_one_line_naming_it(tmp
                                          "--broker-dir"):
         readmit_broker_users(fleet, fleet.devices, wall)
     assert (wall / "passwd").read_bytes() == b"cam-1:$7$\xff\n"
+
+
+def test_deploy_new_key_readmits_a_revoked_device_only_when_devices_names_it(tmp_path, run_cli, monkeypatch):
+    """`deploy --new-key` to the whole fleet gave every device a fresh key and added back the broker user of each one
+    `fleet revoke` had removed, a stolen device still in the fleet file too. Now it re-keys the others, and a revoked
+    device is readmitted only when --devices names it; otherwise it is skipped, untouched (no key, no broker user), its
+    row saying how to readmit it. A tag or `all` does not name it."""
+    from types import SimpleNamespace
+
+    from device_agents.identity import Signer
+    from edge_kit.fleet import commands
+    from edge_kit.fleet import deploy as dp
+    from edge_kit.fleet.inventory import load_fleet
+    from edge_kit.manifest import Artifact, Manifest
+
+    names = ("cam-1", "cam-2", "cam-3")
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text(yaml.safe_dump({**FLEET, "devices": [{"name": n, "host": f"10.0.0.{i + 2}", "profile": "rpi4",
+                                                                "tags": ["line"]} for i, n in enumerate(names)]}))
+    wall = tmp_path / "wall"
+    assert run_cli("fleet", "init", "--fleet", fleet_file, "--broker-host", "127.0.0.1", "--out", wall)[0] == 0
+    data = yaml.safe_load(fleet_file.read_text())
+    for dev in data["devices"]:
+        dev["agent_broker"] = yaml.safe_load((wall / "fleet-broker.yaml").read_text())["agent_broker"][dev["name"]]
+    fleet_file.write_text(yaml.safe_dump(data))
+    keys = load_fleet(fleet_file).key_store()
+    keys.register_many({n: Signer.generate().public for n in names})
+    keys.revoke("cam-2", "stolen")  # as `fleet revoke --broker-dir` does: the key and the broker user
+    broker_setup.remove_broker_user(wall / "passwd", "cam-2")
+    artifacts = tmp_path / "art"
+    artifacts.mkdir()
+    fp32 = Artifact(id="fp32", status="built", profiles=["rpi4"], summary="", precision="float32", runtime="litert",
+                    file="fp32.tflite", sha256="0" * 64, bytes=1)
+    (artifacts / "manifest.json").write_text(Manifest(created="2026-11-30T00:00:00+00:00", model={"name": "m"},
+                                                      versions={}, profiles={"rpi4": {}}, artifacts=[fp32]).to_json())
+    deployed: list[str] = []
+
+    def one(self, dev):  # the deploy of one device (its fresh key included), faked: what matters is who gets one
+        deployed.append(dev.name)
+        return dp.DeviceResult(dev.name, "succeeded", variant="fp32", actions=["device key provisioned (--new-key)"])
+
+    monkeypatch.setattr(dp._Deployer, "one", one)
+    monkeypatch.setattr(commands.FleetClient, "of", classmethod(
+        lambda cls, fleet, **kw: SimpleNamespace(__enter__=lambda: None, close=lambda: None)))
+    users = lambda: broker_setup.broker_users(wall / "passwd")  # noqa: E731
+    for selectors in ((), ("--devices", "all"), ("--devices", "tag:line")):
+        deployed.clear()
+        code, out, err = run_cli("deploy", "--fleet", fleet_file, "--artifacts", artifacts, "--new-key", "--broker-dir",
+                                 wall, *selectors, "--json")
+        assert code == 0, (selectors, out, err)
+        rows = {r["device"]: r for r in json.loads(out)["devices"]}
+        assert sorted(deployed) == ["cam-1", "cam-3"] and rows["cam-2"]["status"] == "skipped", (selectors, rows)
+        why = rows["cam-2"]["reason"]
+        assert why.startswith("cam-2: revoked on ") and "--devices does not name it: not readmitted" in why, why
+        assert why.endswith("`edgekit deploy --new-key --devices cam-2` readmits it once you trust it again (re-imaged)")
+        assert "cam-2" not in users() and "cam-2" not in err  # its broker user is not added back either
+    deployed.clear()
+    code, out, err = run_cli("deploy", "--fleet", fleet_file, "--artifacts", artifacts, "--new-key", "--broker-dir",
+                             wall, "--devices", "cam-2", "--json")
+    assert code == 0 and deployed == ["cam-2"], (out, err)
+    assert "cam-2: broker user 'cam-2' added back" in err and "cam-2" in users()

@@ -658,3 +658,80 @@ def test_keys_rotate_leaves_a_revoked_device_out_and_switches_without_it(tmp_pat
     done = json.loads(out)
     assert done["switched"] and {d["device"]: d["outcome"] for d in done["devices"]} == {"d1": "rotated", "d2": "revoked"}
     assert set(asked) == {"d1"}
+
+
+def test_bench_and_shadow_to_a_revoked_device_are_refused_at_once_naming_when_and_the_way_back(tmp_path, monkeypatch,
+                                                                                              run_cli):
+    """`edgekit bench` and `shadow` to a device `fleet revoke` took back sent their command and waited their whole
+    timeout for an answer every receiver refuses (signed by the revoked key, or by a thief's own). FleetClient.send, the
+    one place every host command goes through, now refuses such a device before sending: one line naming it, when it
+    was revoked and how to readmit it, exit 2. A device re-keyed since (`deploy --new-key`) is asked again."""
+    from edge_kit.fleet import commands as fleet_commands
+    from edge_kit.fleet.inventory import load_fleet
+
+    stolen = Signer.generate()
+
+    class Silent(FakeTransport):  # whatever a revoked device answers is refused: none is played
+        def publish(self, topic: str, payload: bytes, qos: int = 0) -> None:
+            self.published.append(messages.decode(payload, "cmd"))
+
+    transport = Silent(agent())
+    monkeypatch.setattr(fleet_commands, "make_client", lambda *a, **k: transport)
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text(f"fleet: {FLEET}\nbroker: {{host: 127.0.0.1, port: 1}}\ndefaults: {{user: edgekit, profile: rpi4}}\n"
+                          "devices:\n  - {name: d1, host: 127.0.0.1}\n  - {name: d2, host: 127.0.0.2}\n")
+    keys = load_fleet(fleet_file).key_store()
+    keys.register_many({"d1": DEVICES["d1"].public, "d2": stolen.public})
+    keys.revoke("d2", "stolen")
+    started = time.monotonic()
+    for args in (("bench", "--device", "d2", "--timeout", "3"), ("shadow", "--device", "d2", "--variant", "fp32")):
+        code, out, err = run_cli(*args, "--fleet", fleet_file)
+        assert code == 2 and err.count("\n") == 1, (args, out, err)
+        assert err.startswith(f"edgekit: error: d2: its key {stolen.key_id} was revoked on ") and " (stolen): '" in err, err
+        assert "not sent" in err and "`edgekit deploy --new-key --devices d2` readmits it" in err, err
+    assert time.monotonic() - started < 2 and transport.published == []  # nothing sent, no timeout waited
+    keys.register("d2", DEVICES["d2"].public)  # readmitted with a fresh key: asked again
+    code, out, err = run_cli("bench", "--device", "d2", "--timeout", "1", "--fleet", fleet_file)
+    assert code == 5 and "d2: no answer to 'bench'" in err and [m["device"] for m in transport.published] == ["d2"], err
+
+
+def test_fleet_revoke_with_the_broker_down_revokes_the_key_and_says_in_one_line_its_retained_messages_are_left(
+        tmp_path, run_cli):
+    """`fleet revoke` left a revoked device's retained status, reported and desired messages on the broker, sent to
+    (and refused by) every receiver that subscribes. It now clears them with the operator's credentials; a broker it
+    cannot reach leaves the revocation standing and one line says what is left and what to do, exit 4 as for the
+    other step at the broker that can fail (its passwd)."""
+    from edge_kit.fleet.inventory import load_fleet
+    from edge_kit.sim.broker import free_port
+
+    fleet_file = tmp_path / "fleet.yaml"
+    port = free_port()  # nothing listens there
+    fleet_file.write_text(f"fleet: {FLEET}\nbroker: {{host: 127.0.0.1, port: {port}}}\n"
+                          "defaults: {user: edgekit, profile: rpi4}\ndevices:\n  - {name: d1, host: 127.0.0.1}\n")
+    keys = load_fleet(fleet_file).key_store()
+    keys.register_many({"d1": DEVICES["d1"].public})
+    code, out, err = run_cli("fleet", "revoke", "d1", "--fleet", fleet_file, "--reason", "lost")
+    assert code == 4 and err.count("\n") == 1, (out, err)
+    assert err.startswith("d1: its retained status, reported and desired messages are left on the broker (cannot "
+                          f"reach the MQTT broker at 127.0.0.1:{port}"), err
+    assert err.rstrip().endswith("run this command again once the broker is up to clear them"), err
+    assert f"key {DEVICES['d1'].key_id} revoked" in out and keys.devices() == {}  # the revocation stands
+    code, out, err = run_cli("fleet", "revoke", "d1", "--fleet", fleet_file, "--json")
+    done = json.loads(out)
+    assert code == 4 and done["retained_failed"] is True and not done["newly_revoked"] and "left on the broker" in done["retained"]
+
+
+def test_a_measuring_round_does_not_ask_a_device_revoked_since_and_names_it_among_the_silent(tmp_path):
+    """tune's round sends every device its benchmarks at once: a device revoked since the round's deploy would have
+    ended the whole round on its refusal (FleetClient.send raises before sending). It is not asked, and named among
+    the devices that did not answer with the revocation's line; the others are measured."""
+    entry = {"device": "d2", "key_id": "k2", "revoked": 1_764_460_800.0, "reason": "stolen"}
+    transport = FakeTransport(agent())
+    c = FleetClient(BrokerConfig(), FLEET, transport=transport, signer=OPERATOR,
+                    keyring=Keyring({k: v.public for k, v in DEVICES.items()}, [OPERATOR.public]),
+                    revoked=lambda device: entry if device == "d2" else None)
+    with c:
+        stored, silent, _ = _measure(c, Store(tmp_path / "h.db"), {"d1": [("int8", "a" * 64)], "d2": [("int8", "b" * 64)]},
+                                     {"min_runs": 10}, timeout=2)
+    assert stored == 1 and [m["device"] for m in transport.published] == ["d1"]
+    assert list(silent) == ["d2"] and silent["d2"][0].startswith("int8 (not asked: d2: its key k2 was revoked on "), silent

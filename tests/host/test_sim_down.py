@@ -251,3 +251,31 @@ def test_sim_up_after_a_device_was_revoked_starts_the_others_and_leaves_it_out(t
     monkeypatch.setattr(simfleet.FleetClient, "of", classmethod(lambda cls, fleet, **kw: contextlib.nullcontext()))
     assert simfleet.SimFleet(tmp_path).start_agents(fleet) == ["d2"]
     assert sorted(started) == ["d1", "d3"]
+
+
+def test_sim_up_after_a_device_was_revoked_leaves_its_broker_user_out_of_the_passwd_it_writes(tmp_path, monkeypatch):
+    """`sim up` wrote the simulated broker's passwd afresh with a user for every device, so after `fleet revoke`
+    (which removed the revoked device's user), `sim down` and `sim up`, the revoked device could connect to the broker
+    again. Its user is now left out of the passwd `up` writes; the others are in it, as is the operator."""
+    from device_agents.identity import Signer
+    from edge_kit.errors import EdgeKitError
+    from edge_kit.fleet.keys import FleetKeys
+
+    names = [n for n, _ in simfleet.device_names(3, ["rpi4"])]
+    keys = FleetKeys(tmp_path / "keys")  # kept by `sim down`, as `fleet revoke` left it
+    keys.register_many({n: Signer.generate().public for n in names})
+    keys.revoke(names[1], "stolen")
+    written: dict = {}
+
+    class Broker:  # Mosquitto as up() starts it: what matters is the users of the passwd it would write
+        def __init__(self, workdir, *, users=None, **_kw):
+            written.update(users or {})
+
+        def start(self):
+            raise EdgeKitError("stopped here: the broker's users are known")
+
+    monkeypatch.setattr(simfleet, "MosquittoBroker", Broker)
+    with pytest.raises(EdgeKitError, match="stopped here"):
+        simfleet.SimFleet(tmp_path).up(3, ["rpi4"], embedded_broker=False)
+    assert sorted(written) == sorted(["operator", names[0], names[2]]), written
+    assert simfleet.SimFleet(tmp_path).state() is None  # up() cleaned up after itself

@@ -45,6 +45,33 @@ def connects(broker, user: str, password: str, ca: Path) -> str:
     return result[0]
 
 
+def retained(fleet, device: str, ca: Path, quiet_s: float = 2.0) -> dict[str, bytes]:
+    """Return what the broker holds retained under ``device``'s topics ({kind: payload}), as a fresh subscriber with
+    the operator's credentials is sent it (waiting ``quiet_s`` after the last one)."""
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"retained-{time.monotonic_ns()}")
+    client.username_pw_set(fleet.broker.username, fleet.broker_password())
+    client.tls_set(ca_certs=str(ca), cert_reqs=ssl.CERT_REQUIRED)
+    got: dict[str, bytes] = {}
+    last = [time.monotonic()]
+
+    def on_message(_c, _u, m):
+        if m.retain:
+            got[m.topic.rsplit(f"/{device}/", 1)[1]] = m.payload
+            last[0] = time.monotonic()
+
+    client.on_message = on_message
+    client.on_connect = lambda c, *_: c.subscribe(f"{messages.ROOT}/{fleet.fleet}/{device}/#", 1)
+    try:
+        client.connect(fleet.broker.host, fleet.broker.port)
+        client.loop_start()
+        time.sleep(0.2)
+        wait_until(lambda: time.monotonic() - last[0] > quiet_s, 15)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return got
+
+
 def test_a_revoked_device_is_refused_everywhere_until_deploy_new_key_gives_it_a_fresh_key(sim, digits_artifacts,
                                                                                          run_cli, tmp_path):
     """The only way to stop a stolen device was to edit keys/devices.json by hand, and the next deploy to it
@@ -61,9 +88,26 @@ def test_a_revoked_device_is_refused_everywhere_until_deploy_new_key_gives_it_a_
     mon = Monitor(fleet, store).start()
     try:
         assert wait_until(lambda: dev.name in store.latest_status(), 30)  # its retained status, stored
+        with FleetClient.of(fleet) as client:  # what a rollout leaves retained for it, and a reported state
+            for kind in ("desired", "reported"):
+                client.client.publish(messages.topic(fleet.fleet, dev.name, kind), b'{"left": "retained"}', qos=1,
+                                      retain=True).wait_for_publish(10)
+        assert set(retained(fleet, dev.name, ca)) == {"status", "desired", "reported"}
         code, out, err = run_cli("fleet", "revoke", dev.name, "--fleet", simfleet.fleet_file, "--reason", "stolen")
         assert code == 0, err
         assert f"key {stolen.key_id} revoked" in out and "the simulated broker read it again (SIGHUP)" in out, out
+        assert "its retained status, reported and desired messages cleared on the broker" in " ".join(out.split()), out
+        # nothing left for a receiver that subscribes now to be sent and refuse: a monitor started afresh stores none
+        assert retained(fleet, dev.name, ca) == {}
+        fresh = Store(tmp_path / "fresh.db")
+        other = Monitor(fleet, fresh, client_id="revoke-fresh-monitor").start()
+        try:
+            time.sleep(2)
+        finally:
+            other.stop()
+        assert other.stats.invalid == 0 and fresh.refused_messages(limit=10) == [], fresh.refused_messages(limit=10)
+        # the clears reached the running monitor too: taken as no message, not stored as refused
+        assert not [r for r in store.refused_messages(dev.name, limit=100) if not r["payload"]]
         assert connects(fleet.broker, dev.name, old_password, ca) != "ok"  # its broker user is gone
         # and the connection its agent had open was closed at the reload (Mosquitto checks connected clients
         # against the password file it read again): the agent is turned away when it connects again
@@ -99,8 +143,16 @@ def test_a_revoked_device_is_refused_everywhere_until_deploy_new_key_gives_it_a_
             ": re-image it or run deploy with --new-key to give it a fresh key pair"), result["reason"]
         assert fleet.key_store().devices() == {}
 
+        # --new-key to every device does not readmit it: --devices must name it
+        code, out, err = run_cli("deploy", "--fleet", simfleet.fleet_file, "--artifacts", digits_artifacts, "--new-key",
+                                 "--json")
+        result = json.loads(out)["devices"][0]
+        assert code == 0 and result["status"] == "skipped" and "--devices does not name it" in result["reason"], out
+        assert fleet.key_store().devices() == {} and connects(fleet.broker, dev.name, old_password, ca) != "ok"
+
         # the way back: a fresh key pair and a fresh broker password
-        code, out, err = run_cli("deploy", "--fleet", simfleet.fleet_file, "--artifacts", digits_artifacts, "--new-key")
+        code, out, err = run_cli("deploy", "--fleet", simfleet.fleet_file, "--artifacts", digits_artifacts, "--new-key",
+                                 "--devices", dev.name)
         assert code == 0, out + err
         assert "added back" in out and "fresh key pair" in out, out
         new = fleet.key_store().devices()[dev.name]
