@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -306,3 +307,26 @@ class SystemdNamespace:
                 os.kill(self.pid, signal.SIGKILL)  # PID 1 of the namespace: the kernel ends everything in it
         stop_process(self.proc, timeout=10)
         self.proc = None
+
+
+def connect(broker, user: str | None, password: str | None, *, tls_ca=None) -> tuple[mqtt.Client, str]:
+    """Return a started client and how its connection went ("ok" or the broker's reason)."""
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"connect-{user}-{time.monotonic_ns()}")
+    if user:
+        client.username_pw_set(user, password)
+    if tls_ca:
+        client.tls_set(ca_certs=str(tls_ca), cert_reqs=ssl.CERT_REQUIRED)
+    result, done = ["no answer"], threading.Event()
+
+    def on_connect(_c, _u, _f, reason, _p):
+        result[0] = "ok" if not reason.is_failure else str(reason)
+        done.set()
+
+    client.on_connect = on_connect
+    try:
+        client.connect(broker.host, broker.port)
+    except (OSError, ssl.SSLError) as exc:
+        return client, f"{type(exc).__name__}"
+    client.loop_start()
+    done.wait(5)
+    return client, result[0]

@@ -2,40 +2,17 @@
 
 from __future__ import annotations
 
-import ssl
 import threading
 import time
 
 import paho.mqtt.client as mqtt
 import pytest
+from harness import connect
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edgekit_protocol import messages
 
 pytestmark = pytest.mark.integration
-
-
-def connect(broker, user: str | None, password: str | None, *, tls_ca=None) -> tuple[mqtt.Client, str]:
-    """Return a started client and how its connection went ("ok" or the broker's reason)."""
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"wall-{user}-{time.monotonic_ns()}")
-    if user:
-        client.username_pw_set(user, password)
-    if tls_ca:
-        client.tls_set(ca_certs=str(tls_ca), cert_reqs=ssl.CERT_REQUIRED)
-    result, done = ["no answer"], threading.Event()
-
-    def on_connect(_c, _u, _f, reason, _p):
-        result[0] = "ok" if not reason.is_failure else str(reason)
-        done.set()
-
-    client.on_connect = on_connect
-    try:
-        client.connect(broker.host, broker.port)
-    except (OSError, ssl.SSLError) as exc:
-        return client, f"{type(exc).__name__}"
-    client.loop_start()
-    done.wait(5)
-    return client, result[0]
 
 
 def test_strangers_are_kept_out_and_each_device_is_confined_to_its_own_topics(sim):

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import ssl
-import threading
 import time
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
-from harness import wait_until
+from harness import connect, wait_until
 from paho.mqtt.enums import CallbackAPIVersion
 
 from device_agents.identity import Signer, key_id
@@ -24,25 +23,11 @@ pytestmark = pytest.mark.integration
 
 
 def connects(broker, user: str, password: str, ca: Path) -> str:
-    """Return how a fresh connection as ``user`` goes: "ok" or the broker's reason."""
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"revoke-{user}-{time.monotonic_ns()}")
-    client.username_pw_set(user, password)
-    client.tls_set(ca_certs=str(ca), cert_reqs=ssl.CERT_REQUIRED)
-    result, done = ["no answer"], threading.Event()
-
-    def on_connect(_c, _u, _f, reason, _p):
-        result[0] = "ok" if not reason.is_failure else str(reason)
-        done.set()
-
-    client.on_connect = on_connect
-    try:
-        client.connect(broker.host, broker.port)
-        client.loop_start()
-        done.wait(5)
-    finally:
-        client.disconnect()
-        client.loop_stop()
-    return result[0]
+    """Return how a fresh connection as ``user`` goes: "ok" or the broker's reason (the client is let go)."""
+    client, how = connect(broker, user, password, tls_ca=ca)
+    client.disconnect()
+    client.loop_stop()
+    return how
 
 
 def retained(fleet, device: str, ca: Path, quiet_s: float = 2.0) -> dict[str, bytes]:
