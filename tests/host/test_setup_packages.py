@@ -13,7 +13,7 @@ PACKAGE = {"mosquitto": "mosquitto", "mosquitto_passwd": "mosquitto", "sshd": "o
            "pgrep": "procps", "kill": "procps"}
 # Not for .ci/setup: on every Debian (essential packages, or git, which cloned the repository), another name of one
 # above, or only on a real device (and optional there).
-ELSEWHERE = {"/bin/sh", "sh", "sleep", "mount", "umount", "git", "python", "chromium-browser",
+ELSEWHERE = {"/bin/sh", "sh", "sleep", "sha256sum", "mount", "umount", "git", "python", "chromium-browser",
              "vcgencmd", "nvpmodel", "nvidia-smi", "jetson_clocks", "tegrastats", "edgetpu_compiler"}
 CALL = re.compile(r"(?:subprocess\.(?:run|Popen|check_output|check_call)|shutil\.which)\(\[?\"([A-Za-z_0-9./-]+)\"")
 

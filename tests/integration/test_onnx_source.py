@@ -225,12 +225,25 @@ def test_an_op_onnx2tf_cannot_convert_is_named_in_one_line(tmp_path, run_cli):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
     model.ir_version = 8
     onnx.save(model, tmp_path / "castlike.onnx")
-    code, _, err = run_cli("compile", tmp_path / "castlike.onnx", "-p", "rpi4", "--out", tmp_path / "o")
+    import yaml
+
+    rpi4 = yaml.safe_load((Path(__file__).resolve().parents[2] / "profiles" / "rpi4.yaml").read_text())
+    litert_only = tmp_path / "litert.yaml"
+    litert_only.write_text(yaml.safe_dump({**rpi4, "name": "litert", "variants": ["fp32", "fp16"]}))
+    code, _, err = run_cli("compile", tmp_path / "castlike.onnx", "-p", litert_only, "--out", tmp_path / "o")
     assert code == 2
     (line,) = err.strip().splitlines()
     assert line.startswith("edgekit: error:")
     assert "castlike.onnx: onnx2tf 1.29.24 has no conversion for op type 'CastLike' (node 'cast_like')" in line
     assert "compile again" in line and not (tmp_path / "o").exists()
+    # a profile that asks for ONNX Runtime variants too gets those (they need no conversion); the LiteRT ones
+    # are recorded as not built, with the same line
+    code, _, err = run_cli("compile", tmp_path / "castlike.onnx", "-p", "rpi4", "--out", tmp_path / "o")
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "o" / "castlike" / "manifest.json").read_text())
+    status = {a["id"]: a for a in manifest["artifacts"]}
+    assert status["onnx-fp32"]["status"] == "built"
+    assert status["fp32"]["status"] != "built" and "no conversion for op type 'CastLike'" in status["fp32"]["reason"]
 
 
 def test_ops_onnx2tf_leaves_to_tensorflow_are_named(tmp_path, run_cli):
