@@ -427,7 +427,13 @@ class Agent:
 
     def _on_desired(self, client: Any, message: Any) -> None:
         """Check a desired state is the operator's and for this device, and hand it to the main thread,
-        which acknowledges it to the broker once it is on disk; what is not is refused and counted."""
+        which acknowledges it to the broker once it is on disk; what is not is refused and counted. An empty payload
+        is the retained state cleared (``edgekit fleet revoke`` does; a readmitted device's session is handed it as it
+        reconnects): acknowledged, nothing to take, nothing refused. Returns nothing."""
+        if messages.is_cleared(message.topic, message.payload):
+            log.info("the retained desired state was cleared on the broker (fleet revoke); nothing to take")
+            client.ack(message.mid, message.qos)
+            return
         try:
             msg = messages.decode(message.payload, "desired")
             self.operators().verify(msg, OPERATOR)

@@ -31,6 +31,7 @@ from edgekit_protocol.errors import MessageError, PayloadTooLarge
 ROOT = "edgekit/v1"
 KINDS = ("status", "bench", "telemetry", "live", "shadow", "cmd", "cmd/ack", "desired", "reported")
 OPERATOR_KINDS = ("cmd", "desired")  # what the operator publishes; everything else is a device's
+RETAINED_KINDS = ("status", "reported", "desired")  # what the broker keeps retained per device (its own, the operator's)
 SCHEMAS = {
     "status": "edgekit.status/1",
     "bench": "edgekit.bench/1",
@@ -132,6 +133,19 @@ def parse_topic(name: str) -> tuple[str, str, str]:
     if len(parts) != 3 or parts[2] not in KINDS:
         raise MessageError(f"topic {name!r} is not {ROOT}/<fleet>/<device>/<kind>")
     return parts[0], parts[1], parts[2]
+
+
+def is_cleared(topic: str, payload: bytes) -> bool:
+    """Return True when ``payload`` on ``topic`` is a retained message cleared (an empty payload, as MQTT clears one:
+    ``fleet revoke`` does) on a topic the broker keeps retained (:data:`RETAINED_KINDS`): no message, nothing to check
+    or count. An empty payload on any other topic (``bench``, ``telemetry``, ``cmd``...) is no clear: False, so it is
+    refused and counted as any other bad message. Never raises."""
+    if payload:
+        return False
+    try:
+        return parse_topic(topic)[2] in RETAINED_KINDS
+    except MessageError:
+        return False
 
 
 def new_msg_id() -> str:

@@ -138,9 +138,9 @@ class FleetClient:
                    transport=transport, revoked=keyring.device_revocation, **kw)
 
     def _on_message(self, _c: Any, _u: Any, message: Any) -> None:
-        if not message.payload:  # a retained message cleared (fleet revoke does): nothing to check, nothing said
-            return
         topic = message_topic(message)  # a topic that is not UTF-8 read strictly would end paho's network thread
+        if messages.is_cleared(topic, message.payload):  # a retained message cleared (fleet revoke does): nothing said
+            return
         try:
             kind, msg = receive(self.keyring, topic, message.payload, time.time())
             device = msg["device"]
@@ -365,7 +365,7 @@ def broker_statuses(fleet: Any) -> tuple[dict[str, dict[str, Any]] | None, str]:
                    + (f"; {refused} refused (not signed by the device its topic names)" if refused else ""))
 
 
-RETAINED_KINDS = ("status", "reported", "desired")  # what the broker keeps retained per device (its own, the operator's)
+RETAINED_KINDS = messages.RETAINED_KINDS
 CLEAR_TIMEOUT_S = 10.0  # the broker's acknowledgement of the clears, at most
 
 

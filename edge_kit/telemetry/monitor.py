@@ -266,17 +266,18 @@ class Monitor:
 
     def _on_message(self, _c: Any, _u: Any, m: Any) -> None:
         """Queue ``(topic, payload, receive time, mid to acknowledge or None)``; nothing once stopping, nor an empty
-        payload (how MQTT clears a retained message: acknowledged, no message to store), and a QoS 0
+        payload on a retained kind's topic (how MQTT clears a retained message: acknowledged, no message to store;
+        :func:`~edgekit_protocol.messages.is_cleared`: on any other topic it is refused and counted), and a QoS 0
         message not while :data:`MAX_QUEUED` wait (counted in ``stats.dropped``, alerted once a run). A topic that is
         not UTF-8 is queued with its bad bytes as ``\\xNN`` (it names no device, so it is refused). Never raises:
         paho's network thread calls it."""
         if self._closing.is_set():
             return
-        if not m.payload:  # a retained message cleared (`fleet revoke` does): no message, nothing to check or store
+        topic = message_topic(m)
+        if messages.is_cleared(topic, m.payload):  # a retained message cleared (`fleet revoke` does): nothing to store
             if m.qos:
                 self._ack([m.mid])
             return
-        topic = message_topic(m)
         if not m.qos and self._queue.qsize() >= MAX_QUEUED:
             self.stats.dropped += 1
             if self.stats.dropped == 1:

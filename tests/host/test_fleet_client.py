@@ -735,3 +735,19 @@ def test_a_measuring_round_does_not_ask_a_device_revoked_since_and_names_it_amon
                                      {"min_runs": 10}, timeout=2)
     assert stored == 1 and [m["device"] for m in transport.published] == ["d1"]
     assert list(silent) == ["d2"] and silent["d2"][0].startswith("int8 (not asked: d2: its key k2 was revoked on "), silent
+
+
+def test_an_empty_payload_is_a_clear_only_on_a_retained_topic_elsewhere_it_is_refused_and_counted():
+    """An empty payload clears a retained message (`fleet revoke` clears status, reported and desired); the client
+    dropped it uncounted on every topic, so empty messages on a device's bench or cmd/ack topic, where nothing is
+    retained, went unseen. Now only the retained kinds' are clears."""
+    from paho.mqtt.client import MQTTMessage
+
+    with client(agent()) as c:
+        before = c.rejected_count
+        for kind in ("status", "reported", "bench", "cmd/ack"):
+            message = MQTTMessage(mid=1, topic=messages.topic(FLEET, "d1", kind).encode())
+            message.payload = b""
+            c._on_message(None, None, message)
+        assert c.rejected_count - before == 2
+        assert [r.split(": ", 1)[0].rsplit("/", 1)[-1] for r in list(c.rejected)[-2:]] == ["bench", "ack"]

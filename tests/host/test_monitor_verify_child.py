@@ -117,3 +117,25 @@ def test_a_topic_that_is_not_utf8_is_refused_and_counted_not_raised_in_the_netwo
     mon._store([queued])
     assert mon.stats.received == mon.stats.invalid == 1 == store.count("invalid") and store.count("status") == 0
     assert store._rows("SELECT topic FROM invalid") == [("edgekit/v1/sim/d1\\xff/status",)]
+
+
+def test_an_empty_payload_is_a_clear_only_on_a_retained_topic_elsewhere_it_is_refused_and_counted(tmp_path):
+    """`fleet revoke` clears a device's retained status, reported and desired with empty payloads, which the monitor
+    drops uncounted. It dropped an empty payload on every topic alike: a flood of them on a device's bench or
+    telemetry topic (no retained message there to clear) went unseen and uncounted. Now only the retained kinds'
+    empty payloads are clears; any other is refused, counted and kept as invalid."""
+    from paho.mqtt.client import MQTTMessage
+
+    fleet = _fleet(tmp_path, Signer.generate())
+    store = Store(tmp_path / "h.db")
+    mon = Monitor(fleet, store, verify_in_child=False)
+    for mid, kind in enumerate(("status", "bench", "telemetry", "reported"), start=1):
+        message = MQTTMessage(mid=mid, topic=messages.topic("sim", "d1", kind).encode())
+        message.payload, message.qos = b"", 1
+        mon._on_message(None, None, message)
+    queued = []
+    while not mon._queue.empty():
+        queued.append(mon._queue.get_nowait())
+    assert [q[0].rsplit("/", 1)[1] for q in queued] == ["bench", "telemetry"]
+    mon._store(queued)
+    assert mon.stats.received == mon.stats.invalid == 2 == store.count("invalid")

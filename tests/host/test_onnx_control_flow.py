@@ -197,3 +197,20 @@ def test_without_data_a_model_taking_positive_inputs_only_is_checked_on_those_it
     assert conversion["inputs"].endswith("(2 left out: ONNX Runtime's outputs are NaN or infinity on them, inputs the "
                                          "model does not take)"), conversion["inputs"]
     assert manifest.artifact("fp32").status == "built"
+
+
+def test_without_data_a_model_nan_on_most_check_samples_is_refused_not_checked_on_one(tmp_path):
+    """Random samples on which ONNX Runtime's outputs are NaN are left out; a model NaN on three of the four (here
+    ``x * sqrt(-sum(x))``: both uniform samples and one of the normal pair) passed the conversion check on the one
+    left, with a fidelity figure from a single sample. Over half left out is refused now, saying to give data."""
+    import pytest
+
+    from edge_kit.errors import InputError
+
+    nodes = [helper.make_node("ReduceSum", ["x"], ["total"], keepdims=1), helper.make_node("Neg", ["total"], ["neg"]),
+             helper.make_node("Sqrt", ["neg"], ["root"]), helper.make_node("Mul", ["x", "root"], ["y"])]
+    model = save(tmp_path / "mostly_nan.onnx", nodes, [])
+    profile = load_profile("rpi4").model_copy(update={"variants": ["fp32"]})
+    with pytest.raises(InputError, match=r"NaN or infinity on 3 of the 4 random samples .* give --eval or --calib"):
+        compile_model(CompileRequest(model, [profile], tmp_path / "out"))
+    assert not (tmp_path / "out").exists()  # nothing written
