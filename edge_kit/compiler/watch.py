@@ -148,13 +148,16 @@ def interrupts_held() -> Iterator[None]:
 @contextmanager
 def interrupts_after_result_ignored() -> Iterator[None]:
     """While the block runs, Ctrl-C (SIGINT) raises KeyboardInterrupt as usual until the compile's result is written
-    (:func:`result_written`), and is ignored afterwards: there is nothing left to stop or undo, so `edgekit compile`
-    reports its result and exits 0. The previous handler is back after the block. Outside the main thread the block
-    just runs."""
+    (:func:`result_written`), and the first one afterwards is ignored: there is nothing left to stop or undo, so
+    `edgekit compile` reports its result and exits 0. A second one raises: whatever the compile still does then
+    (printing its table to a terminal that stopped reading) can always be stopped. The previous handler is back
+    after the block. Outside the main thread the block just runs."""
+    ignored: list[int] = []
 
-    def on_sigint(_signum: int, _frame: Any) -> None:
-        if not result_written():
+    def on_sigint(signum: int, _frame: Any) -> None:
+        if not result_written() or ignored:
             raise KeyboardInterrupt
+        ignored.append(signum)
 
     previous = _set_sigint(on_sigint)
     try:

@@ -245,3 +245,24 @@ def test_a_noted_folder_that_is_not_the_swaps_own_is_never_moved_or_removed(tmp_
         _cleaned({"out": str(out), "staging": str(noted), "old": str(noted), "published": True})
     assert all((k / "manifest.json").read_text() == "keep" for k in keep) and link.is_symlink()
     assert not out.exists()
+
+
+def test_after_the_result_is_written_a_first_ctrl_c_is_ignored_and_a_second_one_stops(monkeypatch):
+    """Once the result is in place the first Ctrl-C changes nothing (the compile reports it, exit 0); but every later
+    one was ignored too, so a compile stuck after its result (its table printed to a terminal that stopped reading)
+    could not be stopped from the keyboard. Now a second Ctrl-C raises."""
+    import os
+    import signal
+
+    import pytest
+
+    from edge_kit.compiler import watch
+
+    monkeypatch.setattr(watch, "_written", [False])
+    with watch.interrupts_after_result_ignored():
+        with pytest.raises(KeyboardInterrupt):  # before the result: stops, as always
+            os.kill(os.getpid(), signal.SIGINT)
+        watch.result_written(True)
+        os.kill(os.getpid(), signal.SIGINT)  # the first one after: ignored
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # the second: stops
