@@ -229,14 +229,10 @@ def test_every_profile_the_rollout_reaches_has_a_canary():
     assert pick_canaries([], 0.1) == []
 
 
-def test_deploy_prints_a_promoting_gate_decision_and_where_its_figures_came_from(monkeypatch, tmp_path, run_cli):
-    """Before, a promoted canary wave printed nothing of the gate: the numbers it promoted on were only in the
-    history. Now the decision and the source of its figures are printed; --json keeps them in the history."""
-    from edge_kit.fleet.deploy import GroupResult
-    from edge_kit.loop import rollout as ro
+def _canary_fleet(tmp_path):
+    """Write a fleet file of two rpi4 devices (a, b) and a compiled model's folder whose manifest holds one built int8
+    variant; return both paths (the deploy --canary tests' fleet)."""
     from edge_kit.manifest import Artifact, Manifest
-    from edge_kit.selection.gate import LiveEvidence, judge_live
-    from edge_kit.telemetry.store import Store
 
     fleet_file = tmp_path / "fleet.yaml"
     fleet_file.write_text("fleet: f\ndefaults: {user: u, profile: rpi4}\ndevices:\n  - {name: a, host: h}\n"
@@ -247,6 +243,18 @@ def test_deploy_prints_a_promoting_gate_decision_and_where_its_figures_came_from
         created="2026-11-29T00:00:00+00:00", model={"name": "m"}, versions={}, profiles={"rpi4": {}},
         artifacts=[Artifact(id="int8", status="built", profiles=["rpi4"], summary="int8", precision="int8",
                             file="int8.tflite", sha256="c" * 64, bytes=3)]).to_json())
+    return fleet_file, folder
+
+
+def test_deploy_prints_a_promoting_gate_decision_and_where_its_figures_came_from(monkeypatch, tmp_path, run_cli):
+    """Before, a promoted canary wave printed nothing of the gate: the numbers it promoted on were only in the
+    history. Now the decision and the source of its figures are printed; --json keeps them in the history."""
+    from edge_kit.fleet.deploy import GroupResult
+    from edge_kit.loop import rollout as ro
+    from edge_kit.selection.gate import LiveEvidence, judge_live
+    from edge_kit.telemetry.store import Store
+
+    fleet_file, folder = _canary_fleet(tmp_path)
     decision = judge_live([LiveEvidence("a", [1.0] * 300)], [LiveEvidence("b", [1.0] * 300)])
 
     def fake_rollout(_fleet, targets, _opts, _canary, _failed, _progress, gate, record):
@@ -269,19 +277,10 @@ def test_deploy_names_a_gate_decision_the_history_refused_for_what_it_holds_and_
     from edge_kit.errors import HistoryRecordError
     from edge_kit.fleet.deploy import GroupResult
     from edge_kit.loop import rollout as ro
-    from edge_kit.manifest import Artifact, Manifest
     from edge_kit.selection.gate import LiveEvidence, judge_live
     from edge_kit.telemetry.store import Store
 
-    fleet_file = tmp_path / "fleet.yaml"
-    fleet_file.write_text("fleet: f\ndefaults: {user: u, profile: rpi4}\ndevices:\n  - {name: a, host: h}\n"
-                          "  - {name: b, host: h}\n")
-    folder = tmp_path / "art"
-    folder.mkdir()
-    (folder / "manifest.json").write_text(Manifest(
-        created="2026-11-29T00:00:00+00:00", model={"name": "m"}, versions={}, profiles={"rpi4": {}},
-        artifacts=[Artifact(id="int8", status="built", profiles=["rpi4"], summary="int8", precision="int8",
-                            file="int8.tflite", sha256="c" * 64, bytes=3)]).to_json())
+    fleet_file, folder = _canary_fleet(tmp_path)
     decision = judge_live([LiveEvidence("a", [1.0] * 300)], [LiveEvidence("b", [1.0] * 300)])
 
     def fake_rollout(_fleet, targets, _opts, _canary, _failed, _progress, gate, record):
@@ -314,18 +313,9 @@ def test_deploy_caps_the_devices_it_names_when_the_history_refused_thousands_of_
     from edge_kit.errors import HistoryRecordError
     from edge_kit.fleet.deploy import GroupResult
     from edge_kit.loop import rollout as ro
-    from edge_kit.manifest import Artifact, Manifest
     from edge_kit.telemetry.store import Store
 
-    fleet_file = tmp_path / "fleet.yaml"
-    fleet_file.write_text("fleet: f\ndefaults: {user: u, profile: rpi4}\ndevices:\n  - {name: a, host: h}\n"
-                          "  - {name: b, host: h}\n")
-    folder = tmp_path / "art"
-    folder.mkdir()
-    (folder / "manifest.json").write_text(Manifest(
-        created="2026-11-29T00:00:00+00:00", model={"name": "m"}, versions={}, profiles={"rpi4": {}},
-        artifacts=[Artifact(id="int8", status="built", profiles=["rpi4"], summary="int8", precision="int8",
-                            file="int8.tflite", sha256="c" * 64, bytes=3)]).to_json())
+    fleet_file, folder = _canary_fleet(tmp_path)
     names = [f"c{i:05d}" for i in range(10_000)]
 
     def fake_rollout(_fleet, targets, _opts, _canary, _failed, _progress, gate, record):
