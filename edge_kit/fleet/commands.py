@@ -365,7 +365,6 @@ def broker_statuses(fleet: Any) -> tuple[dict[str, dict[str, Any]] | None, str]:
                    + (f"; {refused} refused (not signed by the device its topic names)" if refused else ""))
 
 
-RETAINED_KINDS = messages.RETAINED_KINDS
 CLEAR_TIMEOUT_S = 10.0  # the broker's acknowledgement of the clears, at most
 
 
@@ -388,7 +387,7 @@ def clear_retained(fleet: Any, device: str, *, transport: Any = None) -> str:
         deadline = time.monotonic() + CLEAR_TIMEOUT_S
         try:
             sent = [client.client.publish(messages.topic(fleet.fleet, device, kind), b"", qos=1, retain=True)
-                    for kind in RETAINED_KINDS]
+                    for kind in messages.RETAINED_KINDS]
             for info in sent:
                 info.wait_for_publish(max(0.0, deadline - time.monotonic()))
             done = all(info.is_published() for info in sent)
@@ -398,5 +397,6 @@ def clear_retained(fleet: Any, device: str, *, transport: Any = None) -> str:
         if not done:
             raise AgentError(f"the MQTT broker at {b.host}:{b.port} did not acknowledge the clears of {device}'s "
                              f"retained messages within {CLEAR_TIMEOUT_S:.0f} s; check that it runs")
-    return (f"its retained {', '.join(RETAINED_KINDS[:-1])} and {RETAINED_KINDS[-1]} messages cleared on the broker "
+    kinds = messages.RETAINED_KINDS
+    return (f"its retained {', '.join(kinds[:-1])} and {kinds[-1]} messages cleared on the broker "
             f"{b.host}:{b.port}")

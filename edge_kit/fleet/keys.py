@@ -39,6 +39,7 @@ from device_agents.identity import (
 from edge_kit.errors import ConfigError, DeployError, InputError
 from edge_kit.fsutil import atomic_write_text, folder_lock
 from edgekit_protocol.errors import MessageError
+from edgekit_protocol.messages import strict_loads
 
 log = logging.getLogger("edgekit.keys")
 _lock = threading.Lock()  # deploys run per device in threads; registry updates are read-modify-write
@@ -49,11 +50,14 @@ UNKNOWN_REREAD_S = 1.0  # a message from an unregistered device re-reads an unch
 
 def revoked_on(entry: dict[str, Any]) -> str:
     """Return when a revoked-list entry was revoked, as ``YYYY-MM-DD HH:MM UTC`` (``an unknown date`` when it
-    holds no time)."""
+    holds no time, or one no calendar shows: a list edited by hand)."""
     at = entry.get("revoked")
     if not isinstance(at, (int, float)) or isinstance(at, bool):
         return "an unknown date"
-    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(at))
+    try:
+        return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(at))
+    except (OverflowError, ValueError, OSError):  # 1e308, or past the platform's time_t
+        return "an unknown date"
 
 
 class KeyRevoked(DeployError):
@@ -221,7 +225,7 @@ class FleetKeys:
             ConfigError: it cannot be read, is not valid JSON or not an object (the file is named).
         """
         try:
-            data = json.loads(self.registry.read_text())
+            data = strict_loads(self.registry.read_bytes(), str(self.registry))
         except FileNotFoundError:
             return {}
         except (OSError, ValueError) as exc:
@@ -252,7 +256,7 @@ class FleetKeys:
             ConfigError: it cannot be read, is not valid JSON, or an entry is not of that shape (the file is named).
         """
         try:
-            data = json.loads(self.revoked_file.read_text())
+            data = strict_loads(self.revoked_file.read_bytes(), str(self.revoked_file))
         except FileNotFoundError:
             return []
         except (OSError, ValueError) as exc:

@@ -41,7 +41,11 @@ def test_concurrent_deploys_registering_devices_lose_none(tmp_path):
     assert keys.devices() == publics
 
 
-@pytest.mark.parametrize("content", ["{not json", "[1, 2]"])
+A_KEY = "E0K+obYypi/mUey1s4zvOwei2ts2MfrVkPYNB14i02U="  # a well-formed public key, so that the NaN beside it is the damage
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]",
+                                     '{"d1": {"key": "%s", "registered": NaN}}' % A_KEY])
 def test_a_damaged_registry_is_a_config_error_naming_it_when_read_and_when_registering(tmp_path, content):
     """Registering read the registry with its own json.loads: a damaged file raised JSONDecodeError (a
     traceback in the middle of a deploy) where reading the keys said which file to restore."""
@@ -257,7 +261,8 @@ def test_a_revocation_cut_off_between_its_two_writes_already_refuses_the_key_and
     assert sorted(p.name for p in (tmp_path / "keys").iterdir()) == ["devices.json", "operator.key", "revoked.json"]
 
 
-@pytest.mark.parametrize("content", ["{not json", "{}", '[{"device": "d1", "key": "short"}]'])
+@pytest.mark.parametrize("content", ["{not json", "{}", '[{"device": "d1", "key": "short"}]',
+                                     '[{"device": "d1", "key": "%s", "revoked": NaN}]' % A_KEY])
 def test_a_damaged_revoked_list_is_a_config_error_naming_it(tmp_path, content):
     keys = FleetKeys(tmp_path / "keys")
     keys.register("d1", Signer.generate().public)
@@ -377,3 +382,24 @@ def test_a_revoked_device_holding_another_key_or_none_is_not_let_back_in_by_a_de
     assert set(keys.devices()) == {"d2"}
     with pytest.raises(AttributeError, match="root"):  # d2 is not revoked: past the check, into the deploy (which the fake lacks)
         ensure_agent(shell("d2"), fleet)
+
+
+@pytest.mark.parametrize("at", [1e308, -1e308, "yesterday", None])
+def test_a_revocation_time_no_calendar_shows_is_an_unknown_date_not_a_traceback(tmp_path, run_cli, at):
+    """A revoked list edited by hand with a time of 1e308 (or NaN, which the strict reading now refuses as damage)
+    made every command that names the revocation (fleet status, a deploy's refusal) end in a traceback: gmtime()
+    raised OverflowError / ValueError. Now such a time reads as an unknown date."""
+    import json
+
+    from edge_kit.fleet.keys import revoked_on
+
+    keys = FleetKeys(tmp_path / "keys")
+    keys.register("d1", Signer.generate().public)
+    entry, _ = keys.revoke("d1", "lost")
+    entry["revoked"] = at
+    keys.revoked_file.write_text(json.dumps([entry]))
+    assert revoked_on(keys.revoked()[0]) == "an unknown date"
+    (tmp_path / "fleet.yaml").write_text("fleet: f\nbroker: {host: 127.0.0.1, port: 1}\ndefaults: {user: u, "
+                                         "profile: rpi4}\ndevices:\n  - {name: d1, host: h}\n")
+    code, out, err = run_cli("fleet", "revoke", "d1", "--fleet", tmp_path / "fleet.yaml", "--json")
+    assert json.loads(out)["newly_revoked"] is False and "Traceback" not in err, (code, err)
