@@ -100,11 +100,16 @@ def alerts_cmd(fleet_file: ReadFleetOpt = None, history: HistoryOpt = None, devi
                since: SinceOpt = None, until: UntilOpt = None,
                open_only: Annotated[bool, typer.Option("--open", help="Only the alerts that hold (not cleared).")] = False,
                limit: LimitOpt = 20, as_json: JsonOpt = False) -> None:
-    """List the alerts the monitor raised (drift, low disk, silence, over budget), newest first.
+    """List the alerts the monitor raised (offline, constraints, drift, low disk, silence, over budget), newest first.
 
-    Each alert holds over an episode. Each row: when it was raised, when it cleared (or that it holds), device, kind and what the alert said. --since and
-    --until bound when it was raised."""
-    from edge_kit.telemetry.report import local_time
+    Each alert holds over an episode. Each row: when it was raised, when it cleared (or that it holds; "stale": closed
+    because no monitor worker confirmed it), device, kind (a constraints alert's variant with it) and what the alert
+    said. --since and --until bound when it was raised."""
+    from edge_kit.telemetry.report import (
+        alert_cleared_text,
+        alert_kind_text,
+        local_time,
+    )
 
     where, rows, filters = _listing("alerts", fleet_file, history, device, since, until, limit,
                                     holds=True if open_only else None)
@@ -113,8 +118,8 @@ def alerts_cmd(fleet_file: ReadFleetOpt = None, history: HistoryOpt = None, devi
         return
     t = Table("raised", "cleared", "device", "kind", "detail", box=box.SIMPLE_HEAD, pad_edge=False)
     for r in rows:  # the detail may quote a device's text: shown as text, never obeyed by the terminal
-        t.add_row(local_time(r["raised_at"]), "holds" if r["cleared_at"] is None else local_time(r["cleared_at"]),
-                  safe(r["device"]), safe(r["kind"]), safe(r["detail"]))
+        t.add_row(local_time(r["raised_at"]), alert_cleared_text(r), safe(r["device"]), safe(alert_kind_text(r)),
+                  safe(r["detail"]))
     if rows:
         out.print(t)
     out.print(_footer(where, rows, limit, "open alert(s)" if open_only else "alert(s)"), highlight=False)

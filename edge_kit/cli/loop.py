@@ -494,6 +494,20 @@ def alert_lines(alerts: list[Any], new: int) -> list[str]:
     return lines
 
 
+def carried_lines(rows: list[dict[str, Any]], total: int) -> list[str]:
+    """Return the lines (rich markup) that show the history's open alerts a monitor found when it started (``rows``:
+    :attr:`~edge_kit.telemetry.monitor.Monitor.carried_over`, the newest; ``total``: how many were open), each marked
+    as carried over, with when it was raised and whether it still holds (one closed at start: nobody held it)."""
+    from edge_kit.telemetry.report import local_time
+
+    lines = [f"[red]alert[/] carried over (raised {local_time(r['raised_at'])}, "
+             + ("still holds" if r.get("still_open", True) else "closed now: no worker holds it")
+             + f"): {safe(r['detail'])}" for r in rows]
+    if total > len(rows):
+        lines.append(f"[red]alert[/] {total - len(rows):,} more open alerts carried over: edgekit history alerts --open")
+    return lines
+
+
 @app.command("monitor")
 def monitor_cmd(
     fleet_file: FleetOpt,
@@ -551,6 +565,9 @@ def monitor_cmd(
     metrics.watch(mon)
     server = metrics.serve(metrics_port, metrics_addr) if metrics_port else None
     mon.start()
+    if not as_json:  # what an earlier run raised and may never have shown (it died first): shown, marked, once
+        for line in carried_lines(mon.carried_over, mon.carried_over_total):
+            out.print(line, highlight=False)
     end = _time.monotonic() + duration if duration is not None else None
     shown = 0
     stopped = _stop_on_sigterm()
@@ -580,6 +597,7 @@ def monitor_cmd(
                     "gaps": s.gaps, "dropped": s.dropped, "over_budget": s.over_budget,
                     "over_budget_by_device": dict(sorted(mon.over_budget.items())),
                     "alerts": [vars(a) for a in mon.alerts], "alerts_raised": mon.alerts_raised,
+                    "carried_over": mon.carried_over, "carried_over_total": mon.carried_over_total,
                    "store": db.where})
     else:
         if not out.is_terminal:  # rich ends its last frame with a newline on a terminal only: a log got "...hardwarestored"

@@ -27,14 +27,20 @@ Alerts: a device whose status says offline, a benchmark that breaks the device's
 shadow comparison whose fidelity is under the device's ``min_fidelity_snr_db`` (drift), and a device
 silent for longer than ``silence_s``, or than :data:`SILENT_INTERVALS` of its own telemetry interval when that is
 longer (the ``interval_s`` its telemetry says: an agent set to report every 10 minutes is not silent after 3).
-Drift, low disk, silence and an ingest budget overrun hold over an episode (alerted once, when it begins): each is
-opened in the history's ``alerts`` table when it begins and closed when it ends, written only then (never per
-record). The table keeps one open alert per device and kind, so of several ``share`` workers the one whose write
-opened it raises it, and the others neither keep, count nor print it; each worker takes the table's open drift and
-low-disk alerts as its own before a batch (:meth:`Monitor._sync_alert_states`), so whichever sees an episode end
-closes it (at most every :data:`ALERT_SYNC_S`, never a query a record). A monitor that starts takes the episodes under
-way from the table's open alerts (:meth:`Monitor._seed_alert_states`), and :meth:`Monitor.alert_states` says which
-hold (exported as gauges by :mod:`edge_kit.telemetry.metrics`).
+Every alert about a device holds over an episode (alerted once, when it begins): offline (until its status says
+otherwise), a variant breaking the constraints (until a benchmark of it meets them), drift, low disk, silence and an
+ingest budget overrun. Each is opened in the history's ``alerts`` table when it begins and closed when it ends, written
+only then (never per record). The table keeps one open alert per device, kind and subject (a constraints alert's
+variant), so of several ``share`` workers the one whose write opened it raises it, and the others neither keep, count
+nor print it; each worker takes the table's open drift, low-disk, offline and constraints alerts as its own before a
+batch (:meth:`Monitor._sync_alert_states`), so whichever sees an episode end closes it (at most every
+:data:`ALERT_SYNC_S`, never a query a record). An over-budget episode is each worker's own (its own share of the
+budget): each worker holds the alert open while its episode lasts (the history's ``alert_holders``), confirms it every
+:data:`~edge_kit.telemetry.store.ALERT_CONFIRM_S`, and it clears when the last holder lets go; one that no worker
+confirmed for :data:`~edge_kit.telemetry.store.ALERT_STALE_S` (its holder crashed) is stale, closed by whichever worker
+sees it. A monitor that starts takes the episodes under way from the table's open alerts
+(:meth:`Monitor._seed_alert_states`), keeps them as :attr:`Monitor.carried_over` for its caller to show, and
+:meth:`Monitor.alert_states` says which hold (exported as gauges by :mod:`edge_kit.telemetry.metrics`).
 """
 
 from __future__ import annotations
@@ -68,7 +74,14 @@ from edge_kit.selection.constraints import (
     violations,
 )
 from edge_kit.telemetry.budget import DEFAULT_BURST, DEFAULT_RATE, IngestBudget
-from edge_kit.telemetry.store import KINDS, HistoryStore
+from edge_kit.telemetry.store import (
+    ALERT_CONFIRM_S,
+    CLEARED_STALE,
+    HELD_KINDS,
+    KINDS,
+    HistoryStore,
+    alert_subject,
+)
 from edge_kit.telemetry.verifier import Verifier
 from edgekit_protocol import messages
 from edgekit_protocol.errors import MessageError
@@ -94,7 +107,8 @@ BATCH = 500
 class Alert:
     device: str
     kind: str  # "offline", "constraints", "silent", "refused" (forged, unsigned, from the future, over budget), "store", "disk", "drift"
-    # (the history's alerts table keeps "drift", "disk" as low_disk, "silent" and an over-budget "refused" as over_budget)
+    # (the history's alerts table keeps "offline", "constraints", "drift", "disk" as low_disk, "silent" and an
+    # over-budget "refused" as over_budget: every alert about a device's state; a refused message is in ``invalid``)
     text: str
     ts: float = field(default_factory=time.time)
 
@@ -138,6 +152,7 @@ class _Flood:
     last: float
     count: int = 0
     seqs: dict[str, tuple[int, int]] = field(default_factory=dict)
+    confirmed: float = field(default_factory=time.monotonic)  # when this worker last confirmed its hold of the alert
 
 
 # Verifier calls one batch may cost (see Monitor._check_within_budget): the first round, then rounds whose margin
@@ -152,6 +167,7 @@ MAX_QUEUED = 20_000
 MAX_REASON = 500  # characters of a refusal's reason kept (in the alert and the invalid row): it may quote a device
 MAX_TOPIC = 256  # characters of a refused message's topic kept (a real one has under 160; the broker allows 64 KiB)
 MAX_ALERT_CHARS = 1000  # characters of an alert kept: its text may hold a device's variant name (any length)
+MAX_CARRIED = 100  # open alerts of the history a monitor shows as carried over when it starts (the newest)
 
 
 MAX_CLIENT_ID_BYTES = 65_535  # MQTT encodes a client id's length in 16 bits
@@ -220,6 +236,13 @@ class Monitor:
         self.min_free_bytes = min_free_mb * 1e6  # a device reporting less free space is alerted on (once per episode)
         self._low_disk: set[str] = set()
         self._drifting: set[str] = set()
+        self._offline: set[str] = set()  # devices whose offline alert holds
+        self._breaking: set[tuple[str, str]] = set()  # (device, variant as the alerts table keeps it) breaking constraints
+        #: The history's open alerts when this monitor started (newest first, at most MAX_CARRIED; :meth:`start`), each
+        #: a row of :meth:`HistoryStore.alerts` with ``still_open`` (False: closed at start, nobody held it), and
+        #: how many were open in all: a monitor that died before printing an alert left it there.
+        self.carried_over: list[dict[str, Any]] = []
+        self.carried_over_total = 0
         self._alerts_synced = -math.inf  # time.monotonic() of the last _sync_alert_states
         # each device's newest shadow message taken, by seq: (seq, run or None, its non_finite count)
         self._last_shadow: dict[str, tuple[int | None, str | None, int]] = {}
@@ -229,6 +252,7 @@ class Monitor:
         # worker stores nothing more, and whoever runs it stops and says so (`edgekit monitor` exits 6).
         self.failed: HistoryError | None = None
         cid = client_id or f"edgekit-monitor-{uuid.uuid4().hex[:8]}"
+        self.holder = cid  # this worker in the history's alert_holders (started again under the same id: the same one)
         # Each QoS 1 message is acknowledged to the broker only once it is stored (or refused and kept as
         # invalid): what a failed history did not store stays with the broker, which sends it again to
         # the next run of a persistent session (and the msg_id keeps it once).
@@ -320,7 +344,14 @@ class Monitor:
             now = time.time()
             recent = self.store.stored_since(now - self.budget.window_s())
             self.budget.charge({d: seconds for d, seconds in recent.items() if d in self.constraints}, now)
+            open_before = self.store.open_alert_keys()
+            self.carried_over = self.store.alerts(holds=True, limit=MAX_CARRIED) if open_before else []
+            self.carried_over_total = len(open_before)
             self._seed_alert_states(shadows)  # episodes under way: not alerted again, and silence counted from then
+            if self.carried_over:
+                still = {(k, d, sub) for k, d, sub, _ in self.store.open_alert_keys()}
+                for row in self.carried_over:
+                    row["still_open"] = (row["kind"], row["device"], row["subject"]) in still
         except HistoryError:
             pass  # the writer meets it too, and says so; the alert states are then what this run sees
         self._seeded = True
@@ -548,11 +579,7 @@ class Monitor:
             flood = self._floods.get(device)
             if flood is None:
                 flood = self._floods[device] = _Flood(first=at, last=at)
-                self._alert_held(Alert(device, "refused", f"{device}: over its ingest budget ({self.budget.rate:g} "
-                                                          f"records/s, burst {self.budget.burst:,.0f}): its records are "
-                                                          "refused unchecked and counted (over_budget) until it slows "
-                                                          "down; the span refused is recorded as a sequence gap"),
-                                 "over_budget")
+                self._hold_over_budget(device)
             flood.last = max(flood.last, at)
             flood.count += 1
             found = _CLAIMED_SEQ.search(payload, 0, CLAIMED_SEQ_BYTES)
@@ -560,6 +587,14 @@ class Monitor:
                 seq = int(found.group(1))
                 low, high = flood.seqs.get(kind, (seq, seq))
                 flood.seqs[kind] = (min(low, seq), max(high, seq))
+
+    def _hold_over_budget(self, device: str) -> None:
+        """Hold ``device``'s over-budget alert open in the history for this worker's episode (raised when that opened
+        it: no peer's episode holds it); return nothing. Raises HistoryError."""
+        self._alert_held(Alert(device, "refused", f"{device}: over its ingest budget ({self.budget.rate:g} records/s, "
+                                                  f"burst {self.budget.burst:,.0f}): its records are refused unchecked "
+                                                  "and counted (over_budget) until it slows down; the span refused is "
+                                                  "recorded as a sequence gap"), "over_budget")
 
     def _end_floods(self, now: float | None = None) -> None:
         """End the episodes over budget of devices none of whose records was refused for :data:`FLOOD_QUIET_S`
@@ -575,9 +610,13 @@ class Monitor:
         now = time.time() if now is None else now
         for device, flood in list(self._floods.items()):
             if now - flood.last < FLOOD_QUIET_S:
+                if time.monotonic() - flood.confirmed >= ALERT_CONFIRM_S:  # a write every ALERT_CONFIRM_S, not a record
+                    flood.confirmed = time.monotonic()
+                    if not self.store.confirm_alert(device, "over_budget", self.holder):
+                        self._hold_over_budget(device)  # closed as stale meanwhile: this episode still holds it
                 continue
             del self._floods[device]
-            self.store.close_alert(device, "over_budget")
+            self.store.release_alert(device, "over_budget", self.holder)  # closed unless a peer's episode holds it
             recorded = []
             for kind, (low, high) in sorted(flood.seqs.items()):
                 high = min(high, self._seq.get((device, kind), -1))  # the sequence check records what is beyond
@@ -720,12 +759,18 @@ class Monitor:
         self.alerts.append(alert)
         self.alerts_raised += 1
 
-    def _alert_held(self, alert: Alert, kind: str) -> None:
+    def _alert_held(self, alert: Alert, kind: str, subject: str = "") -> None:
         """Raise ``alert``, the start of an episode of ``kind`` (one of the history's
-        :data:`~edge_kit.telemetry.store.ALERT_KINDS`): opened in the history's ``alerts`` table, and raised here
-        (:meth:`_alert`: kept, counted, printed) only when this call opened it: another worker of the ``share`` group
-        that opened it first raised it. Return nothing. Raises HistoryError."""
-        if self.store.open_alert(alert.device, kind, alert.text, alert.ts):
+        :data:`~edge_kit.telemetry.store.ALERT_KINDS`) about ``subject`` (a constraints alert's variant): opened in the
+        history's ``alerts`` table (one of :data:`~edge_kit.telemetry.store.HELD_KINDS`: held by this worker,
+        :meth:`HistoryStore.hold_alert`), and raised here (:meth:`_alert`: kept, counted, printed) only when this call
+        opened it: another worker of the ``share`` group that opened it first raised it. Return nothing.
+        Raises HistoryError."""
+        if kind in HELD_KINDS:
+            opened = self.store.hold_alert(alert.device, kind, self.holder, alert.text, alert.ts)
+        else:
+            opened = self.store.open_alert(alert.device, kind, alert.text, alert.ts, subject=subject)
+        if opened:
             self._alert(alert)
 
     def _check_seq(self, kind: str, msg: dict[str, Any]) -> None:
@@ -785,8 +830,9 @@ class Monitor:
             self.store.close_alert(device, "drift")
 
     def _sync_alert_states(self) -> None:
-        """With ``share``, at most every :data:`ALERT_SYNC_S`: take the history's open drift and low-disk alerts of the
-        fleet file's devices as this worker's episodes under way; return nothing. The broker hands a device's records
+        """With ``share``, at most every :data:`ALERT_SYNC_S`: take the history's open drift, low-disk, offline and
+        constraints alerts of the fleet file's devices as this worker's episodes under way, and close the over-budget
+        alerts no worker confirmed lately (stale: :meth:`HistoryStore.close_stale_alerts`); return nothing. The broker hands a device's records
         to any worker, so the one that sees an episode end may not be the one that saw it begin (it closes the alert
         only if it knows of it), and the one that saw it begin may not see it end (it would take the next episode for
         the same one, and raise nothing). A query a batch at most, never one a record. Raises HistoryError."""
@@ -794,10 +840,17 @@ class Monitor:
         if self.share is None or now - self._alerts_synced < ALERT_SYNC_S:
             return
         self._alerts_synced = now
-        held = self.store.open_alerts()
+        keys = self.store.open_alert_keys()
+        if any(stale for *_, stale in keys):  # held by no worker that confirmed it lately (one crashed): closed
+            self.store.close_stale_alerts()
+        held: dict[str, set[str]] = {}
+        for kind, device, _subject, _stale in keys:
+            held.setdefault(kind, set()).add(device)
         # rebound, not cleared and filled: /metrics (another thread) reads them whole (alert_states), never half
         self._drifting = {d for d in held.get("drift", ()) if d in self.constraints}
         self._low_disk = {d for d in held.get("low_disk", ()) if d in self.constraints}
+        self._offline = {d for d in held.get("offline", ()) if d in self.constraints}
+        self._breaking = {(d, sub) for k, d, sub, _ in keys if k == "constraints" and d in self.constraints}
 
     def _seed_alert_states(self, shadows: dict[str, dict[str, Any]]) -> None:
         """Start each alert episode the history shows under way, so a restarted monitor neither raises an alert again
@@ -832,16 +885,26 @@ class Monitor:
                 self.last_seen[device] = seen
                 self._heard_before.add(device)
         if self.store.alerts_kept():
-            held = self.store.open_alerts()
+            for device, kind in self.store.held_by(self.holder):  # this worker's, before it stopped: no episode now
+                self.store.release_alert(device, kind, self.holder)
+            keys = self.store.open_alert_keys()
+            held: dict[str, set[str]] = {}
+            for kind, device, _subject, _stale in keys:
+                held.setdefault(kind, set()).add(device)
             for state, kind in ((self._drifting, "drift"), (self._low_disk, "low_disk"),
-                                (self._silent_alerted, "silent")):
+                                (self._silent_alerted, "silent"), (self._offline, "offline")):
                 state.update(d for d in held.get(kind, ()) if d in fleet)
-            if self.share is None:
+            self._breaking.update((d, sub) for k, d, sub, _ in keys if k == "constraints" and d in fleet)
+            if self.share is None:  # the only worker: no episode of another holds it
+                self.store.forget_holders(HELD_KINDS)
                 for device in held.get("over_budget", ()):
-                    self.store.close_alert(device, "over_budget")
+                    self.store.close_alert(device, "over_budget", why=CLEARED_STALE)
+            elif any(stale for *_, stale in keys):
+                self.store.close_stale_alerts()
             return
         self._infer_alert_states(shadows, heard)
-        for state, kind in ((self._drifting, "drift"), (self._low_disk, "low_disk"), (self._silent_alerted, "silent")):
+        for state, kind in ((self._drifting, "drift"), (self._low_disk, "low_disk"), (self._silent_alerted, "silent"),
+                            (self._offline, "offline")):
             for device in sorted(state):
                 self.store.open_alert(device, kind, f"{device}: {kind.replace('_', ' ')} (inferred from the records of "
                                                     "a history kept before alerts were)")
@@ -863,7 +926,8 @@ class Monitor:
             if judged is not None:
                 disk[device] = judged
         for state, newest, holds in ((self._drifting, shadows, self._below_fidelity),
-                                     (self._low_disk, disk, lambda _d, m: bool(self._disk_low(m)))):
+                                     (self._low_disk, disk, lambda _d, m: bool(self._disk_low(m))),
+                                     (self._offline, status, lambda _d, m: m.get("state") == "offline")):
             state.update(d for d, m in newest.items() if d in fleet and holds(d, m))
         stored_until = max(heard.values(), default=-math.inf)  # a monitor was storing the fleet's records then
         for device, seen in heard.items():
@@ -912,18 +976,30 @@ class Monitor:
             elif not low and device in self._low_disk:
                 self._low_disk.discard(device)
                 self.store.close_alert(device, "low_disk")
-        if kind == "status" and msg["state"] == "offline":
-            self._alert(Alert(device, "offline", f"{device} went offline"))
+        if kind == "status":  # offline until its status says otherwise (an agent says online when it connects)
+            if msg["state"] == "offline" and device not in self._offline:
+                self._offline.add(device)
+                self._alert_held(Alert(device, "offline", f"{device} went offline"), "offline")
+            elif msg["state"] != "offline" and device in self._offline:
+                self._offline.discard(device)
+                self.store.close_alert(device, "offline")
         elif kind == "bench" and device in self.constraints:
             c = self.constraints[device]
             # a record without the model's size does not judge the size bound (it is no 0 MB model)
             size = msg.get("model_bytes")
             m = Measured.from_record(msg, size if size is not None else math.nan)
             broken = violations(c, m, None)
-            if broken:  # each bound with the figure that broke it and where that came from
-                self._alert(Alert(device, "constraints", f"{device} {msg['variant']}: breaks "
-                                  + ", ".join(f"{describe(k, c)} ({measured_text(k, m)})" for k in broken)
-                                  + ("; a simulated device: this machine's figures" if msg.get("simulated") else "")))
+            variant = str(msg["variant"])
+            key = (device, alert_subject(variant))  # an episode per variant, as the alerts table keeps it
+            if broken and key not in self._breaking:  # each bound with the figure that broke it and where that came from
+                self._breaking.add(key)
+                self._alert_held(Alert(device, "constraints", f"{device} {msg['variant']}: breaks "
+                                       + ", ".join(f"{describe(k, c)} ({measured_text(k, m)})" for k in broken)
+                                       + ("; a simulated device: this machine's figures" if msg.get("simulated") else "")),
+                                 "constraints", subject=variant)
+            elif not broken and key in self._breaking:
+                self._breaking.discard(key)
+                self.store.close_alert(device, "constraints", subject=variant)
 
     def _silence_limit(self, device: str) -> float:
         """Return how long ``device`` may send nothing before it is silent (seconds): ``silence_s``, or

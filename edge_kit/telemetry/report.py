@@ -26,7 +26,7 @@ from edge_kit.errors import InputError
 from edge_kit.fleet.keys import revoked_on
 from edge_kit.fsutil import atomic_write_text
 from edge_kit.profiles import Profile, bundled_profiles, load_profile
-from edge_kit.telemetry.store import HistoryStore
+from edge_kit.telemetry.store import CLEARED_STALE, HistoryStore
 from edgekit_protocol.config import AgentConfig
 from edgekit_protocol.labels import accuracy_text, clip, power_source
 from edgekit_protocol.messages import field_at, in_range
@@ -455,6 +455,20 @@ def _unshown_tables(store: HistoryStore, refused: int, gaps: int) -> str:
 MAX_OPEN_ALERTS = 100  # alerts that hold listed on the page (the newest); `edgekit history alerts --open` lists more
 
 
+def alert_cleared_text(row: dict[str, Any]) -> str:
+    """Return how a row of :meth:`HistoryStore.alerts` shows when it cleared: ``holds``, its local time, and for one
+    closed as stale (no monitor worker confirmed it: the one that held it crashed) ``(stale)``: how the report and
+    ``edgekit history alerts`` show it."""
+    if row["cleared_at"] is None:
+        return "holds"
+    return local_time(row["cleared_at"]) + (" (stale)" if row.get("cleared_why") == CLEARED_STALE else "")
+
+
+def alert_kind_text(row: dict[str, Any]) -> str:
+    """Return a row of :meth:`HistoryStore.alerts`'s kind, with its subject when it has one (``constraints int8``)."""
+    return f"{row['kind']} {row['subject']}" if row.get("subject") else row["kind"]
+
+
 def _alerts_table(store: HistoryStore) -> tuple[str, int]:
     """Return the page's table (HTML) of the alerts that hold (the :data:`MAX_OPEN_ALERTS` newest) and the
     :data:`UNSHOWN_ROWS` newest cleared ones, or "" when the history holds none, and how many hold (all of them,
@@ -464,16 +478,18 @@ def _alerts_table(store: HistoryStore) -> tuple[str, int]:
     cleared = store.alerts(holds=False, limit=UNSHOWN_ROWS)
     if not held and not cleared:
         return "", 0
-    holding = sum(len(devices) for devices in store.open_alerts().values())  # all of them, not only those listed
-    part = ("<h2>Alerts</h2><p class=note>The monitor's alerts that hold over an episode (drift, low disk, silence, "
-            f"over its ingest budget): the {holding:,} that hold now"
+    holding = len(store.open_alert_keys())  # all of them (a device's per kind and subject), not only those listed
+    part = ("<h2>Alerts</h2><p class=note>The monitor's alerts, each over an episode (offline, a variant breaking the "
+            "constraints, drift, low disk, silence, over its ingest budget): the "
+            f"{holding:,} that hold now"
             + (f" (the {MAX_OPEN_ALERTS} newest listed)" if holding > len(held) else "")
             + f", then the {UNSHOWN_ROWS} newest cleared. <code>edgekit history alerts</code> lists them by device and "
-            "time. Times are this host's clock when the monitor raised and cleared them.</p>"
+            "time. Times are this host's clock when the monitor raised and cleared them; <i>stale</i>: closed because "
+            "no monitor worker confirmed it (the one that held it stopped without closing it).</p>"
             "<table><tr><th>raised</th><th>cleared</th><th>device</th><th>kind</th><th>detail</th></tr>"
             + "".join(f"<tr><td>{local_time(r['raised_at'])}</td><td>"
-                      + ("<span class=bad>holds</span>" if r["cleared_at"] is None else local_time(r["cleared_at"]))
-                      + f"</td><td>{_cell(r['device'])}</td><td>{_cell(r['kind'])}</td>"
+                      + ("<span class=bad>holds</span>" if r["cleared_at"] is None else alert_cleared_text(r))
+                      + f"</td><td>{_cell(r['device'])}</td><td>{_cell(alert_kind_text(r))}</td>"
                       f"<td>{_cell(r['detail'], MAX_REASON_CHARS)}</td></tr>" for r in held + cleared)
             + "</table>")
     return part, holding

@@ -11,8 +11,9 @@ Tables: ``status``, ``bench``, ``telemetry``, ``live``, ``shadow`` (the message 
 rollout's settings, state and owner, and each device's state in it: what lets a rollout resume
 after the host restarts), ``invalid`` (payloads that failed validation, kept
 for inspection, with the device their topic names), ``gaps`` (missing ``seq`` ranges per device and kind) and
-``alerts`` (the monitor's alerts that hold over an episode: raised, and cleared when it ends; at most one open per
-device and kind, so several workers raise each once); ``edgekit_schema`` holds the schema's version
+``alerts`` (every alert the monitor raises about a device: raised, and cleared when its episode ends; at most one open
+per device, kind and subject, so several workers raise each once) and ``alert_holders`` (which monitor workers hold an
+over-budget alert open, and when each last confirmed it); ``edgekit_schema`` holds the schema's version
 (:data:`SCHEMA_VERSION`). Several monitor
 processes (on one host for SQLite, on several for PostgreSQL) may write one history:
 ``INSERT ... ON CONFLICT DO NOTHING`` on the message id keeps each record once, and a batch is
@@ -42,18 +43,30 @@ from edgekit_protocol.messages import (
 )
 
 KINDS = ("status", "bench", "telemetry", "live", "shadow")
-TABLES = (*KINDS, "decisions", "invalid", "gaps", "rollouts", "rollout_devices", "alerts")
+TABLES = (*KINDS, "decisions", "invalid", "gaps", "rollouts", "rollout_devices", "alerts", "alert_holders")
 #: The schema this edge-kit reads and writes, kept in the ``edgekit_schema`` table (a history without that table
 #: was written before it: version 1). 2: ``decisions.kind``, ``invalid.device`` and their indexes. 3: the ``alerts``
-#: table.
-SCHEMA_VERSION = 3
-#: The kinds of alert the ``alerts`` table keeps: those that hold over an episode (raised once, cleared when it ends).
-ALERT_KINDS = ("drift", "low_disk", "silent", "over_budget")
+#: table. 4: ``alerts.subject`` (one open alert per device, kind and subject), ``alerts.seen`` and ``alerts.cleared_why``,
+#: and the ``alert_holders`` table.
+SCHEMA_VERSION = 4
+#: The kinds of alert the ``alerts`` table keeps: every alert the monitor raises about a device, each over an episode
+#: (raised once, cleared when it ends).
+ALERT_KINDS = ("drift", "low_disk", "silent", "over_budget", "offline", "constraints")
+#: The kinds whose episode is a monitor worker's own, not the device's: each worker holds the alert open while its own
+#: episode lasts (``alert_holders``), confirming it every :data:`ALERT_CONFIRM_S`; the alert clears when the last holder
+#: lets go, or goes stale when none confirmed it for :data:`ALERT_STALE_S` (a worker that crashed).
+HELD_KINDS = ("over_budget",)
+ALERT_CONFIRM_S = 15.0
+ALERT_STALE_S = 60.0
+#: ``alerts.cleared_why``: its episode ended, or no worker confirmed it for :data:`ALERT_STALE_S` (closed by whoever saw
+#: that: a worker that crashed held it).
+CLEARED_ENDED, CLEARED_STALE = "ended", "stale"
 MAX_ALERT_DETAIL = 1000  # characters of an alert's detail kept (it may quote a device's variant name, any length)
 #: The ``edgekit_schema`` row that says the ``alerts`` table holds every alert raised on this history: written when
 #: the history is created, and by the first monitor that starts on a history an older edge-kit wrote (before it,
 #: which alerts were raised is inferred from the stored records: :meth:`Monitor._seed_alert_states`).
 ALERTS_KEPT = "alerts"
+MAX_ALERT_SUBJECT = 128  # characters of an alert's subject kept (a variant name, any length: the open index holds it)
 HISTORY_NAME = "edgekit-history.db"
 #: A write that changes nothing: whether the history takes writes, asked without writing.
 NO_OP_WRITE = "INSERT INTO status SELECT * FROM status WHERE 1 = 0"
@@ -124,8 +137,10 @@ CREATE TABLE IF NOT EXISTS rollouts (id TEXT PRIMARY KEY, created {real}, ts {re
 CREATE TABLE IF NOT EXISTS rollout_devices (rollout TEXT, device TEXT, wave {int}, state TEXT, revision {int},
                                             ts {real}, detail TEXT, PRIMARY KEY (rollout, device));
 CREATE TABLE IF NOT EXISTS edgekit_schema (name TEXT PRIMARY KEY, version {int});
-CREATE TABLE IF NOT EXISTS alerts (id {serial}, device TEXT, kind TEXT, raised_at {real}, cleared_at {real}, detail TEXT);
-CREATE UNIQUE INDEX IF NOT EXISTS alerts_open ON alerts (device, kind) WHERE cleared_at IS NULL;
+CREATE TABLE IF NOT EXISTS alerts (id {serial}, device TEXT, kind TEXT, raised_at {real}, cleared_at {real}, detail TEXT,
+                                  subject TEXT NOT NULL DEFAULT '', seen {real}, cleared_why TEXT);
+CREATE TABLE IF NOT EXISTS alert_holders (device TEXT, kind TEXT, subject TEXT, holder TEXT, seen {real},
+                                          PRIMARY KEY (device, kind, subject, holder));
 CREATE INDEX IF NOT EXISTS alerts_device ON alerts (device, id);
 CREATE INDEX IF NOT EXISTS bench_device_sha ON bench (device, sha256, ts);
 CREATE INDEX IF NOT EXISTS bench_sha ON bench (sha256, ts);
@@ -157,6 +172,13 @@ def stored_topic_device(stored: str | None) -> str | None:
     fills the column and for readers of rows an older edge-kit wrote without it."""
     device = topic_device(stored) if isinstance(stored, str) else None
     return None if device is None else printable(device)
+
+
+def alert_subject(subject: str) -> str:
+    """Return ``subject`` (what an alert is about beyond its device: a variant name, a device's text) as the ``alerts``
+    table keeps it: control characters shown as ``\\xNN``, cut to :data:`MAX_ALERT_SUBJECT` characters (the unique index
+    of the open alerts holds it, and a PostgreSQL index row holds at most 2,704 bytes)."""
+    return clip(printable(subject), MAX_ALERT_SUBJECT)
 
 
 def decision_kind(decision: dict[str, Any]) -> str:
@@ -211,6 +233,8 @@ class HistoryStore(abc.ABC):
     #: The database's own clock in unix seconds, as SQL: rollout heartbeats are written and judged by it,
     #: so hosts with skewed clocks agree on whose heartbeat is stale.
     NOW_SQL: str
+    #: The SQL type of a time column ({real} in the schema).
+    _REAL: str
 
     def check_writable(self, hint: str | None = None) -> None:
         """Return nothing when this history takes writes; a command that will write asks before any device work, so a
@@ -442,11 +466,13 @@ class HistoryStore(abc.ABC):
         Raises HistoryError."""
         self._execute("INSERT INTO gaps VALUES (?, ?, ?, ?, ?)", (device, kind, first, last, time.time()))
 
-    def open_alert(self, device: str, kind: str, detail: str, at: float | None = None) -> bool:
-        """Record that alert ``kind`` (one of :data:`ALERT_KINDS`) of ``device`` was raised at ``at`` (this host's
-        clock; default now), saying ``detail`` (cut to :data:`MAX_ALERT_DETAIL` characters, its control characters
-        shown as ``\\xNN``: it may quote a device's text), unless that alert is open already: one open alert per device
-        and kind (a unique index), so of several monitor workers raising it at once one opens it.
+    def open_alert(self, device: str, kind: str, detail: str, at: float | None = None, subject: str = "") -> bool:
+        """Record that alert ``kind`` (one of :data:`ALERT_KINDS`) of ``device`` about ``subject`` (a constraints alert's
+        variant; ``""`` for the other kinds) was raised at ``at`` (this host's clock; default now), saying ``detail``
+        (cut to :data:`MAX_ALERT_DETAIL` characters, its control characters shown as ``\\xNN``: it may quote a device's
+        text), unless that alert is open already: one open alert per device, kind and subject (a unique index), so of
+        several monitor workers raising it at once one opens it. Its ``seen`` (last confirmed) is now, by the
+        database's clock.
 
         Returns:
             True when this call opened it; False when it was open already (another worker, or a monitor before a
@@ -458,12 +484,15 @@ class HistoryStore(abc.ABC):
         """
         if kind not in ALERT_KINDS:
             raise ValueError(f"the history keeps alerts of kind {', '.join(ALERT_KINDS)}, not {kind!r}")
-        return self._execute("INSERT INTO alerts (device, kind, raised_at, cleared_at, detail) VALUES (?, ?, ?, NULL, ?) "
-                             "ON CONFLICT DO NOTHING", (printable(device), kind, time.time() if at is None else at,
-                                                        printable(clip(detail, MAX_ALERT_DETAIL)))) == 1
+        return self._execute("INSERT INTO alerts (device, kind, raised_at, cleared_at, detail, subject, seen) "
+                             f"VALUES (?, ?, ?, NULL, ?, ?, {self.NOW_SQL}) ON CONFLICT DO NOTHING",
+                             (printable(device), kind, time.time() if at is None else at,
+                              printable(clip(detail, MAX_ALERT_DETAIL)), alert_subject(subject))) == 1
 
-    def close_alert(self, device: str, kind: str, at: float | None = None) -> bool:
-        """Record that the open alert ``kind`` of ``device`` cleared at ``at`` (this host's clock; default now).
+    def close_alert(self, device: str, kind: str, at: float | None = None, subject: str = "",
+                    why: str = CLEARED_ENDED) -> bool:
+        """Record that the open alert ``kind`` of ``device`` about ``subject`` cleared at ``at`` (this host's clock;
+        default now), ``why``: its episode ended (:data:`CLEARED_ENDED`), or nobody holds it (:data:`CLEARED_STALE`).
 
         Returns:
             True when an open alert was closed; False when none was open (another worker closed it).
@@ -471,13 +500,116 @@ class HistoryStore(abc.ABC):
         Raises:
             HistoryError: the history cannot be written.
         """
-        return self._execute("UPDATE alerts SET cleared_at = ? WHERE device = ? AND kind = ? AND cleared_at IS NULL",
-                             (time.time() if at is None else at, printable(device), kind)) > 0
+        return self._execute("UPDATE alerts SET cleared_at = ?, cleared_why = ? WHERE device = ? AND kind = ? AND "
+                             "subject = ? AND cleared_at IS NULL",
+                             (time.time() if at is None else at, why, printable(device), kind,
+                              alert_subject(subject))) > 0
+
+    def hold_alert(self, device: str, kind: str, holder: str, detail: str, at: float | None = None) -> bool:
+        """Record that monitor worker ``holder`` holds alert ``kind`` (one of :data:`HELD_KINDS`) of ``device`` open:
+        its own episode began at ``at`` (this host's clock; default now). The holder is written first (so a peer letting
+        go meanwhile leaves the alert open), then an open alert of the device and kind that no worker confirmed for
+        :data:`ALERT_STALE_S` is closed as stale (:meth:`close_stale_alerts`: a worker that crashed held it), then the
+        alert is opened (:meth:`open_alert`) or, open already (a peer's episode), confirmed.
+
+        Returns:
+            True when this call opened it (the caller raises it); False when a peer holds it open.
+
+        Raises:
+            ValueError: a kind no worker holds.
+            HistoryError: the history cannot be written.
+        """
+        if kind not in HELD_KINDS:
+            raise ValueError(f"monitor workers hold alerts of kind {', '.join(HELD_KINDS)}, not {kind!r}")
+        self._confirm_holder(device, kind, holder)
+        self.close_stale_alerts(device, kind)
+        if self.open_alert(device, kind, detail, at):
+            return True
+        self._execute(f"UPDATE alerts SET seen = {self.NOW_SQL} WHERE device = ? AND kind = ? AND subject = '' "
+                      "AND cleared_at IS NULL", (printable(device), kind))
+        return False
+
+    def confirm_alert(self, device: str, kind: str, holder: str) -> bool:
+        """Record that ``holder`` still holds alert ``kind`` of ``device`` (its episode goes on): the holder's and the
+        alert's ``seen`` become now, by the database's clock. A worker calls it every :data:`ALERT_CONFIRM_S` at most,
+        never a record.
+
+        Returns:
+            True when the alert is open; False when it was closed meanwhile (as stale: the caller holds it again).
+
+        Raises:
+            HistoryError: the history cannot be written.
+        """
+        self._confirm_holder(device, kind, holder)
+        return self._execute(f"UPDATE alerts SET seen = {self.NOW_SQL} WHERE device = ? AND kind = ? AND subject = '' "
+                             "AND cleared_at IS NULL", (printable(device), kind)) > 0
+
+    def _confirm_holder(self, device: str, kind: str, holder: str) -> None:
+        """Write ``holder``'s row of alert ``kind`` of ``device`` with ``seen`` now (the database's clock); return
+        nothing. Raises HistoryError."""
+        self._execute(f"INSERT INTO alert_holders (device, kind, subject, holder, seen) VALUES (?, ?, '', ?, {self.NOW_SQL}) "
+                      "ON CONFLICT (device, kind, subject, holder) DO UPDATE SET seen = excluded.seen",
+                      (printable(device), kind, holder))
+
+    def release_alert(self, device: str, kind: str, holder: str, at: float | None = None) -> bool:
+        """Record that ``holder``'s episode of alert ``kind`` of ``device`` ended at ``at`` (this host's clock; default
+        now): its holder row goes, and the alert clears (:data:`CLEARED_ENDED`) unless another worker holds it
+        (confirmed within :data:`ALERT_STALE_S`).
+
+        Returns:
+            True when this call closed the alert; False when a peer still holds it, or it was not open.
+
+        Raises:
+            HistoryError: the history cannot be written.
+        """
+        key = (printable(device), kind)
+        self._execute("DELETE FROM alert_holders WHERE device = ? AND kind = ? AND subject = '' AND holder = ?",
+                      (*key, holder))
+        return self._execute(
+            "UPDATE alerts SET cleared_at = ?, cleared_why = ? WHERE device = ? AND kind = ? AND subject = '' AND "
+            "cleared_at IS NULL AND NOT EXISTS (SELECT 1 FROM alert_holders h WHERE h.device = alerts.device AND "
+            f"h.kind = alerts.kind AND h.subject = alerts.subject AND h.seen >= {self.NOW_SQL} - ?)",
+            (time.time() if at is None else at, CLEARED_ENDED, *key, ALERT_STALE_S)) > 0
+
+    def held_by(self, holder: str) -> list[tuple[str, str]]:
+        """Return the ``(device, kind)`` of the alerts ``holder`` holds (a worker started again under the same name
+        finds what it held before it crashed). Raises HistoryError."""
+        return [(d, k) for d, k in self._rows("SELECT device, kind FROM alert_holders WHERE holder = ? ORDER BY 1, 2",
+                                              (holder,))]
+
+    def forget_holders(self, kinds: tuple[str, ...]) -> None:
+        """Forget every worker's hold of the alerts of ``kinds`` (a monitor without ``share`` that starts is the only
+        worker: nobody's episode is under way); return nothing. Raises HistoryError."""
+        self._execute(f"DELETE FROM alert_holders WHERE kind IN ({', '.join('?' * len(kinds))})", tuple(kinds))
+
+    def close_stale_alerts(self, device: str | None = None, kind: str | None = None, at: float | None = None) -> int:
+        """Close (at ``at``, this host's clock; default now) the open alerts of :data:`HELD_KINDS` (of ``device`` and
+        ``kind`` when given) that no worker confirmed for :data:`ALERT_STALE_S` by the database's clock, or ever (one
+        an older edge-kit opened), with ``cleared_why`` :data:`CLEARED_STALE`, and forget holders as stale; return how
+        many alerts were closed. Raises HistoryError."""
+        held = ", ".join("?" * len(HELD_KINDS))
+        where, args = f"kind IN ({held})", tuple(HELD_KINDS)
+        for column, value in (("device", device), ("kind", kind)):
+            if value is not None:
+                where += f" AND {column} = ?"
+                args = (*args, printable(value))
+        self._execute(f"DELETE FROM alert_holders WHERE {where} AND seen < {self.NOW_SQL} - ?", (*args, ALERT_STALE_S))
+        return self._execute(f"UPDATE alerts SET cleared_at = ?, cleared_why = ? WHERE {where} AND cleared_at IS NULL "
+                             f"AND (seen IS NULL OR seen < {self.NOW_SQL} - ?)",
+                             (time.time() if at is None else at, CLEARED_STALE, *args, ALERT_STALE_S))
+
+    def open_alert_keys(self) -> list[tuple[str, str, str, bool]]:
+        """Return ``(kind, device, subject, stale)`` of every open alert; ``stale``: of :data:`HELD_KINDS`, and no worker
+        confirmed it for :data:`ALERT_STALE_S` (:meth:`close_stale_alerts` closes it). One query. Raises HistoryError."""
+        held = ", ".join("?" * len(HELD_KINDS))
+        return [(k, d, sub, bool(stale)) for k, d, sub, stale in self._rows(
+            f"SELECT kind, device, subject, CASE WHEN kind IN ({held}) AND (seen IS NULL OR seen < {self.NOW_SQL} - ?) "
+            "THEN 1 ELSE 0 END FROM alerts WHERE cleared_at IS NULL", (*HELD_KINDS, ALERT_STALE_S))]
 
     def open_alerts(self) -> dict[str, set[str]]:
         """Return the devices whose alert holds (raised, not cleared), by kind of alert. Raises HistoryError."""
         held: dict[str, set[str]] = {}
-        for kind, device in self._rows("SELECT kind, device FROM alerts WHERE cleared_at IS NULL"):
+        for kind, device, _subject, _stale in self.open_alert_keys():
             held.setdefault(kind, set()).add(device)
         return held
 
@@ -496,15 +628,16 @@ class HistoryStore(abc.ABC):
     def alerts(self, device: str | None = None, since: float | None = None, until: float | None = None,
                holds: bool | None = None, limit: int = 20) -> list[dict[str, Any]]:
         """Return up to ``limit`` rows of the ``alerts`` table, newest raised first: ``device``, ``kind``,
-        ``raised_at`` and ``cleared_at`` (this host's clock; ``cleared_at`` None while it holds) and ``detail`` (as
-        kept: cut, control characters shown as ``\\xNN``). ``device``, ``since`` and ``until`` (unix seconds,
-        inclusive, of ``raised_at``) and ``holds`` (True: only those that hold; False: only those cleared) narrow them.
-        Raises HistoryError."""
+        ``subject`` (a constraints alert's variant, else ``""``), ``raised_at`` and ``cleared_at`` (this host's clock;
+        ``cleared_at`` None while it holds), ``cleared_why`` (:data:`CLEARED_ENDED`, :data:`CLEARED_STALE`, or None: it
+        holds, or an older edge-kit cleared it) and ``detail`` (as kept: cut, control characters shown as ``\\xNN``).
+        ``device``, ``since`` and ``until`` (unix seconds, inclusive, of ``raised_at``) and ``holds`` (True: only those
+        that hold; False: only those cleared) narrow them. Raises HistoryError."""
         where, args = self._window(device, since, until, "raised_at")
         if holds is not None:
             where += (" AND" if where else "WHERE") + f" cleared_at IS {'' if holds else 'NOT '}NULL"
-        return self._newest("device, kind, raised_at, cleared_at, detail", "alerts", where, args, limit,
-                            lambda r: dict(zip(("device", "kind", "raised_at", "cleared_at", "detail"), r)))
+        names = ("device", "kind", "subject", "raised_at", "cleared_at", "cleared_why", "detail")
+        return self._newest(", ".join(names), "alerts", where, args, limit, lambda r: dict(zip(names, r)))
 
     def add_decision(self, decision: dict[str, Any]) -> None:
         """Record a selection decision (a dict with ``device``, ``chosen``, ``current``, ``feasible``, ``switch``);
@@ -766,7 +899,9 @@ class HistoryStore(abc.ABC):
         are filled from their bodies, a batch per transaction) and its index, which answer "the newest decision
         per device of a kind" without reading every body. Version 3: the ``alerts`` table (created by the schema's
         ``CREATE TABLE IF NOT EXISTS``, empty: the first monitor that starts infers the alerts under way from the
-        records, then keeps them there, :meth:`alerts_kept`).
+        records, then keeps them there, :meth:`alerts_kept`). Version 4: ``alerts.subject`` (``''`` for the rows
+        before it), ``seen`` and ``cleared_why`` (empty for them), the open alerts' unique index over device, kind and
+        subject instead of device and kind, and the ``alert_holders`` table (created by the schema).
         """
         if "device" not in self._columns("invalid"):
             self._add_column("invalid", "device", "TEXT")
@@ -782,6 +917,13 @@ class HistoryStore(abc.ABC):
             named = [(dev, rid) for rid, dev in ((rid, stored_topic_device(t)) for rid, t in rows) if dev is not None]
             if named:
                 self._write_batch([("UPDATE invalid SET device = ? WHERE id = ?", named)])
+        have = self._columns("alerts")  # version 4: a version 3 table lacks these (a new one has them)
+        for column, sql_type in (("subject", "TEXT NOT NULL DEFAULT ''"), ("seen", self._REAL), ("cleared_why", "TEXT")):
+            if column not in have:
+                self._add_column("alerts", column, sql_type)
+        self._execute("DROP INDEX IF EXISTS alerts_open")  # version 3's: one open alert per device and kind
+        self._execute("CREATE UNIQUE INDEX IF NOT EXISTS alerts_open_subject ON alerts (device, kind, subject) "
+                      "WHERE cleared_at IS NULL")
         if "kind" not in self._columns("decisions"):
             self._add_column("decisions", "kind", "TEXT")
         self._execute("CREATE INDEX IF NOT EXISTS decisions_kind ON decisions (kind, device, id)")
@@ -905,6 +1047,7 @@ class Store(HistoryStore):
     readers work alongside, writes are serialized by SQLite with a busy timeout."""
 
     NOW_SQL = "((julianday('now') - 2440587.5) * 86400.0)"
+    _REAL = "REAL"
 
     def __init__(self, path: Path, write: bool = True):
         """Open the history file at ``path``; with ``write``, create it and its tables when new; an older schema is

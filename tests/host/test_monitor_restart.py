@@ -6,6 +6,7 @@ that stored the fleet's later records alerted is not alerted again."""
 
 from __future__ import annotations
 
+import math
 import sqlite3
 import time
 
@@ -219,6 +220,17 @@ def test_an_over_budget_alert_a_crashed_monitor_left_open_is_closed_by_the_next_
     assert _rows(store) == [("d1", "over_budget", True)]
     _started(fleet_file, store).stop()
     assert _rows(store) == [("d1", "over_budget", False)]
+    assert store.alerts()[0]["cleared_why"] == "stale"
+    # one that crashed mid-flood left its hold too: the next monitor alone forgets it, so its own flood's alert clears
+    crashed = _started(fleet_file, store)
+    _flood(crashed)
+    mon = _started(fleet_file, store)
+    _flood(mon)
+    mon._end_floods(math.inf)
+    assert _rows(store)[1:] == [("d1", "over_budget", False), ("d1", "over_budget", False)]
+    crashed._floods.clear()
+    crashed.stop()
+    mon.stop()
 
 
 def test_share_workers_close_and_raise_a_disk_episode_whichever_of_them_sees_its_end_and_the_next(fleet_file, tmp_path,
@@ -247,3 +259,139 @@ def test_share_workers_close_and_raise_a_disk_episode_whichever_of_them_sees_its
     assert _rows(store) == [("d1", "low_disk", False), ("d1", "low_disk", True)]
     a.stop()
     b.stop()
+
+
+def _flood(worker, device="d1"):
+    """Have ``worker`` refuse one of ``device``'s records over its ingest budget (its episode begins or goes on)."""
+    worker._refuse_over_budget([(messages.topic("sim", device, "bench"), b'{"seq":7}', time.time())])
+
+
+def test_share_workers_each_hold_the_over_budget_alert_until_the_last_flood_ends(fleet_file, tmp_path):
+    """Each --share worker holds its share of a device's budget, so each has its own episode over it. The first worker
+    whose episode ended closed the group's over-budget alert while the other still refused d1's records. Now each
+    holds it, and it clears when the last holder lets go."""
+    store = Store(tmp_path / "h.db")
+    a, b = (_started(fleet_file, store, share="edgekit", workers=2) for _ in range(2))
+    _flood(a)
+    _flood(b)
+    assert [x.device for x in a.alerts + b.alerts if x.kind == "refused"] == ["d1"]  # raised once, by A
+    a._end_floods(math.inf)  # A's episode ends; B still refuses d1's records
+    assert _rows(store) == [("d1", "over_budget", True)]
+    b._end_floods(math.inf)
+    assert _rows(store) == [("d1", "over_budget", False)]
+    assert store.alerts()[0]["cleared_why"] == "ended"
+    a.stop()
+    b.stop()
+
+
+def test_a_restarted_worker_closes_the_stale_over_budget_alert_a_crash_left_and_raises_the_next_flood(
+        fleet_file, tmp_path, monkeypatch):
+    """A worker that crashed mid-flood left the over-budget row open; a --share worker started again could not tell it
+    from a peer's flood under way, so its own next flood of that device was never raised. Now an alert no worker
+    confirmed for ALERT_STALE_S is stale: closed by whoever sees it (at start, at a sync, at the next flood), and the
+    next flood is raised. A peer's alert that is confirmed is left alone; a worker started again under its old name
+    lets go of what it held at once."""
+    from edge_kit.telemetry import monitor as monitor_module
+    from edge_kit.telemetry.store import ALERT_STALE_S
+
+    store = Store(tmp_path / "h.db")
+    crashed = _started(fleet_file, store, share="edgekit", workers=2, client_id="worker-1")
+    _flood(crashed, "d1")
+    _flood(crashed, "d2")
+    peer = _started(fleet_file, store, share="edgekit", workers=2)
+    _flood(peer, "d3")  # a peer's flood under way, confirmed
+    store._execute("UPDATE alerts SET seen = seen - ? WHERE device != 'd3'", (ALERT_STALE_S + 5,))
+    store._execute("UPDATE alert_holders SET seen = seen - ? WHERE device != 'd3'", (ALERT_STALE_S + 5,))
+    # crashed: never stopped. Another worker starts: d1's and d2's alerts are stale, closed; d3's holds
+    again = _started(fleet_file, store, share="edgekit", workers=2)
+    assert sorted(_rows(store)) == [("d1", "over_budget", False), ("d2", "over_budget", False),
+                                    ("d3", "over_budget", True)]
+    _flood(again, "d1")  # its own flood of d1: news
+    _flood(again, "d3")  # the peer's d3 flood holds the alert: not raised again
+    assert [x.text.split(":")[0] for x in again.alerts if x.kind == "refused"] == ["d1"]
+    # one left stale while a worker runs is closed at its next sync
+    monkeypatch.setattr(monitor_module, "ALERT_SYNC_S", 0.0)
+    store._execute("UPDATE alerts SET seen = seen - ? WHERE device = 'd3'", (ALERT_STALE_S + 5,))
+    store._execute("UPDATE alert_holders SET seen = seen - ? WHERE device = 'd3' AND holder = ?",
+                   (ALERT_STALE_S + 5, peer.holder))
+    store._execute("DELETE FROM alert_holders WHERE holder = ? AND device = 'd3'", (again.holder,))
+    again._sync_alert_states()
+    assert ("d3", "over_budget", True) not in _rows(store)
+    # a worker started again under its own name (the CLI's fixed client id) lets go of what it held at once
+    _flood(again, "d2")
+    assert store.held_by(again.holder) == [("d1", "over_budget"), ("d2", "over_budget")]
+    _started(fleet_file, store, share="edgekit", workers=2, client_id=again.holder)
+    assert store.held_by(again.holder) == [] and store.open_alerts() == {}
+    for worker in (crashed, peer, again):
+        worker._floods.clear()
+        worker.stop()
+
+
+def test_a_monitor_starting_shows_the_open_alerts_an_earlier_run_left_marked_as_carried_over(fleet_file, tmp_path):
+    """A monitor that died after writing an alert's row but before printing it left an alert no later run showed: the
+    next one takes it as under way and says nothing. Now it keeps the open alerts it found as carried over (the CLI
+    prints them, --json emits them), saying which it closed at start (an over-budget one nobody holds)."""
+    from edge_kit.cli.loop import carried_lines
+
+    store = Store(tmp_path / "h.db")
+    store.open_alert("d1", "offline", "d1 went offline", at=time.time() - 60)
+    store.open_alert("d2", "over_budget", "d2: over its ingest budget", at=time.time() - 30)
+    mon = _started(fleet_file, store)
+    assert [(r["device"], r["kind"], r["still_open"]) for r in mon.carried_over] == [
+        ("d2", "over_budget", False), ("d1", "offline", True)]
+    assert mon.carried_over_total == 2 and not mon.alerts
+    lines = carried_lines(mon.carried_over, 3)
+    assert lines[0].startswith("[red]alert[/] carried over (raised ") and lines[0].endswith(
+        ", closed now: no worker holds it): d2: over its ingest budget")
+    assert lines[1].endswith(", still holds): d1 went offline")
+    assert lines[2] == "[red]alert[/] 1 more open alerts carried over: edgekit history alerts --open"
+    assert _started(fleet_file, Store(tmp_path / "empty.db")).carried_over == []
+    mon.stop()
+
+
+def _bench(device, seq, variant, p90):
+    return ("bench", messages.envelope("bench", "sim", device, seq, {
+        "variant": variant, "sha256": "a" * 64, "model_bytes": 200_000, "profile": "rpi4", "runs": 100,
+        "latency_ms": {"p50": p90 / 2, "p90": p90, "p99": p90 * 1.2, "mean": p90 / 2, "std": 0.1, "min": 0.1,
+                       "max": p90 * 2}, "accuracy": {"metric": "top1", "value": 0.99, "samples": 360}}))
+
+
+def _status(device, seq, state):
+    return ("status", messages.envelope("status", "sim", device, seq, {"state": state}))
+
+
+def test_offline_and_constraints_alerts_are_kept_as_episodes_and_listed(fleet_file, tmp_path, run_cli):
+    """An offline status and a benchmark breaking the device's constraints were alerted but not kept: the history had
+    no row of them, `edgekit history alerts` and the report never listed them, and a restarted monitor could not tell
+    them. Now each is an episode in the alerts table: offline until the device's status says otherwise, a variant
+    breaking the constraints until a benchmark of it meets them (rpi4: p90 <= 50 ms)."""
+    import json
+
+    store = Store(tmp_path / "h.db")
+    mon = _started(fleet_file, store)
+    for record in (_status("d1", 1, "offline"), _status("d1", 2, "offline"), _bench("d2", 1, "int8", 80.0),
+                   _bench("d2", 2, "int8", 90.0), _bench("d2", 3, "fp32", 70.0)):
+        mon._after_store(*record)
+    assert [a.text for a in mon.alerts] == ["d1 went offline", "d2 int8: breaks p90 <= 50 ms (80 ms p90, the device's "
+                                            "clock)", "d2 fp32: breaks p90 <= 50 ms (70 ms p90, the device's clock)"]
+    mon._after_store(*_bench("d2", 4, "int8", 20.0))  # int8 meets them now: its episode ends, fp32's holds
+    mon.stop()
+    again = _started(fleet_file, store)  # a restart: the episodes under way are not news
+    for record in (_status("d1", 3, "offline"), _bench("d2", 5, "fp32", 75.0)):
+        again._after_store(*record)
+    assert not again.alerts
+    again._after_store(*_status("d1", 4, "online"))  # d1 back: its offline episode ends, the next is news
+    again._after_store(*_status("d1", 5, "offline"))
+    assert [a.text for a in again.alerts] == ["d1 went offline"]
+    again.stop()
+    assert [(r["device"], r["kind"], r["subject"], r["cleared_at"] is None) for r in reversed(store.alerts())] == [
+        ("d1", "offline", "", False), ("d2", "constraints", "int8", False), ("d2", "constraints", "fp32", True),
+        ("d1", "offline", "", True)]
+    code, out, err = run_cli("history", "alerts", "--history", tmp_path / "h.db", "--json")
+    assert code == 0 and [r["kind"] for r in json.loads(out)["alerts"]] == ["offline", "constraints", "constraints",
+                                                                            "offline"], err
+    code, out, err = run_cli("history", "alerts", "--history", tmp_path / "h.db", "--open")
+    assert code == 0 and "constraints fp32" in out and "d1 went offline" in out, err
+    code, out, err = run_cli("report", "--history", tmp_path / "h.db", "--out", tmp_path / "r.html", "--json")
+    assert code == 0 and json.loads(out)["alerts_holding"] == 2, err
+    assert "constraints fp32" in (tmp_path / "r.html").read_text()

@@ -137,7 +137,7 @@ def test_status_telemetry_live_shadow_invalid_gaps_and_counts(history):
     history.add_gap("d1", "bench", 3, 7)
     assert dict(zip(TABLES, (history.count(t) for t in TABLES))) == {
         "status": 3, "bench": 0, "telemetry": 2, "live": 2, "shadow": 1, "decisions": 0, "invalid": 1, "gaps": 1,
-        "rollouts": 0, "rollout_devices": 0, "alerts": 0}
+        "rollouts": 0, "rollout_devices": 0, "alerts": 0, "alert_holders": 0}
     with pytest.raises(ValueError):
         history.count("sqlite_master")
 
@@ -551,7 +551,7 @@ def test_a_role_with_select_alone_reads_the_history_and_is_told_what_to_run_on_a
     _psql(postgres_url, "UPDATE edgekit_schema SET version = 1")  # as an older edge-kit left it
     code, out, err = run_cli("report", "--history", reader, "--out", tmp_path / "r.html")
     assert code == 6 and err.count("\n") == 1 and f"{role}:readonly" not in err
-    assert ("was written by an older edge-kit (schema version 1; this one reads 3) and this command only reads it: run "
+    assert ("was written by an older edge-kit (schema version 1; this one reads 4) and this command only reads it: run "
             "`edgekit history upgrade --history <it>` once as a user (or PostgreSQL role) that owns its tables") in err
     code, out, err = run_cli("history", "upgrade", "--history", postgres_url)
     assert code == 0, err
@@ -591,7 +591,7 @@ def test_a_writer_role_that_does_not_own_the_tables_is_told_an_older_schema_need
 
     _psql(postgres_url, "UPDATE edgekit_schema SET version = 1")  # as an older edge-kit left it
     want = (f"the history postgresql://{role}@{parts.hostname}:{parts.port}{parts.path} was written by an older "
-            "edge-kit (schema version 1; this one reads 3) and needs an upgrade that only the owner of its tables can "
+            "edge-kit (schema version 1; this one reads 4) and needs an upgrade that only the owner of its tables can "
             "run (this role is not; they belong to edgekit): run `edgekit history upgrade --history <it>` once as "
             "edgekit, then run again")
     with pytest.raises(HistoryError) as refused:
@@ -687,7 +687,7 @@ def test_an_owner_of_the_tables_that_may_not_create_in_the_schema_is_told_what_t
           *(f"ALTER TABLE {t} OWNER TO {role}" for t in TABLES))
     url = parts._replace(netloc=f"{role}:owns@{parts.hostname}:{parts.port}").geturl()
     want = (f"the history postgresql://{role}@{parts.hostname}:{parts.port}{parts.path} was written by an older "
-            f"edge-kit (schema version 1; this one reads 3) and needs an upgrade that creates tables and "
+            f"edge-kit (schema version 1; this one reads 4) and needs an upgrade that creates tables and "
             f"indexes in schema public, where this role ({role}) may not create: run `edgekit history upgrade --history "
             f"<it>` once as a role that owns its tables and may create in public (or have the schema's owner run "
             f"`GRANT CREATE ON SCHEMA public TO {role}` first), then run again")
@@ -732,7 +732,7 @@ def test_a_read_only_session_of_the_tables_owner_is_refused_the_upgrade_in_one_l
         open_history(url)
     assert str(refused.value) == (
         f"the history postgresql://{role}@{parts.hostname}:{parts.port}{parts.path} was written by an older edge-kit "
-        f"(schema version 1; this one reads 3) and needs an upgrade, and this session may not write (a "
+        f"(schema version 1; this one reads 4) and needs an upgrade, and this session may not write (a "
         "read-only transaction: a standby server, or default_transaction_read_only): run `edgekit history upgrade "
         "--history <it>` once as a role that owns its tables, on the primary server, then run again")
     _psql(postgres_url, f"ALTER ROLE {role} RESET default_transaction_read_only")
@@ -786,5 +786,79 @@ def test_alerts_are_kept_one_open_per_device_and_kind_and_a_previous_history_get
         assert [r["raised_at"] for r in store.alerts(device="d1", since=101.0, until=119.0)] == [103.0]
         assert [r["raised_at"] for r in store.alerts(holds=True, limit=2)] == [120.0, 103.0]
         assert [r["raised_at"] for r in store.alerts(holds=False)] == [100.0]
-        with pytest.raises(ValueError, match="not 'offline'"):
-            store.open_alert("d1", "offline", "no")
+        with pytest.raises(ValueError, match="not 'refused'"):
+            store.open_alert("d1", "refused", "no")
+
+
+def _as_version_3(spec: str) -> None:
+    """Leave the history ``spec`` names as edge-kit's schema version 3 did: its ``alerts`` table (one open alert per
+    device and kind), no ``alert_holders``."""
+    statements = ("DROP TABLE alerts", "DROP TABLE alert_holders",
+                  "CREATE TABLE alerts (id {serial}, device TEXT, kind TEXT, raised_at {real}, cleared_at {real}, "
+                  "detail TEXT)",
+                  "CREATE UNIQUE INDEX alerts_open ON alerts (device, kind) WHERE cleared_at IS NULL",
+                  "INSERT INTO alerts (device, kind, raised_at, cleared_at, detail) VALUES "
+                  "('d1', 'over_budget', 100.0, NULL, 'd1: over its ingest budget')",
+                  "UPDATE edgekit_schema SET version = 3")
+    if spec.startswith("postgresql://"):
+        _psql(spec, *(s.format(serial="BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY", real="DOUBLE PRECISION")
+                      for s in statements))
+        return
+    import sqlite3
+
+    with sqlite3.connect(spec) as conn:
+        for statement in statements:
+            conn.execute(statement.format(serial="INTEGER PRIMARY KEY AUTOINCREMENT", real="REAL"))
+    conn.close()
+
+
+def test_workers_hold_an_over_budget_alert_together_and_a_stale_one_is_closed_by_whoever_sees_it(history_spec):
+    """Each --share worker has its own over-budget episode (its own share of the budget), but the table kept one open
+    row that the first worker whose episode ended closed while another still refused the device's records; and a row
+    a crashed worker left open looked like a peer's flood, so the next flood was never raised. Now workers hold the
+    alert (alert_holders), the last one to let go clears it, and one nobody confirmed for ALERT_STALE_S is closed as
+    stale by whoever sees it, on both backends; a version 3 history is upgraded to it."""
+    from edge_kit.telemetry.store import ALERT_STALE_S, CLEARED_ENDED, CLEARED_STALE
+
+    with open_history(history_spec) as store:
+        store.add("bench", bench("d1", "s1", 1.0, 1))
+    _as_version_3(history_spec)
+    with open_history(history_spec) as store:
+        assert store._schema_version() == SCHEMA_VERSION == 4 and store.count("bench") == 1
+        # version 3's open over-budget row was confirmed by nobody: stale, closed by the first worker that floods
+        assert store.open_alert_keys() == [("over_budget", "d1", "", True)]
+        assert store.hold_alert("d1", "over_budget", "A", "d1 over (A)", at=200.0)  # A's episode: raised
+        assert not store.hold_alert("d1", "over_budget", "B", "d1 over (B)", at=201.0)  # B's too: held, not raised
+        assert not store.release_alert("d1", "over_budget", "A", at=210.0)  # B still refuses d1's records: it holds
+        assert store.open_alerts() == {"over_budget": {"d1"}}
+        assert store.confirm_alert("d1", "over_budget", "B")
+        assert store.release_alert("d1", "over_budget", "B", at=220.0)  # the last holder lets go: cleared
+        assert store.open_alerts() == {}
+        # C crashes while holding; its row and hold age past ALERT_STALE_S
+        assert store.hold_alert("d1", "over_budget", "C", "d1 over (C)", at=300.0)
+        assert store.held_by("C") == [("d1", "over_budget")]
+        store._execute("UPDATE alerts SET seen = seen - ? WHERE cleared_at IS NULL", (ALERT_STALE_S + 5,))
+        store._execute("UPDATE alert_holders SET seen = seen - ?", (ALERT_STALE_S + 5,))
+        assert store.open_alert_keys() == [("over_budget", "d1", "", True)]
+        assert not store.confirm_alert("d2", "over_budget", "D")  # no such alert open
+        assert store.hold_alert("d1", "over_budget", "D", "d1 over (D)", at=400.0)  # a new flood: raised
+        assert store.held_by("C") == []
+        rows = store.alerts(limit=10)
+        assert [(r["detail"], r["cleared_at"], r["cleared_why"]) for r in rows[1:]] == [
+            ("d1 over (C)", pytest.approx(time.time(), abs=60), CLEARED_STALE),
+            ("d1 over (A)", 220.0, CLEARED_ENDED),
+            ("d1: over its ingest budget", pytest.approx(time.time(), abs=60), CLEARED_STALE)]
+        assert rows[0]["cleared_at"] is None and rows[0]["detail"] == "d1 over (D)"
+        store._execute("UPDATE alerts SET seen = seen - ? WHERE cleared_at IS NULL", (ALERT_STALE_S + 5,))
+        assert store.close_stale_alerts() == 1 and store.open_alerts() == {}
+        # a constraints alert per variant, and drift never goes stale (the device's state, held by no worker)
+        assert store.open_alert("d1", "constraints", "int8 breaks", subject="int8")
+        assert store.open_alert("d1", "constraints", "fp32 breaks", subject="fp32")
+        assert not store.open_alert("d1", "constraints", "int8 breaks again", subject="int8")
+        assert store.open_alert("d1", "drift", "drifts")
+        store._execute("UPDATE alerts SET seen = NULL")
+        assert store.close_stale_alerts() == 0
+        assert store.close_alert("d1", "constraints", subject="int8")
+        assert sorted(k[:3] for k in store.open_alert_keys()) == [("constraints", "d1", "fp32"), ("drift", "d1", "")]
+        with pytest.raises(ValueError, match="not 'drift'"):
+            store.hold_alert("d1", "drift", "A", "no")

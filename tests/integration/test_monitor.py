@@ -255,6 +255,11 @@ def test_a_monitor_started_over_a_kept_history_exports_its_figures_in_metrics_be
     assert proc.returncode == 0, err
     alerts = json.loads(out)["alerts"]
     assert [a for a in alerts if a["kind"] in ("drift", "disk")] == []  # episodes under way: not news
+    # but shown as carried over: the run that raised them may have died before printing them
+    carried = json.loads(out)["carried_over"]
+    assert [(r["device"], r["kind"], r["still_open"], r["raised_at"]) for r in carried] == [
+        ("d2", kind, True, 1_700_000_990.0) for kind in ("silent", "low_disk", "drift")]
+    assert json.loads(out)["carried_over_total"] == 3
     assert [a["device"] for a in alerts if a["kind"] == "silent"] == ["d1"], alerts
     text = scraped["text"]
     assert 'edgekit_latency_ms{device="d1",quantile="p90",variant="int8"} 7.5' in text
