@@ -81,6 +81,7 @@ from edge_kit.telemetry.store import (
     KINDS,
     HistoryStore,
     alert_subject,
+    alerts_by_kind,
 )
 from edge_kit.telemetry.verifier import Verifier
 from edgekit_protocol import messages
@@ -832,8 +833,8 @@ class Monitor:
     def _sync_alert_states(self) -> None:
         """With ``share``, at most every :data:`ALERT_SYNC_S`: take the history's open drift, low-disk, offline and
         constraints alerts of the fleet file's devices as this worker's episodes under way, and close the over-budget
-        alerts no worker confirmed lately (stale: :meth:`HistoryStore.close_stale_alerts`); return nothing. The broker hands a device's records
-        to any worker, so the one that sees an episode end may not be the one that saw it begin (it closes the alert
+        alerts no worker confirmed lately (stale: :meth:`HistoryStore.close_stale_alerts`); return nothing. The broker
+        hands a device's records to any worker, so the one that sees an episode end may not be the one that saw it begin (it closes the alert
         only if it knows of it), and the one that saw it begin may not see it end (it would take the next episode for
         the same one, and raise nothing). A query a batch at most, never one a record. Raises HistoryError."""
         now = time.monotonic()
@@ -843,9 +844,7 @@ class Monitor:
         keys = self.store.open_alert_keys()
         if any(stale for *_, stale in keys):  # held by no worker that confirmed it lately (one crashed): closed
             self.store.close_stale_alerts()
-        held: dict[str, set[str]] = {}
-        for kind, device, _subject, _stale in keys:
-            held.setdefault(kind, set()).add(device)
+        held = alerts_by_kind(keys)
         # rebound, not cleared and filled: /metrics (another thread) reads them whole (alert_states), never half
         self._drifting = {d for d in held.get("drift", ()) if d in self.constraints}
         self._low_disk = {d for d in held.get("low_disk", ()) if d in self.constraints}
@@ -856,9 +855,11 @@ class Monitor:
         """Start each alert episode the history shows under way, so a restarted monitor neither raises an alert again
         nor misses one (``shadows``: the store's ``latest_shadow``, read by the caller); return nothing.
 
-        The history's ``alerts`` table says which hold: its open drift, low disk and silence alerts of the fleet
-        file's devices are the episodes under way (an open over-budget alert a monitor without ``share`` finds was
-        left by a run that did not stop: closed, as no episode is under way in this one). Each device is last heard
+        The history's ``alerts`` table says which hold: its open drift, low disk, silence, offline and constraints
+        alerts of the fleet file's devices are the episodes under way. Over-budget alerts are workers' own episodes:
+        this worker lets go of the holds it left under its name (the same client id: it crashed), a monitor without
+        ``share`` closes every open one (a run that did not stop left it: no episode is under way in this one) and
+        forgets every hold, and a ``share`` worker closes those no worker confirmed lately (stale). Each device is last heard
         when this host stored its newest record of any kind (never the device's ``ts``): a device silent since before
         the restart without an open silence alert is alerted once its limit passes, once the monitor has been
         subscribed for :data:`SETTLE_S` and has checked what it received without hearing from it (what the broker
@@ -888,9 +889,7 @@ class Monitor:
             for device, kind in self.store.held_by(self.holder):  # this worker's, before it stopped: no episode now
                 self.store.release_alert(device, kind, self.holder)
             keys = self.store.open_alert_keys()
-            held: dict[str, set[str]] = {}
-            for kind, device, _subject, _stale in keys:
-                held.setdefault(kind, set()).add(device)
+            held = alerts_by_kind(keys)
             for state, kind in ((self._drifting, "drift"), (self._low_disk, "low_disk"),
                                 (self._silent_alerted, "silent"), (self._offline, "offline")):
                 state.update(d for d in held.get(kind, ()) if d in fleet)

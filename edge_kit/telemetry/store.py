@@ -181,6 +181,14 @@ def alert_subject(subject: str) -> str:
     return clip(printable(subject), MAX_ALERT_SUBJECT)
 
 
+def alerts_by_kind(keys: list[tuple[str, str, str, bool]]) -> dict[str, set[str]]:
+    """Return the devices of ``keys`` (:meth:`HistoryStore.open_alert_keys`' answer) by kind of alert."""
+    held: dict[str, set[str]] = {}
+    for kind, device, _subject, _stale in keys:
+        held.setdefault(kind, set()).add(device)
+    return held
+
+
 def decision_kind(decision: dict[str, Any]) -> str:
     """Return the ``kind`` column of a decision: its body's ``kind``, or :data:`SELECTION_KIND` when it names none."""
     kind = decision.get("kind")
@@ -608,10 +616,7 @@ class HistoryStore(abc.ABC):
 
     def open_alerts(self) -> dict[str, set[str]]:
         """Return the devices whose alert holds (raised, not cleared), by kind of alert. Raises HistoryError."""
-        held: dict[str, set[str]] = {}
-        for kind, device, _subject, _stale in self.open_alert_keys():
-            held.setdefault(kind, set()).add(device)
-        return held
+        return alerts_by_kind(self.open_alert_keys())
 
     def alerts_kept(self) -> bool:
         """Return True when the ``alerts`` table holds every alert raised on this history (:data:`ALERTS_KEPT`);

@@ -583,8 +583,13 @@ def test_a_status_an_earlier_monitor_run_stored_is_not_alerted_again(fleet_file,
     later = Monitor(load_fleet(fleet_file), store, verify_in_child=False)  # the next run, the same retained status
     later._keep([("status", offline)], [json.dumps(offline).encode()], [time.time()])
     assert list(later.alerts) == [] and later.stats.duplicates == 1 and later.stats.stored == 0
-    again = messages.envelope("status", "sim", "d1", 2, {"state": "offline"})  # a new word from the device: news
+    # a new word from the device while its offline episode holds (the alerts table keeps it open): not news
+    again = messages.envelope("status", "sim", "d1", 2, {"state": "offline"})
     later._keep([("status", again)], [json.dumps(again).encode()], [time.time()])
+    assert list(later.alerts) == []
+    for seq, state in ((3, "online"), (4, "offline")):  # back online (the episode ends), then offline: news
+        word = messages.envelope("status", "sim", "d1", seq, {"state": state})
+        later._keep([("status", word)], [json.dumps(word).encode()], [time.time()])
     assert [a.text for a in later.alerts] == ["d1 went offline"]
 
 

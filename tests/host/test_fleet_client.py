@@ -260,6 +260,11 @@ def test_monitor_without_json_ends_with_what_it_stored(tmp_path, run_cli, monkey
         def __init__(self, *_args, **_kwargs):
             self.stats = monitor_module.MonitorStats(received=9, stored=6, duplicates=2, invalid=1, gaps=1)
             self.alerts, self.alerts_raised, self.failed, self.over_budget = [], 3, None, {}
+            # an alert an earlier run wrote and died before printing (the history's open alerts at start)
+            self.carried_over = [{"device": "d1", "kind": "offline", "subject": "", "raised_at": 1_700_000_000.0,
+                                  "cleared_at": None, "cleared_why": None, "detail": "d1 went offline [/]",
+                                  "still_open": True}]
+            self.carried_over_total = 1
 
         def start(self):
             pass
@@ -274,6 +279,7 @@ def test_monitor_without_json_ends_with_what_it_stored(tmp_path, run_cli, monkey
     code, out, err = run_cli("monitor", "--fleet", fleet_file, "--duration", "0")
     assert code == 0, err
     assert "\nstored 6 of 9 messages" in out, out  # on a line of its own, not glued to the table's last line in a log
+    assert "alert carried over (raised " in out and ", still holds): d1 went offline [/]\n" in out, out  # shown, marked
     assert out.endswith("\n") and " ".join(out.split()).endswith(
         f"stored 6 of 9 messages received (2 duplicates, 1 refused, 0 over budget, 1 sequence gaps, 3 alerts) in "
         f"{tmp_path.resolve() / 'edgekit-history.db'}")
