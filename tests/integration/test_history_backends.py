@@ -862,3 +862,54 @@ def test_workers_hold_an_over_budget_alert_together_and_a_stale_one_is_closed_by
         assert sorted(k[:3] for k in store.open_alert_keys()) == [("constraints", "d1", "fp32"), ("drift", "d1", "")]
         with pytest.raises(ValueError, match="not 'drift'"):
             store.hold_alert("d1", "drift", "A", "no")
+
+
+def test_share_workers_on_one_history_raise_an_over_budget_alert_once_and_clear_it_with_the_last_flood(
+        history_spec, tmp_path):
+    """The monitor's side of the holders, on both backends: two --share workers flooded by d1 raise one alert; the
+    first whose episode ends leaves it open for the other (it closed it before); a worker that crashed mid-flood leaves
+    a row that goes stale, and the next worker's flood of d1 is raised."""
+    import math
+
+    from edge_kit.fleet.inventory import load_fleet
+    from edge_kit.telemetry.monitor import Monitor
+    from edge_kit.telemetry.store import ALERT_STALE_S
+
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text("fleet: sim\nbroker: {host: 127.0.0.1, port: 1}\ndefaults: {user: edgekit, profile: rpi4}\n"
+                          "devices:\n  - {name: d1, host: 127.0.0.1}\n")
+
+    def worker(store):
+        mon = Monitor(load_fleet(fleet_file), store, share="edgekit", workers=2, verify_in_child=False)
+        try:
+            mon.start(timeout=0.5)
+        except Exception:  # noqa: BLE001 - AgentError: no broker on port 1; the history was read first
+            pass
+        return mon
+
+    def flood(mon):
+        mon._refuse_over_budget([(messages.topic("sim", "d1", "bench"), b'{"seq":7}', time.time())])
+
+    stores = [open_history(history_spec) for _ in range(3)]
+    try:
+        a, b = worker(stores[0]), worker(stores[1])
+        flood(a)
+        flood(b)
+        a._end_floods(math.inf)
+        assert stores[2].open_alerts() == {"over_budget": {"d1"}}
+        b._end_floods(math.inf)
+        assert stores[2].open_alerts() == {}
+        flood(a)  # a crashes mid-flood: its row and hold age past ALERT_STALE_S
+        stores[2]._execute("UPDATE alerts SET seen = seen - ? WHERE cleared_at IS NULL", (ALERT_STALE_S + 5,))
+        stores[2]._execute("UPDATE alert_holders SET seen = seen - ?", (ALERT_STALE_S + 5,))
+        flood(b)
+        began = [[x.device for x in mon.alerts if "over its ingest budget (" in x.text] for mon in (a, b)]
+        assert began == [["d1", "d1"], ["d1"]]  # a's two (the first shared with b), and b's after a's crash
+        assert [(r["cleared_why"], r["cleared_at"] is None) for r in stores[2].alerts()] == [
+            (None, True), ("stale", False), ("ended", False)]
+        for mon in (a, b):
+            mon._floods.clear()
+            mon.stop()
+    finally:
+        for store in stores:
+            store.close()
