@@ -577,7 +577,7 @@ def monitor_cmd(
     s = mon.stats
     if as_json:
         emit_json({"received": s.received, "stored": s.stored, "duplicates": s.duplicates, "invalid": s.invalid,
-                    "gaps": s.gaps, "dropped": s.dropped, "over_budget": s.over_budget,
+                    "gaps": s.gaps, "dropped": s.dropped, "over_budget": s.over_budget, "left_by_revoked": s.left_by_revoked,
                     "over_budget_by_device": dict(sorted(mon.over_budget.items())),
                     "alerts": [vars(a) for a in mon.alerts], "alerts_raised": mon.alerts_raised,
                    "store": db.where})

@@ -107,6 +107,9 @@ class MonitorStats:
     invalid: int = 0
     gaps: int = 0
     dropped: int = 0  # QoS 0 messages not taken while MAX_QUEUED wait to be checked (devices publish at QoS 1)
+    # what revoked devices left at the broker (their retained status or reported state, their last will): dropped,
+    # neither stored nor refused (Keyring.left_by_revoked)
+    left_by_revoked: int = 0
     # per device of the fleet file: records refused because it was over its ingest budget
     over_budget_by_device: dict[str, int] = field(default_factory=dict)
 
@@ -267,14 +270,20 @@ class Monitor:
     def _on_message(self, _c: Any, _u: Any, m: Any) -> None:
         """Queue ``(topic, payload, receive time, mid to acknowledge or None)``; nothing once stopping, nor an empty
         payload on a retained kind's topic (how MQTT clears a retained message: acknowledged, no message to store;
-        :func:`~edgekit_protocol.messages.is_cleared`: on any other topic it is refused and counted), and a QoS 0
+        :func:`~edgekit_protocol.messages.is_cleared`: on any other topic it is refused and counted), nor what a revoked
+        device left at the broker (acknowledged, counted in ``stats.left_by_revoked``:
+        :meth:`~edge_kit.fleet.keys._RegistryKeyring.left_by_revoked`), and a QoS 0
         message not while :data:`MAX_QUEUED` wait (counted in ``stats.dropped``, alerted once a run). A topic that is
         not UTF-8 is queued with its bad bytes as ``\\xNN`` (it names no device, so it is refused). Never raises:
         paho's network thread calls it."""
         if self._closing.is_set():
             return
         topic = message_topic(m)
-        if messages.is_cleared(topic, m.payload):  # a retained message cleared (`fleet revoke` does): nothing to store
+        # a retained message cleared (`fleet revoke` does), or what a revoked device left at the broker (its last will,
+        # published as a broker reloaded or restarted after `fleet revoke` dropped its connection): nothing to store
+        left = not messages.is_cleared(topic, m.payload) and self.keyring.left_by_revoked(topic, m.payload, bool(m.retain))
+        if left or messages.is_cleared(topic, m.payload):
+            self.stats.left_by_revoked += left
             if m.qos:
                 self._ack([m.mid])
             return
