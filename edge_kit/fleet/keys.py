@@ -186,6 +186,8 @@ class _RegistryKeyring(Keyring):
         stored, not counted as refused, not shown (the device shows as revoked). Anything else of a revoked device
         (a message signed after its revocation and sent live, a forgery) is no leftover: False, and it is refused as
         before. Never raises (a registry that cannot be read, a payload that does not decode: False)."""
+        if not topic.endswith(tuple(f"/{k}" for k in DEVICE_RETAINED_KINDS)):  # most messages: a string test, no more
+            return False
         try:
             fleet, device, kind = messages.parse_topic(topic)
             if kind not in DEVICE_RETAINED_KINDS or self.device_revocation(device) is None:

@@ -281,9 +281,9 @@ class Monitor:
         topic = message_topic(m)
         # a retained message cleared (`fleet revoke` does), or what a revoked device left at the broker (its last will,
         # published as a broker reloaded or restarted after `fleet revoke` dropped its connection): nothing to store
-        left = not messages.is_cleared(topic, m.payload) and self.keyring.left_by_revoked(topic, m.payload, bool(m.retain))
-        if left or messages.is_cleared(topic, m.payload):
-            self.stats.left_by_revoked += left
+        cleared = messages.is_cleared(topic, m.payload)
+        if cleared or self.keyring.left_by_revoked(topic, m.payload, bool(getattr(m, "retain", False))):
+            self.stats.left_by_revoked += not cleared
             if m.qos:
                 self._ack([m.mid])
             return
