@@ -87,13 +87,15 @@ log = logging.getLogger("edgekit.monitor")
 # kinds whose copy the history holds already raise no alert and are not handed on again (see _keep)
 NOT_NEWS_AGAIN = ("status", "shadow")
 STORED_KINDS = KINDS  # the monitor subscribes to what the history keeps
+SEQ_KINDS = tuple(k for k in KINDS if k != "status")  # streams numbered by seq: a number skipped is a record lost
 BATCH = 500
 
 
 @dataclass
 class Alert:
     device: str
-    kind: str  # "offline", "constraints", "silent", "refused" (forged, unsigned, from the future, over budget), "store", "disk", "drift"
+    kind: str  # "offline", "constraints", "silent", "refused" (forged, unsigned, from the future, over budget), "store", "disk", "drift",
+    # "gap" (records a device numbered that never arrived)
     # (the history's alerts table keeps "drift", "disk" as low_disk, "silent" and an over-budget "refused" as over_budget)
     text: str
     ts: float = field(default_factory=time.time)
@@ -330,6 +332,8 @@ class Monitor:
             recent = self.store.stored_since(now - self.budget.window_s())
             self.budget.charge({d: seconds for d, seconds in recent.items() if d in self.constraints}, now)
             self._seed_alert_states(shadows)  # episodes under way: not alerted again, and silence counted from then
+            if self.persistent and self.share is None:  # a persistent session continues the history: so do the seqs
+                self._seq = self.store.newest_seqs(SEQ_KINDS)
         except HistoryError:
             pass  # the writer meets it too, and says so; the alert states are then what this run sees
         self._seeded = True
@@ -738,14 +742,22 @@ class Monitor:
             self._alert(alert)
 
     def _check_seq(self, kind: str, msg: dict[str, Any]) -> None:
-        if kind == "status":
-            return  # retained and replaced, not a stream
+        """Record and alert a sequence gap when ``msg`` numbers past the device's newest ``seq`` of its kind plus one
+        (this run's, or, for a persistent session, the history's when it started: what the broker dropped while the
+        monitor was down, past its queue limit, is a gap too); return nothing. Raises HistoryError."""
+        if kind not in SEQ_KINDS:
+            return  # a status is retained and replaced, not a stream
         key = (msg["device"], kind)
         last = self._seq.get(key)
         # while the device is over its budget, what it had refused is recorded as one gap when that ends
         if last is not None and msg["seq"] > last + 1 and msg["device"] not in self._floods:
             self.stats.gaps += 1
             self.store.add_gap(msg["device"], kind, last + 1, msg["seq"] - 1)
+            missing = msg["seq"] - 1 - last
+            self._alert(Alert(msg["device"], "gap", f"{msg['device']}: {missing} {kind} record(s) never arrived (seq "
+                                                    f"{last + 1}..{msg['seq'] - 1}), recorded as a sequence gap: lost "
+                                                    "before the monitor, e.g. dropped by the broker past its queue limit "
+                                                    "for the monitor's session while it was down"))
         if last is None or msg["seq"] > last:
             self._seq[key] = msg["seq"]
 

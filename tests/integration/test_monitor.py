@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import time
 import urllib.request
 
@@ -801,3 +802,80 @@ def test_a_record_the_history_refuses_costs_its_batch_a_few_transactions_not_one
     assert sorted(r["seq"] for r in store.bench_records("d1")) == [s for s in range(1, 501) if s != 321]
     assert mon.stats.stored == 499 and mon.stats.invalid == 1 == store.count("invalid")
     assert len(calls) <= 2 + 2 * math.ceil(math.log2(500)), calls
+
+
+def test_records_a_full_broker_queue_dropped_while_the_monitor_was_down_are_recorded_as_gaps_and_alerted(tmp_path):
+    """Past Mosquitto's queue limit for the monitor's persistent session (max_queued_messages 50 here, in a
+    mosquitto.conf this test writes) the broker drops what devices publish while the monitor is down, having
+    acknowledged it to the device (whose spool then forgets it: nothing sends it again). The monitor that came back
+    stored the 50 queued and recorded the rest as a gap only once the device's next record arrived, with no alert,
+    and a monitor started again took the first record it got as where the device's numbering stood, so a loss across
+    its restart was never recorded at all. Now the gap is alerted with its exact count, and a persistent monitor
+    starts from the newest seq its history holds: stored + missing = published, and the operator is told."""
+    from edge_kit.fleet.broker_setup import MAX_QUEUED
+    from edge_kit.sim.broker import MosquittoBroker
+
+    class SmallQueues(MosquittoBroker):
+        def _config(self):
+            conf = super()._config()
+            text = conf.read_text()
+            assert f"max_queued_messages {MAX_QUEUED}\n" in text
+            conf.write_text(text.replace(f"max_queued_messages {MAX_QUEUED}\n", "max_queued_messages 50\n"))
+            return conf
+
+    broker = SmallQueues(tmp_path / "broker").start()
+    publisher = None
+    try:
+        path = tmp_path / "fleet.yaml"
+        path.write_text(f"fleet: {FLEET}\nbroker: {{host: 127.0.0.1, port: {broker.port}}}\n"
+                        "defaults: {user: edgekit, profile: rpi4}\ndevices:\n  - {name: d1, host: 127.0.0.1}\n")
+        fleet = load_fleet(path)
+        fleet.key_store().register("d1", DEVICE_KEYS["d1"].public)
+        store = Store(tmp_path / "h.db")
+        publisher = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="small-queue-d1")
+        publisher.connect(broker.host, broker.port)
+        publisher.loop_start()
+        mon = Monitor(fleet, store, client_id="small-queue-monitor", persistent=True).start()
+        try:
+            for seq in range(1, 11):  # the monitor runs: 10 records stored
+                send(publisher, "telemetry", telemetry("d1", seq))
+            assert wait_until(lambda: mon.stats.stored == 10, 20), mon.stats
+        finally:
+            mon.stop()
+        for seq in range(11, 211):  # the monitor is down: 200 records, each acknowledged by the broker
+            send(publisher, "telemetry", telemetry("d1", seq))
+        mon = Monitor(fleet, store, client_id="small-queue-monitor", persistent=True).start()
+        try:
+            assert wait_until(lambda: mon.stats.stored >= 50, 20), mon.stats
+            time.sleep(1)  # whatever else the broker held has arrived
+            assert mon.stats.stored == 50, mon.stats  # the broker kept 50 of the 200, dropped the rest
+            send(publisher, "telemetry", telemetry("d1", 211))  # the device's next record
+            assert wait_until(lambda: mon.stats.stored == 51, 20), mon.stats
+        finally:
+            mon.stop()
+        gaps = store._rows("SELECT first_missing, last_missing FROM gaps WHERE device = 'd1' AND kind = 'telemetry'")
+        missing = sum(last - first + 1 for first, last in gaps)
+        assert store.count("telemetry") + missing == 211, (store.count("telemetry"), gaps)
+        assert missing == 150 and mon.stats.gaps == len(gaps), (gaps, mon.stats)
+        alerts = [a for a in mon.alerts if a.kind == "gap"]
+        assert len(alerts) == len(gaps) and all(a.device == "d1" for a in alerts), [vars(a) for a in mon.alerts]
+        assert sum(int(re.search(r"(\d+) telemetry record", a.text).group(1)) for a in alerts) == 150, alerts[0].text
+        # a session the broker no longer holds (lost with its persistence, or a new --client-id): what was published
+        # before it existed was queued for no one; the monitor starts from the history's newest seq and says so
+        for seq in range(212, 222):
+            send(publisher, "telemetry", telemetry("d1", seq))
+        mon = Monitor(fleet, store, client_id="small-queue-monitor-2", persistent=True).start()
+        try:
+            send(publisher, "telemetry", telemetry("d1", 222))
+            assert wait_until(lambda: mon.stats.stored == 1, 20), mon.stats
+        finally:
+            mon.stop()
+        assert (212, 221) in store._rows("SELECT first_missing, last_missing FROM gaps WHERE device = 'd1'")
+        assert [a.text for a in mon.alerts if a.kind == "gap"] == [
+            "d1: 10 telemetry record(s) never arrived (seq 212..221), recorded as a sequence gap: lost before the "
+            "monitor, e.g. dropped by the broker past its queue limit for the monitor's session while it was down"]
+    finally:
+        if publisher is not None:
+            publisher.disconnect()
+            publisher.loop_stop()
+        broker.stop()
