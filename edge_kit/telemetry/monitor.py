@@ -747,19 +747,28 @@ class Monitor:
         monitor was down, past its queue limit, is a gap too); return nothing. Raises HistoryError."""
         if kind not in SEQ_KINDS:
             return  # a status is retained and replaced, not a stream
-        key = (msg["device"], kind)
+        self._numbered(msg["device"], kind, msg["seq"], msg["seq"] - 1)
+        if kind == "telemetry":  # the newest seq the agent gave its other streams: records lost at their end show now
+            for marked, newest in messages.telemetry_marks(msg).items():
+                self._numbered(msg["device"], marked, newest, newest)
+
+    def _numbered(self, device: str, kind: str, seq: int, before: int) -> None:
+        """Take ``seq`` as ``device``'s newest number of ``kind`` when it is above the one known, recording and
+        alerting as a gap every number from the known one up to ``before`` (``seq - 1`` for a record; ``seq`` itself
+        for a telemetry message's mark of another kind, whose record did not come); return nothing. Raises
+        HistoryError."""
+        key = (device, kind)
         last = self._seq.get(key)
         # while the device is over its budget, what it had refused is recorded as one gap when that ends
-        if last is not None and msg["seq"] > last + 1 and msg["device"] not in self._floods:
+        if last is not None and before > last and device not in self._floods:
             self.stats.gaps += 1
-            self.store.add_gap(msg["device"], kind, last + 1, msg["seq"] - 1)
-            missing = msg["seq"] - 1 - last
-            self._alert(Alert(msg["device"], "gap", f"{msg['device']}: {missing} {kind} record(s) never arrived (seq "
-                                                    f"{last + 1}..{msg['seq'] - 1}), recorded as a sequence gap: lost "
-                                                    "before the monitor, e.g. dropped by the broker past its queue limit "
-                                                    "for the monitor's session while it was down"))
-        if last is None or msg["seq"] > last:
-            self._seq[key] = msg["seq"]
+            self.store.add_gap(device, kind, last + 1, before)
+            self._alert(Alert(device, "gap", f"{device}: {before - last} {kind} record(s) never arrived (seq "
+                                             f"{last + 1}..{before}), recorded as a sequence gap: lost before the "
+                                             "monitor, e.g. dropped by the broker past its queue limit for the "
+                                             "monitor's session while it was down"))
+        if last is None or seq > last:
+            self._seq[key] = seq
 
     def _check_drift(self, device: str, shadow: dict[str, Any]) -> None:
         """Alert (once per episode) when a ``shadow`` message says the served model's live outputs drift from

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -812,29 +813,8 @@ def test_records_a_full_broker_queue_dropped_while_the_monitor_was_down_are_reco
     and a monitor started again took the first record it got as where the device's numbering stood, so a loss across
     its restart was never recorded at all. Now the gap is alerted with its exact count, and a persistent monitor
     starts from the newest seq its history holds: stored + missing = published, and the operator is told."""
-    from edge_kit.fleet.broker_setup import MAX_QUEUED
-    from edge_kit.sim.broker import MosquittoBroker
-
-    class SmallQueues(MosquittoBroker):
-        def _config(self):
-            conf = super()._config()
-            text = conf.read_text()
-            assert f"max_queued_messages {MAX_QUEUED}\n" in text
-            conf.write_text(text.replace(f"max_queued_messages {MAX_QUEUED}\n", "max_queued_messages 50\n"))
-            return conf
-
-    broker = SmallQueues(tmp_path / "broker").start()
-    publisher = None
-    try:
-        path = tmp_path / "fleet.yaml"
-        path.write_text(f"fleet: {FLEET}\nbroker: {{host: 127.0.0.1, port: {broker.port}}}\n"
-                        "defaults: {user: edgekit, profile: rpi4}\ndevices:\n  - {name: d1, host: 127.0.0.1}\n")
-        fleet = load_fleet(path)
-        fleet.key_store().register("d1", DEVICE_KEYS["d1"].public)
+    with small_queues(tmp_path) as (fleet, publisher):
         store = Store(tmp_path / "h.db")
-        publisher = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="small-queue-d1")
-        publisher.connect(broker.host, broker.port)
-        publisher.loop_start()
         mon = Monitor(fleet, store, client_id="small-queue-monitor", persistent=True).start()
         try:
             for seq in range(1, 11):  # the monitor runs: 10 records stored
@@ -874,6 +854,59 @@ def test_records_a_full_broker_queue_dropped_while_the_monitor_was_down_are_reco
         assert [a.text for a in mon.alerts if a.kind == "gap"] == [
             "d1: 10 telemetry record(s) never arrived (seq 212..221), recorded as a sequence gap: lost before the "
             "monitor, e.g. dropped by the broker past its queue limit for the monitor's session while it was down"]
+
+
+def test_records_lost_at_the_end_of_a_stream_are_a_gap_as_soon_as_the_device_s_next_telemetry_arrives(tmp_path):
+    """A gap was seen only when the device's next record of the same kind arrived: bench records the broker dropped
+    while the monitor was down stayed unrecorded until the next benchmark, days later perhaps, or for good. The
+    agent's telemetry now carries the newest seq it gave its bench, live and shadow records (seqs): the device's next
+    telemetry after the monitor is back records the loss, exactly."""
+    with small_queues(tmp_path) as (fleet, publisher):
+        store = Store(tmp_path / "h.db")
+        Monitor(fleet, store, client_id="tail-monitor", persistent=True).start().stop()  # its session, queued for
+        for seq in range(1, 201):  # the monitor is down: 200 bench records
+            send(publisher, "bench", bench("d1", seq))
+        mon = Monitor(fleet, store, client_id="tail-monitor", persistent=True).start()
+        try:
+            assert wait_until(lambda: mon.stats.stored >= 50, 20), mon.stats
+            time.sleep(1)
+            assert mon.stats.stored == 50 and mon.stats.gaps == 0, mon.stats  # 150 dropped, no later bench record
+            send(publisher, "telemetry", {**telemetry("d1", 1), "seqs": {"bench": 200, "live": 0, "shadow": 0}})
+            assert wait_until(lambda: mon.stats.stored == 51, 20), mon.stats
+        finally:
+            mon.stop()
+        assert store._rows("SELECT kind, first_missing, last_missing FROM gaps") == [("bench", 51, 200)]
+        assert store.count("bench") + 150 == 200
+        assert [a.text.split(" (")[0] for a in mon.alerts if a.kind == "gap"] == ["d1: 150 bench record(s) never arrived"]
+
+
+@contextlib.contextmanager
+def small_queues(tmp_path):
+    """Yield a fleet (device d1) on a real Mosquitto whose mosquitto.conf, written here, queues at most 50 messages
+    for an offline client (max_queued_messages 50), and a client publishing as d1; both stopped after."""
+    from edge_kit.fleet.broker_setup import MAX_QUEUED
+    from edge_kit.sim.broker import MosquittoBroker
+
+    class SmallQueues(MosquittoBroker):
+        def _config(self):
+            conf = super()._config()
+            text = conf.read_text()
+            assert f"max_queued_messages {MAX_QUEUED}\n" in text
+            conf.write_text(text.replace(f"max_queued_messages {MAX_QUEUED}\n", "max_queued_messages 50\n"))
+            return conf
+
+    broker = SmallQueues(tmp_path / "broker").start()
+    publisher = None
+    try:
+        path = tmp_path / "fleet.yaml"
+        path.write_text(f"fleet: {FLEET}\nbroker: {{host: 127.0.0.1, port: {broker.port}}}\n"
+                        "defaults: {user: edgekit, profile: rpi4}\ndevices:\n  - {name: d1, host: 127.0.0.1}\n")
+        fleet = load_fleet(path)
+        fleet.key_store().register("d1", DEVICE_KEYS["d1"].public)
+        publisher = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="small-queue-d1")
+        publisher.connect(broker.host, broker.port)
+        publisher.loop_start()
+        yield fleet, publisher
     finally:
         if publisher is not None:
             publisher.disconnect()
