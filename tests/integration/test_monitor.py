@@ -813,7 +813,7 @@ def test_records_a_full_broker_queue_dropped_while_the_monitor_was_down_are_reco
     and a monitor started again took the first record it got as where the device's numbering stood, so a loss across
     its restart was never recorded at all. Now the gap is alerted with its exact count, and a persistent monitor
     starts from the newest seq its history holds: stored + missing = published, and the operator is told."""
-    with small_queues(tmp_path) as (fleet, publisher):
+    with small_queues(tmp_path) as (fleet, publisher, _):
         store = Store(tmp_path / "h.db")
         mon = Monitor(fleet, store, client_id="small-queue-monitor", persistent=True).start()
         try:
@@ -861,7 +861,7 @@ def test_records_lost_at_the_end_of_a_stream_are_a_gap_as_soon_as_the_device_s_n
     while the monitor was down stayed unrecorded until the next benchmark, days later perhaps, or for good. The
     agent's telemetry now carries the newest seq it gave its bench, live and shadow records (seqs): the device's next
     telemetry after the monitor is back records the loss, exactly."""
-    with small_queues(tmp_path) as (fleet, publisher):
+    with small_queues(tmp_path) as (fleet, publisher, _):
         store = Store(tmp_path / "h.db")
         Monitor(fleet, store, client_id="tail-monitor", persistent=True).start().stop()  # its session, queued for
         for seq in range(1, 201):  # the monitor is down: 200 bench records
@@ -880,10 +880,51 @@ def test_records_lost_at_the_end_of_a_stream_are_a_gap_as_soon_as_the_device_s_n
         assert [a.text.split(" (")[0] for a in mon.alerts if a.kind == "gap"] == ["d1: 150 bench record(s) never arrived"]
 
 
+def test_a_real_agent_s_records_the_broker_dropped_are_each_stored_or_in_a_recorded_gap(tmp_path, digits_artifacts):
+    """The same with the real agent (telemetry and live figures every 0.05 s): its spool forgets a record once the
+    broker acknowledged it, so what the broker dropped for the monitor's session is not sent again. Every number the
+    agent gave each stream is stored or in a recorded, alerted gap, none in both, up to the newest its last
+    telemetry counts."""
+    from harness import AgentProcess
+
+    with small_queues(tmp_path, devices=("d1", "a1")) as (fleet, _, broker):
+        store = Store(tmp_path / "h.db")
+        mon = Monitor(fleet, store, client_id="agent-queue-monitor", persistent=True).start()
+        agent = AgentProcess(tmp_path, "a1", broker, digits_artifacts, fleet=FLEET, telemetry_interval_s=0.05)
+        fleet.key_store().register("a1", agent.signer.public)
+        agent.start()
+        try:
+            try:
+                assert wait_until(lambda: mon.stats.stored >= 20, 60), mon.stats
+            finally:
+                mon.stop()
+            time.sleep(5)  # the monitor is down: the agent publishes on, far past the 50 the broker queues
+            mon = Monitor(fleet, store, client_id="agent-queue-monitor", persistent=True).start()
+            try:
+                assert wait_until(lambda: mon.stats.gaps >= 1, 30), mon.stats
+                time.sleep(1)
+            finally:
+                mon.stop()
+        finally:
+            agent.stop()
+    marks = messages.telemetry_marks(store.latest_telemetry()["a1"])
+    for kind in ("telemetry", "live"):
+        stored = [seq for (seq,) in store._rows(f"SELECT seq FROM {kind} WHERE device = 'a1'")]
+        gaps = [n for first, last in store._rows("SELECT first_missing, last_missing FROM gaps WHERE device = 'a1' "
+                                                 "AND kind = ?", (kind,)) for n in range(first, last + 1)]
+        assert stored and not set(stored) & set(gaps) and len(set(gaps)) == len(gaps), (kind, stored, gaps)
+        newest = max(stored + gaps)
+        assert sorted(stored + gaps) == list(range(1, newest + 1)), (kind, sorted(stored + gaps))
+        assert newest >= marks.get(kind, 0)
+    lost = sum(int(re.search(r"(\d+) \w+ record", a.text).group(1)) for a in mon.alerts if a.kind == "gap")
+    assert lost == store._rows("SELECT SUM(last_missing - first_missing + 1) FROM gaps")[0][0] > 0
+
+
 @contextlib.contextmanager
-def small_queues(tmp_path):
-    """Yield a fleet (device d1) on a real Mosquitto whose mosquitto.conf, written here, queues at most 50 messages
-    for an offline client (max_queued_messages 50), and a client publishing as d1; both stopped after."""
+def small_queues(tmp_path, devices=("d1",)):
+    """Yield a fleet (``devices``, d1's key registered) on a real Mosquitto whose mosquitto.conf, written here, queues
+    at most 50 messages for an offline client (max_queued_messages 50), a client publishing as d1, and the broker; all
+    stopped after."""
     from edge_kit.fleet.broker_setup import MAX_QUEUED
     from edge_kit.sim.broker import MosquittoBroker
 
@@ -900,13 +941,14 @@ def small_queues(tmp_path):
     try:
         path = tmp_path / "fleet.yaml"
         path.write_text(f"fleet: {FLEET}\nbroker: {{host: 127.0.0.1, port: {broker.port}}}\n"
-                        "defaults: {user: edgekit, profile: rpi4}\ndevices:\n  - {name: d1, host: 127.0.0.1}\n")
+                        "defaults: {user: edgekit, profile: rpi4}\ndevices:\n"
+                        + "".join(f"  - {{name: {d}, host: 127.0.0.1}}\n" for d in devices))
         fleet = load_fleet(path)
         fleet.key_store().register("d1", DEVICE_KEYS["d1"].public)
         publisher = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="small-queue-d1")
         publisher.connect(broker.host, broker.port)
         publisher.loop_start()
-        yield fleet, publisher
+        yield fleet, publisher, broker
     finally:
         if publisher is not None:
             publisher.disconnect()
