@@ -272,7 +272,8 @@ def hardened_conf(folder: Path, port: int = 8883, queued: int = MAX_QUEUED, list
         f"keyfile {folder / 'tls' / 'server.key'}", "tls_version tlsv1.2", "persistence true",
         f"persistence_location {folder / 'data'}/",
         f"# receivers refuse messages over {MAX_PAYLOAD} bytes anyway; {MAX_INFLIGHT} unacknowledged to a client "
-        "(the monitor); a queue per offline client sized for the outage to survive",
+        "(the monitor); a queue per offline client sized for the outage to survive (past it Mosquitto drops what",
+        "# devices publish: lost, recorded by the monitor as sequence gaps and alerted)",
         *broker_limits(queued), "set_tcp_nodelay true", ""])
 
 
