@@ -764,9 +764,10 @@ class Monitor:
             self.stats.gaps += 1
             self.store.add_gap(device, kind, last + 1, before)
             self._alert(Alert(device, "gap", f"{device}: {before - last} {kind} record(s) never arrived (seq "
-                                             f"{last + 1}..{before}), recorded as a sequence gap: lost before the "
-                                             "monitor, e.g. dropped by the broker past its queue limit for the "
-                                             "monitor's session while it was down"))
+                                             f"{last + 1}..{before}), recorded as a sequence gap: lost on the way "
+                                             "to the monitor (dropped by the broker past its queue limit while the "
+                                             "monitor was down, or published while the broker held no session for "
+                                             "it)"))
         if last is None or seq > last:
             self._seq[key] = seq
 
