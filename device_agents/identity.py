@@ -206,6 +206,12 @@ class Keyring:
         key = self.devices.get(signer)
         return (key,) if key else ()
 
+    def left_by_revoked(self, topic: str, payload: bytes, retained: bool) -> bool:
+        """Return True when ``payload`` on ``topic`` is what a revoked device left at the broker, which receivers drop
+        unstored, uncounted as refused and unshown. A keyring without a revoked list (this one; the operator's, in
+        ``edge_kit.fleet.keys``, has one) holds no such device: False. Never raises."""
+        return False
+
     def verify(self, message: dict[str, Any], signer: str) -> None:
         """Check that ``message`` was signed by ``signer``'s registered key.
 

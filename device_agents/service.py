@@ -797,9 +797,12 @@ class Agent:
                 self._shadow_sent = self._shadow_counts(body)
 
     def _telemetry(self) -> dict[str, Any]:
-        """Return the body of a telemetry message: conditions, spool, current model, disk, and the interval it is
-        sent at (``interval_s``: how long a silence means the agent has stopped)."""
+        """Return the body of a telemetry message: conditions, spool, current model, disk, the interval it is
+        sent at (``interval_s``: how long a silence means the agent has stopped) and the newest ``seq`` given to each
+        of :data:`~edgekit_protocol.messages.MARKED_KINDS` (``seqs``: a receiver that has not had them all knows
+        what was lost, though no later record of that kind comes)."""
         return {"conditions": conditions.snapshot(), "spool": self.spool.stats(), "interval_s": self.cfg.telemetry_interval_s,
+                "seqs": {kind: self.spool.upcoming_seq(kind) - 1 for kind in messages.MARKED_KINDS},
                 "current": self._model_ref(self.store.current()), "simulated": self.cfg.simulated,
                 "uptime_s": round(time.time() - self.started, 1),
                 "disk": {**self.disk.usage(), "dropped_telemetry": self.dropped_on_full_disk}}

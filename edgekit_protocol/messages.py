@@ -413,6 +413,22 @@ MAX_RUN_ID = 64
 MAX_BENCH_SHA256 = 128
 
 MAX_TELEMETRY_INTERVAL_S = 86400.0  # an agent's telemetry_interval_s at most (a day); its config refuses more
+# the kinds whose newest ``seq`` a telemetry message carries (its ``seqs``), so a receiver sees records lost at the end
+# of a stream (dropped by a broker whose queue was full) without waiting for that kind's next record
+MARKED_KINDS = ("bench", "live", "shadow")
+
+
+def telemetry_marks(message: Any) -> dict[str, int]:
+    """Return the newest ``seq`` per kind that a telemetry message says its agent gave (its ``seqs``, kinds of
+    :data:`MARKED_KINDS`), or {} when it says none (an older agent) or they are not whole numbers from 0 to 1e12 (a
+    history holds what a device sent, checked or not). Never raises."""
+    seqs = message.get("seqs") if isinstance(message, dict) else None
+    if not isinstance(seqs, dict):
+        return {}
+    if not all(k in MARKED_KINDS and isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 1e12
+               for k, v in seqs.items()):
+        return {}
+    return dict(seqs)
 
 
 def telemetry_interval(message: Any) -> float | None:
@@ -489,7 +505,8 @@ def check_body(kind: str, message: dict[str, Any]) -> dict[str, Any]:
             model reference is not an object with text ``variant`` and ``sha256``, a shadow's
             ``share`` is not from 0 to 1, or its ``run``, when present, no text of 1 to :data:`MAX_RUN_ID`
             characters; a bench ``sha256`` is no text of 1 to :data:`MAX_BENCH_SHA256` characters; a telemetry ``interval_s``, when present, is not a number of seconds
-            above 0 and at most :data:`MAX_TELEMETRY_INTERVAL_S`).
+            above 0 and at most :data:`MAX_TELEMETRY_INTERVAL_S`, or its ``seqs``, when present, not what
+            :func:`telemetry_marks` takes).
     """
     for name, types in _BODY[kind].items():
         value = message.get(name)
@@ -508,6 +525,9 @@ def check_body(kind: str, message: dict[str, Any]) -> dict[str, Any]:
     if kind == "telemetry" and message.get("interval_s") is not None and telemetry_interval(message) is None:
         raise MessageError(f"telemetry: interval_s is not a number of seconds above 0 and at most "
                            f"{MAX_TELEMETRY_INTERVAL_S:.0f}")
+    if kind == "telemetry" and message.get("seqs") is not None and telemetry_marks(message) != message["seqs"]:
+        raise MessageError(f"telemetry: seqs is not an object of {', '.join(MARKED_KINDS)} to whole numbers from 0 "
+                           "to 1e12")
     if kind == "bench":
         if not 0 < len(message["sha256"]) <= MAX_BENCH_SHA256:
             raise MessageError(f"bench: sha256 is not a text of 1 to {MAX_BENCH_SHA256} characters "

@@ -475,22 +475,27 @@ def _fleet_view(store: Any, fleet: Any, retained: dict[str, dict[str, Any]] | No
     return Group(_fleet_table(store, fleet, retained), Text.from_markup(figures_note(fleet.devices, table="fleet")))
 
 
-MAX_REFUSED_SHOWN = 5  # refused-message alerts printed per refresh of the live table; the rest summed in one line
+MAX_REFUSED_SHOWN = 5  # refused-message (and sequence gap) alerts printed per refresh of the live table; the rest summed
+# in one line each: the alerts a device can raise one per message it sends, and what that line says of the rest
+CAPPED_ALERTS = {"refused": "refused messages (counted in the --json summary's invalid; kept in the history's invalid "
+                            "table)",
+                 "gap": "sequence gaps (counted in the --json summary's gaps; listed by `edgekit history gaps`)"}
 
 
 def alert_lines(alerts: list[Any], new: int) -> list[str]:
     """Return the lines (rich markup) that show the ``new`` newest of ``alerts`` (the monitor's
     :class:`~edge_kit.telemetry.monitor.Alert` objects, oldest first): every alert about a device's state, but at
-    most :data:`MAX_REFUSED_SHOWN` refused messages, the rest counted in one line, so a device flooding the
-    broker with junk cannot scroll an offline or constraint alert off the operator's screen."""
+    most :data:`MAX_REFUSED_SHOWN` refused messages and as many sequence gaps, the rest of each counted in one line, so
+    a device flooding the broker with junk (or numbering its records with gaps) cannot scroll an offline or constraint
+    alert off the operator's screen."""
     fresh = alerts[-new:] if new > 0 else []
     lines = [f"[red]alert[/] {new - len(fresh):,} older alerts not shown (too many)"] if new > len(fresh) else []
-    refused = [a for a in fresh if a.kind == "refused"]
-    first = {id(a) for a in refused[:MAX_REFUSED_SHOWN]}
-    lines += [f"[red]alert[/] {safe(a.text)}" for a in fresh if a.kind != "refused" or id(a) in first]
-    if len(refused) > MAX_REFUSED_SHOWN:
-        lines.append(f"[red]alert[/] {len(refused) - MAX_REFUSED_SHOWN:,} more refused messages (counted in the --json "
-                     "summary's invalid; kept in the history's invalid table)")
+    capped = {kind: [a for a in fresh if a.kind == kind] for kind in CAPPED_ALERTS}
+    first = {id(a) for group in capped.values() for a in group[:MAX_REFUSED_SHOWN]}
+    lines += [f"[red]alert[/] {safe(a.text)}" for a in fresh if a.kind not in CAPPED_ALERTS or id(a) in first]
+    for kind, group in capped.items():
+        if len(group) > MAX_REFUSED_SHOWN:
+            lines.append(f"[red]alert[/] {len(group) - MAX_REFUSED_SHOWN:,} more {CAPPED_ALERTS[kind]}")
     return lines
 
 
@@ -594,7 +599,7 @@ def monitor_cmd(
     s = mon.stats
     if as_json:
         emit_json({"received": s.received, "stored": s.stored, "duplicates": s.duplicates, "invalid": s.invalid,
-                    "gaps": s.gaps, "dropped": s.dropped, "over_budget": s.over_budget,
+                    "gaps": s.gaps, "dropped": s.dropped, "over_budget": s.over_budget, "left_by_revoked": s.left_by_revoked,
                     "over_budget_by_device": dict(sorted(mon.over_budget.items())),
                     "alerts": [vars(a) for a in mon.alerts], "alerts_raised": mon.alerts_raised,
                     "carried_over": mon.carried_over, "carried_over_total": mon.carried_over_total,

@@ -215,18 +215,30 @@ def make_tls(folder: Path, hosts: list[str], days: int = 365) -> BrokerTls:
     return BrokerTls(folder / "ca.pem", folder / "server.pem", folder / "server.key")
 
 
-def build_wall(folder: Path, fleet: str, devices: list[str], hosts: list[str]) -> BrokerWall:
+def build_wall(folder: Path, fleet: str, devices: list[str], hosts: list[str],
+               left_out: set[str] | frozenset[str] = frozenset()) -> BrokerWall:
     """Generate fresh credentials for the operator and each device, the fleet's ACL, and TLS for ``hosts``.
 
+    A device in ``left_out`` (revoked: ``edgekit fleet revoke``) gets no password: its ``secrets/<device>.pass`` is
+    not written, and one left there from before its revocation is removed (a password no broker takes is no use, and
+    a plain one lying about is one more to leak); its file's path stays in ``password_files``, where
+    ``edgekit deploy --new-key`` writes a fresh one when it readmits the device.
+
     Returns:
-        The wall (passwords are also written to ``<folder>/secrets/<user>.pass``, mode 600, folder 700).
+        The wall (passwords are also written to ``<folder>/secrets/<user>.pass``, mode 600, folder 700); ``users``
+        holds no device of ``left_out``.
+
+    Raises:
+        OSError: a file cannot be written or removed.
     """
-    users = {user: secrets.token_urlsafe(24) for user in (OPERATOR_USER, *devices)}
+    users = {user: secrets.token_urlsafe(24) for user in (OPERATOR_USER, *devices) if user not in left_out}
     (folder / "secrets").mkdir(mode=0o700, parents=True, exist_ok=True)  # every plain password: the owner's alone
-    files = {}
-    for user, password in users.items():
-        files[user] = folder / "secrets" / f"{user}.pass"
-        write_private(files[user], (password + "\n").encode())
+    files = {user: folder / "secrets" / f"{user}.pass" for user in (OPERATOR_USER, *devices)}
+    for user, path in files.items():
+        if user in users:
+            write_private(path, (users[user] + "\n").encode())
+        else:
+            path.unlink(missing_ok=True)
     return BrokerWall(users, files, fleet_acl(fleet), make_tls(folder / "tls", hosts))
 
 
@@ -260,7 +272,8 @@ def hardened_conf(folder: Path, port: int = 8883, queued: int = MAX_QUEUED, list
         f"keyfile {folder / 'tls' / 'server.key'}", "tls_version tlsv1.2", "persistence true",
         f"persistence_location {folder / 'data'}/",
         f"# receivers refuse messages over {MAX_PAYLOAD} bytes anyway; {MAX_INFLIGHT} unacknowledged to a client "
-        "(the monitor); a queue per offline client sized for the outage to survive",
+        "(the monitor); a queue per offline client sized for the outage to survive (past it Mosquitto drops what",
+        "# devices publish: lost, recorded by the monitor as sequence gaps and alerted)",
         *broker_limits(queued), "set_tcp_nodelay true", ""])
 
 

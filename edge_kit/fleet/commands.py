@@ -94,6 +94,9 @@ class FleetClient:
         # why the newest refused messages were refused (forged, misaddressed, ...); all are counted
         self.rejected: deque[str] = deque(maxlen=MAX_REJECTED)
         self.rejected_count = 0
+        # messages a revoked device left at the broker (its retained status, its last will), dropped unrefused
+        # (:meth:`~edge_kit.fleet.keys._RegistryKeyring.left_by_revoked`)
+        self.left_by_revoked = 0
         self.acks: dict[str, dict[str, Any]] = {}
         # bench records by (device, msg_id): an ack names a record of the device that sent the ack, never another's
         self.records: OrderedDict[tuple[str, str], dict[str, Any]] = OrderedDict()
@@ -140,6 +143,10 @@ class FleetClient:
     def _on_message(self, _c: Any, _u: Any, message: Any) -> None:
         topic = message_topic(message)  # a topic that is not UTF-8 read strictly would end paho's network thread
         if messages.is_cleared(topic, message.payload):  # a retained message cleared (fleet revoke does): nothing said
+            return
+        if self.keyring.left_by_revoked(topic, message.payload, bool(getattr(message, "retain", False))):
+            with self._cond:  # what a revoked device left at the broker (its last will): neither taken nor refused
+                self.left_by_revoked += 1
             return
         try:
             kind, msg = receive(self.keyring, topic, message.payload, time.time())
@@ -345,7 +352,8 @@ class FleetClient:
 
 def broker_statuses(fleet: Any) -> tuple[dict[str, dict[str, Any]] | None, str]:
     """Return the status each device of ``fleet`` left retained on its broker (verified as that device's;
-    see :meth:`FleetClient.retained_statuses`), or None when the broker was not asked (no device key
+    see :meth:`FleetClient.retained_statuses`; one a revoked device left, its last will, is ignored and counted in the
+    line), or None when the broker was not asked (no device key
     registered yet) or could not be reached (then the states come from the history), and one line saying
     which: the broker, with how many retained statuses were refused, or why it was not asked or reached.
 
@@ -358,11 +366,12 @@ def broker_statuses(fleet: Any) -> tuple[dict[str, dict[str, Any]] | None, str]:
     try:
         with FleetClient.of(fleet, kinds=("status",)) as client:
             found = client.retained_statuses([d.name for d in fleet.devices])
-            refused = client.rejected_count
+            refused, left = client.rejected_count, client.left_by_revoked
     except AgentError as exc:
         return None, f"broker not reached: {exc}"
     return found, (f"broker {fleet.broker.host}:{fleet.broker.port}: {len(found)} retained status(es), verified"
-                   + (f"; {refused} refused (not signed by the device its topic names)" if refused else ""))
+                   + (f"; {refused} refused (not signed by the device its topic names)" if refused else "")
+                   + (f"; {left} left by revoked devices, ignored (their last will)" if left else ""))
 
 
 CLEAR_TIMEOUT_S = 10.0  # the broker's acknowledgement of the clears, at most

@@ -38,6 +38,7 @@ from device_agents.identity import (
 )
 from edge_kit.errors import ConfigError, DeployError, InputError
 from edge_kit.fsutil import atomic_write_text, folder_lock
+from edgekit_protocol import messages
 from edgekit_protocol.errors import MessageError
 from edgekit_protocol.messages import strict_loads
 
@@ -45,6 +46,8 @@ log = logging.getLogger("edgekit.keys")
 _lock = threading.Lock()  # deploys run per device in threads; registry updates are read-modify-write
 
 
+# the kinds a device has the broker retain (its status, its reported state); the operator's desired state is the other
+DEVICE_RETAINED_KINDS = tuple(k for k in messages.RETAINED_KINDS if k not in messages.OPERATOR_KINDS)
 UNKNOWN_REREAD_S = 1.0  # a message from an unregistered device re-reads an unchanged registry at most this often
 
 
@@ -98,6 +101,8 @@ class _RegistryKeyring(Keyring):
         self._revoked: dict[tuple[str, str], str] = {}
         self._revoked_device: dict[str, str] = {}
         self._revoked_entry: dict[str, dict[str, Any]] = {}  # device -> its newest revoked-list entry
+        # device -> (public key, when it was revoked) of each of its revoked keys
+        self._revoked_keys: dict[str, list[tuple[bytes, float]]] = {}
 
     def _file_stamp(self) -> tuple[int, ...] | None:
         """Return what tells one state of the registry and the revoked list from another: each file's inode, size,
@@ -129,6 +134,12 @@ class _RegistryKeyring(Keyring):
         self._revoked = why
         self._revoked_device = {device: text for (device, _), text in why.items()}  # the newest entry wins
         self._revoked_entry = {e["device"]: e for e in revoked}
+        keys: dict[str, list[tuple[bytes, float]]] = {}
+        for e in revoked:  # the list is read strictly (revoked()): each key decodes, each time is a number or absent
+            at = e.get("revoked")
+            keys.setdefault(e["device"], []).append((decode_key(e["key"], str(self._keys.revoked_file)),
+                                                     float(at) if isinstance(at, (int, float)) else float("-inf")))
+        self._revoked_keys = keys
 
     def keys_of(self, signer: str) -> tuple[bytes, ...]:
         """Return the keys that may sign as ``signer``.
@@ -164,6 +175,33 @@ class _RegistryKeyring(Keyring):
         """
         self.keys_of(device)
         return None if device in self.devices else self._revoked_entry.get(device)
+
+    def left_by_revoked(self, topic: str, payload: bytes, retained: bool) -> bool:
+        """Return True when ``payload`` on ``topic`` is what a revoked device left at the broker: a ``status`` or
+        ``reported`` message (the kinds a device has the broker retain) of the device the topic names, which has no
+        trusted key (revoked, none registered since), signed by one of its revoked keys, and either sent as the
+        broker's retained copy (``retained``: what the broker holds, handed to every new subscriber) or dated before
+        that key's revocation: its last will, signed when it connected, which a broker reloaded or restarted after
+        the revocation publishes (retained) as it drops the device's connection. Receivers drop such a message: not
+        stored, not counted as refused, not shown (the device shows as revoked). Anything else of a revoked device
+        (a message signed after its revocation and sent live, a forgery) is no leftover: False, and it is refused as
+        before. Never raises (a registry that cannot be read, a payload that does not decode: False)."""
+        if not topic.endswith(tuple(f"/{k}" for k in DEVICE_RETAINED_KINDS)):  # most messages: a string test, no more
+            return False
+        try:
+            fleet, device, kind = messages.parse_topic(topic)
+            if kind not in DEVICE_RETAINED_KINDS or self.device_revocation(device) is None:
+                return False
+            msg = messages.decode(payload, kind)
+            if msg.get("device") != device or msg.get("fleet") != fleet:
+                return False
+            for public, revoked in self._revoked_keys.get(device, ()):
+                if self._id(public) == msg.get("key_id"):
+                    Keyring({device: public}).verify(msg, device)  # MessageError: not what the device signed
+                    return retained or (messages.in_range(msg.get("ts")) and msg["ts"] < revoked)
+        except Exception:  # noqa: BLE001 - no leftover: the ordinary checks refuse it, saying why
+            return False
+        return False
 
     def verify(self, message: dict[str, Any], signer: str) -> None:
         """Check that ``message`` was signed by ``signer``'s registered key (see :meth:`Keyring.verify`).

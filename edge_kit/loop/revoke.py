@@ -111,7 +111,9 @@ def revoke_device(fleet: Fleet, device: str, reason: str = "", broker_dir: Path 
     the result says what to do at the broker. A device already revoked is revoked again without change (its
     broker user is still removed if it is there). Then what the broker keeps retained for the device (its status and
     reported state, the operator's desired state for it) is cleared (:func:`~edge_kit.fleet.commands.clear_retained`),
-    every time: a broker reloaded since publishes the device's last will, which running this again clears.
+    every time. A broker restarted after this publishes the device's last will (retained) as it goes down; receivers
+    drop it as what a revoked device left (:meth:`~edge_kit.fleet.keys._RegistryKeyring.left_by_revoked`), so no
+    second run is needed (one clears it from the broker).
 
     Returns:
         What was done.

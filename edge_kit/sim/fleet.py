@@ -155,13 +155,13 @@ class SimFleet:
                 state["links"] = links.to_state()
                 self._save(state)
             broker_host = links.host_address if links else "127.0.0.1"
-            wall = None if insecure else build_wall(self.workdir / "broker-wall", FLEET_NAME, [n for n, _ in names],
-                                                      [broker_host])
-            # a device revoked in this folder (`fleet revoke`, kept by `down`) gets no broker user: `deploy --new-key
-            # --devices NAME` adds it back with a fresh password
+            # a device revoked in this folder (`fleet revoke`, kept by `down`) gets no broker user and no password
+            # file: `deploy --new-key --devices NAME` adds it back with a fresh password
             revoked = set(FleetKeys(self.keys_folder).revoked_devices())
+            wall = None if insecure else build_wall(self.workdir / "broker-wall", FLEET_NAME, [n for n, _ in names],
+                                                      [broker_host], left_out=revoked)
             step("starting the MQTT broker")
-            state["broker"] = self._start_broker(embedded_broker, broker_host, wall, revoked)
+            state["broker"] = self._start_broker(embedded_broker, broker_host, wall)
             self._save(state)
             if store is not None:
                 step("starting the artifact store's HTTP server")
@@ -276,16 +276,15 @@ class SimFleet:
         """Return the fleet file's broker settings for ``user`` (the operator, or a device's agent)."""
         return broker_entry(state["broker"]["host"], state["broker"]["port"], wall, user)
 
-    def _start_broker(self, embedded: bool, host: str, wall: BrokerWall | None, left_out: set[str]) -> dict[str, Any]:
-        """Start the broker (Mosquitto with ``wall``'s users but those in ``left_out``, its ACL and TLS; anonymous
-        without a wall; the embedded one when ``embedded``); return what ``sim.json`` records of it.
+    def _start_broker(self, embedded: bool, host: str, wall: BrokerWall | None) -> dict[str, Any]:
+        """Start the broker (Mosquitto with ``wall``'s users, which leave revoked devices out, its ACL and TLS;
+        anonymous without a wall; the embedded one when ``embedded``); return what ``sim.json`` records of it.
 
         Raises:
             EdgeKitError: it did not start (its log is named).
         """
         if not embedded:
-            users = {u: p for u, p in wall.users.items() if u not in left_out} if wall else None
-            broker = MosquittoBroker(self.workdir / "broker", host=host, users=users,
+            broker = MosquittoBroker(self.workdir / "broker", host=host, users=wall.users if wall else None,
                                      acl=wall.acl if wall else None, tls=wall.tls if wall else None).start()
             return {"kind": "mosquitto" + (" (credentials, ACL, TLS)" if wall else " (anonymous, --insecure)"),
                     "host": host, "port": broker.port, "pid": broker.proc.pid, "started": started_at(broker.proc.pid)}

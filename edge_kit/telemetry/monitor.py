@@ -101,13 +101,15 @@ log = logging.getLogger("edgekit.monitor")
 # kinds whose copy the history holds already raise no alert and are not handed on again (see _keep)
 NOT_NEWS_AGAIN = ("status", "shadow")
 STORED_KINDS = KINDS  # the monitor subscribes to what the history keeps
+SEQ_KINDS = tuple(k for k in KINDS if k != "status")  # streams numbered by seq: a number skipped is a record lost
 BATCH = 500
 
 
 @dataclass
 class Alert:
     device: str
-    kind: str  # "offline", "constraints", "silent", "refused" (forged, unsigned, from the future, over budget), "store", "disk", "drift"
+    kind: str  # "offline", "constraints", "silent", "refused" (forged, unsigned, from the future, over budget), "store", "disk", "drift",
+    # "gap" (records a device numbered that never arrived)
     # (the history's alerts table keeps "offline", "constraints", "drift", "disk" as low_disk, "silent" and an
     # over-budget "refused" as over_budget: every alert about a device's state; a refused message is in ``invalid``)
     text: str
@@ -122,6 +124,9 @@ class MonitorStats:
     invalid: int = 0
     gaps: int = 0
     dropped: int = 0  # QoS 0 messages not taken while MAX_QUEUED wait to be checked (devices publish at QoS 1)
+    # what revoked devices left at the broker (their retained status or reported state, their last will): dropped,
+    # neither stored nor refused (Keyring.left_by_revoked)
+    left_by_revoked: int = 0
     # per device of the fleet file: records refused because it was over its ingest budget
     over_budget_by_device: dict[str, int] = field(default_factory=dict)
 
@@ -292,14 +297,20 @@ class Monitor:
     def _on_message(self, _c: Any, _u: Any, m: Any) -> None:
         """Queue ``(topic, payload, receive time, mid to acknowledge or None)``; nothing once stopping, nor an empty
         payload on a retained kind's topic (how MQTT clears a retained message: acknowledged, no message to store;
-        :func:`~edgekit_protocol.messages.is_cleared`: on any other topic it is refused and counted), and a QoS 0
+        :func:`~edgekit_protocol.messages.is_cleared`: on any other topic it is refused and counted), nor what a revoked
+        device left at the broker (acknowledged, counted in ``stats.left_by_revoked``:
+        :meth:`~edge_kit.fleet.keys._RegistryKeyring.left_by_revoked`), and a QoS 0
         message not while :data:`MAX_QUEUED` wait (counted in ``stats.dropped``, alerted once a run). A topic that is
         not UTF-8 is queued with its bad bytes as ``\\xNN`` (it names no device, so it is refused). Never raises:
         paho's network thread calls it."""
         if self._closing.is_set():
             return
         topic = message_topic(m)
-        if messages.is_cleared(topic, m.payload):  # a retained message cleared (`fleet revoke` does): nothing to store
+        # a retained message cleared (`fleet revoke` does), or what a revoked device left at the broker (its last will,
+        # published as a broker reloaded or restarted after `fleet revoke` dropped its connection): nothing to store
+        cleared = messages.is_cleared(topic, m.payload)
+        if cleared or self.keyring.left_by_revoked(topic, m.payload, bool(getattr(m, "retain", False))):
+            self.stats.left_by_revoked += not cleared
             if m.qos:
                 self._ack([m.mid])
             return
@@ -353,6 +364,8 @@ class Monitor:
                 still = {(k, d, sub) for k, d, sub, _ in self.store.open_alert_keys()}
                 for row in self.carried_over:
                     row["still_open"] = (row["kind"], row["device"], row["subject"]) in still
+            if self.persistent and self.share is None:  # a persistent session continues the history: so do the seqs
+                self._seq = self.store.newest_seqs(SEQ_KINDS)
         except HistoryError:
             pass  # the writer meets it too, and says so; the alert states are then what this run sees
         self._seeded = True
@@ -775,16 +788,34 @@ class Monitor:
             self._alert(alert)
 
     def _check_seq(self, kind: str, msg: dict[str, Any]) -> None:
-        if kind == "status":
-            return  # retained and replaced, not a stream
-        key = (msg["device"], kind)
+        """Record and alert a sequence gap when ``msg`` numbers past the device's newest ``seq`` of its kind plus one
+        (this run's, or, for a persistent session, the history's when it started: what the broker dropped while the
+        monitor was down, past its queue limit, is a gap too); return nothing. Raises HistoryError."""
+        if kind not in SEQ_KINDS:
+            return  # a status is retained and replaced, not a stream
+        self._numbered(msg["device"], kind, msg["seq"], msg["seq"] - 1)
+        if kind == "telemetry":  # the newest seq the agent gave its other streams: records lost at their end show now
+            for marked, newest in messages.telemetry_marks(msg).items():
+                self._numbered(msg["device"], marked, newest, newest)
+
+    def _numbered(self, device: str, kind: str, seq: int, before: int) -> None:
+        """Take ``seq`` as ``device``'s newest number of ``kind`` when it is above the one known, recording and
+        alerting as a gap every number from the known one up to ``before`` (``seq - 1`` for a record; ``seq`` itself
+        for a telemetry message's mark of another kind, whose record did not come); return nothing. Raises
+        HistoryError."""
+        key = (device, kind)
         last = self._seq.get(key)
         # while the device is over its budget, what it had refused is recorded as one gap when that ends
-        if last is not None and msg["seq"] > last + 1 and msg["device"] not in self._floods:
+        if last is not None and before > last and device not in self._floods:
             self.stats.gaps += 1
-            self.store.add_gap(msg["device"], kind, last + 1, msg["seq"] - 1)
-        if last is None or msg["seq"] > last:
-            self._seq[key] = msg["seq"]
+            self.store.add_gap(device, kind, last + 1, before)
+            self._alert(Alert(device, "gap", f"{device}: {before - last} {kind} record(s) never arrived (seq "
+                                             f"{last + 1}..{before}), recorded as a sequence gap: lost on the way "
+                                             "to the monitor (dropped by the broker past its queue limit while the "
+                                             "monitor was down, or published while the broker held no session for "
+                                             "it)"))
+        if last is None or seq > last:
+            self._seq[key] = seq
 
     def _check_drift(self, device: str, shadow: dict[str, Any]) -> None:
         """Alert (once per episode) when a ``shadow`` message says the served model's live outputs drift from

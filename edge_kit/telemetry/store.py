@@ -823,6 +823,27 @@ class HistoryStore(abc.ABC):
             out.setdefault(device, []).append((int(sec), int(n)))
         return out
 
+    def newest_seqs(self, kinds: tuple[str, ...]) -> dict[tuple[str, str], int]:
+        """Return the ``seq`` of the newest message the history holds (by receive time, then ``seq``) per device and
+        kind, for each of ``kinds``, as ``{(device, kind): seq}``: where each device's numbering stood when it was
+        last stored (a device whose numbering started again, re-imaged, stands at its new numbers). One query a kind.
+
+        Raises:
+            ValueError: a kind the store does not keep.
+            HistoryError: the history cannot be read.
+        """
+        unknown = [k for k in kinds if k not in KINDS]
+        if unknown:
+            raise ValueError(f"not kinds the history keeps: {', '.join(unknown)}")
+        out: dict[tuple[str, str], int] = {}
+        for kind in kinds:
+            for device, seq in self._rows(f"SELECT t.device, MAX(t.seq) FROM {kind} t JOIN (SELECT device, MAX(ts) AS ts "
+                                          f"FROM {kind} GROUP BY device) l ON t.device = l.device AND t.ts = l.ts "
+                                          "GROUP BY t.device"):
+                if seq is not None:
+                    out[(device, kind)] = int(seq)
+        return out
+
     def _latest(self, table: str) -> dict[str, dict[str, Any]]:
         """Return the newest message of ``table`` per device (by receive time, then ``seq``)."""
         rows = self._rows(f"SELECT t.body FROM {table} t JOIN (SELECT device, MAX(ts) AS ts FROM {table} GROUP BY device) l "

@@ -219,3 +219,15 @@ def test_an_answer_holding_a_nan_is_sent_as_a_refusal_saying_so(agent, monkeypat
     assert ack["error"].startswith("the answer holds a NaN, an infinity or a value with no JSON form (") and ack["error"].endswith("not sent")
     assert agent.spool.pending_commands() == []  # answered: it left the inbox
     assert agent.spool.stats()["unsignable_messages"] == 1  # the answer that could not be signed, counted
+
+
+def test_telemetry_carries_the_newest_seq_given_to_each_marked_stream(agent):
+    """Records the broker dropped at the end of a stream (its queue for the monitor full) were seen only when a later
+    record of the same kind came. The telemetry now says the newest seq given to bench, live and shadow records, so
+    the monitor knows what it should have had."""
+    agent.emit("bench", {"x": 1})
+    agent.emit("bench", {"x": 2})
+    agent.telemetry()
+    (telemetry,) = [m for k, m in _spooled(agent) if k == "telemetry"]
+    assert telemetry["seqs"] == {"bench": 2, "live": 0, "shadow": 0}
+    assert messages.check_body("telemetry", telemetry) == telemetry

@@ -798,3 +798,19 @@ def test_one_devices_fp32_accuracy_does_not_move_its_profiles_accuracy_floor(fle
     assert code == 0, err
     page = (tmp_path / "r.html").read_text()
     assert "min accuracy 0.99 x fp32 = 89.1 %" in page and "x fp32 = 59.4 %" not in page
+
+
+def test_gap_alerts_a_device_can_raise_one_per_record_are_capped_on_the_screen_as_refused_ones_are():
+    """The monitor now alerts every sequence gap; a device numbering its records 1, 3, 5... raises one per record, as
+    junk raises one refusal per message. At most MAX_REFUSED_SHOWN are printed a refresh, the rest counted in one
+    line; a device's offline alert still shows."""
+    from edge_kit.cli.loop import MAX_REFUSED_SHOWN, alert_lines
+    from edge_kit.telemetry.monitor import Alert
+
+    alerts = [Alert("d1", "gap", f"d1: 1 bench record(s) never arrived (seq {2 * i})") for i in range(100)]
+    alerts.insert(50, Alert("d2", "offline", "d2 went offline"))
+    lines = alert_lines(alerts, len(alerts))
+    assert "[red]alert[/] d2 went offline" in lines
+    assert len([ln for ln in lines if "never arrived" in ln]) == MAX_REFUSED_SHOWN
+    assert lines[-1].startswith(f"[red]alert[/] {100 - MAX_REFUSED_SHOWN} more sequence gaps (counted in the --json")
+    assert len(lines) == MAX_REFUSED_SHOWN + 2

@@ -279,3 +279,52 @@ def test_sim_up_after_a_device_was_revoked_leaves_its_broker_user_out_of_the_pas
         simfleet.SimFleet(tmp_path).up(3, ["rpi4"], embedded_broker=False)
     assert sorted(written) == sorted(["operator", names[0], names[2]]), written
     assert simfleet.SimFleet(tmp_path).state() is None  # up() cleaned up after itself
+
+
+def test_sim_up_after_a_device_was_revoked_writes_no_password_file_for_it_and_removes_a_stale_one(tmp_path,
+                                                                                                 monkeypatch):
+    """`sim up` left the revoked device's user out of the broker's passwd but still wrote its plain password to
+    broker-wall/secrets/<device>.pass, a password no broker takes lying about; and the one written before the
+    revocation stayed there too. Now neither is there; the others' are, and the fleet file still names where
+    `deploy --new-key` writes the readmitted device's fresh one."""
+    import yaml
+
+    from device_agents.identity import Signer
+    from edge_kit.errors import EdgeKitError
+    from edge_kit.fleet.keys import FleetKeys
+
+    names = [n for n, _ in simfleet.device_names(3, ["rpi4"])]
+    keys = FleetKeys(tmp_path / "keys")
+    keys.register_many({n: Signer.generate().public for n in names})
+    keys.revoke(names[1], "stolen")
+    secrets = tmp_path / "broker-wall" / "secrets"
+    secrets.mkdir(parents=True, mode=0o700)
+    stale = secrets / f"{names[1]}.pass"
+    stale.write_text("the password it had before it was revoked\n")
+    fleet_files = []
+
+    def start_agents(self, fleet):  # stop once the broker and the fleet file are written
+        fleet_files.append(yaml.safe_load(self.fleet_file.read_text()))
+        raise EdgeKitError("stopped here: the wall is written")
+
+    monkeypatch.setattr(simfleet.SimFleet, "start_agents", start_agents)
+    monkeypatch.setattr(simfleet, "SshEndpoint", _FakeSsh)
+    with pytest.raises(EdgeKitError, match="stopped here"):
+        simfleet.SimFleet(tmp_path).up(3, ["rpi4"], embedded_broker=False)
+    assert not stale.exists()
+    assert sorted(p.name for p in secrets.iterdir()) == sorted(f"{u}.pass" for u in ("operator", names[0], names[2]))
+    revoked_entry = next(d for d in fleet_files[0]["devices"] if d["name"] == names[1])
+    assert revoked_entry["agent_broker"]["password_file"] == str(stale)  # where a readmission writes its new one
+    assert simfleet.SimFleet(tmp_path).state() is None  # up() cleaned up after itself (the broker stopped)
+
+
+class _FakeSsh:
+    """An SSH endpoint as `sim up` uses one, without starting sshd (what matters here is the broker's wall)."""
+
+    def __init__(self, folder, public, **_kw):
+        self.host, self.port, self.host_public, self.kind = "127.0.0.1", 1, "ssh-ed25519 AAAA", "fake"
+        self.proc = subprocess.Popen(["true"])  # a pid that `down` finds ended: it stops no one
+        self.proc.wait()
+
+    def start(self):
+        return self

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import re
 import time
 import urllib.request
 
@@ -806,3 +808,155 @@ def test_a_record_the_history_refuses_costs_its_batch_a_few_transactions_not_one
     assert sorted(r["seq"] for r in store.bench_records("d1")) == [s for s in range(1, 501) if s != 321]
     assert mon.stats.stored == 499 and mon.stats.invalid == 1 == store.count("invalid")
     assert len(calls) <= 2 + 2 * math.ceil(math.log2(500)), calls
+
+
+def test_records_a_full_broker_queue_dropped_while_the_monitor_was_down_are_recorded_as_gaps_and_alerted(tmp_path):
+    """Past Mosquitto's queue limit for the monitor's persistent session (max_queued_messages 50 here, in a
+    mosquitto.conf this test writes) the broker drops what devices publish while the monitor is down, having
+    acknowledged it to the device (whose spool then forgets it: nothing sends it again). The monitor that came back
+    stored the 50 queued and recorded the rest as a gap only once the device's next record arrived, with no alert,
+    and a monitor started again took the first record it got as where the device's numbering stood, so a loss across
+    its restart was never recorded at all. Now the gap is alerted with its exact count, and a persistent monitor
+    starts from the newest seq its history holds: stored + missing = published, and the operator is told."""
+    with small_queues(tmp_path) as (fleet, publisher, _):
+        store = Store(tmp_path / "h.db")
+        mon = Monitor(fleet, store, client_id="small-queue-monitor", persistent=True).start()
+        try:
+            for seq in range(1, 11):  # the monitor runs: 10 records stored
+                send(publisher, "telemetry", telemetry("d1", seq))
+            assert wait_until(lambda: mon.stats.stored == 10, 20), mon.stats
+        finally:
+            mon.stop()
+        for seq in range(11, 211):  # the monitor is down: 200 records, each acknowledged by the broker
+            send(publisher, "telemetry", telemetry("d1", seq))
+        mon = Monitor(fleet, store, client_id="small-queue-monitor", persistent=True).start()
+        try:
+            assert wait_until(lambda: mon.stats.stored >= 50, 20), mon.stats
+            time.sleep(1)  # whatever else the broker held has arrived
+            assert mon.stats.stored == 50, mon.stats  # the broker kept 50 of the 200, dropped the rest
+            send(publisher, "telemetry", telemetry("d1", 211))  # the device's next record
+            assert wait_until(lambda: mon.stats.stored == 51, 20), mon.stats
+        finally:
+            mon.stop()
+        gaps = store._rows("SELECT first_missing, last_missing FROM gaps WHERE device = 'd1' AND kind = 'telemetry'")
+        missing = sum(last - first + 1 for first, last in gaps)
+        assert store.count("telemetry") + missing == 211, (store.count("telemetry"), gaps)
+        assert missing == 150 and mon.stats.gaps == len(gaps), (gaps, mon.stats)
+        alerts = [a for a in mon.alerts if a.kind == "gap"]
+        assert len(alerts) == len(gaps) and all(a.device == "d1" for a in alerts), [vars(a) for a in mon.alerts]
+        assert sum(int(re.search(r"(\d+) telemetry record", a.text).group(1)) for a in alerts) == 150, alerts[0].text
+        # a session the broker no longer holds (lost with its persistence, or a new --client-id): what was published
+        # before it existed was queued for no one; the monitor starts from the history's newest seq and says so
+        for seq in range(212, 222):
+            send(publisher, "telemetry", telemetry("d1", seq))
+        mon = Monitor(fleet, store, client_id="small-queue-monitor-2", persistent=True).start()
+        try:
+            send(publisher, "telemetry", telemetry("d1", 222))
+            assert wait_until(lambda: mon.stats.stored == 1, 20), mon.stats
+        finally:
+            mon.stop()
+        assert (212, 221) in store._rows("SELECT first_missing, last_missing FROM gaps WHERE device = 'd1'")
+        assert [a.text for a in mon.alerts if a.kind == "gap"] == [
+            "d1: 10 telemetry record(s) never arrived (seq 212..221), recorded as a sequence gap: lost on the way to "
+            "the monitor (dropped by the broker past its queue limit while the monitor was down, or published while "
+            "the broker held no session for it)"]
+
+
+def test_records_lost_at_the_end_of_a_stream_are_a_gap_as_soon_as_the_device_s_next_telemetry_arrives(tmp_path):
+    """A gap was seen only when the device's next record of the same kind arrived: bench records the broker dropped
+    while the monitor was down stayed unrecorded until the next benchmark, days later perhaps, or for good. The
+    agent's telemetry now carries the newest seq it gave its bench, live and shadow records (seqs): the device's next
+    telemetry after the monitor is back records the loss, exactly."""
+    with small_queues(tmp_path) as (fleet, publisher, _):
+        store = Store(tmp_path / "h.db")
+        Monitor(fleet, store, client_id="tail-monitor", persistent=True).start().stop()  # its session, queued for
+        for seq in range(1, 201):  # the monitor is down: 200 bench records
+            send(publisher, "bench", bench("d1", seq))
+        mon = Monitor(fleet, store, client_id="tail-monitor", persistent=True).start()
+        try:
+            assert wait_until(lambda: mon.stats.stored >= 50, 20), mon.stats
+            time.sleep(1)
+            assert mon.stats.stored == 50 and mon.stats.gaps == 0, mon.stats  # 150 dropped, no later bench record
+            send(publisher, "telemetry", {**telemetry("d1", 1), "seqs": {"bench": 200, "live": 0, "shadow": 0}})
+            assert wait_until(lambda: mon.stats.stored == 51, 20), mon.stats
+        finally:
+            mon.stop()
+        assert store._rows("SELECT kind, first_missing, last_missing FROM gaps") == [("bench", 51, 200)]
+        assert store.count("bench") + 150 == 200
+        assert [a.text.split(" (")[0] for a in mon.alerts if a.kind == "gap"] == ["d1: 150 bench record(s) never arrived"]
+
+
+def test_a_real_agent_s_records_the_broker_dropped_are_each_stored_or_in_a_recorded_gap(tmp_path, digits_artifacts):
+    """The same with the real agent (telemetry and live figures every 0.05 s): its spool forgets a record once the
+    broker acknowledged it, so what the broker dropped for the monitor's session is not sent again. Every number the
+    agent gave each stream is stored or in a recorded, alerted gap, none in both, up to the newest its last
+    telemetry counts."""
+    from harness import AgentProcess
+
+    with small_queues(tmp_path, devices=("d1", "a1")) as (fleet, _, broker):
+        store = Store(tmp_path / "h.db")
+        mon = Monitor(fleet, store, client_id="agent-queue-monitor", persistent=True).start()
+        agent = AgentProcess(tmp_path, "a1", broker, digits_artifacts, fleet=FLEET, telemetry_interval_s=0.05)
+        fleet.key_store().register("a1", agent.signer.public)
+        agent.start()
+        try:
+            try:
+                assert wait_until(lambda: mon.stats.stored >= 20, 60), mon.stats
+            finally:
+                mon.stop()
+            time.sleep(5)  # the monitor is down: the agent publishes on, far past the 50 the broker queues
+            mon = Monitor(fleet, store, client_id="agent-queue-monitor", persistent=True).start()
+            try:
+                assert wait_until(lambda: mon.stats.gaps >= 1, 30), mon.stats
+                time.sleep(1)
+            finally:
+                mon.stop()
+        finally:
+            agent.stop()
+    marks = messages.telemetry_marks(store.latest_telemetry()["a1"])
+    for kind in ("telemetry", "live"):
+        stored = [seq for (seq,) in store._rows(f"SELECT seq FROM {kind} WHERE device = 'a1'")]
+        gaps = [n for first, last in store._rows("SELECT first_missing, last_missing FROM gaps WHERE device = 'a1' "
+                                                 "AND kind = ?", (kind,)) for n in range(first, last + 1)]
+        assert stored and not set(stored) & set(gaps) and len(set(gaps)) == len(gaps), (kind, stored, gaps)
+        newest = max(stored + gaps)
+        assert sorted(stored + gaps) == list(range(1, newest + 1)), (kind, sorted(stored + gaps))
+        assert newest >= marks.get(kind, 0)
+    lost = sum(int(re.search(r"(\d+) \w+ record", a.text).group(1)) for a in mon.alerts if a.kind == "gap")
+    assert lost == store._rows("SELECT SUM(last_missing - first_missing + 1) FROM gaps")[0][0] > 0
+
+
+@contextlib.contextmanager
+def small_queues(tmp_path, devices=("d1",)):
+    """Yield a fleet (``devices``, d1's key registered) on a real Mosquitto whose mosquitto.conf, written here, queues
+    at most 50 messages for an offline client (max_queued_messages 50), a client publishing as d1, and the broker; all
+    stopped after."""
+    from edge_kit.fleet.broker_setup import MAX_QUEUED
+    from edge_kit.sim.broker import MosquittoBroker
+
+    class SmallQueues(MosquittoBroker):
+        def _config(self):
+            conf = super()._config()
+            text = conf.read_text()
+            assert f"max_queued_messages {MAX_QUEUED}\n" in text
+            conf.write_text(text.replace(f"max_queued_messages {MAX_QUEUED}\n", "max_queued_messages 50\n"))
+            return conf
+
+    broker = SmallQueues(tmp_path / "broker").start()
+    publisher = None
+    try:
+        path = tmp_path / "fleet.yaml"
+        path.write_text(f"fleet: {FLEET}\nbroker: {{host: 127.0.0.1, port: {broker.port}}}\n"
+                        "defaults: {user: edgekit, profile: rpi4}\ndevices:\n"
+                        + "".join(f"  - {{name: {d}, host: 127.0.0.1}}\n" for d in devices))
+        fleet = load_fleet(path)
+        fleet.key_store().register("d1", DEVICE_KEYS["d1"].public)
+        publisher = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="small-queue-d1")
+        publisher.connect(broker.host, broker.port)
+        publisher.loop_start()
+        yield fleet, publisher, broker
+    finally:
+        if publisher is not None:
+            publisher.disconnect()
+            publisher.loop_stop()
+        broker.stop()

@@ -150,3 +150,71 @@ def test_a_revoked_device_is_refused_everywhere_until_deploy_new_key_gives_it_a_
         assert json.loads(out)["state"][dev.name]["state"] == "online", out
     finally:
         mon.stop()
+
+
+def restart_sim_broker(simfleet) -> None:
+    """Stop the simulated fleet's Mosquitto (SIGTERM: it sends the wills of the clients connected and saves its
+    persistence file) and start it again with the same configuration, as `systemctl restart mosquitto` does; its new
+    pid goes to sim.json, so `sim down` stops it."""
+    import subprocess
+
+    from edge_kit.sim.broker import find_mosquitto, wait_port
+    from edge_kit.sim.process import started_at, terminate_pid
+
+    state = simfleet.state()
+    broker = state["broker"]
+    assert terminate_pid(broker["pid"], started=broker["started"])
+    folder = simfleet.workdir / "broker"
+    with open(folder / "mosquitto.out", "ab") as out:
+        proc = subprocess.Popen([find_mosquitto(), "-c", str(folder / "mosquitto.conf")], stdout=out, stderr=out,
+                                start_new_session=True)
+    state["broker"] = {**broker, "pid": proc.pid, "started": started_at(proc.pid)}
+    simfleet._save(state)
+    assert wait_port(broker["host"], broker["port"], 10)
+
+
+def test_the_last_will_a_broker_restart_publishes_for_a_revoked_device_is_dropped_by_every_receiver(sim, run_cli,
+                                                                                                    tmp_path):
+    """A real broker learns of a revocation when its operator reloads or restarts it, after `fleet revoke` cleared the
+    device's retained status. A restart (Mosquitto 2.0 sends every connected client's will as it goes down) published
+    the device's last will, `offline` and retained, signed with the revoked key when it connected: the monitor then
+    refused it at every start (a `refused` alert) and `fleet status` counted it as refused, until `fleet revoke` was
+    run a second time. Now every receiver drops what a revoked device left at the broker: not stored, not refused, not
+    shown."""
+    simfleet, fleet = sim(2)
+    dev, other_dev = fleet.devices
+    ca = simfleet.workdir / "broker-wall" / "tls" / "ca.pem"
+    revoked_key = Signer.load(Path(dev.root) / "identity" / "device.key").key_id
+    store = Store(tmp_path / "h.db")
+    mon = Monitor(fleet, store, client_id="revoke-will-monitor", persistent=True).start()
+    try:
+        assert wait_until(lambda: {dev.name, other_dev.name} <= set(store.latest_status()), 30)
+        # the wall of a real broker: the command rewrites its passwd, and the broker is restarted afterwards
+        code, out, err = run_cli("fleet", "revoke", dev.name, "--fleet", simfleet.fleet_file, "--broker-dir",
+                                 simfleet.workdir / "broker")
+        assert code == 0 and "systemctl reload mosquitto" in out, out + err
+        assert retained(fleet, dev.name, ca) == {}
+        restart_sim_broker(simfleet)
+        will = retained(fleet, dev.name, ca).get("status")  # what the broker published as it went down
+        assert will is not None and json.loads(will)["state"] == "offline" and json.loads(will)["key_id"] == revoked_key
+        # the running monitor reconnects: the will, queued for its session, and the retained copy are dropped
+        assert wait_until(lambda: mon.stats.left_by_revoked >= 1, 30), mon.stats
+        time.sleep(1)
+        assert mon.stats.invalid == 0 and store.refused_messages(limit=10) == [], store.refused_messages(limit=10)
+        assert not [a for a in mon.alerts if a.kind == "refused"], [a.text for a in mon.alerts]
+    finally:
+        mon.stop()
+    fresh = Store(tmp_path / "fresh.db")
+    other = Monitor(fleet, fresh, client_id="revoke-will-fresh").start()
+    try:
+        assert wait_until(lambda: other.stats.left_by_revoked == 1, 15), other.stats
+    finally:
+        other.stop()
+    assert other.stats.invalid == 0 and fresh.refused_messages(limit=10) == []
+    assert list(fresh.latest_status()) == [other_dev.name]  # the other device's retained status; nothing of the revoked
+    code, out, err = run_cli("fleet", "status", "--fleet", simfleet.fleet_file, "--json")
+    assert code == 0, err
+    said = json.loads(out)
+    assert said["state"][dev.name]["state"] == "revoked" and list(said["retained"]) == [other_dev.name], said["retained"]
+    assert "refused" not in said["state_source"] and "1 left by revoked devices, ignored" in said["state_source"], \
+        said["state_source"]

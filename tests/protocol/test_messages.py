@@ -331,3 +331,20 @@ def test_decoding_and_the_canonical_form_build_no_json_coder_per_message(monkeyp
 def test_what_json_loads_refused_the_strict_decoder_refuses(payload):
     with pytest.raises(messages.MessageError):
         messages.decode(payload)
+
+
+@pytest.mark.parametrize("seqs, ok", [(None, True), ({}, True), ({"bench": 200, "live": 0, "shadow": 7}, True),
+                                      ({"bench": -1}, False), ({"bench": 1.5}, False), ({"bench": True}, False),
+                                      ({"status": 3}, False), ({"bench": 10**13}, False), ([1, 2], False)])
+def test_a_telemetry_s_seq_marks_are_optional_whole_numbers_of_the_marked_kinds(seqs, ok):
+    """A telemetry message carries the newest seq its agent gave its bench, live and shadow records, so a receiver
+    sees records lost at the end of a stream; an older agent sends none. Anything else there is refused, naming it."""
+    body = {"conditions": {}, "spool": {}, **({"seqs": seqs} if seqs is not None else {})}
+    msg = {**messages.envelope("telemetry", "f1", "d1", 3, body), **SIGNED}
+    if ok:
+        assert messages.check_body("telemetry", messages.decode(messages.encode(msg), "telemetry")) == msg
+        assert messages.telemetry_marks(msg) == (seqs or {})
+    else:
+        with pytest.raises(messages.MessageError, match="telemetry: seqs is not an object of bench, live, shadow"):
+            messages.check_body("telemetry", msg)
+        assert messages.telemetry_marks(msg) == {}
