@@ -34,6 +34,17 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 # The same goes for typer's help pages.
 COLOR_SYSTEM: Optional[str] = None if os.environ.get("NO_COLOR") else "auto"
 typer.rich_utils.COLOR_SYSTEM = COLOR_SYSTEM
+_option_type = typer.core.TyperOption.display_type_rich
+
+
+def _no_type_for_a_flag(option: typer.core.TyperOption, ctx: Any) -> Optional[str]:
+    """Return what the help's type column shows for ``option``: nothing for a flag (or a counter), which takes no
+    value; else typer's own (``<path>``, ``<int>``, the metavar)."""
+    return None if option.is_flag or option.count else _option_type(option, ctx)
+
+
+# typer 0.29's rich help showed every flag as taking a value (`--json <bool>`, `--help <bool>`); its plain help did not.
+typer.core.TyperOption.display_type_rich = _no_type_for_a_flag  # type: ignore[method-assign]
 # Piped output (CI logs, `| tee`) gets rich's 80 columns, which cut the figures in wide tables.
 out = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 120, color_system=COLOR_SYSTEM)
 err = Console(stderr=True, color_system=COLOR_SYSTEM)

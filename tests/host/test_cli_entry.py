@@ -271,3 +271,35 @@ def test_a_renamed_option_names_its_new_spelling():
     error = json.loads(other.stdout)["error"]  # click may add "(Possible options: ...)" from the options it has
     assert error.startswith("No such option: --no-broker (") and error.endswith("(see `edgekit monitor --help`)")
     assert "history-only" not in error
+
+
+def test_every_commands_help_shows_its_flags_as_plain_flags():
+    """typer 0.29's help showed `--json <bool>`, `--share <bool>`, `--help <bool>`: a value to give, for flags that
+    take none. Every command's help is rendered, and each flag's row holds the flag and then its help text."""
+    import re
+
+    import typer.main
+    from typer.testing import CliRunner
+
+    from edge_kit.cli import compile, fleet, history, loop, rollout  # noqa: F401  (each registers its commands)
+    from edge_kit.cli.app import app
+
+    def commands(group, path):
+        yield path, group
+        for name, cmd in getattr(group, "commands", {}).items():
+            yield from commands(cmd, [*path, name])
+
+    runner = CliRunner()
+    checked = 0
+    for path, cmd in commands(typer.main.get_command(app), []):
+        shown = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "400", "NO_COLOR": "1"}, prog_name="edgekit")
+        assert shown.exit_code == 0, (path, shown.output)
+        rows = [" ".join(line.strip("│ ").split()) for line in shown.output.splitlines()]
+        flags = [(p.opts[0], p.help) for p in cmd.params if getattr(p, "is_flag", False)]
+        for opt, text in [*flags, ("--help", "Show this message and exit.")]:
+            row = next((r for r in rows if r.startswith(opt + " ")), None)
+            assert row is not None, (path, opt)
+            first_words = " ".join(text.split()[:2])
+            assert re.fullmatch(rf"{re.escape(opt)}( -\w)?( --no-[a-z-]+)? {re.escape(first_words)}.*", row), (path, row)
+            checked += 1
+    assert checked > 60  # every command's --help and --json at least
