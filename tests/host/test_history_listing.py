@@ -59,8 +59,8 @@ def test_refused_messages_are_listed_newest_first_by_device_and_time_window(tmp_
     assert "signed by a key that is not dev1's" in text and "3 refused message(s) from" in text
     code, out, _ = run_cli("history", "refused", "--history", history, "--limit", "1")
     assert "the 1 newest: older ones with a larger --limit" in " ".join(out.split())
-    code, out, _ = run_cli("history", "refused", "--history", history, "--device", "nobody")
-    assert code == 0 and "no refused message(s) in" in out
+    code, out, _ = run_cli("history", "refused", "--history", history, "--device", "dev1", "--since", "1m")
+    assert code == 0 and "no refused message(s) in" in out  # a device the history knows, with no row in the window
 
 
 def test_sequence_gaps_are_listed_newest_first_by_device_and_time_window(tmp_path, run_cli):
@@ -75,6 +75,27 @@ def test_sequence_gaps_are_listed_newest_first_by_device_and_time_window(tmp_pat
     code, out, err = run_cli("history", "gaps", "--history", history, "--device", "dev2")
     text = " ".join(out.split())
     assert code == 0 and "dev2 live 1..1 1" in text and "1 sequence gap(s) from" in text, err
+
+
+@pytest.mark.parametrize("command", ["refused", "gaps", "alerts"])
+def test_a_device_neither_the_fleet_file_nor_the_history_knows_is_one_line_exit_2(tmp_path, run_cli, command):
+    """`edgekit history refused --device nosuch` listed nothing, exit 0: a mistyped name read as a device with nothing
+    to show. A device the fleet file names (silent so far) or that any row of the history names is still listed."""
+    history = _history(tmp_path / "edgekit-history.db")
+    (tmp_path / "fleet.yaml").write_text("fleet: f\ndefaults: {user: u, profile: rpi4}\ndevices:\n"
+                                         "  - {name: dev1, host: h}\n  - {name: quiet, host: h}\n")
+    code, out, err = run_cli("history", command, "--fleet", tmp_path / "fleet.yaml", "--device", "dev11", "--json")
+    assert code == 2 and err.count("\n") == 1, err
+    assert json.loads(out)["error"] == (f"--device 'dev11': not a device of {tmp_path / 'fleet.yaml'}, and no row of "
+                                        f"the history {history} names it; did you mean 'dev1'? leave --device out to "
+                                        "list every device's rows")
+    code, out, err = run_cli("history", command, "--history", history, "--device", "nosuch")
+    assert code == 2 and out == "" and err == (f"edgekit: error: --device 'nosuch': no row of the history {history} "
+                                               "names it; check the name; leave --device out to list every device's "
+                                               "rows\n")
+    for known in (["--fleet", tmp_path / "fleet.yaml", "--device", "quiet"], ["--history", history, "--device", "dev2"]):
+        code, out, err = run_cli("history", command, *known, "--json")
+        assert code == 0 and command in json.loads(out), err
 
 
 @pytest.mark.parametrize("option", ["--since", "--until"])
