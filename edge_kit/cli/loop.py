@@ -757,7 +757,7 @@ def report_cmd(
     from edge_kit.fsutil import writable_folder
     from edge_kit.telemetry.report import build_report
 
-    writable_folder(out_file.parent)
+    writable_folder(out_file.parent, file=out_file)
     profiles = None
     if fleet_file is not None:  # each device's profile is the fleet file's, not what its records claim ...
         from edge_kit.errors import EdgeKitError
