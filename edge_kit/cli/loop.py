@@ -498,7 +498,8 @@ def alert_lines(alerts: list[Any], new: int) -> list[str]:
 def monitor_cmd(
     fleet_file: FleetOpt,
     history: HistoryOpt = None,
-    metrics_port: Annotated[Optional[int], typer.Option(min=1, max=65535, help="Serve Prometheus metrics on this port.")] = None,
+    metrics_port: Annotated[Optional[int], typer.Option(min=0, max=65535, help="Serve Prometheus metrics on this port "
+                                                                        "(0: a free one, which is printed).")] = None,
     metrics_addr: Annotated[str, typer.Option(help="Address for the metrics endpoint.")] = "127.0.0.1",
     share: Annotated[Optional[str], typer.Option(help="Join this MQTT 5 shared-subscription group (several workers; "
                                                       "give --workers too).")] = None,
@@ -525,18 +526,19 @@ def monitor_cmd(
     what the devices publish (up to its own limits: max_queued_messages, max_queued_bytes), and the
     next run stores it, so a restart loses nothing; what is still missing shows up as a sequence gap.
     """
+    import sys
     import time as _time
 
     from rich.live import Live
 
     from edge_kit.fleet.inventory import load_fleet
-    from edge_kit.telemetry.metrics import FleetMetrics
+    from edge_kit.telemetry.metrics import FleetMetrics, metrics_url
     from edge_kit.telemetry.monitor import Monitor
 
     fleet = load_fleet(fleet_file)
     db = open_fleet_history(fleet_file, history)
     metrics = FleetMetrics()
-    if metrics_port:  # what the history holds, before what arrives
+    if metrics_port is not None:  # what the history holds, before what arrives
         metrics.seed(db, [d.name for d in fleet.devices])
     if client_id is None:
         import hashlib
@@ -549,7 +551,14 @@ def monitor_cmd(
                   persistent=True, min_free_mb=min_free_mb, budget_rate=budget_rate, budget_burst=budget_burst,
                   workers=workers)
     metrics.watch(mon)
-    server = metrics.serve(metrics_port, metrics_addr) if metrics_port else None
+    server = metrics.serve(metrics_port, metrics_addr) if metrics_port is not None else None
+    served = None if server is None else metrics_url(metrics_addr, server.server_port)
+    if served is not None:  # with --json, stdout holds the summary alone: a script reads the port here as it runs
+        if as_json:
+            sys.stderr.write(f"edgekit: Prometheus metrics at {served}\n")
+            sys.stderr.flush()
+        else:
+            out.print(f"Prometheus metrics at {safe(served)}", highlight=False)
     mon.start()
     end = _time.monotonic() + duration if duration is not None else None
     shown = 0
@@ -580,7 +589,7 @@ def monitor_cmd(
                     "gaps": s.gaps, "dropped": s.dropped, "over_budget": s.over_budget,
                     "over_budget_by_device": dict(sorted(mon.over_budget.items())),
                     "alerts": [vars(a) for a in mon.alerts], "alerts_raised": mon.alerts_raised,
-                   "store": db.where})
+                   "store": db.where, "metrics": served})
     else:
         if not out.is_terminal:  # rich ends its last frame with a newline on a terminal only: a log got "...hardwarestored"
             out.line()
