@@ -133,8 +133,8 @@ def alerts_cmd(fleet_file: ReadFleetOpt = None, history: HistoryOpt = None, devi
                limit: LimitOpt = 20, as_json: JsonOpt = False) -> None:
     """List the alerts the monitor raised (drift, low disk, silence, over budget), newest first.
 
-    Each alert holds over an episode. Each row: when it was raised, when it cleared (or that it holds), device, kind and what the alert said. --since and
-    --until bound when it was raised."""
+    Each alert holds over an episode. Each row: when it was raised, when it cleared (or that it holds), device, kind
+    and what the alert said. --since and --until bound when it was raised."""
     from edge_kit.telemetry.report import local_time
 
     where, rows, filters = _listing("alerts", fleet_file, history, device, since, until, limit,

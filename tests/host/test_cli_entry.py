@@ -274,8 +274,9 @@ def test_a_renamed_option_names_its_new_spelling():
 
 
 def test_every_commands_help_shows_its_flags_as_plain_flags():
-    """typer 0.29's help showed `--json <bool>`, `--share <bool>`, `--help <bool>`: a value to give, for flags that
-    take none. Every command's help is rendered, and each flag's row holds the flag and then its help text."""
+    """typer 0.29's help showed `--json <bool>`, `--open <bool>`, `--help <bool>`: a value to give, for flags that
+    take none; `--profile <list[str]>` for an option given once per value; `Usage: edgekit compile [OPTIONS] {model}`,
+    braces to type. Every command's help is rendered, and each flag's row holds the flag and then its help text."""
     import re
 
     import typer.main
@@ -295,6 +296,9 @@ def test_every_commands_help_shows_its_flags_as_plain_flags():
         shown = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "400", "NO_COLOR": "1"}, prog_name="edgekit")
         assert shown.exit_code == 0, (path, shown.output)
         rows = [" ".join(line.strip("│ ").split()) for line in shown.output.splitlines()]
+        usage = next(r for r in rows if r.startswith("Usage: "))
+        assert re.fullmatch(r"Usage: edgekit[ a-z-]* \[OPTIONS\]( COMMAND \[ARGS\]\.\.\.| [A-Z_]+(\.\.\.)?)*", usage), usage
+        assert "<list[" not in shown.output and "<bool>" not in shown.output, path
         flags = [(p.opts[0], p.help) for p in cmd.params if getattr(p, "is_flag", False)]
         for opt, text in [*flags, ("--help", "Show this message and exit.")]:
             row = next((r for r in rows if r.startswith(opt + " ")), None)
