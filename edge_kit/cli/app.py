@@ -59,11 +59,19 @@ def _usage_name(argument: Any) -> str:
     return name + ("..." if argument.nargs != 1 else "")
 
 
+def _reflowed(paragraphs: list[str], _markup_mode: Any) -> str:
+    """Return a command's description paragraphs (those after its summary) joined by blank lines, each one's line
+    breaks made spaces, so the terminal wraps it (typer 0.29 kept the docstring's breaks: ragged at 80 columns); a
+    paragraph starting with ``\\b`` keeps them (click's mark for a preformatted one)."""
+    return "\n\n".join(p.replace("\b\n", "") if p.startswith("\b") else " ".join(p.split()) for p in paragraphs)
+
+
 # typer 0.29's help showed every flag as taking a value (`--json <bool>`, `--help <bool>`), a repeatable option as
 # taking a list (`--profile <list[str]>`) and a required argument as `{model}`. Set once, as the module is imported.
 for _param in (typer.core.TyperOption, typer.core.TyperArgument):
     _param.display_type_rich = _shown_type(_param.display_type_rich)  # type: ignore[method-assign]
 typer.core.TyperArgument._usage_display_name = _usage_name  # type: ignore[method-assign]
+typer.rich_utils._fix_linebreaks = _reflowed  # and a description's paragraphs as the docstring broke them
 
 # Piped output (CI logs, `| tee`) gets rich's 80 columns, which cut the figures in wide tables.
 out = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 120, color_system=COLOR_SYSTEM)

@@ -297,7 +297,8 @@ def test_every_commands_help_shows_its_flags_as_plain_flags():
         assert shown.exit_code == 0, (path, shown.output)
         rows = [" ".join(line.strip("│ ").split()) for line in shown.output.splitlines()]
         usage = next(r for r in rows if r.startswith("Usage: "))
-        assert re.fullmatch(r"Usage: edgekit[ a-z-]* \[OPTIONS\]( COMMAND \[ARGS\]\.\.\.| [A-Z_]+(\.\.\.)?)*", usage), usage
+        words = r"( COMMAND \[ARGS\]\.\.\.| [A-Z_]{4,}(\.\.\.)?)*"  # an argument is a word: MODEL, ROLLOUT_ID, not RID
+        assert re.fullmatch(r"Usage: edgekit[ a-z-]* \[OPTIONS\]" + words, usage), usage
         assert "<list[" not in shown.output and "<bool>" not in shown.output, path
         flags = [(p.opts[0], p.help) for p in cmd.params if getattr(p, "is_flag", False)]
         for opt, text in [*flags, ("--help", "Show this message and exit.")]:
@@ -307,3 +308,29 @@ def test_every_commands_help_shows_its_flags_as_plain_flags():
             assert re.fullmatch(rf"{re.escape(opt)}( -\w)?( --no-[a-z-]+)? {re.escape(first_words)}.*", row), (path, row)
             checked += 1
     assert checked > 60  # every command's --help and --json at least
+
+
+def test_every_commands_description_is_wrapped_by_the_terminal_not_by_its_docstring():
+    """At 80 columns `edgekit deploy --help` read "(latency against the control" / "devices by a one-sided ...": each
+    docstring line break was kept inside a wrapped paragraph. Every line of a description but a paragraph's last now
+    fills the width."""
+    import typer.main
+    from typer.testing import CliRunner
+
+    from edge_kit.cli import compile, fleet, history, loop, rollout  # noqa: F401  (each registers its commands)
+    from edge_kit.cli.app import app
+
+    def commands(group, path):
+        yield path
+        for name, cmd in getattr(group, "commands", {}).items():
+            yield from commands(cmd, [*path, name])
+
+    ragged = []
+    for path in commands(typer.main.get_command(app), []):
+        shown = CliRunner().invoke(app, [*path, "--help"], env={"COLUMNS": "80", "NO_COLOR": "1"}, prog_name="edgekit")
+        text = shown.output.split("╭")[0].split("\n")
+        lines = [line.strip() for line in text[text.index(next(t for t in text if "Usage:" in t)) + 2:]]
+        for line, after in zip(lines, lines[1:]):
+            if line and after and len(line) < 60:  # a line the paragraph goes on after, that does not fill the width
+                ragged.append(f"edgekit {' '.join(path)}: {line!r}")
+    assert ragged == []
