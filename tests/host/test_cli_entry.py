@@ -273,12 +273,8 @@ def test_a_renamed_option_names_its_new_spelling():
     assert "history-only" not in error
 
 
-def test_every_commands_help_shows_its_flags_as_plain_flags():
-    """typer 0.29's help showed `--json <bool>`, `--open <bool>`, `--help <bool>`: a value to give, for flags that
-    take none; `--profile <list[str]>` for an option given once per value; `Usage: edgekit compile [OPTIONS] {model}`,
-    braces to type. Every command's help is rendered, and each flag's row holds the flag and then its help text."""
-    import re
-
+def _help_pages(columns: int):
+    """Yield (command path, click command, its --help as rendered at ``columns``) for edgekit and every command."""
     import typer.main
     from typer.testing import CliRunner
 
@@ -290,16 +286,26 @@ def test_every_commands_help_shows_its_flags_as_plain_flags():
         for name, cmd in getattr(group, "commands", {}).items():
             yield from commands(cmd, [*path, name])
 
-    runner = CliRunner()
-    checked = 0
     for path, cmd in commands(typer.main.get_command(app), []):
-        shown = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "400", "NO_COLOR": "1"}, prog_name="edgekit")
+        shown = CliRunner().invoke(app, [*path, "--help"], env={"COLUMNS": str(columns), "NO_COLOR": "1"},
+                                   prog_name="edgekit")
         assert shown.exit_code == 0, (path, shown.output)
-        rows = [" ".join(line.strip("│ ").split()) for line in shown.output.splitlines()]
+        yield path, cmd, shown.output
+
+
+def test_every_commands_help_shows_its_flags_as_plain_flags():
+    """typer 0.29's help showed `--json <bool>`, `--open <bool>`, `--help <bool>`: a value to give, for flags that
+    take none; `--profile <list[str]>` for an option given once per value; `Usage: edgekit compile [OPTIONS] {model}`,
+    braces to type. Every command's help is rendered, and each flag's row holds the flag and then its help text."""
+    import re
+
+    checked = 0
+    for path, cmd, output in _help_pages(400):
+        rows = [" ".join(line.strip("│ ").split()) for line in output.splitlines()]
         usage = next(r for r in rows if r.startswith("Usage: "))
         words = r"( COMMAND \[ARGS\]\.\.\.| [A-Z_]{4,}(\.\.\.)?)*"  # an argument is a word: MODEL, ROLLOUT_ID, not RID
         assert re.fullmatch(r"Usage: edgekit[ a-z-]* \[OPTIONS\]" + words, usage), usage
-        assert "<list[" not in shown.output and "<bool>" not in shown.output, path
+        assert "<list[" not in output and "<bool>" not in output, path
         flags = [(p.opts[0], p.help) for p in cmd.params if getattr(p, "is_flag", False)]
         for opt, text in [*flags, ("--help", "Show this message and exit.")]:
             row = next((r for r in rows if r.startswith(opt + " ")), None)
@@ -314,21 +320,9 @@ def test_every_commands_description_is_wrapped_by_the_terminal_not_by_its_docstr
     """At 80 columns `edgekit deploy --help` read "(latency against the control" / "devices by a one-sided ...": each
     docstring line break was kept inside a wrapped paragraph. Every line of a description but a paragraph's last now
     fills the width."""
-    import typer.main
-    from typer.testing import CliRunner
-
-    from edge_kit.cli import compile, fleet, history, loop, rollout  # noqa: F401  (each registers its commands)
-    from edge_kit.cli.app import app
-
-    def commands(group, path):
-        yield path
-        for name, cmd in getattr(group, "commands", {}).items():
-            yield from commands(cmd, [*path, name])
-
     ragged = []
-    for path in commands(typer.main.get_command(app), []):
-        shown = CliRunner().invoke(app, [*path, "--help"], env={"COLUMNS": "80", "NO_COLOR": "1"}, prog_name="edgekit")
-        text = shown.output.split("╭")[0].split("\n")
+    for path, _cmd, output in _help_pages(80):
+        text = output.split("╭")[0].split("\n")
         lines = [line.strip() for line in text[text.index(next(t for t in text if "Usage:" in t)) + 2:]]
         for line, after in zip(lines, lines[1:]):
             if line and after and len(line) < 60:  # a line the paragraph goes on after, that does not fill the width
