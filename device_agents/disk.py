@@ -274,7 +274,7 @@ def read_json(path: Path, limit: int = SMALL_FILE) -> Any:
 
     Raises:
         OSError: it cannot be read (FileNotFoundError: there is none).
-        ValueError: over ``limit``, not UTF-8 JSON, or a NaN, an infinity or a key twice (a MessageError), the path
+        ValueError: over ``limit``, not UTF-8, not JSON, or a NaN, an infinity or a key twice (a MessageError), the path
             named.
     """
     return strict_loads(read_bounded(path, limit), str(path))

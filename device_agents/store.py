@@ -171,8 +171,9 @@ def read_meta(data: str | bytes | None, sha256: str) -> dict[str, Any]:
         meta = strict_loads(data, META)
     except ValueError as exc:  # MessageError is one; cut short or garbled: "unreadable", as ever
         why = str(exc)
-        raise ValueError(UNREADABLE_META if why.startswith((f"{META} is not UTF-8 JSON", f"{META} is nested too deeply"))
-                         else why) from None
+        unreadable = (f"{META} is not UTF-8", f"{META} is not JSON", f"{META} holds an integer too long",
+                      f"{META} is nested too deeply")
+        raise ValueError(UNREADABLE_META if why.startswith(unreadable) else why) from None
     if not isinstance(meta, dict):
         raise ValueError(f"{META} is a JSON {type(meta).__name__}, not an object")
     if meta.get("sha256") != sha256:

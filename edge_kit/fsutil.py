@@ -94,11 +94,13 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def writable_folder(folder: Path, option: str = "--out") -> Path:
+def writable_folder(folder: Path, option: str = "--out", file: Path | None = None) -> Path:
     """Create ``folder`` (with its parents) when missing, check a file can be written in it, and return it.
+    ``file``: the file the option named, to be written in ``folder`` (its parent), which the message then names.
 
     Raises:
-        InputError: it cannot be created or written; the message names it and ``option`` to choose another.
+        InputError: it cannot be created or written; the message names it (or ``file``), the reason (the OSError's
+            strerror) and ``option`` to choose another.
     """
     folder = Path(folder)
     try:
@@ -106,5 +108,8 @@ def writable_folder(folder: Path, option: str = "--out") -> Path:
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".edgekit-write-test-"):
             pass
     except OSError as exc:
-        raise InputError(f"{folder}: output folder is not writable ({exc.strerror or exc}); choose another with {option}") from None
+        why = "a file, not a folder" if isinstance(exc, FileExistsError) else exc.strerror or exc  # mkdir's EEXIST
+        if file is not None:
+            raise InputError(f"{file}: cannot write a file in {folder} ({why}); choose another {option}") from None
+        raise InputError(f"{folder}: output folder is not writable ({why}); choose another with {option}") from None
     return folder

@@ -289,21 +289,31 @@ def strict_loads(data: str | bytes | bytearray | memoryview, what: str = "payloa
     any JSON a sender or the disk hands over (a file an agent wrote may be damaged or edited by hand).
 
     Raises:
-        MessageError: ``data`` is not UTF-8 JSON (a byte order mark, extra data after the value included), nests
-            deeper than the parser goes (``<what> is nested too deeply``), or holds a NaN, an infinity or a key twice
-            in one object; the text starts with ``what`` (what ``data`` is, e.g. a file name).
+        MessageError: ``data`` is not UTF-8 (:func:`not_utf8`), not JSON (``<what> is not JSON (<why> at line L,
+            column C)``: a byte order mark, extra data after the value included), holds an integer too long to read,
+            nests deeper than the parser goes (``<what> is nested too deeply``), or holds a NaN, an infinity or a key
+            twice in one object; the text starts with ``what`` (what ``data`` is, e.g. a file name).
     """
     try:
         text = data if isinstance(data, str) else bytes(data).decode("utf-8")
         if text.startswith("\ufeff"):  # as json.loads: a byte order mark is no JSON
-            raise json.JSONDecodeError("Unexpected UTF-8 BOM", text, 0)
+            raise json.JSONDecodeError("a byte order mark before the value", text, 0)
         return _strict_decoder(what).decode(text)
     except RecursionError:
         raise MessageError(f"{what} is nested too deeply") from None
-    except (UnicodeDecodeError, ValueError) as exc:  # ValueError: also integers of 4,300+ digits
+    except UnicodeDecodeError as exc:
+        raise not_utf8(what, exc) from None
+    except json.JSONDecodeError as exc:
+        raise MessageError(f"{what} is not JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+    except ValueError as exc:  # integers of 4,300+ digits: Python's own limit on reading one
         if isinstance(exc, MessageError):
             raise
-        raise MessageError(f"{what} is not UTF-8 JSON ({type(exc).__name__})") from None
+        raise MessageError(f"{what} holds an integer too long to read ({str(exc).split(':')[0]})") from None
+
+
+def not_utf8(what: str, exc: UnicodeDecodeError) -> MessageError:
+    """Return the error that says ``what`` is not UTF-8, naming the first bad byte's offset and why (``exc``)."""
+    return MessageError(f"{what} is not UTF-8 (byte {exc.start}: {exc.reason})")
 
 
 def _odd_string(value: Any, where: str = "payload") -> str | None:
@@ -346,7 +356,7 @@ def decode(payload: bytes, kind: str | None = None) -> dict[str, Any]:
         The message as a dict.
 
     Raises:
-        MessageError: oversized, not UTF-8 JSON, a NaN or infinity anywhere, a key twice in one object, a NUL or
+        MessageError: oversized, not UTF-8, not JSON, a NaN or infinity anywhere, a key twice in one object, a NUL or
             lone surrogate in any string or key, not an object, objects or lists nested deeper than :data:`MAX_DEPTH`, a missing or
             mistyped envelope field, or a schema that does not match ``kind``.
     """
@@ -354,8 +364,8 @@ def decode(payload: bytes, kind: str | None = None) -> dict[str, Any]:
         raise MessageError(f"payload of {len(payload)} bytes is over the {MAX_PAYLOAD}-byte limit")
     try:
         text = payload.decode("utf-8")
-    except UnicodeDecodeError:
-        raise MessageError("payload is not UTF-8 JSON (UnicodeDecodeError)") from None
+    except UnicodeDecodeError as exc:
+        raise not_utf8("payload", exc) from None
     message = strict_loads(text)
     if not isinstance(message, dict):
         raise MessageError(f"payload is a JSON {type(message).__name__}, expected an object")

@@ -272,7 +272,7 @@ def _parse_header(raw: bytes | memoryview) -> dict[str, Any]:
     """Return the header (a JSON object) of a frame.
 
     Raises:
-        FrameError: it is not UTF-8 JSON, holds a NaN, an infinity or a key twice, is nested too deeply for the
+        FrameError: it is not UTF-8 or not JSON, holds a NaN, an infinity or a key twice, is nested too deeply for the
             parser (a few thousand brackets fit in MAX_HEADER: a bad frame, never the connection's end), or is not
             an object: :func:`edgekit_protocol.messages.strict_loads`'s rule and words.
 

@@ -49,7 +49,10 @@ def main() -> None:
         if said:
             from edgekit_protocol.labels import printable
 
-            fail(printable(said), code, as_json)
+            if code == 0:  # stopped after its result was complete: a note, not an error
+                sys.stderr.write(f"edgekit: {printable(said)}\n")
+            else:
+                fail(printable(said), code, as_json)
         sys.exit(code)
     try:
         import typer

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 import time
 from contextlib import AbstractContextManager, nullcontext
@@ -34,6 +35,44 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 # The same goes for typer's help pages.
 COLOR_SYSTEM: Optional[str] = None if os.environ.get("NO_COLOR") else "auto"
 typer.rich_utils.COLOR_SYSTEM = COLOR_SYSTEM
+
+
+def _shown_type(shown_by_typer: Any) -> Any:
+    """Return the type column of typer's help (``display_type_rich``) made plain: nothing for a flag (or a counter),
+    which takes no value; the element's type for a repeatable option or argument (``<str>``, ``<path>``: each value is
+    given on its own, the help says "repeat"), not ``<list[str]>``, which read as one list to give; else typer's."""
+    def display_type_rich(param: Any, ctx: Any) -> Optional[str]:
+        if getattr(param, "is_flag", False) or getattr(param, "count", False):
+            return None
+        shown = shown_by_typer(param, ctx)
+        element = re.fullmatch(r"<list\[(\w+)\]>", shown or "") if param.metavar is None else None
+        return f"<{element[1].lower()}>" if element else shown
+
+    return display_type_rich
+
+
+def _usage_name(argument: Any) -> str:
+    """Return an argument's name on the usage line as every other tool writes it: ``MODEL`` when required (typer
+    0.29 wrote ``{model}``, braces a user might type), ``[MODEL]`` when not, ``FILES...`` when it takes several."""
+    name = argument.display_name_raw.upper()
+    name = name if argument.required else f"[{name}]"
+    return name + ("..." if argument.nargs != 1 else "")
+
+
+def _reflowed(paragraphs: list[str], _markup_mode: Any) -> str:
+    """Return a command's description paragraphs (those after its summary) joined by blank lines, each one's line
+    breaks made spaces, so the terminal wraps it (typer 0.29 kept the docstring's breaks: ragged at 80 columns); a
+    paragraph starting with ``\\b`` keeps them (click's mark for a preformatted one)."""
+    return "\n\n".join(p.replace("\b\n", "") if p.startswith("\b") else " ".join(p.split()) for p in paragraphs)
+
+
+# typer 0.29's help showed every flag as taking a value (`--json <bool>`, `--help <bool>`), a repeatable option as
+# taking a list (`--profile <list[str]>`) and a required argument as `{model}`. Set once, as the module is imported.
+for _param in (typer.core.TyperOption, typer.core.TyperArgument):
+    _param.display_type_rich = _shown_type(_param.display_type_rich)  # type: ignore[method-assign]
+typer.core.TyperArgument._usage_display_name = _usage_name  # type: ignore[method-assign]
+typer.rich_utils._fix_linebreaks = _reflowed  # and a description's paragraphs as the docstring broke them
+
 # Piped output (CI logs, `| tee`) gets rich's 80 columns, which cut the figures in wide tables.
 out = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 120, color_system=COLOR_SYSTEM)
 err = Console(stderr=True, color_system=COLOR_SYSTEM)

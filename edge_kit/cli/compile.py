@@ -157,7 +157,11 @@ def compile_cmd(
     from device_agents.identity import Signer
     from edge_kit.compiler.pipeline import CompileRequest, compile_model, plan_steps
     from edge_kit.compiler.sources import parse_input_shapes
-    from edge_kit.compiler.watch import interrupts_after_result_ignored, note
+    from edge_kit.compiler.watch import (
+        StoppedAfterResult,
+        interrupts_after_result_stop,
+        note,
+    )
     from edge_kit.errors import InputError
     from edge_kit.profiles import load_profile
 
@@ -172,8 +176,8 @@ def compile_cmd(
     req = CompileRequest(model=model, profiles=profiles, out=out_dir, calib=calib, eval=eval, train=train,
                          epochs=epochs, task=task, task_options=options, metric=metric, decode=decode,
                          input_shapes=parse_input_shapes(input_shape), signer=signer, name=name, timeout=timeout)
-    # a Ctrl-C once the result is written (manifest and all) stops and undoes nothing: the result is reported, exit 0
-    with interrupts_after_result_ignored():
+    # a Ctrl-C once the result is written (manifest and all) undoes nothing: it stops what is left, exit 0
+    with interrupts_after_result_stop() as after_result:
         with progress_bar(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                           TimeElapsedColumn(), as_json=as_json) as bar:
             task = bar.add_task("compiling", total=plan_steps(req))
@@ -185,21 +189,36 @@ def compile_cmd(
 
             manifest = compile_model(req, progress=step)
         target = out_dir / manifest.model["name"]
-        if as_json:
-            sys.stdout.write((target / "manifest.json").read_text())  # as written: signed when --sign-key was given
-        else:
-            table, notes = _compile_report(manifest)
-            out.print(table)
-            for line in notes:
-                out.print(line, highlight=False)
-            out.print(f"wrote {safe(str(target))}/manifest.json" + (f", signed by key {signer.key_id}" if signer else ""))
-        for line in unserved_profiles(manifest):  # stderr, as every warning: --json's stdout stays the manifest alone
-            sys.stderr.write(f"edgekit: warning: {printable(line)}\n")
+        warnings = unserved_profiles(manifest)
+        left = ["manifest.json on stdout (--json)" if as_json else "the result table (manifest.json holds its figures)",
+                *(["the warning that a profile got no variant"] if warnings else [])]
+        try:
+            after_result()
+            _print_result(manifest, target, as_json, signer)
+            left.pop(0)
+            for line in warnings:  # stderr, as every warning: --json's stdout stays the manifest alone
+                sys.stderr.write(f"edgekit: warning: {printable(line)}\n")
+        except StoppedAfterResult:
+            sys.stderr.write(f"edgekit: interrupted once the result was written: {printable(str(target))} is complete "
+                             f"(manifest.json and its variants); skipped {' and '.join(left)}\n")
         failed = [a.id for a in manifest.artifacts if a.status == "failed"]
         if failed:
             sys.stderr.write(f"edgekit: error: {len(failed)} variant(s) failed: {', '.join(failed)} "
                              "(reasons in the table and the manifest; the built ones were written)\n")
             raise typer.Exit(3)
+
+
+def _print_result(manifest: Any, target: Path, as_json: bool, signer: Any) -> None:
+    """Print a compile's result written in ``target``: its manifest.json as written (``--json``: signed when it was),
+    or the variant table, the lines under it and where it was written. Returns nothing."""
+    if as_json:
+        sys.stdout.write((target / "manifest.json").read_text())
+        return
+    table, notes = _compile_report(manifest)
+    out.print(table)
+    for line in notes:
+        out.print(line, highlight=False)
+    out.print(f"wrote {safe(str(target))}/manifest.json" + (f", signed by key {signer.key_id}" if signer else ""))
 
 
 @app.command("sign")

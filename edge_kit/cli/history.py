@@ -35,14 +35,45 @@ LimitOpt = Annotated[int, typer.Option("--limit", min=1, max=100_000, help="The 
 def _listing(kind: str, fleet_file: Path | None, history: str | None, device: str | None, since: str | None,
              until: str | None, limit: int, **more: Any) -> tuple[str, list[dict[str, Any]], dict[str, Any]]:
     """Return (the history's name, its newest ``kind`` rows: ``refused``, ``gaps`` or ``alerts``, the filters as given,
-    with ``since_ts``/``until_ts``); ``more``: the reader's other filters (``holds`` of alerts). Raises InputError
-    (a bad --since/--until, no history) or HistoryError."""
+    with ``since_ts``/``until_ts``); ``more``: the reader's other filters (``holds`` of alerts).
+
+    Raises:
+        InputError: a bad --since/--until, no history, or a --device that is neither in the fleet file nor in any
+            row of the history (a mistyped name must not read as "nothing happened to it").
+        ConfigError: the fleet file, read for its device names, is damaged.
+        HistoryError: the history cannot be read.
+    """
     low, high = time_bound(since, "--since"), time_bound(until, "--until")
     filters = {"device": device, "since": since, "until": until, "since_ts": low, "until_ts": high, "limit": limit,
                **more}
     with open_fleet_history(fleet_file, history, must_exist=True) as db:
         read = {"refused": db.refused_messages, "gaps": db.sequence_gaps, "alerts": db.alerts}[kind]
-        return db.where, read(device=device, since=low, until=high, limit=limit, **more), filters
+        rows = read(device=device, since=low, until=high, limit=limit, **more)
+        if device is not None and not rows and not db.knows_device(device):
+            _unknown_device(device, fleet_file, db.where)
+        return db.where, rows, filters
+
+
+def _unknown_device(device: str, fleet_file: Path | None, where: str) -> None:
+    """Raise InputError for ``--device DEVICE`` when the history holds no row of it, unless the fleet file (when there
+    is one) names it (a device that never spoke: its empty listing is the answer); return None then.
+
+    Raises:
+        InputError: no such device, naming the fleet file's closest name when there is one.
+        ConfigError: the fleet file is damaged.
+    """
+    from edge_kit.config import closest
+    from edge_kit.errors import InputError
+    from edge_kit.fleet.inventory import load_fleet
+
+    names = [d.name for d in load_fleet(fleet_file).devices] if fleet_file is not None and fleet_file.is_file() else []
+    if device in names:
+        return
+    hint = closest(device, names)
+    raise InputError(f"--device {device!r}: " + (f"not a device of {fleet_file}, and " if names else "")
+                     + f"no row of the history {where} names it; "
+                     + (f"did you mean '{hint}'? " if hint else "check the name; ")
+                     + "leave --device out to list every device's rows")
 
 
 def _footer(where: str, rows: list[dict[str, Any]], limit: int, what: str) -> str:

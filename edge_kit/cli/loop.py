@@ -517,7 +517,8 @@ def carried_lines(rows: list[dict[str, Any]], total: int) -> list[str]:
 def monitor_cmd(
     fleet_file: FleetOpt,
     history: HistoryOpt = None,
-    metrics_port: Annotated[Optional[int], typer.Option(min=1, max=65535, help="Serve Prometheus metrics on this port.")] = None,
+    metrics_port: Annotated[Optional[int], typer.Option(min=0, max=65535, help="Serve Prometheus metrics on this port "
+                                                                        "(0: a free one, which is printed).")] = None,
     metrics_addr: Annotated[str, typer.Option(help="Address for the metrics endpoint.")] = "127.0.0.1",
     share: Annotated[Optional[str], typer.Option(help="Join this MQTT 5 shared-subscription group (several workers; "
                                                       "give --workers too).")] = None,
@@ -544,18 +545,19 @@ def monitor_cmd(
     what the devices publish (up to its own limits: max_queued_messages, max_queued_bytes), and the
     next run stores it, so a restart loses nothing; what is still missing shows up as a sequence gap.
     """
+    import sys
     import time as _time
 
     from rich.live import Live
 
     from edge_kit.fleet.inventory import load_fleet
-    from edge_kit.telemetry.metrics import FleetMetrics
+    from edge_kit.telemetry.metrics import FleetMetrics, metrics_url
     from edge_kit.telemetry.monitor import Monitor
 
     fleet = load_fleet(fleet_file)
     db = open_fleet_history(fleet_file, history)
     metrics = FleetMetrics()
-    if metrics_port:  # what the history holds, before what arrives
+    if metrics_port is not None:  # what the history holds, before what arrives
         metrics.seed(db, [d.name for d in fleet.devices])
     if client_id is None:
         import hashlib
@@ -568,7 +570,14 @@ def monitor_cmd(
                   persistent=True, min_free_mb=min_free_mb, budget_rate=budget_rate, budget_burst=budget_burst,
                   workers=workers)
     metrics.watch(mon)
-    server = metrics.serve(metrics_port, metrics_addr) if metrics_port else None
+    server = metrics.serve(metrics_port, metrics_addr) if metrics_port is not None else None
+    served = None if server is None else metrics_url(metrics_addr, server.server_port)
+    if served is not None:  # with --json, stdout holds the summary alone: a script reads the port here as it runs
+        if as_json:
+            sys.stderr.write(f"edgekit: Prometheus metrics at {served}\n")
+            sys.stderr.flush()
+        else:
+            out.print(f"Prometheus metrics at {safe(served)}", highlight=False)
     mon.start()
     if not as_json:  # what an earlier run raised and may never have shown (it died first): shown, marked, once
         for line in carried_lines(mon.carried_over, mon.carried_over_total):
@@ -603,7 +612,7 @@ def monitor_cmd(
                     "over_budget_by_device": dict(sorted(mon.over_budget.items())),
                     "alerts": [vars(a) for a in mon.alerts], "alerts_raised": mon.alerts_raised,
                     "carried_over": mon.carried_over, "carried_over_total": mon.carried_over_total,
-                   "store": db.where})
+                   "store": db.where, "metrics": served})
     else:
         if not out.is_terminal:  # rich ends its last frame with a newline on a terminal only: a log got "...hardwarestored"
             out.line()
@@ -780,7 +789,7 @@ def report_cmd(
     from edge_kit.fsutil import writable_folder
     from edge_kit.telemetry.report import build_report
 
-    writable_folder(out_file.parent)
+    writable_folder(out_file.parent, file=out_file)
     profiles = None
     if fleet_file is not None:  # each device's profile is the fleet file's, not what its records claim ...
         from edge_kit.errors import EdgeKitError

@@ -240,16 +240,16 @@ def _files(plan: dict[str, Any]) -> dict[str, int]:
 
 
 @rollout_app.command("resume")
-def resume_cmd(fleet_file: FleetOpt, rid: IdArg, history: HistoryOpt = None, as_json: JsonOpt = False) -> None:
+def resume_cmd(fleet_file: FleetOpt, rollout_id: IdArg, history: HistoryOpt = None, as_json: JsonOpt = False) -> None:
     """Go on with a rollout that stopped with its host (its plan and device states are in the history)."""
-    summary = _drive(fleet_file, _history(fleet_file, history, writes=True), rid, as_json)
+    summary = _drive(fleet_file, _history(fleet_file, history, writes=True), rollout_id, as_json)
     emit_json(summary) if as_json else _print(summary)
     _exit(summary)
 
 
 @rollout_app.command("abort")
 def abort_cmd(
-    fleet_file: FleetOpt, rid: IdArg, history: HistoryOpt = None,
+    fleet_file: FleetOpt, rollout_id: IdArg, history: HistoryOpt = None,
     wait: Annotated[float, typer.Option(**bounded("Seconds to wait for the devices sent back "
                                                   "to confirm.", 0, WAIT_MAX_S))] = 120.0,
     as_json: JsonOpt = False,
@@ -265,7 +265,7 @@ def abort_cmd(
 
     db = _history(fleet_file, history, writes=True)
     fleet = load_fleet(fleet_file)
-    summary = Rollout(db, rid, lambda cb: FleetClient.of(fleet, kinds=("reported",), on_reported=cb)).abort(wait_s=wait)
+    summary = Rollout(db, rollout_id, lambda cb: FleetClient.of(fleet, kinds=("reported",), on_reported=cb)).abort(wait_s=wait)
     if as_json:
         emit_json(summary)
     else:
@@ -276,7 +276,7 @@ def abort_cmd(
 
 @rollout_app.command("status")
 def status_cmd(
-    fleet_file: FleetOpt, rid: IdArg, history: HistoryOpt = None,
+    fleet_file: FleetOpt, rollout_id: IdArg, history: HistoryOpt = None,
     refresh: Annotated[bool, typer.Option("--refresh", help="Also read the devices' retained reported states from the broker "
                                                "(devices that converged after the rollout's host stopped).")] = False,
     as_json: JsonOpt = False,
@@ -287,10 +287,10 @@ def status_cmd(
     from edge_kit.loop.waves import Rollout, UnknownRollout
 
     db = _history(fleet_file, history)
-    record = db.rollout(rid)
+    record = db.rollout(rollout_id)
     if record is None:
-        raise UnknownRollout(rid)
-    view = Rollout(db, rid, connect=lambda cb: FleetClient.of(load_fleet(fleet_file), kinds=("reported",), on_reported=cb))
+        raise UnknownRollout(rollout_id)
+    view = Rollout(db, rollout_id, connect=lambda cb: FleetClient.of(load_fleet(fleet_file), kinds=("reported",), on_reported=cb))
     summary = view.status(record, refresh=refresh)
     emit_json(summary) if as_json else _print(summary)
 

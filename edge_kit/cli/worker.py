@@ -75,7 +75,8 @@ def run_worker(argv: list[str]) -> tuple[int, str | None]:
         of a signal, ``3`` and which signal at which step; when a step ran past its deadline, ``2`` (as a run of the
         model over the data that does not finish in time) and which step, what to do. Either line says what was
         cleaned up. Ctrl-C: ``(130, None)`` when the worker stopped on its own (it said so), ``(130, line)`` when it
-        had to be stopped.
+        had to be stopped; ``(0, line)`` when it had to be stopped after its result was written (complete: the line
+        says so, for the caller to print as a note, not an error).
 
     Raises:
         OSError: the worker could not be started.
@@ -123,6 +124,11 @@ def run_worker(argv: list[str]) -> tuple[int, str | None]:
         shutil.rmtree(scratch, ignore_errors=True)
     model = said.get("model") or "edgekit compile"
     step = said.get("step") or "starting"
+    if stopped_after_interrupt and said.get("published"):  # its result was complete: what it still did is skipped
+        _cleaned(said)
+        return 0, (f"interrupted once the result was written: {said['published']} is complete (manifest.json and its "
+                   f"variants); the compile did not stop on its own within {INTERRUPT_GRACE_S:g} s of Ctrl-C, so it "
+                   "was stopped, skipping what it still had to print")
     if stopped_after_interrupt:
         return 130, (f"interrupted: {model} did not stop on its own within {INTERRUPT_GRACE_S:g} s of Ctrl-C while "
                      f"{step!r}, so it was stopped; {_cleaned(said)}")

@@ -861,7 +861,7 @@ def _publish(target: Path, plans: dict[str, _Plan], manifest: Manifest, extra: d
                 if old is not None:
                     os.replace(old, target)  # put the previous complete result back
                 raise
-            note(published=True)
+            note(published=str(target))  # truthy: where the complete result is
             result_written(True)
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)

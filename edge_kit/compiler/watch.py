@@ -145,23 +145,43 @@ def interrupts_held() -> Iterator[None]:
         raise KeyboardInterrupt
 
 
+class StoppedAfterResult(BaseException):
+    """The first Ctrl-C once the compile's result is in place (:func:`interrupts_after_result_stop`): the work left
+    (printing the result table, its warnings) is skipped; the result is complete. A BaseException, as
+    KeyboardInterrupt: no ``except Exception`` in the work it stops takes it for a failure of its own."""
+
+
 @contextmanager
-def interrupts_after_result_ignored() -> Iterator[None]:
+def interrupts_after_result_stop() -> Iterator[Callable[[], None]]:
     """While the block runs, Ctrl-C (SIGINT) raises KeyboardInterrupt as usual until the compile's result is written
-    (:func:`result_written`), and the first one afterwards is ignored: there is nothing left to stop or undo, so
-    `edgekit compile` reports its result and exits 0. A second one raises: whatever the compile still does then
-    (printing its table to a terminal that stopped reading) can always be stopped. The previous handler is back
-    after the block. Outside the main thread the block just runs."""
-    ignored: list[int] = []
+    (:func:`result_written`). The first one afterwards stops the work left, which nothing needs undone: once the block
+    has called the function this yields (its work after the result begins), it raises :class:`StoppedAfterResult`;
+    one that came before (the compile was returning) is raised by that call. A second one raises KeyboardInterrupt:
+    a compile stuck in its report can always be stopped. The previous handler is back after the block. Outside the
+    main thread the block just runs, and the call raises nothing.
+
+    Yields:
+        The function that marks the start of the work after the result (raises StoppedAfterResult for a Ctrl-C that
+        came since the result was written).
+    """
+    came: list[int] = []
+    after: list[bool] = []
 
     def on_sigint(signum: int, _frame: Any) -> None:
-        if not result_written() or ignored:
+        if not result_written() or came:
             raise KeyboardInterrupt
-        ignored.append(signum)
+        came.append(signum)
+        if after:
+            raise StoppedAfterResult
+
+    def begin_after_result() -> None:
+        after.append(True)
+        if came:
+            raise StoppedAfterResult
 
     previous = _set_sigint(on_sigint)
     try:
-        yield
+        yield begin_after_result
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)

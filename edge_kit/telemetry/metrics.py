@@ -220,7 +220,8 @@ class FleetMetrics:
         self.registry.register(_Counters())
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> Any:
-        """Serve ``/metrics`` on ``addr:port``; return the server (``shutdown()`` stops it).
+        """Serve ``/metrics`` on ``addr:port`` (port 0: a free one); return the server (``shutdown()`` stops it;
+        ``server_port`` is the port it bound).
 
         Raises:
             InputError: the address cannot be bound (in use, not this host's, or not an address).
@@ -231,6 +232,12 @@ class FleetMetrics:
             raise InputError(f"--metrics-addr {addr} --metrics-port {port}: cannot serve /metrics there "
                              f"({getattr(exc, 'strerror', None) or exc}); choose a free port or another address") from None
         return server
+
+
+def metrics_url(addr: str, port: int) -> str:
+    """Return the URL of ``/metrics`` served on ``addr:port`` (an IPv6 address in brackets)."""
+    host = f"[{addr}]" if ":" in addr else addr
+    return f"http://{host}:{port}/metrics"
 
 
 def _number(value: Any, minimum: float | None = None) -> float | None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import html
 import math
+import stat
 import statistics
 import time
 from collections import defaultdict
@@ -497,7 +498,17 @@ def _alerts_table(store: HistoryStore) -> tuple[str, int]:
 
 def _check_replaceable(out: Path) -> None:
     """Raise InputError when ``out`` is an existing file that is not an HTML page (``--out`` naming the history
-    database or the fleet file would have replaced it with the report); return nothing otherwise."""
+    database or the fleet file would have replaced it with the report), or something other than a file (a folder, a
+    device such as /dev/null, which the report's rename would have replaced for a root user, a FIFO, which reading
+    would have waited on forever); return nothing otherwise."""
+    try:
+        mode = out.stat().st_mode
+    except OSError:
+        mode = None  # nothing there (or nothing this user may look at): the write says why
+    if mode is not None and not stat.S_ISREG(mode):
+        if stat.S_ISDIR(mode):
+            raise InputError(f"{out}: a folder; give --out the report's file, e.g. {out / 'report.html'}")
+        raise InputError(f"{out}: not a regular file (a device, a FIFO or a socket); choose another --out")
     try:
         with open(out, "rb") as f:
             head = f.read(64).lstrip().lower()

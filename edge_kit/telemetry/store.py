@@ -738,6 +738,14 @@ class HistoryStore(abc.ABC):
         rows = self._rows(f"SELECT COUNT(*) FROM {table}")
         return rows[0][0] if rows else 0  # no row: a database without tables, read as an empty history
 
+    def knows_device(self, device: str) -> bool:
+        """Return whether any table of the history holds a row of ``device``: a record, a decision, a refused message
+        its topic names, a sequence gap, an alert or a rollout's entry (a table an older schema lacks, or that lacks
+        its ``device`` column, holds none). Raises HistoryError."""
+        return any("device" in self._columns(table)
+                   and self._rows(f"SELECT 1 FROM {table} WHERE device = ? LIMIT 1", (device,))
+                   for table in TABLES if table != "rollouts")
+
     def latest_bench(self, device: str | None = None) -> dict[tuple[str, str], dict[str, Any]]:
         """Return the newest bench record per ``(device, sha256)`` (of one device, or all). Raises HistoryError."""
         return {key: records[0] for key, records in self.recent_bench(device, keep=1).items()}

@@ -271,3 +271,60 @@ def test_a_renamed_option_names_its_new_spelling():
     error = json.loads(other.stdout)["error"]  # click may add "(Possible options: ...)" from the options it has
     assert error.startswith("No such option: --no-broker (") and error.endswith("(see `edgekit monitor --help`)")
     assert "history-only" not in error
+
+
+def _help_pages(columns: int):
+    """Yield (command path, click command, its --help as rendered at ``columns``) for edgekit and every command."""
+    import typer.main
+    from typer.testing import CliRunner
+
+    from edge_kit.cli import compile, fleet, history, loop, rollout  # noqa: F401  (each registers its commands)
+    from edge_kit.cli.app import app
+
+    def commands(group, path):
+        yield path, group
+        for name, cmd in getattr(group, "commands", {}).items():
+            yield from commands(cmd, [*path, name])
+
+    for path, cmd in commands(typer.main.get_command(app), []):
+        shown = CliRunner().invoke(app, [*path, "--help"], env={"COLUMNS": str(columns), "NO_COLOR": "1"},
+                                   prog_name="edgekit")
+        assert shown.exit_code == 0, (path, shown.output)
+        yield path, cmd, shown.output
+
+
+def test_every_commands_help_shows_its_flags_as_plain_flags():
+    """typer 0.29's help showed `--json <bool>`, `--open <bool>`, `--help <bool>`: a value to give, for flags that
+    take none; `--profile <list[str]>` for an option given once per value; `Usage: edgekit compile [OPTIONS] {model}`,
+    braces to type. Every command's help is rendered, and each flag's row holds the flag and then its help text."""
+    import re
+
+    checked = 0
+    for path, cmd, output in _help_pages(400):
+        rows = [" ".join(line.strip("│ ").split()) for line in output.splitlines()]
+        usage = next(r for r in rows if r.startswith("Usage: "))
+        words = r"( COMMAND \[ARGS\]\.\.\.| [A-Z_]{4,}(\.\.\.)?)*"  # an argument is a word: MODEL, ROLLOUT_ID, not RID
+        assert re.fullmatch(r"Usage: edgekit[ a-z-]* \[OPTIONS\]" + words, usage), usage
+        assert "<list[" not in output and "<bool>" not in output, path
+        flags = [(p.opts[0], p.help) for p in cmd.params if getattr(p, "is_flag", False)]
+        for opt, text in [*flags, ("--help", "Show this message and exit.")]:
+            row = next((r for r in rows if r.startswith(opt + " ")), None)
+            assert row is not None, (path, opt)
+            first_words = " ".join(text.split()[:2])
+            assert re.fullmatch(rf"{re.escape(opt)}( -\w)?( --no-[a-z-]+)? {re.escape(first_words)}.*", row), (path, row)
+            checked += 1
+    assert checked > 60  # every command's --help and --json at least
+
+
+def test_every_commands_description_is_wrapped_by_the_terminal_not_by_its_docstring():
+    """At 80 columns `edgekit deploy --help` read "(latency against the control" / "devices by a one-sided ...": each
+    docstring line break was kept inside a wrapped paragraph. Every line of a description but a paragraph's last now
+    fills the width."""
+    ragged = []
+    for path, _cmd, output in _help_pages(80):
+        text = output.split("╭")[0].split("\n")
+        lines = [line.strip() for line in text[text.index(next(t for t in text if "Usage:" in t)) + 2:]]
+        for line, after in zip(lines, lines[1:]):
+            if line and after and len(line) < 60:  # a line the paragraph goes on after, that does not fill the width
+                ragged.append(f"edgekit {' '.join(path)}: {line!r}")
+    assert ragged == []

@@ -274,13 +274,45 @@ def test_an_output_folder_that_cannot_be_written_is_one_line_naming_it(tmp_path,
     Store(history).close()
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    for args in (["report", "--history", history, "--out", blocker / "r.html"], ["example", "digits", "--out", blocker / "ex"]):
-        code, out, err = run_cli(*args, "--json")
-        assert code == 2, err
-        error = json.loads(out)["error"]
-        assert error.startswith(f"{blocker}") and ": output folder is not writable (" in error
-        assert error.endswith("); choose another with --out")
-        assert err.count("\n") == 1 and "Traceback" not in err
+    code, out, err = run_cli("example", "digits", "--out", blocker / "ex", "--json")
+    assert code == 2, err
+    error = json.loads(out)["error"]
+    assert error.startswith(f"{blocker}") and ": output folder is not writable (" in error
+    assert error.endswith("); choose another with --out")
+    assert err.count("\n") == 1 and "Traceback" not in err
+    code, out, err = run_cli("report", "--history", history, "--out", blocker / "r.html", "--json")
+    assert code == 2 and err.count("\n") == 1, err
+    assert json.loads(out)["error"] == (f"{blocker / 'r.html'}: cannot write a file in {blocker} (a file, not a folder); "
+                                        "choose another --out")
+
+
+def test_a_report_out_that_cannot_take_a_file_is_one_line_naming_it_and_why(tmp_path, run_cli, monkeypatch):
+    """`report --out /proc/x.html` said "/proc: output folder is not writable (No such file or directory)", of a
+    folder that is there; `--out` naming a socket, a device or a FIFO was replaced by the report (/dev/null too, for
+    root) or waited on forever. Each is one line naming the path and why, exit 2, and nothing is written."""
+    import socket
+
+    from edge_kit.telemetry.store import Store
+
+    history = tmp_path / "history.db"
+    Store(history).close()
+    code, out, err = run_cli("report", "--history", history, "--out", "/proc/x.html", "--json")
+    assert code == 2 and err.count("\n") == 1, err
+    error = json.loads(out)["error"]
+    assert error.startswith("/proc/x.html: cannot write a file in /proc (") and error.endswith("); choose another --out")
+    assert "()" not in error  # the OSError's reason is said
+    monkeypatch.chdir(tmp_path)  # a socket's path is short
+    with socket.socket(socket.AF_UNIX) as listening:
+        listening.bind("s.html")
+        code, out, err = run_cli("report", "--history", history, "--out", "s.html", "--json")
+        assert code == 2 and err.count("\n") == 1, err
+        assert json.loads(out)["error"] == ("s.html: not a regular file (a device, a FIFO or a socket); choose another "
+                                            "--out")
+        assert (tmp_path / "s.html").is_socket()
+    code, out, err = run_cli("report", "--history", history, "--out", tmp_path, "--json")
+    assert code == 2 and json.loads(out)["error"] == (f"{tmp_path}: a folder; give --out the report's file, e.g. "
+                                                      f"{tmp_path / 'report.html'}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["history.db", "s.html"]  # nothing half-written
 
 
 @pytest.mark.parametrize("command", [["report", "--out", "{tmp}/r.html"], ["rollout", "list"],

@@ -1,8 +1,8 @@
 """Ctrl-C at the end of ``edgekit compile``: once the new result (manifest and all) is in place, there is nothing to
-stop or undo, so the compile reports it and exits 0, saying nothing of the interrupt; before, it prints no result
-table, exits 130 and leaves the previous result as it was. The signal is sent, a real SIGINT to this process, from a
-hook at the moment in question (monkeypatch), not after a delay. A one-layer ``.tflite`` and its ``fp32`` variant
-only: each compile takes seconds."""
+undo, so the first Ctrl-C stops what is left (the table) and the compile exits 0, saying the result is complete and
+what it skipped; before, it prints no result table, exits 130 and leaves the previous result as it was. The signal
+is sent, a real SIGINT to this process, from a hook at the moment in question (monkeypatch). A one-layer ``.tflite``
+and its ``fp32`` variant only: each compile takes seconds."""
 
 from __future__ import annotations
 
@@ -29,21 +29,41 @@ def ctrl_c() -> None:
     os.kill(os.getpid(), signal.SIGINT)
 
 
-def test_ctrl_c_as_the_result_table_is_printed_exits_0(tmp_path, run_cli, monkeypatch):
-    """The new-user walkthrough: a Ctrl-C landing as the compile printed its table gave the whole success table and
-    then "interrupted; nothing was half-written", exit 130, for a result written in full."""
+def _slow_report(monkeypatch, interrupts: int) -> list:
+    """Make the result table take a minute (work after the result is written), with ``interrupts`` Ctrl-C sent from
+    0.2 s into it; return the list that says whether that minute ran out (True) or was stopped (nothing in it)."""
+    import threading
+    import time
+
     from edge_kit.cli import compile as compile_cli
 
-    report = compile_cli._compile_report
+    ran_out = []
 
-    def interrupted_report(manifest):
-        ctrl_c()
-        return report(manifest)
+    def slow_report(manifest):
+        for i in range(interrupts):
+            threading.Timer(0.2 + 0.3 * i, ctrl_c).start()
+        time.sleep(60)
+        ran_out.append(True)
+        return compile_cli._compile_report.__wrapped__(manifest)
 
-    monkeypatch.setattr(compile_cli, "_compile_report", interrupted_report)
+    slow_report.__wrapped__ = compile_cli._compile_report
+    monkeypatch.setattr(compile_cli, "_compile_report", slow_report)
+    return ran_out
+
+
+def test_ctrl_c_once_the_result_is_written_stops_what_is_left_and_exits_0_saying_so(tmp_path, run_cli, monkeypatch):
+    """A compile whose work after its result (here its table) took over 10 s ignored the first Ctrl-C and, stopped by
+    the edgekit process 10 s later, exited 130 for a result written in full. The first Ctrl-C after the result now
+    stops what is left at once: exit 0, one line saying the result is complete and what was skipped."""
+    import time
+
+    ran_out = _slow_report(monkeypatch, interrupts=1)
+    started = time.monotonic()
     code, out, err = run_cli(*compile_args(tmp_path))
-    assert code == 0, err
-    assert "interrupted" not in err and "fp32" in out and "/manifest.json" in out
+    assert code == 0 and time.monotonic() - started < 30 and not ran_out, err
+    assert out == "" and err == (f"edgekit: interrupted once the result was written: {tmp_path / 'out' / 'dense'} is "
+                                 "complete (manifest.json and its variants); skipped the result table (manifest.json "
+                                 "holds its figures)\n")
     assert json.loads((tmp_path / "out" / "dense" / "manifest.json").read_text())["artifacts"][0]["status"] == "built"
 
 

@@ -212,7 +212,7 @@ def test_the_result_swap_is_noted_and_a_worker_ended_inside_it_is_finished_or_un
     monkeypatch.setattr(Manifest, "to_json", lambda self, signer=None: "new", raising=False)
     _publish(out, {}, manifest, {"eval.npz": b"x"})
     said = _notes(notes)
-    assert said["published"] is True and (out / "manifest.json").read_text() == "new"
+    assert said["published"] == str(out) and (out / "manifest.json").read_text() == "new"
     assert Path(said["staging"]).parent == Path(said["old"]).parent == tmp_path and not Path(said["old"]).exists()
 
     # ended after the swap, before the previous result was removed: it is removed, the new one stays
@@ -247,10 +247,11 @@ def test_a_noted_folder_that_is_not_the_swaps_own_is_never_moved_or_removed(tmp_
     assert not out.exists()
 
 
-def test_after_the_result_is_written_a_first_ctrl_c_is_ignored_and_a_second_one_stops(monkeypatch):
-    """Once the result is in place the first Ctrl-C changes nothing (the compile reports it, exit 0); but every later
-    one was ignored too, so a compile stuck after its result (its table printed to a terminal that stopped reading)
-    could not be stopped from the keyboard. Now a second Ctrl-C raises."""
+def test_after_the_result_is_written_a_first_ctrl_c_stops_what_is_left_and_a_second_one_interrupts(monkeypatch):
+    """Once the result is in place the first Ctrl-C was ignored: the compile went on with its table however long it
+    took, and was stopped 10 s later by the edgekit process, exit 130. Now it stops the work after the result
+    (StoppedAfterResult: the command says the result is complete, exit 0), raised when that work begins if it came
+    while the compile was returning; a second one raises KeyboardInterrupt."""
     import os
     import signal
 
@@ -259,10 +260,47 @@ def test_after_the_result_is_written_a_first_ctrl_c_is_ignored_and_a_second_one_
     from edge_kit.compiler import watch
 
     monkeypatch.setattr(watch, "_written", [False])
-    with watch.interrupts_after_result_ignored():
+    with watch.interrupts_after_result_stop() as after_result:
         with pytest.raises(KeyboardInterrupt):  # before the result: stops, as always
             os.kill(os.getpid(), signal.SIGINT)
         watch.result_written(True)
-        os.kill(os.getpid(), signal.SIGINT)  # the first one after: ignored
+        os.kill(os.getpid(), signal.SIGINT)  # as the compile returns: kept for the work after the result
+        with pytest.raises(watch.StoppedAfterResult):
+            after_result()
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)  # the second: stops
+    monkeypatch.setattr(watch, "_written", [True])
+    with watch.interrupts_after_result_stop() as after_result:
+        after_result()
+        with pytest.raises(watch.StoppedAfterResult):  # during the work after the result: stops it at once
+            os.kill(os.getpid(), signal.SIGINT)
+        assert not isinstance(watch.StoppedAfterResult(), Exception)  # no `except Exception` in that work takes it
+
+
+def test_a_worker_stopped_after_ctrl_c_once_its_result_was_written_exits_0_saying_it_is_complete(tmp_path, monkeypatch):
+    """A worker whose work after its result outlasted the grace after Ctrl-C (here one that never stops: a SIGINT
+    that reached the edgekit process alone) was stopped with exit 130, "interrupted", for a result written in full.
+    Stopped once its notes say the result is in place, it is exit 0 and a line saying the result is complete."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    from edge_kit.cli import worker
+
+    target = tmp_path / "out" / "dense"
+    target.mkdir(parents=True)
+    script = ("import json, os, time; open(os.environ['EDGEKIT_COMPILE_WORKER'], 'a').write(json.dumps("
+              f"{{'model': 'dense.tflite', 'out': {str(tmp_path / 'out')!r}, 'step': 'writing artifacts', "
+              f"'published': {str(target)!r}}}) + '\\n'); time.sleep(60)")
+    popen = subprocess.Popen
+    monkeypatch.setattr(worker.subprocess, "Popen", lambda _argv, env: popen([sys.executable, "-c", script], env=env))
+    monkeypatch.setattr(worker, "INTERRUPT_GRACE_S", 1.0)
+    threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+    code, said = worker.run_worker(["compile", "dense.tflite"])
+    assert code == 0 and said == (f"interrupted once the result was written: {target} is complete (manifest.json and "
+                                  "its variants); the compile did not stop on its own within 1 s of Ctrl-C, so it was "
+                                  "stopped, skipping what it still had to print")
+    assert target.is_dir() and json.dumps(said).count("\\n") == 0

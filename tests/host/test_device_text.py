@@ -237,6 +237,25 @@ def test_a_refusal_quoting_a_devices_huge_field_is_kept_short_in_memory_and_in_t
     assert len(mon.alerts[-1].text) <= MAX_REASON + 100 and "60,0" in mon.alerts[-1].text
 
 
+def test_a_refused_payload_says_whether_it_was_not_utf8_or_not_json(fleet_file, tmp_path):
+    """A payload of valid UTF-8 that is no JSON was refused and counted as "not UTF-8 JSON (JSONDecodeError)": the
+    operator looked for a bad byte that was not there. Each reason now says which, and where."""
+    import time
+
+    from edge_kit.fleet.inventory import load_fleet
+    from edge_kit.telemetry.monitor import Monitor
+
+    store = Store(tmp_path / "h.db")
+    mon = Monitor(load_fleet(fleet_file), store, verify_in_child=False)
+    topic = messages.topic("sim", "d1", "bench")
+    mon._store([(topic, payload, time.time(), None) for payload in (b"ping", b'{"a": "\xff"}', b"{} {}")])
+    assert mon.stats.invalid == 3 == store.count("invalid")
+    assert [r["reason"] for r in reversed(store.refused_messages())] == [
+        "payload is not JSON (Expecting value at line 1, column 1)",
+        "payload is not UTF-8 (byte 7: invalid start byte)",
+        "payload is not JSON (Extra data at line 1, column 4)"]
+
+
 def test_fleet_status_last_heard_is_when_this_host_received_it_not_the_devices_clock(fleet_file, run_cli):
     """A Raspberry Pi has no RTC: before NTP its clock says 1970 (and a clock up to 300 s ahead is accepted).
     `fleet status` said "1764... s ago" (or "-290 s ago") from the device's ts; now the receive time."""

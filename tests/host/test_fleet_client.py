@@ -251,31 +251,72 @@ def test_a_metrics_port_in_use_or_out_of_range_is_one_line_exit_2(tmp_path, run_
     assert code == 2 and err.startswith("edgekit: error: Invalid value for '--metrics-port'") and err.count("\n") == 1
 
 
+def _offline_monitor(tmp_path, monkeypatch, stats=None, alerts_raised: int = 0, on_start=None, carried_over=()):
+    """Replace the monitor with one that needs no broker (``stats``, ``alerts_raised``: what it says it saw;
+    ``carried_over``: the open alerts it found at start; ``on_start``: called as it starts) and return a fleet file
+    for it."""
+    from edge_kit.telemetry import monitor as monitor_module
+
+    class OfflineMonitor:
+        def __init__(self, *_args, **_kwargs):
+            self.stats = stats or monitor_module.MonitorStats()
+            self.alerts, self.alerts_raised, self.failed, self.over_budget, self.constraints = [], alerts_raised, None, {}, {}
+            self.carried_over, self.carried_over_total = list(carried_over), len(carried_over)
+
+        def alert_states(self):
+            return {}
+
+        def start(self):
+            if on_start is not None:
+                on_start()
+
+        def stop(self):
+            pass
+
+    monkeypatch.setattr(monitor_module, "Monitor", OfflineMonitor)
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text("fleet: sim\nbroker: {host: 127.0.0.1, port: 1}\ndefaults: {user: edgekit, profile: rpi4}\n"
+                          "devices:\n  - {name: d1, host: 127.0.0.1}\n")
+    return fleet_file
+
+
+def test_metrics_port_0_serves_on_a_free_port_and_says_which(tmp_path, run_cli, monkeypatch):
+    """`monitor --metrics-port 0` was refused (its range started at 1): 0 means a free port, the monitor serves
+    /metrics there and says which (stderr with --json, as it runs; the summary's "metrics" too)."""
+    import urllib.request
+
+    from edge_kit.telemetry import metrics as metrics_module
+
+    servers, scraped = [], []
+    serve = metrics_module.FleetMetrics.serve
+    monkeypatch.setattr(metrics_module.FleetMetrics, "serve", lambda *a, **k: servers.append(serve(*a, **k)) or servers[-1])
+
+    def scrape():  # as the monitor starts
+        url = f"http://127.0.0.1:{servers[-1].server_port}/metrics"
+        scraped.append(urllib.request.urlopen(url, timeout=10).read().decode())
+
+    fleet_file = _offline_monitor(tmp_path, monkeypatch, on_start=scrape)
+    code, out, err = run_cli("monitor", "--fleet", fleet_file, "--metrics-port", "0", "--duration", "0", "--json")
+    assert code == 0, err
+    port = servers[-1].server_port
+    assert port > 0 and "edgekit_" in scraped[-1]
+    assert err == f"edgekit: Prometheus metrics at http://127.0.0.1:{port}/metrics\n"
+    assert json.loads(out)["metrics"] == f"http://127.0.0.1:{port}/metrics"
+    code, out, err = run_cli("monitor", "--fleet", fleet_file, "--metrics-port", "0", "--duration", "0")
+    assert code == 0 and err == "", err
+    assert f"Prometheus metrics at http://127.0.0.1:{servers[-1].server_port}/metrics\n" in out
+
+
 def test_monitor_without_json_ends_with_what_it_stored(tmp_path, run_cli, monkeypatch):
     """`edgekit monitor --duration N` printed its table and stopped without a word on what it had stored (only
     --json said), its last line cut off without a newline in a log."""
     from edge_kit.telemetry import monitor as monitor_module
 
-    class StoppedMonitor:  # a monitor that received nine messages while it ran: no broker here
-        def __init__(self, *_args, **_kwargs):
-            self.stats = monitor_module.MonitorStats(received=9, stored=6, duplicates=2, invalid=1, gaps=1)
-            self.alerts, self.alerts_raised, self.failed, self.over_budget = [], 3, None, {}
-            # an alert an earlier run wrote and died before printing (the history's open alerts at start)
-            self.carried_over = [{"device": "d1", "kind": "offline", "subject": "", "raised_at": 1_700_000_000.0,
-                                  "cleared_at": None, "cleared_why": None, "detail": "d1 went offline [/]",
-                                  "still_open": True}]
-            self.carried_over_total = 1
-
-        def start(self):
-            pass
-
-        def stop(self):
-            pass
-
-    monkeypatch.setattr(monitor_module, "Monitor", StoppedMonitor)
-    fleet_file = tmp_path / "fleet.yaml"
-    fleet_file.write_text("fleet: sim\nbroker: {host: 127.0.0.1, port: 1}\ndefaults: {user: edgekit, profile: rpi4}\n"
-                          "devices:\n  - {name: d1, host: 127.0.0.1}\n")
+    seen = monitor_module.MonitorStats(received=9, stored=6, duplicates=2, invalid=1, gaps=1)  # no broker here
+    # an alert an earlier run wrote and died before printing (the history's open alerts at start)
+    carried = [{"device": "d1", "kind": "offline", "subject": "", "raised_at": 1_700_000_000.0, "cleared_at": None,
+                "cleared_why": None, "detail": "d1 went offline [/]", "still_open": True}]
+    fleet_file = _offline_monitor(tmp_path, monkeypatch, stats=seen, alerts_raised=3, carried_over=carried)
     code, out, err = run_cli("monitor", "--fleet", fleet_file, "--duration", "0")
     assert code == 0, err
     assert "\nstored 6 of 9 messages" in out, out  # on a line of its own, not glued to the table's last line in a log

@@ -35,22 +35,26 @@ def _history(path):
     return path
 
 
+def _listed(run_cli, kind: str, history, *filters) -> list[dict]:
+    """Return the rows `edgekit history KIND --history HISTORY FILTERS... --json` lists (it exits 0)."""
+    code, out, err = run_cli("history", kind, "--history", history, *filters, "--json")
+    assert code == 0, err
+    return json.loads(out)[kind]
+
+
 def test_refused_messages_are_listed_newest_first_by_device_and_time_window(tmp_path, run_cli):
     history = _history(tmp_path / "h.db")
-    code, out, err = run_cli("history", "refused", "--history", history, "--json")
-    assert code == 0, err
-    rows = json.loads(out)["refused"]
+    rows = _listed(run_cli, "refused", history)
     assert [r["device"] for r in rows] == [HOSTILE_DEVICE, "dev2", "dev1"]  # the device each topic names, newest first
     assert rows[0]["topic"] == HOSTILE_TOPIC and rows[0]["reason"] == "<img src=x onerror=alert(2)> \\x1b[31mred"
     assert rows[1] == {"ts": pytest.approx(NOW - 7200), "device": "dev2", "topic": "edgekit/v1/f/dev2/bench",
                        "reason": "malformed: seq is not an integer", "bytes": 2, "payload": "\\xff\\xfe"}
-    code, out, _ = run_cli("history", "refused", "--history", history, "--device", "dev1", "--json")
-    assert [r["topic"] for r in json.loads(out)["refused"]] == ["edgekit/v1/f/dev1/status"]
+    dev1 = _listed(run_cli, "refused", history, "--device", "dev1")
+    assert [r["topic"] for r in dev1] == ["edgekit/v1/f/dev1/status"]
     code, out, _ = run_cli("history", "refused", "--history", history, "--since", "150m", "--until", "90m", "--json")
     assert [r["device"] for r in json.loads(out)["refused"]] == ["dev2"]
     assert json.loads(out)["filters"]["since"] == "150m"
-    code, out, _ = run_cli("history", "refused", "--history", history, "--limit", "1", "--json")
-    assert [r["topic"] for r in json.loads(out)["refused"]] == [HOSTILE_TOPIC]
+    assert [r["topic"] for r in _listed(run_cli, "refused", history, "--limit", "1")] == [HOSTILE_TOPIC]
 
     code, out, err = run_cli("history", "refused", "--history", history)
     text = " ".join(out.split())
@@ -59,22 +63,40 @@ def test_refused_messages_are_listed_newest_first_by_device_and_time_window(tmp_
     assert "signed by a key that is not dev1's" in text and "3 refused message(s) from" in text
     code, out, _ = run_cli("history", "refused", "--history", history, "--limit", "1")
     assert "the 1 newest: older ones with a larger --limit" in " ".join(out.split())
-    code, out, _ = run_cli("history", "refused", "--history", history, "--device", "nobody")
-    assert code == 0 and "no refused message(s) in" in out
+    code, out, _ = run_cli("history", "refused", "--history", history, "--device", "dev1", "--since", "1m")
+    assert code == 0 and "no refused message(s) in" in out  # a device the history knows, with no row in the window
 
 
 def test_sequence_gaps_are_listed_newest_first_by_device_and_time_window(tmp_path, run_cli):
     history = _history(tmp_path / "h.db")
-    code, out, err = run_cli("history", "gaps", "--history", history, "--json")
-    assert code == 0, err
-    rows = json.loads(out)["gaps"]
+    rows = _listed(run_cli, "gaps", history)
     assert [(r["device"], r["kind"], r["first_missing"], r["last_missing"], r["missing"]) for r in rows] == [
         ("dev1", "status", 20, 21, 2), ("dev2", "live", 1, 1, 1), ("dev1", "bench", 5, 9, 5)]
-    code, out, _ = run_cli("history", "gaps", "--history", history, "--device", "dev1", "--until", "90m", "--json")
-    assert [r["kind"] for r in json.loads(out)["gaps"]] == ["bench"]
+    assert [r["kind"] for r in _listed(run_cli, "gaps", history, "--device", "dev1", "--until", "90m")] == ["bench"]
     code, out, err = run_cli("history", "gaps", "--history", history, "--device", "dev2")
     text = " ".join(out.split())
     assert code == 0 and "dev2 live 1..1 1" in text and "1 sequence gap(s) from" in text, err
+
+
+@pytest.mark.parametrize("command", ["refused", "gaps", "alerts"])
+def test_a_device_neither_the_fleet_file_nor_the_history_knows_is_one_line_exit_2(tmp_path, run_cli, command):
+    """`edgekit history refused --device nosuch` listed nothing, exit 0: a mistyped name read as a device with nothing
+    to show. A device the fleet file names (silent so far) or that any row of the history names is still listed."""
+    history = _history(tmp_path / "edgekit-history.db")
+    (tmp_path / "fleet.yaml").write_text("fleet: f\ndefaults: {user: u, profile: rpi4}\ndevices:\n"
+                                         "  - {name: dev1, host: h}\n  - {name: quiet, host: h}\n")
+    code, out, err = run_cli("history", command, "--fleet", tmp_path / "fleet.yaml", "--device", "dev11", "--json")
+    assert code == 2 and err.count("\n") == 1, err
+    assert json.loads(out)["error"] == (f"--device 'dev11': not a device of {tmp_path / 'fleet.yaml'}, and no row of "
+                                        f"the history {history} names it; did you mean 'dev1'? leave --device out to "
+                                        "list every device's rows")
+    code, out, err = run_cli("history", command, "--history", history, "--device", "nosuch")
+    assert code == 2 and out == "" and err == (f"edgekit: error: --device 'nosuch': no row of the history {history} "
+                                               "names it; check the name; leave --device out to list every device's "
+                                               "rows\n")
+    for known in (["--fleet", tmp_path / "fleet.yaml", "--device", "quiet"], ["--history", history, "--device", "dev2"]):
+        code, out, err = run_cli("history", command, *known, "--json")
+        assert code == 0 and command in json.loads(out), err
 
 
 @pytest.mark.parametrize("option", ["--since", "--until"])
@@ -210,9 +232,7 @@ def _alerts_history(path):
 def test_alerts_are_listed_newest_first_by_device_time_window_and_whether_they_hold(tmp_path, run_cli):
     """The history kept no alerts: which had been raised, and when they cleared, was nowhere to read."""
     history = _alerts_history(tmp_path / "h.db")
-    code, out, err = run_cli("history", "alerts", "--history", history, "--json")
-    assert code == 0, err
-    rows = json.loads(out)["alerts"]
+    rows = _listed(run_cli, "alerts", history)
     assert [(r["device"], r["kind"], r["cleared_at"] is None) for r in rows] == [
         ("dev2", "low_disk", True), (HOSTILE_DEVICE, "drift", True), ("dev1", "silent", False)]
     assert rows[1]["detail"] == "<img src=x onerror=alert(2)> \\x1b[31mred"  # kept escaped
@@ -220,12 +240,9 @@ def test_alerts_are_listed_newest_first_by_device_time_window_and_whether_they_h
     code, out, _ = run_cli("history", "alerts", "--history", history, "--open", "--json")
     assert [r["device"] for r in json.loads(out)["alerts"]] == ["dev2", HOSTILE_DEVICE]
     assert json.loads(out)["filters"]["holds"] is True
-    code, out, _ = run_cli("history", "alerts", "--history", history, "--device", "dev1", "--json")
-    assert [r["kind"] for r in json.loads(out)["alerts"]] == ["silent"]
-    code, out, _ = run_cli("history", "alerts", "--history", history, "--since", "150m", "--until", "90m", "--json")
-    assert [r["kind"] for r in json.loads(out)["alerts"]] == ["drift"]
-    code, out, _ = run_cli("history", "alerts", "--history", history, "--limit", "1", "--json")
-    assert [r["device"] for r in json.loads(out)["alerts"]] == ["dev2"]
+    assert [r["kind"] for r in _listed(run_cli, "alerts", history, "--device", "dev1")] == ["silent"]
+    assert [r["kind"] for r in _listed(run_cli, "alerts", history, "--since", "150m", "--until", "90m")] == ["drift"]
+    assert [r["device"] for r in _listed(run_cli, "alerts", history, "--limit", "1")] == ["dev2"]
 
     code, out, err = run_cli("history", "alerts", "--history", history)
     text = " ".join(out.split())

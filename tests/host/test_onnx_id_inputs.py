@@ -292,6 +292,15 @@ def test_random_check_ids_of_an_input_indexing_two_tables_fit_the_smaller(tmp_pa
     assert xs["ids"].max() <= 11 and "0..11 (the 12 rows of Gather table 'positions')" in said
 
 
+def _scan_body():
+    """The body of a Scan over ids: a float state passed on, and each step's 4 ids looked up in the table 'emb'."""
+    return helper.make_graph(
+        [helper.make_node("Identity", ["state"], ["state_out"]),
+         helper.make_node("Gather", ["emb", "step_ids"], ["step_rows"], axis=0)],
+        "scan_body", [tensor("state", TensorProto.FLOAT, [1]), tensor("step_ids", TensorProto.INT64, [4])],
+        [tensor("state_out", TensorProto.FLOAT, [1]), tensor("step_rows", TensorProto.FLOAT, [4, 8])])
+
+
 def test_random_check_ids_follow_ids_passed_into_a_loop_or_scan_body(tmp_path):
     """The ids enter a ``Loop`` body as its loop-carried value, or a ``Scan`` body as the sequence it scans (after
     a state variable), and the body reads them under its own input's name: only bodies reading the outer name were
@@ -316,11 +325,7 @@ def test_random_check_ids_follow_ids_passed_into_a_loop_or_scan_body(tmp_path):
     source = load_source(tmp_path / "loop.onnx")
     assert run(source.onnx, {"ids": xs["ids"][:1]}).shape == (3, 1, 4, 8)  # ids the model takes
 
-    scan_body = helper.make_graph(
-        [helper.make_node("Identity", ["state"], ["state_out"]),
-         helper.make_node("Gather", ["emb", "step_ids"], ["step_rows"], axis=0)],
-        "scan_body", [tensor("state", TensorProto.FLOAT, [1]), tensor("step_ids", TensorProto.INT64, [4])],
-        [tensor("state_out", TensorProto.FLOAT, [1]), tensor("step_rows", TensorProto.FLOAT, [4, 8])])
+    scan_body = _scan_body()
     scan = helper.make_graph(
         [helper.make_node("Scan", ["start", "ids"], ["end", "y"], body=scan_body, num_scan_inputs=1)], "g",
         [tensor("ids", TensorProto.INT64, [None, 4])], [tensor("y", TensorProto.FLOAT, [None, 4, 8])],
@@ -335,11 +340,7 @@ def test_random_check_ids_follow_ids_scanned_by_an_opset_8_scan(tmp_path):
     """Scan of opset 8 takes ``sequence_lens`` (here left out, "") before its state variables: its inputs are its
     body's inputs one position on, so the scanned ids are the body's 'step_ids', not its 'state'."""
     table = numpy_helper.from_array(np.ones((19, 8), np.float32), "emb")
-    body = helper.make_graph(
-        [helper.make_node("Identity", ["state"], ["state_out"]),
-         helper.make_node("Gather", ["emb", "step_ids"], ["step_rows"], axis=0)],
-        "scan_body", [tensor("state", TensorProto.FLOAT, [1]), tensor("step_ids", TensorProto.INT64, [4])],
-        [tensor("state_out", TensorProto.FLOAT, [1]), tensor("step_rows", TensorProto.FLOAT, [4, 8])])
+    body = _scan_body()
     graph = helper.make_graph(
         [helper.make_node("Scan", ["", "start", "ids"], ["end", "y"], body=body, num_scan_inputs=1)], "g",
         [tensor("ids", TensorProto.INT64, [1, 3, 4])], [tensor("y", TensorProto.FLOAT, [1, 3, 4, 8])],

@@ -23,6 +23,12 @@ def sha(vid: str) -> str:
     return hashlib.sha256(vid.encode()).hexdigest()
 
 
+def bench_body(vid: str, p90: float, mj: float) -> dict:
+    """The body of a bench record of ``vid`` (its p90 latency, its energy per inference estimated; top-1 0.98)."""
+    return {"variant": vid, "sha256": sha(vid), "latency_ms": {"p90": p90}, "runs": 100, "simulated": False,
+            "power": {"estimated": True, "avg_w": 3.0, "energy_per_inference_mj": mj}, "accuracy": {"value": 0.98}}
+
+
 def write_fleet(tmp_path, eval_set=None):
     folder = tmp_path / "art"
     folder.mkdir()
@@ -43,9 +49,7 @@ def write_fleet(tmp_path, eval_set=None):
         for vid in variants:
             p90, mj = FIGURES[vid]
             seq += 1
-            store.add("bench", messages.envelope("bench", "f", device, seq, {
-                "variant": vid, "sha256": sha(vid), "latency_ms": {"p90": p90}, "runs": 100, "simulated": False,
-                "power": {"estimated": True, "avg_w": 3.0, "energy_per_inference_mj": mj}, "accuracy": {"value": 0.98}}))
+            store.add("bench", messages.envelope("bench", "f", device, seq, bench_body(vid, p90, mj)))
     for device, ort in (("a", "available"), ("b", "available"), ("c", True), ("nojs", False)):
         seq += 1
         store.add("status", messages.envelope("status", "f", device, seq, {
@@ -183,11 +187,8 @@ def test_select_explain_shows_no_figure_and_no_confidence_where_nothing_could_be
     fleet = tmp_path / "fleet.yaml"
     fleet.write_text("fleet: f\nbroker: {host: 127.0.0.1, port: 1}\ndefaults: {user: edgekit, profile: rpi4}\n"
                      "devices:\n  - {name: a, host: 127.0.0.1, port: 2}\n")
-    store = Store(tmp_path / "edgekit-history.db")
-    store.add("bench", messages.envelope("bench", "f", "a", 1, {
-        "variant": "fp32", "sha256": sha("fp32"), "latency_ms": {"p90": 30.0}, "runs": 100, "simulated": False,
-        "power": {"estimated": True, "avg_w": 3.0, "energy_per_inference_mj": 12.0}, "accuracy": {"value": 0.98}}))
-    store.close()
+    with Store(tmp_path / "edgekit-history.db") as store:
+        store.add("bench", messages.envelope("bench", "f", "a", 1, bench_body("fp32", 30.0, 12.0)))
     code, out, err = run_cli("select", "--fleet", fleet, "--artifacts", folder, "--json")
     assert code == 0, err
     decision = json.loads(out)["devices"]["a"]
@@ -201,11 +202,8 @@ def test_select_explain_shows_no_figure_and_no_confidence_where_nothing_could_be
     assert "confidence" not in out.split("figures:")[0] and "a (no choice yet)" in out, out
     int8 = next(line for line in out.splitlines() if line.split()[:1] == ["int8"])
     assert int8.split()[1:4] == ["-", "-", "-"] and "inferred" in int8, int8
-    store = Store(tmp_path / "edgekit-history.db")  # int8 measured too: a plain decision, with no confidence
-    store.add("bench", messages.envelope("bench", "f", "a", 2, {
-        "variant": "int8", "sha256": sha("int8"), "latency_ms": {"p90": 10.0}, "runs": 100, "simulated": False,
-        "power": {"estimated": True, "avg_w": 3.0, "energy_per_inference_mj": 4.0}, "accuracy": {"value": 0.98}}))
-    store.close()
+    with Store(tmp_path / "edgekit-history.db") as store:  # int8 measured too: a plain decision, with no confidence
+        store.add("bench", messages.envelope("bench", "f", "a", 2, bench_body("int8", 10.0, 4.0)))
     code, out, err = run_cli("select", "--fleet", fleet, "--artifacts", folder, "--explain")
     assert code == 0, err
     assert "int8" in out.split("figures:")[0] and "confidence" not in out, out
