@@ -233,7 +233,7 @@ class Monitor:
         # invalid): what a failed history did not store stays with the broker, which sends it again to
         # the next run of a persistent session (and the msg_id keeps it once).
         self.client = make_client(fleet.broker, cid, password=fleet.broker_password(),
-                                  v5=share is not None, clean=not persistent, manual_ack=True)
+                                  v5=share is not None, clean=not persistent, manual_ack=True, read_ahead=True)
         self.client.on_connect = self._on_connect
         self.keyring = fleet.key_store().keyring()
         # Signatures are checked in a child process (see edge_kit.telemetry.verifier); in this one
