@@ -167,7 +167,7 @@ def _drain_rate(broker, fleet, stream: list[bytes], mode: str, store_path) -> fl
     else:
         mon = Monitor(fleet, Store(store_path), client_id=cid, persistent=True)
         if mode == "no verify":
-            mon.keyring = type("NoCheck", (), {"verify": staticmethod(lambda *_: None)})()
+            mon.keyring = type("NoCheck", (Keyring,), {"verify": lambda *_: None})()
             mon.verifier = None
         mon.start()
         stop = mon.client

@@ -24,23 +24,65 @@ from edgekit_protocol.errors import ConfigError
 log = logging.getLogger("edgekit.agent.mqtt")
 
 
+READ_AHEAD = 64 * 1024  # bytes a ReadAheadClient asks the socket for at once
+
+
+class ReadAheadClient(mqtt.Client):
+    """A paho client that reads its socket :data:`READ_AHEAD` bytes at a time and handles every whole packet read.
+
+    paho reads each packet with a ``recv`` per byte of its fixed header (type, then each length byte) and one
+    for the rest, and handles one packet per ``select`` when nothing of its own is in flight: four or five
+    system calls and a pass of its network loop for each message received. For a receiver of a stream (the
+    monitor draining a backlog: tens of thousands of messages a minute) this reads what the socket holds at once,
+    hands paho its packets from that buffer and goes on until the buffer is empty (a packet cut at its end waits
+    for the rest, as paho's own partial reads do). The buffer belongs to one socket: what a closed connection left
+    unread is never read as the next connection's."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._ahead = b""
+        self._ahead_at = 0  # how much of _ahead was handed out
+        self._ahead_sock: Any = None  # the socket _ahead was read from
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        """Return up to ``bufsize`` bytes: from the buffer, else from one ``recv`` of :data:`READ_AHEAD` bytes
+        (b"" when the connection closed). Raises as paho's own (BlockingIOError: nothing to read now)."""
+        if self._ahead_at < len(self._ahead) and self._ahead_sock is self._sock:
+            chunk = self._ahead[self._ahead_at:self._ahead_at + bufsize]
+            self._ahead_at += len(chunk)
+            return chunk
+        data = super()._sock_recv(max(bufsize, READ_AHEAD))
+        self._ahead, self._ahead_at, self._ahead_sock = data, min(bufsize, len(data)), self._sock
+        return data[:bufsize] if len(data) > bufsize else data
+
+    def loop_read(self, max_packets: int = 1) -> mqtt.MQTTErrorCode:
+        """Read and handle packets as paho does, then every whole one left in the buffer; return paho's code."""
+        rc = super().loop_read(max_packets)
+        while (rc == mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS and self._sock is not None and self._ahead_sock is self._sock
+               and self._ahead_at < len(self._ahead)):
+            rc = super().loop_read(max_packets)  # each pass takes at least one byte of the buffer
+        return rc
+
+
 def make_client(broker: BrokerConfig, client_id: str, *, password: str | None = None, v5: bool = False,
-                clean: bool = True, manual_ack: bool = False) -> mqtt.Client:
+                clean: bool = True, manual_ack: bool = False, read_ahead: bool = False) -> mqtt.Client:
     """Return a configured, not yet connected paho client.
 
     ``v5`` selects MQTT 5 (needed for shared subscriptions); ``clean`` False keeps the session
     (subscriptions and queued QoS 1 messages) on the broker across disconnects; ``manual_ack`` leaves
-    the PUBACK of each received QoS 1 message to ``client.ack`` (the agent persists a command first).
+    the PUBACK of each received QoS 1 message to ``client.ack`` (the agent persists a command first);
+    ``read_ahead`` makes it a :class:`ReadAheadClient` (for a receiver of many messages: the monitor).
 
     Raises:
         ConfigError: a TLS file (``broker.tls.ca``, ``cert``, ``key``) is missing or not PEM.
     """
+    # paho's own client where its private _sock_recv (paho-mqtt 2.x) is not there to build on
+    cls = ReadAheadClient if read_ahead and hasattr(mqtt.Client, "_sock_recv") else mqtt.Client
     if v5:
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5,
-                             manual_ack=manual_ack)
+        client = cls(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5, manual_ack=manual_ack)
     else:
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311,
-                             clean_session=clean, manual_ack=manual_ack)
+        client = cls(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311,
+                     clean_session=clean, manual_ack=manual_ack)
     if broker.username:
         client.username_pw_set(broker.username, password)
     if broker.tls is not None:

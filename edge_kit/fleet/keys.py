@@ -103,6 +103,7 @@ class _RegistryKeyring(Keyring):
         self._revoked_entry: dict[str, dict[str, Any]] = {}  # device -> its newest revoked-list entry
         # device -> (public key, when it was revoked) of each of its revoked keys
         self._revoked_keys: dict[str, list[tuple[bytes, float]]] = {}
+        self._held = threading.local()  # .on: within checked_once() in this thread (the files checked at its start)
 
     def _file_stamp(self) -> tuple[int, ...] | None:
         """Return what tells one state of the registry and the revoked list from another: each file's inode, size,
@@ -141,8 +142,47 @@ class _RegistryKeyring(Keyring):
                                                      float(at) if isinstance(at, (int, float)) else float("-inf")))
         self._revoked_keys = keys
 
+    @contextlib.contextmanager
+    def checked_once(self) -> Iterator[Keyring]:
+        """Check the registry and the revoked list once, now (re-read when either was replaced, as :meth:`keys_of`
+        does), and within the block verify against what that read without looking at the files again per message:
+        a receiver verifying a batch of messages stats the two files once a batch, not twice a message. A key
+        revoked (or registered) while the block runs counts from the next block on, so for the monitor from the
+        next batch: every message received after ``edgekit fleet revoke`` returned is refused. An unknown signer
+        still re-reads an unchanged registry at most once a :data:`UNKNOWN_REREAD_S`. Yields this keyring; never
+        raises: a registry this receiver never could read is checked again at each message (each is refused with
+        the :class:`ConfigError`, as without the block).
+        """
+        try:
+            self._refresh(None)
+        except ConfigError:
+            yield self
+            return
+        held, self._held.on = getattr(self._held, "on", False), True
+        try:
+            yield self
+        finally:
+            self._held.on = held
+
     def keys_of(self, signer: str) -> tuple[bytes, ...]:
         """Return the keys that may sign as ``signer``.
+
+        Raises:
+            ConfigError: the registry cannot be read and never could be by this receiver.
+        """
+        if not getattr(self._held, "on", False) or self._unknown(signer, time.monotonic()):
+            self._refresh(signer)
+        return super().keys_of(signer)
+
+    def _unknown(self, signer: str | None, now: float) -> bool:
+        """Return whether ``signer`` is a device this keyring holds no key for and the registry was last read
+        :data:`UNKNOWN_REREAD_S` or more before ``now`` (then it is read again, changed or not)."""
+        return (signer is not None and signer != OPERATOR and signer not in self.devices
+                and now - self._read_at >= UNKNOWN_REREAD_S)
+
+    def _refresh(self, signer: str | None) -> None:
+        """Read the registry and the revoked list again when either file was replaced, or for ``signer`` unknown
+        (:meth:`_unknown`); keep what was last read when they cannot be read now. Returns nothing.
 
         Raises:
             ConfigError: the registry cannot be read and never could be by this receiver.
@@ -151,7 +191,7 @@ class _RegistryKeyring(Keyring):
         now = time.monotonic()
         # Re-read when the file was replaced; for an unknown signer also when it was not, but at most once
         # a second (a flood of messages from made-up device names must not parse the registry each time).
-        unknown = signer != OPERATOR and signer not in self.devices and now - self._read_at >= UNKNOWN_REREAD_S
+        unknown = self._unknown(signer, now)
         if stamp != self._stamp or unknown:
             self._read_at = now
             try:
@@ -164,7 +204,6 @@ class _RegistryKeyring(Keyring):
                 if stamp != self._damaged:
                     self._damaged = stamp
                     log.error("%s; verifying against the registry as last read until it is", exc)
-        return super().keys_of(signer)
 
     def device_revocation(self, device: str) -> dict[str, Any] | None:
         """Return the newest revoked-list entry of ``device`` when it has no trusted key (revoked, and none registered

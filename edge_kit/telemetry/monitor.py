@@ -263,7 +263,7 @@ class Monitor:
         # invalid): what a failed history did not store stays with the broker, which sends it again to
         # the next run of a persistent session (and the msg_id keeps it once).
         self.client = make_client(fleet.broker, cid, password=fleet.broker_password(),
-                                  v5=share is not None, clean=not persistent, manual_ack=True)
+                                  v5=share is not None, clean=not persistent, manual_ack=True, read_ahead=True)
         self.client.on_connect = self._on_connect
         self.keyring = fleet.key_store().keyring()
         # Signatures are checked in a child process (see edge_kit.telemetry.verifier); in this one
@@ -694,14 +694,17 @@ class Monitor:
                 log.exception("the verifying process cannot run; verifying in the monitor")
                 elsewhere = False
             checked: list[tuple[str, dict[str, Any]] | Exception] = []
-            for topic, payload, at, *_ in batch:
-                try:
-                    checked.append(receive(None if elsewhere else self.keyring, topic, payload, at))
-                except Exception as exc:  # noqa: BLE001 - EdgeKitError, and whatever else a message holds: refused
-                    checked.append(exc)
+            with self.keyring.checked_once():  # verifying here: the key files checked once a batch
+                for topic, payload, at, *_ in batch:
+                    try:
+                        checked.append(receive(None if elsewhere else self.keyring, topic, payload, at))
+                    except Exception as exc:  # noqa: BLE001 - EdgeKitError, and whatever else a message holds: refused
+                        checked.append(exc)
             verdicts = self.verifier.result() if elsewhere else None
             if elsewhere and (verdicts is None or len(verdicts) != len(pairs)):  # the child died: verify here
-                verdicts = [verify_published(self.keyring, topic, payload, decoded_elsewhere=True) for topic, payload in pairs]
+                with self.keyring.checked_once():
+                    verdicts = [verify_published(self.keyring, topic, payload, decoded_elsewhere=True)
+                                for topic, payload in pairs]
         for i, (topic, payload, at, *_) in enumerate(batch):
             self.stats.received += 1
             outcome = checked[i]

@@ -3,7 +3,8 @@
 Ed25519 verification (``cryptography``) holds the GIL, so in a thread it takes its time from paho's
 network thread and the SQLite writer. :class:`Verifier` runs it in a child process (multiprocessing,
 ``forkserver``: no fork of a threaded parent) that reads the fleet's key registry itself (re-read
-when ``devices.json`` changes, as every receiver does). The monitor sends each batch's
+when ``devices.json`` or ``revoked.json`` changes, as every receiver does; checked once a batch:
+:meth:`~edge_kit.fleet.keys._RegistryKeyring.checked_once`). The monitor sends each batch's
 ``(topic, payload)`` pairs, checks everything else meanwhile, then takes the child's answers.
 
 A child that dies is started again; while it cannot be, the monitor verifies in its own process:
@@ -36,7 +37,9 @@ def _serve(conn: Any, keys_folder: str) -> None:
             batch = conn.recv()
         except (EOFError, OSError):
             return
-        conn.send([verify_published(keyring, topic, payload, decoded_elsewhere=True) for topic, payload in batch])
+        with keyring.checked_once():  # the key files stat'ed once a batch, not twice a message
+            verdicts = [verify_published(keyring, topic, payload, decoded_elsewhere=True) for topic, payload in batch]
+        conn.send(verdicts)
 
 
 class Verifier:

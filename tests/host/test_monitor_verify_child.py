@@ -139,3 +139,23 @@ def test_an_empty_payload_is_a_clear_only_on_a_retained_topic_elsewhere_it_is_re
     assert [q[0].rsplit("/", 1)[1] for q in queued] == ["bench", "telemetry"]
     mon._store(queued)
     assert mon.stats.received == mon.stats.invalid == 2 == store.count("invalid")
+
+
+def test_a_device_revoked_between_two_batches_is_refused_in_the_next_by_the_verifying_child(tmp_path):
+    """The verifying child checks the key files once a batch (not twice a message): a message received after
+    ``fleet revoke`` returned goes in a later batch, and is refused there as revoked."""
+    signer = Signer.generate()
+    fleet = _fleet(tmp_path, signer)
+    store = Store(tmp_path / "h.db")
+    mon = Monitor(fleet, store, verify_in_child=True)
+    mon.verifier.start()
+    try:
+        mon._store([(TOPIC, _signed(signer, 1), time.time(), None)])
+        assert mon.stats.stored == 1 and mon.stats.invalid == 0
+        fleet.key_store().revoke("d1", "stolen")
+        mon._store([(TOPIC, _signed(signer, 2), time.time(), None)])
+    finally:
+        mon.verifier.stop()
+    assert mon.stats.stored == 1 and mon.stats.invalid == 1
+    (reason,) = store._rows("SELECT reason FROM invalid")[0]
+    assert "d1's key" in reason and "was revoked" in reason and "stolen" in reason

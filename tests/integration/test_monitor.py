@@ -960,3 +960,69 @@ def small_queues(tmp_path, devices=("d1",)):
             publisher.disconnect()
             publisher.loop_stop()
         broker.stop()
+
+
+def test_a_backlog_is_read_from_the_socket_in_large_reads_and_every_record_is_stored_once(fleet, publisher, tmp_path,
+                                                                                          monkeypatch):
+    """paho read each packet with a system call per header byte and one for the rest, one packet per select():
+    four or five system calls a record for a monitor draining a backlog. The monitor's client reads what the socket
+    holds at once (ReadAheadClient): far fewer reads than records, packets cut at a read's end (and one larger than
+    a read) still whole, every record stored once."""
+    reads = []
+    real = mqtt.Client._sock_recv
+    monkeypatch.setattr(mqtt.Client, "_sock_recv", lambda self, n: reads.append(n) or real(self, n))
+    cid = monitor_session(fleet, "read-ahead")
+    n = 400
+    infos = [publisher.publish(messages.topic(FLEET, f"d{1 + i % 2}", "bench"),
+                               messages.encode(signed(bench(f"d{1 + i % 2}", i // 2 + 1))), qos=1) for i in range(n)]
+    big = publisher.publish(messages.topic(FLEET, "d1", "bench"), b"x" * 66_000, qos=1)  # over a read and the 64 KiB limit: refused
+    for info in [*infos, big]:
+        info.wait_for_publish(10)
+    store = Store(tmp_path / "h.db")
+    mon = Monitor(fleet, store, client_id=cid, persistent=True)
+    reads.clear()
+    mon.start()
+    try:
+        assert wait_until(lambda: mon.stats.stored + mon.stats.invalid >= n + 1, 30), mon.stats
+    finally:
+        mon.stop()
+    assert mon.stats.stored == n == store.count("bench") and mon.stats.invalid == 1 and mon.stats.gaps == 0
+    assert len(reads) < n / 4, f"{len(reads)} socket reads for {n + 1} records"
+
+
+def test_a_backlog_read_ahead_over_tls_is_stored_whole_and_once(tmp_path):
+    """The read-ahead client over TLS: a TLS record holds at most 16 KiB, so packets are cut at record ends as well
+    as at reads'; every record of the backlog is stored once."""
+    from harness import make_tls
+
+    from edge_kit.sim.broker import MosquittoBroker
+
+    tls = make_tls(tmp_path / "tls")
+    with MosquittoBroker(tmp_path / "broker", tls=tls) as broker:
+        path = tmp_path / "fleet.yaml"
+        path.write_text(f"fleet: {FLEET}\nbroker: {{host: 127.0.0.1, port: {broker.port}, tls: {{ca: {tls.ca}}}}}\n"
+                        "defaults: {user: edgekit, profile: rpi4}\ndevices:\n  - {name: d1, host: 127.0.0.1}\n")
+        fleet = load_fleet(path)
+        fleet.key_store().register("d1", DEVICE_KEYS["d1"].public)
+        store = Store(tmp_path / "h.db")
+        mon = Monitor(fleet, store, client_id="tls-read-ahead", persistent=True).start()
+        mon.client.disconnect()
+        mon.client.loop_stop()
+        pub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="tls-publisher")
+        pub.tls_set(ca_certs=str(tls.ca))
+        pub.connect(broker.host, broker.port)
+        pub.loop_start()
+        n = 300
+        infos = [pub.publish(messages.topic(FLEET, "d1", "bench"), messages.encode(signed(bench("d1", i))), qos=1)
+                 for i in range(1, n + 1)]
+        for info in infos:
+            info.wait_for_publish(10)
+        pub.disconnect()
+        pub.loop_stop()
+        mon.client.reconnect()
+        mon.client.loop_start()
+        try:
+            assert wait_until(lambda: mon.stats.stored >= n, 30), mon.stats
+        finally:
+            mon.stop()
+    assert mon.stats.stored == n == store.count("bench") and mon.stats.invalid == 0 and mon.stats.gaps == 0
