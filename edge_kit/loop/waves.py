@@ -575,7 +575,10 @@ class Rollout:
                 next_send = time.monotonic()
                 deadline = None
                 pending = [d for d in order[:end] if self.rows[d]["state"] == "planned"]
-                waiting = order[:end]
+                # Waited for: this wave's devices and whatever this loop sends (on a resume, earlier waves'
+                # devices sent again). An earlier wave's silent devices had their --wave-timeout: waiting for
+                # them again would cost every later wave its whole timeout; their answers still count.
+                waiting = list(dict.fromkeys([*pending, *order[ends[w - 1] if w else 0:end]]))
                 while True:
                     now = time.monotonic()
                     batch = []

@@ -4,6 +4,7 @@ and test_virtual_fleet.py): waves, thresholds, abort, and a resume that neither 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -131,6 +132,20 @@ def test_a_resumed_rollout_sends_each_device_once_and_takes_what_converged_meanw
     assert sorted(sent) == sorted(names)  # nobody twice: those answered before the crash were not sent again
     revisions = [rev for _, rev in broker.sent]
     assert revisions == sorted(revisions) and len(set(revisions)) == len(revisions)
+
+
+def test_a_silent_device_holds_its_own_wave_for_the_timeout_not_every_later_wave(tmp_path):
+    # Found by walking a simulated fleet with one device offline: waves 1 %, 10 %, 100 % waited the whole
+    # --wave-timeout three times (each wave waited for the first wave's silent device again).
+    history = Store(tmp_path / "h.db")
+    names = planned(history, wave_timeout_s=1.5)
+    broker = FakeBroker(silent={names[0]})
+    started = time.monotonic()
+    out = Rollout(history, "r", broker).run()
+    took = time.monotonic() - started
+    assert out["state"] == "done" and out["counts"] == {"converged": 19, "sent": 1, "refused": 1}
+    assert [d for d, _ in broker.sent] == names  # every wave went out
+    assert 1.5 <= took < 3.0, took  # the first wave's timeout once, not once per wave (4.5 s)
 
 
 def test_a_second_driver_is_refused_and_abort_stops_the_first(tmp_path):
