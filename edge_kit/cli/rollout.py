@@ -117,8 +117,9 @@ def _print(summary: dict[str, Any]) -> None:
         out.print(f"... and {len(rows) - 200} more devices (--json lists them all)")
     simulated = sum(1 for r in rows if r.get("simulated"))
     if simulated:
-        out.print(f"simulated: {simulated} of {len(rows)} devices said so in their reports (virtual devices, "
-                  "edge_kit.sim.virtual): their downloads, installs and activations did not run on hardware")
+        out.print(f"simulated: {simulated} of {len(rows)} devices said so in their reports (`edgekit sim` devices, "
+                  "or virtual ones: edge_kit.sim.virtual): their downloads, installs and activations ran on this "
+                  "machine (a virtual device's not at all), not on their profile's hardware")
     counts = ", ".join(f"{k} {v}" for k, v in sorted(summary["counts"].items()))
     out.print(f"rollout {summary['id']}: [bold]{summary['state']}[/] ({counts})"
               + (f": {safe(summary['reason'])}" if summary.get("reason") else ""))
