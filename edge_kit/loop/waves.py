@@ -201,6 +201,21 @@ def revoked_devices(fleet: Fleet) -> dict[str, str]:
                   "--new-key` brings it back)" for name, entry in fleet.key_store().revoked_devices().items()}
 
 
+def _by_reason(refused: dict[str, str], reasons: int = 3, names: int = 3) -> str:
+    """Return ``refused`` (device -> ``"<device>: <why>"``) as one line, the devices grouped by their reason: the
+    first ``reasons`` reasons, each with its first ``names`` devices and how many more, then how many reasons more
+    (a fleet of thousands refused for one reason is one short line, not the first three devices alone)."""
+    groups: dict[str, list[str]] = {}
+    for name, line in refused.items():
+        groups.setdefault(line.removeprefix(f"{name}: "), []).append(name)
+    parts = [f"{', '.join(who[:names])}{f' and {len(who) - names} more' if len(who) > names else ''}: {why}"
+             for why, who in list(groups.items())[:reasons]]
+    if len(groups) > reasons:
+        parts.append(f"and {len(groups) - reasons} more reason(s) for {sum(len(w) for w in list(groups.values())[reasons:])} "
+                     "more device(s)")
+    return "; ".join(parts)
+
+
 def plan_rollout(rid: str, artifacts: Path, fleet: Fleet, devices: list[Device], store_url: str,
                  variant: str | None, settings: RolloutSettings, gate: LiveGate | None = None,
                  choices: dict[str, str] | None = None) -> dict[str, Any]:
@@ -256,7 +271,7 @@ def plan_rollout(rid: str, artifacts: Path, fleet: Fleet, devices: list[Device],
                              "why": "selected" if (choices or {}).get(dev.name) else ("asked" if variant else "profile's first"),
                              "keep": [a.sha256 for a in wanted if a.sha256 != pick.sha256], **eval_ref}
     if not targets:
-        raise NotBuiltFor(f"rollout {rid}: no device gets an artifact: {'; '.join(list(refused.values())[:3])}")
+        raise NotBuiltFor(f"rollout {rid}: no device gets an artifact: {_by_reason(refused)}")
     plan = {"id": rid, "fleet": fleet.fleet, "model": manifest.model.get("name"), "store": store_url.rstrip("/"),
             "variant": variant, "artifacts": str(Path(artifacts).resolve()), "signature": manifest.signature,
             "settings": {**asdict(settings), "waves": list(settings.waves)},

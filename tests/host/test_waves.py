@@ -15,6 +15,7 @@ from edge_kit.loop.waves import (
     RolloutError,
     RolloutInterrupted,
     RolloutSettings,
+    _by_reason,
     parse_rate,
     parse_share,
     parse_waves,
@@ -626,6 +627,20 @@ def test_a_store_url_or_variant_that_cannot_be_rolled_out_is_bad_input_exit_2_li
     assert code == 2, err
     assert json.loads(out)["error"] == error and err.count("\n") == 1
     assert Store(tmp_path / "edgekit-history.db").rollout("r") is None
+
+
+def test_a_variant_no_device_has_is_one_short_line_grouped_by_reason_however_large_the_fleet(tmp_path, run_cli):
+    """Found walking a simulated fleet with `--variant nope`: the line repeated the same reason once per device for
+    the first three devices and said nothing of the others (a fleet of 1,000 read as if it had 3)."""
+    fleet_file, folder = one_artifact_plan(tmp_path, devices="abcdefg")
+    code, out, err = run_cli("rollout", "start", "--fleet", fleet_file, folder, "--store", "http://127.0.0.1:1",
+                             "--variant", "fp16", "--id", "r", "--json")
+    assert code == 2 and err.count("\n") == 1
+    assert json.loads(out)["error"] == ("rollout r: no device gets an artifact: a, b, c and 4 more: variant fp16 is not "
+                                        "built for profile rpi4 (built: int8)")
+    refused = {f"d{i}": f"d{i}: why {i % 5}" for i in range(12)}
+    assert _by_reason(refused, names=2) == ("d0, d5 and 1 more: why 0; d1, d6 and 1 more: why 1; d2, d7: why 2; "
+                                            "and 2 more reason(s) for 4 more device(s)")
 
 
 @pytest.mark.parametrize("state, advice", [("done", "give another --id"),
