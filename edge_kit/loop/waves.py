@@ -508,7 +508,9 @@ class Rollout:
         failed = counts.get("failed", 0)
         if sent and failed / sent > max_failed:
             return (f"{failed} of {sent} devices sent so far failed ({failed / sent:.1%} > --max-failed "
-                    f"{max_failed:.1%}); no further desired state was sent")
+                    f"{max_failed:.1%}); no further desired state was sent (a failed device retries by itself, "
+                    f"up to its pull.max_attempts: `edgekit rollout resume {self.rid}` goes on once the failures are "
+                    f"under the threshold; `edgekit rollout abort {self.rid}` puts the devices back)")
         return None
 
     def run(self) -> dict[str, Any]:

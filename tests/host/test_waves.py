@@ -106,6 +106,8 @@ def test_waves_go_in_order_and_a_failure_over_the_threshold_stops_the_rollout(tm
     broker = FakeBroker(fail={names[3]})
     out = Rollout(history, "r", broker).run()
     assert out["state"] == "stopped" and "1 of 10 devices sent so far failed" in out["reason"]
+    assert out["reason"].endswith("`edgekit rollout resume r` goes on once the failures are under the threshold; "
+                                  "`edgekit rollout abort r` puts the devices back)")  # what to do, not only what happened
     assert [d for d, _ in broker.sent] == names[:10]  # waves of 2 and 8; the last wave was never sent
     assert out["counts"] == {"converged": 9, "failed": 1, "planned": 10, "refused": 1}
     assert history.rollout("r")["state"] == "stopped" and history.rollout("r")["owner"] is None
