@@ -907,7 +907,8 @@ class Rollout:
     def status(self, record: dict[str, Any], refresh: bool = False) -> dict[str, Any]:
         """Return the summary of a rollout as the history has it; with ``refresh``, first take the
         devices' retained reported states from the broker (and store them, unless a live process
-        drives the rollout, whose own view wins).
+        drives the rollout, whose own view wins). A ``running`` rollout's ``reason`` says which host drives it,
+        or that none does (its driver was stopped) and what to run.
 
         Raises:
             AgentError: ``refresh`` and the broker cannot be reached.
@@ -918,15 +919,19 @@ class Rollout:
             self.rows[name] = row
         for name in plan["order"]:
             self.rows.setdefault(name, {"wave": -1, "state": "planned", "revision": 0, "detail": {}})
+        driven = record["owner"] and (record["heartbeat"] or 0) > time.time() - STALE_OWNER_S
         if refresh:
             with self.connect(self.inbox.put):
                 self._settle()
             self._take_reports()
-            driven = record["owner"] and (record["heartbeat"] or 0) > time.time() - STALE_OWNER_S
             if not driven:
                 self._flush()
-        outcome = plan.get("outcome") or {}
-        return self.summary(plan, record["state"], outcome.get("reason"))
+        reason = (plan.get("outcome") or {}).get("reason")
+        if record["state"] == "running":  # an outcome kept from before a resume is not this run's
+            reason = (f"driven by {record['owner']}" if driven else
+                      f"no host drives it (its driver was stopped: Ctrl-C, or its host went down); `edgekit rollout "
+                      f"resume {self.rid}` goes on, `edgekit rollout abort {self.rid}` ends it")
+        return self.summary(plan, record["state"], reason)
 
     def summary(self, plan: dict[str, Any], state: str, reason: str | None) -> dict[str, Any]:
         """Return the rollout's outcome: ``state`` (done, stopped, aborted), ``reason``, ``counts`` per

@@ -433,6 +433,25 @@ def test_the_cli_says_what_the_gate_decided_and_where_its_figures_came_from(caps
     assert "test: one-sided Mann-Whitney U" in text
 
 
+def test_status_of_a_running_rollout_says_whether_a_host_drives_it_and_what_to_run_when_none_does(tmp_path):
+    """Found walking Ctrl-C then `rollout status`: 'running (planned 2, sent 1)' with nothing driving it, which reads
+    as if it were going on; after a resume of a stopped rollout was interrupted, the stop's old reason was shown."""
+    history = Store(tmp_path / "h.db")
+    names = planned(history)
+    broker = FakeBroker(fail={names[0]})
+    assert Rollout(history, "r", broker).run()["state"] == "stopped"
+    broker.retained[names[0]] = {**broker.retained[names[0]], "state": "converged", "error": None}  # it recovered
+    broker.crash_after = len(broker.sent)
+    with pytest.raises(RolloutInterrupted):  # resumed, then Ctrl-C before its next desired state went out
+        Rollout(history, "r", broker).run()
+    view = Rollout(history, "r", FakeBroker()).status(history.rollout("r"))
+    assert view["state"] == "running"
+    assert view["reason"] == ("no host drives it (its driver was stopped: Ctrl-C, or its host went down); `edgekit "
+                              "rollout resume r` goes on, `edgekit rollout abort r` ends it")
+    assert history.claim_rollout("r", "ops-host:42", 30.0) is None
+    assert Rollout(history, "r", FakeBroker()).status(history.rollout("r"))["reason"] == "driven by ops-host:42"
+
+
 def test_ctrl_c_while_driving_says_how_to_resume_in_one_line_exit_130(tmp_path, run_cli, monkeypatch):
     """Before: 'interrupted; nothing was half-written', which did not say the rollout was resumable or how."""
     from edge_kit.loop import waves
