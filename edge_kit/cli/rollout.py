@@ -108,6 +108,7 @@ def _print(summary: dict[str, Any]) -> None:
     t = Table("device", "wave", "state", "variant", "what happened", "seconds", box=box.SIMPLE_HEAD, pad_edge=False,
               caption=f"seconds: {summary['methods']['seconds']}" if summary.get("methods") else None,
               caption_justify="left")
+    t.columns[4].overflow = "fold"  # a store URL with its sha256 is one word: folded whole, never cut to '…'
     rows = sorted(summary["devices"], key=lambda r: (r["wave"] or 1e9, r["device"]))
     for r in rows[:200]:
         t.add_row(safe(r["device"]), str(r["wave"] or "-"), f"[{STYLE.get(r['state'], '')}]{safe(r['state'])}[/]",

@@ -721,6 +721,23 @@ def test_the_rollout_table_says_what_each_device_did_a_converged_device_that_fet
     assert "fetch: TLS failed" in lines["c"] and "nothing fetched" not in lines["d"] + lines["c"]
 
 
+def test_the_rollout_table_keeps_a_long_url_in_an_error_whole(capsys, monkeypatch):
+    """Found walking a store that went down mid-rollout, output to a file (120 columns): the device's error showed
+    'http://127.0.0.1:52869/sha256/43f1af8a65adb90fd053ba11de7…', the object's name cut off."""
+    from edge_kit.cli.app import out
+    from edge_kit.cli.rollout import _print
+
+    monkeypatch.setattr(out, "width", 120)  # what `edgekit` prints to a pipe or a file
+
+    url = f"http://127.0.0.1:52869/sha256/{'43f1af8a65ad' * 5}abcd"
+    error = f"{url}: the store does not answer (connection refused); check the store URL and that its server runs"
+    _print({"id": "r", "state": "stopped", "reason": None, "gate": None, "counts": {"failed": 1}, "refused_messages": 0,
+            "devices": [{"device": "jetson-orin-nano-2", "wave": 1, "state": "failed", "variant": "fp16", "error": error,
+                         "seconds": 7.7, "download": None, "abort": None}]})
+    text = capsys.readouterr().out
+    assert "…" not in text and url[-12:] in text  # folded over lines, the end of the hash included
+
+
 def test_rollout_list_says_when_there_is_none_and_when_older_ones_were_left_out(tmp_path, run_cli):
     """An empty history printed a table of headers alone, and past 20 rollouts the older ones were left out
     without a word."""
