@@ -17,6 +17,7 @@ from edge_kit.cli.app import (
     bounded,
     emit_json,
     out,
+    print_whole,
     progress_bar,
     safe,
     spinner,
@@ -189,7 +190,7 @@ def compile_cmd(
             sys.stdout.write((target / "manifest.json").read_text())  # as written: signed when --sign-key was given
         else:
             table, notes = _compile_report(manifest)
-            out.print(table)
+            print_whole(table)
             for line in notes:
                 out.print(line, highlight=False)
             out.print(f"wrote {safe(str(target))}/manifest.json" + (f", signed by key {signer.key_id}" if signer else ""))

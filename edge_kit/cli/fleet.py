@@ -203,6 +203,8 @@ def publish_cmd(
     for f in result.files:
         t.add_row(f.kind, safe(f.name), f.sha256[:12], f"{f.bytes:,}", safe(f.path),
                   "[green]written[/]" if f.written else "[dim]already there[/]")
+    for folded in (1, 2, 4):  # names, hashes and store paths folded whole on a narrow terminal, never cut to '…'
+        t.columns[folded].overflow = "fold"
     out.print(t)
     written = result.written
     out.print(f"{result.model}: {len(written)} written ({sum(f.bytes for f in written):,} bytes), "
