@@ -639,12 +639,24 @@ class Rollout:
             self._note_refused(client)
         self._take_reports()
         self._flush()
+        if state == "done":  # exit 1 with nothing said: which devices, and what comes of them
+            reason = self._silent(settings)
         summary = self.summary(plan, state, reason)
         self._db("saving the outcome", lambda: self.history.save_rollout(
             self.rid, state, {**plan, "outcome": {k: summary[k] for k in ("state", "reason", "counts")}}))
         if self.progress:
             self.progress(Progress(self._counts(), len(ends), len(ends), len(self.rows)))
         return summary
+
+    def _silent(self, settings: RolloutSettings) -> str | None:
+        """Return what a done rollout says of its devices still ``sent`` (silent through their wave's timeout), or
+        None when there is none."""
+        silent = sum(1 for row in self.rows.values() if row["state"] == "sent")
+        if not silent:
+            return None
+        return (f"{silent} device(s) did not answer within --wave-timeout ({settings.wave_timeout_s:g} s; offline?): "
+                f"their desired state waits for them on the broker; `edgekit rollout status {self.rid} --refresh` takes "
+                "their answers")
 
     def _heartbeat(self) -> str | None:
         """Tell the history this driver is alive; return why to stop (an abort), or None to go on.
@@ -927,6 +939,8 @@ class Rollout:
             if not driven:
                 self._flush()
         reason = (plan.get("outcome") or {}).get("reason")
+        if record["state"] == "done":  # its silent devices may have answered since (--refresh)
+            reason = self._silent(settings_of(plan))
         if record["state"] == "running":  # an outcome kept from before a resume is not this run's
             reason = (f"driven by {record['owner']}" if driven else
                       f"no host drives it (its driver was stopped: Ctrl-C, or its host went down); `edgekit rollout "

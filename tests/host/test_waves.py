@@ -147,8 +147,14 @@ def test_a_silent_device_holds_its_own_wave_for_the_timeout_not_every_later_wave
     out = Rollout(history, "r", broker).run()
     took = time.monotonic() - started
     assert out["state"] == "done" and out["counts"] == {"converged": 19, "sent": 1, "refused": 1}
+    assert out["reason"] == ("1 device(s) did not answer within --wave-timeout (1.5 s; offline?): their desired state "
+                             "waits for them on the broker; `edgekit rollout status r --refresh` takes their answers")
     assert [d for d, _ in broker.sent] == names  # every wave went out
     assert 1.5 <= took < 3.0, took  # the first wave's timeout once, not once per wave (4.5 s)
+    assert Rollout(history, "r", broker).status(history.rollout("r"))["reason"] == out["reason"]
+    broker.silent.clear()
+    broker.publish_desired(broker.desired[names[0]], names[0])  # it comes online and takes its retained desired state
+    assert Rollout(history, "r", broker).status(history.rollout("r"), refresh=True)["reason"] is None
 
 
 def test_a_second_driver_is_refused_and_abort_stops_the_first(tmp_path):
