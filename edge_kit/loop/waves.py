@@ -294,6 +294,12 @@ def desired_for(plan: dict[str, Any], device: str, revision: int) -> Desired:
                    eval_bytes=t.get("eval_bytes"), keep=tuple(t["keep"]), fetch=Fetch(**plan["settings"]["fetch"]))
 
 
+def _resent() -> dict[str, Any]:
+    """Return the row detail of a device sent a new desired state by a rollback or a hold: its ``seconds`` count from
+    now (the candidate's seconds, or its last failed try's, would read as the rollback's)."""
+    return {"sent_at": round(time.time(), 3), "seconds": None}
+
+
 UNFINISHED = ("running", "aborting", "held", "stopped")  # rollouts that may still send desired states (resume)
 
 
@@ -476,6 +482,8 @@ class Rollout:
                 self.ignored += 1
                 continue
             if row["state"] == "rolling back":  # sent back to its previous model (live gate, abort), or held (abort)
+                if msg["state"] in FINAL:  # its seconds: from that new desired state to this answer
+                    row["detail"]["seconds"] = round(time.time() - row["detail"].get("sent_at", time.time()), 3)
                 candidate = row["detail"].get("candidate") if row["detail"].get("hold") else None
                 if msg["state"] == "converged" and candidate and field_at(msg, "current", "sha256") == candidate:
                     self._set(device, state="converged", detail={  # it had switched before the hold came
@@ -743,7 +751,8 @@ class Rollout:
         if rev is None:
             self._set(device, detail={"error": f"{why}; kept on the candidate: {self._no_revision(device)}"})
             return None
-        self._set(device, state="rolling back", revision=rev, detail={"error": why, "back_to": model, "hold": False})
+        self._set(device, state="rolling back", revision=rev, detail={"error": why, "back_to": model, "hold": False,
+                                                                      **_resent()})
         try:  # the device's word for its previous model's name, which an older agent took in any form: a label only
             name = check_model_name(model.get("model"))
         except ValueError:
@@ -852,7 +861,7 @@ class Rollout:
                         continue
                     back.append((name, Desired.holding(self.rid, rev)))
                     self._set(name, state="rolling back", revision=rev, detail={
-                        "error": why, "hold": True, "candidate": plan["targets"][name]["sha256"],
+                        "error": why, "hold": True, "candidate": plan["targets"][name]["sha256"], **_resent(),
                         "abort": "told to keep the model it runs (it had not converged on the candidate; a download "
                                  "in flight is dropped)"})
                 elif state == "rolled back":

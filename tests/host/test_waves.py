@@ -621,6 +621,22 @@ def test_abort_sends_every_device_the_rollout_moved_back_and_is_safe_to_run_twic
     assert broker.desired[names[2]].sha256 == "2" * 64
 
 
+def test_a_rolled_back_rows_seconds_time_the_rollback_not_the_candidate(tmp_path):
+    """Found walking `rollout abort` on a stopped rollout: a device told to hold showed 31.5 s, the time from the
+    candidate's desired state to its last failed try half a minute before the abort, though the hold took 3 s."""
+    history = Store(tmp_path / "h.db")
+    names = planned(history, n=10, max_failed=0.1)
+    broker = FakeBroker(fail={names[1]})
+    assert Rollout(history, "r", broker).run()["state"] == "stopped"  # names[0] converged, names[1] failed
+    time.sleep(0.6)  # the operator looks at it before aborting
+    out = Rollout(history, "r", broker).abort(wait_s=2)
+    rows = {r["device"]: r for r in out["devices"]}
+    assert rows[names[0]]["state"] == "rolled back" and rows[names[0]]["abort"].startswith("sent back to fp32")
+    assert rows[names[1]]["state"] == "rolled back" and rows[names[1]]["abort"].startswith("told to keep the model")
+    for name in names[:2]:
+        assert rows[name]["seconds"] is not None and rows[name]["seconds"] < 0.5, rows[name]
+
+
 def test_abort_waits_for_a_live_driver_and_says_when_it_did_not_stop(tmp_path):
     history = Store(tmp_path / "h.db")
     planned(history)
