@@ -375,6 +375,7 @@ def sim_up(
     t = Table("device", "profile", "ssh", "server", "root", box=box.SIMPLE_HEAD, pad_edge=False)
     for d in info["devices"]:
         t.add_row(d["name"], d["profile"], d["ssh"], d["ssh_server"], d["root"])
+    t.columns[4].overflow = "fold"  # each device's root whole on a narrow terminal, never cut to '…'
     out.print(t)
     out.print(f"broker: {info['broker']['kind']} on {info['broker']['host']}:{info['broker']['port']}; links: {links}; "
               f"fleet file: {sim.fleet_file}")
