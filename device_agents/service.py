@@ -205,8 +205,12 @@ class Agent:
         went out (:meth:`Spool.upcoming_seq`), so failed tries leave no gap in the ``reported`` sequence; any thread may
         call it: taking the seq, publishing and keeping the seq happen under one lock, so two reports never go out
         under one seq. A body over the protocol's payload limit is not published (every receiver and the broker refuse
-        it) nor tried again: counted as ``oversize_messages`` and logged (:meth:`_count_refused`).
+        it) nor tried again: counted as ``oversize_messages`` and logged (:meth:`_count_refused`). A simulated
+        device's (``simulated: true`` in its config, as ``edgekit sim`` writes it) says ``"simulated": true``, as
+        its status and bench records do.
         """
+        if self.cfg.simulated:  # a device of `edgekit sim`: what the rollout shows of it did not run on its hardware
+            body = {**body, "simulated": True}
         with self._report_lock:
             try:
                 seq = self.spool.upcoming_seq("reported")  # taken once it went out: a failed try leaves no gap

@@ -23,6 +23,7 @@ from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import Progress, ProgressColumn
+from rich.segment import Segments
 from rich.table import Table
 
 from edgekit_protocol.commands import MAX_TTL_S, bounds
@@ -76,6 +77,21 @@ typer.rich_utils._fix_linebreaks = _reflowed  # and a description's paragraphs a
 # Piped output (CI logs, `| tee`) gets rich's 80 columns, which cut the figures in wide tables.
 out = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 120, color_system=COLOR_SYSTEM)
 err = Console(stderr=True, color_system=COLOR_SYSTEM)
+
+
+def print_whole(table: Table, console: Console | None = None) -> None:
+    """Print ``table`` on ``console`` (default :data:`out`) at no less than its natural width; returns nothing.
+
+    rich fits a table to the console's width by cutting cells to '…', ``no_wrap`` figures included: on an 80-column
+    terminal the compile table read ``6,55…`` for 6,558.4 KiB and lost its last column. A table wider than the console
+    is printed whole instead (the terminal wraps its lines): a figure is never shown cut.
+    """
+    console = console or out
+    need = console.measure(table, options=console.options.update_width(100_000)).maximum
+    if need <= console.width:
+        console.print(table)
+        return
+    console.print(Segments(console.render(table, console.options.update_width(need))), crop=False)
 
 
 def progress_bar(*columns: str | ProgressColumn, as_json: bool, transient: bool = True) -> Progress:

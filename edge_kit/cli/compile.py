@@ -17,6 +17,7 @@ from edge_kit.cli.app import (
     bounded,
     emit_json,
     out,
+    print_whole,
     progress_bar,
     safe,
     spinner,
@@ -215,7 +216,7 @@ def _print_result(manifest: Any, target: Path, as_json: bool, signer: Any) -> No
         sys.stdout.write((target / "manifest.json").read_text())
         return
     table, notes = _compile_report(manifest)
-    out.print(table)
+    print_whole(table)
     for line in notes:
         out.print(line, highlight=False)
     out.print(f"wrote {safe(str(target))}/manifest.json" + (f", signed by key {signer.key_id}" if signer else ""))

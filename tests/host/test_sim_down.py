@@ -328,3 +328,22 @@ class _FakeSsh:
 
     def start(self):
         return self
+
+
+def test_sim_ups_table_keeps_each_devices_root_whole_in_a_pipe(tmp_path, run_cli, monkeypatch):
+    """Found walking `edgekit sim up > file` (120 columns): the root column read
+    '/tmp/s17walk/sim/devices/jetson-orin-nano-1/…', the one place the table names each device's folder."""
+    from types import SimpleNamespace
+
+    from edge_kit.cli.app import out
+
+    root = str(tmp_path / "a-rather-long-folder-name" / "sim" / "devices" / "jetson-orin-nano-1" / "root")
+    device = SimpleNamespace(name="jetson-orin-nano-1", profile="jetson-orin-nano", host="127.0.0.1", port=2222, root=root)
+    monkeypatch.setattr(simfleet.SimFleet, "up", lambda self, *a, **k: SimpleNamespace(devices=[device]))
+    monkeypatch.setattr(simfleet.SimFleet, "state", lambda self: {
+        "devices": [{"name": device.name, "ssh": "OpenSSH sshd"}], "links": None, "store": None,
+        "broker": {"kind": "mosquitto", "host": "127.0.0.1", "port": 1883}})
+    monkeypatch.setattr(out, "width", 120)
+    code, text, err = run_cli("sim", "up", "--devices", "1", "--profiles", "jetson-orin-nano", "--dir", tmp_path / "sim")
+    assert code == 0, err
+    assert "…" not in text and root in "".join(ln.split("OpenSSH sshd")[-1].strip() for ln in text.splitlines()[:8])

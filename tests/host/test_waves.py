@@ -4,6 +4,7 @@ and test_virtual_fleet.py): waves, thresholds, abort, and a resume that neither 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from edge_kit.loop.waves import (
     RolloutError,
     RolloutInterrupted,
     RolloutSettings,
+    _by_reason,
     parse_rate,
     parse_share,
     parse_waves,
@@ -104,6 +106,8 @@ def test_waves_go_in_order_and_a_failure_over_the_threshold_stops_the_rollout(tm
     broker = FakeBroker(fail={names[3]})
     out = Rollout(history, "r", broker).run()
     assert out["state"] == "stopped" and "1 of 10 devices sent so far failed" in out["reason"]
+    assert out["reason"].endswith("`edgekit rollout resume r` goes on once the failures are under the threshold; "
+                                  "`edgekit rollout abort r` puts the devices back)")  # what to do, not only what happened
     assert [d for d, _ in broker.sent] == names[:10]  # waves of 2 and 8; the last wave was never sent
     assert out["counts"] == {"converged": 9, "failed": 1, "planned": 10, "refused": 1}
     assert history.rollout("r")["state"] == "stopped" and history.rollout("r")["owner"] is None
@@ -131,6 +135,26 @@ def test_a_resumed_rollout_sends_each_device_once_and_takes_what_converged_meanw
     assert sorted(sent) == sorted(names)  # nobody twice: those answered before the crash were not sent again
     revisions = [rev for _, rev in broker.sent]
     assert revisions == sorted(revisions) and len(set(revisions)) == len(revisions)
+
+
+def test_a_silent_device_holds_its_own_wave_for_the_timeout_not_every_later_wave(tmp_path):
+    # Found by walking a simulated fleet with one device offline: waves 1 %, 10 %, 100 % waited the whole
+    # --wave-timeout three times (each wave waited for the first wave's silent device again).
+    history = Store(tmp_path / "h.db")
+    names = planned(history, wave_timeout_s=1.5)
+    broker = FakeBroker(silent={names[0]})
+    started = time.monotonic()
+    out = Rollout(history, "r", broker).run()
+    took = time.monotonic() - started
+    assert out["state"] == "done" and out["counts"] == {"converged": 19, "sent": 1, "refused": 1}
+    assert out["reason"] == ("1 device(s) did not answer within --wave-timeout (1.5 s; offline?): their desired state "
+                             "waits for them on the broker; `edgekit rollout status r --refresh` takes their answers")
+    assert [d for d, _ in broker.sent] == names  # every wave went out
+    assert 1.5 <= took < 3.0, took  # the first wave's timeout once, not once per wave (4.5 s)
+    assert Rollout(history, "r", broker).status(history.rollout("r"))["reason"] == out["reason"]
+    broker.silent.clear()
+    broker.publish_desired(broker.desired[names[0]], names[0])  # it comes online and takes its retained desired state
+    assert Rollout(history, "r", broker).status(history.rollout("r"), refresh=True)["reason"] is None
 
 
 def test_a_second_driver_is_refused_and_abort_stops_the_first(tmp_path):
@@ -415,6 +439,25 @@ def test_the_cli_says_what_the_gate_decided_and_where_its_figures_came_from(caps
     assert "test: one-sided Mann-Whitney U" in text
 
 
+def test_status_of_a_running_rollout_says_whether_a_host_drives_it_and_what_to_run_when_none_does(tmp_path):
+    """Found walking Ctrl-C then `rollout status`: 'running (planned 2, sent 1)' with nothing driving it, which reads
+    as if it were going on; after a resume of a stopped rollout was interrupted, the stop's old reason was shown."""
+    history = Store(tmp_path / "h.db")
+    names = planned(history)
+    broker = FakeBroker(fail={names[0]})
+    assert Rollout(history, "r", broker).run()["state"] == "stopped"
+    broker.retained[names[0]] = {**broker.retained[names[0]], "state": "converged", "error": None}  # it recovered
+    broker.crash_after = len(broker.sent)
+    with pytest.raises(RolloutInterrupted):  # resumed, then Ctrl-C before its next desired state went out
+        Rollout(history, "r", broker).run()
+    view = Rollout(history, "r", FakeBroker()).status(history.rollout("r"))
+    assert view["state"] == "running"
+    assert view["reason"] == ("no host drives it (its driver was stopped: Ctrl-C, or its host went down); `edgekit "
+                              "rollout resume r` goes on, `edgekit rollout abort r` ends it")
+    assert history.claim_rollout("r", "ops-host:42", 30.0) is None
+    assert Rollout(history, "r", FakeBroker()).status(history.rollout("r"))["reason"] == "driven by ops-host:42"
+
+
 def test_ctrl_c_while_driving_says_how_to_resume_in_one_line_exit_130(tmp_path, run_cli, monkeypatch):
     """Before: 'interrupted; nothing was half-written', which did not say the rollout was resumable or how."""
     from edge_kit.loop import waves
@@ -578,6 +621,22 @@ def test_abort_sends_every_device_the_rollout_moved_back_and_is_safe_to_run_twic
     assert broker.desired[names[2]].sha256 == "2" * 64
 
 
+def test_a_rolled_back_rows_seconds_time_the_rollback_not_the_candidate(tmp_path):
+    """Found walking `rollout abort` on a stopped rollout: a device told to hold showed 31.5 s, the time from the
+    candidate's desired state to its last failed try half a minute before the abort, though the hold took 3 s."""
+    history = Store(tmp_path / "h.db")
+    names = planned(history, n=10, max_failed=0.1)
+    broker = FakeBroker(fail={names[1]})
+    assert Rollout(history, "r", broker).run()["state"] == "stopped"  # names[0] converged, names[1] failed
+    time.sleep(0.6)  # the operator looks at it before aborting
+    out = Rollout(history, "r", broker).abort(wait_s=2)
+    rows = {r["device"]: r for r in out["devices"]}
+    assert rows[names[0]]["state"] == "rolled back" and rows[names[0]]["abort"].startswith("sent back to fp32")
+    assert rows[names[1]]["state"] == "rolled back" and rows[names[1]]["abort"].startswith("told to keep the model")
+    for name in names[:2]:
+        assert rows[name]["seconds"] is not None and rows[name]["seconds"] < 0.5, rows[name]
+
+
 def test_abort_waits_for_a_live_driver_and_says_when_it_did_not_stop(tmp_path):
     history = Store(tmp_path / "h.db")
     planned(history)
@@ -611,6 +670,20 @@ def test_a_store_url_or_variant_that_cannot_be_rolled_out_is_bad_input_exit_2_li
     assert code == 2, err
     assert json.loads(out)["error"] == error and err.count("\n") == 1
     assert Store(tmp_path / "edgekit-history.db").rollout("r") is None
+
+
+def test_a_variant_no_device_has_is_one_short_line_grouped_by_reason_however_large_the_fleet(tmp_path, run_cli):
+    """Found walking a simulated fleet with `--variant nope`: the line repeated the same reason once per device for
+    the first three devices and said nothing of the others (a fleet of 1,000 read as if it had 3)."""
+    fleet_file, folder = one_artifact_plan(tmp_path, devices="abcdefg")
+    code, out, err = run_cli("rollout", "start", "--fleet", fleet_file, folder, "--store", "http://127.0.0.1:1",
+                             "--variant", "fp16", "--id", "r", "--json")
+    assert code == 2 and err.count("\n") == 1
+    assert json.loads(out)["error"] == ("rollout r: no device gets an artifact: a, b, c and 4 more: variant fp16 is not "
+                                        "built for profile rpi4 (built: int8)")
+    refused = {f"d{i}": f"d{i}: why {i % 5}" for i in range(12)}
+    assert _by_reason(refused, names=2) == ("d0, d5 and 1 more: why 0; d1, d6 and 1 more: why 1; d2, d7: why 2; "
+                                            "and 2 more reason(s) for 4 more device(s)")
 
 
 @pytest.mark.parametrize("state, advice", [("done", "give another --id"),
@@ -668,6 +741,23 @@ def test_the_rollout_table_says_what_each_device_did_a_converged_device_that_fet
     assert "fetched 2.00 MB (resumed)" in lines["a"]
     assert "nothing fetched: the model was on the device already" in lines["b"]
     assert "fetch: TLS failed" in lines["c"] and "nothing fetched" not in lines["d"] + lines["c"]
+
+
+def test_the_rollout_table_keeps_a_long_url_in_an_error_whole(capsys, monkeypatch):
+    """Found walking a store that went down mid-rollout, output to a file (120 columns): the device's error showed
+    'http://127.0.0.1:52869/sha256/43f1af8a65adb90fd053ba11de7…', the object's name cut off."""
+    from edge_kit.cli.app import out
+    from edge_kit.cli.rollout import _print
+
+    monkeypatch.setattr(out, "width", 120)  # what `edgekit` prints to a pipe or a file
+
+    url = f"http://127.0.0.1:52869/sha256/{'43f1af8a65ad' * 5}abcd"
+    error = f"{url}: the store does not answer (connection refused); check the store URL and that its server runs"
+    _print({"id": "r", "state": "stopped", "reason": None, "gate": None, "counts": {"failed": 1}, "refused_messages": 0,
+            "devices": [{"device": "jetson-orin-nano-2", "wave": 1, "state": "failed", "variant": "fp16", "error": error,
+                         "seconds": 7.7, "download": None, "abort": None}]})
+    text = capsys.readouterr().out
+    assert "…" not in text and url[-12:] in text  # folded over lines, the end of the hash included
 
 
 def test_rollout_list_says_when_there_is_none_and_when_older_ones_were_left_out(tmp_path, run_cli):
