@@ -395,3 +395,26 @@ def test_offline_and_constraints_alerts_are_kept_as_episodes_and_listed(fleet_fi
     code, out, err = run_cli("report", "--history", tmp_path / "h.db", "--out", tmp_path / "r.html", "--json")
     assert code == 0 and json.loads(out)["alerts_holding"] == 2, err
     assert "constraints fp32" in (tmp_path / "r.html").read_text()
+
+
+def test_a_device_naming_a_new_variant_in_every_breaking_record_holds_at_most_max_breaking_variants(fleet_file, tmp_path):
+    """A hostile device (its own valid key) signing benchmarks that break its constraints, each naming a new variant,
+    grew the monitor's set of breaking variants, the history's open alerts and the operator's screen by one a record,
+    without bound (a variant named once never meets the constraints). Now a device holds at most MAX_BREAKING_VARIANTS
+    such episodes: the others are stored and counted, alerted once."""
+    from edge_kit.telemetry.monitor import MAX_BREAKING_VARIANTS
+
+    store = Store(tmp_path / "h.db")
+    mon = _started(fleet_file, store)
+    many = MAX_BREAKING_VARIANTS + 200
+    for seq in range(1, many + 1):
+        mon._after_store(*_bench("d2", seq, f"v{seq}", 80.0))
+    assert len(mon._breaking["d2"]) == MAX_BREAKING_VARIANTS
+    assert mon.stats.breaking_not_alerted == 200
+    assert len(store.alerts(holds=True, limit=1000)) == MAX_BREAKING_VARIANTS
+    assert mon.alerts_raised == MAX_BREAKING_VARIANTS + 1
+    assert mon.alerts[-1].text.startswith(f"d2: {MAX_BREAKING_VARIANTS} variants break its constraints at once")
+    mon._after_store(*_bench("d2", many + 1, "v1", 20.0))  # v1 meets them: its episode ends, room for one more
+    mon._after_store(*_bench("d2", many + 2, "new", 90.0))
+    assert "new" in mon._breaking["d2"] and mon.alerts[-1].text.startswith("d2 new: breaks p90 <= 50 ms")
+    mon.stop()
