@@ -955,9 +955,11 @@ class HistoryStore(abc.ABC):
         for column, sql_type in (("subject", "TEXT NOT NULL DEFAULT ''"), ("seen", self._REAL), ("cleared_why", "TEXT")):
             if column not in have:
                 self._add_column("alerts", column, sql_type)
-        self._execute("DROP INDEX IF EXISTS alerts_open")  # version 3's: one open alert per device and kind
+        # the new index before version 3's goes (one open alert per device and kind): never a moment without one, in
+        # which a monitor of an older edge-kit still running would open an alert twice, and this index then fail
         self._execute("CREATE UNIQUE INDEX IF NOT EXISTS alerts_open_subject ON alerts (device, kind, subject) "
                       "WHERE cleared_at IS NULL")
+        self._execute("DROP INDEX IF EXISTS alerts_open")
         if "kind" not in self._columns("decisions"):
             self._add_column("decisions", "kind", "TEXT")
         self._execute("CREATE INDEX IF NOT EXISTS decisions_kind ON decisions (kind, device, id)")
