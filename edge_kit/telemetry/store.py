@@ -834,7 +834,10 @@ class HistoryStore(abc.ABC):
     def newest_seqs(self, kinds: tuple[str, ...]) -> dict[tuple[str, str], int]:
         """Return the ``seq`` of the newest message the history holds (by receive time, then ``seq``) per device and
         kind, for each of ``kinds``, as ``{(device, kind): seq}``: where each device's numbering stood when it was
-        last stored (a device whose numbering started again, re-imaged, stands at its new numbers). One query a kind.
+        last stored (a device whose numbering started again, re-imaged, stands at its new numbers), or the end of a
+        sequence gap of that device and kind recorded since, when higher (numbers a telemetry message's ``seqs`` said
+        were given, whose records never came: they are recorded once, not again by the next monitor). Two queries a
+        kind.
 
         Raises:
             ValueError: a kind the store does not keep.
@@ -850,6 +853,11 @@ class HistoryStore(abc.ABC):
                                           "GROUP BY t.device"):
                 if seq is not None:
                     out[(device, kind)] = int(seq)
+            for device, last in self._rows(f"SELECT g.device, MAX(g.last_missing) FROM gaps g JOIN (SELECT device, "
+                                           f"MAX(ts) AS ts FROM {kind} GROUP BY device) l ON g.device = l.device AND "
+                                           "g.ts >= l.ts WHERE g.kind = ? GROUP BY g.device", (kind,)):
+                if last is not None and (device, kind) in out:
+                    out[(device, kind)] = max(out[(device, kind)], int(last))
         return out
 
     def _latest(self, table: str) -> dict[str, dict[str, Any]]:

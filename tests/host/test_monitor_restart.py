@@ -418,3 +418,27 @@ def test_a_device_naming_a_new_variant_in_every_breaking_record_holds_at_most_ma
     mon._after_store(*_bench("d2", many + 2, "new", 90.0))
     assert "new" in mon._breaking["d2"] and mon.alerts[-1].text.startswith("d2 new: breaks p90 <= 50 ms")
     mon.stop()
+
+
+def test_records_a_telemetry_mark_said_were_lost_are_one_gap_across_a_restart(fleet_file, tmp_path):
+    """d1's telemetry said it gave bench 1..3 (its ``seqs``) and only bench 1 came: the gap 2..3 was recorded. A
+    persistent monitor started again took where d1's bench numbering stood from the newest stored bench record (1), so
+    d1's next bench record (4) recorded 2..3 again: two gap rows and two alerts for two lost records."""
+    def stored(mon, kind, msg):
+        store.add(kind, msg)
+        mon._after_store(kind, msg)
+
+    store = Store(tmp_path / "h.db")
+    mon = _started(fleet_file, store, persistent=True, client_id="m1")
+    stored(mon, *_bench("d1", 1, "int8", 20.0))
+    stored(mon, "telemetry", messages.envelope("telemetry", "sim", "d1", 1, {"conditions": {}, "spool": {},
+                                                                            "seqs": {"bench": 3}}))
+    assert [(g["first_missing"], g["last_missing"]) for g in store.sequence_gaps()] == [(2, 3)]
+    mon.stop()
+    again = _started(fleet_file, store, persistent=True, client_id="m1")
+    stored(again, *_bench("d1", 4, "int8", 20.0))
+    assert [(g["first_missing"], g["last_missing"]) for g in store.sequence_gaps()] == [(2, 3)]
+    assert not [a for a in again.alerts if a.kind == "gap"] and again.stats.gaps == 0
+    stored(again, *_bench("d1", 6, "int8", 20.0))  # a gap after it is still one
+    assert [(g["first_missing"], g["last_missing"]) for g in store.sequence_gaps()] == [(5, 5), (2, 3)]
+    again.stop()

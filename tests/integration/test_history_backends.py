@@ -812,6 +812,17 @@ def _as_version_3(spec: str) -> None:
     conn.close()
 
 
+def test_where_a_devices_numbering_stands_counts_the_gaps_recorded_since_its_newest_record(history):
+    """A persistent monitor starts from it: the newest stored seq, or the end of a gap recorded after that record (a
+    telemetry message's marks), never a gap recorded before it (a device whose numbering started again)."""
+    history.add_many([("bench", bench("d1", "s1", 1.0, 5)), ("bench", bench("d2", "s1", 1.0, 7))], received=[100.0, 100.0])
+    history.add_gap("d1", "bench", 6, 9)  # recorded now: after d1's record
+    history.add_gap("d1", "live", 1, 50)  # of a kind d1 stored nothing of: not a number it stands at
+    assert history.newest_seqs(("bench", "live")) == {("d1", "bench"): 9, ("d2", "bench"): 7}
+    history.add_many([("bench", bench("d1", "s1", 1.0, 2))], received=[time.time() + 60])  # numbering started again
+    assert history.newest_seqs(("bench",)) == {("d1", "bench"): 2, ("d2", "bench"): 7}
+
+
 def test_the_version_4_upgrade_leaves_no_moment_without_one_open_alert_per_device_and_kind(history_spec, monkeypatch):
     """The upgrade dropped version 3's unique index of open alerts before it created version 4's: a monitor of the
     older edge-kit still running that raised an alert in between opened it twice, and the new unique index then failed
