@@ -102,6 +102,9 @@ log = logging.getLogger("edgekit.monitor")
 NOT_NEWS_AGAIN = ("status", "shadow")
 STORED_KINDS = KINDS  # the monitor subscribes to what the history keeps
 SEQ_KINDS = tuple(k for k in KINDS if k != "status")  # streams numbered by seq: a number skipped is a record lost
+# streams an agent's spool, full, drops the oldest of (device_agents.spool.DROPPABLE; bench records never are): a gap
+# of one may be the device's own drop, which its telemetry's spool counts
+SPOOL_DROPPED_KINDS = ("telemetry", "live", "shadow")
 BATCH = 500
 
 
@@ -830,7 +833,9 @@ class Monitor:
                                              f"{last + 1}..{before}), recorded as a sequence gap: lost on the way "
                                              "to the monitor (dropped by the broker past its queue limit while the "
                                              "monitor was down, or published while the broker held no session for "
-                                             "it)"))
+                                             "it)" + ("" if kind not in SPOOL_DROPPED_KINDS else
+                                                     f", or dropped by the device's full spool before it sent them "
+                                                     f"(its telemetry's spool counts those: dropped_{kind})")))
         if last is None or seq > last:
             self._seq[key] = seq
 

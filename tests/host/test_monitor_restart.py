@@ -442,3 +442,18 @@ def test_records_a_telemetry_mark_said_were_lost_are_one_gap_across_a_restart(fl
     stored(again, *_bench("d1", 6, "int8", 20.0))  # a gap after it is still one
     assert [(g["first_missing"], g["last_missing"]) for g in store.sequence_gaps()] == [(5, 5), (2, 3)]
     again.stop()
+
+
+def test_a_gap_in_a_stream_the_device_s_spool_drops_says_the_device_may_have_dropped_it(fleet_file, tmp_path):
+    """An agent whose spool is full drops its oldest live, shadow and telemetry rows (numbered already, counted in its
+    telemetry's spool figures); the gap they leave, which its telemetry's ``seqs`` now shows at once, was alerted as lost
+    by the broker only, sending the operator to the broker's queue limits. Bench records are never dropped so."""
+    store = Store(tmp_path / "h.db")
+    mon = _started(fleet_file, store)
+    for record in (_live("d1", 1), _live("d1", 4), _bench("d1", 1, "int8", 20.0), _bench("d1", 3, "int8", 20.0)):
+        mon._after_store(*record)
+    live, bench = [a.text for a in mon.alerts if a.kind == "gap"]
+    assert live.startswith("d1: 2 live record(s) never arrived (seq 2..3)") and live.endswith(
+        "or dropped by the device's full spool before it sent them (its telemetry's spool counts those: dropped_live)")
+    assert bench.startswith("d1: 1 bench record(s) never arrived (seq 2..2)") and "spool" not in bench
+    mon.stop()
