@@ -69,8 +69,11 @@ def _reflowed(paragraphs: list[str], _markup_mode: Any) -> str:
 
 # typer 0.29's help showed every flag as taking a value (`--json <bool>`, `--help <bool>`), a repeatable option as
 # taking a list (`--profile <list[str]>`) and a required argument as `{model}`. Set once, as the module is imported.
+# These are typer's internals, which the `typer>=0.12` edge-kit takes do not all have (0.12.5 has none): a typer
+# without one shows its own help there (the assignments below add an attribute it never reads).
 for _param in (typer.core.TyperOption, typer.core.TyperArgument):
-    _param.display_type_rich = _shown_type(_param.display_type_rich)  # type: ignore[method-assign]
+    if hasattr(_param, "display_type_rich"):
+        _param.display_type_rich = _shown_type(_param.display_type_rich)  # type: ignore[method-assign]
 typer.core.TyperArgument._usage_display_name = _usage_name  # type: ignore[method-assign]
 typer.rich_utils._fix_linebreaks = _reflowed  # and a description's paragraphs as the docstring broke them
 

@@ -552,7 +552,7 @@ def monitor_cmd(
 
     from edge_kit.fleet.inventory import load_fleet
     from edge_kit.telemetry.metrics import FleetMetrics, metrics_url
-    from edge_kit.telemetry.monitor import Monitor
+    from edge_kit.telemetry.monitor import MAX_BREAKING_VARIANTS, Monitor
 
     fleet = load_fleet(fleet_file)
     db = open_fleet_history(fleet_file, history)
@@ -609,6 +609,7 @@ def monitor_cmd(
     if as_json:
         emit_json({"received": s.received, "stored": s.stored, "duplicates": s.duplicates, "invalid": s.invalid,
                     "gaps": s.gaps, "dropped": s.dropped, "over_budget": s.over_budget, "left_by_revoked": s.left_by_revoked,
+                    "breaking_not_alerted": s.breaking_not_alerted,
                     "over_budget_by_device": dict(sorted(mon.over_budget.items())),
                     "alerts": [vars(a) for a in mon.alerts], "alerts_raised": mon.alerts_raised,
                     "carried_over": mon.carried_over, "carried_over_total": mon.carried_over_total,
@@ -616,8 +617,13 @@ def monitor_cmd(
     else:
         if not out.is_terminal:  # rich ends its last frame with a newline on a terminal only: a log got "...hardwarestored"
             out.line()
+        # dropped unrefused and not alerted one by one: said here when there were any (a revoked key's use included)
+        quiet = "".join(f"{n:,} {what}, " for n, what in (
+            (s.left_by_revoked, "left by revoked devices (signed before their revocation: dropped, not stored)"),
+            (s.breaking_not_alerted, "benchmarks breaking constraints not alerted (past a device's "
+                                     f"{MAX_BREAKING_VARIANTS} variants)")) if n)
         out.print(safe(f"stored {s.stored:,} of {s.received:,} messages received ({s.duplicates:,} duplicates, "
-                       f"{s.invalid:,} refused, {s.over_budget:,} over budget, {s.gaps:,} sequence gaps, "
+                       f"{s.invalid:,} refused, {s.over_budget:,} over budget, {s.gaps:,} sequence gaps, {quiet}"
                        f"{mon.alerts_raised:,} alerts) in {db.where}"),
                   highlight=False)
 

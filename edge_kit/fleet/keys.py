@@ -219,12 +219,14 @@ class _RegistryKeyring(Keyring):
         """Return True when ``payload`` on ``topic`` is what a revoked device left at the broker: a ``status`` or
         ``reported`` message (the kinds a device has the broker retain) of the device the topic names, which has no
         trusted key (revoked, none registered since), signed by one of its revoked keys, and either sent as the
-        broker's retained copy (``retained``: what the broker holds, handed to every new subscriber) or dated before
-        that key's revocation: its last will, signed when it connected, which a broker reloaded or restarted after
-        the revocation publishes (retained) as it drops the device's connection. Receivers drop such a message: not
-        stored, not counted as refused, not shown (the device shows as revoked). Anything else of a revoked device
-        (a message signed after its revocation and sent live, a forgery) is no leftover: False, and it is refused as
-        before. Never raises (a registry that cannot be read, a payload that does not decode: False)."""
+        broker's retained copy (``retained``: what the broker holds, handed to every new subscriber) or its last will:
+        an ``offline`` status dated before that key's revocation, signed when it connected, which a broker reloaded or
+        restarted after the revocation publishes (retained) as it drops the device's connection. Receivers drop such a
+        message: not stored, not counted as refused, not shown (the device shows as revoked). Anything else of a
+        revoked device (a message signed after its revocation and sent live, a forgery, and a live ``reported`` or
+        non-offline status whatever its ``ts``: the device's clock, which a thief holding the key sets back at will)
+        is no leftover: False, and it is refused as before. Never raises (a registry that cannot be read, a payload
+        that does not decode: False)."""
         if not topic.endswith(tuple(f"/{k}" for k in DEVICE_RETAINED_KINDS)):  # most messages: a string test, no more
             return False
         try:
@@ -237,7 +239,8 @@ class _RegistryKeyring(Keyring):
             for public, revoked in self._revoked_keys.get(device, ()):
                 if self._id(public) == msg.get("key_id"):
                     Keyring({device: public}).verify(msg, device)  # MessageError: not what the device signed
-                    return retained or (messages.in_range(msg.get("ts")) and msg["ts"] < revoked)
+                    will = kind == "status" and msg.get("state") == "offline"  # what a last will says
+                    return retained or (will and messages.in_range(msg.get("ts")) and msg["ts"] < revoked)
         except Exception:  # noqa: BLE001 - no leftover: the ordinary checks refuse it, saying why
             return False
         return False

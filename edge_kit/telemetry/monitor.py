@@ -102,6 +102,9 @@ log = logging.getLogger("edgekit.monitor")
 NOT_NEWS_AGAIN = ("status", "shadow")
 STORED_KINDS = KINDS  # the monitor subscribes to what the history keeps
 SEQ_KINDS = tuple(k for k in KINDS if k != "status")  # streams numbered by seq: a number skipped is a record lost
+# streams an agent's spool, full, drops the oldest of (device_agents.spool.DROPPABLE; bench records never are): a gap
+# of one may be the device's own drop, which its telemetry's spool counts
+SPOOL_DROPPED_KINDS = ("telemetry", "live", "shadow")
 BATCH = 500
 
 
@@ -127,6 +130,9 @@ class MonitorStats:
     # what revoked devices left at the broker (their retained status or reported state, their last will): dropped,
     # neither stored nor refused (Keyring.left_by_revoked)
     left_by_revoked: int = 0
+    # benchmarks breaking their device's constraints for a variant beyond the MAX_BREAKING_VARIANTS whose episodes the
+    # device has open: stored, counted here, alerted once a device (a device naming a new variant in each record)
+    breaking_not_alerted: int = 0
     # per device of the fleet file: records refused because it was over its ingest budget
     over_budget_by_device: dict[str, int] = field(default_factory=dict)
 
@@ -173,6 +179,7 @@ MAX_QUEUED = 20_000
 MAX_REASON = 500  # characters of a refusal's reason kept (in the alert and the invalid row): it may quote a device
 MAX_TOPIC = 256  # characters of a refused message's topic kept (a real one has under 160; the broker allows 64 KiB)
 MAX_ALERT_CHARS = 1000  # characters of an alert kept: its text may hold a device's variant name (any length)
+MAX_BREAKING_VARIANTS = 32  # a device's variants held as breaking its constraints at once (an episode and alert each)
 MAX_CARRIED = 100  # open alerts of the history a monitor shows as carried over when it starts (the newest)
 
 
@@ -189,6 +196,16 @@ def _shadow_mark(shadow: dict[str, Any]) -> tuple[int | None, str | None, int]:
     seq, run, count = shadow.get("seq"), shadow.get("run"), shadow.get("non_finite")
     return (seq if type(seq) is int else None, run if isinstance(run, str) else None,
             count if type(count) is int and count >= 0 else 0)
+
+
+def _breaking_of(keys: list[tuple[str, str, str, bool]], devices: Any) -> dict[str, set[str]]:
+    """Return, per device of ``devices`` (names, or a mapping keyed by them), the subjects (variants) of its open
+    constraints alerts among ``keys`` (:meth:`HistoryStore.open_alert_keys`' answer). Never raises."""
+    out: dict[str, set[str]] = {}
+    for kind, device, subject, _stale in keys:
+        if kind == "constraints" and device in devices:
+            out.setdefault(device, set()).add(subject)
+    return out
 
 
 class Monitor:
@@ -243,7 +260,10 @@ class Monitor:
         self._low_disk: set[str] = set()
         self._drifting: set[str] = set()
         self._offline: set[str] = set()  # devices whose offline alert holds
-        self._breaking: set[tuple[str, str]] = set()  # (device, variant as the alerts table keeps it) breaking constraints
+        # device -> its variants (as the alerts table keeps them) breaking its constraints: at most MAX_BREAKING_VARIANTS
+        # each (a hostile device signing records with a new variant name each would grow it without bound)
+        self._breaking: dict[str, set[str]] = {}
+        self._breaking_capped: set[str] = set()  # devices alerted as having MAX_BREAKING_VARIANTS episodes open
         #: The history's open alerts when this monitor started (newest first, at most MAX_CARRIED; :meth:`start`), each
         #: a row of :meth:`HistoryStore.alerts` with ``still_open`` (False: closed at start, nobody held it), and
         #: how many were open in all: a monitor that died before printing an alert left it there.
@@ -816,7 +836,9 @@ class Monitor:
                                              f"{last + 1}..{before}), recorded as a sequence gap: lost on the way "
                                              "to the monitor (dropped by the broker past its queue limit while the "
                                              "monitor was down, or published while the broker held no session for "
-                                             "it)"))
+                                             "it)" + ("" if kind not in SPOOL_DROPPED_KINDS else
+                                                     f", or dropped by the device's full spool before it sent them "
+                                                     f"(its telemetry's spool counts those: dropped_{kind})")))
         if last is None or seq > last:
             self._seq[key] = seq
 
@@ -883,7 +905,7 @@ class Monitor:
         self._drifting = {d for d in held.get("drift", ()) if d in self.constraints}
         self._low_disk = {d for d in held.get("low_disk", ()) if d in self.constraints}
         self._offline = {d for d in held.get("offline", ()) if d in self.constraints}
-        self._breaking = {(d, sub) for k, d, sub, _ in keys if k == "constraints" and d in self.constraints}
+        self._breaking = _breaking_of(keys, self.constraints)
 
     def _seed_alert_states(self, shadows: dict[str, dict[str, Any]]) -> None:
         """Start each alert episode the history shows under way, so a restarted monitor neither raises an alert again
@@ -927,7 +949,8 @@ class Monitor:
             for state, kind in ((self._drifting, "drift"), (self._low_disk, "low_disk"),
                                 (self._silent_alerted, "silent"), (self._offline, "offline")):
                 state.update(d for d in held.get(kind, ()) if d in fleet)
-            self._breaking.update((d, sub) for k, d, sub, _ in keys if k == "constraints" and d in fleet)
+            for device, subjects in _breaking_of(keys, fleet).items():
+                self._breaking.setdefault(device, set()).update(subjects)
             if self.share is None:  # the only worker: no episode of another holds it
                 self.store.forget_holders(HELD_KINDS)
                 for device in held.get("over_budget", ()):
@@ -1023,15 +1046,24 @@ class Monitor:
             m = Measured.from_record(msg, size if size is not None else math.nan)
             broken = violations(c, m, None)
             variant = str(msg["variant"])
-            key = (device, alert_subject(variant))  # an episode per variant, as the alerts table keeps it
-            if broken and key not in self._breaking:  # each bound with the figure that broke it and where that came from
-                self._breaking.add(key)
+            subject = alert_subject(variant)  # an episode per variant, as the alerts table keeps it
+            held = self._breaking.get(device, set())
+            if broken and subject not in held and len(held) >= MAX_BREAKING_VARIANTS:
+                self.stats.breaking_not_alerted += 1  # stored, not an episode: the device has too many open
+                if device not in self._breaking_capped:
+                    self._breaking_capped.add(device)
+                    self._alert(Alert(device, "constraints", f"{device}: {len(held)} variants break its constraints at "
+                                      f"once; those of more are not alerted one by one (counted: breaking_not_alerted "
+                                      f"in the --json summary; their records are stored)"))
+            elif broken and subject not in held:  # each bound with the figure that broke it and where that came from
+                self._breaking.setdefault(device, held).add(subject)
                 self._alert_held(Alert(device, "constraints", f"{device} {msg['variant']}: breaks "
                                        + ", ".join(f"{describe(k, c)} ({measured_text(k, m)})" for k in broken)
                                        + ("; a simulated device: this machine's figures" if msg.get("simulated") else "")),
                                  "constraints", subject=variant)
-            elif not broken and key in self._breaking:
-                self._breaking.discard(key)
+            elif not broken and subject in held:
+                held.discard(subject)
+                self._breaking_capped.discard(device)
                 self.store.close_alert(device, "constraints", subject=variant)
 
     def _silence_limit(self, device: str) -> float:

@@ -834,7 +834,10 @@ class HistoryStore(abc.ABC):
     def newest_seqs(self, kinds: tuple[str, ...]) -> dict[tuple[str, str], int]:
         """Return the ``seq`` of the newest message the history holds (by receive time, then ``seq``) per device and
         kind, for each of ``kinds``, as ``{(device, kind): seq}``: where each device's numbering stood when it was
-        last stored (a device whose numbering started again, re-imaged, stands at its new numbers). One query a kind.
+        last stored (a device whose numbering started again, re-imaged, stands at its new numbers), or the end of a
+        sequence gap of that device and kind recorded since, when higher (numbers a telemetry message's ``seqs`` said
+        were given, whose records never came: they are recorded once, not again by the next monitor). Two queries a
+        kind.
 
         Raises:
             ValueError: a kind the store does not keep.
@@ -850,6 +853,11 @@ class HistoryStore(abc.ABC):
                                           "GROUP BY t.device"):
                 if seq is not None:
                     out[(device, kind)] = int(seq)
+            for device, last in self._rows(f"SELECT g.device, MAX(g.last_missing) FROM gaps g JOIN (SELECT device, "
+                                           f"MAX(ts) AS ts FROM {kind} GROUP BY device) l ON g.device = l.device AND "
+                                           "g.ts >= l.ts WHERE g.kind = ? GROUP BY g.device", (kind,)):
+                if last is not None and (device, kind) in out:
+                    out[(device, kind)] = max(out[(device, kind)], int(last))
         return out
 
     def _latest(self, table: str) -> dict[str, dict[str, Any]]:
@@ -955,9 +963,11 @@ class HistoryStore(abc.ABC):
         for column, sql_type in (("subject", "TEXT NOT NULL DEFAULT ''"), ("seen", self._REAL), ("cleared_why", "TEXT")):
             if column not in have:
                 self._add_column("alerts", column, sql_type)
-        self._execute("DROP INDEX IF EXISTS alerts_open")  # version 3's: one open alert per device and kind
+        # the new index before version 3's goes (one open alert per device and kind): never a moment without one, in
+        # which a monitor of an older edge-kit still running would open an alert twice, and this index then fail
         self._execute("CREATE UNIQUE INDEX IF NOT EXISTS alerts_open_subject ON alerts (device, kind, subject) "
                       "WHERE cleared_at IS NULL")
+        self._execute("DROP INDEX IF EXISTS alerts_open")
         if "kind" not in self._columns("decisions"):
             self._add_column("decisions", "kind", "TEXT")
         self._execute("CREATE INDEX IF NOT EXISTS decisions_kind ON decisions (kind, device, id)")

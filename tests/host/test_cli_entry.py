@@ -22,6 +22,18 @@ def test_without_the_host_extra_it_names_what_to_install_in_one_line():
                              "pip install 'edge-kit[host]'\n")
 
 
+def test_a_typer_without_the_help_internals_edge_kit_adjusts_still_runs_every_command():
+    """edge-kit adjusts typer's help (flags without a value type, ``MODEL`` for an argument) through typer's internals,
+    which pyproject's ``typer>=0.12`` does not promise: typer 0.12.5 has no ``display_type_rich``, and importing the
+    CLI raised AttributeError, a traceback for every command. Now such a typer shows its own help."""
+    prelude = ("import typer.core as c, typer.rich_utils as r; del c.TyperOption.display_type_rich; "
+               "del c._TyperParameter.display_type_rich; del c.TyperArgument._usage_display_name; del r._fix_linebreaks")
+    for args in (("profiles", "list", "--json"), ("compile", "--help")):
+        result = run_edgekit(prelude, *args)
+        assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert "rpi4" in run_edgekit(prelude, "profiles", "list", "--json").stdout
+
+
 def test_a_toolkit_error_is_one_line_and_its_exit_code():
     result = run_edgekit("pass", "profiles", "show", "rpi-4")
     assert result.returncode == 2

@@ -326,6 +326,22 @@ def test_monitor_without_json_ends_with_what_it_stored(tmp_path, run_cli, monkey
         f"{tmp_path.resolve() / 'edgekit-history.db'}")
 
 
+def test_monitor_s_last_line_says_what_it_dropped_without_a_refusal_or_an_alert(tmp_path, run_cli, monkeypatch):
+    """What a revoked device left at the broker (or a stolen revoked key signed with a time before its revocation) is
+    dropped unrefused, and benchmarks breaking the constraints past a device's 32 variants are not alerted one by one:
+    both were counted only in the --json summary, the line a run ends with never said so."""
+    from edge_kit.telemetry import monitor as monitor_module
+
+    seen = monitor_module.MonitorStats(received=5, stored=1, left_by_revoked=3, breaking_not_alerted=1)
+    fleet_file = _offline_monitor(tmp_path, monkeypatch, stats=seen, alerts_raised=1)
+    code, out, err = run_cli("monitor", "--fleet", fleet_file, "--duration", "0")
+    assert code == 0, err
+    assert " ".join(out.split()).endswith(
+        "stored 1 of 5 messages received (0 duplicates, 0 refused, 0 over budget, 0 sequence gaps, 3 left by revoked "
+        "devices (signed before their revocation: dropped, not stored), 1 benchmarks breaking constraints not alerted "
+        f"(past a device's 32 variants), 1 alerts) in {tmp_path.resolve() / 'edgekit-history.db'}"), out
+
+
 def test_what_a_flood_publishes_is_counted_but_kept_in_bounded_memory(monkeypatch):
     """Every refused message's reason, every status and every bench record was kept in lists for the whole
     session: a rollout or tune running for hours under a flood of garbage (or a compromised device's

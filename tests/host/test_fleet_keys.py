@@ -450,3 +450,35 @@ def test_a_batch_against_a_registry_never_readable_refuses_each_message_naming_t
         for _ in range(2):
             with pytest.raises(ConfigError, match="devices.json"):
                 keyring.verify(_signed(Signer.generate(), "d1"), "d1")
+
+
+def test_only_a_last_will_signed_before_the_revocation_is_a_revoked_device_s_leftover_when_live(tmp_path):
+    """Receivers drop what a revoked device left at the broker (its retained copy, its last will) without refusing or
+    alerting it, and took as left any live status or reported message whose ``ts`` was before the revocation. That
+    ``ts`` is the device's clock: a thief holding the revoked key (and its broker password until the reload) set it
+    back and every message it published was dropped unseen, though the docs say one signed after the revocation is
+    refused and alerted. Live, only a will (an offline status) dated before the revocation is a leftover now."""
+    import time
+
+    from edgekit_protocol import messages
+
+    keys = FleetKeys(tmp_path / "keys")
+    thief = Signer.generate()
+    keys.register("d1", thief.public)
+    keys.revoke("d1", "stolen")
+    ring = keys.keyring()
+    before = time.time() - 3600
+
+    def payload(kind, body, ts=before):
+        return messages.encode(thief.sign({**messages.envelope(kind, "f", "d1", 5, body), "ts": ts}))
+
+    will = payload("status", {"state": "offline"})
+    online = payload("status", {"state": "online"})
+    reported = payload("reported", {"current": None, "revision": 3})
+    assert ring.left_by_revoked(messages.topic("f", "d1", "status"), will, retained=False)
+    assert not ring.left_by_revoked(messages.topic("f", "d1", "status"), online, retained=False)
+    assert not ring.left_by_revoked(messages.topic("f", "d1", "reported"), reported, retained=False)
+    assert not ring.left_by_revoked(messages.topic("f", "d1", "status"), payload("status", {"state": "offline"}, time.time()), retained=False)
+    assert ring.left_by_revoked(messages.topic("f", "d1", "status"), online, retained=True)  # the broker's retained copy: left there
+    forged = messages.encode({**json.loads(will), "ts": before - 1})
+    assert not ring.left_by_revoked(messages.topic("f", "d1", "status"), forged, retained=True)

@@ -395,3 +395,65 @@ def test_offline_and_constraints_alerts_are_kept_as_episodes_and_listed(fleet_fi
     code, out, err = run_cli("report", "--history", tmp_path / "h.db", "--out", tmp_path / "r.html", "--json")
     assert code == 0 and json.loads(out)["alerts_holding"] == 2, err
     assert "constraints fp32" in (tmp_path / "r.html").read_text()
+
+
+def test_a_device_naming_a_new_variant_in_every_breaking_record_holds_at_most_max_breaking_variants(fleet_file, tmp_path):
+    """A hostile device (its own valid key) signing benchmarks that break its constraints, each naming a new variant,
+    grew the monitor's set of breaking variants, the history's open alerts and the operator's screen by one a record,
+    without bound (a variant named once never meets the constraints). Now a device holds at most MAX_BREAKING_VARIANTS
+    such episodes: the others are stored and counted, alerted once."""
+    from edge_kit.telemetry.monitor import MAX_BREAKING_VARIANTS
+
+    store = Store(tmp_path / "h.db")
+    mon = _started(fleet_file, store)
+    many = MAX_BREAKING_VARIANTS + 200
+    for seq in range(1, many + 1):
+        mon._after_store(*_bench("d2", seq, f"v{seq}", 80.0))
+    assert len(mon._breaking["d2"]) == MAX_BREAKING_VARIANTS
+    assert mon.stats.breaking_not_alerted == 200
+    assert len(store.alerts(holds=True, limit=1000)) == MAX_BREAKING_VARIANTS
+    assert mon.alerts_raised == MAX_BREAKING_VARIANTS + 1
+    assert mon.alerts[-1].text.startswith(f"d2: {MAX_BREAKING_VARIANTS} variants break its constraints at once")
+    mon._after_store(*_bench("d2", many + 1, "v1", 20.0))  # v1 meets them: its episode ends, room for one more
+    mon._after_store(*_bench("d2", many + 2, "new", 90.0))
+    assert "new" in mon._breaking["d2"] and mon.alerts[-1].text.startswith("d2 new: breaks p90 <= 50 ms")
+    mon.stop()
+
+
+def test_records_a_telemetry_mark_said_were_lost_are_one_gap_across_a_restart(fleet_file, tmp_path):
+    """d1's telemetry said it gave bench 1..3 (its ``seqs``) and only bench 1 came: the gap 2..3 was recorded. A
+    persistent monitor started again took where d1's bench numbering stood from the newest stored bench record (1), so
+    d1's next bench record (4) recorded 2..3 again: two gap rows and two alerts for two lost records."""
+    def stored(mon, kind, msg):
+        store.add(kind, msg)
+        mon._after_store(kind, msg)
+
+    store = Store(tmp_path / "h.db")
+    mon = _started(fleet_file, store, persistent=True, client_id="m1")
+    stored(mon, *_bench("d1", 1, "int8", 20.0))
+    stored(mon, "telemetry", messages.envelope("telemetry", "sim", "d1", 1, {"conditions": {}, "spool": {},
+                                                                            "seqs": {"bench": 3}}))
+    assert [(g["first_missing"], g["last_missing"]) for g in store.sequence_gaps()] == [(2, 3)]
+    mon.stop()
+    again = _started(fleet_file, store, persistent=True, client_id="m1")
+    stored(again, *_bench("d1", 4, "int8", 20.0))
+    assert [(g["first_missing"], g["last_missing"]) for g in store.sequence_gaps()] == [(2, 3)]
+    assert not [a for a in again.alerts if a.kind == "gap"] and again.stats.gaps == 0
+    stored(again, *_bench("d1", 6, "int8", 20.0))  # a gap after it is still one
+    assert [(g["first_missing"], g["last_missing"]) for g in store.sequence_gaps()] == [(5, 5), (2, 3)]
+    again.stop()
+
+
+def test_a_gap_in_a_stream_the_device_s_spool_drops_says_the_device_may_have_dropped_it(fleet_file, tmp_path):
+    """An agent whose spool is full drops its oldest live, shadow and telemetry rows (numbered already, counted in its
+    telemetry's spool figures); the gap they leave, which its telemetry's ``seqs`` now shows at once, was alerted as lost
+    by the broker only, sending the operator to the broker's queue limits. Bench records are never dropped so."""
+    store = Store(tmp_path / "h.db")
+    mon = _started(fleet_file, store)
+    for record in (_live("d1", 1), _live("d1", 4), _bench("d1", 1, "int8", 20.0), _bench("d1", 3, "int8", 20.0)):
+        mon._after_store(*record)
+    live, bench = [a.text for a in mon.alerts if a.kind == "gap"]
+    assert live.startswith("d1: 2 live record(s) never arrived (seq 2..3)") and live.endswith(
+        "or dropped by the device's full spool before it sent them (its telemetry's spool counts those: dropped_live)")
+    assert bench.startswith("d1: 1 bench record(s) never arrived (seq 2..2)") and "spool" not in bench
+    mon.stop()

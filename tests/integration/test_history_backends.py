@@ -812,6 +812,44 @@ def _as_version_3(spec: str) -> None:
     conn.close()
 
 
+def test_where_a_devices_numbering_stands_counts_the_gaps_recorded_since_its_newest_record(history):
+    """A persistent monitor starts from it: the newest stored seq, or the end of a gap recorded after that record (a
+    telemetry message's marks), never a gap recorded before it (a device whose numbering started again)."""
+    history.add_many([("bench", bench("d1", "s1", 1.0, 5)), ("bench", bench("d2", "s1", 1.0, 7))], received=[100.0, 100.0])
+    history.add_gap("d1", "bench", 6, 9)  # recorded now: after d1's record
+    history.add_gap("d1", "live", 1, 50)  # of a kind d1 stored nothing of: not a number it stands at
+    assert history.newest_seqs(("bench", "live")) == {("d1", "bench"): 9, ("d2", "bench"): 7}
+    history.add_many([("bench", bench("d1", "s1", 1.0, 2))], received=[time.time() + 60])  # numbering started again
+    assert history.newest_seqs(("bench",)) == {("d1", "bench"): 2, ("d2", "bench"): 7}
+
+
+def test_the_version_4_upgrade_leaves_no_moment_without_one_open_alert_per_device_and_kind(history_spec, monkeypatch):
+    """The upgrade dropped version 3's unique index of open alerts before it created version 4's: a monitor of the
+    older edge-kit still running that raised an alert in between opened it twice, and the new unique index then failed
+    to build (every monitor of the new edge-kit then stopped at start). Now the new index comes first."""
+    with open_history(history_spec) as store:
+        store.add("bench", bench("d1", "s1", 1.0, 1))
+    _as_version_3(history_spec)
+    if history_spec.startswith("postgresql://"):
+        from edge_kit.telemetry.pg import PostgresStore as backend
+    else:
+        backend = Store
+    original = backend._execute
+
+    def execute(self, sql, args=()):
+        count = original(self, sql, args)
+        if sql.startswith("DROP INDEX IF EXISTS alerts_open"):  # the older edge-kit raises d1's alert again meanwhile
+            original(self, "INSERT INTO alerts (device, kind, raised_at, cleared_at, detail) VALUES "
+                           "('d1', 'over_budget', 101.0, NULL, 'again') ON CONFLICT DO NOTHING")
+        return count
+
+    monkeypatch.setattr(backend, "_execute", execute)
+    with open_history(history_spec) as store:
+        assert store._schema_version() == SCHEMA_VERSION
+        assert [(r["device"], r["kind"], r["detail"]) for r in store.alerts(holds=True)] == [
+            ("d1", "over_budget", "d1: over its ingest budget")]
+
+
 def test_workers_hold_an_over_budget_alert_together_and_a_stale_one_is_closed_by_whoever_sees_it(history_spec):
     """Each --share worker has its own over-budget episode (its own share of the budget), but the table kept one open
     row that the first worker whose episode ended closed while another still refused the device's records; and a row

@@ -859,7 +859,8 @@ def test_records_a_full_broker_queue_dropped_while_the_monitor_was_down_are_reco
         assert [a.text for a in mon.alerts if a.kind == "gap"] == [
             "d1: 10 telemetry record(s) never arrived (seq 212..221), recorded as a sequence gap: lost on the way to "
             "the monitor (dropped by the broker past its queue limit while the monitor was down, or published while "
-            "the broker held no session for it)"]
+            "the broker held no session for it), or dropped by the device's full spool before it sent them (its "
+            "telemetry's spool counts those: dropped_telemetry)"]
 
 
 def test_records_lost_at_the_end_of_a_stream_are_a_gap_as_soon_as_the_device_s_next_telemetry_arrives(tmp_path):

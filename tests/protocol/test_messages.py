@@ -6,6 +6,8 @@ import json
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edgekit_protocol import commands, messages
 from edgekit_protocol.commands import CommandError, parse_command
@@ -350,3 +352,29 @@ def test_a_telemetry_s_seq_marks_are_optional_whole_numbers_of_the_marked_kinds(
         with pytest.raises(messages.MessageError, match="telemetry: seqs is not an object of bench, live, shadow"):
             messages.check_body("telemetry", msg)
         assert messages.telemetry_marks(msg) == {}
+
+
+_JSON = st.recursive(st.none() | st.booleans() | st.integers(min_value=-2**70, max_value=2**70)
+                     | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8),
+                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+                     max_leaves=12)
+_MARK_KEYS = st.sampled_from([*messages.MARKED_KINDS, "status", "telemetry", "reported", "", "BENCH"])
+_MARK_VALUES = (st.integers(min_value=-2**70, max_value=2**70) | st.integers(min_value=0, max_value=10**12)
+                | st.sampled_from([0, 10**12, 10**12 + 1, -1, 2**63, 1e12, 1.0, True, False]) | _JSON)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(_MARK_KEYS, _MARK_VALUES, max_size=4) | _JSON)
+def test_fuzz_any_seqs_a_telemetry_message_carries_is_refused_or_whole_numbers_of_the_marked_kinds(seqs):
+    """Whatever a device signs as its telemetry's ``seqs`` (the monitor records gaps from it): the decoder refuses it in
+    one line, or every mark is a whole number from 0 to 1e12 of a marked kind, read back the same; never a crash."""
+    msg = {**messages.envelope("telemetry", "f1", "d1", 3, {"conditions": {}, "spool": {}, "seqs": seqs}), **SIGNED}
+    try:
+        got = messages.check_body("telemetry", messages.decode(messages.encode(msg), "telemetry"))
+    except messages.MessageError as exc:
+        assert "\n" not in str(exc)
+        assert seqs is not None and messages.telemetry_marks(msg) != seqs
+        return
+    marks = messages.telemetry_marks(got)
+    assert (seqs is None and marks == {}) or marks == seqs
+    assert all(k in messages.MARKED_KINDS and type(v) is int and 0 <= v <= 10**12 for k, v in marks.items())
