@@ -48,7 +48,8 @@ ALERT_GAUGES = (
     ("disk", "edgekit_device_low_disk", "1 while the device's disk alert holds: its newest status or telemetry says "
                                         "its disk is full or has less free than the monitor's --min-free-mb"),
     ("silent", "edgekit_device_silent", "1 while the device's silence alert holds: nothing stored of it for longer "
-                                        "than --silence-s (longer for an agent whose telemetry interval is long)"),
+                                        "than --silence-s (longer for an agent whose telemetry interval is long)"),    ("constraints", "edgekit_device_breaking_constraints", "1 while a constraints alert of the device holds: the newest "
+                                                           "benchmark of one of its variants breaks its constraints"),
 )
 
 
@@ -193,8 +194,8 @@ class FleetMetrics:
 
     def watch(self, monitor: Any) -> None:
         """Also export the monitor's counters (received, stored, duplicates, invalid, gaps, dropped, over_budget), the
-        records refused over each device's ingest budget and, per device of the fleet file, whether its drift, low-disk
-        and silence alerts hold (:meth:`~edge_kit.telemetry.monitor.Monitor.alert_states`: from the history when the
+        records refused over each device's ingest budget and, per device of the fleet file, whether its drift, low-disk,
+        silence and constraints alerts hold (:meth:`~edge_kit.telemetry.monitor.Monitor.alert_states`: from the history when the
         monitor started, then from what arrives); return nothing."""
         stats = monitor.stats
 

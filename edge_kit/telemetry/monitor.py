@@ -304,15 +304,15 @@ class Monitor:
         return self.stats.over_budget_by_device
 
     def alert_states(self) -> dict[str, frozenset[str]]:
-        """Return, per alert kind that holds over an episode (``drift``, ``disk``, ``silent``), the devices whose alert
-        holds now (raised, its episode not ended; from the history's newest records when the monitor started: see
+        """Return, per alert kind that holds over an episode (``drift``, ``disk``, ``silent``, ``constraints``: a variant
+        of it breaking them), the devices whose alert holds now (raised, its episode not ended; from the history's newest records when the monitor started: see
         :meth:`_seed_alert_states`); an empty dict until :meth:`start` has read the history (nothing is known yet), or
         failed to (then what this run sees)."""
         if not self._seeded:
             return {}
         # copies: the writer thread changes them
         return {"drift": frozenset(self._drifting), "disk": frozenset(self._low_disk),
-                "silent": frozenset(self._silent_alerted)}
+                "silent": frozenset(self._silent_alerted), "constraints": frozenset(d for d, held in list(self._breaking.items()) if held)}
 
     def _on_message(self, _c: Any, _u: Any, m: Any) -> None:
         """Queue ``(topic, payload, receive time, mid to acknowledge or None)``; nothing once stopping, nor an empty
@@ -1036,7 +1036,9 @@ class Monitor:
             if msg["state"] == "offline" and device not in self._offline:
                 self._offline.add(device)
                 self._alert_held(Alert(device, "offline", f"{device} went offline"), "offline")
-            elif msg["state"] != "offline" and device in self._offline:
+            elif msg["state"] != "offline" and (device in self._offline or self.share is not None):
+                # with --share a peer may have opened it since this worker's last sync (its offline came to the peer,
+                # this status here): closed all the same, an UPDATE a status message (rare: at connect, activation)
                 self._offline.discard(device)
                 self.store.close_alert(device, "offline")
         elif kind == "bench" and device in self.constraints:

@@ -195,7 +195,7 @@ def test_a_monitor_started_again_takes_the_open_alerts_and_closes_them_when_thei
     first.stop()
     assert [(a.device, a.kind) for a in first.alerts] == [("d1", "silent"), ("d2", "disk")]
     again = _started(fleet_file, store, silence_s=180)
-    assert again.alert_states() == {"drift": frozenset(), "disk": {"d2"}, "silent": {"d1"}}
+    assert again.alert_states() == {"drift": frozenset(), "disk": {"d2"}, "silent": {"d1"}, "constraints": frozenset()}
     again._check_silence()
     again._after_store(*_disk("d2", 3, 1.0))
     assert not again.alerts
@@ -457,3 +457,24 @@ def test_a_gap_in_a_stream_the_device_s_spool_drops_says_the_device_may_have_dro
         "or dropped by the device's full spool before it sent them (its telemetry's spool counts those: dropped_live)")
     assert bench.startswith("d1: 1 bench record(s) never arrived (seq 2..2)") and "spool" not in bench
     mon.stop()
+
+
+def test_a_share_worker_seeing_the_device_back_online_closes_the_offline_alert_a_peer_opened_since_its_sync(
+        fleet_file, tmp_path):
+    """With --share, the offline status went to one worker and the device's next status (online) to another, which had
+    not synced the peer's new alert yet (at most every ALERT_SYNC_S): it closed nothing, and the alert held until the
+    device's next reconnect. Now any worker seeing a status other than offline closes it. The gauge of a device whose
+    variant breaks its constraints says so on /metrics."""
+    store = Store(tmp_path / "h.db")
+    a, b = (_started(fleet_file, store, share="edgekit", workers=2) for _ in range(2))
+    a._after_store(*_status("d1", 1, "offline"))
+    assert _rows(store) == [("d1", "offline", True)]
+    b._after_store(*_status("d1", 2, "online"))  # B has not synced: d1's offline alert is not among its own
+    assert _rows(store) == [("d1", "offline", False)]
+    b._after_store(*_bench("d2", 1, "int8", 80.0))  # rpi4: p90 <= 50 ms
+    metrics = FleetMetrics()
+    metrics.watch(b)
+    assert metrics.registry.get_sample_value("edgekit_device_breaking_constraints", {"device": "d2"}) == 1
+    assert metrics.registry.get_sample_value("edgekit_device_breaking_constraints", {"device": "d1"}) == 0
+    a.stop()
+    b.stop()

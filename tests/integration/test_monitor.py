@@ -732,7 +732,8 @@ def test_a_monitor_that_could_not_read_the_history_at_start_still_exports_its_al
     monkeypatch.setattr(store, "latest_shadow", down)
     mon = Monitor(fleet, store, verify_in_child=False).start()
     try:
-        assert mon.alert_states() == {"drift": frozenset(), "disk": frozenset(), "silent": frozenset()}
+        assert mon.alert_states() == {"drift": frozenset(), "disk": frozenset(), "silent": frozenset(),
+                                     "constraints": frozenset()}
     finally:
         mon.stop()
 
