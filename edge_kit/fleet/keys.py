@@ -215,6 +215,16 @@ class _RegistryKeyring(Keyring):
         self.keys_of(device)
         return None if device in self.devices else self._revoked_entry.get(device)
 
+    def revoked_devices(self) -> frozenset[str]:
+        """Return the devices with no trusted key (revoked, none registered since: :meth:`device_revocation`); the
+        files are re-read when either was replaced (two stats a call).
+
+        Raises:
+            ConfigError: the registry or the revoked list cannot be read and never could be by this receiver.
+        """
+        self._refresh(None)
+        return frozenset(d for d in self._revoked_entry if d not in self.devices)
+
     def left_by_revoked(self, topic: str, payload: bytes, retained: bool) -> bool:
         """Return True when ``payload`` on ``topic`` is what a revoked device left at the broker: a ``status`` or
         ``reported`` message (the kinds a device has the broker retain) of the device the topic names, which has no

@@ -62,7 +62,7 @@ from paho.mqtt.properties import Properties
 
 from device_agents.identity import receive, verify_published
 from device_agents.mqtt import make_client, message_topic
-from edge_kit.errors import AgentError, HistoryError, InputError
+from edge_kit.errors import AgentError, ConfigError, HistoryError, InputError
 from edge_kit.fleet.commands import broker_unreachable
 from edge_kit.fleet.inventory import Fleet
 from edge_kit.profiles import load_profile
@@ -76,6 +76,7 @@ from edge_kit.selection.constraints import (
 from edge_kit.telemetry.budget import DEFAULT_BURST, DEFAULT_RATE, IngestBudget
 from edge_kit.telemetry.store import (
     ALERT_CONFIRM_S,
+    CLEARED_REVOKED,
     CLEARED_STALE,
     HELD_KINDS,
     KINDS,
@@ -263,6 +264,7 @@ class Monitor:
         # device -> its variants (as the alerts table keeps them) breaking its constraints: at most MAX_BREAKING_VARIANTS
         # each (a hostile device signing records with a new variant name each would grow it without bound)
         self._breaking: dict[str, set[str]] = {}
+        self._revoked_closed: set[str] = set()  # revoked devices whose alerts _close_revoked closed
         self._breaking_capped: set[str] = set()  # devices alerted as having MAX_BREAKING_VARIANTS episodes open
         #: The history's open alerts when this monitor started (newest first, at most MAX_CARRIED; :meth:`start`), each
         #: a row of :meth:`HistoryStore.alerts` with ``still_open`` (False: closed at start, nobody held it), and
@@ -376,6 +378,7 @@ class Monitor:
             now = time.time()
             recent = self.store.stored_since(now - self.budget.window_s())
             self.budget.charge({d: seconds for d, seconds in recent.items() if d in self.constraints}, now)
+            self._close_revoked()  # a revoked device's alerts are no news: not carried over
             open_before = self.store.open_alert_keys()
             self.carried_over = self.store.alerts(holds=True, limit=MAX_CARRIED) if open_before else []
             self.carried_over_total = len(open_before)
@@ -1074,14 +1077,34 @@ class Monitor:
         interval = self._intervals.get(device)
         return max(self.silence_s, SILENT_INTERVALS * interval) if interval is not None else self.silence_s
 
+    def _close_revoked(self) -> set[str]:
+        """Close the open alerts of the fleet file's devices whose key was revoked since this monitor last looked
+        (``cleared_why`` :data:`~edge_kit.telemetry.store.CLEARED_REVOKED`: nothing of them is news, and a revoked
+        device goes silent), and forget their episodes; return the revoked devices. A registry this monitor cannot
+        read revokes none here (every message is refused, saying why). Raises HistoryError."""
+        try:
+            revoked = self.keyring.revoked_devices() & self.constraints.keys()
+        except ConfigError:
+            return set()
+        for device in sorted(revoked - self._revoked_closed):
+            self.store.close_device_alerts(device, CLEARED_REVOKED)
+            for state in (self._silent_alerted, self._offline, self._drifting, self._low_disk):
+                state.discard(device)
+            self._breaking.pop(device, None)
+        self._revoked_closed = revoked
+        return revoked
+
     def _check_silence(self) -> None:
-        """Alert (once per episode) each device not heard from for longer than its :meth:`_silence_limit`; one last
-        heard in the history only once the monitor has been subscribed for :data:`SETTLE_S` and has checked what it
-        received. Return nothing."""
+        """Alert (once per episode) each device not heard from for longer than its :meth:`_silence_limit`, but one
+        whose key was revoked (:meth:`_close_revoked`); one last heard in the history only once the monitor has been
+        subscribed for :data:`SETTLE_S` and has checked what it received. Return nothing. Raises HistoryError."""
+        revoked = self._close_revoked()
         now = time.time()
         # subscribed for SETTLE_S, and what arrived checked and stored: the broker's queue for this session is in
         settled = time.monotonic() >= self._judge_before_from and not self._queue.unfinished_tasks
         for device, seen in list(self.last_seen.items()):
+            if device in revoked:
+                continue
             limit = self._silence_limit(device)
             judged = settled or device not in self._heard_before
             if now - seen > limit and device not in self._silent_alerted and judged:

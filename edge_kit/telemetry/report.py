@@ -27,7 +27,7 @@ from edge_kit.errors import InputError
 from edge_kit.fleet.keys import revoked_on
 from edge_kit.fsutil import atomic_write_text
 from edge_kit.profiles import Profile, bundled_profiles, load_profile
-from edge_kit.telemetry.store import CLEARED_STALE, HistoryStore
+from edge_kit.telemetry.store import CLEARED_REVOKED, CLEARED_STALE, HistoryStore
 from edgekit_protocol.config import AgentConfig
 from edgekit_protocol.labels import accuracy_text, clip, power_source
 from edgekit_protocol.messages import field_at, in_range
@@ -458,11 +458,12 @@ MAX_OPEN_ALERTS = 100  # alerts that hold listed on the page (the newest); `edge
 
 def alert_cleared_text(row: dict[str, Any]) -> str:
     """Return how a row of :meth:`HistoryStore.alerts` shows when it cleared: ``holds``, its local time, and for one
-    closed as stale (no monitor worker confirmed it: the one that held it crashed) ``(stale)``: how the report and
-    ``edgekit history alerts`` show it."""
+    closed as stale (no monitor worker confirmed it: the one that held it crashed) ``(stale)``, for one closed as the
+    device's key was revoked ``(revoked)``: how the report and ``edgekit history alerts`` show it."""
     if row["cleared_at"] is None:
         return "holds"
-    return local_time(row["cleared_at"]) + (" (stale)" if row.get("cleared_why") == CLEARED_STALE else "")
+    why = row.get("cleared_why")
+    return local_time(row["cleared_at"]) + (f" ({why})" if why in (CLEARED_STALE, CLEARED_REVOKED) else "")
 
 
 def alert_kind_text(row: dict[str, Any]) -> str:

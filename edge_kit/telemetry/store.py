@@ -59,8 +59,9 @@ HELD_KINDS = ("over_budget",)
 ALERT_CONFIRM_S = 15.0
 ALERT_STALE_S = 60.0
 #: ``alerts.cleared_why``: its episode ended, or no worker confirmed it for :data:`ALERT_STALE_S` (closed by whoever saw
-#: that: a worker that crashed held it).
-CLEARED_ENDED, CLEARED_STALE = "ended", "stale"
+#: that: a worker that crashed held it), or the device's key was revoked (``edgekit fleet revoke``: nothing of it is
+#: news any more).
+CLEARED_ENDED, CLEARED_STALE, CLEARED_REVOKED = "ended", "stale", "revoked"
 MAX_ALERT_DETAIL = 1000  # characters of an alert's detail kept (it may quote a device's variant name, any length)
 #: The ``edgekit_schema`` row that says the ``alerts`` table holds every alert raised on this history: written when
 #: the history is created, and by the first monitor that starts on a history an older edge-kit wrote (before it,
@@ -589,6 +590,14 @@ class HistoryStore(abc.ABC):
         """Forget every worker's hold of the alerts of ``kinds`` (a monitor without ``share`` that starts is the only
         worker: nobody's episode is under way); return nothing. Raises HistoryError."""
         self._execute(f"DELETE FROM alert_holders WHERE kind IN ({', '.join('?' * len(kinds))})", tuple(kinds))
+
+    def close_device_alerts(self, device: str, why: str, at: float | None = None) -> int:
+        """Close every open alert of ``device`` (at ``at``, this host's clock; default now) with ``cleared_why`` ``why``
+        (:data:`CLEARED_REVOKED`: its key was revoked), and forget who held them; return how many were closed.
+        Raises HistoryError."""
+        self._execute("DELETE FROM alert_holders WHERE device = ?", (printable(device),))
+        return self._execute("UPDATE alerts SET cleared_at = ?, cleared_why = ? WHERE device = ? AND cleared_at IS NULL",
+                             (time.time() if at is None else at, why, printable(device)))
 
     def close_stale_alerts(self, device: str | None = None, kind: str | None = None, at: float | None = None) -> int:
         """Close (at ``at``, this host's clock; default now) the open alerts of :data:`HELD_KINDS` (of ``device`` and

@@ -478,3 +478,34 @@ def test_a_share_worker_seeing_the_device_back_online_closes_the_offline_alert_a
     assert metrics.registry.get_sample_value("edgekit_device_breaking_constraints", {"device": "d1"}) == 0
     a.stop()
     b.stop()
+
+
+def test_a_revoked_device_s_open_alerts_close_as_revoked_and_it_is_never_alerted_silent(fleet_file, tmp_path, run_cli):
+    """`fleet revoke` leaves a device in the fleet file: its open silence and offline alerts held for ever, shown as
+    carried over at every monitor start, and a device revoked while the monitor ran was alerted silent. Now a
+    monitor closes a revoked device's open alerts (cleared_why "revoked", shown so) and never alerts it silent."""
+    import json
+
+    from device_agents.identity import Signer
+    from edge_kit.fleet.keys import FleetKeys
+
+    keys = FleetKeys(tmp_path / "keys")
+    keys.register_many({d: Signer.generate().public for d in ("d1", "d2", "d3")})
+    store = Store(tmp_path / "h.db")
+    store.open_alert("d1", "silent", "d1 silent for 200 s", 1_700_000_000.0)
+    store.open_alert("d1", "offline", "d1 went offline", 1_700_000_000.0)
+    store.open_alert("d2", "offline", "d2 went offline", 1_700_000_000.0)
+    keys.revoke("d1", "stolen")
+    mon = _started(fleet_file, store, silence_s=0.01)
+    assert [(r["device"], r["kind"]) for r in mon.carried_over] == [("d2", "offline")]  # d1's: no news
+    assert sorted(_rows(store)) == [("d1", "offline", False), ("d1", "silent", False), ("d2", "offline", True)]
+    keys.revoke("d3", "lost")  # while the monitor runs: silent for longer than silence_s, never alerted
+    mon.last_seen.update({"d3": time.time() - 60, "d1": time.time() - 60})
+    mon._check_silence()
+    assert [a.device for a in mon.alerts] == []
+    mon.stop()
+    code, out, err = run_cli("history", "alerts", "--history", tmp_path / "h.db", "--device", "d1")
+    assert code == 0 and out.count("(revoked)") == 2, (out, err)
+    code, out, err = run_cli("history", "alerts", "--history", tmp_path / "h.db", "--json")
+    assert sorted((r["device"], r["cleared_why"]) for r in json.loads(out)["alerts"]) == [
+        ("d1", "revoked"), ("d1", "revoked"), ("d2", None)], out
