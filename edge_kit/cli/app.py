@@ -72,6 +72,10 @@ def _reflowed(paragraphs: list[str], _markup_mode: Any) -> str:
 for _param in (typer.core.TyperOption, typer.core.TyperArgument):
     _param.display_type_rich = _shown_type(_param.display_type_rich)  # type: ignore[method-assign]
 typer.core.TyperArgument._usage_display_name = _usage_name  # type: ignore[method-assign]
+# and its errors named an argument as the code does ("Missing argument 'model'") while the usage line says MODEL: one
+# name everywhere (usage line, help panel, errors), the one on the usage line; a metavar given stays as written
+typer.core.TyperArgument.display_name_raw = property(  # type: ignore[method-assign,assignment]
+    lambda self: self.metavar if self.metavar is not None else self.name.upper())
 typer.rich_utils._fix_linebreaks = _reflowed  # and a description's paragraphs as the docstring broke them
 
 # Piped output (CI logs, `| tee`) gets rich's 80 columns, which cut the figures in wide tables.
