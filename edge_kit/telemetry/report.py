@@ -25,7 +25,7 @@ from typing import Any
 from device_agents.bench import thin_tail
 from edge_kit.errors import InputError
 from edge_kit.fleet.keys import revoked_on
-from edge_kit.fsutil import atomic_write_text
+from edge_kit.fsutil import atomic_write_text, writable_folder
 from edge_kit.profiles import Profile, bundled_profiles, load_profile
 from edge_kit.telemetry.store import CLEARED_STALE, HistoryStore
 from edgekit_protocol.config import AgentConfig
@@ -506,7 +506,16 @@ def _check_replaceable(out: Path) -> None:
     except OSError:
         mode = None  # nothing there (or nothing this user may look at): the write says why
     if mode is not None and not stat.S_ISREG(mode):
-        if stat.S_ISDIR(mode):
+        if stat.S_ISDIR(mode):  # suggest a file in it only where one can be written (not in /proc, nor read-only)
+            try:
+                writable_folder(out)
+            except InputError:
+                raise InputError(f"{out}: a folder, and not one a file can be written in; give --out the report's file "
+                                 "in a folder you can write to") from None
+            try:
+                _check_replaceable(out / "report.html")  # the suggestion itself must not be refused in turn
+            except InputError:
+                raise InputError(f"{out}: a folder; give --out the report's file (a new .html file)") from None
             raise InputError(f"{out}: a folder; give --out the report's file, e.g. {out / 'report.html'}")
         raise InputError(f"{out}: not a regular file (a device, a FIFO or a socket); choose another --out")
     try:

@@ -343,6 +343,24 @@ def test_a_report_out_that_cannot_take_a_file_is_one_line_naming_it_and_why(tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["history.db", "s.html"]  # nothing half-written
 
 
+def test_a_report_out_naming_a_folder_suggests_a_file_only_where_one_would_be_written(tmp_path, run_cli):
+    """`report --out /proc` suggested "e.g. /proc/report.html", which fails in turn (no file can be made in /proc);
+    so would a suggestion whose report.html is a folder. Such a folder gets no suggestion, only what to do."""
+    from edge_kit.telemetry.store import Store
+
+    history = tmp_path / "history.db"
+    Store(history).close()
+    taken = tmp_path / "taken"
+    (taken / "report.html").mkdir(parents=True)
+    code, out, err = run_cli("report", "--history", history, "--out", "/proc")
+    assert code == 2 and err == ("edgekit: error: /proc: a folder, and not one a file can be written in; give --out the "
+                                 "report's file in a folder you can write to\n"), err
+    code, out, err = run_cli("report", "--history", history, "--out", taken)
+    assert code == 2 and err == f"edgekit: error: {taken}: a folder; give --out the report's file (a new .html file)\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["history.db", "taken"]
+    assert [p.name for p in taken.iterdir()] == ["report.html"]
+
+
 @pytest.mark.parametrize("command", [["report", "--out", "{tmp}/r.html"], ["rollout", "list"],
                                      ["rollout", "status", "digits-1"], ["rollout", "abort", "digits-1"]])
 def test_a_mistyped_fleet_file_is_named_and_gets_no_new_empty_history_beside_it(tmp_path, run_cli, command):
