@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -16,11 +17,13 @@ from edge_kit.cli.app import (
     app,
     bounded,
     emit_json,
+    interrupts_held,
     out,
     print_whole,
     progress_bar,
     safe,
     spinner,
+    write_whole,
 )
 from edgekit_protocol.labels import accuracy_text, printable
 
@@ -213,13 +216,15 @@ def compile_cmd(
                 *(["the warning that a profile got no variant"] if warnings else [])]
         try:
             after_result()
-            _print_result(manifest, target, as_json, signer)
-            left.pop(0)
+            with interrupts_held() if as_json else nullcontext():  # a Ctrl-C during it comes once it is all out
+                _print_result(manifest, target, as_json, signer)
+                left.pop(0)
             for line in warnings:  # stderr, as every warning: --json's stdout stays the manifest alone
                 sys.stderr.write(f"edgekit: warning: {printable(line)}\n")
         except StoppedAfterResult:
-            sys.stderr.write(f"edgekit: interrupted once the result was written: {printable(str(target))} is complete "
-                             f"(manifest.json and its variants); skipped {' and '.join(left)}\n")
+            if left:  # else everything was done when it came
+                sys.stderr.write(f"edgekit: interrupted once the result was written: {printable(str(target))} is "
+                                 f"complete (manifest.json and its variants); skipped {' and '.join(left)}\n")
         failed = [a.id for a in manifest.artifacts if a.status == "failed"]
         if failed:
             sys.stderr.write(f"edgekit: error: {len(failed)} variant(s) failed: {', '.join(failed)} "
@@ -231,7 +236,7 @@ def _print_result(manifest: Any, target: Path, as_json: bool, signer: Any) -> No
     """Print a compile's result written in ``target``: its manifest.json as written (``--json``: signed when it was),
     or the variant table, the lines under it and where it was written. Returns nothing."""
     if as_json:
-        sys.stdout.write((target / "manifest.json").read_text())
+        write_whole((target / "manifest.json").read_text())
         return
     table, notes = _compile_report(manifest)
     print_whole(table)
