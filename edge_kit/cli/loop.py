@@ -804,8 +804,11 @@ def report_cmd(
     if as_json:
         emit_json(info)
     else:
+        held = [f"{info['rollouts']:,} rollout(s)" if info["rollouts"] else "",
+                f"{info['alerts_holding']:,} alert(s) holding" if info["alerts_holding"] else ""]
         out.print(f"wrote {safe(out_file)}: {info['plots']} plots for {safe(', '.join(info['profiles']) or 'no profile')}, "
-                  f"{info['devices']} devices")
+                  + ", ".join([f"{info['devices']} devices", *filter(None, held)]))
         if not info["records"]:  # an empty report is not a fleet that measured nothing worth drawing
-            out.print(f"[yellow]note[/] {safe(db.where)} holds no benchmark record yet: run `edgekit tune` (or "
-                      "`edgekit bench`, or `edgekit monitor` while devices benchmark) first")
+            out.print(f"[yellow]note[/] {safe(db.where)} holds no benchmark record yet, so the report has no plot (its "
+                      "tables show the rest): run `edgekit tune` (or `edgekit bench`, or `edgekit monitor` while devices "
+                      "benchmark) for them")

@@ -746,6 +746,13 @@ class HistoryStore(abc.ABC):
                    and self._rows(f"SELECT 1 FROM {table} WHERE device = ? LIMIT 1", (device,))
                    for table in TABLES if table != "rollouts")
 
+    def devices(self) -> set[str]:
+        """Return the name of every device a table of the history holds a row of: a record, a decision, a sequence gap,
+        an alert or a rollout's entry (not a refused message: what its topic names is anyone's word; a table an older
+        schema lacks, or that lacks its ``device`` column, holds none). Raises HistoryError."""
+        return {name for table in TABLES if table not in ("rollouts", "invalid") and "device" in self._columns(table)
+                for (name,) in self._rows(f"SELECT DISTINCT device FROM {table}") if isinstance(name, str)}
+
     def latest_bench(self, device: str | None = None) -> dict[tuple[str, str], dict[str, Any]]:
         """Return the newest bench record per ``(device, sha256)`` (of one device, or all). Raises HistoryError."""
         return {key: records[0] for key, records in self.recent_bench(device, keep=1).items()}
