@@ -788,6 +788,17 @@ class HistoryStore(abc.ABC):
                 newest[device] = {**msg, "current": later.get("current")}
         return newest
 
+    def last_known_model(self, device: str, scan: int = 100) -> dict[str, Any] | None:
+        """Return the model the newest of ``device``'s ``scan`` newest statuses that names one says it ran (for a
+        device offline now, whose last word, its last will, may name none): ``variant``, ``sha256`` and ``at``, when
+        this host received that status; None when none of them names a variant. Raises HistoryError."""
+        for body, received in self._rows("SELECT body, ts FROM status WHERE device = ? ORDER BY ts DESC, seq DESC "
+                                         "LIMIT ?", (device, scan)):
+            cur = json.loads(body).get("current")
+            if isinstance(cur, dict) and isinstance(cur.get("variant"), str) and cur["variant"]:
+                return {"variant": cur["variant"], "sha256": cur.get("sha256"), "at": received}
+        return None
+
     def latest_telemetry(self) -> dict[str, dict[str, Any]]:
         """Return the newest telemetry message per device. Raises HistoryError."""
         return self._latest("telemetry")
