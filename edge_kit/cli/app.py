@@ -11,9 +11,12 @@ import json
 import math
 import os
 import re
+import signal
 import sys
+import threading
 import time
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -75,6 +78,10 @@ for _param in (typer.core.TyperOption, typer.core.TyperArgument):
     if hasattr(_param, "display_type_rich"):
         _param.display_type_rich = _shown_type(_param.display_type_rich)  # type: ignore[method-assign]
 typer.core.TyperArgument._usage_display_name = _usage_name  # type: ignore[method-assign]
+# and its errors named an argument as the code does ("Missing argument 'model'") while the usage line says MODEL: one
+# name everywhere (usage line, help panel, errors), the one on the usage line; a metavar given stays as written
+typer.core.TyperArgument.display_name_raw = property(  # type: ignore[method-assign,assignment]
+    lambda self: self.metavar if self.metavar is not None else self.name.upper())
 typer.rich_utils._fix_linebreaks = _reflowed  # and a description's paragraphs as the docstring broke them
 
 # Piped output (CI logs, `| tee`) gets rich's 80 columns, which cut the figures in wide tables.
@@ -358,9 +365,43 @@ def print_refused(refused: dict[str, list[str]], after: str = "") -> None:
         out.print(f"[yellow]note[/] {safe(refused_note(refused) + after)}", highlight=False)
 
 
+@contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) while the block runs: one that comes is noted, not acted on, and raised again once the block
+    is done, to the handler in place before it (KeyboardInterrupt by default), so what the block writes is never cut
+    (a write interrupted while a pipe is full resumes: PEP 475). Outside the main thread the block just runs.
+
+    Raises:
+        Whatever that handler raises, after the block, for a Ctrl-C during it.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    came: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, _frame: came.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+    if came:
+        signal.raise_signal(signal.SIGINT)
+
+
+def write_whole(text: str) -> None:
+    """Write ``text`` on stdout and flush it, whole: a Ctrl-C during the write is held until it is out
+    (:func:`interrupts_held`), so a reader of ``--json`` never gets a document cut mid-way.
+
+    Raises:
+        Whatever the SIGINT handler raises, after the write, for a Ctrl-C during it; OSError from the write.
+    """
+    with interrupts_held():
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+
 def emit_json(data: Any) -> None:
-    """Write ``data`` as indented JSON on stdout (``--json``)."""
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    """Write ``data`` as indented JSON on stdout (``--json``), whole (:func:`write_whole`). Raises as it does."""
+    write_whole(json.dumps(data, indent=2, default=str) + "\n")
 
 
 def results_table(group: Any) -> Table:

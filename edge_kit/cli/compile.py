@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -16,11 +17,13 @@ from edge_kit.cli.app import (
     app,
     bounded,
     emit_json,
+    interrupts_held,
     out,
     print_whole,
     progress_bar,
     safe,
     spinner,
+    write_whole,
 )
 from edgekit_protocol.labels import accuracy_text, printable
 
@@ -108,8 +111,9 @@ def _compile_report(manifest: Any) -> tuple[Table, list[str]]:
                  f"measured on this host with each variant's runtime (LiteRT {manifest.versions.get('ai_edge_litert')}"
                  + (f", ONNX Runtime {manifest.versions['onnxruntime']}" if manifest.versions.get("onnxruntime")
                     and any(a.runtime == "onnxruntime" and a.status == "built" for a in manifest.artifacts) else "")
-                 + "); accel ops = ops "
-                 "the profile's accelerator takes by its documented rules (tpu* = edgetpu_compiler's own count)")
+                 + "); accel ops = ops the accelerator a profile's LiteRT delegate runs on (runtime.delegate) takes "
+                 "by its documented rules (tpu* = edgetpu_compiler's own count; - : no profile of the variant runs it "
+                 "on an accelerator's LiteRT delegate)")
     return t, footnotes + notes
 
 
@@ -120,8 +124,25 @@ def _profile_note(name: str, profile: dict[str, Any], manifest: Any) -> str:
     built = {a.id for a in manifest.artifacts if a.status == "built"}
     got = [v for v in profile["variants"] if v in built]
     missing = [v for v in profile["variants"] if v not in built]
-    text = f"    profile {name} (accelerator: {profile['accelerator']}): {', '.join(got) or 'nothing built'}"
+    text = f"    profile {name} (accelerator: {profile['accelerator']}{_unused_by_litert(profile)}): " \
+           f"{', '.join(got) or 'nothing built'}"
     return text + (f"; not built: {', '.join(missing)}" if missing else "")
+
+
+def _unused_by_litert(profile: dict[str, Any]) -> str:
+    """Return what the profile's accelerator is used through when its LiteRT delegate (``runtime.delegate``, in the
+    manifest since this field was recorded) is not that accelerator's, so no op count is shown for it: e.g. a Jetson's
+    gpu, reached through TensorRT while LiteRT runs on xnnpack; else "". Raises nothing."""
+    from device_agents.targets import TARGETS
+    from edge_kit.variants import parse_variant
+
+    acc, delegate = profile.get("accelerator"), profile.get("delegate")
+    target = TARGETS.get(delegate or "")
+    if acc in (None, "none") or target is None or target.accelerator == acc:
+        return ""
+    others = sorted({parse_variant(v).runtime for v in profile.get("variants", ())} - {"litert"})
+    through = f"used through {', '.join(others)} on the device; " if others else ""
+    return f", {through}its LiteRT variants run on {delegate}, the CPU, so no {acc} ops are counted"
 
 
 def unserved_profiles(manifest: Any) -> list[str]:
@@ -195,13 +216,15 @@ def compile_cmd(
                 *(["the warning that a profile got no variant"] if warnings else [])]
         try:
             after_result()
-            _print_result(manifest, target, as_json, signer)
-            left.pop(0)
+            with interrupts_held() if as_json else nullcontext():  # a Ctrl-C during it comes once it is all out
+                _print_result(manifest, target, as_json, signer)
+                left.pop(0)
             for line in warnings:  # stderr, as every warning: --json's stdout stays the manifest alone
                 sys.stderr.write(f"edgekit: warning: {printable(line)}\n")
         except StoppedAfterResult:
-            sys.stderr.write(f"edgekit: interrupted once the result was written: {printable(str(target))} is complete "
-                             f"(manifest.json and its variants); skipped {' and '.join(left)}\n")
+            if left:  # else everything was done when it came
+                sys.stderr.write(f"edgekit: interrupted once the result was written: {printable(str(target))} is "
+                                 f"complete (manifest.json and its variants); skipped {' and '.join(left)}\n")
         failed = [a.id for a in manifest.artifacts if a.status == "failed"]
         if failed:
             sys.stderr.write(f"edgekit: error: {len(failed)} variant(s) failed: {', '.join(failed)} "
@@ -213,7 +236,7 @@ def _print_result(manifest: Any, target: Path, as_json: bool, signer: Any) -> No
     """Print a compile's result written in ``target``: its manifest.json as written (``--json``: signed when it was),
     or the variant table, the lines under it and where it was written. Returns nothing."""
     if as_json:
-        sys.stdout.write((target / "manifest.json").read_text())
+        write_whole((target / "manifest.json").read_text())
         return
     table, notes = _compile_report(manifest)
     print_whole(table)

@@ -76,10 +76,12 @@ def _unknown_device(device: str, fleet_file: Path | None, where: str) -> None:
                      + "leave --device out to list every device's rows")
 
 
-def _footer(where: str, rows: list[dict[str, Any]], limit: int, what: str) -> str:
-    """Return the line under a listing: how many, from where, and whether --limit cut it."""
+def _footer(where: str, rows: list[dict[str, Any]], limit: int, what: str, filters: dict[str, Any]) -> str:
+    """Return the line under a listing: how many, from where, and whether --limit cut it; an empty one names the
+    filters given (``filters``: :func:`_listing`'s, as given), or none. Raises nothing."""
     if not rows:
-        return f"no {what} in {safe(where)} for these filters"
+        given = [f"--{name} {filters[name]}" for name in ("device", "since", "until") if filters.get(name) is not None]
+        return f"no {what} in {safe(where)}" + (f" for {safe(', '.join(given))}" if given else "")
     more = f"; the {limit} newest: older ones with a larger --limit" if len(rows) == limit else ""
     return f"{len(rows)} {what} from {safe(where)}, newest first (times: this host's clock){more}"
 
@@ -102,7 +104,7 @@ def refused_cmd(fleet_file: ReadFleetOpt = None, history: HistoryOpt = None, dev
         t.add_row(local_time(r["ts"]), safe(r["device"] or "-"), safe(r["topic"]), safe(r["reason"]), f"{r['bytes']:,}")
     if rows:
         out.print(t)
-    out.print(_footer(where, rows, limit, "refused message(s)"), highlight=False)
+    out.print(_footer(where, rows, limit, "refused message(s)", filters), highlight=False)
 
 
 @history_app.command("gaps")
@@ -123,7 +125,7 @@ def gaps_cmd(fleet_file: ReadFleetOpt = None, history: HistoryOpt = None, device
                   f"{r['missing']:,}")
     if rows:
         out.print(t)
-    out.print(_footer(where, rows, limit, "sequence gap(s)"), highlight=False)
+    out.print(_footer(where, rows, limit, "sequence gap(s)", filters), highlight=False)
 
 
 @history_app.command("alerts")
@@ -153,7 +155,7 @@ def alerts_cmd(fleet_file: ReadFleetOpt = None, history: HistoryOpt = None, devi
                   safe(r["detail"]))
     if rows:
         out.print(t)
-    out.print(_footer(where, rows, limit, "open alert(s)" if open_only else "alert(s)"), highlight=False)
+    out.print(_footer(where, rows, limit, "open alert(s)" if open_only else "alert(s)", filters), highlight=False)
 
 
 @history_app.command("upgrade")

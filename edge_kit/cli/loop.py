@@ -443,25 +443,70 @@ def _fleet_states(fleet: Any, status: dict[str, dict[str, Any]], received: dict[
             for d in fleet.devices}
 
 
+def _current_models(store: Any, fleet: Any, status: dict[str, dict[str, Any]], states: dict[str, dict[str, Any]],
+                    retained: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+    """Return the model each device of ``fleet`` runs, or ran last as far as this host knows: ``variant``, ``sha256``,
+    ``last_known`` (the device is not online now: what it said before), ``at`` (when this host received the status
+    that said it; None for the broker's retained one) and ``source``. An online device's is its newest status's (the
+    broker's retained ``online`` where given, fresher); an offline, stale or revoked one's, its newest status naming a
+    model (its last will may name none), else its retained status's; a device no status named a model of is left out.
+    ``status``: the history's newest statuses; ``states``: :func:`_fleet_states`. Raises HistoryError."""
+    found: dict[str, dict[str, Any]] = {}
+    for dev in fleet.devices:
+        st = status.get(dev.name) or {}
+        kept = (retained or {}).get(dev.name) or {}
+        source = "history"
+        if kept.get("state") == "online":  # the agent's word on connecting (and on each switch since): fresher
+            st, source = kept, "broker"
+        cur = st.get("current") if isinstance(st.get("current"), dict) else {}  # a device's own word: any shape
+        online = states[dev.name]["state"] == "online"
+        if online and cur:
+            found[dev.name] = {"variant": cur.get("variant"), "sha256": cur.get("sha256"), "last_known": False,
+                               "at": None, "source": source}
+            continue
+        if online:
+            continue
+        known = store.last_known_model(dev.name)
+        said = kept.get("current") if isinstance(kept.get("current"), dict) else {}
+        if known is not None:
+            found[dev.name] = {**known, "last_known": True, "source": "history"}
+        elif isinstance(said.get("variant"), str) and said["variant"]:
+            found[dev.name] = {"variant": said["variant"], "sha256": said.get("sha256"), "last_known": True, "at": None,
+                               "source": "broker"}
+    return found
+
+
+def _current_cell(model: dict[str, Any] | None) -> str:
+    """Return the table's current-model cell for :func:`_current_models`' answer of one device: its variant, marked
+    ``last known`` with when it was said for a device not online; ``-`` when none is known. Raises nothing."""
+    from edge_kit.telemetry.report import local_time
+
+    if not model:
+        return "-"
+    variant = safe(clip(model.get("variant") or "-", 128))
+    if not model["last_known"]:
+        return variant
+    when = local_time(model["at"]) if model.get("at") is not None else "its status retained at the broker"
+    return f"{variant} (last known, {when})"
+
+
 def _fleet_table(store: Any, fleet: Any, retained: dict[str, dict[str, Any]] | None = None) -> Table:
     """Per device: state (from the broker's ``retained`` statuses where given, else the history; see
-    :func:`_fleet_states`), current variant, latest benchmark of it, last message."""
+    :func:`_fleet_states`), current variant (the last known one, saying so, for a device not online:
+    :func:`_current_models`), latest benchmark of it, last message. Raises HistoryError."""
     import time as _time
 
     status, bench, received = store.latest_status(), store.latest_bench(), store.last_received()
     states = _fleet_states(fleet, status, received, retained, store.telemetry_intervals())
+    models = _current_models(store, fleet, status, states, retained)
     t = Table("device", "profile", "state", "current", "p90 ms", "W (source)", "last heard", box=box.SIMPLE_HEAD, pad_edge=False)
     for dev in fleet.devices:
-        st = status.get(dev.name) or {}
-        live = (retained or {}).get(dev.name) or {}
-        if live.get("state") == "online":  # the agent's word on connecting (and on each switch since): fresher
-            st = live
-        cur = st.get("current") if isinstance(st.get("current"), dict) else {}  # a device's own word: any shape
-        rec = bench.get((dev.name, cur.get("sha256"))) if cur else None
+        model = models.get(dev.name)
+        rec = bench.get((dev.name, model.get("sha256"))) if model else None
         heard = received.get(dev.name)  # this host's clock: a device's ts may say 1970 (no RTC, before NTP)
         power = (rec or {}).get("power") or {}
         watts = "-" if power.get("avg_w") is None else f"{power['avg_w']:.2f} ({safe(power_source(power))})"
-        t.add_row(safe(dev.name), safe(dev.profile), _state_cell(states[dev.name]), safe(clip(cur.get("variant") or "-", 128)),
+        t.add_row(safe(dev.name), safe(dev.profile), _state_cell(states[dev.name]), _current_cell(model),
                   _num(rec["latency_ms"]["p90"]) if rec else "-", watts,
                   f"{_time.time() - heard:.0f} s ago" if heard else "-")
     return t
@@ -732,9 +777,10 @@ def fleet_status_cmd(fleet_file: FleetOpt, history: HistoryOpt = None, as_json: 
     if as_json:
         status = db.latest_status()
         telemetry = db.latest_telemetry()
-        emit_json({"state": _fleet_states(fleet, status, db.last_received(), retained, db.telemetry_intervals(telemetry),
-                                          revoked),
+        states = _fleet_states(fleet, status, db.last_received(), retained, db.telemetry_intervals(telemetry), revoked)
+        emit_json({"state": states,
                    "state_source": where,
+                   "current": _current_models(db, fleet, status, states, retained),
                    "retained": retained, "status": status, "telemetry": telemetry, "live": db.latest_live(),
                    "shadow": db.latest_shadow(),
                    "bench": {f"{d}/{s}": r for (d, s), r in db.latest_bench().items()}, "flagged": flagged,
@@ -810,8 +856,11 @@ def report_cmd(
     if as_json:
         emit_json(info)
     else:
+        held = [f"{info['rollouts']:,} rollout(s)" if info["rollouts"] else "",
+                f"{info['alerts_holding']:,} alert(s) holding" if info["alerts_holding"] else ""]
         out.print(f"wrote {safe(out_file)}: {info['plots']} plots for {safe(', '.join(info['profiles']) or 'no profile')}, "
-                  f"{info['devices']} devices")
+                  + ", ".join([f"{info['devices']} devices", *filter(None, held)]))
         if not info["records"]:  # an empty report is not a fleet that measured nothing worth drawing
-            out.print(f"[yellow]note[/] {safe(db.where)} holds no benchmark record yet: run `edgekit tune` (or "
-                      "`edgekit bench`, or `edgekit monitor` while devices benchmark) first")
+            out.print(f"[yellow]note[/] {safe(db.where)} holds no benchmark record yet, so the report has no plot (its "
+                      "tables show the rest): run `edgekit tune` (or `edgekit bench`, or `edgekit monitor` while devices "
+                      "benchmark) for them")

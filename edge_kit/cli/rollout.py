@@ -302,11 +302,11 @@ def list_cmd(fleet_file: FleetOpt, history: HistoryOpt = None,
              limit: Annotated[int, typer.Option(min=1, max=100_000, help="List at most this many, newest first.")] = 20,
              as_json: JsonOpt = False) -> None:
     """List the rollouts in the history, newest first (the 20 newest unless --limit says otherwise)."""
+    from edge_kit.telemetry.report import outcome_counts_text, rollout_summaries
+
     db = _history(fleet_file, history)
     found = db.rollouts(limit=limit + 1)  # one more than shown: whether older ones were left out
-    rows = [{"id": r["id"], "state": r["state"], "created": r["created"], "owner": r["owner"],
-             "devices": len(r["body"].get("targets", {})), "variant": r["body"].get("variant"),
-             "outcome": r["body"].get("outcome")} for r in found[:limit]]
+    rows = rollout_summaries(found[:limit])
     if as_json:
         emit_json(rows)
         return
@@ -315,9 +315,8 @@ def list_cmd(fleet_file: FleetOpt, history: HistoryOpt = None,
         return
     t = Table("id", "state", "started", "devices", "variant", "outcome", box=box.SIMPLE_HEAD, pad_edge=False)
     for r in rows:
-        counts = (r["outcome"] or {}).get("counts") or {}
         t.add_row(safe(r["id"]), safe(r["state"]), time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created"])), str(r["devices"]),
-                  safe(r["variant"] or "per profile"), ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "-")
+                  safe(r["variant"] or "per profile"), safe(outcome_counts_text(r)))
     out.print(t)
     if len(found) > limit:
         out.print(f"the {limit} newest; older ones are in {safe(db.where)} (--limit N lists more)", highlight=False)

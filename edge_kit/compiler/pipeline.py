@@ -662,9 +662,12 @@ def _compile_model(req: CompileRequest, progress: Progress | None, work: Path) -
     plans = {s.id: _Plan(s, wanted.get(s.id, [])) for s in build_order(list(wanted))}
     for plan in plans.values():
         plan.refusal = unconverted if unconverted and plan.spec.format == "tflite" else _refusal(plan.spec, source, calib)
-    # the targets whose op support each variant is checked against: those of the profiles that want it
-    targets_of = {v: sorted({t.key for p in req.profiles if v in p.variants for t in TARGETS.values()
-                             if t.accelerator == p.hardware.accelerator != "none"}) for v in plans}
+    # the targets whose op support each variant is checked against: the LiteRT delegate each profile that wants it
+    # runs (runtime.delegate) where that delegate uses the profile's accelerator; not every target of that accelerator:
+    # a Jetson profile runs LiteRT on xnnpack (its GPU through TensorRT), so a LiteRT GPU count is a path it never takes
+    targets_of = {v: sorted({p.runtime.delegate for p in req.profiles if v in p.variants
+                             if TARGETS[p.runtime.delegate].accelerator == p.hardware.accelerator != "none"})
+                  for v in plans}
 
     # made once, shared by every precision
     graph = functools.cache(lambda: _prepared(source, conversion_deadline(source.size, req.timeout)))
@@ -801,7 +804,7 @@ def _compile_model(req: CompileRequest, progress: Progress | None, work: Path) -
         versions={**_versions(), **(_onnx_versions() if source.kind == "onnx" or onnx_built else {}),
                   **({"tf2onnx": _version_of("tf2onnx")} if "onnx_export" in shared else {})},
         profiles={p.name: {"description": p.description, "accelerator": p.hardware.accelerator,
-                           "variants": list(p.variants)} for p in req.profiles},
+                           "delegate": p.runtime.delegate, "variants": list(p.variants)} for p in req.profiles},
         artifacts=[p.artifact for p in plans.values() if p.artifact is not None],
     )
     step("writing artifacts")

@@ -25,7 +25,7 @@ from typing import Any
 from device_agents.bench import thin_tail
 from edge_kit.errors import InputError
 from edge_kit.fleet.keys import revoked_on
-from edge_kit.fsutil import atomic_write_text
+from edge_kit.fsutil import atomic_write_text, writable_folder
 from edge_kit.profiles import Profile, bundled_profiles, load_profile
 from edge_kit.telemetry.store import CLEARED_REVOKED, CLEARED_STALE, HistoryStore
 from edgekit_protocol.config import AgentConfig
@@ -212,15 +212,18 @@ class Newest:
         return cls(store.latest_status(), store.latest_bench(), store.latest_live(), store.latest_decisions())
 
 
-def _fleet_rows(newest: Newest, profiles: dict[str, str] | None = None) -> tuple[list[str], list[list[str]]]:
-    """Return the fleet table's head and rows (HTML cells), one row per device of ``newest``; ``profiles``: the fleet
-    file's profile of each device it names, shown rather than what the device's records say."""
+def _fleet_rows(newest: Newest, profiles: dict[str, str] | None = None,
+                others: set[str] | None = None) -> tuple[list[str], list[list[str]]]:
+    """Return the fleet table's head and rows (HTML cells), one row per device of ``newest`` and of ``others`` (the
+    history's other devices, :meth:`~edge_kit.telemetry.store.HistoryStore.devices`: in a rollout, an alert, with no
+    status or record); ``profiles``: the fleet file's profile of each device it names, shown rather than what the
+    device's records say. Raises nothing."""
     profiles = profiles or {}
     status, latest, live, decisions = newest.status, newest.bench, newest.live, newest.decisions
     head = ["device", "profile", "state", "running", "runtime", "decision", "bench p90 ms", "accuracy", "mJ/inference", "power source",
             "live p50/p99 ms (requests)", "simulated"]
     rows = []
-    for device in sorted(set(status) | {d for d, _ in latest} | set(decisions)):
+    for device in sorted(set(status) | {d for d, _ in latest} | set(decisions) | (others or set())):
         st = status.get(device, {})
         cur, rec = _running(st, latest, device)
         dec = decisions.get(device)
@@ -497,6 +500,44 @@ def _alerts_table(store: HistoryStore) -> tuple[str, int]:
     return part, holding
 
 
+MAX_ROLLOUTS = 20  # the newest rollouts the report lists (edgekit rollout list --limit N lists more)
+
+
+def rollout_summaries(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Return one summary per rollout of ``rows`` (:meth:`~edge_kit.telemetry.store.HistoryStore.rollouts`): ``id``,
+    ``state``, ``created``, ``owner``, ``devices`` (how many it targets), ``variant`` (None: each profile's) and
+    ``outcome`` (its state, reason and counts per device state, once it ended). Raises nothing."""
+    return [{"id": r["id"], "state": r["state"], "created": r["created"], "owner": r["owner"],
+             "devices": len(r["body"].get("targets", {})), "variant": r["body"].get("variant"),
+             "model": r["body"].get("model"), "outcome": r["body"].get("outcome")} for r in rows]
+
+
+def outcome_counts_text(summary: dict[str, Any]) -> str:
+    """Return a rollout summary's (:func:`rollout_summaries`) device counts per state as ``done 3, failed 1``, or
+    ``-`` before it ended. Raises nothing."""
+    counts = (summary.get("outcome") or {}).get("counts") or {}
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "-"
+
+
+def _rollouts_table(store: HistoryStore) -> tuple[str, int]:
+    """Return the report's section on the history's rollouts (the :data:`MAX_ROLLOUTS` newest) and how many there
+    are; ``""`` and 0 when it holds none. Raises HistoryError."""
+    total = store.count("rollouts")
+    if not total:
+        return "", 0
+    rows = rollout_summaries(store.rollouts(limit=MAX_ROLLOUTS))
+    return ("<h2>Rollouts</h2><p class=note>The pull rollouts in the history, newest first"
+            + (f" (the {MAX_ROLLOUTS} newest of {total:,})" if total > len(rows) else "")
+            + ": when each started (this host's clock), its state and, once it ended, how many devices ended in each "
+            "state. <code>edgekit rollout status ID</code> gives each device's row.</p>"
+            "<table><tr><th>id</th><th>started</th><th>state</th><th>model</th><th>variant</th><th>devices</th>"
+            "<th>outcome</th></tr>"
+            + "".join(f"<tr><td>{_cell(r['id'])}</td><td>{local_time(r['created'])}</td><td>{_cell(r['state'])}</td>"
+                      f"<td>{_cell(r['model'] or '-')}</td><td>{_cell(r['variant'] or 'per profile')}</td>"
+                      f"<td>{r['devices']:,}</td><td>{_cell(outcome_counts_text(r))}</td></tr>" for r in rows)
+            + "</table>"), total
+
+
 def _check_replaceable(out: Path) -> None:
     """Raise InputError when ``out`` is an existing file that is not an HTML page (``--out`` naming the history
     database or the fleet file would have replaced it with the report), or something other than a file (a folder, a
@@ -507,7 +548,16 @@ def _check_replaceable(out: Path) -> None:
     except OSError:
         mode = None  # nothing there (or nothing this user may look at): the write says why
     if mode is not None and not stat.S_ISREG(mode):
-        if stat.S_ISDIR(mode):
+        if stat.S_ISDIR(mode):  # suggest a file in it only where one can be written (not in /proc, nor read-only)
+            try:
+                writable_folder(out)
+            except InputError:
+                raise InputError(f"{out}: a folder, and not one a file can be written in; give --out the report's file "
+                                 "in a folder you can write to") from None
+            try:
+                _check_replaceable(out / "report.html")  # the suggestion itself must not be refused in turn
+            except InputError:
+                raise InputError(f"{out}: a folder; give --out the report's file (a new .html file)") from None
             raise InputError(f"{out}: a folder; give --out the report's file, e.g. {out / 'report.html'}")
         raise InputError(f"{out}: not a regular file (a device, a FIFO or a socket); choose another --out")
     try:
@@ -529,7 +579,9 @@ def build_report(store: HistoryStore, out: Path, title: str = "edge-kit fleet re
     :data:`MAX_VARIANTS_PER_DEVICE`, ``rows``: the fleet table's figures, labelled ``bench`` or ``live``,
     :func:`figure_rows`, and ``refused`` and ``gaps``: the messages the monitor refused and the sequence gaps it
     recorded, which no figure shows: the page counts them and lists the :data:`UNSHOWN_ROWS` newest of each;
-    ``alerts_holding``: the monitor's alerts that hold, which the page lists with the newest cleared ones).
+    ``alerts_holding``: the monitor's alerts that hold, which the page lists with the newest cleared ones;
+    ``rollouts``: how many rollouts the history holds, the :data:`MAX_ROLLOUTS` newest listed; ``devices``: the fleet
+    table's rows, one per device any table of the history names, benchmarked or not).
 
     ``profiles``: the fleet file's profile of each device it names (``{device: profile}``), which places that
     device's records; a device it does not name is placed by what its records say.
@@ -569,7 +621,7 @@ def build_report(store: HistoryStore, out: Path, title: str = "edge-kit fleet re
         sections.append(f"<h2>{html.escape(name)}</h2><p class=note>{html.escape(profile.description)}; devices: "
                         f"{html.escape(', '.join(devices))}</p>"
                         + "".join(f.to_html(full_html=False, include_plotlyjs=False, config={"displaylogo": False}) for f in figs))
-    head, rows = _fleet_rows(newest, profiles)
+    head, rows = _fleet_rows(newest, profiles, store.devices())
     table = ("<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"
              + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows) + "</table>")
     gate_rows = _gate_rows(store)
@@ -596,7 +648,8 @@ def build_report(store: HistoryStore, out: Path, title: str = "edge-kit fleet re
                   + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in fleet_rows) + "</table>")
     refused, gaps = store.count("invalid"), store.count("gaps")  # what the figures above do not show
     alerts, holding = _alerts_table(store)
-    table += alerts + _unshown_tables(store, refused, gaps)
+    rollouts, rollout_count = _rollouts_table(store)
+    table += rollouts + alerts + _unshown_tables(store, refused, gaps)
     simulated = any(r.get("simulated") for r in latest)
     served = live_clocks(newest.live)
     page = (f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title)}</title><style>{_CSS}</style>"
@@ -624,4 +677,4 @@ def build_report(store: HistoryStore, out: Path, title: str = "edge-kit fleet re
                          "pass --out a file in a writable folder") from None
     return {"out": str(out), "profiles": sorted(by_profile), "devices": len(rows), "plots": plots, "records": len(latest),
             "flagged": flagged, "not_plotted": left_out, "rows": figure_rows(newest), "refused": refused, "gaps": gaps,
-            "alerts_holding": holding}
+            "alerts_holding": holding, "rollouts": rollout_count}

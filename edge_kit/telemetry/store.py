@@ -755,6 +755,13 @@ class HistoryStore(abc.ABC):
                    and self._rows(f"SELECT 1 FROM {table} WHERE device = ? LIMIT 1", (device,))
                    for table in TABLES if table != "rollouts")
 
+    def devices(self) -> set[str]:
+        """Return the name of every device a table of the history holds a row of: a record, a decision, a sequence gap,
+        an alert or a rollout's entry (not a refused message: what its topic names is anyone's word; a table an older
+        schema lacks, or that lacks its ``device`` column, holds none). Raises HistoryError."""
+        return {name for table in TABLES if table not in ("rollouts", "invalid") and "device" in self._columns(table)
+                for (name,) in self._rows(f"SELECT DISTINCT device FROM {table}") if isinstance(name, str)}
+
     def latest_bench(self, device: str | None = None) -> dict[tuple[str, str], dict[str, Any]]:
         """Return the newest bench record per ``(device, sha256)`` (of one device, or all). Raises HistoryError."""
         return {key: records[0] for key, records in self.recent_bench(device, keep=1).items()}
@@ -789,6 +796,17 @@ class HistoryStore(abc.ABC):
             if later is not None:
                 newest[device] = {**msg, "current": later.get("current")}
         return newest
+
+    def last_known_model(self, device: str, scan: int = 100) -> dict[str, Any] | None:
+        """Return the model the newest of ``device``'s ``scan`` newest statuses that names one says it ran (for a
+        device offline now, whose last word, its last will, may name none): ``variant``, ``sha256`` and ``at``, when
+        this host received that status; None when none of them names a variant. Raises HistoryError."""
+        for body, received in self._rows("SELECT body, ts FROM status WHERE device = ? ORDER BY ts DESC, seq DESC "
+                                         "LIMIT ?", (device, scan)):
+            cur = json.loads(body).get("current")
+            if isinstance(cur, dict) and isinstance(cur.get("variant"), str) and cur["variant"]:
+                return {"variant": cur["variant"], "sha256": cur.get("sha256"), "at": received}
+        return None
 
     def latest_telemetry(self) -> dict[str, dict[str, Any]]:
         """Return the newest telemetry message per device. Raises HistoryError."""

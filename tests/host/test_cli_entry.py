@@ -340,3 +340,20 @@ def test_every_commands_description_is_wrapped_by_the_terminal_not_by_its_docstr
             if line and after and len(line) < 60:  # a line the paragraph goes on after, that does not fill the width
                 ragged.append(f"edgekit {' '.join(path)}: {line!r}")
     assert ragged == []
+
+
+def test_a_missing_argument_is_named_as_the_usage_line_and_the_help_name_it(run_cli):
+    """The usage line said `edgekit compile [OPTIONS] MODEL`, the error for it "Missing argument 'model'" and the help's
+    argument panel "model": three spellings of one name. All say MODEL now."""
+    import re
+
+    for path, argument in ((["compile"], "MODEL"), (["fleet", "revoke"], "DEVICE"),
+                           (["rollout", "status"], "ROLLOUT_ID")):
+        code, out, err = run_cli(*path)
+        assert code == 2 and err == (f"edgekit: error: Missing argument '{argument}' (see `edgekit {' '.join(path)} "
+                                     "--help`)\n"), (path, err)
+        code, out, err = run_cli(*path, "--help")
+        rows = [" ".join(line.strip("│ ").split()) for line in out.splitlines()]
+        assert re.fullmatch(rf"Usage: edgekit {' '.join(path)} \[OPTIONS\] {argument}", next(
+            r for r in rows if r.startswith("Usage: "))), rows
+        assert any(re.match(rf"\* {argument} <", r) for r in rows), rows

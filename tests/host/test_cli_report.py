@@ -343,6 +343,24 @@ def test_a_report_out_that_cannot_take_a_file_is_one_line_naming_it_and_why(tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["history.db", "s.html"]  # nothing half-written
 
 
+def test_a_report_out_naming_a_folder_suggests_a_file_only_where_one_would_be_written(tmp_path, run_cli):
+    """`report --out /proc` suggested "e.g. /proc/report.html", which fails in turn (no file can be made in /proc);
+    so would a suggestion whose report.html is a folder. Such a folder gets no suggestion, only what to do."""
+    from edge_kit.telemetry.store import Store
+
+    history = tmp_path / "history.db"
+    Store(history).close()
+    taken = tmp_path / "taken"
+    (taken / "report.html").mkdir(parents=True)
+    code, out, err = run_cli("report", "--history", history, "--out", "/proc")
+    assert code == 2 and err == ("edgekit: error: /proc: a folder, and not one a file can be written in; give --out the "
+                                 "report's file in a folder you can write to\n"), err
+    code, out, err = run_cli("report", "--history", history, "--out", taken)
+    assert code == 2 and err == f"edgekit: error: {taken}: a folder; give --out the report's file (a new .html file)\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["history.db", "taken"]
+    assert [p.name for p in taken.iterdir()] == ["report.html"]
+
+
 @pytest.mark.parametrize("command", [["report", "--out", "{tmp}/r.html"], ["rollout", "list"],
                                      ["rollout", "status", "digits-1"], ["rollout", "abort", "digits-1"]])
 def test_a_mistyped_fleet_file_is_named_and_gets_no_new_empty_history_beside_it(tmp_path, run_cli, command):
@@ -374,8 +392,41 @@ def test_a_report_from_a_history_without_benchmarks_says_so_and_what_to_run(tmp_
     Store(tmp_path / "edgekit-history.db").close()  # a history nothing has benchmarked into
     code, out, err = run_cli("report", "--fleet", fleet_file, "--out", tmp_path / "r.html")
     assert code == 0, err
-    assert (f"note {tmp_path.resolve() / 'edgekit-history.db'} holds no benchmark record yet: run `edgekit tune` (or "
-            "`edgekit bench`, or `edgekit monitor` while devices benchmark) first") in " ".join(out.split())
+    assert (f"note {tmp_path.resolve() / 'edgekit-history.db'} holds no benchmark record yet, so the report has no "
+            "plot (its tables show the rest): run `edgekit tune` (or `edgekit bench`, or `edgekit monitor` while "
+            "devices benchmark) for them") in " ".join(out.split())
+
+
+def test_a_report_from_a_history_with_rollouts_but_no_benchmarks_shows_them_and_counts_their_devices(tmp_path,
+                                                                                                     run_cli):
+    """A history holding a rollout over three devices, a decision and an alert, but no benchmark record: the report
+    said '0 devices' and showed no rollout. It lists the rollouts, has a fleet row for every device any table names
+    (not a refused message's topic: anyone's word) and counts them."""
+    from edge_kit.telemetry.store import Store
+
+    history = tmp_path / "h.db"
+    store = Store(history)
+    store.save_rollout("r1", "done", {"id": "r1", "model": "digits", "variant": "int8",
+                                      "targets": {"a": {}, "b": {}, "c": {}},
+                                      "outcome": {"state": "done", "reason": None, "counts": {"done": 2, "failed": 1}}})
+    store.set_rollout_devices("r1", [{"device": d, "wave": 0, "state": st, "revision": 1}
+                                     for d, st in (("a", "done"), ("b", "done"), ("c", "failed"))])
+    store.add_decision({"device": "d", "chosen": "fp32", "previous": None, "feasible": True, "switched": False})
+    store.open_alert("e", "offline", "e went offline")
+    store.add_invalid("edgekit/v1/f/forged/status", "not signed", b"{}")
+    store.close()
+    code, out, err = run_cli("report", "--history", history, "--out", tmp_path / "r.html", "--json")
+    assert code == 0, err
+    info = json.loads(out)
+    assert info["devices"] == 5 and info["rollouts"] == 1 and info["records"] == 0, info
+    page = (tmp_path / "r.html").read_text()
+    rollouts = page.split("<h2>Rollouts</h2>")[1].split("</table>")[0]
+    assert "<td>r1</td>" in rollouts and "<td>digits</td><td>int8</td><td>3</td><td>done 2, failed 1</td>" in rollouts
+    fleet = page.split("<h2>Fleet</h2>")[1].split("</table>")[0]
+    assert [row.split("</td>")[0] for row in fleet.split("<tr><td>")[1:]] == ["a", "b", "c", "d", "e"]
+    code, out, err = run_cli("report", "--history", history, "--out", tmp_path / "r.html")
+    assert f"wrote {tmp_path / 'r.html'}: 0 plots for no profile, 5 devices, 1 rollout(s), 1 alert(s) holding" in \
+        " ".join(out.split()), out
 
 
 @pytest.mark.parametrize("command", [["fleet", "status"], ["select"], ["rollout", "list"], ["rollout", "status", "r1"],

@@ -106,3 +106,52 @@ def test_ctrl_c_before_the_manifest_is_written_prints_no_table_and_keeps_the_pre
     assert code == 130 and err == "edgekit: error: interrupted; nothing was half-written\n" and out == "", (code, err)
     assert (tmp_path / "out" / "dense" / "manifest.json").read_bytes() == before
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["dense"]
+
+
+class _CtrlCMidWrite:
+    """stdout whose write sends a real SIGINT to this process once half of a long text is written (a Ctrl-C landing
+    while the JSON goes out, as when the reader's pipe is full), then writes the rest."""
+
+    def __init__(self, real):
+        self.real, self.sent = real, False
+
+    def write(self, text):
+        if self.sent or len(text) < 200:
+            return self.real.write(text)
+        half = len(text) // 2
+        self.real.write(text[:half])
+        self.sent = True
+        ctrl_c()  # the Python handler runs at the next bytecode: here, before the second half
+        return self.real.write(text[half:]) + half
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+def test_ctrl_c_while_compile_json_writes_the_manifest_never_cuts_it(tmp_path, run_cli, monkeypatch):
+    """`edgekit compile --json`: a Ctrl-C landing while the manifest was written on stdout raised there, so the reader
+    got half a JSON document (and a line saying the manifest on stdout was skipped). The interrupt is held during the
+    write: the reader gets the whole manifest, and the compile, whose work was all done, exits 0."""
+    import sys
+
+    assert run_cli(*compile_args(tmp_path))[0] == 0  # the model and profile are made; the next run writes the JSON
+    fake = _CtrlCMidWrite(sys.stdout)
+    monkeypatch.setattr(sys, "stdout", fake)
+    code, out, err = run_cli(*compile_args(tmp_path), "--json")
+    assert fake.sent, "the fake Ctrl-C was not sent"
+    assert code == 0 and err == "", (code, err)
+    assert json.loads(out) == json.loads((tmp_path / "out" / "dense" / "manifest.json").read_text())
+
+
+def test_ctrl_c_while_a_json_result_is_written_comes_once_it_is_whole(run_cli, monkeypatch):
+    """Any --json result (emit_json): the Ctrl-C is acted on (exit 130) only after the document is out whole."""
+    import sys
+
+    fake = _CtrlCMidWrite(sys.stdout)
+    monkeypatch.setattr(sys, "stdout", fake)
+    code, out, err = run_cli("profiles", "list", "--json")
+    assert fake.sent and code == 130 and err == "edgekit: error: interrupted; nothing was half-written\n", (code, err)
+    decoder = json.JSONDecoder()
+    profiles, end = decoder.raw_decode(out)
+    assert {p["name"] for p in profiles} >= {"rpi4", "jetson-orin-nano"}
+    assert json.loads(out[end:]) == {"error": "interrupted; nothing was half-written", "exit_code": 130}

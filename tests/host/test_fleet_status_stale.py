@@ -103,3 +103,36 @@ def test_the_monitor_judges_silence_by_each_devices_own_telemetry_interval(tmp_p
     later.last_seen = {"later": time.time() - 2000}  # heard from before its first telemetry in this run
     later._check_silence()
     assert not later.alerts
+
+
+def test_an_offline_device_shows_the_last_model_it_reported_marked_last_known_with_when(tmp_path, run_cli):
+    """An offline device whose last word (a last will signed before its model was installed, or a short status) names
+    no model showed '-' as its current model, though the history held the one it ran. It shows that one now, marked
+    last known with when this host received it; an online device's model is shown as before."""
+    from edge_kit.telemetry.report import local_time
+
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text("fleet: sim\nbroker: {host: 127.0.0.1, port: 1}\ndefaults: {user: edgekit, profile: rpi4}\n"
+                          "devices:\n  - {name: gone, host: 127.0.0.1}\n  - {name: up, host: 127.0.0.1}\n"
+                          "  - {name: never, host: 127.0.0.1}\n")
+    now = time.time()
+    int8 = {"variant": "int8", "sha256": "ab" * 32}
+    store = Store(history_path(fleet_file))
+    store.add_many([("status", messages.envelope("status", "sim", "gone", 1, {"state": "online", "current": int8})),
+                    ("status", messages.envelope("status", "sim", "gone", 2, {"state": "offline", "current": None})),
+                    ("status", messages.envelope("status", "sim", "up", 1, {"state": "online", "current": int8})),
+                    ("status", messages.envelope("status", "sim", "never", 1, {"state": "offline", "current": None}))],
+                   received=[now - 600, now - 60, now - 5, now - 5])
+    store.close()
+    code, out, err = run_cli("fleet", "status", "--fleet", fleet_file, "--history-only")
+    assert code == 0, err
+    rows = {line.split()[0]: " ".join(line.split()) for line in out.splitlines() if line.split()[:1] in
+            (["gone"], ["up"], ["never"])}
+    assert f"offline (history) int8 (last known, {local_time(now - 600)})" in rows["gone"], rows["gone"]
+    assert "online (history) int8 " in rows["up"] and "last known" not in rows["up"]
+    assert "offline (history) - " in rows["never"]
+    code, out, err = run_cli("fleet", "status", "--fleet", fleet_file, "--history-only", "--json")
+    current = json.loads(out)["current"]
+    assert current["gone"] == {**int8, "last_known": True, "at": now - 600, "source": "history"}
+    assert current["up"] == {**int8, "last_known": False, "at": None, "source": "history"}
+    assert "never" not in current

@@ -286,3 +286,23 @@ def test_the_report_counts_every_alert_that_holds_not_only_the_hundred_it_lists(
     section = (tmp_path / "r.html").read_text().split("<h2>Alerts</h2>", 1)[1]
     assert f"the {MAX_OPEN_ALERTS + 30} that hold now (the {MAX_OPEN_ALERTS} newest listed)" in section
     assert section.count("<span class=bad>holds</span>") == MAX_OPEN_ALERTS
+
+
+@pytest.mark.parametrize("kind,what", [("refused", "refused message(s)"), ("gaps", "sequence gap(s)"),
+                                       ("alerts", "alert(s)")])
+def test_an_empty_listing_names_the_filters_given_and_none_when_none_was(tmp_path, run_cli, kind, what):
+    """An empty history said "no refused message(s) in h.db for these filters" with no filter given."""
+    history = _history(tmp_path / "h.db") if kind != "alerts" else tmp_path / "h.db"
+    Store(history).close()
+    if kind != "alerts":  # rows 1 to 3 h old: none in the last minute; an empty history for the unfiltered line
+        code, out, err = run_cli("history", kind, "--history", history, "--device", "dev1", "--since", "1m")
+        assert code == 0, err
+        assert " ".join(out.split()) == f"no {what} in {history} for --device dev1, --since 1m"
+        history = tmp_path / "empty.db"
+        Store(history).close()
+    code, out, err = run_cli("history", kind, "--history", history)
+    assert code == 0, err
+    assert " ".join(out.split()) == f"no {what} in {history}"
+    if kind == "alerts":
+        code, out, err = run_cli("history", kind, "--history", history, "--open", "--until", "1m")
+        assert " ".join(out.split()) == f"no open {what} in {history} for --until 1m", err
