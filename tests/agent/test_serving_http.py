@@ -182,6 +182,31 @@ def test_a_web_page_in_a_browser_on_the_device_is_refused(store, server):
         assert status == 200, host
 
 
+def test_other_methods_and_requests_that_are_not_http_are_answered_in_json_not_an_html_page(store, server):
+    """PUT, DELETE, HEAD, OPTIONS were answered 501 with the standard library's HTML page, and a request line
+    that is not HTTP with an HTML 400 (no status line at all for a one-word line), uncounted: a client that
+    parses {"ok": false, "error"} got neither. Now 405 naming the endpoints, and 400/505 counted as malformed."""
+    port = server.http_address[1]
+    for method in ("PUT", "DELETE", "HEAD", "OPTIONS", "PATCH"):
+        with socket.create_connection(server.http_address, timeout=10) as raw:
+            raw.sendall(f"{method} /v1/model HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 2\r\n\r\n{{}}".encode())
+            got = b""
+            while chunk := raw.recv(65536):
+                got += chunk
+        head, _, body = got.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 405") and b"\r\nAllow: GET, POST\r\n" in head, (method, head)
+        assert json.loads(body) == {"ok": False, "error": f"method '{method}' is not allowed: use GET /v1/model or "
+                                                          "POST /v1/predict"}
+    assert server.snapshot()["turned_away"]["malformed"] == 0  # the wrong method, as 404/405: not counted
+    for line, status, reason in [(b"GARBAGE", 400, "Bad request syntax ('GARBAGE')"),
+                                 (b"GET /v1/model HTTP/9.9", 505, "Invalid HTTP version (9.9)")]:
+        got_status, answer = raw_request(server, line + b"\r\n\r\n")
+        assert got_status == status and answer == {"ok": False, "error": f"malformed request: {reason}; send an HTTP/1.1 "
+                                                                          "request (GET /v1/model or POST /v1/predict)"}
+    assert server.snapshot()["turned_away"]["malformed"] == 2
+    assert call(server, "GET", "/v1/model")[0] == 200
+
+
 def test_a_content_length_in_non_ascii_digits_is_answered_411(store, server):
     """'²' (latin-1 0xB2) is a digit to str.isdigit() but not to int(): answered 411, as any length
     that is not ASCII digits, not a traceback and a dropped connection."""
