@@ -31,6 +31,7 @@ from device_agents import codecheck, conditions
 from device_agents.bench import bench_in_child
 from device_agents.disk import Disk, atomic_write, is_out_of_space, read_json
 from device_agents.errors import (
+    NO_ACTIVE_MODEL,
     BenchFailed,
     CodeTampered,
     DeviceError,
@@ -746,10 +747,19 @@ class Agent:
 
     def follow_current(self) -> None:
         """Serve the current model when it is not served yet (after an activation or a rollback, or a
-        switch made over SSH). A model that does not load is logged and not served; the old one stays."""
+        switch made over SSH). A model that does not load is logged and not served; the old one stays.
+        While nothing is served, requests are told why: no model active, the active one loading (at the
+        agent's start: its check in a child takes seconds), or the active one not servable."""
         sha = self.store.current()
-        if self.server is None or sha is None or (self.server.current and self.server.current.sha256 == sha):
+        if self.server is None or (self.server.current and self.server.current.sha256 == sha):
             return
+        if sha is None:
+            if self.server.current is None:
+                self.server.no_model = NO_ACTIVE_MODEL
+            return
+        if self.server.current is None:
+            self.server.no_model = (f"the agent is loading the active model {sha[:12]} (checked in a child "
+                                    "first); retry in a moment")
         try:
             path = self.store.verify(sha)
             self._loads_in_child(path, sha, self.cfg.bench)  # switched over SSH, or checked before a restart
@@ -758,6 +768,9 @@ class Agent:
             if sha != self._unservable:
                 log.error("%s", exc)
             self._unservable = sha
+            if self.server.current is None:
+                self.server.no_model = (f"the active model {sha[:12]} cannot be served ({str(exc)[:300]}); activate "
+                                        "another (edgekit-agent rollback, or edgekit-agent activate) or deploy again")
 
     def reconcile(self) -> dict[str, Any] | None:
         """Run one reconcile step toward the desired state (main thread); the served model and the

@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 
 from device_agents.content_length import byte_count
-from device_agents.errors import NO_ACTIVE_MODEL, DeviceError
+from device_agents.errors import DeviceError
 from device_agents.serving.server import EVICTED_NEW, Place, RequestError
 from edgekit_protocol.messages import refuse_constant
 
@@ -412,7 +412,7 @@ def listen(server: Any, port: int) -> ThreadingHTTPServer:
                 return
             served = server.current
             if served is None:
-                self._error(503, NO_ACTIVE_MODEL)
+                self._error(503, server.no_model)
                 return
             self._send(200, {"ok": True, "model": served.ref(), "inputs": served.inputs, "outputs": served.outputs})
 

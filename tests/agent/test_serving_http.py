@@ -350,6 +350,40 @@ def test_the_agent_wires_http_port_and_runs_its_shadow_in_a_child(wait, store, t
         agent.spool.close()
 
 
+def test_while_the_agent_loads_the_active_model_requests_are_told_so_not_to_deploy_one(store, tmp_path):
+    """At the agent's start its socket is up seconds before the active model passed its check in a child:
+    requests were answered "no model is active on this device; deploy one", an application's developer told
+    to deploy a model that is there. Now the answer says it is loading (socket and HTTP alike), then serves."""
+    from device_agents.service import Agent
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text(f"device: pi-1\nfleet: f\nroot: {store.root}\nserve: {{http_port: {port}, socket: {tmp_path / 's.sock'}}}\n")
+    agent = Agent(load_agent_config(cfg))
+    agent.server.start()
+    loads, seen = agent._loads_in_child, []
+
+    def slow_check(*args):  # what an application sees while the child checks the model
+        with Client(path=agent.server.path) as client:
+            with pytest.raises(ServingError) as err:
+                client.predict(samples(1)[0])
+            seen.append(str(err.value))
+        seen.append(call(agent.server, "GET", "/v1/model"))
+        return loads(*args)
+
+    agent._loads_in_child = slow_check
+    try:
+        agent.follow_current()
+        want = f"the agent is loading the active model {store.shas['int8'][:12]} (checked in a child first); retry in a moment"
+        assert seen == [want, (503, {"ok": False, "error": want})]
+        assert call(agent.server, "POST", "/v1/predict", {"inputs": {"image": samples(1)[0].tolist()}})[0] == 200
+    finally:
+        agent.server.close()
+        agent.spool.close()
+
+
 def test_the_agent_publishes_live_figures_and_new_shadow_comparisons_on_their_own_topics_signed(wait, store, tmp_path):
     """Each telemetry beat spools, beside telemetry (which no longer carries them), the served model's figures
     on ``live`` and, when a shadow run has new counts, its comparison on ``shadow``: each signed by the device,
