@@ -462,8 +462,15 @@ def test_the_new_serve_limits_are_read_from_agent_yaml_and_checked(store, tmp_pa
                          ("request_timeout_s: 0", r"request_timeout_s 0\.0 is not between 0 and 3600 seconds"),
                          ("http_header_timeout_s: -1", r"http_header_timeout_s -1\.0 is not between 0 and 3600 seconds"),
                          ("send_timeout_s: 7200", r"send_timeout_s 7200\.0 is not between 0 and 3600 seconds"),
-                         ("busy_poll_us: -1", r"busy_poll_us -1 is not between 0 and 100000 microseconds")]:
-        cfg.write_text(f"device: pi-1\nfleet: f\nserve: {{{bad}}}\n")
+                         ("busy_poll_us: -1", r"busy_poll_us -1 is not between 0 and 100000 microseconds"),
+                         # each key named with its line and value (the five were lumped: "serve.max_clients (1-10000),
+                         # serve.workers (1-64) and serve.max_payload_mb (0-4096) are out of range", no line, no value)
+                         ("max_clients: 20000", r"a.yaml:4: serve: max_clients 20000 is over 10000, the most it takes$"),
+                         ("workers: 65", r"a.yaml:4: serve: workers 65 is over 64, the most it takes$"),
+                         ("max_payload_mb: 5000", r"a.yaml:4: serve: max_payload_mb 5000.0 is over 4096, the most it takes$"),
+                         ("http_max_clients: 1001", r"a.yaml:4: serve: http_max_clients 1001 is over 1000, the most it takes$"),
+                         ("http_max_body_mb: 4097", r"a.yaml:4: serve: http_max_body_mb 4097.0 is over 4096, the most it takes$")]:
+        cfg.write_text(f"device: pi-1\nfleet: f\n\nserve: {{{bad}}}\n")
         with pytest.raises(ConfigError, match=message):
             load_agent_config(cfg)
 
