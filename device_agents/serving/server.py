@@ -300,6 +300,8 @@ class Server:
                              name="serve-http").start()
         threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True,
                          name="serve").start()
+        log.info("serving API on %s%s", self.path,  # where an application reaches it, HTTP's port included
+                 f" and http://{self.http_address[0]}:{self.http_address[1]}" if self.http_address else "")
         return self
 
     def close(self) -> None:
