@@ -131,6 +131,8 @@ class Agent:
                              else "estimated from profile idle/busy watts and CPU use" if probe else "none")
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
+        self.client.on_connect_fail = self._on_connect_fail
+        self._unreachable = False  # the broker could not be reached since the last connection (logged once)
         self.client.on_message = self._on_message
         self.client.on_publish = self.publisher.on_publish
         self._will(self.client)
@@ -371,7 +373,17 @@ class Agent:
         self._report_again.set()  # where this device stands, again (the broker may have lost it): main thread
         self.publisher.connected.set()
         self.publisher.wake()
+        self._unreachable = False
         log.info("connected to %s:%s", self.cfg.broker.host, self.cfg.broker.port)
+
+    def _on_connect_fail(self, _client: Any, _u: Any) -> None:
+        """Log, once until a connection succeeds, that the broker cannot be reached (paho retries): an
+        agent with a wrong broker address or port said nothing at all."""
+        if not self._unreachable and not self._stop.is_set():
+            self._unreachable = True
+            b = self.cfg.broker
+            log.warning("cannot reach the broker at %s:%s (check broker.host and broker.port in agent.yaml); "
+                        "retrying, records stay in the spool, the serving API serves meanwhile", b.host, b.port)
 
     def _on_disconnect(self, client: Any, _u: Any, _flags: Any, reason: Any, _props: Any) -> None:
         self.publisher.connected.clear()
