@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from device_agents.errors import DeviceError
+from device_agents.errors import NO_ACTIVE_MODEL, DeviceError
 from device_agents.serving.frames import (
     FrameError,
     Receiver,
@@ -330,8 +330,11 @@ class CurrentModel:
 
         store = ModelStore(self.root)
         sha = store.current()
+        if sha is None and not store.models.is_dir():  # a mistyped root: not "no model is active"
+            raise ServingError(f"no model store at {self.root} (no models/ folder): pass open_current() the agent's "
+                               f"root (agent.yaml's root; default {default_root()})")
         if sha is None:
-            raise ServingError(f"no model is active under {self.root}")
+            raise ServingError(f"{NO_ACTIVE_MODEL} (root {self.root})")
         if sha != self._sha:
             path = store.verify(sha)  # never a model whose bytes changed
             runtime = get_runtime(self.runtime, model=path)  # by the model's format: LiteRT or ONNX Runtime
@@ -348,7 +351,7 @@ class CurrentModel:
         """Return the active model's outputs for one sample (float32 by output name).
 
         Raises:
-            ServingError: no active model, or inputs that do not fit it.
+            ServingError: no model store at ``root`` (a mistyped root), no active model, or inputs that do not fit it.
             StoreError: the active model's file is missing or its sha256 differs (damaged).
             RuntimeUnavailable: no installed runtime runs the model's format (the message says what to install).
         """

@@ -796,7 +796,13 @@ def test_open_current_without_root_looks_where_the_agent_keeps_its_root(tmp_path
     monkeypatch.setattr(os, "geteuid", lambda: 0)
     assert open_current().root == Path("/opt/edgekit")
     assert open_current("~/agent").root == tmp_path / "agent"
-    with pytest.raises(ServingError, match="no model is active under"):
+    # a root with no store (mistyped) was "no model is active under ...": now said, with where the agent's root is
+    with pytest.raises(ServingError, match=rf"^no model store at {tmp_path / 'empty'} \(no models/ folder\): pass "
+                                           r"open_current\(\) the agent's root \(agent.yaml's root; default /opt/edgekit\)$"):
+        open_current(tmp_path / "empty").predict(np.zeros(3, np.float32))
+    (tmp_path / "empty" / "models").mkdir(parents=True)  # a store with nothing active: what to do, as the API says
+    with pytest.raises(ServingError, match=rf"^no model is active on this device; deploy one .*edgekit-agent activate\) "
+                                           rf"\(root {tmp_path / 'empty'}\)$"):
         open_current(tmp_path / "empty").predict(np.zeros(3, np.float32))
 
 
