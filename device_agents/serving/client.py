@@ -67,7 +67,9 @@ class Client:
 
     ``root`` is the agent's root folder (default: the agent's own default, ``/opt/edgekit`` as root, else
     ``~/.edgekit``, where a deploy puts it); the socket is ``<root>/serve.sock`` unless ``path`` names it.
-    It connects on the first request (and again after the agent closed the connection).
+    It connects on the first request (and again after the agent closed the connection). ``timeout``
+    (seconds) bounds the connect, each request's send and the wait for its answer: a request not
+    answered within it raises :class:`ServingError` and is not sent again.
 
     Raises:
         ValueError: ``busy_poll_us`` is not an integer from 0 to 1,000,000.
@@ -124,8 +126,9 @@ class Client:
         connection has not had it yet.
 
         Raises:
-            ServingError: the answer is an error (its text), or the API cannot be reached or answers
-                nothing twice.
+            ServingError: the answer is an error (its text), the API cannot be reached or answers
+                nothing twice, or no answer came within ``timeout`` (never sent again: the agent
+                would run it twice, and the caller wait twice its timeout).
         """
         for attempt in (1, 2):  # a connection the server closed meanwhile is opened again once
             if self._sock is None:
@@ -146,6 +149,10 @@ class Client:
                 if self.busy_poll_ns:
                     self._await_answer(sent)
                 frame = self._receiver.read(self.max_payload)
+            except (TimeoutError, BlockingIOError):  # the kernel's timeout (EAGAIN): the request was sent, never again
+                self._drop()
+                raise ServingError(f"serving API at {self.path}: no answer within {self.timeout:g} s (Client's timeout); "
+                                   "the agent is busy or stuck: retry, or give a longer timeout") from None
             except (OSError, FrameError) as exc:
                 self._drop()
                 if attempt == 2:

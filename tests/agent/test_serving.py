@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import struct
@@ -769,6 +770,35 @@ def test_a_client_that_never_reads_its_answers_is_cut_off_after_send_timeout_s(w
         sock.close()
         sender.join(10)
     assert Client(path=strict.path).predict(samples(1)[0])["output_0"].shape == (10,)
+
+
+def test_a_request_not_answered_within_the_clients_timeout_is_not_sent_again(tmp_path):
+    """Client(timeout=0.5) against an agent that takes the request and answers nothing (busy, stuck) waited
+    1 s: the request timed out, was sent again on a new connection (the agent would run it twice) and timed
+    out again, answered "[Errno 11] Resource temporarily unavailable". Now one wait, said as a timeout."""
+    path = tmp_path / "s.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(8)
+    taken: list[socket.socket] = []
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                taken.append(listener.accept()[0])
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        with Client(path=path, timeout=0.5) as client:
+            started = time.monotonic()
+            with pytest.raises(ServingError, match=rf"^serving API at {path}: no answer within 0.5 s \(Client's timeout\); "
+                                                   r"the agent is busy or stuck: retry, or give a longer timeout$"):
+                client.predict(np.zeros(3, np.float32))
+            assert time.monotonic() - started < 0.9 and len(taken) == 1
+    finally:
+        listener.close()
+        for conn in taken:
+            conn.close()
 
 
 def test_a_client_without_root_looks_where_the_agent_keeps_its_root(tmp_path, monkeypatch):
