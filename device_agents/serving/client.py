@@ -103,7 +103,8 @@ class Client:
         """Connect to the API (the kernel's send and receive timeouts set: no poll() before every call).
 
         Raises:
-            ServingError: nothing listens at the socket (the agent is not running) or no permission.
+            ServingError: nothing listens at the socket (the agent is not running), or no permission
+                (the application's user is neither the agent's nor in its group: said so).
         """
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         socket_buffers(sock)
@@ -111,6 +112,10 @@ class Client:
         try:
             with socket_address(self.path) as address:  # a deep root's path is longer than a socket's
                 sock.connect(address)
+        except PermissionError:
+            sock.close()
+            raise ServingError(f"serving API at {self.path}: permission denied; the socket is for the agent's user and "
+                               "group (mode 660): run the application as one of them (or add its user to the group)") from None
         except OSError as exc:
             sock.close()
             raise ServingError(f"serving API at {self.path}: {exc.strerror or exc}; is the agent running?") from None

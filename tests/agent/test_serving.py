@@ -801,6 +801,22 @@ def test_a_request_not_answered_within_the_clients_timeout_is_not_sent_again(tmp
             conn.close()
 
 
+def test_a_client_without_permission_on_the_socket_is_told_who_may_connect(tmp_path, monkeypatch):
+    """An application run as a user outside the agent's group (the socket is mode 660) was told "Permission
+    denied; is the agent running?": the agent was running. (The tests run as root, whom the mode does not stop:
+    the kernel's EACCES is made here.)"""
+
+    class Refused(socket.socket):
+        def connect(self, address):
+            raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(socket, "socket", Refused)
+    with pytest.raises(ServingError, match=rf"^serving API at {tmp_path / 'serve.sock'}: permission denied; the socket "
+                                           r"is for the agent's user and group \(mode 660\): run the application as one "
+                                           r"of them \(or add its user to the group\)$"):
+        Client(tmp_path).info()
+
+
 def test_a_client_without_root_looks_where_the_agent_keeps_its_root(tmp_path, monkeypatch):
     """Client() looked for /opt/edgekit/serve.sock whoever ran it, while an agent run as a user (a deploy's default,
     user edgekit) keeps its root, and so its socket, in ~/.edgekit: an application got "no agent"."""
