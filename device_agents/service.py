@@ -31,6 +31,7 @@ from device_agents import codecheck, conditions
 from device_agents.bench import bench_in_child
 from device_agents.disk import Disk, atomic_write, is_out_of_space, read_json
 from device_agents.errors import (
+    NO_ACTIVE_MODEL,
     BenchFailed,
     CodeTampered,
     DeviceError,
@@ -130,6 +131,8 @@ class Agent:
                              else "estimated from profile idle/busy watts and CPU use" if probe else "none")
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
+        self.client.on_connect_fail = self._on_connect_fail
+        self._unreachable = False  # the broker could not be reached since the last connection (logged once)
         self.client.on_message = self._on_message
         self.client.on_publish = self.publisher.on_publish
         self._will(self.client)
@@ -374,7 +377,17 @@ class Agent:
         self._report_again.set()  # where this device stands, again (the broker may have lost it): main thread
         self.publisher.connected.set()
         self.publisher.wake()
+        self._unreachable = False
         log.info("connected to %s:%s", self.cfg.broker.host, self.cfg.broker.port)
+
+    def _on_connect_fail(self, _client: Any, _u: Any) -> None:
+        """Log, once until a connection succeeds, that the broker cannot be reached (paho retries): an
+        agent with a wrong broker address or port said nothing at all."""
+        if not self._unreachable and not self._stop.is_set():
+            self._unreachable = True
+            b = self.cfg.broker
+            log.warning("cannot reach the broker at %s:%s (check broker.host and broker.port in agent.yaml); "
+                        "retrying, records stay in the spool, the serving API serves meanwhile", b.host, b.port)
 
     def _on_disconnect(self, client: Any, _u: Any, _flags: Any, reason: Any, _props: Any) -> None:
         self.publisher.connected.clear()
@@ -750,10 +763,19 @@ class Agent:
 
     def follow_current(self) -> None:
         """Serve the current model when it is not served yet (after an activation or a rollback, or a
-        switch made over SSH). A model that does not load is logged and not served; the old one stays."""
+        switch made over SSH). A model that does not load is logged and not served; the old one stays.
+        While nothing is served, requests are told why: no model active, the active one loading (at the
+        agent's start: its check in a child takes seconds), or the active one not servable."""
         sha = self.store.current()
-        if self.server is None or sha is None or (self.server.current and self.server.current.sha256 == sha):
+        if self.server is None or (self.server.current and self.server.current.sha256 == sha):
             return
+        if sha is None:
+            if self.server.current is None:
+                self.server.no_model = NO_ACTIVE_MODEL
+            return
+        if self.server.current is None:
+            self.server.no_model = (f"the agent is loading the active model {sha[:12]} (checked in a child "
+                                    "first); retry in a moment")
         try:
             path = self.store.verify(sha)
             self._loads_in_child(path, sha, self.cfg.bench)  # switched over SSH, or checked before a restart
@@ -762,6 +784,9 @@ class Agent:
             if sha != self._unservable:
                 log.error("%s", exc)
             self._unservable = sha
+            if self.server.current is None:
+                self.server.no_model = (f"the active model {sha[:12]} cannot be served ({str(exc)[:300]}); activate "
+                                        "another (edgekit-agent rollback, or edgekit-agent activate) or deploy again")
 
     def reconcile(self) -> dict[str, Any] | None:
         """Run one reconcile step toward the desired state (main thread); the served model and the

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from device_agents.errors import DeviceError
+from device_agents.errors import NO_ACTIVE_MODEL, DeviceError
 from device_agents.serving.frames import (
     FrameError,
     Receiver,
@@ -67,7 +67,9 @@ class Client:
 
     ``root`` is the agent's root folder (default: the agent's own default, ``/opt/edgekit`` as root, else
     ``~/.edgekit``, where a deploy puts it); the socket is ``<root>/serve.sock`` unless ``path`` names it.
-    It connects on the first request (and again after the agent closed the connection).
+    It connects on the first request (and again after the agent closed the connection). ``timeout``
+    (seconds) bounds the connect, each request's send and the wait for its answer: a request not
+    answered within it raises :class:`ServingError` and is not sent again.
 
     Raises:
         ValueError: ``busy_poll_us`` is not an integer from 0 to 1,000,000.
@@ -101,7 +103,8 @@ class Client:
         """Connect to the API (the kernel's send and receive timeouts set: no poll() before every call).
 
         Raises:
-            ServingError: nothing listens at the socket (the agent is not running) or no permission.
+            ServingError: nothing listens at the socket (the agent is not running), or no permission
+                (the application's user is neither the agent's nor in its group: said so).
         """
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         socket_buffers(sock)
@@ -109,6 +112,10 @@ class Client:
         try:
             with socket_address(self.path) as address:  # a deep root's path is longer than a socket's
                 sock.connect(address)
+        except PermissionError:
+            sock.close()
+            raise ServingError(f"serving API at {self.path}: permission denied; the socket is for the agent's user and "
+                               "group (mode 660): run the application as one of them (or add its user to the group)") from None
         except OSError as exc:
             sock.close()
             raise ServingError(f"serving API at {self.path}: {exc.strerror or exc}; is the agent running?") from None
@@ -124,8 +131,9 @@ class Client:
         connection has not had it yet.
 
         Raises:
-            ServingError: the answer is an error (its text), or the API cannot be reached or answers
-                nothing twice.
+            ServingError: the answer is an error (its text), the API cannot be reached or answers
+                nothing twice, or no answer came within ``timeout`` (never sent again: the agent
+                would run it twice, and the caller wait twice its timeout).
         """
         for attempt in (1, 2):  # a connection the server closed meanwhile is opened again once
             if self._sock is None:
@@ -146,6 +154,10 @@ class Client:
                 if self.busy_poll_ns:
                     self._await_answer(sent)
                 frame = self._receiver.read(self.max_payload)
+            except (TimeoutError, BlockingIOError):  # the kernel's timeout (EAGAIN): the request was sent, never again
+                self._drop()
+                raise ServingError(f"serving API at {self.path}: no answer within {self.timeout:g} s (Client's timeout); "
+                                   "the agent is busy or stuck: retry, or give a longer timeout") from None
             except (OSError, FrameError) as exc:
                 self._drop()
                 if attempt == 2:
@@ -330,8 +342,11 @@ class CurrentModel:
 
         store = ModelStore(self.root)
         sha = store.current()
+        if sha is None and not store.models.is_dir():  # a mistyped root: not "no model is active"
+            raise ServingError(f"no model store at {self.root} (no models/ folder): pass open_current() the agent's "
+                               f"root (agent.yaml's root; default {default_root()})")
         if sha is None:
-            raise ServingError(f"no model is active under {self.root}")
+            raise ServingError(f"{NO_ACTIVE_MODEL} (root {self.root})")
         if sha != self._sha:
             path = store.verify(sha)  # never a model whose bytes changed
             runtime = get_runtime(self.runtime, model=path)  # by the model's format: LiteRT or ONNX Runtime
@@ -348,7 +363,7 @@ class CurrentModel:
         """Return the active model's outputs for one sample (float32 by output name).
 
         Raises:
-            ServingError: no active model, or inputs that do not fit it.
+            ServingError: no model store at ``root`` (a mistyped root), no active model, or inputs that do not fit it.
             StoreError: the active model's file is missing or its sha256 differs (damaged).
             RuntimeUnavailable: no installed runtime runs the model's format (the message says what to install).
         """

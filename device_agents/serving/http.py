@@ -24,8 +24,10 @@ connection is closed after as long). A request cut off is answered 408 and count
 - ``GET /v1/model`` answers ``{"ok": true, "model": ..., "inputs": [...], "outputs": [...]}``.
 
 Errors answer ``{"ok": false, "error": "..."}`` with 400 (malformed JSON, NaN or infinity, not a
-rectangular array of numbers, inputs that do not fit the model), 403 (a ``Host`` or ``Origin`` that
-is not the loopback: a web page in a browser on the device, see below), 404, 405, 411 (no
+rectangular array of numbers, inputs that do not fit the model, a request line or headers that are
+not HTTP), 403 (a ``Host`` or ``Origin`` that
+is not the loopback: a web page in a browser on the device, see below), 404, 405 (the wrong method,
+any but GET and POST included), 411 (no
 Content-Length), 408 (the request came too slowly), 413 (body over ``http_max_body_mb``,
 ``max_payload_mb`` or what the served model's inputs can take as JSON, refused before it is read), 500 (the interpreter failed, or its outputs hold NaN or infinity) or 503 (no model active; busy).
 
@@ -50,7 +52,7 @@ from typing import Any
 import numpy as np
 
 from device_agents.content_length import byte_count
-from device_agents.errors import NO_ACTIVE_MODEL, DeviceError
+from device_agents.errors import DeviceError
 from device_agents.serving.server import EVICTED_NEW, Place, RequestError
 from edgekit_protocol.messages import refuse_constant
 
@@ -339,8 +341,10 @@ def listen(server: Any, port: int) -> ThreadingHTTPServer:
             except OSError:
                 pass
 
-        def _send(self, status: int, doc: dict[str, Any], close: bool = False) -> None:
-            """Answer ``doc`` as JSON (500 when it holds NaN or infinity); ``close`` ends the connection after.
+        def _send(self, status: int, doc: dict[str, Any], close: bool = False,
+                  headers: dict[str, str] | None = None) -> None:
+            """Answer ``doc`` as JSON (500 when it holds NaN or infinity), with ``headers`` besides its own;
+            ``close`` ends the connection after.
 
             Raises:
                 OSError: the client is gone, or did not take the answer within ``send_timeout_s``
@@ -354,6 +358,8 @@ def listen(server: Any, port: int) -> ThreadingHTTPServer:
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
+            for key, value in (headers or {}).items():
+                self.send_header(key, value)
             if close:
                 self.send_header("Connection", "close")
                 self.close_connection = True
@@ -372,6 +378,26 @@ def listen(server: Any, port: int) -> ThreadingHTTPServer:
             """
             self._send(status, {"ok": False, "error": message, **({"model": model} if model else {})}, close)
 
+        def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+            """Answer the standard library's own refusals as every other error, one JSON line, and close:
+            a method other than GET and POST is 405 naming the two endpoints (not 501 and an HTML page),
+            a request line or headers that are not HTTP (400, 414, 431, 505) are ``malformed`` and counted.
+
+            Raises:
+                OSError: the client is gone.
+            """
+            if self.request_version == "HTTP/0.9":  # a line too short to be HTTP: answered as HTTP/1.1 all the same
+                self.request_version = self.protocol_version
+            if code == 501:  # a method no do_ handles (PUT, DELETE, HEAD, OPTIONS...)
+                self._send(405, {"ok": False, "error": f"method {str(self.command)[:20]!r} is not allowed: "
+                                                       "use GET /v1/model or POST /v1/predict"},
+                           close=True, headers={"Allow": "GET, POST"})
+                return
+            server.malformed()
+            reason = message or self.responses.get(code, ("not an HTTP request",))[0]
+            self._send(code, {"ok": False, "error": f"malformed request: {reason[:120]}; send an HTTP/1.1 request "
+                                                    "(GET /v1/model or POST /v1/predict)"}, close=True)
+
         def do_GET(self) -> None:  # noqa: N802 - the standard library's name
             """Answer ``GET /v1/model`` (404/405 for other paths, 503 when nothing is served).
 
@@ -386,7 +412,7 @@ def listen(server: Any, port: int) -> ThreadingHTTPServer:
                 return
             served = server.current
             if served is None:
-                self._error(503, NO_ACTIVE_MODEL)
+                self._error(503, server.no_model)
                 return
             self._send(200, {"ok": True, "model": served.ref(), "inputs": served.inputs, "outputs": served.outputs})
 

@@ -222,6 +222,9 @@ class Server:
         self.http_port = http_port  # None: no HTTP; 0: a free port (tests); bound to 127.0.0.1 only
         self.http_address: tuple[str, int] | None = None  # where HTTP listens once started
         self.current: _Served | None = None
+        # what a request is answered while nothing is served: no model active, or (the agent says) the active
+        # one still loading or not servable, so an application is not told to deploy a model that is there
+        self.no_model = NO_ACTIVE_MODEL
         # busy: socket and HTTP clients turned away for want of a place (busy_http: the HTTP ones among
         # them); timed_out: cut off for a request or an answer not taken in time; evicted_idle: idle
         # connections (socket or HTTP) closed to give their place to a new client
@@ -297,6 +300,8 @@ class Server:
                              name="serve-http").start()
         threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True,
                          name="serve").start()
+        log.info("serving API on %s%s", self.path,  # where an application reaches it, HTTP's port included
+                 f" and http://{self.http_address[0]}:{self.http_address[1]}" if self.http_address else "")
         return self
 
     def close(self) -> None:
@@ -468,7 +473,7 @@ class Server:
         started = time.perf_counter_ns() if started_ns is None else started_ns
         served = self.current  # this request's model, whatever is activated meanwhile
         if served is None:
-            raise RequestError(NO_ACTIVE_MODEL, "no_model")
+            raise RequestError(self.no_model, "no_model")
         try:
             outputs = served.predict(arrays)
         except ValueError as exc:
@@ -554,7 +559,7 @@ class Server:
                     continue
                 served = self.current
                 if served is None:
-                    answer = {"ok": False, "error": NO_ACTIVE_MODEL}
+                    answer = {"ok": False, "error": self.no_model}
                 elif op == "info":
                     answer = {"ok": True, "model": served.ref(), "inputs": served.inputs, "outputs": served.outputs}
                 else:

@@ -12,12 +12,14 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from device_agents.config import load_agent_config
 from device_agents.formats import onnx_metadata
 from device_agents.runtimes import is_tensorrt
 from device_agents.service import Agent
+from device_agents.serving.server import RequestError
 from edge_kit import realmodels
 from edgekit_protocol.commands import Command
 
@@ -87,6 +89,11 @@ def test_a_crashing_model_made_current_behind_the_agents_back_is_not_served_in_i
         agent.store.activate(sha, smoke=lambda *_a, **_k: {})  # a check that let it through
         agent.follow_current()
         assert agent.store.current() == sha and agent.server.current is None and agent._unservable == sha
+        # an application is told why nothing answers, not "no model is active; deploy one"
+        with pytest.raises(RequestError, match=rf"^the active model {sha[:12]} cannot be served \(model {sha[:12]} "
+                                               r"failed its smoke inference: .*\); activate another \(edgekit-agent "
+                                               r"rollback, or edgekit-agent activate\) or deploy again$"):
+            agent.server.predict({"x": np.zeros((1, 128, 128, 3), np.float32)})
     finally:
         agent.spool.close()
 

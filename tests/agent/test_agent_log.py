@@ -46,3 +46,36 @@ def test_text_from_a_model_or_a_message_cannot_forge_or_colour_a_log_line(tmp_pa
         service.log.error("%s", "smoke check failed: input x\n2026-01-01 00:00:00,000 INFO edgekit: activated \x1b[2J")
     text = (tmp_path / "agent.log").read_text()
     assert text.count("\n") == 1 and "\x1b" not in text and "INFO edgekit: activated \\x1b[2J" in text
+
+
+def test_a_broker_the_agent_cannot_reach_is_logged_once_not_silently_retried(tmp_path, caplog):
+    """An agent whose broker.port was wrong (nothing listening) retried in silence: its log said it served a
+    model and nothing else. The refused connection is now one warning naming broker.host and broker.port, once
+    until a connection succeeds, however often paho retries."""
+    import socket
+    import time
+
+    from device_agents.config import load_agent_config
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text(f"device: pi-1\nfleet: f\nroot: {tmp_path / 'root'}\nbroker: {{host: 127.0.0.1, port: {port}}}\n"
+                   "serve: {enabled: false}\n")
+    agent = service.Agent(load_agent_config(cfg))
+    agent.client.reconnect_delay_set(0.05, 0.05)
+    caplog.set_level("WARNING", logger="edgekit.agent")
+    try:
+        agent.client.connect_async("127.0.0.1", port)
+        agent.client.loop_start()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not [r for r in caplog.records if r.getMessage().startswith("cannot reach")]:
+            time.sleep(0.05)
+        time.sleep(0.5)  # several more retries
+    finally:
+        agent.client.loop_stop()
+        agent.spool.close()
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("cannot reach")]
+    assert said == [f"cannot reach the broker at 127.0.0.1:{port} (check broker.host and broker.port in agent.yaml); "
+                    "retrying, records stay in the spool, the serving API serves meanwhile"]

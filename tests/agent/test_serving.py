@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import struct
@@ -771,6 +772,51 @@ def test_a_client_that_never_reads_its_answers_is_cut_off_after_send_timeout_s(w
     assert Client(path=strict.path).predict(samples(1)[0])["output_0"].shape == (10,)
 
 
+def test_a_request_not_answered_within_the_clients_timeout_is_not_sent_again(tmp_path):
+    """Client(timeout=0.5) against an agent that takes the request and answers nothing (busy, stuck) waited
+    1 s: the request timed out, was sent again on a new connection (the agent would run it twice) and timed
+    out again, answered "[Errno 11] Resource temporarily unavailable". Now one wait, said as a timeout."""
+    path = tmp_path / "s.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(8)
+    taken: list[socket.socket] = []
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                taken.append(listener.accept()[0])
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        with Client(path=path, timeout=0.5) as client:
+            started = time.monotonic()
+            with pytest.raises(ServingError, match=rf"^serving API at {path}: no answer within 0.5 s \(Client's timeout\); "
+                                                   r"the agent is busy or stuck: retry, or give a longer timeout$"):
+                client.predict(np.zeros(3, np.float32))
+            assert time.monotonic() - started < 0.9 and len(taken) == 1
+    finally:
+        listener.close()
+        for conn in taken:
+            conn.close()
+
+
+def test_a_client_without_permission_on_the_socket_is_told_who_may_connect(tmp_path, monkeypatch):
+    """An application run as a user outside the agent's group (the socket is mode 660) was told "Permission
+    denied; is the agent running?": the agent was running. (The tests run as root, whom the mode does not stop:
+    the kernel's EACCES is made here.)"""
+
+    class Refused(socket.socket):
+        def connect(self, address):
+            raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(socket, "socket", Refused)
+    with pytest.raises(ServingError, match=rf"^serving API at {tmp_path / 'serve.sock'}: permission denied; the socket "
+                                           r"is for the agent's user and group \(mode 660\): run the application as one "
+                                           r"of them \(or add its user to the group\)$"):
+        Client(tmp_path).info()
+
+
 def test_a_client_without_root_looks_where_the_agent_keeps_its_root(tmp_path, monkeypatch):
     """Client() looked for /opt/edgekit/serve.sock whoever ran it, while an agent run as a user (a deploy's default,
     user edgekit) keeps its root, and so its socket, in ~/.edgekit: an application got "no agent"."""
@@ -796,7 +842,13 @@ def test_open_current_without_root_looks_where_the_agent_keeps_its_root(tmp_path
     monkeypatch.setattr(os, "geteuid", lambda: 0)
     assert open_current().root == Path("/opt/edgekit")
     assert open_current("~/agent").root == tmp_path / "agent"
-    with pytest.raises(ServingError, match="no model is active under"):
+    # a root with no store (mistyped) was "no model is active under ...": now said, with where the agent's root is
+    with pytest.raises(ServingError, match=rf"^no model store at {tmp_path / 'empty'} \(no models/ folder\): pass "
+                                           r"open_current\(\) the agent's root \(agent.yaml's root; default /opt/edgekit\)$"):
+        open_current(tmp_path / "empty").predict(np.zeros(3, np.float32))
+    (tmp_path / "empty" / "models").mkdir(parents=True)  # a store with nothing active: what to do, as the API says
+    with pytest.raises(ServingError, match=rf"^no model is active on this device; deploy one .*edgekit-agent activate\) "
+                                           rf"\(root {tmp_path / 'empty'}\)$"):
         open_current(tmp_path / "empty").predict(np.zeros(3, np.float32))
 
 

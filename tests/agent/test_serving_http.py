@@ -55,12 +55,19 @@ def samples(n=4):
     return np.random.default_rng(0).uniform(0, 16, size=(n, 8, 8, 1)).astype(np.float32)
 
 
-def test_http_is_off_by_default_and_the_port_is_checked(store, tmp_path):
+def test_http_is_off_by_default_and_the_port_is_checked(store, tmp_path, caplog):
+    caplog.set_level("INFO", logger="edgekit.agent.serve")
     srv = Server(store.root / "off.sock", make_interpreter=make).start()
     try:
         assert srv.http_address is None
     finally:
         srv.close()
+    on = Server(store.root / "on.sock", make_interpreter=make, http_port=0).start()
+    on.close()
+    # the log says where an application reaches the API (it said nothing: the HTTP port only in agent.yaml)
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("serving API on")] == [
+        f"serving API on {store.root / 'off.sock'}",
+        f"serving API on {store.root / 'on.sock'} and http://127.0.0.1:{on.http_address[1]}"]
     cfg = tmp_path / "a.yaml"
     cfg.write_text("device: pi-1\nfleet: f\n")
     assert load_agent_config(cfg).serve.http_port is None
@@ -180,6 +187,31 @@ def test_a_web_page_in_a_browser_on_the_device_is_refused(store, server):
     for host, origin in [(f"127.0.0.1:{port}", None), ("localhost", f"http://localhost:{port}"), ("[::1]", None)]:
         status, _ = call(server, "POST", "/v1/predict", body, headers={"Host": host, **({"Origin": origin} if origin else {})})
         assert status == 200, host
+
+
+def test_other_methods_and_requests_that_are_not_http_are_answered_in_json_not_an_html_page(store, server):
+    """PUT, DELETE, HEAD, OPTIONS were answered 501 with the standard library's HTML page, and a request line
+    that is not HTTP with an HTML 400 (no status line at all for a one-word line), uncounted: a client that
+    parses {"ok": false, "error"} got neither. Now 405 naming the endpoints, and 400/505 counted as malformed."""
+    port = server.http_address[1]
+    for method in ("PUT", "DELETE", "HEAD", "OPTIONS", "PATCH"):
+        with socket.create_connection(server.http_address, timeout=10) as raw:
+            raw.sendall(f"{method} /v1/model HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 2\r\n\r\n{{}}".encode())
+            got = b""
+            while chunk := raw.recv(65536):
+                got += chunk
+        head, _, body = got.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 405") and b"\r\nAllow: GET, POST\r\n" in head, (method, head)
+        assert json.loads(body) == {"ok": False, "error": f"method '{method}' is not allowed: use GET /v1/model or "
+                                                          "POST /v1/predict"}
+    assert server.snapshot()["turned_away"]["malformed"] == 0  # the wrong method, as 404/405: not counted
+    for line, status, reason in [(b"GARBAGE", 400, "Bad request syntax ('GARBAGE')"),
+                                 (b"GET /v1/model HTTP/9.9", 505, "Invalid HTTP version (9.9)")]:
+        got_status, answer = raw_request(server, line + b"\r\n\r\n")
+        assert got_status == status and answer == {"ok": False, "error": f"malformed request: {reason}; send an HTTP/1.1 "
+                                                                          "request (GET /v1/model or POST /v1/predict)"}
+    assert server.snapshot()["turned_away"]["malformed"] == 2
+    assert call(server, "GET", "/v1/model")[0] == 200
 
 
 def test_a_content_length_in_non_ascii_digits_is_answered_411(store, server):
@@ -325,6 +357,40 @@ def test_the_agent_wires_http_port_and_runs_its_shadow_in_a_child(wait, store, t
         agent.spool.close()
 
 
+def test_while_the_agent_loads_the_active_model_requests_are_told_so_not_to_deploy_one(store, tmp_path):
+    """At the agent's start its socket is up seconds before the active model passed its check in a child:
+    requests were answered "no model is active on this device; deploy one", an application's developer told
+    to deploy a model that is there. Now the answer says it is loading (socket and HTTP alike), then serves."""
+    from device_agents.service import Agent
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text(f"device: pi-1\nfleet: f\nroot: {store.root}\nserve: {{http_port: {port}, socket: {tmp_path / 's.sock'}}}\n")
+    agent = Agent(load_agent_config(cfg))
+    agent.server.start()
+    loads, seen = agent._loads_in_child, []
+
+    def slow_check(*args):  # what an application sees while the child checks the model
+        with Client(path=agent.server.path) as client:
+            with pytest.raises(ServingError) as err:
+                client.predict(samples(1)[0])
+            seen.append(str(err.value))
+        seen.append(call(agent.server, "GET", "/v1/model"))
+        return loads(*args)
+
+    agent._loads_in_child = slow_check
+    try:
+        agent.follow_current()
+        want = f"the agent is loading the active model {store.shas['int8'][:12]} (checked in a child first); retry in a moment"
+        assert seen == [want, (503, {"ok": False, "error": want})]
+        assert call(agent.server, "POST", "/v1/predict", {"inputs": {"image": samples(1)[0].tolist()}})[0] == 200
+    finally:
+        agent.server.close()
+        agent.spool.close()
+
+
 def test_the_agent_publishes_live_figures_and_new_shadow_comparisons_on_their_own_topics_signed(wait, store, tmp_path):
     """Each telemetry beat spools, beside telemetry (which no longer carries them), the served model's figures
     on ``live`` and, when a shadow run has new counts, its comparison on ``shadow``: each signed by the device,
@@ -403,8 +469,15 @@ def test_the_new_serve_limits_are_read_from_agent_yaml_and_checked(store, tmp_pa
                          ("request_timeout_s: 0", r"request_timeout_s 0\.0 is not between 0 and 3600 seconds"),
                          ("http_header_timeout_s: -1", r"http_header_timeout_s -1\.0 is not between 0 and 3600 seconds"),
                          ("send_timeout_s: 7200", r"send_timeout_s 7200\.0 is not between 0 and 3600 seconds"),
-                         ("busy_poll_us: -1", r"busy_poll_us -1 is not between 0 and 100000 microseconds")]:
-        cfg.write_text(f"device: pi-1\nfleet: f\nserve: {{{bad}}}\n")
+                         ("busy_poll_us: -1", r"busy_poll_us -1 is not between 0 and 100000 microseconds"),
+                         # each key named with its line and value (the five were lumped: "serve.max_clients (1-10000),
+                         # serve.workers (1-64) and serve.max_payload_mb (0-4096) are out of range", no line, no value)
+                         ("max_clients: 20000", r"a.yaml:4: serve: max_clients 20000 is over 10000, the most it takes$"),
+                         ("workers: 65", r"a.yaml:4: serve: workers 65 is over 64, the most it takes$"),
+                         ("max_payload_mb: 5000", r"a.yaml:4: serve: max_payload_mb 5000.0 is over 4096, the most it takes$"),
+                         ("http_max_clients: 1001", r"a.yaml:4: serve: http_max_clients 1001 is over 1000, the most it takes$"),
+                         ("http_max_body_mb: 4097", r"a.yaml:4: serve: http_max_body_mb 4097.0 is over 4096, the most it takes$")]:
+        cfg.write_text(f"device: pi-1\nfleet: f\n\nserve: {{{bad}}}\n")
         with pytest.raises(ConfigError, match=message):
             load_agent_config(cfg)
 
