@@ -471,7 +471,9 @@ def test_a_refused_message_s_topic_is_kept_short_in_alerts_and_the_invalid_table
     ("--client-id", "x" * 70_000, "--client-id: give 1 to 65,535 bytes (got 70,000)"),
     ("--budget-rate", "0", "Invalid value for '--budget-rate': 0: give a number greater than or equal to 0.001 "
                            "(see `edgekit monitor --help`)"),
-    ("--budget-burst", "nan", "Invalid value for '--budget-burst': nan: give a finite number (see `edgekit monitor --help`)")])
+    ("--budget-burst", "nan", "Invalid value for '--budget-burst': nan: give a finite number (see `edgekit monitor --help`)"),
+    ("--gap-grace-s", "-1", "Invalid value for '--gap-grace-s': -1: give a number greater than or equal to 0 "
+                            "(see `edgekit monitor --help`)")])
 def test_a_share_group_client_id_or_budget_the_monitor_cannot_use_is_refused(fleet, tmp_path, run_cli, option, value,
                                                                              error):
     """`monitor --share a/b` subscribed to `$share/a/b/edgekit/...` (group a, another topic) and stored nothing,
@@ -1026,3 +1028,48 @@ def test_a_backlog_read_ahead_over_tls_is_stored_whole_and_once(tmp_path):
         finally:
             mon.stop()
     assert mon.stats.stored == n == store.count("bench") and mon.stats.invalid == 0 and mon.stats.gaps == 0
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_two_shared_workers_record_each_sequence_gap_once_from_the_history_and_none_for_a_late_record(
+        fleet, publisher, tmp_path, request, backend):
+    """With --share each worker sees only part of a device's records, so none followed its numbers and records lost
+    on the way (past the broker's queue limit, or never sent) were never recorded nor alerted. Now one worker at a
+    time scans the history: every number missing up to what the device's records and telemetry claim, once it has
+    settled (gap_grace_s), is one recorded gap, alerted once, and a record merely late (stored within the grace after
+    a higher one) is no gap. Two real workers on a real Mosquitto, one history (SQLite, then PostgreSQL)."""
+    from edge_kit.telemetry.store import open_history
+
+    spec = str(tmp_path / "h.db") if backend == "sqlite" else request.getfixturevalue("postgres_url")
+    workers = [Monitor(fleet, open_history(spec), share="gaps", workers=2, gap_grace_s=4.0).start() for _ in range(2)]
+    published = {("d1", "telemetry"): 62, ("d2", "bench"): 25, ("d2", "telemetry"): 1}
+    try:
+        for seq in range(1, 61):  # d1's telemetry: 11..15 and 31..33 never sent (lost before the broker)
+            if not (11 <= seq <= 15 or 31 <= seq <= 33):
+                send(publisher, "telemetry", telemetry("d1", seq))
+        for seq in range(1, 21):  # d2's bench records: 8..9 lost, and 21..25 lost at the end of the stream
+            if seq not in (8, 9):
+                send(publisher, "bench", bench("d2", seq), device="d2")
+        send(publisher, "telemetry", {**telemetry("d2", 1), "seqs": {"bench": 25, "live": 0, "shadow": 0}}, device="d2")
+        send(publisher, "telemetry", telemetry("d1", 62))
+        time.sleep(1)  # 61 arrives a second after 62: late, within the grace
+        send(publisher, "telemetry", telemetry("d1", 61))
+        stored = 60 - 8 + 2 + 18 + 1
+        assert wait_until(lambda: sum(w.stats.stored for w in workers) == stored, 30), [w.stats for w in workers]
+        assert wait_until(lambda: sum(w.stats.gaps for w in workers) >= 4, 40), [w.stats for w in workers]
+        time.sleep(7)  # more scans than one (GAP_SCAN_S 5 s) after the grace: nothing found again
+    finally:
+        for w in workers:
+            w.stop()
+    assert min(w.stats.stored for w in workers) > 0, [w.stats for w in workers]  # both took a share
+    with open_history(spec) as store:
+        gaps = sorted(store._rows("SELECT device, kind, first_missing, last_missing FROM gaps"))
+        assert gaps == [("d1", "telemetry", 11, 15), ("d1", "telemetry", 31, 33), ("d2", "bench", 8, 9),
+                        ("d2", "bench", 21, 25)], gaps
+        for (device, kind), n in published.items():  # stored + recorded gaps = published
+            held = store._rows(f"SELECT COUNT(*) FROM {kind} WHERE device = ?", (device,))[0][0]
+            assert held + sum(b - a + 1 for d, k, a, b in gaps if (d, k) == (device, kind)) == n, (device, kind)
+    assert sum(w.stats.gaps for w in workers) == 4
+    alerts = sorted(a.text.split(" (")[0] for w in workers for a in w.alerts if a.kind == "gap")
+    assert alerts == ["d1: 3 telemetry record(s) never arrived", "d1: 5 telemetry record(s) never arrived",
+                      "d2: 2 bench record(s) never arrived", "d2: 5 bench record(s) never arrived"], alerts
