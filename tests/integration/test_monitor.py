@@ -1073,3 +1073,39 @@ def test_two_shared_workers_record_each_sequence_gap_once_from_the_history_and_n
     alerts = sorted(a.text.split(" (")[0] for w in workers for a in w.alerts if a.kind == "gap")
     assert alerts == ["d1: 3 telemetry record(s) never arrived", "d1: 5 telemetry record(s) never arrived",
                       "d2: 2 bench record(s) never arrived", "d2: 5 bench record(s) never arrived"], alerts
+
+
+def test_records_a_full_broker_queue_dropped_for_shared_workers_are_each_stored_or_in_one_recorded_gap(tmp_path):
+    """Past Mosquitto's queue limit (max_queued_messages 50, per worker's session) the broker drops what a device
+    publishes while the --share workers are down. Before, the workers that came back stored what was queued and
+    recorded nothing. Now the gap scan records the rest once the device's next telemetry has settled: stored +
+    recorded gaps = published, none in both, each gap alerted once."""
+    with small_queues(tmp_path) as (fleet, publisher, _):
+        spec = tmp_path / "h.db"
+
+        def workers():
+            return [Monitor(fleet, Store(spec), share="gaps", workers=2, client_id=f"share-queue-{i}", persistent=True,
+                            gap_grace_s=1.0).start() for i in range(2)]
+
+        for mon in workers():  # their sessions, queued for while they are down
+            mon.stop()
+        for seq in range(1, 201):  # the workers are down: 200 records, each acknowledged by the broker
+            send(publisher, "telemetry", telemetry("d1", seq))
+        group = workers()
+        try:
+            assert wait_until(lambda: sum(w.stats.stored for w in group) >= 50, 20), [w.stats for w in group]
+            time.sleep(1)  # whatever else the broker held has arrived
+            send(publisher, "telemetry", telemetry("d1", 201))  # the device's next record
+            assert wait_until(lambda: sum(w.stats.gaps for w in group) >= 1, 30), [w.stats for w in group]
+            time.sleep(6)  # another scan: nothing found again
+        finally:
+            for w in group:
+                w.stop()
+        store = Store(spec)
+        stored = {seq for (seq,) in store._rows("SELECT seq FROM telemetry WHERE device = 'd1'")}
+        gaps = store._rows("SELECT first_missing, last_missing FROM gaps WHERE device = 'd1' AND kind = 'telemetry'")
+        missing = [n for first, last in gaps for n in range(first, last + 1)]
+        assert 50 <= len(stored) < 201 and not stored & set(missing) and len(set(missing)) == len(missing), gaps
+        assert sorted(stored | set(missing)) == list(range(1, 202)), (sorted(stored), gaps)  # = published
+        alerts = [a for w in group for a in w.alerts if a.kind == "gap"]
+        assert len(alerts) == len(gaps) == sum(w.stats.gaps for w in group), [a.text for a in alerts]
