@@ -1109,3 +1109,31 @@ def test_records_a_full_broker_queue_dropped_for_shared_workers_are_each_stored_
         assert sorted(stored | set(missing)) == list(range(1, 202)), (sorted(stored), gaps)  # = published
         alerts = [a for w in group for a in w.alerts if a.kind == "gap"]
         assert len(alerts) == len(gaps) == sum(w.stats.gaps for w in group), [a.text for a in alerts]
+
+
+def test_records_refused_over_budget_by_shared_workers_are_recorded_by_the_gap_scan_from_verified_numbers(fleet,
+                                                                                                         tmp_path):
+    """With --share no worker recorded the span a device had refused over its budget (nor any other gap). Now the
+    gap scan finds them missing from the history, up to the device's verified numbers: a forger's claims on its topic
+    (seq 1, seq 10**15, refused unchecked) neither mark stored records missing nor stretch the gap."""
+    store = Store(tmp_path / "h.db")
+    mon = Monitor(fleet, store, share="g", workers=1, verify_in_child=False, budget_rate=0.001, budget_burst=5,
+                  gap_grace_s=0.0)
+    store.follow_seqs(["d1", "d2"])  # as start() does
+    topic = messages.topic(FLEET, "d1", "telemetry")
+    intruder = Signer.generate()
+    now = time.time()
+    real = [(topic, messages.encode(signed(telemetry("d1", seq))), now) for seq in range(1, 30)]
+    mon._store(real[:5])  # d1's burst: 1-5 stored
+    forged = [(topic, messages.encode(intruder.sign(telemetry("d1", seq))), now) for seq in (1, 10**15)]
+    mon._store(real[5:8] + forged)  # over budget: 6-8 and the forger's claims refused unchecked
+    mon._end_floods(math.inf)
+    mon.budget = type(mon.budget)(rate=1000, burst=1000)
+    mon._store(real[8:20] + real[25:])  # d1 again, within budget: 9-20 and 26-29 (21-25 lost on the way)
+    mon._scan_gaps()
+    assert store._rows("SELECT first_missing, last_missing FROM gaps ORDER BY first_missing") == [(6, 8), (21, 25)]
+    assert mon.stats.gaps == 2 and [a.text.split(" (")[0] for a in mon.alerts if a.kind == "gap"] == [
+        "d1: 3 telemetry record(s) never arrived", "d1: 5 telemetry record(s) never arrived"]
+    mon._gaps_scanned = -math.inf
+    mon._scan_gaps()  # scanned again: nothing new
+    assert store.count("gaps") == 2 and mon.stats.gaps == 2
