@@ -39,6 +39,7 @@ from edge_kit.cli.app import (
 )
 from edge_kit.selection.policy import DEFAULT_MARGIN
 from edge_kit.telemetry.budget import DEFAULT_BURST, DEFAULT_RATE
+from edge_kit.telemetry.store import GAP_GRACE_S
 from edgekit_protocol.labels import accuracy_text, clip, power_source
 
 CandidatesOpt = Annotated[Path, typer.Option("--artifacts", help="The compiled model's folder: its variants are the candidates.")]
@@ -579,6 +580,9 @@ def monitor_cmd(
     budget_burst: Annotated[float, typer.Option(**bounded("Ingest budget: records each device may send at once (at least "
                                                           "its agent's spool_max_records, which it replays after an outage).",
                                                           1))] = DEFAULT_BURST,
+    gap_grace_s: Annotated[float, typer.Option(**bounded("With --share: how long a record may take to reach the history "
+                                                         "through another worker before the seq it fills counts as lost "
+                                                         "(a sequence gap).", 0, 86400))] = GAP_GRACE_S,
     client_id: Annotated[Optional[str], typer.Option(help="MQTT client id of this worker's persistent session (default: "
                                                           "from the fleet, the store and, with --share, this host); "
                                                           "give each worker on one host its own.")] = None,
@@ -613,7 +617,7 @@ def monitor_cmd(
         client_id = f"edgekit-monitor-{fleet.fleet}-{hashlib.sha256(where.encode()).hexdigest()[:10]}"
     mon = Monitor(fleet, db, share=share, silence_s=silence_s, on_message=metrics.observe, client_id=client_id,
                   persistent=True, min_free_mb=min_free_mb, budget_rate=budget_rate, budget_burst=budget_burst,
-                  workers=workers)
+                  workers=workers, gap_grace_s=gap_grace_s)
     metrics.watch(mon)
     server = metrics.serve(metrics_port, metrics_addr) if metrics_port is not None else None
     served = None if server is None else metrics_url(metrics_addr, server.server_port)

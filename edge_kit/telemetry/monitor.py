@@ -13,7 +13,9 @@ message (a bug) has its batch checked again one message at a time: only that one
 Several workers can share the load: with ``share="group"`` each worker subscribes to
 ``$share/group/edgekit/v1/<fleet>/+/<kind>`` (MQTT 5 shared subscription) and the broker hands
 each message to one member of the group; all of them write the same store. Sequence gaps are then
-judged from the store rather than per worker.
+judged from the store rather than per worker: at most every :data:`GAP_SCAN_S`, one worker at a time scans what the
+history holds past where the last scan stood, and records as gaps the numbers missing up to what each device's settled
+records and telemetry claim, settled meaning received at least ``gap_grace_s`` ago (:func:`share_gaps`).
 
 Ingest budget (:mod:`edge_kit.telemetry.budget`): each device of the fleet file may have so many records a
 second checked and stored, for the whole monitor (with ``share``, each of ``workers`` workers holds its share) and
@@ -45,6 +47,7 @@ sees it. A monitor that starts takes the episodes under way from the table's ope
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import queue
@@ -78,8 +81,10 @@ from edge_kit.telemetry.store import (
     ALERT_CONFIRM_S,
     CLEARED_REVOKED,
     CLEARED_STALE,
+    GAP_GRACE_S,
     HELD_KINDS,
     KINDS,
+    SEQ_KINDS,
     HistoryStore,
     alert_subject,
     alerts_by_kind,
@@ -102,7 +107,6 @@ log = logging.getLogger("edgekit.monitor")
 # kinds whose copy the history holds already raise no alert and are not handed on again (see _keep)
 NOT_NEWS_AGAIN = ("status", "shadow")
 STORED_KINDS = KINDS  # the monitor subscribes to what the history keeps
-SEQ_KINDS = tuple(k for k in KINDS if k != "status")  # streams numbered by seq: a number skipped is a record lost
 # streams an agent's spool, full, drops the oldest of (device_agents.spool.DROPPABLE; bench records never are): a gap
 # of one may be the device's own drop, which its telemetry's spool counts
 SPOOL_DROPPED_KINDS = ("telemetry", "live", "shadow")
@@ -149,6 +153,8 @@ FLOOD_QUIET_S = 5.0
 #: With ``share``: how often (seconds, at most) a worker takes the history's open drift and low-disk alerts as the
 #: episodes under way (:meth:`Monitor._sync_alert_states`): its peers open and close them.
 ALERT_SYNC_S = 2.0
+#: With ``share``: how often (seconds, at most) a worker tries the sequence-gap scan (:meth:`Monitor._scan_gaps`).
+GAP_SCAN_S = 5.0
 # The seq a refused record claims (unverified: it was refused before its signature was checked), found in its
 # first bytes (the envelope's fields come first) without decoding it.
 _CLAIMED_SEQ = re.compile(rb'"seq":(\d{1,18})[,}]')
@@ -209,19 +215,79 @@ def _breaking_of(keys: list[tuple[str, str, str, bool]], devices: Any) -> dict[s
     return out
 
 
+def share_gaps(rows: list[tuple[str, str, int | None, float | None, int, str | None]],
+               settled_by: float) -> tuple[list[tuple[str, str, int]], list[tuple[str, str, int, int]]]:
+    """Return what the sequence-gap scan of ``share`` workers finds in ``rows`` (:meth:`HistoryStore.seq_window`: per
+    device and kind, the rows stored past the scan's mark): ``(marks, gaps)``, the ``(device, kind, seq)`` where each
+    stream's scan stands now, and each ``(device, kind, first, last)`` run of numbers missing.
+
+    A stream is judged up to its horizon: the highest ``seq`` that a row stored at or before ``settled_by`` (unix
+    seconds, this host's clock) has, or that a telemetry row stored by then claims for the kind (its ``seqs``:
+    :func:`~edgekit_protocol.messages.telemetry_marks`). Every number between the mark and the horizon that no row
+    holds (rows stored since ``settled_by`` count as held) is missing. A mark of -1 (nothing stored when the scan
+    began following the device) is judged from its first stored record; a stream without a horizon past its mark is
+    left as it is. Never raises."""
+    held: dict[tuple[str, str], set[int]] = {}
+    horizon: dict[tuple[str, str], int] = {}
+    mark: dict[tuple[str, str], int] = {}
+    claims: list[tuple[str, str, int]] = []
+    for kind, device, seq, ts, scanned_to, body in rows:
+        key = (device, kind)
+        mark[key] = scanned_to
+        if seq is None or ts is None:  # a mark alone: the device's telemetry may claim past it
+            continue
+        held.setdefault(key, set()).add(seq)
+        if ts <= settled_by:
+            horizon[key] = max(seq, horizon.get(key, seq))
+            if body is not None:
+                try:
+                    claims += [(device, k, n) for k, n in messages.telemetry_marks(json.loads(body)).items()]
+                except ValueError:  # stored as received and verified: JSON; a hand-made row is no claim
+                    pass
+    for device, kind, newest in claims:
+        if (device, kind) in mark:
+            horizon[(device, kind)] = max(newest, horizon.get((device, kind), newest))
+    marks: list[tuple[str, str, int]] = []
+    gaps: list[tuple[str, str, int, int]] = []
+    for key, top in sorted(horizon.items()):
+        device, kind = key
+        seqs = held.get(key, set())
+        base = mark[key]
+        if base < 0:  # followed from its first record: none before it is missing (as one worker judges a stream)
+            if not seqs:  # claimed by its telemetry, none stored: where its numbering stands, nothing judged
+                marks.append((device, kind, top))
+                continue
+            base = min(seqs) - 1
+        if top <= base:
+            continue
+        last = base
+        for seq in sorted(s for s in seqs if base < s <= top):
+            if seq > last + 1:
+                gaps.append((device, kind, last + 1, seq - 1))
+            last = seq
+        if top > last:
+            gaps.append((device, kind, last + 1, top))
+        marks.append((device, kind, top))
+    return marks, gaps
+
+
 class Monitor:
     """One monitor worker. ``start()``, then ``stop()``; ``stats`` and ``alerts`` are live."""
 
     def __init__(self, fleet: Fleet, store: HistoryStore, *, share: str | None = None, silence_s: float = 180.0,
                  on_message: Callable[[str, dict[str, Any]], None] | None = None, client_id: str | None = None,
                  persistent: bool = False, min_free_mb: float = 32.0, verify_in_child: bool = True,
-                 budget_rate: float = DEFAULT_RATE, budget_burst: float = DEFAULT_BURST, workers: int | None = None):
+                 budget_rate: float = DEFAULT_RATE, budget_burst: float = DEFAULT_BURST, workers: int | None = None,
+                 gap_grace_s: float = GAP_GRACE_S):
         """``budget_rate`` and ``budget_burst``: each device's ingest budget (records a second, and at once) for the
         whole monitor; ``workers``: how many workers share the ``share`` group (each holds 1/workers of the budget;
-        without it, each holds the whole budget, with a warning).
+        without it, each holds the whole budget, with a warning); ``gap_grace_s``: with ``share``, how long a record
+        may take to reach the history through another worker before the number it fills is taken as lost
+        (:data:`GAP_GRACE_S`, :meth:`_scan_gaps`).
 
         Raises InputError: ``share`` is not a shared-subscription group name (empty, or with '/', '+' or '#':
         the subscription would name another topic and receive nothing), ``workers`` above 1 without ``share``,
+        ``gap_grace_s`` below 0,
         ``client_id`` is empty (a random one would lose the persistent session) or longer than MQTT carries, or the
         budget is not above 0."""
         if share is not None and (not share or any(c in share for c in "/+#")):
@@ -231,6 +297,8 @@ class Monitor:
                         "workers let a device store N times it; give --workers N to share it", share)
         if share is None and workers not in (None, 1):
             raise InputError(f"--workers {workers}: only with --share (the workers of one shared subscription)")
+        if not gap_grace_s >= 0:
+            raise InputError(f"--gap-grace-s {gap_grace_s}: give 0 or more seconds")
         if client_id is not None and not 0 < len(client_id.encode()) <= MAX_CLIENT_ID_BYTES:
             raise InputError(f"--client-id: give 1 to {MAX_CLIENT_ID_BYTES:,} bytes (got {len(client_id.encode()):,})")
         self.budget = IngestBudget(budget_rate, budget_burst, workers=1 if workers is None else workers)
@@ -281,6 +349,9 @@ class Monitor:
         self.failed: HistoryError | None = None
         cid = client_id or f"edgekit-monitor-{uuid.uuid4().hex[:8]}"
         self.holder = cid  # this worker in the history's alert_holders (started again under the same id: the same one)
+        self.gap_grace_s = gap_grace_s
+        self._scan_owner = f"{cid}/{uuid.uuid4().hex[:8]}"  # this worker when it holds the gap scan: no one else's name
+        self._gaps_scanned = -math.inf  # time.monotonic() of the last _scan_gaps
         # Each QoS 1 message is acknowledged to the broker only once it is stored (or refused and kept as
         # invalid): what a failed history did not store stays with the broker, which sends it again to
         # the next run of a persistent session (and the msg_id keeps it once).
@@ -389,6 +460,8 @@ class Monitor:
                     row["still_open"] = (row["kind"], row["device"], row["subject"]) in still
             if self.persistent and self.share is None:  # a persistent session continues the history: so do the seqs
                 self._seq = self.store.newest_seqs(SEQ_KINDS)
+            if self.share is not None:  # the gap scan follows each device of the fleet file from where it stands
+                self.store.follow_seqs(list(self.constraints))
         except HistoryError:
             pass  # the writer meets it too, and says so; the alert states are then what this run sees
         self._seeded = True
@@ -512,6 +585,7 @@ class Monitor:
                 if self.failed is None:
                     try:
                         self._check_silence()
+                        self._scan_gaps()
                     except HistoryError as exc:  # opening the alert failed: the database went away
                         log.info("%s", exc)
                         self.failed = exc
@@ -521,6 +595,7 @@ class Monitor:
                 if self.failed is None:
                     self._keep(*checked)
                     self._ack(mids)
+                    self._scan_gaps()
             except HistoryError as exc:  # the database went away: every batch from now on would fail too
                 log.info("%s", exc)  # said once, by whoever runs the monitor (not twice on stderr)
                 self.failed = exc
@@ -642,8 +717,9 @@ class Monitor:
         verified ``seq`` of the kind: the claims are unchecked (anyone may publish on the topic of a device over its
         budget when the broker has no ACL), and a claim of 10**18 taken as the newest would have hidden every later
         gap of the device. What was refused after its newest verified record is recorded by the sequence check,
-        from verified numbers, when its next record is stored. With ``share`` no sequence is followed (no verified
-        numbers here), so no gap is recorded, as for any other gap when sharing."""
+        from verified numbers, when its next record is stored. With ``share`` no worker follows the sequence (no
+        verified numbers here), so none is recorded here: the records refused are missing from the history, and the gap
+        scan (:meth:`_scan_gaps`) records them from the device's verified numbers as any other loss."""
         now = time.time() if now is None else now
         for device, flood in list(self._floods.items()):
             if now - flood.last < FLOOD_QUIET_S:
@@ -813,6 +889,37 @@ class Monitor:
         if opened:
             self._alert(alert)
 
+    def _scan_gaps(self) -> None:
+        """With ``share``, at most every :data:`GAP_SCAN_S`: record and alert the sequence gaps the history shows, if no
+        other worker is scanning (:meth:`HistoryStore.take_scan_lease`); return nothing. One query reads what was stored
+        past where the last scan (any worker's) stood (:meth:`HistoryStore.seq_window`), :func:`share_gaps` judges it up
+        to what settled ``gap_grace_s`` ago, and one transaction records the gaps and where the scan stands
+        (:meth:`HistoryStore.record_scan`): each gap once, alerted by the worker that recorded it. A record stored more
+        than ``gap_grace_s`` after a higher number of its stream (or a telemetry claim past it) is stored, and stays in
+        the gap recorded for it. Raises HistoryError."""
+        now = time.monotonic()
+        if self.share is None or now - self._gaps_scanned < GAP_SCAN_S:
+            return
+        self._gaps_scanned = now
+        if not self.store.take_scan_lease(self._scan_owner):
+            return  # another worker scans now
+        marks, gaps = share_gaps(self.store.seq_window(), time.time() - self.gap_grace_s)
+        if self.store.record_scan(self._scan_owner, marks, gaps):
+            for device, kind, first, last in gaps:
+                self._gap_found(device, kind, first, last)
+
+    def _gap_found(self, device: str, kind: str, first: int, last: int) -> None:
+        """Count and alert that ``seq`` ``first..last`` of ``device``'s ``kind`` never arrived, recorded in the history's
+        ``gaps`` already; return nothing."""
+        self.stats.gaps += 1
+        self._alert(Alert(device, "gap", f"{device}: {last - first + 1} {kind} record(s) never arrived (seq "
+                                         f"{first}..{last}), recorded as a sequence gap: lost on the way "
+                                         "to the monitor (dropped by the broker past its queue limit while the "
+                                         "monitor was down, or published while the broker held no session for "
+                                         "it)" + ("" if kind not in SPOOL_DROPPED_KINDS else
+                                                 f", or dropped by the device's full spool before it sent them "
+                                                 f"(its telemetry's spool counts those: dropped_{kind})")))
+
     def _check_seq(self, kind: str, msg: dict[str, Any]) -> None:
         """Record and alert a sequence gap when ``msg`` numbers past the device's newest ``seq`` of its kind plus one
         (this run's, or, for a persistent session, the history's when it started: what the broker dropped while the
@@ -833,15 +940,8 @@ class Monitor:
         last = self._seq.get(key)
         # while the device is over its budget, what it had refused is recorded as one gap when that ends
         if last is not None and before > last and device not in self._floods:
-            self.stats.gaps += 1
             self.store.add_gap(device, kind, last + 1, before)
-            self._alert(Alert(device, "gap", f"{device}: {before - last} {kind} record(s) never arrived (seq "
-                                             f"{last + 1}..{before}), recorded as a sequence gap: lost on the way "
-                                             "to the monitor (dropped by the broker past its queue limit while the "
-                                             "monitor was down, or published while the broker held no session for "
-                                             "it)" + ("" if kind not in SPOOL_DROPPED_KINDS else
-                                                     f", or dropped by the device's full spool before it sent them "
-                                                     f"(its telemetry's spool counts those: dropped_{kind})")))
+            self._gap_found(device, kind, last + 1, before)
         if last is None or seq > last:
             self._seq[key] = seq
 

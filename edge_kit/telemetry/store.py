@@ -43,12 +43,23 @@ from edgekit_protocol.messages import (
 )
 
 KINDS = ("status", "bench", "telemetry", "live", "shadow")
-TABLES = (*KINDS, "decisions", "invalid", "gaps", "rollouts", "rollout_devices", "alerts", "alert_holders")
+TABLES = (*KINDS, "decisions", "invalid", "gaps", "rollouts", "rollout_devices", "alerts", "alert_holders", "seq_scans",
+          "scan_lease")
+#: The kinds numbered by ``seq`` per device (a number skipped is a record lost); a ``status`` is retained and replaced.
+SEQ_KINDS = tuple(k for k in KINDS if k != "status")
 #: The schema this edge-kit reads and writes, kept in the ``edgekit_schema`` table (a history without that table
 #: was written before it: version 1). 2: ``decisions.kind``, ``invalid.device`` and their indexes. 3: the ``alerts``
 #: table. 4: ``alerts.subject`` (one open alert per device, kind and subject), ``alerts.seen`` and ``alerts.cleared_why``,
-#: and the ``alert_holders`` table.
-SCHEMA_VERSION = 4
+#: and the ``alert_holders`` table. 5: the ``seq_scans`` and ``scan_lease`` tables and an index on each numbered kind's
+#: ``(device, seq)``: the sequence-gap scan of several monitor workers (:meth:`HistoryStore.seq_window`).
+SCHEMA_VERSION = 5
+#: How long (seconds, by the database's clock) a worker's hold of the gap scan (:meth:`HistoryStore.take_scan_lease`)
+#: keeps others out: a scan takes milliseconds; a worker that died holding it is passed over after this.
+SCAN_LEASE_STALE_S = 30.0
+#: The default grace of the gap scan (``edgekit monitor --gap-grace-s``): how long (seconds) after a record (or a
+#: telemetry claim) was stored the scan takes the numbers before it as settled, so a record of a lower ``seq`` still on
+#: its way to another worker (queued behind that worker's batch, or in flight at the broker) is not taken as lost.
+GAP_GRACE_S = 30.0
 #: The kinds of alert the ``alerts`` table keeps: every alert the monitor raises about a device, each over an episode
 #: (raised once, cleared when it ends).
 ALERT_KINDS = ("drift", "low_disk", "silent", "over_budget", "offline", "constraints")
@@ -142,7 +153,13 @@ CREATE TABLE IF NOT EXISTS alerts (id {serial}, device TEXT, kind TEXT, raised_a
                                   subject TEXT NOT NULL DEFAULT '', seen {real}, cleared_why TEXT);
 CREATE TABLE IF NOT EXISTS alert_holders (device TEXT, kind TEXT, subject TEXT, holder TEXT, seen {real},
                                           PRIMARY KEY (device, kind, subject, holder));
+CREATE TABLE IF NOT EXISTS seq_scans (device TEXT, kind TEXT, scanned_to {int}, PRIMARY KEY (device, kind));
+CREATE TABLE IF NOT EXISTS scan_lease (name TEXT PRIMARY KEY, owner TEXT, seen {real});
 CREATE INDEX IF NOT EXISTS alerts_device ON alerts (device, id);
+CREATE INDEX IF NOT EXISTS bench_seq ON bench (device, seq);
+CREATE INDEX IF NOT EXISTS telemetry_seq ON telemetry (device, seq);
+CREATE INDEX IF NOT EXISTS live_seq ON live (device, seq);
+CREATE INDEX IF NOT EXISTS shadow_seq ON shadow (device, seq);
 CREATE INDEX IF NOT EXISTS bench_device_sha ON bench (device, sha256, ts);
 CREATE INDEX IF NOT EXISTS bench_sha ON bench (sha256, ts);
 CREATE INDEX IF NOT EXISTS status_device ON status (device, ts);
@@ -475,6 +492,64 @@ class HistoryStore(abc.ABC):
         Raises HistoryError."""
         self._execute("INSERT INTO gaps VALUES (?, ?, ?, ?, ?)", (device, kind, first, last, time.time()))
 
+    def follow_seqs(self, devices: list[str]) -> None:
+        """Start the gap scan's mark (``seq_scans``) of each of ``devices`` and :data:`SEQ_KINDS` that has none: the
+        newest ``seq`` the history holds of it (no gap is judged below it), or -1 when it holds none (judged from the
+        first record stored). A mark another worker started or moved is left as it is. Return nothing.
+        Raises HistoryError."""
+        newest = self.newest_seqs(SEQ_KINDS)
+        self._write_batch([("INSERT INTO seq_scans (device, kind, scanned_to) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+                            [(d, k, newest.get((d, k), -1)) for d in sorted(devices) for k in SEQ_KINDS])])
+
+    def take_scan_lease(self, owner: str) -> bool:
+        """Make ``owner`` (a monitor worker) the one that scans for sequence gaps now, unless another holds the scan
+        (taken within :data:`SCAN_LEASE_STALE_S` by the database's clock and not released); one statement, atomic on
+        both databases. Return True when ``owner`` holds it. Raises HistoryError."""
+        return self._execute(f"INSERT INTO scan_lease (name, owner, seen) VALUES ('gaps', ?, {self.NOW_SQL}) "
+                             "ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, seen = excluded.seen WHERE "
+                             "scan_lease.owner IS NULL OR scan_lease.owner = excluded.owner OR "
+                             f"scan_lease.seen < {self.NOW_SQL} - ?", (owner, SCAN_LEASE_STALE_S)) > 0
+
+    def seq_window(self) -> list[tuple[str, str, int | None, float | None, int, str | None]]:
+        """Return, for every device and kind the gap scan follows (``seq_scans``), the rows the history holds past its
+        mark: ``(kind, device, seq, receive time, mark, body)``, ``body`` a telemetry row's JSON (its ``seqs`` claim
+        the device's newest numbers), None for the others; and for each device with telemetry past its mark, the marks
+        of its other kinds as ``(kind, device, None, None, mark, None)`` (its telemetry may claim numbers past them).
+        One query, each kind read through its ``(device, seq)`` index from the mark on: what was stored since the last
+        scan moved it (and what it left for later). Raises HistoryError."""
+        news = ("EXISTS (SELECT 1 FROM seq_scans t JOIN telemetry r ON r.device = t.device AND r.seq > t.scanned_to "
+                "WHERE t.device = m.device AND t.kind = 'telemetry')")
+        return self._rows(" UNION ALL ".join(
+            [f"SELECT '{kind}', r.device, r.seq, r.ts, m.scanned_to, "
+             f"{'r.body' if kind == 'telemetry' else 'CAST(NULL AS TEXT)'} FROM seq_scans m JOIN {kind} r "
+             f"ON r.device = m.device AND r.seq > m.scanned_to WHERE m.kind = '{kind}'" for kind in SEQ_KINDS]
+            + [f"SELECT m.kind, m.device, NULL, NULL, m.scanned_to, NULL FROM seq_scans m WHERE m.kind <> 'telemetry' "
+               f"AND {news}"]))
+
+    def record_scan(self, owner: str, marks: list[tuple[str, str, int]], gaps: list[tuple[str, str, int, int]]) -> bool:
+        """Record what ``owner``'s gap scan found, in one transaction, only while it holds the scan
+        (:meth:`take_scan_lease`), and let go of it: each ``(device, kind, seq)`` of ``marks`` as where the scan of that
+        stream stands now, each ``(device, kind, first, last)`` of ``gaps`` as a sequence gap (:meth:`add_gap`).
+
+        Returns:
+            True when they were recorded; False when another worker took the scan meanwhile (this one held it past
+            :data:`SCAN_LEASE_STALE_S`): nothing was, so no gap is recorded twice.
+
+        Raises:
+            HistoryError: the history cannot be written (nothing recorded).
+        """
+        held = "EXISTS (SELECT 1 FROM scan_lease WHERE name = 'gaps' AND owner = ?)"
+        now = time.time()
+        return self._write_batch([(sql, rows) for sql, rows in [
+            # first: on PostgreSQL this locks the lease row until the commit, so nobody takes it meanwhile
+            (f"UPDATE scan_lease SET seen = {self.NOW_SQL} WHERE name = 'gaps' AND owner = ?", [(owner,)]),
+            (f"UPDATE seq_scans SET scanned_to = ? WHERE device = ? AND kind = ? AND {held}",
+             [(seq, device, kind, owner) for device, kind, seq in marks]),
+            (f"INSERT INTO gaps (device, kind, first_missing, last_missing, ts) SELECT ?, ?, ?, ?, ? WHERE {held}",
+             [(device, kind, first, last, now, owner) for device, kind, first, last in gaps]),
+            ("UPDATE scan_lease SET owner = NULL WHERE name = 'gaps' AND owner = ?", [(owner,)]),
+        ] if rows]) > 0
+
     def open_alert(self, device: str, kind: str, detail: str, at: float | None = None, subject: str = "") -> bool:
         """Record that alert ``kind`` (one of :data:`ALERT_KINDS`) of ``device`` about ``subject`` (a constraints alert's
         variant; ``""`` for the other kinds) was raised at ``at`` (this host's clock; default now), saying ``detail``
@@ -753,7 +828,7 @@ class HistoryStore(abc.ABC):
         its ``device`` column, holds none). Raises HistoryError."""
         return any("device" in self._columns(table)
                    and self._rows(f"SELECT 1 FROM {table} WHERE device = ? LIMIT 1", (device,))
-                   for table in TABLES if table != "rollouts")
+                   for table in TABLES if table not in ("rollouts", "seq_scans"))  # seq_scans: the fleet file's
 
     def devices(self) -> set[str]:
         """Return the name of every device a table of the history holds a row of: a record, a decision, a sequence gap,

@@ -137,7 +137,7 @@ def test_status_telemetry_live_shadow_invalid_gaps_and_counts(history):
     history.add_gap("d1", "bench", 3, 7)
     assert dict(zip(TABLES, (history.count(t) for t in TABLES))) == {
         "status": 3, "bench": 0, "telemetry": 2, "live": 2, "shadow": 1, "decisions": 0, "invalid": 1, "gaps": 1,
-        "rollouts": 0, "rollout_devices": 0, "alerts": 0, "alert_holders": 0}
+        "rollouts": 0, "rollout_devices": 0, "alerts": 0, "alert_holders": 0, "seq_scans": 0, "scan_lease": 0}
     with pytest.raises(ValueError):
         history.count("sqlite_master")
 
@@ -551,7 +551,7 @@ def test_a_role_with_select_alone_reads_the_history_and_is_told_what_to_run_on_a
     _psql(postgres_url, "UPDATE edgekit_schema SET version = 1")  # as an older edge-kit left it
     code, out, err = run_cli("report", "--history", reader, "--out", tmp_path / "r.html")
     assert code == 6 and err.count("\n") == 1 and f"{role}:readonly" not in err
-    assert ("was written by an older edge-kit (schema version 1; this one reads 4) and this command only reads it: run "
+    assert ("was written by an older edge-kit (schema version 1; this one reads 5) and this command only reads it: run "
             "`edgekit history upgrade --history <it>` once as a user (or PostgreSQL role) that owns its tables") in err
     code, out, err = run_cli("history", "upgrade", "--history", postgres_url)
     assert code == 0, err
@@ -591,7 +591,7 @@ def test_a_writer_role_that_does_not_own_the_tables_is_told_an_older_schema_need
 
     _psql(postgres_url, "UPDATE edgekit_schema SET version = 1")  # as an older edge-kit left it
     want = (f"the history postgresql://{role}@{parts.hostname}:{parts.port}{parts.path} was written by an older "
-            "edge-kit (schema version 1; this one reads 4) and needs an upgrade that only the owner of its tables can "
+            "edge-kit (schema version 1; this one reads 5) and needs an upgrade that only the owner of its tables can "
             "run (this role is not; they belong to edgekit): run `edgekit history upgrade --history <it>` once as "
             "edgekit, then run again")
     with pytest.raises(HistoryError) as refused:
@@ -687,7 +687,7 @@ def test_an_owner_of_the_tables_that_may_not_create_in_the_schema_is_told_what_t
           *(f"ALTER TABLE {t} OWNER TO {role}" for t in TABLES))
     url = parts._replace(netloc=f"{role}:owns@{parts.hostname}:{parts.port}").geturl()
     want = (f"the history postgresql://{role}@{parts.hostname}:{parts.port}{parts.path} was written by an older "
-            f"edge-kit (schema version 1; this one reads 4) and needs an upgrade that creates tables and "
+            f"edge-kit (schema version 1; this one reads 5) and needs an upgrade that creates tables and "
             f"indexes in schema public, where this role ({role}) may not create: run `edgekit history upgrade --history "
             f"<it>` once as a role that owns its tables and may create in public (or have the schema's owner run "
             f"`GRANT CREATE ON SCHEMA public TO {role}` first), then run again")
@@ -732,7 +732,7 @@ def test_a_read_only_session_of_the_tables_owner_is_refused_the_upgrade_in_one_l
         open_history(url)
     assert str(refused.value) == (
         f"the history postgresql://{role}@{parts.hostname}:{parts.port}{parts.path} was written by an older edge-kit "
-        f"(schema version 1; this one reads 4) and needs an upgrade, and this session may not write (a "
+        f"(schema version 1; this one reads 5) and needs an upgrade, and this session may not write (a "
         "read-only transaction: a standby server, or default_transaction_read_only): run `edgekit history upgrade "
         "--history <it>` once as a role that owns its tables, on the primary server, then run again")
     _psql(postgres_url, f"ALTER ROLE {role} RESET default_transaction_read_only")
@@ -862,7 +862,7 @@ def test_workers_hold_an_over_budget_alert_together_and_a_stale_one_is_closed_by
         store.add("bench", bench("d1", "s1", 1.0, 1))
     _as_version_3(history_spec)
     with open_history(history_spec) as store:
-        assert store._schema_version() == SCHEMA_VERSION == 4 and store.count("bench") == 1
+        assert store._schema_version() == SCHEMA_VERSION == 5 and store.count("bench") == 1
         # version 3's open over-budget row was confirmed by nobody: stale, closed by the first worker that floods
         assert store.open_alert_keys() == [("over_budget", "d1", "", True)]
         assert store.hold_alert("d1", "over_budget", "A", "d1 over (A)", at=200.0)  # A's episode: raised
@@ -951,3 +951,48 @@ def test_share_workers_on_one_history_raise_an_over_budget_alert_once_and_clear_
     finally:
         for store in stores:
             store.close()
+
+
+def test_the_share_gap_scan_records_each_gap_once_one_worker_at_a_time(history_spec):
+    """The sequence-gap scan of ``--share`` workers: one worker scans at a time (a lease row, taken by one statement),
+    reads what was stored past the marks in one query, and records gaps and marks in one transaction only while it
+    holds the scan. A worker that held it past its staleness (another took it) records nothing: no gap twice."""
+    from edge_kit.telemetry import store as store_module
+    from edge_kit.telemetry.monitor import share_gaps
+
+    a, b = open_history(history_spec), open_history(history_spec)
+    try:
+        def tele(seq, seqs=None):
+            return messages.envelope("telemetry", "f", "d1", seq, {"seqs": seqs} if seqs else {})
+
+        a.add_many([("telemetry", tele(1)), ("bench", bench("d1", "s", 1.0, 1))])
+        a.follow_seqs(["d1", "d2"])
+        b.follow_seqs(["d1"])  # a second worker starting: the marks stay where the first put them
+        assert sorted(a._rows("SELECT device, kind, scanned_to FROM seq_scans WHERE device = 'd1'")) == [
+            ("d1", "bench", 1), ("d1", "live", -1), ("d1", "shadow", -1), ("d1", "telemetry", 1)]
+        # telemetry 2, 5 and 6 stored (3 and 4 lost), 6 claiming bench up to 4 (2..4 lost at the end of its stream)
+        a.add_many([("telemetry", tele(2)), ("telemetry", tele(5)), ("telemetry", tele(6, {"bench": 4}))])
+        rows = a.seq_window()
+        assert sorted((k, s) for k, _, s, *_ in rows) == [("bench", None), ("live", None), ("shadow", None),
+                                                          ("telemetry", 2), ("telemetry", 5), ("telemetry", 6)]
+        marks, gaps = share_gaps(rows, time.time())
+        assert gaps == [("d1", "bench", 2, 4), ("d1", "telemetry", 3, 4)]
+        assert a.take_scan_lease("worker-a") and not b.take_scan_lease("worker-b")  # one scans at a time
+        assert a.record_scan("worker-a", marks, gaps)  # and lets go
+        assert b.take_scan_lease("worker-b")
+        assert share_gaps(b.seq_window(), time.time()) == ([], [])  # nothing past the marks: nothing found again
+        assert b.record_scan("worker-b", [], [])
+        assert sorted(a._rows("SELECT kind, first_missing, last_missing FROM gaps")) == [("bench", 2, 4),
+                                                                                          ("telemetry", 3, 4)]
+        # a worker that held the scan too long: another took it, and what the first found is not recorded
+        a.add_many([("telemetry", tele(9))])
+        assert a.take_scan_lease("worker-a")
+        found = share_gaps(a.seq_window(), time.time())
+        a._execute("UPDATE scan_lease SET seen = seen - ?", (store_module.SCAN_LEASE_STALE_S + 1,))
+        assert b.take_scan_lease("worker-b")
+        assert not a.record_scan("worker-a", *found)
+        assert b.record_scan("worker-b", *share_gaps(b.seq_window(), time.time()))
+        assert a._rows("SELECT COUNT(*) FROM gaps WHERE first_missing = 7 AND last_missing = 8") == [(1,)]
+    finally:
+        a.close()
+        b.close()

@@ -471,7 +471,9 @@ def test_a_refused_message_s_topic_is_kept_short_in_alerts_and_the_invalid_table
     ("--client-id", "x" * 70_000, "--client-id: give 1 to 65,535 bytes (got 70,000)"),
     ("--budget-rate", "0", "Invalid value for '--budget-rate': 0: give a number greater than or equal to 0.001 "
                            "(see `edgekit monitor --help`)"),
-    ("--budget-burst", "nan", "Invalid value for '--budget-burst': nan: give a finite number (see `edgekit monitor --help`)")])
+    ("--budget-burst", "nan", "Invalid value for '--budget-burst': nan: give a finite number (see `edgekit monitor --help`)"),
+    ("--gap-grace-s", "-1", "Invalid value for '--gap-grace-s': -1: give a number greater than or equal to 0 "
+                            "(see `edgekit monitor --help`)")])
 def test_a_share_group_client_id_or_budget_the_monitor_cannot_use_is_refused(fleet, tmp_path, run_cli, option, value,
                                                                              error):
     """`monitor --share a/b` subscribed to `$share/a/b/edgekit/...` (group a, another topic) and stored nothing,
@@ -1028,3 +1030,112 @@ def test_a_backlog_read_ahead_over_tls_is_stored_whole_and_once(tmp_path):
         finally:
             mon.stop()
     assert mon.stats.stored == n == store.count("bench") and mon.stats.invalid == 0 and mon.stats.gaps == 0
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_two_shared_workers_record_each_sequence_gap_once_from_the_history_and_none_for_a_late_record(
+        fleet, publisher, tmp_path, request, backend):
+    """With --share each worker sees only part of a device's records, so none followed its numbers and records lost
+    on the way (past the broker's queue limit, or never sent) were never recorded nor alerted. Now one worker at a
+    time scans the history: every number missing up to what the device's records and telemetry claim, once it has
+    settled (gap_grace_s), is one recorded gap, alerted once, and a record merely late (stored within the grace after
+    a higher one) is no gap. Two real workers on a real Mosquitto, one history (SQLite, then PostgreSQL)."""
+    from edge_kit.telemetry.store import open_history
+
+    spec = str(tmp_path / "h.db") if backend == "sqlite" else request.getfixturevalue("postgres_url")
+    workers = [Monitor(fleet, open_history(spec), share="gaps", workers=2, gap_grace_s=4.0).start() for _ in range(2)]
+    published = {("d1", "telemetry"): 62, ("d2", "bench"): 25, ("d2", "telemetry"): 1}
+    try:
+        for seq in range(1, 61):  # d1's telemetry: 11..15 and 31..33 never sent (lost before the broker)
+            if not (11 <= seq <= 15 or 31 <= seq <= 33):
+                send(publisher, "telemetry", telemetry("d1", seq))
+        for seq in range(1, 21):  # d2's bench records: 8..9 lost, and 21..25 lost at the end of the stream
+            if seq not in (8, 9):
+                send(publisher, "bench", bench("d2", seq), device="d2")
+        send(publisher, "telemetry", {**telemetry("d2", 1), "seqs": {"bench": 25, "live": 0, "shadow": 0}}, device="d2")
+        send(publisher, "telemetry", telemetry("d1", 62))
+        time.sleep(1)  # 61 arrives a second after 62: late, within the grace
+        send(publisher, "telemetry", telemetry("d1", 61))
+        stored = 60 - 8 + 2 + 18 + 1
+        assert wait_until(lambda: sum(w.stats.stored for w in workers) == stored, 30), [w.stats for w in workers]
+        assert wait_until(lambda: sum(w.stats.gaps for w in workers) >= 4, 40), [w.stats for w in workers]
+        time.sleep(7)  # more scans than one (GAP_SCAN_S 5 s) after the grace: nothing found again
+    finally:
+        for w in workers:
+            w.stop()
+    assert min(w.stats.stored for w in workers) > 0, [w.stats for w in workers]  # both took a share
+    with open_history(spec) as store:
+        gaps = sorted(store._rows("SELECT device, kind, first_missing, last_missing FROM gaps"))
+        assert gaps == [("d1", "telemetry", 11, 15), ("d1", "telemetry", 31, 33), ("d2", "bench", 8, 9),
+                        ("d2", "bench", 21, 25)], gaps
+        for (device, kind), n in published.items():  # stored + recorded gaps = published
+            held = store._rows(f"SELECT COUNT(*) FROM {kind} WHERE device = ?", (device,))[0][0]
+            assert held + sum(b - a + 1 for d, k, a, b in gaps if (d, k) == (device, kind)) == n, (device, kind)
+    assert sum(w.stats.gaps for w in workers) == 4
+    alerts = sorted(a.text.split(" (")[0] for w in workers for a in w.alerts if a.kind == "gap")
+    assert alerts == ["d1: 3 telemetry record(s) never arrived", "d1: 5 telemetry record(s) never arrived",
+                      "d2: 2 bench record(s) never arrived", "d2: 5 bench record(s) never arrived"], alerts
+
+
+def test_records_a_full_broker_queue_dropped_for_shared_workers_are_each_stored_or_in_one_recorded_gap(tmp_path):
+    """Past Mosquitto's queue limit (max_queued_messages 50, per worker's session) the broker drops what a device
+    publishes while the --share workers are down. Before, the workers that came back stored what was queued and
+    recorded nothing. Now the gap scan records the rest once the device's next telemetry has settled: stored +
+    recorded gaps = published, none in both, each gap alerted once."""
+    with small_queues(tmp_path) as (fleet, publisher, _):
+        spec = tmp_path / "h.db"
+
+        def workers():
+            return [Monitor(fleet, Store(spec), share="gaps", workers=2, client_id=f"share-queue-{i}", persistent=True,
+                            gap_grace_s=1.0).start() for i in range(2)]
+
+        for mon in workers():  # their sessions, queued for while they are down
+            mon.stop()
+        for seq in range(1, 201):  # the workers are down: 200 records, each acknowledged by the broker
+            send(publisher, "telemetry", telemetry("d1", seq))
+        group = workers()
+        try:
+            assert wait_until(lambda: sum(w.stats.stored for w in group) >= 50, 20), [w.stats for w in group]
+            time.sleep(1)  # whatever else the broker held has arrived
+            send(publisher, "telemetry", telemetry("d1", 201))  # the device's next record
+            assert wait_until(lambda: sum(w.stats.gaps for w in group) >= 1, 30), [w.stats for w in group]
+            time.sleep(6)  # another scan: nothing found again
+        finally:
+            for w in group:
+                w.stop()
+        store = Store(spec)
+        stored = {seq for (seq,) in store._rows("SELECT seq FROM telemetry WHERE device = 'd1'")}
+        gaps = store._rows("SELECT first_missing, last_missing FROM gaps WHERE device = 'd1' AND kind = 'telemetry'")
+        missing = [n for first, last in gaps for n in range(first, last + 1)]
+        assert 50 <= len(stored) < 201 and not stored & set(missing) and len(set(missing)) == len(missing), gaps
+        assert sorted(stored | set(missing)) == list(range(1, 202)), (sorted(stored), gaps)  # = published
+        alerts = [a for w in group for a in w.alerts if a.kind == "gap"]
+        assert len(alerts) == len(gaps) == sum(w.stats.gaps for w in group), [a.text for a in alerts]
+
+
+def test_records_refused_over_budget_by_shared_workers_are_recorded_by_the_gap_scan_from_verified_numbers(fleet,
+                                                                                                         tmp_path):
+    """With --share no worker recorded the span a device had refused over its budget (nor any other gap). Now the
+    gap scan finds them missing from the history, up to the device's verified numbers: a forger's claims on its topic
+    (seq 1, seq 10**15, refused unchecked) neither mark stored records missing nor stretch the gap."""
+    store = Store(tmp_path / "h.db")
+    mon = Monitor(fleet, store, share="g", workers=1, verify_in_child=False, budget_rate=0.001, budget_burst=5,
+                  gap_grace_s=0.0)
+    store.follow_seqs(["d1", "d2"])  # as start() does
+    topic = messages.topic(FLEET, "d1", "telemetry")
+    intruder = Signer.generate()
+    now = time.time()
+    real = [(topic, messages.encode(signed(telemetry("d1", seq))), now) for seq in range(1, 30)]
+    mon._store(real[:5])  # d1's burst: 1-5 stored
+    forged = [(topic, messages.encode(intruder.sign(telemetry("d1", seq))), now) for seq in (1, 10**15)]
+    mon._store(real[5:8] + forged)  # over budget: 6-8 and the forger's claims refused unchecked
+    mon._end_floods(math.inf)
+    mon.budget = type(mon.budget)(rate=1000, burst=1000)
+    mon._store(real[8:20] + real[25:])  # d1 again, within budget: 9-20 and 26-29 (21-25 lost on the way)
+    mon._scan_gaps()
+    assert store._rows("SELECT first_missing, last_missing FROM gaps ORDER BY first_missing") == [(6, 8), (21, 25)]
+    assert mon.stats.gaps == 2 and [a.text.split(" (")[0] for a in mon.alerts if a.kind == "gap"] == [
+        "d1: 3 telemetry record(s) never arrived", "d1: 5 telemetry record(s) never arrived"]
+    mon._gaps_scanned = -math.inf
+    mon._scan_gaps()  # scanned again: nothing new
+    assert store.count("gaps") == 2 and mon.stats.gaps == 2
