@@ -35,22 +35,29 @@ class ReadAheadClient(mqtt.Client):
     system calls and a pass of its network loop for each message received. For a receiver of a stream (the
     monitor draining a backlog: tens of thousands of messages a minute) this reads what the socket holds at once,
     hands paho its packets from that buffer and goes on until the buffer is empty (a packet cut at its end waits
-    for the rest, as paho's own partial reads do). The buffer belongs to one socket: what a closed connection left
-    unread is never read as the next connection's."""
+    for the rest, as paho's own partial reads do). Handling what the buffer holds never reads the socket again: a peer
+    that always has more to send (a flood of QoS 0 messages) cannot hold the network loop in one ``loop_read``, which
+    would write nothing meanwhile (no PUBACK, no PINGREQ: the broker drops the client at its keepalive); the rest of
+    a packet cut at the buffer's end is read at the next, the socket being readable. The buffer belongs to one
+    socket: what a closed connection left unread is never read as the next connection's."""
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._ahead = b""
         self._ahead_at = 0  # how much of _ahead was handed out
         self._ahead_sock: Any = None  # the socket _ahead was read from
+        self._draining = False  # handling what the buffer holds: the socket is not read again meanwhile
 
     def _sock_recv(self, bufsize: int) -> bytes:
         """Return up to ``bufsize`` bytes: from the buffer, else from one ``recv`` of :data:`READ_AHEAD` bytes
-        (b"" when the connection closed). Raises as paho's own (BlockingIOError: nothing to read now)."""
+        (b"" when the connection closed). Raises as paho's own (BlockingIOError: nothing to read now, or the buffer
+        is handled and the socket is read at the next ``loop_read``)."""
         if self._ahead_at < len(self._ahead) and self._ahead_sock is self._sock:
             chunk = self._ahead[self._ahead_at:self._ahead_at + bufsize]
             self._ahead_at += len(chunk)
             return chunk
+        if self._draining:
+            raise BlockingIOError("read ahead handled; the socket is read at the next loop_read")
         data = super()._sock_recv(max(bufsize, READ_AHEAD))
         self._ahead, self._ahead_at, self._ahead_sock = data, min(bufsize, len(data)), self._sock
         return data[:bufsize] if len(data) > bufsize else data
@@ -58,9 +65,13 @@ class ReadAheadClient(mqtt.Client):
     def loop_read(self, max_packets: int = 1) -> mqtt.MQTTErrorCode:
         """Read and handle packets as paho does, then every whole one left in the buffer; return paho's code."""
         rc = super().loop_read(max_packets)
-        while (rc == mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS and self._sock is not None and self._ahead_sock is self._sock
-               and self._ahead_at < len(self._ahead)):
-            rc = super().loop_read(max_packets)  # each pass takes at least one byte of the buffer
+        self._draining = True
+        try:
+            while (rc == mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS and self._sock is not None
+                   and self._ahead_sock is self._sock and self._ahead_at < len(self._ahead)):
+                rc = super().loop_read(max_packets)  # each pass takes at least one byte of the buffer
+        finally:
+            self._draining = False
         return rc
 
 
