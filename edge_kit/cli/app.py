@@ -107,7 +107,9 @@ def print_whole(table: Table, console: Console | None = None) -> None:
 def progress_bar(*columns: str | ProgressColumn, as_json: bool, transient: bool = True) -> Progress:
     """Return a rich :class:`~rich.progress.Progress` with ``columns`` on stderr (never stdout), shown only
     on a terminal and without ``--json``: a log or a pipe gets no bar (and no blank line where it was)."""
-    return Progress(*columns, console=err, transient=transient, disable=as_json or not err.is_terminal)
+    disable = as_json or not err.is_terminal
+    # A disabled bar still printed a blank line off a terminal on stop() before rich 14.3: it gets a silent console.
+    return Progress(*columns, console=Console(quiet=True) if disable else err, transient=transient, disable=disable)
 
 
 class _NoSpinner:

@@ -12,7 +12,7 @@ import numpy as np
 
 from edge_kit.compiler.sources import Graph
 from edge_kit.compiler.tf_quiet import captured_output, tensorflow
-from edge_kit.errors import CompileError
+from edge_kit.errors import CompileError, first_line
 
 MAX_CALIBRATION_SAMPLES = 500  # beyond a few hundred, int8 ranges stop improving and time grows
 # How the int8 variant of a float .tflite is made (recorded in the manifest's derived_from).
@@ -23,6 +23,14 @@ INT8_TFLITE_METHOD = ("ai-edge-quantizer static_wi8_ai8 (int8 weights per channe
 def converter_version() -> str:
     """Return the TensorFlow (converter) version."""
     return tensorflow().__version__
+
+
+def _quantizer_unusable(variant: str, exc: BaseException) -> str:
+    """Return the one-line error for an ai-edge-quantizer that is installed but fails to import ``exc``."""
+    from edge_kit.compiler.onnx_source import version
+
+    return (f"variant {variant}: ai-edge-quantizer {version('ai-edge-quantizer')} with numpy {np.__version__} cannot "
+            f"be imported ({first_line(exc)}); pip install -U 'edge-kit[host]' for the versions it needs")
 
 
 def to_tflite(graph: Graph, precision: str, calib: dict[str, np.ndarray] | None = None, *, variant: str = "",
@@ -94,8 +102,9 @@ def quantize_tflite(data: bytes, precision: str, calib: dict[str, np.ndarray] | 
         The flatbuffer bytes.
 
     Raises:
-        CompileError: ai-edge-quantizer is not installed, int8 without calibration data, or the
-            quantizer failed.
+        CompileError: ai-edge-quantizer is not installed or cannot be imported (older than
+            pyproject.toml's floor, or with a numpy it cannot use), int8 without calibration data,
+            or the quantizer failed.
     """
     from edge_kit.compiler.tflite_edit import repoint_signature, signature_key
 
@@ -108,8 +117,12 @@ def quantize_tflite(data: bytes, precision: str, calib: dict[str, np.ndarray] | 
             recipe_manager,
         )
         from ai_edge_quantizer.utils import qsv_utils
-    except ImportError:
+    except ModuleNotFoundError as exc:
+        if exc.name != "ai_edge_quantizer":
+            raise CompileError(_quantizer_unusable(variant, exc)) from None
         raise CompileError(f"variant {variant}: quantizing a .tflite needs ai-edge-quantizer (pip install 'edge-kit[host]')") from None
+    except (ImportError, AttributeError) as exc:  # too old (no qsv_utils before 0.7), or numpy older than it reads
+        raise CompileError(_quantizer_unusable(variant, exc)) from None
     if precision == "int8" and calib is None:
         raise CompileError(f"variant {variant}: full-integer int8 needs calibration data (--calib)")
     try:

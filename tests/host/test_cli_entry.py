@@ -123,6 +123,25 @@ def test_progress_and_spinners_go_to_stderr_on_a_terminal_only_and_never_with_js
     assert quiet.out == "" and quiet.err == ""
 
 
+
+def test_a_disabled_progress_bar_writes_no_blank_line_on_the_rich_the_floor_allows(capsys, monkeypatch):
+    """rich before 14.3 (pyproject allows 13.8) printed a blank line on stop() off a terminal even when disabled:
+    each compile step left one in a log or a ``--json`` run's stderr. Its stop() is put back here."""
+    from rich.progress import BarColumn, Progress
+
+    from edge_kit.cli import app
+
+    def stop_before_14_3(self):  # rich 13.8's Progress.stop, verbatim
+        self.live.stop()
+        if not self.console.is_interactive and not self.console.is_jupyter:
+            self.console.print()
+
+    monkeypatch.setattr(Progress, "stop", stop_before_14_3)
+    for as_json in (False, True):
+        with app.progress_bar("{task.description}", BarColumn(), as_json=as_json) as bar:
+            bar.update(bar.add_task("steps", total=2), advance=2)
+        assert capsys.readouterr() == ("", ""), as_json
+
 @pytest.mark.parametrize("command", [["sim", "up", "--dir", "{tmp}/sim"], ["demo", "--dir", "{tmp}/demo"]])
 def test_profiles_naming_none_is_one_line_exit_2(tmp_path, run_cli, command):
     code, out, err = run_cli(*[a.format(tmp=tmp_path) for a in command], "--profiles", " , ", "--json")
