@@ -462,6 +462,8 @@ class Monitor:
                 self._seq = self.store.newest_seqs(SEQ_KINDS)
             if self.share is not None:  # the gap scan follows each device of the fleet file from where it stands
                 self.store.follow_seqs(list(self.constraints))
+            else:  # this one judges the seqs itself: a later share group's scan starts from where they then stand
+                self.store.forget_seq_scans()
         except HistoryError:
             pass  # the writer meets it too, and says so; the alert states are then what this run sees
         self._seeded = True

@@ -501,6 +501,12 @@ class HistoryStore(abc.ABC):
         self._write_batch([("INSERT INTO seq_scans (device, kind, scanned_to) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
                             [(d, k, newest.get((d, k), -1)) for d in sorted(devices) for k in SEQ_KINDS])])
 
+    def forget_seq_scans(self) -> None:
+        """Forget every gap scan mark (``seq_scans``): a monitor without ``share`` starts, and records the gaps it finds
+        itself; the next ``share`` group follows each stream from where it then stands (:meth:`follow_seqs`), never
+        judging again what that monitor judged. Return nothing. Raises HistoryError."""
+        self._execute("DELETE FROM seq_scans")
+
     def take_scan_lease(self, owner: str) -> bool:
         """Make ``owner`` (a monitor worker) the one that scans for sequence gaps now, unless another holds the scan
         (taken within :data:`SCAN_LEASE_STALE_S` by the database's clock and not released); one statement, atomic on

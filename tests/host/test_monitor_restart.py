@@ -509,3 +509,23 @@ def test_a_revoked_device_s_open_alerts_close_as_revoked_and_it_is_never_alerted
     code, out, err = run_cli("history", "alerts", "--history", tmp_path / "h.db", "--json")
     assert sorted((r["device"], r["cleared_why"]) for r in json.loads(out)["alerts"]) == [
         ("d1", "revoked"), ("d1", "revoked"), ("d2", None)], out
+
+
+def test_a_gap_a_single_monitor_recorded_between_two_share_runs_is_not_recorded_again_by_the_next(fleet_file,
+                                                                                                 tmp_path):
+    """A --share run left its gap scan's marks; a monitor without --share then ran and recorded its own gaps; the next
+    --share run kept the old marks (a mark is never moved back), re-read everything stored since and recorded and
+    alerted the same gap again. A monitor without --share now forgets the marks as it starts."""
+    store = Store(tmp_path / "h.db")
+    tele = lambda n: ("telemetry", messages.envelope("telemetry", "sim", "d1", n, {}))  # noqa: E731
+    store.add_many([tele(n) for n in range(1, 11)])
+    _started(fleet_file, store, share="edgekit", workers=2).stop()  # marks d1's telemetry at 10
+    _started(fleet_file, store).stop()  # a single monitor: it recorded 15..19 itself, below
+    store.add_many([tele(n) for n in [*range(11, 15), *range(20, 31)]])
+    store.add_gap("d1", "telemetry", 15, 19)
+    again = _started(fleet_file, store, share="edgekit", workers=2, gap_grace_s=0)
+    again._gaps_scanned = -math.inf
+    again._scan_gaps()
+    again.stop()
+    assert store._rows("SELECT first_missing, last_missing FROM gaps WHERE device = 'd1'") == [(15, 19)]
+    assert [a for a in again.alerts if a.kind == "gap"] == []
