@@ -244,6 +244,17 @@ def message_row(kind: str, m: dict[str, Any], body: str | None, received: float)
     raise ValueError(f"the store keeps {', '.join(KINDS)}, not {kind!r}")
 
 
+def _kept_kinds(kinds: tuple[str, ...]) -> None:
+    """Check that the history keeps each of ``kinds`` (:data:`KINDS`); return nothing.
+
+    Raises:
+        ValueError: one it does not keep (the first named, with those it keeps).
+    """
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        raise ValueError(f"the history keeps {', '.join(KINDS)}, not {unknown[0]!r}")
+
+
 class HistoryStore(abc.ABC):
     """The history interface: every method here works the same on SQLite and PostgreSQL.
 
@@ -918,9 +929,7 @@ class HistoryStore(abc.ABC):
             ValueError: a kind the store does not keep.
             HistoryError: the history cannot be read.
         """
-        unknown = [k for k in kinds if k not in KINDS]
-        if unknown:
-            raise ValueError(f"the history keeps {', '.join(KINDS)}, not {unknown[0]!r}")
+        _kept_kinds(kinds)
         heard: dict[str, float] = {}
         for table in kinds:  # each answered from its device index
             for device, ts in self._rows(f"SELECT device, MAX(ts) FROM {table} GROUP BY device"):
@@ -951,9 +960,7 @@ class HistoryStore(abc.ABC):
             ValueError: a kind the store does not keep.
             HistoryError: the history cannot be read.
         """
-        unknown = [k for k in kinds if k not in KINDS]
-        if unknown:
-            raise ValueError(f"not kinds the history keeps: {', '.join(unknown)}")
+        _kept_kinds(kinds)
         out: dict[tuple[str, str], int] = {}
         for kind in kinds:
             for device, seq in self._rows(f"SELECT t.device, MAX(t.seq) FROM {kind} t JOIN (SELECT device, MAX(ts) AS ts "

@@ -657,6 +657,20 @@ def test_records_signed_by_another_key_on_a_device_s_topic_never_spend_its_budge
     assert store._rows("SELECT device, kind, first_missing, last_missing FROM gaps") == [("d1", "telemetry", 6, 8)]
 
 
+def _over_budget_with_a_forger(mon) -> list[tuple[str, bytes, float]]:
+    """Store d1's telemetry 1-5 (its burst, budget_burst=5), then 6-8 and a forger's seq 1 and 10**15 on d1's topic
+    (over budget: refused unchecked), and end the flood; return d1's signed telemetry 1-29 as queued messages."""
+    topic = messages.topic(FLEET, "d1", "telemetry")
+    intruder = Signer.generate()
+    now = time.time()
+    real = [(topic, messages.encode(signed(telemetry("d1", seq))), now) for seq in range(1, 30)]
+    mon._store(real[:5])  # d1's burst: 1-5 stored
+    forged = [(topic, messages.encode(intruder.sign(telemetry("d1", seq))), now) for seq in (1, 10**15)]
+    mon._store(real[5:8] + forged)  # over budget: 6-8 and the forger's claims refused unchecked
+    mon._end_floods(math.inf)
+    return real
+
+
 def test_seq_numbers_claimed_by_records_refused_over_budget_never_hide_a_device_s_later_gaps(fleet, tmp_path):
     """Records refused over budget are not verified, and on a broker without the fleet's ACL anyone may publish on
     the topic of a device over its budget: the span they claim was recorded as a gap whatever it said, and its top
@@ -666,14 +680,7 @@ def test_seq_numbers_claimed_by_records_refused_over_budget_never_hide_a_device_
     the sequence check from the records that verify."""
     store = Store(tmp_path / "h.db")
     mon = Monitor(fleet, store, verify_in_child=False, budget_rate=0.001, budget_burst=5)
-    topic = messages.topic(FLEET, "d1", "telemetry")
-    intruder = Signer.generate()
-    now = time.time()
-    real = [(topic, messages.encode(signed(telemetry("d1", seq))), now) for seq in range(1, 30)]
-    mon._store(real[:5])  # d1's burst: 1-5 stored
-    forged = [(topic, messages.encode(intruder.sign(telemetry("d1", seq))), now) for seq in (1, 10**15)]
-    mon._store(real[5:8] + forged)  # over budget: 6-8 and the forger's claims refused unchecked
-    mon._end_floods(math.inf)
+    real = _over_budget_with_a_forger(mon)
     assert store._rows("SELECT first_missing, last_missing FROM gaps") == []  # nothing verified beyond 5 yet
     mon.budget = type(mon.budget)(rate=1000, burst=1000)
     mon._store(real[8:20] + real[25:])  # d1 again, within budget: 9-20 and 26-29 (21-25 lost on the way)
@@ -1122,14 +1129,7 @@ def test_records_refused_over_budget_by_shared_workers_are_recorded_by_the_gap_s
     mon = Monitor(fleet, store, share="g", workers=1, verify_in_child=False, budget_rate=0.001, budget_burst=5,
                   gap_grace_s=0.0)
     store.follow_seqs(["d1", "d2"])  # as start() does
-    topic = messages.topic(FLEET, "d1", "telemetry")
-    intruder = Signer.generate()
-    now = time.time()
-    real = [(topic, messages.encode(signed(telemetry("d1", seq))), now) for seq in range(1, 30)]
-    mon._store(real[:5])  # d1's burst: 1-5 stored
-    forged = [(topic, messages.encode(intruder.sign(telemetry("d1", seq))), now) for seq in (1, 10**15)]
-    mon._store(real[5:8] + forged)  # over budget: 6-8 and the forger's claims refused unchecked
-    mon._end_floods(math.inf)
+    real = _over_budget_with_a_forger(mon)
     mon.budget = type(mon.budget)(rate=1000, burst=1000)
     mon._store(real[8:20] + real[25:])  # d1 again, within budget: 9-20 and 26-29 (21-25 lost on the way)
     mon._scan_gaps()
