@@ -824,12 +824,13 @@ def fleet_revoke_cmd(
         raise typer.Exit(4 if done.partial else 0)
     if done.newly:
         out.print(f"{safe(device)}: key {done.entry['key_id']} revoked; receivers refuse its messages from now on "
-                  f"(the way back: edgekit deploy --new-key --devices {safe(device)})", highlight=False)
+                  f"(the way back: edgekit deploy --new-key --devices {safe(device)})", highlight=False, soft_wrap=True)
     else:
         out.print(f"{safe(device)}: already revoked on {revoked_on(done.entry)} (key {done.entry['key_id']}); nothing "
-                  "changed in the registry", highlight=False)
+                  "changed in the registry", highlight=False, soft_wrap=True)
     for line, failed in ((done.broker, done.broker_failed), (done.retained, done.retained_failed)):
-        (err if failed else out).print(f"{safe(device)}: {safe(line)}", highlight=False, soft_wrap=failed)
+        # a line each, never wrapped: it names a file (a long path) and a command to run
+        (err if failed else out).print(f"{safe(device)}: {safe(line)}", highlight=False, soft_wrap=True)
     if done.partial:  # the key is revoked; a step at the broker is left, which the line above says
         raise typer.Exit(4)
 

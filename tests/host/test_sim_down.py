@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 
 import pytest
 
@@ -323,7 +324,7 @@ class _FakeSsh:
 
     def __init__(self, folder, public, **_kw):
         self.host, self.port, self.host_public, self.kind = "127.0.0.1", 1, "ssh-ed25519 AAAA", "fake"
-        self.proc = subprocess.Popen(["true"])  # a pid that `down` finds ended: it stops no one
+        self.proc = subprocess.Popen([sys.executable, "-c", ""])  # a pid that `down` finds ended: it stops no one
         self.proc.wait()
 
     def start(self):
