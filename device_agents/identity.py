@@ -221,6 +221,11 @@ class Keyring:
         ``edge_kit.fleet.keys``, has one) holds no such device: False. Never raises."""
         return False
 
+    def revoked_devices(self) -> frozenset[str]:
+        """Return the devices whose key was revoked and none registered since: none for a keyring without a revoked
+        list (this one; the operator's, in ``edge_kit.fleet.keys``, has one). Never raises."""
+        return frozenset()
+
     def verify(self, message: dict[str, Any], signer: str) -> None:
         """Check that ``message`` was signed by ``signer``'s registered key.
 
