@@ -371,16 +371,24 @@ def print_refused(refused: dict[str, list[str]], after: str = "") -> None:
 def interrupts_held() -> Iterator[None]:
     """Hold Ctrl-C (SIGINT) while the block runs: one that comes is noted, not acted on, and raised again once the block
     is done, to the handler in place before it (KeyboardInterrupt by default), so what the block writes is never cut
-    (a write interrupted while a pipe is full resumes: PEP 475). Outside the main thread the block just runs.
+    (a write interrupted while a pipe is full resumes: PEP 475). A second Ctrl-C during the block stops it at once (a
+    reader that never reads holds the write for ever). Outside the main thread the block just runs.
 
     Raises:
-        Whatever that handler raises, after the block, for a Ctrl-C during it.
+        Whatever that handler raises, after the block, for a Ctrl-C during it; KeyboardInterrupt within the block, at
+        a second one.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     came: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, _frame: came.append(signum))
+
+    def held(signum: int, _frame: Any) -> None:  # the first is noted; a second means it: stop now
+        came.append(signum)
+        if len(came) > 1:
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, held)
     try:
         yield
     finally:

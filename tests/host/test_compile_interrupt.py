@@ -11,6 +11,7 @@ import os
 import signal
 from pathlib import Path
 
+import pytest
 import yaml
 from tiny_models import dense_tflite
 
@@ -155,3 +156,23 @@ def test_ctrl_c_while_a_json_result_is_written_comes_once_it_is_whole(run_cli, m
     profiles, end = decoder.raw_decode(out)
     assert {p["name"] for p in profiles} >= {"rpi4", "jetson-orin-nano"}
     assert json.loads(out[end:]) == {"error": "interrupted; nothing was half-written", "exit_code": 130}
+
+
+def test_a_second_ctrl_c_while_a_json_document_is_held_stops_at_once():
+    """A Ctrl-C while a --json document is written is held until it is out; a second one was held too, so a reader
+    that never reads (a stuck pipe) held the command for ever. Now the second stops it at once."""
+    from edge_kit.cli.app import interrupts_held
+
+    reached, before = [], signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as in `edgekit` (an xdist worker may ignore it)
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_held():
+            signal.raise_signal(signal.SIGINT)
+            reached.append("after the first")  # held: the document goes on being written
+            signal.raise_signal(signal.SIGINT)
+            reached.append("after the second")
+    try:
+        assert reached == ["after the first"]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler before it is back
+    finally:
+        signal.signal(signal.SIGINT, before)
