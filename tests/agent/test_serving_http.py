@@ -321,15 +321,20 @@ def test_a_taken_port_is_one_line(store, server):
         Server(store.root / "other.sock", make_interpreter=make, http_port=server.http_address[1]).start()
 
 
+def _free_port() -> int:
+    """Return a loopback TCP port free now (for an agent's serve.http_port)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_the_agent_wires_http_port_and_runs_its_shadow_in_a_child(wait, store, tmp_path):
     """serve.http_port from agent.yaml reaches the agent's server; its shadow command starts a child
     process with the agent's own interpreter settings (a picklable factory)."""
     from device_agents.service import Agent
     from edgekit_protocol.commands import Command
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     cfg = tmp_path / "agent.yaml"
     cfg.write_text(f"device: pi-1\nfleet: f\nroot: {store.root}\nserve: {{http_port: {port}}}\n")
     agent = Agent(load_agent_config(cfg))
@@ -363,9 +368,7 @@ def test_while_the_agent_loads_the_active_model_requests_are_told_so_not_to_depl
     to deploy a model that is there. Now the answer says it is loading (socket and HTTP alike), then serves."""
     from device_agents.service import Agent
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     cfg = tmp_path / "agent.yaml"
     cfg.write_text(f"device: pi-1\nfleet: f\nroot: {store.root}\nserve: {{http_port: {port}, socket: {tmp_path / 's.sock'}}}\n")
     agent = Agent(load_agent_config(cfg))

@@ -30,6 +30,16 @@ def _signed(signer, seq=1, state="online"):
     return messages.encode(signer.sign(messages.envelope("status", "sim", "d1", seq, {"state": state})))
 
 
+def _verifying_in_child(tmp_path, signer):
+    """Return ``(fleet, store, monitor)``: a one-device fleet whose d1 signs with ``signer``, a history, and a monitor
+    whose verifying child is started (the caller stops it)."""
+    fleet = _fleet(tmp_path, signer)
+    store = Store(tmp_path / "h.db")
+    mon = Monitor(fleet, store, verify_in_child=True)
+    mon.verifier.start()
+    return fleet, store, mon
+
+
 def test_the_lenient_verdict_is_the_strict_one_for_signed_altered_and_foreign_payloads():
     signer, other = Signer.generate(), Signer.generate()
     keyring = Keyring({"d1": signer.public})
@@ -44,10 +54,7 @@ def test_the_lenient_verdict_is_the_strict_one_for_signed_altered_and_foreign_pa
 
 def test_a_key_added_twice_to_a_signed_message_is_refused_by_the_monitor_verifying_in_its_child(tmp_path):
     signer = Signer.generate()
-    fleet = _fleet(tmp_path, signer)
-    store = Store(tmp_path / "h.db")
-    mon = Monitor(fleet, store, verify_in_child=True)
-    mon.verifier.start()
+    fleet, store, mon = _verifying_in_child(tmp_path, signer)
     try:
         good = _signed(signer, 1)
         forged = b'{"state":"offline",' + _signed(signer, 2)[1:]
@@ -63,10 +70,7 @@ def test_a_key_added_twice_to_a_signed_message_is_refused_by_the_monitor_verifyi
 
 def test_a_forgery_the_child_refuses_is_refused_though_it_decodes(tmp_path):
     signer, other = Signer.generate(), Signer.generate()
-    fleet = _fleet(tmp_path, signer)
-    store = Store(tmp_path / "h.db")
-    mon = Monitor(fleet, store, verify_in_child=True)
-    mon.verifier.start()
+    fleet, store, mon = _verifying_in_child(tmp_path, signer)
     try:
         mon._store([(TOPIC, _signed(other, 1), time.time(), None), (TOPIC, _signed(signer, 2), time.time(), None)])
     finally:
@@ -145,10 +149,7 @@ def test_a_device_revoked_between_two_batches_is_refused_in_the_next_by_the_veri
     """The verifying child checks the key files once a batch (not twice a message): a message received after
     ``fleet revoke`` returned goes in a later batch, and is refused there as revoked."""
     signer = Signer.generate()
-    fleet = _fleet(tmp_path, signer)
-    store = Store(tmp_path / "h.db")
-    mon = Monitor(fleet, store, verify_in_child=True)
-    mon.verifier.start()
+    fleet, store, mon = _verifying_in_child(tmp_path, signer)
     try:
         mon._store([(TOPIC, _signed(signer, 1), time.time(), None)])
         assert mon.stats.stored == 1 and mon.stats.invalid == 0
