@@ -48,6 +48,7 @@ _lock = threading.Lock()  # deploys run per device in threads; registry updates 
 
 # the kinds a device has the broker retain (its status, its reported state); the operator's desired state is the other
 DEVICE_RETAINED_KINDS = tuple(k for k in messages.RETAINED_KINDS if k not in messages.OPERATOR_KINDS)
+_RETAINED_ENDINGS = tuple(f"/{k}" for k in DEVICE_RETAINED_KINDS)  # built once: left_by_revoked tests every message
 UNKNOWN_REREAD_S = 1.0  # a message from an unregistered device re-reads an unchanged registry at most this often
 
 
@@ -237,7 +238,7 @@ class _RegistryKeyring(Keyring):
         non-offline status whatever its ``ts``: the device's clock, which a thief holding the key sets back at will)
         is no leftover: False, and it is refused as before. Never raises (a registry that cannot be read, a payload
         that does not decode: False)."""
-        if not topic.endswith(tuple(f"/{k}" for k in DEVICE_RETAINED_KINDS)):  # most messages: a string test, no more
+        if not topic.endswith(_RETAINED_ENDINGS):  # most messages: a string test, no more
             return False
         try:
             fleet, device, kind = messages.parse_topic(topic)
