@@ -6,7 +6,9 @@ from device_agents.serving.client import (
     Client,
     CurrentModel,
     ServingError,
+    ServingRuntimeUnavailable,
+    ServingStoreError,
     open_current,
 )
 
-__all__ = ["Client", "CurrentModel", "ServingError", "open_current"]
+__all__ = ["Client", "CurrentModel", "ServingError", "ServingRuntimeUnavailable", "ServingStoreError", "open_current"]

@@ -19,8 +19,14 @@ from typing import Any
 
 import numpy as np
 
-from device_agents.errors import NO_ACTIVE_MODEL, DeviceError
+from device_agents.errors import (
+    NO_ACTIVE_MODEL,
+    DeviceError,
+    RuntimeUnavailable,
+    StoreError,
+)
 from device_agents.serving.frames import (
+    DTYPES,
     FrameError,
     Receiver,
     busy_poll,
@@ -33,13 +39,47 @@ from device_agents.serving.frames import (
     write_frame,
 )
 from device_agents.store import default_root
+from edgekit_protocol.errors import EdgeKitError
 
 SOCKET = "serve.sock"
 SHM_MIN = 64 * 1024  # inputs at least this large go through shared memory
 
 
 class ServingError(DeviceError):
-    """The serving API answered with an error (the text is its reason), or cannot be reached."""
+    """Every failure an application meets through :meth:`Client.predict`, :meth:`Client.info` and
+    :meth:`CurrentModel.predict`: the serving API answered with an error (the text is its reason) or
+    cannot be reached, the inputs do not fit the model, or (in-process) the active model cannot be read,
+    loaded or run. The text names what failed and what to do; a cause that is another error is chained
+    (``__cause__``)."""
+
+
+class ServingStoreError(ServingError, StoreError):
+    """In-process (:func:`open_current`): the active model's files are missing or no longer hash as
+    installed. A :class:`~device_agents.errors.StoreError` too, for code that catches that."""
+
+
+class ServingRuntimeUnavailable(ServingError, RuntimeUnavailable):
+    """In-process (:func:`open_current`): no runtime installed in the application's environment runs the
+    active model's format (the text says what to install). A
+    :class:`~device_agents.errors.RuntimeUnavailable` too, for code that catches that."""
+
+
+def _first_line(exc: BaseException) -> str:
+    """Return the first line of ``exc``'s text, or its type's name when it has none."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+
+
+def _carried(arrays: dict[str, np.ndarray]) -> None:
+    """Check that the API's frames carry every array's dtype (:data:`~device_agents.serving.frames.DTYPES`);
+    called when a request's header is first built for these inputs' names, dtypes and shapes, not per request.
+
+    Raises:
+        ServingError: an input's dtype is not one of them (named, with what to do).
+    """
+    for name, a in arrays.items():
+        if a.dtype.name not in DTYPES:
+            raise ServingError(f"input {name!r}: dtype {a.dtype} is not one the serving API carries "
+                               f"({', '.join(DTYPES)}); convert it first, e.g. np.asarray(x, np.float32)")
 
 
 def _named(inputs: dict[str, Any] | np.ndarray) -> dict[str, np.ndarray]:
@@ -196,7 +236,9 @@ class Client:
         :meth:`shared`, through shared memory).
 
         Raises:
-            ServingError: the inputs do not fit the model, no model is active, or the API is unreachable.
+            ServingError: the inputs do not fit the model (a dtype the API does not carry included), no
+                model is active, or the API is unreachable.
+            OSError: the memory file for a large input cannot be made (out of memory).
         """
         arrays = _named(inputs)
         size = sum(a.nbytes for a in arrays.values())
@@ -207,6 +249,7 @@ class Client:
         key = tuple((k, v.dtype.str, v.shape) for k, v in arrays.items())
         head = self._heads.get(key)
         if head is None:
+            _carried(arrays)
             if len(self._heads) > 64:
                 self._heads.clear()
             head = self._heads[key] = encode_head({"op": "predict", "tensors": describe(arrays)})
@@ -246,10 +289,14 @@ class Client:
         (the server refuses it otherwise); a larger input gets a new file, passed again.
 
         Raises:
+            ServingError: an input's dtype is not one the API carries (:func:`_carried`).
             OSError: the memory file cannot be made (out of memory).
         """
         import fcntl
         import mmap
+
+        if any(a.dtype.hasobject for a in arrays.values()):  # Python objects: no bytes to copy
+            _carried(arrays)
 
         if self._shm is None or len(self._shm[1]) < size:
             self._close_shm()
@@ -277,6 +324,7 @@ class Client:
             at += a.nbytes
         cached = self._heads.get(("shm", *spec))
         if cached is None:  # the same inputs: the same header, encoded once
+            _carried(arrays)
             if len(self._heads) > 64:
                 self._heads.clear()
             header = {"op": "predict", "shm": True,
@@ -336,23 +384,62 @@ class CurrentModel:
         self._runner: Any = None
 
     def _follow(self) -> Any:
-        from device_agents.inference import ModelRunner
-        from device_agents.runtimes import get_runtime
+        """Return the runner of the active model, loaded anew when ``<root>/current`` has moved.
+
+        Raises:
+            ServingError: no model store at ``root`` (a mistyped root), no active model, the root cannot be
+                read, or the active model cannot be loaded (see :meth:`_load`).
+        """
         from device_agents.store import ModelStore
 
         store = ModelStore(self.root)
-        sha = store.current()
-        if sha is None and not store.models.is_dir():  # a mistyped root: not "no model is active"
-            raise ServingError(f"no model store at {self.root} (no models/ folder): pass open_current() the agent's "
-                               f"root (agent.yaml's root; default {default_root()})")
+        try:
+            sha = store.current()
+            if sha is None and not store.models.is_dir():  # a mistyped root: not "no model is active"
+                raise ServingError(f"no model store at {self.root} (no models/ folder): pass open_current() the agent's "
+                                   f"root (agent.yaml's root; default {default_root()})")
+        except OSError as exc:  # no permission on the root (is_dir() raises for it)
+            raise ServingError(f"open_current({self.root}): cannot read the agent's root ({exc.strerror or exc}); run "
+                               "the application as the agent's user or group (or give it read access)") from exc
         if sha is None:
             raise ServingError(f"{NO_ACTIVE_MODEL} (root {self.root})")
         if sha != self._sha:
-            path = store.verify(sha)  # never a model whose bytes changed
-            runtime = get_runtime(self.runtime, model=path)  # by the model's format: LiteRT or ONNX Runtime
-            self._runner = ModelRunner(runtime.interpreter(path, threads=self.threads, delegate=self.delegate))
+            self._runner = self._load(store, sha)
             self._sha = sha
         return self._runner
+
+    def _load(self, store: Any, sha: str) -> Any:
+        """Return a runner of the stored model ``sha`` (its sha256 checked first), on the runtime its format needs.
+
+        Raises:
+            ServingStoreError: its file or ``meta.json`` is missing, or the file no longer hashes to its sha256.
+            ServingRuntimeUnavailable: no runtime installed here runs its format (the text says what to install).
+            ServingError: it cannot be read (no permission) or loaded (not a model the runtime takes, a
+                delegate option it refuses); each names the root, the variant and the file, and what to do.
+        """
+        from device_agents.inference import ModelRunner
+        from device_agents.runtimes import get_runtime
+
+        try:
+            variant = (store.describe(sha) or {}).get("variant") or "variant unknown"
+        except OSError:  # its folder cannot be read: verify() below says so
+            variant = "variant unknown"
+        path = store.model_path(sha)
+        where = f"open_current({self.root}): the active model {sha[:12]} ({variant}, {path})"
+        other = "or activate another (edgekit-agent rollback, or edgekit-agent activate --variant ...)"
+        try:
+            path = store.verify(sha)  # never a model whose bytes changed
+            runtime = get_runtime(self.runtime, model=path)  # by the model's format: LiteRT or ONNX Runtime
+            return ModelRunner(runtime.interpreter(path, threads=self.threads, delegate=self.delegate))
+        except StoreError as exc:
+            raise ServingStoreError(f"{where}: {exc}; {other}") from exc
+        except RuntimeUnavailable as exc:
+            raise ServingRuntimeUnavailable(f"{where} cannot run in this process: {exc}") from exc
+        except PermissionError as exc:
+            raise ServingError(f"{where} cannot be read ({exc.strerror or exc}): run the application as the agent's "
+                               "user or group") from exc
+        except (OSError, ValueError, RuntimeError, EdgeKitError) as exc:  # EdgeKitError: a delegate's options
+            raise ServingError(f"{where} cannot be loaded: {_first_line(exc)}; deploy it again, {other}") from exc
 
     @property
     def sha256(self) -> str | None:
@@ -360,27 +447,36 @@ class CurrentModel:
         return self._sha
 
     def predict(self, inputs: dict[str, Any] | np.ndarray) -> dict[str, np.ndarray]:
-        """Return the active model's outputs for one sample (float32 by output name).
+        """Return the active model's outputs for one sample (float32 by output name), loading it anew when
+        ``<root>/current`` has moved (a model that fails to load is tried again at the next call).
 
         Raises:
-            ServingError: no model store at ``root`` (a mistyped root), no active model, or inputs that do not fit it.
-            StoreError: the active model's file is missing or its sha256 differs (damaged).
-            RuntimeUnavailable: no installed runtime runs the model's format (the message says what to install).
+            ServingError: every failure, as :class:`Client` raises it: no model store at ``root`` (a mistyped
+                root), no active model, inputs that do not fit it, the interpreter failing on them, or the
+                active model not loadable here: :class:`ServingStoreError` (also a ``StoreError``) for a file
+                missing or damaged, :class:`ServingRuntimeUnavailable` (also a ``RuntimeUnavailable``) for a
+                runtime missing for its format, a plain :class:`ServingError` (the cause chained) for a file it
+                cannot read or load.
         """
         with self._lock:
             runner = self._follow()
             try:
-                runner.invoke_raw(runner.sample_tensors(_named(inputs)))
-            except ValueError as exc:
+                tensors = runner.sample_tensors(_named(inputs))
+            except (ValueError, TypeError) as exc:
                 raise ServingError(str(exc)) from None
-            return runner.results()
+            try:
+                runner.invoke_raw(tensors)
+                return runner.results()
+            except (ValueError, RuntimeError) as exc:
+                raise ServingError(f"open_current({self.root}): inference failed on the active model {self._sha[:12]}: "
+                                   f"{_first_line(exc)}") from exc
 
 
 def open_current(root: str | os.PathLike | None = None, **kwargs: Any) -> CurrentModel:
     """Return the active model of the agent store at ``root``, run in this process (see :class:`CurrentModel`).
 
     ``root`` left out is the agent's own default, as for :class:`Client` (``/opt/edgekit`` as root, else
-    ``~/.edgekit``). Nothing is loaded until the first ``predict``, which raises what
-    :meth:`CurrentModel.predict` raises.
+    ``~/.edgekit``). Nothing is loaded until the first ``predict``, which raises only :class:`ServingError`
+    (:meth:`CurrentModel.predict` says which subclasses).
     """
     return CurrentModel(root, **kwargs)
