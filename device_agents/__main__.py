@@ -5,7 +5,7 @@
     edgekit-agent install model.tflite --variant ID --model-name NAME [--sha256 S] [--eval eval.npz] [--root R]
     edgekit-agent activate (--sha256 S | --variant ID) [--root R]
     edgekit-agent rollback [--root R]
-    edgekit-agent state [--root R]
+    edgekit-agent state [--root R] [--socket S]   # the store, and the running agent's live figures
     edgekit-agent unit --config agent.yaml [--user U]   # a systemd unit for the service
     edgekit-agent supervise --config agent.yaml --pidfile P   # the service where there is no systemd
 
@@ -21,6 +21,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from device_agents.errors import StoreError, UsageError
 from device_agents.runtimes import RUNTIMES
@@ -90,7 +91,10 @@ def main(argv: list[str] | None = None) -> None:
     u.add_argument("--config", type=Path, required=True)
     u.add_argument("--user", help="run as this user (default: root)")
     sub.add_parser("rollback", help="swap current and previous")
-    sub.add_parser("state", help="print what is installed, current and previous")
+    st = sub.add_parser("state", help="print what is installed, current and previous, and the running agent's live figures")
+    st.add_argument("--socket", type=Path, default=None,
+                    help="the serving API's socket the live figures are read from (default ROOT/serve.sock; "
+                         "agent.yaml's serve.socket if it sets one)")
     for p in (i, a, *[sub.choices[n] for n in ("rollback", "state")]):
         p.add_argument("--root", type=Path, default=None, help=root_help)
         p.add_argument("--json", action="store_true", help="the result is JSON already; an error is JSON on stdout too")
@@ -184,8 +188,45 @@ def _store_command(args: argparse.Namespace) -> None:
         out = store.rollback()
     else:
         out = {"root": str(store.root), "current": store.describe(store.current()),
-               "previous": store.describe(store.previous()), "installed": store.installed()}
+               "previous": store.describe(store.previous()), "installed": store.installed(),
+               "live": live_figures(args.socket or store.root / "serve.sock")}
     print(json.dumps(out, indent=2, default=str))
+
+
+LIVE_TIMEOUT_S = 2.0  # `state` waits this long for the running agent's live figures
+
+
+def live_figures(socket: Path) -> dict[str, Any]:
+    """Return the live figures of the running agent's serving API at ``socket`` (requests, errors, service time
+    percentiles, queue depth, clients, what was turned away: :meth:`device_agents.serving.server.Server.figures`),
+    asked over the socket itself, so no broker is needed; with ``covers`` (the span of the counts and the window of
+    the percentiles, in words) and ``measured_by`` (where and with which clock). When the agent cannot be asked
+    (not running, serving off, a socket elsewhere, no answer within :data:`LIVE_TIMEOUT_S`):
+    ``{"source": "live", "unavailable": why}``. Never raises."""
+    from datetime import datetime, timezone
+
+    from device_agents.serving.client import Client, ServingError
+
+    try:
+        with Client(path=socket, timeout=LIVE_TIMEOUT_S, shared_memory=False) as client:
+            live = client.live()
+    except ServingError as exc:
+        return {"source": "live", "unavailable": f"{exc} (the live figures are the running agent's: start it, or "
+                                                 "give its serve.socket with --socket)"}
+    model = live.get("model")
+    live["measured_by"] = (f"the running agent (pid {live.get('measured_in')}) serving at {socket}, on this device; "
+                           "service times with its perf_counter_ns (CLOCK_MONOTONIC), from a request read to its "
+                           "answer ready, waiting for an interpreter included")
+    if not model:
+        live["covers"] = "nothing is served: no requests to count"
+        return live
+    since = datetime.fromtimestamp(live["since"], timezone.utc).isoformat(timespec="seconds")
+    as_of = datetime.fromtimestamp(live["as_of"], timezone.utc).isoformat(timespec="seconds")
+    live["covers"] = (f"requests and errors from {since} (when the agent began serving {model.get('variant')} "
+                      f"{str(model.get('sha256'))[:12]}; a restart or a swap starts them again) to {as_of}; "
+                      f"latency_ms over the last {live.get('window')} requests answered (at most "
+                      f"{live.get('window_max')}); queue_depth and clients at {as_of}")
+    return live
 
 
 def _options(args: argparse.Namespace) -> dict[str, str]:

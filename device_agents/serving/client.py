@@ -354,6 +354,17 @@ class Client:
         """
         return self._call({"op": "info"})[0]
 
+    def live(self) -> dict[str, Any]:
+        """Return the agent's live figures of the model it serves (:meth:`device_agents.serving.server.Server.figures`:
+        requests, errors, service time percentiles, queue depth, clients, what was turned away, and what they
+        cover), read from the running agent itself: no broker needed. ``model`` is None while nothing is served.
+
+        Raises:
+            ServingError: the API cannot be reached (the agent is not running), or is an agent too old to answer it.
+        """
+        answer = self._call({"op": "live"})[0]
+        return {k: v for k, v in answer.items() if k not in ("ok", "tensors")}
+
     def _drop(self) -> None:
         """Close the connection (the next call opens a new one, and passes the memory file again)."""
         if self._sock is not None:

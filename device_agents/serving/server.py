@@ -385,6 +385,13 @@ class Server:
         out["shadow"] = shadow.snapshot() if shadow is not None and shadow.serving is served else None
         return out
 
+    def figures(self) -> dict[str, Any]:
+        """Return :meth:`snapshot` as the socket's ``live`` op answers it to ``edgekit-agent state`` on the device (no
+        broker needed): with ``as_of`` (the wall-clock time it was read, ``time.time()``), ``window_max``
+        (:data:`WINDOW`, the most requests the percentiles are taken over) and ``measured_in`` (this process's pid).
+        Read from the counters the request path keeps anyway: nothing is added per request."""
+        return {**self.snapshot(), "as_of": round(time.time(), 3), "window_max": WINDOW, "measured_in": os.getpid()}
+
     def samples(self, n: int) -> list[float]:
         """Return the served model's last ``n`` service times in ms, oldest first (what a rollout gate tests)."""
         served = self.current
@@ -558,12 +565,15 @@ class Server:
                         self.offer_shadow(served, arrays, outputs)
                     continue
                 served = self.current
-                if served is None:
+                if op == "live":  # the figures as they stand, for `edgekit-agent state`: counters read, none kept
+                    answer = {"ok": True, **self.figures()}
+                    answer["clients"] -= 1  # the connection asking is not one of the clients it asks about
+                elif served is None:
                     answer = {"ok": False, "error": self.no_model}
                 elif op == "info":
                     answer = {"ok": True, "model": served.ref(), "inputs": served.inputs, "outputs": served.outputs}
                 else:
-                    answer = {"ok": False, "error": f"unknown op {str(op)[:20]!r} (predict, info)"}
+                    answer = {"ok": False, "error": f"unknown op {str(op)[:20]!r} (predict, info, live)"}
                 if not _answer(conn, answer):
                     return
         finally:

