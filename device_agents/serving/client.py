@@ -237,8 +237,7 @@ class Client:
 
         Raises:
             ServingError: the inputs do not fit the model (a dtype the API does not carry included), no
-                model is active, or the API is unreachable.
-            OSError: the memory file for a large input cannot be made (out of memory).
+                model is active, the API is unreachable, or the memory file for a large input cannot be made.
         """
         arrays = _named(inputs)
         size = sum(a.nbytes for a in arrays.values())
@@ -263,8 +262,8 @@ class Client:
         memory when a larger input needs a new file, but are then sent like any array.
 
         Raises:
-            ServingError: this client does not use shared memory (``shared_memory=False``, or not Linux).
-            OSError: the memory file cannot be made (out of memory).
+            ServingError: this client does not use shared memory (``shared_memory=False``, or not Linux), or
+                the memory file cannot be made (out of memory or descriptors).
         """
         if not self.shared_memory:
             raise ServingError("this client does not use shared memory (shared_memory=False, or no memfd_create here)")
@@ -289,8 +288,8 @@ class Client:
         (the server refuses it otherwise); a larger input gets a new file, passed again.
 
         Raises:
-            ServingError: an input's dtype is not one the API carries (:func:`_carried`).
-            OSError: the memory file cannot be made (out of memory).
+            ServingError: an input's dtype is not one the API carries (:func:`_carried`), or the memory file
+                cannot be made (out of memory or descriptors; the cause chained).
         """
         import fcntl
         import mmap
@@ -300,13 +299,22 @@ class Client:
 
         if self._shm is None or len(self._shm[1]) < size:
             self._close_shm()
-            fd = os.memfd_create("edgekit-input", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+            try:
+                fd = os.memfd_create("edgekit-input", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+            except OSError as exc:
+                raise ServingError(f"serving API at {self.path}: cannot make the memory file for {size} bytes of "
+                                   f"inputs ({exc.strerror or exc}); free memory or descriptors, or use "
+                                   "Client(shared_memory=False)") from exc
             try:
                 os.ftruncate(fd, size)
                 fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
                 buf = mmap.mmap(fd, size)
                 self._shm = (fd, buf, np.frombuffer(buf, np.uint8))
                 self._shm_start = _address(self._shm[2])
+            except OSError as exc:
+                os.close(fd)
+                raise ServingError(f"serving API at {self.path}: cannot make the memory file for {size} bytes of "
+                                   f"inputs ({exc.strerror or exc}); free memory, or use Client(shared_memory=False)") from exc
             except BaseException:
                 os.close(fd)
                 raise

@@ -128,16 +128,13 @@ def test_a_runtime_missing_for_the_active_models_format_is_a_serving_error(wheel
     assert issubclass(ServingRuntimeUnavailable, RuntimeUnavailable)
 
 
-def _as_another_user(fn) -> dict:
-    """Return what ``fn()`` returns (a JSON-able dict), run in a forked child as the user ``nobody`` (this process
-    is root: permissions do not apply to it)."""
+def _in_child(fn) -> dict:
+    """Return what ``fn()`` returns (a JSON-able dict), run in a forked child of this process."""
     read, write = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the child: every module it needs is imported already
+    if pid == 0:
         try:
             os.close(read)
-            os.setgid(65534)
-            os.setuid(65534)
             out = fn()
         except BaseException as exc:  # noqa: BLE001 - said to the parent
             out = {"type": type(exc).__name__, "text": str(exc)}
@@ -148,6 +145,17 @@ def _as_another_user(fn) -> dict:
         data = f.read()
     os.waitpid(pid, 0)
     return json.loads(data)
+
+
+def _as_another_user(fn) -> dict:
+    """Return what ``fn()`` returns (a JSON-able dict), run in a forked child as the user ``nobody`` (this process
+    is root: permissions do not apply to it)."""
+    def as_nobody() -> dict:
+        os.setgid(65534)
+        os.setuid(65534)
+        return fn()
+
+    return _in_child(as_nobody)
 
 
 def test_a_model_file_the_application_may_not_read_is_a_serving_error(faces):
@@ -214,3 +222,31 @@ def test_a_large_array_of_python_objects_is_a_serving_error_through_the_api(stor
         assert srv.snapshot()["turned_away"]["malformed"] == 0  # refused before anything was sent
     finally:
         srv.close()
+
+
+def test_a_memory_file_the_client_cannot_make_is_a_serving_error(store):
+    """An application out of descriptors (or memory) met the OSError of memfd_create for a large input."""
+    import resource
+
+    srv = Server(store.root / "serve.sock", make_interpreter=Interpreters(), max_clients=2, max_payload=1 << 22).start()
+    try:
+        srv.serve_model(store.model_path(store.current()), store.current(), "fp16")
+
+        def predict() -> dict:
+            client = Client(store.root)
+            client.info()  # connected, no memory file yet
+            lowest = os.dup(0)  # the lowest free descriptor: with the limit there, none can be opened
+            os.close(lowest)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (lowest, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+            try:
+                client.predict(FRAME)  # 196,608 bytes: through a memory file
+            except ServingError as exc:
+                return {"type": type(exc).__name__, "text": str(exc), "cause": type(exc.__cause__).__name__}
+            return {"type": None}
+
+        got = _in_child(predict)
+    finally:
+        srv.close()
+    assert got["type"] == "ServingError" and got["cause"] == "OSError", got
+    assert "cannot make the memory file for 196608 bytes of inputs" in got["text"]
+    assert "Client(shared_memory=False)" in got["text"]
