@@ -283,7 +283,9 @@ class Reconciler:
         try:
             if self.store.current() != d.sha256:
                 activation = self._activate(d.sha256, (d.sha256, *d.keep))
-                log.info("desired %s %s is current (%s)", d.model, d.variant, activation.get("smoke", {}))
+                smoke = activation.get("smoke") or {}  # what the smoke check timed: smoke.SMOKE_TIMED
+                log.info("desired %s %s is current (smoke check: loaded and one cold invoke() on zeros in %s ms)",
+                         d.model, d.variant, smoke.get("load_and_first_invoke_ms"))
         except Exception as exc:  # noqa: BLE001 - a failed activation leaves the current model: say why
             return self._failed(_line(exc))
         self.attempt = 0

@@ -408,3 +408,18 @@ def test_a_full_disk_after_the_switch_still_reports_converged(rig, tmp_path, mon
     again.on_connect()
     clock.t += 5
     assert again.due() and run(again)["state"] == "converged" and activated == ([A] if then == "download" else [])
+
+
+def test_the_log_line_of_a_converged_activation_gives_the_smoke_checks_time_in_words_not_its_record(rig, caplog):
+    """The smoke check's record now holds `timed`, a sentence: the agent's log said the whole record per activation."""
+    from device_agents.smoke import SMOKE_TIMED
+
+    make, *_ = rig
+    rec = make()
+    rec._activate = lambda sha, keep: {"smoke": {"inputs": {}, "outputs": {}, "load_and_first_invoke_ms": 12.5,
+                                                 "timed": SMOKE_TIMED}}
+    rec.take(desired(5))
+    with caplog.at_level("INFO", logger="edgekit.agent"):
+        assert run(rec)["state"] == "converged"
+    line = next(r.getMessage() for r in caplog.records if "is current" in r.getMessage())
+    assert line.endswith("is current (smoke check: loaded and one cold invoke() on zeros in 12.5 ms)"), line
