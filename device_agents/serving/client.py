@@ -401,6 +401,29 @@ class CurrentModel:
         self._lock = threading.Lock()
         self._sha: str | None = None
         self._runner: Any = None
+        # the last load that failed: (its model's files as they were, monotonic time, the error), so a broken model
+        # is not hashed and loaded again at every call, only once its files change or RETRY_S have passed
+        self._failed: tuple[tuple, float, ServingError] | None = None
+
+    RETRY_S = 30.0
+
+    @staticmethod
+    def _files(store: Any, sha: str) -> tuple:
+        """Return what tells the stored model ``sha``'s files from a repaired or re-permitted copy: inode, size,
+        modification and change time of its folder, artifact and ``meta.json`` (the error number of each that cannot
+        be looked at). A few ``stat`` calls, no read."""
+        from device_agents.formats import SUFFIX
+        from device_agents.store import META
+
+        folder = store.models / sha
+        out: list[Any] = [sha]
+        for path in (folder, *(folder / ("model" + suffix) for suffix in SUFFIX.values()), folder / META):
+            try:
+                st = os.stat(path)
+                out.append((st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+            except OSError as exc:
+                out.append(exc.errno)
+        return tuple(out)
 
     def _follow(self) -> Any:
         """Return the runner of the active model, loaded anew when ``<root>/current`` has moved.
@@ -423,8 +446,16 @@ class CurrentModel:
         if sha is None:
             raise ServingError(f"{NO_ACTIVE_MODEL} (root {self.root})")
         if sha != self._sha:
-            self._runner = self._load(store, sha)
-            self._sha = sha
+            files = self._files(store, sha)
+            if self._failed is not None and self._failed[0] == files and time.monotonic() - self._failed[1] < self.RETRY_S:
+                why = self._failed[2]  # nothing changed: the same answer, without hashing and loading it again
+                raise type(why)(str(why)) from why.__cause__
+            try:
+                self._runner = self._load(store, sha)
+            except ServingError as exc:
+                self._failed = (files, time.monotonic(), exc)
+                raise
+            self._sha, self._failed = sha, None
         return self._runner
 
     def _load(self, store: Any, sha: str) -> Any:
@@ -467,7 +498,9 @@ class CurrentModel:
 
     def predict(self, inputs: dict[str, Any] | np.ndarray) -> dict[str, np.ndarray]:
         """Return the active model's outputs for one sample (float32 by output name), loading it anew when
-        ``<root>/current`` has moved (a model that fails to load is tried again at the next call).
+        ``<root>/current`` has moved. A model that failed to load is tried again once its files change (repaired,
+        reinstalled, made readable) or ``RETRY_S`` (30 s) after; meanwhile each call raises the same error at the cost
+        of a few ``stat`` calls.
 
         Raises:
             ServingError: every failure, as :class:`Client` raises it: no model store at ``root`` (a mistyped

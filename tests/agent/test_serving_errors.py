@@ -250,3 +250,33 @@ def test_a_memory_file_the_client_cannot_make_is_a_serving_error(store):
     assert got["type"] == "ServingError" and got["cause"] == "OSError", got
     assert "cannot make the memory file for 196608 bytes of inputs" in got["text"]
     assert "Client(shared_memory=False)" in got["text"]
+
+
+def test_a_broken_active_model_is_not_hashed_again_at_every_call_until_its_files_change(store, monkeypatch):
+    """An application that goes on calling (a frame every 33 ms) hashed and tried to load the broken file at every
+    call: a large model's sha256 is tenths of a second of CPU each time."""
+    import device_agents.store as store_module
+
+    hashed: list[Path] = []
+    real = store_module.sha256_of
+
+    def counted(path):
+        hashed.append(Path(path))
+        return real(path)
+
+    monkeypatch.setattr(store_module, "sha256_of", counted)
+    path = store.model_path(store.current())
+    good = path.read_bytes()
+    path.write_bytes(good[:-1000])  # truncated
+    model = open_current(store.root)
+    texts = []
+    for _ in range(5):
+        with pytest.raises(ServingStoreError) as caught:
+            model.predict(FRAME)
+        texts.append(str(caught.value))
+        assert isinstance(caught.value.__cause__, StoreError)
+    assert len(set(texts)) == 1 and "corrupt or truncated" in texts[0]
+    assert hashed.count(path) == 1
+    path.write_bytes(good)  # repaired (deployed again): loaded at the next call
+    assert set(model.predict(FRAME)) == {"regressors", "classificators"}
+    assert hashed.count(path) == 2
