@@ -68,6 +68,11 @@ GAP_GRACE_S = 30.0
 #: lag far behind (a group that last ran long ago) reads this many of each stream past its mark, records what it judged
 #: and the next scan goes on from there, so a scan's time is bounded whatever the history's size.
 SCAN_ROWS = 5000
+#: How long (seconds, this host's clock) after a sequence gap was recorded a record stored inside it is taken as late and
+#: taken out of it (:meth:`HistoryStore.take_out_of_gaps`): a record arriving past the grace (a stalled worker, a
+#: persistent session handed back after a crash) comes within minutes or hours; a number inside an older gap is a
+#: device's numbering started again (re-imaged), not the record that gap missed.
+LATE_S = 86400.0
 #: The kinds of alert the ``alerts`` table keeps: every alert the monitor raises about a device, each over an episode
 #: (raised once, cleared when it ends).
 ALERT_KINDS = ("drift", "low_disk", "silent", "over_budget", "offline", "constraints")
@@ -603,8 +608,9 @@ class HistoryStore(abc.ABC):
     def take_out_of_gaps(self, records: list[tuple[str, str, int]]) -> int:
         """Take each ``(device, kind, seq)`` of ``records`` (stored) out of the sequence gap recorded around it, if any:
         the gap shrinks, or splits in two, or goes (its ``ts`` kept), so the history never says a record is both stored
-        and lost. Safe while other workers do the same: each gap row is locked, and its pieces written only while it is
-        still there; a gap another worker split meanwhile is looked up again. One indexed query (through
+        and lost. Only a gap recorded within :data:`LATE_S` is taken as the one the record missed (a number inside an
+        older gap is a device's numbering started again). Safe while other workers do the same: each gap row is locked,
+        and its pieces written only while it is still there; a gap another worker split meanwhile is looked up again. One indexed query (through
         ``gaps (device, kind, last_missing)``) per 300 records, and a transaction only when a record is in a gap.
 
         Returns:
@@ -617,7 +623,7 @@ class HistoryStore(abc.ABC):
         for i in range(0, len(records), 300):
             part = sorted(set(records[i:i + 300]))
             for _attempt in range(5):  # a gap split by another worker meanwhile is found again as its pieces
-                within = self._gaps_around(part)
+                within = self._gaps_around(part, time.time() - LATE_S)
                 if not within:
                     break
                 pieces, rows = [], []
@@ -639,9 +645,10 @@ class HistoryStore(abc.ABC):
                     ("DELETE FROM gaps WHERE device = ? AND kind = ? AND first_missing = ? AND last_missing = ?", rows)])
         return taken
 
-    def _gaps_around(self, records: list[tuple[str, str, int]]) -> dict[tuple[str, str, int, int, float], set[int]]:
-        """Return the recorded gaps ``(device, kind, first, last, ts)`` holding any of ``records`` (``(device, kind,
-        seq)``), each with the seqs of them it holds. Raises HistoryError."""
+    def _gaps_around(self, records: list[tuple[str, str, int]],
+                     since: float) -> dict[tuple[str, str, int, int, float], set[int]]:
+        """Return the gaps ``(device, kind, first, last, ts)`` recorded at or after ``since`` (unix seconds) holding any
+        of ``records`` (``(device, kind, seq)``), each with the seqs of them it holds. Raises HistoryError."""
         if not records:
             return {}
         values = ", ".join(["(?, ?, ?)"] * len(records))
@@ -649,7 +656,8 @@ class HistoryStore(abc.ABC):
         for device, kind, first, last, ts, seq in self._rows(
                 f"WITH b(device, kind, seq) AS (VALUES {values}) SELECT DISTINCT g.device, g.kind, g.first_missing, "
                 "g.last_missing, g.ts, b.seq FROM b JOIN gaps g ON g.device = b.device AND g.kind = b.kind AND "
-                "g.last_missing >= b.seq AND g.first_missing <= b.seq", tuple(v for r in records for v in r)):
+                "g.last_missing >= b.seq AND g.first_missing <= b.seq WHERE g.ts >= ?",
+                (*(v for r in records for v in r), since)):
             out.setdefault((device, kind, first, last, ts), set()).add(seq)
         return out
 

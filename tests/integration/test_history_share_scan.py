@@ -10,7 +10,7 @@ import time
 import pytest
 
 from edge_kit.telemetry.monitor import share_gaps
-from edge_kit.telemetry.store import SEQ_KINDS, open_history
+from edge_kit.telemetry.store import LATE_S, SEQ_KINDS, open_history
 from edgekit_protocol import messages
 
 pytestmark = pytest.mark.integration
@@ -90,6 +90,11 @@ def test_a_record_stored_after_its_gap_was_recorded_is_taken_out_of_it(history):
     history.add_many([tele("d1", 10)])
     assert history.record_scan("w", marks, gaps) and gaps == [("d1", "telemetry", 8, 11)]
     assert history.take_out_of_gaps(history.stored_in(gaps)) == 1
+    assert recorded() == [("telemetry", 5, 6), ("telemetry", 8, 9), ("telemetry", 11, 11)]
+    # a number inside a gap recorded more than LATE_S ago: the device's numbering started again, not that gap's record
+    history._execute("UPDATE gaps SET ts = ts - ? WHERE first_missing = 5", (LATE_S + 1,))
+    history.add_many([tele("d1", 6)])
+    assert history.take_out_of_gaps([("d1", "telemetry", 6)]) == 0
     assert recorded() == [("telemetry", 5, 6), ("telemetry", 8, 9), ("telemetry", 11, 11)]
 
 
