@@ -551,8 +551,8 @@ class HistoryStore(abc.ABC):
         None, None, mark, None)`` (its telemetry may claim numbers past them). One query, each kind read through its
         ``(device, seq)`` index from the mark on, ``limit`` index entries of a stream at most, whatever the history's
         size. Raises HistoryError."""
-        news = ("EXISTS (SELECT 1 FROM seq_scans t JOIN telemetry r ON r.device = t.device AND r.seq > t.scanned_to "
-                "WHERE t.device = m.device AND t.kind = 'telemetry')")
+        news = ("EXISTS (SELECT 1 FROM telemetry r WHERE r.device = m.device AND r.seq > (SELECT t.scanned_to FROM "
+                "seq_scans t WHERE t.device = m.device AND t.kind = 'telemetry'))")  # through the (device, seq) index
         top = 2 ** 63 - 1  # no limit-th number past the mark: every row past it
 
         def stream(kind: str) -> str:

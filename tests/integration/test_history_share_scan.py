@@ -60,6 +60,17 @@ def test_a_scan_reads_at_most_its_bound_of_a_stream_and_the_next_goes_on_from_wh
     assert scans == 13  # 1,197 rows, 100 a scan, then the one that finds nothing more
     assert sorted(history._rows("SELECT kind, scanned_to FROM seq_scans WHERE device = 'd1'")) == [
         ("bench", 5), ("live", -1), ("shadow", -1), ("telemetry", top)]
+    # what a scan reads does not grow with the rows below the marks, nor with a device it does not follow (PostgreSQL
+    # hashed every telemetry row to learn which followed device had telemetry past its mark)
+    history.add_many([tele("d1", top + 1)])
+    if not hasattr(history, "_db"):
+        history._execute("ANALYZE")
+    idle = _read_by(history, *_seq_window_sql(history))
+    history.add_many([tele("d9", n) for n in range(15_000)])
+    if not hasattr(history, "_db"):
+        history._execute("ANALYZE")
+    big = _read_by(history, *_seq_window_sql(history))
+    assert big <= idle * 1.5 + 20 and big < 500, (idle, big)  # the history holds 16,000 rows
 
 
 def test_a_record_stored_after_its_gap_was_recorded_is_taken_out_of_it(history):
@@ -96,6 +107,18 @@ def test_a_record_stored_after_its_gap_was_recorded_is_taken_out_of_it(history):
     history.add_many([tele("d1", 6)])
     assert history.take_out_of_gaps([("d1", "telemetry", 6)]) == 0
     assert recorded() == [("telemetry", 5, 6), ("telemetry", 8, 9), ("telemetry", 11, 11)]
+
+
+def _seq_window_sql(history) -> tuple[str, tuple]:
+    """Return the query (and its arguments) ``seq_window(100)`` runs."""
+    asked: list[tuple[str, tuple]] = []
+    real = history._rows
+    history._rows = lambda sql, args=(): asked.append((sql, args)) or real(sql, args)
+    try:
+        history.seq_window(100)
+    finally:
+        del history._rows
+    return asked[0]
 
 
 def _read_by(history, sql: str, args: tuple) -> int:
