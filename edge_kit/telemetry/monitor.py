@@ -333,6 +333,9 @@ class Monitor:
         self._queue: queue.Queue = queue.Queue()
         self._recent: OrderedDict[str, None] = OrderedDict()  # msg ids lately stored (cheap dedup before SQL)
         self._seq: dict[tuple[str, str], int] = {}
+        # without share: records of this batch numbered at or below their stream's newest (out of order, or late): each
+        # may be the record of a gap recorded before it came (taken out of it after the batch, one query)
+        self._behind: list[tuple[str, str, int]] = []
         self._stop = threading.Event()
         self._connected = threading.Event()
         self._refused: str | None = None
@@ -876,6 +879,9 @@ class Monitor:
                 raise
             except Exception:  # noqa: BLE001 - a hook or an odd figure must not stop the writer
                 log.exception("after storing %s %r", kind, msg.get("msg_id"))  # %r: a device's text, one line
+        if self._behind:  # without share: a record that came after its gap was recorded leaves it
+            behind, self._behind = self._behind, []
+            self.stats.late += self.store.take_out_of_gaps(behind)
         while len(self._recent) > 100_000:
             self._recent.popitem(last=False)
 
@@ -986,6 +992,9 @@ class Monitor:
         monitor was down, past its queue limit, is a gap too); return nothing. Raises HistoryError."""
         if kind not in SEQ_KINDS:
             return  # a status is retained and replaced, not a stream
+        key = (msg["device"], kind)
+        if key in self._seq and msg["seq"] <= self._seq[key]:  # behind its stream: it may fill a gap recorded
+            self._behind.append((msg["device"], kind, msg["seq"]))
         self._numbered(msg["device"], kind, msg["seq"], msg["seq"] - 1)
         if kind == "telemetry":  # the newest seq the agent gave its other streams: records lost at their end show now
             for marked, newest in messages.telemetry_marks(msg).items():
