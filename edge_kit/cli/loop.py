@@ -601,7 +601,7 @@ def monitor_cmd(
 
     from edge_kit.fleet.inventory import load_fleet
     from edge_kit.telemetry.metrics import FleetMetrics, metrics_url
-    from edge_kit.telemetry.monitor import MAX_BREAKING_VARIANTS, Monitor
+    from edge_kit.telemetry.monitor import MAX_BREAKING_VARIANTS, MAX_GAP_ROWS, Monitor
 
     fleet = load_fleet(fleet_file)
     db = open_fleet_history(fleet_file, history)
@@ -658,7 +658,8 @@ def monitor_cmd(
     if as_json:
         emit_json({"received": s.received, "stored": s.stored, "duplicates": s.duplicates, "invalid": s.invalid,
                     "gaps": s.gaps, "dropped": s.dropped, "over_budget": s.over_budget, "left_by_revoked": s.left_by_revoked,
-                    "breaking_not_alerted": s.breaking_not_alerted,
+                    "breaking_not_alerted": s.breaking_not_alerted, "gaps_not_recorded": s.gaps_not_recorded,
+                    "late": s.late,
                     "over_budget_by_device": dict(sorted(mon.over_budget.items())),
                     "alerts": [vars(a) for a in mon.alerts], "alerts_raised": mon.alerts_raised,
                     "carried_over": mon.carried_over, "carried_over_total": mon.carried_over_total,
@@ -670,7 +671,8 @@ def monitor_cmd(
         quiet = "".join(f"{n:,} {what}, " for n, what in (
             (s.left_by_revoked, "left by revoked devices (signed before their revocation: dropped, not stored)"),
             (s.breaking_not_alerted, "benchmarks breaking constraints not alerted (past a device's "
-                                     f"{MAX_BREAKING_VARIANTS} variants)")) if n)
+                                     f"{MAX_BREAKING_VARIANTS} variants)"),
+            (s.gaps_not_recorded, f"sequence gaps not recorded (past a device's {MAX_GAP_ROWS} in this run)")) if n)
         out.print(safe(f"stored {s.stored:,} of {s.received:,} messages received ({s.duplicates:,} duplicates, "
                        f"{s.invalid:,} refused, {s.over_budget:,} over budget, {s.gaps:,} sequence gaps, {quiet}"
                        f"{mon.alerts_raised:,} alerts) in {db.where}"),

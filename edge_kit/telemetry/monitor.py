@@ -55,7 +55,7 @@ import re
 import threading
 import time
 import uuid
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -84,6 +84,7 @@ from edge_kit.telemetry.store import (
     GAP_GRACE_S,
     HELD_KINDS,
     KINDS,
+    SCAN_ROWS,
     SEQ_KINDS,
     HistoryStore,
     alert_subject,
@@ -138,6 +139,12 @@ class MonitorStats:
     # benchmarks breaking their device's constraints for a variant beyond the MAX_BREAKING_VARIANTS whose episodes the
     # device has open: stored, counted here, alerted once a device (a device naming a new variant in each record)
     breaking_not_alerted: int = 0
+    # sequence gaps found past the MAX_GAP_ROWS a device may have recorded in one run: counted here, neither recorded
+    # nor alerted one by one (a device skipping every other number would write a row a record); alerted once a device
+    gaps_not_recorded: int = 0
+    # with ``share``: records stored after the gap scan had recorded their number as lost (later than the grace), taken
+    # out of that gap (it shrank or split): stored plus recorded gaps stays what the devices published
+    late: int = 0
     # per device of the fleet file: records refused because it was over its ingest budget
     over_budget_by_device: dict[str, int] = field(default_factory=dict)
 
@@ -187,6 +194,7 @@ MAX_REASON = 500  # characters of a refusal's reason kept (in the alert and the 
 MAX_TOPIC = 256  # characters of a refused message's topic kept (a real one has under 160; the broker allows 64 KiB)
 MAX_ALERT_CHARS = 1000  # characters of an alert kept: its text may hold a device's variant name (any length)
 MAX_BREAKING_VARIANTS = 32  # a device's variants held as breaking its constraints at once (an episode and alert each)
+MAX_GAP_ROWS = 32  # sequence-gap rows one monitor run records (and alerts) per device; the others are counted
 MAX_CARRIED = 100  # open alerts of the history a monitor shows as carried over when it starts (the newest)
 
 
@@ -216,7 +224,7 @@ def _breaking_of(keys: list[tuple[str, str, str, bool]], devices: Any) -> dict[s
 
 
 def share_gaps(rows: list[tuple[str, str, int | None, float | None, int, str | None]],
-               settled_by: float) -> tuple[list[tuple[str, str, int]], list[tuple[str, str, int, int]]]:
+               settled_by: float, bound: int | None = None) -> tuple[list[tuple[str, str, int]], list[tuple[str, str, int, int]]]:
     """Return what the sequence-gap scan of ``share`` workers finds in ``rows`` (:meth:`HistoryStore.seq_window`: per
     device and kind, the rows stored past the scan's mark): ``(marks, gaps)``, the ``(device, kind, seq)`` where each
     stream's scan stands now, and each ``(device, kind, first, last)`` run of numbers missing.
@@ -226,7 +234,9 @@ def share_gaps(rows: list[tuple[str, str, int | None, float | None, int, str | N
     :func:`~edgekit_protocol.messages.telemetry_marks`). Every number between the mark and the horizon that no row
     holds (rows stored since ``settled_by`` count as held) is missing. A mark of -1 (nothing stored when the scan
     began following the device) is judged from its first stored record; a stream without a horizon past its mark is
-    left as it is. Never raises."""
+    left as it is. ``bound``: the rows of a stream the scan read at most (:meth:`HistoryStore.seq_window`'s ``limit``);
+    a stream with that many was cut there, so it is judged no further than its highest row read (rows past it, and the
+    numbers its telemetry claims past it, are the next scan's). Never raises."""
     held: dict[tuple[str, str], set[int]] = {}
     horizon: dict[tuple[str, str], int] = {}
     mark: dict[tuple[str, str], int] = {}
@@ -247,6 +257,11 @@ def share_gaps(rows: list[tuple[str, str, int | None, float | None, int, str | N
     for device, kind, newest in claims:
         if (device, kind) in mark:
             horizon[(device, kind)] = max(newest, horizon.get((device, kind), newest))
+    if bound is not None:  # a stream read to the bound: what lies past its highest row read is not read yet
+        counts = Counter((device, kind) for kind, device, seq, ts, _m, _b in rows if seq is not None and ts is not None)
+        for key, n in counts.items():
+            if n >= bound and key in horizon:
+                horizon[key] = min(horizon[key], max(held[key]))
     marks: list[tuple[str, str, int]] = []
     gaps: list[tuple[str, str, int, int]] = []
     for key, top in sorted(horizon.items()):
@@ -318,6 +333,9 @@ class Monitor:
         self._queue: queue.Queue = queue.Queue()
         self._recent: OrderedDict[str, None] = OrderedDict()  # msg ids lately stored (cheap dedup before SQL)
         self._seq: dict[tuple[str, str], int] = {}
+        # without share: records of this batch numbered at or below their stream's newest (out of order, or late): each
+        # may be the record of a gap recorded before it came (taken out of it after the batch, one query)
+        self._behind: list[tuple[str, str, int]] = []
         self._stop = threading.Event()
         self._connected = threading.Event()
         self._refused: str | None = None
@@ -334,6 +352,8 @@ class Monitor:
         self._breaking: dict[str, set[str]] = {}
         self._revoked_closed: set[str] = set()  # revoked devices whose alerts _close_revoked closed
         self._breaking_capped: set[str] = set()  # devices alerted as having MAX_BREAKING_VARIANTS episodes open
+        self._gap_rows: dict[str, int] = {}  # per device, the sequence-gap rows this run recorded (MAX_GAP_ROWS at most)
+        self._gaps_capped: set[str] = set()  # devices alerted as past their MAX_GAP_ROWS
         #: The history's open alerts when this monitor started (newest first, at most MAX_CARRIED; :meth:`start`), each
         #: a row of :meth:`HistoryStore.alerts` with ``still_open`` (False: closed at start, nobody held it), and
         #: how many were open in all: a monitor that died before printing an alert left it there.
@@ -459,7 +479,7 @@ class Monitor:
                 for row in self.carried_over:
                     row["still_open"] = (row["kind"], row["device"], row["subject"]) in still
             if self.persistent and self.share is None:  # a persistent session continues the history: so do the seqs
-                self._seq = self.store.newest_seqs(SEQ_KINDS)
+                self._seq = self.store.newest_seqs(SEQ_KINDS, list(self.constraints))
             if self.share is not None:  # the gap scan follows each device of the fleet file from where it stands
                 self.store.follow_seqs(list(self.constraints))
             else:  # this one judges the seqs itself: a later share group's scan starts from where they then stand
@@ -735,10 +755,13 @@ class Monitor:
             recorded = []
             for kind, (low, high) in sorted(flood.seqs.items()):
                 high = min(high, self._seq.get((device, kind), -1))  # the sequence check records what is beyond
-                if low <= high:
+                if low <= high and self._gap_room(device):
                     self.stats.gaps += 1
+                    self._gap_rows[device] = self._gap_rows.get(device, 0) + 1
                     self.store.add_gap(device, kind, low, high)
                     recorded.append(f"{kind} {low}-{high}")
+                elif low <= high:
+                    self._gap_not_recorded(device)
             spans = ", ".join(recorded)
             self._alert(Alert(device, "refused", f"{device}: {flood.count:,} records refused over its ingest budget in "
                                                  f"{flood.last - flood.first:.0f} s"
@@ -841,6 +864,9 @@ class Monitor:
             self._refuse(messages.topic(good[i][1]["fleet"], good[i][1]["device"], good[i][0]), raw[i], why)
         if refused:
             good = [g for i, g in enumerate(good) if i not in refused]
+        if self.share is not None:  # one indexed query a batch: a record later than the grace leaves its gap
+            self.stats.late += self.store.take_out_of_gaps([(m["device"], k, m["seq"]) for k, m in good
+                                                            if k in SEQ_KINDS])
         self.stats.duplicates += len(good) - new
         self.stats.stored += new
         for kind, msg in good:
@@ -853,6 +879,9 @@ class Monitor:
                 raise
             except Exception:  # noqa: BLE001 - a hook or an odd figure must not stop the writer
                 log.exception("after storing %s %r", kind, msg.get("msg_id"))  # %r: a device's text, one line
+        if self._behind:  # without share: a record that came after its gap was recorded leaves it
+            behind, self._behind = self._behind, []
+            self.stats.late += self.store.take_out_of_gaps(behind)
         while len(self._recent) > 100_000:
             self._recent.popitem(last=False)
 
@@ -894,26 +923,61 @@ class Monitor:
     def _scan_gaps(self) -> None:
         """With ``share``, at most every :data:`GAP_SCAN_S`: record and alert the sequence gaps the history shows, if no
         other worker is scanning (:meth:`HistoryStore.take_scan_lease`); return nothing. One query reads what was stored
-        past where the last scan (any worker's) stood (:meth:`HistoryStore.seq_window`), :func:`share_gaps` judges it up
-        to what settled ``gap_grace_s`` ago, and one transaction records the gaps and where the scan stands
-        (:meth:`HistoryStore.record_scan`): each gap once, alerted by the worker that recorded it. A record stored more
-        than ``gap_grace_s`` after a higher number of its stream (or a telemetry claim past it) is stored, and stays in
-        the gap recorded for it. Raises HistoryError."""
+        past where the last scan (any worker's) stood (:meth:`HistoryStore.seq_window`: :data:`SCAN_ROWS` rows of a
+        stream at most), :func:`share_gaps` judges it up to what settled ``gap_grace_s`` ago, and one transaction records
+        the gaps and where the scan stands (:meth:`HistoryStore.record_scan`): each gap once, alerted by the worker that
+        recorded it, at most :data:`MAX_GAP_ROWS` a device in this run (the others counted). A scan that read a stream
+        to its bound (marks lagging far behind) is followed by the next at once, not after :data:`GAP_SCAN_S`, each
+        taking the lease again: every scan's time is bounded whatever the history's size. A record stored more than
+        ``gap_grace_s`` after a higher number of its stream (or a telemetry claim past it) is stored, and its number
+        taken out of the gap recorded for it by the worker that stored it (:meth:`HistoryStore.take_out_of_gaps`,
+        counted in ``stats.late``). Raises HistoryError."""
         now = time.monotonic()
         if self.share is None or now - self._gaps_scanned < GAP_SCAN_S:
             return
         self._gaps_scanned = now
         if not self.store.take_scan_lease(self._scan_owner):
             return  # another worker scans now
-        marks, gaps = share_gaps(self.store.seq_window(), time.time() - self.gap_grace_s)
-        if self.store.record_scan(self._scan_owner, marks, gaps):
-            for device, kind, first, last in gaps:
+        rows = self.store.seq_window(SCAN_ROWS)
+        marks, gaps = share_gaps(rows, time.time() - self.gap_grace_s, SCAN_ROWS)
+        room = {d: MAX_GAP_ROWS - self._gap_rows.get(d, 0) for d, *_ in gaps}
+        kept, capped = [], []
+        for gap in gaps:
+            room[gap[0]] -= 1
+            (kept if room[gap[0]] >= 0 else capped).append(gap)
+        if self.store.record_scan(self._scan_owner, marks, kept):
+            # a record another worker committed while this scan judged: taken out of the gap just recorded (that
+            # worker's own look, after its commit, may have come before this commit)
+            self.stats.late += self.store.take_out_of_gaps(self.store.stored_in(kept))
+            for device, kind, first, last in kept:
                 self._gap_found(device, kind, first, last)
+            for device, *_ in capped:
+                self._gap_not_recorded(device)
+        read = Counter((device, kind) for kind, device, seq, *_ in rows if seq is not None)
+        if any(read[(device, kind)] >= SCAN_ROWS for device, kind, _seq in marks):
+            # a stream read to its bound whose mark moved: the next scan goes on from there at once (one whose rows
+            # have not settled yet waits as any other)
+            self._gaps_scanned = -math.inf
+
+    def _gap_room(self, device: str) -> bool:
+        """Return True while ``device`` has recorded fewer than :data:`MAX_GAP_ROWS` sequence-gap rows in this run."""
+        return self._gap_rows.get(device, 0) < MAX_GAP_ROWS
+
+    def _gap_not_recorded(self, device: str) -> None:
+        """Count a sequence gap of ``device`` found past its :data:`MAX_GAP_ROWS` of this run (not recorded), alerting
+        the first such once; return nothing."""
+        self.stats.gaps_not_recorded += 1
+        if device not in self._gaps_capped:
+            self._gaps_capped.add(device)
+            self._alert(Alert(device, "gap", f"{device}: {MAX_GAP_ROWS} sequence gaps recorded in this run; more are "
+                                             "counted (gaps_not_recorded in the --json summary), neither recorded nor "
+                                             "alerted one by one"))
 
     def _gap_found(self, device: str, kind: str, first: int, last: int) -> None:
         """Count and alert that ``seq`` ``first..last`` of ``device``'s ``kind`` never arrived, recorded in the history's
         ``gaps`` already; return nothing."""
         self.stats.gaps += 1
+        self._gap_rows[device] = self._gap_rows.get(device, 0) + 1
         self._alert(Alert(device, "gap", f"{device}: {last - first + 1} {kind} record(s) never arrived (seq "
                                          f"{first}..{last}), recorded as a sequence gap: lost on the way "
                                          "to the monitor (dropped by the broker past its queue limit while the "
@@ -928,6 +992,9 @@ class Monitor:
         monitor was down, past its queue limit, is a gap too); return nothing. Raises HistoryError."""
         if kind not in SEQ_KINDS:
             return  # a status is retained and replaced, not a stream
+        key = (msg["device"], kind)
+        if key in self._seq and msg["seq"] <= self._seq[key]:  # behind its stream: it may fill a gap recorded
+            self._behind.append((msg["device"], kind, msg["seq"]))
         self._numbered(msg["device"], kind, msg["seq"], msg["seq"] - 1)
         if kind == "telemetry":  # the newest seq the agent gave its other streams: records lost at their end show now
             for marked, newest in messages.telemetry_marks(msg).items():
@@ -942,8 +1009,11 @@ class Monitor:
         last = self._seq.get(key)
         # while the device is over its budget, what it had refused is recorded as one gap when that ends
         if last is not None and before > last and device not in self._floods:
-            self.store.add_gap(device, kind, last + 1, before)
-            self._gap_found(device, kind, last + 1, before)
+            if self._gap_room(device):
+                self.store.add_gap(device, kind, last + 1, before)
+                self._gap_found(device, kind, last + 1, before)
+            else:
+                self._gap_not_recorded(device)
         if last is None or seq > last:
             self._seq[key] = seq
 
@@ -1010,6 +1080,7 @@ class Monitor:
         self._drifting = {d for d in held.get("drift", ()) if d in self.constraints}
         self._low_disk = {d for d in held.get("low_disk", ()) if d in self.constraints}
         self._offline = {d for d in held.get("offline", ()) if d in self.constraints}
+        self._silent_alerted = {d for d in held.get("silent", ()) if d in self.constraints}
         self._breaking = _breaking_of(keys, self.constraints)
 
     def _seed_alert_states(self, shadows: dict[str, dict[str, Any]]) -> None:
@@ -1168,7 +1239,9 @@ class Monitor:
                                        + ", ".join(f"{describe(k, c)} ({measured_text(k, m)})" for k in broken)
                                        + ("; a simulated device: this machine's figures" if msg.get("simulated") else "")),
                                  "constraints", subject=variant)
-            elif not broken and subject in held:
+            elif not broken and (subject in held or self.share is not None):
+                # with --share a peer may have opened it since this worker's last sync (its breaking benchmark came to
+                # the peer, this one here): closed all the same, an UPDATE a passing benchmark (rare: a bench run)
                 held.discard(subject)
                 self._breaking_capped.discard(device)
                 self.store.close_alert(device, "constraints", subject=variant)
@@ -1199,16 +1272,32 @@ class Monitor:
     def _check_silence(self) -> None:
         """Alert (once per episode) each device not heard from for longer than its :meth:`_silence_limit`, but one
         whose key was revoked (:meth:`_close_revoked`); one last heard in the history only once the monitor has been
-        subscribed for :data:`SETTLE_S` and has checked what it received. Return nothing. Raises HistoryError."""
+        subscribed for :data:`SETTLE_S` and has checked what it received. With ``share`` a device is heard when any
+        worker stored its record: one this worker has not heard from for its limit is looked up in the history first
+        (:meth:`HistoryStore.last_heard`, one indexed query for those devices, once a limit at most: a peer's record
+        found counts as heard), and a silence alert open (raised by a peer, taken at the sync) of a device this worker
+        heard within its limit is closed. Return nothing. Raises HistoryError."""
         revoked = self._close_revoked()
         now = time.time()
         # subscribed for SETTLE_S, and what arrived checked and stored: the broker's queue for this session is in
         settled = time.monotonic() >= self._judge_before_from and not self._queue.unfinished_tasks
+        silent = []
         for device, seen in list(self.last_seen.items()):
             if device in revoked:
                 continue
             limit = self._silence_limit(device)
             judged = settled or device not in self._heard_before
             if now - seen > limit and device not in self._silent_alerted and judged:
+                silent.append(device)
+            elif now - seen <= limit and device in self._silent_alerted and self.share is not None:
+                self._silent_alerted.discard(device)  # a peer's alert, this worker heard it since
+                self.store.close_alert(device, "silent")
+        if silent and self.share is not None:  # a peer may hear it: the history says when any worker last stored it
+            for device, heard in self.store.last_heard(silent).items():
+                if heard > self.last_seen.get(device, -math.inf):
+                    self.last_seen[device] = heard
+        for device in silent:
+            seen = self.last_seen[device]
+            if now - seen > self._silence_limit(device) and device not in self._silent_alerted:
                 self._silent_alerted.add(device)
                 self._alert_held(Alert(device, "silent", f"{device} silent for {now - seen:.0f} s"), "silent")

@@ -51,8 +51,12 @@ SEQ_KINDS = tuple(k for k in KINDS if k != "status")
 #: was written before it: version 1). 2: ``decisions.kind``, ``invalid.device`` and their indexes. 3: the ``alerts``
 #: table. 4: ``alerts.subject`` (one open alert per device, kind and subject), ``alerts.seen`` and ``alerts.cleared_why``,
 #: and the ``alert_holders`` table. 5: the ``seq_scans`` and ``scan_lease`` tables and an index on each numbered kind's
-#: ``(device, seq)``: the sequence-gap scan of several monitor workers (:meth:`HistoryStore.seq_window`).
-SCHEMA_VERSION = 5
+#: ``(device, seq)``: the sequence-gap scan of several monitor workers (:meth:`HistoryStore.seq_window`). 6: an index on
+#: ``bench (device, ts)`` (each device's newest bench record found through it, never by reading the table:
+#: :meth:`HistoryStore.newest_seqs`, :meth:`HistoryStore.last_heard`) and on ``gaps (device, kind, last_missing)`` (the
+#: gap a late record falls in: :meth:`HistoryStore.take_out_of_gaps`); indexes only, so an older edge-kit still running
+#: reads and writes the history as before.
+SCHEMA_VERSION = 6
 #: How long (seconds, by the database's clock) a worker's hold of the gap scan (:meth:`HistoryStore.take_scan_lease`)
 #: keeps others out: a scan takes milliseconds; a worker that died holding it is passed over after this.
 SCAN_LEASE_STALE_S = 30.0
@@ -60,6 +64,15 @@ SCAN_LEASE_STALE_S = 30.0
 #: telemetry claim) was stored the scan takes the numbers before it as settled, so a record of a lower ``seq`` still on
 #: its way to another worker (queued behind that worker's batch, or in flight at the broker) is not taken as lost.
 GAP_GRACE_S = 30.0
+#: Rows of one stream (device and kind) one gap scan reads at most (:meth:`HistoryStore.seq_window`): a scan whose marks
+#: lag far behind (a group that last ran long ago) reads this many of each stream past its mark, records what it judged
+#: and the next scan goes on from there, so a scan's time is bounded whatever the history's size.
+SCAN_ROWS = 5000
+#: How long (seconds, this host's clock) after a sequence gap was recorded a record stored inside it is taken as late and
+#: taken out of it (:meth:`HistoryStore.take_out_of_gaps`): a record arriving past the grace (a stalled worker, a
+#: persistent session handed back after a crash) comes within minutes or hours; a number inside an older gap is a
+#: device's numbering started again (re-imaged), not the record that gap missed.
+LATE_S = 86400.0
 #: The kinds of alert the ``alerts`` table keeps: every alert the monitor raises about a device, each over an episode
 #: (raised once, cleared when it ends).
 ALERT_KINDS = ("drift", "low_disk", "silent", "over_budget", "offline", "constraints")
@@ -162,6 +175,8 @@ CREATE INDEX IF NOT EXISTS live_seq ON live (device, seq);
 CREATE INDEX IF NOT EXISTS shadow_seq ON shadow (device, seq);
 CREATE INDEX IF NOT EXISTS bench_device_sha ON bench (device, sha256, ts);
 CREATE INDEX IF NOT EXISTS bench_sha ON bench (sha256, ts);
+CREATE INDEX IF NOT EXISTS bench_device ON bench (device, ts);
+CREATE INDEX IF NOT EXISTS gaps_seq ON gaps (device, kind, last_missing);
 CREATE INDEX IF NOT EXISTS status_device ON status (device, ts);
 CREATE INDEX IF NOT EXISTS telemetry_device ON telemetry (device, ts);
 CREATE INDEX IF NOT EXISTS live_device ON live (device, ts);
@@ -508,7 +523,7 @@ class HistoryStore(abc.ABC):
         newest ``seq`` the history holds of it (no gap is judged below it), or -1 when it holds none (judged from the
         first record stored). A mark another worker started or moved is left as it is. Return nothing.
         Raises HistoryError."""
-        newest = self.newest_seqs(SEQ_KINDS)
+        newest = self.newest_seqs(SEQ_KINDS, devices)
         self._write_batch([("INSERT INTO seq_scans (device, kind, scanned_to) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
                             [(d, k, newest.get((d, k), -1)) for d in sorted(devices) for k in SEQ_KINDS])])
 
@@ -527,19 +542,30 @@ class HistoryStore(abc.ABC):
                              "scan_lease.owner IS NULL OR scan_lease.owner = excluded.owner OR "
                              f"scan_lease.seen < {self.NOW_SQL} - ?", (owner, SCAN_LEASE_STALE_S)) > 0
 
-    def seq_window(self) -> list[tuple[str, str, int | None, float | None, int, str | None]]:
+    def seq_window(self, limit: int = SCAN_ROWS) -> list[tuple[str, str, int | None, float | None, int, str | None]]:
         """Return, for every device and kind the gap scan follows (``seq_scans``), the rows the history holds past its
-        mark: ``(kind, device, seq, receive time, mark, body)``, ``body`` a telemetry row's JSON (its ``seqs`` claim
-        the device's newest numbers), None for the others; and for each device with telemetry past its mark, the marks
-        of its other kinds as ``(kind, device, None, None, mark, None)`` (its telemetry may claim numbers past them).
-        One query, each kind read through its ``(device, seq)`` index from the mark on: what was stored since the last
-        scan moved it (and what it left for later). Raises HistoryError."""
-        news = ("EXISTS (SELECT 1 FROM seq_scans t JOIN telemetry r ON r.device = t.device AND r.seq > t.scanned_to "
-                "WHERE t.device = m.device AND t.kind = 'telemetry')")
+        mark, the ``limit`` lowest numbers of each stream at most (a stream with more is judged up to the last read, and
+        the next scan goes on from there: :func:`~edge_kit.telemetry.monitor.share_gaps`): ``(kind, device, seq, receive
+        time, mark, body)``, ``body`` a telemetry row's JSON (its ``seqs`` claim the device's newest numbers), None for
+        the others; and for each device with telemetry past its mark, the marks of its other kinds as ``(kind, device,
+        None, None, mark, None)`` (its telemetry may claim numbers past them). One query, each kind read through its
+        ``(device, seq)`` index from the mark on, ``limit`` index entries of a stream at most, whatever the history's
+        size. Raises HistoryError."""
+        news = ("EXISTS (SELECT 1 FROM telemetry r WHERE r.device = m.device AND r.seq > (SELECT t.scanned_to FROM "
+                "seq_scans t WHERE t.device = m.device AND t.kind = 'telemetry'))")  # through the (device, seq) index
+        top = 2 ** 63 - 1  # no limit-th number past the mark: every row past it
+
+        def stream(kind: str) -> str:
+            cut = (f"COALESCE((SELECT x.seq FROM {kind} x WHERE x.device = m.device AND x.seq > m.scanned_to "
+                   f"ORDER BY x.seq LIMIT 1 OFFSET {int(limit) - 1}), {top})")
+            return (f"SELECT '{kind}', r.device, r.seq, r.ts, m.scanned_to, "
+                    f"{'r.body' if kind == 'telemetry' else 'CAST(NULL AS TEXT)'} FROM seq_scans m JOIN {kind} r "
+                    f"ON r.device = m.device AND r.seq > m.scanned_to AND r.seq <= {cut} WHERE m.kind = '{kind}'")
+
+        if limit < 1:
+            raise ValueError(f"a gap scan reads 1 row of a stream or more, not {limit}")
         return self._rows(" UNION ALL ".join(
-            [f"SELECT '{kind}', r.device, r.seq, r.ts, m.scanned_to, "
-             f"{'r.body' if kind == 'telemetry' else 'CAST(NULL AS TEXT)'} FROM seq_scans m JOIN {kind} r "
-             f"ON r.device = m.device AND r.seq > m.scanned_to WHERE m.kind = '{kind}'" for kind in SEQ_KINDS]
+            [stream(kind) for kind in SEQ_KINDS]
             + [f"SELECT m.kind, m.device, NULL, NULL, m.scanned_to, NULL FROM seq_scans m WHERE m.kind <> 'telemetry' "
                f"AND {news}"]))
 
@@ -566,6 +592,74 @@ class HistoryStore(abc.ABC):
              [(device, kind, first, last, now, owner) for device, kind, first, last in gaps]),
             ("UPDATE scan_lease SET owner = NULL WHERE name = 'gaps' AND owner = ?", [(owner,)]),
         ] if rows]) > 0
+
+    def stored_in(self, gaps: list[tuple[str, str, int, int]]) -> list[tuple[str, str, int]]:
+        """Return the ``(device, kind, seq)`` of the records the history holds inside ``gaps`` (``(device, kind, first,
+        last)`` each, of :data:`SEQ_KINDS`): those stored while the gap scan that recorded them judged (a record late
+        past the grace, committed by another worker meanwhile). One indexed query a gap. Raises HistoryError."""
+        found: list[tuple[str, str, int]] = []
+        for device, kind, first, last in gaps:
+            _kept_kinds((kind,))
+            found += [(device, kind, int(seq)) for (seq,) in self._rows(
+                f"SELECT DISTINCT seq FROM {kind} WHERE device = ? AND seq >= ? AND seq <= ? ORDER BY seq",
+                (device, first, last))]
+        return found
+
+    def take_out_of_gaps(self, records: list[tuple[str, str, int]]) -> int:
+        """Take each ``(device, kind, seq)`` of ``records`` (stored) out of the sequence gap recorded around it, if any:
+        the gap shrinks, or splits in two, or goes (its ``ts`` kept), so the history never says a record is both stored
+        and lost. Only a gap recorded within :data:`LATE_S` is taken as the one the record missed (a number inside an
+        older gap is a device's numbering started again). Safe while other workers do the same: each gap row is locked,
+        and its pieces written only while it is still there; a gap another worker split meanwhile is looked up again. One indexed query (through
+        ``gaps (device, kind, last_missing)``) per 300 records, and a transaction only when a record is in a gap.
+
+        Returns:
+            How many of ``records`` were taken out of a gap (a late record).
+
+        Raises:
+            HistoryError: the history cannot be read or written.
+        """
+        taken = 0
+        for i in range(0, len(records), 300):
+            part = sorted(set(records[i:i + 300]))
+            for _attempt in range(5):  # a gap split by another worker meanwhile is found again as its pieces
+                within = self._gaps_around(part, time.time() - LATE_S)
+                if not within:
+                    break
+                pieces, rows = [], []
+                for (device, kind, first, last, ts), seqs in sorted(within.items()):
+                    rows.append((device, kind, first, last))
+                    start = first
+                    for seq in sorted(seqs) + [last + 1]:
+                        if seq > start:
+                            pieces.append((device, kind, start, seq - 1, ts, device, kind, first, last))
+                        start = seq + 1
+                    if _attempt == 0:
+                        taken += len(seqs)
+                self._write_batch([
+                    ("UPDATE gaps SET ts = ts WHERE device = ? AND kind = ? AND first_missing = ? AND last_missing = ?",
+                     rows),  # locks the row (PostgreSQL) until the commit: another worker's split waits
+                    ("INSERT INTO gaps (device, kind, first_missing, last_missing, ts) SELECT ?, ?, ?, ?, ? WHERE EXISTS "
+                     "(SELECT 1 FROM gaps WHERE device = ? AND kind = ? AND first_missing = ? AND last_missing = ?)",
+                     pieces),
+                    ("DELETE FROM gaps WHERE device = ? AND kind = ? AND first_missing = ? AND last_missing = ?", rows)])
+        return taken
+
+    def _gaps_around(self, records: list[tuple[str, str, int]],
+                     since: float) -> dict[tuple[str, str, int, int, float], set[int]]:
+        """Return the gaps ``(device, kind, first, last, ts)`` recorded at or after ``since`` (unix seconds) holding any
+        of ``records`` (``(device, kind, seq)``), each with the seqs of them it holds. Raises HistoryError."""
+        if not records:
+            return {}
+        values = ", ".join(["(?, ?, ?)"] * len(records))
+        out: dict[tuple[str, str, int, int, float], set[int]] = {}
+        for device, kind, first, last, ts, seq in self._rows(
+                f"WITH b(device, kind, seq) AS (VALUES {values}) SELECT DISTINCT g.device, g.kind, g.first_missing, "
+                "g.last_missing, g.ts, b.seq FROM b JOIN gaps g ON g.device = b.device AND g.kind = b.kind AND "
+                "g.last_missing >= b.seq AND g.first_missing <= b.seq WHERE g.ts >= ?",
+                (*(v for r in records for v in r), since)):
+            out.setdefault((device, kind, first, last, ts), set()).add(seq)
+        return out
 
     def open_alert(self, device: str, kind: str, detail: str, at: float | None = None, subject: str = "") -> bool:
         """Record that alert ``kind`` (one of :data:`ALERT_KINDS`) of ``device`` about ``subject`` (a constraints alert's
@@ -936,6 +1030,24 @@ class HistoryStore(abc.ABC):
                 heard[device] = max(ts, heard.get(device, ts))
         return heard
 
+    def last_heard(self, devices: list[str]) -> dict[str, float]:
+        """Return when this host (any worker) last stored a message of any kind (:data:`KINDS`) of each of ``devices``
+        (its receive time, unix seconds by the storing host's clock), by device; a device the history holds nothing of
+        is left out. One query per 200 devices, each device's newest row of a kind found through the kind's
+        ``(device, ts)`` index: a few index entries per device and kind, whatever the history's size. Raises
+        HistoryError."""
+        heard: dict[str, float] = {}
+        names = sorted(set(devices))
+        for i in range(0, len(names), 200):
+            part = names[i:i + 200]
+            newest = ", ".join(f"(SELECT MAX(t.ts) FROM {kind} t WHERE t.device = d.device)" for kind in KINDS)
+            for device, *times in self._rows(f"WITH d(device) AS (VALUES {', '.join(['(?)'] * len(part))}) "
+                                             f"SELECT d.device, {newest} FROM d", tuple(part)):
+                known = [t for t in times if t is not None]
+                if known:
+                    heard[device] = max(known)
+        return heard
+
     def stored_since(self, since: float) -> dict[str, list[tuple[int, int]]]:
         """Return, by device, how many messages (of every kind the monitor stores) this host stored with a receive
         time at or after ``since`` (unix seconds, this host's clock), a ``(second, count)`` pair per whole second
@@ -948,13 +1060,17 @@ class HistoryStore(abc.ABC):
             out.setdefault(device, []).append((int(sec), int(n)))
         return out
 
-    def newest_seqs(self, kinds: tuple[str, ...]) -> dict[tuple[str, str], int]:
-        """Return the ``seq`` of the newest message the history holds (by receive time, then ``seq``) per device and
-        kind, for each of ``kinds``, as ``{(device, kind): seq}``: where each device's numbering stood when it was
+    def newest_seqs(self, kinds: tuple[str, ...], devices: list[str]) -> dict[tuple[str, str], int]:
+        """Return the ``seq`` of the newest message the history holds (by receive time, then ``seq``) per device of
+        ``devices`` and kind of ``kinds``, as ``{(device, kind): seq}``: where each device's numbering stood when it was
         last stored (a device whose numbering started again, re-imaged, stands at its new numbers), or the end of a
         sequence gap of that device and kind recorded since, when higher (numbers a telemetry message's ``seqs`` said
-        were given, whose records never came: they are recorded once, not again by the next monitor). Two queries a
-        kind.
+        were given, whose records never came: they are recorded once, not again by the next monitor). A device and kind
+        the history holds nothing of is left out.
+
+        Cost: one query per kind (per 200 devices), each device's newest row found through its kind's ``(device, ts)``
+        index and its gaps through ``gaps (device, ts)``: a few index entries per device and kind, whatever the
+        history's size (a start reads nothing in proportion to the rows stored).
 
         Raises:
             ValueError: a kind the store does not keep.
@@ -962,18 +1078,24 @@ class HistoryStore(abc.ABC):
         """
         _kept_kinds(kinds)
         out: dict[tuple[str, str], int] = {}
+        names = sorted(set(devices))
         for kind in kinds:
-            for device, seq in self._rows(f"SELECT t.device, MAX(t.seq) FROM {kind} t JOIN (SELECT device, MAX(ts) AS ts "
-                                          f"FROM {kind} GROUP BY device) l ON t.device = l.device AND t.ts = l.ts "
-                                          "GROUP BY t.device"):
-                if seq is not None:
-                    out[(device, kind)] = int(seq)
-            for device, last in self._rows(f"SELECT g.device, MAX(g.last_missing) FROM gaps g JOIN (SELECT device, "
-                                           f"MAX(ts) AS ts FROM {kind} GROUP BY device) l ON g.device = l.device AND "
-                                           "g.ts >= l.ts WHERE g.kind = ? GROUP BY g.device", (kind,)):
-                if last is not None and (device, kind) in out:
-                    out[(device, kind)] = max(out[(device, kind)], int(last))
+            for i in range(0, len(names), 200):
+                part = names[i:i + 200]
+                for device, seq, last in self._rows(self._newest_seqs_sql(kind, len(part)), (*part, kind)):
+                    if seq is not None:
+                        out[(device, kind)] = max(int(seq), int(last)) if last is not None else int(seq)
         return out
+
+    @staticmethod
+    def _newest_seqs_sql(kind: str, devices: int) -> str:
+        """Return :meth:`newest_seqs`' query of ``kind`` for ``devices`` device names (then the kind) as arguments:
+        per device, its newest ``seq`` at its newest receive time and the end of the newest gap recorded since."""
+        values = ", ".join(["(?)"] * devices)
+        return (f"WITH d(device) AS (VALUES {values}) SELECT n.device, (SELECT MAX(t.seq) FROM {kind} t WHERE "
+                "t.device = n.device AND t.ts = n.ts), (SELECT MAX(g.last_missing) FROM gaps g WHERE g.device = "
+                "n.device AND g.kind = ? AND g.ts >= n.ts) FROM (SELECT d.device AS device, (SELECT MAX(t.ts) FROM "
+                f"{kind} t WHERE t.device = d.device) AS ts FROM d) n WHERE n.ts IS NOT NULL")
 
     def _latest(self, table: str) -> dict[str, dict[str, Any]]:
         """Return the newest message of ``table`` per device (by receive time, then ``seq``)."""

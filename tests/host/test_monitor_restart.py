@@ -529,3 +529,121 @@ def test_a_gap_a_single_monitor_recorded_between_two_share_runs_is_not_recorded_
     again.stop()
     assert store._rows("SELECT first_missing, last_missing FROM gaps WHERE device = 'd1'") == [(15, 19)]
     assert [a for a in again.alerts if a.kind == "gap"] == []
+
+
+def _kept(worker, *records):
+    """Have ``worker`` store ``records`` (``(kind, message)`` pairs) as checked messages of one batch."""
+    import json
+
+    worker._keep(list(records), [json.dumps(m).encode() for _k, m in records], [time.time()] * len(records))
+
+
+def test_a_monitor_run_records_at_most_max_gap_rows_gaps_a_device_and_counts_the_rest(fleet_file, tmp_path):
+    """A device skipping every other number (its own valid key, or a broker dropping) wrote one gap row and one alert
+    a record, bounded only by its ingest budget. Now a run records and alerts at most MAX_GAP_ROWS gaps a device; the
+    rest are counted (gaps_not_recorded), alerted once a device; other devices' gaps are still recorded."""
+    from edge_kit.telemetry.monitor import MAX_GAP_ROWS
+
+    store = Store(tmp_path / "h.db")
+    mon = _started(fleet_file, store)
+    for seq in range(0, 2 * (MAX_GAP_ROWS + 10), 2):
+        mon._after_store(*_live("d1", seq))
+    mon._after_store(*_live("d2", 1))
+    mon._after_store(*_live("d2", 3))
+    assert store.count("gaps") == MAX_GAP_ROWS + 1
+    assert mon.stats.gaps == MAX_GAP_ROWS + 1 and mon.stats.gaps_not_recorded == 9
+    capped = [a.text for a in mon.alerts if a.text.startswith(f"d1: {MAX_GAP_ROWS} sequence gaps recorded")]
+    assert len(capped) == 1 and len([a for a in mon.alerts if a.kind == "gap"]) == MAX_GAP_ROWS + 2
+    mon.stop()
+
+
+def test_a_share_scan_records_at_most_max_gap_rows_gaps_a_device_and_goes_on_at_once_past_its_bound(
+        fleet_file, tmp_path, monkeypatch):
+    """The --share gap scan holds the same cap per worker run; and a scan that read a stream to its bound (marks lagging
+    far behind) is followed by the next at once, not after GAP_SCAN_S, until the stream is judged."""
+    from edge_kit.telemetry import monitor as monitor_module
+
+    monkeypatch.setattr(monitor_module, "SCAN_ROWS", 10)
+    store = Store(tmp_path / "h.db")
+    store.add_many([_live("d1", 0)])
+    mon = _started(fleet_file, store, share="edgekit", workers=1, gap_grace_s=0)
+    store.add_many([_live("d1", seq) for seq in range(2, 200, 2)])
+    scans = 0
+    while scans < 100:
+        mon._scan_gaps()
+        scans += 1
+        if mon._gaps_scanned != -math.inf:
+            break
+    assert scans == 10  # 99 rows, 10 a scan: the tenth read fewer than its bound
+    assert store.count("gaps") == monitor_module.MAX_GAP_ROWS and mon.stats.gaps_not_recorded == 98 - 32 + 1
+    assert store._rows("SELECT scanned_to FROM seq_scans WHERE device = 'd1' AND kind = 'live'") == [(198,)]
+    mon.stop()
+
+
+def test_a_late_record_a_share_worker_stores_is_taken_out_of_the_gap_the_scan_recorded(fleet_file, tmp_path):
+    """A record stored after the scan recorded its number as lost (later than --gap-grace-s) stayed in that gap too:
+    the history said it was stored and lost. The worker storing it now takes it out (the gap splits), counted late."""
+    store = Store(tmp_path / "h.db")
+    store.add_many([_live("d1", 0)])
+    a, b = (_started(fleet_file, store, share="edgekit", workers=2, gap_grace_s=0) for _ in range(2))
+    _kept(a, _live("d1", 1), _live("d1", 5))
+    a._scan_gaps()
+    assert [(g["first_missing"], g["last_missing"]) for g in store.sequence_gaps()] == [(2, 4)]
+    _kept(b, _live("d1", 3))
+    assert sorted((g["first_missing"], g["last_missing"]) for g in store.sequence_gaps()) == [(2, 2), (4, 4)]
+    assert b.stats.late == 1 and store.count("live") == 4
+    a.stop()
+    b.stop()
+
+
+def test_a_share_worker_does_not_alert_silent_a_device_its_peer_still_hears_and_closes_a_peers_alert(
+        fleet_file, tmp_path, monkeypatch):
+    """With --share each worker judged silence from the records it stored itself: the broker handing a device's
+    records to the peer for a while, this worker alerted "d1 silent" while the history held d1's records of a second
+    ago; and a silence alert a peer raised was closed only by that peer. Now a worker looks the device up in the history
+    before alerting, and takes the open silence alerts at its sync as it takes the others."""
+    from edge_kit.telemetry import monitor as monitor_module
+
+    monkeypatch.setattr(monitor_module, "ALERT_SYNC_S", 0.0, raising=False)
+    store = Store(tmp_path / "h.db")
+    a, b = (_started(fleet_file, store, share="edgekit", workers=2, silence_s=5) for _ in range(2))
+    _kept(b, _live("d1", 1))  # the peer hears d1 now
+    a.last_seen["d1"] = time.time() - 60  # a last heard it a minute ago
+    a._check_silence()
+    assert not [x for x in a.alerts if x.kind == "silent"] and _rows(store) == []
+    store._execute("UPDATE live SET ts = ts - 60")  # d1 is silent for all: a raises it
+    a.last_seen["d1"] = time.time() - 60
+    a._check_silence()
+    assert [x.text for x in a.alerts if x.kind == "silent"] == ["d1 silent for 60 s"]
+    _kept(b, _live("d1", 2))  # b hears d1 again: it syncs, finds a's alert and closes it
+    assert _rows(store) == [("d1", "silent", False)]
+    a.stop()
+    b.stop()
+
+
+def test_a_constraints_episode_a_peer_opened_closes_on_the_first_passing_benchmark_any_share_worker_stores(
+        fleet_file, tmp_path):
+    """With --share, a's benchmark broke d2's constraints (a opened the alert) and b, not synced since, stored the next
+    one that met them: b closed nothing, and the alert held until b's sync and the benchmark after. Now it closes."""
+    store = Store(tmp_path / "h.db")
+    a, b = (_started(fleet_file, store, share="edgekit", workers=2) for _ in range(2))
+    a._after_store(*_bench("d2", 1, "int8", 80.0))  # rpi4: p90 <= 50 ms
+    assert _rows(store) == [("d2", "constraints", True)]
+    b._after_store(*_bench("d2", 2, "int8", 20.0))
+    assert _rows(store) == [("d2", "constraints", False)]
+    a.stop()
+    b.stop()
+
+
+def test_a_record_a_single_monitor_stores_after_recording_its_gap_is_taken_out_of_it(fleet_file, tmp_path):
+    """Without --share the monitor records a gap when a higher number arrives; the missing record arriving after that
+    (handed over late by the broker) was stored and stayed in its gap. Now it is taken out (counted late); a batch
+    in order costs no query for it."""
+    store = Store(tmp_path / "h.db")
+    mon = _started(fleet_file, store)
+    _kept(mon, _live("d1", 1), _live("d1", 5))
+    assert [(g["first_missing"], g["last_missing"]) for g in store.sequence_gaps()] == [(2, 4)]
+    _kept(mon, _live("d1", 3))
+    assert sorted((g["first_missing"], g["last_missing"]) for g in store.sequence_gaps()) == [(2, 2), (4, 4)]
+    assert mon.stats.late == 1 and not mon._behind
+    mon.stop()

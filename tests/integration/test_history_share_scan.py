@@ -1,0 +1,216 @@
+"""The history's side of the ``edgekit monitor --share`` gap scan and of a monitor's start, on both backends (a SQLite
+file and a real PostgreSQL server): what one scan reads is bounded, a late record leaves the gap recorded for it, and a
+start reads a bounded number of rows whatever the history's size."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from edge_kit.telemetry.monitor import share_gaps
+from edge_kit.telemetry.store import LATE_S, SEQ_KINDS, open_history
+from edgekit_protocol import messages
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def history(request, tmp_path):
+    spec = str(tmp_path / "h.db") if request.param == "sqlite" else request.getfixturevalue("postgres_url")
+    store = open_history(spec)
+    yield store
+    store.close()
+
+
+def tele(device, seq, seqs=None):
+    return ("telemetry", messages.envelope("telemetry", "f", device, seq, {"seqs": seqs} if seqs else {}))
+
+
+def scan(store, owner, limit, settled_by=None):
+    """One gap scan as a worker runs it: take the lease, read, judge, record; return the rows read and the gaps."""
+    assert store.take_scan_lease(owner)
+    rows = store.seq_window(limit)
+    marks, gaps = share_gaps(rows, time.time() if settled_by is None else settled_by, limit)
+    assert store.record_scan(owner, marks, gaps)
+    return rows, gaps
+
+
+def test_a_scan_reads_at_most_its_bound_of_a_stream_and_the_next_goes_on_from_where_it_stopped(history):
+    """The first scan of a group whose marks lagged far behind read every row stored since them in one query: on a big
+    history it outlasted the lease (30 s) and never finished. Now a scan reads at most ``limit`` rows of a stream past
+    its mark, judges up to the last of them (never past it: a telemetry claim beyond is the next scan's), and the next
+    scan goes on from there: the same gaps, found a bounded piece at a time."""
+    history.add_many([tele("d1", 0), ("bench", messages.envelope("bench", "f", "d1", 0, {"variant": "v"}))])
+    history.follow_seqs(["d1"])  # the marks stand at 0
+    lost = {300, 801, 802}
+    top = 1200
+    history.add_many([tele("d1", n, {"bench": 5} if n == top else None) for n in range(1, top + 1) if n not in lost],
+                     received=[time.time() - 120] * (top - len(lost)))
+    found, scans = [], 0
+    while True:
+        rows, gaps = scan(history, "w", 100)
+        scans += 1
+        assert len([r for r in rows if r[2] is not None]) <= 100
+        found += gaps
+        if not [r for r in rows if r[2] is not None]:
+            break
+    assert found == [("d1", "telemetry", 300, 300), ("d1", "telemetry", 801, 802), ("d1", "bench", 1, 5)]
+    assert scans == 13  # 1,197 rows, 100 a scan, then the one that finds nothing more
+    assert sorted(history._rows("SELECT kind, scanned_to FROM seq_scans WHERE device = 'd1'")) == [
+        ("bench", 5), ("live", -1), ("shadow", -1), ("telemetry", top)]
+    # what a scan reads does not grow with the rows below the marks, nor with a device it does not follow (PostgreSQL
+    # hashed every telemetry row to learn which followed device had telemetry past its mark)
+    history.add_many([tele("d1", top + 1)])
+    if not hasattr(history, "_db"):
+        history._execute("ANALYZE")
+    idle = _read_by(history, *_seq_window_sql(history))
+    history.add_many([tele("d9", n) for n in range(15_000)])
+    if not hasattr(history, "_db"):
+        history._execute("ANALYZE")
+    big = _read_by(history, *_seq_window_sql(history))
+    assert big <= idle * 1.5 + 20 and big < 500, (idle, big)  # the history holds 16,000 rows
+
+
+def test_a_record_stored_after_its_gap_was_recorded_is_taken_out_of_it(history):
+    """A record arriving later than the grace was stored and also stayed in the gap recorded for it, so the history
+    said it was both stored and lost. Now the worker that stores it takes it out of that gap (it shrinks, splits or
+    goes), and so does a scan whose gap a record committed while it judged fell in: stored plus recorded gaps is what
+    the device published."""
+    history.add_many([tele("d1", 0)])
+    history.follow_seqs(["d1"])
+    history.add_many([tele("d1", n) for n in (1, 7)])
+    _, gaps = scan(history, "w", 100)
+    assert gaps == [("d1", "telemetry", 2, 6)]
+    history.add_many([tele("d1", 4), tele("d1", 2)])  # late: after the gap was recorded
+    assert history.take_out_of_gaps([("d1", "telemetry", 4), ("d1", "telemetry", 2), ("d1", "telemetry", 9)]) == 2
+
+    def recorded():
+        return sorted((g["kind"], g["first_missing"], g["last_missing"]) for g in history.sequence_gaps())
+
+    assert recorded() == [("telemetry", 3, 3), ("telemetry", 5, 6)]
+    history.add_many([tele("d1", 3)])
+    assert history.take_out_of_gaps([("d1", "telemetry", 3)]) == 1
+    assert recorded() == [("telemetry", 5, 6)]
+    assert history.take_out_of_gaps([("d1", "telemetry", 3)]) == 0  # stored twice (a redelivery): nothing more
+    # a scan judged 8..11 missing while 10 was being committed by another worker: found after its own commit
+    assert history.take_scan_lease("w")
+    history.add_many([tele("d1", 12)])
+    marks, gaps = share_gaps(history.seq_window(), time.time())
+    history.add_many([tele("d1", 10)])
+    assert history.record_scan("w", marks, gaps) and gaps == [("d1", "telemetry", 8, 11)]
+    assert history.take_out_of_gaps(history.stored_in(gaps)) == 1
+    assert recorded() == [("telemetry", 5, 6), ("telemetry", 8, 9), ("telemetry", 11, 11)]
+    # a number inside a gap recorded more than LATE_S ago: the device's numbering started again, not that gap's record
+    history._execute("UPDATE gaps SET ts = ts - ? WHERE first_missing = 5", (LATE_S + 1,))
+    history.add_many([tele("d1", 6)])
+    assert history.take_out_of_gaps([("d1", "telemetry", 6)]) == 0
+    assert recorded() == [("telemetry", 5, 6), ("telemetry", 8, 9), ("telemetry", 11, 11)]
+
+
+def _seq_window_sql(history) -> tuple[str, tuple]:
+    """Return the query (and its arguments) ``seq_window(100)`` runs."""
+    asked: list[tuple[str, tuple]] = []
+    real = history._rows
+    history._rows = lambda sql, args=(): asked.append((sql, args)) or real(sql, args)
+    try:
+        history.seq_window(100)
+    finally:
+        del history._rows
+    return asked[0]
+
+
+def _read_by(history, sql: str, args: tuple) -> int:
+    """Return how much work the database did answering ``sql``: SQLite's virtual-machine steps, or (PostgreSQL) the rows
+    every scan of the plan read (EXPLAIN ANALYZE's actual rows times loops)."""
+    if hasattr(history, "_db"):
+        steps = [0]
+
+        def count() -> int:
+            steps[0] += 1
+            return 0
+
+        history._db.set_progress_handler(count, 1)
+        try:
+            history._rows(sql, args)
+        finally:
+            history._db.set_progress_handler(None, 1)
+        return steps[0]
+    ((plan,),) = history._rows(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}", args)
+    plan = plan if isinstance(plan, list) else json.loads(plan)
+
+    def walk(node) -> int:
+        rows = node.get("Actual Rows", 0) * node.get("Actual Loops", 1) if "Scan" in node.get("Node Type", "") else 0
+        return rows + sum(walk(child) for child in node.get("Plans", ()))
+
+    return walk(plan[0]["Plan"])
+
+
+def test_where_each_stream_stands_at_start_costs_a_bounded_read_whatever_the_historys_size(history, monkeypatch):
+    """``newest_seqs`` (a persistent monitor's start, a --share worker's first marks) grouped every row of each kind by
+    device: a start read the whole history. Now each device's newest row is found through its kind's ``(device, ts)``
+    index: the work is the same for 100 rows as for 30,000. So is a --share worker's look at when a device was last
+    stored by any worker (``last_heard``)."""
+    queries: list[tuple[str, tuple]] = []
+    real = history._rows
+
+    def recorded(sql, args=()):
+        queries.append((sql, args))
+        return real(sql, args)
+
+    def work() -> int:
+        queries.clear()
+        monkeypatch.setattr(history, "_rows", recorded)
+        assert history.newest_seqs(SEQ_KINDS, ["d1", "d2"])[("d1", "telemetry")] == seq[0]
+        assert set(history.last_heard(["d1", "d9"])) == {"d1"}  # a --share worker's look before alerting silence
+        monkeypatch.setattr(history, "_rows", real)
+        return sum(_read_by(history, sql, args) for sql, args in queries)
+
+    seq = [0]
+
+    def grow(n):
+        now = time.time()
+        for start in range(0, n, 5000):
+            part = [(device, seq[0] + i + 1) for i in range(start, min(n, start + 5000)) for device in ("d1", "d2")]
+            history.add_many([tele(d, s) for d, s in part] + [("bench", messages.envelope(
+                "bench", "f", d, s, {"variant": "v", "sha256": "s", "latency_ms": {"p90": 1.0}})) for d, s in part],
+                received=[now + s / 1e6 for _d, s in part] * 2)
+        seq[0] += n
+
+    grow(50)
+    small = work()
+    grow(15_000)
+    if not hasattr(history, "_db"):
+        history._execute("ANALYZE")
+    big = work()
+    assert big <= small * 1.5 + 20, (small, big)
+
+
+def _indexes(store) -> set[str]:
+    if hasattr(store, "_db"):
+        return {n for (n,) in store._rows("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    return {n for (n,) in store._rows("SELECT indexname FROM pg_indexes WHERE schemaname = current_schema()")}
+
+
+def test_a_version_5_history_is_upgraded_to_6_and_a_worker_of_version_5_still_writes_it(request, tmp_path, run_cli):
+    """Schema version 6 adds two indexes (``bench (device, ts)``, ``gaps (device, kind, last_missing)``): `edgekit
+    history upgrade` adds them to a version 5 history, on both backends, and what a version 5 worker writes (its
+    statements name the same columns) still goes in."""
+    for spec in (str(tmp_path / "h.db"), request.getfixturevalue("postgres_url")):
+        with open_history(spec) as store:
+            store.add_many([tele("d1", 1)])
+            store.add_gap("d1", "telemetry", 2, 3)
+            for name in ("bench_device", "gaps_seq"):
+                store._execute(f"DROP INDEX {name}")
+            store._execute("UPDATE edgekit_schema SET version = 5 WHERE name = 'history'")
+            assert store._schema_version() == 5
+        code, out, err = run_cli("history", "upgrade", "--history", spec, "--json")
+        assert code == 0 and json.loads(out)["schema_version"] == 6, err
+        with open_history(spec) as store:
+            assert {"bench_device", "gaps_seq"} <= _indexes(store)
+            # a version 5 worker's writes: its INSERTs and the gap scan's statements, unchanged by version 6
+            store._execute("INSERT INTO gaps VALUES (?, ?, ?, ?, ?)", ("d1", "telemetry", 5, 5, time.time()))
+            store._execute("UPDATE seq_scans SET scanned_to = ? WHERE device = ? AND kind = ?", (1, "d1", "telemetry"))
+            assert store.take_out_of_gaps([("d1", "telemetry", 2)]) == 1
+            assert sorted((g["first_missing"], g["last_missing"]) for g in store.sequence_gaps()) == [(3, 3), (5, 5)]
