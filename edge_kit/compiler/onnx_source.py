@@ -571,19 +571,29 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _names(graph: Any) -> set[str]:
-    """Return every value name ``graph`` and its subgraphs (at any depth) define or read: inputs, outputs,
-    initializers, node inputs and outputs, value infos."""
+    """Return every value name ``graph`` and its subgraphs (at any depth, :func:`graphs_of`) define or read: inputs,
+    outputs, initializers, node inputs and outputs, value infos."""
+    names: set[str] = set()
+    for g in graphs_of(graph):
+        names |= {v.name for v in [*g.input, *g.output, *g.value_info]}
+        names |= {i.name for i in g.initializer} | {i.values.name for i in g.sparse_initializer}
+        for node in g.node:
+            names.update(node.input, node.output)
+    return names
+
+
+def graphs_of(graph: Any) -> list[Any]:
+    """Return ``graph`` and every subgraph of its nodes (``If`` branches, ``Loop`` and ``Scan`` bodies: ``GRAPH`` and
+    ``GRAPHS`` attributes), at any depth, outer graphs before the graphs inside them."""
     from onnx import AttributeProto
 
-    names = {v.name for v in [*graph.input, *graph.output, *graph.value_info]}
-    names |= {i.name for i in graph.initializer} | {i.values.name for i in graph.sparse_initializer}
+    found = [graph]
     for node in graph.node:
-        names.update(node.input, node.output)
         for attr in node.attribute:
             for sub in [attr.g] if attr.type == AttributeProto.GRAPH else \
                     list(attr.graphs) if attr.type == AttributeProto.GRAPHS else []:
-                names |= _names(sub)
-    return names
+                found.extend(graphs_of(sub))
+    return found
 
 
 def _defines(graph: Any, name: str) -> bool:

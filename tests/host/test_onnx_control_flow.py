@@ -214,3 +214,83 @@ def test_without_data_a_model_nan_on_most_check_samples_is_refused_not_checked_o
     with pytest.raises(InputError, match=r"NaN or infinity on 3 of the 4 random samples .* give --eval or --calib"):
         compile_model(CompileRequest(model, [profile], tmp_path / "out"))
     assert not (tmp_path / "out").exists()  # nothing written
+
+
+def nested_model(path: Path) -> Path:
+    """Write ``y`` from x [1, 4] through a ``Loop``, a ``Scan`` and an ``If`` whose bodies read outer-scope values by
+    name (the stored weight 'W', 'xw' and 'h' computed outside) and whose results leave them as outputs (the Loop's
+    final value and stacked steps, the Scan's final state and stacked outputs, the If's branch output); one MatMul
+    by 'W' [4, 4] at the top level and one in each of the three bodies. Return the path."""
+    weight = numpy_helper.from_array(np.random.default_rng(3).normal(size=(4, 4)).astype(np.float32) / 2, "W")
+    loop_body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+         helper.make_node("MatMul", ["v_in", "W"], ["vw"]), helper.make_node("Add", ["vw", "xw"], ["s"]),
+         helper.make_node("Tanh", ["s"], ["v_out"]), helper.make_node("Identity", ["v_out"], ["step"])], "loop_body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []), vec("v_in")],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), vec("v_out"), vec("step")])
+    scan_body = helper.make_graph(
+        [helper.make_node("MatMul", ["st_in", "W"], ["a"]), helper.make_node("Add", ["a", "row"], ["b"]),
+         helper.make_node("Mul", ["b", "h"], ["c"]), helper.make_node("Tanh", ["c"], ["st_out"]),
+         helper.make_node("Identity", ["st_out"], ["o"])], "scan_body",
+        [vec("st_in"), vec("row", (4,))], [vec("st_out"), vec("o")])
+    then = helper.make_graph([helper.make_node("MatMul", ["fin", "W"], ["t1"]), helper.make_node("Relu", ["t1"], ["t_y"])],
+                             "then", [], [vec("t_y")])
+    other = helper.make_graph([helper.make_node("Neg", ["h"], ["e_y"])], "else", [], [vec("e_y")])
+    nodes = [helper.make_node("Sigmoid", ["x"], ["h"]), helper.make_node("MatMul", ["x", "W"], ["xw"]),
+             helper.make_node("Loop", ["trips", "go", "x"], ["v", "steps"], body=loop_body, name="refine"),
+             helper.make_node("Concat", ["x", "x", "x"], ["seq"], axis=0),
+             helper.make_node("Scan", ["v", "seq"], ["fin", "outs"], body=scan_body, num_scan_inputs=1, name="scan"),
+             helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0),
+             helper.make_node("Greater", ["total", "zero"], ["positive"]),
+             helper.make_node("If", ["positive"], ["chosen"], then_branch=then, else_branch=other, name="branch"),
+             helper.make_node("ReduceMean", ["steps"], ["m1"], axes=[0], keepdims=0),
+             helper.make_node("ReduceMean", ["outs"], ["m2"], axes=[0], keepdims=0),
+             helper.make_node("Add", ["chosen", "m1"], ["s1"]), helper.make_node("Add", ["s1", "m2"], ["y"])]
+    return save(path, nodes, [weight, numpy_helper.from_array(np.array(3, np.int64), "trips"),
+                              numpy_helper.from_array(np.array(True), "go"),
+                              numpy_helper.from_array(np.zeros((1,), np.float32), "zero")])
+
+
+def test_onnx_variants_of_loop_scan_and_if_bodies_reading_outer_values_run_and_count_their_bodies(tmp_path, run_cli):
+    """A model whose Loop, Scan and If bodies read outer-scope values and give results back out, compiled for a
+    Jetson (ONNX Runtime and TensorRT variants; onnx2tf cannot convert it, so onnx-fp32 is the reference): every
+    variant is built, runs in ONNX Runtime on inputs taking both branches and matches onnx-fp32 within the fidelity
+    check. The op histogram and MACs read the top-level graph alone: 1 MatMul and 16 MACs where 4 MatMuls (one in
+    each body) run. They count every body now (once, not per iteration), and the methods say so."""
+    import onnxruntime as ort
+
+    from edge_kit.compiler.onnx_variants import analyse_onnx
+
+    model = nested_model(tmp_path / "nested.onnx")
+    x = np.random.default_rng(0).normal(size=(64, 4)).astype(np.float32)
+    x[:32] = np.abs(x[:32])
+    x[32:] = -np.abs(x[32:])
+    np.savez(tmp_path / "calib.npz", x=x)
+    jetson = yaml.safe_load((Path(__file__).resolve().parents[2] / "profiles" / "jetson-orin-nano.yaml").read_text())
+    profile = tmp_path / "jetson.yaml"
+    profile.write_text(yaml.safe_dump({**jetson, "name": "jx",
+                                       "variants": ["onnx-fp32", "onnx-fp16", "onnx-int8", "trt-fp16", "trt-int8"]}))
+    code, _out, err = run_cli("compile", model, "-p", profile, "--out", tmp_path / "out", "--calib", tmp_path / "calib.npz")
+    assert code == 0, err
+    manifest = read_manifest(tmp_path / "out" / "nested")
+    assert manifest.reference_id == "onnx-fp32"
+    reference = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    want = np.concatenate([reference.run(None, {"x": row[None]})[0] for row in x])
+    for vid, floor in (("onnx-fp32", 100), ("onnx-fp16", 40), ("onnx-int8", 20)):
+        art = manifest.artifact(vid)
+        assert art.status == "built", art.reason
+        assert art.fidelity.measured and art.fidelity.samples == 64 and art.fidelity.snr_db > floor, (vid, art.fidelity)
+        session = ort.InferenceSession(str(tmp_path / "out" / "nested" / art.file), providers=["CPUExecutionProvider"])
+        got = np.concatenate([session.run(None, {"x": row[None]})[0] for row in x])
+        snr = 10 * np.log10(np.sum(want ** 2) / max(np.sum((got - want) ** 2), 1e-30))
+        assert snr > floor, (vid, snr)
+    for vid in ("trt-fp16", "trt-int8"):
+        assert manifest.artifact(vid).status == "built", manifest.artifact(vid).reason
+    fp32 = manifest.artifact("onnx-fp32")
+    assert fp32.op_histogram["MatMul"] == 4 and fp32.op_histogram["Loop"] == fp32.op_histogram["Scan"] == 1, \
+        fp32.op_histogram
+    assert fp32.macs == 4 * 16 and fp32.weights == 4 * 16, (fp32.macs, fp32.weights)
+    assert "once, not per iteration" in fp32.methods["macs"] and "If/Loop/Scan" in fp32.methods["op_histogram"]
+    stats = analyse_onnx((tmp_path / "out" / "nested" / fp32.file).read_bytes())
+    assert stats.op_histogram == fp32.op_histogram
