@@ -596,6 +596,27 @@ def graphs_of(graph: Any) -> list[Any]:
     return found
 
 
+def outer_reads(node: Any) -> set[str]:
+    """Return the names of the values the subgraphs of ``node`` (``If`` branches, ``Loop`` and ``Scan`` bodies, at any
+    depth) read from the scope around ``node`` by name: read (as a node input or given back as an output) and not
+    defined inside (as an input, initializer or node output). Empty for a node without subgraphs. ONNX counts these
+    as the node's inputs when it orders a graph's nodes."""
+    from onnx import AttributeProto
+
+    names: set[str] = set()
+    for attr in node.attribute:
+        for sub in [attr.g] if attr.type == AttributeProto.GRAPH else \
+                list(attr.graphs) if attr.type == AttributeProto.GRAPHS else []:
+            defined = {v.name for v in sub.input} | {i.name for i in sub.initializer}
+            defined |= {i.values.name for i in sub.sparse_initializer} | {o for n in sub.node for o in n.output}
+            read = {v.name for v in sub.output}
+            for inner in sub.node:
+                read.update(i for i in inner.input if i)
+                read |= outer_reads(inner)
+            names |= read - defined
+    return names
+
+
 def _defines(graph: Any, name: str) -> bool:
     """Return whether ``graph`` defines a value ``name`` of its own (an input, initializer or node output), which then
     hides an outer scope's value of that name from it and its subgraphs."""

@@ -45,7 +45,11 @@ from edge_kit.compiler.analysis import (
     count_methods,
     gzip_size,
 )
-from edge_kit.compiler.onnx_source import _constants_as_initializers, graphs_of
+from edge_kit.compiler.onnx_source import (
+    _constants_as_initializers,
+    graphs_of,
+    outer_reads,
+)
 from edge_kit.compiler.watch import watched
 from edge_kit.errors import CompileError, first_line
 
@@ -221,15 +225,17 @@ def to_fp16(fp32: bytes, *, seconds: float | None = None) -> bytes:
 
 
 def _toposort(graph: Any) -> None:
-    """Reorder ``graph.node`` so every node comes after the nodes producing its inputs (stable otherwise).
+    """Reorder ``graph.node`` so every node comes after the nodes producing its inputs (stable otherwise), the values
+    its ``If``/``Loop``/``Scan`` bodies read from the graph by name included (:func:`outer_reads`).
 
     Raises:
         ValueError: the graph has a cycle, or a node reads a value nothing produces.
     """
     known = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
     pending, ordered = list(graph.node), []
+    reads = {id(n): [*n.input, *outer_reads(n)] for n in pending}
     while pending:
-        ready = [n for n in pending if all(i in known for i in n.input)]
+        ready = [n for n in pending if all(i in known for i in reads[id(n)])]
         if not ready:
             raise ValueError(f"node '{pending[0].name}' reads a value no node produces (or the graph has a cycle)")
         ids = {id(n) for n in ready}

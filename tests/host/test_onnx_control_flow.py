@@ -294,3 +294,29 @@ def test_onnx_variants_of_loop_scan_and_if_bodies_reading_outer_values_run_and_c
     assert "once, not per iteration" in fp32.methods["macs"] and "If/Loop/Scan" in fp32.methods["op_histogram"]
     stats = analyse_onnx((tmp_path / "out" / "nested" / fp32.file).read_bytes())
     assert stats.op_histogram == fp32.op_histogram
+
+
+def test_onnx_fp16_of_a_loop_whose_body_reads_the_input_by_name_is_built(tmp_path, run_cli):
+    """A Loop whose trip count, condition and start value are stored constants and whose body reads the graph's
+    input 'x' by name. ONNX Runtime's float16 converter casts 'x' in a node it appends last; edge-kit's reordering
+    of the nodes looked at each node's listed inputs only, so the Loop (all its inputs stored) stayed before the
+    cast its body reads, and onnx's checker refused the model: onnx-fp16 failed ("Nodes in a graph must be
+    topologically sorted, however input 'graph_input_cast_0' of node: ..."). What bodies read by name counts as
+    inputs now: built, and it matches onnx-fp32."""
+    body = helper.make_graph([helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+                              helper.make_node("Mul", ["v_in", "half"], ["halved"]),
+                              helper.make_node("Add", ["halved", "x"], ["v_out"])], "body",
+                             [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                              helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []), vec("v_in")],
+                             [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), vec("v_out")],
+                             [numpy_helper.from_array(np.array(0.5, np.float32), "half")])
+    model = save(tmp_path / "outer.onnx", [helper.make_node("Loop", ["trips", "go", "v0"], ["y"], body=body, name="refine")],
+                 [numpy_helper.from_array(np.array(3, np.int64), "trips"), numpy_helper.from_array(np.array(True), "go"),
+                  numpy_helper.from_array(np.zeros((1, 4), np.float32), "v0")])
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(0).normal(size=(16, 4)).astype(np.float32))
+    code, _out, err = run_cli("compile", model, "-p", profile_file(tmp_path, ["onnx-fp32", "onnx-fp16"]),
+                              "--out", tmp_path / "out", "--calib", tmp_path / "calib.npz")
+    assert code == 0, err
+    art = read_manifest(tmp_path / "out" / "outer").artifact("onnx-fp16")
+    assert art.status == "built", art.reason
+    assert art.fidelity.measured and art.fidelity.snr_db > 40, art.fidelity
