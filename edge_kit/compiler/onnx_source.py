@@ -525,7 +525,7 @@ def _check_graph(path: Path, model: Any) -> None:
     Raises:
         InputError: no inputs (every graph input is an initializer), no outputs, an output listed
             twice, an output that is a stored constant or also an input, a scalar (0-d) output, or an
-            initializer holding NaN (named, with its first bad index).
+            initializer holding NaN, in the graph or an If/Loop/Scan body (named, with its first bad index).
     """
     from onnx import TensorProto as model_type
     from onnx import numpy_helper
@@ -554,7 +554,7 @@ def _check_graph(path: Path, model: Any) -> None:
             raise InputError(f"{path}: output '{value.name}' is a scalar (0-d); devices return one sample with a "
                              "batch axis: export it shaped [1, ...] (Unsqueeze or Reshape at the end)")
     floats = {model_type.FLOAT, model_type.FLOAT16, model_type.DOUBLE, model_type.BFLOAT16}
-    for init in graph.initializer:
+    for init in (i for g in graphs_of(graph) for i in g.initializer):  # If/Loop/Scan bodies store weights too
         if init.data_type not in floats:
             continue
         array = numpy_helper.to_array(init)
