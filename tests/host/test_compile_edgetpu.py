@@ -4,8 +4,8 @@ Coral's compiler cannot be installed here (its apt repository is not reachable, 
 only), and no Edge TPU is attached: nothing here has run against the real compiler or hardware. The stand-in
 (:data:`FAKE`, written into a temporary folder put first on PATH, for these tests only) takes the real compiler's
 command line (``--version``; ``-s``/``--show_operations``, ``-o``/``--out_dir DIR``, the model), writes
-``<input name>_edgetpu.tflite`` (a copy of its input, so the host can still read the artifact) into the output
-folder, and prints the real compiler's log format, taken from its logs as users post them (version line, summary,
+``<input name>_edgetpu.tflite`` into the output folder (its input with the first op replaced by an
+``edgetpu-custom-op``, as the real compiler replaces the ops it maps; the input unchanged when none maps), and prints the real compiler's log format, taken from its logs as users post them (version line, summary,
 the "Model successfully compiled but not all operations are supported by the Edge TPU" paragraph with the counts,
 the op table). ``FAKE_EDGETPU_MODE`` picks what it does: ``all`` (every op mapped), ``partial``, ``none`` (0 ops
 mapped: the real compiler exits 0 and writes the model), ``abort`` ("Internal compiler error. Aborting!", exit 1)
@@ -49,8 +49,34 @@ if mode == "abort":
 (src,) = models
 stem = os.path.splitext(os.path.basename(src))[0]
 out = os.path.join(out_dir, stem + "_edgetpu.tflite")
-if mode != "nofile":
+
+
+def compiled(data):
+    """Return the model with its first op replaced by an 'edgetpu-custom-op' reading and writing the same tensors,
+    as the real compiler replaces the ops it maps with one such op (which only the Edge TPU delegate resolves)."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.ModelT.InitFromObj(schema.Model.GetRootAs(data, 0))
+    code = schema.OperatorCodeT()
+    code.builtinCode = code.deprecatedBuiltinCode = schema.BuiltinOperator.CUSTOM
+    code.customCode, code.version = "edgetpu-custom-op", 1
+    model.operatorCodes.append(code)
+    first = model.subgraphs[0].operators[0]
+    op = schema.OperatorT()
+    op.opcodeIndex, op.inputs, op.outputs = len(model.operatorCodes) - 1, first.inputs, first.outputs
+    op.customOptions = list(b"edgetpu")
+    model.subgraphs[0].operators[0] = op
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
+if mode == "none":  # nothing mapped: the model as it came
     shutil.copyfile(src, out)
+elif mode != "nofile":
+    with open(src, "rb") as given, open(out, "wb") as written:
+        written.write(compiled(given.read()))
 rows = {"all": [("FULLY_CONNECTED", 1, "Mapped to Edge TPU"), ("QUANTIZE", 1, "Mapped to Edge TPU")],
         "partial": [("FULLY_CONNECTED", 1, "Mapped to Edge TPU"),
                     ("DEQUANTIZE", 1, "Operation is working on an unsupported data type")],
@@ -112,7 +138,12 @@ def compile_coral(tmp_path: Path, run_cli) -> tuple[int, str, Path]:
 
 def test_the_edgetpu_variant_records_the_compilers_mapping_and_version(tmp_path, run_cli, fake_compiler):
     """Some ops mapped: built, with the compiler's per-op table, its mapped/total counts (from its summary lines),
-    the number of Edge TPU subgraphs and its version recorded, and the table's cell shows tpu* mapped/total."""
+    the number of Edge TPU subgraphs and its version recorded, and the table's cell shows tpu* mapped/total.
+
+    The compiled model holds an ``edgetpu-custom-op`` that only the Edge TPU's delegate resolves: reading its inputs
+    and outputs with the host's interpreter crashed the compile (a RuntimeError traceback, exit 1, nothing written:
+    "Encountered unresolved custom op: edgetpu-custom-op"), the rule check said the TPU hands over to the CPU at that
+    op, and its MACs were 0. Its inputs and outputs and MACs are its int8 base's now, and it gets no rule check."""
     fake_compiler("partial")
     code, text, folder = compile_coral(tmp_path, run_cli)
     assert code == 0, text
@@ -125,8 +156,13 @@ def test_the_edgetpu_variant_records_the_compilers_mapping_and_version(tmp_path,
     assert [(r["op"], r["count"], r["mapped"]) for r in mapping["ops"]] == [("FULLY_CONNECTED", 1, True),
                                                                            ("DEQUANTIZE", 1, False)]
     assert manifest.versions["edgetpu_compiler"] == "Edge TPU Compiler version 16.0.384591198"
-    assert (folder / art.file).read_bytes() == (folder / manifest.artifact("int8").file).read_bytes()  # the stand-in copies
-    assert "tpu* 1/2" in text
+    assert art.op_histogram.get("edgetpu-custom-op") == 1, art.op_histogram  # what only the TPU's delegate runs
+    int8 = manifest.artifact("int8")
+    assert art.inputs == int8.inputs and art.outputs == int8.outputs  # the compiler keeps the model's inputs/outputs
+    assert (art.macs, art.weights) == (int8.macs, int8.weights) == (12, 12)  # the computation the custom op holds
+    assert art.methods["macs"].startswith("the int8 variant's figure (the model it was compiled from")
+    assert set(art.accelerators) == {"edgetpu_compiler"}  # no rule check on the compiled file: int8's row has it
+    assert "tpu* 1/2" in text and "CPU from edgetpu-custom-op" not in text
 
 
 def test_every_op_mapped_is_counted_from_the_summary(tmp_path, run_cli, fake_compiler):
