@@ -287,6 +287,13 @@ def test_onnx_variants_of_loop_scan_and_if_bodies_reading_outer_values_run_and_c
         assert snr > floor, (vid, snr)
     for vid in ("trt-fp16", "trt-int8"):
         assert manifest.artifact(vid).status == "built", manifest.artifact(vid).reason
+    from onnxruntime.quantization.CalTableFlatBuffers import TrtTable
+
+    blob = (tmp_path / "out" / "nested" / manifest.artifact("trt-int8").calibration_table["file"]).read_bytes()
+    table = TrtTable.TrtTable.GetRootAsTrtTable(blob, 0)
+    ranges = {table.Dict(i).Key().decode() for i in range(table.DictLength())}
+    assert {"xw", "v", "steps", "fin", "outs", "chosen", "y"} <= ranges, ranges  # top-level tensors, bodies' results
+    assert not ranges & {"vw", "s", "v_out", "a", "b", "c", "st_out", "t1", "t_y", "e_y"}, ranges  # none inside bodies
     fp32 = manifest.artifact("onnx-fp32")
     assert fp32.op_histogram["MatMul"] == 4 and fp32.op_histogram["Loop"] == fp32.op_histogram["Scan"] == 1, \
         fp32.op_histogram
