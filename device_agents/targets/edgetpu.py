@@ -128,11 +128,22 @@ def mapping_counts(log: str, rows: list[dict[str, Any]]) -> tuple[int | None, in
     return mapped, total
 
 
+_CAUSES = ("Compilation failed:", "ERROR:", "Compilation timeout", "Internal compiler error", "libc++abi:")
+"""How the lines of a failed compile that say why begin (compiler 16: "Compilation failed: Compilation failed due
+to large activation tensors in model.", "ERROR: Attempting to use a delegate that only supports static-sized tensors
+...", "Compilation timeout. This is usually caused by large activations."; 14 and 15: "Internal compiler error.
+Aborting!"), most telling first: its last line, "Compilation failed!", says nothing."""
+
+
 def _last_line(log: str) -> str:
-    """Return the last non-empty line of a compiler log, control characters shown escaped, at most 200 characters."""
+    """Return the line of a compiler log that says why it failed: the last one beginning as one of :data:`_CAUSES`
+    (the first of those that occurs), else its last non-empty line; control characters shown escaped, at most 200
+    characters."""
     from edgekit_protocol.labels import clip, printable
 
-    return clip(printable(next((ln.strip() for ln in reversed(log.splitlines()) if ln.strip()), "no output")), 200)
+    lines = [ln.strip() for ln in log.splitlines() if ln.strip()]
+    said = next((ln for cause in _CAUSES for ln in reversed(lines) if ln.startswith(cause)), None)
+    return clip(printable(said or (lines[-1] if lines else "no output")), 200)
 
 
 def run_compiler(int8_model: bytes, compiler: str) -> tuple[bytes, dict[str, Any]]:

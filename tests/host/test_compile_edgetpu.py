@@ -8,8 +8,9 @@ command line (``--version``; ``-s``/``--show_operations``, ``-o``/``--out_dir DI
 ``edgetpu-custom-op``, as the real compiler replaces the ops it maps; the input unchanged when none maps), and prints the real compiler's log format, taken from its logs as users post them (version line, summary,
 the "Model successfully compiled but not all operations are supported by the Edge TPU" paragraph with the counts,
 the op table). ``FAKE_EDGETPU_MODE`` picks what it does: ``all`` (every op mapped), ``partial``, ``none`` (0 ops
-mapped: the real compiler exits 0 and writes the model), ``abort`` ("Internal compiler error. Aborting!", exit 1)
-and ``nofile`` (exit 0, no model written)."""
+mapped: the real compiler exits 0 and writes the model), ``abort`` (compiler 16's failure: "ERROR: ...",
+"Compilation failed: <why>", then "Compilation failed!", exit 1), ``abort15`` ("Internal compiler error. Aborting!",
+exit 1) and ``nofile`` (exit 0, no model written)."""
 
 from __future__ import annotations
 
@@ -43,7 +44,15 @@ while args:
 mode = os.environ.get("FAKE_EDGETPU_MODE", "all")
 print(VERSION)
 print("Started a compilation timeout timer of 180 seconds.")
-if mode == "abort":
+if mode == "abort":  # compiler 16's failure: the cause, then a last line that says nothing
+    print("ERROR: Attempting to use a delegate that only supports static-sized tensors with a graph that has "
+          "dynamic-sized tensors.")
+    print("Compilation failed: Model failed in Tflite interpreter. Please ensure model can be loaded/run in Tflite "
+          "interpreter.")
+    print("Compilation child process completed within timeout period.")
+    print("Compilation failed! ")
+    sys.exit(1)
+if mode == "abort15":  # compilers 14 and 15
     print("\nInternal compiler error. Aborting! ", file=sys.stderr)
     sys.exit(1)
 (src,) = models
@@ -179,9 +188,13 @@ def test_every_op_mapped_is_counted_from_the_summary(tmp_path, run_cli, fake_com
              "FULLY_CONNECTED x1: Operation is working on an unsupported data type), so the variant would run on the "
              "CPU only, like int8; see docs/firmware/coral.md for what the Edge TPU takes (full-integer ops, static "
              "shapes, at most 3 dimensions larger than 1, the supported ops)"),
-    ("abort", "edgetpu: edgetpu_compiler failed (exit 1): Internal compiler error. Aborting!; it could not compile the "
-              "int8 variant: see docs/firmware/coral.md for what the Edge TPU takes (full-integer ops, static shapes, "
-              "at most 3 dimensions larger than 1, the supported ops)"),
+    ("abort", "edgetpu: edgetpu_compiler failed (exit 1): Compilation failed: Model failed in Tflite interpreter. "
+              "Please ensure model can be loaded/run in Tflite interpreter.; it could not compile the int8 variant: "
+              "see docs/firmware/coral.md for what the Edge TPU takes (full-integer ops, static shapes, at most 3 "
+              "dimensions larger than 1, the supported ops)"),
+    ("abort15", "edgetpu: edgetpu_compiler failed (exit 1): Internal compiler error. Aborting!; it could not compile "
+                "the int8 variant: see docs/firmware/coral.md for what the Edge TPU takes (full-integer ops, static "
+                "shapes, at most 3 dimensions larger than 1, the supported ops)"),
     ("nofile", "edgetpu: edgetpu_compiler exited 0 but wrote no model_edgetpu.tflite (its last line: FULLY_CONNECTED"
                "                1          Mapped to Edge TPU); reinstall Coral's edgetpu-compiler package "
                "(docs/firmware/coral.md) and compile again"),
@@ -189,7 +202,8 @@ def test_every_op_mapped_is_counted_from_the_summary(tmp_path, run_cli, fake_com
 def test_a_compiler_failure_is_one_line_naming_the_variant_and_what_to_do(tmp_path, run_cli, fake_compiler, mode,
                                                                           reason):
     """0 ops mapped (exit 0, a model written: it was recorded as a built edgetpu variant that runs wholly on the
-    CPU), a compiler abort (exit 1) and exit 0 without a model ("failed (exit 0)" before): the edgetpu variant fails
+    CPU), a compiler abort (exit 1; compiler 16's reason said only "Compilation failed!", its last line) and exit 0
+    without a model ("failed (exit 0)" before): the edgetpu variant fails
     with one line naming it and what to do, printed under the table; the int8 variant is kept and written, and the
     compile exits 3 (a variant failed), its last line saying which."""
     fake_compiler(mode)
