@@ -775,7 +775,8 @@ def _failure(path: Path, log: str, model: bytes) -> str:
     if missing:
         kind = missing.group(1)
         try:
-            names = [n.name for n in _onnx().load_from_string(model).graph.node if n.op_type == kind]
+            names = [n.name for g in graphs_of(_onnx().load_from_string(model).graph) for n in g.node
+                     if n.op_type == kind]  # in an If branch or a Loop/Scan body too
         except Exception:  # noqa: BLE001 - the node name only decorates the message
             names = []
         where = f" (node '{names[0]}'{f' and {len(names) - 1} more' if len(names) > 1 else ''})" if names else ""
@@ -785,7 +786,8 @@ def _failure(path: Path, log: str, model: bytes) -> str:
         kind = "?"
         try:
             onnx = _onnx()
-            kinds = {_SAFE_NODE.sub("_", n.name): n.op_type for n in onnx.load_from_string(model).graph.node}
+            kinds = {_SAFE_NODE.sub("_", n.name): n.op_type for g in graphs_of(onnx.load_from_string(model).graph)
+                     for n in g.node}
             kind = kinds.get(op.group(1), "?")
         except Exception:  # noqa: BLE001 - the op type only decorates the message
             pass

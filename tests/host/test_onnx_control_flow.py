@@ -327,3 +327,27 @@ def test_onnx_fp16_of_a_loop_whose_body_reads_the_input_by_name_is_built(tmp_pat
     art = read_manifest(tmp_path / "out" / "outer").artifact("onnx-fp16")
     assert art.status == "built", art.reason
     assert art.fidelity.measured and art.fidelity.snr_db > 40, art.fidelity
+
+
+def test_an_op_onnx2tf_lacks_inside_an_if_branch_is_named(tmp_path, run_cli):
+    """onnx2tf has no conversion for CastLike; inside an If branch the line named the op type but not the node
+    ("has no conversion for op type 'CastLike'; replace that op..."): the node was looked up in the top-level graph
+    only. The branches are searched too now."""
+    then = helper.make_graph([helper.make_node("CastLike", ["x", "zero"], ["t_y"], name="inner_castlike")], "then", [],
+                             [vec("t_y")])
+    other = helper.make_graph([helper.make_node("Neg", ["x"], ["e_y"])], "else", [], [vec("e_y")])
+    nodes = [helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0),
+             helper.make_node("Greater", ["total", "zero"], ["positive"]),
+             helper.make_node("If", ["positive"], ["y"], then_branch=then, else_branch=other, name="branch")]
+    graph = helper.make_graph(nodes, "g", [vec("x")], [vec("y")],
+                              [numpy_helper.from_array(np.zeros((1,), np.float32), "zero")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])  # CastLike: opset 15
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "castlike.onnx")
+    code, _out, err = run_cli("compile", tmp_path / "castlike.onnx", "-p", profile_file(tmp_path, ["fp32"]),
+                              "--out", tmp_path / "out")
+    assert code == 2 and err.strip() == (
+        f"edgekit: error: {tmp_path / 'castlike.onnx'}: onnx2tf {version('onnx2tf')} has no conversion for op type "
+        "'CastLike' (node 'inner_castlike'); replace that op in the exported model (another opset or an equivalent "
+        "op) and compile again"), err
+    assert not (tmp_path / "out").exists()
