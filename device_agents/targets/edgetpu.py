@@ -157,8 +157,9 @@ def run_compiler(int8_model: bytes, compiler: str) -> tuple[bytes, dict[str, Any
 
     Raises:
         RuntimeError: one line saying what to do: the compiler could not be started (missing or not executable),
-            timed out, exited non-zero (its last line), exited 0 without writing the model, or mapped none of the
-            model's operations to the Edge TPU (the compiled model would run on the CPU only, like its input).
+            timed out, exited non-zero (the line saying why: :func:`_last_line`), exited 0 without writing the model,
+            or mapped none of the model's operations to the Edge TPU (the compiled model would run on the CPU only,
+            like its input).
     """
     with tempfile.TemporaryDirectory(prefix="edgekit-etpu-") as tmp:
         src = Path(tmp) / "model.tflite"
