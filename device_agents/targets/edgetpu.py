@@ -84,7 +84,8 @@ def find_compiler() -> str | None:
 
 
 def compiler_version(path: str) -> str:
-    """Return ``edgetpu_compiler --version`` output, or 'unknown' if it fails."""
+    """Return ``edgetpu_compiler --version`` output (``Edge TPU Compiler version 16.0.384591198``), or 'unknown' if
+    it fails."""
     try:
         out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30, check=True)
         return out.stdout.strip() or "unknown"
@@ -107,15 +108,58 @@ def parse_compiler_log(text: str) -> list[dict[str, Any]]:
     return rows
 
 
+_TOTAL = re.compile(r"^Total number of operations:\s*(\d+)\s*$", re.M)
+_ON_TPU = re.compile(r"^Number of operations that will run on Edge TPU:\s*(\d+)\s*$", re.M)
+_SUBGRAPHS = re.compile(r"^Number of Edge TPU subgraphs:\s*(\d+)\s*$", re.M)
+WHAT_MAPS = ("see docs/firmware/coral.md for what the Edge TPU takes (full-integer ops, static shapes, at most 3 "
+             "dimensions larger than 1, the supported ops)")
+
+
+def mapping_counts(log: str, rows: list[dict[str, Any]]) -> tuple[int | None, int | None]:
+    """Return ``(ops mapped to the Edge TPU, ops in all)`` from a compiler log: the summary lines ("Number of
+    operations that will run on Edge TPU: N", "Total number of operations: N") where it prints them, else the sums
+    of its op table ``rows`` (:func:`parse_compiler_log`); every op mapped when it gives a total and neither, nor
+    its "not all operations are supported" sentence; None for a count none of these gives."""
+    mapped = int(m.group(1)) if (m := _ON_TPU.search(log)) else sum(r["count"] for r in rows if r["mapped"]) if rows \
+        else None
+    total = int(m.group(1)) if (m := _TOTAL.search(log)) else sum(r["count"] for r in rows) if rows else None
+    if mapped is None and total is not None and "not all operations are supported" not in log:
+        mapped = total
+    return mapped, total
+
+
+_CAUSES = ("Compilation failed:", "ERROR:", "Compilation timeout", "Internal compiler error", "libc++abi:")
+"""How the lines of a failed compile that say why begin (compiler 16: "Compilation failed: Compilation failed due
+to large activation tensors in model.", "ERROR: Attempting to use a delegate that only supports static-sized tensors
+...", "Compilation timeout. This is usually caused by large activations."; 14 and 15: "Internal compiler error.
+Aborting!"), most telling first: its last line, "Compilation failed!", says nothing."""
+
+
+def _last_line(log: str) -> str:
+    """Return the line of a compiler log that says why it failed: the last one beginning as one of :data:`_CAUSES`
+    (the first of those that occurs), else its last non-empty line; control characters shown escaped, at most 200
+    characters."""
+    from edgekit_protocol.labels import clip, printable
+
+    lines = [ln.strip() for ln in log.splitlines() if ln.strip()]
+    said = next((ln for cause in _CAUSES for ln in reversed(lines) if ln.startswith(cause)), None)
+    return clip(printable(said or (lines[-1] if lines else "no output")), 200)
+
+
 def run_compiler(int8_model: bytes, compiler: str) -> tuple[bytes, dict[str, Any]]:
-    """Compile a full-integer model with ``edgetpu_compiler``.
+    """Compile a full-integer model with ``edgetpu_compiler -s -o DIR DIR/model.tflite``, which writes
+    ``DIR/model_edgetpu.tflite`` (the input's name + ``_edgetpu``) and prints its log with the per-op table.
 
     Returns:
-        (compiled flatbuffer, ``{"method": "edgetpu_compiler", "version", "ops": [...], "log"}``).
+        (compiled flatbuffer, ``{"method": "edgetpu_compiler", "version", "ops": [...] (the op table:
+        :func:`parse_compiler_log`), "ops_mapped", "ops_total" (:func:`mapping_counts`), "subgraphs" (Edge TPU
+        subgraphs, or None), "log" (its last 4000 characters)}``).
 
     Raises:
-        RuntimeError: the compiler exited non-zero, timed out, or wrote no model; the message holds
-            the last line of its output.
+        RuntimeError: one line saying what to do: the compiler could not be started (missing or not executable),
+            timed out, exited non-zero (the line saying why: :func:`_last_line`), exited 0 without writing the model,
+            or mapped none of the model's operations to the Edge TPU (the compiled model would run on the CPU only,
+            like its input).
     """
     with tempfile.TemporaryDirectory(prefix="edgekit-etpu-") as tmp:
         src = Path(tmp) / "model.tflite"
@@ -124,14 +168,32 @@ def run_compiler(int8_model: bytes, compiler: str) -> tuple[bytes, dict[str, Any
             proc = subprocess.run([compiler, "-s", "-o", tmp, str(src)], capture_output=True, text=True,
                                   timeout=COMPILER_TIMEOUT_S, check=False)
         except subprocess.TimeoutExpired:
-            raise RuntimeError(f"{COMPILER} did not finish within {COMPILER_TIMEOUT_S} s") from None
+            raise RuntimeError(f"{COMPILER} did not finish within {COMPILER_TIMEOUT_S} s; run {COMPILER} -s on the int8 "
+                               f"variant's int8.tflite by hand to see where it stops, and {WHAT_MAPS}") from None
+        except OSError as exc:
+            raise RuntimeError(f"{COMPILER} could not be started ({exc.strerror or exc}: {compiler}); install Coral's "
+                               "edgetpu-compiler package (x86-64 Linux, docs/firmware/coral.md) so it is on PATH, "
+                               "and compile again") from None
         log = (proc.stdout or "") + (proc.stderr or "")
         out = Path(tmp) / "model_edgetpu.tflite"
-        if proc.returncode != 0 or not out.is_file():
-            last = next((ln for ln in reversed(log.strip().splitlines()) if ln.strip()), "no output")
-            raise RuntimeError(f"{COMPILER} failed (exit {proc.returncode}): {last}")
-        return out.read_bytes(), {"method": COMPILER, "version": compiler_version(compiler),
-                                  "ops": parse_compiler_log(log), "log": log[-4000:]}
+        if proc.returncode != 0:
+            raise RuntimeError(f"{COMPILER} failed (exit {proc.returncode}): {_last_line(log)}; it could not compile "
+                               f"the int8 variant: {WHAT_MAPS}")
+        if not out.is_file():
+            raise RuntimeError(f"{COMPILER} exited 0 but wrote no {out.name} (its last line: {_last_line(log)}); "
+                               "reinstall Coral's edgetpu-compiler package (docs/firmware/coral.md) and compile again")
+        rows = parse_compiler_log(log)
+        mapped, total = mapping_counts(log, rows)
+        if mapped == 0:
+            first = next((r for r in rows if not r["mapped"]), None)
+            which = f" (first in its table: {first['op']} x{first['count']}: {first['status']})" if first else ""
+            raise RuntimeError(f"{COMPILER} mapped none of the model's {total if total is not None else '?'} operations "
+                               f"to the Edge TPU{which}, so the variant would run on the CPU only, like int8; "
+                               f"{WHAT_MAPS}")
+        return out.read_bytes(), {"method": COMPILER, "version": compiler_version(compiler), "ops": rows,
+                                  "ops_mapped": mapped, "ops_total": total,
+                                  "subgraphs": int(m.group(1)) if (m := _SUBGRAPHS.search(log)) else None,
+                                  "log": log[-4000:]}
 
 
 @dataclass(frozen=True)

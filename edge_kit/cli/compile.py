@@ -45,7 +45,9 @@ def _accel_cell(a: Any, footnote: Any) -> str:
     for name, check in sorted((a.accelerators or {}).items()):
         if name == "edgetpu_compiler":
             ops = check.get("ops", [])
-            cells.append(f"tpu* {sum(o['count'] for o in ops if o['mapped'])}/{sum(o['count'] for o in ops)}")
+            mapped = check.get("ops_mapped", sum(o["count"] for o in ops if o["mapped"]))  # from its summary lines
+            total = check.get("ops_total", sum(o["count"] for o in ops))  # (manifests before them: its op table)
+            cells.append(f"tpu* {'?' if mapped is None else mapped}/{'?' if total is None else total}")
             continue
         text = f"{'tpu' if name == 'edgetpu' else name} {check['ops_mapped']}/{check['ops_total']}"
         first = check.get("first_fallback")

@@ -378,21 +378,25 @@ class ChildInference:
             raise ValueError(f"{words} failed running it on {self.where}: {exc}") from None
 
 
-def analyse(data: bytes) -> ModelStats:
+def analyse(data: bytes, ports_from: bytes | None = None) -> ModelStats:
     """Return the :class:`ModelStats` of a flatbuffer.
 
     Ops, tensors and weights are read from the file; inputs and outputs from the LiteRT interpreter
     the agents use (XNNPACK), which also proves the model loads: a model it cannot load is refused.
+    ``ports_from``: for a model an accelerator's compiler made (``edgetpu``: its ops replaced by an
+    ``edgetpu-custom-op`` that only the Edge TPU's delegate resolves, so no interpreter here loads it),
+    the model it was compiled from, whose inputs and outputs the compiler keeps: they are read from that
+    model's interpreter instead, and ``data`` is read from the file only.
 
     Raises:
-        ValueError: ``data`` is not a ``.tflite`` model the LiteRT interpreter loads (the first
-            line of its error names the op it cannot resolve).
+        ValueError: ``data`` (or ``ports_from``) is not a ``.tflite`` model the LiteRT interpreter loads
+            (the first line of its error names the op it cannot resolve).
     """
     from edge_kit.compiler.tf_quiet import runtime_banner_dropped
 
     ops, tensors, values = _table(data)
     with runtime_banner_dropped():  # the runtime's INFO banner, first printed here for a .tflite source
-        interp = get_runtime("litert").interpreter(data)
+        interp = get_runtime("litert").interpreter(data if ports_from is None else ports_from)
     producer = {t: op for op in ops for t in op.outputs}
 
     def weight_tensor(op: OpInfo) -> int | None:

@@ -340,42 +340,95 @@ MAX_SHAPE_HOPS = 16  # ops followed from the input's cast to a Gather (a loop in
 def id_bounds(data: bytes, types: dict[str, str]) -> dict[str, tuple[int, str]]:
     """Return, for an integer input of the model ``data`` (as :func:`float_inputs` made it) that indexes a stored
     table (a ``Gather`` whose data is an initializer or a ``Constant``: an embedding), ``(rows of the smallest such
-    table, what it is)``: the ids it takes are ``0..rows-1``. The ids may reach the Gather's indices from the input's
-    cast through up to :data:`MAX_SHAPE_HOPS` of :data:`SHAPE_ONLY_OPS` (PyTorch exports ``ids.view(-1)`` or
-    ``unsqueeze`` before an embedding) and the model's own ``Cast`` to an integer type (int32 ids cast to int64),
-    which move ids without changing one, in the top-level graph and in the ``If``/``Loop``/``Scan`` bodies that read
-    them by name (:func:`_readers`) or take them as a ``Loop``'s loop-carried value or a ``Scan``'s state or scanned
-    sequence (:func:`_body_input`); a ``Concat`` of them with other ids too. Inputs indexing no stored table are left
-    out."""
+    table, what it is)``: the ids it takes are ``0..rows-1``. The ids are followed from the input's cast as
+    :func:`id_flow` follows them (shape-only ops, the model's own casts, ``Concat``, into and out of ``If``/``Loop``/
+    ``Scan`` bodies). Inputs indexing no stored table are left out."""
     model = _onnx().load_from_string(data)
-    scan8 = any(o.domain in ("", "ai.onnx") and o.version < 9 for o in model.opset_import)  # Scan-8: sequence_lens first
     out: dict[str, tuple[int, str]] = {}
     for node in model.graph.node:  # float_inputs' own casts, first in the graph: the only readers of the inputs
         if node.op_type != "Cast" or not node.input or node.input[0] not in types or not node.output:
             continue
-        name, seen = node.input[0], set()
-        frontier = [(node.output[0], model.graph, {})]  # a value, the graph it is read in, the stored tensors around it
-        for _ in range(MAX_SHAPE_HOPS + 1):
-            ahead = []
-            for value, scope, outer in frontier:
-                if value in seen:
-                    continue
-                seen.add(value)
-                for reader, at, graph, tables in _readers(scope, value, outer):
-                    kind = reader.op_type if reader.domain in ("", "ai.onnx") else ""
-                    if kind == "Gather" and at == 1 and reader.input[0] in tables:
-                        axis = next((a.i for a in reader.attribute if a.name == "axis"), 0)
-                        dims = tables[reader.input[0]]
-                        if -len(dims) <= axis < len(dims) and dims[axis] >= 1:
-                            rows = int(dims[axis])
-                            if name not in out or rows < out[name][0]:
-                                out[name] = (rows, f"the {rows} rows of Gather table '{reader.input[0]}'")
-                    elif kind == "Concat" or at == 0 and (kind in SHAPE_ONLY_OPS or kind == "Cast" and _cast_keeps_ids(reader)):
-                        ahead.extend((o, graph, tables) for o in reader.output if o)  # read in that graph, and below
-                    elif kind in ("Loop", "Scan") and (body := _body_input(reader, at, scan8)) is not None:
-                        ahead.append((body[1], body[0], tables))  # passed in: the body reads it under its own name
-            frontier = ahead
+        name = node.input[0]
+        for _value, _depth, reads in id_flow(model, node.output[0]):
+            for reader, at, tables in reads:
+                if reader.op_type == "Gather" and reader.domain in ("", "ai.onnx") and at == 1 \
+                        and reader.input[0] in tables:
+                    axis = next((a.i for a in reader.attribute if a.name == "axis"), 0)
+                    dims = tables[reader.input[0]]
+                    if -len(dims) <= axis < len(dims) and dims[axis] >= 1:
+                        rows = int(dims[axis])
+                        if name not in out or rows < out[name][0]:
+                            out[name] = (rows, f"the {rows} rows of Gather table '{reader.input[0]}'")
     return out
+
+
+def id_flow(model: Any, start: str) -> Any:
+    """Yield ``(value, depth, reads)`` for each value of the ONNX ``model`` that holds the ids the top-level value
+    ``start`` holds (``start`` first), each once per graph it is visible in: ``depth`` is the number of subgraphs
+    around that graph (0: the top-level graph), ``reads`` a list of ``(node, input position, the stored tensors the
+    node's graph sees: {name: dims})`` for the nodes of that graph reading it.
+
+    The ids are followed, up to :data:`MAX_SHAPE_HOPS` ops from ``start``, through what moves ids without changing
+    one: :data:`SHAPE_ONLY_OPS` reading them as their data (input 0; PyTorch exports ``ids.view(-1)`` or
+    ``unsqueeze`` before an embedding), the model's own ``Cast`` to an integer type (:data:`ID_CASTS`: int32 ids
+    cast to int64), a ``Concat`` of them with other ids; into the ``If``/``Loop``/``Scan`` bodies (at any depth)
+    that read them by the outer name (unless the body defines that name itself, :func:`_defines`) or take them as a
+    ``Loop``'s loop-carried value or a ``Scan``'s state or scanned sequence (:func:`_body_input`); and out of a body
+    again through its outputs: an ``If`` branch's output k is the ``If``'s output k, a ``Loop`` body's output k
+    (after its condition) the ``Loop``'s output k-1 (its final value, or the values of every iteration stacked), a
+    ``Scan`` body's output k the ``Scan``'s output k."""
+    scan8 = any(o.domain in ("", "ai.onnx") and o.version < 9 for o in model.opset_import)  # Scan-8: sequence_lens first
+    seen: set[tuple[int, str]] = set()
+    # a value, the graph it is read in, the stored tensors around that graph, the path down to it: ((owner node,
+    # the graph holding the owner, the stored tensors that graph sees), ...) from the top level
+    frontier: list[tuple[str, Any, dict, tuple]] = [(start, model.graph, {}, ())]
+    for _ in range(MAX_SHAPE_HOPS + 1):
+        ahead: list[tuple[str, Any, dict, tuple]] = []
+        for value, top, around, top_path in frontier:
+            for scope, outer, path in _scopes_seeing(top, value, around, top_path):
+                if (id(scope), value) in seen:
+                    continue
+                seen.add((id(scope), value))
+                tables = _tables(scope, outer)
+                reads = [(node, at, tables) for node in scope.node for at, name in enumerate(node.input) if name == value]
+                yield value, len(path), reads
+                for reader, at, _ in reads:
+                    kind = reader.op_type if reader.domain in ("", "ai.onnx") else ""
+                    if kind == "Concat" or at == 0 and (kind in SHAPE_ONLY_OPS or kind == "Cast" and _cast_keeps_ids(reader)):
+                        ahead.extend((o, scope, outer, path) for o in reader.output if o)
+                    elif kind in ("Loop", "Scan") and (body := _body_input(reader, at, scan8)) is not None:
+                        ahead.append((body[1], body[0], tables, (*path, (reader, scope, outer))))
+                if path:  # a body's output leaving it: the owner's output in the enclosing graph
+                    owner, holder, holder_outer = path[-1]
+                    for k, given in enumerate(scope.output):
+                        if given.name == value and (leaves := _leaving(owner, k)):
+                            ahead.append((leaves, holder, holder_outer, path[:-1]))
+        frontier = ahead
+
+
+def _scopes_seeing(graph: Any, name: str, outer: dict, path: tuple) -> Any:
+    """Yield ``(graph, outer, path)`` and, for every subgraph of its nodes (``GRAPH`` and ``GRAPHS`` attributes, at any
+    depth) that reads the value ``name`` from the outer scope (defines no value of that name, :func:`_defines`),
+    ``(subgraph, the stored tensors around it, its path)``; ``path`` as in :func:`id_flow`."""
+    from onnx import AttributeProto
+
+    yield graph, outer, path
+    tables = None
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.type == AttributeProto.GRAPH else \
+                    list(attr.graphs) if attr.type == AttributeProto.GRAPHS else []:
+                if not _defines(sub, name):
+                    tables = _tables(graph, outer) if tables is None else tables
+                    yield from _scopes_seeing(sub, name, tables, (*path, (node, graph, outer)))
+
+
+def _leaving(owner: Any, k: int) -> str | None:
+    """Return the name of the output of the ``If``/``Loop``/``Scan`` node ``owner`` that its subgraph's output ``k``
+    becomes (see :func:`id_flow`); None for a ``Loop`` body's condition, another op, or an output the node leaves
+    out (empty name, or fewer outputs declared)."""
+    at = {"If": k, "Scan": k, "Loop": k - 1}.get(owner.op_type if owner.domain in ("", "ai.onnx") else "")
+    return owner.output[at] or None if at is not None and 0 <= at < len(owner.output) else None
 
 
 def _body_input(node: Any, at: int, scan8: bool = False) -> tuple[Any, str] | None:
@@ -410,26 +463,6 @@ def _tables(graph: Any, outer: dict[str, tuple[int, ...]]) -> dict[str, tuple[in
         if node.op_type == "Constant" and node.output and len(node.attribute) == 1 and node.attribute[0].name == "value":
             own[node.output[0]] = tuple(node.attribute[0].t.dims)
     return own
-
-
-def _readers(graph: Any, name: str, outer: dict[str, tuple[int, ...]]) -> Any:
-    """Yield ``(node, input position, the graph holding the node, the stored tensors that graph sees)`` for each node
-    reading the value ``name`` in ``graph`` and in the subgraphs of its nodes (``If`` branches, ``Loop`` and ``Scan``
-    bodies, at any depth) that read it from the outer scope by name (a subgraph defining ``name`` itself,
-    :func:`_defines`, reads its own); ``outer`` holds the stored tensors of the scopes enclosing ``graph``
-    (:func:`_tables`)."""
-    from onnx import AttributeProto
-
-    tables = _tables(graph, outer)
-    for node in graph.node:
-        for at, value in enumerate(node.input):
-            if value == name:
-                yield node, at, graph, tables
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.type == AttributeProto.GRAPH else \
-                    list(attr.graphs) if attr.type == AttributeProto.GRAPHS else []:
-                if not _defines(sub, name):
-                    yield from _readers(sub, name, tables)
 
 
 MAX_ONNX_BYTES = 2**31  # protobuf's limit on one message: an ONNX file's weights included
@@ -492,7 +525,7 @@ def _check_graph(path: Path, model: Any) -> None:
     Raises:
         InputError: no inputs (every graph input is an initializer), no outputs, an output listed
             twice, an output that is a stored constant or also an input, a scalar (0-d) output, or an
-            initializer holding NaN (named, with its first bad index).
+            initializer holding NaN, in the graph or an If/Loop/Scan body (named, with its first bad index).
     """
     from onnx import TensorProto as model_type
     from onnx import numpy_helper
@@ -521,7 +554,7 @@ def _check_graph(path: Path, model: Any) -> None:
             raise InputError(f"{path}: output '{value.name}' is a scalar (0-d); devices return one sample with a "
                              "batch axis: export it shaped [1, ...] (Unsqueeze or Reshape at the end)")
     floats = {model_type.FLOAT, model_type.FLOAT16, model_type.DOUBLE, model_type.BFLOAT16}
-    for init in graph.initializer:
+    for init in (i for g in graphs_of(graph) for i in g.initializer):  # If/Loop/Scan bodies store weights too
         if init.data_type not in floats:
             continue
         array = numpy_helper.to_array(init)
@@ -538,18 +571,49 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _names(graph: Any) -> set[str]:
-    """Return every value name ``graph`` and its subgraphs (at any depth) define or read: inputs, outputs,
-    initializers, node inputs and outputs, value infos."""
+    """Return every value name ``graph`` and its subgraphs (at any depth, :func:`graphs_of`) define or read: inputs,
+    outputs, initializers, node inputs and outputs, value infos."""
+    names: set[str] = set()
+    for g in graphs_of(graph):
+        names |= {v.name for v in [*g.input, *g.output, *g.value_info]}
+        names |= {i.name for i in g.initializer} | {i.values.name for i in g.sparse_initializer}
+        for node in g.node:
+            names.update(node.input, node.output)
+    return names
+
+
+def graphs_of(graph: Any) -> list[Any]:
+    """Return ``graph`` and every subgraph of its nodes (``If`` branches, ``Loop`` and ``Scan`` bodies: ``GRAPH`` and
+    ``GRAPHS`` attributes), at any depth, outer graphs before the graphs inside them."""
     from onnx import AttributeProto
 
-    names = {v.name for v in [*graph.input, *graph.output, *graph.value_info]}
-    names |= {i.name for i in graph.initializer} | {i.values.name for i in graph.sparse_initializer}
+    found = [graph]
     for node in graph.node:
-        names.update(node.input, node.output)
         for attr in node.attribute:
             for sub in [attr.g] if attr.type == AttributeProto.GRAPH else \
                     list(attr.graphs) if attr.type == AttributeProto.GRAPHS else []:
-                names |= _names(sub)
+                found.extend(graphs_of(sub))
+    return found
+
+
+def outer_reads(node: Any) -> set[str]:
+    """Return the names of the values the subgraphs of ``node`` (``If`` branches, ``Loop`` and ``Scan`` bodies, at any
+    depth) read from the scope around ``node`` by name: read (as a node input or given back as an output) and not
+    defined inside (as an input, initializer or node output). Empty for a node without subgraphs. ONNX counts these
+    as the node's inputs when it orders a graph's nodes."""
+    from onnx import AttributeProto
+
+    names: set[str] = set()
+    for attr in node.attribute:
+        for sub in [attr.g] if attr.type == AttributeProto.GRAPH else \
+                list(attr.graphs) if attr.type == AttributeProto.GRAPHS else []:
+            defined = {v.name for v in sub.input} | {i.name for i in sub.initializer}
+            defined |= {i.values.name for i in sub.sparse_initializer} | {o for n in sub.node for o in n.output}
+            read = {v.name for v in sub.output}
+            for inner in sub.node:
+                read.update(i for i in inner.input if i)
+                read |= outer_reads(inner)
+            names |= read - defined
     return names
 
 
@@ -711,7 +775,8 @@ def _failure(path: Path, log: str, model: bytes) -> str:
     if missing:
         kind = missing.group(1)
         try:
-            names = [n.name for n in _onnx().load_from_string(model).graph.node if n.op_type == kind]
+            names = [n.name for g in graphs_of(_onnx().load_from_string(model).graph) for n in g.node
+                     if n.op_type == kind]  # in an If branch or a Loop/Scan body too
         except Exception:  # noqa: BLE001 - the node name only decorates the message
             names = []
         where = f" (node '{names[0]}'{f' and {len(names) - 1} more' if len(names) > 1 else ''})" if names else ""
@@ -721,7 +786,8 @@ def _failure(path: Path, log: str, model: bytes) -> str:
         kind = "?"
         try:
             onnx = _onnx()
-            kinds = {_SAFE_NODE.sub("_", n.name): n.op_type for n in onnx.load_from_string(model).graph.node}
+            kinds = {_SAFE_NODE.sub("_", n.name): n.op_type for g in graphs_of(onnx.load_from_string(model).graph)
+                     for n in g.node}
             kind = kinds.get(op.group(1), "?")
         except Exception:  # noqa: BLE001 - the op type only decorates the message
             pass

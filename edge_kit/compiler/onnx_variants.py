@@ -45,7 +45,11 @@ from edge_kit.compiler.analysis import (
     count_methods,
     gzip_size,
 )
-from edge_kit.compiler.onnx_source import _constants_as_initializers
+from edge_kit.compiler.onnx_source import (
+    _constants_as_initializers,
+    graphs_of,
+    outer_reads,
+)
 from edge_kit.compiler.watch import watched
 from edge_kit.errors import CompileError, first_line
 
@@ -63,10 +67,11 @@ ONNX_METHODS = count_methods(
     macs="per such node, its output elements times the weight's reduction size (input channels / group x kernel; "
          "ConvTranspose: input elements x output channels / group x kernel), shapes from ONNX shape inference; a "
          "node whose shapes inference cannot give, a MatMul of two activations (attention), element-wise and other "
-         "nodes are not counted",
+         "nodes are not counted; a node in a Loop or Scan body (or an If branch) once, not per iteration",
     macs_nonzero="each counted node's MACs times its weight's share of non-zeros",
     precision="the stored type of most MAC weight elements (int8 or uint8: int8; float16; else float32)",
-    ops="the graph's node types (QuantizeLinear / DequantizeLinear included)")
+    ops="the node types of the graph and of its If/Loop/Scan subgraphs, each body once (QuantizeLinear / "
+        "DequantizeLinear included)")
 """How each figure :func:`analyse_onnx` gives is obtained, as the manifest records it (``Artifact.methods``)."""
 
 
@@ -220,15 +225,17 @@ def to_fp16(fp32: bytes, *, seconds: float | None = None) -> bytes:
 
 
 def _toposort(graph: Any) -> None:
-    """Reorder ``graph.node`` so every node comes after the nodes producing its inputs (stable otherwise).
+    """Reorder ``graph.node`` so every node comes after the nodes producing its inputs (stable otherwise), the values
+    its ``If``/``Loop``/``Scan`` bodies read from the graph by name included (:func:`outer_reads`).
 
     Raises:
         ValueError: the graph has a cycle, or a node reads a value nothing produces.
     """
     known = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
     pending, ordered = list(graph.node), []
+    reads = {id(n): [*n.input, *outer_reads(n)] for n in pending}
     while pending:
-        ready = [n for n in pending if all(i in known for i in n.input)]
+        ready = [n for n in pending if all(i in known for i in reads[id(n)])]
         if not ready:
             raise ValueError(f"node '{pending[0].name}' reads a value no node produces (or the graph has a cycle)")
         ids = {id(n) for n in ready}
@@ -350,11 +357,11 @@ def _shape_of(value: Any) -> list[int]:
 def analyse_onnx(data: bytes) -> ModelStats:
     """Return the :class:`~edge_kit.compiler.analysis.ModelStats` of an ONNX artifact, read from its graph.
 
-    Op histogram: the graph's node types (``QuantizeLinear``/``DequantizeLinear`` included in a QDQ
-    model). Weights: the initializers feeding MAC ops (``Conv``, ``ConvTranspose``, ``Gemm``,
+    Op histogram: the node types of the graph and of its subgraphs (``If`` branches, ``Loop`` and ``Scan``
+    bodies, each counted once, at any depth; ``QuantizeLinear``/``DequantizeLinear`` included in a QDQ model). Weights: the initializers feeding MAC ops (``Conv``, ``ConvTranspose``, ``Gemm``,
     ``MatMul``), through a ``DequantizeLinear`` in a QDQ model. MACs: per MAC op, output elements x
     the weight's reduction size (input channels / group x kernel), from the inferred shapes; an op
-    whose shapes inference cannot give is not counted. Inputs and outputs: as the agent's
+    whose shapes inference cannot give is not counted; an op in a ``Loop`` or ``Scan`` body once, not per iteration. Inputs and outputs: as the agent's
     ``onnxruntime`` runtime names them (loading the model also proves it runs).
 
     Raises:
@@ -367,15 +374,16 @@ def analyse_onnx(data: bytes) -> ModelStats:
     from device_agents.runtimes import get_runtime
 
     model = onnx.shape_inference.infer_shapes(onnx.load_from_string(data))
-    graph = model.graph
-    inits = {i.name: i for i in graph.initializer}
-    shapes = {v.name: _shape_of(v) for v in [*graph.value_info, *graph.input, *graph.output]}
+    graphs = graphs_of(model.graph)  # If branches, Loop and Scan bodies hold nodes too (their bodies counted once)
+    nodes = [n for g in graphs for n in g.node]
+    inits = {i.name: i for g in graphs for i in g.initializer}
+    shapes = {v.name: _shape_of(v) for g in graphs for v in [*g.value_info, *g.input, *g.output]}
     shapes.update({name: list(i.dims) for name, i in inits.items()})
-    dequant = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "DequantizeLinear"}
-    histogram = Counter(n.op_type for n in graph.node)
+    dequant = {n.output[0]: n.input[0] for n in nodes if n.op_type == "DequantizeLinear"}
+    histogram = Counter(n.op_type for n in nodes)
     macs = macs_nonzero = weights = weights_nonzero = 0
     by_dtype: Counter[str] = Counter()  # weight elements of MAC ops by stored type: the artifact's precision
-    for node in graph.node:
+    for node in nodes:
         if node.op_type not in MAC_OPS or len(node.input) < 2:
             continue
         wname = dequant.get(node.input[1], node.input[1])

@@ -30,6 +30,7 @@ from device_agents.targets import TARGETS, compiler_of
 from edge_kit.compiler.analysis import (
     CONVERSION_CAUSE,
     ChildInference,
+    ModelStats,
     analyse,
     conversion_deadline,
     float_ops,
@@ -190,6 +191,28 @@ def _refusal(spec: VariantSpec, source: Source, calib: Dataset | None) -> str | 
         return "full-integer int8 needs calibration data: pass --calib FILE.npz (a few hundred inputs)"
     target = compiler_of(spec.id)
     return target.compiler_unavailable() if target else None
+
+
+def _compiled_stats(data: bytes, base: bytes, base_id: str) -> ModelStats:
+    """Return the :class:`ModelStats` of a model an accelerator's compiler made (``edgetpu``) from the variant
+    ``base_id`` (its bytes ``base``). The compiler replaces the ops it maps with one custom op (``edgetpu-custom-op``)
+    that only the accelerator's delegate resolves and whose weights it lays out itself: no interpreter here loads the
+    model, and a count of its file would find neither those ops' MACs nor their weights. Sizes, precision and the op
+    histogram are the file's own; inputs and outputs, which the compiler keeps, are read from the base's interpreter;
+    MACs, weights and sparsity are the base's (the same computation), and ``methods`` say so.
+
+    Raises:
+        ValueError: either file is not a ``.tflite`` model, or the base does not load.
+    """
+    import dataclasses
+
+    own, of_base = analyse(data, ports_from=base), analyse(base)
+    said = (f"the {base_id} variant's figure (the model it was compiled from, the same computation): the compiler's "
+            "custom op holds the ops it mapped and their weights, which a count of this file cannot see")
+    return dataclasses.replace(
+        own, macs=of_base.macs, macs_nonzero=of_base.macs_nonzero, weights=of_base.weights,
+        weights_nonzero=of_base.weights_nonzero,
+        methods={**own.methods, **{k: said for k in ("macs", "macs_nonzero", "weights", "sparsity")}})
 
 
 def _calibration_used(samples: int) -> dict[str, int]:
@@ -763,6 +786,9 @@ def _compile_model(req: CompileRequest, progress: Progress | None, work: Path) -
 
             stats = analyse_onnx(plan.data)
             support = {}  # the accelerator targets are LiteRT's; ONNX Runtime picks its providers on the device
+        elif (base := built.get(spec.base or "") if compiler_of(spec.id) is not None else None) is not None:
+            stats = _compiled_stats(plan.data, base.data or b"", spec.base or "")
+            support = {}  # the rule check is its base's (the compiler's input); the compiler's own mapping follows
         else:
             stats = analyse(plan.data)
             support = {key: check for key in targets_of[spec.id] if (check := TARGETS[key].rule_check(stats))}

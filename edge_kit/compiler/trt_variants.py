@@ -53,28 +53,28 @@ NOT_MEASURED = ("not measured on host: the TensorRT engine is built on the devic
 
 
 def id_tensors(fp32: bytes, ids: Iterable[str]) -> list[str]:
-    """Return the names of the tensors of the model ``fp32`` that hold token ids: the inputs named in ``ids`` (taken
-    as float32, cast inside: :func:`~edge_kit.compiler.onnx_source.float_inputs`), and every output of a ``Cast`` or
-    a shape-only op (:data:`~edge_kit.compiler.onnx_source.SHAPE_ONLY_OPS`) whose data is one of them, which moves
-    ids without computing anything from them. Sorted; none when ``ids`` is empty.
+    """Return the names of the top-level tensors of the model ``fp32`` that hold token ids: the inputs named in
+    ``ids`` (taken as float32, cast inside: :func:`~edge_kit.compiler.onnx_source.float_inputs`), and every value
+    :func:`~edge_kit.compiler.onnx_source.id_flow` follows them to, which moves ids without computing anything from
+    them (casts, shape-only ops, ``Concat``; ids coming back out of an ``If``/``Loop``/``Scan`` body as the node's
+    output too). Sorted; none when ``ids`` is empty.
 
     Raises:
         CompileError: the model cannot be parsed.
     """
     import onnx
 
-    from edge_kit.compiler.onnx_source import SHAPE_ONLY_OPS
+    from edge_kit.compiler.onnx_source import id_flow
 
     found = set(ids)
     if not found:
         return []
     try:
-        graph = onnx.load_from_string(fp32).graph
+        model = onnx.load_from_string(fp32)
     except Exception as exc:  # noqa: BLE001 - protobuf raises assorted types
         raise CompileError(f"trt-int8: the onnx-fp32 model cannot be parsed ({first_line(exc)})") from None
-    for node in graph.node:  # in topological order, as ONNX keeps a graph's nodes
-        if node.op_type in ("Cast", *SHAPE_ONLY_OPS) and node.input and node.input[0] in found:
-            found.update(o for o in node.output if o)
+    for name in sorted(found):
+        found.update(value for value, depth, _reads in id_flow(model, name) if depth == 0)
     return sorted(found)
 
 

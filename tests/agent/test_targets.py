@@ -117,6 +117,36 @@ def test_runner_reports_the_compilers_last_line_on_failure(tmp_path):
         run_compiler(b"MODEL", script)
 
 
+def test_a_compiler_that_cannot_be_started_is_one_line_saying_what_to_install(tmp_path):
+    """A missing compiler (gone from PATH after the check) or a file that is not executable: FileNotFoundError and
+    PermissionError came out of the runner (a traceback from edgekit compile). One line now, naming the compiler,
+    the path and what to install."""
+    with pytest.raises(RuntimeError) as missing:
+        run_compiler(b"MODEL", str(tmp_path / "gone" / "edgetpu_compiler"))
+    assert str(missing.value) == (f"edgetpu_compiler could not be started (No such file or directory: {tmp_path}/gone/"
+                                  "edgetpu_compiler); install Coral's edgetpu-compiler package (x86-64 Linux, "
+                                  "docs/firmware/coral.md) so it is on PATH, and compile again")
+    plain = tmp_path / "edgetpu_compiler"
+    plain.write_text("not a program")
+    with pytest.raises(RuntimeError, match=r"^edgetpu_compiler could not be started \(Permission denied: .*install "
+                                           r"Coral's edgetpu-compiler package"):
+        run_compiler(b"MODEL", str(plain))
+
+
+def test_the_mapped_and_total_counts_come_from_the_summary_else_the_table():
+    """The summary's "will run on Edge TPU" count and total where printed; else the table's sums; every op mapped when
+    the log gives a total and does not say some ops run on the CPU."""
+    from device_agents.targets.edgetpu import mapping_counts
+
+    assert mapping_counts(LOG, parse_compiler_log(LOG)) == (3, 4)  # no "will run on Edge TPU" line: the table's
+    summary = LOG + "Number of operations that will run on Edge TPU: 2\nNumber of operations that will run on CPU: 2\n"
+    assert mapping_counts(summary, parse_compiler_log(LOG)) == (2, 4)
+    assert mapping_counts("Total number of operations: 7\n", []) == (7, 7)
+    partial = ("Total number of operations: 7\nModel successfully compiled but not all operations are supported by "
+               "the Edge TPU.\n")
+    assert mapping_counts(partial, []) == (None, 7) and mapping_counts("", []) == (None, None)
+
+
 def test_the_registry_finds_each_target_by_its_key_and_names_the_closest_when_unknown():
     assert set(TARGETS) == {"xnnpack", "none", "edgetpu", "gpu"}
     assert all(get_target(key).key == key for key in TARGETS)

@@ -214,3 +214,140 @@ def test_without_data_a_model_nan_on_most_check_samples_is_refused_not_checked_o
     with pytest.raises(InputError, match=r"NaN or infinity on 3 of the 4 random samples .* give --eval or --calib"):
         compile_model(CompileRequest(model, [profile], tmp_path / "out"))
     assert not (tmp_path / "out").exists()  # nothing written
+
+
+def nested_model(path: Path) -> Path:
+    """Write ``y`` from x [1, 4] through a ``Loop``, a ``Scan`` and an ``If`` whose bodies read outer-scope values by
+    name (the stored weight 'W', 'xw' and 'h' computed outside) and whose results leave them as outputs (the Loop's
+    final value and stacked steps, the Scan's final state and stacked outputs, the If's branch output); one MatMul
+    by 'W' [4, 4] at the top level and one in each of the three bodies. Return the path."""
+    weight = numpy_helper.from_array(np.random.default_rng(3).normal(size=(4, 4)).astype(np.float32) / 2, "W")
+    loop_body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+         helper.make_node("MatMul", ["v_in", "W"], ["vw"]), helper.make_node("Add", ["vw", "xw"], ["s"]),
+         helper.make_node("Tanh", ["s"], ["v_out"]), helper.make_node("Identity", ["v_out"], ["step"])], "loop_body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []), vec("v_in")],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), vec("v_out"), vec("step")])
+    scan_body = helper.make_graph(
+        [helper.make_node("MatMul", ["st_in", "W"], ["a"]), helper.make_node("Add", ["a", "row"], ["b"]),
+         helper.make_node("Mul", ["b", "h"], ["c"]), helper.make_node("Tanh", ["c"], ["st_out"]),
+         helper.make_node("Identity", ["st_out"], ["o"])], "scan_body",
+        [vec("st_in"), vec("row", (4,))], [vec("st_out"), vec("o")])
+    then = helper.make_graph([helper.make_node("MatMul", ["fin", "W"], ["t1"]), helper.make_node("Relu", ["t1"], ["t_y"])],
+                             "then", [], [vec("t_y")])
+    other = helper.make_graph([helper.make_node("Neg", ["h"], ["e_y"])], "else", [], [vec("e_y")])
+    nodes = [helper.make_node("Sigmoid", ["x"], ["h"]), helper.make_node("MatMul", ["x", "W"], ["xw"]),
+             helper.make_node("Loop", ["trips", "go", "x"], ["v", "steps"], body=loop_body, name="refine"),
+             helper.make_node("Concat", ["x", "x", "x"], ["seq"], axis=0),
+             helper.make_node("Scan", ["v", "seq"], ["fin", "outs"], body=scan_body, num_scan_inputs=1, name="scan"),
+             helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0),
+             helper.make_node("Greater", ["total", "zero"], ["positive"]),
+             helper.make_node("If", ["positive"], ["chosen"], then_branch=then, else_branch=other, name="branch"),
+             helper.make_node("ReduceMean", ["steps"], ["m1"], axes=[0], keepdims=0),
+             helper.make_node("ReduceMean", ["outs"], ["m2"], axes=[0], keepdims=0),
+             helper.make_node("Add", ["chosen", "m1"], ["s1"]), helper.make_node("Add", ["s1", "m2"], ["y"])]
+    return save(path, nodes, [weight, numpy_helper.from_array(np.array(3, np.int64), "trips"),
+                              numpy_helper.from_array(np.array(True), "go"),
+                              numpy_helper.from_array(np.zeros((1,), np.float32), "zero")])
+
+
+def test_onnx_variants_of_loop_scan_and_if_bodies_reading_outer_values_run_and_count_their_bodies(tmp_path, run_cli):
+    """A model whose Loop, Scan and If bodies read outer-scope values and give results back out, compiled for a
+    Jetson (ONNX Runtime and TensorRT variants; onnx2tf cannot convert it, so onnx-fp32 is the reference): every
+    variant is built, runs in ONNX Runtime on inputs taking both branches and matches onnx-fp32 within the fidelity
+    check. The op histogram and MACs read the top-level graph alone: 1 MatMul and 16 MACs where 4 MatMuls (one in
+    each body) run. They count every body now (once, not per iteration), and the methods say so."""
+    import onnxruntime as ort
+
+    from edge_kit.compiler.onnx_variants import analyse_onnx
+
+    model = nested_model(tmp_path / "nested.onnx")
+    x = np.random.default_rng(0).normal(size=(64, 4)).astype(np.float32)
+    x[:32] = np.abs(x[:32])
+    x[32:] = -np.abs(x[32:])
+    np.savez(tmp_path / "calib.npz", x=x)
+    jetson = yaml.safe_load((Path(__file__).resolve().parents[2] / "profiles" / "jetson-orin-nano.yaml").read_text())
+    profile = tmp_path / "jetson.yaml"
+    profile.write_text(yaml.safe_dump({**jetson, "name": "jx",
+                                       "variants": ["onnx-fp32", "onnx-fp16", "onnx-int8", "trt-fp16", "trt-int8"]}))
+    code, _out, err = run_cli("compile", model, "-p", profile, "--out", tmp_path / "out", "--calib", tmp_path / "calib.npz")
+    assert code == 0, err
+    manifest = read_manifest(tmp_path / "out" / "nested")
+    assert manifest.reference_id == "onnx-fp32"
+    reference = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    want = np.concatenate([reference.run(None, {"x": row[None]})[0] for row in x])
+    for vid, floor in (("onnx-fp32", 100), ("onnx-fp16", 40), ("onnx-int8", 20)):
+        art = manifest.artifact(vid)
+        assert art.status == "built", art.reason
+        assert art.fidelity.measured and art.fidelity.samples == 64 and art.fidelity.snr_db > floor, (vid, art.fidelity)
+        session = ort.InferenceSession(str(tmp_path / "out" / "nested" / art.file), providers=["CPUExecutionProvider"])
+        got = np.concatenate([session.run(None, {"x": row[None]})[0] for row in x])
+        snr = 10 * np.log10(np.sum(want ** 2) / max(np.sum((got - want) ** 2), 1e-30))
+        assert snr > floor, (vid, snr)
+    for vid in ("trt-fp16", "trt-int8"):
+        assert manifest.artifact(vid).status == "built", manifest.artifact(vid).reason
+    from onnxruntime.quantization.CalTableFlatBuffers import TrtTable
+
+    blob = (tmp_path / "out" / "nested" / manifest.artifact("trt-int8").calibration_table["file"]).read_bytes()
+    table = TrtTable.TrtTable.GetRootAsTrtTable(blob, 0)
+    ranges = {table.Dict(i).Key().decode() for i in range(table.DictLength())}
+    assert {"xw", "v", "steps", "fin", "outs", "chosen", "y"} <= ranges, ranges  # top-level tensors, bodies' results
+    assert not ranges & {"vw", "s", "v_out", "a", "b", "c", "st_out", "t1", "t_y", "e_y"}, ranges  # none inside bodies
+    fp32 = manifest.artifact("onnx-fp32")
+    assert fp32.op_histogram["MatMul"] == 4 and fp32.op_histogram["Loop"] == fp32.op_histogram["Scan"] == 1, \
+        fp32.op_histogram
+    assert fp32.macs == 4 * 16 and fp32.weights == 4 * 16, (fp32.macs, fp32.weights)
+    assert "once, not per iteration" in fp32.methods["macs"] and "If/Loop/Scan" in fp32.methods["op_histogram"]
+    stats = analyse_onnx((tmp_path / "out" / "nested" / fp32.file).read_bytes())
+    assert stats.op_histogram == fp32.op_histogram
+
+
+def test_onnx_fp16_of_a_loop_whose_body_reads_the_input_by_name_is_built(tmp_path, run_cli):
+    """A Loop whose trip count, condition and start value are stored constants and whose body reads the graph's
+    input 'x' by name. ONNX Runtime's float16 converter casts 'x' in a node it appends last; edge-kit's reordering
+    of the nodes looked at each node's listed inputs only, so the Loop (all its inputs stored) stayed before the
+    cast its body reads, and onnx's checker refused the model: onnx-fp16 failed ("Nodes in a graph must be
+    topologically sorted, however input 'graph_input_cast_0' of node: ..."). What bodies read by name counts as
+    inputs now: built, and it matches onnx-fp32."""
+    body = helper.make_graph([helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+                              helper.make_node("Mul", ["v_in", "half"], ["halved"]),
+                              helper.make_node("Add", ["halved", "x"], ["v_out"])], "body",
+                             [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                              helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []), vec("v_in")],
+                             [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), vec("v_out")],
+                             [numpy_helper.from_array(np.array(0.5, np.float32), "half")])
+    model = save(tmp_path / "outer.onnx", [helper.make_node("Loop", ["trips", "go", "v0"], ["y"], body=body, name="refine")],
+                 [numpy_helper.from_array(np.array(3, np.int64), "trips"), numpy_helper.from_array(np.array(True), "go"),
+                  numpy_helper.from_array(np.zeros((1, 4), np.float32), "v0")])
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(0).normal(size=(16, 4)).astype(np.float32))
+    code, _out, err = run_cli("compile", model, "-p", profile_file(tmp_path, ["onnx-fp32", "onnx-fp16"]),
+                              "--out", tmp_path / "out", "--calib", tmp_path / "calib.npz")
+    assert code == 0, err
+    art = read_manifest(tmp_path / "out" / "outer").artifact("onnx-fp16")
+    assert art.status == "built", art.reason
+    assert art.fidelity.measured and art.fidelity.snr_db > 40, art.fidelity
+
+
+def test_an_op_onnx2tf_lacks_inside_an_if_branch_is_named(tmp_path, run_cli):
+    """onnx2tf has no conversion for CastLike; inside an If branch the line named the op type but not the node
+    ("has no conversion for op type 'CastLike'; replace that op..."): the node was looked up in the top-level graph
+    only. The branches are searched too now."""
+    then = helper.make_graph([helper.make_node("CastLike", ["x", "zero"], ["t_y"], name="inner_castlike")], "then", [],
+                             [vec("t_y")])
+    other = helper.make_graph([helper.make_node("Neg", ["x"], ["e_y"])], "else", [], [vec("e_y")])
+    nodes = [helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0),
+             helper.make_node("Greater", ["total", "zero"], ["positive"]),
+             helper.make_node("If", ["positive"], ["y"], then_branch=then, else_branch=other, name="branch")]
+    graph = helper.make_graph(nodes, "g", [vec("x")], [vec("y")],
+                              [numpy_helper.from_array(np.zeros((1,), np.float32), "zero")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])  # CastLike: opset 15
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "castlike.onnx")
+    code, _out, err = run_cli("compile", tmp_path / "castlike.onnx", "-p", profile_file(tmp_path, ["fp32"]),
+                              "--out", tmp_path / "out")
+    assert code == 2 and err.strip() == (
+        f"edgekit: error: {tmp_path / 'castlike.onnx'}: onnx2tf {version('onnx2tf')} has no conversion for op type "
+        "'CastLike' (node 'inner_castlike'); replace that op in the exported model (another opset or an equivalent "
+        "op) and compile again"), err
+    assert not (tmp_path / "out").exists()

@@ -350,3 +350,74 @@ def test_random_check_ids_follow_ids_scanned_by_an_opset_8_scan(tmp_path):
     onnx.save(model, tmp_path / "scan8.onnx")
     xs, said = bounded_ids(tmp_path / "scan8.onnx")
     assert xs["ids"].max() <= 18 and "0..18 (the 19 rows of Gather table 'emb')" in said, said
+
+
+def _leaving_models(tmp_path: Path) -> dict[str, Path]:
+    """Write three models taking int64 ``ids`` [1, 4] whose ids come back out of a subgraph before the top-level
+    Gather of a stored 13-row table: a ``Loop`` carrying them (its final value), a ``Scan`` passing them on as its
+    state, and an ``If`` whose then-branch reshapes them and whose else-branch passes them on (Identity). Return
+    {kind: path}."""
+    table = numpy_helper.from_array(np.ones((13, 8), np.float32), "emb")
+    ids = tensor("ids", TensorProto.INT64, [1, 4])
+    y = tensor("y", TensorProto.FLOAT, [1, 4, 8])
+    loop_body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("Identity", ["carried"], ["kept"])],
+        "body", [tensor("i", TensorProto.INT64, []), tensor("cond_in", TensorProto.BOOL, []),
+                 tensor("carried", TensorProto.INT64, [1, 4])],
+        [tensor("cond_out", TensorProto.BOOL, []), tensor("kept", TensorProto.INT64, [1, 4])])
+    loop = helper.make_graph(
+        [helper.make_node("Loop", ["trips", "go", "ids"], ["looped"], body=loop_body),
+         helper.make_node("Gather", ["emb", "looped"], ["y"], axis=0)], "g", [ids], [y],
+        [table, numpy_helper.from_array(np.array(2, np.int64), "trips"), numpy_helper.from_array(np.array(True), "go")])
+    scan_body = helper.make_graph(
+        [helper.make_node("Identity", ["state"], ["state_out"]), helper.make_node("Identity", ["step"], ["step_out"])],
+        "scan_body", [tensor("state", TensorProto.INT64, [1, 4]), tensor("step", TensorProto.FLOAT, [1])],
+        [tensor("state_out", TensorProto.INT64, [1, 4]), tensor("step_out", TensorProto.FLOAT, [1])])
+    scan = helper.make_graph(
+        [helper.make_node("Scan", ["ids", "steps"], ["scanned", "unused"], body=scan_body, num_scan_inputs=1),
+         helper.make_node("Gather", ["emb", "scanned"], ["y"], axis=0)], "g", [ids], [y],
+        [table, numpy_helper.from_array(np.zeros((3, 1), np.float32), "steps")])
+    then = helper.make_graph([helper.make_node("Reshape", ["ids", "shape"], ["t_ids"])], "then", [],
+                             [tensor("t_ids", TensorProto.INT64, [1, 4])])
+    other = helper.make_graph([helper.make_node("Identity", ["ids"], ["e_ids"])], "else", [],
+                              [tensor("e_ids", TensorProto.INT64, [1, 4])])
+    branch = helper.make_graph(
+        [helper.make_node("ReduceSum", ["ids"], ["total"], keepdims=0),
+         helper.make_node("Greater", ["total", "ten"], ["big"]),
+         helper.make_node("If", ["big"], ["chosen"], then_branch=then, else_branch=other),
+         helper.make_node("Gather", ["emb", "chosen"], ["y"], axis=0)], "g", [ids], [y],
+        [table, numpy_helper.from_array(np.array([1, 4], np.int64), "shape"),
+         numpy_helper.from_array(np.array(10, np.int64), "ten")])
+    return {kind: save(tmp_path / f"{kind}.onnx", graph) for kind, graph in
+            (("loop", loop), ("scan", scan), ("if", branch))}
+
+
+def test_random_check_ids_follow_ids_coming_back_out_of_a_loop_scan_or_if(tmp_path):
+    """The ids leave a ``Loop`` (its loop-carried value's final value), a ``Scan`` (its state's) or an ``If`` (a
+    branch's output) and a top-level Gather indexes a 13-row table
+    with them: the walk went into bodies but never back out, so the table was missed, the check ids went up to 99
+    and ONNX Runtime refused them (indices out of data bounds). The body's output is followed to the node's."""
+    for kind, path in _leaving_models(tmp_path).items():
+        xs, said = bounded_ids(path)
+        assert xs["ids"].max() <= 12 and len(np.unique(xs["ids"])) > 8, (kind, xs["ids"])
+        assert "0..12 (the 13 rows of Gather table 'emb')" in said, (kind, said)
+        source = load_source(path)
+        assert run(source.onnx, {"ids": xs["ids"][:1]}).shape == (1, 4, 8), kind  # ids the model takes
+
+
+def test_trt_int8s_table_gives_no_range_to_ids_coming_back_out_of_a_subgraph(tmp_path):
+    """The top-level output of a ``Loop``, ``Scan`` or ``If`` that gives the ids back holds ids too: it had a range
+    in trt-int8's calibration table (TensorRT could round those ids to other ids in int8). It is left out now."""
+    from edge_kit.compiler import trt_variants
+    from edge_kit.compiler.onnx_source import float_inputs
+
+    expected = {"loop": "looped", "scan": "scanned", "if": "chosen"}
+    for kind, path in _leaving_models(tmp_path).items():
+        model = float_inputs(onnx.load(path), {"ids": "int64"})
+        fp32 = model.SerializeToString()
+        left_out = trt_variants.id_tensors(fp32, ["ids"])
+        assert expected[kind] in left_out and "y" not in left_out, (kind, left_out)
+        calib = {"ids": np.arange(32, dtype=np.float32).reshape(8, 4) % 13}
+        _artifact, how, files = trt_variants.build("trt-int8", fp32, calib, ids=["ids"])
+        ranges = table_ranges(files["trt-int8.calib"])
+        assert expected[kind] not in ranges and ranges["y"] == 1.0, (kind, ranges)

@@ -345,3 +345,21 @@ def test_a_model_that_crashes_onnxs_checker_crashes_a_child_not_the_compiler(tmp
     monkeypatch.setattr(smoke.SmokePool, "run", crash)
     refused(relu(tmp_path / "hostile.onnx"),
             r"hostile\.onnx: onnx's checker crashed \(SIGSEGV\) on the model: a damaged or hostile file$")
+
+
+def test_a_nan_weight_inside_a_loop_body_is_refused_with_its_initializer(tmp_path):
+    """A Loop body's own stored weight holding NaN: only the top-level graph's initializers were checked, so the
+    model loaded and was refused only after onnx2tf ran, by the conversion check ("output 'y' is NaN or infinity
+    on sample 0 ... fix the model"), the weight not named. It is refused at load now, the initializer named, like
+    a top-level one."""
+    weight = np.zeros((1, 4), np.float32)
+    weight[0, 1] = np.nan
+    body = helper.make_graph([helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+                              helper.make_node("Add", ["v_in", "bias"], ["v_out"])], "body",
+                             [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                              helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []), vec("v_in")],
+                             [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), vec("v_out")],
+                             [numpy_helper.from_array(weight, "bias")])
+    save(tmp_path / "loop_nan.onnx", [helper.make_node("Loop", ["trips", "go", "x"], ["y"], body=body)], [vec("x")],
+         [vec("y")], [numpy_helper.from_array(np.array(2, np.int64), "trips"), numpy_helper.from_array(np.array(True), "go")])
+    refused(tmp_path / "loop_nan.onnx", "initializer 'bias' holds NaN at flat index 1")
