@@ -105,8 +105,15 @@ def test_parallel_deploy_and_redeploy(tmp_path, figure, benchmark):
     finally:
         sim.down()
     cores = os.cpu_count() or 1
+    floor = sixteen_cpu[0] / cores  # no schedule finishes the 16 deploys sooner on these cores
+    tool_core = sixteen_cpu[1] / sixteen  # the deploy tool's share of one core: near 1, its GIL would be the bound
     figure(f"loopback: deploy {mb:.1f} MB to 16 devices / to 1 device", f"{sixteen / one:.2f}", "<= 3.0",
-           f"sshd per device on loopback, {cores} cores, --parallel 16: {sixteen:.1f} s vs {one:.2f} s, incl. health check")
+           f"sshd per device on loopback, {cores} cores, --parallel 16: {sixteen:.1f} s vs {one:.2f} s, incl. health "
+           f"check; CPU-bound: the 16 used {sixteen_cpu[0]:.1f} CPU-s of the machine (/proc/stat), "
+           f"{sixteen_cpu[1]:.1f} of them the deploy tool's (process_time: {tool_core:.0%} of one core, so "
+           f"{'not bound by its GIL' if tool_core < 0.9 else 'its GIL may bound it'}; the rest the devices' sshd, "
+           f"sftp-server, probe and agent), at least {floor:.1f} s on {cores} cores: "
+           f"{floor / one:.1f} is the best ratio this machine allows")
     figure("loopback: 16 devices one after another (--parallel 1) / --parallel 16", f"{serial / sixteen:.2f}", "info",
            f"perf_counter: {serial:.1f} s vs {sixteen:.1f} s; the same 16 devices, another artifact of {mb:.1f} MB")
     figure("one device's deploy: CPU-s of the whole machine / of the deploy tool", f"{one_cpu[0]:.2f} / {one_cpu[1]:.2f}",

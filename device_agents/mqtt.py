@@ -12,7 +12,7 @@ import socket
 import ssl
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -39,7 +39,11 @@ class ReadAheadClient(mqtt.Client):
     that always has more to send (a flood of QoS 0 messages) cannot hold the network loop in one ``loop_read``, which
     would write nothing meanwhile (no PUBACK, no PINGREQ: the broker drops the client at its keepalive); the rest of
     a packet cut at the buffer's end is read at the next, the socket being readable. The buffer belongs to one
-    socket: what a closed connection left unread is never read as the next connection's."""
+    socket: what a closed connection left unread is never read as the next connection's.
+
+    ``on_read``, when set, is called (in the network thread) after each read of the socket that brought bytes, before
+    any packet of them is handled: a receiver checks there what holds for the whole read (the host's clients check
+    their key files once a read, not once a message)."""
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -47,6 +51,7 @@ class ReadAheadClient(mqtt.Client):
         self._ahead_at = 0  # how much of _ahead was handed out
         self._ahead_sock: Any = None  # the socket _ahead was read from
         self._draining = False  # handling what the buffer holds: the socket is not read again meanwhile
+        self.on_read: Callable[[], None] | None = None
 
     def _sock_recv(self, bufsize: int) -> bytes:
         """Return up to ``bufsize`` bytes: from the buffer, else from one ``recv`` of :data:`READ_AHEAD` bytes
@@ -60,6 +65,8 @@ class ReadAheadClient(mqtt.Client):
             raise BlockingIOError("read ahead handled; the socket is read at the next loop_read")
         data = super()._sock_recv(max(bufsize, READ_AHEAD))
         self._ahead, self._ahead_at, self._ahead_sock = data, min(bufsize, len(data)), self._sock
+        if data and self.on_read is not None:
+            self.on_read()
         return data[:bufsize] if len(data) > bufsize else data
 
     def loop_read(self, max_packets: int = 1) -> mqtt.MQTTErrorCode:

@@ -19,6 +19,7 @@ ack is cut to :data:`~edgekit_protocol.desired.MAX_ERROR_CHARS` as it arrives, b
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import uuid
@@ -26,7 +27,7 @@ from collections import OrderedDict, deque
 from typing import Any, Callable
 
 from device_agents.identity import Keyring, Signer, receive, verify_published
-from device_agents.mqtt import make_client, message_topic
+from device_agents.mqtt import ReadAheadClient, make_client, message_topic
 from edge_kit.errors import AgentError, AgentTimeout
 from edge_kit.fleet.keys import DeviceRevoked
 from edgekit_protocol import commands, messages
@@ -88,7 +89,13 @@ class FleetClient:
         self.fleet = fleet
         self.signer = signer
         self.keyring = keyring
-        self.client = transport or make_client(broker, f"edgekit-host-{uuid.uuid4().hex[:8]}", password=password)
+        # reads what the socket holds at once (a rollout takes thousands of reported states a second); each read, the
+        # key files are checked once for the messages it brought (:meth:`_check_keys`), not twice a message
+        self.client = transport or make_client(broker, f"edgekit-host-{uuid.uuid4().hex[:8]}", password=password,
+                                               read_ahead=True)
+        self._keys_checked = contextlib.ExitStack()
+        if isinstance(self.client, ReadAheadClient):
+            self.client.on_read = self._check_keys
         self._cond = threading.Condition()
         self.sent: dict[str, str] = {}  # command id -> the device it went to
         # why the newest refused messages were refused (forged, misaddressed, ...); all are counted
@@ -116,6 +123,14 @@ class FleetClient:
         self._refused: str | None = None
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
+
+    def _check_keys(self) -> None:
+        """Check the keyring's files now, for the messages one read of the socket brought (called by the
+        :class:`~device_agents.mqtt.ReadAheadClient` after each read, in the network thread, before any of them is
+        handled: :meth:`~edge_kit.fleet.keys._RegistryKeyring.checked_once`, each read's block ending at the next
+        read). A key revoked before the read counts for every message it brought. Returns nothing; never raises."""
+        self._keys_checked.close()
+        self._keys_checked.enter_context(self.keyring.checked_once())
 
     def _on_connect(self, client: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         if reason.is_failure:

@@ -31,6 +31,7 @@ import re
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -410,6 +411,11 @@ class Rollout:
         self.refused: list[str] = []  # the newest reported messages refused (forged, malformed, from the future), with why
         self.refused_count = 0  # all of them
         self._device_rev: dict[str, int] = {}  # the newest revision each device reported (any rollout)
+        # while a run drives the waves (:meth:`_recount`): the rows per state, the watched devices (the wave's) and how
+        # many of them are not in a FINAL state, kept by :meth:`_set`; None outside a run
+        self._tally: dict[str, int] | None = None
+        self._watched: set[str] = set()
+        self._open = 0
 
     # --- history ---------------------------------------------------------------------------------
 
@@ -433,10 +439,27 @@ class Rollout:
 
     def _set(self, device: str, **change: Any) -> None:
         row = self.rows[device]
+        before = row["state"]
         row.update({k: v for k, v in change.items() if k != "detail"})
         if "detail" in change:
             row["detail"] = {**row.get("detail", {}), **change["detail"]}
         self._dirty.add(device)
+        after = row["state"]
+        if after != before and self._tally is not None:
+            self._tally[before] -= 1
+            self._tally[after] = self._tally.get(after, 0) + 1
+            if device in self._watched:
+                self._open += (before in FINAL) - (after in FINAL)
+
+    def _recount(self, watched: list[str] | None = None) -> None:
+        """Count the rows per state, and the ``watched`` devices not in a FINAL state, afresh; :meth:`_set` keeps both
+        up to date from then on (the run loop asks them at every pass, every few milliseconds: counting every row
+        each time made a rollout's CPU grow with the square of its fleet). Returns nothing."""
+        tally: dict[str, int] = {}
+        for row in self.rows.values():
+            tally[row["state"]] = tally.get(row["state"], 0) + 1
+        self._tally, self._watched = tally, set(watched or ())
+        self._open = sum(1 for d in self._watched if self.rows[d]["state"] not in FINAL)
 
     # --- the run ---------------------------------------------------------------------------------
 
@@ -511,7 +534,7 @@ class Rollout:
         return counts
 
     def _too_many_failed(self, max_failed: float) -> str | None:
-        counts = self._counts()
+        counts = self._tally if self._tally is not None else self._counts()
         sent = sum(v for k, v in counts.items() if k not in ("planned", "refused", "left the fleet"))
         failed = counts.get("failed", 0)
         if sent and failed / sent > max_failed:
@@ -594,21 +617,22 @@ class Rollout:
             for d in resumed:  # sent, maybe never published: again, under a new revision (same model)
                 if self.rows[d]["state"] == "sent":
                     self.rows[d]["state"] = "planned"
+            self._recount()
             last_beat = last_flush = last_shown = 0.0
             for w, end in enumerate(ends):
                 interval = 1.0 / settings.rate_per_s if settings.rate_per_s else 0.0
                 next_send = time.monotonic()
                 deadline = None
-                pending = [d for d in order[:end] if self.rows[d]["state"] == "planned"]
+                pending = deque(d for d in order[:end] if self.rows[d]["state"] == "planned")
                 # Waited for: this wave's devices and whatever this loop sends (on a resume, earlier waves'
                 # devices sent again). An earlier wave's silent devices had their --wave-timeout: waiting for
                 # them again would cost every later wave its whole timeout; their answers still count.
-                waiting = list(dict.fromkeys([*pending, *order[ends[w - 1] if w else 0:end]]))
+                self._recount(list(dict.fromkeys([*pending, *order[ends[w - 1] if w else 0:end]])))
                 while True:
                     now = time.monotonic()
                     batch = []
                     while pending and now >= next_send and len(batch) < 500:
-                        prepared = self._prepare(pending.pop(0), w, plan)
+                        prepared = self._prepare(pending.popleft(), w, plan)
                         if prepared is not None:
                             batch.append(prepared)
                             next_send = (next_send + interval) if interval else now
@@ -635,7 +659,7 @@ class Rollout:
                     if self.progress and now - last_shown >= 0.2:
                         last_shown = now
                         self.progress(Progress(self._counts(), w + 1, len(ends), len(self.rows)))
-                    if not pending and (all(self.rows[d]["state"] in FINAL for d in waiting) or now >= deadline):
+                    if not pending and (self._open == 0 or now >= deadline):  # every waited-for device answered
                         break
                     time.sleep(0.002 if pending else 0.02)
                 if state != "done":
@@ -646,6 +670,7 @@ class Rollout:
                         break
             self._note_refused(client)
         self._take_reports()
+        self._tally = None
         self._flush()
         if state == "done":  # exit 1 with nothing said: which devices, and what comes of them
             reason = self._silent(settings)

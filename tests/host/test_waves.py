@@ -819,3 +819,40 @@ def test_a_device_revoked_after_the_plan_is_not_sent_again_on_resume_and_does_no
     rows = {r["device"]: r for r in out["devices"]}
     assert rows[names[15]]["error"] == f"{revoked[names[15]]}; not sent"
     assert rows[names[2]]["error"] == f"{revoked[names[2]]}; not sent again"
+
+
+class CountingRows(dict):
+    """A rollout's rows that count how often they are looked up and walked."""
+
+    lookups = walks = 0
+
+    def __getitem__(self, key):
+        self.lookups += 1
+        return super().__getitem__(key)
+
+    def values(self):
+        self.walks += 1
+        return super().values()
+
+
+def test_the_run_loop_counts_states_as_they_change_not_over_every_row_at_each_pass(tmp_path):
+    """Each pass of the run loop (every 2 ms while sending) counted the states over every row (the failure
+    threshold) and walked the wave's devices (has each answered?): CPU that grew with the square of the fleet, the
+    largest share of the host's CPU for 10,000 devices. The counts are kept as states change now: the rows are walked
+    a few times a wave, looked up a bounded number of times a device; the threshold and the wave's end hold as before."""
+    history = Store(tmp_path / "h.db")
+    n = 2000
+    names = planned(history, n=n, waves=(0.5, 1.0), rate_per_s=20_000.0, wave_timeout_s=1.0, max_failed=0.5)
+    broker = FakeBroker(fail=set(names[1::100]), fetching={names[n // 2 - 1]})  # 1 % fail; one device never finishes
+    rollout = Rollout(history, "r", broker)
+    rollout.rows = rows = CountingRows()
+    out = rollout.run()
+    assert out["state"] == "done" and out["counts"] == {"converged": n - 21, "failed": 20, "fetching": 1, "refused": 1}
+    assert rows.walks <= 10, rows.walks
+    assert rows.lookups <= 15 * n, rows.lookups  # about 11 a device; 35 when every pass walked the wave
+    # a failure over the threshold stops it at the pass that took the report, the rest never sent
+    history = Store(tmp_path / "h2.db")
+    names = planned(history, n=n, waves=(0.5, 1.0), rate_per_s=20_000.0, wave_timeout_s=1.0, max_failed=0.01)
+    broker = FakeBroker(fail={names[5]})
+    out = Rollout(history, "r", broker).run()
+    assert out["state"] == "stopped" and out["counts"]["failed"] == 1 and len(broker.sent) < 200, len(broker.sent)
