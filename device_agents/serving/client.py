@@ -399,6 +399,7 @@ class CurrentModel:
         self.root = Path(root).expanduser() if root else default_root()  # as Client: the agent's own default
         self.runtime, self.threads, self.delegate = runtime, threads, delegate
         self._lock = threading.Lock()
+        self._store: Any = None  # the agent's store, read only (made at the first predict: no import before)
         self._sha: str | None = None
         self._runner: Any = None
         # the last load that failed: (its model's files as they were, monotonic time, the error), so a broken model
@@ -434,7 +435,9 @@ class CurrentModel:
         """
         from device_agents.store import ModelStore
 
-        store = ModelStore(self.root)
+        if self._store is None:  # one for the model's life: a switch.json it cannot read is logged once
+            self._store = ModelStore(self.root)
+        store = self._store
         try:
             sha = store.current()
             if sha is None and not store.models.is_dir():  # a mistyped root: not "no model is active"
