@@ -27,7 +27,7 @@ from device_agents.errors import StoreError, UsageError
 from device_agents.runtimes import RUNTIMES
 from device_agents.store import ModelStore, default_root
 from edgekit_protocol.config import INFERENCE_TIMEOUT_FACTOR, BenchSettings, PowerConfig
-from edgekit_protocol.errors import EdgeKitError
+from edgekit_protocol.errors import EdgeKitError, leave_on_closed_stdout
 
 
 def _print_table(model: Path, record: dict) -> None:
@@ -40,7 +40,8 @@ def _print_table(model: Path, record: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the `edgekit-agent` console script."""
+    """Entry point of the `edgekit-agent` console script: an error edge-kit raises on purpose is one line and its
+    ``exit_code``; output whose reader has gone (``| head -1``) ends it quietly with exit 141."""
     parser = argparse.ArgumentParser(prog="edgekit-agent", description="edge-kit on-device agent")
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("bench", help="benchmark a model (.tflite or .onnx) once and print the result")
@@ -100,12 +101,18 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--json", action="store_true", help="the result is JSON already; an error is JSON on stdout too")
     args = parser.parse_args(argv)
     try:
-        _dispatch(args)
-    except EdgeKitError as exc:
-        if getattr(args, "json", False):  # as `edgekit --json`: one document on stdout, the line on stderr
-            print(json.dumps({"error": str(exc), "exit_code": exc.exit_code}, indent=2))
-        sys.stderr.write(f"edgekit-agent: error: {exc}\n")
-        sys.exit(exc.exit_code)
+        try:
+            _dispatch(args)
+        except EdgeKitError as exc:
+            sys.stderr.write(f"edgekit-agent: error: {exc}\n")  # first: seen even when stdout's reader has gone
+            if getattr(args, "json", False):  # as `edgekit --json`: one document on stdout, the line on stderr
+                print(json.dumps({"error": str(exc), "exit_code": exc.exit_code}, indent=2))
+            sys.exit(exc.exit_code)
+        finally:
+            sys.stdout.flush()  # here, not at exit: a reader gone (`| head -1`) is then caught below
+    except BrokenPipeError:
+        leave_on_closed_stdout()  # exit 141, quietly, as git and ls do; any other broken pipe is a bug: shown
+        raise
 
 
 def _dispatch(args: argparse.Namespace) -> None:

@@ -73,3 +73,29 @@ def test_state_says_why_there_are_no_live_figures_when_the_agent_is_not_running(
     finally:
         srv.close()
     assert live["model"] is None and live["clients"] == 0 and live["covers"].startswith("nothing is served")
+
+
+@pytest.mark.parametrize("args", [(), ("--json",)], ids=["text", "json"])
+def test_state_whose_reader_has_gone_ends_quietly_with_exit_141(face, tmp_path, args):
+    """`edgekit-agent state | head -1` ended in a BrokenPipeError traceback once `head` had its line. Now as git and
+    ls: exit 141 (128 + SIGPIPE), nothing on stderr; a bad --root still says its line there."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    store = ModelStore(tmp_path / "root")
+    store.activate(store.install(face, variant="fp16", model="blazeface").sha256)
+    here = Path(__file__).resolve().parents[2]
+    for root, said in ((store.root, ""), (tmp_path / "typo", "edgekit-agent: error: no model store at ")):
+        read, write = os.pipe()
+        os.close(read)  # the reader has gone before the first write: what `| head -1` makes of every later one
+        try:
+            result = subprocess.run([sys.executable, "-m", "device_agents", "state", "--root", str(root), *args],
+                                    stdout=write, stderr=subprocess.PIPE, text=True, timeout=120,
+                                    env={**os.environ, "PYTHONPATH": str(here)})
+        finally:
+            os.close(write)
+        assert result.returncode == (2 if said and not args else 141), result.stderr  # 2: nothing went to stdout
+        assert "Traceback" not in result.stderr and result.stderr.startswith(said), result.stderr
+        assert result.stderr.count("\n") == (1 if said else 0), result.stderr
