@@ -368,10 +368,17 @@ class Client:
         cover), read from the running agent itself: no broker needed. ``model`` is None while nothing is served.
 
         Raises:
-            ServingError: the API cannot be reached (the agent is not running), or is an agent too old to answer it.
+            ServingError: the API cannot be reached (the agent is not running), or is an agent too old to answer it
+                (``unknown op 'live'``; :attr:`connected` tells an answer from no agent).
         """
         answer = self._call({"op": "live"})[0]
         return {k: v for k, v in answer.items() if k not in ("ok", "tensors")}
+
+    @property
+    def connected(self) -> bool:
+        """Return True while this client holds a connection to the API: after a request the agent answered (an error
+        it answered included), not after one it could not be reached for or did not answer in time."""
+        return self._sock is not None
 
     def _drop(self) -> None:
         """Close the connection (the next call opens a new one, and passes the memory file again)."""

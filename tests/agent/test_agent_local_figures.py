@@ -99,3 +99,62 @@ def test_state_whose_reader_has_gone_ends_quietly_with_exit_141(face, tmp_path, 
         assert result.returncode == (2 if said and not args else 141), result.stderr  # 2: nothing went to stdout
         assert "Traceback" not in result.stderr and result.stderr.startswith(said), result.stderr
         assert result.stderr.count("\n") == (1 if said else 0), result.stderr
+
+
+def _older_agent(path, error: str):
+    """Listen at ``path`` as an agent before the `live` op did: every request answered ``error`` (what its request loop
+    said to an op it did not know). Return the listening socket (close it to stop)."""
+    import socket
+    import threading
+
+    from device_agents.serving.frames import Receiver, write_frame
+
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(4)
+
+    def serve():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                receiver = Receiver(conn)
+                try:
+                    while receiver.read(1 << 20) is not None:
+                        write_frame(conn, {"ok": False, "error": error})
+                except OSError:
+                    pass
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener
+
+
+@pytest.mark.parametrize("error, said", [
+    ("unknown op 'live' (predict, info)", "is older than the live figures on the device (its serving API has no live "
+                                          "op): it does not report them here"),
+    ("no model is active on this device; deploy one", "answered: no model is active on this device; deploy one")],
+    ids=["unknown-op", "no-model"])
+def test_state_names_a_running_agent_too_old_for_live_figures_without_telling_to_start_it(face, tmp_path, capsys,
+                                                                                       error, said):
+    """An agent older than the `live` op answers `unknown op 'live'` (or, serving nothing, that no model is active),
+    and `state` added "start it" to an agent that runs. Now it says the running agent is older, and which it is."""
+    import os
+
+    store = ModelStore(tmp_path / "root")
+    store.activate(store.install(face, variant="fp16", model="blazeface").sha256)
+    listener = _older_agent(store.root / "serve.sock", error)
+    try:
+        live = _state(capsys, "--root", str(store.root))["live"]
+    finally:
+        listener.close()
+    assert set(live) == {"source", "unavailable"}, live
+    why = live["unavailable"]
+    assert why.startswith(f"the agent running at {store.root / 'serve.sock'} (pid {os.getpid()}") and said in why, why
+    assert "start it" not in why
+    from edgekit_protocol import (
+        __version__,  # this process's folder is the checkout: its version is read from it
+    )
+
+    assert f"(pid {os.getpid()}, edge-kit {__version__})" in why or f"(pid {os.getpid()}; its version unknown)" in why
