@@ -490,7 +490,8 @@ class CurrentModel:
         try:
             path = store.verify(sha)  # never a model whose bytes changed
             runtime = get_runtime(self.runtime, model=path)  # by the model's format: LiteRT or ONNX Runtime
-            return ModelRunner(runtime.interpreter(path, threads=self.threads, delegate=self.delegate))
+            return ModelRunner(runtime.interpreter(path, threads=self.threads, delegate=self.delegate,
+                                                   options=runtime.reader_options))  # nothing written in the store
         except StoreError as exc:
             raise ServingStoreError(f"{where}: {exc}; {other}") from exc
         except RuntimeUnavailable as exc:
