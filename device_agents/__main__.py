@@ -27,7 +27,7 @@ from device_agents.errors import StoreError, UsageError
 from device_agents.runtimes import RUNTIMES
 from device_agents.store import ModelStore, default_root
 from edgekit_protocol.config import INFERENCE_TIMEOUT_FACTOR, BenchSettings, PowerConfig
-from edgekit_protocol.errors import EdgeKitError
+from edgekit_protocol.errors import EdgeKitError, leave_on_closed_stdout
 
 
 def _print_table(model: Path, record: dict) -> None:
@@ -40,7 +40,8 @@ def _print_table(model: Path, record: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the `edgekit-agent` console script."""
+    """Entry point of the `edgekit-agent` console script: an error edge-kit raises on purpose is one line and its
+    ``exit_code``; output whose reader has gone (``| head -1``) ends it quietly with exit 141."""
     parser = argparse.ArgumentParser(prog="edgekit-agent", description="edge-kit on-device agent")
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("bench", help="benchmark a model (.tflite or .onnx) once and print the result")
@@ -100,12 +101,18 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--json", action="store_true", help="the result is JSON already; an error is JSON on stdout too")
     args = parser.parse_args(argv)
     try:
-        _dispatch(args)
-    except EdgeKitError as exc:
-        if getattr(args, "json", False):  # as `edgekit --json`: one document on stdout, the line on stderr
-            print(json.dumps({"error": str(exc), "exit_code": exc.exit_code}, indent=2))
-        sys.stderr.write(f"edgekit-agent: error: {exc}\n")
-        sys.exit(exc.exit_code)
+        try:
+            _dispatch(args)
+        except EdgeKitError as exc:
+            sys.stderr.write(f"edgekit-agent: error: {exc}\n")  # first: seen even when stdout's reader has gone
+            if getattr(args, "json", False):  # as `edgekit --json`: one document on stdout, the line on stderr
+                print(json.dumps({"error": str(exc), "exit_code": exc.exit_code}, indent=2))
+            sys.exit(exc.exit_code)
+        finally:
+            sys.stdout.flush()  # here, not at exit: a reader gone (`| head -1`) is then caught below
+    except BrokenPipeError:
+        leave_on_closed_stdout()  # exit 141, quietly, as git and ls do; any other broken pipe is a bug: shown
+        raise
 
 
 def _dispatch(args: argparse.Namespace) -> None:
@@ -201,18 +208,30 @@ def live_figures(socket: Path) -> dict[str, Any]:
     percentiles, queue depth, clients, what was turned away: :meth:`device_agents.serving.server.Server.figures`),
     asked over the socket itself, so no broker is needed; with ``covers`` (the span of the counts and the window of
     the percentiles, in words) and ``measured_by`` (where and with which clock). When the agent cannot be asked
-    (not running, serving off, a socket elsewhere, no answer within :data:`LIVE_TIMEOUT_S`):
+    (not running, serving off, a socket elsewhere, no answer within :data:`LIVE_TIMEOUT_S`), or answers an error (an
+    agent older than the ``live`` op, named with its pid and version: :func:`running_agent`):
     ``{"source": "live", "unavailable": why}``. Never raises."""
     from datetime import datetime, timezone
 
     from device_agents.serving.client import Client, ServingError
 
+    client = Client(path=socket, timeout=LIVE_TIMEOUT_S, shared_memory=False)
     try:
-        with Client(path=socket, timeout=LIVE_TIMEOUT_S, shared_memory=False) as client:
-            live = client.live()
+        live = client.live()
     except ServingError as exc:
-        return {"source": "live", "unavailable": f"{exc} (the live figures are the running agent's: start it, or "
-                                                 "give its serve.socket with --socket)"}
+        if not client.connected:  # nothing answered there
+            return {"source": "live", "unavailable": f"{exc} (the live figures are the running agent's: start it, "
+                                                     "or give its serve.socket with --socket)"}
+        who = running_agent(socket)
+        if str(exc).startswith("unknown op 'live'"):
+            why = (f"the agent running at {socket}{who} is older than the live figures on the device (its serving API "
+                   "has no live op): it does not report them here; they still go out on its live topic to edgekit "
+                   "monitor. Deploy this version to it (edgekit deploy) to see them here")
+        else:
+            why = f"the agent running at {socket}{who} answered: {exc}"
+        return {"source": "live", "unavailable": why}
+    finally:
+        client.close()
     model = live.get("model")
     live["measured_by"] = (f"the running agent (pid {live.get('measured_in')}) serving at {socket}, on this device; "
                            "service times with its perf_counter_ns (CLOCK_MONOTONIC), from a request read to its "
@@ -227,6 +246,33 @@ def live_figures(socket: Path) -> dict[str, Any]:
                       f"latency_ms over the last {live.get('window')} requests answered (at most "
                       f"{live.get('window_max')}); queue_depth and clients at {as_of}")
     return live
+
+
+def running_agent(socket: Path) -> str:
+    """Return `` (pid N, edge-kit V)`` for the process that listens at the serving API's ``socket``, as far as this user
+    may see it: the pid from the connection's peer credentials (Linux), the version from ``edgekit_protocol`` in its
+    working folder (a deployed agent runs from its version's folder, ``<root>/agent-<sha12>-<n>``); `` (pid N)`` when
+    the version cannot be read, ``""`` when neither can be known. Never raises."""
+    import re
+    import socket as sockets
+    import struct
+
+    from device_agents.serving.frames import socket_address
+
+    try:
+        with sockets.socket(sockets.AF_UNIX, sockets.SOCK_STREAM) as sock:
+            sock.settimeout(LIVE_TIMEOUT_S)
+            with socket_address(socket) as address:
+                sock.connect(address)
+            pid = struct.unpack("3i", sock.getsockopt(sockets.SOL_SOCKET, sockets.SO_PEERCRED, struct.calcsize("3i")))[0]
+    except (AttributeError, OSError, struct.error):  # no SO_PEERCRED (not Linux), gone meanwhile
+        return ""
+    try:
+        with open(f"/proc/{pid}/cwd/edgekit_protocol/__init__.py", encoding="utf-8") as f:
+            found = re.search(r'^__version__ = "([0-9A-Za-z.+-]{1,40})"', f.read(65536), re.M)
+    except (OSError, ValueError):  # another user's process, or not run from its own folder
+        found = None
+    return f" (pid {pid}, edge-kit {found.group(1)})" if found else f" (pid {pid}; its version unknown)"
 
 
 def _options(args: argparse.Namespace) -> dict[str, str]:

@@ -29,7 +29,9 @@ install had moved into its staging folder goes with it: the deploy (its command 
 goes to, ``{"current", "previous"}``, to ``switch.json`` (atomically, fsynced: the switch's commit
 point), then points ``previous``, then ``current``, then removes ``switch.json``. While that file is
 there it is the truth: :meth:`ModelStore.current` and :meth:`ModelStore.previous` read the pair from
-it, and :meth:`ModelStore.ensure` (the agent at start) finishes the switch. So a crash or a full disk
+it, and :meth:`ModelStore.ensure` (the agent at start) finishes the switch. Only the agent, the store's writer,
+finishes or removes it: a reader (an application's ``open_current``, ``edgekit-agent state``) that cannot read it
+(another user) or finds no pair in it follows the links instead and changes nothing. So a crash or a full disk
 at any step leaves either the old pair (before the commit) or the new one (after), never a mix: never
 ``previous`` equal to ``current``, never a rollback to the wrong model. A store an older agent left with
 ``previous`` equal to ``current`` has its ``previous`` link removed by :meth:`ModelStore.ensure`.
@@ -221,6 +223,9 @@ class ModelStore:
         self.root = Path(root).expanduser()
         self.models = self.root / "models"
         self.incoming = self.root / "incoming"
+        # reads of a switch.json that could not be read or did not name a pair (the links were followed instead);
+        # the first is logged, once per store object (an application's open_current keeps one for its life)
+        self.switch_unread = 0
 
     def ensure(self) -> None:
         """Create the folders (no-op when they exist), :meth:`sweep` what killed processes left, and finish a
@@ -240,7 +245,7 @@ class ModelStore:
             written now (a full disk) is tried again next time, and readers follow ``switch.json`` meanwhile.
         """
         try:
-            pair = self._pending()
+            pair = self._pending(repair=True)
             if pair is not None:
                 self._apply(*pair)
                 return f"finished the switch to {str(pair[0])[:12]} cut short"
@@ -450,22 +455,47 @@ class ModelStore:
         sha = Path(target).name
         return sha if is_sha256(sha) else None
 
-    def _pending(self) -> tuple[str, str | None] | None:
+    def _pending(self, repair: bool = False) -> tuple[str, str | None] | None:
         """Return the ``(current, previous)`` pair of a switch under way or cut short (``switch.json``), or None
-        when there is none; a file that does not name a pair (a hand edit) is removed, and None returned."""
+        when there is none, or it cannot be read or does not name a pair: the links stand then.
+
+        Only the agent (the store's writer, through :meth:`recover`: ``repair``) removes a file that reads but does
+        not name a pair (a hand edit). A reader (``open_current`` in an application, ``edgekit-agent state``, every
+        :meth:`current` and :meth:`previous`) changes nothing: the file may be a switch in progress it may not read,
+        or is seeing mid-write, and is the agent's record of it. Such a read is counted in ``switch_unread`` and
+        logged once per store object. Never raises.
+        """
         path = self.root / SWITCH
         try:
-            pair = json.loads(path.read_text())
+            text = path.read_text()
         except FileNotFoundError:
             return None
-        except (OSError, ValueError):
+        except (OSError, ValueError) as exc:  # no permission (another user), an I/O error, not UTF-8
+            return self._unread(f"{path} cannot be read ({getattr(exc, 'strerror', None) or exc})", repair)
+        try:
+            pair = json.loads(text)
+        except ValueError:
             pair = None
         cur, prev = (pair.get("current"), pair.get("previous")) if isinstance(pair, dict) else (None, None)
-        if not is_sha256(cur) or not (prev is None or is_sha256(prev)) or prev == cur:
-            log.error("%s does not name a pair of models; removed (the links stand)", path)
+        if is_sha256(cur) and (prev is None or is_sha256(prev)) and prev != cur:
+            return cur, prev
+        if not repair:
+            return self._unread(f"{path} does not name a pair of models (a switch being written, or a hand edit)", False)
+        log.error("%s does not name a pair of models; removed (the links stand)", path)
+        try:
             path.unlink(missing_ok=True)
-            return None
-        return cur, prev
+        except OSError as exc:
+            log.error("model store: cannot remove %s (%s)", path, exc.strerror or exc)
+        return None
+
+    def _unread(self, why: str, repair: bool) -> None:
+        """Count a ``switch.json`` that was not followed (``why``), log it (the first time for this store object, or
+        always for the agent's :meth:`recover`: ``repair``), and return None: the links stand."""
+        self.switch_unread += 1
+        if repair or self.switch_unread == 1:
+            log.warning("%s; following the current and previous links (a switch in progress is finished by the "
+                        "agent, never by a reader)", why)
+        return None
 
     def current(self) -> str | None:
         """Return the sha256 of the current model (a switch's, while ``switch.json`` records one), or None."""

@@ -11,6 +11,46 @@ The host adds its own branches (``edge_kit.errors``); the agent its own (``devic
 
 from __future__ import annotations
 
+import os
+import sys
+
+STDOUT_CLOSED = 141  # what a shell reports for a process ended by SIGPIPE (128 + 13), as `git log | head -1` does
+
+
+def stdout_closed(fd: int | None = None) -> bool:
+    """Return True when standard output (``fd``: a duplicate of it, made at start) is a pipe whose reader has gone
+    (``edgekit ... | head -1`` once ``head`` has read its line): a write to it fails with ``EPIPE``. False for a
+    terminal, a file, an open pipe, or where it cannot be told (no ``poll``). Never raises."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.__stdout__.fileno() if fd is None else fd, select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll() (Windows), stdout closed or replaced
+        return False
+
+
+def leave_on_closed_stdout(fd: int | None = None) -> None:
+    """When standard output's reader has gone (:func:`stdout_closed`, of ``fd`` if given), exit quietly with
+    :data:`STDOUT_CLOSED`, the usual Unix behaviour (git, ls): no traceback, and nothing still buffered raises again
+    at exit (standard output and error are pointed at ``os.devnull``: both are the same pipe in ``2>&1 | head``).
+    Otherwise return: an ``EPIPE`` from anything else (a socket) is a bug the caller shows. Each CLI's entry point
+    calls it, once, for a :class:`BrokenPipeError`.
+
+    Raises:
+        SystemExit: :data:`STDOUT_CLOSED`, when standard output's reader has gone.
+    """
+    if not stdout_closed(fd):
+        return
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for stream in (sys.__stdout__, sys.__stderr__):
+            os.dup2(devnull, stream.fileno())
+    except (AttributeError, OSError, ValueError):
+        pass
+    sys.exit(STDOUT_CLOSED)
+
 
 class EdgeKitError(Exception):
     """Base class of every error edge-kit raises on purpose. ``exit_code`` is what a CLI exits with."""

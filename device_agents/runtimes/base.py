@@ -12,6 +12,9 @@ class Runtime:
     key: ClassVar[str]
     package: ClassVar[str]  # what `pip install` needs for this runtime
     formats: ClassVar[tuple[str, ...]] = ("tflite",)  # the model formats it runs (device_agents.runtimes.model_format)
+    # the ``options`` of :meth:`interpreter` for a reader of the agent's store (an application's open_current): a
+    # runtime that writes there (TensorRT's engine cache) then only reads; None: it never writes there
+    reader_options: ClassVar[dict[str, Any] | None] = None
 
     @classmethod
     def unavailable_reason(cls) -> str | None:

@@ -553,6 +553,7 @@ class TensorRT(Runtime):
     key: ClassVar[str] = "tensorrt"
     package: ClassVar[str] = "onnxruntime-gpu"
     formats: ClassVar[tuple[str, ...]] = ("onnx",)
+    reader_options: ClassVar[dict[str, Any] | None] = {"build": False}  # an application never builds nor removes engines
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -580,10 +581,14 @@ class TensorRT(Runtime):
         The engine comes from the cache (built at install); when it is not there (``edgekit-agent bench``
         on a file) it is built now, in a child process as at install (:func:`build_in_child`: its time
         and peak memory), and :attr:`TrtInterpreter.engine` says so.
-        ``options``: ``engine_root`` (default: :func:`default_root`). ``delegate`` does not apply.
+        ``options``: ``engine_root`` (default: :func:`default_root`); ``build`` (default True): False for a reader
+        of the agent's store (:attr:`reader_options`), which never builds an engine nor removes one (building one
+        removes the engines of other TensorRT versions and GPUs, and a build half done: the agent's own, maybe under
+        way). ``delegate`` does not apply.
 
         Raises:
-            ValueError: given bytes (the engine cache needs the file), or the engine cannot be built.
+            ValueError: given bytes (the engine cache needs the file), the engine cannot be built, or (``build``
+                False) there is no engine built for this device's TensorRT version and GPU.
         """
         if isinstance(model, bytes | bytearray):
             raise ValueError("a TensorRT variant is run from its file (the engine cache is keyed by it), not from bytes")
@@ -591,7 +596,12 @@ class TensorRT(Runtime):
         root = Path((options or {}).get("engine_root") or default_root(model))
         ort = _ort()
         try:
-            engine = _cached_record(model, root) or build_in_child(model, root, threads=threads)
+            engine = _cached_record(model, root)
+            if engine is None and (options or {}).get("build", True) is False:
+                raise EngineBuildError(f"{model.name}: no TensorRT engine built for this device's TensorRT version and "
+                                       f"GPU under {root / ENGINES} (or one being built); the agent builds it at "
+                                       "install and when it serves the model: use its serving API meanwhile")
+            engine = engine or build_in_child(model, root, threads=threads)
             session = _session(ort, model, engine["provider_options"], threads=threads)
         except EngineBuildError as exc:
             raise ValueError(str(exc)) from None

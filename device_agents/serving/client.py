@@ -368,10 +368,17 @@ class Client:
         cover), read from the running agent itself: no broker needed. ``model`` is None while nothing is served.
 
         Raises:
-            ServingError: the API cannot be reached (the agent is not running), or is an agent too old to answer it.
+            ServingError: the API cannot be reached (the agent is not running), or is an agent too old to answer it
+                (``unknown op 'live'``; :attr:`connected` tells an answer from no agent).
         """
         answer = self._call({"op": "live"})[0]
         return {k: v for k, v in answer.items() if k not in ("ok", "tensors")}
+
+    @property
+    def connected(self) -> bool:
+        """Return True while this client holds a connection to the API: after a request the agent answered (an error
+        it answered included), not after one it could not be reached for or did not answer in time."""
+        return self._sock is not None
 
     def _drop(self) -> None:
         """Close the connection (the next call opens a new one, and passes the memory file again)."""
@@ -399,6 +406,7 @@ class CurrentModel:
         self.root = Path(root).expanduser() if root else default_root()  # as Client: the agent's own default
         self.runtime, self.threads, self.delegate = runtime, threads, delegate
         self._lock = threading.Lock()
+        self._store: Any = None  # the agent's store, read only (made at the first predict: no import before)
         self._sha: str | None = None
         self._runner: Any = None
         # the last load that failed: (its model's files as they were, monotonic time, the error), so a broken model
@@ -434,7 +442,9 @@ class CurrentModel:
         """
         from device_agents.store import ModelStore
 
-        store = ModelStore(self.root)
+        if self._store is None:  # one for the model's life: a switch.json it cannot read is logged once
+            self._store = ModelStore(self.root)
+        store = self._store
         try:
             sha = store.current()
             if sha is None and not store.models.is_dir():  # a mistyped root: not "no model is active"
@@ -480,7 +490,8 @@ class CurrentModel:
         try:
             path = store.verify(sha)  # never a model whose bytes changed
             runtime = get_runtime(self.runtime, model=path)  # by the model's format: LiteRT or ONNX Runtime
-            return ModelRunner(runtime.interpreter(path, threads=self.threads, delegate=self.delegate))
+            return ModelRunner(runtime.interpreter(path, threads=self.threads, delegate=self.delegate,
+                                                   options=runtime.reader_options))  # nothing written in the store
         except StoreError as exc:
             raise ServingStoreError(f"{where}: {exc}; {other}") from exc
         except RuntimeUnavailable as exc:

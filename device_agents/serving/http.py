@@ -22,6 +22,8 @@ connection is closed after as long). A request cut off is answered 408 and count
 - ``POST /v1/predict`` with ``{"inputs": {name: nested lists of numbers}}`` answers
   ``{"ok": true, "outputs": {name: nested lists}, "model": {"sha256", "variant"}, "ms": ...}``.
 - ``GET /v1/model`` answers ``{"ok": true, "model": ..., "inputs": [...], "outputs": [...]}``.
+- ``GET /v1/live`` answers the live figures as the socket's ``live`` op does (``{"ok": true, "source": "live", ...}``,
+  :meth:`~device_agents.serving.server.Server.live_answer`), ``model`` null while nothing is served.
 
 Errors answer ``{"ok": false, "error": "..."}`` with 400 (malformed JSON, NaN or infinity, not a
 rectangular array of numbers, inputs that do not fit the model, a request line or headers that are
@@ -399,7 +401,7 @@ def listen(server: Any, port: int) -> ThreadingHTTPServer:
                                                     "(GET /v1/model or POST /v1/predict)"}, close=True)
 
         def do_GET(self) -> None:  # noqa: N802 - the standard library's name
-            """Answer ``GET /v1/model`` (404/405 for other paths, 503 when nothing is served).
+            """Answer ``GET /v1/model`` (503 when nothing is served) and ``GET /v1/live`` (404/405 for other paths).
 
             Raises:
                 OSError: the client is gone.
@@ -407,8 +409,11 @@ def listen(server: Any, port: int) -> ThreadingHTTPServer:
             if self.path.split("?")[0] == "/v1/predict":
                 self._error(405, "use POST for /v1/predict")
                 return
+            if self.path.split("?")[0] == "/v1/live":  # the counters read, nothing kept: as the socket's live op
+                self._send(200, server.live_answer(http=True))
+                return
             if self.path.split("?")[0] != "/v1/model":
-                self._error(404, f"no such endpoint {self.path[:60]!r} (POST /v1/predict, GET /v1/model)")
+                self._error(404, f"no such endpoint {self.path[:60]!r} (POST /v1/predict, GET /v1/model, GET /v1/live)")
                 return
             served = server.current
             if served is None:
@@ -423,10 +428,10 @@ def listen(server: Any, port: int) -> ThreadingHTTPServer:
                 OSError: the client is gone or too slow (ends the connection).
             """
             if self.path.split("?")[0] != "/v1/predict":
-                if self.path.split("?")[0] == "/v1/model":
-                    self._error(405, "use GET for /v1/model", close=True)
+                if self.path.split("?")[0] in ("/v1/model", "/v1/live"):
+                    self._error(405, f"use GET for {self.path.split('?')[0]}", close=True)
                 else:
-                    self._error(404, f"no such endpoint {self.path[:60]!r} (POST /v1/predict, GET /v1/model)",
+                    self._error(404, f"no such endpoint {self.path[:60]!r} (POST /v1/predict, GET /v1/model, GET /v1/live)",
                                 close=True)
                 return
             length = self.headers.get("Content-Length")

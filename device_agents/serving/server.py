@@ -392,6 +392,16 @@ class Server:
         Read from the counters the request path keeps anyway: nothing is added per request."""
         return {**self.snapshot(), "as_of": round(time.time(), 3), "window_max": WINDOW, "measured_in": os.getpid()}
 
+    def live_answer(self, http: bool = False) -> dict[str, Any]:
+        """Return the answer to a ``live`` question (the socket's ``live`` op, ``GET /v1/live``: ``http``):
+        ``{"ok": true}`` and :meth:`figures`, the connection asking not counted in ``clients`` (nor, over HTTP, in
+        ``http_clients``): it is not one of the clients it asks about."""
+        answer = {"ok": True, **self.figures()}
+        answer["clients"] -= 1
+        if http:
+            answer["http_clients"] -= 1
+        return answer
+
     def samples(self, n: int) -> list[float]:
         """Return the served model's last ``n`` service times in ms, oldest first (what a rollout gate tests)."""
         served = self.current
@@ -566,8 +576,7 @@ class Server:
                     continue
                 served = self.current
                 if op == "live":  # the figures as they stand, for `edgekit-agent state`: counters read, none kept
-                    answer = {"ok": True, **self.figures()}
-                    answer["clients"] -= 1  # the connection asking is not one of the clients it asks about
+                    answer = self.live_answer()
                 elif served is None:
                     answer = {"ok": False, "error": self.no_model}
                 elif op == "info":

@@ -9,6 +9,7 @@ bug. Without the ``host`` extra the command says in one line what to install.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import warnings
 from typing import Any, NoReturn
@@ -31,15 +32,38 @@ def fail(message: str, exit_code: int, as_json: bool) -> NoReturn:
 
     ``message`` must already be printable (no terminal controls). Raises SystemExit, always.
     """
+    sys.stderr.write(f"edgekit: error: {message}\n")  # first: seen even when stdout's reader has gone (`| head`)
     if as_json:
         sys.stdout.write(json.dumps({"error": message, "exit_code": exit_code}, indent=2) + "\n")
-    sys.stderr.write(f"edgekit: error: {message}\n")
     sys.exit(exit_code)
 
 
 def main() -> None:
     """Console-script entry point: run the app, map toolkit errors, usage errors and Ctrl-C to one line and
-    an exit code (2 for usage and bad input, 130 for Ctrl-C, else the error's ``exit_code``)."""
+    an exit code (2 for usage and bad input, 130 for Ctrl-C, else the error's ``exit_code``); output whose reader has
+    gone (``| head -1``) ends it quietly with exit 141, as git and ls do."""
+    from edgekit_protocol.errors import leave_on_closed_stdout
+
+    try:  # rich points fd 1 at /dev/null when its reader has gone: this duplicate still tells
+        stdout: int | None = os.dup(sys.__stdout__.fileno())
+    except (AttributeError, OSError, ValueError):
+        stdout = None
+    try:
+        try:
+            _main()
+        finally:
+            sys.stdout.flush()  # here, not at exit: a reader gone is then caught below
+    except BrokenPipeError:
+        leave_on_closed_stdout(stdout)  # any other broken pipe (a socket) is a bug: shown
+        raise
+    except SystemExit as exc:
+        if exc.code == 1:  # rich's and typer's own answer to EPIPE in a command (exit 1): the same exit 141 as ours
+            leave_on_closed_stdout(stdout)
+        raise
+
+
+def _main() -> None:
+    """Run the app (:func:`main` says how it ends)."""
     from edge_kit.cli.worker import run_worker, supervised
     from edge_kit.errors import EdgeKitError
 

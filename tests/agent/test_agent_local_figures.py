@@ -73,3 +73,88 @@ def test_state_says_why_there_are_no_live_figures_when_the_agent_is_not_running(
     finally:
         srv.close()
     assert live["model"] is None and live["clients"] == 0 and live["covers"].startswith("nothing is served")
+
+
+@pytest.mark.parametrize("args", [(), ("--json",)], ids=["text", "json"])
+def test_state_whose_reader_has_gone_ends_quietly_with_exit_141(face, tmp_path, args):
+    """`edgekit-agent state | head -1` ended in a BrokenPipeError traceback once `head` had its line. Now as git and
+    ls: exit 141 (128 + SIGPIPE), nothing on stderr; a bad --root still says its line there."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    store = ModelStore(tmp_path / "root")
+    store.activate(store.install(face, variant="fp16", model="blazeface").sha256)
+    here = Path(__file__).resolve().parents[2]
+    for root, said in ((store.root, ""), (tmp_path / "typo", "edgekit-agent: error: no model store at ")):
+        read, write = os.pipe()
+        os.close(read)  # the reader has gone before the first write: what `| head -1` makes of every later one
+        try:
+            result = subprocess.run([sys.executable, "-m", "device_agents", "state", "--root", str(root), *args],
+                                    stdout=write, stderr=subprocess.PIPE, text=True, timeout=120,
+                                    env={**os.environ, "PYTHONPATH": str(here)})
+        finally:
+            os.close(write)
+        assert result.returncode == (2 if said and not args else 141), result.stderr  # 2: nothing went to stdout
+        assert "Traceback" not in result.stderr and result.stderr.startswith(said), result.stderr
+        assert result.stderr.count("\n") == (1 if said else 0), result.stderr
+
+
+def _older_agent(path, error: str):
+    """Listen at ``path`` as an agent before the `live` op did: every request answered ``error`` (what its request loop
+    said to an op it did not know). Return the listening socket (close it to stop)."""
+    import socket
+    import threading
+
+    from device_agents.serving.frames import Receiver, write_frame
+
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(4)
+
+    def serve():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                receiver = Receiver(conn)
+                try:
+                    while receiver.read(1 << 20) is not None:
+                        write_frame(conn, {"ok": False, "error": error})
+                except OSError:
+                    pass
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener
+
+
+@pytest.mark.parametrize("error, said", [
+    ("unknown op 'live' (predict, info)", "is older than the live figures on the device (its serving API has no live "
+                                          "op): it does not report them here"),
+    ("no model is active on this device; deploy one", "answered: no model is active on this device; deploy one")],
+    ids=["unknown-op", "no-model"])
+def test_state_names_a_running_agent_too_old_for_live_figures_without_telling_to_start_it(face, tmp_path, capsys,
+                                                                                       error, said):
+    """An agent older than the `live` op answers `unknown op 'live'` (or, serving nothing, that no model is active),
+    and `state` added "start it" to an agent that runs. Now it says the running agent is older, and which it is."""
+    import os
+
+    store = ModelStore(tmp_path / "root")
+    store.activate(store.install(face, variant="fp16", model="blazeface").sha256)
+    listener = _older_agent(store.root / "serve.sock", error)
+    try:
+        live = _state(capsys, "--root", str(store.root))["live"]
+    finally:
+        listener.close()
+    assert set(live) == {"source", "unavailable"}, live
+    why = live["unavailable"]
+    assert why.startswith(f"the agent running at {store.root / 'serve.sock'} (pid {os.getpid()}") and said in why, why
+    assert "start it" not in why
+    from edgekit_protocol import (
+        __version__,  # this process's folder is the checkout: its version is read from it
+    )
+
+    assert f"(pid {os.getpid()}, edge-kit {__version__})" in why or f"(pid {os.getpid()}; its version unknown)" in why

@@ -280,3 +280,68 @@ def test_a_broken_active_model_is_not_hashed_again_at_every_call_until_its_files
     path.write_bytes(good)  # repaired (deployed again): loaded at the next call
     assert set(model.predict(FRAME)) == {"regressors", "classificators"}
     assert hashed.count(path) == 2
+
+
+def _state(root: Path) -> dict:
+    """Return what `edgekit-agent state --json` prints for ``root`` (no agent running: the live figures unavailable)."""
+    import contextlib
+    import io
+
+    from device_agents.__main__ import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        main(["state", "--root", str(root), "--socket", str(root / "no.sock"), "--json"])
+    return json.loads(out.getvalue())
+
+
+def test_a_reader_who_may_not_read_switch_json_follows_the_links_and_never_removes_it(faces, caplog):
+    """An application (another user) reading the store with open_current, or `edgekit-agent state`, could not read
+    the agent's switch.json (mode 600), logged that it "does not name a pair" and deleted it where it could write
+    the root: the agent's record of a switch in progress was lost. A reader now follows the links, changes nothing,
+    and the agent finishes the switch."""
+    with tempfile.TemporaryDirectory(prefix="edgekit-perm-") as folder:
+        os.chmod(folder, 0o755)
+        store = ModelStore(Path(folder) / "root")
+        short, full = (store.install(f, variant=v, model="blazeface").sha256 for f, v in zip(faces, ("fp16", "fp32")))
+        store.activate(short)
+        for d in (store.models, *(store.models / s for s in (short, full))):
+            os.chmod(d, 0o755)
+        os.chmod(store.root, 0o777)  # the worst case: the application's user may write the root
+        open_current(store.root).predict(FRAME)  # loaded once here: the child needs no import it cannot read
+        _state(store.root)
+        switch = store.root / "switch.json"  # the agent, mid-way through its switch to the full-range model
+        switch.write_text(json.dumps({"current": full, "previous": short}))
+        os.chmod(switch, 0o000)
+
+        def read() -> dict:
+            model = open_current(store.root)
+            model.predict(FRAME)
+            model.predict(FRAME)
+            state = _state(store.root)
+            return {"served": model.sha256, "state": state["current"]["sha256"], "unread": model._store.switch_unread}
+
+        got = _as_another_user(read) if os.geteuid() == 0 else read()
+        assert switch.exists() and json.loads(switch.read_text()) == {"current": full, "previous": short}, got
+        assert got == {"served": short, "state": short, "unread": 2}, got  # the links: the switch is not made yet
+        assert store.recover() == f"finished the switch to {full[:12]} cut short"  # the agent, its writer
+        assert (store.current(), store.previous()) == (full, short) and not switch.exists()
+
+
+def test_a_half_written_switch_json_is_left_to_the_agent_and_logged_once_by_a_reader(store, faces, caplog):
+    """A reader that found switch.json mid-write (or garbled) removed it, and logged it at every call."""
+    full = store.install(faces[1], variant="fp32", model="blazeface").sha256
+    short = store.current()
+    switch = store.root / "switch.json"
+    half = json.dumps({"current": full, "previous": short})[:40].encode()
+    switch.write_bytes(half)
+    model = open_current(store.root)
+    for _ in range(3):
+        model.predict(FRAME)
+    assert model.sha256 == short and _state(store.root)["current"]["sha256"] == short
+    assert ModelStore(store.root).previous() is None
+    assert switch.read_bytes() == half  # left as it was: the agent's to finish or remove
+    said = [r.getMessage() for r in caplog.records if "switch.json" in r.getMessage()]
+    assert model._store.switch_unread == 3 and len(said) == 3, said  # once by the model, once by each state's store...
+    store.ensure()  # ...and the agent at its start removes what names no pair
+    assert not switch.exists() and store.current() == short

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import socket
 import time
 
@@ -962,3 +963,30 @@ def test_an_http_connection_whose_first_request_comes_as_it_is_evicted_gets_its_
     finally:
         first.close()
         srv.close()
+
+
+def test_get_live_answers_the_live_figures_as_the_socket_live_op_does(store, server):
+    """The live figures were the socket's alone (`live` op, `edgekit-agent state`): an application in another language
+    on the loopback HTTP API had no way to read them."""
+    for s in samples(3):
+        assert call(server, "POST", "/v1/predict", {"inputs": {"image": s.tolist()}})[0] == 200
+    assert call(server, "POST", "/v1/predict", {"inputs": {"image": [1.0]}})[0] == 400  # counted as an error
+    with Client(store.root) as client:  # one socket client connected meanwhile
+        client.info()
+        status, live = call(server, "GET", "/v1/live")
+        over_socket = client.live()
+    assert status == 200 and live["ok"] is True and live["source"] == "live"
+    assert set(live) == {"ok", *over_socket}, set(live) ^ set(over_socket)
+    assert live["model"] == over_socket["model"] == {"sha256": store.shas["int8"], "variant": "int8"}
+    assert (live["requests"], live["errors"], live["window"]) == (3, 1, 3) == (
+        over_socket["requests"], over_socket["errors"], over_socket["window"])
+    assert live["clients"] == 1 and live["http_clients"] == 0  # the socket client; the asking connection not counted
+    assert 0 < live["latency_ms"]["p50"] <= live["latency_ms"]["p99"] and live["measured_in"] == os.getpid()
+    assert call(server, "POST", "/v1/live", b"{}")[0] == 405
+    assert "GET /v1/live" in call(server, "GET", "/v1/nope")[1]["error"]
+    idle = Server(store.root / "idle.sock", make_interpreter=make, http_port=0).start()  # nothing served: no figures
+    try:
+        status, live = call(idle, "GET", "/v1/live")
+    finally:
+        idle.close()
+    assert status == 200 and live["model"] is None and live["clients"] == 0 and "requests" not in live

@@ -461,3 +461,29 @@ def test_a_build_record_holding_nan_is_no_record_and_the_engine_is_rebuilt(fake:
     rec = trt.build_engine(fp16, root)
     assert rec["cached"] is False and fake.builds == 1
     assert trt._cached_record(fp16, root)["cached"] is True
+
+
+def test_an_application_reading_the_store_never_builds_nor_removes_an_engine(fake: FakeOrt, fp16: Path, tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """open_current in an application (a reader of the agent's store) built a missing engine itself, removing on the
+    way the engines of other TensorRT versions and GPUs and a build half done: the agent's own, maybe under way."""
+    from device_agents.serving import ServingError, open_current
+
+    store = ModelStore(tmp_path / "root")
+    active = store.install(fp16, variant="trt-fp16", model="m").sha256
+    store._point("current", active)
+    agents = trt.build_engine(store.model_path(active), store.root)  # the agent's, at install
+    upgraded = trt.Identity("10.4.0", IDENT.gpu)  # JetPack upgraded; the agent has not served the model since
+    monkeypatch.setattr(trt, "identity", lambda: upgraded)
+    half = trt.engine_dir(store.root, active, upgraded)
+    for building in (False, True):  # then the agent's build under way: an engine, no record yet
+        if building:
+            half.mkdir(parents=True)
+            (half / "TensorrtExecutionProvider_TRTKernel_graph_g_1_0_0_sm87.engine").write_bytes(b"half")
+        with pytest.raises(ServingError, match="no TensorRT engine built for this device's TensorRT version and GPU"):
+            open_current(store.root).predict(np.zeros((1, 8), np.float32))
+        assert Path(agents["engine_dir"]).is_dir() and fake.builds == 1
+        assert half.is_dir() == building and (not building or [p.name for p in half.iterdir()] == [
+            "TensorrtExecutionProvider_TRTKernel_graph_g_1_0_0_sm87.engine"])
+    assert trt.build_engine(store.model_path(active), store.root)["cached"] is False  # the agent, its writer
+    assert open_current(store.root).predict(np.zeros((1, 8), np.float32)) and fake.builds == 2

@@ -376,3 +376,26 @@ def test_a_missing_argument_is_named_as_the_usage_line_and_the_help_name_it(run_
         assert re.fullmatch(rf"Usage: edgekit {' '.join(path)} \[OPTIONS\] {argument}", next(
             r for r in rows if r.startswith("Usage: "))), rows
         assert any(re.match(rf"\* {argument} <", r) for r in rows), rows
+
+
+@pytest.mark.parametrize("args", [("profiles", "list"), ("profiles", "list", "--json"),
+                                  ("profiles", "show", "rpi-4", "--json")],
+                         ids=["table", "json", "json-error"])
+def test_output_whose_reader_has_gone_ends_quietly_with_exit_141(args):
+    """`edgekit history alerts | head -1`, `edgekit fleet status --json | head -c 10`: once `head` had read what it
+    wanted, the next write ended in a BrokenPipeError traceback (an error's JSON, or --json's document), or exit 1
+    (rich's tables). Now as git and ls: exit 141 (128 + SIGPIPE), nothing on stderr but an error's own line."""
+    read, write = os.pipe()
+    os.close(read)  # the reader has gone before the first write: what `| head -1` makes of every later one
+    try:
+        code = f"import sys; sys.argv = ['edgekit', *{list(args)!r}]; from edge_kit.cli import main; main()"
+        result = subprocess.run([sys.executable, "-c", code], stdout=write, stderr=subprocess.PIPE, text=True,
+                                timeout=120)
+    finally:
+        os.close(write)
+    assert result.returncode == 141, result.stderr
+    assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr
+    if "rpi-4" in args:  # the error's line is said first, on stderr: seen all the same
+        assert result.stderr.startswith("edgekit: error: unknown profile 'rpi-4'") and result.stderr.count("\n") == 1
+    else:
+        assert result.stderr == ""
