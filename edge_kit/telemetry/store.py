@@ -900,11 +900,6 @@ class HistoryStore(abc.ABC):
                 found.add(device)
         return newest
 
-    def last_known_model(self, device: str, scan: int = 100) -> dict[str, Any] | None:
-        """Return :meth:`last_known_models`' answer for ``device`` alone, or None when it has none. Raises
-        HistoryError."""
-        return self.last_known_models((device,), scan).get(device)
-
     def last_known_models(self, devices: Iterable[str] | None = None, scan: int = 100) -> dict[str, dict[str, Any]]:
         """Return, per device (of ``devices``, or every device), the model that the newest of its ``scan`` newest
         statuses (by receive time, then ``seq``) naming one says it ran (for a device offline now, whose last word,
