@@ -23,6 +23,13 @@ class CompileError(EdgeKitError):
     exit_code = 3
 
 
+class CompileInterrupted(CompileError):
+    """Ctrl-C during a compile's result swap: held until the swap ended, then the compile stops; the text says which
+    result is in place, whole. Exit code 130, as for any interruption."""
+
+    exit_code = 130
+
+
 class DeployError(EdgeKitError):
     """Pushing or activating an artifact on a device failed."""
 

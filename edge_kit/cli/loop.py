@@ -445,14 +445,21 @@ def _fleet_states(fleet: Any, status: dict[str, dict[str, Any]], received: dict[
 
 
 def _current_models(store: Any, fleet: Any, status: dict[str, dict[str, Any]], states: dict[str, dict[str, Any]],
-                    retained: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+                    retained: dict[str, dict[str, Any]] | None = None,
+                    reported: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
     """Return the model each device of ``fleet`` runs, or ran last as far as this host knows: ``variant``, ``sha256``,
     ``last_known`` (the device is not online now: what it said before), ``at`` (when this host received the status
-    that said it; None for the broker's retained one) and ``source``. An online device's is its newest status's (the
-    broker's retained ``online`` where given, fresher); an offline, stale or revoked one's, its newest status naming a
-    model (its last will may name none), else its retained status's; a device no status named a model of is left out.
-    ``status``: the history's newest statuses; ``states``: :func:`_fleet_states`. Raises HistoryError."""
+    that said it; None for a message retained at the broker) and ``source``: ``history``, ``broker`` (its status
+    retained at the broker) or ``reported`` (the reported state a pull rollout's agent left retained at the broker).
+    An online device's is its newest status's (the broker's retained ``online`` where given, fresher). An offline,
+    stale or revoked one's is its newest status in the history naming a model (its last will may name none), unless
+    its verified retained ``reported`` state (``reported``: :func:`~edge_kit.fleet.commands.broker_statuses`) names
+    one and is newer by the device's own clock (the only order the two share: a retained message carries no receive
+    time), else its retained status's; a device nothing named a model of is left out. ``status``: the history's
+    newest statuses; ``states``: :func:`_fleet_states`. One history query for all the offline devices (two at most).
+    Raises HistoryError."""
     found: dict[str, dict[str, Any]] = {}
+    offline = []
     for dev in fleet.devices:
         st = status.get(dev.name) or {}
         kept = (retained or {}).get(dev.name) or {}
@@ -460,26 +467,47 @@ def _current_models(store: Any, fleet: Any, status: dict[str, dict[str, Any]], s
         if kept.get("state") == "online":  # the agent's word on connecting (and on each switch since): fresher
             st, source = kept, "broker"
         cur = st.get("current") if isinstance(st.get("current"), dict) else {}  # a device's own word: any shape
-        online = states[dev.name]["state"] == "online"
-        if online and cur:
+        if states[dev.name]["state"] != "online":
+            offline.append(dev.name)
+        elif cur:
             found[dev.name] = {"variant": cur.get("variant"), "sha256": cur.get("sha256"), "last_known": False,
                                "at": None, "source": source}
-            continue
-        if online:
-            continue
-        known = store.last_known_model(dev.name)
-        said = kept.get("current") if isinstance(kept.get("current"), dict) else {}
-        if known is not None:
-            found[dev.name] = {**known, "last_known": True, "source": "history"}
-        elif isinstance(said.get("variant"), str) and said["variant"]:
-            found[dev.name] = {"variant": said["variant"], "sha256": said.get("sha256"), "last_known": True, "at": None,
-                               "source": "broker"}
+    known = store.last_known_models(offline) if offline else {}
+    for name in offline:
+        history = known.get(name)
+        report = _named_model(((reported or {}).get(name) or {}).get("current"))
+        kept = (retained or {}).get(name) or {}
+        said = _named_model(kept.get("current"))
+        if report is not None and (history is None or _newer(reported[name].get("ts"), history.get("said_at"))):
+            found[name] = {**report, "last_known": True, "at": None, "source": "reported"}
+        elif history is not None:
+            found[name] = {"variant": history["variant"], "sha256": history["sha256"], "last_known": True,
+                           "at": history["at"], "source": "history"}
+        elif said is not None:
+            found[name] = {**said, "last_known": True, "at": None, "source": "broker"}
     return found
+
+
+def _named_model(current: Any) -> dict[str, Any] | None:
+    """Return ``{variant, sha256}`` of a device's ``current`` (its own word: any shape) when it names a variant, else
+    None. Raises nothing."""
+    if isinstance(current, dict) and isinstance(current.get("variant"), str) and current["variant"]:
+        return {"variant": current["variant"], "sha256": current.get("sha256")}
+    return None
+
+
+def _newer(ts: Any, than: Any) -> bool:
+    """Return whether the device clock stamp ``ts`` is later than ``than`` (a number each, else False). Raises
+    nothing."""
+    from edgekit_protocol.messages import in_range
+
+    return in_range(ts) and in_range(than) and ts > than
 
 
 def _current_cell(model: dict[str, Any] | None) -> str:
     """Return the table's current-model cell for :func:`_current_models`' answer of one device: its variant, marked
-    ``last known`` with when it was said for a device not online; ``-`` when none is known. Raises nothing."""
+    ``last known`` with where it came from (and when this host received it, for the history's) for a device not
+    online; ``-`` when none is known. Raises nothing."""
     from edge_kit.telemetry.report import local_time
 
     if not model:
@@ -487,19 +515,28 @@ def _current_cell(model: dict[str, Any] | None) -> str:
     variant = safe(clip(model.get("variant") or "-", 128))
     if not model["last_known"]:
         return variant
-    when = local_time(model["at"]) if model.get("at") is not None else "its status retained at the broker"
-    return f"{variant} (last known, {when})"
+    return f"{variant} (last known: {LAST_KNOWN_FROM[model['source']]}" + (
+        f", received {local_time(model['at'])})" if model.get("at") is not None else ")")
 
 
-def _fleet_table(store: Any, fleet: Any, retained: dict[str, dict[str, Any]] | None = None) -> Table:
+# where a device's last known model came from (:func:`_current_models`' ``source``), as the fleet table says it
+LAST_KNOWN_FROM = {"history": "history", "broker": "retained status", "reported": "retained reported"}
+LAST_KNOWN_RULE = ("current, for a device not online (last known): the history's newest status naming a model, or "
+                   "the reported state its agent left retained on the broker (pull rollouts; verified as the "
+                   "device's, a forged one refused) when newer by the device's own clock, else its retained status")
+
+
+def _fleet_table(store: Any, fleet: Any, retained: dict[str, dict[str, Any]] | None = None,
+                 reported: dict[str, dict[str, Any]] | None = None) -> Table:
     """Per device: state (from the broker's ``retained`` statuses where given, else the history; see
-    :func:`_fleet_states`), current variant (the last known one, saying so, for a device not online:
-    :func:`_current_models`), latest benchmark of it, last message. Raises HistoryError."""
+    :func:`_fleet_states`), current variant (the last known one, saying so and where it came from, for a device not
+    online: :func:`_current_models`, which takes the broker's retained ``reported`` states too), latest benchmark of
+    it, last message. Raises HistoryError."""
     import time as _time
 
     status, bench, received = store.latest_status(), store.latest_bench(), store.last_received()
     states = _fleet_states(fleet, status, received, retained, store.telemetry_intervals())
-    models = _current_models(store, fleet, status, states, retained)
+    models = _current_models(store, fleet, status, states, retained, reported)
     t = Table("device", "profile", "state", "current", "p90 ms", "W (source)", "last heard", box=box.SIMPLE_HEAD, pad_edge=False)
     for dev in fleet.devices:
         model = models.get(dev.name)
@@ -513,12 +550,15 @@ def _fleet_table(store: Any, fleet: Any, retained: dict[str, dict[str, Any]] | N
     return t
 
 
-def _fleet_view(store: Any, fleet: Any, retained: dict[str, dict[str, Any]] | None = None) -> Any:
-    """Return the monitor's live view: :func:`_fleet_table` and the :func:`figures_note` under it."""
+def _fleet_view(store: Any, fleet: Any, retained: dict[str, dict[str, Any]] | None = None,
+                reported: dict[str, dict[str, Any]] | None = None) -> Any:
+    """Return the monitor's live view (and `fleet status`'s table): :func:`_fleet_table` and the
+    :func:`figures_note` under it."""
     from rich.console import Group
     from rich.text import Text
 
-    return Group(_fleet_table(store, fleet, retained), Text.from_markup(figures_note(fleet.devices, table="fleet")))
+    return Group(_fleet_table(store, fleet, retained, reported),
+                 Text.from_markup(figures_note(fleet.devices, table="fleet")))
 
 
 MAX_REFUSED_SHOWN = 5  # refused-message (and sequence gap) alerts printed per refresh of the live table; the rest summed
@@ -758,6 +798,8 @@ def fleet_status_cmd(fleet_file: FleetOpt, history: HistoryOpt = None, as_json: 
 
     The state is the status each agent left retained on the broker (verified as the device's), else the
     history's newest, shown stale when the device has been silent for more than a few telemetry intervals.
+    A device not online shows its last known model, saying where it came from: the history, or the reported
+    state its agent left retained on the broker (pull rollouts; verified) when that is newer.
     """
     from edge_kit.fleet.commands import broker_statuses
     from edge_kit.fleet.inventory import load_fleet
@@ -771,7 +813,8 @@ def fleet_status_cmd(fleet_file: FleetOpt, history: HistoryOpt = None, as_json: 
     fleet = load_fleet(fleet_file)
     revoked = fleet.key_store().revoked_devices()  # a damaged revoked list is one line naming it
     db = open_fleet_history(fleet_file, history, read_only=True)
-    retained, said = (None, "broker not asked (--history-only)") if history_only else broker_statuses(fleet)
+    retained, reported, said = ((None, {}, "broker not asked (--history-only)") if history_only
+                                else broker_statuses(fleet))
     history_rule = (f"the history's newest status, 'stale' when the device has been silent for more than "
                     f"{STALE_INTERVALS} telemetry intervals (each device's own, as its newest telemetry says; "
                     f"{TELEMETRY_INTERVAL_S:.0f} s, so {STALE_INTERVALS * TELEMETRY_INTERVAL_S:.0f} s, for an agent "
@@ -785,15 +828,16 @@ def fleet_status_cmd(fleet_file: FleetOpt, history: HistoryOpt = None, as_json: 
         telemetry = db.latest_telemetry()
         states = _fleet_states(fleet, status, db.last_received(), retained, db.telemetry_intervals(telemetry), revoked)
         emit_json({"state": states,
-                   "state_source": where,
-                   "current": _current_models(db, fleet, status, states, retained),
-                   "retained": retained, "status": status, "telemetry": telemetry, "live": db.latest_live(),
+                   "state_source": where, "current_source": LAST_KNOWN_RULE,
+                   "current": _current_models(db, fleet, status, states, retained, reported),
+                   "retained": retained, "reported": reported, "status": status, "telemetry": telemetry, "live": db.latest_live(),
                    "shadow": db.latest_shadow(),
                    "bench": {f"{d}/{s}": r for (d, s), r in db.latest_bench().items()}, "flagged": flagged,
                    "simulated": [d.name for d in fleet.devices if d.simulated], "figures": figures_text(fleet.devices, table="fleet")})
         return
-    out.print(_fleet_view(db, fleet, retained))
+    out.print(_fleet_view(db, fleet, retained, reported))
     out.print(safe(where))
+    out.print(LAST_KNOWN_RULE, highlight=False)
     if flagged:
         t = Table("device", "differs from its profile (measured individually)", box=box.SIMPLE_HEAD, pad_edge=False,
                   title="devices that differ", title_justify="left")

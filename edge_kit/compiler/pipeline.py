@@ -62,8 +62,14 @@ from edge_kit.compiler.sources import (
     source_graph,
 )
 from edge_kit.compiler.tflite_edit import as_float32
-from edge_kit.compiler.watch import interrupts_held, note, result_written, watched
-from edge_kit.errors import CompileError, ConfigError, InputError
+from edge_kit.compiler.watch import (
+    interrupts_held,
+    note,
+    pause_for_tests,
+    result_written,
+    watched,
+)
+from edge_kit.errors import CompileError, CompileInterrupted, ConfigError, InputError
 from edge_kit.fsutil import (
     atomic_write_bytes,
     atomic_write_text,
@@ -864,9 +870,9 @@ def _publish(target: Path, plans: dict[str, _Plan], manifest: Manifest, extra: d
 
     Raises:
         CompileError: a write or rename failed; the previous result is left in place. An interrupt
-            (or any other exception) likewise puts the previous result back before it propagates. A Ctrl-C during
-            the swap is held until it is done (:func:`~edge_kit.compiler.watch.interrupts_held`): raised when it
-            failed, dropped once the new result is in place (complete: nothing to stop or undo).
+            (or any other exception) likewise puts the previous result back before it propagates.
+        CompileInterrupted: a Ctrl-C came during the swap, which was held until the swap was done
+            (:func:`~edge_kit.compiler.watch.interrupts_held`): the new result is in place, whole (exit 130).
     """
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.staging-"))
     note(staging=str(staging))  # for the edgekit process, should this worker die while writing (edge_kit.cli.worker)
@@ -879,11 +885,12 @@ def _publish(target: Path, plans: dict[str, _Plan], manifest: Manifest, extra: d
         for name, data in extra.items():
             atomic_write_bytes(staging / name, data)
         atomic_write_text(staging / "manifest.json", manifest.to_json(signer))
-        with interrupts_held():  # Ctrl-C during the swap: after it, raised unless the new result is in place
+        with interrupts_held() as held:  # a Ctrl-C during the swap comes once it is done, whole (below)
             if target.exists():
                 old = target.parent / f".{target.name}.old-{os.getpid()}"
                 note(old=str(old))
                 os.replace(target, old)
+            pause_for_tests()  # between the two renames: where an interrupt not held would leave no result in place
             try:
                 os.replace(staging, target)
             except OSError:
@@ -902,3 +909,6 @@ def _publish(target: Path, plans: dict[str, _Plan], manifest: Manifest, extra: d
             os.replace(old, target)  # interrupted between the two renames: the previous result comes back
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    if held:  # the swap ran whole: the new result is in place, and the Ctrl-C stops the compile now
+        raise CompileInterrupted(f"interrupted during the result swap, which was finished first: {target} holds the "
+                                 "new result, complete (manifest.json and its variants)")

@@ -115,6 +115,8 @@ class FleetClient:
         # device -> the status the broker held retained for it when this client subscribed (verified), and
         # when the last such status arrived (host monotonic clock)
         self.retained: dict[str, dict[str, Any]] = {}
+        # device -> the reported state (a pull rollout's agent's) the broker held retained for it, verified
+        self.retained_reported: dict[str, dict[str, Any]] = {}
         self._retained_at = 0.0
         # device -> (received, highest seq, latest `started`) each time a status raised either: what a status
         # must beat to prove a new start (a replayed old one raises neither, so it never adds a row)
@@ -180,6 +182,10 @@ class FleetClient:
                     self._cond.notify_all()
             return
         if kind == "reported":
+            if getattr(message, "retain", False):  # what the broker holds for the device: its last report
+                with self._cond:
+                    self.retained_reported[device], self._retained_at = msg, time.monotonic()
+                    self._cond.notify_all()
             if self.on_reported is not None:
                 self.on_reported(msg)
             return
@@ -314,6 +320,15 @@ class FleetClient:
                 self._cond.wait(left)
             return {d: m for d, m in self.retained.items() if d in devices}
 
+    def retained_reports(self, devices: list[str]) -> dict[str, dict[str, Any]]:
+        """Return the ``reported`` state the broker held retained for each device of ``devices`` that has one, as
+        verified on arrival (a forged or misaddressed one is refused and counted in :attr:`rejected_count`, never
+        returned): for a client subscribed to ``reported`` before ``status``, all of them have come once
+        :meth:`retained_statuses` returns (the broker sends each subscription's retained messages in turn). Raises
+        nothing."""
+        with self._cond:
+            return {d: m for d, m in self.retained_reported.items() if d in devices}
+
     def wait_online(self, device: str, since: float, timeout: float) -> dict[str, Any] | None:
         """Return the first ``online`` status of ``device`` received after ``since`` (host clock) that is newer than
         every status received before it (a higher ``seq``, or a later ``started``: a new start, not a replay of
@@ -365,28 +380,36 @@ class FleetClient:
         return ack
 
 
-def broker_statuses(fleet: Any) -> tuple[dict[str, dict[str, Any]] | None, str]:
+def broker_statuses(fleet: Any) -> tuple[dict[str, dict[str, Any]] | None, dict[str, dict[str, Any]], str]:
     """Return the status each device of ``fleet`` left retained on its broker (verified as that device's;
     see :meth:`FleetClient.retained_statuses`; one a revoked device left, its last will, is ignored and counted in the
     line), or None when the broker was not asked (no device key
-    registered yet) or could not be reached (then the states come from the history), and one line saying
-    which: the broker, with how many retained statuses were refused, or why it was not asked or reached.
+    registered yet) or could not be reached (then the states come from the history); the ``reported`` state each
+    device's agent left retained there (pull rollouts: :meth:`FleetClient.retained_reports`, verified the same way;
+    empty when the broker was not asked or reached); and one line saying which: the broker, with how many retained
+    messages were refused (forged, or not signed by the device their topic names), or why it was not asked or
+    reached.
 
     Raises:
         ConfigError: the broker password file or the fleet's keys cannot be read.
     """
     keys = fleet.key_store()
     if not keys.devices():
-        return None, f"broker not asked: no device key is registered in {keys.registry} yet (deploy first)"
+        return None, {}, f"broker not asked: no device key is registered in {keys.registry} yet (deploy first)"
+    names = [d.name for d in fleet.devices]
     try:
-        with FleetClient.of(fleet, kinds=("status",)) as client:
-            found = client.retained_statuses([d.name for d in fleet.devices])
+        # reported first: the broker sends each subscription's retained messages in turn, so they are all in
+        # once every status is
+        with FleetClient.of(fleet, kinds=("reported", "status")) as client:
+            found = client.retained_statuses(names)
+            reported = client.retained_reports(names)
             refused, left = client.rejected_count, client.left_by_revoked
     except AgentError as exc:
-        return None, f"broker not reached: {exc}"
-    return found, (f"broker {fleet.broker.host}:{fleet.broker.port}: {len(found)} retained status(es), verified"
-                   + (f"; {refused} refused (not signed by the device its topic names)" if refused else "")
-                   + (f"; {left} left by revoked devices, ignored (their last will)" if left else ""))
+        return None, {}, f"broker not reached: {exc}"
+    return found, reported, (f"broker {fleet.broker.host}:{fleet.broker.port}: {len(found)} retained status(es) and "
+                             f"{len(reported)} retained reported state(s), verified"
+                             + (f"; {refused} refused (not signed by the device its topic names)" if refused else "")
+                             + (f"; {left} left by revoked devices, ignored (their last will)" if left else ""))
 
 
 CLEAR_TIMEOUT_S = 10.0  # the broker's acknowledgement of the clears, at most

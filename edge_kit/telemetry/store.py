@@ -27,7 +27,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -970,29 +970,64 @@ class HistoryStore(abc.ABC):
         """Return the newest status message per device (by receive time). When that is an ``offline`` one, its
         ``current`` is the one of the newest status (by ``seq``) of the same agent ``connection``: a last will
         the broker published was signed when the agent connected, and names the model of that moment, not one
-        it switched to since. Raises HistoryError."""
+        it switched to since (looked for among the device's 100 highest-numbered statuses after it). Two queries,
+        however many devices. Raises HistoryError."""
         newest = self._latest("status")
-        for device, msg in newest.items():
-            conn, seq = msg.get("connection"), msg.get("seq")
-            if msg.get("state") != "offline" or not isinstance(conn, str) or not isinstance(seq, int):
-                continue  # online (its own word, fresh), or an agent that does not say its connection
-            rows = self._rows("SELECT body FROM status WHERE device = ? AND seq > ? ORDER BY seq DESC LIMIT 100",
-                              (device, seq))
-            later = next((m for m in (json.loads(b) for (b,) in rows) if m.get("connection") == conn), None)
-            if later is not None:
-                newest[device] = {**msg, "current": later.get("current")}
+        wills = {device: msg for device, msg in newest.items()
+                 if msg.get("state") == "offline" and isinstance(msg.get("connection"), str)
+                 and isinstance(msg.get("seq"), int)}  # not online (its own word, fresh), and says its connection
+        if not wills:
+            return newest
+        # every device's statuses numbered after its newest one (by receive time, then seq: as _latest picks it),
+        # the highest 100 each; an online device's newest is its highest, so it brings none
+        rows = self._rows("SELECT body FROM (SELECT s.body, s.seq, ROW_NUMBER() OVER (PARTITION BY s.device ORDER BY "
+                          "s.seq DESC) AS n FROM status s JOIN (SELECT t.device, MAX(t.seq) AS seq FROM status t JOIN "
+                          "(SELECT device, MAX(ts) AS ts FROM status GROUP BY device) l ON t.device = l.device AND "
+                          "t.ts = l.ts GROUP BY t.device) w ON s.device = w.device AND s.seq > w.seq) AS later "
+                          "WHERE n <= 100 ORDER BY seq DESC")
+        found: set[str] = set()
+        for m in (json.loads(b) for (b,) in rows):  # highest seq first: the first of the will's connection wins
+            device = m.get("device")
+            will = wills.get(device)
+            if will is not None and device not in found and m.get("connection") == will["connection"]:
+                newest[device] = {**will, "current": m.get("current")}
+                found.add(device)
         return newest
 
-    def last_known_model(self, device: str, scan: int = 100) -> dict[str, Any] | None:
-        """Return the model the newest of ``device``'s ``scan`` newest statuses that names one says it ran (for a
-        device offline now, whose last word, its last will, may name none): ``variant``, ``sha256`` and ``at``, when
-        this host received that status; None when none of them names a variant. Raises HistoryError."""
-        for body, received in self._rows("SELECT body, ts FROM status WHERE device = ? ORDER BY ts DESC, seq DESC "
-                                         "LIMIT ?", (device, scan)):
-            cur = json.loads(body).get("current")
-            if isinstance(cur, dict) and isinstance(cur.get("variant"), str) and cur["variant"]:
-                return {"variant": cur["variant"], "sha256": cur.get("sha256"), "at": received}
-        return None
+    def last_known_models(self, devices: Iterable[str] | None = None, scan: int = 100) -> dict[str, dict[str, Any]]:
+        """Return, per device (of ``devices``, or every device), the model that the newest of its ``scan`` newest
+        statuses (by receive time, then ``seq``) naming one says it ran (for a device offline now, whose last word,
+        its last will, may name none): ``variant``, ``sha256``, ``at`` (when this host received that status) and
+        ``said_at`` (the status's ``ts``: the device's own clock). A device none of whose ``scan`` newest statuses
+        names a variant is left out.
+
+        At most two queries, however many devices: each device's two newest statuses first (where a device says its
+        model, unless its last will names none), then older ones only when a device is left without a model.
+
+        Raises:
+            HistoryError: the history cannot be read.
+        """
+        wanted = None if devices is None else set(devices)
+        found: dict[str, dict[str, Any]] = {}
+        seen: set[str] = set()
+        for first, last in ((1, min(2, scan)), (3, scan)):
+            if first > last:
+                break
+            rows = self._rows("SELECT device, body, ts FROM (SELECT device, body, ts, seq, ROW_NUMBER() OVER "
+                              "(PARTITION BY device ORDER BY ts DESC, seq DESC) AS n FROM status) AS ranked "
+                              "WHERE n BETWEEN ? AND ? ORDER BY device, n", (first, last))
+            for device, body, received in rows:
+                if device in found or (wanted is not None and device not in wanted):
+                    continue
+                seen.add(device)
+                m = json.loads(body)
+                cur = m.get("current")
+                if isinstance(cur, dict) and isinstance(cur.get("variant"), str) and cur["variant"]:
+                    found[device] = {"variant": cur["variant"], "sha256": cur.get("sha256"), "at": received,
+                                     "said_at": m.get("ts")}
+            if seen <= set(found):  # every device with statuses has its model: no older ones to read
+                break
+        return found
 
     def latest_telemetry(self) -> dict[str, dict[str, Any]]:
         """Return the newest telemetry message per device. Raises HistoryError."""

@@ -68,10 +68,30 @@ def test_ctrl_c_once_the_result_is_written_stops_what_is_left_and_exits_0_saying
     assert json.loads((tmp_path / "out" / "dense" / "manifest.json").read_text())["artifacts"][0]["status"] == "built"
 
 
-def test_ctrl_c_right_after_the_result_swap_keeps_it_and_exits_0(tmp_path, run_cli, monkeypatch):
-    """A Ctrl-C just after the new result took the output folder's place raised there: exit 130 and "nothing was
-    half-written" for a result in place, and the previous result set aside was never removed. It is held through the
-    swap now and dropped once the result is in place."""
+def _swap_line(target: Path) -> str:
+    return (f"edgekit: error: interrupted during the result swap, which was finished first: {target} holds the new "
+            "result, complete (manifest.json and its variants)\n")
+
+
+def _whole(folder: Path) -> dict:
+    """Return the manifest in ``folder`` after checking that every artifact it lists is there with its sha256, and
+    that nothing else (no staging folder, no previous result set aside) is beside the folder."""
+    import hashlib
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for a in manifest["artifacts"]:
+        if a["status"] == "built":
+            assert hashlib.sha256((folder / a["file"]).read_bytes()).hexdigest() == a["sha256"], a["file"]
+    assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name]
+    return manifest
+
+
+def test_ctrl_c_during_the_result_swap_is_held_then_stops_the_compile_with_the_new_result_whole(tmp_path, run_cli,
+                                                                                                monkeypatch):
+    """A Ctrl-C that came during the swap (here, right after the new result took the output folder's place) was
+    dropped: the compile went on, printed its table and exited 0, as if nobody had pressed it. It is held through the
+    swap (never between the two renames), then stops the compile: exit 130, one line saying the new result is in
+    place, whole, and no table."""
     from edge_kit.compiler import pipeline
 
     assert run_cli(*compile_args(tmp_path))[0] == 0
@@ -84,10 +104,47 @@ def test_ctrl_c_right_after_the_result_swap_keeps_it_and_exits_0(tmp_path, run_c
 
     monkeypatch.setattr(pipeline.os, "replace", interrupted_rename)
     code, out, err = run_cli(*compile_args(tmp_path))
-    assert code == 0, err
-    assert "interrupted" not in err and "/manifest.json" in out
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["dense"]  # no staging or previous result left
-    assert (tmp_path / "out" / "dense" / "fp32.tflite").is_file()
+    assert (code, out, err) == (130, "", _swap_line(tmp_path / "out" / "dense"))
+    assert _whole(tmp_path / "out" / "dense")["artifacts"][0]["status"] == "built"
+
+
+def test_ctrl_c_to_a_real_compile_between_the_swaps_two_renames_exits_130_once_the_new_result_is_whole(tmp_path):
+    """`edgekit compile` as a user runs it (its own process and compile worker, in a session of its own): a Ctrl-C to
+    the whole group (a terminal's) while the worker is between the swap's two renames (the previous result set aside,
+    the new one not yet in; the swap pauses there for the test) was dropped: exit 0. Now it waits for the swap, then
+    exit 130 and one line; the new result is in place, whole, the previous one gone, nothing else left."""
+    import subprocess
+    import sys
+    import time
+
+    from edge_kit.compiler.watch import SWAP_PAUSE_ENV, WORKER_ENV
+
+    args = [str(a) for a in compile_args(tmp_path)]
+    env = {k: v for k, v in os.environ.items() if k != WORKER_ENV}  # the real thing: a worker, as for a user
+    first = subprocess.run([sys.executable, "-m", "edge_kit", *args], env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert first.returncode == 0, first.stderr
+    before = json.loads((tmp_path / "out" / "dense" / "manifest.json").read_text())
+    flag = tmp_path / "at-swap"
+    proc = subprocess.Popen([sys.executable, "-m", "edge_kit", *args], env={**env, SWAP_PAUSE_ENV: str(flag)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not flag.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert flag.exists(), "the compile never reached its result swap"
+        assert not (tmp_path / "out" / "dense").exists()  # between the renames: the previous result set aside
+        os.killpg(proc.pid, signal.SIGINT)
+        time.sleep(0.5)
+        flag.unlink()  # the swap goes on
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert (proc.returncode, out, err) == (130, "", _swap_line(tmp_path / "out" / "dense")), err
+    after = _whole(tmp_path / "out" / "dense")
+    assert after["created"] != before["created"]  # the new result, not the previous one put back
 
 
 def test_ctrl_c_before_the_manifest_is_written_prints_no_table_and_keeps_the_previous_result(tmp_path, run_cli,

@@ -128,7 +128,7 @@ def test_an_offline_device_shows_the_last_model_it_reported_marked_last_known_wi
     assert code == 0, err
     rows = {line.split()[0]: " ".join(line.split()) for line in out.splitlines() if line.split()[:1] in
             (["gone"], ["up"], ["never"])}
-    assert f"offline (history) int8 (last known, {local_time(now - 600)})" in rows["gone"], rows["gone"]
+    assert f"offline (history) int8 (last known: history, received {local_time(now - 600)})" in rows["gone"], rows["gone"]
     assert "online (history) int8 " in rows["up"] and "last known" not in rows["up"]
     assert "offline (history) - " in rows["never"]
     code, out, err = run_cli("fleet", "status", "--fleet", fleet_file, "--history-only", "--json")

@@ -996,3 +996,67 @@ def test_the_share_gap_scan_records_each_gap_once_one_worker_at_a_time(history_s
     finally:
         a.close()
         b.close()
+
+
+def _offline_fleet(folder, history_spec: str | None, n: int):
+    """Write a fleet file of ``n`` devices in ``folder`` and fill its history (``history_spec``, or the file beside
+    it) with each one's statuses: online naming its model, then its last will (offline, that connection's, naming
+    none) and, for every other device, a later last will of a new connection naming none either (so its older
+    statuses are read too); return the fleet file and the device names."""
+    folder.mkdir()
+    fleet_file = folder / "fleet.yaml"
+    names = [f"dev-{i:05d}" for i in range(n)]
+    fleet_file.write_text("fleet: f\nbroker: {host: 127.0.0.1, port: 1}\ndefaults: {user: edgekit, profile: rpi4}\n"
+                          "devices:\n" + "".join(f"  - {{name: {d}, host: 127.0.0.1}}\n" for d in names))
+    now = time.time()
+    rows, received = [], []
+    for i, d in enumerate(names):
+        model = {"variant": f"int8-{i}", "sha256": f"{i:064x}"}
+        rows += [("status", messages.envelope("status", "f", d, 5, {"state": "online", "current": model,
+                                                                     "connection": "c1"})),
+                 ("status", messages.envelope("status", "f", d, 4, {"state": "offline", "current": None,
+                                                                     "connection": "c1"}))]
+        received += [now - 600, now - 300]
+        if i % 2:
+            rows.append(("status", messages.envelope("status", "f", d, 1, {"state": "offline", "current": None,
+                                                                            "connection": "c2"})))
+            received.append(now - 60)
+    store = open_history(history_spec or str(folder / "edgekit-history.db"))
+    store.add_many(rows, received=received)
+    store.close()
+    return fleet_file, names
+
+
+def test_fleet_status_reads_every_offline_devices_last_known_model_in_a_fixed_number_of_queries(
+        history_spec, request, tmp_path, run_cli, monkeypatch):
+    """`fleet status` asked the history once per offline device for its last known model (and once more per last
+    will for its connection's model): on a 10,000-device fleet on PostgreSQL, 20,000 round trips. It sends as many
+    statements for 40 offline devices as for 4 now (counted, both backends), and still shows each device's model."""
+    import json
+
+    from edge_kit.telemetry.pg import PostgresStore
+
+    counted: list[str] = []
+    for cls in (Store, PostgresStore):
+        for name in ("_rows", "_execute"):
+            def counting(self, sql, args=(), _real=getattr(cls, name)):
+                counted.append(sql)
+                return _real(self, sql, args)
+
+            monkeypatch.setattr(cls, name, counting)
+    statements = []
+    for n in (4, 40):
+        spec = None if "://" not in history_spec else (
+            history_spec if n == 4 else request.getfixturevalue("postgres_server").create_database(
+                f"fleet_{n}_{time.monotonic_ns()}"))
+        fleet_file, names = _offline_fleet(tmp_path / f"fleet-{n}", spec, n)
+        counted.clear()
+        code, out, err = run_cli("fleet", "status", "--fleet", fleet_file, "--history-only", "--json",
+                                 *(["--history", spec] if spec else []))
+        assert code == 0, err
+        statements.append(len(counted))
+        current = json.loads(out)["current"]
+        assert {d: current[d]["variant"] for d in names} == {d: f"int8-{i}" for i, d in enumerate(names)}
+        assert all(current[d]["source"] == "history" and current[d]["last_known"] for d in names)
+        assert {json.loads(out)["state"][d]["state"] for d in names} == {"offline"}
+    assert statements[0] == statements[1], statements
