@@ -9,6 +9,7 @@ from their wheels) in a temporary root.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -158,6 +159,15 @@ def _as_another_user(fn) -> dict:
     return _in_child(as_nobody)
 
 
+def _predict_error(root: Path) -> dict:
+    """Return what ``open_current(root).predict(FRAME)`` raised: its type, text and cause (``type`` None if nothing)."""
+    try:
+        open_current(root).predict(FRAME)
+    except ServingError as exc:
+        return {"type": "ServingError", "text": str(exc), "cause": type(exc.__cause__).__name__}
+    return {"type": None}
+
+
 def test_a_model_file_the_application_may_not_read_is_a_serving_error(faces):
     with tempfile.TemporaryDirectory(prefix="edgekit-perm-") as folder:  # under /tmp: others may traverse it
         os.chmod(folder, 0o755)
@@ -168,13 +178,7 @@ def test_a_model_file_the_application_may_not_read_is_a_serving_error(faces):
         path = store.model_path(store.current())
         open_current(store.root).predict(FRAME)  # loaded once here: the child needs no import it cannot read
 
-        def predict() -> dict:
-            try:
-                open_current(store.root).predict(FRAME)
-            except ServingError as exc:
-                return {"type": "ServingError", "text": str(exc), "cause": type(exc.__cause__).__name__}
-            return {"type": None}
-
+        predict = functools.partial(_predict_error, store.root)
         os.chmod(path, 0o600)
         got = _as_another_user(predict) if os.geteuid() == 0 else predict()
     assert got["type"] == "ServingError" and got["cause"] == "PermissionError", got
@@ -189,13 +193,7 @@ def test_the_root_the_application_may_not_read_is_a_serving_error(faces):
         open_current(store.root).predict(FRAME)
         os.chmod(store.root, 0o700)
 
-        def predict() -> dict:
-            try:
-                open_current(store.root).predict(FRAME)
-            except ServingError as exc:
-                return {"type": "ServingError", "text": str(exc), "cause": type(exc.__cause__).__name__}
-            return {"type": None}
-
+        predict = functools.partial(_predict_error, store.root)
         got = _as_another_user(predict) if os.geteuid() == 0 else predict()
     assert got["type"] == "ServingError" and got["cause"] == "PermissionError", got
     assert got["text"].startswith(f"open_current({store.root}): cannot read the agent's root")

@@ -43,15 +43,20 @@ def if_model(path: Path) -> Path:
     return save(path, nodes, [numpy_helper.from_array(np.zeros((1,), np.float32), "zero")])
 
 
-def loop_model(path: Path) -> Path:
-    """``v = x; 3 times: v = v / 2 + x; y = v``, x [1, 4]: a ``Loop`` with a stored trip count of 3."""
-    body = helper.make_graph([helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+def halving_body() -> onnx.GraphProto:
+    """A Loop body ``v_out = v_in / 2 + x``: it reads the outer graph's ``x`` by name."""
+    return helper.make_graph([helper.make_node("Identity", ["cond_in"], ["cond_out"]),
                               helper.make_node("Mul", ["v_in", "half"], ["halved"]),
                               helper.make_node("Add", ["halved", "x"], ["v_out"])], "body",
                              [helper.make_tensor_value_info("i", TensorProto.INT64, []),
                               helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []), vec("v_in")],
                              [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), vec("v_out")],
                              [numpy_helper.from_array(np.array(0.5, np.float32), "half")])
+
+
+def loop_model(path: Path) -> Path:
+    """``v = x; 3 times: v = v / 2 + x; y = v``, x [1, 4]: a ``Loop`` with a stored trip count of 3."""
+    body = halving_body()
     nodes = [helper.make_node("Loop", ["trips", "go", "x"], ["y"], body=body, name="refine")]
     return save(path, nodes, [numpy_helper.from_array(np.array(3, np.int64), "trips"),
                               numpy_helper.from_array(np.array(True), "go")])
@@ -310,13 +315,7 @@ def test_onnx_fp16_of_a_loop_whose_body_reads_the_input_by_name_is_built(tmp_pat
     cast its body reads, and onnx's checker refused the model: onnx-fp16 failed ("Nodes in a graph must be
     topologically sorted, however input 'graph_input_cast_0' of node: ..."). What bodies read by name counts as
     inputs now: built, and it matches onnx-fp32."""
-    body = helper.make_graph([helper.make_node("Identity", ["cond_in"], ["cond_out"]),
-                              helper.make_node("Mul", ["v_in", "half"], ["halved"]),
-                              helper.make_node("Add", ["halved", "x"], ["v_out"])], "body",
-                             [helper.make_tensor_value_info("i", TensorProto.INT64, []),
-                              helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []), vec("v_in")],
-                             [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), vec("v_out")],
-                             [numpy_helper.from_array(np.array(0.5, np.float32), "half")])
+    body = halving_body()
     model = save(tmp_path / "outer.onnx", [helper.make_node("Loop", ["trips", "go", "v0"], ["y"], body=body, name="refine")],
                  [numpy_helper.from_array(np.array(3, np.int64), "trips"), numpy_helper.from_array(np.array(True), "go"),
                   numpy_helper.from_array(np.zeros((1, 4), np.float32), "v0")])
