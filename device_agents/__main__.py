@@ -106,7 +106,11 @@ def main(argv: list[str] | None = None) -> None:
         except EdgeKitError as exc:
             sys.stderr.write(f"edgekit-agent: error: {exc}\n")  # first: seen even when stdout's reader has gone
             if getattr(args, "json", False):  # as `edgekit --json`: one document on stdout, the line on stderr
-                print(json.dumps({"error": str(exc), "exit_code": exc.exit_code}, indent=2))
+                try:
+                    print(json.dumps({"error": str(exc), "exit_code": exc.exit_code}, indent=2), flush=True)
+                except BrokenPipeError:  # its reader has gone: the failure's exit code (as without --json), not 141
+                    leave_on_closed_stdout(code=exc.exit_code)
+                    raise
             sys.exit(exc.exit_code)
         finally:
             sys.stdout.flush()  # here, not at exit: a reader gone (`| head -1`) is then caught below

@@ -31,15 +31,17 @@ def stdout_closed(fd: int | None = None) -> bool:
         return False
 
 
-def leave_on_closed_stdout(fd: int | None = None) -> None:
-    """When standard output's reader has gone (:func:`stdout_closed`, of ``fd`` if given), exit quietly with
-    :data:`STDOUT_CLOSED`, the usual Unix behaviour (git, ls): no traceback, and nothing still buffered raises again
-    at exit (standard output and error are pointed at ``os.devnull``: both are the same pipe in ``2>&1 | head``).
-    Otherwise return: an ``EPIPE`` from anything else (a socket) is a bug the caller shows. Each CLI's entry point
-    calls it, once, for a :class:`BrokenPipeError`.
+def leave_on_closed_stdout(fd: int | None = None, code: int = STDOUT_CLOSED) -> None:
+    """When standard output's reader has gone (:func:`stdout_closed`, of ``fd`` if given), exit quietly with ``code``:
+    :data:`STDOUT_CLOSED` by default, the usual Unix behaviour (git, ls); a failure's own exit code when the write that
+    failed was its error document (its line already said on stderr: ``edgekit compile --json | head -c 10`` still
+    exits 3 when the compile failed). No traceback, and nothing still buffered raises again at exit (standard output
+    and error are pointed at ``os.devnull``: both are the same pipe in ``2>&1 | head``). Otherwise return: an ``EPIPE``
+    from anything else (a socket) is a bug the caller shows. Each CLI's entry point calls it for a
+    :class:`BrokenPipeError`.
 
     Raises:
-        SystemExit: :data:`STDOUT_CLOSED`, when standard output's reader has gone.
+        SystemExit: ``code``, when standard output's reader has gone.
     """
     if not stdout_closed(fd):
         return
@@ -49,7 +51,7 @@ def leave_on_closed_stdout(fd: int | None = None) -> None:
             os.dup2(devnull, stream.fileno())
     except (AttributeError, OSError, ValueError):
         pass
-    sys.exit(STDOUT_CLOSED)
+    sys.exit(code)
 
 
 class EdgeKitError(Exception):

@@ -32,17 +32,29 @@ def fail(message: str, exit_code: int, as_json: bool) -> NoReturn:
 
     ``message`` must already be printable (no terminal controls). Raises SystemExit, always.
     """
+    from edgekit_protocol.errors import leave_on_closed_stdout
+
     sys.stderr.write(f"edgekit: error: {message}\n")  # first: seen even when stdout's reader has gone (`| head`)
     if as_json:
-        sys.stdout.write(json.dumps({"error": message, "exit_code": exit_code}, indent=2) + "\n")
-    sys.exit(exit_code)
+        try:
+            sys.stdout.write(json.dumps({"error": message, "exit_code": exit_code}, indent=2) + "\n")
+            sys.stdout.flush()
+        except BrokenPipeError:  # its reader has gone (`--json | head -c 10`): the failure's exit code, not 141
+            leave_on_closed_stdout(code=exit_code)
+            raise
+    raise _Decided(exit_code)
+
+
+class _Decided(SystemExit):
+    """An exit code :func:`_main` chose (a command's own, an error's): :func:`main` keeps it when standard output's
+    reader has gone, where the exit 1 rich and typer answer an ``EPIPE`` with becomes exit 141."""
 
 
 def main() -> None:
     """Console-script entry point: run the app, map toolkit errors, usage errors and Ctrl-C to one line and
     an exit code (2 for usage and bad input, 130 for Ctrl-C, else the error's ``exit_code``); output whose reader has
     gone (``| head -1``) ends it quietly with exit 141, as git and ls do."""
-    from edgekit_protocol.errors import leave_on_closed_stdout
+    from edgekit_protocol.errors import STDOUT_CLOSED, leave_on_closed_stdout
 
     try:  # rich points fd 1 at /dev/null when its reader has gone: this duplicate still tells
         stdout: int | None = os.dup(sys.__stdout__.fileno())
@@ -53,12 +65,14 @@ def main() -> None:
             _main()
         finally:
             sys.stdout.flush()  # here, not at exit: a reader gone is then caught below
-    except BrokenPipeError:
-        leave_on_closed_stdout(stdout)  # any other broken pipe (a socket) is a bug: shown
-        raise
+    except BrokenPipeError as exc:
+        # a write cut short: exit 141; the flush after a failure's exit code (the error said on stderr): that code
+        decided = exc.__context__ if isinstance(exc.__context__, _Decided) and exc.__context__.code else None
+        leave_on_closed_stdout(stdout, decided.code if decided else STDOUT_CLOSED)  # type: ignore[arg-type]
+        raise  # any other broken pipe (a socket) is a bug: shown
     except SystemExit as exc:
-        if exc.code == 1:  # rich's and typer's own answer to EPIPE in a command (exit 1): the same exit 141 as ours
-            leave_on_closed_stdout(stdout)
+        if exc.code == 1 and not isinstance(exc, _Decided):  # rich's and typer's own answer to EPIPE in a command
+            leave_on_closed_stdout(stdout)  # (exit 1): the same exit 141 as ours; a command's own exit 1 is kept
         raise
 
 
@@ -77,7 +91,7 @@ def _main() -> None:
                 sys.stderr.write(f"edgekit: {printable(said)}\n")
             else:
                 fail(printable(said), code, as_json)
-        sys.exit(code)
+        raise _Decided(code)
     try:
         import typer
 
@@ -94,7 +108,7 @@ def _main() -> None:
         fail(printable(exc), exc.exit_code, as_json)  # device answers in it: no terminal controls
     except typer.TyperException as exc:  # usage: an unknown command or option, a value out of range
         if not exc.format_message():  # a group without its subcommand: its help was printed
-            sys.exit(exc.exit_code)
+            raise _Decided(exc.exit_code)
         ctx = getattr(exc, "ctx", None)
         where = ctx.command_path if ctx is not None else "edgekit"
         renamed = RENAMED_OPTIONS.get((where, getattr(exc, "option_name", None)))  # only an unknown option has a name
@@ -106,4 +120,4 @@ def _main() -> None:
         code = INTERRUPTED
     if code == INTERRUPTED:  # typer turns Ctrl-C in a command into this code
         fail("interrupted; nothing was half-written", INTERRUPTED, as_json)
-    sys.exit(code or 0)
+    raise _Decided(code or 0)

@@ -762,6 +762,13 @@ def _compile_model(req: CompileRequest, progress: Progress | None, work: Path) -
         plan = built.pop(vid)
         plan.data, plan.refusal, plan.extra["failed"] = None, why, True
         outputs.pop(vid)
+    for vid, plan in list(built.items()):  # an accelerator compiler's model of a variant refused above: the same
+        base = plan.spec.base  # computation, refused with it (the host cannot analyse it without its base either)
+        if compiler_of(vid) is not None and base and base not in built and base in plans:
+            why = (plans[base].refusal or "").removeprefix(f"variant {base}: ")
+            built.pop(vid)
+            plan.data, plan.extra["failed"] = None, True
+            plan.refusal = f"variant {vid}: compiled from the {base} variant, which was refused: {why}"
     if evalset is not None and reference is not None:  # a metric that cannot score the reference scores nothing
         from device_agents.errors import MetricError
 

@@ -651,15 +651,21 @@ class HistoryStore(abc.ABC):
         of ``records`` (``(device, kind, seq)``), each with the seqs of them it holds. Raises HistoryError."""
         if not records:
             return {}
-        values = ", ".join(["(?, ?, ?)"] * len(records))
         out: dict[tuple[str, str, int, int, float], set[int]] = {}
-        for device, kind, first, last, ts, seq in self._rows(
-                f"WITH b(device, kind, seq) AS (VALUES {values}) SELECT DISTINCT g.device, g.kind, g.first_missing, "
-                "g.last_missing, g.ts, b.seq FROM b JOIN gaps g ON g.device = b.device AND g.kind = b.kind AND "
-                "g.last_missing >= b.seq AND g.first_missing <= b.seq WHERE g.ts >= ?",
-                (*(v for r in records for v in r), since)):
+        for device, kind, first, last, ts, seq in self._rows(self._gaps_around_sql(len(records)),
+                                                             (*(v for r in records for v in r), since)):
             out.setdefault((device, kind, first, last, ts), set()).add(seq)
         return out
+
+    @staticmethod
+    def _gaps_around_sql(records: int) -> str:
+        """Return :meth:`_gaps_around`' query for ``records`` ``(device, kind, seq)`` triples (then the time since) as
+        arguments: each record's gaps found through ``gaps (device, kind, last_missing)`` (SQLite, whose planner looks
+        each record up by its index; PostgreSQL's override forces that lookup)."""
+        values = ", ".join(["(?, ?, ?)"] * records)
+        return (f"WITH b(device, kind, seq) AS (VALUES {values}) SELECT DISTINCT g.device, g.kind, g.first_missing, "
+                "g.last_missing, g.ts, b.seq FROM b JOIN gaps g ON g.device = b.device AND g.kind = b.kind AND "
+                "g.last_missing >= b.seq AND g.first_missing <= b.seq WHERE g.ts >= ?")
 
     def open_alert(self, device: str, kind: str, detail: str, at: float | None = None, subject: str = "") -> bool:
         """Record that alert ``kind`` (one of :data:`ALERT_KINDS`) of ``device`` about ``subject`` (a constraints alert's

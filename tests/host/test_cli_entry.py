@@ -384,7 +384,9 @@ def test_a_missing_argument_is_named_as_the_usage_line_and_the_help_name_it(run_
 def test_output_whose_reader_has_gone_ends_quietly_with_exit_141(args):
     """`edgekit history alerts | head -1`, `edgekit fleet status --json | head -c 10`: once `head` had read what it
     wanted, the next write ended in a BrokenPipeError traceback (an error's JSON, or --json's document), or exit 1
-    (rich's tables). Now as git and ls: exit 141 (128 + SIGPIPE), nothing on stderr but an error's own line."""
+    (rich's tables). Now as git and ls: exit 141 (128 + SIGPIPE), nothing on stderr but an error's own line. A failure
+    keeps its own exit code (2 here): its error document cut by the gone reader made `--json | head -c 10` exit 141, so
+    a script under `set -o pipefail` could not tell a failed command from a cut listing."""
     read, write = os.pipe()
     os.close(read)  # the reader has gone before the first write: what `| head -1` makes of every later one
     try:
@@ -393,9 +395,25 @@ def test_output_whose_reader_has_gone_ends_quietly_with_exit_141(args):
                                 timeout=120)
     finally:
         os.close(write)
-    assert result.returncode == 141, result.stderr
+    assert result.returncode == (2 if "rpi-4" in args else 141), result.stderr
     assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr
     if "rpi-4" in args:  # the error's line is said first, on stderr: seen all the same
         assert result.stderr.startswith("edgekit: error: unknown profile 'rpi-4'") and result.stderr.count("\n") == 1
     else:
         assert result.stderr == ""
+
+
+def test_a_commands_own_exit_1_is_kept_when_its_reader_has_gone():
+    """An exit 1 the command chose (`edgekit rollout start` when devices stayed silent) became exit 141 whenever stdout's
+    reader had gone by then: only rich's and typer's exit 1 for a failed write means the output was cut."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        code = ("import sys, typer\nfrom edge_kit.cli import main\nfrom edge_kit.cli.app import app\n"
+                "@app.command('exits-one')\ndef exits_one() -> None:\n    raise typer.Exit(1)\n"
+                "sys.argv = ['edgekit', 'exits-one']\nmain()\n")
+        result = subprocess.run([sys.executable, "-c", code], stdout=write, stderr=subprocess.PIPE, text=True,
+                                timeout=120)
+    finally:
+        os.close(write)
+    assert result.returncode == 1 and result.stderr == "", (result.returncode, result.stderr)

@@ -217,3 +217,28 @@ def test_a_compiler_failure_is_one_line_naming_the_variant_and_what_to_do(tmp_pa
     assert art.status == "failed" and art.reason == reason, art.reason
     assert "\n" not in art.reason and not (folder / "edgetpu.tflite").exists()
     assert manifest.artifact("int8").status == "built"
+
+
+def test_an_edgetpu_model_whose_int8_base_is_refused_after_its_build_is_refused_with_it(tmp_path, run_cli,
+                                                                                          fake_compiler, monkeypatch):
+    """The int8 variant built, then refused by the output check (its outputs NaN or infinite where fp32's are finite,
+    or its run on the real inputs crashing): the edgetpu model compiled from it stayed built and was analysed with the
+    host's interpreter, which cannot resolve its edgetpu-custom-op: a traceback, exit 1, nothing written. Now the
+    edgetpu variant is refused with its base, saying why: it is the same computation."""
+    import edge_kit.compiler.pipeline as pipeline
+
+    real = pipeline.broken_outputs
+
+    def int8_broken(outputs, inputs, reference_id="fp32"):
+        return {**real(outputs, inputs, reference_id), "int8": "its output 'y' holds NaN or infinity (first at sample 0)"}
+
+    monkeypatch.setattr(pipeline, "broken_outputs", int8_broken)
+    fake_compiler("partial")
+    code, text, folder = compile_coral(tmp_path, run_cli)
+    assert "Traceback" not in text and "unresolved custom op" not in text, text
+    manifest = read_manifest(folder)
+    assert manifest.artifact("int8").status == "failed"
+    art = manifest.artifact("edgetpu")
+    assert art.status == "failed" and art.reason.startswith("variant edgetpu: compiled from the int8 variant, which "
+                                                            "was refused: "), art.reason
+    assert "holds NaN or infinity" in art.reason, art.reason

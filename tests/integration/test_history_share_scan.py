@@ -109,6 +109,34 @@ def test_a_record_stored_after_its_gap_was_recorded_is_taken_out_of_it(history):
     assert recorded() == [("telemetry", 5, 6), ("telemetry", 8, 9), ("telemetry", 11, 11)]
 
 
+def test_a_batchs_look_for_late_records_reads_their_gaps_not_the_whole_gaps_table(history):
+    """Every batch a --share worker stores is looked up in the gaps recorded (a late record leaves its gap). On
+    PostgreSQL that join hashed the whole ``gaps`` table at each batch: 48 ms a batch at 200,000 gap rows, growing with
+    them, on the storing path. Now each record's gaps are found through ``gaps (device, kind, last_missing)`` on both
+    backends: what a batch's look reads does not grow with the gaps of other devices."""
+    now = time.time()
+    records = [(f"x{i}", "telemetry", 12) for i in range(300)]  # one batch: 12 is inside each device's gap 10..15
+
+    def add_gaps(devices: range) -> int:
+        history._write_batch([("INSERT INTO gaps (device, kind, first_missing, last_missing, ts) VALUES (?, ?, ?, ?, ?)",
+                               [(f"x{i}", "telemetry", j * 10, j * 10 + 5, now) for i in devices for j in range(10)])])
+        if not hasattr(history, "_db"):
+            history._execute("ANALYZE")
+        asked: list[tuple[str, tuple]] = []
+        real = history._rows
+        history._rows = lambda sql, args=(): asked.append((sql, args)) or real(sql, args)
+        try:
+            found = history._gaps_around(records, now - 60)
+        finally:
+            del history._rows
+        assert {(d, first, last) for d, _k, first, last, _ts in found} == {(f"x{i}", 10, 15) for i in range(300)}
+        return _read_by(history, *asked[0])
+
+    small = add_gaps(range(300))  # 3,000 gap rows: those of the batch's own devices
+    big = add_gaps(range(300, 4300))  # 43,000: 40,000 of devices the batch has no record of
+    assert big <= small * 1.5 + 50, (small, big)
+
+
 def _seq_window_sql(history) -> tuple[str, tuple]:
     """Return the query (and its arguments) ``seq_window(100)`` runs."""
     asked: list[tuple[str, tuple]] = []
