@@ -36,6 +36,23 @@ def test_trt_variants_are_refused_where_onnxruntime_has_no_tensorrt_provider():
     assert runtime_refusals("jetson-1", wanted, {"onnxruntime": True, "tensorrt": True}) == {}
 
 
+def test_the_edgetpu_variant_is_refused_where_the_device_cannot_load_the_edge_tpu_delegate():
+    """The edgetpu variant runs on LiteRT, so it was sent to every Coral and activated: on one without the Edge TPU
+    or libedgetpu (a simulated one, a missing package) the agent refused it as a model that failed its smoke
+    inference ("Encountered unresolved custom op: edgetpu-custom-op"), naming neither the TPU nor what to install.
+    The device's facts (and its agent's status) now say whether the delegate loads; without it, the variant is not
+    sent, in one line naming what to install, and int8 proceeds."""
+    wanted = [art("int8", "litert"), art("edgetpu", "litert")]
+    refused = runtime_refusals("coral-1", wanted, {"onnxruntime": False, "tensorrt": False, "edgetpu": False})
+    assert refused == {"edgetpu": "coral-1: edgetpu needs the Edge TPU and its delegate (libedgetpu.so.1) on the device, "
+                                  "which its Python lacks; install Coral's libedgetpu1-std package, attach the Edge TPU "
+                                  "and set the profile's runtime.delegate: edgetpu (docs/firmware/coral.md) there to "
+                                  "deploy it"}
+    assert set(runtime_refusals("coral-1", wanted, {})) == {"edgetpu"}  # not reported (an older agent): missing
+    assert runtime_refusals("coral-1", wanted, {"edgetpu": True}) == {}
+    assert runtime_refusals("coral-1", wanted, {"edgetpu": "available"}) == {}
+
+
 def test_ctrl_c_during_a_deploy_names_where_each_device_ended(tmp_path, monkeypatch):
     """Ctrl-C mid-deploy printed 'interrupted; nothing was half-written' alone, while a device past connecting had
     finished its deploy and switched model: the user could not tell which devices now ran the new one."""
