@@ -315,3 +315,26 @@ def test_an_edgetpu_model_on_a_device_without_the_edge_tpu_is_refused_as_unavail
     assert text.startswith(f"model {sha[:12]} (edgetpu) cannot run on this device: {why}") and "\n" not in text
     assert text.endswith("; the current model keeps serving")
     assert store.current() == current
+
+
+def test_the_agents_status_says_whether_it_can_run_the_edgetpu_variant(tmp_path, monkeypatch):
+    """The host leaves the edgetpu variant out for a device whose newest status says it lacks the Edge TPU; the
+    status said nothing of it (only runtimes). ``runtimes.edgetpu`` is ``available`` with the Edge TPU's delegate
+    configured and its library loading, else the one line why."""
+    from device_agents.config import load_agent_config
+    from device_agents.service import Agent
+
+    for delegate, loads, expected in (("xnnpack", True, "this agent runs the 'xnnpack' delegate"),
+                                      ("edgetpu", False, "libedgetpu.so.1, which could not be loaded"),
+                                      ("edgetpu", True, None)):
+        monkeypatch.setattr("ctypes.CDLL", lambda name, loads=loads: None if loads else (_ for _ in ()).throw(
+            OSError(f"{name}: cannot open shared object file")))
+        cfg = tmp_path / "agent.yaml"
+        cfg.write_text(f"device: c-1\nfleet: f\nroot: {tmp_path / 'root'}\nserve: {{enabled: false}}\n"
+                       f"bench: {{delegate: {delegate}}}\n")
+        agent = Agent(load_agent_config(cfg))
+        try:
+            said = agent._status("online")["runtimes"]["edgetpu"]
+        finally:
+            agent.spool.close()
+        assert said == "available" if expected is None else expected in said, said
