@@ -245,6 +245,24 @@ def device_needs(art: Artifact) -> str | None:
     return target.key if target is not None and target.key in OPTIONAL_RUNTIMES else None
 
 
+def engine_missing(dev: Device, python_facts: dict[str, Any]) -> str | None:
+    """Return why the device cannot run its profile's LiteRT variants (``runtime.engine``: ``tflite-runtime`` on a
+    device whose Python has only ``ai-edge-litert``, or the other way round), in one line naming the package to
+    install; None when its Python has that engine (or does not say: an older probe).
+
+    ``python_facts`` is :attr:`DeviceShell.python_facts` (its ``runtimes`` say which interpreter modules it finds).
+    """
+    from device_agents.runtimes import RUNTIMES
+
+    engine = load_profile(dev.profile).runtime.engine
+    if (python_facts.get("runtimes") or {}).get(engine, True) is not False:
+        return None
+    python, package = python_facts.get("python") or dev.python, RUNTIMES[engine].package
+    return (f"{dev.name}: profile {dev.profile} runs its LiteRT variants on {engine} (its runtime.engine), which the "
+            f"device's Python ({python}) lacks; install it there ({python} -m pip install {package}), or give the "
+            "device a profile with another runtime.engine; nothing was uploaded")
+
+
 def runtime_refusals(device: str, wanted: list[Artifact], runtimes: dict[str, Any],
                      lacks: str = "its Python lacks") -> dict[str, str]:
     """Return {variant: one-line reason} for the artifacts whose runtime the device lacks.
@@ -336,6 +354,9 @@ class _Deployer:
             self.progress(dev.name, "agent")
             agent = ensure_agent(shell, self.fleet, self.opts.new_key)
             result.actions += agent.changed
+            if load_profile(dev.profile).runtime.engine != "litert":  # the agent's own check takes either engine
+                if (missing := engine_missing(dev, shell.python_facts)) is not None:
+                    raise DeployError(missing)
             if any(device_needs(a) for a in wanted):  # one more command, only when it matters
                 result.refused = runtime_refusals(dev.name, wanted, shell.python_facts.get("runtimes") or {})
                 if variant in result.refused:
