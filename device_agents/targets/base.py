@@ -57,6 +57,7 @@ class Target:
     library: ClassVar[str | None] = None  # the delegate's shared library on the device, if any
     install_hint: ClassVar[str] = ""  # where the library comes from
     compiled_variant: ClassVar[str | None] = None  # the variant this target's own compiler makes
+    custom_op: ClassVar[str | None] = None  # the op that compiler writes, which only this target's delegate resolves
 
     @classmethod
     def options(cls, raw: dict[str, Any] | None, where: str = "runtime.options") -> Any:

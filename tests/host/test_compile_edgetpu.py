@@ -237,3 +237,22 @@ def test_a_compiler_failure_is_one_line_naming_the_variant_and_what_to_do(tmp_pa
     assert art.status == "failed" and art.reason == reason, art.reason
     assert "\n" not in art.reason and not (folder / "edgetpu.tflite").exists()
     assert manifest.artifact("int8").status == "built"
+
+
+def test_an_edgetpu_model_loaded_without_the_edge_tpu_delegate_says_which_delegate_it_needs(tmp_path, run_cli,
+                                                                                              fake_compiler):
+    """``edgekit-agent bench edgetpu.tflite`` (a model file, no store record saying its variant) said only "litert
+    cannot load it: Encountered unresolved custom op: edgetpu-custom-op.": nothing of the Edge TPU, of
+    ``--delegate edgetpu`` or of what to install. The line now says so."""
+    from device_agents.runtimes.litert import LiteRT
+
+    fake_compiler("all")
+    code, text, folder = compile_coral(tmp_path, run_cli)
+    assert code == 0, text
+    with pytest.raises(ValueError) as refused:
+        LiteRT().interpreter(folder / "edgetpu.tflite")
+    assert str(refused.value) == (
+        "edgetpu.tflite: litert cannot load it: Encountered unresolved custom op: edgetpu-custom-op.; it is compiled "
+        "for the Coral Edge TPU (USB, M.2, Dev Board) (edgetpu-custom-op), which only the 'edgetpu' delegate runs: "
+        "give --delegate edgetpu on a device with it (install Coral's libedgetpu1-std package (docs/firmware/coral.md)), "
+        "or use another variant")
