@@ -26,6 +26,11 @@ class StoreError(DeviceError):
     """An install, activation or rollback was refused; the text is the reason, in one line."""
 
 
+class AcceleratorUnavailable(StoreError):
+    """A model made for an accelerator (an ``edgetpu`` variant) on a device without it or its delegate library:
+    the model is not at fault; the message says what is missing and what to install."""
+
+
 class SmokeFailed(StoreError):
     """The model failed its smoke inference; the text says how."""
 

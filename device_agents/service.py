@@ -59,6 +59,7 @@ from device_agents.serving.server import Interpreters, Server
 from device_agents.smoke import SmokePool
 from device_agents.spool import Spool
 from device_agents.store import ModelStore, StoreError, default_root
+from device_agents.targets import TARGETS, accelerator_missing
 from edgekit_protocol import messages
 from edgekit_protocol.commands import MAX_TTL_S, Command, CommandError, parse_command
 from edgekit_protocol.config import AgentConfig
@@ -172,6 +173,9 @@ class Agent:
         self._announced = self.store.current()
         self._announced_full = self.disk.full
         runtimes = {k: (cls.unavailable_reason() or "available") for k, cls in RUNTIMES.items()}
+        for target in TARGETS.values():  # an accelerator's own variant (edgetpu) needs its delegate here, loadable
+            if target.compiled_variant:
+                runtimes[target.key] = accelerator_missing(target.compiled_variant, self.cfg.bench.delegate) or "available"
         current = self._model_ref(self.store.current())
         if short:
             runtimes = {k: "available" if v == "available" else "unavailable" for k, v in runtimes.items()}
@@ -603,12 +607,15 @@ class Agent:
         set (the agent is stopping) ends the child at once.
 
         Raises:
+            AcceleratorUnavailable: the model is made for an accelerator this device lacks (an ``edgetpu`` variant
+                without the Edge TPU's delegate): not run at all.
             StoreError: the smoke inference failed or crashed (the agent runs on; nothing was loaded), or was
                 stopped by ``cancel``.
         """
         key = self._smoke_key(sha, settings)
         if key in self._smoked:
             return
+        self.store.check_accelerator(sha, settings.delegate)  # not the model's failure: nothing to run it on
         try:
             self.smoke(path, runtime=settings.runtime, delegate=settings.delegate, options=settings.delegate_options,
                        threads=settings.threads, cancel=cancel)

@@ -64,7 +64,12 @@ from device_agents.disk import (
     sweep_tmp,
     within_limit,
 )
-from device_agents.errors import NO_ACTIVE_MODEL, SmokeFailed, StoreError
+from device_agents.errors import (
+    NO_ACTIVE_MODEL,
+    AcceleratorUnavailable,
+    SmokeFailed,
+    StoreError,
+)
 from device_agents.formats import SUFFIX, model_format
 from edgekit_protocol.desired import MAX_NAME_CHARS
 from edgekit_protocol.labels import clip
@@ -659,6 +664,7 @@ class ModelStore:
             get_runtime(runtime, model=path)
         except RuntimeUnavailable as exc:
             raise StoreError(f"model {sha256[:12]} ({(self._meta(sha256) or {}).get('variant')}): {exc}") from None
+        self.check_accelerator(sha256, delegate)
         if smoke is None:
             from device_agents.smoke import (
                 SmokePool,  # imports numpy and the interpreter: only when needed
@@ -671,6 +677,21 @@ class ModelStore:
             raise StoreError(f"model {sha256[:12]} failed its smoke inference: {exc}") from None
         previous = self._switch(sha256, old)
         return {"current": sha256, "previous": previous, "changed": True, "smoke": checked}
+
+    def check_accelerator(self, sha256: str, delegate: str) -> None:
+        """Refuse a model made for an accelerator this device does not have (an ``edgetpu`` variant without the
+        Edge TPU's delegate); return nothing. Such a model is not broken, it only cannot run here: the refusal says
+        what is missing and what to install, and nothing is loaded or changed.
+
+        Raises:
+            AcceleratorUnavailable: the model's variant needs a delegate this agent does not run or cannot load.
+        """
+        from device_agents.targets import accelerator_missing
+
+        variant = (self._meta(sha256) or {}).get("variant")
+        if (why := accelerator_missing(variant if isinstance(variant, str) else None, delegate)) is not None:
+            raise AcceleratorUnavailable(f"model {sha256[:12]} ({variant}) cannot run on this device: {why}; the "
+                                         "current model keeps serving")
 
     def _switch(self, current: str, previous: str | None) -> str | None:
         """Make ``(current, previous)`` the store's pair, crash-safe (the module's docstring); return ``previous``.

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from device_agents.runtimes.base import Runtime
-from device_agents.targets import get_target
+from device_agents.targets import TARGETS, get_target
 
 
 class LiteRT(Runtime):
@@ -62,7 +62,10 @@ class LiteRT(Runtime):
             if name is None:  # bytes: the caller names the model (compile, the store)
                 raise
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ValueError(f"{name}: {self.key} cannot load it: {first[:300]}") from None
+            hint = next((f"; it is compiled for the {t.summary} ({t.custom_op}), which only the '{t.key}' delegate "
+                         f"runs: give --delegate {t.key} on a device with it ({t.install_hint}), or use another variant"
+                         for t in TARGETS.values() if t.custom_op and t.custom_op in first and t.key != delegate), "")
+            raise ValueError(f"{name}: {self.key} cannot load it: {first[:300]}{hint}") from None
         return interp
 
 

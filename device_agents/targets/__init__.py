@@ -34,4 +34,27 @@ def compiler_of(variant: str) -> type[Target] | None:
     return next((t for t in TARGETS.values() if t.compiled_variant == variant), None)
 
 
-__all__ = ["TARGETS", "Target", "compiler_of", "get_target"]
+def accelerator_missing(variant: str | None, delegate: str) -> str | None:
+    """Return why a model of ``variant`` cannot run on this device with ``delegate`` (the agent's
+    ``runtime.delegate``), or None when it can. Only a variant a target's own compiler makes (``edgetpu``) needs
+    anything: that target as the delegate, and its library loadable here. Such a model holds an op only that
+    delegate resolves (``edgetpu-custom-op``), so on any other path it would fail as if it were broken.
+
+    Returns:
+        One line: the variant, what is missing (no such accelerator configured, or its library), and what to
+        install or do instead; None when nothing is missing.
+    """
+    target = compiler_of(variant) if variant else None
+    if target is None:
+        return None
+    if delegate != target.key:
+        return (f"variant {variant} runs only on the {target.summary} through the '{target.key}' delegate, and this "
+                f"agent runs the '{delegate}' delegate (no {target.accelerator} here: a simulated device or a profile "
+                f"without it); {target.install_hint}, attach the accelerator and set runtime.delegate: {target.key}, "
+                "or use another variant")
+    missing = target.library_missing()
+    return None if missing is None else (f"variant {variant} needs the {target.summary}: {missing}; or use another "
+                                         "variant")
+
+
+__all__ = ["TARGETS", "Target", "accelerator_missing", "compiler_of", "get_target"]

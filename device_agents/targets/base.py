@@ -57,6 +57,7 @@ class Target:
     library: ClassVar[str | None] = None  # the delegate's shared library on the device, if any
     install_hint: ClassVar[str] = ""  # where the library comes from
     compiled_variant: ClassVar[str | None] = None  # the variant this target's own compiler makes
+    custom_op: ClassVar[str | None] = None  # the op that compiler writes, which only this target's delegate resolves
 
     @classmethod
     def options(cls, raw: dict[str, Any] | None, where: str = "runtime.options") -> Any:
@@ -109,13 +110,26 @@ class Target:
         checked = cls.options(options)
         if cls.library is None:
             return {}
+        if (missing := cls.library_missing()) is not None:  # a failed load_delegate leaves a half-built object behind
+            raise RuntimeUnavailable(missing)
         try:
-            ctypes.CDLL(cls.library)  # probe first: a failed load_delegate leaves a half-built object behind
             return {"experimental_delegates": [interpreter_module.load_delegate(cls.library,
                                                                                 cls.delegate_options(checked))]}
         except (ValueError, OSError) as exc:
             raise RuntimeUnavailable(f"delegate '{cls.key}' needs {cls.library}, which could not be loaded "
                                      f"({exc}); {cls.install_hint}") from None
+
+    @classmethod
+    def library_missing(cls) -> str | None:
+        """Return why the target's delegate library cannot be loaded in this process (one line naming what to
+        install), or None when it loads or the target needs none. Loading it opens no device."""
+        if cls.library is None:
+            return None
+        try:
+            ctypes.CDLL(cls.library)
+        except OSError as exc:
+            return f"delegate '{cls.key}' needs {cls.library}, which could not be loaded ({exc}); {cls.install_hint}"
+        return None
 
 
 def count_unsupported(stats: ModelFacts, supported: frozenset[str]) -> dict[str, Any]:

@@ -211,6 +211,7 @@ class EdgeTpu(Target):
     library: ClassVar[str | None] = "libedgetpu.so.1"
     install_hint: ClassVar[str] = "install Coral's libedgetpu1-std package (docs/firmware/coral.md)"
     compiled_variant: ClassVar[str | None] = "edgetpu"
+    custom_op: ClassVar[str | None] = "edgetpu-custom-op"
 
     @classmethod
     def rule_check(cls, stats: ModelFacts) -> dict[str, Any]:

@@ -349,6 +349,13 @@ def _build(plan: _Plan, source: Source, graph: Callable[[], Graph | bytes], req:
             data, mapping = target.compile(base.data)
         except RuntimeError as exc:
             raise CompileError(f"{spec.id}: {exc}") from None
+        try:  # what the table and the manifest will read of it, read now: a file it cannot read fails this variant alone
+            _compiled_stats(data, base.data, spec.base or "")
+        except ValueError as exc:
+            why = str(exc).removesuffix("; download or export it again")  # advice for a source, not for this file
+            raise CompileError(f"{spec.id}: the model {target.key}'s compiler wrote cannot be read ({why}); the "
+                               f"{spec.base} variant is kept: compile again, and report it with the compiler's version "
+                               "if it happens again") from None
         plan.extra["compiler_mapping"] = mapping
         return data, f"{mapping['method']} from {spec.base}"
     if source.kind in ("tflite", "onnx"):

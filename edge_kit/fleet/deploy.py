@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from device_agents.targets import compiler_of
 from edge_kit.errors import (
     AgentError,
     AgentTimeout,
@@ -228,7 +229,38 @@ ENGINE_BUILD_TIMEOUT_S = 1900.0
 
 # The device runtime each artifact needs beyond the agent's own (LiteRT), and how to get it there.
 OPTIONAL_RUNTIMES = {"onnxruntime": "pip install 'edge-kit[agent-onnx]'",
-                     "tensorrt": "install NVIDIA's onnxruntime-gpu wheel for its JetPack (docs/firmware/jetson.md)"}
+                     "tensorrt": "install NVIDIA's onnxruntime-gpu wheel for its JetPack (docs/firmware/jetson.md)",
+                     # not a runtime: the delegate an accelerator's own variant (edgetpu) needs under LiteRT
+                     "edgetpu": "install Coral's libedgetpu1-std package, attach the Edge TPU and set the profile's "
+                                "runtime.delegate: edgetpu (docs/firmware/coral.md)"}
+_NEEDS_NAMED = {"edgetpu": "the Edge TPU and its delegate (libedgetpu.so.1)"}
+
+
+def device_needs(art: Artifact) -> str | None:
+    """Return what ``art`` needs on a device beyond LiteRT, as devices report it (a key of their ``runtimes``:
+    ``onnxruntime``, ``tensorrt``, or the accelerator target whose own compiler made it, ``edgetpu``), or None."""
+    if art.runtime in OPTIONAL_RUNTIMES:
+        return art.runtime
+    target = compiler_of(art.id)
+    return target.key if target is not None and target.key in OPTIONAL_RUNTIMES else None
+
+
+def engine_missing(dev: Device, python_facts: dict[str, Any]) -> str | None:
+    """Return why the device cannot run its profile's LiteRT variants (``runtime.engine``: ``tflite-runtime`` on a
+    device whose Python has only ``ai-edge-litert``, or the other way round), in one line naming the package to
+    install; None when its Python has that engine (or does not say: an older probe).
+
+    ``python_facts`` is :attr:`DeviceShell.python_facts` (its ``runtimes`` say which interpreter modules it finds).
+    """
+    from device_agents.runtimes import RUNTIMES
+
+    engine = load_profile(dev.profile).runtime.engine
+    if (python_facts.get("runtimes") or {}).get(engine, True) is not False:
+        return None
+    python, package = python_facts.get("python") or dev.python, RUNTIMES[engine].package
+    return (f"{dev.name}: profile {dev.profile} runs its LiteRT variants on {engine} (its runtime.engine), which the "
+            f"device's Python ({python}) lacks; install it there ({python} -m pip install {package}), or give the "
+            "device a profile with another runtime.engine; nothing was uploaded")
 
 
 def runtime_refusals(device: str, wanted: list[Artifact], runtimes: dict[str, Any],
@@ -240,9 +272,9 @@ def runtime_refusals(device: str, wanted: list[Artifact], runtimes: dict[str, An
     a runtime it does not mention counts as missing. ``lacks`` says who said so, in the reason. LiteRT
     variants are never refused here (the agent's install check requires LiteRT).
     """
-    return {a.id: f"{device}: {a.id} needs {a.runtime} on the device, which {lacks}; "
-                  f"{OPTIONAL_RUNTIMES[a.runtime]} there to deploy it"
-            for a in wanted if a.runtime in OPTIONAL_RUNTIMES and runtimes.get(a.runtime, False) not in (True, "available")}
+    return {a.id: f"{device}: {a.id} needs {_NEEDS_NAMED.get(need, need)} on the device, which {lacks}; "
+                  f"{OPTIONAL_RUNTIMES[need]} there to deploy it"
+            for a in wanted if (need := device_needs(a)) is not None and runtimes.get(need, False) not in (True, "available")}
 
 
 def reported_runtimes(status: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -322,7 +354,10 @@ class _Deployer:
             self.progress(dev.name, "agent")
             agent = ensure_agent(shell, self.fleet, self.opts.new_key)
             result.actions += agent.changed
-            if any(a.runtime in OPTIONAL_RUNTIMES for a in wanted):  # one more command, only when it matters
+            if load_profile(dev.profile).runtime.engine != "litert":  # the agent's own check takes either engine
+                if (missing := engine_missing(dev, shell.python_facts)) is not None:
+                    raise DeployError(missing)
+            if any(device_needs(a) for a in wanted):  # one more command, only when it matters
                 result.refused = runtime_refusals(dev.name, wanted, shell.python_facts.get("runtimes") or {})
                 if variant in result.refused:
                     raise DeployError(result.refused[variant])

@@ -246,6 +246,10 @@ class Fleet(StrictModel):
         for sel in selectors:
             hits = [d for d in self.devices if d.matches(sel)]
             if not hits:
+                parts = [p.strip() for p in sel.split(",")]
+                if len(parts) > 1 and all(any(d.matches(p) for d in self.devices) for p in parts):
+                    raise ConfigError(f"--devices {sel}: one device, tag:<tag> or all per --devices, not a list; give "
+                                      "each its own: " + " ".join(f"--devices {p}" for p in parts))
                 tags = sorted({t for d in self.devices for t in d.tags})
                 raise ConfigError(f"--devices {sel}: matches no device of fleet {self.fleet} "
                                   f"(devices: {', '.join(d.name for d in self.devices)}; tags: {', '.join(tags) or 'none'})")

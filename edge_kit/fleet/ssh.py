@@ -89,6 +89,14 @@ ort = importlib.util.find_spec("onnxruntime")
 runtimes = {"onnxruntime": ort is not None,  # optional: the onnx-* variants; trt-*: onnxruntime-gpu's TensorRT provider
             "tensorrt": any(any(pathlib.Path(p, "capi").glob("libonnxruntime_providers_tensorrt*"))
                             for p in ((ort.submodule_search_locations or []) if ort else []))}
+runtimes["litert"] = importlib.util.find_spec("ai_edge_litert") is not None  # a profile's runtime.engine
+runtimes["tflite-runtime"] = importlib.util.find_spec("tflite_runtime") is not None
+try:  # the edgetpu variant: the Edge TPU's delegate library (loading it opens no TPU)
+    import ctypes
+    ctypes.CDLL("libedgetpu.so.1")
+    runtimes["edgetpu"] = True
+except OSError:
+    runtimes["edgetpu"] = False
 print(json.dumps({"free": shutil.disk_usage(probe).free, "python": sys.executable, "missing": missing,
                   "runtimes": runtimes, "version": list(sys.version_info[:3])}))
 """

@@ -38,11 +38,11 @@ import numpy as np
 from edge_kit.errors import HistoryRecordError
 from edge_kit.fleet.commands import FleetClient
 from edge_kit.fleet.deploy import (
-    OPTIONAL_RUNTIMES,
     DeployOptions,
     GroupResult,
     candidates_for,
     deploy,
+    device_needs,
     reported_runtimes,
     runtime_refusals,
 )
@@ -118,7 +118,7 @@ def runtime_limits(manifest: Manifest, devices: list[Device], status: dict[str, 
     newest status message per device, :meth:`~edge_kit.telemetry.store.HistoryStore.latest_status`).
 
     ``refused`` maps a device to {variant: why} for its candidates that need a runtime (ONNX Runtime,
-    TensorRT) its newest status says it lacks: it cannot run them, so they are not its candidates.
+    TensorRT, the Edge TPU's delegate) its newest status says it lacks: it cannot run them, so they are not its candidates.
     ``unknown`` maps a device to its candidates that need such a runtime when no status of it reports
     its runtimes (none stored, or an agent older than the field): nothing is assumed either way, they
     stay candidates and the decision says so. Devices whose candidates all run on LiteRT are in neither.
@@ -129,7 +129,7 @@ def runtime_limits(manifest: Manifest, devices: list[Device], status: dict[str, 
     refused: dict[str, dict[str, str]] = {}
     unknown: dict[str, list[str]] = {}
     for dev in devices:
-        optional = [a for a in candidates_for(manifest, dev) if a.runtime in OPTIONAL_RUNTIMES]
+        optional = [a for a in candidates_for(manifest, dev) if device_needs(a)]
         if not optional:
             continue
         runtimes = reported_runtimes(status.get(dev.name))
@@ -164,7 +164,7 @@ def unknown_runtimes_note(unknown: dict[str, list[str]]) -> str:
     names = sorted(unknown)
     shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
     return (f"{len(names)} device(s) have not reported their runtimes (no status with them in the history: run "
-            f"`edgekit monitor`, or update their agents): {shown}; their ONNX Runtime/TensorRT variants are kept as "
+            f"`edgekit monitor`, or update their agents): {shown}; their ONNX Runtime, TensorRT and Edge TPU variants are kept as "
             "candidates, not verified")
 
 

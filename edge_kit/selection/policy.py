@@ -40,6 +40,7 @@ from edge_kit.profiles import Constraints
 from edge_kit.selection.constraints import (
     Measured,
     describe,
+    measured_text,
     overshoot,
     unjudged,
     violations,
@@ -370,6 +371,10 @@ def _decision(r: Request, got: Choices | None, row: int, margin: float) -> Decis
         reason = "infeasible: no variant meets every constraint; " + (
             f"stays on {chosen.variant}, within the {margin:.0%} margin of the least violating" if stays
             else f"{chosen.variant} violates least")
+        if chosen.measured is not None:  # the figures that break the bounds, with where each came from
+            broken = violations(constraints, chosen.measured, r.fp32_accuracy)
+            reason += f" ({chosen.variant}: " + "; ".join(
+                f"{measured_text(k, chosen.measured)}, against {describe(k, constraints)}" for k in broken) + ")"
     elif stays:
         reason = (f"stays on {chosen.variant}: feasible, and no feasible variant beats it by more than "
                   f"the {margin:.0%} margin in every recent measurement")

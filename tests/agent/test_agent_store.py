@@ -279,3 +279,62 @@ def test_a_model_name_outside_the_one_rule_is_refused(store, tmp_path, model):
     with pytest.raises(StoreError, match="must be 1-128 letters, digits"):
         store.install(path, variant="int8", model=model)
     assert not store.root.exists()
+
+
+@pytest.mark.parametrize("delegate, why", [
+    ("xnnpack", "variant edgetpu runs only on the Coral Edge TPU (USB, M.2, Dev Board) through the 'edgetpu' delegate, "
+                "and this agent runs the 'xnnpack' delegate (no edgetpu here: a simulated device or a profile without "
+                "it); install Coral's libedgetpu1-std package (docs/firmware/coral.md), attach the accelerator and set "
+                "runtime.delegate: edgetpu, or use another variant"),
+    ("edgetpu", "variant edgetpu needs the Coral Edge TPU (USB, M.2, Dev Board): delegate 'edgetpu' needs "
+                "libedgetpu.so.1, which could not be loaded ("),
+])
+def test_an_edgetpu_model_on_a_device_without_the_edge_tpu_is_refused_as_unavailable(store, tmp_path, monkeypatch,
+                                                                                      delegate, why):
+    """An ``edgetpu`` variant holds an ``edgetpu-custom-op`` that only the Edge TPU's delegate resolves. On a device
+    without it (a simulated Coral runs xnnpack; a Coral whose libedgetpu is missing) its activation went to the smoke
+    inference and was refused as a broken model ("failed its smoke inference: ... Encountered unresolved custom op:
+    edgetpu-custom-op"), saying nothing of the TPU or what to install. It is refused before anything runs now, as
+    unavailable (its own error class, not a smoke failure), in one line naming what is missing and what to install;
+    the current model stays."""
+    from device_agents.errors import AcceleratorUnavailable, SmokeFailed
+
+    monkeypatch.setattr("ctypes.CDLL", lambda name: (_ for _ in ()).throw(OSError(f"{name}: cannot open shared "
+                                                                                   "object file")))
+    monkeypatch.setattr("device_agents.runtimes.get_runtime", lambda *a, **k: None)
+    path, current = model_file(tmp_path, b"int8-model", "int8.tflite")
+    store.install(path, variant="int8", model="m")
+    store._switch(current, None)
+    path, sha = model_file(tmp_path, b"edgetpu-model", "edgetpu.tflite")
+    store.install(path, variant="edgetpu", model="m")
+    ran = []
+    with pytest.raises(AcceleratorUnavailable) as refused:
+        store.activate(sha, delegate=delegate, smoke=lambda *a, **k: ran.append(a))
+    assert not isinstance(refused.value, SmokeFailed) and not ran  # nothing ran: the model is not at fault
+    text = str(refused.value)
+    assert text.startswith(f"model {sha[:12]} (edgetpu) cannot run on this device: {why}") and "\n" not in text
+    assert text.endswith("; the current model keeps serving")
+    assert store.current() == current
+
+
+def test_the_agents_status_says_whether_it_can_run_the_edgetpu_variant(tmp_path, monkeypatch):
+    """The host leaves the edgetpu variant out for a device whose newest status says it lacks the Edge TPU; the
+    status said nothing of it (only runtimes). ``runtimes.edgetpu`` is ``available`` with the Edge TPU's delegate
+    configured and its library loading, else the one line why."""
+    from device_agents.config import load_agent_config
+    from device_agents.service import Agent
+
+    for delegate, loads, expected in (("xnnpack", True, "this agent runs the 'xnnpack' delegate"),
+                                      ("edgetpu", False, "libedgetpu.so.1, which could not be loaded"),
+                                      ("edgetpu", True, None)):
+        monkeypatch.setattr("ctypes.CDLL", lambda name, loads=loads: None if loads else (_ for _ in ()).throw(
+            OSError(f"{name}: cannot open shared object file")))
+        cfg = tmp_path / "agent.yaml"
+        cfg.write_text(f"device: c-1\nfleet: f\nroot: {tmp_path / 'root'}\nserve: {{enabled: false}}\n"
+                       f"bench: {{delegate: {delegate}}}\n")
+        agent = Agent(load_agent_config(cfg))
+        try:
+            said = agent._status("online")["runtimes"]["edgetpu"]
+        finally:
+            agent.spool.close()
+        assert said == "available" if expected is None else expected in said, said

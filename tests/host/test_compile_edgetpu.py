@@ -10,7 +10,8 @@ the "Model successfully compiled but not all operations are supported by the Edg
 the op table). ``FAKE_EDGETPU_MODE`` picks what it does: ``all`` (every op mapped), ``partial``, ``none`` (0 ops
 mapped: the real compiler exits 0 and writes the model), ``abort`` (compiler 16's failure: "ERROR: ...",
 "Compilation failed: <why>", then "Compilation failed!", exit 1), ``abort15`` ("Internal compiler error. Aborting!",
-exit 1) and ``nofile`` (exit 0, no model written)."""
+exit 1), ``nofile`` (exit 0, no model written) and ``damaged`` (exit 0, a model whose constants' buffers are cut
+short: a file edge-kit cannot read)."""
 
 from __future__ import annotations
 
@@ -83,12 +84,27 @@ def compiled(data):
 
 if mode == "none":  # nothing mapped: the model as it came
     shutil.copyfile(src, out)
+elif mode == "damaged":  # a model whose constant's buffer is shorter than its shape (what a file cut short reads as)
+    from ai_edge_litert import schema_py_generated as schema
+
+    with open(src, "rb") as given:
+        model = schema.ModelT.InitFromObj(schema.Model.GetRootAs(given.read(), 0))
+    import flatbuffers
+
+    for buffer in model.buffers:
+        if buffer.data is not None and len(buffer.data) > 4:
+            buffer.data = buffer.data[:4]
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    with open(out, "wb") as written:
+        written.write(compiled(bytes(builder.Output())))
 elif mode != "nofile":
     with open(src, "rb") as given, open(out, "wb") as written:
         written.write(compiled(given.read()))
 rows = {"all": [("FULLY_CONNECTED", 1, "Mapped to Edge TPU"), ("QUANTIZE", 1, "Mapped to Edge TPU")],
         "partial": [("FULLY_CONNECTED", 1, "Mapped to Edge TPU"),
                     ("DEQUANTIZE", 1, "Operation is working on an unsupported data type")],
+        "damaged": [("FULLY_CONNECTED", 1, "Mapped to Edge TPU"), ("QUANTIZE", 1, "Mapped to Edge TPU")],
         "none": [("FULLY_CONNECTED", 1, "Operation is working on an unsupported data type"),
                  ("QUANTIZE", 1, "Operation is otherwise supported, but not mapped due to some unspecified limitation")],
         "nofile": [("FULLY_CONNECTED", 1, "Mapped to Edge TPU")]}[mode]
@@ -198,12 +214,16 @@ def test_every_op_mapped_is_counted_from_the_summary(tmp_path, run_cli, fake_com
     ("nofile", "edgetpu: edgetpu_compiler exited 0 but wrote no model_edgetpu.tflite (its last line: FULLY_CONNECTED"
                "                1          Mapped to Edge TPU); reinstall Coral's edgetpu-compiler package "
                "(docs/firmware/coral.md) and compile again"),
+    ("damaged", "edgetpu: the model edgetpu's compiler wrote cannot be read (constant tensor 'MatMul' declares "
+                "shape 3x4 (int8) but its buffer holds 4 bytes: a damaged or hostile file); the int8 variant is kept: compile again, and report it with the compiler's version if it "
+                "happens again"),
 ])
 def test_a_compiler_failure_is_one_line_naming_the_variant_and_what_to_do(tmp_path, run_cli, fake_compiler, mode,
                                                                           reason):
     """0 ops mapped (exit 0, a model written: it was recorded as a built edgetpu variant that runs wholly on the
-    CPU), a compiler abort (exit 1; compiler 16's reason said only "Compilation failed!", its last line) and exit 0
-    without a model ("failed (exit 0)" before): the edgetpu variant fails
+    CPU), a compiler abort (exit 1; compiler 16's reason said only "Compilation failed!", its last line), exit 0
+    without a model ("failed (exit 0)" before) and a written model edge-kit cannot read (a ValueError traceback,
+    exit 1, nothing written, before): the edgetpu variant fails
     with one line naming it and what to do, printed under the table; the int8 variant is kept and written, and the
     compile exits 3 (a variant failed), its last line saying which."""
     fake_compiler(mode)
@@ -242,3 +262,22 @@ def test_an_edgetpu_model_whose_int8_base_is_refused_after_its_build_is_refused_
     assert art.status == "failed" and art.reason.startswith("variant edgetpu: compiled from the int8 variant, which "
                                                             "was refused: "), art.reason
     assert "holds NaN or infinity" in art.reason, art.reason
+
+
+def test_an_edgetpu_model_loaded_without_the_edge_tpu_delegate_says_which_delegate_it_needs(tmp_path, run_cli,
+                                                                                              fake_compiler):
+    """``edgekit-agent bench edgetpu.tflite`` (a model file, no store record saying its variant) said only "litert
+    cannot load it: Encountered unresolved custom op: edgetpu-custom-op.": nothing of the Edge TPU, of
+    ``--delegate edgetpu`` or of what to install. The line now says so."""
+    from device_agents.runtimes.litert import LiteRT
+
+    fake_compiler("all")
+    code, text, folder = compile_coral(tmp_path, run_cli)
+    assert code == 0, text
+    with pytest.raises(ValueError) as refused:
+        LiteRT().interpreter(folder / "edgetpu.tflite")
+    assert str(refused.value) == (
+        "edgetpu.tflite: litert cannot load it: Encountered unresolved custom op: edgetpu-custom-op.; it is compiled "
+        "for the Coral Edge TPU (USB, M.2, Dev Board) (edgetpu-custom-op), which only the 'edgetpu' delegate runs: "
+        "give --delegate edgetpu on a device with it (install Coral's libedgetpu1-std package (docs/firmware/coral.md)), "
+        "or use another variant")

@@ -36,6 +36,44 @@ def test_trt_variants_are_refused_where_onnxruntime_has_no_tensorrt_provider():
     assert runtime_refusals("jetson-1", wanted, {"onnxruntime": True, "tensorrt": True}) == {}
 
 
+def test_the_edgetpu_variant_is_refused_where_the_device_cannot_load_the_edge_tpu_delegate():
+    """The edgetpu variant runs on LiteRT, so it was sent to every Coral and activated: on one without the Edge TPU
+    or libedgetpu (a simulated one, a missing package) the agent refused it as a model that failed its smoke
+    inference ("Encountered unresolved custom op: edgetpu-custom-op"), naming neither the TPU nor what to install.
+    The device's facts (and its agent's status) now say whether the delegate loads; without it, the variant is not
+    sent, in one line naming what to install, and int8 proceeds."""
+    wanted = [art("int8", "litert"), art("edgetpu", "litert")]
+    refused = runtime_refusals("coral-1", wanted, {"onnxruntime": False, "tensorrt": False, "edgetpu": False})
+    assert refused == {"edgetpu": "coral-1: edgetpu needs the Edge TPU and its delegate (libedgetpu.so.1) on the device, "
+                                  "which its Python lacks; install Coral's libedgetpu1-std package, attach the Edge TPU "
+                                  "and set the profile's runtime.delegate: edgetpu (docs/firmware/coral.md) there to "
+                                  "deploy it"}
+    assert set(runtime_refusals("coral-1", wanted, {})) == {"edgetpu"}  # not reported (an older agent): missing
+    assert runtime_refusals("coral-1", wanted, {"edgetpu": True}) == {}
+    assert runtime_refusals("coral-1", wanted, {"edgetpu": "available"}) == {}
+
+
+def test_a_profile_on_tflite_runtime_is_refused_before_any_upload_where_the_device_lacks_it():
+    """coral-devboard runs its models on tflite-runtime (runtime.engine). The deploy's check of the device's Python
+    took either LiteRT package, so a device with only ai-edge-litert (every simulated one) was sent its variants,
+    which the agent then refused at activation ("runtime 'tflite-runtime' needs the 'tflite-runtime' package"),
+    after the upload. The facts now say which interpreter modules the device has; the deploy stops first, in one line
+    naming the package to install."""
+    from edge_kit.fleet.deploy import engine_missing
+    from edge_kit.fleet.inventory import Device
+
+    board = Device(name="board-1", host="127.0.0.1", user="mendel", profile="coral-devboard")
+    facts = {"python": "/usr/bin/python3", "runtimes": {"litert": True, "tflite-runtime": False}}
+    assert engine_missing(board, facts) == (
+        "board-1: profile coral-devboard runs its LiteRT variants on tflite-runtime (its runtime.engine), which the "
+        "device's Python (/usr/bin/python3) lacks; install it there (/usr/bin/python3 -m pip install tflite-runtime), "
+        "or give the device a profile with another runtime.engine; nothing was uploaded")
+    assert engine_missing(board, {**facts, "runtimes": {"tflite-runtime": True}}) is None
+    assert engine_missing(board, {"python": "/usr/bin/python3", "runtimes": {}}) is None  # an older probe: not said
+    pi = Device(name="pi-1", host="127.0.0.1", user="pi", profile="rpi4")
+    assert engine_missing(pi, {"runtimes": {"litert": True, "tflite-runtime": False}}) is None
+
+
 def test_ctrl_c_during_a_deploy_names_where_each_device_ended(tmp_path, monkeypatch):
     """Ctrl-C mid-deploy printed 'interrupted; nothing was half-written' alone, while a device past connecting had
     finished its deploy and switched model: the user could not tell which devices now ran the new one."""

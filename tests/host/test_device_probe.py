@@ -265,7 +265,21 @@ def test_the_facts_script_prints_what_the_deploy_takes():
 
     out = subprocess.run([sys.executable, "-c", _PYTHON_FACTS, "/nonexistent/root"], capture_output=True, timeout=60,
                          check=True).stdout
-    _facts_shape(json.loads(out))
+    facts = json.loads(out)
+    _facts_shape(facts)
+    # which interpreter a profile's runtime.engine needs, and whether the Edge TPU's delegate loads, are said too
+    import importlib.util
+
+    assert facts["runtimes"]["litert"] is (importlib.util.find_spec("ai_edge_litert") is not None)
+    assert facts["runtimes"]["tflite-runtime"] is (importlib.util.find_spec("tflite_runtime") is not None)
+    import ctypes
+
+    try:
+        ctypes.CDLL("libedgetpu.so.1")
+        loads = True
+    except OSError:
+        loads = False
+    assert facts["runtimes"]["edgetpu"] is loads
 
 
 @pytest.mark.parametrize("content, why", [

@@ -37,6 +37,11 @@ def test_fleet_defaults_fill_devices_and_selectors_pick_them(tmp_path):
     assert [d.name for d in fleet.select(["coral-1", "tag:canary"])] == ["pi-2", "coral-1"]
     with pytest.raises(ConfigError, match="--devices tag:jetson: matches no device"):
         fleet.select(["tag:jetson"])
+    # a comma list (as sim up's --profiles takes) said only "matches no device", listing the very devices named
+    with pytest.raises(ConfigError) as listed:
+        fleet.select(["coral-1,tag:pi"])
+    assert str(listed.value) == ("--devices coral-1,tag:pi: one device, tag:<tag> or all per --devices, not a list; "
+                                 "give each its own: --devices coral-1 --devices tag:pi")
     with pytest.raises(ConfigError, match="did you mean 'coral-1'"):
         fleet.device("coral-l")
 

@@ -218,3 +218,45 @@ def test_the_reports_fleet_selection_table_shows_no_confidence_for_an_undecided_
                                   "b": {"chosen": "int8", "confidence": 0.97, "table": []},
                                   "c": {"chosen": None, "confidence": 1.0, "table": []}})  # stored by an older edge-kit
     assert [r[2] for r in rows] == ["-", "0.97", "-"]
+
+
+def test_select_never_picks_the_edgetpu_variant_for_a_device_whose_status_says_it_has_no_edge_tpu(tmp_path, run_cli):
+    """An ``edgetpu`` variant runs on LiteRT, so nothing in the host's runtime checks looked at it: a Coral whose
+    agent has no Edge TPU delegate (its libedgetpu missing, or a simulated one running xnnpack) stayed a candidate
+    for it, measured or inferred from the profile's other devices, and was chosen again after each refused
+    activation. Its status now reports ``runtimes.edgetpu`` (``available`` or why not); select leaves the variant out
+    there, with why (unavailable, not a failure of the model), and still chooses it where the TPU is."""
+    folder = tmp_path / "art"
+    folder.mkdir()
+    figures = {"int8": (30.0, 12.0), "edgetpu": (3.0, 1.0)}
+    arts = [Artifact(id=v, status="built", profiles=["coral-usb"], summary=v, precision="int8", file=f"{v}.tflite",
+                     runtime="litert", sha256=sha(v), bytes=1000) for v in figures]
+    (folder / "manifest.json").write_text(Manifest(created="2026-11-29T00:00:00+00:00", model={"name": "m"},
+                                                   versions={}, profiles={"coral-usb": {}}, artifacts=arts).to_json())
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text("fleet: f\nbroker: {host: 127.0.0.1, port: 1}\ndefaults: {user: edgekit, profile: coral-usb}\n"
+                     "devices:\n  - {name: tpu, host: 127.0.0.1, port: 2}\n  - {name: notpu, host: 127.0.0.1, port: 3}\n")
+    store = Store(tmp_path / "edgekit-history.db")
+    seq = 0
+    for device in ("tpu", "notpu"):
+        for vid in figures if device == "tpu" else ["int8"]:
+            seq += 1
+            store.add("bench", messages.envelope("bench", "f", device, seq, bench_body(vid, *figures[vid])))
+    no_tpu = ("variant edgetpu runs only on the Coral Edge TPU (USB, M.2, Dev Board) through the 'edgetpu' delegate, "
+              "and this agent runs the 'xnnpack' delegate")
+    for device, edgetpu in (("tpu", "available"), ("notpu", no_tpu)):
+        seq += 1
+        store.add("status", messages.envelope("status", "f", device, seq, {
+            "state": "online", "current": {"variant": "int8", "sha256": sha("int8")},
+            "runtimes": {"litert": "available", "edgetpu": edgetpu}}))
+    store.close()
+    code, out, err = run_cli("select", "--fleet", fleet, "--artifacts", folder, "--json")
+    assert code == 0, err
+    got = json.loads(out)["devices"]
+    assert got["tpu"]["chosen"] == "edgetpu" and got["tpu"]["excluded"] == {}, got["tpu"]
+    notpu = got["notpu"]
+    assert notpu["chosen"] == "int8" and list(notpu["excluded"]) == ["edgetpu"], notpu
+    why = notpu["excluded"]["edgetpu"]
+    assert why.startswith("notpu: edgetpu needs the Edge TPU and its delegate (libedgetpu.so.1) on the device, which "
+                          "its newest status in the history says it lacks; install Coral's libedgetpu1-std package"), why
+    assert "edgetpu" not in {r["variant"] for r in notpu["table"]}

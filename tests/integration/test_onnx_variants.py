@@ -152,7 +152,8 @@ def test_a_device_environment_without_onnxruntime_refuses_only_the_onnx_variants
         return subprocess.run([str(DEVICE_PYTHON), *args], capture_output=True, text=True, timeout=300, cwd=ROOT)
 
     facts = json.loads(run("-c", _PYTHON_FACTS, str(tmp_path)).stdout)
-    assert facts["runtimes"] == {"onnxruntime": False, "tensorrt": False}
+    assert (facts["runtimes"]["onnxruntime"], facts["runtimes"]["tensorrt"]) == (False, False)
+    assert facts["runtimes"]["tflite-runtime"] is True  # the interpreter a profile's runtime.engine names
     built = [a for a in manifest.artifacts if a.status == "built"]
     refused = runtime_refusals("pi-1", built, facts["runtimes"])
     assert set(refused) == set(ONNX_VARIANTS)
