@@ -658,6 +658,7 @@ def monitor_cmd(
     if as_json:
         emit_json({"received": s.received, "stored": s.stored, "duplicates": s.duplicates, "invalid": s.invalid,
                     "gaps": s.gaps, "dropped": s.dropped, "over_budget": s.over_budget, "left_by_revoked": s.left_by_revoked,
+                    "replayed_by_revoked": s.replayed_by_revoked, "revoked": s.revoked,
                     "breaking_not_alerted": s.breaking_not_alerted,
                     "over_budget_by_device": dict(sorted(mon.over_budget.items())),
                     "alerts": [vars(a) for a in mon.alerts], "alerts_raised": mon.alerts_raised,
@@ -669,6 +670,8 @@ def monitor_cmd(
         # dropped unrefused and not alerted one by one: said here when there were any (a revoked key's use included)
         quiet = "".join(f"{n:,} {what}, " for n, what in (
             (s.left_by_revoked, "left by revoked devices (signed before their revocation: dropped, not stored)"),
+            (s.replayed_by_revoked, "replays of what revoked devices left (the same message sent again: dropped)"),
+            (s.revoked, "from revoked devices (refused unchecked, kept as refused, not alerted)"),
             (s.breaking_not_alerted, "benchmarks breaking constraints not alerted (past a device's "
                                      f"{MAX_BREAKING_VARIANTS} variants)")) if n)
         out.print(safe(f"stored {s.stored:,} of {s.received:,} messages received ({s.duplicates:,} duplicates, "

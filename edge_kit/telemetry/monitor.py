@@ -135,6 +135,12 @@ class MonitorStats:
     # what revoked devices left at the broker (their retained status or reported state, their last will): dropped,
     # neither stored nor refused (Keyring.left_by_revoked)
     left_by_revoked: int = 0
+    # what a revoked device left that a keyless peer sent again (the same last will, by its msg_id): dropped, counted
+    # here, not again in left_by_revoked
+    replayed_by_revoked: int = 0
+    # messages on the topic of a device whose key was revoked (and none registered since): refused unchecked (no
+    # signature checked, no budget spent, no alert: the device shows as revoked), counted here, kept as invalid
+    revoked: int = 0
     # benchmarks breaking their device's constraints for a variant beyond the MAX_BREAKING_VARIANTS whose episodes the
     # device has open: stored, counted here, alerted once a device (a device naming a new variant in each record)
     breaking_not_alerted: int = 0
@@ -192,6 +198,8 @@ MAX_CARRIED = 100  # open alerts of the history a monitor shows as carried over 
 
 MAX_CLIENT_ID_BYTES = 65_535  # MQTT encodes a client id's length in 16 bits
 
+
+MAX_LEFT_SEEN = 10_000  # leftovers of revoked devices remembered (each signed by a revoked key before its revocation)
 
 MAX_OLD_RUNS = 64  # a device's ended shadow runs remembered: a late message of one is no news
 
@@ -317,6 +325,7 @@ class Monitor:
                             for d in fleet.devices}
         self._queue: queue.Queue = queue.Queue()
         self._recent: OrderedDict[str, None] = OrderedDict()  # msg ids lately stored (cheap dedup before SQL)
+        self._left_seen: OrderedDict[str, None] = OrderedDict()  # msg ids of what revoked devices left, counted once
         self._seq: dict[tuple[str, str], int] = {}
         self._stop = threading.Event()
         self._connected = threading.Event()
@@ -391,7 +400,8 @@ class Monitor:
         """Queue ``(topic, payload, receive time, mid to acknowledge or None)``; nothing once stopping, nor an empty
         payload on a retained kind's topic (how MQTT clears a retained message: acknowledged, no message to store;
         :func:`~edgekit_protocol.messages.is_cleared`: on any other topic it is refused and counted), nor what a revoked
-        device left at the broker (acknowledged, counted in ``stats.left_by_revoked``:
+        device left at the broker (acknowledged, counted once per ``msg_id`` in ``stats.left_by_revoked``, and each copy
+        sent live again, a keyless peer's replay, in ``stats.replayed_by_revoked``:
         :meth:`~edge_kit.fleet.keys._RegistryKeyring.left_by_revoked`), and a QoS 0
         message not while :data:`MAX_QUEUED` wait (counted in ``stats.dropped``, alerted once a run). A topic that is
         not UTF-8 is queued with its bad bytes as ``\\xNN`` (it names no device, so it is refused). Never raises:
@@ -402,8 +412,16 @@ class Monitor:
         # a retained message cleared (`fleet revoke` does), or what a revoked device left at the broker (its last will,
         # published as a broker reloaded or restarted after `fleet revoke` dropped its connection): nothing to store
         cleared = messages.is_cleared(topic, m.payload)
-        if cleared or self.keyring.left_by_revoked(topic, m.payload, bool(getattr(m, "retain", False))):
-            self.stats.left_by_revoked += not cleared
+        retained = bool(getattr(m, "retain", False))
+        left = None if cleared else self.keyring.left_by_revoked(topic, m.payload, retained)
+        if cleared or left is not None:
+            if left is not None and left not in self._left_seen:  # each leftover counted once
+                self._left_seen[left] = None
+                self.stats.left_by_revoked += 1
+                while len(self._left_seen) > MAX_LEFT_SEEN:
+                    self._left_seen.popitem(last=False)
+            elif left is not None and not retained:  # the same one live again: a keyless peer replays a capture
+                self.stats.replayed_by_revoked += 1  # (the broker's retained copy, sent at each subscribe, is not)
             if m.qos:
                 self._ack([m.mid])
             return
@@ -639,12 +657,17 @@ class Monitor:
         received: list[float] = []
         pending = batch
         margin = 0  # records admitted per device beyond its budget: none until a round's checks refuse some
+        revoked = self._revoked_now()  # two stats a batch, a set lookup a record
         while pending:
             admitted: list[tuple] = []
             held: list[tuple] = []
             room: dict[str, int] = {}
             for item in pending:
                 device = self._budget_device(item[0])
+                if device in revoked:  # a thief holding its key: refused before it is checked or spends any budget
+                    self.stats.received += 1
+                    self._refuse(item[0], item[1], self.keyring.revocation_reason(device), revoked=True)
+                    continue
                 if device is not None and device not in room:
                     available = self.budget.available(device)
                     room[device] = max(available, margin) if available > 0 else 0
@@ -680,6 +703,15 @@ class Monitor:
             margin = max(1, 2 * margin)
         self._refuse_over_budget(pending)
         return good, raw, received
+
+    def _revoked_now(self) -> frozenset[str]:
+        """Return the fleet file's devices whose key was revoked and none registered since (the keyring re-reads its
+        files when either was replaced: two stats); none when the registry cannot be read (every message is then
+        refused by its check, saying why). Never raises."""
+        try:
+            return self.keyring.revoked_devices() & self.constraints.keys()
+        except ConfigError:
+            return frozenset()
 
     def _refuse_over_budget(self, batch: list[tuple], counted: bool = False) -> None:
         """Count the messages of ``batch`` (of devices over their ingest budget) as received (unless ``counted``: the
@@ -767,16 +799,23 @@ class Monitor:
             received += t
         return good, raw, received
 
-    def _refuse(self, topic: str, payload: bytes, why: str) -> None:
+    def _refuse(self, topic: str, payload: bytes, why: str, revoked: bool = False) -> None:
         """Count a refused message, alert, and keep it as invalid (the first :data:`MAX_INVALID_ROWS` of a run), its
-        topic cut to :data:`MAX_TOPIC` characters (the sender chose it). Raises HistoryError."""
-        self.stats.invalid += 1
+        topic cut to :data:`MAX_TOPIC` characters (the sender chose it); ``revoked``: one on the topic of a revoked
+        device, counted in ``stats.revoked`` and kept, never alerted (its alerts were closed as revoked; the summary
+        says how many). Return nothing. Raises HistoryError."""
+        if revoked:
+            self.stats.revoked += 1
+        else:
+            self.stats.invalid += 1
+        kept = self.stats.invalid + self.stats.revoked
         reason = clip(why, MAX_REASON)
         topic = clip(topic, MAX_TOPIC)
-        self._alert(Alert(topic, "refused", f"refused a message on {topic}: {reason}"))
-        if self.stats.invalid <= MAX_INVALID_ROWS:  # a flood of them is counted, never the history's size
-            self.store.add_invalid(topic, reason, payload[:4096 if self.stats.invalid <= 1000 else 256])
-            if self.stats.invalid == MAX_INVALID_ROWS:
+        if not revoked:
+            self._alert(Alert(topic, "refused", f"refused a message on {topic}: {reason}"))
+        if kept <= MAX_INVALID_ROWS:  # a flood of them is counted, never the history's size
+            self.store.add_invalid(topic, reason, payload[:4096 if kept <= 1000 else 256])
+            if kept == MAX_INVALID_ROWS:
                 self._alert(Alert("monitor", "refused", f"{MAX_INVALID_ROWS:,} refused messages stored in this "
                                                         "run; more are counted (invalid), not stored"))
 
