@@ -659,6 +659,7 @@ def monitor_cmd(
         emit_json({"received": s.received, "stored": s.stored, "duplicates": s.duplicates, "invalid": s.invalid,
                     "gaps": s.gaps, "dropped": s.dropped, "over_budget": s.over_budget, "left_by_revoked": s.left_by_revoked,
                     "replayed_by_revoked": s.replayed_by_revoked, "revoked": s.revoked,
+                    "restarts": s.restarts, "implausible_seqs": s.implausible_seqs,
                     "breaking_not_alerted": s.breaking_not_alerted,
                     "over_budget_by_device": dict(sorted(mon.over_budget.items())),
                     "alerts": [vars(a) for a in mon.alerts], "alerts_raised": mon.alerts_raised,

@@ -117,7 +117,8 @@ BATCH = 500
 class Alert:
     device: str
     kind: str  # "offline", "constraints", "silent", "refused" (forged, unsigned, from the future, over budget), "store", "disk", "drift",
-    # "gap" (records a device numbered that never arrived)
+    # "gap" (records a device numbered that never arrived, or a seq implausibly far ahead), "restart" (a device's
+    # numbering started again: a new epoch)
     # (the history's alerts table keeps "offline", "constraints", "drift", "disk" as low_disk, "silent" and an
     # over-budget "refused" as over_budget: every alert about a device's state; a refused message is in ``invalid``)
     text: str
@@ -144,6 +145,11 @@ class MonitorStats:
     # benchmarks breaking their device's constraints for a variant beyond the MAX_BREAKING_VARIANTS whose episodes the
     # device has open: stored, counted here, alerted once a device (a device naming a new variant in each record)
     breaking_not_alerted: int = 0
+    # devices whose numbering started again (a new ``epoch``: re-imaged, agent state wiped): recorded as restarts
+    restarts: int = 0
+    # seq numbers (a record's, or a telemetry's claim) more than MAX_SEQ_LEAD past the device's newest of the kind:
+    # not taken as where its numbering stands (the record is stored), counted, alerted once a device
+    implausible_seqs: int = 0
     # per device of the fleet file: records refused because it was over its ingest budget
     over_budget_by_device: dict[str, int] = field(default_factory=dict)
 
@@ -199,6 +205,12 @@ MAX_CARRIED = 100  # open alerts of the history a monitor shows as carried over 
 MAX_CLIENT_ID_BYTES = 65_535  # MQTT encodes a client id's length in 16 bits
 
 
+#: How far (numbers) past a device's newest ``seq`` of a kind a record or a telemetry claim may number and still be
+#: taken as where its numbering stands: a live stream every second for 11 days of outage. One further is implausible (a
+#: hostile device with a valid key claiming 10**12 blinded gap detection on its stream for ever): counted
+#: (``implausible_seqs``), alerted once a device, and not taken.
+MAX_SEQ_LEAD = 1_000_000
+MAX_STALE_EPOCHS = 1_000  # (device, epoch) of older numberings remembered (a late message of one is not judged)
 MAX_LEFT_SEEN = 10_000  # leftovers of revoked devices remembered (each signed by a revoked key before its revocation)
 
 MAX_OLD_RUNS = 64  # a device's ended shadow runs remembered: a late message of one is no news
@@ -253,8 +265,10 @@ def share_gaps(rows: list[tuple[str, str, int | None, float | None, int, str | N
                 except ValueError:  # stored as received and verified: JSON; a hand-made row is no claim
                     pass
     for device, kind, newest in claims:
-        if (device, kind) in mark:
-            horizon[(device, kind)] = max(newest, horizon.get((device, kind), newest))
+        key = (device, kind)
+        # a claim more than MAX_SEQ_LEAD past what the stream holds is implausible: not the horizon (see _numbered)
+        if key in mark and newest - max(mark[key], max(held.get(key, ()), default=0), 0) <= MAX_SEQ_LEAD:
+            horizon[key] = max(newest, horizon.get(key, newest))
     marks: list[tuple[str, str, int]] = []
     gaps: list[tuple[str, str, int, int]] = []
     for key, top in sorted(horizon.items()):
@@ -327,6 +341,9 @@ class Monitor:
         self._recent: OrderedDict[str, None] = OrderedDict()  # msg ids lately stored (cheap dedup before SQL)
         self._left_seen: OrderedDict[str, None] = OrderedDict()  # msg ids of what revoked devices left, counted once
         self._seq: dict[tuple[str, str], int] = {}
+        self._epochs: dict[str, str] = {}  # each device's newest numbering (its messages' epoch), as the history has it
+        self._stale_epochs: set[tuple[str, str]] = set()  # (device, epoch) of numberings a newer one replaced
+        self._implausible: set[str] = set()  # devices alerted for a seq past MAX_SEQ_LEAD this run
         self._stop = threading.Event()
         self._connected = threading.Event()
         self._refused: str | None = None
@@ -476,6 +493,7 @@ class Monitor:
                 still = {(k, d, sub) for k, d, sub, _ in self.store.open_alert_keys()}
                 for row in self.carried_over:
                     row["still_open"] = (row["kind"], row["device"], row["subject"]) in still
+            self._epochs = self.store.device_epochs()  # a device's next message in another one: its restart
             if self.persistent and self.share is None:  # a persistent session continues the history: so do the seqs
                 self._seq = self.store.newest_seqs(SEQ_KINDS)
             if self.share is not None:  # the gap scan follows each device of the fleet file from where it stands
@@ -903,7 +921,9 @@ class Monitor:
             self._silent_alerted.discard(msg["device"])
             self.store.close_alert(msg["device"], "silent")
         self._heard_before.discard(msg["device"])
-        if self.share is None:
+        epoch = msg.get("epoch")  # decode checked it; None from an older agent: judged as before
+        current = epoch is None or self._epochs.get(msg["device"]) == epoch or self._new_epoch(msg, epoch)
+        if self.share is None and current:
             self._check_seq(kind, msg)
         self._check_alerts(kind, msg)
         if self.on_message:
@@ -961,6 +981,37 @@ class Monitor:
                                                  f", or dropped by the device's full spool before it sent them "
                                                  f"(its telemetry's spool counts those: dropped_{kind})")))
 
+    def _new_epoch(self, msg: dict[str, Any], epoch: str) -> bool:
+        """Take ``epoch``, other than the one known for ``msg``'s device, as its newest numbering when it is (recorded
+        once in the history, :meth:`HistoryStore.add_epoch`); return whether ``msg`` belongs to the device's newest
+        numbering (False: a late message of an older one, stored but not judged against the new numbers). A new epoch
+        after another is a restart: counted, alerted, and each stream's mark starts again at 0 (a new spool numbers
+        from 1, so what the monitor missed of it is still a gap); a device's first epoch (an agent that did not send
+        one before) is no restart: its numbering goes on. A query or two an epoch, never one a record. Raises
+        HistoryError."""
+        device = msg["device"]
+        if (device, epoch) in self._stale_epochs:
+            return False
+        previous = self._epochs.get(device)
+        new, newest = self.store.add_epoch(device, epoch, msg["seq"])
+        if newest != epoch:
+            if len(self._stale_epochs) >= MAX_STALE_EPOCHS:
+                self._stale_epochs.clear()
+            self._stale_epochs.add((device, epoch))
+            return False
+        self._epochs[device] = epoch
+        if previous is not None:
+            self._stale_epochs.add((device, previous))
+            for kind in SEQ_KINDS:
+                self._seq[(device, kind)] = 0
+            if new:
+                self.stats.restarts += 1
+                self._alert(Alert(device, "restart", f"{device}: its numbering started again (epoch {epoch}, after "
+                                                     f"{previous}: re-imaged, or its agent state wiped or found "
+                                                     f"damaged): recorded as a restart, not a gap; its records are "
+                                                     f"judged from seq 1 of the new numbering"))
+        return True
+
     def _check_seq(self, kind: str, msg: dict[str, Any]) -> None:
         """Record and alert a sequence gap when ``msg`` numbers past the device's newest ``seq`` of its kind plus one
         (this run's, or, for a persistent session, the history's when it started: what the broker dropped while the
@@ -975,10 +1026,19 @@ class Monitor:
     def _numbered(self, device: str, kind: str, seq: int, before: int) -> None:
         """Take ``seq`` as ``device``'s newest number of ``kind`` when it is above the one known, recording and
         alerting as a gap every number from the known one up to ``before`` (``seq - 1`` for a record; ``seq`` itself
-        for a telemetry message's mark of another kind, whose record did not come); return nothing. Raises
-        HistoryError."""
+        for a telemetry message's mark of another kind, whose record did not come); return nothing. A number more than
+        :data:`MAX_SEQ_LEAD` past the known one (past 0 for a telemetry's claim when none is known) is implausible:
+        counted, alerted once a device, and not taken. Raises HistoryError."""
         key = (device, kind)
         last = self._seq.get(key)
+        if seq - (last if last is not None else 0 if before == seq else seq) > MAX_SEQ_LEAD:
+            self.stats.implausible_seqs += 1
+            if device not in self._implausible:
+                self._implausible.add(device)
+                self._alert(Alert(device, "gap", f"{device}: {kind} seq {seq:,} is more than {MAX_SEQ_LEAD:,} past its "
+                                                 f"newest ({last if last is not None else 'none'}): not taken as where "
+                                                 "its numbering stands (counted: implausible_seqs)"))
+            return
         # while the device is over its budget, what it had refused is recorded as one gap when that ends
         if last is not None and before > last and device not in self._floods:
             self.store.add_gap(device, kind, last + 1, before)

@@ -44,15 +44,19 @@ from edgekit_protocol.messages import (
 
 KINDS = ("status", "bench", "telemetry", "live", "shadow")
 TABLES = (*KINDS, "decisions", "invalid", "gaps", "rollouts", "rollout_devices", "alerts", "alert_holders", "seq_scans",
-          "scan_lease")
+          "scan_lease", "seq_epochs")
 #: The kinds numbered by ``seq`` per device (a number skipped is a record lost); a ``status`` is retained and replaced.
 SEQ_KINDS = tuple(k for k in KINDS if k != "status")
 #: The schema this edge-kit reads and writes, kept in the ``edgekit_schema`` table (a history without that table
 #: was written before it: version 1). 2: ``decisions.kind``, ``invalid.device`` and their indexes. 3: the ``alerts``
 #: table. 4: ``alerts.subject`` (one open alert per device, kind and subject), ``alerts.seen`` and ``alerts.cleared_why``,
 #: and the ``alert_holders`` table. 5: the ``seq_scans`` and ``scan_lease`` tables and an index on each numbered kind's
-#: ``(device, seq)``: the sequence-gap scan of several monitor workers (:meth:`HistoryStore.seq_window`).
-SCHEMA_VERSION = 5
+#: ``(device, seq)``: the sequence-gap scan of several monitor workers (:meth:`HistoryStore.seq_window`). 6: the
+#: ``seq_epochs`` table (each numbering a device's agent started: its spool's ``epoch``, and the one before it, so a
+#: device whose numbering started again is recorded as a restart, not a gap) and ``seq_scans.epoch`` (the numbering
+#: the gap scan follows; a record's is in its body, the record tables are as before, so an older monitor still writes
+#: them).
+SCHEMA_VERSION = 6
 #: How long (seconds, by the database's clock) a worker's hold of the gap scan (:meth:`HistoryStore.take_scan_lease`)
 #: keeps others out: a scan takes milliseconds; a worker that died holding it is passed over after this.
 SCAN_LEASE_STALE_S = 30.0
@@ -153,7 +157,9 @@ CREATE TABLE IF NOT EXISTS alerts (id {serial}, device TEXT, kind TEXT, raised_a
                                   subject TEXT NOT NULL DEFAULT '', seen {real}, cleared_why TEXT);
 CREATE TABLE IF NOT EXISTS alert_holders (device TEXT, kind TEXT, subject TEXT, holder TEXT, seen {real},
                                           PRIMARY KEY (device, kind, subject, holder));
-CREATE TABLE IF NOT EXISTS seq_scans (device TEXT, kind TEXT, scanned_to {int}, PRIMARY KEY (device, kind));
+CREATE TABLE IF NOT EXISTS seq_scans (device TEXT, kind TEXT, scanned_to {int}, epoch TEXT, PRIMARY KEY (device, kind));
+CREATE TABLE IF NOT EXISTS seq_epochs (device TEXT, epoch TEXT, previous TEXT, ts {real}, first_seq {int},
+                                       PRIMARY KEY (device, epoch));
 CREATE TABLE IF NOT EXISTS scan_lease (name TEXT PRIMARY KEY, owner TEXT, seen {real});
 CREATE INDEX IF NOT EXISTS alerts_device ON alerts (device, id);
 CREATE INDEX IF NOT EXISTS bench_seq ON bench (device, seq);
@@ -270,6 +276,8 @@ class HistoryStore(abc.ABC):
     #: The database's own clock in unix seconds, as SQL: rollout heartbeats are written and judged by it,
     #: so hosts with skewed clocks agree on whose heartbeat is stale.
     NOW_SQL: str
+    #: The SQL of a stored record's ``epoch`` (in its body), ``{row}`` the table's alias: NULL without one.
+    EPOCH_SQL: str
     #: The SQL type of a time column ({real} in the schema).
     _REAL: str
 
@@ -508,9 +516,47 @@ class HistoryStore(abc.ABC):
         newest ``seq`` the history holds of it (no gap is judged below it), or -1 when it holds none (judged from the
         first record stored). A mark another worker started or moved is left as it is. Return nothing.
         Raises HistoryError."""
-        newest = self.newest_seqs(SEQ_KINDS)
-        self._write_batch([("INSERT INTO seq_scans (device, kind, scanned_to) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
-                            [(d, k, newest.get((d, k), -1)) for d in sorted(devices) for k in SEQ_KINDS])])
+        newest, epochs = self.newest_seqs(SEQ_KINDS), self.device_epochs()
+        self._write_batch([("INSERT INTO seq_scans (device, kind, scanned_to, epoch) VALUES (?, ?, ?, ?) "
+                            "ON CONFLICT DO NOTHING",
+                            [(d, k, newest.get((d, k), -1), epochs.get(d)) for d in sorted(devices) for k in SEQ_KINDS])])
+
+    def device_epochs(self) -> dict[str, str]:
+        """Return each device's newest numbering (``seq_epochs``: the ``epoch`` its agent's messages carry, the one
+        recorded last), ``{device: epoch}``; a device whose agent sends none is not in it. Raises HistoryError."""
+        return dict(self._rows("SELECT e.device, e.epoch FROM seq_epochs e JOIN (SELECT device, MAX(ts) AS ts FROM "
+                               "seq_epochs GROUP BY device) l ON e.device = l.device AND e.ts = l.ts"))
+
+    def add_epoch(self, device: str, epoch: str, first_seq: int) -> tuple[bool, str | None]:
+        """Record that ``device`` numbers its messages in ``epoch`` (first seen with ``first_seq``), unless the history
+        knows it already; one worker of several records each once (the table's key).
+
+        Returns:
+            ``(new, newest)``: whether this call recorded it, and the device's newest epoch now (``epoch`` itself,
+            or a later one when ``epoch`` is an older numbering a late message still carries). A new epoch after
+            another is a restart (:meth:`seq_restarts`), and with a ``share`` group the gap scan of the device starts
+            again at 0 in it (:meth:`seq_window` reads only its rows).
+
+        Raises:
+            HistoryError: the history cannot be read or written.
+        """
+        previous = self.device_epochs().get(device)
+        new = self._execute(f"INSERT INTO seq_epochs (device, epoch, previous, ts, first_seq) VALUES "
+                            f"(?, ?, ?, {self.NOW_SQL}, ?) ON CONFLICT DO NOTHING",
+                            (device, epoch, previous, first_seq)) > 0
+        if new and previous is not None:  # a new numbering from 1: the scan judges it from 0, its rows only
+            self._execute("UPDATE seq_scans SET scanned_to = 0, epoch = ? WHERE device = ?", (epoch, device))
+        return new, self.device_epochs().get(device)
+
+    def seq_restarts(self, device: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
+        """Return up to ``limit`` restarts of devices' numbering, newest first: ``ts`` (recorded, the database's
+        clock), ``device``, ``epoch`` (the new numbering), ``previous`` and ``first_seq`` (the first number of the new
+        one the monitor saw). Raises HistoryError."""
+        where, args = self._where(device, "", None)
+        rows = self._rows(f"SELECT ts, device, epoch, previous, first_seq FROM seq_epochs {where}"
+                          + (" AND" if where else " WHERE") + " previous IS NOT NULL ORDER BY ts DESC LIMIT ?",
+                          (*args, limit))
+        return [dict(zip(("ts", "device", "epoch", "previous", "first_seq"), row)) for row in rows]
 
     def forget_seq_scans(self) -> None:
         """Forget every gap scan mark (``seq_scans``): a monitor without ``share`` starts, and records the gaps it finds
@@ -529,17 +575,21 @@ class HistoryStore(abc.ABC):
 
     def seq_window(self) -> list[tuple[str, str, int | None, float | None, int, str | None]]:
         """Return, for every device and kind the gap scan follows (``seq_scans``), the rows the history holds past its
-        mark: ``(kind, device, seq, receive time, mark, body)``, ``body`` a telemetry row's JSON (its ``seqs`` claim
+        mark (of the numbering it follows, when the device's agent numbers in epochs: :meth:`add_epoch`):
+        ``(kind, device, seq, receive time, mark, body)``, ``body`` a telemetry row's JSON (its ``seqs`` claim
         the device's newest numbers), None for the others; and for each device with telemetry past its mark, the marks
         of its other kinds as ``(kind, device, None, None, mark, None)`` (its telemetry may claim numbers past them).
         One query, each kind read through its ``(device, seq)`` index from the mark on: what was stored since the last
         scan moved it (and what it left for later). Raises HistoryError."""
+        # a numbering started again: its rows only (a record's epoch is in its body: read only for rows past the mark)
+        same = f"(m.epoch IS NULL OR {self.EPOCH_SQL.format(row='r')} = m.epoch)"
         news = ("EXISTS (SELECT 1 FROM seq_scans t JOIN telemetry r ON r.device = t.device AND r.seq > t.scanned_to "
-                "WHERE t.device = m.device AND t.kind = 'telemetry')")
+                f"AND (t.epoch IS NULL OR {self.EPOCH_SQL.format(row='r')} = t.epoch) WHERE t.device = m.device AND "
+                "t.kind = 'telemetry')")
         return self._rows(" UNION ALL ".join(
             [f"SELECT '{kind}', r.device, r.seq, r.ts, m.scanned_to, "
              f"{'r.body' if kind == 'telemetry' else 'CAST(NULL AS TEXT)'} FROM seq_scans m JOIN {kind} r "
-             f"ON r.device = m.device AND r.seq > m.scanned_to WHERE m.kind = '{kind}'" for kind in SEQ_KINDS]
+             f"ON r.device = m.device AND r.seq > m.scanned_to AND {same} WHERE m.kind = '{kind}'" for kind in SEQ_KINDS]
             + [f"SELECT m.kind, m.device, NULL, NULL, m.scanned_to, NULL FROM seq_scans m WHERE m.kind <> 'telemetry' "
                f"AND {news}"]))
 
@@ -1058,10 +1108,14 @@ class HistoryStore(abc.ABC):
         ``CREATE TABLE IF NOT EXISTS``, empty: the first monitor that starts infers the alerts under way from the
         records, then keeps them there, :meth:`alerts_kept`). Version 4: ``alerts.subject`` (``''`` for the rows
         before it), ``seen`` and ``cleared_why`` (empty for them), the open alerts' unique index over device, kind and
-        subject instead of device and kind, and the ``alert_holders`` table (created by the schema).
+        subject instead of device and kind, and the ``alert_holders`` table (created by the schema). Version 6:
+        ``seq_scans.epoch`` (NULL in older rows: the scan follows any numbering, as before) and the ``seq_epochs`` table
+        (created by the schema).
         """
         if "device" not in self._columns("invalid"):
             self._add_column("invalid", "device", "TEXT")
+        if "epoch" not in self._columns("seq_scans"):  # version 6: the numbering the scan follows (NULL: any)
+            self._add_column("seq_scans", "epoch", "TEXT")
         self._execute("CREATE INDEX IF NOT EXISTS invalid_device ON invalid (device, id)")
         self._execute("CREATE INDEX IF NOT EXISTS gaps_device ON gaps (device, ts)")
         after = -1
@@ -1206,6 +1260,7 @@ class Store(HistoryStore):
     readers work alongside, writes are serialized by SQLite with a busy timeout."""
 
     NOW_SQL = "((julianday('now') - 2440587.5) * 86400.0)"
+    EPOCH_SQL = "json_extract({row}.body, '$.epoch')"  # a stored record's epoch (NULL without one)
     _REAL = "REAL"
 
     def __init__(self, path: Path, write: bool = True):
