@@ -660,6 +660,7 @@ def monitor_cmd(
                     "gaps": s.gaps, "dropped": s.dropped, "over_budget": s.over_budget, "left_by_revoked": s.left_by_revoked,
                     "replayed_by_revoked": s.replayed_by_revoked, "revoked": s.revoked,
                     "restarts": s.restarts, "implausible_seqs": s.implausible_seqs,
+                    "retained_by_revoked": sorted(mon.retained_leftovers),
                     "breaking_not_alerted": s.breaking_not_alerted,
                     "over_budget_by_device": dict(sorted(mon.over_budget.items())),
                     "alerts": [vars(a) for a in mon.alerts], "alerts_raised": mon.alerts_raised,
@@ -679,6 +680,10 @@ def monitor_cmd(
                        f"{s.invalid:,} refused, {s.over_budget:,} over budget, {s.gaps:,} sequence gaps, {quiet}"
                        f"{mon.alerts_raised:,} alerts) in {db.where}"),
                   highlight=False)
+        for device in sorted(mon.retained_leftovers)[:10]:  # the broker keeps it until it is cleared: say how
+            out.print(safe(f"{device}: revoked, and the broker still holds what it left retained (its last will, sent "
+                           f"as the broker restarted): `edgekit fleet revoke {device} --fleet {fleet_file}` clears it"),
+                      highlight=False)
 
 
 def _stop_on_sigterm() -> Callable[[], None]:

@@ -340,6 +340,9 @@ class Monitor:
         self._queue: queue.Queue = queue.Queue()
         self._recent: OrderedDict[str, None] = OrderedDict()  # msg ids lately stored (cheap dedup before SQL)
         self._left_seen: OrderedDict[str, None] = OrderedDict()  # msg ids of what revoked devices left, counted once
+        #: Revoked devices whose leftover the broker handed over as its retained copy: it stays there (sent to every
+        #: receiver that subscribes) until it is cleared; `edgekit fleet revoke DEVICE` clears it (the summary says so).
+        self.retained_leftovers: set[str] = set()
         self._seq: dict[tuple[str, str], int] = {}
         self._epochs: dict[str, str] = {}  # each device's newest numbering (its messages' epoch), as the history has it
         self._stale_epochs: set[tuple[str, str]] = set()  # (device, epoch) of numberings a newer one replaced
@@ -432,6 +435,8 @@ class Monitor:
         retained = bool(getattr(m, "retain", False))
         left = None if cleared else self.keyring.left_by_revoked(topic, m.payload, retained)
         if cleared or left is not None:
+            if left is not None and retained:  # the broker keeps it: only a clear (`fleet revoke`) removes it
+                self.retained_leftovers.add(messages.parse_topic(topic)[1])
             if left is not None and left not in self._left_seen:  # each leftover counted once
                 self._left_seen[left] = None
                 self.stats.left_by_revoked += 1

@@ -59,6 +59,7 @@ def test_a_replayed_last_will_of_a_revoked_device_is_counted_once_and_its_copies
             for _ in range(5):
                 mon._on_message(None, None, _delivered(topic, will, retain=False))  # the peer's replays
             assert mon.stats.left_by_revoked == 1
+            assert mon.retained_leftovers == {"d1"}  # the broker holds it: the summary names what clears it
             assert mon.stats.replayed_by_revoked == 5
             assert mon._queue.qsize() == 0 and mon.stats.invalid == 0 and not mon.alerts
         finally:
