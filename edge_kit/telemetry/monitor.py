@@ -191,6 +191,9 @@ class _Flood:
 MAX_CHECK_ROUNDS = 2 + math.ceil(math.log2(BATCH))
 MAX_ALERTS = 10_000  # alerts kept in memory (the newest); all are counted
 MAX_INVALID_ROWS = 100_000  # refused messages stored per run (4 KiB of the first 1,000, 256 bytes of the rest)
+# messages on revoked devices' topics kept as refused per run (the rest counted, in stats.revoked): a thief flooding
+# one costs no history write a message, as a device over its ingest budget costs none
+MAX_REVOKED_ROWS = 1_000
 # Messages received and waiting to be checked. QoS 1 ones are bounded by the broker (it sends no more than its
 # inflight limit unacknowledged, and the monitor acknowledges once stored); QoS 0 ones are not, so past this
 # many a device flooding at QoS 0 (every agent publishes at QoS 1) is dropped and counted, not queued without end.
@@ -825,8 +828,8 @@ class Monitor:
     def _refuse(self, topic: str, payload: bytes, why: str, revoked: bool = False) -> None:
         """Count a refused message, alert, and keep it as invalid (the first :data:`MAX_INVALID_ROWS` of a run), its
         topic cut to :data:`MAX_TOPIC` characters (the sender chose it); ``revoked``: one on the topic of a revoked
-        device, counted in ``stats.revoked`` and kept, never alerted (its alerts were closed as revoked; the summary
-        says how many). Return nothing. Raises HistoryError."""
+        device, counted in ``stats.revoked``, kept only among the first :data:`MAX_REVOKED_ROWS` of a run, never
+        alerted (its alerts were closed as revoked; the summary says how many). Return nothing. Raises HistoryError."""
         if revoked:
             self.stats.revoked += 1
         else:
@@ -836,6 +839,8 @@ class Monitor:
         topic = clip(topic, MAX_TOPIC)
         if not revoked:
             self._alert(Alert(topic, "refused", f"refused a message on {topic}: {reason}"))
+        elif self.stats.revoked > MAX_REVOKED_ROWS:  # a thief's flood: counted, not a write each
+            return
         if kept <= MAX_INVALID_ROWS:  # a flood of them is counted, never the history's size
             self.store.add_invalid(topic, reason, payload[:4096 if kept <= 1000 else 256])
             if kept == MAX_INVALID_ROWS:
@@ -1288,10 +1293,7 @@ class Monitor:
         (``cleared_why`` :data:`~edge_kit.telemetry.store.CLEARED_REVOKED`: nothing of them is news, and a revoked
         device goes silent), and forget their episodes; return the revoked devices. A registry this monitor cannot
         read revokes none here (every message is refused, saying why). Raises HistoryError."""
-        try:
-            revoked = self.keyring.revoked_devices() & self.constraints.keys()
-        except ConfigError:
-            return set()
+        revoked = set(self._revoked_now())
         for device in sorted(revoked - self._revoked_closed):
             self.store.close_device_alerts(device, CLEARED_REVOKED)
             for state in (self._silent_alerted, self._offline, self._drifting, self._low_disk):

@@ -91,3 +91,21 @@ def test_a_thief_flooding_a_revoked_device_s_topic_is_refused_as_revoked_and_ope
             assert mon.budget.available("d1") == 5  # none spent
         finally:
             mon.stop(drain_s=0)
+
+
+def test_a_flood_on_a_revoked_device_s_topic_costs_no_history_write_a_message_past_the_first(revoked_fleet, tmp_path,
+                                                                                             monkeypatch):
+    """Past the first MAX_REVOKED_ROWS of a run, a revoked device's messages are counted, not written one by one (as
+    a device over its ingest budget costs no write a message)."""
+    from edge_kit.telemetry import monitor as monitor_module
+
+    monkeypatch.setattr(monitor_module, "MAX_REVOKED_ROWS", 10)
+    fleet_file, stolen, _will = revoked_fleet
+    flood = [(messages.topic("sim", "d1", "bench"), b"{}", time.time(), None) for _ in range(40)]
+    with Store(tmp_path / "h.db") as store:
+        mon = _monitor(fleet_file, store)
+        try:
+            mon._check_within_budget(flood)
+            assert mon.stats.revoked == 40 and len(store.refused_messages("d1", limit=100)) == 10
+        finally:
+            mon.stop(drain_s=0)
