@@ -833,3 +833,19 @@ def test_an_empty_payload_is_a_clear_only_on_a_retained_topic_elsewhere_it_is_re
             c._on_message(None, None, message)
         assert c.rejected_count - before == 2
         assert [r.split(": ", 1)[0].rsplit("/", 1)[-1] for r in list(c.rejected)[-2:]] == ["bench", "ack"]
+
+
+def test_what_a_revoked_device_left_is_counted_once_however_often_it_is_sent_again():
+    """`fleet status` counted every copy of a revoked device's last will that a keyless peer sent again as one more
+    leftover; each is counted once, by its msg_id."""
+
+    class LeftKeyring(Keyring):
+        def left_by_revoked(self, topic, payload, retained):
+            return payload.decode()  # the will's msg_id, as the registry keyring says it
+
+    c = FleetClient(BrokerConfig(), FLEET, transport=FakeTransport(agent()), signer=OPERATOR,
+                    keyring=LeftKeyring({k: v.public for k, v in DEVICES.items()}, [OPERATOR.public]))
+    with c:
+        for payload in (b"will-1", b"will-1", b"will-1", b"will-2"):
+            c.client.deliver(messages.topic(FLEET, "d1", "status"), payload)
+        assert c.left_by_revoked == 2 and c.rejected_count == 0
