@@ -1003,7 +1003,7 @@ class Monitor:
         if (device, epoch) in self._stale_epochs:
             return False
         previous = self._epochs.get(device)
-        new, newest = self.store.add_epoch(device, epoch, msg["seq"])
+        new, newest = self.store.add_epoch(device, epoch, msg["seq"], self._scan_owner if self.share else None)
         if newest != epoch:
             if len(self._stale_epochs) >= MAX_STALE_EPOCHS:
                 self._stale_epochs.clear()

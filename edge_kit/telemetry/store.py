@@ -60,6 +60,9 @@ SCHEMA_VERSION = 6
 #: How long (seconds, by the database's clock) a worker's hold of the gap scan (:meth:`HistoryStore.take_scan_lease`)
 #: keeps others out: a scan takes milliseconds; a worker that died holding it is passed over after this.
 SCAN_LEASE_STALE_S = 30.0
+#: How long (seconds) a worker that records a device's new numbering waits for the gap scan to move its marks: a scan
+#: under way would otherwise write its older marks over them (:meth:`HistoryStore.add_epoch`).
+EPOCH_LEASE_WAIT_S = 2.0
 #: The default grace of the gap scan (``edgekit monitor --gap-grace-s``): how long (seconds) after a record (or a
 #: telemetry claim) was stored the scan takes the numbers before it as settled, so a record of a lower ``seq`` still on
 #: its way to another worker (queued behind that worker's batch, or in flight at the broker) is not taken as lost.
@@ -527,15 +530,17 @@ class HistoryStore(abc.ABC):
         return dict(self._rows("SELECT e.device, e.epoch FROM seq_epochs e JOIN (SELECT device, MAX(ts) AS ts FROM "
                                "seq_epochs GROUP BY device) l ON e.device = l.device AND e.ts = l.ts"))
 
-    def add_epoch(self, device: str, epoch: str, first_seq: int) -> tuple[bool, str | None]:
+    def add_epoch(self, device: str, epoch: str, first_seq: int, owner: str | None = None) -> tuple[bool, str | None]:
         """Record that ``device`` numbers its messages in ``epoch`` (first seen with ``first_seq``), unless the history
         knows it already; one worker of several records each once (the table's key).
 
         Returns:
             ``(new, newest)``: whether this call recorded it, and the device's newest epoch now (``epoch`` itself,
             or a later one when ``epoch`` is an older numbering a late message still carries). A new epoch after
-            another is a restart (:meth:`seq_restarts`), and with a ``share`` group the gap scan of the device starts
-            again at 0 in it (:meth:`seq_window` reads only its rows).
+            another is a restart (:meth:`seq_restarts`), and the gap scan's marks of the device (``seq_scans``, a
+            ``share`` group's) start again at 0 in it (:meth:`seq_window` reads only its rows). ``owner`` (a
+            ``share`` worker's scan name) moves them holding the scan (:meth:`take_scan_lease`, waited for up to
+            :data:`EPOCH_LEASE_WAIT_S`), so a scan under way cannot write its older marks over them afterwards.
 
         Raises:
             HistoryError: the history cannot be read or written.
@@ -545,8 +550,23 @@ class HistoryStore(abc.ABC):
                             f"(?, ?, ?, {self.NOW_SQL}, ?) ON CONFLICT DO NOTHING",
                             (device, epoch, previous, first_seq)) > 0
         if new and previous is not None:  # a new numbering from 1: the scan judges it from 0, its rows only
-            self._execute("UPDATE seq_scans SET scanned_to = 0, epoch = ? WHERE device = ?", (epoch, device))
+            held = owner is not None and self._wait_scan_lease(owner)
+            try:
+                self._execute("UPDATE seq_scans SET scanned_to = 0, epoch = ? WHERE device = ?", (epoch, device))
+            finally:
+                if held:
+                    self._execute("UPDATE scan_lease SET owner = NULL WHERE name = 'gaps' AND owner = ?", (owner,))
         return new, self.device_epochs().get(device)
+
+    def _wait_scan_lease(self, owner: str) -> bool:
+        """Take the gap scan for ``owner`` (:meth:`take_scan_lease`), trying for up to :data:`EPOCH_LEASE_WAIT_S` (a
+        scan holds it for milliseconds); return whether it holds it. Raises HistoryError."""
+        deadline = time.monotonic() + EPOCH_LEASE_WAIT_S
+        while not self.take_scan_lease(owner):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+        return True
 
     def seq_restarts(self, device: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
         """Return up to ``limit`` restarts of devices' numbering, newest first: ``ts`` (recorded, the database's

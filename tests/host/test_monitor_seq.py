@@ -159,3 +159,26 @@ def test_a_version_5_history_is_upgraded_with_the_numbering_columns_and_the_rest
         assert store._rows("SELECT seq, json_extract(body, '$.epoch') FROM live ORDER BY seq") == [(1, None), (2, "e1")]
         assert "epoch" in store._columns("seq_scans")
         assert store.add_epoch("d1", "e1", 2) == (True, "e1") and store.seq_restarts() == []
+
+
+def test_a_restart_recorded_while_a_peer_scans_is_not_overwritten_by_that_scan_s_older_marks(tmp_path):
+    """A --share worker recording a device's new numbering moved its scan marks to 0 at once: a peer whose scan was
+    under way (it read the window before) then wrote its older marks over them, and the new numbering was not judged
+    until it passed them. The worker now moves them holding the scan, after the peer's scan ends."""
+    import threading
+
+    path = tmp_path / "h.db"
+    with Store(path) as peer, Store(path) as worker:
+        peer.follow_seqs(["d1"])
+        peer.add_epoch("d1", "e1", 1)
+        peer.add_many([_live(seq, "e1") for seq in range(1, 31)], received=[time.time() - 60] * 30)
+        assert peer.take_scan_lease("peer")
+        marks, gaps = share_gaps(peer.seq_window(), time.time())  # the peer's scan is under way
+        recorded = threading.Thread(target=worker.add_epoch, args=("d1", "e2", 1, "worker"))
+        recorded.start()
+        time.sleep(0.2)
+        assert peer.record_scan("peer", marks, gaps)  # the peer's older marks (30) go in first
+        recorded.join(10)
+        assert set(worker._rows("SELECT kind, scanned_to, epoch FROM seq_scans WHERE device = 'd1'")) == {
+            (kind, 0, "e2") for kind in ("bench", "telemetry", "live", "shadow")}
+        assert worker._rows("SELECT owner FROM scan_lease") == [(None,)]  # let go
