@@ -62,6 +62,7 @@ class PostgresStore(HistoryStore):
     """The history in a PostgreSQL database named by a ``postgresql://`` URL (tables created when missing)."""
 
     NOW_SQL = "extract(epoch from clock_timestamp())::double precision"
+    EPOCH_SQL = "(CAST({row}.body AS json) ->> 'epoch')"  # a stored record's epoch (NULL without one)
     _REAL = "DOUBLE PRECISION"
 
     def __init__(self, url: str, write: bool = True):
