@@ -372,7 +372,7 @@ class Monitor:
         self._seq: dict[tuple[str, str], int] = {}
         # without share: records of this batch numbered at or below their stream's newest (out of order, or late): each
         # may be the record of a gap recorded before it came (taken out of it after the batch, one query)
-        self._behind: list[tuple[str, str, int]] = []
+        self._behind: list[tuple[str, str, int, str | None]] = []
         self._epochs: dict[str, str] = {}  # each device's newest numbering (its messages' epoch), as the history has it
         self._stale_epochs: set[tuple[str, str]] = set()  # (device, epoch) of numberings a newer one replaced
         self._implausible: set[str] = set()  # devices alerted for a seq past MAX_SEQ_LEAD this run
@@ -940,8 +940,8 @@ class Monitor:
         if refused:
             good = [g for i, g in enumerate(good) if i not in refused]
         if self.share is not None:  # one indexed query a batch: a record later than the grace leaves its gap
-            self.stats.late += self.store.take_out_of_gaps([(m["device"], k, m["seq"]) for k, m in good
-                                                            if k in SEQ_KINDS])
+            self.stats.late += self.store.take_out_of_gaps([(m["device"], k, m["seq"], m.get("epoch"))
+                                                            for k, m in good if k in SEQ_KINDS])
         self.stats.duplicates += len(good) - new
         self.stats.stored += new
         for kind, msg in good:
@@ -1103,7 +1103,7 @@ class Monitor:
             return  # a status is retained and replaced, not a stream
         key = (msg["device"], kind)
         if key in self._seq and msg["seq"] <= self._seq[key]:  # behind its stream: it may fill a gap recorded
-            self._behind.append((msg["device"], kind, msg["seq"]))
+            self._behind.append((msg["device"], kind, msg["seq"], msg.get("epoch")))
         self._numbered(msg["device"], kind, msg["seq"], msg["seq"] - 1)
         if kind == "telemetry":  # the newest seq the agent gave its other streams: records lost at their end show now
             for marked, newest in messages.telemetry_marks(msg).items():

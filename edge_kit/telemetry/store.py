@@ -77,7 +77,8 @@ SCAN_ROWS = 5000
 #: How long (seconds, this host's clock) after a sequence gap was recorded a record stored inside it is taken as late and
 #: taken out of it (:meth:`HistoryStore.take_out_of_gaps`): a record arriving past the grace (a stalled worker, a
 #: persistent session handed back after a crash) comes within minutes or hours; a number inside an older gap is a
-#: device's numbering started again (re-imaged), not the record that gap missed.
+#: device's numbering started again (re-imaged), not the record that gap missed. A record of an agent that numbers in
+#: epochs is matched by its numbering instead (a gap recorded since the restart into its epoch, before the next).
 LATE_S = 86400.0
 #: The kinds of alert the ``alerts`` table keeps: every alert the monitor raises about a device, each over an episode
 #: (raised once, cleared when it ends).
@@ -671,25 +672,35 @@ class HistoryStore(abc.ABC):
             ("UPDATE scan_lease SET owner = NULL WHERE name = 'gaps' AND owner = ?", [(owner,)]),
         ] if rows]) > 0
 
-    def stored_in(self, gaps: list[tuple[str, str, int, int]]) -> list[tuple[str, str, int]]:
-        """Return the ``(device, kind, seq)`` of the records the history holds inside ``gaps`` (``(device, kind, first,
-        last)`` each, of :data:`SEQ_KINDS`): those stored while the gap scan that recorded them judged (a record late
-        past the grace, committed by another worker meanwhile). One indexed query a gap. Raises HistoryError."""
-        found: list[tuple[str, str, int]] = []
+    def stored_in(self, gaps: list[tuple[str, str, int, int]]) -> list[tuple[str, str, int, str | None]]:
+        """Return the ``(device, kind, seq, epoch)`` of the records the history holds inside ``gaps`` (``(device, kind,
+        first, last)`` each, of :data:`SEQ_KINDS`, just recorded by the gap scan) in the numbering the scan follows
+        (``seq_scans.epoch``; any when it follows none): those stored while the scan that recorded them judged (a record
+        late past the grace, committed by another worker meanwhile); a record of an older numbering with a number inside
+        is not one of them. One indexed query a gap. Raises HistoryError."""
+        found: list[tuple[str, str, int, str | None]] = []
+        epoch = self.EPOCH_SQL.format(row="r")
         for device, kind, first, last in gaps:
             _kept_kinds((kind,))
-            found += [(device, kind, int(seq)) for (seq,) in self._rows(
-                f"SELECT DISTINCT seq FROM {kind} WHERE device = ? AND seq >= ? AND seq <= ? ORDER BY seq",
-                (device, first, last))]
+            found += [(device, kind, int(seq), tag) for seq, tag in self._rows(
+                f"SELECT DISTINCT r.seq, {epoch} FROM {kind} r LEFT JOIN seq_scans m ON m.device = r.device AND "
+                f"m.kind = ? WHERE r.device = ? AND r.seq >= ? AND r.seq <= ? AND (m.epoch IS NULL OR {epoch} = m.epoch) "
+                "ORDER BY r.seq", (kind, device, first, last))]
         return found
 
-    def take_out_of_gaps(self, records: list[tuple[str, str, int]]) -> int:
-        """Take each ``(device, kind, seq)`` of ``records`` (stored) out of the sequence gap recorded around it, if any:
-        the gap shrinks, or splits in two, or goes (its ``ts`` kept), so the history never says a record is both stored
-        and lost. Only a gap recorded within :data:`LATE_S` is taken as the one the record missed (a number inside an
-        older gap is a device's numbering started again). Safe while other workers do the same: each gap row is locked,
-        and its pieces written only while it is still there; a gap another worker split meanwhile is looked up again. One indexed query (through
-        ``gaps (device, kind, last_missing)``) per 300 records, and a transaction only when a record is in a gap.
+    def take_out_of_gaps(self, records: list[tuple[str, str, int] | tuple[str, str, int, str | None]]) -> int:
+        """Take each ``(device, kind, seq)`` or ``(device, kind, seq, epoch)`` of ``records`` (stored; ``epoch`` the
+        numbering the record carries, None for none) out of the sequence gap recorded around it in the same numbering,
+        if any: the gap shrinks, or splits in two, or goes (its ``ts`` kept), so the history never says a record is both
+        stored and lost. Which gap is the one the record missed: for a record of an epoch that was a restart
+        (``seq_epochs``), one recorded since that restart; for any other, one recorded within :data:`LATE_S` (a number
+        inside an older gap is a device's numbering started again, unseen); and in both cases one recorded before the
+        device's next restart, if any (a record of a new numbering never leaves a gap of the old one, nor a late record
+        of the old numbering a gap of the new). A record of an epoch the history does not know yet, of a device it knows
+        epochs of, is a new numbering: no gap recorded is its. Safe while other workers do the same: each gap row is
+        locked, and its pieces written only while it is still there; a gap another worker split meanwhile is looked up
+        again. One indexed query (through ``gaps (device, kind, last_missing)``) per 300 records, and a transaction
+        only when a record is in a gap.
 
         Returns:
             How many of ``records`` were taken out of a gap (a late record).
@@ -698,8 +709,9 @@ class HistoryStore(abc.ABC):
             HistoryError: the history cannot be read or written.
         """
         taken = 0
-        for i in range(0, len(records), 300):
-            part = sorted(set(records[i:i + 300]))
+        tagged = [(r[0], r[1], r[2], r[3] if len(r) > 3 else None) for r in records]
+        for i in range(0, len(tagged), 300):
+            part = sorted(set(tagged[i:i + 300]), key=lambda r: (r[0], r[1], r[2], r[3] or ""))
             for _attempt in range(5):  # a gap split by another worker meanwhile is found again as its pieces
                 within = self._gaps_around(part, time.time() - LATE_S)
                 if not within:
@@ -723,18 +735,26 @@ class HistoryStore(abc.ABC):
                     ("DELETE FROM gaps WHERE device = ? AND kind = ? AND first_missing = ? AND last_missing = ?", rows)])
         return taken
 
-    def _gaps_around(self, records: list[tuple[str, str, int]],
+    def _gaps_around(self, records: list[tuple[str, str, int, str | None]],
                      since: float) -> dict[tuple[str, str, int, int, float], set[int]]:
-        """Return the gaps ``(device, kind, first, last, ts)`` recorded at or after ``since`` (unix seconds) holding any
-        of ``records`` (``(device, kind, seq)``), each with the seqs of them it holds. Raises HistoryError."""
+        """Return the gaps ``(device, kind, first, last, ts)`` holding any of ``records`` (``(device, kind, seq,
+        epoch)``) in its numbering (:meth:`take_out_of_gaps`: recorded since the restart into the record's epoch, or at
+        or after ``since``, unix seconds, for a record of no restart; before the device's next restart), each with the
+        seqs of them it holds. Raises HistoryError."""
         if not records:
             return {}
-        values = ", ".join(["(?, ?, ?)"] * len(records))
+        values = ", ".join(["(?, ?, ?, CAST(? AS TEXT))"] * len(records))
         out: dict[tuple[str, str, int, int, float], set[int]] = {}
         for device, kind, first, last, ts, seq in self._rows(
-                f"WITH b(device, kind, seq) AS (VALUES {values}) SELECT DISTINCT g.device, g.kind, g.first_missing, "
-                "g.last_missing, g.ts, b.seq FROM b JOIN gaps g ON g.device = b.device AND g.kind = b.kind AND "
-                "g.last_missing >= b.seq AND g.first_missing <= b.seq WHERE g.ts >= ?",
+                f"WITH b(device, kind, seq, epoch) AS (VALUES {values}) SELECT DISTINCT g.device, g.kind, "
+                "g.first_missing, g.last_missing, g.ts, b.seq FROM b JOIN gaps g ON g.device = b.device AND "
+                "g.kind = b.kind AND g.last_missing >= b.seq AND g.first_missing <= b.seq "
+                "LEFT JOIN seq_epochs e ON e.device = b.device AND e.epoch = b.epoch "
+                "WHERE g.ts >= (CASE WHEN e.previous IS NOT NULL THEN e.ts ELSE ? END) "
+                "AND (b.epoch IS NULL OR e.epoch IS NOT NULL OR NOT EXISTS (SELECT 1 FROM seq_epochs o "
+                "WHERE o.device = b.device)) "
+                "AND NOT EXISTS (SELECT 1 FROM seq_epochs n WHERE n.device = b.device AND n.previous = b.epoch "
+                "AND n.ts <= g.ts)",
                 (*(v for r in records for v in r), since)):
             out.setdefault((device, kind, first, last, ts), set()).add(seq)
         return out

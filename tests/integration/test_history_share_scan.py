@@ -214,3 +214,42 @@ def test_a_version_5_history_is_upgraded_to_6_and_a_worker_of_version_5_still_wr
             store._execute("UPDATE seq_scans SET scanned_to = ? WHERE device = ? AND kind = ?", (1, "d1", "telemetry"))
             assert store.take_out_of_gaps([("d1", "telemetry", 2)]) == 1
             assert sorted((g["first_missing"], g["last_missing"]) for g in store.sequence_gaps()) == [(3, 3), (5, 5)]
+
+
+def test_a_record_of_a_new_numbering_never_leaves_a_gap_of_the_old_one(history):
+    """A device re-imaged numbers from 1 in a new epoch: a record of it whose number lay inside a gap of the old
+    numbering recorded within the last 24 h was taken out of that gap (the history then lost a number the old
+    numbering really missed), and a scan took a record of the old numbering stored inside a gap of the new one out of
+    it. Now a record leaves only a gap of its own numbering: recorded since the restart into its epoch, before the next."""
+    def rec(seq, epoch):
+        return ("telemetry", messages.envelope("telemetry", "f", "d1", seq, {}, epoch=epoch))
+
+    def recorded():
+        return sorted((g["first_missing"], g["last_missing"]) for g in history.sequence_gaps())
+
+    history.add_epoch("d1", "e1", 1)
+    history.add_many([rec(n, "e1") for n in (1, 2, 11)])
+    history.add_gap("d1", "telemetry", 3, 10)  # the old numbering lost 3..10
+    history._execute("UPDATE gaps SET ts = ts - 3600")  # an hour ago: within LATE_S
+    assert history.add_epoch("d1", "e2", 1) == (True, "e2")  # re-imaged: a restart
+    history.add_many([rec(n, "e2") for n in (1, 2, 5)])
+    assert history.take_out_of_gaps([("d1", "telemetry", 5, "e2")]) == 0  # not the old numbering's 5
+    assert recorded() == [(3, 10)]
+    history.add_gap("d1", "telemetry", 3, 4)  # the new numbering lost 3 and 4
+    history.add_many([rec(4, "e2")])
+    assert history.take_out_of_gaps([("d1", "telemetry", 4, "e2")]) == 1
+    assert recorded() == [(3, 3), (3, 10)]
+    history.add_many([rec(3, "e1"), rec(7, "e1")])  # late records of the old numbering: its gap only
+    assert history.take_out_of_gaps([("d1", "telemetry", 3, "e1"), ("d1", "telemetry", 7, "e1")]) == 2
+    assert recorded() == [(3, 3), (4, 6), (8, 10)]
+    # a scan's own gap: a record of the old numbering stored inside it is not one it missed
+    history.follow_seqs(["d1"])
+    history._execute("UPDATE seq_scans SET scanned_to = 2 WHERE device = 'd1'")
+    assert history.stored_in([("d1", "telemetry", 3, 3)]) == []  # e1's 3 is stored; e2's is not
+    # the numbering, not the age, says which gap: a gap recorded a day ago since the restart is still its records'
+    history._execute("UPDATE gaps SET ts = ts - ?", (LATE_S,))
+    history._execute("UPDATE seq_epochs SET ts = ts - ?", (LATE_S,))
+    history.add_many([rec(3, "e2")])
+    assert history.take_out_of_gaps([("d1", "telemetry", 3, "e2")]) == 1
+    assert history.take_out_of_gaps([("d1", "telemetry", 5)]) == 0  # no epoch: only a gap of the last 24 h
+    assert recorded() == [(4, 6), (8, 10)]
