@@ -253,3 +253,30 @@ def test_a_record_of_a_new_numbering_never_leaves_a_gap_of_the_old_one(history):
     assert history.take_out_of_gaps([("d1", "telemetry", 3, "e2")]) == 1
     assert history.take_out_of_gaps([("d1", "telemetry", 5)]) == 0  # no epoch: only a gap of the last 24 h
     assert recorded() == [(4, 6), (8, 10)]
+
+
+def test_a_scan_after_a_restart_reads_its_bound_of_a_stream_and_judges_the_new_numbering_no_further(history):
+    """After a restart the scan follows the new numbering from 0, and the old numbering's rows above that mark fill the
+    bound of a stream's read: the new numbering's rows read were fewer than the bound, so the stream was taken as read
+    whole, and a telemetry claim past the cut recorded every number beyond it as lost (51..150 here). The scan now
+    judges such a stream no further than where its read stopped, and the next scan goes on from there."""
+    def rec(kind, seq, epoch, body=None):
+        return (kind, messages.envelope(kind, "f", "d1", seq, body or ({"variant": "v"} if kind == "bench" else {}),
+                                        epoch=epoch))
+
+    history.add_epoch("d1", "e1", 1)
+    history.add_many([rec("bench", n, "e1") for n in range(1, 301)] + [rec("telemetry", 1, "e1")])
+    history.follow_seqs(["d1"])
+    assert history.add_epoch("d1", "e2", 1) == (True, "e2")  # the marks start again at 0 in e2
+    new = [rec("bench", n, "e2") for n in range(1, 151) if n != 40]
+    new += [rec("telemetry", n, "e2", {"seqs": {"bench": 150}} if n == 3 else None) for n in (1, 2, 3)]
+    history.add_many(new, received=[time.time() - 120] * len(new))
+    found = []
+    for _ in range(10):
+        rows, gaps = scan(history, "w", 100)
+        found += gaps
+        if not [r for r in rows if r[3] is not None]:
+            break
+    assert found == [("d1", "bench", 40, 40)]
+    assert sorted(history._rows("SELECT kind, scanned_to FROM seq_scans WHERE device = 'd1'")) == [
+        ("bench", 150), ("live", 0), ("shadow", 0), ("telemetry", 3)]
