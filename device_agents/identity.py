@@ -215,16 +215,21 @@ class Keyring:
         key = self.devices.get(signer)
         return (key,) if key else ()
 
-    def left_by_revoked(self, topic: str, payload: bytes, retained: bool) -> bool:
-        """Return True when ``payload`` on ``topic`` is what a revoked device left at the broker, which receivers drop
-        unstored, uncounted as refused and unshown. A keyring without a revoked list (this one; the operator's, in
-        ``edge_kit.fleet.keys``, has one) holds no such device: False. Never raises."""
-        return False
+    def left_by_revoked(self, topic: str, payload: bytes, retained: bool) -> str | None:
+        """Return the ``msg_id`` of ``payload`` on ``topic`` when it is what a revoked device left at the broker, which
+        receivers drop unstored, uncounted as refused and unshown; else None. A keyring without a revoked list (this
+        one; the operator's, in ``edge_kit.fleet.keys``, has one) holds no such device: None. Never raises."""
+        return None
 
     def revoked_devices(self) -> frozenset[str]:
         """Return the devices whose key was revoked and none registered since: none for a keyring without a revoked
         list (this one; the operator's, in ``edge_kit.fleet.keys``, has one). Never raises."""
         return frozenset()
+
+    def revocation_reason(self, device: str) -> str:
+        """Return why a message on ``device``'s topic is refused when the device is revoked (one of
+        :meth:`revoked_devices`): this keyring holds no revoked list, so a line naming the device only. Never raises."""
+        return f"{device}'s key was revoked; refused"
 
     def verify(self, message: dict[str, Any], signer: str) -> None:
         """Check that ``message`` was signed by ``signer``'s registered key.

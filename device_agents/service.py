@@ -180,7 +180,7 @@ class Agent:
         if short:
             runtimes = {k: "available" if v == "available" else "unavailable" for k, v in runtimes.items()}
             current = current and {"sha256": current.get("sha256"), "variant": None}
-        return self.signer.sign(messages.envelope("status", self.cfg.fleet, self.cfg.device, self.spool.next_seq("status"), {
+        return self.signer.sign(messages.envelope("status", self.cfg.fleet, self.cfg.device, self.spool.next_seq("status"), epoch=self.spool.epoch, body={
             "state": state, "agent_version": edgekit_protocol.__version__, "profile": self.cfg.profile,
             "current": current, "runtimes": runtimes,
             "power_source": self.power_source, "simulated": self.cfg.simulated, "pid": os.getpid(),
@@ -221,7 +221,8 @@ class Agent:
         with self._report_lock:
             try:
                 seq = self.spool.upcoming_seq("reported")  # taken once it went out: a failed try leaves no gap
-                msg = self.signer.sign(messages.envelope("reported", self.cfg.fleet, self.cfg.device, seq, body))
+                msg = self.signer.sign(messages.envelope("reported", self.cfg.fleet, self.cfg.device, seq, body,
+                                                                   epoch=self.spool.epoch))
                 payload = messages.encode_within_limit(msg, "a reported message")
                 self.publisher.publish(self._topic("reported"), payload, retain=True)
                 self.spool.took_seq("reported", seq)
@@ -276,7 +277,8 @@ class Agent:
         def build(seq: int) -> bytes:
             # raised inside the spool's transaction: its seq is not taken
             try:
-                built.update(self.signer.sign(messages.envelope(kind, self.cfg.fleet, self.cfg.device, seq, body)))
+                built.update(self.signer.sign(messages.envelope(kind, self.cfg.fleet, self.cfg.device, seq, body,
+                                                                       epoch=self.spool.epoch)))
                 return messages.encode_within_limit(built, f"a {kind} message")
             except PayloadTooLarge:
                 raise

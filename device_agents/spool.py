@@ -12,6 +12,10 @@ telemetry, live figures, shadow comparisons; each is superseded by the next) is 
 benchmark records are never dropped (the bound may be exceeded for them). Every drop is counted per
 kind, persisted, and reported in telemetry and the ``state`` command.
 
+The spool also holds its ``epoch``: a random id created with the spool, which every message the agent numbers
+carries, so a receiver tells a device whose numbering started again (re-imaged, its state root wiped, a damaged
+spool moved aside: ``seq`` from 1 again) from one that lost records.
+
 A spool that is not a database any more (a damaged file, a write cut by a power loss on a card that lies
 about fsync) is moved aside (``spool.db.damaged-<unix time>``, kept for a look) and a new one started, so
 the agent still starts; the new one counts it (``damaged_spools``) and starts its command horizon at this
@@ -22,6 +26,7 @@ starts no earlier than the device's provisioning (``horizon_floor``).
 from __future__ import annotations
 
 import logging
+import secrets
 import sqlite3
 import threading
 import time
@@ -83,12 +88,27 @@ class Spool:
         with self._lock:
             if damaged is not None:
                 self._bump("damaged_spools")
+            self.epoch = self._epoch()
             # the ids taken before a damage are gone: this clock's word; at least the provisioning's
             now = time.time()
             at = max(min(horizon_floor, now + MAX_SKEW_S), now if damaged is not None else 0.0)
             horizon = int((at - HORIZON_S) * 1000)
             if horizon > self._counter("horizon_ms"):  # never moves back
                 self._db.execute("INSERT OR REPLACE INTO counters (name, value) VALUES ('horizon_ms', ?)", (horizon,))
+
+    def _epoch(self) -> str:
+        """Return this spool's epoch (16 hex digits), created at random when it has none (a new spool, or one an older
+        agent made: its numbering goes on, and receivers take a device's first epoch as no restart); caller holds the
+        lock. Never raises: a disk too full to keep it gives one for this run only (the next start names another,
+        which receivers record as a restart)."""
+        value = self._counter("epoch")
+        if not value:
+            value = secrets.randbits(62) | 1
+            try:
+                self._db.execute("INSERT OR REPLACE INTO counters (name, value) VALUES ('epoch', ?)", (value,))
+            except sqlite3.OperationalError as exc:
+                log.warning("spool: its epoch not persisted: %s", exc)
+        return f"{value:016x}"
 
     def _open(self) -> None:
         """Open the database and create its tables (returns nothing).

@@ -6,7 +6,10 @@ Topics are ``edgekit/v1/<fleet>/<device>/<kind>`` with ``kind`` one of :data:`KI
 is a JSON object with the envelope fields ``schema``, ``device``, ``fleet``, ``seq``, ``ts``,
 ``msg_id``, ``key_id`` and ``sig``. ``seq`` counts per device and per kind, persisted across
 restarts, so a gap in the bench sequence means a lost record; ``msg_id`` is unique per message and
-is what receivers deduplicate on (QoS 1 delivers at least once).
+is what receivers deduplicate on (QoS 1 delivers at least once). ``epoch`` (optional: an older agent sends none)
+names the numbering ``seq`` belongs to: random, created with the agent's spool (its persisted state), so a device
+re-imaged, or whose agent state was wiped or found damaged, numbers from 1 again in a new epoch, which receivers
+take as a restart of its numbering, not as a gap or as numbers already seen.
 
 ``sig`` is an Ed25519 signature (base64) over :func:`canonical`, by the key ``key_id`` names: the
 device's for what a device publishes, the operator's for commands. Receivers verify it against the
@@ -57,6 +60,8 @@ _ENVELOPE_TYPES: dict[str, type | tuple[type, ...]] = {
 MAX_DEPTH = 32
 MAX_SKEW_S = 300.0  # how far ahead of the receiver's clock a sender's ts may be
 _MSG_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # the dedup key, shown and logged: no controls, no markup
+MAX_EPOCH_CHARS = 64
+_EPOCH = re.compile(r"[A-Za-z0-9._:-]{1,%d}" % MAX_EPOCH_CHARS)  # a numbering's name: shown, stored, indexed
 # A NUL or a lone UTF-16 surrogate in a decoded string can only come from a ``\\u0000`` or ``\\udXXX`` escape
 # (raw, they are not JSON or not UTF-8). PostgreSQL's text columns refuse NUL, and a lone surrogate has no
 # UTF-8 form (signing, storing, printing or writing it to a file raises): such a message is refused.
@@ -153,10 +158,22 @@ def new_msg_id() -> str:
     return uuid.uuid4().hex
 
 
-def envelope(kind: str, fleet: str, device: str, seq: int, body: dict[str, Any]) -> dict[str, Any]:
-    """Return the message of ``kind``: the envelope fields followed by ``body``."""
-    return {"schema": SCHEMAS[kind], "device": device, "fleet": fleet, "seq": seq,
-            "ts": round(time.time(), 6), "msg_id": new_msg_id(), **body}
+def envelope(kind: str, fleet: str, device: str, seq: int, body: dict[str, Any],
+             epoch: str | None = None) -> dict[str, Any]:
+    """Return the message of ``kind``: the envelope fields (with ``epoch``, the numbering ``seq`` belongs to, when
+    given) followed by ``body``."""
+    head = {"schema": SCHEMAS[kind], "device": device, "fleet": fleet, "seq": seq,
+            "ts": round(time.time(), 6), "msg_id": new_msg_id()}
+    if epoch is not None:
+        head["epoch"] = epoch
+    return {**head, **body}
+
+
+def message_epoch(message: Any) -> str | None:
+    """Return the ``epoch`` a message carries (the numbering its ``seq`` belongs to), or None when it carries none
+    (an older agent) or one that is no epoch (a history holds what a device sent, checked or not). Never raises."""
+    epoch = message.get("epoch") if isinstance(message, dict) else None
+    return epoch if isinstance(epoch, str) and _EPOCH.fullmatch(epoch) else None
 
 
 # The wire form's encoder, built once (json.dumps given options builds one on every call).
@@ -358,7 +375,8 @@ def decode(payload: bytes, kind: str | None = None) -> dict[str, Any]:
     Raises:
         MessageError: oversized, not UTF-8, not JSON, a NaN or infinity anywhere, a key twice in one object, a NUL or
             lone surrogate in any string or key, not an object, objects or lists nested deeper than :data:`MAX_DEPTH`, a missing or
-            mistyped envelope field, or a schema that does not match ``kind``.
+            mistyped envelope field, an ``epoch`` (optional) that is not 1 to :data:`MAX_EPOCH_CHARS` letters, digits,
+            '.', '_', ':' or '-', or a schema that does not match ``kind``.
     """
     if len(payload) > MAX_PAYLOAD:
         raise MessageError(f"payload of {len(payload)} bytes is over the {MAX_PAYLOAD}-byte limit")
@@ -388,6 +406,8 @@ def decode(payload: bytes, kind: str | None = None) -> dict[str, Any]:
         raise MessageError("field 'msg_id' must be 1 to 128 letters, digits, '.', '_', ':' or '-'")
     if not 0 <= message["seq"] < 2 ** 63:
         raise MessageError("field 'seq' is out of range (0 to 2**63 - 1)")
+    if "epoch" in message and message_epoch(message) is None:
+        raise MessageError(f"field 'epoch' must be 1 to {MAX_EPOCH_CHARS} letters, digits, '.', '_', ':' or '-'")
     if not in_range(message["ts"]):
         raise MessageError("field 'ts' is not a plausible unix time")
     if kind is not None and message["schema"] != SCHEMAS[kind]:

@@ -641,7 +641,12 @@ def monitor_cmd(
 
     from edge_kit.fleet.inventory import load_fleet
     from edge_kit.telemetry.metrics import FleetMetrics, metrics_url
-    from edge_kit.telemetry.monitor import MAX_BREAKING_VARIANTS, MAX_GAP_ROWS, Monitor
+    from edge_kit.telemetry.monitor import (
+        MAX_BREAKING_VARIANTS,
+        MAX_GAP_ROWS,
+        MAX_SEQ_LEAD,
+        Monitor,
+    )
 
     fleet = load_fleet(fleet_file)
     db = open_fleet_history(fleet_file, history)
@@ -698,6 +703,9 @@ def monitor_cmd(
     if as_json:
         emit_json({"received": s.received, "stored": s.stored, "duplicates": s.duplicates, "invalid": s.invalid,
                     "gaps": s.gaps, "dropped": s.dropped, "over_budget": s.over_budget, "left_by_revoked": s.left_by_revoked,
+                    "replayed_by_revoked": s.replayed_by_revoked, "revoked": s.revoked,
+                    "restarts": s.restarts, "implausible_seqs": s.implausible_seqs,
+                    "retained_by_revoked": sorted(mon.retained_leftovers),
                     "breaking_not_alerted": s.breaking_not_alerted, "gaps_not_recorded": s.gaps_not_recorded,
                     "late": s.late,
                     "over_budget_by_device": dict(sorted(mon.over_budget.items())),
@@ -707,16 +715,26 @@ def monitor_cmd(
     else:
         if not out.is_terminal:  # rich ends its last frame with a newline on a terminal only: a log got "...hardwarestored"
             out.line()
-        # dropped unrefused and not alerted one by one: said here when there were any (a revoked key's use included)
+        # dropped unrefused and not alerted one by one (a revoked key's use included), and what the sequence check
+        # found besides gaps: said here when there were any
         quiet = "".join(f"{n:,} {what}, " for n, what in (
             (s.left_by_revoked, "left by revoked devices (signed before their revocation: dropped, not stored)"),
+            (s.replayed_by_revoked, "replays of what revoked devices left (the same message sent again: dropped)"),
+            (s.revoked, "from revoked devices (refused unchecked, kept as refused, not alerted)"),
             (s.breaking_not_alerted, "benchmarks breaking constraints not alerted (past a device's "
                                      f"{MAX_BREAKING_VARIANTS} variants)"),
-            (s.gaps_not_recorded, f"sequence gaps not recorded (past a device's {MAX_GAP_ROWS} in this run)")) if n)
+            (s.gaps_not_recorded, f"sequence gaps not recorded (past a device's {MAX_GAP_ROWS} in this run)"),
+            (s.late, "late records taken out of their recorded gap"),
+            (s.restarts, "restarts (a device numbering again in a new epoch)"),
+            (s.implausible_seqs, f"seqs implausibly far ahead (past {MAX_SEQ_LEAD:,}: not taken)")) if n)
         out.print(safe(f"stored {s.stored:,} of {s.received:,} messages received ({s.duplicates:,} duplicates, "
                        f"{s.invalid:,} refused, {s.over_budget:,} over budget, {s.gaps:,} sequence gaps, {quiet}"
                        f"{mon.alerts_raised:,} alerts) in {db.where}"),
                   highlight=False)
+        for device in sorted(mon.retained_leftovers)[:10]:  # the broker keeps it until it is cleared: say how
+            out.print(safe(f"{device}: revoked, and the broker still holds what it left retained (its last will, sent "
+                           f"as the broker restarted): `edgekit fleet revoke {device} --fleet {fleet_file}` clears it"),
+                      highlight=False)
 
 
 def _stop_on_sigterm() -> Callable[[], None]:

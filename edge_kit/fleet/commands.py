@@ -101,9 +101,11 @@ class FleetClient:
         # why the newest refused messages were refused (forged, misaddressed, ...); all are counted
         self.rejected: deque[str] = deque(maxlen=MAX_REJECTED)
         self.rejected_count = 0
-        # messages a revoked device left at the broker (its retained status, its last will), dropped unrefused
+        # messages a revoked device left at the broker (its retained status, its last will), dropped unrefused, each
+        # counted once by its msg_id
         # (:meth:`~edge_kit.fleet.keys._RegistryKeyring.left_by_revoked`)
         self.left_by_revoked = 0
+        self._left_ids: set[str] = set()  # their msg ids (signed by revoked keys before revocation: a few)
         self.acks: dict[str, dict[str, Any]] = {}
         # bench records by (device, msg_id): an ack names a record of the device that sent the ack, never another's
         self.records: OrderedDict[tuple[str, str], dict[str, Any]] = OrderedDict()
@@ -161,9 +163,12 @@ class FleetClient:
         topic = message_topic(message)  # a topic that is not UTF-8 read strictly would end paho's network thread
         if messages.is_cleared(topic, message.payload):  # a retained message cleared (fleet revoke does): nothing said
             return
-        if self.keyring.left_by_revoked(topic, message.payload, bool(getattr(message, "retain", False))):
+        left = self.keyring.left_by_revoked(topic, message.payload, bool(getattr(message, "retain", False)))
+        if left is not None:
             with self._cond:  # what a revoked device left at the broker (its last will): neither taken nor refused
-                self.left_by_revoked += 1
+                if left not in self._left_ids:  # each once: a keyless peer may send a captured one again
+                    self._left_ids.add(left)
+                    self.left_by_revoked += 1
             return
         try:
             kind, msg = receive(self.keyring, topic, message.payload, time.time())

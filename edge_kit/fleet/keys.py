@@ -226,8 +226,14 @@ class _RegistryKeyring(Keyring):
         self._refresh(None)
         return frozenset(d for d in self._revoked_entry if d not in self.devices)
 
-    def left_by_revoked(self, topic: str, payload: bytes, retained: bool) -> bool:
-        """Return True when ``payload`` on ``topic`` is what a revoked device left at the broker: a ``status`` or
+    def revocation_reason(self, device: str) -> str:
+        """Return why a message on ``device``'s topic is refused when it is revoked (:meth:`revoked_devices`): its
+        newest revoked key, when and why it was revoked, as :meth:`verify` says it. Never raises."""
+        return self._revoked_device.get(device) or super().revocation_reason(device)
+
+    def left_by_revoked(self, topic: str, payload: bytes, retained: bool) -> str | None:
+        """Return the ``msg_id`` of ``payload`` (signed: what tells one leftover from another, and a replay of one
+        from a new one) when it is on ``topic`` what a revoked device left at the broker: a ``status`` or
         ``reported`` message (the kinds a device has the broker retain) of the device the topic names, which has no
         trusted key (revoked, none registered since), signed by one of its revoked keys, and either sent as the
         broker's retained copy (``retained``: what the broker holds, handed to every new subscriber) or its last will:
@@ -236,25 +242,28 @@ class _RegistryKeyring(Keyring):
         message: not stored, not counted as refused, not shown (the device shows as revoked). Anything else of a
         revoked device (a message signed after its revocation and sent live, a forgery, and a live ``reported`` or
         non-offline status whatever its ``ts``: the device's clock, which a thief holding the key sets back at will)
-        is no leftover: False, and it is refused as before. Never raises (a registry that cannot be read, a payload
-        that does not decode: False)."""
+        is no leftover: None, and it is refused as before. A keyless peer may send a captured leftover again (it
+        verifies as the first did): receivers tell the copies apart by the ``msg_id`` returned (the monitor counts a
+        copy sent live again as a replay, ``stats.replayed_by_revoked``). Never raises (a registry that cannot be read,
+        a payload that does not decode: None)."""
         if not topic.endswith(_RETAINED_ENDINGS):  # most messages: a string test, no more
-            return False
+            return None
         try:
             fleet, device, kind = messages.parse_topic(topic)
             if kind not in DEVICE_RETAINED_KINDS or self.device_revocation(device) is None:
-                return False
+                return None
             msg = messages.decode(payload, kind)
             if msg.get("device") != device or msg.get("fleet") != fleet:
-                return False
+                return None
             for public, revoked in self._revoked_keys.get(device, ()):
                 if self._id(public) == msg.get("key_id"):
                     Keyring({device: public}).verify(msg, device)  # MessageError: not what the device signed
                     will = kind == "status" and msg.get("state") == "offline"  # what a last will says
-                    return retained or (will and messages.in_range(msg.get("ts")) and msg["ts"] < revoked)
+                    left = retained or (will and messages.in_range(msg.get("ts")) and msg["ts"] < revoked)
+                    return msg["msg_id"] if left else None
         except Exception:  # noqa: BLE001 - no leftover: the ordinary checks refuse it, saying why
-            return False
-        return False
+            return None
+        return None
 
     def verify(self, message: dict[str, Any], signer: str) -> None:
         """Check that ``message`` was signed by ``signer``'s registered key (see :meth:`Keyring.verify`).

@@ -118,7 +118,8 @@ BATCH = 500
 class Alert:
     device: str
     kind: str  # "offline", "constraints", "silent", "refused" (forged, unsigned, from the future, over budget), "store", "disk", "drift",
-    # "gap" (records a device numbered that never arrived)
+    # "gap" (records a device numbered that never arrived, or a seq implausibly far ahead), "restart" (a device's
+    # numbering started again: a new epoch)
     # (the history's alerts table keeps "offline", "constraints", "drift", "disk" as low_disk, "silent" and an
     # over-budget "refused" as over_budget: every alert about a device's state; a refused message is in ``invalid``)
     text: str
@@ -136,6 +137,12 @@ class MonitorStats:
     # what revoked devices left at the broker (their retained status or reported state, their last will): dropped,
     # neither stored nor refused (Keyring.left_by_revoked)
     left_by_revoked: int = 0
+    # what a revoked device left that a keyless peer sent again (the same last will, by its msg_id): dropped, counted
+    # here, not again in left_by_revoked
+    replayed_by_revoked: int = 0
+    # messages on the topic of a device whose key was revoked (and none registered since): refused unchecked (no
+    # signature checked, no budget spent, no alert: the device shows as revoked), counted here, kept as invalid
+    revoked: int = 0
     # benchmarks breaking their device's constraints for a variant beyond the MAX_BREAKING_VARIANTS whose episodes the
     # device has open: stored, counted here, alerted once a device (a device naming a new variant in each record)
     breaking_not_alerted: int = 0
@@ -145,6 +152,11 @@ class MonitorStats:
     # with ``share``: records stored after the gap scan had recorded their number as lost (later than the grace), taken
     # out of that gap (it shrank or split): stored plus recorded gaps stays what the devices published
     late: int = 0
+    # devices whose numbering started again (a new ``epoch``: re-imaged, agent state wiped): recorded as restarts
+    restarts: int = 0
+    # seq numbers (a record's, or a telemetry's claim) more than MAX_SEQ_LEAD past the device's newest of the kind:
+    # not taken as where its numbering stands (the record is stored), counted, alerted once a device
+    implausible_seqs: int = 0
     # per device of the fleet file: records refused because it was over its ingest budget
     over_budget_by_device: dict[str, int] = field(default_factory=dict)
 
@@ -186,6 +198,9 @@ class _Flood:
 MAX_CHECK_ROUNDS = 2 + math.ceil(math.log2(BATCH))
 MAX_ALERTS = 10_000  # alerts kept in memory (the newest); all are counted
 MAX_INVALID_ROWS = 100_000  # refused messages stored per run (4 KiB of the first 1,000, 256 bytes of the rest)
+# messages on revoked devices' topics kept as refused per run (the rest counted, in stats.revoked): a thief flooding
+# one costs no history write a message, as a device over its ingest budget costs none
+MAX_REVOKED_ROWS = 1_000
 # Messages received and waiting to be checked. QoS 1 ones are bounded by the broker (it sends no more than its
 # inflight limit unacknowledged, and the monitor acknowledges once stored); QoS 0 ones are not, so past this
 # many a device flooding at QoS 0 (every agent publishes at QoS 1) is dropped and counted, not queued without end.
@@ -200,6 +215,14 @@ MAX_CARRIED = 100  # open alerts of the history a monitor shows as carried over 
 
 MAX_CLIENT_ID_BYTES = 65_535  # MQTT encodes a client id's length in 16 bits
 
+
+#: How far (numbers) past a device's newest ``seq`` of a kind a record or a telemetry claim may number and still be
+#: taken as where its numbering stands: a live stream every second for 11 days of outage. One further is implausible (a
+#: hostile device with a valid key claiming 10**12 blinded gap detection on its stream for ever): counted
+#: (``implausible_seqs``), alerted once a device, and not taken.
+MAX_SEQ_LEAD = 1_000_000
+MAX_STALE_EPOCHS = 1_000  # (device, epoch) of older numberings remembered (a late message of one is not judged)
+MAX_LEFT_SEEN = 10_000  # leftovers of revoked devices remembered (each signed by a revoked key before its revocation)
 
 MAX_OLD_RUNS = 64  # a device's ended shadow runs remembered: a late message of one is no news
 
@@ -236,15 +259,20 @@ def share_gaps(rows: list[tuple[str, str, int | None, float | None, int, str | N
     began following the device) is judged from its first stored record; a stream without a horizon past its mark is
     left as it is. ``bound``: the rows of a stream the scan read at most (:meth:`HistoryStore.seq_window`'s ``limit``);
     a stream with that many was cut there, so it is judged no further than its highest row read (rows past it, and the
-    numbers its telemetry claims past it, are the next scan's). Never raises."""
+    numbers its telemetry claims past it, are the next scan's); so is one past a row ``(kind, device, cut, None, mark,
+    None)``, where the read of a stream followed in an epoch stopped (rows of its older numberings filled the bound). A
+    claim more than :data:`MAX_SEQ_LEAD` past what the stream holds is implausible and not taken. Never raises."""
     held: dict[tuple[str, str], set[int]] = {}
     horizon: dict[tuple[str, str], int] = {}
     mark: dict[tuple[str, str], int] = {}
+    cut: dict[tuple[str, str], int] = {}
     claims: list[tuple[str, str, int]] = []
     for kind, device, seq, ts, scanned_to, body in rows:
         key = (device, kind)
         mark[key] = scanned_to
         if seq is None or ts is None:  # a mark alone: the device's telemetry may claim past it
+            if seq is not None:  # or where the read of a stream followed in an epoch stopped: not judged past it
+                cut[key] = seq
             continue
         held.setdefault(key, set()).add(seq)
         if ts <= settled_by:
@@ -255,13 +283,18 @@ def share_gaps(rows: list[tuple[str, str, int | None, float | None, int, str | N
                 except ValueError:  # stored as received and verified: JSON; a hand-made row is no claim
                     pass
     for device, kind, newest in claims:
-        if (device, kind) in mark:
-            horizon[(device, kind)] = max(newest, horizon.get((device, kind), newest))
+        key = (device, kind)
+        # a claim more than MAX_SEQ_LEAD past what the stream holds is implausible: not the horizon (see _numbered)
+        if key in mark and newest - max(mark[key], max(held.get(key, ()), default=0), 0) <= MAX_SEQ_LEAD:
+            horizon[key] = max(newest, horizon.get(key, newest))
     if bound is not None:  # a stream read to the bound: what lies past its highest row read is not read yet
         counts = Counter((device, kind) for kind, device, seq, ts, _m, _b in rows if seq is not None and ts is not None)
         for key, n in counts.items():
             if n >= bound and key in horizon:
                 horizon[key] = min(horizon[key], max(held[key]))
+    for key, stop in cut.items():
+        if key in horizon:
+            horizon[key] = min(horizon[key], stop)
     marks: list[tuple[str, str, int]] = []
     gaps: list[tuple[str, str, int, int]] = []
     for key, top in sorted(horizon.items()):
@@ -332,10 +365,17 @@ class Monitor:
                             for d in fleet.devices}
         self._queue: queue.Queue = queue.Queue()
         self._recent: OrderedDict[str, None] = OrderedDict()  # msg ids lately stored (cheap dedup before SQL)
+        self._left_seen: OrderedDict[str, None] = OrderedDict()  # msg ids of what revoked devices left, counted once
+        #: Revoked devices whose leftover the broker handed over as its retained copy: it stays there (sent to every
+        #: receiver that subscribes) until it is cleared; `edgekit fleet revoke DEVICE` clears it (the summary says so).
+        self.retained_leftovers: set[str] = set()
         self._seq: dict[tuple[str, str], int] = {}
         # without share: records of this batch numbered at or below their stream's newest (out of order, or late): each
         # may be the record of a gap recorded before it came (taken out of it after the batch, one query)
-        self._behind: list[tuple[str, str, int]] = []
+        self._behind: list[tuple[str, str, int, str | None]] = []
+        self._epochs: dict[str, str] = {}  # each device's newest numbering (its messages' epoch), as the history has it
+        self._stale_epochs: set[tuple[str, str]] = set()  # (device, epoch) of numberings a newer one replaced
+        self._implausible: set[str] = set()  # devices alerted for a seq past MAX_SEQ_LEAD this run
         self._stop = threading.Event()
         self._connected = threading.Event()
         self._refused: str | None = None
@@ -411,7 +451,8 @@ class Monitor:
         """Queue ``(topic, payload, receive time, mid to acknowledge or None)``; nothing once stopping, nor an empty
         payload on a retained kind's topic (how MQTT clears a retained message: acknowledged, no message to store;
         :func:`~edgekit_protocol.messages.is_cleared`: on any other topic it is refused and counted), nor what a revoked
-        device left at the broker (acknowledged, counted in ``stats.left_by_revoked``:
+        device left at the broker (acknowledged, counted once per ``msg_id`` in ``stats.left_by_revoked``, and each copy
+        sent live again, a keyless peer's replay, in ``stats.replayed_by_revoked``:
         :meth:`~edge_kit.fleet.keys._RegistryKeyring.left_by_revoked`), and a QoS 0
         message not while :data:`MAX_QUEUED` wait (counted in ``stats.dropped``, alerted once a run). A topic that is
         not UTF-8 is queued with its bad bytes as ``\\xNN`` (it names no device, so it is refused). Never raises:
@@ -422,8 +463,18 @@ class Monitor:
         # a retained message cleared (`fleet revoke` does), or what a revoked device left at the broker (its last will,
         # published as a broker reloaded or restarted after `fleet revoke` dropped its connection): nothing to store
         cleared = messages.is_cleared(topic, m.payload)
-        if cleared or self.keyring.left_by_revoked(topic, m.payload, bool(getattr(m, "retain", False))):
-            self.stats.left_by_revoked += not cleared
+        retained = bool(getattr(m, "retain", False))
+        left = None if cleared else self.keyring.left_by_revoked(topic, m.payload, retained)
+        if cleared or left is not None:
+            if left is not None and retained:  # the broker keeps it: only a clear (`fleet revoke`) removes it
+                self.retained_leftovers.add(messages.parse_topic(topic)[1])
+            if left is not None and left not in self._left_seen:  # each leftover counted once
+                self._left_seen[left] = None
+                self.stats.left_by_revoked += 1
+                while len(self._left_seen) > MAX_LEFT_SEEN:
+                    self._left_seen.popitem(last=False)
+            elif left is not None and not retained:  # the same one live again: a keyless peer replays a capture
+                self.stats.replayed_by_revoked += 1  # (the broker's retained copy, sent at each subscribe, is not)
             if m.qos:
                 self._ack([m.mid])
             return
@@ -478,6 +529,7 @@ class Monitor:
                 still = {(k, d, sub) for k, d, sub, _ in self.store.open_alert_keys()}
                 for row in self.carried_over:
                     row["still_open"] = (row["kind"], row["device"], row["subject"]) in still
+            self._epochs = self.store.device_epochs()  # a device's next message in another one: its restart
             if self.persistent and self.share is None:  # a persistent session continues the history: so do the seqs
                 self._seq = self.store.newest_seqs(SEQ_KINDS, list(self.constraints))
             if self.share is not None:  # the gap scan follows each device of the fleet file from where it stands
@@ -659,12 +711,17 @@ class Monitor:
         received: list[float] = []
         pending = batch
         margin = 0  # records admitted per device beyond its budget: none until a round's checks refuse some
+        revoked = self._revoked_now()  # two stats a batch, a set lookup a record
         while pending:
             admitted: list[tuple] = []
             held: list[tuple] = []
             room: dict[str, int] = {}
             for item in pending:
                 device = self._budget_device(item[0])
+                if device in revoked:  # a thief holding its key: refused before it is checked or spends any budget
+                    self.stats.received += 1
+                    self._refuse(item[0], item[1], self.keyring.revocation_reason(device), revoked=True)
+                    continue
                 if device is not None and device not in room:
                     available = self.budget.available(device)
                     room[device] = max(available, margin) if available > 0 else 0
@@ -700,6 +757,15 @@ class Monitor:
             margin = max(1, 2 * margin)
         self._refuse_over_budget(pending)
         return good, raw, received
+
+    def _revoked_now(self) -> frozenset[str]:
+        """Return the fleet file's devices whose key was revoked and none registered since (the keyring re-reads its
+        files when either was replaced: two stats); none when the registry cannot be read (every message is then
+        refused by its check, saying why). Never raises."""
+        try:
+            return self.keyring.revoked_devices() & self.constraints.keys()
+        except ConfigError:
+            return frozenset()
 
     def _refuse_over_budget(self, batch: list[tuple], counted: bool = False) -> None:
         """Count the messages of ``batch`` (of devices over their ingest budget) as received (unless ``counted``: the
@@ -790,16 +856,25 @@ class Monitor:
             received += t
         return good, raw, received
 
-    def _refuse(self, topic: str, payload: bytes, why: str) -> None:
+    def _refuse(self, topic: str, payload: bytes, why: str, revoked: bool = False) -> None:
         """Count a refused message, alert, and keep it as invalid (the first :data:`MAX_INVALID_ROWS` of a run), its
-        topic cut to :data:`MAX_TOPIC` characters (the sender chose it). Raises HistoryError."""
-        self.stats.invalid += 1
+        topic cut to :data:`MAX_TOPIC` characters (the sender chose it); ``revoked``: one on the topic of a revoked
+        device, counted in ``stats.revoked``, kept only among the first :data:`MAX_REVOKED_ROWS` of a run, never
+        alerted (its alerts were closed as revoked; the summary says how many). Return nothing. Raises HistoryError."""
+        if revoked:
+            self.stats.revoked += 1
+        else:
+            self.stats.invalid += 1
+        kept = self.stats.invalid + self.stats.revoked
         reason = clip(why, MAX_REASON)
         topic = clip(topic, MAX_TOPIC)
-        self._alert(Alert(topic, "refused", f"refused a message on {topic}: {reason}"))
-        if self.stats.invalid <= MAX_INVALID_ROWS:  # a flood of them is counted, never the history's size
-            self.store.add_invalid(topic, reason, payload[:4096 if self.stats.invalid <= 1000 else 256])
-            if self.stats.invalid == MAX_INVALID_ROWS:
+        if not revoked:
+            self._alert(Alert(topic, "refused", f"refused a message on {topic}: {reason}"))
+        elif self.stats.revoked > MAX_REVOKED_ROWS:  # a thief's flood: counted, not a write each
+            return
+        if kept <= MAX_INVALID_ROWS:  # a flood of them is counted, never the history's size
+            self.store.add_invalid(topic, reason, payload[:4096 if kept <= 1000 else 256])
+            if kept == MAX_INVALID_ROWS:
                 self._alert(Alert("monitor", "refused", f"{MAX_INVALID_ROWS:,} refused messages stored in this "
                                                         "run; more are counted (invalid), not stored"))
 
@@ -865,8 +940,8 @@ class Monitor:
         if refused:
             good = [g for i, g in enumerate(good) if i not in refused]
         if self.share is not None:  # one indexed query a batch: a record later than the grace leaves its gap
-            self.stats.late += self.store.take_out_of_gaps([(m["device"], k, m["seq"]) for k, m in good
-                                                            if k in SEQ_KINDS])
+            self.stats.late += self.store.take_out_of_gaps([(m["device"], k, m["seq"], m.get("epoch"))
+                                                            for k, m in good if k in SEQ_KINDS])
         self.stats.duplicates += len(good) - new
         self.stats.stored += new
         for kind, msg in good:
@@ -893,7 +968,9 @@ class Monitor:
             self._silent_alerted.discard(msg["device"])
             self.store.close_alert(msg["device"], "silent")
         self._heard_before.discard(msg["device"])
-        if self.share is None:
+        epoch = msg.get("epoch")  # decode checked it; None from an older agent: judged as before
+        current = epoch is None or self._epochs.get(msg["device"]) == epoch or self._new_epoch(msg, epoch)
+        if self.share is None and current:
             self._check_seq(kind, msg)
         self._check_alerts(kind, msg)
         if self.on_message:
@@ -953,10 +1030,11 @@ class Monitor:
                 self._gap_found(device, kind, first, last)
             for device, *_ in capped:
                 self._gap_not_recorded(device)
-        read = Counter((device, kind) for kind, device, seq, *_ in rows if seq is not None)
-        if any(read[(device, kind)] >= SCAN_ROWS for device, kind, _seq in marks):
-            # a stream read to its bound whose mark moved: the next scan goes on from there at once (one whose rows
-            # have not settled yet waits as any other)
+        read = Counter((device, kind) for kind, device, seq, ts, *_ in rows if seq is not None and ts is not None)
+        stopped = {(device, kind) for kind, device, seq, ts, *_ in rows if seq is not None and ts is None}
+        if any(read[(device, kind)] >= SCAN_ROWS or (device, kind) in stopped for device, kind, _seq in marks):
+            # a stream read to its bound (or, in an epoch, stopped there by older numberings' rows) whose mark moved:
+            # the next scan goes on from there at once (one whose rows have not settled yet waits as any other)
             self._gaps_scanned = -math.inf
 
     def _gap_room(self, device: str) -> bool:
@@ -986,6 +1064,37 @@ class Monitor:
                                                  f", or dropped by the device's full spool before it sent them "
                                                  f"(its telemetry's spool counts those: dropped_{kind})")))
 
+    def _new_epoch(self, msg: dict[str, Any], epoch: str) -> bool:
+        """Take ``epoch``, other than the one known for ``msg``'s device, as its newest numbering when it is (recorded
+        once in the history, :meth:`HistoryStore.add_epoch`); return whether ``msg`` belongs to the device's newest
+        numbering (False: a late message of an older one, stored but not judged against the new numbers). A new epoch
+        after another is a restart: counted, alerted, and each stream's mark starts again at 0 (a new spool numbers
+        from 1, so what the monitor missed of it is still a gap); a device's first epoch (an agent that did not send
+        one before) is no restart: its numbering goes on. A query or two an epoch, never one a record. Raises
+        HistoryError."""
+        device = msg["device"]
+        if (device, epoch) in self._stale_epochs:
+            return False
+        previous = self._epochs.get(device)
+        new, newest = self.store.add_epoch(device, epoch, msg["seq"], self._scan_owner if self.share else None)
+        if newest != epoch:
+            if len(self._stale_epochs) >= MAX_STALE_EPOCHS:
+                self._stale_epochs.clear()
+            self._stale_epochs.add((device, epoch))
+            return False
+        self._epochs[device] = epoch
+        if previous is not None:
+            self._stale_epochs.add((device, previous))
+            for kind in SEQ_KINDS:
+                self._seq[(device, kind)] = 0
+            if new:
+                self.stats.restarts += 1
+                self._alert(Alert(device, "restart", f"{device}: its numbering started again (epoch {epoch}, after "
+                                                     f"{previous}: re-imaged, or its agent state wiped or found "
+                                                     f"damaged): recorded as a restart, not a gap; its records are "
+                                                     f"judged from seq 1 of the new numbering"))
+        return True
+
     def _check_seq(self, kind: str, msg: dict[str, Any]) -> None:
         """Record and alert a sequence gap when ``msg`` numbers past the device's newest ``seq`` of its kind plus one
         (this run's, or, for a persistent session, the history's when it started: what the broker dropped while the
@@ -994,7 +1103,7 @@ class Monitor:
             return  # a status is retained and replaced, not a stream
         key = (msg["device"], kind)
         if key in self._seq and msg["seq"] <= self._seq[key]:  # behind its stream: it may fill a gap recorded
-            self._behind.append((msg["device"], kind, msg["seq"]))
+            self._behind.append((msg["device"], kind, msg["seq"], msg.get("epoch")))
         self._numbered(msg["device"], kind, msg["seq"], msg["seq"] - 1)
         if kind == "telemetry":  # the newest seq the agent gave its other streams: records lost at their end show now
             for marked, newest in messages.telemetry_marks(msg).items():
@@ -1003,10 +1112,19 @@ class Monitor:
     def _numbered(self, device: str, kind: str, seq: int, before: int) -> None:
         """Take ``seq`` as ``device``'s newest number of ``kind`` when it is above the one known, recording and
         alerting as a gap every number from the known one up to ``before`` (``seq - 1`` for a record; ``seq`` itself
-        for a telemetry message's mark of another kind, whose record did not come); return nothing. Raises
-        HistoryError."""
+        for a telemetry message's mark of another kind, whose record did not come); return nothing. A number more than
+        :data:`MAX_SEQ_LEAD` past the known one (past 0 for a telemetry's claim when none is known) is implausible:
+        counted, alerted once a device, and not taken. Raises HistoryError."""
         key = (device, kind)
         last = self._seq.get(key)
+        if seq - (last if last is not None else 0 if before == seq else seq) > MAX_SEQ_LEAD:
+            self.stats.implausible_seqs += 1
+            if device not in self._implausible:
+                self._implausible.add(device)
+                self._alert(Alert(device, "gap", f"{device}: {kind} seq {seq:,} is more than {MAX_SEQ_LEAD:,} past its "
+                                                 f"newest ({last if last is not None else 'none'}): not taken as where "
+                                                 "its numbering stands (counted: implausible_seqs)"))
+            return
         # while the device is over its budget, what it had refused is recorded as one gap when that ends
         if last is not None and before > last and device not in self._floods:
             if self._gap_room(device):
@@ -1257,10 +1375,7 @@ class Monitor:
         (``cleared_why`` :data:`~edge_kit.telemetry.store.CLEARED_REVOKED`: nothing of them is news, and a revoked
         device goes silent), and forget their episodes; return the revoked devices. A registry this monitor cannot
         read revokes none here (every message is refused, saying why). Raises HistoryError."""
-        try:
-            revoked = self.keyring.revoked_devices() & self.constraints.keys()
-        except ConfigError:
-            return set()
+        revoked = set(self._revoked_now())
         for device in sorted(revoked - self._revoked_closed):
             self.store.close_device_alerts(device, CLEARED_REVOKED)
             for state in (self._silent_alerted, self._offline, self._drifting, self._low_disk):

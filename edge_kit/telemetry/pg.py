@@ -62,6 +62,7 @@ class PostgresStore(HistoryStore):
     """The history in a PostgreSQL database named by a ``postgresql://`` URL (tables created when missing)."""
 
     NOW_SQL = "extract(epoch from clock_timestamp())::double precision"
+    EPOCH_SQL = "(CAST({row}.body AS json) ->> 'epoch')"  # a stored record's epoch (NULL without one)
     _REAL = "DOUBLE PRECISION"
 
     def __init__(self, url: str, write: bool = True):
@@ -188,17 +189,12 @@ class PostgresStore(HistoryStore):
                 self._conn.close()
                 self._conn = None
 
-    @staticmethod
-    def _gaps_around_sql(records: int) -> str:
-        """Return :meth:`HistoryStore._gaps_around`' query, each record's gaps looked up through ``gaps (device, kind,
-        last_missing)`` (a LATERAL subquery, kept apart by ``OFFSET 0``): joined as one, PostgreSQL hashed the whole
-        ``gaps`` table at every batch a ``--share`` worker stored (tens of milliseconds a batch at 200,000 gap rows,
-        growing with them). Same arguments as the shared query."""
-        values = ", ".join(["(?, ?, ?)"] * records)
-        return (f"WITH b(device, kind, seq) AS (VALUES {values}) SELECT DISTINCT g.device, g.kind, g.first_missing, "
-                "g.last_missing, g.ts, b.seq FROM b CROSS JOIN LATERAL (SELECT x.device, x.kind, x.first_missing, "
-                "x.last_missing, x.ts FROM gaps x WHERE x.device = b.device AND x.kind = b.kind AND x.last_missing >= "
-                "b.seq AND x.first_missing <= b.seq AND x.ts >= ? OFFSET 0) g")
+    #: :meth:`HistoryStore._gaps_around`' gaps, each record's looked up through ``gaps (device, kind, last_missing)``
+    #: (a LATERAL subquery, kept apart by ``OFFSET 0``): joined as one, PostgreSQL hashed the whole ``gaps`` table at
+    #: every batch a ``--share`` worker stored (tens of milliseconds a batch at 200,000 gap rows, growing with them).
+    GAPS_AROUND_JOIN = ("CROSS JOIN LATERAL (SELECT x.device, x.kind, x.first_missing, x.last_missing, x.ts FROM gaps x "
+                        "WHERE x.device = b.device AND x.kind = b.kind AND x.last_missing >= b.seq AND "
+                        "x.first_missing <= b.seq AND x.ts >= {since} OFFSET 0) g")
 
     @staticmethod
     def _sql(sql: str) -> str:

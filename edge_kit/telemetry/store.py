@@ -44,22 +44,28 @@ from edgekit_protocol.messages import (
 
 KINDS = ("status", "bench", "telemetry", "live", "shadow")
 TABLES = (*KINDS, "decisions", "invalid", "gaps", "rollouts", "rollout_devices", "alerts", "alert_holders", "seq_scans",
-          "scan_lease")
+          "scan_lease", "seq_epochs")
 #: The kinds numbered by ``seq`` per device (a number skipped is a record lost); a ``status`` is retained and replaced.
 SEQ_KINDS = tuple(k for k in KINDS if k != "status")
 #: The schema this edge-kit reads and writes, kept in the ``edgekit_schema`` table (a history without that table
 #: was written before it: version 1). 2: ``decisions.kind``, ``invalid.device`` and their indexes. 3: the ``alerts``
 #: table. 4: ``alerts.subject`` (one open alert per device, kind and subject), ``alerts.seen`` and ``alerts.cleared_why``,
 #: and the ``alert_holders`` table. 5: the ``seq_scans`` and ``scan_lease`` tables and an index on each numbered kind's
-#: ``(device, seq)``: the sequence-gap scan of several monitor workers (:meth:`HistoryStore.seq_window`). 6: an index on
+#: ``(device, seq)``: the sequence-gap scan of several monitor workers (:meth:`HistoryStore.seq_window`). 6: the
+#: ``seq_epochs`` table (each numbering a device's agent started: its spool's ``epoch``, and the one before it, so a
+#: device whose numbering started again is recorded as a restart, not a gap), ``seq_scans.epoch`` (the numbering
+#: the gap scan follows; a record's is in its body, so the record tables are as before), an index on
 #: ``bench (device, ts)`` (each device's newest bench record found through it, never by reading the table:
-#: :meth:`HistoryStore.newest_seqs`, :meth:`HistoryStore.last_heard`) and on ``gaps (device, kind, last_missing)`` (the
-#: gap a late record falls in: :meth:`HistoryStore.take_out_of_gaps`); indexes only, so an older edge-kit still running
-#: reads and writes the history as before.
+#: :meth:`HistoryStore.newest_seqs`, :meth:`HistoryStore.last_heard`) and one on ``gaps (device, kind,
+#: last_missing)`` (the gap a late record falls in: :meth:`HistoryStore.take_out_of_gaps`); the tables a version 5
+#: edge-kit writes are as they were, so one still running reads and writes the history as before.
 SCHEMA_VERSION = 6
 #: How long (seconds, by the database's clock) a worker's hold of the gap scan (:meth:`HistoryStore.take_scan_lease`)
 #: keeps others out: a scan takes milliseconds; a worker that died holding it is passed over after this.
 SCAN_LEASE_STALE_S = 30.0
+#: How long (seconds) a worker that records a device's new numbering waits for the gap scan to move its marks: a scan
+#: under way would otherwise write its older marks over them (:meth:`HistoryStore.add_epoch`).
+EPOCH_LEASE_WAIT_S = 2.0
 #: The default grace of the gap scan (``edgekit monitor --gap-grace-s``): how long (seconds) after a record (or a
 #: telemetry claim) was stored the scan takes the numbers before it as settled, so a record of a lower ``seq`` still on
 #: its way to another worker (queued behind that worker's batch, or in flight at the broker) is not taken as lost.
@@ -71,7 +77,8 @@ SCAN_ROWS = 5000
 #: How long (seconds, this host's clock) after a sequence gap was recorded a record stored inside it is taken as late and
 #: taken out of it (:meth:`HistoryStore.take_out_of_gaps`): a record arriving past the grace (a stalled worker, a
 #: persistent session handed back after a crash) comes within minutes or hours; a number inside an older gap is a
-#: device's numbering started again (re-imaged), not the record that gap missed.
+#: device's numbering started again (re-imaged), not the record that gap missed. A record of an agent that numbers in
+#: epochs is matched by its numbering instead (a gap recorded since the restart into its epoch, before the next).
 LATE_S = 86400.0
 #: The kinds of alert the ``alerts`` table keeps: every alert the monitor raises about a device, each over an episode
 #: (raised once, cleared when it ends).
@@ -166,7 +173,9 @@ CREATE TABLE IF NOT EXISTS alerts (id {serial}, device TEXT, kind TEXT, raised_a
                                   subject TEXT NOT NULL DEFAULT '', seen {real}, cleared_why TEXT);
 CREATE TABLE IF NOT EXISTS alert_holders (device TEXT, kind TEXT, subject TEXT, holder TEXT, seen {real},
                                           PRIMARY KEY (device, kind, subject, holder));
-CREATE TABLE IF NOT EXISTS seq_scans (device TEXT, kind TEXT, scanned_to {int}, PRIMARY KEY (device, kind));
+CREATE TABLE IF NOT EXISTS seq_scans (device TEXT, kind TEXT, scanned_to {int}, epoch TEXT, PRIMARY KEY (device, kind));
+CREATE TABLE IF NOT EXISTS seq_epochs (device TEXT, epoch TEXT, previous TEXT, ts {real}, first_seq {int},
+                                       PRIMARY KEY (device, epoch));
 CREATE TABLE IF NOT EXISTS scan_lease (name TEXT PRIMARY KEY, owner TEXT, seen {real});
 CREATE INDEX IF NOT EXISTS alerts_device ON alerts (device, id);
 CREATE INDEX IF NOT EXISTS bench_seq ON bench (device, seq);
@@ -285,6 +294,8 @@ class HistoryStore(abc.ABC):
     #: The database's own clock in unix seconds, as SQL: rollout heartbeats are written and judged by it,
     #: so hosts with skewed clocks agree on whose heartbeat is stale.
     NOW_SQL: str
+    #: The SQL of a stored record's ``epoch`` (in its body), ``{row}`` the table's alias: NULL without one.
+    EPOCH_SQL: str
     #: The SQL type of a time column ({real} in the schema).
     _REAL: str
 
@@ -523,9 +534,64 @@ class HistoryStore(abc.ABC):
         newest ``seq`` the history holds of it (no gap is judged below it), or -1 when it holds none (judged from the
         first record stored). A mark another worker started or moved is left as it is. Return nothing.
         Raises HistoryError."""
-        newest = self.newest_seqs(SEQ_KINDS, devices)
-        self._write_batch([("INSERT INTO seq_scans (device, kind, scanned_to) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
-                            [(d, k, newest.get((d, k), -1)) for d in sorted(devices) for k in SEQ_KINDS])])
+        newest, epochs = self.newest_seqs(SEQ_KINDS, devices), self.device_epochs()
+        self._write_batch([("INSERT INTO seq_scans (device, kind, scanned_to, epoch) VALUES (?, ?, ?, ?) "
+                            "ON CONFLICT DO NOTHING",
+                            [(d, k, newest.get((d, k), -1), epochs.get(d)) for d in sorted(devices) for k in SEQ_KINDS])])
+
+    def device_epochs(self) -> dict[str, str]:
+        """Return each device's newest numbering (``seq_epochs``: the ``epoch`` its agent's messages carry, the one
+        recorded last), ``{device: epoch}``; a device whose agent sends none is not in it. Raises HistoryError."""
+        return dict(self._rows("SELECT e.device, e.epoch FROM seq_epochs e JOIN (SELECT device, MAX(ts) AS ts FROM "
+                               "seq_epochs GROUP BY device) l ON e.device = l.device AND e.ts = l.ts"))
+
+    def add_epoch(self, device: str, epoch: str, first_seq: int, owner: str | None = None) -> tuple[bool, str | None]:
+        """Record that ``device`` numbers its messages in ``epoch`` (first seen with ``first_seq``), unless the history
+        knows it already; one worker of several records each once (the table's key).
+
+        Returns:
+            ``(new, newest)``: whether this call recorded it, and the device's newest epoch now (``epoch`` itself,
+            or a later one when ``epoch`` is an older numbering a late message still carries). A new epoch after
+            another is a restart (:meth:`seq_restarts`), and the gap scan's marks of the device (``seq_scans``, a
+            ``share`` group's) start again at 0 in it (:meth:`seq_window` reads only its rows). ``owner`` (a
+            ``share`` worker's scan name) moves them holding the scan (:meth:`take_scan_lease`, waited for up to
+            :data:`EPOCH_LEASE_WAIT_S`), so a scan under way cannot write its older marks over them afterwards.
+
+        Raises:
+            HistoryError: the history cannot be read or written.
+        """
+        previous = self.device_epochs().get(device)
+        new = self._execute(f"INSERT INTO seq_epochs (device, epoch, previous, ts, first_seq) VALUES "
+                            f"(?, ?, ?, {self.NOW_SQL}, ?) ON CONFLICT DO NOTHING",
+                            (device, epoch, previous, first_seq)) > 0
+        if new and previous is not None:  # a new numbering from 1: the scan judges it from 0, its rows only
+            held = owner is not None and self._wait_scan_lease(owner)
+            try:
+                self._execute("UPDATE seq_scans SET scanned_to = 0, epoch = ? WHERE device = ?", (epoch, device))
+            finally:
+                if held:
+                    self._execute("UPDATE scan_lease SET owner = NULL WHERE name = 'gaps' AND owner = ?", (owner,))
+        return new, self.device_epochs().get(device)
+
+    def _wait_scan_lease(self, owner: str) -> bool:
+        """Take the gap scan for ``owner`` (:meth:`take_scan_lease`), trying for up to :data:`EPOCH_LEASE_WAIT_S` (a
+        scan holds it for milliseconds); return whether it holds it. Raises HistoryError."""
+        deadline = time.monotonic() + EPOCH_LEASE_WAIT_S
+        while not self.take_scan_lease(owner):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
+    def seq_restarts(self, device: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
+        """Return up to ``limit`` restarts of devices' numbering, newest first: ``ts`` (recorded, the database's
+        clock), ``device``, ``epoch`` (the new numbering), ``previous`` and ``first_seq`` (the first number of the new
+        one the monitor saw). Raises HistoryError."""
+        where, args = self._where(device, "", None)
+        rows = self._rows(f"SELECT ts, device, epoch, previous, first_seq FROM seq_epochs {where}"
+                          + (" AND" if where else " WHERE") + " previous IS NOT NULL ORDER BY ts DESC LIMIT ?",
+                          (*args, limit))
+        return [dict(zip(("ts", "device", "epoch", "previous", "first_seq"), row)) for row in rows]
 
     def forget_seq_scans(self) -> None:
         """Forget every gap scan mark (``seq_scans``): a monitor without ``share`` starts, and records the gaps it finds
@@ -544,28 +610,41 @@ class HistoryStore(abc.ABC):
 
     def seq_window(self, limit: int = SCAN_ROWS) -> list[tuple[str, str, int | None, float | None, int, str | None]]:
         """Return, for every device and kind the gap scan follows (``seq_scans``), the rows the history holds past its
-        mark, the ``limit`` lowest numbers of each stream at most (a stream with more is judged up to the last read, and
-        the next scan goes on from there: :func:`~edge_kit.telemetry.monitor.share_gaps`): ``(kind, device, seq, receive
-        time, mark, body)``, ``body`` a telemetry row's JSON (its ``seqs`` claim the device's newest numbers), None for
-        the others; and for each device with telemetry past its mark, the marks of its other kinds as ``(kind, device,
-        None, None, mark, None)`` (its telemetry may claim numbers past them). One query, each kind read through its
-        ``(device, seq)`` index from the mark on, ``limit`` index entries of a stream at most, whatever the history's
-        size. Raises HistoryError."""
+        mark, of the numbering it follows when the device's agent numbers in epochs (:meth:`add_epoch`), among the
+        ``limit`` lowest numbers of each stream at most (a stream with more is judged up to the last read, and the next
+        scan goes on from there: :func:`~edge_kit.telemetry.monitor.share_gaps`): ``(kind, device, seq, receive time,
+        mark, body)``, ``body`` a telemetry row's JSON (its ``seqs`` claim the device's newest numbers), None for the
+        others; for each device with telemetry past its mark, the marks of its other kinds as ``(kind, device, None,
+        None, mark, None)`` (its telemetry may claim numbers past them); and for a stream followed in an epoch whose
+        read was cut at ``limit`` rows (rows of older numberings among them), ``(kind, device, cut, None, mark, None)``:
+        it is judged no further than ``cut``. One query, each kind read through its ``(device, seq)`` index from the mark
+        on, ``limit`` index entries of a stream at most, whatever the history's size (or the older numberings' rows
+        above the mark after a restart: they count towards the bound, so they are read ``limit`` at a time). Raises
+        HistoryError."""
         news = ("EXISTS (SELECT 1 FROM telemetry r WHERE r.device = m.device AND r.seq > (SELECT t.scanned_to FROM "
                 "seq_scans t WHERE t.device = m.device AND t.kind = 'telemetry'))")  # through the (device, seq) index
         top = 2 ** 63 - 1  # no limit-th number past the mark: every row past it
+        # a numbering started again: its rows only (a record's epoch is in its body: read only for rows within the cut)
+        same = f"(m.epoch IS NULL OR {self.EPOCH_SQL.format(row='r')} = m.epoch)"
+
+        def cut(kind: str) -> str:  # the limit-th number past the mark, of any numbering: index entries only
+            return (f"COALESCE((SELECT x.seq FROM {kind} x WHERE x.device = m.device AND x.seq > m.scanned_to "
+                    f"ORDER BY x.seq LIMIT 1 OFFSET {int(limit) - 1}), {top})")
 
         def stream(kind: str) -> str:
-            cut = (f"COALESCE((SELECT x.seq FROM {kind} x WHERE x.device = m.device AND x.seq > m.scanned_to "
-                   f"ORDER BY x.seq LIMIT 1 OFFSET {int(limit) - 1}), {top})")
             return (f"SELECT '{kind}', r.device, r.seq, r.ts, m.scanned_to, "
                     f"{'r.body' if kind == 'telemetry' else 'CAST(NULL AS TEXT)'} FROM seq_scans m JOIN {kind} r "
-                    f"ON r.device = m.device AND r.seq > m.scanned_to AND r.seq <= {cut} WHERE m.kind = '{kind}'")
+                    f"ON r.device = m.device AND r.seq > m.scanned_to AND r.seq <= {cut(kind)} AND {same} "
+                    f"WHERE m.kind = '{kind}'")
+
+        def stops(kind: str) -> str:  # in an epoch, the rows read may be fewer than limit: say where the read stopped
+            return (f"SELECT '{kind}', m.device, {cut(kind)}, NULL, m.scanned_to, NULL FROM seq_scans m "
+                    f"WHERE m.kind = '{kind}' AND m.epoch IS NOT NULL AND {cut(kind)} < {top}")
 
         if limit < 1:
             raise ValueError(f"a gap scan reads 1 row of a stream or more, not {limit}")
         return self._rows(" UNION ALL ".join(
-            [stream(kind) for kind in SEQ_KINDS]
+            [stream(kind) for kind in SEQ_KINDS] + [stops(kind) for kind in SEQ_KINDS]
             + [f"SELECT m.kind, m.device, NULL, NULL, m.scanned_to, NULL FROM seq_scans m WHERE m.kind <> 'telemetry' "
                f"AND {news}"]))
 
@@ -593,25 +672,35 @@ class HistoryStore(abc.ABC):
             ("UPDATE scan_lease SET owner = NULL WHERE name = 'gaps' AND owner = ?", [(owner,)]),
         ] if rows]) > 0
 
-    def stored_in(self, gaps: list[tuple[str, str, int, int]]) -> list[tuple[str, str, int]]:
-        """Return the ``(device, kind, seq)`` of the records the history holds inside ``gaps`` (``(device, kind, first,
-        last)`` each, of :data:`SEQ_KINDS`): those stored while the gap scan that recorded them judged (a record late
-        past the grace, committed by another worker meanwhile). One indexed query a gap. Raises HistoryError."""
-        found: list[tuple[str, str, int]] = []
+    def stored_in(self, gaps: list[tuple[str, str, int, int]]) -> list[tuple[str, str, int, str | None]]:
+        """Return the ``(device, kind, seq, epoch)`` of the records the history holds inside ``gaps`` (``(device, kind,
+        first, last)`` each, of :data:`SEQ_KINDS`, just recorded by the gap scan) in the numbering the scan follows
+        (``seq_scans.epoch``; any when it follows none): those stored while the scan that recorded them judged (a record
+        late past the grace, committed by another worker meanwhile); a record of an older numbering with a number inside
+        is not one of them. One indexed query a gap. Raises HistoryError."""
+        found: list[tuple[str, str, int, str | None]] = []
+        epoch = self.EPOCH_SQL.format(row="r")
         for device, kind, first, last in gaps:
             _kept_kinds((kind,))
-            found += [(device, kind, int(seq)) for (seq,) in self._rows(
-                f"SELECT DISTINCT seq FROM {kind} WHERE device = ? AND seq >= ? AND seq <= ? ORDER BY seq",
-                (device, first, last))]
+            found += [(device, kind, int(seq), tag) for seq, tag in self._rows(
+                f"SELECT DISTINCT r.seq, {epoch} FROM {kind} r LEFT JOIN seq_scans m ON m.device = r.device AND "
+                f"m.kind = ? WHERE r.device = ? AND r.seq >= ? AND r.seq <= ? AND (m.epoch IS NULL OR {epoch} = m.epoch) "
+                "ORDER BY r.seq", (kind, device, first, last))]
         return found
 
-    def take_out_of_gaps(self, records: list[tuple[str, str, int]]) -> int:
-        """Take each ``(device, kind, seq)`` of ``records`` (stored) out of the sequence gap recorded around it, if any:
-        the gap shrinks, or splits in two, or goes (its ``ts`` kept), so the history never says a record is both stored
-        and lost. Only a gap recorded within :data:`LATE_S` is taken as the one the record missed (a number inside an
-        older gap is a device's numbering started again). Safe while other workers do the same: each gap row is locked,
-        and its pieces written only while it is still there; a gap another worker split meanwhile is looked up again. One indexed query (through
-        ``gaps (device, kind, last_missing)``) per 300 records, and a transaction only when a record is in a gap.
+    def take_out_of_gaps(self, records: list[tuple[str, str, int] | tuple[str, str, int, str | None]]) -> int:
+        """Take each ``(device, kind, seq)`` or ``(device, kind, seq, epoch)`` of ``records`` (stored; ``epoch`` the
+        numbering the record carries, None for none) out of the sequence gap recorded around it in the same numbering,
+        if any: the gap shrinks, or splits in two, or goes (its ``ts`` kept), so the history never says a record is both
+        stored and lost. Which gap is the one the record missed: for a record of an epoch that was a restart
+        (``seq_epochs``), one recorded since that restart; for any other, one recorded within :data:`LATE_S` (a number
+        inside an older gap is a device's numbering started again, unseen); and in both cases one recorded before the
+        device's next restart, if any (a record of a new numbering never leaves a gap of the old one, nor a late record
+        of the old numbering a gap of the new). A record of an epoch the history does not know yet, of a device it knows
+        epochs of, is a new numbering: no gap recorded is its. Safe while other workers do the same: each gap row is
+        locked, and its pieces written only while it is still there; a gap another worker split meanwhile is looked up
+        again. One indexed query (through ``gaps (device, kind, last_missing)``) per 300 records, and a transaction
+        only when a record is in a gap.
 
         Returns:
             How many of ``records`` were taken out of a gap (a late record).
@@ -620,8 +709,9 @@ class HistoryStore(abc.ABC):
             HistoryError: the history cannot be read or written.
         """
         taken = 0
-        for i in range(0, len(records), 300):
-            part = sorted(set(records[i:i + 300]))
+        tagged = [(r[0], r[1], r[2], r[3] if len(r) > 3 else None) for r in records]
+        for i in range(0, len(tagged), 300):
+            part = sorted(set(tagged[i:i + 300]), key=lambda r: (r[0], r[1], r[2], r[3] or ""))
             for _attempt in range(5):  # a gap split by another worker meanwhile is found again as its pieces
                 within = self._gaps_around(part, time.time() - LATE_S)
                 if not within:
@@ -645,10 +735,12 @@ class HistoryStore(abc.ABC):
                     ("DELETE FROM gaps WHERE device = ? AND kind = ? AND first_missing = ? AND last_missing = ?", rows)])
         return taken
 
-    def _gaps_around(self, records: list[tuple[str, str, int]],
+    def _gaps_around(self, records: list[tuple[str, str, int, str | None]],
                      since: float) -> dict[tuple[str, str, int, int, float], set[int]]:
-        """Return the gaps ``(device, kind, first, last, ts)`` recorded at or after ``since`` (unix seconds) holding any
-        of ``records`` (``(device, kind, seq)``), each with the seqs of them it holds. Raises HistoryError."""
+        """Return the gaps ``(device, kind, first, last, ts)`` holding any of ``records`` (``(device, kind, seq,
+        epoch)``) in its numbering (:meth:`take_out_of_gaps`: recorded since the restart into the record's epoch, or at
+        or after ``since``, unix seconds, for a record of no restart; before the device's next restart), each with the
+        seqs of them it holds. Raises HistoryError."""
         if not records:
             return {}
         out: dict[tuple[str, str, int, int, float], set[int]] = {}
@@ -657,15 +749,26 @@ class HistoryStore(abc.ABC):
             out.setdefault((device, kind, first, last, ts), set()).add(seq)
         return out
 
-    @staticmethod
-    def _gaps_around_sql(records: int) -> str:
-        """Return :meth:`_gaps_around`' query for ``records`` ``(device, kind, seq)`` triples (then the time since) as
-        arguments: each record's gaps found through ``gaps (device, kind, last_missing)`` (SQLite, whose planner looks
-        each record up by its index; PostgreSQL's override forces that lookup)."""
-        values = ", ".join(["(?, ?, ?)"] * records)
-        return (f"WITH b(device, kind, seq) AS (VALUES {values}) SELECT DISTINCT g.device, g.kind, g.first_missing, "
-                "g.last_missing, g.ts, b.seq FROM b JOIN gaps g ON g.device = b.device AND g.kind = b.kind AND "
-                "g.last_missing >= b.seq AND g.first_missing <= b.seq WHERE g.ts >= ?")
+    #: How :meth:`_gaps_around`' query reaches each record's gaps ``g`` (``{since}``: the earliest ``ts`` a gap of its
+    #: numbering may have): a join SQLite's planner looks up through ``gaps (device, kind, last_missing)`` record by
+    #: record; PostgreSQL's override forces that lookup.
+    GAPS_AROUND_JOIN = ("JOIN gaps g ON g.device = b.device AND g.kind = b.kind AND g.last_missing >= b.seq AND "
+                        "g.first_missing <= b.seq AND g.ts >= {since}")
+
+    @classmethod
+    def _gaps_around_sql(cls, records: int) -> str:
+        """Return :meth:`_gaps_around`' query for ``records`` ``(device, kind, seq, epoch)`` quadruples (then the time
+        since, for records of no restart) as arguments: each record's gaps of its own numbering (recorded since the
+        restart into its epoch, and before the device's next restart)."""
+        values = ", ".join(["(?, ?, ?, CAST(? AS TEXT))"] * records)
+        since = "(CASE WHEN e.previous IS NOT NULL THEN e.ts ELSE ? END)"
+        return (f"WITH b(device, kind, seq, epoch) AS (VALUES {values}) SELECT DISTINCT g.device, g.kind, "
+                "g.first_missing, g.last_missing, g.ts, b.seq FROM b LEFT JOIN seq_epochs e ON e.device = b.device AND "
+                f"e.epoch = b.epoch {cls.GAPS_AROUND_JOIN.format(since=since)} "
+                "WHERE (b.epoch IS NULL OR e.epoch IS NOT NULL OR NOT EXISTS (SELECT 1 FROM seq_epochs o "
+                "WHERE o.device = b.device)) "
+                "AND NOT EXISTS (SELECT 1 FROM seq_epochs n WHERE n.device = b.device AND n.previous = b.epoch "
+                "AND n.ts <= g.ts)")
 
     def open_alert(self, device: str, kind: str, detail: str, at: float | None = None, subject: str = "") -> bool:
         """Record that alert ``kind`` (one of :data:`ALERT_KINDS`) of ``device`` about ``subject`` (a constraints alert's
@@ -1221,10 +1324,14 @@ class HistoryStore(abc.ABC):
         ``CREATE TABLE IF NOT EXISTS``, empty: the first monitor that starts infers the alerts under way from the
         records, then keeps them there, :meth:`alerts_kept`). Version 4: ``alerts.subject`` (``''`` for the rows
         before it), ``seen`` and ``cleared_why`` (empty for them), the open alerts' unique index over device, kind and
-        subject instead of device and kind, and the ``alert_holders`` table (created by the schema).
+        subject instead of device and kind, and the ``alert_holders`` table (created by the schema). Version 6:
+        ``seq_scans.epoch`` (NULL in older rows: the scan follows any numbering, as before); the ``seq_epochs`` table
+        and the ``bench (device, ts)`` and ``gaps (device, kind, last_missing)`` indexes are created by the schema.
         """
         if "device" not in self._columns("invalid"):
             self._add_column("invalid", "device", "TEXT")
+        if "epoch" not in self._columns("seq_scans"):  # version 6: the numbering the scan follows (NULL: any)
+            self._add_column("seq_scans", "epoch", "TEXT")
         self._execute("CREATE INDEX IF NOT EXISTS invalid_device ON invalid (device, id)")
         self._execute("CREATE INDEX IF NOT EXISTS gaps_device ON gaps (device, ts)")
         after = -1
@@ -1369,6 +1476,7 @@ class Store(HistoryStore):
     readers work alongside, writes are serialized by SQLite with a busy timeout."""
 
     NOW_SQL = "((julianday('now') - 2440587.5) * 86400.0)"
+    EPOCH_SQL = "json_extract({row}.body, '$.epoch')"  # a stored record's epoch (NULL without one)
     _REAL = "REAL"
 
     def __init__(self, path: Path, write: bool = True):

@@ -257,3 +257,24 @@ def test_a_number_read_ahead_is_taken_only_when_the_message_went_out_and_never_m
     spool.took_seq("reported", 3)
     spool.close()
     assert Spool(tmp_path / "s.db").upcoming_seq("reported") == 4
+
+
+def test_a_spool_has_one_epoch_across_restarts_and_a_new_spool_has_another(tmp_path):
+    """Every numbered message carries its spool's epoch, so a receiver tells a device numbering from 1 again (its state
+    root wiped, re-imaged, a damaged spool moved aside) from one that lost records: the epoch is created with the spool,
+    kept across the agent's restarts, and a new spool has a new one."""
+    spool = Spool(tmp_path / "s.db")
+    epoch = spool.epoch
+    assert len(epoch) == 16 and int(epoch, 16) > 0
+    add(spool, "bench")
+    spool.close()
+    again = Spool(tmp_path / "s.db")
+    assert again.epoch == epoch and add(again, "bench")[1] == b"bench:2:x"
+    again.close()
+    wiped = Spool(tmp_path / "wiped" / "s.db")
+    assert wiped.epoch != epoch and add(wiped, "bench")[1] == b"bench:1:x"
+    wiped.close()
+    (tmp_path / "s.db").write_bytes(b"not a database" * 100)
+    for suffix in ("-wal", "-shm"):
+        (tmp_path / f"s.db{suffix}").unlink(missing_ok=True)
+    assert Spool(tmp_path / "s.db").epoch not in (epoch, wiped.epoch)

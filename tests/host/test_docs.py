@@ -212,7 +212,7 @@ def test_the_status_and_telemetry_fields_protocol_md_lists_are_what_the_agent_se
     cfg.write_text(f"device: pi-1\nfleet: f\nprofile: rpi4\nroot: {tmp_path / 'root'}\nserve: {{enabled: false}}\n")
     agent = Agent(load_agent_config(cfg))
     try:
-        envelope = {"schema", "device", "fleet", "seq", "ts", "msg_id", "key_id", "sig"}
+        envelope = {"schema", "device", "fleet", "seq", "ts", "msg_id", "key_id", "sig", "epoch"}
         assert set(agent._status("online")) - envelope == documented_fields("status")
         assert set(agent._telemetry()) == documented_fields("telemetry")
     finally:

@@ -251,7 +251,8 @@ def test_a_metrics_port_in_use_or_out_of_range_is_one_line_exit_2(tmp_path, run_
     assert code == 2 and err.startswith("edgekit: error: Invalid value for '--metrics-port'") and err.count("\n") == 1
 
 
-def _offline_monitor(tmp_path, monkeypatch, stats=None, alerts_raised: int = 0, on_start=None, carried_over=()):
+def _offline_monitor(tmp_path, monkeypatch, stats=None, alerts_raised: int = 0, on_start=None, carried_over=(),
+                     retained_leftovers=()):
     """Replace the monitor with one that needs no broker (``stats``, ``alerts_raised``: what it says it saw;
     ``carried_over``: the open alerts it found at start; ``on_start``: called as it starts) and return a fleet file
     for it."""
@@ -262,6 +263,7 @@ def _offline_monitor(tmp_path, monkeypatch, stats=None, alerts_raised: int = 0, 
             self.stats = stats or monitor_module.MonitorStats()
             self.alerts, self.alerts_raised, self.failed, self.over_budget, self.constraints = [], alerts_raised, None, {}, {}
             self.carried_over, self.carried_over_total = list(carried_over), len(carried_over)
+            self.retained_leftovers = set(retained_leftovers)
 
         def alert_states(self):
             return {}
@@ -340,6 +342,23 @@ def test_monitor_s_last_line_says_what_it_dropped_without_a_refusal_or_an_alert(
         "stored 1 of 5 messages received (0 duplicates, 0 refused, 0 over budget, 0 sequence gaps, 3 left by revoked "
         "devices (signed before their revocation: dropped, not stored), 1 benchmarks breaking constraints not alerted "
         f"(past a device's 32 variants), 1 alerts) in {tmp_path.resolve() / 'edgekit-history.db'}"), out
+
+
+def test_monitor_names_the_command_that_clears_what_a_revoked_device_left_retained(tmp_path, run_cli, monkeypatch):
+    """A revoked device's last will, published retained by a broker restarted after `fleet revoke` cleared its topics,
+    stays on the broker (handed to every receiver that subscribes) until it is cleared again: the monitor dropped it
+    and counted it, and never said how to remove it. Its summary now names the command, and --json the devices."""
+    from edge_kit.telemetry import monitor as monitor_module
+
+    seen = monitor_module.MonitorStats(received=2, stored=1, left_by_revoked=1)
+    fleet_file = _offline_monitor(tmp_path, monkeypatch, stats=seen, retained_leftovers=("d1",))
+    code, out, err = run_cli("monitor", "--fleet", fleet_file, "--duration", "0")
+    assert code == 0, err
+    assert " ".join(out.split()).endswith(
+        "d1: revoked, and the broker still holds what it left retained (its last will, sent as the broker restarted): "
+        f"`edgekit fleet revoke d1 --fleet {fleet_file}` clears it"), out
+    code, out, err = run_cli("monitor", "--fleet", fleet_file, "--duration", "0", "--json")
+    assert code == 0 and json.loads(out)["retained_by_revoked"] == ["d1"], out
 
 
 def test_what_a_flood_publishes_is_counted_but_kept_in_bounded_memory(monkeypatch):
@@ -814,3 +833,19 @@ def test_an_empty_payload_is_a_clear_only_on_a_retained_topic_elsewhere_it_is_re
             c._on_message(None, None, message)
         assert c.rejected_count - before == 2
         assert [r.split(": ", 1)[0].rsplit("/", 1)[-1] for r in list(c.rejected)[-2:]] == ["bench", "ack"]
+
+
+def test_what_a_revoked_device_left_is_counted_once_however_often_it_is_sent_again():
+    """`fleet status` counted every copy of a revoked device's last will that a keyless peer sent again as one more
+    leftover; each is counted once, by its msg_id."""
+
+    class LeftKeyring(Keyring):
+        def left_by_revoked(self, topic, payload, retained):
+            return payload.decode()  # the will's msg_id, as the registry keyring says it
+
+    c = FleetClient(BrokerConfig(), FLEET, transport=FakeTransport(agent()), signer=OPERATOR,
+                    keyring=LeftKeyring({k: v.public for k, v in DEVICES.items()}, [OPERATOR.public]))
+    with c:
+        for payload in (b"will-1", b"will-1", b"will-1", b"will-2"):
+            c.client.deliver(messages.topic(FLEET, "d1", "status"), payload)
+        assert c.left_by_revoked == 2 and c.rejected_count == 0

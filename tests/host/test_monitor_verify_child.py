@@ -147,7 +147,8 @@ def test_an_empty_payload_is_a_clear_only_on_a_retained_topic_elsewhere_it_is_re
 
 def test_a_device_revoked_between_two_batches_is_refused_in_the_next_by_the_verifying_child(tmp_path):
     """The verifying child checks the key files once a batch (not twice a message): a message received after
-    ``fleet revoke`` returned goes in a later batch, and is refused there as revoked."""
+    ``fleet revoke`` returned goes in a later batch, and is refused there as revoked (by the monitor itself, which
+    reads the revoked list once a batch too and refuses a revoked device's messages before they are verified)."""
     signer = Signer.generate()
     fleet, store, mon = _verifying_in_child(tmp_path, signer)
     try:
@@ -157,6 +158,23 @@ def test_a_device_revoked_between_two_batches_is_refused_in_the_next_by_the_veri
         mon._store([(TOPIC, _signed(signer, 2), time.time(), None)])
     finally:
         mon.verifier.stop()
-    assert mon.stats.stored == 1 and mon.stats.invalid == 1
+    assert mon.stats.stored == 1 and mon.stats.revoked == 1 and mon.stats.invalid == 0
+    (reason,) = store._rows("SELECT reason FROM invalid")[0]
+    assert "d1's key" in reason and "was revoked" in reason and "stolen" in reason
+
+
+def test_the_verifying_child_itself_refuses_a_device_revoked_between_two_batches(tmp_path):
+    """What the monitor's own revoked check does not refuse first (a device the fleet file does not list) is refused by
+    the verifying child, which reads the key files again once a batch."""
+    signer = Signer.generate()
+    fleet, store, mon = _verifying_in_child(tmp_path, signer)
+    mon._revoked_now = frozenset  # as for a device outside the fleet file: left to the child
+    try:
+        mon._store([(TOPIC, _signed(signer, 1), time.time(), None)])
+        fleet.key_store().revoke("d1", "stolen")
+        mon._store([(TOPIC, _signed(signer, 2), time.time(), None)])
+    finally:
+        mon.verifier.stop()
+    assert mon.stats.stored == 1 and mon.stats.invalid == 1 and mon.stats.revoked == 0
     (reason,) = store._rows("SELECT reason FROM invalid")[0]
     assert "d1's key" in reason and "was revoked" in reason and "stolen" in reason

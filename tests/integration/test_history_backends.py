@@ -137,7 +137,8 @@ def test_status_telemetry_live_shadow_invalid_gaps_and_counts(history):
     history.add_gap("d1", "bench", 3, 7)
     assert dict(zip(TABLES, (history.count(t) for t in TABLES))) == {
         "status": 3, "bench": 0, "telemetry": 2, "live": 2, "shadow": 1, "decisions": 0, "invalid": 1, "gaps": 1,
-        "rollouts": 0, "rollout_devices": 0, "alerts": 0, "alert_holders": 0, "seq_scans": 0, "scan_lease": 0}
+        "rollouts": 0, "rollout_devices": 0, "alerts": 0, "alert_holders": 0, "seq_scans": 0, "scan_lease": 0,
+        "seq_epochs": 0}
     with pytest.raises(ValueError):
         history.count("sqlite_master")
 
@@ -1060,3 +1061,27 @@ def test_fleet_status_reads_every_offline_devices_last_known_model_in_a_fixed_nu
         assert all(current[d]["source"] == "history" and current[d]["last_known"] for d in names)
         assert {json.loads(out)["state"][d]["state"] for d in names} == {"offline"}
     assert statements[0] == statements[1], statements
+
+
+def test_a_device_s_new_epoch_is_recorded_once_and_the_share_scan_reads_only_its_numbering(history):
+    """A device re-imaged numbers from 1 in a new epoch: recorded once as a restart (a late message of the old one
+    records nothing), and the gap scan of --share workers, started again at 0 in the new numbering, reads only its rows
+    (a record's epoch read from its stored body) on both backends."""
+    from edge_kit.telemetry.monitor import share_gaps
+
+    def live(seq, epoch):
+        return "live", messages.envelope("live", "f", "d1", seq, {"requests": 1}, epoch=epoch)
+
+    history.follow_seqs(["d1"])
+    assert history.add_epoch("d1", "e1", 1) == (True, "e1")
+    history.add_many([live(seq, "e1") for seq in range(1, 21)], received=[time.time() - 60] * 20)
+    marks, gaps = share_gaps(history.seq_window(), time.time())
+    assert history.take_scan_lease("w") and history.record_scan("w", marks, gaps) and gaps == []
+    time.sleep(0.01)  # the database's clock orders the epochs
+    assert history.add_epoch("d1", "e2", 1) == (True, "e2")
+    assert history.add_epoch("d1", "e1", 21) == (False, "e2") and history.device_epochs() == {"d1": "e2"}
+    history.add_many([live(1, "e2"), live(2, "e2"), live(6, "e2"), live(21, "e1")], received=[time.time() - 60] * 4)
+    marks, gaps = share_gaps(history.seq_window(), time.time())
+    assert gaps == [("d1", "live", 3, 5)] and ("d1", "live", 6) in marks
+    assert [(r["device"], r["epoch"], r["previous"], r["first_seq"]) for r in history.seq_restarts()] == [
+        ("d1", "e2", "e1", 1)]

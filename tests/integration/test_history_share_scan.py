@@ -115,7 +115,7 @@ def test_a_batchs_look_for_late_records_reads_their_gaps_not_the_whole_gaps_tabl
     them, on the storing path. Now each record's gaps are found through ``gaps (device, kind, last_missing)`` on both
     backends: what a batch's look reads does not grow with the gaps of other devices."""
     now = time.time()
-    records = [(f"x{i}", "telemetry", 12) for i in range(300)]  # one batch: 12 is inside each device's gap 10..15
+    records = [(f"x{i}", "telemetry", 12, None) for i in range(300)]  # a batch (no epochs): 12 is in each gap 10..15
 
     def add_gaps(devices: range) -> int:
         history._write_batch([("INSERT INTO gaps (device, kind, first_missing, last_missing, ts) VALUES (?, ?, ?, ?, ?)",
@@ -242,3 +242,69 @@ def test_a_version_5_history_is_upgraded_to_6_and_a_worker_of_version_5_still_wr
             store._execute("UPDATE seq_scans SET scanned_to = ? WHERE device = ? AND kind = ?", (1, "d1", "telemetry"))
             assert store.take_out_of_gaps([("d1", "telemetry", 2)]) == 1
             assert sorted((g["first_missing"], g["last_missing"]) for g in store.sequence_gaps()) == [(3, 3), (5, 5)]
+
+
+def test_a_record_of_a_new_numbering_never_leaves_a_gap_of_the_old_one(history):
+    """A device re-imaged numbers from 1 in a new epoch: a record of it whose number lay inside a gap of the old
+    numbering recorded within the last 24 h was taken out of that gap (the history then lost a number the old
+    numbering really missed), and a scan took a record of the old numbering stored inside a gap of the new one out of
+    it. Now a record leaves only a gap of its own numbering: recorded since the restart into its epoch, before the next."""
+    def rec(seq, epoch):
+        return ("telemetry", messages.envelope("telemetry", "f", "d1", seq, {}, epoch=epoch))
+
+    def recorded():
+        return sorted((g["first_missing"], g["last_missing"]) for g in history.sequence_gaps())
+
+    history.add_epoch("d1", "e1", 1)
+    history.add_many([rec(n, "e1") for n in (1, 2, 11)])
+    history.add_gap("d1", "telemetry", 3, 10)  # the old numbering lost 3..10
+    history._execute("UPDATE gaps SET ts = ts - 3600")  # an hour ago: within LATE_S
+    assert history.add_epoch("d1", "e2", 1) == (True, "e2")  # re-imaged: a restart
+    history.add_many([rec(n, "e2") for n in (1, 2, 5)])
+    assert history.take_out_of_gaps([("d1", "telemetry", 5, "e2")]) == 0  # not the old numbering's 5
+    assert recorded() == [(3, 10)]
+    history.add_gap("d1", "telemetry", 3, 4)  # the new numbering lost 3 and 4
+    history.add_many([rec(4, "e2")])
+    assert history.take_out_of_gaps([("d1", "telemetry", 4, "e2")]) == 1
+    assert recorded() == [(3, 3), (3, 10)]
+    history.add_many([rec(3, "e1"), rec(7, "e1")])  # late records of the old numbering: its gap only
+    assert history.take_out_of_gaps([("d1", "telemetry", 3, "e1"), ("d1", "telemetry", 7, "e1")]) == 2
+    assert recorded() == [(3, 3), (4, 6), (8, 10)]
+    # a scan's own gap: a record of the old numbering stored inside it is not one it missed
+    history.follow_seqs(["d1"])
+    history._execute("UPDATE seq_scans SET scanned_to = 2 WHERE device = 'd1'")
+    assert history.stored_in([("d1", "telemetry", 3, 3)]) == []  # e1's 3 is stored; e2's is not
+    # the numbering, not the age, says which gap: a gap recorded a day ago since the restart is still its records'
+    history._execute("UPDATE gaps SET ts = ts - ?", (LATE_S,))
+    history._execute("UPDATE seq_epochs SET ts = ts - ?", (LATE_S,))
+    history.add_many([rec(3, "e2")])
+    assert history.take_out_of_gaps([("d1", "telemetry", 3, "e2")]) == 1
+    assert history.take_out_of_gaps([("d1", "telemetry", 5)]) == 0  # no epoch: only a gap of the last 24 h
+    assert recorded() == [(4, 6), (8, 10)]
+
+
+def test_a_scan_after_a_restart_reads_its_bound_of_a_stream_and_judges_the_new_numbering_no_further(history):
+    """After a restart the scan follows the new numbering from 0, and the old numbering's rows above that mark fill the
+    bound of a stream's read: the new numbering's rows read were fewer than the bound, so the stream was taken as read
+    whole, and a telemetry claim past the cut recorded every number beyond it as lost (51..150 here). The scan now
+    judges such a stream no further than where its read stopped, and the next scan goes on from there."""
+    def rec(kind, seq, epoch, body=None):
+        return (kind, messages.envelope(kind, "f", "d1", seq, body or ({"variant": "v"} if kind == "bench" else {}),
+                                        epoch=epoch))
+
+    history.add_epoch("d1", "e1", 1)
+    history.add_many([rec("bench", n, "e1") for n in range(1, 301)] + [rec("telemetry", 1, "e1")])
+    history.follow_seqs(["d1"])
+    assert history.add_epoch("d1", "e2", 1) == (True, "e2")  # the marks start again at 0 in e2
+    new = [rec("bench", n, "e2") for n in range(1, 151) if n != 40]
+    new += [rec("telemetry", n, "e2", {"seqs": {"bench": 150}} if n == 3 else None) for n in (1, 2, 3)]
+    history.add_many(new, received=[time.time() - 120] * len(new))
+    found = []
+    for _ in range(10):
+        rows, gaps = scan(history, "w", 100)
+        found += gaps
+        if not [r for r in rows if r[3] is not None]:
+            break
+    assert found == [("d1", "bench", 40, 40)]
+    assert sorted(history._rows("SELECT kind, scanned_to FROM seq_scans WHERE device = 'd1'")) == [
+        ("bench", 150), ("live", 0), ("shadow", 0), ("telemetry", 3)]

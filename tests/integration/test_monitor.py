@@ -941,6 +941,54 @@ def test_a_real_agent_s_records_the_broker_dropped_are_each_stored_or_in_a_recor
     assert lost == store._rows("SELECT SUM(last_missing - first_missing + 1) FROM gaps")[0][0] > 0
 
 
+@pytest.mark.parametrize("share", [None, "epochs"])
+def test_a_real_agent_restarted_on_a_wiped_state_numbers_in_a_new_epoch_and_its_lost_records_are_a_gap(
+        tmp_path, digits_artifacts, share):
+    """The real agent, its state (spool) wiped and started again, numbers from 1: the monitor judged none of its
+    records until the numbers passed the old mark, so what the broker dropped meanwhile (its queue full while the
+    monitor was down) was silent. Now the agent's messages carry its spool's epoch: the new one is recorded as a
+    restart (not a gap), and every number of the new numbering is stored or in a recorded gap, well below the old
+    mark. With --share, the gap scan does the same from the history."""
+    from harness import AgentProcess
+
+    options = {} if share is None else {"share": share, "workers": 1, "gap_grace_s": 1.0}
+    with small_queues(tmp_path, devices=("d1", "a1")) as (fleet, _, broker):
+        store = Store(tmp_path / "h.db")
+        mon = Monitor(fleet, store, client_id="agent-epoch-monitor", persistent=True, **options).start()
+        agent = AgentProcess(tmp_path, "a1", broker, digits_artifacts, fleet=FLEET, telemetry_interval_s=0.05)
+        fleet.key_store().register("a1", agent.signer.public)
+        agent.start()
+        try:
+            assert wait_until(lambda: store.count("telemetry") >= 150, 60), mon.stats
+            agent.stop()
+            old = store.latest_telemetry()["a1"]
+            for leftover in agent.root.glob("spool.db*"):  # its state wiped (re-imaged, a new card)
+                leftover.unlink()
+            mon.stop()
+            agent.start()
+            time.sleep(4)  # the monitor is down: the agent numbers from 1 again, far past the 50 the broker queues
+            mon = Monitor(fleet, store, client_id="agent-epoch-monitor", persistent=True, **options).start()
+            try:
+                assert wait_until(lambda: mon.stats.gaps >= 1, 30), (mon.stats, [a.text for a in mon.alerts])
+                time.sleep(1)
+            finally:
+                mon.stop()
+        finally:
+            agent.stop()
+    new = store.latest_telemetry()["a1"]
+    assert new["epoch"] != old["epoch"]
+    assert [(r["previous"], r["epoch"]) for r in store.seq_restarts("a1")] == [(old["epoch"], new["epoch"])]
+    assert mon.stats.restarts == 1 and any(a.kind == "restart" for a in mon.alerts)
+    stored = [seq for (seq,) in store._rows("SELECT seq FROM telemetry WHERE device = 'a1' AND "
+                                            "json_extract(body, '$.epoch') = ?",
+                                            (new["epoch"],))]
+    gaps = [n for first, last in store._rows("SELECT first_missing, last_missing FROM gaps WHERE device = 'a1' AND "
+                                             "kind = 'telemetry'") for n in range(first, last + 1)]
+    assert gaps and not set(stored) & set(gaps), (stored, gaps)
+    assert max(gaps) < old["seq"], (gaps, old["seq"])  # below the old numbering's mark: judged all the same
+    assert sorted(stored + gaps) == list(range(1, max(stored + gaps) + 1)), sorted(stored + gaps)
+
+
 @contextlib.contextmanager
 def small_queues(tmp_path, devices=("d1",)):
     """Yield a fleet (``devices``, d1's key registered) on a real Mosquitto whose mosquitto.conf, written here, queues

@@ -218,3 +218,12 @@ def test_the_last_will_a_broker_restart_publishes_for_a_revoked_device_is_droppe
     assert said["state"][dev.name]["state"] == "revoked" and list(said["retained"]) == [other_dev.name], said["retained"]
     assert "refused" not in said["state_source"] and "1 left by revoked devices, ignored" in said["state_source"], \
         said["state_source"]
+    # the will stays retained until it is cleared: the monitor names the command, and one more run of it clears it for
+    # good (the device cannot connect again, so no broker restart sends its will again)
+    assert other.retained_leftovers == {dev.name}
+    code, out, err = run_cli("fleet", "revoke", dev.name, "--fleet", simfleet.fleet_file, "--broker-dir",
+                             simfleet.workdir / "broker")
+    assert code == 0 and "already revoked on" in out, out + err
+    assert retained(fleet, dev.name, ca) == {}
+    restart_sim_broker(simfleet)
+    assert retained(fleet, dev.name, ca) == {}

@@ -378,3 +378,41 @@ def test_fuzz_any_seqs_a_telemetry_message_carries_is_refused_or_whole_numbers_o
     marks = messages.telemetry_marks(got)
     assert (seqs is None and marks == {}) or marks == seqs
     assert all(k in messages.MARKED_KINDS and type(v) is int and 0 <= v <= 10**12 for k, v in marks.items())
+
+
+@pytest.mark.parametrize("epoch, ok", [(None, True), ("0123456789abcdef", True), ("a", True), ("x" * 64, True),
+                                       ("", False), ("x" * 65, False), ("new line\n", False), ("a b", False),
+                                       (7, False), ({"a": 1}, False)])
+def test_an_epoch_is_optional_text_of_up_to_64_id_characters(epoch, ok):
+    """A message carries the numbering its seq belongs to (``epoch``: random, created with the agent's spool) so a
+    receiver tells a device numbering from 1 again from one that lost records; an older agent sends none."""
+    msg = {**messages.envelope("live", "f1", "d1", 3, {"requests": 1}, epoch=epoch if isinstance(epoch, str) else None),
+           **SIGNED}
+    if epoch is not None:
+        msg["epoch"] = epoch
+    if ok:
+        got = messages.decode(messages.encode(msg), "live")
+        assert messages.message_epoch(got) == epoch and ("epoch" in got) == (epoch is not None)
+    else:
+        with pytest.raises(messages.MessageError, match="^field 'epoch' must be 1 to 64 letters, digits"):
+            messages.decode(messages.encode(msg), "live")
+        assert messages.message_epoch(msg) is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=80) | _JSON)
+def test_fuzz_any_epoch_a_message_carries_is_refused_in_one_line_or_read_back_the_same(epoch):
+    """Whatever a device signs as its ``epoch`` (the monitor keys its sequence marks and the history its restarts on
+    it): refused in one line, or an epoch of 1 to 64 id characters read back the same; never a crash."""
+    msg = {**messages.envelope("live", "f1", "d1", 3, {"requests": 1}), **SIGNED, "epoch": epoch}
+    try:
+        payload = messages.encode(msg)
+    except ValueError:  # no JSON form (a lone surrogate): nothing a device can send
+        return
+    try:
+        got = messages.decode(payload, "live")
+    except messages.MessageError as exc:
+        assert "\n" not in str(exc)
+        assert messages.message_epoch(msg) is None
+        return
+    assert messages.message_epoch(got) == epoch and isinstance(epoch, str) and 0 < len(epoch) <= 64

@@ -1,0 +1,184 @@
+"""How the monitor judges a device's numbering: a new ``epoch`` (the device re-imaged, its agent state wiped) restarts
+each stream's mark and is recorded as a restart, not a gap; a late message of the older numbering is not judged
+against the new one; a number implausibly far past the newest (a hostile device's telemetry claiming 10**12) is
+counted and not taken; an older agent without an epoch is judged as before. With --share, the gap scan reads only the
+new numbering's rows."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from edge_kit.fleet.inventory import load_fleet
+from edge_kit.telemetry.monitor import MAX_SEQ_LEAD, Monitor, share_gaps
+from edge_kit.telemetry.store import Store
+from edgekit_protocol import messages
+
+
+@pytest.fixture
+def fleet_file(tmp_path):
+    path = tmp_path / "fleet.yaml"
+    path.write_text("fleet: sim\nbroker: {host: 127.0.0.1, port: 1}\ndefaults: {user: edgekit, profile: rpi4}\n"
+                    "devices:\n  - {name: d1, host: 127.0.0.1}\n")
+    return path
+
+
+def _monitor(fleet_file, store, **kw) -> Monitor:
+    mon = Monitor(load_fleet(fleet_file), store, verify_in_child=False, **kw)
+    try:
+        mon.start(timeout=0.5)  # no broker on port 1: only the history's part runs
+    except Exception:  # noqa: BLE001 - AgentError
+        pass
+    return mon
+
+
+def _live(seq: int, epoch: str | None, device: str = "d1") -> tuple[str, dict]:
+    return "live", messages.envelope("live", "sim", device, seq, {"model": {"variant": "int8", "sha256": "ab"},
+                                                                   "requests": 1, "errors": 0, "window": 1}, epoch=epoch)
+
+
+def _telemetry(seq: int, epoch: str | None, seqs: dict[str, int]) -> tuple[str, dict]:
+    return "telemetry", messages.envelope("telemetry", "sim", "d1", seq, {"conditions": {}, "spool": {},
+                                                                         "seqs": seqs}, epoch=epoch)
+
+
+def _feed(mon: Monitor, store: Store, records: list[tuple[str, dict]]) -> None:
+    """Store and judge ``records`` as the monitor's writer does."""
+    for kind, msg in records:
+        store.add_many([(kind, msg)])
+        mon._after_store(kind, msg)
+
+
+def _gaps(store: Store) -> list[tuple[str, int, int]]:
+    return sorted((g["kind"], g["first_missing"], g["last_missing"]) for g in store.sequence_gaps(limit=100))
+
+
+def test_a_device_numbering_again_from_1_in_a_new_epoch_is_a_restart_and_its_gaps_are_judged(fleet_file, tmp_path):
+    """A device re-imaged (or its agent state wiped) numbers from 1 again: the monitor judged none of its records until
+    the numbers passed the old mark, so a gap in that time was silent. Now its new epoch restarts the mark at 0,
+    recorded as a restart (not a gap), and what it then misses is a gap; a late record of the old numbering is stored
+    and not judged against the new one."""
+    with Store(tmp_path / "h.db") as store:
+        mon = _monitor(fleet_file, store)
+        try:
+            _feed(mon, store, [_live(seq, "e1") for seq in range(1, 51)])
+            _feed(mon, store, [_live(1, "e2"), _live(2, "e2"), _live(5, "e2")])  # 3 and 4 lost after the re-image
+            assert _gaps(store) == [("live", 3, 4)]
+            assert mon.stats.restarts == 1 and [a.kind for a in mon.alerts].count("restart") == 1
+            restart = store.seq_restarts("d1")
+            assert [(r["epoch"], r["previous"], r["first_seq"]) for r in restart] == [("e2", "e1", 1)]
+            _feed(mon, store, [_live(51, "e1"), _live(6, "e2")])  # the old numbering's last, late: no gap, no restart
+            assert _gaps(store) == [("live", 3, 4)] and mon.stats.restarts == 1
+        finally:
+            mon.stop(drain_s=0)
+        # a monitor started again (persistent) continues the new numbering the history holds
+        again = _monitor(fleet_file, store, persistent=True)
+        try:
+            _feed(again, store, [_live(8, "e2")])
+            assert _gaps(store) == [("live", 3, 4), ("live", 7, 7)] and again.stats.restarts == 0
+        finally:
+            again.stop(drain_s=0)
+
+
+def test_an_agent_s_first_epoch_is_no_restart_and_an_older_agent_is_judged_as_before(fleet_file, tmp_path):
+    """An agent upgraded to one that sends an epoch goes on numbering: its first epoch restarts nothing. An older
+    agent (no epoch) numbering from 1 again is judged as before: not until it passes its old mark."""
+    with Store(tmp_path / "h.db") as store:
+        mon = _monitor(fleet_file, store)
+        try:
+            _feed(mon, store, [_live(seq, None) for seq in range(1, 11)] + [_live(11, "e1"), _live(13, "e1")])
+            assert _gaps(store) == [("live", 12, 12)] and mon.stats.restarts == 0
+            assert store.seq_restarts() == []
+        finally:
+            mon.stop(drain_s=0)
+    with Store(tmp_path / "old.db") as store:
+        mon = _monitor(fleet_file, store)
+        try:
+            _feed(mon, store, [_live(seq, None) for seq in (1, 2, 3, 1, 3)])
+            assert _gaps(store) == [] and mon.stats.restarts == 0
+        finally:
+            mon.stop(drain_s=0)
+
+
+def test_a_telemetry_claim_implausibly_far_past_the_newest_seq_is_counted_not_taken(fleet_file, tmp_path):
+    """A hostile device (valid key) whose telemetry claimed seqs {live: 10**12} blinded gap detection on its live
+    stream for ever: nothing below 10**12 was judged again. Now a number more than MAX_SEQ_LEAD past the newest is
+    counted (implausible_seqs), alerted once, and not taken; a plausible claim still is."""
+    with Store(tmp_path / "h.db") as store:
+        mon = _monitor(fleet_file, store)
+        try:
+            _feed(mon, store, [_live(1, "e1"), _live(2, "e1"), _telemetry(1, "e1", {"live": 10 ** 12}),
+                               _telemetry(2, "e1", {"live": 10 ** 12}), _live(3, "e1"), _live(5, "e1")])
+            assert _gaps(store) == [("live", 4, 4)]
+            assert mon.stats.implausible_seqs == 2 and sum("implausible" in a.text for a in mon.alerts) == 1
+            _feed(mon, store, [_telemetry(3, "e1", {"live": 7})])  # plausible: records 6 and 7 lost at the end
+            assert _gaps(store) == [("live", 4, 4), ("live", 6, 7)]
+            _feed(mon, store, [_live(5 + MAX_SEQ_LEAD + 10, "e1"), _live(9, "e1")])  # a record's jump too
+            assert _gaps(store) == [("live", 4, 4), ("live", 6, 7), ("live", 8, 8)]
+        finally:
+            mon.stop(drain_s=0)
+
+
+def test_share_scan_reads_only_the_new_numbering_and_ignores_an_implausible_claim(tmp_path):
+    """With --share the gap scan judged a re-imaged device's new numbers against its old rows (nothing below the old
+    mark was judged); now a new epoch starts the scan at 0 in it. A telemetry claim of 10**12 is not the horizon."""
+    with Store(tmp_path / "h.db") as store:
+        store.follow_seqs(["d1"])
+        store.add_epoch("d1", "e1", 1)
+        store.add_many([_live(seq, "e1") for seq in range(1, 31)], received=[time.time() - 60] * 30)
+        marks, gaps = share_gaps(store.seq_window(), time.time())
+        store.take_scan_lease("w")
+        assert store.record_scan("w", marks, gaps) and gaps == []
+        new, newest = store.add_epoch("d1", "e2", 1)
+        assert new and newest == "e2" and store.add_epoch("d1", "e1", 31) == (False, "e2")  # a late old one
+        store.add_many([_live(1, "e2"), _live(2, "e2"), _live(5, "e2"), _live(31, "e1"),
+                        _telemetry(1, "e2", {"live": 10 ** 12})], received=[time.time() - 60] * 5)
+        marks, gaps = share_gaps(store.seq_window(), time.time())
+        assert gaps == [("d1", "live", 3, 4)], gaps
+        assert ("d1", "live", 5) in marks
+        assert [r["previous"] for r in store.seq_restarts("d1")] == ["e1"]
+
+
+def test_a_version_5_history_is_upgraded_with_the_numbering_columns_and_the_restarts_table(tmp_path):
+    """The history of the previous edge-kit (schema 5) has no seq_scans.epoch and no seq_epochs table: opened by this
+    one, it is upgraded, its rows kept, and the new ones stored (a record's epoch in its body, its table as before)."""
+    import sqlite3
+
+    path = tmp_path / "h.db"
+    with Store(path) as store:
+        store.add_many([_live(1, None)])
+    with sqlite3.connect(path) as conn:
+        conn.execute("ALTER TABLE seq_scans DROP COLUMN epoch")
+        conn.execute("DROP TABLE seq_epochs")
+        conn.execute("UPDATE edgekit_schema SET version = 5")
+    conn.close()
+    with Store(path) as store:
+        assert store._schema_version() == 6
+        store.add_many([_live(2, "e1")])
+        assert store._rows("SELECT seq, json_extract(body, '$.epoch') FROM live ORDER BY seq") == [(1, None), (2, "e1")]
+        assert "epoch" in store._columns("seq_scans")
+        assert store.add_epoch("d1", "e1", 2) == (True, "e1") and store.seq_restarts() == []
+
+
+def test_a_restart_recorded_while_a_peer_scans_is_not_overwritten_by_that_scan_s_older_marks(tmp_path):
+    """A --share worker recording a device's new numbering moved its scan marks to 0 at once: a peer whose scan was
+    under way (it read the window before) then wrote its older marks over them, and the new numbering was not judged
+    until it passed them. The worker now moves them holding the scan, after the peer's scan ends."""
+    import threading
+
+    path = tmp_path / "h.db"
+    with Store(path) as peer, Store(path) as worker:
+        peer.follow_seqs(["d1"])
+        peer.add_epoch("d1", "e1", 1)
+        peer.add_many([_live(seq, "e1") for seq in range(1, 31)], received=[time.time() - 60] * 30)
+        assert peer.take_scan_lease("peer")
+        marks, gaps = share_gaps(peer.seq_window(), time.time())  # the peer's scan is under way
+        recorded = threading.Thread(target=worker.add_epoch, args=("d1", "e2", 1, "worker"))
+        recorded.start()
+        time.sleep(0.2)
+        assert peer.record_scan("peer", marks, gaps)  # the peer's older marks (30) go in first
+        recorded.join(10)
+        assert set(worker._rows("SELECT kind, scanned_to, epoch FROM seq_scans WHERE device = 'd1'")) == {
+            (kind, 0, "e2") for kind in ("bench", "telemetry", "live", "shadow")}
+        assert worker._rows("SELECT owner FROM scan_lease") == [(None,)]  # let go
