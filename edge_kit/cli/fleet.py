@@ -99,7 +99,8 @@ def bench_cmd(
         _, refused = store_each(db, "bench", [record])
         where = db.where
     if as_json:
-        emit_json(record if not refused else {**record, "history_refused": refused})
+        # where it was stored, as the human output's last line says (the signed record itself has no such field)
+        emit_json({**record, "history": where} if not refused else {**record, "history_refused": refused})
     else:
         t = Table(show_header=False, box=box.SIMPLE, pad_edge=False)
         for label, text in bench_rows(record):
