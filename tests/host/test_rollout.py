@@ -387,3 +387,20 @@ def test_the_gates_shadow_runs_compare_with_the_manifests_reference_variant(monk
         gate = live_gate("live", 0.0, 1, 0.01, 0.1, 0.1, None, manifest)
         ro.collect_live(None, ["c1"], ["k1"], gate, lambda *_: None)
         assert ("c1", "shadow", {"variant": reference, "share": 0.1}) in asked, asked
+
+
+def test_a_canary_breaking_its_constraints_is_told_with_the_figures_that_broke_them():
+    """`deploy --canary` failed a canary with "canary breaks its constraints (accuracy >= 0.99 x fp32)": neither
+    the figure its health benchmark measured nor where it came from, which the monitor's alert gives."""
+    from edge_kit.fleet.inventory import Device
+    from edge_kit.loop.rollout import broken_constraints
+
+    manifest = SimpleNamespace(artifact=lambda _v: SimpleNamespace(bytes=3000),
+                               reference=lambda: SimpleNamespace(accuracy=SimpleNamespace(value=0.5375)))
+    dev = Device(name="c1", host="127.0.0.1", user="edgekit", profile="rpi4",
+                 constraints={"max_latency_p90_ms": 0.001})
+    health = {"variant": "int8", "latency_ms": {"p90": 0.0396}, "accuracy": {"value": 0.5125},
+              "power": {"avg_w": 4.5, "estimated": True, "measured": False}}
+    r = DeviceResult("c1", "succeeded", activated=True, variant="int8", health=health)  # type: ignore[arg-type]
+    assert broken_constraints(manifest, dev, r) == ("p90 <= 0.001 ms (0.0396 ms p90, the device's clock), "
+                                                    "accuracy >= 0.99 x fp32 (51.25% on the eval set)")
