@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 from edge_kit.fleet.deploy import DeviceResult
@@ -269,6 +270,30 @@ def test_deploy_prints_a_promoting_gate_decision_and_where_its_figures_came_from
     assert "live gate: promote: canaries not slower" in text and "gate figures: measured: service times" in text
     stored = Store(tmp_path / "edgekit-history.db").decisions(kinds=("live gate",))
     assert stored[0]["gate"]["source"].startswith("measured: service times")
+
+
+def test_deploy_json_has_the_gate_decision_and_where_it_was_stored(monkeypatch, tmp_path, run_cli):
+    """`deploy --canary --gate live --json` printed the deploy's results alone: the gate's decision, which the text
+    prints with the source of its figures, and the history the canaries' figures went to were missing."""
+    from edge_kit.fleet.deploy import GroupResult
+    from edge_kit.loop import rollout as ro
+    from edge_kit.selection.gate import LiveEvidence, judge_live
+
+    fleet_file, folder = _canary_fleet(tmp_path)
+    decision = judge_live([LiveEvidence("a", [1.0] * 300)], [LiveEvidence("b", [1.0] * 300)])
+
+    def fake_rollout(_fleet, targets, _opts, _canary, _failed, _progress, gate, record):
+        record({"device": "a", "kind": "live gate", "chosen": "int8", "current": None, "feasible": True,
+                "switch": True, "reason": decision.reason, "gate": decision.as_dict()})
+        return GroupResult([DeviceResult(d.name, "succeeded", activated=True, variant="int8") for d in targets])
+
+    monkeypatch.setattr(ro, "rollout", fake_rollout)
+    code, out, err = run_cli("deploy", "--fleet", fleet_file, "--artifacts", folder, "--canary", "50%", "--gate", "live",
+                             "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["gate"]["action"] == "promote" and doc["gate"]["source"].startswith("measured: service times")
+    assert doc["history"] == str(tmp_path / "edgekit-history.db") and doc["history_refused"] == {}
 
 
 def test_deploy_names_a_gate_decision_the_history_refused_for_what_it_holds_and_exits_4(monkeypatch, tmp_path, run_cli):
