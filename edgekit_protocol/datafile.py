@@ -64,6 +64,23 @@ class Array:
         return {"shape": self.shape, "typestr": self.dtype, "data": self.data, "version": 3}
 
 
+# numpy's type letters, in words, for a type this reader refuses (the user saved an array of it, perhaps unknowingly)
+_KIND_WORDS = {"f": "float", "i": "int", "u": "uint", "c": "complex", "b": "bool", "U": "text (unicode string)",
+               "S": "bytes (string)", "O": "Python object", "M": "datetime64", "m": "timedelta64", "V": "structured"}
+
+
+def _type_text(descr: Any) -> str:
+    """Return a numpy type string (``'<c8'``, ``'>f4'``, ``'<U5'``, ``'|O'``) in words (``complex64``, ``big-endian
+    float32``, ``text (unicode string)``), or ``unknown`` for what is no such string."""
+    if not isinstance(descr, str) or len(descr) < 2 or descr[1] not in _KIND_WORDS:
+        return "unknown"
+    kind, size = descr[1], descr[2:]
+    words = _KIND_WORDS[kind]
+    if kind in "fiuc" and size.isdigit():
+        words += str(8 * int(size))
+    return ("big-endian " if descr[0] == ">" else "") + words
+
+
 def _npy(raw: bytes, where: str) -> tuple[str, tuple[int, ...], bytes]:
     """Return (type string, shape, data bytes) of one ``.npy`` member.
 
@@ -84,7 +101,8 @@ def _npy(raw: bytes, where: str) -> tuple[str, tuple[int, ...], bytes]:
     except (ValueError, SyntaxError, KeyError, TypeError, MemoryError, RecursionError):
         raise DataFileError(f"{where} has an unreadable array header; {_SAVE_HINT}") from None
     if not isinstance(descr, str) or descr[:1] not in "<|" or descr[1:] not in _KINDS:
-        raise DataFileError(f"{where} holds {descr!r} values; give little-endian numbers (e.g. float32, uint8, int64)")
+        raise DataFileError(f"{where} holds {_type_text(descr)} values ({descr!r}); give little-endian numbers "
+                            "(e.g. float32, uint8, int64): save x.astype(numpy.float32), or your labels as integers")
     if fortran:
         raise DataFileError(f"{where} is stored in Fortran order; save numpy.ascontiguousarray(...) instead")
     if not all(isinstance(d, int) and d >= 0 for d in shape):

@@ -99,7 +99,8 @@ def bench_cmd(
         _, refused = store_each(db, "bench", [record])
         where = db.where
     if as_json:
-        emit_json(record if not refused else {**record, "history_refused": refused})
+        # where it was stored, as the human output's last line says (the signed record itself has no such field)
+        emit_json({**record, "history": where} if not refused else {**record, "history_refused": refused})
     else:
         t = Table(show_header=False, box=box.SIMPLE, pad_edge=False)
         for label, text in bench_rows(record):
@@ -321,7 +322,12 @@ def deploy_cmd(
         finally:
             history.close()
     if as_json:
-        emit_json({**group.as_dict(), "history_refused": refused} if history is not None else group.as_dict())
+        doc = group.as_dict()
+        if history is not None:  # what the text says under its table: where the figures went, the gate's decision
+            doc.update(history_refused=refused, history=where)
+        if gated is not None:
+            doc["gate"] = judged[0]["gate"] if judged else None  # None: the canaries failed before the gate judged
+        emit_json(doc)
     else:
         out.print(results_table(group))
         out.print(f"manifest: {group.signature}", highlight=False)

@@ -69,7 +69,7 @@ def decision_table(decisions: dict[str, Any], explain: bool) -> list[Any]:
                 inferred = r.get("source") == "inferred"
                 e.add_row(safe(r["variant"]), _cell(r, "p90_ms", _num), _cell(r, "accuracy", accuracy_text), _cell(r, "energy_mj", _num),
                           safe(_source(r) if fleet else (r["power_source"] or "-")), str(r["runs"]),
-                          f"{r['model_mb']:.2f}",
+                          f"{r['model_mb']:.3g}",  # a 4 kB model is 0.004 MB, never 0.00
                           safe(", ".join(r["violates"])) or ("-" if r["measured"] or inferred else "not measured"), mark)
             for variant, why in (getattr(d, "excluded", None) or {}).items():  # it cannot run them
                 e.add_row(safe(variant), "-", "-", "-", "-", "0", "-", "[red]left out[/]: " + safe(why), "")

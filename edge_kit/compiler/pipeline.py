@@ -782,8 +782,9 @@ def _compile_model(req: CompileRequest, progress: Progress | None, work: Path) -
         try:
             scored = scorer.score(reference, evalset.labels)
         except MetricError as exc:
-            raise MetricError(f"{exc} (scoring the {reference_id} variant's outputs on {evalset.path.name}); nothing was "
-                              "written") from None
+            # the file and option first, as every other data-file error names them
+            raise MetricError(f"{evalset.path.name}: --eval {exc} (scoring the {reference_id} variant's outputs on it); "
+                              "nothing was written") from None
         if scored["value"] == 0:  # a model that scores nothing at all is far likelier fed mismatched labels
             checks["eval"]["warning"] = said = (
                 f"{evalset.path}: the {reference_id} variant scores {scored['metric']} 0 on it, so every variant will: "

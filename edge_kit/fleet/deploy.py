@@ -65,6 +65,14 @@ SECONDS_METHOD = ("measured: this host's wall clock (time.perf_counter) per devi
                   "(connecting, uploading, installing, activating, the health benchmark) to its result")
 
 
+def size_text(n: int | float) -> str:
+    """Return a byte count as the deploy prints it: ``0.8 MB`` from 100 kB up, ``3.9 kB`` below, ``512 bytes`` below
+    1 kB, so a small model's upload never reads ``0.0 MB``."""
+    if n >= 100_000:
+        return f"{n / 1e6:.1f} MB"
+    return f"{n / 1e3:.1f} kB" if n >= 1000 else f"{int(n)} bytes"
+
+
 @dataclass
 class DeviceResult:
     """The outcome on one device: typed fields to decide on, ``actions`` and ``reason`` to read.
@@ -293,7 +301,7 @@ def removed_text(activation: dict[str, Any]) -> str | None:
     if not isinstance(removed, list) or not removed:
         return None
     freed = sum(m["bytes"] for m in removed if isinstance(m, dict) and in_range(m.get("bytes"), 1e18))
-    return f"removed {len(removed)} old model(s), {freed / 1e6:.1f} MB, for the store budget"
+    return f"removed {len(removed)} old model(s), {size_text(freed)}, for the store budget"
 
 
 class _Deployer:
@@ -377,7 +385,7 @@ class _Deployer:
             free = self._free(shell) if need else 0
             if need > free:
                 raise DeployError(f"{dev.name}: not enough space under {shell.root}: the new variants need "
-                                  f"{need / 1e6:.1f} MB, {max(free, 0) / 1e6:.1f} MB free (above the agent's "
+                                  f"{size_text(need)}, {size_text(max(free, 0))} free (above the agent's "
                                   "store.min_free_mb); remove models or lower store.max_store_mb")
             current = shell.info["current"]
             target = next((a for a in wanted if a.id == variant), None) or next(
@@ -392,7 +400,7 @@ class _Deployer:
                 if eval_remote is None and self.eval_sha256 is not None:  # only the eval set the manifest lists
                     eval_remote = shell.put(eval_file, f"{shell.root}/incoming/eval.npz")
                 self._install(shell, art, part, eval_remote)
-                result.actions.append(f"uploaded {art.id} ({art.bytes / 1e6:.1f} MB)")
+                result.actions.append(f"uploaded {art.id} ({size_text(art.bytes or 0)})")
             result.variant, result.sha256 = target.id, target.sha256
             if current != target.sha256:
                 self.progress(dev.name, f"activate {target.id}")

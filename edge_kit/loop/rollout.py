@@ -39,7 +39,7 @@ from edge_kit.manifest import Manifest, read_manifest
 from edge_kit.profiles import load_profile
 from edge_kit.selection.constraints import (
     Measured,
-    describe,
+    broken_text,
     effective_constraints,
     violations,
 )
@@ -90,15 +90,16 @@ def judge_canaries(results: list[DeviceResult], broken: dict[str, str], max_fail
 
 
 def broken_constraints(manifest: Manifest, dev: Device, result: DeviceResult) -> str | None:
-    """Return the constraints the device's health benchmark broke, described, or None."""
+    """Return the constraints the device's health benchmark broke, each with the figure that broke it and where
+    that came from (``p90 <= 20 ms (31.2 ms p90, the device's clock)``), or None when it broke none."""
     if result.health is None:
         return None
     c = effective_constraints(load_profile(dev.profile).constraints, dev.constraints)
     art = manifest.artifact(result.variant or "")
     fp32 = manifest.reference()
-    broken = violations(c, Measured.from_record(result.health, art.bytes if art and art.bytes else 0),
-                        fp32.accuracy.value if fp32 and fp32.accuracy else None)
-    return ", ".join(describe(k, c) for k in broken) or None
+    m = Measured.from_record(result.health, art.bytes if art and art.bytes else 0)
+    broken = violations(c, m, fp32.accuracy.value if fp32 and fp32.accuracy else None)
+    return broken_text(c, m, broken) or None
 
 
 def pick_canaries(devices: list[Device], share: float) -> list[Device]:

@@ -550,5 +550,5 @@ def decide_fleet(manifest: Manifest, devices: list[Device], store: HistoryStore,
     """
     refused = refused or {}
     spec, m, shas, records = fleet_inputs(manifest, devices, store, current, refused, flagged=flagged_before(store))
-    plan = plan_measurements(spec, m, budget=0, settings=Settings(margin=margin))
+    plan = plan_measurements(spec, m, budget=0, settings=Settings(margin=margin), decide_only=True)
     return note_runtimes({d.device: d for d in decisions_of(plan, shas, records=records)}, refused), plan.messages

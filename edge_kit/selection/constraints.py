@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -95,6 +95,16 @@ def unjudged(c: Constraints, m: Measured, fp32_accuracy: float | None) -> list[s
                "min_accuracy_ratio": m.accuracy is None or math.isnan(_positive(_nan(fp32_accuracy))),
                "min_fidelity_snr_db": m.snr_db is None}
     return [describe(name, c) for name, gone in missing.items() if gone and getattr(c, name) is not None]
+
+
+def broken_text(c: Constraints, m: Measured, broken: Iterable[str]) -> str:
+    """Return each bound in ``broken`` (constraint names) with the figure of ``m`` that broke it and where that came
+    from, e.g. ``p90 <= 20 ms (31.2 ms p90, the device's clock)``, joined by commas.
+
+    Raises:
+        KeyError: a name in ``broken`` is not a constraint.
+    """
+    return ", ".join(f"{describe(k, c)} ({measured_text(k, m)})" for k in broken)
 
 
 def _positive(x: Any) -> Any:

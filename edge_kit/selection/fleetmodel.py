@@ -745,9 +745,12 @@ def _decide(model: FleetModel, values: dict[str, np.ndarray], devices: np.ndarra
 
 
 def plan_measurements(spec: FleetSpec, m: Measurements, *, budget: float, cost: np.ndarray | float = 1.0,
-                      settings: Settings | None = None) -> Plan:
+                      settings: Settings | None = None, decide_only: bool = False) -> Plan:
     """Return one round's plan: which (device, variant) pairs to measure within ``budget``, and the
     decision each device gets from what is known now (see the module docstring for the method).
+
+    ``decide_only`` (``select``: it has no budget and measures nothing; give ``budget`` 0): the messages say that a
+    profile without measurements waits for ``edgekit tune``, not that a budget the user never gave is too small.
 
     ``cost`` is what one benchmark of each (profile, variant) costs in the budget's unit: 1 (benchmark
     runs, the default) or its device-seconds, an array (profiles, variants) or one number.
@@ -804,7 +807,7 @@ def plan_measurements(spec: FleetSpec, m: Measurements, *, budget: float, cost: 
         needs.append((p, rest))
         if not measured_any and len(rest):
             one_each += float((unit[p] * (cand[rest[0]] & ~fig.measured[rest[0]])).sum())
-    if one_each > budget:
+    if one_each > budget and not decide_only:
         messages.append(f"the budget ({budget:g}) is less than the {one_each:g} it takes to measure one device on "
                         "every candidate of each profile that has no measurements yet; profiles left without "
                         "measurements cannot be decided")
@@ -818,7 +821,8 @@ def plan_measurements(spec: FleetSpec, m: Measurements, *, budget: float, cost: 
         sampled = [d for d, _v, w in measure if w == "sample" and spec.profile[d] == p]
         messages.append(f"profile {spec.profiles[p]}: no measurements yet; " +
                         (f"sampling {len(set(sampled))} device(s) this round; its devices are decided once they are in"
-                         if sampled else "the budget leaves none to sample it: its devices cannot be decided"))
+                         if sampled else f"its devices cannot be decided: {MEASURE_HINT}" if decide_only
+                         else "the budget leaves none to sample it: its devices cannot be decided"))
         for d in np.flatnonzero(spec.profile == p):
             undecided[int(d)] = (f"profile {spec.profiles[p]} has no measurements yet: nothing to infer its figures from; "
                                  f"{MEASURE_HINT}")

@@ -39,8 +39,8 @@ import numpy as np
 from edge_kit.profiles import Constraints
 from edge_kit.selection.constraints import (
     Measured,
+    broken_text,
     describe,
-    measured_text,
     overshoot,
     unjudged,
     violations,
@@ -371,10 +371,10 @@ def _decision(r: Request, got: Choices | None, row: int, margin: float) -> Decis
         reason = "infeasible: no variant meets every constraint; " + (
             f"stays on {chosen.variant}, within the {margin:.0%} margin of the least violating" if stays
             else f"{chosen.variant} violates least")
-        if chosen.measured is not None:  # the figures that break the bounds, with where each came from
-            broken = violations(constraints, chosen.measured, r.fp32_accuracy)
-            reason += f" ({chosen.variant}: " + "; ".join(
-                f"{measured_text(k, chosen.measured)}, against {describe(k, constraints)}" for k in broken) + ")"
+        if chosen.measured is not None:  # by how much, with where each figure came from ("violates least" alone
+            # left the user guessing how far off)
+            reason += ": " + broken_text(constraints, chosen.measured, violations(constraints, chosen.measured,
+                                                                                r.fp32_accuracy))
     elif stays:
         reason = (f"stays on {chosen.variant}: feasible, and no feasible variant beats it by more than "
                   f"the {margin:.0%} margin in every recent measurement")

@@ -53,6 +53,13 @@ ALERT_GAUGES = (
 )
 
 
+# Where the power and live series come from, in their help (curl /metrics shows the figure's source next to it)
+_POWER_SOURCE = ("its source label says where it came from: the power sensor's key, 'estimated' (the profile's idle_w "
+                 "and busy_w scaled by the benchmark's CPU use; the record's power.method gives the model), or "
+                 "'not measured'")
+_LIVE = "counted by the device's serving API, from its latest signed live message"
+
+
 class FleetMetrics:
     """Gauges updated from stored messages; pass :meth:`observe` as the monitor's ``on_message``."""
 
@@ -63,9 +70,10 @@ class FleetMetrics:
                              "inference: invoke() on LiteRT, session.run() on ONNX Runtime and TensorRT, host copies "
                              "included; the bench record's latency_method says which)",
                              ["device", "variant", "quantile"], registry=r)
-        self.power = Gauge("edgekit_power_watts", "Average power during the latest benchmark (W)",
+        self.power = Gauge("edgekit_power_watts", f"Average power during the latest benchmark (W; {_POWER_SOURCE})",
                            ["device", "variant", "source"], registry=r)
-        self.energy = Gauge("edgekit_energy_per_inference_mj", "Energy per inference in the latest benchmark (mJ)",
+        self.energy = Gauge("edgekit_energy_per_inference_mj", "Energy per inference in the latest benchmark (mJ; "
+                            f"{_POWER_SOURCE})",
                             ["device", "variant", "source"], registry=r)
         self.accuracy = Gauge("edgekit_accuracy", "Accuracy of the latest benchmark on the shipped eval set, by the "
                               "metric its label names (top1 and every built-in task's: a share, 0-1; a user metric "
@@ -80,16 +88,16 @@ class FleetMetrics:
         self.disk_free = Gauge("edgekit_device_disk_free_bytes", "Free bytes under the agent's root (statvfs, "
                                "the device's latest status or telemetry)", ["device"], registry=r)
         self.live_requests = Gauge("edgekit_live_requests", "Requests the serving API answered with the served model "
-                                   "(live, since it was activated)", ["device", "variant"], registry=r)
-        self.live_errors = Gauge("edgekit_live_errors", "Requests the serving API answered with an error (live)",
+                                   f"(live, since it was activated; {_LIVE})", ["device", "variant"], registry=r)
+        self.live_errors = Gauge("edgekit_live_errors", f"Requests the serving API answered with an error (live; {_LIVE})",
                                  ["device", "variant"], registry=r)
         self.live_latency = Gauge("edgekit_live_latency_ms", "Serving API service time percentile over the last requests "
-                                  "(live; perf_counter_ns from request read to answer ready)",
+                                  f"(live; perf_counter_ns from request read to answer ready; {_LIVE})",
                                   ["device", "variant", "quantile"], registry=r)
         self.live_shadow_snr = Gauge("edgekit_live_shadow_snr_db", "Worst-output SNR of the served model's live outputs "
-                                     "against a shadow model's on the same inputs (live)",
+                                     f"against a shadow model's on the same inputs (live; {_LIVE})",
                                      ["device", "variant", "shadow"], registry=r)
-        self.live_queue = Gauge("edgekit_live_queue_depth", "Requests waiting for an interpreter (live)", ["device"], registry=r)
+        self.live_queue = Gauge("edgekit_live_queue_depth", f"Requests waiting for an interpreter (live; {_LIVE})", ["device"], registry=r)
         self.disk_full = Gauge("edgekit_device_disk_full", "1 while the agent refuses writes for lack of space",
                                ["device"], registry=r)
         self.label_overflow = Counter("edgekit_metrics_label_overflow", f"Label values a device sent beyond the first "

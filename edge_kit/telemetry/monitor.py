@@ -71,9 +71,8 @@ from edge_kit.fleet.inventory import Fleet
 from edge_kit.profiles import load_profile
 from edge_kit.selection.constraints import (
     Measured,
-    describe,
+    broken_text,
     effective_constraints,
-    measured_text,
     violations,
 )
 from edge_kit.telemetry.budget import DEFAULT_BURST, DEFAULT_RATE, IngestBudget
@@ -1354,7 +1353,7 @@ class Monitor:
             elif broken and subject not in held:  # each bound with the figure that broke it and where that came from
                 self._breaking.setdefault(device, held).add(subject)
                 self._alert_held(Alert(device, "constraints", f"{device} {msg['variant']}: breaks "
-                                       + ", ".join(f"{describe(k, c)} ({measured_text(k, m)})" for k in broken)
+                                       + broken_text(c, m, broken)
                                        + ("; a simulated device: this machine's figures" if msg.get("simulated") else "")),
                                  "constraints", subject=variant)
             elif not broken and (subject in held or self.share is not None):

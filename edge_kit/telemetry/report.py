@@ -191,7 +191,10 @@ def _profile_figures(profile: Profile, records: list[dict[str, Any]], chosen: di
         bars.add_trace(go.Bar(x=variants, y=ys, name=f"{source}", text=texts, customdata=[source] * len(variants),
                               hovertemplate="%{x}: %{y:.4g} mJ<br>%{text}<extra>%{customdata}</extra>"))
     bars.update_layout(title=f"{profile.name}: energy per inference (median over devices; legend: how it was obtained)",
-                       yaxis_title="mJ per inference", barmode="group", height=380, margin={"t": 60})
+                       yaxis_title="mJ per inference", barmode="group", height=380, margin={"t": 60},
+                       # plotly hides the legend of a single series: it is the only place saying how the bars were
+                       # obtained (estimated, a sensor, simulated devices), so it is always shown
+                       showlegend=True)
     return [scatter, bars]
 
 

@@ -542,6 +542,18 @@ def test_energy_bars_never_average_a_simulated_devices_figure_into_a_real_ones()
     assert {t.name: list(t.y) for t in bars.data} == {"estimated": [0.5], "estimated, simulated devices": [0.1]}
 
 
+def test_the_energy_plot_of_one_power_source_still_shows_its_legend():
+    """The energy plot's title says "legend: how it was obtained", but plotly hides the legend of a single series:
+    a fleet of simulated devices, all estimated, showed bars that said neither estimated nor simulated."""
+    from edge_kit.profiles import load_profile
+    from edge_kit.telemetry.report import _profile_figures
+
+    sim = {**_bench("rpi4-2", "int8", 0.2, 0.99, 2), "power": {"estimated": True, "method": "estimated",
+                                                                "energy_per_inference_mj": 0.1}}
+    _scatter, bars = _profile_figures(load_profile("rpi4"), [sim], {})
+    assert [t.name for t in bars.data] == ["estimated, simulated devices"] and bars.layout.showlegend is True
+
+
 def test_tune_counts_the_rounds_its_option_bounds_and_names_the_verify_decision_apart(capsys):
     """`tune --rounds 1` printed "2 round(s)": the verify decision on the last switches' health benchmarks was
     counted as a round."""

@@ -225,6 +225,16 @@ def test_what_an_activation_says_it_removed_is_counted_only_as_far_as_it_is_byte
         "removed 4 old model(s), 1.0 MB, for the store budget"
 
 
+def test_a_small_models_sizes_never_read_zero_mb():
+    """A user's own 4 kB model: the deploy said "uploaded fp32 (0.0 MB)" for every variant, and a store budget
+    that removed small models "0.0 MB"."""
+    from edge_kit.fleet.deploy import removed_text, size_text
+
+    assert [size_text(n) for n in (3_900, 99_999, 100_000, 756_531, 512, 0)] == \
+        ["3.9 kB", "100.0 kB", "0.1 MB", "0.8 MB", "512 bytes", "0 bytes"]
+    assert removed_text({"removed": [{"bytes": 3_008}]}) == "removed 1 old model(s), 3.0 kB, for the store budget"
+
+
 def test_a_failing_commands_error_line_is_cut_whatever_the_device_prints():
     """A failing command's last line of stderr is the device's text: one line of 20 MB (under the output limit)
     became the whole DeployError, the deploy table's cell and a rollout's stored row. It is cut as a reported

@@ -833,3 +833,18 @@ def test_gap_alerts_a_device_can_raise_one_per_record_are_capped_on_the_screen_a
     assert len([ln for ln in lines if "never arrived" in ln]) == MAX_REFUSED_SHOWN
     assert lines[-1].startswith(f"[red]alert[/] {100 - MAX_REFUSED_SHOWN} more sequence gaps (counted in the --json")
     assert len(lines) == MAX_REFUSED_SHOWN + 2
+
+
+def test_the_power_and_live_series_help_says_where_the_figures_came_from():
+    """curl /metrics showed "Average power during the latest benchmark (W)" and "Requests the serving API answered
+    ... (live)": neither said the power may be an estimate, which its source label names, nor who counted the live
+    figures."""
+    metrics = FleetMetrics()
+    metrics.observe("bench", _bench("int8", 1))
+    helps = {ln.split()[2]: ln for ln in generate_latest(metrics.registry).decode().splitlines()
+             if ln.startswith("# HELP edgekit_")}
+    for name in ("edgekit_power_watts", "edgekit_energy_per_inference_mj"):
+        assert "source label says where it came from" in helps[name] and "'estimated'" in helps[name], helps[name]
+    for name in ("edgekit_live_requests", "edgekit_live_errors", "edgekit_live_latency_ms",
+                 "edgekit_live_shadow_snr_db", "edgekit_live_queue_depth"):
+        assert "the device's serving API, from its latest signed live message" in helps[name], helps[name]

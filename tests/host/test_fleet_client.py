@@ -124,6 +124,22 @@ def test_edgekit_bench_voids_its_command_when_it_stops_waiting(tmp_path, run_cli
     assert cmd["command"] == "bench" and sent + 30 <= cmd["expires"] <= time.time() + 30
 
 
+def test_edgekit_bench_json_says_where_the_record_was_stored(tmp_path, run_cli, monkeypatch):
+    """The human output ends with `stored in <history>`; --json printed the record alone, so a script could not
+    tell which history holds it (the fleet's beside its file, or --history)."""
+    from edge_kit.fleet import commands
+
+    fake = client(agent())
+    monkeypatch.setattr(commands.FleetClient, "of", classmethod(lambda cls, fleet, **kw: fake))
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text(f"fleet: {FLEET}\nbroker: {{host: 127.0.0.1, port: 1}}\ndefaults: {{user: edgekit, profile: rpi4}}\n"
+                          "devices:\n  - {name: d1, host: 127.0.0.1}\n")
+    code, out, err = run_cli("bench", "--fleet", fleet_file, "--device", "d1", "--timeout", "30", "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["history"] == str(tmp_path / "edgekit-history.db") and doc["device"] == "d1"
+
+
 def test_a_command_the_agent_would_refuse_is_never_sent():
     transport = FakeTransport(agent())
     with FleetClient(BrokerConfig(), FLEET, transport=transport, signer=OPERATOR, keyring=Keyring()) as c:

@@ -48,8 +48,20 @@ def test_constraints_exclude_variants_and_the_table_says_why():
     assert d.chosen == "int8" and d.violates == ["accuracy >= 0.98 x fp32"] and "infeasible" in d.reason
     # the reason quotes the figure that breaks the bound and where it came from (it named only the bound, so the
     # line a user reads, "NO: p90 <= 15 ms ... stays on int8", never said by how much)
-    assert d.reason.endswith("int8 violates least (int8: 95.00% on the eval set, against accuracy >= 0.98 x fp32)"), \
+    assert d.reason.endswith("int8 violates least: accuracy >= 0.98 x fp32 (95.00% on the eval set)"), \
         d.reason
+
+
+def test_an_infeasible_reason_quotes_the_figures_that_break_the_bounds():
+    """With a bound nothing meets, the reason read "infeasible: no variant meets every constraint; fp32 violates
+    least": the user could not tell by how much, nor where the figure came from."""
+    cands = [cand("fp32", 12, 0.99, 2.0), cand("fp16", 15, 0.99, 2.0, watts=6)]
+    d = choose("d", cands, C, fp32_accuracy=0.99, current_sha=None)
+    assert not d.feasible and d.chosen == "fp32"
+    assert d.reason == ("infeasible: no variant meets every constraint; fp32 violates least: "
+                        "p90 <= 10 ms (12 ms p90, the device's clock)")
+    d = choose("d", cands[1:], C, fp32_accuracy=0.99, current_sha=None)  # every bound it breaks, each with its source
+    assert d.reason.endswith("p90 <= 10 ms (15 ms p90, the device's clock), power <= 5 W (6 W, ina219)"), d.reason
 
 
 def test_no_flapping_within_the_margin_but_a_real_gain_switches():

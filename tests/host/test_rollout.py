@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 from edge_kit.fleet.deploy import DeviceResult
@@ -271,6 +272,30 @@ def test_deploy_prints_a_promoting_gate_decision_and_where_its_figures_came_from
     assert stored[0]["gate"]["source"].startswith("measured: service times")
 
 
+def test_deploy_json_has_the_gate_decision_and_where_it_was_stored(monkeypatch, tmp_path, run_cli):
+    """`deploy --canary --gate live --json` printed the deploy's results alone: the gate's decision, which the text
+    prints with the source of its figures, and the history the canaries' figures went to were missing."""
+    from edge_kit.fleet.deploy import GroupResult
+    from edge_kit.loop import rollout as ro
+    from edge_kit.selection.gate import LiveEvidence, judge_live
+
+    fleet_file, folder = _canary_fleet(tmp_path)
+    decision = judge_live([LiveEvidence("a", [1.0] * 300)], [LiveEvidence("b", [1.0] * 300)])
+
+    def fake_rollout(_fleet, targets, _opts, _canary, _failed, _progress, gate, record):
+        record({"device": "a", "kind": "live gate", "chosen": "int8", "current": None, "feasible": True,
+                "switch": True, "reason": decision.reason, "gate": decision.as_dict()})
+        return GroupResult([DeviceResult(d.name, "succeeded", activated=True, variant="int8") for d in targets])
+
+    monkeypatch.setattr(ro, "rollout", fake_rollout)
+    code, out, err = run_cli("deploy", "--fleet", fleet_file, "--artifacts", folder, "--canary", "50%", "--gate", "live",
+                             "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["gate"]["action"] == "promote" and doc["gate"]["source"].startswith("measured: service times")
+    assert doc["history"] == str(tmp_path / "edgekit-history.db") and doc["history_refused"] == {}
+
+
 def test_deploy_names_a_gate_decision_the_history_refused_for_what_it_holds_and_exits_4(monkeypatch, tmp_path, run_cli):
     """The gate's decision for canary a was refused by the history for what it holds: deploy stopped (exit 6) after
     the wave was judged, printing nothing of it. Now it is a's error: kept in the invalid table, named, exit 4."""
@@ -387,3 +412,20 @@ def test_the_gates_shadow_runs_compare_with_the_manifests_reference_variant(monk
         gate = live_gate("live", 0.0, 1, 0.01, 0.1, 0.1, None, manifest)
         ro.collect_live(None, ["c1"], ["k1"], gate, lambda *_: None)
         assert ("c1", "shadow", {"variant": reference, "share": 0.1}) in asked, asked
+
+
+def test_a_canary_breaking_its_constraints_is_told_with_the_figures_that_broke_them():
+    """`deploy --canary` failed a canary with "canary breaks its constraints (accuracy >= 0.99 x fp32)": neither
+    the figure its health benchmark measured nor where it came from, which the monitor's alert gives."""
+    from edge_kit.fleet.inventory import Device
+    from edge_kit.loop.rollout import broken_constraints
+
+    manifest = SimpleNamespace(artifact=lambda _v: SimpleNamespace(bytes=3000),
+                               reference=lambda: SimpleNamespace(accuracy=SimpleNamespace(value=0.5375)))
+    dev = Device(name="c1", host="127.0.0.1", user="edgekit", profile="rpi4",
+                 constraints={"max_latency_p90_ms": 0.001})
+    health = {"variant": "int8", "latency_ms": {"p90": 0.0396}, "accuracy": {"value": 0.5125},
+              "power": {"avg_w": 4.5, "estimated": True, "measured": False}}
+    r = DeviceResult("c1", "succeeded", activated=True, variant="int8", health=health)  # type: ignore[arg-type]
+    assert broken_constraints(manifest, dev, r) == ("p90 <= 0.001 ms (0.0396 ms p90, the device's clock), "
+                                                    "accuracy >= 0.99 x fp32 (51.25% on the eval set)")

@@ -209,6 +209,51 @@ def test_select_explain_shows_no_figure_and_no_confidence_where_nothing_could_be
     assert "int8" in out.split("figures:")[0] and "confidence" not in out, out
 
 
+def test_select_explain_gives_a_small_models_size_not_zero(tmp_path, run_cli):
+    """A user's own 4 kB model: --explain's MB column read 0.00 for every variant, a size of nothing."""
+    folder = tmp_path / "art"
+    folder.mkdir()
+    arts = [Artifact(id=v, status="built", profiles=["rpi4"], summary=v, precision="float32", file=f"{v}.x",
+                     runtime="litert", sha256=sha(v), bytes=3900) for v in ("fp32", "int8")]
+    (folder / "manifest.json").write_text(Manifest(created="2026-11-29T00:00:00+00:00", model={"name": "m"},
+                                                   versions={}, profiles={"rpi4": {}}, artifacts=arts).to_json())
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text("fleet: f\nbroker: {host: 127.0.0.1, port: 1}\ndefaults: {user: edgekit, profile: rpi4}\n"
+                     "devices:\n  - {name: a, host: 127.0.0.1, port: 2}\n")
+    with Store(tmp_path / "edgekit-history.db") as store:
+        store.add("bench", messages.envelope("bench", "f", "a", 1, bench_body("fp32", 30.0, 12.0)))
+        store.add("bench", messages.envelope("bench", "f", "a", 2, bench_body("int8", 10.0, 4.0)))
+    code, out, err = run_cli("select", "--fleet", fleet, "--artifacts", folder, "--explain")
+    assert code == 0, err
+    rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["fp32"], ["int8"])]
+    assert rows and all("0.004" in row and "0.00" not in row for row in rows), out
+
+
+def test_select_never_speaks_of_a_budget_it_does_not_have(tmp_path, run_cli):
+    """select over a fleet with a profile nothing measured yet said "the budget (0) is less than the 8 it takes ..."
+    and "the budget leaves none to sample it": select has no --budget and measures nothing; what to run was unsaid."""
+    folder = tmp_path / "art"
+    folder.mkdir()
+    arts = [Artifact(id=v, status="built", profiles=["rpi4", "rpi5"], summary=v, precision="float32", file=f"{v}.x",
+                     runtime="litert", sha256=sha(v), bytes=1000) for v in ("fp32", "int8")]
+    (folder / "manifest.json").write_text(Manifest(created="2026-11-29T00:00:00+00:00", model={"name": "m"},
+                                                   versions={}, profiles={"rpi4": {}, "rpi5": {}},
+                                                   artifacts=arts).to_json())
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text("fleet: f\nbroker: {host: 127.0.0.1, port: 1}\ndefaults: {user: edgekit, profile: rpi4}\n"
+                     "devices:\n  - {name: a, host: 127.0.0.1, port: 2}\n"
+                     "  - {name: b, host: 127.0.0.1, port: 3, profile: rpi5}\n")
+    with Store(tmp_path / "edgekit-history.db") as store:
+        store.add("bench", messages.envelope("bench", "f", "a", 1, bench_body("fp32", 30.0, 12.0)))
+        store.add("bench", messages.envelope("bench", "f", "a", 2, bench_body("int8", 10.0, 4.0)))
+    code, out, err = run_cli("select", "--fleet", fleet, "--artifacts", folder, "--json")
+    assert code == 0, err
+    notes = json.loads(out)["notes"]
+    assert not [n for n in notes if "budget" in n], notes
+    assert ("profile rpi5: no measurements yet; its devices cannot be decided: `edgekit tune` measures it (or "
+            "`edgekit bench --device DEVICE --variant VARIANT`, one at a time)") in notes, notes
+
+
 def test_the_reports_fleet_selection_table_shows_no_confidence_for_an_undecided_device():
     """An undecided device's stored fleet decision has no confidence (None): the report's table read 1.00 for it,
     and a None must not stop the report."""

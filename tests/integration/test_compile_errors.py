@@ -198,13 +198,15 @@ def test_a_metric_that_cannot_score_the_reference_is_one_line_and_writes_nothing
     code, _, err = run_cli("compile", digits_files.model, "-p", "coral-devboard", "--eval", digits_files.eval,
                            "--metric", f"{tmp_path / 'score.py'}:boom", "--out", tmp_path / "o")
     line = one_line_error(code, err)
-    assert "score.py:boom raised ZeroDivisionError" in line and "fp32 variant's outputs on" in line
+    assert "score.py:boom raised ZeroDivisionError" in line and "fp32 variant's outputs on it" in line
+    assert line.startswith(f"edgekit: error: {digits_files.eval.name}: --eval ")
     assert not (tmp_path / "o" / "digits").exists()
     data = dict(np.load(digits_files.eval))
     np.savez(tmp_path / "e.npz", x=data["x"], y=data["y"] + 1)  # 1..10 for a 10-class output
     code, _, err = run_cli("compile", digits_files.model, "-p", "coral-devboard", "--eval", tmp_path / "e.npz",
                            "--out", tmp_path / "o")
-    assert "labels 'y' hold class 10 at sample" in one_line_error(code, err)
+    # the file and the option first, as for every other data-file error (the file was once named only at the end)
+    assert "edgekit: error: e.npz: --eval labels 'y' hold class 10 at sample" in one_line_error(code, err)
     # "nothing was written": not even the --out folder the compile made (it was left behind, empty)
     assert not (tmp_path / "o").exists()
     (tmp_path / "kept").mkdir()

@@ -468,7 +468,7 @@ def test_a_canary_breaking_its_constraints_stops_the_rollout_and_is_rolled_back(
     result = json.loads(out)
     assert code == 4 and "1 of 2 canaries failed" in result["stopped"]
     statuses = [(r["status"], r["reason"]) for r in result["devices"]]
-    assert statuses[0][0] == "failed" and "canary breaks its constraints (p90 <= 0.0001 ms)" in statuses[0][1]
+    assert statuses[0][0] == "failed" and "canary breaks its constraints (p90 <= 0.0001 ms (" in statuses[0][1]
     assert statuses[1] == ("failed", "rolled back: the canary rollout stopped")
     assert statuses[2:] == [("skipped", "rollout stopped after the canaries")] * 2
     assert [current(d) for d in fleet.devices] == [old] * 4  # canaries back on the previous model, the rest untouched

@@ -99,8 +99,10 @@ def _npy(array: np.ndarray) -> bytes:
 
 
 @pytest.mark.parametrize("data, message", [
-    (lambda: _zip({"x.npy": _npy(np.array([{"a": 1}], dtype=object))}), "holds '\\|O' values"),
-    (lambda: _zip({"x.npy": _npy(np.ones(3, ">f4"))}), "holds '>f4' values"),
+    (lambda: _zip({"x.npy": _npy(np.array([{"a": 1}], dtype=object))}), "holds Python object values \\('\\|O'\\)"),
+    (lambda: _zip({"x.npy": _npy(np.ones(3, ">f4"))}), "holds big-endian float32 values \\('>f4'\\)"),
+    (lambda: _zip({"x.npy": _npy(np.ones(3, "<c8"))}), r"holds complex64 values \('<c8'\); give little-endian numbers"),
+    (lambda: _zip({"x.npy": _npy(np.array(["a", "b"]))}), r"holds text \(unicode string\) values \('<U1'\)"),
     (lambda: _zip({"x.npy": _npy(np.asfortranarray(np.ones((3, 2), "f4")))}), "Fortran order"),
     (lambda: _zip({"x.npy": _npy(np.ones(8, "f4"))[:-5]}), "truncated or padded"),
     (lambda: _zip({"x.npy": b"not an array"}), "is not a numpy array"),
