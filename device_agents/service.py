@@ -575,6 +575,7 @@ class Agent:
                                "min_seconds", cmd.msg_id, "bench") from None
         sha = self.store.resolve(sha256=a.get("sha256"), variant=a.get("variant"))
         path = self.store.verify(sha)
+        settings = self._settings_for(sha, settings)  # the record names the delegate that ran it
         # a model that fails on zeros is named so, as at activation; stopping the agent ends that child too
         self._loads_in_child(path, sha, settings, cancel=self._stop)
         try:  # in a child, watched: a model that loops or crashes on the eval samples costs the child, not the agent
@@ -614,10 +615,11 @@ class Agent:
             StoreError: the smoke inference failed or crashed (the agent runs on; nothing was loaded), or was
                 stopped by ``cancel``.
         """
+        # not the model's failure: nothing to run it on; asked at every bench (an Edge TPU unplugged since)
+        self.store.check_accelerator(sha, settings.delegate)
         key = self._smoke_key(sha, settings)
         if key in self._smoked:
             return
-        self.store.check_accelerator(sha, settings.delegate)  # not the model's failure: nothing to run it on
         try:
             self.smoke(path, runtime=settings.runtime, delegate=settings.delegate, options=settings.delegate_options,
                        threads=settings.threads, cancel=cancel)
@@ -626,6 +628,13 @@ class Agent:
                 raise StoreError(f"model {sha[:12]}: its smoke inference was stopped: the agent is stopping") from None
             raise StoreError(f"model {sha[:12]} failed its smoke inference: {exc}; not loaded here") from None
         self._smoked.add(key)
+
+    def _settings_for(self, sha: str, settings: Any) -> Any:
+        """Return ``settings`` (the agent's ``bench`` section, or a bench command's) with the delegate and options
+        installed model ``sha`` runs with (:meth:`ModelStore.delegate_for`: a CPU variant on the CPU where the
+        profile's delegate is the Edge TPU)."""
+        delegate, options = self.store.delegate_for(sha, settings.delegate, settings.delegate_options)
+        return dataclasses.replace(settings, delegate=delegate, delegate_options=options or {})
 
     @staticmethod
     def _smoke_key(sha: str, settings: Any) -> tuple[Any, ...]:
@@ -670,7 +679,7 @@ class Agent:
         result = self.store.activate(sha, runtime=b.runtime, delegate=b.delegate, options=b.delegate_options,
                                      threads=b.threads, smoke=self.smoke)
         if result["smoke"] is not None:  # checked with the settings it is served with: not again
-            self._smoked.add(self._smoke_key(sha, b))
+            self._smoked.add(self._smoke_key(sha, self._settings_for(sha, b)))
         return {**result, "model": self._model_ref(sha), "removed": self._apply_budget()}
 
     def _apply_budget(self) -> list[dict[str, Any]]:

@@ -642,7 +642,9 @@ class ModelStore:
         """Make an installed model current after checking it; the old current becomes previous.
 
         ``smoke`` is the :class:`~device_agents.smoke.SmokePool` that runs the check in a child
-        process (the agent passes its long-lived, warm one; by default a new one is made).
+        process (the agent passes its long-lived, warm one; by default a new one is made). ``delegate`` and
+        ``options`` are the agent's; the model runs with those its variant takes (:meth:`delegate_for`: a CPU
+        variant on the CPU where ``delegate`` is the Edge TPU).
 
         Returns:
             ``{"current": sha, "previous": sha|None, "changed": bool, "smoke": {...}}``.
@@ -664,6 +666,7 @@ class ModelStore:
             get_runtime(runtime, model=path)
         except RuntimeUnavailable as exc:
             raise StoreError(f"model {sha256[:12]} ({(self._meta(sha256) or {}).get('variant')}): {exc}") from None
+        delegate, options = self.delegate_for(sha256, delegate, options)
         self.check_accelerator(sha256, delegate)
         if smoke is None:
             from device_agents.smoke import (
@@ -677,6 +680,17 @@ class ModelStore:
             raise StoreError(f"model {sha256[:12]} failed its smoke inference: {exc}") from None
         previous = self._switch(sha256, old)
         return {"current": sha256, "previous": previous, "changed": True, "smoke": checked}
+
+    def delegate_for(self, sha256: str, delegate: str,
+                     options: dict[str, Any] | None) -> tuple[str, dict[str, Any] | None]:
+        """Return ``(delegate, options)`` that installed model ``sha256`` runs with where the agent's own are
+        ``delegate`` and ``options``: those of what its variant was compiled for
+        (:func:`device_agents.targets.delegate_for`: only the ``edgetpu`` variant takes the Edge TPU's delegate, the
+        CPU variants run on the CPU)."""
+        from device_agents.targets import delegate_for
+
+        variant = (self._meta(sha256) or {}).get("variant")
+        return delegate_for(variant if isinstance(variant, str) else None, delegate, options)
 
     def check_accelerator(self, sha256: str, delegate: str) -> None:
         """Refuse a model made for an accelerator this device does not have (an ``edgetpu`` variant without the

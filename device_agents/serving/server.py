@@ -320,6 +320,12 @@ class Server:
         if shadow is not None:
             shadow.stop()
 
+    def _make_for(self, variant: str | None) -> Any:
+        """Return the interpreter factory for a model of ``variant`` (``Interpreters.for_variant``: the delegate that
+        variant runs with), or the server's own factory when it has no such method."""
+        for_variant = getattr(self.make_interpreter, "for_variant", None)
+        return for_variant(variant) if for_variant is not None else self.make_interpreter
+
     def serve_model(self, path: Path, sha256: str, variant: str | None) -> None:
         """Load ``path`` into fresh interpreters, then serve it; requests in flight finish on the old one.
 
@@ -329,7 +335,7 @@ class Server:
         if self.current is not None and self.current.sha256 == sha256:
             return
         try:
-            new = _Served(path, sha256, variant, self.make_interpreter, self.workers)
+            new = _Served(path, sha256, variant, self._make_for(variant), self.workers)
         except Exception as exc:  # noqa: BLE001 - whatever the interpreter raises: not served
             raise DeviceError(f"serving API: model {sha256[:12]} cannot be loaded ({exc}); still serving "
                               f"{self.current.sha256[:12] if self.current else 'nothing'}") from None
@@ -360,7 +366,7 @@ class Server:
         served = self.current
         if served is None or served.sha256 == sha256:
             raise DeviceError("shadow: " + ("nothing is served" if served is None else "that is the served model"))
-        self.shadow = Shadow(Path(path), sha256, variant, serving=served, make=self.make_interpreter,
+        self.shadow = Shadow(Path(path), sha256, variant, serving=served, make=self._make_for(variant),
                              input_shapes=served.input_shapes, output_shapes=served.output_shapes, share=share, max_per_s=max_per_s,
                              max_load=max_load)
 

@@ -56,6 +56,15 @@ class Interpreters:
     delegate: str = "xnnpack"
     options: dict[str, Any] | None = None
 
+    def for_variant(self, variant: str | None) -> Interpreters:
+        """Return the factory for models of ``variant``: this one with the delegate and options that variant runs
+        with (:func:`device_agents.targets.delegate_for`: a CPU variant on the CPU where the delegate is the Edge
+        TPU)."""
+        from device_agents.targets import delegate_for
+
+        delegate, options = delegate_for(variant, self.delegate, self.options)
+        return dataclasses.replace(self, delegate=delegate, options=options)
+
     def __call__(self, path: Path) -> Any:
         """Return an allocated interpreter for ``path``.
 

@@ -5,6 +5,8 @@ See :mod:`device_agents.targets.base` for what a target holds; one module per ta
 
 from __future__ import annotations
 
+from typing import Any
+
 from device_agents.errors import RuntimeUnavailable
 from device_agents.targets.base import Target
 from device_agents.targets.cpu import Reference, Xnnpack
@@ -52,9 +54,28 @@ def accelerator_missing(variant: str | None, delegate: str) -> str | None:
                 f"agent runs the '{delegate}' delegate (no {target.accelerator} here: a simulated device or a profile "
                 f"without it); {target.install_hint}, attach the accelerator and set runtime.delegate: {target.key}, "
                 "or use another variant")
-    missing = target.library_missing()
+    missing = target.library_missing() or target.device_missing()
     return None if missing is None else (f"variant {variant} needs the {target.summary}: {missing}; or use another "
                                          "variant")
 
 
-__all__ = ["TARGETS", "Target", "accelerator_missing", "compiler_of", "get_target"]
+CPU = "xnnpack"  # what a variant runs on where the profile's delegate is an accelerator made for another variant
+
+
+def delegate_for(variant: str | None, delegate: str, options: dict[str, Any] | None) -> tuple[str, dict[str, Any] | None]:
+    """Return ``(delegate, options)`` that a model of ``variant`` runs with where the agent's ``runtime.delegate``
+    is ``delegate`` with ``options``. A target with a compiler of its own (``edgetpu``) runs only the variant that
+    compiler makes: every other variant (``int8``, ``fp32``, ...) runs on the CPU, through LiteRT's default
+    (:data:`CPU`: no delegate given to the interpreter, no target options), so a Coral without a working Edge TPU
+    still runs them. Any other delegate, or an unknown ``variant`` (a file benchmarked by hand), is kept as given.
+
+    Returns:
+        The delegate key and its options (None for the CPU).
+    """
+    target = TARGETS.get(delegate)
+    if variant is not None and target is not None and target.compiled_variant and variant != target.compiled_variant:
+        return CPU, None
+    return delegate, options
+
+
+__all__ = ["CPU", "TARGETS", "Target", "accelerator_missing", "compiler_of", "delegate_for", "get_target"]

@@ -131,6 +131,13 @@ class Target:
             return f"delegate '{cls.key}' needs {cls.library}, which could not be loaded ({exc}); {cls.install_hint}"
         return None
 
+    @classmethod
+    def device_missing(cls) -> str | None:
+        """Return why the target's accelerator cannot be opened now although its library loads (one line: none
+        attached), or None when it opens or the target has no device to open. Asked again at every check, so a
+        device attached later is found without restarting the agent."""
+        return None
+
 
 def count_unsupported(stats: ModelFacts, supported: frozenset[str]) -> dict[str, Any]:
     """Return a rule check for a target that splits the graph as often as needed (ops fall back locally).

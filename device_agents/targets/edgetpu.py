@@ -12,6 +12,7 @@ On the device the target loads ``libedgetpu.so.1`` (Coral's ``libedgetpu1-std`` 
 
 from __future__ import annotations
 
+import importlib
 import re
 import shutil
 import subprocess
@@ -196,6 +197,26 @@ def run_compiler(int8_model: bytes, compiler: str) -> tuple[bytes, dict[str, Any
                                   "log": log[-4000:]}
 
 
+INTERPRETER_MODULES = ("ai_edge_litert.interpreter", "tflite_runtime.interpreter")
+
+
+def load_delegate(library: str) -> Any:
+    """Return the Edge TPU delegate of ``library`` as the first LiteRT package importable here makes it
+    (``load_delegate``), which opens the first Edge TPU found; dropping it closes the TPU again.
+
+    Raises:
+        ImportError: neither ai-edge-litert nor tflite-runtime is installed. ValueError, OSError, RuntimeError:
+            the delegate could not be created (the library loads, but no Edge TPU is attached, or it is busy).
+    """
+    for name in INTERPRETER_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        return module.load_delegate(library)
+    raise ImportError("neither ai-edge-litert nor tflite-runtime is installed")
+
+
 @dataclass(frozen=True)
 class EdgeTpuOptions:
     """``runtime.options`` of the Edge TPU: which one, when a device has several."""
@@ -212,6 +233,22 @@ class EdgeTpu(Target):
     install_hint: ClassVar[str] = "install Coral's libedgetpu1-std package (docs/firmware/coral.md)"
     compiled_variant: ClassVar[str | None] = "edgetpu"
     custom_op: ClassVar[str | None] = "edgetpu-custom-op"
+
+    @classmethod
+    def device_missing(cls) -> str | None:
+        """Return "no Edge TPU attached: ..." when ``libedgetpu.so.1`` loads but its delegate opens no Edge TPU (the
+        USB Accelerator unplugged, the PCIe card's driver missing), else None; it opens the first Edge TPU and closes
+        it again (:func:`load_delegate`). No LiteRT package here: None, the runtime's own check says so."""
+        try:
+            delegate = load_delegate(cls.library or "")
+        except ImportError:
+            return None
+        except (ValueError, OSError, RuntimeError) as exc:
+            said = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            return (f"no Edge TPU attached: {cls.library} loads but its delegate opens no Edge TPU ({said}); plug in "
+                    "the Coral USB Accelerator (or load the M.2/PCIe card's gasket-dkms driver, docs/firmware/coral.md)")
+        del delegate
+        return None
 
     @classmethod
     def rule_check(cls, stats: ModelFacts) -> dict[str, Any]:

@@ -241,7 +241,10 @@ OPTIONAL_RUNTIMES = {"onnxruntime": "pip install 'edge-kit[agent-onnx]'",
                      # not a runtime: the delegate an accelerator's own variant (edgetpu) needs under LiteRT
                      "edgetpu": "install Coral's libedgetpu1-std package, attach the Edge TPU and set the profile's "
                                 "runtime.delegate: edgetpu (docs/firmware/coral.md)"}
-_NEEDS_NAMED = {"edgetpu": "the Edge TPU and its delegate (libedgetpu.so.1)"}
+_NEEDS_NAMED = {"edgetpu": "the Edge TPU's delegate, the shared library libedgetpu.so.1 (Debian package "
+                           "libedgetpu1-std),"}
+# what the deploy's probe of the device found missing, when it is not a Python package
+_PROBE_LACKS = {"edgetpu": "the device cannot load"}
 
 
 def device_needs(art: Artifact) -> str | None:
@@ -272,16 +275,17 @@ def engine_missing(dev: Device, python_facts: dict[str, Any]) -> str | None:
 
 
 def runtime_refusals(device: str, wanted: list[Artifact], runtimes: dict[str, Any],
-                     lacks: str = "its Python lacks") -> dict[str, str]:
+                     lacks: str | None = None) -> dict[str, str]:
     """Return {variant: one-line reason} for the artifacts whose runtime the device lacks.
 
     ``runtimes`` is what the device reported: :attr:`DeviceShell.python_facts` ``runtimes`` (``True``
     or ``False`` per runtime) or its status message's ``runtimes`` (``"available"``, or why it is not);
-    a runtime it does not mention counts as missing. ``lacks`` says who said so, in the reason. LiteRT
+    a runtime it does not mention counts as missing. ``lacks`` says who said so, in the reason; None: the deploy's
+    probe of the device (its Python lacks a package; the device cannot load the Edge TPU's shared library). LiteRT
     variants are never refused here (the agent's install check requires LiteRT).
     """
-    return {a.id: f"{device}: {a.id} needs {_NEEDS_NAMED.get(need, need)} on the device, which {lacks}; "
-                  f"{OPTIONAL_RUNTIMES[need]} there to deploy it"
+    return {a.id: f"{device}: {a.id} needs {_NEEDS_NAMED.get(need, need)} on the device, which "
+                  f"{lacks or _PROBE_LACKS.get(need, 'its Python lacks')}; {OPTIONAL_RUNTIMES[need]} there to deploy it"
             for a in wanted if (need := device_needs(a)) is not None and runtimes.get(need, False) not in (True, "available")}
 
 

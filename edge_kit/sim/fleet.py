@@ -55,6 +55,52 @@ FLEET_NAME = "sim"
 ONLINE_TIMEOUT_S = 60.0
 
 
+TFLITE_PYTHON_ENV = "EDGEKIT_TFLITE_PYTHON"  # a Python with tflite-runtime (numpy<2), in place of .venv-tflite's
+
+
+def tflite_python() -> Path | None:
+    """Return the Python of the checkout's ``.venv-tflite`` (tflite-runtime with numpy<2, which ``.ci/setup`` makes
+    where Python is 3.11 or older): ``$EDGEKIT_TFLITE_PYTHON`` when set, else ``.venv-tflite/bin/python`` beside the
+    checkout ``edge_kit`` is imported from or beside this Python's own environment, the first that exists; None
+    when none does."""
+    import os
+
+    if os.environ.get(TFLITE_PYTHON_ENV):
+        return Path(os.environ[TFLITE_PYTHON_ENV])
+    places = (Path(__file__).resolve().parents[2], Path(sys.prefix).resolve().parent)
+    return next((p / ".venv-tflite" / "bin" / "python" for p in places
+                 if (p / ".venv-tflite" / "bin" / "python").exists()), None)
+
+
+def engine_pythons(profiles: list[str]) -> dict[str, str]:
+    """Return ``{profile: python}`` for the profiles whose ``runtime.engine`` this Python lacks (``coral-devboard``
+    on ``tflite-runtime``, which needs numpy<2): their simulated devices run the agent with the checkout's
+    ``.venv-tflite`` (:func:`tflite_python`); profiles on this Python's engine are not in it.
+
+    Raises:
+        InputError: there is no such Python: one line naming the profile, the engine, and to run ``bash .ci/setup``
+            (or set ``$EDGEKIT_TFLITE_PYTHON``, or leave the profile out); nothing is started.
+    """
+    import importlib.util
+
+    from device_agents.runtimes import RUNTIMES
+
+    out: dict[str, str] = {}
+    for name in dict.fromkeys(profiles):
+        engine = load_profile(name).runtime.engine
+        if importlib.util.find_spec(RUNTIMES[engine].module.split(".")[0]) is not None:
+            continue
+        python = tflite_python() if engine == "tflite-runtime" else None
+        if python is None:
+            raise InputError(f"profile {name} runs its variants on {engine} (its runtime.engine), which this Python "
+                             f"({sys.executable}) lacks, and there is no .venv-tflite for its simulated devices: run "
+                             f"`bash .ci/setup` (it makes .venv-tflite with {RUNTIMES[engine].package} and numpy<2, on "
+                             f"Python 3.11 or older), or set {TFLITE_PYTHON_ENV} to a Python that has it, or leave "
+                             f"{name} out of --profiles; nothing was started")
+        out[name] = str(python)
+    return out
+
+
 def device_names(count: int, profiles: list[str]) -> list[tuple[str, str]]:
     """Return ``(name, profile)`` for ``count`` devices, cycling through ``profiles``."""
     seen: dict[str, int] = {}
@@ -124,8 +170,9 @@ class SimFleet:
         Raises:
             ConfigError: an unknown profile; a ``sim.json`` here that cannot be read (:meth:`state`).
             InputError: the folder cannot be created or written, holds a fleet file a simulated fleet did not
-                write, ``store`` is not a folder, or the embedded broker is asked for without ``insecure``
-                (nothing is started).
+                write, ``store`` is not a folder, the embedded broker is asked for without ``insecure``, or a
+                profile's ``runtime.engine`` (``tflite-runtime``) is in neither this Python nor a ``.venv-tflite``
+                (:func:`engine_pythons`) (nothing is started).
             EdgeKitError: already up here, the links could not be made, or a service did not start (nothing
                 is left running).
         """
@@ -134,6 +181,7 @@ class SimFleet:
             raise EdgeKitError("--devices must be at least 1")
         for p in profiles:
             load_profile(p)
+        pythons = engine_pythons(profiles)  # before anything starts: a coral-devboard needs tflite-runtime's Python
         if self.state() is not None:
             raise EdgeKitError(f"a simulated fleet is already up in {self.workdir}; run `edgekit sim down --dir {self.workdir}` first")
         if embedded_broker is None:
@@ -194,6 +242,7 @@ class SimFleet:
                 known.append(known_hosts_line(ssh.host, ssh.port, ssh.host_public))
                 devices.append({"name": name, "host": ssh.host, "port": ssh.port, "profile": profile,
                                 "root": str(folder / "root"), "tags": [profile, "sim"],
+                                **({"python": pythons[profile]} if profile in pythons else {}),
                                 **({"agent_broker": self._broker_entry(state, wall, name)} if wall else {})})
             (self.workdir / "known_hosts").write_text("\n".join(known) + "\n")
             self.fleet_file.write_text(yaml.safe_dump({

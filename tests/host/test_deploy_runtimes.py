@@ -41,13 +41,16 @@ def test_the_edgetpu_variant_is_refused_where_the_device_cannot_load_the_edge_tp
     or libedgetpu (a simulated one, a missing package) the agent refused it as a model that failed its smoke
     inference ("Encountered unresolved custom op: edgetpu-custom-op"), naming neither the TPU nor what to install.
     The device's facts (and its agent's status) now say whether the delegate loads; without it, the variant is not
-    sent, in one line naming what to install, and int8 proceeds."""
+    sent, in one line naming what to install, and int8 proceeds. The line said the device's "Python lacks" it:
+    what it lacks is a shared library (libedgetpu.so.1, from the Debian package libedgetpu1-std), named so now."""
     wanted = [art("int8", "litert"), art("edgetpu", "litert")]
     refused = runtime_refusals("coral-1", wanted, {"onnxruntime": False, "tensorrt": False, "edgetpu": False})
-    assert refused == {"edgetpu": "coral-1: edgetpu needs the Edge TPU and its delegate (libedgetpu.so.1) on the device, "
-                                  "which its Python lacks; install Coral's libedgetpu1-std package, attach the Edge TPU "
+    assert refused == {"edgetpu": "coral-1: edgetpu needs the Edge TPU's delegate, the shared library libedgetpu.so.1 "
+                                  "(Debian package libedgetpu1-std), on the device, which the device cannot load; "
+                                  "install Coral's libedgetpu1-std package, attach the Edge TPU "
                                   "and set the profile's runtime.delegate: edgetpu (docs/firmware/coral.md) there to "
                                   "deploy it"}
+    assert "Python" not in refused["edgetpu"]
     assert set(runtime_refusals("coral-1", wanted, {})) == {"edgetpu"}  # not reported (an older agent): missing
     assert runtime_refusals("coral-1", wanted, {"edgetpu": True}) == {}
     assert runtime_refusals("coral-1", wanted, {"edgetpu": "available"}) == {}

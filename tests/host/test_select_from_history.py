@@ -302,6 +302,7 @@ def test_select_never_picks_the_edgetpu_variant_for_a_device_whose_status_says_i
     notpu = got["notpu"]
     assert notpu["chosen"] == "int8" and list(notpu["excluded"]) == ["edgetpu"], notpu
     why = notpu["excluded"]["edgetpu"]
-    assert why.startswith("notpu: edgetpu needs the Edge TPU and its delegate (libedgetpu.so.1) on the device, which "
-                          "its newest status in the history says it lacks; install Coral's libedgetpu1-std package"), why
+    assert why.startswith("notpu: edgetpu needs the Edge TPU's delegate, the shared library libedgetpu.so.1 (Debian "
+                          "package libedgetpu1-std), on the device, which its newest status in the history says it "
+                          "lacks; install Coral's libedgetpu1-std package"), why
     assert "edgetpu" not in {r["variant"] for r in notpu["table"]}
