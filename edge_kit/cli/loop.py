@@ -677,7 +677,7 @@ def monitor_cmd(
         for line in carried_lines(mon.carried_over, mon.carried_over_total):
             out.print(line, highlight=False)
     end = _time.monotonic() + duration if duration is not None else None
-    shown = 0
+    shown = noted = 0
     stopped = _stop_on_sigterm()
     try:
         with Live(_fleet_view(db, fleet), console=out, refresh_per_second=1, transient=False) if not as_json else nullcontext() as live:
@@ -690,6 +690,9 @@ def monitor_cmd(
                     new, shown = mon.alerts_raised - shown, mon.alerts_raised
                     for line in alert_lines(list(mon.alerts), new):
                         live.console.print(line)
+                    fresh, noted = mon.notes_raised - noted, mon.notes_raised
+                    for note in list(mon.notes)[-fresh:] if fresh > 0 else []:
+                        live.console.print(f"[yellow]note[/] {safe(note)}")
     except KeyboardInterrupt:
         pass
     finally:
@@ -710,11 +713,15 @@ def monitor_cmd(
                     "late": s.late,
                     "over_budget_by_device": dict(sorted(mon.over_budget.items())),
                     "alerts": [vars(a) for a in mon.alerts], "alerts_raised": mon.alerts_raised,
+                    "notes": list(mon.notes),
                     "carried_over": mon.carried_over, "carried_over_total": mon.carried_over_total,
                    "store": db.where, "metrics": served})
     else:
         if not out.is_terminal:  # rich ends its last frame with a newline on a terminal only: a log got "...hardwarestored"
             out.line()
+        late = mon.notes_raised - noted  # what the last batches, stored as it stopped, could not judge
+        for note in list(mon.notes)[-late:] if late > 0 else []:
+            out.print(f"[yellow]note[/] {safe(note)}", highlight=False)
         # dropped unrefused and not alerted one by one (a revoked key's use included), and what the sequence check
         # found besides gaps: said here when there were any
         quiet = "".join(f"{n:,} {what}, " for n, what in (
