@@ -201,7 +201,12 @@ def test_select_explain_shows_no_figure_and_no_confidence_where_nothing_could_be
     assert "~-" not in out, out
     assert "confidence" not in out.split("figures:")[0] and "a (no choice yet)" in out, out
     int8 = next(line for line in out.splitlines() if line.split()[:1] == ["int8"])
-    assert int8.split()[1:4] == ["-", "-", "-"] and "inferred" in int8, int8
+    # nothing measured or inferred int8's figures: its row says so, never "inferred" (it was, with "-" figures)
+    assert int8.split()[1:4] == ["-", "-", "-"] and "inferred" not in int8 and "not measured" in int8, int8
+    code, out, err = run_cli("select", "--fleet", fleet, "--artifacts", folder, "--json")
+    row = next(r for r in json.loads(out)["devices"]["a"]["table"] if r["variant"] == "int8")
+    assert (row["source"], row["power_source"], row["p90_ms"]) == ("not measured", "not measured", None), row
+    assert json.loads(out)["devices"]["a"]["inferred"] == [], out
     with Store(tmp_path / "edgekit-history.db") as store:  # int8 measured too: a plain decision, with no confidence
         store.add("bench", messages.envelope("bench", "f", "a", 2, bench_body("int8", 10.0, 4.0)))
     code, out, err = run_cli("select", "--fleet", fleet, "--artifacts", folder, "--explain")
