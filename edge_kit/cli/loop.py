@@ -666,13 +666,20 @@ def monitor_cmd(
     metrics.watch(mon)
     server = metrics.serve(metrics_port, metrics_addr) if metrics_port is not None else None
     served = None if server is None else metrics_url(metrics_addr, server.server_port)
+    mon.start()  # /metrics is served from before: the alert gauges appear once it has read the history
+    if served is not None:  # said only once a scrape gets every series (the alert gauges too), never before
+        try:
+            metrics.wait_served(served)
+        except BaseException:
+            mon.stop()
+            server.shutdown()
+            raise
     if served is not None:  # with --json, stdout holds the summary alone: a script reads the port here as it runs
         if as_json:
             sys.stderr.write(f"edgekit: Prometheus metrics at {served}\n")
             sys.stderr.flush()
         else:
             out.print(f"Prometheus metrics at {safe(served)}", highlight=False)
-    mon.start()
     if not as_json:  # what an earlier run raised and may never have shown (it died first): shown, marked, once
         for line in carried_lines(mon.carried_over, mon.carried_over_total):
             out.print(line, highlight=False)

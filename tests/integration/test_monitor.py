@@ -201,6 +201,47 @@ def test_prometheus_endpoint_exports_per_device_and_variant_series(fleet, publis
     assert 'edgekit_monitor_messages_total{outcome="invalid"} 2.0' in text
 
 
+def test_metrics_url_is_printed_only_once_a_scrape_gets_every_series(fleet, tmp_path):
+    """The first `curl` of the URL `edgekit monitor --metrics-port` printed came back without the alert gauges
+    (edgekit_device_drifting, _low_disk, _silent, _breaking_constraints): the URL was printed before the monitor read
+    the history, and those are exported only from then. Now it is printed once /metrics answers with every series'
+    HELP and TYPE: a scrape the moment the line appears gets them all."""
+    import os
+    import subprocess
+    import sys
+
+    from prometheus_client import generate_latest
+
+    from edge_kit.telemetry.metrics import ALERT_GAUGES
+
+    every = {line.split()[2] for line in generate_latest(FleetMetrics().registry).decode().splitlines()
+             if line.startswith("# TYPE")}
+    every |= {name for _kind, name, _help in ALERT_GAUGES} | {"edgekit_monitor_messages_total",
+                                                              "edgekit_monitor_over_budget_total"}
+    # a history that takes a second to read as the monitor starts (a Raspberry Pi's SD card): the window the URL fell in
+    slow = tmp_path / "slow"
+    slow.mkdir()
+    (slow / "sitecustomize.py").write_text(
+        "import time\nfrom edge_kit.telemetry import monitor\nseed = monitor.Monitor._seed_alert_states\n"
+        "monitor.Monitor._seed_alert_states = lambda self, *a: (time.sleep(1.0), seed(self, *a))[1]\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(slow), *sys.path])}
+    proc = subprocess.Popen([sys.executable, "-m", "edge_kit", "monitor", "--fleet", str(tmp_path / "fleet.yaml"),
+                             "--metrics-port", "0", "--duration", "2", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stderr.readline()
+        assert line.startswith("edgekit: Prometheus metrics at http://127.0.0.1:"), line + proc.stderr.read()
+        text = urllib.request.urlopen(line.split(" at ")[1].strip(), timeout=5).read().decode()  # at once
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    for kind in ("HELP", "TYPE"):
+        served = {row.split()[2] for row in text.splitlines() if row.startswith(f"# {kind} ")}
+        assert every <= served, (kind, sorted(every - served))
+
+
 def test_a_monitor_started_over_a_kept_history_exports_its_figures_in_metrics_before_any_message(fleet, tmp_path):
     """/metrics was built only from the messages a run received: a monitor started again (or `edgekit monitor` over a
     kept demo) showed the fleet's figures in `edgekit report` but nothing in /metrics until each device spoke again.
