@@ -37,7 +37,8 @@ from edge_kit.cli.app import (
     safe,
     spinner,
 )
-from edge_kit.selection.policy import DEFAULT_MARGIN
+from edge_kit.errors import INFEASIBLE_EXIT
+from edge_kit.selection.policy import DEFAULT_MARGIN, infeasible
 from edge_kit.telemetry.budget import DEFAULT_BURST, DEFAULT_RATE
 from edge_kit.telemetry.store import GAP_GRACE_S
 from edgekit_protocol.labels import accuracy_text, clip, power_source
@@ -83,6 +84,21 @@ def _violated(d: Any) -> str:
     row = next((r for r in getattr(d, "table", None) or [] if r.get("chosen")), {})
     source = row.get("power_source")
     return ", ".join(f"{v} ({source})" if v.startswith("power") and source else v for v in d.violates)
+
+
+def infeasible_line(decisions: dict[str, Any], chosen: str = "runs") -> str | None:
+    """Return the line (rich markup) naming the devices of ``decisions`` left on a variant that meets not every
+    constraint, each with the variant and what it breaks (a power bound with its figure's source), or None when
+    there are none (:func:`~edge_kit.selection.policy.infeasible`); ``chosen``: what the device does with it
+    (``runs`` after tune, ``gets`` from select)."""
+    names = list(infeasible(decisions))
+    if not names:
+        return None
+    shown = "; ".join(f"{safe(n)} {chosen} {safe(decisions[n].chosen)}, breaking {safe(_violated(decisions[n]))}"
+                      for n in names[:10])
+    more = f"; and {len(names) - 10} more (--json: infeasible)" if len(names) > 10 else ""
+    return (f"[red]infeasible[/] {len(names)} device(s) meet no variant's constraints (the least-violating one is "
+            f"chosen): {shown}{more}")
 
 
 def _source(row: dict[str, Any]) -> str:
@@ -186,14 +202,19 @@ def select_cmd(
     metric = (manifest.eval or {}).get("metric")  # the accuracy column's figure: top1, map, miou, pck, a user's
     if as_json:
         emit_json({"devices": {k: v.as_dict() for k, v in decisions.items()}, "notes": messages,
-                   "figures": figures_text(chosen, inferred, metric=metric)})
-        return
-    for item in decision_table(decisions, explain):
-        out.print(item)
-    if explain:
-        out.print(figures_note(chosen, inferred, metric=metric), highlight=False)
-    for text in messages:
-        out.print(f"[yellow]note[/] {safe(text)}")
+                   "figures": figures_text(chosen, inferred, metric=metric), "infeasible": infeasible(decisions)})
+    else:
+        for item in decision_table(decisions, explain):
+            out.print(item)
+        if explain:
+            out.print(figures_note(chosen, inferred, metric=metric), highlight=False)
+        for text in messages:
+            out.print(f"[yellow]note[/] {safe(text)}")
+        line = infeasible_line(decisions, "gets")
+        if line is not None:
+            out.print(line, highlight=False)
+    if infeasible(decisions):
+        raise typer.Exit(INFEASIBLE_EXIT)
 
 
 def tune_options(artifacts: Path, rounds: int, margin: float, min_runs: int, min_seconds: float, timeout: float,
@@ -254,6 +275,9 @@ def print_tune(report: Any) -> None:
     flagged = {k: d.flagged for k, d in report.final.items() if getattr(d, "flagged", None)}
     for name, why in flagged.items():
         out.print(f"[red]flagged[/] {name}: {safe(why)}")
+    line = infeasible_line(report.final)
+    if line is not None:
+        out.print(line, highlight=False)
 
 
 @app.command("tune")
@@ -299,6 +323,8 @@ def tune_cmd(
         print_tune(report)
     if report.deploy.failed or report.silent or report.refused:
         raise typer.Exit(4)
+    if infeasible(report.final):  # completed, with a device outside its constraints: a code of its own
+        raise typer.Exit(INFEASIBLE_EXIT)
 
 
 @app.command("demo")
