@@ -145,6 +145,48 @@ def test_alerts_for_offline_broken_constraints_and_silence(fleet, publisher, tmp
         "d1: 9.0 MB free (below 32 MB)", "d1: 1.0 MB free (full: installs, activations and benches refused)"]
 
 
+def test_a_variant_losing_accuracy_against_the_device_s_fp32_is_alerted_alone_and_with_share(fleet, publisher, tmp_path):
+    """The Raspberry Pi user's case: the monitor running, `edgekit bench --variant int8` on a device whose int8 scores
+    51.25 % against its fp32's 53.75 % (rpi4: min_accuracy_ratio 0.99): 0 alerts, the bound judged without the fp32
+    accuracy. Now the monitor takes d1's fp32 accuracy from the history as it starts, d2's from the record that arrives
+    (with --share, whichever worker the broker hands it to: the history is shared), and alerts each int8 once."""
+    def scored(device, seq, variant, value):
+        return {**bench(device, seq, p90=5.0, variant=variant), "model": "digits", "sha256": variant[0] * 64,
+                "accuracy": {"metric": "top1", "value": value, "samples": 80}}
+
+    expected = ("{d} int8: breaks accuracy >= 0.99 x fp32 (51.25% on the eval set, 0.9535 x fp32's 53.75%, its newest "
+                "fp32 benchmark on {d})")
+    store = Store(tmp_path / "h.db")
+    store.add("bench", signed(scored("d1", 1, "fp32", 0.5375)))
+    mon = Monitor(fleet, store).start()
+    try:
+        send(publisher, "bench", scored("d1", 2, "int8", 0.5125))
+        send(publisher, "bench", scored("d2", 1, "fp32", 0.5375), device="d2")
+        send(publisher, "bench", scored("d2", 2, "int8", 0.5125), device="d2")
+        assert wait_until(lambda: mon.stats.stored == 3, 20), mon.stats
+    finally:
+        mon.stop()
+    assert sorted(a.text for a in mon.alerts) == [expected.format(d="d1"), expected.format(d="d2")]
+
+    shared = Store(tmp_path / "shared.db")
+    workers = [Monitor(fleet, shared, share="acc", workers=2, client_id=f"acc-{i}") for i in range(2)]
+    for worker in workers:
+        worker.start()
+    try:
+        for seq in range(1, 6):  # fp32 to one worker or the other, then int8 to either: judged all the same
+            send(publisher, "bench", scored("d1", 2 * seq - 1, "fp32", 0.5375))
+            assert wait_until(lambda: shared.count("bench") == 2 * seq - 1, 20)
+            send(publisher, "bench", scored("d1", 2 * seq, "int8", 0.5125 if seq % 2 else 0.535))  # breaks, meets
+            assert wait_until(lambda: shared.count("bench") == 2 * seq, 20)
+    finally:
+        for worker in workers:
+            worker.stop()
+    raised = sorted(a.text for w in workers for a in w.alerts)
+    assert raised == [expected.format(d="d1")] * 3, raised  # each breaking episode once, by one worker
+    assert [(r["device"], r["kind"], r["cleared_at"] is None) for r in shared.alerts(limit=10)] == [
+        ("d1", "constraints", True)] + [("d1", "constraints", False)] * 2
+
+
 def test_prometheus_endpoint_exports_per_device_and_variant_series(fleet, publisher, tmp_path):
     """Benchmarks, status, and the serving API's figures and shadow comparisons from their own topics: each
     verified as its device's (a forged one is refused and counted), stored in its table, gaps found per kind."""
