@@ -268,7 +268,7 @@ def test_a_metrics_port_in_use_or_out_of_range_is_one_line_exit_2(tmp_path, run_
 
 
 def _offline_monitor(tmp_path, monkeypatch, stats=None, alerts_raised: int = 0, on_start=None, carried_over=(),
-                     retained_leftovers=()):
+                     retained_leftovers=(), notes=()):
     """Replace the monitor with one that needs no broker (``stats``, ``alerts_raised``: what it says it saw;
     ``carried_over``: the open alerts it found at start; ``on_start``: called as it starts) and return a fleet file
     for it."""
@@ -280,7 +280,7 @@ def _offline_monitor(tmp_path, monkeypatch, stats=None, alerts_raised: int = 0, 
             self.alerts, self.alerts_raised, self.failed, self.over_budget, self.constraints = [], alerts_raised, None, {}, {}
             self.carried_over, self.carried_over_total = list(carried_over), len(carried_over)
             self.retained_leftovers = set(retained_leftovers)
-            self.notes, self.notes_raised = [], 0  # what it could not judge (an accuracy bound without fp32's)
+            self.notes, self.notes_raised = list(notes), len(notes)  # what it could not judge (no fp32 accuracy)
 
         def alert_states(self):
             return {}
@@ -892,3 +892,14 @@ def test_metrics_wait_served_says_in_one_line_when_metrics_does_not_answer_whole
     with pytest.raises(InputError) as raised:
         metrics.wait_served(url, timeout=0.3)
     assert str(raised.value).startswith(f"{url}: /metrics did not answer with every series within 0.3 s (")
+
+
+def test_monitor_prints_what_it_could_not_judge_as_notes_not_alerts(tmp_path, run_cli, monkeypatch):
+    """An accuracy bound the monitor could not judge (no fp32 accuracy of the device's model) is said once, as a note
+    (printed, and ``notes`` in the --json summary), never as an alert."""
+    note = "d1 int8: accuracy >= 0.99 x fp32 not judged: no fp32 benchmark of model digits with an accuracy from d1"
+    fleet_file = _offline_monitor(tmp_path, monkeypatch, notes=[note])
+    code, out, err = run_cli("monitor", "--fleet", fleet_file, "--duration", "0", "--json")
+    assert code == 0 and json.loads(out)["notes"] == [note] and json.loads(out)["alerts"] == [], err
+    code, out, err = run_cli("monitor", "--fleet", fleet_file, "--duration", "0")
+    assert code == 0 and f"note {note}" in " ".join(out.split()) and "alert" not in out.replace("alerts)", ""), out
