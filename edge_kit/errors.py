@@ -16,6 +16,11 @@ from edgekit_protocol.errors import (
     MessageError,
 )
 
+#: The exit code of ``edgekit tune`` and ``edgekit select`` when they completed but a device has no variant that
+#: meets every constraint (it is given, or runs, the least-violating one): not an error, a fleet outside its service
+#: level, which a script or CI job must see. A failure's own code (4: a deploy, a device, the history) comes first.
+INFEASIBLE_EXIT = 7
+
 
 class CompileError(EdgeKitError):
     """A conversion, pruning or packaging step failed."""

@@ -37,7 +37,8 @@ from edge_kit.cli.app import (
     safe,
     spinner,
 )
-from edge_kit.selection.policy import DEFAULT_MARGIN
+from edge_kit.errors import INFEASIBLE_EXIT
+from edge_kit.selection.policy import DEFAULT_MARGIN, infeasible
 from edge_kit.telemetry.budget import DEFAULT_BURST, DEFAULT_RATE
 from edge_kit.telemetry.store import GAP_GRACE_S
 from edgekit_protocol.labels import accuracy_text, clip, power_source
@@ -83,6 +84,21 @@ def _violated(d: Any) -> str:
     row = next((r for r in getattr(d, "table", None) or [] if r.get("chosen")), {})
     source = row.get("power_source")
     return ", ".join(f"{v} ({source})" if v.startswith("power") and source else v for v in d.violates)
+
+
+def infeasible_line(decisions: dict[str, Any], chosen: str = "runs") -> str | None:
+    """Return the line (rich markup) naming the devices of ``decisions`` left on a variant that meets not every
+    constraint, each with the variant and what it breaks (a power bound with its figure's source), or None when
+    there are none (:func:`~edge_kit.selection.policy.infeasible`); ``chosen``: what the device does with it
+    (``runs`` after tune, ``gets`` from select)."""
+    names = list(infeasible(decisions))
+    if not names:
+        return None
+    shown = "; ".join(f"{safe(n)} {chosen} {safe(decisions[n].chosen)}, breaking {safe(_violated(decisions[n]))}"
+                      for n in names[:10])
+    more = f"; and {len(names) - 10} more (--json: infeasible)" if len(names) > 10 else ""
+    return (f"[red]infeasible[/] {len(names)} device(s) meet no variant's constraints (the least-violating one is "
+            f"chosen): {shown}{more}")
 
 
 def _source(row: dict[str, Any]) -> str:
@@ -186,14 +202,19 @@ def select_cmd(
     metric = (manifest.eval or {}).get("metric")  # the accuracy column's figure: top1, map, miou, pck, a user's
     if as_json:
         emit_json({"devices": {k: v.as_dict() for k, v in decisions.items()}, "notes": messages,
-                   "figures": figures_text(chosen, inferred, metric=metric)})
-        return
-    for item in decision_table(decisions, explain):
-        out.print(item)
-    if explain:
-        out.print(figures_note(chosen, inferred, metric=metric), highlight=False)
-    for text in messages:
-        out.print(f"[yellow]note[/] {safe(text)}")
+                   "figures": figures_text(chosen, inferred, metric=metric), "infeasible": infeasible(decisions)})
+    else:
+        for item in decision_table(decisions, explain):
+            out.print(item)
+        if explain:
+            out.print(figures_note(chosen, inferred, metric=metric), highlight=False)
+        for text in messages:
+            out.print(f"[yellow]note[/] {safe(text)}")
+        line = infeasible_line(decisions, "gets")
+        if line is not None:
+            out.print(line, highlight=False)
+    if infeasible(decisions):
+        raise typer.Exit(INFEASIBLE_EXIT)
 
 
 def tune_options(artifacts: Path, rounds: int, margin: float, min_runs: int, min_seconds: float, timeout: float,
@@ -254,6 +275,9 @@ def print_tune(report: Any) -> None:
     flagged = {k: d.flagged for k, d in report.final.items() if getattr(d, "flagged", None)}
     for name, why in flagged.items():
         out.print(f"[red]flagged[/] {name}: {safe(why)}")
+    line = infeasible_line(report.final)
+    if line is not None:
+        out.print(line, highlight=False)
 
 
 @app.command("tune")
@@ -299,6 +323,8 @@ def tune_cmd(
         print_tune(report)
     if report.deploy.failed or report.silent or report.refused:
         raise typer.Exit(4)
+    if infeasible(report.final):  # completed, with a device outside its constraints: a code of its own
+        raise typer.Exit(INFEASIBLE_EXIT)
 
 
 @app.command("demo")
@@ -666,18 +692,25 @@ def monitor_cmd(
     metrics.watch(mon)
     server = metrics.serve(metrics_port, metrics_addr) if metrics_port is not None else None
     served = None if server is None else metrics_url(metrics_addr, server.server_port)
+    mon.start()  # /metrics is served from before: the alert gauges appear once it has read the history
+    if served is not None:  # said only once a scrape gets every series (the alert gauges too), never before
+        try:
+            metrics.wait_served(served)
+        except BaseException:
+            mon.stop()
+            server.shutdown()
+            raise
     if served is not None:  # with --json, stdout holds the summary alone: a script reads the port here as it runs
         if as_json:
             sys.stderr.write(f"edgekit: Prometheus metrics at {served}\n")
             sys.stderr.flush()
         else:
             out.print(f"Prometheus metrics at {safe(served)}", highlight=False)
-    mon.start()
     if not as_json:  # what an earlier run raised and may never have shown (it died first): shown, marked, once
         for line in carried_lines(mon.carried_over, mon.carried_over_total):
             out.print(line, highlight=False)
     end = _time.monotonic() + duration if duration is not None else None
-    shown = 0
+    shown = noted = 0
     stopped = _stop_on_sigterm()
     try:
         with Live(_fleet_view(db, fleet), console=out, refresh_per_second=1, transient=False) if not as_json else nullcontext() as live:
@@ -690,6 +723,9 @@ def monitor_cmd(
                     new, shown = mon.alerts_raised - shown, mon.alerts_raised
                     for line in alert_lines(list(mon.alerts), new):
                         live.console.print(line)
+                    fresh, noted = mon.notes_raised - noted, mon.notes_raised
+                    for note in list(mon.notes)[-fresh:] if fresh > 0 else []:
+                        live.console.print(f"[yellow]note[/] {safe(note)}")
     except KeyboardInterrupt:
         pass
     finally:
@@ -710,11 +746,15 @@ def monitor_cmd(
                     "late": s.late,
                     "over_budget_by_device": dict(sorted(mon.over_budget.items())),
                     "alerts": [vars(a) for a in mon.alerts], "alerts_raised": mon.alerts_raised,
+                    "notes": list(mon.notes),
                     "carried_over": mon.carried_over, "carried_over_total": mon.carried_over_total,
                    "store": db.where, "metrics": served})
     else:
         if not out.is_terminal:  # rich ends its last frame with a newline on a terminal only: a log got "...hardwarestored"
             out.line()
+        late = mon.notes_raised - noted  # what the last batches, stored as it stopped, could not judge
+        for note in list(mon.notes)[-late:] if late > 0 else []:
+            out.print(f"[yellow]note[/] {safe(note)}", highlight=False)
         # dropped unrefused and not alerted one by one (a revoked key's use included), and what the sequence check
         # found besides gaps: said here when there were any
         quiet = "".join(f"{n:,} {what}, " for n, what in (

@@ -68,6 +68,7 @@ from edge_kit.selection.policy import (
     Decision,
     Request,
     choose_all,
+    infeasible,
 )
 from edge_kit.telemetry.report import flagged_devices
 from edge_kit.telemetry.store import SELECTION_KIND, HistoryStore
@@ -104,9 +105,11 @@ class TuneReport:
         return [d for r in self.rounds for d in r["switched"]]
 
     def as_dict(self) -> dict[str, Any]:
-        """Return the report as plain data (for ``--json``); ``budget`` only when the tune had one."""
+        """Return the report as plain data (for ``--json``): ``infeasible`` maps each device left on a variant that
+        meets not every constraint to the bounds it breaks (:func:`~edge_kit.selection.policy.infeasible`);
+        ``budget`` only when the tune had one."""
         out = {"deploy": self.deploy.as_dict(), "rounds": self.rounds, "silent": self.silent, "refused": self.refused,
-               "final": {k: v.as_dict() for k, v in self.final.items()}}
+               "final": {k: v.as_dict() for k, v in self.final.items()}, "infeasible": infeasible(self.final)}
         if self.budget is not None:
             out["budget"] = self.budget
         return out

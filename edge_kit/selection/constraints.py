@@ -18,6 +18,12 @@ import numpy as np
 from edge_kit.profiles import Constraints
 from edgekit_protocol.labels import accuracy_text, power_source
 
+#: The variants a model's others are compared with (fidelity, and the accuracy ratio), in order of preference, as
+#: :attr:`edge_kit.manifest.Manifest.reference_id` picks one: ``fp32``, else ``onnx-fp32`` (an ONNX model whose fp32
+#: could not be converted). What judges a benchmark without its manifest (the monitor) takes the first of them that the
+#: device measured for the model.
+REFERENCE_VARIANTS = ("fp32", "onnx-fp32")
+
 
 def effective_constraints(profile_constraints: Constraints, override: Constraints | None) -> Constraints:
     """Return the profile's constraints with every bound the override sets replaced."""
@@ -97,14 +103,17 @@ def unjudged(c: Constraints, m: Measured, fp32_accuracy: float | None) -> list[s
     return [describe(name, c) for name, gone in missing.items() if gone and getattr(c, name) is not None]
 
 
-def broken_text(c: Constraints, m: Measured, broken: Iterable[str]) -> str:
+def broken_text(c: Constraints, m: Measured, broken: Iterable[str], reference: tuple[float, str] | None = None) -> str:
     """Return each bound in ``broken`` (constraint names) with the figure of ``m`` that broke it and where that came
-    from, e.g. ``p90 <= 20 ms (31.2 ms p90, the device's clock)``, joined by commas.
+    from, e.g. ``p90 <= 20 ms (31.2 ms p90, the device's clock)``, joined by commas. ``reference``: the fp32
+    accuracy the accuracy bound was judged against and where it came from (e.g. ``(0.5375, "the device's newest fp32
+    benchmark")``), shown with the ratio: ``accuracy >= 0.99 x fp32 (51.25% on the eval set, 0.9535 x fp32's 53.75%,
+    the device's newest fp32 benchmark)``.
 
     Raises:
         KeyError: a name in ``broken`` is not a constraint.
     """
-    return ", ".join(f"{describe(k, c)} ({measured_text(k, m)})" for k in broken)
+    return ", ".join(f"{describe(k, c)} ({measured_text(k, m, reference)})" for k in broken)
 
 
 def _positive(x: Any) -> Any:
@@ -127,9 +136,10 @@ def describe(name: str, c: Constraints) -> str:
             "min_fidelity_snr_db": f"fidelity SNR >= {bound:g} dB"}[name]
 
 
-def measured_text(name: str, m: Measured) -> str:
+def measured_text(name: str, m: Measured, reference: tuple[float, str] | None = None) -> str:
     """Return the figure of ``m`` that constraint ``name`` judges, with its unit and where it came from, e.g.
-    ``6.9 W, estimated`` or ``80 ms p90, the device's clock``; the accuracy one as a share or on its own scale.
+    ``6.9 W, estimated`` or ``80 ms p90, the device's clock``; the accuracy one as a share or on its own scale, and
+    with ``reference`` (the fp32 accuracy it was judged against, and where that came from) its ratio to it and both.
 
     Raises:
         KeyError: ``name`` is not a constraint.
@@ -137,8 +147,11 @@ def measured_text(name: str, m: Measured) -> str:
     def num(x: float | None) -> str:
         return "none" if x is None or math.isnan(x) else f"{x:.4g}"
 
+    accuracy = f"{accuracy_text(m.accuracy)} on the eval set"
+    if name == "min_accuracy_ratio" and reference is not None and m.accuracy is not None and reference[0] > 0:
+        accuracy += f", {num(m.accuracy / reference[0])} x fp32's {accuracy_text(reference[0])}, {reference[1]}"
     return {"max_latency_p90_ms": f"{num(m.p90_ms)} ms p90, the device's clock",
             "max_power_w": f"{num(m.avg_w)} W, {m.power_source}",
             "max_model_mb": f"{num(m.model_mb)} MB, the artifact's size",
-            "min_accuracy_ratio": f"{accuracy_text(m.accuracy)} on the eval set",
+            "min_accuracy_ratio": accuracy,
             "min_fidelity_snr_db": f"{num(m.snr_db)} dB worst output"}[name]

@@ -97,6 +97,8 @@ from edgekit_protocol.labels import power_source
 LOG_METRICS = ("p90_ms", "energy_mj", "avg_w")
 FLAT_METRICS = ("accuracy", "snr_db")
 METRICS = LOG_METRICS + FLAT_METRICS
+#: The ``source`` of a decision row none of whose figures anything measured or inferred (:meth:`Plan.sources`).
+NOT_MEASURED = "not measured"
 COVARIATES = ("throttled", "temperature", "power_mode", "clock")
 # what an undecided device's reason says to do: measure what nothing could be inferred from
 MEASURE_HINT = "`edgekit tune` measures it (or `edgekit bench --device DEVICE --variant VARIANT`, one at a time)"
@@ -684,9 +686,10 @@ class Plan:
     uncertain: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
 
     def sources(self, d: int) -> list[dict[str, Any]]:
-        """Return the table behind device ``d``'s decision: one row per candidate with each figure,
-        whether it was measured on the device or inferred from its profile, and the 90 % interval
-        of an inferred one.
+        """Return the table behind device ``d``'s decision: one row per candidate with each figure (None where
+        nothing gave one), its ``source``: ``measured`` on the device, ``inferred`` from its profile (with the 90 %
+        interval of each inferred figure) or ``not measured`` (nothing measured it and nothing could be inferred:
+        no figure at all), never ``inferred`` for figures nothing produced.
         """
         spec, f = self.model.spec, self.figures
         rows = []
@@ -702,8 +705,16 @@ class Plan:
                     lo, hi = f.mean[k][d, v] - Z90 * f.sd[k][d, v], f.mean[k][d, v] + Z90 * f.sd[k][d, v]
                     row[f"{k}_interval"] = ([float(np.exp(lo)), float(np.exp(hi))] if k in LOG_METRICS
                                             else [float(lo), float(hi)])
+            if not own and not self.inferred(d, v):
+                row["source"] = NOT_MEASURED
             rows.append(row)
         return rows
+
+    def inferred(self, d: int, v: int) -> bool:
+        """Return True when device ``d`` did not measure variant ``v`` and the fleet model inferred a figure of it
+        (False for one measured, or one of which nothing could be inferred: no figure at all)."""
+        f = self.figures
+        return not f.measured[d, v] and any(not np.isnan(f.values[k][d, v, 0]) for k in METRICS)
 
     def reason(self, d: int) -> str:
         """Return why device ``d`` gets its choice, in words: measured or inferred, confidence, flag, drift."""
@@ -712,11 +723,15 @@ class Plan:
             return self.undecided[d]
         v = int(self.chosen[d])
         cands = np.flatnonzero(spec.candidates[d])
-        inferred = [spec.variants[c] for c in cands if not self.figures.measured[d, c]]
-        text = f"{spec.variants[v]}: " + ("every candidate measured on this device" if not inferred else
+        inferred = [spec.variants[c] for c in cands if self.inferred(d, c)]
+        blank = [spec.variants[c] for c in cands if not self.figures.measured[d, c] and not self.inferred(d, c)]
+        text = f"{spec.variants[v]}: " + ("every candidate measured on this device" if not inferred and not blank else
                                            f"on {'its own measurement' if self.figures.measured[d, v] else 'inferred figures'}"
-                                           f" of {spec.variants[v]}; inferred from profile {spec.profiles[spec.profile[d]]}: "
-                                           f"{', '.join(inferred)}; confidence {self.confidence[d]:.2f}")
+                                           f" of {spec.variants[v]}; "
+                                           + (f"inferred from profile {spec.profiles[spec.profile[d]]}: "
+                                              f"{', '.join(inferred)}; " if inferred else "")
+                                           + (f"not measured, nothing to infer from: {', '.join(blank)}; " if blank else "")
+                                           + f"confidence {self.confidence[d]:.2f}")
         if not self.feasible[d]:
             text += "; infeasible: nothing meets every constraint, least violating"
         if model.flagged[d]:
@@ -993,7 +1008,8 @@ def decisions_of(plan: Plan, sha256: dict[str, str], devices: list[int] | None =
             table.append({**row, "sha256": sha256.get(row["variant"]), "measured": row["source"] == "measured",
                           "runs": int((~np.isnan(plan.figures.values["p90_ms"][d, vi])).sum()) if row["source"] == "measured" else 0,
                           "power_source": (labels.get((spec.devices[d], sha256.get(row["variant"])))
-                                           if row["source"] == "measured" else _inferred_power(
+                                           if row["source"] == "measured" else NOT_MEASURED
+                                           if row["source"] == NOT_MEASURED else _inferred_power(
                                                pooled.get((int(spec.profile[d]), sha256.get(row["variant"]))))),
                           "model_mb": float(spec.model_mb[spec.profile[d], vi]),
                           "violates": _row_violates(plan, d, vi), "unjudged": unjudged_bounds(plan, d, vi)})

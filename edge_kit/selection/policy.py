@@ -85,6 +85,13 @@ class Decision:
         return asdict(self)
 
 
+def infeasible(decisions: dict[str, Any]) -> dict[str, list[str]]:
+    """Return, per device of ``decisions`` (device -> :class:`Decision` or a fleet-model decision) given a variant
+    that meets not every constraint (the least-violating one), the bounds it breaks, in words (``violates``); a
+    device with no choice yet (nothing measured) is not infeasible, and is left out."""
+    return {name: list(d.violates) for name, d in decisions.items() if d.chosen is not None and not d.feasible}
+
+
 @dataclass(frozen=True)
 class Group:
     """Devices that choose among the same variants under the same constraints, and what they measured.

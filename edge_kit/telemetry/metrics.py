@@ -243,6 +243,39 @@ class FleetMetrics:
         return server
 
 
+    def wait_served(self, url: str, timeout: float = 10.0) -> None:
+        """Return once ``url`` (this registry's ``/metrics``, :meth:`serve`) answers with the ``# HELP`` and ``# TYPE``
+        of every series the registry exports now (the alert gauges of a watched monitor once it has read the
+        history): so a URL printed after it is one a scrape gets whole. Asked directly, never through a proxy.
+
+        Raises:
+            InputError: it did not answer so within ``timeout`` seconds (what it answered, or why not, is said).
+        """
+        import urllib.request
+
+        from prometheus_client.parser import text_string_to_metric_families
+
+        wanted = {family.name for family in self.registry.collect()}
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: no http_proxy in between
+        deadline = time.monotonic() + timeout
+        why = "no answer"
+        while True:
+            try:
+                with opener.open(url, timeout=max(0.5, deadline - time.monotonic())) as answer:
+                    text = answer.read().decode()
+                served = {family.name for family in text_string_to_metric_families(text)}
+                missing = wanted - served
+                if not missing:
+                    return
+                why = f"no HELP/TYPE of {', '.join(sorted(missing)[:3])}"
+            except (OSError, ValueError) as exc:  # not answering yet, or an answer that is no exposition text
+                why = f"{type(exc).__name__}: {exc}"
+            if time.monotonic() >= deadline:
+                raise InputError(f"{url}: /metrics did not answer with every series within {timeout:g} s ({why}); "
+                                 "check that nothing else answers on that address and port")
+            time.sleep(0.05)
+
+
 def metrics_url(addr: str, port: int) -> str:
     """Return the URL of ``/metrics`` served on ``addr:port`` (an IPv6 address in brackets)."""
     host = f"[{addr}]" if ":" in addr else addr

@@ -70,6 +70,7 @@ from edge_kit.fleet.commands import broker_unreachable
 from edge_kit.fleet.inventory import Fleet
 from edge_kit.profiles import load_profile
 from edge_kit.selection.constraints import (
+    REFERENCE_VARIANTS,
     Measured,
     broken_text,
     effective_constraints,
@@ -224,6 +225,10 @@ MAX_STALE_EPOCHS = 1_000  # (device, epoch) of older numberings remembered (a la
 MAX_LEFT_SEEN = 10_000  # leftovers of revoked devices remembered (each signed by a revoked key before its revocation)
 
 MAX_OLD_RUNS = 64  # a device's ended shadow runs remembered: a late message of one is no news
+# fp32 reference accuracies remembered ((device, model, variant): a hostile device naming a new model in each record
+# grows no map without bound), and notes kept (the newest; each said once per device and model)
+MAX_REFERENCES = 10_000
+MAX_NOTES = 1_000
 
 
 def _shadow_mark(shadow: dict[str, Any]) -> tuple[int | None, str | None, int]:
@@ -403,6 +408,14 @@ class Monitor:
         self._last_shadow: dict[str, tuple[int | None, str | None, int]] = {}
         self._old_runs: dict[str, deque[str]] = {}  # each device's runs taken before its newest one
         self._intervals: dict[str, float] = {}  # each device's telemetry interval, as its newest telemetry says it
+        # (device, model, fp32 reference variant) -> the accuracy of its newest benchmark with one: what the accuracy
+        # bound of the model's other variants is a ratio of (from the history at start, then from what arrives)
+        self._reference: dict[tuple[str, str | None, str], float] = {}
+        #: What the monitor could not judge, said once per device and model (e.g. an accuracy bound without the fp32
+        #: accuracy), the newest :data:`MAX_NOTES`; ``notes_raised`` counts them all. Not alerts: nothing broke.
+        self.notes: deque[str] = deque(maxlen=MAX_NOTES)
+        self.notes_raised = 0
+        self._noted: set[tuple[str, str | None]] = set()  # (device, model) whose unjudged accuracy bound was said
         # The history's first failure to connect or write (a database gone away): from then on this
         # worker stores nothing more, and whoever runs it stops and says so (`edgekit monitor` exits 6).
         self.failed: HistoryError | None = None
@@ -515,6 +528,8 @@ class Monitor:
             shadows = self.store.latest_shadow()
             self._last_shadow = {d: _shadow_mark(m) for d, m in shadows.items()}
             self._intervals = self.store.telemetry_intervals()  # until its next telemetry says otherwise
+            # each device's fp32 accuracy per model, what its accuracy bound is judged against (one query)
+            self._reference = self.store.reference_accuracies(self._accuracy_bounded(), REFERENCE_VARIANTS)
             # what each device stored lately spent its budget: a restart gives a flooding device no fresh burst
             now = time.time()
             recent = self.store.stored_since(now - self.budget.window_s())
@@ -943,6 +958,11 @@ class Monitor:
                                                             for k, m in good if k in SEQ_KINDS])
         self.stats.duplicates += len(good) - new
         self.stats.stored += new
+        if self.share is not None:  # a peer may have stored the device's fp32 benchmark: one query a batch of benches
+            bounded = set(self._accuracy_bounded())
+            benched = sorted({m["device"] for k, m in good if k == "bench" and m["device"] in bounded})
+            if benched:
+                self._take_references(self.store.reference_accuracies(benched, REFERENCE_VARIANTS))
         for kind, msg in good:
             if kind in NOT_NEWS_AGAIN and msg["msg_id"] in old:
                 self._recent[msg["msg_id"]] = None
@@ -1339,8 +1359,14 @@ class Monitor:
             # a record without the model's size does not judge the size bound (it is no 0 MB model)
             size = msg.get("model_bytes")
             m = Measured.from_record(msg, size if size is not None else math.nan)
-            broken = violations(c, m, None)
             variant = str(msg["variant"])
+            model = msg.get("model") if isinstance(msg.get("model"), str) else None
+            if variant in REFERENCE_VARIANTS and messages.in_range(m.accuracy) and m.accuracy > 0:
+                self._take_references({(device, model, variant): float(m.accuracy)})
+            reference = self._reference_of(device, model)  # (its accuracy, where it came from), or None
+            broken = violations(c, m, reference[0] if reference is not None else None)
+            if reference is None and c.min_accuracy_ratio is not None and m.accuracy is not None:
+                self._note_unjudged(device, model, variant, c.min_accuracy_ratio)
             subject = alert_subject(variant)  # an episode per variant, as the alerts table keeps it
             held = self._breaking.get(device, set())
             if broken and subject not in held and len(held) >= MAX_BREAKING_VARIANTS:
@@ -1353,7 +1379,7 @@ class Monitor:
             elif broken and subject not in held:  # each bound with the figure that broke it and where that came from
                 self._breaking.setdefault(device, held).add(subject)
                 self._alert_held(Alert(device, "constraints", f"{device} {msg['variant']}: breaks "
-                                       + broken_text(c, m, broken)
+                                       + broken_text(c, m, broken, reference)
                                        + ("; a simulated device: this machine's figures" if msg.get("simulated") else "")),
                                  "constraints", subject=variant)
             elif not broken and (subject in held or self.share is not None):
@@ -1362,6 +1388,41 @@ class Monitor:
                 held.discard(subject)
                 self._breaking_capped.discard(device)
                 self.store.close_alert(device, "constraints", subject=variant)
+
+    def _accuracy_bounded(self) -> list[str]:
+        """Return the fleet file's devices whose constraints bound accuracy (``min_accuracy_ratio``): those whose fp32
+        accuracy the monitor follows."""
+        return [d for d, c in self.constraints.items() if c.min_accuracy_ratio is not None]
+
+    def _take_references(self, found: dict[tuple[str, str | None, str], float]) -> None:
+        """Take ``found`` (``(device, model, fp32 variant)`` -> accuracy, newer than what is known) as the fp32
+        accuracies the accuracy bound is judged against; past :data:`MAX_REFERENCES` new keys are left out (a hostile
+        device naming a new model in each record). Return nothing."""
+        for key, value in found.items():
+            if key in self._reference or len(self._reference) < MAX_REFERENCES:
+                self._reference[key] = value
+
+    def _reference_of(self, device: str, model: str | None) -> tuple[float, str] | None:
+        """Return the fp32 accuracy ``device``'s benchmarks of ``model`` are judged against (its newest benchmark of
+        the first of :data:`~edge_kit.selection.constraints.REFERENCE_VARIANTS` it measured, with an accuracy) and
+        where it came from, in words; None when none is known (the accuracy bound is then not judged)."""
+        for variant in REFERENCE_VARIANTS:
+            value = self._reference.get((device, model, variant))
+            if value is not None:
+                return value, f"its newest {variant} benchmark on {device}"
+        return None
+
+    def _note_unjudged(self, device: str, model: str | None, variant: str, bound: float) -> None:
+        """Say once per device and model (a note, not an alert: nothing broke) that a benchmark's accuracy bound of
+        ``device`` (``min_accuracy_ratio`` ``bound``) is not judged for want of its fp32 accuracy; return nothing."""
+        if (device, model) in self._noted or len(self._noted) >= MAX_NOTES:
+            return
+        self._noted.add((device, model))
+        named = f"model {model}" if model is not None else "its model"
+        self.notes.append(clip(f"{device} {variant}: accuracy >= {bound:g} x fp32 not judged: no fp32 benchmark of "
+                               f"{named} with an accuracy from {device} in the history (`edgekit bench --device "
+                               f"{device} --variant fp32` measures it; its other bounds are judged)", MAX_ALERT_CHARS))
+        self.notes_raised += 1
 
     def _silence_limit(self, device: str) -> float:
         """Return how long ``device`` may send nothing before it is silent (seconds): ``silence_s``, or

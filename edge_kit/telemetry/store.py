@@ -37,6 +37,7 @@ from edgekit_protocol.labels import clip, printable
 from edgekit_protocol.messages import (
     ROOT,
     field_at,
+    in_range,
     parse_topic,
     telemetry_interval,
     topic,
@@ -74,6 +75,9 @@ GAP_GRACE_S = 30.0
 #: lag far behind (a group that last ran long ago) reads this many of each stream past its mark, records what it judged
 #: and the next scan goes on from there, so a scan's time is bounded whatever the history's size.
 SCAN_ROWS = 5000
+#: A device's newest bench records of an fp32 reference variant read for its models' accuracy
+#: (:meth:`HistoryStore.reference_accuracies`): one a model, a few models a device.
+REFERENCE_SCAN = 32
 #: How long (seconds, this host's clock) after a sequence gap was recorded a record stored inside it is taken as late and
 #: taken out of it (:meth:`HistoryStore.take_out_of_gaps`): a record arriving past the grace (a stalled worker, a
 #: persistent session handed back after a crash) comes within minutes or hours; a number inside an older gap is a
@@ -1073,6 +1077,36 @@ class HistoryStore(abc.ABC):
         for (body,) in self._rows(sql, (*args, keep)):
             m = json.loads(body)
             out.setdefault((m["device"], m["sha256"]), []).append(m)
+        return out
+
+    def reference_accuracies(self, devices: list[str], variants: tuple[str, ...],
+                             scan: int = REFERENCE_SCAN) -> dict[tuple[str, str | None, str], float]:
+        """Return, per ``(device, model, variant)`` of ``devices`` and ``variants`` (the fp32 references), the
+        accuracy of the newest bench record (by receive time, then ``seq``) of that model (its ``model``, None from an
+        agent that names none) and variant that carries one (a number above 0), among the ``scan`` newest records of
+        each device and variant: what the accuracy bound of its other variants is a ratio of. One query per 200
+        devices, however many records the history holds beyond those. Raises HistoryError."""
+        out: dict[tuple[str, str | None, str], float] = {}
+        names = sorted(set(devices))
+        if not variants:
+            return out
+        for i in range(0, len(names), 200):
+            part = names[i:i + 200]
+            rows = self._rows("SELECT device, variant, body FROM (SELECT device, variant, body, ts, seq, ROW_NUMBER() "
+                              "OVER (PARTITION BY device, variant ORDER BY ts DESC, seq DESC) AS n FROM bench WHERE "
+                              f"device IN ({', '.join('?' * len(part))}) AND variant IN "
+                              f"({', '.join('?' * len(variants))})) AS ranked WHERE n <= ? ORDER BY device, variant, n",
+                              (*part, *variants, scan))
+            for device, variant, body in rows:  # newest first per device and variant: the first of a model wins
+                try:
+                    m = json.loads(body)
+                except (TypeError, ValueError):  # stored as received and verified: JSON; a hand-made row is none
+                    continue
+                model = m.get("model") if isinstance(m, dict) else None
+                value = field_at(m, "accuracy", "value")
+                key = (device, model if isinstance(model, str) else None, variant)
+                if key not in out and in_range(value) and value > 0:
+                    out[key] = float(value)
         return out
 
     def latest_status(self) -> dict[str, dict[str, Any]]:

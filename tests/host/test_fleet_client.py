@@ -268,7 +268,7 @@ def test_a_metrics_port_in_use_or_out_of_range_is_one_line_exit_2(tmp_path, run_
 
 
 def _offline_monitor(tmp_path, monkeypatch, stats=None, alerts_raised: int = 0, on_start=None, carried_over=(),
-                     retained_leftovers=()):
+                     retained_leftovers=(), notes=()):
     """Replace the monitor with one that needs no broker (``stats``, ``alerts_raised``: what it says it saw;
     ``carried_over``: the open alerts it found at start; ``on_start``: called as it starts) and return a fleet file
     for it."""
@@ -280,6 +280,7 @@ def _offline_monitor(tmp_path, monkeypatch, stats=None, alerts_raised: int = 0, 
             self.alerts, self.alerts_raised, self.failed, self.over_budget, self.constraints = [], alerts_raised, None, {}, {}
             self.carried_over, self.carried_over_total = list(carried_over), len(carried_over)
             self.retained_leftovers = set(retained_leftovers)
+            self.notes, self.notes_raised = list(notes), len(notes)  # what it could not judge (no fp32 accuracy)
 
         def alert_states(self):
             return {}
@@ -865,3 +866,40 @@ def test_what_a_revoked_device_left_is_counted_once_however_often_it_is_sent_aga
         for payload in (b"will-1", b"will-1", b"will-1", b"will-2"):
             c.client.deliver(messages.topic(FLEET, "d1", "status"), payload)
         assert c.left_by_revoked == 2 and c.rejected_count == 0
+
+
+def test_metrics_wait_served_says_in_one_line_when_metrics_does_not_answer_whole():
+    """The monitor prints its /metrics URL only once a scrape gets every series (FleetMetrics.wait_served): one that
+    answers nothing, or without a series, is one line naming the URL and what it lacked, never a URL printed."""
+    from prometheus_client import Gauge
+
+    from edge_kit.errors import InputError
+    from edge_kit.sim.broker import free_port
+    from edge_kit.telemetry.metrics import FleetMetrics
+
+    metrics = FleetMetrics()
+    server = metrics.serve(0)
+    try:
+        metrics.wait_served(f"http://127.0.0.1:{server.server_port}/metrics", timeout=5)  # answers whole: returns
+        other = FleetMetrics()
+        Gauge("edgekit_late", "a series the server's registry lacks", registry=other.registry)
+        with pytest.raises(InputError) as raised:  # the server answers for another registry, without edgekit_late
+            other.wait_served(f"http://127.0.0.1:{server.server_port}/metrics", timeout=0.3)
+        assert "no HELP/TYPE of edgekit_late" in str(raised.value) and "\n" not in str(raised.value)
+    finally:
+        server.shutdown()
+    url = f"http://127.0.0.1:{free_port()}/metrics"
+    with pytest.raises(InputError) as raised:
+        metrics.wait_served(url, timeout=0.3)
+    assert str(raised.value).startswith(f"{url}: /metrics did not answer with every series within 0.3 s (")
+
+
+def test_monitor_prints_what_it_could_not_judge_as_notes_not_alerts(tmp_path, run_cli, monkeypatch):
+    """An accuracy bound the monitor could not judge (no fp32 accuracy of the device's model) is said once, as a note
+    (printed, and ``notes`` in the --json summary), never as an alert."""
+    note = "d1 int8: accuracy >= 0.99 x fp32 not judged: no fp32 benchmark of model digits with an accuracy from d1"
+    fleet_file = _offline_monitor(tmp_path, monkeypatch, notes=[note])
+    code, out, err = run_cli("monitor", "--fleet", fleet_file, "--duration", "0", "--json")
+    assert code == 0 and json.loads(out)["notes"] == [note] and json.loads(out)["alerts"] == [], err
+    code, out, err = run_cli("monitor", "--fleet", fleet_file, "--duration", "0")
+    assert code == 0 and f"note {note}" in " ".join(out.split()) and "alert" not in out.replace("alerts)", ""), out

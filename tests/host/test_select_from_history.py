@@ -12,7 +12,8 @@ import json
 
 import pytest
 
-from edge_kit.manifest import Artifact, Manifest
+from edge_kit.fleet.inventory import load_fleet
+from edge_kit.manifest import Artifact, Manifest, read_manifest
 from edge_kit.telemetry.store import Store
 from edgekit_protocol import messages
 
@@ -201,7 +202,12 @@ def test_select_explain_shows_no_figure_and_no_confidence_where_nothing_could_be
     assert "~-" not in out, out
     assert "confidence" not in out.split("figures:")[0] and "a (no choice yet)" in out, out
     int8 = next(line for line in out.splitlines() if line.split()[:1] == ["int8"])
-    assert int8.split()[1:4] == ["-", "-", "-"] and "inferred" in int8, int8
+    # nothing measured or inferred int8's figures: its row says so, never "inferred" (it was, with "-" figures)
+    assert int8.split()[1:4] == ["-", "-", "-"] and "inferred" not in int8 and "not measured" in int8, int8
+    code, out, err = run_cli("select", "--fleet", fleet, "--artifacts", folder, "--json")
+    row = next(r for r in json.loads(out)["devices"]["a"]["table"] if r["variant"] == "int8")
+    assert (row["source"], row["power_source"], row["p90_ms"]) == ("not measured", "not measured", None), row
+    assert json.loads(out)["devices"]["a"]["inferred"] == [], out
     with Store(tmp_path / "edgekit-history.db") as store:  # int8 measured too: a plain decision, with no confidence
         store.add("bench", messages.envelope("bench", "f", "a", 2, bench_body("int8", 10.0, 4.0)))
     code, out, err = run_cli("select", "--fleet", fleet, "--artifacts", folder, "--explain")
@@ -296,7 +302,8 @@ def test_select_never_picks_the_edgetpu_variant_for_a_device_whose_status_says_i
             "runtimes": {"litert": "available", "edgetpu": edgetpu}}))
     store.close()
     code, out, err = run_cli("select", "--fleet", fleet, "--artifacts", folder, "--json")
-    assert code == 0, err
+    # notpu's int8 (30 ms) breaks coral-usb's p90 <= 15 ms: it gets the least-violating variant, and select says so
+    assert code == 7 and json.loads(out)["infeasible"] == {"notpu": ["p90 <= 15 ms"]}, err
     got = json.loads(out)["devices"]
     assert got["tpu"]["chosen"] == "edgetpu" and got["tpu"]["excluded"] == {}, got["tpu"]
     notpu = got["notpu"]
@@ -306,3 +313,39 @@ def test_select_never_picks_the_edgetpu_variant_for_a_device_whose_status_says_i
                           "package libedgetpu1-std), on the device, which its newest status in the history says it "
                           "lacks; install Coral's libedgetpu1-std package"), why
     assert "edgetpu" not in {r["variant"] for r in notpu["table"]}
+
+
+def test_select_and_tune_name_the_infeasible_devices_and_exit_7(tmp_path, run_cli, monkeypatch):
+    """A device no variant can satisfy (a: p90 <= 1 ms, every variant measured 10 ms or more) was given the
+    least-violating variant with exit 0 and nothing beyond the table's "NO": a script or CI job running `edgekit tune`
+    saw success. Now a line names each such device, its variant and what it breaks, `--json` has ``infeasible``
+    (device -> bounds), and both commands exit 7 (INFEASIBLE_EXIT); a fleet that meets its constraints exits 0."""
+    from types import SimpleNamespace
+
+    from edge_kit.errors import INFEASIBLE_EXIT
+    from edge_kit.fleet.deploy import GroupResult
+    from edge_kit.loop import tune as tn
+
+    fleet, folder = write_fleet(tmp_path)
+    code, out, err = run_cli("select", "--fleet", fleet, "--artifacts", folder, "--devices", "a", "--devices", "b", "--json")
+    assert code == 0 and json.loads(out)["infeasible"] == {}, err
+    fleet.write_text(fleet.read_text().replace("{name: a, host: 127.0.0.1,",
+                                               "{name: a, host: 127.0.0.1, constraints: {max_latency_p90_ms: 1},"))
+    code, out, err = run_cli("select", "--fleet", fleet, "--artifacts", folder, "--devices", "a", "--devices", "b", "--json")
+    assert code == INFEASIBLE_EXIT == 7, err
+    assert json.loads(out)["infeasible"] == {"a": ["p90 <= 1 ms"]}
+    code, out, err = run_cli("select", "--fleet", fleet, "--artifacts", folder, "--devices", "a", "--devices", "b")
+    text = " ".join(out.split())
+    assert code == 7 and ("infeasible 1 device(s) meet no variant's constraints (the least-violating one is chosen): a "
+                          "gets onnx-fp32, breaking p90 <= 1 ms") in text, (out, err)
+
+    # tune: the same line and code after what it did, the same field in --json
+    decisions = tn.decide(read_manifest(folder), load_fleet(fleet).select(["a", "b"]), Store(tmp_path / "edgekit-history.db"),
+                          {}, 0.1)
+    report = tn.TuneReport(deploy=GroupResult([]), final=decisions)
+    monkeypatch.setattr(tn, "tune", lambda *_a, **_k: report)
+    monkeypatch.setattr(tn, "TuneOptions", lambda *_a, **_k: SimpleNamespace())
+    code, out, err = run_cli("tune", "--fleet", fleet, "--artifacts", folder, "--devices", "a", "--devices", "b", "--json")
+    assert code == 7 and json.loads(out)["infeasible"] == {"a": ["p90 <= 1 ms"]}, err
+    code, out, err = run_cli("tune", "--fleet", fleet, "--artifacts", folder, "--devices", "a", "--devices", "b")
+    assert code == 7 and "a runs onnx-fp32, breaking p90 <= 1 ms" in " ".join(out.split()), (out, err)

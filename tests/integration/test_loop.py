@@ -42,7 +42,7 @@ def test_tune_leaves_every_device_feasible_or_flagged_and_a_second_run_changes_n
     args = ["tune", "--fleet", simfleet.fleet_file, "--artifacts", mixed_artifacts, "--min-runs", "50",
             "--min-seconds", "0.2", "--json"]
     code, out, err = run_cli(*args, "--rounds", "1")
-    assert code == 0, err
+    assert code == 7, err  # rpi5-1 meets no variant's constraints: tune completed, with a device outside them
     report = json.loads(out)
     # round 1 measured and switched; the rounds used up, one more decision on the health benchmarks, never acted on
     first, verify = report["rounds"]
@@ -63,12 +63,14 @@ def test_tune_leaves_every_device_feasible_or_flagged_and_a_second_run_changes_n
     measured = store.count("bench")
     code, out, err = run_cli(*args)
     again = json.loads(out)
-    assert code == 0 and again["deploy"]["counts"]["skipped"] == 3
+    assert code == 7 and again["deploy"]["counts"]["skipped"] == 3 and again["infeasible"] == {
+        "rpi5-1": ["p90 <= 1e-06 ms"]}
     assert again["rounds"][0]["switched"] == sorted(pending) and again["rounds"][-1]["switched"] == []
     assert again["rounds"][0]["measured"] == 0
     assert store.count("bench") == measured + len(pending)  # nothing measured again; a pending switch's health benchmark
     code, out, err = run_cli("select", "--fleet", simfleet.fleet_file, "--explain")  # the artifacts tune used
-    assert code == 0 and "model <= 0.5 MB" in out and "NO" in out and "stays on" in out
+    assert code == 7 and "model <= 0.5 MB" in out and "NO" in out and "stays on" in out
+    assert "infeasible 1 device(s) meet no variant's constraints" in " ".join(out.split())
 
     html = tmp_path / "report.html"
     code, out, err = run_cli("report", "--fleet", simfleet.fleet_file, "--out", html, "--json")

@@ -145,6 +145,48 @@ def test_alerts_for_offline_broken_constraints_and_silence(fleet, publisher, tmp
         "d1: 9.0 MB free (below 32 MB)", "d1: 1.0 MB free (full: installs, activations and benches refused)"]
 
 
+def test_a_variant_losing_accuracy_against_the_device_s_fp32_is_alerted_alone_and_with_share(fleet, publisher, tmp_path):
+    """The Raspberry Pi user's case: the monitor running, `edgekit bench --variant int8` on a device whose int8 scores
+    51.25 % against its fp32's 53.75 % (rpi4: min_accuracy_ratio 0.99): 0 alerts, the bound judged without the fp32
+    accuracy. Now the monitor takes d1's fp32 accuracy from the history as it starts, d2's from the record that arrives
+    (with --share, whichever worker the broker hands it to: the history is shared), and alerts each int8 once."""
+    def scored(device, seq, variant, value):
+        return {**bench(device, seq, p90=5.0, variant=variant), "model": "digits", "sha256": variant[0] * 64,
+                "accuracy": {"metric": "top1", "value": value, "samples": 80}}
+
+    expected = ("{d} int8: breaks accuracy >= 0.99 x fp32 (51.25% on the eval set, 0.9535 x fp32's 53.75%, its newest "
+                "fp32 benchmark on {d})")
+    store = Store(tmp_path / "h.db")
+    store.add("bench", signed(scored("d1", 1, "fp32", 0.5375)))
+    mon = Monitor(fleet, store).start()
+    try:
+        send(publisher, "bench", scored("d1", 2, "int8", 0.5125))
+        send(publisher, "bench", scored("d2", 1, "fp32", 0.5375), device="d2")
+        send(publisher, "bench", scored("d2", 2, "int8", 0.5125), device="d2")
+        assert wait_until(lambda: mon.stats.stored == 3, 20), mon.stats
+    finally:
+        mon.stop()
+    assert sorted(a.text for a in mon.alerts) == [expected.format(d="d1"), expected.format(d="d2")]
+
+    shared = Store(tmp_path / "shared.db")
+    workers = [Monitor(fleet, shared, share="acc", workers=2, client_id=f"acc-{i}") for i in range(2)]
+    for worker in workers:
+        worker.start()
+    try:
+        for seq in range(1, 6):  # fp32 to one worker or the other, then int8 to either: judged all the same
+            send(publisher, "bench", scored("d1", 2 * seq - 1, "fp32", 0.5375))
+            assert wait_until(lambda: shared.count("bench") == 2 * seq - 1, 20)
+            send(publisher, "bench", scored("d1", 2 * seq, "int8", 0.5125 if seq % 2 else 0.535))  # breaks, meets
+            assert wait_until(lambda: shared.count("bench") == 2 * seq, 20)
+    finally:
+        for worker in workers:
+            worker.stop()
+    raised = sorted(a.text for w in workers for a in w.alerts)
+    assert raised == [expected.format(d="d1")] * 3, raised  # each breaking episode once, by one worker
+    assert [(r["device"], r["kind"], r["cleared_at"] is None) for r in shared.alerts(limit=10)] == [
+        ("d1", "constraints", True)] + [("d1", "constraints", False)] * 2
+
+
 def test_prometheus_endpoint_exports_per_device_and_variant_series(fleet, publisher, tmp_path):
     """Benchmarks, status, and the serving API's figures and shadow comparisons from their own topics: each
     verified as its device's (a forged one is refused and counted), stored in its table, gaps found per kind."""
@@ -199,6 +241,47 @@ def test_prometheus_endpoint_exports_per_device_and_variant_series(fleet, publis
     assert 'edgekit_live_shadow_snr_db{device="d1",shadow="fp32",variant="int8"} 33.5' in text
     assert 'edgekit_monitor_messages_total{outcome="stored"} 5.0' in text
     assert 'edgekit_monitor_messages_total{outcome="invalid"} 2.0' in text
+
+
+def test_metrics_url_is_printed_only_once_a_scrape_gets_every_series(fleet, tmp_path):
+    """The first `curl` of the URL `edgekit monitor --metrics-port` printed came back without the alert gauges
+    (edgekit_device_drifting, _low_disk, _silent, _breaking_constraints): the URL was printed before the monitor read
+    the history, and those are exported only from then. Now it is printed once /metrics answers with every series'
+    HELP and TYPE: a scrape the moment the line appears gets them all."""
+    import os
+    import subprocess
+    import sys
+
+    from prometheus_client import generate_latest
+
+    from edge_kit.telemetry.metrics import ALERT_GAUGES
+
+    every = {line.split()[2] for line in generate_latest(FleetMetrics().registry).decode().splitlines()
+             if line.startswith("# TYPE")}
+    every |= {name for _kind, name, _help in ALERT_GAUGES} | {"edgekit_monitor_messages_total",
+                                                              "edgekit_monitor_over_budget_total"}
+    # a history that takes a second to read as the monitor starts (a Raspberry Pi's SD card): the window the URL fell in
+    slow = tmp_path / "slow"
+    slow.mkdir()
+    (slow / "sitecustomize.py").write_text(
+        "import time\nfrom edge_kit.telemetry import monitor\nseed = monitor.Monitor._seed_alert_states\n"
+        "monitor.Monitor._seed_alert_states = lambda self, *a: (time.sleep(1.0), seed(self, *a))[1]\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(slow), *sys.path])}
+    proc = subprocess.Popen([sys.executable, "-m", "edge_kit", "monitor", "--fleet", str(tmp_path / "fleet.yaml"),
+                             "--metrics-port", "0", "--duration", "2", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stderr.readline()
+        assert line.startswith("edgekit: Prometheus metrics at http://127.0.0.1:"), line + proc.stderr.read()
+        text = urllib.request.urlopen(line.split(" at ")[1].strip(), timeout=5).read().decode()  # at once
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    for kind in ("HELP", "TYPE"):
+        served = {row.split()[2] for row in text.splitlines() if row.startswith(f"# {kind} ")}
+        assert every <= served, (kind, sorted(every - served))
 
 
 def test_a_monitor_started_over_a_kept_history_exports_its_figures_in_metrics_before_any_message(fleet, tmp_path):

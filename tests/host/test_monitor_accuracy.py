@@ -1,0 +1,107 @@
+"""The monitor judges a benchmark's accuracy bound (``min_accuracy_ratio``) against the device's fp32 accuracy: the
+newest fp32 benchmark of that device and model, from the history when it starts (one query) and from what arrives.
+Before, it judged every benchmark with no fp32 accuracy, so a variant losing accuracy was never alerted."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from edge_kit.fleet.inventory import load_fleet
+from edge_kit.telemetry.monitor import Monitor
+from edge_kit.telemetry.store import Store
+from edgekit_protocol import messages
+
+
+@pytest.fixture
+def fleet_file(tmp_path):
+    path = tmp_path / "fleet.yaml"  # rpi4: min_accuracy_ratio 0.99, p90 <= 50 ms
+    path.write_text("fleet: sim\nbroker: {host: 127.0.0.1, port: 1}\ndefaults: {user: edgekit, profile: rpi4}\n"
+                    "devices:\n" + "".join(f"  - {{name: {d}, host: 127.0.0.1}}\n" for d in ("d1", "d2")))
+    return path
+
+
+def _started(fleet_file, store, **kw) -> Monitor:
+    """Return a monitor that read the history as it starts (no broker on port 1: it then fails to connect)."""
+    mon = Monitor(load_fleet(fleet_file), store, verify_in_child=False, **kw)
+    try:
+        mon.start(timeout=0.5)
+    except Exception:  # noqa: BLE001 - AgentError: only the history's part matters here
+        pass
+    return mon
+
+
+def _bench(device, seq, variant, accuracy, model="digits", p90=20.0):
+    return ("bench", messages.envelope("bench", "sim", device, seq, {
+        "variant": variant, "sha256": variant[0] * 64, "model": model, "model_bytes": 200_000, "profile": "rpi4",
+        "runs": 100, "simulated": True, "power": {"source": "not measured"},
+        "latency_ms": {"p50": p90 / 2, "p90": p90, "p99": p90 * 1.2, "mean": p90 / 2, "std": 0.1, "min": 0.1,
+                       "max": p90 * 2},
+        "accuracy": None if accuracy is None else {"metric": "top1", "value": accuracy, "samples": 80}}))
+
+
+def _kept(worker, *records):
+    """Have ``worker`` store ``records`` as checked messages of one batch."""
+    worker._keep(list(records), [json.dumps(m).encode() for _k, m in records], [time.time()] * len(records))
+
+
+EXPECTED = ("d2 int8: breaks accuracy >= 0.99 x fp32 (51.25% on the eval set, 0.9535 x fp32's 53.75%, its newest "
+            "fp32 benchmark on d2); a simulated device: this machine's figures")
+
+
+def test_an_int8_losing_accuracy_against_the_fp32_the_history_holds_is_alerted(fleet_file, tmp_path, monkeypatch):
+    """The user's case: fp32 scored 53.75 % on d2 (in the history), the monitor runs, int8 scores 51.25 % against
+    min_accuracy_ratio 0.99: 0 alerts. Now one constraints alert with both figures and where the fp32 one came from;
+    no history query per record."""
+    store = Store(tmp_path / "h.db")
+    store.add_many([_bench("d2", 1, "fp32", 0.4), _bench("d2", 2, "fp32", 0.5375), _bench("d2", 3, "fp32", 0.9, "other")])
+    mon = _started(fleet_file, store)
+    monkeypatch.setattr(store, "reference_accuracies", lambda *_a, **_k: pytest.fail("a query per record"))
+    _kept(mon, _bench("d2", 4, "int8", 0.5125))
+    assert [(a.kind, a.text) for a in mon.alerts] == [("constraints", EXPECTED)]
+    assert [(r["device"], r["kind"], r["subject"]) for r in store.alerts(holds=True)] == [("d2", "constraints", "int8")]
+    _kept(mon, _bench("d2", 5, "int8", 0.535))  # 0.995 x fp32: it meets the bound again, its episode ends
+    assert store.alerts(holds=True) == [] and not mon.notes
+    mon.stop()
+
+
+def test_the_fp32_accuracy_follows_the_records_that_arrive(fleet_file, tmp_path):
+    """An fp32 benchmark arriving while the monitor runs is what the next int8 is judged against (newest wins), per
+    model: another model's fp32 judges nothing of this one."""
+    store = Store(tmp_path / "h.db")
+    mon = _started(fleet_file, store)
+    _kept(mon, _bench("d2", 1, "fp32", 0.9), _bench("d2", 2, "fp32", 0.5375), _bench("d2", 3, "fp32", 0.99, "other"))
+    _kept(mon, _bench("d2", 4, "int8", 0.5125), _bench("d1", 1, "int8", 0.5125))
+    assert [a.text for a in mon.alerts] == [EXPECTED]
+    mon.stop()
+
+
+def test_without_an_fp32_accuracy_the_bound_is_unjudged_said_once_never_alerted(fleet_file, tmp_path):
+    """No fp32 benchmark of the model on the device (or one without an accuracy): no false alert, one note per device
+    and model; the other bounds are still judged."""
+    store = Store(tmp_path / "h.db")
+    mon = _started(fleet_file, store)
+    _kept(mon, _bench("d2", 1, "fp32", None), _bench("d2", 2, "int8", 0.1), _bench("d2", 3, "int8", 0.1))
+    assert not mon.alerts
+    assert list(mon.notes) == ["d2 int8: accuracy >= 0.99 x fp32 not judged: no fp32 benchmark of model digits with an "
+                               "accuracy from d2 in the history (`edgekit bench --device d2 --variant fp32` measures "
+                               "it; its other bounds are judged)"]
+    _kept(mon, _bench("d2", 4, "int8", 0.1, p90=80.0))
+    assert [a.text for a in mon.alerts] == ["d2 int8: breaks p90 <= 50 ms (80 ms p90, the device's clock); a simulated "
+                                            "device: this machine's figures"]
+    assert mon.notes_raised == 1
+    mon.stop()
+
+
+def test_with_share_a_worker_judges_against_the_fp32_a_peer_stored(fleet_file, tmp_path):
+    """With --share the broker hands d2's fp32 benchmark to one worker and its int8 to the other: the other reads the
+    fp32 accuracy from the history (one query a batch holding benchmarks) and alerts."""
+    store = Store(tmp_path / "h.db")
+    a, b = (_started(fleet_file, store, share="edgekit", workers=2) for _ in range(2))
+    _kept(a, _bench("d2", 1, "fp32", 0.5375))
+    _kept(b, _bench("d2", 2, "int8", 0.5125))
+    assert [x.text for x in b.alerts] == [EXPECTED] and not a.alerts and not b.notes
+    a.stop()
+    b.stop()
