@@ -1085,3 +1085,23 @@ def test_a_device_s_new_epoch_is_recorded_once_and_the_share_scan_reads_only_its
     assert gaps == [("d1", "live", 3, 5)] and ("d1", "live", 6) in marks
     assert [(r["device"], r["epoch"], r["previous"], r["first_seq"]) for r in history.seq_restarts()] == [
         ("d1", "e2", "e1", 1)]
+
+
+def test_the_fp32_accuracies_the_monitor_judges_against_come_newest_first_per_device_model_and_variant(history):
+    """``reference_accuracies`` (the monitor's start: each device's fp32 accuracy per model, what its other variants'
+    accuracy bound is a ratio of) on both backends: the newest record with an accuracy wins, per model and variant;
+    a record without one, another device's and a variant not asked about count for nothing."""
+    def record(device, seq, variant, accuracy, model="digits"):
+        body = {"variant": variant, "sha256": "a" * 64, "model": model, "latency_ms": {"p90": 1.0}, "runs": 10,
+                "power": {}, "simulated": False}
+        if accuracy is not None:
+            body["accuracy"] = {"metric": "top1", "value": accuracy, "samples": 80}
+        return "bench", messages.envelope("bench", "f", device, seq, body)
+
+    now = time.time()
+    history.add_many([record("d1", 1, "fp32", 0.40), record("d1", 2, "fp32", 0.5375), record("d1", 3, "fp32", None),
+                      record("d1", 4, "fp32", 0.9, model="other"), record("d1", 5, "int8", 0.99),
+                      record("d2", 1, "onnx-fp32", 0.7), record("d3", 1, "fp32", 0.8)],
+                     received=[now - 70, now - 60, now - 50, now - 40, now - 30, now - 20, now - 10])
+    assert history.reference_accuracies(["d1", "d2"], ("fp32", "onnx-fp32")) == {
+        ("d1", "digits", "fp32"): 0.5375, ("d1", "other", "fp32"): 0.9, ("d2", "digits", "onnx-fp32"): 0.7}
