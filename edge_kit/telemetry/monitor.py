@@ -151,8 +151,14 @@ class MonitorStats:
     # with ``share``: records stored after the gap scan had recorded their number as lost (later than the grace), taken
     # out of that gap (it shrank or split): stored plus recorded gaps stays what the devices published
     late: int = 0
+    # late records that would have split their gap past the MAX_GAP_ROWS rows their device may add in one run: stored,
+    # left in the gap (a device sending every other number of a long gap late would add a row a record), counted here
+    late_not_taken: int = 0
     # devices whose numbering started again (a new ``epoch``: re-imaged, agent state wiped): recorded as restarts
     restarts: int = 0
+    # new numberings of a device past the MAX_RESTARTS it may have recorded in one run (a device naming a new epoch in
+    # each message): counted here, neither recorded nor followed (its records are stored, not judged), alerted once
+    restarts_not_recorded: int = 0
     # seq numbers (a record's, or a telemetry's claim) more than MAX_SEQ_LEAD past the device's newest of the kind:
     # not taken as where its numbering stands (the record is stored), counted, alerted once a device
     implausible_seqs: int = 0
@@ -209,6 +215,7 @@ MAX_TOPIC = 256  # characters of a refused message's topic kept (a real one has 
 MAX_ALERT_CHARS = 1000  # characters of an alert kept: its text may hold a device's variant name (any length)
 MAX_BREAKING_VARIANTS = 32  # a device's variants held as breaking its constraints at once (an episode and alert each)
 MAX_GAP_ROWS = 32  # sequence-gap rows one monitor run records (and alerts) per device; the others are counted
+MAX_RESTARTS = 8  # restarts (new numberings) of a device one monitor run records (and alerts); the others are counted
 MAX_CARRIED = 100  # open alerts of the history a monitor shows as carried over when it starts (the newest)
 
 
@@ -393,6 +400,7 @@ class Monitor:
         self._breaking_capped: set[str] = set()  # devices alerted as having MAX_BREAKING_VARIANTS episodes open
         self._gap_rows: dict[str, int] = {}  # per device, the sequence-gap rows this run recorded (MAX_GAP_ROWS at most)
         self._gaps_capped: set[str] = set()  # devices alerted as past their MAX_GAP_ROWS
+        self._restarts: dict[str, int] = {}  # per device, the restarts this run recorded (MAX_RESTARTS at most)
         #: The history's open alerts when this monitor started (newest first, at most MAX_CARRIED; :meth:`start`), each
         #: a row of :meth:`HistoryStore.alerts` with ``still_open`` (False: closed at start, nobody held it), and
         #: how many were open in all: a monitor that died before printing an alert left it there.
@@ -939,8 +947,7 @@ class Monitor:
         if refused:
             good = [g for i, g in enumerate(good) if i not in refused]
         if self.share is not None:  # one indexed query a batch: a record later than the grace leaves its gap
-            self.stats.late += self.store.take_out_of_gaps([(m["device"], k, m["seq"], m.get("epoch"))
-                                                            for k, m in good if k in SEQ_KINDS])
+            self._take_late([(m["device"], k, m["seq"], m.get("epoch")) for k, m in good if k in SEQ_KINDS])
         self.stats.duplicates += len(good) - new
         self.stats.stored += new
         for kind, msg in good:
@@ -955,7 +962,7 @@ class Monitor:
                 log.exception("after storing %s %r", kind, msg.get("msg_id"))  # %r: a device's text, one line
         if self._behind:  # without share: a record that came after its gap was recorded leaves it
             behind, self._behind = self._behind, []
-            self.stats.late += self.store.take_out_of_gaps(behind)
+            self._take_late(behind)
         while len(self._recent) > 100_000:
             self._recent.popitem(last=False)
 
@@ -1024,7 +1031,7 @@ class Monitor:
         if self.store.record_scan(self._scan_owner, marks, kept):
             # a record another worker committed while this scan judged: taken out of the gap just recorded (that
             # worker's own look, after its commit, may have come before this commit)
-            self.stats.late += self.store.take_out_of_gaps(self.store.stored_in(kept))
+            self._take_late(self.store.stored_in(kept))
             for device, kind, first, last in kept:
                 self._gap_found(device, kind, first, last)
             for device, *_ in capped:
@@ -1036,6 +1043,32 @@ class Monitor:
             # the next scan goes on from there at once (one whose rows have not settled yet waits as any other)
             self._gaps_scanned = -math.inf
 
+    def _take_late(self, records: list[tuple[str, str, int, str | None]]) -> None:
+        """Take ``records`` (stored, ``(device, kind, seq, epoch)``) out of the gaps recorded around them
+        (:meth:`HistoryStore.take_out_of_gaps`, counted in ``stats.late``), a device's splits adding no more gap rows
+        than are left of its :data:`MAX_GAP_ROWS` of this run (each counts as one): a late record past that stays in its
+        gap, counted in ``stats.late_not_taken`` and alerted once a device (as gaps past the bound are). Return nothing.
+        Raises HistoryError."""
+        if not records:
+            return
+        room = {device: MAX_GAP_ROWS - self._gap_rows.get(device, 0) for device, *_ in records}
+        left: list[tuple[str, str, int]] = []
+        self.stats.late += self.store.take_out_of_gaps(records, room, left)
+        for device, rows in room.items():
+            self._gap_rows[device] = MAX_GAP_ROWS - rows
+        for device, _kind, _seq in left:
+            self.stats.late_not_taken += 1
+            self._gap_cap_alert(device)
+
+    def _gap_cap_alert(self, device: str) -> None:
+        """Alert, once a run, that ``device`` recorded its :data:`MAX_GAP_ROWS` gap rows of this run; return nothing."""
+        if device not in self._gaps_capped:
+            self._gaps_capped.add(device)
+            self._alert(Alert(device, "gap", f"{device}: {MAX_GAP_ROWS} sequence gaps recorded in this run; more are "
+                                             "counted (gaps_not_recorded in the --json summary), neither recorded nor "
+                                             "alerted one by one, and a late record that would split a gap further "
+                                             "stays in it (late_not_taken)"))
+
     def _gap_room(self, device: str) -> bool:
         """Return True while ``device`` has recorded fewer than :data:`MAX_GAP_ROWS` sequence-gap rows in this run."""
         return self._gap_rows.get(device, 0) < MAX_GAP_ROWS
@@ -1044,11 +1077,7 @@ class Monitor:
         """Count a sequence gap of ``device`` found past its :data:`MAX_GAP_ROWS` of this run (not recorded), alerting
         the first such once; return nothing."""
         self.stats.gaps_not_recorded += 1
-        if device not in self._gaps_capped:
-            self._gaps_capped.add(device)
-            self._alert(Alert(device, "gap", f"{device}: {MAX_GAP_ROWS} sequence gaps recorded in this run; more are "
-                                             "counted (gaps_not_recorded in the --json summary), neither recorded nor "
-                                             "alerted one by one"))
+        self._gap_cap_alert(device)
 
     def _gap_found(self, device: str, kind: str, first: int, last: int) -> None:
         """Count and alert that ``seq`` ``first..last`` of ``device``'s ``kind`` never arrived, recorded in the history's
@@ -1075,6 +1104,9 @@ class Monitor:
         if (device, epoch) in self._stale_epochs:
             return False
         previous = self._epochs.get(device)
+        if previous is not None and self._restarts.get(device, 0) >= MAX_RESTARTS:
+            self._restart_not_recorded(device, epoch)
+            return False
         new, newest = self.store.add_epoch(device, epoch, msg["seq"], self._scan_owner if self.share else None)
         if newest != epoch:
             if len(self._stale_epochs) >= MAX_STALE_EPOCHS:
@@ -1086,6 +1118,7 @@ class Monitor:
             self._stale_epochs.add((device, previous))
             for kind in SEQ_KINDS:
                 self._seq[(device, kind)] = 0
+            self._restarts[device] = self._restarts.get(device, 0) + 1
             if new:
                 self.stats.restarts += 1
                 self._alert(Alert(device, "restart", f"{device}: its numbering started again (epoch {epoch}, after "
@@ -1093,6 +1126,20 @@ class Monitor:
                                                      f"damaged): recorded as a restart, not a gap; its records are "
                                                      f"judged from seq 1 of the new numbering"))
         return True
+
+    def _restart_not_recorded(self, device: str, epoch: str) -> None:
+        """Count a new numbering ``epoch`` of ``device`` past its :data:`MAX_RESTARTS` of this run (not recorded, not
+        followed: its messages are stored, not judged), alerting the first such once; return nothing."""
+        self.stats.restarts_not_recorded += 1
+        if len(self._stale_epochs) >= MAX_STALE_EPOCHS:
+            self._stale_epochs.clear()
+        self._stale_epochs.add((device, epoch))  # counted once, its later messages not looked up again
+        if self._restarts.get(device, 0) == MAX_RESTARTS:
+            self._restarts[device] += 1  # alerted once
+            self._alert(Alert(device, "restart", f"{device}: {MAX_RESTARTS} restarts (new numberings) recorded in this "
+                                                 "run; more are counted (restarts_not_recorded in the --json summary), "
+                                                 "neither recorded nor alerted, and their records are stored but not "
+                                                 "checked for gaps"))
 
     def _check_seq(self, kind: str, msg: dict[str, Any]) -> None:
         """Record and alert a sequence gap when ``msg`` numbers past the device's newest ``seq`` of its kind plus one

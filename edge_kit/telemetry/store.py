@@ -268,6 +268,37 @@ def message_row(kind: str, m: dict[str, Any], body: str | None, received: float)
     raise ValueError(f"the store keeps {', '.join(KINDS)}, not {kind!r}")
 
 
+def _pieces(first: int, last: int, seqs: list[int]) -> int:
+    """Return how many runs of ``first..last`` are left once ``seqs`` (inside it) are taken out."""
+    runs, start = 0, first
+    for seq in sorted(seqs) + [last + 1]:
+        runs += seq > start
+        start = seq + 1
+    return runs
+
+
+def _within_room(within: dict[tuple[str, str, int, int, float], set[int]], room: dict[str, int],
+                 left: list[tuple[str, str, int]] | None) -> dict[tuple[str, str, int, int, float], set[int]]:
+    """Return the part of ``within`` (gaps and the late seqs inside each: :meth:`HistoryStore._gaps_around`) whose
+    taking out adds no more gap rows per device than ``room`` allows (lowered by the rows added; an end of a gap or
+    its last number adds none), lowest seq first; each seq left out is appended to ``left`` (when given)."""
+    out: dict[tuple[str, str, int, int, float], set[int]] = {}
+    for gap, seqs in sorted(within.items()):
+        device, kind, first, last, _ts = gap
+        taken: list[int] = []
+        for seq in sorted(seqs):
+            added = _pieces(first, last, [*taken, seq]) - _pieces(first, last, taken)
+            if added > 0 and room.get(device, 0) < added:
+                if left is not None:
+                    left.append((device, kind, seq))
+                continue
+            room[device] = room.get(device, 0) - max(added, 0)
+            taken.append(seq)
+        if taken:
+            out[gap] = set(taken)
+    return out
+
+
 def _kept_kinds(kinds: tuple[str, ...]) -> None:
     """Check that the history keeps each of ``kinds`` (:data:`KINDS`); return nothing.
 
@@ -688,7 +719,8 @@ class HistoryStore(abc.ABC):
                 "ORDER BY r.seq", (kind, device, first, last))]
         return found
 
-    def take_out_of_gaps(self, records: list[tuple[str, str, int] | tuple[str, str, int, str | None]]) -> int:
+    def take_out_of_gaps(self, records: list[tuple[str, str, int] | tuple[str, str, int, str | None]],
+                         room: dict[str, int] | None = None, left: list[tuple[str, str, int]] | None = None) -> int:
         """Take each ``(device, kind, seq)`` or ``(device, kind, seq, epoch)`` of ``records`` (stored; ``epoch`` the
         numbering the record carries, None for none) out of the sequence gap recorded around it in the same numbering,
         if any: the gap shrinks, or splits in two, or goes (its ``ts`` kept), so the history never says a record is both
@@ -701,6 +733,12 @@ class HistoryStore(abc.ABC):
         locked, and its pieces written only while it is still there; a gap another worker split meanwhile is looked up
         again. One indexed query (through ``gaps (device, kind, last_missing)``) per 300 records, and a transaction
         only when a record is in a gap.
+
+        ``room``: per device, how many gap rows its records may still add by splitting a gap (one inside a gap, at
+        neither end, splits it in two: a row more), lowered by what they add; a device missing from it may add none.
+        A record whose split would go past its device's room is left in its gap (the history then says it is both stored
+        and lost), appended to ``left`` as ``(device, kind, seq)``: a device sending every other number of a long gap
+        late adds a row a record otherwise. None (the default): no bound.
 
         Returns:
             How many of ``records`` were taken out of a gap (a late record).
@@ -716,6 +754,12 @@ class HistoryStore(abc.ABC):
                 within = self._gaps_around(part, time.time() - LATE_S)
                 if not within:
                     break
+                if room is not None and _attempt == 0:
+                    within = _within_room(within, room, left)
+                    kept = {(d, k, s) for (d, k, *_g), seqs in within.items() for s in seqs}
+                    part = [r for r in part if (r[0], r[1], r[2]) in kept]
+                    if not within:
+                        break
                 pieces, rows = [], []
                 for (device, kind, first, last, ts), seqs in sorted(within.items()):
                     rows.append((device, kind, first, last))

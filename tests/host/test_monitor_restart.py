@@ -647,3 +647,47 @@ def test_a_record_a_single_monitor_stores_after_recording_its_gap_is_taken_out_o
     assert sorted((g["first_missing"], g["last_missing"]) for g in store.sequence_gaps()) == [(2, 2), (4, 4)]
     assert mon.stats.late == 1 and not mon._behind
     mon.stop()
+
+
+def test_late_records_splitting_a_gap_add_at_most_max_gap_rows_rows_a_device_and_the_rest_are_counted(
+        fleet_file, tmp_path):
+    """The MAX_GAP_ROWS cap was bypassed through late records: a device (its own valid key) numbered 1 then 1000, then
+    sent every other number in between late: each split the recorded gap, a row a record (400 records, 401 rows). Now
+    the rows a device's splits add count towards its MAX_GAP_ROWS of the run; past them a late record stays in its gap,
+    counted (late_not_taken) and alerted once; another device's late record is still taken out."""
+    from edge_kit.telemetry.monitor import MAX_GAP_ROWS
+
+    store = Store(tmp_path / "h.db")
+    mon = _started(fleet_file, store)
+    _kept(mon, _live("d1", 1), _live("d1", 1000), _live("d2", 1), _live("d2", 5))
+    for seq in range(3, 803, 2):  # 400 late records, each inside the gap
+        _kept(mon, _live("d1", seq))
+    rows = store._rows("SELECT COUNT(*) FROM gaps WHERE device = 'd1'")[0][0]
+    assert rows == MAX_GAP_ROWS  # the gap itself, and 31 splits
+    assert mon.stats.late == MAX_GAP_ROWS - 1 and mon.stats.late_not_taken == 400 - (MAX_GAP_ROWS - 1)
+    assert store.count("live") == 404  # every record stored
+    assert len([a for a in mon.alerts if a.text.startswith(f"d1: {MAX_GAP_ROWS} sequence gaps recorded")]) == 1
+    _kept(mon, _live("d2", 3))
+    assert sorted((g["first_missing"], g["last_missing"]) for g in store.sequence_gaps(device="d2")) == [(2, 2), (4, 4)]
+    mon.stop()
+
+
+def test_a_device_naming_a_new_epoch_in_every_message_records_at_most_max_restarts_a_run(fleet_file, tmp_path):
+    """A device (its own valid key) naming a new epoch in each message added a seq_epochs row and a restart alert a
+    message, bounded only by its ingest budget. Now a run records at most MAX_RESTARTS restarts a device; the others are
+    counted (restarts_not_recorded, each new epoch once) and alerted once; its records are all stored."""
+    from edge_kit.telemetry.monitor import MAX_RESTARTS
+
+    store = Store(tmp_path / "h.db")
+    mon = _started(fleet_file, store)
+    for i in range(50):
+        _kept(mon, ("live", messages.envelope("live", "sim", "d1", 1, {"requests": 1}, epoch=f"e{i}")))
+    _kept(mon, ("live", messages.envelope("live", "sim", "d1", 2, {"requests": 1}, epoch="e49")))  # same: once
+    assert store.count("seq_epochs") == MAX_RESTARTS + 1  # the first numbering, and MAX_RESTARTS restarts
+    assert mon.stats.restarts == MAX_RESTARTS and mon.stats.restarts_not_recorded == 50 - 1 - MAX_RESTARTS
+    assert len([a for a in mon.alerts if a.kind == "restart"]) == MAX_RESTARTS + 1
+    assert store.count("live") == 51
+    _kept(mon, ("live", messages.envelope("live", "sim", "d2", 1, {"requests": 1}, epoch="x1")),
+          ("live", messages.envelope("live", "sim", "d2", 1, {"requests": 1}, epoch="x2")))
+    assert mon.stats.restarts == MAX_RESTARTS + 1  # another device's restart is still recorded
+    mon.stop()
