@@ -536,7 +536,8 @@ class Monitor:
                 still = {(k, d, sub) for k, d, sub, _ in self.store.open_alert_keys()}
                 for row in self.carried_over:
                     row["still_open"] = (row["kind"], row["device"], row["subject"]) in still
-            self._epochs = self.store.device_epochs()  # a device's next message in another one: its restart
+            # a device's next message in another one: its restart (the fleet's devices only, through the table's key)
+            self._epochs = self.store.device_epochs(list(self.constraints))
             if self.persistent and self.share is None:  # a persistent session continues the history: so do the seqs
                 self._seq = self.store.newest_seqs(SEQ_KINDS, list(self.constraints))
             if self.share is not None:  # the gap scan follows each device of the fleet file from where it stands

@@ -565,16 +565,27 @@ class HistoryStore(abc.ABC):
         newest ``seq`` the history holds of it (no gap is judged below it), or -1 when it holds none (judged from the
         first record stored). A mark another worker started or moved is left as it is. Return nothing.
         Raises HistoryError."""
-        newest, epochs = self.newest_seqs(SEQ_KINDS, devices), self.device_epochs()
+        newest, epochs = self.newest_seqs(SEQ_KINDS, devices), self.device_epochs(devices)
         self._write_batch([("INSERT INTO seq_scans (device, kind, scanned_to, epoch) VALUES (?, ?, ?, ?) "
                             "ON CONFLICT DO NOTHING",
                             [(d, k, newest.get((d, k), -1), epochs.get(d)) for d in sorted(devices) for k in SEQ_KINDS])])
 
-    def device_epochs(self) -> dict[str, str]:
-        """Return each device's newest numbering (``seq_epochs``: the ``epoch`` its agent's messages carry, the one
-        recorded last), ``{device: epoch}``; a device whose agent sends none is not in it. Raises HistoryError."""
-        return dict(self._rows("SELECT e.device, e.epoch FROM seq_epochs e JOIN (SELECT device, MAX(ts) AS ts FROM "
-                               "seq_epochs GROUP BY device) l ON e.device = l.device AND e.ts = l.ts"))
+    def device_epochs(self, devices: Iterable[str]) -> dict[str, str]:
+        """Return the newest numbering of each of ``devices`` (``seq_epochs``: the ``epoch`` its agent's messages
+        carry, the one recorded last), ``{device: epoch}``; a device whose agent sends none is not in it. One query per
+        200 devices, each device's rows found through the table's ``(device, epoch)`` key: never the whole table (which
+        holds every device's every numbering). Raises HistoryError."""
+        out: dict[str, str] = {}
+        names = sorted(set(devices))
+        for i in range(0, len(names), 200):
+            part = names[i:i + 200]
+            for device, epoch in self._rows(
+                    f"WITH d(device) AS (VALUES {', '.join(['(?)'] * len(part))}) SELECT d.device, (SELECT e.epoch FROM "
+                    "seq_epochs e WHERE e.device = d.device ORDER BY e.ts DESC, e.epoch DESC LIMIT 1) FROM d",
+                    tuple(part)):
+                if epoch is not None:
+                    out[device] = epoch
+        return out
 
     def add_epoch(self, device: str, epoch: str, first_seq: int, owner: str | None = None) -> tuple[bool, str | None]:
         """Record that ``device`` numbers its messages in ``epoch`` (first seen with ``first_seq``), unless the history
@@ -591,7 +602,7 @@ class HistoryStore(abc.ABC):
         Raises:
             HistoryError: the history cannot be read or written.
         """
-        previous = self.device_epochs().get(device)
+        previous = self.device_epochs([device]).get(device)
         new = self._execute(f"INSERT INTO seq_epochs (device, epoch, previous, ts, first_seq) VALUES "
                             f"(?, ?, ?, {self.NOW_SQL}, ?) ON CONFLICT DO NOTHING",
                             (device, epoch, previous, first_seq)) > 0
@@ -602,7 +613,7 @@ class HistoryStore(abc.ABC):
             finally:
                 if held:
                     self._execute("UPDATE scan_lease SET owner = NULL WHERE name = 'gaps' AND owner = ?", (owner,))
-        return new, self.device_epochs().get(device)
+        return new, self.device_epochs([device]).get(device)
 
     def _wait_scan_lease(self, owner: str) -> bool:
         """Take the gap scan for ``owner`` (:meth:`take_scan_lease`), trying for up to :data:`EPOCH_LEASE_WAIT_S` (a

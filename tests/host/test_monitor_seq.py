@@ -182,3 +182,22 @@ def test_a_restart_recorded_while_a_peer_scans_is_not_overwritten_by_that_scan_s
         assert set(worker._rows("SELECT kind, scanned_to, epoch FROM seq_scans WHERE device = 'd1'")) == {
             (kind, 0, "e2") for kind in ("bench", "telemetry", "live", "shadow")}
         assert worker._rows("SELECT owner FROM scan_lease") == [(None,)]  # let go
+
+
+def test_device_epochs_reads_only_the_devices_asked_about_through_the_table_s_key(tmp_path, monkeypatch):
+    """device_epochs() read the whole seq_epochs table (every device's every numbering) at each start, follow_seqs and
+    twice per add_epoch. Now it reads the devices asked about, each through the (device, epoch) key."""
+    with Store(tmp_path / "h.db") as store:
+        for device in ("d1", "d2", "other"):
+            store.add_epoch(device, "a", 1)
+        time.sleep(0.01)  # the database's clock orders the epochs
+        store.add_epoch("d1", "b", 1)
+        assert store.device_epochs(["d1", "d2", "d9"]) == {"d1": "b", "d2": "a"}
+        asked: list[tuple[str, tuple]] = []
+        rows = store._rows
+        monkeypatch.setattr(store, "_rows", lambda sql, args=(): asked.append((sql, args)) or rows(sql, args))
+        store.device_epochs(["d1"])
+        monkeypatch.setattr(store, "_rows", rows)
+        plans = [" | ".join(str(r[-1]) for r in store._rows("EXPLAIN QUERY PLAN " + sql, args)) for sql, args in asked]
+        assert plans and all("seq_epochs" in sql for sql, _ in asked)
+        assert not any("SCAN e" in p or "SCAN seq_epochs" in p for p in plans), plans

@@ -1079,7 +1079,7 @@ def test_a_device_s_new_epoch_is_recorded_once_and_the_share_scan_reads_only_its
     assert history.take_scan_lease("w") and history.record_scan("w", marks, gaps) and gaps == []
     time.sleep(0.01)  # the database's clock orders the epochs
     assert history.add_epoch("d1", "e2", 1) == (True, "e2")
-    assert history.add_epoch("d1", "e1", 21) == (False, "e2") and history.device_epochs() == {"d1": "e2"}
+    assert history.add_epoch("d1", "e1", 21) == (False, "e2") and history.device_epochs(["d1"]) == {"d1": "e2"}
     history.add_many([live(1, "e2"), live(2, "e2"), live(6, "e2"), live(21, "e1")], received=[time.time() - 60] * 4)
     marks, gaps = share_gaps(history.seq_window(), time.time())
     assert gaps == [("d1", "live", 3, 5)] and ("d1", "live", 6) in marks
