@@ -1262,13 +1262,15 @@ class HistoryStore(abc.ABC):
     def newest_seqs(self, kinds: tuple[str, ...], devices: list[str]) -> dict[tuple[str, str], int]:
         """Return the ``seq`` of the newest message the history holds (by receive time, then ``seq``) per device of
         ``devices`` and kind of ``kinds``, as ``{(device, kind): seq}``: where each device's numbering stood when it was
-        last stored (a device whose numbering started again, re-imaged, stands at its new numbers), or the end of a
+        last stored (a device whose numbering started again, re-imaged, stands at its new numbers: the newest record
+        of its newest numbering, ``seq_epochs``, not a late one of an older numbering stored after it), or the end of a
         sequence gap of that device and kind recorded since, when higher (numbers a telemetry message's ``seqs`` said
         were given, whose records never came: they are recorded once, not again by the next monitor). A device and kind
         the history holds nothing of is left out.
 
-        Cost: one query per kind (per 200 devices), each device's newest row found through its kind's ``(device, ts)``
-        index and its gaps through ``gaps (device, ts)``: a few index entries per device and kind, whatever the
+        Cost: one query per kind (per 200 devices), each device's newest row of its numbering found through its kind's
+        ``(device, ts)`` index (from the newest down: one entry, and one more per late record of an older numbering
+        stored after it) and its gaps through ``gaps (device, ts)``: a few index entries per device and kind, whatever the
         history's size (a start reads nothing in proportion to the rows stored).
 
         Raises:
@@ -1278,23 +1280,37 @@ class HistoryStore(abc.ABC):
         _kept_kinds(kinds)
         out: dict[tuple[str, str], int] = {}
         names = sorted(set(devices))
+        epochs = self.device_epochs(names)
         for kind in kinds:
             for i in range(0, len(names), 200):
                 part = names[i:i + 200]
-                for device, seq, last in self._rows(self._newest_seqs_sql(kind, len(part)), (*part, kind)):
+                pairs = tuple(v for d in part for v in (d, epochs.get(d)))
+                for device, seq, last in self._rows(self._newest_seqs_sql(kind, len(part)), (*pairs, kind)):
                     if seq is not None:
                         out[(device, kind)] = max(int(seq), int(last)) if last is not None else int(seq)
         return out
 
-    @staticmethod
-    def _newest_seqs_sql(kind: str, devices: int) -> str:
-        """Return :meth:`newest_seqs`' query of ``kind`` for ``devices`` device names (then the kind) as arguments:
-        per device, its newest ``seq`` at its newest receive time and the end of the newest gap recorded since."""
-        values = ", ".join(["(?)"] * devices)
-        return (f"WITH d(device) AS (VALUES {values}) SELECT n.device, (SELECT MAX(t.seq) FROM {kind} t WHERE "
-                "t.device = n.device AND t.ts = n.ts), (SELECT MAX(g.last_missing) FROM gaps g WHERE g.device = "
-                "n.device AND g.kind = ? AND g.ts >= n.ts) FROM (SELECT d.device AS device, (SELECT MAX(t.ts) FROM "
-                f"{kind} t WHERE t.device = d.device) AS ts FROM d) n WHERE n.ts IS NOT NULL")
+    @classmethod
+    def _newest_seqs_sql(cls, kind: str, devices: int) -> str:
+        """Return :meth:`newest_seqs`' query of ``kind`` for ``devices`` ``(device, newest epoch or None)`` pairs (then
+        the kind) as arguments: per device, its newest ``seq`` at its newest receive time in its newest numbering (a
+        row of no epoch counts as of it: an agent downgraded numbers on), and the end of the newest gap recorded
+        since."""
+        values = ", ".join(["(?, CAST(? AS TEXT))"] * devices)
+
+        def ours(row: str, d: str) -> str:
+            epoch = cls.EPOCH_SQL.format(row=row)
+            return f"({d}.epoch IS NULL OR {epoch} IS NULL OR {epoch} = {d}.epoch)"
+
+        # walked down the (device, ts) index from the newest, up to the first row of the numbering: one, unless late
+        # records of an older numbering were stored after it
+        newest = f"(SELECT t.ts FROM {kind} t WHERE t.device = d.device AND {ours('t', 'd')} ORDER BY t.ts DESC LIMIT 1)"
+        # MAX(seq + 0): found through (device, ts), not by walking (device, seq) down past an older numbering's higher
+        # numbers
+        return (f"WITH d(device, epoch) AS (VALUES {values}) SELECT n.device, (SELECT MAX(t.seq + 0) FROM {kind} t "
+                f"WHERE t.device = n.device AND t.ts = n.ts AND {ours('t', 'n')}), (SELECT MAX(g.last_missing) FROM gaps g "
+                "WHERE g.device = n.device AND g.kind = ? AND g.ts >= n.ts) FROM (SELECT d.device AS device, d.epoch AS "
+                f"epoch, {newest} AS ts FROM d) n WHERE n.ts IS NOT NULL")
 
     def _latest(self, table: str) -> dict[str, dict[str, Any]]:
         """Return the newest message of ``table`` per device (by receive time, then ``seq``)."""

@@ -201,3 +201,23 @@ def test_device_epochs_reads_only_the_devices_asked_about_through_the_table_s_ke
         plans = [" | ".join(str(r[-1]) for r in store._rows("EXPLAIN QUERY PLAN " + sql, args)) for sql, args in asked]
         assert plans and all("seq_epochs" in sql for sql, _ in asked)
         assert not any("SCAN e" in p or "SCAN seq_epochs" in p for p in plans), plans
+
+
+def test_a_persistent_monitor_starting_after_a_late_old_numbering_record_stands_at_the_new_numbering(fleet_file,
+                                                                                                     tmp_path):
+    """A persistent monitor without --share takes where each stream stood from the history's newest record. A late
+    record of the device's older numbering (queued before its re-image) stored last made it stand at that old number:
+    the new numbering's next records were behind it, and a gap in them was silent. Now the newest record of the
+    device's newest numbering is where it stands."""
+    with Store(tmp_path / "h.db") as store:
+        store.add_epoch("d1", "e1", 1)
+        store.add_many([_live(seq, "e1") for seq in (1, 2, 3)], received=[time.time() - 60] * 3)
+        time.sleep(0.01)  # the database's clock orders the epochs
+        store.add_epoch("d1", "e2", 1)
+        store.add_many([_live(seq, "e2") for seq in (1, 2, 3, 4, 5)], received=[time.time() - 30] * 5)
+        store.add_many([_live(500, "e1")], received=[time.time() - 10])  # the old numbering's, handed over late
+        mon = _monitor(fleet_file, store, persistent=True)
+        assert mon._seq[("d1", "live")] == 5
+        _feed(mon, store, [_live(6, "e2"), _live(8, "e2")])
+        assert _gaps(store) == [("live", 7, 7)] and mon.stats.restarts == 0
+        mon.stop()

@@ -1085,3 +1085,23 @@ def test_a_device_s_new_epoch_is_recorded_once_and_the_share_scan_reads_only_its
     assert gaps == [("d1", "live", 3, 5)] and ("d1", "live", 6) in marks
     assert [(r["device"], r["epoch"], r["previous"], r["first_seq"]) for r in history.seq_restarts()] == [
         ("d1", "e2", "e1", 1)]
+
+
+def test_newest_seqs_stands_at_the_newest_numbering_not_a_late_record_of_an_older_one(history):
+    """newest_seqs (where a persistent monitor's streams stand at start) took the newest record stored, a late one of
+    the device's older numbering (queued before its re-image) included: it stood at that old number, and the new
+    numbering's gaps below it were silent. Now it is the newest of the device's newest numbering (a record without an
+    epoch, an agent downgraded, counts as of it), on both databases."""
+    def live(seq, epoch):
+        return "live", messages.envelope("live", "f", "d1", seq, {"requests": 1}, epoch=epoch)
+
+    now = time.time()
+    history.add_epoch("d1", "e1", 1)
+    history.add_many([live(seq, "e1") for seq in (1, 2, 3)], received=[now - 60] * 3)
+    time.sleep(0.01)  # the database's clock orders the epochs
+    history.add_epoch("d1", "e2", 1)
+    history.add_many([live(seq, "e2") for seq in (1, 2, 5)], received=[now - 30, now - 30, now - 20])
+    history.add_many([live(500, "e1")], received=[now - 10])  # the old numbering's, handed over late
+    assert history.newest_seqs(("live",), ["d1"]) == {("d1", "live"): 5}
+    history.add_many([live(6, None)], received=[now - 5])  # the agent downgraded: no epoch, numbering on
+    assert history.newest_seqs(("live",), ["d1"]) == {("d1", "live"): 6}
