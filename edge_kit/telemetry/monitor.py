@@ -400,6 +400,10 @@ class Monitor:
         self._breaking_capped: set[str] = set()  # devices alerted as having MAX_BREAKING_VARIANTS episodes open
         self._gap_rows: dict[str, int] = {}  # per device, the sequence-gap rows this run recorded (MAX_GAP_ROWS at most)
         self._gaps_capped: set[str] = set()  # devices alerted as past their MAX_GAP_ROWS
+        #: with share: how far the database's clock is ahead of this host's (HistoryStore.clock_offset), measured at
+        #: start and before each look at when peers last stored a device: receive times stored, the silence check's
+        #: look and the gap scan's grace are all by the database's clock, so a peer host minutes behind alerts nothing
+        self._db_offset = 0.0
         self._restarts: dict[str, int] = {}  # per device, the restarts this run recorded (MAX_RESTARTS at most)
         #: The history's open alerts when this monitor started (newest first, at most MAX_CARRIED; :meth:`start`), each
         #: a row of :meth:`HistoryStore.alerts` with ``still_open`` (False: closed at start, nobody held it), and
@@ -541,6 +545,7 @@ class Monitor:
             if self.persistent and self.share is None:  # a persistent session continues the history: so do the seqs
                 self._seq = self.store.newest_seqs(SEQ_KINDS, list(self.constraints))
             if self.share is not None:  # the gap scan follows each device of the fleet file from where it stands
+                self._db_offset = self.store.clock_offset()
                 self.store.follow_seqs(list(self.constraints))
             else:  # this one judges the seqs itself: a later share group's scan starts from where they then stand
                 self.store.forget_seq_scans()
@@ -941,6 +946,8 @@ class Monitor:
         # drift check orders shadow messages by seq itself: an older one never stored before is no news to it either)
         old = set().union(*(self.store.stored_ids(kind, [m["msg_id"] for k, m in good if k == kind])
                             for kind in NOT_NEWS_AGAIN))
+        if self.share is not None and self._db_offset:  # receive times by the database's clock: the peers compare them
+            received = [r + self._db_offset for r in received]
         # one record the database cannot hold is refused alone: the others are stored without it
         new, refused = self.store.add_each(good, raw, received, keep_refused=False)
         for i, why in refused.items():  # counted, kept as invalid (its payload as received) and alerted
@@ -1023,7 +1030,7 @@ class Monitor:
         if not self.store.take_scan_lease(self._scan_owner):
             return  # another worker scans now
         rows = self.store.seq_window(SCAN_ROWS)
-        marks, gaps = share_gaps(rows, time.time() - self.gap_grace_s, SCAN_ROWS)
+        marks, gaps = share_gaps(rows, time.time() + self._db_offset - self.gap_grace_s, SCAN_ROWS)  # the database's clock
         room = {d: MAX_GAP_ROWS - self._gap_rows.get(d, 0) for d, *_ in gaps}
         kept, capped = [], []
         for gap in gaps:
@@ -1437,8 +1444,9 @@ class Monitor:
         subscribed for :data:`SETTLE_S` and has checked what it received. With ``share`` a device is heard when any
         worker stored its record: one this worker has not heard from for its limit is looked up in the history first
         (:meth:`HistoryStore.last_heard`, one indexed query for those devices, once a limit at most: a peer's record
-        found counts as heard), and a silence alert open (raised by a peer, taken at the sync) of a device this worker
-        heard within its limit is closed. Return nothing. Raises HistoryError."""
+        found counts as heard; receive times stored by the database's clock, :meth:`HistoryStore.clock_offset`, so a
+        peer host whose clock is behind is no silence), and a silence alert open (raised by a peer, taken at the sync)
+        of a device this worker heard within its limit is closed. Return nothing. Raises HistoryError."""
         revoked = self._close_revoked()
         now = time.time()
         # subscribed for SETTLE_S, and what arrived checked and stored: the broker's queue for this session is in
@@ -1455,9 +1463,10 @@ class Monitor:
                 self._silent_alerted.discard(device)  # a peer's alert, this worker heard it since
                 self.store.close_alert(device, "silent")
         if silent and self.share is not None:  # a peer may hear it: the history says when any worker last stored it
+            self._db_offset = self.store.clock_offset()  # stored by the database's clock: this host's, now
             for device, heard in self.store.last_heard(silent).items():
-                if heard > self.last_seen.get(device, -math.inf):
-                    self.last_seen[device] = heard
+                if heard - self._db_offset > self.last_seen.get(device, -math.inf):
+                    self.last_seen[device] = heard - self._db_offset
         for device in silent:
             seen = self.last_seen[device]
             if now - seen > self._silence_limit(device) and device not in self._silent_alerted:

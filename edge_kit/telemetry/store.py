@@ -703,14 +703,15 @@ class HistoryStore(abc.ABC):
             HistoryError: the history cannot be written (nothing recorded).
         """
         held = "EXISTS (SELECT 1 FROM scan_lease WHERE name = 'gaps' AND owner = ?)"
-        now = time.time()
         return self._write_batch([(sql, rows) for sql, rows in [
             # first: on PostgreSQL this locks the lease row until the commit, so nobody takes it meanwhile
             (f"UPDATE scan_lease SET seen = {self.NOW_SQL} WHERE name = 'gaps' AND owner = ?", [(owner,)]),
             (f"UPDATE seq_scans SET scanned_to = ? WHERE device = ? AND kind = ? AND {held}",
              [(seq, device, kind, owner) for device, kind, seq in marks]),
-            (f"INSERT INTO gaps (device, kind, first_missing, last_missing, ts) SELECT ?, ?, ?, ?, ? WHERE {held}",
-             [(device, kind, first, last, now, owner) for device, kind, first, last in gaps]),
+            # recorded by the database's clock, as a restart is (seq_epochs): which of the two came first holds whatever
+            # the scanning worker's host clock says
+            (f"INSERT INTO gaps (device, kind, first_missing, last_missing, ts) SELECT ?, ?, ?, ?, {self.NOW_SQL} "
+             f"WHERE {held}", [(device, kind, first, last, owner) for device, kind, first, last in gaps]),
             ("UPDATE scan_lease SET owner = NULL WHERE name = 'gaps' AND owner = ?", [(owner,)]),
         ] if rows]) > 0
 
@@ -1229,9 +1230,18 @@ class HistoryStore(abc.ABC):
                 heard[device] = max(ts, heard.get(device, ts))
         return heard
 
+    def clock_offset(self) -> float:
+        """Return how far the database's clock (:attr:`NOW_SQL`) is ahead of this host's (seconds; negative: behind),
+        measured by one query, to its round trip: the ``share`` workers of several hosts keep receive times by it, so
+        hosts whose clocks differ compare them alike. Raises HistoryError."""
+        before = time.time()
+        ((now,),) = self._rows(f"SELECT {self.NOW_SQL}")
+        return float(now) - (before + time.time()) / 2
+
     def last_heard(self, devices: list[str]) -> dict[str, float]:
         """Return when this host (any worker) last stored a message of any kind (:data:`KINDS`) of each of ``devices``
-        (its receive time, unix seconds by the storing host's clock), by device; a device the history holds nothing of
+        (its receive time, unix seconds by the storing worker's clock: a ``share`` worker's is the database's,
+        :meth:`clock_offset`), by device; a device the history holds nothing of
         is left out. One query per 200 devices, each device's newest row of a kind found through the kind's
         ``(device, ts)`` index: a few index entries per device and kind, whatever the history's size. Raises
         HistoryError."""

@@ -691,3 +691,27 @@ def test_a_device_naming_a_new_epoch_in_every_message_records_at_most_max_restar
           ("live", messages.envelope("live", "sim", "d2", 1, {"requests": 1}, epoch="x2")))
     assert mon.stats.restarts == MAX_RESTARTS + 1  # another device's restart is still recorded
     mon.stop()
+
+
+def test_a_share_worker_does_not_alert_silent_a_device_a_peer_whose_host_clock_is_behind_stores(fleet_file, tmp_path,
+                                                                                                  monkeypatch):
+    """Shared silence compared the receive time a peer stored (by its host's clock) with this host's clock: a peer host
+    five minutes behind stored d1's record of a second ago as five minutes old, and this worker alerted "d1 silent".
+    Now share workers store receive times by the database's clock (each measures its own host's offset to it), and
+    compare by it: no false alert; a device nobody stored for its limit is still alerted."""
+    path = tmp_path / "h.db"
+    store_a, store_b = Store(path), Store(path)
+    monkeypatch.setattr(store_b, "clock_offset", lambda: 300.0, raising=False)  # b's host clock is 300 s behind the database's
+    a = _started(fleet_file, store_a, share="edgekit", workers=2, silence_s=60)
+    b = _started(fleet_file, store_b, share="edgekit", workers=2, silence_s=60)
+    record = _live("d1", 1)
+    b._keep([record], [b"{}"], [time.time() - 300])  # received now, by b's clock
+    assert abs(store_a.last_heard(["d1"])["d1"] - time.time()) < 5  # stored by the database's clock
+    a.last_seen["d1"] = time.time() - 120  # a last heard d1 two minutes ago itself
+    a._check_silence()
+    assert not [x for x in a.alerts if x.kind == "silent"] and _rows(store_a) == []
+    a.last_seen["d2"] = time.time() - 120  # nobody stored d2 since: silent
+    a._check_silence()
+    assert [x.text for x in a.alerts if x.kind == "silent"] == ["d2 silent for 120 s"]
+    a.stop()
+    b.stop()
