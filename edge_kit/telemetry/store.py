@@ -667,7 +667,7 @@ class HistoryStore(abc.ABC):
                 "seq_scans t WHERE t.device = m.device AND t.kind = 'telemetry'))")  # through the (device, seq) index
         top = 2 ** 63 - 1  # no limit-th number past the mark: every row past it
         # a numbering started again: its rows only (a record's epoch is in its body: read only for rows within the cut)
-        same = f"(m.epoch IS NULL OR {self.EPOCH_SQL.format(row='r')} = m.epoch)"
+        same = self._same_numbering("r", "m")
 
         def cut(kind: str) -> str:  # the limit-th number past the mark, of any numbering: index entries only
             return (f"COALESCE((SELECT x.seq FROM {kind} x WHERE x.device = m.device AND x.seq > m.scanned_to "
@@ -715,10 +715,19 @@ class HistoryStore(abc.ABC):
             ("UPDATE scan_lease SET owner = NULL WHERE name = 'gaps' AND owner = ?", [(owner,)]),
         ] if rows]) > 0
 
+    def _same_numbering(self, row: str, scan: str) -> str:
+        """Return the SQL condition that record ``row`` is of the numbering gap scan mark ``scan`` (a ``seq_scans``
+        row) follows: any when it follows none; else one carrying its epoch, or one carrying none (an agent downgraded
+        to a version without epochs numbers on) received since that epoch was recorded (``seq_epochs``: both by the
+        database's clock with ``share``), not one of before it (the agent before it sent epochs)."""
+        epoch = self.EPOCH_SQL.format(row=row)
+        return (f"({scan}.epoch IS NULL OR {epoch} = {scan}.epoch OR ({epoch} IS NULL AND {row}.ts >= (SELECT e.ts FROM "
+                f"seq_epochs e WHERE e.device = {scan}.device AND e.epoch = {scan}.epoch)))")
+
     def stored_in(self, gaps: list[tuple[str, str, int, int]]) -> list[tuple[str, str, int, str | None]]:
         """Return the ``(device, kind, seq, epoch)`` of the records the history holds inside ``gaps`` (``(device, kind,
         first, last)`` each, of :data:`SEQ_KINDS`, just recorded by the gap scan) in the numbering the scan follows
-        (``seq_scans.epoch``; any when it follows none): those stored while the scan that recorded them judged (a record
+        (``seq_scans.epoch``, :meth:`_same_numbering`; any when it follows none): those stored while the scan that recorded them judged (a record
         late past the grace, committed by another worker meanwhile); a record of an older numbering with a number inside
         is not one of them. One indexed query a gap. Raises HistoryError."""
         found: list[tuple[str, str, int, str | None]] = []
@@ -727,7 +736,7 @@ class HistoryStore(abc.ABC):
             _kept_kinds((kind,))
             found += [(device, kind, int(seq), tag) for seq, tag in self._rows(
                 f"SELECT DISTINCT r.seq, {epoch} FROM {kind} r LEFT JOIN seq_scans m ON m.device = r.device AND "
-                f"m.kind = ? WHERE r.device = ? AND r.seq >= ? AND r.seq <= ? AND (m.epoch IS NULL OR {epoch} = m.epoch) "
+                f"m.kind = ? WHERE r.device = ? AND r.seq >= ? AND r.seq <= ? AND {self._same_numbering('r', 'm')} "
                 "ORDER BY r.seq", (kind, device, first, last))]
         return found
 

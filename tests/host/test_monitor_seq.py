@@ -221,3 +221,20 @@ def test_a_persistent_monitor_starting_after_a_late_old_numbering_record_stands_
         _feed(mon, store, [_live(6, "e2"), _live(8, "e2")])
         assert _gaps(store) == [("live", 7, 7)] and mon.stats.restarts == 0
         mon.stop()
+
+
+def test_share_scan_judges_a_downgraded_agent_s_records_after_a_restart(tmp_path):
+    """An agent downgraded to a version that sends no epoch, after a restart was recorded: the --share scan read only
+    rows of the followed epoch, so its records (no epoch) were never read and its gaps were silent for good (a single
+    monitor judges them). Now a record without an epoch received since the restart into the followed epoch is read as
+    of it; one of no epoch stored before that restart (the agent before its upgrade) is not."""
+    with Store(tmp_path / "h.db") as store:
+        store.add_many([_live(seq, None) for seq in range(1, 11)], received=[time.time() - 600] * 10)  # before epochs
+        store.follow_seqs(["d1"])
+        store.add_epoch("d1", "e1", 11)
+        time.sleep(0.01)  # the database's clock orders the epochs
+        store.add_epoch("d1", "e2", 1)
+        store.add_many([_live(1, "e2"), _live(2, "e2"), _live(3, None), _live(6, None)], received=[time.time()] * 4)
+        marks, gaps = share_gaps(store.seq_window(), time.time() + 60)
+        assert gaps == [("d1", "live", 4, 5)], gaps
+        assert ("d1", "live", 6) in marks
