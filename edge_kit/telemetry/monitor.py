@@ -527,8 +527,10 @@ class Monitor:
             shadows = self.store.latest_shadow()
             self._last_shadow = {d: _shadow_mark(m) for d, m in shadows.items()}
             self._intervals = self.store.telemetry_intervals()  # until its next telemetry says otherwise
+            if self.share is not None:  # the history's receive times are the database's clock: measured first
+                self._db_offset = self.store.clock_offset()
             # what each device stored lately spent its budget: a restart gives a flooding device no fresh burst
-            now = time.time()
+            now = time.time() + self._db_offset  # the stored receive times' clock
             recent = self.store.stored_since(now - self.budget.window_s())
             self.budget.charge({d: seconds for d, seconds in recent.items() if d in self.constraints}, now)
             self._close_revoked()  # a revoked device's alerts are no news: not carried over
@@ -545,7 +547,6 @@ class Monitor:
             if self.persistent and self.share is None:  # a persistent session continues the history: so do the seqs
                 self._seq = self.store.newest_seqs(SEQ_KINDS, list(self.constraints))
             if self.share is not None:  # the gap scan follows each device of the fleet file from where it stands
-                self._db_offset = self.store.clock_offset()
                 self.store.follow_seqs(list(self.constraints))
             else:  # this one judges the seqs itself: a later share group's scan starts from where they then stand
                 self.store.forget_seq_scans()
@@ -1284,7 +1285,8 @@ class Monitor:
             HistoryError: the history cannot be read or written.
         """
         fleet = self.constraints
-        heard = self.store.last_received(KINDS)
+        # stored by the database's clock with share (_db_offset; 0 without): this host's, as last_seen is
+        heard = {device: seen - self._db_offset for device, seen in self.store.last_received(KINDS).items()}
         for device, seen in heard.items():
             if device in fleet and device not in self.last_seen:  # a message this run stored already is newer
                 self.last_seen[device] = seen

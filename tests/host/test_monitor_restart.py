@@ -715,3 +715,21 @@ def test_a_share_worker_does_not_alert_silent_a_device_a_peer_whose_host_clock_i
     assert [x.text for x in a.alerts if x.kind == "silent"] == ["d2 silent for 120 s"]
     a.stop()
     b.stop()
+
+
+def test_a_share_worker_on_a_host_whose_clock_is_ahead_reads_the_history_s_receive_times_by_the_database_s_clock(
+        fleet_file, tmp_path, monkeypatch):
+    """With --share the history's receive times are the database's clock. A worker starting on a host five minutes
+    ahead read them by its own: a device that flooded a second ago had spent nothing of its budget (a fresh burst),
+    and one heard a second ago was last heard five minutes ago. Now it reads them by the database's clock."""
+    path = tmp_path / "h.db"
+    with Store(path) as store:
+        store.add_many([_live("d1", seq) for seq in range(1, 61)], received=[time.time() - 1] * 60)
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 300)  # this host's clock: 300 s ahead of the database's
+    store = Store(path)
+    mon = _started(fleet_file, store, share="edgekit", workers=1, budget_rate=1, budget_burst=10)
+    assert -302 < mon._db_offset < -298
+    assert mon.budget.available("d1") <= 2  # 60 stored a second ago: no fresh burst of 10
+    assert abs(mon.last_seen["d1"] - (time.time() - 1)) < 2
+    mon.stop()
