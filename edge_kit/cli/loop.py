@@ -670,6 +670,7 @@ def monitor_cmd(
     from edge_kit.telemetry.monitor import (
         MAX_BREAKING_VARIANTS,
         MAX_GAP_ROWS,
+        MAX_RESTARTS,
         MAX_SEQ_LEAD,
         Monitor,
     )
@@ -743,7 +744,7 @@ def monitor_cmd(
                     "restarts": s.restarts, "implausible_seqs": s.implausible_seqs,
                     "retained_by_revoked": sorted(mon.retained_leftovers),
                     "breaking_not_alerted": s.breaking_not_alerted, "gaps_not_recorded": s.gaps_not_recorded,
-                    "late": s.late,
+                    "late": s.late, "late_not_taken": s.late_not_taken, "restarts_not_recorded": s.restarts_not_recorded,
                     "over_budget_by_device": dict(sorted(mon.over_budget.items())),
                     "alerts": [vars(a) for a in mon.alerts], "alerts_raised": mon.alerts_raised,
                     "notes": list(mon.notes),
@@ -765,7 +766,9 @@ def monitor_cmd(
                                      f"{MAX_BREAKING_VARIANTS} variants)"),
             (s.gaps_not_recorded, f"sequence gaps not recorded (past a device's {MAX_GAP_ROWS} in this run)"),
             (s.late, "late records taken out of their recorded gap"),
+            (s.late_not_taken, f"late records left in their gap (splitting it past a device's {MAX_GAP_ROWS} rows)"),
             (s.restarts, "restarts (a device numbering again in a new epoch)"),
+            (s.restarts_not_recorded, f"restarts not recorded (past a device's {MAX_RESTARTS} in this run)"),
             (s.implausible_seqs, f"seqs implausibly far ahead (past {MAX_SEQ_LEAD:,}: not taken)")) if n)
         out.print(safe(f"stored {s.stored:,} of {s.received:,} messages received ({s.duplicates:,} duplicates, "
                        f"{s.invalid:,} refused, {s.over_budget:,} over budget, {s.gaps:,} sequence gaps, {quiet}"

@@ -152,8 +152,14 @@ class MonitorStats:
     # with ``share``: records stored after the gap scan had recorded their number as lost (later than the grace), taken
     # out of that gap (it shrank or split): stored plus recorded gaps stays what the devices published
     late: int = 0
+    # late records that would have split their gap past the MAX_GAP_ROWS rows their device may add in one run: stored,
+    # left in the gap (a device sending every other number of a long gap late would add a row a record), counted here
+    late_not_taken: int = 0
     # devices whose numbering started again (a new ``epoch``: re-imaged, agent state wiped): recorded as restarts
     restarts: int = 0
+    # new numberings of a device past the MAX_RESTARTS it may have recorded in one run (a device naming a new epoch in
+    # each message): counted here, neither recorded nor followed (its records are stored, not judged), alerted once
+    restarts_not_recorded: int = 0
     # seq numbers (a record's, or a telemetry's claim) more than MAX_SEQ_LEAD past the device's newest of the kind:
     # not taken as where its numbering stands (the record is stored), counted, alerted once a device
     implausible_seqs: int = 0
@@ -210,6 +216,7 @@ MAX_TOPIC = 256  # characters of a refused message's topic kept (a real one has 
 MAX_ALERT_CHARS = 1000  # characters of an alert kept: its text may hold a device's variant name (any length)
 MAX_BREAKING_VARIANTS = 32  # a device's variants held as breaking its constraints at once (an episode and alert each)
 MAX_GAP_ROWS = 32  # sequence-gap rows one monitor run records (and alerts) per device; the others are counted
+MAX_RESTARTS = 8  # restarts (new numberings) of a device one monitor run records (and alerts); the others are counted
 MAX_CARRIED = 100  # open alerts of the history a monitor shows as carried over when it starts (the newest)
 
 
@@ -398,6 +405,11 @@ class Monitor:
         self._breaking_capped: set[str] = set()  # devices alerted as having MAX_BREAKING_VARIANTS episodes open
         self._gap_rows: dict[str, int] = {}  # per device, the sequence-gap rows this run recorded (MAX_GAP_ROWS at most)
         self._gaps_capped: set[str] = set()  # devices alerted as past their MAX_GAP_ROWS
+        #: with share: how far the database's clock is ahead of this host's (HistoryStore.clock_offset), measured at
+        #: start and before each look at when peers last stored a device: receive times stored, the silence check's
+        #: look and the gap scan's grace are all by the database's clock, so a peer host minutes behind alerts nothing
+        self._db_offset = 0.0
+        self._restarts: dict[str, int] = {}  # per device, the restarts this run recorded (MAX_RESTARTS at most)
         #: The history's open alerts when this monitor started (newest first, at most MAX_CARRIED; :meth:`start`), each
         #: a row of :meth:`HistoryStore.alerts` with ``still_open`` (False: closed at start, nobody held it), and
         #: how many were open in all: a monitor that died before printing an alert left it there.
@@ -530,8 +542,10 @@ class Monitor:
             self._intervals = self.store.telemetry_intervals()  # until its next telemetry says otherwise
             # each device's fp32 accuracy per model, what its accuracy bound is judged against (one query)
             self._reference = self.store.reference_accuracies(self._accuracy_bounded(), REFERENCE_VARIANTS)
+            if self.share is not None:  # the history's receive times are the database's clock: measured first
+                self._db_offset = self.store.clock_offset()
             # what each device stored lately spent its budget: a restart gives a flooding device no fresh burst
-            now = time.time()
+            now = time.time() + self._db_offset  # the stored receive times' clock
             recent = self.store.stored_since(now - self.budget.window_s())
             self.budget.charge({d: seconds for d, seconds in recent.items() if d in self.constraints}, now)
             self._close_revoked()  # a revoked device's alerts are no news: not carried over
@@ -543,7 +557,8 @@ class Monitor:
                 still = {(k, d, sub) for k, d, sub, _ in self.store.open_alert_keys()}
                 for row in self.carried_over:
                     row["still_open"] = (row["kind"], row["device"], row["subject"]) in still
-            self._epochs = self.store.device_epochs()  # a device's next message in another one: its restart
+            # a device's next message in another one: its restart (the fleet's devices only, through the table's key)
+            self._epochs = self.store.device_epochs(list(self.constraints))
             if self.persistent and self.share is None:  # a persistent session continues the history: so do the seqs
                 self._seq = self.store.newest_seqs(SEQ_KINDS, list(self.constraints))
             if self.share is not None:  # the gap scan follows each device of the fleet file from where it stands
@@ -947,6 +962,8 @@ class Monitor:
         # drift check orders shadow messages by seq itself: an older one never stored before is no news to it either)
         old = set().union(*(self.store.stored_ids(kind, [m["msg_id"] for k, m in good if k == kind])
                             for kind in NOT_NEWS_AGAIN))
+        if self.share is not None and self._db_offset:  # receive times by the database's clock: the peers compare them
+            received = [r + self._db_offset for r in received]
         # one record the database cannot hold is refused alone: the others are stored without it
         new, refused = self.store.add_each(good, raw, received, keep_refused=False)
         for i, why in refused.items():  # counted, kept as invalid (its payload as received) and alerted
@@ -954,8 +971,7 @@ class Monitor:
         if refused:
             good = [g for i, g in enumerate(good) if i not in refused]
         if self.share is not None:  # one indexed query a batch: a record later than the grace leaves its gap
-            self.stats.late += self.store.take_out_of_gaps([(m["device"], k, m["seq"], m.get("epoch"))
-                                                            for k, m in good if k in SEQ_KINDS])
+            self._take_late([(m["device"], k, m["seq"], m.get("epoch")) for k, m in good if k in SEQ_KINDS])
         self.stats.duplicates += len(good) - new
         self.stats.stored += new
         if self.share is not None:  # a peer may have stored the device's fp32 benchmark: one query a batch of benches
@@ -975,7 +991,7 @@ class Monitor:
                 log.exception("after storing %s %r", kind, msg.get("msg_id"))  # %r: a device's text, one line
         if self._behind:  # without share: a record that came after its gap was recorded leaves it
             behind, self._behind = self._behind, []
-            self.stats.late += self.store.take_out_of_gaps(behind)
+            self._take_late(behind)
         while len(self._recent) > 100_000:
             self._recent.popitem(last=False)
 
@@ -1035,7 +1051,7 @@ class Monitor:
         if not self.store.take_scan_lease(self._scan_owner):
             return  # another worker scans now
         rows = self.store.seq_window(SCAN_ROWS)
-        marks, gaps = share_gaps(rows, time.time() - self.gap_grace_s, SCAN_ROWS)
+        marks, gaps = share_gaps(rows, time.time() + self._db_offset - self.gap_grace_s, SCAN_ROWS)  # the database's clock
         room = {d: MAX_GAP_ROWS - self._gap_rows.get(d, 0) for d, *_ in gaps}
         kept, capped = [], []
         for gap in gaps:
@@ -1044,7 +1060,7 @@ class Monitor:
         if self.store.record_scan(self._scan_owner, marks, kept):
             # a record another worker committed while this scan judged: taken out of the gap just recorded (that
             # worker's own look, after its commit, may have come before this commit)
-            self.stats.late += self.store.take_out_of_gaps(self.store.stored_in(kept))
+            self._take_late(self.store.stored_in(kept))
             for device, kind, first, last in kept:
                 self._gap_found(device, kind, first, last)
             for device, *_ in capped:
@@ -1056,6 +1072,32 @@ class Monitor:
             # the next scan goes on from there at once (one whose rows have not settled yet waits as any other)
             self._gaps_scanned = -math.inf
 
+    def _take_late(self, records: list[tuple[str, str, int, str | None]]) -> None:
+        """Take ``records`` (stored, ``(device, kind, seq, epoch)``) out of the gaps recorded around them
+        (:meth:`HistoryStore.take_out_of_gaps`, counted in ``stats.late``), a device's splits adding no more gap rows
+        than are left of its :data:`MAX_GAP_ROWS` of this run (each counts as one): a late record past that stays in its
+        gap, counted in ``stats.late_not_taken`` and alerted once a device (as gaps past the bound are). Return nothing.
+        Raises HistoryError."""
+        if not records:
+            return
+        room = {device: MAX_GAP_ROWS - self._gap_rows.get(device, 0) for device, *_ in records}
+        left: list[tuple[str, str, int]] = []
+        self.stats.late += self.store.take_out_of_gaps(records, room, left)
+        for device, rows in room.items():
+            self._gap_rows[device] = MAX_GAP_ROWS - rows
+        for device, _kind, _seq in left:
+            self.stats.late_not_taken += 1
+            self._gap_cap_alert(device)
+
+    def _gap_cap_alert(self, device: str) -> None:
+        """Alert, once a run, that ``device`` recorded its :data:`MAX_GAP_ROWS` gap rows of this run; return nothing."""
+        if device not in self._gaps_capped:
+            self._gaps_capped.add(device)
+            self._alert(Alert(device, "gap", f"{device}: {MAX_GAP_ROWS} sequence gaps recorded in this run; more are "
+                                             "counted (gaps_not_recorded in the --json summary), neither recorded nor "
+                                             "alerted one by one, and a late record that would split a gap further "
+                                             "stays in it (late_not_taken)"))
+
     def _gap_room(self, device: str) -> bool:
         """Return True while ``device`` has recorded fewer than :data:`MAX_GAP_ROWS` sequence-gap rows in this run."""
         return self._gap_rows.get(device, 0) < MAX_GAP_ROWS
@@ -1064,11 +1106,7 @@ class Monitor:
         """Count a sequence gap of ``device`` found past its :data:`MAX_GAP_ROWS` of this run (not recorded), alerting
         the first such once; return nothing."""
         self.stats.gaps_not_recorded += 1
-        if device not in self._gaps_capped:
-            self._gaps_capped.add(device)
-            self._alert(Alert(device, "gap", f"{device}: {MAX_GAP_ROWS} sequence gaps recorded in this run; more are "
-                                             "counted (gaps_not_recorded in the --json summary), neither recorded nor "
-                                             "alerted one by one"))
+        self._gap_cap_alert(device)
 
     def _gap_found(self, device: str, kind: str, first: int, last: int) -> None:
         """Count and alert that ``seq`` ``first..last`` of ``device``'s ``kind`` never arrived, recorded in the history's
@@ -1095,6 +1133,9 @@ class Monitor:
         if (device, epoch) in self._stale_epochs:
             return False
         previous = self._epochs.get(device)
+        if previous is not None and self._restarts.get(device, 0) >= MAX_RESTARTS:
+            self._restart_not_recorded(device, epoch)
+            return False
         new, newest = self.store.add_epoch(device, epoch, msg["seq"], self._scan_owner if self.share else None)
         if newest != epoch:
             if len(self._stale_epochs) >= MAX_STALE_EPOCHS:
@@ -1106,6 +1147,7 @@ class Monitor:
             self._stale_epochs.add((device, previous))
             for kind in SEQ_KINDS:
                 self._seq[(device, kind)] = 0
+            self._restarts[device] = self._restarts.get(device, 0) + 1
             if new:
                 self.stats.restarts += 1
                 self._alert(Alert(device, "restart", f"{device}: its numbering started again (epoch {epoch}, after "
@@ -1113,6 +1155,20 @@ class Monitor:
                                                      f"damaged): recorded as a restart, not a gap; its records are "
                                                      f"judged from seq 1 of the new numbering"))
         return True
+
+    def _restart_not_recorded(self, device: str, epoch: str) -> None:
+        """Count a new numbering ``epoch`` of ``device`` past its :data:`MAX_RESTARTS` of this run (not recorded, not
+        followed: its messages are stored, not judged), alerting the first such once; return nothing."""
+        self.stats.restarts_not_recorded += 1
+        if len(self._stale_epochs) >= MAX_STALE_EPOCHS:
+            self._stale_epochs.clear()
+        self._stale_epochs.add((device, epoch))  # counted once, its later messages not looked up again
+        if self._restarts.get(device, 0) == MAX_RESTARTS:
+            self._restarts[device] += 1  # alerted once
+            self._alert(Alert(device, "restart", f"{device}: {MAX_RESTARTS} restarts (new numberings) recorded in this "
+                                                 "run; more are counted (restarts_not_recorded in the --json summary), "
+                                                 "neither recorded nor alerted, and their records are stored but not "
+                                                 "checked for gaps"))
 
     def _check_seq(self, kind: str, msg: dict[str, Any]) -> None:
         """Record and alert a sequence gap when ``msg`` numbers past the device's newest ``seq`` of its kind plus one
@@ -1249,7 +1305,8 @@ class Monitor:
             HistoryError: the history cannot be read or written.
         """
         fleet = self.constraints
-        heard = self.store.last_received(KINDS)
+        # stored by the database's clock with share (_db_offset; 0 without): this host's, as last_seen is
+        heard = {device: seen - self._db_offset for device, seen in self.store.last_received(KINDS).items()}
         for device, seen in heard.items():
             if device in fleet and device not in self.last_seen:  # a message this run stored already is newer
                 self.last_seen[device] = seen
@@ -1450,8 +1507,9 @@ class Monitor:
         subscribed for :data:`SETTLE_S` and has checked what it received. With ``share`` a device is heard when any
         worker stored its record: one this worker has not heard from for its limit is looked up in the history first
         (:meth:`HistoryStore.last_heard`, one indexed query for those devices, once a limit at most: a peer's record
-        found counts as heard), and a silence alert open (raised by a peer, taken at the sync) of a device this worker
-        heard within its limit is closed. Return nothing. Raises HistoryError."""
+        found counts as heard; receive times stored by the database's clock, :meth:`HistoryStore.clock_offset`, so a
+        peer host whose clock is behind is no silence), and a silence alert open (raised by a peer, taken at the sync)
+        of a device this worker heard within its limit is closed. Return nothing. Raises HistoryError."""
         revoked = self._close_revoked()
         now = time.time()
         # subscribed for SETTLE_S, and what arrived checked and stored: the broker's queue for this session is in
@@ -1468,9 +1526,10 @@ class Monitor:
                 self._silent_alerted.discard(device)  # a peer's alert, this worker heard it since
                 self.store.close_alert(device, "silent")
         if silent and self.share is not None:  # a peer may hear it: the history says when any worker last stored it
+            self._db_offset = self.store.clock_offset()  # stored by the database's clock: this host's, now
             for device, heard in self.store.last_heard(silent).items():
-                if heard > self.last_seen.get(device, -math.inf):
-                    self.last_seen[device] = heard
+                if heard - self._db_offset > self.last_seen.get(device, -math.inf):
+                    self.last_seen[device] = heard - self._db_offset
         for device in silent:
             seen = self.last_seen[device]
             if now - seen > self._silence_limit(device) and device not in self._silent_alerted:

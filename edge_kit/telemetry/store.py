@@ -272,6 +272,37 @@ def message_row(kind: str, m: dict[str, Any], body: str | None, received: float)
     raise ValueError(f"the store keeps {', '.join(KINDS)}, not {kind!r}")
 
 
+def _pieces(first: int, last: int, seqs: list[int]) -> int:
+    """Return how many runs of ``first..last`` are left once ``seqs`` (inside it) are taken out."""
+    runs, start = 0, first
+    for seq in sorted(seqs) + [last + 1]:
+        runs += seq > start
+        start = seq + 1
+    return runs
+
+
+def _within_room(within: dict[tuple[str, str, int, int, float], set[int]], room: dict[str, int],
+                 left: list[tuple[str, str, int]] | None) -> dict[tuple[str, str, int, int, float], set[int]]:
+    """Return the part of ``within`` (gaps and the late seqs inside each: :meth:`HistoryStore._gaps_around`) whose
+    taking out adds no more gap rows per device than ``room`` allows (lowered by the rows added; an end of a gap or
+    its last number adds none), lowest seq first; each seq left out is appended to ``left`` (when given)."""
+    out: dict[tuple[str, str, int, int, float], set[int]] = {}
+    for gap, seqs in sorted(within.items()):
+        device, kind, first, last, _ts = gap
+        taken: list[int] = []
+        for seq in sorted(seqs):
+            added = _pieces(first, last, [*taken, seq]) - _pieces(first, last, taken)
+            if added > 0 and room.get(device, 0) < added:
+                if left is not None:
+                    left.append((device, kind, seq))
+                continue
+            room[device] = room.get(device, 0) - max(added, 0)
+            taken.append(seq)
+        if taken:
+            out[gap] = set(taken)
+    return out
+
+
 def _kept_kinds(kinds: tuple[str, ...]) -> None:
     """Check that the history keeps each of ``kinds`` (:data:`KINDS`); return nothing.
 
@@ -538,16 +569,27 @@ class HistoryStore(abc.ABC):
         newest ``seq`` the history holds of it (no gap is judged below it), or -1 when it holds none (judged from the
         first record stored). A mark another worker started or moved is left as it is. Return nothing.
         Raises HistoryError."""
-        newest, epochs = self.newest_seqs(SEQ_KINDS, devices), self.device_epochs()
+        newest, epochs = self.newest_seqs(SEQ_KINDS, devices), self.device_epochs(devices)
         self._write_batch([("INSERT INTO seq_scans (device, kind, scanned_to, epoch) VALUES (?, ?, ?, ?) "
                             "ON CONFLICT DO NOTHING",
                             [(d, k, newest.get((d, k), -1), epochs.get(d)) for d in sorted(devices) for k in SEQ_KINDS])])
 
-    def device_epochs(self) -> dict[str, str]:
-        """Return each device's newest numbering (``seq_epochs``: the ``epoch`` its agent's messages carry, the one
-        recorded last), ``{device: epoch}``; a device whose agent sends none is not in it. Raises HistoryError."""
-        return dict(self._rows("SELECT e.device, e.epoch FROM seq_epochs e JOIN (SELECT device, MAX(ts) AS ts FROM "
-                               "seq_epochs GROUP BY device) l ON e.device = l.device AND e.ts = l.ts"))
+    def device_epochs(self, devices: Iterable[str]) -> dict[str, str]:
+        """Return the newest numbering of each of ``devices`` (``seq_epochs``: the ``epoch`` its agent's messages
+        carry, the one recorded last), ``{device: epoch}``; a device whose agent sends none is not in it. One query per
+        200 devices, each device's rows found through the table's ``(device, epoch)`` key: never the whole table (which
+        holds every device's every numbering). Raises HistoryError."""
+        out: dict[str, str] = {}
+        names = sorted(set(devices))
+        for i in range(0, len(names), 200):
+            part = names[i:i + 200]
+            for device, epoch in self._rows(
+                    f"WITH d(device) AS (VALUES {', '.join(['(?)'] * len(part))}) SELECT d.device, (SELECT e.epoch FROM "
+                    "seq_epochs e WHERE e.device = d.device ORDER BY e.ts DESC, e.epoch DESC LIMIT 1) FROM d",
+                    tuple(part)):
+                if epoch is not None:
+                    out[device] = epoch
+        return out
 
     def add_epoch(self, device: str, epoch: str, first_seq: int, owner: str | None = None) -> tuple[bool, str | None]:
         """Record that ``device`` numbers its messages in ``epoch`` (first seen with ``first_seq``), unless the history
@@ -564,7 +606,7 @@ class HistoryStore(abc.ABC):
         Raises:
             HistoryError: the history cannot be read or written.
         """
-        previous = self.device_epochs().get(device)
+        previous = self.device_epochs([device]).get(device)
         new = self._execute(f"INSERT INTO seq_epochs (device, epoch, previous, ts, first_seq) VALUES "
                             f"(?, ?, ?, {self.NOW_SQL}, ?) ON CONFLICT DO NOTHING",
                             (device, epoch, previous, first_seq)) > 0
@@ -575,7 +617,7 @@ class HistoryStore(abc.ABC):
             finally:
                 if held:
                     self._execute("UPDATE scan_lease SET owner = NULL WHERE name = 'gaps' AND owner = ?", (owner,))
-        return new, self.device_epochs().get(device)
+        return new, self.device_epochs([device]).get(device)
 
     def _wait_scan_lease(self, owner: str) -> bool:
         """Take the gap scan for ``owner`` (:meth:`take_scan_lease`), trying for up to :data:`EPOCH_LEASE_WAIT_S` (a
@@ -629,7 +671,7 @@ class HistoryStore(abc.ABC):
                 "seq_scans t WHERE t.device = m.device AND t.kind = 'telemetry'))")  # through the (device, seq) index
         top = 2 ** 63 - 1  # no limit-th number past the mark: every row past it
         # a numbering started again: its rows only (a record's epoch is in its body: read only for rows within the cut)
-        same = f"(m.epoch IS NULL OR {self.EPOCH_SQL.format(row='r')} = m.epoch)"
+        same = self._same_numbering("r", "m")
 
         def cut(kind: str) -> str:  # the limit-th number past the mark, of any numbering: index entries only
             return (f"COALESCE((SELECT x.seq FROM {kind} x WHERE x.device = m.device AND x.seq > m.scanned_to "
@@ -665,21 +707,31 @@ class HistoryStore(abc.ABC):
             HistoryError: the history cannot be written (nothing recorded).
         """
         held = "EXISTS (SELECT 1 FROM scan_lease WHERE name = 'gaps' AND owner = ?)"
-        now = time.time()
         return self._write_batch([(sql, rows) for sql, rows in [
             # first: on PostgreSQL this locks the lease row until the commit, so nobody takes it meanwhile
             (f"UPDATE scan_lease SET seen = {self.NOW_SQL} WHERE name = 'gaps' AND owner = ?", [(owner,)]),
             (f"UPDATE seq_scans SET scanned_to = ? WHERE device = ? AND kind = ? AND {held}",
              [(seq, device, kind, owner) for device, kind, seq in marks]),
-            (f"INSERT INTO gaps (device, kind, first_missing, last_missing, ts) SELECT ?, ?, ?, ?, ? WHERE {held}",
-             [(device, kind, first, last, now, owner) for device, kind, first, last in gaps]),
+            # recorded by the database's clock, as a restart is (seq_epochs): which of the two came first holds whatever
+            # the scanning worker's host clock says
+            (f"INSERT INTO gaps (device, kind, first_missing, last_missing, ts) SELECT ?, ?, ?, ?, {self.NOW_SQL} "
+             f"WHERE {held}", [(device, kind, first, last, owner) for device, kind, first, last in gaps]),
             ("UPDATE scan_lease SET owner = NULL WHERE name = 'gaps' AND owner = ?", [(owner,)]),
         ] if rows]) > 0
+
+    def _same_numbering(self, row: str, scan: str) -> str:
+        """Return the SQL condition that record ``row`` is of the numbering gap scan mark ``scan`` (a ``seq_scans``
+        row) follows: any when it follows none; else one carrying its epoch, or one carrying none (an agent downgraded
+        to a version without epochs numbers on) received since that epoch was recorded (``seq_epochs``: both by the
+        database's clock with ``share``), not one of before it (the agent before it sent epochs)."""
+        epoch = self.EPOCH_SQL.format(row=row)
+        return (f"({scan}.epoch IS NULL OR {epoch} = {scan}.epoch OR ({epoch} IS NULL AND {row}.ts >= (SELECT e.ts FROM "
+                f"seq_epochs e WHERE e.device = {scan}.device AND e.epoch = {scan}.epoch)))")
 
     def stored_in(self, gaps: list[tuple[str, str, int, int]]) -> list[tuple[str, str, int, str | None]]:
         """Return the ``(device, kind, seq, epoch)`` of the records the history holds inside ``gaps`` (``(device, kind,
         first, last)`` each, of :data:`SEQ_KINDS`, just recorded by the gap scan) in the numbering the scan follows
-        (``seq_scans.epoch``; any when it follows none): those stored while the scan that recorded them judged (a record
+        (``seq_scans.epoch``, :meth:`_same_numbering`; any when it follows none): those stored while the scan that recorded them judged (a record
         late past the grace, committed by another worker meanwhile); a record of an older numbering with a number inside
         is not one of them. One indexed query a gap. Raises HistoryError."""
         found: list[tuple[str, str, int, str | None]] = []
@@ -688,11 +740,12 @@ class HistoryStore(abc.ABC):
             _kept_kinds((kind,))
             found += [(device, kind, int(seq), tag) for seq, tag in self._rows(
                 f"SELECT DISTINCT r.seq, {epoch} FROM {kind} r LEFT JOIN seq_scans m ON m.device = r.device AND "
-                f"m.kind = ? WHERE r.device = ? AND r.seq >= ? AND r.seq <= ? AND (m.epoch IS NULL OR {epoch} = m.epoch) "
+                f"m.kind = ? WHERE r.device = ? AND r.seq >= ? AND r.seq <= ? AND {self._same_numbering('r', 'm')} "
                 "ORDER BY r.seq", (kind, device, first, last))]
         return found
 
-    def take_out_of_gaps(self, records: list[tuple[str, str, int] | tuple[str, str, int, str | None]]) -> int:
+    def take_out_of_gaps(self, records: list[tuple[str, str, int] | tuple[str, str, int, str | None]],
+                         room: dict[str, int] | None = None, left: list[tuple[str, str, int]] | None = None) -> int:
         """Take each ``(device, kind, seq)`` or ``(device, kind, seq, epoch)`` of ``records`` (stored; ``epoch`` the
         numbering the record carries, None for none) out of the sequence gap recorded around it in the same numbering,
         if any: the gap shrinks, or splits in two, or goes (its ``ts`` kept), so the history never says a record is both
@@ -705,6 +758,12 @@ class HistoryStore(abc.ABC):
         locked, and its pieces written only while it is still there; a gap another worker split meanwhile is looked up
         again. One indexed query (through ``gaps (device, kind, last_missing)``) per 300 records, and a transaction
         only when a record is in a gap.
+
+        ``room``: per device, how many gap rows its records may still add by splitting a gap (one inside a gap, at
+        neither end, splits it in two: a row more), lowered by what they add; a device missing from it may add none.
+        A record whose split would go past its device's room is left in its gap (the history then says it is both stored
+        and lost), appended to ``left`` as ``(device, kind, seq)``: a device sending every other number of a long gap
+        late adds a row a record otherwise. None (the default): no bound.
 
         Returns:
             How many of ``records`` were taken out of a gap (a late record).
@@ -720,6 +779,12 @@ class HistoryStore(abc.ABC):
                 within = self._gaps_around(part, time.time() - LATE_S)
                 if not within:
                     break
+                if room is not None and _attempt == 0:
+                    within = _within_room(within, room, left)
+                    kept = {(d, k, s) for (d, k, *_g), seqs in within.items() for s in seqs}
+                    part = [r for r in part if (r[0], r[1], r[2]) in kept]
+                    if not within:
+                        break
                 pieces, rows = [], []
                 for (device, kind, first, last, ts), seqs in sorted(within.items()):
                     rows.append((device, kind, first, last))
@@ -1208,9 +1273,18 @@ class HistoryStore(abc.ABC):
                 heard[device] = max(ts, heard.get(device, ts))
         return heard
 
+    def clock_offset(self) -> float:
+        """Return how far the database's clock (:attr:`NOW_SQL`) is ahead of this host's (seconds; negative: behind),
+        measured by one query, to its round trip: the ``share`` workers of several hosts keep receive times by it, so
+        hosts whose clocks differ compare them alike. Raises HistoryError."""
+        before = time.time()
+        ((now,),) = self._rows(f"SELECT {self.NOW_SQL}")
+        return float(now) - (before + time.time()) / 2
+
     def last_heard(self, devices: list[str]) -> dict[str, float]:
         """Return when this host (any worker) last stored a message of any kind (:data:`KINDS`) of each of ``devices``
-        (its receive time, unix seconds by the storing host's clock), by device; a device the history holds nothing of
+        (its receive time, unix seconds by the storing worker's clock: a ``share`` worker's is the database's,
+        :meth:`clock_offset`), by device; a device the history holds nothing of
         is left out. One query per 200 devices, each device's newest row of a kind found through the kind's
         ``(device, ts)`` index: a few index entries per device and kind, whatever the history's size. Raises
         HistoryError."""
@@ -1241,13 +1315,15 @@ class HistoryStore(abc.ABC):
     def newest_seqs(self, kinds: tuple[str, ...], devices: list[str]) -> dict[tuple[str, str], int]:
         """Return the ``seq`` of the newest message the history holds (by receive time, then ``seq``) per device of
         ``devices`` and kind of ``kinds``, as ``{(device, kind): seq}``: where each device's numbering stood when it was
-        last stored (a device whose numbering started again, re-imaged, stands at its new numbers), or the end of a
+        last stored (a device whose numbering started again, re-imaged, stands at its new numbers: the newest record
+        of its newest numbering, ``seq_epochs``, not a late one of an older numbering stored after it), or the end of a
         sequence gap of that device and kind recorded since, when higher (numbers a telemetry message's ``seqs`` said
         were given, whose records never came: they are recorded once, not again by the next monitor). A device and kind
         the history holds nothing of is left out.
 
-        Cost: one query per kind (per 200 devices), each device's newest row found through its kind's ``(device, ts)``
-        index and its gaps through ``gaps (device, ts)``: a few index entries per device and kind, whatever the
+        Cost: one query per kind (per 200 devices), each device's newest row of its numbering found through its kind's
+        ``(device, ts)`` index (from the newest down: one entry, and one more per late record of an older numbering
+        stored after it) and its gaps through ``gaps (device, ts)``: a few index entries per device and kind, whatever the
         history's size (a start reads nothing in proportion to the rows stored).
 
         Raises:
@@ -1257,23 +1333,37 @@ class HistoryStore(abc.ABC):
         _kept_kinds(kinds)
         out: dict[tuple[str, str], int] = {}
         names = sorted(set(devices))
+        epochs = self.device_epochs(names)
         for kind in kinds:
             for i in range(0, len(names), 200):
                 part = names[i:i + 200]
-                for device, seq, last in self._rows(self._newest_seqs_sql(kind, len(part)), (*part, kind)):
+                pairs = tuple(v for d in part for v in (d, epochs.get(d)))
+                for device, seq, last in self._rows(self._newest_seqs_sql(kind, len(part)), (*pairs, kind)):
                     if seq is not None:
                         out[(device, kind)] = max(int(seq), int(last)) if last is not None else int(seq)
         return out
 
-    @staticmethod
-    def _newest_seqs_sql(kind: str, devices: int) -> str:
-        """Return :meth:`newest_seqs`' query of ``kind`` for ``devices`` device names (then the kind) as arguments:
-        per device, its newest ``seq`` at its newest receive time and the end of the newest gap recorded since."""
-        values = ", ".join(["(?)"] * devices)
-        return (f"WITH d(device) AS (VALUES {values}) SELECT n.device, (SELECT MAX(t.seq) FROM {kind} t WHERE "
-                "t.device = n.device AND t.ts = n.ts), (SELECT MAX(g.last_missing) FROM gaps g WHERE g.device = "
-                "n.device AND g.kind = ? AND g.ts >= n.ts) FROM (SELECT d.device AS device, (SELECT MAX(t.ts) FROM "
-                f"{kind} t WHERE t.device = d.device) AS ts FROM d) n WHERE n.ts IS NOT NULL")
+    @classmethod
+    def _newest_seqs_sql(cls, kind: str, devices: int) -> str:
+        """Return :meth:`newest_seqs`' query of ``kind`` for ``devices`` ``(device, newest epoch or None)`` pairs (then
+        the kind) as arguments: per device, its newest ``seq`` at its newest receive time in its newest numbering (a
+        row of no epoch counts as of it: an agent downgraded numbers on), and the end of the newest gap recorded
+        since."""
+        values = ", ".join(["(?, CAST(? AS TEXT))"] * devices)
+
+        def ours(row: str, d: str) -> str:
+            epoch = cls.EPOCH_SQL.format(row=row)
+            return f"({d}.epoch IS NULL OR {epoch} IS NULL OR {epoch} = {d}.epoch)"
+
+        # walked down the (device, ts) index from the newest, up to the first row of the numbering: one, unless late
+        # records of an older numbering were stored after it
+        newest = f"(SELECT t.ts FROM {kind} t WHERE t.device = d.device AND {ours('t', 'd')} ORDER BY t.ts DESC LIMIT 1)"
+        # MAX(seq + 0): found through (device, ts), not by walking (device, seq) down past an older numbering's higher
+        # numbers
+        return (f"WITH d(device, epoch) AS (VALUES {values}) SELECT n.device, (SELECT MAX(t.seq + 0) FROM {kind} t "
+                f"WHERE t.device = n.device AND t.ts = n.ts AND {ours('t', 'n')}), (SELECT MAX(g.last_missing) FROM gaps g "
+                "WHERE g.device = n.device AND g.kind = ? AND g.ts >= n.ts) FROM (SELECT d.device AS device, d.epoch AS "
+                f"epoch, {newest} AS ts FROM d) n WHERE n.ts IS NOT NULL")
 
     def _latest(self, table: str) -> dict[str, dict[str, Any]]:
         """Return the newest message of ``table`` per device (by receive time, then ``seq``)."""

@@ -647,3 +647,89 @@ def test_a_record_a_single_monitor_stores_after_recording_its_gap_is_taken_out_o
     assert sorted((g["first_missing"], g["last_missing"]) for g in store.sequence_gaps()) == [(2, 2), (4, 4)]
     assert mon.stats.late == 1 and not mon._behind
     mon.stop()
+
+
+def test_late_records_splitting_a_gap_add_at_most_max_gap_rows_rows_a_device_and_the_rest_are_counted(
+        fleet_file, tmp_path):
+    """The MAX_GAP_ROWS cap was bypassed through late records: a device (its own valid key) numbered 1 then 1000, then
+    sent every other number in between late: each split the recorded gap, a row a record (400 records, 401 rows). Now
+    the rows a device's splits add count towards its MAX_GAP_ROWS of the run; past them a late record stays in its gap,
+    counted (late_not_taken) and alerted once; another device's late record is still taken out."""
+    from edge_kit.telemetry.monitor import MAX_GAP_ROWS
+
+    store = Store(tmp_path / "h.db")
+    mon = _started(fleet_file, store)
+    _kept(mon, _live("d1", 1), _live("d1", 1000), _live("d2", 1), _live("d2", 5))
+    for seq in range(3, 803, 2):  # 400 late records, each inside the gap
+        _kept(mon, _live("d1", seq))
+    rows = store._rows("SELECT COUNT(*) FROM gaps WHERE device = 'd1'")[0][0]
+    assert rows == MAX_GAP_ROWS  # the gap itself, and 31 splits
+    assert mon.stats.late == MAX_GAP_ROWS - 1 and mon.stats.late_not_taken == 400 - (MAX_GAP_ROWS - 1)
+    assert store.count("live") == 404  # every record stored
+    assert len([a for a in mon.alerts if a.text.startswith(f"d1: {MAX_GAP_ROWS} sequence gaps recorded")]) == 1
+    _kept(mon, _live("d2", 3))
+    assert sorted((g["first_missing"], g["last_missing"]) for g in store.sequence_gaps(device="d2")) == [(2, 2), (4, 4)]
+    mon.stop()
+
+
+def test_a_device_naming_a_new_epoch_in_every_message_records_at_most_max_restarts_a_run(fleet_file, tmp_path):
+    """A device (its own valid key) naming a new epoch in each message added a seq_epochs row and a restart alert a
+    message, bounded only by its ingest budget. Now a run records at most MAX_RESTARTS restarts a device; the others are
+    counted (restarts_not_recorded, each new epoch once) and alerted once; its records are all stored."""
+    from edge_kit.telemetry.monitor import MAX_RESTARTS
+
+    store = Store(tmp_path / "h.db")
+    mon = _started(fleet_file, store)
+    for i in range(50):
+        _kept(mon, ("live", messages.envelope("live", "sim", "d1", 1, {"requests": 1}, epoch=f"e{i}")))
+    _kept(mon, ("live", messages.envelope("live", "sim", "d1", 2, {"requests": 1}, epoch="e49")))  # same: once
+    assert store.count("seq_epochs") == MAX_RESTARTS + 1  # the first numbering, and MAX_RESTARTS restarts
+    assert mon.stats.restarts == MAX_RESTARTS and mon.stats.restarts_not_recorded == 50 - 1 - MAX_RESTARTS
+    assert len([a for a in mon.alerts if a.kind == "restart"]) == MAX_RESTARTS + 1
+    assert store.count("live") == 51
+    _kept(mon, ("live", messages.envelope("live", "sim", "d2", 1, {"requests": 1}, epoch="x1")),
+          ("live", messages.envelope("live", "sim", "d2", 1, {"requests": 1}, epoch="x2")))
+    assert mon.stats.restarts == MAX_RESTARTS + 1  # another device's restart is still recorded
+    mon.stop()
+
+
+def test_a_share_worker_does_not_alert_silent_a_device_a_peer_whose_host_clock_is_behind_stores(fleet_file, tmp_path,
+                                                                                                  monkeypatch):
+    """Shared silence compared the receive time a peer stored (by its host's clock) with this host's clock: a peer host
+    five minutes behind stored d1's record of a second ago as five minutes old, and this worker alerted "d1 silent".
+    Now share workers store receive times by the database's clock (each measures its own host's offset to it), and
+    compare by it: no false alert; a device nobody stored for its limit is still alerted."""
+    path = tmp_path / "h.db"
+    store_a, store_b = Store(path), Store(path)
+    monkeypatch.setattr(store_b, "clock_offset", lambda: 300.0, raising=False)  # b's host clock is 300 s behind the database's
+    a = _started(fleet_file, store_a, share="edgekit", workers=2, silence_s=60)
+    b = _started(fleet_file, store_b, share="edgekit", workers=2, silence_s=60)
+    record = _live("d1", 1)
+    b._keep([record], [b"{}"], [time.time() - 300])  # received now, by b's clock
+    assert abs(store_a.last_heard(["d1"])["d1"] - time.time()) < 5  # stored by the database's clock
+    a.last_seen["d1"] = time.time() - 120  # a last heard d1 two minutes ago itself
+    a._check_silence()
+    assert not [x for x in a.alerts if x.kind == "silent"] and _rows(store_a) == []
+    a.last_seen["d2"] = time.time() - 120  # nobody stored d2 since: silent
+    a._check_silence()
+    assert [x.text for x in a.alerts if x.kind == "silent"] == ["d2 silent for 120 s"]
+    a.stop()
+    b.stop()
+
+
+def test_a_share_worker_on_a_host_whose_clock_is_ahead_reads_the_history_s_receive_times_by_the_database_s_clock(
+        fleet_file, tmp_path, monkeypatch):
+    """With --share the history's receive times are the database's clock. A worker starting on a host five minutes
+    ahead read them by its own: a device that flooded a second ago had spent nothing of its budget (a fresh burst),
+    and one heard a second ago was last heard five minutes ago. Now it reads them by the database's clock."""
+    path = tmp_path / "h.db"
+    with Store(path) as store:
+        store.add_many([_live("d1", seq) for seq in range(1, 61)], received=[time.time() - 1] * 60)
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 300)  # this host's clock: 300 s ahead of the database's
+    store = Store(path)
+    mon = _started(fleet_file, store, share="edgekit", workers=1, budget_rate=1, budget_burst=10)
+    assert -302 < mon._db_offset < -298
+    assert mon.budget.available("d1") <= 2  # 60 stored a second ago: no fresh burst of 10
+    assert abs(mon.last_seen["d1"] - (time.time() - 1)) < 2
+    mon.stop()

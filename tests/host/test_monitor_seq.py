@@ -182,3 +182,59 @@ def test_a_restart_recorded_while_a_peer_scans_is_not_overwritten_by_that_scan_s
         assert set(worker._rows("SELECT kind, scanned_to, epoch FROM seq_scans WHERE device = 'd1'")) == {
             (kind, 0, "e2") for kind in ("bench", "telemetry", "live", "shadow")}
         assert worker._rows("SELECT owner FROM scan_lease") == [(None,)]  # let go
+
+
+def test_device_epochs_reads_only_the_devices_asked_about_through_the_table_s_key(tmp_path, monkeypatch):
+    """device_epochs() read the whole seq_epochs table (every device's every numbering) at each start, follow_seqs and
+    twice per add_epoch. Now it reads the devices asked about, each through the (device, epoch) key."""
+    with Store(tmp_path / "h.db") as store:
+        for device in ("d1", "d2", "other"):
+            store.add_epoch(device, "a", 1)
+        time.sleep(0.01)  # the database's clock orders the epochs
+        store.add_epoch("d1", "b", 1)
+        assert store.device_epochs(["d1", "d2", "d9"]) == {"d1": "b", "d2": "a"}
+        asked: list[tuple[str, tuple]] = []
+        rows = store._rows
+        monkeypatch.setattr(store, "_rows", lambda sql, args=(): asked.append((sql, args)) or rows(sql, args))
+        store.device_epochs(["d1"])
+        monkeypatch.setattr(store, "_rows", rows)
+        plans = [" | ".join(str(r[-1]) for r in store._rows("EXPLAIN QUERY PLAN " + sql, args)) for sql, args in asked]
+        assert plans and all("seq_epochs" in sql for sql, _ in asked)
+        assert not any("SCAN e" in p or "SCAN seq_epochs" in p for p in plans), plans
+
+
+def test_a_persistent_monitor_starting_after_a_late_old_numbering_record_stands_at_the_new_numbering(fleet_file,
+                                                                                                     tmp_path):
+    """A persistent monitor without --share takes where each stream stood from the history's newest record. A late
+    record of the device's older numbering (queued before its re-image) stored last made it stand at that old number:
+    the new numbering's next records were behind it, and a gap in them was silent. Now the newest record of the
+    device's newest numbering is where it stands."""
+    with Store(tmp_path / "h.db") as store:
+        store.add_epoch("d1", "e1", 1)
+        store.add_many([_live(seq, "e1") for seq in (1, 2, 3)], received=[time.time() - 60] * 3)
+        time.sleep(0.01)  # the database's clock orders the epochs
+        store.add_epoch("d1", "e2", 1)
+        store.add_many([_live(seq, "e2") for seq in (1, 2, 3, 4, 5)], received=[time.time() - 30] * 5)
+        store.add_many([_live(500, "e1")], received=[time.time() - 10])  # the old numbering's, handed over late
+        mon = _monitor(fleet_file, store, persistent=True)
+        assert mon._seq[("d1", "live")] == 5
+        _feed(mon, store, [_live(6, "e2"), _live(8, "e2")])
+        assert _gaps(store) == [("live", 7, 7)] and mon.stats.restarts == 0
+        mon.stop()
+
+
+def test_share_scan_judges_a_downgraded_agent_s_records_after_a_restart(tmp_path):
+    """An agent downgraded to a version that sends no epoch, after a restart was recorded: the --share scan read only
+    rows of the followed epoch, so its records (no epoch) were never read and its gaps were silent for good (a single
+    monitor judges them). Now a record without an epoch received since the restart into the followed epoch is read as
+    of it; one of no epoch stored before that restart (the agent before its upgrade) is not."""
+    with Store(tmp_path / "h.db") as store:
+        store.add_many([_live(seq, None) for seq in range(1, 11)], received=[time.time() - 600] * 10)  # before epochs
+        store.follow_seqs(["d1"])
+        store.add_epoch("d1", "e1", 11)
+        time.sleep(0.01)  # the database's clock orders the epochs
+        store.add_epoch("d1", "e2", 1)
+        store.add_many([_live(1, "e2"), _live(2, "e2"), _live(3, None), _live(6, None)], received=[time.time()] * 4)
+        marks, gaps = share_gaps(store.seq_window(), time.time() + 60)
+        assert gaps == [("d1", "live", 4, 5)], gaps
+        assert ("d1", "live", 6) in marks

@@ -1079,7 +1079,7 @@ def test_a_device_s_new_epoch_is_recorded_once_and_the_share_scan_reads_only_its
     assert history.take_scan_lease("w") and history.record_scan("w", marks, gaps) and gaps == []
     time.sleep(0.01)  # the database's clock orders the epochs
     assert history.add_epoch("d1", "e2", 1) == (True, "e2")
-    assert history.add_epoch("d1", "e1", 21) == (False, "e2") and history.device_epochs() == {"d1": "e2"}
+    assert history.add_epoch("d1", "e1", 21) == (False, "e2") and history.device_epochs(["d1"]) == {"d1": "e2"}
     history.add_many([live(1, "e2"), live(2, "e2"), live(6, "e2"), live(21, "e1")], received=[time.time() - 60] * 4)
     marks, gaps = share_gaps(history.seq_window(), time.time())
     assert gaps == [("d1", "live", 3, 5)] and ("d1", "live", 6) in marks
@@ -1105,3 +1105,23 @@ def test_the_fp32_accuracies_the_monitor_judges_against_come_newest_first_per_de
                      received=[now - 70, now - 60, now - 50, now - 40, now - 30, now - 20, now - 10])
     assert history.reference_accuracies(["d1", "d2"], ("fp32", "onnx-fp32")) == {
         ("d1", "digits", "fp32"): 0.5375, ("d1", "other", "fp32"): 0.9, ("d2", "digits", "onnx-fp32"): 0.7}
+
+
+def test_newest_seqs_stands_at_the_newest_numbering_not_a_late_record_of_an_older_one(history):
+    """newest_seqs (where a persistent monitor's streams stand at start) took the newest record stored, a late one of
+    the device's older numbering (queued before its re-image) included: it stood at that old number, and the new
+    numbering's gaps below it were silent. Now it is the newest of the device's newest numbering (a record without an
+    epoch, an agent downgraded, counts as of it), on both databases."""
+    def live(seq, epoch):
+        return "live", messages.envelope("live", "f", "d1", seq, {"requests": 1}, epoch=epoch)
+
+    now = time.time()
+    history.add_epoch("d1", "e1", 1)
+    history.add_many([live(seq, "e1") for seq in (1, 2, 3)], received=[now - 60] * 3)
+    time.sleep(0.01)  # the database's clock orders the epochs
+    history.add_epoch("d1", "e2", 1)
+    history.add_many([live(seq, "e2") for seq in (1, 2, 5)], received=[now - 30, now - 30, now - 20])
+    history.add_many([live(500, "e1")], received=[now - 10])  # the old numbering's, handed over late
+    assert history.newest_seqs(("live",), ["d1"]) == {("d1", "live"): 5}
+    history.add_many([live(6, None)], received=[now - 5])  # the agent downgraded: no epoch, numbering on
+    assert history.newest_seqs(("live",), ["d1"]) == {("d1", "live"): 6}
