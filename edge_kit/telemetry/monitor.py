@@ -84,6 +84,7 @@ from edge_kit.telemetry.store import (
     GAP_GRACE_S,
     HELD_KINDS,
     KINDS,
+    REFERENCE_SCAN,
     SCAN_ROWS,
     SEQ_KINDS,
     HistoryStore,
@@ -232,10 +233,12 @@ MAX_STALE_EPOCHS = 1_000  # (device, epoch) of older numberings remembered (a la
 MAX_LEFT_SEEN = 10_000  # leftovers of revoked devices remembered (each signed by a revoked key before its revocation)
 
 MAX_OLD_RUNS = 64  # a device's ended shadow runs remembered: a late message of one is no news
-# fp32 reference accuracies remembered ((device, model, variant): a hostile device naming a new model in each record
-# grows no map without bound), and notes kept (the newest; each said once per device and model)
-MAX_REFERENCES = 10_000
+# fp32 reference accuracies remembered per device ((model, variant), its oldest dropped: a hostile device naming a new
+# model in each record grows no map without bound and pushes out only its own, never another device's), and notes
+# kept (the newest; each said once per device and model, at most MAX_NOTED_PER_DEVICE models of a device)
+MAX_REFERENCES_PER_DEVICE = REFERENCE_SCAN * len(REFERENCE_VARIANTS)  # all a device's history read gives
 MAX_NOTES = 1_000
+MAX_NOTED_PER_DEVICE = 64
 
 
 def _shadow_mark(shadow: dict[str, Any]) -> tuple[int | None, str | None, int]:
@@ -420,14 +423,15 @@ class Monitor:
         self._last_shadow: dict[str, tuple[int | None, str | None, int]] = {}
         self._old_runs: dict[str, deque[str]] = {}  # each device's runs taken before its newest one
         self._intervals: dict[str, float] = {}  # each device's telemetry interval, as its newest telemetry says it
-        # (device, model, fp32 reference variant) -> the accuracy of its newest benchmark with one: what the accuracy
-        # bound of the model's other variants is a ratio of (from the history at start, then from what arrives)
-        self._reference: dict[tuple[str, str | None, str], float] = {}
+        # device -> (model, fp32 reference variant) -> the accuracy of its newest benchmark with one: what the accuracy
+        # bound of the model's other variants is a ratio of (from the history at start, then from what arrives); at
+        # most MAX_REFERENCES_PER_DEVICE a device, the least recently taken dropped first
+        self._reference: dict[str, dict[tuple[str | None, str], float]] = {}
         #: What the monitor could not judge, said once per device and model (e.g. an accuracy bound without the fp32
         #: accuracy), the newest :data:`MAX_NOTES`; ``notes_raised`` counts them all. Not alerts: nothing broke.
         self.notes: deque[str] = deque(maxlen=MAX_NOTES)
         self.notes_raised = 0
-        self._noted: set[tuple[str, str | None]] = set()  # (device, model) whose unjudged accuracy bound was said
+        self._noted: dict[str, set[str | None]] = {}  # device -> models whose unjudged accuracy bound was said
         # The history's first failure to connect or write (a database gone away): from then on this
         # worker stores nothing more, and whoever runs it stops and says so (`edgekit monitor` exits 6).
         self.failed: HistoryError | None = None
@@ -541,7 +545,8 @@ class Monitor:
             self._last_shadow = {d: _shadow_mark(m) for d, m in shadows.items()}
             self._intervals = self.store.telemetry_intervals()  # until its next telemetry says otherwise
             # each device's fp32 accuracy per model, what its accuracy bound is judged against (one query)
-            self._reference = self.store.reference_accuracies(self._accuracy_bounded(), REFERENCE_VARIANTS)
+            self._reference = {}
+            self._take_references(self.store.reference_accuracies(self._accuracy_bounded(), REFERENCE_VARIANTS))
             if self.share is not None:  # the history's receive times are the database's clock: measured first
                 self._db_offset = self.store.clock_offset()
             # what each device stored lately spent its budget: a restart gives a flooding device no fresh burst
@@ -1453,18 +1458,23 @@ class Monitor:
 
     def _take_references(self, found: dict[tuple[str, str | None, str], float]) -> None:
         """Take ``found`` (``(device, model, fp32 variant)`` -> accuracy, newer than what is known) as the fp32
-        accuracies the accuracy bound is judged against; past :data:`MAX_REFERENCES` new keys are left out (a hostile
-        device naming a new model in each record). Return nothing."""
-        for key, value in found.items():
-            if key in self._reference or len(self._reference) < MAX_REFERENCES:
-                self._reference[key] = value
+        accuracies the accuracy bound is judged against; return nothing. Each device keeps at most
+        :data:`MAX_REFERENCES_PER_DEVICE`, the one taken least recently dropped first: a hostile device with a valid key
+        naming a new model in each record pushes out only its own, never the fp32 accuracy another device's bound is
+        judged against."""
+        for (device, model, variant), value in reversed(list(found.items())):  # the history's newest first: taken last
+            kept = self._reference.setdefault(device, {})
+            kept.pop((model, variant), None)  # taken again: the newest
+            kept[(model, variant)] = value
+            while len(kept) > MAX_REFERENCES_PER_DEVICE:
+                del kept[next(iter(kept))]
 
     def _reference_of(self, device: str, model: str | None) -> tuple[float, str] | None:
         """Return the fp32 accuracy ``device``'s benchmarks of ``model`` are judged against (its newest benchmark of
         the first of :data:`~edge_kit.selection.constraints.REFERENCE_VARIANTS` it measured, with an accuracy) and
         where it came from, in words; None when none is known (the accuracy bound is then not judged)."""
         for variant in REFERENCE_VARIANTS:
-            value = self._reference.get((device, model, variant))
+            value = self._reference.get(device, {}).get((model, variant))
             if value is not None:
                 return value, f"its newest {variant} benchmark on {device}"
         return None
@@ -1472,9 +1482,10 @@ class Monitor:
     def _note_unjudged(self, device: str, model: str | None, variant: str, bound: float) -> None:
         """Say once per device and model (a note, not an alert: nothing broke) that a benchmark's accuracy bound of
         ``device`` (``min_accuracy_ratio`` ``bound``) is not judged for want of its fp32 accuracy; return nothing."""
-        if (device, model) in self._noted or len(self._noted) >= MAX_NOTES:
+        noted = self._noted.setdefault(device, set())
+        if model in noted or len(noted) >= MAX_NOTED_PER_DEVICE:  # a device naming a new model each time: its own cap
             return
-        self._noted.add((device, model))
+        noted.add(model)
         named = f"model {model}" if model is not None else "its model"
         self.notes.append(clip(f"{device} {variant}: accuracy >= {bound:g} x fp32 not judged: no fp32 benchmark of "
                                f"{named} with an accuracy from {device} in the history (`edgekit bench --device "

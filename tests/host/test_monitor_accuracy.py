@@ -105,3 +105,24 @@ def test_with_share_a_worker_judges_against_the_fp32_a_peer_stored(fleet_file, t
     assert [x.text for x in b.alerts] == [EXPECTED] and not a.alerts and not b.notes
     a.stop()
     b.stop()
+
+
+def test_a_device_naming_a_new_model_in_each_fp32_record_blinds_no_other_devices_bound(fleet_file, tmp_path):
+    """A hostile d1 with its own valid key sends 10,001 fp32 benchmarks, each naming another model: before, they
+    filled the monitor's one map of fp32 accuracies (10,000 for the whole fleet), so d2's fp32 accuracy, arriving
+    after, was left out and d2's int8 losing accuracy was noted as unjudged, never alerted. Now each device keeps its
+    own (:data:`MAX_REFERENCES_PER_DEVICE`, its oldest dropped): d1 only pushes out its own."""
+    from edge_kit.telemetry import monitor as monitor_module
+
+    store = Store(tmp_path / "h.db")
+    mon = _started(fleet_file, store)
+    flood = [_bench("d1", i + 1, "fp32", 0.5, model=f"m{i}") for i in range(10_001)]
+    _kept(mon, *flood)
+    _kept(mon, _bench("d2", 1, "fp32", 0.5375))
+    _kept(mon, _bench("d2", 2, "int8", 0.5125))
+    assert [a.text for a in mon.alerts] == [EXPECTED] and not mon.notes
+    per_device = monitor_module.MAX_REFERENCES_PER_DEVICE
+    assert sum(len(v) for v in mon._reference.values()) <= 2 * per_device  # bounded: the fleet's devices x the cap
+    _kept(mon, _bench("d1", 10_002, "int8", 0.1, model="m10000"))  # d1's newest model is still judged
+    assert [a.text for a in mon.alerts][-1].startswith("d1 int8: breaks accuracy >= 0.99 x fp32")
+    mon.stop()
