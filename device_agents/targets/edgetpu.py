@@ -13,10 +13,14 @@ On the device the target loads ``libedgetpu.so.1`` (Coral's ``libedgetpu1-std`` 
 from __future__ import annotations
 
 import importlib
+import logging
 import re
 import shutil
 import subprocess
 import tempfile
+import threading
+import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -217,6 +221,37 @@ def load_delegate(library: str) -> Any:
     raise ImportError("neither ai-edge-litert nor tflite-runtime is installed")
 
 
+#: How long an Edge TPU that opened is taken as attached without opening it again (seconds): the status after each
+#: command, every bench and activation would otherwise open the USB device each time, and an Edge TPU is opened by one
+#: process at a time (a smoke, bench or shadow child opening it in that instant fails). One unplugged meanwhile is
+#: found by the model's own smoke inference until then.
+PROBE_TTL_S = 30.0
+#: The Coral USB Accelerator's USB ids (vendor, product): before its firmware is loaded, and after.
+USB_IDS = frozenset({("1a6e", "089a"), ("18d1", "9302")})
+SYSFS_USB = Path("/sys/bus/usb/devices")  # where attached USB devices are listed (never opened)
+DEV = Path("/dev")  # where the M.2/PCIe card's driver makes /dev/apex_<n>
+
+log = logging.getLogger(__name__)
+
+
+def enumerated(usb: Path | None = None, dev: Path | None = None) -> bool:
+    """Return whether an Edge TPU is attached as the kernel lists it (a USB Accelerator's ids under ``usb``, default
+    :data:`SYSFS_USB`, or an ``apex_<n>`` node under ``dev``, default :data:`DEV`), without opening it: so one that
+    another process holds (busy) is told from none attached. Unreadable listings count as none."""
+    usb, dev = usb or SYSFS_USB, dev or DEV
+    try:
+        for entry in usb.iterdir():
+            try:
+                ids = ((entry / "idVendor").read_text().strip(), (entry / "idProduct").read_text().strip())
+            except OSError:
+                continue
+            if ids in USB_IDS:
+                return True
+        return any(dev.glob("apex_*"))
+    except OSError:
+        return False
+
+
 @dataclass(frozen=True)
 class EdgeTpuOptions:
     """``runtime.options`` of the Edge TPU: which one, when a device has several."""
@@ -234,21 +269,63 @@ class EdgeTpu(Target):
     compiled_variant: ClassVar[str | None] = "edgetpu"
     custom_op: ClassVar[str | None] = "edgetpu-custom-op"
 
+    #: The Edge TPU delegates this process's interpreters hold (the serving API's): while one lives, the TPU is open
+    #: here, attached, and is never opened again to ask.
+    _held: ClassVar[weakref.WeakSet[Any]] = weakref.WeakSet()
+    _opened_until: ClassVar[float] = 0.0  # time.monotonic() until which the last probe that opened the TPU holds
+    _lock: ClassVar[threading.Lock] = threading.Lock()
+
+    @classmethod
+    def interpreter_options(cls, interpreter_module: Any, options: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Return the keyword arguments of :meth:`Target.interpreter_options`, remembering the delegate made (while an
+        interpreter holds it, :meth:`device_missing` opens no Edge TPU to ask).
+
+        Raises:
+            ConfigError, RuntimeUnavailable: as :meth:`Target.interpreter_options`.
+        """
+        kwargs = super().interpreter_options(interpreter_module, options)
+        for delegate in kwargs.get("experimental_delegates", []):
+            try:
+                cls._held.add(delegate)
+            except TypeError:  # a delegate that takes no weak reference: asked as before
+                pass
+        return kwargs
+
+    @classmethod
+    def forget(cls) -> None:
+        """Forget that an Edge TPU opened (the next :meth:`device_missing` opens it again); return nothing."""
+        with cls._lock:
+            cls._opened_until = 0.0
+
     @classmethod
     def device_missing(cls) -> str | None:
-        """Return "no Edge TPU attached: ..." when ``libedgetpu.so.1`` loads but its delegate opens no Edge TPU (the
-        USB Accelerator unplugged, the PCIe card's driver missing), else None; it opens the first Edge TPU and closes
-        it again (:func:`load_delegate`). No LiteRT package here: None, the runtime's own check says so."""
-        try:
-            delegate = load_delegate(cls.library or "")
-        except ImportError:
+        """Return "no Edge TPU attached: ..." when ``libedgetpu.so.1`` loads but its delegate opens no Edge TPU and the
+        kernel lists none (the USB Accelerator unplugged, the PCIe card's driver missing), else None. Asked only when
+        it matters: not while an interpreter of this process holds the Edge TPU (the serving API serving an edgetpu
+        model), nor within :data:`PROBE_TTL_S` of a probe that opened it; else it opens the first Edge TPU and closes it
+        again (:func:`load_delegate`). One the kernel lists that does not open is busy (held by another process: a
+        smoke, bench or shadow child, another application): None, with a warning, as that process's own run says what
+        fails. No LiteRT package here: None, the runtime's own check says so. A TPU that did not open is asked for
+        again at the next check, so one plugged in later is found without restarting the agent."""
+        with cls._lock:
+            if len(cls._held) or time.monotonic() < cls._opened_until:
+                return None
+            try:
+                delegate = load_delegate(cls.library or "")
+            except ImportError:
+                return None
+            except (ValueError, OSError, RuntimeError) as exc:
+                said = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+                if enumerated():
+                    log.warning("an Edge TPU is attached but did not open (%s): busy in another process? Taken as "
+                                "attached", said)
+                    return None
+                return (f"no Edge TPU attached: {cls.library} loads but its delegate opens no Edge TPU ({said}); plug "
+                        "in the Coral USB Accelerator (or load the M.2/PCIe card's gasket-dkms driver, "
+                        "docs/firmware/coral.md)")
+            del delegate
+            cls._opened_until = time.monotonic() + PROBE_TTL_S
             return None
-        except (ValueError, OSError, RuntimeError) as exc:
-            said = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-            return (f"no Edge TPU attached: {cls.library} loads but its delegate opens no Edge TPU ({said}); plug in "
-                    "the Coral USB Accelerator (or load the M.2/PCIe card's gasket-dkms driver, docs/firmware/coral.md)")
-        del delegate
-        return None
 
     @classmethod
     def rule_check(cls, stats: ModelFacts) -> dict[str, Any]:

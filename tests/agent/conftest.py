@@ -58,3 +58,18 @@ def request_as_evicted(monkeypatch):
     monkeypatch.setattr(server_module, "_readable", look)
     monkeypatch.setattr(server_module, "time", Clock())
     return sends.append
+
+
+@pytest.fixture(autouse=True)
+def _edge_tpu_unprobed(tmp_path_factory, monkeypatch):
+    """Each test starts with no Edge TPU probe remembered and none listed by this machine's kernel (an empty sysfs
+    and /dev): what a test's fake ``load_delegate`` says is all there is."""
+    from device_agents.targets import edgetpu
+
+    empty = tmp_path_factory.mktemp("no-edgetpu")
+    monkeypatch.setattr(edgetpu, "SYSFS_USB", empty)
+    monkeypatch.setattr(edgetpu, "DEV", empty)
+    edgetpu.EdgeTpu.forget()
+    edgetpu.EdgeTpu._held.clear()
+    yield
+    edgetpu.EdgeTpu.forget()

@@ -419,6 +419,7 @@ def test_an_edge_tpu_unplugged_is_unavailable_not_a_model_failure_and_is_looked_
     next check, without restarting the agent."""
     from device_agents.errors import AcceleratorUnavailable
     from device_agents.service import Agent
+    from device_agents.targets.edgetpu import EdgeTpu
 
     monkeypatch.setattr("ctypes.CDLL", lambda name: None)  # the library loads
     monkeypatch.setattr("device_agents.targets.edgetpu.load_delegate", no_tpu)
@@ -443,6 +444,7 @@ def test_an_edge_tpu_unplugged_is_unavailable_not_a_model_failure_and_is_looked_
         agent._loads_in_child(agent.store.model_path(sha), sha, agent.cfg.bench)
         assert len(ran) == 1
         monkeypatch.setattr("device_agents.targets.edgetpu.load_delegate", no_tpu)  # unplugged again: asked again
+        EdgeTpu.forget()  # PROBE_TTL_S after it opened (within them it is taken as attached, not opened again)
         with pytest.raises(AcceleratorUnavailable, match="no Edge TPU attached"):
             agent._loads_in_child(agent.store.model_path(sha), sha, agent.cfg.bench)
     finally:

@@ -200,3 +200,82 @@ def test_a_targets_options_are_checked_by_its_own_model_and_reach_load_delegate(
     assert seen == {"libedgetpu.so.1": {"device": "pci:0"}}
     EdgeTpu.interpreter_options(Module(), None)
     assert seen["libedgetpu.so.1"] == {}  # unset options are not passed
+
+
+class _Delegate:
+    """A fake Edge TPU delegate (takes a weak reference, as LiteRT's does)."""
+
+
+def _probes(monkeypatch, opens=True):
+    """Count the Edge TPU openings of :meth:`EdgeTpu.device_missing` (a fake ``load_delegate``: it opens, or no TPU
+    answers, as LiteRT's own error); return the list each opening appends to."""
+    calls = []
+
+    def load(library):
+        calls.append(library)
+        if not opens:
+            raise ValueError(f"Failed to load delegate from {library}\n")
+        return _Delegate()
+
+    monkeypatch.setattr("ctypes.CDLL", lambda lib: None)  # libedgetpu loads
+    monkeypatch.setattr("device_agents.targets.edgetpu.load_delegate", load)
+    return calls
+
+
+def test_the_edge_tpu_is_not_opened_to_ask_while_this_process_serves_from_it(monkeypatch):
+    """On a real Coral the status after each command opened the Edge TPU in the agent's process, also while the
+    serving API's interpreter held it: an opening for nothing, on the USB device inference runs on. While an
+    interpreter of this process holds the Edge TPU's delegate it is attached: nothing is opened to ask."""
+    import gc
+
+    from device_agents.targets import accelerator_missing
+
+    calls = _probes(monkeypatch)
+
+    class Module:
+        def load_delegate(self, lib, options):
+            return _Delegate()
+
+    serving = EdgeTpu.interpreter_options(Module(), None)  # the serving API's interpreter holds this
+    assert [accelerator_missing("edgetpu", "edgetpu") for _ in range(3)] == [None] * 3
+    assert calls == []
+    del serving
+    gc.collect()
+    assert accelerator_missing("edgetpu", "edgetpu") is None and len(calls) == 1  # served no more: asked
+
+
+def test_an_edge_tpu_that_opened_is_not_opened_again_for_the_stated_time_one_missing_is_asked_each_time(monkeypatch):
+    """A TPU that opened is taken as attached for PROBE_TTL_S (no opening at every status, bench and activation: one
+    process at a time opens it, a smoke child opening it in that instant failed); none attached is asked for again at
+    each check, so a stick plugged in is found at once."""
+    from device_agents.targets import edgetpu
+
+    calls = _probes(monkeypatch, opens=False)
+    assert [EdgeTpu.device_missing() is not None for _ in range(2)] == [True, True] and len(calls) == 2
+    calls = _probes(monkeypatch, opens=True)
+    assert [EdgeTpu.device_missing() for _ in range(5)] == [None] * 5 and len(calls) == 1
+    assert edgetpu.PROBE_TTL_S == 30.0  # the time docs/firmware/coral.md states
+    monkeypatch.setattr(EdgeTpu, "_opened_until", 0.0)  # PROBE_TTL_S later
+    calls = _probes(monkeypatch, opens=False)
+    assert EdgeTpu.device_missing().startswith("no Edge TPU attached") and len(calls) == 1
+
+
+def test_an_edge_tpu_the_kernel_lists_that_another_process_holds_is_busy_not_missing(tmp_path, monkeypatch):
+    """A USB Accelerator a smoke, bench or shadow child (another process) holds does not open in the agent's: that
+    was reported "no Edge TPU attached", and selection left the edgetpu variant out. The kernel's listing (sysfs
+    USB ids, /dev/apex_N), read without opening anything, tells busy from none attached."""
+    from device_agents.targets import edgetpu
+
+    usb, dev = tmp_path / "usb", tmp_path / "dev"
+    (usb / "2-1").mkdir(parents=True)
+    dev.mkdir()
+    (usb / "2-1" / "idVendor").write_text("18d1\n")
+    (usb / "2-1" / "idProduct").write_text("9302\n")
+    monkeypatch.setattr(edgetpu, "SYSFS_USB", usb)
+    monkeypatch.setattr(edgetpu, "DEV", dev)
+    _probes(monkeypatch, opens=False)
+    assert EdgeTpu.device_missing() is None  # attached, held elsewhere: that process's own run says what fails
+    (usb / "2-1" / "idProduct").write_text("0001\n")  # another device of that vendor: none attached
+    assert EdgeTpu.device_missing().startswith("no Edge TPU attached")
+    (dev / "apex_0").touch()  # the M.2/PCIe card's node
+    assert EdgeTpu.device_missing() is None
