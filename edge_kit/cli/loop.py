@@ -238,12 +238,16 @@ def rounds_text(report: Any) -> str:
 def switches_text(report: Any) -> str:
     """Return the switches a :class:`~edge_kit.loop.tune.TuneReport` made, in round order, each as ``device (from ->
     to)`` (its round's decision: the variant it ran, the one chosen), then what the table above them is: the decision
-    after them (so a device switched here reads ``stays on ...``, ``switch: no``); ``nothing`` when none."""
+    after them (so a device switched here reads ``stays on ...``, ``switch: no``); one whose activation failed is
+    marked ``FAILED``; ``nothing`` when none."""
     moves = []
     for r in report.rounds:
+        failed = {row.get("device") for row in (r.get("activation") or {}).get("devices", [])
+                  if row.get("status") == "failed"}
         for device in r["switched"]:
             d = (r.get("decisions") or {}).get(device) or {}
-            moves.append(f"{device} ({d.get('current') or 'none'} -> {d['chosen']})" if d.get("chosen") else device)
+            moves.append((f"{device} ({d.get('current') or 'none'} -> {d['chosen']})" if d.get("chosen") else device)
+                         + (" FAILED" if device in failed else ""))
     if not moves:
         return "nothing"
     return ", ".join(moves) + " (the table: the decision after these switches; its switch column says whether another is due)"
@@ -259,6 +263,8 @@ def print_tune(report: Any) -> None:
     for device, what in report.silent.items():
         out.print(f"[red]{device} did not answer:[/] {safe(', '.join(what))}")
     print_refused(report.refused)
+    for device, why in report.activation_failed.items():  # its switch failed: it runs what it ran
+        out.print(f"[red]{safe(device)} was not switched:[/] {safe(why)}")
     out.print(f"{rounds_text(report)}; switched: {safe(switches_text(report))}", highlight=False)
     if report.budget is not None:
         b = report.budget
@@ -321,8 +327,8 @@ def tune_cmd(
         emit_json(report.as_dict())
     else:
         print_tune(report)
-    if report.deploy.failed or report.silent or report.refused:
-        raise typer.Exit(4)
+    if report.deploy.failed or report.silent or report.refused or report.activation_failed:
+        raise typer.Exit(4)  # a failure's code first: 7 never hides one
     if infeasible(report.final):  # completed, with a device outside its constraints: a code of its own
         raise typer.Exit(INFEASIBLE_EXIT)
 

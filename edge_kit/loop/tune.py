@@ -104,12 +104,25 @@ class TuneReport:
         """Return the devices switched to another variant, one entry per switch, in round order."""
         return [d for r in self.rounds for d in r["switched"]]
 
+    @property
+    def activation_failed(self) -> dict[str, str]:
+        """Return the devices whose switch (a round's activation with its health benchmark) failed, each with why
+        (the deploy's reason; the newest round's when several failed), in round order: they run what they ran."""
+        failed: dict[str, str] = {}
+        for r in self.rounds:
+            for row in (r.get("activation") or {}).get("devices", []):
+                if row.get("status") == "failed":
+                    failed[row["device"]] = row.get("reason") or "failed"
+        return failed
+
     def as_dict(self) -> dict[str, Any]:
-        """Return the report as plain data (for ``--json``): ``infeasible`` maps each device left on a variant that
+        """Return the report as plain data (for ``--json``): ``activation_failed`` (:attr:`activation_failed`),
+        ``infeasible`` maps each device left on a variant that
         meets not every constraint to the bounds it breaks (:func:`~edge_kit.selection.policy.infeasible`);
         ``budget`` only when the tune had one."""
         out = {"deploy": self.deploy.as_dict(), "rounds": self.rounds, "silent": self.silent, "refused": self.refused,
-               "final": {k: v.as_dict() for k, v in self.final.items()}, "infeasible": infeasible(self.final)}
+               "final": {k: v.as_dict() for k, v in self.final.items()}, "infeasible": infeasible(self.final),
+               "activation_failed": self.activation_failed}
         if self.budget is not None:
             out["budget"] = self.budget
         return out

@@ -349,3 +349,34 @@ def test_select_and_tune_name_the_infeasible_devices_and_exit_7(tmp_path, run_cl
     assert code == 7 and json.loads(out)["infeasible"] == {"a": ["p90 <= 1 ms"]}, err
     code, out, err = run_cli("tune", "--fleet", fleet, "--artifacts", folder, "--devices", "a", "--devices", "b")
     assert code == 7 and "a runs onnx-fp32, breaking p90 <= 1 ms" in " ".join(out.split()), (out, err)
+
+
+def test_tune_exits_4_when_a_rounds_switch_failed_even_with_an_infeasible_device(tmp_path, run_cli, monkeypatch):
+    """A round's activation (the switch, with its health benchmark) that failed on a device was neither said nor
+    counted: tune printed "switched: b (...)" and exited 0, or 7 with an infeasible device, so a script saw success
+    (or "outside its constraints") where a device had not been switched at all. Now the line says the device was not
+    switched and why, the switches mark it FAILED, --json has ``activation_failed``, and tune exits 4 before 7."""
+    from types import SimpleNamespace
+
+    from edge_kit.fleet.deploy import DeviceResult, GroupResult
+    from edge_kit.loop import tune as tn
+
+    fleet, folder = write_fleet(tmp_path)
+    decisions = tn.decide(read_manifest(folder), load_fleet(fleet).select(["a", "b"]), Store(tmp_path / "edgekit-history.db"), {}, 0.1)
+    failed = GroupResult([DeviceResult("b", "failed", reason="model 1234 failed its smoke inference")])
+    rounds = [{"round": 1, "switched": ["b"], "decisions": {k: v.as_dict() for k, v in decisions.items()},
+               "activation": failed.as_dict()}]
+    report = tn.TuneReport(deploy=GroupResult([]), final=decisions, rounds=rounds)
+    monkeypatch.setattr(tn, "tune", lambda *_a, **_k: report)
+    monkeypatch.setattr(tn, "TuneOptions", lambda *_a, **_k: SimpleNamespace())
+    code, out, err = run_cli("tune", "--fleet", fleet, "--artifacts", folder, "--devices", "a", "--devices", "b")
+    text = " ".join(out.split())
+    assert code == 4 and "b was not switched: model 1234 failed its smoke inference" in text, (out, err)
+    assert "FAILED" in text
+    code, out, err = run_cli("tune", "--fleet", fleet, "--artifacts", folder, "--devices", "a", "--devices", "b", "--json")
+    assert code == 4 and json.loads(out)["activation_failed"] == {"b": "model 1234 failed its smoke inference"}, err
+    fleet.write_text(fleet.read_text().replace("{name: a, host: 127.0.0.1,",
+                                               "{name: a, host: 127.0.0.1, constraints: {max_latency_p90_ms: 1},"))
+    report.final = tn.decide(read_manifest(folder), load_fleet(fleet).select(["a", "b"]), Store(tmp_path / "edgekit-history.db"), {}, 0.1)
+    code, out, err = run_cli("tune", "--fleet", fleet, "--artifacts", folder, "--devices", "a", "--devices", "b")
+    assert code == 4 and "infeasible" in out, (out, err)  # said, but the failure's code comes first
