@@ -238,6 +238,10 @@ MAX_OLD_RUNS = 64  # a device's ended shadow runs remembered: a late message of 
 # kept (the newest; each said once per device and model, at most MAX_NOTED_PER_DEVICE models of a device)
 MAX_REFERENCES_PER_DEVICE = REFERENCE_SCAN * len(REFERENCE_VARIANTS)  # all a device's history read gives
 MAX_NOTES = 1_000
+#: How far (seconds) the database's clock may be from this host's before a --share worker says so in a note: its
+#: receive times are stored by the database's clock, which every peer shares, but a reader on a host with a right clock
+#: sees them off by as much (a device heard hours ahead or behind).
+MAX_DB_SKEW_S = 300.0
 MAX_NOTED_PER_DEVICE = 64
 
 
@@ -412,6 +416,7 @@ class Monitor:
         #: start and before each look at when peers last stored a device: receive times stored, the silence check's
         #: look and the gap scan's grace are all by the database's clock, so a peer host minutes behind alerts nothing
         self._db_offset = 0.0
+        self._skew_noted = False  # an offset past MAX_DB_SKEW_S was said (once a run)
         self._restarts: dict[str, int] = {}  # per device, the restarts this run recorded (MAX_RESTARTS at most)
         #: The history's open alerts when this monitor started (newest first, at most MAX_CARRIED; :meth:`start`), each
         #: a row of :meth:`HistoryStore.alerts` with ``still_open`` (False: closed at start, nobody held it), and
@@ -548,7 +553,7 @@ class Monitor:
             self._reference = {}
             self._take_references(self.store.reference_accuracies(self._accuracy_bounded(), REFERENCE_VARIANTS))
             if self.share is not None:  # the history's receive times are the database's clock: measured first
-                self._db_offset = self.store.clock_offset()
+                self._measure_db_offset()
             # what each device stored lately spent its budget: a restart gives a flooding device no fresh burst
             now = time.time() + self._db_offset  # the stored receive times' clock
             recent = self.store.stored_since(now - self.budget.window_s())
@@ -1492,6 +1497,21 @@ class Monitor:
                                f"{device} --variant fp32` measures it; its other bounds are judged)", MAX_ALERT_CHARS))
         self.notes_raised += 1
 
+    def _measure_db_offset(self) -> None:
+        """Measure how far the database's clock is ahead of this host's (:meth:`HistoryStore.clock_offset`) into
+        ``_db_offset``; return nothing. One more than :data:`MAX_DB_SKEW_S` either way is said once a run, as a note: it
+        is still used (every peer compares receive times by it), but the clock of one of the hosts is wrong. Raises
+        HistoryError."""
+        self._db_offset = self.store.clock_offset()
+        if abs(self._db_offset) > MAX_DB_SKEW_S and not self._skew_noted:
+            self._skew_noted = True
+            ahead = "ahead of" if self._db_offset > 0 else "behind"
+            self.notes.append(f"the history database's clock is {abs(self._db_offset) / 3600:.1f} h {ahead} this "
+                              "host's: with --share receive times are stored by the database's clock, so what reads "
+                              "them by another clock (edgekit fleet status, report, a monitor without --share) is off "
+                              "by as much; set the time (NTP) of the database's host or of this one")
+            self.notes_raised += 1
+
     def _silence_limit(self, device: str) -> float:
         """Return how long ``device`` may send nothing before it is silent (seconds): ``silence_s``, or
         :data:`SILENT_INTERVALS` of its telemetry interval when that is longer."""
@@ -1537,7 +1557,7 @@ class Monitor:
                 self._silent_alerted.discard(device)  # a peer's alert, this worker heard it since
                 self.store.close_alert(device, "silent")
         if silent and self.share is not None:  # a peer may hear it: the history says when any worker last stored it
-            self._db_offset = self.store.clock_offset()  # stored by the database's clock: this host's, now
+            self._measure_db_offset()  # stored by the database's clock: this host's, now
             for device, heard in self.store.last_heard(silent).items():
                 if heard - self._db_offset > self.last_seen.get(device, -math.inf):
                     self.last_seen[device] = heard - self._db_offset

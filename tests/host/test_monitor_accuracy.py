@@ -126,3 +126,23 @@ def test_a_device_naming_a_new_model_in_each_fp32_record_blinds_no_other_devices
     _kept(mon, _bench("d1", 10_002, "int8", 0.1, model="m10000"))  # d1's newest model is still judged
     assert [a.text for a in mon.alerts][-1].startswith("d1 int8: breaks accuracy >= 0.99 x fp32")
     mon.stop()
+
+
+def test_a_share_worker_says_once_when_the_databases_clock_is_hours_off(fleet_file, tmp_path, monkeypatch):
+    """With --share, receive times are stored by the database's clock (clock_offset); one hours off was taken silently,
+    so every reader on a host with a right clock saw devices heard hours ahead or behind, and nothing said why. Now
+    a worker says it once as a note (still using it: the peers compare by it); minutes are not said (SQLite's: 0)."""
+    store = Store(tmp_path / "h.db")
+    assert abs(store.clock_offset()) < 5  # SQLite: this host's clock
+    monkeypatch.setattr(store, "clock_offset", lambda: -3 * 3600.0)  # a fake database clock, unit test only
+    mon = _started(fleet_file, store, share="edgekit", workers=2)
+    assert mon._db_offset == -3 * 3600.0
+    assert [n for n in mon.notes if "clock" in n] == [
+        "the history database's clock is 3.0 h behind this host's: with --share receive times are stored by the "
+        "database's clock, so what reads them by another clock (edgekit fleet status, report, a monitor without "
+        "--share) is off by as much; set the time (NTP) of the database's host or of this one"]
+    mon.stop()
+    monkeypatch.setattr(store, "clock_offset", lambda: 120.0)
+    mon = _started(fleet_file, store, share="edgekit", workers=2)
+    assert mon._db_offset == 120.0 and not mon.notes
+    mon.stop()
