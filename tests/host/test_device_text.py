@@ -8,6 +8,7 @@ import json
 import time
 
 import pytest
+from monitor_helpers import fleet_yaml
 from prometheus_client import generate_latest
 
 from edge_kit.telemetry.metrics import MAX_LABEL_VALUES, OVERFLOW, FleetMetrics
@@ -29,10 +30,7 @@ def _bench(variant, seq, sensor="ina219"):
 
 @pytest.fixture
 def fleet_file(tmp_path):
-    path = tmp_path / "fleet.yaml"
-    path.write_text("fleet: sim\nbroker: {host: 127.0.0.1, port: 1}\ndefaults: {user: edgekit, profile: rpi4}\n"
-                    "devices:\n  - {name: d1, host: 127.0.0.1}\n")
-    return path
+    return fleet_yaml(tmp_path / "fleet.yaml", ('d1',))
 
 
 def _live(seq, **body):

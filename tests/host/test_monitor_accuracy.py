@@ -8,29 +8,17 @@ import json
 import time
 
 import pytest
+from monitor_helpers import fleet_yaml
+from monitor_helpers import started as _started
 
-from edge_kit.fleet.inventory import load_fleet
-from edge_kit.telemetry.monitor import Monitor
 from edge_kit.telemetry.store import Store
 from edgekit_protocol import messages
 
 
 @pytest.fixture
 def fleet_file(tmp_path):
-    path = tmp_path / "fleet.yaml"  # rpi4: min_accuracy_ratio 0.99, p90 <= 50 ms
-    path.write_text("fleet: sim\nbroker: {host: 127.0.0.1, port: 1}\ndefaults: {user: edgekit, profile: rpi4}\n"
-                    "devices:\n" + "".join(f"  - {{name: {d}, host: 127.0.0.1}}\n" for d in ("d1", "d2")))
-    return path
+    return fleet_yaml(tmp_path / "fleet.yaml", ('d1', 'd2'))  # rpi4: min_accuracy_ratio 0.99, p90 <= 50 ms
 
-
-def _started(fleet_file, store, **kw) -> Monitor:
-    """Return a monitor that read the history as it starts (no broker on port 1: it then fails to connect)."""
-    mon = Monitor(load_fleet(fleet_file), store, verify_in_child=False, **kw)
-    try:
-        mon.start(timeout=0.5)
-    except Exception:  # noqa: BLE001 - AgentError: only the history's part matters here
-        pass
-    return mon
 
 
 def _bench(device, seq, variant, accuracy, model="digits", p90=20.0):

@@ -11,6 +11,7 @@ import sqlite3
 import time
 
 import pytest
+from monitor_helpers import fleet_yaml, started
 
 from edge_kit.fleet.inventory import load_fleet
 from edge_kit.telemetry.metrics import FleetMetrics
@@ -21,23 +22,12 @@ from edgekit_protocol import messages
 
 @pytest.fixture
 def fleet_file(tmp_path):
-    path = tmp_path / "fleet.yaml"
-    path.write_text("fleet: sim\nbroker: {host: 127.0.0.1, port: 1}\ndefaults: {user: edgekit, profile: rpi4}\n"
-                    "devices:\n" + "".join(f"  - {{name: {d}, host: 127.0.0.1}}\n" for d in ("d1", "d2", "d3")))
-    return path
+    return fleet_yaml(tmp_path / "fleet.yaml", ('d1', 'd2', 'd3'))
 
 
 def _started(fleet_file, store, settled=True, **kw) -> Monitor:
-    """Return a monitor that read the history as it starts (no broker on port 1: it then fails to connect);
-    ``settled``: as one subscribed for SETTLE_S, so it judges the devices last heard in the history."""
-    mon = Monitor(load_fleet(fleet_file), store, verify_in_child=False, **kw)
-    try:
-        mon.start(timeout=0.5)
-    except Exception:  # noqa: BLE001 - AgentError: only the history's part matters here
-        pass
-    if settled:
-        mon._judge_before_from = time.monotonic()
-    return mon
+    """:func:`monitor_helpers.started`, settled unless told otherwise."""
+    return started(fleet_file, store, settled=settled, **kw)
 
 
 def _disk(device, seq, free_mb, kind="telemetry"):

@@ -8,10 +8,11 @@ import time
 from types import SimpleNamespace
 
 import pytest
+from monitor_helpers import fleet_yaml
+from monitor_helpers import started as _monitor
 
 from device_agents.identity import Signer
 from edge_kit.fleet.inventory import load_fleet
-from edge_kit.telemetry.monitor import Monitor
 from edge_kit.telemetry.store import Store
 from edgekit_protocol import messages
 
@@ -19,9 +20,7 @@ from edgekit_protocol import messages
 @pytest.fixture
 def revoked_fleet(tmp_path):
     """Return (fleet file, d1's stolen signer, d1's last will signed before its revocation): d1 revoked, d2 not."""
-    path = tmp_path / "fleet.yaml"
-    path.write_text("fleet: sim\nbroker: {host: 127.0.0.1, port: 1}\ndefaults: {user: edgekit, profile: rpi4}\n"
-                    "devices:\n" + "".join(f"  - {{name: {d}, host: 127.0.0.1}}\n" for d in ("d1", "d2")))
+    path = fleet_yaml(tmp_path / "fleet.yaml", ("d1", "d2"))
     keys = load_fleet(path).key_store()
     d1, d2 = Signer.generate(), Signer.generate()
     keys.register_many({"d1": d1.public, "d2": d2.public})
@@ -30,15 +29,6 @@ def revoked_fleet(tmp_path):
     will = d1.sign(will)
     keys.revoke("d1", "stolen")
     return path, d1, messages.encode(will)
-
-
-def _monitor(fleet_file, store, **kw) -> Monitor:
-    mon = Monitor(load_fleet(fleet_file), store, verify_in_child=False, **kw)
-    try:
-        mon.start(timeout=0.5)  # no broker on port 1: only the history's part runs
-    except Exception:  # noqa: BLE001 - AgentError
-        pass
-    return mon
 
 
 def _delivered(topic: str, payload: bytes, retain: bool) -> SimpleNamespace:

@@ -9,8 +9,9 @@ from __future__ import annotations
 import time
 
 import pytest
+from monitor_helpers import fleet_yaml
+from monitor_helpers import started as _monitor
 
-from edge_kit.fleet.inventory import load_fleet
 from edge_kit.telemetry.monitor import MAX_SEQ_LEAD, Monitor, share_gaps
 from edge_kit.telemetry.store import Store
 from edgekit_protocol import messages
@@ -18,19 +19,8 @@ from edgekit_protocol import messages
 
 @pytest.fixture
 def fleet_file(tmp_path):
-    path = tmp_path / "fleet.yaml"
-    path.write_text("fleet: sim\nbroker: {host: 127.0.0.1, port: 1}\ndefaults: {user: edgekit, profile: rpi4}\n"
-                    "devices:\n  - {name: d1, host: 127.0.0.1}\n")
-    return path
+    return fleet_yaml(tmp_path / "fleet.yaml", ('d1',))
 
-
-def _monitor(fleet_file, store, **kw) -> Monitor:
-    mon = Monitor(load_fleet(fleet_file), store, verify_in_child=False, **kw)
-    try:
-        mon.start(timeout=0.5)  # no broker on port 1: only the history's part runs
-    except Exception:  # noqa: BLE001 - AgentError
-        pass
-    return mon
 
 
 def _live(seq: int, epoch: str | None, device: str = "d1") -> tuple[str, dict]:

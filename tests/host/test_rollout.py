@@ -247,10 +247,22 @@ def _canary_fleet(tmp_path):
     return fleet_file, folder
 
 
+def _promoting_rollout(decision):
+    """Return a stand-in for ``rollout`` whose canary a is promoted by ``decision`` (recorded as the live gate's)
+    and every device succeeds on int8."""
+    from edge_kit.fleet.deploy import GroupResult
+
+    def fake_rollout(_fleet, targets, _opts, _canary, _failed, _progress, gate, record):
+        record({"device": "a", "kind": "live gate", "chosen": "int8", "current": None, "feasible": True,
+                "switch": True, "reason": decision.reason, "gate": decision.as_dict()})
+        return GroupResult([DeviceResult(d.name, "succeeded", activated=True, variant="int8") for d in targets])
+
+    return fake_rollout
+
+
 def test_deploy_prints_a_promoting_gate_decision_and_where_its_figures_came_from(monkeypatch, tmp_path, run_cli):
     """Before, a promoted canary wave printed nothing of the gate: the numbers it promoted on were only in the
     history. Now the decision and the source of its figures are printed; --json keeps them in the history."""
-    from edge_kit.fleet.deploy import GroupResult
     from edge_kit.loop import rollout as ro
     from edge_kit.selection.gate import LiveEvidence, judge_live
     from edge_kit.telemetry.store import Store
@@ -258,12 +270,7 @@ def test_deploy_prints_a_promoting_gate_decision_and_where_its_figures_came_from
     fleet_file, folder = _canary_fleet(tmp_path)
     decision = judge_live([LiveEvidence("a", [1.0] * 300)], [LiveEvidence("b", [1.0] * 300)])
 
-    def fake_rollout(_fleet, targets, _opts, _canary, _failed, _progress, gate, record):
-        record({"device": "a", "kind": "live gate", "chosen": "int8", "current": None, "feasible": True,
-                "switch": True, "reason": decision.reason, "gate": decision.as_dict()})
-        return GroupResult([DeviceResult(d.name, "succeeded", activated=True, variant="int8") for d in targets])
-
-    monkeypatch.setattr(ro, "rollout", fake_rollout)
+    monkeypatch.setattr(ro, "rollout", _promoting_rollout(decision))
     code, out, err = run_cli("deploy", "--fleet", fleet_file, "--artifacts", folder, "--canary", "50%", "--gate", "live")
     assert code == 0, err
     text = " ".join(out.split())
@@ -275,19 +282,13 @@ def test_deploy_prints_a_promoting_gate_decision_and_where_its_figures_came_from
 def test_deploy_json_has_the_gate_decision_and_where_it_was_stored(monkeypatch, tmp_path, run_cli):
     """`deploy --canary --gate live --json` printed the deploy's results alone: the gate's decision, which the text
     prints with the source of its figures, and the history the canaries' figures went to were missing."""
-    from edge_kit.fleet.deploy import GroupResult
     from edge_kit.loop import rollout as ro
     from edge_kit.selection.gate import LiveEvidence, judge_live
 
     fleet_file, folder = _canary_fleet(tmp_path)
     decision = judge_live([LiveEvidence("a", [1.0] * 300)], [LiveEvidence("b", [1.0] * 300)])
 
-    def fake_rollout(_fleet, targets, _opts, _canary, _failed, _progress, gate, record):
-        record({"device": "a", "kind": "live gate", "chosen": "int8", "current": None, "feasible": True,
-                "switch": True, "reason": decision.reason, "gate": decision.as_dict()})
-        return GroupResult([DeviceResult(d.name, "succeeded", activated=True, variant="int8") for d in targets])
-
-    monkeypatch.setattr(ro, "rollout", fake_rollout)
+    monkeypatch.setattr(ro, "rollout", _promoting_rollout(decision))
     code, out, err = run_cli("deploy", "--fleet", fleet_file, "--artifacts", folder, "--canary", "50%", "--gate", "live",
                              "--json")
     assert code == 0, err

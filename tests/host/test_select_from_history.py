@@ -175,19 +175,25 @@ def test_deploy_refuses_a_variant_the_artifacts_do_not_hold_before_touching_any_
     assert error.startswith(f"--variant fp23: {folder / 'manifest.json'} has no such variant; did you mean 'fp32'?"), error
 
 
-def test_select_explain_shows_no_figure_and_no_confidence_where_nothing_could_be_inferred(tmp_path, run_cli):
-    """A device whose profile measured fp32 only: int8 cannot be inferred and nothing is chosen yet. --explain
-    showed ``~-`` for each of int8's figures (an inferred figure that is none) and ``confidence 1.00`` over a device
-    with no choice."""
+def _fp32_int8_for_one_device(tmp_path, size: int):
+    """Write a manifest of fp32 and int8 (``size`` bytes each, rpi4) and a fleet of one device, a; return both paths."""
     folder = tmp_path / "art"
     folder.mkdir()
     arts = [Artifact(id=v, status="built", profiles=["rpi4"], summary=v, precision="float32", file=f"{v}.x",
-                     runtime="litert", sha256=sha(v), bytes=1000) for v in ("fp32", "int8")]
+                     runtime="litert", sha256=sha(v), bytes=size) for v in ("fp32", "int8")]
     (folder / "manifest.json").write_text(Manifest(created="2026-11-29T00:00:00+00:00", model={"name": "m"},
                                                    versions={}, profiles={"rpi4": {}}, artifacts=arts).to_json())
     fleet = tmp_path / "fleet.yaml"
     fleet.write_text("fleet: f\nbroker: {host: 127.0.0.1, port: 1}\ndefaults: {user: edgekit, profile: rpi4}\n"
                      "devices:\n  - {name: a, host: 127.0.0.1, port: 2}\n")
+    return folder, fleet
+
+
+def test_select_explain_shows_no_figure_and_no_confidence_where_nothing_could_be_inferred(tmp_path, run_cli):
+    """A device whose profile measured fp32 only: int8 cannot be inferred and nothing is chosen yet. --explain
+    showed ``~-`` for each of int8's figures (an inferred figure that is none) and ``confidence 1.00`` over a device
+    with no choice."""
+    folder, fleet = _fp32_int8_for_one_device(tmp_path, size=1000)
     with Store(tmp_path / "edgekit-history.db") as store:
         store.add("bench", messages.envelope("bench", "f", "a", 1, bench_body("fp32", 30.0, 12.0)))
     code, out, err = run_cli("select", "--fleet", fleet, "--artifacts", folder, "--json")
@@ -217,15 +223,7 @@ def test_select_explain_shows_no_figure_and_no_confidence_where_nothing_could_be
 
 def test_select_explain_gives_a_small_models_size_not_zero(tmp_path, run_cli):
     """A user's own 4 kB model: --explain's MB column read 0.00 for every variant, a size of nothing."""
-    folder = tmp_path / "art"
-    folder.mkdir()
-    arts = [Artifact(id=v, status="built", profiles=["rpi4"], summary=v, precision="float32", file=f"{v}.x",
-                     runtime="litert", sha256=sha(v), bytes=3900) for v in ("fp32", "int8")]
-    (folder / "manifest.json").write_text(Manifest(created="2026-11-29T00:00:00+00:00", model={"name": "m"},
-                                                   versions={}, profiles={"rpi4": {}}, artifacts=arts).to_json())
-    fleet = tmp_path / "fleet.yaml"
-    fleet.write_text("fleet: f\nbroker: {host: 127.0.0.1, port: 1}\ndefaults: {user: edgekit, profile: rpi4}\n"
-                     "devices:\n  - {name: a, host: 127.0.0.1, port: 2}\n")
+    folder, fleet = _fp32_int8_for_one_device(tmp_path, size=3900)
     with Store(tmp_path / "edgekit-history.db") as store:
         store.add("bench", messages.envelope("bench", "f", "a", 1, bench_body("fp32", 30.0, 12.0)))
         store.add("bench", messages.envelope("bench", "f", "a", 2, bench_body("int8", 10.0, 4.0)))
