@@ -672,7 +672,7 @@ def monitor_cmd(
     from rich.live import Live
 
     from edge_kit.fleet.inventory import load_fleet
-    from edge_kit.telemetry.metrics import FleetMetrics, metrics_url
+    from edge_kit.telemetry.metrics import FleetMetrics, metrics_url, metrics_where
     from edge_kit.telemetry.monitor import (
         MAX_BREAKING_VARIANTS,
         MAX_GAP_ROWS,
@@ -712,7 +712,8 @@ def monitor_cmd(
             sys.stderr.write(f"edgekit: Prometheus metrics at {served}\n")
             sys.stderr.flush()
         else:
-            out.print(f"Prometheus metrics at {safe(served)}", highlight=False)
+            out.print(f"Prometheus metrics at {safe(metrics_where(metrics_addr, server.server_port))}", highlight=False,
+                      soft_wrap=True)
     if not as_json:  # what an earlier run raised and may never have shown (it died first): shown, marked, once
         for line in carried_lines(mon.carried_over, mon.carried_over_total):
             out.print(line, highlight=False)

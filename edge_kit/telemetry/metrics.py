@@ -18,6 +18,7 @@ figures, and when it was last heard; the messages it stores then update them as 
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -280,6 +281,16 @@ def metrics_url(addr: str, port: int) -> str:
     """Return the URL of ``/metrics`` served on ``addr:port`` (an IPv6 address in brackets)."""
     host = f"[{addr}]" if ":" in addr else addr
     return f"http://{host}:{port}/metrics"
+
+
+def metrics_where(addr: str, port: int) -> str:
+    """Return where ``/metrics`` served on ``addr:port`` is scraped, for a person: its URL, and for a wildcard
+    address (``0.0.0.0``, ``::``: every address of this host, which no other host can connect to as such) the URL by
+    this host's name too."""
+    url = metrics_url(addr, port)
+    if addr not in ("0.0.0.0", "::", ""):
+        return url
+    return f"{url} (every address of this host: from another host, http://{socket.gethostname()}:{port}/metrics)"
 
 
 def _number(value: Any, minimum: float | None = None) -> float | None:

@@ -903,3 +903,19 @@ def test_monitor_prints_what_it_could_not_judge_as_notes_not_alerts(tmp_path, ru
     assert code == 0 and json.loads(out)["notes"] == [note] and json.loads(out)["alerts"] == [], err
     code, out, err = run_cli("monitor", "--fleet", fleet_file, "--duration", "0")
     assert code == 0 and f"note {note}" in " ".join(out.split()) and "alert" not in out.replace("alerts)", ""), out
+
+
+def test_metrics_on_every_address_are_told_by_this_hosts_name_too():
+    """`monitor --metrics-addr 0.0.0.0` printed http://0.0.0.0:PORT/metrics: no other host can scrape that URL. The
+    line now gives the URL by this host's name as well; a loopback or named address is printed as it is."""
+    import socket
+
+    from edge_kit.telemetry.metrics import metrics_where
+
+    name = socket.gethostname()
+    assert metrics_where("0.0.0.0", 9108) == (f"http://0.0.0.0:9108/metrics (every address of this host: from another "
+                                              f"host, http://{name}:9108/metrics)")
+    assert metrics_where("::", 9108).startswith(f"http://[::]:9108/metrics (every address of this host: from another "
+                                                f"host, http://{name}:9108/metrics)")
+    assert metrics_where("127.0.0.1", 9108) == "http://127.0.0.1:9108/metrics"
+    assert metrics_where("fe80::1", 9108) == "http://[fe80::1]:9108/metrics"
