@@ -212,9 +212,11 @@ def live_figures(socket: Path) -> dict[str, Any]:
     percentiles, queue depth, clients, what was turned away: :meth:`device_agents.serving.server.Server.figures`),
     asked over the socket itself, so no broker is needed; with ``covers`` (the span of the counts and the window of
     the percentiles, in words) and ``measured_by`` (where and with which clock). When the agent cannot be asked
-    (not running, serving off, a socket elsewhere, no answer within :data:`LIVE_TIMEOUT_S`), or answers an error (an
-    agent older than the ``live`` op, named with its pid and version: :func:`running_agent`):
-    ``{"source": "live", "unavailable": why}``. Never raises."""
+    (nothing listens at ``socket``: not running, serving off, a socket elsewhere; no permission), turns the question
+    away (``serve.max_clients`` connected: busy), closes the connection or gives no answer within
+    :data:`LIVE_TIMEOUT_S`, or answers an error (an agent older than the ``live`` op), ``{"source": "live",
+    "unavailable": why}``: "start it" only when nothing listens, an agent that runs named with its pid and version
+    (:func:`running_agent`; not a busy one: asking would be one more client turned away). Never raises."""
     from datetime import datetime, timezone
 
     from device_agents.serving.client import Client, ServingError
@@ -223,16 +225,22 @@ def live_figures(socket: Path) -> dict[str, Any]:
     try:
         live = client.live()
     except ServingError as exc:
-        if not client.connected:  # nothing answered there
+        if isinstance(exc.__cause__, (FileNotFoundError, ConnectionRefusedError)):  # nothing listens there
             return {"source": "live", "unavailable": f"{exc} (the live figures are the running agent's: start it, "
                                                      "or give its serve.socket with --socket)"}
+        if isinstance(exc.__cause__, OSError):  # no connection for another reason (no permission): its own words
+            return {"source": "live", "unavailable": str(exc)}
+        if str(exc).startswith("busy: "):  # told before or after the request went (then the connection is closed)
+            return {"source": "live", "unavailable": f"the agent running at {socket} turned this question away: {exc}"}
         who = running_agent(socket)
         if str(exc).startswith("unknown op 'live'"):
             why = (f"the agent running at {socket}{who} is older than the live figures on the device (its serving API "
                    "has no live op): it does not report them here; they still go out on its live topic to edgekit "
                    "monitor. Deploy this version to it (edgekit deploy) to see them here")
-        else:
+        elif client.connected:
             why = f"the agent running at {socket}{who} answered: {exc}"
+        else:  # it took the connection, then closed it or let the timeout pass
+            why = f"the agent running at {socket}{who} took the connection but gave no answer: {exc}"
         return {"source": "live", "unavailable": why}
     finally:
         client.close()

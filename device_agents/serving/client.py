@@ -144,7 +144,9 @@ class Client:
 
         Raises:
             ServingError: nothing listens at the socket (the agent is not running), or no permission
-                (the application's user is neither the agent's nor in its group: said so).
+                (the application's user is neither the agent's nor in its group: said so); the connect's
+                :class:`OSError` chained (``__cause__``), so a caller tells no agent
+                (:class:`FileNotFoundError`, :class:`ConnectionRefusedError`) from one that turned it away later.
         """
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         socket_buffers(sock)
@@ -152,13 +154,13 @@ class Client:
         try:
             with socket_address(self.path) as address:  # a deep root's path is longer than a socket's
                 sock.connect(address)
-        except PermissionError:
+        except PermissionError as exc:
             sock.close()
             raise ServingError(f"serving API at {self.path}: permission denied; the socket is for the agent's user and "
-                               "group (mode 660): run the application as one of them (or add its user to the group)") from None
+                               "group (mode 660): run the application as one of them (or add its user to the group)") from exc
         except OSError as exc:
             sock.close()
-            raise ServingError(f"serving API at {self.path}: {exc.strerror or exc}; is the agent running?") from None
+            raise ServingError(f"serving API at {self.path}: {exc.strerror or exc}; is the agent running?") from exc
         sock.settimeout(None)
         if not all([set_timeout(sock, opt, self.timeout) for opt in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO)]):
             sock.settimeout(self.timeout)  # a platform without them: Python's own timeout

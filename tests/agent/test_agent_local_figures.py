@@ -102,9 +102,10 @@ def test_state_whose_reader_has_gone_ends_quietly_with_exit_141(face, tmp_path, 
         assert result.stderr.count("\n") == (1 if said else 0), result.stderr
 
 
-def _older_agent(path, error: str):
+def _older_agent(path, error: str | None):
     """Listen at ``path`` as an agent before the `live` op did: every request answered ``error`` (what its request loop
-    said to an op it did not know). Return the listening socket (close it to stop)."""
+    said to an op it did not know; None: the connection closed at the first request, unanswered). Return the listening
+    socket (close it to stop)."""
     import socket
     import threading
 
@@ -123,7 +124,7 @@ def _older_agent(path, error: str):
             with conn:
                 receiver = Receiver(conn)
                 try:
-                    while receiver.read(1 << 20) is not None:
+                    while receiver.read(1 << 20) is not None and error is not None:
                         write_frame(conn, {"ok": False, "error": error})
                 except OSError:
                     pass
@@ -135,12 +136,14 @@ def _older_agent(path, error: str):
 @pytest.mark.parametrize("error, said", [
     ("unknown op 'live' (predict, info)", "is older than the live figures on the device (its serving API has no live "
                                           "op): it does not report them here"),
-    ("no model is active on this device; deploy one", "answered: no model is active on this device; deploy one")],
-    ids=["unknown-op", "no-model"])
+    ("no model is active on this device; deploy one", "answered: no model is active on this device; deploy one"),
+    (None, "took the connection but gave no answer: serving API at ")],
+    ids=["unknown-op", "no-model", "closes"])
 def test_state_names_a_running_agent_too_old_for_live_figures_without_telling_to_start_it(face, tmp_path, capsys,
                                                                                        error, said):
     """An agent older than the `live` op answers `unknown op 'live'` (or, serving nothing, that no model is active),
-    and `state` added "start it" to an agent that runs. Now it says the running agent is older, and which it is."""
+    and `state` added "start it" to an agent that runs. Now it says the running agent is older, and which it is.
+    One that takes the connection and closes it unanswered was told to start too (the client was not connected)."""
     import os
 
     store = ModelStore(tmp_path / "root")
@@ -159,3 +162,42 @@ def test_state_names_a_running_agent_too_old_for_live_figures_without_telling_to
     )
 
     assert f"(pid {os.getpid()}, edge-kit {__version__})" in why or f"(pid {os.getpid()}; its version unknown)" in why
+
+
+@pytest.mark.parametrize("late", [False, True], ids=["as-it-comes", "request-after-the-busy-answer"])
+def test_state_says_a_busy_agent_turned_it_away_without_telling_to_start_it(face, tmp_path, capsys, monkeypatch, wait,
+                                                                            late):
+    """An agent with serve.max_clients connected (none idle: a request under way) answers a new client busy and closes
+    the connection. `state` said the agent was not running ("start it") when its request went out after that close
+    (the client then not connected), and otherwise asked who listens: one more client turned away, counted busy."""
+    import socket
+
+    import device_agents.serving.client as client_module
+    from device_agents.serving.frames import MAGIC
+
+    store = ModelStore(tmp_path / "root")
+    store.activate(store.install(face, variant="fp16", model="blazeface").sha256)
+    path = store.root / "serve.sock"
+    srv = Server(path, make_interpreter=Interpreters(), max_clients=1).start()
+    held = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        held.connect(str(path))
+        held.sendall(MAGIC[:2])  # a request under way: its place is never given to a new client
+        assert wait(lambda: srv.snapshot()["clients"] == 1), srv.snapshot()
+        if late:
+            send = client_module.write_frame
+
+            def after_the_busy_answer(*args, **kwargs):
+                assert wait(lambda: srv.snapshot()["turned_away"]["busy"] == 1), srv.snapshot()
+                time.sleep(0.3)  # its connection closed meanwhile
+                return send(*args, **kwargs)
+
+            monkeypatch.setattr(client_module, "write_frame", after_the_busy_answer)
+        live = _state(capsys, "--root", str(store.root))["live"]
+        busy = srv.snapshot()["turned_away"]["busy"]
+    finally:
+        held.close()
+        srv.close()
+    assert live == {"source": "live", "unavailable": f"the agent running at {path} turned this question away: busy: "
+                                                     "1 clients connected (serve.max_clients); retry later"}, live
+    assert busy == 1  # `state` asked once
