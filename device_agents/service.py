@@ -175,7 +175,8 @@ class Agent:
         runtimes = {k: (cls.unavailable_reason() or "available") for k, cls in RUNTIMES.items()}
         for target in TARGETS.values():  # an accelerator's own variant (edgetpu) needs its delegate here, loadable
             if target.compiled_variant:
-                runtimes[target.key] = accelerator_missing(target.compiled_variant, self.cfg.bench.delegate) or "available"
+                runtimes[target.key] = accelerator_missing(target.compiled_variant, self.cfg.bench.delegate,
+                                                           self.cfg.bench.delegate_options) or "available"
         current = self._model_ref(self.store.current())
         if short:
             runtimes = {k: "available" if v == "available" else "unavailable" for k, v in runtimes.items()}
@@ -616,7 +617,7 @@ class Agent:
                 stopped by ``cancel``.
         """
         # not the model's failure: nothing to run it on; asked at every bench (an Edge TPU unplugged since)
-        self.store.check_accelerator(sha, settings.delegate)
+        self.store.check_accelerator(sha, settings.delegate, settings.delegate_options)
         key = self._smoke_key(sha, settings)
         if key in self._smoked:
             return

@@ -667,7 +667,7 @@ class ModelStore:
         except RuntimeUnavailable as exc:
             raise StoreError(f"model {sha256[:12]} ({(self._meta(sha256) or {}).get('variant')}): {exc}") from None
         delegate, options = self.delegate_for(sha256, delegate, options)
-        self.check_accelerator(sha256, delegate)
+        self.check_accelerator(sha256, delegate, options)
         if smoke is None:
             from device_agents.smoke import (
                 SmokePool,  # imports numpy and the interpreter: only when needed
@@ -692,10 +692,10 @@ class ModelStore:
         variant = (self._meta(sha256) or {}).get("variant")
         return delegate_for(variant if isinstance(variant, str) else None, delegate, options)
 
-    def check_accelerator(self, sha256: str, delegate: str) -> None:
+    def check_accelerator(self, sha256: str, delegate: str, options: dict[str, Any] | None = None) -> None:
         """Refuse a model made for an accelerator this device does not have (an ``edgetpu`` variant without the
-        Edge TPU's delegate); return nothing. Such a model is not broken, it only cannot run here: the refusal says
-        what is missing and what to install, and nothing is loaded or changed.
+        Edge TPU's delegate, or without the Edge TPU its ``options`` name); return nothing. Such a model is not broken,
+        it only cannot run here: the refusal says what is missing and what to install, and nothing is loaded or changed.
 
         Raises:
             AcceleratorUnavailable: the model's variant needs a delegate this agent does not run or cannot load.
@@ -703,7 +703,7 @@ class ModelStore:
         from device_agents.targets import accelerator_missing
 
         variant = (self._meta(sha256) or {}).get("variant")
-        if (why := accelerator_missing(variant if isinstance(variant, str) else None, delegate)) is not None:
+        if (why := accelerator_missing(variant if isinstance(variant, str) else None, delegate, options)) is not None:
             raise AcceleratorUnavailable(f"model {sha256[:12]} ({variant}) cannot run on this device: {why}; the "
                                          "current model keeps serving")
 

@@ -36,11 +36,12 @@ def compiler_of(variant: str) -> type[Target] | None:
     return next((t for t in TARGETS.values() if t.compiled_variant == variant), None)
 
 
-def accelerator_missing(variant: str | None, delegate: str) -> str | None:
-    """Return why a model of ``variant`` cannot run on this device with ``delegate`` (the agent's
-    ``runtime.delegate``), or None when it can. Only a variant a target's own compiler makes (``edgetpu``) needs
-    anything: that target as the delegate, and its library loadable here. Such a model holds an op only that
-    delegate resolves (``edgetpu-custom-op``), so on any other path it would fail as if it were broken.
+def accelerator_missing(variant: str | None, delegate: str, options: dict[str, Any] | None = None) -> str | None:
+    """Return why a model of ``variant`` cannot run on this device with ``delegate`` and its ``options`` (the agent's
+    ``runtime.delegate`` and ``runtime.options``), or None when it can. Only a variant a target's own compiler makes
+    (``edgetpu``) needs anything: that target as the delegate, its library loadable here and the accelerator
+    ``options`` name attached (:meth:`Target.device_missing`). Such a model holds an op only that delegate resolves
+    (``edgetpu-custom-op``), so on any other path it would fail as if it were broken.
 
     Returns:
         One line: the variant, what is missing (no such accelerator configured, or its library), and what to
@@ -54,7 +55,7 @@ def accelerator_missing(variant: str | None, delegate: str) -> str | None:
                 f"agent runs the '{delegate}' delegate (no {target.accelerator} here: a simulated device or a profile "
                 f"without it); {target.install_hint}, attach the accelerator and set runtime.delegate: {target.key}, "
                 "or use another variant")
-    missing = target.library_missing() or target.device_missing()
+    missing = target.library_missing() or target.device_missing(options)
     return None if missing is None else (f"variant {variant} needs the {target.summary}: {missing}; or use another "
                                          "variant")
 

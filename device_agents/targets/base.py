@@ -132,10 +132,10 @@ class Target:
         return None
 
     @classmethod
-    def device_missing(cls) -> str | None:
-        """Return why the target's accelerator cannot be opened now although its library loads (one line: none
-        attached), or None when it opens or the target has no device to open. Asked again at every check, so a
-        device attached later is found without restarting the agent."""
+    def device_missing(cls, options: dict[str, Any] | None = None) -> str | None:
+        """Return why the target's accelerator (the one its ``options``, ``runtime.options``, name) cannot be opened
+        now although its library loads (one line: none attached), or None when it opens or the target has no device
+        to open. Asked again at every check, so a device attached later is found without restarting the agent."""
         return None
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from device_agents.targets.base import ModelFacts, OpLike, Target
+from edgekit_protocol.errors import ConfigError
 
 EDGETPU_OPS = frozenset({
     "ADD", "AVERAGE_POOL_2D", "CONCATENATION", "CONV_2D", "DEPTHWISE_CONV_2D", "EXPAND_DIMS",
@@ -204,9 +205,10 @@ def run_compiler(int8_model: bytes, compiler: str) -> tuple[bytes, dict[str, Any
 INTERPRETER_MODULES = ("ai_edge_litert.interpreter", "tflite_runtime.interpreter")
 
 
-def load_delegate(library: str) -> Any:
+def load_delegate(library: str, options: dict[str, str] | None = None) -> Any:
     """Return the Edge TPU delegate of ``library`` as the first LiteRT package importable here makes it
-    (``load_delegate``), which opens the first Edge TPU found; dropping it closes the TPU again.
+    (``load_delegate``) with ``options`` (its options dictionary, :meth:`Target.delegate_options`: ``device`` names
+    which Edge TPU), which opens that Edge TPU (the first found without ``device``); dropping it closes the TPU again.
 
     Raises:
         ImportError: neither ai-edge-litert nor tflite-runtime is installed. ValueError, OSError, RuntimeError:
@@ -217,7 +219,7 @@ def load_delegate(library: str) -> Any:
             module = importlib.import_module(name)
         except ImportError:
             continue
-        return module.load_delegate(library)
+        return module.load_delegate(library, options or {})
     raise ImportError("neither ai-edge-litert nor tflite-runtime is installed")
 
 
@@ -234,22 +236,28 @@ DEV = Path("/dev")  # where the M.2/PCIe card's driver makes /dev/apex_<n>
 log = logging.getLogger(__name__)
 
 
-def enumerated(usb: Path | None = None, dev: Path | None = None) -> bool:
-    """Return whether an Edge TPU is attached as the kernel lists it (a USB Accelerator's ids under ``usb``, default
-    :data:`SYSFS_USB`, or an ``apex_<n>`` node under ``dev``, default :data:`DEV`), without opening it: so one that
-    another process holds (busy) is told from none attached. Unreadable listings count as none."""
+def enumerated(device: str | None = None, usb: Path | None = None, dev: Path | None = None) -> bool:
+    """Return whether the Edge TPU ``device`` names (Coral's ``device`` option: ``usb``, ``usb:N``, ``pci``, ``pci:N``,
+    ``:N``; None: any) is attached as the kernel lists it (USB Accelerators by their ids under ``usb``, default
+    :data:`SYSFS_USB`; M.2/PCIe cards by their ``apex_<n>`` nodes under ``dev``, default :data:`DEV`; at least N + 1 of
+    that kind for an index N), without opening it: so one that another process holds (busy) is told from none
+    attached. Unreadable listings count as none."""
     usb, dev = usb or SYSFS_USB, dev or DEV
+    kind, _, index = (device or "").partition(":")
+    found = 0
     try:
-        for entry in usb.iterdir():
-            try:
-                ids = ((entry / "idVendor").read_text().strip(), (entry / "idProduct").read_text().strip())
-            except OSError:
-                continue
-            if ids in USB_IDS:
-                return True
-        return any(dev.glob("apex_*"))
+        if kind in ("", "usb"):
+            for entry in usb.iterdir():
+                try:
+                    ids = ((entry / "idVendor").read_text().strip(), (entry / "idProduct").read_text().strip())
+                except OSError:
+                    continue
+                found += ids in USB_IDS
+        if kind in ("", "pci"):
+            found += len(list(dev.glob("apex_*")))
     except OSError:
         return False
+    return found > (int(index) if index.isdigit() else 0)
 
 
 @dataclass(frozen=True)
@@ -269,10 +277,11 @@ class EdgeTpu(Target):
     compiled_variant: ClassVar[str | None] = "edgetpu"
     custom_op: ClassVar[str | None] = "edgetpu-custom-op"
 
-    #: The Edge TPU delegates this process's interpreters hold (the serving API's): while one lives, the TPU is open
-    #: here, attached, and is never opened again to ask.
-    _held: ClassVar[weakref.WeakSet[Any]] = weakref.WeakSet()
-    _opened_until: ClassVar[float] = 0.0  # time.monotonic() until which the last probe that opened the TPU holds
+    #: The Edge TPU delegates this process's interpreters hold (the serving API's), each with its ``device`` option:
+    #: while one lives, that TPU is open here, attached, and is never opened again to ask.
+    _held: ClassVar[weakref.WeakKeyDictionary[Any, str | None]] = weakref.WeakKeyDictionary()
+    #: by ``device`` option: time.monotonic() until which the last probe that opened that TPU holds
+    _opened_until: ClassVar[dict[str | None, float]] = {}
     _lock: ClassVar[threading.Lock] = threading.Lock()
 
     @classmethod
@@ -284,9 +293,10 @@ class EdgeTpu(Target):
             ConfigError, RuntimeUnavailable: as :meth:`Target.interpreter_options`.
         """
         kwargs = super().interpreter_options(interpreter_module, options)
+        device = cls.options(options).device
         for delegate in kwargs.get("experimental_delegates", []):
             try:
-                cls._held.add(delegate)
+                cls._held[delegate] = device
             except TypeError:  # a delegate that takes no weak reference: asked as before
                 pass
         return kwargs
@@ -295,36 +305,45 @@ class EdgeTpu(Target):
     def forget(cls) -> None:
         """Forget that an Edge TPU opened (the next :meth:`device_missing` opens it again); return nothing."""
         with cls._lock:
-            cls._opened_until = 0.0
+            cls._opened_until.clear()
 
     @classmethod
-    def device_missing(cls) -> str | None:
+    def device_missing(cls, options: dict[str, Any] | None = None) -> str | None:
         """Return "no Edge TPU attached: ..." when ``libedgetpu.so.1`` loads but its delegate opens no Edge TPU and the
-        kernel lists none (the USB Accelerator unplugged, the PCIe card's driver missing), else None. Asked only when
-        it matters: not while an interpreter of this process holds the Edge TPU (the serving API serving an edgetpu
-        model), nor within :data:`PROBE_TTL_S` of a probe that opened it; else it opens the first Edge TPU and closes it
-        again (:func:`load_delegate`). One the kernel lists that does not open is busy (held by another process: a
-        smoke, bench or shadow child, another application): None, with a warning, as that process's own run says what
-        fails. No LiteRT package here: None, the runtime's own check says so. A TPU that did not open is asked for
-        again at the next check, so one plugged in later is found without restarting the agent."""
+        kernel lists none (the USB Accelerator unplugged, the PCIe card's driver missing), else None. The Edge TPU
+        asked for is the one ``options`` (``runtime.options``) names with ``device`` (``usb:0``, ``pci:0``, ``:1``; the
+        first found without), as the interpreter's delegate is loaded: with two, the other one opening says nothing of
+        it. Asked only when it matters: not while an interpreter of this process holds that Edge TPU (the serving API
+        serving an edgetpu model), nor within :data:`PROBE_TTL_S` of a probe that opened it; else it opens it and
+        closes it again (:func:`load_delegate`). One the kernel lists (:func:`enumerated`) that does not open is busy
+        (held by another process: a smoke, bench or shadow child, another application): None, with a warning, as that
+        process's own run says what fails. Options the target does not take: their one line (the interpreter's load
+        would refuse them too). No LiteRT package here: None, the runtime's own check says so. A TPU that did not open
+        is asked for again at the next check, so one plugged in later is found without restarting the agent."""
+        try:
+            checked = cls.options(options)
+        except ConfigError as exc:
+            return str(exc)
+        device = checked.device
+        named = f" as {device} (runtime.options.device)" if device else ""
         with cls._lock:
-            if len(cls._held) or time.monotonic() < cls._opened_until:
+            if device in cls._held.values() or time.monotonic() < cls._opened_until.get(device, 0.0):
                 return None
             try:
-                delegate = load_delegate(cls.library or "")
+                delegate = load_delegate(cls.library or "", cls.delegate_options(checked))
             except ImportError:
                 return None
             except (ValueError, OSError, RuntimeError) as exc:
                 said = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-                if enumerated():
-                    log.warning("an Edge TPU is attached but did not open (%s): busy in another process? Taken as "
-                                "attached", said)
+                if enumerated(device):
+                    log.warning("an Edge TPU is attached%s but did not open (%s): busy in another process? Taken as "
+                                "attached", named, said)
                     return None
-                return (f"no Edge TPU attached: {cls.library} loads but its delegate opens no Edge TPU ({said}); plug "
-                        "in the Coral USB Accelerator (or load the M.2/PCIe card's gasket-dkms driver, "
+                return (f"no Edge TPU attached{named}: {cls.library} loads but its delegate opens no Edge TPU ({said}); "
+                        "plug in the Coral USB Accelerator (or load the M.2/PCIe card's gasket-dkms driver, "
                         "docs/firmware/coral.md)")
             del delegate
-            cls._opened_until = time.monotonic() + PROBE_TTL_S
+            cls._opened_until[device] = time.monotonic() + PROBE_TTL_S
             return None
 
     @classmethod

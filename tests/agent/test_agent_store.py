@@ -324,7 +324,7 @@ def test_the_agents_status_says_whether_it_can_run_the_edgetpu_variant(tmp_path,
     from device_agents.config import load_agent_config
     from device_agents.service import Agent
 
-    monkeypatch.setattr("device_agents.targets.edgetpu.load_delegate", lambda library: object())  # a TPU opens
+    monkeypatch.setattr("device_agents.targets.edgetpu.load_delegate", lambda library, options: object())  # a TPU opens
     for delegate, loads, expected in (("xnnpack", True, "this agent runs the 'xnnpack' delegate"),
                                       ("edgetpu", False, "libedgetpu.so.1, which could not be loaded"),
                                       ("edgetpu", True, None)):
@@ -412,7 +412,7 @@ def test_an_agents_bench_of_a_cpu_variant_on_a_coral_records_the_cpu_delegate(fa
     assert [(k, b["runtime"], b["delegate"], b["delegate_options"]) for k, b in sent] == [("bench", runtime, delegate, {})]
 
 
-def no_tpu(library):
+def no_tpu(library, options):
     """A fake ``load_delegate`` of a Coral whose libedgetpu loads with no Edge TPU attached (LiteRT's own error)."""
     raise ValueError(f"Failed to load delegate from {library}\n")
 
@@ -446,7 +446,7 @@ def test_an_edge_tpu_unplugged_is_unavailable_not_a_model_failure_and_is_looked_
         with pytest.raises(AcceleratorUnavailable, match="no Edge TPU attached"):
             agent._loads_in_child(agent.store.model_path(sha), sha, agent.cfg.bench)
         assert not ran and agent.store.current() is None
-        monkeypatch.setattr("device_agents.targets.edgetpu.load_delegate", lambda library: object())  # plugged in
+        monkeypatch.setattr("device_agents.targets.edgetpu.load_delegate", lambda library, options: object())  # plugged in
         assert agent._status("online")["runtimes"]["edgetpu"] == "available"
         agent._loads_in_child(agent.store.model_path(sha), sha, agent.cfg.bench)
         assert len(ran) == 1
@@ -456,3 +456,37 @@ def test_an_edge_tpu_unplugged_is_unavailable_not_a_model_failure_and_is_looked_
             agent._loads_in_child(agent.store.model_path(sha), sha, agent.cfg.bench)
     finally:
         agent.spool.close()
+
+
+def test_the_edge_tpu_the_agent_asks_for_is_the_one_its_runtime_options_name(tmp_path, monkeypatch, offline_config):
+    """``runtime.options.device`` reached the interpreter's delegate only: the status, an activation and a bench
+    asked whichever Edge TPU libedgetpu opens first, so with a USB one attached and the configured PCIe card missing
+    the edgetpu variant was "available" and failed later as the model's smoke inference. Each asks for the
+    configured one now, and says which it did not find."""
+    from device_agents.errors import AcceleratorUnavailable
+    from device_agents.service import Agent
+
+    asked = []
+
+    def only_the_usb_one(library, options):
+        asked.append(options)
+        return object() if options.get("device", "usb") == "usb" else no_tpu(library, options)
+
+    monkeypatch.setattr("ctypes.CDLL", lambda name: None)  # the library loads
+    monkeypatch.setattr("device_agents.targets.edgetpu.load_delegate", only_the_usb_one)
+    agent = Agent(offline_config("bench: {delegate: edgetpu, delegate_options: {device: 'pci:0'}}\n"))
+    missing = ("variant edgetpu needs the Coral Edge TPU (USB, M.2, Dev Board): no Edge TPU attached as pci:0 "
+               "(runtime.options.device): libedgetpu.so.1 loads but its delegate opens no Edge TPU")
+    try:
+        assert agent._status("online")["runtimes"]["edgetpu"].startswith(missing)
+        path, sha = model_file(tmp_path, b"edgetpu-model", "edgetpu.tflite")
+        agent.store.install(path, variant="edgetpu", model="m")
+        ran = []
+        agent.smoke = lambda *a, **k: ran.append(a)
+        with pytest.raises(AcceleratorUnavailable, match=r"no Edge TPU attached as pci:0 \(runtime.options.device\)"):
+            agent._activate(sha)
+        with pytest.raises(AcceleratorUnavailable, match=r"no Edge TPU attached as pci:0 \(runtime.options.device\)"):
+            agent._loads_in_child(agent.store.model_path(sha), sha, agent.cfg.bench)
+    finally:
+        agent.spool.close()
+    assert not ran and asked and all(a == {"device": "pci:0"} for a in asked), asked  # the one configured, each time

@@ -211,8 +211,8 @@ def _probes(monkeypatch, opens=True):
     answers, as LiteRT's own error); return the list each opening appends to."""
     calls = []
 
-    def load(library):
-        calls.append(library)
+    def load(library, options):
+        calls.append((library, options))
         if not opens:
             raise ValueError(f"Failed to load delegate from {library}\n")
         return _Delegate()
@@ -255,7 +255,7 @@ def test_an_edge_tpu_that_opened_is_not_opened_again_for_the_stated_time_one_mis
     calls = _probes(monkeypatch, opens=True)
     assert [EdgeTpu.device_missing() for _ in range(5)] == [None] * 5 and len(calls) == 1
     assert edgetpu.PROBE_TTL_S == 30.0  # the time docs/firmware/coral.md states
-    monkeypatch.setattr(EdgeTpu, "_opened_until", 0.0)  # PROBE_TTL_S later
+    monkeypatch.setattr(EdgeTpu, "_opened_until", {})  # PROBE_TTL_S later
     calls = _probes(monkeypatch, opens=False)
     assert EdgeTpu.device_missing().startswith("no Edge TPU attached") and len(calls) == 1
 
@@ -279,3 +279,49 @@ def test_an_edge_tpu_the_kernel_lists_that_another_process_holds_is_busy_not_mis
     assert EdgeTpu.device_missing().startswith("no Edge TPU attached")
     (dev / "apex_0").touch()  # the M.2/PCIe card's node
     assert EdgeTpu.device_missing() is None
+
+
+def test_the_edge_tpu_probe_opens_the_one_runtime_options_device_names(tmp_path, monkeypatch):
+    """With two Corals, or a USB one while the PCIe one is busy, the probe opened whichever libedgetpu opens first
+    (runtime.options.device ignored): another TPU opening said the configured one was attached. The probe loads the
+    delegate with the options the interpreter's is loaded with now, takes an opening (or a delegate this process
+    holds) for that device only, and the kernel's listing counts that device's kind and index only."""
+    import gc
+
+    from device_agents.targets import accelerator_missing, edgetpu
+
+    calls = _probes(monkeypatch)
+    assert accelerator_missing("edgetpu", "edgetpu", {"device": "usb:0"}) is None
+    assert calls == [("libedgetpu.so.1", {"device": "usb:0"})]
+    assert EdgeTpu.device_missing({"device": "usb:0"}) is None and len(calls) == 1  # it opened: PROBE_TTL_S
+    assert EdgeTpu.device_missing({"device": "pci:0"}) is None and calls[-1] == ("libedgetpu.so.1", {"device": "pci:0"})
+    assert EdgeTpu.device_missing() is None and calls[-1] == ("libedgetpu.so.1", {}) and len(calls) == 3
+
+    class Module:
+        def load_delegate(self, lib, options):
+            return _Delegate()
+
+    EdgeTpu.forget()
+    serving = EdgeTpu.interpreter_options(Module(), {"device": "usb:0"})  # the serving API holds usb:0
+    assert EdgeTpu.device_missing({"device": "usb:0"}) is None and len(calls) == 3
+    assert EdgeTpu.device_missing({"device": ":1"}) is None and calls[-1] == ("libedgetpu.so.1", {"device": ":1"})
+    del serving
+    gc.collect()
+
+    usb, dev = tmp_path / "usb", tmp_path / "dev"
+    (usb / "2-1").mkdir(parents=True)
+    dev.mkdir()
+    (usb / "2-1" / "idVendor").write_text("18d1\n")
+    (usb / "2-1" / "idProduct").write_text("9302\n")
+    monkeypatch.setattr(edgetpu, "SYSFS_USB", usb)
+    monkeypatch.setattr(edgetpu, "DEV", dev)
+    EdgeTpu.forget()
+    _probes(monkeypatch, opens=False)  # none opens: the kernel's listing tells busy from missing
+    assert EdgeTpu.device_missing({"device": "usb:0"}) is None  # the USB one listed: busy
+    for device in ("usb:1", "pci", "pci:0", ":1"):  # a second USB one, a PCIe one, a second of any: none listed
+        assert EdgeTpu.device_missing({"device": device}).startswith(
+            f"no Edge TPU attached as {device} (runtime.options.device): libedgetpu.so.1 loads"), device
+    (dev / "apex_0").touch()
+    assert [EdgeTpu.device_missing({"device": d}) for d in ("pci", "pci:0", ":1")] == [None] * 3
+    assert EdgeTpu.device_missing({"device": "pci:1"}) is not None
+    assert EdgeTpu.device_missing({"devic": "usb"}).endswith("options.devic: unknown key; did you mean 'device'?")
