@@ -260,10 +260,9 @@ def test_an_edge_tpu_that_opened_is_not_opened_again_for_the_stated_time_one_mis
     assert EdgeTpu.device_missing().startswith("no Edge TPU attached") and len(calls) == 1
 
 
-def test_an_edge_tpu_the_kernel_lists_that_another_process_holds_is_busy_not_missing(tmp_path, monkeypatch):
-    """A USB Accelerator a smoke, bench or shadow child (another process) holds does not open in the agent's: that
-    was reported "no Edge TPU attached", and selection left the edgetpu variant out. The kernel's listing (sysfs
-    USB ids, /dev/apex_N), read without opening anything, tells busy from none attached."""
+def _one_usb_accelerator_listed(tmp_path, monkeypatch):
+    """Make the kernel's listing (sysfs USB devices, /dev) one Coral USB Accelerator and no PCIe card, in folders under
+    ``tmp_path``; return those two folders."""
     from device_agents.targets import edgetpu
 
     usb, dev = tmp_path / "usb", tmp_path / "dev"
@@ -273,6 +272,14 @@ def test_an_edge_tpu_the_kernel_lists_that_another_process_holds_is_busy_not_mis
     (usb / "2-1" / "idProduct").write_text("9302\n")
     monkeypatch.setattr(edgetpu, "SYSFS_USB", usb)
     monkeypatch.setattr(edgetpu, "DEV", dev)
+    return usb, dev
+
+
+def test_an_edge_tpu_the_kernel_lists_that_another_process_holds_is_busy_not_missing(tmp_path, monkeypatch):
+    """A USB Accelerator a smoke, bench or shadow child (another process) holds does not open in the agent's: that
+    was reported "no Edge TPU attached", and selection left the edgetpu variant out. The kernel's listing (sysfs
+    USB ids, /dev/apex_N), read without opening anything, tells busy from none attached."""
+    usb, dev = _one_usb_accelerator_listed(tmp_path, monkeypatch)
     _probes(monkeypatch, opens=False)
     assert EdgeTpu.device_missing() is None  # attached, held elsewhere: that process's own run says what fails
     (usb / "2-1" / "idProduct").write_text("0001\n")  # another device of that vendor: none attached
@@ -288,7 +295,7 @@ def test_the_edge_tpu_probe_opens_the_one_runtime_options_device_names(tmp_path,
     holds) for that device only, and the kernel's listing counts that device's kind and index only."""
     import gc
 
-    from device_agents.targets import accelerator_missing, edgetpu
+    from device_agents.targets import accelerator_missing
 
     calls = _probes(monkeypatch)
     assert accelerator_missing("edgetpu", "edgetpu", {"device": "usb:0"}) is None
@@ -308,13 +315,7 @@ def test_the_edge_tpu_probe_opens_the_one_runtime_options_device_names(tmp_path,
     del serving
     gc.collect()
 
-    usb, dev = tmp_path / "usb", tmp_path / "dev"
-    (usb / "2-1").mkdir(parents=True)
-    dev.mkdir()
-    (usb / "2-1" / "idVendor").write_text("18d1\n")
-    (usb / "2-1" / "idProduct").write_text("9302\n")
-    monkeypatch.setattr(edgetpu, "SYSFS_USB", usb)
-    monkeypatch.setattr(edgetpu, "DEV", dev)
+    _, dev = _one_usb_accelerator_listed(tmp_path, monkeypatch)
     EdgeTpu.forget()
     _probes(monkeypatch, opens=False)  # none opens: the kernel's listing tells busy from missing
     assert EdgeTpu.device_missing({"device": "usb:0"}) is None  # the USB one listed: busy
