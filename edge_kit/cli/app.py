@@ -182,7 +182,9 @@ def open_fleet_history(fleet_file: Path | None, history: str | None, must_exist:
             for the default file, the text names its folder and --history as the way out. A command that only reads
             upgrades an older schema when its user may, else changes nothing
             (:func:`~edge_kit.telemetry.store.open_history`): a history of an older schema it may not upgrade is one
-            line naming what to run; a PostgreSQL database without edge-kit tables reads as an empty history.
+            line naming what to run; a PostgreSQL database without edge-kit tables reads as an empty history. A history
+            a newer edge-kit wrote is read by a command that only reads, refused to one that writes (one line naming
+            the edge-kit to run).
     """
     from edge_kit.errors import InputError
     from edge_kit.fleet.inventory import check_fleet_file
@@ -214,7 +216,9 @@ def open_fleet_history(fleet_file: Path | None, history: str | None, must_exist:
     hint = None if history or fleet_file is None else (
         f"the fleet's history lives beside its fleet file, in {path.parent}: make that folder and the file writable "
         "for you, or give --history with a file in a folder you can write (or a postgresql:// URL)")
-    db = open_history(path, hint=hint, write=upgrade or writes or not only_reads)
+    # a command that only reads the fleet's history it finds opens it as a reader (it reads a newer schema too)
+    reads = only_reads or (read_only and path.is_file() and path.stat().st_size > 0)
+    db = open_history(path, hint=hint, write=upgrade or writes or not reads)
     if not (must_exist or read_only) or upgrade:  # a command that writes: refused now, before any device work
         try:
             db.check_writable(hint)

@@ -245,6 +245,43 @@ MAX_DB_SKEW_S = 300.0
 MAX_NOTED_PER_DEVICE = 64
 
 
+class RunCap:
+    """A per-device cap of one monitor run: per device, how many of ``limit`` things (gap rows, restarts) it took in this
+    run, and whether it was already alerted as past them (constraints episodes: only that, their count is the open
+    ones'). Its devices are those whose records verified (a key in the fleet's registry) or the history holds, never a
+    name a forger made up: it grows with the registry, not with what arrives. The writer thread alone uses it."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._used: dict[str, int] = {}
+        self._alerted: set[str] = set()
+
+    def room(self, device: str) -> int:
+        """Return how many more ``device`` may take in this run (0 once it took ``limit``)."""
+        return self.limit - self._used.get(device, 0)
+
+    def full(self, device: str) -> bool:
+        """Return True once ``device`` took ``limit`` in this run."""
+        return self.room(device) <= 0
+
+    def take(self, device: str, n: int = 1) -> None:
+        """Count ``n`` more taken by ``device`` (the caller checked :meth:`room`); return nothing."""
+        if n:
+            self._used[device] = self._used.get(device, 0) + n
+
+    def first_refusal(self, device: str) -> bool:
+        """Return True the first time it is asked for ``device`` (in this run, or since :meth:`rearm`): alert then,
+        count the later ones only."""
+        if device in self._alerted:
+            return False
+        self._alerted.add(device)
+        return True
+
+    def rearm(self, device: str) -> None:
+        """Let ``device``'s next refusal be alerted again (its episode past the cap ended); return nothing."""
+        self._alerted.discard(device)
+
+
 def _shadow_mark(shadow: dict[str, Any]) -> tuple[int | None, str | None, int]:
     """Return what the drift check keeps of a ``shadow`` message: its ``seq`` (None when it has no whole number
     there: a history row holds what a device sent, checked or not), its ``run`` (None from an older agent) and its
@@ -409,15 +446,16 @@ class Monitor:
         # each (a hostile device signing records with a new variant name each would grow it without bound)
         self._breaking: dict[str, set[str]] = {}
         self._revoked_closed: set[str] = set()  # revoked devices whose alerts _close_revoked closed
-        self._breaking_capped: set[str] = set()  # devices alerted as having MAX_BREAKING_VARIANTS episodes open
-        self._gap_rows: dict[str, int] = {}  # per device, the sequence-gap rows this run recorded (MAX_GAP_ROWS at most)
-        self._gaps_capped: set[str] = set()  # devices alerted as past their MAX_GAP_ROWS
+        # alerted once a device as having MAX_BREAKING_VARIANTS episodes open (again once one closed); how many are
+        # open is _breaking's, which the history's open alerts rebuild
+        self._breaking_cap = RunCap(MAX_BREAKING_VARIANTS)
+        self._gap_cap = RunCap(MAX_GAP_ROWS)  # per device, the sequence-gap rows this run recorded
         #: with share: how far the database's clock is ahead of this host's (HistoryStore.clock_offset), measured at
         #: start and before each look at when peers last stored a device: receive times stored, the silence check's
         #: look and the gap scan's grace are all by the database's clock, so a peer host minutes behind alerts nothing
         self._db_offset = 0.0
         self._skew_noted = False  # an offset past MAX_DB_SKEW_S was said (once a run)
-        self._restarts: dict[str, int] = {}  # per device, the restarts this run recorded (MAX_RESTARTS at most)
+        self._restart_cap = RunCap(MAX_RESTARTS)  # per device, the restarts this run recorded
         #: The history's open alerts when this monitor started (newest first, at most MAX_CARRIED; :meth:`start`), each
         #: a row of :meth:`HistoryStore.alerts` with ``still_open`` (False: closed at start, nobody held it), and
         #: how many were open in all: a monitor that died before printing an alert left it there.
@@ -860,9 +898,9 @@ class Monitor:
             recorded = []
             for kind, (low, high) in sorted(flood.seqs.items()):
                 high = min(high, self._seq.get((device, kind), -1))  # the sequence check records what is beyond
-                if low <= high and self._gap_room(device):
+                if low <= high and not self._gap_cap.full(device):
                     self.stats.gaps += 1
-                    self._gap_rows[device] = self._gap_rows.get(device, 0) + 1
+                    self._gap_cap.take(device)
                     self.store.add_gap(device, kind, low, high)
                     recorded.append(f"{kind} {low}-{high}")
                 elif low <= high:
@@ -1062,7 +1100,7 @@ class Monitor:
             return  # another worker scans now
         rows = self.store.seq_window(SCAN_ROWS)
         marks, gaps = share_gaps(rows, time.time() + self._db_offset - self.gap_grace_s, SCAN_ROWS)  # the database's clock
-        room = {d: MAX_GAP_ROWS - self._gap_rows.get(d, 0) for d, *_ in gaps}
+        room = {d: self._gap_cap.room(d) for d, *_ in gaps}
         kept, capped = [], []
         for gap in gaps:
             room[gap[0]] -= 1
@@ -1090,27 +1128,22 @@ class Monitor:
         Raises HistoryError."""
         if not records:
             return
-        room = {device: MAX_GAP_ROWS - self._gap_rows.get(device, 0) for device, *_ in records}
+        room = {device: self._gap_cap.room(device) for device, *_ in records}
         left: list[tuple[str, str, int]] = []
         self.stats.late += self.store.take_out_of_gaps(records, room, left)
-        for device, rows in room.items():
-            self._gap_rows[device] = MAX_GAP_ROWS - rows
+        for device, rows in room.items():  # what the splits took of each device's room
+            self._gap_cap.take(device, self._gap_cap.room(device) - rows)
         for device, _kind, _seq in left:
             self.stats.late_not_taken += 1
             self._gap_cap_alert(device)
 
     def _gap_cap_alert(self, device: str) -> None:
         """Alert, once a run, that ``device`` recorded its :data:`MAX_GAP_ROWS` gap rows of this run; return nothing."""
-        if device not in self._gaps_capped:
-            self._gaps_capped.add(device)
+        if self._gap_cap.first_refusal(device):
             self._alert(Alert(device, "gap", f"{device}: {MAX_GAP_ROWS} sequence gaps recorded in this run; more are "
                                              "counted (gaps_not_recorded in the --json summary), neither recorded nor "
                                              "alerted one by one, and a late record that would split a gap further "
                                              "stays in it (late_not_taken)"))
-
-    def _gap_room(self, device: str) -> bool:
-        """Return True while ``device`` has recorded fewer than :data:`MAX_GAP_ROWS` sequence-gap rows in this run."""
-        return self._gap_rows.get(device, 0) < MAX_GAP_ROWS
 
     def _gap_not_recorded(self, device: str) -> None:
         """Count a sequence gap of ``device`` found past its :data:`MAX_GAP_ROWS` of this run (not recorded), alerting
@@ -1122,7 +1155,7 @@ class Monitor:
         """Count and alert that ``seq`` ``first..last`` of ``device``'s ``kind`` never arrived, recorded in the history's
         ``gaps`` already; return nothing."""
         self.stats.gaps += 1
-        self._gap_rows[device] = self._gap_rows.get(device, 0) + 1
+        self._gap_cap.take(device)
         self._alert(Alert(device, "gap", f"{device}: {last - first + 1} {kind} record(s) never arrived (seq "
                                          f"{first}..{last}), recorded as a sequence gap: lost on the way "
                                          "to the monitor (dropped by the broker past its queue limit while the "
@@ -1143,7 +1176,7 @@ class Monitor:
         if (device, epoch) in self._stale_epochs:
             return False
         previous = self._epochs.get(device)
-        if previous is not None and self._restarts.get(device, 0) >= MAX_RESTARTS:
+        if previous is not None and self._restart_cap.full(device):
             self._restart_not_recorded(device, epoch)
             return False
         new, newest = self.store.add_epoch(device, epoch, msg["seq"], self._scan_owner if self.share else None)
@@ -1157,7 +1190,7 @@ class Monitor:
             self._stale_epochs.add((device, previous))
             for kind in SEQ_KINDS:
                 self._seq[(device, kind)] = 0
-            self._restarts[device] = self._restarts.get(device, 0) + 1
+            self._restart_cap.take(device)
             if new:
                 self.stats.restarts += 1
                 self._alert(Alert(device, "restart", f"{device}: its numbering started again (epoch {epoch}, after "
@@ -1173,8 +1206,7 @@ class Monitor:
         if len(self._stale_epochs) >= MAX_STALE_EPOCHS:
             self._stale_epochs.clear()
         self._stale_epochs.add((device, epoch))  # counted once, its later messages not looked up again
-        if self._restarts.get(device, 0) == MAX_RESTARTS:
-            self._restarts[device] += 1  # alerted once
+        if self._restart_cap.first_refusal(device):
             self._alert(Alert(device, "restart", f"{device}: {MAX_RESTARTS} restarts (new numberings) recorded in this "
                                                  "run; more are counted (restarts_not_recorded in the --json summary), "
                                                  "neither recorded nor alerted, and their records are stored but not "
@@ -1212,7 +1244,7 @@ class Monitor:
             return
         # while the device is over its budget, what it had refused is recorded as one gap when that ends
         if last is not None and before > last and device not in self._floods:
-            if self._gap_room(device):
+            if not self._gap_cap.full(device):
                 self.store.add_gap(device, kind, last + 1, before)
                 self._gap_found(device, kind, last + 1, before)
             else:
@@ -1436,10 +1468,9 @@ class Monitor:
                 self._note_unjudged(device, model, variant, c.min_accuracy_ratio)
             subject = alert_subject(variant)  # an episode per variant, as the alerts table keeps it
             held = self._breaking.get(device, set())
-            if broken and subject not in held and len(held) >= MAX_BREAKING_VARIANTS:
+            if broken and subject not in held and len(held) >= self._breaking_cap.limit:
                 self.stats.breaking_not_alerted += 1  # stored, not an episode: the device has too many open
-                if device not in self._breaking_capped:
-                    self._breaking_capped.add(device)
+                if self._breaking_cap.first_refusal(device):
                     self._alert(Alert(device, "constraints", f"{device}: {len(held)} variants break its constraints at "
                                       f"once; those of more are not alerted one by one (counted: breaking_not_alerted "
                                       f"in the --json summary; their records are stored)"))
@@ -1453,7 +1484,7 @@ class Monitor:
                 # with --share a peer may have opened it since this worker's last sync (its breaking benchmark came to
                 # the peer, this one here): closed all the same, an UPDATE a passing benchmark (rare: a bench run)
                 held.discard(subject)
-                self._breaking_capped.discard(device)
+                self._breaking_cap.rearm(device)
                 self.store.close_alert(device, "constraints", subject=variant)
 
     def _accuracy_bounded(self) -> list[str]:

@@ -74,7 +74,7 @@ class PostgresStore(HistoryStore):
         Raises:
             InputError: ``url`` is not a valid URL (:func:`redact`).
             HistoryError: the server cannot be reached, refuses the login, or the database does not exist; it is of
-                an older schema the role may not upgrade.
+                an older schema the role may not upgrade, or (a writer) of a newer schema.
         """
         self.url = url
         self.where = redact(url)

@@ -133,8 +133,8 @@ def open_history(spec: str | Path, hint: str | None = None, write: bool = True) 
 
     Raises:
         HistoryError: the database cannot be opened or reached, psycopg (the host extra) is missing, it is of an
-            older schema its user may not upgrade (the line names why, what to run and as whom), or (a reader) a SQLite
-            file holds no history.
+            older schema its user may not upgrade (the line names why, what to run and as whom), (a writer) of a newer
+            schema (the line names the edge-kit to run), or (a reader) a SQLite file holds no history.
     """
     if is_postgres(spec):
         try:
@@ -358,13 +358,21 @@ class HistoryStore(abc.ABC):
         edge-kit wrote reads as before. A reader of a database without edge-kit tables reads it as the backend says
         (:meth:`_no_history`). Return nothing.
 
+        A newer schema (a newer edge-kit upgraded the history: one worker of a ``--share`` group updated before this
+        one) is refused to a writer: what it writes could break the newer tables. A reader reads it: each schema so far
+        only added tables, columns and indexes, so what this edge-kit reads is still there.
+
         Raises:
             HistoryError: the database cannot be read, or the upgrade failed; a reader: it holds no history (SQLite),
                 or one of an older schema this connection may not upgrade (one line naming what to run); a writer: an
                 older schema this connection may not upgrade (one line naming why, who may, and the upgrade to run;
-                nothing changed).
+                nothing changed), or a newer schema (one line naming both versions and the edge-kit to run instead).
         """
         version = self._schema_version()
+        if version is not None and version > SCHEMA_VERSION and write:
+            raise HistoryError(f"the history {self.where} was written by a newer edge-kit (schema version {version}; "
+                               f"this one writes {SCHEMA_VERSION}) and this command would write to it: upgrade edge-kit "
+                               f"on this host to the version that wrote it (schema {version}), then run again")
         if version is not None and version >= SCHEMA_VERSION:
             return
         if version is None:
@@ -411,10 +419,11 @@ class HistoryStore(abc.ABC):
         return 1 if "status" in tables else None
 
     def _set_schema_version(self) -> None:
-        """Record that the tables are at :data:`SCHEMA_VERSION` (after :meth:`_migrate`); return nothing.
-        Raises HistoryError."""
+        """Record that the tables are at :data:`SCHEMA_VERSION` (after :meth:`_migrate`), never lowering a newer
+        version a newer edge-kit recorded meanwhile; return nothing. Raises HistoryError."""
         self._execute("INSERT INTO edgekit_schema (name, version) VALUES (?, ?) ON CONFLICT (name) DO UPDATE "
-                      "SET version = excluded.version", ("history", SCHEMA_VERSION))
+                      "SET version = excluded.version WHERE edgekit_schema.version < excluded.version",
+                      ("history", SCHEMA_VERSION))
 
     # --- what a backend provides ------------------------------------------------------------------
 
@@ -1610,8 +1619,8 @@ class Store(HistoryStore):
         Raises:
             sqlite3.Error: the file cannot be opened or is not a SQLite database, or OSError: its folder
                 cannot be created (:func:`open_history` turns either into a HistoryError).
-            HistoryError: the file is of an older schema this user may not write (upgrade), or (a reader) it holds no
-                history.
+            HistoryError: the file is of an older schema this user may not write (upgrade), (a writer) of a newer schema,
+                or (a reader) it holds no history.
         """
         self.path = Path(path)
         self.where = str(self.path)

@@ -122,3 +122,29 @@ def test_a_last_will_received_after_a_switch_does_not_take_the_device_back_to_it
     assert store.latest_status()["d1"]["current"]["sha256"] == "C"
     store.add_many([("status", status(3, "offline", "D", "c3"))], received=[800.0])  # a clean stop: its own word
     assert store.latest_status()["d1"]["current"]["sha256"] == "D"
+
+
+def test_the_fleets_history_a_newer_edge_kit_wrote_is_read_by_fleet_status_and_refused_to_monitor(tmp_path, run_cli):
+    """The history beside the fleet file, of a newer schema: `edgekit monitor` (and `history upgrade`) opened it as
+    current and wrote it. Now they stop in one line naming the file, both versions and what to run, exit 6; `fleet
+    status`, which only reads, still shows it: it opens the fleet's history it finds as a reader."""
+    import json
+
+    from edge_kit.telemetry.store import SCHEMA_VERSION
+
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text("fleet: sim\nbroker: {host: 127.0.0.1, port: 1}\ndefaults: {user: edgekit, profile: rpi4}\n"
+                     "devices:\n  - {name: d1, host: 127.0.0.1}\n")
+    history = tmp_path / "edgekit-history.db"
+    with Store(history) as store:
+        store.add("bench", bench("d1", "s1", 1.0, 1))
+        store._execute("UPDATE edgekit_schema SET version = ? WHERE name = 'history'", (SCHEMA_VERSION + 1,))
+    want = (f"edgekit: error: the history {history} was written by a newer edge-kit (schema version "
+            f"{SCHEMA_VERSION + 1}; this one writes {SCHEMA_VERSION}) and this command would write to it: upgrade "
+            f"edge-kit on this host to the version that wrote it (schema {SCHEMA_VERSION + 1}), then run again\n")
+    for command in (["monitor", "--fleet", fleet, "--duration", "1"], ["history", "upgrade", "--fleet", fleet]):
+        assert run_cli(*command) == (6, "", want)
+    code, out, err = run_cli("fleet", "status", "--fleet", fleet, "--history-only", "--json")
+    assert code == 0 and list(json.loads(out)["bench"]) == ["d1/s1"], err
+    with Store(history, write=False) as store:
+        assert store._schema_version() == SCHEMA_VERSION + 1

@@ -410,6 +410,35 @@ def test_a_device_naming_a_new_variant_in_every_breaking_record_holds_at_most_ma
     mon.stop()
 
 
+def test_a_run_cap_counts_per_device_and_alerts_each_device_once_until_rearmed(fleet_file, tmp_path):
+    """The monitor's three per-device caps of a run (breaking variants, gap rows, restarts) each kept their own counters
+    and "alerted once" flags (one a +1 past the cap). One RunCap holds them: room and alert-once per device, and a
+    passing benchmark that closes one of a full device's constraints episodes lets the next one past the cap alert
+    again."""
+    from edge_kit.telemetry.monitor import MAX_BREAKING_VARIANTS, RunCap
+
+    cap = RunCap(3)
+    cap.take("a", 2)
+    assert (cap.room("a"), cap.full("a"), cap.room("b")) == (1, False, 3)
+    cap.take("a")
+    assert cap.full("a") and not cap.full("b")
+    assert [cap.first_refusal("a"), cap.first_refusal("a"), cap.first_refusal("b")] == [True, False, True]
+    cap.rearm("a")
+    assert cap.first_refusal("a") and not cap.first_refusal("a")
+
+    store = Store(tmp_path / "h.db")
+    mon = _started(fleet_file, store)
+    for seq in range(1, MAX_BREAKING_VARIANTS + 3):
+        mon._after_store(*_bench("d2", seq, f"v{seq}", 80.0))
+    mon._after_store(*_bench("d2", 100, "v1", 20.0))  # v1's episode ends: the cap's alert re-armed
+    mon._after_store(*_bench("d2", 101, "v1", 80.0))  # full again
+    mon._after_store(*_bench("d2", 102, "w1", 80.0))
+    mon._after_store(*_bench("d2", 103, "w2", 80.0))
+    capped = [a.text for a in mon.alerts if " variants break its constraints at once" in a.text]
+    assert len(capped) == 2 and mon.stats.breaking_not_alerted == 2 + 2
+    mon.stop()
+
+
 def test_records_a_telemetry_mark_said_were_lost_are_one_gap_across_a_restart(fleet_file, tmp_path):
     """d1's telemetry said it gave bench 1..3 (its ``seqs``) and only bench 1 came: the gap 2..3 was recorded. A
     persistent monitor started again took where d1's bench numbering stood from the newest stored bench record (1), so

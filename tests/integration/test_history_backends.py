@@ -645,6 +645,46 @@ def test_a_reader_of_a_history_the_previous_edge_kit_wrote_upgrades_it_when_it_m
         reader.close()
 
 
+def test_a_history_a_newer_edge_kit_wrote_is_refused_to_writers_and_read_by_readers(history_spec, run_cli, tmp_path):
+    """A history whose schema a newer edge-kit recorded (one `--share` worker updated before the others) opened as
+    current: an older monitor joining wrote the newer tables as its own, and its upgrade set the version back. Now a
+    writer is refused in one line naming the history (no password), both versions and the edge-kit to run, exit 6,
+    nothing changed; `report` and `fleet status` still read it."""
+    import json
+    from urllib.parse import urlsplit
+
+    newer = SCHEMA_VERSION + 1
+    store = open_history(history_spec)
+    store.add("bench", bench("d1", "s1", 1.0, 1))
+    store._execute("UPDATE edgekit_schema SET version = ? WHERE name = 'history'", (newer,))
+    store._set_schema_version()  # an older edge-kit's upgrade finishing meanwhile: the newer version stays
+    assert store._schema_version() == newer
+    where = store.where
+    store.close()
+    want = (f"the history {where} was written by a newer edge-kit (schema version {newer}; this one writes "
+            f"{SCHEMA_VERSION}) and this command would write to it: upgrade edge-kit on this host to the version that "
+            f"wrote it (schema {newer}), then run again")
+    with pytest.raises(HistoryError) as refused:
+        open_history(history_spec)
+    assert str(refused.value) == want
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text("fleet: f\nbroker: {host: 127.0.0.1, port: 1}\ndefaults: {user: u, profile: rpi4}\n"
+                     "devices:\n  - {name: d1, host: 127.0.0.1}\n")
+    code, out, err = run_cli("monitor", "--fleet", fleet, "--history", history_spec, "--duration", "1")
+    assert (code, out, err) == (6, "", f"edgekit: error: {want}\n")
+    assert urlsplit(history_spec).password is None or urlsplit(history_spec).password not in err
+
+    code, out, err = run_cli("report", "--history", history_spec, "--out", tmp_path / "r.html", "--json")
+    assert code == 0 and json.loads(out)["records"] == 1, err
+    code, out, err = run_cli("fleet", "status", "--fleet", fleet, "--history", history_spec, "--history-only", "--json")
+    assert code == 0 and list(json.loads(out)["bench"]) == ["d1/s1"], err
+    reader = open_history(history_spec, write=False)
+    try:
+        assert reader._schema_version() == newer and reader.count("bench") == 1
+    finally:
+        reader.close()
+
+
 def test_a_database_before_any_monitor_ran_reads_as_an_empty_fleet(postgres_url, run_cli, tmp_path):
     """A PostgreSQL database made for the fleet, before any monitor or tune wrote to it: `fleet status` and `report`
     said "holds no edge-kit history yet" (exit 6), where they showed an empty fleet before. No tables is nothing stored
