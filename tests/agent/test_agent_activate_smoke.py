@@ -26,6 +26,8 @@ def test_activate_says_what_its_smoke_check_timed(face, tmp_path, capsys):
     smoke = json.loads(capsys.readouterr().out)["smoke"]
     assert "ms" not in smoke and smoke["load_and_first_invoke_ms"] > 0
     assert smoke["timed"] == SMOKE_TIMED
+    # what ran it, named as a bench record names it: no agent.yaml in this root (a store made by hand), the defaults
+    assert (smoke["runtime"], smoke["delegate"], smoke["delegate_options"]) == ("litert", "xnnpack", {})
     for words in ("perf_counter", "CLOCK_MONOTONIC", "child process", "once", "one cold invoke()", "all-zero inputs",
                   "loading the model", "not a latency"):
         assert words in smoke["timed"], words
