@@ -3,7 +3,7 @@
     edgekit-agent bench model.tflite|model.onnx [--eval eval.npz] [--threads N] [--delegate edgetpu] [--json]
     edgekit-agent run --config agent.yaml           # the service: MQTT, commands, telemetry
     edgekit-agent install model.tflite --variant ID --model-name NAME [--sha256 S] [--eval eval.npz] [--root R]
-    edgekit-agent activate (--sha256 S | --variant ID) [--root R]
+    edgekit-agent activate (--sha256 S | --variant ID) [--root R]   # with R/agent.yaml's runtime, delegate, threads
     edgekit-agent rollback [--root R]
     edgekit-agent state [--root R] [--socket S]   # the store, and the running agent's live figures
     edgekit-agent unit --config agent.yaml [--user U]   # a systemd unit for the service
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -81,9 +82,12 @@ def main(argv: list[str] | None = None) -> None:
     a = sub.add_parser("activate", help="make an installed model current, after a smoke inference in a child")
     a.add_argument("--sha256")
     a.add_argument("--variant")
-    a.add_argument("--runtime", choices=sorted(RUNTIMES))
-    a.add_argument("--delegate", default="xnnpack")
-    a.add_argument("--delegate-option", action="append", default=[], metavar="KEY=VALUE")
+    yaml_default = "default: bench.{} of the agent.yaml in --root, the agent's own"
+    a.add_argument("--runtime", choices=sorted(RUNTIMES),
+                   help=yaml_default.format("runtime") + " (else the first installed)")
+    a.add_argument("--delegate", help=yaml_default.format("delegate") + " (else xnnpack)")
+    a.add_argument("--delegate-option", action="append", default=[], metavar="KEY=VALUE",
+                   help=yaml_default.format("delegate_options") + " when --delegate is not given either; repeat")
     sv = sub.add_parser("supervise", help="keep the service running where there is no systemd")
     sv.add_argument("--config", type=Path, required=True)
     sv.add_argument("--pidfile", type=Path, required=True)
@@ -193,8 +197,11 @@ def _store_command(args: argparse.Namespace) -> None:
     elif args.command == "activate":
         if not (args.sha256 or args.variant):
             raise StoreError("activate: give --sha256 or --variant")
+        own = _agent_bench(store.root)
         sha = store.resolve(sha256=args.sha256, variant=args.variant)
-        out = store.activate(sha, runtime=args.runtime, delegate=args.delegate, options=_options(args))
+        given = bool(args.delegate or args.delegate_option)  # another delegate's options would not fit it
+        out = store.activate(sha, runtime=args.runtime or own.runtime, delegate=args.delegate or own.delegate,
+                             options=_options(args) if given else own.delegate_options, threads=own.threads)
     elif args.command == "rollback":
         out = store.rollback()
     else:
@@ -202,6 +209,20 @@ def _store_command(args: argparse.Namespace) -> None:
                "previous": store.describe(store.previous()), "installed": store.installed(),
                "live": live_figures(args.socket or store.root / "serve.sock")}
     print(json.dumps(out, indent=2, default=str))
+
+
+def _agent_bench(root: Path) -> BenchSettings:
+    """Return the ``bench`` settings of the agent at ``root``, from ``<root>/agent.yaml`` (the file a deploy writes
+    there and the running agent reads): the runtime, delegate, options and threads it runs models with. Without that
+    file (a store made by hand, docs/serving.md), the defaults.
+
+    Raises:
+        ConfigError: the file is there but does not load (its file, line and key named: :func:`load_agent_config`).
+    """
+    from device_agents.config import load_agent_config
+
+    path = root / "agent.yaml"
+    return load_agent_config(path).bench if os.path.lexists(path) else BenchSettings()
 
 
 LIVE_TIMEOUT_S = 2.0  # `state` waits this long for the running agent's live figures

@@ -45,8 +45,9 @@ def smoke(model: Path, runtime: str | None = None, delegate: str = "xnnpack",
 
     Returns:
         ``inputs`` and ``outputs`` (their shapes by name), ``load_and_first_invoke_ms`` (the milliseconds from before
-        the runtime is chosen to the outputs read: loading the model and one cold ``invoke()`` on zeros) and
-        ``timed`` (:data:`SMOKE_TIMED`, that in words).
+        the runtime is chosen to the outputs read: loading the model and one cold ``invoke()`` on zeros),
+        ``timed`` (:data:`SMOKE_TIMED`, that in words) and what ran it, as a bench record names it: ``runtime``,
+        ``delegate`` (ONNX Runtime's execution provider for an ONNX model) and ``delegate_options``.
 
     Raises:
         SmokeFailed: it did not load (options its target does not take included), did not run, or gave
@@ -56,8 +57,8 @@ def smoke(model: Path, runtime: str | None = None, delegate: str = "xnnpack",
 
     try:
         t0 = time.perf_counter()
-        runner = ModelRunner(get_runtime(runtime, model=Path(model)).interpreter(Path(model), threads=threads,
-                                                                                     delegate=delegate, options=options))
+        chosen = get_runtime(runtime, model=Path(model))
+        runner = ModelRunner(chosen.interpreter(Path(model), threads=threads, delegate=delegate, options=options))
         runner.invoke_raw([np.zeros(p.shape, dtype=p.dtype) for p in runner.inputs])
         outs = [runner.interpreter.get_tensor(p.index) for p in runner.outputs]
     except (ValueError, RuntimeError, RuntimeUnavailable, OSError, ConfigError) as exc:  # ConfigError: the target's options
@@ -67,7 +68,9 @@ def smoke(model: Path, runtime: str | None = None, delegate: str = "xnnpack",
             raise SmokeFailed(f"output '{port.name}' holds NaN or infinity")
     return {"inputs": {p.name: list(p.shape) for p in runner.inputs},
             "outputs": {p.name: list(p.shape) for p in runner.outputs},
-            "load_and_first_invoke_ms": round((time.perf_counter() - t0) * 1000, 3), "timed": SMOKE_TIMED}
+            "load_and_first_invoke_ms": round((time.perf_counter() - t0) * 1000, 3), "timed": SMOKE_TIMED,
+            "runtime": chosen.key, "delegate": getattr(runner.interpreter, "provider", delegate),
+            "delegate_options": {} if hasattr(runner.interpreter, "provider") else dict(options or {})}
 
 
 def _smoke_quietly(model: str, runtime: str | None, delegate: str, options: dict[str, Any] | None,

@@ -307,6 +307,26 @@ def test_a_device_whose_shell_prints_a_banner_is_deployed(sim, digits_artifacts,
     assert current(fleet.devices[0]) == manifest_sha(digits_artifacts, "int8")
 
 
+def test_a_deploy_without_a_broker_activates_with_the_devices_own_runtime_and_delegate(sim, digits_artifacts,
+                                                                                      monkeypatch):
+    """Without a broker the deploy activates over SSH (`edgekit-agent activate`), which ran xnnpack whatever the
+    device's agent.yaml said: a Coral's edgetpu variant was refused as on a device with no Edge TPU, and the smoke
+    check never ran on the profile's runtime and delegate. It runs as the device's own agent would now. Shown with a
+    profile whose runtime.delegate is ``none`` (LiteRT's reference kernels: real on this host, as no Edge TPU is)."""
+    from edge_kit.fleet import agent_install
+    from edge_kit.profiles import Runtime, load_profile
+
+    _, fleet = sim(1)
+    reference = load_profile("rpi4").model_copy(update={"runtime": Runtime(delegate="none", threads=2)})
+    monkeypatch.setattr(agent_install, "load_profile", lambda _name: reference)
+    r = deploy(fleet, fleet.devices, DeployOptions(digits_artifacts, variant="int8", health=False)).results[0]
+    assert r.status == "succeeded", r.reason
+    assert yaml.safe_load((Path(fleet.devices[0].root) / "agent.yaml").read_text())["bench"]["delegate"] == "none"
+    smoke = r.activation["smoke"]
+    assert (smoke["runtime"], smoke["delegate"], smoke["outputs"]) == ("litert", "none", {"output_0": [1, 10]})
+    assert current(fleet.devices[0]) == manifest_sha(digits_artifacts, "int8")
+
+
 def test_a_stale_pid_file_naming_another_process_is_neither_trusted_nor_stopped(sim):
     """After a reboot or a crash, agent.pid may name a pid that now belongs to another process: the deploy
     took the agent for running (nothing started: 'already current' with no agent), and would have sent
