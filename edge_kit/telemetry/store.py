@@ -1178,21 +1178,27 @@ class HistoryStore(abc.ABC):
         """Return the newest status message per device (by receive time). When that is an ``offline`` one, its
         ``current`` is the one of the newest status (by ``seq``) of the same agent ``connection``: a last will
         the broker published was signed when the agent connected, and names the model of that moment, not one
-        it switched to since (looked for among the device's 100 highest-numbered statuses after it). Two queries,
-        however many devices. Raises HistoryError."""
+        it switched to since (looked for among the device's 100 highest-numbered statuses after it). One query, and one
+        more per 200 devices whose newest status is such a will; each device's newest found through the ``(device,
+        ts)`` index (:meth:`_latest`), and only those devices' statuses read for their connection's model. Raises
+        HistoryError."""
         newest = self._latest("status")
         wills = {device: msg for device, msg in newest.items()
                  if msg.get("state") == "offline" and isinstance(msg.get("connection"), str)
                  and isinstance(msg.get("seq"), int)}  # not online (its own word, fresh), and says its connection
         if not wills:
             return newest
-        # every device's statuses numbered after its newest one (by receive time, then seq: as _latest picks it),
-        # the highest 100 each; an online device's newest is its highest, so it brings none
-        rows = self._rows("SELECT body FROM (SELECT s.body, s.seq, ROW_NUMBER() OVER (PARTITION BY s.device ORDER BY "
-                          "s.seq DESC) AS n FROM status s JOIN (SELECT t.device, MAX(t.seq) AS seq FROM status t JOIN "
-                          "(SELECT device, MAX(ts) AS ts FROM status GROUP BY device) l ON t.device = l.device AND "
-                          "t.ts = l.ts GROUP BY t.device) w ON s.device = w.device AND s.seq > w.seq) AS later "
-                          "WHERE n <= 100 ORDER BY seq DESC")
+        # each will's device's statuses numbered after it (its newest by receive time, then seq: as _latest picks
+        # it), the highest 100 each: only those devices' statuses are read
+        rows: list[tuple] = []
+        names = sorted(wills)
+        for i in range(0, len(names), 200):
+            part = names[i:i + 200]
+            pairs = tuple(v for d in part for v in (d, wills[d]["seq"]))
+            rows += self._rows(f"WITH w(device, seq) AS (VALUES {', '.join(['(?, CAST(? AS BIGINT))'] * len(part))}) "
+                               "SELECT body FROM (SELECT s.body, s.seq, ROW_NUMBER() OVER (PARTITION BY s.device ORDER "
+                               "BY s.seq DESC) AS n FROM w JOIN status s ON s.device = w.device AND s.seq > w.seq) AS "
+                               "later WHERE n <= 100 ORDER BY seq DESC", pairs)
         found: set[str] = set()
         for m in (json.loads(b) for (b,) in rows):  # highest seq first: the first of the will's connection wins
             device = m.get("device")
@@ -1210,7 +1216,8 @@ class HistoryStore(abc.ABC):
         names a variant is left out.
 
         At most two queries, however many devices: each device's two newest statuses first (where a device says its
-        model, unless its last will names none), then older ones only when a device is left without a model.
+        model, unless its last will names none), then older ones only when a device is left without a model; each
+        reads only those statuses of each device (:meth:`_newest_rows`), however long the history.
 
         Raises:
             HistoryError: the history cannot be read.
@@ -1221,10 +1228,7 @@ class HistoryStore(abc.ABC):
         for first, last in ((1, min(2, scan)), (3, scan)):
             if first > last:
                 break
-            rows = self._rows("SELECT device, body, ts FROM (SELECT device, body, ts, seq, ROW_NUMBER() OVER "
-                              "(PARTITION BY device ORDER BY ts DESC, seq DESC) AS n FROM status) AS ranked "
-                              "WHERE n BETWEEN ? AND ? ORDER BY device, n", (first, last))
-            for device, body, received in rows:
+            for device, body, received in self._newest_rows("status", first, last):
                 if device in found or (wanted is not None and device not in wanted):
                     continue
                 seen.add(device)
@@ -1268,8 +1272,9 @@ class HistoryStore(abc.ABC):
         """
         _kept_kinds(kinds)
         heard: dict[str, float] = {}
-        for table in kinds:  # each answered from its device index
-            for device, ts in self._rows(f"SELECT device, MAX(ts) FROM {table} GROUP BY device"):
+        for table in kinds:  # each device's newest receive time: one entry of the kind's (device, ts) index
+            for device, ts in self._rows(f"WITH RECURSIVE {self._each_device(table)} SELECT d.device, (SELECT MAX(x.ts) "
+                                         f"FROM {table} x WHERE x.device = d.device) FROM d WHERE d.device IS NOT NULL"):
                 heard[device] = max(ts, heard.get(device, ts))
         return heard
 
@@ -1366,10 +1371,32 @@ class HistoryStore(abc.ABC):
                 f"epoch, {newest} AS ts FROM d) n WHERE n.ts IS NOT NULL")
 
     def _latest(self, table: str) -> dict[str, dict[str, Any]]:
-        """Return the newest message of ``table`` per device (by receive time, then ``seq``)."""
-        rows = self._rows(f"SELECT t.body FROM {table} t JOIN (SELECT device, MAX(ts) AS ts FROM {table} GROUP BY device) l "
-                          "ON t.device = l.device AND t.ts = l.ts ORDER BY t.seq")
-        return {m["device"]: m for m in (json.loads(b) for (b,) in rows)}
+        """Return the newest message of ``table`` per device (by receive time, then ``seq``), by device: one query that
+        reads a few index entries and one body per device (:meth:`_newest_rows`). Raises HistoryError."""
+        return {m["device"]: m for m in (json.loads(b) for _device, b, _ts in self._newest_rows(table, 1, 1))}
+
+    @staticmethod
+    def _each_device(table: str) -> str:
+        """Return the SQL of ``d(device)``, for after ``WITH RECURSIVE``: every device ``table`` holds a row of, in
+        order, then one NULL (take ``d.device IS NOT NULL``). Each is found from the one before by one lookup in the
+        table's ``(device, ...)`` index (a skip scan): one lookup per device, however many rows each has, where
+        ``GROUP BY device`` or ``DISTINCT`` reads every entry of the index."""
+        return (f"d(device) AS (SELECT MIN(device) FROM {table} UNION ALL SELECT (SELECT MIN(x.device) FROM {table} x "
+                "WHERE x.device > d.device) FROM d WHERE d.device IS NOT NULL)")
+
+    def _newest_rows(self, table: str, first: int, last: int) -> list[tuple[str, str, float]]:
+        """Return ``(device, body, ts)`` of the ``first``-th to ``last``-th newest rows (by receive time, then ``seq``;
+        1: the newest) of every device of ``table`` (a record kind), by device, newest first. One query: each device
+        found by :meth:`_each_device`, then the receive time of its ``last``-th newest row through its ``(device, ts)``
+        index, and only its rows since then are ranked: the work grows with the devices and ``last``, not with the
+        history's length. Raises HistoryError."""
+        since = (f"COALESCE((SELECT x.ts FROM {table} x WHERE x.device = d.device ORDER BY x.ts DESC LIMIT 1 OFFSET ?), "
+                 f"(SELECT MIN(x.ts) FROM {table} x WHERE x.device = d.device))")  # fewer than last rows: all of them
+        return self._rows(f"WITH RECURSIVE {self._each_device(table)}, b(name, since) AS (SELECT d.device, {since} FROM d "
+                          "WHERE d.device IS NOT NULL) SELECT device, body, ts FROM (SELECT t.device, t.body, t.ts, "
+                          "ROW_NUMBER() OVER (PARTITION BY t.device ORDER BY t.ts DESC, t.seq DESC) AS n FROM b JOIN "
+                          f"{table} t ON t.device = b.name AND t.ts >= b.since) AS ranked WHERE n BETWEEN ? AND ? "
+                          "ORDER BY device, n", (last - 1, first, last))
 
     def decisions(self, device: str | None = None, limit: int = 100,
                   kinds: tuple[str, ...] | None = None) -> list[dict[str, Any]]:

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from edge_kit.telemetry.monitor import share_gaps
-from edge_kit.telemetry.store import LATE_S, SEQ_KINDS, open_history
+from edge_kit.telemetry.store import KINDS, LATE_S, SEQ_KINDS, open_history
 from edgekit_protocol import messages
 
 pytestmark = pytest.mark.integration
@@ -209,6 +209,62 @@ def test_where_each_stream_stands_at_start_costs_a_bounded_read_whatever_the_his
     grow(50)
     small = work()
     grow(15_000)
+    if not hasattr(history, "_db"):
+        history._execute("ANALYZE")
+    big = work()
+    assert big <= small * 1.5 + 20, (small, big)
+
+
+def test_the_newest_records_per_device_cost_a_bounded_read_whatever_the_historys_length(history, monkeypatch):
+    """The newest status, telemetry (and live, shadow) per device, a device's last known model and when each device was
+    last heard (`fleet status`, `report`, the monitor's /metrics) grouped or ranked every row of their tables: their
+    work grew with the history's length, not the fleet's size. Now each device is found by a skip scan of the table's
+    ``(device, ts)`` index and its newest rows through it: the work is the same for 100 statuses and telemetry
+    messages a device as for 20,100 (and on SQLite, no table is scanned whole), the answers the same as before."""
+    def status(device, seq, model=None, state="online", connection="c"):
+        return ("status", messages.envelope("status", "f", device, seq, {"state": state, "current": model,
+                                                                         "connection": connection}))
+
+    model = {"variant": "int8", "sha256": "s"}
+    queries: list[tuple[str, tuple]] = []
+    real = history._rows
+
+    def recorded(sql, args=()):
+        queries.append((sql, args))
+        return real(sql, args)
+
+    def work() -> int:
+        queries.clear()
+        monkeypatch.setattr(history, "_rows", recorded)
+        latest = history.latest_status()
+        assert latest["d1"]["seq"] == seq[0] and latest["d3"]["state"] == "offline"
+        assert latest["d3"]["current"] == model  # its last will names the model its connection ran last
+        assert history.latest_telemetry()["d2"]["seq"] == seq[0]
+        # d2's 100 newest statuses name no model: both passes read, the second up to 100 a device
+        assert set(history.last_known_models()) == {"d1", "d3"}
+        assert set(history.last_received(KINDS)) == {"d1", "d2", "d3"}
+        monkeypatch.setattr(history, "_rows", real)
+        if hasattr(history, "_db"):
+            plans = [r[-1] for sql, args in queries for r in history._rows(f"EXPLAIN QUERY PLAN {sql}", args)]
+            assert not [p for p in plans if p.startswith("SCAN") and p.split()[1] in KINDS], plans
+        return sum(_read_by(history, sql, args) for sql, args in queries)
+
+    seq = [0]
+
+    def grow(n):
+        now = time.time()
+        for start in range(0, n, 5000):
+            part = [(device, seq[0] + i + 1) for i in range(start, min(n, start + 5000)) for device in ("d1", "d2")]
+            history.add_many([status(d, s, model if d == "d1" else None) for d, s in part]
+                             + [tele(d, s) for d, s in part], received=[now + s / 1e6 for _d, s in part] * 2)
+        seq[0] += n
+
+    history.add_many([status("d2", 0, model), status("d3", 1, state="offline"), status("d3", 2, model),
+                      ("bench", messages.envelope("bench", "f", "d3", 1, {"variant": "int8"}))],
+                     received=[time.time() - 60, time.time() - 30, time.time() - 40, time.time()])
+    grow(100)
+    small = work()
+    grow(20_000)
     if not hasattr(history, "_db"):
         history._execute("ANALYZE")
     big = work()
