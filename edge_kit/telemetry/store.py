@@ -1421,7 +1421,8 @@ class HistoryStore(abc.ABC):
         any; with ``feasible``, the newest that chose a feasible variant), each with ``recorded``. Raises
         HistoryError.
 
-        Cost: one indexed query that reads one body per device, however long the history. With ``kinds``, a
+        Cost: one indexed query that reads one body per device, however long the history (each device found by
+        :meth:`_each_device`, its newest decision through its ``(device, id)`` index, not by grouping the table). With ``kinds``, a
         decision an older edge-kit wrote without the ``kind`` column after the upgrade is of the kind its body says,
         so a second indexed query reads the rows without a kind that are newer than their device's newest row of the
         ``kinds`` (only those can replace it), and parses their bodies newest first, a device's only until one is of
@@ -1432,8 +1433,15 @@ class HistoryStore(abc.ABC):
         if good:
             where += (" AND " if where else "WHERE ") + good
         newest: dict[str, dict[str, Any]] = {}
-        for b, ts in self._rows("SELECT d.body, d.ts FROM decisions d JOIN "
-                                f"(SELECT MAX(id) AS id FROM decisions {where} GROUP BY device) l ON d.id = l.id", args):
+        # each device's newest, walked down its (device, id) index: its device as a range of one, so no plan walks the
+        # whole table down its ids (PostgreSQL did for a device none was recorded of lately: its ids' order fits too);
+        # its body and time read by id (a join of the ids was planned as a hash of the whole table)
+        mine = f"{where + ' AND' if where else 'WHERE'} x.device >= d.device AND x.device <= d.device"
+        by_id = "(SELECT e.{} FROM decisions e WHERE e.id = n.id)"
+        for b, ts in self._rows(f"WITH RECURSIVE {self._each_device('decisions')} SELECT {by_id.format('body')}, "
+                                f"{by_id.format('ts')} FROM (SELECT (SELECT x.id FROM decisions x {mine} ORDER BY "
+                                "x.device DESC, x.id DESC LIMIT 1) AS id FROM d WHERE d.device IS NOT NULL) n "
+                                "WHERE n.id IS NOT NULL", args):
             m = json.loads(b)
             newest[m["device"]] = {**m, "recorded": ts}
         if kinds:  # the subquery's unqualified columns are its own (k): the device's newest row of the kinds

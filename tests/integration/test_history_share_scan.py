@@ -271,6 +271,54 @@ def test_the_newest_records_per_device_cost_a_bounded_read_whatever_the_historys
     assert big <= small * 1.5 + 20, (small, big)
 
 
+def test_the_newest_decision_per_device_costs_a_bounded_read_whatever_the_historys_length(history, monkeypatch):
+    """The newest decision per device (of a kind, feasible: `report`, `fleet status`, `tune`, a rollout's waves) grouped
+    the whole ``decisions`` index by device; on PostgreSQL, a first rewrite walked the table down its ids past every
+    decision since a device's newest. Now each device is found by a skip scan and its newest through its own index
+    entries: the work is the same for 100 decisions a device as for 20,100, d3's long ago among them."""
+    kinds = ("selection", "fleet selection", "live gate")
+    insert = ("INSERT INTO decisions (device, ts, chosen, previous, feasible, switched, body, kind) "
+              "VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+    queries: list[tuple[str, tuple]] = []
+    real = history._rows
+
+    def recorded(sql, args=()):
+        queries.append((sql, args))
+        return real(sql, args)
+
+    def grow(n, devices):
+        rows = []
+        for i in range(count[0], count[0] + n):
+            for device in devices:
+                decision = {"device": device, "chosen": f"v{i}", "current": None, "feasible": i % 2 == 0,
+                            "switch": True, "kind": kinds[i % 3]}
+                rows.append((device, time.time(), f"v{i}", None, int(i % 2 == 0), 1, json.dumps(decision), kinds[i % 3]))
+        history._write_batch([(insert, rows)])
+        count[0] += n
+
+    def work() -> int:
+        queries.clear()
+        monkeypatch.setattr(history, "_rows", recorded)
+        newest = {d: m["chosen"] for d, m in history.latest_decisions().items()}
+        fleet = {d: m["chosen"] for d, m in history.latest_decisions(("fleet selection",)).items()}
+        feasible = {d: m["chosen"] for d, m in history.latest_decisions(kinds[:2], feasible=True).items()}
+        monkeypatch.setattr(history, "_rows", real)
+        for got, taken in ((newest, lambda i: True), (fleet, lambda i: i % 3 == 1),
+                           (feasible, lambda i: i % 3 < 2 and i % 2 == 0)):
+            assert got == {d: f"v{max(i for i in range(count[0] if d != 'd3' else 100) if taken(i))}"
+                           for d in ("d1", "d2", "d3")}
+        return sum(_read_by(history, sql, args) for sql, args in queries)
+
+    count = [0]
+    grow(100, ("d1", "d2", "d3"))
+    small = work()
+    grow(20_000, ("d1", "d2"))
+    if not hasattr(history, "_db"):
+        history._execute("ANALYZE")
+    big = work()
+    assert big <= small * 1.5 + 20, (small, big)
+
+
 def _indexes(store) -> set[str]:
     if hasattr(store, "_db"):
         return {n for (n,) in store._rows("SELECT name FROM sqlite_master WHERE type = 'index'")}
