@@ -1122,9 +1122,14 @@ class HistoryStore(abc.ABC):
     def devices(self) -> set[str]:
         """Return the name of every device a table of the history holds a row of: a record, a decision, a sequence gap,
         an alert or a rollout's entry (not a refused message: what its topic names is anyone's word; a table an older
-        schema lacks, or that lacks its ``device`` column, holds none). Raises HistoryError."""
+        schema lacks, or that lacks its ``device`` column, holds none). Each table indexed by device first is read by a
+        skip scan (:meth:`_each_device`), one index lookup per device, not every entry. Raises HistoryError."""
+        def names(table: str) -> str:  # rollout_devices is indexed by rollout first: a skip scan would read it whole
+            return (f"SELECT DISTINCT device FROM {table}" if table == "rollout_devices" else
+                    f"WITH RECURSIVE {self._each_device(table)} SELECT device FROM d WHERE device IS NOT NULL")
+
         return {name for table in TABLES if table not in ("rollouts", "invalid") and "device" in self._columns(table)
-                for (name,) in self._rows(f"SELECT DISTINCT device FROM {table}") if isinstance(name, str)}
+                for (name,) in self._rows(names(table)) if isinstance(name, str)}
 
     def latest_bench(self, device: str | None = None) -> dict[tuple[str, str], dict[str, Any]]:
         """Return the newest bench record per ``(device, sha256)`` (of one device, or all). Raises HistoryError."""

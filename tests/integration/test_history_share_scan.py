@@ -216,11 +216,12 @@ def test_where_each_stream_stands_at_start_costs_a_bounded_read_whatever_the_his
 
 
 def test_the_newest_records_per_device_cost_a_bounded_read_whatever_the_historys_length(history, monkeypatch):
-    """The newest status, telemetry (and live, shadow) per device, a device's last known model and when each device was
-    last heard (`fleet status`, `report`, the monitor's /metrics) grouped or ranked every row of their tables: their
-    work grew with the history's length, not the fleet's size. Now each device is found by a skip scan of the table's
-    ``(device, ts)`` index and its newest rows through it: the work is the same for 100 statuses and telemetry
-    messages a device as for 20,100 (and on SQLite, no table is scanned whole), the answers the same as before."""
+    """The newest status, telemetry (and live, shadow) per device, a device's last known model, when each device was
+    last heard and which devices the history holds (`fleet status`, `report`, the monitor's /metrics) grouped or ranked
+    every row of their tables: their work grew with the history's length, not the fleet's size. Now each device is
+    found by a skip scan of the table's ``(device, ts)`` index and its newest rows through it: the work is the same for
+    100 statuses and telemetry messages a device as for 20,100 (and on SQLite, no table is scanned whole), the answers
+    the same as before."""
     def status(device, seq, model=None, state="online", connection="c"):
         return ("status", messages.envelope("status", "f", device, seq, {"state": state, "current": model,
                                                                          "connection": connection}))
@@ -243,6 +244,7 @@ def test_the_newest_records_per_device_cost_a_bounded_read_whatever_the_historys
         # d2's 100 newest statuses name no model: both passes read, the second up to 100 a device
         assert set(history.last_known_models()) == {"d1", "d3"}
         assert set(history.last_received(KINDS)) == {"d1", "d2", "d3"}
+        assert history.devices() == {"d1", "d2", "d3"}  # the report's devices
         monkeypatch.setattr(history, "_rows", real)
         if hasattr(history, "_db"):
             plans = [r[-1] for sql, args in queries for r in history._rows(f"EXPLAIN QUERY PLAN {sql}", args)]
