@@ -333,6 +333,9 @@ class HistoryStore(abc.ABC):
     EPOCH_SQL: str
     #: The SQL type of a time column ({real} in the schema).
     _REAL: str
+    #: How a query joins each row of ``b`` to the rows ``t`` of ``{table}`` that ``{on}`` takes, found through an index:
+    #: one index search per row of ``b`` (a plain join here; PostgreSQL's is LATERAL).
+    ROWS_JOIN = "JOIN {table} t ON {on}"
 
     def check_writable(self, hint: str | None = None) -> None:
         """Return nothing when this history takes writes; a command that will write asks before any device work, so a
@@ -1139,12 +1142,36 @@ class HistoryStore(abc.ABC):
                      sha256s: tuple[str, ...] | None = None) -> dict[tuple[str, str], list[dict[str, Any]]]:
         """Return up to ``keep`` bench records per ``(device, sha256)`` (of one device, or all; of the
         artifacts whose sha256 is in ``sha256s``, or of any), newest first. The artifacts are chosen in
-        the query (indexed): records of other builds are never ranked or read. Raises HistoryError."""
-        where, args = self._where(device, "sha256", sha256s)
-        sql = ("SELECT body FROM (SELECT body, ts, seq, ROW_NUMBER() OVER (PARTITION BY device, sha256 ORDER BY ts DESC, seq DESC) AS n "
-               f"FROM bench {where}) AS ranked WHERE n <= ? ORDER BY ts DESC, seq DESC")
+        the query (indexed): records of other builds are never ranked or read. Of any artifact, each device (found by
+        :meth:`_each_device`) and each of its artifacts are found by a skip scan of ``bench (device, sha256, ts)``, and
+        only each one's ``keep`` newest records (by receive time, then ``seq``) are ranked: the work grows with the
+        devices and artifacts, not with how often each was measured. Raises HistoryError."""
+        if sha256s is not None:
+            where, args = self._where(device, "sha256", sha256s)
+            sql = ("SELECT body FROM (SELECT body, ts, seq, ROW_NUMBER() OVER (PARTITION BY device, sha256 ORDER BY ts "
+                   f"DESC, seq DESC) AS n FROM bench {where}) AS ranked WHERE n <= ? ORDER BY ts DESC, seq DESC")
+            args = (*args, keep)
+        else:  # p: each (device, sha256) found from the one before it in bench (device, sha256, ts), from ('', ''):
+            # the device's next sha256, else the next device's first; one index search each
+            mine = "" if device is None else " AND p.device = ?"
+            same = "(SELECT MIN(x.sha256) FROM bench x WHERE x.device = p.device AND x.sha256 > p.sha)"
+            then = "(SELECT MIN(x.device) FROM bench x WHERE x.device > p.device)"
+            first = f"(SELECT MIN(x.sha256) FROM bench x WHERE x.device = {then} AND x.sha256 IS NOT NULL)"
+            after = f"CASE WHEN {same} IS NULL THEN {then} ELSE p.device END, COALESCE({same}, {first})"
+            since = ("COALESCE((SELECT x.ts FROM bench x WHERE x.device = p.device AND x.sha256 = p.sha ORDER BY x.ts "
+                     "DESC LIMIT 1 OFFSET ?), (SELECT MIN(x.ts) FROM bench x WHERE x.device = p.device AND x.sha256 = "
+                     "p.sha))")
+            on = "t.device = b.device AND t.sha256 = b.sha AND t.ts >= b.since"
+            sql = (f"WITH RECURSIVE p(device, sha) AS (SELECT CAST(? AS TEXT), CAST('' AS TEXT) UNION ALL SELECT "
+                   f"{after} FROM p WHERE p.device IS NOT NULL{mine}), "
+                   f"b(device, sha, since) AS (SELECT p.device, p.sha, {since} FROM p WHERE p.sha <> ''{mine}) "
+                   "SELECT body FROM (SELECT t.body, t.ts, t.seq, ROW_NUMBER() OVER (PARTITION BY t.device, t.sha256 "
+                   f"ORDER BY t.ts DESC, t.seq DESC) AS n FROM b {self.ROWS_JOIN.format(table='bench', on=on)}) AS "
+                   "ranked WHERE n <= ? ORDER BY ts DESC, seq DESC")
+            one = () if device is None else (device,)
+            args = (device or "", *one, keep - 1, *one, keep)
         out: dict[tuple[str, str], list[dict[str, Any]]] = {}
-        for (body,) in self._rows(sql, (*args, keep)):
+        for (body,) in self._rows(sql, args):
             m = json.loads(body)
             out.setdefault((m["device"], m["sha256"]), []).append(m)
         return out
@@ -1197,13 +1224,13 @@ class HistoryStore(abc.ABC):
         # it), the highest 100 each: only those devices' statuses are read
         rows: list[tuple] = []
         names = sorted(wills)
+        later = self.ROWS_JOIN.format(table="status", on="t.device = w.device AND t.seq > w.seq")
         for i in range(0, len(names), 200):
             part = names[i:i + 200]
             pairs = tuple(v for d in part for v in (d, wills[d]["seq"]))
             rows += self._rows(f"WITH w(device, seq) AS (VALUES {', '.join(['(?, CAST(? AS BIGINT))'] * len(part))}) "
-                               "SELECT body FROM (SELECT s.body, s.seq, ROW_NUMBER() OVER (PARTITION BY s.device ORDER "
-                               "BY s.seq DESC) AS n FROM w JOIN status s ON s.device = w.device AND s.seq > w.seq) AS "
-                               "later WHERE n <= 100 ORDER BY seq DESC", pairs)
+                               "SELECT body FROM (SELECT t.body, t.seq, ROW_NUMBER() OVER (PARTITION BY t.device ORDER "
+                               f"BY t.seq DESC) AS n FROM w {later}) AS later WHERE n <= 100 ORDER BY seq DESC", pairs)
         found: set[str] = set()
         for m in (json.loads(b) for (b,) in rows):  # highest seq first: the first of the will's connection wins
             device = m.get("device")
@@ -1399,9 +1426,9 @@ class HistoryStore(abc.ABC):
                  f"(SELECT MIN(x.ts) FROM {table} x WHERE x.device = d.device))")  # fewer than last rows: all of them
         return self._rows(f"WITH RECURSIVE {self._each_device(table)}, b(name, since) AS (SELECT d.device, {since} FROM d "
                           "WHERE d.device IS NOT NULL) SELECT device, body, ts FROM (SELECT t.device, t.body, t.ts, "
-                          "ROW_NUMBER() OVER (PARTITION BY t.device ORDER BY t.ts DESC, t.seq DESC) AS n FROM b JOIN "
-                          f"{table} t ON t.device = b.name AND t.ts >= b.since) AS ranked WHERE n BETWEEN ? AND ? "
-                          "ORDER BY device, n", (last - 1, first, last))
+                          "ROW_NUMBER() OVER (PARTITION BY t.device ORDER BY t.ts DESC, t.seq DESC) AS n FROM b "
+                          f"{self.ROWS_JOIN.format(table=table, on='t.device = b.name AND t.ts >= b.since')}) AS ranked "
+                          "WHERE n BETWEEN ? AND ? ORDER BY device, n", (last - 1, first, last))
 
     def decisions(self, device: str | None = None, limit: int = 100,
                   kinds: tuple[str, ...] | None = None) -> list[dict[str, Any]]:

@@ -226,6 +226,9 @@ def test_the_newest_records_per_device_cost_a_bounded_read_whatever_the_historys
         return ("status", messages.envelope("status", "f", device, seq, {"state": state, "current": model,
                                                                          "connection": connection}))
 
+    def bench(device, seq):
+        return ("bench", messages.envelope("bench", "f", device, seq, {"variant": "int8", "sha256": "s"}))
+
     model = {"variant": "int8", "sha256": "s"}
     queries: list[tuple[str, tuple]] = []
     real = history._rows
@@ -245,10 +248,16 @@ def test_the_newest_records_per_device_cost_a_bounded_read_whatever_the_historys
         assert set(history.last_known_models()) == {"d1", "d3"}
         assert set(history.last_received(KINDS)) == {"d1", "d2", "d3"}
         assert history.devices() == {"d1", "d2", "d3"}  # the report's devices
+        bench = history.latest_bench()  # fleet status, the report, /metrics
+        assert set(bench) == {("d1", "s"), ("d2", "s"), ("d3", "s")} and bench[("d2", "s")]["seq"] == seq[0]
+        assert [m["seq"] for m in history.recent_bench("d1", keep=3)[("d1", "s")]] == [seq[0], seq[0] - 1, seq[0] - 2]
         monkeypatch.setattr(history, "_rows", real)
         if hasattr(history, "_db"):
             plans = [r[-1] for sql, args in queries for r in history._rows(f"EXPLAIN QUERY PLAN {sql}", args)]
             assert not [p for p in plans if p.startswith("SCAN") and p.split()[1] in KINDS], plans
+        else:  # compiled (JIT) for a guessed cost, a plan that reads a few rows took seconds
+            plans = [history._rows(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}", args)[0][0] for sql, args in queries]
+            assert not [p for p in plans if "JIT" in (p if isinstance(p, list) else json.loads(p))[0]]
         return sum(_read_by(history, sql, args) for sql, args in queries)
 
     seq = [0]
@@ -258,11 +267,12 @@ def test_the_newest_records_per_device_cost_a_bounded_read_whatever_the_historys
         for start in range(0, n, 5000):
             part = [(device, seq[0] + i + 1) for i in range(start, min(n, start + 5000)) for device in ("d1", "d2")]
             history.add_many([status(d, s, model if d == "d1" else None) for d, s in part]
-                             + [tele(d, s) for d, s in part], received=[now + s / 1e6 for _d, s in part] * 2)
+                             + [tele(d, s) for d, s in part] + [bench(d, s) for d, s in part],
+                             received=[now + s / 1e6 for _d, s in part] * 3)
         seq[0] += n
 
     history.add_many([status("d2", 0, model), status("d3", 1, state="offline"), status("d3", 2, model),
-                      ("bench", messages.envelope("bench", "f", "d3", 1, {"variant": "int8"}))],
+                      bench("d3", 1)],
                      received=[time.time() - 60, time.time() - 30, time.time() - 40, time.time()])
     grow(100)
     small = work()
