@@ -1142,10 +1142,10 @@ class HistoryStore(abc.ABC):
                      sha256s: tuple[str, ...] | None = None) -> dict[tuple[str, str], list[dict[str, Any]]]:
         """Return up to ``keep`` bench records per ``(device, sha256)`` (of one device, or all; of the
         artifacts whose sha256 is in ``sha256s``, or of any), newest first. The artifacts are chosen in
-        the query (indexed): records of other builds are never ranked or read. Of any artifact, each device (found by
-        :meth:`_each_device`) and each of its artifacts are found by a skip scan of ``bench (device, sha256, ts)``, and
-        only each one's ``keep`` newest records (by receive time, then ``seq``) are ranked: the work grows with the
-        devices and artifacts, not with how often each was measured. Raises HistoryError."""
+        the query (indexed): records of other builds are never ranked or read. Of any artifact, each device and
+        artifact is found by a skip scan of ``bench (device, sha256, ts)``, and only its ``keep`` newest records (by
+        receive time, then ``seq``) are ranked: the work grows with the devices and artifacts, not with how often each
+        was measured. Raises HistoryError."""
         if sha256s is not None:
             where, args = self._where(device, "sha256", sha256s)
             sql = ("SELECT body FROM (SELECT body, ts, seq, ROW_NUMBER() OVER (PARTITION BY device, sha256 ORDER BY ts "
@@ -1454,11 +1454,11 @@ class HistoryStore(abc.ABC):
         HistoryError.
 
         Cost: one indexed query that reads one body per device, however long the history (each device found by
-        :meth:`_each_device`, its newest decision through its ``(device, id)`` index, not by grouping the table). With ``kinds``, a
-        decision an older edge-kit wrote without the ``kind`` column after the upgrade is of the kind its body says,
-        so a second indexed query reads the rows without a kind that are newer than their device's newest row of the
-        ``kinds`` (only those can replace it), and parses their bodies newest first, a device's only until one is of
-        the ``kinds``: at most the rows an older edge-kit wrote since the upgrade, never the history before it.
+        :meth:`_each_device`, its newest decision through its own index entries, not by grouping the table). With
+        ``kinds``, a decision an older edge-kit wrote without the ``kind`` column after the upgrade is of the kind its
+        body says, so a second indexed query reads the rows without a kind that are newer than their device's newest
+        row of the ``kinds`` (only those can replace it), and parses their bodies newest first, a device's only until
+        one is of the ``kinds``: at most the rows an older edge-kit wrote since the upgrade, never the history before it.
         """
         where, args = self._where(None, "kind", kinds)
         good = "feasible = 1 AND chosen IS NOT NULL" if feasible else ""

@@ -1,6 +1,7 @@
 """The history's side of the ``edgekit monitor --share`` gap scan and of a monitor's start, on both backends (a SQLite
 file and a real PostgreSQL server): what one scan reads is bounded, a late record leaves the gap recorded for it, and a
-start reads a bounded number of rows whatever the history's size."""
+start reads a bounded number of rows whatever the history's size; so do the newest-per-device reads of `fleet status`,
+`report` and /metrics."""
 
 from __future__ import annotations
 
@@ -215,13 +216,25 @@ def test_where_each_stream_stands_at_start_costs_a_bounded_read_whatever_the_his
     assert big <= small * 1.5 + 20, (small, big)
 
 
+def _asked(history, monkeypatch, reads) -> list[tuple[str, tuple]]:
+    """Call ``reads()``; return the queries (and their arguments) it asked the history."""
+    queries: list[tuple[str, tuple]] = []
+    real = history._rows
+    monkeypatch.setattr(history, "_rows", lambda sql, args=(): queries.append((sql, args)) or real(sql, args))
+    try:
+        reads()
+    finally:
+        monkeypatch.setattr(history, "_rows", real)
+    return queries
+
+
 def test_the_newest_records_per_device_cost_a_bounded_read_whatever_the_historys_length(history, monkeypatch):
-    """The newest status, telemetry (and live, shadow) per device, a device's last known model, when each device was
-    last heard and which devices the history holds (`fleet status`, `report`, the monitor's /metrics) grouped or ranked
-    every row of their tables: their work grew with the history's length, not the fleet's size. Now each device is
-    found by a skip scan of the table's ``(device, ts)`` index and its newest rows through it: the work is the same for
-    100 statuses and telemetry messages a device as for 20,100 (and on SQLite, no table is scanned whole), the answers
-    the same as before."""
+    """The newest status, telemetry (and live, shadow) per device, its newest bench record per artifact, its last known
+    model, when each device was last heard and which devices the history holds (`fleet status`, `report`, the monitor's
+    /metrics) grouped or ranked every row of their tables: their work grew with the history's length, not the fleet's
+    size. Now each device (and artifact) is found by a skip scan of the table's index and its newest rows through it:
+    the work is the same for 100 statuses, telemetry messages and bench records a device as for 20,100 (on SQLite, no
+    table is scanned whole; on PostgreSQL, no plan is compiled), the answers the same as before."""
     def status(device, seq, model=None, state="online", connection="c"):
         return ("status", messages.envelope("status", "f", device, seq, {"state": state, "current": model,
                                                                          "connection": connection}))
@@ -230,16 +243,8 @@ def test_the_newest_records_per_device_cost_a_bounded_read_whatever_the_historys
         return ("bench", messages.envelope("bench", "f", device, seq, {"variant": "int8", "sha256": "s"}))
 
     model = {"variant": "int8", "sha256": "s"}
-    queries: list[tuple[str, tuple]] = []
-    real = history._rows
 
-    def recorded(sql, args=()):
-        queries.append((sql, args))
-        return real(sql, args)
-
-    def work() -> int:
-        queries.clear()
-        monkeypatch.setattr(history, "_rows", recorded)
+    def reads():
         latest = history.latest_status()
         assert latest["d1"]["seq"] == seq[0] and latest["d3"]["state"] == "offline"
         assert latest["d3"]["current"] == model  # its last will names the model its connection ran last
@@ -251,7 +256,9 @@ def test_the_newest_records_per_device_cost_a_bounded_read_whatever_the_historys
         bench = history.latest_bench()  # fleet status, the report, /metrics
         assert set(bench) == {("d1", "s"), ("d2", "s"), ("d3", "s")} and bench[("d2", "s")]["seq"] == seq[0]
         assert [m["seq"] for m in history.recent_bench("d1", keep=3)[("d1", "s")]] == [seq[0], seq[0] - 1, seq[0] - 2]
-        monkeypatch.setattr(history, "_rows", real)
+
+    def work() -> int:
+        queries = _asked(history, monkeypatch, reads)
         if hasattr(history, "_db"):
             plans = [r[-1] for sql, args in queries for r in history._rows(f"EXPLAIN QUERY PLAN {sql}", args)]
             assert not [p for p in plans if p.startswith("SCAN") and p.split()[1] in KINDS], plans
@@ -291,12 +298,6 @@ def test_the_newest_decision_per_device_costs_a_bounded_read_whatever_the_histor
     kinds = ("selection", "fleet selection", "live gate")
     insert = ("INSERT INTO decisions (device, ts, chosen, previous, feasible, switched, body, kind) "
               "VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
-    queries: list[tuple[str, tuple]] = []
-    real = history._rows
-
-    def recorded(sql, args=()):
-        queries.append((sql, args))
-        return real(sql, args)
 
     def grow(n, devices):
         rows = []
@@ -308,18 +309,17 @@ def test_the_newest_decision_per_device_costs_a_bounded_read_whatever_the_histor
         history._write_batch([(insert, rows)])
         count[0] += n
 
-    def work() -> int:
-        queries.clear()
-        monkeypatch.setattr(history, "_rows", recorded)
+    def reads():
         newest = {d: m["chosen"] for d, m in history.latest_decisions().items()}
         fleet = {d: m["chosen"] for d, m in history.latest_decisions(("fleet selection",)).items()}
         feasible = {d: m["chosen"] for d, m in history.latest_decisions(kinds[:2], feasible=True).items()}
-        monkeypatch.setattr(history, "_rows", real)
         for got, taken in ((newest, lambda i: True), (fleet, lambda i: i % 3 == 1),
                            (feasible, lambda i: i % 3 < 2 and i % 2 == 0)):
             assert got == {d: f"v{max(i for i in range(count[0] if d != 'd3' else 100) if taken(i))}"
                            for d in ("d1", "d2", "d3")}
-        return sum(_read_by(history, sql, args) for sql, args in queries)
+
+    def work() -> int:
+        return sum(_read_by(history, sql, args) for sql, args in _asked(history, monkeypatch, reads))
 
     count = [0]
     grow(100, ("d1", "d2", "d3"))
