@@ -333,6 +333,9 @@ class HistoryStore(abc.ABC):
     EPOCH_SQL: str
     #: The SQL type of a time column ({real} in the schema).
     _REAL: str
+    #: How a query joins each row of ``b`` to the rows ``t`` of ``{table}`` that ``{on}`` takes, found through an index:
+    #: one index search per row of ``b`` (a plain join here; PostgreSQL's is LATERAL).
+    ROWS_JOIN = "JOIN {table} t ON {on}"
 
     def check_writable(self, hint: str | None = None) -> None:
         """Return nothing when this history takes writes; a command that will write asks before any device work, so a
@@ -1131,9 +1134,14 @@ class HistoryStore(abc.ABC):
     def devices(self) -> set[str]:
         """Return the name of every device a table of the history holds a row of: a record, a decision, a sequence gap,
         an alert or a rollout's entry (not a refused message: what its topic names is anyone's word; a table an older
-        schema lacks, or that lacks its ``device`` column, holds none). Raises HistoryError."""
+        schema lacks, or that lacks its ``device`` column, holds none). Each table indexed by device first is read by a
+        skip scan (:meth:`_each_device`), one index lookup per device, not every entry. Raises HistoryError."""
+        def names(table: str) -> str:  # rollout_devices is indexed by rollout first: a skip scan would read it whole
+            return (f"SELECT DISTINCT device FROM {table}" if table == "rollout_devices" else
+                    f"WITH RECURSIVE {self._each_device(table)} SELECT device FROM d WHERE device IS NOT NULL")
+
         return {name for table in TABLES if table not in ("rollouts", "invalid") and "device" in self._columns(table)
-                for (name,) in self._rows(f"SELECT DISTINCT device FROM {table}") if isinstance(name, str)}
+                for (name,) in self._rows(names(table)) if isinstance(name, str)}
 
     def latest_bench(self, device: str | None = None) -> dict[tuple[str, str], dict[str, Any]]:
         """Return the newest bench record per ``(device, sha256)`` (of one device, or all). Raises HistoryError."""
@@ -1143,12 +1151,36 @@ class HistoryStore(abc.ABC):
                      sha256s: tuple[str, ...] | None = None) -> dict[tuple[str, str], list[dict[str, Any]]]:
         """Return up to ``keep`` bench records per ``(device, sha256)`` (of one device, or all; of the
         artifacts whose sha256 is in ``sha256s``, or of any), newest first. The artifacts are chosen in
-        the query (indexed): records of other builds are never ranked or read. Raises HistoryError."""
-        where, args = self._where(device, "sha256", sha256s)
-        sql = ("SELECT body FROM (SELECT body, ts, seq, ROW_NUMBER() OVER (PARTITION BY device, sha256 ORDER BY ts DESC, seq DESC) AS n "
-               f"FROM bench {where}) AS ranked WHERE n <= ? ORDER BY ts DESC, seq DESC")
+        the query (indexed): records of other builds are never ranked or read. Of any artifact, each device and
+        artifact is found by a skip scan of ``bench (device, sha256, ts)``, and only its ``keep`` newest records (by
+        receive time, then ``seq``) are ranked: the work grows with the devices and artifacts, not with how often each
+        was measured. Raises HistoryError."""
+        if sha256s is not None:
+            where, args = self._where(device, "sha256", sha256s)
+            sql = ("SELECT body FROM (SELECT body, ts, seq, ROW_NUMBER() OVER (PARTITION BY device, sha256 ORDER BY ts "
+                   f"DESC, seq DESC) AS n FROM bench {where}) AS ranked WHERE n <= ? ORDER BY ts DESC, seq DESC")
+            args = (*args, keep)
+        else:  # p: each (device, sha256) found from the one before it in bench (device, sha256, ts), from ('', ''):
+            # the device's next sha256, else the next device's first; one index search each
+            mine = "" if device is None else " AND p.device = ?"
+            same = "(SELECT MIN(x.sha256) FROM bench x WHERE x.device = p.device AND x.sha256 > p.sha)"
+            then = "(SELECT MIN(x.device) FROM bench x WHERE x.device > p.device)"
+            first = f"(SELECT MIN(x.sha256) FROM bench x WHERE x.device = {then} AND x.sha256 IS NOT NULL)"
+            after = f"CASE WHEN {same} IS NULL THEN {then} ELSE p.device END, COALESCE({same}, {first})"
+            since = ("COALESCE((SELECT x.ts FROM bench x WHERE x.device = p.device AND x.sha256 = p.sha ORDER BY x.ts "
+                     "DESC LIMIT 1 OFFSET ?), (SELECT MIN(x.ts) FROM bench x WHERE x.device = p.device AND x.sha256 = "
+                     "p.sha))")
+            on = "t.device = b.device AND t.sha256 = b.sha AND t.ts >= b.since"
+            sql = (f"WITH RECURSIVE p(device, sha) AS (SELECT CAST(? AS TEXT), CAST('' AS TEXT) UNION ALL SELECT "
+                   f"{after} FROM p WHERE p.device IS NOT NULL{mine}), "
+                   f"b(device, sha, since) AS (SELECT p.device, p.sha, {since} FROM p WHERE p.sha <> ''{mine}) "
+                   "SELECT body FROM (SELECT t.body, t.ts, t.seq, ROW_NUMBER() OVER (PARTITION BY t.device, t.sha256 "
+                   f"ORDER BY t.ts DESC, t.seq DESC) AS n FROM b {self.ROWS_JOIN.format(table='bench', on=on)}) AS "
+                   "ranked WHERE n <= ? ORDER BY ts DESC, seq DESC")
+            one = () if device is None else (device,)
+            args = (device or "", *one, keep - 1, *one, keep)
         out: dict[tuple[str, str], list[dict[str, Any]]] = {}
-        for (body,) in self._rows(sql, (*args, keep)):
+        for (body,) in self._rows(sql, args):
             m = json.loads(body)
             out.setdefault((m["device"], m["sha256"]), []).append(m)
         return out
@@ -1187,21 +1219,27 @@ class HistoryStore(abc.ABC):
         """Return the newest status message per device (by receive time). When that is an ``offline`` one, its
         ``current`` is the one of the newest status (by ``seq``) of the same agent ``connection``: a last will
         the broker published was signed when the agent connected, and names the model of that moment, not one
-        it switched to since (looked for among the device's 100 highest-numbered statuses after it). Two queries,
-        however many devices. Raises HistoryError."""
+        it switched to since (looked for among the device's 100 highest-numbered statuses after it). One query, and one
+        more per 200 devices whose newest status is such a will; each device's newest found through the ``(device,
+        ts)`` index (:meth:`_latest`), and only those devices' statuses read for their connection's model. Raises
+        HistoryError."""
         newest = self._latest("status")
         wills = {device: msg for device, msg in newest.items()
                  if msg.get("state") == "offline" and isinstance(msg.get("connection"), str)
                  and isinstance(msg.get("seq"), int)}  # not online (its own word, fresh), and says its connection
         if not wills:
             return newest
-        # every device's statuses numbered after its newest one (by receive time, then seq: as _latest picks it),
-        # the highest 100 each; an online device's newest is its highest, so it brings none
-        rows = self._rows("SELECT body FROM (SELECT s.body, s.seq, ROW_NUMBER() OVER (PARTITION BY s.device ORDER BY "
-                          "s.seq DESC) AS n FROM status s JOIN (SELECT t.device, MAX(t.seq) AS seq FROM status t JOIN "
-                          "(SELECT device, MAX(ts) AS ts FROM status GROUP BY device) l ON t.device = l.device AND "
-                          "t.ts = l.ts GROUP BY t.device) w ON s.device = w.device AND s.seq > w.seq) AS later "
-                          "WHERE n <= 100 ORDER BY seq DESC")
+        # each will's device's statuses numbered after it (its newest by receive time, then seq: as _latest picks
+        # it), the highest 100 each: only those devices' statuses are read
+        rows: list[tuple] = []
+        names = sorted(wills)
+        later = self.ROWS_JOIN.format(table="status", on="t.device = w.device AND t.seq > w.seq")
+        for i in range(0, len(names), 200):
+            part = names[i:i + 200]
+            pairs = tuple(v for d in part for v in (d, wills[d]["seq"]))
+            rows += self._rows(f"WITH w(device, seq) AS (VALUES {', '.join(['(?, CAST(? AS BIGINT))'] * len(part))}) "
+                               "SELECT body FROM (SELECT t.body, t.seq, ROW_NUMBER() OVER (PARTITION BY t.device ORDER "
+                               f"BY t.seq DESC) AS n FROM w {later}) AS later WHERE n <= 100 ORDER BY seq DESC", pairs)
         found: set[str] = set()
         for m in (json.loads(b) for (b,) in rows):  # highest seq first: the first of the will's connection wins
             device = m.get("device")
@@ -1219,7 +1257,8 @@ class HistoryStore(abc.ABC):
         names a variant is left out.
 
         At most two queries, however many devices: each device's two newest statuses first (where a device says its
-        model, unless its last will names none), then older ones only when a device is left without a model.
+        model, unless its last will names none), then older ones only when a device is left without a model; each
+        reads only those statuses of each device (:meth:`_newest_rows`), however long the history.
 
         Raises:
             HistoryError: the history cannot be read.
@@ -1230,10 +1269,7 @@ class HistoryStore(abc.ABC):
         for first, last in ((1, min(2, scan)), (3, scan)):
             if first > last:
                 break
-            rows = self._rows("SELECT device, body, ts FROM (SELECT device, body, ts, seq, ROW_NUMBER() OVER "
-                              "(PARTITION BY device ORDER BY ts DESC, seq DESC) AS n FROM status) AS ranked "
-                              "WHERE n BETWEEN ? AND ? ORDER BY device, n", (first, last))
-            for device, body, received in rows:
+            for device, body, received in self._newest_rows("status", first, last):
                 if device in found or (wanted is not None and device not in wanted):
                     continue
                 seen.add(device)
@@ -1277,8 +1313,9 @@ class HistoryStore(abc.ABC):
         """
         _kept_kinds(kinds)
         heard: dict[str, float] = {}
-        for table in kinds:  # each answered from its device index
-            for device, ts in self._rows(f"SELECT device, MAX(ts) FROM {table} GROUP BY device"):
+        for table in kinds:  # each device's newest receive time: one entry of the kind's (device, ts) index
+            for device, ts in self._rows(f"WITH RECURSIVE {self._each_device(table)} SELECT d.device, (SELECT MAX(x.ts) "
+                                         f"FROM {table} x WHERE x.device = d.device) FROM d WHERE d.device IS NOT NULL"):
                 heard[device] = max(ts, heard.get(device, ts))
         return heard
 
@@ -1375,10 +1412,32 @@ class HistoryStore(abc.ABC):
                 f"epoch, {newest} AS ts FROM d) n WHERE n.ts IS NOT NULL")
 
     def _latest(self, table: str) -> dict[str, dict[str, Any]]:
-        """Return the newest message of ``table`` per device (by receive time, then ``seq``)."""
-        rows = self._rows(f"SELECT t.body FROM {table} t JOIN (SELECT device, MAX(ts) AS ts FROM {table} GROUP BY device) l "
-                          "ON t.device = l.device AND t.ts = l.ts ORDER BY t.seq")
-        return {m["device"]: m for m in (json.loads(b) for (b,) in rows)}
+        """Return the newest message of ``table`` per device (by receive time, then ``seq``), by device: one query that
+        reads a few index entries and one body per device (:meth:`_newest_rows`). Raises HistoryError."""
+        return {m["device"]: m for m in (json.loads(b) for _device, b, _ts in self._newest_rows(table, 1, 1))}
+
+    @staticmethod
+    def _each_device(table: str) -> str:
+        """Return the SQL of ``d(device)``, for after ``WITH RECURSIVE``: every device ``table`` holds a row of, in
+        order, then one NULL (take ``d.device IS NOT NULL``). Each is found from the one before by one lookup in the
+        table's ``(device, ...)`` index (a skip scan): one lookup per device, however many rows each has, where
+        ``GROUP BY device`` or ``DISTINCT`` reads every entry of the index."""
+        return (f"d(device) AS (SELECT MIN(device) FROM {table} UNION ALL SELECT (SELECT MIN(x.device) FROM {table} x "
+                "WHERE x.device > d.device) FROM d WHERE d.device IS NOT NULL)")
+
+    def _newest_rows(self, table: str, first: int, last: int) -> list[tuple[str, str, float]]:
+        """Return ``(device, body, ts)`` of the ``first``-th to ``last``-th newest rows (by receive time, then ``seq``;
+        1: the newest) of every device of ``table`` (a record kind), by device, newest first. One query: each device
+        found by :meth:`_each_device`, then the receive time of its ``last``-th newest row through its ``(device, ts)``
+        index, and only its rows since then are ranked: the work grows with the devices and ``last``, not with the
+        history's length. Raises HistoryError."""
+        since = (f"COALESCE((SELECT x.ts FROM {table} x WHERE x.device = d.device ORDER BY x.ts DESC LIMIT 1 OFFSET ?), "
+                 f"(SELECT MIN(x.ts) FROM {table} x WHERE x.device = d.device))")  # fewer than last rows: all of them
+        return self._rows(f"WITH RECURSIVE {self._each_device(table)}, b(name, since) AS (SELECT d.device, {since} FROM d "
+                          "WHERE d.device IS NOT NULL) SELECT device, body, ts FROM (SELECT t.device, t.body, t.ts, "
+                          "ROW_NUMBER() OVER (PARTITION BY t.device ORDER BY t.ts DESC, t.seq DESC) AS n FROM b "
+                          f"{self.ROWS_JOIN.format(table=table, on='t.device = b.name AND t.ts >= b.since')}) AS ranked "
+                          "WHERE n BETWEEN ? AND ? ORDER BY device, n", (last - 1, first, last))
 
     def decisions(self, device: str | None = None, limit: int = 100,
                   kinds: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
@@ -1403,19 +1462,27 @@ class HistoryStore(abc.ABC):
         any; with ``feasible``, the newest that chose a feasible variant), each with ``recorded``. Raises
         HistoryError.
 
-        Cost: one indexed query that reads one body per device, however long the history. With ``kinds``, a
-        decision an older edge-kit wrote without the ``kind`` column after the upgrade is of the kind its body says,
-        so a second indexed query reads the rows without a kind that are newer than their device's newest row of the
-        ``kinds`` (only those can replace it), and parses their bodies newest first, a device's only until one is of
-        the ``kinds``: at most the rows an older edge-kit wrote since the upgrade, never the history before it.
+        Cost: one indexed query that reads one body per device, however long the history (each device found by
+        :meth:`_each_device`, its newest decision through its own index entries, not by grouping the table). With
+        ``kinds``, a decision an older edge-kit wrote without the ``kind`` column after the upgrade is of the kind its
+        body says, so a second indexed query reads the rows without a kind that are newer than their device's newest
+        row of the ``kinds`` (only those can replace it), and parses their bodies newest first, a device's only until
+        one is of the ``kinds``: at most the rows an older edge-kit wrote since the upgrade, never the history before it.
         """
         where, args = self._where(None, "kind", kinds)
         good = "feasible = 1 AND chosen IS NOT NULL" if feasible else ""
         if good:
             where += (" AND " if where else "WHERE ") + good
         newest: dict[str, dict[str, Any]] = {}
-        for b, ts in self._rows("SELECT d.body, d.ts FROM decisions d JOIN "
-                                f"(SELECT MAX(id) AS id FROM decisions {where} GROUP BY device) l ON d.id = l.id", args):
+        # each device's newest, walked down its (device, id) index: its device as a range of one, so no plan walks the
+        # whole table down its ids (PostgreSQL did for a device none was recorded of lately: its ids' order fits too);
+        # its body and time read by id (a join of the ids was planned as a hash of the whole table)
+        mine = f"{where + ' AND' if where else 'WHERE'} x.device >= d.device AND x.device <= d.device"
+        by_id = "(SELECT e.{} FROM decisions e WHERE e.id = n.id)"
+        for b, ts in self._rows(f"WITH RECURSIVE {self._each_device('decisions')} SELECT {by_id.format('body')}, "
+                                f"{by_id.format('ts')} FROM (SELECT (SELECT x.id FROM decisions x {mine} ORDER BY "
+                                "x.device DESC, x.id DESC LIMIT 1) AS id FROM d WHERE d.device IS NOT NULL) n "
+                                "WHERE n.id IS NOT NULL", args):
             m = json.loads(b)
             newest[m["device"]] = {**m, "recorded": ts}
         if kinds:  # the subquery's unqualified columns are its own (k): the device's newest row of the kinds

@@ -1,6 +1,7 @@
 """The history's side of the ``edgekit monitor --share`` gap scan and of a monitor's start, on both backends (a SQLite
 file and a real PostgreSQL server): what one scan reads is bounded, a late record leaves the gap recorded for it, and a
-start reads a bounded number of rows whatever the history's size."""
+start reads a bounded number of rows whatever the history's size; so do the newest-per-device reads of `fleet status`,
+`report` and /metrics."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import time
 import pytest
 
 from edge_kit.telemetry.monitor import share_gaps
-from edge_kit.telemetry.store import LATE_S, SEQ_KINDS, open_history
+from edge_kit.telemetry.store import KINDS, LATE_S, SEQ_KINDS, open_history
 from edgekit_protocol import messages
 
 pytestmark = pytest.mark.integration
@@ -209,6 +210,121 @@ def test_where_each_stream_stands_at_start_costs_a_bounded_read_whatever_the_his
     grow(50)
     small = work()
     grow(15_000)
+    if not hasattr(history, "_db"):
+        history._execute("ANALYZE")
+    big = work()
+    assert big <= small * 1.5 + 20, (small, big)
+
+
+def _asked(history, monkeypatch, reads) -> list[tuple[str, tuple]]:
+    """Call ``reads()``; return the queries (and their arguments) it asked the history."""
+    queries: list[tuple[str, tuple]] = []
+    real = history._rows
+    monkeypatch.setattr(history, "_rows", lambda sql, args=(): queries.append((sql, args)) or real(sql, args))
+    try:
+        reads()
+    finally:
+        monkeypatch.setattr(history, "_rows", real)
+    return queries
+
+
+def test_the_newest_records_per_device_cost_a_bounded_read_whatever_the_historys_length(history, monkeypatch):
+    """The newest status, telemetry (and live, shadow) per device, its newest bench record per artifact, its last known
+    model, when each device was last heard and which devices the history holds (`fleet status`, `report`, the monitor's
+    /metrics) grouped or ranked every row of their tables: their work grew with the history's length, not the fleet's
+    size. Now each device (and artifact) is found by a skip scan of the table's index and its newest rows through it:
+    the work is the same for 100 statuses, telemetry messages and bench records a device as for 20,100 (on SQLite, no
+    table is scanned whole; on PostgreSQL, no plan is compiled), the answers the same as before."""
+    def status(device, seq, model=None, state="online", connection="c"):
+        return ("status", messages.envelope("status", "f", device, seq, {"state": state, "current": model,
+                                                                         "connection": connection}))
+
+    def bench(device, seq):
+        return ("bench", messages.envelope("bench", "f", device, seq, {"variant": "int8", "sha256": "s"}))
+
+    model = {"variant": "int8", "sha256": "s"}
+
+    def reads():
+        latest = history.latest_status()
+        assert latest["d1"]["seq"] == seq[0] and latest["d3"]["state"] == "offline"
+        assert latest["d3"]["current"] == model  # its last will names the model its connection ran last
+        assert history.latest_telemetry()["d2"]["seq"] == seq[0]
+        # d2's 100 newest statuses name no model: both passes read, the second up to 100 a device
+        assert set(history.last_known_models()) == {"d1", "d3"}
+        assert set(history.last_received(KINDS)) == {"d1", "d2", "d3"}
+        assert history.devices() == {"d1", "d2", "d3"}  # the report's devices
+        bench = history.latest_bench()  # fleet status, the report, /metrics
+        assert set(bench) == {("d1", "s"), ("d2", "s"), ("d3", "s")} and bench[("d2", "s")]["seq"] == seq[0]
+        assert [m["seq"] for m in history.recent_bench("d1", keep=3)[("d1", "s")]] == [seq[0], seq[0] - 1, seq[0] - 2]
+
+    def work() -> int:
+        queries = _asked(history, monkeypatch, reads)
+        if hasattr(history, "_db"):
+            plans = [r[-1] for sql, args in queries for r in history._rows(f"EXPLAIN QUERY PLAN {sql}", args)]
+            assert not [p for p in plans if p.startswith("SCAN") and p.split()[1] in KINDS], plans
+        else:  # compiled (JIT) for a guessed cost, a plan that reads a few rows took seconds
+            plans = [history._rows(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}", args)[0][0] for sql, args in queries]
+            assert not [p for p in plans if "JIT" in (p if isinstance(p, list) else json.loads(p))[0]]
+        return sum(_read_by(history, sql, args) for sql, args in queries)
+
+    seq = [0]
+
+    def grow(n):
+        now = time.time()
+        for start in range(0, n, 5000):
+            part = [(device, seq[0] + i + 1) for i in range(start, min(n, start + 5000)) for device in ("d1", "d2")]
+            history.add_many([status(d, s, model if d == "d1" else None) for d, s in part]
+                             + [tele(d, s) for d, s in part] + [bench(d, s) for d, s in part],
+                             received=[now + s / 1e6 for _d, s in part] * 3)
+        seq[0] += n
+
+    history.add_many([status("d2", 0, model), status("d3", 1, state="offline"), status("d3", 2, model),
+                      bench("d3", 1)],
+                     received=[time.time() - 60, time.time() - 30, time.time() - 40, time.time()])
+    grow(100)
+    small = work()
+    grow(20_000)
+    if not hasattr(history, "_db"):
+        history._execute("ANALYZE")
+    big = work()
+    assert big <= small * 1.5 + 20, (small, big)
+
+
+def test_the_newest_decision_per_device_costs_a_bounded_read_whatever_the_historys_length(history, monkeypatch):
+    """The newest decision per device (of a kind, feasible: `report`, `fleet status`, `tune`, a rollout's waves) grouped
+    the whole ``decisions`` index by device; on PostgreSQL, a first rewrite walked the table down its ids past every
+    decision since a device's newest. Now each device is found by a skip scan and its newest through its own index
+    entries: the work is the same for 100 decisions a device as for 20,100, d3's long ago among them."""
+    kinds = ("selection", "fleet selection", "live gate")
+    insert = ("INSERT INTO decisions (device, ts, chosen, previous, feasible, switched, body, kind) "
+              "VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+
+    def grow(n, devices):
+        rows = []
+        for i in range(count[0], count[0] + n):
+            for device in devices:
+                decision = {"device": device, "chosen": f"v{i}", "current": None, "feasible": i % 2 == 0,
+                            "switch": True, "kind": kinds[i % 3]}
+                rows.append((device, time.time(), f"v{i}", None, int(i % 2 == 0), 1, json.dumps(decision), kinds[i % 3]))
+        history._write_batch([(insert, rows)])
+        count[0] += n
+
+    def reads():
+        newest = {d: m["chosen"] for d, m in history.latest_decisions().items()}
+        fleet = {d: m["chosen"] for d, m in history.latest_decisions(("fleet selection",)).items()}
+        feasible = {d: m["chosen"] for d, m in history.latest_decisions(kinds[:2], feasible=True).items()}
+        for got, taken in ((newest, lambda i: True), (fleet, lambda i: i % 3 == 1),
+                           (feasible, lambda i: i % 3 < 2 and i % 2 == 0)):
+            assert got == {d: f"v{max(i for i in range(count[0] if d != 'd3' else 100) if taken(i))}"
+                           for d in ("d1", "d2", "d3")}
+
+    def work() -> int:
+        return sum(_read_by(history, sql, args) for sql, args in _asked(history, monkeypatch, reads))
+
+    count = [0]
+    grow(100, ("d1", "d2", "d3"))
+    small = work()
+    grow(20_000, ("d1", "d2"))
     if not hasattr(history, "_db"):
         history._execute("ANALYZE")
     big = work()
