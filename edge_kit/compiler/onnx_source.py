@@ -884,6 +884,18 @@ def _check_inputs(path: Path, tflite: bytes, inputs: dict[str, tuple[int, ...]])
 MIN_RANDOM_KEPT = 0.5  # without data, the share of the random check samples ONNX Runtime must give finite outputs on
 
 
+def finite_samples(outputs: dict[str, np.ndarray]) -> np.ndarray:
+    """Return a boolean mask over the samples (the first axis of every output in ``outputs``, {name: outputs stacked
+    over the samples}): True where every value of every output is finite."""
+    return np.logical_and.reduce([np.isfinite(y.reshape(len(y), -1)).all(axis=1) for y in outputs.values()])
+
+
+def left_out_said(count: int) -> str:
+    """Return what the manifest appends to a description of random samples when ``count`` of them were left out."""
+    return (f" ({count} left out: ONNX Runtime's outputs are NaN or infinity on them, inputs the model "
+            "does not take)")
+
+
 def conversion_fidelity(path: Path, data: bytes, tflite: bytes, runner: Any, *, random: bool = False) -> dict[str, Any]:
     """Compare the converted model with ONNX Runtime on the same inputs.
 
@@ -915,7 +927,7 @@ def conversion_fidelity(path: Path, data: bytes, tflite: bytes, runner: Any, *, 
         reference = runner(data)
     except ValueError as exc:
         raise InputError(f"{path}: running the ONNX model to check its conversion: {exc}") from None
-    finite = np.logical_and.reduce([np.isfinite(y.reshape(len(y), -1)).all(axis=1) for y in reference.values()])
+    finite = finite_samples(reference)
     if random and finite.any():
         if finite.sum() < MIN_RANDOM_KEPT * len(finite):  # one sample left is no check of a conversion
             raise InputError(f"{path}: ONNX Runtime's outputs are NaN or infinity on {int((~finite).sum())} of the "

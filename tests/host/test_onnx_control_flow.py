@@ -160,6 +160,38 @@ def test_the_progress_bar_of_a_loop_compile_ends_at_its_total(tmp_path, run_cli,
     assert task.completed == task.total == 2 * 3 + 3, (task.completed, task.total)  # fp32, onnx-fp16, onnx-fp32
 
 
+RANDOM_SAID = ("4 random samples (no --eval or --calib given): 'x' 2 uniform in [0, 1), then 1 standard normal and "
+               "its negation")
+
+
+def test_without_data_the_onnx_variants_of_a_loop_onnx2tf_cannot_convert_get_fidelity_on_random_samples(tmp_path):
+    """Without --eval or --calib a converted model is checked on random samples (``model.conversion``), but the
+    ONNX Runtime variants of a model onnx2tf cannot convert had no figure at all ("not measured: no --eval or
+    --calib inputs"). They are measured against onnx-fp32 on the same kind of random samples now, said so."""
+    profile = load_profile("rpi4").model_copy(update={"variants": ["onnx-fp32", "onnx-fp16"]})
+    manifest = compile_model(CompileRequest(loop_model(tmp_path / "loop.onnx"), [profile], tmp_path / "out"))
+    assert manifest.reference_id == "onnx-fp32" and "conversion" not in manifest.model
+    for vid, floor in (("onnx-fp32", 100), ("onnx-fp16", 40)):
+        fid = manifest.artifact(vid).fidelity
+        assert fid.measured and fid.samples == 4 and fid.inputs == RANDOM_SAID, (vid, fid)
+        assert fid.snr_db > floor and set(fid.outputs) == {"y"}, (vid, fid)
+        assert fid.method.endswith("(CPUExecutionProvider, 1 thread(s)), against the onnx-fp32 variant's outputs")
+
+
+def test_without_data_random_samples_an_unconverted_model_does_not_take_are_left_out_of_its_fidelity(tmp_path):
+    """``y = sqrt(loop(x))`` is NaN where the loop's value is negative: the standard normal sample and its negation
+    (both of mixed signs) are left out of the onnx-fp16 fidelity, as of the conversion check, and said so."""
+    nodes = [helper.make_node("Loop", ["trips", "go", "x"], ["v"], body=halving_body(), name="refine"),
+             helper.make_node("Sqrt", ["v"], ["y"])]
+    model = save(tmp_path / "root_loop.onnx", nodes, [numpy_helper.from_array(np.array(3, np.int64), "trips"),
+                                                      numpy_helper.from_array(np.array(True), "go")])
+    profile = load_profile("rpi4").model_copy(update={"variants": ["onnx-fp16"]})
+    fid = compile_model(CompileRequest(model, [profile], tmp_path / "out")).artifact("onnx-fp16").fidelity
+    assert fid.measured and fid.samples == 2 and fid.snr_db > 40, fid
+    assert fid.inputs == RANDOM_SAID + " (2 left out: ONNX Runtime's outputs are NaN or infinity on them, inputs the " \
+        "model does not take)", fid.inputs
+
+
 def test_without_data_the_conversion_check_samples_take_both_branches_of_an_if(tmp_path):
     """Without --eval or --calib the conversion was checked on 4 samples uniform in [0, 1): an ``If`` taken for a
     negative input sum never ran, so a conversion wrong on that branch would pass the check. The samples the
@@ -186,8 +218,7 @@ def test_without_data_the_conversion_check_samples_take_both_branches_of_an_if(t
     ys = np.concatenate([session.run(None, {"x": x[None]})[0] for x in xs["x"]])
     negative, positive = (ys > 500).all(axis=1).sum(), (ys < -500).all(axis=1).sum()
     assert negative >= 1 and positive >= 1 and negative + positive == len(ys), ys
-    assert said == ("4 random samples (no --eval or --calib given): 'x' 2 uniform in [0, 1), then 1 standard normal "
-                    "and its negation")
+    assert said == RANDOM_SAID
 
 
 def test_without_data_a_model_taking_positive_inputs_only_is_checked_on_those_it_takes(tmp_path):
