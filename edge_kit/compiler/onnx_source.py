@@ -663,8 +663,9 @@ def prepared_model(data: bytes, inputs: dict[str, tuple[int, ...]]
     and {ONNX output name: shape} as shape inference gives it for the pinned inputs (0 where unknown).
 
     Inputs get their batch-1 shapes written into the graph, outputs lose their declared dimensions
-    (shape inference and onnxsim fill them in again from the pinned inputs), node names get only
-    characters TensorFlow accepts, inputs and outputs are renamed ``input_<i>`` / ``output_<i>`` so
+    (shape inference and onnxsim fill them in again from the pinned inputs), node names (in subgraphs too,
+    :func:`graphs_of`) get only characters TensorFlow accepts (a node without one ``node_<k>``, ``k`` counted over
+    every graph, outer first), inputs and outputs are renamed ``input_<i>`` / ``output_<i>`` so
     no ONNX name (``save_infer_model/scale_0.tmp_1``) is lost in conversion, and ``Constant``
     nodes become initializers (:func:`_constants_as_initializers`).
     """
@@ -687,7 +688,7 @@ def prepared_model(data: bytes, inputs: dict[str, tuple[int, ...]]
         outs[f"output_{j}"] = value.name
     for placeholder, name in [*ins.items(), *outs.items()]:
         _rename(graph, name, placeholder)
-    for k, node in enumerate(graph.node):
+    for k, node in enumerate(n for g in graphs_of(graph) for n in g.node):  # If branches, Loop and Scan bodies too
         node.name = _SAFE_NODE.sub("_", node.name) or f"node_{k}"
     del graph.value_info[:]
     try:

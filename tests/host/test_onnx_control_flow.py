@@ -32,11 +32,11 @@ def save(path: Path, nodes: list, initializers: list) -> Path:
     return path
 
 
-def if_model(path: Path) -> Path:
+def if_model(path: Path, then_name: str = "", else_name: str = "") -> Path:
     """``y = relu(x) if sum(x) > 0 else -x``, x [1, 4]: the condition comes from the input, so no folding removes
-    the ``If``."""
-    then = helper.make_graph([helper.make_node("Relu", ["x"], ["t_y"])], "then", [], [vec("t_y")])
-    other = helper.make_graph([helper.make_node("Neg", ["x"], ["e_y"])], "else", [], [vec("e_y")])
+    the ``If``; the branches' nodes named ``then_name`` and ``else_name``."""
+    then = helper.make_graph([helper.make_node("Relu", ["x"], ["t_y"], name=then_name)], "then", [], [vec("t_y")])
+    other = helper.make_graph([helper.make_node("Neg", ["x"], ["e_y"], name=else_name)], "else", [], [vec("e_y")])
     nodes = [helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0),
              helper.make_node("Greater", ["total", "zero"], ["positive"]),
              helper.make_node("If", ["positive"], ["y"], then_branch=then, else_branch=other, name="branch")]
@@ -80,6 +80,27 @@ def test_an_if_on_a_computed_condition_converts_and_passes_the_fidelity_check(tm
         assert art.status == "built", art.reason
         assert art.fidelity.measured and art.fidelity.samples == 16 and art.fidelity.snr_db > CONVERSION_WARN_SNR_DB
         assert (tmp_path / "out" / "branch" / art.file).is_file()
+
+
+def test_node_names_inside_if_branches_get_the_names_onnx2tf_is_given_at_the_top_level(tmp_path):
+    """The model handed to onnx2tf has its node names cleaned (only characters TensorFlow takes in an op name, a name
+    for a node without one): at the top level only, so a branch's ``relu@1`` (a Paddle-style name) and unnamed node
+    reached onnx2tf as they were. Every graph's nodes are cleaned now; the model still converts and matches ONNX
+    Runtime on both branches."""
+    import re
+
+    from edge_kit.compiler.onnx_source import graphs_of, prepared_model
+    from edge_kit.compiler.sources import load_source
+
+    model = if_model(tmp_path / "names.onnx", then_name="relu@1:0")
+    source = load_source(model)
+    ready, _ins, _outs, _shapes = prepared_model(source.onnx, source.inputs)
+    names = [n.name for g in graphs_of(onnx.load_from_string(ready).graph) for n in g.node]
+    assert "relu_1_0" in names and all(re.fullmatch(r"[A-Za-z0-9_./-]+", n) for n in names), names
+    assert len(set(names)) == len(names), names  # the unnamed Neg in the else branch is no top-level node's namesake
+    profile = load_profile("rpi4").model_copy(update={"variants": ["fp32"]})
+    conversion = compile_model(CompileRequest(model, [profile], tmp_path / "out")).model["conversion"]
+    assert conversion["samples"] == 4 and conversion["snr_db"] > CONVERSION_WARN_SNR_DB, conversion
 
 
 LOOP_LINE = ("{model}: onnx2tf {version} cannot convert the Loop node 'refine' to TensorFlow Lite, so no LiteRT "
