@@ -71,7 +71,7 @@ class Fidelity(_Record):
     mean_abs_error: float | None = None
     outputs: dict[str, dict[str, float]] | None = None  # the same figures for each output
     samples: int | None = None
-    inputs: str | None = None  # which data file fed both models
+    inputs: str | None = None  # which data file (or which random samples) fed both models
     method: str
 
 

@@ -663,8 +663,9 @@ def prepared_model(data: bytes, inputs: dict[str, tuple[int, ...]]
     and {ONNX output name: shape} as shape inference gives it for the pinned inputs (0 where unknown).
 
     Inputs get their batch-1 shapes written into the graph, outputs lose their declared dimensions
-    (shape inference and onnxsim fill them in again from the pinned inputs), node names get only
-    characters TensorFlow accepts, inputs and outputs are renamed ``input_<i>`` / ``output_<i>`` so
+    (shape inference and onnxsim fill them in again from the pinned inputs), node names (in subgraphs too,
+    :func:`graphs_of`) get only characters TensorFlow accepts (a node without one ``node_<k>``, ``k`` counted over
+    every graph, outer first), inputs and outputs are renamed ``input_<i>`` / ``output_<i>`` so
     no ONNX name (``save_infer_model/scale_0.tmp_1``) is lost in conversion, and ``Constant``
     nodes become initializers (:func:`_constants_as_initializers`).
     """
@@ -687,7 +688,7 @@ def prepared_model(data: bytes, inputs: dict[str, tuple[int, ...]]
         outs[f"output_{j}"] = value.name
     for placeholder, name in [*ins.items(), *outs.items()]:
         _rename(graph, name, placeholder)
-    for k, node in enumerate(graph.node):
+    for k, node in enumerate(n for g in graphs_of(graph) for n in g.node):  # If branches, Loop and Scan bodies too
         node.name = _SAFE_NODE.sub("_", node.name) or f"node_{k}"
     del graph.value_info[:]
     try:
@@ -884,6 +885,18 @@ def _check_inputs(path: Path, tflite: bytes, inputs: dict[str, tuple[int, ...]])
 MIN_RANDOM_KEPT = 0.5  # without data, the share of the random check samples ONNX Runtime must give finite outputs on
 
 
+def finite_samples(outputs: dict[str, np.ndarray]) -> np.ndarray:
+    """Return a boolean mask over the samples (the first axis of every output in ``outputs``, {name: outputs stacked
+    over the samples}): True where every value of every output is finite."""
+    return np.logical_and.reduce([np.isfinite(y.reshape(len(y), -1)).all(axis=1) for y in outputs.values()])
+
+
+def left_out_said(count: int) -> str:
+    """Return what the manifest appends to a description of random samples when ``count`` of them were left out."""
+    return (f" ({count} left out: ONNX Runtime's outputs are NaN or infinity on them, inputs the model "
+            "does not take)")
+
+
 def conversion_fidelity(path: Path, data: bytes, tflite: bytes, runner: Any, *, random: bool = False) -> dict[str, Any]:
     """Compare the converted model with ONNX Runtime on the same inputs.
 
@@ -915,7 +928,7 @@ def conversion_fidelity(path: Path, data: bytes, tflite: bytes, runner: Any, *, 
         reference = runner(data)
     except ValueError as exc:
         raise InputError(f"{path}: running the ONNX model to check its conversion: {exc}") from None
-    finite = np.logical_and.reduce([np.isfinite(y.reshape(len(y), -1)).all(axis=1) for y in reference.values()])
+    finite = finite_samples(reference)
     if random and finite.any():
         if finite.sum() < MIN_RANDOM_KEPT * len(finite):  # one sample left is no check of a conversion
             raise InputError(f"{path}: ONNX Runtime's outputs are NaN or infinity on {int((~finite).sum())} of the "

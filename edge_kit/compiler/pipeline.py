@@ -53,7 +53,13 @@ from edge_kit.compiler.data import (
     range_warning,
     shared_samples,
 )
-from edge_kit.compiler.onnx_source import CONVERTER
+from edge_kit.compiler.onnx_source import (
+    CONVERTER,
+    MIN_RANDOM_KEPT,
+    finite_samples,
+    id_bounds,
+    left_out_said,
+)
 from edge_kit.compiler.sources import (
     Graph,
     Source,
@@ -422,12 +428,12 @@ def _exact_ids(spec: VariantSpec, source: Source, data: bytes, how: str) -> tupl
     return data, how
 
 
-def broken_outputs(outputs: dict[str, dict[str, np.ndarray]], inputs: Dataset | None,
+def broken_outputs(outputs: dict[str, dict[str, np.ndarray]], where: str | None,
                    reference_id: str = "fp32") -> dict[str, str]:
     """Return, by variant id, why a variant other than the reference (``reference_id``: fp32, or onnx-fp32 for an
-    ONNX source with no LiteRT conversion) fails: an output holding NaN or infinity on ``inputs`` (the first output
-    and sample named) where the reference's are finite (a model computing NaN itself is refused before; its variants
-    are not judged here)."""
+    ONNX source with no LiteRT conversion) fails: an output holding NaN or infinity on the inputs ``where`` names
+    (the first output and sample named) where the reference's are finite (a model computing NaN itself is refused
+    before; its variants are not judged here)."""
     reference = outputs.get(reference_id)
     if reference is not None and not all(np.isfinite(v).all() for v in reference.values()):
         return {}
@@ -436,20 +442,21 @@ def broken_outputs(outputs: dict[str, dict[str, np.ndarray]], inputs: Dataset | 
         for name, value in outs.items() if vid != reference_id else ():
             bad = ~np.isfinite(value.reshape(len(value), -1)).all(axis=1)  # per sample (the batch axis first)
             if bad.any():
-                where = f" on {inputs.path.name}" if inputs is not None else ""
-                broken[vid] = (f"its output '{name}' holds NaN or infinity{where} (first at sample {int(np.argmax(bad))}) "
+                on = f" on {where}" if where is not None else ""
+                broken[vid] = (f"its output '{name}' holds NaN or infinity{on} (first at sample {int(np.argmax(bad))}) "
                                f"where the {reference_id} variant's outputs are finite: not deployable")
                 break
     return broken
 
 
-def _evaluate(plan: _Plan, outputs: dict[str, np.ndarray] | None, evalset: Dataset | None, fid_inputs: Dataset | None,
+def _evaluate(plan: _Plan, outputs: dict[str, np.ndarray] | None, evalset: Dataset | None, fid_where: str | None,
               reference: dict[str, np.ndarray] | None, method: str, scorer: Any,
               reference_id: str = "fp32") -> tuple[Accuracy, Fidelity]:
     """Return accuracy on the eval set and per-output fidelity against the reference variant's outputs
     (``reference``, of the variant ``reference_id``) for one artifact.
 
-    ``outputs`` are the artifact's outputs on ``fid_inputs`` (None when it was not run); ``scorer``
+    ``outputs`` are the artifact's outputs (None when it was not run) on the inputs ``fid_where`` names: a data file,
+    or the random samples an ONNX model onnx2tf cannot convert is checked on without one (None: no inputs); ``scorer``
     the task metric (:class:`device_agents.metrics.Scorer`). A metric that fails on these outputs is
     recorded as not measured, with the reason.
     """
@@ -473,13 +480,13 @@ def _evaluate(plan: _Plan, outputs: dict[str, np.ndarray] | None, evalset: Datas
                                 figures=scored["figures"], samples=len(evalset), method=f"{method} on {evalset.path.name}")
         except MetricError as exc:
             accuracy = Accuracy(measured=False, method=f"not measured: {exc}")
-    if outputs is not None and reference is not None and fid_inputs is not None:
+    if outputs is not None and reference is not None and fid_where is not None:
         try:
             got = fid(outputs, reference, classes=scorer.class_outputs(reference))
-            fidelity = Fidelity(measured=True, samples=len(fid_inputs), inputs=fid_inputs.path.name,
+            fidelity = Fidelity(measured=True, samples=len(next(iter(reference.values()))), inputs=fid_where,
                                 method=f"{method}, against the {reference_id} variant's outputs", **got)
         except ValueError as exc:  # NaN or infinity in an output: a figure on it would be a lie
-            fidelity = Fidelity(measured=False, method=f"not measured on {fid_inputs.path.name}: {exc}")
+            fidelity = Fidelity(measured=False, method=f"not measured on {fid_where}: {exc}")
     elif outputs is not None:
         fidelity = Fidelity(measured=False, method=f"not measured: no {reference_id} reference could be built")
     return accuracy, fidelity
@@ -537,8 +544,7 @@ def _convert_onnx(source: Source, data: Dataset | None, profiles: list[Profile],
                                  random=data is None)
     samples = len(next(iter(xs.values()))) - fid["left_out"]
     if fid["left_out"]:
-        where += (f" ({fid['left_out']} left out: ONNX Runtime's outputs are NaN or infinity on them, inputs the model "
-                  "does not take)")
+        where += ox.left_out_said(fid["left_out"])
     floor = max([ox.CONVERSION_WARN_SNR_DB, *(p.constraints.min_fidelity_snr_db for p in profiles
                                                if p.constraints.min_fidelity_snr_db is not None)])
     ort = ox.version("onnxruntime")
@@ -710,8 +716,11 @@ def _compile_model(req: CompileRequest, progress: Progress | None, work: Path) -
     built: dict[str, _Plan] = {}
     shared: dict[str, Any] = {}  # made once for several variants (the ONNX export of a Keras/SavedModel source)
     fid_inputs = evalset or calib
+    fid_x, fid_where = (fid_inputs.x, fid_inputs.path.name) if fid_inputs is not None else (None, None)
+    if fid_inputs is None and unconverted:  # no conversion check ran on random samples: the variants are checked on them
+        fid_x, fid_where = random_inputs(source.inputs, source.input_types, id_bounds(source.onnx or b"", source.input_types))
     outputs: dict[str, dict[str, np.ndarray]] = {}
-    outputs_of = runner(fid_inputs.x, "fidelity", fid_inputs.path.name) if fid_inputs is not None else None
+    outputs_of = runner(fid_x, "fidelity", fid_where) if fid_x is not None and fid_where is not None else None
 
     def reference_run(data: bytes) -> dict[str, np.ndarray]:
         """Return the reference variant's outputs (fp32's, else onnx-fp32's) over the data, run in a child with the
@@ -764,8 +773,13 @@ def _compile_model(req: CompileRequest, progress: Progress | None, work: Path) -
                 except ValueError as exc:  # crashed, looped past the deadline, or refused the real inputs
                     plan = built.pop(vid)
                     plan.data, plan.refusal, plan.extra["failed"] = None, f"variant {vid}: {exc}", True
+    if fid_inputs is None and reference_id in outputs:  # random samples: those the model does not take are left out
+        keep = finite_samples(outputs[reference_id])
+        if not keep.all() and keep.sum() >= MIN_RANDOM_KEPT * len(keep):  # else no fidelity, said by _evaluate
+            outputs = {vid: {k: y[keep] for k, y in outs.items()} for vid, outs in outputs.items()}
+            fid_where = f"{fid_where}{left_out_said(int((~keep).sum()))}"
     reference = outputs.get(reference_id)
-    for vid, why in broken_outputs(outputs, fid_inputs, reference_id).items():  # a variant computing NaN is not deployable
+    for vid, why in broken_outputs(outputs, fid_where, reference_id).items():  # a variant computing NaN is not deployable
         plan = built.pop(vid)
         plan.data, plan.refusal, plan.extra["failed"] = None, why, True
         outputs.pop(vid)
@@ -815,7 +829,7 @@ def _compile_model(req: CompileRequest, progress: Progress | None, work: Path) -
             support = {key: check for key in targets_of[spec.id] if (check := TARGETS[key].rule_check(stats))}
         if "compiler_mapping" in plan.extra:
             support[plan.extra["compiler_mapping"]["method"]] = plan.extra["compiler_mapping"]
-        accuracy, fidelity = _evaluate(plan, outputs.get(spec.id), evalset, fid_inputs, reference, method_of(spec), scorer,
+        accuracy, fidelity = _evaluate(plan, outputs.get(spec.id), evalset, fid_where, reference, method_of(spec), scorer,
                                        reference_id)
         calib_table = None
         for name, blob in plan.extra.get("files", {}).items():  # trt-int8's calibration table, shipped beside it

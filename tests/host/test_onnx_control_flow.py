@@ -32,11 +32,11 @@ def save(path: Path, nodes: list, initializers: list) -> Path:
     return path
 
 
-def if_model(path: Path) -> Path:
+def if_model(path: Path, then_name: str = "", else_name: str = "") -> Path:
     """``y = relu(x) if sum(x) > 0 else -x``, x [1, 4]: the condition comes from the input, so no folding removes
-    the ``If``."""
-    then = helper.make_graph([helper.make_node("Relu", ["x"], ["t_y"])], "then", [], [vec("t_y")])
-    other = helper.make_graph([helper.make_node("Neg", ["x"], ["e_y"])], "else", [], [vec("e_y")])
+    the ``If``; the branches' nodes named ``then_name`` and ``else_name``."""
+    then = helper.make_graph([helper.make_node("Relu", ["x"], ["t_y"], name=then_name)], "then", [], [vec("t_y")])
+    other = helper.make_graph([helper.make_node("Neg", ["x"], ["e_y"], name=else_name)], "else", [], [vec("e_y")])
     nodes = [helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0),
              helper.make_node("Greater", ["total", "zero"], ["positive"]),
              helper.make_node("If", ["positive"], ["y"], then_branch=then, else_branch=other, name="branch")]
@@ -80,6 +80,27 @@ def test_an_if_on_a_computed_condition_converts_and_passes_the_fidelity_check(tm
         assert art.status == "built", art.reason
         assert art.fidelity.measured and art.fidelity.samples == 16 and art.fidelity.snr_db > CONVERSION_WARN_SNR_DB
         assert (tmp_path / "out" / "branch" / art.file).is_file()
+
+
+def test_node_names_inside_if_branches_get_the_names_onnx2tf_is_given_at_the_top_level(tmp_path):
+    """The model handed to onnx2tf has its node names cleaned (only characters TensorFlow takes in an op name, a name
+    for a node without one): at the top level only, so a branch's ``relu@1`` (a Paddle-style name) and unnamed node
+    reached onnx2tf as they were. Every graph's nodes are cleaned now; the model still converts and matches ONNX
+    Runtime on both branches."""
+    import re
+
+    from edge_kit.compiler.onnx_source import graphs_of, prepared_model
+    from edge_kit.compiler.sources import load_source
+
+    model = if_model(tmp_path / "names.onnx", then_name="relu@1:0")
+    source = load_source(model)
+    ready, _ins, _outs, _shapes = prepared_model(source.onnx, source.inputs)
+    names = [n.name for g in graphs_of(onnx.load_from_string(ready).graph) for n in g.node]
+    assert "relu_1_0" in names and all(re.fullmatch(r"[A-Za-z0-9_./-]+", n) for n in names), names
+    assert len(set(names)) == len(names), names  # the unnamed Neg in the else branch is no top-level node's namesake
+    profile = load_profile("rpi4").model_copy(update={"variants": ["fp32"]})
+    conversion = compile_model(CompileRequest(model, [profile], tmp_path / "out")).model["conversion"]
+    assert conversion["samples"] == 4 and conversion["snr_db"] > CONVERSION_WARN_SNR_DB, conversion
 
 
 LOOP_LINE = ("{model}: onnx2tf {version} cannot convert the Loop node 'refine' to TensorFlow Lite, so no LiteRT "
@@ -160,6 +181,38 @@ def test_the_progress_bar_of_a_loop_compile_ends_at_its_total(tmp_path, run_cli,
     assert task.completed == task.total == 2 * 3 + 3, (task.completed, task.total)  # fp32, onnx-fp16, onnx-fp32
 
 
+RANDOM_SAID = ("4 random samples (no --eval or --calib given): 'x' 2 uniform in [0, 1), then 1 standard normal and "
+               "its negation")
+
+
+def test_without_data_the_onnx_variants_of_a_loop_onnx2tf_cannot_convert_get_fidelity_on_random_samples(tmp_path):
+    """Without --eval or --calib a converted model is checked on random samples (``model.conversion``), but the
+    ONNX Runtime variants of a model onnx2tf cannot convert had no figure at all ("not measured: no --eval or
+    --calib inputs"). They are measured against onnx-fp32 on the same kind of random samples now, said so."""
+    profile = load_profile("rpi4").model_copy(update={"variants": ["onnx-fp32", "onnx-fp16"]})
+    manifest = compile_model(CompileRequest(loop_model(tmp_path / "loop.onnx"), [profile], tmp_path / "out"))
+    assert manifest.reference_id == "onnx-fp32" and "conversion" not in manifest.model
+    for vid, floor in (("onnx-fp32", 100), ("onnx-fp16", 40)):
+        fid = manifest.artifact(vid).fidelity
+        assert fid.measured and fid.samples == 4 and fid.inputs == RANDOM_SAID, (vid, fid)
+        assert fid.snr_db > floor and set(fid.outputs) == {"y"}, (vid, fid)
+        assert fid.method.endswith("(CPUExecutionProvider, 1 thread(s)), against the onnx-fp32 variant's outputs")
+
+
+def test_without_data_random_samples_an_unconverted_model_does_not_take_are_left_out_of_its_fidelity(tmp_path):
+    """``y = sqrt(loop(x))`` is NaN where the loop's value is negative: the standard normal sample and its negation
+    (both of mixed signs) are left out of the onnx-fp16 fidelity, as of the conversion check, and said so."""
+    nodes = [helper.make_node("Loop", ["trips", "go", "x"], ["v"], body=halving_body(), name="refine"),
+             helper.make_node("Sqrt", ["v"], ["y"])]
+    model = save(tmp_path / "root_loop.onnx", nodes, [numpy_helper.from_array(np.array(3, np.int64), "trips"),
+                                                      numpy_helper.from_array(np.array(True), "go")])
+    profile = load_profile("rpi4").model_copy(update={"variants": ["onnx-fp16"]})
+    fid = compile_model(CompileRequest(model, [profile], tmp_path / "out")).artifact("onnx-fp16").fidelity
+    assert fid.measured and fid.samples == 2 and fid.snr_db > 40, fid
+    assert fid.inputs == RANDOM_SAID + " (2 left out: ONNX Runtime's outputs are NaN or infinity on them, inputs the " \
+        "model does not take)", fid.inputs
+
+
 def test_without_data_the_conversion_check_samples_take_both_branches_of_an_if(tmp_path):
     """Without --eval or --calib the conversion was checked on 4 samples uniform in [0, 1): an ``If`` taken for a
     negative input sum never ran, so a conversion wrong on that branch would pass the check. The samples the
@@ -186,8 +239,7 @@ def test_without_data_the_conversion_check_samples_take_both_branches_of_an_if(t
     ys = np.concatenate([session.run(None, {"x": x[None]})[0] for x in xs["x"]])
     negative, positive = (ys > 500).all(axis=1).sum(), (ys < -500).all(axis=1).sum()
     assert negative >= 1 and positive >= 1 and negative + positive == len(ys), ys
-    assert said == ("4 random samples (no --eval or --calib given): 'x' 2 uniform in [0, 1), then 1 standard normal "
-                    "and its negation")
+    assert said == RANDOM_SAID
 
 
 def test_without_data_a_model_taking_positive_inputs_only_is_checked_on_those_it_takes(tmp_path):
