@@ -240,8 +240,9 @@ def enumerated(device: str | None = None, usb: Path | None = None, dev: Path | N
     """Return whether the Edge TPU ``device`` names (Coral's ``device`` option: ``usb``, ``usb:N``, ``pci``, ``pci:N``,
     ``:N``; None: any) is attached as the kernel lists it (USB Accelerators by their ids under ``usb``, default
     :data:`SYSFS_USB`; M.2/PCIe cards by their ``apex_<n>`` nodes under ``dev``, default :data:`DEV`; at least N + 1 of
-    that kind for an index N), without opening it: so one that another process holds (busy) is told from none
-    attached. Unreadable listings count as none."""
+    that kind for an index N; an index that is not ASCII digits, any of that kind: libedgetpu's load said what it
+    makes of it), without opening it: so one that another process holds (busy) is told from none attached. Unreadable
+    listings count as none. Never raises."""
     usb, dev = usb or SYSFS_USB, dev or DEV
     kind, _, index = (device or "").partition(":")
     found = 0
@@ -257,7 +258,10 @@ def enumerated(device: str | None = None, usb: Path | None = None, dev: Path | N
             found += len(list(dev.glob("apex_*")))
     except OSError:
         return False
-    return found > (int(index) if index.isdigit() else 0)
+    if not (index.isascii() and index.isdigit()):  # "²" is a digit to isdigit(), not to int()
+        return found > 0
+    index = index.lstrip("0") or "0"
+    return len(index) <= 9 and found > int(index)  # never a billion Edge TPUs: int() refuses 4,300 digits and more
 
 
 @dataclass(frozen=True)

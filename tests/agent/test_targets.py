@@ -326,3 +326,20 @@ def test_the_edge_tpu_probe_opens_the_one_runtime_options_device_names(tmp_path,
     assert [EdgeTpu.device_missing({"device": d}) for d in ("pci", "pci:0", ":1")] == [None] * 3
     assert EdgeTpu.device_missing({"device": "pci:1"}) is not None
     assert EdgeTpu.device_missing({"devic": "usb"}).endswith("options.devic: unknown key; did you mean 'device'?")
+
+
+def test_an_edge_tpu_device_index_no_integer_holds_is_a_line_from_the_probe_never_a_traceback(tmp_path, monkeypatch):
+    """agent.yaml's ``delegate_options: {device: "usb:²"}`` (a digit to ``str.isdigit``) or an index thousands of
+    digits long: when the Edge TPU did not open, the kernel's listing raised ValueError from ``int()`` out of the probe
+    (a traceback from `edgekit-agent activate`). An index int() cannot read names any of its kind, as another spelling
+    does; one past a billion names none."""
+    from device_agents.targets import edgetpu
+
+    usb, dev = _one_usb_accelerator_listed(tmp_path, monkeypatch)
+    _probes(monkeypatch, opens=False)
+    for device in ("usb:²", "usb:٣", "usb:/sys/bus/usb/devices/2-1"):
+        assert EdgeTpu.device_missing({"device": device}) is None, device  # the USB one listed: busy
+        assert not edgetpu.enumerated(device.replace("usb", "pci"), usb, dev), device
+    assert edgetpu.enumerated("usb:" + "0" * 5000, usb, dev)  # index 0, however written
+    assert EdgeTpu.device_missing({"device": "usb:" + "9" * 5000}).startswith("no Edge TPU attached as usb:999")
+    assert EdgeTpu.device_missing({"device": "usb:1000000000"}).startswith("no Edge TPU attached as usb:1000000000")
