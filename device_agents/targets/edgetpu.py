@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 
 from device_agents.targets.base import ModelFacts, OpLike, Target
 from edgekit_protocol.errors import ConfigError
+from edgekit_protocol.labels import clip, printable
 
 EDGETPU_OPS = frozenset({
     "ADD", "AVERAGE_POOL_2D", "CONCATENATION", "CONV_2D", "DEPTHWISE_CONV_2D", "EXPAND_DIMS",
@@ -145,8 +146,6 @@ def _last_line(log: str) -> str:
     """Return the line of a compiler log that says why it failed: the last one beginning as one of :data:`_CAUSES`
     (the first of those that occurs), else its last non-empty line; control characters shown escaped, at most 200
     characters."""
-    from edgekit_protocol.labels import clip, printable
-
     lines = [ln.strip() for ln in log.splitlines() if ln.strip()]
     said = next((ln for cause in _CAUSES for ln in reversed(lines) if ln.startswith(cause)), None)
     return clip(printable(said or (lines[-1] if lines else "no output")), 200)
@@ -329,7 +328,7 @@ class EdgeTpu(Target):
         except ConfigError as exc:
             return str(exc)
         device = checked.device
-        named = f" as {device} (runtime.options.device)" if device else ""
+        named = f" as {clip(printable(device), 40)} (runtime.options.device)" if device else ""  # a config's: one line
         with cls._lock:
             if device in cls._held.values() or time.monotonic() < cls._opened_until.get(device, 0.0):
                 return None

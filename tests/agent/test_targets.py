@@ -343,3 +343,15 @@ def test_an_edge_tpu_device_index_no_integer_holds_is_a_line_from_the_probe_neve
     assert edgetpu.enumerated("usb:" + "0" * 5000, usb, dev)  # index 0, however written
     assert EdgeTpu.device_missing({"device": "usb:" + "9" * 5000}).startswith("no Edge TPU attached as usb:999")
     assert EdgeTpu.device_missing({"device": "usb:1000000000"}).startswith("no Edge TPU attached as usb:1000000000")
+
+
+def test_the_edge_tpu_probe_names_the_device_option_on_one_line_escaped_and_short(tmp_path, monkeypatch):
+    """The probe's "no Edge TPU attached as <device>" quoted agent.yaml's ``device`` as written: a newline or an
+    escape sequence in it (a fleet file's override, a hand edit) split the one-line refusal or drove the terminal it
+    was shown on, and a long one made the line as long. Shown escaped now, at most 40 characters and its length."""
+    _one_usb_accelerator_listed(tmp_path, monkeypatch)
+    _probes(monkeypatch, opens=False)
+    said = EdgeTpu.device_missing({"device": "pci:0\n\x1b[2Jusb:0" + "0" * 100})
+    assert said.startswith("no Edge TPU attached as pci:0\\x0a\\x1b[2Jusb:00000000000000000000... (121 characters) "
+                           "(runtime.options.device): libedgetpu.so.1 loads"), said
+    assert said.isprintable()
