@@ -297,11 +297,12 @@ class EdgeTpu(Target):
         """
         kwargs = super().interpreter_options(interpreter_module, options)
         device = cls.options(options).device
-        for delegate in kwargs.get("experimental_delegates", []):
-            try:
-                cls._held[delegate] = device
-            except TypeError:  # a delegate that takes no weak reference: asked as before
-                pass
+        with cls._lock:  # the probe looks through them under it: never changed meanwhile
+            for delegate in kwargs.get("experimental_delegates", []):
+                try:
+                    cls._held[delegate] = device
+                except TypeError:  # a delegate that takes no weak reference: asked as before
+                    pass
         return kwargs
 
     @classmethod

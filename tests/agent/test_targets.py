@@ -355,3 +355,40 @@ def test_the_edge_tpu_probe_names_the_device_option_on_one_line_escaped_and_shor
     assert said.startswith("no Edge TPU attached as pci:0\\x0a\\x1b[2Jusb:00000000000000000000... (121 characters) "
                            "(runtime.options.device): libedgetpu.so.1 loads"), said
     assert said.isprintable()
+
+
+def test_an_interpreter_made_while_the_probe_looks_through_the_held_edge_tpus_waits_for_it(monkeypatch):
+    """The probe looks through the delegates this process's interpreters hold for the device it asks about (it counted
+    them before), under the probe's lock; the serving API remembered a new interpreter's delegate without it, so one
+    made by another thread in that moment changed the mapping under the look: RuntimeError (dictionary changed size
+    during iteration) out of the probe, where the agent's status asks. It waits for the probe now."""
+    import threading
+    import time
+    import weakref
+
+    _probes(monkeypatch)
+
+    class Module:
+        def load_delegate(self, lib, options):
+            return _Delegate()
+
+    made = []
+
+    def serve():
+        made.append(EdgeTpu.interpreter_options(Module(), {"device": "usb:1"}))
+
+    class Held(weakref.WeakKeyDictionary):
+        def values(self):  # another thread's interpreter made while the probe looks
+            for value in super().values():
+                worker = threading.Thread(target=serve)
+                worker.start()
+                worker.join(0.3)
+                yield value
+
+    monkeypatch.setattr(EdgeTpu, "_held", Held())
+    serving = EdgeTpu.interpreter_options(Module(), {"device": "usb:0"})
+    assert EdgeTpu.device_missing({"device": "pci:0"}) is None
+    deadline = time.monotonic() + 5
+    while not made and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(made) == 1 and sorted(EdgeTpu._held.data.values()) == ["usb:0", "usb:1"], serving
