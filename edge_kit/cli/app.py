@@ -170,8 +170,9 @@ def open_fleet_history(fleet_file: Path | None, history: str | None, must_exist:
     ``--history`` must not become a new, empty history that reads as "nothing happened"; the default file beside
     a fleet file is still created, as the fleet's history that nothing wrote yet). ``upgrade``: a history that must
     exist, as with ``must_exist``, opened for writing (its schema brought up to date: ``edgekit history upgrade``).
-    ``writes``: with ``read_only``, a command that writes into the history it finds (a rollout's ``resume`` or
-    ``abort``): an older schema is upgraded, as for any writer, instead of refused as for a reader.
+    ``writes``: with ``read_only``, a command that writes into the history it finds (a rollout's ``resume``,
+    ``abort`` or ``status --refresh``): an older schema is upgraded, as for any writer, instead of refused as for a
+    reader.
 
     Raises:
         ConfigError: no ``--history`` and no fleet file at ``fleet_file`` (nor, with ``must_exist``, a history

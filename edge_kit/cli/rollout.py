@@ -52,12 +52,13 @@ def _history(fleet_file: Path, history: str | None, read_only: bool = True, writ
 
     ``read_only``: every command but ``start`` works on rollouts already in it, so a ``--history`` file that
     does not exist is a mistyped path, not a new history (see :func:`~edge_kit.cli.app.open_fleet_history`).
-    ``writes``: the command writes into it (``resume``, ``abort``), so an older schema is upgraded; ``status`` and
-    ``list`` only read, and change no schema.
+    ``writes``: the command writes into it (``resume``, ``abort``, ``status --refresh``: the states it reads from the
+    broker), so an older schema is upgraded and a newer one refused; ``status`` and ``list`` only read, and change no
+    schema.
 
     Raises:
         InputError: ``read_only`` and ``--history`` names no such file.
-        HistoryError: the database cannot be opened or reached.
+        HistoryError: the database cannot be opened or reached, or (``writes``) a newer edge-kit wrote it.
     """
     return open_fleet_history(fleet_file, history, read_only=read_only, writes=writes)
 
@@ -288,7 +289,7 @@ def status_cmd(
     from edge_kit.fleet.inventory import load_fleet
     from edge_kit.loop.waves import Rollout, UnknownRollout
 
-    db = _history(fleet_file, history)
+    db = _history(fleet_file, history, writes=refresh)  # --refresh stores the states it reads
     record = db.rollout(rollout_id)
     if record is None:
         raise UnknownRollout(rollout_id)
