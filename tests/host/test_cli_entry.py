@@ -162,6 +162,23 @@ def test_a_broker_host_no_certificate_can_name_writes_nothing(tmp_path, run_cli)
         assert not (tmp_path / "wall").exists()  # a half-written wall would refuse the next, corrected run
 
 
+def test_a_listen_address_that_is_no_address_writes_no_broker_settings(tmp_path, run_cli):
+    """--listen went into mosquitto.conf's listener line as given (exit 0): 'not an ip' left a broker that would
+    not start, and a line break added settings of the user's own, such as a listener without TLS. Now refused."""
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text("fleet: f\nbroker: {host: 127.0.0.1, port: 1}\ndefaults: {user: edgekit, profile: rpi4}\n"
+                          "devices:\n  - {name: d1, host: 127.0.0.1}\n")
+    for listen in ("not an ip", "127.0.0.1\nlistener 1884\nallow_anonymous true"):
+        code, out, err = run_cli("fleet", "init", "--fleet", fleet_file, "--broker-host", "mqtt.local", "--listen",
+                                 listen, "--out", tmp_path / "wall", "--json")
+        assert code == 2 and err.count("\n") == 1
+        assert json.loads(out)["error"].startswith(f"--listen {listen!r}: give the IP address or host name")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["fleet.yaml"]  # no wall, no partial folder
+    code, out, err = run_cli("fleet", "init", "--fleet", fleet_file, "--broker-host", "mqtt.local", "--listen", "::",
+                             "--out", tmp_path / "wall", "--json")
+    assert code == 0 and "listener 8883 ::\n" in (tmp_path / "wall" / "mosquitto.conf").read_text()
+
+
 def test_a_store_folder_that_does_not_exist_is_bad_input(tmp_path):
     from edge_kit.errors import InputError
     from edge_kit.sim.store_server import start_store_server
