@@ -179,6 +179,31 @@ def test_a_listen_address_that_is_no_address_writes_no_broker_settings(tmp_path,
     assert code == 0 and "listener 8883 ::\n" in (tmp_path / "wall" / "mosquitto.conf").read_text()
 
 
+@pytest.mark.parametrize("edit, said", [
+    (("max_power_w: 6.5", "max_power_w: yes"), "profile.yaml:8: constraints.max_power_w: a number is wanted, not true"),
+    (("threads: 4", "threads: on"), "profile.yaml:6: runtime.threads: a number is wanted, not true or false"),
+    (("port: 2}", "port: true}"), "fleet.yaml:5: devices[0].port: a number is wanted, not true or false"),
+    (("port: 1}", "port: 1, keepalive: off}"), "fleet.yaml:2: broker.keepalive: a number is wanted, not true"),
+])
+def test_yes_or_no_for_a_number_in_a_profile_or_fleet_file_is_named(tmp_path, run_cli, edit, said):
+    """YAML reads yes/no/on/off as true/false, and pydantic took true as 1: a profile's `max_power_w: yes` was a 1 W
+    limit, a device's `port: true` port 1, with exit 0. Now the file, line and key are named, exit 2."""
+    from pathlib import Path
+
+    profile = tmp_path / "profile.yaml"
+    profile.write_text((Path(__file__).parents[2] / "profiles" / "rpi4.yaml").read_text())
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text(f"fleet: f\nbroker: {{host: 127.0.0.1, port: 1}}\ndefaults: {{user: edgekit, profile: {profile}}}\n"
+                     "devices:\n  - {name: d1, host: 127.0.0.1, port: 2}\n")
+    target = profile if said.startswith("profile") else fleet
+    target.write_text(target.read_text().replace(*edit))
+    command = ("profiles", "check", profile) if target == profile else \
+        ("fleet", "status", "--fleet", fleet, "--history-only", "--history", tmp_path / "none.db")
+    code, out, err = run_cli(*command, "--json")
+    assert code == 2 and err.count("\n") == 1
+    assert json.loads(out)["error"].startswith(f"{tmp_path}/{said}")
+
+
 def test_a_store_folder_that_does_not_exist_is_bad_input(tmp_path):
     from edge_kit.errors import InputError
     from edge_kit.sim.store_server import start_store_server
