@@ -204,6 +204,27 @@ def test_yes_or_no_for_a_number_in_a_profile_or_fleet_file_is_named(tmp_path, ru
     assert json.loads(out)["error"].startswith(f"{tmp_path}/{said}")
 
 
+@pytest.mark.parametrize("command, option, where", [
+    (("history", "refused", "--history", "{tmp}/h.db", "--device", "d\udcff"), "--device", "history refused"),
+    (("rollout", "status", "r\udcff", "--fleet", "{tmp}/fleet.yaml", "--history", "{tmp}/h.db"), "ROLLOUT_ID",
+     "rollout status"),
+    (("select", "--fleet", "{tmp}/fleet.yaml", "--history", "postgresql://u:secret@127.0.0.1:1/d\udcff"), "--history",
+     "select"),
+])
+def test_a_name_or_url_that_is_not_utf8_is_one_line(tmp_path, run_cli, command, option, where):
+    """A device, rollout id or URL given with a byte that is not UTF-8 (\\xff, kept as a lone surrogate) reached a
+    history query, or psycopg, as it was: a UnicodeEncodeError traceback. Now one line, without the URL's password."""
+    from edge_kit.telemetry.store import Store
+
+    Store(tmp_path / "h.db").close()
+    (tmp_path / "fleet.yaml").write_text("fleet: f\nbroker: {host: 127.0.0.1, port: 1}\ndefaults: {user: edgekit, "
+                                         "profile: rpi4}\ndevices:\n  - {name: d1, host: 127.0.0.1}\n")
+    code, out, err = run_cli(*[a.format(tmp=tmp_path) for a in command], "--json")
+    assert code == 2 and err.count("\n") == 1 and "secret" not in err
+    assert json.loads(out)["error"] == (f"Invalid value for '{option}': it holds bytes that are not UTF-8; give it as "
+                                        f"UTF-8 text (see `edgekit {where} --help`)")
+
+
 def test_a_store_folder_that_does_not_exist_is_bad_input(tmp_path):
     from edge_kit.errors import InputError
     from edge_kit.sim.store_server import start_store_server
