@@ -181,7 +181,9 @@ def load_yaml_model(path: Path, model: type[M], *, defaults: dict[str, Any] | No
     finally:
         loader.dispose()
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}:1: expected a mapping of keys to values, got {type(data).__name__}")
+        got = "nothing (the file is empty, or only comments)" if data is None else \
+            "a list" if isinstance(data, list) else f"the single value {str(data)[:40]!r}"
+        raise ConfigError(f"{path}:1: expected a mapping of keys to values, got {got}")
     refuse_duplicate_key(node, path)
     flag = _flag_for_number(data, model, ())
     if flag is not None:

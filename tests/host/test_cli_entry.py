@@ -204,6 +204,18 @@ def test_yes_or_no_for_a_number_in_a_profile_or_fleet_file_is_named(tmp_path, ru
     assert json.loads(out)["error"].startswith(f"{tmp_path}/{said}")
 
 
+@pytest.mark.parametrize("content, got", [("", "nothing (the file is empty, or only comments)"),
+                                          ("# todo\n", "nothing (the file is empty, or only comments)"),
+                                          ("- rpi4\n", "a list"), ("rpi4\n", "the single value 'rpi4'")])
+def test_a_profile_or_fleet_file_that_is_no_mapping_says_what_it_holds(tmp_path, run_cli, content, got):
+    """An empty profile or fleet file was 'expected a mapping of keys to values, got NoneType': Python's name."""
+    path = tmp_path / "x.yaml"
+    path.write_text(content)
+    for command in (("profiles", "check", path), ("fleet", "status", "--fleet", path, "--history-only")):
+        code, out, _err = run_cli(*command, "--json")
+        assert code == 2 and json.loads(out)["error"] == f"{path}:1: expected a mapping of keys to values, got {got}"
+
+
 @pytest.mark.parametrize("command, option, where", [
     (("history", "refused", "--history", "{tmp}/h.db", "--device", "d\udcff"), "--device", "history refused"),
     (("rollout", "status", "r\udcff", "--fleet", "{tmp}/fleet.yaml", "--history", "{tmp}/h.db"), "ROLLOUT_ID",
