@@ -247,3 +247,16 @@ def test_publish_refuses_a_manifest_with_a_built_variant_unchecked_or_listed_twi
     code, out, err = run_cli("publish", str(folder), "--store", str(store), "--json")
     assert code == 2 and err == f"edgekit: error: {json.loads(out)['error']}\n"
     assert err.startswith(f"edgekit: error: {path}: {said}") and not store.exists()
+
+
+def test_a_signing_key_given_as_a_folder_is_named_a_folder(tmp_path, run_cli):
+    """`sign --key FOLDER` said 'a private key readable by others; chmod 600 it' (a folder is drwxr-xr-x): a chmod
+    that could not help. Now it says it is a folder, and nothing is written."""
+    folder = compiled(tmp_path)
+    before = (folder / "manifest.json").read_text()
+    (tmp_path / "keys").mkdir()
+    code, out, err = run_cli("sign", str(folder), "--key", str(tmp_path / "keys"), "--json")
+    assert code == 2 and err.count("\n") == 1
+    assert json.loads(out)["error"] == (f"{tmp_path / 'keys'}: a folder, not a key file; give an Ed25519 private key in "
+                                        "PEM (e.g. the fleet's keys/operator.key)")
+    assert (folder / "manifest.json").read_text() == before
