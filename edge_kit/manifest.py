@@ -251,7 +251,8 @@ def read_manifest(folder: Path, trust: ArtifactTrust | None = None) -> Manifest:
     Raises:
         InputError: no such folder, or not a folder; no manifest (the folder is not a finished compile, or it
             is the ``--out`` folder holding compiled models, which are named); it is not UTF-8 JSON (or nested too
-            deeply to read), or not a JSON object; it does not validate; or its signature fails ``trust`` (:meth:`ArtifactTrust.check`).
+            deeply to read), or not a JSON object; it does not validate, lists a variant twice or a built one without
+            its file or sha256; or its signature fails ``trust`` (:meth:`ArtifactTrust.check`).
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -288,8 +289,28 @@ def read_manifest(folder: Path, trust: ArtifactTrust | None = None) -> Manifest:
     except ValidationError as exc:
         err = exc.errors()[0]
         raise InputError(f"{path}: {'.'.join(map(str, err['loc']))}: {err['msg'].removeprefix('Value error, ')}") from None
+    _check_built(manifest, path)
     manifest._signature = signature
     return manifest
+
+
+def _check_built(manifest: Manifest, path: Path) -> None:
+    """Return None when every variant id of ``manifest`` (read from ``path``) is listed once and every built one names
+    its file and sha256, as a compile writes them.
+
+    Raises:
+        InputError: a variant listed twice (which one a device gets, publish stores or select picks would be
+            a guess), or a built one without a file or sha256 (then nothing, neither this host nor a device, could
+            check the bytes installed against what the manifest vouches for; publish skipped it): named.
+    """
+    seen: set[str] = set()
+    for i, art in enumerate(manifest.artifacts):
+        if art.id in seen:
+            raise InputError(f"{path}: artifacts.{i}.id: variant {art.id} is listed twice; compile the model again")
+        seen.add(art.id)
+        if art.status == "built" and (not art.file or not art.sha256):
+            raise InputError(f"{path}: {art.id} is built but names no {'file' if not art.file else 'sha256'}, so "
+                             "nothing could check what a device installs; compile the model again")
 
 
 def sign_manifest(folder: Path, signer: Any) -> Manifest:

@@ -130,7 +130,8 @@ _HISTORY_HELP = ("History database: a SQLite file, or a postgresql://user:passwo
                  "hosts (default: edgekit-history.db next to the fleet file)")
 # One name per concept: --history is the history database everywhere, --store the artifact store (publish,
 # rollout, sim up). Round 1's --store for the history was renamed when the artifact store came.
-HistoryOpt = Annotated[Optional[str], typer.Option("--history", metavar="PATH|URL", help=_HISTORY_HELP + ".")]
+HistoryOpt = Annotated[Optional[str], typer.Option("--history", metavar="PATH|URL", help=_HISTORY_HELP + ".",
+                                                   callback=lambda v: utf8_text(v) if v and "://" in v else v)]
 ProfilesOpt = Annotated[str, typer.Option("--profiles", help="Comma-separated profiles, cycled over the devices.")]
 ParallelOpt = Annotated[int, typer.Option(min=1, max=256, help="Devices at a time.")]
 TrustNewHostsOpt = Annotated[bool, typer.Option("--trust-new-hosts", help="Accept and record SSH host keys seen for the "
@@ -267,6 +268,22 @@ def finite(value: float | None) -> float | None:
     """
     if value is not None and not math.isfinite(value):
         raise typer.BadParameter(f"{value}: give a finite number")
+    return value
+
+
+def utf8_text(value: str | None) -> str | None:
+    """Return ``value``, an option naming a device, a variant, a rollout or a URL (its ``callback``).
+
+    Raises:
+        typer.BadParameter: it holds a byte that is not UTF-8 (Python keeps one as a lone surrogate, which no
+            history query, signed message or HTTP request can carry: each was a UnicodeEncodeError traceback).
+    """
+    if value is not None and not value.isascii():
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            # the value is not repeated: a --history URL holds its password
+            raise typer.BadParameter("it holds bytes that are not UTF-8; give it as UTF-8 text") from None
     return value
 
 

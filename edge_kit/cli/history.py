@@ -19,13 +19,14 @@ from edge_kit.cli.app import (
     out,
     safe,
     time_bound,
+    utf8_text,
 )
 
 history_app = typer.Typer(no_args_is_help=True, help="The history store: what it kept that no figure shows, its schema.")
 app.add_typer(history_app, name="history")
 
 ReadFleetOpt = Annotated[Optional[Path], typer.Option("--fleet", "-f", help="fleet.yaml (its history store is used).")]
-DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="Only this device's rows.")]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="Only this device's rows.", callback=utf8_text)]
 SinceOpt = Annotated[Optional[str], typer.Option("--since", help="Only rows from then on: a span back from now (30m, "
                                                                  "2h, 7d) or a date-time (2026-11-30T09:00, local).")]
 UntilOpt = Annotated[Optional[str], typer.Option("--until", help="Only rows up to then (same forms as --since).")]

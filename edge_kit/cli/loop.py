@@ -692,7 +692,8 @@ def monitor_cmd(
 
         ident = str(db.path.resolve()) if hasattr(db, "path") else db.where  # a file, or the database's URL
         where = f"{ident}|{share}|{socket.gethostname()}" if share else ident
-        client_id = f"edgekit-monitor-{fleet.fleet}-{hashlib.sha256(where.encode()).hexdigest()[:10]}"
+        digest = hashlib.sha256(where.encode(errors="surrogateescape")).hexdigest()  # a path's bytes, UTF-8 or not
+        client_id = f"edgekit-monitor-{fleet.fleet}-{digest[:10]}"
     mon = Monitor(fleet, db, share=share, silence_s=silence_s, on_message=metrics.observe, client_id=client_id,
                   persistent=True, min_free_mb=min_free_mb, budget_rate=budget_rate, budget_burst=budget_burst,
                   workers=workers, gap_grace_s=gap_grace_s)

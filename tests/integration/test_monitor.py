@@ -547,11 +547,17 @@ def test_a_refused_message_s_topic_is_kept_short_in_alerts_and_the_invalid_table
 
 
 @pytest.mark.parametrize("option, value, error", [
-    ("--share", "a/b", "--share 'a/b': give a group name without '/', '+' or '#' (e.g. monitors)"),
-    ("--share", "", "--share '': give a group name without '/', '+' or '#' (e.g. monitors)"),
+    ("--share", "a/b", "--share 'a/b': give a group name without '/', '+', '#' or control characters, in UTF-8 "
+                       "(e.g. monitors)"),
+    ("--share", "", "--share '': give a group name without '/', '+', '#' or control characters, in UTF-8 (e.g. monitors)"),
+    ("--share", "g\udcff", "--share 'g\\udcff': give a group name without '/', '+', '#' or control characters, in "
+                          "UTF-8 (e.g. monitors)"),
     ("--workers", "2", "--workers 2: only with --share (the workers of one shared subscription)"),
     ("--client-id", "", "--client-id: give 1 to 65,535 bytes (got 0)"),
     ("--client-id", "x" * 70_000, "--client-id: give 1 to 65,535 bytes (got 70,000)"),
+    ("--client-id", "x\ny", "--client-id 'x\\ny': give one without control characters, in UTF-8 (e.g. edgekit-monitor-1)"),
+    ("--client-id", "x\udcff", "--client-id 'x\\udcff': give one without control characters, in UTF-8 (e.g. "
+                              "edgekit-monitor-1)"),
     ("--budget-rate", "0", "Invalid value for '--budget-rate': 0: give a number greater than or equal to 0.001 "
                            "(see `edgekit monitor --help`)"),
     ("--budget-burst", "nan", "Invalid value for '--budget-burst': nan: give a finite number (see `edgekit monitor --help`)"),
@@ -560,10 +566,20 @@ def test_a_refused_message_s_topic_is_kept_short_in_alerts_and_the_invalid_table
 def test_a_share_group_client_id_or_budget_the_monitor_cannot_use_is_refused(fleet, tmp_path, run_cli, option, value,
                                                                              error):
     """`monitor --share a/b` subscribed to `$share/a/b/edgekit/...` (group a, another topic) and stored nothing,
-    exit 0; `--client-id ''` got a random id (no persistent session); a 70,000-byte one a struct.error traceback.
-    An ingest budget of 0 (every record refused) or NaN is one line too."""
+    exit 0; `--client-id ''` got a random id (no persistent session); a 70,000-byte one a struct.error traceback; one
+    with a line break waited for the broker to drop it (exit 5, 'timeout'); a share group or client id not UTF-8 (an
+    argument's byte \\xff) was a UnicodeEncodeError traceback. An ingest budget of 0 (every record refused) or NaN is
+    one line too."""
     code, out, err = run_cli("monitor", "--fleet", fleet.source, "--duration", "1", option, value, "--json")
     assert code == 2 and json.loads(out)["error"] == error and err.count("\n") == 1
+
+
+def test_a_history_whose_file_name_is_not_utf8_is_monitored(fleet, tmp_path, run_cli):
+    """The monitor's own client id hashes the history's path: a name with a byte that is not UTF-8 (\\xff) was a
+    UnicodeEncodeError traceback before it started."""
+    code, out, err = run_cli("monitor", "--fleet", fleet.source, "--duration", "0", "--history", tmp_path / "h\udcff.db",
+                             "--json")
+    assert code == 0 and err == "" and json.loads(out), err
 
 
 def test_a_monitor_stopped_by_sigterm_prints_its_summary_as_after_ctrl_c(fleet, publisher, tmp_path):
