@@ -1005,7 +1005,7 @@ def test_a_real_agent_s_records_the_broker_dropped_are_each_stored_or_in_a_recor
     broker acknowledged it, so what the broker dropped for the monitor's session is not sent again. Every number the
     agent gave each stream is stored or in a recorded, alerted gap, none in both, up to the newest its last
     telemetry counts."""
-    from harness import AgentProcess
+    from harness import AgentProcess, spool_sent
 
     with small_queues(tmp_path, devices=("d1", "a1")) as (fleet, _, broker):
         store = Store(tmp_path / "h.db")
@@ -1018,7 +1018,10 @@ def test_a_real_agent_s_records_the_broker_dropped_are_each_stored_or_in_a_recor
                 assert wait_until(lambda: mon.stats.stored >= 20, 60), mon.stats
             finally:
                 mon.stop()
-            time.sleep(5)  # the monitor is down: the agent publishes on, far past the 50 the broker queues
+            # the monitor is down: the agent publishes on, its telemetry alone far past the 50 the broker queues (the
+            # broker took each: a fixed sleep was not enough for an agent slowed by a loaded machine)
+            sent = spool_sent(agent.root, "telemetry")
+            assert wait_until(lambda: spool_sent(agent.root, "telemetry") > sent + 60, 60), agent.log.read_text()[-2000:]
             mon = Monitor(fleet, store, client_id="agent-queue-monitor", persistent=True).start()
             try:
                 assert wait_until(lambda: mon.stats.gaps >= 1, 30), mon.stats
@@ -1048,7 +1051,7 @@ def test_a_real_agent_restarted_on_a_wiped_state_numbers_in_a_new_epoch_and_its_
     monitor was down) was silent. Now the agent's messages carry its spool's epoch: the new one is recorded as a
     restart (not a gap), and every number of the new numbering is stored or in a recorded gap, well below the old
     mark. With --share, the gap scan does the same from the history."""
-    from harness import AgentProcess
+    from harness import AgentProcess, spool_sent
 
     options = {} if share is None else {"share": share, "workers": 1, "gap_grace_s": 1.0}
     with small_queues(tmp_path, devices=("d1", "a1")) as (fleet, _, broker):
@@ -1065,7 +1068,9 @@ def test_a_real_agent_restarted_on_a_wiped_state_numbers_in_a_new_epoch_and_its_
                 leftover.unlink()
             mon.stop()
             agent.start()
-            time.sleep(4)  # the monitor is down: the agent numbers from 1 again, far past the 50 the broker queues
+            # the monitor is down: the agent numbers from 1 again, its telemetry alone far past the 50 the broker queues
+            # (the broker took each: on a loaded machine the agent had not even connected after the 4 s slept before)
+            assert wait_until(lambda: spool_sent(agent.root, "telemetry") > 60, 60), agent.log.read_text()[-2000:]
             mon = Monitor(fleet, store, client_id="agent-epoch-monitor", persistent=True, **options).start()
             try:
                 assert wait_until(lambda: mon.stats.gaps >= 1, 30), (mon.stats, [a.text for a in mon.alerts])
