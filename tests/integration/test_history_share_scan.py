@@ -176,6 +176,17 @@ def _read_by(history, sql: str, args: tuple) -> int:
     return walk(plan[0]["Plan"])
 
 
+def _grow(history, seq: list[int], n: int, kinds) -> None:
+    """Store ``n`` more records of d1 and of d2 of each of ``kinds`` (each: device, seq -> (kind, message)), numbered on
+    from ``seq[0]`` (raised by ``n``) and received a microsecond apart, 5,000 a batch; return nothing."""
+    now = time.time()
+    for start in range(0, n, 5000):
+        part = [(device, seq[0] + i + 1) for i in range(start, min(n, start + 5000)) for device in ("d1", "d2")]
+        history.add_many([kind(d, s) for kind in kinds for d, s in part],
+                         received=[now + s / 1e6 for _d, s in part] * len(kinds))
+    seq[0] += n
+
+
 def test_where_each_stream_stands_at_start_costs_a_bounded_read_whatever_the_historys_size(history, monkeypatch):
     """``newest_seqs`` (a persistent monitor's start, a --share worker's first marks) grouped every row of each kind by
     device: a start read the whole history. Now each device's newest row is found through its kind's ``(device, ts)``
@@ -197,19 +208,11 @@ def test_where_each_stream_stands_at_start_costs_a_bounded_read_whatever_the_his
         return sum(_read_by(history, sql, args) for sql, args in queries)
 
     seq = [0]
-
-    def grow(n):
-        now = time.time()
-        for start in range(0, n, 5000):
-            part = [(device, seq[0] + i + 1) for i in range(start, min(n, start + 5000)) for device in ("d1", "d2")]
-            history.add_many([tele(d, s) for d, s in part] + [("bench", messages.envelope(
-                "bench", "f", d, s, {"variant": "v", "sha256": "s", "latency_ms": {"p90": 1.0}})) for d, s in part],
-                received=[now + s / 1e6 for _d, s in part] * 2)
-        seq[0] += n
-
-    grow(50)
+    kinds = (tele, lambda d, s: ("bench", messages.envelope("bench", "f", d, s, {"variant": "v", "sha256": "s",
+                                                                               "latency_ms": {"p90": 1.0}})))
+    _grow(history, seq, 50, kinds)
     small = work()
-    grow(15_000)
+    _grow(history, seq, 15_000, kinds)
     if not hasattr(history, "_db"):
         history._execute("ANALYZE")
     big = work()
@@ -268,22 +271,13 @@ def test_the_newest_records_per_device_cost_a_bounded_read_whatever_the_historys
         return sum(_read_by(history, sql, args) for sql, args in queries)
 
     seq = [0]
-
-    def grow(n):
-        now = time.time()
-        for start in range(0, n, 5000):
-            part = [(device, seq[0] + i + 1) for i in range(start, min(n, start + 5000)) for device in ("d1", "d2")]
-            history.add_many([status(d, s, model if d == "d1" else None) for d, s in part]
-                             + [tele(d, s) for d, s in part] + [bench(d, s) for d, s in part],
-                             received=[now + s / 1e6 for _d, s in part] * 3)
-        seq[0] += n
-
+    kinds = (lambda d, s: status(d, s, model if d == "d1" else None), tele, bench)
     history.add_many([status("d2", 0, model), status("d3", 1, state="offline"), status("d3", 2, model),
                       bench("d3", 1)],
                      received=[time.time() - 60, time.time() - 30, time.time() - 40, time.time()])
-    grow(100)
+    _grow(history, seq, 100, kinds)
     small = work()
-    grow(20_000)
+    _grow(history, seq, 20_000, kinds)
     if not hasattr(history, "_db"):
         history._execute("ANALYZE")
     big = work()
@@ -424,3 +418,4 @@ def test_a_scan_after_a_restart_reads_its_bound_of_a_stream_and_judges_the_new_n
     assert found == [("d1", "bench", 40, 40)]
     assert sorted(history._rows("SELECT kind, scanned_to FROM seq_scans WHERE device = 'd1'")) == [
         ("bench", 150), ("live", 0), ("shadow", 0), ("telemetry", 3)]
+
