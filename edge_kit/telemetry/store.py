@@ -1178,7 +1178,7 @@ class HistoryStore(abc.ABC):
                    f"ORDER BY t.ts DESC, t.seq DESC) AS n FROM b {self.ROWS_JOIN.format(table='bench', on=on)}) AS "
                    "ranked WHERE n <= ? ORDER BY ts DESC, seq DESC")
             one = () if device is None else (device,)
-            args = (device or "", *one, keep - 1, *one, keep)
+            args = (device or "", *one, max(keep - 1, 0), *one, keep)  # keep 0: none (a negative OFFSET is an error)
         out: dict[tuple[str, str], list[dict[str, Any]]] = {}
         for (body,) in self._rows(sql, args):
             m = json.loads(body)
