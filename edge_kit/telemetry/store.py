@@ -1167,9 +1167,9 @@ class HistoryStore(abc.ABC):
             then = "(SELECT MIN(x.device) FROM bench x WHERE x.device > p.device)"
             first = f"(SELECT MIN(x.sha256) FROM bench x WHERE x.device = {then} AND x.sha256 IS NOT NULL)"
             after = f"CASE WHEN {same} IS NULL THEN {then} ELSE p.device END, COALESCE({same}, {first})"
-            since = ("COALESCE((SELECT x.ts FROM bench x WHERE x.device = p.device AND x.sha256 = p.sha ORDER BY x.ts "
-                     "DESC LIMIT 1 OFFSET ?), (SELECT MIN(x.ts) FROM bench x WHERE x.device = p.device AND x.sha256 = "
-                     "p.sha))")
+            since = ("COALESCE((SELECT x.ts FROM bench x WHERE x.device = p.device AND x.sha256 = p.sha AND x.ts IS NOT "
+                     "NULL ORDER BY x.ts DESC LIMIT 1 OFFSET ?), (SELECT MIN(x.ts) FROM bench x WHERE x.device = "
+                     "p.device AND x.sha256 = p.sha))")  # a row without a receive time: as in _newest_rows
             on = "t.device = b.device AND t.sha256 = b.sha AND t.ts >= b.since"
             sql = (f"WITH RECURSIVE p(device, sha) AS (SELECT CAST(? AS TEXT), CAST('' AS TEXT) UNION ALL SELECT "
                    f"{after} FROM p WHERE p.device IS NOT NULL{mine}), "
@@ -1431,8 +1431,9 @@ class HistoryStore(abc.ABC):
         found by :meth:`_each_device`, then the receive time of its ``last``-th newest row through its ``(device, ts)``
         index, and only its rows since then are ranked: the work grows with the devices and ``last``, not with the
         history's length. Raises HistoryError."""
-        since = (f"COALESCE((SELECT x.ts FROM {table} x WHERE x.device = d.device ORDER BY x.ts DESC LIMIT 1 OFFSET ?), "
-                 f"(SELECT MIN(x.ts) FROM {table} x WHERE x.device = d.device))")  # fewer than last rows: all of them
+        # a row without a receive time (hand-made) is ranked by neither database: PostgreSQL sorts it first, SQLite last
+        since = (f"COALESCE((SELECT x.ts FROM {table} x WHERE x.device = d.device AND x.ts IS NOT NULL ORDER BY x.ts DESC "
+                 f"LIMIT 1 OFFSET ?), (SELECT MIN(x.ts) FROM {table} x WHERE x.device = d.device))")  # fewer: all of them
         return self._rows(f"WITH RECURSIVE {self._each_device(table)}, b(name, since) AS (SELECT d.device, {since} FROM d "
                           "WHERE d.device IS NOT NULL) SELECT device, body, ts FROM (SELECT t.device, t.body, t.ts, "
                           "ROW_NUMBER() OVER (PARTITION BY t.device ORDER BY t.ts DESC, t.seq DESC) AS n FROM b "

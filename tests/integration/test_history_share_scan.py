@@ -528,3 +528,20 @@ def test_the_newest_records_per_device_are_the_ones_the_old_grouping_queries_fou
     old, new = _old_answers(history), _new_answers(history)
     for key in old:
         assert new[key] == old[key], key
+
+
+def test_a_record_without_a_receive_time_is_among_no_devices_newest_on_either_database(history):
+    """A row without a ``ts`` (hand-made: the store always writes one) sorts first on PostgreSQL, last on SQLite: on
+    PostgreSQL it was taken as a device's newest-but-one's bound, so the second newest status and bench record were
+    missed and the last known model was an older one. Now neither database ranks it."""
+    def body(seq, variant):
+        return json.dumps({"device": "n", "seq": seq, "sha256": "s", "current": variant and {"variant": variant}})
+
+    rows = [(None, 9, "unstamped"), (5.0, 3, None), (4.0, 2, "second"), (3.0, 1, "third")]
+    history._write_batch([("INSERT INTO status VALUES (?, ?, ?, ?, ?, ?)",
+                           [(f"s{seq}", "n", ts, seq, "online", body(seq, v)) for ts, seq, v in rows]),
+                          ("INSERT INTO bench VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                           [(f"b{seq}", "n", ts, seq, "v", "s", 1.0, body(seq, v)) for ts, seq, v in rows])])
+    assert [json.loads(b)["seq"] for _d, b, _ts in history._newest_rows("status", 1, 2)] == [3, 2]
+    assert history.last_known_models()["n"]["variant"] == "second"
+    assert [m["seq"] for m in history.recent_bench(keep=2)[("n", "s")]] == [3, 2]
