@@ -1316,7 +1316,8 @@ class HistoryStore(abc.ABC):
         for table in kinds:  # each device's newest receive time: one entry of the kind's (device, ts) index
             for device, ts in self._rows(f"WITH RECURSIVE {self._each_device(table)} SELECT d.device, (SELECT MAX(x.ts) "
                                          f"FROM {table} x WHERE x.device = d.device) FROM d WHERE d.device IS NOT NULL"):
-                heard[device] = max(ts, heard.get(device, ts))
+                if ts is not None:  # rows without a receive time (hand-made) say nothing of when it was heard
+                    heard[device] = max(ts, heard.get(device, ts))
         return heard
 
     def clock_offset(self) -> float:

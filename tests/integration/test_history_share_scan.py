@@ -533,7 +533,8 @@ def test_the_newest_records_per_device_are_the_ones_the_old_grouping_queries_fou
 def test_a_record_without_a_receive_time_is_among_no_devices_newest_on_either_database(history):
     """A row without a ``ts`` (hand-made: the store always writes one) sorts first on PostgreSQL, last on SQLite: on
     PostgreSQL it was taken as a device's newest-but-one's bound, so the second newest status and bench record were
-    missed and the last known model was an older one. Now neither database ranks it."""
+    missed and the last known model was an older one; a device with no other row failed ``last_received`` (a
+    TypeError). Now neither database ranks it."""
     def body(seq, variant):
         return json.dumps({"device": "n", "seq": seq, "sha256": "s", "current": variant and {"variant": variant}})
 
@@ -545,3 +546,5 @@ def test_a_record_without_a_receive_time_is_among_no_devices_newest_on_either_da
     assert [json.loads(b)["seq"] for _d, b, _ts in history._newest_rows("status", 1, 2)] == [3, 2]
     assert history.last_known_models()["n"]["variant"] == "second"
     assert [m["seq"] for m in history.recent_bench(keep=2)[("n", "s")]] == [3, 2]
+    history._write_batch([("INSERT INTO bench VALUES (?, ?, ?, ?, ?, ?, ?, ?)", [("m", "m", None, 1, "v", "s", 1.0, "{}")])])
+    assert history.last_received(("status", "bench")) == {"n": 5.0}
