@@ -961,16 +961,12 @@ def report_cmd(
     from edge_kit.fsutil import writable_folder
     from edge_kit.telemetry.report import build_report
 
-    writable_folder(out_file.parent, file=out_file)
     profiles = None
-    if fleet_file is not None:  # each device's profile is the fleet file's, not what its records claim ...
-        from edge_kit.errors import EdgeKitError
+    if fleet_file is not None:  # each device's profile is the fleet file's, not what its records claim
         from edge_kit.fleet.inventory import load_fleet
 
-        try:
-            profiles = {d.name: d.profile for d in load_fleet(fleet_file).devices}
-        except EdgeKitError:  # ... when it still reads: a history outlives its fleet file (a demo's, one emptied)
-            pass
+        profiles = {d.name: d.profile for d in load_fleet(fleet_file).devices}
+    writable_folder(out_file.parent, file=out_file)
     with open_fleet_history(fleet_file, history, must_exist=True) as db:
         info = build_report(db, out_file, profiles=profiles)
     if as_json:
