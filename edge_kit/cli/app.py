@@ -289,6 +289,21 @@ def utf8_text(value: str | None) -> str | None:
     return value
 
 
+def device_name(value: str) -> str:
+    """Return ``value``, a device's name given on the command line (its ``callback``).
+
+    Raises:
+        typer.BadParameter: empty, or not a device name (:func:`edgekit_protocol.messages.check_name`, the fleet
+            file's rule): said so, not searched for in the key registry.
+    """
+    from edgekit_protocol.messages import check_name
+
+    try:
+        return check_name(value, "device")
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
 def bounded(help: str, low: float | None = None, high: float | None = None) -> dict[str, Any]:
     """Return the ``typer.Option`` keywords (``callback``, ``help``) of a float option bounded by ``low`` and/or
     ``high`` (inclusive): NaN and infinities get :func:`finite`'s message, then a value out of range is refused

@@ -26,6 +26,7 @@ from edge_kit.cli.app import (
     TrustNewHostsOpt,
     app,
     bounded,
+    device_name,
     emit_json,
     err,
     open_fleet_history,
@@ -917,7 +918,8 @@ def fleet_status_cmd(fleet_file: FleetOpt, history: HistoryOpt = None, as_json: 
 
 @fleet_app.command("revoke")
 def fleet_revoke_cmd(
-    device: Annotated[str, typer.Argument(help="The device whose key to revoke (compromised, stolen or lost).")],
+    device: Annotated[str, typer.Argument(help="The device whose key to revoke (compromised, stolen or lost).",
+                                          callback=device_name)],
     fleet_file: FleetOpt,
     reason: Annotated[str, typer.Option("--reason", help="Why, kept in keys/revoked.json.")] = "",
     broker_dir: Annotated[Optional[Path], typer.Option(

@@ -237,6 +237,20 @@ def test_a_name_or_url_that_is_not_utf8_is_one_line(tmp_path, run_cli, command, 
                                         f"UTF-8 text (see `edgekit {where} --help`)")
 
 
+@pytest.mark.parametrize("name, said", [("", "the device name is empty; give the device's name (1-64 letters"),
+                                        ("a/b", "device 'a/b' must be 1-64 letters, digits, '_', '.' or '-'")])
+def test_fleet_revoke_of_an_empty_or_no_device_name_says_so(tmp_path, run_cli, name, said):
+    """`fleet revoke ""` said ": no key is registered for it in keys/devices.json" (an empty name, unseen), and made
+    keys/; a name no device can have was looked up too. Now the name is checked by the fleet file's rule first."""
+    (tmp_path / "fleet.yaml").write_text("fleet: f\nbroker: {host: 127.0.0.1, port: 1}\ndefaults: {user: edgekit, "
+                                         "profile: rpi4}\ndevices:\n  - {name: d1, host: 127.0.0.1}\n")
+    code, out, err = run_cli("fleet", "revoke", name, "--fleet", tmp_path / "fleet.yaml", "--json")
+    assert code == 2 and err.count("\n") == 1
+    assert json.loads(out)["error"].startswith(f"Invalid value for 'DEVICE': {said}")
+    assert json.loads(out)["error"].endswith("(see `edgekit fleet revoke --help`)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fleet.yaml"]
+
+
 def test_a_store_folder_that_does_not_exist_is_bad_input(tmp_path):
     from edge_kit.errors import InputError
     from edge_kit.sim.store_server import start_store_server
