@@ -9,6 +9,7 @@ loaded through :func:`load_yaml_model`, so a typo anywhere reads the same way::
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -75,12 +76,13 @@ def _kinds(annotation: Any) -> list[Any]:
 
 
 def _flag_for_number(value: Any, annotation: Any, loc: tuple[Any, ...]) -> tuple[Any, ...] | None:
-    """Return the key path (under ``loc``) of the first true or false in ``value`` where ``annotation`` takes a
-    number and no flag, else None. pydantic turns true into 1 there, and YAML reads yes, no, on and off as true and
-    false: ``max_power_w: yes`` became a 1 W limit, ``port: on`` port 1."""
+    """Return the key path (under ``loc``) of the first true or false, or text, in ``value`` where ``annotation`` takes
+    a number and neither, else None. pydantic turns true into 1 there, and ``"64"`` into 64, and YAML reads yes, no, on
+    and off as true and false: ``max_power_w: yes`` became a 1 W limit, ``port: on`` port 1, while the agent's own
+    config (:mod:`edgekit_protocol.config`) refuses text for a number."""
     kinds = _kinds(annotation)
-    if isinstance(value, bool):
-        return loc if bool not in kinds and (int in kinds or float in kinds) else None
+    if isinstance(value, (bool, str)):
+        return loc if type(value) not in kinds and (int in kinds or float in kinds) else None
     for kind in kinds:
         args = typing.get_args(kind)
         if isinstance(value, list) and typing.get_origin(kind) in (list, tuple) and args:
@@ -156,9 +158,9 @@ def load_yaml_model(path: Path, model: type[M], *, defaults: dict[str, Any] | No
     Raises:
         ConfigError: the file is missing or unreadable, is not YAML, holds a value YAML cannot read (a
             5000-digit number, a date that does not exist, ``!!bool maybe``), is not a mapping, gives a key twice,
-            gives true or false (yes, no, on, off) for a number, or fails validation. The message names the file, the
-            line and the key, and the closest valid key for a misspelling. The first problem is explained; the next
-            few are named by key at the end of the line.
+            gives true or false (yes, no, on, off) or text (``"64"``, ``1e3``) for a number, or fails validation. The
+            message names the file, the line and the key, and the closest valid key for a misspelling. The first
+            problem is explained; the next few are named by key at the end of the line.
     """
     path = Path(path)
     try:
@@ -187,8 +189,19 @@ def load_yaml_model(path: Path, model: type[M], *, defaults: dict[str, Any] | No
     refuse_duplicate_key(node, path)
     flag = _flag_for_number(data, model, ())
     if flag is not None:
-        raise ConfigError(f"{path}:{_line_of(node, flag)[0]}: {format_loc(flag)}: a number is wanted, not true or false "
-                          "(YAML reads yes, no, on and off as those); give the number")
+        given = data
+        for part in flag:
+            given = given[part]
+        where = f"{path}:{_line_of(node, flag)[0]}: {format_loc(flag)}: a number is wanted"
+        if isinstance(given, bool):
+            raise ConfigError(f"{where}, not true or false (YAML reads yes, no, on and off as those); give the number")
+        try:
+            number = float(given)
+        except ValueError:
+            number = math.nan
+        how = "give the number" if not math.isfinite(number) else "write it without quotes" if "e" not in given.lower() \
+            else f"write it as {number:.1e}, as YAML reads an exponent only with a dot and a sign"
+        raise ConfigError(f"{where}, not the text {given!r:.40}; {how}")
     if defaults:
         data = {**defaults, **data}
     try:

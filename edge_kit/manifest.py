@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from edge_kit.errors import EdgeKitError, InputError
+from edgekit_protocol.desired import MAX_ARTIFACT_BYTES
 from edgekit_protocol.messages import check_model_name, nested_deeper
 
 SCHEMA = "edgekit.manifest/2"
@@ -45,6 +46,22 @@ def _file_name(value: Any) -> Any:
     if value is not None and not (isinstance(value, str) and _FILE_NAME.fullmatch(value)):
         raise ValueError(f"file {value!r} is not a file name inside the artifacts folder (letters, digits, '.', '_', "
                          "'-'; no path); compile again")
+    return value
+
+
+def _size(value: Any) -> Any:
+    """Return ``value`` when it is None or a size in bytes: a whole number from 0 to below
+    :data:`~edgekit_protocol.desired.MAX_ARTIFACT_BYTES` (1 TiB, what a desired state takes).
+
+    Readers copy a manifest's sizes into the store's index, progress bars and Content-Length checks, so a negative,
+    fractional, quoted or true one in an edited manifest must not validate (pydantic read ``"12"`` and true as ints).
+
+    Raises:
+        ValueError: anything else, its value named (clipped).
+    """
+    if value is not None and not (isinstance(value, int) and not isinstance(value, bool)
+                                  and 0 <= value < MAX_ARTIFACT_BYTES):
+        raise ValueError(f"{value!r:.40} is not a size in bytes (a whole number below 1 TiB); compile the model again")
     return value
 
 
@@ -111,11 +128,13 @@ class Artifact(_Record):
     warnings: list[str] = []  # e.g. fidelity below a profile's min_fidelity_snr_db
 
     _file = field_validator("file")(_file_name)
+    _sizes = field_validator("bytes", "gzip_bytes", mode="before")(_size)
 
     @field_validator("calibration_table")
     @classmethod
     def _table_file(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
         _file_name((value or {}).get("file"))
+        _size((value or {}).get("bytes"))
         return value
 
 
@@ -145,6 +164,8 @@ class Manifest(_Record):
         Raises:
             ValueError: no name, or not a model name (:func:`edgekit_protocol.messages.check_model_name`).
         """
+        if value.get("name") is None:  # check_model_name would say "model name None"
+            raise ValueError("name is missing; compile the model again with --name NAME")
         try:
             check_model_name(value.get("name"))
         except ValueError as exc:

@@ -184,10 +184,25 @@ def test_a_listen_address_that_is_no_address_writes_no_broker_settings(tmp_path,
     (("threads: 4", "threads: on"), "profile.yaml:6: runtime.threads: a number is wanted, not true or false"),
     (("port: 2}", "port: true}"), "fleet.yaml:5: devices[0].port: a number is wanted, not true or false"),
     (("port: 1}", "port: 1, keepalive: off}"), "fleet.yaml:2: broker.keepalive: a number is wanted, not true"),
+    (("ram_mb: 4096", 'ram_mb: "64"'), "profile.yaml:5: hardware.ram_mb: a number is wanted, not the text '64'; write "
+                                       "it without quotes"),
+    (("ram_mb: 4096", "ram_mb: 1e29"), "profile.yaml:5: hardware.ram_mb: a number is wanted, not the text '1e29'; write "
+                                       "it as 1.0e+29, as YAML reads an exponent only with a dot and a sign"),
+    (("ram_mb: 4096", "ram_mb: 100000000000000000000000000000"), "profile.yaml:5: hardware.ram_mb: Input should be "
+                                                                 "less than or equal to 1000000000"),
+    (("max_power_w: 6.5", "max_power_w: 1.0e+29"), "profile.yaml:8: constraints.max_power_w: Input should be less "
+                                                   "than or equal to 10000"),
+    (("max_latency_p90_ms: 50", "max_latency_p90_ms: 1.0e+9"), "profile.yaml:8: constraints.max_latency_p90_ms: Input "
+                                                               "should be less than or equal to 86400000"),
+    (("busy_w: 6.4", "busy_w: 64000"), "profile.yaml:10: power.busy_w: Input should be less than or equal to 10000"),
+    (("port: 2}", "port: '2'}"), "fleet.yaml:5: devices[0].port: a number is wanted, not the text '2'; write it"),
+    (("port: 1}", "port: '1'}"), "fleet.yaml:2: broker.port: a number is wanted, not the text '1'; write it"),
 ])
-def test_yes_or_no_for_a_number_in_a_profile_or_fleet_file_is_named(tmp_path, run_cli, edit, said):
+def test_yes_or_no_text_or_an_absurd_number_in_a_profile_or_fleet_file_is_named(tmp_path, run_cli, edit, said):
     """YAML reads yes/no/on/off as true/false, and pydantic took true as 1: a profile's `max_power_w: yes` was a 1 W
-    limit, a device's `port: true` port 1, with exit 0. Now the file, line and key are named, exit 2."""
+    limit, a device's `port: true` port 1, with exit 0. So was text: `ram_mb: "64"` was 64 (the agent's own config
+    refuses text for a number), `ram_mb: 1e29` (text to YAML) 'unable to parse string as an integer'; and 1e29 MB of
+    RAM, a 1e29 W limit or an 11-day latency bound were taken. Now the file, line and key are named, exit 2."""
     from pathlib import Path
 
     profile = tmp_path / "profile.yaml"
@@ -235,6 +250,20 @@ def test_a_name_or_url_that_is_not_utf8_is_one_line(tmp_path, run_cli, command, 
     assert code == 2 and err.count("\n") == 1 and "secret" not in err
     assert json.loads(out)["error"] == (f"Invalid value for '{option}': it holds bytes that are not UTF-8; give it as "
                                         f"UTF-8 text (see `edgekit {where} --help`)")
+
+
+@pytest.mark.parametrize("name, said", [("", "the device name is empty; give the device's name (1-64 letters"),
+                                        ("a/b", "device 'a/b' must be 1-64 letters, digits, '_', '.' or '-'")])
+def test_fleet_revoke_of_an_empty_or_no_device_name_says_so(tmp_path, run_cli, name, said):
+    """`fleet revoke ""` said ": no key is registered for it in keys/devices.json" (an empty name, unseen), and made
+    keys/; a name no device can have was looked up too. Now the name is checked by the fleet file's rule first."""
+    (tmp_path / "fleet.yaml").write_text("fleet: f\nbroker: {host: 127.0.0.1, port: 1}\ndefaults: {user: edgekit, "
+                                         "profile: rpi4}\ndevices:\n  - {name: d1, host: 127.0.0.1}\n")
+    code, out, err = run_cli("fleet", "revoke", name, "--fleet", tmp_path / "fleet.yaml", "--json")
+    assert code == 2 and err.count("\n") == 1
+    assert json.loads(out)["error"].startswith(f"Invalid value for 'DEVICE': {said}")
+    assert json.loads(out)["error"].endswith("(see `edgekit fleet revoke --help`)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fleet.yaml"]
 
 
 def test_a_store_folder_that_does_not_exist_is_bad_input(tmp_path):
