@@ -465,3 +465,25 @@ def test_without_data_random_samples_a_tflite_source_does_not_take_are_left_out_
     assert fid.inputs == ("4 random samples (no --eval or --calib given): 'x' 2 uniform in [0, 1), then 1 standard "
                           "normal and its negation (1 left out: the fp32 variant's outputs are NaN or infinity on them, "
                           "inputs the model does not take)"), fid.inputs
+
+
+def test_a_fidelity_below_a_profiles_floor_on_random_samples_is_not_said_to_stop_selection():
+    """The warning for a variant below a profile's ``min_fidelity_snr_db`` said "selection will not choose it there":
+    selection judges the fidelity a device measures on the eval set, which a data-less compile ships none of. On random
+    samples the warning says where the figure came from and to check with --eval instead."""
+    from edge_kit.compiler.data import random_inputs
+    from edge_kit.compiler.pipeline import _fidelity_warnings
+    from edge_kit.manifest import Artifact, Fidelity
+
+    profile = load_profile("rpi4")
+    profile = profile.model_copy(update={"constraints": profile.constraints.model_copy(update={"min_fidelity_snr_db": 30}),
+                                         "variants": ["fp16"]})
+    fid = Fidelity(measured=True, snr_db=12.0, outputs={"y": {"snr_db": 12.0}}, samples=4, method="measured",
+                   inputs=random_inputs({"x": (4,)}, {})[1])
+    artifact = Artifact(id="fp16", status="built", profiles=[profile.name], summary="fp16", precision="float16",
+                        fidelity=fid)
+    assert _fidelity_warnings(artifact, [profile]) == [
+        "fp16: output 'y' is 12.0 dB from fp32, below rpi4's min_fidelity_snr_db 30: it may compute something else on "
+        "random samples, so check it with --eval data (selection judges fidelity on the eval set only)"]
+    on_file = artifact.model_copy(update={"fidelity": fid.model_copy(update={"inputs": "calib.npz"})})
+    assert _fidelity_warnings(on_file, [profile])[0].endswith("selection will not choose it there")
