@@ -61,6 +61,8 @@ def _accel_cell(a: Any, footnote: Any) -> str:
 
 def _compile_report(manifest: Any) -> tuple[Table, list[str]]:
     """Return the variant table and the lines printed under it (numbered footnotes first)."""
+    from edge_kit.compiler.data import is_random
+
     fp32 = manifest.reference()  # fp32, or onnx-fp32 for an ONNX model onnx2tf could not convert
     base_gzip = fp32.gzip_bytes if fp32 and fp32.gzip_bytes else None
     base_macs = fp32.macs if fp32 and fp32.macs else None
@@ -106,11 +108,14 @@ def _compile_report(manifest: Any) -> tuple[Table, list[str]]:
         notes.append(f"    ONNX source: {conv['converter']} {conv['converter_version']} made fp32; worst output "
                      f"{conv['snr_db']:.1f} dB from {conv['reference']} {conv['reference_version']} (max abs error "
                      f"{conv['max_abs_error']:.3g}) on {conv['inputs']}")
+    on_random = next((a.fidelity.inputs for a in manifest.artifacts if a.fidelity and is_random(a.fidelity.inputs)), None)
     notes.append(f"    × = ratio to {manifest.reference_id}; sizes, sparsity and MACs counted from each file (which ops, "
                  "what is left out: each artifact's `methods` in manifest.json); "
                  + (f"{metric} (on --eval) and SNR" if scored else "accuracy not measured (no --eval scored a variant); SNR")
                  + f" against {manifest.reference_id} (worst output) "
-                 f"measured on this host with each variant's runtime (LiteRT {manifest.versions.get('ai_edge_litert')}"
+                 + (f"on {on_random.split(':')[0]}, a check that is no figure of real inputs (selection never uses it), "
+                    if on_random else "")
+                 + f"measured on this host with each variant's runtime (LiteRT {manifest.versions.get('ai_edge_litert')}"
                  + (f", ONNX Runtime {manifest.versions['onnxruntime']}" if manifest.versions.get("onnxruntime")
                     and any(a.runtime == "onnxruntime" and a.status == "built" for a in manifest.artifacts) else "")
                  + "); accel ops = ops the accelerator a profile's LiteRT delegate runs on (runtime.delegate) takes "

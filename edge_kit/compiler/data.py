@@ -209,7 +209,10 @@ def range_warning(calib: Dataset, evalset: Dataset, types: dict[str, str] | None
     return None
 
 
-RANDOM_SAMPLES = 4  # without --eval or --calib: this many random inputs check a conversion, said so in the manifest
+RANDOM_SAMPLES = 4  # without --eval or --calib: this many random inputs check a conversion and measure every
+# variant's fidelity, said so in the manifest
+RANDOM_SAID = "random samples (no --eval or --calib given)"  # how the manifest names them (random_inputs, is_random)
+MIN_RANDOM_KEPT = 0.5  # the share of the random samples the reference must give finite outputs on to be compared on
 RANDOM_UNIFORM = 2  # of them, for a float input: this many uniform in [0, 1), then standard normal ones in pairs z, -z
 DEFAULT_ID_COUNT = 100  # an integer input indexing no table the model stores: ids 0..99
 
@@ -246,4 +249,23 @@ def random_inputs(inputs: dict[str, tuple[int, ...]], types: dict[str, str],
         low = max(0, span[0]) if high >= 0 else span[0]
         xs[name] = rng.integers(low, high, (RANDOM_SAMPLES, *shape), endpoint=True).astype(np.float32)
         said.append(f"'{name}' whole numbers uniform in {low}..{high} ({why})")
-    return xs, f"{RANDOM_SAMPLES} random samples (no --eval or --calib given): {'; '.join(said)}"
+    return xs, f"{RANDOM_SAMPLES} {RANDOM_SAID}: {'; '.join(said)}"
+
+
+def is_random(inputs: str | None) -> bool:
+    """Return True when ``inputs`` (a fidelity's or conversion check's ``inputs``) names :func:`random_inputs`'
+    samples, not a data file: a figure on them says a variant computes what its reference does on made-up inputs,
+    nothing of real ones."""
+    return RANDOM_SAID in (inputs or "")
+
+
+def finite_samples(outputs: dict[str, np.ndarray]) -> np.ndarray:
+    """Return a boolean mask over the samples (the first axis of every output in ``outputs``, {name: outputs stacked
+    over the samples}): True where every value of every output is finite."""
+    return np.logical_and.reduce([np.isfinite(y.reshape(len(y), -1)).all(axis=1) for y in outputs.values()])
+
+
+def left_out_said(count: int, whose: str) -> str:
+    """Return what the manifest appends to a description of random samples when ``count`` of them were left out
+    because ``whose`` outputs (``ONNX Runtime's``, ``the fp32 variant's``) are NaN or infinity on them."""
+    return f" ({count} left out: {whose} outputs are NaN or infinity on them, inputs the model does not take)"

@@ -36,6 +36,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from edge_kit.compiler.data import MIN_RANDOM_KEPT, finite_samples
 from edge_kit.errors import CompileError, InputError
 
 CONVERTER = "onnx2tf"
@@ -880,21 +881,6 @@ def _check_inputs(path: Path, tflite: bytes, inputs: dict[str, tuple[int, ...]])
     if got != want:
         raise CompileError(f"{path}: {CONVERTER} changed the inputs to {got} (the ONNX model has {want}); "
                            "edge-kit feeds the same data to both, so it cannot use this conversion")
-
-
-MIN_RANDOM_KEPT = 0.5  # without data, the share of the random check samples ONNX Runtime must give finite outputs on
-
-
-def finite_samples(outputs: dict[str, np.ndarray]) -> np.ndarray:
-    """Return a boolean mask over the samples (the first axis of every output in ``outputs``, {name: outputs stacked
-    over the samples}): True where every value of every output is finite."""
-    return np.logical_and.reduce([np.isfinite(y.reshape(len(y), -1)).all(axis=1) for y in outputs.values()])
-
-
-def left_out_said(count: int) -> str:
-    """Return what the manifest appends to a description of random samples when ``count`` of them were left out."""
-    return (f" ({count} left out: ONNX Runtime's outputs are NaN or infinity on them, inputs the model "
-            "does not take)")
 
 
 def conversion_fidelity(path: Path, data: bytes, tflite: bytes, runner: Any, *, random: bool = False) -> dict[str, Any]:

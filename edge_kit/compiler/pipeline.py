@@ -44,22 +44,20 @@ from edge_kit.compiler.convert import (
     to_tflite,
 )
 from edge_kit.compiler.data import (
+    MIN_RANDOM_KEPT,
     Dataset,
+    finite_samples,
     id_inputs,
+    is_random,
     leak_warning,
+    left_out_said,
     load_dataset,
     noise_warning,
     random_inputs,
     range_warning,
     shared_samples,
 )
-from edge_kit.compiler.onnx_source import (
-    CONVERTER,
-    MIN_RANDOM_KEPT,
-    finite_samples,
-    id_bounds,
-    left_out_said,
-)
+from edge_kit.compiler.onnx_source import CONVERTER
 from edge_kit.compiler.sources import (
     Graph,
     Source,
@@ -449,16 +447,16 @@ def broken_outputs(outputs: dict[str, dict[str, np.ndarray]], where: str | None,
     return broken
 
 
-def _evaluate(plan: _Plan, outputs: dict[str, np.ndarray] | None, evalset: Dataset | None, fid_where: str | None,
+def _evaluate(plan: _Plan, outputs: dict[str, np.ndarray] | None, evalset: Dataset | None, fid_where: str,
               reference: dict[str, np.ndarray] | None, method: str, scorer: Any,
-              reference_id: str = "fp32") -> tuple[Accuracy, Fidelity]:
+              reference_id: str = "fp32", unrun: str | None = None) -> tuple[Accuracy, Fidelity]:
     """Return accuracy on the eval set and per-output fidelity against the reference variant's outputs
     (``reference``, of the variant ``reference_id``) for one artifact.
 
-    ``outputs`` are the artifact's outputs (None when it was not run) on the inputs ``fid_where`` names: a data file,
-    or the random samples an ONNX model onnx2tf cannot convert is checked on without one (None: no inputs); ``scorer``
-    the task metric (:class:`device_agents.metrics.Scorer`). A metric that fails on these outputs is
-    recorded as not measured, with the reason.
+    ``outputs`` are the artifact's outputs (None when it was not run: ``unrun`` says why) on the inputs ``fid_where``
+    names: a data file, or without one the seeded random samples of :func:`~edge_kit.compiler.data.random_inputs`
+    (:func:`~edge_kit.compiler.data.is_random`); ``scorer`` the task metric (:class:`device_agents.metrics.Scorer`).
+    A metric that fails on these outputs is recorded as not measured, with the reason.
     """
     from device_agents.errors import MetricError
     from device_agents.inference import fidelity as fid
@@ -472,7 +470,7 @@ def _evaluate(plan: _Plan, outputs: dict[str, np.ndarray] | None, evalset: Datas
 
         return Accuracy(measured=False, method=NOT_MEASURED), Fidelity(measured=False, method=NOT_MEASURED)
     accuracy = Accuracy(measured=False, method="not measured: no --eval data")
-    fidelity = Fidelity(measured=False, method="not measured: no --eval or --calib inputs")
+    fidelity = Fidelity(measured=False, method=f"not measured: {unrun or 'the variant was not run'}")
     if evalset is not None and outputs is not None:
         try:
             scored = scorer.score(outputs, evalset.labels)
@@ -480,7 +478,7 @@ def _evaluate(plan: _Plan, outputs: dict[str, np.ndarray] | None, evalset: Datas
                                 figures=scored["figures"], samples=len(evalset), method=f"{method} on {evalset.path.name}")
         except MetricError as exc:
             accuracy = Accuracy(measured=False, method=f"not measured: {exc}")
-    if outputs is not None and reference is not None and fid_where is not None:
+    if outputs is not None and reference is not None:
         try:
             got = fid(outputs, reference, classes=scorer.class_outputs(reference))
             fidelity = Fidelity(measured=True, samples=len(next(iter(reference.values()))), inputs=fid_where,
@@ -544,7 +542,7 @@ def _convert_onnx(source: Source, data: Dataset | None, profiles: list[Profile],
                                  random=data is None)
     samples = len(next(iter(xs.values()))) - fid["left_out"]
     if fid["left_out"]:
-        where += ox.left_out_said(fid["left_out"])
+        where += left_out_said(fid["left_out"], "ONNX Runtime's")
     floor = max([ox.CONVERSION_WARN_SNR_DB, *(p.constraints.min_fidelity_snr_db for p in profiles
                                                if p.constraints.min_fidelity_snr_db is not None)])
     ort = ox.version("onnxruntime")
@@ -579,9 +577,10 @@ def _fidelity_warnings(artifact: Artifact, profiles: list[Profile]) -> list[str]
     if not fid or not fid.measured or fid.snr_db is None:
         return []
     worst = min((fid.outputs or {}).items(), key=lambda kv: kv[1]["snr_db"], default=(None, None))[0]
+    then = ("on random samples, so check it with --eval data (selection judges fidelity on the eval set only)"
+            if is_random(fid.inputs) else "(check --calib holds real inputs); selection will not choose it there")
     return [f"{artifact.id}: output '{worst}' is {fid.snr_db:.1f} dB from fp32, below {p.name}'s "
-            f"min_fidelity_snr_db {p.constraints.min_fidelity_snr_db:g}: it may compute something else "
-            "(check --calib holds real inputs); selection will not choose it there"
+            f"min_fidelity_snr_db {p.constraints.min_fidelity_snr_db:g}: it may compute something else {then}"
             for p in profiles if artifact.id in p.variants and p.constraints.min_fidelity_snr_db is not None
             and fid.snr_db < p.constraints.min_fidelity_snr_db]
 
@@ -716,11 +715,16 @@ def _compile_model(req: CompileRequest, progress: Progress | None, work: Path) -
     built: dict[str, _Plan] = {}
     shared: dict[str, Any] = {}  # made once for several variants (the ONNX export of a Keras/SavedModel source)
     fid_inputs = evalset or calib
-    fid_x, fid_where = (fid_inputs.x, fid_inputs.path.name) if fid_inputs is not None else (None, None)
-    if fid_inputs is None and unconverted:  # no conversion check ran on random samples: the variants are checked on them
-        fid_x, fid_where = random_inputs(source.inputs, source.input_types, id_bounds(source.onnx or b"", source.input_types))
+    if fid_inputs is not None:
+        fid_x, fid_where = fid_inputs.x, fid_inputs.path.name
+    else:  # every variant is compared with the reference on the seeded random samples of an ONNX conversion check
+        from edge_kit.compiler.onnx_source import id_bounds
+
+        bounds = id_bounds(source.onnx, source.input_types) if source.kind == "onnx" and source.onnx else None
+        fid_x, fid_where = random_inputs(source.inputs, source.input_types, bounds)
     outputs: dict[str, dict[str, np.ndarray]] = {}
-    outputs_of = runner(fid_x, "fidelity", fid_where) if fid_x is not None and fid_where is not None else None
+    outputs_of: Callable[[bytes], dict[str, np.ndarray]] | None = runner(fid_x, "fidelity", fid_where)
+    unrun = None  # why the reference did not run on the random samples (no variant's fidelity is measured then)
 
     def reference_run(data: bytes) -> dict[str, np.ndarray]:
         """Return the reference variant's outputs (fp32's, else onnx-fp32's) over the data, run in a child with the
@@ -761,8 +765,17 @@ def _compile_model(req: CompileRequest, progress: Progress | None, work: Path) -
         plan.extra["seconds"] = time.perf_counter() - started
         built[plan.spec.id] = plan
         if plan.spec.id == reference_id and outputs_of is not None:
-            outputs[reference_id] = reference_run(data)
+            if fid_inputs is not None:
+                outputs[reference_id] = reference_run(data)
+            else:  # random samples, which the model may not take (ids past a table edge-kit cannot size)
+                try:
+                    outputs[reference_id] = outputs_of(data)
+                except ValueError as exc:  # no variant is compared on them; the compile goes on
+                    unrun = f"variant {reference_id}: {exc}; give --eval or --calib data the model takes"
+                    outputs_of = None
 
+    if fid_inputs is None and reference_id not in outputs:  # random samples serve only to compare with the reference
+        unrun, outputs_of = unrun or f"no {reference_id} reference could be built", None
     if outputs_of is not None:
         for vid, plan in list(built.items()):
             if vid in outputs:  # the reference, run as soon as it was built
@@ -777,7 +790,7 @@ def _compile_model(req: CompileRequest, progress: Progress | None, work: Path) -
         keep = finite_samples(outputs[reference_id])
         if not keep.all() and keep.sum() >= MIN_RANDOM_KEPT * len(keep):  # else no fidelity, said by _evaluate
             outputs = {vid: {k: y[keep] for k, y in outs.items()} for vid, outs in outputs.items()}
-            fid_where = f"{fid_where}{left_out_said(int((~keep).sum()))}"
+            fid_where += left_out_said(int((~keep).sum()), f"the {reference_id} variant's")
     reference = outputs.get(reference_id)
     for vid, why in broken_outputs(outputs, fid_where, reference_id).items():  # a variant computing NaN is not deployable
         plan = built.pop(vid)
@@ -830,7 +843,7 @@ def _compile_model(req: CompileRequest, progress: Progress | None, work: Path) -
         if "compiler_mapping" in plan.extra:
             support[plan.extra["compiler_mapping"]["method"]] = plan.extra["compiler_mapping"]
         accuracy, fidelity = _evaluate(plan, outputs.get(spec.id), evalset, fid_where, reference, method_of(spec), scorer,
-                                       reference_id)
+                                       reference_id, unrun)
         calib_table = None
         for name, blob in plan.extra.get("files", {}).items():  # trt-int8's calibration table, shipped beside it
             from edge_kit.compiler.trt_variants import CALIB_METHOD

@@ -209,8 +209,8 @@ def test_without_data_random_samples_an_unconverted_model_does_not_take_are_left
     profile = load_profile("rpi4").model_copy(update={"variants": ["onnx-fp16"]})
     fid = compile_model(CompileRequest(model, [profile], tmp_path / "out")).artifact("onnx-fp16").fidelity
     assert fid.measured and fid.samples == 2 and fid.snr_db > 40, fid
-    assert fid.inputs == RANDOM_SAID + " (2 left out: ONNX Runtime's outputs are NaN or infinity on them, inputs the " \
-        "model does not take)", fid.inputs
+    assert fid.inputs == RANDOM_SAID + " (2 left out: the onnx-fp32 variant's outputs are NaN or infinity on them, " \
+        "inputs the model does not take)", fid.inputs
 
 
 def test_without_data_the_conversion_check_samples_take_both_branches_of_an_if(tmp_path):

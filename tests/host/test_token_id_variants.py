@@ -180,3 +180,48 @@ def test_an_id_input_a_quantized_op_reads_fails_the_variant_in_one_line_naming_i
     assert str(raised.value) == (
         "variant int8: input 'ids' (ids, cast inside the model) was quantized and is read by FULLY_CONNECTED, not only "
         "by DEQUANTIZE, so it cannot take exact ids; leave int8 out (the float variants take ids exactly)")
+
+
+def test_without_data_every_variant_of_an_onnx_embedding_model_is_measured_on_ids_its_table_has(tmp_path):
+    """Without --eval or --calib only the conversion was checked on random ids; the variants had no fidelity ("not
+    measured: no --eval or --calib inputs"). Each is measured against fp32 on the same random ids now, drawn from the
+    table's 300 rows (ids the model takes), and ``fidelity.inputs`` says they are random."""
+    from edge_kit.compiler.pipeline import CompileRequest, compile_model
+    from edge_kit.profiles import load_profile
+
+    model, _, _ = embedding_onnx(tmp_path / "emb.onnx")
+    profile = load_profile("rpi4").model_copy(update={"variants": ["fp32", "fp16", "onnx-fp32"]})
+    manifest = compile_model(CompileRequest(model, [profile], tmp_path / "out"))
+    said = ("4 random samples (no --eval or --calib given): 'ids' whole numbers uniform in 0..299 (the 300 rows of "
+            "Gather table 'table')")
+    assert manifest.model["conversion"]["inputs"] == said
+    for vid in ("fp16", "onnx-fp32"):
+        fid = manifest.artifact(vid).fidelity
+        assert fid.measured and fid.samples == 4 and fid.inputs == said and fid.snr_db > 40, (vid, fid)
+
+
+def test_without_data_a_keras_embedding_given_ids_past_its_table_compiles_with_no_fidelity_saying_why(tmp_path):
+    """A Keras model's tables are not read for the ids they take: the random ids are edge-kit's default 0..99, and a
+    37-row embedding's GATHER refuses ids past 36. That is no fault of the model: every variant is still built, its
+    fidelity not measured, naming the fp32 run's error and what to give (a failed reference run stopped the compile
+    when fidelity needed data)."""
+    from edge_kit.compiler.pipeline import CompileRequest, compile_model
+    from edge_kit.compiler.tf_quiet import tensorflow
+    from edge_kit.profiles import load_profile
+
+    tensorflow()
+    import keras
+
+    keras.utils.set_random_seed(0)
+    ids_in = keras.Input((8,), dtype="int64", name="ids")
+    hidden = keras.layers.GlobalAveragePooling1D()(keras.layers.Embedding(37, 16)(ids_in))
+    keras.Model(ids_in, keras.layers.Dense(5, name="y")(hidden)).save(tmp_path / "emb.keras")
+    profile = load_profile("rpi4").model_copy(update={"variants": ["fp32", "fp16"]})
+    manifest = compile_model(CompileRequest(tmp_path / "emb.keras", [profile], tmp_path / "out"))
+    for vid in ("fp32", "fp16"):
+        artifact = manifest.artifact(vid)
+        assert artifact.status == "built" and not artifact.fidelity.measured, (vid, artifact)
+        method = artifact.fidelity.method
+        assert method.startswith("not measured: variant fp32: the LiteRT interpreter failed running it on 4 random "
+                                 "samples (no --eval or --calib given): 'ids' whole numbers uniform in 0..99"), method
+        assert "gather index out of bounds" in method and method.endswith("; give --eval or --calib data the model takes")

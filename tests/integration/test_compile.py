@@ -182,11 +182,27 @@ def test_compile_json_and_table(digits_files, tmp_path, run_cli):
     assert trusted.signature == f"signed by key {signer.key_id} (trusted)"
 
 
-def test_missing_calibration_leaves_int8_variants_not_built(digits_files, tmp_path):
-    m = compile_model(CompileRequest(digits_files.model, [load_profile("rpi5")], tmp_path))
+def test_missing_calibration_leaves_int8_variants_not_built(digits_files, tmp_path, run_cli):
+    """Without --eval or --calib every variant's fidelity was "not measured: no --eval or --calib inputs". Each one
+    the host runs is measured against fp32 on the seeded random samples an ONNX conversion check uses now, and the
+    manifest and the table's note say it is on random samples, never taken for a figure of real inputs."""
+    from edge_kit.compiler.data import random_inputs
+
+    code, out, err = run_cli("compile", digits_files.model, "-p", "rpi5", "--out", tmp_path)
+    assert code == 0, err
+    m = read_manifest(tmp_path / "digits")
     assert m.artifact("fp32").status == "built" and m.artifact("dynamic-int8").status == "built"
     assert m.artifact("int8").status == "not-built" and "--calib" in m.artifact("int8").reason
-    assert m.artifact("fp16").fidelity.measured is False
+    said = random_inputs({name: tuple(shape) for name, shape in m.model["inputs"].items()}, {})[1]
+    assert said.startswith("4 random samples (no --eval or --calib given): 'image' "), said
+    for vid, floor in (("fp16", 60), ("dynamic-int8", 30)):
+        fid = m.artifact(vid).fidelity
+        assert fid.measured and fid.samples == 4 and fid.inputs == said and fid.snr_db > floor, (vid, fid)
+        assert fid.method.endswith("against the fp32 variant's outputs") and set(fid.outputs) == {"output_0"}, fid
+    assert m.artifact("int8").fidelity is None and m.artifact("fp16").accuracy.measured is False
+    note = " ".join(out.split())  # the table's note, wrapped to the terminal
+    assert "SNR against fp32 (worst output) on 4 random samples (no --eval or --calib given), a check that is no " \
+        "figure of real inputs (selection never uses it), measured on this host" in note, note
 
 
 def test_a_float_tflite_input_gives_every_variant_but_pruning(compiled, digits_files, tmp_path):
@@ -426,3 +442,48 @@ def test_the_examples_figures_say_how_they_were_obtained(tmp_path, run_cli):
     data = json.loads(out)
     assert code == 0 and data["params"] > 0
     assert data["methods"] == {"params": "counted: Keras Model.count_params() of the model as written"}
+
+
+def test_without_data_random_samples_a_tflite_source_does_not_take_are_left_out_of_its_variants_fidelity(tmp_path):
+    """``y = sqrt(x @ w)`` (w positive) is NaN on one of a standard normal sample and its negation: that sample is
+    left out of every variant's random-sample fidelity, counted and said so, as for an ONNX model's conversion check
+    (the variants of a .tflite source had no fidelity at all without --eval or --calib)."""
+    from edge_kit.compiler.tf_quiet import tensorflow
+
+    tf = tensorflow()
+    w = tf.constant(np.linspace(0.5, 2, 12, dtype=np.float32).reshape(4, 3))
+
+    @tf.function(input_signature=[tf.TensorSpec([1, 4], tf.float32, name="x")])
+    def model(x):
+        return {"y": tf.sqrt(tf.matmul(tf.reduce_sum(x, axis=1, keepdims=True) * tf.ones([1, 4]), w))}
+
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([model.get_concrete_function()], model)
+    (tmp_path / "root.tflite").write_bytes(converter.convert())
+    profile = load_profile("rpi4").model_copy(update={"variants": ["fp32", "fp16"]})
+    fid = compile_model(CompileRequest(tmp_path / "root.tflite", [profile], tmp_path / "out")).artifact("fp16").fidelity
+    assert fid.measured and fid.samples == 3 and fid.snr_db > 40, fid
+    assert fid.inputs == ("4 random samples (no --eval or --calib given): 'x' 2 uniform in [0, 1), then 1 standard "
+                          "normal and its negation (1 left out: the fp32 variant's outputs are NaN or infinity on them, "
+                          "inputs the model does not take)"), fid.inputs
+
+
+def test_a_fidelity_below_a_profiles_floor_on_random_samples_is_not_said_to_stop_selection():
+    """The warning for a variant below a profile's ``min_fidelity_snr_db`` said "selection will not choose it there":
+    selection judges the fidelity a device measures on the eval set, which a data-less compile ships none of. On random
+    samples the warning says where the figure came from and to check with --eval instead."""
+    from edge_kit.compiler.data import random_inputs
+    from edge_kit.compiler.pipeline import _fidelity_warnings
+    from edge_kit.manifest import Artifact, Fidelity
+
+    profile = load_profile("rpi4")
+    profile = profile.model_copy(update={"constraints": profile.constraints.model_copy(update={"min_fidelity_snr_db": 30}),
+                                         "variants": ["fp16"]})
+    fid = Fidelity(measured=True, snr_db=12.0, outputs={"y": {"snr_db": 12.0}}, samples=4, method="measured",
+                   inputs=random_inputs({"x": (4,)}, {})[1])
+    artifact = Artifact(id="fp16", status="built", profiles=[profile.name], summary="fp16", precision="float16",
+                        fidelity=fid)
+    assert _fidelity_warnings(artifact, [profile]) == [
+        "fp16: output 'y' is 12.0 dB from fp32, below rpi4's min_fidelity_snr_db 30: it may compute something else on "
+        "random samples, so check it with --eval data (selection judges fidelity on the eval set only)"]
+    on_file = artifact.model_copy(update={"fidelity": fid.model_copy(update={"inputs": "calib.npz"})})
+    assert _fidelity_warnings(on_file, [profile])[0].endswith("selection will not choose it there")
