@@ -26,7 +26,7 @@ from device_agents import conditions
 from device_agents.errors import MetricError
 from device_agents.inference import Batch, ModelRunner, fidelity
 from device_agents.power import not_measured
-from device_agents.runtimes import get_runtime
+from device_agents.runtimes import get_runtime, ran_with
 from edgekit_protocol.config import INFERENCE_TIMEOUT_FACTOR, BenchSettings
 from edgekit_protocol.datafile import Array, read_arrays, read_data, read_reference
 
@@ -244,9 +244,7 @@ def run_bench(model: Path, settings: BenchSettings = BenchSettings(), *, eval_fi
 
     record: dict[str, Any] = {
         "runtime": runtime.key, "runtime_version": runtime.version(),
-        # ONNX Runtime: the execution provider the session runs on stands where LiteRT's target does
-        "delegate": getattr(interp, "provider", settings.delegate),
-        "delegate_options": {} if hasattr(interp, "provider") else dict(settings.delegate_options),
+        **ran_with(interp, settings.delegate, settings.delegate_options),
         "threads": settings.threads, "machine": platform.machine(),
         "warmup_runs": settings.warmup, "runs": len(times), "duration_s": round(duration, 3),
         "latency_ms": _percentiles(np.asarray(times, dtype=np.float64)),

@@ -21,6 +21,7 @@ import base64
 import contextlib
 import hashlib
 import json
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -148,12 +149,16 @@ class Signer:
         the user to do.
 
         Raises:
-            ConfigError: no such file, it cannot be read, is over :data:`device_agents.disk.SMALL_FILE` bytes, is not a
-                key, or is readable by others than its owner.
+            ConfigError: no such file, it is a folder, it cannot be read, is over
+                :data:`device_agents.disk.SMALL_FILE` bytes, is not a key, or is readable by others than its owner.
         """
         path = Path(path)
         try:
-            if path.stat().st_mode & 0o077:
+            mode = path.stat().st_mode
+            if stat.S_ISDIR(mode):  # a folder is drwxr-xr-x: "readable by others; chmod 600 it" misled
+                raise ConfigError(f"{path}: a folder, not a key file; give an Ed25519 private key in PEM (e.g. the "
+                                  "fleet's keys/operator.key)")
+            if mode & 0o077:
                 raise ConfigError(f"{path}: a private key readable by others; {loose_remedy}")
             data = read_bounded(path, SMALL_FILE)  # a PEM key is 119 bytes: a larger file is not read whole
         except OSError as exc:

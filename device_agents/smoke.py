@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from device_agents.errors import SmokeCrashed, SmokeFailed, SmokeTimedOut
-from device_agents.runtimes import RUNTIMES, RuntimeUnavailable, get_runtime
+from device_agents.runtimes import RUNTIMES, RuntimeUnavailable, get_runtime, ran_with
 from edgekit_protocol.errors import ConfigError
 
 # once a child has begun its answer, how long it may take to finish it at the least (else the run's deadline)
@@ -69,8 +69,7 @@ def smoke(model: Path, runtime: str | None = None, delegate: str = "xnnpack",
     return {"inputs": {p.name: list(p.shape) for p in runner.inputs},
             "outputs": {p.name: list(p.shape) for p in runner.outputs},
             "load_and_first_invoke_ms": round((time.perf_counter() - t0) * 1000, 3), "timed": SMOKE_TIMED,
-            "runtime": chosen.key, "delegate": getattr(runner.interpreter, "provider", delegate),
-            "delegate_options": {} if hasattr(runner.interpreter, "provider") else dict(options or {})}
+            "runtime": chosen.key, **ran_with(runner.interpreter, delegate, options)}
 
 
 def _smoke_quietly(model: str, runtime: str | None, delegate: str, options: dict[str, Any] | None,

@@ -698,7 +698,8 @@ class ModelStore:
         it only cannot run here: the refusal says what is missing and what to install, and nothing is loaded or changed.
 
         Raises:
-            AcceleratorUnavailable: the model's variant needs a delegate this agent does not run or cannot load.
+            AcceleratorUnavailable: the model's variant needs a delegate this agent does not run or cannot load, or
+                an accelerator ``options`` name that is not attached (or options its target does not take).
         """
         from device_agents.targets import accelerator_missing
 

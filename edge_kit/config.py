@@ -9,6 +9,8 @@ loaded through :func:`load_yaml_model`, so a typo anywhere reads the same way::
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
@@ -62,6 +64,39 @@ def _field_types(model: Any) -> dict[str, Any]:
     if isinstance(model, type) and dataclasses.is_dataclass(model):
         return typing.get_type_hints(model)
     return {}
+
+
+def _kinds(annotation: Any) -> list[Any]:
+    """Return the types ``annotation`` allows: a union's members, each without its ``Annotated`` bounds."""
+    if typing.get_origin(annotation) is typing.Annotated:
+        return _kinds(typing.get_args(annotation)[0])
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return [kind for arg in typing.get_args(annotation) for kind in _kinds(arg)]
+    return [annotation]
+
+
+def _flag_for_number(value: Any, annotation: Any, loc: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """Return the key path (under ``loc``) of the first true or false, or text, in ``value`` where ``annotation`` takes
+    a number and neither, else None. pydantic turns true into 1 there, and ``"64"`` into 64, and YAML reads yes, no, on
+    and off as true and false: ``max_power_w: yes`` became a 1 W limit, ``port: on`` port 1, while the agent's own
+    config (:mod:`edgekit_protocol.config`) refuses text for a number."""
+    kinds = _kinds(annotation)
+    if isinstance(value, (bool, str)):
+        return loc if type(value) not in kinds and (int in kinds or float in kinds) else None
+    for kind in kinds:
+        args = typing.get_args(kind)
+        if isinstance(value, list) and typing.get_origin(kind) in (list, tuple) and args:
+            found = next((f for i, v in enumerate(value) if (f := _flag_for_number(v, args[0], (*loc, i)))), None)
+        elif isinstance(value, dict) and typing.get_origin(kind) is dict and len(args) == 2:
+            found = next((f for k, v in value.items() if (f := _flag_for_number(v, args[1], (*loc, k)))), None)
+        elif isinstance(value, dict) and (fields := _field_types(kind)):
+            found = next((f for k, v in value.items() if k in fields
+                          and (f := _flag_for_number(v, fields[k], (*loc, k)))), None)
+        else:
+            continue
+        if found:
+            return found
+    return None
 
 
 def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
@@ -123,8 +158,9 @@ def load_yaml_model(path: Path, model: type[M], *, defaults: dict[str, Any] | No
     Raises:
         ConfigError: the file is missing or unreadable, is not YAML, holds a value YAML cannot read (a
             5000-digit number, a date that does not exist, ``!!bool maybe``), is not a mapping, gives a key twice,
-            or fails validation. The message names the file, the line and the key, and the closest valid
-            key for a misspelling. The first problem is explained; the next few are named by key at the end of the line.
+            gives true or false (yes, no, on, off) or text (``"64"``, ``1e3``) for a number, or fails validation. The
+            message names the file, the line and the key, and the closest valid key for a misspelling. The first
+            problem is explained; the next few are named by key at the end of the line.
     """
     path = Path(path)
     try:
@@ -147,8 +183,25 @@ def load_yaml_model(path: Path, model: type[M], *, defaults: dict[str, Any] | No
     finally:
         loader.dispose()
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}:1: expected a mapping of keys to values, got {type(data).__name__}")
+        got = "nothing (the file is empty, or only comments)" if data is None else \
+            "a list" if isinstance(data, list) else f"the single value {str(data)[:40]!r}"
+        raise ConfigError(f"{path}:1: expected a mapping of keys to values, got {got}")
     refuse_duplicate_key(node, path)
+    flag = _flag_for_number(data, model, ())
+    if flag is not None:
+        given = data
+        for part in flag:
+            given = given[part]
+        where = f"{path}:{_line_of(node, flag)[0]}: {format_loc(flag)}: a number is wanted"
+        if isinstance(given, bool):
+            raise ConfigError(f"{where}, not true or false (YAML reads yes, no, on and off as those); give the number")
+        try:
+            number = float(given)
+        except ValueError:
+            number = math.nan
+        how = "give the number" if not math.isfinite(number) else "write it without quotes" if "e" not in given.lower() \
+            else f"write it as {number:.1e}, as YAML reads an exponent only with a dot and a sign"
+        raise ConfigError(f"{where}, not the text {given!r:.40}; {how}")
     if defaults:
         data = {**defaults, **data}
     try:

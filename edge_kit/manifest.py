@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from edge_kit.errors import EdgeKitError, InputError
+from edgekit_protocol.desired import MAX_ARTIFACT_BYTES
 from edgekit_protocol.messages import check_model_name, nested_deeper
 
 SCHEMA = "edgekit.manifest/2"
@@ -45,6 +46,22 @@ def _file_name(value: Any) -> Any:
     if value is not None and not (isinstance(value, str) and _FILE_NAME.fullmatch(value)):
         raise ValueError(f"file {value!r} is not a file name inside the artifacts folder (letters, digits, '.', '_', "
                          "'-'; no path); compile again")
+    return value
+
+
+def _size(value: Any) -> Any:
+    """Return ``value`` when it is None or a size in bytes: a whole number from 0 to below
+    :data:`~edgekit_protocol.desired.MAX_ARTIFACT_BYTES` (1 TiB, what a desired state takes).
+
+    Readers copy a manifest's sizes into the store's index, progress bars and Content-Length checks, so a negative,
+    fractional, quoted or true one in an edited manifest must not validate (pydantic read ``"12"`` and true as ints).
+
+    Raises:
+        ValueError: anything else, its value named (clipped).
+    """
+    if value is not None and not (isinstance(value, int) and not isinstance(value, bool)
+                                  and 0 <= value < MAX_ARTIFACT_BYTES):
+        raise ValueError(f"{value!r:.40} is not a size in bytes (a whole number below 1 TiB); compile the model again")
     return value
 
 
@@ -111,11 +128,13 @@ class Artifact(_Record):
     warnings: list[str] = []  # e.g. fidelity below a profile's min_fidelity_snr_db
 
     _file = field_validator("file")(_file_name)
+    _sizes = field_validator("bytes", "gzip_bytes", mode="before")(_size)
 
     @field_validator("calibration_table")
     @classmethod
     def _table_file(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
         _file_name((value or {}).get("file"))
+        _size((value or {}).get("bytes"))
         return value
 
 
@@ -145,6 +164,8 @@ class Manifest(_Record):
         Raises:
             ValueError: no name, or not a model name (:func:`edgekit_protocol.messages.check_model_name`).
         """
+        if value.get("name") is None:  # check_model_name would say "model name None"
+            raise ValueError("name is missing; compile the model again with --name NAME")
         try:
             check_model_name(value.get("name"))
         except ValueError as exc:
@@ -251,7 +272,8 @@ def read_manifest(folder: Path, trust: ArtifactTrust | None = None) -> Manifest:
     Raises:
         InputError: no such folder, or not a folder; no manifest (the folder is not a finished compile, or it
             is the ``--out`` folder holding compiled models, which are named); it is not UTF-8 JSON (or nested too
-            deeply to read), or not a JSON object; it does not validate; or its signature fails ``trust`` (:meth:`ArtifactTrust.check`).
+            deeply to read), or not a JSON object; it does not validate, lists a variant twice or a built one without
+            its file or sha256; or its signature fails ``trust`` (:meth:`ArtifactTrust.check`).
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -288,8 +310,28 @@ def read_manifest(folder: Path, trust: ArtifactTrust | None = None) -> Manifest:
     except ValidationError as exc:
         err = exc.errors()[0]
         raise InputError(f"{path}: {'.'.join(map(str, err['loc']))}: {err['msg'].removeprefix('Value error, ')}") from None
+    _check_built(manifest, path)
     manifest._signature = signature
     return manifest
+
+
+def _check_built(manifest: Manifest, path: Path) -> None:
+    """Return None when every variant id of ``manifest`` (read from ``path``) is listed once and every built one names
+    its file and sha256, as a compile writes them.
+
+    Raises:
+        InputError: a variant listed twice (which one a device gets, publish stores or select picks would be
+            a guess), or a built one without a file or sha256 (then nothing, neither this host nor a device, could
+            check the bytes installed against what the manifest vouches for; publish skipped it): named.
+    """
+    seen: set[str] = set()
+    for i, art in enumerate(manifest.artifacts):
+        if art.id in seen:
+            raise InputError(f"{path}: artifacts.{i}.id: variant {art.id} is listed twice; compile the model again")
+        seen.add(art.id)
+        if art.status == "built" and (not art.file or not art.sha256):
+            raise InputError(f"{path}: {art.id} is built but names no {'file' if not art.file else 'sha256'}, so "
+                             "nothing could check what a device installs; compile the model again")
 
 
 def sign_manifest(folder: Path, signer: Any) -> Manifest:

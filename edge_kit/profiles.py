@@ -16,6 +16,7 @@ from device_agents.targets import TARGETS
 from edge_kit.config import StrictModel, closest, load_yaml_model
 from edge_kit.errors import ConfigError, EdgeKitError
 from edge_kit.variants import TARGET_NAMES, parse_variant
+from edgekit_protocol.config import MAX_LATENCY_MS, MAX_MEGABYTES, MAX_WATTS
 
 # Keys of the device agent's power-sensor plugins (the agent's registry is the one source).
 POWER_SENSORS = tuple(SENSORS)
@@ -34,8 +35,8 @@ def _one_of(value: str, valid: tuple[str, ...], what: str) -> str:
 class Hardware(StrictModel):
     arch: Literal["aarch64", "armv7l", "x86_64"]
     cpu: str | None = None  # the CPU's name (cortex-a72), for people: nothing reads it
-    cores: int = Field(gt=0)
-    ram_mb: int = Field(gt=0)
+    cores: int = Field(gt=0, le=4096)
+    ram_mb: int = Field(gt=0, le=MAX_MEGABYTES)
     accelerator: str = "none"  # one of ACCELERATORS
 
     @field_validator("accelerator")
@@ -67,10 +68,10 @@ class Runtime(StrictModel):
 class Constraints(StrictModel):
     """Service level. Every bound is optional; an absent bound does not constrain."""
 
-    max_latency_p90_ms: float | None = Field(default=None, gt=0)
-    max_power_w: float | None = Field(default=None, gt=0)
+    max_latency_p90_ms: float | None = Field(default=None, gt=0, le=MAX_LATENCY_MS)
+    max_power_w: float | None = Field(default=None, gt=0, le=MAX_WATTS)
     min_accuracy_ratio: float | None = Field(default=None, gt=0, le=1)
-    max_model_mb: float | None = Field(default=None, gt=0)
+    max_model_mb: float | None = Field(default=None, gt=0, le=MAX_MEGABYTES)
     # worst output's SNR against fp32 on the eval set (label-free): catches an int8 that "detects nothing"
     min_fidelity_snr_db: float | None = Field(default=None)
 
@@ -79,15 +80,15 @@ class Storage(StrictModel):
     """The device's model store budget: after an activation the agent removes the oldest models
     beyond it (never ``current``, ``previous`` or a candidate of the last tune). None: no budget."""
 
-    max_store_mb: float | None = Field(default=None, gt=0)
+    max_store_mb: float | None = Field(default=None, gt=0, le=MAX_MEGABYTES)
 
 
 class Power(StrictModel):
     """Power sensing. ``idle_w``/``busy_w`` feed only estimates, which are always marked ``estimated``."""
 
     sensors: list[str] = Field(default_factory=list)
-    idle_w: float = Field(gt=0)
-    busy_w: float = Field(gt=0)
+    idle_w: float = Field(gt=0, le=MAX_WATTS)
+    busy_w: float = Field(gt=0, le=MAX_WATTS)
 
     @field_validator("sensors")
     @classmethod

@@ -40,6 +40,11 @@ from edgekit_protocol.messages import MAX_TELEMETRY_INTERVAL_S, check_name
 _FORBID = {"extra": "forbid"}
 
 DEFAULT_SENSORS = ("ina3221", "pi5-pmic", "ina219", "rapl", "hwmon")  # tried in this order
+# Physical bounds of a device's figures in a profile and agent.yaml: more is a typo or the wrong unit (milliwatts,
+# kilobytes), never a device; refused with the bound named
+MAX_WATTS = 10_000  # 10 kW
+MAX_MEGABYTES = 1_000_000_000  # 1 PB: RAM, a model, a store budget
+MAX_LATENCY_MS = 86_400_000  # a day
 
 
 def closest(word: str, choices: typing.Iterable[str]) -> str | None:
@@ -147,12 +152,13 @@ class PowerConfig:
 
     def __post_init__(self) -> None:
         """Raises ValueError: only one of ``idle_w`` and ``busy_w`` (the estimate needs both), one not a positive
-        finite number, or ``busy_w`` below ``idle_w`` (the profile's rules): an estimate from them is no figure."""
+        number up to :data:`MAX_WATTS`, or ``busy_w`` below ``idle_w`` (the profile's rules): an estimate from them is
+        no figure."""
         given = [v for v in (self.idle_w, self.busy_w) if v is not None]
         if len(given) == 1:
             raise ValueError("give both idle_w and busy_w (the power estimate needs both), or neither")
-        if given and not all(0 < v < math.inf for v in given):
-            raise ValueError(f"idle_w {self.idle_w} and busy_w {self.busy_w} must be positive finite watts")
+        if given and not all(0 < v <= MAX_WATTS for v in given):
+            raise ValueError(f"idle_w {self.idle_w} and busy_w {self.busy_w} must be positive watts, at most {MAX_WATTS:,}")
         if given and self.busy_w < self.idle_w:
             raise ValueError(f"busy_w ({self.busy_w}) must be at least idle_w ({self.idle_w})")
 
@@ -361,8 +367,9 @@ def build(node: Node, file: Path | str) -> AgentConfig:
     if cfg.telemetry_interval_s > MAX_TELEMETRY_INTERVAL_S:  # its telemetry says it: receivers refuse more
         raise ConfigError(f"{file}: telemetry_interval_s is {cfg.telemetry_interval_s:g}; at most "
                           f"{MAX_TELEMETRY_INTERVAL_S:.0f} s (a day)")
-    if cfg.store.max_store_mb is not None and cfg.store.max_store_mb <= 0:
-        raise ConfigError(f"{file}: store.max_store_mb must be positive (or left out for no budget)")
+    if cfg.store.max_store_mb is not None and not 0 < cfg.store.max_store_mb <= MAX_MEGABYTES:
+        raise ConfigError(f"{file}: store.max_store_mb must be positive, at most {MAX_MEGABYTES:,} (1 PB), or left out "
+                          "for no budget")
     if not (0 <= cfg.store.min_free_mb < 1e6 and 0 <= cfg.store.reserve_mb < 1e4):
         raise ConfigError(f"{file}: store.min_free_mb and store.reserve_mb must be non-negative numbers of megabytes")
     if not (0 < cfg.pull.retry_s <= 3600 and 1 <= cfg.pull.max_attempts <= 100):

@@ -69,8 +69,11 @@ def _sha(value: Any, where: str) -> str:
     return value
 
 
+MAX_ARTIFACT_BYTES = 2 ** 40  # 1 TiB: an artifact's size is below it (a desired state's, a manifest's)
+
+
 def _size(value: Any, where: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 2 ** 40:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < MAX_ARTIFACT_BYTES:
         raise MessageError(f"desired: {where} is not a size in bytes (1 byte to 1 TiB)")
     return value
 

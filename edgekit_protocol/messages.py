@@ -73,9 +73,11 @@ def check_name(value: str, what: str) -> str:
     """Return ``value`` when it can be a fleet or device name in a topic.
 
     Raises:
-        ValueError: empty, too long, or holds characters other than letters, digits, ``_ . -``
+        ValueError: empty (said so), too long, or holds characters other than letters, digits, ``_ . -``
             (MQTT wildcards and ``/`` would break topic routing).
     """
+    if value == "":  # "device '' must be 1-64 letters" hid that nothing was given (a "$NAME" not set)
+        raise ValueError(f"the {what} name is empty; give the {what}'s name (1-64 letters, digits, '_', '.' or '-')")
     if not isinstance(value, str) or not _NAME.fullmatch(value):
         raise ValueError(f"{what} {value!r} must be 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit")
     return value

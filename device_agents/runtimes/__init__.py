@@ -120,5 +120,14 @@ def prepare_installed(store: Any, sha256: str, *, fresh: bool = True, threads: i
         raise StoreError(f"install: {exc}; the device stays on its current model") from None
 
 
+def ran_with(interpreter: Any, delegate: str, options: dict[str, Any] | None) -> dict[str, Any]:
+    """Return what ran a model in ``interpreter``, made with ``delegate`` and its ``options``, as a bench record and a
+    smoke check's answer name it: ``delegate`` and ``delegate_options``; for ONNX Runtime the execution provider the
+    session runs on (it stands where LiteRT's target does) and no options."""
+    if hasattr(interpreter, "provider"):
+        return {"delegate": interpreter.provider, "delegate_options": {}}
+    return {"delegate": delegate, "delegate_options": dict(options or {})}
+
+
 __all__ = ["FORMATS", "RUNTIMES", "SUFFIX", "Runtime", "RuntimeUnavailable", "get_runtime", "is_tensorrt",
-           "model_format", "prepare_installed"]
+           "model_format", "prepare_installed", "ran_with"]

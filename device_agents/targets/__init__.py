@@ -44,8 +44,9 @@ def accelerator_missing(variant: str | None, delegate: str, options: dict[str, A
     (``edgetpu-custom-op``), so on any other path it would fail as if it were broken.
 
     Returns:
-        One line: the variant, what is missing (no such accelerator configured, or its library), and what to
-        install or do instead; None when nothing is missing.
+        One line: the variant, what is missing (no such accelerator configured, its library, the accelerator
+        ``options`` name, or options it does not take), and what to install or do instead; None when nothing is
+        missing.
     """
     target = compiler_of(variant) if variant else None
     if target is None:

@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 
 from device_agents.targets.base import ModelFacts, OpLike, Target
 from edgekit_protocol.errors import ConfigError
+from edgekit_protocol.labels import clip, printable
 
 EDGETPU_OPS = frozenset({
     "ADD", "AVERAGE_POOL_2D", "CONCATENATION", "CONV_2D", "DEPTHWISE_CONV_2D", "EXPAND_DIMS",
@@ -145,8 +146,6 @@ def _last_line(log: str) -> str:
     """Return the line of a compiler log that says why it failed: the last one beginning as one of :data:`_CAUSES`
     (the first of those that occurs), else its last non-empty line; control characters shown escaped, at most 200
     characters."""
-    from edgekit_protocol.labels import clip, printable
-
     lines = [ln.strip() for ln in log.splitlines() if ln.strip()]
     said = next((ln for cause in _CAUSES for ln in reversed(lines) if ln.startswith(cause)), None)
     return clip(printable(said or (lines[-1] if lines else "no output")), 200)
@@ -240,8 +239,9 @@ def enumerated(device: str | None = None, usb: Path | None = None, dev: Path | N
     """Return whether the Edge TPU ``device`` names (Coral's ``device`` option: ``usb``, ``usb:N``, ``pci``, ``pci:N``,
     ``:N``; None: any) is attached as the kernel lists it (USB Accelerators by their ids under ``usb``, default
     :data:`SYSFS_USB`; M.2/PCIe cards by their ``apex_<n>`` nodes under ``dev``, default :data:`DEV`; at least N + 1 of
-    that kind for an index N), without opening it: so one that another process holds (busy) is told from none
-    attached. Unreadable listings count as none."""
+    that kind for an index N; an index that is not ASCII digits, any of that kind: libedgetpu's load said what it
+    makes of it), without opening it: so one that another process holds (busy) is told from none attached. Unreadable
+    listings count as none. Never raises."""
     usb, dev = usb or SYSFS_USB, dev or DEV
     kind, _, index = (device or "").partition(":")
     found = 0
@@ -257,7 +257,10 @@ def enumerated(device: str | None = None, usb: Path | None = None, dev: Path | N
             found += len(list(dev.glob("apex_*")))
     except OSError:
         return False
-    return found > (int(index) if index.isdigit() else 0)
+    if not (index.isascii() and index.isdigit()):  # "²" is a digit to isdigit(), not to int()
+        return found > 0
+    index = index.lstrip("0") or "0"
+    return len(index) <= 9 and found > int(index)  # never a billion Edge TPUs: int() refuses 4,300 digits and more
 
 
 @dataclass(frozen=True)
@@ -294,11 +297,12 @@ class EdgeTpu(Target):
         """
         kwargs = super().interpreter_options(interpreter_module, options)
         device = cls.options(options).device
-        for delegate in kwargs.get("experimental_delegates", []):
-            try:
-                cls._held[delegate] = device
-            except TypeError:  # a delegate that takes no weak reference: asked as before
-                pass
+        with cls._lock:  # the probe looks through them under it: never changed meanwhile
+            for delegate in kwargs.get("experimental_delegates", []):
+                try:
+                    cls._held[delegate] = device
+                except TypeError:  # a delegate that takes no weak reference: asked as before
+                    pass
         return kwargs
 
     @classmethod
@@ -325,7 +329,7 @@ class EdgeTpu(Target):
         except ConfigError as exc:
             return str(exc)
         device = checked.device
-        named = f" as {device} (runtime.options.device)" if device else ""
+        named = f" as {clip(printable(device), 40)} (runtime.options.device)" if device else ""  # a config's: one line
         with cls._lock:
             if device in cls._held.values() or time.monotonic() < cls._opened_until.get(device, 0.0):
                 return None

@@ -130,7 +130,8 @@ _HISTORY_HELP = ("History database: a SQLite file, or a postgresql://user:passwo
                  "hosts (default: edgekit-history.db next to the fleet file)")
 # One name per concept: --history is the history database everywhere, --store the artifact store (publish,
 # rollout, sim up). Round 1's --store for the history was renamed when the artifact store came.
-HistoryOpt = Annotated[Optional[str], typer.Option("--history", metavar="PATH|URL", help=_HISTORY_HELP + ".")]
+HistoryOpt = Annotated[Optional[str], typer.Option("--history", metavar="PATH|URL", help=_HISTORY_HELP + ".",
+                                                   callback=lambda v: utf8_text(v) if v and "://" in v else v)]
 ProfilesOpt = Annotated[str, typer.Option("--profiles", help="Comma-separated profiles, cycled over the devices.")]
 ParallelOpt = Annotated[int, typer.Option(min=1, max=256, help="Devices at a time.")]
 TrustNewHostsOpt = Annotated[bool, typer.Option("--trust-new-hosts", help="Accept and record SSH host keys seen for the "
@@ -165,19 +166,20 @@ def open_fleet_history(fleet_file: Path | None, history: str | None, must_exist:
                        read_only: bool = False, upgrade: bool = False, writes: bool = False) -> Any:
     """Return the open :class:`~edge_kit.telemetry.store.HistoryStore` that ``--history`` names, or the fleet's
     default file (``edgekit-history.db`` beside the fleet file; in the current folder without one). A SQLite
-    file is created when missing, unless ``must_exist`` (a command that only reads it, and may read it beside a
-    fleet file since removed), or ``read_only`` and ``--history`` names it (a command that only reads: a mistyped
-    ``--history`` must not become a new, empty history that reads as "nothing happened"; the default file beside
-    a fleet file is still created, as the fleet's history that nothing wrote yet). ``upgrade``: a history that must
-    exist, as with ``must_exist``, opened for writing (its schema brought up to date: ``edgekit history upgrade``).
-    ``writes``: with ``read_only``, a command that writes into the history it finds (a rollout's ``resume`` or
-    ``abort``): an older schema is upgraded, as for any writer, instead of refused as for a reader.
+    file is created when missing, unless ``must_exist`` (a command that only reads it), or ``read_only`` and
+    ``--history`` names it (a command that only reads: a mistyped ``--history`` must not become a new, empty history
+    that reads as "nothing happened"; the default file beside a fleet file is still created, as the fleet's history
+    that nothing wrote yet). ``upgrade``: a history that must exist, as with ``must_exist``, opened for writing (its
+    schema brought up to date: ``edgekit history upgrade``). ``writes``: with ``read_only``, a command that writes
+    into the history it finds (a rollout's ``resume``, ``abort`` or ``status --refresh``): an older schema is
+    upgraded, as for any writer, instead of refused as for a reader.
 
     Raises:
-        ConfigError: no ``--history`` and no fleet file at ``fleet_file`` (nor, with ``must_exist``, a history
-            beside it): a mistyped path must not get a new, empty history beside it.
-        InputError: ``must_exist`` (or ``read_only`` with ``--history``) and there is no such SQLite file, or an
-            empty one (a read would write a new history's tables into it).
+        ConfigError: no ``--history`` and no fleet file at ``fleet_file``
+            (:func:`~edge_kit.fleet.inventory.check_fleet_file`): a mistyped path must neither read the history beside
+            it nor get a new, empty one there.
+        InputError: the history file is a folder; or ``must_exist`` (or ``read_only`` with ``--history``) and there
+            is no such SQLite file, or an empty one (a read would write a new history's tables into it).
         HistoryError: the database cannot be opened or reached, or (unless ``must_exist`` or ``read_only``) written;
             for the default file, the text names its folder and --history as the way out. A command that only reads
             upgrades an older schema when its user may, else changes nothing
@@ -200,11 +202,13 @@ def open_fleet_history(fleet_file: Path | None, history: str | None, must_exist:
     if history:
         path = Path(history)
     elif fleet_file is not None:
+        check_fleet_file(fleet_file)
         path = history_path(fleet_file)
-        if not ((must_exist or upgrade) and path.is_file()):  # a history is read alone, even beside a fleet file
-            check_fleet_file(fleet_file)  # since removed
     else:
         path = Path(HISTORY_NAME)
+    if path.is_dir():  # "no history store" sent the user looking for one that was never made
+        raise InputError(f"{path}: a folder, not a history store; give --history its file (e.g. {path / HISTORY_NAME}) "
+                         "or a postgresql:// URL")
     only_reads = must_exist or upgrade or (read_only and history)
     if only_reads and path.is_file() and path.stat().st_size == 0:  # SQLite would write its tables into it
         raise InputError(f"{path}: an empty file, not a history store; check --history")
@@ -267,6 +271,37 @@ def finite(value: float | None) -> float | None:
     if value is not None and not math.isfinite(value):
         raise typer.BadParameter(f"{value}: give a finite number")
     return value
+
+
+def utf8_text(value: str | None) -> str | None:
+    """Return ``value``, an option naming a device, a variant, a rollout or a URL (its ``callback``).
+
+    Raises:
+        typer.BadParameter: it holds a byte that is not UTF-8 (Python keeps one as a lone surrogate, which no
+            history query, signed message or HTTP request can carry: each was a UnicodeEncodeError traceback).
+    """
+    if value is not None and not value.isascii():
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            # the value is not repeated: a --history URL holds its password
+            raise typer.BadParameter("it holds bytes that are not UTF-8; give it as UTF-8 text") from None
+    return value
+
+
+def device_name(value: str) -> str:
+    """Return ``value``, a device's name given on the command line (its ``callback``).
+
+    Raises:
+        typer.BadParameter: empty, or not a device name (:func:`edgekit_protocol.messages.check_name`, the fleet
+            file's rule): said so, not searched for in the key registry.
+    """
+    from edgekit_protocol.messages import check_name
+
+    try:
+        return check_name(value, "device")
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 def bounded(help: str, low: float | None = None, high: float | None = None) -> dict[str, Any]:

@@ -43,6 +43,7 @@ from edge_kit.cli.app import (
     results_table,
     safe,
     spinner,
+    utf8_text,
 )
 from edgekit_protocol.labels import clip
 from edgekit_protocol.messages import field_at
@@ -70,8 +71,9 @@ def bench_rows(record: dict[str, Any]) -> list[tuple[str, str]]:
 @app.command("bench")
 def bench_cmd(
     fleet_file: FleetOpt,
-    device: Annotated[str, typer.Option(help="Device name from the fleet file.")],
-    variant: Annotated[Optional[str], typer.Option(help="Variant id installed on the device (default: its current model).")] = None,
+    device: Annotated[str, typer.Option(help="Device name from the fleet file.", callback=utf8_text)],
+    variant: Annotated[Optional[str], typer.Option(help="Variant id installed on the device (default: its current model).",
+                                                   callback=utf8_text)] = None,
     min_runs: Annotated[Optional[int], typer.Option(min=BENCH_RUNS_MIN, max=BENCH_RUNS_MAX, help="Timed runs at least (default: the agent's config).")] = None,
     min_seconds: Annotated[Optional[float], typer.Option(**bounded("Timed seconds at least.", BENCH_SECONDS_MIN, BENCH_SECONDS_MAX))] = None,
     timeout: Annotated[float, typer.Option(**bounded("Seconds to wait for the record.", 1, WAIT_MAX_S))] = 300.0,
@@ -116,9 +118,10 @@ def bench_cmd(
 @app.command("shadow")
 def shadow_cmd(
     fleet_file: FleetOpt,
-    device: Annotated[str, typer.Option(help="Device name from the fleet file.")],
+    device: Annotated[str, typer.Option(help="Device name from the fleet file.", callback=utf8_text)],
     variant: Annotated[Optional[str], typer.Option(help="Installed variant to run beside the served one "
-                                                        "(fp32: how far the served model is from the reference).")] = None,
+                                                        "(fp32: how far the served model is from the reference).",
+                                                   callback=utf8_text)] = None,
     share: Annotated[float, typer.Option(**bounded("Share of live requests also run through it.", 0, 1))] = 0.1,
     max_per_s: Annotated[float, typer.Option(**bounded("At most this many shadow runs a second.", 0, 1000))] = 5.0,
     off: Annotated[bool, typer.Option("--off", help="Stop the device's shadow run.")] = False,
@@ -224,7 +227,8 @@ def deploy_cmd(
     artifacts: Annotated[Path, typer.Option(help="A compiled model's folder (with manifest.json).")],
     devices: DevicesOpt = None,
     variant: Annotated[Optional[str], typer.Option(help="Variant to activate (default: keep the current one if it is "
-                                                        "among these artifacts, else the profile's first).")] = None,
+                                                        "among these artifacts, else the profile's first).",
+                                                   callback=utf8_text)] = None,
     parallel: ParallelOpt = 8,
     canary: Annotated[Optional[str], typer.Option(help="Deploy to this share first, e.g. 10%; stop if too many fail.")] = None,
     max_failed: Annotated[str, typer.Option(help="Share of canaries allowed to fail, e.g. 0% or 20%.")] = "0%",

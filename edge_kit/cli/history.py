@@ -19,13 +19,14 @@ from edge_kit.cli.app import (
     out,
     safe,
     time_bound,
+    utf8_text,
 )
 
 history_app = typer.Typer(no_args_is_help=True, help="The history store: what it kept that no figure shows, its schema.")
 app.add_typer(history_app, name="history")
 
 ReadFleetOpt = Annotated[Optional[Path], typer.Option("--fleet", "-f", help="fleet.yaml (its history store is used).")]
-DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="Only this device's rows.")]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="Only this device's rows.", callback=utf8_text)]
 SinceOpt = Annotated[Optional[str], typer.Option("--since", help="Only rows from then on: a span back from now (30m, "
                                                                  "2h, 7d) or a date-time (2026-11-30T09:00, local).")]
 UntilOpt = Annotated[Optional[str], typer.Option("--until", help="Only rows up to then (same forms as --since).")]
@@ -40,9 +41,12 @@ def _listing(kind: str, fleet_file: Path | None, history: str | None, device: st
     Raises:
         InputError: a bad --since/--until, no history, or a --device that is neither in the fleet file nor in any
             row of the history (a mistyped name must not read as "nothing happened to it").
-        ConfigError: the fleet file, read for its device names, is damaged.
+        ConfigError: the fleet file, when given, is missing or damaged (:func:`~edge_kit.fleet.inventory.load_fleet`).
         HistoryError: the history cannot be read.
     """
+    from edge_kit.fleet.inventory import load_fleet
+
+    names = [d.name for d in load_fleet(fleet_file).devices] if fleet_file is not None else []
     low, high = time_bound(since, "--since"), time_bound(until, "--until")
     filters = {"device": device, "since": since, "until": until, "since_ts": low, "until_ts": high, "limit": limit,
                **more}
@@ -50,23 +54,20 @@ def _listing(kind: str, fleet_file: Path | None, history: str | None, device: st
         read = {"refused": db.refused_messages, "gaps": db.sequence_gaps, "alerts": db.alerts}[kind]
         rows = read(device=device, since=low, until=high, limit=limit, **more)
         if device is not None and not rows and not db.knows_device(device):
-            _unknown_device(device, fleet_file, db.where)
+            _unknown_device(device, fleet_file, names, db.where)
         return db.where, rows, filters
 
 
-def _unknown_device(device: str, fleet_file: Path | None, where: str) -> None:
-    """Raise InputError for ``--device DEVICE`` when the history holds no row of it, unless the fleet file (when there
-    is one) names it (a device that never spoke: its empty listing is the answer); return None then.
+def _unknown_device(device: str, fleet_file: Path | None, names: list[str], where: str) -> None:
+    """Raise InputError for ``--device DEVICE`` when the history holds no row of it, unless the fleet file's device
+    ``names`` (empty without one) hold it (a device that never spoke: its empty listing is the answer); return None then.
 
     Raises:
         InputError: no such device, naming the fleet file's closest name when there is one.
-        ConfigError: the fleet file is damaged.
     """
     from edge_kit.config import closest
     from edge_kit.errors import InputError
-    from edge_kit.fleet.inventory import load_fleet
 
-    names = [d.name for d in load_fleet(fleet_file).devices] if fleet_file is not None and fleet_file.is_file() else []
     if device in names:
         return
     hint = closest(device, names)
@@ -164,8 +165,11 @@ def upgrade_cmd(fleet_file: ReadFleetOpt = None, history: HistoryOpt = None, as_
 
     Run it as a user (or PostgreSQL role) that owns its tables (and, on PostgreSQL, may create in their schema); any
     command does the same when its user may, so this is for a history read by users who may not."""
+    from edge_kit.fleet.inventory import load_fleet
     from edge_kit.telemetry.store import SCHEMA_VERSION
 
+    if fleet_file is not None:  # checked as every --fleet is: a profile or a mistyped file must not pick a history
+        load_fleet(fleet_file)
     with open_fleet_history(fleet_file, history, upgrade=True) as db:
         where = db.where
     if as_json:

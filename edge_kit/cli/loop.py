@@ -26,6 +26,7 @@ from edge_kit.cli.app import (
     TrustNewHostsOpt,
     app,
     bounded,
+    device_name,
     emit_json,
     err,
     open_fleet_history,
@@ -692,7 +693,8 @@ def monitor_cmd(
 
         ident = str(db.path.resolve()) if hasattr(db, "path") else db.where  # a file, or the database's URL
         where = f"{ident}|{share}|{socket.gethostname()}" if share else ident
-        client_id = f"edgekit-monitor-{fleet.fleet}-{hashlib.sha256(where.encode()).hexdigest()[:10]}"
+        digest = hashlib.sha256(where.encode(errors="surrogateescape")).hexdigest()  # a path's bytes, UTF-8 or not
+        client_id = f"edgekit-monitor-{fleet.fleet}-{digest[:10]}"
     mon = Monitor(fleet, db, share=share, silence_s=silence_s, on_message=metrics.observe, client_id=client_id,
                   persistent=True, min_free_mb=min_free_mb, budget_rate=budget_rate, budget_burst=budget_burst,
                   workers=workers, gap_grace_s=gap_grace_s)
@@ -916,7 +918,8 @@ def fleet_status_cmd(fleet_file: FleetOpt, history: HistoryOpt = None, as_json: 
 
 @fleet_app.command("revoke")
 def fleet_revoke_cmd(
-    device: Annotated[str, typer.Argument(help="The device whose key to revoke (compromised, stolen or lost).")],
+    device: Annotated[str, typer.Argument(help="The device whose key to revoke (compromised, stolen or lost).",
+                                          callback=device_name)],
     fleet_file: FleetOpt,
     reason: Annotated[str, typer.Option("--reason", help="Why, kept in keys/revoked.json.")] = "",
     broker_dir: Annotated[Optional[Path], typer.Option(
@@ -960,16 +963,12 @@ def report_cmd(
     from edge_kit.fsutil import writable_folder
     from edge_kit.telemetry.report import build_report
 
-    writable_folder(out_file.parent, file=out_file)
     profiles = None
-    if fleet_file is not None:  # each device's profile is the fleet file's, not what its records claim ...
-        from edge_kit.errors import EdgeKitError
+    if fleet_file is not None:  # each device's profile is the fleet file's, not what its records claim
         from edge_kit.fleet.inventory import load_fleet
 
-        try:
-            profiles = {d.name: d.profile for d in load_fleet(fleet_file).devices}
-        except EdgeKitError:  # ... when it still reads: a history outlives its fleet file (a demo's, one emptied)
-            pass
+        profiles = {d.name: d.profile for d in load_fleet(fleet_file).devices}
+    writable_folder(out_file.parent, file=out_file)
     with open_fleet_history(fleet_file, history, must_exist=True) as db:
         info = build_report(db, out_file, profiles=profiles)
     if as_json:

@@ -35,6 +35,7 @@ from edge_kit.cli.app import (
     print_refused,
     progress_bar,
     safe,
+    utf8_text,
 )
 
 rollout_app = typer.Typer(no_args_is_help=True, help="Pull rollouts in waves: devices fetch from an artifact store "
@@ -42,7 +43,7 @@ rollout_app = typer.Typer(no_args_is_help=True, help="Pull rollouts in waves: de
 app.add_typer(rollout_app, name="rollout")
 
 ABORT_OK = ("rolled back", "planned", "refused", "superseded", "left the fleet")  # abort: exit 0
-IdArg = Annotated[str, typer.Argument(help="The rollout's id (see `edgekit rollout list`).")]
+IdArg = Annotated[str, typer.Argument(help="The rollout's id (see `edgekit rollout list`).", callback=utf8_text)]
 STYLE = {"converged": "green", "failed": "red", "refused": "red", "rolled back": "red", "rolling back": "yellow",
          "superseded": "dim", "left the fleet": "dim", "sent": "yellow", "fetching": "yellow", "planned": "dim"}
 
@@ -52,12 +53,13 @@ def _history(fleet_file: Path, history: str | None, read_only: bool = True, writ
 
     ``read_only``: every command but ``start`` works on rollouts already in it, so a ``--history`` file that
     does not exist is a mistyped path, not a new history (see :func:`~edge_kit.cli.app.open_fleet_history`).
-    ``writes``: the command writes into it (``resume``, ``abort``), so an older schema is upgraded; ``status`` and
-    ``list`` only read, and change no schema.
+    ``writes``: the command writes into it (``resume``, ``abort``, ``status --refresh``: the states it reads from the
+    broker), so an older schema is upgraded and a newer one refused; ``status`` and ``list`` only read, and change no
+    schema.
 
     Raises:
         InputError: ``read_only`` and ``--history`` names no such file.
-        HistoryError: the database cannot be opened or reached.
+        HistoryError: the database cannot be opened or reached, or (``writes``) a newer edge-kit wrote it.
     """
     return open_fleet_history(fleet_file, history, read_only=read_only, writes=writes)
 
@@ -151,17 +153,19 @@ def _exit(summary: dict[str, Any]) -> None:
 def start_cmd(
     fleet_file: FleetOpt,
     artifacts: Annotated[Path, typer.Argument(help="The compiled model's folder (its manifest.json), published to the store.")],
-    store: Annotated[str, typer.Option("--store", help="The artifact store's URL as devices reach it (http:// or https://).")],
+    store: Annotated[str, typer.Option("--store", help="The artifact store's URL as devices reach it (http:// or https://).",
+                                       callback=utf8_text)],
     devices: DevicesOpt = None,
     variant: Annotated[Optional[str], typer.Option(help="Variant to roll out, or 'selected': each device's last choice "
-                                                        "by select/tune in the history (default: each profile's first built one).")] = None,
+                                                        "by select/tune in the history (default: each profile's first built one).",
+                                                   callback=utf8_text)] = None,
     wave: Annotated[str, typer.Option(help="Cumulative wave sizes.")] = "1%,10%,100%",
     rate: Annotated[Optional[str], typer.Option(help="Desired states sent per time, e.g. 200/min (default: no limit).")] = None,
     max_failed: Annotated[str, typer.Option("--max-failed", help="Stop when more than this share of the devices sent so far failed.")] = "0%",
     wave_timeout: Annotated[float, typer.Option(**bounded("Seconds a wave waits for its devices' answers.", 1, WAIT_MAX_S))] = 600.0,
     bandwidth: Annotated[Optional[str], typer.Option(help="Download cap per device, e.g. 2MB/s (default: none).")] = None,
     start_delay: Annotated[float, typer.Option(**bounded("Longest random delay (s) before a device starts its download.", 0, 3600))] = 0.0,
-    rid: Annotated[Optional[str], typer.Option("--id", help="The rollout's id (default: <model>-<time>).")] = None,
+    rid: Annotated[Optional[str], typer.Option("--id", help="The rollout's id (default: <model>-<time>).", callback=utf8_text)] = None,
     gate: GateOpt = None,
     gate_window: GateWindowOpt = 60.0,
     gate_min_requests: GateRequestsOpt = 200,
@@ -288,7 +292,7 @@ def status_cmd(
     from edge_kit.fleet.inventory import load_fleet
     from edge_kit.loop.waves import Rollout, UnknownRollout
 
-    db = _history(fleet_file, history)
+    db = _history(fleet_file, history, writes=refresh)  # --refresh stores the states it reads
     record = db.rollout(rollout_id)
     if record is None:
         raise UnknownRollout(rollout_id)

@@ -291,8 +291,8 @@ def write_fleet_wall(folder: Path, fleet: str, devices: list[str], hosts: list[s
 
     Raises:
         FileExistsError: ``folder`` already holds a wall (never overwritten: devices may use it).
-        InputError: a host is not a host name or an IP address (non-ASCII names in their ``xn--``
-            form), or the first is too long for a certificate's name; ``folder`` is a file, or its parent
+        InputError: a host, or ``listen``, is not a host name or an IP address (non-ASCII names in their ``xn--``
+            form), or the first host is too long for a certificate's name; ``folder`` is a file, or its parent
             cannot be created or written (nothing is written).
         OSError: writing failed midway (nothing is left behind).
     """
@@ -314,6 +314,12 @@ def write_fleet_wall(folder: Path, fleet: str, devices: list[str], hosts: list[s
             raise InputError(f"--broker-host {host!r}: give the name or address devices reach the broker at "
                              "(an IP address or an ASCII DNS name, a non-ASCII one in its xn-- form; the first, "
                              "the certificate's name, at most 64 characters)")
+    if listen is not None:
+        try:  # it is written into mosquitto.conf's listener line: a space or a line break would add settings
+            check_host(listen)
+        except ValueError:
+            raise InputError(f"--listen {listen!r}: give the IP address or host name of an interface of the broker's "
+                             "host (e.g. 10.0.0.2), or leave --listen out for every interface") from None
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))

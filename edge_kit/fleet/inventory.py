@@ -341,8 +341,10 @@ def check_fleet_file(path: Path) -> None:
     """Return None when there is a fleet file at ``path`` (its contents are :func:`load_fleet`'s to check).
 
     Raises:
-        ConfigError: nothing there, with what to do.
+        ConfigError: nothing there, or a folder, with what to do.
     """
+    if Path(path).is_dir():
+        raise ConfigError(f"{path}: a folder, not a fleet file; give its fleet.yaml (e.g. {Path(path) / 'fleet.yaml'})")
     if not Path(path).exists():
         raise ConfigError(f"{path}: no such fleet file; write one (docs/fleet.md), or start a simulated fleet with "
                           "`edgekit sim up` and pass its .edgekit-sim/fleet.yaml")

@@ -374,6 +374,7 @@ class SimFleet:
 
         Raises:
             ConfigError: ``sim.json`` cannot be read (:meth:`state`); nothing is stopped.
+            InputError: the folder is a file (it said "nothing is up" of one, exit 0).
         """
         with interrupts_deferred():
             return self._down()
@@ -382,6 +383,9 @@ class SimFleet:
         from device_agents.supervise import is_supervisor
 
         result = Down()
+        if self.workdir.exists() and not self.workdir.is_dir():
+            raise InputError(f"{self.workdir}: a file, not a folder; give --dir the simulated fleet's folder "
+                             "(default .edgekit-sim)")
         state = self.state()
         if state is None:
             return result

@@ -224,6 +224,16 @@ MAX_CARRIED = 100  # open alerts of the history a monitor shows as carried over 
 MAX_CLIENT_ID_BYTES = 65_535  # MQTT encodes a client id's length in 16 bits
 
 
+def _mqtt_text(text: str) -> bool:
+    """Return whether ``text`` can be an MQTT string a broker takes: UTF-8 (no lone surrogate, which an argument
+    that is not UTF-8 holds) without control characters (Mosquitto drops a client whose id holds one)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return not any(ord(c) < 32 or 127 <= ord(c) < 160 for c in text)
+
+
 #: How far (numbers) past a device's newest ``seq`` of a kind a record or a telemetry claim may number and still be
 #: taken as where its numbering stands: a live stream every second for 11 days of outage. One further is implausible (a
 #: hostile device with a valid key claiming 10**12 blinded gap detection on its stream for ever): counted
@@ -389,12 +399,13 @@ class Monitor:
         (:data:`GAP_GRACE_S`, :meth:`_scan_gaps`).
 
         Raises InputError: ``share`` is not a shared-subscription group name (empty, or with '/', '+' or '#':
-        the subscription would name another topic and receive nothing), ``workers`` above 1 without ``share``,
-        ``gap_grace_s`` below 0,
-        ``client_id`` is empty (a random one would lose the persistent session) or longer than MQTT carries, or the
-        budget is not above 0."""
-        if share is not None and (not share or any(c in share for c in "/+#")):
-            raise InputError(f"--share {share!r}: give a group name without '/', '+' or '#' (e.g. monitors)")
+        the subscription would name another topic and receive nothing; or not UTF-8, or with control characters),
+        ``workers`` above 1 without ``share``, ``gap_grace_s`` below 0,
+        ``client_id`` is empty (a random one would lose the persistent session), longer than MQTT carries, not UTF-8
+        or with control characters, or the budget is not above 0."""
+        if share is not None and (not share or any(c in share for c in "/+#") or not _mqtt_text(share)):
+            raise InputError(f"--share {share!r}: give a group name without '/', '+', '#' or control characters, "
+                             "in UTF-8 (e.g. monitors)")
         if share is not None and workers is None:  # as before --workers existed: a worker's budget is the whole one
             log.warning("--share %s without --workers: each worker holds every device's whole ingest budget, so N "
                         "workers let a device store N times it; give --workers N to share it", share)
@@ -402,6 +413,9 @@ class Monitor:
             raise InputError(f"--workers {workers}: only with --share (the workers of one shared subscription)")
         if not gap_grace_s >= 0:
             raise InputError(f"--gap-grace-s {gap_grace_s}: give 0 or more seconds")
+        if client_id is not None and not _mqtt_text(client_id):  # the broker drops the connection: a timeout, later
+            raise InputError(f"--client-id {client_id!r}: give one without control characters, in UTF-8 (e.g. "
+                             "edgekit-monitor-1)")
         if client_id is not None and not 0 < len(client_id.encode()) <= MAX_CLIENT_ID_BYTES:
             raise InputError(f"--client-id: give 1 to {MAX_CLIENT_ID_BYTES:,} bytes (got {len(client_id.encode()):,})")
         self.budget = IngestBudget(budget_rate, budget_burst, workers=1 if workers is None else workers)

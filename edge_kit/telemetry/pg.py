@@ -156,14 +156,21 @@ class PostgresStore(HistoryStore):
         try:
             # UTF-8 on the wire whatever the database's encoding: the server, not Python, refuses a character
             # a LATIN1 or SQL_ASCII database cannot hold (SQLSTATE 22P05), as one record's fault
-            self._conn = psycopg.connect(self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S,
-                                         application_name="edgekit", client_encoding="UTF8")
-            # no JIT: a history query reads a few index entries a device, but a skip scan's devices are guessed, not
-            # counted, and its estimate passed jit_above_cost: compiling took 1.6 s of a 2 ms read of the newest bench
-            self._conn.execute("SET jit = off")
+            conn = psycopg.connect(self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S,
+                                   application_name="edgekit", client_encoding="UTF8")
         except psycopg.Error as exc:
             raise self._failed(exc) from None
-        return self._conn
+        try:
+            # no JIT: a history query reads a few index entries a device, but a skip scan's devices are guessed, not
+            # counted, and its estimate passed jit_above_cost: compiling took 1.6 s of a 2 ms read of the newest bench.
+            # For the session (every statement is its own transaction: a SET LOCAL would need one around each read); a
+            # server without JIT (PostgreSQL 10) has no such setting, and `SET jit` would refuse every connection.
+            conn.execute("SELECT set_config('jit', 'off', false) WHERE current_setting('jit', true) IS NOT NULL")
+        except psycopg.Error as exc:
+            conn.close()  # never kept half set up: the next call would take it as it is
+            raise self._failed(exc) from None
+        self._conn = conn
+        return conn
 
     @staticmethod
     def _hung_up(conn: psycopg.Connection) -> bool:

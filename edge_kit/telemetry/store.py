@@ -1182,6 +1182,7 @@ class HistoryStore(abc.ABC):
             first = (f"(SELECT x.sha256 FROM bench x WHERE {dev.format(then)} AND x.sha256 IS NOT NULL ORDER BY "
                      "x.device, x.sha256 LIMIT 1)")
             after = f"CASE WHEN {same} IS NULL THEN {then} ELSE p.device END, COALESCE({same}, {first})"
+            # a row without a receive time: as in _newest_rows
             since = (f"COALESCE((SELECT x.ts FROM bench x WHERE {dev.format('p.device')} AND {sha} AND x.ts IS NOT NULL "
                      "ORDER BY x.device DESC, x.sha256 DESC, x.ts DESC LIMIT 1 OFFSET ?), (SELECT x.ts FROM bench x WHERE "
                      f"{dev.format('p.device')} AND {sha} AND x.ts IS NOT NULL ORDER BY x.device, x.sha256, x.ts LIMIT 1))")
@@ -1193,7 +1194,7 @@ class HistoryStore(abc.ABC):
                    f"ORDER BY t.ts DESC, t.seq DESC) AS n FROM b {self.ROWS_JOIN.format(table='bench', on=on)}) AS "
                    "ranked WHERE n <= ? ORDER BY ts DESC, seq DESC")
             one = () if device is None else (device,)
-            args = (device or "", *one, keep - 1, *one, keep)
+            args = (device or "", *one, max(keep - 1, 0), *one, keep)  # keep 0: none (a negative OFFSET is an error)
         out: dict[tuple[str, str], list[dict[str, Any]]] = {}
         for (body,) in self._rows(sql, args):
             m = json.loads(body)
@@ -1337,7 +1338,8 @@ class HistoryStore(abc.ABC):
         for table in kinds:  # each device's newest receive time: one entry of the kind's (device, ts) index
             for device, ts in self._rows(f"WITH RECURSIVE {self._each_device(table)} SELECT d.device, (SELECT MAX(x.ts) "
                                          f"FROM {table} x WHERE x.device = d.device) FROM d WHERE d.device IS NOT NULL"):
-                heard[device] = max(ts, heard.get(device, ts))
+                if ts is not None:  # rows without a receive time (hand-made) say nothing of when it was heard
+                    heard[device] = max(ts, heard.get(device, ts))
         return heard
 
     def clock_offset(self) -> float:
@@ -1460,8 +1462,9 @@ class HistoryStore(abc.ABC):
         found by :meth:`_each_device`, then the receive time of its ``last``-th newest row through its ``(device, ts)``
         index, and only its rows since then are ranked: the work grows with the devices and ``last``, not with the
         history's length. Raises HistoryError."""
-        since = (f"COALESCE((SELECT x.ts FROM {table} x WHERE x.device = d.device ORDER BY x.ts DESC LIMIT 1 OFFSET ?), "
-                 f"(SELECT MIN(x.ts) FROM {table} x WHERE x.device = d.device))")  # fewer than last rows: all of them
+        # a row without a receive time (hand-made) is ranked by neither database: PostgreSQL sorts it first, SQLite last
+        since = (f"COALESCE((SELECT x.ts FROM {table} x WHERE x.device = d.device AND x.ts IS NOT NULL ORDER BY x.ts DESC "
+                 f"LIMIT 1 OFFSET ?), (SELECT MIN(x.ts) FROM {table} x WHERE x.device = d.device))")  # fewer: all of them
         return self._rows(f"WITH RECURSIVE {self._each_device(table)}, b(name, since) AS (SELECT d.device, {since} FROM d "
                           "WHERE d.device IS NOT NULL) SELECT device, body, ts FROM (SELECT t.device, t.body, t.ts, "
                           "ROW_NUMBER() OVER (PARTITION BY t.device ORDER BY t.ts DESC, t.seq DESC) AS n FROM b "

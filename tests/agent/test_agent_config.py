@@ -48,12 +48,18 @@ def test_agent_config_errors_name_file_line_and_key(tmp_path, text, message):
     ("bench: {threads: 1000}", "a.yaml:3: bench: threads 1000 is not between 1 and 64"),
     ("bench: {min_seconds: -1}", "a.yaml:3: bench: min_seconds -1.0 is not between 0 and 600"),
     ("power: {idle_w: 2.7}", "a.yaml:3: power: give both idle_w and busy_w"),
-    ("power: {idle_w: -2.7, busy_w: 5}", "a.yaml:3: power: idle_w -2.7 and busy_w 5.0 must be positive finite watts"),
+    ("power: {idle_w: -2.7, busy_w: 5}", "a.yaml:3: power: idle_w -2.7 and busy_w 5.0 must be positive watts, at most "
+                                         "10,000"),
+    ("power: {idle_w: 2, busy_w: 1.0e+29}", "a.yaml:3: power: idle_w 2.0 and busy_w 1e+29 must be positive watts, at "
+                                            "most 10,000"),
+    ("store: {max_store_mb: 1.0e+29}", "a.yaml: store.max_store_mb must be positive, at most 1,000,000,000 (1 PB)"),
+    ("bench: {threads: '4'}", "a.yaml:3: bench.threads: expected int, got '4'"),
     ("power: {idle_w: 6, busy_w: 2}", "a.yaml:3: power: busy_w (2.0) must be at least idle_w (6.0)"),
 ])
 def test_bench_and_power_blocks_follow_the_bench_commands_and_the_profiles_rules(tmp_path, block, message):
     """agent.yaml took bench.min_seconds -1, 1000 threads, an idle_w alone (no estimate, silently) or a busy_w below
-    idle_w (an estimate that falls as the CPU works)."""
+    idle_w (an estimate that falls as the CPU works); and, as profiles now refuse them, a busy_w or a store budget no
+    device has (1e29). Text for a number was refused before, as profiles now refuse it."""
     path = write(tmp_path, "a.yaml", f"device: pi-1\nfleet: f\n{block}\n")
     with pytest.raises(ConfigError) as caught:
         load_agent_config(path)
@@ -64,7 +70,8 @@ def test_bench_and_power_blocks_follow_the_bench_commands_and_the_profiles_rules
     (["--min-seconds", "nan"], "--min-seconds: nan is not between 0 and 600"),
     (["--min-seconds", "inf"], "--min-seconds: inf is not between 0 and 600"),
     (["--threads", "100000"], "--threads: 100000 is not between 1 and 64"),
-    (["--idle-w", "nan", "--busy-w", "5"], "idle_w nan and busy_w 5.0 must be positive finite watts (--idle-w, --busy-w)"),
+    (["--idle-w", "nan", "--busy-w", "5"], "idle_w nan and busy_w 5.0 must be positive watts, at most 10,000 (--idle-w, "
+                                           "--busy-w)"),
     (["--idle-w", "5", "--busy-w", "2"], "busy_w (2.0) must be at least idle_w (5.0) (--idle-w, --busy-w)"),
     (["--idle-w", "5"], "give both idle_w and busy_w (the power estimate needs both), or neither (--idle-w, --busy-w)"),
 ])

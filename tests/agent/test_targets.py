@@ -326,3 +326,69 @@ def test_the_edge_tpu_probe_opens_the_one_runtime_options_device_names(tmp_path,
     assert [EdgeTpu.device_missing({"device": d}) for d in ("pci", "pci:0", ":1")] == [None] * 3
     assert EdgeTpu.device_missing({"device": "pci:1"}) is not None
     assert EdgeTpu.device_missing({"devic": "usb"}).endswith("options.devic: unknown key; did you mean 'device'?")
+
+
+def test_an_edge_tpu_device_index_no_integer_holds_is_a_line_from_the_probe_never_a_traceback(tmp_path, monkeypatch):
+    """agent.yaml's ``delegate_options: {device: "usb:²"}`` (a digit to ``str.isdigit``) or an index thousands of
+    digits long: when the Edge TPU did not open, the kernel's listing raised ValueError from ``int()`` out of the probe
+    (a traceback from `edgekit-agent activate`). An index int() cannot read names any of its kind, as another spelling
+    does; one past a billion names none."""
+    from device_agents.targets import edgetpu
+
+    usb, dev = _one_usb_accelerator_listed(tmp_path, monkeypatch)
+    _probes(monkeypatch, opens=False)
+    for device in ("usb:²", "usb:٣", "usb:/sys/bus/usb/devices/2-1"):
+        assert EdgeTpu.device_missing({"device": device}) is None, device  # the USB one listed: busy
+        assert not edgetpu.enumerated(device.replace("usb", "pci"), usb, dev), device
+    assert edgetpu.enumerated("usb:" + "0" * 5000, usb, dev)  # index 0, however written
+    assert EdgeTpu.device_missing({"device": "usb:" + "9" * 5000}).startswith("no Edge TPU attached as usb:999")
+    assert EdgeTpu.device_missing({"device": "usb:1000000000"}).startswith("no Edge TPU attached as usb:1000000000")
+
+
+def test_the_edge_tpu_probe_names_the_device_option_on_one_line_escaped_and_short(tmp_path, monkeypatch):
+    """The probe's "no Edge TPU attached as <device>" quoted agent.yaml's ``device`` as written: a newline or an
+    escape sequence in it (a fleet file's override, a hand edit) split the one-line refusal or drove the terminal it
+    was shown on, and a long one made the line as long. Shown escaped now, at most 40 characters and its length."""
+    _one_usb_accelerator_listed(tmp_path, monkeypatch)
+    _probes(monkeypatch, opens=False)
+    said = EdgeTpu.device_missing({"device": "pci:0\n\x1b[2Jusb:0" + "0" * 100})
+    assert said.startswith("no Edge TPU attached as pci:0\\x0a\\x1b[2Jusb:00000000000000000000... (121 characters) "
+                           "(runtime.options.device): libedgetpu.so.1 loads"), said
+    assert said.isprintable()
+
+
+def test_an_interpreter_made_while_the_probe_looks_through_the_held_edge_tpus_waits_for_it(monkeypatch):
+    """The probe looks through the delegates this process's interpreters hold for the device it asks about (it counted
+    them before), under the probe's lock; the serving API remembered a new interpreter's delegate without it, so one
+    made by another thread in that moment changed the mapping under the look: RuntimeError (dictionary changed size
+    during iteration) out of the probe, where the agent's status asks. It waits for the probe now."""
+    import threading
+    import time
+    import weakref
+
+    _probes(monkeypatch)
+
+    class Module:
+        def load_delegate(self, lib, options):
+            return _Delegate()
+
+    made = []
+
+    def serve():
+        made.append(EdgeTpu.interpreter_options(Module(), {"device": "usb:1"}))
+
+    class Held(weakref.WeakKeyDictionary):
+        def values(self):  # another thread's interpreter made while the probe looks
+            for value in super().values():
+                worker = threading.Thread(target=serve)
+                worker.start()
+                worker.join(0.3)
+                yield value
+
+    monkeypatch.setattr(EdgeTpu, "_held", Held())
+    serving = EdgeTpu.interpreter_options(Module(), {"device": "usb:0"})
+    assert EdgeTpu.device_missing({"device": "pci:0"}) is None
+    deadline = time.monotonic() + 5
+    while not made and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(made) == 1 and sorted(EdgeTpu._held.data.values()) == ["usb:0", "usb:1"], serving

@@ -162,6 +162,110 @@ def test_a_broker_host_no_certificate_can_name_writes_nothing(tmp_path, run_cli)
         assert not (tmp_path / "wall").exists()  # a half-written wall would refuse the next, corrected run
 
 
+def test_a_listen_address_that_is_no_address_writes_no_broker_settings(tmp_path, run_cli):
+    """--listen went into mosquitto.conf's listener line as given (exit 0): 'not an ip' left a broker that would
+    not start, and a line break added settings of the user's own, such as a listener without TLS. Now refused."""
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text("fleet: f\nbroker: {host: 127.0.0.1, port: 1}\ndefaults: {user: edgekit, profile: rpi4}\n"
+                          "devices:\n  - {name: d1, host: 127.0.0.1}\n")
+    for listen in ("not an ip", "127.0.0.1\nlistener 1884\nallow_anonymous true"):
+        code, out, err = run_cli("fleet", "init", "--fleet", fleet_file, "--broker-host", "mqtt.local", "--listen",
+                                 listen, "--out", tmp_path / "wall", "--json")
+        assert code == 2 and err.count("\n") == 1
+        assert json.loads(out)["error"].startswith(f"--listen {listen!r}: give the IP address or host name")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["fleet.yaml"]  # no wall, no partial folder
+    code, out, err = run_cli("fleet", "init", "--fleet", fleet_file, "--broker-host", "mqtt.local", "--listen", "::",
+                             "--out", tmp_path / "wall", "--json")
+    assert code == 0 and "listener 8883 ::\n" in (tmp_path / "wall" / "mosquitto.conf").read_text()
+
+
+@pytest.mark.parametrize("edit, said", [
+    (("max_power_w: 6.5", "max_power_w: yes"), "profile.yaml:8: constraints.max_power_w: a number is wanted, not true"),
+    (("threads: 4", "threads: on"), "profile.yaml:6: runtime.threads: a number is wanted, not true or false"),
+    (("port: 2}", "port: true}"), "fleet.yaml:5: devices[0].port: a number is wanted, not true or false"),
+    (("port: 1}", "port: 1, keepalive: off}"), "fleet.yaml:2: broker.keepalive: a number is wanted, not true"),
+    (("ram_mb: 4096", 'ram_mb: "64"'), "profile.yaml:5: hardware.ram_mb: a number is wanted, not the text '64'; write "
+                                       "it without quotes"),
+    (("ram_mb: 4096", "ram_mb: 1e29"), "profile.yaml:5: hardware.ram_mb: a number is wanted, not the text '1e29'; write "
+                                       "it as 1.0e+29, as YAML reads an exponent only with a dot and a sign"),
+    (("ram_mb: 4096", "ram_mb: 100000000000000000000000000000"), "profile.yaml:5: hardware.ram_mb: Input should be "
+                                                                 "less than or equal to 1000000000"),
+    (("max_power_w: 6.5", "max_power_w: 1.0e+29"), "profile.yaml:8: constraints.max_power_w: Input should be less "
+                                                   "than or equal to 10000"),
+    (("max_latency_p90_ms: 50", "max_latency_p90_ms: 1.0e+9"), "profile.yaml:8: constraints.max_latency_p90_ms: Input "
+                                                               "should be less than or equal to 86400000"),
+    (("busy_w: 6.4", "busy_w: 64000"), "profile.yaml:10: power.busy_w: Input should be less than or equal to 10000"),
+    (("port: 2}", "port: '2'}"), "fleet.yaml:5: devices[0].port: a number is wanted, not the text '2'; write it"),
+    (("port: 1}", "port: '1'}"), "fleet.yaml:2: broker.port: a number is wanted, not the text '1'; write it"),
+])
+def test_yes_or_no_text_or_an_absurd_number_in_a_profile_or_fleet_file_is_named(tmp_path, run_cli, edit, said):
+    """YAML reads yes/no/on/off as true/false, and pydantic took true as 1: a profile's `max_power_w: yes` was a 1 W
+    limit, a device's `port: true` port 1, with exit 0. So was text: `ram_mb: "64"` was 64 (the agent's own config
+    refuses text for a number), `ram_mb: 1e29` (text to YAML) 'unable to parse string as an integer'; and 1e29 MB of
+    RAM, a 1e29 W limit or an 11-day latency bound were taken. Now the file, line and key are named, exit 2."""
+    from pathlib import Path
+
+    profile = tmp_path / "profile.yaml"
+    profile.write_text((Path(__file__).parents[2] / "profiles" / "rpi4.yaml").read_text())
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text(f"fleet: f\nbroker: {{host: 127.0.0.1, port: 1}}\ndefaults: {{user: edgekit, profile: {profile}}}\n"
+                     "devices:\n  - {name: d1, host: 127.0.0.1, port: 2}\n")
+    target = profile if said.startswith("profile") else fleet
+    target.write_text(target.read_text().replace(*edit))
+    command = ("profiles", "check", profile) if target == profile else \
+        ("fleet", "status", "--fleet", fleet, "--history-only", "--history", tmp_path / "none.db")
+    code, out, err = run_cli(*command, "--json")
+    assert code == 2 and err.count("\n") == 1
+    assert json.loads(out)["error"].startswith(f"{tmp_path}/{said}")
+
+
+@pytest.mark.parametrize("content, got", [("", "nothing (the file is empty, or only comments)"),
+                                          ("# todo\n", "nothing (the file is empty, or only comments)"),
+                                          ("- rpi4\n", "a list"), ("rpi4\n", "the single value 'rpi4'")])
+def test_a_profile_or_fleet_file_that_is_no_mapping_says_what_it_holds(tmp_path, run_cli, content, got):
+    """An empty profile or fleet file was 'expected a mapping of keys to values, got NoneType': Python's name."""
+    path = tmp_path / "x.yaml"
+    path.write_text(content)
+    for command in (("profiles", "check", path), ("fleet", "status", "--fleet", path, "--history-only")):
+        code, out, _err = run_cli(*command, "--json")
+        assert code == 2 and json.loads(out)["error"] == f"{path}:1: expected a mapping of keys to values, got {got}"
+
+
+@pytest.mark.parametrize("command, option, where", [
+    (("history", "refused", "--history", "{tmp}/h.db", "--device", "d\udcff"), "--device", "history refused"),
+    (("rollout", "status", "r\udcff", "--fleet", "{tmp}/fleet.yaml", "--history", "{tmp}/h.db"), "ROLLOUT_ID",
+     "rollout status"),
+    (("select", "--fleet", "{tmp}/fleet.yaml", "--history", "postgresql://u:secret@127.0.0.1:1/d\udcff"), "--history",
+     "select"),
+])
+def test_a_name_or_url_that_is_not_utf8_is_one_line(tmp_path, run_cli, command, option, where):
+    """A device, rollout id or URL given with a byte that is not UTF-8 (\\xff, kept as a lone surrogate) reached a
+    history query, or psycopg, as it was: a UnicodeEncodeError traceback. Now one line, without the URL's password."""
+    from edge_kit.telemetry.store import Store
+
+    Store(tmp_path / "h.db").close()
+    (tmp_path / "fleet.yaml").write_text("fleet: f\nbroker: {host: 127.0.0.1, port: 1}\ndefaults: {user: edgekit, "
+                                         "profile: rpi4}\ndevices:\n  - {name: d1, host: 127.0.0.1}\n")
+    code, out, err = run_cli(*[a.format(tmp=tmp_path) for a in command], "--json")
+    assert code == 2 and err.count("\n") == 1 and "secret" not in err
+    assert json.loads(out)["error"] == (f"Invalid value for '{option}': it holds bytes that are not UTF-8; give it as "
+                                        f"UTF-8 text (see `edgekit {where} --help`)")
+
+
+@pytest.mark.parametrize("name, said", [("", "the device name is empty; give the device's name (1-64 letters"),
+                                        ("a/b", "device 'a/b' must be 1-64 letters, digits, '_', '.' or '-'")])
+def test_fleet_revoke_of_an_empty_or_no_device_name_says_so(tmp_path, run_cli, name, said):
+    """`fleet revoke ""` said ": no key is registered for it in keys/devices.json" (an empty name, unseen), and made
+    keys/; a name no device can have was looked up too. Now the name is checked by the fleet file's rule first."""
+    (tmp_path / "fleet.yaml").write_text("fleet: f\nbroker: {host: 127.0.0.1, port: 1}\ndefaults: {user: edgekit, "
+                                         "profile: rpi4}\ndevices:\n  - {name: d1, host: 127.0.0.1}\n")
+    code, out, err = run_cli("fleet", "revoke", name, "--fleet", tmp_path / "fleet.yaml", "--json")
+    assert code == 2 and err.count("\n") == 1
+    assert json.loads(out)["error"].startswith(f"Invalid value for 'DEVICE': {said}")
+    assert json.loads(out)["error"].endswith("(see `edgekit fleet revoke --help`)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fleet.yaml"]
+
+
 def test_a_store_folder_that_does_not_exist_is_bad_input(tmp_path):
     from edge_kit.errors import InputError
     from edge_kit.sim.store_server import start_store_server

@@ -133,6 +133,8 @@ def test_one_history_rule_and_the_report_renders_from_the_history_alone(tmp_path
     from edge_kit.telemetry.store import Store, history_path
 
     fleet_file = tmp_path / "demo" / "sim" / "fleet.yaml"  # where `edgekit demo --dir demo` leaves it
+    fleet_file.parent.mkdir(parents=True)
+    fleet_file.write_text("fleet: sim\ndevices: [{name: rpi4-1, host: h, user: u, profile: rpi4}]\n")
     assert history_path(fleet_file) == fleet_file.parent.resolve() / "edgekit-history.db"
     store = Store(history_path(fleet_file))  # the demo writes through the same rule; no device is running
     store.add_many([("bench", _bench("rpi4-1", v, p90, acc, i)) for i, (v, p90, acc) in enumerate(DEMO_LIKE)])
@@ -373,9 +375,43 @@ def test_a_mistyped_fleet_file_is_named_and_gets_no_new_empty_history_beside_it(
     assert err.count("\n") == 1 and list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("command", [["report", "--out", "{tmp}/r.html"], ["history", "refused"], ["history", "gaps"],
+                                     ["history", "alerts"], ["history", "upgrade"]])
+@pytest.mark.parametrize("given, said", [("flet.yaml", "{given}: no such fleet file; write one (docs/fleet.md)"),
+                                         ("rpi4.yaml", "{given}:1: name: unknown key; valid keys: fleet, broker"),
+                                         ("keys", "{given}: a folder, not a fleet file; give its fleet.yaml")])
+def test_a_fleet_file_that_is_missing_or_none_is_named_where_a_history_lies_beside_it(tmp_path, run_cli, command,
+                                                                                      given, said):
+    """`report` and `history` took only the folder of their --fleet: a mistyped name, a profile or a folder beside a
+    fleet's history read that history (a folder: its parent's), exit 0. Now each is named as every -f is, exit 2."""
+    from edge_kit.telemetry.store import Store
+
+    Store(tmp_path / "edgekit-history.db").close()
+    (tmp_path / "rpi4.yaml").write_text("name: rpi4\ndescription: a profile\n")
+    (tmp_path / "keys").mkdir()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, out, err = run_cli(*[a.format(tmp=tmp_path) for a in command], "--fleet", tmp_path / given, "--json")
+    assert code == 2 and err.count("\n") == 1, err
+    assert json.loads(out)["error"].startswith(said.format(given=tmp_path / given))
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize("command", [["report", "--out", "{tmp}/r.html"], ["history", "refused"], ["select"]])
+def test_a_history_that_is_a_folder_is_named_a_folder(tmp_path, run_cli, command):
+    """`--history FOLDER` said 'no history store; check --history', as if the file were missing."""
+    (tmp_path / "fleet.yaml").write_text("fleet: f\ndevices: [{name: a, host: h, user: u, profile: rpi4}]\n")
+    (tmp_path / "h").mkdir()
+    code, out, err = run_cli(*[a.format(tmp=tmp_path) for a in command], "--fleet", tmp_path / "fleet.yaml",
+                             "--history", tmp_path / "h", "--json")
+    assert code == 2 and err.count("\n") == 1, err
+    assert json.loads(out)["error"] == (f"{tmp_path / 'h'}: a folder, not a history store; give --history its file "
+                                        f"(e.g. {tmp_path / 'h' / 'edgekit-history.db'}) or a postgresql:// URL")
+    assert list((tmp_path / "h").iterdir()) == [] and not (tmp_path / "r.html").exists()
+
+
 def test_a_report_from_a_fleet_without_a_history_yet_says_what_to_run(tmp_path, run_cli):
     fleet_file = tmp_path / "fleet.yaml"
-    fleet_file.write_text("fleet: f\ndevices: []\n")
+    fleet_file.write_text("fleet: f\ndevices: [{name: a, host: h, user: u, profile: rpi4}]\n")
     code, out, err = run_cli("report", "--fleet", fleet_file, "--out", tmp_path / "r.html", "--json")
     assert code == 2, err
     assert json.loads(out)["error"] == (f"{tmp_path.resolve() / 'edgekit-history.db'}: no history store; run "
@@ -388,7 +424,7 @@ def test_a_report_from_a_history_without_benchmarks_says_so_and_what_to_run(tmp_
     from edge_kit.telemetry.store import Store
 
     fleet_file = tmp_path / "fleet.yaml"
-    fleet_file.write_text("fleet: f\ndevices: []\n")
+    fleet_file.write_text("fleet: f\ndevices: [{name: a, host: h, user: u, profile: rpi4}]\n")
     Store(tmp_path / "edgekit-history.db").close()  # a history nothing has benchmarked into
     code, out, err = run_cli("report", "--fleet", fleet_file, "--out", tmp_path / "r.html")
     assert code == 0, err

@@ -124,12 +124,10 @@ def test_a_last_will_received_after_a_switch_does_not_take_the_device_back_to_it
     assert store.latest_status()["d1"]["current"]["sha256"] == "D"
 
 
-def test_the_fleets_history_a_newer_edge_kit_wrote_is_read_by_fleet_status_and_refused_to_monitor(tmp_path, run_cli):
-    """The history beside the fleet file, of a newer schema: `edgekit monitor` (and `history upgrade`) opened it as
-    current and wrote it. Now they stop in one line naming the file, both versions and what to run, exit 6; `fleet
-    status`, which only reads, still shows it: it opens the fleet's history it finds as a reader."""
-    import json
-
+def _fleet_with_a_newer_history(tmp_path):
+    """Write a fleet file (its broker unreachable) and, beside it, its history as a newer edge-kit left it: a bench
+    record of d1 and rollout r1 over d1, no host driving it, at schema version SCHEMA_VERSION + 1. Return the fleet
+    file, the history file and the error a command that would write it prints (stderr)."""
     from edge_kit.telemetry.store import SCHEMA_VERSION
 
     fleet = tmp_path / "fleet.yaml"
@@ -138,13 +136,44 @@ def test_the_fleets_history_a_newer_edge_kit_wrote_is_read_by_fleet_status_and_r
     history = tmp_path / "edgekit-history.db"
     with Store(history) as store:
         store.add("bench", bench("d1", "s1", 1.0, 1))
+        store.save_rollout("r1", "running", {"id": "r1", "order": ["d1"], "targets": {"d1": {"variant": "int8"}}})
         store._execute("UPDATE edgekit_schema SET version = ? WHERE name = 'history'", (SCHEMA_VERSION + 1,))
     want = (f"edgekit: error: the history {history} was written by a newer edge-kit (schema version "
             f"{SCHEMA_VERSION + 1}; this one writes {SCHEMA_VERSION}) and this command would write to it: upgrade "
             f"edge-kit on this host to the version that wrote it (schema {SCHEMA_VERSION + 1}), then run again\n")
+    return fleet, history, want
+
+
+def test_the_fleets_history_a_newer_edge_kit_wrote_is_read_by_fleet_status_and_refused_to_monitor(tmp_path, run_cli):
+    """The history beside the fleet file, of a newer schema: `edgekit monitor` (and `history upgrade`) opened it as
+    current and wrote it. Now they stop in one line naming the file, both versions and what to run, exit 6; `fleet
+    status`, which only reads, still shows it: it opens the fleet's history it finds as a reader."""
+    import json
+
+    from edge_kit.telemetry.store import SCHEMA_VERSION
+
+    fleet, history, want = _fleet_with_a_newer_history(tmp_path)
     for command in (["monitor", "--fleet", fleet, "--duration", "1"], ["history", "upgrade", "--fleet", fleet]):
         assert run_cli(*command) == (6, "", want)
     code, out, err = run_cli("fleet", "status", "--fleet", fleet, "--history-only", "--json")
     assert code == 0 and list(json.loads(out)["bench"]) == ["d1/s1"], err
     with Store(history, write=False) as store:
         assert store._schema_version() == SCHEMA_VERSION + 1
+
+
+def test_rollout_status_refresh_which_writes_the_devices_states_is_refused_a_newer_history_and_status_reads_it(
+        tmp_path, run_cli):
+    """`rollout status` opens the fleet's history it finds as a reader, so a newer edge-kit's history is not refused
+    to it; with --refresh it stores the states it reads from the broker in that history, a write no newer-schema
+    check stopped. With --refresh it opens it as a writer now: refused in one line before the broker is asked, exit
+    6, nothing changed; without it, it reads the rollout as before."""
+    import json
+
+    from edge_kit.telemetry.store import SCHEMA_VERSION
+
+    fleet, history, want = _fleet_with_a_newer_history(tmp_path)
+    assert run_cli("rollout", "status", "r1", "--fleet", fleet, "--refresh") == (6, "", want)
+    code, out, err = run_cli("rollout", "status", "r1", "--fleet", fleet, "--json")
+    assert code == 0 and [r["device"] for r in json.loads(out)["devices"]] == ["d1"], err
+    with Store(history, write=False) as store:
+        assert store._schema_version() == SCHEMA_VERSION + 1 and store.rollout_devices("r1") == {}

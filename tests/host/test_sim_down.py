@@ -160,6 +160,16 @@ def test_sim_down_where_nothing_was_started_says_so(tmp_path, run_cli):
     assert code == 0 and json.loads(out) == {"stopped": [], "not_running": []}
 
 
+def test_sim_down_on_a_file_is_one_line_not_nothing_is_up(tmp_path, run_cli):
+    """`sim down --dir FILE` said "nothing is up in FILE", exit 0: a mistyped --dir read as a fleet stopped."""
+    (tmp_path / "notes").write_text("x")
+    code, out, err = run_cli("sim", "down", "--dir", tmp_path / "notes", "--json")
+    assert code == 2 and err.count("\n") == 1
+    assert json.loads(out)["error"] == (f"{tmp_path / 'notes'}: a file, not a folder; give --dir the simulated fleet's "
+                                        "folder (default .edgekit-sim)")
+    assert (tmp_path / "notes").read_text() == "x"
+
+
 def test_sim_down_says_a_broker_that_had_already_died_was_not_running_and_still_cleans_up(tmp_path, run_cli):
     """A broker that had crashed was listed as "stopped" by `sim down`; now what had already ended is said so,
     and the rest is stopped and the record removed all the same."""

@@ -170,6 +170,20 @@ def spool_count(root: Path, kind: str) -> int:
     return _spool_rows(root, "SELECT COUNT(*) FROM outbox WHERE kind = ?", kind)
 
 
+def spool_sent(root: Path, kind: str) -> int:
+    """Return how many ``kind`` records an agent's spool numbered and the broker acknowledged (numbered, neither
+    waiting in its outbox nor dropped by it when full); 0 while the spool cannot be read (not made yet: the agent is
+    starting)."""
+    import sqlite3
+
+    counter = "COALESCE((SELECT value FROM counters WHERE name = ?), 0)"
+    try:
+        return _spool_rows(root, f"SELECT {counter} - {counter} - (SELECT COUNT(*) FROM outbox WHERE kind = ?)",
+                           f"seq.{kind}", f"dropped.{kind}", kind)
+    except sqlite3.OperationalError:  # no spool.db yet, or its tables not made yet
+        return 0
+
+
 def spool_taken(root: Path) -> int:
     """Commands an agent has taken (on disk before it let the broker forget them), answered or not."""
     return _spool_rows(root, "SELECT COUNT(*) FROM seen")

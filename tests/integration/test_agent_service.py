@@ -76,8 +76,12 @@ def test_records_survive_a_broker_outage_and_an_agent_restart_exactly_once(agent
     mosquitto.stop()
     assert wait_until(lambda: spool_count(agent.root, "bench") == 3, 30), "benchmarks did not complete offline"
     assert agent.stop() == 0  # graceful stop with records still spooled
+    unreachable = agent.log.read_text().count("cannot reach the broker")
     agent.start()  # restarts offline: replays the spool once the broker is back
-    time.sleep(1.0)
+    # the broker comes back once the agent has found it down (a fixed 1 s sleep let a loaded machine's agent start late,
+    # with the broker already back: the offline restart went untested)
+    assert wait_until(lambda: agent.log.read_text().count("cannot reach the broker") > unreachable, 60), \
+        agent.log.read_text()[-2000:]
     mosquitto.start()
     assert monitor.wait_for(lambda m: len([r for r in m["bench"] if r["device"] == "dev1"]) >= 3, 60)
     time.sleep(0.5)  # room for any duplicate to arrive

@@ -306,6 +306,24 @@ def test_a_server_stopped_and_started_again_fails_one_call_then_reconnects(tmp_p
         store.close()
 
 
+def test_every_connection_turns_jit_off_and_a_server_without_jit_is_read_and_written(postgres_url, monkeypatch):
+    """Each connection turns JIT compilation off (a newest-per-device read, guessed costly, was compiled for seconds),
+    a reconnection too. A server that has no ``jit`` setting (PostgreSQL 10, told here by a server whose setting has
+    another name) refused ``SET jit = off``, so edge-kit could open no history there: it is read and written as before."""
+    import psycopg
+
+    store = open_history(postgres_url)
+    store._conn.close()  # a reconnection sets it again
+    assert store._rows("SHOW jit") == [("off",)]
+    store.close()
+    real = psycopg.Connection.execute
+    monkeypatch.setattr(psycopg.Connection, "execute",
+                        lambda conn, query, *a, **k: real(conn, query.replace("jit", "no_jit_here"), *a, **k))
+    store = open_history(postgres_url)
+    assert store.add("bench", bench("d1", "s1", 1.0, 1)) and set(store.latest_bench()) == {("d1", "s1")}
+    store.close()
+
+
 def test_rollout_state_has_one_owner_at_a_time_and_device_rows_update_in_place(history):
     """What `edgekit rollout` keeps to resume after a restart (edge_kit.loop.waves)."""
     history.save_rollout("r1", "running", {"variant": "int8"})

@@ -186,6 +186,17 @@ def _read_by(history, sql: str, args: tuple) -> int:
     return walk(top) + top.get("Shared Hit Blocks", 0) + top.get("Shared Read Blocks", 0)
 
 
+def _grow(history, seq: list[int], n: int, kinds) -> None:
+    """Store ``n`` more records of d1 and of d2 of each of ``kinds`` (each: device, seq -> (kind, message)), numbered on
+    from ``seq[0]`` (raised by ``n``) and received a microsecond apart, 5,000 a batch; return nothing."""
+    now = time.time()
+    for start in range(0, n, 5000):
+        part = [(device, seq[0] + i + 1) for i in range(start, min(n, start + 5000)) for device in ("d1", "d2")]
+        history.add_many([kind(d, s) for kind in kinds for d, s in part],
+                         received=[now + s / 1e6 for _d, s in part] * len(kinds))
+    seq[0] += n
+
+
 def test_where_each_stream_stands_at_start_costs_a_bounded_read_whatever_the_historys_size(history, monkeypatch):
     """``newest_seqs`` (a persistent monitor's start, a --share worker's first marks) grouped every row of each kind by
     device: a start read the whole history. Now each device's newest row is found through its kind's ``(device, ts)``
@@ -207,19 +218,11 @@ def test_where_each_stream_stands_at_start_costs_a_bounded_read_whatever_the_his
         return sum(_read_by(history, sql, args) for sql, args in queries)
 
     seq = [0]
-
-    def grow(n):
-        now = time.time()
-        for start in range(0, n, 5000):
-            part = [(device, seq[0] + i + 1) for i in range(start, min(n, start + 5000)) for device in ("d1", "d2")]
-            history.add_many([tele(d, s) for d, s in part] + [("bench", messages.envelope(
-                "bench", "f", d, s, {"variant": "v", "sha256": "s", "latency_ms": {"p90": 1.0}})) for d, s in part],
-                received=[now + s / 1e6 for _d, s in part] * 2)
-        seq[0] += n
-
-    grow(50)
+    kinds = (tele, lambda d, s: ("bench", messages.envelope("bench", "f", d, s, {"variant": "v", "sha256": "s",
+                                                                               "latency_ms": {"p90": 1.0}})))
+    _grow(history, seq, 50, kinds)
     small = work()
-    grow(15_000)
+    _grow(history, seq, 15_000, kinds)
     if not hasattr(history, "_db"):
         history._execute("ANALYZE")
     big = work()
@@ -278,22 +281,13 @@ def test_the_newest_records_per_device_cost_a_bounded_read_whatever_the_historys
         return sum(_read_by(history, sql, args) for sql, args in queries)
 
     seq = [0]
-
-    def grow(n):
-        now = time.time()
-        for start in range(0, n, 5000):
-            part = [(device, seq[0] + i + 1) for i in range(start, min(n, start + 5000)) for device in ("d1", "d2")]
-            history.add_many([status(d, s, model if d == "d1" else None) for d, s in part]
-                             + [tele(d, s) for d, s in part] + [bench(d, s) for d, s in part],
-                             received=[now + s / 1e6 for _d, s in part] * 3)
-        seq[0] += n
-
+    kinds = (lambda d, s: status(d, s, model if d == "d1" else None), tele, bench)
     history.add_many([status("d2", 0, model), status("d3", 1, state="offline"), status("d3", 2, model),
                       bench("d3", 1)],
                      received=[time.time() - 60, time.time() - 30, time.time() - 40, time.time()])
-    grow(100)
+    _grow(history, seq, 100, kinds)
     small = work()
-    grow(20_000)
+    _grow(history, seq, 20_000, kinds)
     if not hasattr(history, "_db"):
         history._execute("ANALYZE")
     big = work()
@@ -575,3 +569,133 @@ def test_a_last_wills_model_costs_a_bounded_read_whatever_the_historys_length(hi
         history._execute("ANALYZE")
     big = work()
     assert big <= small * 1.5 + 20, (small, big)
+
+
+# The queries the newest-per-device reads ran before the skip scans (3f5c8ac^): the reference their answers are held to.
+OLD_LATEST = ("SELECT t.body FROM {table} t JOIN (SELECT device, MAX(ts) AS ts FROM {table} GROUP BY device) l "
+              "ON t.device = l.device AND t.ts = l.ts ORDER BY t.seq")
+OLD_LATER = ("SELECT body FROM (SELECT s.body, s.seq, ROW_NUMBER() OVER (PARTITION BY s.device ORDER BY s.seq DESC) AS n "
+             "FROM status s JOIN (SELECT t.device, MAX(t.seq) AS seq FROM status t JOIN (SELECT device, MAX(ts) AS ts "
+             "FROM status GROUP BY device) l ON t.device = l.device AND t.ts = l.ts GROUP BY t.device) w ON s.device = "
+             "w.device AND s.seq > w.seq) AS later WHERE n <= 100 ORDER BY seq DESC")
+OLD_RANKED = ("SELECT device, body, ts FROM (SELECT device, body, ts, seq, ROW_NUMBER() OVER (PARTITION BY device ORDER "
+              "BY ts DESC, seq DESC) AS n FROM status) AS ranked WHERE n BETWEEN ? AND ? ORDER BY device, n")
+OLD_BENCH = ("SELECT body FROM (SELECT body, ts, seq, ROW_NUMBER() OVER (PARTITION BY device, sha256 ORDER BY ts DESC, "
+             "seq DESC) AS n FROM bench {where}) AS ranked WHERE n <= ? ORDER BY ts DESC, seq DESC")
+OLD_DECISIONS = ("SELECT d.body, d.ts FROM decisions d JOIN (SELECT MAX(id) AS id FROM decisions {where} GROUP BY device) "
+                 "l ON d.id = l.id")
+OLD_UNKINDED = ("SELECT device, body, ts FROM decisions u WHERE kind IS NULL{good} AND id > COALESCE((SELECT MAX(id) FROM "
+                "decisions k {where} AND k.device = u.device), -1) ORDER BY id DESC")  # unchanged: with the kinds asked
+# odd names: a quote, LIKE's wildcards, a prefix of another, unicode, 300 characters
+ODD_DEVICES = ("a", "a'; DROP TABLE status; --", "100%_x", "a\\b", "ü-dév ☃", "é" * 300, "Z")
+
+
+def _old_answers(history) -> dict:
+    """Return what the old queries answer for the history's newest records per device (see OLD_*)."""
+    def latest(table):
+        return {m["device"]: m for m in (json.loads(b) for (b,) in history._rows(OLD_LATEST.format(table=table)))}
+
+    status = latest("status")
+    wills = {d: m for d, m in status.items() if m.get("state") == "offline" and isinstance(m.get("connection"), str)
+             and isinstance(m.get("seq"), int)}
+    found: set[str] = set()
+    for m in (json.loads(b) for (b,) in (history._rows(OLD_LATER) if wills else ())):
+        will = wills.get(m["device"])
+        if will is not None and m["device"] not in found and m.get("connection") == will["connection"]:
+            status[m["device"]] = {**will, "current": m.get("current")}
+            found.add(m["device"])
+    bench: dict = {}
+    for device in (None, *ODD_DEVICES[:3]):
+        where, args = history._where(device, "sha256", None)
+        for keep in (0, 1, 3):
+            for (b,) in history._rows(OLD_BENCH.format(where=where), (*args, keep)):
+                m = json.loads(b)
+                bench.setdefault((device, keep), {}).setdefault((m["device"], m["sha256"]), []).append(m)
+    decisions = {}
+    for kinds, feasible in ((None, False), (("fleet selection",), False), (("selection", "fleet selection"), True)):
+        where, args = history._where(None, "kind", kinds)
+        good = " AND feasible = 1 AND chosen IS NOT NULL" if feasible else ""
+        where += good if where or not good else "WHERE" + good[4:]
+        rows = history._rows(OLD_DECISIONS.format(where=where), args)
+        newest = decisions[kinds, feasible] = {json.loads(b)["device"]: {**json.loads(b), "recorded": ts} for b, ts in rows}
+        settled: set[str] = set()
+        for device, b, ts in history._rows(OLD_UNKINDED.format(good=good, where=where), args) if kinds else ():
+            if device not in settled and json.loads(b)["kind"] in kinds:  # a kind the body says, as decision_kind
+                settled.add(device)
+                newest[device] = {**json.loads(b), "recorded": ts}
+    return {"status": status, "telemetry": latest("telemetry"), "bench": bench, "decisions": decisions,
+            "ranked": [history._rows(OLD_RANKED, span) for span in ((1, 1), (1, 2), (3, 100))],
+            "received": {d: ts for d, ts in history._rows("SELECT device, MAX(ts) FROM telemetry GROUP BY device")},
+            "devices": {d for t in ("status", "telemetry", "bench", "decisions")
+                        for (d,) in history._rows(f"SELECT DISTINCT device FROM {t}")}}
+
+
+def _new_answers(history) -> dict:
+    """Return what the store answers now for what :func:`_old_answers` asks the old queries."""
+    return {"status": history.latest_status(), "telemetry": history.latest_telemetry(),
+            "bench": {(device, keep): history.recent_bench(device, keep=keep) for device in (None, *ODD_DEVICES[:3])
+                      for keep in (0, 1, 3) if history.recent_bench(device, keep=keep)},
+            "decisions": {(kinds, feasible): history.latest_decisions(kinds, feasible) for kinds, feasible in (
+                (None, False), (("fleet selection",), False), (("selection", "fleet selection"), True))},
+            "ranked": [history._newest_rows("status", *span) for span in ((1, 1), (1, 2), (3, 100))],
+            "received": history.last_received(("telemetry",)), "devices": history.devices()}
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_the_newest_records_per_device_are_the_ones_the_old_grouping_queries_found(history, seed):
+    """The skip scans (3f5c8ac and after) replaced queries that grouped or ranked whole tables; they must pick the same
+    rows: on random small histories of odd device names, with receive times shared by several records (the newest is
+    then the highest ``seq``), records without a ``seq`` (a hand-made or old row), devices whose records are all old,
+    last wills, decisions without a kind, every answer is the old queries' (the references above), on both databases
+    (PostgreSQL refused the newest 0 bench records: a negative OFFSET)."""
+    import random
+
+    rng = random.Random(seed)
+    devices = rng.sample(ODD_DEVICES, rng.randint(0, len(ODD_DEVICES)))
+    rows: dict[str, list[tuple]] = {"status": [], "telemetry": [], "bench": [], "decisions": []}
+    for device in devices:
+        seqs = rng.sample(range(1, 40), rng.randint(1, 12))  # distinct: one record a (ts, seq), ties on ts alone
+        stamps = [rng.choice((1.0, 2.0, 3.0, 1e-9 * rng.random())) for _ in seqs]
+        if rng.random() < 0.3:
+            seqs[0] = None  # no seq: on a tie, SQLite ranks it last and PostgreSQL first, before as now
+        for n, (seq, ts) in enumerate(zip(seqs, stamps)):
+            body = {"device": device, "seq": seq, "state": rng.choice(("online", "offline")),
+                    "connection": rng.choice(("c1", "c2")), "current": {"variant": f"v{n}", "sha256": "s"}
+                    if rng.random() < 0.5 else None, "sha256": rng.choice(("s1", "s2"))}
+            rows["status"].append((f"{device}/{n}", device, ts, seq, body["state"], json.dumps(body)))
+            rows["telemetry"].append((f"{device}/{n}", device, ts, seq, json.dumps(body)))
+            rows["bench"].append((f"{device}/{n}", device, ts, seq, "v", body["sha256"], 1.0, json.dumps(body)))
+            kind = rng.choice(("selection", "fleet selection", None))
+            decision = {"device": device, "chosen": rng.choice(("v", None)), "kind": rng.choice(("fleet selection",
+                                                                                                  "selection"))}
+            rows["decisions"].append((device, ts, decision["chosen"], None, rng.randint(0, 1), 1, json.dumps(decision),
+                                      kind))
+    rng.shuffle(rows["decisions"])  # ids in no device's order
+    history._write_batch([(sql, rows[table]) for table, sql in (
+        ("status", "INSERT INTO status VALUES (?, ?, ?, ?, ?, ?)"), ("telemetry", "INSERT INTO telemetry VALUES "
+         "(?, ?, ?, ?, ?)"), ("bench", "INSERT INTO bench VALUES (?, ?, ?, ?, ?, ?, ?, ?)"),
+        ("decisions", "INSERT INTO decisions (device, ts, chosen, previous, feasible, switched, body, kind) VALUES "
+         "(?, ?, ?, ?, ?, ?, ?, ?)")) if rows[table]])
+    old, new = _old_answers(history), _new_answers(history)
+    for key in old:
+        assert new[key] == old[key], key
+
+
+def test_a_record_without_a_receive_time_is_among_no_devices_newest_on_either_database(history):
+    """A row without a ``ts`` (hand-made: the store always writes one) sorts first on PostgreSQL, last on SQLite: on
+    PostgreSQL it was taken as a device's newest-but-one's bound, so the second newest status and bench record were
+    missed and the last known model was an older one; a device with no other row failed ``last_received`` (a
+    TypeError). Now neither database ranks it."""
+    def body(seq, variant):
+        return json.dumps({"device": "n", "seq": seq, "sha256": "s", "current": variant and {"variant": variant}})
+
+    rows = [(None, 9, "unstamped"), (5.0, 3, None), (4.0, 2, "second"), (3.0, 1, "third")]
+    history._write_batch([("INSERT INTO status VALUES (?, ?, ?, ?, ?, ?)",
+                           [(f"s{seq}", "n", ts, seq, "online", body(seq, v)) for ts, seq, v in rows]),
+                          ("INSERT INTO bench VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                           [(f"b{seq}", "n", ts, seq, "v", "s", 1.0, body(seq, v)) for ts, seq, v in rows])])
+    assert [json.loads(b)["seq"] for _d, b, _ts in history._newest_rows("status", 1, 2)] == [3, 2]
+    assert history.last_known_models()["n"]["variant"] == "second"
+    assert [m["seq"] for m in history.recent_bench(keep=2)[("n", "s")]] == [3, 2]
+    history._write_batch([("INSERT INTO bench VALUES (?, ?, ?, ?, ?, ?, ?, ?)", [("m", "m", None, 1, "v", "s", 1.0, "{}")])])
+    assert history.last_received(("status", "bench")) == {"n": 5.0}

@@ -547,11 +547,17 @@ def test_a_refused_message_s_topic_is_kept_short_in_alerts_and_the_invalid_table
 
 
 @pytest.mark.parametrize("option, value, error", [
-    ("--share", "a/b", "--share 'a/b': give a group name without '/', '+' or '#' (e.g. monitors)"),
-    ("--share", "", "--share '': give a group name without '/', '+' or '#' (e.g. monitors)"),
+    ("--share", "a/b", "--share 'a/b': give a group name without '/', '+', '#' or control characters, in UTF-8 "
+                       "(e.g. monitors)"),
+    ("--share", "", "--share '': give a group name without '/', '+', '#' or control characters, in UTF-8 (e.g. monitors)"),
+    ("--share", "g\udcff", "--share 'g\\udcff': give a group name without '/', '+', '#' or control characters, in "
+                          "UTF-8 (e.g. monitors)"),
     ("--workers", "2", "--workers 2: only with --share (the workers of one shared subscription)"),
     ("--client-id", "", "--client-id: give 1 to 65,535 bytes (got 0)"),
     ("--client-id", "x" * 70_000, "--client-id: give 1 to 65,535 bytes (got 70,000)"),
+    ("--client-id", "x\ny", "--client-id 'x\\ny': give one without control characters, in UTF-8 (e.g. edgekit-monitor-1)"),
+    ("--client-id", "x\udcff", "--client-id 'x\\udcff': give one without control characters, in UTF-8 (e.g. "
+                              "edgekit-monitor-1)"),
     ("--budget-rate", "0", "Invalid value for '--budget-rate': 0: give a number greater than or equal to 0.001 "
                            "(see `edgekit monitor --help`)"),
     ("--budget-burst", "nan", "Invalid value for '--budget-burst': nan: give a finite number (see `edgekit monitor --help`)"),
@@ -560,10 +566,20 @@ def test_a_refused_message_s_topic_is_kept_short_in_alerts_and_the_invalid_table
 def test_a_share_group_client_id_or_budget_the_monitor_cannot_use_is_refused(fleet, tmp_path, run_cli, option, value,
                                                                              error):
     """`monitor --share a/b` subscribed to `$share/a/b/edgekit/...` (group a, another topic) and stored nothing,
-    exit 0; `--client-id ''` got a random id (no persistent session); a 70,000-byte one a struct.error traceback.
-    An ingest budget of 0 (every record refused) or NaN is one line too."""
+    exit 0; `--client-id ''` got a random id (no persistent session); a 70,000-byte one a struct.error traceback; one
+    with a line break waited for the broker to drop it (exit 5, 'timeout'); a share group or client id not UTF-8 (an
+    argument's byte \\xff) was a UnicodeEncodeError traceback. An ingest budget of 0 (every record refused) or NaN is
+    one line too."""
     code, out, err = run_cli("monitor", "--fleet", fleet.source, "--duration", "1", option, value, "--json")
     assert code == 2 and json.loads(out)["error"] == error and err.count("\n") == 1
+
+
+def test_a_history_whose_file_name_is_not_utf8_is_monitored(fleet, tmp_path, run_cli):
+    """The monitor's own client id hashes the history's path: a name with a byte that is not UTF-8 (\\xff) was a
+    UnicodeEncodeError traceback before it started."""
+    code, out, err = run_cli("monitor", "--fleet", fleet.source, "--duration", "0", "--history", tmp_path / "h\udcff.db",
+                             "--json")
+    assert code == 0 and err == "" and json.loads(out), err
 
 
 def test_a_monitor_stopped_by_sigterm_prints_its_summary_as_after_ctrl_c(fleet, publisher, tmp_path):
@@ -989,7 +1005,7 @@ def test_a_real_agent_s_records_the_broker_dropped_are_each_stored_or_in_a_recor
     broker acknowledged it, so what the broker dropped for the monitor's session is not sent again. Every number the
     agent gave each stream is stored or in a recorded, alerted gap, none in both, up to the newest its last
     telemetry counts."""
-    from harness import AgentProcess
+    from harness import AgentProcess, spool_sent
 
     with small_queues(tmp_path, devices=("d1", "a1")) as (fleet, _, broker):
         store = Store(tmp_path / "h.db")
@@ -1002,7 +1018,10 @@ def test_a_real_agent_s_records_the_broker_dropped_are_each_stored_or_in_a_recor
                 assert wait_until(lambda: mon.stats.stored >= 20, 60), mon.stats
             finally:
                 mon.stop()
-            time.sleep(5)  # the monitor is down: the agent publishes on, far past the 50 the broker queues
+            # the monitor is down: the agent publishes on, its telemetry alone far past the 50 the broker queues (the
+            # broker took each: a fixed sleep was not enough for an agent slowed by a loaded machine)
+            sent = spool_sent(agent.root, "telemetry")
+            assert wait_until(lambda: spool_sent(agent.root, "telemetry") > sent + 60, 60), agent.log.read_text()[-2000:]
             mon = Monitor(fleet, store, client_id="agent-queue-monitor", persistent=True).start()
             try:
                 assert wait_until(lambda: mon.stats.gaps >= 1, 30), mon.stats
@@ -1032,7 +1051,7 @@ def test_a_real_agent_restarted_on_a_wiped_state_numbers_in_a_new_epoch_and_its_
     monitor was down) was silent. Now the agent's messages carry its spool's epoch: the new one is recorded as a
     restart (not a gap), and every number of the new numbering is stored or in a recorded gap, well below the old
     mark. With --share, the gap scan does the same from the history."""
-    from harness import AgentProcess
+    from harness import AgentProcess, spool_sent
 
     options = {} if share is None else {"share": share, "workers": 1, "gap_grace_s": 1.0}
     with small_queues(tmp_path, devices=("d1", "a1")) as (fleet, _, broker):
@@ -1049,7 +1068,9 @@ def test_a_real_agent_restarted_on_a_wiped_state_numbers_in_a_new_epoch_and_its_
                 leftover.unlink()
             mon.stop()
             agent.start()
-            time.sleep(4)  # the monitor is down: the agent numbers from 1 again, far past the 50 the broker queues
+            # the monitor is down: the agent numbers from 1 again, its telemetry alone far past the 50 the broker queues
+            # (the broker took each: on a loaded machine the agent had not even connected after the 4 s slept before)
+            assert wait_until(lambda: spool_sent(agent.root, "telemetry") > 60, 60), agent.log.read_text()[-2000:]
             mon = Monitor(fleet, store, client_id="agent-epoch-monitor", persistent=True, **options).start()
             try:
                 assert wait_until(lambda: mon.stats.gaps >= 1, 30), (mon.stats, [a.text for a in mon.alerts])

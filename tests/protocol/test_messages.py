@@ -30,6 +30,8 @@ def test_topics_are_built_and_parsed_in_one_place():
         messages.parse_topic("edgekit/v1/f1/d1/nope")
     with pytest.raises(ValueError, match="must be 1-64 letters"):
         messages.check_name("a/b", "device")
+    with pytest.raises(ValueError, match="^the device name is empty; give the device's name"):
+        messages.check_name("", "device")
 
 
 def test_envelope_round_trip_and_unique_ids():
