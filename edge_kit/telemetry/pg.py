@@ -209,6 +209,9 @@ class PostgresStore(HistoryStore):
     #: :attr:`HistoryStore.ROWS_JOIN` as a LATERAL subquery kept apart by ``OFFSET 0``: joined as one, PostgreSQL merged
     #: or hashed the whole table with each device's bound (each device's newest bench records read the table whole).
     ROWS_JOIN = "CROSS JOIN LATERAL (SELECT * FROM {table} t WHERE {on} OFFSET 0) t"
+    #: :attr:`HistoryStore.ONE` as a range of one: ``x.device = ?`` let the planner walk ``bench (sha256, ts)`` for a
+    #: device's first artifact, reading every other device's records of it.
+    ONE = "{0} >= {1} AND {0} <= {1}"
 
     @staticmethod
     def _sql(sql: str) -> str:

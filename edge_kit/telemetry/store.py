@@ -59,8 +59,10 @@ SEQ_KINDS = tuple(k for k in KINDS if k != "status")
 #: ``bench (device, ts)`` (each device's newest bench record found through it, never by reading the table:
 #: :meth:`HistoryStore.newest_seqs`, :meth:`HistoryStore.last_heard`) and one on ``gaps (device, kind,
 #: last_missing)`` (the gap a late record falls in: :meth:`HistoryStore.take_out_of_gaps`); the tables a version 5
-#: edge-kit writes are as they were, so one still running reads and writes the history as before.
-SCHEMA_VERSION = 6
+#: edge-kit writes are as they were, so one still running reads and writes the history as before. 7: an index on
+#: ``status (device, seq)`` (a last will's connection's model, read from the device's highest-numbered statuses:
+#: :meth:`HistoryStore.latest_status`); no table changed.
+SCHEMA_VERSION = 7
 #: How long (seconds, by the database's clock) a worker's hold of the gap scan (:meth:`HistoryStore.take_scan_lease`)
 #: keeps others out: a scan takes milliseconds; a worker that died holding it is passed over after this.
 SCAN_LEASE_STALE_S = 30.0
@@ -195,6 +197,7 @@ CREATE INDEX IF NOT EXISTS telemetry_device ON telemetry (device, ts);
 CREATE INDEX IF NOT EXISTS live_device ON live (device, ts);
 CREATE INDEX IF NOT EXISTS shadow_device ON shadow (device, ts);
 CREATE INDEX IF NOT EXISTS decisions_device ON decisions (device, id);
+CREATE INDEX IF NOT EXISTS status_seq ON status (device, seq);
 """
 
 #: The ``kind`` column of a decision whose body names none: a per-device selection (``tune`` without a budget).
@@ -336,6 +339,9 @@ class HistoryStore(abc.ABC):
     #: How a query joins each row of ``b`` to the rows ``t`` of ``{table}`` that ``{on}`` takes, found through an index:
     #: one index search per row of ``b`` (a plain join here; PostgreSQL's is LATERAL).
     ROWS_JOIN = "JOIN {table} t ON {on}"
+    #: How a lookup that walks an index in its order names one value ``{1}`` of its column ``{0}``: equal here;
+    #: PostgreSQL's is a range of one (equal, its planner takes the column's order as given and may walk another index).
+    ONE = "{0} = {1}"
 
     def check_writable(self, hint: str | None = None) -> None:
         """Return nothing when this history takes writes; a command that will write asks before any device work, so a
@@ -1022,10 +1028,13 @@ class HistoryStore(abc.ABC):
         ``cleared_at`` None while it holds), ``cleared_why`` (:data:`CLEARED_ENDED`, :data:`CLEARED_STALE`, or None: it
         holds, or an older edge-kit cleared it) and ``detail`` (as kept: cut, control characters shown as ``\\xNN``).
         ``device``, ``since`` and ``until`` (unix seconds, inclusive, of ``raised_at``) and ``holds`` (True: only those
-        that hold; False: only those cleared) narrow them. Raises HistoryError."""
+        that hold; False: only those cleared) narrow them; those that hold are read through the open alerts' index
+        (a monitor's start reads them), never every alert raised. Raises HistoryError."""
         where, args = self._window(device, since, until, "raised_at")
         if holds is not None:
             where += (" AND" if where else "WHERE") + f" cleared_at IS {'' if holds else 'NOT '}NULL"
+        if holds:  # found through the open alerts' index: walking the ids down read every alert ever raised
+            where += " AND id IN (SELECT o.id FROM alerts o WHERE o.cleared_at IS NULL)"
         names = ("device", "kind", "subject", "raised_at", "cleared_at", "cleared_why", "detail")
         return self._newest(", ".join(names), "alerts", where, args, limit, lambda r: dict(zip(names, r)))
 
@@ -1162,14 +1171,21 @@ class HistoryStore(abc.ABC):
             args = (*args, keep)
         else:  # p: each (device, sha256) found from the one before it in bench (device, sha256, ts), from ('', ''):
             # the device's next sha256, else the next device's first; one index search each
+            # each device (and artifact) named as ONE says, ordered by the index's columns: with x.device = ...,
+            # PostgreSQL took its order as given and walked bench (sha256, ts), reading every device's records of it
             mine = "" if device is None else " AND p.device = ?"
-            same = "(SELECT MIN(x.sha256) FROM bench x WHERE x.device = p.device AND x.sha256 > p.sha)"
+            dev = self.ONE.format("x.device", "{0}")
+            sha = self.ONE.format("x.sha256", "p.sha")
+            same = (f"(SELECT x.sha256 FROM bench x WHERE {dev.format('p.device')} AND x.sha256 > p.sha ORDER BY "
+                    "x.device, x.sha256 LIMIT 1)")
             then = "(SELECT MIN(x.device) FROM bench x WHERE x.device > p.device)"
-            first = f"(SELECT MIN(x.sha256) FROM bench x WHERE x.device = {then} AND x.sha256 IS NOT NULL)"
+            first = (f"(SELECT x.sha256 FROM bench x WHERE {dev.format(then)} AND x.sha256 IS NOT NULL ORDER BY "
+                     "x.device, x.sha256 LIMIT 1)")
             after = f"CASE WHEN {same} IS NULL THEN {then} ELSE p.device END, COALESCE({same}, {first})"
-            since = ("COALESCE((SELECT x.ts FROM bench x WHERE x.device = p.device AND x.sha256 = p.sha AND x.ts IS NOT "
-                     "NULL ORDER BY x.ts DESC LIMIT 1 OFFSET ?), (SELECT MIN(x.ts) FROM bench x WHERE x.device = "
-                     "p.device AND x.sha256 = p.sha))")  # a row without a receive time: as in _newest_rows
+            # a row without a receive time: as in _newest_rows
+            since = (f"COALESCE((SELECT x.ts FROM bench x WHERE {dev.format('p.device')} AND {sha} AND x.ts IS NOT NULL "
+                     "ORDER BY x.device DESC, x.sha256 DESC, x.ts DESC LIMIT 1 OFFSET ?), (SELECT x.ts FROM bench x WHERE "
+                     f"{dev.format('p.device')} AND {sha} AND x.ts IS NOT NULL ORDER BY x.device, x.sha256, x.ts LIMIT 1))")
             on = "t.device = b.device AND t.sha256 = b.sha AND t.ts >= b.since"
             sql = (f"WITH RECURSIVE p(device, sha) AS (SELECT CAST(? AS TEXT), CAST('' AS TEXT) UNION ALL SELECT "
                    f"{after} FROM p WHERE p.device IS NOT NULL{mine}), "
@@ -1219,10 +1235,11 @@ class HistoryStore(abc.ABC):
         """Return the newest status message per device (by receive time). When that is an ``offline`` one, its
         ``current`` is the one of the newest status (by ``seq``) of the same agent ``connection``: a last will
         the broker published was signed when the agent connected, and names the model of that moment, not one
-        it switched to since (looked for among the device's 100 highest-numbered statuses after it). One query, and one
+        it switched to since (looked for among the device's 100 highest-numbered statuses after it). One query, and two
         more per 200 devices whose newest status is such a will; each device's newest found through the ``(device,
-        ts)`` index (:meth:`_latest`), and only those devices' statuses read for their connection's model. Raises
-        HistoryError."""
+        ts)`` index (:meth:`_latest`), and only those devices' 100 highest-numbered statuses after it read for their
+        connection's model, through the ``(device, seq)`` index (schema version 7): never all of a device's statuses.
+        Raises HistoryError."""
         newest = self._latest("status")
         wills = {device: msg for device, msg in newest.items()
                  if msg.get("state") == "offline" and isinstance(msg.get("connection"), str)
@@ -1233,13 +1250,18 @@ class HistoryStore(abc.ABC):
         # it), the highest 100 each: only those devices' statuses are read
         rows: list[tuple] = []
         names = sorted(wills)
-        later = self.ROWS_JOIN.format(table="status", on="t.device = w.device AND t.seq > w.seq")
+        # the 100th highest number after each will's (fewer: the one after it), through status (device, seq); then the
+        # rows from it up, each device's bound a literal range the planner searches the index by (a bound joined from
+        # a subquery was read as unknown: PostgreSQL read the whole table for one device)
+        low = ("COALESCE((SELECT x.seq FROM status x WHERE x.device = w.device AND x.seq > w.seq ORDER BY x.seq DESC "
+               "LIMIT 1 OFFSET 99), w.seq + 1)")
         for i in range(0, len(names), 200):
             part = names[i:i + 200]
-            pairs = tuple(v for d in part for v in (d, wills[d]["seq"]))
-            rows += self._rows(f"WITH w(device, seq) AS (VALUES {', '.join(['(?, CAST(? AS BIGINT))'] * len(part))}) "
-                               "SELECT body FROM (SELECT t.body, t.seq, ROW_NUMBER() OVER (PARTITION BY t.device ORDER "
-                               f"BY t.seq DESC) AS n FROM w {later}) AS later WHERE n <= 100 ORDER BY seq DESC", pairs)
+            bounds = self._rows(f"WITH w(device, seq) AS (VALUES {', '.join(['(?, CAST(? AS BIGINT))'] * len(part))}) "
+                                f"SELECT w.device, {low} FROM w", tuple(v for d in part for v in (d, wills[d]["seq"])))
+            rows += self._rows("SELECT body FROM (SELECT body, seq, ROW_NUMBER() OVER (PARTITION BY device ORDER BY seq "
+                               f"DESC) AS n FROM status WHERE {' OR '.join(['(device = ? AND seq >= ?)'] * len(bounds))}) "
+                               "AS later WHERE n <= 100 ORDER BY seq DESC", tuple(v for b in bounds for v in b))
         found: set[str] = set()
         for m in (json.loads(b) for (b,) in rows):  # highest seq first: the first of the will's connection wins
             device = m.get("device")
@@ -1348,15 +1370,23 @@ class HistoryStore(abc.ABC):
         return heard
 
     def stored_since(self, since: float) -> dict[str, list[tuple[int, int]]]:
-        """Return, by device, how many messages (of every kind the monitor stores) this host stored with a receive
-        time at or after ``since`` (unix seconds, this host's clock), a ``(second, count)`` pair per whole second
-        that holds any, oldest first: at most one row a second a device, however many it sent; one query.
-        Raises HistoryError."""
-        union = " UNION ALL ".join(f"SELECT device, FLOOR(ts) AS sec FROM {kind} WHERE ts >= ?" for kind in KINDS)  # both: SQLite 3.35+
+        """Return, by device, how many messages (of every kind the monitor stores, :data:`KINDS`) this host stored with
+        a receive time at or after ``since`` (unix seconds, this host's clock), a ``(second, count)`` pair per whole
+        second that holds any, oldest first: at most one row a second a device, however many it sent.
+
+        Cost: one query per kind, each device found by :meth:`_each_device` and only its rows since ``since`` read
+        through its kind's ``(device, ts)`` index: the work grows with the devices and what they stored lately, not
+        with the history's length (a monitor's start reads it). Raises HistoryError."""
+        counts: dict[tuple[str, int], int] = {}
+        for kind in KINDS:
+            recent = self.ROWS_JOIN.format(table=kind, on="t.device = d.device AND t.ts >= ?")
+            for device, sec, n in self._rows(f"WITH RECURSIVE {self._each_device(kind)} SELECT t.device, FLOOR(t.ts), "
+                                             f"COUNT(*) FROM d {recent} WHERE d.device IS NOT NULL "
+                                             "GROUP BY t.device, FLOOR(t.ts)", (since,)):  # FLOOR: SQLite 3.35+
+                counts[(device, int(sec))] = counts.get((device, int(sec)), 0) + int(n)
         out: dict[str, list[tuple[int, int]]] = {}
-        for device, sec, n in self._rows(f"SELECT device, sec, COUNT(*) FROM ({union}) AS s GROUP BY device, sec "
-                                         "ORDER BY device, sec", (since,) * len(KINDS)):
-            out.setdefault(device, []).append((int(sec), int(n)))
+        for (device, sec), n in sorted(counts.items()):
+            out.setdefault(device, []).append((sec, n))
         return out
 
     def newest_seqs(self, kinds: tuple[str, ...], devices: list[str]) -> dict[tuple[str, str], int]:
@@ -1529,6 +1559,7 @@ class HistoryStore(abc.ABC):
         subject instead of device and kind, and the ``alert_holders`` table (created by the schema). Version 6:
         ``seq_scans.epoch`` (NULL in older rows: the scan follows any numbering, as before); the ``seq_epochs`` table
         and the ``bench (device, ts)`` and ``gaps (device, kind, last_missing)`` indexes are created by the schema.
+        Version 7: the ``status (device, seq)`` index, created by the schema.
         """
         if "device" not in self._columns("invalid"):
             self._add_column("invalid", "device", "TEXT")

@@ -144,7 +144,7 @@ def test_a_version_5_history_is_upgraded_with_the_numbering_columns_and_the_rest
         conn.execute("UPDATE edgekit_schema SET version = 5")
     conn.close()
     with Store(path) as store:
-        assert store._schema_version() == 6
+        assert store._schema_version() == 7
         store.add_many([_live(2, "e1")])
         assert store._rows("SELECT seq, json_extract(body, '$.epoch') FROM live ORDER BY seq") == [(1, None), (2, "e1")]
         assert "epoch" in store._columns("seq_scans")

@@ -6,12 +6,19 @@ start reads a bounded number of rows whatever the history's size; so do the newe
 from __future__ import annotations
 
 import json
+import random
 import time
 
 import pytest
 
 from edge_kit.telemetry.monitor import share_gaps
-from edge_kit.telemetry.store import KINDS, LATE_S, SEQ_KINDS, open_history
+from edge_kit.telemetry.store import (
+    KINDS,
+    LATE_S,
+    SCHEMA_VERSION,
+    SEQ_KINDS,
+    open_history,
+)
 from edgekit_protocol import messages
 
 pytestmark = pytest.mark.integration
@@ -152,7 +159,8 @@ def _seq_window_sql(history) -> tuple[str, tuple]:
 
 def _read_by(history, sql: str, args: tuple) -> int:
     """Return how much work the database did answering ``sql``: SQLite's virtual-machine steps, or (PostgreSQL) the rows
-    every scan of the plan read (EXPLAIN ANALYZE's actual rows times loops)."""
+    every scan of the plan read (EXPLAIN ANALYZE's actual rows, and those its filter removed, times loops) and the pages
+    it read (an index scan whose condition is on a later column reads every entry and says only the rows it kept)."""
     if hasattr(history, "_db"):
         steps = [0]
 
@@ -166,14 +174,16 @@ def _read_by(history, sql: str, args: tuple) -> int:
         finally:
             history._db.set_progress_handler(None, 1)
         return steps[0]
-    ((plan,),) = history._rows(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}", args)
+    ((plan,),) = history._rows(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {sql}", args)
     plan = plan if isinstance(plan, list) else json.loads(plan)
 
     def walk(node) -> int:
-        rows = node.get("Actual Rows", 0) * node.get("Actual Loops", 1) if "Scan" in node.get("Node Type", "") else 0
+        read = node.get("Actual Rows", 0) + node.get("Rows Removed by Filter", 0)
+        rows = read * node.get("Actual Loops", 1) if "Scan" in node.get("Node Type", "") else 0
         return rows + sum(walk(child) for child in node.get("Plans", ()))
 
-    return walk(plan[0]["Plan"])
+    top = plan[0]["Plan"]  # its pages count those of the nodes under it
+    return walk(top) + top.get("Shared Hit Blocks", 0) + top.get("Shared Read Blocks", 0)
 
 
 def _grow(history, seq: list[int], n: int, kinds) -> None:
@@ -325,6 +335,31 @@ def test_the_newest_decision_per_device_costs_a_bounded_read_whatever_the_histor
     assert big <= small * 1.5 + 20, (small, big)
 
 
+def test_the_open_alerts_a_start_carries_over_cost_a_bounded_read_whatever_the_alerts_raised_before(history,
+                                                                                                     monkeypatch):
+    """A monitor's start lists the alerts still open (carried over): ``alerts(holds=True)`` walked every alert ever raised
+    down its ids looking for open ones (SQLite read the whole table). Now the open ones are found through the open
+    alerts' index: the work is the same with 20,000 alerts raised and cleared before as with 100."""
+    insert = ("INSERT INTO alerts (device, kind, raised_at, cleared_at, detail, subject, seen) "
+              "VALUES (?, 'drift', ?, ?, 'x', '', 0)")
+
+    def reads():
+        assert [(a["device"], a["detail"]) for a in history.alerts(holds=True)] == [("d1", "now")]
+        assert history.open_alert_keys() == [("drift", "d1", "", False)]
+
+    def work() -> int:
+        return sum(_read_by(history, sql, args) for sql, args in _asked(history, monkeypatch, reads))
+
+    history._write_batch([(insert, [(f"d{i % 3}", i, i + 1.0) for i in range(100)])])
+    history.open_alert("d1", "drift", "now")
+    small = work()
+    history._write_batch([(insert, [(f"d{i % 3}", i, i + 1.0) for i in range(20_000)])])
+    if not hasattr(history, "_db"):
+        history._execute("ANALYZE")
+    big = work()
+    assert big <= small * 1.5 + 20, (small, big)
+
+
 def _indexes(store) -> set[str]:
     if hasattr(store, "_db"):
         return {n for (n,) in store._rows("SELECT name FROM sqlite_master WHERE type = 'index'")}
@@ -344,7 +379,7 @@ def test_a_version_5_history_is_upgraded_to_6_and_a_worker_of_version_5_still_wr
             store._execute("UPDATE edgekit_schema SET version = 5 WHERE name = 'history'")
             assert store._schema_version() == 5
         code, out, err = run_cli("history", "upgrade", "--history", spec, "--json")
-        assert code == 0 and json.loads(out)["schema_version"] == 6, err
+        assert code == 0 and json.loads(out)["schema_version"] == SCHEMA_VERSION, err
         with open_history(spec) as store:
             assert {"bench_device", "gaps_seq"} <= _indexes(store)
             # a version 5 worker's writes: its INSERTs and the gap scan's statements, unchanged by version 6
@@ -352,6 +387,26 @@ def test_a_version_5_history_is_upgraded_to_6_and_a_worker_of_version_5_still_wr
             store._execute("UPDATE seq_scans SET scanned_to = ? WHERE device = ? AND kind = ?", (1, "d1", "telemetry"))
             assert store.take_out_of_gaps([("d1", "telemetry", 2)]) == 1
             assert sorted((g["first_missing"], g["last_missing"]) for g in store.sequence_gaps()) == [(3, 3), (5, 5)]
+
+
+def test_a_version_6_history_is_upgraded_to_7_and_what_a_version_6_worker_writes_still_goes_in(request, tmp_path,
+                                                                                                run_cli):
+    """Schema version 7 adds an index (``status (device, seq)``) and changes no table: `edgekit history upgrade` adds it
+    to a version 6 history, on both backends, and a version 6 worker's INSERT (the same columns) still goes in; the read
+    it serves answers as before."""
+    for spec in (str(tmp_path / "h.db"), request.getfixturevalue("postgres_url")):
+        with open_history(spec) as store:
+            store._execute("DROP INDEX status_seq")
+            store._execute("UPDATE edgekit_schema SET version = 6 WHERE name = 'history'")
+        code, out, err = run_cli("history", "upgrade", "--history", spec, "--json")
+        assert code == 0 and json.loads(out)["schema_version"] == 7, err
+        with open_history(spec) as store:
+            assert "status_seq" in _indexes(store) and store._schema_version() == 7
+            body = {"state": "offline", "connection": "c"}
+            store._execute("INSERT INTO status VALUES (?, ?, ?, ?, ?, ?)",  # a version 6 worker's statement
+                           ("m1", "d1", time.time(), 1, "offline", json.dumps(messages.envelope("status", "f", "d1", 1,
+                                                                                                 body))))
+            assert store.latest_status()["d1"]["state"] == "offline"
 
 
 def test_a_record_of_a_new_numbering_never_leaves_a_gap_of_the_old_one(history):
@@ -418,6 +473,102 @@ def test_a_scan_after_a_restart_reads_its_bound_of_a_stream_and_judges_the_new_n
     assert found == [("d1", "bench", 40, 40)]
     assert sorted(history._rows("SELECT kind, scanned_to FROM seq_scans WHERE device = 'd1'")) == [
         ("bench", 150), ("live", 0), ("shadow", 0), ("telemetry", 3)]
+
+
+def test_what_each_device_stored_lately_is_counted_per_second_as_the_whole_table_scan_counted_it(history):
+    """``stored_since`` (a monitor's start charges each device's ingest budget with it) now reads each device's rows
+    through its kind's ``(device, ts)`` index: on a random history of every kind, its per-second counts are those of
+    every stored row's receive time (what the scan of every table counted), a row received at ``since`` itself
+    counted, one before it not."""
+    rng = random.Random(19)
+    since = float(int(time.time()) - 100)
+    records, received = [], []
+    for i in range(400):
+        kind, device = rng.choice(KINDS), f"d{rng.randrange(6)}"
+        records.append((kind, messages.envelope(kind, "f", device, i + 1, {})))
+        received.append(since if i % 50 == 0 else since + rng.uniform(-30.0, 20.0))
+    history.add_many(records, received=received)
+    want: dict[str, dict[int, int]] = {}
+    for kind in KINDS:
+        for device, ts in history._rows(f"SELECT device, ts FROM {kind}"):
+            if ts >= since:
+                want.setdefault(device, {}).setdefault(int(ts // 1), 0)
+                want[device][int(ts // 1)] += 1
+    got = history.stored_since(since)
+    assert got == {d: sorted(seconds.items()) for d, seconds in want.items()}
+    assert sum(n for seconds in got.values() for _, n in seconds) == sum(r >= since for r in received) > 0
+    assert history.stored_since(since + 3600) == {}
+
+
+def test_what_each_device_stored_lately_costs_a_bounded_read_whatever_the_historys_length(history, monkeypatch):
+    """A monitor's start (every --share worker's too) read every row of every kind's table to count what each device
+    stored within its ingest budget's window (``WHERE ts >= ?``: no index on ``ts`` alone). Now each device is found
+    by a skip scan and only its rows since then are read through its kind's ``(device, ts)`` index: the work is the
+    same with 15,000 older rows a device as with 5."""
+    since = time.time() - 60
+    seq = [0]
+
+    def grow(n, at):
+        for start in range(0, n, 5000):
+            part = [(device, seq[0] + i + 1) for i in range(start, min(n, start + 5000)) for device in ("d1", "d2")]
+            history.add_many([tele(d, s) for d, s in part] + [("status", messages.envelope(
+                "status", "f", d, s, {"state": "online"})) for d, s in part],
+                received=[at + i / 1000 for i in range(2 * len(part))])  # distinct: not deduplicated in an index
+        seq[0] += n
+
+    def work() -> int:
+        queries = _asked(history, monkeypatch, lambda: counted.append(history.stored_since(since)))
+        if hasattr(history, "_db"):
+            plans = [r[-1] for sql, args in queries for r in history._rows(f"EXPLAIN QUERY PLAN {sql}", args)]
+            assert not [p for p in plans if p.startswith("SCAN") and p.split()[1] in KINDS], plans
+        return sum(_read_by(history, sql, args) for sql, args in queries)
+
+    counted: list[dict] = []
+    grow(5, since - 3600)
+    grow(10, int(since) + 30.0)
+    small = work()
+    grow(15_000, since - 7200)
+    if not hasattr(history, "_db"):
+        history._execute("ANALYZE")
+    big = work()
+    assert counted[0] == counted[1] == {d: [(int(since + 30), 20)] for d in ("d1", "d2")}
+    assert big <= small * 1.5 + 20, (small, big)
+
+
+def test_a_last_wills_model_costs_a_bounded_read_whatever_the_historys_length(history, monkeypatch):
+    """A device whose newest status is its last will: ``latest_status`` (fleet status, report, /metrics) read every
+    status numbered after the will's through ``status (device, ts)`` for its connection's model (no ``(device, seq)``
+    index). Schema version 7 adds it, and only the 100 highest-numbered are read: the work is the same with 15,000
+    statuses a device as with 100, the answer as before."""
+    seq = [1]
+
+    def grow(n):
+        now = time.time()
+        for start in range(0, n, 5000):
+            seqs = range(seq[0] + start + 1, seq[0] + min(n, start + 5000) + 1)
+            history.add_many([("status", messages.envelope("status", "f", "d1", s, {
+                "state": "online", "connection": "c", "current": {"variant": f"v{s}", "sha256": "s"}})) for s in seqs],
+                received=[now - 60 + s / 1e6 for s in seqs])
+        seq[0] += n
+        history.add_many([("status", messages.envelope("status", "f", "d1", 1, {"state": "offline", "connection": "c"}))],
+                         received=[now])  # its will: signed at connect (seq 1), published last
+
+    def reads():
+        assert history.latest_status()["d1"]["current"] == {"variant": f"v{seq[0]}", "sha256": "s"}
+
+    def work() -> int:
+        return sum(_read_by(history, sql, args) for sql, args in _asked(history, monkeypatch, reads))
+
+    # two quiet devices besides: with one device, PostgreSQL reads the newest status of each (_newest_rows) by
+    # scanning the table (a planner's guess; a fleet of one device)
+    history.add_many([("status", messages.envelope("status", "f", d, 1, {"state": "online"})) for d in ("d2", "d3")])
+    grow(100)
+    small = work()
+    grow(15_000)
+    if not hasattr(history, "_db"):
+        history._execute("ANALYZE")
+    big = work()
+    assert big <= small * 1.5 + 20, (small, big)
 
 
 # The queries the newest-per-device reads ran before the skip scans (3f5c8ac^): the reference their answers are held to.
