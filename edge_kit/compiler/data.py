@@ -229,14 +229,19 @@ def random_inputs(inputs: dict[str, tuple[int, ...]], types: dict[str, str],
     rng = np.random.default_rng(0)
     xs: dict[str, np.ndarray] = {}
     said: list[str] = []
+    pairs = (RANDOM_SAMPLES - RANDOM_UNIFORM) // 2  # RANDOM_SAMPLES - RANDOM_UNIFORM is even
     for name, shape in inputs.items():
         span = id_range(types.get(name, "float32"))
+        # drawn a sample at a time into float32: numpy draws float64 (int64), and the whole draw, its copies and its
+        # cast at once took over 4 times the samples' size (9 GiB for an input at MAX_SAMPLE_VALUES); the same values
+        x = xs[name] = np.empty((RANDOM_SAMPLES, *shape), np.float32)
         if span is None:
-            normal = rng.standard_normal(((RANDOM_SAMPLES - RANDOM_UNIFORM) // 2, *shape))
-            signed = np.stack([normal, -normal], axis=1).reshape(-1, *shape)  # z1, -z1, z2, -z2, ...
-            xs[name] = np.concatenate([rng.uniform(0, 1, (RANDOM_UNIFORM, *shape)), signed]).astype(np.float32)
-            said.append(f"'{name}' {RANDOM_UNIFORM} uniform in [0, 1), then {len(signed) // 2} standard normal and "
-                        "its negation")
+            for k in range(pairs):  # z1, -z1, z2, -z2, ... after the uniform ones
+                x[RANDOM_UNIFORM + 2 * k] = rng.standard_normal(shape)
+                np.negative(x[RANDOM_UNIFORM + 2 * k], out=x[RANDOM_UNIFORM + 2 * k + 1])
+            for k in range(RANDOM_UNIFORM):
+                x[k] = rng.uniform(0, 1, shape)
+            said.append(f"'{name}' {RANDOM_UNIFORM} uniform in [0, 1), then {pairs} standard normal and its negation")
             continue
         dtype = types[name]
         if bounds and name in bounds:
@@ -247,7 +252,8 @@ def random_inputs(inputs: dict[str, tuple[int, ...]], types: dict[str, str],
             high, why = DEFAULT_ID_COUNT - 1, f"edge-kit's default for {dtype} ids; give --eval with real ones"
         high = max(min(high, span[1]), span[0])
         low = max(0, span[0]) if high >= 0 else span[0]
-        xs[name] = rng.integers(low, high, (RANDOM_SAMPLES, *shape), endpoint=True).astype(np.float32)
+        for k in range(RANDOM_SAMPLES):
+            x[k] = rng.integers(low, high, shape, endpoint=True)
         said.append(f"'{name}' whole numbers uniform in {low}..{high} ({why})")
     return xs, f"{RANDOM_SAMPLES} {RANDOM_SAID}: {'; '.join(said)}"
 

@@ -689,8 +689,8 @@ def prepared_model(data: bytes, inputs: dict[str, tuple[int, ...]]
         outs[f"output_{j}"] = value.name
     for placeholder, name in [*ins.items(), *outs.items()]:
         _rename(graph, name, placeholder)
-    for k, node in enumerate(n for g in graphs_of(graph) for n in g.node):  # If branches, Loop and Scan bodies too
-        node.name = _SAFE_NODE.sub("_", node.name) or f"node_{k}"
+    for node, name in cleaned_names(graph):  # If branches, Loop and Scan bodies too
+        node.name = name
     del graph.value_info[:]
     try:
         model = shape_inference.infer_shapes(model)
@@ -707,6 +707,14 @@ def prepared_model(data: bytes, inputs: dict[str, tuple[int, ...]]
     _constants_as_initializers(model.graph)  # after onnxsim, which folds shape computations into Constant nodes
     shapes = {outs[o.name]: tuple(d.dim_value for d in o.type.tensor_type.shape.dim) for o in model.graph.output}
     return model.SerializeToString(), ins, outs, shapes
+
+
+def cleaned_names(graph: Any) -> list[tuple[Any, str]]:
+    """Return each node of ``graph`` and of its subgraphs (:func:`graphs_of`, outer first) with the name onnx2tf is
+    given for it: only characters TensorFlow takes in an op name (PaddlePaddle's ``Softmax@0`` is ``Softmax_0``), and
+    ``node_<k>`` for a node without one, ``k`` counted over every graph."""
+    return [(node, _SAFE_NODE.sub("_", node.name) or f"node_{k}")
+            for k, node in enumerate(n for g in graphs_of(graph) for n in g.node)]
 
 
 def _constants_as_initializers(graph: Any) -> int:
@@ -767,8 +775,18 @@ CONTROL_FLOW_HINTS = {
 }
 
 
-def _failure(path: Path, log: str, model: bytes) -> str:
-    """Return one line saying where onnx2tf stopped (the ONNX op and its type) from its log."""
+def _failure(path: Path, log: str, model: bytes, source: bytes) -> str:
+    """Return one line saying where onnx2tf stopped (the ONNX op and its type) from its log of converting ``model``
+    (:func:`prepared_model` of ``source``), the node named as ``source`` names it."""
+    from edgekit_protocol.labels import clip, printable
+
+    originals: dict[str, str] = {}  # onnx2tf names the node it was given: Softmax_0 for the user's Softmax@0
+    try:
+        for node, name in cleaned_names(_onnx().load_from_string(source).graph):
+            if node.name:  # as the user wrote it, shown on one line
+                originals.setdefault(name, printable(clip(node.name, 60)))
+    except Exception:  # noqa: BLE001 - the name only decorates the message
+        pass
     clean = re.sub(r"\x1b\[[0-9;]*m", "", log)
     op = re.search(r"onnx_op_name:\s*(\S+)", clean)
     cause = [ln.strip() for ln in clean.splitlines() if re.match(r"^\s*[A-Za-z_.]*(Error|Exception):", ln)]
@@ -777,8 +795,8 @@ def _failure(path: Path, log: str, model: bytes) -> str:
     if missing:
         kind = missing.group(1)
         try:
-            names = [n.name for g in graphs_of(_onnx().load_from_string(model).graph) for n in g.node
-                     if n.op_type == kind]  # in an If branch or a Loop/Scan body too
+            names = [originals.get(n.name, n.name) for g in graphs_of(_onnx().load_from_string(model).graph)
+                     for n in g.node if n.op_type == kind]  # in an If branch or a Loop/Scan body too
         except Exception:  # noqa: BLE001 - the node name only decorates the message
             names = []
         where = f" (node '{names[0]}'{f' and {len(names) - 1} more' if len(names) > 1 else ''})" if names else ""
@@ -793,11 +811,12 @@ def _failure(path: Path, log: str, model: bytes) -> str:
             kind = kinds.get(op.group(1), "?")
         except Exception:  # noqa: BLE001 - the op type only decorates the message
             pass
+        node = originals.get(op.group(1), op.group(1))
         if kind in CONTROL_FLOW_HINTS:  # onnx2tf's own error there (a TypeError of tf.function) tells a user nothing
-            return (f"{path}: {CONVERTER} {version(CONVERTER)} cannot convert the {kind} node '{op.group(1)}' to "
+            return (f"{path}: {CONVERTER} {version(CONVERTER)} cannot convert the {kind} node '{node}' to "
                     f"TensorFlow Lite, so no LiteRT variant can be made; {CONTROL_FLOW_HINTS[kind]}, and compile "
                     "again, or compile for ONNX Runtime variants only (a profile whose variants are onnx-*)")
-        return (f"{path}: {CONVERTER} cannot convert op '{op.group(1)}' ({kind}): {why}; simplify or replace that op "
+        return (f"{path}: {CONVERTER} cannot convert op '{node}' ({kind}): {why}; simplify or replace that op "
                 "in the exported model (another opset, or export without it) and compile again")
     return f"{path}: {CONVERTER} failed: {why}"
 
@@ -845,7 +864,7 @@ def convert(path: Path, data: bytes, inputs: dict[str, tuple[int, ...]], outputs
             raise CompileError(f"{path}: {CONVERTER} did not finish within {CONVERT_TIMEOUT_S} s") from None
         result = work / "model.tflite"
         if done.returncode != 0 or not result.is_file():
-            raise Unconvertible(_failure(path, done.stdout + "\n" + done.stderr, ready))
+            raise Unconvertible(_failure(path, done.stdout + "\n" + done.stderr, ready, data))
         tflite = result.read_bytes()
     try:
         tflite, transposed = restore_layouts(rename_signature(tflite, ins, outs), out_shapes)

@@ -319,7 +319,8 @@ def write_fleet_wall(folder: Path, fleet: str, devices: list[str], hosts: list[s
             check_host(listen)
         except ValueError:
             raise InputError(f"--listen {listen!r}: give the IP address or host name of an interface of the broker's "
-                             "host (e.g. 10.0.0.2), or leave --listen out for every interface") from None
+                             "host (e.g. 10.0.0.2, or ::1 without brackets), or leave --listen out for every "
+                             "interface") from None
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))

@@ -48,18 +48,22 @@ _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 # A DNS name: dot-separated labels of letters, digits, '-' and '_', none starting or ending with '-'.
 _HOST_LABEL = r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)"
 _HOST = re.compile(rf"^{_HOST_LABEL}(\.{_HOST_LABEL})*\.?$")
+_ZONE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # an IPv6 address's zone: an interface's name or index
 _LOGIN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}\$?$")  # a POSIX login name (useradd's, and Samba's '$')
 
 
 def check_host(host: str) -> str:
-    """Return ``host`` when it is an IP address or a DNS name.
+    """Return ``host`` when it is an IP address (an IPv6 one with an interface as its zone, ``fe80::1%eth0``) or a
+    DNS name.
 
     Raises:
-        ValueError: anything else (an option such as ``-oProxyCommand=...``, ``user@host``, a port, spaces).
+        ValueError: anything else (an option such as ``-oProxyCommand=...``, ``user@host``, a port, spaces, a zone
+            that is no interface name: Python's ``ipaddress`` takes any text after ``%``, a line break too).
     """
     try:
-        ipaddress.ip_address(host)
-        return host
+        zone = getattr(ipaddress.ip_address(host), "scope_id", None)
+        if zone is None or _ZONE.fullmatch(zone):
+            return host
     except ValueError:
         pass
     if len(host) > 253 or not _HOST.fullmatch(host):

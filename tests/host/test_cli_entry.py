@@ -168,12 +168,16 @@ def test_a_listen_address_that_is_no_address_writes_no_broker_settings(tmp_path,
     fleet_file = tmp_path / "fleet.yaml"
     fleet_file.write_text("fleet: f\nbroker: {host: 127.0.0.1, port: 1}\ndefaults: {user: edgekit, profile: rpi4}\n"
                           "devices:\n  - {name: d1, host: 127.0.0.1}\n")
-    for listen in ("not an ip", "127.0.0.1\nlistener 1884\nallow_anonymous true"):
+    for listen in ("not an ip", "127.0.0.1\nlistener 1884\nallow_anonymous true",
+                   "fe80::1%eth0\nlistener 1884\nallow_anonymous true"):  # the line break in an IPv6 zone passed
         code, out, err = run_cli("fleet", "init", "--fleet", fleet_file, "--broker-host", "mqtt.local", "--listen",
                                  listen, "--out", tmp_path / "wall", "--json")
         assert code == 2 and err.count("\n") == 1
         assert json.loads(out)["error"].startswith(f"--listen {listen!r}: give the IP address or host name")
         assert sorted(p.name for p in tmp_path.iterdir()) == ["fleet.yaml"]  # no wall, no partial folder
+    code, out, _err = run_cli("fleet", "init", "--fleet", fleet_file, "--broker-host", "mqtt.local", "--listen", "[::1]",
+                              "--out", tmp_path / "wall", "--json")  # Mosquitto takes no brackets: the line says so
+    assert code == 2 and "(e.g. 10.0.0.2, or ::1 without brackets)" in json.loads(out)["error"]
     code, out, err = run_cli("fleet", "init", "--fleet", fleet_file, "--broker-host", "mqtt.local", "--listen", "::",
                              "--out", tmp_path / "wall", "--json")
     assert code == 0 and "listener 8883 ::\n" in (tmp_path / "wall" / "mosquitto.conf").read_text()

@@ -162,6 +162,24 @@ def test_random_check_inputs_of_an_integer_input_are_ids_not_all_zero():
                     "standard normal and its negation")
 
 
+@pytest.mark.parametrize("types", [{}, {"x": "int32"}])
+def test_random_check_inputs_take_little_more_memory_than_themselves(types):
+    """The random samples were drawn whole in float64 (int64), stacked, concatenated and cast: over 4 times their own
+    size at the peak for a float input (3 for ids), 9 GiB for one input at MAX_SAMPLE_VALUES, which every compile
+    without data draws now. Drawn a sample at a time into float32: at most twice their size."""
+    import tracemalloc
+
+    from edge_kit.compiler.data import random_inputs
+
+    tracemalloc.start()
+    try:
+        xs, _said = random_inputs({"x": (3, 128, 128)}, types)
+        _now, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak <= 2 * xs["x"].nbytes, peak / xs["x"].nbytes
+
+
 def test_ids_an_integer_input_cannot_take_from_float32_are_refused_with_file_key_and_index(tmp_path):
     p = save(tmp_path / "c.npz", x=np.array([[1, 2], [3, 300]] * 6, np.float64))
     assert load_dataset(p, "calib", {"x": (2,)}, labels=False, types={"x": "int16"}).x["x"].max() == 300

@@ -64,6 +64,10 @@ def test_fleet_errors_name_the_line_and_the_key(tmp_path, change, message):
     (("host: 10.0.0.1,", "host: '10.0.0.1:2222',"), "the port goes in 'port'"),
     (("host: 10.0.0.1,", "host: 'pi 1',"), "devices[0].host: 'pi 1' is not a host name"),
     (("host: 10.0.0.1,", 'host: "pi-1\\n",'), "devices[0].host: 'pi-1\\n' is not a host name"),  # '$' matched before it
+    # Python's ipaddress takes any text after an IPv6 address's '%' as its zone: spaces and line breaks too
+    (("host: 10.0.0.1,", 'host: "fe80::1%eth0\\n-oProxyCommand=x",'),
+     "devices[0].host: 'fe80::1%eth0\\n-oProxyCommand=x' is not a host name"),
+    (("host: 10.0.0.1,", "host: 'fe80::1%eth0 x',"), "devices[0].host: 'fe80::1%eth0 x' is not a host name"),
     (("user: mendel", "user: 'mendel;reboot'"), "devices[2].user: 'mendel;reboot' is not a login name"),
     (("user: mendel", 'user: "mendel\\n"'), "devices[2].user: 'mendel\\n' is not a login name"),
     (("user: edgekit,", "user: '-oProxyCommand=x',"), "defaults.user: '-oProxyCommand=x' is not a login name"),

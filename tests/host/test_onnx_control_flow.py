@@ -128,6 +128,19 @@ def test_a_loop_onnx2tf_cannot_convert_is_one_line_naming_the_node_and_what_to_d
     assert not (tmp_path / "out").exists()
 
 
+def test_a_loop_onnx2tf_cannot_convert_is_named_as_the_model_names_it(tmp_path, run_cli):
+    """onnx2tf is given node names TensorFlow takes ('refine_0_1' for a Paddle-style 'refine@0:1'), and its log
+    names that: the line named a node the user's model does not hold. It names the model's own name now, shown on one
+    line (a line break in a name is escaped)."""
+    for name, shown in (("refine@0:1", "refine@0:1"), ("re\nfine", "re\\x0afine")):
+        nodes = [helper.make_node("Loop", ["trips", "go", "x"], ["y"], body=halving_body(), name=name)]
+        model = save(tmp_path / "loop.onnx", nodes, [numpy_helper.from_array(np.array(3, np.int64), "trips"),
+                                                     numpy_helper.from_array(np.array(True), "go")])
+        code, _out, err = run_cli("compile", model, "-p", profile_file(tmp_path, ["fp32"]), "--out", tmp_path / "out")
+        assert code == 2 and err.strip() == "edgekit: error: " + LOOP_LINE.format(
+            model=model, version=version("onnx2tf")).replace("'refine'", f"'{shown}'"), err
+
+
 def test_the_onnx_runtime_variants_of_a_loop_onnx2tf_cannot_convert_are_built(tmp_path, run_cli):
     """The ONNX Runtime variants need no conversion, yet onnx2tf's failure stopped the whole compile, and a profile
     asking onnx-* variants only got nothing either (the LiteRT fp32 variant, every variant's reference, was always
@@ -383,8 +396,9 @@ def test_onnx_fp16_of_a_loop_whose_body_reads_the_input_by_name_is_built(tmp_pat
 def test_an_op_onnx2tf_lacks_inside_an_if_branch_is_named(tmp_path, run_cli):
     """onnx2tf has no conversion for CastLike; inside an If branch the line named the op type but not the node
     ("has no conversion for op type 'CastLike'; replace that op..."): the node was looked up in the top-level graph
-    only. The branches are searched too now."""
-    then = helper.make_graph([helper.make_node("CastLike", ["x", "zero"], ["t_y"], name="inner_castlike")], "then", [],
+    only. The branches are searched too now, and the node named as the model names it (onnx2tf is given
+    'inner_castlike', a name no search of the user's model finds)."""
+    then = helper.make_graph([helper.make_node("CastLike", ["x", "zero"], ["t_y"], name="inner@castlike")], "then", [],
                              [vec("t_y")])
     other = helper.make_graph([helper.make_node("Neg", ["x"], ["e_y"])], "else", [], [vec("e_y")])
     nodes = [helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0),
@@ -399,6 +413,6 @@ def test_an_op_onnx2tf_lacks_inside_an_if_branch_is_named(tmp_path, run_cli):
                               "--out", tmp_path / "out")
     assert code == 2 and err.strip() == (
         f"edgekit: error: {tmp_path / 'castlike.onnx'}: onnx2tf {version('onnx2tf')} has no conversion for op type "
-        "'CastLike' (node 'inner_castlike'); replace that op in the exported model (another opset or an equivalent "
+        "'CastLike' (node 'inner@castlike'); replace that op in the exported model (another opset or an equivalent "
         "op) and compile again"), err
     assert not (tmp_path / "out").exists()
