@@ -1250,11 +1250,12 @@ class HistoryStore(abc.ABC):
         # it), the highest 100 each: only those devices' statuses are read
         rows: list[tuple] = []
         names = sorted(wills)
-        # the 100th highest number after each will's (fewer: the one after it), through status (device, seq); then the
-        # rows from it up, each device's bound a literal range the planner searches the index by (a bound joined from
-        # a subquery was read as unknown: PostgreSQL read the whole table for one device)
-        low = ("COALESCE((SELECT x.seq FROM status x WHERE x.device = w.device AND x.seq > w.seq ORDER BY x.seq DESC "
-               "LIMIT 1 OFFSET 99), w.seq + 1)")
+        # the 100th highest number after each will's (fewer: the lowest after it; none: NULL, no rows), through status
+        # (device, seq); then the rows from it up, each device's bound a literal range the planner searches the index
+        # by (a bound joined from a subquery was read as unknown: PostgreSQL read the whole table for one device). No
+        # arithmetic on the will's number: the will's plus one was out of PostgreSQL's BIGINT range at 2**63 - 1
+        after = "FROM status x WHERE x.device = w.device AND x.seq > w.seq ORDER BY x.seq"
+        low = f"COALESCE((SELECT x.seq {after} DESC LIMIT 1 OFFSET 99), (SELECT x.seq {after} LIMIT 1))"
         for i in range(0, len(names), 200):
             part = names[i:i + 200]
             bounds = self._rows(f"WITH w(device, seq) AS (VALUES {', '.join(['(?, CAST(? AS BIGINT))'] * len(part))}) "

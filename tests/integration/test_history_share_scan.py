@@ -571,6 +571,19 @@ def test_a_last_wills_model_costs_a_bounded_read_whatever_the_historys_length(hi
     assert big <= small * 1.5 + 20, (small, big)
 
 
+def test_a_last_will_numbered_at_the_top_of_the_range_leaves_every_devices_status_readable(history):
+    """A will may carry any ``seq`` a message may (up to 2**63 - 1): the bound of the statuses after it was its number
+    plus one, past PostgreSQL's BIGINT, so one device's will failed ``latest_status`` (fleet status, report, /metrics)
+    for the whole fleet ('bigint out of range'). Now it reads as the old query did: the will, no status after it."""
+    top = 2 ** 63 - 1
+    history.add_many([("status", messages.envelope("status", "f", "d1", 5, {
+        "state": "online", "connection": "c", "current": {"variant": "v", "sha256": "s"}})),
+        ("status", messages.envelope("status", "f", "d2", 1, {"state": "online"}))], received=[time.time() - 60] * 2)
+    history.add_many([("status", messages.envelope("status", "f", "d1", top, {"state": "offline", "connection": "c"}))])
+    latest = history.latest_status()
+    assert latest["d1"]["seq"] == top and latest["d1"].get("current") is None and latest["d2"]["state"] == "online"
+
+
 # The queries the newest-per-device reads ran before the skip scans (3f5c8ac^): the reference their answers are held to.
 OLD_LATEST = ("SELECT t.body FROM {table} t JOIN (SELECT device, MAX(ts) AS ts FROM {table} GROUP BY device) l "
               "ON t.device = l.device AND t.ts = l.ts ORDER BY t.seq")
