@@ -426,7 +426,7 @@ def test_an_agent_install_on_a_full_disk_is_named_and_leaves_nothing_behind(sim,
     _, fleet = sim(1)
     disk = tmp_path / "disk"
     disk.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], check=True)
     try:
         dev = fleet.devices[0].model_copy(update={"root": str(disk / "root")})
         (disk / "root").mkdir()
