@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from edge_kit.manifest import Artifact, Manifest
-from edge_kit.telemetry.store import HISTORY_NAME, Store
+from edge_kit.telemetry.store import HISTORY_NAME, SCHEMA_VERSION, Store
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -135,7 +135,7 @@ def test_a_reader_of_an_older_history_it_may_not_write_is_told_to_have_it_upgrad
     done = _as_another_user(["report", "--history", str(history), "--out", str(tmp_path / "r.html")], tmp_path)
     assert done.returncode == 6 and done.stderr.count("\n") == 1 and done.stdout == "", done.stderr
     assert done.stderr == (f"edgekit: error: the history {history} was written by an older edge-kit (schema version 1; "
-                           "this one reads 6) and this command only reads it: run `edgekit history upgrade --history "
+                           f"this one reads {SCHEMA_VERSION}) and this command only reads it: run `edgekit history upgrade --history "
                            "<it>` once as a user (or PostgreSQL role) that owns its tables, then run again\n")
     assert "edgekit_schema" not in _tables(history)
 
@@ -149,7 +149,7 @@ def test_a_writer_of_an_older_history_it_may_not_write_is_told_the_upgrade_needs
     done = _as_another_user(["history", "upgrade", "--history", str(history)], tmp_path)
     assert done.returncode == 6 and done.stderr.count("\n") == 1 and done.stdout == "", done.stderr
     assert done.stderr == (f"edgekit: error: the history {history} was written by an older edge-kit (schema version 1; "
-                           "this one reads 6) and needs an upgrade, which cannot write the file (attempt to write a "
+                           f"this one reads {SCHEMA_VERSION}) and needs an upgrade, which cannot write the file (attempt to write a "
                            "readonly database): run `edgekit history upgrade --history <it>` once as a user that may "
                            "write the file and its folder (its owner), or on a writable copy of it, then run again\n")
     assert "edgekit_schema" not in _tables(history)
