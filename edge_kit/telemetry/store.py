@@ -61,8 +61,10 @@ SEQ_KINDS = tuple(k for k in KINDS if k != "status")
 #: last_missing)`` (the gap a late record falls in: :meth:`HistoryStore.take_out_of_gaps`); the tables a version 5
 #: edge-kit writes are as they were, so one still running reads and writes the history as before. 7: an index on
 #: ``status (device, seq)`` (a last will's connection's model, read from the device's highest-numbered statuses:
-#: :meth:`HistoryStore.latest_status`); no table changed.
-SCHEMA_VERSION = 7
+#: :meth:`HistoryStore.latest_status`); no table changed. 8: an index on ``bench (device, variant, ts, seq)``
+#: (each device's newest records of a reference variant: :meth:`HistoryStore.reference_accuracies`), its variant as its
+#: MD5 on PostgreSQL (:attr:`HistoryStore.VARIANT_KEY`); no table changed.
+SCHEMA_VERSION = 8
 #: How long (seconds, by the database's clock) a worker's hold of the gap scan (:meth:`HistoryStore.take_scan_lease`)
 #: keeps others out: a scan takes milliseconds; a worker that died holding it is passed over after this.
 SCAN_LEASE_STALE_S = 30.0
@@ -156,7 +158,8 @@ def open_history(spec: str | Path, hint: str | None = None, write: bool = True) 
 # Every ts column is this host's clock when the row was received or written, never a sender's claim.
 # {real}, {int}, {blob} and {serial} are the only spellings the two databases do not share: SQLite's
 # REAL is a double and its INTEGER 64 bits; PostgreSQL's REAL is four bytes (an epoch time rounded to
-# minutes) and its INTEGER 32 bits (a rollout revision or a long-lived device's seq would not fit).
+# minutes) and its INTEGER 32 bits (a rollout revision or a long-lived device's seq would not fit). {variant} is how
+# an index holds a bench variant (:attr:`HistoryStore.VARIANT_KEY`).
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS status (msg_id TEXT PRIMARY KEY, device TEXT, ts {real}, seq {int}, state TEXT, body TEXT);
 CREATE TABLE IF NOT EXISTS bench (msg_id TEXT PRIMARY KEY, device TEXT, ts {real}, seq {int}, variant TEXT,
@@ -198,6 +201,7 @@ CREATE INDEX IF NOT EXISTS live_device ON live (device, ts);
 CREATE INDEX IF NOT EXISTS shadow_device ON shadow (device, ts);
 CREATE INDEX IF NOT EXISTS decisions_device ON decisions (device, id);
 CREATE INDEX IF NOT EXISTS status_seq ON status (device, seq);
+CREATE INDEX IF NOT EXISTS bench_variant ON bench (device, {variant}, ts, seq);
 """
 
 #: The ``kind`` column of a decision whose body names none: a per-device selection (``tune`` without a budget).
@@ -342,6 +346,20 @@ class HistoryStore(abc.ABC):
     #: How a lookup that walks an index in its order names one value ``{1}`` of its column ``{0}``: equal here;
     #: PostgreSQL's is a range of one (equal, its planner takes the column's order as given and may walk another index).
     ONE = "{0} = {1}"
+    #: How an index holds a bench record's ``variant`` ``{0}`` (``bench (device, variant, ts, seq)``), and how a lookup
+    #: names it to be found through that index: as it is here; PostgreSQL's is its MD5 (an index row holds at most
+    #: 2,704 bytes there, and a device names its variants, any length).
+    VARIANT_KEY = "{0}"
+
+    def _newest_join(self, table: str, match: str, keep: int) -> str:
+        """Return the SQL that joins each row of ``b`` to the ``keep`` newest rows ``t`` of ``table`` (by receive time,
+        then ``seq``; a row without a receive time is nobody's newest) that ``match`` takes (``{0}``: the table's alias),
+        found through an index on ``match``'s columns, then ``ts``: here, the rows since the receive time of the
+        ``keep``-th newest (fewer: all of them), a bound searched in that index (rank them to keep ``keep``: rows of
+        the same receive time may be more); PostgreSQL's is LATERAL."""
+        since = (f"COALESCE((SELECT x.ts FROM {table} x WHERE {match.format('x')} AND x.ts IS NOT NULL ORDER BY x.ts DESC "
+                 f"LIMIT 1 OFFSET {int(keep) - 1}), (SELECT MIN(x.ts) FROM {table} x WHERE {match.format('x')}))")
+        return f"JOIN {table} t ON {match.format('t')} AND t.ts >= {since}"
 
     def check_writable(self, hint: str | None = None) -> None:
         """Return nothing when this history takes writes; a command that will write asks before any device work, so a
@@ -1207,18 +1225,25 @@ class HistoryStore(abc.ABC):
         accuracy of the newest bench record (by receive time, then ``seq``) of that model (its ``model``, None from an
         agent that names none) and variant that carries one (a number above 0), among the ``scan`` newest records of
         each device and variant: what the accuracy bound of its other variants is a ratio of. One query per 200
-        devices, however many records the history holds beyond those. Raises HistoryError."""
+        devices, each device and variant's newest read through ``bench (device, variant, ts, seq)`` (schema version 8,
+        :meth:`_newest_join`): never the records the history holds beyond those. Raises HistoryError."""
         out: dict[tuple[str, str | None, str], float] = {}
         names = sorted(set(devices))
-        if not variants:
+        if not variants or scan < 1:
             return out
+        # each device and variant's newest ``scan`` through bench (device, variant, ts, seq): ranking every record of
+        # the devices and variants read all of them, however old (the monitor's start, and a --share batch of benches)
+        held = self.VARIANT_KEY
+        match = (f"{{0}}.device = b.device AND {held.format('{0}.variant')} = {held.format('b.variant')} AND "
+                 "{0}.variant = b.variant")
         for i in range(0, len(names), 200):
             part = names[i:i + 200]
-            rows = self._rows("SELECT device, variant, body FROM (SELECT device, variant, body, ts, seq, ROW_NUMBER() "
-                              "OVER (PARTITION BY device, variant ORDER BY ts DESC, seq DESC) AS n FROM bench WHERE "
-                              f"device IN ({', '.join('?' * len(part))}) AND variant IN "
-                              f"({', '.join('?' * len(variants))})) AS ranked WHERE n <= ? ORDER BY device, variant, n",
-                              (*part, *variants, scan))
+            pairs = ", ".join(["(?, CAST(? AS TEXT))"] * (len(part) * len(variants)))
+            rows = self._rows(f"WITH b(device, variant) AS (VALUES {pairs}) SELECT device, variant, body FROM (SELECT "
+                              "t.device, t.variant, t.body, ROW_NUMBER() OVER (PARTITION BY t.device, t.variant ORDER BY "
+                              f"t.ts DESC, t.seq DESC) AS n FROM b {self._newest_join('bench', match, scan)}) AS ranked "
+                              "WHERE n <= ? ORDER BY device, variant, n",
+                              (*(v for d in part for variant in variants for v in (d, variant)), scan))
             for device, variant, body in rows:  # newest first per device and variant: the first of a model wins
                 try:
                     m = json.loads(body)
@@ -1460,17 +1485,15 @@ class HistoryStore(abc.ABC):
     def _newest_rows(self, table: str, first: int, last: int) -> list[tuple[str, str, float]]:
         """Return ``(device, body, ts)`` of the ``first``-th to ``last``-th newest rows (by receive time, then ``seq``;
         1: the newest) of every device of ``table`` (a record kind), by device, newest first. One query: each device
-        found by :meth:`_each_device`, then the receive time of its ``last``-th newest row through its ``(device, ts)``
-        index, and only its rows since then are ranked: the work grows with the devices and ``last``, not with the
-        history's length. Raises HistoryError."""
+        found by :meth:`_each_device`, then its ``last`` newest rows through its ``(device, ts)`` index
+        (:meth:`_newest_join`): the work grows with the devices and ``last``, not with the history's length (a
+        one-device history's too). Raises HistoryError."""
         # a row without a receive time (hand-made) is ranked by neither database: PostgreSQL sorts it first, SQLite last
-        since = (f"COALESCE((SELECT x.ts FROM {table} x WHERE x.device = d.device AND x.ts IS NOT NULL ORDER BY x.ts DESC "
-                 f"LIMIT 1 OFFSET ?), (SELECT MIN(x.ts) FROM {table} x WHERE x.device = d.device))")  # fewer: all of them
-        return self._rows(f"WITH RECURSIVE {self._each_device(table)}, b(name, since) AS (SELECT d.device, {since} FROM d "
-                          "WHERE d.device IS NOT NULL) SELECT device, body, ts FROM (SELECT t.device, t.body, t.ts, "
-                          "ROW_NUMBER() OVER (PARTITION BY t.device ORDER BY t.ts DESC, t.seq DESC) AS n FROM b "
-                          f"{self.ROWS_JOIN.format(table=table, on='t.device = b.name AND t.ts >= b.since')}) AS ranked "
-                          "WHERE n BETWEEN ? AND ? ORDER BY device, n", (last - 1, first, last))
+        newest = self._newest_join(table, "{0}.device = b.device", last)
+        return self._rows(f"WITH RECURSIVE {self._each_device(table)}, b(device) AS (SELECT d.device FROM d WHERE d.device "
+                          "IS NOT NULL) SELECT device, body, ts FROM (SELECT t.device, t.body, t.ts, ROW_NUMBER() OVER "
+                          f"(PARTITION BY t.device ORDER BY t.ts DESC, t.seq DESC) AS n FROM b {newest}) AS ranked "
+                          "WHERE n BETWEEN ? AND ? ORDER BY device, n", (first, last))
 
     def decisions(self, device: str | None = None, limit: int = 100,
                   kinds: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
@@ -1560,7 +1583,8 @@ class HistoryStore(abc.ABC):
         subject instead of device and kind, and the ``alert_holders`` table (created by the schema). Version 6:
         ``seq_scans.epoch`` (NULL in older rows: the scan follows any numbering, as before); the ``seq_epochs`` table
         and the ``bench (device, ts)`` and ``gaps (device, kind, last_missing)`` indexes are created by the schema.
-        Version 7: the ``status (device, seq)`` index, created by the schema.
+        Version 7: the ``status (device, seq)`` index, created by the schema. Version 8: the ``bench (device, variant,
+        ts, seq)`` index (:attr:`VARIANT_KEY`), created by the schema.
         """
         if "device" not in self._columns("invalid"):
             self._add_column("invalid", "device", "TEXT")
@@ -1771,7 +1795,8 @@ class Store(HistoryStore):
         try:
             with self._lock:
                 self._db.executescript(_SCHEMA.format(real="REAL", int="INTEGER", blob="BLOB",
-                                                      serial="INTEGER PRIMARY KEY AUTOINCREMENT"))
+                                                      serial="INTEGER PRIMARY KEY AUTOINCREMENT",
+                                                      variant=self.VARIANT_KEY.format("variant")))
         except sqlite3.Error as exc:
             raise self._failed(exc) from exc
         self._migrate()

@@ -13,7 +13,7 @@ from monitor_helpers import fleet_yaml
 from monitor_helpers import started as _monitor
 
 from edge_kit.telemetry.monitor import MAX_SEQ_LEAD, Monitor, share_gaps
-from edge_kit.telemetry.store import Store
+from edge_kit.telemetry.store import SCHEMA_VERSION, Store
 from edgekit_protocol import messages
 
 
@@ -144,7 +144,7 @@ def test_a_version_5_history_is_upgraded_with_the_numbering_columns_and_the_rest
         conn.execute("UPDATE edgekit_schema SET version = 5")
     conn.close()
     with Store(path) as store:
-        assert store._schema_version() == 7
+        assert store._schema_version() == SCHEMA_VERSION
         store.add_many([_live(2, "e1")])
         assert store._rows("SELECT seq, json_extract(body, '$.epoch') FROM live ORDER BY seq") == [(1, None), (2, "e1")]
         assert "epoch" in store._columns("seq_scans")

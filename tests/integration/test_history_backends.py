@@ -570,7 +570,7 @@ def test_a_role_with_select_alone_reads_the_history_and_is_told_what_to_run_on_a
     _psql(postgres_url, "UPDATE edgekit_schema SET version = 1")  # as an older edge-kit left it
     code, out, err = run_cli("report", "--history", reader, "--out", tmp_path / "r.html")
     assert code == 6 and err.count("\n") == 1 and f"{role}:readonly" not in err
-    assert ("was written by an older edge-kit (schema version 1; this one reads 7) and this command only reads it: run "
+    assert (f"was written by an older edge-kit (schema version 1; this one reads {SCHEMA_VERSION}) and this command only reads it: run "
             "`edgekit history upgrade --history <it>` once as a user (or PostgreSQL role) that owns its tables") in err
     code, out, err = run_cli("history", "upgrade", "--history", postgres_url)
     assert code == 0, err
@@ -610,7 +610,7 @@ def test_a_writer_role_that_does_not_own_the_tables_is_told_an_older_schema_need
 
     _psql(postgres_url, "UPDATE edgekit_schema SET version = 1")  # as an older edge-kit left it
     want = (f"the history postgresql://{role}@{parts.hostname}:{parts.port}{parts.path} was written by an older "
-            "edge-kit (schema version 1; this one reads 7) and needs an upgrade that only the owner of its tables can "
+            f"edge-kit (schema version 1; this one reads {SCHEMA_VERSION}) and needs an upgrade that only the owner of its tables can "
             "run (this role is not; they belong to edgekit): run `edgekit history upgrade --history <it>` once as "
             "edgekit, then run again")
     with pytest.raises(HistoryError) as refused:
@@ -746,7 +746,7 @@ def test_an_owner_of_the_tables_that_may_not_create_in_the_schema_is_told_what_t
           *(f"ALTER TABLE {t} OWNER TO {role}" for t in TABLES))
     url = parts._replace(netloc=f"{role}:owns@{parts.hostname}:{parts.port}").geturl()
     want = (f"the history postgresql://{role}@{parts.hostname}:{parts.port}{parts.path} was written by an older "
-            f"edge-kit (schema version 1; this one reads 7) and needs an upgrade that creates tables and "
+            f"edge-kit (schema version 1; this one reads {SCHEMA_VERSION}) and needs an upgrade that creates tables and "
             f"indexes in schema public, where this role ({role}) may not create: run `edgekit history upgrade --history "
             f"<it>` once as a role that owns its tables and may create in public (or have the schema's owner run "
             f"`GRANT CREATE ON SCHEMA public TO {role}` first), then run again")
@@ -791,7 +791,7 @@ def test_a_read_only_session_of_the_tables_owner_is_refused_the_upgrade_in_one_l
         open_history(url)
     assert str(refused.value) == (
         f"the history postgresql://{role}@{parts.hostname}:{parts.port}{parts.path} was written by an older edge-kit "
-        f"(schema version 1; this one reads 7) and needs an upgrade, and this session may not write (a "
+        f"(schema version 1; this one reads {SCHEMA_VERSION}) and needs an upgrade, and this session may not write (a "
         "read-only transaction: a standby server, or default_transaction_read_only): run `edgekit history upgrade "
         "--history <it>` once as a role that owns its tables, on the primary server, then run again")
     _psql(postgres_url, f"ALTER ROLE {role} RESET default_transaction_read_only")
@@ -921,7 +921,7 @@ def test_workers_hold_an_over_budget_alert_together_and_a_stale_one_is_closed_by
         store.add("bench", bench("d1", "s1", 1.0, 1))
     _as_version_3(history_spec)
     with open_history(history_spec) as store:
-        assert store._schema_version() == SCHEMA_VERSION == 7 and store.count("bench") == 1
+        assert store._schema_version() == SCHEMA_VERSION and store.count("bench") == 1
         # version 3's open over-budget row was confirmed by nobody: stale, closed by the first worker that floods
         assert store.open_alert_keys() == [("over_budget", "d1", "", True)]
         assert store.hold_alert("d1", "over_budget", "A", "d1 over (A)", at=200.0)  # A's episode: raised

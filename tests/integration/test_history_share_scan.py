@@ -391,14 +391,36 @@ def test_a_version_6_history_is_upgraded_to_7_and_what_a_version_6_worker_writes
             store._execute("DROP INDEX status_seq")
             store._execute("UPDATE edgekit_schema SET version = 6 WHERE name = 'history'")
         code, out, err = run_cli("history", "upgrade", "--history", spec, "--json")
-        assert code == 0 and json.loads(out)["schema_version"] == 7, err
+        assert code == 0 and json.loads(out)["schema_version"] == SCHEMA_VERSION, err
         with open_history(spec) as store:
-            assert "status_seq" in _indexes(store) and store._schema_version() == 7
+            assert "status_seq" in _indexes(store) and store._schema_version() == SCHEMA_VERSION
             body = {"state": "offline", "connection": "c"}
             store._execute("INSERT INTO status VALUES (?, ?, ?, ?, ?, ?)",  # a version 6 worker's statement
                            ("m1", "d1", time.time(), 1, "offline", json.dumps(messages.envelope("status", "f", "d1", 1,
                                                                                                  body))))
             assert store.latest_status()["d1"]["state"] == "offline"
+
+
+def test_a_version_7_history_is_upgraded_to_8_and_takes_a_variant_of_any_length(request, tmp_path, run_cli):
+    """Schema version 8 adds an index (``bench (device, variant, ts, seq)``; PostgreSQL's holds the variant's MD5: a
+    60 kB name is over its index row's 2,704 bytes) and changes no table: `edgekit history upgrade` adds it to a version
+    7 history, on both backends; a version 7 worker's INSERT (the same columns) still goes in, a record of a variant that
+    long too, and the read it serves finds it."""
+    long = "v" * 60_000
+    for spec in (str(tmp_path / "h.db"), request.getfixturevalue("postgres_url")):
+        with open_history(spec) as store:
+            store._execute("DROP INDEX bench_variant")
+            store._execute("UPDATE edgekit_schema SET version = 7 WHERE name = 'history'")
+        code, out, err = run_cli("history", "upgrade", "--history", spec, "--json")
+        assert code == 0 and json.loads(out)["schema_version"] == SCHEMA_VERSION, err
+        with open_history(spec) as store:
+            assert "bench_variant" in _indexes(store) and store._schema_version() == SCHEMA_VERSION
+            for n, variant in enumerate(("fp32", long)):
+                body = messages.envelope("bench", "f", "d1", n, {"variant": variant, "accuracy": {"value": 0.5}})
+                store._execute("INSERT INTO bench VALUES (?, ?, ?, ?, ?, ?, ?, ?)",  # a version 7 worker's statement
+                               (f"m{n}", "d1", time.time(), n, variant, "s", 1.0, json.dumps(body)))
+            assert store.reference_accuracies(["d1"], ("fp32", long)) == {("d1", None, "fp32"): 0.5,
+                                                                           ("d1", None, long): 0.5}
 
 
 def test_a_record_of_a_new_numbering_never_leaves_a_gap_of_the_old_one(history):
@@ -694,3 +716,98 @@ def test_a_record_without_a_receive_time_is_among_no_devices_newest_on_either_da
     assert [m["seq"] for m in history.recent_bench(keep=2)[("n", "s")]] == [3, 2]
     history._write_batch([("INSERT INTO bench VALUES (?, ?, ?, ?, ?, ?, ?, ?)", [("m", "m", None, 1, "v", "s", 1.0, "{}")])])
     assert history.last_received(("status", "bench")) == {"n": 5.0}
+
+
+# The query reference_accuracies ran before schema 8: every bench record of the devices and variants ranked.
+OLD_REFERENCE = ("SELECT device, variant, body FROM (SELECT device, variant, body, ts, seq, ROW_NUMBER() OVER (PARTITION "
+                 "BY device, variant ORDER BY ts DESC, seq DESC) AS n FROM bench WHERE device IN ({devices}) AND variant "
+                 "IN ({variants})) AS ranked WHERE n <= ? ORDER BY device, variant, n")
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_the_reference_accuracies_are_the_ones_the_old_ranking_query_found(history, seed):
+    """``reference_accuracies`` ranked every bench record of the devices and variants it was asked; now each device
+    and variant's newest are read through ``bench (device, variant, ts, seq)``. On random histories (odd device names,
+    a variant over PostgreSQL's index row limit, receive times shared by several records, records without a ``seq``,
+    accuracies that are none, zero or text, models named or not), every answer is the old query's, on both
+    databases."""
+    rng = random.Random(seed)
+    variants = ("fp32", "onnx-fp32", "int8", "é" * 1500)
+    devices = rng.sample(ODD_DEVICES, rng.randint(1, len(ODD_DEVICES)))
+    rows = []
+    for device in devices:
+        seqs = rng.sample(range(1, 60), rng.randint(1, 40))  # distinct: one record a (ts, seq), ties on ts alone
+        if rng.random() < 0.3:
+            seqs[0] = None
+        for n, seq in enumerate(seqs):
+            variant = rng.choice(variants)
+            body = {"device": device, "seq": seq, "variant": variant, "model": rng.choice(("m1", "m2", None)),
+                    "accuracy": {"value": rng.choice((None, 0, 0.25, 0.5, 0.75, "x"))}}
+            rows.append((f"{device}/{n}", device, rng.choice((1.0, 2.0, 3.0, 1.0 + n)), seq, variant, "s", 1.0,
+                         json.dumps(body)))
+    history._write_batch([("INSERT INTO bench VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)])
+    asked = rng.sample(devices + ["nobody"], rng.randint(1, len(devices) + 1))
+    wanted = tuple(rng.sample(variants, rng.randint(1, len(variants))))
+    for scan in (1, 2, 5, 32):
+        old: dict = {}
+        for device, variant, body in history._rows(OLD_REFERENCE.format(devices=", ".join("?" * len(asked)),
+                                                                        variants=", ".join("?" * len(wanted))),
+                                                   (*asked, *wanted, scan)):
+            m = json.loads(body)
+            value = m["accuracy"]["value"]
+            key = (device, m["model"], variant)
+            if key not in old and isinstance(value, float) and value > 0:
+                old[key] = value
+        assert history.reference_accuracies(asked, wanted, scan) == old, scan
+
+
+def test_the_reference_accuracies_cost_a_bounded_read_whatever_one_devices_history(history, monkeypatch):
+    """``reference_accuracies`` (a monitor's start, and every --share batch with bench records of an accuracy-bounded
+    device) ranked every bench record of those devices' reference variants: its work grew with how often each was
+    measured. Now each device and variant's newest are read through ``bench (device, variant, ts, seq)``: the work is
+    the same with 15,000 records of a device and variant as with 50."""
+    seq = [0]
+
+    def bench(device, s):
+        return ("bench", messages.envelope("bench", "f", device, s, {"variant": "fp32", "model": "m", "accuracy": {
+            "value": s / 1e6}}))
+
+    def reads():
+        assert history.reference_accuracies(["d1", "d2"], ("fp32", "onnx-fp32")) == {
+            (d, "m", "fp32"): seq[0] / 1e6 for d in ("d1", "d2")}
+
+    def work() -> int:
+        return sum(_read_by(history, sql, args) for sql, args in _asked(history, monkeypatch, reads))
+
+    _grow(history, seq, 50, (bench,))
+    _stays_flat(history, work, lambda: _grow(history, seq, 15_000, (bench,)))
+
+
+def test_the_newest_records_of_a_one_device_history_cost_a_bounded_read_whatever_its_length(history, monkeypatch):
+    """A fleet of one device: PostgreSQL read each device's newest rows (``_newest_rows``: the newest status and
+    telemetry, the last known model) by scanning the whole table, the rows since a bound it could not estimate being
+    all of that device's. Now each device's newest are walked down its ``(device, ts)`` index and the walk stops at
+    them: the work is the same with 15,000 records as with 100."""
+    seq = [0]
+
+    def grow(n):
+        now = time.time()
+        for start in range(0, n, 5000):
+            seqs = range(seq[0] + start + 1, seq[0] + min(n, start + 5000) + 1)
+            history.add_many([("status", messages.envelope("status", "f", "d1", s, {
+                "state": "online", "current": {"variant": f"v{s}", "sha256": "s"}})) for s in seqs] +
+                [tele("d1", s) for s in seqs], received=[now + s / 1e6 for s in seqs] * 2)
+        seq[0] += n
+
+    def reads():
+        assert history.latest_status()["d1"]["seq"] == seq[0] and history.latest_telemetry()["d1"]["seq"] == seq[0]
+        assert history.last_known_models()["d1"]["variant"] == f"v{seq[0]}"
+        assert [json.loads(b)["seq"] for _d, b, _ts in history._newest_rows("status", 3, 100)] == list(
+            range(seq[0] - 2, seq[0] - 100, -1))
+
+    def work() -> int:
+        return sum(_read_by(history, sql, args) for sql, args in _asked(history, monkeypatch, reads))
+
+    grow(100)
+    _stays_flat(history, work, lambda: grow(15_000))
+
