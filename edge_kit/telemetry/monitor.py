@@ -1010,7 +1010,9 @@ class Monitor:
 
     def _keep(self, good: list[tuple[str, dict[str, Any]]], raw: list[bytes], received: list[float]) -> None:
         """Store checked messages once each; then sequence gaps, alerts and the ``on_message`` hook. Return nothing.
-        Raises HistoryError."""
+        Raises HistoryError (a newer edge-kit upgraded the history since it was opened too: nothing of the batch is
+        written, :meth:`~edge_kit.telemetry.store.HistoryStore.check_schema`)."""
+        self.store.check_schema()
         self._sync_alert_states()
         fresh = [i for i, (_, msg) in enumerate(good) if msg["msg_id"] not in self._recent]
         self.stats.duplicates += len(good) - len(fresh)

@@ -397,9 +397,7 @@ class HistoryStore(abc.ABC):
         """
         version = self._schema_version()
         if version is not None and version > SCHEMA_VERSION and write:
-            raise HistoryError(f"the history {self.where} was written by a newer edge-kit (schema version {version}; "
-                               f"this one writes {SCHEMA_VERSION}) and this command would write to it: upgrade edge-kit "
-                               f"on this host to the version that wrote it (schema {version}), then run again")
+            raise HistoryError(self._newer_schema(version))
         if version is not None and version >= SCHEMA_VERSION:
             return
         if version is None:
@@ -417,6 +415,27 @@ class HistoryStore(abc.ABC):
         else:
             raise HistoryError(self._upgrade_needed(version, "this command only reads it",
                                                     "a user (or PostgreSQL role) that owns its tables"))
+
+    def _newer_schema(self, version: int) -> str:
+        """Return the one-line refusal of a writer for a history of a newer schema ``version`` (a newer edge-kit
+        upgraded it): both versions, and the edge-kit to run."""
+        return (f"the history {self.where} was written by a newer edge-kit (schema version {version}; this one writes "
+                f"{SCHEMA_VERSION}) and this command would write to it: upgrade edge-kit on this host to the version that "
+                f"wrote it (schema {version}), then run again")
+
+    def check_schema(self) -> None:
+        """Return nothing while the history's schema is not newer than this edge-kit's: a writer that opened it asks
+        before each batch it writes, since a newer edge-kit may upgrade it meanwhile (another worker of a ``--share``
+        group, updated first) and what this one writes could break the newer tables. One lookup of the
+        ``edgekit_schema`` row.
+
+        Raises:
+            HistoryError: the history's schema is newer now (the line a writer gets at open: :meth:`_open_schema`), or
+                the history cannot be read.
+        """
+        rows = self._rows("SELECT version FROM edgekit_schema WHERE name = ?", ("history",))
+        if rows and rows[0][0] > SCHEMA_VERSION:
+            raise HistoryError(self._newer_schema(rows[0][0]))
 
     def _no_history(self) -> None:
         """Called for a reader of a database without edge-kit tables; return nothing (the backend reads it as an empty

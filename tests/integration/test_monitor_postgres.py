@@ -145,6 +145,49 @@ def test_a_database_stopped_mid_run_stops_the_monitor_with_one_line_and_loses_no
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_history_a_newer_edge_kit_upgrades_mid_run_stops_the_monitor_with_one_line_and_loses_nothing(
+        fleet, publisher, tmp_path, run_cli, request, backend):
+    """The schema version was checked at open only: a monitor running when a newer edge-kit upgraded the history (a
+    --share worker updated first) kept writing to it. Now each batch asks first: the next batch is refused with the
+    line a writer gets at open, exit 6, nothing of it stored or acknowledged, so the broker keeps it for the next run."""
+    from edge_kit.telemetry.store import SCHEMA_VERSION
+
+    fleet_file = tmp_path / "fleet.yaml"
+    spec = str(tmp_path / "h.db") if backend == "sqlite" else request.getfixturevalue("postgres_url")
+    with open_history(spec) as store:
+        where = store.where  # as the refusal names it (a URL without its password)
+    stored_before = threading.Event()
+    cid = monitor_session(fleet, f"upgraded-mid-run-{backend}")
+
+    def schema(version: int) -> None:  # what a newer edge-kit's upgrade records, from its own connection
+        with open_history(spec, write=False) as other:
+            other._execute("UPDATE edgekit_schema SET version = ? WHERE name = 'history'", (version,))
+
+    def feed():
+        for seq in range(1, 21):
+            send(publisher, "bench", bench("d1", seq))
+        if wait_until(lambda: count(spec) == 20, 20):
+            stored_before.set()
+        schema(SCHEMA_VERSION + 1)
+        for seq in range(21, 31):
+            send(publisher, "bench", bench("d1", seq))
+
+    threading.Thread(target=feed, daemon=True).start()
+    code, out, err = run_cli("monitor", "--fleet", fleet_file, "--history", spec, "--client-id", cid, "--duration", "40",
+                             "--json")
+    assert stored_before.is_set() and code == 6, (code, err)
+    assert err == (f"edgekit: error: the history {where} was written by a newer edge-kit (schema version "
+                   f"{SCHEMA_VERSION + 1}; this one writes {SCHEMA_VERSION}) and this command would write to it: upgrade "
+                   f"edge-kit on this host to the version that wrote it (schema {SCHEMA_VERSION + 1}), then run again\n")
+    assert count(spec) == 20
+    schema(SCHEMA_VERSION)  # this edge-kit's again: the next run stores what the broker kept, once
+    code, out, err = run_cli("monitor", "--fleet", fleet_file, "--history", spec, "--client-id", cid, "--duration", "3",
+                             "--json")
+    assert code == 0 and json.loads(out)["stored"] == 10, (out, err)
+    assert count(spec) == 30
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_a_nul_or_a_lone_surrogate_from_a_device_is_refused_and_counted_and_the_rest_stored(fleet, publisher, tmp_path,
                                                                                            request, backend):
     """A device (compromised, or its runtime's odd text) signs ``\\u0000`` (PostgreSQL's text columns refuse
