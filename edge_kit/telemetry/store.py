@@ -38,6 +38,7 @@ from edgekit_protocol.messages import (
     ROOT,
     field_at,
     in_range,
+    message_epoch,
     parse_topic,
     telemetry_interval,
     topic,
@@ -1279,7 +1280,8 @@ class HistoryStore(abc.ABC):
         """Return the newest status message per device (by receive time). When that is an ``offline`` one, its
         ``current`` is the one of the newest status (by ``seq``) of the same agent ``connection``: a last will
         the broker published was signed when the agent connected, and names the model of that moment, not one
-        it switched to since (looked for among the device's 100 highest-numbered statuses after it). One query, and two
+        it switched to since (looked for among the device's 100 highest-numbered statuses after it of its numbering, its
+        ``epoch`` when it says one: a re-imaged device numbers from 1 again). One query, and two
         more per 200 devices whose newest status is such a will; each device's newest found through the ``(device,
         ts)`` index (:meth:`_latest`), and only those devices' 100 highest-numbered statuses after it read for their
         connection's model, through the ``(device, seq)`` index (schema version 7): never all of a device's statuses.
@@ -1298,15 +1300,21 @@ class HistoryStore(abc.ABC):
         # (device, seq); then the rows from it up, each device's bound a literal range the planner searches the index
         # by (a bound joined from a subquery was read as unknown: PostgreSQL read the whole table for one device). No
         # arithmetic on the will's number: the will's plus one was out of PostgreSQL's BIGINT range at 2**63 - 1
-        after = "FROM status x WHERE x.device = w.device AND x.seq > w.seq ORDER BY x.seq"
+        # Of the will's numbering only, when it says one (a re-imaged device numbers from 1 again: its older
+        # numbering's higher numbers are no statuses after the will, and 100 of them hid the connection's)
+        after = (f"FROM status x WHERE x.device = w.device AND x.seq > w.seq AND (w.epoch IS NULL OR "
+                 f"{self.EPOCH_SQL.format(row='x')} = w.epoch) ORDER BY x.seq")
         low = f"COALESCE((SELECT x.seq {after} DESC LIMIT 1 OFFSET 99), (SELECT x.seq {after} LIMIT 1))"
+        mine = f"(s.device = ? AND s.seq >= ? AND (CAST(? AS TEXT) IS NULL OR {self.EPOCH_SQL.format(row='s')} = ?))"
         for i in range(0, len(names), 200):
             part = names[i:i + 200]
-            bounds = self._rows(f"WITH w(device, seq) AS (VALUES {', '.join(['(?, CAST(? AS BIGINT))'] * len(part))}) "
-                                f"SELECT w.device, {low} FROM w", tuple(v for d in part for v in (d, wills[d]["seq"])))
-            rows += self._rows("SELECT body FROM (SELECT body, seq, ROW_NUMBER() OVER (PARTITION BY device ORDER BY seq "
-                               f"DESC) AS n FROM status WHERE {' OR '.join(['(device = ? AND seq >= ?)'] * len(bounds))}) "
-                               "AS later WHERE n <= 100 ORDER BY seq DESC", tuple(v for b in bounds for v in b))
+            values = ", ".join(["(?, CAST(? AS BIGINT), CAST(? AS TEXT))"] * len(part))
+            bounds = self._rows(f"WITH w(device, seq, epoch) AS (VALUES {values}) SELECT w.device, {low}, w.epoch FROM w",
+                                tuple(v for d in part for v in (d, wills[d]["seq"], message_epoch(wills[d]))))
+            rows += self._rows("SELECT body FROM (SELECT s.body, s.seq, ROW_NUMBER() OVER (PARTITION BY s.device ORDER BY "
+                               f"s.seq DESC) AS n FROM status s WHERE {' OR '.join([mine] * len(bounds))}) "
+                               "AS later WHERE n <= 100 ORDER BY seq DESC",
+                               tuple(v for d, low_seq, epoch in bounds for v in (d, low_seq, epoch, epoch)))
         found: set[str] = set()
         for m in (json.loads(b) for (b,) in rows):  # highest seq first: the first of the will's connection wins
             device = m.get("device")

@@ -811,3 +811,20 @@ def test_the_newest_records_of_a_one_device_history_cost_a_bounded_read_whatever
     grow(100)
     _stays_flat(history, work, lambda: grow(15_000))
 
+
+def test_a_re_imaged_devices_last_will_names_the_model_its_new_connection_ran(history):
+    """A device re-imaged numbers from 1 in a new epoch: its last will's model was read from the 100 highest-numbered
+    statuses after the will, and 150 statuses of its older numbering (numbered 1 to 150) were all of them, so the new
+    connection's statuses were never read: fleet status showed no model for it. Now only the will's epoch is read."""
+    def status(seq, epoch, connection, state="online", variant=None):
+        return ("status", messages.envelope("status", "f", "d1", seq, {
+            "state": state, "connection": connection, "current": variant and {"variant": variant, "sha256": "s"}},
+            epoch=epoch))
+
+    now = time.time()
+    old = [status(s, "e1", "c1", variant="old") for s in range(1, 151)]
+    new = [status(2, "e2", "c2", variant="new"), status(3, "e2", "c2", variant="newer")]
+    history.add_many(old + new + [status(1, "e2", "c2", state="offline")],
+                     received=[now - 600 + i for i in range(150)] + [now - 20, now - 10, now])
+    latest = history.latest_status()["d1"]
+    assert latest["state"] == "offline" and latest["current"] == {"variant": "newer", "sha256": "s"}
