@@ -185,13 +185,15 @@ def _store_command(args: argparse.Namespace) -> None:
         raise StoreError(f"no model store at {store.root} (no models/ folder): give the agent's root with --root "
                          f"(default {default_root()}), or install a model there first")
     if args.command == "install":
+        own = _agent_bench(store.root)  # checked before anything is copied: a broken agent.yaml changes nothing
         done = store.install(args.model, variant=args.variant, model=args.model_name,
                              expect_sha256=args.sha256, eval_file=args.eval,
                              expect_eval_sha256=args.eval_sha256, move=args.move)
         out = {"sha256": done.sha256, "variant": done.variant, "model": done.model, "fresh": done.fresh}
         from device_agents.runtimes import prepare_installed
 
-        engine = prepare_installed(store, done.sha256, fresh=done.fresh)  # a trt-* variant: its engine, built now
+        # a trt-* variant: its engine, built now with the threads the agent runs it with
+        engine = prepare_installed(store, done.sha256, fresh=done.fresh, threads=own.threads)
         if engine is not None:
             out["engine"] = engine
     elif args.command == "activate":

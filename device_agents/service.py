@@ -107,7 +107,8 @@ class Agent:
         self.smoke = SmokePool()
         self._smoked: set[tuple[Any, ...]] = set()  # (sha256, runtime, delegate, options) that passed it, for bench
         self.reconciler = Reconciler(self.store.root, self.store, activate=self._activate, report=self._report,
-                                     check_disk=lambda needs: self.disk.check("fetch", needs), settings=cfg.pull)
+                                     check_disk=lambda needs: self.disk.check("fetch", needs), settings=cfg.pull,
+                                     threads=cfg.bench.threads)
         self._desired_inbox: queue.Queue[Any] = queue.Queue()  # verified desired messages, taken by the main thread
         self._report_again = threading.Event()
         # held from a reported message's seq taken to its seq kept: two threads reporting at once (a reconcile
