@@ -28,7 +28,7 @@ from device_agents.errors import StoreError, UsageError
 from device_agents.runtimes import RUNTIMES
 from device_agents.store import ModelStore, default_root
 from edgekit_protocol.config import INFERENCE_TIMEOUT_FACTOR, BenchSettings, PowerConfig
-from edgekit_protocol.errors import ConfigError, EdgeKitError, leave_on_closed_stdout
+from edgekit_protocol.errors import EdgeKitError, leave_on_closed_stdout
 
 
 def _print_table(model: Path, record: dict) -> None:
@@ -185,13 +185,15 @@ def _store_command(args: argparse.Namespace) -> None:
         raise StoreError(f"no model store at {store.root} (no models/ folder): give the agent's root with --root "
                          f"(default {default_root()}), or install a model there first")
     if args.command == "install":
+        own = _agent_bench(store.root)  # checked before anything is copied: a broken agent.yaml changes nothing
         done = store.install(args.model, variant=args.variant, model=args.model_name,
                              expect_sha256=args.sha256, eval_file=args.eval,
                              expect_eval_sha256=args.eval_sha256, move=args.move)
         out = {"sha256": done.sha256, "variant": done.variant, "model": done.model, "fresh": done.fresh}
         from device_agents.runtimes import prepare_installed
 
-        engine = prepare_installed(store, done.sha256, fresh=done.fresh)  # a trt-* variant: its engine, built now
+        # a trt-* variant: its engine, built now with the threads the agent runs it with
+        engine = prepare_installed(store, done.sha256, fresh=done.fresh, threads=own.threads)
         if engine is not None:
             out["engine"] = engine
     elif args.command == "activate":
@@ -217,25 +219,15 @@ def _agent_bench(root: Path) -> BenchSettings:
     file (a store made by hand, docs/serving.md), the defaults.
 
     Raises:
-        ConfigError: the file is there but does not load (its file, line and key named: :func:`load_agent_config`),
-            or its ``bench.delegate`` is no target, or ``bench.delegate_options`` are options that target does not
-            take (the file and key named: the smoke check would blame the model).
+        ConfigError: the file is there but does not load (its file, line and key named: :func:`load_agent_config`,
+            which refuses a ``bench.delegate`` no target has, or ``bench.delegate_options`` it does not take, too).
     """
     from device_agents.config import load_agent_config
-    from device_agents.errors import RuntimeUnavailable
-    from device_agents.targets import get_target
 
     path = root / "agent.yaml"
     if not os.path.lexists(path):
         return BenchSettings()
-    bench = load_agent_config(path).bench
-    try:
-        get_target(bench.delegate).options(bench.delegate_options, "bench.delegate_options")
-    except RuntimeUnavailable as exc:  # no such target
-        raise ConfigError(f"{path}: bench.delegate: {exc}") from None
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
-    return bench
+    return load_agent_config(path).bench
 
 
 LIVE_TIMEOUT_S = 2.0  # `state` waits this long for the running agent's live figures

@@ -140,7 +140,9 @@ def load_agent_config(path: Path) -> AgentConfig:
     Raises:
         ConfigError: unreadable file, over :data:`MAX_CONFIG_BYTES`, not UTF-8, bad YAML, nested too deeply, more than :data:`MAX_VALUES` values
             once its aliases are expanded (an alias bomb), a value YAML cannot read, a key given twice, unknown key,
-            wrong type, invalid value or an unknown power sensor; the message names the file, line and key.
+            wrong type, invalid value, an unknown power sensor, or a ``bench.delegate`` no target has or
+            ``bench.delegate_options`` it does not take (:func:`_check_delegate`); the message names the file, line
+            and key.
     """
     path = Path(path)
     try:
@@ -176,4 +178,31 @@ def load_agent_config(path: Path) -> AgentConfig:
         near = closest(bad[0], SENSORS)
         raise ConfigError(f"{path}: power.sensors: unknown sensor '{bad[0]}'"
                           + (f"; did you mean '{near}'?" if near else f" (known: {', '.join(SENSORS)})"))
+    _check_delegate(cfg, tree, path)
     return cfg
+
+
+def _check_delegate(cfg: AgentConfig, tree: Node, path: Path) -> None:
+    """Return None when ``bench.delegate`` names a target plugin and ``bench.delegate_options`` are options it takes.
+
+    Raises:
+        ConfigError: no such target (the closest named), or an option it does not take; the message names the file,
+            the key's line and the key (else each smoke check and bench would blame the model).
+    """
+    from device_agents.errors import RuntimeUnavailable
+    from device_agents.targets import get_target
+
+    bench = tree.value.get("bench") if isinstance(tree.value, dict) else None
+    lines = bench.key_lines if bench is not None else {}
+
+    def at(key: str) -> str:
+        return f"{path}:{lines[key]}" if lines.get(key) else str(path)
+
+    try:
+        target = get_target(cfg.bench.delegate)
+    except RuntimeUnavailable as exc:
+        raise ConfigError(f"{at('delegate')}: bench.delegate: {exc}") from None
+    try:
+        target.options(cfg.bench.delegate_options, "bench.delegate_options")
+    except ConfigError as exc:
+        raise ConfigError(f"{at('delegate_options')}: {exc}") from None

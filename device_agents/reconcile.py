@@ -84,7 +84,8 @@ class Reconciler:
     ``store`` is the device's :class:`~device_agents.store.ModelStore`; ``activate(sha256, keep)``
     switches to an installed model safely and returns the activation result; ``report(body)``
     publishes a ``reported`` body; ``check_disk(needs)`` raises ``DiskFull`` when ``needs`` more
-    bytes do not fit; ``fetch`` is :func:`device_agents.fetch.fetch` (tests pass another).
+    bytes do not fit; ``fetch`` is :func:`device_agents.fetch.fetch` (tests pass another); ``threads`` (the agent's
+    ``bench.threads``) is what a TensorRT variant's engine is built with at install.
 
     The download and install run in a worker thread (the agent's commands, telemetry and newer
     desired states are not held by a slow store); the activation runs in the caller's thread, in
@@ -96,7 +97,7 @@ class Reconciler:
                  report: Callable[[dict[str, Any]], None], check_disk: Callable[[int], None],
                  settings: PullConfig = PullConfig(), fetch: Callable[..., Any] | None = None,
                  clock: Callable[[], float] = time.time, rng: Callable[[], float] = random.random,
-                 connect_grace_s: float = CONNECT_GRACE_S):
+                 connect_grace_s: float = CONNECT_GRACE_S, threads: int = 1):
         self.root = Path(root)
         self.store = store
         self._activate, self._report, self._check_disk = activate, report, check_disk
@@ -104,6 +105,7 @@ class Reconciler:
         self._fetch = fetch
         self.clock, self.rng = clock, rng
         self.connect_grace_s = connect_grace_s
+        self.threads = threads  # bench.threads: what a TensorRT engine is built with, as the agent runs it
         self.desired: Desired | None = None
         self._message: dict[str, Any] | None = None  # the desired message as taken (what desired.json keeps)
         self.attempt = 0
@@ -401,7 +403,8 @@ class Reconciler:
         if d.variant.startswith("trt-"):  # a TensorRT variant: its engine is built now, not at first use
             from device_agents import runtimes
 
-            engine = runtimes.prepare_installed(self.store, d.sha256, fresh=getattr(installed, "fresh", True))
+            engine = runtimes.prepare_installed(self.store, d.sha256, fresh=getattr(installed, "fresh", True),
+                                                threads=self.threads)
             if engine is not None:
                 done["engine"] = engine
         return done

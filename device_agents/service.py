@@ -13,6 +13,7 @@ Everything the agent says is spooled first (see :mod:`device_agents.spool`) exce
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -24,7 +25,7 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import edgekit_protocol
 from device_agents import codecheck, conditions
@@ -60,6 +61,7 @@ from device_agents.smoke import SmokePool
 from device_agents.spool import Spool
 from device_agents.store import ModelStore, StoreError, default_root
 from device_agents.targets import TARGETS, accelerator_missing
+from device_agents.targets.edgetpu import EdgeTpu
 from edgekit_protocol import messages
 from edgekit_protocol.commands import MAX_TTL_S, Command, CommandError, parse_command
 from edgekit_protocol.config import AgentConfig
@@ -107,7 +109,8 @@ class Agent:
         self.smoke = SmokePool()
         self._smoked: set[tuple[Any, ...]] = set()  # (sha256, runtime, delegate, options) that passed it, for bench
         self.reconciler = Reconciler(self.store.root, self.store, activate=self._activate, report=self._report,
-                                     check_disk=lambda needs: self.disk.check("fetch", needs), settings=cfg.pull)
+                                     check_disk=lambda needs: self.disk.check("fetch", needs), settings=cfg.pull,
+                                     threads=cfg.bench.threads)
         self._desired_inbox: queue.Queue[Any] = queue.Queue()  # verified desired messages, taken by the main thread
         self._report_again = threading.Event()
         # held from a reported message's seq taken to its seq kept: two threads reporting at once (a reconcile
@@ -577,11 +580,13 @@ class Agent:
         sha = self.store.resolve(sha256=a.get("sha256"), variant=a.get("variant"))
         path = self.store.verify(sha)
         settings = self._settings_for(sha, settings)  # the record names the delegate that ran it
-        # a model that fails on zeros is named so, as at activation; stopping the agent ends that child too
-        self._loads_in_child(path, sha, settings, cancel=self._stop)
-        try:  # in a child, watched: a model that loops or crashes on the eval samples costs the child, not the agent
-            measured = bench_in_child(self.smoke, path, settings, eval_file=self.store.eval_path(sha),
-                                      meter_args=self._meter_args, cancel=self._stop)
+        try:
+            with self._accelerator_for_child(settings, f"bench of model {sha[:12]}"):
+                # a model that fails on zeros is named so, as at activation; stopping the agent ends that child too
+                self._loads_in_child(path, sha, settings, cancel=self._stop)
+                # in a child, watched: a model that loops or crashes on the eval samples costs the child, not the agent
+                measured = bench_in_child(self.smoke, path, settings, eval_file=self.store.eval_path(sha),
+                                          meter_args=self._meter_args, cancel=self._stop)
         except BenchFailed as exc:
             if exc.ended:  # a model that loops or crashes on real inputs: counted, as hostile input is
                 try:
@@ -622,13 +627,28 @@ class Agent:
         if key in self._smoked:
             return
         try:
-            self.smoke(path, runtime=settings.runtime, delegate=settings.delegate, options=settings.delegate_options,
-                       threads=settings.threads, cancel=cancel)
+            with self._accelerator_for_child(settings, f"smoke check of model {sha[:12]}"):
+                self.smoke(path, runtime=settings.runtime, delegate=settings.delegate,
+                           options=settings.delegate_options, threads=settings.threads, cancel=cancel)
         except SmokeFailed as exc:
             if isinstance(exc, SmokeTimedOut) and exc.how == "stopped":  # not the model's doing
                 raise StoreError(f"model {sha[:12]}: its smoke inference was stopped: the agent is stopping") from None
             raise StoreError(f"model {sha[:12]} failed its smoke inference: {exc}; not loaded here") from None
         self._smoked.add(key)
+
+    @contextlib.contextmanager
+    def _accelerator_for_child(self, settings: Any, what: str) -> Iterator[None]:
+        """Run the ``with`` block, where a child process (``what``) opens a model with ``settings``' delegate, with
+        the serving API's interpreters closed (:meth:`Server.paused`) when they hold that accelerator and it opens
+        for one process at a time: an Edge TPU (:meth:`EdgeTpu.held`; a USB Coral would fail the child as busy).
+        Requests wait meanwhile, none fails. ``settings`` None: no child runs. Yields nothing; raises what the
+        block raises."""
+        if (self.server is None or settings is None or settings.delegate != EdgeTpu.key
+                or not EdgeTpu.held(settings.delegate_options)):
+            yield
+            return
+        with self.server.paused(f"the {what} opens the Edge TPU it holds (one process at a time)"):
+            yield
 
     def _settings_for(self, sha: str, settings: Any) -> Any:
         """Return ``settings`` (the agent's ``bench`` section, or a bench command's) with the delegate and options
@@ -677,8 +697,10 @@ class Agent:
         if keep is not None:  # written before the switch: nothing after it can fail for space
             atomic_write(self.store.root / "candidates.json", json.dumps(sorted(keep)).encode())
         b = self.cfg.bench
-        result = self.store.activate(sha, runtime=b.runtime, delegate=b.delegate, options=b.delegate_options,
-                                     threads=b.threads, smoke=self.smoke)
+        child = self._settings_for(sha, b) if sha != self.store.current() else None  # current: no check, no child
+        with self._accelerator_for_child(child, f"smoke check of model {sha[:12]}"):
+            result = self.store.activate(sha, runtime=b.runtime, delegate=b.delegate, options=b.delegate_options,
+                                         threads=b.threads, smoke=self.smoke)
         if result["smoke"] is not None:  # checked with the settings it is served with: not again
             self._smoked.add(self._smoke_key(sha, self._settings_for(sha, b)))
         return {**result, "model": self._model_ref(sha), "removed": self._apply_budget()}
@@ -767,7 +789,8 @@ class Agent:
 
         Raises:
             StoreError: the model is not installed or fails its check. DeviceError: no serving API,
-                nothing served, or the shadow is the served model or cannot be loaded.
+                nothing served, the shadow is the served model or cannot be loaded, or it runs on the Edge TPU
+                the served model holds.
         """
         if self.server is None:
             raise DeviceError("shadow: the serving API is off on this device (serve.enabled)")
@@ -776,6 +799,11 @@ class Agent:
             self.server.set_shadow(None)
             return {"shadow": None}
         sha = self.store.resolve(sha256=a.get("sha256"), variant=a.get("variant"))
+        settings = self._settings_for(sha, self.cfg.bench)
+        if settings.delegate == EdgeTpu.key and EdgeTpu.held(settings.delegate_options):
+            raise DeviceError(f"shadow: model {sha[:12]} runs on the Edge TPU the served model holds, and an Edge TPU "
+                              "opens for one process at a time (a shadow runs in a child beside serving): bench it "
+                              "instead (serving waits for a bench), or shadow it on a device with a second Edge TPU")
         self.server.set_shadow(self.store.verify(sha), sha, (self.store.describe(sha) or {}).get("variant"),
                                share=float(a.get("share", 0.1)), max_per_s=float(a.get("max_per_s", 5.0)))
         return {"shadow": self.server.shadow.model.ref(), "serving": self.server.current.ref()}

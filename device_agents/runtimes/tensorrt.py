@@ -328,7 +328,8 @@ def build_engine(model: Path, root: Path, *, threads: int = 1, ident: Identity |
     Returns:
         The build record: variant, model sha256, engine key and folder, TensorRT version, GPU,
         ``cached`` (an engine was there already), ``seconds`` (wall clock, ``time.perf_counter``,
-        session creation + first run), engine files and bytes, the provider options, ``invalidated``.
+        session creation + first run), ``threads`` (the session's intra-op threads), engine files and bytes, the
+        provider options, ``invalidated``.
 
     Raises:
         EngineBuildError: not a TensorRT variant, a bad calibration table, an input with a dynamic
@@ -379,7 +380,7 @@ def build_engine(model: Path, root: Path, *, threads: int = 1, ident: Identity |
     record = {
         "variant": variant, "sha256": sha, "engine_key": cache.name, "engine_dir": str(cache),
         "trt_version": ident.trt_version, "gpu": ident.gpu, "onnxruntime_version": str(getattr(ort, "__version__", "unknown")),
-        "cached": cached, "seconds": round(seconds, 3),
+        "cached": cached, "seconds": round(seconds, 3), "threads": threads,
         "seconds_method": "time.perf_counter around session creation + one run on zeros (the provider builds then)",
         "engines": [p.name for p in engines], "engine_bytes": sum(p.stat().st_size for p in engines),
         "calibration_table_sha256": meta.get(META_CALIB_SHA256), "provider_options": options,

@@ -35,6 +35,8 @@ HTTP/JSON (:mod:`device_agents.serving.http`): same model, limits, errors and li
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import os
 import queue
@@ -47,7 +49,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -125,11 +127,9 @@ class _Served:
             Exception: whatever the interpreter factory or the warm-up raises (the model is not served).
         """
         self.sha256, self.variant, self.path = sha256, variant, path
+        self._make, self.workers = make, workers
         self.pool: queue.Queue[ModelRunner] = queue.Queue()
-        for _ in range(workers):
-            runner = ModelRunner(make(path))
-            for _ in range(WARMUP):  # the first runs pack weights and fill caches: before any request, not during
-                runner.invoke_raw([np.zeros(p.shape, p.dtype) for p in runner.inputs])
+        for runner in self._load():
             self.pool.put(runner)
         probe = self.pool.queue[0]
         # one worker: a lock around its one interpreter (no queue hand-off on the request path)
@@ -148,6 +148,46 @@ class _Served:
         self.waiting = 0
         self.lock = threading.Lock()  # the counters above, updated from every connection's thread
         self._head: tuple[Any, bytes, bytes] | None = None  # (outputs' description, encoded answer start)
+
+    def _load(self) -> list[ModelRunner]:
+        """Return :attr:`workers` runners of the model, each warmed up.
+
+        Raises:
+            Exception: whatever the interpreter factory or the warm-up raises.
+        """
+        runners = []
+        for _ in range(self.workers):
+            runner = ModelRunner(self._make(self.path))
+            for _ in range(WARMUP):  # the first runs pack weights and fill caches: before any request, not during
+                runner.invoke_raw([np.zeros(p.shape, p.dtype) for p in runner.inputs])
+            runners.append(runner)
+        return runners
+
+    @contextlib.contextmanager
+    def released(self) -> Iterator[None]:
+        """Close this model's interpreters for the ``with`` block, and what they hold (an Edge TPU, which one process
+        at a time can open), then load them again. Requests in flight finish first; new ones wait for the block's
+        end (none fails for it). When the model does not load again, each request is answered why (an inference
+        error) and it is logged. Yields nothing; raises what the block raises."""
+        with self._run_lock:  # one worker: its requests wait on this lock; several: on the pool, emptied here
+            for _ in range(self.workers):
+                self.pool.get()
+            self.single = _Unloaded("paused") if self.workers == 1 else None  # never run: the lock is held
+            gc.collect()  # an interpreter in a reference cycle would keep its delegate, so the Edge TPU, open
+            try:
+                yield
+            finally:
+                try:
+                    runners: list[Any] = self._load()
+                except Exception as exc:  # noqa: BLE001 - whatever the interpreter raises: said to each request
+                    why = (f"model {self.sha256[:12]} could not be loaded again after a pause for a child process "
+                           f"({str(exc)[:300]}); activate it again or restart the agent")
+                    log.error("serving API: %s", why)
+                    runners = [_Unloaded(why)] * self.workers
+                if self.workers == 1:
+                    self.single = runners[0]
+                for runner in runners:
+                    self.pool.put(runner)
 
     def count(self, took_ns: int | None) -> None:
         """Count one answered request (``took_ns`` its service time) or, with None, one error."""
@@ -197,6 +237,20 @@ class _Served:
             return runner.results()
         finally:
             self.pool.put(runner)
+
+
+class _Unloaded:
+    """Stands where a model's runner was when its interpreters could not be loaded again: each request that reaches
+    it fails with ``why`` (RuntimeError), answered as an inference error."""
+
+    def __init__(self, why: str):
+        self.why = why
+
+    def invoke_raw(self, *_: Any) -> None:
+        """Raise RuntimeError(why): there is no interpreter to run."""
+        raise RuntimeError(self.why)
+
+    sample_tensors = invoke_raw
 
 
 class Server:
@@ -346,6 +400,23 @@ class Server:
         if shadow is not None:  # its comparison was with the model served before: ended, set it again
             shadow.stop()
         log.info("serving %s %s", variant, sha256[:12])
+
+    @contextlib.contextmanager
+    def paused(self, why: str) -> Iterator[None]:
+        """Close the served model's interpreters for the ``with`` block and load them again after it
+        (:meth:`_Served.released`), so a child process can open what they hold (an Edge TPU); its requests wait
+        meanwhile, none fails for it. Nothing served: just the block. Yields nothing; raises what the block raises."""
+        served = self.current
+        if served is None:
+            yield
+            return
+        log.info("serving %s %s paused: %s", served.variant, served.sha256[:12], why)
+        t0 = time.monotonic()
+        try:
+            with served.released():
+                yield
+        finally:
+            log.info("serving %s %s resumed after %.1f s", served.variant, served.sha256[:12], time.monotonic() - t0)
 
     def set_shadow(self, path: Path | None, sha256: str = "", variant: str | None = None, *, share: float = 0.1,
                    max_per_s: float = 5.0, max_load: float | None = None) -> None:

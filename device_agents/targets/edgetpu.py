@@ -306,6 +306,19 @@ class EdgeTpu(Target):
         return kwargs
 
     @classmethod
+    def held(cls, options: dict[str, Any] | None = None) -> bool:
+        """Return whether an interpreter of this process (the serving API's) holds the Edge TPU ``options`` names with
+        ``device`` (``runtime.options``); a ``device`` left out, here or there, is the first found: taken as the same
+        one. Options the target does not take: False (their load says so). Never raises."""
+        try:
+            device = cls.options(options).device
+        except ConfigError:
+            return False
+        with cls._lock:
+            held = list(cls._held.values())
+        return any(d is None or device is None or d == device for d in held)
+
+    @classmethod
     def forget(cls) -> None:
         """Forget that an Edge TPU opened (the next :meth:`device_missing` opens it again); return nothing."""
         with cls._lock:

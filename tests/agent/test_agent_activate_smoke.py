@@ -83,9 +83,9 @@ def test_on_a_coral_activate_refuses_the_edgetpu_variant_for_what_is_missing_and
 
 @pytest.mark.parametrize("bench, why", [("{delegat: none}", "agent.yaml:5: bench.delegat: unknown key"),
                                         ("{delegate: [", "agent.yaml:6: not valid YAML"),
-                                        ("{delegate: edgtpu}", "agent.yaml: bench.delegate: unknown target 'edgtpu'; "
-                                                               "did you mean 'edgetpu'?"),
-                                        ("{delegate_options: {num_thread: 2}}", "agent.yaml: bench.delegate_options: "
+                                        ("{delegate: edgtpu}", "agent.yaml:5: bench.delegate: unknown target "
+                                                               "'edgtpu'; did you mean 'edgetpu'?"),
+                                        ("{delegate_options: {num_thread: 2}}", "agent.yaml:5: bench.delegate_options: "
                                                                                 "options.num_thread: unknown key")])
 def test_activate_with_a_broken_agent_yaml_in_its_root_says_so_in_one_line_and_changes_nothing(face, tmp_path, capsys,
                                                                                              bench, why):

@@ -111,6 +111,24 @@ def test_the_unit_command_refuses_a_config_that_does_not_load(tmp_path, capsys):
     assert f"--config {good}\n" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("bench, why", [
+    ("{delegate: nosuch}", "agent.yaml:6: bench.delegate: unknown target 'nosuch' (known: xnnpack, none, edgetpu, gpu)"),
+    ("{delegate: edgetpu,\n  delegate_options: {devic: usb}}",
+     "agent.yaml:7: bench.delegate_options: options.devic: unknown key; did you mean 'device'?")])
+def test_the_agent_refuses_to_start_on_a_delegate_no_target_has_in_one_line(offline_config, tmp_path, capsys, bench,
+                                                                            why):
+    """`edgekit-agent run` started on a bench.delegate no target has (activate refused it): each smoke check and
+    bench then blamed the model. Its config load refuses it now, as activate does: file, line and key, exit 2."""
+    from device_agents.__main__ import main
+
+    with pytest.raises(ConfigError, match=re.escape(why)):
+        offline_config(f"bench: {bench}\n")
+    with pytest.raises(SystemExit) as caught:
+        main(["run", "--config", str(tmp_path / "agent.yaml")])
+    err = capsys.readouterr().err
+    assert caught.value.code == 2 and err == f"edgekit-agent: error: {tmp_path}/{why}\n"
+
+
 @pytest.mark.parametrize("args", [["state"], ["rollback"], ["activate", "--variant", "int8"], ["bench", "nope.tflite"]])
 def test_agent_commands_take_json_and_then_say_an_error_in_json_too(tmp_path, capsys, args):
     """`edgekit-agent state --json` was a usage error (only bench took --json), and `bench --json` said its errors

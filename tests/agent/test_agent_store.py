@@ -490,3 +490,112 @@ def test_the_edge_tpu_the_agent_asks_for_is_the_one_its_runtime_options_name(tmp
     finally:
         agent.spool.close()
     assert not ran and asked and all(a == {"device": "pci:0"} for a in asked), asked  # the one configured, each time
+
+
+class UsbCoral:
+    """A fake Coral USB Accelerator, which one process at a time opens: the serving API's interpreters (this process,
+    sharing it) or a smoke or bench child. ``open()`` gives an Edge TPU delegate of this process (closed with it)."""
+
+    def __init__(self):
+        self.open_here = 0  # delegates of this process holding it
+
+    def open(self):
+        import weakref
+
+        class Delegate:  # takes a weak reference, as LiteRT's does
+            pass
+
+        delegate = Delegate()
+        self.open_here += 1
+        weakref.finalize(delegate, lambda: setattr(self, "open_here", self.open_here - 1))
+        return delegate
+
+    def open_in_child(self):
+        """Open it as a child process would: LiteRT's own error while this process holds it."""
+        from device_agents.errors import SmokeFailed
+
+        if self.open_here:
+            raise SmokeFailed("Failed to load delegate from libedgetpu.so.1")
+
+
+def test_a_smoke_check_on_a_usb_coral_serving_an_edgetpu_model_pauses_serving_and_no_request_fails(face, tmp_path,
+                                                                                                  monkeypatch,
+                                                                                                  offline_config, wait):
+    """A USB Coral opens for one process at a time: while the serving API served an edgetpu model, the smoke check of
+    the next one (a child) failed to open the Edge TPU, so no edgetpu model could follow another. Serving's
+    interpreters are closed for the child's run now and loaded again after it: requests wait meanwhile, none fails.
+    A shadow run of an edgetpu variant (a child for as long as it runs) is refused in one line instead. Faked: no
+    Coral was attached (docs/firmware/coral.md)."""
+    import threading
+    import time
+
+    import numpy as np
+
+    from device_agents.errors import DeviceError
+    from device_agents.service import Agent
+    from device_agents.serving.server import Interpreters, RequestError
+    from device_agents.targets.edgetpu import EdgeTpu
+    from edgekit_protocol.commands import Command
+
+    coral, seen = UsbCoral(), []
+    monkeypatch.setattr("ctypes.CDLL", lambda name: None)  # libedgetpu loads
+    monkeypatch.setattr("device_agents.targets.edgetpu.load_delegate", lambda library, options: coral.open())
+
+    class Module:  # LiteRT's module, as the serving interpreter's target loads the delegate from it
+        def load_delegate(self, library, options):
+            return coral.open()
+
+    def serving_interpreter(path):  # the real interpreter, holding the Edge TPU's delegate as LiteRT's does
+        interpreter = Interpreters()(path)
+        interpreter.delegates = EdgeTpu.interpreter_options(Module(), None)["experimental_delegates"]
+        return interpreter
+
+    def smoke_child(path, **kw):
+        coral.open_in_child()
+        seen.append(len(answered))
+        time.sleep(0.3)  # requests sent meanwhile wait
+        seen.append(len(answered))
+        return {"ok": True}
+
+    agent = Agent(offline_config("bench: {delegate: edgetpu}\n", serve="{enabled: true}"))
+    agent.server.make_interpreter, agent.smoke = serving_interpreter, smoke_child
+    answered, failed, stop = [], [], threading.Event()
+    try:
+        first = agent.store.install(face, variant="edgetpu", model="blazeface").sha256
+        agent._activate(first)
+        agent.follow_current()
+        assert agent.server.current.sha256 == first and coral.open_here == 1
+        x = {p["name"]: np.zeros(p["shape"][1:], np.float32) for p in agent.server.current.inputs}
+
+        def requests():
+            while not stop.is_set():
+                try:
+                    answered.append(agent.server.predict(x)[2])
+                except Exception as exc:  # noqa: BLE001 - what the test counts
+                    failed.append(repr(exc))
+
+        sender = threading.Thread(target=requests)
+        sender.start()
+        assert wait(lambda: answered), failed
+        second = tmp_path / "second.tflite"
+        second.write_bytes(face.read_bytes() + b"\0")  # another sha256
+        sha = agent.store.install(second, variant="edgetpu", model="blazeface").sha256
+        seen.clear()
+        agent._activate(sha)  # the child opens the Edge TPU serving held
+        time.sleep(0.2)
+        stop.set()
+        sender.join(10)
+        assert agent.store.current() == sha and failed == [] and len(seen) == 2 and seen[0] == seen[1]
+        assert len(answered) > seen[1] and coral.open_here == 1  # served again after the child, from the Edge TPU
+        with pytest.raises(DeviceError, match="runs on the Edge TPU the served model holds, and an Edge TPU opens "
+                                              "for one process at a time"):
+            agent._cmd_shadow(Command(msg_id="s", name="shadow", args={"sha256": sha}))
+        agent.server.current.__dict__["_make"] = lambda path: no_tpu("libedgetpu.so.1", None)  # unplugged meanwhile
+        with agent.server.paused("a child"):
+            pass
+        with pytest.raises(RequestError, match=f"model {first[:12]} could not be loaded again after a pause for a "
+                                               "child process \\(Failed to load delegate"):
+            agent.server.predict(x)
+    finally:
+        stop.set()
+        agent.spool.close()

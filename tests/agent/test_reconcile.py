@@ -81,10 +81,10 @@ def rig(tmp_path):
         store.cur = sha
         return {"smoke": {"ok": True}}
 
-    def make():
+    def make(**kw):
         return Reconciler(tmp_path, store, activate=activate, report=reports.append, check_disk=lambda n: None,
                           settings=PullConfig(retry_s=10, max_attempts=3), fetch=fetch, clock=clock, rng=lambda: 0.5,
-                          connect_grace_s=2.0)
+                          connect_grace_s=2.0, **kw)
 
     return make, store, clock, reports, fetched, activated, fail
 
@@ -206,12 +206,13 @@ def test_a_converged_desired_state_is_not_applied_again_after_a_restart(rig):
 
 def test_a_trt_variant_gets_its_engine_built_at_install_and_a_failed_build_keeps_the_model(rig, monkeypatch):
     """A desired trt-* variant: the engine is built after the install, before any activation; a failed build
-    is the reported error and the device stays on its model (tensorrt's own logic: tests/agent/test_tensorrt.py)."""
+    is the reported error and the device stays on its model (tensorrt's own logic: tests/agent/test_tensorrt.py);
+    it is built with the agent's bench.threads (it was built with one thread)."""
     from device_agents import runtimes
     from device_agents.errors import StoreError
 
     make, store, clock, reports, fetched, activated, _ = rig
-    rec = make()
+    rec = make(threads=3)
     rec.take(desired(1))
     run(rec)
     builds = []
@@ -227,10 +228,12 @@ def test_a_trt_variant_gets_its_engine_built_at_install_and_a_failed_build_keeps
     out = run(rec)
     assert out["state"] == "failed" and "engine build failed" in out["error"] and out["current"]["sha256"] == A
     assert builds == [B] and activated == [A] and B not in store.models
-    monkeypatch.setattr(runtimes, "prepare_installed", lambda st, sha, **kw: {"variant": "trt-fp16", "seconds": 1.0})
+    monkeypatch.setattr(runtimes, "prepare_installed", lambda st, sha, **kw: {"variant": "trt-fp16", "seconds": 1.0,
+                                                                               "threads": kw.get("threads", 1)})
     rec.take({**desired(3, sha=B), "variant": "trt-fp16"})
     out = run(rec)
     assert out["state"] == "converged" and out["download"]["engine"]["variant"] == "trt-fp16" and store.cur == B
+    assert out["download"]["engine"]["threads"] == 3
 
 
 def test_a_superseded_download_left_whole_by_a_power_loss_is_dropped_and_the_wanted_one_counted(rig, tmp_path):

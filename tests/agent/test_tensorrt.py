@@ -34,6 +34,7 @@ from device_agents.runtimes import tensorrt as trt
 from device_agents.store import ModelStore
 from edge_kit.compiler import trt_variants
 from edgekit_protocol.config import BenchSettings
+from edgekit_protocol.errors import ConfigError
 
 IDENT = trt.Identity("10.3.0", "NVIDIA Jetson Orin Nano Developer Kit")
 
@@ -65,7 +66,8 @@ class FakeOrt:
         name, options = providers[0]
         assert name == trt.PROVIDER
         self.sessions.append({"path": path, "options": dict(options), "providers": providers,
-                              "profiling": bool(sess_options.enable_profiling)})
+                              "profiling": bool(sess_options.enable_profiling),
+                              "threads": sess_options.intra_op_num_threads})
         if self.fail:
             raise RuntimeError(f"[ONNXRuntimeError] : 1 : FAIL : {self.fail}")
         cache = Path(options["trt_engine_cache_path"])
@@ -114,7 +116,8 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> FakeOrt:
     monkeypatch.setattr(trt, "identity", lambda: IDENT)
     monkeypatch.setattr(trt, "trt_version", lambda: IDENT.trt_version)
     # the fake cannot cross into a child process: the build runs here, its "peak memory" a stand-in
-    monkeypatch.setattr(trt, "build_in_child", lambda p, r, **k: {**trt.build_engine(p, r, ort=ort), "peak_rss_mb": 1.5})
+    monkeypatch.setattr(trt, "build_in_child", lambda p, r, threads=1, **k: {
+        **trt.build_engine(p, r, threads=threads, ort=ort), "peak_rss_mb": 1.5})
     return ort
 
 
@@ -324,6 +327,25 @@ def test_install_over_ssh_builds_the_engine_or_fails_in_one_line(fp16: Path, tmp
     agent_cli.main(["install", str(fp16), "--variant", "trt-fp16", "--model-name", "m", "--root", str(root)])
     out = json.loads(capsys.readouterr().out)
     assert out["engine"]["variant"] == "trt-fp16" and out["engine"]["engine_dir"].startswith(str(root / trt.ENGINES))
+
+
+def test_install_over_ssh_builds_the_engine_with_the_threads_of_the_agent_yaml_in_its_root(
+        fake: FakeOrt, fp16: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], offline_config: Any) -> None:
+    """`edgekit-agent install` built a trt-* variant's engine with one thread, whatever agent.yaml's bench.threads
+    (what activate, bench and the running agent use); it reads the agent.yaml in --root as activate does now, and a
+    broken one is its one line, exit 2, before anything is installed."""
+    install = ["install", str(fp16), "--variant", "trt-fp16", "--model-name", "m", "--root", str(tmp_path)]
+    with pytest.raises(ConfigError):
+        offline_config("bench: {threads: 0}")  # tmp_path/agent.yaml: --root tmp_path is that agent's root
+    with pytest.raises(SystemExit) as caught:
+        agent_cli.main(install)
+    err = capsys.readouterr().err
+    assert caught.value.code == 2 and err.count("\n") == 1 and "agent.yaml:6: bench: threads 0" in err and not fake.sessions
+    assert ModelStore(tmp_path).installed() == []
+    offline_config("bench: {threads: 3}")
+    agent_cli.main(install)
+    out = json.loads(capsys.readouterr().out)
+    assert [s["threads"] for s in fake.sessions] == [3] and out["engine"]["threads"] == 3
 
 
 def test_the_storage_budget_counts_and_removes_engines(fake: FakeOrt, fp16: Path, tmp_path: Path) -> None:
