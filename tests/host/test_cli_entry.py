@@ -270,6 +270,16 @@ def test_fleet_revoke_of_an_empty_or_no_device_name_says_so(tmp_path, run_cli, n
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fleet.yaml"]
 
 
+def test_fleet_revoke_of_a_device_with_no_key_says_so_and_leaves_the_fleet_folder_as_it_was(tmp_path, run_cli):
+    """`fleet revoke d1` in a fleet no deploy had registered a key for said so, and left an empty keys/ behind."""
+    (tmp_path / "fleet.yaml").write_text("fleet: f\nbroker: {host: 127.0.0.1, port: 1}\ndefaults: {user: edgekit, "
+                                         "profile: rpi4}\ndevices:\n  - {name: d1, host: 127.0.0.1}\n")
+    code, out, err = run_cli("fleet", "revoke", "d1", "--fleet", tmp_path / "fleet.yaml")
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert err.startswith(f"edgekit: error: d1: no key is registered for it in {tmp_path / 'keys' / 'devices.json'}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fleet.yaml"]
+
+
 def test_a_store_folder_that_does_not_exist_is_bad_input(tmp_path):
     from edge_kit.errors import InputError
     from edge_kit.sim.store_server import start_store_server
