@@ -851,10 +851,10 @@ def fleet_init_cmd(
     if as_json:
         emit_json({"files": {k: str(v) for k, v in files.items()}, "users": sorted(wall.users), **settings})
         return
-    for label, path in files.items():
-        out.print(f"{label:>15}  {path}")
+    for label, path in files.items():  # a line each, never wrapped: a path, and a command to copy
+        out.print(f"{label:>15}  {path}", soft_wrap=True)
     out.print(f"{len(names)} device users + '{OPERATOR_USER}'; passwords in {out_dir.resolve() / 'secrets'} (mode 600). "
-              f"Run the broker with: mosquitto -c {files['mosquitto.conf']}")
+              f"Run the broker with: mosquitto -c {files['mosquitto.conf']}", soft_wrap=True)
 
 
 @fleet_app.command("status")
