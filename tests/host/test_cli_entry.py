@@ -558,3 +558,22 @@ def test_a_commands_own_exit_1_is_kept_when_its_reader_has_gone():
     finally:
         os.close(write)
     assert result.returncode == 1 and result.stderr == "", (result.returncode, result.stderr)
+
+
+@pytest.mark.parametrize("args, line", [
+    (("sim", "down", "--dir", "{long}"), "nothing is up in {long}"),
+    (("history", "upgrade", "--history", "{long}/h.db"), "{long}/h.db: schema version {schema}, up to date"),
+], ids=["sim-down", "history-upgrade"])
+def test_a_summary_naming_a_path_is_one_line_on_an_80_column_terminal(tmp_path, args, line):
+    """rich wrapped a command's one-line summary on an 80-column terminal, in the middle of the path it names (which
+    a user copies). Each is one line now, whatever its length."""
+    from edge_kit.telemetry.store import SCHEMA_VERSION, Store
+
+    long = tmp_path / ("a-folder-name-long-enough-to-wrap-" * 3)
+    long.mkdir()
+    Store(long / "h.db").close()
+    code = "import sys; sys.argv = ['edgekit', *sys.argv[1:]]; from edge_kit.cli import main; main()"
+    result = subprocess.run([sys.executable, "-c", code, *(a.format(long=long) for a in args)], capture_output=True,
+                            text=True, timeout=120, env={**os.environ, "COLUMNS": "80", "NO_COLOR": "1"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == line.format(long=long, schema=SCHEMA_VERSION) + "\n"
