@@ -249,7 +249,8 @@ def _print_result(manifest: Any, target: Path, as_json: bool, signer: Any) -> No
     print_whole(table)
     for line in notes:
         out.print(line, highlight=False)
-    out.print(f"wrote {safe(str(target))}/manifest.json" + (f", signed by key {signer.key_id}" if signer else ""))
+    out.print(f"wrote {safe(str(target))}/manifest.json" + (f", signed by key {signer.key_id}" if signer else ""),
+              soft_wrap=True)
 
 
 @app.command("sign")

@@ -178,7 +178,7 @@ def keys_rotate_cmd(
         emit_json({"old_key": old, "new_key": new, "switched": switched, "devices": [r.__dict__ for r in results]})
     else:
         out.print(f"operator key {old} -> {new} (old key kept in {fleet.key_store().folder / 'retired'})" if switched
-                  else f"operator key NOT switched: {old} stays; {new} is pending until every device has it")
+                  else f"operator key NOT switched: {old} stays; {new} is pending until every device has it", soft_wrap=True)
         t = Table("device", "outcome", "what to do", box=box.SIMPLE)
         for r in results:
             t.add_row(safe(r.device), safe(r.outcome), safe(r.reason or ""))
@@ -213,7 +213,8 @@ def publish_cmd(
     written = result.written
     out.print(f"{result.model}: {len(written)} written ({sum(f.bytes for f in written):,} bytes), "
               f"{len(result.present)} already there, in {safe(str(result.store))}; devices fetch "
-              f"<store URL>/sha256/<hash>; manifest: manifests/{result.model}/{result.manifest_sha256[:12]}….json")
+              f"<store URL>/sha256/<hash>; manifest: manifests/{result.model}/{result.manifest_sha256[:12]}….json",
+              soft_wrap=True)
 
 
 sim_app = typer.Typer(no_args_is_help=True, help="A simulated fleet on this machine: broker, sshd and agent per device.")
@@ -336,7 +337,7 @@ def deploy_cmd(
         out.print(results_table(group))
         out.print(f"manifest: {group.signature}", highlight=False)
         if stored:
-            out.print(f"canary health benchmarks: {stored} stored in {safe(where)}", highlight=False)
+            out.print(f"canary health benchmarks: {stored} stored in {safe(where)}", highlight=False, soft_wrap=True)
         print_refused(refused)
         if group.stopped:
             out.print(f"[red]rollout stopped:[/] {safe(group.stopped)}")
@@ -388,16 +389,18 @@ def sim_up(
     t.columns[4].overflow = "fold"  # each device's root whole on a narrow terminal, never cut to '…'
     out.print(t)
     out.print(f"broker: {info['broker']['kind']} on {info['broker']['host']}:{info['broker']['port']}; links: {links}; "
-              f"fleet file: {sim.fleet_file}")
+              f"fleet file: {sim.fleet_file}", soft_wrap=True)
     if info["store"]:
-        out.print(f"artifact store: {info['store']['kind']} at {info['store']['url']} serving {safe(info['store']['folder'])}")
+        out.print(f"artifact store: {info['store']['kind']} at {info['store']['url']} serving {safe(info['store']['folder'])}",
+                  soft_wrap=True)
     for name in info["revoked"]:
         out.print(f"{safe(name)}: its key was revoked (edgekit fleet revoke): its agent was not started, nor its broker "
                   "user let in; "
                   f"`edgekit deploy --new-key --fleet {sim.fleet_file} --artifacts <folder> --devices {safe(name)}` "
                   "brings it back",
-                  highlight=False)
-    out.print(f"measurements are this machine's, marked simulated; stop with: edgekit sim down --dir {workdir}")
+                  highlight=False, soft_wrap=True)
+    out.print(f"measurements are this machine's, marked simulated; stop with: edgekit sim down --dir {workdir}",
+              soft_wrap=True)
 
 
 @sim_app.command("down")
@@ -414,4 +417,4 @@ def sim_down(workdir: SimDirOpt = Path(".edgekit-sim"), as_json: JsonOpt = False
     if down.not_running:
         out.print(f"not running (had already ended; its record cleaned up): {', '.join(down.not_running)}")
     if not (down.stopped or down.not_running):
-        out.print(f"nothing is up in {workdir}")
+        out.print(f"nothing is up in {workdir}", soft_wrap=True)

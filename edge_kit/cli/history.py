@@ -175,4 +175,4 @@ def upgrade_cmd(fleet_file: ReadFleetOpt = None, history: HistoryOpt = None, as_
     if as_json:
         emit_json({"history": where, "schema_version": SCHEMA_VERSION})
         return
-    out.print(f"{safe(where)}: schema version {SCHEMA_VERSION}, up to date", highlight=False)
+    out.print(f"{safe(where)}: schema version {SCHEMA_VERSION}, up to date", highlight=False, soft_wrap=True)

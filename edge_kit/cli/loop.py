@@ -405,8 +405,9 @@ def print_demo(result: Any) -> None:
     out.print(f"manifest: {result.report.deploy.signature}; tune: {rounds_text(result.report)}; "
               f"switched {', '.join(switched) or 'nothing'}", highlight=False)
     if result.kept:
-        out.print(f"files kept in {result.workdir}; the devices are stopped, their history stays beside the fleet file:")
-        out.print(f"  edgekit report --fleet {result.fleet_file} --out report.html", highlight=False)
+        out.print(f"files kept in {result.workdir}; the devices are stopped, their history stays beside the fleet file:",
+                  soft_wrap=True)
+        out.print(f"  edgekit report --fleet {result.fleet_file} --out report.html", highlight=False, soft_wrap=True)
 
 
 def _on_cpu(delegate: str | None) -> bool:
@@ -782,11 +783,11 @@ def monitor_cmd(
         out.print(safe(f"stored {s.stored:,} of {s.received:,} messages received ({s.duplicates:,} duplicates, "
                        f"{s.invalid:,} refused, {s.over_budget:,} over budget, {s.gaps:,} sequence gaps, {quiet}"
                        f"{mon.alerts_raised:,} alerts) in {db.where}"),
-                  highlight=False)
+                  highlight=False, soft_wrap=True)
         for device in sorted(mon.retained_leftovers)[:10]:  # the broker keeps it until it is cleared: say how
             out.print(safe(f"{device}: revoked, and the broker still holds what it left retained (its last will, sent "
                            f"as the broker restarted): `edgekit fleet revoke {device} --fleet {fleet_file}` clears it"),
-                      highlight=False)
+                      highlight=False, soft_wrap=True)
 
 
 def _stop_on_sigterm() -> Callable[[], None]:
@@ -851,10 +852,10 @@ def fleet_init_cmd(
     if as_json:
         emit_json({"files": {k: str(v) for k, v in files.items()}, "users": sorted(wall.users), **settings})
         return
-    for label, path in files.items():
-        out.print(f"{label:>15}  {path}")
+    for label, path in files.items():  # a line each, never wrapped: a path, and a command to copy
+        out.print(f"{label:>15}  {path}", soft_wrap=True)
     out.print(f"{len(names)} device users + '{OPERATOR_USER}'; passwords in {out_dir.resolve() / 'secrets'} (mode 600). "
-              f"Run the broker with: mosquitto -c {files['mosquitto.conf']}")
+              f"Run the broker with: mosquitto -c {files['mosquitto.conf']}", soft_wrap=True)
 
 
 @fleet_app.command("status")
@@ -977,7 +978,7 @@ def report_cmd(
         held = [f"{info['rollouts']:,} rollout(s)" if info["rollouts"] else "",
                 f"{info['alerts_holding']:,} alert(s) holding" if info["alerts_holding"] else ""]
         out.print(f"wrote {safe(out_file)}: {info['plots']} plots for {safe(', '.join(info['profiles']) or 'no profile')}, "
-                  + ", ".join([f"{info['devices']} devices", *filter(None, held)]))
+                  + ", ".join([f"{info['devices']} devices", *filter(None, held)]), soft_wrap=True)
         if not info["records"]:  # an empty report is not a fleet that measured nothing worth drawing
             out.print(f"[yellow]note[/] {safe(db.where)} holds no benchmark record yet, so the report has no plot (its "
                       "tables show the rest): run `edgekit tune` (or `edgekit bench`, or `edgekit monitor` while devices "

@@ -230,7 +230,7 @@ def start_cmd(
     if not as_json:
         err.print(f"rollout {rid}: {len(plan['targets'])} devices in {len(settings.waves)} waves"
                   + (f", {len(plan['refused'])} refused" if plan["refused"] else "") + f"; manifest {plan['signature']}",
-                  highlight=False)
+                  highlight=False, soft_wrap=True)
     summary = _drive(fleet_file, db, rid, as_json)
     emit_json(summary) if as_json else _print(summary)
     _exit(summary)
@@ -315,7 +315,7 @@ def list_cmd(fleet_file: FleetOpt, history: HistoryOpt = None,
         emit_json(rows)
         return
     if not rows:
-        out.print(f"no rollout in {safe(db.where)} yet (`edgekit rollout start` makes one)", highlight=False)
+        out.print(f"no rollout in {safe(db.where)} yet (`edgekit rollout start` makes one)", highlight=False, soft_wrap=True)
         return
     t = Table("id", "state", "started", "devices", "variant", "outcome", box=box.SIMPLE_HEAD, pad_edge=False)
     for r in rows:
@@ -323,4 +323,5 @@ def list_cmd(fleet_file: FleetOpt, history: HistoryOpt = None,
                   safe(r["variant"] or "per profile"), safe(outcome_counts_text(r)))
     out.print(t)
     if len(found) > limit:
-        out.print(f"the {limit} newest; older ones are in {safe(db.where)} (--limit N lists more)", highlight=False)
+        out.print(f"the {limit} newest; older ones are in {safe(db.where)} (--limit N lists more)", highlight=False,
+                  soft_wrap=True)

@@ -404,10 +404,13 @@ class FleetKeys:
             entry is the newest one).
 
         Raises:
-            InputError: no key is registered for ``device`` and none ever was revoked (names the registry).
+            InputError: no key is registered for ``device`` and none ever was revoked (names the registry; a fleet
+                without a keys folder is left without one).
             ConfigError: the registry or the revoked list is damaged (left as they are).
             OSError: a file cannot be written (each stays whole).
         """
+        if not self.folder.is_dir():  # nothing was ever registered or revoked: no keys folder is made to say so
+            raise self._no_key(device, {})
         with self._updating():
             data = self._entries()
             revoked = self.revoked()
@@ -416,9 +419,7 @@ class FleetKeys:
                 done = [e for e in revoked if e["device"] == device]
                 if done:
                     return done[-1], False
-                known = ", ".join(sorted(data)[:10]) or "none"
-                raise InputError(f"{device}: no key is registered for it in {self.registry} and none was revoked; "
-                                 f"check the device name (registered: {known})")
+                raise self._no_key(device, data)
             public = decode_key(entry.get("key", "") if isinstance(entry, dict) else "", f"{self.registry}: {device}")
             listed = next((e for e in revoked if e["key_id"] == key_id(public)), None)
             if listed is None:
@@ -428,6 +429,12 @@ class FleetKeys:
             del data[device]
             atomic_write_text(self.registry, json.dumps(data, indent=1, sort_keys=True))
             return listed, True
+
+    def _no_key(self, device: str, entries: dict[str, Any]) -> InputError:
+        """Return the error for ``device`` having no key registered (in ``entries``, the registry) and none revoked."""
+        known = ", ".join(sorted(entries)[:10]) or "none"
+        return InputError(f"{device}: no key is registered for it in {self.registry} and none was revoked; "
+                          f"check the device name (registered: {known})")
 
     def keyring(self) -> Keyring:
         """Return what receivers verify against: the registered devices (re-read whenever the registry

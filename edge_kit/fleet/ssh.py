@@ -29,7 +29,7 @@ import paramiko
 from fabric import Connection
 
 from device_agents import codecheck
-from device_agents.disk import within_limit
+from device_agents.disk import read_head, within_limit
 from device_agents.store import (
     MAX_META_BYTES,
     META,
@@ -664,8 +664,8 @@ class DeviceShell:
             raise HostKeyError(f"{self.dev.name}: {exc}") from None
         if self.dev.key is not None:  # paramiko's own error for it would read as the host being unreachable
             key = self.dev.key.expanduser()
-            try:
-                key.read_bytes()
+            try:  # its first byte, through a regular file only: a FIFO held the deploy waiting for a writer
+                read_head(key, 0)
             except OSError as exc:
                 raise DeployError(f"{where}: SSH key {key}: {exc.strerror or _why(exc)}; set the device's `key:` "
                                   "in the fleet file to its private key file") from None

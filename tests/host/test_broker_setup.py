@@ -293,3 +293,24 @@ def test_deploy_new_key_readmits_a_revoked_device_only_when_devices_names_it(tmp
                              wall, "--devices", "cam-2", "--json")
     assert code == 0 and deployed == ["cam-2"], (out, err)
     assert "cam-2: broker user 'cam-2' added back" in err and "cam-2" in users()
+
+
+def test_fleet_init_s_lines_are_never_wrapped_on_an_80_column_terminal(tmp_path):
+    """On an 80-column terminal rich wrapped `fleet init`'s summary before the mosquitto.conf path of the command
+    to run (and a long path of the files above it): copied, the command lost its path. Each is one line now."""
+    import os
+    import subprocess
+    import sys
+
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text(yaml.safe_dump(FLEET))
+    wall = tmp_path / ("a-long-folder-name-for-the-broker-wall-of-this-plant" * 2)
+    code = ("import sys; sys.argv = ['edgekit', 'fleet', 'init', '--fleet', sys.argv[1], '--broker-host', 'h', "
+            "'--out', sys.argv[2]]; from edge_kit.cli import main; main()")
+    done = subprocess.run([sys.executable, "-c", code, str(fleet_file), str(wall)], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "COLUMNS": "80", "NO_COLOR": "1"})
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == f" mosquitto.conf  {wall}/mosquitto.conf" and len(lines) == 6, lines
+    assert lines[-1] == (f"1 device users + 'operator'; passwords in {wall}/secrets (mode 600). Run the broker with: "
+                         f"mosquitto -c {wall}/mosquitto.conf")

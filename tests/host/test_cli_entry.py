@@ -270,6 +270,16 @@ def test_fleet_revoke_of_an_empty_or_no_device_name_says_so(tmp_path, run_cli, n
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fleet.yaml"]
 
 
+def test_fleet_revoke_of_a_device_with_no_key_says_so_and_leaves_the_fleet_folder_as_it_was(tmp_path, run_cli):
+    """`fleet revoke d1` in a fleet no deploy had registered a key for said so, and left an empty keys/ behind."""
+    (tmp_path / "fleet.yaml").write_text("fleet: f\nbroker: {host: 127.0.0.1, port: 1}\ndefaults: {user: edgekit, "
+                                         "profile: rpi4}\ndevices:\n  - {name: d1, host: 127.0.0.1}\n")
+    code, out, err = run_cli("fleet", "revoke", "d1", "--fleet", tmp_path / "fleet.yaml")
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert err.startswith(f"edgekit: error: d1: no key is registered for it in {tmp_path / 'keys' / 'devices.json'}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fleet.yaml"]
+
+
 def test_a_store_folder_that_does_not_exist_is_bad_input(tmp_path):
     from edge_kit.errors import InputError
     from edge_kit.sim.store_server import start_store_server
@@ -511,6 +521,29 @@ def test_output_whose_reader_has_gone_ends_quietly_with_exit_141(args):
         assert result.stderr == ""
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+@pytest.mark.parametrize("args", [("profiles", "list"), ("profiles", "list", "--json"),
+                                  ("profiles", "show", "rpi-4", "--json")],
+                         ids=["table", "json", "json-error"])
+@pytest.mark.parametrize("stdout", ["full", "closed"])
+def test_output_that_cannot_be_written_is_one_line_naming_standard_output(args, stdout):
+    """`edgekit profiles list > /dev/full` (a full disk) ended in an OSError traceback, exit 1, and `... >&-` in an
+    AttributeError one ('NoneType' object has no attribute 'isatty'). Now one line naming standard output and the error,
+    exit 1; a failure whose error document could not be written keeps its line and its exit code (2 here)."""
+    code = f"import sys; sys.argv = ['edgekit', *{list(args)!r}]; from edge_kit.cli import main; main()"
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, "-c", code], stdout=full if stdout == "full" else None,
+                                stderr=subprocess.PIPE, text=True, timeout=120,
+                                preexec_fn=(lambda: os.close(1)) if stdout == "closed" else None)
+    why = "No space left on device" if stdout == "full" else "Bad file descriptor"
+    if "rpi-4" in args and stdout == "full":  # the error's line, said first on stderr, is all there is to say
+        assert result.returncode == 2 and result.stderr.startswith("edgekit: error: unknown profile 'rpi-4'"), result
+    else:
+        assert result.returncode == 1 and result.stderr.startswith(
+            f"edgekit: error: cannot write to standard output ({why}); "), result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+
+
 def test_a_commands_own_exit_1_is_kept_when_its_reader_has_gone():
     """An exit 1 the command chose (`edgekit rollout start` when devices stayed silent) became exit 141 whenever stdout's
     reader had gone by then: only rich's and typer's exit 1 for a failed write means the output was cut."""
@@ -525,3 +558,22 @@ def test_a_commands_own_exit_1_is_kept_when_its_reader_has_gone():
     finally:
         os.close(write)
     assert result.returncode == 1 and result.stderr == "", (result.returncode, result.stderr)
+
+
+@pytest.mark.parametrize("args, line", [
+    (("sim", "down", "--dir", "{long}"), "nothing is up in {long}"),
+    (("history", "upgrade", "--history", "{long}/h.db"), "{long}/h.db: schema version {schema}, up to date"),
+], ids=["sim-down", "history-upgrade"])
+def test_a_summary_naming_a_path_is_one_line_on_an_80_column_terminal(tmp_path, args, line):
+    """rich wrapped a command's one-line summary on an 80-column terminal, in the middle of the path it names (which
+    a user copies). Each is one line now, whatever its length."""
+    from edge_kit.telemetry.store import SCHEMA_VERSION, Store
+
+    long = tmp_path / ("a-folder-name-long-enough-to-wrap-" * 3)
+    long.mkdir()
+    Store(long / "h.db").close()
+    code = "import sys; sys.argv = ['edgekit', *sys.argv[1:]]; from edge_kit.cli import main; main()"
+    result = subprocess.run([sys.executable, "-c", code, *(a.format(long=long) for a in args)], capture_output=True,
+                            text=True, timeout=120, env={**os.environ, "COLUMNS": "80", "NO_COLOR": "1"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == line.format(long=long, schema=SCHEMA_VERSION) + "\n"

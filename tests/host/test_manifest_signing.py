@@ -241,6 +241,23 @@ def test_a_signing_key_given_as_a_folder_is_named_a_folder(tmp_path, run_cli):
     assert (folder / "manifest.json").read_text() == before
 
 
+def test_a_signing_key_given_as_a_fifo_is_one_line_never_a_wait(tmp_path):
+    """The one reader of signing keys (Signer.load: `sign --key`, `compile --sign-key`, the operator key) opens a key
+    without waiting for a writer: a FIFO is named in one line (a plain open would hold the command for ever)."""
+    import os
+    import subprocess
+    import sys
+
+    folder = compiled(tmp_path)
+    os.mkfifo(tmp_path / "key.pem", 0o600)
+    code = "import sys; sys.argv = ['edgekit', *sys.argv[1:]]; from edge_kit.cli import main; main()"
+    result = subprocess.run([sys.executable, "-c", code, "sign", str(folder), "--key", str(tmp_path / "key.pem")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stderr == (f"edgekit: error: {tmp_path / 'key.pem'}: not a regular file; "
+                                                        "give an Ed25519 private key in PEM (e.g. the fleet's "
+                                                        "keys/operator.key)\n")
+
+
 @pytest.mark.parametrize("edit, said", [
     (lambda doc: doc["artifacts"][0].pop("file"), "int8 is built but names no file, so nothing could check"),
     (lambda doc: doc["artifacts"][0].pop("sha256"), "int8 is built but names no sha256, so nothing could check"),

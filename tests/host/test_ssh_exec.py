@@ -357,3 +357,33 @@ def test_an_upload_of_a_local_file_gone_meanwhile_is_one_line_naming_it(device, 
     shell = _shell(device(lambda channel: False, sftp=_SlowSftp))
     with pytest.raises(DeployError, match=r"^pi-1: upload of int8\.tflite failed \(.*No such file"):
         shell.put(tmp_path / "gone.tflite", "/opt/edgekit/incoming/int8.tflite")
+
+
+def test_an_ssh_key_that_is_a_fifo_is_one_line_naming_it_never_a_wait(tmp_path):
+    """A device's `key:` naming a FIFO held the deploy for ever: the key was read to check it, and a FIFO's open waits
+    for a writer. Now a key that is no regular file is one line naming it, before any connection."""
+    from edge_kit.fleet.inventory import load_fleet
+
+    key = tmp_path / "id_ed25519"
+    os.mkfifo(key, 0o600)
+    (tmp_path / "fleet.yaml").write_text(f"fleet: f\nbroker: {{host: 127.0.0.1, port: 1}}\ndefaults: {{user: edgekit, "
+                                         f"profile: rpi4, key: {key}}}\ndevices:\n  - {{name: d1, host: 127.0.0.1}}\n")
+    dev = load_fleet(tmp_path / "fleet.yaml").devices[0]
+    caught: list[BaseException] = []
+
+    def connect():
+        try:
+            with DeviceShell(dev, tmp_path / "known_hosts"):
+                pass
+        except BaseException as exc:  # noqa: BLE001  (asserted below)
+            caught.append(exc)
+
+    worker = threading.Thread(target=connect, daemon=True)
+    worker.start()
+    worker.join(20)
+    if worker.is_alive():  # waiting in the FIFO's open: a writer releases it
+        os.close(os.open(key, os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail(f"connecting with the SSH key {key} (a FIFO) waited for a writer")
+    assert len(caught) == 1 and isinstance(caught[0], DeployError), caught
+    assert str(caught[0]) == (f"d1 (edgekit@127.0.0.1:22): SSH key {key}: not a regular file; set the device's `key:` "
+                              "in the fleet file to its private key file")
