@@ -214,7 +214,7 @@ RANDOM_SAMPLES = 4  # without --eval or --calib: this many random inputs check a
 RANDOM_SAID = "random samples (no --eval or --calib given)"  # how the manifest names them (random_inputs, is_random)
 MIN_RANDOM_KEPT = 0.5  # the share of the random samples the reference must give finite outputs on to be compared on
 RANDOM_UNIFORM = 2  # of them, for a float input: this many uniform in [0, 1), then standard normal ones in pairs z, -z
-DEFAULT_ID_COUNT = 100  # an integer input indexing no table the model stores: ids 0..99
+DEFAULT_ID_COUNT = 100  # an integer input indexing no table edge-kit reads the size of: ids 0..99
 
 
 def random_inputs(inputs: dict[str, tuple[int, ...]], types: dict[str, str],
@@ -249,7 +249,8 @@ def random_inputs(inputs: dict[str, tuple[int, ...]], types: dict[str, str],
         elif dtype in ("uint8", "bool"):
             high, why = span[1], f"the range of {dtype}"
         else:
-            high, why = DEFAULT_ID_COUNT - 1, f"edge-kit's default for {dtype} ids; give --eval with real ones"
+            high, why = (DEFAULT_ID_COUNT - 1, f"no table size read from the model: edge-kit's default for {dtype} ids; "
+                         "give --eval with real ones")
         high = max(min(high, span[1]), span[0])
         low = max(0, span[0]) if high >= 0 else span[0]
         for k in range(RANDOM_SAMPLES):

@@ -537,7 +537,7 @@ def _convert_onnx(source: Source, data: Dataset | None, profiles: list[Profile],
         xs = {name: x[: ox.FIDELITY_SAMPLES] for name, x in data.x.items()}
         where = f"{data.path.name} (first {len(next(iter(xs.values())))} samples)"
     else:
-        xs, where = random_inputs(source.inputs, source.input_types, ox.id_bounds(source.onnx or b"", source.input_types))
+        xs, where = random_inputs(source.inputs, source.input_types, source.id_bounds())
     fid = ox.conversion_fidelity(source.path, source.pinned_onnx(), source.tflite, runner(xs, "conversion", where),
                                  random=data is None)
     samples = len(next(iter(xs.values()))) - fid["left_out"]
@@ -718,10 +718,7 @@ def _compile_model(req: CompileRequest, progress: Progress | None, work: Path) -
     if fid_inputs is not None:
         fid_x, fid_where = fid_inputs.x, fid_inputs.path.name
     else:  # every variant is compared with the reference on the seeded random samples of an ONNX conversion check
-        from edge_kit.compiler.onnx_source import id_bounds
-
-        bounds = id_bounds(source.onnx, source.input_types) if source.kind == "onnx" and source.onnx else None
-        fid_x, fid_where = random_inputs(source.inputs, source.input_types, bounds)
+        fid_x, fid_where = random_inputs(source.inputs, source.input_types, source.id_bounds())
     outputs: dict[str, dict[str, np.ndarray]] = {}
     outputs_of: Callable[[bytes], dict[str, np.ndarray]] | None = runner(fid_x, "fidelity", fid_where)
     unrun = None  # why the reference did not run on the random samples (no variant's fidelity is measured then)

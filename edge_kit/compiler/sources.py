@@ -72,6 +72,29 @@ class Source:
             raise CompileError(self.onnx_pin_error or f"{self.path}: not an ONNX source")
         return self.onnx_pinned
 
+    def id_bounds(self) -> dict[str, tuple[int, str]]:
+        """Return, for each integer input (:attr:`input_types`) whose ids index a table the model stores, ``(rows,
+        what they are)``: the ids it takes are ``0..rows-1``, read from an ONNX ``Gather``
+        (:func:`~edge_kit.compiler.onnx_source.id_bounds`), a Keras ``Embedding`` (:func:`keras_id_bounds`) or a
+        ``.tflite`` GATHER or EMBEDDING_LOOKUP (:func:`~edge_kit.compiler.tflite_edit.table_rows`). Inputs whose
+        range the model does not say (no such table, or a SavedModel, which is not read for it) are left out."""
+        from edge_kit.compiler.data import id_inputs
+
+        ids = id_inputs(self.input_types)
+        if not ids:
+            return {}
+        if self.kind == "onnx" and self.onnx:
+            from edge_kit.compiler.onnx_source import id_bounds
+
+            return id_bounds(self.onnx, self.input_types)
+        if self.kind == "keras" and self.keras_model is not None:
+            return keras_id_bounds(self.keras_model, ids)
+        if self.kind == "tflite" and self.tflite:
+            from edge_kit.compiler.tflite_edit import table_rows
+
+            return table_rows(self.tflite, ids)
+        return {}
+
     def record(self) -> dict[str, Any]:
         """Return the manifest entry for the source model (with ``conversion`` for an ONNX source)."""
         entry = {"name": self.name, "path": str(self.path), "format": self.kind, "sha256": self.sha256,
@@ -112,6 +135,60 @@ def pin_hint(dims: tuple[int | None, ...] | list[int | None]) -> str:
 def _keras_outputs(model: Any) -> list[str]:
     names = list(getattr(model, "output_names", None) or [])
     return names if len(names) == len(model.outputs) else [f"output_{i}" for i in range(len(model.outputs))]
+
+
+KERAS_ID_MOVES = ("Reshape", "Flatten", "Permute", "Squeeze", "ExpandDims", "Transpose", "Identity")  # layers and
+# ops that move ids about, never change one (as an ONNX model's SHAPE_ONLY_OPS)
+
+
+def keras_id_bounds(model: Any, names: list[str]) -> dict[str, tuple[int, str]]:
+    """Return, for each input of the Keras ``model`` named in ``names`` (integer ids) that an ``Embedding`` layer
+    reads, ``(input_dim of the smallest such layer, what it is)``: the ids it takes are ``0..input_dim-1``. The ids
+    are followed up to :data:`~edge_kit.compiler.onnx_source.MAX_SHAPE_HOPS` layers from the input, through
+    :data:`KERAS_ID_MOVES`, ``keras.ops.cast`` to an integer type and into nested models. Inputs reaching no
+    ``Embedding`` are left out."""
+    import keras
+
+    from edge_kit.compiler.onnx_source import ID_CASTS, MAX_SHAPE_HOPS
+
+    readers: dict[int, list[tuple[Any, Any, int]]] = {}  # id(tensor) -> (layer, its call, position of the tensor)
+    models, seen = [model], set()
+    while models:
+        inner = models.pop()
+        inner = getattr(inner, "_functional", None) or inner  # a Sequential's layers, wired
+        if id(inner) in seen:
+            continue
+        seen.add(id(inner))
+        for layer in getattr(inner, "operations", None) or getattr(inner, "layers", []):
+            for node in getattr(layer, "_inbound_nodes", []):
+                for at, tensor in enumerate(node.input_tensors):
+                    readers.setdefault(id(tensor), []).append((layer, node, at))
+            if isinstance(layer, keras.Model):
+                models.append(layer)
+    out: dict[str, tuple[int, str]] = {}
+    for name, tensor in zip([t.name for t in model.inputs], model.inputs):
+        if name not in names:
+            continue
+        frontier, visited = [tensor], set()
+        for _ in range(MAX_SHAPE_HOPS + 1):
+            ahead = []
+            for value in frontier:
+                if id(value) in visited:
+                    continue
+                visited.add(id(value))
+                for layer, node, at in readers.get(id(value), []):
+                    kind = type(layer).__name__
+                    if isinstance(layer, keras.layers.Embedding):
+                        rows = int(layer.input_dim)
+                        if rows >= 1 and (name not in out or rows < out[name][0]):
+                            out[name] = (rows, f"the {rows} rows of Embedding layer '{layer.name}'")
+                    elif isinstance(layer, keras.Model):
+                        wired = getattr(layer, "_functional", None) or layer
+                        ahead.extend(wired.inputs[at:at + 1])
+                    elif kind in KERAS_ID_MOVES or kind == "Cast" and str(getattr(layer, "dtype", "")) in ID_CASTS:
+                        ahead.extend(node.output_tensors)
+            frontier = ahead
+    return out
 
 
 def keras_graph(model: Any, inputs: Shapes, outputs: list[str] | None = None) -> Graph:

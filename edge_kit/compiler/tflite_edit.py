@@ -454,3 +454,56 @@ def float_id_inputs(data: bytes, names: list[str]) -> tuple[bytes, list[str]]:
     _drop_unread_tensors(model)
     return _dump(model), changed
 
+
+
+# op -> the positions of its inputs that reach its output id for id (a SELECT picks between two: Keras writes an
+# Embedding as GATHER of SELECT(ids < 0, ids + rows, ids), ids >= 0 passing through as they are)
+ID_MOVES = {"CAST": (0,), "RESHAPE": (0,), "SQUEEZE": (0,), "EXPAND_DIMS": (0,), "SELECT": (1, 2), "SELECT_V2": (1, 2)}
+TABLE_OPS = {"GATHER": (0, 1), "EMBEDDING_LOOKUP": (1, 0)}  # op -> positions of its (table, ids) inputs
+
+
+def table_rows(data: bytes, names: list[str]) -> dict[str, tuple[int, str]]:
+    """Return, for each input of the ``.tflite`` model ``data`` named in ``names`` (integer ids, named as
+    :func:`device_agents.inference.ports` names them: the signature's names, else the tensors') that a GATHER (as its
+    indices) or an EMBEDDING_LOOKUP (as its ids) reads, directly or through :data:`ID_MOVES`, ``(rows of the
+    smallest such table along the gathered axis, what it is)``: the ids it takes are ``0..rows-1``. Inputs reaching
+    no such op, or one whose table has a dynamic size there, are left out."""
+    from edge_kit.compiler.analysis import _names
+    from edge_kit.compiler.onnx_source import MAX_SHAPE_HOPS
+
+    schema = _schema()
+    model = _load(data)
+    graph = model.subgraphs[0]
+    sigs = [s for s in model.signatureDefs or [] if s.subgraphIndex == 0]
+    entries = ([(e.name, int(e.tensorIndex)) for e in sigs[0].inputs or []] if len(sigs) == 1 else
+               [(graph.tensors[i].name, int(i)) for i in graph.inputs])
+    op_names = _names(schema.BuiltinOperator)
+    kinds = [op_names.get(max(c.builtinCode, c.deprecatedBuiltinCode), "") for c in model.operatorCodes or []]
+    wanted = dict.fromkeys(names, "")
+    out: dict[str, tuple[int, str]] = {}
+    for entry, index in entries:
+        name = (_placeholder((entry or b"").decode(errors="replace"), wanted)
+                or _placeholder((graph.tensors[index].name or b"").decode(errors="replace"), wanted))
+        if name is None:
+            continue
+        frontier, seen = {index}, set()
+        for _ in range(MAX_SHAPE_HOPS + 1):
+            seen |= frontier
+            ahead: set[int] = set()
+            for op in graph.operators or []:
+                ins = [int(i) for i in (op.inputs if op.inputs is not None else [])]
+                kind = kinds[op.opcodeIndex] if op.opcodeIndex < len(kinds) else ""
+                roles = TABLE_OPS.get(kind)
+                if roles and len(ins) == 2 and ins[roles[1]] in frontier:
+                    axis = int(op.builtinOptions.axis) if kind == "GATHER" and op.builtinOptions is not None else 0
+                    tensor = graph.tensors[ins[roles[0]]]
+                    dims = [int(d) for d in (tensor.shapeSignature if tensor.shapeSignature is not None else
+                                             tensor.shape if tensor.shape is not None else [])]
+                    axis += len(dims) if axis < 0 else 0
+                    if 0 <= axis < len(dims) and dims[axis] >= 1 and (name not in out or dims[axis] < out[name][0]):
+                        out[name] = (dims[axis], f"the {dims[axis]} rows of {kind} table "
+                                                 f"'{(tensor.name or b'').decode(errors='replace')}'")
+                elif any(at < len(ins) and ins[at] in frontier for at in ID_MOVES.get(kind, ())):
+                    ahead |= {int(o) for o in op.outputs if int(o) >= 0} - seen
+            frontier = ahead
+    return out

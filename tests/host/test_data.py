@@ -156,9 +156,9 @@ def test_random_check_inputs_of_an_integer_input_are_ids_not_all_zero():
     assert xs["pixels"].max() > 1 and 0 <= xs["x"][:2].min() and xs["x"][:2].max() < 1  # a float input: [0, 1) first
     assert (xs["x"][3] == -xs["x"][2]).all() and xs["x"][2].any()  # then a standard normal sample and its negation
     assert said == (f"{RANDOM_SAMPLES} random samples (no --eval or --calib given): 'ids' whole numbers uniform in 0..9 "
-                    "(the 10 rows of Gather table 'emb'); 'classes' whole numbers uniform in 0..99 (edge-kit's default "
-                    "for int32 ids; give --eval with real ones); 'pixels' whole numbers uniform in 0..255 (the range of "
-                    "uint8); 'mask' whole numbers uniform in 0..1 (the range of bool); 'x' 2 uniform in [0, 1), then 1 "
+                    "(the 10 rows of Gather table 'emb'); 'classes' whole numbers uniform in 0..99 (no table size read "
+                    "from the model: edge-kit's default for int32 ids; give --eval with real ones); 'pixels' whole "
+                    "numbers uniform in 0..255 (the range of uint8); 'mask' whole numbers uniform in 0..1 (the range of bool); 'x' 2 uniform in [0, 1), then 1 "
                     "standard normal and its negation")
 
 

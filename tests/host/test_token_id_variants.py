@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ROWS = 300  # ids above 127 and 255: what an int8 or uint8 input could not carry even at scale 1
 
@@ -32,6 +33,23 @@ def embedding_onnx(path: Path) -> tuple[Path, np.ndarray, np.ndarray]:
                               [numpy_helper.from_array(table, "table"), numpy_helper.from_array(w, "w")])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
     return path, table, w
+
+
+def embedding_keras(path: Path, rows: int, ids: str = "int64", cast: str | None = None):
+    """Write a Keras model taking ``ids`` [N, 8] -> Embedding(rows, 16) -> mean over the ids -> Dense 5 ``y`` to
+    ``path`` (.keras), the ids cast to ``cast`` first when given; return the model."""
+    from edge_kit.compiler.tf_quiet import tensorflow
+
+    tensorflow()
+    import keras
+
+    keras.utils.set_random_seed(0)
+    ids_in = keras.Input((8,), dtype=ids, name="ids")
+    looked_up = keras.ops.cast(ids_in, cast) if cast else ids_in
+    hidden = keras.layers.GlobalAveragePooling1D()(keras.layers.Embedding(rows, 16, name="emb")(looked_up))
+    model = keras.Model(ids_in, keras.layers.Dense(5, name="y")(hidden))
+    model.save(path)
+    return model
 
 
 def id_files(folder: Path, reference) -> tuple[Path, Path, np.ndarray]:
@@ -118,16 +136,7 @@ def test_a_float64_input_is_quantized_as_any_float_input_not_kept_as_ids(tmp_pat
 def test_the_int8_and_pruned_int8_variants_of_a_keras_embedding_model_keep_the_ids_float(tmp_path, run_cli):
     """The TFLite converter's full-integer conversion (int8, and int8-pruned-S after pruning) quantized a Keras
     model's id input the same way (0.3 dB from fp32); the ids input now stays float32 there too."""
-    from edge_kit.compiler.tf_quiet import tensorflow
-
-    tensorflow()
-    import keras
-
-    keras.utils.set_random_seed(0)
-    ids_in = keras.Input((8,), dtype="int64", name="ids")
-    hidden = keras.layers.GlobalAveragePooling1D()(keras.layers.Embedding(ROWS, 16)(ids_in))
-    model = keras.Model(ids_in, keras.layers.Dense(5, name="y")(hidden))
-    model.save(tmp_path / "emb.keras")
+    model = embedding_keras(tmp_path / "emb.keras", ROWS)
     calib, evalset, ids = id_files(tmp_path, model)
     rpi4 = (Path(__file__).parents[2] / "profiles" / "rpi4.yaml").read_text()  # its variants under test only
     (tmp_path / "ids.yaml").write_text(rpi4.replace("name: rpi4", "name: ids").replace(
@@ -200,22 +209,55 @@ def test_without_data_every_variant_of_an_onnx_embedding_model_is_measured_on_id
         assert fid.measured and fid.samples == 4 and fid.inputs == said and fid.snr_db > 40, (vid, fid)
 
 
-def test_without_data_a_keras_embedding_given_ids_past_its_table_compiles_with_no_fidelity_saying_why(tmp_path):
-    """A Keras model's tables are not read for the ids they take: the random ids are edge-kit's default 0..99, and a
-    37-row embedding's GATHER refuses ids past 36. That is no fault of the model: every variant is still built, its
-    fidelity not measured, naming the fp32 run's error and what to give (a failed reference run stopped the compile
-    when fidelity needed data)."""
+@pytest.mark.parametrize("kind", ["keras", "tflite"])
+def test_without_data_a_keras_or_tflite_embedding_is_measured_on_ids_its_table_has(tmp_path, kind):
+    """A Keras model's Embedding, and a .tflite's GATHER, were not read for the ids they take: the random ids were
+    edge-kit's default 0..99, which a 7-row table refuses past 6, so no variant's fidelity was measured. The ids are
+    drawn from the table's rows now (the Embedding's input_dim; the GATHER's table, which Keras reaches through
+    SELECT(ids < 0, ids + 7, ids)), and every variant is measured on them."""
     from edge_kit.compiler.pipeline import CompileRequest, compile_model
     from edge_kit.compiler.tf_quiet import tensorflow
     from edge_kit.profiles import load_profile
 
-    tensorflow()
-    import keras
+    model = embedding_keras(tmp_path / "emb.keras", 7, ids="int32")
+    path, table = tmp_path / "emb.keras", "Embedding layer 'emb')"
+    if kind == "tflite":
+        table = "GATHER table '"
+        path = tmp_path / "emb.tflite"
+        path.write_bytes(tensorflow().lite.TFLiteConverter.from_keras_model(model).convert())
+    profile = load_profile("rpi4").model_copy(update={"variants": ["fp32", "fp16"]})
+    manifest = compile_model(CompileRequest(path, [profile], tmp_path / "out"))
+    fp32 = manifest.artifact("fp32")
+    said = f"4 random samples (no --eval or --calib given): 'ids' whole numbers uniform in 0..6 (the 7 rows of {table}"
+    assert fp32.fidelity.inputs.startswith(said), fp32.fidelity.inputs  # a GATHER's table: as the converter named it
+    for vid in ("fp32", "fp16"):
+        fid = manifest.artifact(vid).fidelity
+        assert fid.measured and fid.samples == 4 and fid.inputs == fp32.fidelity.inputs and fid.snr_db > 40, (vid, fid)
+    with pytest.raises(RuntimeError, match="gather index out of bounds"):  # the ids 0..99 drawn before: refused
+        run_variant(tmp_path / "out" / "emb", {"runtime": fp32.runtime, "file": fp32.file}, np.full((1, 8), 7))
 
-    keras.utils.set_random_seed(0)
-    ids_in = keras.Input((8,), dtype="int64", name="ids")
-    hidden = keras.layers.GlobalAveragePooling1D()(keras.layers.Embedding(37, 16)(ids_in))
-    keras.Model(ids_in, keras.layers.Dense(5, name="y")(hidden)).save(tmp_path / "emb.keras")
+
+def test_random_ids_of_a_keras_embedding_of_1000_rows_go_past_99(tmp_path):
+    """The random ids of an Embedding(1000) were 0..99, a tenth of its rows; they span its 1000 rows now."""
+    from edge_kit.compiler.data import random_inputs
+    from edge_kit.compiler.sources import load_source
+
+    embedding_keras(tmp_path / "emb.keras", 1000)
+    source = load_source(tmp_path / "emb.keras")
+    xs, said = random_inputs(source.inputs, source.input_types, source.id_bounds())
+    assert 99 < xs["ids"].max() <= 999 and xs["ids"].min() >= 0, xs["ids"]
+    assert said.endswith("'ids' whole numbers uniform in 0..999 (the 1000 rows of Embedding layer 'emb')"), said
+
+
+def test_without_data_ids_past_a_table_edge_kit_cannot_size_compile_with_no_fidelity_saying_why(tmp_path):
+    """A Keras table reached through an op the ids are not followed through (a cast to float32) is not read for the
+    ids it takes: the random ids are edge-kit's default 0..99, said so, and a 37-row embedding's GATHER refuses ids
+    past 36. That is no fault of the model: every variant is still built, its fidelity not measured, naming the fp32
+    run's error and what to give (a failed reference run stopped the compile when fidelity needed data)."""
+    from edge_kit.compiler.pipeline import CompileRequest, compile_model
+    from edge_kit.profiles import load_profile
+
+    embedding_keras(tmp_path / "emb.keras", 37, cast="float32")
     profile = load_profile("rpi4").model_copy(update={"variants": ["fp32", "fp16"]})
     manifest = compile_model(CompileRequest(tmp_path / "emb.keras", [profile], tmp_path / "out"))
     for vid in ("fp32", "fp16"):
@@ -223,5 +265,6 @@ def test_without_data_a_keras_embedding_given_ids_past_its_table_compiles_with_n
         assert artifact.status == "built" and not artifact.fidelity.measured, (vid, artifact)
         method = artifact.fidelity.method
         assert method.startswith("not measured: variant fp32: the LiteRT interpreter failed running it on 4 random "
-                                 "samples (no --eval or --calib given): 'ids' whole numbers uniform in 0..99"), method
+                                 "samples (no --eval or --calib given): 'ids' whole numbers uniform in 0..99 (no table "
+                                 "size read from the model: edge-kit's default for int64 ids"), method
         assert "gather index out of bounds" in method and method.endswith("; give --eval or --calib data the model takes")
