@@ -26,6 +26,7 @@ and int8, ``edgetpu_compiler`` the Edge TPU model). The steps, each checked:
 from __future__ import annotations
 
 import importlib.metadata
+import itertools
 import os
 import re
 import subprocess
@@ -711,10 +712,21 @@ def prepared_model(data: bytes, inputs: dict[str, tuple[int, ...]]
 
 def cleaned_names(graph: Any) -> list[tuple[Any, str]]:
     """Return each node of ``graph`` and of its subgraphs (:func:`graphs_of`, outer first) with the name onnx2tf is
-    given for it: only characters TensorFlow takes in an op name (PaddlePaddle's ``Softmax@0`` is ``Softmax_0``), and
-    ``node_<k>`` for a node without one, ``k`` counted over every graph."""
-    return [(node, _SAFE_NODE.sub("_", node.name) or f"node_{k}")
-            for k, node in enumerate(n for g in graphs_of(graph) for n in g.node)]
+    given for it, unique over every graph: only characters TensorFlow takes in an op name (PaddlePaddle's
+    ``Softmax@0`` is ``Softmax_0``), ``node_<k>`` for a node without one (``k`` counted over every graph), and a
+    name an earlier node already takes (``a@0`` and ``a:0`` both clean to ``a_0``; nodes may share a name in ONNX)
+    followed by the first ``_<n>`` (n = 1, 2...) no node takes, so each name leads back to one node of the user's."""
+    nodes = [n for g in graphs_of(graph) for n in g.node]
+    wanted = [_SAFE_NODE.sub("_", node.name) or f"node_{k}" for k, node in enumerate(nodes)]
+    taken: set[str] = set()
+    own = set(wanted)
+    out: list[tuple[Any, str]] = []
+    for node, name in zip(nodes, wanted):
+        if name in taken:  # never a name another node has itself
+            name = next(c for n in itertools.count(1) if (c := f"{name}_{n}") not in taken and c not in own)
+        taken.add(name)
+        out.append((node, name))
+    return out
 
 
 def _constants_as_initializers(graph: Any) -> int:

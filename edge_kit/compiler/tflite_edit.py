@@ -455,7 +455,6 @@ def float_id_inputs(data: bytes, names: list[str]) -> tuple[bytes, list[str]]:
     return _dump(model), changed
 
 
-
 # op -> the positions of its inputs that reach its output id for id (a SELECT picks between two: Keras writes an
 # Embedding as GATHER of SELECT(ids < 0, ids + rows, ids), ids >= 0 passing through as they are)
 ID_MOVES = {"CAST": (0,), "RESHAPE": (0,), "SQUEEZE": (0,), "EXPAND_DIMS": (0,), "SELECT": (1, 2), "SELECT_V2": (1, 2)}

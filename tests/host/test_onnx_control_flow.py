@@ -141,6 +141,29 @@ def test_a_loop_onnx2tf_cannot_convert_is_named_as_the_model_names_it(tmp_path, 
             model=model, version=version("onnx2tf")).replace("'refine'", f"'{shown}'"), err
 
 
+def test_nodes_whose_names_clean_alike_convert_and_a_failure_names_the_right_one(tmp_path, run_cli):
+    """'a@0' and 'a:0' both cleaned to 'a_0' (ONNX lets nodes share a name): onnx2tf was given two nodes of one name,
+    and its log's 'a_0' led back to the first, so a Loop named 'a:0' after a Relu named 'a@0' was said to be the
+    Loop node 'a@0'. The second is 'a_0_1' now (no node's own name): a model of such nodes converts, and the line
+    names the Loop as the model names it."""
+    from edge_kit.compiler.onnx_source import cleaned_names
+
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="a@0"), helper.make_node("Neg", ["r"], ["y"], name="a:0")]
+    model = save(tmp_path / "twins.onnx", nodes, [])
+    assert [name for _, name in cleaned_names(onnx.load(model).graph)] == ["a_0", "a_0_1"]
+    profile = load_profile("rpi4").model_copy(update={"variants": ["fp32"]})
+    conversion = compile_model(CompileRequest(model, [profile], tmp_path / "out")).model["conversion"]
+    assert conversion["snr_db"] > CONVERSION_WARN_SNR_DB, conversion
+
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="a@0"),
+             helper.make_node("Loop", ["trips", "go", "r"], ["y"], body=halving_body(), name="a:0")]
+    model = save(tmp_path / "loop.onnx", nodes, [numpy_helper.from_array(np.array(3, np.int64), "trips"),
+                                                 numpy_helper.from_array(np.array(True), "go")])
+    code, _out, err = run_cli("compile", model, "-p", profile_file(tmp_path, ["fp32"]), "--out", tmp_path / "out2")
+    assert code == 2 and err.strip() == "edgekit: error: " + LOOP_LINE.format(
+        model=model, version=version("onnx2tf")).replace("'refine'", "'a:0'"), err
+
+
 def test_the_onnx_runtime_variants_of_a_loop_onnx2tf_cannot_convert_are_built(tmp_path, run_cli):
     """The ONNX Runtime variants need no conversion, yet onnx2tf's failure stopped the whole compile, and a profile
     asking onnx-* variants only got nothing either (the LiteRT fp32 variant, every variant's reference, was always
