@@ -607,7 +607,7 @@ class Monitor:
             if self.share is not None:  # the history's receive times are the database's clock: measured first
                 self._measure_db_offset()
             # what each device stored lately spent its budget: a restart gives a flooding device no fresh burst
-            now = time.time() + self._db_offset  # the stored receive times' clock
+            now = self._clock()
             recent = self.store.stored_since(now - self.budget.window_s())
             self.budget.charge({d: seconds for d, seconds in recent.items() if d in self.constraints}, now)
             self._close_revoked()  # a revoked device's alerts are no news: not carried over
@@ -915,7 +915,7 @@ class Monitor:
                 if low <= high and not self._gap_cap.full(device):
                     self.stats.gaps += 1
                     self._gap_cap.take(device)
-                    self.store.add_gap(device, kind, low, high)
+                    self.store.add_gap(device, kind, low, high, self._clock())
                     recorded.append(f"{kind} {low}-{high}")
                 elif low <= high:
                     self._gap_not_recorded(device)
@@ -1032,6 +1032,7 @@ class Monitor:
             self._refuse(messages.topic(good[i][1]["fleet"], good[i][1]["device"], good[i][0]), raw[i], why)
         if refused:
             good = [g for i, g in enumerate(good) if i not in refused]
+            received = [r for i, r in enumerate(received) if i not in refused]
         if self.share is not None:  # one indexed query a batch: a record later than the grace leaves its gap
             self._take_late([(m["device"], k, m["seq"], m.get("epoch")) for k, m in good if k in SEQ_KINDS])
         self.stats.duplicates += len(good) - new
@@ -1041,12 +1042,12 @@ class Monitor:
             benched = sorted({m["device"] for k, m in good if k == "bench" and m["device"] in bounded})
             if benched:
                 self._take_references(self.store.reference_accuracies(benched, REFERENCE_VARIANTS))
-        for kind, msg in good:
+        for (kind, msg), at in zip(good, received):
             if kind in NOT_NEWS_AGAIN and msg["msg_id"] in old:
                 self._recent[msg["msg_id"]] = None
                 continue
             try:
-                self._after_store(kind, msg)
+                self._after_store(kind, msg, at)
             except HistoryError:  # an alert's row not written: the database went away (the writer says so)
                 raise
             except Exception:  # noqa: BLE001 - a hook or an odd figure must not stop the writer
@@ -1057,8 +1058,9 @@ class Monitor:
         while len(self._recent) > 100_000:
             self._recent.popitem(last=False)
 
-    def _after_store(self, kind: str, msg: dict[str, Any]) -> None:
-        """Remember, check the sequence and the alerts of, and hand on one stored message."""
+    def _after_store(self, kind: str, msg: dict[str, Any], at: float | None = None) -> None:
+        """Remember, check the sequence and the alerts of, and hand on one stored message (received at ``at``, as
+        stored; None: now). Return nothing. Raises HistoryError."""
         self._recent[msg["msg_id"]] = None
         self.last_seen[msg["device"]] = time.time()
         if msg["device"] in self._silent_alerted:  # a set lookup a record; the history is written only when it ends
@@ -1066,7 +1068,7 @@ class Monitor:
             self.store.close_alert(msg["device"], "silent")
         self._heard_before.discard(msg["device"])
         epoch = msg.get("epoch")  # decode checked it; None from an older agent: judged as before
-        current = epoch is None or self._epochs.get(msg["device"]) == epoch or self._new_epoch(msg, epoch)
+        current = epoch is None or self._epochs.get(msg["device"]) == epoch or self._new_epoch(msg, epoch, at)
         if self.share is None and current:
             self._check_seq(kind, msg)
         self._check_alerts(kind, msg)
@@ -1113,7 +1115,7 @@ class Monitor:
         if not self.store.take_scan_lease(self._scan_owner):
             return  # another worker scans now
         rows = self.store.seq_window(SCAN_ROWS)
-        marks, gaps = share_gaps(rows, time.time() + self._db_offset - self.gap_grace_s, SCAN_ROWS)  # the database's clock
+        marks, gaps = share_gaps(rows, self._clock() - self.gap_grace_s, SCAN_ROWS)
         room = {d: self._gap_cap.room(d) for d, *_ in gaps}
         kept, capped = [], []
         for gap in gaps:
@@ -1144,7 +1146,7 @@ class Monitor:
             return
         room = {device: self._gap_cap.room(device) for device, *_ in records}
         left: list[tuple[str, str, int]] = []
-        self.stats.late += self.store.take_out_of_gaps(records, room, left)
+        self.stats.late += self.store.take_out_of_gaps(records, room, left, self._clock())
         for device, rows in room.items():  # what the splits took of each device's room
             self._gap_cap.take(device, self._gap_cap.room(device) - rows)
         for device, _kind, _seq in left:
@@ -1178,14 +1180,15 @@ class Monitor:
                                                  f", or dropped by the device's full spool before it sent them "
                                                  f"(its telemetry's spool counts those: dropped_{kind})")))
 
-    def _new_epoch(self, msg: dict[str, Any], epoch: str) -> bool:
+    def _new_epoch(self, msg: dict[str, Any], epoch: str, at: float | None = None) -> bool:
         """Take ``epoch``, other than the one known for ``msg``'s device, as its newest numbering when it is (recorded
-        once in the history, :meth:`HistoryStore.add_epoch`); return whether ``msg`` belongs to the device's newest
-        numbering (False: a late message of an older one, stored but not judged against the new numbers). A new epoch
-        after another is a restart: counted, alerted, and each stream's mark starts again at 0 (a new spool numbers
-        from 1, so what the monitor missed of it is still a gap); a device's first epoch (an agent that did not send
-        one before) is no restart: its numbering goes on. A query or two an epoch, never one a record. Raises
-        HistoryError."""
+        once in the history, :meth:`HistoryStore.add_epoch`, as first received at ``at``, ``msg``'s receive stamp as
+        stored, else now by :meth:`_clock`: with ``share`` a peer's newer epoch recorded first stays the newest);
+        return whether ``msg`` belongs to the device's newest numbering (False: a late message of an older one, stored
+        but not judged against the new numbers). A new epoch after another is a restart: counted, alerted, and each
+        stream's mark starts again at 0 (a new spool numbers from 1, so what the monitor missed of it is still a gap);
+        a device's first epoch (an agent that did not send one before) is no restart: its numbering goes on. A query or
+        two an epoch, never one a record. Raises HistoryError."""
         device = msg["device"]
         if (device, epoch) in self._stale_epochs:
             return False
@@ -1193,7 +1196,8 @@ class Monitor:
         if previous is not None and self._restart_cap.full(device):
             self._restart_not_recorded(device, epoch)
             return False
-        new, newest = self.store.add_epoch(device, epoch, msg["seq"], self._scan_owner if self.share else None)
+        new, newest = self.store.add_epoch(device, epoch, msg["seq"], self._scan_owner if self.share else None,
+                                           self._clock() if at is None else at)
         if newest != epoch:
             if len(self._stale_epochs) >= MAX_STALE_EPOCHS:
                 self._stale_epochs.clear()
@@ -1259,7 +1263,7 @@ class Monitor:
         # while the device is over its budget, what it had refused is recorded as one gap when that ends
         if last is not None and before > last and device not in self._floods:
             if not self._gap_cap.full(device):
-                self.store.add_gap(device, kind, last + 1, before)
+                self.store.add_gap(device, kind, last + 1, before, self._clock())
                 self._gap_found(device, kind, last + 1, before)
             else:
                 self._gap_not_recorded(device)
@@ -1541,6 +1545,12 @@ class Monitor:
                                f"{named} with an accuracy from {device} in the history (`edgekit bench --device "
                                f"{device} --variant fp32` measures it; its other bounds are judged)", MAX_ALERT_CHARS))
         self.notes_raised += 1
+
+    def _clock(self) -> float:
+        """Return now (unix seconds) by the clock this monitor stores times by: with ``share`` the database's (this
+        host's plus ``_db_offset``, as every peer's receive times are), else this host's (as its receive times are):
+        its gap rows and restarts are recorded by it, and the age of a gap a late record may leave is judged by it."""
+        return time.time() + self._db_offset
 
     def _measure_db_offset(self) -> None:
         """Measure how far the database's clock is ahead of this host's (:meth:`HistoryStore.clock_offset`) into

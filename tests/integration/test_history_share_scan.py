@@ -440,6 +440,31 @@ def test_a_record_of_a_new_numbering_never_leaves_a_gap_of_the_old_one(history):
     assert recorded() == [(4, 6), (8, 10)]
 
 
+def test_a_record_of_a_device_s_first_epoch_leaves_its_gap_however_late(history):
+    """A record of a device's first epoch (most devices: never re-imaged) was taken out of its gap only when the gap
+    was recorded in the last 24 h (LATE_S), by this host's clock: a record handed over later (a worker's session the
+    broker kept over a long outage) was stored and stayed in its gap, so the history said it was both stored and lost.
+    Its epoch says its numbering (a re-image names a new one): it now leaves its gap however late. A record of no epoch
+    (an agent older than epochs) still leaves only a gap recorded in the last 24 h: past it, the number is taken as a
+    re-imaged device's new numbering, and the gap stays."""
+    def rec(seq, epoch=None):
+        return ("telemetry", messages.envelope("telemetry", "f", "d1", seq, {}, epoch=epoch))
+
+    def recorded():
+        return sorted((g["first_missing"], g["last_missing"]) for g in history.sequence_gaps())
+
+    history.add_epoch("d1", "e1", 1)
+    history.add_many([rec(n, "e1") for n in (1, 2, 12)])
+    history.add_gap("d1", "telemetry", 3, 11)
+    history._execute("UPDATE gaps SET ts = ts - ?", (3 * LATE_S,))  # recorded three days ago
+    history.add_many([rec(5, "e1")])
+    assert history.take_out_of_gaps([("d1", "telemetry", 5, "e1")]) == 1
+    assert recorded() == [(3, 4), (6, 11)]
+    history.add_many([rec(7)])
+    assert history.take_out_of_gaps([("d1", "telemetry", 7)]) == 0  # no epoch: a gap older than LATE_S stays
+    assert recorded() == [(3, 4), (6, 11)]
+
+
 def test_a_scan_after_a_restart_reads_its_bound_of_a_stream_and_judges_the_new_numbering_no_further(history):
     """After a restart the scan follows the new numbering from 0, and the old numbering's rows above that mark fill the
     bound of a stream's read: the new numbering's rows read were fewer than the bound, so the stream was taken as read
