@@ -247,6 +247,26 @@ def _asked(history, monkeypatch, reads) -> list[tuple[str, tuple]]:
     return queries
 
 
+def test_a_batchs_late_records_cost_the_same_queries_and_one_transaction_however_many_it_holds(history, monkeypatch):
+    """The look a --share worker makes after each batch (a late record leaves its gap) is one query for the whole batch,
+    one transaction for every late record in it, and one look again (a gap a peer split meanwhile is found as its
+    pieces): the same for one late record as for 199, never a query or a transaction a record."""
+    history.add_gap("d1", "telemetry", 1, 1000)
+    writes: list = []
+    write = history._write_batch
+    monkeypatch.setattr(history, "_write_batch", lambda statements: writes.append(statements) or write(statements))
+    taken: list[int] = []
+
+    def cost(seqs) -> tuple[int, int]:
+        writes.clear()
+        asked = _asked(history, monkeypatch,
+                       lambda: taken.append(history.take_out_of_gaps([("d1", "telemetry", s) for s in seqs])))
+        return len(asked), len(writes)
+
+    assert cost([500]) == cost(range(2, 400, 2)) == (2, 1)
+    assert taken == [1, 199] and len(history.sequence_gaps(limit=500)) == 201
+
+
 def test_the_newest_records_per_device_cost_a_bounded_read_whatever_the_historys_length(history, monkeypatch):
     """The newest status, telemetry (and live, shadow) per device, its newest bench record per artifact, its last known
     model, when each device was last heard and which devices the history holds (`fleet status`, `report`, the monitor's
