@@ -248,6 +248,10 @@ MAX_OLD_RUNS = 64  # a device's ended shadow runs remembered: a late message of 
 # kept (the newest; each said once per device and model, at most MAX_NOTED_PER_DEVICE models of a device)
 MAX_REFERENCES_PER_DEVICE = REFERENCE_SCAN * len(REFERENCE_VARIANTS)  # all a device's history read gives
 MAX_NOTES = 1_000
+#: With ``share``: how far (seconds) before its last look at a device's benchmarks a worker reads them again for a
+#: peer's fp32 reference (:meth:`Monitor._keep`): a peer stores a record within its batch, seconds after receiving it;
+#: one stored later than this is read at the next start.
+REFERENCE_LAG_S = 300.0
 #: How far (seconds) the database's clock may be from this host's before a --share worker says so in a note: its
 #: receive times are stored by the database's clock, which every peer shares, but a reader on a host with a right clock
 #: sees them off by as much (a device heard hours ahead or behind).
@@ -484,6 +488,9 @@ class Monitor:
         # bound of the model's other variants is a ratio of (from the history at start, then from what arrives); at
         # most MAX_REFERENCES_PER_DEVICE a device, the least recently taken dropped first
         self._reference: dict[str, dict[tuple[str | None, str], float]] = {}
+        # with share: when (Monitor._clock) the history's fp32 benchmarks were last read, at start and per device since
+        self._references_start = -math.inf
+        self._references_read: dict[str, float] = {}
         #: What the monitor could not judge, said once per device and model (e.g. an accuracy bound without the fp32
         #: accuracy), the newest :data:`MAX_NOTES`; ``notes_raised`` counts them all. Not alerts: nothing broke.
         self.notes: deque[str] = deque(maxlen=MAX_NOTES)
@@ -601,11 +608,11 @@ class Monitor:
             shadows = self.store.latest_shadow()
             self._last_shadow = {d: _shadow_mark(m) for d, m in shadows.items()}
             self._intervals = self.store.telemetry_intervals()  # until its next telemetry says otherwise
-            # each device's fp32 accuracy per model, what its accuracy bound is judged against (one query)
-            self._reference = {}
-            self._take_references(self.store.reference_accuracies(self._accuracy_bounded(), REFERENCE_VARIANTS))
             if self.share is not None:  # the history's receive times are the database's clock: measured first
                 self._measure_db_offset()
+            # each device's fp32 accuracy per model, what its accuracy bound is judged against (one query)
+            self._reference, self._references_start, self._references_read = {}, self._clock(), {}
+            self._take_references(self.store.reference_accuracies(self._accuracy_bounded(), REFERENCE_VARIANTS))
             # what each device stored lately spent its budget: a restart gives a flooding device no fresh burst
             now = self._clock()
             recent = self.store.stored_since(now - self.budget.window_s())
@@ -1040,8 +1047,11 @@ class Monitor:
         if self.share is not None:  # a peer may have stored the device's fp32 benchmark: one query a batch of benches
             bounded = set(self._accuracy_bounded())
             benched = sorted({m["device"] for k, m in good if k == "bench" and m["device"] in bounded})
-            if benched:
-                self._take_references(self.store.reference_accuracies(benched, REFERENCE_VARIANTS))
+            if benched:  # what was stored since its last look at each (less REFERENCE_LAG_S): not the whole history
+                now = self._clock()
+                since = {d: self._references_read.get(d, self._references_start) - REFERENCE_LAG_S for d in benched}
+                self._take_references(self.store.reference_accuracies(benched, REFERENCE_VARIANTS, since=since))
+                self._references_read.update(dict.fromkeys(benched, now))
         for (kind, msg), at in zip(good, received):
             if kind in NOT_NEWS_AGAIN and msg["msg_id"] in old:
                 self._recent[msg["msg_id"]] = None

@@ -1224,24 +1224,32 @@ class HistoryStore(abc.ABC):
             out.setdefault((m["device"], m["sha256"]), []).append(m)
         return out
 
-    def reference_accuracies(self, devices: list[str], variants: tuple[str, ...],
-                             scan: int = REFERENCE_SCAN) -> dict[tuple[str, str | None, str], float]:
+    def reference_accuracies(self, devices: list[str], variants: tuple[str, ...], scan: int = REFERENCE_SCAN,
+                             since: dict[str, float] | None = None) -> dict[tuple[str, str | None, str], float]:
         """Return, per ``(device, model, variant)`` of ``devices`` and ``variants`` (the fp32 references), the
         accuracy of the newest bench record (by receive time, then ``seq``) of that model (its ``model``, None from an
         agent that names none) and variant that carries one (a number above 0), among the ``scan`` newest records of
-        each device and variant: what the accuracy bound of its other variants is a ratio of. One query per 200
-        devices, however many records the history holds beyond those. Raises HistoryError."""
+        each device and variant: what the accuracy bound of its other variants is a ratio of. ``since``: per device,
+        only its records received after that time (unix seconds, as stored; a device missing from it: none), read
+        through the ``(device, ts)`` index: what a ``--share`` worker's look after each batch reads grows with what
+        was stored since its last look, not with the device's history (without ``since``, a monitor's start, every
+        bench record of each device is read). One query per 200 devices. Raises HistoryError."""
         out: dict[tuple[str, str | None, str], float] = {}
         names = sorted(set(devices))
         if not variants:
             return out
+        on = "t.device = d.device" + ("" if since is None else " AND t.ts > d.since")
         for i in range(0, len(names), 200):
             part = names[i:i + 200]
-            rows = self._rows("SELECT device, variant, body FROM (SELECT device, variant, body, ts, seq, ROW_NUMBER() "
-                              "OVER (PARTITION BY device, variant ORDER BY ts DESC, seq DESC) AS n FROM bench WHERE "
-                              f"device IN ({', '.join('?' * len(part))}) AND variant IN "
+            values = ", ".join([f"(?, CAST(? AS {self._REAL}))"] * len(part))
+            rows = self._rows(f"WITH d(device, since) AS (VALUES {values}) "
+                              "SELECT device, variant, body FROM (SELECT t.device, t.variant, t.body, "
+                              "ROW_NUMBER() OVER (PARTITION BY t.device, t.variant ORDER BY t.ts DESC, t.seq DESC) "
+                              "AS n FROM d "
+                              f"{self.ROWS_JOIN.format(table='bench', on=on)} WHERE t.variant IN "
                               f"({', '.join('?' * len(variants))})) AS ranked WHERE n <= ? ORDER BY device, variant, n",
-                              (*part, *variants, scan))
+                              (*(v for d in part for v in (d, None if since is None else since.get(d, math.inf))),
+                               *variants, scan))
             for device, variant, body in rows:  # newest first per device and variant: the first of a model wins
                 try:
                     m = json.loads(body)

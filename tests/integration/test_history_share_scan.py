@@ -235,6 +235,32 @@ def test_where_each_stream_stands_at_start_costs_a_bounded_read_whatever_the_his
     _stays_flat(history, work, lambda: _grow(history, seq, 15_000, kinds))
 
 
+def test_a_share_workers_look_for_a_peers_fp32_accuracy_reads_what_was_stored_since_its_last_look(history, monkeypatch):
+    """After each batch holding a benchmark of a device with an accuracy bound, a --share worker reads the fp32
+    accuracy a peer may have stored. It read every bench record the device ever sent, at every such batch (1.1 million
+    SQLite steps a batch at 30,000 records, growing with them). It now reads those stored since its last look
+    (``since``): the same work at 100 records as at 15,100, and a peer's fp32 stored since is found."""
+    def bench(device, seq, variant="int8", accuracy=0.5):
+        return ("bench", messages.envelope("bench", "f", device, seq, {"variant": variant, "sha256": "s", "model": "m",
+                                                                       "latency_ms": {"p90": 1.0},
+                                                                       "accuracy": {"value": accuracy}}))
+
+    seq = [0]
+    found: list[dict] = []
+
+    def work() -> int:
+        look = time.time()
+        seq[0] += 1
+        history.add_many([bench("d1", seq[0], "fp32", 0.75)], received=[look + 0.001])  # a peer's, since the look
+        asked = _asked(history, monkeypatch, lambda: found.append(
+            history.reference_accuracies(["d1"], ("fp32", "onnx-fp32"), since={"d1": look})))
+        return sum(_read_by(history, sql, args) for sql, args in asked)
+
+    _grow(history, seq, 50, (lambda d, s: bench(d, s, "fp32"), bench))
+    _stays_flat(history, work, lambda: _grow(history, seq, 7_500, (lambda d, s: bench(d, s, "fp32"), bench)))
+    assert found == [{("d1", "m", "fp32"): 0.75}] * 2
+
+
 def _asked(history, monkeypatch, reads) -> list[tuple[str, tuple]]:
     """Call ``reads()``; return the queries (and their arguments) it asked the history."""
     queries: list[tuple[str, tuple]] = []
