@@ -248,6 +248,10 @@ MAX_OLD_RUNS = 64  # a device's ended shadow runs remembered: a late message of 
 # kept (the newest; each said once per device and model, at most MAX_NOTED_PER_DEVICE models of a device)
 MAX_REFERENCES_PER_DEVICE = REFERENCE_SCAN * len(REFERENCE_VARIANTS)  # all a device's history read gives
 MAX_NOTES = 1_000
+#: With ``share``: how far (seconds) before its last look at a device's benchmarks a worker reads them again for a
+#: peer's fp32 reference (:meth:`Monitor._keep`): a peer stores a record within its batch, seconds after receiving it;
+#: one stored later than this is read at the next start.
+REFERENCE_LAG_S = 300.0
 #: How far (seconds) the database's clock may be from this host's before a --share worker says so in a note: its
 #: receive times are stored by the database's clock, which every peer shares, but a reader on a host with a right clock
 #: sees them off by as much (a device heard hours ahead or behind).
@@ -484,6 +488,9 @@ class Monitor:
         # bound of the model's other variants is a ratio of (from the history at start, then from what arrives); at
         # most MAX_REFERENCES_PER_DEVICE a device, the least recently taken dropped first
         self._reference: dict[str, dict[tuple[str | None, str], float]] = {}
+        # with share: when (Monitor._clock) the history's fp32 benchmarks were last read, at start and per device since
+        self._references_start = -math.inf
+        self._references_read: dict[str, float] = {}
         #: What the monitor could not judge, said once per device and model (e.g. an accuracy bound without the fp32
         #: accuracy), the newest :data:`MAX_NOTES`; ``notes_raised`` counts them all. Not alerts: nothing broke.
         self.notes: deque[str] = deque(maxlen=MAX_NOTES)
@@ -601,13 +608,13 @@ class Monitor:
             shadows = self.store.latest_shadow()
             self._last_shadow = {d: _shadow_mark(m) for d, m in shadows.items()}
             self._intervals = self.store.telemetry_intervals()  # until its next telemetry says otherwise
-            # each device's fp32 accuracy per model, what its accuracy bound is judged against (one query)
-            self._reference = {}
-            self._take_references(self.store.reference_accuracies(self._accuracy_bounded(), REFERENCE_VARIANTS))
             if self.share is not None:  # the history's receive times are the database's clock: measured first
                 self._measure_db_offset()
+            # each device's fp32 accuracy per model, what its accuracy bound is judged against (one query)
+            self._reference, self._references_start, self._references_read = {}, self._clock(), {}
+            self._take_references(self.store.reference_accuracies(self._accuracy_bounded(), REFERENCE_VARIANTS))
             # what each device stored lately spent its budget: a restart gives a flooding device no fresh burst
-            now = time.time() + self._db_offset  # the stored receive times' clock
+            now = self._clock()
             recent = self.store.stored_since(now - self.budget.window_s())
             self.budget.charge({d: seconds for d, seconds in recent.items() if d in self.constraints}, now)
             self._close_revoked()  # a revoked device's alerts are no news: not carried over
@@ -915,7 +922,7 @@ class Monitor:
                 if low <= high and not self._gap_cap.full(device):
                     self.stats.gaps += 1
                     self._gap_cap.take(device)
-                    self.store.add_gap(device, kind, low, high)
+                    self.store.add_gap(device, kind, low, high, self._clock())
                     recorded.append(f"{kind} {low}-{high}")
                 elif low <= high:
                     self._gap_not_recorded(device)
@@ -1034,6 +1041,7 @@ class Monitor:
             self._refuse(messages.topic(good[i][1]["fleet"], good[i][1]["device"], good[i][0]), raw[i], why)
         if refused:
             good = [g for i, g in enumerate(good) if i not in refused]
+            received = [r for i, r in enumerate(received) if i not in refused]
         if self.share is not None:  # one indexed query a batch: a record later than the grace leaves its gap
             self._take_late([(m["device"], k, m["seq"], m.get("epoch")) for k, m in good if k in SEQ_KINDS])
         self.stats.duplicates += len(good) - new
@@ -1041,14 +1049,17 @@ class Monitor:
         if self.share is not None:  # a peer may have stored the device's fp32 benchmark: one query a batch of benches
             bounded = set(self._accuracy_bounded())
             benched = sorted({m["device"] for k, m in good if k == "bench" and m["device"] in bounded})
-            if benched:
-                self._take_references(self.store.reference_accuracies(benched, REFERENCE_VARIANTS))
-        for kind, msg in good:
+            if benched:  # what was stored since its last look at each (less REFERENCE_LAG_S): not the whole history
+                now = self._clock()
+                since = {d: self._references_read.get(d, self._references_start) - REFERENCE_LAG_S for d in benched}
+                self._take_references(self.store.reference_accuracies(benched, REFERENCE_VARIANTS, since=since))
+                self._references_read.update(dict.fromkeys(benched, now))
+        for (kind, msg), at in zip(good, received):
             if kind in NOT_NEWS_AGAIN and msg["msg_id"] in old:
                 self._recent[msg["msg_id"]] = None
                 continue
             try:
-                self._after_store(kind, msg)
+                self._after_store(kind, msg, at)
             except HistoryError:  # an alert's row not written: the database went away (the writer says so)
                 raise
             except Exception:  # noqa: BLE001 - a hook or an odd figure must not stop the writer
@@ -1059,8 +1070,9 @@ class Monitor:
         while len(self._recent) > 100_000:
             self._recent.popitem(last=False)
 
-    def _after_store(self, kind: str, msg: dict[str, Any]) -> None:
-        """Remember, check the sequence and the alerts of, and hand on one stored message."""
+    def _after_store(self, kind: str, msg: dict[str, Any], at: float | None = None) -> None:
+        """Remember, check the sequence and the alerts of, and hand on one stored message (received at ``at``, as
+        stored; None: now). Return nothing. Raises HistoryError."""
         self._recent[msg["msg_id"]] = None
         self.last_seen[msg["device"]] = time.time()
         if msg["device"] in self._silent_alerted:  # a set lookup a record; the history is written only when it ends
@@ -1068,7 +1080,7 @@ class Monitor:
             self.store.close_alert(msg["device"], "silent")
         self._heard_before.discard(msg["device"])
         epoch = msg.get("epoch")  # decode checked it; None from an older agent: judged as before
-        current = epoch is None or self._epochs.get(msg["device"]) == epoch or self._new_epoch(msg, epoch)
+        current = epoch is None or self._epochs.get(msg["device"]) == epoch or self._new_epoch(msg, epoch, at)
         if self.share is None and current:
             self._check_seq(kind, msg)
         self._check_alerts(kind, msg)
@@ -1115,7 +1127,7 @@ class Monitor:
         if not self.store.take_scan_lease(self._scan_owner):
             return  # another worker scans now
         rows = self.store.seq_window(SCAN_ROWS)
-        marks, gaps = share_gaps(rows, time.time() + self._db_offset - self.gap_grace_s, SCAN_ROWS)  # the database's clock
+        marks, gaps = share_gaps(rows, self._clock() - self.gap_grace_s, SCAN_ROWS)
         room = {d: self._gap_cap.room(d) for d, *_ in gaps}
         kept, capped = [], []
         for gap in gaps:
@@ -1146,7 +1158,7 @@ class Monitor:
             return
         room = {device: self._gap_cap.room(device) for device, *_ in records}
         left: list[tuple[str, str, int]] = []
-        self.stats.late += self.store.take_out_of_gaps(records, room, left)
+        self.stats.late += self.store.take_out_of_gaps(records, room, left, self._clock())
         for device, rows in room.items():  # what the splits took of each device's room
             self._gap_cap.take(device, self._gap_cap.room(device) - rows)
         for device, _kind, _seq in left:
@@ -1180,14 +1192,15 @@ class Monitor:
                                                  f", or dropped by the device's full spool before it sent them "
                                                  f"(its telemetry's spool counts those: dropped_{kind})")))
 
-    def _new_epoch(self, msg: dict[str, Any], epoch: str) -> bool:
+    def _new_epoch(self, msg: dict[str, Any], epoch: str, at: float | None = None) -> bool:
         """Take ``epoch``, other than the one known for ``msg``'s device, as its newest numbering when it is (recorded
-        once in the history, :meth:`HistoryStore.add_epoch`); return whether ``msg`` belongs to the device's newest
-        numbering (False: a late message of an older one, stored but not judged against the new numbers). A new epoch
-        after another is a restart: counted, alerted, and each stream's mark starts again at 0 (a new spool numbers
-        from 1, so what the monitor missed of it is still a gap); a device's first epoch (an agent that did not send
-        one before) is no restart: its numbering goes on. A query or two an epoch, never one a record. Raises
-        HistoryError."""
+        once in the history, :meth:`HistoryStore.add_epoch`, as first received at ``at``, ``msg``'s receive stamp as
+        stored, else now by :meth:`_clock`: with ``share`` a peer's newer epoch recorded first stays the newest);
+        return whether ``msg`` belongs to the device's newest numbering (False: a late message of an older one, stored
+        but not judged against the new numbers). A new epoch after another is a restart: counted, alerted, and each
+        stream's mark starts again at 0 (a new spool numbers from 1, so what the monitor missed of it is still a gap);
+        a device's first epoch (an agent that did not send one before) is no restart: its numbering goes on. A query or
+        two an epoch, never one a record. Raises HistoryError."""
         device = msg["device"]
         if (device, epoch) in self._stale_epochs:
             return False
@@ -1195,7 +1208,8 @@ class Monitor:
         if previous is not None and self._restart_cap.full(device):
             self._restart_not_recorded(device, epoch)
             return False
-        new, newest = self.store.add_epoch(device, epoch, msg["seq"], self._scan_owner if self.share else None)
+        new, newest = self.store.add_epoch(device, epoch, msg["seq"], self._scan_owner if self.share else None,
+                                           self._clock() if at is None else at)
         if newest != epoch:
             if len(self._stale_epochs) >= MAX_STALE_EPOCHS:
                 self._stale_epochs.clear()
@@ -1261,7 +1275,7 @@ class Monitor:
         # while the device is over its budget, what it had refused is recorded as one gap when that ends
         if last is not None and before > last and device not in self._floods:
             if not self._gap_cap.full(device):
-                self.store.add_gap(device, kind, last + 1, before)
+                self.store.add_gap(device, kind, last + 1, before, self._clock())
                 self._gap_found(device, kind, last + 1, before)
             else:
                 self._gap_not_recorded(device)
@@ -1543,6 +1557,12 @@ class Monitor:
                                f"{named} with an accuracy from {device} in the history (`edgekit bench --device "
                                f"{device} --variant fp32` measures it; its other bounds are judged)", MAX_ALERT_CHARS))
         self.notes_raised += 1
+
+    def _clock(self) -> float:
+        """Return now (unix seconds) by the clock this monitor stores times by: with ``share`` the database's (this
+        host's plus ``_db_offset``, as every peer's receive times are), else this host's (as its receive times are):
+        its gap rows and restarts are recorded by it, and the age of a gap a late record may leave is judged by it."""
+        return time.time() + self._db_offset
 
     def _measure_db_offset(self) -> None:
         """Measure how far the database's clock is ahead of this host's (:meth:`HistoryStore.clock_offset`) into

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import abc
 import json
+import math
 import sqlite3
 import threading
 import time
@@ -83,11 +84,12 @@ SCAN_ROWS = 5000
 #: A device's newest bench records of an fp32 reference variant read for its models' accuracy
 #: (:meth:`HistoryStore.reference_accuracies`): one a model, a few models a device.
 REFERENCE_SCAN = 32
-#: How long (seconds, this host's clock) after a sequence gap was recorded a record stored inside it is taken as late and
-#: taken out of it (:meth:`HistoryStore.take_out_of_gaps`): a record arriving past the grace (a stalled worker, a
-#: persistent session handed back after a crash) comes within minutes or hours; a number inside an older gap is a
-#: device's numbering started again (re-imaged), not the record that gap missed. A record of an agent that numbers in
-#: epochs is matched by its numbering instead (a gap recorded since the restart into its epoch, before the next).
+#: How long (seconds, the clock the gaps were recorded by) after a sequence gap was recorded a record of no epoch stored
+#: inside it is taken as late and taken out of it (:meth:`HistoryStore.take_out_of_gaps`): a record arriving past the
+#: grace (a stalled worker, a persistent session handed back after a crash) comes within minutes or hours; a number
+#: inside an older gap is a device's numbering started again (re-imaged), not the record that gap missed. A record of
+#: an agent that numbers in epochs is matched by its numbering instead, however late (a gap recorded since the restart
+#: into its epoch, or any of its device's first epoch, before the next restart).
 LATE_S = 86400.0
 #: The kinds of alert the ``alerts`` table keeps: every alert the monitor raises about a device, each over an episode
 #: (raised once, cleared when it ends).
@@ -615,10 +617,13 @@ class HistoryStore(abc.ABC):
                       (time.time(), printable(topic), printable(reason), bytes(payload[:4096]),
                        None if device is None else printable(device)))
 
-    def add_gap(self, device: str, kind: str, first: int, last: int) -> None:
-        """Record that ``seq`` ``first..last`` of ``kind`` from ``device`` never arrived (so far); return nothing.
+    def add_gap(self, device: str, kind: str, first: int, last: int, at: float | None = None) -> None:
+        """Record that ``seq`` ``first..last`` of ``kind`` from ``device`` never arrived (so far), at ``at`` (unix
+        seconds by the clock the caller stores receive times by, as its records' and restarts' times are: a monitor's
+        :meth:`~edge_kit.telemetry.monitor.Monitor._clock`; default this host's now); return nothing.
         Raises HistoryError."""
-        self._execute("INSERT INTO gaps VALUES (?, ?, ?, ?, ?)", (device, kind, first, last, time.time()))
+        self._execute("INSERT INTO gaps VALUES (?, ?, ?, ?, ?)",
+                      (device, kind, first, last, time.time() if at is None else at))
 
     def follow_seqs(self, devices: list[str]) -> None:
         """Start the gap scan's mark (``seq_scans``) of each of ``devices`` and :data:`SEQ_KINDS` that has none: the
@@ -632,9 +637,9 @@ class HistoryStore(abc.ABC):
 
     def device_epochs(self, devices: Iterable[str]) -> dict[str, str]:
         """Return the newest numbering of each of ``devices`` (``seq_epochs``: the ``epoch`` its agent's messages
-        carry, the one recorded last), ``{device: epoch}``; a device whose agent sends none is not in it. One query per
-        200 devices, each device's rows found through the table's ``(device, epoch)`` key: never the whole table (which
-        holds every device's every numbering). Raises HistoryError."""
+        carry, the one first received last, :meth:`add_epoch`), ``{device: epoch}``; a device whose agent sends none
+        is not in it. One query per 200 devices, each device's rows found through the table's ``(device, epoch)``
+        key: never the whole table (which holds every device's every numbering). Raises HistoryError."""
         out: dict[str, str] = {}
         names = sorted(set(devices))
         for i in range(0, len(names), 200):
@@ -647,9 +652,15 @@ class HistoryStore(abc.ABC):
                     out[device] = epoch
         return out
 
-    def add_epoch(self, device: str, epoch: str, first_seq: int, owner: str | None = None) -> tuple[bool, str | None]:
+    def add_epoch(self, device: str, epoch: str, first_seq: int, owner: str | None = None,
+                  seen: float | None = None) -> tuple[bool, str | None]:
         """Record that ``device`` numbers its messages in ``epoch`` (first seen with ``first_seq``), unless the history
-        knows it already; one worker of several records each once (the table's key).
+        knows it already; one worker of several records each once (the table's key). ``seen``: when the message that
+        names it was received (its receive stamp, as stored; a ``share`` worker's is the database's clock), else now by
+        the database's clock: a device's epochs are ordered by it (:meth:`device_epochs`), so a worker recording an
+        epoch after a peer recorded a newer one (its batch behind the peer's: the device re-imaged twice within
+        moments) records it as the older, before the next (that one's ``previous``), never as the device's newest; a
+        stamp equal to a known epoch's is taken as just before it (the epoch recorded first stays the newer).
 
         Returns:
             ``(new, newest)``: whether this call recorded it, and the device's newest epoch now (``epoch`` itself,
@@ -662,18 +673,26 @@ class HistoryStore(abc.ABC):
         Raises:
             HistoryError: the history cannot be read or written.
         """
-        previous = self.device_epochs([device]).get(device)
+        known = sorted(self._rows("SELECT ts, epoch FROM seq_epochs WHERE device = ?", (device,)), reverse=True)
+        if seen is not None and any(ts == seen for ts, _ in known):
+            seen = math.nextafter(seen, -math.inf)
+        previous = next((e for ts, e in known if seen is None or ts < seen), None)
+        later = [e for ts, e in known if seen is not None and ts > seen]  # newest first
         new = self._execute(f"INSERT INTO seq_epochs (device, epoch, previous, ts, first_seq) VALUES "
-                            f"(?, ?, ?, {self.NOW_SQL}, ?) ON CONFLICT DO NOTHING",
-                            (device, epoch, previous, first_seq)) > 0
-        if new and previous is not None:  # a new numbering from 1: the scan judges it from 0, its rows only
+                            f"(?, ?, ?, {self.NOW_SQL if seen is None else '?'}, ?) ON CONFLICT DO NOTHING",
+                            (device, epoch, previous, *(() if seen is None else (seen,)), first_seq)) > 0
+        if new and later:  # the one received next after it came after it, not after its own previous
+            self._execute("UPDATE seq_epochs SET previous = ? WHERE device = ? AND epoch = ?",
+                          (epoch, device, later[-1]))
+        newest = self.device_epochs([device]).get(device)
+        if new and previous is not None and newest == epoch:  # a new numbering from 1: judged from 0, its rows only
             held = owner is not None and self._wait_scan_lease(owner)
             try:
                 self._execute("UPDATE seq_scans SET scanned_to = 0, epoch = ? WHERE device = ?", (epoch, device))
             finally:
                 if held:
                     self._execute("UPDATE scan_lease SET owner = NULL WHERE name = 'gaps' AND owner = ?", (owner,))
-        return new, self.device_epochs([device]).get(device)
+        return new, newest
 
     def _wait_scan_lease(self, owner: str) -> bool:
         """Take the gap scan for ``owner`` (:meth:`take_scan_lease`), trying for up to :data:`EPOCH_LEASE_WAIT_S` (a
@@ -686,9 +705,9 @@ class HistoryStore(abc.ABC):
         return True
 
     def seq_restarts(self, device: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
-        """Return up to ``limit`` restarts of devices' numbering, newest first: ``ts`` (recorded, the database's
-        clock), ``device``, ``epoch`` (the new numbering), ``previous`` and ``first_seq`` (the first number of the new
-        one the monitor saw). Raises HistoryError."""
+        """Return up to ``limit`` restarts of devices' numbering, newest first: ``ts`` (when its first message was
+        received, :meth:`add_epoch`), ``device``, ``epoch`` (the new numbering), ``previous`` and
+        ``first_seq`` (the first number of the new one the monitor saw). Raises HistoryError."""
         where, args = self._where(device, "", None)
         rows = self._rows(f"SELECT ts, device, epoch, previous, first_seq FROM seq_epochs {where}"
                           + (" AND" if where else " WHERE") + " previous IS NOT NULL ORDER BY ts DESC LIMIT ?",
@@ -801,13 +820,17 @@ class HistoryStore(abc.ABC):
         return found
 
     def take_out_of_gaps(self, records: list[tuple[str, str, int] | tuple[str, str, int, str | None]],
-                         room: dict[str, int] | None = None, left: list[tuple[str, str, int]] | None = None) -> int:
+                         room: dict[str, int] | None = None, left: list[tuple[str, str, int]] | None = None,
+                         now: float | None = None) -> int:
         """Take each ``(device, kind, seq)`` or ``(device, kind, seq, epoch)`` of ``records`` (stored; ``epoch`` the
         numbering the record carries, None for none) out of the sequence gap recorded around it in the same numbering,
         if any: the gap shrinks, or splits in two, or goes (its ``ts`` kept), so the history never says a record is both
         stored and lost. Which gap is the one the record missed: for a record of an epoch that was a restart
-        (``seq_epochs``), one recorded since that restart; for any other, one recorded within :data:`LATE_S` (a number
-        inside an older gap is a device's numbering started again, unseen); and in both cases one recorded before the
+        (``seq_epochs``), one recorded since that restart; for one of the device's first epoch, any, however old (a
+        re-image would have named a new epoch); for one of no epoch, one recorded within :data:`LATE_S` before ``now``
+        (by the clock the gaps were recorded by, :meth:`add_gap`; default this host's now): an agent without epochs
+        cannot say its numbering started again, so a number inside an older gap is taken as a re-imaged device's, and
+        that gap stays; and in all cases one recorded before the
         device's next restart, if any (a record of a new numbering never leaves a gap of the old one, nor a late record
         of the old numbering a gap of the new). A record of an epoch the history does not know yet, of a device it knows
         epochs of, is a new numbering: no gap recorded is its. Safe while other workers do the same: each gap row is
@@ -832,7 +855,7 @@ class HistoryStore(abc.ABC):
         for i in range(0, len(tagged), 300):
             part = sorted(set(tagged[i:i + 300]), key=lambda r: (r[0], r[1], r[2], r[3] or ""))
             for _attempt in range(5):  # a gap split by another worker meanwhile is found again as its pieces
-                within = self._gaps_around(part, time.time() - LATE_S)
+                within = self._gaps_around(part, (time.time() if now is None else now) - LATE_S)
                 if not within:
                     break
                 if room is not None and _attempt == 0:
@@ -863,9 +886,9 @@ class HistoryStore(abc.ABC):
     def _gaps_around(self, records: list[tuple[str, str, int, str | None]],
                      since: float) -> dict[tuple[str, str, int, int, float], set[int]]:
         """Return the gaps ``(device, kind, first, last, ts)`` holding any of ``records`` (``(device, kind, seq,
-        epoch)``) in its numbering (:meth:`take_out_of_gaps`: recorded since the restart into the record's epoch, or at
-        or after ``since``, unix seconds, for a record of no restart; before the device's next restart), each with the
-        seqs of them it holds. Raises HistoryError."""
+        epoch)``) in its numbering (:meth:`take_out_of_gaps`: recorded since the restart into the record's epoch, any
+        for a record of the device's first epoch, or at or after ``since``, unix seconds, for a record of no epoch;
+        before the device's next restart), each with the seqs of them it holds. Raises HistoryError."""
         if not records:
             return {}
         out: dict[tuple[str, str, int, int, float], set[int]] = {}
@@ -883,10 +906,10 @@ class HistoryStore(abc.ABC):
     @classmethod
     def _gaps_around_sql(cls, records: int) -> str:
         """Return :meth:`_gaps_around`' query for ``records`` ``(device, kind, seq, epoch)`` quadruples (then the time
-        since, for records of no restart) as arguments: each record's gaps of its own numbering (recorded since the
-        restart into its epoch, and before the device's next restart)."""
+        since, for records of no epoch) as arguments: each record's gaps of its own numbering (recorded since the
+        restart into its epoch, any for the device's first, and before the device's next restart)."""
         values = ", ".join(["(?, ?, ?, CAST(? AS TEXT))"] * records)
-        since = "(CASE WHEN e.previous IS NOT NULL THEN e.ts ELSE ? END)"
+        since = "(CASE WHEN e.previous IS NOT NULL THEN e.ts WHEN e.epoch IS NOT NULL THEN 0 ELSE ? END)"
         return (f"WITH b(device, kind, seq, epoch) AS (VALUES {values}) SELECT DISTINCT g.device, g.kind, "
                 "g.first_missing, g.last_missing, g.ts, b.seq FROM b LEFT JOIN seq_epochs e ON e.device = b.device AND "
                 f"e.epoch = b.epoch {cls.GAPS_AROUND_JOIN.format(since=since)} "
@@ -1239,14 +1262,16 @@ class HistoryStore(abc.ABC):
             out.setdefault((m["device"], m["sha256"]), []).append(m)
         return out
 
-    def reference_accuracies(self, devices: list[str], variants: tuple[str, ...],
-                             scan: int = REFERENCE_SCAN) -> dict[tuple[str, str | None, str], float]:
+    def reference_accuracies(self, devices: list[str], variants: tuple[str, ...], scan: int = REFERENCE_SCAN,
+                             since: dict[str, float] | None = None) -> dict[tuple[str, str | None, str], float]:
         """Return, per ``(device, model, variant)`` of ``devices`` and ``variants`` (the fp32 references), the
         accuracy of the newest bench record (by receive time, then ``seq``) of that model (its ``model``, None from an
         agent that names none) and variant that carries one (a number above 0), among the ``scan`` newest records of
-        each device and variant: what the accuracy bound of its other variants is a ratio of. One query per 200
-        devices, each device and variant's newest read through ``bench (device, variant, ts, seq)`` (schema version 8,
-        :meth:`_newest_join`): never the records the history holds beyond those. Raises HistoryError."""
+        each device and variant: what the accuracy bound of its other variants is a ratio of. ``since``: per device,
+        only its records received after that time (unix seconds, as stored; a device missing from it: none): a
+        ``--share`` worker's look after each batch. One query per 200 devices, each device and variant's newest read
+        through ``bench (device, variant, ts, seq)`` (schema version 8, :meth:`_newest_join`): never the records the
+        history holds beyond those. Raises HistoryError."""
         out: dict[tuple[str, str | None, str], float] = {}
         names = sorted(set(devices))
         if not variants or scan < 1:
@@ -1255,15 +1280,16 @@ class HistoryStore(abc.ABC):
         # the devices and variants read all of them, however old (the monitor's start, and a --share batch of benches)
         held = self.VARIANT_KEY
         match = (f"{{0}}.device = b.device AND {held.format('{0}.variant')} = {held.format('b.variant')} AND "
-                 "{0}.variant = b.variant")
+                 "{0}.variant = b.variant" + ("" if since is None else " AND {0}.ts > b.since"))
         for i in range(0, len(names), 200):
             part = names[i:i + 200]
-            pairs = ", ".join(["(?, CAST(? AS TEXT))"] * (len(part) * len(variants)))
-            rows = self._rows(f"WITH b(device, variant) AS (VALUES {pairs}) SELECT device, variant, body FROM (SELECT "
+            pairs = ", ".join([f"(?, CAST(? AS TEXT), CAST(? AS {self._REAL}))"] * (len(part) * len(variants)))
+            rows = self._rows(f"WITH b(device, variant, since) AS (VALUES {pairs}) SELECT device, variant, body FROM (SELECT "
                               "t.device, t.variant, t.body, ROW_NUMBER() OVER (PARTITION BY t.device, t.variant ORDER BY "
                               f"t.ts DESC, t.seq DESC) AS n FROM b {self._newest_join('bench', match, scan)}) AS ranked "
                               "WHERE n <= ? ORDER BY device, variant, n",
-                              (*(v for d in part for variant in variants for v in (d, variant)), scan))
+                              (*(v for d in part for variant in variants
+                                 for v in (d, variant, None if since is None else since.get(d, math.inf))), scan))
             for device, variant, body in rows:  # newest first per device and variant: the first of a model wins
                 try:
                     m = json.loads(body)

@@ -95,6 +95,31 @@ def test_with_share_a_worker_judges_against_the_fp32_a_peer_stored(fleet_file, t
     b.stop()
 
 
+def test_a_share_worker_reads_the_fp32_a_peer_stored_since_its_last_look_not_the_device_s_whole_history(
+        fleet_file, tmp_path, monkeypatch):
+    """A worker's look for a peer's fp32 benchmark after each batch read every bench record of the device ever stored.
+    It now reads those received since its last look (its start, at first), less REFERENCE_LAG_S: the peer's newer fp32
+    is still what the int8 is judged against."""
+    from edge_kit.telemetry.monitor import REFERENCE_LAG_S
+
+    store = Store(tmp_path / "h.db")
+    store.add_many([_bench("d2", 1, "fp32", 0.9)], received=[time.time() - 3600])  # read at start
+    a, b = (_started(fleet_file, store, share="edgekit", workers=2) for _ in range(2))
+    looks: list = []
+    real = store.reference_accuracies
+    monkeypatch.setattr(store, "reference_accuracies",
+                        lambda *args, **kw: looks.append(kw.get("since")) or real(*args, **kw))
+    _kept(a, _bench("d2", 2, "fp32", 0.5375))
+    started = time.time()
+    _kept(b, _bench("d2", 3, "int8", 0.5125))
+    _kept(b, _bench("d2", 4, "int8", 0.5125))
+    assert [x.text for x in b.alerts] == [EXPECTED] and not b.notes
+    assert [set(since) for since in looks] == [{"d2"}] * 3
+    assert looks[2]["d2"] >= started - REFERENCE_LAG_S > looks[1]["d2"] > time.time() - 60 - REFERENCE_LAG_S
+    a.stop()
+    b.stop()
+
+
 def test_a_device_naming_a_new_model_in_each_fp32_record_blinds_no_other_devices_bound(fleet_file, tmp_path):
     """A hostile d1 with its own valid key sends 10,001 fp32 benchmarks, each naming another model: before, they
     filled the monitor's one map of fp32 accuracies (10,000 for the whole fleet), so d2's fp32 accuracy, arriving

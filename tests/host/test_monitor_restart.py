@@ -16,7 +16,7 @@ from monitor_helpers import fleet_yaml, started
 from edge_kit.fleet.inventory import load_fleet
 from edge_kit.telemetry.metrics import FleetMetrics
 from edge_kit.telemetry.monitor import Monitor
-from edge_kit.telemetry.store import Store
+from edge_kit.telemetry.store import LATE_S, Store
 from edgekit_protocol import messages
 
 
@@ -551,10 +551,13 @@ def test_a_gap_a_single_monitor_recorded_between_two_share_runs_is_not_recorded_
 
 
 def _kept(worker, *records):
-    """Have ``worker`` store ``records`` (``(kind, message)`` pairs) as checked messages of one batch."""
+    """Have ``worker`` store ``records`` (``(kind, message)`` pairs) as checked messages of one batch, each received
+    a microsecond after the one before (a worker stamps each message as it arrives)."""
     import json
 
-    worker._keep(list(records), [json.dumps(m).encode() for _k, m in records], [time.time()] * len(records))
+    now = time.time()
+    worker._keep(list(records), [json.dumps(m).encode() for _k, m in records],
+                 [now + i / 1e6 for i in range(len(records))])
 
 
 def test_a_monitor_run_records_at_most_max_gap_rows_gaps_a_device_and_counts_the_rest(fleet_file, tmp_path):
@@ -666,6 +669,48 @@ def test_a_record_a_single_monitor_stores_after_recording_its_gap_is_taken_out_o
     assert sorted((g["first_missing"], g["last_missing"]) for g in store.sequence_gaps()) == [(2, 2), (4, 4)]
     assert mon.stats.late == 1 and not mon._behind
     mon.stop()
+
+
+def test_a_single_monitor_on_a_host_whose_clock_is_behind_takes_a_new_numbering_s_late_record_out_of_its_gap(
+        fleet_file, tmp_path, monkeypatch):
+    """Without --share a gap row (and a record) took this host's clock, but a restart the database's: on a host an
+    hour behind, a gap of a re-imaged device's new numbering was recorded an hour before its restart, so the late
+    record it missed was taken as of no gap of its numbering and stayed in it (stored and lost). A monitor now records
+    its gaps and restarts by one clock (Monitor._clock: this host's without --share, as its records)."""
+    def live(seq, epoch):
+        return ("live", messages.envelope("live", "sim", "d1", seq, {"requests": 1}, epoch=epoch))
+
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() - 3600)  # this host's clock: an hour behind the database's
+    store = Store(tmp_path / "h.db")
+    mon = _started(fleet_file, store)
+    _kept(mon, live(1, "e1"), live(2, "e1"))
+    _kept(mon, live(1, "e2"), live(4, "e2"))  # re-imaged: 2 and 3 of the new numbering not here yet
+    assert mon.stats.restarts == 1
+    assert [(g["first_missing"], g["last_missing"]) for g in store.sequence_gaps()] == [(2, 3)]
+    _kept(mon, live(2, "e2"))
+    assert [(g["first_missing"], g["last_missing"]) for g in store.sequence_gaps()] == [(3, 3)] and mon.stats.late == 1
+    mon.stop()
+
+
+def test_a_share_worker_on_a_host_whose_clock_is_ahead_takes_a_late_record_out_of_the_gap_the_scan_recorded(
+        fleet_file, tmp_path, monkeypatch):
+    """A late record of no epoch leaves a gap recorded in the last 24 h (LATE_S). The look took this host's clock, the
+    scan records gaps by the database's: a worker on a host two days ahead found no gap recorded lately and left the
+    record in its gap (stored and lost). It now looks by the clock its peers record by (Monitor._clock)."""
+    store = Store(tmp_path / "h.db")
+    store.add_many([_live("d1", 0)])
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 2 * LATE_S)  # this host's clock: two days ahead
+    a, b = (_started(fleet_file, store, share="edgekit", workers=2, gap_grace_s=0) for _ in range(2))
+    _kept(a, _live("d1", 1), _live("d1", 5))
+    a._scan_gaps()
+    assert [(g["first_missing"], g["last_missing"]) for g in store.sequence_gaps()] == [(2, 4)]
+    _kept(b, _live("d1", 3))
+    assert sorted((g["first_missing"], g["last_missing"]) for g in store.sequence_gaps()) == [(2, 2), (4, 4)]
+    assert b.stats.late == 1
+    a.stop()
+    b.stop()
 
 
 def test_late_records_splitting_a_gap_add_at_most_max_gap_rows_rows_a_device_and_the_rest_are_counted(

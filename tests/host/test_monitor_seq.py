@@ -228,3 +228,27 @@ def test_share_scan_judges_a_downgraded_agent_s_records_after_a_restart(tmp_path
         marks, gaps = share_gaps(store.seq_window(), time.time() + 60)
         assert gaps == [("d1", "live", 4, 5)], gaps
         assert ("d1", "live", 6) in marks
+
+
+def test_an_older_numbering_a_share_worker_records_after_a_peer_recorded_a_newer_one_never_becomes_the_newest(
+        fleet_file, tmp_path):
+    """A device re-imaged twice within moments (e1, then e2, then e3): epochs were ordered by when a worker recorded
+    them, so a worker whose batch held e2's first message, received before e3's but stored after a peer recorded e3,
+    made e2 the device's newest numbering: the scan followed e2 again and e3's gaps went silent. Epochs are now ordered
+    by when their first message was received: e2 is recorded as the older, the one before e3."""
+    path = tmp_path / "h.db"
+    with Store(path) as store_a, Store(path) as store_b:
+        a = _monitor(fleet_file, store_a, share="edgekit", workers=2)
+        b = _monitor(fleet_file, store_b, share="edgekit", workers=2)
+        a._keep([_live(1, "e1")], [b"{}"], [time.time() - 60])
+        now = time.time()
+        a._keep([_live(1, "e3")], [b"{}"], [now])  # a stores e3 first
+        b._keep([_live(1, "e2")], [b"{}"], [now - 1])  # b received e2 before it, its batch stored after
+        assert store_a.device_epochs(["d1"]) == {"d1": "e3"} and b._epochs.get("d1") is None
+        assert [(r["epoch"], r["previous"]) for r in store_a.seq_restarts("d1")] == [("e3", "e2"), ("e2", "e1")]
+        assert set(store_a._rows("SELECT scanned_to, epoch FROM seq_scans WHERE device = 'd1'")) == {(0, "e3")}
+        assert (a.stats.restarts, b.stats.restarts) == (1, 0)
+        a._keep([_live(2, "e3")], [b"{}"], [time.time()])  # e3 stays the one followed: its next record is no restart
+        assert a.stats.restarts == 1 and store_a.device_epochs(["d1"]) == {"d1": "e3"}
+        a.stop()
+        b.stop()

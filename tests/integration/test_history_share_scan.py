@@ -235,6 +235,32 @@ def test_where_each_stream_stands_at_start_costs_a_bounded_read_whatever_the_his
     _stays_flat(history, work, lambda: _grow(history, seq, 15_000, kinds))
 
 
+def test_a_share_workers_look_for_a_peers_fp32_accuracy_reads_what_was_stored_since_its_last_look(history, monkeypatch):
+    """After each batch holding a benchmark of a device with an accuracy bound, a --share worker reads the fp32
+    accuracy a peer may have stored. It read every bench record the device ever sent, at every such batch (1.1 million
+    SQLite steps a batch at 30,000 records, growing with them). It now reads those stored since its last look
+    (``since``): the same work at 100 records as at 15,100, and a peer's fp32 stored since is found."""
+    def bench(device, seq, variant="int8", accuracy=0.5):
+        return ("bench", messages.envelope("bench", "f", device, seq, {"variant": variant, "sha256": "s", "model": "m",
+                                                                       "latency_ms": {"p90": 1.0},
+                                                                       "accuracy": {"value": accuracy}}))
+
+    seq = [0]
+    found: list[dict] = []
+
+    def work() -> int:
+        look = time.time()
+        seq[0] += 1
+        history.add_many([bench("d1", seq[0], "fp32", 0.75)], received=[look + 0.001])  # a peer's, since the look
+        asked = _asked(history, monkeypatch, lambda: found.append(
+            history.reference_accuracies(["d1"], ("fp32", "onnx-fp32"), since={"d1": look})))
+        return sum(_read_by(history, sql, args) for sql, args in asked)
+
+    _grow(history, seq, 50, (lambda d, s: bench(d, s, "fp32"), bench))
+    _stays_flat(history, work, lambda: _grow(history, seq, 7_500, (lambda d, s: bench(d, s, "fp32"), bench)))
+    assert found == [{("d1", "m", "fp32"): 0.75}] * 2
+
+
 def _asked(history, monkeypatch, reads) -> list[tuple[str, tuple]]:
     """Call ``reads()``; return the queries (and their arguments) it asked the history."""
     queries: list[tuple[str, tuple]] = []
@@ -245,6 +271,26 @@ def _asked(history, monkeypatch, reads) -> list[tuple[str, tuple]]:
     finally:
         monkeypatch.setattr(history, "_rows", real)
     return queries
+
+
+def test_a_batchs_late_records_cost_the_same_queries_and_one_transaction_however_many_it_holds(history, monkeypatch):
+    """The look a --share worker makes after each batch (a late record leaves its gap) is one query for the whole batch,
+    one transaction for every late record in it, and one look again (a gap a peer split meanwhile is found as its
+    pieces): the same for one late record as for 199, never a query or a transaction a record."""
+    history.add_gap("d1", "telemetry", 1, 1000)
+    writes: list = []
+    write = history._write_batch
+    monkeypatch.setattr(history, "_write_batch", lambda statements: writes.append(statements) or write(statements))
+    taken: list[int] = []
+
+    def cost(seqs) -> tuple[int, int]:
+        writes.clear()
+        asked = _asked(history, monkeypatch,
+                       lambda: taken.append(history.take_out_of_gaps([("d1", "telemetry", s) for s in seqs])))
+        return len(asked), len(writes)
+
+    assert cost([500]) == cost(range(2, 400, 2)) == (2, 1)
+    assert taken == [1, 199] and len(history.sequence_gaps(limit=500)) == 201
 
 
 def test_the_newest_records_per_device_cost_a_bounded_read_whatever_the_historys_length(history, monkeypatch):
@@ -460,6 +506,31 @@ def test_a_record_of_a_new_numbering_never_leaves_a_gap_of_the_old_one(history):
     assert history.take_out_of_gaps([("d1", "telemetry", 3, "e2")]) == 1
     assert history.take_out_of_gaps([("d1", "telemetry", 5)]) == 0  # no epoch: only a gap of the last 24 h
     assert recorded() == [(4, 6), (8, 10)]
+
+
+def test_a_record_of_a_device_s_first_epoch_leaves_its_gap_however_late(history):
+    """A record of a device's first epoch (most devices: never re-imaged) was taken out of its gap only when the gap
+    was recorded in the last 24 h (LATE_S), by this host's clock: a record handed over later (a worker's session the
+    broker kept over a long outage) was stored and stayed in its gap, so the history said it was both stored and lost.
+    Its epoch says its numbering (a re-image names a new one): it now leaves its gap however late. A record of no epoch
+    (an agent older than epochs) still leaves only a gap recorded in the last 24 h: past it, the number is taken as a
+    re-imaged device's new numbering, and the gap stays."""
+    def rec(seq, epoch=None):
+        return ("telemetry", messages.envelope("telemetry", "f", "d1", seq, {}, epoch=epoch))
+
+    def recorded():
+        return sorted((g["first_missing"], g["last_missing"]) for g in history.sequence_gaps())
+
+    history.add_epoch("d1", "e1", 1)
+    history.add_many([rec(n, "e1") for n in (1, 2, 12)])
+    history.add_gap("d1", "telemetry", 3, 11)
+    history._execute("UPDATE gaps SET ts = ts - ?", (3 * LATE_S,))  # recorded three days ago
+    history.add_many([rec(5, "e1")])
+    assert history.take_out_of_gaps([("d1", "telemetry", 5, "e1")]) == 1
+    assert recorded() == [(3, 4), (6, 11)]
+    history.add_many([rec(7)])
+    assert history.take_out_of_gaps([("d1", "telemetry", 7)]) == 0  # no epoch: a gap older than LATE_S stays
+    assert recorded() == [(3, 4), (6, 11)]
 
 
 def test_a_scan_after_a_restart_reads_its_bound_of_a_stream_and_judges_the_new_numbering_no_further(history):
