@@ -41,6 +41,12 @@ def count(url: str, table: str = "bench") -> int:
         return store.count(table)
 
 
+def set_schema(spec: str, version: int) -> None:
+    """Record schema ``version`` in the history at ``spec``, as a newer edge-kit's upgrade does (its own connection)."""
+    with open_history(spec, write=False) as other:
+        other._execute("UPDATE edgekit_schema SET version = ? WHERE name = 'history'", (version,))
+
+
 def test_two_worker_processes_on_a_shared_subscription_store_each_record_once_in_postgresql(fleet, publisher,
                                                                                            postgres_url, tmp_path):
     workers = [subprocess.Popen([sys.executable, "-c", _WORKER, str(tmp_path / "fleet.yaml"), postgres_url],
@@ -162,16 +168,12 @@ def test_a_history_a_newer_edge_kit_upgrades_mid_run_stops_the_monitor_with_one_
     stored_before = threading.Event()
     cid = monitor_session(fleet, f"upgraded-mid-run-{backend}")
 
-    def schema(version: int) -> None:  # what a newer edge-kit's upgrade records, from its own connection
-        with open_history(spec, write=False) as other:
-            other._execute("UPDATE edgekit_schema SET version = ? WHERE name = 'history'", (version,))
-
     def feed():
         for seq in range(1, 21):
             send(publisher, "bench", bench("d1", seq))
         if wait_until(lambda: count(spec) == 20, 20):
             stored_before.set()
-        schema(SCHEMA_VERSION + 1)
+        set_schema(spec, SCHEMA_VERSION + 1)
         send(publisher, "bench", b"garbage")  # refused by the check of the batch after the upgrade
         for seq in range(21, 31):
             send(publisher, "bench", bench("d1", seq))
@@ -184,7 +186,7 @@ def test_a_history_a_newer_edge_kit_upgrades_mid_run_stops_the_monitor_with_one_
                    f"{SCHEMA_VERSION + 1}; this one writes {SCHEMA_VERSION}) and this command would write to it: upgrade "
                    f"edge-kit on this host to the version that wrote it (schema {SCHEMA_VERSION + 1}), then run again\n")
     assert count(spec) == 20 and count(spec, "invalid") == 0
-    schema(SCHEMA_VERSION)  # this edge-kit's again: the next run stores what the broker kept, once
+    set_schema(spec, SCHEMA_VERSION)  # this edge-kit's again: the next run stores what the broker kept, once
     code, out, err = run_cli("monitor", "--fleet", fleet_file, "--history", spec, "--client-id", cid, "--duration", "3",
                              "--json")
     assert code == 0 and json.loads(out)["stored"] == 10, (out, err)
@@ -208,8 +210,7 @@ def test_a_share_worker_no_batch_reaches_stops_when_a_newer_edge_kit_upgrades_th
                 return other._rows("SELECT owner, seen FROM scan_lease")
 
         assert wait_until(lambda: lease() != [], 10)
-        with open_history(spec, write=False) as other:
-            other._execute("UPDATE edgekit_schema SET version = ? WHERE name = 'history'", (SCHEMA_VERSION + 1,))
+        set_schema(spec, SCHEMA_VERSION + 1)
         assert wait_until(lambda: mon.failed is not None, 10)
         assert str(mon.failed).startswith(f"the history {spec} was written by a newer edge-kit (schema version "
                                           f"{SCHEMA_VERSION + 1}; this one writes {SCHEMA_VERSION})")
