@@ -803,7 +803,10 @@ class Monitor:
         to its budget or a margin that doubles each round (1, 2, 4, ...), whichever is more. So a batch costs at most
         :data:`MAX_CHECK_ROUNDS` calls to the verifier whatever a forger sends (one a record, when a device had one
         record of budget left and a forger filled its topic), and each message is checked at most once; messages that
-        verify beyond the device's budget (admitted in the margin) are refused over budget as the unchecked ones."""
+        verify beyond the device's budget (admitted in the margin) are refused over budget as the unchecked ones.
+        A history a newer edge-kit upgraded is refused before any of the batch is kept as invalid
+        (:meth:`~edge_kit.telemetry.store.HistoryStore.check_schema`)."""
+        self.store.check_schema()
         good: list[tuple[str, dict[str, Any]]] = []
         raw: list[bytes] = []
         received: list[float] = []
@@ -1119,11 +1122,14 @@ class Monitor:
         taking the lease again: every scan's time is bounded whatever the history's size. A record stored more than
         ``gap_grace_s`` after a higher number of its stream (or a telemetry claim past it) is stored, and its number
         taken out of the gap recorded for it by the worker that stored it (:meth:`HistoryStore.take_out_of_gaps`,
-        counted in ``stats.late``). Raises HistoryError."""
+        counted in ``stats.late``). Raises HistoryError (a newer edge-kit upgraded the history since it was opened too:
+        nothing written, :meth:`~edge_kit.telemetry.store.HistoryStore.check_schema`; a worker no batch reaches asks
+        here)."""
         now = time.monotonic()
         if self.share is None or now - self._gaps_scanned < GAP_SCAN_S:
             return
         self._gaps_scanned = now
+        self.store.check_schema()
         if not self.store.take_scan_lease(self._scan_owner):
             return  # another worker scans now
         rows = self.store.seq_window(SCAN_ROWS)

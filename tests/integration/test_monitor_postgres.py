@@ -35,9 +35,16 @@ print(json.dumps(vars(mon.stats)), flush=True)
 
 
 def count(url: str, table: str = "bench") -> int:
-    """Return the rows of ``table`` in the database at ``url`` (its own connection)."""
-    with open_history(url) as store:
+    """Return the rows of ``table`` in the database at ``url`` (its own connection, a reader's: a history of a newer
+    schema is counted too)."""
+    with open_history(url, write=False) as store:
         return store.count(table)
+
+
+def set_schema(spec: str, version: int) -> None:
+    """Record schema ``version`` in the history at ``spec``, as a newer edge-kit's upgrade does (its own connection)."""
+    with open_history(spec, write=False) as other:
+        other._execute("UPDATE edgekit_schema SET version = ? WHERE name = 'history'", (version,))
 
 
 def test_two_worker_processes_on_a_shared_subscription_store_each_record_once_in_postgresql(fleet, publisher,
@@ -149,7 +156,9 @@ def test_a_history_a_newer_edge_kit_upgrades_mid_run_stops_the_monitor_with_one_
         fleet, publisher, tmp_path, run_cli, request, backend):
     """The schema version was checked at open only: a monitor running when a newer edge-kit upgraded the history (a
     --share worker updated first) kept writing to it. Now each batch asks first: the next batch is refused with the
-    line a writer gets at open, exit 6, nothing of it stored or acknowledged, so the broker keeps it for the next run."""
+    line a writer gets at open, exit 6, nothing of it stored or acknowledged, so the broker keeps it for the next run.
+    Its refused messages too: the check of a batch kept them as invalid before the store asked (twice: once more when
+    the broker sent them again)."""
     from edge_kit.telemetry.store import SCHEMA_VERSION
 
     fleet_file = tmp_path / "fleet.yaml"
@@ -159,16 +168,13 @@ def test_a_history_a_newer_edge_kit_upgrades_mid_run_stops_the_monitor_with_one_
     stored_before = threading.Event()
     cid = monitor_session(fleet, f"upgraded-mid-run-{backend}")
 
-    def schema(version: int) -> None:  # what a newer edge-kit's upgrade records, from its own connection
-        with open_history(spec, write=False) as other:
-            other._execute("UPDATE edgekit_schema SET version = ? WHERE name = 'history'", (version,))
-
     def feed():
         for seq in range(1, 21):
             send(publisher, "bench", bench("d1", seq))
         if wait_until(lambda: count(spec) == 20, 20):
             stored_before.set()
-        schema(SCHEMA_VERSION + 1)
+        set_schema(spec, SCHEMA_VERSION + 1)
+        send(publisher, "bench", b"garbage")  # refused by the check of the batch after the upgrade
         for seq in range(21, 31):
             send(publisher, "bench", bench("d1", seq))
 
@@ -179,12 +185,40 @@ def test_a_history_a_newer_edge_kit_upgrades_mid_run_stops_the_monitor_with_one_
     assert err == (f"edgekit: error: the history {where} was written by a newer edge-kit (schema version "
                    f"{SCHEMA_VERSION + 1}; this one writes {SCHEMA_VERSION}) and this command would write to it: upgrade "
                    f"edge-kit on this host to the version that wrote it (schema {SCHEMA_VERSION + 1}), then run again\n")
-    assert count(spec) == 20
-    schema(SCHEMA_VERSION)  # this edge-kit's again: the next run stores what the broker kept, once
+    assert count(spec) == 20 and count(spec, "invalid") == 0
+    set_schema(spec, SCHEMA_VERSION)  # this edge-kit's again: the next run stores what the broker kept, once
     code, out, err = run_cli("monitor", "--fleet", fleet_file, "--history", spec, "--client-id", cid, "--duration", "3",
                              "--json")
     assert code == 0 and json.loads(out)["stored"] == 10, (out, err)
-    assert count(spec) == 30
+    assert count(spec) == 30 and count(spec, "invalid") == 1
+
+
+def test_a_share_worker_no_batch_reaches_stops_when_a_newer_edge_kit_upgrades_the_history(fleet, tmp_path,
+                                                                                           monkeypatch):
+    """The schema version was asked before each batch only: a --share worker of a quiet fleet, no batch reaching it,
+    kept running its gap scan on the history a newer edge-kit upgraded, writing its lease and marks every GAP_SCAN_S.
+    Now each scan asks first: the worker stops with the line a writer gets at open, and scans no more."""
+    from edge_kit.telemetry import monitor
+    from edge_kit.telemetry.store import SCHEMA_VERSION
+
+    monkeypatch.setattr(monitor, "GAP_SCAN_S", 0.2)
+    spec = str(tmp_path / "h.db")
+    mon = monitor.Monitor(fleet, open_history(spec), share="quiet", workers=1, verify_in_child=False).start()
+    try:
+        def lease():
+            with open_history(spec, write=False) as other:
+                return other._rows("SELECT owner, seen FROM scan_lease")
+
+        assert wait_until(lambda: lease() != [], 10)
+        set_schema(spec, SCHEMA_VERSION + 1)
+        assert wait_until(lambda: mon.failed is not None, 10)
+        assert str(mon.failed).startswith(f"the history {spec} was written by a newer edge-kit (schema version "
+                                          f"{SCHEMA_VERSION + 1}; this one writes {SCHEMA_VERSION})")
+        seen = lease()
+        time.sleep(0.5)
+        assert lease() == seen  # no scan since
+    finally:
+        mon.stop()
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
