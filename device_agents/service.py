@@ -812,9 +812,16 @@ class Agent:
         """Serve the current model when it is not served yet (after an activation or a rollback, or a
         switch made over SSH). A model that does not load is logged and not served; the old one stays.
         While nothing is served, requests are told why: no model active, the active one loading (at the
-        agent's start: its check in a child takes seconds), or the active one not servable."""
+        agent's start: its check in a child takes seconds), or the active one not servable. A served model whose
+        interpreters a pause left unloaded (:meth:`Server.paused`: the Edge TPU unplugged meanwhile) is loaded again,
+        at each call (the service loop's, every second) until it loads."""
         sha = self.store.current()
-        if self.server is None or (self.server.current and self.server.current.sha256 == sha):
+        if self.server is None:
+            return
+        served = self.server.current
+        if served and served.sha256 == sha:
+            if served.broken is not None:  # a pause left it unloaded (an Edge TPU unplugged): tried again
+                self.server.serve_model(served.path, sha, served.variant)
             return
         if sha is None:
             if self.server.current is None:

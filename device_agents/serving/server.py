@@ -147,6 +147,7 @@ class _Served:
         self.stats = _Stats()
         self.waiting = 0
         self.lock = threading.Lock()  # the counters above, updated from every connection's thread
+        self.broken: str | None = None  # why its interpreters did not load again after a pause (each request told)
         self._head: tuple[Any, bytes, bytes] | None = None  # (outputs' description, encoded answer start)
 
     def _load(self) -> list[ModelRunner]:
@@ -168,7 +169,8 @@ class _Served:
         """Close this model's interpreters for the ``with`` block, and what they hold (an Edge TPU, which one process
         at a time can open), then load them again. Requests in flight finish first; new ones wait for the block's
         end (none fails for it). When the model does not load again, each request is answered why (an inference
-        error) and it is logged. Yields nothing; raises what the block raises."""
+        error, :attr:`broken`) and it is logged once; the next pause (:meth:`Server.serve_model` of this model) tries
+        again. Yields nothing; raises what the block raises."""
         with self._run_lock:  # one worker: its requests wait on this lock; several: on the pool, emptied here
             for _ in range(self.workers):
                 self.pool.get()
@@ -179,10 +181,15 @@ class _Served:
             finally:
                 try:
                     runners: list[Any] = self._load()
+                    if self.broken is not None:
+                        log.info("serving API: model %s loaded again", self.sha256[:12])
+                    self.broken = None
                 except Exception as exc:  # noqa: BLE001 - whatever the interpreter raises: said to each request
                     why = (f"model {self.sha256[:12]} could not be loaded again after a pause for a child process "
-                           f"({str(exc)[:300]}); activate it again or restart the agent")
-                    log.error("serving API: %s", why)
+                           f"({' '.join(str(exc).split())[:300]}); the agent tries again every second, or restart it")
+                    if self.broken is None:
+                        log.error("serving API: %s", why)
+                    self.broken = why
                     runners = [_Unloaded(why)] * self.workers
                 if self.workers == 1:
                     self.single = runners[0]
@@ -383,10 +390,17 @@ class Server:
     def serve_model(self, path: Path, sha256: str, variant: str | None) -> None:
         """Load ``path`` into fresh interpreters, then serve it; requests in flight finish on the old one.
 
+        The model served already: its interpreters loaded again when a pause left them unloaded
+        (:attr:`_Served.broken`: an Edge TPU unplugged, then plugged back), else nothing.
+
         Raises:
-            DeviceError: the model cannot be loaded (the old one keeps serving).
+            DeviceError: another model cannot be loaded (the old one keeps serving).
         """
-        if self.current is not None and self.current.sha256 == sha256:
+        served = self.current
+        if served is not None and served.sha256 == sha256:
+            if served.broken is not None:
+                with served.released():  # still not loading: still broken, said to each request, logged once
+                    pass
             return
         try:
             new = _Served(path, sha256, variant, self._make_for(variant), self.workers)
