@@ -641,8 +641,8 @@ class Agent:
         """Run the ``with`` block, where a child process (``what``) opens a model with ``settings``' delegate, with
         the serving API's interpreters closed (:meth:`Server.paused`) when they hold that accelerator and it opens
         for one process at a time: an Edge TPU (:meth:`EdgeTpu.held`; a USB Coral would fail the child as busy).
-        Requests wait meanwhile, none fails. ``settings`` None: no child runs. Yields nothing; raises what the
-        block raises."""
+        Requests wait meanwhile, 20 s at most (``PAUSE_WAIT_S``, then told it is paused). ``settings`` None: no child
+        runs. Yields nothing; raises what the block raises."""
         if (self.server is None or settings is None or settings.delegate != EdgeTpu.key
                 or not EdgeTpu.held(settings.delegate_options)):
             yield
@@ -803,7 +803,7 @@ class Agent:
         if settings.delegate == EdgeTpu.key and EdgeTpu.held(settings.delegate_options):
             raise DeviceError(f"shadow: model {sha[:12]} runs on the Edge TPU the served model holds, and an Edge TPU "
                               "opens for one process at a time (a shadow runs in a child beside serving): bench it "
-                              "instead (serving waits for a bench), or shadow it on a device with a second Edge TPU")
+                              "instead (serving pauses for a bench), or shadow it on a device with a second Edge TPU")
         self.server.set_shadow(self.store.verify(sha), sha, (self.store.describe(sha) or {}).get("variant"),
                                share=float(a.get("share", 0.1)), max_per_s=float(a.get("max_per_s", 5.0)))
         return {"shadow": self.server.shadow.model.ref(), "serving": self.server.current.ref()}

@@ -448,7 +448,8 @@ class Server:
     def paused(self, why: str) -> Iterator[None]:
         """Close the served model's interpreters for the ``with`` block and load them again after it
         (:meth:`_Served.released`), so a child process can open what they hold (an Edge TPU); its requests wait
-        meanwhile, none fails for it. Nothing served: just the block. Yields nothing; raises what the block raises."""
+        meanwhile, :data:`PAUSE_WAIT_S` at most. Nothing served: just the block. Yields nothing; raises what the block
+        raises."""
         served = self.current
         if served is None:
             yield
