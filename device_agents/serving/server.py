@@ -173,8 +173,8 @@ class _Served:
         at a time can open), then load them again. Requests in flight finish first; new ones wait for the block's
         end, :data:`PAUSE_WAIT_S` at most (then each is answered in one line that serving is paused, and ``why``).
         When the model does not load again, each request is answered why (an inference error, :attr:`broken`) and it
-        is logged once; the next pause (:meth:`Server.serve_model` of this model) tries
-        again. Yields nothing; raises what the block raises."""
+        is logged once; the next pause (:meth:`Server.serve_model` of this model) tries again. Yields nothing; raises
+        what the block raises."""
         with self._run_lock:  # one worker: its requests wait on this lock; several: on the pool, emptied here
             self.paused = (time.monotonic(), why)  # set and cleared holding the lock: one pause's at a time
             for _ in range(self.workers):
