@@ -641,8 +641,8 @@ class Agent:
         """Run the ``with`` block, where a child process (``what``) opens a model with ``settings``' delegate, with
         the serving API's interpreters closed (:meth:`Server.paused`) when they hold that accelerator and it opens
         for one process at a time: an Edge TPU (:meth:`EdgeTpu.held`; a USB Coral would fail the child as busy).
-        Requests wait meanwhile, none fails. ``settings`` None: no child runs. Yields nothing; raises what the
-        block raises."""
+        Requests wait meanwhile, 20 s at most (``PAUSE_WAIT_S``, then told it is paused). ``settings`` None: no child
+        runs. Yields nothing; raises what the block raises."""
         if (self.server is None or settings is None or settings.delegate != EdgeTpu.key
                 or not EdgeTpu.held(settings.delegate_options)):
             yield
@@ -803,7 +803,7 @@ class Agent:
         if settings.delegate == EdgeTpu.key and EdgeTpu.held(settings.delegate_options):
             raise DeviceError(f"shadow: model {sha[:12]} runs on the Edge TPU the served model holds, and an Edge TPU "
                               "opens for one process at a time (a shadow runs in a child beside serving): bench it "
-                              "instead (serving waits for a bench), or shadow it on a device with a second Edge TPU")
+                              "instead (serving pauses for a bench), or shadow it on a device with a second Edge TPU")
         self.server.set_shadow(self.store.verify(sha), sha, (self.store.describe(sha) or {}).get("variant"),
                                share=float(a.get("share", 0.1)), max_per_s=float(a.get("max_per_s", 5.0)))
         return {"shadow": self.server.shadow.model.ref(), "serving": self.server.current.ref()}
@@ -812,9 +812,16 @@ class Agent:
         """Serve the current model when it is not served yet (after an activation or a rollback, or a
         switch made over SSH). A model that does not load is logged and not served; the old one stays.
         While nothing is served, requests are told why: no model active, the active one loading (at the
-        agent's start: its check in a child takes seconds), or the active one not servable."""
+        agent's start: its check in a child takes seconds), or the active one not servable. A served model whose
+        interpreters a pause left unloaded (:meth:`Server.paused`: the Edge TPU unplugged meanwhile) is loaded again,
+        at each call (the service loop's, every second) until it loads."""
         sha = self.store.current()
-        if self.server is None or (self.server.current and self.server.current.sha256 == sha):
+        if self.server is None:
+            return
+        served = self.server.current
+        if served and served.sha256 == sha:
+            if served.broken is not None:  # a pause left it unloaded (an Edge TPU unplugged): tried again
+                self.server.serve_model(served.path, sha, served.variant)
             return
         if sha is None:
             if self.server.current is None:

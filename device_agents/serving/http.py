@@ -474,7 +474,7 @@ def listen(server: Any, port: int) -> ThreadingHTTPServer:
             try:
                 served, outputs, took = server.predict(arrays, started, finite=True)
             except RequestError as exc:
-                status = {"input": 400, "no_model": 503}.get(exc.kind, 500)
+                status = {"input": 400, "no_model": 503, "paused": 503}.get(exc.kind, 500)
                 self._error(status, str(exc), exc.model)
                 return
             self._send(200, {"ok": True, "outputs": {k: v.tolist() for k, v in outputs.items()},

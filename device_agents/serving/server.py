@@ -74,6 +74,8 @@ __all__ = ["Interpreters", "Place", "RequestError", "Server"]
 log = logging.getLogger("edgekit.agent.serve")
 WINDOW = 2048  # requests the live percentiles are taken over
 WARMUP = 3  # inferences on zeros a new model runs before it is served
+PAUSE_WAIT_S = 20.0  # a request waits this long at most for a paused model (the Client's default timeout is 30 s)
+PAUSE_POLL_S = 0.25  # how often a waiting request looks whether a pause has kept it waiting that long
 # A connection that has had a request gives its place to a new client only once it has waited this long for its next
 # one: a client sending requests back to back waits a fraction of a millisecond between its answer and its next
 # request, and closing it then fails that request without an answer. One that never sent a byte gets no grace, or
@@ -147,6 +149,8 @@ class _Served:
         self.stats = _Stats()
         self.waiting = 0
         self.lock = threading.Lock()  # the counters above, updated from every connection's thread
+        self.broken: str | None = None  # why its interpreters did not load again after a pause (each request told)
+        self.paused: tuple[float, str] | None = None  # while released(): since when (time.monotonic) and why
         self._head: tuple[Any, bytes, bytes] | None = None  # (outputs' description, encoded answer start)
 
     def _load(self) -> list[ModelRunner]:
@@ -164,12 +168,15 @@ class _Served:
         return runners
 
     @contextlib.contextmanager
-    def released(self) -> Iterator[None]:
+    def released(self, why: str = "its interpreters are loaded again") -> Iterator[None]:
         """Close this model's interpreters for the ``with`` block, and what they hold (an Edge TPU, which one process
         at a time can open), then load them again. Requests in flight finish first; new ones wait for the block's
-        end (none fails for it). When the model does not load again, each request is answered why (an inference
-        error) and it is logged. Yields nothing; raises what the block raises."""
+        end, :data:`PAUSE_WAIT_S` at most (then each is answered in one line that serving is paused, and ``why``).
+        When the model does not load again, each request is answered why (an inference error, :attr:`broken`) and it
+        is logged once; the next pause (:meth:`Server.serve_model` of this model) tries again. Yields nothing; raises
+        what the block raises."""
         with self._run_lock:  # one worker: its requests wait on this lock; several: on the pool, emptied here
+            self.paused = (time.monotonic(), why)  # set and cleared holding the lock: one pause's at a time
             for _ in range(self.workers):
                 self.pool.get()
             self.single = _Unloaded("paused") if self.workers == 1 else None  # never run: the lock is held
@@ -179,15 +186,21 @@ class _Served:
             finally:
                 try:
                     runners: list[Any] = self._load()
+                    if self.broken is not None:
+                        log.info("serving API: model %s loaded again", self.sha256[:12])
+                    self.broken = None
                 except Exception as exc:  # noqa: BLE001 - whatever the interpreter raises: said to each request
                     why = (f"model {self.sha256[:12]} could not be loaded again after a pause for a child process "
-                           f"({str(exc)[:300]}); activate it again or restart the agent")
-                    log.error("serving API: %s", why)
+                           f"({' '.join(str(exc).split())[:300]}); the agent tries again every second, or restart it")
+                    if self.broken is None:
+                        log.error("serving API: %s", why)
+                    self.broken = why
                     runners = [_Unloaded(why)] * self.workers
                 if self.workers == 1:
                     self.single = runners[0]
                 for runner in runners:
                     self.pool.put(runner)
+                self.paused = None
 
     def count(self, took_ns: int | None) -> None:
         """Count one answered request (``took_ns`` its service time) or, with None, one error."""
@@ -214,24 +227,47 @@ class _Served:
         body = pre + repr(ms).encode() + post
         return MAGIC + len(body).to_bytes(4, "little") + body
 
+    def _take(self, take: Any, arrived: float) -> Any:
+        """Return what ``take()`` returns once it is truthy (the lock acquired, a runner from the pool): it waits
+        :data:`PAUSE_POLL_S` and returns False or raises ``queue.Empty`` meanwhile. The request (``arrived`` at that
+        time.monotonic()) leaves :attr:`waiting` either way.
+
+        Raises:
+            RequestError: a pause (:meth:`released`) kept it waiting :data:`PAUSE_WAIT_S` (``paused``).
+        """
+        try:
+            while True:
+                with contextlib.suppress(queue.Empty):
+                    got = take()
+                    if got:
+                        return got
+                paused = self.paused
+                if paused is not None and time.monotonic() - max(paused[0], arrived) >= PAUSE_WAIT_S:
+                    raise RequestError(f"serving paused for {time.monotonic() - paused[0]:.0f} s: {paused[1]}; "
+                                       "retry later (a bench pauses it for its length)", "paused", self.ref())
+        finally:
+            with self.lock:
+                self.waiting -= 1
+
     def predict(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Return the outputs for one sample (float32, by output name).
 
         Raises:
-            ValueError: the inputs do not fit the model (named).
+            ValueError: the inputs do not fit the model (named). RequestError: a pause kept it waiting too long
+                (:meth:`_take`).
         """
+        arrived = time.monotonic()
         with self.lock:
             self.waiting += 1
         if self.single is not None:
-            with self._run_lock:
-                with self.lock:
-                    self.waiting -= 1
+            self._take(lambda: self._run_lock.acquire(timeout=PAUSE_POLL_S), arrived)
+            try:
                 runner = self.single
                 runner.invoke_raw(runner.sample_tensors(arrays))
                 return runner.results()
-        runner = self.pool.get()
-        with self.lock:
-            self.waiting -= 1
+            finally:
+                self._run_lock.release()
+        runner = self._take(lambda: self.pool.get(timeout=PAUSE_POLL_S), arrived)
         try:
             runner.invoke_raw(runner.sample_tensors(arrays))
             return runner.results()
@@ -383,10 +419,17 @@ class Server:
     def serve_model(self, path: Path, sha256: str, variant: str | None) -> None:
         """Load ``path`` into fresh interpreters, then serve it; requests in flight finish on the old one.
 
+        The model served already: its interpreters loaded again when a pause left them unloaded
+        (:attr:`_Served.broken`: an Edge TPU unplugged, then plugged back), else nothing.
+
         Raises:
-            DeviceError: the model cannot be loaded (the old one keeps serving).
+            DeviceError: another model cannot be loaded (the old one keeps serving).
         """
-        if self.current is not None and self.current.sha256 == sha256:
+        served = self.current
+        if served is not None and served.sha256 == sha256:
+            if served.broken is not None:
+                with served.released():  # still not loading: still broken, said to each request, logged once
+                    pass
             return
         try:
             new = _Served(path, sha256, variant, self._make_for(variant), self.workers)
@@ -405,7 +448,8 @@ class Server:
     def paused(self, why: str) -> Iterator[None]:
         """Close the served model's interpreters for the ``with`` block and load them again after it
         (:meth:`_Served.released`), so a child process can open what they hold (an Edge TPU); its requests wait
-        meanwhile, none fails for it. Nothing served: just the block. Yields nothing; raises what the block raises."""
+        meanwhile, :data:`PAUSE_WAIT_S` at most. Nothing served: just the block. Yields nothing; raises what the block
+        raises."""
         served = self.current
         if served is None:
             yield
@@ -413,7 +457,7 @@ class Server:
         log.info("serving %s %s paused: %s", served.variant, served.sha256[:12], why)
         t0 = time.monotonic()
         try:
-            with served.released():
+            with served.released(why):
                 yield
         finally:
             log.info("serving %s %s resumed after %.1f s", served.variant, served.sha256[:12], time.monotonic() - t0)
@@ -561,7 +605,8 @@ class Server:
         socket's frames carry them as they are).
 
         Raises:
-            RequestError: nothing is served (``no_model``), the inputs do not fit (``input``), or the
+            RequestError: nothing is served (``no_model``), the inputs do not fit (``input``), a pause kept it
+                waiting :data:`PAUSE_WAIT_S` (``paused``), or the
                 interpreter failed or (with ``finite``) its outputs hold NaN or infinity (``inference``).
         """
         started = time.perf_counter_ns() if started_ns is None else started_ns
@@ -573,6 +618,9 @@ class Server:
         except ValueError as exc:
             served.count(None)
             raise RequestError(str(exc), "input", served.ref()) from None
+        except RequestError:  # kept waiting by a pause
+            served.count(None)
+            raise
         except Exception as exc:  # noqa: BLE001 - the interpreter's failure is this request's error, not the server's end
             served.count(None)
             log.exception("inference failed")

@@ -518,6 +518,30 @@ class UsbCoral:
             raise SmokeFailed("Failed to load delegate from libedgetpu.so.1")
 
 
+def _agent_on_usb_coral(coral, monkeypatch, offline_config):
+    """Return an Agent with ``bench.delegate: edgetpu`` and its serving API on, whose serving interpreters (the real
+    ones) hold an Edge TPU delegate of ``coral`` (a :class:`UsbCoral`), as LiteRT's do; libedgetpu loads."""
+    from device_agents.service import Agent
+    from device_agents.serving.server import Interpreters
+    from device_agents.targets.edgetpu import EdgeTpu
+
+    monkeypatch.setattr("ctypes.CDLL", lambda name: None)  # libedgetpu loads
+    monkeypatch.setattr("device_agents.targets.edgetpu.load_delegate", lambda library, options: coral.open())
+
+    class Module:  # LiteRT's module, as the serving interpreter's target loads the delegate from it
+        def load_delegate(self, library, options):
+            return coral.open()
+
+    def serving_interpreter(path):
+        interpreter = Interpreters()(path)
+        interpreter.delegates = EdgeTpu.interpreter_options(Module(), None)["experimental_delegates"]
+        return interpreter
+
+    agent = Agent(offline_config("bench: {delegate: edgetpu}\n", serve="{enabled: true}"))
+    agent.server.make_interpreter = serving_interpreter
+    return agent
+
+
 def test_a_smoke_check_on_a_usb_coral_serving_an_edgetpu_model_pauses_serving_and_no_request_fails(face, tmp_path,
                                                                                                   monkeypatch,
                                                                                                   offline_config, wait):
@@ -532,23 +556,11 @@ def test_a_smoke_check_on_a_usb_coral_serving_an_edgetpu_model_pauses_serving_an
     import numpy as np
 
     from device_agents.errors import DeviceError
-    from device_agents.service import Agent
-    from device_agents.serving.server import Interpreters, RequestError
-    from device_agents.targets.edgetpu import EdgeTpu
+    from device_agents.serving.server import RequestError
     from edgekit_protocol.commands import Command
 
     coral, seen = UsbCoral(), []
-    monkeypatch.setattr("ctypes.CDLL", lambda name: None)  # libedgetpu loads
-    monkeypatch.setattr("device_agents.targets.edgetpu.load_delegate", lambda library, options: coral.open())
-
-    class Module:  # LiteRT's module, as the serving interpreter's target loads the delegate from it
-        def load_delegate(self, library, options):
-            return coral.open()
-
-    def serving_interpreter(path):  # the real interpreter, holding the Edge TPU's delegate as LiteRT's does
-        interpreter = Interpreters()(path)
-        interpreter.delegates = EdgeTpu.interpreter_options(Module(), None)["experimental_delegates"]
-        return interpreter
+    agent = _agent_on_usb_coral(coral, monkeypatch, offline_config)
 
     def smoke_child(path, **kw):
         coral.open_in_child()
@@ -557,8 +569,7 @@ def test_a_smoke_check_on_a_usb_coral_serving_an_edgetpu_model_pauses_serving_an
         seen.append(len(answered))
         return {"ok": True}
 
-    agent = Agent(offline_config("bench: {delegate: edgetpu}\n", serve="{enabled: true}"))
-    agent.server.make_interpreter, agent.smoke = serving_interpreter, smoke_child
+    agent.smoke = smoke_child
     answered, failed, stop = [], [], threading.Event()
     try:
         first = agent.store.install(face, variant="edgetpu", model="blazeface").sha256
@@ -598,4 +609,40 @@ def test_a_smoke_check_on_a_usb_coral_serving_an_edgetpu_model_pauses_serving_an
             agent.server.predict(x)
     finally:
         stop.set()
+        agent.spool.close()
+
+
+def test_a_served_model_a_pause_left_unloaded_is_loaded_again_once_the_edge_tpu_is_back(face, monkeypatch,
+                                                                                      offline_config):
+    """The Coral unplugged during a smoke check or bench: serving's interpreters did not load again after the pause,
+    and nothing loaded them again, the Coral plugged back or not: activating the model again (as its answer said)
+    found it served already, so only a restart served it. The agent's loop (follow_current, every second) loads
+    them again now: each request is told why until they load."""
+    import numpy as np
+
+    from device_agents.serving.server import RequestError
+
+    coral = UsbCoral()
+    agent = _agent_on_usb_coral(coral, monkeypatch, offline_config)
+    agent.smoke = lambda path, **kw: coral.open_in_child() or {"ok": True}
+    try:
+        sha = agent.store.install(face, variant="edgetpu", model="blazeface").sha256
+        agent._activate(sha)
+        agent.follow_current()
+        served = agent.server.current
+        x = {p["name"]: np.zeros(p["shape"][1:], np.float32) for p in served.inputs}
+        make = served._make
+        served._make = lambda path: no_tpu("libedgetpu.so.1", None)  # unplugged during the pause
+        with agent.server.paused("a child"):
+            pass
+        agent.follow_current()  # still unplugged: still told why
+        with pytest.raises(RequestError, match=f"model {sha[:12]} could not be loaded again after a pause for a "
+                                               "child process \\(Failed to load delegate from libedgetpu.so.1\\); "
+                                               "the agent tries again every second, or restart it$"):
+            agent.server.predict(x)
+        served._make = make  # plugged back
+        agent.follow_current()
+        assert agent.server.current is served and served.broken is None and coral.open_here == 1
+        assert agent.server.predict(x)[0] is served
+    finally:
         agent.spool.close()

@@ -243,6 +243,34 @@ def test_a_model_that_does_not_load_is_never_served_and_the_old_one_keeps_servin
         assert client.model["variant"] == "int8"
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_request_a_pause_keeps_waiting_is_answered_so_in_one_line_after_pause_wait_s(store, tmp_path, monkeypatch,
+                                                                                      workers):
+    """A request arriving while serving was paused for a child (a bench of an edgetpu model: as long as the bench)
+    waited for the whole pause: a Client saw its own timeout after 30 s ('the agent is busy or stuck') and the
+    request still ran after the pause. It waits PAUSE_WAIT_S at most now, then is told serving is paused, and why."""
+    from device_agents.serving import server as server_module
+
+    monkeypatch.setattr(server_module, "PAUSE_WAIT_S", 0.5)
+    monkeypatch.setattr(server_module, "PAUSE_POLL_S", 0.05)
+    srv = Server(tmp_path / "w.sock", make_interpreter=make, workers=workers).start()
+    try:
+        srv.serve_model(store.model_path(store.shas["int8"]), store.shas["int8"], "int8")
+        with Client(path=tmp_path / "w.sock", timeout=5) as client:
+            with srv.paused("the bench of model abc opens the Edge TPU it holds"):
+                t0 = time.monotonic()
+                with pytest.raises(ServingError, match=r"^serving paused for \d+ s: the bench of model abc opens the "
+                                                       r"Edge TPU it holds; retry later \(a bench pauses it for its "
+                                                       r"length\)$"):
+                    client.predict(samples(1)[0])
+                assert 0.5 <= time.monotonic() - t0 < 3
+            client.predict(samples(1)[0])  # served again after it
+        live = srv.snapshot()
+        assert live["errors"] == 1 and live["requests"] == 1 and srv.current.waiting == 0
+    finally:
+        srv.close()
+
+
 def test_a_stale_socket_is_replaced_but_never_a_file_or_link_at_its_path(store, tmp_path):
     """A socket left by an earlier run is replaced; a regular file or a symlink where the socket goes
     (a misconfigured serve.socket) is refused in one line and left as it was."""
