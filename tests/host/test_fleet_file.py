@@ -244,6 +244,29 @@ def test_a_broker_ca_that_is_missing_or_no_certificate_is_one_line(tmp_path, run
 
 
 
+
+def test_a_broker_ca_that_is_a_fifo_is_one_line_from_bench_never_a_wait(tmp_path):
+    """`bench` (or `monitor`) with a fleet file whose broker.tls.ca named a FIFO waited for ever: paho's tls_set had
+    OpenSSL open it, which waits for a writer. Now it is one line naming it, exit 2."""
+    import os
+    import subprocess
+    import sys
+
+    os.mkfifo(tmp_path / "ca.pem", 0o600)
+    fleet_file = tmp_path / "plant.yaml"
+    fleet_file.write_text("fleet: f\nbroker: {host: 127.0.0.1, port: 1, tls: {ca: ca.pem}}\n"
+                          "devices: [{name: a, host: h, user: u, profile: rpi4}]\n")
+    code = f"import sys; sys.argv = ['edgekit', 'bench', '--device', 'a', '--fleet', {str(fleet_file)!r}, '--json']; " \
+           "from edge_kit.cli import main; main()"
+    try:
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"bench with broker.tls.ca {tmp_path / 'ca.pem'} (a FIFO) waited for a writer")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert json.loads(result.stdout)["error"] == (f"broker.tls.ca {tmp_path}/ca.pem: not a regular file; fix the path "
+                                                  "in the fleet file or agent config")
+
+
 @pytest.mark.parametrize("ca", ["fifo", "huge"])
 def test_a_broker_ca_a_deploy_ships_that_is_a_fifo_or_too_big_is_one_line_naming_it(tmp_path, ca):
     """A deploy shipping the broker's CA to a device read broker.tls.ca with a plain read: a FIFO held it for ever,
